@@ -1,0 +1,65 @@
+"""`meshserve` command line: generate (serve, bench and plan join as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from meshserve import __version__
+from meshserve.cli_args import add_engine_args, add_sampling_args, engine_args_from, sampling_params_from
+from meshserve.errors import MeshserveError
+
+
+def _cmd_generate(ns: argparse.Namespace) -> int:
+    from meshserve.entrypoints.llm import LLM
+
+    params = sampling_params_from(ns)  # validate flags before loading anything
+    llm = LLM(**vars(engine_args_from(ns)))
+    tokenizer = llm.get_tokenizer()
+    use_chat = ns.chat if ns.chat is not None else bool(tokenizer is not None and tokenizer.chat_template)
+    if use_chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in ns.prompts], params, use_tqdm=False)
+    else:
+        outputs = llm.generate(ns.prompts, params, use_tqdm=False)
+    for prompt, out in zip(ns.prompts, outputs):
+        for completion in out.outputs:
+            if len(ns.prompts) > 1 or len(out.outputs) > 1:
+                print(f"--- {prompt!r} [{completion.index}] ({completion.finish_reason})")
+            print(completion.text.strip() if use_chat else completion.text)
+    llm.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshserve", description="meshserve LLM inference engine")
+    parser.add_argument("--version", action="version", version=f"meshserve {__version__}")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for prompts (offline, in-process)")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="wrap prompts in the chat template (default: when the tokenizer has one)")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.WARNING),
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return ns.func(ns)
+    except MeshserveError as e:
+        print(f"meshserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Command-line flags for engine and sampling arguments, shared by generate, serve and bench."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from meshserve.config import DTYPES, LOAD_FORMATS, EngineArgs
+from meshserve.sampling import SamplingParams
+
+
+def _bool_flag(parser, name: str, default: bool, help: str) -> None:
+    parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=help)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    d = EngineArgs()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="HF folder, .gguf file or preset (with --load-format dummy); "
+                        "default: the embedded SmolLM2-135M-Instruct")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    g.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=d.block_size)
+    g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    g.add_argument("--cpu-kv-cache-bytes", type=int, default=d.cpu_kv_cache_bytes)
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    _bool_flag(g, "enable-chunked-prefill", d.enable_chunked_prefill, "mix prefill chunks with decodes")
+    _bool_flag(g, "enable-prefix-caching", d.enable_prefix_caching, "reuse KV blocks of shared prefixes")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--load-format", default=d.load_format, choices=LOAD_FORMATS)
+    g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    g.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    names = EngineArgs.field_names()
+    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256, temperature: float = 0.0) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--min-tokens", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--stop-token-ids", type=int, nargs="*", default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--logprobs", type=int, default=None)
+
+
+def sampling_params_from(ns: argparse.Namespace) -> SamplingParams:
+    fields = {f.name for f in dataclasses.fields(SamplingParams) if not f.name.startswith("_")}
+    kwargs = {k: v for k, v in vars(ns).items() if k in fields and k != "seed"}
+    kwargs["seed"] = ns.sampling_seed
+    return SamplingParams(**kwargs)

@@ -1,0 +1,150 @@
+"""Typed configuration that flows down from the CLI / LLM(...) to every component.
+
+Argument names follow vLLM's EngineArgs so a vLLM user's flags and keyword arguments carry over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshserve.errors import InvalidArgumentError
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    """What model runs and how its weights are read.
+
+    `hf_config` is the transformers config object (LlamaConfig, Qwen3Config, ...); the model code reads
+    its fields directly, so every family that transformers describes is described the same way here.
+    """
+
+    model: str
+    tokenizer: str
+    hf_config: Any
+    dtype: str  # resolved: float32 | float16 | bfloat16
+    max_model_len: int
+    load_format: str = "auto"
+    seed: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.hf_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        hd = getattr(self.hf_config, "head_dim", None)
+        return hd or self.hf_config.hidden_size // self.num_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache shape and budget."""
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 1 << 30  # budget for the pool when running on CPU
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    cache_dtype: str = "auto"  # "auto" = model dtype; fp8 variants come later
+    num_blocks: int = 0  # filled in by the engine once the pool is sized
+
+
+@dataclass
+class SchedulerConfig:
+    """Per-step budgets of the continuous-batching scheduler."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 4096
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split across devices. Only 1 x 1 exists until the parallel issue lands."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs, resolved and validated."""
+
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    parallel_config: ParallelConfig
+    device: str = "cpu"
+    enforce_eager: bool = False
+
+
+@dataclass
+class EngineArgs:
+    """User-facing engine arguments (vLLM names). `create_engine_config` resolves them."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 1 << 30
+    num_gpu_blocks_override: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    load_format: str = "auto"
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    device: str = "auto"
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def validate(self) -> None:
+        def check(cond: bool, param: str, msg: str) -> None:
+            if not cond:
+                raise InvalidArgumentError(f"{param}: {msg}", param=param)
+
+        check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check(self.load_format in LOAD_FORMATS, "load_format",
+              f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
+              f"must be a power of two between 1 and 128, got {self.block_size}")
+        check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+              f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
+              "num_gpu_blocks_override", "must be >= 1")
+        check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", "must be >= 1")
+        check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+              "max_num_batched_tokens", "must be >= 1")
+        check(self.cpu_kv_cache_bytes > 0, "cpu_kv_cache_bytes", "must be > 0")
+        check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+              f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        # Tensor and pipeline parallelism arrive with the distributed issue; reject them clearly until then.
+        check(self.tensor_parallel_size == 1, "tensor_parallel_size", "only 1 is supported in this version")
+        check(self.pipeline_parallel_size == 1, "pipeline_parallel_size", "only 1 is supported in this version")

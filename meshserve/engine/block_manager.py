@@ -1,0 +1,200 @@
+"""Paged KV-cache bookkeeping: fixed-size blocks, per-sequence block tables, automatic prefix caching.
+
+A full block is identified by a hash chain, hash(parent block's hash, its token ids), so two sequences
+with the same leading tokens map to the same blocks. Blocks are shared through reference counts; a block
+whose count drops to zero goes to the free queue but keeps its hash, so a later request with the same
+prefix can revive it, until the pool needs it for something else (least recently freed first).
+
+This module only does bookkeeping with block ids; the model runner owns the memory they index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from meshserve.engine.sequence import Sequence
+
+
+def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
+    """Hash of a full block given its parent's hash; stable across processes (routers may reuse it)."""
+    h = hashlib.blake2b(digest_size=16)
+    if parent_hash is not None:
+        h.update(parent_hash)
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return h.digest()
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: bytes | None = None
+
+
+@dataclass
+class PrefixCacheStats:
+    """Counted in tokens, over admissions (queries) of sequences that may use the cache."""
+
+    queries: int = 0
+    hits: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+class BlockPool:
+    """All blocks, the free queue in eviction order (LRU) and the hash -> cached block table."""
+
+    def __init__(self, num_blocks: int):
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.cached: dict[bytes, Block] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_queue)
+
+    def take(self, n: int) -> list[Block]:
+        """n fresh blocks (ref 1), evicting cached content of the least recently freed ones."""
+        assert n <= len(self.free_queue)
+        out = []
+        for _ in range(n):
+            _, block = self.free_queue.popitem(last=False)
+            if block.block_hash is not None:
+                if self.cached.get(block.block_hash) is block:
+                    del self.cached[block.block_hash]
+                block.block_hash = None
+            block.ref_count = 1
+            out.append(block)
+        return out
+
+    def share(self, blocks: list[Block]) -> None:
+        """Add a reference to cached blocks (a prefix hit), pulling free ones out of the free queue."""
+        for block in blocks:
+            if block.ref_count == 0:
+                del self.free_queue[block.block_id]
+            block.ref_count += 1
+
+    def release(self, blocks: list[Block]) -> None:
+        """Drop a reference; blocks reaching zero join the free queue in the given (eviction) order."""
+        for block in blocks:
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block.block_id} freed twice"
+            if block.ref_count == 0:
+                self.free_queue[block.block_id] = block
+
+    def register(self, block: Block, block_hash: bytes) -> None:
+        """Make a full block findable by its hash (the first holder of a hash keeps it)."""
+        if block.block_hash is None:
+            block.block_hash = block_hash
+            self.cached.setdefault(block_hash, block)
+
+
+class BlockManager:
+    """Allocates KV blocks to sequences as their computed tokens grow, and finds prefix-cache hits."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self.seq_blocks: dict[str, list[Block]] = {}
+        self.stats = PrefixCacheStats()
+
+    # -- queries ---------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by live sequences (cached free blocks count as free)."""
+        return 1.0 - self.pool.num_free / self.num_blocks
+
+    def block_table(self, seq: Sequence) -> list[int]:
+        return [b.block_id for b in self.seq_blocks.get(seq.seq_id, ())]
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _update_hashes(self, seq: Sequence) -> None:
+        """Extend seq.block_hashes to cover every full block of its current tokens."""
+        bs = self.block_size
+        n_full = seq.num_tokens // bs
+        for i in range(len(seq.block_hashes), n_full):
+            parent = seq.block_hashes[i - 1] if i else None
+            seq.block_hashes.append(hash_block(parent, seq.token_ids_slice(i * bs, (i + 1) * bs)))
+
+    # -- prefix cache ----------------------------------------------------------------------------
+    def find_cached_prefix(self, seq: Sequence) -> list[Block]:
+        """The longest run of cached blocks matching seq's leading full blocks.
+
+        At least one token is always left to compute (its logits are needed), and sequences asking for
+        prompt logprobs skip the cache (they need logits for every prompt position).
+        """
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []
+        self._update_hashes(seq)
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        hits = []
+        for block_hash in seq.block_hashes[:max_blocks]:
+            block = self.pool.cached.get(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    # -- allocation ------------------------------------------------------------------------------
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[Block] | None = None) -> bool:
+        """Make room for num_new_tokens more computed tokens of seq (after its cached prefix, if any).
+
+        Returns False, changing nothing, when the pool cannot provide the blocks. Blocks that will be
+        full once this step's tokens are written get registered in the prefix cache right away: within a
+        step every layer writes all new K/V before any attention reads, so a sequence admitted later in
+        the same step may already share them (this is how n > 1 samples share one prompt).
+        """
+        cached_prefix = cached_prefix or []
+        blocks = self.seq_blocks.get(seq.seq_id, [])
+        num_computed = seq.num_computed_tokens + len(cached_prefix) * self.block_size
+        need = self.blocks_needed(num_computed + num_new_tokens) - len(blocks) - len(cached_prefix)
+        # a cached prefix block that sits in the free queue stops being free once shared
+        revived = sum(1 for b in cached_prefix if b.ref_count == 0)
+        if need > self.pool.num_free - revived:
+            return False
+        if cached_prefix:
+            self.pool.share(cached_prefix)
+            blocks = blocks + cached_prefix
+        if need > 0:
+            blocks = blocks + self.pool.take(need)
+        self.seq_blocks[seq.seq_id] = blocks
+        if self.enable_prefix_caching:
+            self._update_hashes(seq)
+            n_full = min((num_computed + num_new_tokens) // self.block_size, len(seq.block_hashes))
+            for i in range(n_full):
+                self.pool.register(blocks[i], seq.block_hashes[i])
+        return True
+
+    def record_admission(self, seq: Sequence, num_hit_tokens: int) -> None:
+        if self.enable_prefix_caching and seq.params.prompt_logprobs is None:
+            self.stats.queries += seq.num_tokens
+            self.stats.hits += num_hit_tokens
+
+    def free(self, seq: Sequence) -> None:
+        """Release seq's blocks; its tail blocks are evicted first, keeping shared prefixes warm."""
+        blocks = self.seq_blocks.pop(seq.seq_id, None)
+        if blocks:
+            self.pool.release(list(reversed(blocks)))
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash (only possible when no sequence holds blocks)."""
+        if self.seq_blocks:
+            return False
+        for block in self.pool.blocks:
+            block.block_hash = None
+        self.pool.cached.clear()
+        return True

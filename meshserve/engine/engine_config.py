@@ -1,0 +1,75 @@
+"""Resolves user EngineArgs into a validated EngineConfig plus the ModelSource to load."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from meshserve.config import CacheConfig, EngineArgs, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from meshserve.errors import InvalidArgumentError
+from meshserve.models.loader import ModelSource, resolve_model_source
+
+logger = logging.getLogger(__name__)
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgumentError("device: CUDA was asked for but no GPU is visible", param="device")
+    return device
+
+
+def _resolve_dtype(dtype: str, hf_config, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    if device == "cpu":
+        return "float32"  # bf16/fp16 matmuls are slow on most CPUs and the tests compare in fp32
+    cfg = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "")
+    return "float16" if "float16" in cfg and "bfloat16" not in cfg else "bfloat16"
+
+
+def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
+    args.validate()
+    source = resolve_model_source(args.model, args.load_format, args.tokenizer)
+    for key, value in args.hf_overrides.items():
+        setattr(source.hf_config, key, value)
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, source.hf_config, device)
+
+    model_max = getattr(source.hf_config, "max_position_embeddings", None) or 2048
+    max_model_len = args.max_model_len or model_max
+    if max_model_len > model_max:
+        raise InvalidArgumentError(
+            f"max_model_len ({max_model_len}) exceeds the model's max_position_embeddings ({model_max})",
+            param="max_model_len")
+    if args.max_num_batched_tokens is not None:
+        batched = args.max_num_batched_tokens
+    else:
+        batched = 8192 if args.enable_chunked_prefill else max(max_model_len, 8192)
+    if not args.enable_chunked_prefill and batched < max_model_len:
+        raise InvalidArgumentError(
+            f"max_num_batched_tokens ({batched}) is smaller than max_model_len ({max_model_len}); "
+            "enable chunked prefill or raise it", param="max_num_batched_tokens")
+
+    model_config = ModelConfig(
+        model=source.name, tokenizer=source.tokenizer_dir or "", hf_config=source.hf_config, dtype=dtype,
+        max_model_len=max_model_len, load_format=args.load_format, seed=args.seed,
+    )
+    config = EngineConfig(
+        model_config=model_config,
+        cache_config=CacheConfig(
+            block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+            cpu_kv_cache_bytes=args.cpu_kv_cache_bytes, num_gpu_blocks_override=args.num_gpu_blocks_override,
+            enable_prefix_caching=args.enable_prefix_caching,
+        ),
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len,
+            enable_chunked_prefill=args.enable_chunked_prefill,
+        ),
+        parallel_config=ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size),
+        device=device,
+        enforce_eager=args.enforce_eager,
+    )
+    return config, source

@@ -1,0 +1,190 @@
+"""Continuous batching with chunked prefill and recompute preemption.
+
+Each step spends a token budget (max_num_batched_tokens) over at most max_num_seqs sequences: first the
+running ones (decodes, and the next chunk of partially prefilled prompts), then waiting ones in arrival
+order. When the KV pool runs dry, the most recently admitted running sequence is preempted: its blocks
+are freed and it goes back to the front of the queue to be recomputed later; its tokens are kept, so its
+output is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from meshserve.config import CacheConfig, SchedulerConfig
+from meshserve.engine.block_manager import BlockManager
+from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from meshserve.engine.sequence import Sequence, SequenceStatus
+from meshserve.errors import PromptTooLongError
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig):
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.block_manager = BlockManager(cache_config.num_blocks, cache_config.block_size,
+                                          cache_config.enable_prefix_caching)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[str, Sequence] = {}
+        self._finished_since_last_step: list[str] = []
+        self.num_preemptions = 0
+
+    # -- admission -------------------------------------------------------------------------------
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Reject a request that could never run: too long for the model or for the whole KV pool."""
+        total = num_prompt_tokens + max_tokens
+        if total > self.config.max_model_len:
+            raise PromptTooLongError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
+                f"max_model_len ({self.config.max_model_len})", param="max_tokens")
+        capacity = self.block_manager.num_blocks * self.block_size
+        if total > capacity:
+            raise PromptTooLongError(
+                f"prompt + max_tokens = {total} tokens can never fit the KV cache ({capacity} tokens)",
+                param="max_tokens")
+        if not self.config.enable_chunked_prefill and num_prompt_tokens > self.config.max_num_batched_tokens:
+            raise PromptTooLongError(
+                f"prompt ({num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
+                f"({self.config.max_num_batched_tokens}) with chunked prefill disabled", param="prompt")
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq.num_prompt_tokens, seq.max_tokens)
+        self.seqs[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # -- one step --------------------------------------------------------------------------------
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.PREEMPTED
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        logger.debug("preempted %s (%d tokens) to free KV blocks", seq.seq_id, seq.num_tokens)
+
+    def _entry(self, seq: Sequence, num_new: int) -> ScheduledSequence:
+        start = seq.num_computed_tokens
+        do_sample = start + num_new == seq.num_tokens
+        needs_history = do_sample and seq.params.uses_penalties
+        # prompt logprobs score each prompt token from the position before it, across chunk borders
+        needs_prompt = needs_history or (seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens)
+        return ScheduledSequence(
+            seq_id=seq.seq_id,
+            token_ids=seq.token_ids_slice(start, start + num_new),
+            num_computed_tokens=start,
+            block_table=self.block_manager.block_table(seq),
+            params=seq.params,
+            do_sample=do_sample,
+            prompt_token_ids=seq.prompt_token_ids if needs_prompt else None,
+            output_token_ids=seq.output_token_ids if needs_history else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+        )
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted: list[str] = []
+
+        # 1. running sequences, oldest first; preempt from the newest end when blocks run out
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate(seq, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.seq_id)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append((seq, num_new))
+                budget -= num_new
+                i += 1
+
+        # 2. waiting sequences in order, unless this step already had to preempt
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self.block_manager.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
+            num_hit = len(cached) * self.block_size
+            num_new = seq.num_tokens - seq.num_computed_tokens - num_hit
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            if not self.block_manager.allocate(seq, num_new, cached):
+                break
+            self.waiting.popleft()
+            if seq.status == SequenceStatus.WAITING:  # first admission, not a recompute
+                seq.num_cached_tokens = num_hit
+                self.block_manager.record_admission(seq, num_hit)
+            seq.num_computed_tokens += num_hit
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+
+        out = SchedulerOutput(
+            scheduled=[self._entry(seq, n) for seq, n in scheduled],
+            preempted_seq_ids=preempted,
+            finished_seq_ids=self._finished_since_last_step,
+        )
+        self._finished_since_last_step = []
+        return out
+
+    def update_after_step(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+        """Advance computed tokens, append sampled tokens, apply token-level stops.
+
+        Returns the sequences that got a new token this step (finished ones included).
+        """
+        updated = []
+        for entry in output.scheduled:
+            seq = self.seqs.get(entry.seq_id)
+            if seq is None or seq.is_finished:
+                continue
+            seq.num_computed_tokens += entry.num_new_tokens
+            token = sampled.get(entry.seq_id)
+            if token is None:
+                continue
+            seq.output_token_ids.append(token)
+            self._check_token_stop(seq, token)
+            updated.append(seq)
+        return updated
+
+    def _check_token_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens and token in p._all_stop_token_ids:
+            seq.stop_reason = None if token not in p.stop_token_ids else token
+            self.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            self.finish(seq, SequenceStatus.FINISHED_LENGTH)
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """End a sequence (stop, length or abort) and return its blocks to the pool."""
+        if seq.is_finished:
+            return
+        seq.status = status
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.block_manager.free(seq)
+        self.seqs.pop(seq.seq_id, None)
+        self._finished_since_last_step.append(seq.seq_id)

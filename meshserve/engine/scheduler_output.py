@@ -1,0 +1,47 @@
+"""The typed decision of one scheduler step, consumed by the model runner(s).
+
+It is plain data (picklable) so it can be broadcast to worker processes when the model is split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshserve.sampling import SamplingParams
+
+
+@dataclass
+class ScheduledSequence:
+    """One sequence's share of the step: tokens [num_computed_tokens, num_computed_tokens + len(token_ids))."""
+
+    seq_id: str
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_table: list[int]
+    params: SamplingParams
+    # True when this chunk reaches the end of the known tokens, so a new token is sampled after it
+    do_sample: bool
+    # full history, only filled when the sampler needs it (penalties)
+    prompt_token_ids: list[int] | None = None
+    output_token_ids: list[int] | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence]
+    preempted_seq_ids: list[str] = field(default_factory=list)
+    finished_seq_ids: list[str] = field(default_factory=list)  # since the last step: runners drop their state
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled

@@ -1,0 +1,123 @@
+"""The offline API in vLLM's shape: LLM(model=..., **engine_args).generate(prompts, sampling_params)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence as SequenceABC
+
+from meshserve.config import EngineArgs
+from meshserve.engine.engine import Engine, PromptType
+from meshserve.errors import InvalidArgumentError
+from meshserve.outputs import RequestOutput
+from meshserve.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Conversation = list[dict]
+
+
+class LLM:
+    """An engine run in-process for batch generation.
+
+    >>> llm = LLM()                      # the embedded SmolLM2-135M-Instruct
+    >>> out = llm.generate(["Hello"], SamplingParams(max_tokens=8))
+    >>> out[0].outputs[0].text
+    """
+
+    def __init__(self, model: str | None = None, **kwargs):
+        unknown = set(kwargs) - EngineArgs.field_names()
+        if unknown:
+            raise InvalidArgumentError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
+        self.engine_args = EngineArgs(model=model, **kwargs)
+        self.engine = Engine.from_engine_args(self.engine_args)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | SequenceABC[PromptType],
+                 sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the prompts' order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise InvalidArgumentError("sampling_params must be one object or one per prompt")
+        return self._run(prompts, params_list, use_tqdm)
+
+    def chat(self, messages: Conversation | list[Conversation],
+             sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Render each conversation with the tokenizer's chat template, then generate."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise InvalidArgumentError("this model has no tokenizer, so no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conv in conversations:
+            try:
+                ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
+                                              add_generation_prompt=add_generation_prompt,
+                                              **(chat_template_kwargs or {}))
+            except Exception as e:  # jinja errors, missing template
+                raise InvalidArgumentError(f"cannot apply the chat template: {e}", param="messages") from e
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            prompts.append({"prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, prompts, params_list, use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                ids.append(engine.add_request(None, prompt, params))
+        except Exception:
+            for rid in ids:
+                engine.abort_request(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and len(ids) > 1:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while len(results) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                engine.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[rid] for rid in ids]
+
+    def shutdown(self) -> None:
+        """Release the model and the KV cache."""
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            return
+        for rid in list(engine.requests):
+            engine.abort_request(rid)
+        del engine.runner.model
+        engine.runner.kv_caches.clear()
+        for layer_cache in engine.runner.kv_caches:
+            del layer_cache
+        self.engine = None
+        import gc
+
+        gc.collect()

@@ -1,0 +1,64 @@
+"""Plain torch attention over the paged KV cache: the CPU path and the reference for the GPU kernels.
+
+KV cache layout (per layer): [2, num_blocks, block_size, num_kv_heads, head_dim]; index 0 is K, 1 is V.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from meshserve.layers.attention_metadata import AttentionMetadata
+
+
+def write_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor):
+    """Scatter this step's K and V [T, Hkv, D] into their cache slots (reshape-and-cache)."""
+    num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
+    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+def gather_kv_ref(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
+    """K and V [seq_len, Hkv, D] of one sequence, read through its block table."""
+    block_size = kv_cache.shape[2]
+    num_blocks = -(-seq_len // block_size)
+    blocks = block_table[:num_blocks].long()
+    k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
+    v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def paged_attention_ref(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its whole cached context.
+
+    query [T, H, D] -> output [T, H, D]. Query j of a sequence with context length L and q_len new tokens
+    sits at absolute position L - q_len + j and sees keys 0 .. that position (and, with a sliding window,
+    only the last `sliding_window` of them).
+    """
+    out = torch.empty_like(query)
+    num_heads, num_kv_heads = query.shape[1], kv_cache.shape[3]
+    starts = meta.query_start_loc_cpu
+    for i, seq_len in enumerate(meta.seq_lens_cpu):
+        q = query[starts[i] : starts[i + 1]]  # [q_len, H, D]
+        q_len = q.shape[0]
+        k, v = gather_kv_ref(kv_cache, meta.block_tables[i], seq_len)
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device).unsqueeze(1)
+        k_pos = torch.arange(seq_len, device=query.device).unsqueeze(0)
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            k.to(q.dtype).transpose(0, 1).unsqueeze(0),
+            v.to(q.dtype).transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=num_heads != num_kv_heads,
+        )
+        out[starts[i] : starts[i + 1]] = o.squeeze(0).transpose(0, 1)
+    return out

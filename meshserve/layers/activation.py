@@ -1,0 +1,13 @@
+"""SiLU-and-mul: the gated MLP activation over the merged gate/up projection."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SiluAndMul(nn.Module):
+    """Input [..., 2*d] = concat(gate, up); output silu(gate) * up of shape [..., d]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up

@@ -1,0 +1,33 @@
+"""The per-step description of the flat token batch that attention backends read."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's new tokens sit in the flat batch and where its KV lives in the paged cache.
+
+    The batch holds B sequences; sequence i contributes query_lens[i] new tokens (a prefill chunk, or 1 for
+    decode) at flat positions query_start_loc[i]:query_start_loc[i+1], and after this step its context
+    holds seq_lens[i] tokens (cached prefix + new ones).
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block_id * block_size + offset) of each new token
+    query_start_loc: torch.Tensor  # [B+1] int32 cumulative query lengths
+    seq_lens: torch.Tensor  # [B] int32 context length after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    # host copies, so the reference path and the scheduler never sync on the device
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1

@@ -1,0 +1,52 @@
+"""Vocab-parallel token embedding and LM head: each TP rank holds a contiguous slice of the vocabulary."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshserve.distributed.parallel_state import (
+    get_tp_rank,
+    get_tp_size,
+    tensor_parallel_all_gather,
+    tensor_parallel_all_reduce,
+)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows [vocab_start, vocab_end) live on this rank; other ids contribute zeros, then all-reduce."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.vocab_size = vocab_size
+        self.num_per_rank = -(-vocab_size // self.tp_size)  # ceil: the last rank's slice is padded
+        self.vocab_start = self.tp_rank * self.num_per_rank
+        self.weight = nn.Parameter(torch.empty(self.num_per_rank, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        part = loaded[self.vocab_start : self.vocab_start + self.num_per_rank]
+        param.data.zero_()
+        param.data[: part.shape[0]].copy_(part)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        mask = (local >= 0) & (local < self.num_per_rank)
+        out = F.embedding(local.clamp(0, self.num_per_rank - 1), self.weight) * mask.unsqueeze(-1)
+        return tensor_parallel_all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Projects hidden states to vocabulary logits; ranks compute their slice and gather the whole."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, bias: bool = False):
+        super().__init__(vocab_size, hidden_size)
+        self.bias = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)
+        if self.tp_size > 1:
+            logits = tensor_parallel_all_gather(logits, dim=-1)
+        return logits[..., : self.vocab_size]

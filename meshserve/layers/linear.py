@@ -1,0 +1,117 @@
+"""Linear layers in their tensor-parallel shapes.
+
+Column-parallel layers split the output features across TP ranks; row-parallel layers split the input
+features and sum the partial results with one all-reduce. Each parameter carries a `weight_loader` that
+copies this rank's slice out of a full checkpoint tensor, so loading never materialises other ranks'
+shards. With TP = 1 the slices are the whole tensors.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshserve.distributed.parallel_state import get_tp_rank, get_tp_size, tensor_parallel_all_reduce
+
+
+def _divide(a: int, b: int, what: str) -> int:
+    if a % b:
+        raise ValueError(f"{what} ({a}) is not divisible by the tensor-parallel size ({b})")
+    return a // b
+
+
+class LinearBase(nn.Module):
+    """A linear layer whose weight is [out_features_per_rank, in_features_per_rank]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        param.data.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    """Every rank holds the whole weight."""
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks; no communication (the next row-parallel layer reduces)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        tp = get_tp_size()
+        super().__init__(in_features, _divide(out_features, tp, "output features"), bias)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        size = param.shape[0]
+        param.data.copy_(loaded.narrow(0, self.tp_rank * size, size))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections stored as one (gate and up): one matmul instead of two."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+        self.output_sizes = output_sizes
+        super().__init__(in_features, sum(output_sizes), bias)
+
+    def weight_loader(self, param, loaded, shard_id: int):
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        size = self.output_sizes[shard_id] // self.tp_size
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one weight. KV heads are replicated when TP exceeds their count."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+        tp = get_tp_size()
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp, "attention heads")
+        if num_kv_heads >= tp:
+            self.num_kv_heads = _divide(num_kv_heads, tp, "KV heads")
+        else:
+            _divide(tp, num_kv_heads, "TP size vs KV heads")
+            self.num_kv_heads = 1
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
+        super().__init__(hidden_size, out, bias)
+
+    def weight_loader(self, param, loaded, shard_id: str):
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, size, rank = 0, q_size, self.tp_rank
+        else:
+            offset = q_size if shard_id == "k" else q_size + kv_size
+            size = kv_size
+            # with replicated KV heads, consecutive ranks share one head
+            total_kv = loaded.shape[0] // self.head_dim
+            rank = self.tp_rank * total_kv // max(self.tp_size, total_kv) if total_kv < self.tp_size \
+                else self.tp_rank
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, rank * size, size))
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks; partial outputs summed with one all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        tp = get_tp_size()
+        super().__init__(_divide(in_features, tp, "input features"), out_features, bias)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        if param.dim() == 1:  # bias is added once, on rank 0's share
+            param.data.copy_(loaded if self.tp_rank == 0 else torch.zeros_like(loaded))
+            return
+        size = param.shape[1]
+        param.data.copy_(loaded.narrow(1, self.tp_rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tensor_parallel_all_reduce(F.linear(x, self.weight, self.bias))

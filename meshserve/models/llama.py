@@ -1,0 +1,146 @@
+"""The Llama family: Llama 2/3/3.1, Mistral, Qwen2 (QKV bias) and Qwen3 (q/k RMSNorm), tied or untied.
+
+One implementation; the families differ only in config switches read from the transformers config.
+The model holds math only: ranks live in the parallel layers, KV memory in the attention layers.
+"""
+
+import torch
+from torch import nn
+
+from meshserve.layers.activation import SiluAndMul
+from meshserve.layers.attention import Attention
+from meshserve.layers.attention_metadata import AttentionMetadata
+from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from meshserve.layers.norm import RMSNorm
+from meshserve.layers.rotary import RotaryEmbedding
+
+
+def family_switches(hf_config) -> dict:
+    """The per-family differences, derived from the config's model_type and fields."""
+    model_type = getattr(hf_config, "model_type", "llama")
+    qkv_bias = model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+    sliding_window = getattr(hf_config, "sliding_window", None)
+    if model_type in ("qwen2", "qwen3") and not getattr(hf_config, "use_sliding_window", False):
+        sliding_window = None
+    return {
+        "qkv_bias": qkv_bias,
+        "o_bias": bool(getattr(hf_config, "attention_bias", False)) and model_type != "qwen2",
+        "qk_norm": model_type == "qwen3",
+        "mlp_bias": bool(getattr(hf_config, "mlp_bias", False)),
+        "sliding_window": sliding_window,
+    }
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, hf_config, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        sw = family_switches(hf_config)
+        hidden = hf_config.hidden_size
+        num_heads = hf_config.num_attention_heads
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+        self.head_dim = getattr(hf_config, "head_dim", None) or hidden // num_heads
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, num_heads, num_kv_heads, bias=sw["qkv_bias"])
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden, bias=sw["o_bias"])
+        eps = hf_config.rms_norm_eps
+        self.q_norm = RMSNorm(self.head_dim, eps) if sw["qk_norm"] else None
+        self.k_norm = RMSNorm(self.head_dim, eps) if sw["qk_norm"] else None
+        self.rotary_emb = rotary_emb  # one table shared by all layers
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5,
+                              sliding_window=sw["sliding_window"])
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hf_config):
+        super().__init__()
+        bias = family_switches(hf_config)["mlp_bias"]
+        hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias=bias)
+        self.down_proj = RowParallelLinear(inter, hidden, bias=bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, hf_config, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = LlamaAttention(hf_config, rotary_emb)
+        self.mlp = LlamaMLP(hf_config)  # swappable: MoE blocks replace this module
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(self, positions, hidden, residual, meta):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, hf_config, max_position: int):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        rotary_emb = RotaryEmbedding(hf_config, head_dim, max_position)
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(hf_config, rotary_emb) for _ in range(hf_config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(self, input_ids, positions, meta):
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM over the flat token batch: forward gives hidden states, compute_logits the vocab scores."""
+
+    # checkpoint name fragment -> (our parameter fragment, shard id) for merged projections
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, hf_config, max_position: int | None = None):
+        super().__init__()
+        max_position = max_position or hf_config.max_position_embeddings
+        self.config = hf_config
+        self.model = LlamaModel(hf_config, max_position)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]

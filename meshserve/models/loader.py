@@ -1,0 +1,188 @@
+"""Finds a model (HF folder, GGUF file, preset, embedded default) and loads its weights into our classes."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from meshserve.errors import ModelLoadError
+from meshserve.models.presets import PRESETS, preset_config, preset_names
+from meshserve.models.registry import resolve_model_class
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSource:
+    """Where a model's config, weights and tokenizer come from."""
+
+    name: str  # what the user asked for (shown in logs and /v1/models)
+    hf_config: object
+    weights_dir: str | None  # None for dummy weights
+    tokenizer_dir: str | None  # None when there is no tokenizer (dummy presets)
+
+
+def _load_hf_config(path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types here; the user needs one line
+        raise ModelLoadError(f"cannot read the model config in {path}: {str(e).splitlines()[0]}") from e
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f))
+               for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+def resolve_model_source(model: str | None, load_format: str = "auto", tokenizer: str | None = None) -> ModelSource:
+    """Turn the `model` argument into a ModelSource.
+
+    model may be None (the embedded default), an HF folder, a .gguf file (converted once and cached),
+    a preset name (dummy weights only) or, with load_format="dummy", a config.json / folder holding one.
+    """
+    if model is None:
+        from meshserve.models.embedded import DEFAULT_MODEL_NAME, resolve_default_model
+
+        path = resolve_default_model()
+        return ModelSource(DEFAULT_MODEL_NAME, _load_hf_config(path),
+                           None if load_format == "dummy" else path, tokenizer or path)
+
+    if model.lower() in PRESETS and not os.path.exists(model):
+        if load_format != "dummy":
+            raise ModelLoadError(f"{model} is an architecture preset without weights: add --load-format dummy")
+        return ModelSource(model, preset_config(model), None, tokenizer)
+
+    if model.endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise ModelLoadError(f"GGUF file not found: {model}")
+        if load_format not in ("auto", "gguf", "dummy"):
+            raise ModelLoadError(f"load_format {load_format} cannot read the GGUF file {model}")
+        from meshserve.models.gguf_convert import cached_hf_dir_for_gguf
+
+        path = str(cached_hf_dir_for_gguf(model))
+        return ModelSource(model, _load_hf_config(path), None if load_format == "dummy" else path,
+                           tokenizer or path)
+
+    if os.path.isfile(model) and model.endswith(".json") and load_format == "dummy":
+        from transformers import AutoConfig
+
+        with open(model) as f:
+            fields = json.load(f)
+        try:
+            config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read the model config {model}: {str(e).splitlines()[0]}") from e
+        return ModelSource(model, config, None, tokenizer)
+
+    if not os.path.isdir(model):
+        raise ModelLoadError(
+            f"model not found: {model} is not a model folder, a .gguf file or a preset "
+            f"({', '.join(preset_names())})"
+        )
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise ModelLoadError(f"no config.json in the model folder {model}")
+    tok = tokenizer or (model if _has_tokenizer(model) else None)
+    return ModelSource(model, _load_hf_config(model), None if load_format == "dummy" else model, tok)
+
+
+def _safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"corrupt safetensors index {index}: {e}") from e
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise ModelLoadError(f"missing weight shard {os.path.basename(missing[0])} listed in {index}")
+        return files
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {path}")
+    return files
+
+
+def _iter_checkpoint(path: str):
+    from safetensors import safe_open
+
+    for file in _safetensors_files(path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # SafetensorError, OSError, truncated headers ...
+            raise ModelLoadError(f"corrupt weights file {file}: {str(e).splitlines()[0]}") from e
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Copy every checkpoint tensor into its (possibly merged, possibly sharded) parameter."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    packed = getattr(model, "packed_modules_mapping", {})
+    tied = getattr(model, "tie_word_embeddings", False)
+    loaded: set[str] = set()
+    for name, tensor in _iter_checkpoint(path):
+        if "rotary_emb.inv_freq" in name or (tied and name.startswith("lm_head.")):
+            continue
+        shard_id = None
+        for ckpt_part, (our_part, sid) in packed.items():
+            if f".{ckpt_part}." in name:
+                name, shard_id = name.replace(f".{ckpt_part}.", f".{our_part}."), sid
+                break
+        param = params.get(name)
+        if param is None:
+            raise ModelLoadError(f"checkpoint tensor {name} has no place in {type(model).__name__}")
+        loader = getattr(param, "weight_loader", None)
+        with torch.no_grad():
+            tensor = tensor.to(param.dtype)
+            if loader is None:
+                param.data.copy_(tensor)
+            elif shard_id is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard_id)
+        loaded.add(name)
+    expected = {n for n in params if not (tied and n.startswith("lm_head."))}
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ModelLoadError(f"checkpoint in {path} lacks {len(missing)} tensors, e.g. {missing[0]}")
+
+
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights at the real shapes: N(0, 0.02) matrices, unit norms, zero biases."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(0.0 if name.endswith("bias") else 1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_position: int,
+                seed: int = 0) -> nn.Module:
+    """Instantiate the model class on `device` in `dtype` and fill its weights."""
+    cls = resolve_model_class(source.hf_config)
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(source.hf_config, max_position=max_position)
+    finally:
+        torch.set_default_dtype(old_dtype)
+    if source.weights_dir is None:
+        init_dummy_weights(model, seed)
+    else:
+        load_weights(model, source.weights_dir)
+    return model.eval()

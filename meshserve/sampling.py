@@ -1,0 +1,102 @@
+"""SamplingParams: how one request's tokens are chosen, with vLLM's field names and validation."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from meshserve.errors import InvalidArgumentError
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """Sampling parameters of one request (the names and defaults of vLLM's SamplingParams).
+
+    temperature 0 means greedy. top_k <= 0 (or -1) disables top-k; top_p 1 and min_p 0 disable theirs.
+    seed makes the request's samples reproducible whatever else is in the batch.
+    stop strings are matched across token boundaries and removed from the output text.
+    logprobs = k returns the chosen token's logprob and the k most likely alternatives at every step;
+    prompt_logprobs = k does the same for the prompt tokens.
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    # Filled by the engine: EOS ids of the model (unless ignore_eos), merged into the stop set.
+    _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k is None or self.top_k < 0:
+            self.top_k = 0
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def check(cond: bool, param: str, msg: str) -> None:
+            if not cond:
+                raise InvalidArgumentError(f"{param} {msg}", param=param)
+
+        check(isinstance(self.n, int) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n}")
+        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+              "max_tokens", f"must be an integer >= 1, got {self.max_tokens}")
+        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
+              f"must be an integer >= 0, got {self.min_tokens}")
+        check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+              f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        check(self.temperature >= 0.0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(isinstance(self.top_k, int), "top_k", f"must be an integer, got {self.top_k}")
+        check(0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")
+        check(self.repetition_penalty > 0.0, "repetition_penalty",
+              f"must be > 0, got {self.repetition_penalty}")
+        check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
+              f"must be in [-2, 2], got {self.presence_penalty}")
+        check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
+              f"must be in [-2, 2], got {self.frequency_penalty}")
+        check(self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed}")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+              "must be non-negative integers")
+        check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+              "logprobs", f"must be an integer in [0, 20], got {self.logprobs}")
+        check(self.prompt_logprobs is None
+              or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+              "prompt_logprobs", f"must be an integer in [0, 20], got {self.prompt_logprobs}")
+
+    # -- derived ----------------------------------------------------------------------------------
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    def clone(self) -> "SamplingParams":
+        return copy.deepcopy(self)

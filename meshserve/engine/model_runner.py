@@ -13,6 +13,7 @@ import torch
 
 from meshserve.config import EngineConfig
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from meshserve.layers.attention import get_attention_backend
 from meshserve.layers.attention_metadata import AttentionMetadata
 from meshserve.layers.sampler import Sampler, SamplingMetadata, compute_logprobs
 from meshserve.models.loader import ModelSource, build_model
@@ -100,7 +101,9 @@ class ModelRunner:
         mc = self.config.model_config
         shape = (2, num_blocks, self.block_size, self.attn_kv_heads(), mc.head_dim)
         self.kv_caches = []
+        backend = get_attention_backend(self.device)
         for layer in self.model.attention_layers():
+            layer.backend = backend
             layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.kv_caches.append(layer.kv_cache)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,

@@ -6,12 +6,15 @@ done with Python lists once per step and copied to the device in one go per tens
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from meshserve.config import EngineConfig
+from meshserve.engine.cuda_graph import DecodeGraphs
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.layers.attention import get_attention_backend
 from meshserve.layers.attention_metadata import AttentionMetadata
@@ -60,6 +63,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.generators: dict[str, torch.Generator] = {}
+        self.graphs: DecodeGraphs | None = None
 
     # -- KV memory -------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -77,15 +81,14 @@ class ModelRunner:
             return cc.num_gpu_blocks_override
         per_block = self.kv_bytes_per_block()
         if self.device.type == "cuda":
+            peak = self.profile_peak_memory()
             free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            # activation workspace for the largest step, with a safety factor; the GPU path refines this
-            hc = self.config.model_config.hf_config
-            width = max(hc.intermediate_size * 2, hc.vocab_size // 8, hc.hidden_size * 4)
-            workspace = 4 * sc.max_num_batched_tokens * width * 4
-            budget = int(total * cc.gpu_memory_utilization) - used - workspace
-            logger.info("GPU memory: total %.1f GiB, in use %.1f GiB, workspace %.1f GiB",
-                        total / 2**30, used / 2**30, workspace / 2**30)
+            # memory held outside torch's allocator (CUDA context, NCCL, other processes) stays reserved
+            non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+            budget = int(total * cc.gpu_memory_utilization) - peak - max(non_torch, 0)
+            logger.info("GPU memory: total %.1f GiB x %.2f; weights + peak activations %.2f GiB; "
+                        "outside torch %.2f GiB; KV budget %.2f GiB", total / 2**30, cc.gpu_memory_utilization,
+                        peak / 2**30, non_torch / 2**30, budget / 2**30)
         else:
             budget = cc.cpu_kv_cache_bytes
             # a CPU pool never needs more than every sequence at full length
@@ -97,7 +100,39 @@ class ModelRunner:
                                f"{per_block} bytes per block)")
         return int(num_blocks)
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    @torch.inference_mode()
+    def profile_peak_memory(self) -> int:
+        """Peak bytes of a largest-size step (weights included): max_num_batched_tokens of prefill spread
+        over up to max_num_seqs sequences, plus their logits, run against a throwaway KV cache."""
+        sc = self.config.scheduler_config
+        tokens = min(sc.max_num_batched_tokens, sc.max_num_seqs * sc.max_model_len)
+        num_seqs = min(sc.max_num_seqs, tokens)
+        per_seq = [tokens // num_seqs + (1 if i < tokens % num_seqs else 0) for i in range(num_seqs)]
+        blocks_per_seq = [-(-n // self.block_size) for n in per_seq]
+        self.allocate_kv_cache(sum(blocks_per_seq), capture_graphs=False)
+        scheduled, next_block = [], 0
+        for i, (n, nb) in enumerate(zip(per_seq, blocks_per_seq)):
+            table = list(range(next_block, next_block + nb))
+            next_block += nb
+            scheduled.append(ScheduledSequence(seq_id=f"profile{i}", token_ids=[0] * n, num_computed_tokens=0,
+                                               block_table=table, params=None, do_sample=False))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        input_ids, positions, meta = self._prepare(scheduled)
+        hidden = self.model(input_ids, positions, meta)
+        last = meta.query_start_loc[1:].long() - 1
+        self.model.compute_logits(hidden[last]).float().softmax(-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del hidden
+        for layer in self.model.attention_layers():
+            layer.kv_cache = None
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        # the profile cache itself is not activation memory
+        return peak - sum(blocks_per_seq) * self.kv_bytes_per_block()
+
+    def allocate_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
         mc = self.config.model_config
         shape = (2, num_blocks, self.block_size, self.attn_kv_heads(), mc.head_dim)
         self.kv_caches = []
@@ -106,44 +141,52 @@ class ModelRunner:
             layer.backend = backend
             layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.kv_caches.append(layer.kv_cache)
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
-                    num_blocks * self.kv_bytes_per_block() / 2**30)
+        if capture_graphs:
+            logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
+                        num_blocks * self.kv_bytes_per_block() / 2**30)
+        if capture_graphs and self.device.type == "cuda" and not self.config.enforce_eager \
+                and backend.name == "triton":
+            sc = self.config.scheduler_config
+            self.graphs = DecodeGraphs(self.model, sc.max_num_seqs, sc.max_model_len, self.block_size, self.device)
+            self.graphs.capture()
 
     # -- one step --------------------------------------------------------------------------------
     def _prepare(self, scheduled: list[ScheduledSequence]):
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        bs = self.block_size
-        for s in scheduled:
-            start, n = s.num_computed_tokens, s.num_new_tokens
-            input_ids.extend(s.token_ids)
-            pos = range(start, start + n)
-            positions.extend(pos)
-            table = s.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(start + n)
+        """Flat batch tensors for the step, built with numpy (no per-token Python) and moved in one copy."""
+        bsz = self.block_size
+        num_new = np.fromiter((s.num_new_tokens for s in scheduled), dtype=np.int64, count=len(scheduled))
+        starts = np.fromiter((s.num_computed_tokens for s in scheduled), dtype=np.int64, count=len(scheduled))
+        qsl = np.zeros(len(scheduled) + 1, dtype=np.int64)
+        np.cumsum(num_new, out=qsl[1:])
+        total = int(qsl[-1])
+        seq_lens = starts + num_new
         width = max(len(s.block_table) for s in scheduled)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in scheduled]
-        dev = self.device
-
-        def t(x, dtype):
-            return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
-
+        tables = np.zeros((len(scheduled), width), dtype=np.int64)
+        for i, s in enumerate(scheduled):
+            tables[i, : len(s.block_table)] = s.block_table
+        row = np.repeat(np.arange(len(scheduled)), num_new)
+        positions = np.arange(total) - qsl[:-1][row] + starts[row]
+        slots = tables[row, positions // bsz] * bsz + positions % bsz
+        input_ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in scheduled), dtype=np.int64,
+                                count=total)
+        # one host buffer, one (pinned, async) copy; views split it on the device
+        host = np.concatenate([input_ids, positions, slots, qsl, seq_lens, tables.reshape(-1)])
+        buf = torch.from_numpy(host)
+        if self.device.type == "cuda":
+            buf = buf.pin_memory().to(self.device, non_blocking=True)
+        b = len(scheduled)
+        o = np.cumsum([0, total, total, total, b + 1, b])
         meta = AttentionMetadata(
-            slot_mapping=t(slots, torch.int64),
-            query_start_loc=t(qsl, torch.int32),
-            seq_lens=t(seq_lens, torch.int32),
-            block_tables=t(tables, torch.int32),
-            max_query_len=max(s.num_new_tokens for s in scheduled),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
+            slot_mapping=buf[o[2] : o[3]],
+            query_start_loc=buf[o[3] : o[4]].to(torch.int32),
+            seq_lens=buf[o[4] : o[5]].to(torch.int32),
+            block_tables=buf[o[5] :].view(b, width).to(torch.int32),
+            max_query_len=int(num_new.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=qsl.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
         )
-        return t(input_ids, torch.int64), t(positions, torch.int64), meta
+        return buf[: o[1]], buf[o[1] : o[2]], meta
 
     def _generator(self, s: ScheduledSequence) -> torch.Generator | None:
         if s.params.seed is None or s.params.greedy:
@@ -163,7 +206,10 @@ class ModelRunner:
             return result
         scheduled = out.scheduled
         input_ids, positions, meta = self._prepare(scheduled)
-        hidden = self.model(input_ids, positions, meta)
+        if self.graphs is not None and self.graphs.can_run(meta):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)
         qsl = meta.query_start_loc_cpu
 
         # prompt logprobs: logits at prompt position j score prompt token j + 1

@@ -113,11 +113,12 @@ class LLM:
             return
         for rid in list(engine.requests):
             engine.abort_request(rid)
-        del engine.runner.model
-        engine.runner.kv_caches.clear()
-        for layer_cache in engine.runner.kv_caches:
-            del layer_cache
         self.engine = None
+        del engine
         import gc
 
         gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,187 @@
+"""`meshserve bench latency` (W1) and `meshserve bench throughput` (W2), each with its baseline in the same run.
+
+Both run dummy weights at real architecture sizes in bf16 on one GPU, then HF transformers on the same GPU
+(after meshserve released its memory), and the roofline from the copy bandwidth measured on the spot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import shlex
+import sys
+import time
+
+import torch
+
+from meshserve.bench.report import append_benchmarks_row, print_table, write_json
+from meshserve.bench.roofline import measure_copy_bandwidth, weight_bytes
+from meshserve.bench.workloads import W1_NEW_TOKENS, W2_TEMPERATURE, w1_prompt, w2_requests
+
+logger = logging.getLogger(__name__)
+
+
+def _llm(ns):
+    from meshserve import LLM
+
+    return LLM(model=ns.model, load_format="dummy", dtype="bfloat16", max_model_len=ns.max_model_len,
+               enforce_eager=ns.enforce_eager, gpu_memory_utilization=ns.gpu_memory_utilization,
+               max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+               enable_prefix_caching=not ns.no_prefix_caching)
+
+
+def _release(llm) -> None:
+    llm.shutdown()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _timed(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _decode_curve(llm, batch_sizes: list[int]) -> dict[int, float]:
+    import random
+
+    from meshserve import SamplingParams
+
+    random.seed(2)
+    curve = {}
+    for bs in batch_sizes:
+        prompts = [{"prompt_token_ids": [random.randint(0, 10000) for _ in range(128)]} for _ in range(bs)]
+
+        def run(n):
+            return llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                                use_tqdm=False)
+
+        t1, t128 = _timed(lambda: run(1), 1), _timed(lambda: run(128), 1)
+        curve[bs] = bs * 127 / (t128 - t1)
+    return curve
+
+
+def run_latency(ns) -> dict:
+    from meshserve import SamplingParams
+
+    gpu = torch.cuda.get_device_name(0)
+    bw = measure_copy_bandwidth()
+    t0 = time.perf_counter()
+    llm = _llm(ns)
+    start_s = time.perf_counter() - t0
+    wbytes = weight_bytes(llm.engine.runner.model)
+    prompt = [{"prompt_token_ids": w1_prompt()}]
+
+    def gen(n):
+        return llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+
+    gen(8)  # warm-up
+    t1, tn = _timed(lambda: gen(1)), _timed(lambda: gen(W1_NEW_TOKENS))
+    res = {"bench": "latency (W1)", "gpu": gpu, "model": ns.model, "copy_TBps": bw / 1e12,
+           "weight_GB": wbytes / 1e9, "start_s": start_s,
+           "tok_s": W1_NEW_TOKENS / tn, "decode_tok_s": (W1_NEW_TOKENS - 1) / (tn - t1),
+           "roofline_tok_s": bw / wbytes}
+    res["pct_roofline"] = 100 * res["decode_tok_s"] / res["roofline_tok_s"]
+    if ns.curve:
+        res["decode_tok_s_by_batch"] = _decode_curve(llm, [int(b) for b in ns.curve.split(",")])
+    hf_config = llm.engine.config.model_config.hf_config
+    _release(llm)
+    if not ns.no_baseline:
+        from meshserve.bench.hf_baseline import hf_model_from_config, hf_w1_tok_per_s
+
+        hf = hf_model_from_config(hf_config)
+        res["hf_static_tok_s"] = hf_w1_tok_per_s(hf, w1_prompt(), W1_NEW_TOKENS)
+        res["ratio_vs_hf"] = res["tok_s"] / res["hf_static_tok_s"]
+        del hf
+        gc.collect()
+        torch.cuda.empty_cache()
+    return res
+
+
+def run_throughput(ns) -> dict:
+    from meshserve import SamplingParams
+
+    gpu = torch.cuda.get_device_name(0)
+    reqs = w2_requests()
+    t0 = time.perf_counter()
+    llm = _llm(ns)
+    start_s = time.perf_counter() - t0
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    params = [SamplingParams(temperature=W2_TEMPERATURE, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
+    llm.generate(prompts[:4], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    n_in = sum(len(r.prompt_token_ids) for r in reqs)
+    stats = llm.engine.stats()
+    res = {"bench": "throughput (W2)", "gpu": gpu, "model": ns.model, "start_s": start_s, "seconds": dt,
+           "output_tokens": n_out, "output_tok_s": n_out / dt, "total_tok_s": (n_out + n_in) / dt,
+           "preemptions": stats["num_preemptions"], "kv_blocks": stats["num_blocks"]}
+    hf_config = llm.engine.config.model_config.hf_config
+    _release(llm)
+    if not ns.no_baseline:
+        from meshserve.bench.hf_baseline import hf_continuous_batching_tok_per_s, hf_model_from_config
+
+        hf = hf_model_from_config(hf_config, attn_implementation="paged|sdpa")
+        res["hf_max_new_tokens"] = ns.hf_max_new_tokens
+        res["hf_output_tok_s"] = hf_continuous_batching_tok_per_s(
+            hf, [r.prompt_token_ids for r in reqs], ns.hf_max_new_tokens)
+        res["ratio_vs_hf"] = res["output_tok_s"] / res["hf_output_tok_s"]
+        del hf
+        gc.collect()
+        torch.cuda.empty_cache()
+    return res
+
+
+def _finish(ns, res: dict) -> int:
+    print_table({k: v for k, v in res.items() if not isinstance(v, dict)})
+    for k, v in res.items():
+        if isinstance(v, dict):
+            print(k, {b: round(x, 1) for b, x in v.items()})
+    write_json(ns.output_json, res)
+    if ns.benchmarks_md:
+        cmd = "meshserve bench " + " ".join(shlex.quote(a) for a in sys.argv[3:] if a)
+        if res["bench"].startswith("latency"):
+            result = f"{res['tok_s']:,.1f} tok/s (decode {res['decode_tok_s']:,.1f})"
+            base = f"HF static cache {res['hf_static_tok_s']:,.1f} tok/s" if "hf_static_tok_s" in res else "-"
+            roof = f"{res['pct_roofline']:.0f}% of {res['roofline_tok_s']:,.0f} tok/s"
+        else:
+            result = f"{res['output_tok_s']:,.0f} output tok/s ({res['total_tok_s']:,.0f} total)"
+            base = (f"HF generate_batch {res['hf_output_tok_s']:,.0f} output tok/s "
+                    f"(max_new_tokens {res['hf_max_new_tokens']})") if "hf_output_tok_s" in res else "-"
+            roof = "-"
+        ratio = f"{res['ratio_vs_hf']:.2f}x" if "ratio_vs_hf" in res else "-"
+        append_benchmarks_row(ns.benchmarks_md, res["gpu"], f"bench {res['bench'].split()[0]} {cmd}", result,
+                              base, ratio, roof)
+    return 0
+
+
+def add_offline_parsers(bench_sub: argparse._SubParsersAction) -> None:
+    for name, fn, help_ in (("latency", run_latency, "W1: batch-1 decode vs HF and the roofline"),
+                            ("throughput", run_throughput, "W2: offline throughput vs HF continuous batching")):
+        p = bench_sub.add_parser(name, help=help_)
+        p.add_argument("--model", default="llama-3.1-8b", help="preset or config (dummy weights)")
+        p.add_argument("--max-model-len", type=int, default=4096)
+        p.add_argument("--max-num-seqs", type=int, default=256)
+        p.add_argument("--max-num-batched-tokens", type=int, default=None)
+        p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        p.add_argument("--enforce-eager", action="store_true")
+        p.add_argument("--no-prefix-caching", action="store_true")
+        p.add_argument("--no-baseline", action="store_true", help="skip HF transformers")
+        p.add_argument("--output-json", default=None)
+        p.add_argument("--benchmarks-md", default=None, help="append a row to this BENCHMARKS.md")
+        if name == "latency":
+            p.add_argument("--curve", default=None, help="decode tok/s at these batch sizes, e.g. 1,8,32,64")
+        else:
+            p.add_argument("--hf-max-new-tokens", type=int, default=128,
+                           help="HF baseline's new tokens per prompt (its full W2 takes minutes)")
+        p.set_defaults(func=lambda ns, fn=fn: _finish(ns, fn(ns)))

@@ -1,0 +1,96 @@
+"""CUDA graphs for decode steps: one graph per batch size of a ladder, replayed with padded inputs.
+
+A decode step of a small model is dominated by kernel launches from Python; replaying a captured graph
+issues them all at once. Inputs live in static buffers; padding rows write to no cache slot (slot -1)
+and have context length 0, so they cost little and touch nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from meshserve.layers.attention_metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to max_num_seqs (and max_num_seqs itself)."""
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs]
+    sizes += list(range(16, max_num_seqs + 1, 16))
+    if max_num_seqs not in sizes:
+        sizes.append(max_num_seqs)
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    """Captured decode forwards for every batch size in the ladder, sharing one memory pool."""
+
+    def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
+                 device: torch.device):
+        self.model = model
+        self.device = device
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_bs = self.sizes[-1]
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // block_size)
+        n = self.max_bs
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,  # fixed at capture: kernels size their splits from it
+            query_start_loc_cpu=list(range(bs + 1)),
+            seq_lens_cpu=[0] * bs,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        t0 = time.perf_counter()
+        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
+            meta = self._meta(bs)
+            self.model(self.input_ids[:bs], self.positions[:bs], meta)  # warm up (Triton autotune, allocs)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.model(self.input_ids[:bs], self.positions[:bs], meta)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[bs], self.outputs[bs] = graph, out
+        torch.cuda.synchronize(self.device)
+        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), self.max_bs,
+                    time.perf_counter() - t0)
+
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        return meta.is_decode_only and meta.num_seqs <= self.max_bs and meta.block_tables.shape[1] <= self.max_blocks
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        n = meta.num_seqs
+        bs = next(s for s in self.sizes if s >= n)
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
+        w = meta.block_tables.shape[1]
+        self.block_tables[:n, :w].copy_(meta.block_tables, non_blocking=True)
+        if bs > n:  # padding rows: no cache write, empty context
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].fill_(0)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]

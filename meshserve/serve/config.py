@@ -1,0 +1,30 @@
+"""ServeConfig: the HTTP server's own settings (the engine's are EngineArgs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class ServeConfig:
+    """What the OpenAI-compatible app needs beyond the engine.
+
+    `served_model_names[0]` is the name returned in responses; every name in the list is accepted in
+    requests. `max_queue_len` bounds the engine's waiting queue: past it, new requests get 429 with
+    Retry-After instead of queueing without bound.
+    """
+
+    served_model_names: list[str] = field(default_factory=lambda: ["meshserve"])
+    api_key: str | None = None
+    max_queue_len: int = 1024
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    max_n: int = 128  # n above this would let one request flood the scheduler
+    retry_after_s: int = 1
+    drain_timeout_s: float = 30.0
+    max_model_len: int | None = None  # shown in /v1/models; filled from the engine when None
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]

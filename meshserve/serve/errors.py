@@ -1,0 +1,122 @@
+"""HTTP-only errors and the one place where every error becomes a status code and OpenAI's error JSON.
+
+The engine's hierarchy (meshserve.errors) carries `http_status` and `error_type`; the errors below add
+what only a server can hit (auth, unknown model, overload, draining, body size). `error_payload` maps any
+exception to `{"error": {"message", "type", "param", "code"}}`; unexpected exceptions become a generic 500
+whose body never contains a stack trace (it goes to the log instead).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from meshserve.errors import EngineDeadError, InvalidArgumentError, MeshserveError, PromptTooLongError
+
+logger = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(MeshserveError):
+    """The request names a model this server does not serve."""
+
+    http_status = 404
+    error_type = "not_found_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str):
+        super().__init__(f"The model `{model}` does not exist.")
+        self.param = "model"
+
+
+class AuthenticationError(MeshserveError):
+    """Missing or wrong API key."""
+
+    http_status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class RequestTooLargeError(MeshserveError):
+    """The request body exceeds --max-request-body-bytes."""
+
+    http_status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RetryableError(MeshserveError):
+    """A request refused for now; the response carries Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ServerOverloadedError(RetryableError):
+    """The engine's waiting queue is full (--max-queue-len)."""
+
+    http_status = 429
+    error_type = "rate_limit_error"
+    code = "server_overloaded"
+
+
+class ServerDrainingError(RetryableError):
+    """The server is shutting down and takes no new requests."""
+
+    http_status = 503
+    error_type = "service_unavailable"
+    code = "server_draining"
+
+
+class ClientDisconnectedError(Exception):
+    """The client went away before the response was ready (nothing is sent back)."""
+
+
+_CODES: list[tuple[type[BaseException], str]] = [
+    (PromptTooLongError, "context_length_exceeded"),
+    (InvalidArgumentError, "invalid_value"),
+    (EngineDeadError, "engine_dead"),
+]
+
+
+def error_body(message: str, error_type: str, param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, body, extra headers) for any exception raised while serving a request."""
+    if isinstance(exc, MeshserveError):
+        code = getattr(exc, "code", None)
+        if code is None:
+            code = next((c for cls, c in _CODES if isinstance(exc, cls)), None)
+        headers = {}
+        if isinstance(exc, RetryableError):
+            headers["Retry-After"] = str(exc.retry_after_s)
+        status = exc.http_status
+        message = str(exc) if status < 500 or isinstance(exc, (EngineDeadError, RetryableError)) \
+            else "internal server error"
+        if status >= 500 and not isinstance(exc, RetryableError):
+            logger.error("request failed: %s: %s", type(exc).__name__, exc)
+        return status, error_body(message, exc.error_type, getattr(exc, "param", None), code), headers
+    logger.error("unexpected error while serving a request", exc_info=exc)
+    return 500, error_body("internal server error", "internal_error", None, "internal_error"), {}
+
+
+def validation_error_payload(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's 400 body for a request that failed pydantic validation (or was not JSON at all)."""
+    if not errors:
+        return error_body("invalid request", "invalid_request_error", None, "invalid_request")
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        message = "the request body is not valid JSON"
+        code = "invalid_json"
+    else:
+        message = f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+        code = "invalid_value"
+    return error_body(message, "invalid_request_error", param, code)

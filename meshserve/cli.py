@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=_cmd_generate)
+    from meshserve.serve.cli import register as register_serve
+    register_serve(sub)
+    from meshserve.planner.cli import register as register_plan
+    register_plan(sub)
+    from meshserve.bench.cli import register as register_bench
+    register_bench(sub)
     return parser
 
 

@@ -78,10 +78,21 @@ class SchedulerConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the model is split across devices. Only 1 x 1 exists until the parallel issue lands."""
+    """How the model is split across devices and processes (and nodes)."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    pp_layer_partition: list[int] | None = None
+    distributed_executor_backend: str = "mp"  # mp | ray
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    distributed_timeout_s: float = 60.0
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass
@@ -117,6 +128,13 @@ class EngineArgs:
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    pp_layer_partition: list[int] | None = None
+    distributed_executor_backend: str = "mp"
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    distributed_timeout_s: float = 60.0
     device: str = "auto"
     hf_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -145,6 +163,10 @@ class EngineArgs:
         check(self.cpu_kv_cache_bytes > 0, "cpu_kv_cache_bytes", "must be > 0")
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
               f"must be auto, cpu or cuda[:N], got {self.device!r}")
-        # Tensor and pipeline parallelism arrive with the distributed issue; reject them clearly until then.
-        check(self.tensor_parallel_size == 1, "tensor_parallel_size", "only 1 is supported in this version")
-        check(self.pipeline_parallel_size == 1, "pipeline_parallel_size", "only 1 is supported in this version")
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        check(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be >= 1")
+        check(self.distributed_executor_backend in ("mp", "ray"), "distributed_executor_backend",
+              f"must be mp or ray, got {self.distributed_executor_backend!r}")
+        check(self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes, "node_rank",
+              f"must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
+        check(self.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0")

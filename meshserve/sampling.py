@@ -78,7 +78,9 @@ class SamplingParams:
               f"must be in [-2, 2], got {self.presence_penalty}")
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
               f"must be in [-2, 2], got {self.frequency_penalty}")
-        check(self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed}")
+        # torch.Generator.manual_seed overflows past 64 bits, inside the engine step: reject it here
+        check(self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63), "seed",
+              f"must be an integer in [-2**63, 2**63), got {self.seed}")
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
               "must be non-negative integers")

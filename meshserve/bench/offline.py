@@ -13,10 +13,7 @@ import shlex
 import sys
 import time
 
-import torch
-
 from meshserve.bench.report import append_benchmarks_row, print_table, write_json
-from meshserve.bench.roofline import measure_copy_bandwidth, weight_bytes
 from meshserve.bench.workloads import W1_NEW_TOKENS, W2_TEMPERATURE, w1_prompt, w2_requests
 
 logger = logging.getLogger(__name__)
@@ -32,12 +29,16 @@ def _llm(ns):
 
 
 def _release(llm) -> None:
+    import torch
+
     llm.shutdown()
     gc.collect()
     torch.cuda.empty_cache()
 
 
 def _timed(fn, repeats: int = 3) -> float:
+    import torch
+
     best = float("inf")
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -68,7 +69,10 @@ def _decode_curve(llm, batch_sizes: list[int]) -> dict[int, float]:
 
 
 def run_latency(ns) -> dict:
+    import torch
+
     from meshserve import SamplingParams
+    from meshserve.bench.roofline import measure_copy_bandwidth, weight_bytes
 
     gpu = torch.cuda.get_device_name(0)
     bw = measure_copy_bandwidth()
@@ -105,6 +109,8 @@ def run_latency(ns) -> dict:
 
 
 def run_throughput(ns) -> dict:
+    import torch
+
     from meshserve import SamplingParams
 
     gpu = torch.cuda.get_device_name(0)

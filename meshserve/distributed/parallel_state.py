@@ -1,44 +1,122 @@
-"""Process-group state seen by the layers: which tensor-parallel rank this process is, out of how many.
+"""Process-group state seen by the layers and the model runner: which TP rank and PP stage this process is.
 
-Until the distributed launcher lands every process is rank 0 of a group of one, and the collectives
-below are identities, so the layers already hold the code path that TP will exercise.
+Ranks are laid out TP-inner: rank = pp_rank * tp_size + tp_rank, so a TP group is a block of consecutive
+ranks (inside one node, over NVLink) and PP stages are spread across nodes. A single process is rank 0 of a
+world of one, and every collective below is then an identity.
 """
 
+from __future__ import annotations
+
+import datetime
+import logging
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TensorParallelState:
+class ParallelState:
     rank: int = 0
-    size: int = 1
-    group: object | None = None  # torch.distributed ProcessGroup once TP > 1
+    world_size: int = 1
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    tp_group: object | None = None  # device collectives inside the TP group (NCCL or gloo)
+    cpu_group: object | None = None  # gloo over all ranks, for pickled control messages
+    device_group: object | None = None  # the default group (NCCL on GPU), for point-to-point activations
+    pp_layer_partition: list[int] | None = None  # layers per stage; None = even split
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def stage_rank(self, pp_rank: int) -> int:
+        """Global rank of this process's TP peer in stage pp_rank."""
+        return pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def sampler_rank(self) -> int:
+        """The rank that samples and reports tokens: TP rank 0 of the last stage."""
+        return (self.pp_size - 1) * self.tp_size
 
 
-_TP = TensorParallelState()
+_STATE = ParallelState()
+
+
+def get_parallel_state() -> ParallelState:
+    return _STATE
 
 
 def get_tp_rank() -> int:
-    return _TP.rank
+    return _STATE.tp_rank
 
 
 def get_tp_size() -> int:
-    return _TP.size
+    return _STATE.tp_size
+
+
+def get_pp_rank() -> int:
+    return _STATE.pp_rank
+
+
+def get_pp_size() -> int:
+    return _STATE.pp_size
+
+
+def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str, master_port: int,
+                        backend: str, timeout_s: float = 60.0,
+                        pp_layer_partition: list[int] | None = None) -> ParallelState:
+    """Join the torch.distributed world of tp_size * pp_size ranks and build the TP groups."""
+    global _STATE
+    world = tp_size * pp_size
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
+                            world_size=world, rank=rank, timeout=timeout)
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    tp_group = None
+    for stage in range(pp_size):  # every rank must create every group, in the same order
+        ranks = list(range(stage * tp_size, (stage + 1) * tp_size))
+        group = dist.new_group(ranks, backend=backend, timeout=timeout)
+        if rank in ranks:
+            tp_group = group
+    _STATE = ParallelState(rank=rank, world_size=world, tp_rank=rank % tp_size, tp_size=tp_size,
+                           pp_rank=rank // tp_size, pp_size=pp_size, tp_group=tp_group, cpu_group=cpu_group,
+                           device_group=dist.group.WORLD, pp_layer_partition=pp_layer_partition)
+    logger.info("rank %d/%d: tp %d/%d, pp %d/%d (%s)", rank, world, _STATE.tp_rank, tp_size, _STATE.pp_rank,
+                pp_size, backend)
+    return _STATE
+
+
+def destroy_parallel_state() -> None:
+    global _STATE
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a dead peer can make teardown fail; the process is leaving anyway
+            pass
+    _STATE = ParallelState()
 
 
 def tensor_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum x over the tensor-parallel group (in place where possible)."""
-    if _TP.size == 1:
+    """Sum x over the tensor-parallel group (in place)."""
+    if _STATE.tp_size == 1:
         return x
-    torch.distributed.all_reduce(x, group=_TP.group)
+    dist.all_reduce(x, group=_STATE.tp_group)
     return x
 
 
 def tensor_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Concatenate x along dim over the tensor-parallel group."""
-    if _TP.size == 1:
+    if _STATE.tp_size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(_TP.size)]
-    torch.distributed.all_gather(parts, x.contiguous(), group=_TP.group)
+    parts = [torch.empty_like(x) for _ in range(_STATE.tp_size)]
+    dist.all_gather(parts, x.contiguous(), group=_STATE.tp_group)
     return torch.cat(parts, dim=dim)

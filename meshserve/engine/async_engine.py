@@ -59,6 +59,8 @@ class AsyncLLM:
         if cmd is _STOP:
             return False
         kind, args, fut = cmd
+        if not fut.set_running_or_notify_cancel():
+            return True  # the caller was cancelled (client gone) before the engine got to it
         try:
             if kind == "add":
                 fut.set_result(self.engine.add_request(*args))
@@ -95,7 +97,7 @@ class AsyncLLM:
                     cmd = self._commands.get_nowait()
                 except queue.Empty:
                     break
-                if cmd is not _STOP:
+                if cmd is not _STOP and cmd[2].set_running_or_notify_cancel():
                     cmd[2].set_exception(EngineDeadError(f"engine loop died: {e}"))
 
     # -- caller side -----------------------------------------------------------------------------

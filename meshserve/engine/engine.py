@@ -12,7 +12,8 @@ import time
 from meshserve.config import EngineArgs, EngineConfig
 from meshserve.engine.detokenizer import IncrementalDetokenizer
 from meshserve.engine.engine_config import create_engine_config
-from meshserve.engine.model_runner import ModelRunner, ModelRunnerOutput
+from meshserve.distributed.executor import make_executor
+from meshserve.engine.model_runner import ModelRunnerOutput
 from meshserve.engine.request_state import RequestState, position_logprobs
 from meshserve.engine.scheduler import Scheduler
 from meshserve.engine.sequence import Sequence, SequenceStatus
@@ -63,9 +64,9 @@ class Engine:
         t0 = time.perf_counter()
         self.config = config
         self.tokenizer = load_tokenizer(source.tokenizer_dir)
-        self.runner = ModelRunner(config, source)
-        config.cache_config.num_blocks = self.runner.determine_num_blocks()
-        self.runner.allocate_kv_cache(config.cache_config.num_blocks)
+        self.executor = make_executor(config, source)
+        config.cache_config.num_blocks = self.executor.collective_rpc("determine_num_blocks_all")
+        self.executor.collective_rpc("allocate_kv_cache", config.cache_config.num_blocks)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config)
         self.eos_token_ids = eos_token_ids(config.model_config.hf_config, self.tokenizer, source.weights_dir)
         self.requests: dict[str, RequestState] = {}
@@ -73,6 +74,7 @@ class Engine:
         self._ids = itertools.count()
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+        self.pp_busy_s = self.pp_wall_s = 0.0  # last pipeline stage's compute vs wall time
         logger.info("engine ready in %.1f s: %s, %s on %s", time.perf_counter() - t0,
                     config.model_config.model, config.model_config.dtype, config.device)
 
@@ -116,6 +118,8 @@ class Engine:
             raise InvalidArgumentError("the prompt is empty", param="prompt")
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in token_ids):
             raise InvalidArgumentError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if any(t >= vocab for t in params.stop_token_ids):  # out of range, they crash the min_tokens ban
+            raise InvalidArgumentError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         max_len = self.config.scheduler_config.max_model_len
         if len(token_ids) >= max_len:
             raise PromptTooLongError(
@@ -165,12 +169,16 @@ class Engine:
         return len(self.requests)
 
     # -- the step --------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """One scheduling decision and one forward pass; returns the requests that changed."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One scheduling decision and one forward pass; returns the requests that changed (or, with
+        finished_only, just those that finished: offline batches need no per-step snapshots)."""
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty and not sched_out.finished_seq_ids:
             return []
-        runner_out = self.runner.execute(sched_out)
+        runner_out = self.executor.execute(sched_out)
+        if runner_out.wall_s:
+            self.pp_busy_s += runner_out.busy_s
+            self.pp_wall_s += runner_out.wall_s
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
         for entry in sched_out.scheduled:
@@ -185,7 +193,8 @@ class Engine:
             self._process_new_token(state, seq, runner_out, now)
         outputs = []
         for state in touched.values():
-            outputs.append(state.to_output())
+            if not finished_only or state.finished:
+                outputs.append(state.to_output())
             if state.finished:
                 state.metrics.finished_time = now
                 self.requests.pop(state.request_id, None)
@@ -229,6 +238,14 @@ class Engine:
             self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
         state.texts[i] += detok.get_delta(finished=seq.is_finished)
 
+    @property
+    def runner(self):
+        """Rank 0's model runner (the whole model when not split)."""
+        return self.executor.runner
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
     # -- stats -----------------------------------------------------------------------------------
     def stats(self) -> dict:
         bm = self.scheduler.block_manager
@@ -243,4 +260,5 @@ class Engine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generated_tokens,
+            "pp_bubble": 1.0 - self.pp_busy_s / self.pp_wall_s if self.pp_wall_s else 0.0,
         }

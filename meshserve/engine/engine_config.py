@@ -9,6 +9,7 @@ import torch
 from meshserve.config import CacheConfig, EngineArgs, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from meshserve.errors import InvalidArgumentError
 from meshserve.models.loader import ModelSource, resolve_model_source
+from meshserve.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,29 @@ def _resolve_dtype(dtype: str, hf_config, device: str) -> str:
         return "float32"  # bf16/fp16 matmuls are slow on most CPUs and the tests compare in fp32
     cfg = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "")
     return "float16" if "float16" in cfg and "bfloat16" not in cfg else "bfloat16"
+
+
+def check_parallel_split(hf_config, tp: int, pp: int, partition: list[int] | None) -> None:
+    """Reject a TP/PP layout the model's shapes cannot take, before any process starts."""
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % tp:
+        raise InvalidArgumentError(f"tensor_parallel_size {tp}: {heads} attention heads are not divisible by it",
+                                   param="tensor_parallel_size")
+    if kv_heads % tp and tp % kv_heads:
+        raise InvalidArgumentError(f"tensor_parallel_size {tp}: {kv_heads} KV heads can neither be split nor "
+                                   "replicated evenly", param="tensor_parallel_size")
+    if hf_config.intermediate_size % tp:
+        raise InvalidArgumentError(f"tensor_parallel_size {tp}: intermediate size {hf_config.intermediate_size} "
+                                   "is not divisible by it", param="tensor_parallel_size")
+    layers = hf_config.num_hidden_layers
+    if partition is not None:
+        if len(partition) != pp or sum(partition) != layers or min(partition) < 1:
+            raise InvalidArgumentError(f"pp_layer_partition {partition} must list {pp} stages of >= 1 layer "
+                                       f"summing to {layers}", param="pp_layer_partition")
+    elif layers < pp:
+        raise InvalidArgumentError(f"pipeline_parallel_size {pp} exceeds the {layers} layers",
+                                   param="pipeline_parallel_size")
 
 
 def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
@@ -53,6 +77,9 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
             f"max_num_batched_tokens ({batched}) is smaller than max_model_len ({max_model_len}); "
             "enable chunked prefill or raise it", param="max_num_batched_tokens")
 
+    resolve_model_class(source.hf_config)  # unsupported architectures fail here, with their name
+    check_parallel_split(source.hf_config, args.tensor_parallel_size, args.pipeline_parallel_size,
+                         args.pp_layer_partition)
     model_config = ModelConfig(
         model=source.name, tokenizer=source.tokenizer_dir or "", hf_config=source.hf_config, dtype=dtype,
         max_model_len=max_model_len, load_format=args.load_format, seed=args.seed,
@@ -68,7 +95,12 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len,
             enable_chunked_prefill=args.enable_chunked_prefill,
         ),
-        parallel_config=ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size),
+        parallel_config=ParallelConfig(
+            tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+            pp_layer_partition=args.pp_layer_partition,
+            distributed_executor_backend=args.distributed_executor_backend, nnodes=args.nnodes,
+            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+            distributed_timeout_s=args.distributed_timeout_s),
         device=device,
         enforce_eager=args.enforce_eager,
     )

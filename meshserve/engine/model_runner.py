@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from meshserve.config import EngineConfig
+from meshserve.distributed.parallel_state import get_parallel_state
+from meshserve.distributed.pipeline import recv_activations, send_activations
 from meshserve.engine.cuda_graph import DecodeGraphs
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.layers.attention import get_attention_backend
 from meshserve.layers.attention_metadata import AttentionMetadata
+from meshserve.layers.pipeline import IntermediateTensors
 from meshserve.layers.sampler import Sampler, SamplingMetadata, compute_logprobs
 from meshserve.models.loader import ModelSource, build_model
 
@@ -43,6 +47,9 @@ class ModelRunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # seq_id -> (chunk start position, logprobs of prompt tokens start+1, start+2, ... scored in this chunk)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # pipeline parallel: this stage's compute time and the step's wall time (for the bubble)
+    busy_s: float = 0.0
+    wall_s: float = 0.0
 
 
 def _to_token_logprobs(ids, lps, ranks, top_ids, top_lps) -> list[TokenLogprobs]:
@@ -64,15 +71,27 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.generators: dict[str, torch.Generator] = {}
         self.graphs: DecodeGraphs | None = None
+        self._pinned: torch.Tensor | None = None
 
     # -- KV memory -------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         mc = self.config.model_config
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * mc.num_layers * self.block_size * self.attn_kv_heads() * mc.head_dim * elem
+        num_layers = len(self.model.attention_layers())  # this pipeline stage's layers
+        return 2 * num_layers * self.block_size * self.attn_kv_heads() * mc.head_dim * elem
 
     def attn_kv_heads(self) -> int:
         return self.model.attention_layers()[0].num_kv_heads
+
+    def determine_num_blocks_all(self) -> int:
+        """determine_num_blocks agreed over every rank (the smallest), so all stages hold the same pool."""
+        n = self.determine_num_blocks()
+        st = get_parallel_state()
+        if st.world_size > 1:
+            t = torch.tensor([n], dtype=torch.int64)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=st.cpu_group)
+            n = int(t.item())
+        return n
 
     def determine_num_blocks(self) -> int:
         """How many KV blocks the memory budget allows (or the override)."""
@@ -119,9 +138,16 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         input_ids, positions, meta = self._prepare(scheduled)
-        hidden = self.model(input_ids, positions, meta)
-        last = meta.query_start_loc[1:].long() - 1
-        self.model.compute_logits(hidden[last]).float().softmax(-1)
+        st = get_parallel_state()
+        intermediate = None
+        if not st.is_first_stage:  # stand-in activations of the right size
+            h = torch.zeros(input_ids.shape[0], self.config.model_config.hf_config.hidden_size,
+                            dtype=self.dtype, device=self.device)
+            intermediate = IntermediateTensors(h, h.clone())
+        hidden = self.model(input_ids, positions, meta, intermediate)
+        if st.is_last_stage:
+            last = meta.query_start_loc[1:].long() - 1
+            self.model.compute_logits(hidden[last]).float().softmax(-1)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del hidden
@@ -169,24 +195,33 @@ class ModelRunner:
         slots = tables[row, positions // bsz] * bsz + positions % bsz
         input_ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in scheduled), dtype=np.int64,
                                 count=total)
-        # one host buffer, one (pinned, async) copy; views split it on the device
+        # one host buffer, one async copy from pinned memory; views split it on the device
         host = np.concatenate([input_ids, positions, slots, qsl, seq_lens, tables.reshape(-1)])
-        buf = torch.from_numpy(host)
-        if self.device.type == "cuda":
-            buf = buf.pin_memory().to(self.device, non_blocking=True)
+        buf = self._to_device(host)
         b = len(scheduled)
         o = np.cumsum([0, total, total, total, b + 1, b])
         meta = AttentionMetadata(
             slot_mapping=buf[o[2] : o[3]],
-            query_start_loc=buf[o[3] : o[4]].to(torch.int32),
-            seq_lens=buf[o[4] : o[5]].to(torch.int32),
-            block_tables=buf[o[5] :].view(b, width).to(torch.int32),
+            query_start_loc=buf[o[3] : o[4]],
+            seq_lens=buf[o[4] : o[5]],
+            block_tables=buf[o[5] :].view(b, width),
             max_query_len=int(num_new.max()),
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
         )
         return buf[: o[1]], buf[o[1] : o[2]], meta
+
+    def _to_device(self, host: np.ndarray) -> torch.Tensor:
+        """Copy an int64 array to the device through a reused pinned buffer (no per-step pinning)."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(host)
+        n = host.shape[0]
+        if self._pinned is None or self._pinned.shape[0] < n:
+            self._pinned = torch.empty(max(n, 1 << 16), dtype=torch.int64, pin_memory=True)
+        # the previous step's copy finished: its results were read back (tolist) before this step began
+        self._pinned[:n].numpy()[:] = host
+        return self._pinned[:n].to(self.device, non_blocking=True)
 
     def _generator(self, s: ScheduledSequence) -> torch.Generator | None:
         if s.params.seed is None or s.params.greedy:
@@ -199,17 +234,61 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Run this rank's part of the step. Only the sampler rank's output carries tokens."""
         for seq_id in out.finished_seq_ids:
             self.generators.pop(seq_id, None)
-        result = ModelRunnerOutput()
         if out.is_empty:
-            return result
-        scheduled = out.scheduled
-        input_ids, positions, meta = self._prepare(scheduled)
-        if self.graphs is not None and self.graphs.can_run(meta):
-            hidden = self.graphs.run(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, meta)
+            return ModelRunnerOutput()
+        st = get_parallel_state()
+        if st.pp_size == 1:
+            input_ids, positions, meta = self._prepare(out.scheduled)
+            if self.graphs is not None and self.graphs.can_run(meta):
+                hidden = self.graphs.run(input_ids, positions, meta)
+            else:
+                hidden = self.model(input_ids, positions, meta)
+            return self._logits_and_sample(out.scheduled, hidden, meta)
+        return self._execute_pipeline(out.scheduled, st)
+
+    def _execute_pipeline(self, scheduled: list[ScheduledSequence], st) -> ModelRunnerOutput:
+        """Split the step into micro-batches and stream them through the stages: while stage s works on
+        micro-batch m, stage s+1 works on m-1, so the bubble shrinks to (S-1)/(M+S-1)."""
+        t0 = time.perf_counter()
+        busy = 0.0
+        num_mb = min(st.pp_size, len(scheduled))
+        bounds = [len(scheduled) * i // num_mb for i in range(num_mb + 1)]
+        hidden_size = self.config.model_config.hf_config.hidden_size
+        result, pending = ModelRunnerOutput(), []
+        for m in range(num_mb):
+            mb = scheduled[bounds[m] : bounds[m + 1]]
+            input_ids, positions, meta = self._prepare(mb)
+            intermediate = None
+            if not st.is_first_stage:
+                shape = (input_ids.shape[0], hidden_size)
+                hidden, residual = recv_activations([shape, shape], self.dtype, self.device)
+                intermediate = IntermediateTensors(hidden, residual)
+            t = time.perf_counter()
+            hidden = self.model(input_ids, positions, meta, intermediate)
+            if st.is_last_stage:
+                part = self._logits_and_sample(mb, hidden, meta)
+                result.sampled.update(part.sampled)
+                result.logprobs.update(part.logprobs)
+                result.prompt_logprobs.update(part.prompt_logprobs)
+            else:
+                if self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).synchronize()
+                pending += send_activations([hidden.hidden, hidden.residual])
+            busy += time.perf_counter() - t
+        for work in pending:
+            work.wait()
+        result.busy_s, result.wall_s = busy, time.perf_counter() - t0
+        return result
+
+    def _logits_and_sample(self, scheduled: list[ScheduledSequence], hidden: torch.Tensor,
+                           meta: AttentionMetadata) -> ModelRunnerOutput:
+        """Logits for sampling rows and prompt-logprob rows; sampling on TP rank 0 only (the LM head's
+        all-gather needs every TP rank, the sampler does not)."""
+        result = ModelRunnerOutput()
+        samples = get_parallel_state().tp_rank == 0
         qsl = meta.query_start_loc_cpu
 
         # prompt logprobs: logits at prompt position j score prompt token j + 1
@@ -221,19 +300,28 @@ class ModelRunner:
             end = min(start + s.num_new_tokens, s.num_prompt_tokens - 1)
             if end <= start:
                 continue
-            rows = hidden[qsl[i] : qsl[i] + (end - start)]
-            next_ids = torch.tensor(s.prompt_token_ids[start + 1 : end + 1], device=self.device)
-            lps = compute_logprobs(self.model.compute_logits(rows), next_ids, k)
-            result.prompt_logprobs[s.seq_id] = (start, _to_token_logprobs(next_ids, *lps))
+            logits = self.model.compute_logits(hidden[qsl[i] : qsl[i] + (end - start)])
+            if samples:
+                next_ids = torch.tensor(s.prompt_token_ids[start + 1 : end + 1], device=self.device)
+                lps = compute_logprobs(logits, next_ids, k)
+                result.prompt_logprobs[s.seq_id] = (start, _to_token_logprobs(next_ids, *lps))
 
         sample_idx = [i for i, s in enumerate(scheduled) if s.do_sample]
         if not sample_idx:
             return result
         last_rows = torch.tensor([qsl[i + 1] - 1 for i in sample_idx], device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, last_rows))
+        if not samples:
+            return result
         rows = [scheduled[i] for i in sample_idx]
         banned = [sorted(s.params._all_stop_token_ids) if s.num_output_tokens < s.params.min_tokens else []
                   for s in rows]
+        if all(s.params.greedy and s.params.logprobs is None and not s.params.uses_penalties for s in rows) \
+                and not any(banned):
+            # plain greedy: no per-row settings to upload, just the argmax
+            for s, tok in zip(rows, logits.argmax(dim=-1).tolist()):
+                result.sampled[s.seq_id] = tok
+            return result
         meta_s = SamplingMetadata.build(
             [s.params for s in rows],
             [s.prompt_token_ids or [] for s in rows],

@@ -92,7 +92,7 @@ class LLM:
             bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
         try:
             while len(results) < len(ids):
-                for out in engine.step():
+                for out in engine.step(finished_only=True):
                     if out.finished:
                         results[out.request_id] = out
                         if bar is not None:
@@ -114,6 +114,7 @@ class LLM:
         for rid in list(engine.requests):
             engine.abort_request(rid)
         self.engine = None
+        engine.shutdown()
         del engine
         import gc
 

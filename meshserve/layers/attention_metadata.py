@@ -15,9 +15,9 @@ class AttentionMetadata:
     """
 
     slot_mapping: torch.Tensor  # [T] int64: cache slot (block_id * block_size + offset) of each new token
-    query_start_loc: torch.Tensor  # [B+1] int32 cumulative query lengths
-    seq_lens: torch.Tensor  # [B] int32 context length after this step
-    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    query_start_loc: torch.Tensor  # [B+1] int64 cumulative query lengths
+    seq_lens: torch.Tensor  # [B] int64 context length after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
     max_query_len: int
     max_seq_len: int
     # host copies, so the reference path and the scheduler never sync on the device

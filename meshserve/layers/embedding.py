@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshserve.layers.weight_utils import narrow_weight, weight_shape
 from meshserve.distributed.parallel_state import (
     get_tp_rank,
     get_tp_size,
@@ -25,7 +26,9 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param, loaded, shard_id=None):
-        part = loaded[self.vocab_start : self.vocab_start + self.num_per_rank]
+        vocab = weight_shape(loaded)[0]
+        start = min(self.vocab_start, vocab)
+        part = narrow_weight(loaded, 0, start, min(self.num_per_rank, vocab - start))
         param.data.zero_()
         param.data[: part.shape[0]].copy_(part)
 

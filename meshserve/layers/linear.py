@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.distributed.parallel_state import get_tp_rank, get_tp_size, tensor_parallel_all_reduce
+from meshserve.layers.weight_utils import full_weight, narrow_weight, weight_shape
 
 
 def _divide(a: int, b: int, what: str) -> int:
@@ -34,7 +35,7 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        param.data.copy_(loaded)
+        param.data.copy_(full_weight(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -53,7 +54,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param, loaded, shard_id=None):
         size = param.shape[0]
-        param.data.copy_(loaded.narrow(0, self.tp_rank * size, size))
+        param.data.copy_(narrow_weight(loaded, 0, self.tp_rank * size, size))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -66,7 +67,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param, loaded, shard_id: int):
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
+        param.data.narrow(0, offset, size).copy_(narrow_weight(loaded, 0, self.tp_rank * size, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -92,11 +93,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = q_size if shard_id == "k" else q_size + kv_size
             size = kv_size
-            # with replicated KV heads, consecutive ranks share one head
-            total_kv = loaded.shape[0] // self.head_dim
-            rank = self.tp_rank * total_kv // max(self.tp_size, total_kv) if total_kv < self.tp_size \
-                else self.tp_rank
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, rank * size, size))
+            # with replicated KV heads (fewer KV heads than ranks), consecutive ranks share one head
+            total_kv = weight_shape(loaded)[0] // self.head_dim
+            rank = self.tp_rank * total_kv // self.tp_size if total_kv < self.tp_size else self.tp_rank
+        param.data.narrow(0, offset, size).copy_(narrow_weight(loaded, 0, rank * size, size))
 
 
 class RowParallelLinear(LinearBase):
@@ -108,10 +108,13 @@ class RowParallelLinear(LinearBase):
 
     def weight_loader(self, param, loaded, shard_id=None):
         if param.dim() == 1:  # bias is added once, on rank 0's share
-            param.data.copy_(loaded if self.tp_rank == 0 else torch.zeros_like(loaded))
+            if self.tp_rank == 0:
+                param.data.copy_(full_weight(loaded))
+            else:
+                param.data.zero_()
             return
         size = param.shape[1]
-        param.data.copy_(loaded.narrow(1, self.tp_rank * size, size))
+        param.data.copy_(narrow_weight(loaded, 1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return tensor_parallel_all_reduce(F.linear(x, self.weight, self.bias))

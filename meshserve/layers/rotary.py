@@ -39,12 +39,14 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, hf_config, head_dim: int, max_position: int):
         super().__init__()
-        inv_freq, scaling = compute_inv_freq(hf_config, head_dim)
-        t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos_cache", emb.cos() * scaling, persistent=False)
-        self.register_buffer("sin_cache", emb.sin() * scaling, persistent=False)
+        device = torch.get_default_device()
+        with torch.device("cpu"):  # transformers' rope helpers mix default-device and CPU tensors
+            inv_freq, scaling = compute_inv_freq(hf_config, head_dim)
+            t = torch.arange(max_position, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos_cache", (emb.cos() * scaling).to(device), persistent=False)
+        self.register_buffer("sin_cache", (emb.sin() * scaling).to(device), persistent=False)
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from meshserve.layers.attention_metadata import AttentionMetadata
 from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from meshserve.layers.norm import RMSNorm
+from meshserve.layers.pipeline import IntermediateTensors, PPMissingLayer, make_pipeline_layers, pp_stage
 from meshserve.layers.rotary import RotaryEmbedding
 
 
@@ -96,26 +97,38 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm; with pipeline parallelism only this stage's part."""
+
     def __init__(self, hf_config, max_position: int):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
+        first, last = pp_stage()
+        self.is_last_stage = last
+        self.embed_tokens = (VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size) if first
+                             else PPMissingLayer())
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         rotary_emb = RotaryEmbedding(hf_config, head_dim, max_position)
-        self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(hf_config, rotary_emb) for _ in range(hf_config.num_hidden_layers)]
-        )
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.start_layer, self.end_layer, self.layers = make_pipeline_layers(
+            hf_config.num_hidden_layers, lambda _: LlamaDecoderLayer(hf_config, rotary_emb))
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps) if last else PPMissingLayer()
 
-    def forward(self, input_ids, positions, meta):
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+    def forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):
+        if intermediate is None:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate.hidden, intermediate.residual
+        for layer in self.layers[self.start_layer : self.end_layer]:
             hidden, residual = layer(positions, hidden, residual, meta)
+        if not self.is_last_stage:
+            return IntermediateTensors(hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
 
 class LlamaForCausalLM(nn.Module):
-    """Causal LM over the flat token batch: forward gives hidden states, compute_logits the vocab scores."""
+    """Causal LM over the flat token batch: forward gives hidden states, compute_logits the vocab scores.
+
+    On a pipeline stage other than the last, forward returns IntermediateTensors for the next stage.
+    """
 
     # checkpoint name fragment -> (our parameter fragment, shard id) for merged projections
     packed_modules_mapping = {
@@ -132,15 +145,36 @@ class LlamaForCausalLM(nn.Module):
         self.config = hf_config
         self.model = LlamaModel(hf_config, max_position)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
-        if self.tie_word_embeddings:
+        first, last = pp_stage()
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size) if last else PPMissingLayer()
+        if self.tie_word_embeddings and first and last:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+    def checkpoint_name(self, name: str) -> str | None:
+        """Where a checkpoint tensor goes in this stage (None: it belongs to another stage)."""
+        if self.tie_word_embeddings and name.startswith("lm_head."):
+            return None  # tied: the embedding tensor fills both
+        if name.startswith("model.layers."):
+            index = int(name.split(".")[2])
+            return name if self.model.start_layer <= index < self.model.end_layer else None
+        if name.startswith("model.embed_tokens."):
+            if isinstance(self.model.embed_tokens, PPMissingLayer):
+                # a tied LM head on the last stage reads the embedding tensor
+                has_head = self.tie_word_embeddings and not isinstance(self.lm_head, PPMissingLayer)
+                return name.replace("model.embed_tokens.", "lm_head.") if has_head else None
+            return name
+        if name.startswith("model.norm.") and isinstance(self.model.norm, PPMissingLayer):
+            return None
+        if name.startswith("lm_head.") and isinstance(self.lm_head, PPMissingLayer):
+            return None
+        return name
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                intermediate: IntermediateTensors | None = None):
+        return self.model(input_ids, positions, meta, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [layer.self_attn.attn for layer in self.model.layers[self.model.start_layer : self.model.end_layer]]

@@ -119,7 +119,8 @@ def _iter_checkpoint(path: str):
         try:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    # a lazy slice: weight loaders read only this rank's part of the tensor
+                    yield name, f.get_slice(name)
         except ModelLoadError:
             raise
         except Exception as e:  # SafetensorError, OSError, truncated headers ...
@@ -130,10 +131,13 @@ def load_weights(model: nn.Module, path: str) -> None:
     """Copy every checkpoint tensor into its (possibly merged, possibly sharded) parameter."""
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
-    tied = getattr(model, "tie_word_embeddings", False)
+    place = getattr(model, "checkpoint_name", lambda n: n)
     loaded: set[str] = set()
-    for name, tensor in _iter_checkpoint(path):
-        if "rotary_emb.inv_freq" in name or (tied and name.startswith("lm_head.")):
+    for ckpt_name, tensor in _iter_checkpoint(path):
+        if "rotary_emb.inv_freq" in ckpt_name:
+            continue
+        name = place(ckpt_name)
+        if name is None:  # another pipeline stage's (or a tied) tensor
             continue
         shard_id = None
         for ckpt_part, (our_part, sid) in packed.items():
@@ -142,18 +146,19 @@ def load_weights(model: nn.Module, path: str) -> None:
                 break
         param = params.get(name)
         if param is None:
-            raise ModelLoadError(f"checkpoint tensor {name} has no place in {type(model).__name__}")
+            raise ModelLoadError(f"checkpoint tensor {ckpt_name} has no place in {type(model).__name__}")
         loader = getattr(param, "weight_loader", None)
         with torch.no_grad():
-            tensor = tensor.to(param.dtype)
             if loader is None:
-                param.data.copy_(tensor)
+                param.data.copy_(tensor[:])
             elif shard_id is None:
                 loader(param, tensor)
             else:
                 loader(param, tensor, shard_id)
         loaded.add(name)
-    expected = {n for n in params if not (tied and n.startswith("lm_head."))}
+    tied_head = getattr(model, "tie_word_embeddings", False)
+    expected = {n for n in params if not (tied_head and n.startswith("lm_head.") and
+                                          "model.embed_tokens.weight" in params)}
     missing = sorted(expected - loaded)
     if missing:
         raise ModelLoadError(f"checkpoint in {path} lacks {len(missing)} tensors, e.g. {missing[0]}")

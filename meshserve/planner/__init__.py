@@ -1,0 +1,1 @@
+"""Capacity planner: memory, parallel layout, speed and cost predictions (arithmetic only; never imports torch)."""

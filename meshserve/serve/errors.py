@@ -9,6 +9,7 @@ whose body never contains a stack trace (it goes to the log instead).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from meshserve.errors import EngineDeadError, InvalidArgumentError, MeshserveError, PromptTooLongError
@@ -72,6 +73,9 @@ class ClientDisconnectedError(Exception):
     """The client went away before the response was ready (nothing is sent back)."""
 
 
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
 _CODES: list[tuple[type[BaseException], str]] = [
     (PromptTooLongError, "context_length_exceeded"),
     (InvalidArgumentError, "invalid_value"),
@@ -109,14 +113,13 @@ def validation_error_payload(errors: list[dict[str, Any]]) -> dict[str, Any]:
     if not errors:
         return error_body("invalid request", "invalid_request_error", None, "invalid_request")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
-        message = "the request body is not valid JSON"
-        code = "invalid_json"
-    else:
-        message = f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}"
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
-        code = "invalid_value"
-    return error_body(message, "invalid_request_error", param, code)
+        return error_body("the request body is not valid JSON", "invalid_request_error", None, "invalid_json")
+    # union members show up in loc ("prompt", "list[int]", 0): keep field names and indices only
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and (isinstance(p, int) or _FIELD.match(p))
+           and p not in _TYPE_NAMES]
+    param = ".".join(loc) or None
+    message = f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return error_body(message, "invalid_request_error", param, "invalid_value")

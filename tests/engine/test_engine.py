@@ -120,8 +120,10 @@ def test_bad_inputs_raise_clear_errors(llm, tiny_model_dir):
         llm.generate({"prompt_token_ids": []}, use_tqdm=False)
     with pytest.raises(InvalidArgumentError, match="unknown engine argument"):
         LLM(model=tiny_model_dir("llama"), not_an_arg=1)
-    with pytest.raises(InvalidArgumentError, match="tensor_parallel_size"):
-        LLM(model=tiny_model_dir("llama"), tensor_parallel_size=2)
+    with pytest.raises(InvalidArgumentError, match="4 attention heads are not divisible"):
+        LLM(model=tiny_model_dir("llama"), tensor_parallel_size=3)
+    with pytest.raises(InvalidArgumentError, match="pipeline_parallel_size 3 exceeds"):
+        LLM(model=tiny_model_dir("llama"), pipeline_parallel_size=3)
     # the engine is still usable after rejected requests
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.scheduler.block_manager.usage == 0.0

@@ -1,0 +1,18 @@
+"""`meshserve bench {latency,throughput,serve}`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (W1 latency, W2 throughput, W3 serving)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from meshserve.bench.offline import add_offline_parsers
+
+    add_offline_parsers(bench_sub)
+    try:
+        from meshserve.bench.serve_bench import add_serve_parser
+    except ImportError:  # the serving benchmark is optional until its module exists
+        return
+    add_serve_parser(bench_sub)

@@ -1,0 +1,413 @@
+"""`meshserve bench serve` (W3): load an OpenAI-compatible endpoint, ours or another engine's.
+
+Requests stream from /v1/completions (or /v1/chat/completions) with Poisson arrivals at each given QPS, or
+at a fixed concurrency. Prompts are W3's synthetic token ids (`random.seed(3)`, n = max(200, 30 x QPS)
+prompts of 512 ids in [3, 10000], then n gaps `random.expovariate(QPS)`), or read from a file. Per load
+point: TTFT, inter-token latency, time per output token and end-to-end latency (mean, p50, p90, p99),
+throughput, and goodput (requests per second of the whole run that met the TTFT and TPOT SLOs). Results
+go to stdout, JSON, a BENCHMARKS.md row and a latency-vs-load plot (PNG with matplotlib, else SVG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+W3_QPS = (4.0, 8.0, 16.0, 32.0, 64.0, 96.0)
+
+
+@dataclass
+class BenchRequest:
+    prompt: str | list[int]
+    max_tokens: int
+    send_at: float = 0.0  # seconds after the start of the load point
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft: float | None = None
+    itls: list[float] = field(default_factory=list)
+    e2e: float = 0.0
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def tpot(self) -> float:
+        """Time per output token after the first (0 for one-token outputs)."""
+        if self.ttft is None or self.output_tokens <= 1:
+            return 0.0
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+# -- workloads --------------------------------------------------------------------------------------
+def w3_requests(qps: float, num_prompts: int | None = None, input_len: int = 512, output_len: int = 128,
+                seed: int = 3, max_token_id: int = 10000) -> list[BenchRequest]:
+    """W3 exactly: seed, then all prompts, then all Poisson gaps (none when qps is inf)."""
+    random.seed(seed)
+    n = num_prompts if num_prompts is not None else max(200, int(30 * qps) if math.isfinite(qps) else 200)
+    prompts = [[random.randint(3, max_token_id) for _ in range(input_len)] for _ in range(n)]
+    return _with_arrivals([BenchRequest(p, output_len) for p in prompts], qps)
+
+
+def file_requests(path: str, qps: float, num_prompts: int | None, output_len: int,
+                  seed: int = 3) -> list[BenchRequest]:
+    """Prompts from a .jsonl file ({"prompt": str | [ids], "max_tokens"?: int}) or one text per line."""
+    random.seed(seed)
+    reqs = []
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                row = json.loads(line)
+                reqs.append(BenchRequest(row["prompt"], int(row.get("max_tokens", output_len))))
+            else:
+                reqs.append(BenchRequest(line, output_len))
+    if not reqs:
+        raise ValueError(f"no prompts in {path}")
+    if num_prompts is not None:  # cycle the file to the asked count
+        reqs = [BenchRequest(reqs[i % len(reqs)].prompt, reqs[i % len(reqs)].max_tokens) for i in range(num_prompts)]
+    return _with_arrivals(reqs, qps)
+
+
+def _with_arrivals(reqs: list[BenchRequest], qps: float) -> list[BenchRequest]:
+    t = 0.0
+    for r in reqs:
+        if math.isfinite(qps):
+            t += random.expovariate(qps)
+        r.send_at = t
+    return reqs
+
+
+# -- one request ------------------------------------------------------------------------------------
+async def send_request(client, url: str, body: dict[str, Any], chat: bool) -> RequestResult:
+    """Stream one request; TTFT is the first chunk with content, ITLs the gaps between content chunks."""
+    start = time.perf_counter()
+    result = RequestResult(ok=False)
+    last = None
+    chunks_with_content = 0
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                result.error = f"HTTP {resp.status_code}: {text[:200]}"
+                return result
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = str(chunk["error"].get("message", chunk["error"]))
+                    return result
+                now = time.perf_counter()
+                usage = chunk.get("usage")
+                if usage:
+                    result.output_tokens = usage.get("completion_tokens", 0)
+                    result.prompt_tokens = usage.get("prompt_tokens", 0)
+                choices = chunk.get("choices") or []
+                has_content = any((c.get("delta", {}).get("content") if chat else c.get("text")) for c in choices)
+                if not has_content:
+                    continue
+                chunks_with_content += 1
+                if last is None:
+                    result.ttft = now - start
+                else:
+                    result.itls.append(now - last)
+                last = now
+    except Exception as e:  # noqa: BLE001 - a failed request is a data point, not a crash
+        result.error = f"{type(e).__name__}: {e}"
+        return result
+    result.e2e = time.perf_counter() - start
+    if not result.output_tokens:  # a server that sends no usage: count content chunks
+        result.output_tokens = chunks_with_content
+    result.ok = result.ttft is not None
+    if not result.ok and result.error is None:
+        result.error = "no tokens received"
+    return result
+
+
+def request_body(req: BenchRequest, model: str, chat: bool, temperature: float, ignore_eos: bool) -> dict:
+    body: dict[str, Any] = {"model": model, "max_tokens": req.max_tokens, "temperature": temperature,
+                            "stream": True, "stream_options": {"include_usage": True}}
+    if ignore_eos:
+        body["ignore_eos"] = True  # vLLM / SGLang / meshserve extension; OpenAI ignores it
+    if chat:
+        if not isinstance(req.prompt, str):
+            raise ValueError("the chat endpoint needs text prompts (use --dataset file)")
+        body["messages"] = [{"role": "user", "content": req.prompt}]
+    else:
+        body["prompt"] = req.prompt
+    return body
+
+
+# -- one load point ---------------------------------------------------------------------------------
+async def run_load(base_url: str, model: str, reqs: list[BenchRequest], *, chat: bool = False,
+                   concurrency: int | None = None, temperature: float = 0.0, ignore_eos: bool = True,
+                   api_key: str | None = None, progress: bool = True, timeout: float = 600.0,
+                   ) -> tuple[list[RequestResult], float]:
+    """Send every request at its arrival time (or as slots free up); returns results and the wall time."""
+    import httpx
+
+    url = base_url.rstrip("/") + ("/v1/chat/completions" if chat else "/v1/completions")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(reqs), desc="requests", dynamic_ncols=True, file=sys.stderr)
+    sem = asyncio.Semaphore(concurrency) if concurrency else None
+    async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(req: BenchRequest) -> RequestResult:
+            if sem is None:
+                await asyncio.sleep(max(0.0, start + req.send_at - time.perf_counter()))
+                res = await send_request(client, url, request_body(req, model, chat, temperature, ignore_eos), chat)
+            else:
+                async with sem:
+                    res = await send_request(client, url, request_body(req, model, chat, temperature, ignore_eos),
+                                             chat)
+            if bar is not None:
+                bar.update(1)
+            return res
+
+        results = await asyncio.gather(*(one(r) for r in reqs))
+        duration = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    return list(results), duration
+
+
+def _stats(values: list[float], prefix: str) -> dict[str, float]:
+    if not values:
+        return {f"{prefix}_{k}": float("nan") for k in ("mean", "p50", "p90", "p99")}
+    a = np.asarray(values, dtype=float)
+    return {f"{prefix}_mean": float(a.mean()), f"{prefix}_p50": float(np.percentile(a, 50)),
+            f"{prefix}_p90": float(np.percentile(a, 90)), f"{prefix}_p99": float(np.percentile(a, 99))}
+
+
+def summarize(results: list[RequestResult], duration: float, load: float, load_kind: str = "qps",
+              ttft_slo: float = 1.0, tpot_slo: float = 0.05) -> dict[str, Any]:
+    """One load point's numbers; latencies in seconds, goodput in requests per second of the run."""
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+    good = [r for r in ok if r.ttft is not None and r.ttft <= ttft_slo and r.tpot <= tpot_slo]
+    summary: dict[str, Any] = {
+        load_kind: load, "num_requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
+        "duration_s": duration, "request_throughput": len(ok) / duration if duration else 0.0,
+        "output_tok_s": out_tokens / duration if duration else 0.0,
+        "total_tok_s": (out_tokens + in_tokens) / duration if duration else 0.0,
+        "output_tokens": out_tokens, "prompt_tokens": in_tokens,
+        "goodput": len(good) / duration if duration else 0.0, "ttft_slo_s": ttft_slo, "tpot_slo_s": tpot_slo,
+    }
+    summary.update(_stats([r.ttft for r in ok if r.ttft is not None], "ttft"))
+    summary.update(_stats([x for r in ok for x in r.itls], "itl"))
+    summary.update(_stats([r.tpot for r in ok if r.output_tokens > 1], "tpot"))
+    summary.update(_stats([r.e2e for r in ok], "e2e"))
+    errors = [r.error for r in results if r.error]
+    if errors:
+        summary["first_error"] = errors[0]
+    return summary
+
+
+# -- reports ----------------------------------------------------------------------------------------
+def format_point(s: dict[str, Any]) -> str:
+    load = f"QPS {s['qps']:g}" if "qps" in s else f"concurrency {s['concurrency']}"
+    return (f"{load}: {s['completed']}/{s['num_requests']} ok, goodput {s['goodput']:.2f} req/s, "
+            f"out {s['output_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_p50'] * 1e3:.1f} ms p99 "
+            f"{s['ttft_p99'] * 1e3:.1f} ms, ITL p50 {s['itl_p50'] * 1e3:.1f} ms p99 {s['itl_p99'] * 1e3:.1f} ms")
+
+
+def append_benchmarks_md(path: str, points: list[dict[str, Any]], gpu: str, command: str,
+                         baseline: str = "-", ratio: str = "-") -> None:
+    """One BENCHMARKS.md row for the sweep: the best goodput point and the TTFT/ITL at it."""
+    from meshserve.bench.report import append_benchmarks_row
+
+    best = max(points, key=lambda s: s["goodput"])
+    load = f"QPS {best['qps']:g}" if "qps" in best else f"concurrency {best['concurrency']}"
+    result = (f"W3 goodput {best['goodput']:.1f} req/s at {load} (TTFT p50 {best['ttft_p50']:.3f} s, "
+              f"ITL p50 {best['itl_p50'] * 1e3:.1f} ms, {best['output_tok_s']:.0f} out tok/s); "
+              + ", ".join(f"{p.get('qps', p.get('concurrency')):g}: {p['goodput']:.1f}" for p in points))
+    append_benchmarks_row(path, gpu, command, result, baseline, ratio, "-")
+
+
+def write_plot(path: str, points: list[dict[str, Any]]) -> str:
+    """Latency (TTFT and ITL, p50 and p99) against load; PNG via matplotlib if present, else SVG."""
+    key = "qps" if "qps" in points[0] else "concurrency"
+    xs = [float(p[key]) for p in points]
+    series = {name: [p[name] * 1e3 for p in points] for name in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99")}
+    if not path.endswith(".svg"):
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for name, ys in series.items():
+                ax.plot(xs, ys, marker="o", label=name)
+            ax.set_xlabel(key)
+            ax.set_ylabel("latency (ms)")
+            ax.set_yscale("log")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(path)
+            plt.close(fig)
+            return path
+        except ImportError:
+            path = os.path.splitext(path)[0] + ".svg"
+    with open(path, "w") as f:
+        f.write(_svg_plot(xs, series, key))
+    return path
+
+
+def _svg_plot(xs: list[float], series: dict[str, list[float]], xlabel: str) -> str:
+    w, h, m = 640, 400, 60
+    finite = [y for ys in series.values() for y in ys if math.isfinite(y) and y > 0] or [1.0]
+    lo, hi = math.log10(min(finite)), math.log10(max(finite))
+    hi = hi if hi > lo else lo + 1
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+
+    def px(x: float) -> float:
+        return m + (x - x0) / (x1 - x0) * (w - 2 * m)
+
+    def py(y: float) -> float:
+        return h - m - (math.log10(y) - lo) / (hi - lo) * (h - 2 * m)
+
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+              'font-size="12">'), f'<rect width="{w}" height="{h}" fill="white"/>',
+             f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="black"/>',
+             f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="black"/>',
+             f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">{xlabel}</text>',
+             (f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">'
+              'latency (ms, log)</text>')]
+    for x in xs:
+        parts.append(f'<text x="{px(x):.1f}" y="{h - m + 15}" text-anchor="middle">{x:g}</text>')
+    for e in range(math.floor(lo), math.ceil(hi) + 1):
+        if lo <= e <= hi:
+            parts.append(f'<text x="{m - 5}" y="{py(10 ** e):.1f}" text-anchor="end">{10 ** e:g}</text>')
+    for i, (name, ys) in enumerate(series.items()):
+        pts = [(px(x), py(y)) for x, y in zip(xs, ys) if math.isfinite(y) and y > 0]
+        if pts:
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{colors[i]}" stroke-width="2"/>')
+        parts.append(f'<text x="{w - m + 5}" y="{m + 15 * i}" fill="{colors[i]}">{name}</text>')
+    parts.append("</svg>\n")
+    return "\n".join(parts)
+
+
+# -- command line -----------------------------------------------------------------------------------
+def add_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("serve", help="W3: load an OpenAI-compatible server (Poisson QPS or concurrency)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (without /v1)")
+    p.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
+    p.add_argument("--api-key", default=os.environ.get("MESHSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument("--qps", default=",".join(f"{q:g}" for q in W3_QPS),
+                   help="comma-separated request rates (Poisson arrivals); 'inf' sends all at once")
+    p.add_argument("--concurrency", default=None,
+                   help="comma-separated fixed concurrencies instead of QPS (closed loop)")
+    p.add_argument("--num-prompts", type=int, default=None, help="default: W3's max(200, 30 x QPS)")
+    p.add_argument("--dataset", choices=["random", "file"], default="random")
+    p.add_argument("--dataset-path", default=None, help=".jsonl with 'prompt' (and 'max_tokens'), or text lines")
+    p.add_argument("--input-len", type=int, default=512, help="random prompts: token ids per prompt")
+    p.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
+    p.add_argument("--max-token-id", type=int, default=10000, help="random prompts: ids drawn in [3, this]")
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
+    p.add_argument("--ttft-slo", type=float, default=1.0, help="goodput SLO on TTFT, seconds")
+    p.add_argument("--tpot-slo", type=float, default=0.05, help="goodput SLO on time per output token, seconds")
+    p.add_argument("--output-json", default=None)
+    p.add_argument("--benchmarks-md", default=None, help="append a row to this BENCHMARKS.md")
+    p.add_argument("--gpu", default="unknown GPU", help="GPU named in the BENCHMARKS.md row")
+    p.add_argument("--baseline", default="-", help="baseline measured in the same run, for the row")
+    p.add_argument("--plot", default=None, help="latency-vs-load plot (.png needs matplotlib; else .svg)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_serve_bench)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _first_model(base_url: str, api_key: str | None) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    resp = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
+def _strict_json(value: Any) -> Any:
+    """Standard JSON: an unbounded rate becomes "inf", a statistic with no samples null."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else None
+    return value
+
+
+def run_serve_bench(ns: argparse.Namespace) -> int:
+    model = ns.model or _first_model(ns.base_url, ns.api_key)
+    chat = ns.endpoint == "chat"
+    if ns.dataset == "file" and not ns.dataset_path:
+        print("meshserve: error: --dataset file needs --dataset-path", file=sys.stderr)
+        return 2
+    if ns.concurrency:
+        loads = [("concurrency", int(c)) for c in _floats(ns.concurrency)]
+    else:
+        loads = [("qps", q) for q in _floats(ns.qps)]
+    points = []
+    for kind, load in loads:
+        qps = float(load) if kind == "qps" else math.inf
+        n = ns.num_prompts if ns.num_prompts is not None or kind == "qps" else max(200, 30 * int(load))
+        if ns.dataset == "file":
+            reqs = file_requests(ns.dataset_path, qps, n, ns.output_len, ns.seed)
+        else:
+            reqs = w3_requests(qps, n, ns.input_len, ns.output_len, ns.seed, ns.max_token_id)
+        results, duration = asyncio.run(run_load(
+            ns.base_url, model, reqs, chat=chat, concurrency=int(load) if kind == "concurrency" else None,
+            temperature=ns.temperature, ignore_eos=not ns.no_ignore_eos, api_key=ns.api_key,
+            progress=not ns.no_progress))
+        summary = summarize(results, duration, load, kind, ns.ttft_slo, ns.tpot_slo)
+        points.append(summary)
+        print(format_point(summary), flush=True)
+        if summary["failed"]:
+            print(f"  {summary['failed']} failed; first error: {summary.get('first_error')}", flush=True)
+    command = "meshserve bench " + shlex.join(sys.argv[sys.argv.index("serve"):] if "serve" in sys.argv else [])
+    report = {"base_url": ns.base_url, "model": model, "endpoint": ns.endpoint, "command": command,
+              "points": points}
+    if ns.benchmarks_md:
+        append_benchmarks_md(ns.benchmarks_md, points, ns.gpu, command, ns.baseline)
+    if ns.plot:
+        print(f"plot: {write_plot(ns.plot, points)}")
+    if ns.output_json:
+        with open(ns.output_json, "w") as f:
+            json.dump(_strict_json(report), f, indent=2)
+    return 0 if all(p["completed"] for p in points) else 1
+

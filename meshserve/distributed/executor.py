@@ -1,0 +1,140 @@
+"""Executors run the model runner(s) for the engine: in-process for one device, or across processes.
+
+The multiprocess executor is rank 0 of a torch.distributed world: each step it broadcasts the typed
+SchedulerOutput over a gloo group, runs its own shard, and receives the sampled tokens from the sampler
+rank (TP rank 0 of the last pipeline stage). A worker that dies or hangs ends the engine with an error
+naming the rank, within the collective timeout.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing as mp
+
+import torch.distributed as dist
+
+from meshserve.config import EngineConfig
+from meshserve.distributed.launch import LaunchInfo
+from meshserve.errors import EngineDeadError
+
+logger = logging.getLogger(__name__)
+
+
+class UniprocExecutor:
+    """One process, one device: calls the runner directly."""
+
+    def __init__(self, config: EngineConfig, source):
+        from meshserve.engine.model_runner import ModelRunner
+
+        self.runner = ModelRunner(config, source)
+
+    def collective_rpc(self, method: str, *args):
+        return getattr(self.runner, method)(*args)
+
+    def execute(self, sched_out):
+        return self.runner.execute(sched_out)
+
+    def shutdown(self) -> None:
+        self.runner = None
+
+
+class MultiprocExecutor:
+    """Rank 0 of tp x pp ranks; spawns this node's other ranks as worker processes."""
+
+    def __init__(self, config: EngineConfig, source, launch: LaunchInfo):
+        from meshserve.distributed.worker import init_rank, worker_main
+
+        self.launch = launch
+        self.workers: dict[int, mp.Process] = {}
+        ctx = mp.get_context("spawn")
+        for rank in launch.local_ranks():
+            if rank == 0:
+                continue
+            p = ctx.Process(target=worker_main, args=(config, source, launch, rank), daemon=True,
+                            name=f"meshserve-rank{rank}")
+            p.start()
+            self.workers[rank] = p
+        atexit.register(self.shutdown)
+        try:
+            self.runner = init_rank(config, source, launch, 0)
+        except Exception:
+            self.shutdown()
+            raise
+        self.state = self.runner_state()
+
+    @staticmethod
+    def runner_state():
+        from meshserve.distributed.parallel_state import get_parallel_state
+
+        return get_parallel_state()
+
+    def _check_workers(self) -> None:
+        for rank, p in self.workers.items():
+            if p.exitcode is not None:
+                raise EngineDeadError(f"worker rank {rank} exited with code {p.exitcode}")
+
+    def _fail(self, error: BaseException) -> EngineDeadError:
+        try:
+            self._check_workers()
+        except EngineDeadError as dead:
+            self.shutdown()
+            return dead
+        self.shutdown()
+        return EngineDeadError(f"distributed step failed (a rank hung or died): {str(error).splitlines()[0]}")
+
+    def collective_rpc(self, method: str, *args):
+        """Every rank calls runner.method(*args); returns rank 0's result."""
+        self._check_workers()
+        try:
+            dist.broadcast_object_list([(method, args)], src=0, group=self.state.cpu_group)
+            return getattr(self.runner, method)(*args)
+        except Exception as e:
+            raise self._fail(e) from e
+
+    def execute(self, sched_out):
+        out = self.collective_rpc("execute", sched_out)
+        sampler = self.state.sampler_rank
+        if sampler != 0:
+            try:
+                box = [None]
+                dist.recv_object_list(box, src=sampler, group=self.state.cpu_group)
+                out = box[0]
+            except Exception as e:
+                raise self._fail(e) from e
+        return out
+
+    def shutdown(self) -> None:
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        try:
+            if dist.is_initialized() and all(p.exitcode is None for p in self.workers.values()):
+                dist.broadcast_object_list([("shutdown", ())], src=0, group=self.state.cpu_group)
+        except Exception:  # peers may already be gone
+            pass
+        for p in self.workers.values():
+            p.join(timeout=5)
+        for p in self.workers.values():
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        from meshserve.distributed.parallel_state import destroy_parallel_state
+
+        destroy_parallel_state()
+
+
+def make_executor(config: EngineConfig, source):
+    pc = config.parallel_config
+    if pc.world_size == 1:
+        return UniprocExecutor(config, source)
+    from meshserve.distributed.launch import launch_info
+
+    launch = launch_info(pc, config.device)
+    if launch.rank != 0:
+        raise RuntimeError("only rank 0 builds the engine; other ranks run meshserve.distributed.worker")
+    if pc.distributed_executor_backend == "ray":
+        from meshserve.distributed.ray_executor import RayExecutor
+
+        return RayExecutor(config, source, launch)
+    return MultiprocExecutor(config, source, launch)

@@ -1,0 +1,78 @@
+"""Where this process sits in a multi-process, possibly multi-node, launch.
+
+Three ways in: (1) one command on one node spawns every rank; (2) `--nnodes N --node-rank r
+--master-addr A --master-port P` on each node spawns that node's ranks; (3) a torchrun-style environment
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), as set by torchrun, Kubernetes LeaderWorkerSet or
+Slurm wrappers, makes this process exactly one rank. Rank 0 always runs the scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from meshserve.config import ParallelConfig
+from meshserve.errors import InvalidArgumentError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LaunchInfo:
+    tp_size: int
+    pp_size: int
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    backend: str  # nccl on GPU, gloo on CPU
+    timeout_s: float
+    rank: int  # this process's rank (the node's first rank when it spawns the rest)
+    torchrun: bool = False
+    pp_layer_partition: list[int] | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world_size // self.nnodes
+
+    def local_ranks(self) -> list[int]:
+        """Ranks this process must run or spawn."""
+        if self.torchrun:
+            return [self.rank]
+        first = self.node_rank * self.ranks_per_node
+        return list(range(first, first + self.ranks_per_node))
+
+    def local_index(self, rank: int) -> int:
+        """The GPU index of a rank on its node."""
+        if self.torchrun:
+            return int(os.environ.get("LOCAL_RANK", rank % self.ranks_per_node))
+        return rank % self.ranks_per_node
+
+
+def launch_info(pc: ParallelConfig, device: str = "cpu") -> LaunchInfo:
+    world = pc.world_size
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        if int(env["WORLD_SIZE"]) != world:
+            raise InvalidArgumentError(
+                f"WORLD_SIZE={env['WORLD_SIZE']} but tensor_parallel_size x pipeline_parallel_size = {world}")
+        return LaunchInfo(pc.tensor_parallel_size, pc.pipeline_parallel_size, pc.nnodes, pc.node_rank,
+                          env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), backend,
+                          pc.distributed_timeout_s, rank=int(env["RANK"]), torchrun=True,
+                          pp_layer_partition=pc.pp_layer_partition)
+    if world % pc.nnodes:
+        raise InvalidArgumentError(f"{world} ranks do not split evenly over {pc.nnodes} nodes", param="nnodes")
+    port = pc.master_port or (free_port() if pc.nnodes == 1 else 29500)
+    return LaunchInfo(pc.tensor_parallel_size, pc.pipeline_parallel_size, pc.nnodes, pc.node_rank,
+                      pc.master_addr, port, backend, pc.distributed_timeout_s,
+                      rank=pc.node_rank * (world // pc.nnodes), pp_layer_partition=pc.pp_layer_partition)

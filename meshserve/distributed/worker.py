@@ -1,0 +1,80 @@
+"""A worker rank: joins the group, builds its model shard, then executes what rank 0 broadcasts."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import multiprocessing as mp
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from meshserve.config import EngineConfig
+from meshserve.distributed.launch import LaunchInfo
+from meshserve.distributed.parallel_state import destroy_parallel_state, init_parallel_state
+
+logger = logging.getLogger(__name__)
+
+
+def init_rank(config: EngineConfig, source, launch: LaunchInfo, rank: int):
+    """Join the world as `rank` and build that rank's ModelRunner."""
+    from meshserve.engine.model_runner import ModelRunner
+
+    config = copy.deepcopy(config)
+    if config.device.startswith("cuda"):
+        index = launch.local_index(rank)
+        torch.cuda.set_device(index)
+        config.device = f"cuda:{index}"
+    init_parallel_state(launch.tp_size, launch.pp_size, rank, launch.master_addr, launch.master_port,
+                        launch.backend, launch.timeout_s, launch.pp_layer_partition)
+    return ModelRunner(config, source)
+
+
+def serve_rank(runner, rank: int) -> None:
+    """The worker loop: run every broadcast call until rank 0 says shutdown."""
+    from meshserve.distributed.parallel_state import get_parallel_state
+
+    st = get_parallel_state()
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=st.cpu_group)
+        method, args = box[0]
+        if method == "shutdown":
+            return
+        result = getattr(runner, method)(*args)
+        if method == "execute" and rank == st.sampler_rank:
+            dist.send_object_list([result], dst=0, group=st.cpu_group)
+
+
+def worker_main(config: EngineConfig, source, launch: LaunchInfo, rank: int) -> None:
+    """Process entry of a worker rank; exits non-zero on any failure so the driver can name it."""
+    logging.basicConfig(level=os.environ.get("MESHSERVE_WORKER_LOG", "WARNING"),
+                        format=f"rank{rank} %(levelname)s %(name)s: %(message)s")
+    if not config.device.startswith("cuda"):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, launch.ranks_per_node)))
+    try:
+        runner = init_rank(config, source, launch, rank)
+        serve_rank(runner, rank)
+    except Exception as e:  # a peer died or the driver went away: leave, loudly
+        logger.error("rank %d stopping: %s", rank, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        destroy_parallel_state()
+        sys.exit(1)
+    destroy_parallel_state()
+
+
+def run_node_ranks(config: EngineConfig, source, launch: LaunchInfo) -> int:
+    """On a node without rank 0 (or a torchrun rank != 0): run this node's ranks until rank 0 finishes."""
+    ranks = launch.local_ranks()
+    if launch.torchrun:
+        worker_main(config, source, launch, ranks[0])
+        return 0
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker_main, args=(config, source, launch, r), name=f"meshserve-rank{r}")
+             for r in ranks]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return max((p.exitcode or 0) for p in procs)

@@ -1,0 +1,458 @@
+"""Triton paged attention: reshape-and-cache, prefill/mixed attention, and split-KV (flash-decoding) decode.
+
+KV cache layout per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (index 0 is K, 1 is V), the
+same as meshserve.kernels.attention_ref, which is the oracle these kernels are tested against.
+
+Semantics (same as the reference): query j of a sequence with context length L (seq_lens, after this step)
+and q_len new tokens sits at absolute position p = L - q_len + j and attends keys 0..p; with a sliding window
+W only keys k > p - W.
+
+Kernels
+-------
+* ``_reshape_and_cache_kernel``: grid (num_tokens,). Copies K and V rows [Hkv, D] of one token to its slot;
+  slot < 0 (CUDA-graph padding) writes nothing.
+* ``_prefill_attention_kernel`` (max_query_len > 1: prefill chunks, mixed prefill + decode batches):
+  grid (num_seqs, cdiv(max_query_len, BLOCK_Q), num_kv_heads). A program owns BLOCK_Q query tokens x all
+  G = H / Hkv query heads of one KV head (ROWS = BLOCK_Q * G_PAD rows of the tile, row r = token r // G_PAD,
+  head r % G_PAD), so each K/V tile is loaded once per GQA group. It walks KV tiles of BLOCK_N tokens
+  (gathered through the block table, so any block_size works) from the sliding-window start up to the
+  causal limit of its last query, with an fp32 online softmax (exp2, scale folded in). Programs past their
+  sequence's query length exit at once.
+* ``_decode_split_kernel`` + ``_decode_reduce_kernel`` (max_query_len == 1): grid
+  (num_seqs, num_kv_heads, num_splits). Each sequence's KV tiles (read from seq_lens on the device) are cut
+  into num_splits contiguous ranges; a split writes its partial (max, sum, unnormalised acc) in fp32 to a
+  workspace and the reduce kernel (grid (num_seqs, num_heads)) combines them. With num_splits == 1 the split
+  kernel normalises and writes the output directly (no workspace, no reduce launch).
+
+CUDA graphs
+-----------
+The decode path does no host sync and makes no decision from device values: num_splits is a function of
+host-known numbers only (num_seqs, num_kv_heads, meta.max_seq_len, SM count) and correctness does not depend
+on it (each split computes its range from the device-side seq_len, empty splits contribute nothing). For
+graph capture pass a fixed meta.max_seq_len (e.g. max_model_len, as meshserve.engine.cuda_graph does) or
+construct the backend with ``decode_num_splits=N``; whatever num_splits is chosen at capture is baked into
+the graph and stays valid for any seq_lens at replay (up to the block table width). Padding rows with
+seq_len 0 produce zeros; rows with q_len 0 (query_start_loc[i+1] == query_start_loc[i]) write nothing.
+Workspaces come from torch.empty (graph pool under capture).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+# running-max init: finite, so fully masked rows give exp2(-inf - big) = 0, never nan (a constexpr: compiled
+# kernels may only read constexpr globals)
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reshape and cache
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _reshape_and_cache_kernel(
+    key_ptr, value_ptr, cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    mask = (h[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM)
+    k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd, mask=mask)
+    v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :] * stride_vd, mask=mask)
+    dst = cache_ptr + blk * stride_cb + off * stride_cs + h[:, None] * stride_ch + d[None, :] * stride_cd
+    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Scatter K and V [T, Hkv, D] into kv_cache [2, num_blocks, block_size, Hkv, D] at slot_mapping [T]."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    block_size = kv_cache.shape[2]
+    _reshape_and_cache_kernel[(num_tokens,)](
+        key, value, kv_cache, slot_mapping,
+        key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=block_size,
+        num_warps=4 if num_kv_heads * head_dim >= 512 else 1,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prefill / mixed batches
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+    scale_log2, window,
+    stride_qt, stride_qh, stride_qd,
+    stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_btb,
+    stride_ot, stride_oh, stride_od,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    ROWS: tl.constexpr = BLOCK_Q * GROUP_PAD
+    b = tl.program_id(0)
+    qt = tl.program_id(1)
+    kvh = tl.program_id(2)
+
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    q_tile_start = qt * BLOCK_Q
+    if q_tile_start >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    prefix = seq_len - q_len
+
+    rows = tl.arange(0, ROWS)
+    qi = q_tile_start + rows // GROUP_PAD
+    g = rows % GROUP_PAD
+    row_valid = (qi < q_len) & (g < GROUP)
+    q_pos = prefix + qi
+    heads = kvh * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+
+    tok = (q_start + qi).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([ROWS], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+
+    # causal limit of the tile's last query, and the window start of its first
+    kv_hi = prefix + tl.minimum(q_tile_start + BLOCK_Q, q_len)
+    kv_lo = 0
+    if USE_WINDOW:
+        kv_lo = tl.maximum(prefix + q_tile_start - window + 1, 0)
+        kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
+
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    k_base = cache_ptr + kvh * stride_ch
+    v_base = k_base + stride_ckv
+    n_off = tl.arange(0, BLOCK_N)
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        kv_pos = start + n_off
+        kv_valid = kv_pos < kv_hi
+        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
+        off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
+        k = tl.load(k_base + off[None, :] + d[:, None] * stride_cd,
+                    mask=kv_valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        qk = tl.dot(q, k.to(q.dtype)) * scale_log2
+        mask = kv_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            mask = mask & (kv_pos[None, :] > q_pos[:, None] - window)
+        qk = tl.where(mask, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd,
+                    mask=kv_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :] * stride_od,
+             o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decode: split-KV + reduce
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr,
+    scale_log2, window, num_splits,
+    stride_qt, stride_qh, stride_qd,
+    stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_btb,
+    stride_ot, stride_oh, stride_od,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr, ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + b)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+
+    rows = tl.arange(0, ROWS)
+    # (a scalar bool & a tensor mask trips the interpreter, so fold "q_len > 0" into the row bound)
+    row_valid = rows < GROUP * tl.minimum(tl.maximum(q_len, 0), 1)
+    heads = kvh * GROUP + rows
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    tok = q_start.to(tl.int64)
+    q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+
+    # this split's contiguous range of KV tiles, from the device-side sequence length
+    kv_lo = 0
+    if USE_WINDOW:
+        kv_lo = tl.maximum(seq_len - window, 0)
+    tile_lo = kv_lo // BLOCK_N
+    tile_hi = tl.cdiv(seq_len, BLOCK_N)
+    per_split = tl.cdiv(tile_hi - tile_lo, num_splits)
+    t0 = tile_lo + split * per_split
+    t1 = tl.minimum(t0 + per_split, tile_hi)
+
+    m_i = tl.full([ROWS], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    k_base = cache_ptr + kvh * stride_ch
+    v_base = k_base + stride_ckv
+    n_off = tl.arange(0, BLOCK_N)
+    for t in range(t0, t1):
+        kv_pos = t * BLOCK_N + n_off
+        kv_valid = kv_pos < seq_len
+        if USE_WINDOW:
+            kv_valid = kv_valid & (kv_pos >= kv_lo)
+        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
+        off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
+        k = tl.load(k_base + off[None, :] + d[:, None] * stride_cd,
+                    mask=kv_valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        qk = tl.dot(q, k.to(q.dtype)) * scale_log2
+        qk = tl.where(kv_valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd,
+                    mask=kv_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+
+    if DIRECT_OUT:
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
+    else:
+        # workspace: acc [B, H, S, BLOCK_D], ml [B, H, S, 2] (running max in log2 units, sum), fp32
+        ws_row = (b.to(tl.int64) * NUM_HEADS + heads) * num_splits + split  # [ROWS]
+        tl.store(ws_acc_ptr + ws_row[:, None] * BLOCK_D + d[None, :], acc, mask=row_valid[:, None])
+        tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_valid)
+        tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_valid)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    ws_acc_ptr, ws_ml_ptr, qsl_ptr, out_ptr, num_splits,
+    stride_ot, stride_oh, stride_od,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    if q_len <= 0:
+        return
+    s = tl.arange(0, SPLITS_PAD)
+    s_mask = s < num_splits
+    d = tl.arange(0, BLOCK_D)
+    row = (b.to(tl.int64) * NUM_HEADS + h) * num_splits + s
+    m = tl.load(ws_ml_ptr + row * 2, mask=s_mask, other=_NEG_BIG)
+    l = tl.load(ws_ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(s_mask, tl.exp2(m - m_max), 0.0)
+    l_tot = tl.sum(w * l, 0)
+    acc = tl.load(ws_acc_ptr + row[:, None] * BLOCK_D + d[None, :], mask=s_mask[:, None], other=0.0)
+    o = tl.sum(acc * w[:, None], 0)
+    o = o / tl.where(l_tot > 0, l_tot, 1.0)
+    tl.store(out_ptr + q_start.to(tl.int64) * stride_ot + h * stride_oh + d * stride_od,
+             o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------------------
+@functools.cache
+def _num_sms(device_index: int | None) -> int:
+    if not torch.cuda.is_available():
+        return 8  # the interpreter: only the split heuristic reads this
+    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
+
+
+# The Triton CPU interpreter computes tl.dot on bf16 operands wrongly (raw bits); there the kernels upcast
+# q (and so k, v, p) to fp32. Compiled kernels always use the native 16-bit dot.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _upcast_dot(query: torch.Tensor) -> bool:
+    return _INTERPRET and query.dtype == torch.bfloat16
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _prefill_config(head_dim_pad: int, group_pad: int, max_query_len: int) -> tuple[int, int, int]:
+    """(BLOCK_Q, BLOCK_N, num_warps) for the prefill kernel. ROWS = BLOCK_Q * group_pad is at least 16
+    (tl.dot) and at most 128; short query chunks get a smaller tile."""
+    max_rows = 128 if head_dim_pad <= 128 else 64
+    block_q = max(1, max_rows // group_pad)
+    block_q = min(block_q, _next_pow2(max_query_len))
+    block_q = max(block_q, max(1, 16 // group_pad))  # at least 16 rows
+    rows = block_q * group_pad
+    block_n = 64 if head_dim_pad <= 128 else 32
+    num_warps = 8 if rows * head_dim_pad >= 128 * 128 else 4
+    return block_q, block_n, num_warps
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int,
+                      num_sms: int, max_splits: int = 64, min_tokens_per_split: int = 256) -> int:
+    """Splits per (sequence, KV head) from host-known shapes only: enough programs to fill the GPU about
+    twice, never splits shorter than min_tokens_per_split, a power of two (few distinct workspace shapes)."""
+    programs = max(1, num_seqs * num_kv_heads)
+    want = -(-2 * num_sms // programs)
+    by_len = max(1, -(-max(1, max_seq_len) // max(block_n, min_tokens_per_split)))
+    n = max(1, min(want, by_len, max_splits))
+    return 1 << (n.bit_length() - 1)  # round down to a power of two
+
+
+class TritonAttentionBackend:
+    """The Triton attention backend (see the module docstring for the kernels and CUDA-graph rules).
+
+    decode_num_splits: fixes the number of KV splits of decode attention (None: heuristic from
+    num_seqs, num_kv_heads, meta.max_seq_len and the SM count). Any value is correct for any seq_lens.
+    """
+
+    name = "triton"
+
+    def __init__(self, decode_num_splits: int | None = None, max_decode_splits: int = 64):
+        self.decode_num_splits = decode_num_splits
+        self.max_decode_splits = max_decode_splits
+
+    # -- cache write ---------------------------------------------------------------------------------
+    def write_kv(self, key, value, kv_cache, slot_mapping):
+        reshape_and_cache(key, value, kv_cache, slot_mapping)
+
+    # -- attention -----------------------------------------------------------------------------------
+    def attend(self, query, kv_cache, meta, scale, sliding_window):
+        num_tokens, num_heads, head_dim = query.shape
+        out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
+        if num_tokens == 0:
+            return out
+        if meta.max_query_len > 1:
+            prefill_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                              meta.max_query_len, scale, sliding_window, out)
+        else:
+            num_seqs = meta.seq_lens.shape[0]
+            num_kv_heads = kv_cache.shape[3]
+            splits = self.decode_num_splits
+            if splits is None:
+                dev = query.device.index if query.device.type == "cuda" else None
+                splits = decode_num_splits(num_seqs, num_kv_heads, meta.max_seq_len,
+                                           _decode_block_n(_next_pow2(head_dim)), _num_sms(dev),
+                                           max_splits=self.max_decode_splits)
+            decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                             scale, sliding_window, out, splits)
+        return out
+
+
+def _decode_block_n(head_dim_pad: int) -> int:
+    return 64 if head_dim_pad <= 128 else 32
+
+
+def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale,
+                      sliding_window, out):
+    """Causal paged attention of a batch of query chunks (any q_len per sequence) into out [T, H, D]."""
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    num_seqs = seq_lens.shape[0]
+    group = num_heads // num_kv_heads
+    group_pad = _next_pow2(group)
+    block_d = max(16, _next_pow2(head_dim))
+    block_q, block_n, num_warps = _prefill_config(block_d, group_pad, max_query_len)
+    use_window = sliding_window is not None and sliding_window > 0
+    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    _prefill_attention_kernel[grid](
+        query, kv_cache, block_tables, seq_lens, query_start_loc, out,
+        scale * _LOG2E, int(sliding_window) if use_window else 0,
+        query.stride(0), query.stride(1), query.stride(2),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        USE_WINDOW=use_window, UPCAST_DOT=_upcast_dot(query),
+        num_warps=num_warps, num_stages=2 if query.element_size() == 4 else 3,  # fp32 tiles: less smem
+    )
+    return out
+
+
+def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, out,
+                     num_splits: int):
+    """One query token per sequence (query_start_loc[i] is its row; q_len 0 rows write nothing).
+    No host syncs: safe to capture in a CUDA graph."""
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    num_seqs = seq_lens.shape[0]
+    group = num_heads // num_kv_heads
+    rows = max(16, _next_pow2(group))
+    block_d = max(16, _next_pow2(head_dim))
+    block_n = _decode_block_n(block_d)
+    num_splits = max(1, int(num_splits))
+    use_window = sliding_window is not None and sliding_window > 0
+    direct = num_splits == 1
+    if direct:
+        ws_acc = ws_ml = out  # unused
+    else:
+        ws_acc = torch.empty((num_seqs, num_heads, num_splits, block_d), dtype=torch.float32,
+                             device=query.device)
+        ws_ml = torch.empty((num_seqs, num_heads, num_splits, 2), dtype=torch.float32, device=query.device)
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml,
+        scale * _LOG2E, int(sliding_window) if use_window else 0, num_splits,
+        query.stride(0), query.stride(1), query.stride(2),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        NUM_HEADS=num_heads, GROUP=group, ROWS=rows,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        USE_WINDOW=use_window, DIRECT_OUT=direct, UPCAST_DOT=_upcast_dot(query),
+        num_warps=4,
+    )
+    if not direct:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            ws_acc, ws_ml, query_start_loc, out, num_splits,
+            out.stride(0), out.stride(1), out.stride(2),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=_next_pow2(num_splits),
+            num_warps=4 if block_d >= 128 else 2,
+        )
+    return out

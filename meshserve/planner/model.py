@@ -1,0 +1,211 @@
+"""A model's shapes (from any HF config.json or a preset) and its parameter counts, MoE-aware.
+
+Counts come from the tensor shapes of a Llama-style decoder (Llama, Mistral, Qwen2/3, Mixtral, Qwen3-MoE):
+embedding, per layer q/k/v/o projections (GQA: k and v have num_kv_heads × head_dim outputs), a gated MLP
+(gate, up, down) or a set of experts plus a router, two RMSNorms per layer, a final norm and the LM head
+(absent when tied to the embedding).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshserve.errors import InvalidArgumentError
+from meshserve.planner.presets import PLANNER_PRESETS, planner_preset
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shapes that decide memory and speed. MoE fields are zero for dense models."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    num_moe_layers: int = 0
+    attention_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    checkpoint_dtype: str = "bf16"  # what the checkpoint stores: bf16, fp8, int8 or int4
+
+    # ---- per-layer pieces (parameters) ----
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def q_params(self) -> int:
+        return self.hidden_size * self.num_heads * self.head_dim
+
+    @property
+    def kv_params(self) -> int:
+        """k_proj + v_proj: each maps hidden → num_kv_heads × head_dim (GQA)."""
+        return 2 * self.hidden_size * self.num_kv_heads * self.head_dim
+
+    @property
+    def o_params(self) -> int:
+        return self.num_heads * self.head_dim * self.hidden_size
+
+    @property
+    def attn_bias_params(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.attention_bias else 0
+
+    @property
+    def attn_params(self) -> int:
+        return self.q_params + self.kv_params + self.o_params + self.attn_bias_params
+
+    @property
+    def dense_mlp_params(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size  # gate, up, down
+
+    @property
+    def expert_params(self) -> int:
+        """One routed expert (gate, up, down of moe_intermediate_size)."""
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
+    @property
+    def shared_expert_params(self) -> int:
+        return 3 * self.hidden_size * self.shared_expert_intermediate_size
+
+    @property
+    def router_params(self) -> int:
+        return self.hidden_size * self.num_experts
+
+    @property
+    def norm_params_per_layer(self) -> int:
+        return 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.num_layers - self.num_moe_layers
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    # ---- totals ----
+    def _layer_params(self, experts: int) -> int:
+        dense = self.num_dense_layers * self.dense_mlp_params
+        moe = self.num_moe_layers * (experts * self.expert_params + self.shared_expert_params + self.router_params)
+        return self.num_layers * (self.attn_params + self.norm_params_per_layer) + dense + moe
+
+    @property
+    def total_params(self) -> int:
+        """Every parameter stored (all experts)."""
+        return (self.embedding_params + self.lm_head_params + self.hidden_size
+                + self._layer_params(self.num_experts))
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token touches (top-k experts of each MoE layer); equals total for dense models."""
+        return (self.embedding_params + self.lm_head_params + self.hidden_size
+                + self._layer_params(self.experts_per_token))
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters of the quantizable linear layers (projections and experts; not embedding/head/norms)."""
+        dense = self.num_dense_layers * self.dense_mlp_params
+        moe = self.num_moe_layers * (self.num_experts * self.expert_params + self.shared_expert_params)
+        return self.num_layers * (self.q_params + self.kv_params + self.o_params) + dense + moe
+
+
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "bf16", "fp16": "bf16", "float32": "bf16", "bf16": "bf16"}
+
+
+def _checkpoint_dtype(cfg: dict) -> str:
+    q = cfg.get("quantization_config") or {}
+    method = str(q.get("quant_method", "")).lower()
+    if method == "fp8" or (method == "compressed-tensors" and "float" in json.dumps(q).lower()):
+        return "fp8"
+    bits = q.get("bits") or q.get("w_bit")
+    if bits == 4 or method == "awq":
+        return "int4"
+    if bits == 8:
+        return "int8"
+    return _DTYPE_NAMES.get(str(cfg.get("torch_dtype", "bfloat16")), "bf16")
+
+
+def model_from_config(cfg: dict, name: str = "model") -> ModelSpec:
+    """A ModelSpec from the fields of an HF config.json (Llama-style decoders, dense or MoE)."""
+    if "text_config" in cfg and "hidden_size" not in cfg:
+        cfg = {**cfg["text_config"], "quantization_config": cfg.get("quantization_config")}
+    if cfg.get("kv_lora_rank"):
+        raise InvalidArgumentError(f"{name}: multi-head latent attention (DeepSeek MLA) is not modelled yet")
+    try:
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+        layers = int(cfg["num_hidden_layers"])
+        vocab = int(cfg["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"{name}: config.json lacks a usable field {e}") from e
+    model_type = str(cfg.get("model_type", ""))
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0)
+    moe_layers = 0
+    if experts:
+        step = int(cfg.get("decoder_sparse_step") or 1)
+        dense_only = set(cfg.get("mlp_only_layers") or [])
+        first_dense = int(cfg.get("first_k_dense_replace") or 0)
+        moe_layers = sum(1 for i in range(layers)
+                         if i not in dense_only and i >= first_dense and (i + 1) % step == 0)
+    window = cfg.get("sliding_window")
+    use_window = isinstance(window, int) and cfg.get("use_sliding_window", True) and window < int(
+        cfg.get("max_position_embeddings") or 1 << 30)
+    return ModelSpec(
+        name=name,
+        hidden_size=hidden,
+        intermediate_size=int(cfg.get("intermediate_size") or 4 * hidden),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        # HF's default for tie_word_embeddings is True; Llama-style configs state it when False.
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+        num_experts=experts,
+        experts_per_token=int(cfg.get("num_experts_per_tok") or 0) if experts else 0,
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or 0)
+        if experts else 0,
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0) if experts else 0,
+        num_moe_layers=moe_layers,
+        attention_bias=bool(cfg.get("attention_bias", model_type in ("qwen2", "qwen2_moe"))),
+        qk_norm=model_type.startswith("qwen3"),
+        sliding_window=int(window) if use_window else None,
+        checkpoint_dtype=_checkpoint_dtype(cfg),
+    )
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    """A preset name, an HF repo id we know, a config.json path, or a folder holding config.json."""
+    fields = planner_preset(name_or_path)
+    if fields is not None:
+        return model_from_config(fields, name=name_or_path.lower())
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise InvalidArgumentError(f"model {name_or_path!r} is neither a preset ({', '.join(PLANNER_PRESETS)}) "
+                                   f"nor a config.json path", param="model")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidArgumentError(f"{path}: not valid JSON: {e}", param="model") from e
+    return model_from_config(cfg, name=path.parent.name or str(path))

@@ -1,0 +1,193 @@
+"""Speed predictions from first principles: decode is bytes moved ÷ bandwidth, prefill is FLOPs ÷ FLOP/s,
+plus communication (α + β·bytes per all-reduce, all-to-all or pipeline hop).
+
+Every device time is divided by the GPU's `efficiency` (fitted by calibration); the roofline is the same
+model with efficiency 1, no KV and no communication: a ceiling no implementation can beat.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from meshserve.planner.hardware import GpuSpec
+from meshserve.planner.memory import StageShard, kv_tokens_held, stage_shard, weight_dtype_bytes
+from meshserve.planner.model import ModelSpec
+from meshserve.planner.parallel import Layout
+
+ACT_BYTES = 2  # bf16 hidden states on the wire
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Request shape: prompt tokens and generated tokens per request."""
+
+    input_len: int = 1024
+    output_len: int = 256
+
+    @property
+    def mean_decode_context(self) -> int:
+        """Average tokens in a sequence's KV while it decodes."""
+        return self.input_len + self.output_len // 2
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """One decode step of one pipeline stage (seconds)."""
+
+    memory_s: float
+    compute_s: float
+    comm_s: float
+
+    @property
+    def total_s(self) -> float:
+        return max(self.memory_s, self.compute_s) + self.comm_s
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted speed of one layout at `concurrency` concurrent sequences (all replicas together)."""
+
+    concurrency: int
+    batch_per_replica: int
+    ttft_s: float
+    itl_s: float
+    decode_tok_per_s: float  # concurrency / ITL: generated tokens per second while everyone decodes
+    output_tok_per_s: float  # same with each request's prefill time paid in, continuous batching
+    roofline_tok_per_s: float  # decode ceiling at this concurrency: efficiency 1, weights only, no comm
+    roofline_bytes_per_gpu: float  # weight bytes one GPU reads per decode step (per stage pass)
+    step: StepTime
+
+
+def allreduce_s(nbytes: float, n: int, link_gb_s: float, latency_us: float) -> float:
+    """Ring all-reduce: each GPU sends and receives 2(n-1)/n of the message."""
+    if n <= 1:
+        return 0.0
+    return latency_us * 1e-6 + 2 * (n - 1) / n * nbytes / (link_gb_s * 1e9)
+
+
+def all_to_all_s(nbytes: float, n: int, link_gb_s: float, latency_us: float) -> float:
+    """All-to-all where each GPU sends (n-1)/n of `nbytes` to the others."""
+    if n <= 1:
+        return 0.0
+    return latency_us * 1e-6 + (n - 1) / n * nbytes / (link_gb_s * 1e9)
+
+
+def expected_experts_touched(num_experts: int, top_k: int, tokens: int) -> float:
+    """Distinct experts a batch of `tokens` routes to, assuming uniform routing."""
+    if num_experts == 0:
+        return 0.0
+    return num_experts * (1 - (1 - top_k / num_experts) ** max(tokens, 0))
+
+
+def weight_bytes_moved(model: ModelSpec, layout: Layout, shard: StageShard, batch: int) -> float:
+    """Weight bytes one GPU reads in a decode step: all of them for dense models (the convention of the
+    benchmarks' "% of roofline", embedding included), only the experts the batch routes to for MoE."""
+    if not model.is_moe:
+        return shard.weight_bytes
+    # EP: experts see the tokens of every DP replica; without EP each replica's batch touches its own.
+    tokens = batch * (layout.dp if layout.ep > 1 else 1)
+    touched = expected_experts_touched(model.num_experts, model.experts_per_token, tokens)
+    held_fraction = shard.experts_per_gpu / model.num_experts
+    return shard.dense_weight_bytes + shard.num_moe_layers * touched * held_fraction * shard.expert_slice_bytes
+
+
+def _ep_link(gpu: GpuSpec, layout: Layout, gpus_per_node: int) -> tuple[float, float]:
+    if layout.ep <= gpus_per_node:
+        return gpu.link_gb_s, gpu.link_latency_us
+    return gpu.inter_node_gb_s, gpu.inter_node_latency_us
+
+
+def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int, batch: int, context: int, *,
+                      weight_dtype: str, kv_dtype: str, gpus_per_node: int, efficiency: float) -> StepTime:
+    """One decode step of `batch` sequences with `context` tokens each, through one pipeline stage."""
+    shard = stage_shard(model, layout, stage, weight_dtype, kv_dtype)
+    ctx = kv_tokens_held(model, context)
+    weights = weight_bytes_moved(model, layout, shard, batch)
+    kv = batch * ctx * shard.kv_bytes_per_token
+    memory_s = (weights + kv) / (gpu.hbm_bytes_per_s * efficiency)
+
+    layer_frac = shard.num_layers / model.num_layers
+    gemm_flops = 2 * (model.active_params - model.embedding_params) * layer_frac / layout.tp
+    attn_flops = 4 * shard.num_layers * model.num_heads / layout.tp * model.head_dim * ctx
+    compute_s = batch * (gemm_flops + attn_flops) / (gpu.flops_per_s(weight_dtype) * efficiency)
+
+    msg = batch * model.hidden_size * ACT_BYTES
+    # One all-reduce after attention, one after each MLP unless EP replaces it with dispatch/combine.
+    n_allreduce = shard.num_layers + (shard.num_layers - shard.num_moe_layers) + \
+        (shard.num_moe_layers if layout.ep == 1 else 0)
+    comm_s = n_allreduce * allreduce_s(msg, layout.tp, gpu.link_gb_s, gpu.link_latency_us)
+    if layout.ep > 1:
+        bw, lat = _ep_link(gpu, layout, gpus_per_node)
+        a2a = all_to_all_s(msg * model.experts_per_token * layout.dp, layout.ep, bw, lat)
+        comm_s += shard.num_moe_layers * 2 * a2a  # dispatch + combine
+    return StepTime(memory_s, compute_s, comm_s)
+
+
+def pp_hop_s(model: ModelSpec, gpu: GpuSpec, tokens: int) -> float:
+    """Hidden states of `tokens` tokens sent from one stage to the next node."""
+    return gpu.inter_node_latency_us * 1e-6 + tokens * model.hidden_size * ACT_BYTES / (gpu.inter_node_gb_s * 1e9)
+
+
+def itl_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, batch: int, context: int, *, weight_dtype: str,
+          kv_dtype: str, gpus_per_node: int, efficiency: float) -> tuple[float, StepTime]:
+    """Time between tokens of one sequence when `batch` sequences decode together on one replica.
+
+    With PP the batch is split into pp micro-batches that keep every stage busy; each token still passes all
+    stages, so ITL = pp × stage time of one micro-batch + (pp-1) hops.
+    """
+    micro = math.ceil(batch / layout.pp)
+    steps = [decode_stage_time(model, layout, gpu, s, micro, context, weight_dtype=weight_dtype,
+                               kv_dtype=kv_dtype, gpus_per_node=gpus_per_node, efficiency=efficiency)
+             for s in range(layout.pp)]
+    slowest = max(steps, key=lambda st: st.total_s)
+    return layout.pp * slowest.total_s + (layout.pp - 1) * pp_hop_s(model, gpu, micro), slowest
+
+
+def prefill_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, num_seqs: int, prompt_len: int, *,
+              weight_dtype: str, efficiency: float) -> float:
+    """Prefill of `num_seqs` prompts of `prompt_len` tokens: FLOPs ÷ FLOP/s of one stage's TP group (stages
+    run one after another for a given prompt), never faster than reading the weights once."""
+    tokens = num_seqs * prompt_len
+    gemm = 2 * (model.active_params - model.embedding_params) * tokens
+    attn = num_seqs * 2 * model.num_layers * model.num_heads * model.head_dim * prompt_len ** 2  # causal
+    compute = (gemm + attn) / (layout.tp * gpu.flops_per_s(weight_dtype) * efficiency)
+    weights = (model.linear_params * weight_dtype_bytes(weight_dtype)) / layout.tp
+    memory = weights / (gpu.hbm_bytes_per_s * efficiency)
+    comm = 2 * model.num_layers * allreduce_s(tokens * model.hidden_size * ACT_BYTES, layout.tp,
+                                              gpu.link_gb_s, gpu.link_latency_us)
+    return max(compute, memory) + comm + (layout.pp - 1) * pp_hop_s(model, gpu, tokens)
+
+
+def roofline(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, *,
+             weight_dtype: str) -> tuple[float, float]:
+    """(decode tok/s ceiling, weight bytes per GPU per step): every GPU streams its weights at full HBM
+    bandwidth once per step (pp passes for PP), and never beats its peak FLOP/s."""
+    batch = math.ceil(concurrency / layout.dp)
+    micro = math.ceil(batch / layout.pp)
+    per_gpu = max(weight_bytes_moved(model, layout, stage_shard(model, layout, s, weight_dtype), micro)
+                  for s in range(layout.pp))
+    step = layout.pp * per_gpu / gpu.hbm_bytes_per_s
+    bandwidth_bound = layout.dp * batch / step
+    compute_bound = layout.num_gpus * gpu.flops_per_s(weight_dtype) / (2 * model.active_params)
+    return min(bandwidth_bound, compute_bound), per_gpu
+
+
+def predict(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, workload: Workload, *,
+            weight_dtype: str = "bf16", kv_dtype: str = "bf16", gpus_per_node: int | None = None,
+            efficiency: float | None = None) -> Prediction:
+    """TTFT, ITL and throughput of `layout` serving `concurrency` sequences of `workload`."""
+    eff = gpu.efficiency if efficiency is None else efficiency
+    per_node = gpus_per_node or gpu.gpus_per_node
+    batch = max(1, math.ceil(concurrency / layout.dp))
+    itl, step = itl_s(model, layout, gpu, batch, workload.mean_decode_context, weight_dtype=weight_dtype,
+                      kv_dtype=kv_dtype, gpus_per_node=per_node, efficiency=eff)
+    ttft = prefill_s(model, layout, gpu, 1, workload.input_len, weight_dtype=weight_dtype, efficiency=eff)
+    # Continuous batching: a replica spends output_len steps decoding its batch plus the batch's prefills.
+    cycle = workload.output_len * itl + prefill_s(model, layout, gpu, batch, workload.input_len,
+                                                  weight_dtype=weight_dtype, efficiency=eff)
+    output = layout.dp * batch * workload.output_len / cycle
+    roof, roof_bytes = roofline(model, layout, gpu, concurrency, weight_dtype=weight_dtype)
+    return Prediction(concurrency=concurrency, batch_per_replica=batch, ttft_s=ttft, itl_s=itl,
+                      decode_tok_per_s=layout.dp * batch / itl, output_tok_per_s=output,
+                      roofline_tok_per_s=roof, roofline_bytes_per_gpu=roof_bytes, step=step)

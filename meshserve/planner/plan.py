@@ -1,0 +1,188 @@
+"""The planner proper: every layout of the GPUs given, checked for memory, predicted, priced and ranked."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from meshserve.errors import InvalidArgumentError
+from meshserve.planner.cost import Cost, deployment_cost
+from meshserve.planner.hardware import GpuSpec
+from meshserve.planner.layout import Rejection, enumerate_layouts
+from meshserve.planner.memory import (
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    DEFAULT_MAX_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    MemoryBreakdown,
+    kv_bytes_per_token,
+    kv_dtype_bytes,
+    kv_tokens_held,
+    memory_per_gpu,
+    weight_bytes,
+    weight_dtype_bytes,
+)
+from meshserve.planner.model import ModelSpec
+from meshserve.planner.parallel import Layout
+from meshserve.planner.perf import Prediction, Workload, predict
+
+OBJECTIVES = ("throughput", "latency")
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to plan for. concurrency None means: as many sequences as fit (throughput) or 1 (latency)."""
+
+    model: ModelSpec
+    gpu: GpuSpec
+    num_gpus: int
+    nodes: int = 1
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    concurrency: int | None = None
+    weight_dtype: str | None = None  # None: what the checkpoint stores
+    kv_dtype: str = "bf16"
+    workload: Workload = field(default_factory=Workload)
+    objective: str = "throughput"
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
+    enforce_eager: bool = False
+    efficiency: float | None = None  # None: the catalog's (calibrated) value
+    tp: int | None = None  # pin parts of the layout
+    pp: int | None = None
+    dp: int | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A layout that fits, with its memory, predicted speed and cost."""
+
+    layout: Layout
+    memory: MemoryBreakdown
+    max_concurrency: int  # sequences of the workload's length that fit, all replicas (≤ max_num_seqs each)
+    max_concurrency_full_len: int  # sequences of max_model_len tokens that fit, all replicas
+    prediction: Prediction
+    cost: Cost
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """Ranked candidates (best first), rejections with their reasons, and why the best one won."""
+
+    request: PlanRequest
+    weight_dtype: str
+    max_model_len: int
+    candidates: list[Candidate]
+    rejections: list[Rejection]
+    reason: str
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
+
+    def to_dict(self) -> dict:
+        m, r = self.request.model, self.request
+        return {
+            "model": {"name": m.name, "total_params": m.total_params, "active_params": m.active_params,
+                      "weight_bytes": weight_bytes(m, self.weight_dtype),
+                      "kv_bytes_per_token": kv_bytes_per_token(m, r.kv_dtype)},
+            "gpu": dataclasses.asdict(r.gpu), "num_gpus": r.num_gpus, "nodes": r.nodes,
+            "weight_dtype": self.weight_dtype, "kv_dtype": r.kv_dtype, "max_model_len": self.max_model_len,
+            "concurrency": r.concurrency, "objective": r.objective, "workload": dataclasses.asdict(r.workload),
+            "candidates": [_candidate_dict(c) for c in self.candidates],
+            "rejected": [str(x) for x in self.rejections],
+            "chosen": self.best.layout.label if self.best else None,
+            "reason": self.reason,
+        }
+
+
+def _candidate_dict(c: Candidate) -> dict:
+    return {"layout": c.layout.label, **dataclasses.asdict(c.layout),
+            "memory_per_gpu": {**dataclasses.asdict(c.memory), "total": c.memory.total, "fits": c.memory.fits},
+            "max_concurrency": c.max_concurrency, "max_concurrency_full_len": c.max_concurrency_full_len,
+            "prediction": dataclasses.asdict(c.prediction), "cost": dataclasses.asdict(c.cost)}
+
+
+def _validate(r: PlanRequest) -> None:
+    if r.num_gpus < 1 or r.nodes < 1:
+        raise InvalidArgumentError("--num-gpus and --nodes must be at least 1")
+    if r.num_gpus % r.nodes:
+        raise InvalidArgumentError(f"{r.num_gpus} GPUs do not split evenly over {r.nodes} nodes")
+    if r.num_gpus // r.nodes > r.gpu.gpus_per_node:
+        need = math.ceil(r.num_gpus / r.gpu.gpus_per_node)
+        raise InvalidArgumentError(f"a {r.gpu.name} node holds at most {r.gpu.gpus_per_node} GPUs; "
+                                   f"{r.num_gpus} GPUs need --nodes {need} or more")
+    if r.objective not in OBJECTIVES:
+        raise InvalidArgumentError(f"objective must be one of {', '.join(OBJECTIVES)}, not {r.objective!r}")
+    if r.concurrency is not None and r.concurrency < 1:
+        raise InvalidArgumentError("--concurrency must be at least 1")
+    if r.workload.input_len < 1 or r.workload.output_len < 1:
+        raise InvalidArgumentError("--input-len and --output-len must be at least 1")
+    if not 0 < r.gpu_memory_utilization <= 1:
+        raise InvalidArgumentError("--gpu-memory-utilization must be in (0, 1]")
+    weight_dtype_bytes(r.weight_dtype or r.model.checkpoint_dtype)
+    kv_dtype_bytes(r.kv_dtype)
+
+
+def make_plan(r: PlanRequest) -> PlanResult:
+    """Enumerate, fit, predict and rank every layout of `r.num_gpus` GPUs for `r.model`."""
+    _validate(r)
+    model, gpu = r.model, r.gpu
+    wdtype = r.weight_dtype or model.checkpoint_dtype
+    max_len = r.max_model_len or model.max_position_embeddings
+    if max_len < 1:
+        raise InvalidArgumentError("--max-model-len must be at least 1")
+    if r.workload.input_len + r.workload.output_len > max_len:
+        raise InvalidArgumentError(f"input_len + output_len = {r.workload.input_len + r.workload.output_len} "
+                                   f"exceeds max_model_len {max_len}")
+    per_node = r.num_gpus // r.nodes
+    layouts, rejections = enumerate_layouts(model, r.num_gpus, per_node, r.nodes)
+    pinned = [(n, v) for n, v in (("tp", r.tp), ("pp", r.pp), ("dp", r.dp)) if v is not None]
+    if pinned:
+        layouts = [lay for lay in layouts if all(getattr(lay, n) == v for n, v in pinned)]
+        rejections = [x for x in rejections if all(getattr(x.layout, n) == v for n, v in pinned)]
+    full_seq = kv_tokens_held(model, max_len)
+    seq = kv_tokens_held(model, r.workload.input_len + r.workload.output_len)
+    candidates: list[Candidate] = []
+    for layout in layouts:
+        wanted = math.ceil(r.concurrency / layout.dp) if r.concurrency else 1
+        # Every replica must hold one max_model_len sequence (the engine's start-up check), and the
+        # requested concurrency at the workload's length (paged KV holds only tokens in use).
+        kv_tokens = max(full_seq, wanted * seq)
+        mem = memory_per_gpu(model, layout, gpu, kv_tokens, weight_dtype=wdtype, kv_dtype=r.kv_dtype,
+                             max_batched_tokens=r.max_batched_tokens, max_num_seqs=r.max_num_seqs,
+                             gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager)
+        if not mem.fits:
+            rejections.append(Rejection(layout, "needs " + mem.describe()))
+            continue
+        max_conc = min(r.max_num_seqs, mem.max_kv_tokens // seq) * layout.dp
+        max_full = (mem.max_kv_tokens // full_seq) * layout.dp
+        conc = r.concurrency or (max_conc if r.objective == "throughput" else 1)
+        pred = predict(model, layout, gpu, conc, r.workload, weight_dtype=wdtype, kv_dtype=r.kv_dtype,
+                       gpus_per_node=per_node, efficiency=r.efficiency)
+        candidates.append(Candidate(layout, mem, max_conc, max_full, pred,
+                                    deployment_cost(gpu, layout.num_gpus, pred.output_tok_per_s)))
+    if r.objective == "throughput":
+        candidates.sort(key=lambda c: (-c.prediction.output_tok_per_s, c.prediction.itl_s))
+    else:
+        candidates.sort(key=lambda c: (c.prediction.itl_s, c.prediction.ttft_s, -c.prediction.output_tok_per_s))
+    return PlanResult(r, wdtype, max_len, candidates, rejections, _reason(r, candidates, rejections))
+
+
+def _reason(r: PlanRequest, cands: list[Candidate], rejections: list[Rejection]) -> str:
+    if not cands:
+        fit = [x for x in rejections if x.reason.startswith("needs ")]
+        why = str(min(fit, key=lambda x: x.layout.num_gpus)) if fit else (str(rejections[0]) if rejections else "")
+        return f"no layout of {r.num_gpus}× {r.gpu.name} fits {r.model.name}" + (f" ({why})" if why else "")
+    best, p = cands[0], cands[0].prediction
+    mem = f"{best.memory.total / 1e9:.1f} of {best.memory.budget / 1e9:.1f} GB per GPU"
+    if len(cands) == 1:
+        return (f"{best.layout.label}: the only layout that fits ({mem}); "
+                f"{p.output_tok_per_s:,.0f} output tok/s at {p.concurrency} concurrent")
+    runner = cands[1]
+    if r.objective == "throughput":
+        return (f"{best.layout.label}: highest predicted throughput, {p.output_tok_per_s:,.0f} output tok/s at "
+                f"{p.concurrency} concurrent ({mem}); next {runner.layout.label} "
+                f"{runner.prediction.output_tok_per_s:,.0f} tok/s")
+    return (f"{best.layout.label}: lowest predicted ITL, {p.itl_s * 1e3:.2f} ms at {p.concurrency} concurrent "
+            f"({mem}); next {runner.layout.label} {runner.prediction.itl_s * 1e3:.2f} ms")

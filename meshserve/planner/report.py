@@ -1,0 +1,69 @@
+"""Plain-text rendering of a plan: a header on the model, one table row per layout, one line per rejection."""
+
+from __future__ import annotations
+
+from meshserve.planner.memory import kv_bytes, kv_bytes_per_token, kv_dtype_bytes, weight_bytes
+from meshserve.planner.plan import Candidate, PlanResult
+
+GB = 1e9
+COLUMNS = [("#", 3), ("layout", 16), ("GB/GPU", 12), ("weights", 8), ("KV", 7), ("max conc", 9), ("conc", 6),
+           ("TTFT ms", 9), ("ITL ms", 8), ("decode tok/s", 12), ("out tok/s", 10), ("roofline", 10),
+           ("$/1M out", 9)]
+
+
+def model_summary(result: PlanResult) -> list[str]:
+    """Parameters, weight bytes and the KV arithmetic, spelled out (GQA: KV heads, not query heads)."""
+    m, r = result.request.model, result.request
+    if m.is_moe:
+        params = (f"{m.total_params / 1e9:.2f} B parameters ({m.active_params / 1e9:.2f} B active per token: "
+                  f"{m.num_experts} experts, top-{m.experts_per_token})")
+    else:
+        params = f"{m.total_params / 1e9:.2f} B parameters"
+    per_token = kv_bytes_per_token(m, r.kv_dtype)
+    seq = kv_bytes(m, result.max_model_len, 1, r.kv_dtype)
+    window = f", sliding window {m.sliding_window:,}" if m.sliding_window else ""
+    return [
+        f"model    {params}; weights {weight_bytes(m, result.weight_dtype) / GB:.1f} GB in {result.weight_dtype}",
+        (f"KV       {per_token:,} bytes/token = 2 × {m.num_layers} layers × {m.num_kv_heads} KV heads × "
+         f"{m.head_dim} head dim × {kv_dtype_bytes(r.kv_dtype)} B; {seq / GB:.1f} GB per "
+         f"{result.max_model_len:,}-token sequence{window}"),
+    ]
+
+
+def _row(i: int, c: Candidate) -> list[str]:
+    p, mem = c.prediction, c.memory
+    return [str(i), c.layout.label, f"{mem.total / GB:.1f}/{mem.budget / GB:.1f}", f"{mem.weights / GB:.1f}",
+            f"{mem.kv / GB:.1f}", f"{c.max_concurrency:,}", f"{p.concurrency:,}", f"{p.ttft_s * 1e3:,.1f}",
+            f"{p.itl_s * 1e3:,.2f}", f"{p.decode_tok_per_s:,.0f}", f"{p.output_tok_per_s:,.0f}", f"{p.roofline_tok_per_s:,.0f}",
+            f"{c.cost.usd_per_million_output_tokens:,.3f}"]
+
+
+def _fmt(cells: list[str]) -> str:
+    return "  ".join(cell.rjust(w) if k > 1 else cell.ljust(w) for k, (cell, (_, w)) in enumerate(zip(cells, COLUMNS)))
+
+
+def render_plan(result: PlanResult) -> str:
+    """The human-readable plan `meshserve plan` prints."""
+    r = result.request
+    conc = (f"{r.concurrency:,} concurrent" if r.concurrency else
+            ("as many as fit" if r.objective == "throughput" else "1 sequence"))
+    title = (f"{r.model.name} on {r.num_gpus}× {r.gpu.name} ({r.nodes} node{'s' if r.nodes > 1 else ''}), "
+             f"max_model_len {result.max_model_len:,}, KV {r.kv_dtype}, objective {r.objective}")
+    workload = (f"workload {r.workload.input_len:,} prompt + {r.workload.output_len:,} output tokens per request; "
+                f"concurrency: {conc}; GPU efficiency {r.efficiency or r.gpu.efficiency:.2f}")
+    lines = [title, *model_summary(result), workload, ""]
+    if result.candidates:
+        lines.append(_fmt([name for name, _ in COLUMNS]))
+        lines.extend(_fmt(_row(i, c)) for i, c in enumerate(result.candidates, 1))
+        lines.append("")
+    if result.rejections:
+        lines.append("rejected:")
+        lines.extend(f"  {x}" for x in result.rejections)
+        lines.append("")
+    lines.append(f"chosen: {result.reason}" if result.candidates else f"no fit: {result.reason}")
+    price = "assumed" if r.gpu.price_is_assumption else "given"
+    lines.append(f"price {price}: ${r.gpu.price_per_hour_usd:.2f} per {r.gpu.name}-hour (edit gpus.toml or "
+                 "--hardware-file)")
+    lines.append("decode tok/s: all sequences decoding; out tok/s: with each request's prefill paid in; roofline: "
+                 "decode ceiling, weight bytes per GPU ÷ HBM bandwidth")
+    return "\n".join(lines)

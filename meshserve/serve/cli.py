@@ -1,0 +1,81 @@
+"""`meshserve serve [MODEL]`: the OpenAI-compatible server, with vLLM's flag names."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from meshserve.cli_args import add_engine_args, engine_args_from
+from meshserve.errors import InvalidArgumentError
+from meshserve.serve.config import DEFAULT_MAX_REQUEST_BODY_BYTES, ServeConfig
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    """Add the `serve` subcommand to meshserve's subparsers."""
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server",
+                              description="Serve a model over an OpenAI-compatible HTTP API.")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="model to serve (same as --model); default: the embedded SmolLM2-135M-Instruct")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("MESHSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MESHSERVE_API_KEY)")
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) the model answers to; the first is used in responses")
+    g.add_argument("--max-queue-len", type=int, default=1024,
+                   help="waiting requests past which new ones get 429 + Retry-After")
+    g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES)
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    g.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    g.add_argument("--disable-access-log", action="store_true", help="no per-request log lines")
+    add_engine_args(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:
+    if ns.max_queue_len < 1:
+        raise InvalidArgumentError("--max-queue-len must be >= 1", param="max_queue_len")
+    if ns.max_request_body_bytes < 1:
+        raise InvalidArgumentError("--max-request-body-bytes must be >= 1", param="max_request_body_bytes")
+    if ns.drain_timeout < 0:
+        raise InvalidArgumentError("--drain-timeout must be >= 0", param="drain_timeout")
+    if not 0 <= ns.port <= 65535:
+        raise InvalidArgumentError("--port must be in [0, 65535]", param="port")
+    return ServeConfig(served_model_names=ns.served_model_name or [model], api_key=ns.api_key or None,
+                       max_queue_len=ns.max_queue_len, max_request_body_bytes=ns.max_request_body_bytes,
+                       drain_timeout_s=ns.drain_timeout)
+
+
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from meshserve.engine.async_engine import AsyncLLM
+    from meshserve.models.embedded import DEFAULT_MODEL_NAME
+    from meshserve.serve.middleware import ServerState
+    from meshserve.serve.openai_api import build_app
+    from meshserve.serve.server import DrainingServer
+
+    if ns.model_tag and ns.model and ns.model_tag != ns.model:
+        raise InvalidArgumentError(f"two models given: {ns.model_tag!r} and --model {ns.model!r}", param="model")
+    ns.model = ns.model_tag or ns.model
+    config = serve_config_from(ns, ns.model or DEFAULT_MODEL_NAME)
+    engine_args = engine_args_from(ns)
+    allm = AsyncLLM.from_engine_args(engine_args)
+    try:
+        state = ServerState()
+        app = build_app(allm, config, state)
+        uv_config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
+                                   access_log=not ns.disable_access_log, timeout_graceful_shutdown=2,
+                                   timeout_keep_alive=5)
+        server = DrainingServer(uv_config, state, config.drain_timeout_s)
+        print(f"meshserve: serving {config.model_name} on http://{ns.host}:{ns.port}", flush=True)
+        server.run()
+    finally:
+        allm.shutdown()
+    return 0

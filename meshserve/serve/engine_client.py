@@ -1,0 +1,202 @@
+"""EngineClient: what the HTTP handlers need from the AsyncLLM, in one place.
+
+Admission (the waiting-queue bound), starting requests so that their validation errors surface before
+any response byte is sent, and every tokenizer call. Tokenizer calls run on the engine thread through
+`AsyncLLM.call`: a Rust fast tokenizer used from two threads at once can fail ("Already borrowed"), and
+the engine thread already tokenizes prompts and detokenizes outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from meshserve.engine.async_engine import AsyncLLM
+from meshserve.errors import InvalidArgumentError
+from meshserve.outputs import RequestOutput
+from meshserve.sampling import SamplingParams
+from meshserve.serve.config import ServeConfig
+from meshserve.serve.errors import ServerOverloadedError
+
+logger = logging.getLogger(__name__)
+
+# Keys of apply_chat_template that change what it returns rather than what the template sees.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "chat_template", "tokenize", "add_generation_prompt", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    "continue_final_message",
+})
+
+
+class EngineRequest:
+    """One engine request already admitted and started: its first output and the rest of its stream.
+
+    Iterating yields every cumulative output, the first included. `aclose()` aborts the request if it
+    has not finished (its KV blocks are freed on the engine's next step).
+    """
+
+    def __init__(self, gen: AsyncIterator[RequestOutput], first: RequestOutput):
+        self._gen = gen
+        self.first = first
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        yield self.first
+        if self.first.finished:
+            return
+        async for out in self._gen:
+            yield out
+
+    async def final(self) -> RequestOutput:
+        last = self.first
+        async for out in self:
+            last = out
+        return last
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()  # type: ignore[attr-defined]
+
+
+class EngineClient:
+    """Thin async facade over AsyncLLM for the server."""
+
+    def __init__(self, allm: AsyncLLM, config: ServeConfig):
+        self.allm = allm
+        self.config = config
+        self._num_starting = 0  # requests submitted but not yet seen by the engine's queue counter
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self.allm.is_running
+
+    @property
+    def max_model_len(self) -> int:
+        return self.allm.engine.config.scheduler_config.max_model_len
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self.allm.tokenizer is not None
+
+    def queue_depth(self) -> int:
+        # A racy read of a deque's length from the event loop thread: exact enough for admission,
+        # and it costs no round trip to the engine thread.
+        return self.allm.engine.scheduler.num_waiting + self._num_starting
+
+    def check_admission(self) -> None:
+        if self.queue_depth() >= self.config.max_queue_len:
+            raise ServerOverloadedError(
+                f"the server's waiting queue is full ({self.config.max_queue_len} requests); retry later",
+                retry_after_s=self.config.retry_after_s)
+
+    async def stats(self) -> dict[str, Any] | None:
+        """The engine's counters, or None when the engine is gone or busy past a second."""
+        if not self.is_running:
+            return None
+        try:
+            return await asyncio.wait_for(self.allm.call(self.allm.engine.stats), timeout=1.0)
+        except Exception:  # noqa: BLE001 - metrics must never fail a scrape
+            return None
+
+    # -- tokenizer -------------------------------------------------------------------------------
+    def _require_tokenizer(self, what: str):
+        tok = self.allm.tokenizer
+        if tok is None:
+            raise InvalidArgumentError(f"this model has no tokenizer, so {what} is unavailable",
+                                       param="messages" if what == "chat" else "prompt")
+        return tok
+
+    async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                          template_kwargs: dict[str, Any] | None) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template (as LLM.chat does)."""
+        tok = self._require_tokenizer("chat")
+        if not getattr(tok, "chat_template", None):
+            raise InvalidArgumentError("this model's tokenizer has no chat template", param="messages")
+        kwargs = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+
+        def render() -> list[int]:
+            try:
+                ids = tok.apply_chat_template(messages, tokenize=True,
+                                              add_generation_prompt=add_generation_prompt, **kwargs)
+            except Exception as e:  # jinja errors, raise_exception() in templates, bad kwargs
+                raise InvalidArgumentError(f"cannot apply the chat template: {e}", param="messages") from e
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return [int(t) for t in ids]
+
+        return await self.allm.call(render)
+
+    async def decode_each(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text (for echoed prompt logprobs)."""
+        tok = self.allm.tokenizer
+        if tok is None:
+            return ["" for _ in token_ids]
+        return await self.allm.call(lambda: [tok.decode([t]) for t in token_ids])
+
+    async def decode(self, token_ids: list[int]) -> str:
+        tok = self.allm.tokenizer
+        if tok is None:
+            return ""
+        return await self.allm.call(lambda: tok.decode(token_ids))
+
+    # -- requests --------------------------------------------------------------------------------
+    async def start(self, prompts: list[Any], params: SamplingParams, request_id: str) -> list[EngineRequest]:
+        """Admit and start one engine request per prompt; wait for each one's first output.
+
+        Errors (invalid prompt, prompt too long, full queue) are raised here, before the caller has
+        sent anything, so they get a proper status code. If one prompt fails, the others are aborted.
+        """
+        self.check_admission()
+        gens = [self.allm.generate(p, params, f"{request_id}-{i}") for i, p in enumerate(prompts)]
+        tasks = [asyncio.ensure_future(g.__anext__()) for g in gens]
+        self._num_starting += len(gens)
+        try:
+            firsts = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for g in gens:
+                with contextlib.suppress(Exception):
+                    await g.aclose()
+            raise
+        finally:
+            self._num_starting -= len(gens)
+        return [EngineRequest(g, first) for g, first in zip(gens, firsts)]
+
+
+async def merge_requests(requests: list[EngineRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as they come: yields (prompt index, output)."""
+    if len(requests) == 1:
+        async for out in requests[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, req: EngineRequest) -> None:
+        try:
+            async for out in req:
+                await queue.put((i, out))
+            await queue.put((i, done))
+        except BaseException as e:
+            await queue.put((i, e))
+            raise
+
+    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

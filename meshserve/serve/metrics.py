@@ -1,0 +1,141 @@
+"""Prometheus metrics of the server, each app with its own CollectorRegistry.
+
+Request-level series (outcomes, token totals, latency histograms) are observed by the handlers as they
+stream; engine-level gauges (queue, KV cache, prefix cache, preemptions) are read from `Engine.stats()`
+at scrape time. Names follow vLLM's `vllm:` series with a `meshserve:` prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from meshserve.outputs import RequestOutput
+
+# Outcomes of a generation request: how its choices finished, or why it produced none.
+OUTCOMES = ("stop", "length", "abort", "rejected", "invalid", "error")
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 240.0)
+
+
+class _EngineStatsCollector(Collector):
+    """Turns the last Engine.stats() snapshot into gauge and counter families."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, Any] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats or {}
+        gauges = [
+            ("meshserve:num_requests_running", "Sequences in the running batch.", "num_running"),
+            ("meshserve:num_requests_waiting", "Sequences waiting to be scheduled.", "num_waiting"),
+            ("meshserve:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", "kv_cache_usage"),
+            ("meshserve:prefix_cache_hit_rate", "Prefix cache hits / queries since start (0-1).",
+             "prefix_cache_hit_rate"),
+        ]
+        for name, doc, key in gauges:
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(s.get(key) or 0.0))
+            yield g
+        counters = [
+            ("meshserve:num_preemptions", "Sequences preempted to free KV blocks.", "num_preemptions"),
+            ("meshserve:prefix_cache_queries", "Prefix cache lookups (blocks).", "prefix_cache_queries"),
+            ("meshserve:prefix_cache_hits", "Prefix cache hits (blocks).", "prefix_cache_hits"),
+        ]
+        for name, doc, key in counters:
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(s.get(key) or 0))
+            yield c
+
+
+class ServerMetrics:
+    """All series of one server; `track()` returns a per-request observer."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("meshserve:requests", "Generation requests by outcome.", ["outcome"],
+                                registry=r)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        self.prompt_tokens = Counter("meshserve:prompt_tokens", "Prompt tokens of served requests.",
+                                     registry=r)
+        self.generation_tokens = Counter("meshserve:generation_tokens", "Tokens generated and sent.",
+                                         registry=r)
+        self.ttft = Histogram("meshserve:time_to_first_token_seconds", "Time to the first token.",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("meshserve:inter_token_latency_seconds", "Time between output steps.",
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("meshserve:e2e_request_latency_seconds", "Request arrival to last token.",
+                             buckets=_E2E_BUCKETS, registry=r)
+        self._engine = _EngineStatsCollector()
+        r.register(self._engine)
+
+    def track(self) -> RequestTracker:
+        return RequestTracker(self)
+
+    def count(self, outcome: str) -> None:
+        self.requests.labels(outcome).inc()
+
+    def render(self, engine_stats: dict[str, Any] | None) -> bytes:
+        if engine_stats is not None:
+            self._engine.stats = engine_stats
+        return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Observes one HTTP request's engine outputs: TTFT, inter-token gaps, token counts, outcome."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+        self.arrival = time.perf_counter()
+        self._last: float | None = None
+        self._num_tokens: dict[tuple[int, int], int] = {}  # (prompt index, choice index) -> tokens seen
+        self._prompt_seen: set[int] = set()
+        self._done = False
+
+    def observe(self, prompt_index: int, out: RequestOutput) -> None:
+        now = time.perf_counter()
+        new = 0
+        for c in out.outputs:
+            key = (prompt_index, c.index)
+            new += len(c.token_ids) - self._num_tokens.get(key, 0)
+            self._num_tokens[key] = len(c.token_ids)
+        if prompt_index not in self._prompt_seen:
+            self._prompt_seen.add(prompt_index)
+            self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
+        if new <= 0:
+            return
+        self.metrics.generation_tokens.inc(new)
+        if self._last is None:
+            self.metrics.ttft.observe(now - self.arrival)
+        else:
+            self.metrics.itl.observe(now - self._last)
+        self._last = now
+
+    def finish(self, outcome: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.metrics.count(outcome)
+        if outcome in ("stop", "length"):
+            self.metrics.e2e.observe(time.perf_counter() - self.arrival)
+
+
+def outcome_of(outputs: list[RequestOutput]) -> str:
+    """'length' if any choice ran out of tokens, 'abort' if any was aborted, else 'stop'."""
+    reasons = {c.finish_reason for out in outputs for c in out.outputs}
+    for r in ("abort", "length"):
+        if r in reasons:
+            return r
+    return "stop"

@@ -1,0 +1,139 @@
+"""The FastAPI app: OpenAI-compatible routes, probes, metrics, and the one exception-to-JSON mapping."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from meshserve import __version__
+from meshserve.engine.async_engine import AsyncLLM
+from meshserve.serve.config import ServeConfig
+from meshserve.serve.engine_client import EngineClient
+from meshserve.serve.errors import error_body, error_payload, validation_error_payload
+from meshserve.serve.metrics import ServerMetrics
+from meshserve.serve.middleware import GateMiddleware, ServerState
+from meshserve.serve.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    StatusResponse,
+    VersionResponse,
+)
+from meshserve.serve.serving_chat import ChatService
+from meshserve.serve.serving_completion import CompletionService
+from meshserve.serve.streaming import cancel_on_disconnect
+
+logger = logging.getLogger(__name__)
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
+_GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    # before OpenAPI 3.2, an event stream's schema describes one event: `data` is a JSON chunk or [DONE]
+    200: {"content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"},
+                       "event": {"type": "string"}}}}},
+          "description": "JSON, or server-sent events when stream is true"},
+}
+_PROBE_RESPONSES: dict[int | str, dict[str, Any]] = {503: {"model": StatusResponse}}
+
+
+def _json_error(status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith("/v1"):
+            metrics.count("invalid")
+        return _json_error(400, validation_error_payload(list(exc.errors())))
+
+    async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _json_error(exc.status_code, error_body(str(exc.detail), error_type, None, exc.status_code),
+                           dict(exc.headers or {}))
+
+    async def on_any(_: Request, exc: Exception) -> JSONResponse:
+        status, body, headers = error_payload(exc)
+        return _json_error(status, body, headers)
+
+    app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, on_any)
+
+
+async def _answer(request: Request, work) -> Response | Any:
+    """Run a handler that may raise: errors become OpenAI JSON here, not in Starlette's error page."""
+    try:
+        return await cancel_on_disconnect(request, work)
+    except Exception as exc:  # noqa: BLE001 - the single mapping point
+        status, body, headers = error_payload(exc)
+        return _json_error(status, body, headers)
+
+
+def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | None = None) -> FastAPI:
+    """The OpenAI-compatible app around a running AsyncLLM."""
+    state = state or ServerState()
+    client = EngineClient(async_llm, config)
+    metrics = ServerMetrics()
+    completions = CompletionService(client, config, metrics)
+    chat = ChatService(client, config, metrics)
+    max_model_len = config.max_model_len or client.max_model_len
+
+    app = FastAPI(title="meshserve", version=__version__,
+                  description="OpenAI-compatible LLM inference server")
+    app.state.serve_state = state
+    app.state.metrics = metrics
+    app.state.engine_client = client
+    _install_error_handlers(app, metrics)
+    app.add_middleware(GateMiddleware, config=config, state=state)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_GENERATION_RESPONSES)
+    async def create_completion(body: CompletionRequest, request: Request):
+        return await _answer(request, completions.create(body))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_GENERATION_RESPONSES)
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+        return await _answer(request, chat.create(body))
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, root=name, max_model_len=max_model_len)
+                               for name in config.served_model_names])
+
+    @app.get("/health", response_model=StatusResponse, responses=_PROBE_RESPONSES)
+    async def health():
+        if not client.is_running:
+            return _json_error(503, {"status": "engine dead"})
+        return StatusResponse(status="ok")
+
+    @app.get("/ready", response_model=StatusResponse, responses=_PROBE_RESPONSES)
+    async def ready():
+        if state.draining:
+            return _json_error(503, {"status": "draining"})
+        if not state.ready or not client.is_running:
+            return _json_error(503, {"status": "not ready"})
+        return StatusResponse(status="ready")
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> VersionResponse:
+        return VersionResponse(version=__version__)
+
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def prometheus_metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(await client.stats()), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,59 @@
+"""Running the app under uvicorn with a graceful drain on SIGTERM / SIGINT.
+
+On the first signal the server keeps listening but turns /ready to 503 and answers new /v1 requests
+with 503 + Retry-After, while in-flight requests run to completion; once none is left (or the drain
+timeout passes) uvicorn shuts down and the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+
+from meshserve.serve.middleware import ServerState
+
+logger = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose exit signals start a drain instead of closing the listener."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout_s: float):
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout_s = drain_timeout_s
+        self._drain_deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not calling super(): uvicorn would re-raise the signal after shutdown, and exit non-zero.
+        if self._drain_deadline is not None:
+            logger.warning("second %s: exiting without waiting for in-flight requests",
+                           signal.Signals(sig).name)
+            self.should_exit = True
+            self.force_exit = True
+            return
+        self.begin_drain()
+        logger.warning("%s: draining %d in-flight request(s), at most %.0f s", signal.Signals(sig).name,
+                       self.state.num_in_flight, self.drain_timeout_s)
+
+    def begin_drain(self) -> None:
+        self.state.draining = True
+        self._drain_deadline = time.monotonic() + self.drain_timeout_s
+
+    async def on_tick(self, counter: int) -> bool:
+        if await super().on_tick(counter):
+            return True
+        if self._drain_deadline is None:
+            return False
+        if self.state.num_in_flight == 0:
+            logger.info("drained; shutting down")
+            return True
+        if time.monotonic() >= self._drain_deadline:
+            logger.warning("drain timeout: %d request(s) still in flight are cancelled",
+                           self.state.num_in_flight)
+            return True
+        return False

@@ -1,0 +1,85 @@
+"""What the completions and chat handlers share: model check, usage, per-choice stream bookkeeping."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from meshserve.errors import InvalidArgumentError, MeshserveError
+from meshserve.outputs import CompletionOutput, RequestOutput
+from meshserve.serve.config import ServeConfig
+from meshserve.serve.errors import ModelNotFoundError, RetryableError
+from meshserve.serve.protocol import PromptTokensDetails, UsageInfo
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_model(config: ServeConfig, model: str | None) -> str:
+    """The name to answer with; 404 for a model this server does not serve."""
+    if model is None or model in config.served_model_names:
+        return config.model_name if model is None else model
+    raise ModelNotFoundError(model)
+
+
+def outcome_of_error(exc: BaseException) -> str:
+    """The metrics outcome of a request that failed before producing a response."""
+    if isinstance(exc, RetryableError):
+        return "rejected"
+    if isinstance(exc, (InvalidArgumentError, ModelNotFoundError)):
+        return "invalid"
+    if isinstance(exc, MeshserveError) and exc.http_status < 500:
+        return "invalid"
+    return "error"
+
+
+def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
+    """Exact token counts: each prompt once, every generated token of every choice."""
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice gained since it was last sent."""
+
+    text: str
+    token_ids: list[int]
+    token_start: int  # index in the choice's token_ids of token_ids[0]
+    finish_reason: str | None
+    stop_reason: int | str | None
+    first: bool  # nothing was sent for this choice before
+
+
+@dataclass
+class StreamState:
+    """Per (prompt, choice) counts of what has been sent, so deltas come from cumulative outputs."""
+
+    text_sent: dict[tuple[int, int], int] = field(default_factory=dict)
+    tokens_sent: dict[tuple[int, int], int] = field(default_factory=dict)
+    finished: set[tuple[int, int]] = field(default_factory=set)
+
+    def delta(self, prompt_index: int, c: CompletionOutput, need_tokens: bool) -> ChoiceDelta | None:
+        """The choice's new text/tokens, or None when there is nothing worth a chunk.
+
+        need_tokens: emit a chunk for new tokens even if their text is held back (logprobs were asked).
+        """
+        key = (prompt_index, c.index)
+        if key in self.finished:
+            return None
+        first = key not in self.tokens_sent
+        t0 = self.text_sent.get(key, 0)
+        k0 = self.tokens_sent.get(key, 0)
+        text = c.text[t0:]
+        new_ids = c.token_ids[k0:]
+        if not text and not c.finish_reason and not (need_tokens and new_ids):
+            return None
+        self.text_sent[key] = len(c.text)
+        self.tokens_sent[key] = len(c.token_ids)
+        if c.finish_reason:
+            self.finished.add(key)
+        return ChoiceDelta(text, list(new_ids), k0, c.finish_reason, c.stop_reason, first)

@@ -1,0 +1,168 @@
+"""POST /v1/completions: one engine request per prompt, n choices each, streamed or whole."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.responses import Response
+
+from meshserve.outputs import CompletionOutput, RequestOutput
+from meshserve.serve.config import ServeConfig
+from meshserve.serve.engine_client import EngineClient, EngineRequest, merge_requests
+from meshserve.serve.logprobs import completion_logprobs
+from meshserve.serve.metrics import RequestTracker, ServerMetrics, outcome_of
+from meshserve.serve.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse
+from meshserve.serve.sampling_params import completion_sampling_params
+from meshserve.serve.serving_common import (
+    ChoiceDelta,
+    StreamState,
+    check_model,
+    outcome_of_error,
+    random_id,
+    usage_of,
+)
+from meshserve.serve.streaming import SSE_DONE, SSEResponse, sse_error, sse_event
+
+logger = logging.getLogger(__name__)
+
+
+class _Echo:
+    """The prompt as it is echoed back: its text and, with logprobs, its tokens' texts."""
+
+    def __init__(self, text: str, token_texts: list[str] | None):
+        self.text = text
+        self.token_texts = token_texts
+
+
+class CompletionService:
+    def __init__(self, client: EngineClient, config: ServeConfig, metrics: ServerMetrics):
+        self.client = client
+        self.config = config
+        self.metrics = metrics
+
+    async def create(self, req: CompletionRequest) -> Response | CompletionResponse:
+        tracker = self.metrics.track()
+        try:
+            model = check_model(self.config, req.model)
+            params = completion_sampling_params(req)
+            prompts = req.prompts()
+            request_id = random_id("cmpl")
+            engine_prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
+            requests = await self.client.start(engine_prompts, params, request_id)
+        except BaseException as e:
+            tracker.finish("abort" if isinstance(e, asyncio.CancelledError) else outcome_of_error(e))
+            raise
+        try:
+            echoes = await self._echoes(req, prompts, requests) if req.echo else None
+        except BaseException:
+            await _close(requests)
+            tracker.finish("error")
+            raise
+        if req.stream:
+            return SSEResponse(self._stream(req, model, request_id, requests, echoes, tracker))
+        return await self._whole(req, model, request_id, requests, echoes, tracker)
+
+    async def _echoes(self, req: CompletionRequest, prompts: list, requests: list[EngineRequest]) -> list[_Echo]:
+        echoes = []
+        for prompt, r in zip(prompts, requests):
+            ids = r.first.prompt_token_ids
+            text = prompt if isinstance(prompt, str) else await self.client.decode(ids)
+            texts = await self.client.decode_each(ids) if req.logprobs is not None else None
+            echoes.append(_Echo(text, texts))
+        return echoes
+
+    # -- whole response --------------------------------------------------------------------------
+    async def _whole(self, req, model, request_id, requests, echoes, tracker: RequestTracker) -> CompletionResponse:
+        finals: dict[int, RequestOutput] = {}
+        try:
+            async for i, out in merge_requests(requests):
+                tracker.observe(i, out)
+                finals[i] = out
+        except BaseException as e:
+            tracker.finish("abort" if isinstance(e, asyncio.CancelledError) else "error")
+            raise
+        finally:
+            await _close(requests)
+        outputs = [finals[i] for i in range(len(requests))]
+        tracker.finish(outcome_of(outputs))
+        choices = []
+        for i, out in enumerate(outputs):
+            for c in out.outputs:
+                choices.append(self._choice(req, i, out, c, echoes[i] if echoes else None))
+        return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of(outputs))
+
+    def _choice(self, req: CompletionRequest, i: int, out: RequestOutput, c: CompletionOutput,
+                echo: _Echo | None) -> CompletionChoice:
+        text = (echo.text if echo else "") + c.text
+        logprobs = None
+        if req.logprobs is not None:
+            if echo:
+                prompt_positions = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids))
+                logprobs = completion_logprobs(out.prompt_token_ids + c.token_ids,
+                                               prompt_positions + list(c.logprobs or []),
+                                               (echo.token_texts or []) + [""] * len(c.token_ids))
+            else:
+                logprobs = completion_logprobs(c.token_ids, list(c.logprobs or []))
+        return CompletionChoice(index=i * req.n + c.index, text=text, logprobs=logprobs,
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+
+    # -- stream ----------------------------------------------------------------------------------
+    async def _stream(self, req, model, request_id, requests, echoes,
+                      tracker: RequestTracker) -> AsyncIterator[str]:
+        state = StreamState()
+        finals: dict[int, RequestOutput] = {}
+        want_lp = req.logprobs is not None
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        outcome = "abort"
+        try:
+            async for i, out in merge_requests(requests):
+                tracker.observe(i, out)
+                finals[i] = out
+                for c in out.outputs:
+                    d = state.delta(i, c, need_tokens=want_lp)
+                    if d is None:
+                        continue
+                    choice = self._chunk_choice(req, i, out, c, d, echoes[i] if echoes else None)
+                    yield sse_event(CompletionChunk(id=request_id, model=model, choices=[choice]))
+            outputs = [finals[i] for i in range(len(requests))]
+            outcome = outcome_of(outputs)
+            if include_usage:
+                yield sse_event(CompletionChunk(id=request_id, model=model, choices=[],
+                                                usage=usage_of(outputs)))
+            yield SSE_DONE
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band
+            outcome = "error"
+            yield sse_error(e)
+            yield SSE_DONE
+        finally:
+            tracker.finish(outcome)
+            await _close(requests)
+
+    def _chunk_choice(self, req: CompletionRequest, i: int, out: RequestOutput, c: CompletionOutput,
+                      d: ChoiceDelta, echo: _Echo | None) -> CompletionChoice:
+        text = d.text
+        logprobs = None
+        if req.logprobs is not None:
+            positions = list(c.logprobs or [])[d.token_start:d.token_start + len(d.token_ids)]
+            logprobs = completion_logprobs(d.token_ids, positions)
+        if d.first and echo is not None:
+            text = echo.text + text
+            if logprobs is not None:
+                prompt_positions = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids))
+                logprobs = completion_logprobs(out.prompt_token_ids + d.token_ids,
+                                               prompt_positions + positions,
+                                               (echo.token_texts or []) + [""] * len(d.token_ids))
+        return CompletionChoice(index=i * req.n + c.index, text=text, logprobs=logprobs,
+                                finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+
+
+async def _close(requests: list[EngineRequest]) -> None:
+    for r in requests:
+        try:
+            await r.aclose()
+        except Exception:
+            logger.debug("closing an engine request failed", exc_info=True)

@@ -1,0 +1,366 @@
+"""Triton attention kernels vs the torch reference (meshserve.kernels.attention_ref).
+
+Without CUDA the kernels run in the Triton CPU interpreter (TRITON_INTERPRET=1 is set below, before triton is
+imported) on tiny shapes. `-m gpu` runs the real kernels on CUDA over production-like shapes.
+
+Tolerances: fp32 atol/rtol 1e-4 in the interpreter (TF32 dot on GPU: 1e-2); fp16 and bf16 compare against the
+reference computed in fp32 from the same rounded inputs with atol 2e-2, rtol 2e-2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+_HAS_CUDA = torch.cuda.is_available()
+if not _HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+if importlib.util.find_spec("triton") is not None:
+    from meshserve.kernels.triton_attention import TritonAttentionBackend, decode_num_splits
+
+from meshserve.kernels.attention_ref import paged_attention_ref, write_kv_ref
+from meshserve.layers.attention_metadata import AttentionMetadata
+
+interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
+gpu = pytest.mark.gpu
+
+
+def _tol(dtype, on_gpu=False):
+    if dtype == torch.float32:
+        return (1e-2, 1e-2) if on_gpu else (1e-4, 1e-4)  # GPU: fp32 tl.dot runs in TF32
+    return 2e-2, 2e-2
+
+
+def make_case(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device="cpu", seed=0,
+              extra_blocks=3, table_width=None, qsl=None):
+    """Random query [T, H, D], a KV cache with randomly permuted blocks, and the metadata."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(seq_lens)
+    need = [-(-s // block_size) for s in seq_lens]
+    width = table_width or max(max(need), 1)
+    num_blocks = sum(need) + extra_blocks
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.zeros(b, width, dtype=torch.int32)
+    k = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[k : k + n]
+        k += n
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    if qsl is None:
+        qsl = [0]
+        for n in q_lens:
+            qsl.append(qsl[-1] + n)
+    total = qsl[-1]
+    query = torch.randn(total, num_heads, head_dim, generator=g).to(dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(total, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=tables.to(device),
+        max_query_len=max(q_lens) if q_lens else 0,
+        max_seq_len=max(seq_lens),
+        query_start_loc_cpu=list(qsl),
+        seq_lens_cpu=list(seq_lens),
+    )
+    return query.to(device), cache.to(device), meta
+
+
+def reference(query, cache, meta, scale, window):
+    """The torch reference in fp32 over the same (rounded) inputs."""
+    return paged_attention_ref(query.float(), cache.float(), meta, scale, window)
+
+
+def check(out, ref, dtype, on_gpu=False, rows=None):
+    atol, rtol = _tol(dtype, on_gpu)
+    if rows is not None:
+        out, ref = out[rows], ref[rows]
+    assert out.dtype == dtype
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# interpreter (CPU) tests: tiny shapes
+# ----------------------------------------------------------------------------------------------------------
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_write_kv_interp(dtype, block_size):
+    g = torch.Generator().manual_seed(1)
+    t, hkv, d, num_blocks = 7, 2, 24, 8
+    # (in the cache dtype: the interpreter rounds fp32 -> bf16 differently from torch; GPU casts match)
+    qkv = torch.randn(t, (4 + 2 * hkv) * d, generator=g).to(dtype)
+    k = qkv[:, 4 * d : (4 + hkv) * d].view(t, hkv, d)  # non-contiguous, as split from a fused projection
+    v = qkv[:, (4 + hkv) * d :].view(t, hkv, d)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:t].to(torch.int64)
+    slots[2] = -1  # padding: writes nothing
+    cache = torch.randn(2, num_blocks, block_size, hkv, d, generator=g).to(dtype)
+    expect = cache.clone()
+    keep = slots >= 0
+    write_kv_ref(k[keep], v[keep], expect, slots[keep])
+    TritonAttentionBackend().write_kv(k, v, cache, slots)
+    torch.testing.assert_close(cache, expect, atol=0, rtol=0)
+
+
+PREFILL_CASES = [
+    # q_lens, seq_lens, H, Hkv, D, block_size, window
+    ([5, 1, 17], [5, 40, 30], 4, 2, 32, 16, None),  # prefill, decode, chunk over a cached prefix
+    ([9, 3, 0, 2], [20, 70, 9, 2], 8, 1, 64, 4, 7),  # GQA 8, sliding window, a q_len-0 row
+    ([6, 20], [6, 33], 3, 3, 24, 1, None),  # MHA, head_dim 24, block_size 1
+    ([16, 2], [40, 2], 4, 1, 32, 32, 5),  # window smaller than a KV tile
+]
+
+
+@interp
+@pytest.mark.parametrize("case", range(len(PREFILL_CASES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_prefill_interp(case, dtype):
+    q_lens, seq_lens, h, hkv, d, bs, window = PREFILL_CASES[case]
+    query, cache, meta = make_case(q_lens, seq_lens, h, hkv, d, bs, dtype, seed=case)
+    out = TritonAttentionBackend().attend(query, cache, meta, d**-0.5, window)
+    check(out, reference(query, cache, meta, d**-0.5, window), dtype)
+
+
+DECODE_CASES = [
+    # seq_lens, H, Hkv, D, block_size, window
+    ([5, 100, 300], 8, 2, 24, 16, None),
+    ([1, 77, 260], 4, 4, 64, 32, 50),
+    ([130, 3], 8, 1, 32, 8, None),
+]
+
+
+@interp
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_interp(case, splits, dtype):
+    seq_lens, h, hkv, d, bs, window = DECODE_CASES[case]
+    query, cache, meta = make_case([1] * len(seq_lens), seq_lens, h, hkv, d, bs, dtype, seed=10 + case)
+    out = TritonAttentionBackend(decode_num_splits=splits).attend(query, cache, meta, d**-0.5, window)
+    check(out, reference(query, cache, meta, d**-0.5, window), dtype)
+
+
+@interp
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_padding_rows_interp(splits):
+    """CUDA-graph style padding: seq_len 0 rows give zeros; more splits than tiles is fine."""
+    seq_lens = [40, 0, 7, 0]
+    query, cache, meta = make_case([1] * 4, [40, 1, 7, 1], 4, 2, 32, 16, torch.float32, seed=3,
+                                   table_width=8)
+    meta.seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
+    meta.seq_lens_cpu = seq_lens
+    meta.max_seq_len = 128  # fixed "capture" value, larger than any real length
+    out = TritonAttentionBackend(decode_num_splits=splits).attend(query, cache, meta, 0.2, None)
+    ref = reference(query, cache, meta, 0.2, None)
+    check(out, ref, torch.float32, rows=[0, 2])
+    assert (out[[1, 3]] == 0).all()
+
+
+@interp
+@pytest.mark.parametrize("q_lens", [[3, 1, 5], [1, 1, 1]])
+def test_strided_query_interp(q_lens):
+    """q as a view of a fused qkv projection (row stride > H * D)."""
+    seq_lens = [3, 20, 9]
+    query, cache, meta = make_case(q_lens, seq_lens, 4, 2, 32, 8, torch.float32, seed=4)
+    t = query.shape[0]
+    qkv = torch.randn(t, (4 + 2 * 2) * 32)
+    qkv[:, : 4 * 32] = query.flatten(1)
+    q_view = qkv[:, : 4 * 32].view(t, 4, 32)
+    out = TritonAttentionBackend().attend(q_view, cache, meta, 0.2, None)
+    assert out.is_contiguous()
+    check(out, reference(query, cache, meta, 0.2, None), torch.float32)
+
+
+@interp
+def test_full_layer_roundtrip_interp():
+    """write_kv then prefill then decode, as the attention layer calls them, against the torch backend."""
+    from meshserve.layers.attention import TorchAttentionBackend
+
+    g = torch.Generator().manual_seed(5)
+    h, hkv, d, bs, num_blocks = 4, 2, 32, 4, 12
+    tables = torch.tensor([[3, 7, 1, 0], [2, 5, 9, 11]], dtype=torch.int32)
+    caches = [torch.zeros(2, num_blocks, bs, hkv, d) for _ in range(2)]
+    backends = [TritonAttentionBackend(), TorchAttentionBackend()]
+    lens = [0, 0]
+    for q_lens in ([6, 9], [1, 1], [1, 1]):
+        qsl = [0, q_lens[0], q_lens[0] + q_lens[1]]
+        new_lens = [lens[i] + q_lens[i] for i in range(2)]
+        pos = [p for i in range(2) for p in range(lens[i], new_lens[i])]
+        seq = [i for i in range(2) for _ in range(q_lens[i])]
+        slots = torch.tensor([int(tables[s, p // bs]) * bs + p % bs for s, p in zip(seq, pos)])
+        meta = AttentionMetadata(slots, torch.tensor(qsl, dtype=torch.int32),
+                                 torch.tensor(new_lens, dtype=torch.int32), tables, max(q_lens), max(new_lens),
+                                 qsl, new_lens)
+        q = torch.randn(qsl[-1], h, d, generator=g)
+        k = torch.randn(qsl[-1], hkv, d, generator=g)
+        v = torch.randn(qsl[-1], hkv, d, generator=g)
+        outs = []
+        for be, cache in zip(backends, caches):
+            be.write_kv(k, v, cache, slots)
+            outs.append(be.attend(q, cache, meta, 0.25, None))
+        torch.testing.assert_close(caches[0], caches[1], atol=0, rtol=0)
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+        lens = new_lens
+
+
+def test_decode_num_splits_heuristic():
+    # few programs + long context -> many splits; big batch -> 1; short context -> 1; bounded, power of 2
+    assert decode_num_splits(1, 8, 32768, 64, 132) == 32
+    assert decode_num_splits(64, 8, 32768, 64, 132) == 1
+    assert decode_num_splits(1, 8, 100, 64, 132) == 1
+    assert decode_num_splits(2, 4, 2048, 64, 132, max_splits=16) == 8
+    for b in (1, 3, 8, 64):
+        n = decode_num_splits(b, 2, 5000, 64, 132)
+        assert n & (n - 1) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU tests (-m gpu)
+# ----------------------------------------------------------------------------------------------------------
+GQA = [(32, 32), (32, 8), (32, 4)]
+
+
+def _rand_lens(n, lo, hi, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_write_kv_gpu(dtype, block_size):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    t, hkv, d, num_blocks = 300, 8, 128, 64
+    k = torch.randn(t, hkv, d, device="cuda", generator=g, dtype=dtype)
+    v = torch.randn(t, hkv, d, device="cuda", generator=g, dtype=dtype)
+    slots = torch.randperm(num_blocks * block_size, device="cuda", generator=g)[:t]
+    slots[::7] = -1
+    cache = torch.randn(2, num_blocks, block_size, hkv, d, device="cuda", generator=g, dtype=dtype)
+    expect = cache.clone()
+    keep = slots >= 0
+    write_kv_ref(k[keep], v[keep], expect, slots[keep])
+    TritonAttentionBackend().write_kv(k, v, cache, slots)
+    torch.testing.assert_close(cache, expect, atol=0, rtol=0)
+
+
+@gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", GQA)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("batch,max_len", [(1, 32768), (8, 8192), (64, 2048)])
+def test_decode_gpu(head_dim, heads, block_size, batch, max_len):
+    h, hkv = heads
+    seq_lens = _rand_lens(batch, 1, max_len, seed=batch)
+    seq_lens[0] = max_len
+    query, cache, meta = make_case([1] * batch, seq_lens, h, hkv, head_dim, block_size, torch.bfloat16,
+                                   device="cuda")
+    scale = head_dim**-0.5
+    ref = reference(query, cache, meta, scale, None)
+    for splits in (None, 1, 7):
+        out = TritonAttentionBackend(decode_num_splits=splits).attend(query, cache, meta, scale, None)
+        check(out, ref, torch.bfloat16, on_gpu=True)
+
+
+@gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", GQA)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("window", [None, 1000])
+def test_mixed_chunked_prefill_gpu(head_dim, heads, block_size, window):
+    """Prefill chunks over cached prefixes, a fresh prompt and decodes in one batch."""
+    h, hkv = heads
+    q_lens = [512, 1, 300, 1, 2048, 1, 37, 1]
+    seq_lens = [1536, 4000, 300, 17, 2048, 9000, 5037, 1]
+    query, cache, meta = make_case(q_lens, seq_lens, h, hkv, head_dim, block_size, torch.bfloat16,
+                                   device="cuda")
+    scale = head_dim**-0.5
+    out = TritonAttentionBackend().attend(query, cache, meta, scale, window)
+    check(out, reference(query, cache, meta, scale, window), torch.bfloat16, on_gpu=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,heads", [(24, (4, 2)), (32, (4, 2)), (128, (32, 8))])
+def test_prefill_dtypes_gpu(dtype, head_dim, heads):
+    h, hkv = heads
+    q_lens = [128, 77, 1, 300]
+    seq_lens = [128, 500, 64, 1300]
+    query, cache, meta = make_case(q_lens, seq_lens, h, hkv, head_dim, 16, dtype, device="cuda")
+    out = TritonAttentionBackend().attend(query, cache, meta, head_dim**-0.5, None)
+    check(out, reference(query, cache, meta, head_dim**-0.5, None), dtype, on_gpu=True)
+    meta1 = make_case([1] * 4, seq_lens, h, hkv, head_dim, 16, dtype, device="cuda")
+    out = TritonAttentionBackend().attend(*meta1[:2], meta1[2], head_dim**-0.5, 64)
+    check(out, reference(*meta1[:2], meta1[2], head_dim**-0.5, 64), dtype, on_gpu=True)
+
+
+@gpu
+@pytest.mark.parametrize("block_size", [1, 8, 64, 128])
+def test_odd_block_sizes_gpu(block_size):
+    q_lens = [64, 1, 200]
+    seq_lens = [64, 333, 1000]
+    query, cache, meta = make_case(q_lens, seq_lens, 32, 8, 128, block_size, torch.bfloat16, device="cuda")
+    out = TritonAttentionBackend().attend(query, cache, meta, 0.088, None)
+    check(out, reference(query, cache, meta, 0.088, None), torch.bfloat16, on_gpu=True)
+    query, cache, meta = make_case([1] * 3, seq_lens, 32, 8, 128, block_size, torch.bfloat16, device="cuda")
+    out = TritonAttentionBackend().attend(query, cache, meta, 0.088, None)
+    check(out, reference(query, cache, meta, 0.088, None), torch.bfloat16, on_gpu=True)
+
+
+@gpu
+@pytest.mark.parametrize("splits", [None, 1])
+def test_decode_cuda_graph_gpu(splits):
+    """Capture write_kv + decode attention once; replay with new seq_lens/slots/queries (and padding rows)."""
+    torch.manual_seed(0)
+    bs_max, h, hkv, d, block_size, max_model_len = 8, 32, 8, 128, 16, 4096
+    max_blocks = max_model_len // block_size
+    num_blocks = bs_max * max_blocks
+    dev, dtype = "cuda", torch.bfloat16
+    cache = torch.randn(2, num_blocks, block_size, hkv, d, device=dev, dtype=dtype)
+    tables = torch.randperm(num_blocks, device=dev).view(bs_max, max_blocks).to(torch.int32)
+    # static buffers
+    q_buf = torch.zeros(bs_max, h, d, device=dev, dtype=dtype)
+    k_buf = torch.zeros(bs_max, hkv, d, device=dev, dtype=dtype)
+    v_buf = torch.zeros(bs_max, hkv, d, device=dev, dtype=dtype)
+    slots = torch.full((bs_max,), -1, dtype=torch.int64, device=dev)
+    seq_lens = torch.zeros(bs_max, dtype=torch.int32, device=dev)
+    qsl = torch.arange(bs_max + 1, dtype=torch.int32, device=dev)
+    meta = AttentionMetadata(slots, qsl, seq_lens, tables, 1, max_model_len, list(range(bs_max + 1)),
+                             [0] * bs_max)
+    backend = TritonAttentionBackend(decode_num_splits=splits)
+
+    def step():
+        backend.write_kv(k_buf, v_buf, cache, slots)
+        return backend.attend(q_buf, cache, meta, d**-0.5, None)
+
+    step()  # warm up / compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for trial, n in enumerate([8, 3, 5]):
+        lens = _rand_lens(n, 1, max_model_len, seed=100 + trial)
+        lens[0] = max_model_len if trial == 0 else lens[0]
+        q_buf.normal_()
+        k_buf.normal_()
+        v_buf.normal_()
+        seq_lens.zero_()
+        seq_lens[:n] = torch.tensor(lens, dtype=torch.int32)
+        slots.fill_(-1)
+        slots[:n] = torch.tensor([int(tables[i, (L - 1) // block_size]) * block_size + (L - 1) % block_size
+                                  for i, L in enumerate(lens)], device=dev)
+        graph.replay()
+        torch.cuda.synchronize()
+        # reference on the real rows (the cache now holds the new K/V at the last position)
+        ref_meta = AttentionMetadata(slots[:n], qsl[: n + 1], seq_lens[:n], tables[:n], 1, max(lens),
+                                     list(range(n + 1)), lens)
+        ref = reference(q_buf[:n], cache, ref_meta, d**-0.5, None)
+        check(out[:n], ref, dtype, on_gpu=True)
+        assert (out[n:] == 0).all()  # padding rows: seq_len 0 -> zeros
+        last = cache[0, tables[0, (lens[0] - 1) // block_size].long(), (lens[0] - 1) % block_size]
+        torch.testing.assert_close(last, k_buf[0], atol=0, rtol=0)

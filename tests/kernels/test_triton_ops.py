@@ -1,0 +1,143 @@
+"""Triton rms_norm / silu_and_mul / rotary vs their torch references (and the layer modules).
+
+Without CUDA the kernels run in the Triton CPU interpreter (TRITON_INTERPRET=1 set before triton is
+imported) in fp32/fp16 (the interpreter rounds fp32 -> bf16 differently from torch, so bf16 is GPU-only).
+Tolerances: fp32 1e-5; fp16/bf16: one unit in the last place of the output dtype (atol/rtol = eps).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+_HAS_CUDA = torch.cuda.is_available()
+if not _HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+if importlib.util.find_spec("triton") is not None:
+    from meshserve.kernels.triton_ops import (
+        apply_rotary,
+        apply_rotary_ref,
+        rms_norm,
+        rms_norm_ref,
+        silu_and_mul,
+        silu_and_mul_ref,
+    )
+
+interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
+gpu = pytest.mark.gpu
+
+
+def close(a, b, dtype):
+    """Within 2 units in the last place: the kernel's fp32 reduction order differs from torch's, which can
+    flip one rounding of a 16-bit output (seen: 1 element in 1M off by one fp16 ulp on the H100)."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def _rms_case(device, dtype, shape, w_dtype):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, generator=g, device=device).to(dtype)
+    r = torch.randn(shape, generator=g, device=device).to(dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g, device=device)).to(w_dtype)
+    return x, r, w
+
+
+def _check_rms(device, dtype, shape, w_dtype):
+    from meshserve.layers.norm import RMSNorm
+
+    x, r, w = _rms_case(device, dtype, shape, w_dtype)
+    out = rms_norm(x, w, 1e-6)
+    close(out, rms_norm_ref(x, w, 1e-6), out.dtype)
+    out, res = rms_norm(x, w, 1e-6, r)
+    ref_out, ref_res = rms_norm_ref(x, w, 1e-6, r)
+    close(out, ref_out, out.dtype)
+    torch.testing.assert_close(res, ref_res, atol=0, rtol=0)
+    layer = RMSNorm(shape[-1], eps=1e-6).to(device=device, dtype=w_dtype)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        close(rms_norm(x, w, 1e-6), layer(x), out.dtype)
+        close(rms_norm(x, w, 1e-6, r)[0], layer(x, r)[0], out.dtype)
+
+
+def _check_silu(device, dtype, shape):
+    from meshserve.layers.activation import SiluAndMul
+
+    x = torch.randn(shape, generator=torch.Generator(device=device).manual_seed(1), device=device).to(dtype)
+    out = silu_and_mul(x)
+    close(out, silu_and_mul_ref(x), dtype)
+    close(out, SiluAndMul()(x), dtype)
+
+
+def _check_rotary(device, dtype, t, h, hkv, d, max_pos=64):
+    from meshserve.layers.rotary import RotaryEmbedding
+
+    cfg = SimpleNamespace(rope_theta=10000.0, rope_scaling=None)
+    rope = RotaryEmbedding(cfg, d, max_pos).to(device)
+    g = torch.Generator(device=device).manual_seed(2)
+    qkv = torch.randn(t, (h + 2 * hkv) * d, generator=g, device=device).to(dtype)
+    q = qkv[:, : h * d].view(t, h, d)  # strided views, as split from the fused projection
+    k = qkv[:, h * d : (h + hkv) * d].view(t, hkv, d)
+    pos = torch.randint(0, max_pos, (t,), generator=g, device=device)
+    qo, ko = apply_rotary(pos, q, k, rope.cos_cache, rope.sin_cache)
+    qr, kr = apply_rotary_ref(pos, q, k, rope.cos_cache, rope.sin_cache)
+    ql, kl = rope(pos, q, k)
+    for a, b in ((qo, qr), (ko, kr), (qo, ql), (ko, kl)):
+        close(a, b, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# interpreter
+# ----------------------------------------------------------------------------------------------------------
+@interp
+@pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                           (torch.float16, torch.float32)])
+@pytest.mark.parametrize("shape", [(5, 96), (2, 3, 40)])
+def test_rms_norm_interp(dtype, w_dtype, shape):
+    _check_rms("cpu", dtype, shape, w_dtype)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(4, 384), (2, 3, 50)])
+def test_silu_and_mul_interp(dtype, shape):
+    _check_silu("cpu", dtype, shape)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("h,hkv,d", [(4, 2, 24), (3, 1, 64)])
+def test_rotary_interp(dtype, h, hkv, d):
+    _check_rotary("cpu", dtype, 6, h, hkv, d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.parametrize("dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                           (torch.bfloat16, torch.float32), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("shape", [(1, 4096), (257, 4096), (64, 8192), (33, 896), (7, 5120)])
+def test_rms_norm_gpu(dtype, w_dtype, shape):
+    _check_rms("cuda", dtype, shape, w_dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 2 * 14336), (300, 2 * 11008), (17, 2 * 4864)])
+def test_silu_and_mul_gpu(dtype, shape):
+    _check_silu("cuda", dtype, shape)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("h,hkv,d", [(32, 8, 128), (32, 32, 64), (14, 2, 64), (4, 2, 24)])
+def test_rotary_gpu(dtype, h, hkv, d):
+    _check_rotary("cuda", dtype, 513, h, hkv, d, max_pos=4096)

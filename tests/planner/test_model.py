@@ -1,0 +1,69 @@
+"""Parameter counts from shapes: the published totals, MoE total vs active, tied embeddings, config.json input."""
+
+import json
+
+import pytest
+
+from meshserve.errors import InvalidArgumentError
+from meshserve.planner.model import load_model, model_from_config
+from meshserve.planner.presets import PLANNER_PRESETS
+
+
+@pytest.mark.parametrize("name, billions", [
+    ("llama-3.1-8b", 8.03), ("llama-3.1-70b", 70.55), ("llama-3.1-405b", 405.85), ("qwen3-0.6b", 0.60),
+    ("qwen3-8b", 8.19), ("qwen3-32b", 32.76), ("mistral-7b", 7.25), ("mixtral-8x7b", 46.70),
+    ("qwen3-30b-a3b", 30.53),
+])
+def test_total_parameters_match_published(name, billions):
+    assert round(load_model(name).total_params / 1e9, 2) == billions
+
+
+def test_llama_70b_exact_count():
+    # 80 × (attention 150,994,944 + MLP 704,643,072 + norms 16,384) + 2 × 128256 × 8192 + final norm
+    assert load_model("llama-3.1-70b").total_params == 70_553_706_496
+
+
+@pytest.mark.parametrize("name, total, active", [("mixtral-8x7b", 46.70, 12.88), ("qwen3-30b-a3b", 30.53, 3.35)])
+def test_moe_total_vs_active(name, total, active):
+    m = load_model(name)
+    assert m.is_moe
+    assert round(m.total_params / 1e9, 2) == total and round(m.active_params / 1e9, 2) == active
+
+
+def test_dense_models_are_fully_active():
+    m = load_model("llama-3.1-8b")
+    assert m.active_params == m.total_params and not m.is_moe
+
+
+def test_tied_embeddings_count_once():
+    tied = load_model("qwen3-0.6b")
+    untied = model_from_config({**PLANNER_PRESETS["qwen3-0.6b"], "tie_word_embeddings": False})
+    assert untied.total_params - tied.total_params == tied.vocab_size * tied.hidden_size
+
+
+def test_from_config_json_file_and_folder(tmp_path):
+    cfg = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+           "tie_word_embeddings": False, "max_position_embeddings": 131072, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_model(str(tmp_path)).total_params == load_model("llama-3.1-8b").total_params
+    assert load_model(str(tmp_path / "config.json")).num_kv_heads == 8
+
+
+def test_hf_ids_and_case_resolve_to_presets():
+    assert load_model("meta-llama/Llama-3.1-70B-Instruct").total_params == 70_553_706_496
+    assert load_model("Qwen3-8B").num_layers == 36
+
+
+def test_quantized_checkpoint_dtype_detected():
+    base = dict(PLANNER_PRESETS["llama-3.1-8b"])
+    assert model_from_config({**base, "quantization_config": {"quant_method": "fp8"}}).checkpoint_dtype == "fp8"
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    assert model_from_config({**base, "quantization_config": awq}).checkpoint_dtype == "int4"
+
+
+def test_unknown_model_is_an_error():
+    with pytest.raises(InvalidArgumentError, match="neither a preset"):
+        load_model("no-such-model")
+    with pytest.raises(InvalidArgumentError, match="lacks"):
+        model_from_config({"hidden_size": 8})

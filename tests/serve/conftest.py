@@ -1,0 +1,97 @@
+"""Live OpenAI-compatible servers on loopback, in a background thread, around tiny random models."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from meshserve.config import EngineArgs
+from meshserve.engine.async_engine import AsyncLLM
+from meshserve.serve.config import ServeConfig
+from meshserve.serve.middleware import ServerState
+from meshserve.serve.openai_api import build_app
+
+MODEL = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    allm: AsyncLLM
+    app: object
+    state: ServerState
+    server: object
+    thread: threading.Thread
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def start_server(allm: AsyncLLM, config: ServeConfig) -> LiveServer:
+    import uvicorn
+
+    state = ServerState()
+    app = build_app(allm, config, state)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    return LiveServer(f"http://127.0.0.1:{port}", allm, app, state, server, thread)
+
+
+def make_engine(model_dir: str, **kwargs) -> AsyncLLM:
+    kwargs.setdefault("max_model_len", 512)
+    return AsyncLLM.from_engine_args(EngineArgs(model=model_dir, **kwargs))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir):
+    allm = make_engine(tiny_model_dir("llama"))
+    yield allm
+    allm.shutdown()
+
+
+@pytest.fixture(scope="session")
+def live(tiny_engine) -> LiveServer:
+    srv = start_server(tiny_engine, ServeConfig(served_model_names=[MODEL, "tiny-alias"],
+                                                max_request_body_bytes=256 * 1024))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def http(live):
+    with httpx.Client(base_url=live.base_url, timeout=60) as client:
+        yield client
+
+
+def wait_idle(allm: AsyncLLM, timeout: float = 5.0) -> dict:
+    """Engine stats once no request is left (blocks freed), or the last stats at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = allm.engine.stats()  # racy read from the test thread: fine for polling
+        if (not allm.engine.requests and stats["kv_cache_usage"] == 0.0) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.01)

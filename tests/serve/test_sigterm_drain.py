@@ -1,0 +1,86 @@
+"""`meshserve serve` in a subprocess: SIGTERM drains in-flight requests, refuses new ones, exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+from tests.serve.conftest import free_port
+
+
+def _wait_ready(base: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if httpx.get(base + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server never became ready")
+
+
+def test_sigterm_drains_in_flight_requests(tiny_model_dir):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshserve.cli", "serve", tiny_model_dir("llama"), "--host", "127.0.0.1",
+         "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "512", "--max-num-seqs", "1",
+         "--drain-timeout", "60", "--disable-access-log", "--uvicorn-log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_ready(base, proc)
+        results: dict[int, dict] = {}
+        first_chunk = threading.Event()
+
+        def stream(i: int) -> None:
+            body = {"model": "tiny", "prompt": f"Story {i}", "max_tokens": 450, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as resp:
+                text, usage, finish = "", None, None
+                for line in resp.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    first_chunk.set()
+                    for c in chunk["choices"]:
+                        text += c["text"]
+                        finish = c["finish_reason"] or finish
+                    usage = chunk.get("usage") or usage
+                results[i] = {"status": resp.status_code, "usage": usage, "finish": finish}
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        assert first_chunk.wait(30)
+        time.sleep(0.05)  # let the other three reach the server (they queue behind max-num-seqs 1)
+        proc.send_signal(signal.SIGTERM)
+
+        deadline = time.monotonic() + 10
+        while httpx.get(base + "/ready", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        refused = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=5)
+        assert refused.status_code == 503 and "retry-after" in refused.headers
+        assert httpx.get(base + "/health", timeout=5).status_code == 200
+
+        for t in threads:
+            t.join(120)
+        assert proc.wait(60) == 0
+        assert sorted(results) == [0, 1, 2, 3]
+        for r in results.values():  # nothing in flight was lost
+            assert r["status"] == 200 and r["finish"] == "length" and r["usage"]["completion_tokens"] == 450
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

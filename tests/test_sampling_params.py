@@ -1,0 +1,34 @@
+"""SamplingParams: vLLM's defaults and names, and a clear error naming the parameter for each bad value."""
+
+import pytest
+
+from meshserve import SamplingParams
+from meshserve.errors import InvalidArgumentError
+
+
+def test_defaults_match_vllm():
+    p = SamplingParams()
+    assert (p.n, p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (1, 16, 1.0, 1.0, 0, 0.0)
+    assert p.stop == [] and p.stop_token_ids == [] and not p.ignore_eos and p.skip_special_tokens
+
+
+def test_normalisation():
+    assert SamplingParams(stop="###").stop == ["###"]
+    assert SamplingParams(top_k=-1).top_k == 0
+    assert SamplingParams(temperature=0).greedy
+    assert SamplingParams(presence_penalty=0.5).uses_penalties and not SamplingParams().uses_penalties
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(n=0), "n"), (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-5), "max_tokens"),
+    (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=20, max_tokens=10), "min_tokens"),
+    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(min_p=1.5), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(presence_penalty=3), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(seed="x"), "seed"), (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(logprobs=-1), "logprobs"), (dict(logprobs=100), "logprobs"), (dict(prompt_logprobs=21), "prompt_logprobs"),
+])
+def test_invalid_values_name_the_parameter(kwargs, param):
+    with pytest.raises(InvalidArgumentError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param and param in str(e.value)

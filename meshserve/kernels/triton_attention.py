@@ -111,7 +111,7 @@ def _prefill_attention_kernel(
     stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    USE_WINDOW: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     ROWS: tl.constexpr = BLOCK_Q * GROUP_PAD
     b = tl.program_id(0)
@@ -163,7 +163,7 @@ def _prefill_attention_kernel(
         off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
         k = tl.load(k_base + off[None, :] + d[:, None] * stride_cd,
                     mask=kv_valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        qk = tl.dot(q, k.to(q.dtype)) * scale_log2
+        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
         mask = kv_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             mask = mask & (kv_pos[None, :] > q_pos[:, None] - window)
@@ -174,7 +174,7 @@ def _prefill_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd,
                     mask=kv_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -198,6 +198,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -246,7 +247,7 @@ def _decode_split_kernel(
         off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
         k = tl.load(k_base + off[None, :] + d[:, None] * stride_cd,
                     mask=kv_valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        qk = tl.dot(q, k.to(q.dtype)) * scale_log2
+        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
         qk = tl.where(kv_valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -254,7 +255,7 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd,
                     mask=kv_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
     if DIRECT_OUT:
@@ -311,6 +312,12 @@ def _num_sms(device_index: int | None) -> int:
 # The Triton CPU interpreter computes tl.dot on bf16 operands wrongly (raw bits); there the kernels upcast
 # q (and so k, v, p) to fp32. Compiled kernels always use the native 16-bit dot.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _dot_precision(query: torch.Tensor) -> str:
+    # fp32 models get true fp32 products (TF32 would break token equality with the reference path)
+    return "ieee" if query.dtype == torch.float32 else "tf32"
+
 
 
 def _upcast_dot(query: torch.Tensor) -> bool:
@@ -410,7 +417,7 @@ def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, 
         out.stride(0), out.stride(1), out.stride(2),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        USE_WINDOW=use_window, UPCAST_DOT=_upcast_dot(query),
+        USE_WINDOW=use_window, UPCAST_DOT=_upcast_dot(query), DOT_PRECISION=_dot_precision(query),
         num_warps=num_warps, num_stages=2 if query.element_size() == 4 else 3,  # fp32 tiles: less smem
     )
     return out
@@ -446,6 +453,7 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
         NUM_HEADS=num_heads, GROUP=group, ROWS=rows,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         USE_WINDOW=use_window, DIRECT_OUT=direct, UPCAST_DOT=_upcast_dot(query),
+        DOT_PRECISION=_dot_precision(query),
         num_warps=4,
     )
     if not direct:

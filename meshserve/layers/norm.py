@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from meshserve.kernels.fused import fused_ops_for
+
 
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in float32 like HF transformers.
@@ -23,6 +25,9 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(orig_dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        ops = fused_ops_for(x)
+        if ops is not None:  # one kernel for add + norm instead of ~8
+            return ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

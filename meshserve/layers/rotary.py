@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from meshserve.kernels.fused import fused_ops_for
+
 
 def _rope_parameters(hf_config) -> dict:
     # transformers >= 5 keeps theta and scaling in `rope_parameters`; 4.x used rope_theta / rope_scaling.
@@ -55,6 +57,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """positions [T]; q [T, H, D]; k [T, Hkv, D] -> rotated (q, k) in their input dtype."""
+        ops = fused_ops_for(q)
+        if ops is not None:
+            return ops.apply_rotary(positions, q, k, self.cos_cache, self.sin_cache)
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         q = q * cos + self._rotate_half(q) * sin

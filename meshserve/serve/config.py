@@ -20,7 +20,6 @@ class ServeConfig:
     api_key: str | None = None
     max_queue_len: int = 1024
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
-    max_n: int = 128  # n above this would let one request flood the scheduler
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0
     max_model_len: int | None = None  # shown in /v1/models; filled from the engine when None

@@ -49,12 +49,6 @@ class EngineRequest:
         async for out in self._gen:
             yield out
 
-    async def final(self) -> RequestOutput:
-        last = self.first
-        async for out in self:
-            last = out
-        return last
-
     async def aclose(self) -> None:
         await self._gen.aclose()  # type: ignore[attr-defined]
 

@@ -69,10 +69,6 @@ class ServerDrainingError(RetryableError):
     code = "server_draining"
 
 
-class ClientDisconnectedError(Exception):
-    """The client went away before the response was ready (nothing is sent back)."""
-
-
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 

@@ -55,16 +55,16 @@ def _check_rms(device, dtype, shape, w_dtype):
 
     x, r, w = _rms_case(device, dtype, shape, w_dtype)
     out = rms_norm(x, w, 1e-6)
-    close(out, rms_norm_ref(x, w, 1e-6), out.dtype)
+    close(out, rms_norm_ref(x, w, 1e-6), dtype)  # the normalised x is rounded to x's dtype
     out, res = rms_norm(x, w, 1e-6, r)
     ref_out, ref_res = rms_norm_ref(x, w, 1e-6, r)
-    close(out, ref_out, out.dtype)
+    close(out, ref_out, dtype)  # the normalised x is rounded to x's dtype
     torch.testing.assert_close(res, ref_res, atol=0, rtol=0)
     layer = RMSNorm(shape[-1], eps=1e-6).to(device=device, dtype=w_dtype)
     with torch.no_grad():
         layer.weight.copy_(w)
-        close(rms_norm(x, w, 1e-6), layer(x), out.dtype)
-        close(rms_norm(x, w, 1e-6, r)[0], layer(x, r)[0], out.dtype)
+        close(rms_norm(x, w, 1e-6), layer(x), dtype)  # the normalised x is rounded to x's dtype
+        close(rms_norm(x, w, 1e-6, r)[0], layer(x, r)[0], dtype)  # the normalised x is rounded to x's dtype
 
 
 def _check_silu(device, dtype, shape):

@@ -107,3 +107,26 @@ def test_openapi_document(http):
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics",
             "/version"} <= set(doc["paths"])
     assert json.dumps(doc)  # serializable
+
+
+def test_internal_error_is_a_500_without_details(tiny_engine):
+    import httpx
+
+    from meshserve.serve.config import ServeConfig
+    from tests.serve.conftest import start_server
+
+    srv = start_server(tiny_engine, ServeConfig(served_model_names=[MODEL]))
+    try:
+        async def broken(*args, **kwargs):
+            raise RuntimeError("secret internal detail /etc/passwd")
+
+        srv.app.state.engine_client.start = broken
+        with httpx.Client(base_url=srv.base_url, timeout=30) as http:
+            for path, body in ((COMPL, {"model": MODEL, "prompt": "x"}),
+                               (CHAT, {"model": MODEL, "messages": USER, "stream": True})):
+                resp = http.post(path, json=body)
+                err = assert_error_shape(resp, 500)
+                assert "secret" not in resp.text and err["type"] == "internal_error"
+            assert http.get("/health").status_code == 200
+    finally:
+        srv.stop()

@@ -37,14 +37,20 @@ def test_openapi_fuzz(fuzz_server):
     operations = [result.ok() for result in api.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models"}
     for operation in operations:
-        @given(case=operation.as_strategy())
-        @settings(max_examples=30 if operation.method.upper() == "POST" else 3, deadline=None,
-                  derandomize=True, suppress_health_check=list(HealthCheck), database=None)
-        def check(case, path=operation.path):
-            response = case.call_and_validate(checks=CHECKS, timeout=60)
-            assert response.status_code < 500, (path, response.text)
-
-        check()
+        _fuzz(operation)
     assert fuzz_server.allm.is_running  # nothing a client sent broke the engine loop
     with httpx.Client(base_url=fuzz_server.base_url) as http:
         assert http.get("/health").status_code == 200
+
+
+def _fuzz(operation) -> None:
+    examples = 30 if operation.method.upper() == "POST" else 3
+
+    @given(case=operation.as_strategy())
+    @settings(max_examples=examples, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+              database=None)
+    def check(case):
+        response = case.call_and_validate(checks=CHECKS, timeout=60)
+        assert response.status_code < 500, (operation.path, response.text)
+
+    check()

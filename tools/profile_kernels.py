@@ -1,0 +1,21 @@
+"""GPU kernel time of decode steps (eager, so every kernel is visible), sorted by device time.
+
+usage: python tools/profile_kernels.py MODEL BATCH
+"""
+
+import random
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from meshserve import LLM, SamplingParams
+
+model, batch = sys.argv[1], int(sys.argv[2])
+llm = LLM(model=model, load_format="dummy", dtype="bfloat16", max_model_len=4096, enforce_eager=True)
+random.seed(0)
+prompts = [{"prompt_token_ids": [random.randint(0, 10000) for _ in range(128)]} for _ in range(batch)]
+llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=17, ignore_eos=True), use_tqdm=False)
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from meshserve import __version__
@@ -14,8 +15,13 @@ from meshserve.errors import MeshserveError
 def _cmd_generate(ns: argparse.Namespace) -> int:
     from meshserve.entrypoints.llm import LLM
 
+    from meshserve.entrypoints.worker import is_rank_zero, run_worker_ranks
+
     params = sampling_params_from(ns)  # validate flags before loading anything
-    llm = LLM(**vars(engine_args_from(ns)))
+    engine_args = engine_args_from(ns)
+    if not is_rank_zero(engine_args):  # another node's ranks: serve the model shards only
+        return run_worker_ranks(engine_args)
+    llm = LLM(**vars(engine_args))
     tokenizer = llm.get_tokenizer()
     use_chat = ns.chat if ns.chat is not None else bool(tokenizer is not None and tokenizer.chat_template)
     if use_chat:
@@ -29,6 +35,10 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
             print(completion.text.strip() if use_chat else completion.text)
     llm.shutdown()
     return 0
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.WARNING),
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # SIGTERM unwinds like Ctrl-C, so executors shut their worker processes down (no orphans)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         return ns.func(ns)
     except MeshserveError as e:

@@ -13,6 +13,13 @@ def _bool_flag(parser, name: str, default: bool, help: str) -> None:
     parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=help)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     d = EngineArgs()
     g = parser.add_argument_group("engine")
@@ -33,8 +40,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--load-format", default=d.load_format, choices=LOAD_FORMATS)
     g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p = parser.add_argument_group("parallelism")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--pp-layer-partition", type=_int_list, default=None,
+                   help="layers per pipeline stage, e.g. 40,40 (default: even split)")
+    p.add_argument("--distributed-executor-backend", default=d.distributed_executor_backend,
+                   choices=("mp", "ray"), help="mp: local processes (default); ray: an existing Ray cluster")
+    p.add_argument("--nnodes", type=int, default=d.nnodes)
+    p.add_argument("--node-rank", type=int, default=d.node_rank)
+    p.add_argument("--master-addr", default=d.master_addr)
+    p.add_argument("--master-port", type=int, default=None)
+    p.add_argument("--distributed-timeout-s", type=float, default=d.distributed_timeout_s,
+                   help="a rank silent this long stops the whole group")
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
 
 

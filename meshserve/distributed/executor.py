@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing as mp
+import time
 
 import torch.distributed as dist
 
@@ -35,6 +36,9 @@ class UniprocExecutor:
     def execute(self, sched_out):
         return self.runner.execute(sched_out)
 
+    def gather_rpc(self, method: str, *args) -> list:
+        return [getattr(self.runner, method)(*args)]
+
     def shutdown(self) -> None:
         self.runner = None
 
@@ -47,14 +51,7 @@ class MultiprocExecutor:
 
         self.launch = launch
         self.workers: dict[int, mp.Process] = {}
-        ctx = mp.get_context("spawn")
-        for rank in launch.local_ranks():
-            if rank == 0:
-                continue
-            p = ctx.Process(target=worker_main, args=(config, source, launch, rank), daemon=True,
-                            name=f"meshserve-rank{rank}")
-            p.start()
-            self.workers[rank] = p
+        self._start_workers(config, source, launch, worker_main)
         atexit.register(self.shutdown)
         try:
             self.runner = init_rank(config, source, launch, 0)
@@ -63,6 +60,28 @@ class MultiprocExecutor:
             raise
         self.state = self.runner_state()
 
+    def _start_workers(self, config, source, launch, worker_main) -> None:
+        ctx = mp.get_context("spawn")
+        for rank in launch.local_ranks():
+            if rank == 0:
+                continue
+            p = ctx.Process(target=worker_main, args=(config, source, launch, rank), daemon=True,
+                            name=f"meshserve-rank{rank}")
+            p.start()
+            self.workers[rank] = p
+
+    def _exit_codes(self) -> dict[int, int | None]:
+        """rank -> exit code of each worker (None while running)."""
+        return {rank: p.exitcode for rank, p in self.workers.items()}
+
+    def _stop_workers(self) -> None:
+        for p in self.workers.values():
+            p.join(timeout=5)
+        for p in self.workers.values():
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
     @staticmethod
     def runner_state():
         from meshserve.distributed.parallel_state import get_parallel_state
@@ -70,16 +89,20 @@ class MultiprocExecutor:
         return get_parallel_state()
 
     def _check_workers(self) -> None:
-        for rank, p in self.workers.items():
-            if p.exitcode is not None:
-                raise EngineDeadError(f"worker rank {rank} exited with code {p.exitcode}")
+        for rank, code in self._exit_codes().items():
+            if code is not None:
+                raise EngineDeadError(f"worker rank {rank} exited with code {code}")
 
     def _fail(self, error: BaseException) -> EngineDeadError:
-        try:
-            self._check_workers()
-        except EngineDeadError as dead:
-            self.shutdown()
-            return dead
+        # a peer's death shows up as a broken connection a moment before its exit code does
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                self._check_workers()
+            except EngineDeadError as dead:
+                self.shutdown()
+                return dead
+            time.sleep(0.05)
         self.shutdown()
         return EngineDeadError(f"distributed step failed (a rank hung or died): {str(error).splitlines()[0]}")
 
@@ -89,6 +112,17 @@ class MultiprocExecutor:
         try:
             dist.broadcast_object_list([(method, args)], src=0, group=self.state.cpu_group)
             return getattr(self.runner, method)(*args)
+        except Exception as e:
+            raise self._fail(e) from e
+
+    def gather_rpc(self, method: str, *args) -> list:
+        """Every rank calls runner.method(*args); returns all results, indexed by rank."""
+        self._check_workers()
+        try:
+            dist.broadcast_object_list([("gather:" + method, args)], src=0, group=self.state.cpu_group)
+            results = [None] * self.state.world_size
+            dist.gather_object(getattr(self.runner, method)(*args), results, dst=0, group=self.state.cpu_group)
+            return results
         except Exception as e:
             raise self._fail(e) from e
 
@@ -109,16 +143,11 @@ class MultiprocExecutor:
             return
         self._closed = True
         try:
-            if dist.is_initialized() and all(p.exitcode is None for p in self.workers.values()):
+            if dist.is_initialized() and all(c is None for c in self._exit_codes().values()):
                 dist.broadcast_object_list([("shutdown", ())], src=0, group=self.state.cpu_group)
         except Exception:  # peers may already be gone
             pass
-        for p in self.workers.values():
-            p.join(timeout=5)
-        for p in self.workers.values():
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        self._stop_workers()
         from meshserve.distributed.parallel_state import destroy_parallel_state
 
         destroy_parallel_state()

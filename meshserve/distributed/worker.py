@@ -43,13 +43,30 @@ def serve_rank(runner, rank: int) -> None:
         method, args = box[0]
         if method == "shutdown":
             return
+        if method.startswith("gather:"):
+            result = getattr(runner, method[len("gather:"):])(*args)
+            dist.gather_object(result, None, dst=0, group=st.cpu_group)
+            continue
         result = getattr(runner, method)(*args)
         if method == "execute" and rank == st.sampler_rank:
             dist.send_object_list([result], dst=0, group=st.cpu_group)
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker if the process that spawned it dies (no orphans)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def worker_main(config: EngineConfig, source, launch: LaunchInfo, rank: int) -> None:
     """Process entry of a worker rank; exits non-zero on any failure so the driver can name it."""
+    _die_with_parent()
     logging.basicConfig(level=os.environ.get("MESHSERVE_WORKER_LOG", "WARNING"),
                         format=f"rank{rank} %(levelname)s %(name)s: %(message)s")
     if not config.device.startswith("cuda"):

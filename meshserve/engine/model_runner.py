@@ -73,6 +73,15 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self._pinned: torch.Tensor | None = None
 
+    def param_bytes(self) -> int:
+        """Bytes of this rank's weights (shared tensors once)."""
+        seen, total = set(), 0
+        for p in self.model.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+        return total
+
     # -- KV memory -------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         mc = self.config.model_config

@@ -7,6 +7,7 @@ import logging
 import os
 
 from meshserve.cli_args import add_engine_args, engine_args_from
+from meshserve.entrypoints.worker import is_rank_zero, run_worker_ranks
 from meshserve.errors import InvalidArgumentError
 from meshserve.serve.config import DEFAULT_MAX_REQUEST_BODY_BYTES, ServeConfig
 
@@ -66,6 +67,8 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     ns.model = ns.model_tag or ns.model
     config = serve_config_from(ns, ns.model or DEFAULT_MODEL_NAME)
     engine_args = engine_args_from(ns)
+    if not is_rank_zero(engine_args):  # another node's ranks: serve the model shards, no HTTP
+        return run_worker_ranks(engine_args)
     allm = AsyncLLM.from_engine_args(engine_args)
     try:
         state = ServerState()

@@ -69,3 +69,19 @@ def test_uneven_pp_partition(tiny_model_dir):
 
     got, _ = _generate(path, prompts, pipeline_parallel_size=2, pp_layer_partition=[1, 1])
     assert got == single
+
+
+def test_each_tp_rank_holds_about_half_the_weights(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    single = LLM(model=path)
+    total = single.engine.executor.gather_rpc("param_bytes")[0]
+    single.shutdown()
+    llm = LLM(model=path, tensor_parallel_size=2)
+    try:
+        per_rank = llm.engine.executor.gather_rpc("param_bytes")
+    finally:
+        llm.shutdown()
+    assert len(per_rank) == 2
+    # everything is split except the small replicated norms
+    for b in per_rank:
+        assert total / 2 <= b <= total / 2 * 1.02

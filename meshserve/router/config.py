@@ -1,0 +1,74 @@
+"""RouterConfig: every knob of the router in one typed place (the CLI fills it from flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshserve.errors import InvalidArgumentError
+
+POLICIES = ("least-outstanding", "prefix-affinity", "round-robin")
+
+
+@dataclass
+class RouterConfig:
+    """What the router needs to pick replicas, judge their health and bound retries.
+
+    Times are seconds. `read_timeout_s` is the longest silence allowed from a replica: before the response
+    head of a non-streamed request (its whole generation), and between chunks of a stream. A request is
+    retried on another replica only while nothing reached the client, at most `max_attempts` times and
+    not after `retry_budget_s` since it arrived.
+    """
+
+    backends: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+    discover: list[str] = field(default_factory=list)  # HOST:PORT resolved through DNS (headless Service)
+    fallback_model: str | None = None  # rewrite the request's `model` for the fallback pool
+    policy: str = "least-outstanding"
+    # health
+    health_interval_s: float = 2.0
+    health_timeout_s: float = 1.0
+    fail_threshold: int = 2  # consecutive failed probes that eject a healthy replica
+    recover_threshold: int = 2  # consecutive good probes that re-admit an ejected one
+    # upstream calls and retries
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 120.0
+    max_attempts: int = 3
+    retry_budget_s: float = 30.0
+    # load and degradation
+    max_outstanding: int = 4096  # router-wide in-flight requests past which new ones get 503 at once
+    fallback_queue_threshold: int | None = None  # primary queue depth past which the fallback serves
+    affinity_slack: int = 4  # prefix-affinity target busier than least-loaded + slack -> least-loaded
+    prefix_block_chars: int = 64
+    prefix_block_tokens: int = 16
+    prefix_max_blocks: int = 4
+    target_queue_per_replica: int = 16  # autoscaling: desired replicas = ceil(queue depth / this)
+    retry_after_s: int = 1
+    drain_timeout_s: float = 30.0
+
+    def validate(self) -> RouterConfig:
+        if not (self.backends or self.discover):
+            raise InvalidArgumentError("the router needs at least one --backend or --discover",
+                                       param="backend")
+        if self.policy not in POLICIES:
+            raise InvalidArgumentError(f"--policy must be one of {', '.join(POLICIES)}", param="policy")
+        positive = {"health_interval_s": self.health_interval_s, "health_timeout_s": self.health_timeout_s,
+                    "connect_timeout_s": self.connect_timeout_s, "read_timeout_s": self.read_timeout_s,
+                    "retry_budget_s": self.retry_budget_s}
+        for name, value in positive.items():
+            if value <= 0:
+                raise InvalidArgumentError(f"{name} must be > 0", param=name)
+        at_least_one = {"fail_threshold": self.fail_threshold, "recover_threshold": self.recover_threshold,
+                        "max_attempts": self.max_attempts, "max_outstanding": self.max_outstanding,
+                        "target_queue_per_replica": self.target_queue_per_replica,
+                        "prefix_block_chars": self.prefix_block_chars,
+                        "prefix_block_tokens": self.prefix_block_tokens,
+                        "prefix_max_blocks": self.prefix_max_blocks}
+        for name, value in at_least_one.items():
+            if value < 1:
+                raise InvalidArgumentError(f"{name} must be >= 1", param=name)
+        if self.fallback_queue_threshold is not None and self.fallback_queue_threshold < 0:
+            raise InvalidArgumentError("fallback_queue_threshold must be >= 0", param="fallback_queue_threshold")
+        for url in self.backends + self.fallbacks:
+            if not url.startswith(("http://", "https://")):
+                raise InvalidArgumentError(f"backend {url!r} must be an http(s):// URL", param="backend")
+        return self

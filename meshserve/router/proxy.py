@@ -1,0 +1,228 @@
+"""Forwarding one request: pick a replica, retry what failed before its first byte, stream through.
+
+An attempt is *committed* once something is about to reach the client: the whole body of a non-streamed
+response, or the first complete server-sent event of a stream. Before that, a connection error, a
+timeout, or a 502/503/504/429 from the replica sends the request to another replica (at most
+`max_attempts` attempts, none started after `retry_budget_s`). After that, nothing is retried: a stream
+that breaks ends with one clean `data: {"error": ...}` event and `data: [DONE]`, so the client never sees
+duplicated or spliced output. Events are relayed whole, as they arrive, never buffered past one event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from starlette.responses import Response, StreamingResponse
+
+from meshserve.router.config import RouterConfig
+from meshserve.router.errors import NoReplicaAvailableError, UpstreamStreamError
+from meshserve.router.metrics import RouterMetrics
+from meshserve.router.pool import ReplicaPool, Route
+from meshserve.router.prefix import parse_body, prefix_key
+from meshserve.router.replica import Replica
+from meshserve.serve.errors import error_payload
+from meshserve.serve.streaming import SSE_DONE, sse_error
+
+logger = logging.getLogger(__name__)
+
+# Hop-by-hop and framing headers are the router's own business on each leg.
+_DROP_REQUEST = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
+                           "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding", "trailer"})
+_DROP_RESPONSE = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding",
+                            "content-encoding", "date", "server", "trailer", "upgrade"})
+# A replica answering these did not start the request: another replica may.
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+_EJECT_STATUSES = frozenset({502, 503, 504})  # draining, dead engine, or a broken proxy in front of it
+
+HEADER_REPLICA = "x-meshserve-replica"
+HEADER_ATTEMPTS = "x-meshserve-attempts"
+HEADER_FALLBACK = "x-meshserve-fallback"
+
+
+@dataclass
+class _Rejected:
+    """An attempt that failed before committing; `response` is the replica's own refusal, if any."""
+
+    reason: str
+    response: Response | None = None
+
+
+def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """The client's headers as sent on to a replica: API keys (Authorization, X-Api-Key) included."""
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers
+            if k.decode("latin-1").lower() not in _DROP_REQUEST]
+
+
+def _response_headers(resp: httpx.Response, route: Route, attempts: int) -> dict[str, str]:
+    out = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE}
+    out[HEADER_REPLICA] = route.replica.name
+    out[HEADER_ATTEMPTS] = str(attempts)
+    if route.fallback_reason:
+        out[HEADER_FALLBACK] = route.fallback_reason
+    return out
+
+
+def _split_events(buffer: bytearray) -> list[bytes]:
+    """Remove and return the complete events (each ending in a blank line) at the front of `buffer`."""
+    events = []
+    while True:
+        end = buffer.find(b"\n\n")
+        if end < 0:
+            return events
+        events.append(bytes(buffer[:end + 2]))
+        del buffer[:end + 2]
+
+
+class Proxy:
+    """Sends requests to the pool's replicas; one instance per router app."""
+
+    def __init__(self, pool: ReplicaPool, config: RouterConfig, metrics: RouterMetrics,
+                 client: httpx.AsyncClient):
+        self.pool = pool
+        self.config = config
+        self.metrics = metrics
+        self.client = client
+
+    def _timeout(self) -> httpx.Timeout:
+        c = self.config
+        return httpx.Timeout(connect=c.connect_timeout_s, read=c.read_timeout_s, write=c.read_timeout_s,
+                             pool=c.connect_timeout_s)
+
+    def _payload(self, raw: bytes, body: dict | None, route: Route) -> bytes:
+        if route.fallback_reason and self.config.fallback_model and body is not None and "model" in body:
+            return json.dumps({**body, "model": self.config.fallback_model}).encode()
+        return raw
+
+    async def forward(self, method: str, path: str, raw: bytes, headers: list[tuple[bytes, bytes]]) -> Response:
+        """Answer one client request through the pool (never raises for upstream trouble)."""
+        arrival = time.monotonic()
+        body = parse_body(raw) if raw else None
+        stream = bool(body and body.get("stream") is True)
+        c = self.config
+        key = prefix_key(body, c.prefix_block_chars, c.prefix_block_tokens, c.prefix_max_blocks)
+        fwd_headers = forward_headers(headers)
+        tried: set[str] = set()
+        refusal: Response | None = None
+        reasons: list[str] = []
+        attempts = 0
+        while attempts < c.max_attempts and (attempts == 0 or time.monotonic() - arrival < c.retry_budget_s):
+            route = self.pool.route(key, tried)
+            if route is None:
+                break
+            attempts += 1
+            tried.add(route.replica.url)
+            if attempts > 1:
+                self.metrics.retries.inc()
+            if route.fallback_reason:
+                self.metrics.fallback.labels(route.fallback_reason).inc()
+            result = await self._attempt(route, method, path, self._payload(raw, body, route), fwd_headers,
+                                         stream, attempts)
+            if isinstance(result, Response):
+                return result
+            reasons.append(f"{route.replica.name}: {result.reason}")
+            refusal = result.response or refusal
+        if refusal is not None:  # every replica tried refused (e.g. all queues full): pass the last refusal on
+            self.metrics.count("rejected")
+            return refusal
+        self.metrics.count("unavailable")
+        detail = f" after {attempts} attempt(s): " + "; ".join(reasons) if reasons else ""
+        return _error_response(NoReplicaAvailableError(f"no replica can serve the request{detail}",
+                                                       retry_after_s=c.retry_after_s))
+
+    async def _attempt(self, route: Route, method: str, path: str, payload: bytes,
+                       headers: list[tuple[str, str]], stream: bool, attempts: int) -> Response | _Rejected:
+        replica = route.replica
+        replica.outstanding += 1
+        replica.num_requests += 1
+        handed_off = False  # once a stream is handed to the relay, the relay releases the replica
+        resp: httpx.Response | None = None
+        try:
+            request = self.client.build_request(method, replica.url + path, content=payload or None,
+                                                headers=headers, timeout=self._timeout())
+            resp = await self.client.send(request, stream=True)
+            if resp.status_code in _RETRY_STATUSES:
+                content = await resp.aread()
+                if resp.status_code in _EJECT_STATUSES:
+                    replica.eject(f"answered {resp.status_code}")
+                    replica.num_failed += 1
+                refusal = Response(content, resp.status_code, _response_headers(resp, route, attempts))
+                return _Rejected(f"answered {resp.status_code}", refusal)
+            if not stream or resp.status_code != 200:
+                content = await resp.aread()
+                replica.num_succeeded += 1
+                self.metrics.count("ok" if resp.status_code < 400 else
+                                   "client_error" if resp.status_code < 500 else "error")
+                return Response(content, resp.status_code, _response_headers(resp, route, attempts))
+            buffer = bytearray()
+            chunks = resp.aiter_bytes()
+            first: list[bytes] = []
+            async for chunk in chunks:  # commit only once a whole first event is here
+                buffer += chunk
+                first = _split_events(buffer)
+                if first:
+                    break
+            if not first:
+                raise httpx.RemoteProtocolError("stream ended before its first event")
+            replica.num_succeeded += 1
+            handed_off = True
+            return StreamingResponse(self._relay(replica, resp, chunks, buffer, first),
+                                     status_code=200, headers=_response_headers(resp, route, attempts))
+        except httpx.TimeoutException as e:
+            return self._failed(replica, f"timed out ({type(e).__name__})")
+        except httpx.TransportError as e:
+            return self._failed(replica, f"connection failed ({type(e).__name__})")
+        finally:
+            if not handed_off:
+                replica.outstanding -= 1
+                if resp is not None:
+                    await resp.aclose()
+
+    def _failed(self, replica: Replica, reason: str) -> _Rejected:
+        replica.num_failed += 1
+        replica.eject(reason)
+        return _Rejected(reason)
+
+    async def _relay(self, replica: Replica, resp: httpx.Response, chunks: AsyncIterator[bytes],
+                     buffer: bytearray, first: list[bytes]) -> AsyncIterator[bytes]:
+        """Pass the stream's events through as they come; end a broken stream with one error event."""
+        done = False
+        outcome = "cancelled"  # unless it ends one way or the other: the client went away
+        try:
+            for event in first:
+                done = done or event.startswith(b"data: [DONE]")
+                yield event
+            try:
+                async for chunk in chunks:
+                    buffer += chunk
+                    for event in _split_events(buffer):
+                        done = done or event.startswith(b"data: [DONE]")
+                        yield event
+                reason = None if done else "the replica closed the stream before [DONE]"
+            except httpx.TimeoutException:
+                reason = "the replica stopped sending (read timeout)"
+                replica.eject("timed out mid-stream")
+            except httpx.TransportError as e:
+                reason = f"the replica's connection broke ({type(e).__name__})"
+                replica.eject(f"stream broke ({type(e).__name__})")
+            if reason is None:
+                outcome = "ok"
+                return
+            outcome = "stream_broken"
+            replica.num_failed += 1
+            logger.warning("stream from %s broke mid-way: %s", replica.name, reason)
+            yield sse_error(UpstreamStreamError(f"{reason}; the response is incomplete")).encode()
+            yield SSE_DONE.encode()
+        finally:
+            replica.outstanding -= 1
+            self.metrics.count(outcome)
+            await resp.aclose()
+
+
+def _error_response(exc: Exception) -> Response:
+    status, body, headers = error_payload(exc)
+    return Response(json.dumps(body).encode(), status, headers, media_type="application/json")

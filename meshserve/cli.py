@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_plan(sub)
     from meshserve.bench.cli import register as register_bench
     register_bench(sub)
+    from meshserve.router.cli import register as register_router
+    register_router(sub)
     return parser
 
 

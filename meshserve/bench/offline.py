@@ -63,7 +63,8 @@ def _decode_curve(llm, batch_sizes: list[int]) -> dict[int, float]:
             return llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
                                 use_tqdm=False)
 
-        t1, t128 = _timed(lambda: run(1), 1), _timed(lambda: run(128), 1)
+        run(4)  # first use of this batch size compiles its prefill kernels
+        t1, t128 = _timed(lambda: run(1), 2), _timed(lambda: run(128), 2)
         curve[bs] = bs * 127 / (t128 - t1)
     return curve
 
@@ -148,12 +149,26 @@ def run_throughput(ns) -> dict:
     return res
 
 
+def calibration_rows(res: dict) -> list[dict]:
+    """The result as rows in the planner's calibration schema (meshserve plan --calibrate)."""
+    base = {"gpu": res["gpu"], "model": res["model"], "tp": 1, "pp": 1, "dp": 1}
+    if res["bench"].startswith("latency"):
+        rows = [dict(base, workload="W1", batch=1, output_tok_per_s=res["tok_s"])]
+        for batch, tok_s in res.get("decode_tok_s_by_batch", {}).items():
+            rows.append(dict(base, workload=f"decode-b{batch}", batch=int(batch), input_len=128,
+                             output_len=128, output_tok_per_s=tok_s))
+        return rows
+    return [dict(base, workload="W2", batch=min(256, res.get("max_num_seqs", 256)),
+                 output_tok_per_s=res["output_tok_s"])]
+
+
 def _finish(ns, res: dict) -> int:
     print_table({k: v for k, v in res.items() if not isinstance(v, dict)})
     for k, v in res.items():
         if isinstance(v, dict):
             print(k, {b: round(x, 1) for b, x in v.items()})
-    write_json(ns.output_json, res)
+    res["max_num_seqs"] = ns.max_num_seqs
+    write_json(ns.output_json, {"results": calibration_rows(res), **res})
     if ns.benchmarks_md:
         cmd = "meshserve bench " + " ".join(shlex.quote(a) for a in sys.argv[3:] if a)
         if res["bench"].startswith("latency"):

@@ -35,6 +35,10 @@ def register(subparsers) -> None:
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log lines")
+    g.add_argument("--auto", action="store_true",
+                   help="let the planner pick TP/PP/DP for the visible GPUs (prints the choice and why)")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="engine replicas (each with its own TP/PP) behind a router on --host/--port")
     add_engine_args(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -66,6 +70,16 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"two models given: {ns.model_tag!r} and --model {ns.model!r}", param="model")
     ns.model = ns.model_tag or ns.model
     config = serve_config_from(ns, ns.model or DEFAULT_MODEL_NAME)
+    if ns.auto:
+        from meshserve.serve.auto_layout import apply_auto_layout
+
+        apply_auto_layout(ns)
+    if ns.data_parallel_size < 1:
+        raise InvalidArgumentError("--data-parallel-size must be >= 1", param="data_parallel_size")
+    if ns.data_parallel_size > 1:  # N child `meshserve serve` replicas (DP 1 each) + the router here
+        from meshserve.router.launcher import serve_data_parallel
+
+        return serve_data_parallel(ns)
     engine_args = engine_args_from(ns)
     if not is_rank_zero(engine_args):  # another node's ranks: serve the model shards, no HTTP
         return run_worker_ranks(engine_args)

@@ -1,0 +1,109 @@
+"""`meshserve router --backend URL [--backend URL ...] [--fallback URL ...]`: the data-parallel router."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from meshserve.router.config import POLICIES, RouterConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8000
+
+
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    """The router's own flags (the server flags --host/--port are added by `register`)."""
+    d = RouterConfig()
+    g = p.add_argument_group("replicas")
+    g.add_argument("--backend", action="append", default=[], metavar="URL",
+                   help="a primary replica's base URL, e.g. http://10.0.0.5:8000 (repeatable)")
+    g.add_argument("--fallback", action="append", default=[], metavar="URL",
+                   help="a fallback replica (smaller model) used when no primary can serve (repeatable)")
+    g.add_argument("--discover", action="append", default=[], metavar="HOST:PORT",
+                   help="resolve HOST (e.g. a headless Service) on every health round; each address is a "
+                        "primary replica (repeatable)")
+    g.add_argument("--fallback-model", default=None,
+                   help="rewrite the request's model to this name when the fallback pool serves it")
+    g = p.add_argument_group("balancing")
+    g.add_argument("--policy", default=d.policy, choices=POLICIES)
+    g.add_argument("--affinity-slack", type=int, default=d.affinity_slack,
+                   help="prefix affinity: go least-loaded when the hashed replica has more than this many "
+                        "requests beyond the least-loaded one")
+    g = p.add_argument_group("health")
+    g.add_argument("--health-interval", type=float, default=d.health_interval_s, help="seconds between probes")
+    g.add_argument("--health-timeout", type=float, default=d.health_timeout_s, help="seconds per probe")
+    g.add_argument("--fail-threshold", type=int, default=d.fail_threshold,
+                   help="consecutive failed probes that eject a replica")
+    g.add_argument("--recover-threshold", type=int, default=d.recover_threshold,
+                   help="consecutive good probes that re-admit it")
+    g = p.add_argument_group("retries and timeouts")
+    g.add_argument("--connect-timeout", type=float, default=d.connect_timeout_s)
+    g.add_argument("--read-timeout", type=float, default=d.read_timeout_s,
+                   help="longest silence from a replica (whole generation for non-streamed requests)")
+    g.add_argument("--max-attempts", type=int, default=d.max_attempts, help="attempts per request, first included")
+    g.add_argument("--retry-budget", type=float, default=d.retry_budget_s,
+                   help="no new attempt starts this many seconds after the request arrived")
+    g = p.add_argument_group("load, degradation and autoscaling")
+    g.add_argument("--max-outstanding", type=int, default=d.max_outstanding,
+                   help="requests in flight past which new ones get 503 + Retry-After at once")
+    g.add_argument("--fallback-queue-threshold", type=int, default=None,
+                   help="primary queue depth at which requests go to the fallback pool (default: never)")
+    g.add_argument("--target-queue-per-replica", type=int, default=d.target_queue_per_replica,
+                   help="desired replicas = ceil(queue depth / this)")
+    g.add_argument("--retry-after", type=int, default=d.retry_after_s, help="Retry-After seconds on 503s")
+
+
+def router_config_from(ns: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
+        backends=list(ns.backend), fallbacks=list(ns.fallback), discover=list(ns.discover),
+        fallback_model=ns.fallback_model, policy=ns.policy, affinity_slack=ns.affinity_slack,
+        health_interval_s=ns.health_interval, health_timeout_s=ns.health_timeout,
+        fail_threshold=ns.fail_threshold, recover_threshold=ns.recover_threshold,
+        connect_timeout_s=ns.connect_timeout, read_timeout_s=ns.read_timeout, max_attempts=ns.max_attempts,
+        retry_budget_s=ns.retry_budget, max_outstanding=ns.max_outstanding,
+        fallback_queue_threshold=ns.fallback_queue_threshold,
+        target_queue_per_replica=ns.target_queue_per_replica, retry_after_s=ns.retry_after,
+        drain_timeout_s=ns.drain_timeout).validate()
+
+
+def register(subparsers) -> None:
+    """Add the `router` subcommand to meshserve's subparsers."""
+    p = subparsers.add_parser("router", help="data-parallel router in front of meshserve replicas",
+                              description="Balance OpenAI API requests over meshserve replicas, with health "
+                                          "checks, retries, prefix affinity and a fallback pool.")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0")
+    g.add_argument("--port", type=int, default=DEFAULT_PORT)
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    g.add_argument("--uvicorn-log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    g.add_argument("--disable-access-log", action="store_true")
+    add_router_args(p)
+    p.set_defaults(func=_cmd_router)
+
+
+def run_router(config: RouterConfig, host: str, port: int, log_level: str = "warning",
+               access_log: bool = False) -> None:
+    """Serve the router until SIGTERM/SIGINT, then drain in-flight requests (streams included)."""
+    import uvicorn
+
+    from meshserve.router.app import build_router_app
+    from meshserve.serve.middleware import ServerState
+    from meshserve.serve.server import DrainingServer
+
+    state = ServerState()
+    app = build_router_app(config, state)
+    uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                               timeout_graceful_shutdown=2, timeout_keep_alive=5)
+    DrainingServer(uv_config, state, config.drain_timeout_s).run()
+
+
+def _cmd_router(ns: argparse.Namespace) -> int:
+    config = router_config_from(ns)
+    replicas = len(config.backends) + len(config.discover)
+    print(f"meshserve: routing on http://{ns.host}:{ns.port} over {replicas} primary source(s), "
+          f"{len(config.fallbacks)} fallback(s), policy {config.policy}", flush=True)
+    run_router(config, ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log)
+    return 0

@@ -104,6 +104,8 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self.seq_blocks: dict[str, list[Block]] = {}
+        # block ids per sequence, kept beside the blocks so a step never rebuilds block tables
+        self.seq_block_ids: dict[str, list[int]] = {}
         self.stats = PrefixCacheStats()
 
     # -- queries ---------------------------------------------------------------------------------
@@ -117,7 +119,8 @@ class BlockManager:
         return 1.0 - self.pool.num_free / self.num_blocks
 
     def block_table(self, seq: Sequence) -> list[int]:
-        return [b.block_id for b in self.seq_blocks.get(seq.seq_id, ())]
+        """The sequence's block ids (a live list: copy it to keep a snapshot)."""
+        return self.seq_block_ids.get(seq.seq_id, [])
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -166,11 +169,15 @@ class BlockManager:
         revived = sum(1 for b in cached_prefix if b.ref_count == 0)
         if need > self.pool.num_free - revived:
             return False
+        ids = self.seq_block_ids.setdefault(seq.seq_id, [])
         if cached_prefix:
             self.pool.share(cached_prefix)
             blocks = blocks + cached_prefix
+            ids.extend(b.block_id for b in cached_prefix)
         if need > 0:
-            blocks = blocks + self.pool.take(need)
+            new = self.pool.take(need)
+            blocks = blocks + new
+            ids.extend(b.block_id for b in new)
         self.seq_blocks[seq.seq_id] = blocks
         if self.enable_prefix_caching:
             self._update_hashes(seq)
@@ -186,6 +193,7 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks; its tail blocks are evicted first, keeping shared prefixes warm."""
+        self.seq_block_ids.pop(seq.seq_id, None)
         blocks = self.seq_blocks.pop(seq.seq_id, None)
         if blocks:
             self.pool.release(list(reversed(blocks)))

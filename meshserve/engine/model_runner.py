@@ -195,10 +195,14 @@ class ModelRunner:
         np.cumsum(num_new, out=qsl[1:])
         total = int(qsl[-1])
         seq_lens = starts + num_new
-        width = max(len(s.block_table) for s in scheduled)
+        table_lens = np.fromiter((len(s.block_table) for s in scheduled), dtype=np.int64, count=len(scheduled))
+        width = int(table_lens.max())
         tables = np.zeros((len(scheduled), width), dtype=np.int64)
-        for i, s in enumerate(scheduled):
-            tables[i, : len(s.block_table)] = s.block_table
+        flat = np.fromiter(itertools.chain.from_iterable(s.block_table for s in scheduled), dtype=np.int64,
+                           count=int(table_lens.sum()))
+        table_row = np.repeat(np.arange(len(scheduled)), table_lens)
+        table_starts = np.cumsum(table_lens) - table_lens
+        tables[table_row, np.arange(flat.shape[0]) - table_starts[table_row]] = flat
         row = np.repeat(np.arange(len(scheduled)), num_new)
         positions = np.arange(total) - qsl[:-1][row] + starts[row]
         slots = tables[row, positions // bsz] * bsz + positions % bsz

@@ -10,6 +10,7 @@ from meshserve.router.config import POLICIES, RouterConfig
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8000
+KEEP_ALIVE_S = 75
 
 
 def add_router_args(p: argparse.ArgumentParser) -> None:
@@ -95,8 +96,10 @@ def run_router(config: RouterConfig, host: str, port: int, log_level: str = "war
 
     state = ServerState()
     app = build_router_app(config, state)
+    # Idle keep-alive longer than a client's or load balancer's (60 s is common): the side that closes an
+    # idle connection must be the client, or a request sent just as the router closes it is lost.
     uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                               timeout_graceful_shutdown=2, timeout_keep_alive=5)
+                               timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_S)
     DrainingServer(uv_config, state, config.drain_timeout_s).run()
 
 

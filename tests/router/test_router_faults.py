@@ -1,0 +1,249 @@
+"""Fault injection against real replicas: `meshserve serve` and `meshserve router` as subprocesses.
+
+Three primary replicas of a tiny llama and one fallback replica of a tiny qwen2 (served as
+`tiny-small`), all on loopback, behind one router. Scenarios run in order on the same cluster and
+leave it as they found it, except the last, which takes everything down. Every scenario records its
+figures (printed at the end of the pytest run; RELIABILITY.md keeps a copy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from tests.router.conftest import ServerProcess, record_figures, replica_args, wait_until
+from tests.router.loadgen import Load, figures
+
+NUM_PRIMARIES = 3
+READ_TIMEOUT_S = 4.0
+ROUTER_FLAGS = ["--health-interval", "0.5", "--health-timeout", "1", "--fail-threshold", "2",
+                "--recover-threshold", "2", "--connect-timeout", "1", "--read-timeout", str(READ_TIMEOUT_S),
+                "--max-attempts", "3", "--retry-budget", "20", "--max-outstanding", "48",
+                "--fallback-model", "tiny-small", "--target-queue-per-replica", "4"]
+
+
+class Cluster:
+    def __init__(self, primaries: list[ServerProcess], fallback: ServerProcess, router: ServerProcess):
+        self.primaries = primaries
+        self.fallback = fallback
+        self.router = router
+
+    @property
+    def url(self) -> str:
+        return self.router.url
+
+    def replicas(self) -> dict[str, dict]:
+        snap = httpx.get(self.url + "/router/replicas", timeout=5).json()
+        return {r["name"]: r for r in snap["replicas"]}
+
+    def healthy(self, name: str) -> bool:
+        return self.replicas()[name]["healthy"]
+
+    def all_healthy(self) -> bool:
+        return all(r["healthy"] for r in self.replicas().values())
+
+    def restart(self, i: int) -> None:
+        self.primaries[i].kill()
+        self.primaries[i].start()
+
+
+@pytest.fixture(scope="module")
+def cluster(processes, tiny_model_dir) -> Cluster:
+    llama, qwen = tiny_model_dir("llama"), tiny_model_dir("qwen2")
+    primaries = []
+    for i in range(NUM_PRIMARIES):
+        p = processes(f"primary-{i}", [])
+        p.args = replica_args(llama, p.port, ["tiny"], ["--max-num-seqs", "8", "--max-queue-len", "8"])
+        primaries.append(p)
+    fallback = processes("fallback-0", [])
+    fallback.args = replica_args(qwen, fallback.port, ["tiny-small"], ["--max-num-seqs", "4"])
+    backends = [a for p in primaries for a in ("--backend", p.url)]
+    router = processes("router", [])
+    router.args = ["router", "--host", "127.0.0.1", "--port", str(router.port), *backends,
+                   "--fallback", fallback.url, *ROUTER_FLAGS, "--disable-access-log"]
+    for p in [*primaries, fallback, router]:
+        p.start()
+    for p in [*primaries, fallback, router]:
+        p.wait_ready()
+    c = Cluster(primaries, fallback, router)
+    assert wait_until(c.all_healthy, 10)
+    return c
+
+
+def _assert_no_loss(results, fig) -> None:
+    lost = [r for r in results if r.outcome == "lost"]
+    assert fig["lost"] == 0, f"lost requests: {[(r.index, r.replica, r.detail) for r in lost[:5]]}"
+
+
+async def _kill_restart_under_load(c: Cluster, victim: int, total: int, after: int,
+                                   concurrency: int) -> tuple[list, float, dict]:
+    """Steady load; SIGKILL one replica while a stream is live on it; restart it; load until it served
+    `after` requests again. Returns the results, the seconds, and event notes."""
+    name = f"primary-{victim}"
+    load = Load(c.url, concurrency=concurrency, limit=None)
+    notes: dict = {}
+    t0 = time.monotonic()
+    runner = asyncio.ensure_future(load.run())
+    await load.wait_sent(total // 4)
+    deadline = time.monotonic() + 10
+    while load.live_streams[name] < 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    notes["streams_live_on_victim_at_kill"] = load.live_streams[name]
+    c.primaries[victim].kill()  # SIGKILL: no drain, connections reset
+    load.phase = "dead"
+    await load.wait_sent(total // 2)
+    c.primaries[victim].start()
+    load.phase = "restarting"
+    readmitted = await asyncio.to_thread(wait_until, lambda: c.healthy(name), 60, 0.1)
+    notes["readmitted"] = readmitted
+    load.phase = "readmitted"
+    start_after = load.sent
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        served = sum(r.replica == name for r in load.results if r.phase == "readmitted")
+        if load.sent >= max(total, start_after + 20) and served >= after:
+            break
+        await asyncio.sleep(0.05)
+    load.stop()
+    results = await runner
+    return results, time.monotonic() - t0, notes
+
+
+def _check_kill_restart(c: Cluster, results, fig, notes, victim: int) -> None:
+    name = f"primary-{victim}"
+    _assert_no_loss(results, fig)
+    plain = [r for r in results if not r.stream]
+    assert all(r.outcome == "ok" and r.status == 200 for r in plain)  # every non-streamed request succeeded
+    cut = [r for r in results if r.stream and r.outcome == "clean_error"]
+    assert all(r.replica == name for r in cut)  # only streams on the dead replica were cut
+    assert notes["streams_live_on_victim_at_kill"] >= 1 and cut  # and there was one to cut
+    assert max(r.seconds for r in results) < READ_TIMEOUT_S + 10  # nothing hung
+    assert notes["readmitted"]
+    after = [r for r in results if r.phase == "readmitted" and r.replica == name and r.outcome == "ok"]
+    assert after, "the restarted replica got no traffic"
+    state = c.replicas()[name]
+    assert state["healthy"] and state["num_admissions"] >= 2 and state["num_ejections"] >= 1
+
+
+def test_replica_killed_and_restarted_under_steady_load(cluster):
+    results, seconds, notes = asyncio.run(_kill_restart_under_load(cluster, victim=1, total=300, after=10,
+                                                                   concurrency=12))
+    fig = figures(results, seconds)
+    record_figures("kill+restart 1 of 3 (default)", fig)
+    _check_kill_restart(cluster, results, fig, notes, victim=1)
+
+
+@pytest.mark.slow
+def test_replica_kill_restart_cycles_long(cluster):
+    """Three kill/restart cycles (each replica once) under ~1,500 requests."""
+    all_results, total_s = [], 0.0
+    for victim in range(NUM_PRIMARIES):
+        results, seconds, notes = asyncio.run(_kill_restart_under_load(cluster, victim, total=500, after=30,
+                                                                       concurrency=16))
+        _check_kill_restart(cluster, results, figures(results, seconds), notes, victim)
+        all_results += results
+        total_s += seconds
+    fig = figures(all_results, total_s)
+    record_figures("kill+restart x3 (slow)", fig)
+    _assert_no_loss(all_results, fig)
+
+
+def test_hung_replica_is_ejected_by_timeout_and_readmitted(cluster):
+    victim = cluster.primaries[2]
+
+    async def scenario():
+        load = Load(cluster.url, concurrency=9, limit=None, stream_max_tokens=64)
+        t0 = time.monotonic()
+        runner = asyncio.ensure_future(load.run())
+        await load.wait_sent(30)
+        victim.signal(signal.SIGSTOP)  # alive, port open, answers nothing
+        load.phase = "hung"
+        ejected = await asyncio.to_thread(wait_until, lambda: not cluster.healthy("primary-2"), 15, 0.05)
+        await load.wait_sent(load.sent + 60)
+        load.stop()
+        results = await runner
+        return results, time.monotonic() - t0, ejected
+
+    try:
+        results, seconds, ejected = asyncio.run(scenario())
+        state = cluster.replicas()["primary-2"]
+    finally:
+        victim.signal(signal.SIGCONT)
+    fig = figures(results, seconds)
+    record_figures("hung replica (SIGSTOP)", fig)
+    _assert_no_loss(results, fig)
+    assert ejected and "timed out" in (state["last_error"] or "")
+    assert all(r.outcome == "ok" for r in results if not r.stream)
+    assert all(r.replica == "primary-2" for r in results if r.outcome == "clean_error")
+    assert max(r.seconds for r in results) < READ_TIMEOUT_S * 3 + 5  # bounded by the timeout path
+    assert wait_until(lambda: cluster.healthy("primary-2"), 20)  # re-admitted once it answers again
+    resp = [httpx.post(cluster.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+            for _ in range(6)]
+    assert {r.headers["x-meshserve-replica"] for r in resp} >= {"primary-2"}
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_overload_gets_fast_refusals_with_retry_after_and_no_memory_growth(cluster):
+    async def burst() -> tuple[list, float]:
+        load = Load(cluster.url, concurrency=120, limit=480, stream_every=5, max_tokens=48,
+                    stream_max_tokens=48, timeout_s=30)
+        t0 = time.monotonic()
+        results = await load.run()
+        return results, time.monotonic() - t0
+
+    assert wait_until(cluster.all_healthy, 20)
+    results, seconds = asyncio.run(burst())  # warm-up: connection pools, allocator arenas
+    rss = [_rss_kib(cluster.router.proc.pid)]
+    all_results, total_s = list(results), seconds
+    for _ in range(3):
+        results, seconds = asyncio.run(burst())
+        all_results += results
+        total_s += seconds
+        rss.append(_rss_kib(cluster.router.proc.pid))
+    fig = figures(all_results, total_s)
+    fig["router_rss_mib"] = f"{rss[0] / 1024:.0f}->{rss[-1] / 1024:.0f}"
+    record_figures("overload 4x480 at 120 concurrent", fig)
+    _assert_no_loss(all_results, fig)
+    refused = [r for r in all_results if r.outcome == "clean_error"]
+    assert refused, "the burst never overloaded anything"
+    assert {r.status for r in refused} <= {429, 503}
+    assert Counter(r.outcome for r in all_results)["ok"] > 0
+    assert rss[-1] - rss[0] < 16 * 1024, f"router RSS grew: {rss} KiB"
+    assert wait_until(lambda: httpx.get(cluster.url + "/router/replicas").json()["in_flight"] == 0, 10)
+    assert wait_until(cluster.all_healthy, 20)  # overload ejects no one for long
+
+
+def test_all_primaries_down_fallback_serves_then_fast_503(cluster):
+    for p in cluster.primaries:
+        p.kill()
+    load = Load(cluster.url, concurrency=6, limit=60, stream_max_tokens=32)
+    t0 = time.monotonic()
+    results = asyncio.run(load.run())
+    fig = figures(results, time.monotonic() - t0)
+    record_figures("all primaries down -> fallback", fig)
+    _assert_no_loss(results, fig)
+    assert all(r.outcome == "ok" and r.fallback == "primaries_unavailable" for r in results)
+    assert all(r.replica == "fallback-0" for r in results)
+    body = httpx.post(cluster.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert body.json()["model"] == "tiny-small" and body.headers["x-meshserve-fallback"]
+
+    cluster.fallback.kill()
+    load = Load(cluster.url, concurrency=6, limit=60)
+    t0 = time.monotonic()
+    results = asyncio.run(load.run())
+    seconds = time.monotonic() - t0
+    fig = figures(results, seconds)
+    record_figures("fallback down too -> 503", fig)
+    _assert_no_loss(results, fig)
+    assert all(r.outcome == "clean_error" and r.status == 503 for r in results)
+    assert max(r.seconds for r in results) < 2.0  # fast, not a timeout
+    assert httpx.get(cluster.url + "/ready").status_code == 503

@@ -1,0 +1,253 @@
+"""The router against scripted fake replicas: passthrough, retries, ejection, fallback, metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+
+from meshserve.router.config import RouterConfig
+from tests.router.conftest import free_port, wait_until
+
+QUIET = dict(health_interval_s=60.0)  # only the passive path acts, unless a test wants probes
+
+
+def sse_data(resp: httpx.Response) -> list[str]:
+    return [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
+def replica_state(router_srv, name: str) -> dict:
+    snap = httpx.get(router_srv.base_url + "/router/replicas").json()
+    return next(r for r in snap["replicas"] if r["name"] == name)
+
+
+def test_stream_passes_through_unbuffered_with_api_keys(fake_replicas, router):
+    script, up = fake_replicas("a", num_events=5, event_delay_s=0.3)
+    r = router(RouterConfig(backends=[up.base_url], **QUIET))
+    t0 = time.monotonic()
+    headers = {"Authorization": "Bearer sk-test", "X-Api-Key": "sk-test"}
+    with httpx.stream("POST", r.base_url + "/v1/completions", headers=headers, timeout=10,
+                      json={"model": "tiny", "prompt": "hi", "stream": True}) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.headers["x-meshserve-replica"] == "primary-0"
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        t_first = time.monotonic() - t0
+        rest = [line[6:] for line in lines if line.startswith("data: ")]
+    t_all = time.monotonic() - t0
+    assert json.loads(first[6:])["choices"][0]["text"] == "a:0 "
+    assert t_first < 0.6 < 1.1 < t_all  # the first event arrived long before the upstream finished
+    assert rest[-1] == "[DONE]" and len(rest) == 5
+    sent = script.requests[0]["headers"]
+    assert sent["authorization"] == "Bearer sk-test" and sent["x-api-key"] == "sk-test"
+    assert script.requests[0]["body"]["prompt"] == "hi"
+
+
+def test_non_streamed_and_models_are_proxied(fake_replicas, router):
+    _, up = fake_replicas("a")
+    r = router(RouterConfig(backends=[up.base_url], **QUIET))
+    resp = httpx.post(r.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
+    assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == "from a"
+    assert resp.headers["x-meshserve-attempts"] == "1" and "x-meshserve-fallback" not in resp.headers
+    assert httpx.get(r.base_url + "/v1/models").json()["data"][0]["id"] == "tiny"
+    assert httpx.get(r.base_url + "/ready").status_code == 200
+    assert httpx.get(r.base_url + "/health").status_code == 200
+
+
+def test_connection_error_is_retried_and_the_replica_ejected(fake_replicas, router):
+    _, gone = fake_replicas("gone")
+    _, ok = fake_replicas("ok")
+    r = router(RouterConfig(backends=[gone.base_url, ok.base_url], policy="round-robin", **QUIET))
+    assert replica_state(r, "primary-0")["healthy"]
+    gone.stop()  # the router still believes it healthy: only a request can find out
+    results = [httpx.post(r.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x", "stream": s})
+               for s in (False, True, False, True)]
+    assert all(res.status_code == 200 for res in results)
+    assert all(res.headers["x-meshserve-replica"] == "primary-1" for res in results)
+    assert results[0].headers["x-meshserve-attempts"] == "2"  # the first hit the dead replica, then retried
+    state = replica_state(r, "primary-0")
+    assert not state["healthy"] and "connection failed" in state["last_error"]
+    assert "meshserve:router_retries_total 1.0" in httpx.get(r.base_url + "/metrics").text
+
+
+def test_refusals_are_retried_elsewhere_and_passed_on_when_everyone_refuses(fake_replicas, router):
+    busy, a = fake_replicas("busy", mode="status", status=429)
+    _, b = fake_replicas("ok")
+    r = router(RouterConfig(backends=[a.base_url, b.base_url], policy="round-robin", **QUIET))
+    for _ in range(4):
+        resp = httpx.post(r.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
+        assert resp.status_code == 200 and resp.headers["x-meshserve-replica"] == "primary-1"
+    assert replica_state(r, "primary-0")["healthy"]  # a full queue is not a sick replica
+    busy2, c = fake_replicas("busy2", mode="status", status=429)
+    r2 = router(RouterConfig(backends=[a.base_url, c.base_url], **QUIET))
+    t0 = time.monotonic()
+    resp = httpx.post(r2.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "7"
+    assert resp.json()["error"]["code"] == 429 and time.monotonic() - t0 < 1
+    assert len(busy.requests) >= 1 and len(busy2.requests) == 1
+
+
+def test_503_ejects_and_4xx_is_final(fake_replicas, router):
+    _, draining = fake_replicas("draining", mode="status", status=503)
+    _, ok = fake_replicas("ok")
+    r = router(RouterConfig(backends=[draining.base_url, ok.base_url], policy="round-robin", **QUIET))
+    assert httpx.post(r.base_url + "/v1/completions", json={"prompt": "x"}).status_code == 200
+    assert not replica_state(r, "primary-0")["healthy"]
+    bad_script, bad = fake_replicas("bad", mode="status", status=400)
+    r2 = router(RouterConfig(backends=[bad.base_url, ok.base_url], policy="round-robin", **QUIET))
+    resp = httpx.post(r2.base_url + "/v1/completions", json={"prompt": "x"})
+    assert resp.status_code == 400 and len(bad_script.requests) == 1  # the request's fault: no retry
+
+
+def test_stream_broken_mid_way_ends_with_one_clean_error_and_no_splice(fake_replicas, router):
+    _, dying = fake_replicas("dying", mode="die_midstream")
+    _, ok = fake_replicas("ok")
+    r = router(RouterConfig(backends=[dying.base_url, ok.base_url], policy="round-robin", **QUIET))
+    with httpx.stream("POST", r.base_url + "/v1/completions", timeout=10,
+                      json={"model": "tiny", "prompt": "x", "stream": True}) as resp:
+        assert resp.status_code == 200 and resp.headers["x-meshserve-replica"] == "primary-0"
+        data = sse_data(resp)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    texts = [c["choices"][0]["text"] for c in chunks if "choices" in c]
+    assert texts == ["dying:0 ", "dying:1 "]  # nothing from the other replica, nothing repeated
+    assert chunks[-1]["error"]["code"] == "upstream_stream_broken"
+    assert sum("error" in c for c in chunks) == 1
+    assert not replica_state(r, "primary-0")["healthy"]
+    metrics = httpx.get(r.base_url + "/metrics").text
+    assert 'meshserve:router_requests_total{outcome="stream_broken"} 1.0' in metrics
+
+
+def test_stream_failing_before_its_first_event_is_retried(fake_replicas, router):
+    _, dying = fake_replicas("dying", mode="die_before_first")
+    _, ok = fake_replicas("ok")
+    r = router(RouterConfig(backends=[dying.base_url, ok.base_url], policy="round-robin", **QUIET))
+    with httpx.stream("POST", r.base_url + "/v1/completions", timeout=10,
+                      json={"model": "tiny", "prompt": "x", "stream": True}) as resp:
+        assert resp.headers["x-meshserve-replica"] == "primary-1"
+        assert resp.headers["x-meshserve-attempts"] == "2"
+        data = sse_data(resp)
+    assert data[-1] == "[DONE]" and all("ok:" in json.loads(d)["choices"][0]["text"] for d in data[:-1])
+
+
+def test_hung_replica_is_ejected_by_the_timeout_path(fake_replicas, router):
+    hung_script, hung = fake_replicas("hung")
+    _, ok = fake_replicas("ok")
+    r = router(RouterConfig(backends=[hung.base_url, ok.base_url], policy="round-robin", read_timeout_s=0.5,
+                            **QUIET))
+    hung_script.mode = "hang"  # only now that the router admitted it: it accepts, then never answers
+    t0 = time.monotonic()
+    resp = httpx.post(r.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=10)
+    assert resp.status_code == 200 and resp.headers["x-meshserve-replica"] == "primary-1"
+    assert resp.headers["x-meshserve-attempts"] == "2" and time.monotonic() - t0 < 3
+    state = replica_state(r, "primary-0")
+    assert not state["healthy"] and "timed out" in state["last_error"]
+
+
+def test_fallback_serves_when_primaries_are_down_then_fast_503(fake_replicas, router):
+    down_script, down = fake_replicas("down", ready_status=503)
+    fb_script, fb = fake_replicas("fb")
+    r = router(RouterConfig(backends=[down.base_url], fallbacks=[fb.base_url], fallback_model="small",
+                            health_interval_s=0.1, health_timeout_s=0.5, fail_threshold=1))
+    resp = httpx.post(r.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
+    assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == "from fb"
+    assert resp.headers["x-meshserve-fallback"] == "primaries_unavailable"
+    assert fb_script.requests[-1]["body"]["model"] == "small" and not down_script.requests
+    fb_script.ready_status = 503
+    assert wait_until(lambda: not replica_state(r, "fallback-0")["healthy"], 5)
+    assert httpx.get(r.base_url + "/ready").status_code == 503
+    t0 = time.monotonic()
+    resp = httpx.post(r.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
+    assert time.monotonic() - t0 < 0.5
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+    assert resp.json()["error"]["code"] == "no_replica_available"
+
+
+def test_fallback_takes_over_past_the_queue_threshold(fake_replicas, router):
+    _, slow = fake_replicas("slow", num_events=4, event_delay_s=0.4)
+    _, fb = fake_replicas("fb")
+    r = router(RouterConfig(backends=[slow.base_url], fallbacks=[fb.base_url], fallback_queue_threshold=1,
+                            **QUIET))
+    with httpx.stream("POST", r.base_url + "/v1/completions", json={"prompt": "x", "stream": True}) as first:
+        assert first.headers["x-meshserve-replica"] == "primary-0"
+        resp = httpx.post(r.base_url + "/v1/completions", json={"prompt": "y"})
+        assert resp.headers["x-meshserve-fallback"] == "queue_depth" and resp.json()["choices"][0]["text"] == \
+            "from fb"
+        sse_data(first)
+
+
+def test_active_health_checks_eject_and_readmit(fake_replicas, router):
+    script, up = fake_replicas("a")
+    r = router(RouterConfig(backends=[up.base_url], health_interval_s=0.05, health_timeout_s=0.5,
+                            fail_threshold=3, recover_threshold=2))
+    assert replica_state(r, "primary-0")["healthy"]
+    script.ready_status = 503
+    assert wait_until(lambda: not replica_state(r, "primary-0")["healthy"], 5)
+    assert "answered 503" in replica_state(r, "primary-0")["last_error"]
+    script.ready_status = 200
+    assert wait_until(lambda: replica_state(r, "primary-0")["healthy"], 5)
+    state = replica_state(r, "primary-0")
+    assert state["num_ejections"] == 1 and state["num_admissions"] == 2
+    assert httpx.post(r.base_url + "/v1/completions", json={"prompt": "x"}).status_code == 200
+
+
+def test_queue_depth_and_desired_replicas_are_exported(fake_replicas, router):
+    _, slow = fake_replicas("slow", num_events=3, event_delay_s=0.5)
+    r = router(RouterConfig(backends=[slow.base_url], target_queue_per_replica=2, health_interval_s=0.1))
+    with httpx.Client(timeout=10) as client:
+        cms = [client.stream("POST", r.base_url + "/v1/completions", json={"prompt": "x", "stream": True})
+               for _ in range(5)]  # keep the context managers: dropping one closes its response
+        streams = [cm.__enter__() for cm in cms]
+        metrics = httpx.get(r.base_url + "/metrics").text
+        assert "meshserve:router_queue_depth 5.0" in metrics
+        assert "meshserve:router_desired_replicas 3.0" in metrics  # ceil(5 / 2)
+        assert "meshserve:router_upstream_waiting 3.0" in metrics  # scraped from the replica
+        for s in streams:
+            assert sse_data(s)[-1] == "[DONE]"
+            s.close()
+    assert wait_until(lambda: "meshserve:router_desired_replicas 1.0" in httpx.get(r.base_url + "/metrics").text,
+                      5)
+
+
+def test_router_past_max_outstanding_answers_503_at_once(fake_replicas, router):
+    _, slow = fake_replicas("slow", num_events=3, event_delay_s=0.5)
+    r = router(RouterConfig(backends=[slow.base_url], max_outstanding=2, **QUIET))
+    with httpx.Client(timeout=10) as client:
+        cms = [client.stream("POST", r.base_url + "/v1/completions", json={"prompt": "x", "stream": True})
+               for _ in range(2)]
+        streams = [cm.__enter__() for cm in cms]
+        t0 = time.monotonic()
+        resp = client.post(r.base_url + "/v1/completions", json={"prompt": "x"})
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+        assert resp.json()["error"]["code"] == "router_overloaded" and time.monotonic() - t0 < 0.3
+        for s in streams:
+            s.close()
+
+
+def test_prefix_affinity_keeps_a_prefix_on_one_replica(fake_replicas, router):
+    ups = [fake_replicas(f"r{i}")[1] for i in range(3)]
+    r = router(RouterConfig(backends=[u.base_url for u in ups], policy="prefix-affinity", **QUIET))
+    served: dict[int, set[str]] = {}
+    for doc in range(6):
+        for q in range(4):
+            prompt = f"Document {doc}: " + "lorem ipsum " * 30 + f"question {q}"
+            resp = httpx.post(r.base_url + "/v1/completions", json={"prompt": prompt})
+            served.setdefault(doc, set()).add(resp.headers["x-meshserve-replica"])
+    assert all(len(s) == 1 for s in served.values())  # each prefix stayed on one replica
+    assert len(set().union(*served.values())) >= 2  # and prefixes were spread
+
+
+def test_no_backend_reachable_at_start_is_a_fast_503():
+    from tests.router.conftest import serve_in_thread
+    from meshserve.router.app import build_router_app
+
+    srv = serve_in_thread(build_router_app(RouterConfig(backends=[f"http://127.0.0.1:{free_port()}"], **QUIET)))
+    try:
+        assert httpx.get(srv.base_url + "/ready").status_code == 503
+        resp = httpx.post(srv.base_url + "/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": "hi"}]})
+        assert resp.status_code == 503 and "retry-after" in resp.headers
+    finally:
+        srv.stop()

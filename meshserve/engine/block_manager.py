@@ -182,7 +182,8 @@ class BlockManager:
         if self.enable_prefix_caching:
             self._update_hashes(seq)
             n_full = min((num_computed + num_new_tokens) // self.block_size, len(seq.block_hashes))
-            for i in range(n_full):
+            # blocks full before this step were registered when they filled up
+            for i in range(num_computed // self.block_size, n_full):
                 self.pool.register(blocks[i], seq.block_hashes[i])
         return True
 

@@ -322,7 +322,10 @@ class ModelRunner:
         sample_idx = [i for i, s in enumerate(scheduled) if s.do_sample]
         if not sample_idx:
             return result
-        last_rows = torch.tensor([qsl[i + 1] - 1 for i in sample_idx], device=self.device)
+        if len(sample_idx) == len(scheduled):  # the usual case: no host-to-device copy needed
+            last_rows = meta.query_start_loc[1:] - 1
+        else:
+            last_rows = torch.tensor([qsl[i + 1] - 1 for i in sample_idx], device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, last_rows))
         if not samples:
             return result

@@ -84,17 +84,23 @@ class SamplingMetadata:
             banned_token_ids = None
         asked = [p.logprobs for p in params if p.logprobs is not None]
 
-        def f32(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+        # every per-row float setting in one host array and one copy (not six small synchronous ones)
+        floats = torch.tensor([[0.0 if g else p.temperature for p, g in zip(params, greedy)],
+                               [p.top_p for p in params], [p.min_p for p in params],
+                               [p.repetition_penalty for p in params], [p.presence_penalty for p in params],
+                               [p.frequency_penalty for p in params]], dtype=torch.float32)
+        if torch.device(device).type == "cuda":
+            floats = floats.pin_memory()
+        floats = floats.to(device, non_blocking=True)
 
         return cls(
-            temperature=f32([0.0 if g else p.temperature for p, g in zip(params, greedy)]),
-            top_p=f32([p.top_p for p in params]),
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
-            min_p=f32([p.min_p for p in params]),
-            repetition_penalty=f32([p.repetition_penalty for p in params]),
-            presence_penalty=f32([p.presence_penalty for p in params]),
-            frequency_penalty=f32([p.frequency_penalty for p in params]),
+            temperature=floats[0],
+            top_p=floats[1],
+            top_k=torch.tensor(top_k, dtype=torch.int64).to(device, non_blocking=True),
+            min_p=floats[2],
+            repetition_penalty=floats[3],
+            presence_penalty=floats[4],
+            frequency_penalty=floats[5],
             prompt_token_ids=prompt_ids,
             output_token_ids=output_ids,
             generators={i: gen for i, (gen, g) in enumerate(zip(generators, greedy))

@@ -25,7 +25,7 @@ _WAITING = "meshserve:num_requests_waiting"
 
 def parse_num_waiting(text: str) -> int | None:
     for line in text.splitlines():
-        if line.startswith(_WAITING + " ") or line.startswith(_WAITING + "{"):
+        if line.startswith((_WAITING + " ", _WAITING + "{")):
             try:
                 return int(float(line.rsplit(" ", 1)[1]))
             except ValueError:
@@ -83,7 +83,7 @@ class HealthChecker:
         while True:
             try:
                 await self.check_all()
-            except Exception:  # noqa: BLE001 - the loop must outlive any one bad round
+            except Exception:
                 logger.exception("health check round failed")
             await asyncio.sleep(self.config.health_interval_s)
 

@@ -36,10 +36,10 @@ def argv_from_namespace(parser: argparse.ArgumentParser, ns: argparse.Namespace,
                         skip: frozenset[str] = _LAUNCHER_DESTS) -> list[str]:
     """The flags that reproduce `ns` on `parser` (only those that differ from their defaults)."""
     argv: list[str] = []
-    for action in parser._actions:  # noqa: SLF001 - argparse has no public way to walk its actions
+    for action in parser._actions:
         if not action.option_strings or action.dest in skip or not hasattr(ns, action.dest):
             continue
-        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):  # noqa: SLF001
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
             continue
         value = getattr(ns, action.dest)
         if value == action.default:
@@ -47,9 +47,9 @@ def argv_from_namespace(parser: argparse.ArgumentParser, ns: argparse.Namespace,
         opt = _long_option(action)
         if isinstance(action, argparse.BooleanOptionalAction):
             argv.append(opt if value else "--no-" + opt[2:])
-        elif isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):  # noqa: SLF001
+        elif isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
             argv.append(opt)
-        elif isinstance(action, argparse._AppendAction):  # noqa: SLF001
+        elif isinstance(action, argparse._AppendAction):
             for v in value or []:
                 argv += [opt, str(v)]
         elif action.nargs in ("+", "*") or isinstance(action.nargs, int):

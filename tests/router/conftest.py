@@ -25,8 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from meshserve.router.app import build_router_app
 from meshserve.router.config import RouterConfig
-
-FIGURES: dict[str, dict[str, int | float | str]] = {}  # scenario -> figures, printed at the end of the run
+from tests.router.loadgen import FIGURES
 
 
 def free_port() -> int:
@@ -259,15 +258,14 @@ def replica_args(model_dir: str, port: int, served: list[str], extra: list[str] 
             "warning", "--drain-timeout", "2", *extra]
 
 
-def record_figures(scenario: str, figures: dict) -> None:
-    FIGURES[scenario] = figures
-
-
 def pytest_terminal_summary(terminalreporter) -> None:
     if not FIGURES:
         return
     terminalreporter.write_sep("=", "router fault-injection figures")
     cols = ["sent", "succeeded", "retried", "fallback", "failed_cleanly", "lost", "seconds"]
-    terminalreporter.write_line(f"{'scenario':<34}" + "".join(f"{c:>15}" for c in cols))
+    terminalreporter.write_line(f"{'scenario':<36}" + "".join(f"{c:>15}" for c in cols))
     for scenario, fig in FIGURES.items():
-        terminalreporter.write_line(f"{scenario:<34}" + "".join(f"{fig.get(c, '-')!s:>15}" for c in cols))
+        terminalreporter.write_line(f"{scenario:<36}" + "".join(f"{fig.get(c, '-')!s:>15}" for c in cols))
+        extra = {k: v for k, v in fig.items() if k not in cols}
+        if extra:
+            terminalreporter.write_line(f"{'':<36}" + ", ".join(f"{k}: {v}" for k, v in extra.items()))

@@ -18,6 +18,13 @@ from dataclasses import dataclass, field
 
 import httpx
 
+# scenario -> figures; the conftest prints them at the end of the run (one module, however imported)
+FIGURES: dict[str, dict[str, int | float | str]] = {}
+
+
+def record_figures(scenario: str, fig: dict) -> None:
+    FIGURES[scenario] = fig
+
 
 @dataclass
 class Result:

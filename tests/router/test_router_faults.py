@@ -16,8 +16,8 @@ from collections import Counter
 import httpx
 import pytest
 
-from tests.router.conftest import ServerProcess, record_figures, replica_args, wait_until
-from tests.router.loadgen import Load, figures
+from tests.router.conftest import ServerProcess, replica_args, wait_until
+from tests.router.loadgen import Load, figures, record_figures
 
 NUM_PRIMARIES = 3
 READ_TIMEOUT_S = 4.0
@@ -194,8 +194,8 @@ def _rss_kib(pid: int) -> int:
 
 def test_overload_gets_fast_refusals_with_retry_after_and_no_memory_growth(cluster):
     async def burst() -> tuple[list, float]:
-        load = Load(cluster.url, concurrency=120, limit=480, stream_every=5, max_tokens=48,
-                    stream_max_tokens=48, timeout_s=30)
+        load = Load(cluster.url, concurrency=120, limit=400, stream_every=5, max_tokens=32,
+                    stream_max_tokens=32, timeout_s=30)
         t0 = time.monotonic()
         results = await load.run()
         return results, time.monotonic() - t0
@@ -204,14 +204,14 @@ def test_overload_gets_fast_refusals_with_retry_after_and_no_memory_growth(clust
     results, seconds = asyncio.run(burst())  # warm-up: connection pools, allocator arenas
     rss = [_rss_kib(cluster.router.proc.pid)]
     all_results, total_s = list(results), seconds
-    for _ in range(3):
+    for _ in range(2):
         results, seconds = asyncio.run(burst())
         all_results += results
         total_s += seconds
         rss.append(_rss_kib(cluster.router.proc.pid))
     fig = figures(all_results, total_s)
     fig["router_rss_mib"] = f"{rss[0] / 1024:.0f}->{rss[-1] / 1024:.0f}"
-    record_figures("overload 4x480 at 120 concurrent", fig)
+    record_figures("overload 3x400 at 120 concurrent", fig)
     _assert_no_loss(all_results, fig)
     refused = [r for r in all_results if r.outcome == "clean_error"]
     assert refused, "the burst never overloaded anything"

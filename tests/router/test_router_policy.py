@@ -104,9 +104,9 @@ def test_pool_routes_to_fallback_when_primaries_are_down_or_queue_is_deep():
     assert pool.route(None) is None
 
 
-@pytest.mark.parametrize("bad", [dict(backends=[]), dict(backends=["10.0.0.1:8000"]),
-                                 dict(backends=["http://a:1"], policy="random"),
-                                 dict(backends=["http://a:1"], max_attempts=0)])
+@pytest.mark.parametrize("bad", [{"backends": []}, {"backends": ["10.0.0.1:8000"]},
+                                 {"backends": ["http://a:1"], "policy": "random"},
+                                 {"backends": ["http://a:1"], "max_attempts": 0}])
 def test_config_validation(bad):
     from meshserve.errors import InvalidArgumentError
 

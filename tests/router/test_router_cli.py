@@ -1,0 +1,129 @@
+"""`meshserve router` flags and `meshserve serve --data-parallel-size N` (replicas + router, end to end)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from meshserve.cli import build_parser, main
+from meshserve.errors import InvalidArgumentError
+from meshserve.router.cli import router_config_from
+from meshserve.router.launcher import argv_from_namespace, partition_devices, serve_parser
+from tests.router.conftest import free_port, wait_until
+
+
+def test_router_flags_fill_the_config():
+    ns = build_parser().parse_args(["router", "--backend", "http://a:1", "--backend", "http://b:2/",
+                                    "--fallback", "http://f:3", "--policy", "prefix-affinity",
+                                    "--health-interval", "0.5", "--max-attempts", "5", "--read-timeout", "9",
+                                    "--fallback-queue-threshold", "64", "--target-queue-per-replica", "8"])
+    config = router_config_from(ns)
+    assert config.backends == ["http://a:1", "http://b:2/"] and config.fallbacks == ["http://f:3"]
+    assert (config.policy, config.health_interval_s, config.max_attempts, config.read_timeout_s) == \
+        ("prefix-affinity", 0.5, 5, 9.0)
+    assert config.fallback_queue_threshold == 64 and config.target_queue_per_replica == 8
+    with pytest.raises(InvalidArgumentError):
+        router_config_from(build_parser().parse_args(["router"]))  # no backend at all
+
+
+def test_router_command_without_backends_exits_2(capsys):
+    assert main(["router"]) == 2
+    assert "--backend" in capsys.readouterr().err
+
+
+def test_data_parallel_replica_argv_reproduces_the_engine_flags():
+    argv = ["serve", "/m", "--port", "9000", "-dp", "3", "-tp", "2", "--served-model-name", "a", "b",
+            "--no-enable-prefix-caching", "--enforce-eager", "--max-queue-len", "7", "--api-key", "k"]
+    ns = build_parser().parse_args(argv)
+    ns.model = ns.model_tag  # as _cmd_serve does before handing over
+    child = argv_from_namespace(serve_parser(), ns)
+    assert "--port" not in child and "--data-parallel-size" not in child and "/m" not in child[:1]
+    again = build_parser().parse_args(["serve", *child, "--port", "1"])
+    for name in ("model", "tensor_parallel_size", "served_model_name", "enable_prefix_caching", "enforce_eager",
+                 "max_queue_len", "api_key"):
+        assert getattr(again, name) == getattr(ns, name), name
+    assert again.data_parallel_size == 1
+
+
+def test_gpus_are_split_in_slices_of_tp_times_pp():
+    assert partition_devices(2, 2, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
+    assert partition_devices(3, 1, ["4", "5", "6"]) == ["4", "5", "6"]
+    assert partition_devices(2, 4, ["0", "1"]) == [None, None]  # too few: replicas share (CPU, tests)
+
+
+def test_serve_rejects_bad_data_parallel_size(capsys):
+    assert main(["serve", "--data-parallel-size", "0", "--device", "cpu"]) == 2
+    assert "--data-parallel-size" in capsys.readouterr().err
+
+
+def _children(ppid: int) -> dict[int, str]:
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            if parent == ppid:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    out[int(pid)] = f.read().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def test_serve_data_parallel_starts_replicas_and_router_restarts_and_drains(tiny_model_dir):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshserve.cli", "serve", tiny_model_dir("llama"), "--data-parallel-size", "2",
+         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "256",
+         "--device", "cpu", "--drain-timeout", "5", "--disable-access-log", "--uvicorn-log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+
+    def replicas() -> list[dict]:
+        try:
+            return httpx.get(base + "/router/replicas", timeout=2).json()["replicas"]
+        except httpx.HTTPError:
+            return []
+
+    try:
+        assert wait_until(lambda: len(replicas()) == 2 and all(r["healthy"] for r in replicas()), 90, 0.2), \
+            proc.stdout.read() if proc.poll() is not None else "replicas never became healthy"
+        served = set()
+        for i in range(8):
+            resp = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": f"hi {i}",
+                                                              "max_tokens": 3}, timeout=30)
+            assert resp.status_code == 200
+            served.add(resp.headers["x-meshserve-replica"])
+        assert served == {"primary-0", "primary-1"}
+
+        children = _children(proc.pid)
+        assert len(children) == 2 and all("--data-parallel-size" not in c for c in children.values())
+        victim_port = replicas()[0]["url"].rsplit(":", 1)[1]
+        victim = next(pid for pid, cmd in children.items() if f"--port {victim_port}" in cmd)
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: not replicas()[0]["healthy"], 10, 0.1)
+        assert wait_until(lambda: replicas()[0]["healthy"], 60, 0.2)  # restarted by the launcher, re-admitted
+        assert victim not in _children(proc.pid)
+
+        urls = [r["url"] for r in replicas()]
+        children = _children(proc.pid)
+        assert len(children) == 2
+        proc.send_signal(signal.SIGTERM)  # drains the router, then the replicas
+        assert proc.wait(60) == 0
+        for url in [base, *urls]:  # nothing is left listening
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(url + "/health", timeout=1)
+        for child in children:  # and no orphan
+            assert not os.path.exists(f"/proc/{child}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

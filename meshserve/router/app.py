@@ -22,6 +22,7 @@ from meshserve.router.pool import ReplicaPool
 from meshserve.router.proxy import Proxy
 from meshserve.serve.errors import error_payload
 from meshserve.serve.middleware import ServerState, send_error
+from meshserve.serve.streaming import cancel_on_disconnect
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,9 @@ def build_router_app(config: RouterConfig, state: ServerState | None = None,
 
     async def proxied(request: Request) -> Response:
         raw = await request.body()
-        return await request.app.state.proxy.forward(request.method, request.url.path, raw,
-                                                     request.scope["headers"])
+        work = request.app.state.proxy.forward(request.method, request.url.path, raw, request.scope["headers"])
+        # a client that leaves before the answer cancels the upstream call, so the replica aborts it too
+        return await cancel_on_disconnect(request, work)
 
     for path in PROXIED_POST:
         app.add_api_route(path, proxied, methods=["POST"], include_in_schema=True)

@@ -101,7 +101,7 @@ class ChatService:
     # -- stream ----------------------------------------------------------------------------------
     async def _stream(self, req, model, request_id, request: EngineRequest,
                       tracker: RequestTracker) -> AsyncIterator[str]:
-        state = StreamState()
+        state = StreamState(every_token=not self.client.has_tokenizer)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         final: RequestOutput | None = None
         outcome = "abort"

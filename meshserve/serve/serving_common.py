@@ -62,6 +62,8 @@ class StreamState:
     text_sent: dict[tuple[int, int], int] = field(default_factory=dict)
     tokens_sent: dict[tuple[int, int], int] = field(default_factory=dict)
     finished: set[tuple[int, int]] = field(default_factory=set)
+    # a model without a tokenizer has no text: every new token still gets its chunk (token-id clients)
+    every_token: bool = False
 
     def delta(self, prompt_index: int, c: CompletionOutput, need_tokens: bool) -> ChoiceDelta | None:
         """The choice's new text/tokens, or None when there is nothing worth a chunk.
@@ -76,7 +78,7 @@ class StreamState:
         k0 = self.tokens_sent.get(key, 0)
         text = c.text[t0:]
         new_ids = c.token_ids[k0:]
-        if not text and not c.finish_reason and not (need_tokens and new_ids):
+        if not text and not c.finish_reason and not ((need_tokens or self.every_token) and new_ids):
             return None
         self.text_sent[key] = len(c.text)
         self.tokens_sent[key] = len(c.token_ids)

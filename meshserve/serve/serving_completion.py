@@ -111,7 +111,7 @@ class CompletionService:
     # -- stream ----------------------------------------------------------------------------------
     async def _stream(self, req, model, request_id, requests, echoes,
                       tracker: RequestTracker) -> AsyncIterator[str]:
-        state = StreamState()
+        state = StreamState(every_token=not self.client.has_tokenizer)
         finals: dict[int, RequestOutput] = {}
         want_lp = req.logprobs is not None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -251,3 +251,38 @@ def test_no_backend_reachable_at_start_is_a_fast_503():
         assert resp.status_code == 503 and "retry-after" in resp.headers
     finally:
         srv.stop()
+
+
+def test_client_leaving_cancels_the_upstream_call(fake_replicas, router):
+    script, up = fake_replicas("a")
+    r = router(RouterConfig(backends=[up.base_url], read_timeout_s=60, **QUIET))
+    script.mode = "hang"
+    try:
+        httpx.post(r.base_url + "/v1/completions", json={"prompt": "x"}, timeout=0.5)
+    except httpx.TimeoutException:
+        pass
+    assert replica_state(r, "primary-0")["outstanding"] in (0, 1)
+    assert wait_until(lambda: replica_state(r, "primary-0")["outstanding"] == 0, 3)  # not after 60 s
+    assert replica_state(r, "primary-0")["healthy"]  # the client left: not the replica's fault
+
+
+def test_dns_discovery_finds_and_drops_replicas(fake_replicas, router):
+    _, up = fake_replicas("a")
+    port = up.base_url.rsplit(":", 1)[1]
+    r = router(RouterConfig(discover=[f"localhost:{port}"], health_interval_s=0.1))
+    names = {x["name"] for x in httpx.get(r.base_url + "/router/replicas").json()["replicas"]}
+    assert f"http://127.0.0.1:{port}" in names
+    resp = httpx.post(r.base_url + "/v1/completions", json={"prompt": "x"})
+    assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == "from a"
+
+
+def test_pool_sync_keeps_static_backends_and_drops_vanished_ones():
+    from meshserve.router.pool import ReplicaPool
+
+    pool = ReplicaPool(RouterConfig(backends=["http://static:1"], discover=["svc:1"]))
+    pool.sync_primaries(["http://10.0.0.1:1", "http://10.0.0.2:1"], static=["http://static:1"])
+    assert {r.url for r in pool.primaries} == {"http://static:1", "http://10.0.0.1:1", "http://10.0.0.2:1"}
+    gone = pool.find("http://10.0.0.2:1")
+    pool.sync_primaries(["http://10.0.0.1:1"], static=["http://static:1"])
+    assert {r.url for r in pool.primaries} == {"http://static:1", "http://10.0.0.1:1"}
+    assert gone.removed and not gone.healthy

@@ -51,6 +51,7 @@ class MultiprocExecutor:
 
         self.launch = launch
         self.workers: dict[int, mp.Process] = {}
+        self._mid_protocol = False
         self._start_workers(config, source, launch, worker_main)
         atexit.register(self.shutdown)
         try:
@@ -75,6 +76,9 @@ class MultiprocExecutor:
         return {rank: p.exitcode for rank, p in self.workers.items()}
 
     def _stop_workers(self) -> None:
+        if self._mid_protocol:
+            for p in self.workers.values():
+                p.kill()
         for p in self.workers.values():
             p.join(timeout=5)
         for p in self.workers.values():
@@ -109,22 +113,28 @@ class MultiprocExecutor:
     def collective_rpc(self, method: str, *args):
         """Every rank calls runner.method(*args); returns rank 0's result."""
         self._check_workers()
+        self._mid_protocol = True  # stays set if an exception (or Ctrl-C / SIGTERM) cuts the exchange short
         try:
             dist.broadcast_object_list([(method, args)], src=0, group=self.state.cpu_group)
-            return getattr(self.runner, method)(*args)
+            result = getattr(self.runner, method)(*args)
         except Exception as e:
             raise self._fail(e) from e
+        if method != "execute" or self.state.sampler_rank == 0:
+            self._mid_protocol = False
+        return result
 
     def gather_rpc(self, method: str, *args) -> list:
         """Every rank calls runner.method(*args); returns all results, indexed by rank."""
         self._check_workers()
+        self._mid_protocol = True
         try:
             dist.broadcast_object_list([("gather:" + method, args)], src=0, group=self.state.cpu_group)
             results = [None] * self.state.world_size
             dist.gather_object(getattr(self.runner, method)(*args), results, dst=0, group=self.state.cpu_group)
-            return results
         except Exception as e:
             raise self._fail(e) from e
+        self._mid_protocol = False
+        return results
 
     def execute(self, sched_out):
         out = self.collective_rpc("execute", sched_out)
@@ -136,6 +146,7 @@ class MultiprocExecutor:
                 out = box[0]
             except Exception as e:
                 raise self._fail(e) from e
+            self._mid_protocol = False
         return out
 
     def shutdown(self) -> None:
@@ -143,7 +154,9 @@ class MultiprocExecutor:
             return
         self._closed = True
         try:
-            if dist.is_initialized() and all(c is None for c in self._exit_codes().values()):
+            # a graceful goodbye only from a clean point of the protocol; otherwise the ranks are killed
+            if (dist.is_initialized() and not self._mid_protocol
+                    and all(c is None for c in self._exit_codes().values())):
                 dist.broadcast_object_list([("shutdown", ())], src=0, group=self.state.cpu_group)
         except Exception:  # peers may already be gone
             pass

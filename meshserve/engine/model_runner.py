@@ -129,6 +129,27 @@ class ModelRunner:
         return int(num_blocks)
 
     @torch.inference_mode()
+    def warm_up_prefill(self, num_blocks: int) -> None:
+        """Compile the prefill kernels for every query-length bucket now, not on a user's first request
+        (each JIT costs ~0.3 s of TTFT). Writes only to cache blocks no sequence owns yet."""
+        if get_parallel_state().pp_size > 1:
+            return  # stages would need their neighbours; the first real steps compile instead
+        t0 = time.perf_counter()
+        limit = min(512, self.config.scheduler_config.max_num_batched_tokens)
+        q = 2
+        while q <= limit:
+            blocks = -(-q // self.block_size)
+            if blocks > num_blocks:
+                break
+            seq = ScheduledSequence(seq_id="warmup", token_ids=[0] * q, num_computed_tokens=0,
+                                    block_table=list(range(blocks)), params=None, do_sample=False)
+            input_ids, positions, meta = self._prepare([seq])
+            self.model(input_ids, positions, meta)
+            q *= 2
+        torch.cuda.synchronize(self.device)
+        logger.info("prefill kernels warmed up in %.1f s", time.perf_counter() - t0)
+
+    @torch.inference_mode()
     def profile_peak_memory(self) -> int:
         """Peak bytes of a largest-size step (weights included): max_num_batched_tokens of prefill spread
         over up to max_num_seqs sequences, plus their logits, run against a throwaway KV cache."""
@@ -179,6 +200,8 @@ class ModelRunner:
         if capture_graphs:
             logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
                         num_blocks * self.kv_bytes_per_block() / 2**30)
+        if capture_graphs and self.device.type == "cuda":
+            self.warm_up_prefill(num_blocks)
         if capture_graphs and self.device.type == "cuda" and not self.config.enforce_eager \
                 and backend.name == "triton":
             sc = self.config.scheduler_config

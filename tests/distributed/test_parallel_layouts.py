@@ -33,7 +33,9 @@ def reference(tiny_model_dir, hf_model):
     from tests.engine.test_engine_vs_hf import hf_greedy
 
     path = tiny_model_dir("qwen2")
+    # the last two share a 16-token prefix, so prefix-cache hits happen under every layout
     prompts = _prompts(0, (5, 19, 33, 12))
+    prompts += [prompts[1][:16] + [7, 8, 9], prompts[1][:16] + [10, 11]]
     single, _ = _generate(path, prompts)
     assert single == [hf_greedy(hf_model(path), p, MAX_NEW) for p in prompts]
     return path, prompts, single
@@ -47,6 +49,7 @@ def test_layout_matches_single_device(tp, pp, reference):
                            max_num_batched_tokens=16, block_size=4, num_gpu_blocks_override=12)
     assert got == single
     assert stats["num_preemptions"] > 0
+    assert stats["prefix_cache_hits"] > 0
     if pp > 1:
         assert 0.0 <= stats["pp_bubble"] < 1.0
 
@@ -85,3 +88,12 @@ def test_each_tp_rank_holds_about_half_the_weights(tiny_model_dir):
     # everything is split except the small replicated norms
     for b in per_rank:
         assert total / 2 <= b <= total / 2 * 1.02
+
+
+def test_tp4_replicates_kv_heads(tiny_model_dir):
+    """4 attention heads, 2 KV heads: at TP=4 each KV head lives on two ranks."""
+    path = tiny_model_dir("llama")
+    prompts = _prompts(3, (6, 13))
+    single, _ = _generate(path, prompts)
+    got, _ = _generate(path, prompts, tensor_parallel_size=4)
+    assert got == single

@@ -11,15 +11,18 @@ Input: a JSON file holding a list of result rows, {"results": [rows]}, or one ro
      "weight_dtype": "bf16", "kv_dtype": "bf16",   # optional
      "output_tok_per_s": 153.0}    # measured generated tokens per second (also read: "tok_per_s")
 
-The factor is the geometric mean over a GPU's rows of measured ÷ predicted-at-efficiency-1: the fraction of
-the hardware's peak the engine reaches. Put it in the catalog as `efficiency` (or a --hardware-file).
+Two numbers are fitted per GPU: `efficiency`, the fraction of the hardware's peak bandwidth and FLOP/s the
+engine reaches, and `layer_overhead_us`, a fixed time per layer per decode step (kernel launches and latencies)
+that dominates small models at small batch. For each candidate overhead the efficiency is the geometric-mean
+ratio of measured to predicted; the pair with the smallest squared log error wins. Put them in the catalog (or a
+--hardware-file).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from meshserve.errors import InvalidArgumentError
@@ -55,10 +58,11 @@ class CalibrationRow:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Fitted efficiency per GPU name and every row's predicted vs measured."""
+    """Fitted efficiency and per-layer overhead per GPU name, and every row's predicted vs measured."""
 
     factors: dict[str, float]
     rows: list[CalibrationRow]
+    overheads_us: dict[str, float] = field(default_factory=dict)
 
 
 def read_bench_rows(path: str | Path) -> list[dict]:
@@ -124,12 +128,30 @@ def calibrate(rows: list[dict], catalog: dict[str, GpuSpec]) -> Calibration:
     cases = [_case(row, i, catalog) for i, row in enumerate(rows)]
     peaks = [c.predicted(1.0) for c in cases]
     factors: dict[str, float] = {}
+    overheads: dict[str, float] = {}
     for name in sorted({c.gpu.name for c in cases}):
-        logs = [math.log(c.measured / p) for c, p in zip(cases, peaks) if c.gpu.name == name]
-        factors[name] = math.exp(sum(logs) / len(logs))
-    out = [CalibrationRow(c.gpu.name, c.model.name, c.layout.label, c.batch, c.workload_name, c.measured, p,
-                          c.predicted(factors[c.gpu.name])) for c, p in zip(cases, peaks)]
-    return Calibration(factors, out)
+        mine = [c for c in cases if c.gpu.name == name]
+        best = None
+        for overhead in _OVERHEAD_GRID_US:
+            trial = [replace(c, gpu=replace(c.gpu, layer_overhead_us=overhead)) for c in mine]
+            eff = 1.0
+            for _ in range(3):  # fixed point: the overhead term does not scale with efficiency
+                logs = [math.log(c.measured / c.predicted(eff)) for c in trial]
+                eff = min(1.0, eff * math.exp(sum(logs) / len(logs)))
+            err = sum(math.log(c.measured / c.predicted(eff)) ** 2 for c in trial)
+            if best is None or err < best[0]:
+                best = (err, eff, overhead)
+        _, factors[name], overheads[name] = best
+    out = []
+    for c, p in zip(cases, peaks):
+        fitted = replace(c, gpu=replace(c.gpu, layer_overhead_us=overheads[c.gpu.name]))
+        out.append(CalibrationRow(c.gpu.name, c.model.name, c.layout.label, c.batch, c.workload_name, c.measured,
+                                  p, fitted.predicted(factors[c.gpu.name])))
+    return Calibration(factors, out, overheads)
+
+
+# candidate per-layer overheads (µs) tried by the fit
+_OVERHEAD_GRID_US = [0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 80.0, 100.0, 150.0]
 
 
 def calibration_markdown(cal: Calibration) -> str:
@@ -142,5 +164,6 @@ def calibration_markdown(cal: Calibration) -> str:
                      f"{r.measured_tok_per_s:,.1f} | {r.predicted_peak_tok_per_s:,.1f} | "
                      f"{r.predicted_tok_per_s:,.1f} | {r.error:+.1%} |")
     lines.append("")
-    lines.extend(f"Fitted efficiency {name}: {f:.3f}" for name, f in sorted(cal.factors.items()))
+    lines.extend(f"Fitted {name}: efficiency {f:.3f}, layer overhead {cal.overheads_us.get(name, 0.0):.0f} µs per "
+                 "layer per decode step" for name, f in sorted(cal.factors.items()))
     return "\n".join(lines)

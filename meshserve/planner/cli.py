@@ -111,11 +111,12 @@ def _calibrate(ns: argparse.Namespace, catalog: dict) -> int:
     if ns.json:
         import dataclasses
 
-        print(json.dumps({"factors": cal.factors,
+        print(json.dumps({"factors": cal.factors, "layer_overhead_us": cal.overheads_us,
                           "rows": [{**dataclasses.asdict(r), "error": r.error} for r in cal.rows]}, indent=2))
         return 0
     print(calibration_markdown(cal))
     print("\nTo use these, add to a --hardware-file (or gpus.toml):")
     for name, factor in sorted(cal.factors.items()):
-        print(f"[gpus.{name}]\nefficiency = {factor:.3f}")
+        print(f"[gpus.{name}]\nefficiency = {factor:.3f}\n"
+              f"layer_overhead_us = {cal.overheads_us.get(name, 0.0):.0f}")
     return 0

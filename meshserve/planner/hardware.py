@@ -32,6 +32,8 @@ class GpuSpec:
     inter_node_latency_us: float = 15.0
     price_is_assumption: bool = True
     efficiency: float = 0.8
+    # fixed time per layer per decode step (kernel launches and latencies inside a step); fitted by calibration
+    layer_overhead_us: float = 0.0
     aliases: tuple[str, ...] = ()
 
     @property

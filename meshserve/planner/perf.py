@@ -38,10 +38,11 @@ class StepTime:
     memory_s: float
     compute_s: float
     comm_s: float
+    overhead_s: float = 0.0  # per-layer fixed cost (launches), which bandwidth and FLOPs do not cover
 
     @property
     def total_s(self) -> float:
-        return max(self.memory_s, self.compute_s) + self.comm_s
+        return max(self.memory_s, self.compute_s) + self.comm_s + self.overhead_s
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int
         bw, lat = _ep_link(gpu, layout, gpus_per_node)
         a2a = all_to_all_s(msg * model.experts_per_token * layout.dp, layout.ep, bw, lat)
         comm_s += shard.num_moe_layers * 2 * a2a  # dispatch + combine
-    return StepTime(memory_s, compute_s, comm_s)
+    return StepTime(memory_s, compute_s, comm_s, shard.num_layers * gpu.layer_overhead_us * 1e-6)
 
 
 def pp_hop_s(model: ModelSpec, gpu: GpuSpec, tokens: int) -> float:

@@ -86,6 +86,17 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _wait_for_workers(proc: subprocess.Popen, count: int, timeout: float = 60) -> list[int]:
+    """Pids of the spawned worker ranks of proc, once `count` of them run."""
+    workers: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(workers) < count:
+        workers = [c for c in _children(proc.pid) if "spawn_main" in _cmdline(c)]
+        time.sleep(0.2)
+    assert len(workers) >= count, "the worker ranks never started"
+    return workers
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -100,12 +111,7 @@ def test_killed_worker_stops_the_run_naming_the_rank(tiny_model_dir):
     proc = _cli("generate", "--model", path, "-tp", "2", "--no-chat", "--ignore-eos", "--max-tokens", "400",
                 "--distributed-timeout-s", "20", *[f"prompt {i}" for i in range(16)])
     try:
-        workers: list[int] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not workers:
-            workers = [c for c in _children(proc.pid) if "spawn_main" in _cmdline(c)]
-            time.sleep(0.2)
-        assert workers, "the worker rank never started"
+        workers = _wait_for_workers(proc, 1)
         everything = _children(proc.pid)
         time.sleep(3)  # let it load and start generating
         os.kill(workers[0], signal.SIGKILL)
@@ -128,12 +134,7 @@ def test_sigterm_shuts_every_rank_down(tiny_model_dir):
     proc = _cli("generate", "--model", path, "-tp", "2", "-pp", "2", "--no-chat", "--ignore-eos",
                 "--max-tokens", "400", *[f"prompt {i}" for i in range(16)])
     try:
-        workers: list[int] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(workers) < 3:
-            workers = [c for c in _children(proc.pid) if "spawn_main" in _cmdline(c)]
-            time.sleep(0.2)
-        assert len(workers) == 3
+        _wait_for_workers(proc, 3)
         everything = _children(proc.pid)
         time.sleep(3)
         proc.send_signal(signal.SIGTERM)

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,15 +22,10 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from meshserve.distributed.launch import free_port  # noqa: F401  (re-exported to tests)
 from meshserve.router.app import build_router_app
 from meshserve.router.config import RouterConfig
 from tests.router.loadgen import FIGURES
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- uvicorn in a thread -------------------------------------------------------------------------------

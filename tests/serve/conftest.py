@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -11,18 +10,13 @@ import httpx
 import pytest
 
 from meshserve.config import EngineArgs
+from meshserve.distributed.launch import free_port  # noqa: F401  (re-exported to tests)
 from meshserve.engine.async_engine import AsyncLLM
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.middleware import ServerState
 from meshserve.serve.openai_api import build_app
 
 MODEL = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -244,6 +244,12 @@ class Engine:
         return self.executor.runner
 
     def shutdown(self) -> None:
+        pp = self.config.parallel_config.pipeline_parallel_size
+        if pp > 1 and self.pp_wall_s:
+            micro = min(pp, self.config.scheduler_config.max_num_seqs)
+            logger.info("pipeline bubble measured on the last stage: %.1f%% (%d stages, up to %d micro-batches; "
+                        "fill/drain alone would be %.1f%%)", 100 * self.stats()["pp_bubble"], pp, micro,
+                        100 * (pp - 1) / (micro + pp - 1))
         self.executor.shutdown()
 
     # -- stats -----------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ def run_latency(ns) -> dict:
     import torch
 
     from meshserve import SamplingParams
-    from meshserve.bench.roofline import measure_copy_bandwidth, weight_bytes
+    from meshserve.bench.roofline import measure_copy_bandwidth
+    from meshserve.models.loader import weight_bytes
 
     gpu = torch.cuda.get_device_name(0)
     bw = measure_copy_bandwidth()

@@ -23,12 +23,3 @@ def measure_copy_bandwidth(device: str = "cuda", nbytes: int = 2 * 1024**3, iter
     torch.cuda.empty_cache()
     return bw
 
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes read per decode step for weights (shared tensors counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total

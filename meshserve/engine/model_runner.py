@@ -23,7 +23,7 @@ from meshserve.layers.attention import get_attention_backend
 from meshserve.layers.attention_metadata import AttentionMetadata
 from meshserve.layers.pipeline import IntermediateTensors
 from meshserve.layers.sampler import Sampler, SamplingMetadata, compute_logprobs
-from meshserve.models.loader import ModelSource, build_model
+from meshserve.models.loader import ModelSource, build_model, weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +75,7 @@ class ModelRunner:
 
     def param_bytes(self) -> int:
         """Bytes of this rank's weights (shared tensors once)."""
-        seen, total = set(), 0
-        for p in self.model.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                total += p.numel() * p.element_size()
-        return total
+        return weight_bytes(self.model)
 
     # -- KV memory -------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:

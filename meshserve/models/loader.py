@@ -164,6 +164,16 @@ def load_weights(model: nn.Module, path: str) -> None:
         raise ModelLoadError(f"checkpoint in {path} lacks {len(missing)} tensors, e.g. {missing[0]}")
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of a model's weights, tensors shared between modules (tied embeddings) counted once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Random weights at the real shapes: N(0, 0.02) matrices, unit norms, zero biases."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)

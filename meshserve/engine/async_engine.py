@@ -48,6 +48,18 @@ class AsyncLLM:
     def is_running(self) -> bool:
         return self._dead is None and self._thread.is_alive()
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.scheduler_config.max_model_len
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued in the scheduler (a racy read: exact enough for admission control)."""
+        return self.engine.scheduler.num_waiting
+
+    async def stats(self) -> dict:
+        return await self.call(self.engine.stats)
+
     # -- engine thread ---------------------------------------------------------------------------
     def _deliver(self, request_id: str, item: Any) -> None:
         target = self._streams.get(request_id)

@@ -35,6 +35,8 @@ def register(subparsers) -> None:
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log lines")
+    g.add_argument("--engine-in-thread", action="store_true",
+                   help="run the engine loop in a thread of the server process (default: its own process)")
     g.add_argument("--auto", action="store_true",
                    help="let the planner pick TP/PP/DP for the visible GPUs (prints the choice and why)")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
@@ -61,6 +63,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     import uvicorn
 
     from meshserve.engine.async_engine import AsyncLLM
+    from meshserve.engine.core_process import ProcessAsyncLLM
     from meshserve.models.embedded import DEFAULT_MODEL_NAME
     from meshserve.serve.middleware import ServerState
     from meshserve.serve.openai_api import build_app
@@ -83,7 +86,10 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     engine_args = engine_args_from(ns)
     if not is_rank_zero(engine_args):  # another node's ranks: serve the model shards, no HTTP
         return run_worker_ranks(engine_args)
-    allm = AsyncLLM.from_engine_args(engine_args)
+    if ns.engine_in_thread:
+        allm = AsyncLLM.from_engine_args(engine_args)
+    else:  # the default: the step loop in its own process, off this process's GIL
+        allm = ProcessAsyncLLM.from_engine_args(engine_args)
     try:
         state = ServerState()
         app = build_app(allm, config, state)

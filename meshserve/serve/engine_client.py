@@ -68,7 +68,7 @@ class EngineClient:
 
     @property
     def max_model_len(self) -> int:
-        return self.allm.engine.config.scheduler_config.max_model_len
+        return self.allm.max_model_len
 
     @property
     def has_tokenizer(self) -> bool:
@@ -77,7 +77,7 @@ class EngineClient:
     def queue_depth(self) -> int:
         # A racy read of a deque's length from the event loop thread: exact enough for admission,
         # and it costs no round trip to the engine thread.
-        return self.allm.engine.scheduler.num_waiting + self._num_starting
+        return self.allm.num_waiting + self._num_starting
 
     def check_admission(self) -> None:
         if self.queue_depth() >= self.config.max_queue_len:
@@ -90,7 +90,7 @@ class EngineClient:
         if not self.is_running:
             return None
         try:
-            return await asyncio.wait_for(self.allm.call(self.allm.engine.stats), timeout=1.0)
+            return await asyncio.wait_for(self.allm.stats(), timeout=1.0)
         except Exception:  # noqa: BLE001 - metrics must never fail a scrape
             return None
 

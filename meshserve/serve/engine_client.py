@@ -1,9 +1,10 @@
 """EngineClient: what the HTTP handlers need from the AsyncLLM, in one place.
 
 Admission (the waiting-queue bound), starting requests so that their validation errors surface before
-any response byte is sent, and every tokenizer call. Tokenizer calls run on the engine thread through
-`AsyncLLM.call`: a Rust fast tokenizer used from two threads at once can fail ("Already borrowed"), and
-the engine thread already tokenizes prompts and detokenizes outputs.
+any response byte is sent, and every tokenizer call. Tokenizer calls go through `allm.call`, which runs them
+on one thread only (a Rust fast tokenizer used from two threads at once can fail, "Already borrowed"): the
+engine thread for the in-thread AsyncLLM, a tokenizer thread for the engine in its own process
+(ProcessAsyncLLM, the server's default).
 """
 
 from __future__ import annotations

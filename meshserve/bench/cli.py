@@ -11,6 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from meshserve.bench.offline import add_offline_parsers
 
     add_offline_parsers(bench_sub)
+    from meshserve.bench.host_overhead import add_host_parser
+
+    add_host_parser(bench_sub)
     try:
         from meshserve.bench.serve_bench import add_serve_parser
     except ImportError:  # the serving benchmark is optional until its module exists

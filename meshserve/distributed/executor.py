@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from meshserve.config import EngineConfig
 from meshserve.distributed.launch import LaunchInfo
+from meshserve.distributed.worker import HEARTBEAT_S
 from meshserve.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
@@ -63,10 +64,12 @@ class MultiprocExecutor:
 
     def _start_workers(self, config, source, launch, worker_main) -> None:
         ctx = mp.get_context("spawn")
+        # last heartbeat (time.monotonic, shared clock on one host) of each local rank
+        self.beats = ctx.Array("d", launch.world_size, lock=False)
         for rank in launch.local_ranks():
             if rank == 0:
                 continue
-            p = ctx.Process(target=worker_main, args=(config, source, launch, rank), daemon=True,
+            p = ctx.Process(target=worker_main, args=(config, source, launch, rank, self.beats), daemon=True,
                             name=f"meshserve-rank{rank}")
             p.start()
             self.workers[rank] = p
@@ -107,8 +110,20 @@ class MultiprocExecutor:
                 self.shutdown()
                 return dead
             time.sleep(0.05)
+        silent = self._silent_ranks()
         self.shutdown()
+        if silent:
+            return EngineDeadError(f"worker rank {', '.join(map(str, silent))} stopped responding "
+                                   f"(no heartbeat for over {2 * HEARTBEAT_S:.0f} s); the group was stopped")
         return EngineDeadError(f"distributed step failed (a rank hung or died): {str(error).splitlines()[0]}")
+
+    def _silent_ranks(self) -> list[int]:
+        """Local worker ranks whose heartbeat went stale (stopped or wedged processes)."""
+        beats = getattr(self, "beats", None)
+        if beats is None:
+            return []
+        now = time.monotonic()
+        return [rank for rank in self.workers if now - beats[rank] > 2 * HEARTBEAT_S]
 
     def collective_rpc(self, method: str, *args):
         """Every rank calls runner.method(*args); returns rank 0's result."""

@@ -7,6 +7,8 @@ import logging
 import multiprocessing as mp
 import os
 import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -64,9 +66,25 @@ def _die_with_parent() -> None:
             pass
 
 
-def worker_main(config: EngineConfig, source, launch: LaunchInfo, rank: int) -> None:
+HEARTBEAT_S = 0.5
+
+
+def _start_heartbeat(beats, rank: int) -> None:
+    """Stamp beats[rank] twice a second, so the driver can name a rank that stopped answering (a rank that
+    is stopped or wedged in Python stops stamping; a live one blocked in a collective keeps going)."""
+    def beat():
+        while True:
+            beats[rank] = time.monotonic()
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=beat, name="meshserve-heartbeat", daemon=True).start()
+
+
+def worker_main(config: EngineConfig, source, launch: LaunchInfo, rank: int, beats=None) -> None:
     """Process entry of a worker rank; exits non-zero on any failure so the driver can name it."""
     _die_with_parent()
+    if beats is not None:
+        _start_heartbeat(beats, rank)
     logging.basicConfig(level=os.environ.get("MESHSERVE_WORKER_LOG", "WARNING"),
                         format=f"rank{rank} %(levelname)s %(name)s: %(message)s")
     if not config.device.startswith("cuda"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -159,3 +160,27 @@ def test_ray_backend_on_local_instance(tiny_model_dir, single_device_tokens):
             llm.shutdown()
     finally:
         ray.shutdown()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_hung_worker_is_named_within_the_timeout(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    proc = _cli("generate", "--model", path, "-tp", "2", "--no-chat", "--ignore-eos", "--max-tokens", "400",
+                "--distributed-timeout-s", "5", *[f"prompt {i}" for i in range(16)])
+    try:
+        workers = _wait_for_workers(proc, 1)
+        everything = _children(proc.pid)
+        time.sleep(3)
+        os.kill(workers[0], signal.SIGSTOP)  # alive but silent
+        start = time.monotonic()
+        rc = proc.wait(timeout=60)
+        err = proc.stderr.read()
+        assert rc != 0 and "rank 1 stopped responding" in err, err
+        assert time.monotonic() - start < 20
+        time.sleep(1)
+        assert not [p for p in everything if _alive(p)], "processes left behind"
+    finally:
+        proc.kill()
+        for pid in _children(proc.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

@@ -12,26 +12,22 @@ import concurrent.futures
 import logging
 import queue
 import threading
-import uuid
-from collections.abc import AsyncIterator
-from typing import Any
 
 from meshserve.config import EngineArgs
-from meshserve.engine.engine import Engine, PromptType
+from meshserve.engine.engine import Engine
+from meshserve.engine.output_streams import OutputStreams
 from meshserve.errors import EngineDeadError
-from meshserve.outputs import RequestOutput
-from meshserve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 _STOP = object()
 
 
-class AsyncLLM:
+class AsyncLLM(OutputStreams):
     def __init__(self, engine: Engine):
+        super().__init__()
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="meshserve-engine", daemon=True)
         self._thread.start()
@@ -61,12 +57,6 @@ class AsyncLLM:
         return await self.call(self.engine.stats)
 
     # -- engine thread ---------------------------------------------------------------------------
-    def _deliver(self, request_id: str, item: Any) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, item)
-
     def _run_command(self, cmd) -> bool:
         if cmd is _STOP:
             return False
@@ -124,28 +114,11 @@ class AsyncLLM:
         """Run fn() on the engine thread between steps (e.g. to read stats consistently)."""
         return await self._submit("call", fn)
 
-    async def generate(self, prompt: PromptType, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's cumulative output after every step that changed it, the last one finished."""
-        request_id = request_id or f"req-{uuid.uuid4().hex}"
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
-        finished = False
-        try:
-            await self._submit("add", request_id, prompt, params)
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished and self.is_running:
-                fut: concurrent.futures.Future = concurrent.futures.Future()
-                self._commands.put(("abort", (request_id,), fut))
+    async def _start(self, request_id: str, prompt, params) -> None:
+        await self._submit("add", request_id, prompt, params)
+
+    def _abort_nowait(self, request_id: str) -> None:
+        self._commands.put(("abort", (request_id,), concurrent.futures.Future()))
 
     async def abort(self, request_id: str) -> bool:
         return await self._submit("abort", request_id)

@@ -16,12 +16,10 @@ import queue
 import signal
 import threading
 import uuid
-from collections.abc import AsyncIterator
 
 from meshserve.config import EngineArgs
 from meshserve.errors import EngineDeadError, InvalidArgumentError, MeshserveError
-from meshserve.outputs import RequestOutput
-from meshserve.sampling import SamplingParams
+from meshserve.engine.output_streams import OutputStreams
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +84,11 @@ def _core_main(args: EngineArgs, inbox: mp.Queue, outbox: mp.Queue) -> None:
 
 
 # -- the parent --------------------------------------------------------------------------------------
-class ProcessAsyncLLM:
+class ProcessAsyncLLM(OutputStreams):
     """AsyncLLM whose engine runs in a child process."""
 
     def __init__(self, args: EngineArgs, startup_timeout_s: float = 1800.0):
+        super().__init__()
         ctx = mp.get_context("spawn")
         self._inbox: mp.Queue = ctx.Queue()
         self._outbox: mp.Queue = ctx.Queue()
@@ -105,7 +104,6 @@ class ProcessAsyncLLM:
 
             self.tokenizer = load_tokenizer(msg["tokenizer"])
         self._num_waiting = 0
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats: dict[str, concurrent.futures.Future] = {}
         self._dead: BaseException | None = None
         # the parent's tokenizer is used from this one thread only (Rust tokenizers are not re-entrant)
@@ -149,12 +147,6 @@ class ProcessAsyncLLM:
         return self._num_waiting
 
     # -- reader thread ---------------------------------------------------------------------------
-    def _deliver(self, request_id: str, item) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, item)
-
     def _fail_all(self, error: BaseException) -> None:
         self._dead = error
         for rid in list(self._streams):
@@ -196,28 +188,11 @@ class ProcessAsyncLLM:
             raise EngineDeadError("the engine is not running")
         self._inbox.put(cmd)
 
-    async def generate(self, prompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's cumulative output after every step that changed it, the last one finished."""
-        request_id = request_id or f"req-{uuid.uuid4().hex}"
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
-        finished = False
-        try:
-            self._send("add", request_id, prompt, params)
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    finished = True  # a rejected request holds nothing to abort
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished and self.is_running:
-                self._inbox.put(("abort", request_id))
+    async def _start(self, request_id: str, prompt, params) -> None:
+        self._send("add", request_id, prompt, params)  # rejections come back as exceptions in the stream
+
+    def _abort_nowait(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
 
     async def abort(self, request_id: str) -> bool:
         self._send("abort", request_id)

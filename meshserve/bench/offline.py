@@ -28,10 +28,13 @@ def _llm(ns):
                enable_prefix_caching=not ns.no_prefix_caching)
 
 
-def _release(llm) -> None:
+def _free_gpu(*owners) -> None:
+    """Shut engines down and hand freed GPU memory back, so the next contender (HF) starts clean."""
     import torch
 
-    llm.shutdown()
+    for owner in owners:
+        if hasattr(owner, "shutdown"):
+            owner.shutdown()
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -97,7 +100,7 @@ def run_latency(ns) -> dict:
     if ns.curve:
         res["decode_tok_s_by_batch"] = _decode_curve(llm, [int(b) for b in ns.curve.split(",")])
     hf_config = llm.engine.config.model_config.hf_config
-    _release(llm)
+    _free_gpu(llm)
     if not ns.no_baseline:
         from meshserve.bench.hf_baseline import hf_model_from_config, hf_w1_tok_per_s
 
@@ -105,8 +108,7 @@ def run_latency(ns) -> dict:
         res["hf_static_tok_s"] = hf_w1_tok_per_s(hf, w1_prompt(), W1_NEW_TOKENS)
         res["ratio_vs_hf"] = res["tok_s"] / res["hf_static_tok_s"]
         del hf
-        gc.collect()
-        torch.cuda.empty_cache()
+        _free_gpu()
     return res
 
 
@@ -135,7 +137,7 @@ def run_throughput(ns) -> dict:
            "output_tokens": n_out, "output_tok_s": n_out / dt, "total_tok_s": (n_out + n_in) / dt,
            "preemptions": stats["num_preemptions"], "kv_blocks": stats["num_blocks"]}
     hf_config = llm.engine.config.model_config.hf_config
-    _release(llm)
+    _free_gpu(llm)
     print_table({k: v for k, v in res.items() if not isinstance(v, dict)})  # before the baseline runs
     if not ns.no_baseline:
         from meshserve.bench.hf_baseline import (
@@ -153,15 +155,13 @@ def run_throughput(ns) -> dict:
         except Exception as e:  # an HF API change must not lose our own numbers
             logger.warning("HF continuous batching failed (%s); measuring padded batches", e)
             hf = None
-            gc.collect()
-            torch.cuda.empty_cache()
+            _free_gpu()
             hf = hf_model_from_config(hf_config)
             res["hf_output_tok_s"] = hf_padded_batches_tok_per_s(hf, prompts, ns.hf_max_new_tokens)
             res["hf_mode"] = "generate, left-padded batches of 64"
         res["ratio_vs_hf"] = res["output_tok_s"] / res["hf_output_tok_s"]
         del hf
-        gc.collect()
-        torch.cuda.empty_cache()
+        _free_gpu()
     return res
 
 

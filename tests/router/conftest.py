@@ -26,6 +26,7 @@ from meshserve.distributed.launch import free_port  # noqa: F401  (re-exported t
 from meshserve.router.app import build_router_app
 from meshserve.router.config import RouterConfig
 from tests.router.loadgen import FIGURES
+from tests.serve.conftest import serve_in_thread as run_uvicorn_in_thread
 
 
 # -- uvicorn in a thread -------------------------------------------------------------------------------
@@ -42,20 +43,8 @@ class ThreadServer:
 
 
 def serve_in_thread(app, port: int | None = None) -> ThreadServer:
-    import uvicorn
-
-    port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=1,
-                                           timeout_keep_alive=5))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.01)
-    return ThreadServer(f"http://127.0.0.1:{port}", app, server, thread)
+    base_url, server, thread = run_uvicorn_in_thread(app, port, timeout_keep_alive=5)
+    return ThreadServer(base_url, app, server, thread)
 
 
 # -- scripted fake replicas ----------------------------------------------------------------------------

@@ -37,22 +37,28 @@ class LiveServer:
         self.thread.join(10)
 
 
-def start_server(allm: AsyncLLM, config: ServeConfig) -> LiveServer:
+def serve_in_thread(app, port: int | None = None, **uvicorn_kwargs):
+    """Run an ASGI app with uvicorn in a daemon thread on loopback; returns (base_url, server, thread)."""
     import uvicorn
 
-    state = ServerState()
-    app = build_app(allm, config, state)
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=1))
+                                           access_log=False, timeout_graceful_shutdown=1, **uvicorn_kwargs))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("test server did not start")
-        time.sleep(0.02)
-    return LiveServer(f"http://127.0.0.1:{port}", allm, app, state, server, thread)
+        time.sleep(0.01)
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+def start_server(allm: AsyncLLM, config: ServeConfig) -> LiveServer:
+    state = ServerState()
+    app = build_app(allm, config, state)
+    base_url, server, thread = serve_in_thread(app)
+    return LiveServer(base_url, allm, app, state, server, thread)
 
 
 def make_engine(model_dir: str, **kwargs) -> AsyncLLM:

@@ -8,8 +8,6 @@ import pstats
 import sys
 import time
 
-import torch
-
 from meshserve import LLM, SamplingParams
 from meshserve.bench.workloads import w2_requests
 

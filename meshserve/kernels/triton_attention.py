@@ -424,16 +424,18 @@ def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, 
 
 
 def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, out,
-                     num_splits: int):
+                     num_splits: int, block_n: int | None = None, num_warps: int = 4,
+                     num_stages: int | None = None):
     """One query token per sequence (query_start_loc[i] is its row; q_len 0 rows write nothing).
-    No host syncs: safe to capture in a CUDA graph."""
+    No host syncs: safe to capture in a CUDA graph. block_n / num_warps / num_stages are tuning knobs
+    (tools/sweep_decode_attention.py); the defaults are the measured best."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     num_seqs = seq_lens.shape[0]
     group = num_heads // num_kv_heads
     rows = max(16, _next_pow2(group))
     block_d = max(16, _next_pow2(head_dim))
-    block_n = _decode_block_n(block_d)
+    block_n = block_n or _decode_block_n(block_d)
     num_splits = max(1, int(num_splits))
     use_window = sliding_window is not None and sliding_window > 0
     direct = num_splits == 1
@@ -454,7 +456,7 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         USE_WINDOW=use_window, DIRECT_OUT=direct, UPCAST_DOT=_upcast_dot(query),
         DOT_PRECISION=_dot_precision(query),
-        num_warps=4,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     if not direct:
         _decode_reduce_kernel[(num_seqs, num_heads)](

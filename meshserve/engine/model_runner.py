@@ -226,22 +226,29 @@ class ModelRunner:
         slots = tables[row, positions // bsz] * bsz + positions % bsz
         input_ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in scheduled), dtype=np.int64,
                                 count=total)
-        # one host buffer, one async copy from pinned memory; views split it on the device
-        host = np.concatenate([input_ids, positions, slots, qsl, seq_lens, tables.reshape(-1)])
+        # one host buffer, one async copy from pinned memory; views split it on the device. Every part
+        # starts 16-byte aligned: Triton specialises kernels on pointer alignment, so an odd offset would
+        # compile a second variant of each kernel in the middle of serving.
+        parts = [input_ids, positions, slots, qsl, seq_lens, tables.reshape(-1)]
+        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum([p.shape[0] + (p.shape[0] & 1) for p in parts], out=offsets[1:])
+        host = np.zeros(int(offsets[-1]), dtype=np.int64)
+        for p, start in zip(parts, offsets):
+            host[start : start + p.shape[0]] = p
         buf = self._to_device(host)
-        b = len(scheduled)
-        o = np.cumsum([0, total, total, total, b + 1, b])
+        ids_d, pos_d, slots_d, qsl_d, seq_lens_d, tables_d = (
+            buf[int(start) : int(start) + p.shape[0]] for p, start in zip(parts, offsets))
         meta = AttentionMetadata(
-            slot_mapping=buf[o[2] : o[3]],
-            query_start_loc=buf[o[3] : o[4]],
-            seq_lens=buf[o[4] : o[5]],
-            block_tables=buf[o[5] :].view(b, width),
+            slot_mapping=slots_d,
+            query_start_loc=qsl_d,
+            seq_lens=seq_lens_d,
+            block_tables=tables_d.view(len(scheduled), width),
             max_query_len=int(num_new.max()),
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
         )
-        return buf[: o[1]], buf[o[1] : o[2]], meta
+        return ids_d, pos_d, meta
 
     def _to_device(self, host: np.ndarray) -> torch.Tensor:
         """Copy an int64 array to the device through a reused pinned buffer (no per-step pinning)."""

@@ -343,10 +343,13 @@ def _prefill_config(head_dim_pad: int, group_pad: int, max_query_len: int) -> tu
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int,
                       num_sms: int, max_splits: int = 64, min_tokens_per_split: int = 256) -> int:
-    """Splits per (sequence, KV head) from host-known shapes only: enough programs to fill the GPU about
-    twice, never splits shorter than min_tokens_per_split, a power of two (few distinct workspace shapes)."""
+    """Splits per (sequence, KV head) from host-known shapes only: when the batch alone leaves most SMs
+    idle, enough programs to fill the GPU about twice; never splits shorter than min_tokens_per_split, a power of two (few distinct workspace shapes)."""
     programs = max(1, num_seqs * num_kv_heads)
-    want = -(-2 * num_sms // programs)
+    # split only when the programs would leave most SMs idle: at one program per SM a single split already
+    # streams at ~70% of the copy bandwidth, and the extra pass over the workspace costs more than it gains
+    # (tools/sweep_decode_attention.py on an H100)
+    want = -(-2 * num_sms // programs) if 2 * programs <= num_sms else 1
     by_len = max(1, -(-max(1, max_seq_len) // max(block_n, min_tokens_per_split)))
     n = max(1, min(want, by_len, max_splits))
     return 1 << (n.bit_length() - 1)  # round down to a power of two
@@ -385,15 +388,19 @@ class TritonAttentionBackend:
             if splits is None:
                 dev = query.device.index if query.device.type == "cuda" else None
                 splits = decode_num_splits(num_seqs, num_kv_heads, meta.max_seq_len,
-                                           _decode_block_n(_next_pow2(head_dim)), _num_sms(dev),
+                                           _decode_block_n(_next_pow2(head_dim), query.element_size()),
+                                           _num_sms(dev),
                                            max_splits=self.max_decode_splits)
             decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                              scale, sliding_window, out, splits)
         return out
 
 
-def _decode_block_n(head_dim_pad: int) -> int:
-    return 64 if head_dim_pad <= 128 else 32
+def _decode_block_n(head_dim_pad: int, elem_size: int = 2) -> int:
+    """KV tokens per tile of the decode kernel: 128 x 128-dim 16-bit rows measured best on an H100
+    (96% of copy bandwidth at batch 256, context 1024); wider rows get fewer so 3 stages fit in smem."""
+    row_bytes = head_dim_pad * elem_size
+    return 128 if row_bytes <= 256 else 64 if row_bytes <= 512 else 32
 
 
 def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale,
@@ -435,7 +442,7 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
     group = num_heads // num_kv_heads
     rows = max(16, _next_pow2(group))
     block_d = max(16, _next_pow2(head_dim))
-    block_n = block_n or _decode_block_n(block_d)
+    block_n = block_n or _decode_block_n(block_d, query.element_size())
     num_splits = max(1, int(num_splits))
     use_window = sliding_window is not None and sliding_window > 0
     direct = num_splits == 1

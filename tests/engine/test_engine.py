@@ -214,3 +214,23 @@ def test_async_streaming_and_abort_frees_blocks(tiny_model_dir):
         asyncio.run(main())
     finally:
         allm.shutdown()
+
+
+def test_batch_tensors_start_16_byte_aligned(llm):
+    """Triton specialises on pointer alignment: odd offsets into the packed batch buffer would compile
+    extra kernel variants mid-serving. Every per-step tensor must start on a 16-byte boundary."""
+    from meshserve.engine.scheduler_output import ScheduledSequence
+
+    runner = llm.engine.runner
+    seqs = [ScheduledSequence(seq_id=str(i), token_ids=_ids(i, n), num_computed_tokens=0,
+                              block_table=list(range(i * 8, i * 8 + -(-n // 4))), params=None, do_sample=False)
+            for i, n in enumerate([3, 5, 1])]  # odd token and sequence counts
+    input_ids, positions, meta = runner._prepare(seqs)
+    tensors = [input_ids, positions, meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables]
+    assert all(t.data_ptr() % 16 == 0 for t in tensors)
+    assert input_ids.tolist() == _ids(0, 3) + _ids(1, 5) + _ids(2, 1)
+    assert positions.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0]
+    assert meta.query_start_loc.tolist() == [0, 3, 8, 9]
+    assert meta.seq_lens.tolist() == [3, 5, 1]
+    assert meta.block_tables.tolist() == [[0, 0], [8, 9], [16, 0]]
+    assert meta.slot_mapping.tolist() == [0, 1, 2, 32, 33, 34, 35, 36, 64]

@@ -213,6 +213,8 @@ def test_decode_num_splits_heuristic():
     # few programs + long context -> many splits; big batch -> 1; short context -> 1; bounded, power of 2
     assert decode_num_splits(1, 8, 32768, 64, 132) == 32
     assert decode_num_splits(64, 8, 32768, 64, 132) == 1
+    assert decode_num_splits(16, 8, 2048, 128, 132) == 1  # 128 programs already fill an H100 once
+    assert decode_num_splits(8, 8, 2048, 128, 132) == 4
     assert decode_num_splits(1, 8, 100, 64, 132) == 1
     assert decode_num_splits(2, 4, 2048, 64, 132, max_splits=16) == 8
     for b in (1, 3, 8, 64):

@@ -74,6 +74,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 4096
     enable_chunked_prefill: bool = True
+    # schedule step n+1 while the GPU runs step n (single-process engines; see engine.Engine.step)
+    async_scheduling: bool = True
 
 
 @dataclass
@@ -123,6 +125,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
+    async_scheduling: bool = True
     seed: int = 0
     load_format: str = "auto"
     enforce_eager: bool = False

@@ -3,8 +3,8 @@
 usage: python tools/step_timeline.py MODEL [--eager]
 
 Drives the engine's step loop on the full W2 workload and times, for every step, the scheduler, the runner
-(batch build + forward + sampling, ending in the host sync on the sampled ids) and the rest (updates,
-outputs). Decode steps are bucketed by batch size with the KV bytes they read, so the effective attention
+(batch build + launch, plus the wait for the sampled ids) and the rest (updates, outputs). With async
+scheduling the wait belongs to the previous step's launch, so the columns show host time per step. Decode steps are bucketed by batch size with the KV bytes they read, so the effective attention
 bandwidth can be compared with the copy bandwidth.
 """
 
@@ -22,16 +22,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     ns = ap.parse_args()
-    llm = LLM(model=ns.model, load_format="dummy", dtype="bfloat16", max_model_len=4096, enforce_eager=ns.eager)
+    llm = LLM(model=ns.model, load_format="dummy", dtype="bfloat16", max_model_len=4096, enforce_eager=ns.eager,
+              async_scheduling=ns.async_scheduling)
     engine = llm.engine
     llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=4), use_tqdm=False)
     for i, r in enumerate(w2_requests()):
         engine.add_request(str(i), {"prompt_token_ids": r.prompt_token_ids},
                            SamplingParams(temperature=W2_TEMPERATURE, max_tokens=r.max_tokens, ignore_eos=True))
-    sched, runner = engine.scheduler, engine.executor
-    orig_schedule, orig_execute = sched.schedule, runner.execute
-    rec = {}
+    sched, executor = engine.scheduler, engine.executor
+    orig_schedule = sched.schedule
+    rec = {"wait": 0.0}
 
     def schedule():
         t = time.perf_counter()
@@ -40,13 +42,29 @@ def main():
         rec["out"] = out
         return out
 
-    def execute(out):
-        t = time.perf_counter()
-        res = orig_execute(out)
-        rec["exec"] = time.perf_counter() - t
-        return res
+    def timed(fn, key):
+        def wrapper(*args):
+            t = time.perf_counter()
+            res = fn(*args)
+            rec[key] = time.perf_counter() - t
+            return res
+        return wrapper
 
-    sched.schedule, runner.execute = schedule, execute
+    class TimedPending:  # time spent waiting for the GPU when the engine reads a launched step back
+        def __init__(self, pending):
+            self.pending = pending
+
+        def result(self):
+            t = time.perf_counter()
+            res = self.pending.result()
+            rec["wait"] = time.perf_counter() - t
+            return res
+
+    sched.schedule = schedule
+    executor.execute = timed(executor.execute, "exec")
+    if engine.async_scheduling:
+        launch = timed(executor.execute_async, "exec")
+        executor.execute_async = lambda out: TimedPending(launch(out))
     mc = engine.config.model_config
     kv_per_token = 2 * mc.hf_config.num_hidden_layers * mc.hf_config.num_key_value_heads * mc.head_dim * 2
     steps = []
@@ -62,7 +80,8 @@ def main():
         decode_only = all(s.num_new_tokens == 1 for s in out.scheduled)
         ctx = sum(s.num_computed_tokens + s.num_new_tokens for s in out.scheduled)
         steps.append((len(out.scheduled), decode_only, sum(s.num_new_tokens for s in out.scheduled), ctx,
-                      rec["sched"], rec["exec"], total))
+                      rec["sched"], rec["exec"] + rec["wait"], total))
+        rec["wait"] = 0.0
         tokens += sum(len(o.outputs[0].token_ids) for o in outs)
     wall = time.perf_counter() - t0
     print(f"{ns.model}: W2 {tokens} output tokens in {wall:.2f} s = {tokens / wall:,.0f} tok/s, {len(steps)} steps")

@@ -2,7 +2,8 @@
 
 Scheduling, batch preparation (the runner's real `_prepare`), token bookkeeping, stop checks and output
 assembly all run as in a real step; only the forward pass and sampling are replaced by an instant fake, so
-the figure is what every GPU step pays on the CPU, to compare with the GPU step time.
+the figure is what every GPU step pays on the CPU, to compare with the GPU step time. It is measured with
+async scheduling off (the same work; with it on, the work overlaps the GPU's next step instead of adding).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def run_host_overhead(ns) -> dict:
     from meshserve import LLM, SamplingParams
 
     llm = LLM(model="smollm2-135m", load_format="dummy", max_model_len=ns.prompt_len + ns.steps + 8,
-              max_num_seqs=ns.batch, hf_overrides={"num_hidden_layers": 1}, device="cpu",
+              max_num_seqs=ns.batch, hf_overrides={"num_hidden_layers": 1}, device="cpu", async_scheduling=False,
               num_gpu_blocks_override=ns.batch * ((ns.prompt_len + ns.steps + 8) // 16 + 2))
     engine = llm.engine
     fake = _NoModelExecutor(engine.executor.runner)

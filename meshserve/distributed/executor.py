@@ -37,6 +37,13 @@ class UniprocExecutor:
     def execute(self, sched_out):
         return self.runner.execute(sched_out)
 
+    # the runner lives in this process, so its sampled ids can feed the next step on the device
+    supports_async_scheduling = True
+
+    def execute_async(self, sched_out):
+        """Queue the step; the returned PendingOutput's result() waits for it (async scheduling)."""
+        return self.runner.launch(sched_out)
+
     def gather_rpc(self, method: str, *args) -> list:
         return [getattr(self.runner, method)(*args)]
 

@@ -106,6 +106,8 @@ class BlockManager:
         self.seq_blocks: dict[str, list[Block]] = {}
         # block ids per sequence, kept beside the blocks so a step never rebuilds block tables
         self.seq_block_ids: dict[str, list[int]] = {}
+        # how many of a sequence's leading blocks are registered in the prefix cache
+        self.seq_num_registered: dict[str, int] = {}
         self.stats = PrefixCacheStats()
 
     # -- queries ---------------------------------------------------------------------------------
@@ -126,9 +128,9 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def _update_hashes(self, seq: Sequence) -> None:
-        """Extend seq.block_hashes to cover every full block of its current tokens."""
+        """Extend seq.block_hashes to cover every full block of its known tokens (not pending ones)."""
         bs = self.block_size
-        n_full = seq.num_tokens // bs
+        n_full = seq.num_known_tokens // bs
         for i in range(len(seq.block_hashes), n_full):
             parent = seq.block_hashes[i - 1] if i else None
             seq.block_hashes.append(hash_block(parent, seq.token_ids_slice(i * bs, (i + 1) * bs)))
@@ -143,7 +145,7 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         self._update_hashes(seq)
-        max_blocks = (seq.num_tokens - 1) // self.block_size
+        max_blocks = (seq.num_known_tokens - 1) // self.block_size
         hits = []
         for block_hash in seq.block_hashes[:max_blocks]:
             block = self.pool.cached.get(block_hash)
@@ -182,9 +184,12 @@ class BlockManager:
         if self.enable_prefix_caching:
             self._update_hashes(seq)
             n_full = min((num_computed + num_new_tokens) // self.block_size, len(seq.block_hashes))
-            # blocks full before this step were registered when they filled up
-            for i in range(num_computed // self.block_size, n_full):
+            # from the first block not registered yet: a block whose last token was still pending (async
+            # scheduling) when it filled up gets registered once that token is known
+            start = self.seq_num_registered.get(seq.seq_id, 0)
+            for i in range(start, n_full):
                 self.pool.register(blocks[i], seq.block_hashes[i])
+            self.seq_num_registered[seq.seq_id] = max(start, n_full)
         return True
 
     def record_admission(self, seq: Sequence, num_hit_tokens: int) -> None:
@@ -195,6 +200,7 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks; its tail blocks are evicted first, keeping shared prefixes warm."""
         self.seq_block_ids.pop(seq.seq_id, None)
+        self.seq_num_registered.pop(seq.seq_id, None)
         blocks = self.seq_blocks.pop(seq.seq_id, None)
         if blocks:
             self.pool.release(list(reversed(blocks)))

@@ -13,9 +13,10 @@ from meshserve.config import EngineArgs, EngineConfig
 from meshserve.engine.detokenizer import IncrementalDetokenizer
 from meshserve.engine.engine_config import create_engine_config
 from meshserve.distributed.executor import make_executor
-from meshserve.engine.model_runner import ModelRunnerOutput
+from meshserve.engine.model_runner import ModelRunnerOutput, PendingOutput
 from meshserve.engine.request_state import RequestState, position_logprobs
 from meshserve.engine.scheduler import Scheduler
+from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence, SequenceStatus
 from meshserve.errors import InvalidArgumentError, PromptTooLongError
 from meshserve.outputs import RequestMetrics, RequestOutput
@@ -75,6 +76,11 @@ class Engine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         self.pp_busy_s = self.pp_wall_s = 0.0  # last pipeline stage's compute vs wall time
+        # async scheduling needs the runner in this process (its sampled ids feed the next step directly)
+        self.async_scheduling = (config.scheduler_config.async_scheduling
+                                 and getattr(self.executor, "supports_async_scheduling", False))
+        self.scheduler.async_mode = self.async_scheduling
+        self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
         logger.info("engine ready in %.1f s: %s, %s on %s", time.perf_counter() - t0,
                     config.model_config.model, config.model_config.dtype, config.device)
 
@@ -171,20 +177,54 @@ class Engine:
     # -- the step --------------------------------------------------------------------------------
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """One scheduling decision and one forward pass; returns the requests that changed (or, with
-        finished_only, just those that finished: offline batches need no per-step snapshots)."""
+        finished_only, just those that finished: offline batches need no per-step snapshots).
+
+        With async scheduling the step launched here is only read back by the next call: schedule and
+        launch step n+1, then wait for step n's tokens and process them, so the host work of both
+        overlaps the GPU's work on step n+1. Sequences whose tokens are pending are scheduled with
+        placeholders the runner fills from the device; a sequence that stopped at step n wastes its
+        slot in step n+1 (its token is dropped).
+        """
+        if not self.async_scheduling:
+            sched_out = self._schedule()
+            if sched_out.is_empty and not sched_out.finished_seq_ids:
+                return []
+            return self._process(sched_out, self.executor.execute(sched_out), finished_only)
+        if self._in_flight is not None and self.scheduler.needs_known_history:
+            return self._drain(finished_only)  # penalties read the pending token: no overlap this step
+        sched_out = self._schedule()
+        launched = None
+        if not sched_out.is_empty or sched_out.finished_seq_ids:
+            launched = self.executor.execute_async(sched_out)
+        outputs = self._drain(finished_only)
+        if launched is not None:
+            self._in_flight = (sched_out, launched)
+        return outputs
+
+    def _schedule(self) -> SchedulerOutput:
         sched_out = self.scheduler.schedule()
-        if sched_out.is_empty and not sched_out.finished_seq_ids:
+        now = time.monotonic()
+        for entry in sched_out.scheduled:
+            state = self._seq_to_request.get(entry.seq_id)
+            if state is not None and state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = now
+        return sched_out
+
+    def _drain(self, finished_only: bool) -> list[RequestOutput]:
+        """Wait for the step in flight and process its tokens."""
+        if self._in_flight is None:
             return []
-        runner_out = self.executor.execute(sched_out)
+        sched_out, pending = self._in_flight
+        self._in_flight = None
+        return self._process(sched_out, pending.result(), finished_only)
+
+    def _process(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput,
+                 finished_only: bool) -> list[RequestOutput]:
         if runner_out.wall_s:
             self.pp_busy_s += runner_out.busy_s
             self.pp_wall_s += runner_out.wall_s
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
-        for entry in sched_out.scheduled:
-            state = self._seq_to_request.get(entry.seq_id)
-            if state is not None and state.metrics.first_scheduled_time is None:
-                state.metrics.first_scheduled_time = now
         self._collect_prompt_logprobs(runner_out)
         updated = self.scheduler.update_after_step(sched_out, runner_out.sampled)
         for seq in updated:

@@ -93,7 +93,7 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
         ),
         scheduler_config=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len,
-            enable_chunked_prefill=args.enable_chunked_prefill,
+            enable_chunked_prefill=args.enable_chunked_prefill, async_scheduling=args.async_scheduling,
         ),
         parallel_config=ParallelConfig(
             tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,

@@ -52,6 +52,37 @@ class ModelRunnerOutput:
     wall_s: float = 0.0
 
 
+class PendingOutput:
+    """A launched step whose sampled ids are on their way to pinned host memory; result() waits for them.
+
+    Lets the engine schedule and launch step n+1 before it reads step n's tokens (async scheduling).
+    """
+
+    def __init__(self, output: ModelRunnerOutput, seq_ids: list[str] | None = None,
+                 host_ids: torch.Tensor | None = None, event: torch.cuda.Event | None = None,
+                 sampled=None, logprob_ks: list[int | None] | None = None):
+        self._output = output
+        self._seq_ids, self._host_ids, self._event = seq_ids, host_ids, event
+        self._sampled, self._logprob_ks = sampled, logprob_ks
+
+    def result(self) -> ModelRunnerOutput:
+        if self._seq_ids is not None:
+            if self._event is not None:
+                self._event.synchronize()
+            out = self._output
+            out.sampled.update(zip(self._seq_ids, self._host_ids.tolist()))
+            sampled = self._sampled
+            if sampled is not None and sampled.logprobs is not None:
+                infos = _to_token_logprobs(sampled.sampled_token_ids, sampled.logprobs, sampled.ranks,
+                                           sampled.top_token_ids, sampled.top_logprobs)
+                for seq_id, k, info in zip(self._seq_ids, self._logprob_ks, infos):
+                    if k is not None:
+                        info.top_ids, info.top_logprobs = info.top_ids[:k], info.top_logprobs[:k]
+                        out.logprobs[seq_id] = info
+            self._seq_ids = self._sampled = None
+        return self._output
+
+
 def _to_token_logprobs(ids, lps, ranks, top_ids, top_lps) -> list[TokenLogprobs]:
     return [TokenLogprobs(i, lp, r, ti, tl) for i, lp, r, ti, tl in
             zip(ids.tolist(), lps.tolist(), ranks.tolist(), top_ids.tolist(), top_lps.tolist())]
@@ -71,7 +102,15 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.generators: dict[str, torch.Generator] = {}
         self.graphs: DecodeGraphs | None = None
-        self._pinned: torch.Tensor | None = None
+        # two of each pinned buffer, used in turn: with async scheduling step n+1 is prepared while step
+        # n's copies may still be queued behind step n-1 on the GPU
+        self._pinned: list[torch.Tensor | None] = [None, None]
+        self._pinned_ids: list[torch.Tensor | None] = [None, None]
+        self._step_parity = 0
+        # the last step's sampled ids on the device and their rows, by sequence: the next step's input
+        # for tokens that were still pending when it was scheduled
+        self._last_sampled: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
 
     def param_bytes(self) -> int:
         """Bytes of this rank's weights (shared tensors once)."""
@@ -226,18 +265,24 @@ class ModelRunner:
         slots = tables[row, positions // bsz] * bsz + positions % bsz
         input_ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in scheduled), dtype=np.int64,
                                 count=total)
+        # pending tokens (-1, async scheduling) are the previous step's samples, still on the device
+        holes = np.flatnonzero(input_ids < 0)
+        sources = np.fromiter((self._last_rows[scheduled[r].seq_id] for r in row[holes]), dtype=np.int64,
+                              count=holes.shape[0])
         # one host buffer, one async copy from pinned memory; views split it on the device. Every part
         # starts 16-byte aligned: Triton specialises kernels on pointer alignment, so an odd offset would
         # compile a second variant of each kernel in the middle of serving.
-        parts = [input_ids, positions, slots, qsl, seq_lens, tables.reshape(-1)]
+        parts = [input_ids, positions, slots, qsl, seq_lens, tables.reshape(-1), holes, sources]
         offsets = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum([p.shape[0] + (p.shape[0] & 1) for p in parts], out=offsets[1:])
         host = np.zeros(int(offsets[-1]), dtype=np.int64)
         for p, start in zip(parts, offsets):
             host[start : start + p.shape[0]] = p
         buf = self._to_device(host)
-        ids_d, pos_d, slots_d, qsl_d, seq_lens_d, tables_d = (
+        ids_d, pos_d, slots_d, qsl_d, seq_lens_d, tables_d, holes_d, sources_d = (
             buf[int(start) : int(start) + p.shape[0]] for p, start in zip(parts, offsets))
+        if holes.shape[0]:
+            ids_d.index_copy_(0, holes_d, self._last_sampled.index_select(0, sources_d))
         meta = AttentionMetadata(
             slot_mapping=slots_d,
             query_start_loc=qsl_d,
@@ -255,11 +300,13 @@ class ModelRunner:
         if self.device.type != "cuda":
             return torch.from_numpy(host)
         n = host.shape[0]
-        if self._pinned is None or self._pinned.shape[0] < n:
-            self._pinned = torch.empty(max(n, 1 << 16), dtype=torch.int64, pin_memory=True)
-        # the previous step's copy finished: its results were read back (tolist) before this step began
-        self._pinned[:n].numpy()[:] = host
-        return self._pinned[:n].to(self.device, non_blocking=True)
+        i = self._step_parity
+        if self._pinned[i] is None or self._pinned[i].shape[0] < n:
+            self._pinned[i] = torch.empty(max(n, 1 << 16), dtype=torch.int64, pin_memory=True)
+        # this buffer's last copy (two steps ago) is done: that step's results were read back since
+        pinned = self._pinned[i]
+        pinned[:n].numpy()[:] = host
+        return pinned[:n].to(self.device, non_blocking=True)
 
     def _generator(self, s: ScheduledSequence) -> torch.Generator | None:
         if s.params.seed is None or s.params.greedy:
@@ -270,13 +317,18 @@ class ModelRunner:
             self.generators[s.seq_id] = gen
         return gen
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         """Run this rank's part of the step. Only the sampler rank's output carries tokens."""
+        return self.launch(out).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> PendingOutput:
+        """Queue the step on the device and return without waiting for its sampled tokens."""
         for seq_id in out.finished_seq_ids:
             self.generators.pop(seq_id, None)
         if out.is_empty:
-            return ModelRunnerOutput()
+            return PendingOutput(ModelRunnerOutput())
+        self._step_parity ^= 1
         st = get_parallel_state()
         if st.pp_size == 1:
             input_ids, positions, meta = self._prepare(out.scheduled)
@@ -285,7 +337,7 @@ class ModelRunner:
             else:
                 hidden = self.model(input_ids, positions, meta)
             return self._logits_and_sample(out.scheduled, hidden, meta)
-        return self._execute_pipeline(out.scheduled, st)
+        return PendingOutput(self._execute_pipeline(out.scheduled, st))
 
     def _execute_pipeline(self, scheduled: list[ScheduledSequence], st) -> ModelRunnerOutput:
         """Split the step into micro-batches and stream them through the stages: while stage s works on
@@ -307,7 +359,7 @@ class ModelRunner:
             t = time.perf_counter()
             hidden = self.model(input_ids, positions, meta, intermediate)
             if st.is_last_stage:
-                part = self._logits_and_sample(mb, hidden, meta)
+                part = self._logits_and_sample(mb, hidden, meta).result()
                 result.sampled.update(part.sampled)
                 result.logprobs.update(part.logprobs)
                 result.prompt_logprobs.update(part.prompt_logprobs)
@@ -322,9 +374,9 @@ class ModelRunner:
         return result
 
     def _logits_and_sample(self, scheduled: list[ScheduledSequence], hidden: torch.Tensor,
-                           meta: AttentionMetadata) -> ModelRunnerOutput:
+                           meta: AttentionMetadata) -> PendingOutput:
         """Logits for sampling rows and prompt-logprob rows; sampling on TP rank 0 only (the LM head's
-        all-gather needs every TP rank, the sampler does not)."""
+        all-gather needs every TP rank, the sampler does not). Sampled ids come back asynchronously."""
         result = ModelRunnerOutput()
         samples = get_parallel_state().tp_rank == 0
         qsl = meta.query_start_loc_cpu
@@ -346,23 +398,21 @@ class ModelRunner:
 
         sample_idx = [i for i, s in enumerate(scheduled) if s.do_sample]
         if not sample_idx:
-            return result
+            return PendingOutput(result)
         if len(sample_idx) == len(scheduled):  # the usual case: no host-to-device copy needed
             last_rows = meta.query_start_loc[1:] - 1
         else:
             last_rows = torch.tensor([qsl[i + 1] - 1 for i in sample_idx], device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, last_rows))
         if not samples:
-            return result
+            return PendingOutput(result)
         rows = [scheduled[i] for i in sample_idx]
         banned = [sorted(s.params._all_stop_token_ids) if s.num_output_tokens < s.params.min_tokens else []
                   for s in rows]
         if all(s.params.greedy and s.params.logprobs is None and not s.params.uses_penalties for s in rows) \
                 and not any(banned):
             # plain greedy: no per-row settings to upload, just the argmax
-            for s, tok in zip(rows, logits.argmax(dim=-1).tolist()):
-                result.sampled[s.seq_id] = tok
-            return result
+            return self._pending(result, rows, logits.argmax(dim=-1))
         meta_s = SamplingMetadata.build(
             [s.params for s in rows],
             [s.prompt_token_ids or [] for s in rows],
@@ -373,15 +423,24 @@ class ModelRunner:
             banned_token_ids=banned,
         )
         sampled = self.sampler(logits, meta_s)
-        token_ids = sampled.sampled_token_ids.tolist()
-        for s, tok in zip(rows, token_ids):
-            result.sampled[s.seq_id] = tok
-        if sampled.logprobs is not None:
-            infos = _to_token_logprobs(sampled.sampled_token_ids, sampled.logprobs, sampled.ranks,
-                                       sampled.top_token_ids, sampled.top_logprobs)
-            for s, info in zip(rows, infos):
-                k = s.params.logprobs
-                if k is not None:
-                    info.top_ids, info.top_logprobs = info.top_ids[:k], info.top_logprobs[:k]
-                    result.logprobs[s.seq_id] = info
-        return result
+        return self._pending(result, rows, sampled.sampled_token_ids, sampled)
+
+    def _pending(self, result: ModelRunnerOutput, rows: list[ScheduledSequence], token_ids: torch.Tensor,
+                 sampled=None) -> PendingOutput:
+        """Remember the sampled ids on the device (the next step may need them as inputs) and start their
+        copy to pinned host memory."""
+        token_ids = token_ids.long()
+        self._last_sampled = token_ids
+        self._last_rows = {s.seq_id: i for i, s in enumerate(rows)}
+        seq_ids = [s.seq_id for s in rows]
+        ks = [s.params.logprobs for s in rows] if sampled is not None and sampled.logprobs is not None else None
+        if self.device.type != "cuda":
+            return PendingOutput(result, seq_ids, token_ids, None, sampled, ks)
+        i, n = self._step_parity, token_ids.shape[0]
+        if self._pinned_ids[i] is None or self._pinned_ids[i].shape[0] < n:
+            self._pinned_ids[i] = torch.empty(max(n, 256), dtype=torch.int64, pin_memory=True)
+        host = self._pinned_ids[i][:n]
+        host.copy_(token_ids, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingOutput(result, seq_ids, host, event, sampled, ks)

@@ -32,6 +32,9 @@ class Scheduler:
         self.seqs: dict[str, Sequence] = {}
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
+        # async scheduling: a step's tokens count as computed (and its samples as pending) when it is
+        # scheduled, so the next step can be scheduled before this one's results are back
+        self.async_mode = False
 
     # -- admission -------------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -93,7 +96,7 @@ class Scheduler:
             prompt_token_ids=seq.prompt_token_ids if needs_prompt else None,
             output_token_ids=seq.output_token_ids if needs_history else None,
             num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens,
+            num_output_tokens=seq.num_output_tokens + seq.num_pending_tokens,  # index of the token sampled
         )
 
     def schedule(self) -> SchedulerOutput:
@@ -105,6 +108,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending_tokens and self._reached_limit(seq):
+                i += 1  # its last token is on its way; nothing more to compute
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate(seq, num_new):
                 victim = self.running.pop()
@@ -120,6 +126,8 @@ class Scheduler:
         # 2. waiting sequences in order, unless this step already had to preempt
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:
+                break  # preempted while its last step ran: recompute once that token is known
             cached = self.block_manager.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
             num_hit = len(cached) * self.block_size
             num_new = seq.num_tokens - seq.num_computed_tokens - num_hit
@@ -144,19 +152,36 @@ class Scheduler:
             finished_seq_ids=self._finished_since_last_step,
         )
         self._finished_since_last_step = []
+        if self.async_mode:
+            for (seq, n), entry in zip(scheduled, out.scheduled):
+                seq.num_computed_tokens += n
+                seq.num_pending_tokens += entry.do_sample
         return out
 
-    def update_after_step(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
-        """Advance computed tokens, append sampled tokens, apply token-level stops.
+    def _reached_limit(self, seq: Sequence) -> bool:
+        """No token after the pending ones may be scheduled: max_tokens or max_model_len is reached."""
+        return (seq.num_output_tokens + seq.num_pending_tokens >= seq.max_tokens
+                or seq.num_tokens >= self.config.max_model_len)
 
-        Returns the sequences that got a new token this step (finished ones included).
+    @property
+    def needs_known_history(self) -> bool:
+        """Whether a running sequence's next step needs every token known (penalties read the history)."""
+        return any(seq.params.uses_penalties for seq in self.running)
+
+    def update_after_step(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+        """Advance computed tokens (async mode: done at scheduling), append sampled tokens, apply
+        token-level stops. Returns the sequences that got a new token this step (finished ones included);
+        a sequence that finished meanwhile (stop, abort) drops its token.
         """
         updated = []
         for entry in output.scheduled:
             seq = self.seqs.get(entry.seq_id)
             if seq is None or seq.is_finished:
                 continue
-            seq.num_computed_tokens += entry.num_new_tokens
+            if not self.async_mode:
+                seq.num_computed_tokens += entry.num_new_tokens
+            elif entry.do_sample:
+                seq.num_pending_tokens -= 1
             token = sampled.get(entry.seq_id)
             if token is None:
                 continue
@@ -170,7 +195,7 @@ class Scheduler:
         if seq.num_output_tokens >= p.min_tokens and token in p._all_stop_token_ids:
             seq.stop_reason = None if token not in p.stop_token_ids else token
             self.finish(seq, SequenceStatus.FINISHED_STOPPED)
-        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        elif seq.num_output_tokens >= seq.max_tokens or seq.num_known_tokens >= self.config.max_model_len:
             self.finish(seq, SequenceStatus.FINISHED_LENGTH)
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:

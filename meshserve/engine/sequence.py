@@ -49,6 +49,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # hash chain of the full blocks so far
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # tokens sampled by a step still running on the GPU (async scheduling): they count in num_tokens and
+    # read as -1 in token_ids_slice until update_after_step appends the real ids to output_token_ids
+    num_pending_tokens: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -56,6 +59,11 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens the sequence has or will have once running steps finish (pending ones included)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -67,7 +75,10 @@ class Sequence:
         return len(self.output_token_ids)
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output without building the whole list."""
+        """Tokens [start, end) of prompt + output without building the whole list (-1 for pending ones)."""
+        known = self.num_known_tokens
+        if end > known:
+            return self.token_ids_slice(min(start, known), known) + [-1] * (end - max(start, known))
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]

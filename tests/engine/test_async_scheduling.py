@@ -12,9 +12,9 @@ import random
 import pytest
 
 from meshserve import LLM, SamplingParams
+from meshserve.config import CacheConfig, SchedulerConfig
 from meshserve.engine.scheduler import Scheduler
 from meshserve.engine.sequence import Sequence
-from meshserve.config import CacheConfig, SchedulerConfig
 from tests.conftest import VOCAB
 
 

@@ -85,12 +85,14 @@ def main():
         tokens += sum(len(o.outputs[0].token_ids) for o in outs)
     wall = time.perf_counter() - t0
     print(f"{ns.model}: W2 {tokens} output tokens in {wall:.2f} s = {tokens / wall:,.0f} tok/s, {len(steps)} steps")
-    mixed = [s for s in steps if not s[1]]
+    mixed = [s for s in steps if s[0] and not s[1]]
     print(f"prefill/mixed steps: {len(mixed)}, {sum(s[6] for s in mixed):.2f} s, "
           f"{sum(s[2] for s in mixed)} tokens")
     buckets = collections.defaultdict(list)
+    idle = [s for s in steps if not s[0]]  # async: every running sequence waits for its last token
+    print(f"steps with nothing to schedule: {len(idle)}, {sum(s[6] for s in idle):.2f} s")
     for s in steps:
-        if s[1]:
+        if s[1] and s[0]:
             buckets[min(256, 1 << (s[0] - 1).bit_length())].append(s)
     print("decode steps by batch bucket: count, total s, ms/step, sched ms, exec ms, other ms, avg ctx, KV TB/s")
     for b in sorted(buckets):

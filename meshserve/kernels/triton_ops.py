@@ -6,6 +6,10 @@
 * silu_and_mul(x): [..., 2d] -> silu(x[..., :d]) * x[..., d:], as meshserve.layers.activation.SiluAndMul.
 * apply_rotary(positions, q, k, cos_cache, sin_cache): rotate-half RoPE with cos/sin rows gathered by
   position, as meshserve.layers.rotary.RotaryEmbedding.forward; returns new (q, k) in their dtypes.
+* qkv_rope_cache(qkv, positions, cos, sin, q_norm_w, k_norm_w, eps, kv_cache, slot_mapping, H, Hkv): the
+  attention layer's prologue in one kernel per token: split the fused QKV row, RMSNorm q and k per head
+  (Qwen3), rotate both, write k and v to their cache slots, return q. Replaces up to five kernels and the
+  copies of the strided q/k views.
 
 The kernels reproduce the reference's intermediate roundings to the input dtype, so 16-bit results match
 the references up to the last-bit effects of fp32 reduction order.
@@ -205,3 +209,120 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_
             num_warps=4 if num_q_heads * head_dim >= 2048 else 2,
         )
     return q_out, k_out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# q/k RMSNorm (Qwen3) + rotary + KV-cache write, fused
+# ----------------------------------------------------------------------------------------------------------
+def qkv_rope_cache_ref(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+                       sin_cache: torch.Tensor, q_norm_weight: torch.Tensor | None,
+                       k_norm_weight: torch.Tensor | None, eps: float, kv_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """qkv [T, (H + 2 Hkv) D] -> rotated q [T, H, D]; k (normed, rotated) and v go to their cache slots.
+
+    The composition the layers do one op at a time: split, per-head RMSNorm of q and k (when weights are
+    given), rotary, write_kv. kv_cache is [2, num_blocks, block_size, Hkv, D]; slots < 0 write nothing.
+    """
+    from meshserve.kernels.attention_ref import write_kv_ref
+
+    head_dim = kv_cache.shape[-1]
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = q.reshape(-1, num_heads, head_dim)
+    k = k.reshape(-1, num_kv_heads, head_dim)
+    v = v.reshape(-1, num_kv_heads, head_dim)
+    if q_norm_weight is not None:
+        q, k = rms_norm_ref(q, q_norm_weight, eps), rms_norm_ref(k, k_norm_weight, eps)
+    q, k = apply_rotary_ref(positions, q, k, cos_cache, sin_cache)
+    keep = slot_mapping >= 0
+    write_kv_ref(k[keep], v[keep], kv_cache, slot_mapping[keep])
+    return q
+
+
+@triton.jit
+def _norm_rope_heads(src, t, stride_t, head0, w_ptr, eps, c1, c2, s1, s2,
+                     NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr, dt: tl.constexpr):
+    """Load heads [head0, head0 + NUM_HEADS) of token t as two halves, RMSNorm each head (optional), rotate;
+    every intermediate rounded to dt like the unfused kernels."""
+    h = tl.arange(0, BLOCK_H)
+    j = tl.arange(0, BLOCK_HALF)
+    mask = (h[:, None] < NUM_HEADS) & (j[None, :] < HALF)
+    ptr = src + t * stride_t + (head0 + h[:, None]) * (2 * HALF) + j[None, :]
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        var = (tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF)
+        inv = (1.0 / tl.sqrt(var + eps))[:, None]
+        jm = j < HALF
+        w1 = tl.load(w_ptr + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+        x1 = (w1 * (x1 * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        x2 = (w2 * (x2 * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    o1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
+    o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    return o1.to(dt), o2.to(dt), h, j, mask
+
+
+@triton.jit
+def _qkv_rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_out_ptr, cache_ptr, slot_ptr,
+                           eps, stride_t, stride_qo_t, stride_cos, stride_sin,
+                           stride_ckv, stride_cb, stride_cs, stride_ch,
+                           NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                           BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                           BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    dt = q_out_ptr.dtype.element_ty
+    j = tl.arange(0, BLOCK_HALF)
+    jm = j < HALF
+    c1 = tl.load(cos_ptr + pos * stride_cos + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + pos * stride_cos + HALF + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + pos * stride_sin + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + pos * stride_sin + HALF + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
+
+    q1, q2, h, jj, mask = _norm_rope_heads(qkv_ptr, t, stride_t, 0, qw_ptr, eps, c1, c2, s1, s2,
+                                           NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF, HAS_NORM, dt)
+    q_dst = q_out_ptr + t * stride_qo_t + h[:, None] * (2 * HALF) + jj[None, :]
+    tl.store(q_dst, q1, mask=mask)
+    tl.store(q_dst + HALF, q2, mask=mask)
+
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:  # CUDA-graph padding rows (slot -1) write nothing
+        k1, k2, kh, kj, kmask = _norm_rope_heads(qkv_ptr, t, stride_t, NUM_Q_HEADS, kw_ptr, eps, c1, c2, s1,
+                                                 s2, NUM_KV_HEADS, HALF, BLOCK_KH, BLOCK_HALF, HAS_NORM, dt)
+        cdt = cache_ptr.dtype.element_ty
+        dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
+            + kh[:, None] * stride_ch + kj[None, :]
+        tl.store(dst, k1.to(cdt), mask=kmask)
+        tl.store(dst + HALF, k2.to(cdt), mask=kmask)
+        v_src = qkv_ptr + t * stride_t + (NUM_Q_HEADS + NUM_KV_HEADS + kh[:, None]) * (2 * HALF) + kj[None, :]
+        tl.store(dst + stride_ckv, tl.load(v_src, mask=kmask).to(cdt), mask=kmask)
+        tl.store(dst + stride_ckv + HALF, tl.load(v_src + HALF, mask=kmask).to(cdt), mask=kmask)
+
+
+def qkv_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                   q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
+                   kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
+                   num_kv_heads: int) -> torch.Tensor:
+    """Same as qkv_rope_cache_ref, in one kernel per token (qkv rows contiguous; head_dim even)."""
+    num_tokens = qkv.shape[0]
+    head_dim = kv_cache.shape[-1]
+    if head_dim % 2 or cos_cache.shape[-1] != head_dim:
+        raise ValueError("rotary needs an even head_dim equal to the cos/sin cache width")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    q_out = torch.empty((num_tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if num_tokens:
+        half = head_dim // 2
+        has_norm = q_norm_weight is not None
+        _qkv_rope_cache_kernel[(num_tokens,)](
+            qkv, positions, cos_cache, sin_cache, q_norm_weight if has_norm else qkv,
+            k_norm_weight if has_norm else qkv, q_out, kv_cache, slot_mapping, float(eps),
+            qkv.stride(0), q_out.stride(0), cos_cache.stride(0), sin_cache.stride(0),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
+            BLOCK_QH=_np2(num_heads), BLOCK_KH=_np2(num_kv_heads), BLOCK_HALF=_np2(half),
+            BLOCK_SIZE=kv_cache.shape[2], HAS_NORM=has_norm,
+            num_warps=4 if num_heads * head_dim >= 2048 else 2,
+        )
+    return q_out

@@ -70,5 +70,9 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             raise RuntimeError("attention layer has no KV cache bound")
         self.backend.write_kv(k, v, self.kv_cache, meta.slot_mapping)
+        return self.forward_cached(q, meta)
+
+    def forward_cached(self, q: torch.Tensor, meta: AttentionMetadata):
+        """Attend when this step's K/V are already in the cache (a fused prologue wrote them)."""
         out = self.backend.attend(q, self.kv_cache, meta, self.scale, self.sliding_window)
         return out.flatten(1)

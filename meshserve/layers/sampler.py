@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from meshserve.kernels.fused import fused_ops_for
 from meshserve.sampling import SamplingParams
 
 # Temperatures below this are greedy (same threshold as SamplingParams.greedy).
@@ -245,10 +246,26 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
     return probs.div_(q).argmax(dim=-1)
 
 
+def _temperature_only(metadata: SamplingMetadata) -> bool:
+    """Nothing but temperature (or greedy) per row: no filters, penalties, bans, logprobs or seeds."""
+    return (metadata.max_num_logprobs is None and not metadata.banned_token_ids and metadata.no_penalties
+            and metadata.no_top_p and metadata.no_top_k and metadata.no_min_p and not metadata.generators)
+
+
 class Sampler(torch.nn.Module):
-    """Samples the next token of every row of a [B, V] logits batch, as vLLM v1 does."""
+    """Samples the next token of every row of a [B, V] logits batch, as vLLM v1 does.
+
+    On a GPU, a batch that only asks for temperatures takes one fused Triton pass (Gumbel-max over the raw
+    logits); everything else takes the torch path below.
+    """
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        if not metadata.all_greedy and _temperature_only(metadata) and fused_ops_for(logits) is not None:
+            from meshserve.kernels.triton_sampling import sample_gumbel
+
+            # a fresh Philox stream per step, drawn from the (seeded) host generator: no device sync
+            seed = int(torch.randint(2**31 - 1, (1,)).item())
+            return SamplerOutput(sample_gumbel(logits, metadata.temperature, seed), None, None, None, None)
         logprobs = ranks = top_ids = top_logprobs = None
         need_logprobs = metadata.max_num_logprobs is not None
 

@@ -7,6 +7,7 @@ The model holds math only: ranks live in the parallel layers, KV memory in the a
 import torch
 from torch import nn
 
+from meshserve.kernels.fused import fused_ops_for
 from meshserve.layers.activation import SiluAndMul
 from meshserve.layers.attention import Attention
 from meshserve.layers.attention_metadata import AttentionMetadata
@@ -53,6 +54,15 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
+        ops = fused_ops_for(qkv)
+        if ops is not None and self.attn.kv_cache is not None:
+            # one kernel: split, q/k norm, rotary, KV write (same roundings as the steps below)
+            qn, kn = self.q_norm, self.k_norm
+            q = ops.qkv_rope_cache(qkv, positions, self.rotary_emb.cos_cache, self.rotary_emb.sin_cache,
+                                   None if qn is None else qn.weight, None if kn is None else kn.weight,
+                                   qn.eps if qn is not None else 0.0, self.attn.kv_cache, meta.slot_mapping,
+                                   self.num_heads, self.num_kv_heads)
+            return self.o_proj(self.attn.forward_cached(q, meta))
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)

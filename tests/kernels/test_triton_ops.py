@@ -24,6 +24,8 @@ if importlib.util.find_spec("triton") is not None:
     from meshserve.kernels.triton_ops import (
         apply_rotary,
         apply_rotary_ref,
+        qkv_rope_cache,
+        qkv_rope_cache_ref,
         rms_norm,
         rms_norm_ref,
         silu_and_mul,
@@ -93,9 +95,41 @@ def _check_rotary(device, dtype, t, h, hkv, d, max_pos=64):
         close(a, b, dtype)
 
 
+def _check_qkv_rope_cache(device, dtype, t, h, hkv, d, with_norm, block_size=4, max_pos=64):
+    """The fused prologue equals the reference composition: same q, same cache contents (untouched slots
+    included), padding rows (slot -1) write nothing."""
+    from meshserve.layers.rotary import RotaryEmbedding
+
+    cfg = SimpleNamespace(rope_theta=10000.0, rope_scaling=None)
+    rope = RotaryEmbedding(cfg, d, max_pos).to(device)
+    g = torch.Generator(device=device).manual_seed(3)
+    qkv = torch.randn(t, (h + 2 * hkv) * d, generator=g, device=device).to(dtype)
+    pos = torch.randint(0, max_pos, (t,), generator=g, device=device)
+    num_blocks = -(-t // block_size) + 2
+    slots = torch.randperm(num_blocks * block_size, generator=g, device=device)[:t]
+    slots[t // 2] = -1  # a CUDA-graph padding row
+    qw = kw = None
+    if with_norm:
+        qw = (1 + 0.1 * torch.randn(d, generator=g, device=device)).to(dtype)
+        kw = (1 + 0.1 * torch.randn(d, generator=g, device=device)).to(dtype)
+    caches = [torch.full((2, num_blocks, block_size, hkv, d), 7.0, dtype=dtype, device=device) for _ in range(2)]
+    q = qkv_rope_cache(qkv, pos, rope.cos_cache, rope.sin_cache, qw, kw, 1e-6, caches[0], slots, h, hkv)
+    q_ref = qkv_rope_cache_ref(qkv, pos, rope.cos_cache, rope.sin_cache, qw, kw, 1e-6, caches[1], slots, h, hkv)
+    close(q, q_ref, dtype)
+    close(caches[0], caches[1], dtype)
+    assert (caches[0] == 7.0).sum() == (caches[1] == 7.0).sum() > 0  # the same slots stay untouched
+
+
 # ----------------------------------------------------------------------------------------------------------
 # interpreter
 # ----------------------------------------------------------------------------------------------------------
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("h,hkv,d", [(4, 2, 24), (4, 4, 16), (8, 1, 32)])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_qkv_rope_cache_interp(dtype, h, hkv, d, with_norm):
+    _check_qkv_rope_cache("cpu", dtype, 7, h, hkv, d, with_norm)
+
 @interp
 @pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
                                            (torch.float16, torch.float32)])
@@ -141,3 +175,11 @@ def test_silu_and_mul_gpu(dtype, shape):
 @pytest.mark.parametrize("h,hkv,d", [(32, 8, 128), (32, 32, 64), (14, 2, 64), (4, 2, 24)])
 def test_rotary_gpu(dtype, h, hkv, d):
     _check_rotary("cuda", dtype, 513, h, hkv, d, max_pos=4096)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("h,hkv,d", [(32, 8, 128), (16, 8, 128), (32, 32, 64), (32, 4, 128), (14, 2, 64)])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_qkv_rope_cache_gpu(dtype, h, hkv, d, with_norm):
+    _check_qkv_rope_cache("cuda", dtype, 513, h, hkv, d, with_norm, block_size=16, max_pos=4096)

@@ -105,6 +105,7 @@ class ModelRunner:
         # two of each pinned buffer, used in turn: with async scheduling step n+1 is prepared while step
         # n's copies may still be queued behind step n-1 on the GPU
         self._pinned: list[torch.Tensor | None] = [None, None]
+        self._pinned_copied: list[torch.cuda.Event | None] = [None, None]  # each buffer's last copy
         self._pinned_ids: list[torch.Tensor | None] = [None, None]
         self._step_parity = 0
         # the last step's sampled ids on the device and their rows, by sequence: the next step's input
@@ -301,12 +302,18 @@ class ModelRunner:
             return torch.from_numpy(host)
         n = host.shape[0]
         i = self._step_parity
+        if self._pinned_copied[i] is not None:
+            # the copy that last read this buffer must have run (in a step loop it did long ago; warm-up
+            # loops prepare batches faster than the GPU consumes them)
+            self._pinned_copied[i].synchronize()
         if self._pinned[i] is None or self._pinned[i].shape[0] < n:
             self._pinned[i] = torch.empty(max(n, 1 << 16), dtype=torch.int64, pin_memory=True)
-        # this buffer's last copy (two steps ago) is done: that step's results were read back since
         pinned = self._pinned[i]
         pinned[:n].numpy()[:] = host
-        return pinned[:n].to(self.device, non_blocking=True)
+        out = pinned[:n].to(self.device, non_blocking=True)
+        self._pinned_copied[i] = torch.cuda.Event()
+        self._pinned_copied[i].record()
+        return out
 
     def _generator(self, s: ScheduledSequence) -> torch.Generator | None:
         if s.params.seed is None or s.params.greedy:

@@ -1,4 +1,7 @@
-"""Whether the fused Triton ops serve a tensor: on CUDA when Triton imports (and not disabled)."""
+"""Whether the fused Triton ops serve a tensor: on CUDA when Triton imports (and not disabled).
+
+MESHSERVE_DISABLE_FUSED_OPS=1 turns every fused kernel off (the plain torch path, e.g. as a reference).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 
 @functools.cache
@@ -22,3 +26,23 @@ def fused_ops_for(x: torch.Tensor):
     if not x.is_cuda or os.environ.get("MESHSERVE_DISABLE_FUSED_OPS"):
         return None
     return _triton_ops()
+
+
+@functools.cache
+def _triton_gemv():
+    try:
+        from meshserve.kernels import triton_gemv
+    except ImportError:
+        return None
+    return triton_gemv
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that one row of 16-bit activations on a GPU takes the Triton GEMV (batch-1
+    decode, where cuBLAS leaves bandwidth unused); fp32 keeps cuBLAS so reference runs stay exact."""
+    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.shape[-1]
+            and weight.dtype == x.dtype and not os.environ.get("MESHSERVE_DISABLE_FUSED_OPS")):
+        mod = _triton_gemv()
+        if mod is not None:
+            return mod.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)

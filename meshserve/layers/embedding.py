@@ -4,13 +4,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshserve.layers.weight_utils import narrow_weight, weight_shape
 from meshserve.distributed.parallel_state import (
     get_tp_rank,
     get_tp_size,
     tensor_parallel_all_gather,
     tensor_parallel_all_reduce,
 )
+from meshserve.kernels.fused import linear
+from meshserve.layers.weight_utils import narrow_weight, weight_shape
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -49,7 +50,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.bias = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.tp_size > 1:
             logits = tensor_parallel_all_gather(logits, dim=-1)
         return logits[..., : self.vocab_size]

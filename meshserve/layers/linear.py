@@ -7,10 +7,10 @@ shards. With TP = 1 the slices are the whole tensors.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from meshserve.distributed.parallel_state import get_tp_rank, get_tp_size, tensor_parallel_all_reduce
+from meshserve.kernels.fused import linear
 from meshserve.layers.weight_utils import full_weight, narrow_weight, weight_shape
 
 
@@ -38,7 +38,7 @@ class LinearBase(nn.Module):
         param.data.copy_(full_weight(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -117,4 +117,4 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(narrow_weight(loaded, 1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tensor_parallel_all_reduce(F.linear(x, self.weight, self.bias))
+        return tensor_parallel_all_reduce(linear(x, self.weight, self.bias))

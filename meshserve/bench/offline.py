@@ -185,6 +185,10 @@ def _finish(ns, res: dict) -> int:
             print(k, {b: round(x, 1) for b, x in v.items()})
     res["max_num_seqs"] = ns.max_num_seqs
     write_json(ns.output_json, {"results": calibration_rows(res), **res})
+    if getattr(ns, "plot", None) and "decode_tok_s_by_batch" in res:
+        from meshserve.bench.plots import plot_decode_curves
+
+        print("plot:", plot_decode_curves(ns.plot, {res["model"]: res["decode_tok_s_by_batch"]}))
     if ns.benchmarks_md:
         # the command as typed, from the subcommand on, without where its own outputs were written
         args = sys.argv[sys.argv.index(ns.bench_command) + 1:] if ns.bench_command in sys.argv else []
@@ -222,6 +226,8 @@ def add_offline_parsers(bench_sub: argparse._SubParsersAction) -> None:
         p.add_argument("--benchmarks-md", default=None, help="append a row to this BENCHMARKS.md")
         if name == "latency":
             p.add_argument("--curve", default=None, help="decode tok/s at these batch sizes, e.g. 1,8,32,64")
+            p.add_argument("--plot", default=None,
+                           help="with --curve: decode tok/s and step time vs batch (.png needs matplotlib)")
         else:
             p.add_argument("--hf-max-new-tokens", type=int, default=128,
                            help="HF baseline's new tokens per prompt (its full W2 takes minutes)")

@@ -268,69 +268,13 @@ def append_benchmarks_md(path: str, points: list[dict[str, Any]], gpu: str, comm
 
 def write_plot(path: str, points: list[dict[str, Any]]) -> str:
     """Latency (TTFT and ITL, p50 and p99) against load; PNG via matplotlib if present, else SVG."""
+    from meshserve.bench.plots import write_line_plots
+
     key = "qps" if "qps" in points[0] else "concurrency"
     xs = [float(p[key]) for p in points]
-    series = {name: [p[name] * 1e3 for p in points] for name in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99")}
-    if not path.endswith(".svg"):
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(7, 4.5))
-            for name, ys in series.items():
-                ax.plot(xs, ys, marker="o", label=name)
-            ax.set_xlabel(key)
-            ax.set_ylabel("latency (ms)")
-            ax.set_yscale("log")
-            ax.grid(True, alpha=0.3)
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(path)
-            plt.close(fig)
-            return path
-        except ImportError:
-            path = os.path.splitext(path)[0] + ".svg"
-    with open(path, "w") as f:
-        f.write(_svg_plot(xs, series, key))
-    return path
-
-
-def _svg_plot(xs: list[float], series: dict[str, list[float]], xlabel: str) -> str:
-    w, h, m = 640, 400, 60
-    finite = [y for ys in series.values() for y in ys if math.isfinite(y) and y > 0] or [1.0]
-    lo, hi = math.log10(min(finite)), math.log10(max(finite))
-    hi = hi if hi > lo else lo + 1
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-
-    def px(x: float) -> float:
-        return m + (x - x0) / (x1 - x0) * (w - 2 * m)
-
-    def py(y: float) -> float:
-        return h - m - (math.log10(y) - lo) / (hi - lo) * (h - 2 * m)
-
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
-    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-              'font-size="12">'), f'<rect width="{w}" height="{h}" fill="white"/>',
-             f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="black"/>',
-             f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="black"/>',
-             f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">{xlabel}</text>',
-             (f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">'
-              'latency (ms, log)</text>')]
-    for x in xs:
-        parts.append(f'<text x="{px(x):.1f}" y="{h - m + 15}" text-anchor="middle">{x:g}</text>')
-    for e in range(math.floor(lo), math.ceil(hi) + 1):
-        if lo <= e <= hi:
-            parts.append(f'<text x="{m - 5}" y="{py(10 ** e):.1f}" text-anchor="end">{10 ** e:g}</text>')
-    for i, (name, ys) in enumerate(series.items()):
-        pts = [(px(x), py(y)) for x, y in zip(xs, ys) if math.isfinite(y) and y > 0]
-        if pts:
-            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
-            parts.append(f'<polyline points="{path}" fill="none" stroke="{colors[i]}" stroke-width="2"/>')
-        parts.append(f'<text x="{w - m + 5}" y="{m + 15 * i}" fill="{colors[i]}">{name}</text>')
-    parts.append("</svg>\n")
-    return "\n".join(parts)
+    series = {name: (xs, [p[name] * 1e3 for p in points])
+              for name in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99")}
+    return write_line_plots(path, [("latency (ms)", series)], key)
 
 
 # -- command line -----------------------------------------------------------------------------------

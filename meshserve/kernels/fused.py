@@ -37,12 +37,18 @@ def _triton_gemv():
     return triton_gemv
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except that one row of 16-bit activations on a GPU takes the Triton GEMV (batch-1
-    decode, where cuBLAS leaves bandwidth unused); fp32 keeps cuBLAS so reference runs stay exact."""
+def gemv_for(x: torch.Tensor, weight: torch.Tensor):
+    """The Triton GEMV module when x is one row of 16-bit activations on a GPU (batch-1 decode, where
+    cuBLAS leaves bandwidth unused), else None; fp32 keeps cuBLAS so reference runs stay exact."""
     if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.shape[-1]
             and weight.dtype == x.dtype and not os.environ.get("MESHSERVE_DISABLE_FUSED_OPS")):
-        mod = _triton_gemv()
-        if mod is not None:
-            return mod.gemv(x, weight, bias)
+        return _triton_gemv()
+    return None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or the Triton GEMV where gemv_for allows it."""
+    mod = gemv_for(x, weight)
+    if mod is not None:
+        return mod.gemv(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from meshserve.distributed.parallel_state import get_tp_rank, get_tp_size, tensor_parallel_all_reduce
-from meshserve.kernels.fused import linear
+from meshserve.kernels.fused import gemv_for, linear
 from meshserve.layers.weight_utils import full_weight, narrow_weight, weight_shape
 
 
@@ -118,3 +118,11 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return tensor_parallel_all_reduce(linear(x, self.weight, self.bias))
+
+    def fused_gated_forward(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """forward(silu(gate) * up) in one GEMV when gate_up is a single 16-bit row on a GPU (batch-1
+        decode: the activation never goes to memory); None when that path does not apply."""
+        mod = gemv_for(gate_up, self.weight)
+        if mod is None:
+            return None
+        return tensor_parallel_all_reduce(mod.gemv(gate_up, self.weight, self.bias, gated=True))

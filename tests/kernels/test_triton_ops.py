@@ -188,14 +188,14 @@ def test_qkv_rope_cache_gpu(dtype, h, hkv, d, with_norm):
 # ----------------------------------------------------------------------------------------------------------
 # batch-1 projection (GEMV)
 # ----------------------------------------------------------------------------------------------------------
-def _check_gemv(device, dtype, n, k, with_bias):
+def _check_gemv(device, dtype, n, k, with_bias, gated=False):
     from meshserve.kernels.triton_gemv import gemv, gemv_ref
 
     g = torch.Generator(device=device).manual_seed(4)
     w = (0.05 * torch.randn(n, k, generator=g, device=device)).to(dtype)
-    x = torch.randn(1, k, generator=g, device=device).to(dtype)
+    x = torch.randn(1, 2 * k if gated else k, generator=g, device=device).to(dtype)
     b = torch.randn(n, generator=g, device=device).to(dtype) if with_bias else None
-    y, ref = gemv(x, w, b), gemv_ref(x, w, b)
+    y, ref = gemv(x, w, b, gated=gated), gemv_ref(x, w, b, gated=gated)
     assert y.shape == ref.shape == (1, n) and y.dtype == ref.dtype
     # the fp32 sums differ in order only: within a couple of output ulps (fp32: 1e-4 relative)
     tol = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
@@ -205,13 +205,15 @@ def _check_gemv(device, dtype, n, k, with_bias):
 @interp
 @pytest.mark.parametrize("n,k", [(37, 300), (8, 1024), (5, 513)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gemv_interp(n, k, with_bias):
-    _check_gemv("cpu", torch.float32, n, k, with_bias)
+@pytest.mark.parametrize("gated", [False, True])
+def test_gemv_interp(n, k, with_bias, gated):
+    _check_gemv("cpu", torch.float32, n, k, with_bias, gated)
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (151936, 1024), (1024, 3072), (1027, 4000)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gemv_gpu(dtype, n, k, with_bias):
-    _check_gemv("cuda", dtype, n, k, with_bias)
+@pytest.mark.parametrize("gated", [False, True])
+def test_gemv_gpu(dtype, n, k, with_bias, gated):
+    _check_gemv("cuda", dtype, n, k, with_bias, gated)

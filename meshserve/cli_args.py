@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from meshserve.config import DTYPES, LOAD_FORMATS, EngineArgs
+from meshserve.config import CACHE_DTYPES, DTYPES, LOAD_FORMATS, EngineArgs
 from meshserve.sampling import SamplingParams
 
 
@@ -33,6 +33,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     g.add_argument("--cpu-kv-cache-bytes", type=int, default=d.cpu_kv_cache_bytes)
     g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=CACHE_DTYPES,
+                   help="KV cache element type (auto: the model dtype)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     _bool_flag(g, "enable-chunked-prefill", d.enable_chunked_prefill, "mix prefill chunks with decodes")

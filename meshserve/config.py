@@ -13,6 +13,9 @@ from meshserve.errors import InvalidArgumentError
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# "auto" = the model dtype; another dtype needs the torch attention backend (the Triton kernels keep the
+# cache in the model dtype); fp8 variants come later
+CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -62,7 +65,7 @@ class CacheConfig:
     cpu_kv_cache_bytes: int = 1 << 30  # budget for the pool when running on CPU
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
-    cache_dtype: str = "auto"  # "auto" = model dtype; fp8 variants come later
+    cache_dtype: str = "auto"  # KV cache element type, one of CACHE_DTYPES ("auto" = the model dtype)
     num_blocks: int = 0  # filled in by the engine once the pool is sized
 
 
@@ -121,6 +124,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_bytes: int = 1 << 30
     num_gpu_blocks_override: int | None = None
+    kv_cache_dtype: str = "auto"  # CacheConfig.cache_dtype
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
@@ -151,6 +155,8 @@ class EngineArgs:
                 raise InvalidArgumentError(f"{param}: {msg}", param=param)
 
         check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check(self.kv_cache_dtype in CACHE_DTYPES, "kv_cache_dtype",
+              f"must be one of {', '.join(CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         check(self.load_format in LOAD_FORMATS, "load_format",
               f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import copy
+import enum
 from dataclasses import dataclass, field
 
 from meshserve.errors import InvalidArgumentError
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a running request holds (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything so far: text, token ids and logprobs from the start
+    DELTA = 1  # only what is new since the last output of the request (a streaming server's choice)
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclass
@@ -40,6 +49,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine: EOS ids of the model (unless ignore_eos), merged into the stop set.
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 

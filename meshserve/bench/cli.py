@@ -14,6 +14,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     from meshserve.bench.host_overhead import add_host_parser
 
     add_host_parser(bench_sub)
+    from meshserve.bench.channel import add_channel_parser
+
+    add_channel_parser(bench_sub)
+    from meshserve.bench.word_tokenizer import add_tokenizer_parser
+
+    add_tokenizer_parser(bench_sub)
     try:
         from meshserve.bench.serve_bench import add_serve_parser
     except ImportError:  # the serving benchmark is optional until its module exists

@@ -12,27 +12,8 @@ import argparse
 import random
 import time
 
+from meshserve.bench.fake_executor import NoModelExecutor
 from meshserve.bench.report import print_table
-
-
-class _NoModelExecutor:
-    """Stands in for the executor: builds the real flat batch, then 'samples' a fixed token per sequence."""
-
-    def __init__(self, runner):
-        self.runner = runner
-        self.prepare_s = 0.0
-
-    def execute(self, sched_out):
-        from meshserve.engine.model_runner import ModelRunnerOutput
-
-        out = ModelRunnerOutput()
-        if sched_out.is_empty:
-            return out
-        t = time.perf_counter()
-        self.runner._prepare(sched_out.scheduled)
-        self.prepare_s += time.perf_counter() - t
-        out.sampled = {s.seq_id: 17 for s in sched_out.scheduled if s.do_sample}
-        return out
 
 
 def run_host_overhead(ns) -> dict:
@@ -42,8 +23,8 @@ def run_host_overhead(ns) -> dict:
               max_num_seqs=ns.batch, hf_overrides={"num_hidden_layers": 1}, device="cpu", async_scheduling=False,
               num_gpu_blocks_override=ns.batch * ((ns.prompt_len + ns.steps + 8) // 16 + 2))
     engine = llm.engine
-    fake = _NoModelExecutor(engine.executor.runner)
-    engine.executor = fake
+    fake = NoModelExecutor(engine.runner)
+    engine.core.executor = fake
     random.seed(0)
     params = SamplingParams(temperature=0, max_tokens=ns.steps + 4, ignore_eos=True)
     for _ in range(ns.batch):

@@ -32,3 +32,15 @@ def print_table(results: dict) -> None:
     for k, v in results.items():
         v = f"{v:,.2f}" if isinstance(v, float) else v
         print(f"{k:<{width}}  {v}")
+
+
+def print_rows(rows: list[dict]) -> None:
+    """Rows of equal keys as a Markdown table (pastes into BENCHMARKS.md)."""
+    if not rows:
+        return
+    keys = list(rows[0])
+    fmt = [[f"{r[k]:,.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for cells in fmt:
+        print("| " + " | ".join(cells) + " |")

@@ -1,8 +1,9 @@
 """`meshserve bench serve` (W3): load an OpenAI-compatible endpoint, ours or another engine's.
 
 Requests stream from /v1/completions (or /v1/chat/completions) with Poisson arrivals at each given QPS, or
-at a fixed concurrency. Prompts are W3's synthetic token ids (`random.seed(3)`, n = max(200, 30 x QPS)
-prompts of 512 ids in [3, 10000], then n gaps `random.expovariate(QPS)`), or read from a file. Per load
+at a fixed concurrency. Prompts are W3's synthetic token ids (`random.seed(1000 + QPS)`, each point its own
+draws so the prefix cache cannot serve one point from another; n = max(200, 30 x QPS) prompts of 512 ids in
+[3, 10000], then n gaps `random.expovariate(QPS)`), or read from a file. Per load
 point: TTFT, inter-token latency, time per output token and end-to-end latency (mean, p50, p90, p99),
 throughput, and goodput (requests per second of the whole run that met the TTFT and TPOT SLOs). Results
 go to stdout, JSON, a BENCHMARKS.md row and a latency-vs-load plot (PNG with matplotlib, else SVG).
@@ -296,7 +297,7 @@ def add_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-len", type=int, default=512, help="random prompts: token ids per prompt")
     p.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
     p.add_argument("--max-token-id", type=int, default=10000, help="random prompts: ids drawn in [3, this]")
-    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--seed", type=int, default=None, help="default: W3's 1000 + QPS for each point")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
     p.add_argument("--ttft-slo", type=float, default=1.0, help="goodput SLO on TTFT, seconds")
@@ -350,10 +351,11 @@ def run_serve_bench(ns: argparse.Namespace) -> int:
     for kind, load in loads:
         qps = float(load) if kind == "qps" else math.inf
         n = ns.num_prompts if ns.num_prompts is not None or kind == "qps" else max(200, 30 * int(load))
+        seed = ns.seed if ns.seed is not None else 1000 + int(load if math.isfinite(load) else 0)
         if ns.dataset == "file":
-            reqs = file_requests(ns.dataset_path, qps, n, ns.output_len, ns.seed)
+            reqs = file_requests(ns.dataset_path, qps, n, ns.output_len, seed)
         else:
-            reqs = w3_requests(qps, n, ns.input_len, ns.output_len, ns.seed, ns.max_token_id)
+            reqs = w3_requests(qps, n, ns.input_len, ns.output_len, seed, ns.max_token_id)
         results, duration = asyncio.run(run_load(
             ns.base_url, model, reqs, chat=chat, concurrency=int(load) if kind == "concurrency" else None,
             temperature=ns.temperature, ignore_eos=not ns.no_ignore_eos, api_key=ns.api_key,

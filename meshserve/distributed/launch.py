@@ -4,12 +4,18 @@ Three ways in: (1) one command on one node spawns every rank; (2) `--nnodes N --
 --master-addr A --master-port P` on each node spawns that node's ranks; (3) a torchrun-style environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), as set by torchrun, Kubernetes LeaderWorkerSet or
 Slurm wrappers, makes this process exactly one rank. Rank 0 always runs the scheduler.
+
+Also the lifecycle of a spawned rank process: it dies with its parent, and stamps a heartbeat the driver
+watches to name a rank that stopped answering.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 from meshserve.config import ParallelConfig
@@ -24,6 +30,8 @@ def free_port() -> int:
 
 @dataclass
 class LaunchInfo:
+    """The resolved launch: world shape, rendezvous address, backend, and which rank(s) this process runs."""
+
     tp_size: int
     pp_size: int
     nnodes: int
@@ -76,3 +84,29 @@ def launch_info(pc: ParallelConfig, device: str = "cpu") -> LaunchInfo:
     return LaunchInfo(pc.tensor_parallel_size, pc.pipeline_parallel_size, pc.nnodes, pc.node_rank,
                       pc.master_addr, port, backend, pc.distributed_timeout_s,
                       rank=pc.node_rank * (world // pc.nnodes), pp_layer_partition=pc.pp_layer_partition)
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel kill this process if the process that spawned it dies (no orphan ranks)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+HEARTBEAT_S = 0.5
+
+
+def start_heartbeat(beats, rank: int) -> None:
+    """Stamp beats[rank] twice a second, so the driver can name a rank that stopped answering (a rank that
+    is stopped or wedged in Python stops stamping; a live one blocked in a collective keeps going)."""
+    def beat():
+        while True:
+            beats[rank] = time.monotonic()
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=beat, name="meshserve-heartbeat", daemon=True).start()

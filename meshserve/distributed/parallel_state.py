@@ -19,6 +19,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ParallelState:
+    """This process's place in the world (global rank, TP rank, PP stage) and the groups it talks over.
+
+    The default instance is a world of one; init_parallel_state replaces it once per process.
+    """
+
     rank: int = 0
     world_size: int = 1
     tp_rank: int = 0
@@ -63,14 +68,6 @@ def get_tp_size() -> int:
     return _STATE.tp_size
 
 
-def get_pp_rank() -> int:
-    return _STATE.pp_rank
-
-
-def get_pp_size() -> int:
-    return _STATE.pp_size
-
-
 def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str, master_port: int,
                         backend: str, timeout_s: float = 60.0,
                         pp_layer_partition: list[int] | None = None) -> ParallelState:
@@ -100,7 +97,7 @@ def destroy_parallel_state() -> None:
     if dist.is_initialized():
         try:
             dist.destroy_process_group()
-        except Exception:  # a dead peer can make teardown fail; the process is leaving anyway
+        except Exception:  # noqa: BLE001, S110  (a dead peer can make teardown fail; the process is leaving)
             pass
     _STATE = ParallelState()
 

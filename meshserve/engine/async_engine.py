@@ -1,8 +1,13 @@
-"""AsyncLLM: the engine loop in a background thread, streaming RequestOutputs to asyncio callers.
+"""AsyncLLM: the asyncio front end. Streams RequestOutputs to asyncio callers from a core in a thread or process.
 
-The server awaits `generate(...)` per request; leaving the iterator early (client gone, task cancelled)
-aborts the request, so its KV blocks are free by the next step. The engine thread only ever touches the
-Engine; callers talk to it through a command queue, so no lock is held across a step.
+The caller's side validates and tokenizes (text prompts on one tokenizer thread), registers the request
+with the OutputProcessor and sends it to the core. One output thread takes each step's EngineCoreOutputs,
+turns them into RequestOutputs (detokenization and stop strings run here, never in the core), aborts in
+the core what a stop string ended, and hands each event loop its outputs in one wake-up per step. The
+core's counters arrive with every step, so reading them never waits on the core.
+
+Leaving `generate()` early (client gone, task cancelled) aborts the request, so its KV blocks are free by
+the core's next step.
 """
 
 from __future__ import annotations
@@ -10,120 +15,205 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import queue
 import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
 
 from meshserve.config import EngineArgs
-from meshserve.engine.engine import Engine
-from meshserve.engine.output_streams import OutputStreams
+from meshserve.engine.core_client import EngineCoreClient
+from meshserve.engine.input_processor import InputProcessor, PromptType, load_tokenizer
+from meshserve.engine.messages import EngineCoreOutputs, SchedulerStats, error_from_message
+from meshserve.engine.output_processor import OutputProcessor
 from meshserve.errors import EngineDeadError
+from meshserve.outputs import RequestOutput
+from meshserve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_STOP = object()
+# How often the output thread looks up from an idle core (to notice shutdown).
+_OUTPUT_POLL_S = 0.5
 
 
-class AsyncLLM(OutputStreams):
-    def __init__(self, engine: Engine):
-        super().__init__()
-        self.engine = engine
-        self._commands: queue.Queue = queue.Queue()
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+class AsyncLLM:
+    """An engine for asyncio callers: `generate()` per request, over any EngineCoreClient."""
+
+    def __init__(self, core_client: EngineCoreClient, tokenizer=None):
+        self.core_client = core_client
+        self.tokenizer = tokenizer  # the input side's; the output processor holds its own copy
+        self.input_processor = InputProcessor(core_client.info, tokenizer)
+        self.output_processor = OutputProcessor(tokenizer)
+        self._lock = threading.Lock()  # the output processor, between callers and the output thread
         self._dead: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="meshserve-engine", daemon=True)
-        self._thread.start()
+        self._closing = False
+        self._stats = SchedulerStats(num_blocks=core_client.info.num_blocks)
+        self._stats_time = time.monotonic()
+        # prompts and chat templates are tokenized on this one thread (Rust tokenizers are not re-entrant)
+        self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meshserve-tok")
+        self._output_thread = threading.Thread(target=self._pump_outputs, name="meshserve-outputs", daemon=True)
+        self._output_thread.start()
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> "AsyncLLM":
-        return cls(Engine.from_engine_args(args))
+    def from_engine_args(cls, args: EngineArgs, separate_process: bool = False) -> AsyncLLM:
+        """The core in a thread of this process, or (separate_process) in a child process of its own."""
+        if separate_process:
+            from meshserve.engine.core_process import ProcessCoreClient
 
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
+            client: EngineCoreClient = ProcessCoreClient(args)
+        else:
+            from meshserve.engine.core import EngineCore
+            from meshserve.engine.core_client import ThreadedCoreClient
 
+            client = ThreadedCoreClient(EngineCore.from_engine_args(args))
+        try:
+            return cls(client, load_tokenizer(client.info.tokenizer))
+        except BaseException:
+            client.shutdown()
+            raise
+
+    # -- state -----------------------------------------------------------------------------------
     @property
     def is_running(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
+        return self._dead is None and not self._closing and self.core_client.is_alive()
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.config.scheduler_config.max_model_len
+        return self.core_client.info.max_model_len
 
     @property
     def num_waiting(self) -> int:
-        """Requests queued in the scheduler (a racy read: exact enough for admission control)."""
-        return self.engine.scheduler.num_waiting
+        """Requests queued in the core's scheduler after its last step (exact enough for admission)."""
+        return self._stats.num_waiting
+
+    def stats_snapshot(self) -> tuple[dict, float]:
+        """The core's counters after its last step, and their age in seconds."""
+        return msgspec.structs.asdict(self._stats), time.monotonic() - self._stats_time
 
     async def stats(self) -> dict:
-        return await self.call(self.engine.stats)
+        return self.stats_snapshot()[0]
 
-    # -- engine thread ---------------------------------------------------------------------------
-    def _run_command(self, cmd) -> bool:
-        if cmd is _STOP:
-            return False
-        kind, args, fut = cmd
-        if not fut.set_running_or_notify_cancel():
-            return True  # the caller was cancelled (client gone) before the engine got to it
-        try:
-            if kind == "add":
-                fut.set_result(self.engine.add_request(*args))
-            elif kind == "abort":
-                fut.set_result(self.engine.abort_request(*args))
-            elif kind == "call":
-                fut.set_result(args[0]())
-        except BaseException as e:  # validation errors go back to the caller
-            fut.set_exception(e)
-        return True
+    @property
+    def engine(self):
+        """The EngineCore itself when it runs in a thread of this process (tests and tools look inside)."""
+        return self.core_client.core  # type: ignore[attr-defined]
 
-    def _loop(self) -> None:
-        try:
-            while True:
-                block = not self.engine.has_unfinished_requests()
-                try:
-                    while True:
-                        cmd = self._commands.get(block=block, timeout=0.5 if block else None)
-                        if not self._run_command(cmd):
-                            return
-                        block = False
-                except queue.Empty:
-                    pass
-                if self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
-                        self._deliver(out.request_id, out)
-        except BaseException as e:  # the engine is broken: fail every caller, never hang them
-            logger.exception("engine loop died")
-            self._dead = e
-            for rid in list(self._streams):
-                self._deliver(rid, EngineDeadError(f"engine loop died: {e}"))
-            while True:  # answer queued commands so no caller waits forever
-                try:
-                    cmd = self._commands.get_nowait()
-                except queue.Empty:
-                    break
-                if cmd is not _STOP and cmd[2].set_running_or_notify_cancel():
-                    cmd[2].set_exception(EngineDeadError(f"engine loop died: {e}"))
+    async def call(self, fn: Callable):
+        """Run fn() on the core's thread between steps (a core in a thread of this process only)."""
+        return await asyncio.wrap_future(self.core_client.call(fn))  # type: ignore[attr-defined]
 
-    # -- caller side -----------------------------------------------------------------------------
-    async def _submit(self, kind: str, *args):
-        if self._dead is not None or not self._thread.is_alive():
+    async def run_tokenizer(self, fn: Callable):
+        """Run fn() on the tokenizer thread (chat templates, prompt encoding, echo decoding)."""
+        return await asyncio.wrap_future(self._tokenizer_thread.submit(fn))
+
+    # -- requests --------------------------------------------------------------------------------
+    async def generate(self, prompt: PromptType, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs (of params.output_kind; cumulative by default), the last one
+        finished. Invalid requests raise on the first iteration. Leaving early aborts the request."""
+        if not self.is_running:
             raise EngineDeadError("the engine is not running")
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put((kind, args, fut))
-        return await asyncio.wrap_future(fut)
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        if InputProcessor.needs_tokenizer(prompt):
+            processed = await self.run_tokenizer(lambda: self.input_processor.process(request_id, prompt, params))
+        else:
+            processed = self.input_processor.process(request_id, prompt, params)
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self.output_processor.add_request(processed, queue=(asyncio.get_running_loop(), q))
+        finished = False
+        try:
+            for req in processed.core_requests:
+                self.core_client.add_request(req)
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._abort(request_id)
 
-    async def call(self, fn):
-        """Run fn() on the engine thread between steps (e.g. to read stats consistently)."""
-        return await self._submit("call", fn)
-
-    async def _start(self, request_id: str, prompt, params) -> None:
-        await self._submit("add", request_id, prompt, params)
-
-    def _abort_nowait(self, request_id: str) -> None:
-        self._commands.put(("abort", (request_id,), concurrent.futures.Future()))
+    def _abort(self, request_id: str) -> None:
+        with self._lock:
+            running = self.output_processor.abort_request(request_id)
+        if self.is_running:
+            self.core_client.abort_requests(running)
 
     async def abort(self, request_id: str) -> bool:
-        return await self._submit("abort", request_id)
+        known = request_id in self.output_processor.requests
+        self._abort(request_id)
+        return known
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        if self._thread.is_alive():
-            self._commands.put(_STOP)
-            self._thread.join(timeout)
+    # -- the output thread -----------------------------------------------------------------------
+    def _pump_outputs(self) -> None:
+        while True:
+            try:
+                core_outputs = self.core_client.get_outputs(timeout=_OUTPUT_POLL_S)
+            except EngineDeadError as e:
+                if not self._closing:
+                    logger.error("%s", e)
+                self._fail_all(e)
+                return
+            except BaseException as e:  # a broken message must not leave callers waiting forever
+                logger.exception("the output thread failed")
+                self._fail_all(EngineDeadError(f"the engine's output thread failed: {e}"))
+                return
+            if core_outputs is None:
+                if self._closing:
+                    return
+                continue
+            self._handle(core_outputs)
+
+    def _handle(self, core_outputs: EngineCoreOutputs) -> None:
+        if core_outputs.stats is not None:
+            self._stats, self._stats_time = core_outputs.stats, time.monotonic()
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        to_abort: list[str] = []
+        with self._lock:
+            for err in core_outputs.errors:
+                state = self.output_processor.request_of(err.request_id)
+                if state is not None:
+                    to_abort += self.output_processor.abort_request(state.request_id)
+                    loop, q = state.queue
+                    deliveries.setdefault(loop, []).append((q, error_from_message(err)))
+            processed = self.output_processor.process_outputs(core_outputs)
+        self.core_client.abort_requests(to_abort + processed.requests_to_abort)
+        for out, state in zip(processed.request_outputs, processed.states):
+            loop, q = state.queue
+            deliveries.setdefault(loop, []).append((q, out))
+        for loop, items in deliveries.items():  # one wake-up per event loop per step
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that caller's loop is closed: nobody is waiting
+                pass
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._dead = error
+        with self._lock:
+            states = list(self.output_processor.requests.values())
+            for state in states:
+                self.output_processor.abort_request(state.request_id)
+        for state in states:
+            loop, q = state.queue
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, error)
+            except RuntimeError:
+                pass
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self._closing = True
+        self.core_client.shutdown()
+        if self._output_thread is not threading.current_thread():
+            self._output_thread.join(timeout)
+        self._tokenizer_thread.shutdown(wait=False)

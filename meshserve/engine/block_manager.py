@@ -30,6 +30,9 @@ def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
 
 @dataclass(eq=False)
 class Block:
+    """One KV block's bookkeeping: its id in the pool, how many sequences hold it, and its hash once full
+    and registered in the prefix cache."""
+
     block_id: int
     ref_count: int = 0
     block_hash: bytes | None = None
@@ -96,7 +99,13 @@ class BlockPool:
 
 
 class BlockManager:
-    """Allocates KV blocks to sequences as their computed tokens grow, and finds prefix-cache hits."""
+    """Allocates KV blocks to sequences as their computed tokens grow, and finds prefix-cache hits.
+
+    Holds the block pool and, per sequence, its blocks, their ids (the block table the runner reads) and how
+    many of them are registered in the prefix cache. Promises: allocate either makes all the room asked for
+    or changes nothing; a block is reused for another sequence only when no sequence holds it; block ids
+    index the runner's KV pool (kv_pool.py) and are the same on every rank.
+    """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.num_blocks = num_blocks
@@ -125,6 +134,7 @@ class BlockManager:
         return self.seq_block_ids.get(seq.seq_id, [])
 
     def blocks_needed(self, num_tokens: int) -> int:
+        """Blocks that hold num_tokens tokens."""
         return -(-num_tokens // self.block_size)
 
     def _update_hashes(self, seq: Sequence) -> None:
@@ -193,6 +203,7 @@ class BlockManager:
         return True
 
     def record_admission(self, seq: Sequence, num_hit_tokens: int) -> None:
+        """Count an admission and its prefix-cache hit tokens in the stats."""
         if self.enable_prefix_caching and seq.params.prompt_logprobs is None:
             self.stats.queries += seq.num_tokens
             self.stats.hits += num_hit_tokens

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from meshserve.layers.attention_metadata import AttentionMetadata
+from meshserve.kernels.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,13 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Captured decode forwards for every batch size in the ladder, sharing one memory pool."""
+    """Captured decode forwards for every batch size in the ladder, sharing one memory pool.
+
+    Holds the static input buffers (ids, positions, slots, context lengths, block tables up to
+    max_model_len) and one graph with its output per batch size. Promises: run() gives the eager forward's
+    hidden states for any decode-only batch that can_run() accepts; the caller keeps the plain forward for
+    everything else. Capture needs the KV cache bound (the graphs bake in its address).
+    """
 
     def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
                  device: torch.device):
@@ -62,6 +68,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        """Warm up and capture one graph per batch size, largest first."""
         t0 = time.perf_counter()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
             meta = self._meta(bs)
@@ -78,9 +85,11 @@ class DecodeGraphs:
                     time.perf_counter() - t0)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
+        """Decode only, no more sequences than the largest graph, block tables within the captured width."""
         return meta.is_decode_only and meta.num_seqs <= self.max_bs and meta.block_tables.shape[1] <= self.max_blocks
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Copy the batch into the static buffers (padding to the next captured size) and replay."""
         n = meta.num_seqs
         bs = next(s for s in self.sizes if s >= n)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)

@@ -89,7 +89,7 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
         cache_config=CacheConfig(
             block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
             cpu_kv_cache_bytes=args.cpu_kv_cache_bytes, num_gpu_blocks_override=args.num_gpu_blocks_override,
-            enable_prefix_caching=args.enable_prefix_caching,
+            enable_prefix_caching=args.enable_prefix_caching, cache_dtype=args.kv_cache_dtype,
         ),
         scheduler_config=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len,

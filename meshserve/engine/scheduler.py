@@ -14,14 +14,22 @@ from collections import deque
 
 from meshserve.config import CacheConfig, SchedulerConfig
 from meshserve.engine.block_manager import BlockManager
+from meshserve.engine.request_fit import check_request_fits
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.sequence import Sequence, SequenceStatus
-from meshserve.errors import PromptTooLongError
 
 logger = logging.getLogger(__name__)
 
 
 class Scheduler:
+    """Decides each step's batch: which sequences run and how many of their tokens, within the token and
+    sequence budgets, allocating KV blocks through its BlockManager and preempting when they run out.
+
+    It owns the waiting queue and the running list; `schedule()` returns a SchedulerOutput and
+    `update_after_step()` applies the sampled tokens, with the token-level stops (stop token ids,
+    max_tokens, max_model_len). Text-level stops are the front end's, which calls `finish()`.
+    """
+
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig):
         self.config = scheduler_config
         self.block_size = cache_config.block_size
@@ -39,20 +47,10 @@ class Scheduler:
     # -- admission -------------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Reject a request that could never run: too long for the model or for the whole KV pool."""
-        total = num_prompt_tokens + max_tokens
-        if total > self.config.max_model_len:
-            raise PromptTooLongError(
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
-                f"max_model_len ({self.config.max_model_len})", param="max_tokens")
-        capacity = self.block_manager.num_blocks * self.block_size
-        if total > capacity:
-            raise PromptTooLongError(
-                f"prompt + max_tokens = {total} tokens can never fit the KV cache ({capacity} tokens)",
-                param="max_tokens")
-        if not self.config.enable_chunked_prefill and num_prompt_tokens > self.config.max_num_batched_tokens:
-            raise PromptTooLongError(
-                f"prompt ({num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
-                f"({self.config.max_num_batched_tokens}) with chunked prefill disabled", param="prompt")
+        check_request_fits(num_prompt_tokens, max_tokens, max_model_len=self.config.max_model_len,
+                           capacity_tokens=self.block_manager.num_blocks * self.block_size,
+                           enable_chunked_prefill=self.config.enable_chunked_prefill,
+                           max_num_batched_tokens=self.config.max_num_batched_tokens)
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(seq.num_prompt_tokens, seq.max_tokens)

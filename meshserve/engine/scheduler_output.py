@@ -12,7 +12,12 @@ from meshserve.sampling import SamplingParams
 
 @dataclass
 class ScheduledSequence:
-    """One sequence's share of the step: tokens [num_computed_tokens, num_computed_tokens + len(token_ids))."""
+    """One sequence's share of the step: tokens [num_computed_tokens, num_computed_tokens + len(token_ids)).
+
+    token_ids may hold -1 for a token sampled by the previous step and not yet read back (async
+    scheduling): the runner fills it in on the device. block_table covers every token up to the end of
+    this chunk.
+    """
 
     seq_id: str
     token_ids: list[int]
@@ -34,6 +39,9 @@ class ScheduledSequence:
 
 @dataclass
 class SchedulerOutput:
+    """The whole step: the sequences to run (prefill chunks and decodes, in batch order), and the ids of
+    sequences preempted or finished since the last step (runners drop a finished sequence's state)."""
+
     scheduled: list[ScheduledSequence]
     preempted_seq_ids: list[str] = field(default_factory=list)
     finished_seq_ids: list[str] = field(default_factory=list)  # since the last step: runners drop their state

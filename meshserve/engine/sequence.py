@@ -52,6 +52,7 @@ class Sequence:
     # tokens sampled by a step still running on the GPU (async scheduling): they count in num_tokens and
     # read as -1 in token_ids_slice until update_after_step appends the real ids to output_token_ids
     num_pending_tokens: int = 0
+    first_scheduled_time: float | None = None  # time.monotonic() when a step first included it
 
     @property
     def all_token_ids(self) -> list[int]:

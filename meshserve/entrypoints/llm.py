@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence as SequenceABC
 
 from meshserve.config import EngineArgs
-from meshserve.engine.engine import Engine, PromptType
+from meshserve.engine.input_processor import PromptType
+from meshserve.engine.llm_engine import LLMEngine
 from meshserve.errors import InvalidArgumentError
 from meshserve.outputs import RequestOutput
-from meshserve.sampling import SamplingParams
+from meshserve.sampling import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ class LLM:
         if unknown:
             raise InvalidArgumentError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
         self.engine_args = EngineArgs(model=model, **kwargs)
-        self.engine = Engine.from_engine_args(self.engine_args)
+        self.engine = LLMEngine.from_engine_args(self.engine_args)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -79,7 +81,7 @@ class LLM:
         ids = []
         try:
             for prompt, params in zip(prompts, params_list):
-                ids.append(engine.add_request(None, prompt, params))
+                ids.append(engine.add_request(None, prompt, _final_only(params)))
         except Exception:
             for rid in ids:
                 engine.abort_request(rid)
@@ -123,3 +125,10 @@ class LLM:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _final_only(params: SamplingParams) -> SamplingParams:
+    """The same parameters, asking for one output at the end (a batch needs no per-step snapshots)."""
+    if params.output_kind is RequestOutputKind.FINAL_ONLY:
+        return params
+    return dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)

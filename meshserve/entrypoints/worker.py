@@ -22,8 +22,8 @@ def is_rank_zero(args: EngineArgs) -> bool:
 def run_worker_ranks(args: EngineArgs) -> int:
     """Serve this node's ranks (or this torchrun rank) until rank 0 shuts the group down."""
     from meshserve.distributed.launch import launch_info
-    from meshserve.distributed.worker import run_node_ranks
     from meshserve.engine.engine_config import create_engine_config
+    from meshserve.engine.worker import run_node_ranks
 
     config, source = create_engine_config(args)
     launch = launch_info(config.parallel_config, config.device)

@@ -6,7 +6,7 @@ KV cache layout (per layer): [2, num_blocks, block_size, num_kv_heads, head_dim]
 import torch
 import torch.nn.functional as F
 
-from meshserve.layers.attention_metadata import AttentionMetadata
+from meshserve.kernels.attention_metadata import AttentionMetadata
 
 
 def write_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor):

@@ -1,12 +1,13 @@
-"""Whether the fused Triton ops serve a tensor: on CUDA when Triton imports (and not disabled).
+"""Whether a fused Triton op serves a given tensor, once the backend selection has allowed it.
 
-MESHSERVE_DISABLE_FUSED_OPS=1 turns every fused kernel off (the plain torch path, e.g. as a reference).
+Whether the fused ops and the GEMV may be used at all is decided once, from the engine config, by
+meshserve's backend selection (layers/backend_selection.py), which passes `enabled` down to the layers. What
+stays here is what only the call can know: the tensor's device, shape and dtype, and whether Triton imports.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +22,6 @@ def _triton_ops():
     return triton_ops
 
 
-def fused_ops_for(x: torch.Tensor):
-    """The triton_ops module when x lives on a GPU and Triton is usable, else None."""
-    if not x.is_cuda or os.environ.get("MESHSERVE_DISABLE_FUSED_OPS"):
-        return None
-    return _triton_ops()
-
-
 @functools.cache
 def _triton_gemv():
     try:
@@ -37,18 +31,36 @@ def _triton_gemv():
     return triton_gemv
 
 
-def gemv_for(x: torch.Tensor, weight: torch.Tensor):
-    """The Triton GEMV module when x is one row of 16-bit activations on a GPU (batch-1 decode, where
-    cuBLAS leaves bandwidth unused), else None; fp32 keeps cuBLAS so reference runs stay exact."""
-    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.shape[-1]
-            and weight.dtype == x.dtype and not os.environ.get("MESHSERVE_DISABLE_FUSED_OPS")):
+def fused_ops_importable() -> bool:
+    """Whether the fused Triton ops (norm, rotary, SiLU, prologue, sampling) import here."""
+    return _triton_ops() is not None
+
+
+def gemv_importable() -> bool:
+    """Whether the Triton GEMV imports here."""
+    return _triton_gemv() is not None
+
+
+def fused_ops_for(x: torch.Tensor, enabled: bool):
+    """The triton_ops module when the fused ops are enabled, x lives on a GPU and Triton is usable, else None."""
+    if not enabled or not x.is_cuda:
+        return None
+    return _triton_ops()
+
+
+def gemv_for(x: torch.Tensor, weight: torch.Tensor, enabled: bool):
+    """The Triton GEMV module when enabled and x is one row of 16-bit activations on a GPU (batch-1 decode,
+    where cuBLAS leaves bandwidth unused), else None; fp32 keeps cuBLAS so reference runs stay exact."""
+    if (enabled and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.shape[-1]
+            and weight.dtype == x.dtype):
         return _triton_gemv()
     return None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, or the Triton GEMV where gemv_for allows it."""
-    mod = gemv_for(x, weight)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           gemv: bool = False) -> torch.Tensor:
+    """F.linear, or the Triton GEMV where `gemv` is enabled and gemv_for allows it."""
+    mod = gemv_for(x, weight, gemv)
     if mod is not None:
         return mod.gemv(x, weight, bias)
     return F.linear(x, weight, bias)

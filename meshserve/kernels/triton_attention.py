@@ -10,7 +10,9 @@ W only keys k > p - W.
 Kernels
 -------
 * ``_reshape_and_cache_kernel``: grid (num_tokens,). Copies K and V rows [Hkv, D] of one token to its slot;
-  slot < 0 (CUDA-graph padding) writes nothing.
+  slot < 0 (CUDA-graph padding) writes nothing. ``TritonAttentionBackend.write_qkv`` is the alternative
+  cache write when the fused prologue is selected: triton_ops.qkv_rope_cache splits, norms and rotates q/k
+  and writes K/V in the same kernel.
 * ``_prefill_attention_kernel`` (max_query_len > 1: prefill chunks, mixed prefill + decode batches):
   grid (num_seqs, cdiv(max_query_len, BLOCK_Q), num_kv_heads). A program owns BLOCK_Q query tokens x all
   G = H / Hkv query heads of one KV head (ROWS = BLOCK_Q * G_PAD rows of the tile, row r = token r // G_PAD,
@@ -44,6 +46,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from meshserve.kernels.triton_ops import qkv_rope_cache
 
 _LOG2E = 1.4426950408889634
 # running-max init: finite, so fully masked rows give exp2(-inf - big) = 0, never nan (a constexpr: compiled
@@ -371,6 +375,13 @@ class TritonAttentionBackend:
     # -- cache write ---------------------------------------------------------------------------------
     def write_kv(self, key, value, kv_cache, slot_mapping):
         reshape_and_cache(key, value, kv_cache, slot_mapping)
+
+    def write_qkv(self, qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, kv_cache,
+                  slot_mapping, num_heads, num_kv_heads):
+        """The fused prologue: split the QKV projection, RMSNorm q and k per head (when weights are given),
+        rotate both, write K/V to their slots in one kernel; returns q [T, H, D] (triton_ops.qkv_rope_cache)."""
+        return qkv_rope_cache(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, kv_cache,
+                              slot_mapping, num_heads, num_kv_heads)
 
     # -- attention -----------------------------------------------------------------------------------
     def attend(self, query, kv_cache, meta, scale, sliding_window):

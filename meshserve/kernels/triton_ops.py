@@ -1,11 +1,11 @@
 """Fused Triton kernels for the small per-token ops, each beside its torch reference (same signature).
 
 * rms_norm(x, weight, eps, residual=None): RMSNorm with the residual add fused, exactly the semantics of
-  meshserve.layers.norm.RMSNorm (fp32 statistics, `weight * x_normed.to(x.dtype)`, the result in the
+  the RMSNorm layer (layers/norm.py: fp32 statistics, `weight * x_normed.to(x.dtype)`, the result in the
   promoted dtype of weight and x); with a residual returns (normed(x + residual), x + residual).
-* silu_and_mul(x): [..., 2d] -> silu(x[..., :d]) * x[..., d:], as meshserve.layers.activation.SiluAndMul.
+* silu_and_mul(x): [..., 2d] -> silu(x[..., :d]) * x[..., d:], as the SiluAndMul layer (layers/activation.py).
 * apply_rotary(positions, q, k, cos_cache, sin_cache): rotate-half RoPE with cos/sin rows gathered by
-  position, as meshserve.layers.rotary.RotaryEmbedding.forward; returns new (q, k) in their dtypes.
+  position, as RotaryEmbedding.forward (layers/rotary.py); returns new (q, k) in their dtypes.
 * qkv_rope_cache(qkv, positions, cos, sin, q_norm_w, k_norm_w, eps, kv_cache, slot_mapping, H, Hkv): the
   attention layer's prologue in one kernel per token: split the fused QKV row, RMSNorm q and k per head
   (Qwen3), rotate both, write k and v to their cache slots, return q. Replaces up to five kernels and the

@@ -1,21 +1,27 @@
 """Attention over the paged KV cache, dispatched to a backend.
 
-The layer writes this step's K/V into its cache slots and then attends. Backends share one signature:
-the plain torch reference ("torch": CPU, and the oracle for kernels) and the Triton kernels ("triton", GPU).
+The layer is the only writer of its KV cache, and it writes through its backend: either the plain
+`write_kv` of this step's K/V, or (when the backend selection turns the fused prologue on) the backend's
+`write_qkv`, which splits, norms and rotates q/k and writes K/V in one kernel. Then it attends. Backends
+share one signature: the plain torch reference ("torch": CPU, and the oracle for kernels) and the Triton
+kernels ("triton", GPU). Which one a layer gets is decided in layers/backend_selection.py.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from meshserve.layers.attention_metadata import AttentionMetadata
+from meshserve.kernels.attention_metadata import AttentionMetadata
 
 
 class AttentionBackend(Protocol):
+    """Writes K/V into a layer's cache and attends over it. A backend that serves the fused prologue also
+    has write_qkv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, kv_cache,
+    slot_mapping, num_heads, num_kv_heads) -> q (see TritonAttentionBackend)."""
+
     name: str
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -41,9 +47,8 @@ class TorchAttentionBackend:
         return paged_attention_ref(query, kv_cache, meta, scale, sliding_window)
 
 
-def get_attention_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
-    """The backend for a device: Triton on CUDA, torch elsewhere; MESHSERVE_ATTENTION_BACKEND overrides."""
-    name = name or os.environ.get("MESHSERVE_ATTENTION_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+def make_attention_backend(name: str) -> AttentionBackend:
+    """The backend called `name` (torch or triton); layers/backend_selection.py decides which."""
     if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
@@ -54,7 +59,12 @@ def get_attention_backend(device: torch.device, name: str | None = None) -> Atte
 
 
 class Attention(nn.Module):
-    """Paged attention for one layer. The model runner binds `kv_cache` and `backend` once the pool exists."""
+    """Paged attention for one layer.
+
+    Holds the layer's KV cache and its backend, both bound by the model runner (the backend and the
+    fused-prologue switch from the backend selection, the cache once the pool exists). Every write to the
+    cache goes through the backend.
+    """
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
                  sliding_window: int | None = None):
@@ -64,6 +74,12 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.kv_cache: torch.Tensor | None = None
         self.backend: AttentionBackend = TorchAttentionBackend()
+        self.fused_prologue = False  # the backend's write_qkv serves forward_qkv
+
+    @property
+    def can_fuse_prologue(self) -> bool:
+        """Whether forward_qkv may be used now: the prologue is selected and the cache is bound."""
+        return self.fused_prologue and self.kv_cache is not None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H*D]."""
@@ -72,7 +88,19 @@ class Attention(nn.Module):
         self.backend.write_kv(k, v, self.kv_cache, meta.slot_mapping)
         return self.forward_cached(q, meta)
 
+    def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, rotary_emb, q_norm, k_norm,
+                    meta: AttentionMetadata) -> torch.Tensor:
+        """The fused path of forward: qkv [T, (H + 2 Hkv) * D] straight from the projection; the backend
+        splits it, applies q_norm/k_norm (RMSNorm per head, or None), rotary_emb's cos/sin and writes K/V in
+        one kernel, with the same roundings as the separate steps. -> [T, H*D]."""
+        q = self.backend.write_qkv(qkv, positions, rotary_emb.cos_cache, rotary_emb.sin_cache,
+                                   None if q_norm is None else q_norm.weight,
+                                   None if k_norm is None else k_norm.weight,
+                                   q_norm.eps if q_norm is not None else 0.0, self.kv_cache, meta.slot_mapping,
+                                   self.num_heads, self.num_kv_heads)
+        return self.forward_cached(q, meta)
+
     def forward_cached(self, q: torch.Tensor, meta: AttentionMetadata):
-        """Attend when this step's K/V are already in the cache (a fused prologue wrote them)."""
+        """Attend when this step's K/V are already in the cache."""
         out = self.backend.attend(q, self.kv_cache, meta, self.scale, self.sliding_window)
         return out.flatten(1)

@@ -11,6 +11,7 @@ from meshserve.distributed.parallel_state import (
     tensor_parallel_all_reduce,
 )
 from meshserve.kernels.fused import linear
+from meshserve.layers.backend_selection import PLAIN
 from meshserve.layers.weight_utils import narrow_weight, weight_shape
 
 
@@ -48,9 +49,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     def __init__(self, vocab_size: int, hidden_size: int, bias: bool = False):
         super().__init__(vocab_size, hidden_size)
         self.bias = None
+        self.kernels = PLAIN  # bound by the model runner: the GEMV serves batch-1 decode
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight)
+        logits = linear(hidden, self.weight, gemv=self.kernels.gemv)
         if self.tp_size > 1:
             logits = tensor_parallel_all_gather(logits, dim=-1)
         return logits[..., : self.vocab_size]

@@ -11,8 +11,8 @@ from torch import nn
 
 from meshserve.distributed.parallel_state import get_tp_rank, get_tp_size, tensor_parallel_all_reduce
 from meshserve.kernels.fused import gemv_for, linear
+from meshserve.layers.backend_selection import PLAIN
 from meshserve.layers.weight_utils import full_weight, narrow_weight, weight_shape
-
 
 _MAX_FUSED_GATED_K = 4096
 
@@ -24,11 +24,13 @@ def _divide(a: int, b: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
-    """A linear layer whose weight is [out_features_per_rank, in_features_per_rank]."""
+    """A linear layer whose weight is [out_features_per_rank, in_features_per_rank]; with the GEMV selected,
+    single 16-bit rows (batch-1 decode) go through the Triton GEMV instead of cuBLAS."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.kernels = PLAIN  # bound by the model runner (layers/backend_selection.py)
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -41,11 +43,7 @@ class LinearBase(nn.Module):
         param.data.copy_(full_weight(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-class ReplicatedLinear(LinearBase):
-    """Every rank holds the whole weight."""
+        return linear(x, self.weight, self.bias, gemv=self.kernels.gemv)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -120,12 +118,12 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(narrow_weight(loaded, 1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tensor_parallel_all_reduce(linear(x, self.weight, self.bias))
+        return tensor_parallel_all_reduce(linear(x, self.weight, self.bias, gemv=self.kernels.gemv))
 
     def fused_gated_forward(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         """forward(silu(gate) * up) in one GEMV when gate_up is a single 16-bit row on a GPU (batch-1
         decode: the activation never goes to memory); None when that path does not apply."""
-        mod = gemv_for(gate_up, self.weight)
+        mod = gemv_for(gate_up, self.weight, self.kernels.gemv)
         # every program of the GEMV re-reads the whole gate/up row from L2 and recomputes SiLU: a win for
         # small MLPs (Qwen3-0.6B, K = 3072: decode 786 -> 804 tok/s on an H100) and a loss for large ones
         # (Llama-3.1-8B, K = 14336: 167 -> 163 tok/s), where the separate SiLU kernel is cheaper

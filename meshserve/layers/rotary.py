@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from meshserve.kernels.fused import fused_ops_for
+from meshserve.layers.backend_selection import PLAIN
 
 
 def _rope_parameters(hf_config) -> dict:
@@ -49,6 +50,7 @@ class RotaryEmbedding(nn.Module):
             emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_cache", (emb.cos() * scaling).to(device), persistent=False)
         self.register_buffer("sin_cache", (emb.sin() * scaling).to(device), persistent=False)
+        self.kernels = PLAIN  # bound by the model runner (layers/backend_selection.py)
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +59,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """positions [T]; q [T, H, D]; k [T, Hkv, D] -> rotated (q, k) in their input dtype."""
-        ops = fused_ops_for(q)
+        ops = fused_ops_for(q, self.kernels.fused_ops)
         if ops is not None:
             return ops.apply_rotary(positions, q, k, self.cos_cache, self.sin_cache)
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)

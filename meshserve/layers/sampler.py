@@ -255,12 +255,19 @@ def _temperature_only(metadata: SamplingMetadata) -> bool:
 class Sampler(torch.nn.Module):
     """Samples the next token of every row of a [B, V] logits batch, as vLLM v1 does.
 
-    On a GPU, a batch that only asks for temperatures takes one fused Triton pass (Gumbel-max over the raw
-    logits); everything else takes the torch path below.
+    Holds no state between calls: per-row settings and generators come in the SamplingMetadata. Promises
+    one token id per row, and logprobs of the raw logits when any row asked. With `fused` (the backend
+    selection's fused_sampler) a batch on a GPU that only asks for temperatures takes one Triton pass
+    (Gumbel-max over the raw logits); everything else takes the torch path below.
     """
 
+    def __init__(self, fused: bool = False):
+        super().__init__()
+        self.fused = fused
+
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
-        if not metadata.all_greedy and _temperature_only(metadata) and fused_ops_for(logits) is not None:
+        if (not metadata.all_greedy and _temperature_only(metadata)
+                and fused_ops_for(logits, self.fused) is not None):
             from meshserve.kernels.triton_sampling import sample_gumbel
 
             # a fresh Philox stream per step, drawn from the (seeded) host generator: no device sync

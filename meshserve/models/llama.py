@@ -4,13 +4,14 @@ One implementation; the families differ only in config switches read from the tr
 The model holds math only: ranks live in the parallel layers, KV memory in the attention layers.
 """
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from meshserve.kernels.fused import fused_ops_for
+from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.activation import SiluAndMul
 from meshserve.layers.attention import Attention
-from meshserve.layers.attention_metadata import AttentionMetadata
 from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from meshserve.layers.norm import RMSNorm
@@ -35,6 +36,13 @@ def family_switches(hf_config) -> dict:
 
 
 class LlamaAttention(nn.Module):
+    """QKV projection, q/k RMSNorm (Qwen3), rotary, paged attention, output projection.
+
+    The plain path does each step here; when the attention layer's backend fuses the prologue, it splits,
+    norms, rotates and writes the KV cache in one kernel instead. Either way the cache is written by the
+    attention layer's backend, never by the model.
+    """
+
     def __init__(self, hf_config, rotary_emb: RotaryEmbedding):
         super().__init__()
         sw = family_switches(hf_config)
@@ -54,15 +62,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
-        ops = fused_ops_for(qkv)
-        if ops is not None and self.attn.kv_cache is not None:
-            # one kernel: split, q/k norm, rotary, KV write (same roundings as the steps below)
-            qn, kn = self.q_norm, self.k_norm
-            q = ops.qkv_rope_cache(qkv, positions, self.rotary_emb.cos_cache, self.rotary_emb.sin_cache,
-                                   None if qn is None else qn.weight, None if kn is None else kn.weight,
-                                   qn.eps if qn is not None else 0.0, self.attn.kv_cache, meta.slot_mapping,
-                                   self.num_heads, self.num_kv_heads)
-            return self.o_proj(self.attn.forward_cached(q, meta))
+        if self.attn.can_fuse_prologue:
+            # the attention backend's one kernel: split, q/k norm, rotary, KV write (same roundings as below)
+            return self.o_proj(self.attn.forward_qkv(qkv, positions, self.rotary_emb, self.q_norm, self.k_norm,
+                                                     meta))
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -143,7 +146,7 @@ class LlamaForCausalLM(nn.Module):
     """
 
     # checkpoint name fragment -> (our parameter fragment, shard id) for merged projections
-    packed_modules_mapping = {
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, str | int]]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),

@@ -118,7 +118,7 @@ def _iter_checkpoint(path: str):
     for file in _safetensors_files(path):
         try:
             with safe_open(file, framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
                     # a lazy slice: weight loaders read only this rank's part of the tensor
                     yield name, f.get_slice(name)
         except ModelLoadError:

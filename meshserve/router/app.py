@@ -14,8 +14,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshserve import __version__
+from meshserve.errors import RouterDrainingError, RouterOverloadedError
 from meshserve.router.config import RouterConfig
-from meshserve.router.errors import RouterDrainingError, RouterOverloadedError
 from meshserve.router.health import HealthChecker
 from meshserve.router.metrics import RouterMetrics
 from meshserve.router.pool import ReplicaPool

@@ -59,14 +59,6 @@ def argv_from_namespace(parser: argparse.ArgumentParser, ns: argparse.Namespace,
     return argv
 
 
-def serve_parser() -> argparse.ArgumentParser:
-    from meshserve.serve.cli import register
-
-    sub = argparse.ArgumentParser(prog="meshserve").add_subparsers(dest="command")
-    register(sub)
-    return sub.choices["serve"]
-
-
 def partition_devices(num_replicas: int, per_replica: int, visible: list[str]) -> list[str | None]:
     """CUDA_VISIBLE_DEVICES per replica, or None each when there are not enough devices to split."""
     if len(visible) < num_replicas * per_replica:
@@ -138,7 +130,7 @@ class ReplicaProcess:
             self.proc.wait()
 
 
-def serve_data_parallel(ns: argparse.Namespace) -> int:
+def serve_data_parallel(ns: argparse.Namespace, serve_parser: argparse.ArgumentParser) -> int:
     """Run `ns.data_parallel_size` replicas of `meshserve serve` and the router in front of them."""
     from meshserve.router.cli import run_router
 
@@ -147,7 +139,7 @@ def serve_data_parallel(ns: argparse.Namespace) -> int:
         raise InvalidArgumentError("--data-parallel-size runs replicas on this node only; across nodes, run "
                                    "one group per replica (deploy/k8s) and `meshserve router` in front",
                                    param="data_parallel_size")
-    flags = argv_from_namespace(serve_parser(), ns)
+    flags = argv_from_namespace(serve_parser, ns)
     per_replica = getattr(ns, "tensor_parallel_size", 1) * getattr(ns, "pipeline_parallel_size", 1)
     devices = partition_devices(n, per_replica, _visible_devices(getattr(ns, "device", "auto")))
     log_level = getattr(ns, "log_level", "WARNING")

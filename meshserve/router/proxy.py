@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import httpx
 from starlette.responses import Response, StreamingResponse
 
+from meshserve.errors import NoReplicaAvailableError, UpstreamStreamError
 from meshserve.router.config import RouterConfig
-from meshserve.router.errors import NoReplicaAvailableError, UpstreamStreamError
 from meshserve.router.metrics import RouterMetrics
 from meshserve.router.pool import ReplicaPool, Route
 from meshserve.router.prefix import parse_body, prefix_key

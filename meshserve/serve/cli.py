@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="engine replicas (each with its own TP/PP) behind a router on --host/--port")
     add_engine_args(p)
-    p.set_defaults(func=_cmd_serve)
+    # the parser itself goes along: data parallel rebuilds each replica's flags from it
+    p.set_defaults(func=_cmd_serve, serve_parser=p)
 
 
 def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:
@@ -63,7 +64,6 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     import uvicorn
 
     from meshserve.engine.async_engine import AsyncLLM
-    from meshserve.engine.core_process import ProcessAsyncLLM
     from meshserve.models.embedded import DEFAULT_MODEL_NAME
     from meshserve.serve.middleware import ServerState
     from meshserve.serve.openai_api import build_app
@@ -82,14 +82,12 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     if ns.data_parallel_size > 1:  # N child `meshserve serve` replicas (DP 1 each) + the router here
         from meshserve.router.launcher import serve_data_parallel
 
-        return serve_data_parallel(ns)
+        return serve_data_parallel(ns, ns.serve_parser)
     engine_args = engine_args_from(ns)
     if not is_rank_zero(engine_args):  # another node's ranks: serve the model shards, no HTTP
         return run_worker_ranks(engine_args)
-    if ns.engine_in_thread:
-        allm = AsyncLLM.from_engine_args(engine_args)
-    else:  # the default: the step loop in its own process, off this process's GIL
-        allm = ProcessAsyncLLM.from_engine_args(engine_args)
+    # the default: the step loop in its own process, off this process's GIL
+    allm = AsyncLLM.from_engine_args(engine_args, separate_process=not ns.engine_in_thread)
     try:
         state = ServerState()
         app = build_app(allm, config, state)

@@ -1,10 +1,9 @@
 """EngineClient: what the HTTP handlers need from the AsyncLLM, in one place.
 
 Admission (the waiting-queue bound), starting requests so that their validation errors surface before
-any response byte is sent, and every tokenizer call. Tokenizer calls go through `allm.call`, which runs them
-on one thread only (a Rust fast tokenizer used from two threads at once can fail, "Already borrowed"): the
-engine thread for the in-thread AsyncLLM, a tokenizer thread for the engine in its own process
-(ProcessAsyncLLM, the server's default).
+any response byte is sent, and every tokenizer call. Tokenizer calls go through `allm.run_tokenizer`, which
+runs them on one thread only (a Rust fast tokenizer used from two threads at once can fail, "Already
+borrowed"); detokenization uses the output processor's own copy of the tokenizer.
 """
 
 from __future__ import annotations
@@ -16,11 +15,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from meshserve.engine.async_engine import AsyncLLM
-from meshserve.errors import InvalidArgumentError
+from meshserve.errors import InvalidArgumentError, ServerOverloadedError
 from meshserve.outputs import RequestOutput
 from meshserve.sampling import SamplingParams
 from meshserve.serve.config import ServeConfig
-from meshserve.serve.errors import ServerOverloadedError
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +84,12 @@ class EngineClient:
                 f"the server's waiting queue is full ({self.config.max_queue_len} requests); retry later",
                 retry_after_s=self.config.retry_after_s)
 
-    async def stats(self) -> dict[str, Any] | None:
-        """The engine's counters, or None when the engine is gone or busy past a second."""
+    def stats(self) -> tuple[dict[str, Any], float] | None:
+        """The core's counters as of its last step and their age in seconds (never waits on the core),
+        or None when the engine is gone."""
         if not self.is_running:
             return None
-        try:
-            return await asyncio.wait_for(self.allm.stats(), timeout=1.0)
-        except Exception:  # noqa: BLE001 - metrics must never fail a scrape
-            return None
+        return self.allm.stats_snapshot()
 
     # -- tokenizer -------------------------------------------------------------------------------
     def _require_tokenizer(self, what: str):
@@ -121,20 +117,20 @@ class EngineClient:
                 ids = ids["input_ids"]
             return [int(t) for t in ids]
 
-        return await self.allm.call(render)
+        return await self.allm.run_tokenizer(render)
 
     async def decode_each(self, token_ids: list[int]) -> list[str]:
         """Each token's own text (for echoed prompt logprobs)."""
         tok = self.allm.tokenizer
         if tok is None:
             return ["" for _ in token_ids]
-        return await self.allm.call(lambda: [tok.decode([t]) for t in token_ids])
+        return await self.allm.run_tokenizer(lambda: [tok.decode([t]) for t in token_ids])
 
     async def decode(self, token_ids: list[int]) -> str:
         tok = self.allm.tokenizer
         if tok is None:
             return ""
-        return await self.allm.call(lambda: tok.decode(token_ids))
+        return await self.allm.run_tokenizer(lambda: tok.decode(token_ids))
 
     # -- requests --------------------------------------------------------------------------------
     async def start(self, prompts: list[Any], params: SamplingParams, request_id: str) -> list[EngineRequest]:

@@ -1,9 +1,8 @@
-"""HTTP-only errors and the one place where every error becomes a status code and OpenAI's error JSON.
+"""The one place where every error becomes a status code and OpenAI's error JSON (server and router).
 
-The engine's hierarchy (meshserve.errors) carries `http_status` and `error_type`; the errors below add
-what only a server can hit (auth, unknown model, overload, draining, body size). `error_payload` maps any
-exception to `{"error": {"message", "type", "param", "code"}}`; unexpected exceptions become a generic 500
-whose body never contains a stack trace (it goes to the log instead).
+The hierarchy (meshserve.errors) carries `http_status`, `error_type` and sometimes `code`. `error_payload`
+maps any exception to `{"error": {"message", "type", "param", "code"}}`; unexpected exceptions become a
+generic 500 whose body never contains a stack trace (it goes to the log instead).
 """
 
 from __future__ import annotations
@@ -12,61 +11,15 @@ import logging
 import re
 from typing import Any
 
-from meshserve.errors import EngineDeadError, InvalidArgumentError, MeshserveError, PromptTooLongError
+from meshserve.errors import (
+    EngineDeadError,
+    InvalidArgumentError,
+    MeshserveError,
+    PromptTooLongError,
+    RetryableError,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class ModelNotFoundError(MeshserveError):
-    """The request names a model this server does not serve."""
-
-    http_status = 404
-    error_type = "not_found_error"
-    code = "model_not_found"
-
-    def __init__(self, model: str):
-        super().__init__(f"The model `{model}` does not exist.")
-        self.param = "model"
-
-
-class AuthenticationError(MeshserveError):
-    """Missing or wrong API key."""
-
-    http_status = 401
-    error_type = "authentication_error"
-    code = "invalid_api_key"
-
-
-class RequestTooLargeError(MeshserveError):
-    """The request body exceeds --max-request-body-bytes."""
-
-    http_status = 413
-    error_type = "invalid_request_error"
-    code = "request_too_large"
-
-
-class RetryableError(MeshserveError):
-    """A request refused for now; the response carries Retry-After."""
-
-    def __init__(self, message: str, retry_after_s: int = 1):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class ServerOverloadedError(RetryableError):
-    """The engine's waiting queue is full (--max-queue-len)."""
-
-    http_status = 429
-    error_type = "rate_limit_error"
-    code = "server_overloaded"
-
-
-class ServerDrainingError(RetryableError):
-    """The server is shutting down and takes no new requests."""
-
-    http_status = 503
-    error_type = "service_unavailable"
-    code = "server_draining"
 
 
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -1,8 +1,8 @@
 """Prometheus metrics of the server, each app with its own CollectorRegistry.
 
 Request-level series (outcomes, token totals, latency histograms) are observed by the handlers as they
-stream; engine-level gauges (queue, KV cache, prefix cache, preemptions) are read from `Engine.stats()`
-at scrape time. Names follow vLLM's `vllm:` series with a `meshserve:` prefix.
+stream; engine-level gauges (queue, KV cache, prefix cache, preemptions) are the counters the engine core
+published with its last step (a scrape never waits on the core), with their age as a gauge of its own. Names follow vLLM's `vllm:` series with a `meshserve:` prefix.
 """
 
 from __future__ import annotations
@@ -29,13 +29,19 @@ _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 1
 
 
 class _EngineStatsCollector(Collector):
-    """Turns the last Engine.stats() snapshot into gauge and counter families."""
+    """Turns the core's last published counters into gauge and counter families."""
 
     def __init__(self) -> None:
         self.stats: dict[str, Any] | None = None
+        self.age_s: float | None = None
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats or {}
+        if self.age_s is not None:
+            g = GaugeMetricFamily("meshserve:engine_stats_age_seconds",
+                                  "Seconds since the engine core published the counters below (with its last step).")
+            g.add_metric([], self.age_s)
+            yield g
         gauges = [
             ("meshserve:num_requests_running", "Sequences in the running batch.", "num_running"),
             ("meshserve:num_requests_waiting", "Sequences waiting to be scheduled.", "num_waiting"),
@@ -87,9 +93,10 @@ class ServerMetrics:
     def count(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()
 
-    def render(self, engine_stats: dict[str, Any] | None) -> bytes:
+    def render(self, engine_stats: tuple[dict[str, Any], float] | None) -> bytes:
+        """The exposition text; engine_stats: (the core's counters, their age in s), or None to keep the last."""
         if engine_stats is not None:
-            self._engine.stats = engine_stats
+            self._engine.stats, self._engine.age_s = engine_stats
         return generate_latest(self.registry)
 
 
@@ -100,17 +107,13 @@ class RequestTracker:
         self.metrics = metrics
         self.arrival = time.perf_counter()
         self._last: float | None = None
-        self._num_tokens: dict[tuple[int, int], int] = {}  # (prompt index, choice index) -> tokens seen
         self._prompt_seen: set[int] = set()
         self._done = False
 
     def observe(self, prompt_index: int, out: RequestOutput) -> None:
+        """Count one DELTA output of the request's prompt_index-th prompt."""
         now = time.perf_counter()
-        new = 0
-        for c in out.outputs:
-            key = (prompt_index, c.index)
-            new += len(c.token_ids) - self._num_tokens.get(key, 0)
-            self._num_tokens[key] = len(c.token_ids)
+        new = sum(len(c.token_ids) for c in out.outputs)
         if prompt_index not in self._prompt_seen:
             self._prompt_seen.add(prompt_index)
             self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))

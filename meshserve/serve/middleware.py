@@ -12,13 +12,9 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from meshserve.errors import AuthenticationError, RequestTooLargeError, ServerDrainingError
 from meshserve.serve.config import ServeConfig
-from meshserve.serve.errors import (
-    AuthenticationError,
-    RequestTooLargeError,
-    ServerDrainingError,
-    error_payload,
-)
+from meshserve.serve.errors import error_payload
 
 # Paths that stay open without an API key and while draining (probes and scrapers must see the state).
 _OPEN_PATHS = ("/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs", "/redoc")

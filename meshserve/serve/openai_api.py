@@ -134,6 +134,6 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     async def prometheus_metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(metrics.render(await client.stats()), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(client.stats()), media_type=CONTENT_TYPE_LATEST)
 
     return app

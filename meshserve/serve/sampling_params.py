@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshserve.sampling import SamplingParams
+from meshserve.sampling import RequestOutputKind, SamplingParams
 from meshserve.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
 
@@ -23,6 +23,8 @@ def _common(req: SamplingRequest) -> dict:
         "min_tokens": req.min_tokens,
         "skip_special_tokens": req.skip_special_tokens,
         "include_stop_str_in_output": req.include_stop_str_in_output,
+        # the handlers stream or gather deltas: each step carries only what is new
+        "output_kind": RequestOutputKind.DELTA,
     }
 
 

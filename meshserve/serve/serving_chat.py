@@ -27,6 +27,7 @@ from meshserve.serve.sampling_params import chat_sampling_params
 from meshserve.serve.serving_common import (
     ChoiceDelta,
     StreamState,
+    accumulate,
     check_model,
     outcome_of_error,
     random_id,
@@ -82,7 +83,7 @@ class ChatService:
         try:
             async for out in request:
                 tracker.observe(0, out)
-                final = out
+                final = accumulate(final, out)
         except BaseException as e:
             tracker.finish("abort" if isinstance(e, asyncio.CancelledError) else "error")
             raise
@@ -111,7 +112,7 @@ class ChatService:
                     ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]))
             async for out in request:
                 tracker.observe(0, out)
-                final = out
+                final = accumulate(final, out)
                 for c in out.outputs:
                     d = state.delta(0, c, need_tokens=req.logprobs)
                     if d is not None:
@@ -134,7 +135,7 @@ class ChatService:
             await request.aclose()
 
     def _chunk_choice(self, req: ChatCompletionRequest, c: CompletionOutput, d: ChoiceDelta) -> ChatChunkChoice:
-        positions = list(c.logprobs or [])[d.token_start:d.token_start + len(d.token_ids)]
+        positions = list(c.logprobs or [])  # c is this step's delta
         return ChatChunkChoice(index=c.index, delta=ChatDelta(content=d.text or None),
                                logprobs=self._logprobs(req, d.token_ids, positions),
                                finish_reason=d.finish_reason, stop_reason=d.stop_reason)

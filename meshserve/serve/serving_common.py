@@ -5,10 +5,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from meshserve.errors import InvalidArgumentError, MeshserveError
+from meshserve.errors import InvalidArgumentError, MeshserveError, ModelNotFoundError, RetryableError
 from meshserve.outputs import CompletionOutput, RequestOutput
 from meshserve.serve.config import ServeConfig
-from meshserve.serve.errors import ModelNotFoundError, RetryableError
 from meshserve.serve.protocol import PromptTokensDetails, UsageInfo
 
 
@@ -43,6 +42,33 @@ def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
+def accumulate(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold a DELTA output into the request's output so far (texts, tokens and logprobs appended)."""
+    if acc is None:
+        acc = RequestOutput(request_id=delta.request_id, prompt=delta.prompt,
+                            prompt_token_ids=delta.prompt_token_ids, outputs=[], finished=False,
+                            num_cached_tokens=delta.num_cached_tokens, metrics=delta.metrics)
+    acc.finished = delta.finished
+    acc.num_cached_tokens = delta.num_cached_tokens
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
+    by_index = {c.index: c for c in acc.outputs}
+    for d in delta.outputs:
+        c = by_index.get(d.index)
+        if c is None:
+            c = by_index[d.index] = CompletionOutput(index=d.index, text="", token_ids=[],
+                                                     logprobs=[] if d.logprobs is not None else None)
+            acc.outputs.append(c)
+            acc.outputs.sort(key=lambda o: o.index)
+        c.text += d.text
+        c.token_ids.extend(d.token_ids)
+        if d.logprobs is not None and c.logprobs is not None:
+            c.logprobs.extend(d.logprobs)
+        c.cumulative_logprob = d.cumulative_logprob
+        c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+    return acc
+
+
 @dataclass
 class ChoiceDelta:
     """What one choice gained since it was last sent."""
@@ -57,31 +83,28 @@ class ChoiceDelta:
 
 @dataclass
 class StreamState:
-    """Per (prompt, choice) counts of what has been sent, so deltas come from cumulative outputs."""
+    """Per (prompt, choice) counts of what has been sent, so each DELTA output becomes at most one chunk."""
 
-    text_sent: dict[tuple[int, int], int] = field(default_factory=dict)
-    tokens_sent: dict[tuple[int, int], int] = field(default_factory=dict)
+    tokens_seen: dict[tuple[int, int], int] = field(default_factory=dict)
+    sent: set[tuple[int, int]] = field(default_factory=set)
     finished: set[tuple[int, int]] = field(default_factory=set)
     # a model without a tokenizer has no text: every new token still gets its chunk (token-id clients)
     every_token: bool = False
 
     def delta(self, prompt_index: int, c: CompletionOutput, need_tokens: bool) -> ChoiceDelta | None:
-        """The choice's new text/tokens, or None when there is nothing worth a chunk.
+        """The choice's new text/tokens (c is a DELTA output), or None when there is nothing worth a chunk.
 
         need_tokens: emit a chunk for new tokens even if their text is held back (logprobs were asked).
         """
         key = (prompt_index, c.index)
         if key in self.finished:
             return None
-        first = key not in self.tokens_sent
-        t0 = self.text_sent.get(key, 0)
-        k0 = self.tokens_sent.get(key, 0)
-        text = c.text[t0:]
-        new_ids = c.token_ids[k0:]
-        if not text and not c.finish_reason and not ((need_tokens or self.every_token) and new_ids):
+        k0 = self.tokens_seen.get(key, 0)
+        self.tokens_seen[key] = k0 + len(c.token_ids)
+        if not c.text and not c.finish_reason and not ((need_tokens or self.every_token) and c.token_ids):
             return None
-        self.text_sent[key] = len(c.text)
-        self.tokens_sent[key] = len(c.token_ids)
+        first = key not in self.sent
+        self.sent.add(key)
         if c.finish_reason:
             self.finished.add(key)
-        return ChoiceDelta(text, list(new_ids), k0, c.finish_reason, c.stop_reason, first)
+        return ChoiceDelta(c.text, list(c.token_ids), k0, c.finish_reason, c.stop_reason, first)

@@ -18,6 +18,7 @@ from meshserve.serve.sampling_params import completion_sampling_params
 from meshserve.serve.serving_common import (
     ChoiceDelta,
     StreamState,
+    accumulate,
     check_model,
     outcome_of_error,
     random_id,
@@ -79,7 +80,7 @@ class CompletionService:
         try:
             async for i, out in merge_requests(requests):
                 tracker.observe(i, out)
-                finals[i] = out
+                finals[i] = accumulate(finals.get(i), out)
         except BaseException as e:
             tracker.finish("abort" if isinstance(e, asyncio.CancelledError) else "error")
             raise
@@ -119,12 +120,12 @@ class CompletionService:
         try:
             async for i, out in merge_requests(requests):
                 tracker.observe(i, out)
-                finals[i] = out
+                finals[i] = accumulate(finals.get(i), out)
                 for c in out.outputs:
                     d = state.delta(i, c, need_tokens=want_lp)
                     if d is None:
                         continue
-                    choice = self._chunk_choice(req, i, out, c, d, echoes[i] if echoes else None)
+                    choice = self._chunk_choice(req, i, finals[i], c, d, echoes[i] if echoes else None)
                     yield sse_event(CompletionChunk(id=request_id, model=model, choices=[choice]))
             outputs = [finals[i] for i in range(len(requests))]
             outcome = outcome_of(outputs)
@@ -144,10 +145,11 @@ class CompletionService:
 
     def _chunk_choice(self, req: CompletionRequest, i: int, out: RequestOutput, c: CompletionOutput,
                       d: ChoiceDelta, echo: _Echo | None) -> CompletionChoice:
+        """out: the request's output so far (for the echoed prompt); c: this step's delta of one choice."""
         text = d.text
         logprobs = None
         if req.logprobs is not None:
-            positions = list(c.logprobs or [])[d.token_start:d.token_start + len(d.token_ids)]
+            positions = list(c.logprobs or [])
             logprobs = completion_logprobs(d.token_ids, positions)
         if d.first and echo is not None:
             text = echo.text + text

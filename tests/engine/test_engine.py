@@ -8,9 +8,8 @@ import random
 import pytest
 
 from meshserve import LLM, SamplingParams
-from meshserve.engine.async_engine import AsyncLLM
-from meshserve.engine.engine import Engine
 from meshserve.config import EngineArgs
+from meshserve.engine.async_engine import AsyncLLM
 from meshserve.errors import InvalidArgumentError, ModelLoadError, PromptTooLongError, UnsupportedModelError
 from tests.conftest import VOCAB
 
@@ -185,8 +184,8 @@ def test_dummy_preset_runs_without_files():
 
 
 def test_async_streaming_and_abort_frees_blocks(tiny_model_dir):
-    engine = Engine.from_engine_args(EngineArgs(model=tiny_model_dir("llama"), block_size=4))
-    allm = AsyncLLM(engine)
+    allm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model_dir("llama"), block_size=4))
+    engine = allm.engine  # the core, in its thread
 
     async def main():
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 if importlib.util.find_spec("triton") is not None:
     from meshserve.kernels.triton_attention import TritonAttentionBackend, decode_num_splits
 
+from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.kernels.attention_ref import paged_attention_ref, write_kv_ref
-from meshserve.layers.attention_metadata import AttentionMetadata
 
 interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
 gpu = pytest.mark.gpu

@@ -13,7 +13,7 @@ import pytest
 from meshserve.cli import build_parser, main
 from meshserve.errors import InvalidArgumentError
 from meshserve.router.cli import router_config_from
-from meshserve.router.launcher import argv_from_namespace, partition_devices, serve_parser
+from meshserve.router.launcher import argv_from_namespace, partition_devices
 from tests.router.conftest import free_port, wait_until
 
 
@@ -41,7 +41,7 @@ def test_data_parallel_replica_argv_reproduces_the_engine_flags():
             "--no-enable-prefix-caching", "--enforce-eager", "--max-queue-len", "7", "--api-key", "k"]
     ns = build_parser().parse_args(argv)
     ns.model = ns.model_tag  # as _cmd_serve does before handing over
-    child = argv_from_namespace(serve_parser(), ns)
+    child = argv_from_namespace(ns.serve_parser, ns)
     assert "--port" not in child and "--data-parallel-size" not in child and "/m" not in child[:1]
     again = build_parser().parse_args(["serve", *child, "--port", "1"])
     for name in ("model", "tensor_parallel_size", "served_model_name", "enable_prefix_caching", "enforce_eager",

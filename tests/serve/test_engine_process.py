@@ -1,12 +1,13 @@
 """The server with its engine in a child process (the `meshserve serve` default) behaves like in-thread."""
 
+import multiprocessing
 import time
 
 import httpx
 import pytest
 
 from meshserve.config import EngineArgs
-from meshserve.engine.core_process import ProcessAsyncLLM
+from meshserve.engine.async_engine import AsyncLLM
 from meshserve.errors import ModelLoadError
 from meshserve.serve.config import ServeConfig
 from tests.serve.conftest import start_server
@@ -14,12 +15,13 @@ from tests.serve.conftest import start_server
 
 @pytest.fixture(scope="module")
 def process_server(tiny_model_dir):
-    allm = ProcessAsyncLLM(EngineArgs(model=tiny_model_dir("llama"), max_model_len=256, block_size=4))
+    allm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model_dir("llama"), max_model_len=256, block_size=4),
+                                     separate_process=True)
     live = start_server(allm, ServeConfig(served_model_names=["tiny"]))
     yield live
     live.stop()
     allm.shutdown()
-    assert not allm._proc.is_alive()
+    assert not allm.core_client.proc.is_alive()
 
 
 def test_completion_matches_the_offline_engine(process_server, tiny_model_dir):
@@ -69,5 +71,8 @@ def test_disconnect_frees_blocks_and_metrics_work(process_server):
 
 
 def test_load_failure_is_reported(tmp_path):
+    before = {p.pid for p in multiprocessing.active_children()}
     with pytest.raises(ModelLoadError, match="not found"):
-        ProcessAsyncLLM(EngineArgs(model=str(tmp_path / "nope")))
+        AsyncLLM.from_engine_args(EngineArgs(model=str(tmp_path / "nope")), separate_process=True)
+    # the failed core process is gone too (a live one would hold up the interpreter's exit)
+    assert not [p for p in multiprocessing.active_children() if p.pid not in before]

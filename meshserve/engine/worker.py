@@ -7,23 +7,24 @@ import logging
 import multiprocessing as mp
 import os
 import sys
-import threading
-import time
 
 import torch
 import torch.distributed as dist
 
 from meshserve.config import EngineConfig
-from meshserve.distributed.launch import LaunchInfo
-from meshserve.distributed.parallel_state import destroy_parallel_state, init_parallel_state
+from meshserve.distributed.launch import LaunchInfo, die_with_parent, start_heartbeat
+from meshserve.distributed.parallel_state import (
+    destroy_parallel_state,
+    get_parallel_state,
+    init_parallel_state,
+)
+from meshserve.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
 
-def init_rank(config: EngineConfig, source, launch: LaunchInfo, rank: int):
+def init_rank(config: EngineConfig, source, launch: LaunchInfo, rank: int) -> ModelRunner:
     """Join the world as `rank` and build that rank's ModelRunner."""
-    from meshserve.engine.model_runner import ModelRunner
-
     config = copy.deepcopy(config)
     if config.device.startswith("cuda"):
         index = launch.local_index(rank)
@@ -34,10 +35,8 @@ def init_rank(config: EngineConfig, source, launch: LaunchInfo, rank: int):
     return ModelRunner(config, source)
 
 
-def serve_rank(runner, rank: int) -> None:
+def serve_rank(runner: ModelRunner, rank: int) -> None:
     """The worker loop: run every broadcast call until rank 0 says shutdown."""
-    from meshserve.distributed.parallel_state import get_parallel_state
-
     st = get_parallel_state()
     while True:
         box = [None]
@@ -54,37 +53,11 @@ def serve_rank(runner, rank: int) -> None:
             dist.send_object_list([result], dst=0, group=st.cpu_group)
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel kill this worker if the process that spawned it dies (no orphans)."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            import signal
-
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-
-
-HEARTBEAT_S = 0.5
-
-
-def _start_heartbeat(beats, rank: int) -> None:
-    """Stamp beats[rank] twice a second, so the driver can name a rank that stopped answering (a rank that
-    is stopped or wedged in Python stops stamping; a live one blocked in a collective keeps going)."""
-    def beat():
-        while True:
-            beats[rank] = time.monotonic()
-            time.sleep(HEARTBEAT_S)
-
-    threading.Thread(target=beat, name="meshserve-heartbeat", daemon=True).start()
-
-
 def worker_main(config: EngineConfig, source, launch: LaunchInfo, rank: int, beats=None) -> None:
     """Process entry of a worker rank; exits non-zero on any failure so the driver can name it."""
-    _die_with_parent()
+    die_with_parent()
     if beats is not None:
-        _start_heartbeat(beats, rank)
+        start_heartbeat(beats, rank)
     logging.basicConfig(level=os.environ.get("MESHSERVE_WORKER_LOG", "WARNING"),
                         format=f"rank{rank} %(levelname)s %(name)s: %(message)s")
     if not config.device.startswith("cuda"):
@@ -92,7 +65,7 @@ def worker_main(config: EngineConfig, source, launch: LaunchInfo, rank: int, bea
     try:
         runner = init_rank(config, source, launch, rank)
         serve_rank(runner, rank)
-    except Exception as e:  # a peer died or the driver went away: leave, loudly
+    except Exception as e:  # noqa: BLE001  (a peer died or the driver went away: leave, loudly)
         logger.error("rank %d stopping: %s", rank, str(e).splitlines()[0] if str(e) else type(e).__name__)
         destroy_parallel_state()
         sys.exit(1)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from meshserve.distributed.executor import MultiprocExecutor
+from meshserve.engine.multiproc_executor import MultiprocExecutor
+from meshserve.engine.worker import init_rank, serve_rank
 from meshserve.errors import InvalidArgumentError
 
 logger = logging.getLogger(__name__)
@@ -19,14 +20,15 @@ class RankActor:
     """Holds one worker rank; `run` returns when rank 0 shuts the group down."""
 
     def run(self, config, source, launch, rank: int) -> int:
-        from meshserve.distributed.worker import init_rank, serve_rank
-
         runner = init_rank(config, source, launch, rank)
         serve_rank(runner, rank)
         return 0
 
 
 class RayExecutor(MultiprocExecutor):
+    """The multiprocess executor with its worker ranks as Ray actors in one placement group (rank 0 stays
+    in this process). Holds the placement group and the actors; same promises as MultiprocExecutor."""
+
     def _start_workers(self, config, source, launch, worker_main) -> None:
         try:
             import ray
@@ -61,7 +63,7 @@ class RayExecutor(MultiprocExecutor):
                 continue
             try:
                 codes[rank] = self._ray.get(ref)
-            except Exception:  # the actor died or raised
+            except Exception:  # noqa: BLE001  (the actor died or raised)
                 codes[rank] = 1
         return codes
 

@@ -1,9 +1,8 @@
-"""Executors run the model runner(s) for the engine: in-process for one device, or across processes.
+"""The multiprocess executor: rank 0 of a torch.distributed world, driving the other ranks' runners.
 
-The multiprocess executor is rank 0 of a torch.distributed world: each step it broadcasts the typed
-SchedulerOutput over a gloo group, runs its own shard, and receives the sampled tokens from the sampler
-rank (TP rank 0 of the last pipeline stage). A worker that dies or hangs ends the engine with an error
-naming the rank, within the collective timeout.
+Each step it broadcasts the typed SchedulerOutput over a gloo group, runs its own shard, and receives the
+sampled tokens from the sampler rank (TP rank 0 of the last pipeline stage). A worker that dies or hangs
+ends the engine with an error naming the rank, within the collective timeout.
 """
 
 from __future__ import annotations
@@ -16,47 +15,25 @@ import time
 import torch.distributed as dist
 
 from meshserve.config import EngineConfig
-from meshserve.distributed.launch import LaunchInfo
-from meshserve.distributed.worker import HEARTBEAT_S
+from meshserve.distributed.launch import HEARTBEAT_S, LaunchInfo
+from meshserve.distributed.parallel_state import destroy_parallel_state, get_parallel_state
+from meshserve.engine.worker import init_rank, worker_main
 from meshserve.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
 
-class UniprocExecutor:
-    """One process, one device: calls the runner directly."""
-
-    def __init__(self, config: EngineConfig, source):
-        from meshserve.engine.model_runner import ModelRunner
-
-        self.runner = ModelRunner(config, source)
-
-    def collective_rpc(self, method: str, *args):
-        return getattr(self.runner, method)(*args)
-
-    def execute(self, sched_out):
-        return self.runner.execute(sched_out)
-
-    # the runner lives in this process, so its sampled ids can feed the next step on the device
-    supports_async_scheduling = True
-
-    def execute_async(self, sched_out):
-        """Queue the step; the returned PendingOutput's result() waits for it (async scheduling)."""
-        return self.runner.launch(sched_out)
-
-    def gather_rpc(self, method: str, *args) -> list:
-        return [getattr(self.runner, method)(*args)]
-
-    def shutdown(self) -> None:
-        self.runner = None
-
-
 class MultiprocExecutor:
-    """Rank 0 of tp x pp ranks; spawns this node's other ranks as worker processes."""
+    """Rank 0 of tp x pp ranks, with its own ModelRunner; spawns this node's other ranks as worker processes.
+
+    Holds the worker processes and their heartbeats. Promises: every call runs on every rank in the same
+    order; a worker that dies or hangs ends the engine with an EngineDeadError naming the rank.
+    """
+
+    # sampled ids come back through a collective each step; nothing can be queued behind them
+    supports_async_scheduling = False
 
     def __init__(self, config: EngineConfig, source, launch: LaunchInfo):
-        from meshserve.distributed.worker import init_rank, worker_main
-
         self.launch = launch
         self.workers: dict[int, mp.Process] = {}
         self._mid_protocol = False
@@ -98,8 +75,6 @@ class MultiprocExecutor:
 
     @staticmethod
     def runner_state():
-        from meshserve.distributed.parallel_state import get_parallel_state
-
         return get_parallel_state()
 
     def _check_workers(self) -> None:
@@ -180,25 +155,7 @@ class MultiprocExecutor:
             if (dist.is_initialized() and not self._mid_protocol
                     and all(c is None for c in self._exit_codes().values())):
                 dist.broadcast_object_list([("shutdown", ())], src=0, group=self.state.cpu_group)
-        except Exception:  # peers may already be gone
+        except Exception:  # noqa: BLE001, S110  (peers may already be gone)
             pass
         self._stop_workers()
-        from meshserve.distributed.parallel_state import destroy_parallel_state
-
         destroy_parallel_state()
-
-
-def make_executor(config: EngineConfig, source):
-    pc = config.parallel_config
-    if pc.world_size == 1:
-        return UniprocExecutor(config, source)
-    from meshserve.distributed.launch import launch_info
-
-    launch = launch_info(pc, config.device)
-    if launch.rank != 0:
-        raise RuntimeError("only rank 0 builds the engine; other ranks run meshserve.distributed.worker")
-    if pc.distributed_executor_backend == "ray":
-        from meshserve.distributed.ray_executor import RayExecutor
-
-        return RayExecutor(config, source, launch)
-    return MultiprocExecutor(config, source, launch)

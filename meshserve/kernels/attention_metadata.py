@@ -1,4 +1,8 @@
-"""The per-step description of the flat token batch that attention backends read."""
+"""The per-step description of the flat token batch that attention backends read.
+
+It lives beside the kernels because it is their contract: the engine builds it, the attention backends
+(Triton and the torch reference) read it.
+"""
 
 from dataclasses import dataclass
 

@@ -1,0 +1,265 @@
+"""EngineCore: schedules and runs the model, step by step, in token ids only.
+
+The loop is small on purpose (vLLM v1's shape): schedule -> execute -> update -> deltas. Text never enters
+here: tokenization, detokenization, stop strings and logprob text belong to the front end
+(input_processor.py, output_processor.py), which aborts a request here when a stop string ends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from meshserve.config import EngineArgs, EngineConfig
+from meshserve.engine.engine_config import create_engine_config
+from meshserve.engine.executor import make_executor
+from meshserve.engine.messages import (
+    CoreInfo,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    RequestError,
+    SchedulerStats,
+    TokenLogprobs,
+    error_to_message,
+)
+from meshserve.engine.model_runner import ModelRunnerOutput, PendingOutput
+from meshserve.engine.scheduler import Scheduler
+from meshserve.engine.scheduler_output import SchedulerOutput
+from meshserve.engine.sequence import Sequence, SequenceStatus
+from meshserve.errors import InvalidArgumentError
+
+logger = logging.getLogger(__name__)
+
+
+def config_eos_token_ids(hf_config, model_dir: str | None) -> list[int]:
+    """EOS ids from generation_config.json and the model config, merged (the front end adds the tokenizer's)."""
+    ids: set[int] = set()
+
+    def add(value):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+
+    if model_dir:
+        try:
+            from transformers import GenerationConfig
+
+            add(GenerationConfig.from_pretrained(model_dir, local_files_only=True).eos_token_id)
+        except Exception:  # no generation_config.json: fine
+            pass
+    add(getattr(hf_config, "eos_token_id", None))
+    return sorted(ids)
+
+
+def _logprobs_message(info) -> TokenLogprobs:
+    return TokenLogprobs(info.token_id, info.logprob, info.rank, info.top_ids, info.top_logprobs)
+
+
+class EngineCore:
+    """The scheduler and the executor, driven one `step()` at a time; not thread-safe (one thread drives it).
+
+    Requests come in as `EngineCoreRequest`s (one sequence each); every step returns an `EngineCoreOutputs`
+    holding each request's new token ids (each token exactly once), the finish reasons decided here (stop
+    token ids, max_tokens, max_model_len), new logprob ids/values, and the counters after the step.
+    """
+
+    def __init__(self, config: EngineConfig, source):
+        t0 = time.perf_counter()
+        self.config = config
+        self.executor = make_executor(config, source)
+        config.cache_config.num_blocks = self.executor.collective_rpc("determine_num_blocks_all")
+        self.executor.collective_rpc("allocate_kv_cache", config.cache_config.num_blocks)
+        self.scheduler = Scheduler(config.scheduler_config, config.cache_config)
+        self.requests: dict[str, Sequence] = {}
+        self._prompt_logprobs_sent: dict[str, int] = {}  # request -> prompt positions already sent
+        self._errors: list[RequestError] = []  # refused requests, reported with the next outputs
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+        self.pp_busy_s = self.pp_wall_s = 0.0  # last pipeline stage's compute vs wall time
+        # async scheduling needs the runner in this process (its sampled ids feed the next step directly)
+        self.async_scheduling = (config.scheduler_config.async_scheduling
+                                 and getattr(self.executor, "supports_async_scheduling", False))
+        self.scheduler.async_mode = self.async_scheduling
+        self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
+        self.info = CoreInfo(
+            model=config.model_config.model,
+            max_model_len=config.scheduler_config.max_model_len,
+            vocab_size=config.model_config.vocab_size,
+            block_size=config.cache_config.block_size,
+            num_blocks=config.cache_config.num_blocks,
+            max_num_batched_tokens=config.scheduler_config.max_num_batched_tokens,
+            enable_chunked_prefill=config.scheduler_config.enable_chunked_prefill,
+            tokenizer=config.model_config.tokenizer or None,
+            eos_token_ids=config_eos_token_ids(config.model_config.hf_config, source.weights_dir),
+        )
+        logger.info("engine core ready in %.1f s: %s, %s on %s", time.perf_counter() - t0,
+                    config.model_config.model, config.model_config.dtype, config.device)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> EngineCore:
+        config, source = create_engine_config(args)
+        return cls(config, source)
+
+    # -- requests --------------------------------------------------------------------------------
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue a request the front end validated; raises InvalidArgumentError / PromptTooLongError."""
+        rid = request.request_id
+        if rid in self.requests:
+            raise InvalidArgumentError(f"request id {rid} is already in use", param="request_id")
+        vocab = self.config.model_config.vocab_size
+        ids = request.prompt_token_ids
+        if not ids or min(ids) < 0 or max(ids) >= vocab:  # the front end checked; a bad id would crash a step
+            raise InvalidArgumentError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        seq = Sequence(seq_id=rid, request_id=rid, index=0, prompt_token_ids=ids,
+                       params=request.sampling_params, max_tokens=request.max_tokens,
+                       arrival_time=request.arrival_time or time.monotonic())
+        self.scheduler.add(seq)  # check_fits raises before anything is recorded
+        self.requests[rid] = seq
+        self.num_prompt_tokens += len(ids)
+
+    def add_request_or_report(self, request: EngineCoreRequest) -> None:
+        """add_request for a core in another thread or process: a refusal goes out with the next outputs."""
+        try:
+            self.add_request(request)
+        except Exception as e:
+            self._errors.append(error_to_message(request.request_id, e))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Stop requests now; their KV blocks return to the pool. Unknown or finished ids are ignored."""
+        for rid in request_ids:
+            seq = self.requests.pop(rid, None)
+            if seq is not None:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+                self._prompt_logprobs_sent.pop(rid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def idle_outputs(self) -> EngineCoreOutputs:
+        """What a core with nothing to run publishes after taking commands: refusals and fresh counters."""
+        return self._outputs([])
+
+    # -- the step --------------------------------------------------------------------------------
+    def step(self) -> EngineCoreOutputs:
+        """One scheduling decision and one forward pass; returns what changed.
+
+        With async scheduling the step launched here is only read back by the next call: schedule and
+        launch step n+1, then wait for step n's tokens and process them, so the host work of both
+        overlaps the GPU's work on step n+1. Sequences whose tokens are pending are scheduled with
+        placeholders the runner fills from the device; a sequence that stopped at step n wastes its
+        slot in step n+1 (its token is dropped).
+        """
+        if not self.async_scheduling:
+            sched_out = self._schedule()
+            if sched_out.is_empty and not sched_out.finished_seq_ids:
+                return self._outputs([])
+            return self._outputs(self._process(sched_out, self.executor.execute(sched_out)))
+        if self._in_flight is not None and self.scheduler.needs_known_history:
+            return self._outputs(self._drain())  # penalties read the pending token: no overlap this step
+        sched_out = self._schedule()
+        launched = None
+        if not sched_out.is_empty or sched_out.finished_seq_ids:
+            launched = self.executor.execute_async(sched_out)
+        outputs = self._drain()
+        if launched is not None:
+            self._in_flight = (sched_out, launched)
+        return self._outputs(outputs)
+
+    def _schedule(self) -> SchedulerOutput:
+        sched_out = self.scheduler.schedule()
+        now = time.monotonic()
+        for entry in sched_out.scheduled:
+            seq = self.requests.get(entry.seq_id)
+            if seq is not None and seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        return sched_out
+
+    def _drain(self) -> list[EngineCoreOutput]:
+        """Wait for the step in flight and process its tokens."""
+        if self._in_flight is None:
+            return []
+        sched_out, pending = self._in_flight
+        self._in_flight = None
+        return self._process(sched_out, pending.result())
+
+    def _outputs(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
+        errors, self._errors = self._errors, []
+        return EngineCoreOutputs(outputs=outputs, errors=errors, stats=self.scheduler_stats(),
+                                 timestamp=time.monotonic())
+
+    def _process(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        if runner_out.wall_s:
+            self.pp_busy_s += runner_out.busy_s
+            self.pp_wall_s += runner_out.wall_s
+        outputs: dict[str, EngineCoreOutput] = {}
+        self._collect_prompt_logprobs(runner_out, outputs)
+        for seq in self.scheduler.update_after_step(sched_out, runner_out.sampled):
+            rid = seq.request_id
+            out = outputs.get(rid)
+            if out is None:
+                out = outputs[rid] = EngineCoreOutput(rid)
+            out.new_token_ids = [seq.output_token_ids[-1]]
+            self.num_generated_tokens += 1
+            if seq.num_output_tokens == 1:
+                out.num_cached_tokens = seq.num_cached_tokens
+                out.first_scheduled_time = seq.first_scheduled_time
+            info = runner_out.logprobs.get(seq.seq_id)
+            if info is not None:
+                out.new_logprobs = [_logprobs_message(info)]
+            if seq.is_finished:
+                out.finish_reason = seq.status.finish_reason
+                out.stop_reason = seq.stop_reason if isinstance(seq.stop_reason, int) else None
+                self.requests.pop(rid, None)
+                self._prompt_logprobs_sent.pop(rid, None)
+        return list(outputs.values())
+
+    def _collect_prompt_logprobs(self, runner_out: ModelRunnerOutput, outputs: dict[str, EngineCoreOutput]) -> None:
+        for seq_id, (start, infos) in runner_out.prompt_logprobs.items():
+            if seq_id not in self.requests:
+                continue
+            # a recomputed (preempted) prefill scores positions it already scored: send each position once
+            sent = self._prompt_logprobs_sent.get(seq_id, 0)
+            fresh = [_logprobs_message(info) for offset, info in enumerate(infos) if start + offset >= sent]
+            if not fresh:
+                continue
+            self._prompt_logprobs_sent[seq_id] = start + len(infos)
+            outputs[seq_id] = EngineCoreOutput(seq_id, new_prompt_logprobs=fresh)
+
+    # -- stats -----------------------------------------------------------------------------------
+    def scheduler_stats(self) -> SchedulerStats:
+        bm = self.scheduler.block_manager
+        return SchedulerStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=bm.usage,
+            num_blocks=bm.num_blocks,
+            prefix_cache_queries=bm.stats.queries,
+            prefix_cache_hits=bm.stats.hits,
+            prefix_cache_hit_rate=bm.stats.hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.num_prompt_tokens,
+            generation_tokens=self.num_generated_tokens,
+            pp_bubble=1.0 - self.pp_busy_s / self.pp_wall_s if self.pp_wall_s else 0.0,
+        )
+
+    def stats(self) -> dict:
+        """The counters as a dict (the keys of SchedulerStats)."""
+        import msgspec
+
+        return msgspec.structs.asdict(self.scheduler_stats())
+
+    @property
+    def runner(self):
+        """Rank 0's model runner (the whole model when not split)."""
+        return self.executor.runner
+
+    def shutdown(self) -> None:
+        pp = self.config.parallel_config.pipeline_parallel_size
+        if pp > 1 and self.pp_wall_s:
+            micro = min(pp, self.config.scheduler_config.max_num_seqs)
+            logger.info("pipeline bubble measured on the last stage: %.1f%% (%d stages, up to %d micro-batches; "
+                        "fill/drain alone would be %.1f%%)", 100 * self.scheduler_stats().pp_bubble, pp, micro,
+                        100 * (pp - 1) / (micro + pp - 1))
+        self.executor.shutdown()

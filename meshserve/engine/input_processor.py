@@ -1,0 +1,123 @@
+"""The front end's input side: prompt -> token ids, validation, and the fan-out of n > 1 into core requests.
+
+Everything a request can be refused for is checked here, before anything reaches the core, so an error is
+raised to the caller directly (HTTP 400) rather than coming back a step later.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from meshserve.engine.messages import CoreInfo, EngineCoreRequest
+from meshserve.engine.request_fit import check_request_fits
+from meshserve.errors import InvalidArgumentError, PromptTooLongError
+from meshserve.sampling import SamplingParams
+
+PromptType = str | dict | list[int]
+
+
+def load_tokenizer(path: str | None):
+    """The model's transformers tokenizer, or None for a model without one."""
+    if not path:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def child_request_ids(request_id: str, n: int) -> list[str]:
+    """Core request ids of a request's n completions (the request's own id when n == 1)."""
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+
+
+@dataclass
+class ProcessedRequest:
+    """A validated request: its prompt, its parameters, and the core requests of its n completions."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    core_requests: list[EngineCoreRequest]
+
+
+class InputProcessor:
+    """Validates and tokenizes requests against what the core reported of itself (CoreInfo)."""
+
+    def __init__(self, info: CoreInfo, tokenizer: Any | None):
+        self.info = info
+        self.tokenizer = tokenizer
+        eos = set(info.eos_token_ids)
+        if tokenizer is not None and isinstance(tokenizer.eos_token_id, int):
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+
+    @staticmethod
+    def needs_tokenizer(prompt: PromptType) -> bool:
+        """Whether processing this prompt calls the tokenizer (text, not ids)."""
+        if isinstance(prompt, dict):
+            return "prompt_token_ids" not in prompt
+        return isinstance(prompt, str)
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise InvalidArgumentError("prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt")
+        if isinstance(prompt, list):
+            return None, list(prompt)
+        if not isinstance(prompt, str):
+            raise InvalidArgumentError(f"prompt must be a string or token ids, got {type(prompt).__name__}",
+                                       param="prompt")
+        if self.tokenizer is None:
+            raise InvalidArgumentError("this model has no tokenizer: send prompt_token_ids", param="prompt")
+        return prompt, self.tokenizer(prompt).input_ids
+
+    def process(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                arrival_time: float | None = None) -> ProcessedRequest:
+        """Validate and tokenize; raises InvalidArgumentError / PromptTooLongError."""
+        params = (params or SamplingParams()).clone()
+        params.validate()
+        text, token_ids = self.tokenize_prompt(prompt)
+        info = self.info
+        vocab = info.vocab_size
+        if not token_ids:
+            raise InvalidArgumentError("the prompt is empty", param="prompt")
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in token_ids):
+            raise InvalidArgumentError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if any(t >= vocab for t in params.stop_token_ids):  # out of range, they crash the min_tokens ban
+            raise InvalidArgumentError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        max_len = info.max_model_len
+        if len(token_ids) >= max_len:
+            raise PromptTooLongError(
+                f"prompt has {len(token_ids)} tokens; max_model_len is {max_len} (room for at least one "
+                "new token is needed)", param="prompt")
+        max_tokens = params.max_tokens if params.max_tokens is not None else max_len - len(token_ids)
+        check_request_fits(len(token_ids), max_tokens, max_model_len=max_len,
+                           capacity_tokens=info.num_blocks * info.block_size,
+                           enable_chunked_prefill=info.enable_chunked_prefill,
+                           max_num_batched_tokens=info.max_num_batched_tokens)
+        params._all_stop_token_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            params._all_stop_token_ids |= self.eos_token_ids
+
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        core_requests = []
+        for i, child_id in enumerate(child_request_ids(request_id, params.n)):
+            child = params
+            if params.n > 1:
+                child = params.clone()
+                child.n = 1
+                if params.seed is not None:
+                    child.seed = params.seed + i  # distinct but reproducible samples
+                if i > 0:
+                    child.prompt_logprobs = None  # the prompt is scored once, by the first completion
+                child._all_stop_token_ids = params._all_stop_token_ids
+            core_requests.append(EngineCoreRequest(child_id, token_ids, child, max_tokens, arrival))
+        return ProcessedRequest(request_id, text, token_ids, params, arrival, core_requests)

@@ -1,0 +1,115 @@
+"""What crosses the line between the front end and the engine core: typed msgspec structs.
+
+The core knows token ids only. A request goes in as an `EngineCoreRequest` (ids + sampling parameters, n = 1:
+the front end fans n > 1 out into n core requests); after every step the core sends one `EngineCoreOutputs`
+holding only what is new (each token once), the errors of requests it refused, and its counters. The same
+objects are passed as they are inside one process and encoded with msgpack between processes.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from meshserve.errors import MeshserveError
+from meshserve.sampling import SamplingParams
+
+
+class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One sequence to generate: validated and tokenized by the front end."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams  # n == 1; _all_stop_token_ids already holds EOS unless ignore_eos
+    max_tokens: int  # resolved: params.max_tokens, or what fits in max_model_len
+    arrival_time: float = 0.0
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """Logprob information of one position: the token taken, its rank, and the top alternatives (ids only)."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What one request gained in one step. Fields left at their default are not sent."""
+
+    request_id: str
+    new_token_ids: list[int] = []
+    finish_reason: str | None = None  # "stop" (a stop token) | "length"; the front end decides stop strings
+    stop_reason: int | None = None  # the stop token id that ended it (None for EOS)
+    new_logprobs: list[TokenLogprobs] | None = None  # one per new token, when logprobs were asked
+    new_prompt_logprobs: list[TokenLogprobs] | None = None  # prompt positions scored in this step, in order
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (on the first token's output)
+    first_scheduled_time: float | None = None  # time.monotonic() of its first scheduling (first token only)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class RequestError(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A request the core refused; rebuilt into the meshserve error of the same class by the front end."""
+
+    request_id: str
+    error_type: str
+    message: str
+    param: str | None = None
+
+
+class SchedulerStats(msgspec.Struct, omit_defaults=True):
+    """The core's counters after a step (published with every step: the front end never has to ask)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_hit_rate: float = 0.0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    pp_bubble: float = 0.0
+
+
+class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
+    """Everything one core step (or one batch of commands, when idle) tells the front end."""
+
+    outputs: list[EngineCoreOutput] = []
+    errors: list[RequestError] = []
+    stats: SchedulerStats | None = None
+    timestamp: float = 0.0  # time.monotonic() in the core when it was built
+
+
+class CoreInfo(msgspec.Struct, omit_defaults=True):
+    """What the front end needs to know of a started core to validate and process requests itself."""
+
+    model: str
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    num_blocks: int
+    max_num_batched_tokens: int
+    enable_chunked_prefill: bool
+    tokenizer: str | None = None  # folder the front end loads its tokenizer from
+    eos_token_ids: list[int] = []  # from the model's config and generation_config (the tokenizer's is added)
+
+
+def error_to_message(request_id: str, error: BaseException) -> RequestError:
+    return RequestError(request_id, type(error).__name__, str(error), getattr(error, "param", None))
+
+
+def error_from_message(err: RequestError) -> MeshserveError:
+    """The meshserve error the message names (MeshserveError when the name is not one of ours)."""
+    from meshserve import errors
+
+    cls = getattr(errors, err.error_type, None)
+    if not (isinstance(cls, type) and issubclass(cls, MeshserveError)):
+        cls = MeshserveError
+    if issubclass(cls, errors.InvalidArgumentError):
+        return cls(err.message, param=err.param)
+    return cls(err.message)

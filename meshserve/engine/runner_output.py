@@ -1,0 +1,72 @@
+"""What a model runner returns for one step: sampled ids, logprobs, pipeline timings, and the async handle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprob information of one position: the token taken and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """One step's results, by sequence id. Only the sampler rank's output carries tokens.
+
+    Plain data (picklable): a worker rank sends it to rank 0 as it is.
+    """
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # seq_id -> (chunk start position, logprobs of prompt tokens start+1, start+2, ... scored in this chunk)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # pipeline parallel: this stage's compute time and the step's wall time (for the bubble)
+    busy_s: float = 0.0
+    wall_s: float = 0.0
+
+
+class PendingOutput:
+    """A launched step whose sampled ids are on their way to pinned host memory; result() waits for them.
+
+    Lets the engine schedule and launch step n+1 before it reads step n's tokens (async scheduling).
+    result() may be called more than once; the first call fills the ModelRunnerOutput in.
+    """
+
+    def __init__(self, output: ModelRunnerOutput, seq_ids: list[str] | None = None,
+                 host_ids: torch.Tensor | None = None, event: torch.cuda.Event | None = None,
+                 sampled=None, logprob_ks: list[int | None] | None = None):
+        self._output = output
+        self._seq_ids, self._host_ids, self._event = seq_ids, host_ids, event
+        self._sampled, self._logprob_ks = sampled, logprob_ks
+
+    def result(self) -> ModelRunnerOutput:
+        if self._seq_ids is not None:
+            if self._event is not None:
+                self._event.synchronize()
+            out = self._output
+            out.sampled.update(zip(self._seq_ids, self._host_ids.tolist()))
+            sampled = self._sampled
+            if sampled is not None and sampled.logprobs is not None:
+                infos = to_token_logprobs(sampled.sampled_token_ids, sampled.logprobs, sampled.ranks,
+                                          sampled.top_token_ids, sampled.top_logprobs)
+                for seq_id, k, info in zip(self._seq_ids, self._logprob_ks, infos):
+                    if k is not None:
+                        info.top_ids, info.top_logprobs = info.top_ids[:k], info.top_logprobs[:k]
+                        out.logprobs[seq_id] = info
+            self._seq_ids = self._sampled = None
+        return self._output
+
+
+def to_token_logprobs(ids, lps, ranks, top_ids, top_lps) -> list[TokenLogprobs]:
+    """TokenLogprobs per row from the sampler's (or compute_logprobs') tensors."""
+    return [TokenLogprobs(i, lp, r, ti, tl) for i, lp, r, ti, tl in
+            zip(ids.tolist(), lps.tolist(), ranks.tolist(), top_ids.tolist(), top_lps.tolist())]

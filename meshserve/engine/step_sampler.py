@@ -1,0 +1,120 @@
+"""Logits and sampling for one step, and the asynchronous trip of the sampled ids to the host."""
+
+from __future__ import annotations
+
+import torch
+
+from meshserve.distributed.parallel_state import get_parallel_state
+from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, to_token_logprobs
+from meshserve.engine.scheduler_output import ScheduledSequence
+from meshserve.kernels.attention_metadata import AttentionMetadata
+from meshserve.layers.sampler import Sampler, SamplingMetadata, compute_logprobs
+
+
+class StepSampler:
+    """Turns a step's hidden states into tokens: logits of the sampling rows (and of prompt-logprob rows),
+    then a plain argmax for an all-greedy batch beside the full Sampler for everything else.
+
+    Holds what outlives a step: each seeded sequence's generator (until the sequence finishes), two pinned
+    host buffers for the sampled ids (used in turn by step parity), and the last step's sampled ids on the
+    device with their rows by sequence, which the next step's inputs read for tokens still pending when it
+    was scheduled. Every TP rank computes logits (the LM head gathers over them); only TP rank 0 samples.
+    """
+
+    def __init__(self, model: torch.nn.Module, sampler: Sampler, vocab_size: int, device: torch.device):
+        self.model = model
+        self.sampler = sampler
+        self.vocab_size = vocab_size
+        self.device = device
+        self.generators: dict[str, torch.Generator] = {}
+        self._pinned_ids: list[torch.Tensor | None] = [None, None]
+        # the last step's sampled ids on the device and their rows, by sequence: the next step's input
+        # for tokens that were still pending when it was scheduled
+        self.last_sampled: torch.Tensor | None = None
+        self.last_rows: dict[str, int] = {}
+
+    def forget(self, seq_ids: list[str]) -> None:
+        """Drop the state of finished sequences."""
+        for seq_id in seq_ids:
+            self.generators.pop(seq_id, None)
+
+    def _generator(self, s: ScheduledSequence) -> torch.Generator | None:
+        if s.params.seed is None or s.params.greedy:
+            return None
+        gen = self.generators.get(s.seq_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device).manual_seed(s.params.seed)
+            self.generators[s.seq_id] = gen
+        return gen
+
+    def sample(self, scheduled: list[ScheduledSequence], hidden: torch.Tensor, meta: AttentionMetadata,
+               parity: int) -> PendingOutput:
+        """Logits for sampling rows and prompt-logprob rows; sampling on TP rank 0 only (the LM head's
+        all-gather needs every TP rank, the sampler does not). Sampled ids come back asynchronously."""
+        result = ModelRunnerOutput()
+        samples = get_parallel_state().tp_rank == 0
+        qsl = meta.query_start_loc_cpu
+
+        # prompt logprobs: logits at prompt position j score prompt token j + 1
+        for i, s in enumerate(scheduled):
+            k = s.params.prompt_logprobs
+            if k is None or s.num_computed_tokens >= s.num_prompt_tokens:
+                continue
+            start = s.num_computed_tokens
+            end = min(start + s.num_new_tokens, s.num_prompt_tokens - 1)
+            if end <= start:
+                continue
+            logits = self.model.compute_logits(hidden[qsl[i] : qsl[i] + (end - start)])
+            if samples:
+                next_ids = torch.tensor(s.prompt_token_ids[start + 1 : end + 1], device=self.device)
+                lps = compute_logprobs(logits, next_ids, k)
+                result.prompt_logprobs[s.seq_id] = (start, to_token_logprobs(next_ids, *lps))
+
+        sample_idx = [i for i, s in enumerate(scheduled) if s.do_sample]
+        if not sample_idx:
+            return PendingOutput(result)
+        if len(sample_idx) == len(scheduled):  # the usual case: no host-to-device copy needed
+            last_rows = meta.query_start_loc[1:] - 1
+        else:
+            last_rows = torch.tensor([qsl[i + 1] - 1 for i in sample_idx], device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, last_rows))
+        if not samples:
+            return PendingOutput(result)
+        rows = [scheduled[i] for i in sample_idx]
+        banned = [sorted(s.params._all_stop_token_ids) if s.num_output_tokens < s.params.min_tokens else []
+                  for s in rows]
+        if all(s.params.greedy and s.params.logprobs is None and not s.params.uses_penalties for s in rows) \
+                and not any(banned):
+            # plain greedy: no per-row settings to upload, just the argmax
+            return self._pending(result, rows, logits.argmax(dim=-1), parity)
+        meta_s = SamplingMetadata.build(
+            [s.params for s in rows],
+            [s.prompt_token_ids or [] for s in rows],
+            [s.output_token_ids or [] for s in rows],
+            [self._generator(s) for s in rows],
+            self.vocab_size,
+            self.device,
+            banned_token_ids=banned,
+        )
+        sampled = self.sampler(logits, meta_s)
+        return self._pending(result, rows, sampled.sampled_token_ids, parity, sampled)
+
+    def _pending(self, result: ModelRunnerOutput, rows: list[ScheduledSequence], token_ids: torch.Tensor,
+                 parity: int, sampled=None) -> PendingOutput:
+        """Remember the sampled ids on the device (the next step may need them as inputs) and start their
+        copy to pinned host memory."""
+        token_ids = token_ids.long()
+        self.last_sampled = token_ids
+        self.last_rows = {s.seq_id: i for i, s in enumerate(rows)}
+        seq_ids = [s.seq_id for s in rows]
+        ks = [s.params.logprobs for s in rows] if sampled is not None and sampled.logprobs is not None else None
+        if self.device.type != "cuda":
+            return PendingOutput(result, seq_ids, token_ids, None, sampled, ks)
+        i, n = parity, token_ids.shape[0]
+        if self._pinned_ids[i] is None or self._pinned_ids[i].shape[0] < n:
+            self._pinned_ids[i] = torch.empty(max(n, 256), dtype=torch.int64, pin_memory=True)
+        host = self._pinned_ids[i][:n]
+        host.copy_(token_ids, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingOutput(result, seq_ids, host, event, sampled, ks)

@@ -1,0 +1,108 @@
+"""The one place that chooses kernels: decided once per model runner from the EngineConfig, handed down.
+
+`select_kernels(config)` reads the device, enforce_eager, the model dtype and the cache dtype and returns a
+KernelSelection; `bind_kernels(model, selection)` hands it to every layer that has a choice to make. The
+runner reads the rest (CUDA graphs, KV cache dtype) and gives the Sampler its switch. Nothing else reads the
+environment or decides a backend; layers only check what a call alone can know (a tensor's shape or dtype).
+
+What is chosen, by default:
+  on a CUDA device   Triton attention, the fused Triton ops (RMSNorm+residual, rotary, SiLU-and-mul), the
+                     fused q/k-norm + rotary + KV-write prologue, the batch-1 GEMV, the one-pass sampler,
+                     and decode CUDA graphs unless enforce_eager
+  elsewhere          the plain torch path throughout (the reference)
+
+Overrides (environment, read only here, for debugging and references):
+  MESHSERVE_ATTENTION_BACKEND=torch|triton  the attention backend. torch on a GPU is the reference attention:
+                                            no CUDA graphs and no fused prologue (which writes the cache
+                                            through the Triton backend)
+  MESHSERVE_DISABLE_FUSED_OPS=1             no fused Triton op: norm, rotary, SiLU, prologue, GEMV, sampler
+
+This module sits in layers/ because the layers consume the choice (and may not import the engine); it
+imports only the config and the layers/kernels it chooses between.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from meshserve.config import EngineConfig
+from meshserve.errors import InvalidArgumentError
+from meshserve.kernels.fused import fused_ops_importable, gemv_importable
+from meshserve.layers.attention import Attention, make_attention_backend
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_BACKEND_ENV = "MESHSERVE_ATTENTION_BACKEND"
+DISABLE_FUSED_OPS_ENV = "MESHSERVE_DISABLE_FUSED_OPS"
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class KernelSelection:
+    """Which implementation each hot operation uses in one model runner."""
+
+    attention_backend: str = "torch"  # "triton" | "torch"
+    fused_ops: bool = False  # Triton RMSNorm (+ residual), rotary and SiLU-and-mul
+    fused_prologue: bool = False  # q/k norm + rotary + KV write in one kernel, through the Triton backend
+    gemv: bool = False  # Triton GEMV for single 16-bit rows (batch-1 decode), SiLU fused into down_proj
+    fused_sampler: bool = False  # one Gumbel-max pass for batches that only ask for temperatures
+    cuda_graphs: bool = False  # capture decode steps in CUDA graphs
+    kv_cache_dtype: torch.dtype | None = None  # the KV pool's element type (None only in PLAIN)
+
+
+# what a layer uses until a runner binds its selection: the plain torch path
+PLAIN = KernelSelection()
+
+
+def resolve_cache_dtype(cache_dtype: str, model_dtype: str) -> torch.dtype:
+    """The KV cache's torch dtype: "auto" means the model dtype."""
+    name = model_dtype if cache_dtype == "auto" else cache_dtype
+    if name not in TORCH_DTYPES:
+        raise InvalidArgumentError(f"cache_dtype must be auto or one of {', '.join(TORCH_DTYPES)}, "
+                                   f"got {cache_dtype!r}", param="cache_dtype")
+    return TORCH_DTYPES[name]
+
+
+def select_kernels(config: EngineConfig) -> KernelSelection:
+    """Decide every kernel switch for a runner of this config (environment overrides included)."""
+    on_cuda = torch.device(config.device).type == "cuda"
+    attention = os.environ.get(ATTENTION_BACKEND_ENV) or ("triton" if on_cuda else "torch")
+    if attention not in ("torch", "triton"):
+        raise ValueError(f"unknown attention backend {attention!r} (torch, triton)")
+    fused_allowed = on_cuda and not os.environ.get(DISABLE_FUSED_OPS_ENV)
+    fused_ops = fused_allowed and fused_ops_importable()
+    model_dtype = TORCH_DTYPES[config.model_config.dtype]
+    kv_cache_dtype = resolve_cache_dtype(config.cache_config.cache_dtype, config.model_config.dtype)
+    if kv_cache_dtype != model_dtype and attention == "triton":
+        raise InvalidArgumentError(
+            f"cache_dtype {config.cache_config.cache_dtype!r}: the Triton kernels keep the KV cache in the "
+            f"model dtype ({config.model_config.dtype}); use auto", param="cache_dtype")
+    selection = KernelSelection(
+        attention_backend=attention,
+        fused_ops=fused_ops,
+        fused_prologue=fused_ops and attention == "triton",
+        gemv=fused_allowed and gemv_importable(),
+        fused_sampler=fused_ops,
+        cuda_graphs=on_cuda and not config.enforce_eager and attention == "triton",
+        kv_cache_dtype=kv_cache_dtype,
+    )
+    logger.info("kernels: %s", selection)
+    return selection
+
+
+def bind_kernels(model: nn.Module, selection: KernelSelection) -> None:
+    """Hand the selection to the model's layers: attention layers get the backend (one instance, shared)
+    and the prologue switch; every other layer with a `kernels` attribute gets the selection itself."""
+    backend = make_attention_backend(selection.attention_backend)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.backend = backend
+            module.fused_prologue = selection.fused_prologue
+        elif isinstance(getattr(module, "kernels", None), KernelSelection):
+            module.kernels = selection

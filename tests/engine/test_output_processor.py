@@ -1,0 +1,82 @@
+"""The front end's output side: stop strings end requests in the core within one step; output kinds agree."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from meshserve.config import EngineArgs
+from meshserve.engine.async_engine import AsyncLLM
+from meshserve.engine.llm_engine import LLMEngine
+from meshserve.sampling import RequestOutputKind, SamplingParams
+
+PROMPT = "The capital of France"
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["async-sched", "sync-sched"])
+def engine(request, tiny_model_dir):
+    e = LLMEngine.from_engine_args(EngineArgs(model=tiny_model_dir("llama"), block_size=4, max_model_len=256,
+                                              async_scheduling=request.param))
+    yield e
+    e.shutdown()
+
+
+def _run(engine: LLMEngine, rid: str, params: SamplingParams) -> list:
+    engine.add_request(rid, PROMPT, params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.request_id == rid]
+    return outs
+
+
+def test_stop_string_stops_the_core_within_one_step(engine):
+    free = _run(engine, "free", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[-1].outputs[0]
+    stop = free.text[3:6]
+    engine.add_request("s", PROMPT, SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True))
+    steps = 0
+    while True:
+        steps += 1
+        outs = engine.step()
+        if outs and outs[-1].finished:
+            break
+    assert outs[-1].outputs[0].stop_reason == stop and outs[-1].outputs[0].text == free.text[:3]
+    # the front end found the stop string; the core was told in the same step and has let the request go
+    assert "s" not in engine.core.requests and "s" not in engine.scheduler.seqs
+    assert len(outs[-1].outputs[0].token_ids) < len(free.token_ids)
+    engine.step()  # a step already launched for it (async scheduling) drops its token
+    assert engine.scheduler.block_manager.usage == 0.0
+
+
+def test_output_kinds_agree(engine):
+    base = dict(temperature=0.9, seed=5, max_tokens=12, n=2, logprobs=1, ignore_eos=True)
+    cumulative = _run(engine, "c", SamplingParams(**base))
+    delta = _run(engine, "d", SamplingParams(**base, output_kind=RequestOutputKind.DELTA))
+    final = _run(engine, "f", SamplingParams(**base, output_kind=RequestOutputKind.FINAL_ONLY))
+    assert len(final) == 1 and final[0].finished and len(cumulative) == len(delta) > 1
+    for i in range(2):
+        want = cumulative[-1].outputs[i]
+        assert final[0].outputs[i].text == want.text and final[0].outputs[i].token_ids == want.token_ids
+        parts = [c for out in delta for c in out.outputs if c.index == i]
+        assert "".join(c.text for c in parts) == want.text
+        assert [t for c in parts for t in c.token_ids] == want.token_ids
+        assert [lp for c in parts for lp in c.logprobs] == want.logprobs
+
+
+def test_async_front_end_aborts_the_core_on_a_stop_string(tiny_model_dir):
+    allm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model_dir("llama"), block_size=4, max_model_len=256))
+
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        free = [o async for o in allm.generate(PROMPT, params, "free")][-1].outputs[0]
+        stop = free.text[3:6]
+        params = SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True)
+        last = [o async for o in allm.generate(PROMPT, params, "s")][-1].outputs[0]
+        assert last.stop_reason == stop and last.text == free.text[:3]
+        # the abort went to the core before this call: the core has let the request go
+        assert not await allm.call(lambda: "s" in allm.engine.requests)
+
+    try:
+        asyncio.run(main())
+    finally:
+        allm.shutdown()

@@ -1,0 +1,75 @@
+"""The kernel choice is made once, from the config (and two documented environment overrides)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from meshserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from meshserve.errors import InvalidArgumentError
+from meshserve.kernels.fused import fused_ops_importable, gemv_importable
+from meshserve.layers.attention import Attention, TorchAttentionBackend
+from meshserve.layers.backend_selection import PLAIN, KernelSelection, bind_kernels, select_kernels
+from meshserve.models.llama import LlamaForCausalLM
+
+
+@pytest.fixture(autouse=True)
+def _no_overrides(monkeypatch):
+    monkeypatch.delenv("MESHSERVE_ATTENTION_BACKEND", raising=False)
+    monkeypatch.delenv("MESHSERVE_DISABLE_FUSED_OPS", raising=False)
+
+
+def _config(device="cpu", dtype="float32", cache_dtype="auto", enforce_eager=False) -> EngineConfig:
+    mc = ModelConfig(model="tiny", tokenizer="", hf_config=None, dtype=dtype, max_model_len=64)
+    return EngineConfig(mc, CacheConfig(cache_dtype=cache_dtype), SchedulerConfig(), ParallelConfig(),
+                        device=device, enforce_eager=enforce_eager)
+
+
+def test_cpu_takes_the_plain_path_with_the_model_dtype_cache():
+    sel = select_kernels(_config(dtype="bfloat16"))
+    assert sel == KernelSelection(kv_cache_dtype=torch.bfloat16)
+    assert sel.attention_backend == "torch" and not sel.cuda_graphs
+
+
+def test_cuda_takes_every_fast_path_that_imports():
+    # decided from the config alone: no GPU is touched
+    sel = select_kernels(_config(device="cuda:0", dtype="bfloat16"))
+    assert sel.attention_backend == "triton" and sel.cuda_graphs
+    assert sel.fused_ops == sel.fused_prologue == sel.fused_sampler == fused_ops_importable()
+    assert sel.gemv == gemv_importable()
+    assert not select_kernels(_config(device="cuda", enforce_eager=True)).cuda_graphs
+
+
+def test_environment_overrides(monkeypatch):
+    monkeypatch.setenv("MESHSERVE_ATTENTION_BACKEND", "torch")
+    monkeypatch.setenv("MESHSERVE_DISABLE_FUSED_OPS", "1")
+    sel = select_kernels(_config(device="cuda"))
+    assert sel == KernelSelection(kv_cache_dtype=torch.float32)
+    monkeypatch.setenv("MESHSERVE_ATTENTION_BACKEND", "flash")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        select_kernels(_config())
+
+
+def test_cache_dtype():
+    assert select_kernels(_config(cache_dtype="bfloat16")).kv_cache_dtype == torch.bfloat16
+    with pytest.raises(InvalidArgumentError):
+        select_kernels(_config(cache_dtype="fp8"))
+    with pytest.raises(InvalidArgumentError, match="model dtype"):  # the Triton kernels read model-dtype caches
+        select_kernels(_config(device="cuda", dtype="bfloat16", cache_dtype="float16"))
+
+
+def test_bind_hands_the_selection_to_every_layer():
+    hf = AutoConfig.for_model("qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                              max_position_embeddings=64)
+    model = LlamaForCausalLM(hf)
+    users = [m for m in model.modules() if hasattr(m, "kernels")]
+    assert users and all(m.kernels is PLAIN for m in users)
+    sel = KernelSelection(fused_prologue=True, kv_cache_dtype=torch.float32)
+    bind_kernels(model, sel)
+    assert all(m.kernels is sel for m in users)
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    assert len(attns) == 2 and all(a.fused_prologue for a in attns)
+    assert isinstance(attns[0].backend, TorchAttentionBackend) and attns[0].backend is attns[1].backend
+    assert not attns[0].can_fuse_prologue  # no cache bound yet

@@ -118,7 +118,10 @@ class ProcessCoreClient:
         self.proc.start()
         try:
             self.info: CoreInfo = self._wait_ready(startup_timeout_s)
-        except BaseException:
+        except BaseException:  # a failed load, or Ctrl-C while loading: no core may outlive this
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(5)
             self._close_sockets()
             raise
 

@@ -44,6 +44,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="schedule each step only after the previous one finished (no CPU/GPU overlap)")
+    s = parser.add_argument_group("scheduling and service levels")
+    s.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"],
+                   help="priority: the queue by each request's priority (lower first), then arrival")
+    s.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="time-to-first-token target: admit, schedule and shed to meet it (default: off)")
+    s.add_argument("--slo-tpot-ms", type=float, default=None,
+                   help="time-per-output-token target: the batch is capped so steps stay under it (default: off)")
+    _bool_flag(s, "slo-shed-late", d.slo_shed_late,
+               "drop a queued request (429) once it can no longer meet its time-to-first-token target")
+    s.add_argument("--step-trace", default=None, metavar="FILE",
+                   help="write a JSON line per engine step (shape, predicted and measured device time)")
     p = parser.add_argument_group("parallelism")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)

@@ -77,8 +77,15 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 4096
     enable_chunked_prefill: bool = True
-    # schedule step n+1 while the GPU runs step n (single-process engines; see engine.Engine.step)
+    # schedule step n+1 while the GPU runs step n (single-process engines; see EngineCore.step)
     async_scheduling: bool = True
+    # "fcfs", or "priority": the queue by (priority, arrival), lowest priority value first (vLLM's order)
+    scheduling_policy: str = "fcfs"
+    # service-level targets (None: off); per-request targets override them (scheduling_policy.py)
+    slo_ttft_s: float | None = None  # time to first token
+    slo_tpot_s: float | None = None  # time per output token after the first
+    slo_shed_late: bool = True  # drop a queued request once its time-to-first-token target cannot be met
+    step_trace_path: str | None = None  # a JSON line per step (shape, predicted and measured time), for tuning
 
 
 @dataclass
@@ -130,6 +137,11 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     async_scheduling: bool = True
+    scheduling_policy: str = "fcfs"
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    slo_shed_late: bool = True
+    step_trace: str | None = None
     seed: int = 0
     load_format: str = "auto"
     enforce_eager: bool = False
@@ -179,3 +191,8 @@ class EngineArgs:
         check(self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes, "node_rank",
               f"must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
         check(self.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0")
+        check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy",
+              f"must be fcfs or priority, got {self.scheduling_policy!r}")
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            value = getattr(self, name)
+            check(value is None or value > 0, name, f"must be > 0 milliseconds, got {value}")

@@ -89,6 +89,14 @@ class ServerOverloadedError(RetryableError):
     code = "server_overloaded"
 
 
+class ServiceLevelError(RetryableError):
+    """The request cannot meet its time-to-first-token target now (predicted at arrival, or while queued)."""
+
+    http_status = 429
+    error_type = "rate_limit_error"
+    code = "slo_unattainable"
+
+
 class ServerDrainingError(RetryableError):
     """The server is shutting down and takes no new requests."""
 

@@ -28,7 +28,7 @@ from meshserve.engine.core_client import EngineCoreClient
 from meshserve.engine.input_processor import InputProcessor, PromptType, load_tokenizer
 from meshserve.engine.messages import EngineCoreOutputs, SchedulerStats, error_from_message
 from meshserve.engine.output_processor import OutputProcessor
-from meshserve.errors import EngineDeadError
+from meshserve.errors import EngineDeadError, ServiceLevelError
 from meshserve.outputs import RequestOutput
 from meshserve.sampling import SamplingParams
 
@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # How often the output thread looks up from an idle core (to notice shutdown).
 _OUTPUT_POLL_S = 0.5
+# Admit a request with a time-to-first-token target only if its predicted TTFT is this far under it.
+_ADMISSION_MARGIN = 0.8
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -115,16 +117,21 @@ class AsyncLLM:
 
     # -- requests --------------------------------------------------------------------------------
     async def generate(self, prompt: PromptType, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, priority: int = 0, slo_ttft_s: float | None = None,
+                       slo_tpot_s: float | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs (of params.output_kind; cumulative by default), the last one
-        finished. Invalid requests raise on the first iteration. Leaving early aborts the request."""
+        finished. Invalid requests raise on the first iteration, and so does a request whose time to
+        first token is predicted to break its target (ServiceLevelError, at once). Leaving early aborts
+        the request. priority and the slo_* targets: see InputProcessor.process."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        if InputProcessor.needs_tokenizer(prompt):
-            processed = await self.run_tokenizer(lambda: self.input_processor.process(request_id, prompt, params))
-        else:
-            processed = self.input_processor.process(request_id, prompt, params)
+
+        def process():
+            return self.input_processor.process(request_id, prompt, params, None, priority, slo_ttft_s, slo_tpot_s)
+
+        processed = await self.run_tokenizer(process) if InputProcessor.needs_tokenizer(prompt) else process()
+        self._check_service_level(processed.slo_ttft_s, len(processed.prompt_token_ids))
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self.output_processor.add_request(processed, queue=(asyncio.get_running_loop(), q))
@@ -143,6 +150,20 @@ class AsyncLLM:
         finally:
             if not finished:
                 self._abort(request_id)
+
+    def predicted_ttft_s(self, num_prompt_tokens: int) -> float:
+        """Time to first token of a request arriving now, from the core's last published queue state."""
+        st = self._stats
+        return st.queue_wait_s + num_prompt_tokens * st.prefill_s_per_token
+
+    def _check_service_level(self, ttft_target_s: float | None, num_prompt_tokens: int) -> None:
+        if ttft_target_s is None:
+            return
+        predicted = self.predicted_ttft_s(num_prompt_tokens)
+        if predicted > ttft_target_s * _ADMISSION_MARGIN:
+            raise ServiceLevelError(
+                f"the server is at capacity: predicted time to first token {predicted:.2f} s, target "
+                f"{ttft_target_s:.2f} s; retry later", retry_after_s=max(1, round(predicted - ttft_target_s)))
 
     def _abort(self, request_id: str) -> None:
         with self._lock:

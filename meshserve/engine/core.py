@@ -7,6 +7,7 @@ here: tokenization, detokenization, stop strings and logprob text belong to the 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -27,7 +28,8 @@ from meshserve.engine.model_runner import ModelRunnerOutput, PendingOutput
 from meshserve.engine.scheduler import Scheduler
 from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence, SequenceStatus
-from meshserve.errors import InvalidArgumentError
+from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel
+from meshserve.errors import InvalidArgumentError, ServiceLevelError
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,12 @@ def config_eos_token_ids(hf_config, model_dir: str | None) -> list[int]:
     return sorted(ids)
 
 
+def step_shape(sched_out: SchedulerOutput) -> StepShape:
+    """What the step-time model needs of a scheduled step."""
+    return StepShape(num_tokens=sched_out.num_batched_tokens, num_seqs=len(sched_out.scheduled),
+                     context_tokens=sum(e.num_computed_tokens + e.num_new_tokens for e in sched_out.scheduled))
+
+
 def _logprobs_message(info) -> TokenLogprobs:
     return TokenLogprobs(info.token_id, info.logprob, info.rank, info.top_ids, info.top_logprobs)
 
@@ -72,6 +80,14 @@ class EngineCore:
         config.cache_config.num_blocks = self.executor.collective_rpc("determine_num_blocks_all")
         self.executor.collective_rpc("allocate_kv_cache", config.cache_config.num_blocks)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config)
+        self.step_model = StepTimeModel(
+            weight_bytes=self.executor.collective_rpc("param_bytes"),
+            kv_bytes_per_token=self.executor.collective_rpc("kv_bytes_per_token"),
+            rates=DeviceRates.detect(config.device, config.model_config.dtype))
+        self.scheduler.policy.step_model = self.step_model
+        sc = config.scheduler_config
+        self._trace = open(sc.step_trace_path, "a") if sc.step_trace_path else None  # noqa: SIM115
+        self.num_shed = 0
         self.requests: dict[str, Sequence] = {}
         self._prompt_logprobs_sent: dict[str, int] = {}  # request -> prompt positions already sent
         self._errors: list[RequestError] = []  # refused requests, reported with the next outputs
@@ -82,7 +98,7 @@ class EngineCore:
         self.async_scheduling = (config.scheduler_config.async_scheduling
                                  and getattr(self.executor, "supports_async_scheduling", False))
         self.scheduler.async_mode = self.async_scheduling
-        self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
+        self._in_flight: tuple[SchedulerOutput, PendingOutput, StepShape] | None = None
         self.info = CoreInfo(
             model=config.model_config.model,
             max_model_len=config.scheduler_config.max_model_len,
@@ -93,6 +109,8 @@ class EngineCore:
             enable_chunked_prefill=config.scheduler_config.enable_chunked_prefill,
             tokenizer=config.model_config.tokenizer or None,
             eos_token_ids=config_eos_token_ids(config.model_config.hf_config, source.weights_dir),
+            slo_ttft_s=config.scheduler_config.slo_ttft_s,
+            slo_tpot_s=config.scheduler_config.slo_tpot_s,
         )
         logger.info("engine core ready in %.1f s: %s, %s on %s", time.perf_counter() - t0,
                     config.model_config.model, config.model_config.dtype, config.device)
@@ -114,7 +132,8 @@ class EngineCore:
             raise InvalidArgumentError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         seq = Sequence(seq_id=rid, request_id=rid, index=0, prompt_token_ids=ids,
                        params=request.sampling_params, max_tokens=request.max_tokens,
-                       arrival_time=request.arrival_time or time.monotonic())
+                       arrival_time=request.arrival_time or time.monotonic(), priority=request.priority,
+                       slo_ttft_s=request.slo_ttft_s, slo_tpot_s=request.slo_tpot_s)
         self.scheduler.add(seq)  # check_fits raises before anything is recorded
         self.requests[rid] = seq
         self.num_prompt_tokens += len(ids)
@@ -155,7 +174,8 @@ class EngineCore:
             sched_out = self._schedule()
             if sched_out.is_empty and not sched_out.finished_seq_ids:
                 return self._outputs([])
-            return self._outputs(self._process(sched_out, self.executor.execute(sched_out)))
+            shape = step_shape(sched_out)
+            return self._outputs(self._process(sched_out, self.executor.execute(sched_out), shape))
         if self._in_flight is not None and self.scheduler.needs_known_history:
             return self._outputs(self._drain())  # penalties read the pending token: no overlap this step
         sched_out = self._schedule()
@@ -164,11 +184,18 @@ class EngineCore:
             launched = self.executor.execute_async(sched_out)
         outputs = self._drain()
         if launched is not None:
-            self._in_flight = (sched_out, launched)
+            self._in_flight = (sched_out, launched, step_shape(sched_out))
         return self._outputs(outputs)
 
     def _schedule(self) -> SchedulerOutput:
         sched_out = self.scheduler.schedule()
+        for seq in self.scheduler.shed:  # too late for their time-to-first-token target: a clean 429
+            self.requests.pop(seq.request_id, None)
+            self._prompt_logprobs_sent.pop(seq.request_id, None)
+            self._errors.append(error_to_message(seq.request_id, ServiceLevelError(
+                "the server cannot meet this request's time-to-first-token target now; retry later")))
+        self.num_shed += len(self.scheduler.shed)
+        self.scheduler.shed.clear()
         now = time.monotonic()
         for entry in sched_out.scheduled:
             seq = self.requests.get(entry.seq_id)
@@ -180,16 +207,31 @@ class EngineCore:
         """Wait for the step in flight and process its tokens."""
         if self._in_flight is None:
             return []
-        sched_out, pending = self._in_flight
+        sched_out, pending, shape = self._in_flight
         self._in_flight = None
-        return self._process(sched_out, pending.result())
+        return self._process(sched_out, pending.result(), shape)
+
+    def _observe_step(self, shape: StepShape, runner_out: ModelRunnerOutput) -> None:
+        """Feed the measured step to the step-time model (and the trace, when asked for)."""
+        if shape.num_tokens == 0 or runner_out.device_time_s <= 0:
+            return
+        predicted = self.step_model.predict(shape)
+        self.step_model.observe(shape, runner_out.device_time_s)
+        if self._trace is not None:
+            self._trace.write(json.dumps({
+                "t": round(time.monotonic(), 6), "tokens": shape.num_tokens, "seqs": shape.num_seqs,
+                "context": shape.context_tokens, "predicted_s": round(predicted, 6),
+                "actual_s": round(runner_out.device_time_s, 6), "running": self.scheduler.num_running,
+                "waiting": self.scheduler.num_waiting}) + "\n")
 
     def _outputs(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
         errors, self._errors = self._errors, []
         return EngineCoreOutputs(outputs=outputs, errors=errors, stats=self.scheduler_stats(),
                                  timestamp=time.monotonic())
 
-    def _process(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+    def _process(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput,
+                 shape: StepShape) -> list[EngineCoreOutput]:
+        self._observe_step(shape, runner_out)
         if runner_out.wall_s:
             self.pp_busy_s += runner_out.busy_s
             self.pp_wall_s += runner_out.wall_s
@@ -230,6 +272,8 @@ class EngineCore:
     # -- stats -----------------------------------------------------------------------------------
     def scheduler_stats(self) -> SchedulerStats:
         bm = self.scheduler.block_manager
+        policy, model = self.scheduler.policy, self.step_model
+        chunk = self.config.scheduler_config.max_num_batched_tokens
         return SchedulerStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
@@ -242,6 +286,12 @@ class EngineCore:
             prompt_tokens=self.num_prompt_tokens,
             generation_tokens=self.num_generated_tokens,
             pp_bubble=1.0 - self.pp_busy_s / self.pp_wall_s if self.pp_wall_s else 0.0,
+            num_shed=self.num_shed,
+            queue_wait_s=policy.queue_wait_s(list(self.scheduler.waiting), time.monotonic()),
+            prefill_s_per_token=policy.prefill_time_s(chunk) / chunk,
+            step_time_predicted_s=model.last_predicted_s,
+            step_time_actual_s=model.last_actual_s,
+            step_time_model_error=model.abs_error_ewma,
         )
 
     def stats(self) -> dict:
@@ -262,4 +312,6 @@ class EngineCore:
             logger.info("pipeline bubble measured on the last stage: %.1f%% (%d stages, up to %d micro-batches; "
                         "fill/drain alone would be %.1f%%)", 100 * self.scheduler_stats().pp_bubble, pp, micro,
                         100 * (pp - 1) / (micro + pp - 1))
+        if self._trace is not None:
+            self._trace.close()
         self.executor.shutdown()

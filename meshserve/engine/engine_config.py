@@ -6,7 +6,14 @@ import logging
 
 import torch
 
-from meshserve.config import CacheConfig, EngineArgs, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from meshserve.config import (
+    CacheConfig,
+    EngineArgs,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from meshserve.errors import InvalidArgumentError
 from meshserve.models.loader import ModelSource, resolve_model_source
 from meshserve.models.registry import resolve_model_class
@@ -94,6 +101,10 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
         scheduler_config=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len,
             enable_chunked_prefill=args.enable_chunked_prefill, async_scheduling=args.async_scheduling,
+            scheduling_policy=args.scheduling_policy,
+            slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
+            slo_tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None,
+            slo_shed_late=args.slo_shed_late, step_trace_path=args.step_trace,
         ),
         parallel_config=ParallelConfig(
             tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,

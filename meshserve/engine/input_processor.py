@@ -42,6 +42,7 @@ class ProcessedRequest:
     params: SamplingParams
     arrival_time: float
     core_requests: list[EngineCoreRequest]
+    slo_ttft_s: float | None = None  # the time-to-first-token target that applies (its own or the server's)
 
 
 class InputProcessor:
@@ -80,8 +81,17 @@ class InputProcessor:
         return prompt, self.tokenizer(prompt).input_ids
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                arrival_time: float | None = None) -> ProcessedRequest:
-        """Validate and tokenize; raises InvalidArgumentError / PromptTooLongError."""
+                arrival_time: float | None = None, priority: int = 0, slo_ttft_s: float | None = None,
+                slo_tpot_s: float | None = None) -> ProcessedRequest:
+        """Validate and tokenize; raises InvalidArgumentError / PromptTooLongError.
+
+        priority orders the queue under --scheduling-policy priority (lower first); slo_ttft_s / slo_tpot_s
+        are this request's service-level targets (None: the server's)."""
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidArgumentError(f"priority must be an integer, got {priority!r}", param="priority")
+        for name, value in (("slo.ttft_ms", slo_ttft_s), ("slo.tpot_ms", slo_tpot_s)):
+            if value is not None and not value > 0:
+                raise InvalidArgumentError(f"{name} must be > 0", param=name)
         params = (params or SamplingParams()).clone()
         params.validate()
         text, token_ids = self.tokenize_prompt(prompt)
@@ -119,5 +129,7 @@ class InputProcessor:
                 if i > 0:
                     child.prompt_logprobs = None  # the prompt is scored once, by the first completion
                 child._all_stop_token_ids = params._all_stop_token_ids
-            core_requests.append(EngineCoreRequest(child_id, token_ids, child, max_tokens, arrival))
-        return ProcessedRequest(request_id, text, token_ids, params, arrival, core_requests)
+            core_requests.append(EngineCoreRequest(child_id, token_ids, child, max_tokens, arrival, priority,
+                                                   slo_ttft_s, slo_tpot_s))
+        return ProcessedRequest(request_id, text, token_ids, params, arrival, core_requests,
+                                slo_ttft_s if slo_ttft_s is not None else info.slo_ttft_s)

@@ -70,10 +70,10 @@ class LLMEngine:
         return str(next(self._ids))
 
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> str:
+                    arrival_time: float | None = None, priority: int = 0) -> str:
         """Validate, tokenize and queue a request; raises InvalidArgumentError / PromptTooLongError."""
         request_id = request_id if request_id is not None else self.next_request_id()
-        processed = self.input_processor.process(request_id, prompt, params, arrival_time)
+        processed = self.input_processor.process(request_id, prompt, params, arrival_time, priority)
         self.output_processor.add_request(processed)
         try:
             for req in processed.core_requests:

@@ -22,6 +22,9 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     sampling_params: SamplingParams  # n == 1; _all_stop_token_ids already holds EOS unless ignore_eos
     max_tokens: int  # resolved: params.max_tokens, or what fits in max_model_len
     arrival_time: float = 0.0
+    priority: int = 0  # lower runs first under --scheduling-policy priority
+    slo_ttft_s: float | None = None  # this request's targets (None: the server's)
+    slo_tpot_s: float | None = None
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):
@@ -74,6 +77,12 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     prompt_tokens: int = 0
     generation_tokens: int = 0
     pp_bubble: float = 0.0
+    num_shed: int = 0  # queued requests dropped because their time-to-first-token target could not be met
+    queue_wait_s: float = 0.0  # predicted wait of a request joining the queue now
+    prefill_s_per_token: float = 0.0  # predicted prefill time per prompt token (full chunks)
+    step_time_predicted_s: float = 0.0  # the last measured step: what the step-time model predicted
+    step_time_actual_s: float = 0.0  # and what it took on the device
+    step_time_model_error: float = 0.0  # recent mean |predicted - actual| / actual
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -97,6 +106,8 @@ class CoreInfo(msgspec.Struct, omit_defaults=True):
     enable_chunked_prefill: bool
     tokenizer: str | None = None  # folder the front end loads its tokenizer from
     eos_token_ids: list[int] = []  # from the model's config and generation_config (the tokenizer's is added)
+    slo_ttft_s: float | None = None  # the server's service-level targets (requests may set their own)
+    slo_tpot_s: float | None = None
 
 
 def error_to_message(request_id: str, error: BaseException) -> RequestError:

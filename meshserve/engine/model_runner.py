@@ -20,7 +20,7 @@ from meshserve.distributed.parallel_state import get_parallel_state
 from meshserve.distributed.pipeline import recv_activations, send_activations
 from meshserve.engine.cuda_graph import DecodeGraphs
 from meshserve.engine.kv_pool import KVCachePool, largest_step
-from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, TokenLogprobs
+from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, StepTimer, TokenLogprobs
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.step_inputs import StepInputBuilder
 from meshserve.engine.step_sampler import StepSampler
@@ -66,6 +66,10 @@ class ModelRunner:
     def param_bytes(self) -> int:
         """Bytes of this rank's weights (shared tensors once)."""
         return weight_bytes(self.model)
+
+    def kv_bytes_per_token(self) -> float:
+        """Bytes of this rank's KV cache per token (all its layers)."""
+        return self.kv_pool.bytes_per_block() / self.block_size
 
     # -- KV memory -------------------------------------------------------------------------------
     def determine_num_blocks_all(self) -> int:
@@ -165,13 +169,18 @@ class ModelRunner:
         self._step_parity ^= 1
         st = get_parallel_state()
         if st.pp_size == 1:
+            timer = StepTimer(self.device)
             input_ids, positions, meta = self._prepare(out.scheduled)
             if self.graphs is not None and self.graphs.can_run(meta):
                 hidden = self.graphs.run(input_ids, positions, meta)
             else:
                 hidden = self.model(input_ids, positions, meta)
-            return self.sampling.sample(out.scheduled, hidden, meta, self._step_parity)
-        return PendingOutput(self._execute_pipeline(out.scheduled, st))
+            pending = self.sampling.sample(out.scheduled, hidden, meta, self._step_parity)
+            pending.timer = timer.stop()
+            return pending
+        result = self._execute_pipeline(out.scheduled, st)
+        result.device_time_s = result.wall_s
+        return PendingOutput(result)
 
     def _execute_pipeline(self, scheduled: list[ScheduledSequence], st) -> ModelRunnerOutput:
         """Split the step into micro-batches and stream them through the stages: while stage s works on

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,37 @@ class ModelRunnerOutput:
     # pipeline parallel: this stage's compute time and the step's wall time (for the bubble)
     busy_s: float = 0.0
     wall_s: float = 0.0
+    # the step's time on the device (CUDA events on a GPU, wall time on a CPU), for the step-time model
+    device_time_s: float = 0.0
+
+
+class StepTimer:
+    """Device time of one step: CUDA events on a GPU (read once the step is done), wall time on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self._cuda = device.type == "cuda"
+        self._elapsed = 0.0
+        self._end: torch.cuda.Event | None = None
+        if self._cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> StepTimer:
+        if self._cuda:
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._end.record()
+        else:
+            self._elapsed = time.perf_counter() - self._t0
+        return self
+
+    def elapsed_s(self) -> float:
+        """Waits for the step's end on a GPU."""
+        if self._end is not None:
+            self._end.synchronize()
+            self._elapsed, self._end = self._start.elapsed_time(self._end) / 1e3, None
+        return self._elapsed
 
 
 class PendingOutput:
@@ -47,8 +79,12 @@ class PendingOutput:
         self._output = output
         self._seq_ids, self._host_ids, self._event = seq_ids, host_ids, event
         self._sampled, self._logprob_ks = sampled, logprob_ks
+        self.timer: StepTimer | None = None  # set by the runner: the step's device time, read with the result
 
     def result(self) -> ModelRunnerOutput:
+        if self.timer is not None:
+            self._output.device_time_s = self.timer.elapsed_s()
+            self.timer = None
         if self._seq_ids is not None:
             if self._event is not None:
                 self._event.synchronize()

@@ -10,13 +10,15 @@ output is unchanged.
 from __future__ import annotations
 
 import logging
-from collections import deque
+import time
 
 from meshserve.config import CacheConfig, SchedulerConfig
 from meshserve.engine.block_manager import BlockManager
 from meshserve.engine.request_fit import check_request_fits
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from meshserve.engine.scheduling_policy import SchedulingPolicy
 from meshserve.engine.sequence import Sequence, SequenceStatus
+from meshserve.engine.waiting_queue import WaitingQueue
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,8 @@ class Scheduler:
 
     It owns the waiting queue and the running list; `schedule()` returns a SchedulerOutput and
     `update_after_step()` applies the sampled tokens, with the token-level stops (stop token ids,
-    max_tokens, max_model_len). Text-level stops are the front end's, which calls `finish()`.
+    max_tokens, max_model_len). Text-level stops are the front end's, which calls `finish()`. The per-step
+    budget and admission come from its SchedulingPolicy (static limits, or service-level targets).
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig):
@@ -35,8 +38,10 @@ class Scheduler:
         self.block_size = cache_config.block_size
         self.block_manager = BlockManager(cache_config.num_blocks, cache_config.block_size,
                                           cache_config.enable_prefix_caching)
-        self.waiting: deque[Sequence] = deque()
+        self.policy = SchedulingPolicy(scheduler_config)
+        self.waiting = WaitingQueue(by_priority=scheduler_config.scheduling_policy == "priority")
         self.running: list[Sequence] = []
+        self.shed: list[Sequence] = []  # queued requests dropped as too late for their TTFT target (unreported)
         self.seqs: dict[str, Sequence] = {}
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
@@ -97,8 +102,24 @@ class Scheduler:
             num_output_tokens=seq.num_output_tokens + seq.num_pending_tokens,  # index of the token sampled
         )
 
+    def _shed_late(self, now: float) -> None:
+        for seq in self.policy.shed_late(self.waiting, now):
+            self.finish(seq, SequenceStatus.FINISHED_ABORTED)
+            self.shed.append(seq)
+
+    def _pick_victim(self, first: int) -> Sequence:
+        """The running sequence to preempt among those not yet scheduled this step (running[first:]): the
+        newest, or under the priority policy the least urgent."""
+        if not self.waiting.by_priority:
+            return self.running.pop()
+        victim = max(self.running[first:], key=lambda s: (s.priority, s.arrival_time))
+        self.running.remove(victim)
+        return victim
+
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+        now = time.monotonic()
+        self._shed_late(now)
+        budget = self.policy.token_budget(self.running)
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[str] = []
 
@@ -111,7 +132,7 @@ class Scheduler:
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate(seq, num_new):
-                victim = self.running.pop()
+                victim = self._pick_victim(i)
                 self._preempt(victim)
                 preempted.append(victim.seq_id)
                 if victim is seq:
@@ -126,6 +147,8 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted while its last step ran: recompute once that token is known
+            if not self.policy.may_admit(seq, self.running):
+                break  # one more in the batch would break the time-per-output-token target
             cached = self.block_manager.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
             num_hit = len(cached) * self.block_size
             num_new = seq.num_tokens - seq.num_computed_tokens - num_hit
@@ -138,6 +161,7 @@ class Scheduler:
             if seq.status == SequenceStatus.WAITING:  # first admission, not a recompute
                 seq.num_cached_tokens = num_hit
                 self.block_manager.record_admission(seq, num_hit)
+                self.policy.record_admission(now)
             seq.num_computed_tokens += num_hit
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -38,8 +38,9 @@ class LLM:
 
     def generate(self, prompts: PromptType | SequenceABC[PromptType],
                  sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in the prompts' order."""
+                 use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the prompts' order. priority (one per prompt)
+        orders the queue when the engine runs with scheduling_policy="priority" (lower first)."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -52,7 +53,9 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise InvalidArgumentError("sampling_params must be one object or one per prompt")
-        return self._run(prompts, params_list, use_tqdm)
+        if priority is not None and len(priority) != len(prompts):
+            raise InvalidArgumentError("priority must have one value per prompt", param="priority")
+        return self._run(prompts, params_list, use_tqdm, priority or [0] * len(prompts))
 
     def chat(self, messages: Conversation | list[Conversation],
              sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
@@ -76,12 +79,12 @@ class LLM:
             prompts.append({"prompt_token_ids": list(ids)})
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, prompts, params_list, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts, params_list, use_tqdm: bool, priorities: list[int] | None = None) -> list[RequestOutput]:
         engine = self.engine
         ids = []
         try:
-            for prompt, params in zip(prompts, params_list):
-                ids.append(engine.add_request(None, prompt, _final_only(params)))
+            for prompt, params, priority in zip(prompts, params_list, priorities or [0] * len(prompts)):
+                ids.append(engine.add_request(None, prompt, _final_only(params), priority=priority))
         except Exception:
             for rid in ids:
                 engine.abort_request(rid)

@@ -19,6 +19,7 @@ from meshserve.errors import InvalidArgumentError, ServerOverloadedError
 from meshserve.outputs import RequestOutput
 from meshserve.sampling import SamplingParams
 from meshserve.serve.config import ServeConfig
+from meshserve.serve.protocol import ServiceLevel
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,13 @@ class EngineClient:
         # and it costs no round trip to the engine thread.
         return self.allm.num_waiting + self._num_starting
 
+    def slo_targets(self, slo: ServiceLevel | None) -> tuple[float | None, float | None]:
+        """(TTFT, TPOT) targets in seconds that apply to a request: its own, else the server's."""
+        info = self.allm.core_client.info
+        ttft = slo.ttft_ms / 1e3 if slo is not None and slo.ttft_ms else info.slo_ttft_s
+        tpot = slo.tpot_ms / 1e3 if slo is not None and slo.tpot_ms else info.slo_tpot_s
+        return ttft, tpot
+
     def check_admission(self) -> None:
         if self.queue_depth() >= self.config.max_queue_len:
             raise ServerOverloadedError(
@@ -133,14 +141,19 @@ class EngineClient:
         return await self.allm.run_tokenizer(lambda: tok.decode(token_ids))
 
     # -- requests --------------------------------------------------------------------------------
-    async def start(self, prompts: list[Any], params: SamplingParams, request_id: str) -> list[EngineRequest]:
+    async def start(self, prompts: list[Any], params: SamplingParams, request_id: str, priority: int = 0,
+                    slo: ServiceLevel | None = None) -> list[EngineRequest]:
         """Admit and start one engine request per prompt; wait for each one's first output.
 
-        Errors (invalid prompt, prompt too long, full queue) are raised here, before the caller has
-        sent anything, so they get a proper status code. If one prompt fails, the others are aborted.
+        Errors (invalid prompt, prompt too long, full queue, a time-to-first-token target that cannot be
+        met) are raised here, before the caller has sent anything, so they get a proper status code. If
+        one prompt fails, the others are aborted.
         """
         self.check_admission()
-        gens = [self.allm.generate(p, params, f"{request_id}-{i}") for i, p in enumerate(prompts)]
+        ttft = slo.ttft_ms / 1e3 if slo is not None and slo.ttft_ms else None
+        tpot = slo.tpot_ms / 1e3 if slo is not None and slo.tpot_ms else None
+        gens = [self.allm.generate(p, params, f"{request_id}-{i}", priority, ttft, tpot)
+                for i, p in enumerate(prompts)]
         tasks = [asyncio.ensure_future(g.__anext__()) for g in gens]
         self._num_starting += len(gens)
         try:

@@ -7,6 +7,7 @@ published with its last step (a scrape never waits on the core), with their age 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from meshserve.errors import MeshserveError, RetryableError
 from meshserve.outputs import RequestOutput
 
 # Outcomes of a generation request: how its choices finished, or why it produced none.
@@ -48,6 +50,13 @@ class _EngineStatsCollector(Collector):
             ("meshserve:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", "kv_cache_usage"),
             ("meshserve:prefix_cache_hit_rate", "Prefix cache hits / queries since start (0-1).",
              "prefix_cache_hit_rate"),
+            ("meshserve:queue_wait_predicted_seconds", "Predicted wait of a request joining the queue now.",
+             "queue_wait_s"),
+            ("meshserve:step_time_predicted_seconds", "Device time the step-time model predicted for the last "
+             "measured step.", "step_time_predicted_s"),
+            ("meshserve:step_time_actual_seconds", "Device time the last measured step took.", "step_time_actual_s"),
+            ("meshserve:step_time_model_error", "Recent mean |predicted - actual| / actual of step times.",
+             "step_time_model_error"),
         ]
         for name, doc, key in gauges:
             g = GaugeMetricFamily(name, doc)
@@ -57,6 +66,8 @@ class _EngineStatsCollector(Collector):
             ("meshserve:num_preemptions", "Sequences preempted to free KV blocks.", "num_preemptions"),
             ("meshserve:prefix_cache_queries", "Prefix cache lookups (blocks).", "prefix_cache_queries"),
             ("meshserve:prefix_cache_hits", "Prefix cache hits (blocks).", "prefix_cache_hits"),
+            ("meshserve:requests_shed", "Queued requests dropped by the engine because their time-to-first-token "
+             "target could no longer be met.", "num_shed"),
         ]
         for name, doc, key in counters:
             c = CounterMetricFamily(name, doc)
@@ -84,6 +95,15 @@ class ServerMetrics:
                              buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("meshserve:e2e_request_latency_seconds", "Request arrival to last token.",
                              buckets=_E2E_BUCKETS, registry=r)
+        self.rejected = Counter("meshserve:requests_rejected", "Requests refused with 429/503, by reason (the "
+                                "error code: server_overloaded, slo_unattainable, ...).", ["reason"], registry=r)
+        for reason in ("server_overloaded", "slo_unattainable"):
+            self.rejected.labels(reason)
+        self.slo = Counter("meshserve:requests_slo", "Finished requests with service-level targets: whether "
+                           "they met them (TTFT and time per output token). Goodput = rate of met.",
+                           ["result"], registry=r)
+        for result in ("met", "missed"):
+            self.slo.labels(result)
         self._engine = _EngineStatsCollector()
         r.register(self._engine)
 
@@ -101,19 +121,28 @@ class ServerMetrics:
 
 
 class RequestTracker:
-    """Observes one HTTP request's engine outputs: TTFT, inter-token gaps, token counts, outcome."""
+    """Observes one HTTP request's engine outputs: TTFT, inter-token gaps, token counts, outcome, and
+    whether it met its service-level targets (when it has any)."""
 
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
         self.arrival = time.perf_counter()
+        self._first: float | None = None
         self._last: float | None = None
         self._prompt_seen: set[int] = set()
+        self._num_tokens: dict[tuple[int, int], int] = {}  # (prompt index, choice index) -> tokens so far
         self._done = False
+        self.ttft_target_s: float | None = None
+        self.tpot_target_s: float | None = None
 
     def observe(self, prompt_index: int, out: RequestOutput) -> None:
         """Count one DELTA output of the request's prompt_index-th prompt."""
         now = time.perf_counter()
-        new = sum(len(c.token_ids) for c in out.outputs)
+        new = 0
+        for c in out.outputs:
+            key = (prompt_index, c.index)
+            self._num_tokens[key] = self._num_tokens.get(key, 0) + len(c.token_ids)
+            new += len(c.token_ids)
         if prompt_index not in self._prompt_seen:
             self._prompt_seen.add(prompt_index)
             self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
@@ -121,10 +150,21 @@ class RequestTracker:
             return
         self.metrics.generation_tokens.inc(new)
         if self._last is None:
+            self._first = now
             self.metrics.ttft.observe(now - self.arrival)
         else:
             self.metrics.itl.observe(now - self._last)
         self._last = now
+
+    def fail(self, exc: BaseException) -> None:
+        """The request ended before or while producing a response."""
+        if isinstance(exc, asyncio.CancelledError):
+            self.finish("abort")
+            return
+        outcome = outcome_of_error(exc)
+        if outcome == "rejected":
+            self.metrics.rejected.labels(getattr(exc, "code", None) or "other").inc()
+        self.finish(outcome)
 
     def finish(self, outcome: str) -> None:
         if self._done:
@@ -133,6 +173,26 @@ class RequestTracker:
         self.metrics.count(outcome)
         if outcome in ("stop", "length"):
             self.metrics.e2e.observe(time.perf_counter() - self.arrival)
+            self._count_service_level()
+
+    def _count_service_level(self) -> None:
+        if self.ttft_target_s is None and self.tpot_target_s is None or self._first is None:
+            return
+        ttft = self._first - self.arrival
+        tokens = max(self._num_tokens.values(), default=0)
+        tpot = (self._last - self._first) / (tokens - 1) if tokens > 1 else 0.0
+        met = ((self.ttft_target_s is None or ttft <= self.ttft_target_s)
+               and (self.tpot_target_s is None or tpot <= self.tpot_target_s))
+        self.metrics.slo.labels("met" if met else "missed").inc()
+
+
+def outcome_of_error(exc: BaseException) -> str:
+    """The metrics outcome of a request that failed before producing a response."""
+    if isinstance(exc, RetryableError):
+        return "rejected"
+    if isinstance(exc, MeshserveError) and exc.http_status < 500:
+        return "invalid"  # bad arguments, unknown model, ...
+    return "error"
 
 
 def outcome_of(outputs: list[RequestOutput]) -> str:

@@ -38,6 +38,13 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+class ServiceLevel(OpenAIModel):
+    """meshserve extension: this request's targets, overriding the server's --slo-ttft-ms / --slo-tpot-ms."""
+
+    ttft_ms: float | None = Field(None, gt=0, description="time to first token, milliseconds")
+    tpot_ms: float | None = Field(None, gt=0, description="time per output token after the first, milliseconds")
+
+
 class SamplingRequest(OpenAIModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -62,6 +69,10 @@ class SamplingRequest(OpenAIModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    priority: int = Field(0, ge=_INT64_MIN, le=_INT64_MAX,
+                          description="with --scheduling-policy priority: lower values are served first")
+    # meshserve extension
+    slo: ServiceLevel | None = None
 
     @field_validator("stop")
     @classmethod

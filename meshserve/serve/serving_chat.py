@@ -29,7 +29,6 @@ from meshserve.serve.serving_common import (
     StreamState,
     accumulate,
     check_model,
-    outcome_of_error,
     random_id,
     usage_of,
 )
@@ -57,15 +56,17 @@ class ChatService:
         try:
             model = check_model(self.config, req.model)
             params = chat_sampling_params(req)
+            tracker.ttft_target_s, tracker.tpot_target_s = self.client.slo_targets(req.slo)
             self.client.check_admission()  # before spending a template render on a request we refuse
             messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                         for m in req.messages]
             prompt_ids = await self.client.render_chat(messages, req.add_generation_prompt,
                                                        req.chat_template_kwargs)
             request_id = random_id("chatcmpl")
-            requests = await self.client.start([{"prompt_token_ids": prompt_ids}], params, request_id)
+            requests = await self.client.start([{"prompt_token_ids": prompt_ids}], params, request_id,
+                                               req.priority, req.slo)
         except BaseException as e:
-            tracker.finish("abort" if isinstance(e, asyncio.CancelledError) else outcome_of_error(e))
+            tracker.fail(e)
             raise
         if req.stream:
             return SSEResponse(self._stream(req, model, request_id, requests[0], tracker))

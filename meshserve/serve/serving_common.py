@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from meshserve.errors import InvalidArgumentError, MeshserveError, ModelNotFoundError, RetryableError
+from meshserve.errors import ModelNotFoundError
 from meshserve.outputs import CompletionOutput, RequestOutput
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.protocol import PromptTokensDetails, UsageInfo
@@ -20,17 +20,6 @@ def check_model(config: ServeConfig, model: str | None) -> str:
     if model is None or model in config.served_model_names:
         return config.model_name if model is None else model
     raise ModelNotFoundError(model)
-
-
-def outcome_of_error(exc: BaseException) -> str:
-    """The metrics outcome of a request that failed before producing a response."""
-    if isinstance(exc, RetryableError):
-        return "rejected"
-    if isinstance(exc, (InvalidArgumentError, ModelNotFoundError)):
-        return "invalid"
-    if isinstance(exc, MeshserveError) and exc.http_status < 500:
-        return "invalid"
-    return "error"
 
 
 def usage_of(outputs: list[RequestOutput]) -> UsageInfo:

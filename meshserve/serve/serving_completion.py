@@ -20,7 +20,6 @@ from meshserve.serve.serving_common import (
     StreamState,
     accumulate,
     check_model,
-    outcome_of_error,
     random_id,
     usage_of,
 )
@@ -48,12 +47,13 @@ class CompletionService:
         try:
             model = check_model(self.config, req.model)
             params = completion_sampling_params(req)
+            tracker.ttft_target_s, tracker.tpot_target_s = self.client.slo_targets(req.slo)
             prompts = req.prompts()
             request_id = random_id("cmpl")
             engine_prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
-            requests = await self.client.start(engine_prompts, params, request_id)
+            requests = await self.client.start(engine_prompts, params, request_id, req.priority, req.slo)
         except BaseException as e:
-            tracker.finish("abort" if isinstance(e, asyncio.CancelledError) else outcome_of_error(e))
+            tracker.fail(e)
             raise
         try:
             echoes = await self._echoes(req, prompts, requests) if req.echo else None

@@ -1,0 +1,119 @@
+"""How long a step takes on the device, predicted from its shape and corrected by the steps measured.
+
+A step reads every weight once and computes 2 FLOPs per parameter per new token, so its time is roughly
+    max(weight bytes / bandwidth, new tokens x 2 x parameters / FLOP/s)  +  KV bytes read / bandwidth  +  overhead
+(the planner's arithmetic, meshserve/planner/perf.py). The model keeps those two terms as features and learns
+their weights and the overhead online, by recursive least squares over the engine's measured step times, so
+it starts from the hardware's data sheet and converges to what this build really does on this GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Defaults when the device is not in the planner's catalog (CPU, unknown GPU): the online fit corrects them.
+_UNKNOWN_BANDWIDTH = 50e9
+_UNKNOWN_FLOPS = 2e11
+_FORGET = 0.995  # recursive least squares: older steps weigh less (half weight after ~140 steps)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What decides a step's device time: new tokens (prefill chunks + one per decode) and KV tokens read."""
+
+    num_tokens: int
+    num_seqs: int
+    context_tokens: int  # sum over the step's sequences of their length once the step is done
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    """Bandwidth (bytes/s) and dense FLOP/s of the device the model runs on."""
+
+    bandwidth: float
+    flops: float
+
+    @classmethod
+    def detect(cls, device: str, dtype: str) -> DeviceRates:
+        """From the planner's GPU catalog when it knows this GPU, else conservative defaults."""
+        if device.startswith("cuda"):
+            import torch
+
+            from meshserve.planner.hardware import load_catalog, match_device_name
+
+            spec = match_device_name(torch.cuda.get_device_name(torch.device(device)), load_catalog())
+            if spec is not None:
+                return cls(spec.hbm_bytes_per_s, spec.flops_per_s("fp8" if "8" in dtype else "bf16"))
+        return cls(_UNKNOWN_BANDWIDTH, _UNKNOWN_FLOPS)
+
+
+class StepTimeModel:
+    """Predicted seconds of a step from its StepShape; `observe()` refines it with measured steps."""
+
+    def __init__(self, weight_bytes: float, kv_bytes_per_token: float, rates: DeviceRates,
+                 overhead_s: float = 1e-3, efficiency: float = 0.8):
+        self.weight_bytes = weight_bytes
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.rates = rates
+        # weights of (1, dense term, KV term), fitted in milliseconds so the three are of one scale: the
+        # prior is the data sheet at `efficiency` plus a fixed overhead
+        self.theta = np.array([overhead_s * 1e3, 1.0 / efficiency, 1.0 / efficiency])
+        self._theta = tuple(float(v) for v in self.theta)
+        # the prior's spread: about 2 ms on the overhead, about 0.5 on each efficiency factor
+        self._p = np.diag([4.0, 0.25, 0.25])
+        self.num_observed = 0
+        self.last_predicted_s = 0.0
+        self.last_actual_s = 0.0
+        self.abs_error_ewma = 0.0  # mean |predicted - actual| / actual over recent steps
+
+    def _terms(self, shape: StepShape) -> tuple[float, float]:
+        """The two physical terms, in milliseconds at the data sheet's rates: dense (weights or FLOPs) and KV
+        reads."""
+        params = self.weight_bytes / 2  # 16-bit weights: 2 bytes per parameter
+        dense = max(self.weight_bytes / self.rates.bandwidth, 2.0 * params * shape.num_tokens / self.rates.flops)
+        return 1e3 * dense, 1e3 * shape.context_tokens * self.kv_bytes_per_token / self.rates.bandwidth
+
+    def predict(self, shape: StepShape) -> float:
+        if shape.num_tokens == 0:
+            return 0.0
+        dense, kv = self._terms(shape)  # plain floats: this runs many times per step
+        t0, t1, t2 = self._theta
+        return max(t0 + t1 * dense + t2 * kv, 0.0) * 1e-3
+
+    def observe(self, shape: StepShape, actual_s: float) -> None:
+        """Fold one measured step into the fit (recursive least squares with forgetting)."""
+        if shape.num_tokens == 0 or actual_s <= 0:
+            return
+        x = np.array([1.0, *self._terms(shape)])
+        predicted_ms, actual_ms = float(x @ self.theta), actual_s * 1e3
+        px = self._p @ x
+        gain = px / (_FORGET + x @ px)
+        self.theta = self.theta + gain * (actual_ms - predicted_ms)
+        self._p = (self._p - np.outer(gain, px)) / _FORGET
+        self._theta = tuple(float(v) for v in self.theta)
+        self.num_observed += 1
+        predicted = max(predicted_ms, 0.0) * 1e-3
+        self.last_predicted_s, self.last_actual_s = predicted, actual_s
+        err = abs(predicted - actual_s) / actual_s
+        self.abs_error_ewma = err if self.num_observed == 1 else 0.95 * self.abs_error_ewma + 0.05 * err
+
+    def max_prefill_tokens(self, budget_s: float, num_decodes: int, decode_context: int,
+                           limit: int = 1 << 20) -> int:
+        """The most prefill tokens (at most limit) a step with these decodes can add and still be predicted
+        to take at most budget_s; 0 when not even one fits."""
+
+        def fits(p: int) -> bool:
+            return self.predict(StepShape(num_decodes + p, num_decodes + 1, decode_context + p)) <= budget_s
+
+        if limit <= 0 or not fits(1):
+            return 0
+        lo, hi = 1, limit
+        while lo < hi:  # the prediction grows with tokens: bisect on the largest that fits
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo

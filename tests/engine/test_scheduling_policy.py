@@ -1,0 +1,108 @@
+"""The scheduler driven by a step-time model and service-level targets: capped batches, shedding, priorities."""
+
+from __future__ import annotations
+
+import time
+
+from meshserve.engine.scheduling_policy import TARGET_MARGIN
+from meshserve.engine.sequence import SequenceStatus
+from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel
+from tests.engine.test_scheduler import make_sched, make_seq, step
+
+# 1 ms overhead + 2 GB of weights at 1 TB/s and 80% (2.5 ms), 0.125 ms per 1,000 KV tokens read, prefill
+# compute-bound past ~100 tokens (2 x 1e9 params / 1e14 FLOP/s = 0.025 ms per token at 80%)
+MODEL = StepTimeModel(weight_bytes=2e9, kv_bytes_per_token=1e5, rates=DeviceRates(bandwidth=1e12, flops=1e14))
+
+
+def _shape(out) -> StepShape:
+    return StepShape(out.num_batched_tokens, len(out.scheduled),
+                     sum(e.num_computed_tokens + e.num_new_tokens for e in out.scheduled))
+
+
+def _with_model(**config):
+    s = make_sched(num_blocks=20000, max_model_len=1024, max_num_batched_tokens=2048, **config)
+    s.policy.step_model = MODEL
+    return s
+
+
+def test_overload_never_breaks_the_tpot_target():
+    target = 0.010
+    s = _with_model(slo_tpot_s=target)
+    seqs = [make_seq(f"r{i}", range(i, i + 400), max_tokens=24) for i in range(300)]
+    for seq in seqs:
+        s.add(seq)
+    most_running, steps = 0, 0
+    while s.has_unfinished():
+        out = step(s)
+        steps += 1
+        most_running = max(most_running, s.num_running)
+        decodes = [e for e in out.scheduled if e.num_new_tokens == 1]
+        if len(decodes) == len(out.scheduled):  # a decode step: its time is every running request's TPOT
+            assert MODEL.predict(_shape(out)) <= target * TARGET_MARGIN
+        elif decodes:  # prefill rides along only in the room the decodes leave (or the small floor)
+            assert MODEL.predict(_shape(out)) <= target or out.num_batched_tokens <= len(decodes) + 16
+        # (a step with no decodes slows nobody's time per output token: it may take the whole budget)
+    assert all(seq.status == SequenceStatus.FINISHED_LENGTH for seq in seqs)  # none lost
+    assert 20 < most_running < 300  # the batch was capped, not filled with everyone
+    assert not s.shed
+
+
+def test_without_targets_the_schedule_is_unchanged():
+    def run(with_model: bool) -> list[list[tuple[str, int]]]:
+        s = _with_model() if with_model else make_sched(num_blocks=20000, max_model_len=1024,
+                                                        max_num_batched_tokens=2048)
+        for i in range(40):
+            s.add(make_seq(f"r{i}", range(i, i + 100 + i), max_tokens=5))
+        trace = []
+        while s.has_unfinished():
+            trace.append([(e.seq_id, e.num_new_tokens) for e in step(s).scheduled])
+        return trace
+
+    assert run(True) == run(False)
+
+
+def test_late_requests_are_shed_before_they_use_a_step():
+    s = _with_model(slo_ttft_s=0.5)
+    fresh, stale = make_seq("fresh", range(50)), make_seq("stale", range(50, 100))
+    stale.arrival_time = time.monotonic() - 2.0  # waited 2 s already: its 0.5 s target is gone
+    s.add(stale)
+    s.add(fresh)
+    out = step(s)
+    assert [e.seq_id for e in out.scheduled] == ["fresh"]
+    assert s.shed == [stale] and stale.status == SequenceStatus.FINISHED_ABORTED
+    kept = _with_model(slo_ttft_s=0.5, slo_shed_late=False)
+    late = make_seq("late", range(50))
+    late.arrival_time = time.monotonic() - 2.0
+    kept.add(late)
+    assert [e.seq_id for e in step(kept).scheduled] == ["late"] and not kept.shed
+
+
+def test_a_request_target_overrides_the_server_default():
+    s = _with_model()  # no server targets
+    seq = make_seq("own", range(50))
+    seq.slo_ttft_s, seq.arrival_time = 0.1, time.monotonic() - 1.0
+    s.add(seq)
+    step(s)
+    assert s.shed == [seq]
+
+
+def test_priority_orders_the_queue_and_picks_the_least_urgent_victim():
+    s = make_sched(max_num_seqs=1, scheduling_policy="priority")
+    for name, prio in [("c", 3), ("a", 1), ("b", 2), ("a2", 1)]:
+        seq = make_seq(name, range(8), max_tokens=1)
+        seq.priority = prio
+        s.add(seq)
+    order = []
+    while s.has_unfinished():
+        order += [e.seq_id for e in step(s).scheduled if e.do_sample]
+    assert order == ["a", "a2", "b", "c"]
+
+    p = make_sched(num_blocks=6, scheduling_policy="priority")  # room for 24 tokens
+    urgent, lazy, mid = make_seq("urgent", range(8), 8), make_seq("lazy", range(8, 16), 8), make_seq("mid", range(16, 24), 8)
+    urgent.priority, lazy.priority, mid.priority = 0, 9, 5
+    for seq in (urgent, lazy, mid):
+        p.add(seq)
+    step(p)
+    while "lazy" not in [q.seq_id for q in p.waiting] and p.has_unfinished():
+        step(p)  # decoding grows the sequences until the pool runs dry
+    assert lazy.num_preemptions == 1 and urgent.num_preemptions == 0 and mid.num_preemptions == 0

@@ -1,0 +1,52 @@
+"""The step-time model: the data-sheet prior, online fitting to measured steps, and the prefill budget."""
+
+from __future__ import annotations
+
+import random
+
+from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel
+
+RATES = DeviceRates(bandwidth=1e12, flops=1e14)
+
+
+def _model() -> StepTimeModel:
+    return StepTimeModel(weight_bytes=2e9, kv_bytes_per_token=1e5, rates=RATES)
+
+
+def test_prior_is_the_data_sheet_with_overhead():
+    m = _model()
+    decode = m.predict(StepShape(num_tokens=8, num_seqs=8, context_tokens=8000))
+    # 2 GB of weights at 1 TB/s = 2 ms, 0.8 GB of KV = 0.8 ms, at 80% efficiency, plus 1 ms
+    assert abs(decode - (1e-3 + (2e-3 + 0.8e-3) / 0.8)) < 1e-9
+    prefill = m.predict(StepShape(num_tokens=4096, num_seqs=1, context_tokens=4096))
+    assert prefill > decode * 10  # compute-bound: 2 x 1e9 params x 4096 tokens / 1e14 FLOP/s = 82 ms
+    assert m.predict(StepShape(0, 0, 0)) == 0.0
+
+
+def test_online_fit_converges_to_what_the_device_does():
+    m = _model()
+    rng = random.Random(0)
+
+    def truth(shape: StepShape) -> float:  # a device 40% slower than the data sheet, with 3 ms of overhead
+        dense = max(2e9 / 1e12, 2 * 1e9 * shape.num_tokens / 1e14)
+        return 3e-3 + 1.4 * dense + 1.4 * shape.context_tokens * 1e5 / 1e12
+
+    shapes = [StepShape(n, n, n * rng.randint(100, 2000)) for n in (rng.randint(1, 256) for _ in range(150))]
+    shapes += [StepShape(p + 16, 17, 16 * 900 + p) for p in (rng.randint(64, 4096) for _ in range(150))]
+    rng.shuffle(shapes)
+    for shape in shapes:
+        m.observe(shape, truth(shape) * rng.uniform(0.98, 1.02))
+    probe = [StepShape(64, 64, 64 * 1000), StepShape(2048, 1, 2048), StepShape(200, 8, 9000)]
+    assert all(abs(m.predict(s) - truth(s)) / truth(s) < 0.05 for s in probe)
+    assert m.abs_error_ewma < 0.05 and m.num_observed == 300
+
+
+def test_max_prefill_tokens_is_the_largest_that_fits():
+    m = _model()
+    budget = 0.030
+    p = m.max_prefill_tokens(budget, num_decodes=32, decode_context=32 * 500)
+    assert p > 0
+    assert m.predict(StepShape(32 + p, 33, 32 * 500 + p)) <= budget
+    assert m.predict(StepShape(33 + p, 33, 32 * 500 + p + 1)) > budget
+    assert m.max_prefill_tokens(budget, 32, 32 * 500, limit=10) == 10
+    assert m.max_prefill_tokens(1e-4, 32, 32 * 500) == 0  # not even the decodes fit

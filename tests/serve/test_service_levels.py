@@ -1,0 +1,91 @@
+"""Service-level targets through the server: fast 429s when a target cannot be met, shed requests get the
+same clean error, priorities and per-request targets are accepted, and nothing hangs under a burst."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from meshserve.engine.messages import SchedulerStats
+from meshserve.serve.config import ServeConfig
+from tests.serve.conftest import make_engine, start_server
+
+
+@pytest.fixture(scope="module")
+def slo_server(tiny_model_dir):
+    allm = make_engine(tiny_model_dir("llama"), slo_ttft_ms=500, max_num_seqs=4)
+    live = start_server(allm, ServeConfig(served_model_names=["tiny"]))
+    yield live
+    live.stop()
+    allm.shutdown()
+
+
+def _body(**extra) -> dict:
+    return {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 4, "ignore_eos": True, **extra}
+
+
+def _metric(base_url: str, prefix: str) -> float:
+    text = httpx.get(base_url + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_a_request_that_cannot_meet_its_ttft_is_refused_at_once(slo_server):
+    allm = slo_server.allm
+    prompt_tokens_before = allm.engine.num_prompt_tokens
+    allm._stats = SchedulerStats(queue_wait_s=5.0, prefill_s_per_token=1e-4)  # a long queue, as if overloaded
+    t = time.monotonic()
+    r = httpx.post(slo_server.v1 + "/completions", json=_body(), timeout=30)
+    elapsed = time.monotonic() - t
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    err = r.json()["error"]
+    assert err["code"] == "slo_unattainable" and err["type"] == "rate_limit_error"
+    assert elapsed < 1.0 and allm.engine.num_prompt_tokens == prompt_tokens_before  # never reached the core
+    # a request with a looser target of its own is taken
+    r = httpx.post(slo_server.v1 + "/completions", json=_body(slo={"ttft_ms": 60_000}), timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert _metric(slo_server.base_url, 'meshserve:requests_rejected_total{reason="slo_unattainable"}') >= 1
+
+
+def test_a_request_shed_in_the_queue_gets_the_same_clean_429(slo_server):
+    allm = slo_server.allm
+    allm._stats = SchedulerStats()  # an idle engine: the front end admits
+    r = httpx.post(slo_server.v1 + "/completions", json=_body(slo={"ttft_ms": 0.001}), timeout=30)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "slo_unattainable"
+    assert "retry-after" in r.headers
+    deadline = time.monotonic() + 5
+    while _metric(slo_server.base_url, "meshserve:requests_shed_total") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_bad_service_level_fields_are_400(slo_server):
+    for extra in ({"slo": {"ttft_ms": -1}}, {"priority": "high"}, {"slo": {"tpot_ms": 0}}):
+        r = httpx.post(slo_server.v1 + "/completions", json=_body(**extra), timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", extra
+
+
+def test_a_burst_gets_answers_or_429s_and_nothing_hangs(slo_server):
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, int]:
+        body = _body(prompt=[3 + i % 50] * 40, max_tokens=24, stream=True, priority=i % 3,
+                     stream_options={"include_usage": True})
+        async with client.stream("POST", slo_server.v1 + "/completions", json=body) as r:
+            lines = [line async for line in r.aiter_lines() if line.startswith("data:")]
+        if r.status_code == 200:
+            assert lines[-1] == "data: [DONE]" and '"completion_tokens":24' in lines[-2].replace(" ", "")
+        return r.status_code, len(lines)
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(40)))
+
+    met_before = _metric(slo_server.base_url, 'meshserve:requests_slo_total{result="met"}')
+    results = asyncio.run(burst())
+    statuses = [s for s, _ in results]
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 4
+    served = statuses.count(200)
+    counted = (_metric(slo_server.base_url, 'meshserve:requests_slo_total{result="met"}') - met_before
+               + _metric(slo_server.base_url, 'meshserve:requests_slo_total{result="missed"}'))
+    assert counted >= served  # every served request was judged against its target

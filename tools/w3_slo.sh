@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# W3 on the device with service-level targets on (issue 18): `meshserve serve` with --slo-ttft-ms/--slo-tpot-ms
+# and a per-step trace, then `meshserve bench serve` over QPS points; results, trace and metrics under $OUT.
+# Usage (device, from the repo root, wheels in .whl): bash tools/w3_slo.sh [QPS list] [extra serve flags...]
+set -u -o pipefail
+qps=${1:-32,48,64,96}; shift || true
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD:/tmp/site
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+python3 -m meshserve.cli bench tokenizer /tmp/tok >/dev/null || exit 1
+python3 -m meshserve.cli serve llama-3.1-8b --load-format dummy --tokenizer /tmp/tok --max-model-len 4096 \
+  --port 8000 --disable-access-log --slo-ttft-ms 1000 --slo-tpot-ms 50 --step-trace $OUT/steps.jsonl "$@" \
+  > $OUT/serve.log 2>&1 &
+pid=$! t0=$(date +%s)
+for i in $(seq 1 400); do
+  curl -sf localhost:8000/health >/dev/null && break
+  kill -0 $pid 2>/dev/null || { echo "server died"; tail -30 $OUT/serve.log; exit 1; }
+  sleep 1
+done
+echo "ready after $(( $(date +%s) - t0 )) s"
+timeout 420 python3 -m meshserve.cli bench serve --qps $qps --no-progress --output-json $OUT/w3.json 2>&1 | tee $OUT/w3.txt
+curl -s localhost:8000/metrics | grep -E "^meshserve:(requests_(rejected|shed|slo|total)|step_time|queue_wait)" | tee $OUT/metrics.txt
+kill -TERM $pid; wait $pid

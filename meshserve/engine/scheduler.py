@@ -18,6 +18,7 @@ from meshserve.engine.request_fit import check_request_fits
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.scheduling_policy import SchedulingPolicy
 from meshserve.engine.sequence import Sequence, SequenceStatus
+from meshserve.engine.step_time import StepShape
 from meshserve.engine.waiting_queue import WaitingQueue
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         now = time.monotonic()
         self._shed_late(now)
-        budget = self.policy.token_budget(self.running)
+        budget = self.policy.token_budget(self.running, [self.waiting[0]] if self.waiting else [])
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[str] = []
 
@@ -174,6 +175,9 @@ class Scheduler:
             finished_seq_ids=self._finished_since_last_step,
         )
         self._finished_since_last_step = []
+        self.policy.charge(StepShape(out.num_batched_tokens, len(out.scheduled),
+                                     sum(e.num_computed_tokens + e.num_new_tokens for e in out.scheduled)),
+                           self.running)
         if self.async_mode:
             for (seq, n), entry in zip(scheduled, out.scheduled):
                 seq.num_computed_tokens += n

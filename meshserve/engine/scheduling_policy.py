@@ -2,8 +2,11 @@
 
 Without targets the budget is today's: max_num_batched_tokens tokens over at most max_num_seqs sequences.
 With targets (the server's --slo-ttft-ms / --slo-tpot-ms, or a request's own) and a step-time model:
-- the token budget is what keeps the predicted step time under the tightest time-per-output-token target
-  of the running requests (every running request gets one token per step, so a step's time is their TPOT);
+- the token budget keeps the running requests' time per output token (TPOT, an average over their tokens)
+  under the tightest target among them: every step that takes less than the target earns the difference as
+  credit, and a step may take the target plus the credit earned. So prefill runs in large chunks now and
+  then, between plain decode steps (which replay CUDA graphs), rather than a little in every step, which
+  would make every step a slower mixed one;
 - a waiting request is admitted only while the decode batch it joins is still predicted to meet that target,
   so past the knee requests wait (and are shed) instead of slowing everyone down;
 - a queued request whose time-to-first-token target can no longer be met is shed, so no step is spent on a
@@ -22,8 +25,11 @@ from meshserve.engine.step_time import StepShape, StepTimeModel
 
 # Aim a little under the target: the model is a prediction, and a step's time varies.
 TARGET_MARGIN = 0.9
-# Tokens a step always gives to prefills already under way, so they finish even when decodes use the budget.
-MIN_PREFILL_TOKENS = 16
+# Most credit a run of short steps may save up for one long (prefill) step, in multiples of the TPOT target.
+MAX_CREDIT_TARGETS = 3.0
+# With requests decoding, prefill joins a step only in chunks at least this large (or what is left of it):
+# a few hundred tokens in every step would turn every step into a slower mixed one.
+MIN_PREFILL_CHUNK = 512
 # Admissions remembered to estimate the admission rate (the queue's drain rate).
 _ADMISSION_WINDOW = 64
 
@@ -35,6 +41,7 @@ class SchedulingPolicy:
         self.config = config
         self.step_model = step_model
         self._admissions: collections.deque[float] = collections.deque(maxlen=_ADMISSION_WINDOW)
+        self.credit_s = 0.0  # step time saved under the TPOT target, which a longer step may spend
 
     # -- targets ---------------------------------------------------------------------------------
     def ttft_target(self, seq: Sequence) -> float | None:
@@ -47,17 +54,32 @@ class SchedulingPolicy:
         return min(targets) if targets else None
 
     # -- budgets ---------------------------------------------------------------------------------
-    def token_budget(self, running: list[Sequence]) -> int:
-        """New tokens this step may compute."""
+    def token_budget(self, running: list[Sequence], waiting: list[Sequence] | None = None) -> int:
+        """New tokens this step may compute (waiting: the queue, or at least its head)."""
+        waiting = waiting or []
         static = self.config.max_num_batched_tokens
         target = self.tpot_target(running)
-        if target is None or self.step_model is None:
-            return static
         decodes = [s for s in running if s.num_tokens - s.num_computed_tokens <= 1]
+        if target is None or self.step_model is None or not decodes:
+            return static  # nobody's time per output token to protect
         context = sum(s.num_tokens for s in decodes)
-        extra = self.step_model.max_prefill_tokens(target * TARGET_MARGIN, len(decodes), context,
-                                                   limit=static - len(decodes))
-        return min(static, len(decodes) + max(extra, MIN_PREFILL_TOKENS))
+        allowed = target * TARGET_MARGIN + self.credit_s  # below the target while repaying an overdraft
+        extra = self.step_model.max_prefill_tokens(allowed, len(decodes), context, limit=static - len(decodes))
+        pending = sum(s.num_tokens - s.num_computed_tokens for s in running if s not in decodes) + sum(
+            s.num_prompt_tokens for s in waiting[:1])
+        if extra < min(MIN_PREFILL_CHUNK, pending):
+            extra = 0  # decode only now (saving credit); prefill in a larger chunk a few steps later
+        return len(decodes) + extra
+
+    def charge(self, scheduled_shape: StepShape, running: list[Sequence]) -> None:
+        """Account a scheduled step against the TPOT target: a short step earns credit, a long one spends it."""
+        target = self.tpot_target(running)
+        if target is None or self.step_model is None or scheduled_shape.num_tokens == 0:
+            self.credit_s = 0.0
+            return
+        earned = target * TARGET_MARGIN - self.step_model.predict(scheduled_shape)
+        limit = MAX_CREDIT_TARGETS * target
+        self.credit_s = min(max(self.credit_s + earned, -limit), limit)
 
     def may_admit(self, seq: Sequence, running: list[Sequence]) -> bool:
         """Whether seq may join the running batch: with it, a decode step still meets the TPOT target."""

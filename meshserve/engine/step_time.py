@@ -2,9 +2,11 @@
 
 A step reads every weight once and computes 2 FLOPs per parameter per new token, so its time is roughly
     max(weight bytes / bandwidth, new tokens x 2 x parameters / FLOP/s)  +  KV bytes read / bandwidth  +  overhead
-(the planner's arithmetic, meshserve/planner/perf.py). The model keeps those two terms as features and learns
-their weights and the overhead online, by recursive least squares over the engine's measured step times, so
-it starts from the hardware's data sheet and converges to what this build really does on this GPU.
+(the planner's arithmetic, meshserve/planner/perf.py), plus, for a step that carries prefill, the cost of
+running outside a CUDA graph (decode-only steps replay one; mixed steps launch every kernel). The model keeps
+those terms as features and learns their weights online, by recursive least squares over the engine's
+measured step times, so it starts from the hardware's data sheet and converges to what this build really does
+on this GPU.
 """
 
 from __future__ import annotations
@@ -59,28 +61,29 @@ class StepTimeModel:
         self.rates = rates
         # weights of (1, dense term, KV term), fitted in milliseconds so the three are of one scale: the
         # prior is the data sheet at `efficiency` plus a fixed overhead
-        self.theta = np.array([overhead_s * 1e3, 1.0 / efficiency, 1.0 / efficiency])
+        self.theta = np.array([overhead_s * 1e3, 1.0 / efficiency, 1.0 / efficiency, 0.0])
         self._theta = tuple(float(v) for v in self.theta)
-        # the prior's spread: about 2 ms on the overhead, about 0.5 on each efficiency factor
-        self._p = np.diag([4.0, 0.25, 0.25])
+        # the prior's spread: about 2 ms on the overhead, 0.5 on each efficiency factor, 3 ms on the mixed-step cost
+        self._p = np.diag([4.0, 0.25, 0.25, 9.0])
         self.num_observed = 0
         self.last_predicted_s = 0.0
         self.last_actual_s = 0.0
         self.abs_error_ewma = 0.0  # mean |predicted - actual| / actual over recent steps
 
-    def _terms(self, shape: StepShape) -> tuple[float, float]:
-        """The two physical terms, in milliseconds at the data sheet's rates: dense (weights or FLOPs) and KV
-        reads."""
+    def _terms(self, shape: StepShape) -> tuple[float, float, float]:
+        """The terms besides the constant: dense (weights or FLOPs) and KV reads in milliseconds at the data
+        sheet's rates, and 1 for a step that carries prefill."""
         params = self.weight_bytes / 2  # 16-bit weights: 2 bytes per parameter
         dense = max(self.weight_bytes / self.rates.bandwidth, 2.0 * params * shape.num_tokens / self.rates.flops)
-        return 1e3 * dense, 1e3 * shape.context_tokens * self.kv_bytes_per_token / self.rates.bandwidth
+        return (1e3 * dense, 1e3 * shape.context_tokens * self.kv_bytes_per_token / self.rates.bandwidth,
+                1.0 if shape.num_tokens > shape.num_seqs else 0.0)
 
     def predict(self, shape: StepShape) -> float:
         if shape.num_tokens == 0:
             return 0.0
-        dense, kv = self._terms(shape)  # plain floats: this runs many times per step
-        t0, t1, t2 = self._theta
-        return max(t0 + t1 * dense + t2 * kv, 0.0) * 1e-3
+        dense, kv, mixed = self._terms(shape)  # plain floats: this runs many times per step
+        t0, t1, t2, t3 = self._theta
+        return max(t0 + t1 * dense + t2 * kv + t3 * mixed, 0.0) * 1e-3
 
     def observe(self, shape: StepShape, actual_s: float) -> None:
         """Fold one measured step into the fit (recursive least squares with forgetting)."""

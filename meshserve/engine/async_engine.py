@@ -118,20 +118,24 @@ class AsyncLLM:
     # -- requests --------------------------------------------------------------------------------
     async def generate(self, prompt: PromptType, params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0, slo_ttft_s: float | None = None,
-                       slo_tpot_s: float | None = None) -> AsyncIterator[RequestOutput]:
+                       slo_tpot_s: float | None = None, arrival_time: float | None = None,
+                       ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs (of params.output_kind; cumulative by default), the last one
         finished. Invalid requests raise on the first iteration, and so does a request whose time to
         first token is predicted to break its target (ServiceLevelError, at once). Leaving early aborts
-        the request. priority and the slo_* targets: see InputProcessor.process."""
+        the request. priority and the slo_* targets: see InputProcessor.process. arrival_time
+        (time.monotonic(), default now): when the request reached the server, so time spent before this
+        call counts against its time-to-first-token target."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         request_id = request_id or f"req-{uuid.uuid4().hex}"
 
         def process():
-            return self.input_processor.process(request_id, prompt, params, None, priority, slo_ttft_s, slo_tpot_s)
+            return self.input_processor.process(request_id, prompt, params, arrival_time, priority, slo_ttft_s,
+                                                slo_tpot_s)
 
         processed = await self.run_tokenizer(process) if InputProcessor.needs_tokenizer(prompt) else process()
-        self._check_service_level(processed.slo_ttft_s, len(processed.prompt_token_ids))
+        self._check_service_level(processed.slo_ttft_s, len(processed.prompt_token_ids), processed.arrival_time)
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self.output_processor.add_request(processed, queue=(asyncio.get_running_loop(), q))
@@ -151,15 +155,18 @@ class AsyncLLM:
             if not finished:
                 self._abort(request_id)
 
-    def predicted_ttft_s(self, num_prompt_tokens: int) -> float:
-        """Time to first token of a request arriving now, from the core's last published queue state."""
+    def predicted_ttft_s(self, num_prompt_tokens: int, arrival_time: float | None = None) -> float:
+        """Time to first token of a request that arrived at arrival_time (default: now), from the core's last
+        published queue state."""
         st = self._stats
-        return st.queue_wait_s + num_prompt_tokens * st.prefill_s_per_token
+        waited = time.monotonic() - arrival_time if arrival_time is not None else 0.0
+        return waited + st.queue_wait_s + num_prompt_tokens * st.prefill_s_per_token
 
-    def _check_service_level(self, ttft_target_s: float | None, num_prompt_tokens: int) -> None:
+    def _check_service_level(self, ttft_target_s: float | None, num_prompt_tokens: int,
+                             arrival_time: float | None = None) -> None:
         if ttft_target_s is None:
             return
-        predicted = self.predicted_ttft_s(num_prompt_tokens)
+        predicted = self.predicted_ttft_s(num_prompt_tokens, arrival_time)
         if predicted > ttft_target_s * _ADMISSION_MARGIN:
             raise ServiceLevelError(
                 f"the server is at capacity: predicted time to first token {predicted:.2f} s, target "

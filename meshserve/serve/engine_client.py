@@ -142,7 +142,7 @@ class EngineClient:
 
     # -- requests --------------------------------------------------------------------------------
     async def start(self, prompts: list[Any], params: SamplingParams, request_id: str, priority: int = 0,
-                    slo: ServiceLevel | None = None) -> list[EngineRequest]:
+                    slo: ServiceLevel | None = None, arrival_time: float | None = None) -> list[EngineRequest]:
         """Admit and start one engine request per prompt; wait for each one's first output.
 
         Errors (invalid prompt, prompt too long, full queue, a time-to-first-token target that cannot be
@@ -152,7 +152,7 @@ class EngineClient:
         self.check_admission()
         ttft = slo.ttft_ms / 1e3 if slo is not None and slo.ttft_ms else None
         tpot = slo.tpot_ms / 1e3 if slo is not None and slo.tpot_ms else None
-        gens = [self.allm.generate(p, params, f"{request_id}-{i}", priority, ttft, tpot)
+        gens = [self.allm.generate(p, params, f"{request_id}-{i}", priority, ttft, tpot, arrival_time)
                 for i, p in enumerate(prompts)]
         tasks = [asyncio.ensure_future(g.__anext__()) for g in gens]
         self._num_starting += len(gens)

@@ -127,6 +127,7 @@ class RequestTracker:
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
         self.arrival = time.perf_counter()
+        self.arrival_monotonic = time.monotonic()  # the engine's clock: its TTFT targets count from here
         self._first: float | None = None
         self._last: float | None = None
         self._prompt_seen: set[int] = set()

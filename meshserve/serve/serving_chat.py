@@ -64,7 +64,7 @@ class ChatService:
                                                        req.chat_template_kwargs)
             request_id = random_id("chatcmpl")
             requests = await self.client.start([{"prompt_token_ids": prompt_ids}], params, request_id,
-                                               req.priority, req.slo)
+                                               req.priority, req.slo, tracker.arrival_monotonic)
         except BaseException as e:
             tracker.fail(e)
             raise

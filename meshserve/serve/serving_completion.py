@@ -51,7 +51,8 @@ class CompletionService:
             prompts = req.prompts()
             request_id = random_id("cmpl")
             engine_prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
-            requests = await self.client.start(engine_prompts, params, request_id, req.priority, req.slo)
+            requests = await self.client.start(engine_prompts, params, request_id, req.priority, req.slo,
+                                               tracker.arrival_monotonic)
         except BaseException as e:
             tracker.fail(e)
             raise

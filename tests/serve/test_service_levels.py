@@ -51,14 +51,25 @@ def test_a_request_that_cannot_meet_its_ttft_is_refused_at_once(slo_server):
 
 def test_a_request_shed_in_the_queue_gets_the_same_clean_429(slo_server):
     allm = slo_server.allm
-    allm._stats = SchedulerStats()  # an idle engine: the front end admits
-    r = httpx.post(slo_server.v1 + "/completions", json=_body(slo={"ttft_ms": 0.001}), timeout=30)
-    assert r.status_code == 429 and r.json()["error"]["code"] == "slo_unattainable"
-    assert "retry-after" in r.headers
-    deadline = time.monotonic() + 5
-    while _metric(slo_server.base_url, "meshserve:requests_shed_total") < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    model = allm.engine.step_model
+
+    async def slow_prefill(theta):  # on the core's thread: a step-time model that finds prefill very slow
+        return await allm.call(lambda: setattr(model, "_theta", theta))
+
+    saved = model._theta
+    asyncio.run(slow_prefill((saved[0], 1e6, saved[2], saved[3])))
+    try:
+        allm._stats = SchedulerStats()  # the front end's view: an idle engine, so it admits
+        shed_before = _metric(slo_server.base_url, "meshserve:requests_shed_total")
+        r = httpx.post(slo_server.v1 + "/completions", json=_body(), timeout=30)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "slo_unattainable"
+        assert "retry-after" in r.headers
+        deadline = time.monotonic() + 5
+        while _metric(slo_server.base_url, "meshserve:requests_shed_total") < shed_before + 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        asyncio.run(slow_prefill(saved))
 
 
 def test_bad_service_level_fields_are_400(slo_server):

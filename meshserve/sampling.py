@@ -50,6 +50,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling, in [-100, 100]
     # Filled by the engine: EOS ids of the model (unless ignore_eos), merged into the stop set.
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -99,11 +100,19 @@ class SamplingParams:
         check(self.prompt_logprobs is None
               or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
               "prompt_logprobs", f"must be an integer in [0, 20], got {self.prompt_logprobs}")
+        check(self.logit_bias is None or all(
+            isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100.0 <= b <= 100.0
+            for t, b in self.logit_bias.items()), "logit_bias",
+              "must map token ids (non-negative integers) to biases in [-100, 100]")
 
     # -- derived ----------------------------------------------------------------------------------
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def uses_logit_bias(self) -> bool:
+        return bool(self.logit_bias)
 
     @property
     def uses_penalties(self) -> bool:

@@ -92,12 +92,17 @@ class AsyncLLM:
 
     @property
     def num_waiting(self) -> int:
-        """Requests queued in the core's scheduler after its last step (exact enough for admission)."""
-        return self._stats.num_waiting
+        """Requests waiting to run: queued in the core as of its last message, or sent to it since (the core
+        takes new requests between steps, so during a long step they wait here)."""
+        st = self._stats
+        return max(st.num_waiting, self.output_processor.num_running_completions() - st.num_running)
 
     def stats_snapshot(self) -> tuple[dict, float]:
-        """The core's counters after its last step, and their age in seconds."""
-        return msgspec.structs.asdict(self._stats), time.monotonic() - self._stats_time
+        """The core's counters as of its last message (waiting including requests sent since), and their age
+        in seconds."""
+        stats = msgspec.structs.asdict(self._stats)
+        stats["num_waiting"] = self.num_waiting
+        return stats, time.monotonic() - self._stats_time
 
     async def stats(self) -> dict:
         return self.stats_snapshot()[0]

@@ -157,7 +157,7 @@ class EngineCore:
         return bool(self.requests)
 
     def idle_outputs(self) -> EngineCoreOutputs:
-        """What a core with nothing to run publishes after taking commands: refusals and fresh counters."""
+        """Refusals and fresh counters without a step (published right after taking commands)."""
         return self._outputs([])
 
     # -- the step --------------------------------------------------------------------------------

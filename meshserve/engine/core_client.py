@@ -56,8 +56,8 @@ def run_core_loop(core: EngineCore, next_command: Callable[[float], tuple | None
     """Take every queued command, step while there is work, publish each step's outputs; return on SHUTDOWN.
 
     next_command(timeout) returns the next command, or None when none came within timeout (0: don't wait).
-    A core with nothing to run waits for commands; after taking some it publishes once even without a step,
-    so refusals and fresh counters (an abort while idle) reach the front end.
+    A core with nothing to run waits for commands; after taking some it publishes its refusals and counters
+    at once, before the next step, so the front end's view (queue depth, /metrics) never waits on a step.
     """
     while True:
         handled = False
@@ -75,10 +75,10 @@ def run_core_loop(core: EngineCore, next_command: Callable[[float], tuple | None
             elif kind == SHUTDOWN:
                 core.shutdown()
                 return
+        if handled:  # refusals and the new counters go out now, not after a step that may take a while
+            publish(core.idle_outputs())
         if core.has_unfinished_requests():
             publish(core.step())
-        elif handled:
-            publish(core.idle_outputs())
 
 
 def _run_call(fn: Callable, fut: concurrent.futures.Future) -> None:

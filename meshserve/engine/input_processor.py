@@ -103,6 +103,8 @@ class InputProcessor:
             raise InvalidArgumentError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         if any(t >= vocab for t in params.stop_token_ids):  # out of range, they crash the min_tokens ban
             raise InvalidArgumentError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        if params.logit_bias and any(t >= vocab for t in params.logit_bias):
+            raise InvalidArgumentError(f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
         max_len = info.max_model_len
         if len(token_ids) >= max_len:
             raise PromptTooLongError(

@@ -135,6 +135,10 @@ class OutputProcessor:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def num_running_completions(self) -> int:
+        """Core requests (completions) not finished yet."""
+        return len(self._children)
+
     def add_request(self, request: ProcessedRequest, queue: Any = None) -> RequestState:
         if request.request_id in self.requests:
             from meshserve.errors import InvalidArgumentError

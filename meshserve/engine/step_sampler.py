@@ -83,8 +83,8 @@ class StepSampler:
         rows = [scheduled[i] for i in sample_idx]
         banned = [sorted(s.params._all_stop_token_ids) if s.num_output_tokens < s.params.min_tokens else []
                   for s in rows]
-        if all(s.params.greedy and s.params.logprobs is None and not s.params.uses_penalties for s in rows) \
-                and not any(banned):
+        if all(s.params.greedy and s.params.logprobs is None and not s.params.uses_penalties
+               and not s.params.logit_bias for s in rows) and not any(banned):
             # plain greedy: no per-row settings to upload, just the argmax
             return self._pending(result, rows, logits.argmax(dim=-1), parity)
         meta_s = SamplingMetadata.build(

@@ -1,6 +1,6 @@
 """The sampler: turns one step's logits into next tokens (and their logprobs), batched over requests.
 
-Order of operations (as in vLLM v1): logprobs of the raw logits -> banned ids -> penalties ->
+Order of operations (as in vLLM v1): logprobs of the raw logits -> banned ids -> logit bias -> penalties ->
 greedy argmax | temperature -> min_p -> top_k -> top_p -> exponential-race sampling.
 """
 
@@ -41,6 +41,8 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator]  # row -> generator of a seeded (random) request
     # Per row, ids to mask to -inf (EOS/stop ids while output < min_tokens); None if none.
     banned_token_ids: list[list[int]] | None
+    # Per row, {token id: bias} added to the logits (OpenAI's logit_bias); None if no row has one.
+    logit_bias: list[dict[int, float] | None] | None
     max_num_logprobs: int | None  # largest logprobs k of any row; None = no row wants logprobs
     # Fast-path flags; the top_p/top_k/min_p ones only look at random (non-greedy) rows.
     all_greedy: bool
@@ -83,6 +85,7 @@ class SamplingMetadata:
 
         if banned_token_ids is not None and not any(banned_token_ids):
             banned_token_ids = None
+        logit_bias = [p.logit_bias for p in params] if any(p.logit_bias for p in params) else None
         asked = [p.logprobs for p in params if p.logprobs is not None]
 
         # every per-row float setting in one host array and one copy (not six small synchronous ones)
@@ -107,6 +110,7 @@ class SamplingMetadata:
             generators={i: gen for i, (gen, g) in enumerate(zip(generators, greedy))
                         if gen is not None and not g},
             banned_token_ids=banned_token_ids,
+            logit_bias=logit_bias,
             max_num_logprobs=max(asked) if asked else None,
             all_greedy=all(greedy),
             all_random=not any(greedy),
@@ -150,6 +154,19 @@ def apply_banned(logits: torch.Tensor, banned_token_ids: list[list[int]] | None)
     if rows:
         index = torch.tensor([rows, cols], dtype=torch.int64, device=logits.device)
         logits[index[0], index[1]] = float("-inf")
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, logit_bias: list[dict[int, float] | None] | None) -> torch.Tensor:
+    """Add each row's {token id: bias} to its logits, in place."""
+    if not logit_bias:
+        return logits
+    rows = [i for i, bias in enumerate(logit_bias) for _ in (bias or ())]
+    cols = [t for bias in logit_bias for t in (bias or ())]
+    values = [b for bias in logit_bias for b in (bias or {}).values()]
+    index = torch.tensor([rows, cols], dtype=torch.int64).to(logits.device, non_blocking=True)
+    logits.index_put_((index[0], index[1]), torch.tensor(values, dtype=logits.dtype).to(logits.device),
+                      accumulate=True)
     return logits
 
 
@@ -248,7 +265,8 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
 
 def _temperature_only(metadata: SamplingMetadata) -> bool:
     """Nothing but temperature (or greedy) per row: no filters, penalties, bans, logprobs or seeds."""
-    return (metadata.max_num_logprobs is None and not metadata.banned_token_ids and metadata.no_penalties
+    return (metadata.max_num_logprobs is None and not metadata.banned_token_ids and not metadata.logit_bias
+            and metadata.no_penalties
             and metadata.no_top_p and metadata.no_top_k and metadata.no_min_p and not metadata.generators)
 
 
@@ -280,6 +298,7 @@ class Sampler(torch.nn.Module):
         raw_logits = logits
         logits = logits.to(torch.float32, copy=True)
         apply_banned(logits, metadata.banned_token_ids)
+        apply_logit_bias(logits, metadata.logit_bias)
         logits = apply_penalties(logits, metadata)
 
         if metadata.all_greedy:

@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from meshserve import __version__
 from meshserve.engine.async_engine import AsyncLLM
+from meshserve.errors import ModelNotFoundError
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient
 from meshserve.serve.errors import error_body, error_payload, validation_error_payload
@@ -48,6 +49,9 @@ _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
 _PROBE_RESPONSES: dict[int | str, dict[str, Any]] = {503: {"model": StatusResponse}}
 
 
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
 def _json_error(status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -60,7 +64,8 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
     async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _json_error(exc.status_code, error_body(str(exc.detail), error_type, None, exc.status_code),
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")  # codes are strings, as everywhere
+        return _json_error(exc.status_code, error_body(str(exc.detail), error_type, None, code),
                            dict(exc.headers or {}))
 
     async def on_any(_: Request, exc: Exception) -> JSONResponse:
@@ -91,7 +96,8 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     max_model_len = config.max_model_len or client.max_model_len
 
     app = FastAPI(title="meshserve", version=__version__,
-                  description="OpenAI-compatible LLM inference server")
+                  description="OpenAI-compatible LLM inference server. With --api-key, every /v1 route needs "
+                              "`Authorization: Bearer KEY` or `x-api-key: KEY`.")
     app.state.serve_state = state
     app.state.metrics = metrics
     app.state.engine_client = client
@@ -110,6 +116,12 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     async def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=name, root=name, max_model_len=max_model_len)
                                for name in config.served_model_names])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
+    async def retrieve_model(model_id: str):
+        if model_id not in config.served_model_names:
+            return _json_error(*error_payload(ModelNotFoundError(model_id))[:2])
+        return ModelCard(id=model_id, root=model_id, max_model_len=max_model_len)
 
     @app.get("/health", response_model=StatusResponse, responses=_PROBE_RESPONSES)
     async def health():

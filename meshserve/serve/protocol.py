@@ -1,15 +1,18 @@
 """Pydantic models of the OpenAI-compatible HTTP API: requests, responses, stream chunks, errors.
 
 This is the only module where pydantic appears. Field names follow OpenAI's API; vLLM's extensions
-(top_k, min_p, repetition_penalty, ignore_eos, ...) are accepted too. Unknown fields are ignored, as
-OpenAI's clients send some we do not implement. Ranges here are the documented ones; SamplingParams
-validates again for callers that bypass HTTP.
+(top_k, min_p, repetition_penalty, ignore_eos, ...) are accepted too. Types are strict (a boolean is not an
+integer, nor an integer a boolean). Unknown fields are ignored, as OpenAI's clients send some we do not
+implement; OpenAI parameters that change the answer and that meshserve does not implement yet (tools,
+response_format, ...) are declared so that a request using them gets a 400 naming them rather than a
+silently different answer. Ranges here are the documented ones; SamplingParams validates again for callers
+that bypass HTTP.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -18,7 +21,7 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -69,6 +72,8 @@ class SamplingRequest(OpenAIModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) -> bias in [-100, 100] added to its logit")
     priority: int = Field(0, ge=_INT64_MIN, le=_INT64_MAX,
                           description="with --scheduling-policy priority: lower values are served first")
     # meshserve extension
@@ -90,16 +95,20 @@ class SamplingRequest(OpenAIModel):
         return v
 
 
-TokenIds = list[int]
+TokenIds = Annotated[list[int], Field(min_length=1)]
+PromptText = Annotated[str, Field(min_length=1)]
 
 
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions."""
 
-    prompt: str | TokenIds | list[str | TokenIds]
+    prompt: PromptText | TokenIds | Annotated[list[PromptText | TokenIds], Field(min_length=1)]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # OpenAI parameters not implemented: a request that uses them is refused (400), never answered differently
+    suffix: str | None = Field(None, description="not supported: must be absent or empty")
+    best_of: int | None = Field(None, description="not supported beyond best_of == n")
 
     @field_validator("prompt")
     @classmethod
@@ -146,6 +155,13 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI parameters not implemented yet (structured outputs and tool calls): a request that uses them is
+    # refused (400) rather than answered with plain text
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported yet: must be absent or empty")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='not supported yet: absent or "none"')
+    response_format: dict[str, Any] | None = Field(None, description='not supported yet: absent or {"type": "text"}')
+    functions: list[dict[str, Any]] | None = Field(None, description="not supported: must be absent or empty")
+    function_call: str | dict[str, Any] | None = Field(None, description='not supported: absent or "none"')
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:

@@ -2,8 +2,50 @@
 
 from __future__ import annotations
 
+from meshserve.errors import InvalidArgumentError
 from meshserve.sampling import RequestOutputKind, SamplingParams
 from meshserve.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+
+
+def _logit_bias(req: SamplingRequest) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias} with string keys -> {id: bias}; a key that is not a token id is a 400."""
+    if not req.logit_bias:
+        return None
+    bias = {}
+    for key, value in req.logit_bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidArgumentError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        if token < 0 or not -100.0 <= value <= 100.0:
+            raise InvalidArgumentError(f"logit_bias: {key!r} -> {value} (ids are >= 0, biases in [-100, 100])",
+                                       param="logit_bias")
+        bias[token] = float(value)
+    return bias
+
+
+def _unsupported(param: str, why: str) -> InvalidArgumentError:
+    return InvalidArgumentError(f"{param} is not supported by this server yet ({why})", param=param)
+
+
+def reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
+    """A 400 naming an OpenAI parameter that would change the answer and that meshserve does not implement."""
+    if isinstance(req, CompletionRequest):
+        if req.suffix:
+            raise _unsupported("suffix", "insertion is not implemented")
+        if req.best_of is not None and req.best_of != req.n:
+            raise _unsupported("best_of", "use n")
+        return
+    if req.tools:
+        raise _unsupported("tools", "tool calling comes with structured outputs")
+    if req.tool_choice not in (None, "none"):
+        raise _unsupported("tool_choice", 'only "none" is accepted')
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        raise _unsupported("response_format", 'only {"type": "text"} is accepted')
+    if req.functions:
+        raise _unsupported("functions", "function calling is not implemented")
+    if req.function_call not in (None, "none"):
+        raise _unsupported("function_call", 'only "none" is accepted')
 
 
 def _common(req: SamplingRequest) -> dict:
@@ -25,11 +67,13 @@ def _common(req: SamplingRequest) -> dict:
         "include_stop_str_in_output": req.include_stop_str_in_output,
         # the handlers stream or gather deltas: each step carries only what is new
         "output_kind": RequestOutputKind.DELTA,
+        "logit_bias": _logit_bias(req),
     }
 
 
 def completion_sampling_params(req: CompletionRequest) -> SamplingParams:
     """max_tokens defaults to 16 (OpenAI); echo with logprobs also scores the prompt."""
+    reject_unsupported(req)
     kwargs = _common(req)
     return SamplingParams(max_tokens=req.max_tokens, logprobs=req.logprobs,
                           prompt_logprobs=req.logprobs if (req.echo and req.logprobs is not None) else None,
@@ -38,6 +82,7 @@ def completion_sampling_params(req: CompletionRequest) -> SamplingParams:
 
 def chat_sampling_params(req: ChatCompletionRequest) -> SamplingParams:
     """max_completion_tokens wins over max_tokens; neither means 'up to the context length'."""
+    reject_unsupported(req)
     kwargs = _common(req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None

@@ -233,3 +233,18 @@ def test_batch_tensors_start_16_byte_aligned(llm):
     assert meta.seq_lens.tolist() == [3, 5, 1]
     assert meta.block_tables.tolist() == [[0, 0], [8, 9], [16, 0]]
     assert meta.slot_mapping.tolist() == [0, 1, 2, 32, 33, 34, 35, 36, 64]
+
+
+def test_logit_bias_forces_and_bans_tokens(llm):
+    prompt = {"prompt_token_ids": _ids(7, 9)}
+    forced = llm.generate(prompt, SamplingParams(temperature=0.8, seed=1, max_tokens=6, ignore_eos=True,
+                                                 logit_bias={42: 100.0}), use_tqdm=False)[0].outputs[0]
+    assert forced.token_ids == [42] * 6
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    ban = {t: -100.0 for t in free.token_ids}
+    banned = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias=ban),
+                          use_tqdm=False)[0].outputs[0]
+    assert not set(banned.token_ids) & set(free.token_ids)
+    with pytest.raises(InvalidArgumentError, match="logit_bias"):
+        llm.generate(prompt, SamplingParams(logit_bias={VOCAB + 5: 1.0}), use_tqdm=False)

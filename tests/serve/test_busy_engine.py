@@ -1,0 +1,88 @@
+"""While the engine core is busy in a long step, the front end still answers: /metrics from the counters the
+core published (never zeros), and bad requests are refused at once, without waiting for the step."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from meshserve.serve.config import ServeConfig
+from tests.serve.conftest import make_engine, start_server
+
+STEP_S = 1.5
+
+
+class _SlowExecutor:
+    """The real executor, with every step taking STEP_S longer (a long prefill, made on purpose)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def execute(self, sched_out):
+        if sched_out.scheduled:
+            time.sleep(STEP_S)
+        return self._inner.execute(sched_out)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+@pytest.fixture(scope="module")
+def busy(tiny_model_dir):
+    allm = make_engine(tiny_model_dir("llama"), async_scheduling=False)
+    live = start_server(allm, ServeConfig(served_model_names=["tiny"]))
+    core = allm.engine
+    core.executor = _SlowExecutor(core.executor)  # the core is idle until the first request
+    yield live
+    core.executor = core.executor._inner
+    live.stop()
+    allm.shutdown()
+
+
+def _gauges(base_url: str) -> dict[str, float]:
+    text = httpx.get(base_url + "/metrics", timeout=5).text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith(("meshserve:num_requests", "meshserve:engine_stats_age"))}
+
+
+def _send_in_background(url: str, n: int) -> list[threading.Thread]:
+    def one():
+        httpx.post(url, json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2, "ignore_eos": True},
+                   timeout=60)
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_metrics_during_a_long_step_show_the_requests_and_their_age(busy):
+    threads = _send_in_background(busy.v1 + "/completions", 3)
+    time.sleep(0.4)  # the core took the requests and is inside its slow step
+    ages = []
+    for _ in range(3):
+        t = time.monotonic()
+        g = _gauges(busy.base_url)
+        assert time.monotonic() - t < 0.5  # a scrape never waits on the core
+        assert g["meshserve:num_requests_running"] + g["meshserve:num_requests_waiting"] == 3
+        ages.append(g["meshserve:engine_stats_age_seconds"])
+        time.sleep(0.3)
+    assert ages == sorted(ages) and ages[-1] >= 0.5  # stale, and saying so
+    for t in threads:
+        t.join(30)
+    assert _gauges(busy.base_url)["meshserve:num_requests_running"] == 0
+
+
+def test_bad_requests_are_refused_without_waiting_for_the_step(busy):
+    threads = _send_in_background(busy.v1 + "/completions", 2)
+    time.sleep(0.4)
+    for body in ({"model": "tiny", "prompt": ""}, {"model": "tiny", "prompt": [5], "max_tokens": 10_000},
+                 {"model": "tiny", "prompt": [999_999]}):
+        t = time.monotonic()
+        r = httpx.post(busy.v1 + "/completions", json=body, timeout=30)
+        assert r.status_code == 400 and time.monotonic() - t < STEP_S / 3, body
+    for t in threads:
+        t.join(30)

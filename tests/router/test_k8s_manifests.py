@@ -175,3 +175,52 @@ def test_autoscaling_rules_use_the_routers_queue_depth_and_target(docs):
     pool = ReplicaPool(RouterConfig(backends=["http://a:1", "http://b:1"], target_queue_per_replica=target))
     pool.primaries[0].outstanding, pool.primaries[1].outstanding = 20, 21
     assert pool.desired_replicas() == math.ceil(41 / target)
+
+
+def test_manifests_pass_strict_schemas_offline(docs):
+    """Core objects against Kubernetes' own schemas (kubernetes-validate, strict: no unknown fields); the
+    custom resources against schemas of their documented APIs, their pod templates against the core one."""
+    import jsonschema
+    import kubernetes_validate
+
+    from tests.router.k8s_crd_schemas import CRD_SCHEMAS
+
+    checked = set()
+    for (kind, name), doc in docs.items():
+        if kind == "Kustomization":
+            continue
+        if kind in CRD_SCHEMAS:
+            jsonschema.validate(doc, CRD_SCHEMAS[kind])
+            if kind == "LeaderWorkerSet":
+                tpl = doc["spec"]["leaderWorkerTemplate"]
+                for key in ("leaderTemplate", "workerTemplate"):
+                    pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{name}-{key}"},
+                           "template": tpl[key]}
+                    kubernetes_validate.validate(pod, "1.30", strict=True)
+        else:
+            kubernetes_validate.validate(doc, "1.30", strict=True)
+        checked.add(kind)
+    assert {"Deployment", "Service", "Secret", "PersistentVolumeClaim", "LeaderWorkerSet", "ScaledObject"} <= checked
+
+
+def test_every_engine_has_a_startup_probe_and_what_it_mounts_is_defined(docs):
+    for (kind, name), doc in docs.items():
+        if kind not in ("Deployment", "LeaderWorkerSet"):
+            continue
+        if kind == "Deployment":
+            specs = [doc["spec"]["template"]["spec"]]
+        else:
+            tpl = doc["spec"]["leaderWorkerTemplate"]
+            specs = [tpl["leaderTemplate"]["spec"], tpl["workerTemplate"]["spec"]]
+        for spec in specs:
+            for c in spec["containers"]:
+                loads_a_model = argv_of(c, LWS_ENV)[:1] == ["serve"]
+                if loads_a_model and "livenessProbe" in c:
+                    assert "startupProbe" in c, (name, "a slow model load must not trip the liveness probe")
+            for vol in spec.get("volumes", []):
+                claim = vol.get("persistentVolumeClaim", {}).get("claimName")
+                assert claim is None or ("PersistentVolumeClaim", claim) in docs, claim
+            for c in spec["containers"]:
+                for env in c.get("env", []):
+                    ref = env.get("valueFrom", {}).get("secretKeyRef")
+                    assert ref is None or ("Secret", ref["name"]) in docs, ref

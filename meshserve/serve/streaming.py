@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -26,11 +27,20 @@ logger = logging.getLogger(__name__)
 
 SSE_DONE = "data: [DONE]\n\n"
 
+# Characters JSON may carry raw that many line readers treat as line breaks (Python's str.splitlines, so
+# httpx's aiter_lines): escaped, so an event never splits inside a client that reads the stream by lines.
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+_HAS_LINE_BREAK = re.compile("[\u0085\u2028\u2029]")
+
 
 def sse_event(payload: BaseModel | dict[str, Any]) -> str:
     if isinstance(payload, BaseModel):
-        return f"data: {payload.model_dump_json()}\n\n"
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        data = payload.model_dump_json()
+    else:
+        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    if _HAS_LINE_BREAK.search(data):
+        data = data.translate(_LINE_BREAKS)
+    return f"data: {data}\n\n"
 
 
 def sse_error(exc: BaseException) -> str:

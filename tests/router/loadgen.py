@@ -51,6 +51,7 @@ class Load:
     stream_max_tokens: int = 160
     timeout_s: float = 30.0
     limit: int | None = None
+    backoff_s: float = 0.0  # after a clean refusal, wait this long before the next request (as clients do)
     model: str = "tiny"
     phase: str = "start"
     results: list[Result] = field(default_factory=list)
@@ -93,6 +94,8 @@ class Load:
                 result.outcome, result.detail = "lost", f"transport: {type(e).__name__}: {e!r} cause {e.__cause__!r} after {time.monotonic() - t0:.2f}s"
             result.seconds = time.monotonic() - t0
             self.results.append(result)
+            if self.backoff_s and result.outcome == "clean_error":
+                await asyncio.sleep(self.backoff_s)
 
     def _body(self, i: int, stream: bool) -> dict:
         body = {"model": self.model, "prompt": f"Request {i}: tell me a story about routers",
@@ -147,7 +150,11 @@ class Load:
         if not data or data[-1] != "[DONE]":
             result.detail = "stream ended without [DONE]"
             return
-        events = [json.loads(d) for d in data[:-1]]
+        try:
+            events = [json.loads(d) for d in data[:-1]]
+        except json.JSONDecodeError as e:  # an event a line reader split in two is a broken stream: lost
+            result.detail = f"malformed event: {e}"
+            return
         errors = [k for k, e in enumerate(events) if "error" in e]
         ids = {e["id"] for e in events if "id" in e}
         if len(ids) > 1:

@@ -44,6 +44,7 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0
     error: str | None = None
+    send_lag: float = 0.0  # how late the request left against its arrival time (the client keeping up)
 
     @property
     def tpot(self) -> float:
@@ -197,7 +198,9 @@ async def run_load(base_url: str, model: str, reqs: list[BenchRequest], *, chat:
         async def one(req: BenchRequest) -> RequestResult:
             if sem is None:
                 await asyncio.sleep(max(0.0, start + req.send_at - time.perf_counter()))
+                lag = time.perf_counter() - (start + req.send_at)
                 res = await send_request(client, url, request_body(req, model, chat, temperature, ignore_eos), chat)
+                res.send_lag = lag
             else:
                 async with sem:
                     res = await send_request(client, url, request_body(req, model, chat, temperature, ignore_eos),
@@ -240,6 +243,7 @@ def summarize(results: list[RequestResult], duration: float, load: float, load_k
     summary.update(_stats([x for r in ok for x in r.itls], "itl"))
     summary.update(_stats([r.tpot for r in ok if r.output_tokens > 1], "tpot"))
     summary.update(_stats([r.e2e for r in ok], "e2e"))
+    summary.update(_stats([r.send_lag for r in results], "send_lag"))
     errors = [r.error for r in results if r.error]
     if errors:
         summary["first_error"] = errors[0]
@@ -251,7 +255,8 @@ def format_point(s: dict[str, Any]) -> str:
     load = f"QPS {s['qps']:g}" if "qps" in s else f"concurrency {s['concurrency']}"
     return (f"{load}: {s['completed']}/{s['num_requests']} ok, goodput {s['goodput']:.2f} req/s, "
             f"out {s['output_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_p50'] * 1e3:.1f} ms p99 "
-            f"{s['ttft_p99'] * 1e3:.1f} ms, ITL p50 {s['itl_p50'] * 1e3:.1f} ms p99 {s['itl_p99'] * 1e3:.1f} ms")
+            f"{s['ttft_p99'] * 1e3:.1f} ms, ITL p50 {s['itl_p50'] * 1e3:.1f} ms p99 {s['itl_p99'] * 1e3:.1f} ms, "
+            f"send lag p99 {s.get('send_lag_p99', 0.0) * 1e3:.1f} ms")
 
 
 def append_benchmarks_md(path: str, points: list[dict[str, Any]], gpu: str, command: str,

@@ -93,7 +93,9 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         app = build_app(allm, config, state)
         uv_config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
                                    access_log=not ns.disable_access_log, timeout_graceful_shutdown=2,
-                                   timeout_keep_alive=5)
+                                   # longer than clients' and load balancers' idle timeouts, so the client
+                                   # side closes first (no request sent on a connection as it closes)
+                                   timeout_keep_alive=75)
         server = DrainingServer(uv_config, state, config.drain_timeout_s)
         print(f"meshserve: serving {config.model_name} on http://{ns.host}:{ns.port}", flush=True)
         server.run()

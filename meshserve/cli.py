@@ -9,16 +9,21 @@ import sys
 
 from meshserve import __version__
 from meshserve.cli_args import add_engine_args, add_sampling_args, engine_args_from, sampling_params_from
-from meshserve.errors import MeshserveError
+from meshserve.engine.args_check import check_engine_args
+from meshserve.errors import InvalidArgumentError, MeshserveError
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
-    from meshserve.entrypoints.llm import LLM
+    # validate flags and prompts before importing torch or loading anything
+    params = sampling_params_from(ns)
+    if any(not p for p in ns.prompts):
+        raise InvalidArgumentError("a prompt is empty", param="prompt")
+    engine_args = engine_args_from(ns)
+    check_engine_args(engine_args)
 
+    from meshserve.entrypoints.llm import LLM
     from meshserve.entrypoints.worker import is_rank_zero, run_worker_ranks
 
-    params = sampling_params_from(ns)  # validate flags before loading anything
-    engine_args = engine_args_from(ns)
     if not is_rank_zero(engine_args):  # another node's ranks: serve the model shards only
         return run_worker_ranks(engine_args)
     llm = LLM(**vars(engine_args))

@@ -72,7 +72,18 @@ def _decode_curve(llm, batch_sizes: list[int]) -> dict[int, float]:
     return curve
 
 
+def _need_gpu(bench: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        from meshserve.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"bench {bench} measures a GPU and none is visible (W1/W2 are GPU workloads; "
+                                   "`meshserve bench host` and `bench channel` run on the CPU)")
+
+
 def run_latency(ns) -> dict:
+    _need_gpu("latency")
     import torch
 
     from meshserve import SamplingParams
@@ -113,6 +124,7 @@ def run_latency(ns) -> dict:
 
 
 def run_throughput(ns) -> dict:
+    _need_gpu("throughput")
     import torch
 
     from meshserve import SamplingParams

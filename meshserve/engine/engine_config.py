@@ -14,6 +14,7 @@ from meshserve.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from meshserve.engine.args_check import check_parallel_split
 from meshserve.errors import InvalidArgumentError
 from meshserve.models.loader import ModelSource, resolve_model_source
 from meshserve.models.registry import resolve_model_class
@@ -36,29 +37,6 @@ def _resolve_dtype(dtype: str, hf_config, device: str) -> str:
         return "float32"  # bf16/fp16 matmuls are slow on most CPUs and the tests compare in fp32
     cfg = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "")
     return "float16" if "float16" in cfg and "bfloat16" not in cfg else "bfloat16"
-
-
-def check_parallel_split(hf_config, tp: int, pp: int, partition: list[int] | None) -> None:
-    """Reject a TP/PP layout the model's shapes cannot take, before any process starts."""
-    heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    if heads % tp:
-        raise InvalidArgumentError(f"tensor_parallel_size {tp}: {heads} attention heads are not divisible by it",
-                                   param="tensor_parallel_size")
-    if kv_heads % tp and tp % kv_heads:
-        raise InvalidArgumentError(f"tensor_parallel_size {tp}: {kv_heads} KV heads can neither be split nor "
-                                   "replicated evenly", param="tensor_parallel_size")
-    if hf_config.intermediate_size % tp:
-        raise InvalidArgumentError(f"tensor_parallel_size {tp}: intermediate size {hf_config.intermediate_size} "
-                                   "is not divisible by it", param="tensor_parallel_size")
-    layers = hf_config.num_hidden_layers
-    if partition is not None:
-        if len(partition) != pp or sum(partition) != layers or min(partition) < 1:
-            raise InvalidArgumentError(f"pp_layer_partition {partition} must list {pp} stages of >= 1 layer "
-                                       f"summing to {layers}", param="pp_layer_partition")
-    elif layers < pp:
-        raise InvalidArgumentError(f"pipeline_parallel_size {pp} exceeds the {layers} layers",
-                                   param="pipeline_parallel_size")
 
 
 def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:

@@ -3,7 +3,12 @@
 The values are the published config.json fields of each model.
 """
 
-from transformers import AutoConfig, PretrainedConfig
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
@@ -40,6 +45,8 @@ def preset_names() -> list[str]:
 
 def preset_config(name: str) -> PretrainedConfig:
     """A transformers config object for a preset name (case-insensitive)."""
+    from transformers import AutoConfig  # here, not at import: the preset table is read before torch loads
+
     fields = dict(PRESETS[name.lower()])
     model_type = fields.pop("model_type")
     return AutoConfig.for_model(model_type, **fields)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 
 from meshserve.cli_args import add_engine_args, engine_args_from
+from meshserve.engine.args_check import check_engine_args
 from meshserve.entrypoints.worker import is_rank_zero, run_worker_ranks
 from meshserve.errors import InvalidArgumentError
 from meshserve.serve.config import DEFAULT_MAX_REQUEST_BODY_BYTES, ServeConfig
@@ -60,14 +62,21 @@ def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:
                        drain_timeout_s=ns.drain_timeout)
 
 
-def _cmd_serve(ns: argparse.Namespace) -> int:
-    import uvicorn
+def bind_listen_socket(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound now (uvicorn serves on it later); a clear error if the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise InvalidArgumentError(f"cannot listen on {host}:{port}: {e.strerror or e}", param="port") from None
+    return sock
 
-    from meshserve.engine.async_engine import AsyncLLM
+
+def _cmd_serve(ns: argparse.Namespace) -> int:
     from meshserve.models.embedded import DEFAULT_MODEL_NAME
-    from meshserve.serve.middleware import ServerState
-    from meshserve.serve.openai_api import build_app
-    from meshserve.serve.server import DrainingServer
 
     if ns.model_tag and ns.model and ns.model_tag != ns.model:
         raise InvalidArgumentError(f"two models given: {ns.model_tag!r} and --model {ns.model!r}", param="model")
@@ -84,10 +93,23 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
         return serve_data_parallel(ns, ns.serve_parser)
     engine_args = engine_args_from(ns)
+    check_engine_args(engine_args)  # bad flags, paths and layouts fail now, not after loading
     if not is_rank_zero(engine_args):  # another node's ranks: serve the model shards, no HTTP
         return run_worker_ranks(engine_args)
+    sock = bind_listen_socket(ns.host, ns.port)  # a port in use fails before the model loads
+    import uvicorn  # the heavy imports (torch, the engine) only once the arguments are known to be good
+
+    from meshserve.engine.async_engine import AsyncLLM
+    from meshserve.serve.middleware import ServerState
+    from meshserve.serve.openai_api import build_app
+    from meshserve.serve.server import DrainingServer
+
     # the default: the step loop in its own process, off this process's GIL
-    allm = AsyncLLM.from_engine_args(engine_args, separate_process=not ns.engine_in_thread)
+    try:
+        allm = AsyncLLM.from_engine_args(engine_args, separate_process=not ns.engine_in_thread)
+    except BaseException:
+        sock.close()
+        raise
     try:
         state = ServerState()
         app = build_app(allm, config, state)
@@ -98,7 +120,8 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
                                    timeout_keep_alive=75)
         server = DrainingServer(uv_config, state, config.drain_timeout_s)
         print(f"meshserve: serving {config.model_name} on http://{ns.host}:{ns.port}", flush=True)
-        server.run()
+        server.run(sockets=[sock])
     finally:
         allm.shutdown()
+        sock.close()
     return 0

@@ -1,0 +1,45 @@
+"""Bad arguments fail in a fraction of a second, before torch is imported or anything loads."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+PROBE = ("import json, sys; from meshserve.cli import main; rc = main(sys.argv[1:]); "
+         "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))")
+
+
+def _run(*argv: str) -> tuple[dict, str]:
+    p = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=60)
+    return json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--no-chat", ""], "a prompt is empty"),
+    (["generate", ""], "a prompt is empty"),  # chat mode too: the model would invent a reply to nothing
+    (["generate", "--max-tokens", "-1", "Hi"], "max_tokens"),
+    (["serve", "/nonexistent/model"], "model not found"),
+    (["serve", "llama-3.1-8b"], "--load-format dummy"),
+    (["serve", "llama-3.1-8b", "--load-format", "dummy", "-tp", "3"], "not divisible"),
+    (["generate", "--model", "qwen3-0.6b", "--load-format", "dummy", "-pp", "40", "Hi"], "exceeds the 28 layers"),
+    (["serve", "--tokenizer", "/nonexistent/tok"], "tokenizer folder not found"),
+])
+def test_refused_before_anything_loads(argv, message):
+    result, err = _run(*argv)
+    assert result == {"rc": 2, "torch": False}, err
+    assert err.startswith("meshserve: error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result, err = _run("serve", "llama-3.1-8b", "--load-format", "dummy", "--host", "127.0.0.1",
+                           "--port", str(port))
+    assert result == {"rc": 2, "torch": False}, err
+    assert f"cannot listen on 127.0.0.1:{port}" in err

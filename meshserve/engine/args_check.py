@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from meshserve.config import EngineArgs
 from meshserve.errors import InvalidArgumentError, ModelLoadError
 
+
 def check_parallel_split(hf_config, tp: int, pp: int, partition: list[int] | None) -> None:
     """Reject a TP/PP layout the model's shapes cannot take, before any process starts."""
     heads = hf_config.num_attention_heads

@@ -12,6 +12,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -41,11 +42,14 @@ _encoder = msgspec.msgpack.Encoder()
 
 
 # -- the child ---------------------------------------------------------------------------------------
-def _core_main(args: EngineArgs, input_addr: str, output_addr: str) -> None:
+def _core_main(args: EngineArgs, input_addr: str, output_addr: str, log_level: int = logging.WARNING) -> None:
     from meshserve.distributed.launch import die_with_parent
     from meshserve.engine.core import EngineCore
 
     die_with_parent()
+    # log like the parent (a spawned process starts with no logging set up); stderr is the parent's terminal
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("meshserve").setLevel(log_level)
     # the parent owns the lifecycle (drain on SIGTERM, Ctrl-C): it tells the core when to stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -113,7 +117,8 @@ class ProcessCoreClient:
         self._dead: BaseException | None = None
         ctx = mp.get_context("spawn")
         # not a daemon: the core may spawn tensor/pipeline-parallel workers of its own
-        self.proc = ctx.Process(target=_core_main, args=(args, input_addr, output_addr),
+        log_level = logging.getLogger("meshserve").getEffectiveLevel()
+        self.proc = ctx.Process(target=_core_main, args=(args, input_addr, output_addr, log_level),
                                 name="meshserve-engine-core")
         self.proc.start()
         try:

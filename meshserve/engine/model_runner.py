@@ -18,6 +18,7 @@ import torch
 from meshserve.config import EngineConfig
 from meshserve.distributed.parallel_state import get_parallel_state
 from meshserve.distributed.pipeline import recv_activations, send_activations
+from meshserve.engine.cpu_threads import set_cpu_threads
 from meshserve.engine.cuda_graph import DecodeGraphs
 from meshserve.engine.kv_pool import KVCachePool, largest_step
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, StepTimer, TokenLogprobs
@@ -51,6 +52,9 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.vocab_size = mc.vocab_size
         self.kernels = select_kernels(config)
+        if self.device.type == "cpu":  # every rank of this node shares the cores
+            pc = config.parallel_config
+            set_cpu_threads(max(1, pc.world_size // max(1, pc.nnodes)))
         torch.manual_seed(mc.seed)
         self.model = build_model(source, self.dtype, self.device, mc.max_model_len, seed=mc.seed)
         bind_kernels(self.model, self.kernels)

@@ -60,8 +60,6 @@ def worker_main(config: EngineConfig, source, launch: LaunchInfo, rank: int, bea
         start_heartbeat(beats, rank)
     logging.basicConfig(level=os.environ.get("MESHSERVE_WORKER_LOG", "WARNING"),
                         format=f"rank{rank} %(levelname)s %(name)s: %(message)s")
-    if not config.device.startswith("cuda"):
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, launch.ranks_per_node)))
     try:
         runner = init_rank(config, source, launch, rank)
         serve_rank(runner, rank)

@@ -78,6 +78,9 @@ def bind_listen_socket(host: str, port: int) -> socket.socket:
 def _cmd_serve(ns: argparse.Namespace) -> int:
     from meshserve.models.embedded import DEFAULT_MODEL_NAME
 
+    if ns.log_level.upper() == "WARNING":  # the default: a server shows what start-up is doing, as vLLM does
+        logging.getLogger("meshserve").setLevel(logging.INFO)
+
     if ns.model_tag and ns.model and ns.model_tag != ns.model:
         raise InvalidArgumentError(f"two models given: {ns.model_tag!r} and --model {ns.model!r}", param="model")
     ns.model = ns.model_tag or ns.model

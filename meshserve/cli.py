@@ -8,7 +8,13 @@ import signal
 import sys
 
 from meshserve import __version__
-from meshserve.cli_args import add_engine_args, add_sampling_args, engine_args_from, sampling_params_from
+from meshserve.cli_args import (
+    add_engine_args,
+    add_sampling_args,
+    apply_defaults_help,
+    engine_args_from,
+    sampling_params_from,
+)
 from meshserve.engine.args_check import check_engine_args
 from meshserve.errors import InvalidArgumentError, MeshserveError
 
@@ -38,8 +44,19 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
             if len(ns.prompts) > 1 or len(out.outputs) > 1:
                 print(f"--- {prompt!r} [{completion.index}] ({completion.finish_reason})")
             print(completion.text.strip() if use_chat else completion.text)
+            if completion.logprobs is not None:
+                _print_logprobs(completion)
     llm.shutdown()
     return 0
+
+
+def _print_logprobs(completion) -> None:
+    """One line per generated token: its text and logprob, then the alternatives by rank."""
+    for token_id, position in zip(completion.token_ids, completion.logprobs):
+        chosen = position[token_id]
+        others = sorted((lp for tid, lp in position.items() if tid != token_id), key=lambda lp: lp.rank or 0)
+        alts = "  ".join(f"{lp.decoded_token!r} {lp.logprob:.3f}" for lp in others)
+        print(f"  {chosen.decoded_token!r} {chosen.logprob:.3f}" + (f"   | {alts}" if alts else ""))
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -67,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(sub)
     from meshserve.router.cli import register as register_router
     register_router(sub)
+    apply_defaults_help(parser)
     return parser
 
 

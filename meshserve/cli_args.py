@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 
 from meshserve.config import CACHE_DTYPES, DTYPES, LOAD_FORMATS, EngineArgs
@@ -11,6 +12,36 @@ from meshserve.sampling import SamplingParams
 
 def _bool_flag(parser, name: str, default: bool, help: str) -> None:
     parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=help)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows every option's default (argparse's own formatter skips options without help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings \
+                and "%(default)" not in text and "default" not in text:
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help == "":  # an option with a default but no text: show the default alone
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
+def apply_defaults_help(parser: argparse.ArgumentParser) -> None:
+    """Give parser and every sub-command under it the DefaultsHelpFormatter."""
+    parser.formatter_class = DefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                apply_defaults_help(sub)
+        elif action.help is None and action.option_strings:
+            action.help = ""  # argparse prints no help line at all for None; the formatter adds the default
+            if action.default in (None, False):
+                action.help = None
 
 
 def _int_list(text: str) -> list[int]:
@@ -90,9 +121,11 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256, te
     g.add_argument("--frequency-penalty", type=float, default=0.0)
     g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--stop-token-ids", type=int, nargs="*", default=None)
+    g.add_argument("--stop-token-ids", type=_int_list, default=None, metavar="ID[,ID...]",
+                   help="comma-separated token ids that end a completion")
     g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--logprobs", type=int, default=None)
+    g.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="print each generated token with its logprob and the K likeliest alternatives")
 
 
 def sampling_params_from(ns: argparse.Namespace) -> SamplingParams:

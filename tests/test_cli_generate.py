@@ -36,3 +36,21 @@ def test_bad_sampling_flag_is_one_line_error(tiny_model_dir, capsys):
 def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "meshserve.cli", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "meshserve" in proc.stdout
+
+
+def test_stop_token_ids_leave_the_prompt_alone_and_logprobs_are_printed(tiny_model_dir, capsys):
+    rc = main(["generate", "--model", tiny_model_dir("llama"), "--max-tokens", "3", "--no-chat", "--ignore-eos",
+               "--stop-token-ids", "2,7", "--logprobs", "2", "Hello world"])
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    per_token = [line for line in lines if line.startswith("  '")]
+    assert len(per_token) == 3 and all(line.count("|") == 1 for line in per_token)  # chosen | 2 alternatives
+
+
+def test_help_shows_defaults(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 8000)" in out and "(default: 256)" in out

@@ -12,7 +12,7 @@ import pytest
 from meshserve.serve.config import ServeConfig
 from tests.serve.conftest import make_engine, start_server
 
-STEP_S = 1.5
+STEP_S = 3.0  # long enough that an answer which waited for the step is unmistakable
 
 
 class _SlowExecutor:
@@ -61,16 +61,22 @@ def _send_in_background(url: str, n: int) -> list[threading.Thread]:
 
 def test_metrics_during_a_long_step_show_the_requests_and_their_age(busy):
     threads = _send_in_background(busy.v1 + "/completions", 3)
-    time.sleep(0.4)  # the core took the requests and is inside its slow step
+    deadline = time.monotonic() + 10
+    while True:  # the server has the three requests (the core takes them and enters its slow step)
+        g = _gauges(busy.base_url)
+        if g["meshserve:num_requests_running"] + g["meshserve:num_requests_waiting"] == 3:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     ages = []
     for _ in range(3):
         t = time.monotonic()
         g = _gauges(busy.base_url)
-        assert time.monotonic() - t < 0.5  # a scrape never waits on the core
+        assert time.monotonic() - t < STEP_S / 3  # a scrape never waits on the core
         assert g["meshserve:num_requests_running"] + g["meshserve:num_requests_waiting"] == 3
         ages.append(g["meshserve:engine_stats_age_seconds"])
-        time.sleep(0.3)
-    assert ages == sorted(ages) and ages[-1] >= 0.5  # stale, and saying so
+        time.sleep(0.4)
+    assert ages == sorted(ages) and ages[-1] >= 0.6  # stale, and saying so
     for t in threads:
         t.join(30)
     assert _gauges(busy.base_url)["meshserve:num_requests_running"] == 0

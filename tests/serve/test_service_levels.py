@@ -59,7 +59,11 @@ def test_a_request_shed_in_the_queue_gets_the_same_clean_429(slo_server):
     saved = model._theta
     asyncio.run(slow_prefill((saved[0], 1e6, saved[2], saved[3])))
     try:
-        allm._stats = SchedulerStats()  # the front end's view: an idle engine, so it admits
+        deadline = time.monotonic() + 5
+        while allm._stats.prefill_s_per_token < 1.0:  # the core publishes its counters after the command
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        allm._stats = SchedulerStats()  # then the front end's view: an idle engine, so it admits
         shed_before = _metric(slo_server.base_url, "meshserve:requests_shed_total")
         r = httpx.post(slo_server.v1 + "/completions", json=_body(), timeout=30)
         assert r.status_code == 429 and r.json()["error"]["code"] == "slo_unattainable"

@@ -48,6 +48,16 @@ def _gauges(base_url: str) -> dict[str, float]:
             if line.startswith(("meshserve:num_requests", "meshserve:engine_stats_age"))}
 
 
+def _wait_for_requests(base_url: str, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        g = _gauges(base_url)
+        if g["meshserve:num_requests_running"] + g["meshserve:num_requests_waiting"] == n:
+            return
+        assert time.monotonic() < deadline, g
+        time.sleep(0.05)
+
+
 def _send_in_background(url: str, n: int) -> list[threading.Thread]:
     def one():
         httpx.post(url, json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2, "ignore_eos": True},
@@ -61,13 +71,7 @@ def _send_in_background(url: str, n: int) -> list[threading.Thread]:
 
 def test_metrics_during_a_long_step_show_the_requests_and_their_age(busy):
     threads = _send_in_background(busy.v1 + "/completions", 3)
-    deadline = time.monotonic() + 10
-    while True:  # the server has the three requests (the core takes them and enters its slow step)
-        g = _gauges(busy.base_url)
-        if g["meshserve:num_requests_running"] + g["meshserve:num_requests_waiting"] == 3:
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _wait_for_requests(busy.base_url, 3)  # the server has them (the core takes them and enters its slow step)
     ages = []
     for _ in range(3):
         t = time.monotonic()
@@ -84,7 +88,8 @@ def test_metrics_during_a_long_step_show_the_requests_and_their_age(busy):
 
 def test_bad_requests_are_refused_without_waiting_for_the_step(busy):
     threads = _send_in_background(busy.v1 + "/completions", 2)
-    time.sleep(0.4)
+    _wait_for_requests(busy.base_url, 2)
+    time.sleep(0.2)  # the core has taken them and is inside its slow step
     for body in ({"model": "tiny", "prompt": ""}, {"model": "tiny", "prompt": [5], "max_tokens": 10_000},
                  {"model": "tiny", "prompt": [999_999]}):
         t = time.monotonic()

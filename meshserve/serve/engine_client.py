@@ -75,9 +75,10 @@ class EngineClient:
         return self.allm.tokenizer is not None
 
     def queue_depth(self) -> int:
-        # A racy read of a deque's length from the event loop thread: exact enough for admission,
-        # and it costs no round trip to the engine thread.
-        return self.allm.num_waiting + self._num_starting
+        """Requests waiting: the engine's count (which includes requests sent to the core and not yet taken)
+        or, if larger, the requests this server is still starting (before their first output). Both read
+        without a round trip to the core; the larger, not the sum, since a starting request is in both."""
+        return max(self.allm.num_waiting, self._num_starting)
 
     def slo_targets(self, slo: ServiceLevel | None) -> tuple[float | None, float | None]:
         """(TTFT, TPOT) targets in seconds that apply to a request: its own, else the server's."""

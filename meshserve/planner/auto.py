@@ -49,5 +49,5 @@ def choose_layout_for_visible_gpus(model: ModelSpec | str, gpu_names: list[str],
                                    weight_dtype=weight_dtype, kv_dtype=kv_dtype, objective=objective,
                                    workload=workload or Workload()))
     if result.best is None:
-        raise InvalidArgumentError(result.reason)
+        raise InvalidArgumentError(result.reason + (f"; {result.hint}" if result.hint else ""))
     return AutoChoice(gpu, num_gpus, result.best.layout, f"{num_gpus}× {gpu.name}: {result.reason}", result)

@@ -6,6 +6,8 @@ import argparse
 import json
 
 from meshserve.errors import InvalidArgumentError
+from meshserve.models.presets import HF_IDS, preset_names
+from meshserve.planner.detect import DEFAULT_GPU, choose_gpu
 from meshserve.planner.memory import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     DEFAULT_MAX_NUM_SEQS,
@@ -21,8 +23,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="capacity planner: memory, TP/PP/DP layout, speed and $/1M tokens",
                               description="Predict memory per GPU, choose a parallel layout and estimate "
                                           "TTFT, ITL, tok/s and $/1M output tokens (arithmetic, no GPU needed).")
-    p.add_argument("model", nargs="?", help="preset (e.g. llama-3.1-70b), known HF id, or config.json path")
-    p.add_argument("--gpu", default="H100-SXM", help="GPU name from the catalog (see --list-gpus)")
+    p.add_argument("model", nargs="?",
+                   help=f"preset ({', '.join(preset_names())}), an HF id of one (e.g. {HF_IDS['smollm2-135m'][-1]}),"
+                        " or a config.json path or folder")
+    p.add_argument("--gpu", default=None,
+                   help=f"GPU name from the catalog (see --list-gpus); default: this machine's GPU, else {DEFAULT_GPU}")
     p.add_argument("--num-gpus", type=int, default=1, help="GPUs in all (default 1)")
     p.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over (default 1)")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
@@ -53,7 +58,7 @@ def register(subparsers) -> None:
 
 def run_plan(ns: argparse.Namespace) -> int:
     """Entry point of `meshserve plan`; returns 1 when nothing fits or a claim is impossible."""
-    from meshserve.planner.hardware import get_gpu, load_catalog
+    from meshserve.planner.hardware import load_catalog
 
     catalog = load_catalog(ns.hardware_file)
     if ns.list_gpus:
@@ -61,28 +66,30 @@ def run_plan(ns: argparse.Namespace) -> int:
     if ns.calibrate:
         return _calibrate(ns, catalog)
     if not ns.model:
-        raise InvalidArgumentError("plan needs a MODEL (preset or config.json), or --calibrate/--list-gpus")
+        raise InvalidArgumentError("plan needs a MODEL (preset, HF id or config.json), or --calibrate/--list-gpus")
     from meshserve.planner.claim import check_claim
     from meshserve.planner.model import load_model
     from meshserve.planner.plan import PlanRequest, make_plan
     from meshserve.planner.report import render_plan
 
-    gpu = get_gpu(ns.gpu, catalog)
+    model = load_model(ns.model)  # before choose_gpu, which may take seconds to ask torch
+    choice = choose_gpu(ns.gpu, catalog)
+    gpu = choice.gpu
     result = make_plan(PlanRequest(
-        model=load_model(ns.model), gpu=gpu, num_gpus=ns.num_gpus, nodes=ns.nodes,
+        model=model, gpu=gpu, num_gpus=ns.num_gpus, nodes=ns.nodes,
         max_model_len=ns.max_model_len, concurrency=ns.concurrency, weight_dtype=ns.dtype, kv_dtype=ns.kv_dtype,
         workload=Workload(ns.input_len, ns.output_len), objective=ns.objective, max_num_seqs=ns.max_num_seqs,
         gpu_memory_utilization=ns.gpu_memory_utilization, enforce_eager=ns.enforce_eager,
         efficiency=ns.efficiency, tp=ns.tp, pp=ns.pp, dp=ns.dp))
     verdict = check_claim(result.best, ns.claim, gpu.hbm_gb_s) if ns.claim is not None and result.best else None
     if ns.json:
-        out = result.to_dict()
+        out = {**result.to_dict(), "gpu_source": choice.note or "--gpu"}
         if verdict is not None:
             out["claim"] = {"claimed_tok_per_s": verdict.claimed_tok_per_s, "impossible": verdict.impossible,
                             "roofline_tok_per_s": verdict.roofline_tok_per_s, "message": verdict.message}
         print(json.dumps(out, indent=2))
     else:
-        print(render_plan(result))
+        print(render_plan(result, gpu_note=choice.note))
         if verdict is not None:
             print(f"claim: {verdict.message}")
     return 0 if result.best and not (verdict and verdict.impossible) else 1

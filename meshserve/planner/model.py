@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshserve.errors import InvalidArgumentError
-from meshserve.planner.presets import PLANNER_PRESETS, planner_preset
+from meshserve.models.presets import PRESETS, find_preset, preset_names  # a plain table: no torch
 
 
 @dataclass(frozen=True)
@@ -194,18 +194,19 @@ def model_from_config(cfg: dict, name: str = "model") -> ModelSpec:
 
 
 def load_model(name_or_path: str) -> ModelSpec:
-    """A preset name, an HF repo id we know, a config.json path, or a folder holding config.json."""
-    fields = planner_preset(name_or_path)
-    if fields is not None:
-        return model_from_config(fields, name=name_or_path.lower())
+    """A config.json path or a folder holding one, else a preset name or an HF repo id of one."""
     path = Path(name_or_path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise InvalidArgumentError(f"model {name_or_path!r} is neither a preset ({', '.join(PLANNER_PRESETS)}) "
-                                   f"nor a config.json path", param="model")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidArgumentError(f"{path}: not valid JSON: {e}", param="model") from e
-    return model_from_config(cfg, name=path.parent.name or str(path))
+    config = path / "config.json" if path.is_dir() else path
+    if config.is_file():
+        try:
+            cfg = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidArgumentError(f"{config}: not valid JSON: {e}", param="model") from e
+        return model_from_config(cfg, name=config.parent.name or str(config))
+    preset = find_preset(name_or_path)
+    if preset is None:
+        raise InvalidArgumentError(f"model {name_or_path!r} is neither a preset ({', '.join(preset_names())}), "
+                                   "an HF id of one, nor a config.json path", param="model")
+    # An HF id keeps its spelling in the report; a preset name is shown as listed.
+    name = preset if name_or_path.lower() == preset else name_or_path
+    return model_from_config(dict(PRESETS[preset]), name=name)

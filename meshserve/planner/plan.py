@@ -61,8 +61,14 @@ class Candidate:
     memory: MemoryBreakdown
     max_concurrency: int  # sequences of the workload's length that fit, all replicas (≤ max_num_seqs each)
     max_concurrency_full_len: int  # sequences of max_model_len tokens that fit, all replicas
-    prediction: Prediction
+    prediction: Prediction  # at min(concurrency asked for, max_concurrency); memory is sized for the same
     cost: Cost
+    requested_concurrency: int  # what was asked (or the default); above max_concurrency means clamped
+    limited_by: str  # what caps max_concurrency: "max_num_seqs" or "KV memory"
+
+    @property
+    def clamped(self) -> bool:
+        return self.requested_concurrency > self.prediction.concurrency
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class PlanResult:
     candidates: list[Candidate]
     rejections: list[Rejection]
     reason: str
+    hint: str = ""  # when nothing fits: a --max-model-len or GPU count that would
 
     @property
     def best(self) -> Candidate | None:
@@ -93,6 +100,7 @@ class PlanResult:
             "rejected": [str(x) for x in self.rejections],
             "chosen": self.best.layout.label if self.best else None,
             "reason": self.reason,
+            "hint": self.hint or None,
         }
 
 
@@ -100,6 +108,7 @@ def _candidate_dict(c: Candidate) -> dict:
     return {"layout": c.layout.label, **dataclasses.asdict(c.layout),
             "memory_per_gpu": {**dataclasses.asdict(c.memory), "total": c.memory.total, "fits": c.memory.fits},
             "max_concurrency": c.max_concurrency, "max_concurrency_full_len": c.max_concurrency_full_len,
+            "requested_concurrency": c.requested_concurrency, "clamped": c.clamped, "limited_by": c.limited_by,
             "prediction": dataclasses.asdict(c.prediction), "cost": dataclasses.asdict(c.cost)}
 
 
@@ -124,8 +133,11 @@ def _validate(r: PlanRequest) -> None:
     kv_dtype_bytes(r.kv_dtype)
 
 
-def make_plan(r: PlanRequest) -> PlanResult:
-    """Enumerate, fit, predict and rank every layout of `r.num_gpus` GPUs for `r.model`."""
+def make_plan(r: PlanRequest, hint: bool = True) -> PlanResult:
+    """Enumerate, fit, predict and rank every layout of `r.num_gpus` GPUs for `r.model`.
+
+    With `hint`, a plan where nothing fits says what would (a shorter max_model_len, more GPUs).
+    """
     _validate(r)
     model, gpu = r.model, r.gpu
     wdtype = r.weight_dtype or model.checkpoint_dtype
@@ -143,46 +155,61 @@ def make_plan(r: PlanRequest) -> PlanResult:
         rejections = [x for x in rejections if all(getattr(x.layout, n) == v for n, v in pinned)]
     full_seq = kv_tokens_held(model, max_len)
     seq = kv_tokens_held(model, r.workload.input_len + r.workload.output_len)
+
+    def memory(layout: Layout, kv_tokens: int) -> MemoryBreakdown:
+        return memory_per_gpu(model, layout, gpu, kv_tokens, weight_dtype=wdtype, kv_dtype=r.kv_dtype,
+                              max_batched_tokens=r.max_batched_tokens, max_num_seqs=r.max_num_seqs,
+                              gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager)
+
     candidates: list[Candidate] = []
+    too_big: list[MemoryBreakdown] = []
     for layout in layouts:
-        wanted = math.ceil(r.concurrency / layout.dp) if r.concurrency else 1
-        # Every replica must hold one max_model_len sequence (the engine's start-up check), and the
-        # requested concurrency at the workload's length (paged KV holds only tokens in use).
-        kv_tokens = max(full_seq, wanted * seq)
-        mem = memory_per_gpu(model, layout, gpu, kv_tokens, weight_dtype=wdtype, kv_dtype=r.kv_dtype,
-                             max_batched_tokens=r.max_batched_tokens, max_num_seqs=r.max_num_seqs,
-                             gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager)
+        # A layout runs when every replica holds one max_model_len sequence (the engine's start-up check).
+        mem = memory(layout, full_seq)
         if not mem.fits:
             rejections.append(Rejection(layout, "needs " + mem.describe()))
+            too_big.append(mem)
             continue
-        max_conc = min(r.max_num_seqs, mem.max_kv_tokens // seq) * layout.dp
+        per_replica = min(r.max_num_seqs, mem.max_kv_tokens // seq)
+        max_conc = per_replica * layout.dp
+        limited_by = "max_num_seqs" if per_replica == r.max_num_seqs else "KV memory"
+        wanted = r.concurrency or (max_conc if r.objective == "throughput" else 1)
+        # Never predict beyond what the layout holds (more requests would queue), and size KV for exactly
+        # the sequences predicted, so a default and the same explicit concurrency give the same row.
+        conc = min(wanted, max_conc)
+        mem = memory(layout, max(full_seq, math.ceil(conc / layout.dp) * seq))
         max_full = (mem.max_kv_tokens // full_seq) * layout.dp
-        conc = r.concurrency or (max_conc if r.objective == "throughput" else 1)
         pred = predict(model, layout, gpu, conc, r.workload, weight_dtype=wdtype, kv_dtype=r.kv_dtype,
                        gpus_per_node=per_node, efficiency=r.efficiency)
         candidates.append(Candidate(layout, mem, max_conc, max_full, pred,
-                                    deployment_cost(gpu, layout.num_gpus, pred.output_tok_per_s)))
+                                    deployment_cost(gpu, layout.num_gpus, pred.output_tok_per_s), wanted, limited_by))
     if r.objective == "throughput":
         candidates.sort(key=lambda c: (-c.prediction.output_tok_per_s, c.prediction.itl_s))
     else:
         candidates.sort(key=lambda c: (c.prediction.itl_s, c.prediction.ttft_s, -c.prediction.output_tok_per_s))
-    return PlanResult(r, wdtype, max_len, candidates, rejections, _reason(r, candidates, rejections))
+    advice = ""
+    if not candidates and hint:
+        from meshserve.planner.hint import no_fit_hint  # it re-plans through make_plan
+
+        advice = no_fit_hint(r, max_len, too_big)
+    return PlanResult(r, wdtype, max_len, candidates, rejections, _reason(r, candidates, rejections), advice)
 
 
 def _reason(r: PlanRequest, cands: list[Candidate], rejections: list[Rejection]) -> str:
     if not cands:
         fit = [x for x in rejections if x.reason.startswith("needs ")]
-        why = str(min(fit, key=lambda x: x.layout.num_gpus)) if fit else (str(rejections[0]) if rejections else "")
+        # The most sharded layout comes closest to fitting: the one worth quoting.
+        why = str(max(fit, key=lambda x: x.layout.gpus_per_replica)) if fit else (str(rejections[0]) if rejections else "")
         return f"no layout of {r.num_gpus}× {r.gpu.name} fits {r.model.name}" + (f" ({why})" if why else "")
     best, p = cands[0], cands[0].prediction
     mem = f"{best.memory.total / 1e9:.1f} of {best.memory.budget / 1e9:.1f} GB per GPU"
+    at = f"{p.concurrency:,} concurrent" + (f" ({best.requested_concurrency:,} asked; its maximum)"
+                                            if best.clamped else "")
     if len(cands) == 1:
-        return (f"{best.layout.label}: the only layout that fits ({mem}); "
-                f"{p.output_tok_per_s:,.0f} output tok/s at {p.concurrency} concurrent")
+        return f"{best.layout.label}: the only layout that fits ({mem}); {p.output_tok_per_s:,.0f} output tok/s at {at}"
     runner = cands[1]
     if r.objective == "throughput":
         return (f"{best.layout.label}: highest predicted throughput, {p.output_tok_per_s:,.0f} output tok/s at "
-                f"{p.concurrency} concurrent ({mem}); next {runner.layout.label} "
-                f"{runner.prediction.output_tok_per_s:,.0f} tok/s")
-    return (f"{best.layout.label}: lowest predicted ITL, {p.itl_s * 1e3:.2f} ms at {p.concurrency} concurrent "
-            f"({mem}); next {runner.layout.label} {runner.prediction.itl_s * 1e3:.2f} ms")
+                f"{at} ({mem}); next {runner.layout.label} {runner.prediction.output_tok_per_s:,.0f} tok/s")
+    return (f"{best.layout.label}: lowest predicted ITL, {p.itl_s * 1e3:.2f} ms at {at} ({mem}); "
+            f"next {runner.layout.label} {runner.prediction.itl_s * 1e3:.2f} ms")

@@ -33,7 +33,8 @@ def model_summary(result: PlanResult) -> list[str]:
 def _row(i: int, c: Candidate) -> list[str]:
     p, mem = c.prediction, c.memory
     return [str(i), c.layout.label, f"{mem.total / GB:.1f}/{mem.budget / GB:.1f}", f"{mem.weights / GB:.1f}",
-            f"{mem.kv / GB:.1f}", f"{c.max_concurrency:,}", f"{p.concurrency:,}", f"{p.ttft_s * 1e3:,.1f}",
+            f"{mem.kv / GB:.1f}", f"{c.max_concurrency:,}", f"{p.concurrency:,}" + ("*" if c.clamped else ""),
+            f"{p.ttft_s * 1e3:,.1f}",
             f"{p.itl_s * 1e3:,.2f}", f"{p.decode_tok_per_s:,.0f}", f"{p.output_tok_per_s:,.0f}", f"{p.roofline_tok_per_s:,.0f}",
             f"{c.cost.usd_per_million_output_tokens:,.3f}"]
 
@@ -42,8 +43,20 @@ def _fmt(cells: list[str]) -> str:
     return "  ".join(cell.rjust(w) if k > 1 else cell.ljust(w) for k, (cell, (_, w)) in enumerate(zip(cells, COLUMNS)))
 
 
-def render_plan(result: PlanResult) -> str:
-    """The human-readable plan `meshserve plan` prints."""
+def _clamp_notes(result: PlanResult) -> list[str]:
+    """One footnote per layout predicted below the concurrency asked for, and why."""
+    notes = []
+    for c in result.candidates:
+        if c.clamped:
+            cap = (f"--max-num-seqs {result.request.max_num_seqs} per replica" if c.limited_by == "max_num_seqs"
+                   else "its KV memory")
+            notes.append(f"* {c.layout.label}: {c.requested_concurrency:,} concurrent asked, {c.max_concurrency:,} "
+                         f"at most ({cap}); predicted at {c.prediction.concurrency:,}, the rest would queue")
+    return notes
+
+
+def render_plan(result: PlanResult, gpu_note: str = "") -> str:
+    """The human-readable plan `meshserve plan` prints; `gpu_note` says where the GPU came from."""
     r = result.request
     conc = (f"{r.concurrency:,} concurrent" if r.concurrency else
             ("as many as fit" if r.objective == "throughput" else "1 sequence"))
@@ -51,16 +64,20 @@ def render_plan(result: PlanResult) -> str:
              f"max_model_len {result.max_model_len:,}, KV {r.kv_dtype}, objective {r.objective}")
     workload = (f"workload {r.workload.input_len:,} prompt + {r.workload.output_len:,} output tokens per request; "
                 f"concurrency: {conc}; GPU efficiency {r.efficiency or r.gpu.efficiency:.2f}")
-    lines = [title, *model_summary(result), workload, ""]
+    gpu = [f"GPU      {gpu_note}"] if gpu_note else []
+    lines = [title, *gpu, *model_summary(result), workload, ""]
     if result.candidates:
         lines.append(_fmt([name for name, _ in COLUMNS]))
         lines.extend(_fmt(_row(i, c)) for i, c in enumerate(result.candidates, 1))
+        lines.extend(_clamp_notes(result))
         lines.append("")
     if result.rejections:
         lines.append("rejected:")
         lines.extend(f"  {x}" for x in result.rejections)
         lines.append("")
     lines.append(f"chosen: {result.reason}" if result.candidates else f"no fit: {result.reason}")
+    if result.hint:
+        lines.append(f"hint: {result.hint}")
     price = "assumed" if r.gpu.price_is_assumption else "given"
     lines.append(f"price {price}: ${r.gpu.price_per_hour_usd:.2f} per {r.gpu.name}-hour (edit gpus.toml or "
                  "--hardware-file)")

@@ -74,6 +74,7 @@ def test_errors_are_one_line(capsys):
 
 
 def test_planner_imports_no_torch():
-    code = "import sys, meshserve.planner.cli, meshserve.planner.auto; print('torch' in sys.modules)"
+    code = ("import sys, meshserve.planner.cli, meshserve.planner.auto, meshserve.planner.model; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    assert out.strip() == "False False"

@@ -75,7 +75,7 @@ def test_pinned_layout_and_request_errors():
         plan("llama-3.1-8b", max_model_len=512)
 
 
-def test_concurrency_must_fit():
-    # 70B TP=4 holds ~256 workload-length sequences per replica, not 10,000.
-    result = plan("llama-3.1-70b", num_gpus=4, concurrency=10_000)
-    assert result.best is None
+def test_concurrency_beyond_what_fits_is_predicted_at_the_maximum():
+    # 70B TP=4 holds ~256 workload-length sequences per replica, not 10,000: the rest would queue.
+    best = plan("llama-3.1-70b", num_gpus=4, concurrency=10_000).best
+    assert best.layout == Layout(tp=4) and best.clamped and best.prediction.concurrency == best.max_concurrency

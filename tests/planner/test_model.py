@@ -5,8 +5,8 @@ import json
 import pytest
 
 from meshserve.errors import InvalidArgumentError
+from meshserve.models.presets import PRESETS
 from meshserve.planner.model import load_model, model_from_config
-from meshserve.planner.presets import PLANNER_PRESETS
 
 
 @pytest.mark.parametrize("name, billions", [
@@ -37,7 +37,7 @@ def test_dense_models_are_fully_active():
 
 def test_tied_embeddings_count_once():
     tied = load_model("qwen3-0.6b")
-    untied = model_from_config({**PLANNER_PRESETS["qwen3-0.6b"], "tie_word_embeddings": False})
+    untied = model_from_config({**PRESETS["qwen3-0.6b"], "tie_word_embeddings": False})
     assert untied.total_params - tied.total_params == tied.vocab_size * tied.hidden_size
 
 
@@ -56,7 +56,7 @@ def test_hf_ids_and_case_resolve_to_presets():
 
 
 def test_quantized_checkpoint_dtype_detected():
-    base = dict(PLANNER_PRESETS["llama-3.1-8b"])
+    base = dict(PRESETS["llama-3.1-8b"])
     assert model_from_config({**base, "quantization_config": {"quant_method": "fp8"}}).checkpoint_dtype == "fp8"
     awq = {"quant_method": "awq", "bits": 4, "group_size": 128}
     assert model_from_config({**base, "quantization_config": awq}).checkpoint_dtype == "int4"

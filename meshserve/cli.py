@@ -21,7 +21,7 @@ from meshserve.errors import InvalidArgumentError, MeshserveError
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
     # validate flags and prompts before importing torch or loading anything
-    params = sampling_params_from(ns)
+    sampling_params_from(ns)
     if any(not p for p in ns.prompts):
         raise InvalidArgumentError("a prompt is empty", param="prompt")
     engine_args = engine_args_from(ns)
@@ -33,6 +33,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     if not is_rank_zero(engine_args):  # another node's ranks: serve the model shards only
         return run_worker_ranks(engine_args)
     llm = LLM(**vars(engine_args))
+    params = sampling_params_from(ns, llm.generation_defaults)  # unset flags: the model's defaults, as serve
     tokenizer = llm.get_tokenizer()
     use_chat = ns.chat if ns.chat is not None else bool(tokenizer is not None and tokenizer.chat_template)
     if use_chat:

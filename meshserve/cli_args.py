@@ -7,6 +7,7 @@ import copy
 import dataclasses
 
 from meshserve.config import CACHE_DTYPES, DTYPES, LOAD_FORMATS, EngineArgs
+from meshserve.models.embedded import GENERATION_DEFAULTS as EMBEDDED_DEFAULTS
 from meshserve.sampling import SamplingParams
 
 
@@ -14,13 +15,20 @@ def _bool_flag(parser, name: str, default: bool, help: str) -> None:
     parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=help)
 
 
+def _shows_default(action: argparse.Action) -> bool:
+    """An option with a value to show: not None, and not the implied bool of a plain on/off switch
+    (`is`, since 0 == False and a default of 0 is worth showing)."""
+    if not action.option_strings or action.default is None or action.default is argparse.SUPPRESS:
+        return False
+    return not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+
+
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """--help shows every option's default (argparse's own formatter skips options without help text)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings \
-                and "%(default)" not in text and "default" not in text:
+        if _shows_default(action) and "%(default)" not in text and "default" not in text:
             text += (" " if text else "") + "(default: %(default)s)"
         return text
 
@@ -38,10 +46,8 @@ def apply_defaults_help(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 apply_defaults_help(sub)
-        elif action.help is None and action.option_strings:
+        elif action.help is None and action.option_strings and _shows_default(action):
             action.help = ""  # argparse prints no help line at all for None; the formatter adds the default
-            if action.default in (None, False):
-                action.help = None
 
 
 def _int_list(text: str) -> list[int]:
@@ -49,6 +55,10 @@ def _int_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _fmt(defaults: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in defaults.items())
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +82,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     _bool_flag(g, "enable-prefix-caching", d.enable_prefix_caching, "reuse KV blocks of shared prefixes")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--load-format", default=d.load_format, choices=LOAD_FORMATS)
+    g.add_argument("--generation-config", default=d.generation_config, metavar="{auto,vllm,FOLDER}",
+                   help="defaults for the sampling fields a request (or a generate flag) leaves unset: "
+                        "auto = the model's generation_config.json (temperature, top_p, top_k, min_p, "
+                        "repetition_penalty, max_new_tokens), as vLLM; for the embedded model, which has "
+                        f"none, {_fmt(EMBEDDED_DEFAULTS)}; vllm = ignore it (temperature 1.0, top_p 1.0, "
+                        "...); FOLDER = the generation_config.json there")
     g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="schedule each step only after the previous one finished (no CPU/GPU overlap)")
@@ -107,16 +123,24 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256, temperature: float = 0.0) -> None:
-    g = parser.add_argument_group("sampling")
+# the flag's default when neither it nor the model's generation config gives one
+_MAX_TOKENS = 256
+_MODEL_DEFAULT = "default: the model's, else "
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "sampling", "A flag left unset takes the model's default (--generation-config), as a server request "
+                    "does.")
     g.add_argument("--n", type=int, default=1)
-    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    # None = unset: the model's generation_config.json (or SamplingParams' default) decides after loading
+    g.add_argument("--max-tokens", type=int, default=None, help=f"({_MODEL_DEFAULT}{_MAX_TOKENS})")
     g.add_argument("--min-tokens", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (" + _MODEL_DEFAULT + "1.0)")
+    g.add_argument("--top-p", type=float, default=None, help=f"({_MODEL_DEFAULT}1.0)")
+    g.add_argument("--top-k", type=int, default=None, help="0 = off (" + _MODEL_DEFAULT + "0)")
+    g.add_argument("--min-p", type=float, default=None, help=f"({_MODEL_DEFAULT}0.0)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help=f"({_MODEL_DEFAULT}1.0)")
     g.add_argument("--presence-penalty", type=float, default=0.0)
     g.add_argument("--frequency-penalty", type=float, default=0.0)
     g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
@@ -128,8 +152,10 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256, te
                    help="print each generated token with its logprob and the K likeliest alternatives")
 
 
-def sampling_params_from(ns: argparse.Namespace) -> SamplingParams:
+def sampling_params_from(ns: argparse.Namespace, model_defaults: dict | None = None) -> SamplingParams:
+    """The flags given win; unset ones take `model_defaults` (the model's generation_config.json), then
+    SamplingParams' own (max_tokens: 256). Called once before loading, to reject bad flags early."""
     fields = {f.name for f in dataclasses.fields(SamplingParams) if not f.name.startswith("_")}
     kwargs = {k: v for k, v in vars(ns).items() if k in fields and k != "seed"}
     kwargs["seed"] = ns.sampling_seed
-    return SamplingParams(**kwargs)
+    return SamplingParams.from_defaults({"max_tokens": _MAX_TOKENS, **(model_defaults or {})}, **kwargs)

@@ -6,6 +6,7 @@ Argument names follow vLLM's EngineArgs so a vLLM user's flags and keyword argum
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,8 @@ class ModelConfig:
     max_model_len: int
     load_format: str = "auto"
     seed: int = 0
+    # SamplingParams fields the model's generation_config.json sets (--generation-config), for unset fields
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -144,6 +147,7 @@ class EngineArgs:
     step_trace: str | None = None
     seed: int = 0
     load_format: str = "auto"
+    generation_config: str = "auto"  # auto | vllm | a folder holding generation_config.json
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -171,6 +175,10 @@ class EngineArgs:
               f"must be one of {', '.join(CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         check(self.load_format in LOAD_FORMATS, "load_format",
               f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        check(self.generation_config in ("auto", "vllm")
+              or os.path.isfile(os.path.join(self.generation_config, "generation_config.json")),
+              "generation_config", f"must be auto, vllm or a folder holding generation_config.json, "
+              f"got {self.generation_config!r}")
         check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
               f"must be a power of two between 1 and 128, got {self.block_size}")
         check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",

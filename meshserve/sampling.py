@@ -66,6 +66,13 @@ class SamplingParams:
             self.top_k = 0
         self.validate()
 
+    @classmethod
+    def from_defaults(cls, defaults: dict | None = None, **fields) -> SamplingParams:
+        """Parameters from `fields`; a field given as None (or not given) takes `defaults` (the model's
+        generation_config.json), else SamplingParams' own default, as vLLM's front ends do."""
+        given = {k: v for k, v in fields.items() if v is not None}
+        return cls(**{**(defaults or {}), **given})
+
     # -- validation -------------------------------------------------------------------------------
     def validate(self) -> None:
         def check(cond: bool, param: str, msg: str) -> None:

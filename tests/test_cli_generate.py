@@ -1,7 +1,11 @@
 """The meshserve command line: generate with flags, and one-line errors."""
 
+import json
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from meshserve.cli import main
 
@@ -48,9 +52,71 @@ def test_stop_token_ids_leave_the_prompt_alone_and_logprobs_are_printed(tiny_mod
 
 
 def test_help_shows_defaults(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     out = capsys.readouterr().out
     assert "(default: 8000)" in out and "(default: 256)" in out
+
+
+@pytest.fixture(scope="module")
+def greedy_model(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny model whose generation_config.json recommends greedy decoding and 5 new tokens."""
+    folder = tmp_path_factory.mktemp("generation-defaults") / "model"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 0, "eos_token_id": 2, "temperature": 0.0, "max_new_tokens": 5}))
+    return str(folder)
+
+
+def _choices(out: str) -> list[list[str]]:
+    """Each completion's per-token lines (printed by --logprobs 0): a list per `--- 'prompt' [i]` block."""
+    blocks: list[list[str]] = []
+    for line in out.splitlines():
+        if line.startswith("--- "):
+            blocks.append([])
+        elif line.startswith("  '") and blocks:
+            blocks[-1].append(line)
+    return blocks
+
+
+def _generate(capsys, model: str, *flags: str) -> list[list[str]]:
+    assert main(["generate", "--model", model, "--no-chat", "--n", "2", "--ignore-eos", "--logprobs", "0",
+                 *flags, "Hello world"]) == 0
+    return _choices(capsys.readouterr().out)
+
+
+def test_generate_takes_the_models_defaults_like_the_server(greedy_model, capsys):
+    choices = _generate(capsys, greedy_model)
+    assert [len(c) for c in choices] == [5, 5] and choices[0] == choices[1]  # greedy, max_new_tokens
+
+
+def test_generate_flags_override_the_models_defaults(greedy_model, capsys):
+    choices = _generate(capsys, greedy_model, "--temperature", "1.0", "--sampling-seed", "0",
+                        "--max-tokens", "8")
+    assert [len(c) for c in choices] == [8, 8] and choices[0] != choices[1]
+
+
+def test_generate_with_generation_config_vllm_ignores_them(greedy_model, capsys):
+    choices = _generate(capsys, greedy_model, "--generation-config", "vllm", "--max-tokens", "6")
+    assert [len(c) for c in choices] == [6, 6] and choices[0] != choices[1]  # temperature 1.0
+
+
+def test_llm_generate_without_params_uses_the_models_defaults(greedy_model):
+    from meshserve import LLM
+
+    llm = LLM(greedy_model, max_model_len=256)
+    try:
+        params = llm.get_default_sampling_params()
+        assert (params.temperature, params.max_tokens) == (0.0, 5)
+        out = llm.generate("Hello world", use_tqdm=False)[0].outputs[0]
+        assert 1 <= len(out.token_ids) <= 5
+    finally:
+        llm.shutdown()
+
+
+def test_help_says_where_sampling_defaults_come_from(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # unwrap argparse's line breaks
+    assert "--generation-config {auto,vllm,FOLDER}" in out and "generation_config.json" in out
+    assert "0 = greedy (default: the model's, else 1.0)" in out and "(default: the model's, else 256)" in out

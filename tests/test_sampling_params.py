@@ -32,3 +32,13 @@ def test_invalid_values_name_the_parameter(kwargs, param):
     with pytest.raises(InvalidArgumentError) as e:
         SamplingParams(**kwargs)
     assert e.value.param == param and param in str(e.value)
+
+
+def test_from_defaults_given_fields_win_then_the_models_then_our_own():
+    model = {"temperature": 0.6, "top_p": 0.9, "max_tokens": 64}
+    p = SamplingParams.from_defaults(model, temperature=None, top_p=0.5, top_k=None, seed=3)
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens, p.seed) == (0.6, 0.5, 0, 64, 3)
+    assert SamplingParams.from_defaults(model, temperature=0.0).temperature == 0.0  # 0 is given, not unset
+    assert SamplingParams.from_defaults(None) == SamplingParams()
+    with pytest.raises(InvalidArgumentError, match="temperature"):
+        SamplingParams.from_defaults({"temperature": -1.0})

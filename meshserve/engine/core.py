@@ -109,6 +109,7 @@ class EngineCore:
             enable_chunked_prefill=config.scheduler_config.enable_chunked_prefill,
             tokenizer=config.model_config.tokenizer or None,
             eos_token_ids=config_eos_token_ids(config.model_config.hf_config, source.weights_dir),
+            generation_defaults=config.model_config.generation_defaults,
             slo_ttft_s=config.scheduler_config.slo_ttft_s,
             slo_tpot_s=config.scheduler_config.slo_tpot_s,
         )

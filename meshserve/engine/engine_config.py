@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -16,6 +17,8 @@ from meshserve.config import (
 )
 from meshserve.engine.args_check import check_parallel_split
 from meshserve.errors import InvalidArgumentError
+from meshserve.models.embedded import GENERATION_DEFAULTS as EMBEDDED_GENERATION_DEFAULTS
+from meshserve.models.generation_defaults import load_generation_defaults
 from meshserve.models.loader import ModelSource, resolve_model_source
 from meshserve.models.registry import resolve_model_class
 
@@ -65,9 +68,13 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
     resolve_model_class(source.hf_config)  # unsupported architectures fail here, with their name
     check_parallel_split(source.hf_config, args.tensor_parallel_size, args.pipeline_parallel_size,
                          args.pp_layer_partition)
+    model_dir = source.weights_dir or (args.model if args.model and os.path.isdir(args.model) else None)
+    generation_defaults = load_generation_defaults(
+        model_dir, args.generation_config, EMBEDDED_GENERATION_DEFAULTS if args.model is None else None)
     model_config = ModelConfig(
         model=source.name, tokenizer=source.tokenizer_dir or "", hf_config=source.hf_config, dtype=dtype,
         max_model_len=max_model_len, load_format=args.load_format, seed=args.seed,
+        generation_defaults=generation_defaults,
     )
     config = EngineConfig(
         model_config=model_config,

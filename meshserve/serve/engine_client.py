@@ -80,6 +80,11 @@ class EngineClient:
         without a round trip to the core; the larger, not the sum, since a starting request is in both."""
         return max(self.allm.num_waiting, self._num_starting)
 
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """The model's sampling defaults (generation_config.json) for the fields a request leaves unset."""
+        return self.allm.core_client.info.generation_defaults
+
     def slo_targets(self, slo: ServiceLevel | None) -> tuple[float | None, float | None]:
         """(TTFT, TPOT) targets in seconds that apply to a request: its own, else the server's."""
         info = self.allm.core_client.info

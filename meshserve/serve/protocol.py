@@ -65,8 +65,9 @@ class SamplingRequest(OpenAIModel):
     user: str | None = None
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1)
-    min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    # unset sampling fields take the model's generation_config.json defaults (--generation-config), as in vLLM
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None

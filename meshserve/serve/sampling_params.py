@@ -1,4 +1,8 @@
-"""Request models -> SamplingParams (OpenAI defaults; SamplingParams validates and names the bad field)."""
+"""Request models -> SamplingParams; SamplingParams validates and names the bad field.
+
+A field the request leaves unset takes the model's default from its generation_config.json (`defaults`, empty
+with --generation-config vllm), else OpenAI's: vLLM's rule, which `meshserve generate` follows too.
+"""
 
 from __future__ import annotations
 
@@ -51,9 +55,9 @@ def reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
 def _common(req: SamplingRequest) -> dict:
     return {
         "n": req.n,
-        "temperature": 1.0 if req.temperature is None else req.temperature,
-        "top_p": 1.0 if req.top_p is None else req.top_p,
-        "top_k": 0 if req.top_k is None else req.top_k,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
         "min_p": req.min_p,
         "presence_penalty": req.presence_penalty,
         "frequency_penalty": req.frequency_penalty,
@@ -71,19 +75,29 @@ def _common(req: SamplingRequest) -> dict:
     }
 
 
-def completion_sampling_params(req: CompletionRequest) -> SamplingParams:
-    """max_tokens defaults to 16 (OpenAI); echo with logprobs also scores the prompt."""
-    reject_unsupported(req)
-    kwargs = _common(req)
-    return SamplingParams(max_tokens=req.max_tokens, logprobs=req.logprobs,
-                          prompt_logprobs=req.logprobs if (req.echo and req.logprobs is not None) else None,
-                          **kwargs)
+def _build(req: SamplingRequest, defaults: dict, max_tokens: int | None, **fields) -> SamplingParams:
+    """What the request set wins; an unset field takes the model's default, else SamplingParams' own.
+    max_tokens comes resolved (None is meaningful: up to the context length)."""
+    given = {k: v for k, v in {**_common(req), **fields}.items() if v is not None}
+    return SamplingParams(**{**defaults, **given, "max_tokens": max_tokens})
 
 
-def chat_sampling_params(req: ChatCompletionRequest) -> SamplingParams:
-    """max_completion_tokens wins over max_tokens; neither means 'up to the context length'."""
+def completion_sampling_params(req: CompletionRequest, defaults: dict | None = None) -> SamplingParams:
+    """max_tokens unset: the model's max_new_tokens, else 16 (OpenAI). Echo with logprobs also scores
+    the prompt."""
     reject_unsupported(req)
-    kwargs = _common(req)
+    defaults = defaults or {}
+    max_tokens = req.max_tokens if "max_tokens" in req.model_fields_set else defaults.get("max_tokens", 16)
+    return _build(req, defaults, max_tokens, logprobs=req.logprobs,
+                  prompt_logprobs=req.logprobs if (req.echo and req.logprobs is not None) else None)
+
+
+def chat_sampling_params(req: ChatCompletionRequest, defaults: dict | None = None) -> SamplingParams:
+    """max_completion_tokens wins over max_tokens; neither: the model's max_new_tokens, else up to the
+    context length."""
+    reject_unsupported(req)
+    defaults = defaults or {}
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+    return _build(req, defaults, max_tokens if max_tokens is not None else defaults.get("max_tokens"),
+                  logprobs=logprobs)

@@ -55,7 +55,7 @@ class ChatService:
         tracker = self.metrics.track()
         try:
             model = check_model(self.config, req.model)
-            params = chat_sampling_params(req)
+            params = chat_sampling_params(req, self.client.generation_defaults)
             tracker.ttft_target_s, tracker.tpot_target_s = self.client.slo_targets(req.slo)
             self.client.check_admission()  # before spending a template render on a request we refuse
             messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}

@@ -46,7 +46,7 @@ class CompletionService:
         tracker = self.metrics.track()
         try:
             model = check_model(self.config, req.model)
-            params = completion_sampling_params(req)
+            params = completion_sampling_params(req, self.client.generation_defaults)
             tracker.ttft_target_s, tracker.tpot_target_s = self.client.slo_targets(req.slo)
             prompts = req.prompts()
             request_id = random_id("cmpl")

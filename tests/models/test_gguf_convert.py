@@ -1,12 +1,15 @@
-"""GGUF -> HF folder conversion: exact round trip, the cache, errors, and the embedded SmolLM2."""
+"""GGUF -> HF folder conversion: exact round trip, the content-keyed cache, progress, errors, SmolLM2."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
+import io
+import json
+import logging
+import shutil
 import sys
-import time
+import threading
 from pathlib import Path
 
 import gguf
@@ -28,8 +31,9 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from meshserve.errors import ModelLoadError, UnsupportedModelError
-from meshserve.models import embedded, gguf_convert
-from meshserve.models.gguf_convert import cache_dir, cached_hf_dir_for_gguf, convert_gguf_to_hf
+from meshserve.models import embedded, file_digest, gguf_convert
+from meshserve.models.gguf_cache import cache_dir, cached_hf_dir_for_gguf
+from meshserve.models.gguf_convert import convert_gguf_to_hf
 
 # A byte-level BPE small enough to write by hand: 256 byte tokens, a few merges, three control tokens.
 _MERGES = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld"]
@@ -100,10 +104,11 @@ def _write_gguf(
     path: Path,
     arch: str | None = None,
     qtype: gguf.GGMLQuantizationType | None = None,
+    sampling: dict[str, float] | None = None,
 ) -> None:
     """Write `model` the way llama.cpp does: metadata, tokenizer, q/k permuted for llama.
 
-    With `qtype`, 2-D weights are stored quantized.
+    With `qtype`, 2-D weights are stored quantized; `sampling` ({"temp": 0.2, ...}) adds general.sampling.*.
     """
     cfg = model.config
     arch = arch or cfg.model_type
@@ -131,6 +136,8 @@ def _write_gguf(
     writer.add_eos_token_id(_EOS)
     writer.add_add_bos_token(False)
     writer.add_chat_template(_CHAT_TEMPLATE)
+    for key, value in (sampling or {}).items():
+        getattr(writer, f"add_sampling_{key}")(value)
 
     for name, tensor in model.state_dict().items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
@@ -255,28 +262,139 @@ def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert cache_dir() == tmp_path / "explicit"
 
 
+def _no_conversion(*args: object, **kwargs: object) -> Path:
+    raise AssertionError("converted again")
+
+
 def test_cache_converts_once(
     tiny_gguf: tuple[PreTrainedModel, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, path = tiny_gguf
     monkeypatch.setenv("MESHSERVE_CACHE_DIR", str(tmp_path / "cache"))
     first = cached_hf_dir_for_gguf(path, progress=False)
-    assert first.parent == tmp_path / "cache" / "gguf" and first.name.startswith("tiny-")
+    digest = file_digest.sha256_of(path)
+    assert first == tmp_path / "cache" / "gguf" / f"{digest[:20]}-v{gguf_convert.CONVERTER_VERSION}"
     _assert_round_trip(model, first)
     mtime = (first / "model.safetensors").stat().st_mtime_ns
 
-    def no_conversion(*args: object, **kwargs: object) -> Path:
-        raise AssertionError("converted again")
-
-    monkeypatch.setattr(gguf_convert, "convert_gguf_to_hf", no_conversion)
-    assert cached_hf_dir_for_gguf(path) == first
+    # The same file again: neither converted nor even hashed (its digest is remembered by stat).
+    with monkeypatch.context() as m:
+        m.setattr(gguf_convert, "convert_gguf_to_hf", _no_conversion)
+        m.setattr(file_digest, "sha256_of", _no_conversion)
+        assert cached_hf_dir_for_gguf(path) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == mtime
 
-    # A changed source file gets its own folder.
-    monkeypatch.undo()
+
+def test_copies_share_one_entry_and_a_changed_file_gets_its_own(
+    tiny_gguf: tuple[PreTrainedModel, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each virtualenv installs its own copy of the embedded GGUF: keyed by content, they share one entry."""
+    _, path = tiny_gguf
     monkeypatch.setenv("MESHSERVE_CACHE_DIR", str(tmp_path / "cache"))
-    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert cached_hf_dir_for_gguf(path, progress=False) != first
+    first = cached_hf_dir_for_gguf(path, progress=False)
+    copy = tmp_path / "other-venv" / "renamed.gguf"
+    copy.parent.mkdir()
+    shutil.copyfile(path, copy)  # a new path, name, inode and mtime; the same bytes
+    with monkeypatch.context() as m:
+        m.setattr(gguf_convert, "convert_gguf_to_hf", _no_conversion)
+        assert cached_hf_dir_for_gguf(copy) == first
+
+    other = _tiny_model(tie=True)  # new content at the same path: a new entry, the old one kept
+    _write_gguf(other, copy)
+    second = cached_hf_dir_for_gguf(copy, progress=False)
+    assert second != first and (first / gguf_convert.MARKER_FILE).is_file()
+    _assert_round_trip(other, second)
+
+
+def test_concurrent_starts_convert_once(
+    tiny_gguf: tuple[PreTrainedModel, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two starts at once (two copies of the file): one converts, the other waits and reuses its folder."""
+    _, path = tiny_gguf
+    copy = tmp_path / "copy.gguf"
+    shutil.copyfile(path, copy)
+    monkeypatch.setenv("MESHSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    real, calls = gguf_convert.convert_gguf_to_hf, []
+
+    def counted(*args: object, **kwargs: object) -> Path:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gguf_convert, "convert_gguf_to_hf", counted)
+    start = threading.Barrier(2)
+    results: list[Path] = []
+
+    def run(p: Path) -> None:
+        start.wait()
+        results.append(cached_hf_dir_for_gguf(p, progress=False))
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in (path, copy)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 2 and results[0] == results[1] and len(calls) == 1
+    assert {p.name for p in results[0].parent.iterdir() if p.is_dir()} == {"digests", results[0].name}
+
+
+def test_progress_names_every_phase_in_logs(
+    tiny_gguf: tuple[PreTrainedModel, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not on a terminal: INFO lines for each phase and each quarter of the tensors."""
+    _, path = tiny_gguf
+    with caplog.at_level(logging.INFO, logger="meshserve.models"):
+        convert_gguf_to_hf(path, tmp_path / "hf")
+    lines = [r.getMessage() for r in caplog.records if r.name == "meshserve.models.convert_progress"]
+    n = 2 * 9 + 3  # two layers of nine tensors, embedding, norm, output
+    assert lines[:2] == ["Converting tiny.gguf: reading the GGUF",
+                         "Converting tiny.gguf: building the config"]
+    assert f"Converting tiny.gguf: {n}/{n} tensors" in lines
+    assert sum(line.endswith(f"/{n} tensors") for line in lines) == 4
+    assert lines[-3][: -len(" MB of weights")].startswith("Converting tiny.gguf: writing ")
+    assert lines[-2:] == ["Converting tiny.gguf: building the tokenizer", "Converting tiny.gguf: done"]
+
+
+def test_progress_bar_on_a_terminal(
+    tiny_gguf: tuple[PreTrainedModel, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    _, path = tiny_gguf
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    convert_gguf_to_hf(path, tmp_path / "hf")
+    shown = err.getvalue()
+    assert "Converting tiny.gguf" in shown and "21/21" in shown
+    for phase in ("reading the GGUF", "dequantizing tensors", "building the tokenizer", "done"):
+        assert phase in shown
+
+
+def test_no_progress_when_asked(
+    tiny_gguf: tuple[PreTrainedModel, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, path = tiny_gguf
+    with caplog.at_level(logging.INFO, logger="meshserve.models"):
+        convert_gguf_to_hf(path, tmp_path / "hf", progress=False)
+    assert not [r for r in caplog.records if r.name == "meshserve.models.convert_progress"]
+    assert capsys.readouterr().err == ""
+
+
+def test_sampling_metadata_becomes_generation_defaults(tmp_path: Path) -> None:
+    """llama.cpp's general.sampling.* (the creator's recommendation) lands in generation_config.json."""
+    model = _tiny_model(tie=True)
+    _write_gguf(model, tmp_path / "sampled.gguf", sampling={"temp": 0.25, "top_p": 0.8, "top_k": 7})
+    out = convert_gguf_to_hf(tmp_path / "sampled.gguf", tmp_path / "hf", progress=False)
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert (saved["do_sample"], saved["top_k"]) == (True, 7)
+    assert (saved["temperature"], saved["top_p"]) == (pytest.approx(0.25), pytest.approx(0.8))
+
+    _write_gguf(model, tmp_path / "plain.gguf")
+    out = convert_gguf_to_hf(tmp_path / "plain.gguf", tmp_path / "hf-plain", progress=False)
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert not {"temperature", "top_p", "top_k", "do_sample"} & set(saved)
 
 
 def test_cache_ignores_folder_without_marker(

@@ -29,6 +29,10 @@ def test_default_model_chat_says_paris():
             max_tokens=32, temperature=0)
         assert "Paris" in resp.choices[0].message.content
         assert resp.choices[0].finish_reason == "stop"
+        # README's curl sets no sampling fields: the embedded model's default is greedy, so the same answer
+        readme = client.chat.completions.create(
+            model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert readme.choices[0].message.content == resp.choices[0].message.content
     finally:
         srv.stop()
         allm.shutdown()

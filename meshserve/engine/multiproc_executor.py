@@ -2,7 +2,8 @@
 
 Each step it broadcasts the typed SchedulerOutput over a gloo group, runs its own shard, and receives the
 sampled tokens from the sampler rank (TP rank 0 of the last pipeline stage). A worker that dies or hangs
-ends the engine with an error naming the rank, within the collective timeout.
+ends the engine with an error naming the rank, within the collective timeout; one that dies while starting
+(importing, joining the world, loading), at once.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing as mp
+import threading
 import time
 
 import torch.distributed as dist
@@ -18,9 +20,12 @@ from meshserve.config import EngineConfig
 from meshserve.distributed.launch import HEARTBEAT_S, LaunchInfo
 from meshserve.distributed.parallel_state import destroy_parallel_state, get_parallel_state
 from meshserve.engine.worker import init_rank, worker_main
-from meshserve.errors import EngineDeadError
+from meshserve.errors import EngineDeadError, MeshserveError
 
 logger = logging.getLogger(__name__)
+
+# how long a spawned rank may take to reach the rendezvous (imports, device set-up) on a busy machine
+STARTUP_TIMEOUT_S = 300.0
 
 
 class MultiprocExecutor:
@@ -36,14 +41,21 @@ class MultiprocExecutor:
     def __init__(self, config: EngineConfig, source, launch: LaunchInfo):
         self.launch = launch
         self.workers: dict[int, mp.Process] = {}
-        self._mid_protocol = False
+        self._mid_protocol = True  # until every rank is up: a rank still joining is killed, not waited for
+        self._joining: threading.Thread | None = None  # rank 0's join, if a death left it blocked
         self._start_workers(config, source, launch, worker_main)
         atexit.register(self.shutdown)
         try:
-            self.runner = init_rank(config, source, launch, 0)
-        except Exception:
+            self._wait_for_rendezvous()
+            self.runner = init_rank(config, source, launch, 0, run_join=self._join_watched)
+        except Exception as e:
+            # a peer that died while loading breaks rank 0's collectives: name it rather than the symptom
+            dead = None if isinstance(e, MeshserveError) else self._dead_worker(" during start-up")
             self.shutdown()
+            if dead is not None:
+                raise dead from e
             raise
+        self._mid_protocol = False
         self.state = self.runner_state()
 
     def _start_workers(self, config, source, launch, worker_main) -> None:
@@ -77,21 +89,75 @@ class MultiprocExecutor:
     def runner_state():
         return get_parallel_state()
 
-    def _check_workers(self) -> None:
+    def _check_workers(self, when: str = "") -> None:
         for rank, code in self._exit_codes().items():
             if code is not None:
-                raise EngineDeadError(f"worker rank {rank} exited with code {code}")
+                pid = f" (pid {self.workers[rank].pid})" if rank in self.workers else ""
+                raise EngineDeadError(f"worker rank {rank}{pid} exited with code {code}{when}")
+
+    def _wait_for_rendezvous(self) -> None:
+        """Wait for every local worker's first heartbeat (sent just before it joins the world), naming at once
+        one that exits first: the rendezvous itself would only time out, naming no rank. A rank may take
+        long to import on a busy machine, so the wait is generous; it ends early only on a death."""
+        beats = getattr(self, "beats", None)
+        if beats is None:  # ranks that are not this node's processes (Ray actors)
+            return
+        limit = max(self.launch.timeout_s, STARTUP_TIMEOUT_S)
+        deadline = time.monotonic() + limit
+        while missing := [rank for rank in self.workers if not beats[rank]]:
+            self._check_workers(" during start-up")
+            if time.monotonic() > deadline:
+                raise EngineDeadError(f"worker rank {', '.join(map(str, missing))} did not reach the "
+                                      f"rendezvous within {limit:.0f} s")
+            time.sleep(0.05)
+
+    def _join_watched(self, join) -> None:
+        """Run rank 0's joining in a thread while watching the workers: a rank that dies inside the
+        rendezvous leaves it waiting, in C++, for the whole timeout. On a death the thread is left behind
+        (it ends at the timeout, its error dropped) and the error names the rank at once."""
+        outcome: list[BaseException | None] = []
+
+        def run():
+            try:
+                join()
+                outcome.append(None)
+            except BaseException as e:  # noqa: BLE001  (handed to the waiting thread, or dropped)
+                outcome.append(e)
+
+        thread = threading.Thread(target=run, name="meshserve-join", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            try:
+                self._check_workers(" during start-up")
+            except EngineDeadError:
+                self._joining = thread  # shutdown must not tear the group down under it
+                raise
+            thread.join(0.05)
+        error = outcome[0]
+        if isinstance(error, dist.DistError):  # e.g. a rank on another node never came: one line, no trace
+            raise EngineDeadError(f"joining the {self.launch.world_size} ranks failed: "
+                                  f"{str(error).splitlines()[0]}") from error
+        if error is not None:
+            raise error
+
+    def _dead_worker(self, when: str = "", grace_s: float = 2.0) -> EngineDeadError | None:
+        """The error naming a worker that exited, waiting up to grace_s for one (a peer's death shows up
+        as a broken connection a moment before its exit code does); None if all still run."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            try:
+                self._check_workers(when)
+            except EngineDeadError as dead:
+                return dead
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def _fail(self, error: BaseException) -> EngineDeadError:
-        # a peer's death shows up as a broken connection a moment before its exit code does
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            try:
-                self._check_workers()
-            except EngineDeadError as dead:
-                self.shutdown()
-                return dead
-            time.sleep(0.05)
+        dead = self._dead_worker()
+        if dead is not None:
+            self.shutdown()
+            return dead
         silent = self._silent_ranks()
         self.shutdown()
         if silent:
@@ -158,4 +224,5 @@ class MultiprocExecutor:
         except Exception:  # noqa: BLE001, S110  (peers may already be gone)
             pass
         self._stop_workers()
-        destroy_parallel_state()
+        if self._joining is None or not self._joining.is_alive():
+            destroy_parallel_state()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import multiprocessing as mp
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -23,16 +25,28 @@ from meshserve.engine.model_runner import ModelRunner
 logger = logging.getLogger(__name__)
 
 
-def init_rank(config: EngineConfig, source, launch: LaunchInfo, rank: int) -> ModelRunner:
-    """Join the world as `rank` and build that rank's ModelRunner."""
+def init_rank(config: EngineConfig, source, launch: LaunchInfo, rank: int, beats=None,
+              run_join: Callable[[Callable[[], object]], None] | None = None) -> ModelRunner:
+    """Join the world as `rank` and build that rank's ModelRunner.
+
+    With `beats`, the rank's heartbeat starts just before it joins: the driver waits for that first beat
+    before joining itself. `run_join`, if given, runs the joining (the driver watches its workers meanwhile).
+    """
     config = copy.deepcopy(config)
     if config.device.startswith("cuda"):
         index = launch.local_index(rank)
         torch.cuda.set_device(index)
         config.device = f"cuda:{index}"
-    init_parallel_state(launch.tp_size, launch.pp_size, rank, launch.master_addr, launch.master_port,
-                        launch.backend, launch.timeout_s, launch.pp_layer_partition)
+    if beats is not None:
+        start_heartbeat(beats, rank)
+    join = functools.partial(init_parallel_state, launch.tp_size, launch.pp_size, rank, launch.master_addr,
+                             launch.master_port, launch.backend, launch.timeout_s, launch.pp_layer_partition)
+    (run_join or _call)(join)
     return ModelRunner(config, source)
+
+
+def _call(fn: Callable[[], object]) -> None:
+    fn()
 
 
 def serve_rank(runner: ModelRunner, rank: int) -> None:
@@ -56,12 +70,10 @@ def serve_rank(runner: ModelRunner, rank: int) -> None:
 def worker_main(config: EngineConfig, source, launch: LaunchInfo, rank: int, beats=None) -> None:
     """Process entry of a worker rank; exits non-zero on any failure so the driver can name it."""
     die_with_parent()
-    if beats is not None:
-        start_heartbeat(beats, rank)
     logging.basicConfig(level=os.environ.get("MESHSERVE_WORKER_LOG", "WARNING"),
                         format=f"rank{rank} %(levelname)s %(name)s: %(message)s")
     try:
-        runner = init_rank(config, source, launch, rank)
+        runner = init_rank(config, source, launch, rank, beats)
         serve_rank(runner, rank)
     except Exception as e:  # noqa: BLE001  (a peer died or the driver went away: leave, loudly)
         logger.error("rank %d stopping: %s", rank, str(e).splitlines()[0] if str(e) else type(e).__name__)

@@ -42,7 +42,7 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--connect-timeout", type=float, default=d.connect_timeout_s)
     g.add_argument("--read-timeout", type=float, default=d.read_timeout_s,
                    help="longest silence from a replica (whole generation for non-streamed requests)")
-    g.add_argument("--max-attempts", type=int, default=d.max_attempts, help="attempts per request, first included")
+    g.add_argument("--max-attempts", type=int, default=d.max_attempts, help="attempts per request, first included; a refused connection does not count")
     g.add_argument("--retry-budget", type=float, default=d.retry_budget_s,
                    help="no new attempt starts this many seconds after the request arrived")
     g = p.add_argument_group("load, degradation and autoscaling")

@@ -15,8 +15,8 @@ class RouterConfig:
 
     Times are seconds. `read_timeout_s` is the longest silence allowed from a replica: before the response
     head of a non-streamed request (its whole generation), and between chunks of a stream. A request is
-    retried on another replica only while nothing reached the client, at most `max_attempts` times and
-    not after `retry_budget_s` since it arrived.
+    retried on another replica only while nothing reached the client, at most `max_attempts` times (a
+    refused connection does not count) and not after `retry_budget_s` since it arrived.
     """
 
     backends: list[str] = field(default_factory=list)

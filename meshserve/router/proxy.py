@@ -3,7 +3,10 @@
 An attempt is *committed* once something is about to reach the client: the whole body of a non-streamed
 response, or the first complete server-sent event of a stream. Before that, a connection error, a
 timeout, or a 502/503/504/429 from the replica sends the request to another replica (at most
-`max_attempts` attempts, none started after `retry_budget_s`). After that, nothing is retried: a stream
+`max_attempts` attempts, none started after `retry_budget_s`). A refused connection costs no attempt: it
+reached no replica and ejects that one at once, so when several replicas die together a request still gets
+to a live one (the fallback, say) instead of spending its attempts on the dead; each replica is tried once
+per request, so this stays bounded. After that, nothing is retried: a stream
 that breaks ends with one clean `data: {"error": ...}` event and `data: [DONE]`, so the client never sees
 duplicated or spliced output. Events are relayed whole, as they arrive, never buffered past one event.
 """
@@ -50,6 +53,7 @@ class _Rejected:
 
     reason: str
     response: Response | None = None
+    refused: bool = False  # the connection was refused: nothing reached the replica
 
 
 def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
@@ -109,8 +113,9 @@ class Proxy:
         tried: set[str] = set()
         refusal: Response | None = None
         reasons: list[str] = []
-        attempts = 0
-        while attempts < c.max_attempts and (attempts == 0 or time.monotonic() - arrival < c.retry_budget_s):
+        attempts = 0  # every try, as reported to the client
+        spent = 0  # the tries max_attempts bounds: those that reached a replica
+        while spent < c.max_attempts and (attempts == 0 or time.monotonic() - arrival < c.retry_budget_s):
             route = self.pool.route(key, tried)
             if route is None:
                 break
@@ -125,6 +130,7 @@ class Proxy:
             if isinstance(result, Response):
                 return result
             reasons.append(f"{route.replica.name}: {result.reason}")
+            spent += not result.refused
             refusal = result.response or refusal
         if refusal is not None:  # every replica tried refused (e.g. all queues full): pass the last refusal on
             self.metrics.count("rejected")
@@ -174,6 +180,8 @@ class Proxy:
                                      status_code=200, headers=_response_headers(resp, route, attempts))
         except httpx.TimeoutException as e:
             return self._failed(replica, f"timed out ({type(e).__name__})")
+        except httpx.ConnectError as e:
+            return self._failed(replica, f"connection failed ({type(e).__name__})", refused=True)
         except httpx.TransportError as e:
             return self._failed(replica, f"connection failed ({type(e).__name__})")
         finally:
@@ -182,10 +190,10 @@ class Proxy:
                 if resp is not None:
                     await resp.aclose()
 
-    def _failed(self, replica: Replica, reason: str) -> _Rejected:
+    def _failed(self, replica: Replica, reason: str, refused: bool = False) -> _Rejected:
         replica.num_failed += 1
         replica.eject(reason)
-        return _Rejected(reason)
+        return _Rejected(reason, refused=refused)
 
     async def _relay(self, replica: Replica, resp: httpx.Response, chunks: AsyncIterator[bytes],
                      buffer: bytearray, first: list[bytes]) -> AsyncIterator[bytes]:

@@ -56,12 +56,19 @@ class Load:
     phase: str = "start"
     results: list[Result] = field(default_factory=list)
     live_streams: Counter = field(default_factory=Counter)  # replica -> streams being read now
+    # request index -> (replica, events read so far) of each stream being read now
+    stream_progress: dict[int, tuple[str | None, int]] = field(default_factory=dict)
     sent: int = 0
     _stop: asyncio.Event | None = None
 
     def stop(self) -> None:
         assert self._stop is not None
         self._stop.set()
+
+    def fresh_streams(self, replica: str, max_events: int) -> int:
+        """Streams on `replica` that have shown at most `max_events` events: the replica is surely still
+        generating them (a stream already read half-way may be finished upstream, its tail in transit)."""
+        return sum(r == replica and n <= max_events for r, n in list(self.stream_progress.values()))
 
     async def wait_sent(self, n: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -143,10 +150,16 @@ class Load:
                 self._refusal(result, resp, (await resp.aread()).decode())
                 return
             self.live_streams[result.replica] += 1
+            self.stream_progress[i] = (result.replica, 0)
+            data: list[str] = []
             try:
-                data = [line[6:] async for line in resp.aiter_lines() if line.startswith("data: ")]
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: "):
+                        data.append(line[6:])
+                        self.stream_progress[i] = (result.replica, len(data))
             finally:
                 self.live_streams[result.replica] -= 1
+                del self.stream_progress[i]
         if not data or data[-1] != "[DONE]":
             result.detail = "stream ended without [DONE]"
             return

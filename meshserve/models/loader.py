@@ -6,6 +6,7 @@ import glob
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -129,11 +130,15 @@ def _iter_checkpoint(path: str):
 
 def load_weights(model: nn.Module, path: str) -> None:
     """Copy every checkpoint tensor into its (possibly merged, possibly sharded) parameter."""
+    _load_tensors(model, _iter_checkpoint(path), f"checkpoint in {path}")
+
+
+def _load_tensors(model: nn.Module, tensors, what: str) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
     place = getattr(model, "checkpoint_name", lambda n: n)
     loaded: set[str] = set()
-    for ckpt_name, tensor in _iter_checkpoint(path):
+    for ckpt_name, tensor in tensors:
         if "rotary_emb.inv_freq" in ckpt_name:
             continue
         name = place(ckpt_name)
@@ -161,7 +166,7 @@ def load_weights(model: nn.Module, path: str) -> None:
                                           "model.embed_tokens.weight" in params)}
     missing = sorted(expected - loaded)
     if missing:
-        raise ModelLoadError(f"checkpoint in {path} lacks {len(missing)} tensors, e.g. {missing[0]}")
+        raise ModelLoadError(f"{what} lacks {len(missing)} tensors, e.g. {missing[0]}")
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -174,15 +179,34 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Random weights at the real shapes: N(0, 0.02) matrices, unit norms, zero biases."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(0.0 if name.endswith("bias") else 1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+def _dummy_checkpoint(model: nn.Module, hf_config, seed: int):
+    """The checkpoint tensors of hf_config's architecture (names and full shapes from the HF class on the
+    meta device), each drawn on the model's device from a seed of its own name: N(0, 0.02) matrices, unit
+    norms, zero biases. Only tensors this stage places are drawn."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shapes = {n: t.shape for n, t in AutoModelForCausalLM.from_config(hf_config).state_dict().items()}
+    place = getattr(model, "checkpoint_name", lambda n: n)
+    first = next(model.parameters())
+    gen = torch.Generator(device=first.device)
+    for name, shape in shapes.items():
+        if place(name) is None:
+            continue
+        tensor = torch.empty(shape, dtype=first.dtype, device=first.device)
+        if tensor.dim() == 1:
+            tensor.fill_(0.0 if name.endswith("bias") else 1.0)
+        else:
+            gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            tensor.normal_(0.0, 0.02, generator=gen)
+        yield name, tensor
+
+
+def init_dummy_weights(model: nn.Module, hf_config, seed: int = 0) -> None:
+    """Random weights at the real shapes, the same under every parallel layout: each full checkpoint tensor
+    is drawn from its own seed and sharded like a real checkpoint (so TP/PP runs on dummy weights give one
+    device's tokens, and their speed is that of real weights)."""
+    _load_tensors(model, _dummy_checkpoint(model, hf_config, seed), "dummy checkpoint")
 
 
 def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_position: int,
@@ -197,7 +221,7 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, m
     finally:
         torch.set_default_dtype(old_dtype)
     if source.weights_dir is None:
-        init_dummy_weights(model, seed)
+        init_dummy_weights(model, source.hf_config, seed)
     else:
         load_weights(model, source.weights_dir)
     return model.eval()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import logging
 import signal
 import sys
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # SIGTERM unwinds like Ctrl-C, so executors shut their worker processes down (no orphans)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # `kill -USR1 PID` prints every thread's Python stack: where a hung process waits
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # stderr without a file descriptor
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return ns.func(ns)
     except MeshserveError as e:

@@ -104,6 +104,7 @@ class ParallelConfig:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     distributed_timeout_s: float = 60.0
+    disable_custom_all_reduce: bool = False  # True: NCCL for every TP all-reduce (no one-shot kernel)
 
     @property
     def world_size(self) -> int:
@@ -158,6 +159,7 @@ class EngineArgs:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     distributed_timeout_s: float = 60.0
+    disable_custom_all_reduce: bool = False
     device: str = "auto"
     hf_overrides: dict[str, Any] = field(default_factory=dict)
 

@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from meshserve.bench.channel import add_channel_parser
 
     add_channel_parser(bench_sub)
+    from meshserve.bench.all_reduce import add_all_reduce_parser
+
+    add_all_reduce_parser(bench_sub)
     from meshserve.bench.word_tokenizer import add_tokenizer_parser
 
     add_tokenizer_parser(bench_sub)

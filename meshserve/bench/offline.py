@@ -2,6 +2,9 @@
 
 Both run dummy weights at real architecture sizes in bf16 on one GPU, then HF transformers on the same GPU
 (after meshserve released its memory), and the roofline from the copy bandwidth measured on the spot.
+With -tp / -pp they run split over that many GPUs (no HF baseline there: the baseline of a layout is the
+same command at TP = PP = 1, and vLLM at the same layout); the roofline is then per GPU: one rank's
+weight bytes per step at TP, every stage's bytes in turn at PP.
 """
 
 from __future__ import annotations
@@ -25,7 +28,19 @@ def _llm(ns):
     return LLM(model=ns.model, load_format="dummy", dtype="bfloat16", max_model_len=ns.max_model_len,
                enforce_eager=ns.enforce_eager, gpu_memory_utilization=ns.gpu_memory_utilization,
                max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-               enable_prefix_caching=not ns.no_prefix_caching)
+               enable_prefix_caching=not ns.no_prefix_caching, tensor_parallel_size=ns.tensor_parallel_size,
+               pipeline_parallel_size=ns.pipeline_parallel_size,
+               disable_custom_all_reduce=ns.disable_custom_all_reduce)
+
+
+def _layout(ns) -> dict:
+    return {"tp": ns.tensor_parallel_size, "pp": ns.pipeline_parallel_size,
+            "all_reduce": ("-" if ns.tensor_parallel_size == 1 else
+                           "nccl" if ns.disable_custom_all_reduce else "one-shot up to 2 MiB, nccl above")}
+
+
+def _split(ns) -> bool:
+    return ns.tensor_parallel_size * ns.pipeline_parallel_size > 1
 
 
 def _free_gpu(*owners) -> None:
@@ -95,7 +110,8 @@ def run_latency(ns) -> dict:
     t0 = time.perf_counter()
     llm = _llm(ns)
     start_s = time.perf_counter() - t0
-    wbytes = weight_bytes(llm.engine.runner.model)
+    # rank 0's shard; a batch-1 step reads every stage's shard in turn
+    wbytes = weight_bytes(llm.engine.runner.model) * ns.pipeline_parallel_size
     prompt = [{"prompt_token_ids": w1_prompt()}]
 
     def gen(n):
@@ -103,8 +119,9 @@ def run_latency(ns) -> dict:
 
     gen(8)  # warm-up
     t1, tn = _timed(lambda: gen(1)), _timed(lambda: gen(W1_NEW_TOKENS))
-    res = {"bench": "latency (W1)", "gpu": gpu, "model": ns.model, "copy_TBps": bw / 1e12,
-           "weight_GB": wbytes / 1e9, "start_s": start_s,
+    res = {"bench": "latency (W1)", "gpu": gpu, "model": ns.model, **_layout(ns), "copy_TBps": bw / 1e12,
+           "weight_GB_per_gpu_step": wbytes / 1e9, "start_s": start_s,
+           "gpu_mem_GB": torch.cuda.max_memory_reserved() / 1e9,
            "tok_s": W1_NEW_TOKENS / tn, "decode_tok_s": (W1_NEW_TOKENS - 1) / (tn - t1),
            "roofline_tok_s": bw / wbytes}
     res["pct_roofline"] = 100 * res["decode_tok_s"] / res["roofline_tok_s"]
@@ -112,7 +129,7 @@ def run_latency(ns) -> dict:
         res["decode_tok_s_by_batch"] = _decode_curve(llm, [int(b) for b in ns.curve.split(",")])
     hf_config = llm.engine.config.model_config.hf_config
     _free_gpu(llm)
-    if not ns.no_baseline:
+    if not ns.no_baseline and not _split(ns):
         from meshserve.bench.hf_baseline import hf_model_from_config, hf_w1_tok_per_s
 
         hf = hf_model_from_config(hf_config)
@@ -145,13 +162,18 @@ def run_throughput(ns) -> dict:
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = sum(len(r.prompt_token_ids) for r in reqs)
     stats = llm.engine.stats()
-    res = {"bench": "throughput (W2)", "gpu": gpu, "model": ns.model, "start_s": start_s, "seconds": dt,
+    res = {"bench": "throughput (W2)", "gpu": gpu, "model": ns.model, **_layout(ns), "start_s": start_s,
+           "seconds": dt,
            "output_tokens": n_out, "output_tok_s": n_out / dt, "total_tok_s": (n_out + n_in) / dt,
            "preemptions": stats["num_preemptions"], "kv_blocks": stats["num_blocks"]}
+    if ns.pipeline_parallel_size > 1:
+        res["pp_bubble"] = stats["pp_bubble"]
+        stages, mbs = ns.pipeline_parallel_size, ns.pipeline_parallel_size
+        res["pp_bubble_ideal"] = (stages - 1) / (mbs + stages - 1)
     hf_config = llm.engine.config.model_config.hf_config
     _free_gpu(llm)
     print_table({k: v for k, v in res.items() if not isinstance(v, dict)})  # before the baseline runs
-    if not ns.no_baseline:
+    if not ns.no_baseline and not _split(ns):
         from meshserve.bench.hf_baseline import (
             hf_continuous_batching_tok_per_s,
             hf_model_from_config,
@@ -179,7 +201,7 @@ def run_throughput(ns) -> dict:
 
 def calibration_rows(res: dict) -> list[dict]:
     """The result as rows in the planner's calibration schema (meshserve plan --calibrate)."""
-    base = {"gpu": res["gpu"], "model": res["model"], "tp": 1, "pp": 1, "dp": 1}
+    base = {"gpu": res["gpu"], "model": res["model"], "tp": res.get("tp", 1), "pp": res.get("pp", 1), "dp": 1}
     if res["bench"].startswith("latency"):
         rows = [dict(base, workload="W1", batch=1, output_tok_per_s=res["tok_s"])]
         for batch, tok_s in res.get("decode_tok_s_by_batch", {}).items():
@@ -233,6 +255,9 @@ def add_offline_parsers(bench_sub: argparse._SubParsersAction) -> None:
         p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
         p.add_argument("--enforce-eager", action="store_true")
         p.add_argument("--no-prefix-caching", action="store_true")
+        p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+        p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+        p.add_argument("--disable-custom-all-reduce", action="store_true", help="NCCL for every TP all-reduce")
         p.add_argument("--no-baseline", action="store_true", help="skip HF transformers")
         p.add_argument("--output-json", default=None)
         p.add_argument("--benchmarks-md", default=None, help="append a row to this BENCHMARKS.md")

@@ -7,8 +7,10 @@ world of one, and every collective below is then an identity.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,8 @@ class ParallelState:
     cpu_group: object | None = None  # gloo over all ranks, for pickled control messages
     device_group: object | None = None  # the default group (NCCL on GPU), for point-to-point activations
     pp_layer_partition: list[int] | None = None  # layers per stage; None = even split
+    # the small-message all-reduce (distributed/symm_mem_all_reduce.py); None: NCCL for every size
+    tp_fast_all_reduce: object | None = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -92,20 +96,57 @@ def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str,
     return _STATE
 
 
-def destroy_parallel_state() -> None:
+def enable_fast_all_reduce(device: torch.device, dtype: torch.dtype) -> bool:
+    """Set up the one-shot symmetric-memory all-reduce for this rank's TP group (GPU, TP > 1); every rank
+    of the group must call it together. False where it is unavailable (NCCL then serves every size)."""
+    if _STATE.tp_size == 1 or device.type != "cuda":
+        return False
+    from meshserve.distributed.symm_mem_all_reduce import try_symm_mem_all_reduce
+
+    _STATE.tp_fast_all_reduce = try_symm_mem_all_reduce(_STATE.tp_group, device, dtype)
+    return _STATE.tp_fast_all_reduce is not None
+
+
+def tensor_parallel_forward():
+    """Context for one model forward (eager or captured): the fast all-reduce's per-forward state."""
+    if _STATE.tp_fast_all_reduce is None:
+        return contextlib.nullcontext()
+    return _STATE.tp_fast_all_reduce.forward_scope()
+
+
+def destroy_parallel_state(timeout_s: float = 10.0) -> None:
+    """Leave the torch.distributed world. On NCCL the communicators are aborted first: a graceful destroy
+    waits for peers, and a peer that already left (or graphs holding captured collectives) kept rank 0
+    waiting forever on two H200s. Bounded either way: past timeout_s the process moves on (it is leaving)."""
     global _STATE
+    _STATE.tp_fast_all_reduce = None
     if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001, S110  (a dead peer can make teardown fail; the process is leaving)
-            pass
+        done = threading.Event()
+
+        def teardown():
+            try:
+                if dist.get_backend() == "nccl":
+                    torch.cuda.synchronize()
+                    dist.distributed_c10d._abort_process_group()
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001, S110  (a dead peer can make teardown fail; the process is leaving)
+                pass
+            done.set()
+
+        threading.Thread(target=teardown, name="meshserve-dist-teardown", daemon=True).start()
+        if not done.wait(timeout_s):
+            logger.warning("torch.distributed teardown did not finish in %.0f s; left to process exit", timeout_s)
     _STATE = ParallelState()
 
 
 def tensor_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum x over the tensor-parallel group (in place)."""
+    """Sum x over the tensor-parallel group: the one-shot kernel for small messages where it is set up,
+    else NCCL in place. Use the returned tensor."""
     if _STATE.tp_size == 1:
         return x
+    fast = _STATE.tp_fast_all_reduce
+    if fast is not None and fast.can_reduce(x):
+        return fast.all_reduce(x)
     dist.all_reduce(x, group=_STATE.tp_group)
     return x
 

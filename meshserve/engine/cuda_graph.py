@@ -2,7 +2,9 @@
 
 A decode step of a small model is dominated by kernel launches from Python; replaying a captured graph
 issues them all at once. Inputs live in static buffers; padding rows write to no cache slot (slot -1)
-and have context length 0, so they cost little and touch nothing.
+and have context length 0, so they cost little and touch nothing. A pipeline stage after the first also
+takes the previous stage's hidden states and residual from static buffers, and one before the last returns
+them (copied out, since the next replay overwrites the graph's output while a send may still read it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 import torch
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
+from meshserve.layers.pipeline import IntermediateTensors
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +38,11 @@ class DecodeGraphs:
     everything else. Capture needs the KV cache bound (the graphs bake in its address).
     """
 
-    def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
-                 device: torch.device):
-        self.model = model
+    def __init__(self, forward, max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device,
+                 stage_input: tuple[int, torch.dtype] | None = None):
+        """forward(input_ids, positions, meta, intermediate) is the model's; stage_input = (hidden size,
+        dtype) on a pipeline stage that receives activations (None on the first stage)."""
+        self.forward = forward
         self.device = device
         self.sizes = capture_sizes(max_num_seqs)
         self.max_bs = self.sizes[-1]
@@ -50,6 +55,11 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, dtype=torch.int64, device=device)
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int64, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int64, device=device)
+        self.stage_in: IntermediateTensors | None = None
+        if stage_input is not None:
+            hidden_size, dtype = stage_input
+            self.stage_in = IntermediateTensors(torch.zeros(n, hidden_size, dtype=dtype, device=device),
+                                                torch.zeros(n, hidden_size, dtype=dtype, device=device))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -72,11 +82,12 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
             meta = self._meta(bs)
-            self.model(self.input_ids[:bs], self.positions[:bs], meta)  # warm up (Triton autotune, allocs)
+            args = (self.input_ids[:bs], self.positions[:bs], meta, self._stage_in(bs))
+            self.forward(*args)  # warm up (Triton autotune, allocs)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                out = self.model(self.input_ids[:bs], self.positions[:bs], meta)
+                out = self.forward(*args)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[bs], self.outputs[bs] = graph, out
@@ -84,12 +95,19 @@ class DecodeGraphs:
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), self.max_bs,
                     time.perf_counter() - t0)
 
+    def _stage_in(self, bs: int) -> IntermediateTensors | None:
+        if self.stage_in is None:
+            return None
+        return IntermediateTensors(self.stage_in.hidden[:bs], self.stage_in.residual[:bs])
+
     def can_run(self, meta: AttentionMetadata) -> bool:
         """Decode only, no more sequences than the largest graph, block tables within the captured width."""
         return meta.is_decode_only and meta.num_seqs <= self.max_bs and meta.block_tables.shape[1] <= self.max_blocks
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Copy the batch into the static buffers (padding to the next captured size) and replay."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            intermediate: IntermediateTensors | None = None):
+        """Copy the batch (and a stage's received activations) into the static buffers, padding to the next
+        captured size, and replay."""
         n = meta.num_seqs
         bs = next(s for s in self.sizes if s >= n)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
@@ -101,5 +119,11 @@ class DecodeGraphs:
         if bs > n:  # padding rows: no cache write, empty context
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(0)
+        if intermediate is not None:
+            self.stage_in.hidden[:n].copy_(intermediate.hidden)
+            self.stage_in.residual[:n].copy_(intermediate.residual)
         self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        out = self.outputs[bs]
+        if isinstance(out, IntermediateTensors):
+            return IntermediateTensors(out.hidden[:n].clone(), out.residual[:n].clone())
+        return out[:n]

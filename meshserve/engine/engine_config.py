@@ -96,7 +96,8 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
             pp_layer_partition=args.pp_layer_partition,
             distributed_executor_backend=args.distributed_executor_backend, nnodes=args.nnodes,
             node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
-            distributed_timeout_s=args.distributed_timeout_s),
+            distributed_timeout_s=args.distributed_timeout_s,
+            disable_custom_all_reduce=args.disable_custom_all_reduce),
         device=device,
         enforce_eager=args.enforce_eager,
     )

@@ -16,7 +16,11 @@ import time
 import torch
 
 from meshserve.config import EngineConfig
-from meshserve.distributed.parallel_state import get_parallel_state
+from meshserve.distributed.parallel_state import (
+    enable_fast_all_reduce,
+    get_parallel_state,
+    tensor_parallel_forward,
+)
 from meshserve.distributed.pipeline import recv_activations, send_activations
 from meshserve.engine.cpu_threads import set_cpu_threads
 from meshserve.engine.cuda_graph import DecodeGraphs
@@ -55,13 +59,18 @@ class ModelRunner:
         if self.device.type == "cpu":  # every rank of this node shares the cores
             pc = config.parallel_config
             set_cpu_threads(max(1, pc.world_size // max(1, pc.nnodes)))
+        if not config.parallel_config.disable_custom_all_reduce:
+            enable_fast_all_reduce(self.device, self.dtype)
         torch.manual_seed(mc.seed)
         self.model = build_model(source, self.dtype, self.device, mc.max_model_len, seed=mc.seed)
         bind_kernels(self.model, self.kernels)
         self.kv_pool = KVCachePool(config, self.model.attention_layers(), self.kernels.kv_cache_dtype, self.device)
         self.inputs = StepInputBuilder(self.block_size, self.device)
+        pc = config.parallel_config
+        # TP ranks other than 0 need the sampled ids on their device when steps are scheduled ahead
+        share = pc.tensor_parallel_size > 1 and pc.pipeline_parallel_size == 1 and config.scheduler_config.async_scheduling
         self.sampling = StepSampler(self.model, Sampler(fused=self.kernels.fused_sampler), self.vocab_size,
-                                    self.device)
+                                    self.device, share_sampled=share)
         self.graphs: DecodeGraphs | None = None
         # which of the two pinned buffers (inputs, sampled ids) this step uses: with async scheduling step
         # n+1 is prepared while step n's copies may still be queued
@@ -106,7 +115,7 @@ class ModelRunner:
             h = torch.zeros(input_ids.shape[0], self.config.model_config.hf_config.hidden_size,
                             dtype=self.dtype, device=self.device)
             intermediate = IntermediateTensors(h, h.clone())
-        hidden = self.model(input_ids, positions, meta, intermediate)
+        hidden = self.forward(input_ids, positions, meta, intermediate)
         if st.is_last_stage:
             last = meta.query_start_loc[1:].long() - 1
             self.model.compute_logits(hidden[last]).float().softmax(-1)
@@ -130,7 +139,11 @@ class ModelRunner:
             self.warm_up_prefill(num_blocks)
         if self.kernels.cuda_graphs:
             sc = self.config.scheduler_config
-            self.graphs = DecodeGraphs(self.model, sc.max_num_seqs, sc.max_model_len, self.block_size, self.device)
+            stage_input = None
+            if not get_parallel_state().is_first_stage:
+                stage_input = (self.config.model_config.hf_config.hidden_size, self.dtype)
+            self.graphs = DecodeGraphs(self.forward, sc.max_num_seqs, sc.max_model_len, self.block_size,
+                                       self.device, stage_input)
             self.graphs.capture()
 
     @torch.inference_mode()
@@ -149,12 +162,17 @@ class ModelRunner:
             seq = ScheduledSequence(seq_id="warmup", token_ids=[0] * q, num_computed_tokens=0,
                                     block_table=list(range(blocks)), params=None, do_sample=False)
             input_ids, positions, meta = self._prepare([seq])
-            self.model(input_ids, positions, meta)
+            self.forward(input_ids, positions, meta)
             q *= 2
         torch.cuda.synchronize(self.device)
         logger.info("prefill kernels warmed up in %.1f s", time.perf_counter() - t0)
 
     # -- one step --------------------------------------------------------------------------------
+    def forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):
+        """The model's forward inside the TP all-reduce's per-forward scope (every call site, graphs too)."""
+        with tensor_parallel_forward():
+            return self.model(input_ids, positions, meta, intermediate)
+
     def _prepare(self, scheduled: list[ScheduledSequence]):
         """Flat batch tensors (input_ids, positions, AttentionMetadata) for the step (step_inputs.py)."""
         return self.inputs.build(scheduled, self._step_parity, self.sampling.last_sampled,
@@ -178,7 +196,7 @@ class ModelRunner:
             if self.graphs is not None and self.graphs.can_run(meta):
                 hidden = self.graphs.run(input_ids, positions, meta)
             else:
-                hidden = self.model(input_ids, positions, meta)
+                hidden = self.forward(input_ids, positions, meta)
             pending = self.sampling.sample(out.scheduled, hidden, meta, self._step_parity)
             pending.timer = timer.stop()
             return pending
@@ -204,7 +222,10 @@ class ModelRunner:
                 hidden, residual = recv_activations([shape, shape], self.dtype, self.device)
                 intermediate = IntermediateTensors(hidden, residual)
             t = time.perf_counter()
-            hidden = self.model(input_ids, positions, meta, intermediate)
+            if self.graphs is not None and self.graphs.can_run(meta):
+                hidden = self.graphs.run(input_ids, positions, meta, intermediate)
+            else:
+                hidden = self.forward(input_ids, positions, meta, intermediate)
             if st.is_last_stage:
                 part = self.sampling.sample(mb, hidden, meta, self._step_parity).result()
                 result.sampled.update(part.sampled)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from meshserve.config import EngineConfig
 from meshserve.distributed.launch import HEARTBEAT_S, LaunchInfo
 from meshserve.distributed.parallel_state import destroy_parallel_state, get_parallel_state
+from meshserve.engine.runner_output import PendingOutput
 from meshserve.engine.worker import init_rank, worker_main
 from meshserve.errors import EngineDeadError, MeshserveError
 
@@ -35,11 +36,12 @@ class MultiprocExecutor:
     order; a worker that dies or hangs ends the engine with an EngineDeadError naming the rank.
     """
 
-    # sampled ids come back through a collective each step; nothing can be queued behind them
-    supports_async_scheduling = False
-
     def __init__(self, config: EngineConfig, source, launch: LaunchInfo):
         self.launch = launch
+        # with one pipeline stage rank 0 samples, so its step can be queued and read back later (the
+        # other TP ranks get the sampled ids from it on the device); a later stage's tokens come back
+        # through a host collective each step, and nothing can be queued behind them
+        self.supports_async_scheduling = launch.pp_size == 1
         self.workers: dict[int, mp.Process] = {}
         self._mid_protocol = True  # until every rank is up: a rank still joining is killed, not waited for
         self._joining: threading.Thread | None = None  # rank 0's join, if a death left it blocked
@@ -198,6 +200,19 @@ class MultiprocExecutor:
             raise self._fail(e) from e
         self._mid_protocol = False
         return results
+
+    def execute_async(self, sched_out) -> PendingOutput:
+        """Send the step to every rank and queue rank 0's part; result() waits for its sampled ids (rank 0
+        samples: one pipeline stage only)."""
+        self._check_workers()
+        self._mid_protocol = True
+        try:
+            dist.broadcast_object_list([("execute", (sched_out,))], src=0, group=self.state.cpu_group)
+            pending = self.runner.launch(sched_out)
+        except Exception as e:
+            raise self._fail(e) from e
+        self._mid_protocol = False
+        return pending
 
     def execute(self, sched_out):
         out = self.collective_rpc("execute", sched_out)

@@ -19,10 +19,14 @@ class StepSampler:
     host buffers for the sampled ids (used in turn by step parity), and the last step's sampled ids on the
     device with their rows by sequence, which the next step's inputs read for tokens still pending when it
     was scheduled. Every TP rank computes logits (the LM head gathers over them); only TP rank 0 samples.
+    With share_sampled (TP with async scheduling) rank 0 broadcasts the sampled ids over the TP group on
+    the device, so every rank's next step reads its pending tokens without a trip through the host.
     """
 
-    def __init__(self, model: torch.nn.Module, sampler: Sampler, vocab_size: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, sampler: Sampler, vocab_size: int, device: torch.device,
+                 share_sampled: bool = False):
         self.model = model
+        self.share_sampled = share_sampled
         self.sampler = sampler
         self.vocab_size = vocab_size
         self.device = device
@@ -78,9 +82,12 @@ class StepSampler:
         else:
             last_rows = torch.tensor([qsl[i + 1] - 1 for i in sample_idx], device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, last_rows))
-        if not samples:
-            return PendingOutput(result)
         rows = [scheduled[i] for i in sample_idx]
+        if not samples:
+            if self.share_sampled:
+                self._remember(rows, self._broadcast(torch.empty(len(rows), dtype=torch.int64,
+                                                                 device=self.device)))
+            return PendingOutput(result)
         banned = [sorted(s.params._all_stop_token_ids) if s.num_output_tokens < s.params.min_tokens else []
                   for s in rows]
         if all(s.params.greedy and s.params.logprobs is None and not s.params.uses_penalties
@@ -104,8 +111,9 @@ class StepSampler:
         """Remember the sampled ids on the device (the next step may need them as inputs) and start their
         copy to pinned host memory."""
         token_ids = token_ids.long()
-        self.last_sampled = token_ids
-        self.last_rows = {s.seq_id: i for i, s in enumerate(rows)}
+        if self.share_sampled:
+            self._broadcast(token_ids)
+        self._remember(rows, token_ids)
         seq_ids = [s.seq_id for s in rows]
         ks = [s.params.logprobs for s in rows] if sampled is not None and sampled.logprobs is not None else None
         if self.device.type != "cuda":
@@ -118,3 +126,14 @@ class StepSampler:
         event = torch.cuda.Event()
         event.record()
         return PendingOutput(result, seq_ids, host, event, sampled, ks)
+
+    def _remember(self, rows: list[ScheduledSequence], token_ids: torch.Tensor) -> None:
+        self.last_sampled = token_ids
+        self.last_rows = {s.seq_id: i for i, s in enumerate(rows)}
+
+    @staticmethod
+    def _broadcast(token_ids: torch.Tensor) -> torch.Tensor:
+        """TP rank 0's sampled ids to every rank of its TP group (in place, on the device)."""
+        st = get_parallel_state()
+        torch.distributed.broadcast(token_ids, src=st.pp_rank * st.tp_size, group=st.tp_group)
+        return token_ids

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import faulthandler
 import functools
 import logging
 import multiprocessing as mp
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -70,6 +72,7 @@ def serve_rank(runner: ModelRunner, rank: int) -> None:
 def worker_main(config: EngineConfig, source, launch: LaunchInfo, rank: int, beats=None) -> None:
     """Process entry of a worker rank; exits non-zero on any failure so the driver can name it."""
     die_with_parent()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where a hung rank waits
     logging.basicConfig(level=os.environ.get("MESHSERVE_WORKER_LOG", "WARNING"),
                         format=f"rank{rank} %(levelname)s %(name)s: %(message)s")
     try:

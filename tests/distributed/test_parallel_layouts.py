@@ -97,3 +97,40 @@ def test_tp4_replicates_kv_heads(tiny_model_dir):
     single, _ = _generate(path, prompts)
     got, _ = _generate(path, prompts, tensor_parallel_size=4)
     assert got == single
+
+
+def test_tp2_schedules_ahead_and_samples_like_one_device(tiny_model_dir):
+    """TP = 2 schedules step n+1 before reading step n (rank 0 broadcasts the sampled ids to rank 1 on the
+    device): seeded sampling, penalties and greedy rows give one device's tokens, with and without it."""
+    path = tiny_model_dir("qwen2")
+    prompts = _prompts(3, (7, 21, 14, 9))
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=5 + i, max_tokens=MAX_NEW, ignore_eos=True)
+              for i in range(3)] + [SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)]
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+
+    def run(**kw):
+        llm = LLM(model=path, **kw)
+        try:
+            outs = llm.generate(inputs, params, use_tqdm=False)
+            return [o.outputs[0].token_ids for o in outs], llm.engine.async_scheduling
+        finally:
+            llm.shutdown()
+
+    single, _ = run()
+    ahead, scheduled_ahead = run(tensor_parallel_size=2)
+    in_step, sync = run(tensor_parallel_size=2, async_scheduling=False)
+    assert scheduled_ahead and not sync
+    assert ahead == single and in_step == single
+
+
+def test_dummy_weights_are_the_same_under_every_layout(tiny_model_dir):
+    """Dummy weights are drawn per full checkpoint tensor and then sharded, so a TP or PP run on them gives
+    one device's tokens (what the GPU layout tests and benchmarks rely on)."""
+    path = tiny_model_dir("llama")
+    prompts = _prompts(4, (6, 17))
+    single, _ = _generate(path, prompts, load_format="dummy", seed=3)
+    tp, _ = _generate(path, prompts, load_format="dummy", seed=3, tensor_parallel_size=2)
+    pp, _ = _generate(path, prompts, load_format="dummy", seed=3, pipeline_parallel_size=2)
+    other, _ = _generate(path, prompts, load_format="dummy", seed=4)
+    assert tp == single and pp == single
+    assert other != single

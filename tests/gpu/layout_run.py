@@ -1,0 +1,44 @@
+"""Generates with one parallel layout in a fresh process and prints the outputs as JSON (the multi-GPU tests
+start one per layout: each needs its own torch.distributed world). Usage:
+python tests/gpu/layout_run.py MODEL DTYPE TP PP ALL_REDUCE(auto|nccl)"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+
+def prompts(n: int = 6) -> list[dict]:
+    rng = random.Random(0)
+    return [{"prompt_token_ids": [rng.randint(0, 10000) for _ in range(rng.randint(5, 300))]} for _ in range(n)]
+
+
+def main() -> None:
+    from meshserve import LLM, SamplingParams
+    from meshserve.distributed.parallel_state import get_parallel_state
+
+    model, dtype, tp, pp, all_reduce = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    llm = LLM(model=model, load_format="dummy", dtype=dtype, max_model_len=1024, hf_overrides={"num_hidden_layers": 4},
+              gpu_memory_utilization=0.5, max_num_seqs=32, seed=0, tensor_parallel_size=tp,
+              pipeline_parallel_size=pp, disable_custom_all_reduce=all_reduce == "nccl")
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=1, logprobs=1)
+    seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=16, ignore_eos=True)
+    outs = llm.generate(prompts(), greedy, use_tqdm=False)
+    sampled = llm.generate(prompts(2), seeded, use_tqdm=False)
+    result = {
+        "graphs": llm.engine.runner.graphs is not None,
+        "fast_all_reduce": get_parallel_state().tp_fast_all_reduce is not None,
+        "async": llm.engine.async_scheduling,
+        "tokens": [o.outputs[0].token_ids for o in outs],
+        "sampled": [o.outputs[0].token_ids for o in sampled],
+        # per prompt: logprob of each prompt token, then the best logprob of each generated position
+        "prompt_logprobs": [[next(iter(p.values())).logprob for p in o.prompt_logprobs[1:]] for o in outs],
+        "best_logprobs": [[max(lp.logprob for lp in pos.values()) for pos in o.outputs[0].logprobs] for o in outs],
+    }
+    llm.shutdown()
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Issue 21 on nvidia-h200-x2: STEP=a: all-reduce by size + the multi-GPU correctness tests; STEP=b: W1 8B at
+# TP = 1, TP = 2 (one-shot all-reduce) and TP = 2 (NCCL only); STEP=c: 70B at TP = 2 (batch 1 and 32), W2 8B
+# at PP = 2 beside TP = 1. Results under $OUT.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site
+OUT=${OUT:-/tmp/out}
+MS="python3 -m meshserve.cli"
+# run_logged NAME LIMIT_S ARGS...: a meshserve command with its log in $OUT/NAME.log; past LIMIT_S every
+# python process prints its stacks (faulthandler on SIGABRT) and the run is killed
+run_logged() {
+  local name=$1 limit=$2; shift 2
+  PYTHONFAULTHANDLER=1 MESHSERVE_WORKER_LOG=INFO $MS --log-level INFO "$@" > "$OUT/$name.log" 2>&1 &
+  local pid=$! t0=$SECONDS
+  while kill -0 $pid 2>/dev/null && (( SECONDS - t0 < limit )); do sleep 1; done
+  if kill -0 $pid 2>/dev/null; then
+    echo "== $name: still running after $limit s; stacks in its log"
+    pkill -ABRT -f "multiprocessing.spawn"; kill -ABRT $pid; sleep 3
+    pkill -9 -f "multiprocessing.spawn"; kill -9 $pid 2>/dev/null
+  fi
+  wait $pid; echo "== $name: rc $? after $(( SECONDS - t0 )) s"
+  grep -v -i "warn" "$OUT/$name.log" | tail -${TAIL:-22}
+}
+case "${STEP:-a}" in
+a)
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
+  nvidia-smi topo -m | head -5
+  timeout 120 $MS bench all-reduce -tp 2 --output-json $OUT/all_reduce.json 2>&1 | tee $OUT/all_reduce.log
+  timeout 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/gpu/test_multi_gpu.py -k "${TESTS:-llama}" 2>&1 | tail -30 | tee $OUT/pytest.log
+  ;;
+b)
+  for layout in "-tp 1" "-tp 2" "-tp 2 --disable-custom-all-reduce"; do
+    timeout 200 $MS bench latency --model llama-3.1-8b --no-baseline $layout --output-json "$OUT/w1_8b${layout// /_}.json" 2>&1 | grep -v Warning | tail -16
+  done
+  ;;
+c)
+  timeout 300 $MS bench latency --model llama-3.1-70b --no-baseline -tp 2 --curve 1,32 --max-model-len 4096 --output-json $OUT/w1_70b_tp2.json 2>&1 | tail -20
+  for layout in "-tp 1" "-pp 2"; do
+    timeout 200 $MS bench throughput --model llama-3.1-8b --no-baseline $layout --output-json "$OUT/w2_8b${layout// /_}.json" 2>&1 | tail -16
+  done
+  ;;
+d)
+  run_logged w1_8b_tp2 150 bench latency --model llama-3.1-8b --no-baseline -tp 2 --output-json $OUT/w1_8b_tp2.json
+  run_logged w1_8b_tp2_nccl 120 bench latency --model llama-3.1-8b --no-baseline -tp 2 --disable-custom-all-reduce \
+    --output-json $OUT/w1_8b_tp2_nccl.json
+  ;;
+e)
+  run_logged w1_8b_tp2 100 bench latency --model llama-3.1-8b --no-baseline -tp 2 --output-json $OUT/w1_8b_tp2.json
+  ;;
+esac

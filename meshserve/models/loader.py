@@ -6,12 +6,14 @@ import glob
 import json
 import logging
 import os
+import time
 import zlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from meshserve.distributed.parallel_state import get_parallel_state
 from meshserve.errors import ModelLoadError
 from meshserve.models.presets import PRESETS, preset_config, preset_names
 from meshserve.models.registry import resolve_model_class
@@ -115,8 +117,12 @@ def _safetensors_files(path: str) -> list[str]:
 
 def _iter_checkpoint(path: str):
     from safetensors import safe_open
+    from tqdm import tqdm
 
-    for file in _safetensors_files(path):
+    files = _safetensors_files(path)
+    # a bar on a terminal (rank 0 only: the ranks load side by side); the summary line is logged after
+    show = get_parallel_state().rank == 0 and len(files) > 1
+    for file in tqdm(files, desc="loading safetensors shards", unit="file", disable=None if show else True):
         try:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
@@ -130,7 +136,10 @@ def _iter_checkpoint(path: str):
 
 def load_weights(model: nn.Module, path: str) -> None:
     """Copy every checkpoint tensor into its (possibly merged, possibly sharded) parameter."""
+    t0 = time.perf_counter()
     _load_tensors(model, _iter_checkpoint(path), f"checkpoint in {path}")
+    logger.info("loaded %.2f GB of weights from %s in %.1f s", weight_bytes(model) / 1e9, path,
+                time.perf_counter() - t0)
 
 
 def _load_tensors(model: nn.Module, tensors, what: str) -> None:

@@ -1,4 +1,4 @@
-"""`meshserve` command line: generate (serve, bench and plan join as they land)."""
+"""`meshserve` command line: generate, serve, plan, bench, router and simulate."""
 
 from __future__ import annotations
 
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(sub)
     from meshserve.router.cli import register as register_router
     register_router(sub)
+    from meshserve.simulator.cli import register as register_simulate
+    register_simulate(sub)
     apply_defaults_help(parser)
     return parser
 

@@ -1,0 +1,126 @@
+"""`meshserve simulate`: a serving fleet under an arrival trace, in simulated time; prints JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from meshserve.errors import InvalidArgumentError
+
+
+def register(subparsers) -> None:
+    """Add the `simulate` subcommand to meshserve's argument parser."""
+    from meshserve.simulator.config import ROUTER_POLICIES, SimConfig
+
+    d = SimConfig()
+    p = subparsers.add_parser(
+        "simulate", help="discrete-event simulation of a serving fleet: latency, goodput, GPU-hours, $/1M tokens",
+        description="Drive the engine's real scheduler on a simulated clock, with step times from a step-time "
+                    "model calibrated on our own H200 step trace, behind the router's policy. Prints JSON.")
+    g = p.add_argument_group("fleet")
+    g.add_argument("--model", default=d.model, help="planner preset or config.json")
+    g.add_argument("--gpu", default=d.gpu, help="GPU from the planner's catalog")
+    g.add_argument("--num-gpus", type=int, default=d.num_gpus)
+    g.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel GPUs per replica (replicas = GPUs / TP)")
+    g.add_argument("--router", default=d.router, choices=ROUTER_POLICIES)
+    g.add_argument("--hardware-file", default=None, help="TOML overriding the GPU catalog (prices, rates)")
+    g = p.add_argument_group("engine (per replica, as `meshserve serve`)")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    g.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    g.add_argument("--num-blocks", type=int, default=None, help="KV blocks per replica (default: the planner's)")
+    g.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="the server's TTFT target: SLO-aware admission and shedding (off by default)")
+    g.add_argument("--slo-tpot-ms", type=float, default=None, help="the server's TPOT target (batch budget)")
+    g.add_argument("--max-queue-len", type=int, default=d.max_queue_len)
+    g = p.add_argument_group("traffic")
+    g.add_argument("--qps", type=float, default=8.0, help="mean arrival rate (poisson, bursty)")
+    g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--arrivals", choices=["poisson", "bursty"], default="poisson")
+    g.add_argument("--burst-factor", type=float, default=4.0, help="bursty: rate in a burst / rate outside")
+    g.add_argument("--trace", default=None, metavar="JSONL",
+                   help="a file of requests (arrival_s, prompt_len, output_len per line) instead of --qps")
+    g.add_argument("--input-len", type=int, default=512, help="prompt tokens (default: W3's 512)")
+    g.add_argument("--output-len", type=int, default=128, help="output tokens (default: W3's 128)")
+    g.add_argument("--prefix-groups", type=int, default=0, help="requests share one of N prefixes (0: none)")
+    g.add_argument("--prefix-len", type=int, default=256, help="tokens of each shared prefix")
+    g = p.add_argument_group("report")
+    g.add_argument("--ttft-slo", type=float, default=1.0, help="goodput's TTFT target, seconds (W3: 1)")
+    g.add_argument("--tpot-slo", type=float, default=0.05, help="goodput's TPOT target, seconds (W3: 0.05)")
+    g.add_argument("--output-json", default=None, help="also write the JSON here")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_simulate)
+
+
+def build_trace(ns: argparse.Namespace):
+    from meshserve.simulator import trace as tr
+
+    if ns.trace:
+        reqs = tr.file_trace(ns.trace)
+    elif ns.arrivals == "bursty":
+        reqs = tr.bursty_trace(ns.qps, ns.duration, ns.seed, ns.burst_factor, input_len=ns.input_len,
+                               output_len=ns.output_len)
+    else:
+        reqs = tr.poisson_trace(ns.qps, ns.duration, ns.seed, ns.input_len, ns.output_len)
+    if ns.prefix_groups > 0:
+        reqs = tr.shared_prefix_trace(reqs, ns.prefix_groups, ns.prefix_len, ns.seed)
+    if not reqs:
+        raise InvalidArgumentError("the trace has no requests (raise --qps or --duration)", param="qps")
+    return reqs
+
+
+def _strict(value):
+    """JSON without NaN/Infinity (null instead)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
+
+
+def run_simulate(ns: argparse.Namespace) -> int:
+    from meshserve.simulator.config import SimConfig
+    from meshserve.simulator.fleet import simulate
+
+    config = SimConfig(model=ns.model, gpu=ns.gpu, num_gpus=ns.num_gpus, tp=ns.tp, router=ns.router,
+                       slo_ttft_s=ns.slo_ttft_ms / 1e3 if ns.slo_ttft_ms else None,
+                       slo_tpot_s=ns.slo_tpot_ms / 1e3 if ns.slo_tpot_ms else None,
+                       goodput_ttft_s=ns.ttft_slo, goodput_tpot_s=ns.tpot_slo, max_num_seqs=ns.max_num_seqs,
+                       max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
+                       num_blocks=ns.num_blocks, max_queue_len=ns.max_queue_len, hardware_file=ns.hardware_file)
+    config.validate()
+    trace = build_trace(ns)
+    bar, progress = None, None
+    if not ns.no_progress:
+        from tqdm.auto import tqdm
+
+        span = trace[-1].arrival_s
+        bar = tqdm(total=round(span, 1), desc="simulated s", unit="s", dynamic_ncols=True, file=sys.stderr)
+
+        def progress(t: float) -> None:
+            bar.update(round(min(t, span), 1) - bar.n)
+
+    try:
+        report = simulate(config, trace, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    report["command"] = "meshserve simulate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["simulate"] else None
+    report["assumptions"] = [
+        (f"GPU prices are the catalog's assumed on-demand $/GPU-hour ({report['cost']['usd_per_gpu_hour']:.2f} "
+        f"for {report['gpu']}), not quotes"),
+        ("step times: the engine's step-time model with weights fitted to one H200 Llama-3.1-8B trace "
+        "(meshserve/simulator/calibration.toml), scaled to other GPUs by their data-sheet bandwidth and FLOP/s"),
+        "no HTTP/tokenizer time, no network, replicas never fail; every request runs to its output length",
+    ]
+    text = json.dumps(_strict(report), indent=2)
+    print(text)
+    if ns.output_json:
+        with open(ns.output_json, "w") as f:
+            f.write(text + "\n")
+    return 0

@@ -1,0 +1,78 @@
+"""What a simulation runs: the model, GPUs and layout, the engine's settings per replica, the router."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshserve.config import CacheConfig, SchedulerConfig
+from meshserve.errors import InvalidArgumentError
+from meshserve.planner.hardware import GpuSpec, get_gpu, load_catalog
+from meshserve.planner.memory import memory_per_gpu
+from meshserve.planner.model import ModelSpec, load_model
+from meshserve.planner.parallel import Layout
+
+ROUTER_POLICIES = ("least-outstanding", "round-robin", "prefix-affinity")
+
+
+@dataclass
+class SimConfig:
+    """A fleet of num_gpus // tp identical replicas behind one router. Engine fields keep the engine's
+    defaults and names; slo_* turn the server's --slo-ttft-ms/--slo-tpot-ms on (scheduling, admission and
+    shedding); goodput_* are the targets the report counts against (W3's)."""
+
+    model: str = "llama-3.1-8b"
+    gpu: str = "H100-SXM"
+    num_gpus: int = 1
+    tp: int = 1
+    router: str = "least-outstanding"
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+    goodput_ttft_s: float = 1.0
+    goodput_tpot_s: float = 0.05
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 4096
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_blocks: int | None = None  # None: what the planner's memory model leaves for KV
+    enable_prefix_caching: bool | None = None  # None: on when the trace shares prefixes (else it cannot hit)
+    max_queue_len: int = 1024  # the server's --max-queue-len
+    max_attempts: int = 3  # the router's tries per request (a 429 goes to another replica)
+    hardware_file: str | None = None
+
+    def validate(self) -> None:
+        if self.num_gpus < 1 or self.tp < 1 or self.num_gpus % self.tp:
+            raise InvalidArgumentError(f"--num-gpus ({self.num_gpus}) must be a positive multiple of --tp "
+                                       f"({self.tp})", param="num_gpus")
+        if self.router not in ROUTER_POLICIES:
+            raise InvalidArgumentError(f"--router must be one of {', '.join(ROUTER_POLICIES)}", param="router")
+
+    @property
+    def num_replicas(self) -> int:
+        return self.num_gpus // self.tp
+
+    def gpu_spec(self) -> GpuSpec:
+        return get_gpu(self.gpu, load_catalog(self.hardware_file))
+
+    def model_spec(self) -> ModelSpec:
+        return load_model(self.model)
+
+    def kv_blocks(self, model: ModelSpec, gpu: GpuSpec) -> int:
+        """KV blocks per replica: the planner's room for KV beside weights, activations and overhead."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        mem = memory_per_gpu(model, Layout(tp=self.tp), gpu, 0, max_batched_tokens=self.max_num_batched_tokens,
+                             max_num_seqs=self.max_num_seqs, gpu_memory_utilization=self.gpu_memory_utilization)
+        blocks = mem.max_kv_tokens // self.block_size
+        if blocks * self.block_size < self.max_model_len:
+            raise InvalidArgumentError(f"{self.model} with TP={self.tp} leaves KV room for {mem.max_kv_tokens} "
+                                       f"tokens on {gpu.name}: less than one {self.max_model_len}-token sequence",
+                                       param="tp")
+        return blocks
+
+    def engine_configs(self, num_blocks: int, prefix_caching: bool) -> tuple[SchedulerConfig, CacheConfig]:
+        sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                                max_model_len=self.max_model_len, async_scheduling=False,
+                                slo_ttft_s=self.slo_ttft_s, slo_tpot_s=self.slo_tpot_s)
+        cache = CacheConfig(block_size=self.block_size, enable_prefix_caching=prefix_caching, num_blocks=num_blocks)
+        return sched, cache

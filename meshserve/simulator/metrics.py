@@ -1,0 +1,100 @@
+"""What a simulated run measured: per-request latencies, inter-token gaps, goodput, GPU-hours and cost.
+
+Definitions follow `meshserve bench serve` (meshserve/bench/serve_bench.py), so a simulated point reads like
+a measured one: TTFT from arrival to the first token; TPOT = (e2e - TTFT) / (output tokens - 1); goodput =
+requests meeting both SLOs per second of the whole run (first arrival at 0 to the last completion); a request
+refused (429: queue full, predicted TTFT past target, shed late) counts as failed.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshserve.planner.hardware import GpuSpec
+
+# Inter-token gaps are binned (0.1 ms wide, up to 60 s) rather than kept: an hour at 1,000 req/s is 460 M gaps.
+ITL_BIN_S = 1e-4
+_ITL_BINS = 600_000
+
+
+@dataclass
+class RunRecorder:
+    """Filled by the replicas as tokens come out; summarize() turns it into the report."""
+
+    arrival_s: array = field(default_factory=lambda: array("d"))
+    ttft_s: array = field(default_factory=lambda: array("d"))
+    e2e_s: array = field(default_factory=lambda: array("d"))
+    output_tokens: array = field(default_factory=lambda: array("l"))
+    prompt_tokens: array = field(default_factory=lambda: array("l"))
+    num_rejected: int = 0  # 429 at the door: queue full or predicted TTFT past its target
+    num_shed: int = 0  # dropped from the queue once too late for the TTFT target
+    num_preemptions: int = 0
+    itl_counts: np.ndarray = field(default_factory=lambda: np.zeros(_ITL_BINS, dtype=np.int64))
+    _itl_pending: list[int] = field(default_factory=list)
+    last_completion_s: float = 0.0
+
+    def add_itl(self, gap_s: float) -> None:
+        self._itl_pending.append(min(int(gap_s / ITL_BIN_S), _ITL_BINS - 1))
+        if len(self._itl_pending) >= 1 << 16:
+            self._flush_itl()
+
+    def _flush_itl(self) -> None:
+        if self._itl_pending:
+            np.add.at(self.itl_counts, np.asarray(self._itl_pending, dtype=np.int64), 1)
+            self._itl_pending.clear()
+
+    def finish(self, arrival: float, first_token: float, now: float, num_output: int, num_prompt: int) -> None:
+        self.arrival_s.append(arrival)
+        self.ttft_s.append(first_token - arrival)
+        self.e2e_s.append(now - arrival)
+        self.output_tokens.append(num_output)
+        self.prompt_tokens.append(num_prompt)
+        self.last_completion_s = max(self.last_completion_s, now)
+
+    # -- the report ------------------------------------------------------------------------------
+    def itl_percentile(self, q: float) -> float:
+        self._flush_itl()
+        total = int(self.itl_counts.sum())
+        if total == 0:
+            return float("nan")
+        idx = int(np.searchsorted(np.cumsum(self.itl_counts), q / 100 * total, side="left"))
+        return (idx + 0.5) * ITL_BIN_S
+
+    def summarize(self, num_requests: int, duration_s: float, gpu: GpuSpec, num_gpus: int,
+                  ttft_slo_s: float = 1.0, tpot_slo_s: float = 0.05) -> dict:
+        ttft = np.frombuffer(self.ttft_s, dtype=float)
+        e2e = np.frombuffer(self.e2e_s, dtype=float)
+        out = np.frombuffer(self.output_tokens, dtype=np.int64).astype(float) if self.output_tokens else np.zeros(0)
+        prompt = int(sum(self.prompt_tokens))
+        multi = out > 1
+        tpot = np.where(multi, (e2e - ttft) / np.maximum(out - 1, 1), 0.0)
+        good = int(np.count_nonzero((ttft <= ttft_slo_s) & (tpot <= tpot_slo_s)))
+        out_tokens = int(out.sum())
+        gpu_hours = num_gpus * duration_s / 3600
+        usd = gpu_hours * gpu.price_per_hour_usd
+
+        def pct(a: np.ndarray, prefix: str) -> dict[str, float]:
+            if a.size == 0:
+                return {f"{prefix}_{k}": float("nan") for k in ("mean", "p50", "p90", "p99")}
+            p50, p90, p99 = np.percentile(a, [50, 90, 99])
+            return {f"{prefix}_mean": float(a.mean()), f"{prefix}_p50": float(p50), f"{prefix}_p90": float(p90),
+                    f"{prefix}_p99": float(p99)}
+
+        rate = (lambda n: n / duration_s if duration_s > 0 else 0.0)
+        s = {"num_requests": num_requests, "completed": len(ttft), "failed": num_requests - len(ttft),
+             "rejected": self.num_rejected, "shed": self.num_shed, "preemptions": self.num_preemptions,
+             "duration_s": duration_s, "request_throughput": rate(len(ttft)), "output_tok_s": rate(out_tokens),
+             "output_tokens": out_tokens, "prompt_tokens": prompt, "goodput": rate(good),
+             "ttft_slo_s": ttft_slo_s, "tpot_slo_s": tpot_slo_s}
+        s.update(pct(ttft, "ttft"))
+        s.update({f"itl_{k}": self.itl_percentile(q) for k, q in (("p50", 50), ("p90", 90), ("p99", 99))})
+        s.update(pct(tpot[multi], "tpot"))
+        s.update(pct(e2e, "e2e"))
+        s["gpu_hours"] = gpu_hours
+        s["cost"] = {"usd": usd, "usd_per_gpu_hour": gpu.price_per_hour_usd,
+                     "usd_per_million_output_tokens": usd / out_tokens * 1e6 if out_tokens else float("inf"),
+                     "price_is_assumption": gpu.price_is_assumption}
+        return s

@@ -1,0 +1,112 @@
+"""How long a simulated step takes: the engine's own step-time model, with weights fitted to a measured trace.
+
+The engine predicts each step's device time from its shape (new tokens, sequences, KV tokens read) with
+StepTimeModel (meshserve/engine/step_time.py): data-sheet times for the weights/FLOPs and the KV reads, a
+constant, and a fixed extra cost for a step that carries prefill (it runs outside CUDA graphs). Online it fits
+those four weights to the steps it measures; here they are fitted once, offline, to a `--step-trace` file of a
+real run (calibration.toml holds the result and where it came from), and reused for the GPU and model being
+simulated, whose data-sheet rates come from the planner's catalog. Tensor parallelism adds the planner's ring
+all-reduce time (two per layer) for the step's tokens.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel
+from meshserve.planner.hardware import GpuSpec
+from meshserve.planner.memory import stage_shard
+from meshserve.planner.model import ModelSpec
+from meshserve.planner.parallel import Layout
+from meshserve.planner.perf import ACT_BYTES, allreduce_s
+
+CALIBRATION_FILE = Path(__file__).with_name("calibration.toml")
+
+
+@dataclass(frozen=True)
+class StepWeights:
+    """The four weights of StepTimeModel: constant (ms), dense and KV factors, mixed-step cost (ms)."""
+
+    constant_ms: float
+    dense_factor: float
+    kv_factor: float
+    mixed_ms: float
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.constant_ms, self.dense_factor, self.kv_factor, self.mixed_ms)
+
+
+def load_calibration(name: str = "default") -> StepWeights:
+    """Weights from calibration.toml (the fit of our own H200 step trace)."""
+    entry = tomllib.loads(CALIBRATION_FILE.read_text())[name]
+    return StepWeights(entry["constant_ms"], entry["dense_factor"], entry["kv_factor"], entry["mixed_ms"])
+
+
+def prior_weights(efficiency: float, overhead_ms: float = 1.0) -> StepWeights:
+    """The engine's own starting point before it has measured a step: data sheet at `efficiency`."""
+    return StepWeights(overhead_ms, 1.0 / efficiency, 1.0 / efficiency, 0.0)
+
+
+class StepCost:
+    """Seconds of one step of one replica (a TP group of `tp` GPUs) from its StepShape."""
+
+    def __init__(self, model: ModelSpec, gpu: GpuSpec, tp: int = 1, weights: StepWeights | None = None,
+                 weight_dtype: str = "bf16", kv_dtype: str = "bf16"):
+        shard = stage_shard(model, Layout(tp=tp), 0, weight_dtype, kv_dtype)
+        self.weights = weights or load_calibration()
+        self.model = StepTimeModel(weight_bytes=shard.weight_bytes, kv_bytes_per_token=shard.kv_bytes_per_token,
+                                   rates=DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s(weight_dtype)))
+        # fixed weights: the simulator replays a converged engine, it does not learn
+        self.model.theta = np.array(self.weights.as_tuple())
+        self.model._theta = self.weights.as_tuple()
+        self.tp = tp
+        self._allreduces = 2 * model.num_layers
+        self._token_bytes = model.hidden_size * ACT_BYTES
+        self._link = (gpu.link_gb_s, gpu.link_latency_us)
+
+    def comm_s(self, num_tokens: int) -> float:
+        """Two all-reduces per layer of the step's hidden states (0 without TP)."""
+        if self.tp == 1:
+            return 0.0
+        return self._allreduces * allreduce_s(num_tokens * self._token_bytes, self.tp, *self._link)
+
+    def __call__(self, shape: StepShape) -> float:
+        return self.model.predict(shape) + self.comm_s(shape.num_tokens)
+
+
+def read_step_trace(path: str | Path) -> list[dict]:
+    """The JSON lines of `meshserve serve --step-trace FILE` (gzip or plain)."""
+    p = Path(path)
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def fit_step_weights(rows: list[dict], weight_bytes: float, kv_bytes_per_token: float,
+                     rates: DeviceRates) -> tuple[StepWeights, float]:
+    """Least-squares weights for a step trace, and the mean |predicted - measured| / measured they leave."""
+    model = StepTimeModel(weight_bytes, kv_bytes_per_token, rates)
+    x = np.array([[1.0, *model._terms(StepShape(r["tokens"], r["seqs"], r["context"]))] for r in rows])
+    y = np.array([r["actual_s"] * 1e3 for r in rows])
+    theta, *_ = np.linalg.lstsq(x, y, rcond=None)
+    err = float(np.mean(np.abs(x @ theta - y) / y))
+    return StepWeights(*(float(v) for v in theta)), err
+
+
+if __name__ == "__main__":  # refit: python -m meshserve.simulator.step_cost TRACE [GPU] [MODEL]
+    from meshserve.planner.hardware import get_gpu
+    from meshserve.planner.model import load_model
+
+    gpu = get_gpu(sys.argv[2] if len(sys.argv) > 2 else "H200")
+    shard = stage_shard(load_model(sys.argv[3] if len(sys.argv) > 3 else "llama-3.1-8b"), Layout(), 0)
+    w, e = fit_step_weights(read_step_trace(sys.argv[1]), shard.weight_bytes, shard.kv_bytes_per_token,
+                            DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s("bf16")))
+    print(f"constant_ms = {w.constant_ms:.4f}\ndense_factor = {w.dense_factor:.4f}\n"
+          f"kv_factor = {w.kv_factor:.4f}\nmixed_ms = {w.mixed_ms:.4f}\nmean_abs_error = {e:.3f}")

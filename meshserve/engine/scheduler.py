@@ -49,9 +49,6 @@ class Scheduler:
         # async scheduling: a step's tokens count as computed (and its samples as pending) when it is
         # scheduled, so the next step can be scheduled before this one's results are back
         self.async_mode = False
-        # pipeline parallel: several steps in flight at once; a sequence waits until its last step is back
-        # (its next input token is sampled on the last stage, far from the first)
-        self.skip_pending = False
         # where "now" comes from: the wall clock, or a simulated one (meshserve/simulator drives this scheduler)
         self.clock = time.monotonic
 
@@ -133,7 +130,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.num_pending_tokens and (self.skip_pending or self._reached_limit(seq)):
+            if seq.num_pending_tokens and self._reached_limit(seq):
                 i += 1  # its last token is on its way; nothing more to compute
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -196,9 +193,8 @@ class Scheduler:
 
     @property
     def needs_known_history(self) -> bool:
-        """Whether a running sequence's next step needs every token known (penalties read the history; a
-        grammar's next mask depends on the last token)."""
-        return any(seq.params.uses_penalties or seq.grammar is not None for seq in self.running)
+        """Whether a running sequence's next step needs every token known (penalties read the history)."""
+        return any(seq.params.uses_penalties for seq in self.running)
 
     def update_after_step(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
         """Advance computed tokens (async mode: done at scheduling), append sampled tokens, apply
@@ -219,19 +215,8 @@ class Scheduler:
                 continue
             seq.output_token_ids.append(token)
             self._check_token_stop(seq, token)
-            if seq.grammar is not None and not seq.is_finished:
-                self._advance_grammar(seq, token)
             updated.append(seq)
         return updated
-
-    def _advance_grammar(self, seq: Sequence, token: int) -> None:
-        """Feed the token to the sequence's grammar matcher; a grammar that is complete (it accepted a stop
-        token, even under ignore_eos) or that refuses the token ends the sequence."""
-        if not seq.grammar.accept_token(token):
-            logger.warning("%s: token %d breaks its grammar; stopping it", seq.seq_id, token)
-            self.finish(seq, SequenceStatus.FINISHED_STOPPED)
-        elif seq.grammar.is_terminated():
-            self.finish(seq, SequenceStatus.FINISHED_STOPPED)
 
     def _check_token_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params

@@ -35,6 +35,9 @@ class ParallelState:
     tp_group: object | None = None  # device collectives inside the TP group (NCCL or gloo)
     cpu_group: object | None = None  # gloo over all ranks, for pickled control messages
     device_group: object | None = None  # the default group (NCCL on GPU), for point-to-point activations
+    # gloo over all ranks, only for the last stage's sampled tokens going back to rank 0 (pipeline parallel):
+    # apart from cpu_group so rank 0 can receive them while it broadcasts the next steps
+    token_group: object | None = None
     pp_layer_partition: list[int] | None = None  # layers per stage; None = even split
     # the small-message all-reduce (distributed/symm_mem_all_reduce.py); None: NCCL for every size
     tp_fast_all_reduce: object | None = None
@@ -82,6 +85,7 @@ def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str,
     dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
                             world_size=world, rank=rank, timeout=timeout)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    token_group = dist.new_group(backend="gloo", timeout=timeout) if pp_size > 1 else None
     tp_group = None
     for stage in range(pp_size):  # every rank must create every group, in the same order
         ranks = list(range(stage * tp_size, (stage + 1) * tp_size))
@@ -90,7 +94,7 @@ def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str,
             tp_group = group
     _STATE = ParallelState(rank=rank, world_size=world, tp_rank=rank % tp_size, tp_size=tp_size,
                            pp_rank=rank // tp_size, pp_size=pp_size, tp_group=tp_group, cpu_group=cpu_group,
-                           device_group=dist.group.WORLD, pp_layer_partition=pp_layer_partition)
+                           device_group=dist.group.WORLD, token_group=token_group, pp_layer_partition=pp_layer_partition)
     logger.info("rank %d/%d: tp %d/%d, pp %d/%d (%s)", rank, world, _STATE.tp_rank, tp_size, _STATE.pp_rank,
                 pp_size, backend)
     return _STATE

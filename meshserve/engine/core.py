@@ -7,6 +7,7 @@ here: tokenization, detokenization, stop strings and logprob text belong to the 
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -99,6 +100,13 @@ class EngineCore:
                                  and getattr(self.executor, "supports_async_scheduling", False))
         self.scheduler.async_mode = self.async_scheduling
         self._in_flight: tuple[SchedulerOutput, PendingOutput, StepShape] | None = None
+        # pipeline parallel: up to one step per stage in flight, each over sequences the others lack, so
+        # every stage works on some step (no fill/drain bubble per step)
+        self.pipeline_depth = (getattr(self.executor, "pipeline_depth", 0)
+                               if config.scheduler_config.async_scheduling else 0)
+        self._pipeline: collections.deque[tuple[SchedulerOutput, PendingOutput, StepShape]] = collections.deque()
+        if self.pipeline_depth:
+            self.scheduler.async_mode = self.scheduler.skip_pending = True
         self.info = CoreInfo(
             model=config.model_config.model,
             max_model_len=config.scheduler_config.max_model_len,
@@ -171,6 +179,8 @@ class EngineCore:
         placeholders the runner fills from the device; a sequence that stopped at step n wastes its
         slot in step n+1 (its token is dropped).
         """
+        if self.pipeline_depth:
+            return self._step_pipelined()
         if not self.async_scheduling:
             sched_out = self._schedule()
             if sched_out.is_empty and not sched_out.finished_seq_ids:
@@ -186,6 +196,21 @@ class EngineCore:
         outputs = self._drain()
         if launched is not None:
             self._in_flight = (sched_out, launched, step_shape(sched_out))
+        return self._outputs(outputs)
+
+    def _step_pipelined(self) -> EngineCoreOutputs:
+        """Launch a step while fewer than pipeline_depth are in flight; read back the oldest once the
+        pipeline is full or nothing new could be scheduled (all running sequences wait on a step)."""
+        launched = False
+        if len(self._pipeline) < self.pipeline_depth:
+            sched_out = self._schedule()
+            if not sched_out.is_empty or sched_out.finished_seq_ids:
+                self._pipeline.append((sched_out, self.executor.execute_async(sched_out), step_shape(sched_out)))
+                launched = not sched_out.is_empty
+        outputs = []
+        if self._pipeline and (len(self._pipeline) == self.pipeline_depth or not launched):
+            sched_out, pending, shape = self._pipeline.popleft()
+            outputs = self._process(sched_out, pending.result(), shape)
         return self._outputs(outputs)
 
     def _schedule(self) -> SchedulerOutput:
@@ -315,4 +340,9 @@ class EngineCore:
                         100 * (pp - 1) / (micro + pp - 1))
         if self._trace is not None:
             self._trace.close()
+        try:  # read back the steps still in flight, so every rank stops at a clean point of the protocol
+            while self._pipeline:
+                self._pipeline.popleft()[1].result()
+        except Exception:  # noqa: BLE001  (a dead rank: the executor's shutdown kills the rest)
+            self._pipeline.clear()
         self.executor.shutdown()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing as mp
+import queue
 import threading
 import time
 
@@ -42,6 +43,10 @@ class MultiprocExecutor:
         # other TP ranks get the sampled ids from it on the device); a later stage's tokens come back
         # through a host collective each step, and nothing can be queued behind them
         self.supports_async_scheduling = launch.pp_size == 1
+        # pipeline parallel: the engine keeps one step per stage in flight (EngineCore._step_pipelined); the
+        # last stage's tokens come back through a receiving thread, in step order
+        self.pipeline_depth = launch.pp_size if launch.pp_size > 1 else 0
+        self._results: queue.Queue | None = None
         self.workers: dict[int, mp.Process] = {}
         self._mid_protocol = True  # until every rank is up: a rank still joining is killed, not waited for
         self._joining: threading.Thread | None = None  # rank 0's join, if a death left it blocked
@@ -201,9 +206,9 @@ class MultiprocExecutor:
         self._mid_protocol = False
         return results
 
-    def execute_async(self, sched_out) -> PendingOutput:
-        """Send the step to every rank and queue rank 0's part; result() waits for its sampled ids (rank 0
-        samples: one pipeline stage only)."""
+    def execute_async(self, sched_out) -> PendingOutput | StageResult:
+        """Send the step to every rank and run rank 0's part. With one stage, result() waits for rank 0's
+        own sampled ids; with several, for the last stage's, which arrive in step order."""
         self._check_workers()
         self._mid_protocol = True
         try:
@@ -212,20 +217,58 @@ class MultiprocExecutor:
         except Exception as e:
             raise self._fail(e) from e
         self._mid_protocol = False
-        return pending
+        if self.state.sampler_rank == 0:
+            return pending
+        self._start_receiving()
+        return StageResult(self)
 
     def execute(self, sched_out):
         out = self.collective_rpc("execute", sched_out)
-        sampler = self.state.sampler_rank
-        if sampler != 0:
-            try:
-                box = [None]
-                dist.recv_object_list(box, src=sampler, group=self.state.cpu_group)
-                out = box[0]
-            except Exception as e:
-                raise self._fail(e) from e
+        if self.state.sampler_rank != 0:
+            self._start_receiving()
+            out = StageResult(self).result()
             self._mid_protocol = False
         return out
+
+    def _start_receiving(self) -> None:
+        """The thread that receives the last stage's step results (one per step, in order) into a queue, so
+        the sampler rank never waits on rank 0 while rank 0 broadcasts the next steps."""
+        if self._results is not None:
+            return
+        self._results = results = queue.Queue()
+        src, group = self.state.sampler_rank, self.state.token_group
+
+        def receive():
+            while True:
+                box = [None]
+                try:
+                    dist.recv_object_list(box, src=src, group=group)
+                except Exception as e:  # noqa: BLE001  (handed to the reader: a dead rank or shutdown)
+                    results.put(e)
+                    return
+                results.put(box[0])
+
+        threading.Thread(target=receive, name="meshserve-stage-results", daemon=True).start()
+
+    def next_stage_result(self):
+        """The next step's result from the last stage, watching the workers while waiting."""
+        deadline = time.monotonic() + self.launch.timeout_s
+        while True:
+            try:
+                item = self._results.get(timeout=1.0)
+                break
+            except queue.Empty:
+                try:
+                    self._check_workers()
+                    if time.monotonic() > deadline:
+                        raise EngineDeadError(f"the last pipeline stage sent no result within "
+                                              f"{self.launch.timeout_s:.0f} s")
+                except EngineDeadError as dead:
+                    self.shutdown()
+                    raise dead from None
+        if isinstance(item, BaseException):
+            raise self._fail(item) from item
+        return item
 
     def shutdown(self) -> None:
         if getattr(self, "_closed", False):
@@ -241,3 +284,16 @@ class MultiprocExecutor:
         self._stop_workers()
         if self._joining is None or not self._joining.is_alive():
             destroy_parallel_state()
+
+
+class StageResult:
+    """A step whose tokens the last pipeline stage sends back; result() waits for them (once)."""
+
+    def __init__(self, executor: MultiprocExecutor):
+        self._executor = executor
+        self._output = None
+
+    def result(self):
+        if self._output is None:
+            self._output = self._executor.next_stage_result()
+        return self._output

@@ -49,6 +49,9 @@ class Scheduler:
         # async scheduling: a step's tokens count as computed (and its samples as pending) when it is
         # scheduled, so the next step can be scheduled before this one's results are back
         self.async_mode = False
+        # pipeline parallel: several steps in flight at once; a sequence waits until its last step is back
+        # (its next input token is sampled on the last stage, far from the first)
+        self.skip_pending = False
         # where "now" comes from: the wall clock, or a simulated one (meshserve/simulator drives this scheduler)
         self.clock = time.monotonic
 
@@ -130,7 +133,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.num_pending_tokens and self._reached_limit(seq):
+            if seq.num_pending_tokens and (self.skip_pending or self._reached_limit(seq)):
                 i += 1  # its last token is on its way; nothing more to compute
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)

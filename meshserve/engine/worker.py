@@ -66,7 +66,7 @@ def serve_rank(runner: ModelRunner, rank: int) -> None:
             continue
         result = getattr(runner, method)(*args)
         if method == "execute" and rank == st.sampler_rank:
-            dist.send_object_list([result], dst=0, group=st.cpu_group)
+            dist.send_object_list([result], dst=0, group=st.token_group or st.cpu_group)
 
 
 def worker_main(config: EngineConfig, source, launch: LaunchInfo, rank: int, beats=None) -> None:

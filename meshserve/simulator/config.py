@@ -38,6 +38,9 @@ class SimConfig:
     enable_prefix_caching: bool | None = None  # None: on when the trace shares prefixes (else it cannot hit)
     max_queue_len: int = 1024  # the server's --max-queue-len
     max_attempts: int = 3  # the router's tries per request (a 429 goes to another replica)
+    # HTTP, tokenization and the hop to the engine core: a request reaches its replica this long after it was
+    # sent, and the client's TTFT includes it (0: the engine's own view)
+    frontend_latency_s: float = 0.0
     hardware_file: str | None = None
 
     def validate(self) -> None:

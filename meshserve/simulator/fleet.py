@@ -27,11 +27,13 @@ _STEP_END, _WAKE = 0, 1  # a replica's step ends; an idle replica got work
 
 
 def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights | None = None,
-             step_cost: Callable | None = None, progress: Callable[[float], None] | None = None) -> dict:
+             step_cost: Callable | None = None, progress: Callable[[float], None] | None = None,
+             fast_forward: bool = True) -> dict:
     """Run the trace through the fleet; returns the report (metrics.RunRecorder.summarize, plus the setup).
 
     step_cost replaces the calibrated StepCost (tests use fixed durations); progress(sim_time) is called as
-    simulated time advances (about every 1% of the trace).
+    simulated time advances (about every 1% of the trace). fast_forward lays out runs of identical decode
+    steps at once (replica.py); off, every step goes through the scheduler (same results, slower).
     """
     config.validate()
     model, gpu = config.model_spec(), config.gpu_spec()
@@ -43,41 +45,53 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
     sched_cfg, cache_cfg = config.engine_configs(num_blocks, prefix_caching)
     recorder = RunRecorder()
     replicas = [SimReplica(i, sched_cfg, cache_cfg, step_cost or cost, recorder, config.max_queue_len,
-                           step_model=cost.model) for i in range(config.num_replicas)]
+                           step_model=cost.model, fast_forward=fast_forward)
+                for i in range(config.num_replicas)]
     policy = make_policy(config.router)
     keyed = config.router == "prefix-affinity"
 
     wall0 = time.perf_counter()
-    steps: list[tuple[float, int, int]] = []  # (time, replica index, _STEP_END or _WAKE)
+    # (time, replica index, _STEP_END or _WAKE, version): only a replica's latest event is live
+    steps: list[tuple[float, int, int, int]] = []
+    version = [0] * len(replicas)
     n, i = len(trace), 0
+    delay = config.frontend_latency_s
     tick = (trace[-1].arrival_s / 100) if trace else math.inf
     next_tick = tick
     now = 0.0
     while i < n or steps:
-        if i < n and (not steps or trace[i].arrival_s <= steps[0][0]):
+        if i < n and (not steps or trace[i].arrival_s + delay <= steps[0][0]):
             req = trace[i]
-            now = req.arrival_s
+            now = req.arrival_s + delay
             key = prefix_key({"prompt": prompt_token_ids(i, req)[:64]}) if keyed else None
             candidates = list(replicas)
             for _ in range(min(config.max_attempts, len(replicas))):
                 rep = policy.choose(candidates, key)
+                end = rep.interrupt(now)
+                if end is not None:  # its decode run is cut at now: a step ending at `end` is in flight
+                    version[rep.index] += 1
+                    heapq.heappush(steps, (end, rep.index, _STEP_END, version[rep.index]))
                 if rep.try_add(i, req, now):
                     if not rep.busy:  # wake it after every arrival of this instant is queued
                         rep.busy = True
-                        heapq.heappush(steps, (now, rep.index, _WAKE))
+                        version[rep.index] += 1
+                        heapq.heappush(steps, (now, rep.index, _WAKE, version[rep.index]))
                     break
                 candidates.remove(rep)
             else:
                 recorder.num_rejected += 1
             i += 1
         else:
-            now, idx, kind = heapq.heappop(steps)
+            now, idx, kind, ver = heapq.heappop(steps)
+            if ver != version[idx]:
+                continue  # a decode run that an arrival cut short
             rep = replicas[idx]
             if kind == _STEP_END:
                 rep.end_step(now)
             end = rep.start_step(now)
             if end is not None:
-                heapq.heappush(steps, (end, idx, _STEP_END))
+                version[idx] += 1
+                heapq.heappush(steps, (end, idx, _STEP_END, version[idx]))
         if progress is not None and now >= next_tick:
             progress(now)
             next_tick = now + tick
@@ -89,7 +103,7 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
     report = recorder.summarize(n, duration, gpu, config.num_gpus, config.goodput_ttft_s, config.goodput_tpot_s)
     report.update({
         "model": config.model, "gpu": gpu.name, "num_gpus": config.num_gpus, "tp": config.tp,
-        "replicas": config.num_replicas, "router": config.router, "kv_blocks_per_replica": num_blocks,
+        "replicas": config.num_replicas, "router": config.router, "frontend_latency_s": delay, "kv_blocks_per_replica": num_blocks,
         "prefix_caching": prefix_caching, "prefix_cache_hit_rate": hits / queries if queries else 0.0,
         "slo_scheduling": {"ttft_s": config.slo_ttft_s, "tpot_s": config.slo_tpot_s},
         "steps": sum(r.steps for r in replicas),

@@ -41,6 +41,10 @@ class RunRecorder:
         if len(self._itl_pending) >= 1 << 16:
             self._flush_itl()
 
+    def add_itl_count(self, gap_s: float, count: int) -> None:
+        """count gaps of gap_s (every sequence of a decode step)."""
+        self.itl_counts[min(int(gap_s / ITL_BIN_S), _ITL_BINS - 1)] += count
+
     def _flush_itl(self) -> None:
         if self._itl_pending:
             np.add.at(self.itl_counts, np.asarray(self._itl_pending, dtype=np.int64), 1)

@@ -11,7 +11,9 @@ step's wall time is its device time, which is what the step trace measured.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from meshserve.config import CacheConfig, SchedulerConfig
 from meshserve.engine.scheduler import Scheduler
@@ -34,7 +36,7 @@ class SimReplica:
 
     def __init__(self, index: int, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  step_cost: Callable[[StepShape], float], recorder: RunRecorder, max_queue_len: int = 1024,
-                 step_model=None):
+                 step_model=None, fast_forward: bool = True):
         self.index = index
         self.url = f"sim://replica-{index}"
         self.outstanding = 0
@@ -51,34 +53,40 @@ class SimReplica:
         self.steps = 0
         self.busy_s = 0.0
         self._in_flight: SchedulerOutput | None = None
+        self.fast_forward = fast_forward
+        self._run: DecodeRun | None = None
         self._first_token_s: dict[str, float] = {}
         self._last_token_s: dict[str, float] = {}
 
     # -- arrivals --------------------------------------------------------------------------------
-    def predicted_ttft_s(self, num_prompt_tokens: int) -> float:
-        """What the server predicts at the door: the queue's wait plus this prompt's own prefill."""
+    def predicted_ttft_s(self, req: SimRequest) -> float:
+        """What the server predicts at the door (AsyncLLM.predicted_ttft_s): the time since the request was
+        sent, the queue's wait, and this prompt's own prefill."""
         policy, chunk = self.scheduler.policy, self.scheduler.config.max_num_batched_tokens
         per_token = policy.prefill_time_s(chunk) / chunk
-        return policy.queue_wait_s(list(self.scheduler.waiting), self.now) + num_prompt_tokens * per_token
+        waited = self.now - req.arrival_s
+        return waited + policy.queue_wait_s(list(self.scheduler.waiting), self.now) + req.prompt_len * per_token
 
     def try_add(self, index: int, req: SimRequest, now: float) -> bool:
-        """Queue request `index` at time now, or refuse it (False) as the server would answer 429."""
+        """Queue request `index` at time now (it was sent at req.arrival_s), or refuse it (False) as the server
+        would answer 429."""
         self.now = now
         if self.scheduler.num_waiting >= self.max_queue_len:
             return False
         if self.ttft_target_s is not None and self.scheduler.policy.step_model is not None \
-                and self.predicted_ttft_s(req.prompt_len) > self.ttft_target_s * ADMISSION_MARGIN:
+                and self.predicted_ttft_s(req) > self.ttft_target_s * ADMISSION_MARGIN:
             return False
         rid = str(index)
         seq = Sequence(seq_id=rid, request_id=rid, index=0, prompt_token_ids=prompt_token_ids(index, req),
-                       params=_PARAMS, max_tokens=req.output_len, arrival_time=now)
+                       params=_PARAMS, max_tokens=req.output_len, arrival_time=req.arrival_s)
         self.scheduler.add(seq)
         self.outstanding += 1
         return True
 
     # -- steps -----------------------------------------------------------------------------------
-    def start_step(self, now: float) -> float | None:
-        """Schedule a step at now; returns when it ends, or None when there is nothing to run."""
+    def start_step(self, now: float, allow_run: bool = True) -> float | None:
+        """Schedule a step at now; returns when it ends (or when a decode run laid out from it ends), or None
+        when there is nothing to run."""
         self.now = now
         out = self.scheduler.schedule()
         sched = self.scheduler
@@ -91,6 +99,8 @@ class SimReplica:
         if out.is_empty:
             self.busy = False
             return None
+        if allow_run and self.fast_forward and self._start_run(now, out):
+            return self._run.end_times[-1]
         context = 0
         for e in out.scheduled:
             context += e.num_computed_tokens + len(e.token_ids)
@@ -102,8 +112,11 @@ class SimReplica:
         return now + duration
 
     def end_step(self, now: float) -> None:
-        """The step in flight ends at now: one token for every sequence that sampled."""
+        """The step (or decode run) in flight ends at now: one token for every sequence that sampled."""
         self.now = now
+        if self._run is not None:
+            self._end_run(len(self._run.end_times))
+            return
         out, self._in_flight = self._in_flight, None
         sampled = {e.seq_id: _SAMPLED_TOKEN for e in out.scheduled if e.do_sample}
         first, last, rec = self._first_token_s, self._last_token_s, self.recorder
@@ -124,3 +137,91 @@ class SimReplica:
     def _forget(self, seq_id: str) -> None:
         self._first_token_s.pop(seq_id, None)
         self._last_token_s.pop(seq_id, None)
+
+    # -- decode runs: many identical steps at once ----------------------------------------------
+    def _start_run(self, now: float, out: SchedulerOutput) -> bool:
+        """When the step just scheduled is a pure decode of the whole running batch with nobody waiting, the
+        scheduler's next steps are the same decode until a sequence finishes or a request arrives: nothing
+        else changes its decisions. Lay out those steps (their durations grow with the KV read) and skip the
+        per-step bookkeeping; an arrival cuts the run short (interrupt). False when this step is not one."""
+        sched = self.scheduler
+        seqs = sched.running
+        if sched.waiting or len(out.scheduled) != len(seqs) or out.num_batched_tokens != len(seqs):
+            return False
+        steps = min(seq.max_tokens - seq.num_output_tokens for seq in seqs)
+        if steps < 2 or any(seq.num_tokens + steps - 1 > sched.config.max_model_len for seq in seqs):
+            return False
+        bm = sched.block_manager
+        # the run's tokens must fit without preempting (the first step's blocks are already allocated)
+        need = sum(bm.blocks_needed(seq.num_computed_tokens + steps) - len(bm.block_table(seq)) for seq in seqs)
+        if need > bm.num_free_blocks:
+            return False
+        n, context = len(seqs), sum(seq.num_computed_tokens for seq in seqs)
+        t, end_times, durations = now, [], []
+        for j in range(1, steps + 1):
+            d = self.step_cost(StepShape(n, n, context + n * j))
+            t += d  # accumulated as step-by-step would, so both give the same floats
+            end_times.append(t)
+            durations.append(d)
+        self._run = DecodeRun(now, list(seqs), context, end_times, durations, out)
+        return True
+
+    def interrupt(self, now: float) -> float | None:
+        """A request arrives at now during a decode run: the steps that ended before now happened; the one
+        running at now becomes an ordinary step in flight (returns when it ends), so the next step sees the
+        arrival exactly as a step-by-step run would. None when no run is in flight."""
+        run = self._run
+        if run is None:
+            return None
+        done = bisect.bisect_left(run.end_times, now)  # steps that ended strictly before now
+        if done == 0:  # still in the first step, which the scheduler decided: it stays the step in flight
+            self._run, self._in_flight = None, run.first_step
+            self.steps += 1
+            self.busy_s += run.durations[0]
+            return run.end_times[0]
+        self._end_run(done)
+        # the scheduler decides the step running at now (one step: the arrival must see its end)
+        end = self.start_step(run.end_times[done - 1], allow_run=False)
+        assert end is not None and self._run is None
+        return end
+
+    def _end_run(self, done: int) -> None:
+        """Apply the first `done` (>= 1) steps of the run: tokens, blocks, SLO credit, inter-token gaps,
+        finishes."""
+        run, self._run = self._run, None
+        sched, rec, n = self.scheduler, self.recorder, len(run.seqs)
+        end = self.now = run.end_times[done - 1]
+        for d in run.durations[:done]:
+            rec.add_itl_count(d, n)
+        self.steps += done
+        self.busy_s += sum(run.durations[:done])
+        if sched.policy.tpot_target(run.seqs) is not None:  # steps 2.. are charged here, the first when scheduled
+            for j in range(2, done + 1):
+                sched.policy.charge(StepShape(n, n, run.context + n * j), run.seqs)
+        for seq in run.seqs:
+            seq.output_token_ids.extend([_SAMPLED_TOKEN] * done)
+            # blocks for every token computed in the run (the first step's were allocated when scheduled)
+            allocated = sched.block_manager.allocate(seq, done)
+            assert allocated, "a decode run reserved its blocks when it started"
+            seq.num_computed_tokens += done
+            self._last_token_s[seq.seq_id] = end
+        for seq in run.seqs:
+            sched._check_token_stop(seq, _SAMPLED_TOKEN)  # max_tokens: the scheduler's own stop rule
+            if seq.is_finished:
+                rec.finish(seq.arrival_time, self._first_token_s.pop(seq.seq_id), end, seq.num_output_tokens,
+                           seq.num_prompt_tokens)
+                del self._last_token_s[seq.seq_id]
+                self.outstanding -= 1
+
+
+@dataclass
+class DecodeRun:
+    """Decode steps laid out ahead: step j (1-based) ends at end_times[j - 1] after durations[j - 1]; the
+    batch's KV context before the run is `context` tokens, and first_step is the scheduler's own first step."""
+
+    start_s: float
+    seqs: list[Sequence]
+    context: int
+    end_times: list[float]
+    durations: list[float]
+    first_step: SchedulerOutput

@@ -134,3 +134,30 @@ def test_dummy_weights_are_the_same_under_every_layout(tiny_model_dir):
     other, _ = _generate(path, prompts, load_format="dummy", seed=4)
     assert tp == single and pp == single
     assert other != single
+
+
+def test_pp2_keeps_one_step_per_stage_in_flight(tiny_model_dir):
+    """With PP = 2 the engine launches a step while the previous one is still in the pipeline (over other
+    sequences), reads tokens back in step order, and gives one device's tokens, as without it."""
+    path = tiny_model_dir("qwen2")
+    prompts = _prompts(5, (6, 13, 22, 9, 17, 30))
+    single, _ = _generate(path, prompts)
+
+    llm = LLM(model=path, pipeline_parallel_size=2, max_num_batched_tokens=16)
+    core = llm.engine.core
+    launch, overlapped = core.executor.execute_async, []
+
+    def counting(sched_out):
+        overlapped.append(len(core._pipeline) > 0)
+        return launch(sched_out)
+
+    core.executor.execute_async = counting
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        ahead = [o.outputs[0].token_ids for o in outs]
+    finally:
+        llm.shutdown()
+    assert core.pipeline_depth == 2 and sum(overlapped) > len(overlapped) // 2
+    in_step, _ = _generate(path, prompts, pipeline_parallel_size=2, async_scheduling=False)
+    assert ahead == single and in_step == single

@@ -1,0 +1,37 @@
+"""`meshserve simulate`: JSON on stdout, errors as exit status 2."""
+
+from __future__ import annotations
+
+import json
+
+from meshserve.cli import main
+
+
+def test_simulate_prints_the_report(capsys, tmp_path):
+    out = tmp_path / "sim.json"
+    rc = main(["simulate", "--model", "llama-3.1-8b", "--gpu", "H100-SXM", "--num-gpus", "2", "--qps", "8",
+               "--duration", "5", "--seed", "3", "--no-progress", "--output-json", str(out)])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == json.loads(out.read_text())
+    assert report["replicas"] == 2 and report["gpu"] == "H100-SXM" and report["completed"] > 0
+    assert report["cost"]["price_is_assumption"] is True
+    assert report["gpu_hours"] == report["duration_s"] * 2 / 3600
+    assert any("assumed" in a for a in report["assumptions"])
+    for key in ("ttft_p50", "ttft_p99", "itl_p50", "tpot_p50", "goodput"):
+        assert report[key] is not None
+
+
+def test_trace_file_and_bursty(capsys, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"arrival_s": i * 0.1, "prompt_len": 100, "output_len": 20}) + "\n"
+                             for i in range(30)))
+    assert main(["simulate", "--gpu", "H200", "--trace", str(trace), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["completed"] == 30
+    assert main(["simulate", "--gpu", "H200", "--arrivals", "bursty", "--qps", "5", "--duration", "10",
+                 "--no-progress"]) == 0
+
+
+def test_bad_layout_is_exit_2(capsys):
+    assert main(["simulate", "--num-gpus", "3", "--tp", "2", "--no-progress"]) == 2
+    assert "multiple of --tp" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import enum
 from dataclasses import dataclass, field
 
 from meshserve.errors import InvalidArgumentError
+from meshserve.structured.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
 
@@ -51,6 +52,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling, in [-100, 100]
+    structured_outputs: StructuredOutputsParams | None = None  # grammar the output must follow (xgrammar)
     # Filled by the engine: EOS ids of the model (unless ignore_eos), merged into the stop set.
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -62,6 +64,8 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.structured_outputs, dict):  # offline callers may pass vLLM's fields as a dict
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.top_k is None or self.top_k < 0:
             self.top_k = 0
         self.validate()
@@ -122,9 +126,13 @@ class SamplingParams:
         return bool(self.logit_bias)
 
     @property
+    def uses_grammar(self) -> bool:
+        return self.structured_outputs is not None
+
+    @property
     def uses_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
 
-    def clone(self) -> "SamplingParams":
+    def clone(self) -> SamplingParams:
         return copy.deepcopy(self)

@@ -15,6 +15,7 @@ import time
 from meshserve.config import EngineArgs, EngineConfig
 from meshserve.engine.engine_config import create_engine_config
 from meshserve.engine.executor import make_executor
+from meshserve.engine.grammar_waitlist import GrammarWaitlist
 from meshserve.engine.messages import (
     CoreInfo,
     EngineCoreOutput,
@@ -31,6 +32,8 @@ from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence, SequenceStatus
 from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel
 from meshserve.errors import InvalidArgumentError, ServiceLevelError
+from meshserve.structured.bitmask import fill_bitmask
+from meshserve.structured.compiler import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +124,10 @@ class EngineCore:
             slo_ttft_s=config.scheduler_config.slo_ttft_s,
             slo_tpot_s=config.scheduler_config.slo_tpot_s,
         )
+        # structured outputs: grammars compile on threads; their requests wait here, outside the scheduler
+        self.grammar_waitlist = GrammarWaitlist(GrammarCompiler(
+            config.model_config.tokenizer or None, config.model_config.vocab_size, self.info.eos_token_ids))
+        self._grammar_seq_ids: set[str] = set()  # constrained requests in the scheduler (pruned lazily)
         logger.info("engine core ready in %.1f s: %s, %s on %s", time.perf_counter() - t0,
                     config.model_config.model, config.model_config.dtype, config.device)
 
@@ -143,8 +150,13 @@ class EngineCore:
                        params=request.sampling_params, max_tokens=request.max_tokens,
                        arrival_time=request.arrival_time or time.monotonic(), priority=request.priority,
                        slo_ttft_s=request.slo_ttft_s, slo_tpot_s=request.slo_tpot_s)
-        self.scheduler.add(seq)  # check_fits raises before anything is recorded
+        if seq.params.uses_grammar:  # to the scheduler once its grammar is compiled (off this thread)
+            self.scheduler.check_fits(seq.num_prompt_tokens, seq.max_tokens)
+            self.grammar_waitlist.add(seq)
+        else:
+            self.scheduler.add(seq)  # check_fits raises before anything is recorded
         self.requests[rid] = seq
+
         self.num_prompt_tokens += len(ids)
 
     def add_request_or_report(self, request: EngineCoreRequest) -> None:
@@ -159,6 +171,7 @@ class EngineCore:
         for rid in request_ids:
             seq = self.requests.pop(rid, None)
             if seq is not None:
+                self.grammar_waitlist.remove(rid)
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
                 self._prompt_logprobs_sent.pop(rid, None)
 
@@ -213,8 +226,35 @@ class EngineCore:
             outputs = self._process(sched_out, pending.result(), shape)
         return self._outputs(outputs)
 
+    def _admit_compiled(self) -> None:
+        """Move requests whose grammar is ready into the scheduler; report those whose compile failed."""
+        if not self.scheduler.has_unfinished():
+            self.grammar_waitlist.wait(0.005)  # nothing else to run: don't spin while a grammar compiles
+        ready, failed = self.grammar_waitlist.pop_ready()
+        for seq in ready:
+            self.scheduler.add(seq)
+            self._grammar_seq_ids.add(seq.seq_id)
+        for seq, error in failed:
+            self.requests.pop(seq.request_id, None)
+            self._errors.append(error_to_message(seq.request_id, error))
+
+    def _fill_grammar_bitmasks(self, sched_out: SchedulerOutput) -> None:
+        """Each constrained sequence sampling this step gets the mask of tokens its grammar allows next
+        (its matcher has seen every output token: such sequences never schedule ahead of a pending one)."""
+        self._grammar_seq_ids &= self.requests.keys()
+        if not self._grammar_seq_ids:
+            return
+        vocab = self.config.model_config.vocab_size
+        for entry in sched_out.scheduled:
+            if entry.do_sample and entry.seq_id in self._grammar_seq_ids:
+                entry.grammar_bitmask = fill_bitmask(self.requests[entry.seq_id].grammar, vocab)
+
     def _schedule(self) -> SchedulerOutput:
+        if len(self.grammar_waitlist):
+            self._admit_compiled()
         sched_out = self.scheduler.schedule()
+        if self._grammar_seq_ids:
+            self._fill_grammar_bitmasks(sched_out)
         for seq in self.scheduler.shed:  # too late for their time-to-first-token target: a clean 429
             self.requests.pop(seq.request_id, None)
             self._prompt_logprobs_sent.pop(seq.request_id, None)
@@ -302,7 +342,7 @@ class EngineCore:
         chunk = self.config.scheduler_config.max_num_batched_tokens
         return SchedulerStats(
             num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
+            num_waiting=self.scheduler.num_waiting + len(self.grammar_waitlist),
             kv_cache_usage=bm.usage,
             num_blocks=bm.num_blocks,
             prefix_cache_queries=bm.stats.queries,
@@ -340,6 +380,7 @@ class EngineCore:
                         100 * (pp - 1) / (micro + pp - 1))
         if self._trace is not None:
             self._trace.close()
+        self.grammar_waitlist.compiler.shutdown()
         try:  # read back the steps still in flight, so every rank stops at a clean point of the protocol
             while self._pipeline:
                 self._pipeline.popleft()[1].result()

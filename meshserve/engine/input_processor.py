@@ -14,6 +14,7 @@ from meshserve.engine.messages import CoreInfo, EngineCoreRequest
 from meshserve.engine.request_fit import check_request_fits
 from meshserve.errors import InvalidArgumentError, PromptTooLongError
 from meshserve.sampling import SamplingParams
+from meshserve.structured.grammar import check_structured_outputs
 
 PromptType = str | dict | list[int]
 
@@ -105,6 +106,11 @@ class InputProcessor:
             raise InvalidArgumentError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         if params.logit_bias and any(t >= vocab for t in params.logit_bias):
             raise InvalidArgumentError(f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
+        if params.structured_outputs is not None:  # a bad schema is a 400 here, never a failed compile later
+            if self.tokenizer is None:
+                raise InvalidArgumentError("structured outputs need the model's tokenizer, and it has none",
+                                           param="structured_outputs")
+            check_structured_outputs(params.structured_outputs)
         max_len = info.max_model_len
         if len(token_ids) >= max_len:
             raise PromptTooLongError(

@@ -196,8 +196,9 @@ class Scheduler:
 
     @property
     def needs_known_history(self) -> bool:
-        """Whether a running sequence's next step needs every token known (penalties read the history)."""
-        return any(seq.params.uses_penalties for seq in self.running)
+        """Whether a running sequence's next step needs every token known (penalties read the history; a
+        grammar's next mask depends on the last token)."""
+        return any(seq.params.uses_penalties or seq.grammar is not None for seq in self.running)
 
     def update_after_step(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
         """Advance computed tokens (async mode: done at scheduling), append sampled tokens, apply
@@ -218,8 +219,19 @@ class Scheduler:
                 continue
             seq.output_token_ids.append(token)
             self._check_token_stop(seq, token)
+            if seq.grammar is not None and not seq.is_finished:
+                self._advance_grammar(seq, token)
             updated.append(seq)
         return updated
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> None:
+        """Feed the token to the sequence's grammar matcher; a grammar that is complete (it accepted a stop
+        token, even under ignore_eos) or that refuses the token ends the sequence."""
+        if not seq.grammar.accept_token(token):
+            logger.warning("%s: token %d breaks its grammar; stopping it", seq.seq_id, token)
+            self.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        elif seq.grammar.is_terminated():
+            self.finish(seq, SequenceStatus.FINISHED_STOPPED)
 
     def _check_token_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params

@@ -6,6 +6,7 @@ It is plain data (picklable) so it can be broadcast to worker processes when the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshserve.sampling import SamplingParams
 
@@ -31,6 +32,8 @@ class ScheduledSequence:
     output_token_ids: list[int] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    # constrained output, sampling this step: the tokens its grammar allows ([1, words] int32 bitmask, CPU)
+    grammar_bitmask: Any = None
 
     @property
     def num_new_tokens(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshserve.sampling import SamplingParams
 
@@ -56,6 +57,7 @@ class Sequence:
     priority: int = 0  # lower runs first under the priority policy (vLLM's convention)
     slo_ttft_s: float | None = None  # this request's targets (None: the server's, if any)
     slo_tpot_s: float | None = None
+    grammar: Any = None  # xgrammar GrammarMatcher of a constrained output: it has accepted every output token
 
     @property
     def all_token_ids(self) -> list[int]:

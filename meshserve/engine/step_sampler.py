@@ -9,6 +9,7 @@ from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, to_
 from meshserve.engine.scheduler_output import ScheduledSequence
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.sampler import Sampler, SamplingMetadata, compute_logprobs
+from meshserve.structured.bitmask import apply_bitmask
 
 
 class StepSampler:
@@ -88,6 +89,9 @@ class StepSampler:
                 self._remember(rows, self._broadcast(torch.empty(len(rows), dtype=torch.int64,
                                                                  device=self.device)))
             return PendingOutput(result)
+        constrained = [j for j, s in enumerate(rows) if s.grammar_bitmask is not None]
+        if constrained:  # structured outputs: only the tokens each grammar allows next
+            apply_bitmask(logits, [rows[j].grammar_bitmask for j in constrained], constrained)
         banned = [sorted(s.params._all_stop_token_ids) if s.num_output_tokens < s.params.min_tokens else []
                   for s in rows]
         if all(s.params.greedy and s.params.logprobs is None and not s.params.uses_penalties

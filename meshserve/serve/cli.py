@@ -12,6 +12,7 @@ from meshserve.engine.args_check import check_engine_args
 from meshserve.entrypoints.worker import is_rank_zero, run_worker_ranks
 from meshserve.errors import InvalidArgumentError
 from meshserve.serve.config import DEFAULT_MAX_REQUEST_BODY_BYTES, ServeConfig
+from meshserve.serve.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ def register(subparsers) -> None:
                    help="let the planner pick TP/PP/DP for the visible GPUs (prints the choice and why)")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="engine replicas (each with its own TP/PP) behind a router on --host/--port")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='allow tool_choice "auto": the model decides to call tools, --tool-call-parser reads them')
+    g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="the tool-call format of the model's chat template (as vLLM names them)")
     add_engine_args(p)
     # the parser itself goes along: data parallel rebuilds each replica's flags from it
     p.set_defaults(func=_cmd_serve, serve_parser=p)
@@ -55,11 +60,14 @@ def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:
         raise InvalidArgumentError("--max-request-body-bytes must be >= 1", param="max_request_body_bytes")
     if ns.drain_timeout < 0:
         raise InvalidArgumentError("--drain-timeout must be >= 0", param="drain_timeout")
+    if ns.enable_auto_tool_choice and not ns.tool_call_parser:
+        raise InvalidArgumentError("--enable-auto-tool-choice needs --tool-call-parser", param="tool_call_parser")
     if not 0 <= ns.port <= 65535:
         raise InvalidArgumentError("--port must be in [0, 65535]", param="port")
     return ServeConfig(served_model_names=ns.served_model_name or [model], api_key=ns.api_key or None,
                        max_queue_len=ns.max_queue_len, max_request_body_bytes=ns.max_request_body_bytes,
-                       drain_timeout_s=ns.drain_timeout)
+                       drain_timeout_s=ns.drain_timeout,
+                       enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser)
 
 
 def bind_listen_socket(host: str, port: int) -> socket.socket:

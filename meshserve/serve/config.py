@@ -23,6 +23,8 @@ class ServeConfig:
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0
     max_model_len: int | None = None  # shown in /v1/models; filled from the engine when None
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": the model decides, tool_call_parser reads it
+    tool_call_parser: str | None = None  # a name in meshserve.serve.tool_parsers.TOOL_PARSERS
 
     @property
     def model_name(self) -> str:

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 _RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "chat_template", "tokenize", "add_generation_prompt", "padding", "truncation",
     "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
-    "continue_final_message",
+    "continue_final_message", "tools",
 })
 
 
@@ -114,8 +114,10 @@ class EngineClient:
         return tok
 
     async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                          template_kwargs: dict[str, Any] | None) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template (as LLM.chat does)."""
+                          template_kwargs: dict[str, Any] | None,
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template (as LLM.chat does); the
+        template renders the tools, if given, its own way."""
         tok = self._require_tokenizer("chat")
         if not getattr(tok, "chat_template", None):
             raise InvalidArgumentError("this model's tokenizer has no chat template", param="messages")
@@ -123,7 +125,7 @@ class EngineClient:
 
         def render() -> list[int]:
             try:
-                ids = tok.apply_chat_template(messages, tokenize=True,
+                ids = tok.apply_chat_template(messages, tools=tools or None, tokenize=True,
                                               add_generation_prompt=add_generation_prompt, **kwargs)
             except Exception as e:  # jinja errors, raise_exception() in templates, bad kwargs
                 raise InvalidArgumentError(f"cannot apply the chat template: {e}", param="messages") from e

@@ -3,9 +3,9 @@
 This is the only module where pydantic appears. Field names follow OpenAI's API; vLLM's extensions
 (top_k, min_p, repetition_penalty, ignore_eos, ...) are accepted too. Types are strict (a boolean is not an
 integer, nor an integer a boolean). Unknown fields are ignored, as OpenAI's clients send some we do not
-implement; OpenAI parameters that change the answer and that meshserve does not implement yet (tools,
-response_format, ...) are declared so that a request using them gets a 400 naming them rather than a
-silently different answer. Ranges here are the documented ones; SamplingParams validates again for callers
+implement; OpenAI parameters that change the answer and that meshserve does not implement (functions,
+suffix, ...) are declared so that a request using them gets a 400 naming them rather than a silently
+different answer. Ranges here are the documented ones; SamplingParams validates again for callers
 that bypass HTTP.
 """
 
@@ -48,6 +48,23 @@ class ServiceLevel(OpenAIModel):
     tpot_ms: float | None = Field(None, gt=0, description="time per output token after the first, milliseconds")
 
 
+class ResponseFormat(OpenAIModel):
+    """OpenAI's response_format: {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class StructuredOutputsRequest(OpenAIModel):
+    """vLLM's structured_outputs object: exactly one constraint."""
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class SamplingRequest(OpenAIModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -77,6 +94,13 @@ class SamplingRequest(OpenAIModel):
         None, description="token id (as a string) -> bias in [-100, 100] added to its logit")
     priority: int = Field(0, ge=_INT64_MIN, le=_INT64_MAX,
                           description="with --scheduling-policy priority: lower values are served first")
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # meshserve extension
     slo: ServiceLevel | None = None
 
@@ -133,11 +157,44 @@ class TextContentPart(OpenAIModel):
     text: str
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
 
     def text(self) -> str:
         if self.content is None:
@@ -156,11 +213,10 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
-    # OpenAI parameters not implemented yet (structured outputs and tool calls): a request that uses them is
-    # refused (400) rather than answered with plain text
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported yet: must be absent or empty")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='not supported yet: absent or "none"')
-    response_format: dict[str, Any] | None = Field(None, description='not supported yet: absent or {"type": "text"}')
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # false: at most one call per turn (tool_choice "required" then yields one)
+    # the deprecated function-calling fields are not implemented: refused (400) rather than ignored
     functions: list[dict[str, Any]] | None = Field(None, description="not supported: must be absent or empty")
     function_call: str | dict[str, Any] | None = Field(None, description='not supported: absent or "none"')
 
@@ -172,7 +228,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 # -- responses --------------------------------------------------------------------------------------
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class PromptTokensDetails(OpenAIModel):
@@ -232,6 +288,19 @@ class ChatChoiceLogprobs(OpenAIModel):
 class ChatResponseMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class DeltaFunctionCall(OpenAIModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(OpenAIModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class ChatChoice(OpenAIModel):
@@ -255,6 +324,7 @@ class ChatCompletionResponse(OpenAIModel):
 class ChatDelta(OpenAIModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(OpenAIModel):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from meshserve.errors import InvalidArgumentError
 from meshserve.sampling import RequestOutputKind, SamplingParams
 from meshserve.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from meshserve.serve.structured_request import structured_outputs_of
+from meshserve.structured.params import StructuredOutputsParams
 
 
 def _logit_bias(req: SamplingRequest) -> dict[int, float] | None:
@@ -40,12 +42,6 @@ def reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
         if req.best_of is not None and req.best_of != req.n:
             raise _unsupported("best_of", "use n")
         return
-    if req.tools:
-        raise _unsupported("tools", "tool calling comes with structured outputs")
-    if req.tool_choice not in (None, "none"):
-        raise _unsupported("tool_choice", 'only "none" is accepted')
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise _unsupported("response_format", 'only {"type": "text"} is accepted')
     if req.functions:
         raise _unsupported("functions", "function calling is not implemented")
     if req.function_call not in (None, "none"):
@@ -88,16 +84,21 @@ def completion_sampling_params(req: CompletionRequest, defaults: dict | None = N
     reject_unsupported(req)
     defaults = defaults or {}
     max_tokens = req.max_tokens if "max_tokens" in req.model_fields_set else defaults.get("max_tokens", 16)
-    return _build(req, defaults, max_tokens, logprobs=req.logprobs,
+    return _build(req, defaults, max_tokens, logprobs=req.logprobs, structured_outputs=structured_outputs_of(req),
                   prompt_logprobs=req.logprobs if (req.echo and req.logprobs is not None) else None)
 
 
-def chat_sampling_params(req: ChatCompletionRequest, defaults: dict | None = None) -> SamplingParams:
+def chat_sampling_params(req: ChatCompletionRequest, defaults: dict | None = None,
+                         tool_constraint: StructuredOutputsParams | None = None) -> SamplingParams:
     """max_completion_tokens wins over max_tokens; neither: the model's max_new_tokens, else up to the
-    context length."""
+    context length. tool_constraint: what tool_choice "required" or a named function imposes."""
     reject_unsupported(req)
     defaults = defaults or {}
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    structured = structured_outputs_of(req)
+    if structured is not None and tool_constraint is not None:
+        raise InvalidArgumentError("an output constraint (response_format, structured_outputs, guided_*) cannot "
+                                   'be combined with tool_choice "required" or a named function', param="tool_choice")
     return _build(req, defaults, max_tokens if max_tokens is not None else defaults.get("max_tokens"),
-                  logprobs=logprobs)
+                  logprobs=logprobs, structured_outputs=structured or tool_constraint)

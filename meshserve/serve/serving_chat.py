@@ -22,6 +22,8 @@ from meshserve.serve.protocol import (
     ChatCompletionResponse,
     ChatDelta,
     ChatResponseMessage,
+    DeltaFunctionCall,
+    DeltaToolCall,
 )
 from meshserve.serve.sampling_params import chat_sampling_params
 from meshserve.serve.serving_common import (
@@ -33,6 +35,7 @@ from meshserve.serve.serving_common import (
     usage_of,
 )
 from meshserve.serve.streaming import SSE_DONE, SSEResponse, sse_error, sse_event
+from meshserve.serve.tool_calls import ToolPlan, plan_tools, template_messages
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +58,12 @@ class ChatService:
         tracker = self.metrics.track()
         try:
             model = check_model(self.config, req.model)
-            params = chat_sampling_params(req, self.client.generation_defaults)
+            plan = plan_tools(req, self.config)
+            params = chat_sampling_params(req, self.client.generation_defaults, plan.constraint)
             tracker.ttft_target_s, tracker.tpot_target_s = self.client.slo_targets(req.slo)
             self.client.check_admission()  # before spending a template render on a request we refuse
-            messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                        for m in req.messages]
-            prompt_ids = await self.client.render_chat(messages, req.add_generation_prompt,
-                                                       req.chat_template_kwargs)
+            prompt_ids = await self.client.render_chat(template_messages(req.messages), req.add_generation_prompt,
+                                                       req.chat_template_kwargs, plan.tools)
             request_id = random_id("chatcmpl")
             requests = await self.client.start([{"prompt_token_ids": prompt_ids}], params, request_id,
                                                req.priority, req.slo, tracker.arrival_monotonic)
@@ -69,8 +71,8 @@ class ChatService:
             tracker.fail(e)
             raise
         if req.stream:
-            return SSEResponse(self._stream(req, model, request_id, requests[0], tracker))
-        return await self._whole(req, model, request_id, requests[0], tracker)
+            return SSEResponse(self._stream(req, model, request_id, requests[0], tracker, plan))
+        return await self._whole(req, model, request_id, requests[0], tracker, plan)
 
     def _logprobs(self, req: ChatCompletionRequest, token_ids: list[int], positions) -> ChatChoiceLogprobs | None:
         if not req.logprobs:
@@ -79,7 +81,7 @@ class ChatService:
 
     # -- whole response --------------------------------------------------------------------------
     async def _whole(self, req, model, request_id, request: EngineRequest,
-                     tracker: RequestTracker) -> ChatCompletionResponse:
+                     tracker: RequestTracker, plan: ToolPlan) -> ChatCompletionResponse:
         final: RequestOutput | None = None
         try:
             async for out in request:
@@ -92,18 +94,21 @@ class ChatService:
             await request.aclose()
         assert final is not None
         tracker.finish(outcome_of([final]))
-        choices = [self._choice(req, c) for c in final.outputs]
+        choices = [self._choice(req, c, plan) for c in final.outputs]
         return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of([final]))
 
-    def _choice(self, req: ChatCompletionRequest, c: CompletionOutput) -> ChatChoice:
-        return ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+    def _choice(self, req: ChatCompletionRequest, c: CompletionOutput, plan: ToolPlan) -> ChatChoice:
+        content, calls = plan.extract(c.text)
+        finish = plan.finish_reason_of_calls if calls and c.finish_reason == "stop" else c.finish_reason
+        return ChatChoice(index=c.index, message=ChatResponseMessage(content=content, tool_calls=calls or None),
                           logprobs=self._logprobs(req, c.token_ids, c.logprobs),
-                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                          finish_reason=finish, stop_reason=c.stop_reason)
 
     # -- stream ----------------------------------------------------------------------------------
     async def _stream(self, req, model, request_id, request: EngineRequest,
-                      tracker: RequestTracker) -> AsyncIterator[str]:
+                      tracker: RequestTracker, plan: ToolPlan) -> AsyncIterator[str]:
         state = StreamState(every_token=not self.client.has_tokenizer)
+        content_sent: dict[int, int] = {}  # choice -> characters of its text sent as content
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         final: RequestOutput | None = None
         outcome = "abort"
@@ -114,11 +119,17 @@ class ChatService:
             async for out in request:
                 tracker.observe(0, out)
                 final = accumulate(final, out)
+                texts = {c.index: c.text for c in final.outputs}
                 for c in out.outputs:
-                    d = state.delta(0, c, need_tokens=req.logprobs)
+                    d = state.delta(0, c, need_tokens=req.logprobs or plan.mode != "none")
                     if d is not None:
-                        yield _chunk_event(ChatCompletionChunk(id=request_id, model=model,
-                                                               choices=[self._chunk_choice(req, c, d)]))
+                        choice = self._chunk_choice(req, c, d)
+                        if plan.mode != "none":
+                            _hold_tool_text(choice, d, plan, texts[c.index], content_sent)
+                            if not (choice.delta.content or choice.delta.tool_calls or choice.finish_reason
+                                    or choice.logprobs):
+                                continue  # text held back as a possible tool call: nothing to send yet
+                        yield _chunk_event(ChatCompletionChunk(id=request_id, model=model, choices=[choice]))
             assert final is not None
             outcome = outcome_of([final])
             if include_usage:
@@ -140,3 +151,23 @@ class ChatService:
         return ChatChunkChoice(index=c.index, delta=ChatDelta(content=d.text or None),
                                logprobs=self._logprobs(req, d.token_ids, positions),
                                finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+
+
+def _hold_tool_text(choice: ChatChunkChoice, d: ChoiceDelta, plan: ToolPlan, text: str,
+                    content_sent: dict[int, int]) -> None:
+    """With tools, a chunk carries only text that is surely content; text that may be a tool call waits for
+    the end, when the whole output is parsed as the non-streamed response is: the rest of the content,
+    then every call in one delta each (name and complete arguments), as OpenAI's SDK accumulates them."""
+    sent = content_sent.get(choice.index, 0)
+    if not d.finish_reason:
+        upto = plan.content_prefix_len(text)
+        choice.delta.content = text[sent:upto] or None
+        content_sent[choice.index] = max(sent, upto)
+        return
+    content, calls = plan.extract(text)
+    choice.delta.content = (content or "")[sent:] or None
+    if calls:
+        choice.delta.tool_calls = [DeltaToolCall(index=k, id=call.id, type="function", function=DeltaFunctionCall(
+            name=call.function.name, arguments=call.function.arguments)) for k, call in enumerate(calls)]
+        if d.finish_reason == "stop":
+            choice.finish_reason = plan.finish_reason_of_calls

@@ -1,5 +1,5 @@
 """The API is as strict as its schema: strict types, empty prompts refused by the schema, unsupported OpenAI
-parameters refused by name, logit_bias validated and applied, one error-code type, models.retrieve works."""
+parameters and malformed tools or schemas refused by name, logit_bias validated and applied, one error-code type, models.retrieve works."""
 
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ REFUSED = [
     ("logit_bias key not a token id", COMPL, {"prompt": [1, 2], "logit_bias": {"hello": 5}}, "logit_bias"),
     ("logit_bias out of range", COMPL, {"prompt": [1, 2], "logit_bias": {"7": 101}}, "logit_bias"),
     ("logit_bias token out of vocab", COMPL, {"prompt": [1, 2], "logit_bias": {"1000000": 1}}, "logit_bias"),
-    ("tools", CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}],
-                     "tool_choice": "required"}, "tools"),
+    ("tool parameters not an object schema", CHAT, {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], "tool_choice": "required"},
+     "tools[0].function.parameters"),
     ("tool_choice required", CHAT, {"messages": USER, "tool_choice": "required"}, "tool_choice"),
-    ("response_format json", CHAT, {"messages": USER, "response_format": {"type": "json_object"}},
-     "response_format"),
+    ("response_format invalid schema", CHAT, {"messages": USER, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}}, "response_format"),
     ("functions", CHAT, {"messages": USER, "functions": [{"name": "f"}]}, "functions"),
     ("suffix", COMPL, {"prompt": "x", "suffix": "y"}, "suffix"),
     ("best_of", COMPL, {"prompt": "x", "best_of": 3}, "best_of"),

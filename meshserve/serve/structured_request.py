@@ -1,0 +1,52 @@
+"""A request's output constraint from its HTTP fields: OpenAI's response_format, vLLM's structured_outputs
+object and vLLM's older guided_json / guided_regex / guided_choice / guided_grammar. At most one may be set;
+each is checked here so that a bad schema is a 400 naming the field it came in."""
+
+from __future__ import annotations
+
+from meshserve.errors import InvalidArgumentError
+from meshserve.serve.protocol import SamplingRequest
+from meshserve.structured.grammar import check_structured_outputs
+from meshserve.structured.params import StructuredOutputsParams
+
+
+def _from_response_format(req: SamplingRequest) -> StructuredOutputsParams | None:
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    spec = rf.json_schema
+    if not isinstance(spec, dict):
+        raise InvalidArgumentError('response_format of type "json_schema" needs a json_schema object',
+                                   param="response_format.json_schema")
+    schema = spec.get("schema", {})  # OpenAI: a missing schema means any JSON object
+    if not isinstance(schema, dict):
+        raise InvalidArgumentError("response_format.json_schema.schema must be an object",
+                                   param="response_format.json_schema.schema")
+    return StructuredOutputsParams(json=schema or {"type": "object"})
+
+
+def structured_outputs_of(req: SamplingRequest) -> StructuredOutputsParams | None:
+    """The request's constraint, checked (400 naming the field), or None for free text."""
+    found: list[tuple[str, StructuredOutputsParams]] = []
+    rf = _from_response_format(req)
+    if rf is not None:
+        found.append(("response_format", rf))
+    if req.structured_outputs is not None:
+        so = req.structured_outputs
+        found.append(("structured_outputs", StructuredOutputsParams(
+            json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar, json_object=so.json_object)))
+    for name, kwargs in (("guided_json", {"json": req.guided_json}), ("guided_regex", {"regex": req.guided_regex}),
+                         ("guided_choice", {"choice": req.guided_choice}),
+                         ("guided_grammar", {"grammar": req.guided_grammar})):
+        if next(iter(kwargs.values())) is not None:
+            found.append((name, StructuredOutputsParams(**kwargs)))
+    if not found:
+        return None
+    if len(found) > 1:
+        raise InvalidArgumentError(f"only one output constraint may be given, got {[n for n, _ in found]}",
+                                   param=found[1][0])
+    name, params = found[0]
+    check_structured_outputs(params, param=name)
+    return params

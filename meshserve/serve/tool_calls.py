@@ -1,0 +1,135 @@
+"""Tool calling for /v1/chat/completions: what tool_choice asks of the engine and how the answer is read.
+
+- "none" (or no tools): plain text; the template still sees the tools, as in vLLM.
+- "auto": free text, read by the server's --tool-call-parser (needs --enable-auto-tool-choice).
+- "required": the output is constrained to a JSON array of {"name", "parameters"} (one of the tools each).
+- a named function: the output is constrained to that function's parameters, which become its arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshserve.errors import InvalidArgumentError
+from meshserve.serve.config import ServeConfig
+from meshserve.serve.protocol import ChatCompletionRequest, ChatMessage, FunctionCall, ToolCall
+from meshserve.serve.tool_parsers import ParsedToolCall, ToolParser, get_tool_parser
+from meshserve.structured.grammar import check_structured_outputs
+from meshserve.structured.params import StructuredOutputsParams
+
+
+def new_tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _parameters(tool) -> dict[str, Any]:
+    return tool.function.parameters or {"type": "object", "properties": {}}
+
+
+@dataclass
+class ToolPlan:
+    """How one request's tools are handled: its mode, the tools for the template, its constraint, and
+    the reading of the output."""
+
+    mode: str = "none"  # "none" | "auto" | "required" | "named"
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    constraint: StructuredOutputsParams | None = None
+    parser: ToolParser | None = None
+    function_name: str | None = None
+
+    @property
+    def finish_reason_of_calls(self) -> str:
+        return "stop" if self.mode == "named" else "tool_calls"  # OpenAI's choice for a forced function
+
+    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """(content, tool calls) of a choice's whole output text."""
+        calls: list[ParsedToolCall] = []
+        content: str | None = text
+        if self.mode == "named":
+            content, calls = None, [ParsedToolCall(self.function_name or "", text)]
+        elif self.mode == "required":
+            try:
+                items = json.loads(text)
+                calls = [ParsedToolCall(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in items]
+                content = None
+            except (json.JSONDecodeError, KeyError, TypeError):  # cut short by max_tokens: leave it as text
+                calls = []
+        elif self.mode == "auto" and self.parser is not None:
+            content, calls = self.parser.extract(text)
+        return content, [ToolCall(id=new_tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+                         for c in calls]
+
+    def content_prefix_len(self, text: str) -> int:
+        """Characters of a partial output that can be streamed as content now."""
+        if self.mode in ("named", "required"):
+            return 0
+        if self.mode == "auto" and self.parser is not None:
+            return self.parser.content_prefix_len(text)
+        return len(text)
+
+
+def plan_tools(req: ChatCompletionRequest, config: ServeConfig) -> ToolPlan:
+    """Check the request's tools and tool_choice; 400 naming a malformed tool or an unusable choice."""
+    tools = req.tools or []
+    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+    if not tools:
+        if choice not in ("none", "auto"):
+            raise InvalidArgumentError("tool_choice needs tools", param="tool_choice")
+        return ToolPlan()
+    names = [t.function.name for t in tools]
+    for i, tool in enumerate(tools):
+        params = _parameters(tool)
+        where = f"tools[{i}].function.parameters"
+        if params.get("type", "object") != "object":
+            raise InvalidArgumentError(f"{where} must be a JSON schema of type object", param=where)
+        check_structured_outputs(StructuredOutputsParams(json=params), param=where)
+    dicts = [tool.model_dump(exclude_none=True) for tool in tools]
+    if choice == "none":
+        return ToolPlan("none", dicts)
+    if choice == "auto":
+        if not (config.enable_auto_tool_choice and config.tool_call_parser):
+            raise InvalidArgumentError('"auto" tool choice requires the server to run with '
+                                       "--enable-auto-tool-choice and --tool-call-parser", param="tool_choice")
+        return ToolPlan("auto", dicts, parser=get_tool_parser(config.tool_call_parser))
+    if choice == "required":
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": [
+            {"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
+                                              "parameters": _parameters(t)},
+             "required": ["name", "parameters"]} for t in tools]}}
+        if not req.parallel_tool_calls:
+            schema["maxItems"] = 1
+        return ToolPlan("required", dicts, StructuredOutputsParams(json=schema))
+    name = choice.function.name
+    if name not in names:
+        raise InvalidArgumentError(f"tool_choice names function {name!r}, which is not among the tools",
+                                   param="tool_choice")
+    tool = tools[names.index(name)]
+    return ToolPlan("named", dicts, StructuredOutputsParams(json=_parameters(tool)), function_name=name)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates read them: tool calls with their arguments as objects (HF templates index
+    them), tool results with their call id, content always a string."""
+    out = []
+    for m in messages:
+        msg: dict[str, Any] = {"role": m.role, "content": m.text()}
+        if m.name:
+            msg["name"] = m.name
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments_object(c.function.arguments)}}
+                for c in m.tool_calls]
+        out.append(msg)
+    return out
+
+
+def _arguments_object(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments

@@ -1,0 +1,46 @@
+"""StructuredOutputsParams: the constraint one request's output must follow (vLLM's names)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from meshserve.errors import InvalidArgumentError
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Exactly one of: a JSON schema (`json`, a dict or its JSON text), any JSON object (`json_object`),
+    a regular expression, a list of choices, or an EBNF grammar (xgrammar's GBNF dialect)."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):  # one text per schema: the compile cache keys on it
+            self.json = json.dumps(self.json, separators=(",", ":"))  # key order kept: it is the output's
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if self.json_object:
+            given.append("json_object")
+        if len(given) != 1:
+            raise InvalidArgumentError(
+                "structured outputs need exactly one of json, json_object, regex, choice, grammar; "
+                f"got {given or 'none'}", param="structured_outputs")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise InvalidArgumentError("choice must be a non-empty list of strings", param="structured_outputs")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, spec): what identifies the compiled grammar."""
+        if self.json is not None:
+            return "json", self.json  # type: ignore[return-value]
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", json.dumps(self.choice)
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        return "json_object", ""

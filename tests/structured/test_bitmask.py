@@ -1,0 +1,67 @@
+"""Token bitmasks on tiny vocabularies: filled from a grammar, applied to logits exactly as the plain
+reference (every disallowed token -inf, every allowed one untouched), on chosen rows only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import xgrammar as xgr
+
+from meshserve.structured.bitmask import apply_bitmask, bitmask_to_bool, fill_bitmask
+
+VOCAB = ["a", "b", "c", "ab", "{", "}", '"', ":", " ", "1", "</s>"]
+EOS = len(VOCAB) - 1
+
+
+def _matcher(compile_fn):
+    info = xgr.TokenizerInfo(VOCAB, stop_token_ids=[EOS])
+    return xgr.GrammarMatcher(compile_fn(xgr.GrammarCompiler(info)))
+
+
+def _reference_mask(allowed: torch.Tensor, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    out = logits.clone()
+    for k, r in enumerate(rows):
+        for t in range(logits.shape[1]):
+            if not allowed[k, t]:
+                out[r, t] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("vocab_size", [5, 32, 33, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_equals_reference_on_random_masks(vocab_size, dtype):
+    gen = torch.Generator().manual_seed(vocab_size)
+    words = (vocab_size + 31) // 32
+    masks = [torch.randint(-(2**31), 2**31 - 1, (1, words), dtype=torch.int32, generator=gen) for _ in range(2)]
+    logits = torch.randn(4, vocab_size, generator=gen).to(dtype)
+    rows = [1, 3]
+    expected = _reference_mask(bitmask_to_bool(torch.cat(masks), vocab_size), logits, rows)
+    apply_bitmask(logits, masks, rows)
+    assert torch.equal(logits, expected)  # rows 0 and 2 untouched, the others masked bit by bit
+
+
+def test_fill_follows_the_grammar_token_by_token():
+    m = _matcher(lambda c: c.compile_regex("ab?c"))
+    allowed = bitmask_to_bool(fill_bitmask(m, len(VOCAB)), len(VOCAB))[0]
+    assert {VOCAB[t] for t in allowed.nonzero().flatten().tolist()} == {"a", "ab"}
+    assert m.accept_token(VOCAB.index("ab"))
+    allowed = bitmask_to_bool(fill_bitmask(m, len(VOCAB)), len(VOCAB))[0]
+    assert {VOCAB[t] for t in allowed.nonzero().flatten().tolist()} == {"c"}
+    assert m.accept_token(VOCAB.index("c"))
+    allowed = bitmask_to_bool(fill_bitmask(m, len(VOCAB)), len(VOCAB))[0]
+    assert allowed.nonzero().flatten().tolist() == [EOS]  # complete: only a stop token may follow
+    assert m.accept_token(EOS) and m.is_terminated()
+
+
+def test_masked_greedy_decoding_spells_the_only_allowed_output():
+    """Logits that prefer a forbidden token every step still decode to the grammar's string."""
+    m = _matcher(lambda c: c.compile_grammar('root ::= "{" "1" "}"'))
+    out = []
+    while not m.is_terminated():
+        logits = torch.zeros(1, len(VOCAB))
+        logits[0, VOCAB.index("a")] = 10.0  # the model "wants" a
+        apply_bitmask(logits, [fill_bitmask(m, len(VOCAB))], [0])
+        token = int(logits.argmax())
+        assert m.accept_token(token)
+        out.append(token)
+    assert [VOCAB[t] for t in out] == ["{", "1", "}", "</s>"]

@@ -49,6 +49,11 @@ def register(subparsers) -> None:
     g.add_argument("--output-len", type=int, default=128, help="output tokens (default: W3's 128)")
     g.add_argument("--prefix-groups", type=int, default=0, help="requests share one of N prefixes (0: none)")
     g.add_argument("--prefix-len", type=int, default=256, help="tokens of each shared prefix")
+    g = p.add_argument_group("layout search")
+    g.add_argument("--search", action="store_true",
+                   help="simulate every TP x DP layout that fits and rank them by goodput per dollar")
+    g.add_argument("--search-gpus", default=None, metavar="N,N,...",
+                   help="GPU counts to search (default: --num-gpus)")
     g = p.add_argument_group("report")
     g.add_argument("--ttft-slo", type=float, default=1.0, help="goodput's TTFT target, seconds (W3: 1)")
     g.add_argument("--tpot-slo", type=float, default=0.05, help="goodput's TPOT target, seconds (W3: 0.05)")
@@ -98,6 +103,8 @@ def run_simulate(ns: argparse.Namespace) -> int:
                        frontend_latency_s=ns.frontend_latency_ms / 1e3)
     config.validate()
     trace = build_trace(ns)
+    if ns.search:
+        return _run_search(ns, config, trace)
     bar, progress = None, None
     if not ns.no_progress:
         from tqdm.auto import tqdm
@@ -122,9 +129,33 @@ def run_simulate(ns: argparse.Namespace) -> int:
         ("the front end costs a fixed --frontend-latency-ms (no HTTP/tokenizer CPU contention), no network, "
         "replicas never fail; every request runs to its output length"),
     ]
+    _emit(report, ns.output_json)
+    return 0
+
+
+def _emit(report: dict, path: str | None) -> None:
     text = json.dumps(_strict(report), indent=2)
     print(text)
-    if ns.output_json:
-        with open(ns.output_json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             f.write(text + "\n")
+
+
+def _run_search(ns: argparse.Namespace, config, trace) -> int:
+    from meshserve.simulator.search import search_layouts
+
+    try:
+        counts = [int(x) for x in ns.search_gpus.split(",")] if ns.search_gpus else [ns.num_gpus]
+    except ValueError as e:
+        raise InvalidArgumentError(f"--search-gpus: expected N,N,... ({e})", param="search_gpus") from e
+    if any(n < 1 for n in counts):
+        raise InvalidArgumentError("--search-gpus: counts must be >= 1", param="search_gpus")
+
+    def progress(label: str) -> None:
+        if not ns.no_progress:
+            print(f"simulating {label}", file=sys.stderr)
+
+    result = search_layouts(config, trace, counts, progress)
+    result["best"] = result["ranked"][0]
+    _emit(result, ns.output_json)
     return 0

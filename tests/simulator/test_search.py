@@ -1,0 +1,36 @@
+"""--search: every TP x DP layout that fits, ranked by goodput per fleet dollar-hour."""
+
+from __future__ import annotations
+
+import json
+
+from meshserve.cli import main
+from meshserve.simulator.config import SimConfig
+from meshserve.simulator.search import candidate_configs, search_layouts
+from meshserve.simulator.trace import poisson_trace
+
+
+def test_candidates_are_the_planners_layouts_that_fit():
+    configs, skipped = candidate_configs(SimConfig(model="llama-3.1-70b", gpu="H100-SXM"), [1, 2, 4])
+    assert sorted((c.num_gpus, c.tp) for c in configs) == [(2, 2), (4, 2), (4, 4)]
+    assert any("TP=1" in s and "KV room" in s for s in skipped)  # 141 GB of weights on one 80 GB GPU
+    assert any("PP=2" in s for s in skipped)
+
+
+def test_light_load_ranks_the_smallest_fleet_first():
+    """Four requests a second: every layout serves them all, so the cheapest fleet gives most goodput per $."""
+    result = search_layouts(SimConfig(gpu="H100-SXM"), poisson_trace(4.0, 10.0, 0), [1, 2])
+    ranked = result["ranked"]
+    assert [(r["num_gpus"], r["tp"]) for r in ranked][0] == (1, 1)
+    assert {(r["num_gpus"], r["tp"]) for r in ranked} == {(1, 1), (2, 1), (2, 2)}
+    assert all(r["failed"] == 0 for r in ranked)
+    per_dollar = [r["goodput_per_usd_hour"] for r in ranked]
+    assert per_dollar == sorted(per_dollar, reverse=True)
+
+
+def test_search_flag(capsys):
+    assert main(["simulate", "--gpu", "H100-SXM", "--search", "--search-gpus", "1,2", "--qps", "4",
+                 "--duration", "5", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["best"] == out["ranked"][0] and out["price_is_assumption"] is True
+    assert main(["simulate", "--search", "--search-gpus", "two", "--no-progress"]) == 2

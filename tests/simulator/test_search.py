@@ -21,7 +21,7 @@ def test_light_load_ranks_the_smallest_fleet_first():
     """Four requests a second: every layout serves them all, so the cheapest fleet gives most goodput per $."""
     result = search_layouts(SimConfig(gpu="H100-SXM"), poisson_trace(4.0, 10.0, 0), [1, 2])
     ranked = result["ranked"]
-    assert [(r["num_gpus"], r["tp"]) for r in ranked][0] == (1, 1)
+    assert next((r["num_gpus"], r["tp"]) for r in ranked) == (1, 1)
     assert {(r["num_gpus"], r["tp"]) for r in ranked} == {(1, 1), (2, 1), (2, 2)}
     assert all(r["failed"] == 0 for r in ranked)
     per_dollar = [r["goodput_per_usd_hour"] for r in ranked]

@@ -43,12 +43,22 @@ def register(subparsers) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--arrivals", choices=["poisson", "bursty"], default="poisson")
     g.add_argument("--burst-factor", type=float, default=4.0, help="bursty: rate in a burst / rate outside")
+    g.add_argument("--burst-period", type=float, default=30.0, help="bursty: seconds from one burst to the next")
+    g.add_argument("--burst-duty", type=float, default=0.2, help="bursty: fraction of each period in the burst")
     g.add_argument("--trace", default=None, metavar="JSONL",
                    help="a file of requests (arrival_s, prompt_len, output_len per line) instead of --qps")
     g.add_argument("--input-len", type=int, default=512, help="prompt tokens (default: W3's 512)")
     g.add_argument("--output-len", type=int, default=128, help="output tokens (default: W3's 128)")
     g.add_argument("--prefix-groups", type=int, default=0, help="requests share one of N prefixes (0: none)")
     g.add_argument("--prefix-len", type=int, default=256, help="tokens of each shared prefix")
+    g = p.add_argument_group("autoscaling (deploy/k8s/autoscaling-keda.yaml's rule; --num-gpus / --tp replicas at start)")
+    g.add_argument("--autoscale", action="store_true", help="scale replicas on the router's queue depth")
+    g.add_argument("--target-queue-per-replica", type=int, default=16)
+    g.add_argument("--min-replicas", type=int, default=1)
+    g.add_argument("--max-replicas", type=int, default=8)
+    g.add_argument("--polling-s", type=float, default=15.0)
+    g.add_argument("--cooldown-s", type=float, default=300.0, help="no scale-in sooner after a scale-up")
+    g.add_argument("--startup-s", type=float, default=60.0, help="a new replica's time to ready (assumed)")
     g = p.add_argument_group("layout search")
     g.add_argument("--search", action="store_true",
                    help="simulate every TP x DP layout that fits and rank them by goodput per dollar")
@@ -68,8 +78,8 @@ def build_trace(ns: argparse.Namespace):
     if ns.trace:
         reqs = tr.file_trace(ns.trace)
     elif ns.arrivals == "bursty":
-        reqs = tr.bursty_trace(ns.qps, ns.duration, ns.seed, ns.burst_factor, input_len=ns.input_len,
-                               output_len=ns.output_len)
+        reqs = tr.bursty_trace(ns.qps, ns.duration, ns.seed, ns.burst_factor, ns.burst_period, ns.burst_duty,
+                               input_len=ns.input_len, output_len=ns.output_len)
     else:
         reqs = tr.poisson_trace(ns.qps, ns.duration, ns.seed, ns.input_len, ns.output_len)
     if ns.prefix_groups > 0:
@@ -115,8 +125,17 @@ def run_simulate(ns: argparse.Namespace) -> int:
         def progress(t: float) -> None:
             bar.update(round(min(t, span), 1) - bar.n)
 
+    autoscale = None
+    if ns.autoscale:
+        from meshserve.simulator.autoscale import AutoscaleRule
+
+        if not 1 <= ns.min_replicas <= ns.max_replicas or ns.target_queue_per_replica < 1 or ns.polling_s <= 0:
+            raise InvalidArgumentError("autoscaling: need 1 <= --min-replicas <= --max-replicas, "
+                                       "--target-queue-per-replica >= 1, --polling-s > 0", param="autoscale")
+        autoscale = AutoscaleRule(ns.target_queue_per_replica, ns.min_replicas, ns.max_replicas, ns.polling_s,
+                                  ns.cooldown_s, ns.startup_s)
     try:
-        report = simulate(config, trace, progress=progress)
+        report = simulate(config, trace, progress=progress, autoscale=autoscale)
     finally:
         if bar is not None:
             bar.close()

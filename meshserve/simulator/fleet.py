@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from meshserve.router.policy import make_policy
 from meshserve.router.prefix import prefix_key
+from meshserve.simulator.autoscale import Autoscaler, AutoscaleRule
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.replica import SimReplica
@@ -28,12 +29,13 @@ _STEP_END, _WAKE = 0, 1  # a replica's step ends; an idle replica got work
 
 def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights | None = None,
              step_cost: Callable | None = None, progress: Callable[[float], None] | None = None,
-             fast_forward: bool = True) -> dict:
+             fast_forward: bool = True, autoscale: AutoscaleRule | None = None) -> dict:
     """Run the trace through the fleet; returns the report (metrics.RunRecorder.summarize, plus the setup).
 
     step_cost replaces the calibrated StepCost (tests use fixed durations); progress(sim_time) is called as
     simulated time advances (about every 1% of the trace). fast_forward lays out runs of identical decode
-    steps at once (replica.py); off, every step goes through the scheduler (same results, slower).
+    steps at once (replica.py); off, every step goes through the scheduler (same results, slower). autoscale:
+    replicas come and go on the router's queue depth (autoscale.py), starting from config's count.
     """
     config.validate()
     model, gpu = config.model_spec(), config.gpu_spec()
@@ -44,28 +46,42 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
     num_blocks = config.kv_blocks(model, gpu)
     sched_cfg, cache_cfg = config.engine_configs(num_blocks, prefix_caching)
     recorder = RunRecorder()
-    replicas = [SimReplica(i, sched_cfg, cache_cfg, step_cost or cost, recorder, config.max_queue_len,
-                           step_model=cost.model, fast_forward=fast_forward)
-                for i in range(config.num_replicas)]
+    version: list[int] = []  # per replica: only its latest event in `steps` is live
+
+    def make_replica(index: int) -> SimReplica:
+        version.append(0)
+        return SimReplica(index, sched_cfg, cache_cfg, step_cost or cost, recorder, config.max_queue_len,
+                          step_model=cost.model, fast_forward=fast_forward)
+
+    scaler = None
+    if autoscale is not None:
+        scaler = Autoscaler(autoscale, make_replica)
+        scaler.start(min(max(config.num_replicas, autoscale.min_replicas), autoscale.max_replicas))
+        replicas, serving = scaler.all_replicas, scaler.serving
+    else:
+        replicas = [make_replica(i) for i in range(config.num_replicas)]
+        serving = replicas
     policy = make_policy(config.router)
     keyed = config.router == "prefix-affinity"
 
     wall0 = time.perf_counter()
-    # (time, replica index, _STEP_END or _WAKE, version): only a replica's latest event is live
+    # (time, replica index, _STEP_END or _WAKE, version)
     steps: list[tuple[float, int, int, int]] = []
-    version = [0] * len(replicas)
     n, i = len(trace), 0
     delay = config.frontend_latency_s
     tick = (trace[-1].arrival_s / 100) if trace else math.inf
     next_tick = tick
     now = 0.0
     while i < n or steps:
+        if scaler is not None:  # polls and start-ups up to the next event
+            scaler.advance_to(min(trace[i].arrival_s + delay if i < n else math.inf,
+                                  steps[0][0] if steps else math.inf))
         if i < n and (not steps or trace[i].arrival_s + delay <= steps[0][0]):
             req = trace[i]
             now = req.arrival_s + delay
             key = prefix_key({"prompt": prompt_token_ids(i, req)[:64]}) if keyed else None
-            candidates = list(replicas)
-            for _ in range(min(config.max_attempts, len(replicas))):
+            candidates = list(serving)
+            for _ in range(min(config.max_attempts, len(candidates))):
                 rep = policy.choose(candidates, key)
                 end = rep.interrupt(now)
                 if end is not None:  # its decode run is cut at now: a step ending at `end` is in flight
@@ -100,14 +116,21 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
     queries = sum(r.scheduler.block_manager.stats.queries for r in replicas)
     hits = sum(r.scheduler.block_manager.stats.hits for r in replicas)
     duration = max(recorder.last_completion_s, trace[-1].arrival_s if trace else 0.0)
-    report = recorder.summarize(n, duration, gpu, config.num_gpus, config.goodput_ttft_s, config.goodput_tpot_s)
+    replica_seconds = duration * len(replicas) if scaler is None else scaler.gpu_replica_seconds(duration)
+    gpu_hours = None if scaler is None else replica_seconds * config.tp / 3600
+    report = recorder.summarize(n, duration, gpu, config.num_gpus, config.goodput_ttft_s, config.goodput_tpot_s,
+                                gpu_hours)
+    if scaler is not None:
+        report["autoscale"] = {**vars(autoscale), "max_replicas_up": max(
+            (p["serving"] + p["starting"] + p["draining"] for p in scaler.timeline), default=len(serving)),
+            "timeline": scaler.timeline}
     report.update({
         "model": config.model, "gpu": gpu.name, "num_gpus": config.num_gpus, "tp": config.tp,
         "replicas": config.num_replicas, "router": config.router, "frontend_latency_s": delay, "kv_blocks_per_replica": num_blocks,
         "prefix_caching": prefix_caching, "prefix_cache_hit_rate": hits / queries if queries else 0.0,
         "slo_scheduling": {"ttft_s": config.slo_ttft_s, "tpot_s": config.slo_tpot_s},
         "steps": sum(r.steps for r in replicas),
-        "gpu_busy_fraction": gpu_busy / (duration * len(replicas)) if duration else 0.0,
+        "gpu_busy_fraction": gpu_busy / replica_seconds if replica_seconds else 0.0,
         "step_weights": vars(cost.weights) if step_cost is None else "custom",
         "sim_wall_s": time.perf_counter() - wall0,
     })

@@ -68,7 +68,8 @@ class RunRecorder:
         return (idx + 0.5) * ITL_BIN_S
 
     def summarize(self, num_requests: int, duration_s: float, gpu: GpuSpec, num_gpus: int,
-                  ttft_slo_s: float = 1.0, tpot_slo_s: float = 0.05) -> dict:
+                  ttft_slo_s: float = 1.0, tpot_slo_s: float = 0.05, gpu_hours: float | None = None) -> dict:
+        """The report; gpu_hours defaults to num_gpus for the whole run (an autoscaled fleet passes its own)."""
         ttft = np.frombuffer(self.ttft_s, dtype=float)
         e2e = np.frombuffer(self.e2e_s, dtype=float)
         out = np.frombuffer(self.output_tokens, dtype=np.int64).astype(float) if self.output_tokens else np.zeros(0)
@@ -77,7 +78,7 @@ class RunRecorder:
         tpot = np.where(multi, (e2e - ttft) / np.maximum(out - 1, 1), 0.0)
         good = int(np.count_nonzero((ttft <= ttft_slo_s) & (tpot <= tpot_slo_s)))
         out_tokens = int(out.sum())
-        gpu_hours = num_gpus * duration_s / 3600
+        gpu_hours = num_gpus * duration_s / 3600 if gpu_hours is None else gpu_hours
         usd = gpu_hours * gpu.price_per_hour_usd
 
         def pct(a: np.ndarray, prefix: str) -> dict[str, float]:

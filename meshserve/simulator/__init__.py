@@ -6,6 +6,7 @@ calibrated on our own step traces, instead of a forward pass. A router policy fr
 an arrival trace over the replicas.
 
 trace.py (arrivals), step_cost.py (step durations), replica.py (one engine), fleet.py (the event loop and the
-router), metrics.py (latencies, goodput, cost), config.py (what is simulated), cli.py (the command),
-validation.py (replays of measured runs).
+router), autoscale.py (replicas on the queue-depth rule), metrics.py (latencies, goodput, cost), config.py (what
+is simulated), search.py (layouts ranked by goodput per dollar), cli.py (the command), validation.py (replays
+of measured runs).
 """

@@ -29,6 +29,8 @@ class SamplingParams:
     stop strings are matched across token boundaries and removed from the output text.
     logprobs = k returns the chosen token's logprob and the k most likely alternatives at every step;
     prompt_logprobs = k does the same for the prompt tokens.
+    structured_outputs constrains the output to a JSON schema, regex, choice or grammar (a dict of vLLM's
+    fields is accepted too: {"json": schema}).
     """
 
     n: int = 1

@@ -156,7 +156,6 @@ class EngineCore:
         else:
             self.scheduler.add(seq)  # check_fits raises before anything is recorded
         self.requests[rid] = seq
-
         self.num_prompt_tokens += len(ids)
 
     def add_request_or_report(self, request: EngineCoreRequest) -> None:

@@ -123,6 +123,14 @@ def test_a_slow_compile_holds_back_only_its_own_request(path, monkeypatch):
                 break
         assert finished["json"].outputs[0].text.startswith("{") and "aborted" not in finished
         assert any("compile exploded" in e for e in errors), errors
+        # a compile that never ends: the request is refused after the timeout, not left hanging
+        gate.clear()
+        engine.core.grammar_waitlist.compile_timeout_s = 0.2
+        engine.add_request("stuck", [5, 6], SamplingParams(max_tokens=5, structured_outputs={"regex": "stuck"}))
+        with pytest.raises(InvalidArgumentError, match="did not compile within"):
+            for _ in range(200):
+                engine.step()
+        assert not engine.has_unfinished_requests()
     finally:
         gate.set()
         llm.shutdown()

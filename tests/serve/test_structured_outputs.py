@@ -152,6 +152,19 @@ def test_streaming_agrees_with_whole_response(client, kind):
     assert finish == whole.finish_reason
 
 
+def test_sdk_stream_helper_accumulates_tool_calls(client):
+    """The SDK's own stream accumulator (chat.completions.stream) rebuilds the call from our deltas."""
+    with client.chat.completions.stream(model="m", messages=[{"role": "user", "content": "Weather in Oslo?"}],
+                                        tools=[WEATHER_TOOL], max_tokens=80, temperature=0, tool_choice={
+                                            "type": "function", "function": {"name": "get_weather"}}) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    (call,) = final.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
+
+
 BAD = [
     ("schema not JSON-schema", {"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}, "response_format",

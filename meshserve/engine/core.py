@@ -32,7 +32,7 @@ from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence, SequenceStatus
 from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel
 from meshserve.errors import InvalidArgumentError, ServiceLevelError
-from meshserve.structured.bitmask import fill_bitmask
+from meshserve.structured.bitmask import fill_bitmasks
 from meshserve.structured.compiler import GrammarCompiler
 
 logger = logging.getLogger(__name__)
@@ -243,10 +243,12 @@ class EngineCore:
         self._grammar_seq_ids &= self.requests.keys()
         if not self._grammar_seq_ids:
             return
-        vocab = self.config.model_config.vocab_size
-        for entry in sched_out.scheduled:
-            if entry.do_sample and entry.seq_id in self._grammar_seq_ids:
-                entry.grammar_bitmask = fill_bitmask(self.requests[entry.seq_id].grammar, vocab)
+        entries = [e for e in sched_out.scheduled if e.do_sample and e.seq_id in self._grammar_seq_ids]
+        if not entries:
+            return
+        masks = fill_bitmasks([self.requests[e.seq_id].grammar for e in entries], self.config.model_config.vocab_size)
+        for i, entry in enumerate(entries):
+            entry.grammar_bitmask = masks[i : i + 1]
 
     def _schedule(self) -> SchedulerOutput:
         if len(self.grammar_waitlist):

@@ -10,10 +10,18 @@ import torch
 
 def fill_bitmask(matcher, vocab_size: int) -> torch.Tensor:
     """The tokens the matcher allows next, as a [1, ceil(vocab / 32)] int32 bitmask on the CPU."""
+    return fill_bitmasks([matcher], vocab_size)
+
+
+def fill_bitmasks(matchers: list, vocab_size: int) -> torch.Tensor:
+    """One bitmask row per matcher ([len(matchers), words], CPU), filled one by one: xgrammar's threaded
+    BatchGrammarMatcher was slower on a 2-core machine (10x with its "auto" thread count); to be measured
+    on the device before switching."""
     import xgrammar as xgr
 
-    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-    matcher.fill_next_token_bitmask(bitmask, 0)
+    bitmask = xgr.allocate_token_bitmask(len(matchers), vocab_size)
+    for i, matcher in enumerate(matchers):
+        matcher.fill_next_token_bitmask(bitmask, i)
     return bitmask
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import xgrammar as xgr
 
-from meshserve.structured.bitmask import apply_bitmask, bitmask_to_bool, fill_bitmask
+from meshserve.structured.bitmask import apply_bitmask, bitmask_to_bool, fill_bitmask, fill_bitmasks
 
 VOCAB = ["a", "b", "c", "ab", "{", "}", '"', ":", " ", "1", "</s>"]
 EOS = len(VOCAB) - 1
@@ -65,3 +65,11 @@ def test_masked_greedy_decoding_spells_the_only_allowed_output():
         assert m.accept_token(token)
         out.append(token)
     assert [VOCAB[t] for t in out] == ["{", "1", "}", "</s>"]
+
+
+def test_batch_fill_equals_one_by_one():
+    matchers = [_matcher(lambda c: c.compile_regex("ab?c")), _matcher(lambda c: c.compile_grammar('root ::= "{" "1" "}"'))]
+    matchers[0].accept_token(VOCAB.index("a"))
+    batch = fill_bitmasks(matchers, len(VOCAB))
+    assert torch.equal(batch, torch.cat([fill_bitmask(m, len(VOCAB)) for m in matchers]))
+    assert {VOCAB[t] for t in bitmask_to_bool(batch, len(VOCAB))[0].nonzero().flatten().tolist()} == {"b", "c"}

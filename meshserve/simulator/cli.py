@@ -68,6 +68,8 @@ def register(subparsers) -> None:
     g.add_argument("--ttft-slo", type=float, default=1.0, help="goodput's TTFT target, seconds (W3: 1)")
     g.add_argument("--tpot-slo", type=float, default=0.05, help="goodput's TPOT target, seconds (W3: 0.05)")
     g.add_argument("--output-json", default=None, help="also write the JSON here")
+    g.add_argument("--plot", default=None, metavar="FILE",
+                   help="requests waiting/running (and replicas) over time: PNG with matplotlib, else SVG")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_simulate)
 
@@ -148,6 +150,10 @@ def run_simulate(ns: argparse.Namespace) -> int:
         ("the front end costs a fixed --frontend-latency-ms (no HTTP/tokenizer CPU contention), no network, "
         "replicas never fail; every request runs to its output length"),
     ]
+    if ns.plot:
+        from meshserve.simulator.plots import plot_timeline
+
+        report["plot"] = plot_timeline(report, ns.plot)
     _emit(report, ns.output_json)
     return 0
 

@@ -69,13 +69,20 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
     steps: list[tuple[float, int, int, int]] = []
     n, i = len(trace), 0
     delay = config.frontend_latency_s
-    tick = (trace[-1].arrival_s / 100) if trace else math.inf
+    tick = trace[-1].arrival_s / 100 if trace and trace[-1].arrival_s > 0 else math.inf
     next_tick = tick
+    timeline: list[dict] = []
     now = 0.0
     while i < n or steps:
+        t_next = min(trace[i].arrival_s + delay if i < n else math.inf, steps[0][0] if steps else math.inf)
+        while t_next >= next_tick:  # every 1% of the trace: the fleet's state then, and the progress bar
+            timeline.append({"t": next_tick, "waiting": sum(r.scheduler.num_waiting for r in replicas),
+                             "running": sum(r.scheduler.num_running for r in replicas)})
+            if progress is not None:
+                progress(next_tick)
+            next_tick += tick
         if scaler is not None:  # polls and start-ups up to the next event
-            scaler.advance_to(min(trace[i].arrival_s + delay if i < n else math.inf,
-                                  steps[0][0] if steps else math.inf))
+            scaler.advance_to(t_next)
         if i < n and (not steps or trace[i].arrival_s + delay <= steps[0][0]):
             req = trace[i]
             now = req.arrival_s + delay
@@ -108,9 +115,6 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
             if end is not None:
                 version[idx] += 1
                 heapq.heappush(steps, (end, idx, _STEP_END, version[idx]))
-        if progress is not None and now >= next_tick:
-            progress(now)
-            next_tick = now + tick
 
     gpu_busy = sum(r.busy_s for r in replicas)
     queries = sum(r.scheduler.block_manager.stats.queries for r in replicas)
@@ -132,6 +136,7 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
         "steps": sum(r.steps for r in replicas),
         "gpu_busy_fraction": gpu_busy / replica_seconds if replica_seconds else 0.0,
         "step_weights": vars(cost.weights) if step_cost is None else "custom",
+        "timeline": timeline,
         "sim_wall_s": time.perf_counter() - wall0,
     })
     return report

@@ -35,3 +35,13 @@ def test_trace_file_and_bursty(capsys, tmp_path):
 def test_bad_layout_is_exit_2(capsys):
     assert main(["simulate", "--num-gpus", "3", "--tp", "2", "--no-progress"]) == 2
     assert "multiple of --tp" in capsys.readouterr().err
+
+
+def test_plot_of_the_timeline(capsys, tmp_path):
+    path = tmp_path / "sim.png"
+    assert main(["simulate", "--gpu", "H100-SXM", "--qps", "20", "--duration", "20", "--autoscale",
+                 "--polling-s", "5", "--no-progress", "--plot", str(path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    written = report["plot"]  # .svg when matplotlib is not installed
+    assert written.startswith(str(tmp_path / "sim.")) and (tmp_path / written.split("/")[-1]).stat().st_size > 500
+    assert len(report["timeline"]) >= 50 and {"t", "waiting", "running"} <= set(report["timeline"][0])

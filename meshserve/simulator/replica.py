@@ -20,6 +20,7 @@ from meshserve.engine.scheduler import Scheduler
 from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence
 from meshserve.engine.step_time import StepShape
+from meshserve.errors import PromptTooLongError
 from meshserve.sampling import SamplingParams
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.trace import SimRequest, prompt_token_ids
@@ -79,7 +80,10 @@ class SimReplica:
         rid = str(index)
         seq = Sequence(seq_id=rid, request_id=rid, index=0, prompt_token_ids=prompt_token_ids(index, req),
                        params=_PARAMS, max_tokens=req.output_len, arrival_time=req.arrival_s)
-        self.scheduler.add(seq)
+        try:
+            self.scheduler.add(seq)
+        except PromptTooLongError:  # the server answers 400: longer than max_model_len or the whole KV pool
+            return False
         self.outstanding += 1
         return True
 

@@ -65,3 +65,9 @@ def test_frontend_latency_adds_to_ttft_only():
     late = simulate(SimConfig(gpu="H200", frontend_latency_s=0.05), trace)
     assert late["ttft_mean"] == pytest.approx(base["ttft_mean"] + 0.05)
     assert late["tpot_p50"] == pytest.approx(base["tpot_p50"])
+
+
+def test_a_request_too_long_is_refused_not_fatal():
+    trace = [SimRequest(0.0, 100, 10), SimRequest(0.1, 5000, 10), SimRequest(0.2, 100, 10)]
+    report = simulate(SimConfig(gpu="H200", max_model_len=4096), trace, step_cost=lambda s: 0.01)
+    assert (report["completed"], report["rejected"]) == (2, 1)

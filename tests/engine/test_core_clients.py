@@ -99,9 +99,14 @@ def test_abort_stops_a_request_and_publishes_its_release(client):
     client.add_request(_request("long", 5, 100))
     _collect(client, lambda g: any(o.request_id == "long" for m in g for o in m.outputs))
     client.abort_requests(["long", "unknown"])
-    # at most the step already launched still carries it; then the counters show it gone, without a new request
+    # the counters show it gone, without a new request. The core reads the abort between steps, so what it
+    # produced before (a busy client lags a separate core by several steps) still arrives, but the request
+    # never reaches its end (100 tokens) and never reports a finish
     got = _collect(client, lambda g: bool(g) and g[-1].stats.num_running == 0 and g[-1].stats.kv_cache_usage == 0)
-    assert sum(1 for m in got for o in m.outputs if o.request_id == "long") <= 2
+    after = [o for m in got for o in m.outputs if o.request_id == "long"]
+    assert sum(len(o.new_token_ids) for o in after) < 99
+    if isinstance(client, InprocCoreClient):  # no thread between: at most the step already launched
+        assert len(after) <= 1
     assert not _finished_ids(got)
 
 

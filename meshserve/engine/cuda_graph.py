@@ -61,7 +61,7 @@ class DecodeGraphs:
             self.stage_in = IntermediateTensors(torch.zeros(n, hidden_size, dtype=dtype, device=device),
                                                 torch.zeros(n, hidden_size, dtype=dtype, device=device))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor | IntermediateTensors] = {}
         self.pool = None
 
     def _meta(self, bs: int) -> AttentionMetadata:

@@ -135,6 +135,14 @@ class EngineClient:
 
         return await self.allm.run_tokenizer(render)
 
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        tok = self._require_tokenizer("prompt")
+        return await self.allm.run_tokenizer(lambda: list(tok(text, add_special_tokens=add_special_tokens).input_ids))
+
+    async def token_strs(self, token_ids: list[int]) -> list[str]:
+        tok = self._require_tokenizer("prompt")
+        return await self.allm.run_tokenizer(lambda: [str(t) for t in tok.convert_ids_to_tokens(token_ids)])
+
     async def decode_each(self, token_ids: list[int]) -> list[str]:
         """Each token's own text (for echoed prompt logprobs)."""
         tok = self.allm.tokenizer

@@ -24,14 +24,19 @@ from meshserve.serve.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
     StatusResponse,
+    TokenizeRequest,
+    TokenizeResponse,
     VersionResponse,
 )
 from meshserve.serve.serving_chat import ChatService
 from meshserve.serve.serving_completion import CompletionService
+from meshserve.serve.serving_tokenize import TokenizeService
 from meshserve.serve.streaming import cancel_on_disconnect
 
 logger = logging.getLogger(__name__)
@@ -93,6 +98,7 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     metrics = ServerMetrics()
     completions = CompletionService(client, config, metrics)
     chat = ChatService(client, config, metrics)
+    tokenizer = TokenizeService(client, config)
     max_model_len = config.max_model_len or client.max_model_len
 
     app = FastAPI(title="meshserve", version=__version__,
@@ -111,6 +117,14 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_GENERATION_RESPONSES)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await _answer(request, chat.create(body))
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+    async def tokenize(body: TokenizeRequest, request: Request):
+        return await _answer(request, tokenizer.tokenize(body))
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+    async def detokenize(body: DetokenizeRequest, request: Request):
+        return await _answer(request, tokenizer.detokenize(body))
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def list_models() -> ModelList:

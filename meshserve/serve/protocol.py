@@ -353,6 +353,42 @@ class CompletionChunk(OpenAIModel):
     usage: UsageInfo | None = None
 
 
+# -- tokenizer (vLLM's /tokenize and /detokenize) ---------------------------------------------------
+class TokenizeRequest(OpenAIModel):
+    """A text prompt, or a conversation rendered with the chat template (and its tools), to token ids."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    tools: list[ChatTool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(OpenAIModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(OpenAIModel):
+    prompt: str
+
+
 # -- models, health, version ------------------------------------------------------------------------
 class ModelCard(OpenAIModel):
     id: str

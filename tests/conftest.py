@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -93,3 +95,13 @@ def hf_model():
 def _threads():
     # CI has 2 cores; keep torch from oversubscribing them when pytest-xdist is not used
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="module")
+def greedy_model(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny model whose generation_config.json recommends greedy decoding and 5 new tokens."""
+    folder = tmp_path_factory.mktemp("generation-defaults") / "model"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 0, "eos_token_id": 2, "temperature": 0.0, "max_new_tokens": 5}))
+    return str(folder)

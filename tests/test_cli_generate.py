@@ -1,7 +1,5 @@
 """The meshserve command line: generate with flags, and one-line errors."""
 
-import json
-import shutil
 import subprocess
 import sys
 
@@ -56,16 +54,6 @@ def test_help_shows_defaults(capsys):
         main(["serve", "--help"])
     out = capsys.readouterr().out
     assert "(default: 8000)" in out and "(default: 256)" in out
-
-
-@pytest.fixture(scope="module")
-def greedy_model(tiny_model_dir, tmp_path_factory) -> str:
-    """The tiny model whose generation_config.json recommends greedy decoding and 5 new tokens."""
-    folder = tmp_path_factory.mktemp("generation-defaults") / "model"
-    shutil.copytree(tiny_model_dir("llama"), folder)
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 0, "eos_token_id": 2, "temperature": 0.0, "max_new_tokens": 5}))
-    return str(folder)
 
 
 def _choices(out: str) -> list[list[str]]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import httpx
 import pytest
@@ -12,16 +10,6 @@ from meshserve.serve.config import ServeConfig
 from tests.serve.conftest import MODEL, make_engine, start_server
 
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def greedy_model(tiny_model_dir, tmp_path_factory) -> str:
-    """The tiny model whose creator recommends greedy decoding and 5 new tokens."""
-    folder = tmp_path_factory.mktemp("generation-defaults") / "model"
-    shutil.copytree(tiny_model_dir("llama"), folder)
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 0, "eos_token_id": 2, "temperature": 0.0, "max_new_tokens": 5}))
-    return str(folder)
 
 
 def _server(model: str, **engine_args):

@@ -165,8 +165,10 @@ def serve_data_parallel(ns: argparse.Namespace, serve_parser: argparse.ArgumentP
         r.start()
     watcher = threading.Thread(target=supervise, name="replica-supervisor", daemon=True)
     watcher.start()
+    # local children: a dead one refuses connections at once (and the supervisor restarts it), so the
+    # probe can wait out a replica whose API process is slow on a busy machine instead of ejecting it
     config = RouterConfig(backends=urls, retry_after_s=1, drain_timeout_s=ns.drain_timeout,
-                          health_interval_s=1.0)
+                          health_interval_s=1.0, health_timeout_s=5.0)
     print(f"meshserve: data parallel {n} x (TP {getattr(ns, 'tensor_parallel_size', 1)}, "
           f"PP {getattr(ns, 'pipeline_parallel_size', 1)}): replicas on {', '.join(urls)}; "
           f"router on http://{ns.host}:{ns.port}", flush=True)

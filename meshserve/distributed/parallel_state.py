@@ -126,11 +126,14 @@ def destroy_parallel_state(timeout_s: float = 10.0) -> None:
     _STATE.tp_fast_all_reduce = None
     if dist.is_initialized():
         done = threading.Event()
+        # the thread below would default to GPU 0: name this rank's device here
+        device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
 
         def teardown():
             try:
                 if dist.get_backend() == "nccl":
-                    torch.cuda.synchronize()
+                    if device is not None:
+                        torch.cuda.synchronize(device)
                     dist.distributed_c10d._abort_process_group()
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001, S110  (a dead peer can make teardown fail; the process is leaving)

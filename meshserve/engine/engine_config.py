@@ -106,5 +106,5 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
     if config.speculative_config is not None and config.speculative_config.uses_draft_model:
         from meshserve.spec_decode.draft_model import check_draft_model
 
-        check_draft_model(config.speculative_config, source.hf_config, max_model_len)
+        check_draft_model(config.speculative_config, source.hf_config, max_model_len, args.tensor_parallel_size)
     return config, source

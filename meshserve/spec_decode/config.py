@@ -8,7 +8,8 @@ from typing import Any
 
 from meshserve.errors import InvalidArgumentError
 
-METHODS = ("ngram", "draft_model", "eagle3")
+METHODS = ("ngram", "draft_model")
+PLANNED_METHODS = ("eagle", "eagle3", "medusa", "mtp")  # vLLM names refused with "not supported yet"
 MAX_SPECULATIVE_TOKENS = 32  # beyond this a verify step costs a prefill and acceptance never gets there
 
 
@@ -16,8 +17,8 @@ MAX_SPECULATIVE_TOKENS = 32  # beyond this a verify step costs a prefill and acc
 class SpeculativeConfig:
     """How proposals are made and how many per step.
 
-    method: "ngram" (prompt lookup over the sequence's own tokens), "draft_model" (a smaller model sharing
-    the target's vocabulary), or "eagle3" (an EAGLE-3 speculator checkpoint). disable_by_batch_size: when
+    method: "ngram" (prompt lookup over the sequence's own tokens) or "draft_model" (a smaller model
+    sharing the target's vocabulary). disable_by_batch_size: when
     more sequences than this are running, steps run without proposals (speculation costs at large batches).
     """
 
@@ -32,7 +33,7 @@ class SpeculativeConfig:
     @property
     def uses_draft_model(self) -> bool:
         """The proposer runs a model on the ranks (it needs KV blocks ahead of the verified tokens)."""
-        return self.method in ("draft_model", "eagle3")
+        return self.method == "draft_model"
 
     @property
     def num_lookahead_tokens(self) -> int:
@@ -70,6 +71,8 @@ def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
             raise _bad(f"method is required (one of {', '.join(METHODS)})", "method")
         d["method"] = "draft_model"
     method = d["method"]
+    if method in PLANNED_METHODS:
+        raise _bad(f"method {method!r} is not supported yet (supported: {', '.join(METHODS)})", "method")
     if method not in METHODS:
         raise _bad(f"unsupported method {method!r} (supported: {', '.join(METHODS)})", "method")
     for key in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "disable_by_batch_size",

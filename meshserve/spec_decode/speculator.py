@@ -31,8 +31,9 @@ class Speculator:
 
     def __init__(self, config: SpeculativeConfig):
         self.config = config
-        self.ngram = (NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,
-                                    config.prompt_lookup_max) if config.method == "ngram" else None)
+        # a host-side proposer (propose(token_ids) -> list[int]); None: proposals come from the ranks
+        self.proposer = (NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,
+                                       config.prompt_lookup_max) if config.method == "ngram" else None)
         self.stats = SpecDecodeStats()
 
     def after_step(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput, updated: list[Sequence],
@@ -46,7 +47,7 @@ class Speculator:
         for seq in updated:
             if seq.is_finished or paused or not speculation_allowed(seq):
                 seq.spec_token_ids = []
-            elif self.ngram is not None:
-                seq.spec_token_ids = self.ngram.propose(np.asarray(seq.all_token_ids, dtype=np.int64))
+            elif self.proposer is not None:
+                seq.spec_token_ids = self.proposer.propose(np.asarray(seq.all_token_ids, dtype=np.int64))
             else:
                 seq.spec_token_ids = runner_out.draft_token_ids.get(seq.seq_id, [])

@@ -1,16 +1,16 @@
 """Speculative decoding in the engine: greedy output identical to decoding without it (n-gram proposals, and
-an oracle proposer that replays the reference with mistakes, so long runs get accepted and rejected),
+an replay proposer that proposes the reference with mistakes, so long runs get accepted and rejected),
 with preemption, prefix hits, n > 1, stops inside accepted runs; KV rollback; sampling; metrics."""
 
 from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 
 from meshserve import LLM, SamplingParams
 from meshserve.errors import InvalidArgumentError
+from meshserve.spec_decode.replay_proposer import ReplayProposer
 from meshserve.spec_decode.stats import SpecDecodeStats
 from tests.conftest import VOCAB
 
@@ -21,26 +21,6 @@ def _prompts(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     # a small alphabet, so the n-gram proposer finds matches in the prompt
     return [{"prompt_token_ids": [rng.randrange(3, 40) for _ in range(20 + 7 * i)]} for i in range(n)]
-
-
-class OracleProposer:
-    """Proposes the reference continuation (prompt -> greedy output without speculation), replacing every
-    `wrong_every`-th proposed position with a wrong token: acceptance is high but not total."""
-
-    def __init__(self, references: dict[tuple, list[int]], k: int, wrong_every: int = 5):
-        self.references, self.k, self.wrong_every = references, k, wrong_every
-        self.calls = 0
-
-    def propose(self, token_ids: np.ndarray, max_tokens: int | None = None) -> list[int]:
-        self.calls += 1
-        ids = token_ids.tolist()
-        for prompt, out in self.references.items():
-            if tuple(ids[: len(prompt)]) == prompt:
-                done = len(ids) - len(prompt)
-                guess = out[done : done + self.k]
-                return [(t + 1) % VOCAB if (done + j) % self.wrong_every == self.wrong_every - 1 else t
-                        for j, t in enumerate(guess)]
-        return []
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +45,9 @@ def _spec_llm(model, **kwargs):
 def _with_oracle(llm, prompts, outputs, k=3):
     core = llm.engine.core
     core.speculator.stats = SpecDecodeStats()
-    core.speculator.ngram = OracleProposer(
-        {tuple(p["prompt_token_ids"]): o[0] for p, o in zip(prompts, outputs)}, k)
+    # replays the reference output, every proposed token wrong with probability 0.2
+    core.speculator.proposer = ReplayProposer(
+        {tuple(p["prompt_token_ids"]): o[0] for p, o in zip(prompts, outputs)}, k, 0.2, VOCAB)
     return core
 
 
@@ -129,7 +110,7 @@ def test_rejected_kv_is_rolled_back(model):
     llm = _spec_llm(model)
     core = llm.engine.core
     prompt = _prompts(1, seed=9)[0]
-    core.speculator.ngram = type("Wrong", (), {"propose": lambda self, ids, m=None: [1] * 3})()  # always wrong
+    core.speculator.proposer = type("Wrong", (), {"propose": lambda self, ids, m=None: [1] * 3})()  # always wrong
     engine = llm.engine
     engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     bm = core.scheduler.block_manager
@@ -158,7 +139,8 @@ def test_sampling_with_speculation_is_seeded_and_mixed_with_other_settings(model
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"method": "medusa", "num_speculative_tokens": 2}, "unsupported method"),
+    ({"method": "lookahead", "num_speculative_tokens": 2}, "unsupported method"),
+    ({"method": "eagle3", "model": "/x", "num_speculative_tokens": 2}, "not supported yet"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens: must be in [1, 32]"),
     ({"method": "ngram"}, "num_speculative_tokens: is required"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},

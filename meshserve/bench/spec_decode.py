@@ -19,7 +19,7 @@ import time
 from meshserve.bench.report import print_rows, write_json
 from meshserve.bench.workloads import w1_prompt
 
-_CODE = '''import json
+_CODE = """import json
 from dataclasses import dataclass
 
 
@@ -42,18 +42,21 @@ def load_orders(path: str) -> list[Order]:
 
 def large_orders(orders: list[Order]) -> list[Order]:
     return [o for o in orders if o.is_large()]
-'''
+"""
 
-_PASSAGE = ("The Rhine is one of the major European rivers. It begins in the Swiss canton of Graubünden in the "
-            "southeastern Swiss Alps, forms part of the Swiss-Austrian, Swiss-Liechtenstein, Swiss-German and then "
-            "the Franco-German border, then flows through the German Rhineland and the Netherlands and eventually "
-            "empties into the North Sea. The river is about 1,230 kilometres long. It is the second-longest river "
-            "in Central and Western Europe, after the Danube. Since Roman times the Rhine has been a vital "
-            "navigable waterway, carrying trade and goods deep inland, and it has also served as a defensive "
-            "barrier and a frontier between peoples.")
+_PASSAGE = (
+    "The Rhine is one of the major European rivers. It begins in the Swiss canton of Graubünden in the "
+    "southeastern Swiss Alps, forms part of the Swiss-Austrian, Swiss-Liechtenstein, Swiss-German and then "
+    "the Franco-German border, then flows through the German Rhineland and the Netherlands and eventually "
+    "empties into the North Sea. The river is about 1,230 kilometres long. It is the second-longest river "
+    "in Central and Western Europe, after the Danube. Since Roman times the Rhine has been a vital "
+    "navigable waterway, carrying trade and goods deep inland, and it has also served as a defensive "
+    "barrier and a frontier between peoples."
+)
 
 WORKLOADS = {
-    "code-edit": "Rename the class Order to Purchase everywhere in this code and output the whole code:\n\n" + _CODE,
+    "code-edit": "Rename the class Order to Purchase everywhere in this code and output the whole code:\n\n"
+    + _CODE,
     "summarise": "Summarise the following passage in a few sentences, reusing its wording:\n\n" + _PASSAGE,
     "chat": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
 }
@@ -61,8 +64,13 @@ WORKLOADS = {
 
 def _spec_stats(llm) -> dict:
     s = llm.engine.core.speculator.stats
-    return {"acceptance_rate": round(s.acceptance_rate, 3), "mean_accepted_len": round(s.mean_acceptance_length, 2),
-            "drafts": s.num_drafts, "draft_tokens": s.num_draft_tokens, "accepted": s.num_accepted_tokens}
+    return {
+        "acceptance_rate": round(s.acceptance_rate, 3),
+        "mean_accepted_len": round(s.mean_acceptance_length, 2),
+        "drafts": s.num_drafts,
+        "draft_tokens": s.num_draft_tokens,
+        "accepted": s.num_accepted_tokens,
+    }
 
 
 def _timed_generate(llm, prompts, params) -> tuple[list[list[int]], float]:
@@ -100,8 +108,14 @@ def run_real_text(ns) -> list[dict]:
     names = list(WORKLOADS) if ns.workload == "all" else [ns.workload]
     base = LLM(**_engine_kwargs(ns))
     tok = base.get_tokenizer()
-    prompts = {n: [tok.apply_chat_template([{"role": "user", "content": WORKLOADS[n]}], add_generation_prompt=True,
-                                           tokenize=False)] for n in names}
+    prompts = {
+        n: [
+            tok.apply_chat_template(
+                [{"role": "user", "content": WORKLOADS[n]}], add_generation_prompt=True, tokenize=False
+            )
+        ]
+        for n in names
+    }
     base.generate(prompts[names[0]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     baseline = {n: _timed_generate(base, prompts[n], params) for n in names}
     base.shutdown()
@@ -112,10 +126,19 @@ def run_real_text(ns) -> list[dict]:
         _fresh_stats(llm)
         out, dt = _timed_generate(llm, prompts[n], params)
         ref, ref_dt = baseline[n]
-        rows.append({"workload": n, "method": spec["method"], "k": spec["num_speculative_tokens"],
-                     "tokens": len(out[0]), "base_tok_s": round(len(ref[0]) / ref_dt, 1),
-                     "spec_tok_s": round(len(out[0]) / dt, 1), "speedup": round(ref_dt / dt * len(out[0]) / len(ref[0]), 2),
-                     "identical": out == ref, **_spec_stats(llm)})
+        rows.append(
+            {
+                "workload": n,
+                "method": spec["method"],
+                "k": spec["num_speculative_tokens"],
+                "tokens": len(out[0]),
+                "base_tok_s": round(len(ref[0]) / ref_dt, 1),
+                "spec_tok_s": round(len(out[0]) / dt, 1),
+                "speedup": round(ref_dt / dt * len(out[0]) / len(ref[0]), 2),
+                "identical": out == ref,
+                **_spec_stats(llm),
+            }
+        )
     llm.shutdown()
     return rows
 
@@ -144,25 +167,44 @@ def run_replay(ns) -> list[dict]:
             _fresh_stats(llm)
             out, dt = _timed_generate(llm, prompts, params)
             n = sum(len(o) for o in out)
-            rows.append({"k": k, "token_right_p": p_ok, "batch": ns.batch_size,
-                         "base_tok_s": round(sum(len(r) for r in ref) / ref_dt, 1), "spec_tok_s": round(n / dt, 1),
-                         "speedup": round(ref_dt / dt, 2), "identical": out == ref, **_spec_stats(llm)})
+            rows.append(
+                {
+                    "k": k,
+                    "token_right_p": p_ok,
+                    "batch": ns.batch_size,
+                    "base_tok_s": round(sum(len(r) for r in ref) / ref_dt, 1),
+                    "spec_tok_s": round(n / dt, 1),
+                    "speedup": round(ref_dt / dt, 2),
+                    "identical": out == ref,
+                    **_spec_stats(llm),
+                }
+            )
         llm.shutdown()
     return rows
 
 
 def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("spec", help="speculative decoding: acceptance and batch-1 speedup")
-    p.add_argument("--model", default=None, help="default: the embedded SmolLM2 (real text); a preset with --replay")
-    p.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4, '
-                   '"prompt_lookup_min": 2, "prompt_lookup_max": 4}', metavar="JSON")
+    p.add_argument(
+        "--model", default=None, help="default: the embedded SmolLM2 (real text); a preset with --replay"
+    )
+    p.add_argument(
+        "--speculative-config",
+        default='{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_min": 2, "prompt_lookup_max": 4}',
+        metavar="JSON",
+    )
     p.add_argument("--workload", default="all", choices=["all", *WORKLOADS])
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--replay", default=None, metavar="P,P,...",
-                   help="controlled acceptance on dummy weights: each proposed token right with probability P")
+    p.add_argument(
+        "--replay",
+        default=None,
+        metavar="P,P,...",
+        help="controlled acceptance on dummy weights: each proposed token right with probability P",
+    )
     p.add_argument("--replay-k", default="2,4,8", help="with --replay: proposal lengths")
     p.add_argument("--batch-size", type=int, default=1, help="with --replay: sequences at once")
     p.add_argument("--output-json", default=None)

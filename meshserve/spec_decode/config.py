@@ -28,7 +28,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None
     model: str | None = None
     disable_by_batch_size: int | None = None
-    draft_tensor_parallel_size: int | None = None  # accepted for vLLM's key; the draft runs on the target's ranks
+    draft_tensor_parallel_size: int | None = (
+        None  # accepted for vLLM's key; the draft runs on the target's ranks
+    )
 
     @property
     def uses_draft_model(self) -> bool:
@@ -75,8 +77,13 @@ def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
         raise _bad(f"method {method!r} is not supported yet (supported: {', '.join(METHODS)})", "method")
     if method not in METHODS:
         raise _bad(f"unsupported method {method!r} (supported: {', '.join(METHODS)})", "method")
-    for key in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "disable_by_batch_size",
-                "draft_tensor_parallel_size"):
+    for key in (
+        "num_speculative_tokens",
+        "prompt_lookup_min",
+        "prompt_lookup_max",
+        "disable_by_batch_size",
+        "draft_tensor_parallel_size",
+    ):
         v = d.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
             raise _bad(f"must be an integer, got {v!r}", key)

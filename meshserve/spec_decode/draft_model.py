@@ -25,7 +25,9 @@ from meshserve.models.loader import ModelSource, build_model, resolve_model_sour
 from meshserve.spec_decode.config import SpeculativeConfig
 
 
-def check_draft_model(spec: SpeculativeConfig, target_hf_config, max_model_len: int, tp: int = 1) -> ModelSource:
+def check_draft_model(
+    spec: SpeculativeConfig, target_hf_config, max_model_len: int, tp: int = 1
+) -> ModelSource:
     """Resolve the draft checkpoint and refuse one that cannot draft for the target (one-line errors)."""
     from meshserve.engine.args_check import check_parallel_split
     from meshserve.models.registry import resolve_model_class
@@ -35,13 +37,17 @@ def check_draft_model(spec: SpeculativeConfig, target_hf_config, max_model_len: 
     if cfg.vocab_size != target_hf_config.vocab_size:
         raise InvalidArgumentError(
             f"speculative_config.model: the draft's vocabulary ({cfg.vocab_size} ids) differs from the "
-            f"target's ({target_hf_config.vocab_size}); a draft must share the tokenizer", param="speculative_config")
+            f"target's ({target_hf_config.vocab_size}); a draft must share the tokenizer",
+            param="speculative_config",
+        )
     resolve_model_class(cfg)
     positions = getattr(cfg, "max_position_embeddings", None) or max_model_len
     if positions < max_model_len:
         raise InvalidArgumentError(
             f"speculative_config.model: the draft takes {positions} positions, fewer than max_model_len "
-            f"({max_model_len})", param="speculative_config")
+            f"({max_model_len})",
+            param="speculative_config",
+        )
     check_parallel_split(cfg, tp, 1, None)
     return source
 
@@ -55,12 +61,20 @@ class DraftModelProposer:
         self.device = device
         source = resolve_model_source(spec.model)
         self.config = dataclasses.replace(
-            config, model_config=dataclasses.replace(config.model_config, model=source.name,
-                                                     hf_config=source.hf_config))
+            config,
+            model_config=dataclasses.replace(
+                config.model_config, model=source.name, hf_config=source.hf_config
+            ),
+        )
         kernels = select_kernels(self.config)
         # proposals may run up to k positions past the target's last one
-        self.model = build_model(source, TORCH_DTYPES[config.model_config.dtype], device,
-                                 config.model_config.max_model_len + 2 * self.k + 1, seed=config.model_config.seed)
+        self.model = build_model(
+            source,
+            TORCH_DTYPES[config.model_config.dtype],
+            device,
+            config.model_config.max_model_len + 2 * self.k + 1,
+            seed=config.model_config.seed,
+        )
         bind_kernels(self.model, kernels)
         self.kv_pool = KVCachePool(self.config, self.model.attention_layers(), kernels.kv_cache_dtype, device)
         self.inputs = StepInputBuilder(config.cache_config.block_size, device)
@@ -89,7 +103,9 @@ class DraftModelProposer:
                 toks = new_tokens[e.seq_id]
                 ids = ids[: len(ids) - e.num_spec_tokens + len(toks) - 1] + [toks[-1]]
                 sampling.append((e, e.num_computed_tokens + len(ids)))
-            first.append(ScheduledSequence(e.seq_id, ids, e.num_computed_tokens, e.block_table, None, e.do_sample))
+            first.append(
+                ScheduledSequence(e.seq_id, ids, e.num_computed_tokens, e.block_table, None, e.do_sample)
+            )
         if not sampling:
             self._forward(first, 0, None, {})
             return {}
@@ -98,7 +114,10 @@ class DraftModelProposer:
         drafts = [self._argmax(hidden[torch.tensor(rows, device=self.device)])]
         last_rows = {e.seq_id: i for i, (e, _) in enumerate(sampling)}
         for j in range(1, self.k):
-            step = [ScheduledSequence(e.seq_id, [-1], pos + j - 1, e.block_table, None, True) for e, pos in sampling]
+            step = [
+                ScheduledSequence(e.seq_id, [-1], pos + j - 1, e.block_table, None, True)
+                for e, pos in sampling
+            ]
             hidden, _ = self._forward(step, j & 1, drafts[-1], last_rows)
             drafts.append(self._argmax(hidden))
         proposals = torch.stack(drafts, dim=1).tolist()
@@ -112,7 +131,9 @@ class DraftModelProposer:
     def _argmax(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden).argmax(dim=-1)
 
-    def _step_tokens(self, scheduled: list[ScheduledSequence], result: ModelRunnerOutput) -> dict[str, list[int]]:
+    def _step_tokens(
+        self, scheduled: list[ScheduledSequence], result: ModelRunnerOutput
+    ) -> dict[str, list[int]]:
         """Each sampling sequence's tokens of this step (accepted proposals + the target's own). Only the
         sampler rank has them; with tensor parallelism it broadcasts them to the other ranks."""
         tokens = {**{sid: [t] for sid, t in result.sampled.items()}, **result.spec_token_ids}

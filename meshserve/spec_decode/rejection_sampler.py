@@ -41,13 +41,21 @@ def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     top_k = [min(p.top_k, vocab) if p.top_k > 0 else 0 for p in params]
     use_k, use_p = any(k for k in top_k), any(p.top_p < 1.0 for p in params)
     if use_k or use_p:
-        logits = apply_top_k_top_p(logits, torch.tensor(top_k, device=dev) if use_k else None,
-                                   torch.tensor([p.top_p for p in params], device=dev) if use_p else None)
+        logits = apply_top_k_top_p(
+            logits,
+            torch.tensor(top_k, device=dev) if use_k else None,
+            torch.tensor([p.top_p for p in params], device=dev) if use_p else None,
+        )
     return torch.softmax(logits, dim=-1)
 
 
-def verify(logits: torch.Tensor, draft_token_ids: list[list[int]], params: list[SamplingParams],
-           generators: list[torch.Generator | None], draft_probs: torch.Tensor | None = None) -> VerifyResult:
+def verify(
+    logits: torch.Tensor,
+    draft_token_ids: list[list[int]],
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    draft_probs: torch.Tensor | None = None,
+) -> VerifyResult:
     """Verify each sequence's proposals.
 
     logits: [sum(k_b + 1), V], each sequence's k_b + 1 rows in turn (the scores after its last verified
@@ -66,8 +74,9 @@ def verify(logits: torch.Tensor, draft_token_ids: list[list[int]], params: list[
     cols = torch.arange(width, device=dev)
     k_t = torch.tensor(ks, device=dev)
     rows = torch.tensor(offsets, device=dev).unsqueeze(1) + torch.minimum(cols.unsqueeze(0), k_t.unsqueeze(1))
-    draft = torch.tensor([d + [0] * (kmax - len(d)) for d in draft_token_ids], dtype=torch.int64,
-                         device=dev).reshape(num_seqs, kmax)
+    draft = torch.tensor(
+        [d + [0] * (kmax - len(d)) for d in draft_token_ids], dtype=torch.int64, device=dev
+    ).reshape(num_seqs, kmax)
     valid = cols[:kmax].unsqueeze(0) < k_t.unsqueeze(1)  # [B, K]
     greedy = torch.tensor([p.greedy for p in params], device=dev)
 

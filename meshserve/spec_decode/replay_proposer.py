@@ -14,8 +14,14 @@ class ReplayProposer:
     an n-gram speculative_config (which sets k and the scheduling); references map each prompt (token ids)
     to its greedy output without speculation."""
 
-    def __init__(self, references: dict[tuple[int, ...], list[int]], k: int, error_rate: float,
-                 vocab_size: int, seed: int = 0):
+    def __init__(
+        self,
+        references: dict[tuple[int, ...], list[int]],
+        k: int,
+        error_rate: float,
+        vocab_size: int,
+        seed: int = 0,
+    ):
         self.references = references
         self.k = k
         self.vocab_size = vocab_size
@@ -35,5 +41,7 @@ class ReplayProposer:
                 if head == prompt:
                     done = len(ids) - n
                     guess = out[done : done + self.k]
-                    return [(t + 1) % self.vocab_size if self.wrong[done + j] else t for j, t in enumerate(guess)]
+                    return [
+                        (t + 1) % self.vocab_size if self.wrong[done + j] else t for j, t in enumerate(guess)
+                    ]
         return []

@@ -18,8 +18,14 @@ def speculation_allowed(seq: Sequence) -> bool:
     history or report on it (logprobs, penalties, logit bias, grammars, min_tokens still banning stop
     tokens) decode one token per step instead."""
     p = seq.params
-    return (p.logprobs is None and not p.uses_penalties and not p.logit_bias and seq.grammar is None
-            and not p.uses_grammar and seq.num_output_tokens >= p.min_tokens)
+    return (
+        p.logprobs is None
+        and not p.uses_penalties
+        and not p.logit_bias
+        and seq.grammar is None
+        and not p.uses_grammar
+        and seq.num_output_tokens >= p.min_tokens
+    )
 
 
 class Speculator:
@@ -32,12 +38,20 @@ class Speculator:
     def __init__(self, config: SpeculativeConfig):
         self.config = config
         # a host-side proposer (propose(token_ids) -> list[int]); None: proposals come from the ranks
-        self.proposer = (NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,
-                                       config.prompt_lookup_max) if config.method == "ngram" else None)
+        self.proposer = (
+            NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
+            if config.method == "ngram"
+            else None
+        )
         self.stats = SpecDecodeStats()
 
-    def after_step(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput, updated: list[Sequence],
-                   num_running: int) -> None:
+    def after_step(
+        self,
+        sched_out: SchedulerOutput,
+        runner_out: ModelRunnerOutput,
+        updated: list[Sequence],
+        num_running: int,
+    ) -> None:
         for entry in sched_out.scheduled:
             tokens = runner_out.spec_token_ids.get(entry.seq_id)
             if entry.num_spec_tokens and tokens:

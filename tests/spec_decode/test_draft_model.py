@@ -50,12 +50,19 @@ def test_other_draft_keeps_greedy_output_with_preemption_and_prefix_hits(tiny_mo
     shared = _prompts(1, seed=4)[0]["prompt_token_ids"] * 2
     prompts = [{"prompt_token_ids": shared + [7 + i]} for i in range(3)] + _prompts(2, seed=5)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, n=2)
-    llm = LLM(model=target, block_size=4, max_model_len=256, num_gpu_blocks_override=48,
-              speculative_config=_draft(draft, k=2))
+    llm = LLM(
+        model=target,
+        block_size=4,
+        max_model_len=256,
+        num_gpu_blocks_override=48,
+        speculative_config=_draft(draft, k=2),
+    )
     out = llm.generate(prompts, params, use_tqdm=False)
     assert [[c.token_ids for c in o.outputs] for o in out] == expected(prompts, params)
     stats = llm.engine.stats()
-    assert stats["spec_num_draft_tokens"] > 0 and stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
+    assert (
+        stats["spec_num_draft_tokens"] > 0 and stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
+    )
 
 
 def test_draft_sampling_runs_and_is_seeded(tiny_model_dir):

@@ -31,7 +31,9 @@ def _chi2_p(samples: torch.Tensor, probs: torch.Tensor) -> float:
     assert counts[~keep].sum() == 0, "sampled a token the target gives probability 0"
     stat = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
     dof = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))  # chi2 p-value
+    return float(
+        torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2)
+    )  # chi2 p-value
 
 
 @pytest.mark.parametrize("draft_kind", ["one_hot", "distribution"])

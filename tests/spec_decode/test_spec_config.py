@@ -23,9 +23,15 @@ def test_a_model_without_method_is_a_draft_model():
     assert parse_speculative_config(None) is None
 
 
-@pytest.mark.parametrize("bad", [[1], {"method": "ngram", "num_speculative_tokens": "3"},
-                                 {"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0},
-                                 {"method": "ngram", "num_speculative_tokens": 2, "model": "/x"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [1],
+        {"method": "ngram", "num_speculative_tokens": "3"},
+        {"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0},
+        {"method": "ngram", "num_speculative_tokens": 2, "model": "/x"},
+    ],
+)
 def test_bad_values(bad):
     with pytest.raises(InvalidArgumentError, match="speculative_config"):
         parse_speculative_config(bad)
@@ -38,6 +44,7 @@ def test_cli_flag_reaches_engine_args():
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
-    args = engine_args_from(parser.parse_args(
-        ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}']))
+    args = engine_args_from(
+        parser.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'])
+    )
     assert parse_speculative_config(args.speculative_config).num_speculative_tokens == 2

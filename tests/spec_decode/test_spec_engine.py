@@ -47,7 +47,8 @@ def _with_oracle(llm, prompts, outputs, k=3):
     core.speculator.stats = SpecDecodeStats()
     # replays the reference output, every proposed token wrong with probability 0.2
     core.speculator.proposer = ReplayProposer(
-        {tuple(p["prompt_token_ids"]): o[0] for p, o in zip(prompts, outputs)}, k, 0.2, VOCAB)
+        {tuple(p["prompt_token_ids"]): o[0] for p, o in zip(prompts, outputs)}, k, 0.2, VOCAB
+    )
     return core
 
 
@@ -56,7 +57,9 @@ def test_greedy_equal_with_ngram_and_oracle_proposals(model, reference):
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     expected = reference(prompts, params)
     llm = _spec_llm(model)
-    assert [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+    assert [
+        [c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)
+    ] == expected
     assert llm.engine.stats()["spec_num_draft_tokens"] > 0  # the n-gram proposer did propose
 
     core = _with_oracle(llm, prompts, expected)
@@ -90,18 +93,26 @@ def test_stops_inside_an_accepted_run_truncate_it(model, reference):
     llm = _spec_llm(model)
     _with_oracle(llm, prompt, [[free]], k=6)
     cut = free.index(stop_tok)
-    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_tok],
-                                              ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        prompt,
+        SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_tok], ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert out.token_ids == free[: cut + 1] and out.finish_reason == "stop"
-    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=11, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=11, ignore_eos=True), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert out.token_ids == free[:11] and out.finish_reason == "length"
     # a stop string inside an accepted run (text is the front end's: it truncates and aborts)
-    text = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
-                        use_tqdm=False)[0].outputs[0].text
+    text = (
+        llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)[0]
+        .outputs[0]
+        .text
+    )
     stop = text[len(text) // 2 : len(text) // 2 + 2]
-    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     assert out.text == text[: text.index(stop)] and out.finish_reason == "stop"
 
 
@@ -110,7 +121,9 @@ def test_rejected_kv_is_rolled_back(model):
     llm = _spec_llm(model)
     core = llm.engine.core
     prompt = _prompts(1, seed=9)[0]
-    core.speculator.proposer = type("Wrong", (), {"propose": lambda self, ids, m=None: [1] * 3})()  # always wrong
+    core.speculator.proposer = type(
+        "Wrong", (), {"propose": lambda self, ids, m=None: [1] * 3}
+    )()  # always wrong
     engine = llm.engine
     engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     bm = core.scheduler.block_manager
@@ -128,9 +141,11 @@ def test_rejected_kv_is_rolled_back(model):
 def test_sampling_with_speculation_is_seeded_and_mixed_with_other_settings(model):
     prompts = _prompts(3, seed=11)
     llm = _spec_llm(model)
-    params = [SamplingParams(temperature=0.9, top_p=0.9, max_tokens=20, seed=3, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True),  # one token per step
-              SamplingParams(temperature=1.0, max_tokens=20, repetition_penalty=1.2, ignore_eos=True)]
+    params = [
+        SamplingParams(temperature=0.9, top_p=0.9, max_tokens=20, seed=3, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True),  # one token per step
+        SamplingParams(temperature=1.0, max_tokens=20, repetition_penalty=1.2, ignore_eos=True),
+    ]
     a = llm.generate(prompts, params, use_tqdm=False)
     b = llm.generate(prompts, params, use_tqdm=False)
     assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids  # seeded
@@ -138,17 +153,22 @@ def test_sampling_with_speculation_is_seeded_and_mixed_with_other_settings(model
     assert len(a[1].outputs[0].logprobs) == 20
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"method": "lookahead", "num_speculative_tokens": 2}, "unsupported method"),
-    ({"method": "eagle3", "model": "/x", "num_speculative_tokens": 2}, "not supported yet"),
-    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens: must be in [1, 32]"),
-    ({"method": "ngram"}, "num_speculative_tokens: is required"),
-    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
-     "prompt_lookup_max: must be >= prompt_lookup_min"),
-    ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a model"),
-    ({"method": "ngram", "num_speculative_tokens": 2, "k": 1}, "unknown key(s) k"),
-    ("{not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"method": "lookahead", "num_speculative_tokens": 2}, "unsupported method"),
+        ({"method": "eagle3", "model": "/x", "num_speculative_tokens": 2}, "not supported yet"),
+        ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens: must be in [1, 32]"),
+        ({"method": "ngram"}, "num_speculative_tokens: is required"),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+            "prompt_lookup_max: must be >= prompt_lookup_min",
+        ),
+        ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a model"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "k": 1}, "unknown key(s) k"),
+        ("{not json", "not valid JSON"),
+    ],
+)
 def test_bad_speculative_configs_are_one_line_errors(model, config, message):
     with pytest.raises(InvalidArgumentError) as e:
         LLM(model=model, speculative_config=config)

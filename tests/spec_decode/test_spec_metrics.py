@@ -18,8 +18,12 @@ def test_acceptance_rate_and_mean_length():
 
 
 def test_prometheus_series():
-    stats = {"spec_num_drafts": 3, "spec_num_draft_tokens": 10, "spec_num_accepted_tokens": 5,
-             "spec_num_accepted_tokens_per_pos": [2, 1, 1, 1]}
+    stats = {
+        "spec_num_drafts": 3,
+        "spec_num_draft_tokens": 10,
+        "spec_num_accepted_tokens": 5,
+        "spec_num_accepted_tokens_per_pos": [2, 1, 1, 1],
+    }
     text = ServerMetrics().render((stats, 0.1)).decode()
     assert "meshserve:spec_decode_num_drafts_total 3.0" in text
     assert "meshserve:spec_decode_num_draft_tokens_total 10.0" in text

@@ -1,5 +1,5 @@
 """Speculative decoding on the GPU (Triton attention, CUDA graphs for plain decode steps, verify steps
-eager): greedy tokens equal decoding without speculation, with replayed proposals and with a draft model."""
+eager): greedy tokens equal decoding without speculation, with replayed proposals."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _llm(**kw):
     )
 
 
-def test_gpu_greedy_equal_with_replay_and_draft_model():
+def test_gpu_greedy_equal_with_replayed_proposals():
     from meshserve import SamplingParams
     from meshserve.spec_decode.replay_proposer import ReplayProposer
 

@@ -119,6 +119,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="NCCL for every tensor-parallel all-reduce (default: a one-shot symmetric-memory "
                         "kernel for small messages on GPUs, NCCL above)")
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s keys: {"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4} or {"method": "draft_model", "model": DIR, '
+                        '"num_speculative_tokens": 4}')
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshserve.errors import InvalidArgumentError
+from meshserve.spec_decode.config import SpeculativeConfig, parse_speculative_config
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -121,6 +122,7 @@ class EngineConfig:
     parallel_config: ParallelConfig
     device: str = "cpu"
     enforce_eager: bool = False
+    speculative_config: SpeculativeConfig | None = None
 
 
 @dataclass
@@ -162,6 +164,8 @@ class EngineArgs:
     disable_custom_all_reduce: bool = False
     device: str = "auto"
     hf_overrides: dict[str, Any] = field(default_factory=dict)
+    # vLLM's keys, as a dict or JSON string (spec_decode/config.py)
+    speculative_config: dict[str, Any] | str | SpeculativeConfig | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -206,3 +210,6 @@ class EngineArgs:
         for name in ("slo_ttft_ms", "slo_tpot_ms"):
             value = getattr(self, name)
             check(value is None or value > 0, name, f"must be > 0 milliseconds, got {value}")
+        spec = parse_speculative_config(self.speculative_config)
+        check(spec is None or self.pipeline_parallel_size == 1, "speculative_config",
+              "speculative decoding does not run with pipeline parallelism yet")

@@ -165,8 +165,10 @@ class BlockManager:
         return hits
 
     # -- allocation ------------------------------------------------------------------------------
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[Block] | None = None) -> bool:
-        """Make room for num_new_tokens more computed tokens of seq (after its cached prefix, if any).
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[Block] | None = None,
+                 num_lookahead_tokens: int = 0) -> bool:
+        """Make room for num_new_tokens more computed tokens of seq (after its cached prefix, if any), and
+        num_lookahead_tokens slots past them (a draft model's proposals; never registered in the cache).
 
         Returns False, changing nothing, when the pool cannot provide the blocks. Blocks that will be
         full once this step's tokens are written get registered in the prefix cache right away: within a
@@ -176,7 +178,8 @@ class BlockManager:
         cached_prefix = cached_prefix or []
         blocks = self.seq_blocks.get(seq.seq_id, [])
         num_computed = seq.num_computed_tokens + len(cached_prefix) * self.block_size
-        need = self.blocks_needed(num_computed + num_new_tokens) - len(blocks) - len(cached_prefix)
+        need = (self.blocks_needed(num_computed + num_new_tokens + num_lookahead_tokens) - len(blocks)
+                - len(cached_prefix))
         # a cached prefix block that sits in the free queue stops being free once shared
         revived = sum(1 for b in cached_prefix if b.ref_count == 0)
         if need > self.pool.num_free - revived:
@@ -201,6 +204,21 @@ class BlockManager:
                 self.pool.register(blocks[i], seq.block_hashes[i])
             self.seq_num_registered[seq.seq_id] = max(start, n_full)
         return True
+
+    def trim(self, seq: Sequence, num_tokens: int) -> int:
+        """Roll back to the blocks holding seq's first num_tokens tokens (rejected proposals' KV): blocks
+        past them return to the pool. Registered blocks hold verified tokens only, so none is dropped.
+        Returns how many blocks were freed."""
+        blocks = self.seq_blocks.get(seq.seq_id)
+        keep = self.blocks_needed(num_tokens)
+        if not blocks or len(blocks) <= keep:
+            return 0
+        assert keep >= self.seq_num_registered.get(seq.seq_id, 0), "trimming a registered block"
+        dropped = blocks[keep:]
+        self.seq_blocks[seq.seq_id] = blocks[:keep]
+        del self.seq_block_ids[seq.seq_id][keep:]
+        self.pool.release(list(reversed(dropped)))
+        return len(dropped)
 
     def record_admission(self, seq: Sequence, num_hit_tokens: int) -> None:
         """Count an admission and its prefix-cache hit tokens in the stats."""

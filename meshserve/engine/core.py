@@ -32,6 +32,7 @@ from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence, SequenceStatus
 from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel
 from meshserve.errors import InvalidArgumentError, ServiceLevelError
+from meshserve.spec_decode.speculator import Speculator
 from meshserve.structured.bitmask import fill_bitmasks
 from meshserve.structured.compiler import GrammarCompiler
 
@@ -65,6 +66,13 @@ def step_shape(sched_out: SchedulerOutput) -> StepShape:
                      context_tokens=sum(e.num_computed_tokens + e.num_new_tokens for e in sched_out.scheduled))
 
 
+def spec_decode_stats(stats) -> dict:
+    """SchedulerStats fields of the speculative-decoding counters."""
+    return {"spec_num_drafts": stats.num_drafts, "spec_num_draft_tokens": stats.num_draft_tokens,
+            "spec_num_accepted_tokens": stats.num_accepted_tokens,
+            "spec_num_accepted_tokens_per_pos": list(stats.num_accepted_tokens_per_pos)}
+
+
 def _logprobs_message(info) -> TokenLogprobs:
     return TokenLogprobs(info.token_id, info.logprob, info.rank, info.top_ids, info.top_logprobs)
 
@@ -89,6 +97,10 @@ class EngineCore:
             kv_bytes_per_token=self.executor.collective_rpc("kv_bytes_per_token"),
             rates=DeviceRates.detect(config.device, config.model_config.dtype))
         self.scheduler.policy.step_model = self.step_model
+        spec = config.speculative_config
+        self.speculator = Speculator(spec) if spec is not None else None
+        if spec is not None:
+            self.scheduler.num_lookahead_tokens = spec.num_lookahead_tokens
         sc = config.scheduler_config
         self._trace = open(sc.step_trace_path, "a") if sc.step_trace_path else None  # noqa: SIM115
         self.num_shed = 0
@@ -99,7 +111,8 @@ class EngineCore:
         self.num_prompt_tokens = 0
         self.pp_busy_s = self.pp_wall_s = 0.0  # last pipeline stage's compute vs wall time
         # async scheduling needs the runner in this process (its sampled ids feed the next step directly)
-        self.async_scheduling = (config.scheduler_config.async_scheduling
+        # (speculative steps run one at a time: the next step's proposals depend on this one's tokens)
+        self.async_scheduling = (config.scheduler_config.async_scheduling and spec is None
                                  and getattr(self.executor, "supports_async_scheduling", False))
         self.scheduler.async_mode = self.async_scheduling
         self._in_flight: tuple[SchedulerOutput, PendingOutput, StepShape] | None = None
@@ -304,14 +317,18 @@ class EngineCore:
             self.pp_wall_s += runner_out.wall_s
         outputs: dict[str, EngineCoreOutput] = {}
         self._collect_prompt_logprobs(runner_out, outputs)
-        for seq in self.scheduler.update_after_step(sched_out, runner_out.sampled):
+        updated = self.scheduler.update_after_step(sched_out, runner_out.sampled, runner_out.spec_token_ids)
+        if self.speculator is not None:
+            self.speculator.after_step(sched_out, runner_out, updated, self.scheduler.num_running)
+        for seq in updated:
             rid = seq.request_id
             out = outputs.get(rid)
             if out is None:
                 out = outputs[rid] = EngineCoreOutput(rid)
-            out.new_token_ids = [seq.output_token_ids[-1]]
-            self.num_generated_tokens += 1
-            if seq.num_output_tokens == 1:
+            n = seq.num_step_tokens  # more than one when proposals were accepted
+            out.new_token_ids = seq.output_token_ids[-n:]
+            self.num_generated_tokens += n
+            if seq.num_output_tokens == n:
                 out.num_cached_tokens = seq.num_cached_tokens
                 out.first_scheduled_time = seq.first_scheduled_time
             info = runner_out.logprobs.get(seq.seq_id)
@@ -359,6 +376,7 @@ class EngineCore:
             step_time_predicted_s=model.last_predicted_s,
             step_time_actual_s=model.last_actual_s,
             step_time_model_error=model.abs_error_ewma,
+            **(spec_decode_stats(self.speculator.stats) if self.speculator is not None else {}),
         )
 
     def stats(self) -> dict:

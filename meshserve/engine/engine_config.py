@@ -21,6 +21,7 @@ from meshserve.models.embedded import GENERATION_DEFAULTS as EMBEDDED_GENERATION
 from meshserve.models.generation_defaults import load_generation_defaults
 from meshserve.models.loader import ModelSource, resolve_model_source
 from meshserve.models.registry import resolve_model_class
+from meshserve.spec_decode.config import parse_speculative_config
 
 logger = logging.getLogger(__name__)
 
@@ -100,5 +101,10 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
             disable_custom_all_reduce=args.disable_custom_all_reduce),
         device=device,
         enforce_eager=args.enforce_eager,
+        speculative_config=parse_speculative_config(args.speculative_config),
     )
+    if config.speculative_config is not None and config.speculative_config.uses_draft_model:
+        from meshserve.spec_decode.draft_model import check_draft_model
+
+        check_draft_model(config.speculative_config, source.hf_config, max_model_len, args.tensor_parallel_size)
     return config, source

@@ -83,6 +83,11 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     step_time_predicted_s: float = 0.0  # the last measured step: what the step-time model predicted
     step_time_actual_s: float = 0.0  # and what it took on the device
     step_time_model_error: float = 0.0  # recent mean |predicted - actual| / actual
+    # speculative decoding (cumulative): verify rows, proposed tokens, accepted ones, accepted by position
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_accepted_tokens_per_pos: list[int] = []
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

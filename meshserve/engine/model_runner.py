@@ -34,6 +34,7 @@ from meshserve.layers.backend_selection import TORCH_DTYPES, bind_kernels, selec
 from meshserve.layers.pipeline import IntermediateTensors
 from meshserve.layers.sampler import Sampler
 from meshserve.models.loader import ModelSource, build_model, weight_bytes
+from meshserve.spec_decode.draft_model import DraftModelProposer
 
 __all__ = ["ModelRunner", "ModelRunnerOutput", "PendingOutput", "TokenLogprobs"]
 
@@ -73,6 +74,9 @@ class ModelRunner:
         self.sampling = StepSampler(self.model, Sampler(fused=self.kernels.fused_sampler), self.vocab_size,
                                     self.device, share_sampled=share)
         self.graphs: DecodeGraphs | None = None
+        spec = config.speculative_config
+        # a draft model proposes on the ranks, after each step (speculative steps themselves run eager)
+        self.drafter = DraftModelProposer(config, self.device) if spec is not None and spec.uses_draft_model else None
         # which of the two pinned buffers (inputs, sampled ids) this step uses: with async scheduling step
         # n+1 is prepared while step n's copies may still be queued
         self._step_parity = 0
@@ -89,8 +93,11 @@ class ModelRunner:
         return weight_bytes(self.model)
 
     def kv_bytes_per_token(self) -> float:
-        """Bytes of this rank's KV cache per token (all its layers)."""
-        return self.kv_pool.bytes_per_block() / self.block_size
+        """Bytes of this rank's KV cache per token (all its layers, the draft model's too)."""
+        return self._bytes_per_block() / self.block_size
+
+    def _bytes_per_block(self) -> int:
+        return self.kv_pool.bytes_per_block() + (self.drafter.bytes_per_block() if self.drafter else 0)
 
     # -- KV memory -------------------------------------------------------------------------------
     def determine_num_blocks_all(self) -> int:
@@ -104,8 +111,11 @@ class ModelRunner:
         return n
 
     def determine_num_blocks(self) -> int:
-        """How many KV blocks the memory budget allows (or the override)."""
-        return self.kv_pool.determine_num_blocks(self.profile_peak_memory)
+        """How many KV blocks the memory budget allows (or the override); a draft model's pool shares it."""
+        n = self.kv_pool.determine_num_blocks(self.profile_peak_memory)
+        if self.drafter is not None and self.config.cache_config.num_gpu_blocks_override is None:
+            n = max(1, n * self.kv_pool.bytes_per_block() // self._bytes_per_block())
+        return n
 
     @torch.inference_mode()
     def profile_peak_memory(self) -> int:
@@ -139,6 +149,8 @@ class ModelRunner:
         """Allocate the pool and bind it to the layers; then (on a GPU) compile the prefill kernels and
         capture the decode graphs where the backend selection allows them."""
         self.kv_pool.allocate(num_blocks)
+        if self.drafter is not None:
+            self.drafter.allocate(num_blocks)
         if not capture_graphs:
             return
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
@@ -207,6 +219,8 @@ class ModelRunner:
             else:
                 hidden = self.forward(input_ids, positions, meta)
             pending = self.sampling.sample(out.scheduled, hidden, meta, self._step_parity)
+            if self.drafter is not None:
+                pending = self.drafter.propose_after(out.scheduled, pending)
             pending.timer = timer.stop()
             return pending
         result = self._execute_pipeline(out.scheduled, st)

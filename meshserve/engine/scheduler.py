@@ -54,6 +54,8 @@ class Scheduler:
         self.skip_pending = False
         # where "now" comes from: the wall clock, or a simulated one (meshserve/simulator drives this scheduler)
         self.clock = time.monotonic
+        # speculative decoding with a draft model: KV slots its proposals take past each step's tokens
+        self.num_lookahead_tokens = 0
 
     # -- admission -------------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -84,6 +86,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.PREEMPTED
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -91,13 +94,16 @@ class Scheduler:
 
     def _entry(self, seq: Sequence, num_new: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        do_sample = start + num_new == seq.num_tokens
+        num_spec = max(0, start + num_new - seq.num_tokens)  # proposals scheduled after the last token
+        do_sample = start + num_new >= seq.num_tokens
         needs_history = do_sample and seq.params.uses_penalties
         # prompt logprobs score each prompt token from the position before it, across chunk borders
         needs_prompt = needs_history or (seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens)
+        token_ids = seq.token_ids_slice(start, start + num_new - num_spec)
         return ScheduledSequence(
             seq_id=seq.seq_id,
-            token_ids=seq.token_ids_slice(start, start + num_new),
+            token_ids=token_ids + seq.spec_token_ids[:num_spec] if num_spec else token_ids,
+            num_spec_tokens=num_spec,
             num_computed_tokens=start,
             block_table=self.block_manager.block_table(seq),
             params=seq.params,
@@ -137,7 +143,9 @@ class Scheduler:
                 i += 1  # its last token is on its way; nothing more to compute
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.allocate(seq, num_new):
+            if seq.spec_token_ids and num_new == seq.num_tokens - seq.num_computed_tokens:
+                num_new += self._num_spec_to_verify(seq, budget - num_new)
+            while not self.block_manager.allocate(seq, num_new, num_lookahead_tokens=self.num_lookahead_tokens):
                 victim = self._pick_victim(i)
                 self._preempt(victim)
                 preempted.append(victim.seq_id)
@@ -161,7 +169,7 @@ class Scheduler:
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            if not self.block_manager.allocate(seq, num_new, cached):
+            if not self.block_manager.allocate(seq, num_new, cached, self.num_lookahead_tokens):
                 break
             self.waiting.popleft()
             if seq.status == SequenceStatus.WAITING:  # first admission, not a recompute
@@ -189,6 +197,12 @@ class Scheduler:
                 seq.num_pending_tokens += entry.do_sample
         return out
 
+    def _num_spec_to_verify(self, seq: Sequence, budget: int) -> int:
+        """How many of seq's proposals fit this step: the token budget, and no more than max_tokens and
+        max_model_len leave room for (accepted proposals plus the target's own token)."""
+        room = min(seq.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens) - 1
+        return max(0, min(len(seq.spec_token_ids), budget, room))
+
     def _reached_limit(self, seq: Sequence) -> bool:
         """No token after the pending ones may be scheduled: max_tokens or max_model_len is reached."""
         return (seq.num_output_tokens + seq.num_pending_tokens >= seq.max_tokens
@@ -200,16 +214,24 @@ class Scheduler:
         grammar's next mask depends on the last token)."""
         return any(seq.params.uses_penalties or seq.grammar is not None for seq in self.running)
 
-    def update_after_step(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+    def update_after_step(self, output: SchedulerOutput, sampled: dict[str, int],
+                          spec_sampled: dict[str, list[int]] | None = None) -> list[Sequence]:
         """Advance computed tokens (async mode: done at scheduling), append sampled tokens, apply
         token-level stops. Returns the sequences that got a new token this step (finished ones included);
-        a sequence that finished meanwhile (stop, abort) drops its token.
+        a sequence that finished meanwhile (stop, abort) drops its token. spec_sampled holds the tokens of
+        sequences that verified proposals (see _update_speculative).
         """
         updated = []
         for entry in output.scheduled:
             seq = self.seqs.get(entry.seq_id)
             if seq is None or seq.is_finished:
                 continue
+            if entry.num_spec_tokens:
+                tokens = (spec_sampled or {}).get(entry.seq_id)
+                if tokens and self._update_speculative(seq, entry, tokens):
+                    updated.append(seq)
+                continue
+            seq.num_step_tokens = 1
             if not self.async_mode:
                 seq.num_computed_tokens += entry.num_new_tokens
             elif entry.do_sample:
@@ -223,6 +245,26 @@ class Scheduler:
                 self._advance_grammar(seq, token)
             updated.append(seq)
         return updated
+
+    def _update_speculative(self, seq: Sequence, entry, tokens: list[int]) -> bool:
+        """Append a verify step's tokens (accepted proposals, then the target's own) one by one with the
+        token-level stops, so a stop inside an accepted run truncates it; roll back the KV of the rejected
+        proposals (their blocks return to the pool). Returns whether any token was appended."""
+        seq.spec_token_ids = []
+        seq.num_step_tokens = 0
+        for token in tokens:
+            seq.output_token_ids.append(token)
+            seq.num_step_tokens += 1
+            self._check_token_stop(seq, token)
+            if seq.grammar is not None and not seq.is_finished:
+                self._advance_grammar(seq, token)
+            if seq.is_finished:
+                break
+        if not seq.is_finished:
+            # computed: the last verified token and the accepted proposals; the target's own token is next
+            seq.num_computed_tokens += entry.num_new_tokens - entry.num_spec_tokens + len(tokens) - 1
+            self.block_manager.trim(seq, seq.num_computed_tokens)
+        return seq.num_step_tokens > 0
 
     def _advance_grammar(self, seq: Sequence, token: int) -> None:
         """Feed the token to the sequence's grammar matcher; a grammar that is complete (it accepted a stop

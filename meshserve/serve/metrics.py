@@ -68,10 +68,22 @@ class _EngineStatsCollector(Collector):
             ("meshserve:prefix_cache_hits", "Prefix cache hits (blocks).", "prefix_cache_hits"),
             ("meshserve:requests_shed", "Queued requests dropped by the engine because their time-to-first-token "
              "target could no longer be met.", "num_shed"),
+            # speculative decoding, after vLLM's vllm:spec_decode_* counters
+            ("meshserve:spec_decode_num_drafts", "Verify rows: sequences that verified proposals in a step.",
+             "spec_num_drafts"),
+            ("meshserve:spec_decode_num_draft_tokens", "Proposed tokens verified.", "spec_num_draft_tokens"),
+            ("meshserve:spec_decode_num_accepted_tokens", "Proposed tokens accepted.", "spec_num_accepted_tokens"),
         ]
         for name, doc, key in counters:
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(s.get(key) or 0))
+            yield c
+        per_pos = s.get("spec_num_accepted_tokens_per_pos") or []
+        if per_pos:
+            c = CounterMetricFamily("meshserve:spec_decode_num_accepted_tokens_per_pos",
+                                    "Proposed tokens accepted, by position in the proposal.", labels=["position"])
+            for pos, n in enumerate(per_pos):
+                c.add_metric([str(pos)], float(n))
             yield c
 
 

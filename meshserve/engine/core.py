@@ -16,6 +16,7 @@ from meshserve.config import EngineArgs, EngineConfig
 from meshserve.engine.engine_config import create_engine_config
 from meshserve.engine.executor import make_executor
 from meshserve.engine.grammar_waitlist import GrammarWaitlist
+from meshserve.engine.kv_offload.setup import build_kv_offload
 from meshserve.engine.messages import (
     CoreInfo,
     EngineCoreOutput,
@@ -89,6 +90,9 @@ class EngineCore:
             kv_bytes_per_token=self.executor.collective_rpc("kv_bytes_per_token"),
             rates=DeviceRates.detect(config.device, config.model_config.dtype))
         self.scheduler.policy.step_model = self.step_model
+        # KV offload tiers (one device: the runner is in this process and shares the CPU tier's memory)
+        self.kv_offload = build_kv_offload(config, getattr(self.executor, "runner", None),
+                                           self.scheduler.block_manager)
         sc = config.scheduler_config
         self._trace = open(sc.step_trace_path, "a") if sc.step_trace_path else None  # noqa: SIM115
         self.num_shed = 0
@@ -359,6 +363,7 @@ class EngineCore:
             step_time_predicted_s=model.last_predicted_s,
             step_time_actual_s=model.last_actual_s,
             step_time_model_error=model.abs_error_ewma,
+            **(self.kv_offload.snapshot().as_dict() if self.kv_offload is not None else {}),
         )
 
     def stats(self) -> dict:
@@ -382,6 +387,8 @@ class EngineCore:
         if self._trace is not None:
             self._trace.close()
         self.grammar_waitlist.compiler.shutdown()
+        if self.kv_offload is not None:  # the CPU tier's blocks go to disk for the next start
+            self.kv_offload.close()
         try:  # read back the steps still in flight, so every rank stops at a clean point of the protocol
             while self._pipeline:
                 self._pipeline.popleft()[1].result()

@@ -1,0 +1,211 @@
+"""The scheduler's side of KV offload: which blocks move between the GPU, the CPU tier and the disk tier.
+
+The block manager calls it at three points: a GPU block whose cached content is evicted (copy it down), a
+prefix lookup that runs out of GPU hits (look below and load hits into fresh GPU blocks), and a preemption
+(swap the sequence's blocks out, and back in when it is admitted again). Moves between the GPU and the CPU
+tier become ops, in order, that the next step carries to the runner (transfer.py), which runs them before
+that step's forward; moves between the CPU tier and the disk happen here, on the host, in the background.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from meshserve.engine.kv_offload.cpu_tier import CPUTier
+from meshserve.engine.kv_offload.disk_tier import DiskTier
+
+logger = logging.getLogger(__name__)
+
+PREEMPTION_MODES = ("recompute", "swap", "auto")
+
+# One op: ("store", gpu block id, cpu slot) or ("load", cpu slot, gpu block id).
+Transfer = tuple[str, int, int]
+
+
+@dataclass
+class KVOffloadStats:
+    """Counters since start (blocks and bytes per tier; restores timed on the device by the runner)."""
+
+    cpu_hits: int = 0  # prefix blocks restored from the CPU tier
+    disk_hits: int = 0  # prefix blocks restored from the disk tier
+    cpu_bytes_stored: int = 0  # GPU -> CPU (evicted prefix blocks and swap-outs)
+    cpu_bytes_loaded: int = 0  # CPU -> GPU (restores and swap-ins)
+    disk_bytes_written: int = 0
+    disk_bytes_read: int = 0
+    disk_errors: int = 0  # files missing, truncated or corrupted: read as misses
+    restores: int = 0  # batches of CPU -> GPU copies timed
+    restore_s: float = 0.0  # their device time in all
+    swaps_out: int = 0
+    swaps_in: int = 0
+    cpu_blocks: int = 0  # cached in the CPU tier now
+    disk_blocks: int = 0  # kept on disk now
+    link_bytes_per_s: float = 0.0  # host <-> device copy rate measured (0: not yet)
+
+    def as_dict(self) -> dict:
+        return {f"kv_offload_{f.name}": getattr(self, f.name) for f in fields(self)}
+
+
+class KVOffloadManager:
+    """Tier bookkeeping for one engine (one rank: the runner shares its CPUTier object)."""
+
+    def __init__(self, cpu: CPUTier, disk: DiskTier | None, preemption_mode: str = "recompute",
+                 default_link_bytes_per_s: float = 25e9):
+        if preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}")
+        self.cpu = cpu
+        self.disk = disk
+        self.preemption_mode = preemption_mode
+        self.default_link_bytes_per_s = default_link_bytes_per_s
+        self.stats = KVOffloadStats()
+        self.ops: list[Transfer] = []
+        self.swapped: dict[str, list[int]] = {}  # seq id -> its reserved slots, block order
+        cpu.on_evict = self._spill
+
+    @property
+    def block_bytes(self) -> int:
+        return self.cpu.block_bytes
+
+    def take_transfers(self) -> list[Transfer]:
+        """The ops for the step being scheduled (the runner launches them before its forward)."""
+        ops, self.ops = self.ops, []
+        self.cpu.pending.clear()
+        return ops
+
+    def _op(self, kind: str, a: int, b: int, slot: int) -> None:
+        self.ops.append((kind, a, b))
+        self.cpu.pending.add(slot)
+
+    # -- GPU eviction: copy down -----------------------------------------------------------------
+    def on_gpu_evict(self, block_id: int, block_hash: bytes) -> None:
+        """A cached GPU block is about to be reused: keep its content in the CPU tier."""
+        if self.cpu.lookup(block_hash) is not None:
+            return
+        slot = self.cpu.allocate()
+        if slot is None:  # every slot reserved or in flight: the block is lost (recomputed if needed)
+            return
+        self._op("store", block_id, slot, slot)
+        self.cpu.insert(block_hash, slot)
+        self.stats.cpu_bytes_stored += self.block_bytes
+
+    def _spill(self, block_hash: bytes, slot: int) -> None:
+        """The CPU tier evicts a block: write it to disk (unless it is there already)."""
+        if self.disk is None or block_hash in self.disk:
+            return
+        self.cpu.wait(slot)
+        payload = self.cpu.slot_bytes(slot).tobytes()
+        if self.disk.put(block_hash, payload, zlib.crc32(payload)):
+            self.stats.disk_bytes_written += len(payload)
+
+    # -- prefix lookup: restore ------------------------------------------------------------------
+    def find(self, block_hashes: list[bytes]) -> list[tuple[bytes, int, str]]:
+        """The leading blocks of block_hashes found below the GPU, each now in a CPU slot: (hash, slot, tier)."""
+        found = []
+        for block_hash in block_hashes:
+            slot, tier = self.cpu.lookup(block_hash), "cpu"
+            if slot is None:
+                slot, tier = self._promote(block_hash), "disk"
+            if slot is None:
+                break
+            self.cpu.pending.add(slot)  # keep the next promotion from evicting it
+            found.append((block_hash, slot, tier))
+        return found
+
+    def _promote(self, block_hash: bytes) -> int | None:
+        """Read a block from disk into a CPU slot; None on a miss (absent, or its file is bad)."""
+        if self.disk is None or block_hash not in self.disk:
+            return None
+        errors = self.disk.num_errors
+        got = self.disk.get(block_hash)
+        self.stats.disk_errors += self.disk.num_errors - errors
+        if got is None:
+            return None
+        payload, crc = got
+        slot = self.cpu.allocate(host_write=True)
+        if slot is None:
+            return None
+        self.cpu.wait(slot)
+        self.cpu.write_slot(slot, payload)
+        self.cpu.checksums[slot] = crc  # what the copy to the GPU must reproduce (debug mode checks it)
+        self.cpu.insert(block_hash, slot)
+        self.stats.disk_bytes_read += len(payload)
+        return slot
+
+    def load(self, found: list[tuple[bytes, int, str]], block_ids: list[int]) -> None:
+        """Queue the copies of found blocks into these fresh GPU blocks (one each, in order)."""
+        for (_, slot, tier), block_id in zip(found, block_ids):
+            self._op("load", slot, block_id, slot)
+            self.stats.cpu_bytes_loaded += self.block_bytes
+            if tier == "cpu":
+                self.stats.cpu_hits += 1
+            else:
+                self.stats.disk_hits += 1
+
+    # -- preemption: swap ------------------------------------------------------------------------
+    def link_bytes_per_s(self) -> float:
+        return self.stats.link_bytes_per_s or self.default_link_bytes_per_s
+
+    def should_swap(self, num_blocks: int, recompute_s: Callable[[], float]) -> bool:
+        """swap: always; recompute: never; auto: when moving the blocks out and back is predicted to take
+        less than recomputing their tokens (the step-time model's prefill time)."""
+        if self.preemption_mode == "recompute" or num_blocks == 0:
+            return False
+        if self.preemption_mode == "swap":
+            return True
+        move_s = 2 * num_blocks * self.block_bytes / self.link_bytes_per_s()
+        return move_s < recompute_s()
+
+    def swap_out(self, seq_id: str, block_ids: list[int]) -> bool:
+        """Copy a preempted sequence's blocks to reserved CPU slots; False (nothing reserved) when the CPU
+        tier cannot hold them."""
+        slots = []
+        for _ in block_ids:
+            slot = self.cpu.allocate()
+            if slot is None:
+                for s in slots:
+                    self.cpu.release(s)
+                return False
+            slots.append(slot)
+        for block_id, slot in zip(block_ids, slots):
+            self._op("store", block_id, slot, slot)
+        self.swapped[seq_id] = slots
+        self.stats.swaps_out += 1
+        self.stats.cpu_bytes_stored += len(slots) * self.block_bytes
+        return True
+
+    def swap_in(self, seq_id: str, block_ids: list[int]) -> None:
+        """Queue the copies of a swapped sequence's blocks into its new GPU blocks and free its slots
+        (a slot is refilled only by a later op, or by the host once this one has run)."""
+        slots = self.swapped.pop(seq_id)
+        assert len(block_ids) >= len(slots), "a swapped sequence resumes with at least its blocks"
+        for slot, block_id in zip(slots, block_ids):
+            self._op("load", slot, block_id, slot)
+            self.cpu.release(slot)
+        self.stats.swaps_in += 1
+        self.stats.cpu_bytes_loaded += len(slots) * self.block_bytes
+
+    def drop_swap(self, seq_id: str) -> None:
+        """A swapped sequence ended (aborted) before resuming."""
+        for slot in self.swapped.pop(seq_id, []):
+            self.cpu.release(slot)
+
+    # -- stats and shutdown ----------------------------------------------------------------------
+    def snapshot(self) -> KVOffloadStats:
+        self.stats.cpu_blocks = len(self.cpu)
+        self.stats.disk_blocks = len(self.disk) if self.disk is not None else 0
+        return self.stats
+
+    def close(self) -> None:
+        """Write the CPU tier's blocks to disk (least recently used first) and wait for the disk."""
+        if self.disk is None:
+            return
+        t0 = time.perf_counter()
+        for block_hash, slot in list(self.cpu.lru.items()):
+            if slot not in self.cpu.pending:  # an op never launched: the slot never got its block
+                self._spill(block_hash, slot)
+        self.disk.close()
+        logger.info("KV disk tier: %d blocks kept in %s (%.1f s to flush)", len(self.disk), self.disk.dir,
+                    time.perf_counter() - t0)

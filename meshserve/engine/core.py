@@ -387,8 +387,8 @@ class EngineCore:
         if self._trace is not None:
             self._trace.close()
         self.grammar_waitlist.compiler.shutdown()
-        if self.kv_offload is not None:  # the CPU tier's blocks go to disk for the next start
-            self.kv_offload.close()
+        if self.kv_offload is not None:  # the cached blocks go to disk for the next start
+            self.kv_offload.close(self.scheduler.block_manager.pool.cached, self.runner.kv_transfer.run)
         try:  # read back the steps still in flight, so every rank stops at a clean point of the protocol
             while self._pipeline:
                 self._pipeline.popleft()[1].result()

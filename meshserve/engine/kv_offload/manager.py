@@ -36,7 +36,7 @@ class KVOffloadStats:
     cpu_bytes_loaded: int = 0  # CPU -> GPU (restores and swap-ins)
     disk_bytes_written: int = 0
     disk_bytes_read: int = 0
-    disk_errors: int = 0  # files missing, truncated or corrupted: read as misses
+    disk_errors: int = 0  # files found truncated, corrupted or foreign (at start or when read): misses
     restores: int = 0  # batches of CPU -> GPU copies timed
     restore_s: float = 0.0  # their device time in all
     swaps_out: int = 0
@@ -118,9 +118,7 @@ class KVOffloadManager:
         """Read a block from disk into a CPU slot; None on a miss (absent, or its file is bad)."""
         if self.disk is None or block_hash not in self.disk:
             return None
-        errors = self.disk.num_errors
         got = self.disk.get(block_hash)
-        self.stats.disk_errors += self.disk.num_errors - errors
         if got is None:
             return None
         payload, crc = got
@@ -196,16 +194,27 @@ class KVOffloadManager:
     def snapshot(self) -> KVOffloadStats:
         self.stats.cpu_blocks = len(self.cpu)
         self.stats.disk_blocks = len(self.disk) if self.disk is not None else 0
+        self.stats.disk_errors = self.disk.num_errors if self.disk is not None else 0
         return self.stats
 
-    def close(self) -> None:
-        """Write the CPU tier's blocks to disk (least recently used first) and wait for the disk."""
+    def close(self, gpu_cached: dict | None = None, run: Callable[[list[Transfer]], None] | None = None) -> None:
+        """Keep everything for the next start: the GPU's cached blocks (gpu_cached: hash -> Block, copied by
+        run, the runner's transfer engine) and the CPU tier's go to disk; then wait for the disk."""
         if self.disk is None:
             return
         t0 = time.perf_counter()
+        run = run or (lambda ops: None)
+        run(self.take_transfers())  # ops of a step never launched (the engine stops between steps)
+        batch = max(1, self.cpu.num_slots // 2)
+        for block_hash, block in list((gpu_cached or {}).items()):
+            if block_hash in self.disk:
+                continue
+            self.on_gpu_evict(block.block_id, block_hash)  # may spill older CPU blocks to make room
+            if len(self.ops) >= batch:
+                run(self.take_transfers())
+        run(self.take_transfers())
         for block_hash, slot in list(self.cpu.lru.items()):
-            if slot not in self.cpu.pending:  # an op never launched: the slot never got its block
-                self._spill(block_hash, slot)
+            self._spill(block_hash, slot)
         self.disk.close()
         logger.info("KV disk tier: %d blocks kept in %s (%.1f s to flush)", len(self.disk), self.disk.dir,
                     time.perf_counter() - t0)

@@ -7,6 +7,7 @@ start (oldest modification first), so a restarted server keeps its prefixes.
 
 Writes and deletions run on one background thread, in order, so the step loop never waits on the disk for a
 spill; a block still being written is served from memory. Files appear atomically (written then renamed).
+Reads for a restore run on a pool of reader threads, straight into the CPU tier's slots.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import threading
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ class DiskTier:
         self._pending: dict[bytes, tuple[bytes, int]] = {}  # being written: served from here meanwhile
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshserve-kv-disk")
+        # restores read many files at once: zlib's crc32 and file reads release the GIL
+        self._readers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                           thread_name_prefix="meshserve-kv-read")
         self._rebuild()
 
     def path(self, block_hash: bytes) -> str:
@@ -109,36 +115,52 @@ class DiskTier:
         self._io.submit(self._write, block_hash, payload, crc)
         return True
 
+    def read_into(self, block_hash: bytes, out: np.ndarray) -> int | None:
+        """Read the block into out (uint8, block_bytes) and return its crc32, or None when its file is missing,
+        truncated, corrupted or foreign (out then holds garbage). Touches no index: safe on reader threads
+        (the caller reports the outcome with `record_read`)."""
+        with self._lock:
+            pending = self._pending.get(block_hash)
+        if pending is not None:
+            out[:] = np.frombuffer(pending[0], dtype=np.uint8)
+            return pending[1]
+        try:
+            with open(self.path(block_hash), "rb") as f:
+                header = f.read(HEADER.size)
+                if not self._header_ok(header, block_hash) or f.readinto(memoryview(out)) != self.block_bytes:
+                    return None
+                if f.read(1):  # longer than its header says
+                    return None
+        except OSError:
+            return None
+        crc = HEADER.unpack(header)[5]
+        return crc if zlib.crc32(out) == crc else None
+
+    def read_many(self, items: list[tuple[bytes, np.ndarray]]) -> list[int | None]:
+        """read_into for several blocks at once, on the reader threads (file reads and crc32 run in parallel)."""
+        if len(items) <= 1:
+            return [self.read_into(h, out) for h, out in items]
+        return list(self._readers.map(lambda item: self.read_into(*item), items))
+
+    def record_read(self, block_hash: bytes, ok: bool) -> None:
+        """A read's outcome: a good block becomes the most recent, a bad file is dropped (a miss from now on)."""
+        if ok:
+            if block_hash in self.index:
+                self.index.move_to_end(block_hash)
+                self._io.submit(_touch, self.path(block_hash))  # its age orders the next start's LRU
+            return
+        self.num_errors += 1
+        logger.warning("KV disk tier: %s is missing or damaged; recomputing its block", self.path(block_hash))
+        self.drop(block_hash)
+
     def get(self, block_hash: bytes) -> tuple[bytes, int] | None:
         """The block's verified bytes and crc32, or None (not here, or its file is bad: then it is dropped)."""
         if block_hash not in self.index:
             return None
-        self.index.move_to_end(block_hash)
-        with self._lock:
-            pending = self._pending.get(block_hash)
-        if pending is not None:
-            return pending
-        path = self.path(block_hash)
-        try:
-            with open(path, "rb") as f:
-                data = f.read(self.file_bytes + 1)
-        except OSError:
-            data = b""
-        got = self._parse(data, block_hash)
-        if got is None:
-            self.num_errors += 1
-            logger.warning("KV disk tier: %s is missing or damaged; recomputing its block", path)
-            self.drop(block_hash)
-            return None
-        self._io.submit(_touch, path)  # its age orders the next start's LRU
-        return got
-
-    def _parse(self, data: bytes, block_hash: bytes) -> tuple[bytes, int] | None:
-        if len(data) != self.file_bytes or not self._header_ok(data[: HEADER.size], block_hash):
-            return None
-        crc = HEADER.unpack(data[: HEADER.size])[5]
-        payload = data[HEADER.size :]
-        return (payload, crc) if zlib.crc32(payload) == crc else None
+        out = np.empty(self.block_bytes, dtype=np.uint8)
+        crc = self.read_into(block_hash, out)
+        self.record_read(block_hash, crc is not None)
+        return None if crc is None else (out.tobytes(), crc)
 
     def drop(self, block_hash: bytes) -> None:
         size = self.index.pop(block_hash, None)
@@ -155,6 +177,7 @@ class DiskTier:
         self._io.submit(lambda: None).result()
 
     def close(self) -> None:
+        self._readers.shutdown(wait=True)
         self._io.shutdown(wait=True)
 
     # -- the background thread -------------------------------------------------------------------

@@ -102,35 +102,52 @@ class KVOffloadManager:
 
     # -- prefix lookup: restore ------------------------------------------------------------------
     def find(self, block_hashes: list[bytes]) -> list[tuple[bytes, int, str]]:
-        """The leading blocks of block_hashes found below the GPU, each now in a CPU slot: (hash, slot, tier)."""
-        found = []
+        """The leading blocks of block_hashes found below the GPU, each now in a CPU slot: (hash, slot, tier).
+        Disk blocks are read (in parallel, checked) into fresh CPU slots; the run stops at the first block
+        that is in neither tier, that finds no free slot, or whose file is bad."""
+        chain: list[tuple[bytes, str]] = []
         for block_hash in block_hashes:
-            slot, tier = self.cpu.lookup(block_hash), "cpu"
-            if slot is None:
-                slot, tier = self._promote(block_hash), "disk"
-            if slot is None:
+            if block_hash in self.cpu:
+                chain.append((block_hash, "cpu"))
+            elif self.disk is not None and block_hash in self.disk:
+                chain.append((block_hash, "disk"))
+            else:
                 break
-            self.cpu.pending.add(slot)  # keep the next promotion from evicting it
+        for block_hash, tier in chain:  # CPU hits first: pending, so making room for disk reads spares them
+            if tier == "cpu":
+                self.cpu.pending.add(self.cpu.lookup(block_hash))
+        found: list[tuple[bytes, int, str]] = []
+        reads: list[tuple[int, bytes, int]] = []  # (index in found, hash, slot)
+        for block_hash, tier in chain:
+            if tier == "cpu":
+                slot = self.cpu.lru[block_hash]
+            else:
+                slot = self.cpu.allocate(host_write=True)
+                if slot is None:
+                    break
+                self.cpu.wait(slot)
+                self.cpu.pending.add(slot)
+                reads.append((len(found), block_hash, slot))
             found.append((block_hash, slot, tier))
+        if reads:
+            found = self._read_from_disk(found, reads)
         return found
 
-    def _promote(self, block_hash: bytes) -> int | None:
-        """Read a block from disk into a CPU slot; None on a miss (absent, or its file is bad)."""
-        if self.disk is None or block_hash not in self.disk:
-            return None
-        got = self.disk.get(block_hash)
-        if got is None:
-            return None
-        payload, crc = got
-        slot = self.cpu.allocate(host_write=True)
-        if slot is None:
-            return None
-        self.cpu.wait(slot)
-        self.cpu.write_slot(slot, payload)
-        self.cpu.checksums[slot] = crc  # what the copy to the GPU must reproduce (debug mode checks it)
-        self.cpu.insert(block_hash, slot)
-        self.stats.disk_bytes_read += len(payload)
-        return slot
+    def _read_from_disk(self, found: list[tuple[bytes, int, str]],
+                        reads: list[tuple[int, bytes, int]]) -> list[tuple[bytes, int, str]]:
+        """Fill the slots of the disk blocks in found; cut found at the first bad file."""
+        crcs = self.disk.read_many([(h, self.cpu.slot_bytes(slot)) for _, h, slot in reads])
+        cut = len(found)
+        for (i, block_hash, slot), crc in zip(reads, crcs):
+            self.disk.record_read(block_hash, crc is not None)
+            if crc is None:
+                self.cpu.release(slot)
+                cut = min(cut, i)
+                continue
+            self.cpu.checksums[slot] = crc  # what the copy to the GPU must reproduce (debug mode checks it)
+            self.cpu.insert(block_hash, slot)  # a good block, kept even past a cut
+            self.stats.disk_bytes_read += self.block_bytes
+        return found[:cut]
 
     def load(self, found: list[tuple[bytes, int, str]], block_ids: list[int]) -> None:
         """Queue the copies of found blocks into these fresh GPU blocks (one each, in order)."""

@@ -97,3 +97,21 @@ def test_restart_rebuilds_the_index_and_skips_bad_or_foreign_files(tmp_path):
     assert len(small) == 2 and small.used_bytes <= 2 * (HEADER.size + BLOCK)
     small.close()
     other.close()
+
+
+def test_read_many_reads_in_parallel_into_given_buffers(tmp_path):
+    import numpy as np
+
+    disk = DiskTier(str(tmp_path), FP, 10 * (HEADER.size + BLOCK), BLOCK)
+    for i in range(4):
+        put(disk, i)
+    disk.flush()
+    with open(disk.path(h(2)), "r+b") as f:  # one corrupted payload byte
+        f.seek(HEADER.size + 1)
+        f.write(bytes([payload(2)[1] ^ 0x80]))
+    outs = [np.zeros(BLOCK, dtype=np.uint8) for _ in range(5)]
+    crcs = disk.read_many([(h(i), outs[i]) for i in range(5)])
+    assert crcs[:2] == [zlib.crc32(payload(0)), zlib.crc32(payload(1))] and crcs[3] == zlib.crc32(payload(3))
+    assert crcs[2] is None and crcs[4] is None  # corrupted, and absent
+    assert [outs[i].tobytes() for i in (0, 1, 3)] == [payload(i) for i in (0, 1, 3)]
+    disk.close()

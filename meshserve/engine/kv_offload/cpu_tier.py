@@ -30,7 +30,8 @@ class CPUTier:
         if num_slots < 1:
             raise ValueError("the CPU tier needs room for at least one block")
         self.num_slots = num_slots
-        self.tensor = torch.zeros((num_slots, *block_shape), dtype=dtype, pin_memory=pin_memory)
+        # not zeroed (pinning tens of GiB is slow enough): a slot is read only after a block was copied in
+        self.tensor = torch.empty((num_slots, *block_shape), dtype=dtype, pin_memory=pin_memory)
         self.block_bytes = self.tensor[0].numel() * self.tensor.element_size()
         self.free: deque[int] = deque(range(num_slots))
         self.lru: OrderedDict[bytes, int] = OrderedDict()

@@ -45,7 +45,7 @@ class DiskTier:
         self.index: OrderedDict[bytes, int] = OrderedDict()  # hash -> file bytes, least recently used first
         self.used_bytes = 0
         self.num_errors = 0  # files found truncated, corrupted or foreign (each read as a miss)
-        self._pending: dict[bytes, tuple[bytes, int]] = {}  # being written: served from here meanwhile
+        self._pending: dict[bytes, bytes] = {}  # being written: served from here meanwhile
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshserve-kv-disk")
         # restores read many files at once: zlib's crc32 and file reads release the GIL
@@ -100,8 +100,9 @@ class DiskTier:
                 and length == self.block_bytes)
 
     # -- blocks ----------------------------------------------------------------------------------
-    def put(self, block_hash: bytes, payload: bytes, crc: int) -> bool:
-        """Keep a block (written in the background); False when it can never fit or is already here."""
+    def put(self, block_hash: bytes, payload: bytes) -> bool:
+        """Keep a block (checksummed and written in the background); False when it can never fit or is
+        already here."""
         if block_hash in self.index:
             self.index.move_to_end(block_hash)
             return False
@@ -111,8 +112,8 @@ class DiskTier:
         self.index[block_hash] = self.file_bytes
         self.used_bytes += self.file_bytes
         with self._lock:
-            self._pending[block_hash] = (payload, crc)
-        self._io.submit(self._write, block_hash, payload, crc)
+            self._pending[block_hash] = payload
+        self._io.submit(self._write, block_hash, payload)
         return True
 
     def read_into(self, block_hash: bytes, out: np.ndarray) -> int | None:
@@ -122,8 +123,8 @@ class DiskTier:
         with self._lock:
             pending = self._pending.get(block_hash)
         if pending is not None:
-            out[:] = np.frombuffer(pending[0], dtype=np.uint8)
-            return pending[1]
+            out[:] = np.frombuffer(pending, dtype=np.uint8)
+            return zlib.crc32(out)
         try:
             with open(self.path(block_hash), "rb") as f:
                 header = f.read(HEADER.size)
@@ -181,12 +182,13 @@ class DiskTier:
         self._io.shutdown(wait=True)
 
     # -- the background thread -------------------------------------------------------------------
-    def _write(self, block_hash: bytes, payload: bytes, crc: int) -> None:
+    def _write(self, block_hash: bytes, payload: bytes) -> None:
         path = self.path(block_hash)
         tmp = path + ".tmp"
         try:
             with open(tmp, "wb") as f:
-                f.write(HEADER.pack(MAGIC, VERSION, self.fingerprint, block_hash, len(payload), crc))
+                f.write(HEADER.pack(MAGIC, VERSION, self.fingerprint, block_hash, len(payload),
+                                    zlib.crc32(payload)))
                 f.write(payload)
             os.replace(tmp, path)
         except OSError as e:  # a full or read-only disk: the block is simply not kept

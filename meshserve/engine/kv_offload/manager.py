@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -96,8 +95,8 @@ class KVOffloadManager:
         if self.disk is None or block_hash in self.disk:
             return
         self.cpu.wait(slot)
-        payload = self.cpu.slot_bytes(slot).tobytes()
-        if self.disk.put(block_hash, payload, zlib.crc32(payload)):
+        payload = self.cpu.slot_bytes(slot).tobytes()  # the slot is refilled next: the write gets a copy
+        if self.disk.put(block_hash, payload):
             self.stats.disk_bytes_written += len(payload)
 
     # -- prefix lookup: restore ------------------------------------------------------------------

@@ -21,6 +21,8 @@ import torch
 from meshserve.engine.kv_offload.cpu_tier import CPUTier
 from meshserve.engine.kv_offload.manager import KVOffloadStats, Transfer
 
+STAGING_BYTES = 256 << 20  # device memory for the contiguous staging copy of a batch of blocks
+
 
 class KVChecksumError(RuntimeError):
     """A block restored from a lower tier is not the block stored (debug mode): a bug, never data served."""
@@ -74,10 +76,13 @@ class KVTransferEngine:
             self.cpu.events[b if kind == "store" else a] = done
 
     def _run_groups(self, ops: list[Transfer]) -> None:
+        # consecutive ops of one kind go together (the order between kinds is kept), in chunks whose staging
+        # tensor stays under STAGING_BYTES of device memory
+        chunk = max(1, STAGING_BYTES // self.cpu.block_bytes)
         i = 0
-        while i < len(ops):  # consecutive ops of one kind go together; the order between kinds is kept
+        while i < len(ops):
             j = i
-            while j < len(ops) and ops[j][0] == ops[i][0]:
+            while j < len(ops) and ops[j][0] == ops[i][0] and j - i < chunk:
                 j += 1
             group = ops[i:j]
             if group[0][0] == "store":

@@ -75,3 +75,16 @@ def test_cuda_side_stream_matches_cpu_path(dtype):
     eng.run([("store", 0, 5)])
     eng.cpu.wait(5)  # the host waits on the slot's event before reading it
     assert torch.equal(eng.cpu.tensor[5], block(gpu_kv, 0))
+
+
+def test_large_batches_go_in_chunks_with_the_same_result(monkeypatch):
+    from meshserve.engine.kv_offload import transfer
+
+    kv = pool()
+    before = [block(kv, b) for b in range(BLOCKS)]
+    eng = engine(kv)
+    monkeypatch.setattr(transfer, "STAGING_BYTES", 2 * eng.cpu.block_bytes)  # 2 blocks a chunk
+    eng.run([("store", b, 5 - b) for b in range(5)] + [("load", 5 - b, 7 - b) for b in range(5)])
+    assert all(torch.equal(eng.cpu.tensor[5 - b], before[b]) for b in range(5))
+    assert all(torch.equal(block(kv, 7 - b), before[b]) for b in range(5))
+    assert eng.stats.restores == 3  # the 5 loads in chunks of 2, 2 and 1

@@ -184,7 +184,7 @@ class DiskTier:
     # -- the background thread -------------------------------------------------------------------
     def _write(self, block_hash: bytes, payload: bytes) -> None:
         path = self.path(block_hash)
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"  # engines sharing the folder never write one temporary file
         try:
             with open(tmp, "wb") as f:
                 f.write(HEADER.pack(MAGIC, VERSION, self.fingerprint, block_hash, len(payload),

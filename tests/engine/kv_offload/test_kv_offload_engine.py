@@ -130,8 +130,8 @@ def test_swap_preemption_matches_hf(mode, model, hf_model):
     llm.shutdown()
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert stats["num_preemptions"] > 0
-    if mode == "swap":
-        assert stats["kv_offload_swaps_out"] == stats["num_preemptions"] == stats["kv_offload_swaps_in"]
+    # auto: moving a few KB takes microseconds, recomputing milliseconds (the step-time model): it swaps too
+    assert stats["kv_offload_swaps_out"] == stats["num_preemptions"] == stats["kv_offload_swaps_in"]
 
 
 @pytest.mark.parametrize("kwargs, param", [

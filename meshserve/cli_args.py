@@ -76,6 +76,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpu-blocks-override", type=int, default=None)
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=CACHE_DTYPES,
                    help="KV cache element type (auto: the model dtype)")
+    o = parser.add_argument_group("KV offload (evicted prefix blocks spill to CPU memory and disk)")
+    o.add_argument("--kv-offloading-size", type=float, default=None, metavar="GiB",
+                   help="CPU tier: GiB of (pinned) host memory for evicted KV blocks (default: off)")
+    o.add_argument("--kv-offloading-disk-path", default=None, metavar="DIR",
+                   help="disk tier: a folder of KV block files, kept across restarts (needs the CPU tier)")
+    o.add_argument("--kv-offloading-disk-size", type=float, default=None, metavar="GiB",
+                   help="disk tier: the most GiB of block files kept (least recently used deleted)")
+    o.add_argument("--kv-offloading-verify", action="store_true",
+                   help="debug: check a crc32 of every block restored from a lower tier")
+    o.add_argument("--preemption-mode", default=d.preemption_mode, choices=("recompute", "swap", "auto"),
+                   help="a preempted sequence's KV: recompute it, swap it to the CPU tier and back, or auto "
+                        "(whichever is predicted cheaper)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     _bool_flag(g, "enable-chunked-prefill", d.enable_chunked_prefill, "mix prefill chunks with decodes")

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from meshserve.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from meshserve.engine.kv_offload.manager import KVOffloadManager
 
 
 def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
@@ -57,6 +62,8 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached: dict[bytes, Block] = {}
+        # told (block id, hash) before a cached block's content is overwritten (KV offload copies it down)
+        self.on_evict: Callable[[int, bytes], None] | None = None
 
     @property
     def num_free(self) -> int:
@@ -71,6 +78,8 @@ class BlockPool:
             if block.block_hash is not None:
                 if self.cached.get(block.block_hash) is block:
                     del self.cached[block.block_hash]
+                    if self.on_evict is not None:
+                        self.on_evict(block.block_id, block.block_hash)
                 block.block_hash = None
             block.ref_count = 1
             out.append(block)
@@ -118,6 +127,12 @@ class BlockManager:
         # how many of a sequence's leading blocks are registered in the prefix cache
         self.seq_num_registered: dict[str, int] = {}
         self.stats = PrefixCacheStats()
+        self.offload: KVOffloadManager | None = None  # lower KV tiers (engine/kv_offload), when configured
+
+    def attach_offload(self, offload: KVOffloadManager) -> None:
+        """Evicted cached blocks go down to these tiers; prefix lookups and swaps use them."""
+        self.offload = offload
+        self.pool.on_evict = offload.on_gpu_evict
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -162,7 +177,27 @@ class BlockManager:
             if block is None:
                 break
             hits.append(block)
+        if self.offload is not None and len(hits) < max_blocks:
+            hits += self._restore(seq.block_hashes[len(hits) : max_blocks], hits)
         return hits
+
+    def _restore(self, block_hashes: list[bytes], gpu_hits: list[Block]) -> list[Block]:
+        """Blocks of block_hashes found in the lower tiers, loaded into fresh GPU blocks that join the prefix
+        cache (free, ref 0, like any cached block: allocate shares them; if it cannot, they stay cached).
+        Leaves at least one free block beside them, and never evicts the GPU hits found before them."""
+        found = self.offload.find(block_hashes)
+        revived = sum(1 for b in gpu_hits if b.ref_count == 0)
+        n = min(len(found), self.pool.num_free - revived - 1)
+        if n <= 0:
+            return []
+        self.pool.share(gpu_hits)  # pinned while fresh blocks are taken (taking evicts the least recent)
+        fresh = self.pool.take(n)
+        self.pool.release(list(reversed(gpu_hits)))
+        for block, (block_hash, _, _) in zip(fresh, found):
+            self.pool.register(block, block_hash)
+        self.offload.load(found[:n], [b.block_id for b in fresh])
+        self.pool.release(fresh)
+        return fresh
 
     # -- allocation ------------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[Block] | None = None,
@@ -203,6 +238,8 @@ class BlockManager:
             for i in range(start, n_full):
                 self.pool.register(blocks[i], seq.block_hashes[i])
             self.seq_num_registered[seq.seq_id] = max(start, n_full)
+        if self.offload is not None and seq.seq_id in self.offload.swapped:
+            self.offload.swap_in(seq.seq_id, ids)  # a swapped-out sequence resumes: its KV comes back
         return True
 
     def trim(self, seq: Sequence, num_tokens: int) -> int:
@@ -226,8 +263,25 @@ class BlockManager:
             self.stats.queries += seq.num_tokens
             self.stats.hits += num_hit_tokens
 
+    def swap_out(self, seq: Sequence, recompute_s: Callable[[], float]) -> bool:
+        """Preemption by swap: copy seq's computed blocks to the CPU tier and release them, keeping its
+        computed tokens; False (nothing changed) when offloading says recompute (mode, cost, or no room).
+        recompute_s: the predicted time to recompute its tokens instead (asked only in auto mode)."""
+        if self.offload is None:
+            return False
+        ids = self.seq_block_ids.get(seq.seq_id, [])[: self.blocks_needed(seq.num_computed_tokens)]
+        if not self.offload.should_swap(len(ids), recompute_s) or not self.offload.swap_out(seq.seq_id, ids):
+            return False
+        self._release(seq)
+        return True
+
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks; its tail blocks are evicted first, keeping shared prefixes warm."""
+        if self.offload is not None:
+            self.offload.drop_swap(seq.seq_id)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
         self.seq_block_ids.pop(seq.seq_id, None)
         self.seq_num_registered.pop(seq.seq_id, None)
         blocks = self.seq_blocks.pop(seq.seq_id, None)

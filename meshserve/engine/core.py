@@ -16,6 +16,7 @@ from meshserve.config import EngineArgs, EngineConfig
 from meshserve.engine.engine_config import create_engine_config
 from meshserve.engine.executor import make_executor
 from meshserve.engine.grammar_waitlist import GrammarWaitlist
+from meshserve.engine.kv_offload.setup import build_kv_offload
 from meshserve.engine.messages import (
     CoreInfo,
     EngineCoreOutput,
@@ -101,6 +102,9 @@ class EngineCore:
         self.speculator = Speculator(spec) if spec is not None else None
         if spec is not None:
             self.scheduler.num_lookahead_tokens = spec.num_lookahead_tokens
+        # KV offload tiers (one device: the runner is in this process and shares the CPU tier's memory)
+        self.kv_offload = build_kv_offload(config, getattr(self.executor, "runner", None),
+                                           self.scheduler.block_manager)
         sc = config.scheduler_config
         self._trace = open(sc.step_trace_path, "a") if sc.step_trace_path else None  # noqa: SIM115
         self.num_shed = 0
@@ -377,6 +381,7 @@ class EngineCore:
             step_time_actual_s=model.last_actual_s,
             step_time_model_error=model.abs_error_ewma,
             **(spec_decode_stats(self.speculator.stats) if self.speculator is not None else {}),
+            **(self.kv_offload.snapshot().as_dict() if self.kv_offload is not None else {}),
         )
 
     def stats(self) -> dict:
@@ -400,6 +405,8 @@ class EngineCore:
         if self._trace is not None:
             self._trace.close()
         self.grammar_waitlist.compiler.shutdown()
+        if self.kv_offload is not None:  # the cached blocks go to disk for the next start
+            self.kv_offload.close(self.scheduler.block_manager.pool.cached, self.runner.kv_transfer.run)
         try:  # read back the steps still in flight, so every rank stops at a clean point of the protocol
             while self._pipeline:
                 self._pipeline.popleft()[1].result()

@@ -83,6 +83,8 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
             block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
             cpu_kv_cache_bytes=args.cpu_kv_cache_bytes, num_gpu_blocks_override=args.num_gpu_blocks_override,
             enable_prefix_caching=args.enable_prefix_caching, cache_dtype=args.kv_cache_dtype,
+            kv_offloading_size=args.kv_offloading_size, kv_offloading_disk_path=args.kv_offloading_disk_path,
+            kv_offloading_disk_size=args.kv_offloading_disk_size, kv_offloading_verify=args.kv_offloading_verify,
         ),
         scheduler_config=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len,
@@ -91,6 +93,7 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
             slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
             slo_tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None,
             slo_shed_late=args.slo_shed_late, step_trace_path=args.step_trace,
+            preemption_mode=args.preemption_mode,
         ),
         parallel_config=ParallelConfig(
             tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,

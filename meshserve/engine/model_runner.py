@@ -100,6 +100,18 @@ class ModelRunner:
         return self.kv_pool.bytes_per_block() + (self.drafter.bytes_per_block() if self.drafter else 0)
 
     # -- KV memory -------------------------------------------------------------------------------
+    def kv_block_layout(self) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape of one block of every layer of this rank, [layers, 2, block_size, kv_heads, head_dim], and
+        its dtype: a slot of the KV offload tiers."""
+        t = self.kv_pool.tensors[0]
+        return (len(self.kv_pool.tensors), 2, *t.shape[2:]), t.dtype
+
+    def attach_kv_offload(self, cpu_tier, stats, verify: bool = False) -> None:
+        """Run the steps' KV offload copies between this rank's pool and cpu_tier (kv_offload/transfer.py)."""
+        from meshserve.engine.kv_offload.transfer import KVTransferEngine
+
+        self.kv_transfer = KVTransferEngine(self.kv_pool.tensors, cpu_tier, stats, verify)
+
     def determine_num_blocks_all(self) -> int:
         """determine_num_blocks agreed over every rank (the smallest), so all stages hold the same pool."""
         n = self.determine_num_blocks()
@@ -210,6 +222,8 @@ class ModelRunner:
         if out.is_empty:
             return PendingOutput(ModelRunnerOutput())
         self._step_parity ^= 1
+        if out.kv_transfers:  # before the forward: it may read restored blocks and overwrite evicted ones
+            self.kv_transfer.run(out.kv_transfers)
         st = get_parallel_state()
         if st.pp_size == 1:
             timer = StepTimer(self.device)

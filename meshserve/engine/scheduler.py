@@ -83,9 +83,11 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
+        # swap (KV offload's preemption mode): its KV waits in the CPU tier and its computed tokens stand
+        if not self.block_manager.swap_out(seq, lambda: self.policy.prefill_time_s(seq.num_computed_tokens)):
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = 0
         seq.status = SequenceStatus.PREEMPTED
-        seq.num_computed_tokens = 0
         seq.spec_token_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -188,6 +190,8 @@ class Scheduler:
             finished_seq_ids=self._finished_since_last_step,
         )
         self._finished_since_last_step = []
+        if out.scheduled and self.block_manager.offload is not None:  # copies between KV tiers, run first
+            out.kv_transfers = self.block_manager.offload.take_transfers()
         self.policy.charge(StepShape(out.num_batched_tokens, len(out.scheduled),
                                      sum(e.num_computed_tokens + e.num_new_tokens for e in out.scheduled)),
                            self.running)

@@ -51,6 +51,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence]
     preempted_seq_ids: list[str] = field(default_factory=list)
     finished_seq_ids: list[str] = field(default_factory=list)  # since the last step: runners drop their state
+    # KV offload copies the runner makes before the forward, in order: ("store", gpu block, cpu slot) or
+    # ("load", cpu slot, gpu block) (engine/kv_offload/manager.py)
+    kv_transfers: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

@@ -85,6 +85,40 @@ class _EngineStatsCollector(Collector):
             for pos, n in enumerate(per_pos):
                 c.add_metric([str(pos)], float(n))
             yield c
+        yield from _kv_offload_families(s)
+
+
+def _kv_offload_families(s: dict[str, Any]) -> Iterator[Metric]:
+    """KV offload tiers (engine/kv_offload): hits, bytes and blocks per tier, restore time, swaps."""
+
+    def v(key: str) -> float:
+        return float(s.get(f"kv_offload_{key}") or 0)
+
+    hits = CounterMetricFamily("meshserve:kv_offload_hits", "Prefix blocks restored from a KV offload tier.",
+                               labels=["tier"])
+    blocks = GaugeMetricFamily("meshserve:kv_offload_blocks", "KV blocks held in an offload tier now.",
+                               labels=["tier"])
+    for tier in ("cpu", "disk"):
+        hits.add_metric([tier], v(f"{tier}_hits"))
+        blocks.add_metric([tier], v(f"{tier}_blocks"))
+    moved = CounterMetricFamily("meshserve:kv_offload_bytes", "Bytes of KV blocks moved into (stored, written) "
+                                "or out of (loaded, read) an offload tier.", labels=["tier", "direction"])
+    for tier, direction, key in (("cpu", "in", "cpu_bytes_stored"), ("cpu", "out", "cpu_bytes_loaded"),
+                                 ("disk", "in", "disk_bytes_written"), ("disk", "out", "disk_bytes_read")):
+        moved.add_metric([tier, direction], v(key))
+    swaps = CounterMetricFamily("meshserve:kv_offload_swaps", "Preempted sequences swapped out to the CPU tier "
+                                "and back in.", labels=["direction"])
+    swaps.add_metric(["out"], v("swaps_out"))
+    swaps.add_metric(["in"], v("swaps_in"))
+    restore_s = CounterMetricFamily("meshserve:kv_offload_restore_seconds", "Device time of the copies that "
+                                    "restored KV blocks from the CPU tier.")
+    restore_s.add_metric([], v("restore_s"))
+    restores = CounterMetricFamily("meshserve:kv_offload_restores", "Batches of restore copies timed.")
+    restores.add_metric([], v("restores"))
+    errors = CounterMetricFamily("meshserve:kv_offload_disk_errors", "KV block files found missing, truncated or "
+                                 "corrupted (each a cache miss, recomputed).")
+    errors.add_metric([], v("disk_errors"))
+    yield from (hits, blocks, moved, swaps, restore_s, restores, errors)
 
 
 class ServerMetrics:

@@ -87,6 +87,11 @@ class FusedMoE(nn.Module):
             offset = 0 if part == "gate" else w
             param.data[local_id, offset:offset + w].copy_(narrow_weight(loaded, 0, start, w))
 
+    def expert_weight_bytes_skipped(self) -> int:
+        """Bytes of this rank's experts that one token does not read (all but its top_k, at TP)."""
+        per_expert = (self.w13_weight[0].numel() + self.w2_weight[0].numel()) * self.w13_weight.element_size()
+        return max(0, self.num_local_experts - self.routing.top_k) * per_expert
+
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         if self.expert_parallel:

@@ -193,6 +193,14 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def active_weight_bytes(model: nn.Module) -> int:
+    """Bytes one token's step reads: all weights but, in MoE layers, only top_k of the experts (each layer's
+    `expert_weight_bytes_skipped`); equals weight_bytes for dense models."""
+    skipped = sum(m.expert_weight_bytes_skipped() for m in model.modules()
+                  if hasattr(m, "expert_weight_bytes_skipped"))
+    return weight_bytes(model) - skipped
+
+
 def _dummy_checkpoint(model: nn.Module, hf_config, seed: int):
     """The checkpoint tensors of hf_config's architecture (names and full shapes from the HF class on the
     meta device), each drawn on the model's device from a seed of its own name: N(0, 0.02) matrices, unit

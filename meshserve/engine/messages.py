@@ -83,6 +83,9 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     step_time_predicted_s: float = 0.0  # the last measured step: what the step-time model predicted
     step_time_actual_s: float = 0.0  # and what it took on the device
     step_time_model_error: float = 0.0  # recent mean |predicted - actual| / actual
+    # MoE: tokens routed to each expert since start, per MoE layer; only in the steps that read them
+    # (engine/expert_load.py), empty otherwise
+    expert_load: list[list[int]] = []
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

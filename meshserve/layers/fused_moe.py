@@ -59,8 +59,8 @@ class FusedMoE(nn.Module):
         self.w2_weight = nn.Parameter(torch.empty(n, hidden_size, w), requires_grad=False)
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
-        # tokens routed to each expert (all experts, by global id) by this rank since start; a buffer, not
-        # a parameter: no weight loads it and it is no weight's bytes
+        # tokens routed to each expert (all experts, by global id) since start, the same on every rank; a
+        # buffer, not a parameter: no weight loads it and it is no weight's bytes
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
 
     # -- weights -----------------------------------------------------------------------------------------
@@ -116,17 +116,17 @@ class FusedMoE(nn.Module):
         ranks, rank = self.tp_size, self.tp_rank
         sizes = ep_comm.token_slices(hidden.shape[0], ranks)
         begin = sum(sizes[:rank])
+        # every rank holds the whole batch and the same router logits: routing it all (a softmax and a top-k
+        # over [T, E], small beside the experts) keeps the same load counts on every rank, rank 0's exported
+        weights, ids = self.routing(router_logits)
+        self._count(ids)
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
         if self.ep_exchange == "all_gather" or capturing:
-            # every rank already holds the whole batch and the same router logits: route everything here,
-            # run this rank's experts, and sum the parts (each token's load counted by the rank of its slice)
-            weights, ids = self.routing(router_logits)
-            self._count(ids[begin:begin + sizes[rank]])
+            # no dispatch: run this rank's experts on every token and sum the parts
             return tensor_parallel_all_reduce(self._experts(hidden, weights, self._local_ids(ids, rank)))
 
-        x = hidden[begin:begin + sizes[rank]]
-        weights, ids = self.routing(router_logits[begin:begin + sizes[rank]])
-        self._count(ids)
+        end = begin + sizes[rank]
+        x, weights, ids = hidden[begin:end], weights[begin:end], ids[begin:end]
         # dispatch: each token once to every rank that holds at least one of its experts, grouped by rank
         owner = ids.long() // self.num_local_experts
         goes_to = torch.zeros(x.shape[0], ranks, dtype=torch.bool, device=x.device)

@@ -48,7 +48,7 @@ def _single(family, tiny_model_dir, hf_model):
 
 @pytest.mark.parametrize("family,ep", [
     ("qwen3_moe", True),
-    ("qwen3_moe", False),
+    pytest.param("qwen3_moe", False, marks=pytest.mark.slow),  # TP-split experts: also in tests/layers
     pytest.param("mixtral", True, marks=pytest.mark.slow),
     pytest.param("mixtral", False, marks=pytest.mark.slow),
 ], ids=["qwen3moe-ep2", "qwen3moe-tp2", "mixtral-ep2", "mixtral-tp2"])

@@ -47,3 +47,29 @@ def test_align_by_expert_groups_pairs_in_padded_runs():
     # expert 0: pair 1; expert 1: pair 4; expert 2: pairs 0, 2, 5; expert 3: none; pair 3 (-1) dropped
     assert rows[:12].tolist() == [1, pad, pad, pad, 4, pad, pad, pad, 0, 2, 5, pad]
     assert block_expert[:3].tolist() == [0, 1, 2] and used.item() == 12
+
+
+_INTERPRETED = """
+import torch
+from meshserve.kernels import triton_moe
+from meshserve.kernels.moe_ref import fused_experts_ref
+from tests.kernels.test_triton_moe import _case
+for tokens, experts, top_k, drop in ((1, 8, 2, False), (2, 32, 4, True), (37, 8, 2, True), (9, 32, 4, False)):
+    x, w13, w2, weights, ids = _case(tokens, experts, top_k, 64, 48, torch.float32, "cpu", drop)
+    got = triton_moe.fused_experts(x, w13, w2, weights, ids)
+    torch.testing.assert_close(got, fused_experts_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+
+
+def test_kernels_match_reference_in_the_triton_interpreter():
+    """Without a GPU: the same kernels run by Triton's interpreter (both the pair-GEMV and the grouped-GEMM
+    path, with -1 ids), so their indexing is checked on every CPU run."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

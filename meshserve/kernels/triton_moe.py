@@ -146,8 +146,8 @@ def _use_pair_gemv(num_tokens: int, pairs: int, num_experts: int) -> bool:
 
 def _gemm_config(pairs: int, num_experts: int) -> dict:
     if pairs <= 2 * num_experts:  # few rows per expert: short blocks waste less padding
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -166,11 +166,13 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     if _use_pair_gemv(num_tokens, pairs, num_experts):
         for a, b, c, n, k, rows_per_token, gated in ((x, w13, inter, width, hidden, top_k, True),
                                                      (inter, w2, out_pairs, hidden, width, 1, False)):
-            grid = (pairs, triton.cdiv(n, 64))
+            # narrower column tiles when few programs would leave SMs idle (batch 1: 8 pairs x 12 tiles)
+            block_n = 32 if pairs * triton.cdiv(n, 64) < 256 else 64
+            grid = (pairs, triton.cdiv(n, block_n))
             _pair_gemv_kernel[grid](
                 a, b, c, weights, ids, n, k,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-                A_ROWS_PER_TOKEN=rows_per_token, GATED=gated, MUL_WEIGHT=not gated, BLOCK_N=64, BLOCK_K=128,
+                A_ROWS_PER_TOKEN=rows_per_token, GATED=gated, MUL_WEIGHT=not gated, BLOCK_N=block_n, BLOCK_K=128,
                 num_warps=4)
     else:
         cfg = _gemm_config(pairs, num_experts)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import sys
 import threading
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -143,9 +145,13 @@ def destroy_parallel_state(timeout_s: float = 10.0) -> None:
                 pass
             done.set()
 
-        threading.Thread(target=teardown, name="meshserve-dist-teardown", daemon=True).start()
+        thread = threading.Thread(target=teardown, name="meshserve-dist-teardown", daemon=True)
+        thread.start()
         if not done.wait(timeout_s):
-            logger.warning("torch.distributed teardown did not finish in %.0f s; left to process exit", timeout_s)
+            frame = sys._current_frames().get(thread.ident)
+            where = "".join(traceback.format_stack(frame)[-2:]).strip() if frame is not None else "?"
+            logger.warning("torch.distributed teardown did not finish in %.0f s; left to process exit. "
+                           "It waits in:\n%s", timeout_s, where)
     _STATE = ParallelState()
 
 

@@ -28,6 +28,7 @@ from meshserve.engine.kv_pool import KVCachePool, largest_step
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, StepTimer, TokenLogprobs
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.step_inputs import StepInputBuilder
+from meshserve.engine.step_profiler import StepProfiler
 from meshserve.engine.step_sampler import StepSampler
 from meshserve.layers.backend_selection import TORCH_DTYPES, bind_kernels, select_kernels
 from meshserve.layers.pipeline import IntermediateTensors
@@ -75,6 +76,13 @@ class ModelRunner:
         # which of the two pinned buffers (inputs, sampled ids) this step uses: with async scheduling step
         # n+1 is prepared while step n's copies may still be queued
         self._step_parity = 0
+        self.profiler = StepProfiler(get_parallel_state().rank)
+
+    def close(self) -> None:
+        """Release what holds the process group's communicators (the decode graphs); before teardown."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
 
     def param_bytes(self) -> int:
         """Bytes of this rank's weights (shared tensors once)."""
@@ -191,6 +199,7 @@ class ModelRunner:
     def launch(self, out: SchedulerOutput) -> PendingOutput:
         """Queue the step on the device and return without waiting for its sampled tokens."""
         self.sampling.forget(out.finished_seq_ids)
+        self.profiler.step()
         if out.is_empty:
             return PendingOutput(ModelRunnerOutput())
         self._step_parity ^= 1

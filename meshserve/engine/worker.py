@@ -65,8 +65,14 @@ def serve_rank(runner: ModelRunner, rank: int) -> None:
             result = getattr(runner, method[len("gather:"):])(*args)
             dist.gather_object(result, None, dst=0, group=st.cpu_group)
             continue
+        if method == "execute" and rank != st.sampler_rank:
+            # nothing to send back: queue the step and take the next one, as rank 0 does, rather than wait
+            # for the device (waiting left this rank's GPU idle while it received and prepared each step:
+            # W1 8B at TP = 2 ran at 5.1 ms per step for 3.4 ms of GPU work on 2 x H200)
+            runner.launch(*args)
+            continue
         result = getattr(runner, method)(*args)
-        if method == "execute" and rank == st.sampler_rank:
+        if method == "execute":
             dist.send_object_list([result], dst=0, group=st.token_group or st.cpu_group)
 
 
@@ -79,6 +85,7 @@ def worker_main(config: EngineConfig, source, launch: LaunchInfo, rank: int, bea
     try:
         runner = init_rank(config, source, launch, rank, beats)
         serve_rank(runner, rank)
+        runner.close()
     except Exception as e:  # noqa: BLE001  (a peer died or the driver went away: leave, loudly)
         logger.error("rank %d stopping: %s", rank, str(e).splitlines()[0] if str(e) else type(e).__name__)
         destroy_parallel_state()

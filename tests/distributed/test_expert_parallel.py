@@ -73,3 +73,12 @@ def test_dummy_weights_under_expert_parallel_are_one_devices(tiny_model_dir):
     ep, _, _ = _generate(path, _prompts()[:2], load_format="dummy", seed=3, tensor_parallel_size=2,
                          enable_expert_parallel=True)
     assert ep == single
+
+
+@pytest.mark.slow
+def test_pipeline_stages_split_sparse_and_dense_layers(tiny_model_dir, hf_model):
+    """Qwen3-MoE with PP = 2: stage 0 holds the sparse layer, stage 1 the dense one (mlp_only_layers)."""
+    single = _single("qwen3_moe", tiny_model_dir, hf_model)
+    got, _, load = _generate(tiny_model_dir("qwen3_moe"), _prompts(), pipeline_parallel_size=2)
+    assert got == single
+    assert len(load[0]) == 1 and load[1] == []  # each stage counts its own MoE layers

@@ -24,6 +24,9 @@ FAMILIES: dict[str, dict] = {
     "qwen3_moe": dict(model_type="qwen3_moe", tie_word_embeddings=False, head_dim=24, num_experts=8,
                       num_experts_per_tok=4, moe_intermediate_size=48, norm_topk_prob=True, decoder_sparse_step=1,
                       mlp_only_layers=[1]),
+    # Qwen2-MoE: a gated shared expert beside the routed ones, QKV bias, top-2 of 8 not renormalized
+    "qwen2_moe": dict(model_type="qwen2_moe", tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=32, shared_expert_intermediate_size=64, norm_topk_prob=False),
 }
 
 

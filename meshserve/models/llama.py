@@ -22,9 +22,10 @@ from meshserve.layers.rotary import RotaryEmbedding
 def family_switches(hf_config) -> dict:
     """The per-family differences, derived from the config's model_type and fields."""
     model_type = getattr(hf_config, "model_type", "llama")
-    qkv_bias = model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+    qkv_bias = (model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+                or bool(getattr(hf_config, "qkv_bias", False)))  # Qwen2-MoE names it qkv_bias
     sliding_window = getattr(hf_config, "sliding_window", None)
-    if model_type in ("qwen2", "qwen3") and not getattr(hf_config, "use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe") and not getattr(hf_config, "use_sliding_window", False):
         sliding_window = None
     return {
         "qkv_bias": qkv_bias,

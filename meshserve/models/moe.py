@@ -1,5 +1,4 @@
-"""Mixture-of-experts members of the Llama family: Mixtral and Qwen3-MoE (Qwen2-MoE's layout minus its shared
-expert). Attention, norms and embeddings are llama.py's; only the MLP of the sparse layers differs: a router
+"""Mixture-of-experts members of the Llama family: Mixtral, Qwen2-MoE (with a gated shared expert) and Qwen3-MoE. Attention, norms and embeddings are llama.py's; only the MLP of the sparse layers differs: a router
 (one replicated linear), a routing function (layers/moe_routing.py) and the routed experts (layers/fused_moe.py),
 plus an optional shared expert for the families that have one.
 """
@@ -95,3 +94,19 @@ class Qwen3MoeForCausalLM(MoeForCausalLM):
 
     def routing(self) -> RoutingFunction:
         return SoftmaxTopK(self.config.num_experts_per_tok, renormalize=bool(self.config.norm_topk_prob))
+
+
+class Qwen2MoeForCausalLM(MoeForCausalLM):
+    """Qwen2-MoE: Qwen2 attention (QKV bias), softmax top-k (renormalized when norm_topk_prob) plus a shared
+    expert every token goes through, scaled by sigmoid(shared_expert_gate(x))."""
+
+    def routing(self) -> RoutingFunction:
+        return SoftmaxTopK(self.config.num_experts_per_tok, renormalize=bool(self.config.norm_topk_prob))
+
+    def make_mlp(self, layer: int) -> nn.Module | None:
+        cfg = self.config
+        if not is_sparse_layer(cfg, layer):
+            return LlamaMLP(cfg)
+        return SparseMoeBlock(cfg.hidden_size, num_experts(cfg), expert_intermediate_size(cfg), self.routing(),
+                              shared_expert=LlamaMLP(cfg, cfg.shared_expert_intermediate_size),
+                              shared_expert_gate=ReplicatedLinear(cfg.hidden_size, 1, bias=False))

@@ -51,7 +51,8 @@ def _single(family, tiny_model_dir, hf_model):
     pytest.param("qwen3_moe", False, marks=pytest.mark.slow),  # TP-split experts: also in tests/layers
     pytest.param("mixtral", True, marks=pytest.mark.slow),
     pytest.param("mixtral", False, marks=pytest.mark.slow),
-], ids=["qwen3moe-ep2", "qwen3moe-tp2", "mixtral-ep2", "mixtral-tp2"])
+    pytest.param("qwen2_moe", True, marks=pytest.mark.slow),  # a shared expert beside the routed ones
+], ids=["qwen3moe-ep2", "qwen3moe-tp2", "mixtral-ep2", "mixtral-tp2", "qwen2moe-ep2"])
 def test_two_ranks_match_one_device_and_hf(family, ep, tiny_model_dir, hf_model):
     single = _single(family, tiny_model_dir, hf_model)
     # chunked prefill (budget 16) and preemption (12 blocks of 4) in the same run

@@ -1,4 +1,4 @@
-"""Mixtral and Qwen3-MoE against HF transformers: the router math, the experts, logits and weight loading."""
+"""Mixtral, Qwen3-MoE and Qwen2-MoE (shared expert) against HF transformers: the router math, the experts, logits and weight loading."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_reference_experts_match_hf_experts():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_prompt_logprobs_match_hf(family, tiny_model_dir, hf_model):
     path = tiny_model_dir(family)
     rng = random.Random(7)

@@ -25,11 +25,13 @@ def token_slices(num_tokens: int, ranks: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(ranks)]
 
 
-def exchange_counts(send_counts: torch.Tensor) -> list[int]:
-    """How many rows each peer sends to this rank, given how many this rank sends each peer ([ep] int64)."""
+def exchange_counts(send_counts: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(rows this rank sends each peer, rows each peer sends this rank) as host lists, from the first on the
+    device ([ep] int64): one all-to-all and one copy to the host."""
     recv = torch.empty_like(send_counts)
     dist.all_to_all_single(recv, send_counts, group=get_parallel_state().tp_group)
-    return recv.tolist()
+    both = torch.cat([send_counts, recv]).tolist()
+    return both[: len(both) // 2], both[len(both) // 2 :]
 
 
 def all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:

@@ -135,8 +135,7 @@ class FusedMoE(nn.Module):
         send_counts = goes_to.sum(0)
         # expert ids local to the destination travel beside the weights, both as float32 (ids < 2**24 exact)
         meta = torch.cat([self._local_ids(ids[token], dest).float(), weights[token].float()], dim=1)
-        send = send_counts.tolist()
-        recv = ep_comm.exchange_counts(send_counts)
+        send, recv = ep_comm.exchange_counts(send_counts)  # the one host sync of the exchange
         recv_x = ep_comm.all_to_all_rows(x[token], send, recv)
         recv_meta = ep_comm.all_to_all_rows(meta, send, recv)
         k = ids.shape[1]

@@ -127,6 +127,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--master-port", type=int, default=None)
     p.add_argument("--distributed-timeout-s", type=float, default=d.distributed_timeout_s,
                    help="a rank silent this long stops the whole group")
+    p.add_argument("--enable-expert-parallel", "-ep", action="store_true",
+                   help="MoE models: spread the experts over the tensor-parallel ranks, tokens exchanged by "
+                        "all-to-all (default: every rank holds a 1/TP slice of every expert)")
     p.add_argument("--disable-custom-all-reduce", action="store_true",
                    help="NCCL for every tensor-parallel all-reduce (default: a one-shot symmetric-memory "
                         "kernel for small messages on GPUs, NCCL above)")

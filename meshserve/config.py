@@ -112,6 +112,7 @@ class ParallelConfig:
     master_port: int | None = None
     distributed_timeout_s: float = 60.0
     disable_custom_all_reduce: bool = False  # True: NCCL for every TP all-reduce (no one-shot kernel)
+    enable_expert_parallel: bool = False  # MoE experts spread over the TP ranks (else each expert is TP-split)
 
     @property
     def world_size(self) -> int:
@@ -173,6 +174,7 @@ class EngineArgs:
     master_port: int | None = None
     distributed_timeout_s: float = 60.0
     disable_custom_all_reduce: bool = False
+    enable_expert_parallel: bool = False
     device: str = "auto"
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     # vLLM's keys, as a dict or JSON string (spec_decode/config.py)

@@ -15,6 +15,7 @@ import time
 from meshserve.config import EngineArgs, EngineConfig
 from meshserve.engine.engine_config import create_engine_config
 from meshserve.engine.executor import make_executor
+from meshserve.engine.expert_load import ExpertLoadReader
 from meshserve.engine.grammar_waitlist import GrammarWaitlist
 from meshserve.engine.kv_offload.setup import build_kv_offload
 from meshserve.engine.messages import (
@@ -112,6 +113,7 @@ class EngineCore:
         self._prompt_logprobs_sent: dict[str, int] = {}  # request -> prompt positions already sent
         self._errors: list[RequestError] = []  # refused requests, reported with the next outputs
         self.num_generated_tokens = 0
+        self.expert_load = ExpertLoadReader(getattr(self.executor, "runner", None))
         self.num_prompt_tokens = 0
         self.pp_busy_s = self.pp_wall_s = 0.0  # last pipeline stage's compute vs wall time
         # async scheduling needs the runner in this process (its sampled ids feed the next step directly)
@@ -358,7 +360,7 @@ class EngineCore:
             outputs[seq_id] = EngineCoreOutput(seq_id, new_prompt_logprobs=fresh)
 
     # -- stats -----------------------------------------------------------------------------------
-    def scheduler_stats(self) -> SchedulerStats:
+    def scheduler_stats(self, force_expert_load: bool = False) -> SchedulerStats:
         bm = self.scheduler.block_manager
         policy, model = self.scheduler.policy, self.step_model
         chunk = self.config.scheduler_config.max_num_batched_tokens
@@ -382,13 +384,14 @@ class EngineCore:
             step_time_model_error=model.abs_error_ewma,
             **(spec_decode_stats(self.speculator.stats) if self.speculator is not None else {}),
             **(self.kv_offload.snapshot().as_dict() if self.kv_offload is not None else {}),
+            expert_load=self.expert_load.poll(force_expert_load),
         )
 
     def stats(self) -> dict:
         """The counters as a dict (the keys of SchedulerStats)."""
         import msgspec
 
-        return msgspec.structs.asdict(self.scheduler_stats())
+        return msgspec.structs.asdict(self.scheduler_stats(force_expert_load=True))
 
     @property
     def runner(self):

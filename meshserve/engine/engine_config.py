@@ -68,7 +68,7 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
 
     resolve_model_class(source.hf_config)  # unsupported architectures fail here, with their name
     check_parallel_split(source.hf_config, args.tensor_parallel_size, args.pipeline_parallel_size,
-                         args.pp_layer_partition)
+                         args.pp_layer_partition, args.enable_expert_parallel)
     model_dir = source.weights_dir or (args.model if args.model and os.path.isdir(args.model) else None)
     generation_defaults = load_generation_defaults(
         model_dir, args.generation_config, EMBEDDED_GENERATION_DEFAULTS if args.model is None else None)
@@ -101,7 +101,8 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
             distributed_executor_backend=args.distributed_executor_backend, nnodes=args.nnodes,
             node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
             distributed_timeout_s=args.distributed_timeout_s,
-            disable_custom_all_reduce=args.disable_custom_all_reduce),
+            disable_custom_all_reduce=args.disable_custom_all_reduce,
+            enable_expert_parallel=args.enable_expert_parallel),
         device=device,
         enforce_eager=args.enforce_eager,
         speculative_config=parse_speculative_config(args.speculative_config),

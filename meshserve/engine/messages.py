@@ -103,6 +103,9 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     kv_offload_cpu_blocks: int = 0
     kv_offload_disk_blocks: int = 0
     kv_offload_link_bytes_per_s: float = 0.0
+    # MoE: tokens routed to each expert since start, per MoE layer; only in the steps that read them
+    # (engine/expert_load.py), empty otherwise
+    expert_load: list[list[int]] = []
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -92,6 +92,11 @@ class ModelRunner:
         """Bytes of this rank's weights (shared tensors once)."""
         return weight_bytes(self.model)
 
+    def expert_load(self) -> list[list[int]]:
+        """Tokens routed to each expert, per MoE layer of this rank's stage (counted on this rank; [] if dense)."""
+        layers = getattr(self.model, "expert_layers", None)
+        return [layer.expert_load.tolist() for layer in layers()] if layers else []
+
     def kv_bytes_per_token(self) -> float:
         """Bytes of this rank's KV cache per token (all its layers, the draft model's too)."""
         return self._bytes_per_block() / self.block_size

@@ -42,7 +42,8 @@ def init_rank(config: EngineConfig, source, launch: LaunchInfo, rank: int, beats
     if beats is not None:
         start_heartbeat(beats, rank)
     join = functools.partial(init_parallel_state, launch.tp_size, launch.pp_size, rank, launch.master_addr,
-                             launch.master_port, launch.backend, launch.timeout_s, launch.pp_layer_partition)
+                             launch.master_port, launch.backend, launch.timeout_s, launch.pp_layer_partition,
+                             expert_parallel=config.parallel_config.enable_expert_parallel)
     (run_join or _call)(join)
     return ModelRunner(config, source)
 

@@ -46,6 +46,10 @@ class LinearBase(nn.Module):
         return linear(x, self.weight, self.bias, gemv=self.kernels.gemv)
 
 
+class ReplicatedLinear(LinearBase):
+    """Every rank holds the whole weight and computes the whole output (an MoE router)."""
+
+
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; no communication (the next row-parallel layer reduces)."""
 

@@ -36,6 +36,7 @@ class _EngineStatsCollector(Collector):
     def __init__(self) -> None:
         self.stats: dict[str, Any] | None = None
         self.age_s: float | None = None
+        self.expert_load: list[list[int]] = []  # the last per-expert counts the core published (MoE only)
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats or {}
@@ -84,6 +85,15 @@ class _EngineStatsCollector(Collector):
                                     "Proposed tokens accepted, by position in the proposal.", labels=["position"])
             for pos, n in enumerate(per_pos):
                 c.add_metric([str(pos)], float(n))
+            yield c
+        self.expert_load = s.get("expert_load") or self.expert_load
+        if self.expert_load:
+            c = CounterMetricFamily("meshserve:moe_expert_tokens", "Tokens routed to each expert of each MoE layer "
+                                    "(moe_layer counts the MoE layers of the first pipeline stage in order).",
+                                    labels=["moe_layer", "expert"])
+            for layer, counts in enumerate(self.expert_load):
+                for expert, n in enumerate(counts):
+                    c.add_metric([str(layer), str(expert)], float(n))
             yield c
         yield from _kv_offload_families(s)
 

@@ -22,17 +22,9 @@ import zmq
 
 from meshserve.disagg import side_channel as sc
 from meshserve.disagg.config import KVTransferConfig
-from meshserve.errors import MeshserveError
+from meshserve.errors import KVTransferError
 
 logger = logging.getLogger(__name__)
-
-
-class KVTransferError(MeshserveError):
-    """A request's KV could not be received (producer gone, timed out, unknown handle): retry elsewhere."""
-
-    http_status = 503
-    error_type = "service_unavailable"
-    code = "kv_transfer_failed"
 
 
 @dataclass
@@ -190,9 +182,10 @@ class KVConnector(ABC):
                 del self._held[h.transfer_id]
         return gone
 
-    @property
-    def num_held(self) -> int:
-        return len(self._held)
+    def next_deadline(self) -> float:
+        """The earliest deadline of the held transfers not being sent (inf if none)."""
+        with self._lock:
+            return min((h.deadline for h in self._held.values() if not h.busy), default=float("inf"))
 
     def _serve(self) -> None:
         self._thread_init()

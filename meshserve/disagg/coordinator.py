@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from meshserve.disagg.config import KVTransferConfig
-from meshserve.disagg.connector import HeldTransfer, KVConnector, KVTransferError, PullJob, TransferEvent
+from meshserve.disagg.connector import HeldTransfer, KVConnector, PullJob, TransferEvent
 from meshserve.disagg.stats import KVTransferStats
 from meshserve.engine.messages import EngineCoreOutput, RequestError, error_to_message
 from meshserve.engine.sequence import Sequence, SequenceStatus
-from meshserve.errors import InvalidArgumentError
+from meshserve.errors import InvalidArgumentError, KVTransferError
 
 if TYPE_CHECKING:
     from meshserve.engine.scheduler import Scheduler
@@ -85,6 +85,9 @@ class KVTransferCoordinator:
         self._receiving: dict[str, Sequence] = {}  # request id -> sequence whose KV is on its way (consumer)
         self._cancelled: set[str] = set()  # aborted while receiving: freed when the pull ends
         self._errors: list[RequestError] = []
+        self.num_events = (
+            0  # connector reports applied since start (the core republishes its counters on news)
+        )
         scheduler.kv_hold = self.hold
 
     # -- requests --------------------------------------------------------------------------------
@@ -166,8 +169,12 @@ class KVTransferCoordinator:
     # -- each step -------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        """Something for the core to do soon: pulls in flight or events waiting."""
-        return bool(self._receiving) or not self.connector.events.empty()
+        """Something for the core to do soon: pulls in flight, events waiting, or held blocks past due."""
+        return (
+            bool(self._receiving)
+            or not self.connector.events.empty()
+            or (bool(self._held) and self.connector.next_deadline() < time.monotonic())
+        )
 
     def poll(self, wait_s: float = 0.0) -> list[EngineCoreOutput]:
         """Apply what the connector reported (waiting up to wait_s for the first report) and free expired
@@ -180,6 +187,7 @@ class KVTransferCoordinator:
                 else self.connector.events.get_nowait()
             )
             while True:
+                self.num_events += 1
                 out = self._apply(event)
                 if out is not None:
                     outputs.append(out)
@@ -193,6 +201,7 @@ class KVTransferCoordinator:
                 self.config.hold_timeout_s,
             )
             self.stats.expired += 1
+            self.num_events += 1
             self._release(held.transfer_id)
         return outputs
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from meshserve.disagg.connector import KVTransferError
+from meshserve.errors import KVTransferError
 
 
 def nixl_available() -> bool:

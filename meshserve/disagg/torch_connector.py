@@ -16,8 +16,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from meshserve.disagg.connector import KVConnector, KVTransferError
+from meshserve.disagg.connector import KVConnector
 from meshserve.disagg.kv_blocks import gather_layer, layer_block_shape, scatter_layer
+from meshserve.errors import KVTransferError
 
 logger = logging.getLogger(__name__)
 

@@ -247,6 +247,7 @@ class EngineCore:
         token (sent now), failed pulls end their requests, acknowledged or expired holds free their blocks.
         With nothing scheduled, wait a little for news instead of spinning."""
         idle = not self.scheduler.has_unfinished()
+        seen = self.disagg.num_events
         firsts = self.disagg.poll(wait_s=0.005 if idle else 0.0)
         for out in firsts:
             self.num_generated_tokens += 1
@@ -258,6 +259,7 @@ class EngineCore:
         if firsts or errors:
             step_outputs.outputs = list(step_outputs.outputs) + firsts
             step_outputs.errors = list(step_outputs.errors) + errors
+        if self.disagg.num_events != seen:  # blocks came or went: the counters published must say so
             step_outputs.stats = self.scheduler_stats()
         return step_outputs
 

@@ -206,3 +206,19 @@ def test_blocks_are_byte_identical(pair):
     n_full = len(prompt) // BLOCK
     for layer, t in enumerate(consumer.runner.kv_pool.tensors):
         assert torch.equal(seq_blocks["recv"][layer][:, :n_full], t[:, ids])
+
+
+def test_held_blocks_nobody_pulls_are_freed_after_the_hold_timeout(pair):
+    """A decode instance that dies before pulling: the producer frees the blocks itself (hold_timeout_s 3)."""
+    _, commands, results, _, num_blocks = pair
+    p = SamplingParams(
+        temperature=0,
+        max_tokens=1,
+        ignore_eos=True,
+        kv_transfer_params={"do_remote_decode": True, "transfer_id": "orphan"},
+    )
+    _prefill(commands, results, [EngineCoreRequest("po", _ids(3, 30), p, 1)])
+    commands.put(("blocks",))
+    _, free, stats = results.get(timeout=30)
+    assert stats["kv_transfer_expired"] == 1 and stats["kv_transfer_held_blocks"] == 0
+    assert free == num_blocks

@@ -66,7 +66,7 @@ def pair(tiny_model_dir):
     consumer = EngineCore.from_engine_args(
         EngineArgs(**common, kv_transfer_config=transfer_config("kv_consumer", 1, port, transfer_timeout_s=5))
     )
-    kind, num_blocks = results.get(timeout=120)
+    kind, num_blocks = results.get(timeout=300)  # a loaded machine starts slowly
     assert kind == "ready"
     yield proc, commands, results, consumer, num_blocks
     commands.put(("stop",))
@@ -81,7 +81,7 @@ def _prefill(commands, results, requests: list[EngineCoreRequest]) -> dict[str, 
         commands.put(("add", r))
     done = {}
     while len(done) < len(requests):
-        msg = results.get(timeout=60)
+        msg = results.get(timeout=120)
         assert msg[0] == "done", msg
         done[msg[1]] = msg
     return done

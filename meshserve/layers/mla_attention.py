@@ -59,10 +59,22 @@ class MLAAttention(nn.Module):
             write_latent(kv_c.contiguous(), k_pe.contiguous(), self.kv_cache, meta.slot_mapping)
         else:
             write_latent_ref(kv_c, k_pe, self.kv_cache, meta.slot_mapping)
-        if meta.max_query_len > 1:
-            out = mla_prefill_ref(q_nope, q_pe, self.kv_cache, kv_b_weight, meta, self.scale)
-            return out.flatten(1)
-        # absorbed decode: per-head slices of kv_b_proj, [H, N, R] (W_UK) and [H, V, R] (W_UV)
+        if meta.max_query_len == 1:
+            return self._absorbed(q_nope, q_pe, kv_b_weight, meta, triton).flatten(1)
+        decode, prefill = split_decode_prefill(meta, q_nope.device)
+        if decode is None:  # prefill chunks only
+            return mla_prefill_ref(q_nope, q_pe, self.kv_cache, kv_b_weight, meta, self.scale).flatten(1)
+        # a mixed step: decode rows stay absorbed (expanding a long context for one query would cost far more)
+        out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_head_dim)
+        rows, sub = decode
+        out[rows] = self._absorbed(q_nope[rows], q_pe[rows], kv_b_weight, sub, triton)
+        rows, sub = prefill
+        out[rows] = mla_prefill_ref(q_nope[rows], q_pe[rows], self.kv_cache, kv_b_weight, sub, self.scale)
+        return out.flatten(1)
+
+    def _absorbed(self, q_nope, q_pe, kv_b_weight, meta: AttentionMetadata, triton: bool) -> torch.Tensor:
+        """[T, H, V] through the latents alone (one query token per sequence on the Triton path)."""
+        # per-head slices of kv_b_proj: [H, N, R] (W_UK) and [H, V, R] (W_UV)
         w_kv = kv_b_weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv[:, : self.qk_nope_head_dim], w_kv[:, self.qk_nope_head_dim :]
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
@@ -73,5 +85,35 @@ class MLAAttention(nn.Module):
                                meta.seq_lens, meta.query_start_loc, self.scale, meta.max_seq_len)
         else:
             o_lat = mla_decode_ref(q_lat, q_pe, self.kv_cache, meta, self.scale)
-        out = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))  # [H, T, V]
-        return out.transpose(0, 1).flatten(1)
+        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, V]
+
+
+def _subset(meta: AttentionMetadata, seqs: list[int], device) -> tuple[torch.Tensor, AttentionMetadata]:
+    """The flat rows of sequences `seqs` and the metadata of those sequences alone (their rows packed)."""
+    starts, q_lens = meta.query_start_loc_cpu, []
+    rows: list[int] = []
+    for i in seqs:
+        rows.extend(range(starts[i], starts[i + 1]))
+        q_lens.append(starts[i + 1] - starts[i])
+    sub_starts = [0]
+    for n in q_lens:
+        sub_starts.append(sub_starts[-1] + n)
+    index = torch.tensor(seqs, dtype=torch.int64, device=device)
+    seq_lens = [meta.seq_lens_cpu[i] for i in seqs]
+    sub = AttentionMetadata(
+        slot_mapping=meta.slot_mapping[:0], query_start_loc=torch.tensor(sub_starts, device=device),
+        seq_lens=meta.seq_lens.index_select(0, index), block_tables=meta.block_tables.index_select(0, index),
+        max_query_len=max(q_lens), max_seq_len=max(seq_lens), query_start_loc_cpu=sub_starts,
+        seq_lens_cpu=seq_lens)
+    return torch.tensor(rows, dtype=torch.int64, device=device), sub
+
+
+def split_decode_prefill(meta: AttentionMetadata, device):
+    """For a step with prefill chunks: ((rows, meta) of its one-token sequences, (rows, meta) of the rest), or
+    (None, None) when no sequence decodes. Host lists only: no device sync."""
+    starts = meta.query_start_loc_cpu
+    decode = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
+    if not decode:
+        return None, None
+    prefill = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] > 1]
+    return _subset(meta, decode, device), _subset(meta, prefill, device)

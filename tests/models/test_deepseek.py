@@ -159,3 +159,22 @@ def test_fp8_checkpoints_are_a_one_line_error(tiny_model_dir, tmp_path):
     with pytest.raises(ModelLoadError, match=message):
         LLM(model=str(folder))
     check_engine_args(EngineArgs(model=str(folder), load_format="dummy"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter on CPU (on a GPU: -m gpu tests)")
+def test_engine_with_triton_mla_kernels_matches_hf(tiny_model_dir, hf_model, monkeypatch):
+    """The whole engine on the Triton latent write + absorbed decode kernels (Triton's CPU interpreter), mixed
+    steps and preemption included: HF's tokens."""
+    pytest.importorskip("triton")
+    import tests.kernels.test_mla  # noqa: F401  (sets TRITON_INTERPRET before triton_mla is imported)
+    from meshserve.layers.mla_attention import MLAAttention
+    from tests.engine.test_engine_vs_hf import hf_greedy
+
+    calls = []
+    monkeypatch.setattr(MLAAttention, "_use_triton", lambda self, x: calls.append(1) or True)
+    path = tiny_model_dir("deepseek_v3")
+    llm = LLM(model=path, max_num_batched_tokens=16, block_size=4, num_gpu_blocks_override=12)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf_model(path), p, MAX_NEW) for p in _prompts()]
+    assert calls and llm.engine.stats()["num_preemptions"] > 0

@@ -3,15 +3,19 @@ tokens / prompt logprobs of the whole engine under chunked prefill, prefix-cache
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
 
-from meshserve import LLM, SamplingParams
-from meshserve.layers.moe_routing import GroupedTopK
-from meshserve.models.deepseek import apply_deepseek_rotary, mla_softmax_scale
-from tests.conftest import VOCAB
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton loads: the Triton MLA test below runs interpreted
+
+from meshserve import LLM, SamplingParams  # noqa: E402
+from meshserve.layers.moe_routing import GroupedTopK  # noqa: E402
+from meshserve.models.deepseek import apply_deepseek_rotary, mla_softmax_scale  # noqa: E402
+from tests.conftest import VOCAB  # noqa: E402
 
 MAX_NEW = 8
 
@@ -166,7 +170,6 @@ def test_engine_with_triton_mla_kernels_matches_hf(tiny_model_dir, hf_model, mon
     """The whole engine on the Triton latent write + absorbed decode kernels (Triton's CPU interpreter), mixed
     steps and preemption included: HF's tokens."""
     pytest.importorskip("triton")
-    import tests.kernels.test_mla  # noqa: F401  (sets TRITON_INTERPRET before triton_mla is imported)
     from meshserve.layers.mla_attention import MLAAttention
     from tests.engine.test_engine_vs_hf import hf_greedy
 

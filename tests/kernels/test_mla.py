@@ -15,8 +15,8 @@ _HAS_CUDA = torch.cuda.is_available()
 if not _HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
-from meshserve.kernels.attention_metadata import AttentionMetadata  # noqa: E402
-from meshserve.kernels.mla_ref import gather_latent_ref, mla_decode_ref, mla_prefill_ref, write_latent_ref  # noqa: E402
+from meshserve.kernels.attention_metadata import AttentionMetadata
+from meshserve.kernels.mla_ref import gather_latent_ref, mla_decode_ref, mla_prefill_ref, write_latent_ref
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
@@ -36,7 +36,7 @@ def _meta(q_lens: list[int], seq_lens: list[int], block_size: int, num_blocks: i
     starts = [0]
     for q in q_lens:
         starts.append(starts[-1] + q)
-    t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+    t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)
     return AttentionMetadata(slot_mapping=t(slots), query_start_loc=t(starts), seq_lens=t(seq_lens),
                              block_tables=t(tables), max_query_len=max(q_lens), max_seq_len=max(seq_lens),
                              query_start_loc_cpu=starts, seq_lens_cpu=list(seq_lens))
@@ -46,7 +46,7 @@ def _problem(heads, nope, rope, v_dim, rank, q_lens, seq_lens, block_size=4, dty
     g = torch.Generator(device="cpu").manual_seed(1)
     num_blocks = sum(-(-s // block_size) for s in seq_lens) + 3
     meta = _meta(q_lens, seq_lens, block_size, num_blocks, device)
-    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
     cache = rnd(1, num_blocks, block_size, 1, rank + rope)  # context rows already cached
     tokens = sum(q_lens)
     q_nope, q_pe, kv_c, k_pe = rnd(tokens, heads, nope), rnd(tokens, heads, rope), rnd(tokens, rank), rnd(tokens, rope)

@@ -12,10 +12,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton loads: the Triton MLA test below runs interpreted
 
-from meshserve import LLM, SamplingParams  # noqa: E402
-from meshserve.layers.moe_routing import GroupedTopK  # noqa: E402
-from meshserve.models.deepseek import apply_deepseek_rotary, mla_softmax_scale  # noqa: E402
-from tests.conftest import VOCAB  # noqa: E402
+from meshserve import LLM, SamplingParams
+from meshserve.layers.moe_routing import GroupedTopK
+from meshserve.models.deepseek import apply_deepseek_rotary, mla_softmax_scale
+from tests.conftest import VOCAB
 
 MAX_NEW = 8
 

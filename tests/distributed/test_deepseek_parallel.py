@@ -13,7 +13,7 @@ from tests.distributed.test_expert_parallel import _generate, _prompts, _single
     ("deepseek_v3", False),  # MLA heads split, latent replicated: new here
     pytest.param("deepseek_v3", True, marks=pytest.mark.slow),  # EP itself: tests/distributed/test_expert_parallel
     pytest.param("deepseek_v2", False, marks=pytest.mark.slow),
-], ids=["v3-ep2", "v3-tp2", "v2-tp2"])
+], ids=["v3-tp2", "v3-ep2", "v2-tp2"])
 def test_two_ranks_match_one_device_and_hf(family, ep, tiny_model_dir, hf_model):
     single = _single(family, tiny_model_dir, hf_model)
     got, stats, load = _generate(tiny_model_dir(family), _prompts(), tensor_parallel_size=2,

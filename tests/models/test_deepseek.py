@@ -165,6 +165,7 @@ def test_fp8_checkpoints_are_a_one_line_error(tiny_model_dir, tmp_path):
     check_engine_args(EngineArgs(model=str(folder), load_format="dummy"))
 
 
+@pytest.mark.slow  # the layer-level interpreter test (tests/layers/test_mla_attention.py) is the fast one
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter on CPU (on a GPU: -m gpu tests)")
 def test_engine_with_triton_mla_kernels_matches_hf(tiny_model_dir, hf_model, monkeypatch):
     """The whole engine on the Triton latent write + absorbed decode kernels (Triton's CPU interpreter), mixed
@@ -181,3 +182,21 @@ def test_engine_with_triton_mla_kernels_matches_hf(tiny_model_dir, hf_model, mon
     outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf_model(path), p, MAX_NEW) for p in _prompts()]
     assert calls and llm.engine.stats()["num_preemptions"] > 0
+
+
+def test_swap_preemption_moves_latent_blocks(tiny_model_dir, hf_model):
+    """Swap preemption through the CPU offload tier: MLA blocks ([1, block_size, 1, latent + rotary key] per
+    layer) go out and come back intact (crc-verified), tokens HF's."""
+    from tests.engine.test_engine_vs_hf import hf_greedy
+
+    path = tiny_model_dir("deepseek_v3")
+    prompts = _prompts()
+    llm = LLM(model=path, block_size=4, num_gpu_blocks_override=12, kv_offloading_size=64 / 1024,
+              preemption_mode="swap", kv_offloading_verify=True)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    stats = llm.engine.stats()
+    assert llm.engine.executor.collective_rpc("kv_block_layout")[0] == (2, 1, 4, 1, 40)
+    llm.shutdown()
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf_model(path), p, MAX_NEW) for p in prompts]
+    assert stats["num_preemptions"] > 0 and stats["kv_offload_swaps_in"] == stats["num_preemptions"]

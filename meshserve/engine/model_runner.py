@@ -111,10 +111,10 @@ class ModelRunner:
 
     # -- KV memory -------------------------------------------------------------------------------
     def kv_block_layout(self) -> tuple[tuple[int, ...], torch.dtype]:
-        """Shape of one block of every layer of this rank, [layers, 2, block_size, kv_heads, head_dim], and
-        its dtype: a slot of the KV offload tiers."""
+        """Shape of one block of every layer of this rank, [layers, 2, block_size, kv_heads, head_dim] (MLA:
+        [layers, 1, block_size, 1, latent]), and its dtype: a slot of the KV offload tiers."""
         t = self.kv_pool.tensors[0]
-        return (len(self.kv_pool.tensors), 2, *t.shape[2:]), t.dtype
+        return (len(self.kv_pool.tensors), t.shape[0], *t.shape[2:]), t.dtype
 
     def attach_kv_offload(self, cpu_tier, stats, verify: bool = False) -> None:
         """Run the steps' KV offload copies between this rank's pool and cpu_tier (kv_offload/transfer.py)."""

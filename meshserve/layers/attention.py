@@ -76,6 +76,10 @@ class Attention(nn.Module):
         self.backend: AttentionBackend = TorchAttentionBackend()
         self.fused_prologue = False  # the backend's write_qkv serves forward_qkv
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """This layer's cache tensor: K and V per KV head (MLA layers hold one latent instead)."""
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
     @property
     def can_fuse_prologue(self) -> bool:
         """Whether forward_qkv may be used now: the prologue is selected and the cache is bound."""

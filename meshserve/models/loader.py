@@ -16,6 +16,7 @@ from torch import nn
 from meshserve.distributed.parallel_state import get_parallel_state
 from meshserve.errors import ModelLoadError
 from meshserve.models.presets import PRESETS, preset_config, preset_names
+from meshserve.models.quant_config import check_weight_format
 from meshserve.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
@@ -234,6 +235,8 @@ def init_dummy_weights(model: nn.Module, hf_config, seed: int = 0) -> None:
 def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_position: int,
                 seed: int = 0) -> nn.Module:
     """Instantiate the model class on `device` in `dtype` and fill its weights."""
+    check_weight_format(getattr(source.hf_config, "quantization_config", None), source.name,
+                        "dummy" if source.weights_dir is None else "auto")
     cls = resolve_model_class(source.hf_config)
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -64,12 +64,14 @@ class AsyncLLM:
         self._output_thread.start()
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs, separate_process: bool = False) -> AsyncLLM:
-        """The core in a thread of this process, or (separate_process) in a child process of its own."""
+    def from_engine_args(cls, args: EngineArgs, separate_process: bool = False,
+                         core_factory: Callable | None = None) -> AsyncLLM:
+        """The core in a thread of this process, or (separate_process) in a child process of its own;
+        core_factory(args) builds a stand-in core there (the front-end benchmark's model-less core)."""
         if separate_process:
             from meshserve.engine.core_process import ProcessCoreClient
 
-            client: EngineCoreClient = ProcessCoreClient(args)
+            client: EngineCoreClient = ProcessCoreClient(args, core_factory=core_factory)
         else:
             from meshserve.engine.core import EngineCore
             from meshserve.engine.core_client import ThreadedCoreClient

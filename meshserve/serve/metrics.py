@@ -2,12 +2,14 @@
 
 Request-level series (outcomes, token totals, latency histograms) are observed by the handlers as they
 stream; engine-level gauges (queue, KV cache, prefix cache, preemptions) are the counters the engine core
-published with its last step (a scrape never waits on the core), with their age as a gauge of its own. Names follow vLLM's `vllm:` series with a `meshserve:` prefix.
+published with its last step (a scrape never waits on the core), with their age as a gauge of its own.
+With several API processes (PROMETHEUS_MULTIPROC_DIR set before import) request series are summed across them. Names follow vLLM's `vllm:` series with a `meshserve:` prefix.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -173,6 +175,13 @@ class ServerMetrics:
         """The exposition text; engine_stats: (the core's counters, their age in s), or None to keep the last."""
         if engine_stats is not None:
             self._engine.stats, self._engine.age_s = engine_stats
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # one of several API processes: sum theirs, once
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)
+            merged.register(self._engine)
+            return generate_latest(merged)
         return generate_latest(self.registry)
 
 

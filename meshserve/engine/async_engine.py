@@ -27,6 +27,7 @@ from meshserve.config import EngineArgs
 from meshserve.engine.core_client import EngineCoreClient
 from meshserve.engine.input_processor import InputProcessor, PromptType, load_tokenizer
 from meshserve.engine.messages import EngineCoreOutputs, SchedulerStats, error_from_message
+from meshserve.engine.output_coalescing import fold_outputs
 from meshserve.engine.output_processor import OutputProcessor
 from meshserve.errors import EngineDeadError, ServiceLevelError
 from meshserve.outputs import RequestOutput
@@ -150,8 +151,12 @@ class AsyncLLM:
         try:
             for req in processed.core_requests:
                 self.core_client.add_request(req)
+            kind = processed.params.output_kind
             while True:
                 item = await q.get()
+                while not isinstance(item, BaseException) and not item.finished and not q.empty():
+                    nxt = q.get_nowait()  # the caller lags: what piled up goes out as one output
+                    item = nxt if isinstance(nxt, BaseException) else fold_outputs(item, nxt, kind)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished

@@ -167,7 +167,7 @@ def _core_main(args: EngineArgs, input_addr: str, output_addr: str, ready_conn, 
 
             core_factory = EngineCore.from_engine_args
         core = core_factory(args)
-    except BaseException as e:  # report why the model could not load, then leave
+    except BaseException as e:  # noqa: BLE001 - report why the model could not load, then leave
         ready_conn.send_bytes(_FAILED + b"\0" + _encoder.encode(error_to_message("", e)))
         router.close()
         ctx.term()

@@ -59,6 +59,9 @@ class AsyncLLM:
         self._closing = False
         self._stats = SchedulerStats(num_blocks=core_client.info.num_blocks)
         self._stats_time = time.monotonic()
+        # delay a request will still meet in the caller's process after this check (the server sets it: its
+        # event loop's lag, i.e. how late a first token leaves once made)
+        self.frontend_delay_s: Callable[[], float] = lambda: 0.0
         # prompts and chat templates are tokenized on this one thread (Rust tokenizers are not re-entrant)
         self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meshserve-tok")
         self._output_thread = threading.Thread(target=self._pump_outputs, name="meshserve-outputs", daemon=True)
@@ -172,7 +175,7 @@ class AsyncLLM:
         published queue state."""
         st = self._stats
         waited = time.monotonic() - arrival_time if arrival_time is not None else 0.0
-        return waited + st.queue_wait_s + num_prompt_tokens * st.prefill_s_per_token
+        return waited + st.queue_wait_s + num_prompt_tokens * st.prefill_s_per_token + self.frontend_delay_s()
 
     def _check_service_level(self, ttft_target_s: float | None, num_prompt_tokens: int,
                              arrival_time: float | None = None) -> None:

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from meshserve.errors import MeshserveError, RetryableError
 from meshserve.outputs import RequestOutput
+from meshserve.serve.frontend_load import ARRIVAL
 
 # Outcomes of a generation request: how its choices finished, or why it produced none.
 OUTCOMES = ("stop", "length", "abort", "rejected", "invalid", "error")
@@ -191,8 +192,10 @@ class RequestTracker:
 
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
-        self.arrival = time.perf_counter()
-        self.arrival_monotonic = time.monotonic()  # the engine's clock: its TTFT targets count from here
+        # the engine's clock: TTFT targets count from the request's first ASGI call (before its body was read)
+        now = time.monotonic()
+        self.arrival_monotonic = ARRIVAL.get() or now
+        self.arrival = time.perf_counter() - (now - self.arrival_monotonic)
         self._first: float | None = None
         self._last: float | None = None
         self._prompt_seen: set[int] = set()
@@ -215,11 +218,16 @@ class RequestTracker:
         if new <= 0:
             return
         self.metrics.generation_tokens.inc(new)
+        # one inter-token observation per token after the first; an output that folded several steps (a
+        # lagging stream) spreads its gap over its tokens
         if self._last is None:
             self._first = now
             self.metrics.ttft.observe(now - self.arrival)
+            gap, count = 0.0, new - 1
         else:
-            self.metrics.itl.observe(now - self._last)
+            gap, count = (now - self._last) / new, new
+        for _ in range(count):
+            self.metrics.itl.observe(gap)
         self._last = now
 
     def fail(self, exc: BaseException) -> None:

@@ -129,6 +129,7 @@ class EngineCore:
         self._pipeline: collections.deque[tuple[SchedulerOutput, PendingOutput, StepShape]] = collections.deque()
         if self.pipeline_depth:
             self.scheduler.async_mode = self.scheduler.skip_pending = True
+            self.scheduler.pipeline_depth = self.pipeline_depth
         self.info = CoreInfo(
             model=config.model_config.model,
             max_model_len=config.scheduler_config.max_model_len,
@@ -401,10 +402,8 @@ class EngineCore:
     def shutdown(self) -> None:
         pp = self.config.parallel_config.pipeline_parallel_size
         if pp > 1 and self.pp_wall_s:
-            micro = min(pp, self.config.scheduler_config.max_num_seqs)
-            logger.info("pipeline bubble measured on the last stage: %.1f%% (%d stages, up to %d micro-batches; "
-                        "fill/drain alone would be %.1f%%)", 100 * self.scheduler_stats().pp_bubble, pp, micro,
-                        100 * (pp - 1) / (micro + pp - 1))
+            logger.info("pipeline bubble measured on the last stage: %.1f%% (%d stages, one step per stage in "
+                        "flight)", 100 * self.scheduler_stats().pp_bubble, pp)
         if self._trace is not None:
             self._trace.close()
         self.grammar_waitlist.compiler.shutdown()

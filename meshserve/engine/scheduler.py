@@ -52,6 +52,9 @@ class Scheduler:
         # pipeline parallel: several steps in flight at once; a sequence waits until its last step is back
         # (its next input token is sampled on the last stage, far from the first)
         self.skip_pending = False
+        # and how many steps are in flight: each takes at most its share of the running sequences, so the
+        # stages' steps stay even (otherwise one step can hold the whole batch and the next nothing)
+        self.pipeline_depth = 0
         # where "now" comes from: the wall clock, or a simulated one (meshserve/simulator drives this scheduler)
         self.clock = time.monotonic
         # speculative decoding with a draft model: KV slots its proposals take past each step's tokens
@@ -138,8 +141,9 @@ class Scheduler:
         preempted: list[str] = []
 
         # 1. running sequences, oldest first; preempt from the newest end when blocks run out
+        share = -(-len(self.running) // self.pipeline_depth) if self.pipeline_depth > 1 else len(self.running)
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(scheduled) < share:
             seq = self.running[i]
             if seq.num_pending_tokens and (self.skip_pending or self._reached_limit(seq)):
                 i += 1  # its last token is on its way; nothing more to compute

@@ -17,7 +17,7 @@ class StepSampler:
     """Turns a step's hidden states into tokens: logits of the sampling rows (and of prompt-logprob rows),
     then a plain argmax for an all-greedy batch beside the full Sampler for everything else.
 
-    Holds what outlives a step: each seeded sequence's generator (until the sequence finishes), two pinned
+    Holds what outlives a step: each seeded sequence's generator (until the sequence finishes), pinned
     host buffers for the sampled ids (used in turn by step parity), and the last step's sampled ids on the
     device with their rows by sequence, which the next step's inputs read for tokens still pending when it
     was scheduled. Every TP rank computes logits (the LM head gathers over them); only TP rank 0 samples.
@@ -26,14 +26,14 @@ class StepSampler:
     """
 
     def __init__(self, model: torch.nn.Module, sampler: Sampler, vocab_size: int, device: torch.device,
-                 share_sampled: bool = False):
+                 share_sampled: bool = False, num_buffers: int = 2):
         self.model = model
         self.share_sampled = share_sampled
         self.sampler = sampler
         self.vocab_size = vocab_size
         self.device = device
         self.generators: dict[str, torch.Generator] = {}
-        self._pinned_ids: list[torch.Tensor | None] = [None, None]
+        self._pinned_ids: list[torch.Tensor | None] = [None] * num_buffers
         # the last step's sampled ids on the device and their rows, by sequence: the next step's input
         # for tokens that were still pending when it was scheduled
         self.last_sampled: torch.Tensor | None = None

@@ -8,8 +8,11 @@ import functools
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -52,28 +55,70 @@ def _call(fn: Callable[[], object]) -> None:
     fn()
 
 
+class ResultSender:
+    """The last pipeline stage's sampled tokens, sent to rank 0 from a thread in step order, so the stage
+    launches step n+1 while step n still runs instead of waiting for it (its device time is then busy
+    time, and the wall time between results the stage's share of the pipeline: rank 0 reports the bubble)."""
+
+    def __init__(self, group):
+        self.group = group
+        self._queue: queue.Queue = queue.Queue()
+        self._last_ready = 0.0
+        self._thread = threading.Thread(target=self._run, name="meshserve-stage-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, pending, launched: float) -> None:
+        """Queue a launched step's output; launched: when its launch began (time.perf_counter)."""
+        self._queue.put((pending, launched))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            pending, launched = item
+            try:
+                out = pending.result()
+                ready = time.perf_counter()
+                out.busy_s, out.wall_s = out.device_time_s, ready - max(launched, self._last_ready)
+                self._last_ready = ready
+                dist.send_object_list([out], dst=0, group=self.group)
+            except Exception as e:  # noqa: BLE001  (rank 0 waits on these tokens: leave, so it names this rank)
+                logger.error("rank %d stopping: sending its step results failed: %s", dist.get_rank(),
+                             str(e).splitlines()[0] if str(e) else type(e).__name__)
+                os._exit(1)
+
+    def close(self) -> None:
+        """Send what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+
 def serve_rank(runner: ModelRunner, rank: int) -> None:
-    """The worker loop: run every broadcast call until rank 0 says shutdown."""
+    """The worker loop: run every broadcast call until rank 0 says shutdown. Steps are only queued on the
+    device: no rank but the last stage's sampler returns anything, and that one sends from a thread."""
     st = get_parallel_state()
-    while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=st.cpu_group)
-        method, args = box[0]
-        if method == "shutdown":
-            return
-        if method.startswith("gather:"):
-            result = getattr(runner, method[len("gather:"):])(*args)
-            dist.gather_object(result, None, dst=0, group=st.cpu_group)
-            continue
-        if method == "execute" and rank != st.sampler_rank:
-            # nothing to send back: queue the step and take the next one, as rank 0 does, rather than wait
-            # for the device (waiting left this rank's GPU idle while it received and prepared each step:
-            # W1 8B at TP = 2 ran at 5.1 ms per step for 3.4 ms of GPU work on 2 x H200)
-            runner.launch(*args)
-            continue
-        result = getattr(runner, method)(*args)
-        if method == "execute":
-            dist.send_object_list([result], dst=0, group=st.token_group or st.cpu_group)
+    sender = ResultSender(st.token_group or st.cpu_group) if rank == st.sampler_rank else None
+    try:
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=st.cpu_group)
+            method, args = box[0]
+            if method == "shutdown":
+                return
+            if method.startswith("gather:"):
+                result = getattr(runner, method[len("gather:"):])(*args)
+                dist.gather_object(result, None, dst=0, group=st.cpu_group)
+            elif method == "execute":
+                # queue the step and take the next, as rank 0 does (waiting for the device left this
+                # rank's GPU idle while it received and prepared each step: W1 8B at TP = 2 ran at 5.1 ms
+                # per step for 3.4 ms of GPU work on 2 x H200)
+                launched = time.perf_counter()
+                pending = runner.launch(*args)
+                if sender is not None:
+                    sender.put(pending, launched)
+            else:
+                getattr(runner, method)(*args)
+    finally:
+        if sender is not None:
+            sender.close()
 
 
 def worker_main(config: EngineConfig, source, launch: LaunchInfo, rank: int, beats=None) -> None:

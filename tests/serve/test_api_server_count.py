@@ -46,10 +46,10 @@ def _start(tmp_path, count: int = 2):
 def _stream(base: str, i: int) -> int:
     body = {"model": "fake", "prompt": [5 + i, 6, 7], "max_tokens": 8, "stream": True,
             "stream_options": {"include_usage": True}}
-    with httpx.Client(timeout=60) as http:  # a connection each: the kernel hands them to either process
-        with http.stream("POST", base + "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    # a connection each: the kernel hands them to either process
+    with httpx.Client(timeout=60) as http, http.stream("POST", base + "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     return json.loads(events[-2][6:])["usage"]["completion_tokens"]
 

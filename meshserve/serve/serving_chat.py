@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from starlette.responses import Response
 
 from meshserve.outputs import CompletionOutput, RequestOutput
+from meshserve.serve.chunk_encoding import ChunkEncoder
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient, EngineRequest
 from meshserve.serve.logprobs import chat_logprobs
@@ -106,11 +107,14 @@ class ChatService:
 
     # -- stream ----------------------------------------------------------------------------------
     async def _stream(self, req, model, request_id, request: EngineRequest,
-                      tracker: RequestTracker, plan: ToolPlan) -> AsyncIterator[str]:
+                      tracker: RequestTracker, plan: ToolPlan) -> AsyncIterator[str | bytes]:
         state = StreamState(every_token=not self.client.has_tokenizer)
         content_sent: dict[int, int] = {}  # choice -> characters of its text sent as content
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         final: RequestOutput | None = None
+        # content-only chunks (no logprobs, no tools) skip pydantic
+        fast = ChunkEncoder(request_id, model, "chat.completion.chunk") if not req.logprobs and plan.mode == "none" \
+            else None
         outcome = "abort"
         try:
             for i in range(req.n):  # the role comes first, in a chunk of its own, as OpenAI sends it
@@ -122,7 +126,9 @@ class ChatService:
                 texts = {c.index: c.text for c in final.outputs}
                 for c in out.outputs:
                     d = state.delta(0, c, need_tokens=req.logprobs or plan.mode != "none")
-                    if d is not None:
+                    if d is not None and fast is not None:
+                        yield fast.chat(c.index, d.text or None, d.finish_reason, d.stop_reason)
+                    elif d is not None:
                         choice = self._chunk_choice(req, c, d)
                         if plan.mode != "none":
                             _hold_tool_text(choice, d, plan, texts[c.index], content_sent)

@@ -38,6 +38,10 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def _copy_replicated(param: nn.Parameter, loaded) -> None:
     src = full_weight(loaded)
+    if getattr(param, "same_across_shards", False):  # GPTQ act-order g_idx: merged projections share inputs
+        if getattr(param, "loaded_once", False) and not torch.equal(param.data, src.reshape(param.shape)):
+            raise ValueError("act-order g_idx differs between the merged projections (q/k/v or gate/up)")
+        param.loaded_once = True
     if getattr(param, "reduce_max", False):  # merged shards' per-tensor scales: the largest serves all
         param.data.copy_(torch.maximum(param.data, src.reshape(param.shape).to(param.dtype)))
     else:

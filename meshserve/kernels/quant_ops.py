@@ -42,17 +42,31 @@ def _has_scaled_mm_rowwise(device_index: int) -> bool:
 
 def _scaled_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     n, k = weight.shape
-    return (x.dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0
-            and _has_scaled_mm_rowwise(x.device.index or 0))
+    return (
+        x.dtype == torch.bfloat16
+        and k % 16 == 0
+        and n % 16 == 0
+        and _has_scaled_mm_rowwise(x.device.index or 0)
+    )
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               input_scale: torch.Tensor | None, bias: torch.Tensor | None, gemv: bool = False) -> torch.Tensor:
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    gemv: bool = False,
+) -> torch.Tensor:
     """x [..., K] @ fp8 weight [N, K]^T with per-channel weight_scale [N] (see the module docstring)."""
     if x.is_cuda:
         triton_quant = _triton_quant()
-        if (gemv and triton_quant is not None and x.numel() == x.shape[-1]
-                and x.dtype in (torch.bfloat16, torch.float16)):
+        if (
+            gemv
+            and triton_quant is not None
+            and x.numel() == x.shape[-1]
+            and x.dtype in (torch.bfloat16, torch.float16)
+        ):
             return triton_quant.fp8_gemv(x, weight, weight_scale, bias)
         if _scaled_mm_fits(x, weight):
             shape = x.shape
@@ -61,17 +75,29 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                 xq, xs = quantize_fp8_per_token(x2)
             else:  # a static per-tensor scale, broadcast as rowwise so one kernel config serves both
                 xq, xs = to_fp8(x2, input_scale), input_scale.float().reshape(1, 1).expand(x2.shape[0], 1)
-            y = torch._scaled_mm(xq, weight.t(), scale_a=xs.contiguous(), scale_b=weight_scale.float()[None, :],
-                                 out_dtype=x.dtype)
+            y = torch._scaled_mm(
+                xq,
+                weight.t(),
+                scale_a=xs.contiguous(),
+                scale_b=weight_scale.float()[None, :],
+                out_dtype=x.dtype,
+            )
             if bias is not None:
                 y = y + bias
             return y.reshape(*shape[:-1], weight.shape[0])
     return fp8_linear_ref(x, weight, weight_scale, input_scale, bias)
 
 
-def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int, g_idx: torch.Tensor | None, bias: torch.Tensor | None,
-                fast: bool = False) -> torch.Tensor:
+def int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    g_idx: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fast: bool = False,
+) -> torch.Tensor:
     """x [..., K] @ the INT4 weight in the internal layout (kernels/quant_ref.py) -> [..., N]."""
     if fast and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
         triton_quant = _triton_quant()

@@ -15,6 +15,8 @@ INT4 weights live in one internal layout whatever the checkpoint's (AWQ and GPTQ
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -40,8 +42,13 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return to_fp8(x, scale), scale
 
 
-def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                   input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x [..., K] (activation dtype) times an fp8 weight [N, K] with per-channel scales [N]; the activation is
     quantized per token (input_scale None) or with the checkpoint's static per-tensor scale. -> [..., N]."""
     shape = x.shape
@@ -56,8 +63,9 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
 
 
-def fp8_weight_only_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_weight_only_ref(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """The batch-1 GEMV's semantics: the fp8 weight dequantized, the activation left in its dtype."""
     w = weight.float() * weight_scale.float()[:, None]
     y = x.float() @ w.t()
@@ -90,8 +98,14 @@ def _as_int32(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
 
 
-def int4_dequant_ref(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                     g_idx: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def int4_dequant_ref(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """The internal INT4 layout -> the weight [K, N] (input-major, as stored), computed in fp32 and rounded
     once to dtype (default: scales' dtype)."""
     q = unpack_int4_rows(qweight).float()
@@ -99,18 +113,37 @@ def int4_dequant_ref(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     return ((q - zeros.float()[groups]) * scales.float()[groups]).to(dtype or scales.dtype)
 
 
-def int4_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                    group_size: int, g_idx: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+def int4_linear_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x [..., K] @ dequantized weight [K, N] (+ bias)."""
     w = int4_dequant_ref(qweight, scales, zeros, group_size, g_idx, dtype=x.dtype)
     return F.linear(x, w.t(), bias)
 
 
-def quantize_int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@dataclass
+class Int4Weights:
+    """One weight quantized to INT4, unpacked: w[k, n] ~ (q[k, n] - zeros[g_idx[k], n]) * scales[g_idx[k], n]."""
+
+    q: torch.Tensor  # [K, N] int32 values 0..15
+    scales: torch.Tensor  # [G, N]
+    zeros: torch.Tensor  # [G, N], integer-valued
+    g_idx: torch.Tensor  # [K] int32
+
+
+def quantize_int4_groups(
+    weight: torch.Tensor, group_size: int, min_zero: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric round-to-nearest INT4 of weight [N, K] in groups of group_size input features.
     -> (q [K, N] int values 0..15, scales [K / G, N], zeros [K / G, N] integer-valued) in weight's dtype,
-    with weight ~ (q - zeros[k // G]) * scales[k // G] (the AWQ / GPTQ convention)."""
+    with weight ~ (q - zeros[k // G]) * scales[k // G] (the AWQ / GPTQ convention). min_zero 1 keeps zero
+    points writable in GPTQ v1 checkpoints, which store zero - 1 in a nibble."""
     n, k = weight.shape
     if k % group_size:
         raise ValueError(f"input features ({k}) are not a multiple of the group size ({group_size})")
@@ -118,6 +151,6 @@ def quantize_int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.T
     w_min = w.amin(dim=1).clamp(max=0.0)
     w_max = w.amax(dim=1).clamp(min=0.0)
     scales = ((w_max - w_min) / 15.0).clamp(min=1e-8)
-    zeros = (-w_min / scales).round().clamp(0, 15)
+    zeros = (-w_min / scales).round().clamp(min_zero, 15)
     q = (w / scales[:, None, :] + zeros[:, None, :]).round().clamp(0, 15)
     return q.reshape(k, n).to(torch.int32), scales.to(weight.dtype), zeros.to(weight.dtype)

@@ -19,8 +19,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_w,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fp8_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     ks = tl.arange(0, BLOCK_K)
@@ -38,8 +49,9 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_w,
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
-def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-             bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_gemv(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """x [..., K] holding one row, weight [N, K] float8_e4m3fn, weight_scale [N] fp32 -> [..., N] in x.dtype."""
     n, k = weight.shape
     if x.numel() != k:
@@ -50,16 +62,47 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     block_k = 1024 if k >= 4096 else 512  # one byte per weight: twice the 16-bit GEMV's K tile, same bytes
     _fp8_gemv_kernel[(triton.cdiv(n, 4),)](
-        x, weight, weight_scale.float().contiguous(), bias if bias is not None else x, y, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=4, BLOCK_K=block_k, num_warps=8 if k >= 2048 else 4, num_stages=3)
+        x,
+        weight,
+        weight_scale.float().contiguous(),
+        bias if bias is not None else x,
+        y,
+        n,
+        k,
+        weight.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_N=4,
+        BLOCK_K=block_k,
+        num_warps=8 if k >= 2048 else 4,
+        num_stages=3,
+    )
     return y
 
 
 @triton.jit
-def _int4_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, K, group_size,
-                        stride_xm, stride_qk, stride_sg, stride_ym,
-                        HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _int4_matmul_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    g_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    stride_xm,
+    stride_qk,
+    stride_sg,
+    stride_ym,
+    HAS_G_IDX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = rm < M
@@ -70,10 +113,15 @@ def _int4_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, 
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         kmask = kk < K
-        a = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :],
-                    mask=mmask[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(
+            x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :],
+            mask=mmask[:, None] & kmask[None, :],
+            other=0.0,
+        )
         wmask = kmask[:, None] & nmask[None, :]
-        packed = tl.load(qw_ptr + (kk // 8)[:, None].to(tl.int64) * stride_qk + rn[None, :], mask=wmask, other=0)
+        packed = tl.load(
+            qw_ptr + (kk // 8)[:, None].to(tl.int64) * stride_qk + rn[None, :], mask=wmask, other=0
+        )
         q = (packed >> ((kk % 8) * 4)[:, None]) & 0xF
         if HAS_G_IDX:
             g = tl.load(g_ptr + kk, mask=kmask, other=0)
@@ -86,8 +134,11 @@ def _int4_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, 
         acc += tl.dot(a, w, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
+    tl.store(
+        y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mmask[:, None] & nmask[None, :],
+    )
 
 
 def _int4_tiles(m: int) -> tuple[int, int, int, int]:
@@ -100,9 +151,15 @@ def _int4_tiles(m: int) -> tuple[int, int, int, int]:
     return 128, 128, 32, 8
 
 
-def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int, g_idx: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+def int4_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Same as quant_ref.int4_linear_ref: x [..., K] -> [..., N] in x.dtype."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     shape = x.shape
@@ -117,9 +174,28 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         bm, bn, bk, warps = _int4_tiles(m)
         scales, zeros, qweight = scales.contiguous(), zeros.contiguous(), qweight.contiguous()
         _int4_matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            x2, qweight, scales, zeros, g_idx if g_idx is not None else qweight, bias if bias is not None else y,
-            y, m, n, k, group_size, x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-            HAS_G_IDX=g_idx is not None, HAS_BIAS=bias is not None,
+            x2,
+            qweight,
+            scales,
+            zeros,
+            g_idx if g_idx is not None else qweight,
+            bias if bias is not None else y,
+            y,
+            m,
+            n,
+            k,
+            group_size,
+            x2.stride(0),
+            qweight.stride(0),
+            scales.stride(0),
+            y.stride(0),
+            HAS_G_IDX=g_idx is not None,
+            HAS_BIAS=bias is not None,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3)
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            num_warps=warps,
+            num_stages=3,
+        )
     return y.reshape(*shape[:-1], n)

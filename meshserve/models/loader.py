@@ -156,7 +156,7 @@ def _load_tensors(model: nn.Module, tensors, what: str) -> None:
         if name is None:  # another pipeline stage's (or a tied) tensor
             continue
         if is_kv_scale(name):
-            _load_or_fail(ckpt_name, lambda: load_kv_scale(model, name, tensor))
+            _load_or_fail(ckpt_name, load_kv_scale, model, name, tensor)
             continue
         shard_id = None
         for ckpt_part, (our_part, sid) in packed.items():
@@ -169,11 +169,11 @@ def _load_tensors(model: nn.Module, tensors, what: str) -> None:
         loader = getattr(param, "weight_loader", None)
         with torch.no_grad():
             if loader is None:
-                _load_or_fail(ckpt_name, lambda: param.data.copy_(tensor[:]))
+                _load_or_fail(ckpt_name, param.data.copy_, tensor[:])
             elif shard_id is None:
-                _load_or_fail(ckpt_name, lambda: loader(param, tensor))
+                _load_or_fail(ckpt_name, loader, param, tensor)
             else:
-                _load_or_fail(ckpt_name, lambda: loader(param, tensor, shard_id))
+                _load_or_fail(ckpt_name, loader, param, tensor, shard_id)
         loaded.add(name)
     tied_head = getattr(model, "tie_word_embeddings", False)
     expected = {n for n, p in params.items() if not getattr(p, "optional", False) and not (
@@ -190,10 +190,10 @@ def _load_tensors(model: nn.Module, tensors, what: str) -> None:
                 _load_or_fail(name, process)
 
 
-def _load_or_fail(name: str, load) -> None:
-    """Run one load step; a shape or format mismatch becomes a one-line error naming the tensor."""
+def _load_or_fail(name: str, load, *args) -> None:
+    """load(*args), one load step; a shape or format mismatch becomes a one-line error naming the tensor."""
     try:
-        load()
+        load(*args)
     except (RuntimeError, ValueError) as e:
         raise ModelLoadError(f"cannot load {name}: {str(e).splitlines()[0]}") from e
 

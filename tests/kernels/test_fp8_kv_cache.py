@@ -18,17 +18,17 @@ _HAS_CUDA = torch.cuda.is_available()
 if not _HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from meshserve.kernels.attention_ref import gather_kv_ref, paged_attention_ref, write_kv_ref  # noqa: E402
-from meshserve.kernels.quant_ref import FP8_DTYPE  # noqa: E402
+from meshserve.kernels.attention_ref import gather_kv_ref, paged_attention_ref, write_kv_ref
+from meshserve.kernels.quant_ref import FP8_DTYPE
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")
 interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
 
 if _HAS_TRITON:
-    from meshserve.kernels.triton_attention import TritonAttentionBackend
-
     from test_triton_attention import make_case
+
+    from meshserve.kernels.triton_attention import TritonAttentionBackend
 
 
 def _fp8_exact(shape, scale, seed):
@@ -59,9 +59,16 @@ def test_reference_attention_matches_the_dequantized_cache():
     cache16 = torch.randn(2, 6, 4, 2, 16, generator=g)
     cache8 = (cache16 / 0.25).to(FP8_DTYPE)
     q = torch.randn(3, 4, 16, generator=g)
-    meta = AttentionMetadata(torch.zeros(3, dtype=torch.int64), torch.tensor([0, 2, 3], dtype=torch.int32),
-                             torch.tensor([7, 9], dtype=torch.int32),
-                             torch.tensor([[1, 4, 0], [5, 2, 3]], dtype=torch.int32), 2, 9, [0, 2, 3], [7, 9])
+    meta = AttentionMetadata(
+        torch.zeros(3, dtype=torch.int64),
+        torch.tensor([0, 2, 3], dtype=torch.int32),
+        torch.tensor([7, 9], dtype=torch.int32),
+        torch.tensor([[1, 4, 0], [5, 2, 3]], dtype=torch.int32),
+        2,
+        9,
+        [0, 2, 3],
+        [7, 9],
+    )
     out = paged_attention_ref(q, cache8, meta, 0.25, None, 0.25, 0.25)
     ref = paged_attention_ref(q, cache8.float() * 0.25, meta, 0.25, None)
     torch.testing.assert_close(out, ref)
@@ -89,7 +96,9 @@ def test_triton_prefill_and_decode_interp(dtype):
     for q_lens, seq_lens, splits in (([5, 1, 9], [5, 30, 20], None), ([1, 1, 1], [5, 70, 33], 3)):
         query, cache, meta = make_case(q_lens, seq_lens, 4, 2, 32, 8, dtype, seed=len(q_lens) + sum(q_lens))
         cache8 = (cache.float() / 0.5).to(FP8_DTYPE)
-        out = TritonAttentionBackend(decode_num_splits=splits).attend(query, cache8, meta, 0.2, None, 0.5, 0.5)
+        out = TritonAttentionBackend(decode_num_splits=splits).attend(
+            query, cache8, meta, 0.2, None, 0.5, 0.5
+        )
         ref = paged_attention_ref(query.float(), cache8, meta, 0.2, None, 0.5, 0.5)
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
@@ -113,7 +122,9 @@ def test_triton_write_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("q_lens,seq_lens", [([1] * 64, [2048] * 64), ([1], [32768]), ([300, 1, 77], [900, 3000, 77])])
+@pytest.mark.parametrize(
+    "q_lens,seq_lens", [([1] * 64, [2048] * 64), ([1], [32768]), ([300, 1, 77], [900, 3000, 77])]
+)
 def test_triton_attention_gpu(head_dim, q_lens, seq_lens):
     query, cache, meta = make_case(q_lens, seq_lens, 32, 8, head_dim, 16, torch.bfloat16, device="cuda")
     cache8 = (cache.float() / 0.02).to(FP8_DTYPE)

@@ -18,7 +18,7 @@ _HAS_CUDA = torch.cuda.is_available()
 if not _HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from meshserve.kernels.quant_ref import (  # noqa: E402
+from meshserve.kernels.quant_ref import (
     FP8_DTYPE,
     fp8_linear_ref,
     fp8_weight_only_ref,
@@ -30,7 +30,7 @@ from meshserve.kernels.quant_ref import (  # noqa: E402
     quantize_int4_groups,
     unpack_int4_rows,
 )
-from meshserve.layers.quantization.int4_formats import (  # noqa: E402
+from meshserve.layers.quantization.int4_formats import (
     awq_pack,
     awq_unpack,
     gptq_pack_cols,
@@ -156,8 +156,9 @@ def test_fp8_gemv_interp():
     g = torch.Generator().manual_seed(3)
     wq, ws = quantize_fp8_per_channel(torch.randn(40, 600, generator=g))
     x, bias = torch.randn(1, 600, generator=g), torch.randn(40, generator=g)
-    torch.testing.assert_close(fp8_gemv(x, wq, ws, bias), fp8_weight_only_ref(x, wq, ws, bias),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        fp8_gemv(x, wq, ws, bias), fp8_weight_only_ref(x, wq, ws, bias), atol=1e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.gpu
@@ -184,8 +185,9 @@ def test_fp8_gemv_and_scaled_mm_gpu(kn):
     k, n = kn
     wq, ws = quantize_fp8_per_channel(torch.randn(n, k, device="cuda") * 0.02)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(fp8_gemv(x, wq, ws).float(), fp8_weight_only_ref(x.float(), wq, ws),
-                               atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(
+        fp8_gemv(x, wq, ws).float(), fp8_weight_only_ref(x.float(), wq, ws), atol=2e-2, rtol=2e-2
+    )
     xb = torch.randn(64, k, device="cuda", dtype=torch.bfloat16)
     out = fp8_linear(xb, wq, ws, None, None, gemv=True)  # 64 rows: torch._scaled_mm
     torch.testing.assert_close(out.float(), fp8_linear_ref(xb.float(), wq, ws), atol=3e-2, rtol=2e-2)

@@ -29,7 +29,9 @@ def test_resolve_formats_and_bad_combinations():
     assert awq.name == "awq" and awq.group_size == 64
     gptq = resolve_quant_config(_Cfg(_quant_config("gptq", 128, True, "", False, False)), "gptq")
     assert gptq.desc_act and gptq.zero_offset == 1
-    ct = resolve_quant_config(_Cfg(_quant_config("compressed-tensors", 0, False, "tensor", True, True)), "fp8")
+    ct = resolve_quant_config(
+        _Cfg(_quant_config("compressed-tensors", 0, False, "tensor", True, True)), "fp8"
+    )
     assert ct.name == "compressed-tensors" and ct.static_input_scale and not ct.online
     with pytest.raises(InvalidArgumentError, match="awq needs a checkpoint with a awq quantization_config"):
         resolve_quant_config(_Cfg(), "awq")
@@ -81,10 +83,14 @@ def _checkpoint(fmt: str, weight: torch.Tensor, perm: torch.Tensor) -> dict[str,
 
 
 def _config(fmt: str):
-    return {"bf16": None, "awq": Int4Config("awq", GROUP), "gptq": Int4Config("gptq", GROUP),
-            "gptq-act-order": Int4Config("gptq", GROUP, desc_act=True),
-            "fp8-channel": Fp8Config("compressed-tensors"),
-            "fp8-tensor-static": Fp8Config("compressed-tensors", static_input_scale=True)}[fmt]
+    return {
+        "bf16": None,
+        "awq": Int4Config("awq", GROUP),
+        "gptq": Int4Config("gptq", GROUP),
+        "gptq-act-order": Int4Config("gptq", GROUP, desc_act=True),
+        "fp8-channel": Fp8Config("compressed-tensors"),
+        "fp8-tensor-static": Fp8Config("compressed-tensors", static_input_scale=True),
+    }[fmt]
 
 
 def _build(kind: str, fmt: str, tp: int, rank: int, monkeypatch, weights):
@@ -119,9 +125,11 @@ def test_tensor_parallel_slices_every_format(fmt, kind, monkeypatch):
         return torch.randn(*shape, generator=g) * 0.1
 
     if kind == "qkv":
-        weights = {"q": (rand(HEADS * HEAD_DIM, HIDDEN), rand(HEADS * HEAD_DIM)),
-                   "k": (rand(KV_HEADS * HEAD_DIM, HIDDEN), rand(KV_HEADS * HEAD_DIM)),
-                   "v": (rand(KV_HEADS * HEAD_DIM, HIDDEN), rand(KV_HEADS * HEAD_DIM))}
+        weights = {
+            "q": (rand(HEADS * HEAD_DIM, HIDDEN), rand(HEADS * HEAD_DIM)),
+            "k": (rand(KV_HEADS * HEAD_DIM, HIDDEN), rand(KV_HEADS * HEAD_DIM)),
+            "v": (rand(KV_HEADS * HEAD_DIM, HIDDEN), rand(KV_HEADS * HEAD_DIM)),
+        }
     elif kind == "merged":
         weights = {0: (rand(INTER, HIDDEN), None), 1: (rand(INTER, HIDDEN), None)}
     else:
@@ -148,5 +156,7 @@ def test_tensor_parallel_slices_every_format(fmt, kind, monkeypatch):
     else:  # each rank holds [q_r, k_r, v_r]
         q, kv = HEADS * HEAD_DIM // 2, KV_HEADS * HEAD_DIM // 2
         parts = [o.split([q, kv, kv], dim=-1) for o in outs]
-        combined = torch.cat([parts[0][0], parts[1][0], parts[0][1], parts[1][1], parts[0][2], parts[1][2]], -1)
+        combined = torch.cat(
+            [parts[0][0], parts[1][0], parts[0][1], parts[1][1], parts[0][2], parts[1][2]], -1
+        )
     torch.testing.assert_close(combined, full, atol=1e-5, rtol=1e-5)

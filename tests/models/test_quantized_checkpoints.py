@@ -57,9 +57,21 @@ def _dequantized_copy(src: str, dst: str, fmt: str) -> str:
     """A plain fp32 checkpoint holding the quantized checkpoint's weights, dequantized independently."""
     tensors = load_file(os.path.join(src, "model.safetensors"))
     bases = {n.rsplit(".", 1)[0] for n in tensors if n.endswith((".qweight", ".weight_scale"))}
-    quant_parts = ("weight", "qweight", "qzeros", "scales", "g_idx", "weight_scale", "input_scale", "input_scale_ub")
-    out = {n: t for n, t in tensors.items()
-           if not (n.rsplit(".", 1)[0] in bases and n.rsplit(".", 1)[1] in quant_parts)}
+    quant_parts = (
+        "weight",
+        "qweight",
+        "qzeros",
+        "scales",
+        "g_idx",
+        "weight_scale",
+        "input_scale",
+        "input_scale_ub",
+    )
+    out = {
+        n: t
+        for n, t in tensors.items()
+        if not (n.rsplit(".", 1)[0] in bases and n.rsplit(".", 1)[1] in quant_parts)
+    }
     for base in bases:
         out[f"{base}.weight"] = dequantize_independently(tensors, base, fmt).contiguous()
     os.makedirs(dst, exist_ok=True)
@@ -73,19 +85,25 @@ def _dequantized_copy(src: str, dst: str, fmt: str) -> str:
 
 
 def _prompt_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
-    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0),
-                       use_tqdm=False)[0]
+    out = llm.generate(
+        {"prompt_token_ids": ids},
+        SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0),
+        use_tqdm=False,
+    )[0]
     return torch.tensor([pos[tok].logprob for pos, tok in zip(out.prompt_logprobs[1:], ids[1:])])
 
 
 PROMPT = [(7 * i + 3) % 300 + 5 for i in range(40)]
 
 
-@pytest.mark.parametrize("fmt,options", [
-    ("awq", {}),
-    ("gptq", {}),
-    ("gptq", {"desc_act": True}),
-])
+@pytest.mark.parametrize(
+    "fmt,options",
+    [
+        ("awq", {}),
+        ("gptq", {}),
+        ("gptq", {"desc_act": True}),
+    ],
+)
 def test_int4_checkpoint_matches_its_independent_dequantization(fmt, options, tiny_model_dir, tmp_path):
     src = tiny_model_dir("qwen2")  # QKV bias, tied head
     qdir = quantize_checkpoint(src, str(tmp_path / "q"), fmt, group_size=GROUP, **options)
@@ -95,11 +113,14 @@ def test_int4_checkpoint_matches_its_independent_dequantization(fmt, options, ti
     torch.testing.assert_close(quant, plain, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt,options", [
-    ("compressed-tensors", {"strategy": "channel"}),
-    ("compressed-tensors", {"strategy": "tensor", "input_scale": 0.05, "kv_scale": 0.5}),
-    ("fbgemm_fp8", {}),
-])
+@pytest.mark.parametrize(
+    "fmt,options",
+    [
+        ("compressed-tensors", {"strategy": "channel"}),
+        ("compressed-tensors", {"strategy": "tensor", "input_scale": 0.05, "kv_scale": 0.5}),
+        ("fbgemm_fp8", {}),
+    ],
+)
 def test_fp8_checkpoint_loads_its_scales(fmt, options, tiny_model_dir, tmp_path):
     src = tiny_model_dir("llama")
     qdir = quantize_checkpoint(src, str(tmp_path / "q"), fmt, **options)
@@ -109,8 +130,12 @@ def test_fp8_checkpoint_loads_its_scales(fmt, options, tiny_model_dir, tmp_path)
     # q, k and v keep their own scales inside the merged projection (per-tensor ones broadcast per row)
     qkv = layer.self_attn.qkv_proj
     got = qkv.weight.float() * qkv.weight_scale[:, None]
-    want = torch.cat([dequantize_independently(tensors, f"model.layers.1.self_attn.{p}", fmt)
-                      for p in ("q_proj", "k_proj", "v_proj")])
+    want = torch.cat(
+        [
+            dequantize_independently(tensors, f"model.layers.1.self_attn.{p}", fmt)
+            for p in ("q_proj", "k_proj", "v_proj")
+        ]
+    )
     assert torch.equal(got, want)
     if "input_scale" in options:
         assert float(qkv.input_scale) == pytest.approx(options["input_scale"])
@@ -133,7 +158,11 @@ def test_online_fp8_and_fp8_kv_cache_run_through_llm(tiny_model_dir):
     budget = 1 << 20
     base_llm = LLM(src, cpu_kv_cache_bytes=budget)
     base = _prompt_logprobs(base_llm, PROMPT)
-    for kwargs in ({"quantization": "fp8"}, {"kv_cache_dtype": "fp8"}, {"quantization": "fp8", "kv_cache_dtype": "fp8"}):
+    for kwargs in (
+        {"quantization": "fp8"},
+        {"kv_cache_dtype": "fp8"},
+        {"quantization": "fp8", "kv_cache_dtype": "fp8"},
+    ):
         llm = LLM(src, cpu_kv_cache_bytes=budget, **kwargs)
         got = _prompt_logprobs(llm, PROMPT)
         # (the tiny random model's large weights amplify fp8 rounding: ~2-5% of a logprob)

@@ -40,13 +40,24 @@ def _compressed_tensors(qc: dict) -> QuantConfig:
     schemes = set()
     for group in groups:
         w, a = group.get("weights") or {}, group.get("input_activations")
-        if w.get("type") != "float" or w.get("num_bits") != 8 or w.get("strategy") not in ("tensor", "channel"):
-            raise _error(f"compressed-tensors weight scheme {w.get('type')}{w.get('num_bits')} strategy "
-                         f"{w.get('strategy')} is not supported (fp8 weights, per tensor or per channel)")
-        if a is not None and (a.get("type") != "float" or a.get("num_bits") != 8
-                              or (not a.get("dynamic") and a.get("strategy") != "tensor")):
-            raise _error(f"compressed-tensors activation scheme {a} is not supported (fp8, dynamic per token "
-                         "or static per tensor)")
+        if (
+            w.get("type") != "float"
+            or w.get("num_bits") != 8
+            or w.get("strategy") not in ("tensor", "channel")
+        ):
+            raise _error(
+                f"compressed-tensors weight scheme {w.get('type')}{w.get('num_bits')} strategy "
+                f"{w.get('strategy')} is not supported (fp8 weights, per tensor or per channel)"
+            )
+        if a is not None and (
+            a.get("type") != "float"
+            or a.get("num_bits") != 8
+            or (not a.get("dynamic") and a.get("strategy") != "tensor")
+        ):
+            raise _error(
+                f"compressed-tensors activation scheme {a} is not supported (fp8, dynamic per token "
+                "or static per tensor)"
+            )
         schemes.add(a is not None and not a.get("dynamic"))
     if len(schemes) > 1:
         raise _error("compressed-tensors checkpoint mixes static and dynamic activation scales")
@@ -74,19 +85,25 @@ def _from_checkpoint(qc: dict) -> QuantConfig:
         group = int(qc.get("group_size", qc.get("q_group_size", 128)))
         if method == "awq":
             if str(qc.get("version", "gemm")).lower() != "gemm" or not qc.get("zero_point", True):
-                raise _error(f"awq version {qc.get('version')} / zero_point {qc.get('zero_point')} is not "
-                             "supported (gemm with zero points)")
+                raise _error(
+                    f"awq version {qc.get('version')} / zero_point {qc.get('zero_point')} is not "
+                    "supported (gemm with zero points)"
+                )
             return Int4Config("awq", group)
         fmt = str(qc.get("checkpoint_format", "gptq")).lower()
         if fmt not in ("gptq", "gptq_v2"):
             raise _error(f"gptq checkpoint_format {fmt} is not supported (gptq, gptq_v2)")
-        return Int4Config("gptq", group, desc_act=bool(qc.get("desc_act", False)),
-                          zero_offset=1 if fmt == "gptq" else 0)
-    raise _error(f"the checkpoint's quantization {method or qc!r} is not supported "
-                 f"({', '.join(QUANTIZATION_METHODS)})")
+        return Int4Config(
+            "gptq", group, desc_act=bool(qc.get("desc_act", False)), zero_offset=1 if fmt == "gptq" else 0
+        )
+    raise _error(
+        f"the checkpoint's quantization {method or qc!r} is not supported ({', '.join(QUANTIZATION_METHODS)})"
+    )
 
 
-def resolve_quant_config(hf_config, quantization: str | None, load_format: str = "auto") -> QuantConfig | None:
+def resolve_quant_config(
+    hf_config, quantization: str | None, load_format: str = "auto"
+) -> QuantConfig | None:
     """The weight format of the model: the checkpoint's quantization_config, or online fp8 for
     quantization="fp8" on a 16-bit checkpoint. None: unquantized."""
     if quantization is not None and quantization not in QUANTIZATION_METHODS:
@@ -100,12 +117,17 @@ def resolve_quant_config(hf_config, quantization: str | None, load_format: str =
     if qc is None:
         if quantization in (None, "fp8"):
             return Fp8Config("online") if quantization else None
-        raise _error(f"{quantization} needs a checkpoint with a {quantization} quantization_config in "
-                     "config.json (this one has none)")
+        raise _error(
+            f"{quantization} needs a checkpoint with a {quantization} quantization_config in "
+            "config.json (this one has none)"
+        )
     config = _from_checkpoint(qc)
     method = str(qc.get("quant_method", "")).lower()
-    if quantization is not None and quantization != method and not (
-            quantization == "fp8" and method in _FP8_CHECKPOINTS):
+    if (
+        quantization is not None
+        and quantization != method
+        and not (quantization == "fp8" and method in _FP8_CHECKPOINTS)
+    ):
         raise _error(f"{quantization} was asked for but the checkpoint is {method}-quantized")
     return config
 
@@ -125,5 +147,11 @@ def current_linear_method() -> LinearMethod:
     return _current.linear_method() if _current is not None else UnquantizedLinearMethod()
 
 
-__all__ = ["QUANTIZATION_METHODS", "LinearMethod", "QuantConfig", "current_linear_method", "quantization_scope",
-           "resolve_quant_config"]
+__all__ = [
+    "QUANTIZATION_METHODS",
+    "LinearMethod",
+    "QuantConfig",
+    "current_linear_method",
+    "quantization_scope",
+    "resolve_quant_config",
+]

@@ -19,10 +19,21 @@ from torch import nn
 from meshserve.kernels.fused import linear
 
 
-def new_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype, *,
-              output_dim: int | None = None, input_dim: int | None = None, output_pack: int = 1,
-              input_pack: int = 1, reduce_max: bool = False, optional: bool = False,
-              same_across_shards: bool = False, fill: float | None = None) -> nn.Parameter:
+def new_param(
+    layer: nn.Module,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    *,
+    output_dim: int | None = None,
+    input_dim: int | None = None,
+    output_pack: int = 1,
+    input_pack: int = 1,
+    reduce_max: bool = False,
+    optional: bool = False,
+    same_across_shards: bool = False,
+    fill: float | None = None,
+) -> nn.Parameter:
     """Register a frozen parameter on layer with its slicing layout (see the module docstring); fill: its
     value until loaded (reduce_max scalars start at 0)."""
     data = torch.empty(shape, dtype=dtype)
@@ -49,7 +60,9 @@ class LinearMethod:
 
     name = "unquantized"
 
-    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+    def create_weights(
+        self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype
+    ) -> None:
         raise NotImplementedError
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:

@@ -49,8 +49,14 @@ class Fp8LinearMethod(LinearMethod):
 
     def create_weights(self, layer, in_features, out_features, dtype):
         c = self.config
-        new_param(layer, "weight", (out_features, in_features), dtype if c.online else FP8_DTYPE,
-                  output_dim=0, input_dim=1)
+        new_param(
+            layer,
+            "weight",
+            (out_features, in_features),
+            dtype if c.online else FP8_DTYPE,
+            output_dim=0,
+            input_dim=1,
+        )
         if c.online:
             return
         new_param(layer, "weight_scale", (out_features,), torch.float32, output_dim=0)
@@ -70,5 +76,6 @@ class Fp8LinearMethod(LinearMethod):
             layer.input_scale = None
 
     def apply(self, layer, x, bias):
-        return fp8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias,
-                          gemv=layer.kernels.gemv)
+        return fp8_linear(
+            x, layer.weight, layer.weight_scale, layer.input_scale, bias, gemv=layer.kernels.gemv
+        )

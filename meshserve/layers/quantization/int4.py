@@ -25,8 +25,9 @@ from meshserve.layers.quantization.int4_formats import awq_unpack, gptq_unpack_c
 class Int4Config(QuantConfig):
     """fmt "awq" or "gptq"; group_size -1 means one group per output channel (all input features)."""
 
-    def __init__(self, fmt: str, group_size: int, desc_act: bool = False, zero_offset: int = 1,
-                 online: bool = False):
+    def __init__(
+        self, fmt: str, group_size: int, desc_act: bool = False, zero_offset: int = 1, online: bool = False
+    ):
         self.name = fmt
         self.group_size = group_size
         self.desc_act = desc_act
@@ -55,7 +56,9 @@ class Int4LinearMethod(LinearMethod):
         g = c.group_size if c.group_size > 0 else full_in
         what = f"{c.name} layer with {in_features} input features per rank"
         if in_features % g and not (c.desc_act or c.group_size <= 0):
-            raise ValueError(f"{what}: the group size {g} does not divide them (tensor parallel splits groups)")
+            raise ValueError(
+                f"{what}: the group size {g} does not divide them (tensor parallel splits groups)"
+            )
         if full_in % g:
             raise ValueError(f"{what}: the group size {g} does not divide the {full_in} input features")
         if out_features % 8 or in_features % 8:
@@ -69,17 +72,54 @@ class Int4LinearMethod(LinearMethod):
         groups = full_in // g if whole_groups else in_features // g
         group_dim = None if whole_groups else 0
         if c.name == "awq":
-            new_param(layer, "qweight", (in_features, out_features // 8), torch.int32, input_dim=0,
-                      output_dim=1, output_pack=8)
+            new_param(
+                layer,
+                "qweight",
+                (in_features, out_features // 8),
+                torch.int32,
+                input_dim=0,
+                output_dim=1,
+                output_pack=8,
+            )
         else:
-            new_param(layer, "qweight", (in_features // 8, out_features), torch.int32, input_dim=0, input_pack=8,
-                      output_dim=1)
-            new_param(layer, "g_idx", (in_features,), torch.int32, input_dim=0, optional=not c.desc_act, fill=-1,
-                      same_across_shards=True)
-        new_param(layer, "qzeros", (groups, out_features // 8), torch.int32, input_dim=group_dim, input_pack=g,
-                  output_dim=1, output_pack=8)
-        new_param(layer, "scales", (groups, out_features), torch.float16, input_dim=group_dim, input_pack=g,
-                  output_dim=1)
+            new_param(
+                layer,
+                "qweight",
+                (in_features // 8, out_features),
+                torch.int32,
+                input_dim=0,
+                input_pack=8,
+                output_dim=1,
+            )
+            new_param(
+                layer,
+                "g_idx",
+                (in_features,),
+                torch.int32,
+                input_dim=0,
+                optional=not c.desc_act,
+                fill=-1,
+                same_across_shards=True,
+            )
+        new_param(
+            layer,
+            "qzeros",
+            (groups, out_features // 8),
+            torch.int32,
+            input_dim=group_dim,
+            input_pack=g,
+            output_dim=1,
+            output_pack=8,
+        )
+        new_param(
+            layer,
+            "scales",
+            (groups, out_features),
+            torch.float16,
+            input_dim=group_dim,
+            input_pack=g,
+            output_dim=1,
+        )
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         c = self.config
@@ -115,10 +155,20 @@ class Int4LinearMethod(LinearMethod):
         first = layer.tp_rank * k if getattr(layer, "input_is_parallel", False) else 0
         expected = (torch.arange(k, device=loaded.device) + first) // layer.group_size
         if not torch.equal(loaded.long(), expected):
-            raise ValueError("gptq checkpoint: g_idx permutes the input features but quantization_config has "
-                             "desc_act false")
+            raise ValueError(
+                "gptq checkpoint: g_idx permutes the input features but quantization_config has "
+                "desc_act false"
+            )
         return None
 
     def apply(self, layer, x, bias):
-        return int4_linear(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.g_idx, bias,
-                           fast=layer.kernels.gemv)
+        return int4_linear(
+            x,
+            layer.qweight,
+            layer.scales,
+            layer.zeros,
+            layer.group_size,
+            layer.g_idx,
+            bias,
+            fast=layer.kernels.gemv,
+        )

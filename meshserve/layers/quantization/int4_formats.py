@@ -17,8 +17,15 @@ from meshserve.kernels.quant_ref import _as_int32, pack_int4_rows, unpack_int4_r
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
-__all__ = ["AWQ_ORDER", "awq_pack", "awq_unpack", "gptq_pack_cols", "gptq_unpack_cols", "pack_int4_rows",
-           "unpack_int4_rows"]
+__all__ = [
+    "AWQ_ORDER",
+    "awq_pack",
+    "awq_unpack",
+    "gptq_pack_cols",
+    "gptq_unpack_cols",
+    "pack_int4_rows",
+    "unpack_int4_rows",
+]
 
 
 def _pack_cols(q: torch.Tensor, order) -> torch.Tensor:

@@ -33,7 +33,9 @@ def test_resolve_formats_and_bad_combinations():
         _Cfg(_quant_config("compressed-tensors", 0, False, "tensor", True, True)), "fp8"
     )
     assert ct.name == "compressed-tensors" and ct.static_input_scale and not ct.online
-    with pytest.raises(InvalidArgumentError, match="awq needs a checkpoint with a awq quantization_config"):
+    with pytest.raises(
+        InvalidArgumentError, match="awq needs a checkpoint whose config.json holds its quantization_config"
+    ):
         resolve_quant_config(_Cfg(), "awq")
     with pytest.raises(InvalidArgumentError, match="gptq was asked for but the checkpoint is awq-quantized"):
         resolve_quant_config(_Cfg(_quant_config("awq", 128, False, "", False, False)), "gptq")

@@ -174,7 +174,9 @@ def test_online_fp8_and_fp8_kv_cache_run_through_llm(tiny_model_dir):
 
 def test_broken_and_unsupported_checkpoints_fail_in_one_line(tiny_model_dir, tmp_path):
     src = tiny_model_dir("llama")
-    with pytest.raises(InvalidArgumentError, match="awq needs a checkpoint with a awq quantization_config"):
+    with pytest.raises(
+        InvalidArgumentError, match="awq needs a checkpoint whose config.json holds its quantization_config"
+    ):
         LLM(src, quantization="awq")
     qdir = quantize_checkpoint(src, str(tmp_path / "q"), "compressed-tensors")
     tensors = load_file(os.path.join(qdir, "model.safetensors"))

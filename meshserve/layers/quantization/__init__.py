@@ -118,8 +118,8 @@ def resolve_quant_config(
         if quantization in (None, "fp8"):
             return Fp8Config("online") if quantization else None
         raise _error(
-            f"{quantization} needs a checkpoint with a {quantization} quantization_config in "
-            "config.json (this one has none)"
+            f"{quantization} needs a checkpoint whose config.json holds its quantization_config "
+            "(this one has none)"
         )
     config = _from_checkpoint(qc)
     method = str(qc.get("quant_method", "")).lower()

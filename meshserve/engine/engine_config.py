@@ -17,7 +17,7 @@ from meshserve.config import (
 )
 from meshserve.engine.args_check import check_parallel_split
 from meshserve.errors import InvalidArgumentError
-from meshserve.layers.quantization import resolve_quant_config
+from meshserve.layers.quantization import check_quant_shapes, resolve_quant_config
 from meshserve.models.embedded import GENERATION_DEFAULTS as EMBEDDED_GENERATION_DEFAULTS
 from meshserve.models.generation_defaults import load_generation_defaults
 from meshserve.models.loader import ModelSource, resolve_model_source
@@ -68,7 +68,9 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
 
     resolve_model_class(source.hf_config)  # unsupported architectures fail here, with their name
     # bad weight formats fail here, in one line, before any process starts
-    resolve_quant_config(source.hf_config, args.quantization, "dummy" if source.weights_dir is None else "auto")
+    quant_config = resolve_quant_config(source.hf_config, args.quantization,
+                                        "dummy" if source.weights_dir is None else "auto")
+    check_quant_shapes(quant_config, source.hf_config, args.tensor_parallel_size)
     check_parallel_split(source.hf_config, args.tensor_parallel_size, args.pipeline_parallel_size,
                          args.pp_layer_partition)
     model_dir = source.weights_dir or (args.model if args.model and os.path.isdir(args.model) else None)

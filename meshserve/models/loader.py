@@ -250,6 +250,8 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, m
     try:
         with torch.device(device), quantization_scope(quant_config):
             model = cls(source.hf_config, max_position=max_position)
+    except ValueError as e:  # a layer refusing its shape (TP split, int4 packing): one line
+        raise ModelLoadError(str(e).splitlines()[0]) from e
     finally:
         torch.set_default_dtype(old_dtype)
     model.quant_config = quant_config

@@ -10,7 +10,7 @@ import torch
 import meshserve.layers.linear as linear_mod
 from meshserve.errors import InvalidArgumentError
 from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from meshserve.layers.quantization import quantization_scope, resolve_quant_config
+from meshserve.layers.quantization import check_quant_shapes, quantization_scope, resolve_quant_config
 from meshserve.layers.quantization.fp8 import Fp8Config
 from meshserve.layers.quantization.int4 import Int4Config
 from meshserve.models.quantize_checkpoint import _quant_config, act_order, fp8_tensors, int4_tensors
@@ -60,6 +60,17 @@ def test_act_order_must_agree_across_merged_projections(monkeypatch):
     g_idx.weight_loader(g_idx, int4_tensors(gate, "gptq", GROUP, desc_act=True)["g_idx"], 0)
     with pytest.raises(ValueError, match="g_idx differs"):
         g_idx.weight_loader(g_idx, int4_tensors(up, "gptq", GROUP, desc_act=True)["g_idx"], 1)
+
+
+def test_group_size_checked_against_the_model_before_loading():
+    hf = _Cfg()
+    hf.hidden_size, hf.num_attention_heads, hf.head_dim, hf.intermediate_size = 256, 4, 64, 384
+    check_quant_shapes(Int4Config("awq", 128), hf, 1)
+    with pytest.raises(InvalidArgumentError, match=r"128 does not divide the 192 .*down_proj.* per rank"):
+        check_quant_shapes(Int4Config("gptq", 128), hf, 2)
+    check_quant_shapes(Int4Config("gptq", 128, desc_act=True), hf, 2)  # act-order ranks keep every group
+    with pytest.raises(InvalidArgumentError, match=r"group size 96 does not divide the 256"):
+        check_quant_shapes(Int4Config("awq", 96), hf, 1)
 
 
 def test_group_size_must_divide_each_ranks_input_features(monkeypatch):

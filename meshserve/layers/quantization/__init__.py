@@ -132,6 +132,27 @@ def resolve_quant_config(
     return config
 
 
+def check_quant_shapes(config: QuantConfig | None, hf_config, tensor_parallel_size: int = 1) -> None:
+    """One-line errors, before anything loads, for int4 groups that do not divide a rank's input features."""
+    if not isinstance(config, Int4Config) or config.group_size <= 0:
+        return
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    inputs = {"hidden_size (q/k/v, gate/up)": hf_config.hidden_size}
+    split = 1 if config.desc_act else tensor_parallel_size  # act-order ranks keep every group
+    for what, full in (
+        ("attention output (o_proj)", heads * head_dim),
+        ("intermediate_size (down_proj)", hf_config.intermediate_size),
+    ):
+        inputs[what + (f" per rank at tensor parallel {split}" if split > 1 else "")] = full // split
+    for what, features in inputs.items():
+        if features % config.group_size:
+            raise _error(
+                f"{config.name} group size {config.group_size} does not divide the {features} input "
+                f"features of {what}"
+            )
+
+
 @contextlib.contextmanager
 def quantization_scope(config: QuantConfig | None):
     """Linear layers created inside get config's LinearMethod (unquantized when None)."""
@@ -151,6 +172,7 @@ __all__ = [
     "QUANTIZATION_METHODS",
     "LinearMethod",
     "QuantConfig",
+    "check_quant_shapes",
     "current_linear_method",
     "quantization_scope",
     "resolve_quant_config",

@@ -80,6 +80,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_METHODS,
                    help="weight format: fp8 (online from 16-bit weights, or an fp8 checkpoint), awq, gptq, "
                         "compressed-tensors, fbgemm_fp8 (default: the checkpoint's quantization_config)")
+    o = parser.add_argument_group("KV offload (evicted prefix blocks spill to CPU memory and disk)")
+    o.add_argument("--kv-offloading-size", type=float, default=None, metavar="GiB",
+                   help="CPU tier: GiB of (pinned) host memory for evicted KV blocks (default: off)")
+    o.add_argument("--kv-offloading-disk-path", default=None, metavar="DIR",
+                   help="disk tier: a folder of KV block files, kept across restarts (needs the CPU tier)")
+    o.add_argument("--kv-offloading-disk-size", type=float, default=None, metavar="GiB",
+                   help="disk tier: the most GiB of block files kept (least recently used deleted)")
+    o.add_argument("--kv-offloading-verify", action="store_true",
+                   help="debug: check a crc32 of every block restored from a lower tier")
+    o.add_argument("--preemption-mode", default=d.preemption_mode, choices=("recompute", "swap", "auto"),
+                   help="a preempted sequence's KV: recompute it, swap it to the CPU tier and back, or auto "
+                        "(whichever is predicted cheaper)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     _bool_flag(g, "enable-chunked-prefill", d.enable_chunked_prefill, "mix prefill chunks with decodes")
@@ -119,10 +131,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--master-port", type=int, default=None)
     p.add_argument("--distributed-timeout-s", type=float, default=d.distributed_timeout_s,
                    help="a rank silent this long stops the whole group")
+    p.add_argument("--enable-expert-parallel", "-ep", action="store_true",
+                   help="MoE models: spread the experts over the tensor-parallel ranks, tokens exchanged by "
+                        "all-to-all (default: every rank holds a 1/TP slice of every expert)")
     p.add_argument("--disable-custom-all-reduce", action="store_true",
                    help="NCCL for every tensor-parallel all-reduce (default: a one-shot symmetric-memory "
                         "kernel for small messages on GPUs, NCCL above)")
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s keys: {"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4} or {"method": "draft_model", "model": DIR, '
+                        '"num_speculative_tokens": 4}')
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshserve.errors import InvalidArgumentError
+from meshserve.spec_decode.config import SpeculativeConfig, parse_speculative_config
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -72,6 +73,11 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
     cache_dtype: str = "auto"  # KV cache element type, one of CACHE_DTYPES ("auto" = the model dtype)
+    # KV offload tiers (engine/kv_offload/): GiB of (pinned) CPU memory, then a folder of block files
+    kv_offloading_size: float | None = None
+    kv_offloading_disk_path: str | None = None
+    kv_offloading_disk_size: float | None = None
+    kv_offloading_verify: bool = False  # debug: crc32 of every block checked on its way back
     num_blocks: int = 0  # filled in by the engine once the pool is sized
 
 
@@ -92,6 +98,7 @@ class SchedulerConfig:
     slo_tpot_s: float | None = None  # time per output token after the first
     slo_shed_late: bool = True  # drop a queued request once its time-to-first-token target cannot be met
     step_trace_path: str | None = None  # a JSON line per step (shape, predicted and measured time), for tuning
+    preemption_mode: str = "recompute"  # recompute | swap | auto (swap needs the CPU offload tier)
 
 
 @dataclass
@@ -108,6 +115,7 @@ class ParallelConfig:
     master_port: int | None = None
     distributed_timeout_s: float = 60.0
     disable_custom_all_reduce: bool = False  # True: NCCL for every TP all-reduce (no one-shot kernel)
+    enable_expert_parallel: bool = False  # MoE experts spread over the TP ranks (else each expert is TP-split)
 
     @property
     def world_size(self) -> int:
@@ -124,6 +132,7 @@ class EngineConfig:
     parallel_config: ParallelConfig
     device: str = "cpu"
     enforce_eager: bool = False
+    speculative_config: SpeculativeConfig | None = None
 
 
 @dataclass
@@ -140,6 +149,11 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None
     kv_cache_dtype: str = "auto"  # CacheConfig.cache_dtype
     quantization: str | None = None  # weight format: fp8 | awq | gptq | compressed-tensors | fbgemm_fp8
+    kv_offloading_size: float | None = None  # GiB
+    kv_offloading_disk_path: str | None = None
+    kv_offloading_disk_size: float | None = None  # GiB
+    kv_offloading_verify: bool = False
+    preemption_mode: str = "recompute"
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
@@ -164,8 +178,11 @@ class EngineArgs:
     master_port: int | None = None
     distributed_timeout_s: float = 60.0
     disable_custom_all_reduce: bool = False
+    enable_expert_parallel: bool = False
     device: str = "auto"
     hf_overrides: dict[str, Any] = field(default_factory=dict)
+    # vLLM's keys, as a dict or JSON string (spec_decode/config.py)
+    speculative_config: dict[str, Any] | str | SpeculativeConfig | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -209,6 +226,26 @@ class EngineArgs:
         check(self.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0")
         check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy",
               f"must be fcfs or priority, got {self.scheduling_policy!r}")
+        self._validate_offload(check)
         for name in ("slo_ttft_ms", "slo_tpot_ms"):
             value = getattr(self, name)
             check(value is None or value > 0, name, f"must be > 0 milliseconds, got {value}")
+        spec = parse_speculative_config(self.speculative_config)
+        check(spec is None or self.pipeline_parallel_size == 1, "speculative_config",
+              "speculative decoding does not run with pipeline parallelism yet")
+
+    def _validate_offload(self, check) -> None:
+        check(self.kv_offloading_size is None or self.kv_offloading_size > 0, "kv_offloading_size",
+              f"must be > 0 GiB, got {self.kv_offloading_size}")
+        check(self.kv_offloading_disk_path is None or bool(self.kv_offloading_size), "kv_offloading_disk_path",
+              "needs kv_offloading_size too (the CPU tier stages every block to and from the disk)")
+        check(self.kv_offloading_disk_path is None or (self.kv_offloading_disk_size or 0) > 0,
+              "kv_offloading_disk_size", "must be > 0 GiB when kv_offloading_disk_path is given")
+        check(self.kv_offloading_disk_size is None or self.kv_offloading_disk_path is not None,
+              "kv_offloading_disk_path", "must be given with kv_offloading_disk_size")
+        check(self.preemption_mode in ("recompute", "swap", "auto"), "preemption_mode",
+              f"must be recompute, swap or auto, got {self.preemption_mode!r}")
+        check(self.preemption_mode == "recompute" or bool(self.kv_offloading_size), "preemption_mode",
+              f"{self.preemption_mode} needs the CPU tier: set kv_offloading_size")
+        check(not self.kv_offloading_size or self.tensor_parallel_size * self.pipeline_parallel_size == 1,
+              "kv_offloading_size", "KV offloading runs on one device for now (tensor and pipeline parallel 1)")

@@ -19,6 +19,14 @@ FAMILIES: dict[str, dict] = {
     "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=None),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=24),
+    # mixture of experts: Mixtral (every layer sparse, top-2 of 4) and Qwen3-MoE (top-4 of 8, layer 1 dense)
+    "mixtral": dict(model_type="mixtral", tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(model_type="qwen3_moe", tie_word_embeddings=False, head_dim=24, num_experts=8,
+                      num_experts_per_tok=4, moe_intermediate_size=48, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[1]),
+    # Qwen2-MoE: a gated shared expert beside the routed ones, QKV bias, top-2 of 8 not renormalized
+    "qwen2_moe": dict(model_type="qwen2_moe", tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=32, shared_expert_intermediate_size=64, norm_topk_prob=False),
 }
 
 

@@ -27,6 +27,9 @@ def _run(*argv: str) -> tuple[dict, str]:
     (["serve", "llama-3.1-8b", "--load-format", "dummy", "-tp", "3"], "not divisible"),
     (["generate", "--model", "qwen3-0.6b", "--load-format", "dummy", "-pp", "40", "Hi"], "exceeds the 28 layers"),
     (["serve", "--tokenizer", "/nonexistent/tok"], "tokenizer folder not found"),
+    (["serve", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 99}'], "must be in [1, 32]"),
+    (["generate", "--speculative-config", '{"method": "medusa", "num_speculative_tokens": 2}', "Hi"],
+     "not supported yet"),
 ])
 def test_refused_before_anything_loads(argv, message):
     result, err = _run(*argv)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 21 on nvidia-h200-x2: STEP=a: all-reduce by size + the multi-GPU correctness tests; STEP=b: W1 8B at
 # TP = 1, TP = 2 (one-shot all-reduce) and TP = 2 (NCCL only); STEP=c: 70B at TP = 2 (batch 1 and 32), W2 8B
-# at PP = 2 beside TP = 1. Results under $OUT.
+# at PP = 2 beside TP = 1; STEP=f: b and the 70B curve in one call (watchdogs); STEP=g: W2 8B at TP = 1, PP = 2, TP = 2
+# and the multi-GPU tests. Results under $OUT.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -49,5 +50,30 @@ d)
   ;;
 e)
   run_logged w1_8b_tp2 100 bench latency --model llama-3.1-8b --no-baseline -tp 2 --output-json $OUT/w1_8b_tp2.json
+  ;;
+f)
+  # one device call: W1 8B at TP = 2 (one-shot), TP = 1 and TP = 2 (NCCL), then 70B at TP = 2, batch 1 and 32
+  run_logged w1_8b_tp2 100 bench latency --model llama-3.1-8b --no-baseline -tp 2 --output-json $OUT/w1_8b_tp2.json
+  run_logged w1_8b_tp1 80 bench latency --model llama-3.1-8b --no-baseline -tp 1 --output-json $OUT/w1_8b_tp1.json
+  run_logged w1_8b_tp2_nccl 100 bench latency --model llama-3.1-8b --no-baseline -tp 2 --disable-custom-all-reduce \
+    --output-json $OUT/w1_8b_tp2_nccl.json
+  run_logged w1_70b_tp2 200 bench latency --model llama-3.1-70b --no-baseline -tp 2 --curve 1,32 --max-model-len 4096 \
+    --output-json $OUT/w1_70b_tp2.json
+  ;;
+p)
+  # step profiles (MESHSERVE_PROFILE_DIR) of W1 8B at TP = 2 and TP = 1: where a decode step's time goes; one
+  # archive (a call brings back at most 8 files); then TP = 2 on NCCL alone, whose teardown used to abort
+  MESHSERVE_PROFILE_DIR=/tmp/prof/tp2 run_logged prof_w1_8b_tp2 100 bench latency --model llama-3.1-8b --no-baseline -tp 2
+  MESHSERVE_PROFILE_DIR=/tmp/prof/tp1 run_logged prof_w1_8b_tp1 80 bench latency --model llama-3.1-8b --no-baseline -tp 1
+  tar czf $OUT/prof.tgz -C /tmp prof
+  TAIL=6 run_logged w1_8b_tp2_nccl 100 bench latency --model llama-3.1-8b --no-baseline -tp 2 --disable-custom-all-reduce
+  ;;
+g)
+  # W2 8B at PP = 2 beside TP = 1 and TP = 2, then the multi-GPU correctness tests
+  run_logged w2_8b_tp1 120 bench throughput --model llama-3.1-8b --no-baseline -tp 1 --output-json $OUT/w2_8b_tp1.json
+  run_logged w2_8b_pp2 150 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --output-json $OUT/w2_8b_pp2.json
+  run_logged w2_8b_tp2 120 bench throughput --model llama-3.1-8b --no-baseline -tp 2 --output-json $OUT/w2_8b_tp2.json
+  timeout 180 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/gpu/test_multi_gpu.py -k "${TESTS:-llama}" \
+    > $OUT/pytest.log 2>&1; echo "== pytest rc $?"; tail -30 $OUT/pytest.log
   ;;
 esac

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import sys
 import threading
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,8 @@ class ParallelState:
     pp_layer_partition: list[int] | None = None  # layers per stage; None = even split
     # the small-message all-reduce (distributed/symm_mem_all_reduce.py); None: NCCL for every size
     tp_fast_all_reduce: object | None = None
+    # MoE experts spread over the TP group's ranks (attention stays tensor-parallel); see layers/fused_moe.py
+    expert_parallel: bool = False
 
     @property
     def is_first_stage(self) -> bool:
@@ -77,7 +81,7 @@ def get_tp_size() -> int:
 
 def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str, master_port: int,
                         backend: str, timeout_s: float = 60.0,
-                        pp_layer_partition: list[int] | None = None) -> ParallelState:
+                        pp_layer_partition: list[int] | None = None, expert_parallel: bool = False) -> ParallelState:
     """Join the torch.distributed world of tp_size * pp_size ranks and build the TP groups."""
     global _STATE
     world = tp_size * pp_size
@@ -94,7 +98,8 @@ def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str,
             tp_group = group
     _STATE = ParallelState(rank=rank, world_size=world, tp_rank=rank % tp_size, tp_size=tp_size,
                            pp_rank=rank // tp_size, pp_size=pp_size, tp_group=tp_group, cpu_group=cpu_group,
-                           device_group=dist.group.WORLD, token_group=token_group, pp_layer_partition=pp_layer_partition)
+                           device_group=dist.group.WORLD, token_group=token_group, pp_layer_partition=pp_layer_partition,
+                           expert_parallel=expert_parallel)
     logger.info("rank %d/%d: tp %d/%d, pp %d/%d (%s)", rank, world, _STATE.tp_rank, tp_size, _STATE.pp_rank,
                 pp_size, backend)
     return _STATE
@@ -140,9 +145,13 @@ def destroy_parallel_state(timeout_s: float = 10.0) -> None:
                 pass
             done.set()
 
-        threading.Thread(target=teardown, name="meshserve-dist-teardown", daemon=True).start()
+        thread = threading.Thread(target=teardown, name="meshserve-dist-teardown", daemon=True)
+        thread.start()
         if not done.wait(timeout_s):
-            logger.warning("torch.distributed teardown did not finish in %.0f s; left to process exit", timeout_s)
+            frame = sys._current_frames().get(thread.ident)
+            where = "".join(traceback.format_stack(frame)[-2:]).strip() if frame is not None else "?"
+            logger.warning("torch.distributed teardown did not finish in %.0f s; left to process exit. "
+                           "It waits in:\n%s", timeout_s, where)
     _STATE = ParallelState()
 
 

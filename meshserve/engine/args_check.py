@@ -13,10 +13,12 @@ from types import SimpleNamespace
 
 from meshserve.config import EngineArgs
 from meshserve.errors import InvalidArgumentError, ModelLoadError
+from meshserve.models.moe_config import check_moe_split
 
 
-def check_parallel_split(hf_config, tp: int, pp: int, partition: list[int] | None) -> None:
-    """Reject a TP/PP layout the model's shapes cannot take, before any process starts."""
+def check_parallel_split(hf_config, tp: int, pp: int, partition: list[int] | None,
+                         expert_parallel: bool = False) -> None:
+    """Reject a TP/PP(/EP) layout the model's shapes cannot take, before any process starts."""
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
     if heads % tp:
@@ -28,6 +30,7 @@ def check_parallel_split(hf_config, tp: int, pp: int, partition: list[int] | Non
     if hf_config.intermediate_size % tp:
         raise InvalidArgumentError(f"tensor_parallel_size {tp}: intermediate size {hf_config.intermediate_size} "
                                    "is not divisible by it", param="tensor_parallel_size")
+    check_moe_split(hf_config, tp, expert_parallel)
     layers = hf_config.num_hidden_layers
     if partition is not None:
         if len(partition) != pp or sum(partition) != layers or min(partition) < 1:
@@ -79,4 +82,4 @@ def check_engine_args(args: EngineArgs) -> None:
                                                         "num_hidden_layers")):
         fields = {**fields, **args.hf_overrides}
         check_parallel_split(SimpleNamespace(**fields), args.tensor_parallel_size, args.pipeline_parallel_size,
-                             args.pp_layer_partition)
+                             args.pp_layer_partition, args.enable_expert_parallel)

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from meshserve.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from meshserve.engine.kv_offload.manager import KVOffloadManager
 
 
 def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
@@ -57,6 +62,8 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached: dict[bytes, Block] = {}
+        # told (block id, hash) before a cached block's content is overwritten (KV offload copies it down)
+        self.on_evict: Callable[[int, bytes], None] | None = None
 
     @property
     def num_free(self) -> int:
@@ -71,6 +78,8 @@ class BlockPool:
             if block.block_hash is not None:
                 if self.cached.get(block.block_hash) is block:
                     del self.cached[block.block_hash]
+                    if self.on_evict is not None:
+                        self.on_evict(block.block_id, block.block_hash)
                 block.block_hash = None
             block.ref_count = 1
             out.append(block)
@@ -118,6 +127,12 @@ class BlockManager:
         # how many of a sequence's leading blocks are registered in the prefix cache
         self.seq_num_registered: dict[str, int] = {}
         self.stats = PrefixCacheStats()
+        self.offload: KVOffloadManager | None = None  # lower KV tiers (engine/kv_offload), when configured
+
+    def attach_offload(self, offload: KVOffloadManager) -> None:
+        """Evicted cached blocks go down to these tiers; prefix lookups and swaps use them."""
+        self.offload = offload
+        self.pool.on_evict = offload.on_gpu_evict
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -162,11 +177,33 @@ class BlockManager:
             if block is None:
                 break
             hits.append(block)
+        if self.offload is not None and len(hits) < max_blocks:
+            hits += self._restore(seq.block_hashes[len(hits) : max_blocks], hits)
         return hits
 
+    def _restore(self, block_hashes: list[bytes], gpu_hits: list[Block]) -> list[Block]:
+        """Blocks of block_hashes found in the lower tiers, loaded into fresh GPU blocks that join the prefix
+        cache (free, ref 0, like any cached block: allocate shares them; if it cannot, they stay cached).
+        Leaves at least one free block beside them, and never evicts the GPU hits found before them."""
+        found = self.offload.find(block_hashes)
+        revived = sum(1 for b in gpu_hits if b.ref_count == 0)
+        n = min(len(found), self.pool.num_free - revived - 1)
+        if n <= 0:
+            return []
+        self.pool.share(gpu_hits)  # pinned while fresh blocks are taken (taking evicts the least recent)
+        fresh = self.pool.take(n)
+        self.pool.release(list(reversed(gpu_hits)))
+        for block, (block_hash, _, _) in zip(fresh, found):
+            self.pool.register(block, block_hash)
+        self.offload.load(found[:n], [b.block_id for b in fresh])
+        self.pool.release(fresh)
+        return fresh
+
     # -- allocation ------------------------------------------------------------------------------
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[Block] | None = None) -> bool:
-        """Make room for num_new_tokens more computed tokens of seq (after its cached prefix, if any).
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[Block] | None = None,
+                 num_lookahead_tokens: int = 0) -> bool:
+        """Make room for num_new_tokens more computed tokens of seq (after its cached prefix, if any), and
+        num_lookahead_tokens slots past them (a draft model's proposals; never registered in the cache).
 
         Returns False, changing nothing, when the pool cannot provide the blocks. Blocks that will be
         full once this step's tokens are written get registered in the prefix cache right away: within a
@@ -176,7 +213,8 @@ class BlockManager:
         cached_prefix = cached_prefix or []
         blocks = self.seq_blocks.get(seq.seq_id, [])
         num_computed = seq.num_computed_tokens + len(cached_prefix) * self.block_size
-        need = self.blocks_needed(num_computed + num_new_tokens) - len(blocks) - len(cached_prefix)
+        need = (self.blocks_needed(num_computed + num_new_tokens + num_lookahead_tokens) - len(blocks)
+                - len(cached_prefix))
         # a cached prefix block that sits in the free queue stops being free once shared
         revived = sum(1 for b in cached_prefix if b.ref_count == 0)
         if need > self.pool.num_free - revived:
@@ -200,7 +238,24 @@ class BlockManager:
             for i in range(start, n_full):
                 self.pool.register(blocks[i], seq.block_hashes[i])
             self.seq_num_registered[seq.seq_id] = max(start, n_full)
+        if self.offload is not None and seq.seq_id in self.offload.swapped:
+            self.offload.swap_in(seq.seq_id, ids)  # a swapped-out sequence resumes: its KV comes back
         return True
+
+    def trim(self, seq: Sequence, num_tokens: int) -> int:
+        """Roll back to the blocks holding seq's first num_tokens tokens (rejected proposals' KV): blocks
+        past them return to the pool. Registered blocks hold verified tokens only, so none is dropped.
+        Returns how many blocks were freed."""
+        blocks = self.seq_blocks.get(seq.seq_id)
+        keep = self.blocks_needed(num_tokens)
+        if not blocks or len(blocks) <= keep:
+            return 0
+        assert keep >= self.seq_num_registered.get(seq.seq_id, 0), "trimming a registered block"
+        dropped = blocks[keep:]
+        self.seq_blocks[seq.seq_id] = blocks[:keep]
+        del self.seq_block_ids[seq.seq_id][keep:]
+        self.pool.release(list(reversed(dropped)))
+        return len(dropped)
 
     def record_admission(self, seq: Sequence, num_hit_tokens: int) -> None:
         """Count an admission and its prefix-cache hit tokens in the stats."""
@@ -208,8 +263,25 @@ class BlockManager:
             self.stats.queries += seq.num_tokens
             self.stats.hits += num_hit_tokens
 
+    def swap_out(self, seq: Sequence, recompute_s: Callable[[], float]) -> bool:
+        """Preemption by swap: copy seq's computed blocks to the CPU tier and release them, keeping its
+        computed tokens; False (nothing changed) when offloading says recompute (mode, cost, or no room).
+        recompute_s: the predicted time to recompute its tokens instead (asked only in auto mode)."""
+        if self.offload is None:
+            return False
+        ids = self.seq_block_ids.get(seq.seq_id, [])[: self.blocks_needed(seq.num_computed_tokens)]
+        if not self.offload.should_swap(len(ids), recompute_s) or not self.offload.swap_out(seq.seq_id, ids):
+            return False
+        self._release(seq)
+        return True
+
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks; its tail blocks are evicted first, keeping shared prefixes warm."""
+        if self.offload is not None:
+            self.offload.drop_swap(seq.seq_id)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
         self.seq_block_ids.pop(seq.seq_id, None)
         self.seq_num_registered.pop(seq.seq_id, None)
         blocks = self.seq_blocks.pop(seq.seq_id, None)

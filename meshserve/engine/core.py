@@ -15,7 +15,9 @@ import time
 from meshserve.config import EngineArgs, EngineConfig
 from meshserve.engine.engine_config import create_engine_config
 from meshserve.engine.executor import make_executor
+from meshserve.engine.expert_load import ExpertLoadReader
 from meshserve.engine.grammar_waitlist import GrammarWaitlist
+from meshserve.engine.kv_offload.setup import build_kv_offload
 from meshserve.engine.messages import (
     CoreInfo,
     EngineCoreOutput,
@@ -32,6 +34,7 @@ from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence, SequenceStatus
 from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel
 from meshserve.errors import InvalidArgumentError, ServiceLevelError
+from meshserve.spec_decode.speculator import Speculator
 from meshserve.structured.bitmask import fill_bitmasks
 from meshserve.structured.compiler import GrammarCompiler
 
@@ -65,6 +68,13 @@ def step_shape(sched_out: SchedulerOutput) -> StepShape:
                      context_tokens=sum(e.num_computed_tokens + e.num_new_tokens for e in sched_out.scheduled))
 
 
+def spec_decode_stats(stats) -> dict:
+    """SchedulerStats fields of the speculative-decoding counters."""
+    return {"spec_num_drafts": stats.num_drafts, "spec_num_draft_tokens": stats.num_draft_tokens,
+            "spec_num_accepted_tokens": stats.num_accepted_tokens,
+            "spec_num_accepted_tokens_per_pos": list(stats.num_accepted_tokens_per_pos)}
+
+
 def _logprobs_message(info) -> TokenLogprobs:
     return TokenLogprobs(info.token_id, info.logprob, info.rank, info.top_ids, info.top_logprobs)
 
@@ -89,6 +99,13 @@ class EngineCore:
             kv_bytes_per_token=self.executor.collective_rpc("kv_bytes_per_token"),
             rates=DeviceRates.detect(config.device, config.model_config.dtype))
         self.scheduler.policy.step_model = self.step_model
+        spec = config.speculative_config
+        self.speculator = Speculator(spec) if spec is not None else None
+        if spec is not None:
+            self.scheduler.num_lookahead_tokens = spec.num_lookahead_tokens
+        # KV offload tiers (one device: the runner is in this process and shares the CPU tier's memory)
+        self.kv_offload = build_kv_offload(config, getattr(self.executor, "runner", None),
+                                           self.scheduler.block_manager)
         sc = config.scheduler_config
         self._trace = open(sc.step_trace_path, "a") if sc.step_trace_path else None  # noqa: SIM115
         self.num_shed = 0
@@ -96,10 +113,12 @@ class EngineCore:
         self._prompt_logprobs_sent: dict[str, int] = {}  # request -> prompt positions already sent
         self._errors: list[RequestError] = []  # refused requests, reported with the next outputs
         self.num_generated_tokens = 0
+        self.expert_load = ExpertLoadReader(getattr(self.executor, "runner", None))
         self.num_prompt_tokens = 0
         self.pp_busy_s = self.pp_wall_s = 0.0  # last pipeline stage's compute vs wall time
         # async scheduling needs the runner in this process (its sampled ids feed the next step directly)
-        self.async_scheduling = (config.scheduler_config.async_scheduling
+        # (speculative steps run one at a time: the next step's proposals depend on this one's tokens)
+        self.async_scheduling = (config.scheduler_config.async_scheduling and spec is None
                                  and getattr(self.executor, "supports_async_scheduling", False))
         self.scheduler.async_mode = self.async_scheduling
         self._in_flight: tuple[SchedulerOutput, PendingOutput, StepShape] | None = None
@@ -110,6 +129,7 @@ class EngineCore:
         self._pipeline: collections.deque[tuple[SchedulerOutput, PendingOutput, StepShape]] = collections.deque()
         if self.pipeline_depth:
             self.scheduler.async_mode = self.scheduler.skip_pending = True
+            self.scheduler.pipeline_depth = self.pipeline_depth
         self.info = CoreInfo(
             model=config.model_config.model,
             max_model_len=config.scheduler_config.max_model_len,
@@ -304,14 +324,18 @@ class EngineCore:
             self.pp_wall_s += runner_out.wall_s
         outputs: dict[str, EngineCoreOutput] = {}
         self._collect_prompt_logprobs(runner_out, outputs)
-        for seq in self.scheduler.update_after_step(sched_out, runner_out.sampled):
+        updated = self.scheduler.update_after_step(sched_out, runner_out.sampled, runner_out.spec_token_ids)
+        if self.speculator is not None:
+            self.speculator.after_step(sched_out, runner_out, updated, self.scheduler.num_running)
+        for seq in updated:
             rid = seq.request_id
             out = outputs.get(rid)
             if out is None:
                 out = outputs[rid] = EngineCoreOutput(rid)
-            out.new_token_ids = [seq.output_token_ids[-1]]
-            self.num_generated_tokens += 1
-            if seq.num_output_tokens == 1:
+            n = seq.num_step_tokens  # more than one when proposals were accepted
+            out.new_token_ids = seq.output_token_ids[-n:]
+            self.num_generated_tokens += n
+            if seq.num_output_tokens == n:
                 out.num_cached_tokens = seq.num_cached_tokens
                 out.first_scheduled_time = seq.first_scheduled_time
             info = runner_out.logprobs.get(seq.seq_id)
@@ -337,7 +361,7 @@ class EngineCore:
             outputs[seq_id] = EngineCoreOutput(seq_id, new_prompt_logprobs=fresh)
 
     # -- stats -----------------------------------------------------------------------------------
-    def scheduler_stats(self) -> SchedulerStats:
+    def scheduler_stats(self, force_expert_load: bool = False) -> SchedulerStats:
         bm = self.scheduler.block_manager
         policy, model = self.scheduler.policy, self.step_model
         chunk = self.config.scheduler_config.max_num_batched_tokens
@@ -359,13 +383,16 @@ class EngineCore:
             step_time_predicted_s=model.last_predicted_s,
             step_time_actual_s=model.last_actual_s,
             step_time_model_error=model.abs_error_ewma,
+            **(spec_decode_stats(self.speculator.stats) if self.speculator is not None else {}),
+            **(self.kv_offload.snapshot().as_dict() if self.kv_offload is not None else {}),
+            expert_load=self.expert_load.poll(force_expert_load),
         )
 
     def stats(self) -> dict:
         """The counters as a dict (the keys of SchedulerStats)."""
         import msgspec
 
-        return msgspec.structs.asdict(self.scheduler_stats())
+        return msgspec.structs.asdict(self.scheduler_stats(force_expert_load=True))
 
     @property
     def runner(self):
@@ -375,13 +402,13 @@ class EngineCore:
     def shutdown(self) -> None:
         pp = self.config.parallel_config.pipeline_parallel_size
         if pp > 1 and self.pp_wall_s:
-            micro = min(pp, self.config.scheduler_config.max_num_seqs)
-            logger.info("pipeline bubble measured on the last stage: %.1f%% (%d stages, up to %d micro-batches; "
-                        "fill/drain alone would be %.1f%%)", 100 * self.scheduler_stats().pp_bubble, pp, micro,
-                        100 * (pp - 1) / (micro + pp - 1))
+            logger.info("pipeline bubble measured on the last stage: %.1f%% (%d stages, one step per stage in "
+                        "flight)", 100 * self.scheduler_stats().pp_bubble, pp)
         if self._trace is not None:
             self._trace.close()
         self.grammar_waitlist.compiler.shutdown()
+        if self.kv_offload is not None:  # the cached blocks go to disk for the next start
+            self.kv_offload.close(self.scheduler.block_manager.pool.cached, self.runner.kv_transfer.run)
         try:  # read back the steps still in flight, so every rank stops at a clean point of the protocol
             while self._pipeline:
                 self._pipeline.popleft()[1].result()

@@ -95,6 +95,16 @@ class DecodeGraphs:
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), self.max_bs,
                     time.perf_counter() - t0)
 
+    def release(self) -> None:
+        """Free the graphs before the process group goes: graphs holding captured NCCL collectives kept
+        the communicators' teardown waiting (2 x H200, NCCL all-reduce in the graphs)."""
+        torch.cuda.synchronize(self.device)
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+        self.pool = None
+
     def _stage_in(self, bs: int) -> IntermediateTensors | None:
         if self.stage_in is None:
             return None

@@ -22,6 +22,7 @@ from meshserve.models.embedded import GENERATION_DEFAULTS as EMBEDDED_GENERATION
 from meshserve.models.generation_defaults import load_generation_defaults
 from meshserve.models.loader import ModelSource, resolve_model_source
 from meshserve.models.registry import resolve_model_class
+from meshserve.spec_decode.config import parse_speculative_config
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
                                         "dummy" if source.weights_dir is None else "auto")
     check_quant_shapes(quant_config, source.hf_config, args.tensor_parallel_size)
     check_parallel_split(source.hf_config, args.tensor_parallel_size, args.pipeline_parallel_size,
-                         args.pp_layer_partition)
+                         args.pp_layer_partition, args.enable_expert_parallel)
     model_dir = source.weights_dir or (args.model if args.model and os.path.isdir(args.model) else None)
     generation_defaults = load_generation_defaults(
         model_dir, args.generation_config, EMBEDDED_GENERATION_DEFAULTS if args.model is None else None)
@@ -87,6 +88,8 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
             block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
             cpu_kv_cache_bytes=args.cpu_kv_cache_bytes, num_gpu_blocks_override=args.num_gpu_blocks_override,
             enable_prefix_caching=args.enable_prefix_caching, cache_dtype=args.kv_cache_dtype,
+            kv_offloading_size=args.kv_offloading_size, kv_offloading_disk_path=args.kv_offloading_disk_path,
+            kv_offloading_disk_size=args.kv_offloading_disk_size, kv_offloading_verify=args.kv_offloading_verify,
         ),
         scheduler_config=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len,
@@ -95,6 +98,7 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
             slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
             slo_tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None,
             slo_shed_late=args.slo_shed_late, step_trace_path=args.step_trace,
+            preemption_mode=args.preemption_mode,
         ),
         parallel_config=ParallelConfig(
             tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
@@ -102,8 +106,14 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
             distributed_executor_backend=args.distributed_executor_backend, nnodes=args.nnodes,
             node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
             distributed_timeout_s=args.distributed_timeout_s,
-            disable_custom_all_reduce=args.disable_custom_all_reduce),
+            disable_custom_all_reduce=args.disable_custom_all_reduce,
+            enable_expert_parallel=args.enable_expert_parallel),
         device=device,
         enforce_eager=args.enforce_eager,
+        speculative_config=parse_speculative_config(args.speculative_config),
     )
+    if config.speculative_config is not None and config.speculative_config.uses_draft_model:
+        from meshserve.spec_decode.draft_model import check_draft_model
+
+        check_draft_model(config.speculative_config, source.hf_config, max_model_len, args.tensor_parallel_size)
     return config, source

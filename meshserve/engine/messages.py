@@ -83,6 +83,29 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     step_time_predicted_s: float = 0.0  # the last measured step: what the step-time model predicted
     step_time_actual_s: float = 0.0  # and what it took on the device
     step_time_model_error: float = 0.0  # recent mean |predicted - actual| / actual
+    # speculative decoding (cumulative): verify rows, proposed tokens, accepted ones, accepted by position
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_accepted_tokens_per_pos: list[int] = []
+    # KV offload tiers (engine/kv_offload/manager.py KVOffloadStats): blocks and bytes per tier since start
+    kv_offload_cpu_hits: int = 0
+    kv_offload_disk_hits: int = 0
+    kv_offload_cpu_bytes_stored: int = 0
+    kv_offload_cpu_bytes_loaded: int = 0
+    kv_offload_disk_bytes_written: int = 0
+    kv_offload_disk_bytes_read: int = 0
+    kv_offload_disk_errors: int = 0
+    kv_offload_restores: int = 0
+    kv_offload_restore_s: float = 0.0
+    kv_offload_swaps_out: int = 0
+    kv_offload_swaps_in: int = 0
+    kv_offload_cpu_blocks: int = 0
+    kv_offload_disk_blocks: int = 0
+    kv_offload_link_bytes_per_s: float = 0.0
+    # MoE: tokens routed to each expert since start, per MoE layer; only in the steps that read them
+    # (engine/expert_load.py), empty otherwise
+    expert_load: list[list[int]] = []
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -28,11 +28,13 @@ from meshserve.engine.kv_pool import KVCachePool, largest_step
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, StepTimer, TokenLogprobs
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.step_inputs import StepInputBuilder
+from meshserve.engine.step_profiler import StepProfiler
 from meshserve.engine.step_sampler import StepSampler
 from meshserve.layers.backend_selection import TORCH_DTYPES, bind_kernels, select_kernels
 from meshserve.layers.pipeline import IntermediateTensors
 from meshserve.layers.sampler import Sampler
 from meshserve.models.loader import ModelSource, build_model, weight_bytes
+from meshserve.spec_decode.draft_model import DraftModelProposer
 
 __all__ = ["ModelRunner", "ModelRunnerOutput", "PendingOutput", "TokenLogprobs"]
 
@@ -66,26 +68,61 @@ class ModelRunner:
                                  quantization=mc.quantization)
         bind_kernels(self.model, self.kernels)
         self.kv_pool = KVCachePool(config, self.model.attention_layers(), self.kernels.kv_cache_dtype, self.device)
-        self.inputs = StepInputBuilder(self.block_size, self.device)
+        # pinned host buffers (inputs, sampled ids) used in turn by consecutive steps: two for async
+        # scheduling (step n+1 is prepared while step n's copies may still be queued); with pipeline
+        # parallel one per step in flight and one more, since a stage's sampled ids are read by another
+        # thread after later steps are launched (worker.ResultSender)
+        pp = config.parallel_config.pipeline_parallel_size
+        self.num_step_buffers = 2 if pp == 1 else pp + 1
+        self.inputs = StepInputBuilder(self.block_size, self.device, self.num_step_buffers)
         pc = config.parallel_config
         # TP ranks other than 0 need the sampled ids on their device when steps are scheduled ahead
         share = pc.tensor_parallel_size > 1 and pc.pipeline_parallel_size == 1 and config.scheduler_config.async_scheduling
         self.sampling = StepSampler(self.model, Sampler(fused=self.kernels.fused_sampler), self.vocab_size,
-                                    self.device, share_sampled=share)
+                                    self.device, share_sampled=share, num_buffers=self.num_step_buffers)
         self.graphs: DecodeGraphs | None = None
-        # which of the two pinned buffers (inputs, sampled ids) this step uses: with async scheduling step
-        # n+1 is prepared while step n's copies may still be queued
-        self._step_parity = 0
+        spec = config.speculative_config
+        # a draft model proposes on the ranks, after each step (speculative steps themselves run eager)
+        self.drafter = DraftModelProposer(config, self.device) if spec is not None and spec.uses_draft_model else None
+        self._step_parity = 0  # which of the pinned buffers this step uses
+        self._sends: list = []  # a pipeline stage's activation sends still in flight
+        self.profiler = StepProfiler(get_parallel_state().rank)
+
+    def close(self) -> None:
+        """Release what holds the process group's communicators (the decode graphs); before teardown."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
 
     def param_bytes(self) -> int:
         """Bytes of this rank's weights (shared tensors once)."""
         return weight_bytes(self.model)
 
+    def expert_load(self) -> list[list[int]]:
+        """Tokens routed to each expert, per MoE layer of this rank's stage (counted on this rank; [] if dense)."""
+        layers = getattr(self.model, "expert_layers", None)
+        return [layer.expert_load.tolist() for layer in layers()] if layers else []
+
     def kv_bytes_per_token(self) -> float:
-        """Bytes of this rank's KV cache per token (all its layers)."""
-        return self.kv_pool.bytes_per_block() / self.block_size
+        """Bytes of this rank's KV cache per token (all its layers, the draft model's too)."""
+        return self._bytes_per_block() / self.block_size
+
+    def _bytes_per_block(self) -> int:
+        return self.kv_pool.bytes_per_block() + (self.drafter.bytes_per_block() if self.drafter else 0)
 
     # -- KV memory -------------------------------------------------------------------------------
+    def kv_block_layout(self) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape of one block of every layer of this rank, [layers, 2, block_size, kv_heads, head_dim], and
+        its dtype: a slot of the KV offload tiers."""
+        t = self.kv_pool.tensors[0]
+        return (len(self.kv_pool.tensors), 2, *t.shape[2:]), t.dtype
+
+    def attach_kv_offload(self, cpu_tier, stats, verify: bool = False) -> None:
+        """Run the steps' KV offload copies between this rank's pool and cpu_tier (kv_offload/transfer.py)."""
+        from meshserve.engine.kv_offload.transfer import KVTransferEngine
+
+        self.kv_transfer = KVTransferEngine(self.kv_pool.tensors, cpu_tier, stats, verify)
+
     def determine_num_blocks_all(self) -> int:
         """determine_num_blocks agreed over every rank (the smallest), so all stages hold the same pool."""
         n = self.determine_num_blocks()
@@ -97,8 +134,11 @@ class ModelRunner:
         return n
 
     def determine_num_blocks(self) -> int:
-        """How many KV blocks the memory budget allows (or the override)."""
-        return self.kv_pool.determine_num_blocks(self.profile_peak_memory)
+        """How many KV blocks the memory budget allows (or the override); a draft model's pool shares it."""
+        n = self.kv_pool.determine_num_blocks(self.profile_peak_memory)
+        if self.drafter is not None and self.config.cache_config.num_gpu_blocks_override is None:
+            n = max(1, n * self.kv_pool.bytes_per_block() // self._bytes_per_block())
+        return n
 
     @torch.inference_mode()
     def profile_peak_memory(self) -> int:
@@ -132,6 +172,8 @@ class ModelRunner:
         """Allocate the pool and bind it to the layers; then (on a GPU) compile the prefill kernels and
         capture the decode graphs where the backend selection allows them."""
         self.kv_pool.allocate(num_blocks)
+        if self.drafter is not None:
+            self.drafter.allocate(num_blocks)
         if not capture_graphs:
             return
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
@@ -187,9 +229,12 @@ class ModelRunner:
     def launch(self, out: SchedulerOutput) -> PendingOutput:
         """Queue the step on the device and return without waiting for its sampled tokens."""
         self.sampling.forget(out.finished_seq_ids)
+        self.profiler.step()
         if out.is_empty:
             return PendingOutput(ModelRunnerOutput())
-        self._step_parity ^= 1
+        self._step_parity = (self._step_parity + 1) % self.num_step_buffers
+        if out.kv_transfers:  # before the forward: it may read restored blocks and overwrite evicted ones
+            self.kv_transfer.run(out.kv_transfers)
         st = get_parallel_state()
         if st.pp_size == 1:
             timer = StepTimer(self.device)
@@ -199,45 +244,42 @@ class ModelRunner:
             else:
                 hidden = self.forward(input_ids, positions, meta)
             pending = self.sampling.sample(out.scheduled, hidden, meta, self._step_parity)
+            if self.drafter is not None:
+                pending = self.drafter.propose_after(out.scheduled, pending)
             pending.timer = timer.stop()
             return pending
-        result = self._execute_pipeline(out.scheduled, st)
-        result.device_time_s = result.wall_s
-        return PendingOutput(result)
+        return self._launch_stage(out.scheduled, st)
 
-    def _execute_pipeline(self, scheduled: list[ScheduledSequence], st) -> ModelRunnerOutput:
-        """Split the step into micro-batches and stream them through the stages: while stage s works on
-        micro-batch m, stage s+1 works on m-1, so the bubble shrinks to (S-1)/(M+S-1)."""
-        t0 = time.perf_counter()
-        busy = 0.0
-        num_mb = min(st.pp_size, len(scheduled))
-        bounds = [len(scheduled) * i // num_mb for i in range(num_mb + 1)]
-        hidden_size = self.config.model_config.hf_config.hidden_size
-        result, pending = ModelRunnerOutput(), []
-        for m in range(num_mb):
-            mb = scheduled[bounds[m] : bounds[m + 1]]
-            input_ids, positions, meta = self._prepare(mb)
-            intermediate = None
-            if not st.is_first_stage:
-                shape = (input_ids.shape[0], hidden_size)
-                hidden, residual = recv_activations([shape, shape], self.dtype, self.device)
-                intermediate = IntermediateTensors(hidden, residual)
-            t = time.perf_counter()
-            if self.graphs is not None and self.graphs.can_run(meta):
-                hidden = self.graphs.run(input_ids, positions, meta, intermediate)
+    def _launch_stage(self, scheduled: list[ScheduledSequence], st) -> PendingOutput:
+        """This pipeline stage's part of a step, queued without waiting for the device: receive the previous
+        stage's activations, run this stage's layers, then send them on, or sample on the last stage. The
+        engine keeps one step per stage in flight (EngineCore._step_pipelined), each over other sequences,
+        so every stage works on some step while the host prepares the next; the device time measured is
+        this stage's compute, from the activations' arrival."""
+        input_ids, positions, meta = self._prepare(scheduled)
+        intermediate = None
+        if not st.is_first_stage:
+            shape = (input_ids.shape[0], self.config.model_config.hf_config.hidden_size)
+            hidden, residual = recv_activations([shape, shape], self.dtype, self.device)
+            intermediate = IntermediateTensors(hidden, residual)
+        timer = StepTimer(self.device)  # on the compute stream after the receive: compute time only
+        if self.graphs is not None and self.graphs.can_run(meta):
+            hidden = self.graphs.run(input_ids, positions, meta, intermediate)
+        else:
+            hidden = self.forward(input_ids, positions, meta, intermediate)
+        if st.is_last_stage:
+            pending = self.sampling.sample(scheduled, hidden, meta, self._step_parity)
+        else:
+            # copies: a replayed graph's output buffers are overwritten by its next replay, which the
+            # compute stream may start before the send has read them
+            works = send_activations([hidden.hidden.clone(), hidden.residual.clone()])
+            if self.device.type == "cuda":
+                # NCCL queues the sends on its stream and keeps the copies alive; the handles are kept
+                # until done all the same (a dropped gloo send is cancelled)
+                self._sends = [w for w in self._sends if not w.is_completed()] + works
             else:
-                hidden = self.forward(input_ids, positions, meta, intermediate)
-            if st.is_last_stage:
-                part = self.sampling.sample(mb, hidden, meta, self._step_parity).result()
-                result.sampled.update(part.sampled)
-                result.logprobs.update(part.logprobs)
-                result.prompt_logprobs.update(part.prompt_logprobs)
-            else:
-                if self.device.type == "cuda":
-                    torch.cuda.current_stream(self.device).synchronize()
-                pending += send_activations([hidden.hidden, hidden.residual])
-            busy += time.perf_counter() - t
-        for work in pending:
-            work.wait()
-        result.busy_s, result.wall_s = busy, time.perf_counter() - t0
-        return result
+                for work in works:  # gloo: the send completes once the next stage receives
+                    work.wait()
+            pending = PendingOutput(ModelRunnerOutput())
+        pending.timer = timer.stop()
+        return pending

@@ -282,6 +282,12 @@ class MultiprocExecutor:
         except Exception:  # noqa: BLE001, S110  (peers may already be gone)
             pass
         self._stop_workers()
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            try:
+                runner.close()
+            except Exception:  # noqa: BLE001, S110  (a broken device or group: teardown below is bounded)
+                pass
         if self._joining is None or not self._joining.is_alive():
             destroy_parallel_state()
 

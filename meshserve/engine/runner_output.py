@@ -30,6 +30,10 @@ class ModelRunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # seq_id -> (chunk start position, logprobs of prompt tokens start+1, start+2, ... scored in this chunk)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # speculative decoding: a verifying sequence's tokens (accepted proposals, then the target's own), and
+    # a draft model's proposals for each sequence's next step
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # pipeline parallel: this stage's compute time and the step's wall time (for the bubble)
     busy_s: float = 0.0
     wall_s: float = 0.0

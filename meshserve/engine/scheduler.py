@@ -52,8 +52,13 @@ class Scheduler:
         # pipeline parallel: several steps in flight at once; a sequence waits until its last step is back
         # (its next input token is sampled on the last stage, far from the first)
         self.skip_pending = False
+        # and how many steps are in flight: each takes at most its share of the running sequences, so the
+        # stages' steps stay even (otherwise one step can hold the whole batch and the next nothing)
+        self.pipeline_depth = 0
         # where "now" comes from: the wall clock, or a simulated one (meshserve/simulator drives this scheduler)
         self.clock = time.monotonic
+        # speculative decoding with a draft model: KV slots its proposals take past each step's tokens
+        self.num_lookahead_tokens = 0
 
     # -- admission -------------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -81,9 +86,12 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
+        # swap (KV offload's preemption mode): its KV waits in the CPU tier and its computed tokens stand
+        if not self.block_manager.swap_out(seq, lambda: self.policy.prefill_time_s(seq.num_computed_tokens)):
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = 0
         seq.status = SequenceStatus.PREEMPTED
-        seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -91,13 +99,16 @@ class Scheduler:
 
     def _entry(self, seq: Sequence, num_new: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        do_sample = start + num_new == seq.num_tokens
+        num_spec = max(0, start + num_new - seq.num_tokens)  # proposals scheduled after the last token
+        do_sample = start + num_new >= seq.num_tokens
         needs_history = do_sample and seq.params.uses_penalties
         # prompt logprobs score each prompt token from the position before it, across chunk borders
         needs_prompt = needs_history or (seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens)
+        token_ids = seq.token_ids_slice(start, start + num_new - num_spec)
         return ScheduledSequence(
             seq_id=seq.seq_id,
-            token_ids=seq.token_ids_slice(start, start + num_new),
+            token_ids=token_ids + seq.spec_token_ids[:num_spec] if num_spec else token_ids,
+            num_spec_tokens=num_spec,
             num_computed_tokens=start,
             block_table=self.block_manager.block_table(seq),
             params=seq.params,
@@ -130,14 +141,17 @@ class Scheduler:
         preempted: list[str] = []
 
         # 1. running sequences, oldest first; preempt from the newest end when blocks run out
+        share = -(-len(self.running) // self.pipeline_depth) if self.pipeline_depth > 1 else len(self.running)
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(scheduled) < share:
             seq = self.running[i]
             if seq.num_pending_tokens and (self.skip_pending or self._reached_limit(seq)):
                 i += 1  # its last token is on its way; nothing more to compute
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.allocate(seq, num_new):
+            if seq.spec_token_ids and num_new == seq.num_tokens - seq.num_computed_tokens:
+                num_new += self._num_spec_to_verify(seq, budget - num_new)
+            while not self.block_manager.allocate(seq, num_new, num_lookahead_tokens=self.num_lookahead_tokens):
                 victim = self._pick_victim(i)
                 self._preempt(victim)
                 preempted.append(victim.seq_id)
@@ -161,7 +175,7 @@ class Scheduler:
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            if not self.block_manager.allocate(seq, num_new, cached):
+            if not self.block_manager.allocate(seq, num_new, cached, self.num_lookahead_tokens):
                 break
             self.waiting.popleft()
             if seq.status == SequenceStatus.WAITING:  # first admission, not a recompute
@@ -180,6 +194,8 @@ class Scheduler:
             finished_seq_ids=self._finished_since_last_step,
         )
         self._finished_since_last_step = []
+        if out.scheduled and self.block_manager.offload is not None:  # copies between KV tiers, run first
+            out.kv_transfers = self.block_manager.offload.take_transfers()
         self.policy.charge(StepShape(out.num_batched_tokens, len(out.scheduled),
                                      sum(e.num_computed_tokens + e.num_new_tokens for e in out.scheduled)),
                            self.running)
@@ -188,6 +204,12 @@ class Scheduler:
                 seq.num_computed_tokens += n
                 seq.num_pending_tokens += entry.do_sample
         return out
+
+    def _num_spec_to_verify(self, seq: Sequence, budget: int) -> int:
+        """How many of seq's proposals fit this step: the token budget, and no more than max_tokens and
+        max_model_len leave room for (accepted proposals plus the target's own token)."""
+        room = min(seq.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens) - 1
+        return max(0, min(len(seq.spec_token_ids), budget, room))
 
     def _reached_limit(self, seq: Sequence) -> bool:
         """No token after the pending ones may be scheduled: max_tokens or max_model_len is reached."""
@@ -200,16 +222,24 @@ class Scheduler:
         grammar's next mask depends on the last token)."""
         return any(seq.params.uses_penalties or seq.grammar is not None for seq in self.running)
 
-    def update_after_step(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+    def update_after_step(self, output: SchedulerOutput, sampled: dict[str, int],
+                          spec_sampled: dict[str, list[int]] | None = None) -> list[Sequence]:
         """Advance computed tokens (async mode: done at scheduling), append sampled tokens, apply
         token-level stops. Returns the sequences that got a new token this step (finished ones included);
-        a sequence that finished meanwhile (stop, abort) drops its token.
+        a sequence that finished meanwhile (stop, abort) drops its token. spec_sampled holds the tokens of
+        sequences that verified proposals (see _update_speculative).
         """
         updated = []
         for entry in output.scheduled:
             seq = self.seqs.get(entry.seq_id)
             if seq is None or seq.is_finished:
                 continue
+            if entry.num_spec_tokens:
+                tokens = (spec_sampled or {}).get(entry.seq_id)
+                if tokens and self._update_speculative(seq, entry, tokens):
+                    updated.append(seq)
+                continue
+            seq.num_step_tokens = 1
             if not self.async_mode:
                 seq.num_computed_tokens += entry.num_new_tokens
             elif entry.do_sample:
@@ -223,6 +253,26 @@ class Scheduler:
                 self._advance_grammar(seq, token)
             updated.append(seq)
         return updated
+
+    def _update_speculative(self, seq: Sequence, entry, tokens: list[int]) -> bool:
+        """Append a verify step's tokens (accepted proposals, then the target's own) one by one with the
+        token-level stops, so a stop inside an accepted run truncates it; roll back the KV of the rejected
+        proposals (their blocks return to the pool). Returns whether any token was appended."""
+        seq.spec_token_ids = []
+        seq.num_step_tokens = 0
+        for token in tokens:
+            seq.output_token_ids.append(token)
+            seq.num_step_tokens += 1
+            self._check_token_stop(seq, token)
+            if seq.grammar is not None and not seq.is_finished:
+                self._advance_grammar(seq, token)
+            if seq.is_finished:
+                break
+        if not seq.is_finished:
+            # computed: the last verified token and the accepted proposals; the target's own token is next
+            seq.num_computed_tokens += entry.num_new_tokens - entry.num_spec_tokens + len(tokens) - 1
+            self.block_manager.trim(seq, seq.num_computed_tokens)
+        return seq.num_step_tokens > 0
 
     def _advance_grammar(self, seq: Sequence, token: int) -> None:
         """Feed the token to the sequence's grammar matcher; a grammar that is complete (it accepted a stop

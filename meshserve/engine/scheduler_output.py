@@ -34,6 +34,9 @@ class ScheduledSequence:
     num_output_tokens: int = 0
     # constrained output, sampling this step: the tokens its grammar allows ([1, words] int32 bitmask, CPU)
     grammar_bitmask: Any = None
+    # speculative decoding: the last num_spec_tokens of token_ids are proposals; the runner scores every
+    # position from the last verified token on and verifies them (do_sample is then True)
+    num_spec_tokens: int = 0
 
     @property
     def num_new_tokens(self) -> int:
@@ -48,6 +51,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence]
     preempted_seq_ids: list[str] = field(default_factory=list)
     finished_seq_ids: list[str] = field(default_factory=list)  # since the last step: runners drop their state
+    # KV offload copies the runner makes before the forward, in order: ("store", gpu block, cpu slot) or
+    # ("load", cpu slot, gpu block) (engine/kv_offload/manager.py)
+    kv_transfers: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

@@ -58,6 +58,10 @@ class Sequence:
     slo_ttft_s: float | None = None  # this request's targets (None: the server's, if any)
     slo_tpot_s: float | None = None
     grammar: Any = None  # xgrammar GrammarMatcher of a constrained output: it has accepted every output token
+    # speculative decoding: proposed next tokens awaiting verification (never in output_token_ids, never
+    # in the prefix cache), and how many tokens the last step appended (accepted proposals + 1)
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_step_tokens: int = 1
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -18,16 +18,16 @@ from meshserve.kernels.attention_metadata import AttentionMetadata
 class StepInputBuilder:
     """Builds (input_ids, positions, AttentionMetadata) for a list of scheduled sequences.
 
-    Holds two pinned host buffers, used in turn by step parity: with async scheduling step n+1 is prepared
-    while step n's copies may still be queued behind step n-1 on the GPU. A buffer is reused only once the
-    copy that last read it has run.
+    Holds num_buffers pinned host buffers, used in turn by step parity: with async scheduling step n+1 is
+    prepared while step n's copies may still be queued behind step n-1 on the GPU. A buffer is reused only
+    once the copy that last read it has run.
     """
 
-    def __init__(self, block_size: int, device: torch.device):
+    def __init__(self, block_size: int, device: torch.device, num_buffers: int = 2):
         self.block_size = block_size
         self.device = device
-        self._pinned: list[torch.Tensor | None] = [None, None]
-        self._pinned_copied: list[torch.cuda.Event | None] = [None, None]  # each buffer's last copy
+        self._pinned: list[torch.Tensor | None] = [None] * num_buffers
+        self._pinned_copied: list[torch.cuda.Event | None] = [None] * num_buffers  # each buffer's last copy
 
     def build(self, scheduled: list[ScheduledSequence], parity: int, last_sampled: torch.Tensor | None,
               last_rows: dict[str, int]):

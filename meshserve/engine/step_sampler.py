@@ -9,6 +9,7 @@ from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, to_
 from meshserve.engine.scheduler_output import ScheduledSequence
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.sampler import Sampler, SamplingMetadata, compute_logprobs
+from meshserve.spec_decode.rejection_sampler import verify
 from meshserve.structured.bitmask import apply_bitmask
 
 
@@ -16,7 +17,7 @@ class StepSampler:
     """Turns a step's hidden states into tokens: logits of the sampling rows (and of prompt-logprob rows),
     then a plain argmax for an all-greedy batch beside the full Sampler for everything else.
 
-    Holds what outlives a step: each seeded sequence's generator (until the sequence finishes), two pinned
+    Holds what outlives a step: each seeded sequence's generator (until the sequence finishes), pinned
     host buffers for the sampled ids (used in turn by step parity), and the last step's sampled ids on the
     device with their rows by sequence, which the next step's inputs read for tokens still pending when it
     was scheduled. Every TP rank computes logits (the LM head gathers over them); only TP rank 0 samples.
@@ -25,14 +26,14 @@ class StepSampler:
     """
 
     def __init__(self, model: torch.nn.Module, sampler: Sampler, vocab_size: int, device: torch.device,
-                 share_sampled: bool = False):
+                 share_sampled: bool = False, num_buffers: int = 2):
         self.model = model
         self.share_sampled = share_sampled
         self.sampler = sampler
         self.vocab_size = vocab_size
         self.device = device
         self.generators: dict[str, torch.Generator] = {}
-        self._pinned_ids: list[torch.Tensor | None] = [None, None]
+        self._pinned_ids: list[torch.Tensor | None] = [None] * num_buffers
         # the last step's sampled ids on the device and their rows, by sequence: the next step's input
         # for tokens that were still pending when it was scheduled
         self.last_sampled: torch.Tensor | None = None
@@ -76,6 +77,10 @@ class StepSampler:
                 result.prompt_logprobs[s.seq_id] = (start, to_token_logprobs(next_ids, *lps))
 
         sample_idx = [i for i, s in enumerate(scheduled) if s.do_sample]
+        if any(scheduled[i].num_spec_tokens for i in sample_idx):
+            self._verify([i for i in sample_idx if scheduled[i].num_spec_tokens], scheduled, hidden, qsl,
+                         samples, result)
+            sample_idx = [i for i in sample_idx if not scheduled[i].num_spec_tokens]
         if not sample_idx:
             return PendingOutput(result)
         if len(sample_idx) == len(scheduled):  # the usual case: no host-to-device copy needed
@@ -109,6 +114,21 @@ class StepSampler:
         )
         sampled = self.sampler(logits, meta_s)
         return self._pending(result, rows, sampled.sampled_token_ids, parity, sampled)
+
+    def _verify(self, spec_idx: list[int], scheduled: list[ScheduledSequence], hidden: torch.Tensor,
+                qsl: list[int], samples: bool, result: ModelRunnerOutput) -> None:
+        """Score every position of the verifying sequences (last verified token and each proposal) and,
+        on the sampler rank, verify their proposals (spec_decode/rejection_sampler.py) into
+        result.spec_token_ids. Synchronous: speculative steps are not scheduled ahead."""
+        rows = torch.cat([torch.arange(qsl[i + 1] - 1 - scheduled[i].num_spec_tokens, qsl[i + 1])
+                          for i in spec_idx]).to(self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        if not samples:
+            return
+        entries = [scheduled[i] for i in spec_idx]
+        drafts = [s.token_ids[len(s.token_ids) - s.num_spec_tokens:] for s in entries]
+        verified = verify(logits, drafts, [s.params for s in entries], [self._generator(s) for s in entries])
+        result.spec_token_ids.update((s.seq_id, t) for s, t in zip(entries, verified.token_ids))
 
     def _pending(self, result: ModelRunnerOutput, rows: list[ScheduledSequence], token_ids: torch.Tensor,
                  parity: int, sampled=None) -> PendingOutput:

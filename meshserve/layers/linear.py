@@ -68,13 +68,14 @@ class LinearBase(nn.Module):
     weight [out, in] by default; with the GEMV selected, single 16-bit rows go through the Triton GEMV)."""
 
     input_is_parallel = False  # row-parallel layers split input features (and so INT4 groups)
+    quantizable = True  # False: 16-bit whatever the model's weight format
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.in_features, self.out_features = in_features, out_features
         self.kernels = PLAIN  # bound by the model runner (layers/backend_selection.py)
-        self.quant_method = current_linear_method()
+        self.quant_method = current_linear_method() if self.quantizable else UnquantizedLinearMethod()
         self.quant_method.create_weights(self, in_features, out_features, torch.get_default_dtype())
         for param in self.parameters(recurse=False):
             param.weight_loader = self.weight_loader
@@ -97,6 +98,13 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    """Every rank holds the whole weight and computes the whole output (an MoE router: never quantized, as
+    in quantized checkpoints)."""
+
+    quantizable = False
 
 
 class ColumnParallelLinear(LinearBase):

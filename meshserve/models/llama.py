@@ -22,14 +22,15 @@ from meshserve.layers.rotary import RotaryEmbedding
 def family_switches(hf_config) -> dict:
     """The per-family differences, derived from the config's model_type and fields."""
     model_type = getattr(hf_config, "model_type", "llama")
-    qkv_bias = model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+    qkv_bias = (model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+                or bool(getattr(hf_config, "qkv_bias", False)))  # Qwen2-MoE names it qkv_bias
     sliding_window = getattr(hf_config, "sliding_window", None)
-    if model_type in ("qwen2", "qwen3") and not getattr(hf_config, "use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe") and not getattr(hf_config, "use_sliding_window", False):
         sliding_window = None
     return {
         "qkv_bias": qkv_bias,
         "o_bias": bool(getattr(hf_config, "attention_bias", False)) and model_type != "qwen2",
-        "qk_norm": model_type == "qwen3",
+        "qk_norm": model_type in ("qwen3", "qwen3_moe"),
         "mlp_bias": bool(getattr(hf_config, "mlp_bias", False)),
         "sliding_window": sliding_window,
     }
@@ -78,10 +79,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hf_config):
+    def __init__(self, hf_config, intermediate_size: int | None = None):
         super().__init__()
         bias = family_switches(hf_config)["mlp_bias"]
-        hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
+        hidden, inter = hf_config.hidden_size, intermediate_size or hf_config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias=bias)
         self.down_proj = RowParallelLinear(inter, hidden, bias=bias)
         self.act_fn = SiluAndMul()
@@ -93,10 +94,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, hf_config, rotary_emb: RotaryEmbedding):
+    def __init__(self, hf_config, rotary_emb: RotaryEmbedding, mlp: nn.Module | None = None):
         super().__init__()
         self.self_attn = LlamaAttention(hf_config, rotary_emb)
-        self.mlp = LlamaMLP(hf_config)  # swappable: MoE blocks replace this module
+        self.mlp = mlp if mlp is not None else LlamaMLP(hf_config)  # swappable: MoE blocks replace it
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -114,7 +115,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm; with pipeline parallelism only this stage's part."""
 
-    def __init__(self, hf_config, max_position: int):
+    def __init__(self, hf_config, max_position: int, make_mlp=None):
         super().__init__()
         first, last = pp_stage()
         self.is_last_stage = last
@@ -123,7 +124,8 @@ class LlamaModel(nn.Module):
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         rotary_emb = RotaryEmbedding(hf_config, head_dim, max_position)
         self.start_layer, self.end_layer, self.layers = make_pipeline_layers(
-            hf_config.num_hidden_layers, lambda _: LlamaDecoderLayer(hf_config, rotary_emb))
+            hf_config.num_hidden_layers,
+            lambda i: LlamaDecoderLayer(hf_config, rotary_emb, make_mlp(i) if make_mlp else None))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps) if last else PPMissingLayer()
 
     def forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):
@@ -158,12 +160,16 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         max_position = max_position or hf_config.max_position_embeddings
         self.config = hf_config
-        self.model = LlamaModel(hf_config, max_position)
+        self.model = LlamaModel(hf_config, max_position, self.make_mlp)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         first, last = pp_stage()
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size) if last else PPMissingLayer()
         if self.tie_word_embeddings and first and last:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_mlp(self, layer: int) -> nn.Module | None:
+        """The MLP of decoder layer `layer`; None: the dense LlamaMLP (MoE families override this)."""
+        return None
 
     def checkpoint_name(self, name: str) -> str | None:
         """Where a checkpoint tensor goes in this stage (None: it belongs to another stage)."""

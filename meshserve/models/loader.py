@@ -148,6 +148,8 @@ def _load_tensors(model: nn.Module, tensors, what: str) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
     place = getattr(model, "checkpoint_name", lambda n: n)
+    # MoE models: an expert's tensor -> (stacked parameter, (expert id, part)) (layers/fused_moe.py)
+    expert_place = getattr(model, "expert_checkpoint_name", lambda n: None)
     loaded: set[str] = set()
     for ckpt_name, tensor in tensors:
         if "rotary_emb.inv_freq" in ckpt_name:
@@ -159,7 +161,10 @@ def _load_tensors(model: nn.Module, tensors, what: str) -> None:
             _load_or_fail(ckpt_name, load_kv_scale, model, name, tensor)
             continue
         shard_id = None
-        for ckpt_part, (our_part, sid) in packed.items():
+        expert = expert_place(name)
+        if expert is not None:
+            name, shard_id = expert
+        for ckpt_part, (our_part, sid) in packed.items() if expert is None else ():
             if f".{ckpt_part}." in name:
                 name, shard_id = name.replace(f".{ckpt_part}.", f".{our_part}."), sid
                 break
@@ -206,6 +211,14 @@ def weight_bytes(model: nn.Module) -> int:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
     return total
+
+
+def active_weight_bytes(model: nn.Module) -> int:
+    """Bytes one token's step reads: all weights but, in MoE layers, only top_k of the experts (each layer's
+    `expert_weight_bytes_skipped`); equals weight_bytes for dense models."""
+    skipped = sum(m.expert_weight_bytes_skipped() for m in model.modules()
+                  if hasattr(m, "expert_weight_bytes_skipped"))
+    return weight_bytes(model) - skipped
 
 
 def _dummy_checkpoint(model: nn.Module, hf_config, seed: int):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from meshserve.planner.hardware import GpuSpec
 from meshserve.planner.memory import StageShard, kv_tokens_held, stage_shard, weight_dtype_bytes
 from meshserve.planner.model import ModelSpec
+from meshserve.planner.moe_comm import ep_traffic
 from meshserve.planner.parallel import Layout
 
 ACT_BYTES = 2  # bf16 hidden states on the wire
@@ -39,6 +40,7 @@ class StepTime:
     compute_s: float
     comm_s: float
     overhead_s: float = 0.0  # per-layer fixed cost (launches), which bandwidth and FLOPs do not cover
+    ep_bytes: float = 0.0  # bytes one GPU sends in the expert-parallel exchange (dispatch, combine, gather)
 
     @property
     def total_s(self) -> float:
@@ -118,11 +120,20 @@ def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int
     n_allreduce = shard.num_layers + (shard.num_layers - shard.num_moe_layers) + \
         (shard.num_moe_layers if layout.ep == 1 else 0)
     comm_s = n_allreduce * allreduce_s(msg, layout.tp, gpu.link_gb_s, gpu.link_latency_us)
-    if layout.ep > 1:
+    ep_bytes = 0.0
+    if layout.ep > 1 and layout.dp == 1:
+        # the engine's EP inside the TP group: slices dispatched and combined, then all-gathered (moe_comm.py)
+        traffic = ep_traffic(model, layout.ep, batch, shard.num_moe_layers)
+        ep_bytes = traffic.total
+        n = shard.num_moe_layers
+        comm_s += 2 * n * gpu.link_latency_us * 1e-6 + traffic.all_to_all / (gpu.link_gb_s * 1e9)
+        comm_s += n * gpu.link_latency_us * 1e-6 + traffic.all_gather / (gpu.link_gb_s * 1e9)
+    elif layout.ep > 1:
         bw, lat = _ep_link(gpu, layout, gpus_per_node)
         a2a = all_to_all_s(msg * model.experts_per_token * layout.dp, layout.ep, bw, lat)
         comm_s += shard.num_moe_layers * 2 * a2a  # dispatch + combine
-    return StepTime(memory_s, compute_s, comm_s, shard.num_layers * gpu.layer_overhead_us * 1e-6)
+        ep_bytes = shard.num_moe_layers * 2 * (layout.ep - 1) / layout.ep * msg * model.experts_per_token * layout.dp
+    return StepTime(memory_s, compute_s, comm_s, shard.num_layers * gpu.layer_overhead_us * 1e-6, ep_bytes)
 
 
 def pp_hop_s(model: ModelSpec, gpu: GpuSpec, tokens: int) -> float:

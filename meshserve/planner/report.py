@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from meshserve.planner.memory import kv_bytes, kv_bytes_per_token, kv_dtype_bytes, weight_bytes
+from meshserve.planner.moe_comm import tp_moe_all_reduce_bytes
 from meshserve.planner.plan import Candidate, PlanResult
 
 GB = 1e9
@@ -55,6 +56,25 @@ def _clamp_notes(result: PlanResult) -> list[str]:
     return notes
 
 
+def _ep_notes(result: PlanResult) -> list[str]:
+    """For expert-parallel rows: the bytes each GPU sends per decode step in the token exchange, beside what
+    the all-reduce of the same MoE layers would send without EP."""
+    m, notes = result.request.model, []
+    for c in result.candidates:
+        if c.layout.ep > 1 and c.prediction.step.ep_bytes:
+            batch = c.prediction.batch_per_replica
+            layers = m.num_moe_layers // c.layout.pp
+            note = (f"EP {c.layout.label}: {c.prediction.step.ep_bytes / 1e6:,.1f} MB sent per GPU per decode step "
+                    f"in the all-to-all exchange ({layers} MoE layers, {batch:,} tokens)")
+            if c.layout.dp > 1:
+                note += "; planned only: the engine spreads experts over one replica's TP group"
+            else:
+                reduce = tp_moe_all_reduce_bytes(m, c.layout.tp, batch, layers)
+                note += f"; TP's all-reduce of the same layers: {reduce / 1e6:,.1f} MB"
+            notes.append(note)
+    return notes
+
+
 def render_plan(result: PlanResult, gpu_note: str = "") -> str:
     """The human-readable plan `meshserve plan` prints; `gpu_note` says where the GPU came from."""
     r = result.request
@@ -70,6 +90,7 @@ def render_plan(result: PlanResult, gpu_note: str = "") -> str:
         lines.append(_fmt([name for name, _ in COLUMNS]))
         lines.extend(_fmt(_row(i, c)) for i, c in enumerate(result.candidates, 1))
         lines.extend(_clamp_notes(result))
+        lines.extend(_ep_notes(result))
         lines.append("")
     if result.rejections:
         lines.append("rejected:")

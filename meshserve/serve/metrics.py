@@ -36,6 +36,7 @@ class _EngineStatsCollector(Collector):
     def __init__(self) -> None:
         self.stats: dict[str, Any] | None = None
         self.age_s: float | None = None
+        self.expert_load: list[list[int]] = []  # the last per-expert counts the core published (MoE only)
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats or {}
@@ -68,11 +69,66 @@ class _EngineStatsCollector(Collector):
             ("meshserve:prefix_cache_hits", "Prefix cache hits (blocks).", "prefix_cache_hits"),
             ("meshserve:requests_shed", "Queued requests dropped by the engine because their time-to-first-token "
              "target could no longer be met.", "num_shed"),
+            # speculative decoding, after vLLM's vllm:spec_decode_* counters
+            ("meshserve:spec_decode_num_drafts", "Verify rows: sequences that verified proposals in a step.",
+             "spec_num_drafts"),
+            ("meshserve:spec_decode_num_draft_tokens", "Proposed tokens verified.", "spec_num_draft_tokens"),
+            ("meshserve:spec_decode_num_accepted_tokens", "Proposed tokens accepted.", "spec_num_accepted_tokens"),
         ]
         for name, doc, key in counters:
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(s.get(key) or 0))
             yield c
+        per_pos = s.get("spec_num_accepted_tokens_per_pos") or []
+        if per_pos:
+            c = CounterMetricFamily("meshserve:spec_decode_num_accepted_tokens_per_pos",
+                                    "Proposed tokens accepted, by position in the proposal.", labels=["position"])
+            for pos, n in enumerate(per_pos):
+                c.add_metric([str(pos)], float(n))
+            yield c
+        self.expert_load = s.get("expert_load") or self.expert_load
+        if self.expert_load:
+            c = CounterMetricFamily("meshserve:moe_expert_tokens", "Tokens routed to each expert of each MoE layer "
+                                    "(moe_layer counts the MoE layers of the first pipeline stage in order).",
+                                    labels=["moe_layer", "expert"])
+            for layer, counts in enumerate(self.expert_load):
+                for expert, n in enumerate(counts):
+                    c.add_metric([str(layer), str(expert)], float(n))
+            yield c
+        yield from _kv_offload_families(s)
+
+
+def _kv_offload_families(s: dict[str, Any]) -> Iterator[Metric]:
+    """KV offload tiers (engine/kv_offload): hits, bytes and blocks per tier, restore time, swaps."""
+
+    def v(key: str) -> float:
+        return float(s.get(f"kv_offload_{key}") or 0)
+
+    hits = CounterMetricFamily("meshserve:kv_offload_hits", "Prefix blocks restored from a KV offload tier.",
+                               labels=["tier"])
+    blocks = GaugeMetricFamily("meshserve:kv_offload_blocks", "KV blocks held in an offload tier now.",
+                               labels=["tier"])
+    for tier in ("cpu", "disk"):
+        hits.add_metric([tier], v(f"{tier}_hits"))
+        blocks.add_metric([tier], v(f"{tier}_blocks"))
+    moved = CounterMetricFamily("meshserve:kv_offload_bytes", "Bytes of KV blocks moved into (stored, written) "
+                                "or out of (loaded, read) an offload tier.", labels=["tier", "direction"])
+    for tier, direction, key in (("cpu", "in", "cpu_bytes_stored"), ("cpu", "out", "cpu_bytes_loaded"),
+                                 ("disk", "in", "disk_bytes_written"), ("disk", "out", "disk_bytes_read")):
+        moved.add_metric([tier, direction], v(key))
+    swaps = CounterMetricFamily("meshserve:kv_offload_swaps", "Preempted sequences swapped out to the CPU tier "
+                                "and back in.", labels=["direction"])
+    swaps.add_metric(["out"], v("swaps_out"))
+    swaps.add_metric(["in"], v("swaps_in"))
+    restore_s = CounterMetricFamily("meshserve:kv_offload_restore_seconds", "Device time of the copies that "
+                                    "restored KV blocks from the CPU tier.")
+    restore_s.add_metric([], v("restore_s"))
+    restores = CounterMetricFamily("meshserve:kv_offload_restores", "Batches of restore copies timed.")
+    restores.add_metric([], v("restores"))
+    errors = CounterMetricFamily("meshserve:kv_offload_disk_errors", "KV block files found missing, truncated or "
+                                 "corrupted (each a cache miss, recomputed).")
+    errors.add_metric([], v("disk_errors"))
+    yield from (hits, blocks, moved, swaps, restore_s, restores, errors)
 
 
 class ServerMetrics:

@@ -573,3 +573,24 @@ def test_recompute_after_preemption_keeps_first_num_cached_tokens():
     assert b.num_cached_tokens == 0  # set at the first admission only
     assert s.block_manager.stats.queries == queries  # a recompute is not a new query
     assert b.num_output_tokens == 8
+
+
+def test_pipelined_steps_split_the_running_batch_evenly():
+    """With pipeline parallel (two steps in flight, pending sequences skipped) each step takes at most half
+    of the running sequences, so the steps in flight stay even instead of one holding the whole batch."""
+    s = make_sched(max_num_seqs=8, max_num_batched_tokens=256)
+    s.async_mode = s.skip_pending = True
+    s.pipeline_depth = 2
+    for i in range(8):
+        s.add(make_seq(f"s{i}", [1, 2, 3], max_tokens=32))
+    first = s.schedule()  # all eight prompts: nothing runs yet, so no share to keep
+    assert len(first.scheduled) == 8
+    s.update_after_step(first, {e.seq_id: 5 for e in first.scheduled})
+    a = s.schedule()
+    b = s.schedule()  # launched while a is in flight: the other half
+    assert len(a.scheduled) == 4 and len(b.scheduled) == 4
+    assert not {e.seq_id for e in a.scheduled} & {e.seq_id for e in b.scheduled}
+    assert s.schedule().is_empty  # every sequence waits on a step in flight
+    s.update_after_step(a, {e.seq_id: 6 for e in a.scheduled})
+    c = s.schedule()
+    assert {e.seq_id for e in c.scheduled} == {e.seq_id for e in a.scheduled}

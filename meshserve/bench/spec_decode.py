@@ -1,0 +1,218 @@
+"""`meshserve bench spec`: acceptance and batch-1 speedup of speculative decoding on real text, or of the
+mechanism alone with a proposer of controlled acceptance (--replay).
+
+Real text (default: the embedded SmolLM2 on whatever device): input-grounded tasks (editing given code,
+summarising a given passage) where prompt lookup pays, and open chat where it should not. Each workload runs
+greedy at batch 1 without speculation, then with it; the outputs must be identical.
+
+--replay P,P,...: dummy weights at real sizes (e.g. llama-3.1-8b on a GPU); the proposer replays the target's
+own greedy continuation, each proposed token wrong with probability 1 - P; tok/s at batch 1 against the
+acceptance this gives, beside no speculation (and --batch-size for the large-batch cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from meshserve.bench.report import print_rows, write_json
+from meshserve.bench.workloads import w1_prompt
+
+_CODE = """import json
+from dataclasses import dataclass
+
+
+@dataclass
+class Order:
+    order_id: int
+    customer: str
+    items: list[str]
+    total_cents: int
+
+    def is_large(self) -> bool:
+        return self.total_cents > 100_00
+
+
+def load_orders(path: str) -> list[Order]:
+    with open(path) as f:
+        rows = json.load(f)
+    return [Order(r["order_id"], r["customer"], r["items"], r["total_cents"]) for r in rows]
+
+
+def large_orders(orders: list[Order]) -> list[Order]:
+    return [o for o in orders if o.is_large()]
+"""
+
+_PASSAGE = (
+    "The Rhine is one of the major European rivers. It begins in the Swiss canton of Graubünden in the "
+    "southeastern Swiss Alps, forms part of the Swiss-Austrian, Swiss-Liechtenstein, Swiss-German and then "
+    "the Franco-German border, then flows through the German Rhineland and the Netherlands and eventually "
+    "empties into the North Sea. The river is about 1,230 kilometres long. It is the second-longest river "
+    "in Central and Western Europe, after the Danube. Since Roman times the Rhine has been a vital "
+    "navigable waterway, carrying trade and goods deep inland, and it has also served as a defensive "
+    "barrier and a frontier between peoples."
+)
+
+WORKLOADS = {
+    "code-edit": "Rename the class Order to Purchase everywhere in this code and output the whole code:\n\n"
+    + _CODE,
+    "summarise": "Summarise the following passage in a few sentences, reusing its wording:\n\n" + _PASSAGE,
+    "chat": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+}
+
+
+def _spec_stats(llm) -> dict:
+    s = llm.engine.core.speculator.stats
+    return {
+        "acceptance_rate": round(s.acceptance_rate, 3),
+        "mean_accepted_len": round(s.mean_acceptance_length, 2),
+        "drafts": s.num_drafts,
+        "draft_tokens": s.num_draft_tokens,
+        "accepted": s.num_accepted_tokens,
+    }
+
+
+def _timed_generate(llm, prompts, params) -> tuple[list[list[int]], float]:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = llm.generate(prompts, params, use_tqdm=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return [o.outputs[0].token_ids for o in out], time.perf_counter() - t
+
+
+def _engine_kwargs(ns) -> dict:
+    kw = {"max_model_len": ns.max_model_len, "dtype": ns.dtype, "enforce_eager": ns.enforce_eager}
+    if ns.model is not None:
+        kw["model"] = ns.model
+    if ns.replay:
+        kw["load_format"] = "dummy"
+    return kw
+
+
+def _fresh_stats(llm) -> None:
+    from meshserve.spec_decode.stats import SpecDecodeStats
+
+    llm.engine.core.speculator.stats = SpecDecodeStats()
+
+
+def run_real_text(ns) -> list[dict]:
+    from meshserve import LLM, SamplingParams
+
+    spec = json.loads(ns.speculative_config)
+    params = SamplingParams(temperature=0, max_tokens=ns.max_tokens)
+    names = list(WORKLOADS) if ns.workload == "all" else [ns.workload]
+    base = LLM(**_engine_kwargs(ns))
+    tok = base.get_tokenizer()
+    prompts = {
+        n: [
+            tok.apply_chat_template(
+                [{"role": "user", "content": WORKLOADS[n]}], add_generation_prompt=True, tokenize=False
+            )
+        ]
+        for n in names
+    }
+    base.generate(prompts[names[0]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    baseline = {n: _timed_generate(base, prompts[n], params) for n in names}
+    base.shutdown()
+    llm = LLM(**_engine_kwargs(ns), speculative_config=spec)
+    llm.generate(prompts[names[0]], SamplingParams(max_tokens=4), use_tqdm=False)
+    rows = []
+    for n in names:
+        _fresh_stats(llm)
+        out, dt = _timed_generate(llm, prompts[n], params)
+        ref, ref_dt = baseline[n]
+        rows.append(
+            {
+                "workload": n,
+                "method": spec["method"],
+                "k": spec["num_speculative_tokens"],
+                "tokens": len(out[0]),
+                "base_tok_s": round(len(ref[0]) / ref_dt, 1),
+                "spec_tok_s": round(len(out[0]) / dt, 1),
+                "speedup": round(ref_dt / dt * len(out[0]) / len(ref[0]), 2),
+                "identical": out == ref,
+                **_spec_stats(llm),
+            }
+        )
+    llm.shutdown()
+    return rows
+
+
+def run_replay(ns) -> list[dict]:
+    from meshserve import LLM, SamplingParams
+    from meshserve.spec_decode.replay_proposer import ReplayProposer
+
+    params = SamplingParams(temperature=0, max_tokens=ns.max_tokens, ignore_eos=True)
+    prompts = [{"prompt_token_ids": w1_prompt()} for _ in range(ns.batch_size)]
+    # distinct prompts per row (the replay is keyed by prompt)
+    for i, p in enumerate(prompts):
+        p["prompt_token_ids"] = [i + 1] + p["prompt_token_ids"][1:]
+    base = LLM(**_engine_kwargs(ns))
+    base.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    ref, ref_dt = _timed_generate(base, prompts, params)
+    base.shutdown()
+    references = {tuple(p["prompt_token_ids"]): r for p, r in zip(prompts, ref)}
+    rows = []
+    for k in [int(x) for x in ns.replay_k.split(",")]:
+        llm = LLM(**_engine_kwargs(ns), speculative_config={"method": "ngram", "num_speculative_tokens": k})
+        llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+        vocab = llm.engine.config.model_config.vocab_size
+        for p_ok in [float(x) for x in ns.replay.split(",")]:
+            llm.engine.core.speculator.proposer = ReplayProposer(references, k, 1.0 - p_ok, vocab)
+            _fresh_stats(llm)
+            out, dt = _timed_generate(llm, prompts, params)
+            n = sum(len(o) for o in out)
+            rows.append(
+                {
+                    "k": k,
+                    "token_right_p": p_ok,
+                    "batch": ns.batch_size,
+                    "base_tok_s": round(sum(len(r) for r in ref) / ref_dt, 1),
+                    "spec_tok_s": round(n / dt, 1),
+                    "speedup": round(ref_dt / dt, 2),
+                    "identical": out == ref,
+                    **_spec_stats(llm),
+                }
+            )
+        llm.shutdown()
+    return rows
+
+
+def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("spec", help="speculative decoding: acceptance and batch-1 speedup")
+    p.add_argument(
+        "--model", default=None, help="default: the embedded SmolLM2 (real text); a preset with --replay"
+    )
+    p.add_argument(
+        "--speculative-config",
+        default='{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_min": 2, "prompt_lookup_max": 4}',
+        metavar="JSON",
+    )
+    p.add_argument("--workload", default="all", choices=["all", *WORKLOADS])
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument(
+        "--replay",
+        default=None,
+        metavar="P,P,...",
+        help="controlled acceptance on dummy weights: each proposed token right with probability P",
+    )
+    p.add_argument("--replay-k", default="2,4,8", help="with --replay: proposal lengths")
+    p.add_argument("--batch-size", type=int, default=1, help="with --replay: sequences at once")
+    p.add_argument("--output-json", default=None)
+
+    def run(ns) -> int:
+        rows = run_replay(ns) if ns.replay else run_real_text(ns)
+        print_rows(rows)
+        write_json(ns.output_json, {"bench": "spec", "rows": rows})
+        return 0
+
+    p.set_defaults(func=run)

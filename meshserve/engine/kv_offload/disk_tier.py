@@ -1,0 +1,213 @@
+"""The disk tier: one file per KV block under DIR/<fingerprint>/, least recently used evicted past a byte bound.
+
+A file is a fixed header (magic, version, the fingerprint of the model and KV layout, the block hash, the
+payload length and its crc32) and the block's bytes. A file that is missing, truncated, corrupted or of
+another model reads as a miss (and is deleted), never as a block. The index is rebuilt from the headers at
+start (oldest modification first), so a restarted server keeps its prefixes.
+
+Writes and deletions run on one background thread, in order, so the step loop never waits on the disk for a
+spill; a block still being written is served from memory. Files appear atomically (written then renamed).
+Reads for a restore run on a pool of reader threads, straight into the CPU tier's slots.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"MSKVBLK1"
+VERSION = 1
+HEADER = struct.Struct("<8sI16s16sQI")  # magic, version, fingerprint, block hash, payload bytes, crc32
+SUFFIX = ".kv"
+
+
+class DiskTier:
+    """Block files of one model and KV layout (the fingerprint), bounded to max_bytes."""
+
+    def __init__(self, root: str, fingerprint: bytes, max_bytes: int, block_bytes: int):
+        if len(fingerprint) != 16:
+            raise ValueError("the fingerprint must be 16 bytes")
+        self.fingerprint = fingerprint
+        self.dir = os.path.join(root, fingerprint.hex())
+        os.makedirs(self.dir, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.block_bytes = block_bytes
+        self.file_bytes = HEADER.size + block_bytes
+        self.index: OrderedDict[bytes, int] = OrderedDict()  # hash -> file bytes, least recently used first
+        self.used_bytes = 0
+        self.num_errors = 0  # files found truncated, corrupted or foreign (each read as a miss)
+        self._pending: dict[bytes, bytes] = {}  # being written: served from here meanwhile
+        self._lock = threading.Lock()
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshserve-kv-disk")
+        # restores read many files at once: zlib's crc32 and file reads release the GIL
+        self._readers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                           thread_name_prefix="meshserve-kv-read")
+        self._rebuild()
+
+    def path(self, block_hash: bytes) -> str:
+        return os.path.join(self.dir, block_hash.hex() + SUFFIX)
+
+    def __contains__(self, block_hash: bytes) -> bool:
+        return block_hash in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    # -- start -----------------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        """Index the files a previous run left (headers only: the payload is checked when read)."""
+        found = []
+        for name in os.listdir(self.dir):
+            path = os.path.join(self.dir, name)
+            if not name.endswith(SUFFIX):
+                if name.endswith(".tmp"):  # a write cut short by a crash
+                    _remove(path)
+                continue
+            try:
+                block_hash = bytes.fromhex(name[: -len(SUFFIX)])
+                with open(path, "rb") as f:
+                    header = f.read(HEADER.size)
+                st = os.stat(path)
+            except (ValueError, OSError):
+                continue
+            if self._header_ok(header, block_hash) and st.st_size == self.file_bytes:
+                found.append((st.st_mtime, block_hash))
+            else:
+                self.num_errors += 1
+                _remove(path)
+        for _, block_hash in sorted(found):
+            self.index[block_hash] = self.file_bytes
+            self.used_bytes += self.file_bytes
+        self._evict_to(self.max_bytes)
+        if self.index:
+            logger.info("KV disk tier: %d blocks (%.2f GiB) kept from a previous run in %s", len(self.index),
+                        self.used_bytes / 2**30, self.dir)
+
+    def _header_ok(self, header: bytes, block_hash: bytes) -> bool:
+        if len(header) != HEADER.size:
+            return False
+        magic, version, fingerprint, h, length, _ = HEADER.unpack(header)
+        return (magic == MAGIC and version == VERSION and fingerprint == self.fingerprint and h == block_hash
+                and length == self.block_bytes)
+
+    # -- blocks ----------------------------------------------------------------------------------
+    def put(self, block_hash: bytes, payload: bytes) -> bool:
+        """Keep a block (checksummed and written in the background); False when it can never fit or is
+        already here."""
+        if block_hash in self.index:
+            self.index.move_to_end(block_hash)
+            return False
+        if self.file_bytes > self.max_bytes or len(payload) != self.block_bytes:
+            return False
+        self._evict_to(self.max_bytes - self.file_bytes)
+        self.index[block_hash] = self.file_bytes
+        self.used_bytes += self.file_bytes
+        with self._lock:
+            self._pending[block_hash] = payload
+        self._io.submit(self._write, block_hash, payload)
+        return True
+
+    def read_into(self, block_hash: bytes, out: np.ndarray) -> int | None:
+        """Read the block into out (uint8, block_bytes) and return its crc32, or None when its file is missing,
+        truncated, corrupted or foreign (out then holds garbage). Touches no index: safe on reader threads
+        (the caller reports the outcome with `record_read`)."""
+        with self._lock:
+            pending = self._pending.get(block_hash)
+        if pending is not None:
+            out[:] = np.frombuffer(pending, dtype=np.uint8)
+            return zlib.crc32(out)
+        try:
+            with open(self.path(block_hash), "rb") as f:
+                header = f.read(HEADER.size)
+                if not self._header_ok(header, block_hash) or f.readinto(memoryview(out)) != self.block_bytes:
+                    return None
+                if f.read(1):  # longer than its header says
+                    return None
+        except OSError:
+            return None
+        crc = HEADER.unpack(header)[5]
+        return crc if zlib.crc32(out) == crc else None
+
+    def read_many(self, items: list[tuple[bytes, np.ndarray]]) -> list[int | None]:
+        """read_into for several blocks at once, on the reader threads (file reads and crc32 run in parallel)."""
+        if len(items) <= 1:
+            return [self.read_into(h, out) for h, out in items]
+        return list(self._readers.map(lambda item: self.read_into(*item), items))
+
+    def record_read(self, block_hash: bytes, ok: bool) -> None:
+        """A read's outcome: a good block becomes the most recent, a bad file is dropped (a miss from now on)."""
+        if ok:
+            if block_hash in self.index:
+                self.index.move_to_end(block_hash)
+                self._io.submit(_touch, self.path(block_hash))  # its age orders the next start's LRU
+            return
+        self.num_errors += 1
+        logger.warning("KV disk tier: %s is missing or damaged; recomputing its block", self.path(block_hash))
+        self.drop(block_hash)
+
+    def get(self, block_hash: bytes) -> tuple[bytes, int] | None:
+        """The block's verified bytes and crc32, or None (not here, or its file is bad: then it is dropped)."""
+        if block_hash not in self.index:
+            return None
+        out = np.empty(self.block_bytes, dtype=np.uint8)
+        crc = self.read_into(block_hash, out)
+        self.record_read(block_hash, crc is not None)
+        return None if crc is None else (out.tobytes(), crc)
+
+    def drop(self, block_hash: bytes) -> None:
+        size = self.index.pop(block_hash, None)
+        if size is not None:
+            self.used_bytes -= size
+            self._io.submit(_remove, self.path(block_hash))
+
+    def _evict_to(self, limit: int) -> None:
+        while self.index and self.used_bytes > limit:
+            self.drop(next(iter(self.index)))
+
+    def flush(self) -> None:
+        """Wait for every write and deletion queued so far."""
+        self._io.submit(lambda: None).result()
+
+    def close(self) -> None:
+        self._readers.shutdown(wait=True)
+        self._io.shutdown(wait=True)
+
+    # -- the background thread -------------------------------------------------------------------
+    def _write(self, block_hash: bytes, payload: bytes) -> None:
+        path = self.path(block_hash)
+        tmp = f"{path}.{os.getpid()}.tmp"  # engines sharing the folder never write one temporary file
+        try:
+            with open(tmp, "wb") as f:
+                f.write(HEADER.pack(MAGIC, VERSION, self.fingerprint, block_hash, len(payload),
+                                    zlib.crc32(payload)))
+                f.write(payload)
+            os.replace(tmp, path)
+        except OSError as e:  # a full or read-only disk: the block is simply not kept
+            logger.warning("KV disk tier: cannot write %s: %s", path, e)
+            _remove(tmp)
+        finally:
+            with self._lock:
+                self._pending.pop(block_hash, None)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _touch(path: str) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass

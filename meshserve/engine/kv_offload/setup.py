@@ -1,0 +1,59 @@
+"""Builds the KV offload tiers from the engine config and attaches them to the block manager and the runner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import torch
+
+from meshserve.config import EngineConfig
+from meshserve.engine.kv_offload.cpu_tier import CPUTier
+from meshserve.engine.kv_offload.disk_tier import DiskTier
+from meshserve.engine.kv_offload.manager import KVOffloadManager
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+
+def kv_fingerprint(config: EngineConfig, block_shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
+    """16 bytes naming what a stored block's bytes mean: the model (its name, config, weight source and seed,
+    which random weights depend on), the dtype and the block layout. Another model never reads the files."""
+    mc = config.model_config
+    pc = config.parallel_config
+    hf = mc.hf_config.to_json_string(use_diff=False) if hasattr(mc.hf_config, "to_json_string") else str(mc.hf_config)
+    desc = json.dumps({"model": mc.model, "hf_config": hf, "load_format": mc.load_format, "seed": mc.seed,
+                       "dtype": mc.dtype, "kv_dtype": str(dtype), "block_shape": list(block_shape),
+                       "tp": pc.tensor_parallel_size, "pp": pc.pipeline_parallel_size}, sort_keys=True)
+    return hashlib.blake2b(desc.encode(), digest_size=16).digest()
+
+
+def build_kv_offload(config: EngineConfig, runner, block_manager) -> KVOffloadManager | None:
+    """The tiers the cache config asks for (None: offloading is off), attached to block_manager and runner
+    (in this process: the runner and the manager share the CPU tier's memory)."""
+    cc = config.cache_config
+    if not cc.kv_offloading_size:
+        return None
+    block_shape, dtype = runner.kv_block_layout()
+    cpu_probe = torch.empty((), dtype=dtype)
+    block_bytes = cpu_probe.element_size() * int(torch.Size(block_shape).numel())
+    num_slots = int(cc.kv_offloading_size * GiB) // block_bytes
+    if num_slots < 1:
+        raise ValueError(f"kv_offloading_size {cc.kv_offloading_size} GiB holds no block of {block_bytes} bytes")
+    cuda = torch.device(config.device).type == "cuda"
+    cpu = CPUTier(num_slots, block_shape, dtype, pin_memory=cuda)
+    disk = None
+    if cc.kv_offloading_disk_path:
+        disk = DiskTier(cc.kv_offloading_disk_path, kv_fingerprint(config, block_shape, dtype),
+                        int(cc.kv_offloading_disk_size * GiB), block_bytes)
+    manager = KVOffloadManager(cpu, disk, config.scheduler_config.preemption_mode,
+                               default_link_bytes_per_s=25e9 if cuda else 10e9)
+    block_manager.attach_offload(manager)
+    runner.attach_kv_offload(cpu, manager.stats, cc.kv_offloading_verify)
+    logger.info("KV offload: CPU tier %d blocks (%.2f GiB%s)%s; preemption %s", num_slots,
+                num_slots * block_bytes / GiB, ", pinned" if cuda else "",
+                f", disk tier {cc.kv_offloading_disk_size} GiB in {disk.dir}" if disk else "",
+                config.scheduler_config.preemption_mode)
+    return manager

@@ -1,0 +1,57 @@
+"""MESHSERVE_PROFILE_DIR: a torch.profiler trace of a window of steps on every rank, to see where a step's
+time goes (host gaps, kernels, collectives waiting on a late rank).
+
+Off unless the variable names a directory. Each rank skips MESHSERVE_PROFILE_SKIP steps (default 64: past
+warm-up and prefill), records MESHSERVE_PROFILE_STEPS steps (default 16), then writes
+rank{R}.json (a Chrome/Perfetto trace) and rank{R}.txt (the top operators by device and host time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class StepProfiler:
+    """Counts steps and runs torch.profiler over one window of them; a no-op when not configured."""
+
+    def __init__(self, rank: int, directory: str | None = None):
+        directory = directory if directory is not None else os.environ.get("MESHSERVE_PROFILE_DIR")
+        self.dir = Path(directory) if directory else None
+        self.rank = rank
+        self.skip = int(os.environ.get("MESHSERVE_PROFILE_SKIP", "64"))
+        self.steps = int(os.environ.get("MESHSERVE_PROFILE_STEPS", "16"))
+        self._count = 0
+        self._prof: torch.profiler.profile | None = None
+
+    def step(self) -> None:
+        """Call once per step, before it is launched."""
+        if self.dir is None:
+            return
+        self._count += 1
+        if self._count == self.skip + 1:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._prof = torch.profiler.profile(activities=activities)
+            self._prof.__enter__()
+        elif self._count == self.skip + self.steps + 1 and self._prof is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        prof, self._prof = self._prof, None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        prof.__exit__(None, None, None)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.dir / f"rank{self.rank}.json"))
+        table = prof.key_averages().table(sort_by="self_device_time_total" if torch.cuda.is_available()
+                                          else "self_cpu_time_total", row_limit=40)
+        (self.dir / f"rank{self.rank}.txt").write_text(f"{self.steps} steps after {self.skip}\n{table}\n")
+        logger.info("step profile of rank %d written to %s", self.rank, self.dir)
+        self.dir = None  # one window per process

@@ -1,0 +1,190 @@
+"""Fused mixture-of-experts on the GPU: the same signature and math as kernels/moe_ref.py.
+
+Large batches (grouped GEMMs):
+  1. align: the (token, slot) pairs are sorted by expert and each expert's run is padded to a multiple of
+     BLOCK_M (torch ops of static shape: no host sync, so it can sit in a CUDA graph), and every block of
+     BLOCK_M rows gets its expert's id
+  2. one grouped GEMM for gate and up together, SiLU(gate) * up fused in its epilogue -> [pairs, width]
+  3. one grouped GEMM for down, the routing weight applied in its epilogue -> [pairs, hidden]
+  4. the weighted combine: each token's K rows summed in float32
+Small batches (one token, or a few among many experts): one program per (pair, column tile) computes a GEMV
+against only that pair's expert, so a decode step reads just the chosen experts' weights and skips the sort.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_rows_ptr, block_expert_ptr, num_padded_ptr,
+    N, K, num_pairs, num_rows_padded,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    A_ROWS_PER_TOKEN: tl.constexpr,  # top_k when A holds one row per token (gate/up), 1 per pair (down)
+    GATED: tl.constexpr,  # B rows [0, N) are gate, [N, 2N) up: store silu(gate) * up
+    MUL_WEIGHT: tl.constexpr,  # scale each row by its pair's routing weight
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(num_rows_padded, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: neighbouring programs share B tiles of one expert (L2 reuse)
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_m
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return  # past the last expert's padded run
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_rows_ptr + offs_m).to(tl.int64)  # pair index t * top_k + k; num_pairs = padding
+    row_ok = rows < num_pairs
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (rows // A_ROWS_PER_TOKEN)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if GATED:
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if MUL_WEIGHT:
+        acc = acc * tl.load(weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _pair_gemv_kernel(
+    a_ptr, b_ptr, c_ptr, weights_ptr, ids_ptr,
+    N, K,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pair = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    if expert < 0:  # another rank's expert: this pair adds nothing
+        tl.store(c_ptr + pair * stride_cm + offs_n * stride_cn, tl.zeros((BLOCK_N,), c_ptr.dtype.element_ty),
+                 mask=n_ok)
+        return
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (pair // A_ROWS_PER_TOKEN) * stride_am + offs_k * stride_ak
+    b_ptrs = b_ptr + expert * stride_be + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(b * a[None, :], axis=1)
+        if GATED:
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            acc_up += tl.sum(b_up * a[None, :], axis=1)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if MUL_WEIGHT:
+        acc = acc * tl.load(weights_ptr + pair)
+    tl.store(c_ptr + pair * stride_cm + offs_n * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=n_ok)
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Pairs grouped by expert, each expert's run padded to a multiple of block_m, in static shapes.
+
+    Returns (sorted_rows [R] int32: pair indices, `pairs` marking padding; block_expert [R / block_m] int32;
+    num_padded [1]: rows actually used). Pairs with expert id -1 are left out.
+    """
+    flat = topk_ids.reshape(-1).long()
+    pairs = flat.numel()
+    key = torch.where(flat >= 0, flat, num_experts)  # -1 sorts after every expert and is dropped
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    run_start = torch.cumsum(counts, 0) - counts
+    rank_in_run = torch.arange(pairs, device=flat.device) - run_start[sorted_key]
+    rows_padded = triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
+    expert_of = sorted_key.clamp(max=num_experts - 1)
+    dest = torch.where(sorted_key < num_experts, padded_end[expert_of] - padded[expert_of] + rank_in_run,
+                       rows_padded)  # dropped pairs land in one spare slot past the end
+    sorted_rows = torch.full((rows_padded + 1,), pairs, dtype=torch.int32, device=flat.device)
+    sorted_rows.scatter_(0, dest, order.to(torch.int32))
+    block_starts = torch.arange(0, rows_padded, block_m, device=flat.device)
+    block_expert = torch.searchsorted(padded_end, block_starts, right=True).clamp(max=num_experts - 1)
+    return sorted_rows[:rows_padded], block_expert.to(torch.int32), padded_end[-1:]
+
+
+def _use_pair_gemv(num_tokens: int, pairs: int, num_experts: int) -> bool:
+    # one token: its top-k experts are distinct, each weight read once; a few pairs among many experts
+    # rarely share one (a shared expert would be read once per pair)
+    return num_tokens == 1 or (pairs <= 16 and num_experts >= 4 * pairs)
+
+
+def _gemm_config(pairs: int, num_experts: int) -> dict:
+    if pairs <= 2 * num_experts:  # few rows per expert: short blocks waste less padding
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    """x [T, H]; w13 [E, 2*I, H]; w2 [E, H, I]; topk_weights [T, K]; topk_ids [T, K] (-1: skip) -> [T, H]."""
+    num_tokens, hidden = x.shape
+    num_experts, width = w13.shape[0], w2.shape[2]
+    top_k = topk_ids.shape[1]
+    pairs = num_tokens * top_k
+    if pairs == 0:
+        return x.new_zeros(num_tokens, hidden)
+    weights = topk_weights.reshape(-1).float().contiguous()
+    ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
+    inter = x.new_empty(pairs, width)
+    out_pairs = x.new_empty(pairs, hidden)
+    if _use_pair_gemv(num_tokens, pairs, num_experts):
+        for a, b, c, n, k, rows_per_token, gated in ((x, w13, inter, width, hidden, top_k, True),
+                                                     (inter, w2, out_pairs, hidden, width, 1, False)):
+            # narrower column tiles when few programs would leave SMs idle (batch 1: 8 pairs x 12 tiles)
+            block_n = 32 if pairs * triton.cdiv(n, 64) < 256 else 64
+            grid = (pairs, triton.cdiv(n, block_n))
+            _pair_gemv_kernel[grid](
+                a, b, c, weights, ids, n, k,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+                A_ROWS_PER_TOKEN=rows_per_token, GATED=gated, MUL_WEIGHT=not gated, BLOCK_N=block_n, BLOCK_K=128,
+                num_warps=4)
+    else:
+        cfg = _gemm_config(pairs, num_experts)
+        block_m = cfg["BLOCK_M"]
+        sorted_rows, block_expert, num_padded = align_by_expert(ids, num_experts, block_m)
+        out_pairs.zero_()  # pairs of other ranks' experts (-1) are never written
+        precision = "ieee" if x.dtype == torch.float32 else None
+        for a, b, c, n, k, rows_per_token, gated in ((x, w13, inter, width, hidden, top_k, True),
+                                                     (inter, w2, out_pairs, hidden, width, 1, False)):
+            grid = (triton.cdiv(sorted_rows.numel(), block_m) * triton.cdiv(n, cfg["BLOCK_N"]),)
+            _grouped_gemm_kernel[grid](
+                a, b, c, weights, sorted_rows, block_expert, num_padded, n, k, pairs, sorted_rows.numel(),
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+                A_ROWS_PER_TOKEN=rows_per_token, GATED=gated, MUL_WEIGHT=not gated, PRECISION=precision, **cfg)
+    return out_pairs.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)

@@ -1,0 +1,147 @@
+"""The routed experts of one MoE layer, in their parallel shapes, and the per-expert load they saw.
+
+Weights are stacked per expert: w13 [experts, 2 * width, hidden] (gate rows, then up rows) and w2 [experts,
+hidden, width]. Two layouts over the tensor-parallel group:
+  TP (default)        every rank holds every expert, each a 1/TP slice of its width (gate/up column-split,
+                      down row-split); partial outputs are summed by the usual all-reduce
+  expert parallel     rank r holds experts [r * E/TP, (r + 1) * E/TP) whole; each rank routes a slice of the
+                      batch and its tokens go by all-to-all to the ranks holding their experts and back
+                      (distributed/expert_parallel.py)
+Checkpoints name experts one by one (Mixtral's experts.{e}.w1/w2/w3, Qwen's experts.{e}.gate_proj/up_proj/
+down_proj) or stacked (transformers 5's experts.gate_up_proj / experts.down_proj); the weight loader takes
+both and reads only this rank's experts and slices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from meshserve.distributed import expert_parallel as ep_comm
+from meshserve.distributed.parallel_state import get_parallel_state, tensor_parallel_all_reduce
+from meshserve.kernels.moe import fused_experts
+from meshserve.layers.backend_selection import PLAIN
+from meshserve.layers.moe_routing import RoutingFunction
+from meshserve.layers.weight_utils import narrow_weight
+
+# checkpoint projection name -> our part: gate (w1), up (w3), down (w2)
+EXPERT_PROJECTIONS = {"w1": "gate", "w3": "up", "w2": "down",
+                      "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
+class FusedMoE(nn.Module):
+    """Routed experts: forward(hidden [T, H], router_logits [T, E]) -> [T, H], summed over each token's top-k
+    experts with the routing function's weights, already reduced over the TP group."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, routing: RoutingFunction):
+        super().__init__()
+        st = get_parallel_state()
+        self.num_experts, self.routing = num_experts, routing
+        self.tp_size, self.tp_rank = st.tp_size, st.tp_rank
+        self.expert_parallel = st.expert_parallel and st.tp_size > 1
+        self.kernels = PLAIN  # bound by the model runner (layers/backend_selection.py)
+        # "all_to_all", or "all_gather" (static shapes: what a CUDA graph capture uses; see expert_parallel.py)
+        self.ep_exchange = "all_to_all"
+        if self.expert_parallel:
+            if num_experts % st.tp_size:
+                raise ValueError(f"{num_experts} experts do not divide evenly over {st.tp_size} expert-parallel ranks")
+            self.num_local_experts = num_experts // st.tp_size
+            self.expert_start = st.tp_rank * self.num_local_experts
+            self.width, self.width_rank = intermediate_size, 0
+        else:
+            if intermediate_size % st.tp_size:
+                raise ValueError(f"expert width {intermediate_size} is not divisible by the tensor-parallel size "
+                                 f"({st.tp_size})")
+            self.num_local_experts, self.expert_start = num_experts, 0
+            self.width, self.width_rank = intermediate_size // st.tp_size, st.tp_rank
+        n, w = self.num_local_experts, self.width
+        self.w13_weight = nn.Parameter(torch.empty(n, 2 * w, hidden_size), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(n, hidden_size, w), requires_grad=False)
+        self.w13_weight.weight_loader = self.weight_loader
+        self.w2_weight.weight_loader = self.weight_loader
+        # tokens routed to each expert (all experts, by global id) since start, the same on every rank; a
+        # buffer, not a parameter: no weight loads it and it is no weight's bytes
+        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+
+    # -- weights -----------------------------------------------------------------------------------------
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id: tuple[int | None, str]) -> None:
+        """shard_id = (expert id, "gate" | "up" | "down") for one expert's tensor, or (None, "gate_up" |
+        "down") for a stacked [experts, ...] tensor."""
+        expert, part = shard_id
+        n, w, start = self.num_local_experts, self.width, self.width_rank * self.width
+        if expert is None:  # stacked: this rank's experts, then its slice of each
+            local = narrow_weight(loaded, 0, self.expert_start, n)
+            if part == "gate_up":
+                full = local.shape[1] // 2
+                param.data[:, :w].copy_(local[:, start:start + w])
+                param.data[:, w:].copy_(local[:, full + start:full + start + w])
+            else:
+                param.data.copy_(local[:, :, start:start + w])
+            return
+        local_id = expert - self.expert_start
+        if not 0 <= local_id < n:
+            return  # another expert-parallel rank's expert
+        if part == "down":
+            param.data[local_id].copy_(narrow_weight(loaded, 1, start, w))
+        else:
+            offset = 0 if part == "gate" else w
+            param.data[local_id, offset:offset + w].copy_(narrow_weight(loaded, 0, start, w))
+
+    def expert_weight_bytes_skipped(self) -> int:
+        """Bytes of this rank's experts that one token does not read (all but its top_k, at TP)."""
+        per_expert = (self.w13_weight[0].numel() + self.w2_weight[0].numel()) * self.w13_weight.element_size()
+        return max(0, self.num_local_experts - self.routing.top_k) * per_expert
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        if self.expert_parallel:
+            return self._forward_expert_parallel(hidden, router_logits)
+        weights, ids = self.routing(router_logits)
+        self._count(ids)
+        return tensor_parallel_all_reduce(self._experts(hidden, weights, ids))
+
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        return fused_experts(x, self.w13_weight, self.w2_weight, weights, local_ids, triton=self.kernels.fused_ops)
+
+    def _count(self, ids: torch.Tensor) -> None:
+        flat = ids.reshape(-1).long()
+        self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
+
+    def _local_ids(self, ids: torch.Tensor, rank: int | torch.Tensor) -> torch.Tensor:
+        """Global expert ids as ids local to `rank` (a rank per row, or one), -1 where another rank holds them."""
+        local = ids - (torch.as_tensor(rank, device=ids.device).reshape(-1, 1) * self.num_local_experts)
+        return torch.where((local >= 0) & (local < self.num_local_experts), local, -1).to(torch.int32)
+
+    def _forward_expert_parallel(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        ranks, rank = self.tp_size, self.tp_rank
+        sizes = ep_comm.token_slices(hidden.shape[0], ranks)
+        begin = sum(sizes[:rank])
+        # every rank holds the whole batch and the same router logits: routing it all (a softmax and a top-k
+        # over [T, E], small beside the experts) keeps the same load counts on every rank, rank 0's exported
+        weights, ids = self.routing(router_logits)
+        self._count(ids)
+        capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.ep_exchange == "all_gather" or capturing:
+            # no dispatch: run this rank's experts on every token and sum the parts
+            return tensor_parallel_all_reduce(self._experts(hidden, weights, self._local_ids(ids, rank)))
+
+        end = begin + sizes[rank]
+        x, weights, ids = hidden[begin:end], weights[begin:end], ids[begin:end]
+        # dispatch: each token once to every rank that holds at least one of its experts, grouped by rank
+        owner = ids.long() // self.num_local_experts
+        goes_to = torch.zeros(x.shape[0], ranks, dtype=torch.bool, device=x.device)
+        goes_to.scatter_(1, owner, True)
+        dest, token = goes_to.t().nonzero(as_tuple=True)  # sorted by destination rank, then token
+        send_counts = goes_to.sum(0)
+        # expert ids local to the destination travel beside the weights, both as float32 (ids < 2**24 exact)
+        meta = torch.cat([self._local_ids(ids[token], dest).float(), weights[token].float()], dim=1)
+        send, recv = ep_comm.exchange_counts(send_counts)  # the one host sync of the exchange
+        recv_x = ep_comm.all_to_all_rows(x[token], send, recv)
+        recv_meta = ep_comm.all_to_all_rows(meta, send, recv)
+        k = ids.shape[1]
+        y = self._experts(recv_x, recv_meta[:, k:], recv_meta[:, :k].to(torch.int32))
+        # combine: the weighted partial sums go back to the tokens' ranks, which add them up
+        back = ep_comm.all_to_all_rows(y, recv, send)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        out.index_add_(0, token, back.float())
+        return ep_comm.all_gather_rows(out.to(hidden.dtype), sizes)

@@ -1,0 +1,116 @@
+"""SpeculativeConfig: vLLM's --speculative-config JSON, validated into a typed config at start-up."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from meshserve.errors import InvalidArgumentError
+
+METHODS = ("ngram", "draft_model")
+PLANNED_METHODS = ("eagle", "eagle3", "medusa", "mtp")  # vLLM names refused with "not supported yet"
+MAX_SPECULATIVE_TOKENS = 32  # beyond this a verify step costs a prefill and acceptance never gets there
+
+
+@dataclass
+class SpeculativeConfig:
+    """How proposals are made and how many per step.
+
+    method: "ngram" (prompt lookup over the sequence's own tokens) or "draft_model" (a smaller model
+    sharing the target's vocabulary). disable_by_batch_size: when
+    more sequences than this are running, steps run without proposals (speculation costs at large batches).
+    """
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+    model: str | None = None
+    disable_by_batch_size: int | None = None
+    draft_tensor_parallel_size: int | None = (
+        None  # accepted for vLLM's key; the draft runs on the target's ranks
+    )
+
+    @property
+    def uses_draft_model(self) -> bool:
+        """The proposer runs a model on the ranks (it needs KV blocks ahead of the verified tokens)."""
+        return self.method == "draft_model"
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """KV slots a draft model writes past the target's tokens of a step (its proposals)."""
+        return self.num_speculative_tokens if self.uses_draft_model else 0
+
+
+def _bad(msg: str, key: str | None = None) -> InvalidArgumentError:
+    where = f"speculative_config.{key}" if key else "speculative_config"
+    return InvalidArgumentError(f"{where}: {msg}", param="speculative_config")
+
+
+def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
+    """A SpeculativeConfig from a dict, a JSON string or a SpeculativeConfig (None stays None).
+
+    Keys are vLLM's; defaults follow vLLM (prompt_lookup_min/max both 5 when neither is set, else the one
+    given); a model without a method means draft_model. Every mistake is one InvalidArgumentError line.
+    """
+    if value is None or isinstance(value, SpeculativeConfig):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise _bad(f"not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, dict):
+        raise _bad(f"must be a JSON object, got {type(value).__name__}")
+    known = {f.name for f in fields(SpeculativeConfig)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise _bad(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    d = dict(value)
+    if d.get("method") is None:
+        if d.get("model") is None:
+            raise _bad(f"method is required (one of {', '.join(METHODS)})", "method")
+        d["method"] = "draft_model"
+    method = d["method"]
+    if method in PLANNED_METHODS:
+        raise _bad(f"method {method!r} is not supported yet (supported: {', '.join(METHODS)})", "method")
+    if method not in METHODS:
+        raise _bad(f"unsupported method {method!r} (supported: {', '.join(METHODS)})", "method")
+    for key in (
+        "num_speculative_tokens",
+        "prompt_lookup_min",
+        "prompt_lookup_max",
+        "disable_by_batch_size",
+        "draft_tensor_parallel_size",
+    ):
+        v = d.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise _bad(f"must be an integer, got {v!r}", key)
+    if d.get("num_speculative_tokens") is None:
+        raise _bad("is required", "num_speculative_tokens")
+    k = d["num_speculative_tokens"]
+    if not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise _bad(f"must be in [1, {MAX_SPECULATIVE_TOKENS}], got {k}", "num_speculative_tokens")
+    if method == "ngram":
+        lo, hi = d.get("prompt_lookup_min"), d.get("prompt_lookup_max")
+        if lo is None and hi is None:
+            lo = hi = 5
+        lo = hi if lo is None else lo
+        hi = lo if hi is None else hi
+        if lo < 1:
+            raise _bad(f"must be >= 1, got {lo}", "prompt_lookup_min")
+        if hi < lo:
+            raise _bad(f"must be >= prompt_lookup_min ({lo}), got {hi}", "prompt_lookup_max")
+        d["prompt_lookup_min"], d["prompt_lookup_max"] = lo, hi
+        if d.get("model") is not None:
+            raise _bad("ngram takes no model", "model")
+    elif not d.get("model"):
+        raise _bad(f"method {method} needs a model (a checkpoint folder)", "model")
+    dbs = d.get("disable_by_batch_size")
+    if dbs is not None and dbs < 1:
+        raise _bad(f"must be >= 1, got {dbs}", "disable_by_batch_size")
+    dtp = d.get("draft_tensor_parallel_size")
+    if dtp is not None and dtp < 1:
+        raise _bad(f"must be >= 1, got {dtp}", "draft_tensor_parallel_size")
+    return SpeculativeConfig(**d)

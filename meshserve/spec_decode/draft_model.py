@@ -1,0 +1,155 @@
+"""A draft model: a smaller model of the same vocabulary that proposes k tokens autoregressively.
+
+It runs on the target's ranks (tensor-parallel through the same layers) with its own KV pool, indexed by the
+target's block tables: the block manager allocates each sequence num_speculative_tokens slots past its step's
+tokens (the draft writes its proposals there), and every token whose target KV is computed gets its draft KV
+in the same step, so a prefix-cache hit or a recompute after preemption serves both models alike. Proposals
+are the draft's argmax (deterministic proposals: verification treats q as one-hot).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from meshserve.config import EngineConfig
+from meshserve.distributed.parallel_state import get_parallel_state, tensor_parallel_forward
+from meshserve.engine.kv_pool import KVCachePool
+from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput
+from meshserve.engine.scheduler_output import ScheduledSequence
+from meshserve.engine.step_inputs import StepInputBuilder
+from meshserve.errors import InvalidArgumentError
+from meshserve.layers.backend_selection import TORCH_DTYPES, bind_kernels, select_kernels
+from meshserve.models.loader import ModelSource, build_model, resolve_model_source
+from meshserve.spec_decode.config import SpeculativeConfig
+
+
+def check_draft_model(
+    spec: SpeculativeConfig, target_hf_config, max_model_len: int, tp: int = 1
+) -> ModelSource:
+    """Resolve the draft checkpoint and refuse one that cannot draft for the target (one-line errors)."""
+    from meshserve.engine.args_check import check_parallel_split
+    from meshserve.models.registry import resolve_model_class
+
+    source = resolve_model_source(spec.model)
+    cfg = source.hf_config
+    if cfg.vocab_size != target_hf_config.vocab_size:
+        raise InvalidArgumentError(
+            f"speculative_config.model: the draft's vocabulary ({cfg.vocab_size} ids) differs from the "
+            f"target's ({target_hf_config.vocab_size}); a draft must share the tokenizer",
+            param="speculative_config",
+        )
+    resolve_model_class(cfg)
+    positions = getattr(cfg, "max_position_embeddings", None) or max_model_len
+    if positions < max_model_len:
+        raise InvalidArgumentError(
+            f"speculative_config.model: the draft takes {positions} positions, fewer than max_model_len "
+            f"({max_model_len})",
+            param="speculative_config",
+        )
+    check_parallel_split(cfg, tp, 1, None)
+    return source
+
+
+class DraftModelProposer:
+    """One rank's draft model, its KV pool and its batch builder; propose() runs after the target's step."""
+
+    def __init__(self, config: EngineConfig, device: torch.device):
+        spec = config.speculative_config
+        self.k = spec.num_speculative_tokens
+        self.device = device
+        source = resolve_model_source(spec.model)
+        self.config = dataclasses.replace(
+            config,
+            model_config=dataclasses.replace(
+                config.model_config, model=source.name, hf_config=source.hf_config
+            ),
+        )
+        kernels = select_kernels(self.config)
+        # proposals may run up to k positions past the target's last one
+        self.model = build_model(
+            source,
+            TORCH_DTYPES[config.model_config.dtype],
+            device,
+            config.model_config.max_model_len + 2 * self.k + 1,
+            seed=config.model_config.seed,
+        )
+        bind_kernels(self.model, kernels)
+        self.kv_pool = KVCachePool(self.config, self.model.attention_layers(), kernels.kv_cache_dtype, device)
+        self.inputs = StepInputBuilder(config.cache_config.block_size, device)
+
+    def bytes_per_block(self) -> int:
+        return self.kv_pool.bytes_per_block()
+
+    def allocate(self, num_blocks: int) -> None:
+        self.kv_pool.allocate(num_blocks)
+
+    def propose_after(self, scheduled: list[ScheduledSequence], pending: PendingOutput) -> PendingOutput:
+        """Wait for the target's tokens, then add the draft's proposals for every sampling sequence."""
+        result = pending.result()
+        result.draft_token_ids = self.propose(scheduled, result)
+        return PendingOutput(result)
+
+    @torch.inference_mode()
+    def propose(self, scheduled: list[ScheduledSequence], result: ModelRunnerOutput) -> dict[str, list[int]]:
+        """First a forward over every token the target kept this step (its inputs up to the accepted ones,
+        plus each sampling sequence's new token), then k - 1 single-token steps over the sampling ones."""
+        new_tokens = self._step_tokens(scheduled, result)
+        first, sampling = [], []
+        for e in scheduled:
+            ids = e.token_ids
+            if e.do_sample:
+                toks = new_tokens[e.seq_id]
+                ids = ids[: len(ids) - e.num_spec_tokens + len(toks) - 1] + [toks[-1]]
+                sampling.append((e, e.num_computed_tokens + len(ids)))
+            first.append(
+                ScheduledSequence(e.seq_id, ids, e.num_computed_tokens, e.block_table, None, e.do_sample)
+            )
+        if not sampling:
+            self._forward(first, 0, None, {})
+            return {}
+        hidden, meta = self._forward(first, 0, None, {})
+        rows = [meta.query_start_loc_cpu[i + 1] - 1 for i, e in enumerate(first) if e.do_sample]
+        drafts = [self._argmax(hidden[torch.tensor(rows, device=self.device)])]
+        last_rows = {e.seq_id: i for i, (e, _) in enumerate(sampling)}
+        for j in range(1, self.k):
+            step = [
+                ScheduledSequence(e.seq_id, [-1], pos + j - 1, e.block_table, None, True)
+                for e, pos in sampling
+            ]
+            hidden, _ = self._forward(step, j & 1, drafts[-1], last_rows)
+            drafts.append(self._argmax(hidden))
+        proposals = torch.stack(drafts, dim=1).tolist()
+        return {e.seq_id: p for (e, _), p in zip(sampling, proposals)}
+
+    def _forward(self, scheduled, parity, last_sampled, last_rows):
+        input_ids, positions, meta = self.inputs.build(scheduled, parity, last_sampled, last_rows)
+        with tensor_parallel_forward():
+            return self.model(input_ids, positions, meta, None), meta
+
+    def _argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden).argmax(dim=-1)
+
+    def _step_tokens(
+        self, scheduled: list[ScheduledSequence], result: ModelRunnerOutput
+    ) -> dict[str, list[int]]:
+        """Each sampling sequence's tokens of this step (accepted proposals + the target's own). Only the
+        sampler rank has them; with tensor parallelism it broadcasts them to the other ranks."""
+        tokens = {**{sid: [t] for sid, t in result.sampled.items()}, **result.spec_token_ids}
+        st = get_parallel_state()
+        if st.tp_size == 1:
+            return tokens
+        entries = [e for e in scheduled if e.do_sample]
+        width = 2 + max((e.num_spec_tokens for e in entries), default=0)
+        buf = torch.zeros(len(entries), width, dtype=torch.int64, device=self.device)
+        if st.tp_rank == 0:
+            host = torch.zeros(len(entries), width, dtype=torch.int64)
+            for i, e in enumerate(entries):
+                toks = tokens[e.seq_id]
+                host[i, 0] = len(toks)
+                host[i, 1 : 1 + len(toks)] = torch.tensor(toks)
+            buf.copy_(host)
+        torch.distributed.broadcast(buf, src=st.pp_rank * st.tp_size, group=st.tp_group)
+        rows = buf.tolist()
+        return {e.seq_id: row[1 : 1 + row[0]] for e, row in zip(entries, rows)}

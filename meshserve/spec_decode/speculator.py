@@ -1,0 +1,67 @@
+"""The engine core's side of speculative decoding: which sequences get proposals for their next step,
+where the proposals come from (the n-gram proposer here, or a draft model's on the ranks), and the counts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from meshserve.engine.runner_output import ModelRunnerOutput
+from meshserve.engine.scheduler_output import SchedulerOutput
+from meshserve.engine.sequence import Sequence
+from meshserve.spec_decode.config import SpeculativeConfig
+from meshserve.spec_decode.ngram_proposer import NgramProposer
+from meshserve.spec_decode.stats import SpecDecodeStats
+
+
+def speculation_allowed(seq: Sequence) -> bool:
+    """Whether seq's next tokens may be verified several at a time: settings that read each position's
+    history or report on it (logprobs, penalties, logit bias, grammars, min_tokens still banning stop
+    tokens) decode one token per step instead."""
+    p = seq.params
+    return (
+        p.logprobs is None
+        and not p.uses_penalties
+        and not p.logit_bias
+        and seq.grammar is None
+        and not p.uses_grammar
+        and seq.num_output_tokens >= p.min_tokens
+    )
+
+
+class Speculator:
+    """Sets each sequence's spec_token_ids after a step and counts acceptance.
+
+    Speculation pauses (no proposals) while more than disable_by_batch_size sequences run: a batch that
+    large is compute-bound, and verifying rejected tokens would cost throughput.
+    """
+
+    def __init__(self, config: SpeculativeConfig):
+        self.config = config
+        # a host-side proposer (propose(token_ids) -> list[int]); None: proposals come from the ranks
+        self.proposer = (
+            NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
+            if config.method == "ngram"
+            else None
+        )
+        self.stats = SpecDecodeStats()
+
+    def after_step(
+        self,
+        sched_out: SchedulerOutput,
+        runner_out: ModelRunnerOutput,
+        updated: list[Sequence],
+        num_running: int,
+    ) -> None:
+        for entry in sched_out.scheduled:
+            tokens = runner_out.spec_token_ids.get(entry.seq_id)
+            if entry.num_spec_tokens and tokens:
+                self.stats.observe(entry.num_spec_tokens, len(tokens) - 1)
+        limit = self.config.disable_by_batch_size
+        paused = limit is not None and num_running > limit
+        for seq in updated:
+            if seq.is_finished or paused or not speculation_allowed(seq):
+                seq.spec_token_ids = []
+            elif self.proposer is not None:
+                seq.spec_token_ids = self.proposer.propose(np.asarray(seq.all_token_ids, dtype=np.int64))
+            else:
+                seq.spec_token_ids = runner_out.draft_token_ids.get(seq.seq_id, [])

@@ -1,0 +1,182 @@
+"""The engine with KV offload: greedy tokens equal to HF / to no offload when prefixes come back from the CPU
+tier, from the disk tier (in one run and after a restart), with damaged files, and with swap preemption."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from meshserve import LLM, SamplingParams
+from meshserve.errors import InvalidArgumentError
+from tests.conftest import VOCAB
+
+MAX_NEW = 6
+# the tiny llama's block of 4 tokens: 2 layers x (K, V) x 4 tokens x 2 KV heads x 24 dims x 4 bytes
+BLOCK_BYTES = 2 * 2 * 4 * 2 * 24 * 4
+
+
+def gib(blocks: int) -> float:
+    return blocks * BLOCK_BYTES / 2**30
+
+
+def prompts(seed: int = 0, n: int = 4, length: int = 40) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB) for _ in range(length)] for _ in range(n)]
+
+
+def hf_greedy(model, prompt: list[int]) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, min_new_tokens=MAX_NEW)
+    return out[0, len(prompt):].tolist()
+
+
+def revisit(path: str, ps: list[list[int]], rounds: int = 2, **kwargs) -> tuple[list[list[int]], dict]:
+    """Each prompt alone, in turn, twice: with 24 GPU blocks of 4 tokens, a prompt's 10 blocks are evicted by
+    the next ones before it comes back."""
+    llm = LLM(model=path, block_size=4, num_gpu_blocks_override=24, **kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0].token_ids
+            for _ in range(rounds) for p in ps]
+    stats = llm.engine.stats()
+    llm.shutdown()
+    return outs, stats
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def expected(model, hf_model):
+    return [hf_greedy(hf_model(model), p) for p in prompts()] * 2
+
+
+def test_prefixes_restored_from_the_cpu_tier(model, expected):
+    got, stats = revisit(model, prompts(), kv_offloading_size=gib(64), kv_offloading_verify=True)
+    assert got == expected
+    assert stats["kv_offload_cpu_hits"] >= 4 * 9  # each revisit restores its 9 full blocks (one token computed)
+    assert stats["kv_offload_disk_hits"] == 0
+    assert stats["kv_offload_cpu_bytes_loaded"] >= 36 * BLOCK_BYTES and stats["kv_offload_restores"] >= 4
+    assert stats["prefix_cache_hits"] >= 4 * 36
+
+
+def test_prefixes_restored_from_disk_then_after_a_restart(model, expected, tmp_path):
+    # a CPU tier of 12 blocks: a prompt's blocks fit, the 4 prompts' 44 do not (the GPU keeps 24)
+    disk = {"kv_offloading_size": gib(12), "kv_offloading_disk_path": str(tmp_path),
+                "kv_offloading_disk_size": gib(200), "kv_offloading_verify": True}
+    got, stats = revisit(model, prompts(), **disk)
+    assert got == expected
+    assert stats["kv_offload_disk_hits"] >= 16 and stats["kv_offload_disk_bytes_read"] > 0
+    # a warm restart: the index comes back from the files (the engine flushed every cached block at
+    # shutdown), so the first visits already hit, each for all of its 9 blocks
+    got, stats = revisit(model, prompts(), rounds=1, **disk)
+    assert got == expected[:4]
+    assert stats["kv_offload_disk_hits"] == 4 * 9
+    assert stats["kv_offload_disk_errors"] == 0
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "corrupted"])
+def test_damaged_disk_files_are_recomputed(damage, model, expected, tmp_path):
+    disk = {"kv_offloading_size": gib(12), "kv_offloading_disk_path": str(tmp_path), "kv_offloading_disk_size": gib(200)}
+    revisit(model, prompts(), rounds=1, **disk)
+    (folder,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    files = sorted(os.listdir(folder))
+    assert len(files) == 44  # every block the 4 prompts filled, flushed at shutdown
+    for name in files:
+        path = os.path.join(folder, name)
+        data = Path(path).read_bytes()
+        if damage == "missing":
+            os.remove(path)
+        elif damage == "truncated":
+            Path(path).write_bytes(data[: len(data) // 2])
+        else:  # same size, a few payload bytes flipped: only the checksum can tell
+            Path(path).write_bytes(data[:-8] + bytes(b ^ 0xFF for b in data[-8:]))
+    got, stats = revisit(model, prompts(), rounds=1, **disk)
+    assert got == expected[:4]
+    assert stats["kv_offload_disk_hits"] == 0
+    # truncated files are dropped when the index is rebuilt, corrupted ones when a lookup reads them (the 9
+    # blocks of each prompt's run are read together)
+    assert stats["kv_offload_disk_errors"] == {"missing": 0, "truncated": 44, "corrupted": 36}[damage]
+
+
+def test_disk_tier_is_bounded_and_another_model_reads_none(model, tiny_model_dir, tmp_path):
+    disk = {"kv_offloading_size": gib(6), "kv_offloading_disk_path": str(tmp_path), "kv_offloading_disk_size": gib(12)}
+    revisit(model, prompts(), rounds=1, **disk)
+    (folder,) = os.listdir(tmp_path)
+    on_disk = sum(os.path.getsize(os.path.join(tmp_path, folder, f)) for f in os.listdir(tmp_path / folder))
+    assert 0 < on_disk <= gib(12) * 2**30
+    other = tiny_model_dir("qwen2")  # another model, same folder: its own fingerprint, none of these files
+    _, stats = revisit(other, prompts()[:1], rounds=1, **disk)
+    assert stats["kv_offload_disk_hits"] == 0 and len(os.listdir(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("mode", ["swap", "auto"])
+def test_swap_preemption_matches_hf(mode, model, hf_model):
+    ps = prompts(2, n=6, length=12)
+    expected = [hf_greedy(hf_model(model), p) for p in ps]
+    # 12 blocks x 4 tokens: four prompts are admitted at once, then their decodes run out of blocks
+    llm = LLM(model=model, block_size=4, num_gpu_blocks_override=12, kv_offloading_size=gib(64),
+              preemption_mode=mode, kv_offloading_verify=True)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
+    stats = llm.engine.stats()
+    llm.shutdown()
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert stats["num_preemptions"] > 0
+    # auto: moving a few KB takes microseconds, recomputing milliseconds (the step-time model): it swaps too
+    assert stats["kv_offload_swaps_out"] == stats["num_preemptions"] == stats["kv_offload_swaps_in"]
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"kv_offloading_disk_path": "/tmp/x", "kv_offloading_disk_size": 1.0}, "kv_offloading_disk_path"),
+    ({"kv_offloading_size": 1.0, "kv_offloading_disk_path": "/tmp/x"}, "kv_offloading_disk_size"),
+    ({"preemption_mode": "swap"}, "preemption_mode"),
+    ({"preemption_mode": "later"}, "preemption_mode"),
+    ({"kv_offloading_size": -1.0}, "kv_offloading_size"),
+    ({"kv_offloading_size": 1.0, "tensor_parallel_size": 2}, "kv_offloading_size"),
+])
+def test_bad_offload_arguments_are_clear_errors(kwargs, param):
+    from meshserve.config import EngineArgs
+
+    with pytest.raises(InvalidArgumentError) as e:
+        EngineArgs(**kwargs).validate()
+    assert e.value.param == param
+
+
+def test_cli_flags_reach_engine_args():
+    import argparse
+
+    from meshserve.cli_args import add_engine_args, engine_args_from
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    ns = parser.parse_args(["--kv-offloading-size", "4", "--kv-offloading-disk-path", "/tmp/kv",
+                            "--kv-offloading-disk-size", "100", "--preemption-mode", "auto"])
+    args = engine_args_from(ns)
+    assert (args.kv_offloading_size, args.kv_offloading_disk_path, args.kv_offloading_disk_size,
+            args.preemption_mode) == (4.0, "/tmp/kv", 100.0, "auto")
+
+
+def test_offload_counters_reach_prometheus():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from meshserve.serve.metrics import ServerMetrics
+
+    stats = {"kv_offload_cpu_hits": 7, "kv_offload_disk_hits": 3, "kv_offload_disk_bytes_read": 4096,
+             "kv_offload_swaps_out": 2, "kv_offload_restore_s": 0.25, "kv_offload_cpu_blocks": 11}
+    text = ServerMetrics().render((stats, 0.0)).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("meshserve:kv_offload_hits_total", (("tier", "cpu"),))] == 7
+    assert samples[("meshserve:kv_offload_hits_total", (("tier", "disk"),))] == 3
+    assert samples[("meshserve:kv_offload_bytes_total", (("direction", "out"), ("tier", "disk")))] == 4096
+    assert samples[("meshserve:kv_offload_swaps_total", (("direction", "out"),))] == 2
+    assert samples[("meshserve:kv_offload_restore_seconds_total", ())] == 0.25
+    assert samples[("meshserve:kv_offload_blocks", (("tier", "cpu"),))] == 11

@@ -1,0 +1,114 @@
+"""KV offload through the BlockManager: evicted cached blocks are stored down, prefix misses restored, swaps."""
+
+from __future__ import annotations
+
+import torch
+
+from meshserve.engine.block_manager import BlockManager
+from meshserve.engine.kv_offload.cpu_tier import CPUTier
+from meshserve.engine.kv_offload.manager import KVOffloadManager
+from meshserve.engine.sequence import Sequence
+from meshserve.sampling import SamplingParams
+
+BS = 4
+
+
+def make_seq(seq_id: str, prompt) -> Sequence:
+    return Sequence(seq_id=seq_id, request_id=seq_id, index=0, prompt_token_ids=list(prompt),
+                    params=SamplingParams(max_tokens=4), max_tokens=4)
+
+
+def setup(num_blocks: int = 8, slots: int = 4, mode: str = "recompute") -> tuple[BlockManager, KVOffloadManager]:
+    bm = BlockManager(num_blocks, BS)
+    manager = KVOffloadManager(CPUTier(slots, (1, 2, BS, 1, 1), torch.float32, False), None, mode)
+    bm.attach_offload(manager)
+    return bm, manager
+
+
+def run_prompt(bm: BlockManager, seq: Sequence) -> list:
+    hits = bm.find_cached_prefix(seq)
+    assert bm.allocate(seq, seq.num_tokens - len(hits) * BS, hits)
+    seq.num_computed_tokens = seq.num_tokens
+    return hits
+
+
+def test_evicted_blocks_go_down_and_come_back_as_prefix_hits():
+    bm, manager = setup()
+    a = make_seq("a", range(13))  # 3 full blocks registered, 1 partial
+    run_prompt(bm, a)
+    a_ids, a_hashes = list(bm.block_table(a)), list(a.block_hashes)
+    bm.free(a)
+    b = make_seq("b", range(100, 132))  # 8 blocks: every cached block of a is evicted
+    run_prompt(bm, b)
+    ops = manager.take_transfers()
+    stored = {gpu: slot for kind, gpu, slot in ops if kind == "store"}
+    assert sorted(stored) == sorted(a_ids[:3]) and all(h in manager.cpu for h in a_hashes)
+    bm.free(b)
+    a2 = make_seq("a2", range(13))
+    hits = run_prompt(bm, a2)
+    assert len(hits) == 3 and [blk.block_hash for blk in hits] == a_hashes
+    ops = manager.take_transfers()
+    loads = [(slot, gpu) for kind, slot, gpu in ops if kind == "load"]
+    # each restored block is loaded from the slot its hash was stored to, after the stores of this step
+    assert loads == [(stored[a_ids[i]], hits[i].block_id) for i in range(3)]
+    kinds = [k for k, _, _ in ops]
+    assert kinds == ["store"] * (len(kinds) - 3) + ["load"] * 3
+    assert manager.stats.cpu_hits == 3
+
+
+def test_restore_never_evicts_the_gpu_hits_before_it():
+    bm, manager = setup(num_blocks=6, slots=8)
+    a = make_seq("a", range(17))  # 4 full blocks + 1
+    run_prompt(bm, a)
+    a_head = bm.block_table(a)[0]
+    bm.free(a)  # free queue: the unused block, then a's blocks tail first
+    filler = make_seq("f", range(200, 208))
+    run_prompt(bm, filler)
+    bm.free(filler)
+    c = make_seq("c", range(300, 309))  # 3 blocks: a's blocks 1-3 go down, a's head stays cached on the GPU
+    run_prompt(bm, c)
+    bm.free(c)
+    manager.take_transfers()
+    a2 = make_seq("a2", range(17))
+    hits = bm.find_cached_prefix(a2)
+    assert len(hits) == 4 and hits[0].block_id == a_head  # 1 GPU hit + 3 restored, the GPU hit kept
+    assert [blk.block_hash for blk in hits] == a2.block_hashes[:4]
+    assert len({blk.block_id for blk in hits}) == 4
+    assert bm.allocate(a2, 1, hits)
+    assert manager.stats.cpu_hits == 3
+
+
+def test_swap_out_and_in():
+    bm, manager = setup(num_blocks=8, slots=4, mode="swap")
+    s = make_seq("s", range(10))
+    run_prompt(bm, s)
+    ids = list(bm.block_table(s))
+    assert bm.swap_out(s, lambda: 1.0)
+    assert s.seq_id not in bm.seq_blocks and bm.num_free_blocks == 8
+    out_ops = manager.take_transfers()
+    assert [(k, g) for k, g, _ in out_ops] == [("store", i) for i in ids]
+    assert bm.allocate(s, 1)  # resumes with its 10 computed tokens: 3 blocks, loads queued
+    in_ops = manager.take_transfers()
+    assert [(k, slot) for k, slot, _ in in_ops] == [("load", slot) for _, _, slot in out_ops]
+    assert [g for _, _, g in in_ops] == bm.block_table(s)[:3]
+    assert manager.stats.swaps_out == manager.stats.swaps_in == 1
+    assert len(manager.cpu.free) == 4  # the slots are free again
+
+
+def test_auto_swaps_only_when_moving_is_cheaper():
+    bm, manager = setup(num_blocks=8, slots=4, mode="auto")
+    manager.default_link_bytes_per_s = 1e3  # 2 x 3 blocks x 64 bytes = 0.384 s to move
+    s = make_seq("s", range(10))
+    run_prompt(bm, s)
+    assert not bm.swap_out(s, lambda: 0.1)  # recompute is cheaper: nothing changed
+    assert s.seq_id in bm.seq_blocks and not manager.ops
+    assert bm.swap_out(s, lambda: 1.0)
+
+
+def test_swap_refused_when_the_cpu_tier_is_full():
+    bm, manager = setup(num_blocks=8, slots=2, mode="swap")
+    s = make_seq("s", range(10))  # 3 blocks > 2 slots
+    run_prompt(bm, s)
+    assert not bm.swap_out(s, lambda: 1.0)
+    assert len(manager.cpu.free) == 2 and not manager.ops
+    bm.free(s)

@@ -1,0 +1,62 @@
+"""FusedMoE over two gloo ranks: tensor-parallel experts and both expert-parallel exchanges (all-to-all,
+all-gather) give one device's output, for batches that split unevenly (and one rank left with no token)."""
+
+from __future__ import annotations
+
+import torch
+import torch.multiprocessing as mp
+
+from meshserve.distributed import parallel_state
+from meshserve.layers.fused_moe import FusedMoE
+from meshserve.layers.moe_routing import SoftmaxTopK
+
+EXPERTS, TOP_K, HIDDEN, WIDTH = 8, 3, 16, 12
+BATCHES = (7, 1, 2, 0)
+
+
+def _weights():
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(EXPERTS, 2 * WIDTH, HIDDEN, generator=gen), torch.randn(EXPERTS, HIDDEN, WIDTH, generator=gen))
+
+
+def _layer(w13, w2) -> FusedMoE:
+    layer = FusedMoE(EXPERTS, HIDDEN, WIDTH, SoftmaxTopK(TOP_K, renormalize=True))
+    for param, full, part in ((layer.w13_weight, w13, "gate_up"), (layer.w2_weight, w2, "down")):
+        layer.weight_loader(param, full, (None, part))
+    return layer
+
+
+def _inputs(n: int):
+    gen = torch.Generator().manual_seed(100 + n)
+    return torch.randn(n, HIDDEN, generator=gen), torch.randn(n, EXPERTS, generator=gen)
+
+
+def _rank(rank: int, port: int, results) -> None:
+    parallel_state.init_parallel_state(2, 1, rank, "127.0.0.1", port, "gloo", 30.0)
+    st = parallel_state.get_parallel_state()
+    out = {}
+    for mode in ("tp", "all_to_all", "all_gather"):
+        st.expert_parallel = mode != "tp"
+        layer = _layer(*_weights())
+        if st.expert_parallel:
+            layer.ep_exchange = mode
+        out[mode] = ([layer(*_inputs(n)) for n in BATCHES], layer.expert_load.clone())
+    results[rank] = out
+    parallel_state.destroy_parallel_state()
+
+
+def test_two_ranks_match_one_device():
+    from meshserve.distributed.launch import free_port
+
+    single = _layer(*_weights())
+    expected = [single(*_inputs(n)) for n in BATCHES]
+    results = mp.Manager().dict()
+    mp.spawn(_rank, args=(free_port(), results), nprocs=2)
+    for mode in ("tp", "all_to_all", "all_gather"):
+        for rank in (0, 1):
+            outs, load = results[rank][mode]
+            for got, want in zip(outs, expected, strict=True):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            # every rank routes (and counts) every token, whichever layout
+            assert torch.equal(load, single.expert_load)
+    assert single.expert_load.sum() == TOP_K * sum(BATCHES)

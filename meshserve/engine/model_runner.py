@@ -64,7 +64,8 @@ class ModelRunner:
         if not config.parallel_config.disable_custom_all_reduce:
             enable_fast_all_reduce(self.device, self.dtype)
         torch.manual_seed(mc.seed)
-        self.model = build_model(source, self.dtype, self.device, mc.max_model_len, seed=mc.seed)
+        self.model = build_model(source, self.dtype, self.device, mc.max_model_len, seed=mc.seed,
+                                 quantization=mc.quantization)
         bind_kernels(self.model, self.kernels)
         self.kv_pool = KVCachePool(config, self.model.attention_layers(), self.kernels.kv_cache_dtype, self.device)
         # pinned host buffers (inputs, sampled ids) used in turn by consecutive steps: two for async

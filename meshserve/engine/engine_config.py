@@ -78,6 +78,9 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
     model_dir = source.weights_dir or (args.model if args.model and os.path.isdir(args.model) else None)
     generation_defaults = load_generation_defaults(
         model_dir, args.generation_config, EMBEDDED_GENERATION_DEFAULTS if args.model is None else None)
+    if args.kv_cache_dtype.startswith("fp8") and getattr(source.hf_config, "kv_lora_rank", None):
+        raise InvalidArgumentError("kv_cache_dtype fp8 is not supported for MLA (DeepSeek) models yet: their "
+                                   "latent cache stays in the model dtype", param="kv_cache_dtype")
     model_config = ModelConfig(
         model=source.name, tokenizer=source.tokenizer_dir or "", hf_config=source.hf_config, dtype=dtype,
         max_model_len=max_model_len, load_format=args.load_format, seed=args.seed, quantization=args.quantization,

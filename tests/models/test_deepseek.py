@@ -150,7 +150,7 @@ def test_fp8_checkpoints_are_a_one_line_error(tiny_model_dir, tmp_path):
 
     from meshserve.config import EngineArgs
     from meshserve.engine.args_check import check_engine_args
-    from meshserve.errors import ModelLoadError
+    from meshserve.errors import InvalidArgumentError, ModelLoadError
 
     folder = tmp_path / "fp8"
     shutil.copytree(tiny_model_dir("deepseek_v3"), folder)
@@ -160,8 +160,8 @@ def test_fp8_checkpoints_are_a_one_line_error(tiny_model_dir, tmp_path):
     message = r"fp8: fp8 \(128x128 block scales\) quantized checkpoints are not supported yet"
     with pytest.raises(ModelLoadError, match=message):
         check_engine_args(EngineArgs(model=str(folder)))
-    with pytest.raises(ModelLoadError, match=message):
-        LLM(model=str(folder))
+    with pytest.raises(InvalidArgumentError, match=r"fp8 checkpoint with block-wise scales .* not supported"):
+        LLM(model=str(folder))  # layers/quantization's own check, at load
     check_engine_args(EngineArgs(model=str(folder), load_format="dummy"))
 
 
@@ -200,3 +200,22 @@ def test_swap_preemption_moves_latent_blocks(tiny_model_dir, hf_model):
     llm.shutdown()
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf_model(path), p, MAX_NEW) for p in prompts]
     assert stats["num_preemptions"] > 0 and stats["kv_offload_swaps_in"] == stats["num_preemptions"]
+
+
+def test_fp8_weights_run_and_fp8_latent_cache_is_refused(tiny_model_dir):
+    """Online FP8 quantizes the projections but not kv_b_proj (MLA absorbs its weight into the query and the
+    output); an FP8 latent cache is a one-line error, not a crash in the cache write."""
+    from meshserve.errors import InvalidArgumentError
+    from meshserve.sampling import SamplingParams
+
+    path = tiny_model_dir("deepseek_v3")
+    llm = LLM(model=path, quantization="fp8")
+    attn = llm.engine.runner.model.model.layers[0].self_attn
+    assert attn.kv_b_proj.weight.dtype == torch.float32
+    assert attn.o_proj.weight.dtype == torch.float8_e4m3fn
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}], SamplingParams(temperature=0, max_tokens=4),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    llm.shutdown()
+    with pytest.raises(InvalidArgumentError, match="kv_cache_dtype fp8 is not supported for MLA"):
+        LLM(model=path, kv_cache_dtype="fp8")

@@ -15,7 +15,7 @@ import time
 
 from meshserve.config import EngineArgs, EngineConfig
 from meshserve.engine.engine_config import create_engine_config
-from meshserve.engine.executor import make_executor
+from meshserve.engine.executor import UniprocExecutor, make_executor
 from meshserve.engine.expert_load import ExpertLoadReader
 from meshserve.engine.grammar_waitlist import GrammarWaitlist
 from meshserve.engine.kv_offload.setup import build_kv_offload
@@ -150,7 +150,8 @@ class EngineCore:
             config.model_config.tokenizer or None, config.model_config.vocab_size, self.info.eos_token_ids))
         self._grammar_seq_ids: set[str] = set()  # constrained requests in the scheduler (pruned lazily)
         # an in-process runner fills the grammar masks of a step once its forward is queued (_late_masks_hook)
-        self._late_masks = getattr(self.executor, "runner", None) is not None and not self.pipeline_depth
+        # (one process, one device: other executors pickle the SchedulerOutput to their workers)
+        self._late_masks = isinstance(self.executor, UniprocExecutor) and not self.pipeline_depth
         logger.info("engine core ready in %.1f s: %s, %s on %s", time.perf_counter() - t0,
                     config.model_config.model, config.model_config.dtype, config.device)
 

@@ -14,7 +14,9 @@ from meshserve.bench.structured_outputs import SCHEMA, prompts, score
 def test_score_counts_json_and_schema_validity():
     good = json.dumps({"name": "A", "age": 3, "city": "B", "role": "other"})
     wrong_type = json.dumps({"name": "A", "age": "3", "city": "B", "role": "other"})
-    assert score([good, wrong_type, "not json", '{"name": "A"}']) == {"json_ok": 0.75, "schema_ok": 0.25}
+    fenced = f"Sure! ```json\n{good}\n```"
+    assert score([good, wrong_type, "not json", fenced]) == {"json_ok": 0.5, "schema_ok": 0.25,
+                                                              "schema_ok_lenient": 0.5}
     assert len(prompts()) == 20 and all(str(SCHEMA["properties"]["role"]["enum"][0]) in p for p in prompts())
 
 

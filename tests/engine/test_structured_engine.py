@@ -165,3 +165,15 @@ def test_masks_are_filled_while_the_forward_runs(path):
     assert steps >= len(out.token_ids) and events.count("fill") >= len(out.token_ids)
     # no step waited for the one before it to be processed before queuing its forward
     assert all(events[i + 1] == "update" for i, e in enumerate(events[:-1]) if e == "forward" and i > 0)
+
+
+@pytest.mark.gpu
+def test_late_masks_on_the_device_change_no_token(path):
+    """On a GPU (CUDA graphs, masks filled while the forward runs, async overlap kept), constrained outputs
+    validate and match the synchronous engine's token for token."""
+    sync, _ = _run(path, False, device="cuda")
+    async_, _ = _run(path, True, device="cuda")
+    assert [[c.token_ids for c in o.outputs] for o in sync] == [[c.token_ids for c in o.outputs] for o in async_]
+    for out in (async_[0], async_[2]):
+        for c in out.outputs:
+            jsonschema.validate(json.loads(c.text), SCHEMA)

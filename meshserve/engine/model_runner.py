@@ -243,6 +243,8 @@ class ModelRunner:
                 hidden = self.graphs.run(input_ids, positions, meta)
             else:
                 hidden = self.forward(input_ids, positions, meta)
+            if out.before_sample is not None:  # grammar masks, filled while the device runs the forward
+                out.before_sample()
             pending = self.sampling.sample(out.scheduled, hidden, meta, self._step_parity)
             if self.drafter is not None:
                 pending = self.drafter.propose_after(out.scheduled, pending)

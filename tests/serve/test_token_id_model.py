@@ -1,4 +1,4 @@
-"""A model without a tokenizer (dummy preset) streams one chunk per token, and the W3 client counts them."""
+"""A model without a tokenizer (dummy preset) streams its tokens, and the W3 client counts every one of them."""
 
 import asyncio
 
@@ -24,4 +24,6 @@ def test_streams_every_token_without_text(token_id_server):
     results, _ = asyncio.run(run_load(token_id_server.base_url, "dummy", reqs, progress=False))
     assert all(r.ok for r in results), [r.error for r in results]
     assert all(r.output_tokens == 6 for r in results)
-    assert all(len(r.itls) == 5 for r in results)  # one chunk per token after the first
+    # one chunk per token after the first, unless the client lagged and the server folded some together
+    # (engine/output_coalescing.py); the token count above holds either way
+    assert all(1 <= len(r.itls) <= 5 for r in results)

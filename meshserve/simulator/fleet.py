@@ -34,7 +34,8 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
 
     step_cost replaces the calibrated StepCost (tests use fixed durations); progress(sim_time) is called as
     simulated time advances (about every 1% of the trace). fast_forward lays out runs of identical decode
-    steps at once (replica.py); off, every step goes through the scheduler (same results, slower). autoscale:
+    steps at once and keeps sequences as counts (replica.py, light.py); off, every step goes through the
+    scheduler with the engine's own Sequence and BlockManager (the reference: same results, slower). autoscale:
     replicas come and go on the router's queue depth (autoscale.py), starting from config's count.
     """
     config.validate()
@@ -51,7 +52,7 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
     def make_replica(index: int) -> SimReplica:
         version.append(0)
         return SimReplica(index, sched_cfg, cache_cfg, step_cost or cost, recorder, config.max_queue_len,
-                          step_model=cost.model, fast_forward=fast_forward)
+                          step_model=cost.model, fast_forward=fast_forward, light=fast_forward)
 
     scaler = None
     if autoscale is not None:

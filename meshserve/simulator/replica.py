@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshserve.config import CacheConfig, SchedulerConfig
 from meshserve.engine.scheduler import Scheduler
@@ -22,6 +22,7 @@ from meshserve.engine.sequence import Sequence
 from meshserve.engine.step_time import StepShape
 from meshserve.errors import PromptTooLongError
 from meshserve.sampling import SamplingParams
+from meshserve.simulator.light import CountingBlockManager, SimSequence
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.trace import SimRequest, prompt_token_ids
 
@@ -37,12 +38,18 @@ class SimReplica:
 
     def __init__(self, index: int, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  step_cost: Callable[[StepShape], float], recorder: RunRecorder, max_queue_len: int = 1024,
-                 step_model=None, fast_forward: bool = True):
+                 step_model=None, fast_forward: bool = True, light: bool = True):
         self.index = index
         self.url = f"sim://replica-{index}"
         self.outstanding = 0
         self.now = 0.0
-        self.scheduler = Scheduler(scheduler_config, cache_config)
+        # light: sequences as counts and a counting block manager (light.py), when no prefix cache needs ids
+        self.light = light and not cache_config.enable_prefix_caching
+        if self.light:
+            self.scheduler = Scheduler(scheduler_config, replace(cache_config, num_blocks=0))
+            self.scheduler.block_manager = CountingBlockManager(cache_config.num_blocks, cache_config.block_size)
+        else:
+            self.scheduler = Scheduler(scheduler_config, cache_config)
         self.scheduler.clock = lambda: self.now
         # the policy predicts with the model the engine would have converged to (step time without TP comm)
         self.scheduler.policy.step_model = step_model
@@ -78,8 +85,11 @@ class SimReplica:
                 and self.predicted_ttft_s(req) > self.ttft_target_s * ADMISSION_MARGIN:
             return False
         rid = str(index)
-        seq = Sequence(seq_id=rid, request_id=rid, index=0, prompt_token_ids=prompt_token_ids(index, req),
-                       params=_PARAMS, max_tokens=req.output_len, arrival_time=req.arrival_s)
+        if self.light:
+            seq = SimSequence.make(rid, req.prompt_len, _PARAMS, req.output_len, req.arrival_s)
+        else:
+            seq = Sequence(seq_id=rid, request_id=rid, index=0, prompt_token_ids=prompt_token_ids(index, req),
+                           params=_PARAMS, max_tokens=req.output_len, arrival_time=req.arrival_s)
         try:
             self.scheduler.add(seq)
         except PromptTooLongError:  # the server answers 400: longer than max_model_len or the whole KV pool
@@ -88,7 +98,7 @@ class SimReplica:
         return True
 
     # -- steps -----------------------------------------------------------------------------------
-    def start_step(self, now: float, allow_run: bool = True) -> float | None:
+    def start_step(self, now: float) -> float | None:
         """Schedule a step at now; returns when it ends (or when a decode run laid out from it ends), or None
         when there is nothing to run."""
         self.now = now
@@ -103,7 +113,7 @@ class SimReplica:
         if out.is_empty:
             self.busy = False
             return None
-        if allow_run and self.fast_forward and self._start_run(now, out):
+        if self.fast_forward and self._start_run(now, out):
             return self._run.end_times[-1]
         context = 0
         for e in out.scheduled:
@@ -150,9 +160,15 @@ class SimReplica:
         per-step bookkeeping; an arrival cuts the run short (interrupt). False when this step is not one."""
         sched = self.scheduler
         seqs = sched.running
-        if sched.waiting or len(out.scheduled) != len(seqs) or out.num_batched_tokens != len(seqs):
+        n = len(seqs)
+        if sched.waiting or len(out.scheduled) != n or out.num_batched_tokens != n:
             return False
-        steps = min(seq.max_tokens - seq.num_output_tokens for seq in seqs)
+        last = self._last_token_s
+        steps = sched.config.max_model_len
+        for seq in seqs:
+            if seq.seq_id not in last:  # a one-token prompt (or prefix miss of one): its first token is due
+                return False
+            steps = min(steps, seq.max_tokens - seq.num_output_tokens)
         if steps < 2 or any(seq.num_tokens + steps - 1 > sched.config.max_model_len for seq in seqs):
             return False
         bm = sched.block_manager
@@ -160,34 +176,28 @@ class SimReplica:
         need = sum(bm.blocks_needed(seq.num_computed_tokens + steps) - len(bm.block_table(seq)) for seq in seqs)
         if need > bm.num_free_blocks:
             return False
-        n, context = len(seqs), sum(seq.num_computed_tokens for seq in seqs)
-        t, end_times, durations = now, [], []
-        for j in range(1, steps + 1):
-            d = self.step_cost(StepShape(n, n, context + n * j))
+        context = sum(seq.num_computed_tokens for seq in seqs)
+        durations = decode_durations(self.step_cost, n, context, steps)
+        end_times, t = [], now
+        for d in durations:
             t += d  # accumulated as step-by-step would, so both give the same floats
             end_times.append(t)
-            durations.append(d)
-        self._run = DecodeRun(now, list(seqs), context, end_times, durations, out)
+        self._run = DecodeRun(now, list(seqs), context, end_times, durations)
         return True
 
     def interrupt(self, now: float) -> float | None:
-        """A request arrives at now during a decode run: the steps that ended before now happened; the one
-        running at now becomes an ordinary step in flight (returns when it ends), so the next step sees the
-        arrival exactly as a step-by-step run would. None when no run is in flight."""
+        """A request arrives at now during a decode run: the steps that end before now happen as laid out,
+        and so does the one running at now (the scheduler decided it before the arrival); the run is cut
+        after it, so the next step sees the arrival exactly as a step-by-step run would. Returns the run's
+        new end, or None when no run is in flight or its end is unchanged."""
         run = self._run
         if run is None:
             return None
-        done = bisect.bisect_left(run.end_times, now)  # steps that ended strictly before now
-        if done == 0:  # still in the first step, which the scheduler decided: it stays the step in flight
-            self._run, self._in_flight = None, run.first_step
-            self.steps += 1
-            self.busy_s += run.durations[0]
-            return run.end_times[0]
-        self._end_run(done)
-        # the scheduler decides the step running at now (one step: the arrival must see its end)
-        end = self.start_step(run.end_times[done - 1], allow_run=False)
-        assert end is not None and self._run is None
-        return end
+        keep = bisect.bisect_left(run.end_times, now) + 1  # steps that ended before now, and the one at now
+        if keep >= len(run.end_times):
+            return None
+        del run.end_times[keep:], run.durations[keep:]
+        return run.end_times[-1]
 
     def _end_run(self, done: int) -> None:
         """Apply the first `done` (>= 1) steps of the run: tokens, blocks, SLO credit, inter-token gaps,
@@ -202,8 +212,9 @@ class SimReplica:
         if sched.policy.tpot_target(run.seqs) is not None:  # steps 2.. are charged here, the first when scheduled
             for j in range(2, done + 1):
                 sched.policy.charge(StepShape(n, n, run.context + n * j), run.seqs)
+        tokens = [_SAMPLED_TOKEN] * done if not self.light else range(done)  # a TokenCount only counts
         for seq in run.seqs:
-            seq.output_token_ids.extend([_SAMPLED_TOKEN] * done)
+            seq.output_token_ids.extend(tokens)
             # blocks for every token computed in the run (the first step's were allocated when scheduled)
             allocated = sched.block_manager.allocate(seq, done)
             assert allocated, "a decode run reserved its blocks when it started"
@@ -218,14 +229,22 @@ class SimReplica:
                 self.outstanding -= 1
 
 
+def decode_durations(step_cost: Callable[[StepShape], float], n: int, context: int, steps: int) -> list[float]:
+    """Durations of `steps` decode steps of n sequences holding `context` KV tokens before the first: step j
+    reads context + n * j. StepCost computes them in one go (StepCost.decode_durations, the same floats)."""
+    bulk = getattr(step_cost, "decode_durations", None)
+    if bulk is not None:
+        return bulk(n, context, steps)
+    return [step_cost(StepShape(n, n, context + n * j)) for j in range(1, steps + 1)]
+
+
 @dataclass
 class DecodeRun:
     """Decode steps laid out ahead: step j (1-based) ends at end_times[j - 1] after durations[j - 1]; the
-    batch's KV context before the run is `context` tokens, and first_step is the scheduler's own first step."""
+    batch's KV context before the run is `context` tokens."""
 
     start_s: float
     seqs: list[Sequence]
     context: int
     end_times: list[float]
     durations: list[float]
-    first_step: SchedulerOutput

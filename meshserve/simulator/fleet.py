@@ -24,7 +24,8 @@ from meshserve.simulator.replica import SimReplica
 from meshserve.simulator.step_cost import StepCost, StepWeights
 from meshserve.simulator.trace import SimRequest, prompt_token_ids
 
-_STEP_END, _WAKE = 0, 1  # a replica's step ends; an idle replica got work
+# a replica's step ends; an idle replica got work; sequences finish inside a decode run (SimReplica.finish_mark)
+_STEP_END, _WAKE, _FINISH = 0, 1, 2
 
 
 def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights | None = None,
@@ -78,7 +79,7 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
         t_next = min(trace[i].arrival_s + delay if i < n else math.inf, steps[0][0] if steps else math.inf)
         while t_next >= next_tick:  # every 1% of the trace: the fleet's state then, and the progress bar
             timeline.append({"t": next_tick, "waiting": sum(r.scheduler.num_waiting for r in replicas),
-                             "running": sum(r.scheduler.num_running for r in replicas)})
+                             "running": sum(r.num_running for r in replicas)})
             if progress is not None:
                 progress(next_tick)
             next_tick += tick
@@ -107,15 +108,22 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
             i += 1
         else:
             now, idx, kind, ver = heapq.heappop(steps)
+            rep = replicas[idx]
+            if kind == _FINISH:
+                rep.finish_mark(*ver)
+                continue
             if ver != version[idx]:
                 continue  # a decode run that an arrival cut short
-            rep = replicas[idx]
             if kind == _STEP_END:
                 rep.end_step(now)
             end = rep.start_step(now)
             if end is not None:
                 version[idx] += 1
                 heapq.heappush(steps, (end, idx, _STEP_END, version[idx]))
+                if rep.finish_marks:
+                    for t, serial, step in rep.finish_marks:
+                        heapq.heappush(steps, (t, idx, _FINISH, (serial, step)))
+                    rep.finish_marks.clear()
 
     gpu_busy = sum(r.busy_s for r in replicas)
     queries = sum(r.scheduler.block_manager.stats.queries for r in replicas)

@@ -6,15 +6,21 @@ Without prefix caching (no hashes to compute) the real Scheduler runs unchanged 
   range of the right length (the ids are never read);
 - CountingBlockManager: the BlockManager's arithmetic without Block objects (a pool of 30,000 blocks per
   replica x 100 replicas is 3 M objects to build). Without prefix caching which block goes where never
-  changes a decision: only how many are free, and how many each sequence holds.
+  changes a decision: only how many are free, and how many each sequence holds;
+- LightScheduler: the Scheduler with these, whose step output lists LightEntry records (what a model runner
+  would need, token ids and block tables, is never read). schedule(), update_after_step() and the policy are
+  the Scheduler's own.
 tests/simulator/test_replica.py checks a run with these gives the same report as one with the real ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
+from meshserve.config import CacheConfig, SchedulerConfig
 from meshserve.engine.block_manager import PrefixCacheStats
+from meshserve.engine.scheduler import Scheduler
 from meshserve.engine.sequence import Sequence
 
 
@@ -127,3 +133,31 @@ class CountingBlockManager:
 
     def reset_prefix_cache(self) -> bool:
         return True
+
+
+class LightEntry:
+    """A ScheduledSequence's fields the simulator and update_after_step read (greedy, no speculation)."""
+
+    __slots__ = ("seq_id", "num_computed_tokens", "num_new_tokens", "do_sample")
+    num_spec_tokens = 0
+
+    def __init__(self, seq_id: str, num_computed_tokens: int, num_new_tokens: int, do_sample: bool):
+        self.seq_id = seq_id
+        self.num_computed_tokens = num_computed_tokens
+        self.num_new_tokens = num_new_tokens
+        self.do_sample = do_sample
+
+
+class LightScheduler(Scheduler):
+    """The Scheduler over SimSequences and a CountingBlockManager (no prefix caching), listing LightEntry
+    records. Only for sequences without speculation, penalties or prompt logprobs (the simulator's)."""
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig):
+        if cache_config.enable_prefix_caching:
+            raise ValueError("LightScheduler counts blocks: prefix caching needs the real BlockManager")
+        super().__init__(scheduler_config, replace(cache_config, num_blocks=0))
+        self.block_manager = CountingBlockManager(cache_config.num_blocks, cache_config.block_size)
+
+    def _entry(self, seq: Sequence, num_new: int) -> LightEntry:
+        start = seq.num_computed_tokens
+        return LightEntry(seq.seq_id, start, num_new, start + num_new >= seq.num_tokens)

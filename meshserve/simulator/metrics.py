@@ -70,9 +70,13 @@ class RunRecorder:
     def summarize(self, num_requests: int, duration_s: float, gpu: GpuSpec, num_gpus: int,
                   ttft_slo_s: float = 1.0, tpot_slo_s: float = 0.05, gpu_hours: float | None = None) -> dict:
         """The report; gpu_hours defaults to num_gpus for the whole run (an autoscaled fleet passes its own)."""
-        ttft = np.frombuffer(self.ttft_s, dtype=float)
-        e2e = np.frombuffer(self.e2e_s, dtype=float)
-        out = np.frombuffer(self.output_tokens, dtype=np.int64).astype(float) if self.output_tokens else np.zeros(0)
+        # in arrival order, whatever order requests finished in (decode runs record theirs at the run's end):
+        # sums and means then do not depend on it
+        order = np.lexsort((np.asarray(self.output_tokens, dtype=np.int64), np.frombuffer(self.ttft_s, dtype=float),
+                            np.frombuffer(self.e2e_s, dtype=float), np.frombuffer(self.arrival_s, dtype=float)))
+        ttft = np.frombuffer(self.ttft_s, dtype=float)[order]
+        e2e = np.frombuffer(self.e2e_s, dtype=float)[order]
+        out = np.asarray(self.output_tokens, dtype=np.int64)[order].astype(float)
         prompt = int(sum(self.prompt_tokens))
         multi = out > 1
         tpot = np.where(multi, (e2e - ttft) / np.maximum(out - 1, 1), 0.0)

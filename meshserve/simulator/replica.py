@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from meshserve.config import CacheConfig, SchedulerConfig
 from meshserve.engine.scheduler import Scheduler
@@ -22,7 +22,7 @@ from meshserve.engine.sequence import Sequence
 from meshserve.engine.step_time import StepShape
 from meshserve.errors import PromptTooLongError
 from meshserve.sampling import SamplingParams
-from meshserve.simulator.light import CountingBlockManager, SimSequence
+from meshserve.simulator.light import LightScheduler, SimSequence
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.trace import SimRequest, prompt_token_ids
 
@@ -45,11 +45,7 @@ class SimReplica:
         self.now = 0.0
         # light: sequences as counts and a counting block manager (light.py), when no prefix cache needs ids
         self.light = light and not cache_config.enable_prefix_caching
-        if self.light:
-            self.scheduler = Scheduler(scheduler_config, replace(cache_config, num_blocks=0))
-            self.scheduler.block_manager = CountingBlockManager(cache_config.num_blocks, cache_config.block_size)
-        else:
-            self.scheduler = Scheduler(scheduler_config, cache_config)
+        self.scheduler = (LightScheduler if self.light else Scheduler)(scheduler_config, cache_config)
         self.scheduler.clock = lambda: self.now
         # the policy predicts with the model the engine would have converged to (step time without TP comm)
         self.scheduler.policy.step_model = step_model
@@ -63,6 +59,9 @@ class SimReplica:
         self._in_flight: SchedulerOutput | None = None
         self.fast_forward = fast_forward
         self._run: DecodeRun | None = None
+        self._serial = 0  # decode runs started
+        # (time, run serial, step) of finishes inside decode runs, for the event loop to deliver (finish_mark)
+        self.finish_marks: list[tuple[float, int, int]] = []
         self._first_token_s: dict[str, float] = {}
         self._last_token_s: dict[str, float] = {}
 
@@ -117,7 +116,7 @@ class SimReplica:
             return self._run.end_times[-1]
         context = 0
         for e in out.scheduled:
-            context += e.num_computed_tokens + len(e.token_ids)
+            context += e.num_computed_tokens + e.num_new_tokens
         duration = self.step_cost(StepShape(out.num_batched_tokens, len(out.scheduled), context))
         self._in_flight = out
         self.busy = True
@@ -152,38 +151,74 @@ class SimReplica:
         self._first_token_s.pop(seq_id, None)
         self._last_token_s.pop(seq_id, None)
 
-    # -- decode runs: many identical steps at once ----------------------------------------------
+    # -- decode runs: many decode steps at once -------------------------------------------------
     def _start_run(self, now: float, out: SchedulerOutput) -> bool:
         """When the step just scheduled is a pure decode of the whole running batch with nobody waiting, the
-        scheduler's next steps are the same decode until a sequence finishes or a request arrives: nothing
-        else changes its decisions. Lay out those steps (their durations grow with the KV read) and skip the
-        per-step bookkeeping; an arrival cuts the run short (interrupt). False when this step is not one."""
+        scheduler's next steps decode the same batch, less the sequences that finish, until a request
+        arrives: with nobody waiting and every block reserved ahead, nothing else changes its decisions
+        (every decode fits the token budget, the SLO policy's included). Lay out those steps (their
+        durations follow the batch and its KV reads) and skip the per-step bookkeeping; an arrival cuts the
+        run short (interrupt). False when this step is not one."""
         sched = self.scheduler
         seqs = sched.running
         n = len(seqs)
-        if sched.waiting or len(out.scheduled) != n or out.num_batched_tokens != n:
+        if sched.waiting or len(out.scheduled) != n:
             return False
-        last = self._last_token_s
-        steps = sched.config.max_model_len
+        last, max_len = self._last_token_s, sched.config.max_model_len
+        finish = []  # per sequence: the run's step whose token ends it (max_tokens or max_model_len)
         for seq in seqs:
-            if seq.seq_id not in last:  # a one-token prompt (or prefix miss of one): its first token is due
-                return False
-            steps = min(steps, seq.max_tokens - seq.num_output_tokens)
-        if steps < 2 or any(seq.num_tokens + steps - 1 > sched.config.max_model_len for seq in seqs):
+            if seq.num_tokens - seq.num_computed_tokens != 1 or seq.seq_id not in last:
+                return False  # not a decode (or a one-token prompt, whose first token is due)
+            finish.append(min(seq.max_tokens - seq.num_output_tokens, max_len - seq.num_tokens))
+        steps = max(finish)
+        if steps < 2:
             return False
         bm = sched.block_manager
-        # the run's tokens must fit without preempting (the first step's blocks are already allocated)
-        need = sum(bm.blocks_needed(seq.num_computed_tokens + steps) - len(bm.block_table(seq)) for seq in seqs)
+        # every token of the run must fit without preempting (the first step's blocks are already allocated;
+        # blocks of sequences finishing mid-run return later than step by step: a stricter test)
+        need = 0
+        for seq, r in zip(seqs, finish):
+            need += bm.blocks_needed(seq.num_computed_tokens + r) - len(bm.block_table(seq))
         if need > bm.num_free_blocks:
             return False
-        context = sum(seq.num_computed_tokens for seq in seqs)
-        durations = decode_durations(self.step_cost, n, context, steps)
+        # segments between finishes: steps (first, last] of `size` sequences, step j reading base + size * j
+        ending: dict[int, list[int]] = {}
+        for seq, r in zip(seqs, finish):
+            e = ending.setdefault(r, [0, 0])
+            e[0] += 1
+            e[1] += seq.num_computed_tokens
+        size, base, first = n, sum(seq.num_computed_tokens for seq in seqs), 0
+        durations, segments = [], []
+        for r in sorted(ending):
+            durations += decode_durations(self.step_cost, size, base + size * first, r - first)
+            segments.append((first, r, size, base))
+            count, context = ending[r]
+            size, base, first = size - count, base - context, r
         end_times, t = [], now
         for d in durations:
             t += d  # accumulated as step-by-step would, so both give the same floats
             end_times.append(t)
-        self._run = DecodeRun(now, list(seqs), context, end_times, durations)
+        self._serial += 1
+        self._run = DecodeRun(self._serial, list(seqs), finish, end_times, durations, segments,
+                              {r: e[0] for r, e in ending.items()})
+        # sequences finishing before the run's end leave the router's count on time (finish_mark)
+        self.finish_marks += [(end_times[r - 1], self._serial, r) for r in ending if r < steps]
         return True
+
+    def finish_mark(self, serial: int, step: int) -> None:
+        """Step `step` of run `serial` ended and some of its sequences finished: the router stops counting
+        them now, as it would step by step (the rest of their bookkeeping waits for the run's end)."""
+        run = self._run
+        if run is None or run.serial != serial or step >= len(run.end_times):
+            return  # the run was cut before that step, or it is the run's last step (its end handles it)
+        k = run.num_finishing[step]
+        self.outstanding -= k
+        run.num_counted += k
+
+    @property
+    def num_running(self) -> int:
+        """Running sequences now (those that finished inside the decode run in flight are gone)."""
+        return self.scheduler.num_running - (self._run.num_counted if self._run is not None else 0)
 
     def interrupt(self, now: float) -> float | None:
         """A request arrives at now during a decode run: the steps that end before now happen as laid out,
@@ -201,32 +236,43 @@ class SimReplica:
 
     def _end_run(self, done: int) -> None:
         """Apply the first `done` (>= 1) steps of the run: tokens, blocks, SLO credit, inter-token gaps,
-        finishes."""
+        finishes (in the order step by step would finish them: it decides which freed blocks go first)."""
         run, self._run = self._run, None
-        sched, rec, n = self.scheduler, self.recorder, len(run.seqs)
-        end = self.now = run.end_times[done - 1]
-        for d in run.durations[:done]:
-            rec.add_itl_count(d, n)
+        sched, rec, end_times = self.scheduler, self.recorder, run.end_times
+        end = self.now = end_times[done - 1]
+        policy = sched.policy
+        charge = policy.tpot_target(run.seqs) is not None
+        for first, last, size, base in run.segments:
+            if first >= done:
+                break
+            for j in range(first, min(last, done)):  # step j + 1
+                rec.add_itl_count(run.durations[j], size)
+                if charge and j:  # steps 2.. are charged here, the first when scheduled
+                    policy.charge(StepShape(size, size, base + size * (j + 1)),
+                                  [s for s, r in zip(run.seqs, run.finish) if r > j])
         self.steps += done
         self.busy_s += sum(run.durations[:done])
-        if sched.policy.tpot_target(run.seqs) is not None:  # steps 2.. are charged here, the first when scheduled
-            for j in range(2, done + 1):
-                sched.policy.charge(StepShape(n, n, run.context + n * j), run.seqs)
-        tokens = [_SAMPLED_TOKEN] * done if not self.light else range(done)  # a TokenCount only counts
-        for seq in run.seqs:
-            seq.output_token_ids.extend(tokens)
+        light, last_token = self.light, self._last_token_s
+        ended = []
+        for seq, r in zip(run.seqs, run.finish):
+            k = min(r, done)
+            seq.output_token_ids.extend(range(k) if light else [_SAMPLED_TOKEN] * k)  # a TokenCount counts
             # blocks for every token computed in the run (the first step's were allocated when scheduled)
-            allocated = sched.block_manager.allocate(seq, done)
+            allocated = sched.block_manager.allocate(seq, k)
             assert allocated, "a decode run reserved its blocks when it started"
-            seq.num_computed_tokens += done
-            self._last_token_s[seq.seq_id] = end
-        for seq in run.seqs:
-            sched._check_token_stop(seq, _SAMPLED_TOKEN)  # max_tokens: the scheduler's own stop rule
-            if seq.is_finished:
-                rec.finish(seq.arrival_time, self._first_token_s.pop(seq.seq_id), end, seq.num_output_tokens,
-                           seq.num_prompt_tokens)
-                del self._last_token_s[seq.seq_id]
-                self.outstanding -= 1
+            seq.num_computed_tokens += k
+            last_token[seq.seq_id] = end_times[k - 1]
+            if r <= done:
+                ended.append((r, seq))
+        ended.sort(key=lambda e: e[0])  # stable: batch order within a step
+        for r, seq in ended:
+            sched._check_token_stop(seq, _SAMPLED_TOKEN)  # max_tokens or max_model_len: the scheduler's rule
+            assert seq.is_finished, "a decode run ends a sequence where the scheduler would"
+            sid = seq.seq_id
+            rec.finish(seq.arrival_time, self._first_token_s.pop(sid), end_times[r - 1], seq.num_output_tokens,
+                       seq.num_prompt_tokens)
+            del last_token[sid]
+        self.outstanding -= len(ended) - run.num_counted
 
 
 def decode_durations(step_cost: Callable[[StepShape], float], n: int, context: int, steps: int) -> list[float]:
@@ -240,11 +286,16 @@ def decode_durations(step_cost: Callable[[StepShape], float], n: int, context: i
 
 @dataclass
 class DecodeRun:
-    """Decode steps laid out ahead: step j (1-based) ends at end_times[j - 1] after durations[j - 1]; the
-    batch's KV context before the run is `context` tokens."""
+    """Decode steps laid out ahead: step j (1-based) ends at end_times[j - 1] after durations[j - 1];
+    seqs[i] ends with the token of step finish[i]; segments (first, last, size, base): steps first + 1 ..
+    last decode `size` sequences reading base + size * j KV tokens at step j; num_finishing: sequences ending
+    at a step; num_counted: those the router already stopped counting (finish_mark)."""
 
-    start_s: float
+    serial: int
     seqs: list[Sequence]
-    context: int
+    finish: list[int]
     end_times: list[float]
     durations: list[float]
+    segments: list[tuple[int, int, int, int]]
+    num_finishing: dict[int, int]
+    num_counted: int = 0

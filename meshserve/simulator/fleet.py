@@ -114,9 +114,9 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
                 continue
             if ver != version[idx]:
                 continue  # a decode run that an arrival cut short
-            if kind == _STEP_END:
-                rep.end_step(now)
-            end = rep.start_step(now)
+            end = rep.end_step(now) if kind == _STEP_END else None  # not None: a decode run goes on
+            if end is None:
+                end = rep.start_step(now)
             if end is not None:
                 version[idx] += 1
                 heapq.heappush(steps, (end, idx, _STEP_END, version[idx]))

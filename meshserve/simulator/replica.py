@@ -31,6 +31,7 @@ from meshserve.simulator.trace import SimRequest, prompt_token_ids
 ADMISSION_MARGIN = 0.8
 _SAMPLED_TOKEN = 1  # placeholder id for every generated token (never a stop id: ignore_eos)
 _PARAMS = SamplingParams(temperature=0.0, ignore_eos=True)
+_FIRST_LAYOUT = 16  # decode steps a run lays out at first (then doubling)
 
 
 class SimReplica:
@@ -124,12 +125,18 @@ class SimReplica:
         self.busy_s += duration
         return now + duration
 
-    def end_step(self, now: float) -> None:
-        """The step (or decode run) in flight ends at now: one token for every sequence that sampled."""
+    def end_step(self, now: float) -> float | None:
+        """The step (or decode run) in flight ends at now: one token for every sequence that sampled. A decode
+        run whose laid-out steps end at now but that goes on lays out more, and returns their end."""
         self.now = now
-        if self._run is not None:
-            self._end_run(len(self._run.end_times))
-            return
+        run = self._run
+        if run is not None:
+            laid = len(run.end_times)
+            if laid < run.total:
+                self._lay_out(min(run.total, 2 * laid))
+                return run.end_times[-1]
+            self._end_run(laid)
+            return None
         out, self._in_flight = self._in_flight, None
         sampled = {e.seq_id: _SAMPLED_TOKEN for e in out.scheduled if e.do_sample}
         first, last, rec = self._first_token_s, self._last_token_s, self.recorder
@@ -146,6 +153,7 @@ class SimReplica:
                 del last[sid]
                 self.outstanding -= 1
         rec.num_preemptions += len(out.preempted_seq_ids)
+        return None
 
     def _forget(self, seq_id: str) -> None:
         self._first_token_s.pop(seq_id, None)
@@ -188,22 +196,37 @@ class SimReplica:
             e[0] += 1
             e[1] += seq.num_computed_tokens
         size, base, first = n, sum(seq.num_computed_tokens for seq in seqs), 0
-        durations, segments = [], []
+        segments = []
         for r in sorted(ending):
-            durations += decode_durations(self.step_cost, size, base + size * first, r - first)
             segments.append((first, r, size, base))
             count, context = ending[r]
             size, base, first = size - count, base - context, r
-        end_times, t = [], now
-        for d in durations:
-            t += d  # accumulated as step-by-step would, so both give the same floats
-            end_times.append(t)
         self._serial += 1
-        self._run = DecodeRun(self._serial, list(seqs), finish, end_times, durations, segments,
+        self._run = DecodeRun(self._serial, now, steps, list(seqs), finish, [], [], segments,
                               {r: e[0] for r, e in ending.items()})
-        # sequences finishing before the run's end leave the router's count on time (finish_mark)
-        self.finish_marks += [(end_times[r - 1], self._serial, r) for r in ending if r < steps]
+        self._lay_out(min(steps, _FIRST_LAYOUT))
         return True
+
+    def _lay_out(self, upto: int) -> None:
+        """Lay out the run's steps up to step `upto` (arrivals usually cut a run within tens of steps: its
+        steps are laid out in doubling chunks, each chunk's end an event that extends it, see end_step)."""
+        run = self._run
+        have = len(run.durations)
+        t = run.end_times[-1] if have else run.start_s
+        for first, last, size, base in run.segments:
+            if last <= have:
+                continue
+            if first >= upto:
+                break
+            a = max(first, have)
+            durations = decode_durations(self.step_cost, size, base + size * a, min(last, upto) - a)
+            run.durations += durations
+            for d in durations:
+                t += d  # accumulated as step-by-step would, so both give the same floats
+                run.end_times.append(t)
+        # sequences finishing before the run's end leave the router's count on time (finish_mark)
+        self.finish_marks += [(run.end_times[r - 1], run.serial, r) for r in run.num_finishing
+                              if have < r <= upto and r < run.total]
 
     def finish_mark(self, serial: int, step: int) -> None:
         """Step `step` of run `serial` ended and some of its sequences finished: the router stops counting
@@ -229,8 +252,9 @@ class SimReplica:
         if run is None:
             return None
         keep = bisect.bisect_left(run.end_times, now) + 1  # steps that ended before now, and the one at now
+        run.total = min(run.total, keep)
         if keep >= len(run.end_times):
-            return None
+            return None  # ends with the steps laid out: their end is already an event
         del run.end_times[keep:], run.durations[keep:]
         return run.end_times[-1]
 
@@ -286,12 +310,14 @@ def decode_durations(step_cost: Callable[[StepShape], float], n: int, context: i
 
 @dataclass
 class DecodeRun:
-    """Decode steps laid out ahead: step j (1-based) ends at end_times[j - 1] after durations[j - 1];
+    """Decode steps laid out ahead (so far): step j (1-based) ends at end_times[j - 1] after durations[j - 1];
     seqs[i] ends with the token of step finish[i]; segments (first, last, size, base): steps first + 1 ..
     last decode `size` sequences reading base + size * j KV tokens at step j; num_finishing: sequences ending
     at a step; num_counted: those the router already stopped counting (finish_mark)."""
 
     serial: int
+    start_s: float
+    total: int  # steps the run lasts unless an arrival cuts it
     seqs: list[Sequence]
     finish: list[int]
     end_times: list[float]

@@ -99,11 +99,13 @@ class SimReplica:
 
     # -- steps -----------------------------------------------------------------------------------
     def start_step(self, now: float) -> float | None:
-        """Schedule a step at now; returns when it ends (or when a decode run laid out from it ends), or None
+        """Schedule a step at now; returns when it ends (or when the first steps of a decode run end), or None
         when there is nothing to run."""
         self.now = now
-        out = self.scheduler.schedule()
         sched = self.scheduler
+        if self.fast_forward and not sched.waiting and sched.running and self._start_run(now):
+            return self._run.end_times[-1]
+        out = sched.schedule()
         if sched.shed:  # too late for their TTFT target: the server answers 429
             self.recorder.num_shed += len(sched.shed)
             for seq in sched.shed:
@@ -113,8 +115,6 @@ class SimReplica:
         if out.is_empty:
             self.busy = False
             return None
-        if self.fast_forward and self._start_run(now, out):
-            return self._run.end_times[-1]
         context = 0
         for e in out.scheduled:
             context += e.num_computed_tokens + e.num_new_tokens
@@ -160,18 +160,17 @@ class SimReplica:
         self._last_token_s.pop(seq_id, None)
 
     # -- decode runs: many decode steps at once -------------------------------------------------
-    def _start_run(self, now: float, out: SchedulerOutput) -> bool:
-        """When the step just scheduled is a pure decode of the whole running batch with nobody waiting, the
-        scheduler's next steps decode the same batch, less the sequences that finish, until a request
-        arrives: with nobody waiting and every block reserved ahead, nothing else changes its decisions
-        (every decode fits the token budget, the SLO policy's included). Lay out those steps (their
-        durations follow the batch and its KV reads) and skip the per-step bookkeeping; an arrival cuts the
-        run short (interrupt). False when this step is not one."""
+    def _start_run(self, now: float) -> bool:
+        """With nobody waiting and every running sequence decoding, the scheduler's next steps decode the
+        same batch, less the sequences that finish, until a request arrives: with every block the run needs
+        free (checked here), nothing else changes its decisions (every decode fits the token budget, the SLO
+        policy's included; nobody to admit, shed or preempt). Lay out those steps (their durations follow
+        the batch and its KV reads) without calling the scheduler or doing per-step bookkeeping; an arrival
+        cuts the run short (interrupt). False when the next step is not one of those (or the run would be a
+        single step)."""
         sched = self.scheduler
         seqs = sched.running
         n = len(seqs)
-        if sched.waiting or len(out.scheduled) != n:
-            return False
         last, max_len = self._last_token_s, sched.config.max_model_len
         finish = []  # per sequence: the run's step whose token ends it (max_tokens or max_model_len)
         for seq in seqs:
@@ -205,6 +204,8 @@ class SimReplica:
         self._run = DecodeRun(self._serial, now, steps, list(seqs), finish, [], [], segments,
                               {r: e[0] for r, e in ending.items()})
         self._lay_out(min(steps, _FIRST_LAYOUT))
+        sched.policy.charge(StepShape(n, n, segments[0][3] + n), seqs)  # the first step, as schedule() would
+        self.busy = True
         return True
 
     def _lay_out(self, upto: int) -> None:

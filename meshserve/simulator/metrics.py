@@ -33,21 +33,24 @@ class RunRecorder:
     num_shed: int = 0  # dropped from the queue once too late for the TTFT target
     num_preemptions: int = 0
     itl_counts: np.ndarray = field(default_factory=lambda: np.zeros(_ITL_BINS, dtype=np.int64))
-    _itl_pending: list[int] = field(default_factory=list)
+    _itl_pending: dict[int, int] = field(default_factory=dict)  # bin -> gaps, not yet in itl_counts
     last_completion_s: float = 0.0
 
     def add_itl(self, gap_s: float) -> None:
-        self._itl_pending.append(min(int(gap_s / ITL_BIN_S), _ITL_BINS - 1))
-        if len(self._itl_pending) >= 1 << 16:
-            self._flush_itl()
+        b = int(gap_s / ITL_BIN_S)
+        self._itl_pending[b] = self._itl_pending.get(b, 0) + 1
 
-    def add_itl_count(self, gap_s: float, count: int) -> None:
-        """count gaps of gap_s (every sequence of a decode step)."""
-        self.itl_counts[min(int(gap_s / ITL_BIN_S), _ITL_BINS - 1)] += count
+    def add_itl_counts(self, gaps_s: list[float], count: int) -> None:
+        """count gaps of each of gaps_s (every sequence of a decode step, for each step)."""
+        pending = self._itl_pending
+        for gap in gaps_s:
+            b = int(gap / ITL_BIN_S)
+            pending[b] = pending.get(b, 0) + count
 
     def _flush_itl(self) -> None:
         if self._itl_pending:
-            np.add.at(self.itl_counts, np.asarray(self._itl_pending, dtype=np.int64), 1)
+            bins = np.minimum(np.fromiter(self._itl_pending.keys(), dtype=np.int64), _ITL_BINS - 1)
+            np.add.at(self.itl_counts, bins, np.fromiter(self._itl_pending.values(), dtype=np.int64))
             self._itl_pending.clear()
 
     def finish(self, arrival: float, first_token: float, now: float, num_output: int, num_prompt: int) -> None:

@@ -172,30 +172,34 @@ class SimReplica:
         seqs = sched.running
         n = len(seqs)
         last, max_len = self._last_token_s, sched.config.max_model_len
-        finish = []  # per sequence: the run's step whose token ends it (max_tokens or max_model_len)
-        for seq in seqs:
-            if seq.num_tokens - seq.num_computed_tokens != 1 or seq.seq_id not in last:
-                return False  # not a decode (or a one-token prompt, whose first token is due)
-            finish.append(min(seq.max_tokens - seq.num_output_tokens, max_len - seq.num_tokens))
-        steps = max(finish)
-        if steps < 2:
-            return False
         bm = sched.block_manager
-        # every token of the run must fit without preempting (the first step's blocks are already allocated;
-        # blocks of sequences finishing mid-run return later than step by step: a stricter test)
-        need = 0
-        for seq, r in zip(seqs, finish):
-            need += bm.blocks_needed(seq.num_computed_tokens + r) - len(bm.block_table(seq))
-        if need > bm.num_free_blocks:
+        bs, block_table = bm.block_size, bm.block_table
+        finish = []  # per sequence: the run's step whose token ends it (max_tokens or max_model_len)
+        ending: dict[int, list[int]] = {}  # finish step -> [sequences, their KV tokens before the run]
+        need = base = 0  # blocks the run takes; KV tokens before it
+        for seq in seqs:
+            tokens, computed = seq.num_tokens, seq.num_computed_tokens
+            if tokens - computed != 1 or seq.seq_id not in last:
+                return False  # not a decode (or a one-token prompt, whose first token is due)
+            r = seq.max_tokens - seq.num_output_tokens
+            if max_len - tokens < r:
+                r = max_len - tokens
+            finish.append(r)
+            # every token of the run must fit without preempting (blocks of sequences finishing mid-run
+            # return later than step by step would return them: a stricter test)
+            need += -(-(computed + r) // bs) - len(block_table(seq))
+            base += computed
+            e = ending.get(r)
+            if e is None:
+                ending[r] = [1, computed]
+            else:
+                e[0] += 1
+                e[1] += computed
+        steps = max(ending)
+        if steps < 2 or need > bm.num_free_blocks:
             return False
         # segments between finishes: steps (first, last] of `size` sequences, step j reading base + size * j
-        ending: dict[int, list[int]] = {}
-        for seq, r in zip(seqs, finish):
-            e = ending.setdefault(r, [0, 0])
-            e[0] += 1
-            e[1] += seq.num_computed_tokens
-        size, base, first = n, sum(seq.num_computed_tokens for seq in seqs), 0
-        segments = []
+        size, first, segments = n, 0, []
         for r in sorted(ending):
             segments.append((first, r, size, base))
             count, context = ending[r]
@@ -270,9 +274,9 @@ class SimReplica:
         for first, last, size, base in run.segments:
             if first >= done:
                 break
-            for j in range(first, min(last, done)):  # step j + 1
-                rec.add_itl_count(run.durations[j], size)
-                if charge and j:  # steps 2.. are charged here, the first when scheduled
+            rec.add_itl_counts(run.durations[first:min(last, done)], size)
+            if charge:
+                for j in range(max(first, 1), min(last, done)):  # step j + 1: the first was charged at its start
                     policy.charge(StepShape(size, size, base + size * (j + 1)),
                                   [s for s, r in zip(run.seqs, run.finish) if r > j])
         self.steps += done
@@ -282,7 +286,7 @@ class SimReplica:
         for seq, r in zip(run.seqs, run.finish):
             k = min(r, done)
             seq.output_token_ids.extend(range(k) if light else [_SAMPLED_TOKEN] * k)  # a TokenCount counts
-            # blocks for every token computed in the run (the first step's were allocated when scheduled)
+            # blocks for every token computed in the run (reserved when it started)
             allocated = sched.block_manager.allocate(seq, k)
             assert allocated, "a decode run reserved its blocks when it started"
             seq.num_computed_tokens += k

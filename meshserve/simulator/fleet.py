@@ -22,13 +22,13 @@ from meshserve.simulator.config import SimConfig
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.replica import SimReplica
 from meshserve.simulator.step_cost import StepCost, StepWeights
-from meshserve.simulator.trace import SimRequest, prompt_token_ids
+from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 
 # a replica's step ends; an idle replica got work; sequences finish inside a decode run (SimReplica.finish_mark)
 _STEP_END, _WAKE, _FINISH = 0, 1, 2
 
 
-def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights | None = None,
+def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: StepWeights | None = None,
              step_cost: Callable | None = None, progress: Callable[[float], None] | None = None,
              fast_forward: bool = True, autoscale: AutoscaleRule | None = None) -> dict:
     """Run the trace through the fleet; returns the report (metrics.RunRecorder.summarize, plus the setup).
@@ -40,11 +40,12 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
     replicas come and go on the router's queue depth (autoscale.py), starting from config's count.
     """
     config.validate()
+    trace = Trace.of(trace)
     model, gpu = config.model_spec(), config.gpu_spec()
     cost = StepCost(model, gpu, config.tp, weights)
     prefix_caching = config.enable_prefix_caching
     if prefix_caching is None:
-        prefix_caching = any(r.prefix_group is not None for r in trace)
+        prefix_caching = trace.has_prefixes
     num_blocks = config.kv_blocks(model, gpu)
     sched_cfg, cache_cfg = config.engine_configs(num_blocks, prefix_caching)
     recorder = RunRecorder()
@@ -71,12 +72,15 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
     steps: list[tuple[float, int, int, int]] = []
     n, i = len(trace), 0
     delay = config.frontend_latency_s
-    tick = trace[-1].arrival_s / 100 if trace and trace[-1].arrival_s > 0 else math.inf
+    arrivals = trace.arrival_s
+    tick = arrivals[-1] / 100 if n and arrivals[-1] > 0 else math.inf
     next_tick = tick
     timeline: list[dict] = []
     now = 0.0
+    next_arrival = arrivals.item(0) + delay if n else math.inf  # when request i reaches its replica
     while i < n or steps:
-        t_next = min(trace[i].arrival_s + delay if i < n else math.inf, steps[0][0] if steps else math.inf)
+        t_step = steps[0][0] if steps else math.inf
+        t_next = min(next_arrival, t_step)
         while t_next >= next_tick:  # every 1% of the trace: the fleet's state then, and the progress bar
             timeline.append({"t": next_tick, "waiting": sum(r.scheduler.num_waiting for r in replicas),
                              "running": sum(r.num_running for r in replicas)})
@@ -85,9 +89,9 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
             next_tick += tick
         if scaler is not None:  # polls and start-ups up to the next event
             scaler.advance_to(t_next)
-        if i < n and (not steps or trace[i].arrival_s + delay <= steps[0][0]):
+        if next_arrival <= t_step:  # arrivals first at equal times
             req = trace[i]
-            now = req.arrival_s + delay
+            now = next_arrival
             key = prefix_key({"prompt": prompt_token_ids(i, req)[:64]}) if keyed else None
             candidates = list(serving)
             for _ in range(min(config.max_attempts, len(candidates))):
@@ -106,6 +110,7 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
             else:
                 recorder.num_rejected += 1
             i += 1
+            next_arrival = arrivals.item(i) + delay if i < n else math.inf
         else:
             now, idx, kind, ver = heapq.heappop(steps)
             rep = replicas[idx]
@@ -128,7 +133,7 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
     gpu_busy = sum(r.busy_s for r in replicas)
     queries = sum(r.scheduler.block_manager.stats.queries for r in replicas)
     hits = sum(r.scheduler.block_manager.stats.hits for r in replicas)
-    duration = max(recorder.last_completion_s, trace[-1].arrival_s if trace else 0.0)
+    duration = max(recorder.last_completion_s, float(arrivals[-1]) if n else 0.0)
     replica_seconds = duration * len(replicas) if scaler is None else scaler.gpu_replica_seconds(duration)
     gpu_hours = None if scaler is None else replica_seconds * config.tp / 3600
     report = recorder.summarize(n, duration, gpu, config.num_gpus, config.goodput_ttft_s, config.goodput_tpot_s,

@@ -24,8 +24,9 @@ from meshserve.simulator.replica import SimReplica
 from meshserve.simulator.step_cost import StepCost, StepWeights
 from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 
-# a replica's step ends; an idle replica got work; sequences finish inside a decode run (SimReplica.finish_mark)
-_STEP_END, _WAKE, _FINISH = 0, 1, 2
+# a request reaches a replica's core through its API process; a replica's step ends; an idle replica got work;
+# sequences finish inside a decode run (SimReplica.finish_mark)
+_ADMIT, _STEP_END, _WAKE, _FINISH = -1, 0, 1, 2
 
 
 def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: StepWeights | None = None,
@@ -54,7 +55,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     def make_replica(index: int) -> SimReplica:
         version.append(0)
         return SimReplica(index, sched_cfg, cache_cfg, step_cost or cost, recorder, config.max_queue_len,
-                          step_model=cost.model, fast_forward=fast_forward, light=fast_forward)
+                          step_model=cost.model, fast_forward=fast_forward, light=fast_forward,
+                          frontend=config.frontend_costs)
 
     scaler = None
     if autoscale is not None:
@@ -66,6 +68,37 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         serving = replicas
     policy = make_policy(config.router)
     keyed = config.router == "prefix-affinity"
+
+    def admit(rep: SimReplica, index: int, req: SimRequest, now: float) -> bool:
+        """The core of `rep` gets request `index` at now: queued (True), or refused with a 429."""
+        end = rep.interrupt(now)
+        if end is not None:  # its decode run is cut at now: a step ending at `end` is in flight
+            version[rep.index] += 1
+            heapq.heappush(steps, (end, rep.index, _STEP_END, version[rep.index]))
+        if not rep.try_add(index, req, now):
+            return False
+        if not rep.busy:  # wake it after every arrival of this instant is queued
+            rep.busy = True
+            version[rep.index] += 1
+            heapq.heappush(steps, (now, rep.index, _WAKE, version[rep.index]))
+        return True
+
+    def send(index: int, req: SimRequest, now: float, tried: tuple[int, ...], key) -> None:
+        """The router sends request `index` at now to a replica it has not tried (a 429 tries the next one, up
+        to max_attempts); with a front-end model the core gets it once the API process is done (_ADMIT)."""
+        while len(tried) < config.max_attempts:
+            candidates = [r for r in serving if r.index not in tried] if tried else list(serving)
+            if not candidates:
+                break
+            rep = policy.choose(candidates, key)
+            reached = rep.intake(now)
+            if reached > now:
+                heapq.heappush(steps, (reached, rep.index, _ADMIT, (index, (*tried, rep.index), key)))
+                return
+            if admit(rep, index, req, now):
+                return
+            tried = (*tried, rep.index)
+        recorder.num_rejected += 1
 
     wall0 = time.perf_counter()
     # (time, replica index, _STEP_END or _WAKE, version)
@@ -93,22 +126,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
             req = trace[i]
             now = next_arrival
             key = prefix_key({"prompt": prompt_token_ids(i, req)[:64]}) if keyed else None
-            candidates = list(serving)
-            for _ in range(min(config.max_attempts, len(candidates))):
-                rep = policy.choose(candidates, key)
-                end = rep.interrupt(now)
-                if end is not None:  # its decode run is cut at now: a step ending at `end` is in flight
-                    version[rep.index] += 1
-                    heapq.heappush(steps, (end, rep.index, _STEP_END, version[rep.index]))
-                if rep.try_add(i, req, now):
-                    if not rep.busy:  # wake it after every arrival of this instant is queued
-                        rep.busy = True
-                        version[rep.index] += 1
-                        heapq.heappush(steps, (now, rep.index, _WAKE, version[rep.index]))
-                    break
-                candidates.remove(rep)
-            else:
-                recorder.num_rejected += 1
+            send(i, req, now, (), key)
             i += 1
             next_arrival = arrivals.item(i) + delay if i < n else math.inf
         else:
@@ -116,6 +134,12 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
             rep = replicas[idx]
             if kind == _FINISH:
                 rep.finish_mark(*ver)
+                continue
+            if kind == _ADMIT:  # through its API process: the core gets it now
+                j, tried, key = ver
+                req = trace[j]
+                if not admit(rep, j, req, now):
+                    send(j, req, now, tried, key)
                 continue
             if ver != version[idx]:
                 continue  # a decode run that an arrival cut short
@@ -148,6 +172,10 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         "prefix_caching": prefix_caching, "prefix_cache_hit_rate": hits / queries if queries else 0.0,
         "slo_scheduling": {"ttft_s": config.slo_ttft_s, "tpot_s": config.slo_tpot_s},
         "steps": sum(r.steps for r in replicas),
+        # the API processes' CPU: requests (a 429 included) and streamed tokens; 1.0 is saturation
+        "frontend": {"request_s": config.frontend_request_s, "token_s": config.frontend_token_s,
+                     "busy_fraction": sum(r.frontend.busy_s for r in replicas if r.frontend is not None)
+                     / replica_seconds if replica_seconds else 0.0},
         "gpu_busy_fraction": gpu_busy / replica_seconds if replica_seconds else 0.0,
         "step_weights": vars(cost.weights) if step_cost is None else "custom",
         "timeline": timeline,

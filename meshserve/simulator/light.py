@@ -138,7 +138,7 @@ class CountingBlockManager:
 class LightEntry:
     """A ScheduledSequence's fields the simulator and update_after_step read (greedy, no speculation)."""
 
-    __slots__ = ("seq_id", "num_computed_tokens", "num_new_tokens", "do_sample")
+    __slots__ = ("do_sample", "num_computed_tokens", "num_new_tokens", "seq_id")
     num_spec_tokens = 0
 
     def __init__(self, seq_id: str, num_computed_tokens: int, num_new_tokens: int, do_sample: bool):

@@ -103,6 +103,7 @@ class RunRecorder:
              "ttft_slo_s": ttft_slo_s, "tpot_slo_s": tpot_slo_s}
         s.update(pct(ttft, "ttft"))
         s.update({f"itl_{k}": self.itl_percentile(q) for k, q in (("p50", 50), ("p90", 90), ("p99", 99))})
+        s["itl_gaps"] = int(self.itl_counts.sum())  # itl_percentile flushed the pending ones
         s.update(pct(tpot[multi], "tpot"))
         s.update(pct(e2e, "e2e"))
         s["gpu_hours"] = gpu_hours

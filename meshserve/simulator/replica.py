@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshserve.config import CacheConfig, SchedulerConfig
 from meshserve.engine.scheduler import Scheduler
@@ -22,6 +22,7 @@ from meshserve.engine.sequence import Sequence
 from meshserve.engine.step_time import StepShape
 from meshserve.errors import PromptTooLongError
 from meshserve.sampling import SamplingParams
+from meshserve.simulator.frontend import FrontEnd, FrontEndCosts
 from meshserve.simulator.light import LightScheduler, SimSequence
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.trace import SimRequest, prompt_token_ids
@@ -39,7 +40,8 @@ class SimReplica:
 
     def __init__(self, index: int, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  step_cost: Callable[[StepShape], float], recorder: RunRecorder, max_queue_len: int = 1024,
-                 step_model=None, fast_forward: bool = True, light: bool = True):
+                 step_model=None, fast_forward: bool = True, light: bool = True,
+                 frontend: FrontEndCosts | None = None):
         self.index = index
         self.url = f"sim://replica-{index}"
         self.outstanding = 0
@@ -63,39 +65,65 @@ class SimReplica:
         self._serial = 0  # decode runs started
         # (time, run serial, step) of finishes inside decode runs, for the event loop to deliver (finish_mark)
         self.finish_marks: list[tuple[float, int, int]] = []
+        # token times below are the client's: when the API process has streamed them (the core's without it)
         self._first_token_s: dict[str, float] = {}
         self._last_token_s: dict[str, float] = {}
+        # the API process (frontend.py), and when each request was sent (its TTFT counts from then; the
+        # core's clock starts at its handler, after the API process's queue)
+        self.frontend = FrontEnd(frontend) if frontend is not None and frontend.enabled else None
+        self._sent_s: dict[str, float] = {}
 
     # -- arrivals --------------------------------------------------------------------------------
-    def predicted_ttft_s(self, req: SimRequest) -> float:
-        """What the server predicts at the door (AsyncLLM.predicted_ttft_s): the time since the request was
-        sent, the queue's wait, and this prompt's own prefill."""
+    def intake(self, t: float) -> float:
+        """A request reaches this replica's API process at t: when its intake is done and the core gets it
+        (t itself without a front-end model)."""
+        if self.frontend is None:
+            return t
+        if self._run is not None:  # tokens of decode steps that ended before t are ahead of it in the queue
+            self._deliver_run(t)
+        return self.frontend.intake(t)
+
+    def predicted_ttft_s(self, req: SimRequest, since: float) -> float:
+        """What the server predicts at the door (AsyncLLM.predicted_ttft_s): the time since `since` (when
+        the server's clock started on it), the queue's wait, and this prompt's own prefill."""
         policy, chunk = self.scheduler.policy, self.scheduler.config.max_num_batched_tokens
         per_token = policy.prefill_time_s(chunk) / chunk
-        waited = self.now - req.arrival_s
+        waited = self.now - since
         return waited + policy.queue_wait_s(list(self.scheduler.waiting), self.now) + req.prompt_len * per_token
 
     def try_add(self, index: int, req: SimRequest, now: float) -> bool:
         """Queue request `index` at time now (it was sent at req.arrival_s), or refuse it (False) as the server
-        would answer 429."""
+        would answer 429. The server's clock starts at the request's handler: when it was sent without a
+        front-end model (the fixed front-end latency counted), else when the API process took it up."""
         self.now = now
+        since = req.arrival_s if self.frontend is None else now - self.frontend.costs.per_request_s
         if self.scheduler.num_waiting >= self.max_queue_len:
             return False
         if self.ttft_target_s is not None and self.scheduler.policy.step_model is not None \
-                and self.predicted_ttft_s(req) > self.ttft_target_s * ADMISSION_MARGIN:
+                and self.predicted_ttft_s(req, since) > self.ttft_target_s * ADMISSION_MARGIN:
             return False
         rid = str(index)
         if self.light:
-            seq = SimSequence.make(rid, req.prompt_len, _PARAMS, req.output_len, req.arrival_s)
+            seq = SimSequence.make(rid, req.prompt_len, _PARAMS, req.output_len, since)
         else:
             seq = Sequence(seq_id=rid, request_id=rid, index=0, prompt_token_ids=prompt_token_ids(index, req),
-                           params=_PARAMS, max_tokens=req.output_len, arrival_time=req.arrival_s)
+                           params=_PARAMS, max_tokens=req.output_len, arrival_time=since)
         try:
             self.scheduler.add(seq)
         except PromptTooLongError:  # the server answers 400: longer than max_model_len or the whole KV pool
             return False
+        if self.frontend is not None:
+            self._sent_s[rid] = req.arrival_s
         self.outstanding += 1
         return True
+
+    def _finish(self, seq: Sequence, last_token_s: float) -> None:
+        """Record a finished request (its times the client's) and stop counting it."""
+        sid = seq.seq_id
+        sent = seq.arrival_time if self.frontend is None else self._sent_s.pop(sid)
+        self.recorder.finish(sent, self._first_token_s.pop(sid), last_token_s, seq.num_output_tokens,
+                             seq.num_prompt_tokens)
+        del self._last_token_s[sid]
 
     # -- steps -----------------------------------------------------------------------------------
     def start_step(self, now: float) -> float | None:
@@ -140,17 +168,17 @@ class SimReplica:
         out, self._in_flight = self._in_flight, None
         sampled = {e.seq_id: _SAMPLED_TOKEN for e in out.scheduled if e.do_sample}
         first, last, rec = self._first_token_s, self._last_token_s, self.recorder
+        seen = now if self.frontend is None or not sampled else self.frontend.deliver(now, len(sampled))
         for seq in self.scheduler.update_after_step(out, sampled):
             sid = seq.seq_id
             prev = last.get(sid)
             if prev is None:
-                first[sid] = now
+                first[sid] = seen
             else:
-                rec.add_itl(now - prev)
-            last[sid] = now
+                rec.add_itl(seen - prev)
+            last[sid] = seen
             if seq.is_finished:
-                rec.finish(seq.arrival_time, first.pop(sid), now, seq.num_output_tokens, seq.num_prompt_tokens)
-                del last[sid]
+                self._finish(seq, seen)
                 self.outstanding -= 1
         rec.num_preemptions += len(out.preempted_seq_ids)
         return None
@@ -158,6 +186,7 @@ class SimReplica:
     def _forget(self, seq_id: str) -> None:
         self._first_token_s.pop(seq_id, None)
         self._last_token_s.pop(seq_id, None)
+        self._sent_s.pop(seq_id, None)
 
     # -- decode runs: many decode steps at once -------------------------------------------------
     def _start_run(self, now: float) -> bool:
@@ -182,8 +211,7 @@ class SimReplica:
             if tokens - computed != 1 or seq.seq_id not in last:
                 return False  # not a decode (or a one-token prompt, whose first token is due)
             r = seq.max_tokens - seq.num_output_tokens
-            if max_len - tokens < r:
-                r = max_len - tokens
+            r = min(r, max_len - tokens)
             finish.append(r)
             # every token of the run must fit without preempting (blocks of sequences finishing mid-run
             # return later than step by step would return them: a stricter test)
@@ -263,25 +291,41 @@ class SimReplica:
         del run.end_times[keep:], run.durations[keep:]
         return run.end_times[-1]
 
+    def _deliver_run(self, until: float | None = None) -> None:
+        """Hand the front end the tokens of the run's steps that ended before `until` (all laid out: None), in
+        order; each step's client time goes to run.seen."""
+        run, fe = self._run, self.frontend
+        k, end_times = len(run.seen), run.end_times
+        stop = len(end_times) if until is None else bisect.bisect_left(end_times, until)
+        for first, last, size, _ in run.segments:
+            while first <= k < last and k < stop:
+                run.seen.append(fe.deliver(end_times[k], size))
+                k += 1
+
     def _end_run(self, done: int) -> None:
         """Apply the first `done` (>= 1) steps of the run: tokens, blocks, SLO credit, inter-token gaps,
         finishes (in the order step by step would finish them: it decides which freed blocks go first)."""
+        if self.frontend is not None:
+            self._deliver_run()
         run, self._run = self._run, None
-        sched, rec, end_times = self.scheduler, self.recorder, run.end_times
-        end = self.now = end_times[done - 1]
+        sched, rec = self.scheduler, self.recorder
+        seen = run.end_times if self.frontend is None else run.seen  # the client's time of each step's tokens
+        self.now = run.end_times[done - 1]
         policy = sched.policy
         charge = policy.tpot_target(run.seqs) is not None
         for first, last, size, base in run.segments:
             if first >= done:
                 break
-            rec.add_itl_counts(run.durations[first:min(last, done)], size)
+            # gaps as the step-by-step run takes them, from one step's time to the next (the first step's
+            # below: from each sequence's own last token)
+            rec.add_itl_counts([seen[j] - seen[j - 1] for j in range(max(first, 1), min(last, done))], size)
             if charge:
                 for j in range(max(first, 1), min(last, done)):  # step j + 1: the first was charged at its start
                     policy.charge(StepShape(size, size, base + size * (j + 1)),
                                   [s for s, r in zip(run.seqs, run.finish) if r > j])
         self.steps += done
         self.busy_s += sum(run.durations[:done])
-        light, last_token = self.light, self._last_token_s
+        light, last_token, first_seen = self.light, self._last_token_s, seen[0]
         ended = []
         for seq, r in zip(run.seqs, run.finish):
             k = min(r, done)
@@ -290,17 +334,16 @@ class SimReplica:
             allocated = sched.block_manager.allocate(seq, k)
             assert allocated, "a decode run reserved its blocks when it started"
             seq.num_computed_tokens += k
-            last_token[seq.seq_id] = end_times[k - 1]
+            sid = seq.seq_id
+            rec.add_itl(first_seen - last_token[sid])
+            last_token[sid] = seen[k - 1]
             if r <= done:
                 ended.append((r, seq))
         ended.sort(key=lambda e: e[0])  # stable: batch order within a step
         for r, seq in ended:
             sched._check_token_stop(seq, _SAMPLED_TOKEN)  # max_tokens or max_model_len: the scheduler's rule
             assert seq.is_finished, "a decode run ends a sequence where the scheduler would"
-            sid = seq.seq_id
-            rec.finish(seq.arrival_time, self._first_token_s.pop(sid), end_times[r - 1], seq.num_output_tokens,
-                       seq.num_prompt_tokens)
-            del last_token[sid]
+            self._finish(seq, seen[r - 1])
         self.outstanding -= len(ended) - run.num_counted
 
 
@@ -330,3 +373,4 @@ class DecodeRun:
     segments: list[tuple[int, int, int, int]]
     num_finishing: dict[int, int]
     num_counted: int = 0
+    seen: list[float] = field(default_factory=list)  # client times of the steps delivered so far (front end)

@@ -1,0 +1,58 @@
+"""The API process's queue: an M/D/1 queue in closed form, and what it changes past the front end's knee."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from meshserve.simulator.config import SimConfig
+from meshserve.simulator.fleet import simulate
+from meshserve.simulator.frontend import FRONTEND_H200, FrontEnd, FrontEndCosts
+from meshserve.simulator.trace import SimRequest, poisson_trace
+
+
+@pytest.mark.parametrize("load", [0.5, 0.8])
+def test_intake_queue_is_m_d_1(load):
+    """Poisson requests at rate lam, each taking D of the API process: the mean wait before the intake starts
+    is Pollaczek-Khinchine's lam D^2 / (2 (1 - lam D))."""
+    service = 2e-3
+    lam = load / service
+    arrivals = np.cumsum(np.random.default_rng(0).exponential(1 / lam, 200_000))
+    fe = FrontEnd(FrontEndCosts(per_request_s=service, per_token_s=0.0))
+    waits = [fe.intake(t) - service - t for t in arrivals.tolist()]
+    assert np.mean(waits) == pytest.approx(lam * service**2 / (2 * (1 - load)), rel=0.05)
+    assert fe.busy_s == pytest.approx(service * len(arrivals))
+
+
+def test_tokens_queue_behind_requests_in_time_order():
+    fe = FrontEnd(FrontEndCosts(per_request_s=0.01, per_token_s=0.001))
+    assert fe.intake(0.0) == pytest.approx(0.01)
+    assert fe.deliver(0.005, 10) == pytest.approx(0.02)  # waits for the intake, then 10 ms of tokens
+    assert fe.deliver(1.0, 1) == pytest.approx(1.001)  # the queue drained meanwhile
+    with pytest.raises(AssertionError):
+        fe.deliver(0.5, 1)
+
+
+def test_a_request_reaches_the_core_after_its_intake():
+    """One request on an idle server: TTFT grows by the intake and the first token's delivery, nothing else."""
+    one = [SimRequest(0.0, 512, 16)]
+    base = simulate(SimConfig(gpu="H200"), one, step_cost=lambda s: 0.01)
+    fe = simulate(SimConfig(gpu="H200", frontend_request_s=0.005, frontend_token_s=0.001), one,
+                  step_cost=lambda s: 0.01)
+    assert fe["ttft_p50"] == pytest.approx(base["ttft_p50"] + 0.005 + 0.001)
+    assert fe["tpot_p50"] == pytest.approx(base["tpot_p50"])  # 1 ms per token, 10 ms apart: no queue
+
+
+def test_past_the_front_ends_knee_slo_results_collapse():
+    """W3-like load at 96 req/s on one H200 with targets: the engine alone keeps ~44 req/s of goodput by
+    refusing the rest; with the API process saturated (its queue at ~100%) requests reach the core with their
+    TTFT already spent and goodput collapses, as measured (BENCHMARKS.md issue 18: 6.6 req/s)."""
+    trace = poisson_trace(96.0, 15.0, 7)
+    config = SimConfig(gpu="H200", max_model_len=4096, slo_ttft_s=1.0, slo_tpot_s=0.05)
+    engine_only = simulate(config, trace)
+    with_fe = simulate(SimConfig(**{**vars(config), "frontend_request_s": FRONTEND_H200.per_request_s,
+                                    "frontend_token_s": FRONTEND_H200.per_token_s}), trace)
+    assert engine_only["goodput"] > 35 and engine_only["frontend"]["busy_fraction"] == 0
+    assert with_fe["frontend"]["busy_fraction"] > 0.95
+    assert with_fe["goodput"] < 0.5 * engine_only["goodput"]
+    assert with_fe["ttft_p50"] > 1.0

@@ -76,6 +76,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
             version[rep.index] += 1
             heapq.heappush(steps, (end, rep.index, _STEP_END, version[rep.index]))
         if not rep.try_add(index, req, now):
+            rep.outstanding -= 1  # a 429 back at the router
             return False
         if not rep.busy:  # wake it after every arrival of this instant is queued
             rep.busy = True
@@ -91,6 +92,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
             if not candidates:
                 break
             rep = policy.choose(candidates, key)
+            rep.outstanding += 1  # in flight from the router's view until it finishes or is refused
             reached = rep.intake(now)
             if reached > now:
                 heapq.heappush(steps, (reached, rep.index, _ADMIT, (index, (*tried, rep.index), key)))

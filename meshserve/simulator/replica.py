@@ -36,7 +36,8 @@ _FIRST_LAYOUT = 16  # decode steps a run lays out at first (then doubling)
 
 
 class SimReplica:
-    """The router sees `url` and `outstanding` (as it sees meshserve.router.replica.Replica)."""
+    """The router sees `url` and `outstanding` (as it sees meshserve.router.replica.Replica): the router counts a
+    request from when it sends it (fleet.py) until it finishes, is shed, or is refused."""
 
     def __init__(self, index: int, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  step_cost: Callable[[StepShape], float], recorder: RunRecorder, max_queue_len: int = 1024,
@@ -114,7 +115,6 @@ class SimReplica:
             return False
         if self.frontend is not None:
             self._sent_s[rid] = req.arrival_s
-        self.outstanding += 1
         return True
 
     def _finish(self, seq: Sequence, last_token_s: float) -> None:

@@ -56,3 +56,13 @@ def test_past_the_front_ends_knee_slo_results_collapse():
     assert with_fe["frontend"]["busy_fraction"] > 0.95
     assert with_fe["goodput"] < 0.5 * engine_only["goodput"]
     assert with_fe["ttft_p50"] > 1.0
+
+
+def test_the_router_counts_a_request_from_when_it_sends_it():
+    """Ten replicas under light load: the API process adds about one intake to TTFT, however many replicas.
+    (Were a request counted only once its core had it, arrivals during an intake would all pile onto the
+    same least-loaded replica.)"""
+    trace = poisson_trace(100.0, 5.0, 2)
+    base = simulate(SimConfig(gpu="H100-SXM", num_gpus=10), trace)
+    fe = simulate(SimConfig(gpu="H100-SXM", num_gpus=10, frontend_request_s=8.7e-3, frontend_token_s=50e-6), trace)
+    assert 8.7e-3 < fe["ttft_p50"] - base["ttft_p50"] < 12e-3

@@ -81,3 +81,14 @@ def test_a_request_too_long_is_refused_not_fatal():
     trace = [SimRequest(0.0, 100, 10), SimRequest(0.1, 5000, 10), SimRequest(0.2, 100, 10)]
     report = simulate(SimConfig(gpu="H200", max_model_len=4096), trace, step_cost=lambda s: 0.01)
     assert (report["completed"], report["rejected"]) == (2, 1)
+
+
+@pytest.mark.slow
+def test_a_large_fleet_gives_the_same_report_fast_and_step_by_step():
+    """The speed case scaled down: 100 replicas at 1,000 req/s (5 s of traffic) behind the front-end queue,
+    decode runs against every step (~30 s: the reference path is ~15x slower)."""
+    config = SimConfig(gpu="H100-SXM", num_gpus=100, frontend_request_s=8.7e-3, frontend_token_s=50e-6)
+    trace = poisson_trace(1000.0, 5.0, 3)
+    fast = simulate(config, trace, fast_forward=True)
+    slow = simulate(config, trace, fast_forward=False)
+    assert _without_timing(fast) == _without_timing(slow)

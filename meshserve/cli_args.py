@@ -138,6 +138,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help='speculative decoding, vLLM\'s keys: {"method": "ngram", "num_speculative_tokens": 4, '
                         '"prompt_lookup_max": 4} or {"method": "draft_model", "model": DIR, '
                         '"num_speculative_tokens": 4}')
+    g.add_argument("--kv-transfer-config", default=None, metavar="JSON",
+                   help='prefill/decode disaggregation, vLLM\'s keys: {"kv_connector": "torch", "kv_role": '
+                        '"kv_producer" | "kv_consumer" | "kv_both", "kv_rank": 0, "kv_parallel_size": 2, '
+                        '"kv_ip": "127.0.0.1", "kv_port": 14579}')
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

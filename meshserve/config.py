@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshserve.disagg.config import KVTransferConfig, parse_kv_transfer_config
 from meshserve.errors import InvalidArgumentError
 from meshserve.spec_decode.config import SpeculativeConfig, parse_speculative_config
 
@@ -130,6 +131,7 @@ class EngineConfig:
     device: str = "cpu"
     enforce_eager: bool = False
     speculative_config: SpeculativeConfig | None = None
+    kv_transfer_config: KVTransferConfig | None = None  # prefill/decode disaggregation (disagg/)
 
 
 @dataclass
@@ -179,6 +181,8 @@ class EngineArgs:
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     # vLLM's keys, as a dict or JSON string (spec_decode/config.py)
     speculative_config: dict[str, Any] | str | SpeculativeConfig | None = None
+    # vLLM's keys, as a dict or JSON string (disagg/config.py)
+    kv_transfer_config: dict[str, Any] | str | KVTransferConfig | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -227,6 +231,9 @@ class EngineArgs:
         spec = parse_speculative_config(self.speculative_config)
         check(spec is None or self.pipeline_parallel_size == 1, "speculative_config",
               "speculative decoding does not run with pipeline parallelism yet")
+        check(parse_kv_transfer_config(self.kv_transfer_config) is None
+              or self.tensor_parallel_size * self.pipeline_parallel_size == 1, "kv_transfer_config",
+              "disaggregation runs on one device per instance for now (tensor and pipeline parallel 1)")
 
     def _validate_offload(self, check) -> None:
         check(self.kv_offloading_size is None or self.kv_offloading_size > 0, "kv_offloading_size",

@@ -105,6 +105,15 @@ class ServerDrainingError(RetryableError):
     code = "server_draining"
 
 
+class KVTransferError(RetryableError):
+    """A request's KV could not be received from its prefill instance (gone, timed out, unknown handle), or no
+    blocks are free to receive it: the router retries it colocated."""
+
+    http_status = 503
+    error_type = "service_unavailable"
+    code = "kv_transfer_failed"
+
+
 class NoReplicaAvailableError(RetryableError):
     """No healthy replica (primary or fallback) could take the request: a fast 503, never a timeout."""
 

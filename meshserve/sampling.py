@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshserve.errors import InvalidArgumentError
 from meshserve.structured.params import StructuredOutputsParams
@@ -55,6 +56,9 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling, in [-100, 100]
     structured_outputs: StructuredOutputsParams | None = None  # grammar the output must follow (xgrammar)
+    # prefill/decode disaggregation, vLLM's request field: {"do_remote_decode" | "do_remote_prefill": true,
+    # "transfer_id": ...}; checked by the engine core (disagg/coordinator.py)
+    kv_transfer_params: dict[str, Any] | None = None
     # Filled by the engine: EOS ids of the model (unless ignore_eos), merged into the stop set.
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 

@@ -242,6 +242,28 @@ class BlockManager:
             self.offload.swap_in(seq.seq_id, ids)  # a swapped-out sequence resumes: its KV comes back
         return True
 
+    def allocate_unregistered(self, seq: Sequence, num_blocks: int) -> bool:
+        """num_blocks fresh blocks for a sequence that has none, kept out of the prefix cache until its tokens
+        count as computed (a KV transfer fills them first: disagg/). False, changing nothing, if there is no room."""
+        if num_blocks > self.pool.num_free:
+            return False
+        blocks = self.pool.take(num_blocks)
+        self.seq_blocks[seq.seq_id] = blocks
+        self.seq_block_ids[seq.seq_id] = [b.block_id for b in blocks]
+        return True
+
+    def detach(self, seq: Sequence) -> list[Block]:
+        """Take seq's blocks from it without releasing them (a KV transfer holds them until release_blocks)."""
+        if self.offload is not None:
+            self.offload.drop_swap(seq.seq_id)
+        self.seq_block_ids.pop(seq.seq_id, None)
+        self.seq_num_registered.pop(seq.seq_id, None)
+        return self.seq_blocks.pop(seq.seq_id, [])
+
+    def release_blocks(self, blocks: list[Block]) -> None:
+        """Release detached blocks (tail first into the eviction order, like free)."""
+        self.pool.release(list(reversed(blocks)))
+
     def trim(self, seq: Sequence, num_tokens: int) -> int:
         """Roll back to the blocks holding seq's first num_tokens tokens (rejected proposals' KV): blocks
         past them return to the pool. Registered blocks hold verified tokens only, so none is dropped.

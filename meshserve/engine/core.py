@@ -13,6 +13,7 @@ import logging
 import time
 
 from meshserve.config import EngineArgs, EngineConfig
+from meshserve.disagg.coordinator import build_kv_transfer
 from meshserve.engine.engine_config import create_engine_config
 from meshserve.engine.executor import make_executor
 from meshserve.engine.expert_load import ExpertLoadReader
@@ -106,6 +107,9 @@ class EngineCore:
         # KV offload tiers (one device: the runner is in this process and shares the CPU tier's memory)
         self.kv_offload = build_kv_offload(config, getattr(self.executor, "runner", None),
                                            self.scheduler.block_manager)
+        # prefill/decode disaggregation: the KV connector and the transfers' block accounting (disagg/)
+        self.disagg = build_kv_transfer(config.kv_transfer_config, getattr(self.executor, "runner", None),
+                                             self.scheduler)
         sc = config.scheduler_config
         self._trace = open(sc.step_trace_path, "a") if sc.step_trace_path else None  # noqa: SIM115
         self.num_shed = 0
@@ -170,7 +174,9 @@ class EngineCore:
                        params=request.sampling_params, max_tokens=request.max_tokens,
                        arrival_time=request.arrival_time or time.monotonic(), priority=request.priority,
                        slo_ttft_s=request.slo_ttft_s, slo_tpot_s=request.slo_tpot_s)
-        if seq.params.uses_grammar:  # to the scheduler once its grammar is compiled (off this thread)
+        if self.disagg is not None and self.disagg.add(seq):
+            pass  # its KV is pulled from a producer first; it joins the scheduler once that is in
+        elif seq.params.uses_grammar:  # to the scheduler once its grammar is compiled (off this thread)
             self.scheduler.check_fits(seq.num_prompt_tokens, seq.max_tokens)
             self.grammar_waitlist.add(seq)
         else:
@@ -191,11 +197,13 @@ class EngineCore:
             seq = self.requests.pop(rid, None)
             if seq is not None:
                 self.grammar_waitlist.remove(rid)
+                if self.disagg is not None and self.disagg.abort(seq):
+                    continue  # its KV is still arriving: the blocks are freed when the pull ends
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
                 self._prompt_logprobs_sent.pop(rid, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or (self.disagg is not None and self.disagg.busy)
 
     def idle_outputs(self) -> EngineCoreOutputs:
         """Refusals and fresh counters without a step (published right after taking commands)."""
@@ -211,6 +219,11 @@ class EngineCore:
         placeholders the runner fills from the device; a sequence that stopped at step n wastes its
         slot in step n+1 (its token is dropped).
         """
+        if self.disagg is not None:
+            return self._with_transfers(self._step_inner())
+        return self._step_inner()
+
+    def _step_inner(self) -> EngineCoreOutputs:
         if self.pipeline_depth:
             return self._step_pipelined()
         if not self.async_scheduling:
@@ -229,6 +242,27 @@ class EngineCore:
         if launched is not None:
             self._in_flight = (sched_out, launched, step_shape(sched_out))
         return self._outputs(outputs)
+
+    def _with_transfers(self, step_outputs: EngineCoreOutputs) -> EngineCoreOutputs:
+        """Apply the KV connector's news after a step: received prompts join the scheduler with their first
+        token (sent now), failed pulls end their requests, acknowledged or expired holds free their blocks.
+        With nothing scheduled, wait a little for news instead of spinning."""
+        idle = not self.scheduler.has_unfinished()
+        seen = self.disagg.num_events
+        firsts = self.disagg.poll(wait_s=0.005 if idle else 0.0)
+        for out in firsts:
+            self.num_generated_tokens += 1
+            if out.finished:
+                self.requests.pop(out.request_id, None)
+        errors = self.disagg.take_errors()
+        for err in errors:
+            self.requests.pop(err.request_id, None)
+        if firsts or errors:
+            step_outputs.outputs = list(step_outputs.outputs) + firsts
+            step_outputs.errors = list(step_outputs.errors) + errors
+        if self.disagg.num_events != seen:  # blocks came or went: the counters published must say so
+            step_outputs.stats = self.scheduler_stats()
+        return step_outputs
 
     def _step_pipelined(self) -> EngineCoreOutputs:
         """Launch a step while fewer than pipeline_depth are in flight; read back the oldest once the
@@ -385,6 +419,7 @@ class EngineCore:
             step_time_model_error=model.abs_error_ewma,
             **(spec_decode_stats(self.speculator.stats) if self.speculator is not None else {}),
             **(self.kv_offload.snapshot().as_dict() if self.kv_offload is not None else {}),
+            **(self.disagg.snapshot() if self.disagg is not None else {}),
             expert_load=self.expert_load.poll(force_expert_load),
         )
 
@@ -407,6 +442,8 @@ class EngineCore:
         if self._trace is not None:
             self._trace.close()
         self.grammar_waitlist.compiler.shutdown()
+        if self.disagg is not None:
+            self.disagg.close()
         if self.kv_offload is not None:  # the cached blocks go to disk for the next start
             self.kv_offload.close(self.scheduler.block_manager.pool.cached, self.runner.kv_transfer.run)
         try:  # read back the steps still in flight, so every rank stops at a clean point of the protocol

@@ -15,6 +15,7 @@ from meshserve.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from meshserve.disagg.config import parse_kv_transfer_config
 from meshserve.engine.args_check import check_parallel_split
 from meshserve.errors import InvalidArgumentError
 from meshserve.models.embedded import GENERATION_DEFAULTS as EMBEDDED_GENERATION_DEFAULTS
@@ -106,6 +107,7 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
         device=device,
         enforce_eager=args.enforce_eager,
         speculative_config=parse_speculative_config(args.speculative_config),
+        kv_transfer_config=parse_kv_transfer_config(args.kv_transfer_config),
     )
     if config.speculative_config is not None and config.speculative_config.uses_draft_model:
         from meshserve.spec_decode.draft_model import check_draft_model

@@ -103,6 +103,17 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     kv_offload_cpu_blocks: int = 0
     kv_offload_disk_blocks: int = 0
     kv_offload_link_bytes_per_s: float = 0.0
+    # prefill/decode disaggregation (disagg/stats.py KVTransferStats): transfers since start, blocks now
+    kv_transfer_sent: int = 0
+    kv_transfer_sent_bytes: int = 0
+    kv_transfer_received: int = 0
+    kv_transfer_received_bytes: int = 0
+    kv_transfer_received_s: float = 0.0
+    kv_transfer_failed: int = 0
+    kv_transfer_expired: int = 0
+    kv_transfer_held_blocks: int = 0
+    kv_transfer_receiving_blocks: int = 0
+    kv_transfer_latency_buckets: list[int] = []
     # MoE: tokens routed to each expert since start, per MoE layer; only in the steps that read them
     # (engine/expert_load.py), empty otherwise
     expert_load: list[list[int]] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from meshserve.config import CacheConfig, SchedulerConfig
 from meshserve.engine.block_manager import BlockManager
@@ -59,6 +60,9 @@ class Scheduler:
         self.clock = time.monotonic
         # speculative decoding with a draft model: KV slots its proposals take past each step's tokens
         self.num_lookahead_tokens = 0
+        # prefill/decode disaggregation (disagg/coordinator.py): told of each finish; True when it keeps the
+        # sequence's blocks for a KV transfer (they are not freed here)
+        self.kv_hold: Callable[[Sequence, SequenceStatus], bool] | None = None
 
     # -- admission -------------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -303,6 +307,7 @@ class Scheduler:
                 self.waiting.remove(seq)
             except ValueError:
                 pass
-        self.block_manager.free(seq)
+        if self.kv_hold is None or not self.kv_hold(seq, status):
+            self.block_manager.free(seq)
         self.seqs.pop(seq.seq_id, None)
         self._finished_since_last_step.append(seq.seq_id)

@@ -21,6 +21,12 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="a primary replica's base URL, e.g. http://10.0.0.5:8000 (repeatable)")
     g.add_argument("--fallback", action="append", default=[], metavar="URL",
                    help="a fallback replica (smaller model) used when no primary can serve (repeatable)")
+    g.add_argument("--decode", action="append", default=[], metavar="URL",
+                   help="disaggregation: a decode instance (a kv_consumer server), a primary that pulls the KV "
+                        "of prompts run on a --prefill instance (repeatable)")
+    g.add_argument("--prefill", action="append", default=[], metavar="URL",
+                   help="disaggregation: a prefill instance (a kv_producer server); each request's prompt runs "
+                        "there first, then a --decode instance decodes it (repeatable)")
     g.add_argument("--discover", action="append", default=[], metavar="HOST:PORT",
                    help="resolve HOST (e.g. a headless Service) on every health round; each address is a "
                         "primary replica (repeatable)")
@@ -57,7 +63,7 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
 
 def router_config_from(ns: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
-        backends=list(ns.backend), fallbacks=list(ns.fallback), discover=list(ns.discover),
+        backends=list(ns.backend) + list(ns.decode), fallbacks=list(ns.fallback), prefills=list(ns.prefill), discover=list(ns.discover),
         fallback_model=ns.fallback_model, policy=ns.policy, affinity_slack=ns.affinity_slack,
         health_interval_s=ns.health_interval, health_timeout_s=ns.health_timeout,
         fail_threshold=ns.fail_threshold, recover_threshold=ns.recover_threshold,
@@ -106,7 +112,8 @@ def run_router(config: RouterConfig, host: str, port: int, log_level: str = "war
 def _cmd_router(ns: argparse.Namespace) -> int:
     config = router_config_from(ns)
     replicas = len(config.backends) + len(config.discover)
+    disagg = f", {len(config.prefills)} prefill instance(s) (disaggregated)" if config.prefills else ""
     print(f"meshserve: routing on http://{ns.host}:{ns.port} over {replicas} primary source(s), "
-          f"{len(config.fallbacks)} fallback(s), policy {config.policy}", flush=True)
+          f"{len(config.fallbacks)} fallback(s){disagg}, policy {config.policy}", flush=True)
     run_router(config, ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log)
     return 0

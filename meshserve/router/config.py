@@ -22,6 +22,7 @@ class RouterConfig:
     backends: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     discover: list[str] = field(default_factory=list)  # HOST:PORT resolved through DNS (headless Service)
+    prefills: list[str] = field(default_factory=list)  # disaggregation: prefill instances (backends decode)
     fallback_model: str | None = None  # rewrite the request's `model` for the fallback pool
     policy: str = "least-outstanding"
     # health
@@ -47,7 +48,7 @@ class RouterConfig:
 
     def validate(self) -> RouterConfig:
         if not (self.backends or self.discover):
-            raise InvalidArgumentError("the router needs at least one --backend or --discover",
+            raise InvalidArgumentError("the router needs at least one --backend, --decode or --discover",
                                        param="backend")
         if self.policy not in POLICIES:
             raise InvalidArgumentError(f"--policy must be one of {', '.join(POLICIES)}", param="policy")
@@ -68,7 +69,7 @@ class RouterConfig:
                 raise InvalidArgumentError(f"{name} must be >= 1", param=name)
         if self.fallback_queue_threshold is not None and self.fallback_queue_threshold < 0:
             raise InvalidArgumentError("fallback_queue_threshold must be >= 0", param="fallback_queue_threshold")
-        for url in self.backends + self.fallbacks:
+        for url in self.backends + self.fallbacks + self.prefills:
             if not url.startswith(("http://", "https://")):
                 raise InvalidArgumentError(f"backend {url!r} must be an http(s):// URL", param="backend")
         return self

@@ -13,7 +13,7 @@ from meshserve.router.pool import ReplicaPool
 
 # How a proxied request ended, as seen by the client.
 OUTCOMES = ("ok", "client_error", "rejected", "unavailable", "stream_broken", "cancelled", "error")
-FALLBACK_REASONS = ("primaries_unavailable", "queue_depth")
+FALLBACK_REASONS = ("primaries_unavailable", "queue_depth", "decode_unavailable", "prefill_unavailable")
 
 
 class _PoolCollector(Collector):
@@ -41,7 +41,7 @@ class _PoolCollector(Collector):
             yield g
         healthy = GaugeMetricFamily("meshserve:router_healthy_replicas", "Healthy replicas by pool.",
                                     labels=["pool"])
-        for pool_name, replicas in (("primary", p.primaries), ("fallback", p.fallbacks)):
+        for pool_name, replicas in (("primary", p.primaries), ("fallback", p.fallbacks), ("prefill", p.prefills)):
             healthy.add_metric([pool_name], float(sum(r.healthy for r in replicas)))
         yield healthy
         up = GaugeMetricFamily("meshserve:router_replica_healthy", "1 if the replica takes traffic.",

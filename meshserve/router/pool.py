@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from meshserve.router.config import RouterConfig
 from meshserve.router.policy import Policy, make_policy
-from meshserve.router.replica import FALLBACK, PRIMARY, Replica
+from meshserve.router.replica import FALLBACK, PREFILL, PRIMARY, Replica
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +31,11 @@ class ReplicaPool:
         self.policy = policy or make_policy(config.policy, config.affinity_slack)
         self.primaries = [Replica(u, PRIMARY, name=f"primary-{i}") for i, u in enumerate(config.backends)]
         self.fallbacks = [Replica(u, FALLBACK, name=f"fallback-{i}") for i, u in enumerate(config.fallbacks)]
+        # disaggregation: prompts run here first, then the primaries (decode instances) pull their KV
+        self.prefills = [Replica(u, PREFILL, name=f"prefill-{i}") for i, u in enumerate(config.prefills)]
 
     def all(self) -> list[Replica]:
-        return self.primaries + self.fallbacks
+        return self.primaries + self.fallbacks + self.prefills
 
     def find(self, name_or_url: str) -> Replica | None:
         return next((r for r in self.all() if name_or_url in (r.name, r.url)), None)
@@ -78,4 +80,12 @@ class ReplicaPool:
             return Route(self.policy.choose(primaries, key))
         if fallbacks:
             return Route(self.policy.choose(fallbacks, key), "primaries_unavailable")
+        prefills = [r for r in self.prefills if r.healthy and r.url not in tried]
+        if prefills:  # no decode instance: a prefill instance serves the whole request (colocated)
+            return Route(self.policy.choose(prefills, key), "decode_unavailable")
         return None
+
+    def route_prefill(self, key: int | None, tried: Collection[str] = ()) -> Replica | None:
+        """The prefill instance for a request's prompt (least loaded, or prefix-affine), None if none is up."""
+        prefills = [r for r in self.prefills if r.healthy and r.url not in tried]
+        return self.policy.choose(prefills, key) if prefills else None

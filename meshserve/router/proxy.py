@@ -24,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 
 from meshserve.errors import NoReplicaAvailableError, UpstreamStreamError
 from meshserve.router.config import RouterConfig
+from meshserve.router.disagg import decode_body, is_transfer_failure, run_prefill, wants_disaggregation
 from meshserve.router.metrics import RouterMetrics
 from meshserve.router.pool import ReplicaPool, Route
 from meshserve.router.prefix import parse_body, prefix_key
@@ -45,6 +46,7 @@ _EJECT_STATUSES = frozenset({502, 503, 504})  # draining, dead engine, or a brok
 HEADER_REPLICA = "x-meshserve-replica"
 HEADER_ATTEMPTS = "x-meshserve-attempts"
 HEADER_FALLBACK = "x-meshserve-fallback"
+KV_FAILED = "its KV transfer failed"  # a decode attempt that never got its prefill's KV (retried colocated)
 
 
 @dataclass
@@ -115,6 +117,17 @@ class Proxy:
         reasons: list[str] = []
         attempts = 0  # every try, as reported to the client
         spent = 0  # the tries max_attempts bounds: those that reached a replica
+        decode_raw = None  # disaggregation: the first decode attempt pulls the KV of a prefill instance
+        if self.pool.prefills and wants_disaggregation(path, body):
+            leg = await run_prefill(self.client, self.pool, path, body, key, fwd_headers, self._timeout(),
+                                    c.max_attempts)
+            if isinstance(leg, Response):  # the prefill instance found the request invalid
+                self.metrics.count("client_error")
+                return leg
+            if leg is None:
+                self.metrics.fallback.labels("prefill_unavailable").inc()
+            else:
+                decode_raw = decode_body(body, leg)
         while spent < c.max_attempts and (attempts == 0 or time.monotonic() - arrival < c.retry_budget_s):
             route = self.pool.route(key, tried)
             if route is None:
@@ -125,11 +138,14 @@ class Proxy:
                 self.metrics.retries.inc()
             if route.fallback_reason:
                 self.metrics.fallback.labels(route.fallback_reason).inc()
-            result = await self._attempt(route, method, path, self._payload(raw, body, route), fwd_headers,
-                                         stream, attempts)
+            kv_leg = decode_raw is not None and attempts == 1 and route.replica in self.pool.primaries
+            payload = decode_raw if kv_leg else self._payload(raw, body, route)  # retries: colocated
+            result = await self._attempt(route, method, path, payload, fwd_headers, stream, attempts, kv_leg)
             if isinstance(result, Response):
                 return result
             reasons.append(f"{route.replica.name}: {result.reason}")
+            if kv_leg and result.reason == KV_FAILED:  # the same instance may still serve it colocated
+                tried.discard(route.replica.url)
             spent += not result.refused
             refusal = result.response or refusal
         if refusal is not None:  # every replica tried refused (e.g. all queues full): pass the last refusal on
@@ -141,7 +157,10 @@ class Proxy:
                                                        retry_after_s=c.retry_after_s))
 
     async def _attempt(self, route: Route, method: str, path: str, payload: bytes,
-                       headers: list[tuple[str, str]], stream: bool, attempts: int) -> Response | _Rejected:
+                       headers: list[tuple[str, str]], stream: bool, attempts: int,
+                       kv_leg: bool = False) -> Response | _Rejected:
+        """One attempt. kv_leg: a decode attempt pulling a prefill's KV; its failure to get the KV (a 503, or an
+        error as the stream's first event) is retried colocated without holding it against the replica."""
         replica = route.replica
         replica.outstanding += 1
         replica.num_requests += 1
@@ -153,6 +172,8 @@ class Proxy:
             resp = await self.client.send(request, stream=True)
             if resp.status_code in _RETRY_STATUSES:
                 content = await resp.aread()
+                if kv_leg and is_transfer_failure(content):
+                    return _Rejected(KV_FAILED, refused=True)
                 if resp.status_code in _EJECT_STATUSES:
                     replica.eject(f"answered {resp.status_code}")
                     replica.num_failed += 1
@@ -174,6 +195,8 @@ class Proxy:
                     break
             if not first:
                 raise httpx.RemoteProtocolError("stream ended before its first event")
+            if kv_leg and first[0].startswith(b"data: {\"error\"") and is_transfer_failure(first[0]):
+                return _Rejected(KV_FAILED, refused=True)
             replica.num_succeeded += 1
             handed_off = True
             return StreamingResponse(self._relay(replica, resp, chunks, buffer, first),

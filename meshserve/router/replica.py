@@ -10,6 +10,7 @@ logger = logging.getLogger(__name__)
 
 PRIMARY = "primary"
 FALLBACK = "fallback"
+PREFILL = "prefill"  # prefill instances of a disaggregated deployment (router/disagg.py)
 
 
 @dataclass

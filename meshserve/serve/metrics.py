@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meshserve.errors import MeshserveError, RetryableError
@@ -96,6 +96,7 @@ class _EngineStatsCollector(Collector):
                     c.add_metric([str(layer), str(expert)], float(n))
             yield c
         yield from _kv_offload_families(s)
+        yield from _kv_transfer_families(s)
 
 
 def _kv_offload_families(s: dict[str, Any]) -> Iterator[Metric]:
@@ -129,6 +130,38 @@ def _kv_offload_families(s: dict[str, Any]) -> Iterator[Metric]:
                                  "corrupted (each a cache miss, recomputed).")
     errors.add_metric([], v("disk_errors"))
     yield from (hits, blocks, moved, swaps, restore_s, restores, errors)
+
+
+def _kv_transfer_families(s: dict[str, Any]) -> Iterator[Metric]:
+    """Prefill/decode disaggregation (disagg/): transfers, bytes and per-transfer latency, blocks held now."""
+    from meshserve.disagg.stats import LATENCY_BUCKETS
+
+    def v(key: str) -> float:
+        return float(s.get(f"kv_transfer_{key}") or 0)
+
+    count = CounterMetricFamily("meshserve:kv_transfers", "KV transfers by direction and outcome.",
+                                labels=["direction", "outcome"])
+    count.add_metric(["sent", "ok"], v("sent"))
+    count.add_metric(["received", "ok"], v("received"))
+    count.add_metric(["any", "failed"], v("failed"))
+    count.add_metric(["sent", "expired"], v("expired"))
+    nbytes = CounterMetricFamily("meshserve:kv_transfer_bytes", "Bytes of KV blocks moved, by direction.",
+                                 labels=["direction"])
+    nbytes.add_metric(["sent"], v("sent_bytes"))
+    nbytes.add_metric(["received"], v("received_bytes"))
+    blocks = GaugeMetricFamily("meshserve:kv_transfer_blocks", "KV blocks held for consumers (producer) or "
+                               "allocated to transfers in flight (consumer).", labels=["state"])
+    blocks.add_metric(["held"], v("held_blocks"))
+    blocks.add_metric(["receiving"], v("receiving_blocks"))
+    counts = s.get("kv_transfer_latency_buckets") or [0] * (len(LATENCY_BUCKETS) + 1)
+    cumulative, buckets = 0, []
+    for bound, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts):
+        cumulative += n
+        buckets.append((bound, cumulative))
+    latency = HistogramMetricFamily("meshserve:kv_transfer_seconds", "Per-request KV transfer time on the "
+                                    "consumer: handshake, every layer, scatter into its cache.",
+                                    buckets=buckets, sum_value=v("received_s"))
+    yield from (count, nbytes, blocks, latency)
 
 
 class ServerMetrics:

@@ -94,6 +94,9 @@ class SamplingRequest(OpenAIModel):
         None, description="token id (as a string) -> bias in [-100, 100] added to its logit")
     priority: int = Field(0, ge=_INT64_MIN, le=_INT64_MAX,
                           description="with --scheduling-policy priority: lower values are served first")
+    kv_transfer_params: dict[str, Any] | None = Field(
+        None, description="prefill/decode disaggregation (set by the router): do_remote_decode or "
+                          "do_remote_prefill, transfer_id")
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None

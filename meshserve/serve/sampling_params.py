@@ -68,6 +68,7 @@ def _common(req: SamplingRequest) -> dict:
         # the handlers stream or gather deltas: each step carries only what is new
         "output_kind": RequestOutputKind.DELTA,
         "logit_bias": _logit_bias(req),
+        "kv_transfer_params": req.kv_transfer_params,
     }
 
 

@@ -29,6 +29,20 @@ def _wait_ready(base: str, proc: subprocess.Popen, timeout: float = 90) -> None:
     raise AssertionError("server never became ready")
 
 
+def _wait_for_requests(base: str, n: int, timeout: float = 60) -> None:
+    """Until the engine holds n requests (running + waiting), from /metrics: on a loaded machine a client
+    thread can take long to reach the server, and one that arrives after SIGTERM is refused (503)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(base + "/metrics", timeout=5).text
+        held = sum(float(line.split()[1]) for line in text.splitlines()
+                   if line.startswith(("meshserve:num_requests_running ", "meshserve:num_requests_waiting ")))
+        if held >= n:
+            return
+        assert time.monotonic() < deadline, f"{held} of {n} requests reached the engine"
+        time.sleep(0.05)
+
+
 def test_sigterm_drains_in_flight_requests(tiny_model_dir):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -63,7 +77,7 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir):
         for t in threads:
             t.start()
         assert first_chunk.wait(30)
-        time.sleep(0.05)  # let the other three reach the server (they queue behind max-num-seqs 1)
+        _wait_for_requests(base, 4)  # the other three queue behind max-num-seqs 1: all must be in first
         proc.send_signal(signal.SIGTERM)
 
         deadline = time.monotonic() + 10

@@ -1,0 +1,226 @@
+"""Disaggregated vs colocated serving on two GPUs: `python -m meshserve.bench.disagg` (issue 25's measurement).
+
+Launches, one after the other, (a) two colocated replicas (one per GPU) behind `meshserve router`, and (b) one
+prefill instance (GPU 0, kv_producer) and one decode instance (GPU 1, kv_consumer) behind
+`meshserve router --prefill --decode`; runs the same bursty long-prompt workload through each router and
+prints goodput at the TTFT and time-per-output-token targets, TTFT/ITL p50/p99, and the KV link's achieved
+bandwidth (bytes and seconds the decode instance's /metrics report).
+
+Workload (fixed draws): random.seed(25); n prompts of randint(2048, 8192) ids randint(3, 10000); then for each,
+max_tokens randint(128, 512); then arrivals in bursts: gaps gammavariate(0.25, 4 / QPS) (mean 1/QPS, CV 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from meshserve.bench.serve_bench import BenchRequest, format_point, run_load, summarize
+
+
+def bursty_requests(qps: float, num_prompts: int, seed: int = 25) -> list[BenchRequest]:
+    random.seed(seed)
+    prompts = [
+        [random.randint(3, 10000) for _ in range(random.randint(2048, 8192))] for _ in range(num_prompts)
+    ]
+    outs = [random.randint(128, 512) for _ in range(num_prompts)]
+    t, reqs = 0.0, []
+    for p, o in zip(prompts, outs):
+        t += random.gammavariate(0.25, 4.0 / qps)
+        reqs.append(BenchRequest(p, o, send_at=t))
+    return reqs
+
+
+def _serve(model: str, gpu: int, port: int, extra: list[str], log: str) -> subprocess.Popen:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "meshserve.cli",
+        "serve",
+        model,
+        "--load-format",
+        "dummy",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--max-model-len",
+        "9000",
+        "--served-model-name",
+        "bench",
+        "--disable-access-log",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _router(port: int, args: list[str], log: str) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "meshserve.cli",
+        "router",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--read-timeout",
+        "600",
+        *args,
+    ]
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise SystemExit(f"a server exited while starting (see the logs); waiting for {url}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"{url} not ready after {timeout:.0f} s")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE))
+
+
+def run_setup(name: str, ns: argparse.Namespace, qps_points: list[float]) -> list[dict]:
+    base = ns.port
+    logs = ns.log_dir
+    kv = {"kv_connector": "torch", "kv_parallel_size": 2, "kv_ip": "127.0.0.1", "kv_port": base + 50}
+    if ns.second_gpu == 0:  # NCCL will not pair two processes on one GPU: gloo, staged through host memory
+        kv["kv_connector_extra_config"] = {"backend": "gloo"}
+    common = ["--gpu-memory-utilization", str(ns.gpu_memory_utilization)]
+    if name == "colocated":
+        servers = [
+            _serve(ns.model, 0, base + 1, common, f"{logs}/colocated0.log"),
+            _serve(ns.model, ns.second_gpu, base + 2, common, f"{logs}/colocated1.log"),
+        ]
+        router_args = [
+            "--backend",
+            f"http://127.0.0.1:{base + 1}",
+            "--backend",
+            f"http://127.0.0.1:{base + 2}",
+        ]
+    else:
+        prod = json.dumps({**kv, "kv_role": "kv_producer", "kv_rank": 0})
+        cons = json.dumps({**kv, "kv_role": "kv_consumer", "kv_rank": 1})
+        servers = [
+            _serve(ns.model, 0, base + 1, [*common, "--kv-transfer-config", prod], f"{logs}/prefill.log"),
+            _serve(
+                ns.model,
+                ns.second_gpu,
+                base + 2,
+                [*common, "--kv-transfer-config", cons],
+                f"{logs}/decode.log",
+            ),
+        ]
+        router_args = [
+            "--prefill",
+            f"http://127.0.0.1:{base + 1}",
+            "--decode",
+            f"http://127.0.0.1:{base + 2}",
+        ]
+    procs = list(servers)
+    try:
+        for port in (base + 1, base + 2):
+            _wait_ready(f"http://127.0.0.1:{port}", procs)
+        procs.append(_router(base, router_args, f"{logs}/router-{name}.log"))
+        _wait_ready(f"http://127.0.0.1:{base}", procs, 60)
+        points = []
+        for qps in qps_points:
+            reqs = bursty_requests(qps, ns.num_prompts)
+            b0 = s0 = 0.0
+            if name == "disaggregated":
+                dec = f"http://127.0.0.1:{base + 2}"
+                b0 = _metric(dec, 'meshserve:kv_transfer_bytes_total{direction="received"}')
+                s0 = _metric(dec, "meshserve:kv_transfer_seconds_sum")
+            results, duration = asyncio.run(
+                run_load(f"http://127.0.0.1:{base}", "bench", reqs, progress=False)
+            )
+            s = summarize(results, duration, qps, ttft_slo=ns.ttft_slo, tpot_slo=ns.tpot_slo)
+            s["setup"] = name
+            if name == "disaggregated":
+                nbytes = _metric(dec, 'meshserve:kv_transfer_bytes_total{direction="received"}') - b0
+                secs = _metric(dec, "meshserve:kv_transfer_seconds_sum") - s0
+                s["kv_bytes"], s["kv_seconds"] = nbytes, secs
+                s["kv_gb_s"] = nbytes / secs / 1e9 if secs else 0.0
+            print(
+                f"{name}: {format_point(s)}"
+                + (f", KV link {s['kv_gb_s']:.1f} GB/s" if "kv_gb_s" in s else ""),
+                flush=True,
+            )
+            points.append(s)
+        return points
+    finally:
+        _stop(procs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--qps", default="0.5,1,2,4")
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--ttft-slo", type=float, default=2.0)
+    p.add_argument("--tpot-slo", type=float, default=0.025)
+    p.add_argument("--port", type=int, default=8700)
+    p.add_argument(
+        "--second-gpu", type=int, default=1, help="0: both instances share one GPU (when only one is lent)"
+    )
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--setups", default="colocated,disaggregated")
+    p.add_argument("--log-dir", default=".")
+    p.add_argument("--output", default="disagg_bench.json")
+    ns = p.parse_args(argv)
+    if ns.second_gpu == 0:
+        ns.gpu_memory_utilization = min(ns.gpu_memory_utilization, 0.42)  # two instances on one GPU
+    qps = [float(x) for x in ns.qps.split(",")]
+    points = []
+    for setup in ns.setups.split(","):
+        points += run_setup(setup, ns, qps)
+    with open(ns.output, "w") as f:
+        json.dump(points, f, indent=1)
+    by = {(s["setup"], s["qps"]): s for s in points}
+    for q in qps:
+        c, d = by.get(("colocated", q)), by.get(("disaggregated", q))
+        if c and d:
+            ratio = d["goodput"] / c["goodput"] if c["goodput"] else float("inf")
+            print(
+                f"QPS {q:g}: goodput disaggregated {d['goodput']:.2f} vs colocated {c['goodput']:.2f} req/s "
+                f"({ratio:.2f}x); ITL p99 {d['itl_p99'] * 1e3:.1f} vs {c['itl_p99'] * 1e3:.1f} ms"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

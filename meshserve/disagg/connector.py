@@ -1,0 +1,329 @@
+"""The KV connector interface: moves a request's KV blocks, by block id and layer by layer, between engines.
+
+The handshake (side_channel.py) is the same for every transport; a connector supplies the transport:
+`_send_blocks` / `_recv_blocks` move the blocks of every layer between this engine's pool and a peer's, and
+`_peer_address` / `_publish_address` find the peers' side channels. Two threads do the talking, so the engine
+core's step loop never waits on the network: a server thread answers pulls (producer) and a worker thread
+runs pulls one at a time (consumer). The core learns what happened through `events` (TransferEvent), drained
+once per step (coordinator.py), and is the only one to touch the block manager.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from meshserve.disagg import side_channel as sc
+from meshserve.disagg.config import KVTransferConfig
+from meshserve.errors import KVTransferError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HeldTransfer:
+    """A finished prefill's blocks, kept for a consumer to pull (producer side)."""
+
+    transfer_id: str
+    block_ids: list[int]
+    num_tokens: int  # prompt tokens whose K/V the blocks hold
+    first_token: int
+    deadline: float  # time.monotonic() past which nobody will pull it: freed
+    busy: bool = False  # being sent right now: not freed until the send ends
+
+
+@dataclass
+class PullJob:
+    """A decode request's transfer to receive into blocks the consumer allocated (consumer side)."""
+
+    request_id: str
+    transfer_id: str
+    block_ids: list[int]
+    num_tokens: int
+    remote_rank: int | None = None  # the producer, when the handle names it (else every producer is asked)
+
+
+@dataclass
+class TransferEvent:
+    """What a connector thread tells the core: "released" (producer: free transfer_id's blocks), "received"
+    (consumer: request_id's KV is in its blocks) or "failed" (consumer: it is not, and will not be)."""
+
+    kind: str
+    transfer_id: str
+    request_id: str = ""
+    first_token: int = -1
+    num_bytes: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+
+
+class KVConnector(ABC):
+    """Moves KV blocks between the engines of one transfer group; see the module docstring.
+
+    Thread-safety: hold/pull/expire are called by the core thread; the connector's threads only read the KV
+    tensors of held blocks (producer) or write those of blocks allocated to a pull (consumer), which nobody
+    else touches until the core hears back through `events`.
+    """
+
+    name = "base"
+
+    def __init__(self, config: KVTransferConfig, kv_tensors: list[torch.Tensor]):
+        self.config = config
+        self.kv_tensors = kv_tensors
+        self.rank = config.kv_rank
+        self.events: queue.Queue[TransferEvent] = queue.Queue()
+        self._held: dict[str, HeldTransfer] = {}
+        self._lock = threading.Lock()
+        self._jobs: queue.Queue[PullJob | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._ctx = zmq.Context()
+        self._threads: list[threading.Thread] = []
+        self.num_in_flight = 0  # pulls queued or running (consumer)
+
+    @property
+    @abstractmethod
+    def transport(self) -> str:
+        """The transport in words, for logs (e.g. "torch.distributed/nccl")."""
+
+    # -- transport (subclasses) -----------------------------------------------------------------
+    @abstractmethod
+    def _connect(self) -> None:
+        """Join the transfer group (blocks until every rank joined)."""
+
+    @abstractmethod
+    def _publish_address(self, address: str) -> None:
+        """Make this rank's side-channel address known to the group."""
+
+    @abstractmethod
+    def _peer_address(self, rank: int) -> str:
+        """The side-channel address of rank."""
+
+    @abstractmethod
+    def _producer_ranks(self) -> list[int]:
+        """Ranks that may hold transfers (producers and kv_both)."""
+
+    @abstractmethod
+    def _send_blocks(self, dst: int, block_ids: list[int]) -> int:
+        """Send the blocks' K/V of every layer, in order, to rank dst; returns the bytes sent."""
+
+    @abstractmethod
+    def _recv_blocks(self, src: int, block_ids: list[int], timeout_s: float) -> int:
+        """Receive rank src's blocks into block_ids of every layer; returns the bytes received."""
+
+    def _thread_init(self) -> None:
+        """Per-thread set-up of the transport (e.g. the current CUDA device), run first in each thread."""
+
+    def _host(self) -> str:
+        import socket
+
+        from meshserve.disagg.config import is_loopback
+
+        host = self.config.extra("side_channel_host", None)
+        if host:
+            return host
+        if is_loopback(self.config.kv_ip):
+            return self.config.kv_ip
+        return socket.gethostbyname(socket.gethostname())
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect the transport, open the side channel and start the threads."""
+        t0 = time.perf_counter()
+        self._connect()
+        self._server = self._ctx.socket(zmq.ROUTER)
+        self._server.setsockopt(zmq.LINGER, 0)
+        port = self._server.bind_to_random_port("tcp://*")
+        self._publish_address(f"tcp://{self._host()}:{port}")
+        if self.config.is_producer:
+            self._spawn(self._serve, "kv-transfer-server")
+        if self.config.is_consumer:
+            self._spawn(self._work, "kv-transfer-puller")
+        logger.info(
+            "KV transfer: %s connector over %s, rank %d of %d (%s), side channel port %d, ready in %.1f s",
+            self.name,
+            self.transport,
+            self.rank,
+            self.config.kv_parallel_size,
+            self.config.kv_role,
+            port,
+            time.perf_counter() - t0,
+        )
+
+    def _spawn(self, target, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._jobs.put(None)
+        for t in self._threads:
+            t.join(5)
+        self._server.close(linger=0)
+        self._ctx.term()
+
+    # -- producer --------------------------------------------------------------------------------
+    def hold(self, held: HeldTransfer) -> None:
+        with self._lock:
+            self._held[held.transfer_id] = held
+
+    def expire(self, now: float) -> list[HeldTransfer]:
+        """Held transfers past their deadline and not being sent: forgotten here, for the core to free."""
+        with self._lock:
+            gone = [h for h in self._held.values() if h.deadline < now and not h.busy]
+            for h in gone:
+                del self._held[h.transfer_id]
+        return gone
+
+    def next_deadline(self) -> float:
+        """The earliest deadline of the held transfers not being sent (inf if none)."""
+        with self._lock:
+            return min((h.deadline for h in self._held.values() if not h.busy), default=float("inf"))
+
+    def _serve(self) -> None:
+        self._thread_init()
+        while not self._stop.is_set():
+            if not self._server.poll(100):
+                continue
+            ident, payload = self._server.recv_multipart()
+            try:
+                msg = sc.decoder.decode(payload)
+            except Exception:  # noqa: BLE001  (a stray client: ignore it, keep serving)
+                logger.warning("KV transfer: undecodable side-channel message ignored")
+                continue
+            if isinstance(msg, sc.Pull):
+                self._answer_pull(ident, msg)
+            elif isinstance(msg, sc.Ack):
+                with self._lock:
+                    held = self._held.pop(msg.transfer_id, None)
+                if held is not None:
+                    self.events.put(TransferEvent("released", msg.transfer_id))
+
+    def _answer_pull(self, ident: bytes, pull: sc.Pull) -> None:
+        with self._lock:
+            held = self._held.get(pull.transfer_id)
+            granted = held is not None and not held.busy and held.num_tokens == pull.num_tokens
+            if granted:
+                held.busy = True
+        if not granted:
+            reason = (
+                "unknown transfer (never held here, freed, or already pulled)"
+                if held is None
+                else f"prompt length differs: {held.num_tokens} tokens here, {pull.num_tokens} there"
+                if held.num_tokens != pull.num_tokens
+                else "transfer already being sent"
+            )
+            self._server.send_multipart(
+                [ident, sc.encoder.encode(sc.PullReply(pull.transfer_id, False, reason))]
+            )
+            return
+        self._server.send_multipart(
+            [
+                ident,
+                sc.encoder.encode(
+                    sc.PullReply(
+                        pull.transfer_id,
+                        True,
+                        first_token=held.first_token,
+                        num_tokens=held.num_tokens,
+                        num_blocks=len(held.block_ids),
+                    )
+                ),
+            ]
+        )
+        t0 = time.perf_counter()
+        try:
+            nbytes = self._send_blocks(pull.consumer_rank, held.block_ids)
+            logger.debug(
+                "KV transfer %s: %d blocks (%d bytes) to rank %d in %.3f s",
+                pull.transfer_id,
+                len(held.block_ids),
+                nbytes,
+                pull.consumer_rank,
+                time.perf_counter() - t0,
+            )
+        except Exception as e:  # noqa: BLE001  (the consumer died: its blocks are freed, the server goes on)
+            logger.warning("KV transfer %s to rank %d failed: %s", pull.transfer_id, pull.consumer_rank, e)
+            with self._lock:
+                self._held.pop(pull.transfer_id, None)
+            self.events.put(TransferEvent("released", pull.transfer_id, reason=str(e)))
+            return
+        with self._lock:  # now only the acknowledgement (or the deadline) frees it
+            held.busy = False
+            held.deadline = time.monotonic() + self.config.hold_timeout_s
+
+    # -- consumer --------------------------------------------------------------------------------
+    def pull(self, job: PullJob) -> None:
+        """Queue a pull; its outcome comes back as a "received" or "failed" event."""
+        self.num_in_flight += 1
+        self._jobs.put(job)
+
+    def _work(self) -> None:
+        self._thread_init()
+        sockets: dict[int, zmq.Socket] = {}
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            t0 = time.perf_counter()
+            try:
+                event = self._run_pull(job, sockets)
+            except Exception as e:  # noqa: BLE001
+                logger.warning("KV transfer %s failed: %s", job.transfer_id, e)
+                event = TransferEvent("failed", job.transfer_id, job.request_id, reason=str(e))
+            event.seconds = time.perf_counter() - t0
+            self.events.put(event)
+        for s in sockets.values():
+            s.close(linger=0)
+
+    def _ask(self, rank: int, pull: sc.Pull, sockets: dict[int, zmq.Socket], deadline: float) -> sc.PullReply:
+        sock = sockets.get(rank)
+        if sock is None:
+            sock = sockets[rank] = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self._peer_address(rank))
+        sock.send(sc.encoder.encode(pull))
+        while (left := deadline - time.monotonic()) > 0:
+            if not sock.poll(int(1000 * min(left, 0.1))):
+                if self._stop.is_set():
+                    break
+                continue
+            reply = sc.decoder.decode(sock.recv())
+            if isinstance(reply, sc.PullReply) and reply.transfer_id == pull.transfer_id:
+                return reply  # (replies to earlier pulls that timed out are dropped)
+        # an unanswered socket may answer later: start afresh next time
+        sockets.pop(rank).close(linger=0)
+        return sc.PullReply(pull.transfer_id, False, f"rank {rank} did not answer in time")
+
+    def _run_pull(self, job: PullJob, sockets: dict[int, zmq.Socket]) -> TransferEvent:
+        timeout = self.config.transfer_timeout_s
+        deadline = time.monotonic() + timeout
+        pull = sc.Pull(job.transfer_id, self.rank, job.num_tokens)
+        ranks = [job.remote_rank] if job.remote_rank is not None else self._producer_ranks()
+        reasons = []
+        for rank in ranks:
+            if rank == self.rank:
+                continue
+            reply = self._ask(rank, pull, sockets, deadline)
+            if not reply.ok:
+                reasons.append(f"rank {rank}: {reply.reason}")
+                continue
+            if reply.num_blocks != len(job.block_ids):
+                self._send_ack(sockets[rank], job.transfer_id, False)
+                raise KVTransferError(
+                    f"rank {rank} sends {reply.num_blocks} blocks, {len(job.block_ids)} expected"
+                )
+            nbytes = self._recv_blocks(rank, job.block_ids, max(0.1, deadline - time.monotonic()))
+            self._send_ack(sockets[rank], job.transfer_id, True)
+            return TransferEvent("received", job.transfer_id, job.request_id, reply.first_token, nbytes)
+        raise KVTransferError(f"no producer holds transfer {job.transfer_id}: " + "; ".join(reasons))
+
+    def _send_ack(self, sock: zmq.Socket, transfer_id: str, ok: bool) -> None:
+        sock.send(sc.encoder.encode(sc.Ack(transfer_id, ok)))

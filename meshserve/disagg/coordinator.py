@@ -1,0 +1,300 @@
+"""The engine core's side of disaggregation: which requests produce or consume KV, and their block accounting.
+
+Producer: a request whose kv_transfer_params say do_remote_decode runs as usual (chunked prefill, prefix cache,
+its first token); when it finishes, the scheduler hands its blocks here instead of freeing them (`hold`), and
+they stay held until the consumer acknowledges them, the send fails, or hold_timeout_s passes.
+Consumer: a request whose params say do_remote_prefill gets blocks for its whole prompt at once, kept out of
+the prefix cache until filled, and a pull on the connector's thread; once the KV is in, it joins the scheduler
+with its prompt computed and the producer's first token as its first output, and decodes. A pull that fails or
+times out frees its blocks and ends the request with a KVTransferError (503: the router retries colocated).
+Everything here runs on the core's thread; the connector's threads report through its event queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from meshserve.disagg.config import KVTransferConfig
+from meshserve.disagg.connector import HeldTransfer, KVConnector, PullJob, TransferEvent
+from meshserve.disagg.stats import KVTransferStats
+from meshserve.engine.messages import EngineCoreOutput, RequestError, error_to_message
+from meshserve.engine.sequence import Sequence, SequenceStatus
+from meshserve.errors import InvalidArgumentError, KVTransferError
+
+if TYPE_CHECKING:
+    from meshserve.engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+PARAM_KEYS = ("do_remote_decode", "do_remote_prefill", "transfer_id", "remote_rank")
+
+
+@dataclass
+class TransferParams:
+    """A request's kv_transfer_params, checked."""
+
+    do_remote_decode: bool = False  # producer: hold the KV for a consumer
+    do_remote_prefill: bool = False  # consumer: pull the KV instead of computing the prompt
+    transfer_id: str = ""
+    remote_rank: int | None = None
+
+
+def parse_transfer_params(value: Any, request_id: str) -> TransferParams | None:
+    """TransferParams from a request's kv_transfer_params (None: an ordinary request)."""
+    if value is None:
+        return None
+
+    def bad(msg: str) -> InvalidArgumentError:
+        return InvalidArgumentError(f"kv_transfer_params: {msg}", param="kv_transfer_params")
+
+    if not isinstance(value, dict):
+        raise bad(f"must be an object, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(PARAM_KEYS))
+    if unknown:
+        raise bad(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(PARAM_KEYS)})")
+    p = TransferParams(
+        bool(value.get("do_remote_decode")),
+        bool(value.get("do_remote_prefill")),
+        value.get("transfer_id") or request_id,
+        value.get("remote_rank"),
+    )
+    if p.do_remote_decode and p.do_remote_prefill:
+        raise bad("do_remote_decode and do_remote_prefill exclude each other")
+    if not isinstance(p.transfer_id, str):
+        raise bad(f"transfer_id must be a string, got {p.transfer_id!r}")
+    if p.remote_rank is not None and (not isinstance(p.remote_rank, int) or p.remote_rank < 0):
+        raise bad(f"remote_rank must be a kv rank (an integer >= 0), got {p.remote_rank!r}")
+    return p if (p.do_remote_decode or p.do_remote_prefill) else None
+
+
+class KVTransferCoordinator:
+    """See the module docstring. Built by EngineCore when a kv_transfer_config is given."""
+
+    def __init__(self, config: KVTransferConfig, connector: KVConnector, scheduler: Scheduler):
+        self.config = config
+        self.connector = connector
+        self.scheduler = scheduler
+        self.block_manager = scheduler.block_manager
+        self.stats = KVTransferStats()
+        self._producing: dict[str, str] = {}  # request id -> transfer id (producer requests not finished)
+        self._held: dict[str, list] = {}  # transfer id -> the held Blocks (producer)
+        self._receiving: dict[str, Sequence] = {}  # request id -> sequence whose KV is on its way (consumer)
+        self._cancelled: set[str] = set()  # aborted while receiving: freed when the pull ends
+        self._errors: list[RequestError] = []
+        self.num_events = (
+            0  # connector reports applied since start (the core republishes its counters on news)
+        )
+        scheduler.kv_hold = self.hold
+
+    # -- requests --------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> bool:
+        """Take a new request that carries kv_transfer_params; True when it is the coordinator's now (a
+        consumer's pull), False when the scheduler runs it as usual (a producer's prefill, or no params)."""
+        params = parse_transfer_params(seq.params.kv_transfer_params, seq.request_id)
+        if params is None:
+            return False
+        if params.do_remote_decode:
+            if not self.config.is_producer:
+                raise InvalidArgumentError(
+                    f"kv_transfer_params: do_remote_decode needs a producer; this server's "
+                    f"kv_role is {self.config.kv_role}",
+                    param="kv_transfer_params",
+                )
+            if params.transfer_id in self._held or params.transfer_id in self._producing.values():
+                raise InvalidArgumentError(
+                    f"kv_transfer_params: transfer_id {params.transfer_id} is already in use",
+                    param="kv_transfer_params",
+                )
+            self._producing[seq.request_id] = params.transfer_id
+            return False
+        if not self.config.is_consumer:
+            raise InvalidArgumentError(
+                f"kv_transfer_params: do_remote_prefill needs a consumer; this server's "
+                f"kv_role is {self.config.kv_role}",
+                param="kv_transfer_params",
+            )
+        self.scheduler.check_fits(seq.num_prompt_tokens, seq.max_tokens)
+        num_blocks = self.block_manager.blocks_needed(seq.num_prompt_tokens)
+        if not self.block_manager.allocate_unregistered(seq, num_blocks):
+            # no room now: a clean refusal the router retries elsewhere (never a wait without a bound)
+            raise KVTransferError(f"no free KV blocks for a {seq.num_prompt_tokens}-token transfer now")
+        self._receiving[seq.request_id] = seq
+        self.stats.receiving_blocks += num_blocks
+        self.connector.pull(
+            PullJob(
+                seq.request_id,
+                params.transfer_id,
+                list(self.block_manager.block_table(seq)),
+                seq.num_prompt_tokens,
+                params.remote_rank,
+            )
+        )
+        return True
+
+    def abort(self, seq: Sequence) -> bool:
+        """True when seq's KV is still on its way: its blocks are freed once the pull ends, not now."""
+        self._producing.pop(seq.request_id, None)
+        if seq.request_id in self._receiving:
+            self._cancelled.add(seq.request_id)
+            return True
+        return False
+
+    def hold(self, seq: Sequence, status: SequenceStatus) -> bool:
+        """The scheduler's finish hook: keep a finished producer request's blocks for its consumer."""
+        transfer_id = self._producing.pop(seq.request_id, None)
+        if transfer_id is None or status == SequenceStatus.FINISHED_ABORTED or not seq.output_token_ids:
+            return False
+        blocks = self.block_manager.detach(seq)
+        n = self.block_manager.blocks_needed(seq.num_prompt_tokens)
+        if len(blocks) > n:  # blocks past the prompt (lookahead slots) are not sent
+            self.block_manager.release_blocks(blocks[n:])
+            blocks = blocks[:n]
+        self._held[transfer_id] = blocks
+        self.stats.held_blocks += len(blocks)
+        self.connector.hold(
+            HeldTransfer(
+                transfer_id,
+                [b.block_id for b in blocks],
+                seq.num_prompt_tokens,
+                seq.output_token_ids[0],
+                time.monotonic() + self.config.hold_timeout_s,
+            )
+        )
+        return True
+
+    # -- each step -------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """Something for the core to do soon: pulls in flight, events waiting, or held blocks past due."""
+        return (
+            bool(self._receiving)
+            or not self.connector.events.empty()
+            or (bool(self._held) and self.connector.next_deadline() < time.monotonic())
+        )
+
+    def poll(self, wait_s: float = 0.0) -> list[EngineCoreOutput]:
+        """Apply what the connector reported (waiting up to wait_s for the first report) and free expired
+        holds; returns the first-token outputs of consumer requests that may now decode."""
+        outputs = []
+        try:
+            event = (
+                self.connector.events.get(timeout=wait_s)
+                if wait_s > 0
+                else self.connector.events.get_nowait()
+            )
+            while True:
+                self.num_events += 1
+                out = self._apply(event)
+                if out is not None:
+                    outputs.append(out)
+                event = self.connector.events.get_nowait()
+        except queue.Empty:
+            pass
+        for held in self.connector.expire(time.monotonic()):
+            logger.warning(
+                "KV transfer %s: not pulled or acknowledged within %.0f s; freeing its blocks",
+                held.transfer_id,
+                self.config.hold_timeout_s,
+            )
+            self.stats.expired += 1
+            self.num_events += 1
+            self._release(held.transfer_id)
+        return outputs
+
+    def take_errors(self) -> list[RequestError]:
+        errors, self._errors = self._errors, []
+        return errors
+
+    def _release(self, transfer_id: str) -> None:
+        blocks = self._held.pop(transfer_id, None)
+        if blocks is not None:
+            self.block_manager.release_blocks(blocks)
+            self.stats.held_blocks -= len(blocks)
+
+    def _apply(self, event: TransferEvent) -> EngineCoreOutput | None:
+        if event.kind == "released":
+            if event.reason:  # the send failed (the consumer is gone)
+                self.stats.failed += 1
+            else:
+                self.stats.sent += 1
+                self.stats.sent_bytes += len(self._held.get(event.transfer_id, [])) * self._block_bytes()
+            self._release(event.transfer_id)
+            return None
+        seq = self._receiving.pop(event.request_id, None)
+        if seq is None:
+            return None
+        self.stats.receiving_blocks -= len(self.block_manager.block_table(seq))
+        if event.request_id in self._cancelled or event.kind == "failed":
+            self._cancelled.discard(event.request_id)
+            self.block_manager.free(seq)
+            if event.kind == "failed":
+                self.stats.failed += 1
+                if not seq.is_finished:
+                    self._errors.append(
+                        error_to_message(
+                            seq.request_id,
+                            KVTransferError(f"KV transfer {event.transfer_id} failed: {event.reason}"),
+                        )
+                    )
+            return None
+        self.stats.observe_received(event.num_bytes, event.seconds)
+        return self._admit(seq, event.first_token)
+
+    def _admit(self, seq: Sequence, first_token: int) -> EngineCoreOutput:
+        """The prompt's KV is in: the sequence decodes from the producer's first token."""
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.num_cached_tokens = seq.num_prompt_tokens
+        seq.first_scheduled_time = time.monotonic()
+        seq.output_token_ids.append(first_token)
+        out = EngineCoreOutput(
+            seq.request_id,
+            new_token_ids=[first_token],
+            num_cached_tokens=seq.num_prompt_tokens,
+            first_scheduled_time=seq.first_scheduled_time,
+        )
+        self.scheduler.seqs[seq.seq_id] = seq
+        self.scheduler._check_token_stop(seq, first_token)  # EOS or max_tokens 1: done already
+        if seq.is_finished:
+            out.finish_reason = seq.status.finish_reason
+            out.stop_reason = seq.stop_reason if isinstance(seq.stop_reason, int) else None
+        else:
+            self.scheduler.waiting.append(seq)
+        return out
+
+    def _block_bytes(self) -> int:
+        from meshserve.disagg.kv_blocks import block_bytes
+
+        return block_bytes(self.connector.kv_tensors)
+
+    def snapshot(self) -> dict:
+        return self.stats.as_dict()
+
+    def close(self) -> None:
+        self.connector.close()
+
+
+def build_kv_transfer(config: KVTransferConfig | None, runner, scheduler) -> KVTransferCoordinator | None:
+    """The connector the config names, started, and its coordinator (None without a config)."""
+    if config is None:
+        return None
+    if runner is None:
+        raise InvalidArgumentError(
+            "kv_transfer_config: disaggregation runs on one device per instance for now "
+            "(tensor and pipeline parallel 1)",
+            param="kv_transfer_config",
+        )
+    tensors = runner.kv_pool.tensors
+    if config.kv_connector == "nixl":
+        from meshserve.disagg.nixl_connector import make_nixl_connector
+
+        connector = make_nixl_connector(config, tensors)
+    else:
+        from meshserve.disagg.torch_connector import TorchConnector
+
+        connector = TorchConnector(config, tensors)
+    connector.start()
+    return KVTransferCoordinator(config, connector, scheduler)

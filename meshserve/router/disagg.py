@@ -1,0 +1,110 @@
+"""Prefill/decode disaggregation through the router: the prefill leg of a request, and the decode leg's body.
+
+As vLLM's disaggregated proxy does: the request goes first to a prefill instance (a kv_producer) with
+max_tokens 1, not streamed, and kv_transfer_params {"do_remote_decode": true, "transfer_id": T}; that instance
+runs the prompt and its first token and holds the KV blocks. Then the original request goes to a decode
+instance (a kv_consumer) with {"do_remote_prefill": true, "transfer_id": T}: it pulls the blocks, sends the
+first token and decodes, streamed or not, as an ordinary OpenAI response. A prefill pool that cannot take
+the request (every instance down or refusing) means colocated serving on the decode pool; a refused decode
+attempt is retried there colocated (the held blocks expire on the producer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+import httpx
+from starlette.responses import Response
+
+from meshserve.router.pool import ReplicaPool
+
+logger = logging.getLogger(__name__)
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+_CLIENT_ERRORS = range(400, 500)
+
+
+def wants_disaggregation(path: str, body: dict | None) -> bool:
+    """Whether a request gains from a separate prefill: one prompt, one choice, more than one token."""
+    if path not in GENERATION_PATHS or not isinstance(body, dict) or "kv_transfer_params" in body:
+        return False
+    if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1):
+        return False
+    if body.get("max_tokens") == 1 or body.get("max_completion_tokens") == 1:
+        return False  # the prefill is the whole request
+    # a batch of prompts is several engine requests: one transfer handle would not do
+    prompt = body.get("prompt")
+    one_prompt = isinstance(prompt, str) or (
+        isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
+    )
+    return path != "/v1/completions" or one_prompt
+
+
+def prefill_body(body: dict, transfer_id: str) -> bytes:
+    """The prefill leg: one token, not streamed, the KV held for transfer_id."""
+    out = {k: v for k, v in body.items() if k not in ("stream_options", "min_tokens")}
+    out.update(
+        max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True, "transfer_id": transfer_id}
+    )
+    if "max_completion_tokens" in out:
+        out["max_completion_tokens"] = 1
+    return json.dumps(out).encode()
+
+
+def decode_body(body: dict, transfer_id: str) -> bytes:
+    """The decode leg: the client's request, with the handle of the KV to pull."""
+    return json.dumps(
+        {**body, "kv_transfer_params": {"do_remote_prefill": True, "transfer_id": transfer_id}}
+    ).encode()
+
+
+async def run_prefill(
+    client: httpx.AsyncClient,
+    pool: ReplicaPool,
+    path: str,
+    body: dict,
+    key: int | None,
+    headers: list[tuple[str, str]],
+    timeout: httpx.Timeout,
+    max_attempts: int,
+) -> str | Response | None:
+    """Run the prefill leg on the prefill pool: the transfer id once an instance holds the KV; the instance's
+    own 4xx answer (the client's mistake: no other instance would do better); None when no prefill instance
+    could (every one down, refusing or failing): the caller serves the request colocated."""
+    tried: set[str] = set()
+    while len(tried) < max_attempts:
+        replica = pool.route_prefill(key, tried)
+        if replica is None:
+            return None
+        tried.add(replica.url)
+        transfer_id = f"xfer-{uuid.uuid4().hex}"
+        replica.outstanding += 1
+        replica.num_requests += 1
+        try:
+            resp = await client.post(
+                replica.url + path, content=prefill_body(body, transfer_id), headers=headers, timeout=timeout
+            )
+        except httpx.TransportError as e:
+            replica.num_failed += 1
+            replica.eject(f"prefill failed ({type(e).__name__})")
+            logger.warning("prefill on %s failed: %s", replica.name, type(e).__name__)
+            continue
+        finally:
+            replica.outstanding -= 1
+        if resp.status_code == 200:
+            replica.num_succeeded += 1
+            return transfer_id
+        if resp.status_code in _CLIENT_ERRORS and resp.status_code != 429:
+            return Response(resp.content, resp.status_code, media_type="application/json")
+        replica.num_failed += 1
+        if resp.status_code >= 500:
+            replica.eject(f"prefill answered {resp.status_code}")
+        logger.warning("prefill on %s answered %d", replica.name, resp.status_code)
+    return None
+
+
+def is_transfer_failure(content: bytes) -> bool:
+    """A decode instance's refusal because the KV did not arrive (not the instance's own ill health)."""
+    return b"kv_transfer_failed" in content or b"KV transfer" in content

@@ -1,0 +1,62 @@
+"""A producer EngineCore in its own process, driven over multiprocessing queues (for the disagg tests)."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def transfer_config(role: str, rank: int, port: int, size: int = 2, **extra) -> dict:
+    return {
+        "kv_connector": "torch",
+        "kv_role": role,
+        "kv_rank": rank,
+        "kv_parallel_size": size,
+        "kv_ip": "127.0.0.1",
+        "kv_port": port,
+        "kv_connector_extra_config": {"backend": "gloo", **extra},
+    }
+
+
+def producer_main(engine_kwargs: dict, commands, results) -> None:
+    """Serve ("add", EngineCoreRequest) commands; report each finished request's tokens, and on ("blocks",)
+    the free-block count once nothing is held (or after 10 s); stop on ("stop",)."""
+    from meshserve.config import EngineArgs
+    from meshserve.engine.core import EngineCore
+
+    core = EngineCore.from_engine_args(EngineArgs(**engine_kwargs))
+    results.put(("ready", core.scheduler.block_manager.num_blocks))
+    tokens: dict[str, list[int]] = {}
+    try:
+        while True:
+            try:
+                cmd = commands.get(timeout=0.01 if not core.has_unfinished_requests() else 0)
+            except queue.Empty:
+                cmd = None
+            if cmd is not None and cmd[0] == "stop":
+                break
+            if cmd is not None and cmd[0] == "add":
+                core.add_request_or_report(cmd[1])
+            if cmd is not None and cmd[0] == "blocks":
+                deadline = time.monotonic() + 10
+                while core.disagg.stats.held_blocks and time.monotonic() < deadline:
+                    core.step()
+                    time.sleep(0.01)
+                results.put(("blocks", core.scheduler.block_manager.num_free_blocks, core.disagg.snapshot()))
+            if core.has_unfinished_requests():
+                outs = core.step()
+                for o in outs.outputs:
+                    tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+                    if o.finished:
+                        results.put(("done", o.request_id, tokens.pop(o.request_id), o.num_cached_tokens))
+                for e in outs.errors:
+                    results.put(("error", e.request_id, e.message))
+    finally:
+        core.shutdown()

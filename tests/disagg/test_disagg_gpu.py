@@ -1,0 +1,90 @@
+"""On the device: two engines on two GPUs (or one shared) move KV over NCCL and decode a single engine's tokens.
+
+Run: python -m pytest -m gpu tests/disagg/test_disagg_gpu.py
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from meshserve.config import EngineArgs
+from meshserve.engine.core import EngineCore
+from meshserve.engine.messages import EngineCoreRequest
+from meshserve.sampling import SamplingParams
+from tests.disagg.engine_pair import free_port, producer_main, transfer_config
+from tests.disagg.test_disagg_engine import _ids, _prefill, _run
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+def test_gpu_pair_matches_single_engine(tiny_model_dir, backend):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    if backend == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("NCCL point-to-point needs two GPUs (one per process)")
+    model = tiny_model_dir("llama")
+    port = free_port()
+    second = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
+    common = {
+        "model": model,
+        "block_size": 16,
+        "max_model_len": 2048,
+        "num_gpu_blocks_override": 400,
+        "dtype": "float32",
+    }
+    ctx = mp.get_context("spawn")
+    commands, results = ctx.Queue(), ctx.Queue()
+    prod_cfg = transfer_config("kv_producer", 0, port, transfer_timeout_s=30)
+    prod_cfg["kv_connector_extra_config"]["backend"] = backend
+    proc = ctx.Process(
+        target=producer_main,
+        args=({**common, "device": "cuda:0", "kv_transfer_config": prod_cfg}, commands, results),
+        daemon=True,
+    )
+    proc.start()
+    cons_cfg = transfer_config("kv_consumer", 1, port, transfer_timeout_s=30)
+    cons_cfg["kv_connector_extra_config"]["backend"] = backend
+    consumer = EngineCore.from_engine_args(EngineArgs(**common, device=second, kv_transfer_config=cons_cfg))
+    try:
+        assert results.get(timeout=300)[0] == "ready"
+        prompts = [_ids(i, n) for i, n in enumerate((100, 700, 1500))]
+        reqs = []
+        for i, prompt in enumerate(prompts):
+            p = SamplingParams(
+                temperature=0,
+                max_tokens=1,
+                ignore_eos=True,
+                kv_transfer_params={"do_remote_decode": True, "transfer_id": f"g{i}"},
+            )
+            reqs.append(EngineCoreRequest(f"p{i}", prompt, p, 1))
+        _prefill(commands, results, reqs)
+        dec = [
+            EngineCoreRequest(
+                f"d{i}",
+                prompt,
+                SamplingParams(
+                    temperature=0,
+                    max_tokens=16,
+                    ignore_eos=True,
+                    kv_transfer_params={"do_remote_prefill": True, "transfer_id": f"g{i}"},
+                ),
+                16,
+            )
+            for i, prompt in enumerate(prompts)
+        ]
+        got = _run(consumer, dec)
+    finally:
+        commands.put(("stop",))
+        proc.join(60)
+        consumer.shutdown()
+    single = EngineCore.from_engine_args(EngineArgs(**common, device="cuda:0"))
+    try:
+        greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        want = _run(single, [EngineCoreRequest(f"d{i}", p, greedy, 16) for i, p in enumerate(prompts)])
+    finally:
+        single.shutdown()
+    assert got == want

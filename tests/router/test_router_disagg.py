@@ -1,0 +1,125 @@
+"""The router over a prefill instance and a decode instance (real servers, gloo on loopback): the tokens are
+colocated serving's, streamed or not; a dead prefill instance means colocated serving, not an error; the
+blocks on both sides are freed; the transfer shows in /metrics."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from meshserve.router.config import RouterConfig
+from tests.conftest import VOCAB
+from tests.router.conftest import free_port, replica_args, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def _kv(role: str, rank: int, port: int) -> str:
+    return json.dumps(
+        {
+            "kv_connector": "torch",
+            "kv_role": role,
+            "kv_rank": rank,
+            "kv_parallel_size": 2,
+            "kv_ip": "127.0.0.1",
+            "kv_port": port,
+            "kv_connector_extra_config": {"backend": "gloo", "transfer_timeout_s": 5, "hold_timeout_s": 5},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_model_dir, processes):
+    model = tiny_model_dir("llama")
+    kv_port = free_port()
+    extra = ["--block-size", "4", "--num-gpu-blocks-override", "300"]
+    prefill = processes("prefill", [])
+    prefill.args = replica_args(
+        model, prefill.port, ["tiny"], [*extra, "--kv-transfer-config", _kv("kv_producer", 0, kv_port)]
+    )
+    decode = processes("decode", [])
+    decode.args = replica_args(
+        model, decode.port, ["tiny"], [*extra, "--kv-transfer-config", _kv("kv_consumer", 1, kv_port)]
+    )
+    prefill.start()
+    decode.start()
+    prefill.wait_ready()
+    decode.wait_ready()
+    return prefill, decode
+
+
+def _prompt(i: int) -> list[int]:
+    rng = random.Random(i)
+    return [rng.randrange(3, VOCAB) for _ in range(20 + 17 * i)]
+
+
+def _body(i: int, stream: bool = False) -> dict:
+    return {
+        "model": "tiny",
+        "prompt": _prompt(i),
+        "max_tokens": 10,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+
+
+def _text(resp: httpx.Response, stream: bool) -> str:
+    assert resp.status_code == 200, resp.text
+    if not stream:
+        return resp.json()["choices"][0]["text"]
+    out = []
+    for line in resp.text.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            out.append(event["choices"][0]["text"])
+    assert resp.text.rstrip().endswith("data: [DONE]")
+    return "".join(out)
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE))
+
+
+def test_disaggregated_tokens_equal_colocated_and_faults_fall_back(deployment, router):
+    prefill, decode = deployment
+    # colocated reference: the decode instance alone (no transfer)
+    want = {
+        i: _text(httpx.post(decode.url + "/v1/completions", json=_body(i), timeout=60), False)
+        for i in range(6)
+    }
+    r = router(RouterConfig(backends=[decode.url], prefills=[prefill.url], health_interval_s=0.2))
+    assert wait_until(lambda: httpx.get(r.base_url + "/ready").status_code == 200, 10)
+
+    def ask(i_stream):
+        i, stream = i_stream
+        return (
+            i,
+            stream,
+            _text(httpx.post(r.base_url + "/v1/completions", json=_body(i, stream), timeout=60), stream),
+        )
+
+    with ThreadPoolExecutor(6) as pool:  # concurrent requests, half of them streamed
+        got = list(pool.map(ask, [(i, i % 2 == 1) for i in range(6)]))
+    for i, _, text in got:
+        assert text == want[i], i
+    assert _metric(decode.url, 'meshserve:kv_transfers_total{direction="received",outcome="ok"}') == 6
+    assert _metric(decode.url, 'meshserve:kv_transfer_bytes_total{direction="received"}') > 0
+    # both sides freed every block (the producer once acknowledged)
+    assert wait_until(lambda: _metric(prefill.url, 'meshserve:kv_transfer_blocks{state="held"}') == 0, 10)
+    assert _metric(decode.url, "meshserve:kv_cache_usage_perc") == 0
+
+    # the prefill instance dies: requests are served colocated on the decode instance, streamed or not
+    prefill.kill()
+    for i, stream in ((0, False), (1, True)):
+        assert (
+            _text(httpx.post(r.base_url + "/v1/completions", json=_body(i, stream), timeout=60), stream)
+            == want[i]
+        )

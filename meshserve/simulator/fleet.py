@@ -1,8 +1,9 @@
 """The event loop: arrivals go through a router policy to replicas, whose steps end at simulated times.
 
-Two kinds of event: the next arrival of the trace, and a replica's step ending or an idle replica waking (a
-heap keyed by time, then replica index, so ties resolve the same way every run). Arrivals go first at equal
-times: a replica idle when requests arrive wakes once all of that instant's arrivals are queued, and starts a
+Events: the next arrival of the trace; and in a heap keyed by time, then replica index, then kind (so ties
+resolve the same way every run): a request reaching a replica's core through its API process, a replica's step
+(or a decode run's laid-out steps) ending, an idle replica waking, sequences finishing inside a decode run (the
+router's count drops then). Arrivals go first at equal times: a replica idle when requests arrive wakes once all of that instant's arrivals are queued, and starts a
 step; a replica whose step ends starts its next one at that moment if it has work. The router is
 meshserve/router/policy.py's, run on SimReplica objects (they carry the `outstanding` and `url` it reads); a
 request refused with 429 is retried on another replica, up to max_attempts, as `meshserve router` does.

@@ -64,3 +64,16 @@ class FrontEnd:
     def deliver(self, t: float, num_tokens: int) -> float:
         """A step's num_tokens tokens leave the core at t: when the client sees them."""
         return self.submit(t, num_tokens * self.costs.per_token_s)
+
+    def deliver_all(self, times: list[float], num_tokens: int) -> list[float]:
+        """deliver(t, num_tokens) for each t of times (in order), in one loop: the same floats."""
+        work = num_tokens * self.costs.per_token_s
+        last, backlog, out = self.t, self.backlog_s, []
+        for t in times:
+            assert t >= last, "front-end jobs must arrive in time order"
+            backlog = max(backlog - (t - last), 0.0) + work
+            last = t
+            out.append(t + backlog)
+            self.busy_s += work
+        self.t, self.backlog_s = last, backlog
+        return out

@@ -301,13 +301,15 @@ class SimReplica:
     def _deliver_run(self, until: float | None = None) -> None:
         """Hand the front end the tokens of the run's steps that ended before `until` (all laid out: None), in
         order; each step's client time goes to run.seen."""
-        run, fe = self._run, self.frontend
+        run = self._run
         k, end_times = len(run.seen), run.end_times
         stop = len(end_times) if until is None else bisect.bisect_left(end_times, until)
         for first, last, size, _ in run.segments:
-            while first <= k < last and k < stop:
-                run.seen.append(fe.deliver(end_times[k], size))
-                k += 1
+            if k >= stop:
+                break
+            if k < last:
+                run.seen += self.frontend.deliver_all(end_times[k:min(last, stop)], size)
+                k = min(last, stop)
 
     def _end_run(self, done: int) -> None:
         """Apply the first `done` (>= 1) steps of the run: tokens, blocks, SLO credit, inter-token gaps,
@@ -336,7 +338,10 @@ class SimReplica:
         ended = []
         for seq, r in zip(run.seqs, run.finish):
             k = min(r, done)
-            seq.output_token_ids.extend(range(k) if light else [_SAMPLED_TOKEN] * k)  # a TokenCount counts
+            if light:
+                seq.output_token_ids.n += k  # a TokenCount
+            else:
+                seq.output_token_ids.extend([_SAMPLED_TOKEN] * k)
             # blocks for every token computed in the run (reserved when it started)
             allocated = sched.block_manager.allocate(seq, k)
             assert allocated, "a decode run reserved its blocks when it started"

@@ -104,8 +104,9 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         recorder.num_rejected += 1
 
     wall0 = time.perf_counter()
-    # (time, replica index, _STEP_END or _WAKE, version)
-    steps: list[tuple[float, int, int, int]] = []
+    # (time, replica index, kind, payload): a version for _STEP_END and _WAKE (only the latest is live),
+    # (request, replicas tried, prefix key) for _ADMIT, (run serial, step) for _FINISH
+    steps: list[tuple] = []
     n, i = len(trace), 0
     delay = config.frontend_latency_s
     arrivals = trace.arrival_s

@@ -6,7 +6,7 @@ import argparse
 import copy
 import dataclasses
 
-from meshserve.config import CACHE_DTYPES, DTYPES, LOAD_FORMATS, EngineArgs
+from meshserve.config import CACHE_DTYPES, DTYPES, LOAD_FORMATS, QUANTIZATION_METHODS, EngineArgs
 from meshserve.models.embedded import GENERATION_DEFAULTS as EMBEDDED_DEFAULTS
 from meshserve.sampling import SamplingParams
 
@@ -75,7 +75,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-kv-cache-bytes", type=int, default=d.cpu_kv_cache_bytes)
     g.add_argument("--num-gpu-blocks-override", type=int, default=None)
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=CACHE_DTYPES,
-                   help="KV cache element type (auto: the model dtype)")
+                   help="KV cache element type (auto: the model dtype; fp8: e4m3 with per-tensor scales, 1.0 "
+                        "or the checkpoint's k_scale/v_scale)")
+    g.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_METHODS,
+                   help="weight format: fp8 (online from 16-bit weights, or an fp8 checkpoint), awq, gptq, "
+                        "compressed-tensors, fbgemm_fp8 (default: the checkpoint's quantization_config)")
     o = parser.add_argument_group("KV offload (evicted prefix blocks spill to CPU memory and disk)")
     o.add_argument("--kv-offloading-size", type=float, default=None, metavar="GiB",
                    help="CPU tier: GiB of (pinned) host memory for evicted KV blocks (default: off)")

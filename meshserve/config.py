@@ -16,9 +16,11 @@ from meshserve.spec_decode.config import SpeculativeConfig, parse_speculative_co
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-# "auto" = the model dtype; another dtype needs the torch attention backend (the Triton kernels keep the
-# cache in the model dtype); fp8 variants come later
-CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+# "auto" = the model dtype; another 16/32-bit dtype needs the torch attention backend (the Triton kernels keep
+# the cache in the model dtype); fp8 (= fp8_e4m3) is float8_e4m3fn with per-tensor scales, in every backend
+CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp8", "fp8_e4m3")
+# weight formats (--quantization); the checkpoint's quantization_config is read when this is None
+QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "compressed-tensors", "fbgemm_fp8")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class ModelConfig:
     max_model_len: int
     load_format: str = "auto"
     seed: int = 0
+    quantization: str | None = None  # --quantization (None: whatever the checkpoint's quantization_config says)
     # SamplingParams fields the model's generation_config.json sets (--generation-config), for unset fields
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -147,6 +150,7 @@ class EngineArgs:
     cpu_kv_cache_bytes: int = 1 << 30
     num_gpu_blocks_override: int | None = None
     kv_cache_dtype: str = "auto"  # CacheConfig.cache_dtype
+    quantization: str | None = None  # weight format: fp8 | awq | gptq | compressed-tensors | fbgemm_fp8
     kv_offloading_size: float | None = None  # GiB
     kv_offloading_disk_path: str | None = None
     kv_offloading_disk_size: float | None = None  # GiB
@@ -196,6 +200,8 @@ class EngineArgs:
         check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check(self.kv_cache_dtype in CACHE_DTYPES, "kv_cache_dtype",
               f"must be one of {', '.join(CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        check(self.quantization is None or self.quantization in QUANTIZATION_METHODS, "quantization",
+              f"must be one of {', '.join(QUANTIZATION_METHODS)}, got {self.quantization!r}")
         check(self.load_format in LOAD_FORMATS, "load_format",
               f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         check(self.generation_config in ("auto", "vllm")

@@ -27,6 +27,23 @@ FAMILIES: dict[str, dict] = {
     # Qwen2-MoE: a gated shared expert beside the routed ones, QKV bias, top-2 of 8 not renormalized
     "qwen2_moe": dict(model_type="qwen2_moe", tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
                       moe_intermediate_size=32, shared_expert_intermediate_size=64, norm_topk_prob=False),
+    # DeepSeek MLA (one KV head per query head in HF's view): V2 without q_lora_rank, group-limited greedy
+    # softmax routing, 2 shared experts, YaRN; V3 with q_lora_rank, sigmoid + correction bias (randomized
+    # below) group-limited top-2, renormalized and scaled, YaRN with an mscale != mscale_all_dim
+    "deepseek_v2": {"model_type": "deepseek_v2", "tie_word_embeddings": False, "num_key_value_heads": 4,
+                    "q_lora_rank": None, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+                    "v_head_dim": 24, "n_routed_experts": 8, "n_group": 4, "topk_group": 2,
+                    "topk_method": "group_limited_greedy", "num_experts_per_tok": 3, "n_shared_experts": 2,
+                    "moe_intermediate_size": 16, "first_k_dense_replace": 1, "routed_scaling_factor": 1.5,
+                    "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "mscale": 0.707, "mscale_all_dim": 0.707,
+                                     "original_max_position_embeddings": 128}},
+    "deepseek_v3": {"model_type": "deepseek_v3", "tie_word_embeddings": False, "num_key_value_heads": 4,
+                    "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+                    "v_head_dim": 16, "n_routed_experts": 8, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 2,
+                    "n_shared_experts": 1, "moe_intermediate_size": 24, "first_k_dense_replace": 1,
+                    "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+                    "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.8,
+                                     "original_max_position_embeddings": 128, "beta_fast": 32, "beta_slow": 1}},
 }
 
 
@@ -57,12 +74,15 @@ def make_tiny_checkpoint(path: str, family: str, seed: int = 0, with_tokenizer: 
 
     fields = dict(FAMILIES[family])
     model_type = fields.pop("model_type")
-    config = AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
-        bos_token_id=0, eos_token_id=2, **fields)
+    base = {"vocab_size": VOCAB, "hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "initializer_range": 0.2, "bos_token_id": 0, "eos_token_id": 2}
+    config = AutoConfig.for_model(model_type, **{**base, **fields})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float().eval()
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # zeros at init: make it steer the routing
+            buf.normal_(0.0, 0.1)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     if with_tokenizer:

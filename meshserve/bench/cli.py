@@ -23,9 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     from meshserve.bench.word_tokenizer import add_tokenizer_parser
 
     add_tokenizer_parser(bench_sub)
+    from meshserve.bench.frontend import add_frontend_parser
+
+    add_frontend_parser(bench_sub)
     from meshserve.bench.spec_decode import add_spec_parser
 
     add_spec_parser(bench_sub)
+    from meshserve.bench.structured_outputs import add_structured_parser
+
+    add_structured_parser(bench_sub)
     try:
         from meshserve.bench.serve_bench import add_serve_parser
     except ImportError:  # the serving benchmark is optional until its module exists

@@ -31,7 +31,8 @@ def _llm(ns):
                enable_prefix_caching=not ns.no_prefix_caching, tensor_parallel_size=ns.tensor_parallel_size,
                pipeline_parallel_size=ns.pipeline_parallel_size,
                disable_custom_all_reduce=ns.disable_custom_all_reduce,
-               enable_expert_parallel=getattr(ns, "enable_expert_parallel", False))
+               enable_expert_parallel=getattr(ns, "enable_expert_parallel", False),
+               quantization=getattr(ns, "quantization", None), kv_cache_dtype=getattr(ns, "kv_cache_dtype", "auto"))
 
 
 def _layout(ns) -> dict:
@@ -263,6 +264,9 @@ def add_offline_parsers(bench_sub: argparse._SubParsersAction) -> None:
         p.add_argument("--disable-custom-all-reduce", action="store_true", help="NCCL for every TP all-reduce")
         p.add_argument("--enable-expert-parallel", "-ep", action="store_true",
                        help="MoE: experts spread over the TP ranks (all-to-all)")
+        p.add_argument("--quantization", "-q", default=None, choices=("fp8", "awq", "gptq"),
+                       help="weights quantized at load from the dummy bf16 ones (the roofline counts their bytes)")
+        p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
         p.add_argument("--no-baseline", action="store_true", help="skip HF transformers")
         p.add_argument("--output-json", default=None)
         p.add_argument("--benchmarks-md", default=None, help="append a row to this BENCHMARKS.md")

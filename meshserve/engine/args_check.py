@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from meshserve.config import EngineArgs
 from meshserve.errors import InvalidArgumentError, ModelLoadError
 from meshserve.models.moe_config import check_moe_split
+from meshserve.models.quant_config import check_weight_format
 
 
 def check_parallel_split(hf_config, tp: int, pp: int, partition: list[int] | None,
@@ -78,6 +79,8 @@ def check_engine_args(args: EngineArgs) -> None:
         if args.load_format != "dummy":
             raise ModelLoadError(f"{model} is an architecture preset without weights: add --load-format dummy")
         fields = dict(PRESETS[model.lower()])
+    if fields is not None:
+        check_weight_format(fields.get("quantization_config"), model, args.load_format)
     if fields is not None and all(k in fields for k in ("num_attention_heads", "intermediate_size",
                                                         "num_hidden_layers")):
         fields = {**fields, **args.hf_overrides}

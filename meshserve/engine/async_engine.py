@@ -27,6 +27,7 @@ from meshserve.config import EngineArgs
 from meshserve.engine.core_client import EngineCoreClient
 from meshserve.engine.input_processor import InputProcessor, PromptType, load_tokenizer
 from meshserve.engine.messages import EngineCoreOutputs, SchedulerStats, error_from_message
+from meshserve.engine.output_coalescing import fold_outputs
 from meshserve.engine.output_processor import OutputProcessor
 from meshserve.errors import EngineDeadError, ServiceLevelError
 from meshserve.outputs import RequestOutput
@@ -58,18 +59,23 @@ class AsyncLLM:
         self._closing = False
         self._stats = SchedulerStats(num_blocks=core_client.info.num_blocks)
         self._stats_time = time.monotonic()
+        # delay a request will still meet in the caller's process after this check (the server sets it: its
+        # event loop's lag, i.e. how late a first token leaves once made)
+        self.frontend_delay_s: Callable[[], float] = lambda: 0.0
         # prompts and chat templates are tokenized on this one thread (Rust tokenizers are not re-entrant)
         self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meshserve-tok")
         self._output_thread = threading.Thread(target=self._pump_outputs, name="meshserve-outputs", daemon=True)
         self._output_thread.start()
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs, separate_process: bool = False) -> AsyncLLM:
-        """The core in a thread of this process, or (separate_process) in a child process of its own."""
+    def from_engine_args(cls, args: EngineArgs, separate_process: bool = False,
+                         core_factory: Callable | None = None) -> AsyncLLM:
+        """The core in a thread of this process, or (separate_process) in a child process of its own;
+        core_factory(args) builds a stand-in core there (the front-end benchmark's model-less core)."""
         if separate_process:
             from meshserve.engine.core_process import ProcessCoreClient
 
-            client: EngineCoreClient = ProcessCoreClient(args)
+            client: EngineCoreClient = ProcessCoreClient(args, core_factory=core_factory)
         else:
             from meshserve.engine.core import EngineCore
             from meshserve.engine.core_client import ThreadedCoreClient
@@ -148,8 +154,12 @@ class AsyncLLM:
         try:
             for req in processed.core_requests:
                 self.core_client.add_request(req)
+            kind = processed.params.output_kind
             while True:
                 item = await q.get()
+                while not isinstance(item, BaseException) and not item.finished and not q.empty():
+                    nxt = q.get_nowait()  # the caller lags: what piled up goes out as one output
+                    item = nxt if isinstance(nxt, BaseException) else fold_outputs(item, nxt, kind)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -165,7 +175,7 @@ class AsyncLLM:
         published queue state."""
         st = self._stats
         waited = time.monotonic() - arrival_time if arrival_time is not None else 0.0
-        return waited + st.queue_wait_s + num_prompt_tokens * st.prefill_s_per_token
+        return waited + st.queue_wait_s + num_prompt_tokens * st.prefill_s_per_token + self.frontend_delay_s()
 
     def _check_service_level(self, ttft_target_s: float | None, num_prompt_tokens: int,
                              arrival_time: float | None = None) -> None:

@@ -8,6 +8,7 @@ here: tokenization, detokenization, stop strings and logprob text belong to the 
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ import time
 from meshserve.config import EngineArgs, EngineConfig
 from meshserve.disagg.coordinator import build_kv_transfer
 from meshserve.engine.engine_config import create_engine_config
-from meshserve.engine.executor import make_executor
+from meshserve.engine.executor import UniprocExecutor, make_executor
 from meshserve.engine.expert_load import ExpertLoadReader
 from meshserve.engine.grammar_waitlist import GrammarWaitlist
 from meshserve.engine.kv_offload.setup import build_kv_offload
@@ -152,6 +153,9 @@ class EngineCore:
         self.grammar_waitlist = GrammarWaitlist(GrammarCompiler(
             config.model_config.tokenizer or None, config.model_config.vocab_size, self.info.eos_token_ids))
         self._grammar_seq_ids: set[str] = set()  # constrained requests in the scheduler (pruned lazily)
+        # an in-process runner fills the grammar masks of a step once its forward is queued (_late_masks_hook)
+        # (one process, one device: other executors pickle the SchedulerOutput to their workers)
+        self._late_masks = isinstance(self.executor, UniprocExecutor) and not self.pipeline_depth
         logger.info("engine core ready in %.1f s: %s, %s on %s", time.perf_counter() - t0,
                     config.model_config.model, config.model_config.dtype, config.device)
 
@@ -232,13 +236,14 @@ class EngineCore:
                 return self._outputs([])
             shape = step_shape(sched_out)
             return self._outputs(self._process(sched_out, self.executor.execute(sched_out), shape))
-        if self._in_flight is not None and self.scheduler.needs_known_history:
+        if self._in_flight is not None and self._needs_known_history():
             return self._outputs(self._drain())  # penalties read the pending token: no overlap this step
         sched_out = self._schedule()
+        drained = self._late_masks_hook(sched_out)
         launched = None
         if not sched_out.is_empty or sched_out.finished_seq_ids:
             launched = self.executor.execute_async(sched_out)
-        outputs = self._drain()
+        outputs = drained + self._drain()
         if launched is not None:
             self._in_flight = (sched_out, launched, step_shape(sched_out))
         return self._outputs(outputs)
@@ -291,13 +296,42 @@ class EngineCore:
             self.requests.pop(seq.request_id, None)
             self._errors.append(error_to_message(seq.request_id, error))
 
+    def _late_masks_hook(self, sched_out: SchedulerOutput) -> list[EngineCoreOutput]:
+        """Grammar masks filled while the device runs the forward. A constrained sequence's mask for step
+        n+1 needs its token of step n; filled before the launch, the device would wait for the CPU (and
+        async scheduling would stop for everyone while a constrained request runs). Instead the runner
+        calls sched_out.before_sample once the forward is queued: with step n in flight, the hook reads it
+        back (done on the device: it was queued first), processes it (the matchers accept its tokens), then
+        fills step n+1's masks. Returns the list step n's outputs go into when the hook runs. In-process
+        runners only: a worker process gets the SchedulerOutput pickled, so there the masks come first."""
+        drained: list[EngineCoreOutput] = []
+        fill = sched_out.before_sample
+        if fill is None or self._in_flight is None:
+            return drained
+
+        def hook() -> None:
+            drained.extend(self._drain())
+            fill()
+
+        sched_out.before_sample = hook
+        return drained
+
+    def _needs_known_history(self) -> bool:
+        """Whether the next step must wait for the step in flight: penalties read the pending token; a
+        grammar's mask does too, but with late masks it waits inside the next step (_late_masks_hook)."""
+        if not self._late_masks:
+            return self.scheduler.needs_known_history
+        return any(seq.params.uses_penalties for seq in self.scheduler.running)
+
     def _fill_grammar_bitmasks(self, sched_out: SchedulerOutput) -> None:
         """Each constrained sequence sampling this step gets the mask of tokens its grammar allows next
-        (its matcher has seen every output token: such sequences never schedule ahead of a pending one)."""
+        (its matcher has seen every output token: the step before was processed first). One that finished
+        meanwhile gets none: its token is dropped."""
         self._grammar_seq_ids &= self.requests.keys()
         if not self._grammar_seq_ids:
             return
-        entries = [e for e in sched_out.scheduled if e.do_sample and e.seq_id in self._grammar_seq_ids]
+        entries = [e for e in sched_out.scheduled if e.do_sample and e.seq_id in self._grammar_seq_ids
+                   and not self.requests[e.seq_id].is_finished]
         if not entries:
             return
         masks = fill_bitmasks([self.requests[e.seq_id].grammar for e in entries], self.config.model_config.vocab_size)
@@ -309,7 +343,10 @@ class EngineCore:
             self._admit_compiled()
         sched_out = self.scheduler.schedule()
         if self._grammar_seq_ids:
-            self._fill_grammar_bitmasks(sched_out)
+            if self._late_masks:
+                sched_out.before_sample = functools.partial(self._fill_grammar_bitmasks, sched_out)
+            else:
+                self._fill_grammar_bitmasks(sched_out)
         for seq in self.scheduler.shed:  # too late for their time-to-first-token target: a clean 429
             self.requests.pop(seq.request_id, None)
             self._prompt_logprobs_sent.pop(seq.request_id, None)

@@ -18,6 +18,7 @@ from meshserve.config import (
 from meshserve.disagg.config import parse_kv_transfer_config
 from meshserve.engine.args_check import check_parallel_split
 from meshserve.errors import InvalidArgumentError
+from meshserve.layers.quantization import check_quant_shapes, resolve_quant_config
 from meshserve.models.embedded import GENERATION_DEFAULTS as EMBEDDED_GENERATION_DEFAULTS
 from meshserve.models.generation_defaults import load_generation_defaults
 from meshserve.models.loader import ModelSource, resolve_model_source
@@ -68,14 +69,21 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
             "enable chunked prefill or raise it", param="max_num_batched_tokens")
 
     resolve_model_class(source.hf_config)  # unsupported architectures fail here, with their name
+    # bad weight formats fail here, in one line, before any process starts
+    quant_config = resolve_quant_config(source.hf_config, args.quantization,
+                                        "dummy" if source.weights_dir is None else "auto")
+    check_quant_shapes(quant_config, source.hf_config, args.tensor_parallel_size)
     check_parallel_split(source.hf_config, args.tensor_parallel_size, args.pipeline_parallel_size,
                          args.pp_layer_partition, args.enable_expert_parallel)
     model_dir = source.weights_dir or (args.model if args.model and os.path.isdir(args.model) else None)
     generation_defaults = load_generation_defaults(
         model_dir, args.generation_config, EMBEDDED_GENERATION_DEFAULTS if args.model is None else None)
+    if args.kv_cache_dtype.startswith("fp8") and getattr(source.hf_config, "kv_lora_rank", None):
+        raise InvalidArgumentError("kv_cache_dtype fp8 is not supported for MLA (DeepSeek) models yet: their "
+                                   "latent cache stays in the model dtype", param="kv_cache_dtype")
     model_config = ModelConfig(
         model=source.name, tokenizer=source.tokenizer_dir or "", hf_config=source.hf_config, dtype=dtype,
-        max_model_len=max_model_len, load_format=args.load_format, seed=args.seed,
+        max_model_len=max_model_len, load_format=args.load_format, seed=args.seed, quantization=args.quantization,
         generation_defaults=generation_defaults,
     )
     config = EngineConfig(

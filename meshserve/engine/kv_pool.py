@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -17,8 +18,9 @@ logger = logging.getLogger(__name__)
 class KVCachePool:
     """This rank's paged KV memory: one tensor per attention layer of its pipeline stage.
 
-    Layout per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (0 is K, 1 is V) in the selected
-    KV cache dtype. The pool binds each tensor to its layer, which writes it through its backend; block ids
+    Layout per layer: the layer's kv_cache_shape, [2, num_blocks, block_size, num_kv_heads, head_dim] (0 is K,
+    1 is V) for attention layers, [1, num_blocks, block_size, 1, kv_lora_rank + rope dim] for MLA layers (one
+    latent per token), in the selected KV cache dtype. The pool binds each tensor to its layer, which writes it through its backend; block ids
     (the block manager's) index dimension 1 of every layer alike.
     """
 
@@ -36,8 +38,7 @@ class KVCachePool:
 
     def bytes_per_block(self) -> int:
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        head_dim = self.config.model_config.head_dim
-        return 2 * len(self.layers) * self.block_size * self.num_kv_heads * head_dim * elem
+        return sum(math.prod(layer.kv_cache_shape(1, self.block_size)) for layer in self.layers) * elem
 
     def determine_num_blocks(self, profile_peak_memory: Callable[[], int]) -> int:
         """How many KV blocks the memory budget allows (or the override). On a GPU the budget is what
@@ -70,10 +71,9 @@ class KVCachePool:
 
     def allocate(self, num_blocks: int) -> None:
         """Zeroed cache tensors of num_blocks blocks, bound to their layers."""
-        mc = self.config.model_config
-        shape = (2, num_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
         self.tensors = []
         for layer in self.layers:
+            shape = layer.kv_cache_shape(num_blocks, self.block_size)
             layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.tensors.append(layer.kv_cache)
 

@@ -64,7 +64,8 @@ class ModelRunner:
         if not config.parallel_config.disable_custom_all_reduce:
             enable_fast_all_reduce(self.device, self.dtype)
         torch.manual_seed(mc.seed)
-        self.model = build_model(source, self.dtype, self.device, mc.max_model_len, seed=mc.seed)
+        self.model = build_model(source, self.dtype, self.device, mc.max_model_len, seed=mc.seed,
+                                 quantization=mc.quantization)
         bind_kernels(self.model, self.kernels)
         self.kv_pool = KVCachePool(config, self.model.attention_layers(), self.kernels.kv_cache_dtype, self.device)
         # pinned host buffers (inputs, sampled ids) used in turn by consecutive steps: two for async
@@ -111,10 +112,10 @@ class ModelRunner:
 
     # -- KV memory -------------------------------------------------------------------------------
     def kv_block_layout(self) -> tuple[tuple[int, ...], torch.dtype]:
-        """Shape of one block of every layer of this rank, [layers, 2, block_size, kv_heads, head_dim], and
-        its dtype: a slot of the KV offload tiers."""
+        """Shape of one block of every layer of this rank, [layers, 2, block_size, kv_heads, head_dim] (MLA:
+        [layers, 1, block_size, 1, latent]), and its dtype: a slot of the KV offload tiers."""
         t = self.kv_pool.tensors[0]
-        return (len(self.kv_pool.tensors), 2, *t.shape[2:]), t.dtype
+        return (len(self.kv_pool.tensors), t.shape[0], *t.shape[2:]), t.dtype
 
     def attach_kv_offload(self, cpu_tier, stats, verify: bool = False) -> None:
         """Run the steps' KV offload copies between this rank's pool and cpu_tier (kv_offload/transfer.py)."""
@@ -242,6 +243,8 @@ class ModelRunner:
                 hidden = self.graphs.run(input_ids, positions, meta)
             else:
                 hidden = self.forward(input_ids, positions, meta)
+            if out.before_sample is not None:  # grammar masks, filled while the device runs the forward
+                out.before_sample()
             pending = self.sampling.sample(out.scheduled, hidden, meta, self._step_parity)
             if self.drafter is not None:
                 pending = self.drafter.propose_after(out.scheduled, pending)

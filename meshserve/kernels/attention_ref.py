@@ -1,29 +1,46 @@
 """Plain torch attention over the paged KV cache: the CPU path and the reference for the GPU kernels.
 
 KV cache layout (per layer): [2, num_blocks, block_size, num_kv_heads, head_dim]; index 0 is K, 1 is V.
+
+An fp8 (float8_e4m3fn) cache holds K / k_scale and V / v_scale (saturated at +-448); reads multiply back. With
+a 16-bit cache the scales are 1.0 and unused.
 """
 
 import torch
 import torch.nn.functional as F
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
+from meshserve.kernels.quant_ref import FP8_DTYPE, to_fp8
 
 
-def write_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor):
+def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
+    return kv_cache.dtype == FP8_DTYPE
+
+
+def write_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 k_scale: float = 1.0, v_scale: float = 1.0):
     """Scatter this step's K and V [T, Hkv, D] into their cache slots (reshape-and-cache)."""
     num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
     flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
-    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    if is_fp8_cache(kv_cache):  # CPU torch has no fp8 index_copy_: move the bytes
+        flat = flat.view(torch.uint8)
+        key, value = to_fp8(key, k_scale).view(torch.uint8), to_fp8(value, v_scale).view(torch.uint8)
+    flat[0].index_copy_(0, slot_mapping, key.to(flat.dtype))
+    flat[1].index_copy_(0, slot_mapping, value.to(flat.dtype))
 
 
-def gather_kv_ref(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
-    """K and V [seq_len, Hkv, D] of one sequence, read through its block table."""
+def gather_kv_ref(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, k_scale: float = 1.0,
+                  v_scale: float = 1.0, dtype: torch.dtype | None = None):
+    """K and V [seq_len, Hkv, D] of one sequence, read through its block table (an fp8 cache dequantized to
+    dtype, by default fp32)."""
     block_size = kv_cache.shape[2]
     num_blocks = -(-seq_len // block_size)
     blocks = block_table[:num_blocks].long()
     k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
     v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+    if is_fp8_cache(kv_cache):
+        dtype = dtype or torch.float32
+        k, v = (k.float() * k_scale).to(dtype), (v.float() * v_scale).to(dtype)
     return k, v
 
 
@@ -33,6 +50,8 @@ def paged_attention_ref(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole cached context.
 
@@ -46,7 +65,7 @@ def paged_attention_ref(
     for i, seq_len in enumerate(meta.seq_lens_cpu):
         q = query[starts[i] : starts[i + 1]]  # [q_len, H, D]
         q_len = q.shape[0]
-        k, v = gather_kv_ref(kv_cache, meta.block_tables[i], seq_len)
+        k, v = gather_kv_ref(kv_cache, meta.block_tables[i], seq_len, k_scale, v_scale, query.dtype)
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device).unsqueeze(1)
         k_pos = torch.arange(seq_len, device=query.device).unsqueeze(0)
         mask = k_pos <= q_pos

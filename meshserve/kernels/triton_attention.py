@@ -60,12 +60,12 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _reshape_and_cache_kernel(
-    key_ptr, value_ptr, cache_ptr, slot_ptr,
+    key_ptr, value_ptr, cache_ptr, slot_ptr, k_scale, v_scale,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -78,26 +78,30 @@ def _reshape_and_cache_kernel(
     mask = (h[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM)
     k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd, mask=mask)
     v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :] * stride_vd, mask=mask)
+    if KV_FP8:  # scale into e4m3's range, saturating like quant_ref.to_fp8
+        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -448.0), 448.0)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -448.0), 448.0)
     dst = cache_ptr + blk * stride_cb + off * stride_cs + h[:, None] * stride_ch + d[None, :] * stride_cd
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
-    """Scatter K and V [T, Hkv, D] into kv_cache [2, num_blocks, block_size, Hkv, D] at slot_mapping [T]."""
+                      slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Scatter K and V [T, Hkv, D] into kv_cache [2, num_blocks, block_size, Hkv, D] at slot_mapping [T]
+    (an fp8 cache gets K / k_scale and V / v_scale)."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
     block_size = kv_cache.shape[2]
     _reshape_and_cache_kernel[(num_tokens,)](
-        key, value, kv_cache, slot_mapping,
+        key, value, kv_cache, slot_mapping, float(k_scale), float(v_scale),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size,
+        BLOCK_SIZE=block_size, KV_FP8=_is_fp8(kv_cache),
         num_warps=4 if num_kv_heads * head_dim >= 512 else 1,
     )
 
@@ -108,14 +112,14 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
 @triton.jit
 def _prefill_attention_kernel(
     q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
-    scale_log2, window,
+    scale_log2, window, k_scale, v_scale,
     stride_qt, stride_qh, stride_qd,
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
     stride_btb,
     stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     ROWS: tl.constexpr = BLOCK_Q * GROUP_PAD
     b = tl.program_id(0)
@@ -167,6 +171,8 @@ def _prefill_attention_kernel(
         off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
         k = tl.load(k_base + off[None, :] + d[:, None] * stride_cd,
                     mask=kv_valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        if KV_FP8:  # the fp8 cache holds K / k_scale (rounded to the query dtype like the reference)
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
         qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
         mask = kv_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
@@ -178,6 +184,8 @@ def _prefill_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd,
                     mask=kv_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        if KV_FP8:
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -193,7 +201,7 @@ def _prefill_attention_kernel(
 @triton.jit
 def _decode_split_kernel(
     q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr,
-    scale_log2, window, num_splits,
+    scale_log2, window, num_splits, k_scale, v_scale,
     stride_qt, stride_qh, stride_qd,
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
     stride_btb,
@@ -202,7 +210,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -251,6 +259,8 @@ def _decode_split_kernel(
         off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
         k = tl.load(k_base + off[None, :] + d[:, None] * stride_cd,
                     mask=kv_valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        if KV_FP8:  # the fp8 cache holds K / k_scale (rounded to the query dtype like the reference)
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
         qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
         qk = tl.where(kv_valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -259,6 +269,8 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd,
                     mask=kv_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        if KV_FP8:
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -324,6 +336,10 @@ def _dot_precision(query: torch.Tensor) -> str:
 
 
 
+def _is_fp8(kv_cache: torch.Tensor) -> bool:
+    return kv_cache.dtype == torch.float8_e4m3fn
+
+
 def _upcast_dot(query: torch.Tensor) -> bool:
     return _INTERPRET and query.dtype == torch.bfloat16
 
@@ -373,8 +389,8 @@ class TritonAttentionBackend:
         self.max_decode_splits = max_decode_splits
 
     # -- cache write ---------------------------------------------------------------------------------
-    def write_kv(self, key, value, kv_cache, slot_mapping):
-        reshape_and_cache(key, value, kv_cache, slot_mapping)
+    def write_kv(self, key, value, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
+        reshape_and_cache(key, value, kv_cache, slot_mapping, k_scale, v_scale)
 
     def write_qkv(self, qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, kv_cache,
                   slot_mapping, num_heads, num_kv_heads):
@@ -384,14 +400,14 @@ class TritonAttentionBackend:
                               slot_mapping, num_heads, num_kv_heads)
 
     # -- attention -----------------------------------------------------------------------------------
-    def attend(self, query, kv_cache, meta, scale, sliding_window):
+    def attend(self, query, kv_cache, meta, scale, sliding_window, k_scale=1.0, v_scale=1.0):
         num_tokens, num_heads, head_dim = query.shape
         out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
         if num_tokens == 0:
             return out
         if meta.max_query_len > 1:
             prefill_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                              meta.max_query_len, scale, sliding_window, out)
+                              meta.max_query_len, scale, sliding_window, out, k_scale, v_scale)
         else:
             num_seqs = meta.seq_lens.shape[0]
             num_kv_heads = kv_cache.shape[3]
@@ -403,7 +419,7 @@ class TritonAttentionBackend:
                                            _num_sms(dev),
                                            max_splits=self.max_decode_splits)
             decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                             scale, sliding_window, out, splits)
+                             scale, sliding_window, out, splits, k_scale=k_scale, v_scale=v_scale)
         return out
 
 
@@ -415,7 +431,7 @@ def _decode_block_n(head_dim_pad: int, elem_size: int = 2) -> int:
 
 
 def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale,
-                      sliding_window, out):
+                      sliding_window, out, k_scale: float = 1.0, v_scale: float = 1.0):
     """Causal paged attention of a batch of query chunks (any q_len per sequence) into out [T, H, D]."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
@@ -428,7 +444,7 @@ def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, 
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _prefill_attention_kernel[grid](
         query, kv_cache, block_tables, seq_lens, query_start_loc, out,
-        scale * _LOG2E, int(sliding_window) if use_window else 0,
+        scale * _LOG2E, int(sliding_window) if use_window else 0, float(k_scale), float(v_scale),
         query.stride(0), query.stride(1), query.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
         block_tables.stride(0),
@@ -436,6 +452,7 @@ def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, 
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         USE_WINDOW=use_window, UPCAST_DOT=_upcast_dot(query), DOT_PRECISION=_dot_precision(query),
+        KV_FP8=_is_fp8(kv_cache),
         num_warps=num_warps, num_stages=2 if query.element_size() == 4 else 3,  # fp32 tiles: less smem
     )
     return out
@@ -443,7 +460,7 @@ def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, 
 
 def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, out,
                      num_splits: int, block_n: int | None = None, num_warps: int = 4,
-                     num_stages: int | None = None):
+                     num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0):
     """One query token per sequence (query_start_loc[i] is its row; q_len 0 rows write nothing).
     No host syncs: safe to capture in a CUDA graph. block_n / num_warps / num_stages are tuning knobs
     (tools/sweep_decode_attention.py); the defaults are the measured best."""
@@ -465,7 +482,7 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
         ws_ml = torch.empty((num_seqs, num_heads, num_splits, 2), dtype=torch.float32, device=query.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml,
-        scale * _LOG2E, int(sliding_window) if use_window else 0, num_splits,
+        scale * _LOG2E, int(sliding_window) if use_window else 0, num_splits, float(k_scale), float(v_scale),
         query.stride(0), query.stride(1), query.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
         block_tables.stride(0),
@@ -473,7 +490,7 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
         NUM_HEADS=num_heads, GROUP=group, ROWS=rows,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         USE_WINDOW=use_window, DIRECT_OUT=direct, UPCAST_DOT=_upcast_dot(query),
-        DOT_PRECISION=_dot_precision(query),
+        DOT_PRECISION=_dot_precision(query), KV_FP8=_is_fp8(kv_cache),
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     if not direct:

@@ -25,10 +25,10 @@ class AttentionBackend(Protocol):
     name: str
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None: ...
+                 slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None: ...
 
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-               sliding_window: int | None) -> torch.Tensor: ...
+               sliding_window: int | None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor: ...
 
 
 class TorchAttentionBackend:
@@ -36,15 +36,15 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def write_kv(self, key, value, kv_cache, slot_mapping):
+    def write_kv(self, key, value, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
         from meshserve.kernels.attention_ref import write_kv_ref
 
-        write_kv_ref(key, value, kv_cache, slot_mapping)
+        write_kv_ref(key, value, kv_cache, slot_mapping, k_scale, v_scale)
 
-    def attend(self, query, kv_cache, meta, scale, sliding_window):
+    def attend(self, query, kv_cache, meta, scale, sliding_window, k_scale=1.0, v_scale=1.0):
         from meshserve.kernels.attention_ref import paged_attention_ref
 
-        return paged_attention_ref(query, kv_cache, meta, scale, sliding_window)
+        return paged_attention_ref(query, kv_cache, meta, scale, sliding_window, k_scale, v_scale)
 
 
 def make_attention_backend(name: str) -> AttentionBackend:
@@ -75,6 +75,12 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         self.backend: AttentionBackend = TorchAttentionBackend()
         self.fused_prologue = False  # the backend's write_qkv serves forward_qkv
+        # an fp8 cache holds K / k_scale and V / v_scale (1.0, or the checkpoint's: quantization/kv_scales.py)
+        self.k_scale, self.v_scale = 1.0, 1.0
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """This layer's cache tensor: K and V per KV head (MLA layers hold one latent instead)."""
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
 
     @property
     def can_fuse_prologue(self) -> bool:
@@ -85,7 +91,7 @@ class Attention(nn.Module):
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H*D]."""
         if self.kv_cache is None:
             raise RuntimeError("attention layer has no KV cache bound")
-        self.backend.write_kv(k, v, self.kv_cache, meta.slot_mapping)
+        self.backend.write_kv(k, v, self.kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         return self.forward_cached(q, meta)
 
     def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, rotary_emb, q_norm, k_norm,
@@ -102,5 +108,6 @@ class Attention(nn.Module):
 
     def forward_cached(self, q: torch.Tensor, meta: AttentionMetadata):
         """Attend when this step's K/V are already in the cache."""
-        out = self.backend.attend(q, self.kv_cache, meta, self.scale, self.sliding_window)
+        out = self.backend.attend(q, self.kv_cache, meta, self.scale, self.sliding_window, self.k_scale,
+                                  self.v_scale)
         return out.flatten(1)

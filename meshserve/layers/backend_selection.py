@@ -60,8 +60,13 @@ class KernelSelection:
 PLAIN = KernelSelection()
 
 
+FP8_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+
+
 def resolve_cache_dtype(cache_dtype: str, model_dtype: str) -> torch.dtype:
-    """The KV cache's torch dtype: "auto" means the model dtype."""
+    """The KV cache's torch dtype: "auto" means the model dtype, fp8 float8_e4m3fn."""
+    if cache_dtype in FP8_CACHE_DTYPES:
+        return torch.float8_e4m3fn
     name = model_dtype if cache_dtype == "auto" else cache_dtype
     if name not in TORCH_DTYPES:
         raise InvalidArgumentError(f"cache_dtype must be auto or one of {', '.join(TORCH_DTYPES)}, "
@@ -79,14 +84,16 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
     fused_ops = fused_allowed and fused_ops_importable()
     model_dtype = TORCH_DTYPES[config.model_config.dtype]
     kv_cache_dtype = resolve_cache_dtype(config.cache_config.cache_dtype, config.model_config.dtype)
-    if kv_cache_dtype != model_dtype and attention == "triton":
+    fp8_cache = kv_cache_dtype == torch.float8_e4m3fn
+    if kv_cache_dtype != model_dtype and attention == "triton" and not fp8_cache:
         raise InvalidArgumentError(
             f"cache_dtype {config.cache_config.cache_dtype!r}: the Triton kernels keep the KV cache in the "
             f"model dtype ({config.model_config.dtype}); use auto", param="cache_dtype")
     selection = KernelSelection(
         attention_backend=attention,
         fused_ops=fused_ops,
-        fused_prologue=fused_ops and attention == "triton",
+        # the fused prologue writes the cache unscaled: an fp8 cache is written by the scaling reshape-and-cache
+        fused_prologue=fused_ops and attention == "triton" and not fp8_cache,
         gemv=fused_allowed and gemv_importable(),
         fused_sampler=fused_ops,
         cuda_graphs=on_cuda and not config.enforce_eager and attention == "triton",

@@ -4,14 +4,22 @@ Column-parallel layers split the output features across TP ranks; row-parallel l
 features and sum the partial results with one all-reduce. Each parameter carries a `weight_loader` that
 copies this rank's slice out of a full checkpoint tensor, so loading never materialises other ranks'
 shards. With TP = 1 the slices are the whole tensors.
+
+The weight format is the layer's LinearMethod (layers/quantization/): it creates the tensors (a 16-bit weight,
+or fp8 weights and scales, or packed INT4 tensors), each tagged with the axes that run over output and input
+features, so the loaders below slice every format alike, and it computes the projection.
 """
+
+import math
 
 import torch
 from torch import nn
 
 from meshserve.distributed.parallel_state import get_tp_rank, get_tp_size, tensor_parallel_all_reduce
-from meshserve.kernels.fused import gemv_for, linear
+from meshserve.kernels.fused import gemv_for
 from meshserve.layers.backend_selection import PLAIN
+from meshserve.layers.quantization import current_linear_method
+from meshserve.layers.quantization.base import UnquantizedLinearMethod
 from meshserve.layers.weight_utils import full_weight, narrow_weight, weight_shape
 
 _MAX_FUSED_GATED_K = 4096
@@ -23,31 +31,80 @@ def _divide(a: int, b: int, what: str) -> int:
     return a // b
 
 
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst <- src, where a per-tensor scalar fills a per-channel slice and [N, 1] fills [N]."""
+    dst.copy_(src.reshape(()).expand(dst.shape) if src.numel() == 1 else src.reshape(dst.shape))
+
+
+def _copy_replicated(param: nn.Parameter, loaded) -> None:
+    src = full_weight(loaded)
+    if getattr(param, "same_across_shards", False):  # GPTQ act-order g_idx: merged projections share inputs
+        if getattr(param, "loaded_once", False) and not torch.equal(param.data, src.reshape(param.shape)):
+            raise ValueError("act-order g_idx differs between the merged projections (q/k/v or gate/up)")
+        param.loaded_once = True
+    if getattr(param, "reduce_max", False):  # merged shards' per-tensor scales: the largest serves all
+        param.data.copy_(torch.maximum(param.data, src.reshape(param.shape).to(param.dtype)))
+    else:
+        _copy_into(param.data, src)
+
+
+def _copy_output_slice(param: nn.Parameter, loaded, dst_offset: int, size: int, src_start: int) -> None:
+    """param[output features dst_offset : +size] <- loaded[output features src_start : +size], in units of
+    features (divided by the tensor's packing along that axis); tensors without an output axis replicate."""
+    dim = getattr(param, "output_dim", None)
+    if dim is None:
+        _copy_replicated(param, loaded)
+        return
+    pack = getattr(param, "output_pack", 1)
+    dst = param.data.narrow(dim, dst_offset // pack, size // pack)
+    if math.prod(weight_shape(loaded)) == 1:  # a per-tensor scale of this shard
+        _copy_into(dst, full_weight(loaded))
+    else:
+        _copy_into(dst, narrow_weight(loaded, dim, src_start // pack, size // pack))
+
+
 class LinearBase(nn.Module):
-    """A linear layer whose weight is [out_features_per_rank, in_features_per_rank]; with the GEMV selected,
-    single 16-bit rows (batch-1 decode) go through the Triton GEMV instead of cuBLAS."""
+    """A linear layer of in_features x out_features per rank, in the format of its LinearMethod (16-bit
+    weight [out, in] by default; with the GEMV selected, single 16-bit rows go through the Triton GEMV)."""
+
+    input_is_parallel = False  # row-parallel layers split input features (and so INT4 groups)
+    quantizable = True  # False: 16-bit whatever the model's weight format
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.in_features, self.out_features = in_features, out_features
         self.kernels = PLAIN  # bound by the model runner (layers/backend_selection.py)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.quant_method = current_linear_method() if self.quantizable else UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, in_features, out_features, torch.get_default_dtype())
+        for param in self.parameters(recurse=False):
+            param.weight_loader = self.weight_loader
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.output_dim = 0
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
 
+    @property
+    def quantized(self) -> bool:
+        return not isinstance(self.quant_method, UnquantizedLinearMethod)
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        param.data.copy_(full_weight(loaded))
+        _copy_replicated(param, loaded)
+
+    def process_weights_after_loading(self) -> None:
+        self.quant_method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, gemv=self.kernels.gemv)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
-    """Every rank holds the whole weight and computes the whole output (an MoE router)."""
+    """Every rank holds the whole weight and computes the whole output (an MoE router: never quantized, as
+    in quantized checkpoints)."""
+
+    quantizable = False
 
 
 class ColumnParallelLinear(LinearBase):
@@ -58,8 +115,8 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(in_features, _divide(out_features, tp, "output features"), bias)
 
     def weight_loader(self, param, loaded, shard_id=None):
-        size = param.shape[0]
-        param.data.copy_(narrow_weight(loaded, 0, self.tp_rank * size, size))
+        size = self.out_features
+        _copy_output_slice(param, loaded, 0, size, self.tp_rank * size)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -72,7 +129,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param, loaded, shard_id: int):
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
-        param.data.narrow(0, offset, size).copy_(narrow_weight(loaded, 0, self.tp_rank * size, size))
+        _copy_output_slice(param, loaded, offset, size, self.tp_rank * size)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -81,6 +138,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
         tp = get_tp_size()
         self.head_dim = head_dim
+        self.total_num_kv_heads = num_kv_heads
         self.num_heads = _divide(num_heads, tp, "attention heads")
         if num_kv_heads >= tp:
             self.num_kv_heads = _divide(num_kv_heads, tp, "KV heads")
@@ -99,9 +157,9 @@ class QKVParallelLinear(ColumnParallelLinear):
             offset = q_size if shard_id == "k" else q_size + kv_size
             size = kv_size
             # with replicated KV heads (fewer KV heads than ranks), consecutive ranks share one head
-            total_kv = weight_shape(loaded)[0] // self.head_dim
+            total_kv = self.total_num_kv_heads
             rank = self.tp_rank * total_kv // self.tp_size if total_kv < self.tp_size else self.tp_rank
-        param.data.narrow(0, offset, size).copy_(narrow_weight(loaded, 0, rank * size, size))
+        _copy_output_slice(param, loaded, offset, size, rank * size)
 
 
 class RowParallelLinear(LinearBase):
@@ -111,22 +169,31 @@ class RowParallelLinear(LinearBase):
         tp = get_tp_size()
         super().__init__(_divide(in_features, tp, "input features"), out_features, bias)
 
+    input_is_parallel = True
+
     def weight_loader(self, param, loaded, shard_id=None):
-        if param.dim() == 1:  # bias is added once, on rank 0's share
+        if param is self.bias:  # bias is added once, on rank 0's share
             if self.tp_rank == 0:
                 param.data.copy_(full_weight(loaded))
             else:
                 param.data.zero_()
             return
-        size = param.shape[1]
-        param.data.copy_(narrow_weight(loaded, 1, self.tp_rank * size, size))
+        dim = getattr(param, "input_dim", None)
+        if dim is None:
+            _copy_replicated(param, loaded)
+            return
+        pack = getattr(param, "input_pack", 1)
+        size = self.in_features // pack
+        _copy_into(param.data, narrow_weight(loaded, dim, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tensor_parallel_all_reduce(linear(x, self.weight, self.bias, gemv=self.kernels.gemv))
+        return tensor_parallel_all_reduce(self.quant_method.apply(self, x, self.bias))
 
     def fused_gated_forward(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         """forward(silu(gate) * up) in one GEMV when gate_up is a single 16-bit row on a GPU (batch-1
         decode: the activation never goes to memory); None when that path does not apply."""
+        if self.quantized:
+            return None
         mod = gemv_for(gate_up, self.weight, self.kernels.gemv)
         # every program of the GEMV re-reads the whole gate/up row from L2 and recomputes SiLU: a win for
         # small MLPs (Qwen3-0.6B, K = 3072: decode 786 -> 804 tok/s on an H100) and a loss for large ones

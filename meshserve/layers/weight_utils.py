@@ -19,4 +19,4 @@ def narrow_weight(loaded, dim: int, start: int, size: int) -> torch.Tensor:
 
 
 def full_weight(loaded) -> torch.Tensor:
-    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[...]  # (... also reads 0-dim scalars)

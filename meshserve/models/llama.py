@@ -94,9 +94,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, hf_config, rotary_emb: RotaryEmbedding, mlp: nn.Module | None = None):
+    def __init__(self, hf_config, rotary_emb: RotaryEmbedding, mlp: nn.Module | None = None,
+                 attention: nn.Module | None = None):
         super().__init__()
-        self.self_attn = LlamaAttention(hf_config, rotary_emb)
+        # swappable: forward(positions, hidden, meta) with its cache layer as `.attn` (DeepSeek's MLA)
+        self.self_attn = attention if attention is not None else LlamaAttention(hf_config, rotary_emb)
         self.mlp = mlp if mlp is not None else LlamaMLP(hf_config)  # swappable: MoE blocks replace it
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
@@ -115,7 +117,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm; with pipeline parallelism only this stage's part."""
 
-    def __init__(self, hf_config, max_position: int, make_mlp=None):
+    def __init__(self, hf_config, max_position: int, make_mlp=None, make_attention=None):
         super().__init__()
         first, last = pp_stage()
         self.is_last_stage = last
@@ -125,7 +127,8 @@ class LlamaModel(nn.Module):
         rotary_emb = RotaryEmbedding(hf_config, head_dim, max_position)
         self.start_layer, self.end_layer, self.layers = make_pipeline_layers(
             hf_config.num_hidden_layers,
-            lambda i: LlamaDecoderLayer(hf_config, rotary_emb, make_mlp(i) if make_mlp else None))
+            lambda i: LlamaDecoderLayer(hf_config, rotary_emb, make_mlp(i) if make_mlp else None,
+                                        make_attention(i, rotary_emb) if make_attention else None))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps) if last else PPMissingLayer()
 
     def forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):
@@ -160,7 +163,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         max_position = max_position or hf_config.max_position_embeddings
         self.config = hf_config
-        self.model = LlamaModel(hf_config, max_position, self.make_mlp)
+        self.model = LlamaModel(hf_config, max_position, self.make_mlp, self.make_attention)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         first, last = pp_stage()
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size) if last else PPMissingLayer()
@@ -169,6 +172,10 @@ class LlamaForCausalLM(nn.Module):
 
     def make_mlp(self, layer: int) -> nn.Module | None:
         """The MLP of decoder layer `layer`; None: the dense LlamaMLP (MoE families override this)."""
+        return None
+
+    def make_attention(self, layer: int, rotary_emb: RotaryEmbedding) -> nn.Module | None:
+        """The attention of decoder layer `layer`; None: LlamaAttention (DeepSeek's MLA overrides this)."""
         return None
 
     def checkpoint_name(self, name: str) -> str | None:

@@ -15,6 +15,8 @@ from torch import nn
 
 from meshserve.distributed.parallel_state import get_parallel_state
 from meshserve.errors import ModelLoadError
+from meshserve.layers.quantization import quantization_scope, resolve_quant_config
+from meshserve.layers.quantization.kv_scales import is_kv_scale, load_kv_scale
 from meshserve.models.presets import PRESETS, preset_config, preset_names
 from meshserve.models.registry import resolve_model_class
 
@@ -155,6 +157,9 @@ def _load_tensors(model: nn.Module, tensors, what: str) -> None:
         name = place(ckpt_name)
         if name is None:  # another pipeline stage's (or a tied) tensor
             continue
+        if is_kv_scale(name):
+            _load_or_fail(ckpt_name, load_kv_scale, model, name, tensor)
+            continue
         shard_id = None
         expert = expert_place(name)
         if expert is not None:
@@ -169,18 +174,33 @@ def _load_tensors(model: nn.Module, tensors, what: str) -> None:
         loader = getattr(param, "weight_loader", None)
         with torch.no_grad():
             if loader is None:
-                param.data.copy_(tensor[:])
+                _load_or_fail(ckpt_name, param.data.copy_, tensor[:])
             elif shard_id is None:
-                loader(param, tensor)
+                _load_or_fail(ckpt_name, loader, param, tensor)
             else:
-                loader(param, tensor, shard_id)
+                _load_or_fail(ckpt_name, loader, param, tensor, shard_id)
         loaded.add(name)
     tied_head = getattr(model, "tie_word_embeddings", False)
-    expected = {n for n in params if not (tied_head and n.startswith("lm_head.") and
-                                          "model.embed_tokens.weight" in params)}
+    expected = {n for n, p in params.items() if not getattr(p, "optional", False) and not (
+        tied_head and n.startswith("lm_head.") and "model.embed_tokens.weight" in params)}
     missing = sorted(expected - loaded)
+    quant = getattr(model, "quant_config", None)
     if missing:
-        raise ModelLoadError(f"{what} lacks {len(missing)} tensors, e.g. {missing[0]}")
+        fmt = f" (weight format {quant.name})" if quant is not None else ""
+        raise ModelLoadError(f"{what} lacks {len(missing)} tensors, e.g. {missing[0]}{fmt}")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            process = getattr(module, "process_weights_after_loading", None)
+            if process is not None:
+                _load_or_fail(name, process)
+
+
+def _load_or_fail(name: str, load, *args) -> None:
+    """load(*args), one load step; a shape or format mismatch becomes a one-line error naming the tensor."""
+    try:
+        load(*args)
+    except (RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"cannot load {name}: {str(e).splitlines()[0]}") from e
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -232,16 +252,24 @@ def init_dummy_weights(model: nn.Module, hf_config, seed: int = 0) -> None:
 
 
 def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_position: int,
-                seed: int = 0) -> nn.Module:
-    """Instantiate the model class on `device` in `dtype` and fill its weights."""
+                seed: int = 0, quantization: str | None = None) -> nn.Module:
+    """Instantiate the model class on `device` in `dtype` (its linear layers in the weight format that
+    `quantization` and the checkpoint's quantization_config resolve to) and fill its weights."""
     cls = resolve_model_class(source.hf_config)
+    quant_config = resolve_quant_config(source.hf_config, quantization,
+                                        "dummy" if source.weights_dir is None else "auto")
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), quantization_scope(quant_config):
             model = cls(source.hf_config, max_position=max_position)
+    except ValueError as e:  # a layer refusing its shape (TP split, int4 packing): one line
+        raise ModelLoadError(str(e).splitlines()[0]) from e
     finally:
         torch.set_default_dtype(old_dtype)
+    model.quant_config = quant_config
+    if quant_config is not None:
+        logger.info("weights: %s", quant_config.describe())
     if source.weights_dir is None:
         init_dummy_weights(model, source.hf_config, seed)
     else:

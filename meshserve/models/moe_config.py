@@ -1,7 +1,8 @@
 """The mixture-of-experts fields of an HF config, read the same way for every family (no torch: the argument
 checks and the planner read it before anything heavy loads).
 
-Mixtral names its expert count `num_local_experts`, Qwen2/3-MoE `num_experts`; Qwen's `decoder_sparse_step` and
+Mixtral names its expert count `num_local_experts`, Qwen2/3-MoE `num_experts`, DeepSeek `n_routed_experts`
+(transformers maps it to one of the two); Qwen's `decoder_sparse_step` and
 `mlp_only_layers` say which layers are sparse (the others keep a dense MLP of `intermediate_size`).
 """
 
@@ -22,8 +23,8 @@ def expert_intermediate_size(hf_config) -> int:
 
 def is_sparse_layer(hf_config, layer: int) -> bool:
     """Whether decoder layer `layer` has routed experts (HF's rule: not in mlp_only_layers and (layer + 1)
-    divisible by decoder_sparse_step)."""
-    if num_experts(hf_config) == 0:
+    divisible by decoder_sparse_step; DeepSeek: not among the first_k_dense_replace dense layers)."""
+    if num_experts(hf_config) == 0 or layer < int(getattr(hf_config, "first_k_dense_replace", None) or 0):
         return False
     step = int(getattr(hf_config, "decoder_sparse_step", None) or 1)
     dense_only = getattr(hf_config, "mlp_only_layers", None) or []

@@ -29,6 +29,14 @@ _MISTRAL = {"vocab_size": 32768, "hidden_size": 4096, "intermediate_size": 14336
             "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
             "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "torch_dtype": "bfloat16"}
 
+# DeepSeek: MLA (kv_lora_rank latent + qk_rope_head_dim rotary key cached per token), YaRN x40 from 4k
+_DEEPSEEK_YARN = {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1,
+                  "original_max_position_embeddings": 4096}
+_DEEPSEEK = {"max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000, "kv_lora_rank": 512,
+             "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128, "moe_layer_freq": 1,
+             "first_k_dense_replace": 1, "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
+             "attention_bias": False}
+
 PRESETS: dict[str, dict] = {
     "llama-3.1-8b": {**_LLAMA31, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "num_key_value_heads": 8},
@@ -51,6 +59,28 @@ PRESETS: dict[str, dict] = {
                    "head_dim": 128},  # v0.3
     "mixtral-8x7b": {**_MISTRAL, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
                      "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2},
+    # 15.7 B total, 2.4 B active; q straight from hidden (no q_lora_rank); softmax greedy top-6 of 64 + 2 shared
+    "deepseek-v2-lite": {**_DEEPSEEK, "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"],
+                         "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+                         "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+                         "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
+                         "num_experts_per_tok": 6, "routed_scaling_factor": 1.0, "topk_method": "greedy",
+                         "n_group": 1, "topk_group": 1, "norm_topk_prob": False, "q_lora_rank": None,
+                         "rope_scaling": {**_DEEPSEEK_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+                         "bos_token_id": 100000, "eos_token_id": 100001},
+    # 671 B total, 37 B active; released as block-wise FP8 (128 x 128 weight scales): the planner counts 1 B per
+    # linear weight; sigmoid routing with a correction bias, top-8 of 256 within the best 4 of 8 groups
+    "deepseek-v3": {**_DEEPSEEK, "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
+                    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+                    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+                    "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+                    "num_experts_per_tok": 8, "routed_scaling_factor": 2.5, "topk_method": "noaux_tc",
+                    "n_group": 8, "topk_group": 4, "norm_topk_prob": True, "q_lora_rank": 1536,
+                    "first_k_dense_replace": 3, "num_nextn_predict_layers": 1,
+                    "rope_scaling": {**_DEEPSEEK_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+                    "bos_token_id": 0, "eos_token_id": 1,
+                    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                            "weight_block_size": [128, 128]}},
     "smollm2-135m": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 49152,
                      "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                      "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
@@ -72,6 +102,9 @@ HF_IDS: dict[str, tuple[str, ...]] = {
     "qwen3-30b-a3b": ("Qwen/Qwen3-30B-A3B",),
     "mistral-7b": ("mistralai/Mistral-7B-v0.3", "mistralai/Mistral-7B-Instruct-v0.3"),
     "mixtral-8x7b": ("mistralai/Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x7B-Instruct-v0.1"),
+    "deepseek-v2-lite": ("deepseek-ai/DeepSeek-V2-Lite", "deepseek-ai/DeepSeek-V2-Lite-Chat"),
+    "deepseek-v3": ("deepseek-ai/DeepSeek-V3", "deepseek-ai/DeepSeek-V3-Base", "deepseek-ai/DeepSeek-V3-0324",
+                    "deepseek-ai/DeepSeek-R1", "deepseek-ai/DeepSeek-R1-0528"),
     "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M-Instruct"),  # the embedded model
 }
 

@@ -51,8 +51,9 @@ def weight_bytes(model: ModelSpec, dtype: str = "bf16") -> float:
 
 
 def kv_bytes_per_token(model: ModelSpec, kv_dtype: str = "bf16") -> int:
-    """K and V for every layer: 2 × layers × KV heads × head_dim × bytes (KV heads, not query heads: GQA)."""
-    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * kv_dtype_bytes(kv_dtype)
+    """K and V for every layer: 2 × layers × KV heads × head_dim × bytes (KV heads, not query heads: GQA);
+    MLA: layers × (kv_lora_rank + qk_rope_head_dim) × bytes."""
+    return model.num_layers * model.kv_elements_per_token_layer * kv_dtype_bytes(kv_dtype)
 
 
 def kv_tokens_held(model: ModelSpec, context_len: int) -> int:
@@ -101,7 +102,11 @@ def stage_shard(model: ModelSpec, layout: Layout, stage: int, weight_dtype: str 
     moe_layers = round(model.num_moe_layers * layers / model.num_layers)
     dense_layers = layers - moe_layers
     kv_heads = kv_heads_per_gpu(model, tp)
-    attn = ((model.q_params + model.o_params) / tp + 2 * model.hidden_size * kv_heads * model.head_dim) * wb
+    if model.is_mla:  # heads split over TP; q_a / kv_a replicated
+        split = model.q_params + model.kv_params + model.o_params - model.mla_replicated_params
+        attn = (split / tp + model.mla_replicated_params) * wb
+    else:
+        attn = ((model.q_params + model.o_params) / tp + 2 * model.hidden_size * kv_heads * model.head_dim) * wb
     attn += model.attn_bias_params / tp * ub + model.norm_params_per_layer * ub
     dense = layers * attn + dense_layers * model.dense_mlp_params / tp * wb
     dense += moe_layers * (model.shared_expert_params / tp * wb + model.router_params * ub)
@@ -115,7 +120,9 @@ def stage_shard(model: ModelSpec, layout: Layout, stage: int, weight_dtype: str 
         expert_slice, experts_per_gpu = model.expert_params * wb, model.num_experts // layout.ep
     else:
         expert_slice, experts_per_gpu = model.expert_params * wb / tp, model.num_experts
-    kv_per_token = 2 * layers * kv_heads * model.head_dim * kv_dtype_bytes(kv_dtype)
+    # MLA: the latent is replicated, every GPU caches all of it
+    per_layer = model.kv_elements_per_token_layer if model.is_mla else 2 * kv_heads * model.head_dim
+    kv_per_token = layers * per_layer * kv_dtype_bytes(kv_dtype)
     return StageShard(stage, layers, moe_layers, dense, expert_slice, experts_per_gpu, kv_per_token)
 
 

@@ -3,7 +3,9 @@
 Counts come from the tensor shapes of a Llama-style decoder (Llama, Mistral, Qwen2/3, Mixtral, Qwen3-MoE):
 embedding, per layer q/k/v/o projections (GQA: k and v have num_kv_heads × head_dim outputs), a gated MLP
 (gate, up, down) or a set of experts plus a router, two RMSNorms per layer, a final norm and the LM head
-(absent when tied to the embedding).
+(absent when tied to the embedding). DeepSeek's multi-head latent attention (MLA, kv_lora_rank set) replaces
+q/k/v with q_a/q_b (or q), kv_a (to the latent and the shared rotary key) and kv_b (latent to per-head k_nope
+and v); its KV cache holds one latent + rotary key per token and layer, whatever the head count.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ class ModelSpec:
     qk_norm: bool = False
     sliding_window: int | None = None
     checkpoint_dtype: str = "bf16"  # what the checkpoint stores: bf16, fp8, int8 or int4
+    # multi-head latent attention (DeepSeek-V2/V3); kv_lora_rank 0 means ordinary attention
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0  # 0: q projected straight from hidden
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     # ---- per-layer pieces (parameters) ----
     @property
@@ -46,21 +54,52 @@ class ModelSpec:
         return self.num_experts > 0
 
     @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def mla_replicated_params(self) -> int:
+        """MLA's projections every TP rank holds whole: q_a (hidden → q_lora_rank) and kv_a (hidden → latent +
+        rotary key)."""
+        if not self.is_mla:
+            return 0
+        return self.hidden_size * (self.q_lora_rank + self.kv_lora_rank + self.qk_rope_head_dim)
+
+    @property
     def q_params(self) -> int:
+        if self.is_mla:
+            qk = self.num_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim)
+            return (self.hidden_size * self.q_lora_rank + self.q_lora_rank * qk if self.q_lora_rank
+                    else self.hidden_size * qk)
         return self.hidden_size * self.num_heads * self.head_dim
 
     @property
     def kv_params(self) -> int:
-        """k_proj + v_proj: each maps hidden → num_kv_heads × head_dim (GQA)."""
+        """k_proj + v_proj: each maps hidden → num_kv_heads × head_dim (GQA). MLA: kv_a (hidden → latent +
+        rotary key) and kv_b (latent → per-head k_nope and v)."""
+        if self.is_mla:
+            return (self.hidden_size * (self.kv_lora_rank + self.qk_rope_head_dim)
+                    + self.kv_lora_rank * self.num_heads * (self.qk_nope_head_dim + self.v_head_dim))
         return 2 * self.hidden_size * self.num_kv_heads * self.head_dim
 
     @property
     def o_params(self) -> int:
-        return self.num_heads * self.head_dim * self.hidden_size
+        return self.num_heads * (self.v_head_dim if self.is_mla else self.head_dim) * self.hidden_size
 
     @property
     def attn_bias_params(self) -> int:
-        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.attention_bias else 0
+        if not self.attention_bias:
+            return 0
+        if self.is_mla:  # q_a, kv_a and o carry the biases
+            return self.q_lora_rank + self.kv_lora_rank + self.qk_rope_head_dim + self.hidden_size
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    @property
+    def kv_elements_per_token_layer(self) -> int:
+        """Numbers cached per token per layer: K and V of every KV head, or MLA's latent + rotary key."""
+        if self.is_mla:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_kv_heads * self.head_dim
 
     @property
     def attn_params(self) -> int:
@@ -85,7 +124,8 @@ class ModelSpec:
 
     @property
     def norm_params_per_layer(self) -> int:
-        return 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
+        mla_norms = self.q_lora_rank + self.kv_lora_rank  # q_a_layernorm, kv_a_layernorm
+        return 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0) + mla_norms
 
     @property
     def num_dense_layers(self) -> int:
@@ -145,8 +185,6 @@ def model_from_config(cfg: dict, name: str = "model") -> ModelSpec:
     """A ModelSpec from the fields of an HF config.json (Llama-style decoders, dense or MoE)."""
     if "text_config" in cfg and "hidden_size" not in cfg:
         cfg = {**cfg["text_config"], "quantization_config": cfg.get("quantization_config")}
-    if cfg.get("kv_lora_rank"):
-        raise InvalidArgumentError(f"{name}: multi-head latent attention (DeepSeek MLA) is not modelled yet")
     try:
         hidden = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])
@@ -157,6 +195,11 @@ def model_from_config(cfg: dict, name: str = "model") -> ModelSpec:
     model_type = str(cfg.get("model_type", ""))
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or hidden // heads)
+    mla = int(cfg.get("kv_lora_rank") or 0)
+    nope, rope, v_dim = (int(cfg.get(k) or 0) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    if mla:
+        head_dim = nope + rope  # the query/key width per head (what the attention FLOPs scale with)
+        kv_heads = heads
     experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0)
     moe_layers = 0
     if experts:
@@ -184,12 +227,19 @@ def model_from_config(cfg: dict, name: str = "model") -> ModelSpec:
         experts_per_token=int(cfg.get("num_experts_per_tok") or 0) if experts else 0,
         moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or 0)
         if experts else 0,
-        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0) if experts else 0,
+        shared_expert_intermediate_size=(int(cfg.get("shared_expert_intermediate_size") or 0)  # Qwen2-MoE
+                                         or int(cfg.get("n_shared_experts") or 0)  # DeepSeek
+                                         * int(cfg.get("moe_intermediate_size") or 0)) if experts else 0,
         num_moe_layers=moe_layers,
         attention_bias=bool(cfg.get("attention_bias", model_type in ("qwen2", "qwen2_moe"))),
         qk_norm=model_type.startswith("qwen3"),
         sliding_window=int(window) if use_window else None,
         checkpoint_dtype=_checkpoint_dtype(cfg),
+        kv_lora_rank=mla,
+        q_lora_rank=int(cfg.get("q_lora_rank") or 0) if mla else 0,
+        qk_nope_head_dim=nope if mla else 0,
+        qk_rope_head_dim=rope if mla else 0,
+        v_head_dim=v_dim if mla else 0,
     )
 
 

@@ -23,10 +23,14 @@ def model_summary(result: PlanResult) -> list[str]:
     per_token = kv_bytes_per_token(m, r.kv_dtype)
     seq = kv_bytes(m, result.max_model_len, 1, r.kv_dtype)
     window = f", sliding window {m.sliding_window:,}" if m.sliding_window else ""
+    if m.is_mla:
+        kv_terms = (f"{m.num_layers} layers × ({m.kv_lora_rank} latent + {m.qk_rope_head_dim} rotary key, MLA: "
+                    f"one per token, replicated over TP)")
+    else:
+        kv_terms = f"2 × {m.num_layers} layers × {m.num_kv_heads} KV heads × {m.head_dim} head dim"
     return [
         f"model    {params}; weights {weight_bytes(m, result.weight_dtype) / GB:.1f} GB in {result.weight_dtype}",
-        (f"KV       {per_token:,} bytes/token = 2 × {m.num_layers} layers × {m.num_kv_heads} KV heads × "
-         f"{m.head_dim} head dim × {kv_dtype_bytes(r.kv_dtype)} B; {seq / GB:.1f} GB per "
+        (f"KV       {per_token:,} bytes/token = {kv_terms} × {kv_dtype_bytes(r.kv_dtype)} B; {seq / GB:.1f} GB per "
          f"{result.max_model_len:,}-token sequence{window}"),
     ]
 

@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log lines")
     g.add_argument("--engine-in-thread", action="store_true",
                    help="run the engine loop in a thread of the server process (default: its own process)")
+    g.add_argument("--api-server-count", type=int, default=1,
+                   help="API processes sharing one engine core and the port (HTTP, JSON and detokenization off "
+                        "one GIL)")
     g.add_argument("--auto", action="store_true",
                    help="let the planner pick TP/PP/DP for the visible GPUs (prints the choice and why)")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
@@ -107,32 +110,19 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     check_engine_args(engine_args)  # bad flags, paths and layouts fail now, not after loading
     if not is_rank_zero(engine_args):  # another node's ranks: serve the model shards, no HTTP
         return run_worker_ranks(engine_args)
+    if ns.api_server_count < 1:
+        raise InvalidArgumentError("--api-server-count must be >= 1", param="api_server_count")
+    if ns.api_server_count > 1 and ns.engine_in_thread:
+        raise InvalidArgumentError("--api-server-count > 1 needs the engine in its own process "
+                                   "(drop --engine-in-thread)", param="api_server_count")
     sock = bind_listen_socket(ns.host, ns.port)  # a port in use fails before the model loads
-    import uvicorn  # the heavy imports (torch, the engine) only once the arguments are known to be good
+    from meshserve.serve.api_server import HttpOptions, serve_api_processes, serve_one_process
 
-    from meshserve.engine.async_engine import AsyncLLM
-    from meshserve.serve.middleware import ServerState
-    from meshserve.serve.openai_api import build_app
-    from meshserve.serve.server import DrainingServer
-
-    # the default: the step loop in its own process, off this process's GIL
+    opts = HttpOptions(ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log)
+    if ns.api_server_count > 1:
+        return serve_api_processes(engine_args, config, sock, opts, ns.api_server_count)
     try:
-        allm = AsyncLLM.from_engine_args(engine_args, separate_process=not ns.engine_in_thread)
+        return serve_one_process(engine_args, config, sock, opts, ns.engine_in_thread)
     except BaseException:
         sock.close()
         raise
-    try:
-        state = ServerState()
-        app = build_app(allm, config, state)
-        uv_config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
-                                   access_log=not ns.disable_access_log, timeout_graceful_shutdown=2,
-                                   # longer than clients' and load balancers' idle timeouts, so the client
-                                   # side closes first (no request sent on a connection as it closes)
-                                   timeout_keep_alive=75)
-        server = DrainingServer(uv_config, state, config.drain_timeout_s)
-        print(f"meshserve: serving {config.model_name} on http://{ns.host}:{ns.port}", flush=True)
-        server.run(sockets=[sock])
-    finally:
-        allm.shutdown()
-        sock.close()
-    return 0

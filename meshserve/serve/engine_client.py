@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
-from meshserve.engine.async_engine import AsyncLLM
-from meshserve.errors import InvalidArgumentError, ServerOverloadedError
+from meshserve.engine.async_engine import _ADMISSION_MARGIN, AsyncLLM
+from meshserve.errors import InvalidArgumentError, ServerOverloadedError, ServiceLevelError
 from meshserve.outputs import RequestOutput
 from meshserve.sampling import SamplingParams
 from meshserve.serve.config import ServeConfig
+from meshserve.serve.frontend_load import FrontendLoad
 from meshserve.serve.protocol import ServiceLevel
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ class EngineClient:
         self.allm = allm
         self.config = config
         self._num_starting = 0  # requests submitted but not yet seen by the engine's queue counter
+        self.load = FrontendLoad()
+        allm.frontend_delay_s = self.load.loop_lag.value  # its own TTFT check sees this loop's lag too
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -97,6 +101,19 @@ class EngineClient:
             raise ServerOverloadedError(
                 f"the server's waiting queue is full ({self.config.max_queue_len} requests); retry later",
                 retry_after_s=self.config.retry_after_s)
+
+    def frontend_admission_error(self) -> ServiceLevelError | None:
+        """A 429 for a request arriving now, before its body is read, if this process's own delay (input
+        backlog, event-loop lag) plus the engine's queue wait already breaks the server's TTFT target."""
+        target = self.allm.core_client.info.slo_ttft_s
+        if target is None:
+            return None
+        predicted = self.load.input_delay.value() + self.allm.predicted_ttft_s(0)  # that counts the loop lag
+        if predicted <= target * _ADMISSION_MARGIN:
+            return None
+        return ServiceLevelError(f"the server is at capacity: predicted time to first token {predicted:.2f} s, "
+                                 f"target {target:.2f} s; retry later",
+                                 retry_after_s=max(1, math.ceil(predicted - target)))
 
     def stats(self) -> tuple[dict[str, Any], float] | None:
         """The core's counters as of its last step and their age in seconds (never waits on the core),
@@ -166,6 +183,8 @@ class EngineClient:
         one prompt fails, the others are aborted.
         """
         self.check_admission()
+        if arrival_time is not None:
+            self.load.request_reached_handler(arrival_time)
         ttft = slo.ttft_ms / 1e3 if slo is not None and slo.ttft_ms else None
         tpot = slo.tpot_ms / 1e3 if slo is not None and slo.tpot_ms else None
         gens = [self.allm.generate(p, params, f"{request_id}-{i}", priority, ttft, tpot, arrival_time)

@@ -2,12 +2,14 @@
 
 Request-level series (outcomes, token totals, latency histograms) are observed by the handlers as they
 stream; engine-level gauges (queue, KV cache, prefix cache, preemptions) are the counters the engine core
-published with its last step (a scrape never waits on the core), with their age as a gauge of its own. Names follow vLLM's `vllm:` series with a `meshserve:` prefix.
+published with its last step (a scrape never waits on the core), with their age as a gauge of its own.
+With several API processes (PROMETHEUS_MULTIPROC_DIR set before import) request series are summed across them. Names follow vLLM's `vllm:` series with a `meshserve:` prefix.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from meshserve.errors import MeshserveError, RetryableError
 from meshserve.outputs import RequestOutput
+from meshserve.serve.frontend_load import ARRIVAL
 
 # Outcomes of a generation request: how its choices finished, or why it produced none.
 OUTCOMES = ("stop", "length", "abort", "rejected", "invalid", "error")
@@ -206,6 +209,13 @@ class ServerMetrics:
         """The exposition text; engine_stats: (the core's counters, their age in s), or None to keep the last."""
         if engine_stats is not None:
             self._engine.stats, self._engine.age_s = engine_stats
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # one of several API processes: sum theirs, once
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)
+            merged.register(self._engine)
+            return generate_latest(merged)
         return generate_latest(self.registry)
 
 
@@ -215,8 +225,10 @@ class RequestTracker:
 
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
-        self.arrival = time.perf_counter()
-        self.arrival_monotonic = time.monotonic()  # the engine's clock: its TTFT targets count from here
+        # the engine's clock: TTFT targets count from the request's first ASGI call (before its body was read)
+        now = time.monotonic()
+        self.arrival_monotonic = ARRIVAL.get() or now
+        self.arrival = time.perf_counter() - (now - self.arrival_monotonic)
         self._first: float | None = None
         self._last: float | None = None
         self._prompt_seen: set[int] = set()
@@ -239,11 +251,16 @@ class RequestTracker:
         if new <= 0:
             return
         self.metrics.generation_tokens.inc(new)
+        # one inter-token observation per token after the first; an output that folded several steps (a
+        # lagging stream) spreads its gap over its tokens
         if self._last is None:
             self._first = now
             self.metrics.ttft.observe(now - self.arrival)
+            gap, count = 0.0, new - 1
         else:
-            self.metrics.itl.observe(now - self._last)
+            gap, count = (now - self._last) / new, new
+        for _ in range(count):
+            self.metrics.itl.observe(gap)
         self._last = now
 
     def fail(self, exc: BaseException) -> None:

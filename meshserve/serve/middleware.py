@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -15,9 +17,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from meshserve.errors import AuthenticationError, RequestTooLargeError, ServerDrainingError
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.errors import error_payload
+from meshserve.serve.frontend_load import ARRIVAL
 
 # Paths that stay open without an API key and while draining (probes and scrapers must see the state).
 _OPEN_PATHS = ("/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs", "/redoc")
+_GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 @dataclass
@@ -39,12 +43,19 @@ async def send_error(send: Send, exc: Exception) -> None:
 
 
 class GateMiddleware:
-    """Body limit, API key check (constant-time), drain refusal and in-flight accounting."""
+    """Body limit, API key check (constant-time), drain refusal, in-flight accounting; arrival time stamped
+    first thing, and (with admission) generation requests the front end itself cannot serve in time get their
+    429 before their body is read."""
 
-    def __init__(self, app: ASGIApp, config: ServeConfig, state: ServerState):
+    def __init__(self, app: ASGIApp, config: ServeConfig, state: ServerState,
+                 admission: Callable[[], Exception | None] | None = None,
+                 on_reject: Callable[[Exception], None] | None = None, on_request: Callable[[], None] | None = None):
         self.app = app
         self.config = config
         self.state = state
+        self.admission = admission
+        self.on_reject = on_reject
+        self.on_request = on_request
         self._api_key = config.api_key.encode() if config.api_key else None
 
     def _authorized(self, scope: Scope) -> bool:
@@ -61,8 +72,11 @@ class GateMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        ARRIVAL.set(time.monotonic())
         path: str = scope.get("path", "")
         guarded = path.startswith("/v1") and not path.startswith(_OPEN_PATHS)
+        if self.on_request is not None:
+            self.on_request()
         if guarded and not self._authorized(scope):
             await send_error(send, AuthenticationError("missing or invalid API key"))
             return
@@ -70,9 +84,17 @@ class GateMiddleware:
             await send_error(send, ServerDrainingError("the server is shutting down",
                                                        retry_after_s=self.config.retry_after_s))
             return
-        receive = await self._limited_body(scope, receive, send)
+        receive, body = await self._limited_body(scope, receive, send)
         if receive is None:
             return
+        # the server's target, unless the request names its own (then its handler decides, after parsing)
+        if guarded and self.admission is not None and path in _GENERATION_PATHS and b'"slo"' not in body:
+            refusal = self.admission()
+            if refusal is not None:
+                if self.on_reject is not None:
+                    self.on_reject(refusal)
+                await send_error(send, refusal)
+                return
         if not guarded:
             await self.app(scope, receive, send)
             return
@@ -82,32 +104,33 @@ class GateMiddleware:
         finally:
             self.state.num_in_flight -= 1
 
-    async def _limited_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
-        """Read the whole body up to the limit and replay it; None once a 413 was sent."""
+    async def _limited_body(self, scope: Scope, receive: Receive, send: Send) -> tuple[Receive | None, bytes]:
+        """Read the whole body up to the limit and replay it (and the body); None once a 413 was sent."""
         limit = self.config.max_request_body_bytes
         too_large = RequestTooLargeError(f"the request body exceeds {limit} bytes")
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await send_error(send, too_large)
-            return None
+            return None, b""
         if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
-            return receive
+            return receive, b""
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":  # client gone before the body arrived
-                return _replay([message], receive)
+                return _replay([message], receive), b""
             body = message.get("body", b"")
             size += len(body)
             if size > limit:
                 await send_error(send, too_large)
-                return None
+                return None, b""
             chunks.append(body)
             if not message.get("more_body", False):
                 break
-        return _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
+        body = b"".join(chunks)
+        return _replay([{"type": "http.request", "body": body, "more_body": False}], receive), body
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:

@@ -108,7 +108,8 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     app.state.metrics = metrics
     app.state.engine_client = client
     _install_error_handlers(app, metrics)
-    app.add_middleware(GateMiddleware, config=config, state=state)
+    app.add_middleware(GateMiddleware, config=config, state=state, admission=client.frontend_admission_error,
+                       on_reject=lambda exc: metrics.track().fail(exc), on_request=client.load.ensure_watching)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_GENERATION_RESPONSES)
     async def create_completion(body: CompletionRequest, request: Request):

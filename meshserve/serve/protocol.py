@@ -49,10 +49,15 @@ class ServiceLevel(OpenAIModel):
 
 
 class ResponseFormat(OpenAIModel):
-    """OpenAI's response_format: {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}."""
+    """OpenAI's response_format: {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}; and
+    vLLM's {"type": "structural_tag"}, either xgrammar's {"format": {...}} or the older
+    {"structures": [{"begin", "schema", "end"}], "triggers": [...]}."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: dict[str, Any] | None = None
+    format: dict[str, Any] | None = None
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
 
 
 class StructuredOutputsRequest(OpenAIModel):
@@ -63,6 +68,7 @@ class StructuredOutputsRequest(OpenAIModel):
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
 
 
 class SamplingRequest(OpenAIModel):

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from starlette.responses import Response
 
 from meshserve.outputs import CompletionOutput, RequestOutput
+from meshserve.serve.chunk_encoding import ChunkEncoder
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient, EngineRequest
 from meshserve.serve.logprobs import chat_logprobs
@@ -22,8 +23,6 @@ from meshserve.serve.protocol import (
     ChatCompletionResponse,
     ChatDelta,
     ChatResponseMessage,
-    DeltaFunctionCall,
-    DeltaToolCall,
 )
 from meshserve.serve.sampling_params import chat_sampling_params
 from meshserve.serve.serving_common import (
@@ -35,16 +34,26 @@ from meshserve.serve.serving_common import (
     usage_of,
 )
 from meshserve.serve.streaming import SSE_DONE, SSEResponse, sse_error, sse_event
+from meshserve.serve.tool_call_stream import ToolCallStream
 from meshserve.serve.tool_calls import ToolPlan, plan_tools, template_messages
 
 logger = logging.getLogger(__name__)
 
 
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def _chunk_event(chunk: ChatCompletionChunk) -> str:
-    # OpenAI's deltas omit the fields they do not carry ({"content": "x"}, or {} at the end)
+    # OpenAI's deltas omit the fields they do not carry ({"content": "x"}, or {} at the end), down into
+    # tool calls: the SDK's accumulator takes a present "type": null as the call's new type
     body = chunk.model_dump(mode="json")
     for choice in body["choices"]:
-        choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        choice["delta"] = _without_nulls(choice["delta"])
     return sse_event(body)
 
 
@@ -60,6 +69,8 @@ class ChatService:
             model = check_model(self.config, req.model)
             plan = plan_tools(req, self.config)
             params = chat_sampling_params(req, self.client.generation_defaults, plan.constraint)
+            if plan.mode == "auto" and plan.keeps_special_tokens:
+                params.skip_special_tokens = False  # the parser's markers are special tokens
             tracker.ttft_target_s, tracker.tpot_target_s = self.client.slo_targets(req.slo)
             self.client.check_admission()  # before spending a template render on a request we refuse
             prompt_ids = await self.client.render_chat(template_messages(req.messages), req.add_generation_prompt,
@@ -106,11 +117,14 @@ class ChatService:
 
     # -- stream ----------------------------------------------------------------------------------
     async def _stream(self, req, model, request_id, request: EngineRequest,
-                      tracker: RequestTracker, plan: ToolPlan) -> AsyncIterator[str]:
+                      tracker: RequestTracker, plan: ToolPlan) -> AsyncIterator[str | bytes]:
         state = StreamState(every_token=not self.client.has_tokenizer)
-        content_sent: dict[int, int] = {}  # choice -> characters of its text sent as content
+        tool_streams = {i: ToolCallStream(plan) for i in range(req.n)} if plan.mode != "none" else {}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         final: RequestOutput | None = None
+        # content-only chunks (no logprobs, no tools) skip pydantic
+        fast = ChunkEncoder(request_id, model, "chat.completion.chunk") if not req.logprobs and plan.mode == "none" \
+            else None
         outcome = "abort"
         try:
             for i in range(req.n):  # the role comes first, in a chunk of its own, as OpenAI sends it
@@ -122,10 +136,12 @@ class ChatService:
                 texts = {c.index: c.text for c in final.outputs}
                 for c in out.outputs:
                     d = state.delta(0, c, need_tokens=req.logprobs or plan.mode != "none")
-                    if d is not None:
+                    if d is not None and fast is not None:
+                        yield fast.chat(c.index, d.text or None, d.finish_reason, d.stop_reason)
+                    elif d is not None:
                         choice = self._chunk_choice(req, c, d)
-                        if plan.mode != "none":
-                            _hold_tool_text(choice, d, plan, texts[c.index], content_sent)
+                        if tool_streams:
+                            _tool_deltas(choice, d, plan, tool_streams[c.index], texts[c.index])
                             if not (choice.delta.content or choice.delta.tool_calls or choice.finish_reason
                                     or choice.logprobs):
                                 continue  # text held back as a possible tool call: nothing to send yet
@@ -153,21 +169,12 @@ class ChatService:
                                finish_reason=d.finish_reason, stop_reason=d.stop_reason)
 
 
-def _hold_tool_text(choice: ChatChunkChoice, d: ChoiceDelta, plan: ToolPlan, text: str,
-                    content_sent: dict[int, int]) -> None:
-    """With tools, a chunk carries only text that is surely content; text that may be a tool call waits for
-    the end, when the whole output is parsed as the non-streamed response is: the rest of the content,
-    then every call in one delta each (name and complete arguments), as OpenAI's SDK accumulates them."""
-    sent = content_sent.get(choice.index, 0)
-    if not d.finish_reason:
-        upto = plan.content_prefix_len(text)
-        choice.delta.content = text[sent:upto] or None
-        content_sent[choice.index] = max(sent, upto)
-        return
-    content, calls = plan.extract(text)
-    choice.delta.content = (content or "")[sent:] or None
-    if calls:
-        choice.delta.tool_calls = [DeltaToolCall(index=k, id=call.id, type="function", function=DeltaFunctionCall(
-            name=call.function.name, arguments=call.function.arguments)) for k, call in enumerate(calls)]
-        if d.finish_reason == "stop":
+def _tool_deltas(choice: ChatChunkChoice, d: ChoiceDelta, plan: ToolPlan, stream: ToolCallStream, text: str) -> None:
+    """With tools, a chunk carries the content that is final and the tool-call deltas of the output so far."""
+    if d.finish_reason:
+        choice.delta.content, calls, has_calls = stream.finish(text)
+        if has_calls and d.finish_reason == "stop":
             choice.finish_reason = plan.finish_reason_of_calls
+    else:
+        choice.delta.content, calls = stream.step(text)
+    choice.delta.tool_calls = calls or None

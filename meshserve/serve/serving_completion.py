@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from starlette.responses import Response
 
 from meshserve.outputs import CompletionOutput, RequestOutput
+from meshserve.serve.chunk_encoding import ChunkEncoder
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient, EngineRequest, merge_requests
 from meshserve.serve.logprobs import completion_logprobs
@@ -112,11 +113,12 @@ class CompletionService:
 
     # -- stream ----------------------------------------------------------------------------------
     async def _stream(self, req, model, request_id, requests, echoes,
-                      tracker: RequestTracker) -> AsyncIterator[str]:
+                      tracker: RequestTracker) -> AsyncIterator[str | bytes]:
         state = StreamState(every_token=not self.client.has_tokenizer)
         finals: dict[int, RequestOutput] = {}
         want_lp = req.logprobs is not None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        fast = ChunkEncoder(request_id, model, "text_completion")  # chunks without logprobs skip pydantic
         outcome = "abort"
         try:
             async for i, out in merge_requests(requests):
@@ -125,6 +127,9 @@ class CompletionService:
                 for c in out.outputs:
                     d = state.delta(i, c, need_tokens=want_lp)
                     if d is None:
+                        continue
+                    if not want_lp and (echoes is None or not d.first):
+                        yield fast.completion(i * req.n + c.index, d.text, d.finish_reason, d.stop_reason)
                         continue
                     choice = self._chunk_choice(req, i, finals[i], c, d, echoes[i] if echoes else None)
                     yield sse_event(CompletionChunk(id=request_id, model=model, choices=[choice]))

@@ -16,6 +16,8 @@ def _from_response_format(req: SamplingRequest) -> StructuredOutputsParams | Non
         return None
     if rf.type == "json_object":
         return StructuredOutputsParams(json_object=True)
+    if rf.type == "structural_tag":  # vLLM passes the whole object on to xgrammar
+        return StructuredOutputsParams(structural_tag=rf.model_dump(exclude_none=True, exclude={"json_schema"}))
     spec = rf.json_schema
     if not isinstance(spec, dict):
         raise InvalidArgumentError('response_format of type "json_schema" needs a json_schema object',
@@ -36,7 +38,8 @@ def structured_outputs_of(req: SamplingRequest) -> StructuredOutputsParams | Non
     if req.structured_outputs is not None:
         so = req.structured_outputs
         found.append(("structured_outputs", StructuredOutputsParams(
-            json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar, json_object=so.json_object)))
+            json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar, json_object=so.json_object,
+            structural_tag=so.structural_tag)))
     for name, kwargs in (("guided_json", {"json": req.guided_json}), ("guided_regex", {"regex": req.guided_regex}),
                          ("guided_choice", {"choice": req.guided_choice}),
                          ("guided_grammar", {"grammar": req.guided_grammar})):

@@ -16,7 +16,15 @@ from typing import Any
 from meshserve.errors import InvalidArgumentError
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.protocol import ChatCompletionRequest, ChatMessage, FunctionCall, ToolCall
-from meshserve.serve.tool_parsers import ParsedToolCall, ToolParser, get_tool_parser
+from meshserve.serve.tool_parsers import (
+    ParsedToolCall,
+    PartialToolCall,
+    PartialToolCalls,
+    ToolParser,
+    get_tool_parser,
+)
+from meshserve.serve.tool_parsers.base import scan_json_calls
+from meshserve.serve.tool_parsers.json_spans import skip_ws
 from meshserve.structured.grammar import check_structured_outputs
 from meshserve.structured.params import StructuredOutputsParams
 
@@ -29,46 +37,74 @@ def _parameters(tool) -> dict[str, Any]:
     return tool.function.parameters or {"type": "object", "properties": {}}
 
 
+class _NamedToolParser(ToolParser):
+    """tool_choice names a function: the whole (constrained) output is its arguments."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def extract(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
+        return None, [ParsedToolCall(self.name, text)]
+
+    def extract_partial(self, text: str) -> PartialToolCalls:
+        return PartialToolCalls(0, [PartialToolCall(self.name, text)])
+
+
+class _RequiredToolParser(ToolParser):
+    """tool_choice "required": the (constrained) output is a JSON array of {"name", "parameters"}."""
+
+    def _calls(self, text: str):
+        i = skip_ws(text, 0)
+        if not text.startswith("[", i):
+            return None, []
+        return scan_json_calls(text, i + 1, ",", keys=("parameters",), closer="]")
+
+    def extract(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
+        calls = self._calls(text)[0]
+        return (None, calls) if calls else (text, [])  # cut short by max_tokens: left as text
+
+    def extract_partial(self, text: str) -> PartialToolCalls:
+        return PartialToolCalls(0, self._calls(text)[1])
+
+
 @dataclass
 class ToolPlan:
     """How one request's tools are handled: its mode, the tools for the template, its constraint, and
-    the reading of the output."""
+    the parser that reads the output (whole, or as far as it is written while streaming)."""
 
     mode: str = "none"  # "none" | "auto" | "required" | "named"
     tools: list[dict[str, Any]] = field(default_factory=list)
     constraint: StructuredOutputsParams | None = None
     parser: ToolParser | None = None
-    function_name: str | None = None
+    parallel: bool = True  # false: at most one call (OpenAI's parallel_tool_calls)
 
     @property
     def finish_reason_of_calls(self) -> str:
         return "stop" if self.mode == "named" else "tool_calls"  # OpenAI's choice for a forced function
 
+    @property
+    def keeps_special_tokens(self) -> bool:
+        return self.parser is not None and self.parser.keeps_special_tokens
+
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(content, tool calls) of a choice's whole output text."""
-        calls: list[ParsedToolCall] = []
-        content: str | None = text
-        if self.mode == "named":
-            content, calls = None, [ParsedToolCall(self.function_name or "", text)]
-        elif self.mode == "required":
-            try:
-                items = json.loads(text)
-                calls = [ParsedToolCall(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in items]
-                content = None
-            except (json.JSONDecodeError, KeyError, TypeError):  # cut short by max_tokens: leave it as text
-                calls = []
-        elif self.mode == "auto" and self.parser is not None:
-            content, calls = self.parser.extract(text)
+        if self.parser is None:
+            return text, []
+        content, calls = self.parser.extract(text)
+        if not self.parallel:
+            calls = calls[:1]
         return content, [ToolCall(id=new_tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
                          for c in calls]
 
-    def content_prefix_len(self, text: str) -> int:
-        """Characters of a partial output that can be streamed as content now."""
-        if self.mode in ("named", "required"):
-            return 0
-        if self.mode == "auto" and self.parser is not None:
-            return self.parser.content_prefix_len(text)
-        return len(text)
+    def extract_partial(self, text: str) -> PartialToolCalls:
+        """What a partial output shows so far: content that is final, and the calls begun."""
+        if self.parser is None:
+            return PartialToolCalls(len(text))
+        found = self.parser.extract_partial(text)
+        if not self.parallel:
+            found.calls = found.calls[:1]
+        return found
 
 
 def plan_tools(req: ChatCompletionRequest, config: ServeConfig) -> ToolPlan:
@@ -93,7 +129,8 @@ def plan_tools(req: ChatCompletionRequest, config: ServeConfig) -> ToolPlan:
         if not (config.enable_auto_tool_choice and config.tool_call_parser):
             raise InvalidArgumentError('"auto" tool choice requires the server to run with '
                                        "--enable-auto-tool-choice and --tool-call-parser", param="tool_choice")
-        return ToolPlan("auto", dicts, parser=get_tool_parser(config.tool_call_parser))
+        return ToolPlan("auto", dicts, parser=get_tool_parser(config.tool_call_parser, dicts),
+                        parallel=req.parallel_tool_calls)
     if choice == "required":
         schema = {"type": "array", "minItems": 1, "items": {"anyOf": [
             {"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
@@ -101,13 +138,13 @@ def plan_tools(req: ChatCompletionRequest, config: ServeConfig) -> ToolPlan:
              "required": ["name", "parameters"]} for t in tools]}}
         if not req.parallel_tool_calls:
             schema["maxItems"] = 1
-        return ToolPlan("required", dicts, StructuredOutputsParams(json=schema))
+        return ToolPlan("required", dicts, StructuredOutputsParams(json=schema), _RequiredToolParser())
     name = choice.function.name
     if name not in names:
         raise InvalidArgumentError(f"tool_choice names function {name!r}, which is not among the tools",
                                    param="tool_choice")
     tool = tools[names.index(name)]
-    return ToolPlan("named", dicts, StructuredOutputsParams(json=_parameters(tool)), function_name=name)
+    return ToolPlan("named", dicts, StructuredOutputsParams(json=_parameters(tool)), _NamedToolParser(name))
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:

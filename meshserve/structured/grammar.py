@@ -58,6 +58,40 @@ def choice_ebnf(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
+def structural_tag_json(spec: str) -> str:
+    """xgrammar's structural tag ({"type": "structural_tag", "format": {...}}) of a request's: as given, or
+    translated from vLLM's older {"structures": [{"begin", "schema", "end"}], "triggers": [...]} (free text
+    in which each trigger starts one of the tagged JSON parts), whose xgrammar call is deprecated."""
+    try:
+        tag = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON: {e}") from None
+    if not isinstance(tag, dict):
+        raise TypeError("a structural tag must be an object")
+    if "structures" not in tag:
+        return spec
+    structures, triggers = tag["structures"], tag.get("triggers")
+    if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
+        raise ValueError("triggers must be a non-empty list of strings")
+    if not isinstance(structures, list) or not structures:
+        raise ValueError("structures must be a non-empty list")
+    tags = []
+    for i, s in enumerate(structures):
+        if not (isinstance(s, dict) and isinstance(s.get("begin"), str) and isinstance(s.get("end"), str)
+                and isinstance(s.get("schema"), dict)):
+            raise TypeError(f"structures[{i}] needs begin and end strings and a schema object")
+        where = _find_unsupported(s["schema"])
+        if where:
+            raise ValueError(f"JSON schema keyword {where.rsplit('/', 1)[-1]!r} (at structures[{i}].schema"
+                             f"{where[1:]}) is not supported by structured outputs")
+        if not any(s["begin"].startswith(t) for t in triggers):
+            raise ValueError(f"structures[{i}].begin {s['begin']!r} starts with none of the triggers")
+        tags.append({"begin": s["begin"], "end": s["end"],
+                     "content": {"type": "json_schema", "json_schema": s["schema"]}})
+    return json.dumps({"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": triggers,
+                                                           "tags": tags}})
+
+
 @functools.lru_cache(maxsize=256)
 def _check(kind: str, spec: str, param: str) -> None:
     import xgrammar as xgr
@@ -82,13 +116,16 @@ def _check(kind: str, spec: str, param: str) -> None:
             xgr.Grammar.from_ebnf(choice_ebnf(json.loads(spec)))
         elif kind == "grammar":
             xgr.Grammar.from_ebnf(spec)
+        elif kind == "structural_tag":
+            xgr.Grammar.from_structural_tag(structural_tag_json(spec))
     except InvalidArgumentError:
         raise
     except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError or ValueError with the parser's message
         raise InvalidArgumentError(f"invalid {_NAMES[kind]}: {native_message(e)}", param=param) from None
 
 
-_NAMES = {"json": "JSON schema", "regex": "regular expression", "choice": "choice", "grammar": "grammar"}
+_NAMES = {"json": "JSON schema", "regex": "regular expression", "choice": "choice", "grammar": "grammar",
+          "structural_tag": "structural tag"}
 
 
 def check_structured_outputs(params: StructuredOutputsParams, param: str = "structured_outputs") -> None:
@@ -106,4 +143,6 @@ def compile_structured_outputs(compiler, params: StructuredOutputsParams):
         return compiler.compile_regex(spec)
     if kind == "choice":
         return compiler.compile_grammar(choice_ebnf(json.loads(spec)))
+    if kind == "structural_tag":
+        return compiler.compile_structural_tag(structural_tag_json(spec))
     return compiler.compile_grammar(spec)

@@ -11,23 +11,27 @@ from meshserve.errors import InvalidArgumentError
 @dataclass
 class StructuredOutputsParams:
     """Exactly one of: a JSON schema (`json`, a dict or its JSON text), any JSON object (`json_object`),
-    a regular expression, a list of choices, or an EBNF grammar (xgrammar's GBNF dialect)."""
+    a regular expression, a list of choices, an EBNF grammar (xgrammar's GBNF dialect), or a structural tag
+    (free text in which tagged parts follow their schemas)."""
 
     json: str | dict | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: str | dict | None = None  # xgrammar's structural tag (vLLM's field), or its older form
 
     def __post_init__(self) -> None:
         if isinstance(self.json, dict):  # one text per schema: the compile cache keys on it
             self.json = json.dumps(self.json, separators=(",", ":"))  # key order kept: it is the output's
-        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if isinstance(self.structural_tag, dict):
+            self.structural_tag = json.dumps(self.structural_tag, separators=(",", ":"))
+        given = [k for k in ("json", "regex", "choice", "grammar", "structural_tag") if getattr(self, k) is not None]
         if self.json_object:
             given.append("json_object")
         if len(given) != 1:
             raise InvalidArgumentError(
-                "structured outputs need exactly one of json, json_object, regex, choice, grammar; "
+                "structured outputs need exactly one of json, json_object, regex, choice, grammar, structural_tag; "
                 f"got {given or 'none'}", param="structured_outputs")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
             raise InvalidArgumentError("choice must be a non-empty list of strings", param="structured_outputs")
@@ -43,4 +47,6 @@ class StructuredOutputsParams:
             return "choice", json.dumps(self.choice)
         if self.grammar is not None:
             return "grammar", self.grammar
+        if self.structural_tag is not None:
+            return "structural_tag", self.structural_tag
         return "json_object", ""

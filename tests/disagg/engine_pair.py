@@ -31,7 +31,11 @@ def producer_main(engine_kwargs: dict, commands, results) -> None:
     from meshserve.config import EngineArgs
     from meshserve.engine.core import EngineCore
 
-    core = EngineCore.from_engine_args(EngineArgs(**engine_kwargs))
+    try:
+        core = EngineCore.from_engine_args(EngineArgs(**engine_kwargs))
+    except BaseException as e:  # the test waits on this queue: name the cause rather than time out
+        results.put(("failed", f"{type(e).__name__}: {e}"))
+        raise
     results.put(("ready", core.scheduler.block_manager.num_blocks))
     tokens: dict[str, list[int]] = {}
     try:

@@ -54,7 +54,7 @@ def pair(tiny_model_dir):
             dict(
                 common,
                 kv_transfer_config=transfer_config(
-                    "kv_producer", 0, port, transfer_timeout_s=5, hold_timeout_s=3
+                    "kv_producer", 0, port, transfer_timeout_s=5, hold_timeout_s=3, init_timeout_s=120
                 ),
             ),
             commands,
@@ -64,10 +64,11 @@ def pair(tiny_model_dir):
     )
     proc.start()
     consumer = EngineCore.from_engine_args(
-        EngineArgs(**common, kv_transfer_config=transfer_config("kv_consumer", 1, port, transfer_timeout_s=5))
+        EngineArgs(**common, kv_transfer_config=transfer_config("kv_consumer", 1, port, transfer_timeout_s=5,
+                                                                   init_timeout_s=120))
     )
     kind, num_blocks = results.get(timeout=300)  # a loaded machine starts slowly
-    assert kind == "ready"
+    assert kind == "ready", num_blocks  # else the producer's start-up error
     yield proc, commands, results, consumer, num_blocks
     commands.put(("stop",))
     proc.join(30)

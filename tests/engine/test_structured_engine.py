@@ -134,3 +134,46 @@ def test_a_slow_compile_holds_back_only_its_own_request(path, monkeypatch):
     finally:
         gate.set()
         llm.shutdown()
+
+
+def test_masks_are_filled_while_the_forward_runs(path):
+    """Late masks: a step's forward is queued before its grammar masks are filled, and with async scheduling
+    a constrained request keeps the overlap: step n+1's forward is queued before step n is processed."""
+    llm = LLM(model=path, async_scheduling=True, max_model_len=256)
+    core = llm.engine.core
+    runner, events = core.executor.runner, []
+    forward, fill, update = runner.forward, core._fill_grammar_bitmasks, core.scheduler.update_after_step
+
+    def record(name, fn):
+        def wrapped(*a, **kw):
+            events.append(name)
+            return fn(*a, **kw)
+        return wrapped
+
+    runner.forward = record("forward", forward)
+    core._fill_grammar_bitmasks = record("fill", fill)
+    core.scheduler.update_after_step = record("update", update)
+    try:
+        p = SamplingParams(max_tokens=200, temperature=1.0, seed=2, structured_outputs={"json": SCHEMA})
+        out = llm.generate([[5, 6, 7]], p, use_tqdm=False)[0].outputs[0]
+        jsonschema.validate(json.loads(out.text), SCHEMA)
+    finally:
+        llm.shutdown()
+    # step 1: forward, fill; then each step: forward n+1, process n, fill n+1
+    assert events[:5] == ["forward", "fill", "forward", "update", "fill"], events[:8]
+    steps = events.count("forward")
+    assert steps >= len(out.token_ids) and events.count("fill") >= len(out.token_ids)
+    # no step waited for the one before it to be processed before queuing its forward
+    assert all(events[i + 1] == "update" for i, e in enumerate(events[:-1]) if e == "forward" and i > 0)
+
+
+@pytest.mark.gpu
+def test_late_masks_on_the_device_change_no_token(path):
+    """On a GPU (CUDA graphs, masks filled while the forward runs, async overlap kept), constrained outputs
+    validate and match the synchronous engine's token for token."""
+    sync, _ = _run(path, False, device="cuda")
+    async_, _ = _run(path, True, device="cuda")
+    assert [[c.token_ids for c in o.outputs] for o in sync] == [[c.token_ids for c in o.outputs] for o in async_]
+    for out in (async_[0], async_[2]):
+        for c in out.outputs:
+            jsonschema.validate(json.loads(c.text), SCHEMA)

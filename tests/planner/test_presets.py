@@ -41,7 +41,7 @@ def test_generate_and_plan_list_the_same_presets(capsys):
     generate = _listed(capsys.readouterr().err)
     assert main(["plan", "no-such-model"]) == 2
     plan = _listed(capsys.readouterr().err)
-    assert generate == plan == preset_names() and len(plan) == 10
+    assert generate == plan == preset_names() and len(plan) == 12
 
 
 def test_a_config_folder_wins_over_a_preset_name(tmp_path, monkeypatch):

@@ -191,3 +191,19 @@ def test_bad_input_is_a_400_naming_it(client, name, kw, param, words):
     err = e.value.body
     assert e.value.status_code == 400 and err["type"] == "invalid_request_error"
     assert err["param"] == param and words in err["message"], err
+
+
+def test_structural_tag_response_format(client):
+    """vLLM's structural_tag response_format: the tagged part follows its schema."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Za-z]{1,12}$"}},
+              "required": ["city"]}
+    fmt = {"type": "structural_tag", "format": {"type": "tag", "begin": "<answer>", "end": "</answer>",
+                                                "content": {"type": "json_schema", "json_schema": schema}}}
+    resp = _chat(client, "Where?", max_tokens=80, temperature=0.8, seed=5, response_format=fmt)
+    text = resp.choices[0].message.content
+    assert resp.choices[0].finish_reason == "stop" and text.startswith("<answer>") and text.endswith("</answer>")
+    jsonschema.validate(json.loads(text[len("<answer>"):-len("</answer>")]), schema)
+    bad = {"type": "structural_tag", "triggers": ["<f"], "structures": [{"begin": "<g>", "schema": {}, "end": "</g>"}]}
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, "hi", max_tokens=4, response_format=bad)
+    assert e.value.body["param"] == "response_format" and "none of the triggers" in e.value.body["message"]

@@ -1,40 +1,172 @@
-"""Tool-call parsers read whole outputs as vLLM's do, and while streaming hold back only text that may
-still become a tool call."""
+"""Tool-call parsers read whole outputs as vLLM's do (malformed output stays content, never an error), and
+while streaming report only final prefixes: streamed char by char, the deltas add up to the whole parse."""
 
 from __future__ import annotations
 
 import json
 
-from meshserve.serve.tool_parsers import get_tool_parser
+import pytest
+
+from meshserve.serve.tool_call_stream import ToolCallStream
+from meshserve.serve.tool_calls import ToolPlan
+from meshserve.serve.tool_parsers import TOOL_PARSERS, get_tool_parser
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"}}}}}
+
+
+def _calls(parser, text):
+    content, calls = parser.extract(text)
+    return content, [(c.name, json.loads(c.arguments)) for c in calls]
 
 
 def test_hermes_extracts_calls_and_leading_content():
     p = get_tool_parser("hermes")
     text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
             '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')
-    content, calls = p.extract(text)
-    assert content == "Let me check.\n"
-    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}),
-                                                                   ("get_time", {})]
+    assert _calls(p, text) == ("Let me check.\n", [("get_weather", {"city": "Paris"}), ("get_time", {})])
+    # arguments are the model's own text
+    assert p.extract(text)[1][0].arguments == '{"city": "Paris"}'
     assert p.extract("no tools here") == ("no tools here", [])
     # a malformed call leaves the whole output as text
-    assert p.extract("<tool_call>{not json</tool_call>") == ("<tool_call>{not json</tool_call>", [])
-    # unterminated (cut by max_tokens) but complete JSON still counts
+    for bad in ("<tool_call>{not json</tool_call>", '<tool_call>{"name": 3}</tool_call>',
+                '<tool_call>{"name": "f", "arguments": [1]}</tool_call>', "<tool_call>get_weather()</tool_call>",
+                '<tool_call>{"name": "f", "arguments": {"a": 1}} trailing</tool_call>',
+                '<tool_call>{"name": "f", "arguments": {"a": 1'):  # the last: cut by max_tokens
+        assert p.extract(bad) == (bad, []), bad
+    # unterminated but complete JSON still counts; arguments sent as JSON text are decoded
     assert p.extract('<tool_call>{"name": "f", "arguments": {"x": 1}}')[1][0].arguments == '{"x": 1}'
+    assert p.extract('<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>')[1][0].arguments == '{"x": 1}'
 
 
 def test_hermes_streaming_holds_back_a_possible_marker_only():
     p = get_tool_parser("hermes")
-    assert p.content_prefix_len("Hello") == 5
-    assert p.content_prefix_len("Hello <tool") == len("Hello ")
-    assert p.content_prefix_len("Hello <tool_call>{") == len("Hello ")
-    assert p.content_prefix_len("a < b") == 5
+    assert p.extract_partial("Hello").content_end == 5
+    assert p.extract_partial("Hello <tool").content_end == len("Hello ")
+    assert p.extract_partial("a < b").content_end == 5
+    found = p.extract_partial('Hello <tool_call>{"name": "f", "arguments": {"a": "x')
+    assert found.content_end == len("Hello ")
+    assert [(c.name, c.arguments) for c in found.calls] == [("f", '{"a": "x')]
+    assert p.extract_partial('<tool_call>{"name": "f').calls == []  # the name is not complete yet
 
 
 def test_llama3_json_extracts_whole_message_calls():
     p = get_tool_parser("llama3_json")
-    content, calls = p.extract('<|python_tag|>{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {}}')
-    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"a": 1}), ("g", {})]
+    content, calls = _calls(p, '<|python_tag|>{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {}}')
+    assert content is None and calls == [("f", {"a": 1}), ("g", {})]
     assert p.extract("The answer is 4.") == ("The answer is 4.", [])
     assert p.extract('{"no_name": 1}') == ('{"no_name": 1}', [])
-    assert p.content_prefix_len("  {") == 0 and p.content_prefix_len("Sure") == 4
+    assert p.extract('{"name": "f", "parameters": {}} and then prose') == (
+        '{"name": "f", "parameters": {}} and then prose', [])
+    assert p.extract_partial("  {").content_end == 0 and p.extract_partial("Sure").content_end == 4
+
+
+def test_mistral_reads_both_formats_and_keeps_special_tokens():
+    p = get_tool_parser("mistral")
+    assert p.keeps_special_tokens
+    old = 'Sure.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "g", "arguments": {}}]'
+    assert _calls(p, old) == ("Sure.", [("get_weather", {"city": "Paris"}), ("g", {})])
+    new = '[TOOL_CALLS]get_weather{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{"tz": "UTC"}'
+    assert _calls(p, new) == (None, [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "UTC"})])
+    for bad in ("[TOOL_CALLS] [{\"name\": \"f\", \"arguments\": {}}", "[TOOL_CALLS]f{oops}", "[TOOL_CALLS]",
+                "[TOOL_CALLS] [1, 2]", "[TOOL_CALLS]get_weather[1]"):
+        assert p.extract(bad) == (bad, []), bad
+    assert p.extract_partial("Hi [TOOL_C").content_end == 3
+
+
+def test_pythonic_reads_keyword_literals():
+    p = get_tool_parser("pythonic")
+    text = '[get_weather(city="San Francisco", days=3, metric=True), get_time(tz=None, zones=["UTC", (1, 2)])]'
+    assert _calls(p, text) == (None, [("get_weather", {"city": "San Francisco", "days": 3, "metric": True}),
+                                      ("get_time", {"tz": None, "zones": ["UTC", [1, 2]]})])
+    llama4 = '<|python_start|>[search(q="a, b)")]<|python_end|>'
+    assert _calls(p, llama4) == (None, [("search", {"q": "a, b)"})])
+    for bad in ("[f(1)]", "[f(x=y)]", "[f(x=1)", "[1, 2, 3] are numbers", "[f(**k)]", "[f(x={1, 2})]", "[]"):
+        assert p.extract(bad) == (bad, []), bad
+    assert p.extract_partial("Hello").content_end == 5 and p.extract_partial("[get_").content_end == 0
+    found = p.extract_partial('[f(a=1), g(b="x')
+    assert [(c.name, c.arguments) for c in found.calls] == [("f", '{"a": 1}'), ("g", "")]
+
+
+def test_qwen3_coder_types_values_by_the_tool_schema():
+    p = get_tool_parser("qwen3_coder", [WEATHER])
+    text = ("I'll look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\n12 Rue\n</parameter>\n"
+            "<parameter=days>\n3\n</parameter>\n<parameter=metric>\ntrue\n</parameter>\n<parameter=extra>\n"
+            "{\"a\": [1]}\n</parameter>\n</function>\n</tool_call>")
+    assert _calls(p, text) == ("I'll look.\n", [("get_weather", {"city": "12 Rue", "days": 3, "metric": True,
+                                                                 "extra": {"a": [1]}})])
+    assert _calls(p, "<tool_call>\n<function=f>\n</function>\n</tool_call>") == (None, [("f", {})])
+    for bad in ("<tool_call>\n<function=f>\n<parameter=a>\n1\n", "<tool_call>\n<function=f\n"):
+        assert p.extract(bad) == (bad, []), bad
+
+
+STREAMED = {  # realistic outputs of each format, streamed character by character below
+    "hermes": [('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris, \\"FR\\"", '
+                '"days": [1, {"x": "}"}]}}\n</tool_call>\n<tool_call>\n{"arguments": {}, "name": "g"}\n</tool_call>'),
+               "<tool_call>{not json</tool_call>", "plain <b>text</b>"],
+    "llama3_json": ['{"name": "get_weather", "parameters": {"city": "Oslo"}}; {"name": "g", "parameters": {}}',
+                    "The sky is blue."],
+    "mistral": ['[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Rome"}}]',
+                '[TOOL_CALLS]get_weather{"city": "Rome"}[TOOL_CALLS]g[ARGS]{}', "[TOOL_CALLS]f{broken"],
+    "pythonic": ['[get_weather(city="Lima", days=2), g()]', "[not a call"],
+    "qwen3_coder": [("Ok.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nLima\n</parameter>\n"
+                     "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>")],
+}
+
+
+def _stream(plan, text, step=1, pieces=None):
+    s, content, calls = ToolCallStream(plan), "", {}
+    for end in [*range(step, len(text), step), len(text)]:
+        if end < len(text):
+            delta_content, deltas = s.step(text[:end])
+        else:
+            delta_content, deltas, _ = s.finish(text)
+        content += delta_content or ""
+        for d in deltas:
+            if d.index not in calls:  # the first delta of a call names it
+                assert d.id.startswith("call_") and d.type == "function" and d.function.name
+                calls[d.index] = [d.function.name, ""]
+            else:
+                assert d.id is None and d.function.name is None
+            calls[d.index][1] += d.function.arguments or ""
+            if pieces is not None:
+                pieces[d.index] = pieces.get(d.index, 0) + 1
+    return content, [tuple(calls[i]) for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("name", sorted(STREAMED))
+def test_streamed_deltas_add_up_to_the_whole_parse(name):
+    for text in STREAMED[name]:
+        plan = ToolPlan("auto", [WEATHER], parser=get_tool_parser(name, [WEATHER]))
+        content, calls = plan.extract(text)
+        for step in (1, 3):
+            got_content, got_calls = _stream(plan, text, step)
+            if calls:  # well formed: exact agreement, arguments arrive in pieces
+                assert got_content == (content or "")
+                assert got_calls == [(c.function.name, c.function.arguments) for c in calls]
+            else:  # not calls after all: every character still reaches the client, as content
+                assert content == text and got_content == text
+
+
+def test_json_arguments_stream_in_pieces():
+    plan = ToolPlan("auto", [WEATHER], parser=get_tool_parser("hermes"))
+    pieces = {}
+    _stream(plan, STREAMED["hermes"][0], pieces=pieces)
+    # get_weather's arguments arrive character by character; g's arguments are complete when its name is
+    assert pieces[0] > 40 and pieces[1] == 1
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    plan = ToolPlan("auto", [WEATHER], parser=get_tool_parser("pythonic"), parallel=False)
+    text = "[f(a=1), g(b=2)]"
+    assert [c.function.name for c in plan.extract(text)[1]] == ["f"]
+    assert _stream(plan, text) == ("", [("f", '{"a": 1}')])
+
+
+def test_every_registered_parser_survives_garbage():
+    for name in TOOL_PARSERS:
+        p = get_tool_parser(name, [WEATHER])
+        for junk in ("", "{", "[", "<tool_call>", "[TOOL_CALLS]", '{"name": "f", "parameters": {"a": }}', "\\x00]"):
+            content, calls = p.extract(junk)
+            assert calls == [] and content == junk
+            assert p.extract_partial(junk).content_end <= len(junk)

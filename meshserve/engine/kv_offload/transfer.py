@@ -126,7 +126,10 @@ class KVTransferEngine:
             staging[start : start + n].copy_(self.cpu.tensor[slot : slot + n], non_blocking=True)
         idx = torch.tensor(block_ids, device=self.device)
         for layer, t in enumerate(self.kv_tensors):
-            t.index_copy_(1, idx, staging[:, layer].transpose(0, 1))
+            src = staging[:, layer].transpose(0, 1)
+            if t.dtype == torch.float8_e4m3fn:  # an fp8 cache: CPU torch has no fp8 index_copy_, move the bytes
+                t, src = t.view(torch.uint8), src.view(torch.uint8)
+            t.index_copy_(1, idx, src)
         nbytes = len(slots) * self.cpu.block_bytes
         if self.cuda:
             end_ev = torch.cuda.Event(enable_timing=True)

@@ -1,14 +1,45 @@
-"""Hermes format (Qwen 2.5/3, Hermes 2/3, many others): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`."""
+"""Hermes format (Qwen 2.5/3, Hermes 2/3, many others): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
+one block per call; text before the first block is content."""
 
 from __future__ import annotations
 
-import json
-import re
-
-from meshserve.serve.tool_parsers.base import ParsedToolCall, ToolParser, call_from_json, held_back
+from meshserve.serve.tool_parsers.base import (
+    ParsedToolCall,
+    PartialToolCalls,
+    ToolParser,
+    finished_json_call,
+    held_back,
+    partial_json_call,
+)
+from meshserve.serve.tool_parsers.json_spans import scan_object, skip_ws
 
 START, END = "<tool_call>", "</tool_call>"
-_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def _blocks(text: str, start: int):
+    """(spans, index after the block) of each <tool_call> block from `start`; spans None when malformed."""
+    i = start
+    while True:
+        i = text.find(START, i)
+        if i < 0:
+            return
+        j = skip_ws(text, i + len(START))
+        if j >= len(text):
+            return
+        if text[j] != "{":
+            yield None, j
+            return
+        spans = scan_object(text, j)
+        if spans.end is None:
+            yield spans, len(text)
+            return
+        k = skip_ws(text, spans.end)
+        if text.startswith(END, k):
+            k += len(END)
+        elif text[k:].strip() and not END.startswith(text[k:].strip()):
+            spans.broken = True  # something other than the end tag after the call
+        yield spans, k
+        i = k
 
 
 class HermesToolParser(ToolParser):
@@ -17,17 +48,24 @@ class HermesToolParser(ToolParser):
         if start < 0:
             return text, []
         calls = []
-        for body in _CALL.findall(text[start:]):
-            try:
-                call = call_from_json(json.loads(body))
-            except json.JSONDecodeError:
-                call = None
-            if call is None:  # a malformed call: the whole output stays text, as vLLM does
+        for spans, _ in _blocks(text, start):
+            call = finished_json_call(text, spans) if spans is not None else None
+            if call is None:  # a malformed or unfinished call: the whole output stays text, as vLLM does
                 return text, []
             calls.append(call)
+        if not calls:
+            return text, []
         content = text[:start]
         return (content if content.strip() else None), calls
 
-    def content_prefix_len(self, text: str) -> int:
+    def extract_partial(self, text: str) -> PartialToolCalls:
         start = text.find(START)
-        return start if start >= 0 else len(text) - held_back(text, START)
+        if start < 0:
+            return PartialToolCalls(len(text) - held_back(text, START))
+        found = PartialToolCalls(start)
+        for spans, _ in _blocks(text, start):
+            call = partial_json_call(text, spans) if spans is not None and not spans.broken else None
+            if call is None:
+                break
+            found.calls.append(call)
+        return found

@@ -3,36 +3,29 @@
 
 from __future__ import annotations
 
-import json
-
-from meshserve.serve.tool_parsers.base import ParsedToolCall, ToolParser, call_from_json
+from meshserve.serve.tool_parsers.base import ParsedToolCall, PartialToolCalls, ToolParser, scan_json_calls
 
 PYTHON_TAG = "<|python_tag|>"
 
 
+def _body_start(text: str) -> int | None:
+    """Where the calls start, or None when the message is not (or not yet surely) calls."""
+    i = len(text) - len(text.lstrip())
+    if text.startswith(PYTHON_TAG, i):
+        i += len(PYTHON_TAG)
+        i += len(text[i:]) - len(text[i:].lstrip())
+    return i if text.startswith("{", i) else None
+
+
 class Llama3JsonToolParser(ToolParser):
     def extract(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
-        body = text.strip()
-        if body.startswith(PYTHON_TAG):
-            body = body[len(PYTHON_TAG):].lstrip()
-        if not body.startswith("{"):
-            return text, []
-        decoder, calls, i = json.JSONDecoder(), [], 0
-        while i < len(body):
-            try:
-                obj, i = decoder.raw_decode(body, i)
-            except json.JSONDecodeError:
-                return text, []
-            call = call_from_json(obj)
-            if call is None:
-                return text, []
-            calls.append(call)
-            while i < len(body) and body[i] in " \t\n;":
-                i += 1
-        return None, calls
+        i = _body_start(text)
+        calls = scan_json_calls(text, i, ";")[0] if i is not None else None
+        return (None, calls) if calls else (text, [])
 
-    def content_prefix_len(self, text: str) -> int:
+    def extract_partial(self, text: str) -> PartialToolCalls:
         body = text.lstrip()
         if not body or body.startswith(("{", PYTHON_TAG)) or PYTHON_TAG.startswith(body):
-            return 0  # may still become a call: wait
-        return len(text)
+            i = _body_start(text)  # may still become a call: no content yet
+            return PartialToolCalls(0, scan_json_calls(text, i, ";")[1] if i is not None else [])
+        return PartialToolCalls(len(text))

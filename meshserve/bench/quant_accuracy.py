@@ -1,0 +1,186 @@
+"""Accuracy of quantized weights and KV cache on a real model, through the engine (LLM), against the unquantized run.
+
+For each variant: perplexity over a fixed public-domain text shipped in the package (bench/data/, ~2.6k
+SmolLM2 tokens; windows of `window` tokens scored from their own start, the same windows for every variant), the
+mean |difference| of the text tokens' log-probabilities from the baseline's, and greedy agreement: the share of
+generated tokens, over a fixed prompt set, that match the baseline's before the first divergence.
+
+INT4 variants are made by meshserve's own quantizer (models/quantize_checkpoint.py: round-to-nearest, or GPTQ
+calibrated on text the model samples itself) into AWQ and GPTQ checkpoints in a temporary folder, so the loader
+and kernels run on real packed numbers.
+
+    python -m meshserve.bench.quant_accuracy [--model DIR] [--dtype float32] [--group-size 64] [--with-gptq]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "def fibonacci(n):",
+    "Explain why the sky is blue.",
+    "List three prime numbers:",
+    "Once upon a time, in a small village,",
+    "The theory of relativity states that",
+    "Translate to French: Good morning, how are you?",
+]
+
+
+@dataclass
+class Variant:
+    name: str
+    kwargs: dict  # LLM keyword arguments beyond the model (quantization, kv_cache_dtype)
+    checkpoint: str | None = (
+        None  # an int4 format to write with the quantizer ("awq", "gptq", "gptq-act-order")
+    )
+
+
+VARIANTS = [
+    Variant("fp8 weights (online)", {"quantization": "fp8"}),
+    Variant("fp8 KV cache", {"kv_cache_dtype": "fp8"}),
+    Variant("fp8 weights + fp8 KV", {"quantization": "fp8", "kv_cache_dtype": "fp8"}),
+    Variant("int4 AWQ", {}, "awq"),
+    Variant("int4 GPTQ", {}, "gptq"),
+    Variant("int4 GPTQ act-order", {}, "gptq-act-order"),
+]
+# GPTQ calibrated on self-sampled text: several minutes more on a CPU (--with-gptq)
+CALIBRATED = [
+    Variant("int4 GPTQ, GPTQ-calibrated", {}, "gptq-calibrated"),
+    Variant("int4 GPTQ act-order, GPTQ-calibrated", {}, "gptq-act-order-calibrated"),
+]
+
+
+def load_text() -> str:
+    return resources.files("meshserve.bench").joinpath("data/perplexity_text.txt").read_text()
+
+
+def score(llm, windows: list[list[int]]) -> list[float]:
+    """Log-probabilities of every token after the first of each window."""
+    from meshserve.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": w} for w in windows], params, use_tqdm=False)
+    return [
+        pos[tok].logprob for out, w in zip(outs, windows) for pos, tok in zip(out.prompt_logprobs[1:], w[1:])
+    ]
+
+
+def greedy(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from meshserve.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of tokens matching before each sequence's first divergence."""
+    total = matched = 0
+    for x, y in zip(a, b):
+        n = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), len(x))
+        matched, total = matched + n, total + len(x)
+    return matched / max(total, 1)
+
+
+def run(
+    model_dir: str, dtype: str, group_size: int, window: int, max_tokens: int, variants=VARIANTS
+) -> list[dict]:
+    from meshserve import LLM
+    from meshserve.models.quantize_checkpoint import quantize_checkpoint
+
+    base = LLM(model_dir, dtype=dtype)
+    tok = base.get_tokenizer()
+    ids = tok(load_text())["input_ids"]
+    windows = [ids[i : i + window] for i in range(0, len(ids) - 1, window)]
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    base_lp = score(base, windows)
+    base_gen = greedy(base, prompts, max_tokens)
+    del base
+    rows = [
+        {
+            "variant": f"{dtype} (baseline)",
+            "ppl": math.exp(-sum(base_lp) / len(base_lp)),
+            "dlogprob": 0.0,
+            "agree": 1.0,
+            "tokens": len(base_lp),
+        }
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            path = model_dir
+            if v.checkpoint:
+                fmt = v.checkpoint.split("-")[0]
+                path = quantize_checkpoint(
+                    model_dir,
+                    os.path.join(tmp, v.checkpoint),
+                    fmt,
+                    group_size=group_size,
+                    desc_act="act-order" in v.checkpoint,
+                    calibration="gptq" if v.checkpoint.endswith("calibrated") else "rtn",
+                )
+            llm = LLM(path, tokenizer=model_dir, dtype=dtype, **v.kwargs)
+            lp = score(llm, windows)
+            rows.append(
+                {
+                    "variant": v.name + (f" (g{group_size})" if v.checkpoint else ""),
+                    "ppl": math.exp(-sum(lp) / len(lp)),
+                    "dlogprob": sum(abs(a - b) for a, b in zip(lp, base_lp)) / len(lp),
+                    "agree": agreement(greedy(llm, prompts, max_tokens), base_gen),
+                }
+            )
+            del llm
+    for r in rows[1:]:
+        r["ppl_delta"] = r["ppl"] / rows[0]["ppl"] - 1
+    rows[0]["ppl_delta"] = 0.0
+    return rows
+
+
+def markdown(rows: list[dict], tokens: int) -> str:
+    lines = [
+        f"| variant | perplexity ({tokens} tokens) | vs baseline | mean abs Δ logprob | greedy agreement |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['ppl']:.3f} | {r['ppl_delta'] * 100:+.2f}% | {r['dlogprob']:.4f} | "
+            f"{r['agree'] * 100:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", default=None, help="HF folder (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--group-size", type=int, default=64, help="int4 group size (SmolLM2's 576 needs 64)")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--with-gptq", action="store_true", help="also GPTQ-calibrated int4 checkpoints")
+    ns = parser.parse_args(argv)
+    model_dir = ns.model
+    if model_dir is None:
+        from meshserve.models.embedded import resolve_default_model
+
+        model_dir = str(resolve_default_model())
+    rows = run(
+        model_dir,
+        ns.dtype,
+        ns.group_size,
+        ns.window,
+        ns.max_tokens,
+        VARIANTS + (CALIBRATED if ns.with_gptq else []),
+    )
+    print(markdown(rows, rows[0]["tokens"]))
+
+
+if __name__ == "__main__":
+    main()

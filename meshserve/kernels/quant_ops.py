@@ -1,0 +1,109 @@
+"""Quantized projections: the fast GPU path where it applies, else the plain reference (kernels/quant_ref.py).
+
+FP8 weights
+  one 16-bit row on a GPU (batch-1 decode)  Triton FP8-weight GEMV (weight-only: the row stays 16-bit)
+  16-bit rows on a GPU, aligned shapes      torch._scaled_mm (cuBLASLt FP8 on Hopper) with per-token and
+                                            per-channel scales
+  otherwise (CPU, fp32 models)              fp8_linear_ref: the same quantization, upcast matmul
+INT4 weights
+  on a GPU                                  Triton dequant-GEMM (one kernel for every batch size)
+  otherwise                                 dequantize, then F.linear
+`enabled` / `fast` is the backend selection's switch (the GEMV switch; off under MESHSERVE_DISABLE_FUSED_OPS).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from meshserve.kernels.quant_ref import (
+    FP8_DTYPE,
+    fp8_linear_ref,
+    int4_linear_ref,
+    quantize_fp8_per_token,
+    to_fp8,
+)
+
+
+@functools.cache
+def _triton_quant():
+    try:
+        from meshserve.kernels import triton_quant
+    except ImportError:  # no Triton: the reference serves
+        return None
+    return triton_quant
+
+
+@functools.cache
+def _has_scaled_mm_rowwise(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def _scaled_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    n, k = weight.shape
+    return (
+        x.dtype == torch.bfloat16
+        and k % 16 == 0
+        and n % 16 == 0
+        and _has_scaled_mm_rowwise(x.device.index or 0)
+    )
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    gemv: bool = False,
+) -> torch.Tensor:
+    """x [..., K] @ fp8 weight [N, K]^T with per-channel weight_scale [N] (see the module docstring)."""
+    if x.is_cuda:
+        triton_quant = _triton_quant()
+        if (
+            gemv
+            and triton_quant is not None
+            and x.numel() == x.shape[-1]
+            and x.dtype in (torch.bfloat16, torch.float16)
+        ):
+            return triton_quant.fp8_gemv(x, weight, weight_scale, bias)
+        if _scaled_mm_fits(x, weight):
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1])
+            if input_scale is None:
+                xq, xs = quantize_fp8_per_token(x2)
+            else:  # a static per-tensor scale, broadcast as rowwise so one kernel config serves both
+                xq, xs = to_fp8(x2, input_scale), input_scale.float().reshape(1, 1).expand(x2.shape[0], 1)
+            y = torch._scaled_mm(
+                xq,
+                weight.t(),
+                scale_a=xs.contiguous(),
+                scale_b=weight_scale.float()[None, :],
+                out_dtype=x.dtype,
+            )
+            if bias is not None:
+                y = y + bias
+            return y.reshape(*shape[:-1], weight.shape[0])
+    return fp8_linear_ref(x, weight, weight_scale, input_scale, bias)
+
+
+def int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    g_idx: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fast: bool = False,
+) -> torch.Tensor:
+    """x [..., K] @ the INT4 weight in the internal layout (kernels/quant_ref.py) -> [..., N]."""
+    if fast and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        triton_quant = _triton_quant()
+        if triton_quant is not None:
+            return triton_quant.int4_matmul(x, qweight, scales, zeros, group_size, g_idx, bias)
+    return int4_linear_ref(x, qweight, scales, zeros, group_size, g_idx, bias)
+
+
+__all__ = ["FP8_DTYPE", "fp8_linear", "int4_linear"]

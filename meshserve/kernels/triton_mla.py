@@ -1,0 +1,206 @@
+"""Triton kernels for multi-head latent attention (DeepSeek MLA): the latent cache write and the absorbed
+decode attention, both with the semantics of kernels/mla_ref.py (write_latent_ref, mla_decode_ref).
+
+Cache layout per layer: [1, num_blocks, block_size, 1, R + P] (latent c, then the rotated shared key k_pe).
+
+* ``_write_latent_kernel``: grid (num_tokens,); one token's [c, k_pe] row to its slot; slot < 0 (CUDA-graph
+  padding) writes nothing.
+* ``_mla_decode_split_kernel`` (one query token per sequence): grid (num_seqs, cdiv(H, BLOCK_H),
+  num_splits). A program owns BLOCK_H heads of one sequence: it loads their q_lat [BLOCK_H, R] and q_pe
+  [BLOCK_H, P] once, then walks its range of KV tiles; each tile of BLOCK_N cached rows is loaded ONCE and
+  serves every head of the program twice, as the key (scores = q_lat c^T + q_pe k_pe^T) and as the value
+  (acc += p c): MLA is multi-query attention whose value is the key's first R numbers. fp32 online softmax
+  (exp2, scale folded in). Splits write (max, sum, acc) to a workspace that triton_attention's reduce kernel
+  combines (same layout); with one split the program writes the output directly.
+
+CUDA graphs: no host sync and no decision from device values (num_splits comes from host-known shapes and
+meta.max_seq_len, fixed at capture; any num_splits is correct for any seq_lens). Padding rows (seq_len 0)
+give zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from meshserve.kernels.triton_attention import (
+    _LOG2E,
+    _NEG_BIG,
+    _decode_reduce_kernel,
+    _dot_precision,
+    _next_pow2,
+    _num_sms,
+    _upcast_dot,
+    decode_num_splits,
+)
+
+BLOCK_H = 16  # heads per program: tl.dot needs at least 16 rows
+
+
+@triton.jit
+def _write_latent_kernel(
+    c_ptr, pe_ptr, cache_ptr, slot_ptr,
+    stride_ct, stride_pt, stride_slot,
+    RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t)
+    if slot < 0:
+        return
+    r = tl.arange(0, BLOCK_R)
+    p = tl.arange(0, BLOCK_P)
+    row = cache_ptr + slot.to(tl.int64) * stride_slot
+    c = tl.load(c_ptr + t.to(tl.int64) * stride_ct + r, mask=r < RANK)
+    tl.store(row + r, c.to(cache_ptr.dtype.element_ty), mask=r < RANK)
+    pe = tl.load(pe_ptr + t.to(tl.int64) * stride_pt + p, mask=p < ROPE)
+    tl.store(row + RANK + p, pe.to(cache_ptr.dtype.element_ty), mask=p < ROPE)
+
+
+def write_latent(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor):
+    """kv_c [T, R], k_pe [T, P] (last dims contiguous) into kv_cache [1, blocks, block_size, 1, R + P]."""
+    num_tokens, rank = kv_c.shape
+    rope = k_pe.shape[1]
+    if num_tokens == 0:
+        return
+    assert kv_c.stride(1) == 1 and k_pe.stride(1) == 1 and kv_cache.is_contiguous()
+    _write_latent_kernel[(num_tokens,)](
+        kv_c, k_pe, kv_cache, slot_mapping, kv_c.stride(0), k_pe.stride(0), kv_cache.stride(2),
+        RANK=rank, ROPE=rope, BLOCK_R=_next_pow2(rank), BLOCK_P=_next_pow2(rope),
+    )
+
+
+@triton.jit
+def _mla_decode_split_kernel(
+    ql_ptr, qp_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr,
+    scale_log2, num_splits,
+    stride_qlt, stride_qlh, stride_qpt, stride_qph,
+    stride_cb, stride_cs,
+    stride_btb,
+    stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
+    RANK: tl.constexpr, BLOCK_R: tl.constexpr, ROPE: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    hb = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + b)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    # (a scalar bool & a tensor mask trips the interpreter, so fold "q_len > 0" into the head bound)
+    h_valid = heads < NUM_HEADS * tl.minimum(tl.maximum(q_len, 0), 1)
+    r = tl.arange(0, BLOCK_R)
+    r_mask = r < RANK
+    p = tl.arange(0, BLOCK_P)
+    p_mask = p < ROPE
+    tok = q_start.to(tl.int64)
+    ql = tl.load(ql_ptr + tok * stride_qlt + heads[:, None] * stride_qlh + r[None, :],
+                 mask=h_valid[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_R]
+    qp = tl.load(qp_ptr + tok * stride_qpt + heads[:, None] * stride_qph + p[None, :],
+                 mask=h_valid[:, None] & p_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_P]
+    if UPCAST_DOT:
+        ql = ql.to(tl.float32)
+        qp = qp.to(tl.float32)
+
+    tile_hi = tl.cdiv(seq_len, BLOCK_N)
+    per_split = tl.cdiv(tile_hi, num_splits)
+    t0 = split * per_split
+    t1 = tl.minimum(t0 + per_split, tile_hi)
+
+    m_i = tl.full([BLOCK_H], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    n_off = tl.arange(0, BLOCK_N)
+    for t in range(t0, t1):
+        kv_pos = t * BLOCK_N + n_off
+        kv_valid = kv_pos < seq_len
+        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
+        row = cache_ptr + blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs  # [BLOCK_N] row starts
+        c = tl.load(row[:, None] + r[None, :], mask=kv_valid[:, None] & r_mask[None, :], other=0.0)
+        pe = tl.load(row[:, None] + RANK + p[None, :], mask=kv_valid[:, None] & p_mask[None, :], other=0.0)
+        c = c.to(ql.dtype)
+        qk = tl.dot(ql, tl.trans(c), input_precision=DOT_PRECISION)
+        qk += tl.dot(qp, tl.trans(pe.to(qp.dtype)), input_precision=DOT_PRECISION)
+        qk = qk * scale_log2
+        qk = tl.where(kv_valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        prob = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(prob, 1)
+        acc = acc * alpha[:, None] + tl.dot(prob.to(c.dtype), c, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if DIRECT_OUT:
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + r[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=h_valid[:, None] & r_mask[None, :])
+    else:
+        # the reduce kernel's layout: acc [B, H, S, BLOCK_R], ml [B, H, S, 2] (max in log2 units, sum), fp32
+        ws_row = (b.to(tl.int64) * NUM_HEADS + heads) * num_splits + split  # [BLOCK_H]
+        tl.store(ws_acc_ptr + ws_row[:, None] * BLOCK_R + r[None, :], acc, mask=h_valid[:, None])
+        tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=h_valid)
+        tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=h_valid)
+
+
+def _decode_config(block_r: int, elem_size: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps): the latent tile [BLOCK_N, BLOCK_R] is the big load (512 x 2 B rows for
+    DeepSeek: 32 rows = 32 KB, a few stages fit in shared memory); acc [16, BLOCK_R] fp32 wants 8 warps."""
+    row_bytes = block_r * elem_size
+    block_n = 64 if row_bytes <= 256 else 32 if row_bytes <= 1024 else 16
+    return block_n, 8 if block_r >= 256 else 4
+
+
+def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+               seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_seq_len: int,
+               num_splits: int | None = None) -> torch.Tensor:
+    """mla_decode_ref for one query token per sequence: q_lat [T, H, R], q_pe [T, H, P] -> o_lat [T, H, R]
+    (rows of q_len-0 sequences stay unwritten). No host syncs: safe to capture in a CUDA graph."""
+    num_tokens, num_heads, rank = q_lat.shape
+    rope = q_pe.shape[2]
+    out = torch.empty_like(q_lat)
+    if num_tokens == 0:
+        return out
+    assert q_lat.stride(2) == 1 and q_pe.stride(2) == 1 and kv_cache.stride(4) == 1
+    assert kv_cache.shape[-1] == rank + rope, "cache rows are [latent, rotary key]"
+    num_seqs, block_size = seq_lens.shape[0], kv_cache.shape[2]
+    block_r, block_p = max(16, _next_pow2(rank)), max(16, _next_pow2(rope))
+    block_n, num_warps = _decode_config(block_r, q_lat.element_size())
+    head_blocks = triton.cdiv(num_heads, BLOCK_H)
+    if num_splits is None:
+        dev = q_lat.device.index if q_lat.device.type == "cuda" else None
+        num_splits = decode_num_splits(num_seqs, head_blocks, max_seq_len, block_n, _num_sms(dev))
+    num_splits = max(1, int(num_splits))
+    direct = num_splits == 1
+    if direct:
+        ws_acc = ws_ml = out  # unused
+    else:
+        ws_acc = torch.empty((num_seqs, num_heads, num_splits, block_r), dtype=torch.float32, device=q_lat.device)
+        ws_ml = torch.empty((num_seqs, num_heads, num_splits, 2), dtype=torch.float32, device=q_lat.device)
+    _mla_decode_split_kernel[(num_seqs, head_blocks, num_splits)](
+        q_lat, q_pe, kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml,
+        scale * _LOG2E, num_splits,
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
+        kv_cache.stride(1), kv_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, BLOCK_H=BLOCK_H, RANK=rank, BLOCK_R=block_r, ROPE=rope, BLOCK_P=block_p,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        DIRECT_OUT=direct, UPCAST_DOT=_upcast_dot(q_lat), DOT_PRECISION=_dot_precision(q_lat),
+        num_warps=num_warps, num_stages=2,
+    )
+    if not direct:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            ws_acc, ws_ml, query_start_loc, out, num_splits,
+            out.stride(0), out.stride(1), out.stride(2),
+            NUM_HEADS=num_heads, HEAD_DIM=rank, BLOCK_D=block_r, SPLITS_PAD=_next_pow2(num_splits),
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,119 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) over the paged latent cache.
+
+The layer owns one cache tensor [1, num_blocks, block_size, 1, R + P]: per token the normalised KV latent
+(R = kv_lora_rank) and the rotated shared rotary key (P = qk_rope_head_dim), the same for every head and
+every TP rank (the latent is replicated; the heads are split). For DeepSeek-V3 that is 576 numbers per token
+and layer instead of 128 heads x (192 for K + 128 for V): ~71x less at TP=1.
+
+Steps with a prefill chunk (max_query_len > 1) expand K and V of each sequence's context from its latents
+(kernels/mla_ref.mla_prefill_ref); decode-only steps use the weight-absorbed form: W_UK is applied to the
+query (q_lat = W_UK^T q_nope), attention runs over the latents alone, and W_UV to its output, so a decode
+step reads only the R + P numbers per context token (Triton on a GPU, kernels/triton_mla.py; the torch
+reference elsewhere). The block manager, prefix caching, chunked prefill, preemption and the KV offload
+tiers see blocks only, so they work unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from meshserve.kernels.attention_metadata import AttentionMetadata
+from meshserve.kernels.mla_ref import mla_decode_ref, mla_prefill_ref, write_latent_ref
+from meshserve.layers.backend_selection import PLAIN
+
+
+class MLAAttention(nn.Module):
+    """The latent cache of one layer and the attention over it.
+
+    forward(q_nope [T, H, N], q_pe [T, H, P] (rotated), kv_c [T, R] (normalised), k_pe [T, P] (rotated),
+    kv_b_weight [H * (N + V), R] (this rank's kv_b_proj rows), meta) -> [T, H * V].
+    """
+
+    def __init__(self, num_heads: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
+                 kv_lora_rank: int, scale: float):
+        super().__init__()
+        self.num_heads, self.qk_nope_head_dim, self.v_head_dim = num_heads, qk_nope_head_dim, v_head_dim
+        self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
+        self.scale = scale
+        # what the KV pool and offload tiers read: one "head" of latent + rotary key per token
+        self.num_kv_heads = 1
+        self.head_dim = kv_lora_rank + qk_rope_head_dim
+        self.kv_cache: torch.Tensor | None = None
+        self.kernels = PLAIN  # bound by the model runner (layers/backend_selection.py)
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (1, num_blocks, block_size, 1, self.head_dim)
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        return self.kernels.attention_backend == "triton" and x.is_cuda
+
+    def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor,
+                kv_b_weight: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.kv_cache is None:
+            raise RuntimeError("MLA layer has no KV cache bound")
+        triton = self._use_triton(q_nope)
+        if triton:
+            from meshserve.kernels.triton_mla import write_latent
+
+            write_latent(kv_c.contiguous(), k_pe.contiguous(), self.kv_cache, meta.slot_mapping)
+        else:
+            write_latent_ref(kv_c, k_pe, self.kv_cache, meta.slot_mapping)
+        if meta.max_query_len == 1:
+            return self._absorbed(q_nope, q_pe, kv_b_weight, meta, triton).flatten(1)
+        decode, prefill = split_decode_prefill(meta, q_nope.device)
+        if decode is None:  # prefill chunks only
+            return mla_prefill_ref(q_nope, q_pe, self.kv_cache, kv_b_weight, meta, self.scale).flatten(1)
+        # a mixed step: decode rows stay absorbed (expanding a long context for one query would cost far more)
+        out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_head_dim)
+        rows, sub = decode
+        out[rows] = self._absorbed(q_nope[rows], q_pe[rows], kv_b_weight, sub, triton)
+        rows, sub = prefill
+        out[rows] = mla_prefill_ref(q_nope[rows], q_pe[rows], self.kv_cache, kv_b_weight, sub, self.scale)
+        return out.flatten(1)
+
+    def _absorbed(self, q_nope, q_pe, kv_b_weight, meta: AttentionMetadata, triton: bool) -> torch.Tensor:
+        """[T, H, V] through the latents alone (one query token per sequence on the Triton path)."""
+        # per-head slices of kv_b_proj: [H, N, R] (W_UK) and [H, V, R] (W_UV)
+        w_kv = kv_b_weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv[:, : self.qk_nope_head_dim], w_kv[:, self.qk_nope_head_dim :]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
+        if triton:
+            from meshserve.kernels.triton_mla import mla_decode
+
+            o_lat = mla_decode(q_lat.contiguous(), q_pe.contiguous(), self.kv_cache, meta.block_tables,
+                               meta.seq_lens, meta.query_start_loc, self.scale, meta.max_seq_len)
+        else:
+            o_lat = mla_decode_ref(q_lat, q_pe, self.kv_cache, meta, self.scale)
+        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, V]
+
+
+def _subset(meta: AttentionMetadata, seqs: list[int], device) -> tuple[torch.Tensor, AttentionMetadata]:
+    """The flat rows of sequences `seqs` and the metadata of those sequences alone (their rows packed)."""
+    starts, q_lens = meta.query_start_loc_cpu, []
+    rows: list[int] = []
+    for i in seqs:
+        rows.extend(range(starts[i], starts[i + 1]))
+        q_lens.append(starts[i + 1] - starts[i])
+    sub_starts = [0]
+    for n in q_lens:
+        sub_starts.append(sub_starts[-1] + n)
+    index = torch.tensor(seqs, dtype=torch.int64, device=device)
+    seq_lens = [meta.seq_lens_cpu[i] for i in seqs]
+    sub = AttentionMetadata(
+        slot_mapping=meta.slot_mapping[:0], query_start_loc=torch.tensor(sub_starts, device=device),
+        seq_lens=meta.seq_lens.index_select(0, index), block_tables=meta.block_tables.index_select(0, index),
+        max_query_len=max(q_lens), max_seq_len=max(seq_lens), query_start_loc_cpu=sub_starts,
+        seq_lens_cpu=seq_lens)
+    return torch.tensor(rows, dtype=torch.int64, device=device), sub
+
+
+def split_decode_prefill(meta: AttentionMetadata, device):
+    """For a step with prefill chunks: ((rows, meta) of its one-token sequences, (rows, meta) of the rest), or
+    (None, None) when no sequence decodes. Host lists only: no device sync."""
+    starts = meta.query_start_loc_cpu
+    decode = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
+    if not decode:
+        return None, None
+    prefill = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] > 1]
+    return _subset(meta, decode, device), _subset(meta, prefill, device)

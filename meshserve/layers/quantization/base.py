@@ -1,0 +1,94 @@
+"""What a weight format is to a linear layer: a LinearMethod creates the layer's tensors, says how each is sliced
+across tensor-parallel ranks, converts them once loaded, and computes the projection.
+
+Every tensor a method creates carries its layout as attributes, which the parallel layers' weight loaders read
+(layers/linear.py), so one loader slices plain weights, fp8 scales and packed INT4 tensors alike:
+  output_dim / input_dim   which axis runs over output / input features (None: the tensor is not split on it)
+  output_pack / input_pack features per element along that axis (8 for packed nibbles, the group size for
+                           per-group scales)
+  reduce_max               a per-tensor scalar that merged projections share: the largest loaded value wins
+  optional                 the checkpoint may leave it out
+  same_across_shards       replicated, and merged projections must all load the same values (GPTQ's g_idx)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from meshserve.kernels.fused import linear
+
+
+def new_param(
+    layer: nn.Module,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    *,
+    output_dim: int | None = None,
+    input_dim: int | None = None,
+    output_pack: int = 1,
+    input_pack: int = 1,
+    reduce_max: bool = False,
+    optional: bool = False,
+    same_across_shards: bool = False,
+    fill: float | None = None,
+) -> nn.Parameter:
+    """Register a frozen parameter on layer with its slicing layout (see the module docstring); fill: its
+    value until loaded (reduce_max scalars start at 0)."""
+    data = torch.empty(shape, dtype=dtype)
+    if fill is not None or reduce_max:
+        data.fill_(fill or 0)
+    param = nn.Parameter(data, requires_grad=False)
+    param.output_dim, param.input_dim = output_dim, input_dim
+    param.output_pack, param.input_pack = output_pack, input_pack
+    param.reduce_max, param.optional, param.same_across_shards = reduce_max, optional, same_across_shards
+    layer.register_parameter(name, param)
+    return param
+
+
+def replace_param(layer: nn.Module, name: str, data: torch.Tensor | None) -> None:
+    """Swap a parameter for a converted tensor (None: drop it) once loading is over."""
+    if hasattr(layer, name):
+        delattr(layer, name)
+    if data is not None:
+        layer.register_parameter(name, nn.Parameter(data, requires_grad=False))
+
+
+class LinearMethod:
+    """A linear layer's weight format. Sizes are this rank's: in_features x out_features."""
+
+    name = "unquantized"
+
+    def create_weights(
+        self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype
+    ) -> None:
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Convert the loaded checkpoint tensors into what apply() reads (quantize, repack)."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """Weights in the model dtype: F.linear, or the Triton GEMV for batch-1 rows on a GPU."""
+
+    def create_weights(self, layer, in_features, out_features, dtype):
+        new_param(layer, "weight", (out_features, in_features), dtype, output_dim=0, input_dim=1)
+
+    def apply(self, layer, x, bias):
+        return linear(x, layer.weight, bias, gemv=layer.kernels.gemv)
+
+
+class QuantConfig:
+    """A checkpoint's (or the user's) quantization: which LinearMethod every linear layer gets."""
+
+    name = "none"
+
+    def linear_method(self) -> LinearMethod:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name

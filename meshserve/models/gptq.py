@@ -1,0 +1,119 @@
+"""GPTQ (Frantar et al., 2022) for meshserve's quantizer: INT4 weights that minimise each projection's output
+error on calibration inputs, instead of rounding every weight to its nearest level.
+
+collect_hessians runs the 16/32-bit model (transformers, CPU) over calibration token ids and accumulates
+H = 2 X^T X / n for the input X of every decoder projection (all layers at once, from the unquantized model's
+activations: the "parallel" variant, no layer-by-layer re-run). calibration_ids makes data-free calibration
+text by sampling from the model itself, so no evaluation text leaks into the quantizer. gptq_quantize then
+quantizes one weight column by column (blocks of 128, lazy batch updates), spreading each column's rounding
+error over the columns not yet quantized through the Cholesky factor of H^-1; act_order visits columns by
+descending diag(H) and records the groups in g_idx.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from meshserve.kernels.quant_ref import Int4Weights
+
+
+def calibration_ids(
+    model_dir: str, num_sequences: int = 16, length: int = 256, seed: int = 0
+) -> list[list[int]]:
+    """Token ids sampled from the model itself (temperature 1, top_p 0.95) from its BOS token."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    bos = model.config.bos_token_id if model.config.bos_token_id is not None else 0
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(
+            torch.full((num_sequences, 1), bos),
+            do_sample=True,
+            top_p=0.95,
+            temperature=1.0,
+            max_new_tokens=length,
+            min_new_tokens=length,
+            pad_token_id=bos,
+        )
+    return out.tolist()
+
+
+def collect_hessians(model_dir: str, token_ids: list[list[int]], names: set[str]) -> dict[str, torch.Tensor]:
+    """H [K, K] (fp64) of the input of every nn.Linear whose module name is in names."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hessians: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if name in names and isinstance(module, torch.nn.Linear):
+
+            def hook(mod, args, _out, name=name):
+                # the first position is the attention sink, whose huge activations would dominate H
+                x = args[0][:, 1:].reshape(-1, args[0].shape[-1]).double()
+                n = counts.get(name, 0)
+                h = hessians.get(name, torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
+                h.mul_(n / (n + x.shape[0])).add_(x.t() @ x, alpha=2.0 / (n + x.shape[0]))
+                hessians[name], counts[name] = h, n + x.shape[0]
+
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        for ids in token_ids:
+            model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return hessians
+
+
+def _group_params(w: torch.Tensor, min_zero: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit scale and zero [N] for the columns w [N, G] (as quant_ref.quantize_int4_groups)."""
+    w_min, w_max = w.amin(dim=1).clamp(max=0.0), w.amax(dim=1).clamp(min=0.0)
+    scale = ((w_max - w_min) / 15.0).clamp(min=1e-8)
+    zero = (-w_min / scale).round().clamp(min_zero, 15)
+    return scale, zero
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    act_order: bool = False,
+    min_zero: int = 0,
+    damp: float = 0.01,
+    block: int = 128,
+) -> Int4Weights:
+    """GPTQ of weight [N, K] with H [K, K]; min_zero 1 keeps zero points writable in GPTQ v1's zero - 1."""
+    w = weight.double().clone()
+    n, k = w.shape
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros(n, k, dtype=torch.int32)
+    scales = torch.zeros(k // group_size, n, dtype=torch.float64)
+    zeros = torch.zeros_like(scales)
+    scale = zero = None
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group_size == 0:  # this group's levels, from the weights as updated so far
+                cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group_size]
+                scale, zero = _group_params(cur, min_zero)
+                scales[col // group_size], zeros[col // group_size] = scale, zero
+            qi = (w1[:, i] / scale + zero).round().clamp(0, 15)
+            q[:, col] = qi.to(torch.int32)
+            err = (w1[:, i] - (qi - zero) * scale) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    g_idx = torch.arange(k, dtype=torch.int32) // group_size
+    inv = torch.argsort(perm)
+    return Int4Weights(q.t()[inv].contiguous(), scales.float(), zeros.float(), g_idx[inv])

@@ -1,0 +1,221 @@
+"""meshserve's own checkpoint quantizer: a 16/32-bit HF folder in, a quantized HF folder out, in the layouts
+public checkpoints use (so the loader is exercised on real numbers and real packing).
+
+Formats written (quantization_config in config.json, tensors in model.safetensors):
+  awq                 asymmetric INT4 per group in AutoAWQ "gemm" packing (no activation-aware scale search: the
+                      numbers are round-to-nearest, or GPTQ's with calibration="gptq")
+  gptq                the same in AutoGPTQ v1 packing (qzeros store zero - 1, so zero points are kept >= 1);
+                      desc_act=True writes act-order groups and their g_idx (by the calibration Hessian's
+                      diagonal, or without calibration by weight-column norm)
+  compressed-tensors  fp8 e4m3 weights with per-channel ("channel") or per-tensor ("tensor") scales, dynamic
+                      per-token activations, or a static per-tensor input_scale (a given value: no
+                      calibration here); optionally k_scale / v_scale for an fp8 KV cache
+  fbgemm_fp8          fp8 weights, weight_scale [N, 1], dynamic activations
+Only the decoder's projections are quantized; embeddings, norms and the LM head are copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from meshserve.kernels.quant_ref import FP8_MAX, Int4Weights, quantize_fp8_per_channel, quantize_int4_groups
+from meshserve.layers.quantization.int4_formats import awq_pack, gptq_pack_cols, pack_int4_rows
+
+FORMATS = ("awq", "gptq", "compressed-tensors", "fbgemm_fp8")
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_SHARED_INPUT = {p: ("q_proj", "k_proj", "v_proj") for p in ("q_proj", "k_proj", "v_proj")} | {
+    p: ("gate_proj", "up_proj") for p in ("gate_proj", "up_proj")
+}
+
+
+def is_projection(name: str) -> bool:
+    parts = name.split(".")
+    return name.startswith("model.layers.") and parts[-1] == "weight" and parts[-2] in _PROJECTIONS
+
+
+def act_order(weights: list[torch.Tensor]) -> torch.Tensor:
+    """A calibration-free act-order permutation of input features shared by projections of one input (q/k/v,
+    gate/up), as GPTQ's Hessian order is: by descending total column norm."""
+    norms = sum(w.float().norm(dim=0) ** 2 for w in weights)
+    return torch.argsort(norms, descending=True, stable=True)
+
+
+def rtn_quantize(
+    weight: torch.Tensor, group_size: int, perm: torch.Tensor | None = None, min_zero: int = 0
+) -> Int4Weights:
+    """Round-to-nearest INT4 of weight [N, K]; perm: visit input features in this order (act-order groups)."""
+    k = weight.shape[1]
+    perm = torch.arange(k) if perm is None else perm
+    q, scales, zeros = quantize_int4_groups(weight.float()[:, perm], group_size, min_zero)
+    inv = torch.argsort(perm)
+    g_idx = (torch.arange(k, dtype=torch.int32) // group_size)[inv]
+    return Int4Weights(q[inv].contiguous(), scales, zeros, g_idx)
+
+
+def pack_int4(qw: Int4Weights, fmt: str) -> dict[str, torch.Tensor]:
+    """The AWQ or GPTQ (v1) checkpoint tensors (suffix -> tensor) of one quantized weight."""
+    zeros = qw.zeros.round().to(torch.int32)
+    if fmt == "awq":
+        if not torch.equal(qw.g_idx.long(), torch.arange(qw.q.shape[0]) // (qw.q.shape[0] // zeros.shape[0])):
+            raise ValueError("awq has no g_idx: act-order weights can only be written as gptq")
+        return {"qweight": awq_pack(qw.q), "qzeros": awq_pack(zeros), "scales": qw.scales.half()}
+    if bool((zeros < 1).any()):
+        raise ValueError("gptq v1 stores zero - 1: zero points must be >= 1 (quantize with min_zero=1)")
+    return {
+        "qweight": pack_int4_rows(qw.q),
+        "qzeros": gptq_pack_cols(zeros - 1),
+        "scales": qw.scales.half(),
+        "g_idx": qw.g_idx,
+    }
+
+
+def int4_tensors(
+    weight: torch.Tensor, fmt: str, group_size: int, desc_act: bool = False, perm: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Round-to-nearest, then fmt's tensors, for weight [N, K]; desc_act: GPTQ act-order with the permutation
+    perm (default: act_order([weight]))."""
+    if desc_act:
+        perm = act_order([weight]) if perm is None else perm
+    return pack_int4(rtn_quantize(weight, group_size, perm if desc_act else None, int(fmt == "gptq")), fmt)
+
+
+def fp8_tensors(
+    weight: torch.Tensor, fmt: str, strategy: str = "channel", input_scale: float | None = None
+) -> dict[str, torch.Tensor]:
+    if strategy == "tensor":
+        scale = (weight.float().abs().max() / FP8_MAX).clamp(min=1e-12)
+        out = {
+            "weight": (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn),
+            "weight_scale": scale.reshape(1),
+        }
+    else:
+        w, s = quantize_fp8_per_channel(weight)
+        out = {"weight": w, "weight_scale": s[:, None]}
+    if fmt == "fbgemm_fp8":
+        out["input_scale_ub"] = torch.tensor([1200.0])
+    elif input_scale is not None:
+        out["input_scale"] = torch.tensor([float(input_scale)])
+    return out
+
+
+def _quant_config(fmt: str, group_size: int, desc_act: bool, strategy: str, static: bool, kv: bool) -> dict:
+    if fmt == "awq":
+        return {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": group_size,
+            "zero_point": True,
+            "version": "gemm",
+        }
+    if fmt == "gptq":
+        return {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": group_size,
+            "desc_act": desc_act,
+            "sym": False,
+            "checkpoint_format": "gptq",
+        }
+    if fmt == "fbgemm_fp8":
+        return {
+            "quant_method": "fbgemm_fp8",
+            "activation_scale_ub": 1200.0,
+            "modules_to_not_convert": ["lm_head"],
+        }
+    fp8 = {"num_bits": 8, "type": "float", "symmetric": True}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {**fp8, "strategy": strategy, "dynamic": False},
+                "input_activations": {
+                    **fp8,
+                    "strategy": "tensor" if static else "token",
+                    "dynamic": not static,
+                },
+            }
+        },
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": {**fp8, "strategy": "tensor", "dynamic": False} if kv else None,
+    }
+
+
+def quantize_checkpoint(
+    src: str,
+    dst: str,
+    fmt: str,
+    group_size: int = 128,
+    desc_act: bool = False,
+    strategy: str = "channel",
+    input_scale: float | None = None,
+    kv_scale: float | None = None,
+    calibration: str = "rtn",
+) -> str:
+    """Write the quantized copy of the HF folder src to dst (see the module docstring); returns dst.
+    calibration (int4): "rtn" rounds to nearest; "gptq" runs GPTQ (models/gptq.py) with Hessians from
+    text the model samples itself, and act-order by the Hessian's diagonal."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r} ({', '.join(FORMATS)})")
+    os.makedirs(dst, exist_ok=True)
+    files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(os.path.join(src, file), framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
+    hessians = {}
+    if calibration == "gptq" and fmt in ("awq", "gptq"):
+        from meshserve.models.gptq import calibration_ids, collect_hessians
+
+        names = {n[: -len(".weight")] for n in tensors if is_projection(n)}
+        hessians = collect_hessians(src, calibration_ids(src), names)
+    out: dict[str, torch.Tensor] = {}
+    num_layers = 0
+    for name, tensor in tensors.items():
+        if not is_projection(name):
+            out[name] = tensor
+            continue
+        num_layers = max(num_layers, int(name.split(".")[2]) + 1)
+        base = name[: -len(".weight")]
+        if hessians:
+            from meshserve.models.gptq import gptq_quantize
+
+            qw = gptq_quantize(tensor, hessians[base], group_size, desc_act, min_zero=int(fmt == "gptq"))
+            parts = pack_int4(qw, fmt)
+        elif fmt in ("awq", "gptq"):
+            perm = None
+            if desc_act:  # projections that read the same input share one order
+                siblings = _SHARED_INPUT.get(base.rsplit(".", 1)[-1], ())
+                prefix = base.rsplit(".", 1)[0]
+                perm = act_order([tensors[f"{prefix}.{s}.weight"] for s in siblings] or [tensor])
+            parts = int4_tensors(tensor, fmt, group_size, desc_act, perm)
+        else:
+            parts = fp8_tensors(tensor, fmt, strategy, input_scale)
+        out.update({f"{base}.{suffix}": t.contiguous() for suffix, t in parts.items()})
+    if kv_scale is not None:
+        for i in range(num_layers):
+            out[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(float(kv_scale))
+            out[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(float(kv_scale))
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = _quant_config(
+        fmt, group_size, desc_act, strategy, input_scale is not None, kv_scale is not None
+    )
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in os.listdir(src):  # tokenizer and generation config travel with the weights
+        if name.endswith((".json", ".model", ".txt")) and name not in (
+            "config.json",
+            "model.safetensors.index.json",
+        ):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    return dst

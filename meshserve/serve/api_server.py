@@ -1,0 +1,190 @@
+"""Running the OpenAI app: one API process, or `--api-server-count N` of them sharing one engine core.
+
+One process (the default): the engine core in a child process (or a thread, `--engine-in-thread`), the app
+served by uvicorn on the socket the CLI bound.
+
+N processes (vLLM's `--api-server-count`): HTTP parsing, JSON and SSE encoding, tokenization and
+detokenization are per-request Python work on one GIL, so one API process saturates long before the GPU does.
+This process starts the engine core, then N API processes that each connect to it as a front end of their
+own (the core routes every request's outputs back to the process that sent it) and serve on the one listening
+socket, inherited from here (the kernel hands each connection to whichever process accepts first, i.e. the
+least busy). /metrics: request series are kept in prometheus_client's multiprocess files and summed across
+processes at every scrape; the engine's gauges are the same in every process. SIGTERM / SIGINT here drains
+every API process (each answers 503 to new requests and finishes its streams), then stops the core; each
+child dies with this process (PR_SET_PDEATHSIG), so nothing is orphaned.
+
+This module imports nothing heavy at the top: spawned API processes unpickle their arguments before
+setting PROMETHEUS_MULTIPROC_DIR, which must come before prometheus_client is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from meshserve.config import EngineArgs
+from meshserve.serve.config import ServeConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    """uvicorn's settings of every API process."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    log_level: str = "info"
+    access_log: bool = True
+
+
+def serve_http(allm, config: ServeConfig, sock: socket.socket, opts: HttpOptions) -> None:
+    """Serve the app around allm on sock until SIGTERM / SIGINT (drain, then return)."""
+    import uvicorn
+
+    from meshserve.serve.middleware import ServerState
+    from meshserve.serve.openai_api import build_app
+    from meshserve.serve.server import DrainingServer
+
+    state = ServerState()
+    app = build_app(allm, config, state)
+    uv_config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level,
+                               access_log=opts.access_log, timeout_graceful_shutdown=2,
+                               # longer than clients' and load balancers' idle timeouts, so the client side
+                               # closes first (no request sent on a connection as it closes)
+                               timeout_keep_alive=75)
+    DrainingServer(uv_config, state, config.drain_timeout_s).run(sockets=[sock])
+
+
+def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket.socket, opts: HttpOptions,
+                      engine_in_thread: bool = False, core_factory: Callable | None = None,
+                      on_started: Callable | None = None) -> int:
+    from meshserve.engine.async_engine import AsyncLLM
+
+    # the default: the step loop in its own process, off this process's GIL
+    allm = AsyncLLM.from_engine_args(engine_args, separate_process=not engine_in_thread, core_factory=core_factory)
+    try:
+        if on_started is not None:
+            proc = getattr(allm.core_client, "proc", None)
+            on_started(proc.pid if proc is not None else os.getpid(), [os.getpid()])
+        print(f"meshserve: serving {config.model_name} on http://{opts.host}:{opts.port}", flush=True)
+        serve_http(allm, config, sock, opts)
+    finally:
+        allm.shutdown()
+        sock.close()
+    return 0
+
+
+# -- N API processes ---------------------------------------------------------------------------------
+def _api_process_main(addresses, index: int, config: ServeConfig, sock: socket.socket, opts: HttpOptions,
+                      metrics_dir: str, log_level: int) -> None:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before prometheus_client is imported
+    from meshserve.distributed.launch import die_with_parent
+
+    die_with_parent()
+    os.setpgrp()  # a terminal's Ctrl-C reaches the parent only; it drains everyone once
+    logging.basicConfig(format=f"%(levelname)s api-{index} %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("meshserve").setLevel(log_level)
+    from meshserve.engine.async_engine import AsyncLLM
+    from meshserve.engine.core_process import ZmqCoreClient
+    from meshserve.engine.input_processor import load_tokenizer
+
+    client = ZmqCoreClient(addresses, f"api-{index}".encode())
+    try:
+        allm = AsyncLLM(client, load_tokenizer(client.info.tokenizer))
+    except BaseException:
+        client.shutdown()
+        raise
+    try:
+        serve_http(allm, config, sock, opts)
+    finally:
+        allm.shutdown()
+        sock.close()
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, sig: int, frame) -> None:
+        self.signal = sig
+
+
+def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: socket.socket, opts: HttpOptions,
+                        count: int, core_factory: Callable | None = None,
+                        on_started: Callable | None = None) -> int:
+    """Start the core and `count` API processes on sock; supervise them until a signal or a death.
+    on_started(core pid, API pids) is called once all are started (benchmarks watch their CPU time)."""
+    from meshserve.engine.core_process import CoreProcess
+
+    stop = _Stop()
+    previous: dict = {}
+    core = None
+    procs: list = []
+    metrics_dir = tempfile.mkdtemp(prefix="meshserve-metrics-")
+    try:
+        core = CoreProcess(engine_args, core_factory=core_factory)  # Ctrl-C while it loads: KeyboardInterrupt
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        sock.listen(2048)  # connections queue in the kernel until an API process accepts them
+        ctx = mp.get_context("spawn")
+        log_level = logging.getLogger("meshserve").getEffectiveLevel()
+        for i in range(count):
+            p = ctx.Process(target=_api_process_main, name=f"meshserve-api-{i}",
+                            args=(core.addresses, i, config, sock, opts, metrics_dir, log_level))
+            p.start()
+            procs.append(p)
+        print(f"meshserve: serving {config.model_name} on http://{opts.host}:{opts.port} "
+              f"({count} API processes)", flush=True)
+        if on_started is not None:
+            on_started(core.proc.pid, [p.pid for p in procs])
+        code = _supervise(core, procs, stop)
+        _stop_all(procs, config.drain_timeout_s + 5.0)
+        return code
+    finally:
+        _stop_all(procs, 0.0)
+        if core is not None:
+            core.shutdown()
+        sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _supervise(core, procs: list, stop: _Stop) -> int:
+    """Wait for a signal (exit 0 after draining) or for a process to die (exit 1: a server that lost a part of
+    itself stops, so that whatever supervises it restarts the whole)."""
+    while True:
+        if stop.signal is not None:
+            logger.warning("%s: draining %d API processes", signal.Signals(stop.signal).name, len(procs))
+            return 0
+        if not core.is_alive():
+            logger.error("the engine core exited (code %s); stopping", core.proc.exitcode)
+            return 1
+        dead = [p for p in procs if not p.is_alive()]
+        if dead:
+            logger.error("API process %s exited (code %s); stopping", dead[0].name, dead[0].exitcode)
+            return 1
+        time.sleep(0.2)
+
+
+def _stop_all(procs: list, timeout_s: float) -> None:
+    """SIGTERM (each drains its streams), wait up to timeout_s, then SIGKILL what is left."""
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)

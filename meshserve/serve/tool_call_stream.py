@@ -1,0 +1,61 @@
+"""Streamed tool calls, as OpenAI sends them and its SDK accumulates them: a call's first delta carries its
+index, id, type and name (and the arguments written so far, often ""), later deltas only argument
+fragments; content that may still turn out to be a call waits.
+
+Each step re-reads the output written so far (the parsers are cheap and stateless) and sends the
+difference from what this choice has sent. Arguments are the model's own text, so the fragments add up to
+exactly the arguments of the whole response; at the end the whole output is parsed as the whole response
+is, and whatever that adds goes out.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from meshserve.serve.protocol import DeltaFunctionCall, DeltaToolCall
+from meshserve.serve.tool_calls import ToolPlan, new_tool_call_id
+
+logger = logging.getLogger(__name__)
+
+
+class ToolCallStream:
+    """One choice's stream: how much of its content and of each call's arguments has gone out."""
+
+    def __init__(self, plan: ToolPlan):
+        self.plan = plan
+        self.content_sent = 0
+        self.ids: list[str] = []
+        self.arguments_sent: list[str] = []
+
+    def step(self, text: str) -> tuple[str | None, list[DeltaToolCall]]:
+        """The new content and call deltas of the output so far."""
+        found = self.plan.extract_partial(text)
+        content = text[self.content_sent:found.content_end] or None
+        self.content_sent = max(self.content_sent, found.content_end)
+        return content, self._deltas([(c.name, c.arguments) for c in found.calls])
+
+    def finish(self, text: str) -> tuple[str | None, list[DeltaToolCall], bool]:
+        """The last content and call deltas of the finished output, and whether it holds calls. An output
+        that began a call but is not one in the end (malformed, cut by max_tokens) sends its remaining text
+        as content, as the whole response carries it; the begun call cannot be taken back."""
+        content, calls = self.plan.extract(text)
+        rest = (content or "")[self.content_sent:] or None
+        self.content_sent = max(self.content_sent, len(content or ""))
+        return rest, self._deltas([(c.function.name, c.function.arguments) for c in calls]), bool(calls)
+
+    def _deltas(self, calls: list[tuple[str, str]]) -> list[DeltaToolCall]:
+        out = []
+        for k, (name, arguments) in enumerate(calls):
+            if k == len(self.ids):
+                self.ids.append(new_tool_call_id())
+                self.arguments_sent.append(arguments)
+                out.append(DeltaToolCall(index=k, id=self.ids[k], type="function",
+                                         function=DeltaFunctionCall(name=name, arguments=arguments)))
+                continue
+            sent = self.arguments_sent[k]
+            if len(arguments) > len(sent) and arguments.startswith(sent):
+                out.append(DeltaToolCall(index=k, function=DeltaFunctionCall(arguments=arguments[len(sent):])))
+                self.arguments_sent[k] = arguments
+            elif not arguments.startswith(sent):  # a parser broke its promise of final prefixes
+                logger.warning("tool call %d: arguments %r do not extend the %r already streamed", k, arguments, sent)
+        return out

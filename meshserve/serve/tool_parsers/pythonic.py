@@ -1,0 +1,103 @@
+"""Pythonic format (Llama 3.2 and 4, some others): the message is a Python list of calls with keyword
+arguments, `[get_weather(city="Paris"), get_time(tz="UTC")]`, optionally in <|python_start|>...<|python_end|>.
+Arguments are Python literals, sent as JSON; so a streamed call gets its name when `name(` is written and
+its arguments when its closing parenthesis is."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+from meshserve.serve.tool_parsers.base import ParsedToolCall, PartialToolCall, PartialToolCalls, ToolParser
+
+PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
+_NAME = re.compile(r"\s*([A-Za-z_][\w.]*)\s*\(")
+_PAIRS = {"(": ")", "[": "]", "{": "}"}
+
+
+def _body(text: str) -> tuple[int, str]:
+    """(offset, the text between the optional python tags, stripped on the left)."""
+    i = len(text) - len(text.lstrip())
+    if text.startswith(PYTHON_START, i):
+        i += len(PYTHON_START)
+        i += len(text[i:]) - len(text[i:].lstrip())
+    body = text[i:]
+    end = body.find(PYTHON_END)
+    return i, (body[:end] if end >= 0 else body)
+
+
+def _close_paren(text: str, i: int) -> int | None:
+    """Index after the parenthesis closing the one at text[i - 1] (Python strings and brackets followed)."""
+    stack = [")"]
+    while i < len(text):
+        c = text[i]
+        if c in "'\"":
+            j = i + 1
+            while j < len(text) and text[j] != c:
+                j += 2 if text[j] == "\\" else 1
+            if j >= len(text):
+                return None
+            i = j + 1
+            continue
+        if c in _PAIRS:
+            stack.append(_PAIRS[c])
+        elif c in ")]}":
+            if c != stack.pop():
+                return None
+            if not stack:
+                return i + 1
+        i += 1
+    return None
+
+
+def _arguments(call_text: str) -> str | None:
+    """The JSON arguments of one `name(k=v, ...)` call, or None when it is not one (positional arguments,
+    values that are not literals or not JSON-able)."""
+    try:
+        node = ast.parse(call_text.strip(), mode="eval").body
+        if not isinstance(node, ast.Call) or node.args or any(k.arg is None for k in node.keywords):
+            return None
+        return json.dumps({k.arg: ast.literal_eval(k.value) for k in node.keywords}, ensure_ascii=False)
+    except (SyntaxError, ValueError, TypeError, RecursionError):
+        return None
+
+
+def _calls(body: str) -> tuple[list[ParsedToolCall] | None, list[PartialToolCall]]:
+    """(the calls of a finished list, None if it is not one; the calls as far as they go)."""
+    finished: list[ParsedToolCall] | None = []
+    partial: list[PartialToolCall] = []
+    if not body.startswith("["):
+        return None, partial
+    i = 1
+    while True:
+        while i < len(body) and body[i] in ", \t\r\n":
+            i += 1
+        if i >= len(body):
+            return None, partial
+        if body[i] == "]":
+            return (finished if partial and not body[i + 1:].strip() else None), partial
+        head = _NAME.match(body, i)
+        if head is None:
+            return None, partial
+        partial.append(PartialToolCall(head.group(1), ""))
+        end = _close_paren(body, head.end())
+        args = _arguments(body[i:end]) if end is not None else None
+        if args is None:
+            return None, partial
+        partial[-1].arguments = args
+        assert finished is not None
+        finished.append(ParsedToolCall(head.group(1), args))
+        i = end  # type: ignore[assignment]
+
+
+class PythonicToolParser(ToolParser):
+    def extract(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
+        calls = _calls(_body(text)[1].rstrip())[0]
+        return (None, calls) if calls else (text, [])
+
+    def extract_partial(self, text: str) -> PartialToolCalls:
+        stripped = text.lstrip()
+        if stripped and not stripped.startswith(("[", PYTHON_START)) and not PYTHON_START.startswith(stripped):
+            return PartialToolCalls(len(text))
+        return PartialToolCalls(0, _calls(_body(text)[1])[1])

@@ -1,0 +1,133 @@
+"""FP8 (e4m3) KV cache: the torch reference (write quantizes, reads dequantize) and the Triton kernels against it.
+
+Without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set before triton is imported).
+The interpreter's fp32 -> fp8 cast mis-rounds values that round up across a power of two, so the interpreter
+write test uses K/V whose scaled values are exact in e4m3 (no rounding): it checks layout and scaling; the GPU
+test compares arbitrary values bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+_HAS_CUDA = torch.cuda.is_available()
+if not _HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from meshserve.kernels.attention_ref import gather_kv_ref, paged_attention_ref, write_kv_ref
+from meshserve.kernels.quant_ref import FP8_DTYPE
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")
+interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
+
+if _HAS_TRITON:
+    from test_triton_attention import make_case
+
+    from meshserve.kernels.triton_attention import TritonAttentionBackend
+
+
+def _fp8_exact(shape, scale, seed):
+    """Values that are exactly representable after division by scale (e4m3 numbers times scale)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 4).to(FP8_DTYPE).float() * scale
+
+
+def test_reference_write_quantizes_and_read_dequantizes():
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(5, 2, 8, generator=g) * 3, torch.randn(5, 2, 8, generator=g) * 1000
+    cache = torch.zeros(2, 4, 4, 2, 8, dtype=FP8_DTYPE)
+    slots = torch.tensor([0, 3, 4, 9, 15])
+    write_kv_ref(k, v, cache, slots, k_scale=0.5, v_scale=2.0)
+    # read back in slot order: block table [0, 1, 2, 3] covers slots 0..15
+    k_back, v_back = gather_kv_ref(cache, torch.arange(4), 16, 0.5, 2.0)
+    assert k_back.dtype == torch.float32
+    torch.testing.assert_close(k_back[slots], k, rtol=0.07, atol=0.02)  # e4m3: 3 mantissa bits
+    # |v| / 2 beyond 448 saturates instead of becoming NaN
+    assert torch.isfinite(v_back).all() and v_back.abs().max() <= 448 * 2.0
+    assert (v_back[slots][(v / 2.0).abs() > 448].abs() == 896).all()
+
+
+def test_reference_attention_matches_the_dequantized_cache():
+    g = torch.Generator().manual_seed(1)
+    from meshserve.kernels.attention_metadata import AttentionMetadata
+
+    cache16 = torch.randn(2, 6, 4, 2, 16, generator=g)
+    cache8 = (cache16 / 0.25).to(FP8_DTYPE)
+    q = torch.randn(3, 4, 16, generator=g)
+    meta = AttentionMetadata(
+        torch.zeros(3, dtype=torch.int64),
+        torch.tensor([0, 2, 3], dtype=torch.int32),
+        torch.tensor([7, 9], dtype=torch.int32),
+        torch.tensor([[1, 4, 0], [5, 2, 3]], dtype=torch.int32),
+        2,
+        9,
+        [0, 2, 3],
+        [7, 9],
+    )
+    out = paged_attention_ref(q, cache8, meta, 0.25, None, 0.25, 0.25)
+    ref = paged_attention_ref(q, cache8.float() * 0.25, meta, 0.25, None)
+    torch.testing.assert_close(out, ref)
+
+
+@needs_triton
+@interp
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.5, 4.0)])
+def test_triton_write_interp(scales):
+    k_scale, v_scale = scales
+    k, v = _fp8_exact((6, 2, 32), k_scale, 1), _fp8_exact((6, 2, 32), v_scale, 2)
+    slots = torch.tensor([0, 3, -1, 8, 9, 20])  # -1: CUDA-graph padding writes nothing
+    got = torch.zeros(2, 8, 4, 2, 32, dtype=FP8_DTYPE)
+    expect = got.clone()
+    TritonAttentionBackend().write_kv(k, v, got, slots, k_scale, v_scale)
+    keep = slots >= 0
+    write_kv_ref(k[keep], v[keep], expect, slots[keep], k_scale, v_scale)
+    assert torch.equal(got.view(torch.uint8), expect.view(torch.uint8))
+
+
+@needs_triton
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_prefill_and_decode_interp(dtype):
+    for q_lens, seq_lens, splits in (([5, 1, 9], [5, 30, 20], None), ([1, 1, 1], [5, 70, 33], 3)):
+        query, cache, meta = make_case(q_lens, seq_lens, 4, 2, 32, 8, dtype, seed=len(q_lens) + sum(q_lens))
+        cache8 = (cache.float() / 0.5).to(FP8_DTYPE)
+        out = TritonAttentionBackend(decode_num_splits=splits).attend(
+            query, cache8, meta, 0.2, None, 0.5, 0.5
+        )
+        ref = paged_attention_ref(query.float(), cache8, meta, 0.2, None, 0.5, 0.5)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU: the compiled kernels at production-like shapes
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_triton_write_gpu():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(300, 8, 128, device="cuda", generator=g, dtype=torch.bfloat16) * 5
+    v = torch.randn(300, 8, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+    slots = torch.randperm(64 * 16, device="cuda", generator=g)[:300]
+    got = torch.zeros(2, 64, 16, 8, 128, dtype=FP8_DTYPE, device="cuda")
+    expect = got.clone()
+    TritonAttentionBackend().write_kv(k, v, got, slots, 0.05, 0.01)
+    write_kv_ref(k, v, expect, slots, 0.05, 0.01)
+    assert torch.equal(got.view(torch.uint8), expect.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(
+    "q_lens,seq_lens", [([1] * 64, [2048] * 64), ([1], [32768]), ([300, 1, 77], [900, 3000, 77])]
+)
+def test_triton_attention_gpu(head_dim, q_lens, seq_lens):
+    query, cache, meta = make_case(q_lens, seq_lens, 32, 8, head_dim, 16, torch.bfloat16, device="cuda")
+    cache8 = (cache.float() / 0.02).to(FP8_DTYPE)
+    out = TritonAttentionBackend().attend(query, cache8, meta, head_dim**-0.5, None, 0.02, 0.02)
+    ref = paged_attention_ref(query.float(), cache8, meta, head_dim**-0.5, None, 0.02, 0.02)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

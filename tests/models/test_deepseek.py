@@ -1,0 +1,221 @@
+"""DeepSeek-V2 and V3 against HF transformers: the routers, the rotary layout, the MLA latent cache, and greedy
+tokens / prompt logprobs of the whole engine under chunked prefill, prefix-cache hits and preemption."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton loads: the Triton MLA test below runs interpreted
+
+from meshserve import LLM, SamplingParams
+from meshserve.layers.moe_routing import GroupedTopK
+from meshserve.models.deepseek import apply_deepseek_rotary, mla_softmax_scale
+from tests.conftest import VOCAB
+
+MAX_NEW = 8
+
+
+def _hf_config(model_type: str, **kw):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=1, num_attention_heads=4, **kw)
+
+
+def test_v3_routing_matches_hf_router():
+    """Sigmoid scores, a correction bias that changes the choice but not the weights, top-2-sum group scores,
+    group-limited top-k, renormalized and scaled."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    cfg = _hf_config("deepseek_v3", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4,
+                     norm_topk_prob=True, routed_scaling_factor=2.5)
+    router = DeepseekV3TopkRouter(cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    router.e_score_correction_bias.normal_(0.0, 0.3)
+    x = torch.randn(64, 32)
+    _, hf_weights, hf_ids = router(x)
+    routing = GroupedTopK(4, 4, 2, "sigmoid", "top2_sum", True, 2.5, router.e_score_correction_bias)
+    weights, ids = routing(x @ router.weight.t())
+    order, hf_order = ids.long().sort(-1), hf_ids.sort(-1)
+    assert torch.equal(order.values, hf_order.values)
+    torch.testing.assert_close(weights.gather(1, order.indices), hf_weights.gather(1, hf_order.indices))
+    # the bias matters here: without it other experts win for some tokens
+    plain = GroupedTopK(4, 4, 2, "sigmoid", "top2_sum", True, 2.5)(x @ router.weight.t())[1]
+    assert not torch.equal(plain.long().sort(-1).values, hf_order.values)
+
+
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy"])
+def test_v2_routing_matches_hf_router(method):
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    cfg = _hf_config("deepseek_v2", n_routed_experts=16, n_group=4, topk_group=1, num_experts_per_tok=3,
+                     topk_method=method, routed_scaling_factor=1.5)
+    router = DeepseekV2TopkRouter(cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(64, 32)
+    _, hf_weights, hf_ids = router(x)
+    groups = 4 if method == "group_limited_greedy" else 1
+    weights, ids = GroupedTopK(3, groups, 1, "softmax", "max", False, 1.5)(x @ router.weight.t())
+    order, hf_order = ids.long().sort(-1), hf_ids.sort(-1)
+    assert torch.equal(order.values, hf_order.values)
+    torch.testing.assert_close(weights.gather(1, order.indices), hf_weights.gather(1, hf_order.indices))
+    if method == "group_limited_greedy":  # topk_group 1: all three experts from one group of four
+        assert bool((ids // 4 == ids[:, :1] // 4).all())
+
+
+def test_rotary_layouts_match_hf():
+    """V3's interleaved rotary equals HF's; V2's complex form is the same up to one permutation of the rotary
+    dims applied to q and k alike, so q . k is unchanged; rotate-half (rope_interleave false) equals HF's."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import apply_rotary_emb
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+        apply_rotary_pos_emb,
+        apply_rotary_pos_emb_interleave,
+    )
+
+    t, h, p = 5, 3, 8
+    q, k = torch.randn(t, h, p), torch.randn(t, 1, p)
+    freqs = torch.outer(torch.arange(t).float(), torch.rand(p // 2))
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos() * 0.9, emb.sin() * 0.9
+    q3, k3 = apply_deepseek_rotary(q, cos, sin, True), apply_deepseek_rotary(k, cos, sin, True)
+    hq, hk = apply_rotary_pos_emb_interleave(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    torch.testing.assert_close(q3, hq[0].transpose(0, 1))
+    torch.testing.assert_close(k3, hk[0].transpose(0, 1))
+    hq2, hk2 = apply_rotary_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                torch.polar(torch.full_like(freqs, 0.9), freqs)[None])
+    torch.testing.assert_close(torch.einsum("thp,tp->th", q3, k3[:, 0]),
+                               torch.einsum("htp,tp->th", hq2[0], hk2[0, 0]))
+    hq, _ = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    torch.testing.assert_close(apply_deepseek_rotary(q, cos, sin, False), hq[0].transpose(0, 1))
+
+
+def test_softmax_scale_has_yarn_mscale():
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+
+    cfg = _hf_config("deepseek_v3", qk_nope_head_dim=128, qk_rope_head_dim=64, max_position_embeddings=163840,
+                     rope_scaling={"rope_type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                   "original_max_position_embeddings": 4096})
+    assert mla_softmax_scale(cfg) == pytest.approx(yarn_apply_mscale(cfg.rope_parameters, 192**-0.5))
+    assert mla_softmax_scale(cfg) > 192**-0.5 * 1.3  # 0.1 ln 40 + 1 = 1.369, squared
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (5, 19, 33, 12)]
+    # the last two share a 16-token prefix with the second: prefix-cache hits
+    return prompts + [prompts[1][:16] + [7, 8, 9], prompts[1][:16] + [10, 11]]
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_greedy_matches_hf_under_chunks_prefix_hits_and_preemption(family, tiny_model_dir, hf_model):
+    from tests.engine.test_engine_vs_hf import hf_greedy
+
+    path = tiny_model_dir(family)
+    prompts = _prompts()
+    # chunked prefill (budget 16), 12 blocks of 4 tokens: preemption; shared prefixes: cache hits
+    llm = LLM(model=path, max_num_batched_tokens=16, block_size=4, num_gpu_blocks_override=12)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    stats = llm.engine.stats()
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf_model(path), p, MAX_NEW) for p in prompts]
+    assert stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
+    # the cache holds one latent + rotary key per token and layer: (32 + 8) x 2 layers x 4 B
+    assert llm.engine.executor.collective_rpc("kv_bytes_per_token") == (32 + 8) * 2 * 4
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_prompt_logprobs_match_hf(family, tiny_model_dir, hf_model):
+    path = tiny_model_dir(family)
+    prompt = [random.Random(7).randrange(3, VOCAB) for _ in range(30)]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(path)(torch.tensor([prompt])).logits[0].float(), -1)
+    llm = LLM(model=path, max_num_batched_tokens=7)  # chunks that attend over cached latents
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1, prompt_logprobs=3),
+                       use_tqdm=False)[0]
+    for pos in range(1, len(prompt)):
+        for tid, lp in out.prompt_logprobs[pos].items():
+            assert lp.logprob == pytest.approx(ref[pos - 1, tid].item(), abs=1e-4)
+
+
+def test_fp8_checkpoints_are_a_one_line_error(tiny_model_dir, tmp_path):
+    """DeepSeek-V3's block-wise FP8 checkpoints need FP8 weights, which do not load yet: one clear line, before
+    anything starts (argument check) and at load time; dummy weights at the same config still run."""
+    import json
+    import shutil
+
+    from meshserve.config import EngineArgs
+    from meshserve.engine.args_check import check_engine_args
+    from meshserve.errors import InvalidArgumentError, ModelLoadError
+
+    folder = tmp_path / "fp8"
+    shutil.copytree(tiny_model_dir("deepseek_v3"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    message = r"fp8: fp8 \(128x128 block scales\) quantized checkpoints are not supported yet"
+    with pytest.raises(ModelLoadError, match=message):
+        check_engine_args(EngineArgs(model=str(folder)))
+    with pytest.raises(InvalidArgumentError, match=r"fp8 checkpoint with block-wise scales .* not supported"):
+        LLM(model=str(folder))  # layers/quantization's own check, at load
+    check_engine_args(EngineArgs(model=str(folder), load_format="dummy"))
+
+
+@pytest.mark.slow  # the layer-level interpreter test (tests/layers/test_mla_attention.py) is the fast one
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter on CPU (on a GPU: -m gpu tests)")
+def test_engine_with_triton_mla_kernels_matches_hf(tiny_model_dir, hf_model, monkeypatch):
+    """The whole engine on the Triton latent write + absorbed decode kernels (Triton's CPU interpreter), mixed
+    steps and preemption included: HF's tokens."""
+    pytest.importorskip("triton")
+    from meshserve.layers.mla_attention import MLAAttention
+    from tests.engine.test_engine_vs_hf import hf_greedy
+
+    calls = []
+    monkeypatch.setattr(MLAAttention, "_use_triton", lambda self, x: calls.append(1) or True)
+    path = tiny_model_dir("deepseek_v3")
+    llm = LLM(model=path, max_num_batched_tokens=16, block_size=4, num_gpu_blocks_override=12)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf_model(path), p, MAX_NEW) for p in _prompts()]
+    assert calls and llm.engine.stats()["num_preemptions"] > 0
+
+
+def test_swap_preemption_moves_latent_blocks(tiny_model_dir, hf_model):
+    """Swap preemption through the CPU offload tier: MLA blocks ([1, block_size, 1, latent + rotary key] per
+    layer) go out and come back intact (crc-verified), tokens HF's."""
+    from tests.engine.test_engine_vs_hf import hf_greedy
+
+    path = tiny_model_dir("deepseek_v3")
+    prompts = _prompts()
+    llm = LLM(model=path, block_size=4, num_gpu_blocks_override=12, kv_offloading_size=64 / 1024,
+              preemption_mode="swap", kv_offloading_verify=True)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    stats = llm.engine.stats()
+    assert llm.engine.executor.collective_rpc("kv_block_layout")[0] == (2, 1, 4, 1, 40)
+    llm.shutdown()
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf_model(path), p, MAX_NEW) for p in prompts]
+    assert stats["num_preemptions"] > 0 and stats["kv_offload_swaps_in"] == stats["num_preemptions"]
+
+
+def test_fp8_weights_run_and_fp8_latent_cache_is_refused(tiny_model_dir):
+    """Online FP8 quantizes the projections but not kv_b_proj (MLA absorbs its weight into the query and the
+    output); an FP8 latent cache is a one-line error, not a crash in the cache write."""
+    from meshserve.errors import InvalidArgumentError
+    from meshserve.sampling import SamplingParams
+
+    path = tiny_model_dir("deepseek_v3")
+    llm = LLM(model=path, quantization="fp8")
+    attn = llm.engine.runner.model.model.layers[0].self_attn
+    assert attn.kv_b_proj.weight.dtype == torch.float32
+    assert attn.o_proj.weight.dtype == torch.float8_e4m3fn
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}], SamplingParams(temperature=0, max_tokens=4),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    llm.shutdown()
+    with pytest.raises(InvalidArgumentError, match="kv_cache_dtype fp8 is not supported for MLA"):
+        LLM(model=path, kv_cache_dtype="fp8")

@@ -1,0 +1,214 @@
+"""Quantized checkpoints end to end: tiny random checkpoints rewritten by the project's quantizer in each public
+layout, loaded by the engine, and compared with the checkpoint dequantized here independently (numpy, from the
+format descriptions). Also: the error lines for broken or unsupported checkpoints, and KV scales."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from meshserve import LLM, SamplingParams
+from meshserve.errors import InvalidArgumentError, ModelLoadError
+from meshserve.models.loader import build_model, resolve_model_source
+from meshserve.models.quantize_checkpoint import quantize_checkpoint
+
+GROUP = 32
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """[..., C] int32 -> [..., C, 8]: nibble i of each word."""
+    words = packed.astype(np.int64) & 0xFFFFFFFF
+    return np.stack([(words >> (4 * i)) & 0xF for i in range(8)], axis=-1)
+
+
+def dequantize_independently(tensors: dict[str, torch.Tensor], base: str, fmt: str) -> torch.Tensor:
+    """The float weight [N, K] a checkpoint's tensors describe."""
+    if fmt in ("compressed-tensors", "fbgemm_fp8"):
+        w = tensors[f"{base}.weight"].float().numpy()
+        s = tensors[f"{base}.weight_scale"].float().numpy().reshape(-1, 1)
+        return torch.from_numpy(w * s)
+    scales = tensors[f"{base}.scales"].float().numpy()  # [K / G, N]
+    if fmt == "awq":
+        nib = _nibbles(tensors[f"{base}.qweight"].numpy())  # [K, N/8, 8], nibble i = feature 8c + ORDER[i]
+        q = np.empty_like(nib)
+        q[:, :, AWQ_ORDER] = nib
+        q = q.reshape(nib.shape[0], -1)
+        zn = _nibbles(tensors[f"{base}.qzeros"].numpy())
+        z = np.empty_like(zn)
+        z[:, :, AWQ_ORDER] = zn
+        z = z.reshape(zn.shape[0], -1)
+        groups = np.arange(q.shape[0]) // GROUP
+    else:  # gptq v1: rows pack 8 input features, qzeros 8 output features and hold zero - 1
+        nib = _nibbles(tensors[f"{base}.qweight"].numpy().T)  # [N, K/8, 8]
+        q = nib.reshape(nib.shape[0], -1).T  # [K, N]
+        z = _nibbles(tensors[f"{base}.qzeros"].numpy()).reshape(scales.shape[0], -1) + 1
+        groups = tensors[f"{base}.g_idx"].numpy()
+    w = (q - z[groups]) * scales[groups]  # [K, N]
+    return torch.from_numpy(w.T.astype(np.float32))
+
+
+def _dequantized_copy(src: str, dst: str, fmt: str) -> str:
+    """A plain fp32 checkpoint holding the quantized checkpoint's weights, dequantized independently."""
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    bases = {n.rsplit(".", 1)[0] for n in tensors if n.endswith((".qweight", ".weight_scale"))}
+    quant_parts = (
+        "weight",
+        "qweight",
+        "qzeros",
+        "scales",
+        "g_idx",
+        "weight_scale",
+        "input_scale",
+        "input_scale_ub",
+    )
+    out = {
+        n: t
+        for n, t in tensors.items()
+        if not (n.rsplit(".", 1)[0] in bases and n.rsplit(".", 1)[1] in quant_parts)
+    }
+    for base in bases:
+        out[f"{base}.weight"] = dequantize_independently(tensors, base, fmt).contiguous()
+    os.makedirs(dst, exist_ok=True)
+    save_file(out, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config")
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    return dst
+
+
+def _prompt_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
+    out = llm.generate(
+        {"prompt_token_ids": ids},
+        SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0),
+        use_tqdm=False,
+    )[0]
+    return torch.tensor([pos[tok].logprob for pos, tok in zip(out.prompt_logprobs[1:], ids[1:])])
+
+
+PROMPT = [(7 * i + 3) % 300 + 5 for i in range(40)]
+
+
+@pytest.mark.parametrize(
+    "fmt,options",
+    [
+        ("awq", {}),
+        ("gptq", {}),
+        ("gptq", {"desc_act": True}),
+    ],
+)
+def test_int4_checkpoint_matches_its_independent_dequantization(fmt, options, tiny_model_dir, tmp_path):
+    src = tiny_model_dir("qwen2")  # QKV bias, tied head
+    qdir = quantize_checkpoint(src, str(tmp_path / "q"), fmt, group_size=GROUP, **options)
+    ddir = _dequantized_copy(qdir, str(tmp_path / "d"), fmt)
+    quant = _prompt_logprobs(LLM(qdir), PROMPT)
+    plain = _prompt_logprobs(LLM(ddir, tokenizer=src), PROMPT)
+    torch.testing.assert_close(quant, plain, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "fmt,options",
+    [
+        ("compressed-tensors", {"strategy": "channel"}),
+        ("compressed-tensors", {"strategy": "tensor", "input_scale": 0.05, "kv_scale": 0.5}),
+        ("fbgemm_fp8", {}),
+    ],
+)
+def test_fp8_checkpoint_loads_its_scales(fmt, options, tiny_model_dir, tmp_path):
+    src = tiny_model_dir("llama")
+    qdir = quantize_checkpoint(src, str(tmp_path / "q"), fmt, **options)
+    model = build_model(resolve_model_source(qdir), torch.float32, torch.device("cpu"), 64)
+    tensors = load_file(os.path.join(qdir, "model.safetensors"))
+    layer = model.model.layers[1]
+    # q, k and v keep their own scales inside the merged projection (per-tensor ones broadcast per row)
+    qkv = layer.self_attn.qkv_proj
+    got = qkv.weight.float() * qkv.weight_scale[:, None]
+    want = torch.cat(
+        [
+            dequantize_independently(tensors, f"model.layers.1.self_attn.{p}", fmt)
+            for p in ("q_proj", "k_proj", "v_proj")
+        ]
+    )
+    assert torch.equal(got, want)
+    if "input_scale" in options:
+        assert float(qkv.input_scale) == pytest.approx(options["input_scale"])
+    else:
+        assert qkv.input_scale is None
+    assert layer.self_attn.attn.k_scale == options.get("kv_scale", 1.0)
+    # through the engine: per-channel scales with dynamic activations are exactly what online fp8 makes of
+    # the dequantized weights (each row's absmax maps back to 448); a static per-tensor input scale is close
+    quant = _prompt_logprobs(LLM(qdir, kv_cache_dtype="fp8" if "kv_scale" in options else "auto"), PROMPT)
+    plain_dir = _dequantized_copy(qdir, str(tmp_path / "d"), fmt)
+    online = _prompt_logprobs(LLM(plain_dir, tokenizer=src, quantization="fp8"), PROMPT)
+    if options.get("strategy", "channel") == "channel":
+        torch.testing.assert_close(quant, online, atol=1e-5, rtol=1e-5)
+    else:  # (the tiny random model's large weights amplify fp8 rounding: ~5% of a logprob)
+        assert (quant - online).abs().mean() < 0.1 * online.abs().mean()
+
+
+def test_online_fp8_and_fp8_kv_cache_run_through_llm(tiny_model_dir):
+    src = tiny_model_dir("llama")
+    budget = 1 << 20
+    base_llm = LLM(src, cpu_kv_cache_bytes=budget)
+    base = _prompt_logprobs(base_llm, PROMPT)
+    for kwargs in (
+        {"quantization": "fp8"},
+        {"kv_cache_dtype": "fp8"},
+        {"quantization": "fp8", "kv_cache_dtype": "fp8"},
+    ):
+        llm = LLM(src, cpu_kv_cache_bytes=budget, **kwargs)
+        got = _prompt_logprobs(llm, PROMPT)
+        # (the tiny random model's large weights amplify fp8 rounding: ~2-5% of a logprob)
+        assert not torch.equal(got, base) and (got - base).abs().mean() < 0.1 * base.abs().mean(), kwargs
+        # the same bytes hold 4x the blocks of the fp32 cache when the cache is fp8
+        ratio = 4 if "kv_cache_dtype" in kwargs else 1
+        assert llm.engine.core_client.info.num_blocks // ratio == base_llm.engine.core_client.info.num_blocks
+
+
+def test_broken_and_unsupported_checkpoints_fail_in_one_line(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("llama")
+    with pytest.raises(
+        InvalidArgumentError, match="awq needs a checkpoint whose config.json holds its quantization_config"
+    ):
+        LLM(src, quantization="awq")
+    qdir = quantize_checkpoint(src, str(tmp_path / "q"), "compressed-tensors")
+    tensors = load_file(os.path.join(qdir, "model.safetensors"))
+    del tensors["model.layers.0.mlp.down_proj.weight_scale"]
+    save_file(tensors, os.path.join(qdir, "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"down_proj.weight_scale \(weight format compressed-tensors\)"):
+        build_model(resolve_model_source(qdir), torch.float32, torch.device("cpu"), 64)
+    # an int4 checkpoint whose packing does not fit the declared group size
+    adir = quantize_checkpoint(src, str(tmp_path / "a"), "awq", group_size=GROUP)
+    with open(os.path.join(adir, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"]["group_size"] = 16
+    with open(os.path.join(adir, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ModelLoadError, match=r"cannot load model.layers.0.\S+.qzeros: shape"):
+        build_model(resolve_model_source(adir), torch.float32, torch.device("cpu"), 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fmt,options", [("gptq", {"desc_act": True}), ("compressed-tensors", {"strategy": "tensor"})]
+)
+def test_tensor_parallel_two_ranks_give_one_devices_logprobs(fmt, options, tiny_model_dir, tmp_path):
+    """TP = 2 over gloo on a quantized checkpoint (row-parallel layers split int4 groups / keep act-order ones)."""
+    src = tiny_model_dir("llama")
+    qdir = quantize_checkpoint(src, str(tmp_path / "q"), fmt, group_size=GROUP, **options)
+    single = _prompt_logprobs(LLM(qdir), PROMPT)
+    llm = LLM(qdir, tensor_parallel_size=2)
+    try:
+        two = _prompt_logprobs(llm, PROMPT)
+    finally:
+        llm.shutdown()
+    # fp8's dynamic per-token scales follow each rank's half of a row-parallel input: close, not equal
+    tol = 1e-4 if fmt == "gptq" else 0.1 * single.abs().mean().item()
+    assert (two - single).abs().mean() < tol

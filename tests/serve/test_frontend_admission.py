@@ -1,0 +1,77 @@
+"""The front end refuses with 429 itself when its own backlog breaks the TTFT target (fake core, fake delays)."""
+
+import time
+
+import httpx
+import pytest
+
+from meshserve.bench.fake_core import FakeEngineCore
+from meshserve.engine.async_engine import AsyncLLM
+from meshserve.engine.core_client import ThreadedCoreClient
+from meshserve.engine.messages import CoreInfo
+from meshserve.serve.config import ServeConfig
+from meshserve.serve.frontend_load import WindowMax
+from tests.serve.conftest import start_server
+
+
+def test_window_max_forgets_after_its_window():
+    now = [0.0]
+    w = WindowMax(1.0, clock=lambda: now[0])
+    w.add(0.4)
+    now[0] = 0.7
+    w.add(0.1)
+    assert w.value() == 0.4
+    now[0] = 1.1  # within one to one and a half windows: still seen
+    assert w.value() == 0.4
+    now[0] = 1.3
+    assert w.value() == 0.1
+    now[0] = 5.0
+    assert w.value() == 0.0
+
+
+@pytest.fixture(scope="module")
+def fake_slo_server():
+    info = CoreInfo(model="fake", max_model_len=256, vocab_size=1000, block_size=16, num_blocks=64,
+                    max_num_batched_tokens=256, enable_chunked_prefill=True, slo_ttft_s=0.3)
+    allm = AsyncLLM(ThreadedCoreClient(FakeEngineCore(info, step_s=0.005)))
+    srv = start_server(allm, ServeConfig(served_model_names=["fake"]))
+    yield srv
+    srv.stop()
+    allm.shutdown()
+
+
+def _post(srv, **extra):
+    body = {"model": "fake", "prompt": [5, 6, 7], "max_tokens": 4, **extra}
+    t = time.monotonic()
+    r = httpx.post(srv.v1 + "/completions", json=body, timeout=30)
+    return r, time.monotonic() - t
+
+
+def test_a_lagging_front_end_answers_429_at_once_and_recovers(fake_slo_server):
+    srv = fake_slo_server
+    r, _ = _post(srv)
+    assert r.status_code == 200  # idle: admitted (and the lag watcher runs from now on)
+    client = srv.app.state.engine_client
+    client.load.loop_lag.add(0.5)  # as if the event loop had just stalled for half a second
+    r, elapsed = _post(srv)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text
+    err = r.json()["error"]
+    assert err["code"] == "slo_unattainable" and err["type"] == "rate_limit_error"
+    assert elapsed < 0.2, elapsed  # answered from the headers and body bytes, no parsing, no engine
+    # a request with a looser target of its own is judged by its handler, and taken
+    r, _ = _post(srv, slo={"ttft_ms": 60_000})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    metrics = httpx.get(srv.base_url + "/metrics").text
+    assert 'meshserve:requests_rejected_total{reason="slo_unattainable"} 1.0' in metrics
+    time.sleep(1.1)  # the stall leaves the window
+    r, _ = _post(srv)
+    assert r.status_code == 200
+
+
+def test_input_delay_counts_towards_the_ttft_prediction(fake_slo_server):
+    client = fake_slo_server.app.state.engine_client
+    time.sleep(1.1)
+    assert client.frontend_admission_error() is None
+    client.load.request_reached_handler(time.monotonic() - 0.4)  # a request waited 0.4 s to reach its handler
+    refusal = client.frontend_admission_error()
+    assert refusal is not None and refusal.retry_after_s >= 1

@@ -1,0 +1,105 @@
+"""Streamed tool calls through the OpenAI SDK against a live server on the tiny random model: its output is
+forced into each tool-call format by a grammar (auto tool choice read by the Hermes and Llama 3 parsers),
+or constrained by tool_choice itself ("required", a named function). The SDK's accumulation must rebuild
+exactly the whole response's calls from deltas that carry the arguments in pieces."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from meshserve.serve.config import ServeConfig
+from tests.serve.conftest import start_server
+
+openai = pytest.importorskip("openai")
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "pattern": "^[A-Za-z]{1,12}$"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"]}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}},
+                                       "required": ["tz"]}}}
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER_TOOL, TIME_TOOL)}
+_ARGS = r'\{"city": "[A-Z][a-z]{2,8}", "unit": "(celsius|fahrenheit)"\}'
+# what a model trained on each format would write, as a regex the tiny model is held to
+FORCED = {
+    "hermes": r'(I will check\. )?<tool_call>\{"name": "get_weather", "arguments": ' + _ARGS + r"\}</tool_call>"
+              r'(<tool_call>\{"name": "get_time", "arguments": \{"tz": "(UTC|CET)"\}\}</tool_call>)?',
+    "llama3_json": r'\{"name": "get_weather", "parameters": ' + _ARGS + r"\}",
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FORCED))
+def parser_client(request, tiny_engine):
+    srv = start_server(tiny_engine, ServeConfig(served_model_names=["m"], enable_auto_tool_choice=True,
+                                                tool_call_parser=request.param))
+    yield request.param, openai.OpenAI(base_url=srv.v1, api_key="x", max_retries=0, timeout=120)
+    srv.stop()
+
+
+def _kwargs(parser: str, mode: str, seed: int) -> dict:
+    kw = {"model": "m", "messages": [{"role": "user", "content": "Weather in Rome?"}], "max_tokens": 400,
+          "temperature": 1.0, "seed": seed, "tools": [WEATHER_TOOL, TIME_TOOL]}
+    if mode == "auto":
+        kw.update(tool_choice="auto", extra_body={"guided_regex": FORCED[parser]})
+    elif mode == "required":
+        kw["tool_choice"] = "required"
+    else:
+        kw["tool_choice"] = {"type": "function", "function": {"name": "get_weather"}}
+    return kw
+
+
+def _raw_stream(client, kw):
+    """(content, calls as [name, arguments, pieces], finish) accumulated from the raw chunks."""
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            for tc in ch.delta.tool_calls or []:
+                if tc.index not in calls:  # the first delta of a call: index, id, type and name
+                    assert tc.id and tc.id.startswith("call_") and tc.type == "function" and tc.function.name
+                    calls[tc.index] = [tc.function.name, "", 0]
+                else:
+                    assert not tc.id and not tc.function.name
+                calls[tc.index][1] += tc.function.arguments or ""
+                calls[tc.index][2] += 1
+            finish = ch.finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("mode", ["auto", "required", "named"])
+def test_streamed_tool_calls_match_the_whole_response(parser_client, mode):
+    parser, client = parser_client
+    if mode != "auto" and parser != "hermes":
+        pytest.skip("constrained tool choice does not depend on the parser")
+    for seed in (1,):
+        kw = _kwargs(parser, mode, seed)
+        whole = client.chat.completions.create(**kw).choices[0]
+        assert whole.message.tool_calls, whole.message
+        for call in whole.message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+        content, calls, finish = _raw_stream(client, kw)
+        assert content == (whole.message.content or "")
+        assert [c[:2] for c in calls] == [[c.function.name, c.function.arguments] for c in whole.message.tool_calls]
+        assert calls[0][2] > 3, "the arguments should arrive in several pieces"
+        assert finish == whole.finish_reason == ("stop" if mode == "named" else "tool_calls")
+
+
+def test_sdk_stream_helper_rebuilds_auto_tool_calls(parser_client):
+    """The SDK's own accumulator (chat.completions.stream) and its events see the calls our deltas build."""
+    parser, client = parser_client
+    kw = _kwargs(parser, "auto", 3)
+    argument_events = 0
+    with client.chat.completions.stream(**kw) as stream:
+        for event in stream:
+            argument_events += event.type == "tool_calls.function.arguments.delta"
+        final = stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls
+    assert calls[0].function.name == "get_weather" and argument_events > 3
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    assert final.choices[0].finish_reason == "tool_calls"

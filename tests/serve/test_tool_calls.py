@@ -1,0 +1,53 @@
+"""tool_choice "required" constrains the output to one or more calls of the given tools, at most one when
+parallel_tool_calls is false; the grammar it builds accepts exactly that."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meshserve.serve.config import ServeConfig
+from meshserve.serve.protocol import ChatCompletionRequest
+from meshserve.serve.tool_calls import plan_tools
+from meshserve.structured.grammar import compile_structured_outputs
+
+xgr = pytest.importorskip("xgrammar")
+from xgrammar.testing import _is_grammar_accept_string as accepts
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}},
+    {"type": "function", "function": {"name": "g"}}]
+
+
+def _grammar(parallel: bool):
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                "tools": TOOLS, "tool_choice": "required",
+                                                "parallel_tool_calls": parallel})
+    plan = plan_tools(req, ServeConfig())
+    kind, spec = plan.constraint.key
+    assert kind == "json"
+    return plan, xgr.Grammar.from_json_schema(spec, any_whitespace=False)
+
+
+def test_required_allows_several_calls_only_when_parallel():
+    one = json.dumps([{"name": "f", "parameters": {"a": 1}}])
+    two = json.dumps([{"name": "f", "parameters": {"a": 1}}, {"name": "g", "parameters": {}}])
+    plan, parallel = _grammar(True)
+    assert accepts(parallel, one) and accepts(parallel, two) and not accepts(parallel, "[]")
+    assert not accepts(parallel, json.dumps([{"name": "f", "parameters": {"b": 1}}]))  # f's schema holds
+    assert not accepts(parallel, json.dumps([{"name": "h", "parameters": {}}]))  # only the given tools
+    assert [c.function.name for c in plan.extract(two)[1]] == ["f", "g"]
+    _, single = _grammar(False)
+    assert accepts(single, one) and not accepts(single, two)
+
+
+def test_compile_structured_outputs_is_what_the_engine_runs():
+    """The engine compiles the same constraint against a vocabulary (here a toy byte vocabulary)."""
+    plan, _ = _grammar(True)
+    info = xgr.TokenizerInfo([chr(i) for i in range(32, 127)] + ["</s>"], stop_token_ids=[95])
+    compiled = compile_structured_outputs(xgr.GrammarCompiler(info), plan.constraint)
+    matcher = xgr.GrammarMatcher(compiled)
+    for ch in '[{"name": "g", "parameters": {}}]':
+        assert matcher.accept_token(ord(ch) - 32), ch
+    assert matcher.accept_token(95) and matcher.is_terminated()

@@ -44,6 +44,8 @@ def register(subparsers) -> None:
                         "no front-end queue)")
     g.add_argument("--frontend-token-us", type=float, default=FRONTEND_H200.per_token_s * 1e6,
                    help="the API process's CPU per streamed token (detokenize, one SSE event)")
+    g.add_argument("--api-server-count", type=int, default=1,
+                   help="API processes per replica, as `meshserve serve --api-server-count` (each one such queue)")
     g = p.add_argument_group("traffic")
     g.add_argument("--qps", type=float, default=8.0, help="mean arrival rate (poisson, bursty)")
     g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
@@ -120,7 +122,8 @@ def run_simulate(ns: argparse.Namespace) -> int:
                        max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
                        num_blocks=ns.num_blocks, max_queue_len=ns.max_queue_len, hardware_file=ns.hardware_file,
                        frontend_latency_s=ns.frontend_latency_ms / 1e3,
-                       frontend_request_s=ns.frontend_request_ms / 1e3, frontend_token_s=ns.frontend_token_us / 1e6)
+                       frontend_request_s=ns.frontend_request_ms / 1e3, frontend_token_s=ns.frontend_token_us / 1e6,
+                       api_server_count=ns.api_server_count)
     config.validate()
     trace = build_trace(ns)
     if ns.search:
@@ -155,7 +158,8 @@ def run_simulate(ns: argparse.Namespace) -> int:
         f"for {report['gpu']}), not quotes"),
         ("step times: the engine's step-time model with weights fitted to one H200 Llama-3.1-8B trace "
         "(meshserve/simulator/calibration.toml), scaled to other GPUs by their data-sheet bandwidth and FLOP/s"),
-        (f"each replica's API process is one CPU queue: {ns.frontend_request_ms:g} ms per request (a 429 "
+        (f"each of a replica's {ns.api_server_count} API process(es) is one CPU queue: "
+         f"{ns.frontend_request_ms:g} ms per request (a 429 "
          f"included) and {ns.frontend_token_us:g} us per streamed token (fitted to the API process saturating at "
          "W3 QPS 96 on one H200's host, BENCHMARKS.md issue 18; the split between the two is an estimate), plus "
          "a fixed --frontend-latency-ms; the router's own CPU, the network and replica failures are not "

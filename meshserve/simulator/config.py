@@ -46,6 +46,7 @@ class SimConfig:
     # token (0, 0: no queue, the engine's own view; the CLI defaults to FRONTEND_H200)
     frontend_request_s: float = 0.0
     frontend_token_s: float = 0.0
+    api_server_count: int = 1  # API processes per replica (`meshserve serve --api-server-count`)
     hardware_file: str | None = None
 
     def validate(self) -> None:
@@ -54,6 +55,8 @@ class SimConfig:
                                        f"({self.tp})", param="num_gpus")
         if self.frontend_request_s < 0 or self.frontend_token_s < 0:
             raise InvalidArgumentError("front-end costs must be >= 0", param="frontend_request_ms")
+        if self.api_server_count < 1:
+            raise InvalidArgumentError("--api-server-count must be >= 1", param="api_server_count")
         if self.router not in ROUTER_POLICIES:
             raise InvalidArgumentError(f"--router must be one of {', '.join(ROUTER_POLICIES)}", param="router")
 

@@ -57,7 +57,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         version.append(0)
         return SimReplica(index, sched_cfg, cache_cfg, step_cost or cost, recorder, config.max_queue_len,
                           step_model=cost.model, fast_forward=fast_forward, light=fast_forward,
-                          frontend=config.frontend_costs)
+                          frontend=config.frontend_costs, api_server_count=config.api_server_count)
 
     scaler = None
     if autoscale is not None:
@@ -178,8 +178,9 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         "steps": sum(r.steps for r in replicas),
         # the API processes' CPU: requests (a 429 included) and streamed tokens; 1.0 is saturation
         "frontend": {"request_s": config.frontend_request_s, "token_s": config.frontend_token_s,
+                     "api_server_count": config.api_server_count,
                      "busy_fraction": sum(r.frontend.busy_s for r in replicas if r.frontend is not None)
-                     / replica_seconds if replica_seconds else 0.0},
+                     / (replica_seconds * config.api_server_count) if replica_seconds else 0.0},
         "gpu_busy_fraction": gpu_busy / replica_seconds if replica_seconds else 0.0,
         "step_weights": vars(cost.weights) if step_cost is None else "custom",
         "timeline": timeline,

@@ -40,15 +40,25 @@ FRONTEND_OFF = FrontEndCosts(0.0, 0.0)
 
 
 class FrontEnd:
-    """One API process's queue: submit(t, work) returns when a job that arrives at t is done."""
+    """A replica's API processes (`meshserve serve --api-server-count N`, 1 by default), each a queue:
+    intake(t) and deliver(t, n) return when a job that arrives at t is done. With N processes a request's
+    intake goes to the least backlogged one (a busy process is slow to accept) and a step's tokens split
+    evenly over the N (their requests are spread over them); the client sees the step when the last share is
+    delivered."""
 
-    def __init__(self, costs: FrontEndCosts):
+    def __init__(self, costs: FrontEndCosts, processes: int = 1):
+        if processes < 1:
+            raise ValueError("an API server count is >= 1")
         self.costs = costs
-        self.t = 0.0  # when the last job arrived
-        self.backlog_s = 0.0  # work queued at self.t, that job's included
+        self.processes = processes
+        self.t = 0.0  # process 0: when its last job arrived
+        self.backlog_s = 0.0  # process 0: work queued at self.t, that job's included
+        self._others = [[0.0, 0.0] for _ in range(processes - 1)]  # processes 1..N-1: [t, backlog]
+        self._next = 0  # which process a step's odd tokens go to first (round robin)
         self.busy_s = 0.0  # work done in all
 
     def submit(self, t: float, work_s: float) -> float:
+        """A job for process 0."""
         assert t >= self.t, "front-end jobs must arrive in time order"
         backlog = self.backlog_s - (t - self.t)
         backlog = max(backlog, 0.0)
@@ -57,16 +67,45 @@ class FrontEnd:
         self.busy_s += work_s
         return t + backlog
 
+    def _submit_to(self, i: int, t: float, work_s: float) -> float:
+        if i == 0:
+            return self.submit(t, work_s)
+        q = self._others[i - 1]
+        assert t >= q[0], "front-end jobs must arrive in time order"
+        q[1] = max(q[1] - (t - q[0]), 0.0) + work_s
+        q[0] = t
+        self.busy_s += work_s
+        return t + q[1]
+
+    def _backlog_at(self, i: int, t: float) -> float:
+        last, backlog = (self.t, self.backlog_s) if i == 0 else self._others[i - 1]
+        return max(backlog - (t - last), 0.0)
+
     def intake(self, t: float) -> float:
         """A request arrives at t: when the core gets it (or the client its 429)."""
-        return self.submit(t, self.costs.per_request_s)
+        if self.processes == 1:
+            return self.submit(t, self.costs.per_request_s)
+        i = min(range(self.processes), key=lambda j: self._backlog_at(j, t))
+        return self._submit_to(i, t, self.costs.per_request_s)
 
     def deliver(self, t: float, num_tokens: int) -> float:
         """A step's num_tokens tokens leave the core at t: when the client sees them."""
-        return self.submit(t, num_tokens * self.costs.per_token_s)
+        if self.processes == 1:
+            return self.submit(t, num_tokens * self.costs.per_token_s)
+        share, odd = divmod(num_tokens, self.processes)
+        done = t
+        for k in range(self.processes):
+            i = (self._next + k) % self.processes
+            n = share + (k < odd)
+            if n:
+                done = max(done, self._submit_to(i, t, n * self.costs.per_token_s))
+        self._next = (self._next + odd) % self.processes
+        return done
 
     def deliver_all(self, times: list[float], num_tokens: int) -> list[float]:
-        """deliver(t, num_tokens) for each t of times (in order), in one loop: the same floats."""
+        """deliver(t, num_tokens) for each t of times (in order): the same floats, in one loop for one process."""
+        if self.processes > 1:
+            return [self.deliver(t, num_tokens) for t in times]
         work = num_tokens * self.costs.per_token_s
         last, backlog, out = self.t, self.backlog_s, []
         for t in times:

@@ -49,7 +49,7 @@ class SimReplica:
     def __init__(self, index: int, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  step_cost: Callable[[StepShape], float], recorder: RunRecorder, max_queue_len: int = 1024,
                  step_model=None, fast_forward: bool = True, light: bool = True,
-                 frontend: FrontEndCosts | None = None):
+                 frontend: FrontEndCosts | None = None, api_server_count: int = 1):
         self.index = index
         self.url = f"sim://replica-{index}"
         self.outstanding = 0
@@ -78,7 +78,8 @@ class SimReplica:
         self._last_token_s: dict[str, float] = {}
         # the API process (frontend.py), and when each request was sent (its TTFT counts from then; the
         # core's clock starts at its handler, after the API process's queue)
-        self.frontend = FrontEnd(frontend) if frontend is not None and frontend.enabled else None
+        self.frontend = (FrontEnd(frontend, api_server_count) if frontend is not None and frontend.enabled
+                         else None)
         self._sent_s: dict[str, float] = {}
 
     # -- arrivals --------------------------------------------------------------------------------

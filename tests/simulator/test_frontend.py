@@ -33,6 +33,19 @@ def test_tokens_queue_behind_requests_in_time_order():
         fe.deliver(0.5, 1)
 
 
+def test_several_api_processes_share_the_work():
+    """Two processes: a request goes to the idle one; a step's tokens split over both, seen when both are done."""
+    fe = FrontEnd(FrontEndCosts(per_request_s=0.01, per_token_s=0.001), processes=2)
+    assert fe.intake(0.0) == pytest.approx(0.01)
+    assert fe.intake(0.0) == pytest.approx(0.01)  # the other process: no wait
+    assert fe.intake(0.0) == pytest.approx(0.02)
+    # at 0.01 process 0 has 10 ms of intake left, process 1 none: 2 tokens each, seen when process 0 is done
+    assert fe.deliver(0.01, 4) == pytest.approx(0.01 + 0.01 + 0.002)
+    assert fe.busy_s == pytest.approx(0.034)
+    with pytest.raises(ValueError):
+        FrontEnd(FRONTEND_H200, processes=0)
+
+
 def test_a_request_reaches_the_core_after_its_intake():
     """One request on an idle server: TTFT grows by the intake and the first token's delivery, nothing else."""
     one = [SimRequest(0.0, 512, 16)]
@@ -56,6 +69,10 @@ def test_past_the_front_ends_knee_slo_results_collapse():
     assert with_fe["frontend"]["busy_fraction"] > 0.95
     assert with_fe["goodput"] < 0.5 * engine_only["goodput"]
     assert with_fe["ttft_p50"] > 1.0
+    # `--api-server-count 2` halves each process's load: the knee moves past this rate and goodput comes back
+    two = simulate(SimConfig(**{**vars(config), "frontend_request_s": FRONTEND_H200.per_request_s,
+                                "frontend_token_s": FRONTEND_H200.per_token_s, "api_server_count": 2}), trace)
+    assert two["frontend"]["busy_fraction"] < 0.75 and two["goodput"] > 0.8 * engine_only["goodput"]
 
 
 def test_the_router_counts_a_request_from_when_it_sends_it():

@@ -29,6 +29,8 @@ def _without_timing(report: dict) -> dict:
      poisson_trace(50.0, 8.0, 6, 300, 90)),
     (SimConfig(gpu="H200", slo_ttft_s=1.0, slo_tpot_s=0.05, frontend_request_s=8.7e-3, frontend_token_s=50e-6),
      poisson_trace(96.0, 8.0, 8)),
+    (SimConfig(gpu="H200", frontend_request_s=8.7e-3, frontend_token_s=50e-6, api_server_count=3),
+     poisson_trace(80.0, 5.0, 9)),
 ])
 def test_decode_runs_give_the_same_report_as_every_step(config, trace):
     """Fast forward (decode runs laid out at once across finishes, sequences as counts, a counting block

@@ -5,8 +5,9 @@ SLO scheduling policy) on a simulated clock; a step's duration comes from the en
 calibrated on our own step traces, instead of a forward pass. A router policy from meshserve/router spreads
 an arrival trace over the replicas.
 
-trace.py (arrivals), step_cost.py (step durations), replica.py (one engine), fleet.py (the event loop and the
-router), autoscale.py (replicas on the queue-depth rule), metrics.py (latencies, goodput, cost), config.py (what
+trace.py (arrivals), step_cost.py (step durations), replica.py (one engine), light.py (its sequences and blocks
+as counts), frontend.py (each replica's API process as a CPU queue), fleet.py (the event loop and the router),
+autoscale.py (replicas on the queue-depth rule), metrics.py (latencies, goodput, cost), config.py (what
 is simulated), search.py (layouts ranked by goodput per dollar), cli.py (the command), validation.py (replays
 of measured runs).
 """

@@ -8,6 +8,7 @@ import math
 import sys
 
 from meshserve.errors import InvalidArgumentError
+from meshserve.simulator.frontend import FRONTEND_H200
 
 
 def register(subparsers) -> None:
@@ -36,7 +37,15 @@ def register(subparsers) -> None:
     g.add_argument("--slo-tpot-ms", type=float, default=None, help="the server's TPOT target (batch budget)")
     g.add_argument("--max-queue-len", type=int, default=d.max_queue_len)
     g.add_argument("--frontend-latency-ms", type=float, default=0.0,
-                   help="HTTP + tokenizer + hop to the core before a request reaches its replica (counted in TTFT)")
+                   help="fixed latency (network, HTTP) before a request reaches its replica (counted in TTFT)")
+    g.add_argument("--frontend-request-ms", type=float, default=FRONTEND_H200.per_request_s * 1e3,
+                   help="the API process's CPU per request (parse, tokenize, admit or 429): a queue in front of "
+                        "each replica's core (default: fitted to W3 on one H200; 0 with --frontend-token-us 0: "
+                        "no front-end queue)")
+    g.add_argument("--frontend-token-us", type=float, default=FRONTEND_H200.per_token_s * 1e6,
+                   help="the API process's CPU per streamed token (detokenize, one SSE event)")
+    g.add_argument("--api-server-count", type=int, default=1,
+                   help="API processes per replica, as `meshserve serve --api-server-count` (each one such queue)")
     g = p.add_argument_group("traffic")
     g.add_argument("--qps", type=float, default=8.0, help="mean arrival rate (poisson, bursty)")
     g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
@@ -112,7 +121,9 @@ def run_simulate(ns: argparse.Namespace) -> int:
                        goodput_ttft_s=ns.ttft_slo, goodput_tpot_s=ns.tpot_slo, max_num_seqs=ns.max_num_seqs,
                        max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
                        num_blocks=ns.num_blocks, max_queue_len=ns.max_queue_len, hardware_file=ns.hardware_file,
-                       frontend_latency_s=ns.frontend_latency_ms / 1e3)
+                       frontend_latency_s=ns.frontend_latency_ms / 1e3,
+                       frontend_request_s=ns.frontend_request_ms / 1e3, frontend_token_s=ns.frontend_token_us / 1e6,
+                       api_server_count=ns.api_server_count)
     config.validate()
     trace = build_trace(ns)
     if ns.search:
@@ -147,8 +158,12 @@ def run_simulate(ns: argparse.Namespace) -> int:
         f"for {report['gpu']}), not quotes"),
         ("step times: the engine's step-time model with weights fitted to one H200 Llama-3.1-8B trace "
         "(meshserve/simulator/calibration.toml), scaled to other GPUs by their data-sheet bandwidth and FLOP/s"),
-        ("the front end costs a fixed --frontend-latency-ms (no HTTP/tokenizer CPU contention), no network, "
-        "replicas never fail; every request runs to its output length"),
+        (f"each of a replica's {ns.api_server_count} API process(es) is one CPU queue: "
+         f"{ns.frontend_request_ms:g} ms per request (a 429 "
+         f"included) and {ns.frontend_token_us:g} us per streamed token (fitted to the API process saturating at "
+         "W3 QPS 96 on one H200's host, BENCHMARKS.md issue 18; the split between the two is an estimate), plus "
+         "a fixed --frontend-latency-ms; the router's own CPU, the network and replica failures are not "
+         "modelled; every request runs to its output length"),
     ]
     if ns.plot:
         from meshserve.simulator.plots import plot_timeline

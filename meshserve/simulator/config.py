@@ -10,6 +10,7 @@ from meshserve.planner.hardware import GpuSpec, get_gpu, load_catalog
 from meshserve.planner.memory import memory_per_gpu
 from meshserve.planner.model import ModelSpec, load_model
 from meshserve.planner.parallel import Layout
+from meshserve.simulator.frontend import FrontEndCosts
 
 ROUTER_POLICIES = ("least-outstanding", "round-robin", "prefix-affinity")
 
@@ -41,14 +42,27 @@ class SimConfig:
     # HTTP, tokenization and the hop to the engine core: a request reaches its replica this long after it was
     # sent, and the client's TTFT includes it (0: the engine's own view)
     frontend_latency_s: float = 0.0
+    # the API process of each replica as a CPU queue (frontend.py): seconds per request and per streamed
+    # token (0, 0: no queue, the engine's own view; the CLI defaults to FRONTEND_H200)
+    frontend_request_s: float = 0.0
+    frontend_token_s: float = 0.0
+    api_server_count: int = 1  # API processes per replica (`meshserve serve --api-server-count`)
     hardware_file: str | None = None
 
     def validate(self) -> None:
         if self.num_gpus < 1 or self.tp < 1 or self.num_gpus % self.tp:
             raise InvalidArgumentError(f"--num-gpus ({self.num_gpus}) must be a positive multiple of --tp "
                                        f"({self.tp})", param="num_gpus")
+        if self.frontend_request_s < 0 or self.frontend_token_s < 0:
+            raise InvalidArgumentError("front-end costs must be >= 0", param="frontend_request_ms")
+        if self.api_server_count < 1:
+            raise InvalidArgumentError("--api-server-count must be >= 1", param="api_server_count")
         if self.router not in ROUTER_POLICIES:
             raise InvalidArgumentError(f"--router must be one of {', '.join(ROUTER_POLICIES)}", param="router")
+
+    @property
+    def frontend_costs(self) -> FrontEndCosts:
+        return FrontEndCosts(self.frontend_request_s, self.frontend_token_s)
 
     @property
     def num_replicas(self) -> int:

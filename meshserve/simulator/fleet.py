@@ -1,8 +1,9 @@
 """The event loop: arrivals go through a router policy to replicas, whose steps end at simulated times.
 
-Two kinds of event: the next arrival of the trace, and a replica's step ending or an idle replica waking (a
-heap keyed by time, then replica index, so ties resolve the same way every run). Arrivals go first at equal
-times: a replica idle when requests arrive wakes once all of that instant's arrivals are queued, and starts a
+Events: the next arrival of the trace; and in a heap keyed by time, then replica index, then kind (so ties
+resolve the same way every run): a request reaching a replica's core through its API process, a replica's step
+(or a decode run's laid-out steps) ending, an idle replica waking, sequences finishing inside a decode run (the
+router's count drops then). Arrivals go first at equal times: a replica idle when requests arrive wakes once all of that instant's arrivals are queued, and starts a
 step; a replica whose step ends starts its next one at that moment if it has work. The router is
 meshserve/router/policy.py's, run on SimReplica objects (they carry the `outstanding` and `url` it reads); a
 request refused with 429 is retried on another replica, up to max_attempts, as `meshserve router` does.
@@ -22,27 +23,31 @@ from meshserve.simulator.config import SimConfig
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.replica import SimReplica
 from meshserve.simulator.step_cost import StepCost, StepWeights
-from meshserve.simulator.trace import SimRequest, prompt_token_ids
+from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 
-_STEP_END, _WAKE = 0, 1  # a replica's step ends; an idle replica got work
+# a request reaches a replica's core through its API process; a replica's step ends; an idle replica got work;
+# sequences finish inside a decode run (SimReplica.finish_mark)
+_ADMIT, _STEP_END, _WAKE, _FINISH = -1, 0, 1, 2
 
 
-def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights | None = None,
+def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: StepWeights | None = None,
              step_cost: Callable | None = None, progress: Callable[[float], None] | None = None,
              fast_forward: bool = True, autoscale: AutoscaleRule | None = None) -> dict:
     """Run the trace through the fleet; returns the report (metrics.RunRecorder.summarize, plus the setup).
 
     step_cost replaces the calibrated StepCost (tests use fixed durations); progress(sim_time) is called as
     simulated time advances (about every 1% of the trace). fast_forward lays out runs of identical decode
-    steps at once (replica.py); off, every step goes through the scheduler (same results, slower). autoscale:
+    steps at once and keeps sequences as counts (replica.py, light.py); off, every step goes through the
+    scheduler with the engine's own Sequence and BlockManager (the reference: same results, slower). autoscale:
     replicas come and go on the router's queue depth (autoscale.py), starting from config's count.
     """
     config.validate()
+    trace = Trace.of(trace)
     model, gpu = config.model_spec(), config.gpu_spec()
     cost = StepCost(model, gpu, config.tp, weights)
     prefix_caching = config.enable_prefix_caching
     if prefix_caching is None:
-        prefix_caching = any(r.prefix_group is not None for r in trace)
+        prefix_caching = trace.has_prefixes
     num_blocks = config.kv_blocks(model, gpu)
     sched_cfg, cache_cfg = config.engine_configs(num_blocks, prefix_caching)
     recorder = RunRecorder()
@@ -51,7 +56,8 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
     def make_replica(index: int) -> SimReplica:
         version.append(0)
         return SimReplica(index, sched_cfg, cache_cfg, step_cost or cost, recorder, config.max_queue_len,
-                          step_model=cost.model, fast_forward=fast_forward)
+                          step_model=cost.model, fast_forward=fast_forward, light=fast_forward,
+                          frontend=config.frontend_costs, api_server_count=config.api_server_count)
 
     scaler = None
     if autoscale is not None:
@@ -64,62 +70,98 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
     policy = make_policy(config.router)
     keyed = config.router == "prefix-affinity"
 
+    def admit(rep: SimReplica, index: int, req: SimRequest, now: float) -> bool:
+        """The core of `rep` gets request `index` at now: queued (True), or refused with a 429."""
+        end = rep.interrupt(now)
+        if end is not None:  # its decode run is cut at now: a step ending at `end` is in flight
+            version[rep.index] += 1
+            heapq.heappush(steps, (end, rep.index, _STEP_END, version[rep.index]))
+        if not rep.try_add(index, req, now):
+            rep.outstanding -= 1  # a 429 back at the router
+            return False
+        if not rep.busy:  # wake it after every arrival of this instant is queued
+            rep.busy = True
+            version[rep.index] += 1
+            heapq.heappush(steps, (now, rep.index, _WAKE, version[rep.index]))
+        return True
+
+    def send(index: int, req: SimRequest, now: float, tried: tuple[int, ...], key) -> None:
+        """The router sends request `index` at now to a replica it has not tried (a 429 tries the next one, up
+        to max_attempts); with a front-end model the core gets it once the API process is done (_ADMIT)."""
+        while len(tried) < config.max_attempts:
+            candidates = [r for r in serving if r.index not in tried] if tried else list(serving)
+            if not candidates:
+                break
+            rep = policy.choose(candidates, key)
+            rep.outstanding += 1  # in flight from the router's view until it finishes or is refused
+            reached = rep.intake(now)
+            if reached > now:
+                heapq.heappush(steps, (reached, rep.index, _ADMIT, (index, (*tried, rep.index), key)))
+                return
+            if admit(rep, index, req, now):
+                return
+            tried = (*tried, rep.index)
+        recorder.num_rejected += 1
+
     wall0 = time.perf_counter()
-    # (time, replica index, _STEP_END or _WAKE, version)
-    steps: list[tuple[float, int, int, int]] = []
+    # (time, replica index, kind, payload): a version for _STEP_END and _WAKE (only the latest is live),
+    # (request, replicas tried, prefix key) for _ADMIT, (run serial, step) for _FINISH
+    steps: list[tuple] = []
     n, i = len(trace), 0
     delay = config.frontend_latency_s
-    tick = trace[-1].arrival_s / 100 if trace and trace[-1].arrival_s > 0 else math.inf
+    arrivals = trace.arrival_s
+    tick = arrivals[-1] / 100 if n and arrivals[-1] > 0 else math.inf
     next_tick = tick
     timeline: list[dict] = []
     now = 0.0
+    next_arrival = arrivals.item(0) + delay if n else math.inf  # when request i reaches its replica
     while i < n or steps:
-        t_next = min(trace[i].arrival_s + delay if i < n else math.inf, steps[0][0] if steps else math.inf)
+        t_step = steps[0][0] if steps else math.inf
+        t_next = min(next_arrival, t_step)
         while t_next >= next_tick:  # every 1% of the trace: the fleet's state then, and the progress bar
             timeline.append({"t": next_tick, "waiting": sum(r.scheduler.num_waiting for r in replicas),
-                             "running": sum(r.scheduler.num_running for r in replicas)})
+                             "running": sum(r.num_running for r in replicas)})
             if progress is not None:
                 progress(next_tick)
             next_tick += tick
         if scaler is not None:  # polls and start-ups up to the next event
             scaler.advance_to(t_next)
-        if i < n and (not steps or trace[i].arrival_s + delay <= steps[0][0]):
+        if next_arrival <= t_step:  # arrivals first at equal times
             req = trace[i]
-            now = req.arrival_s + delay
+            now = next_arrival
             key = prefix_key({"prompt": prompt_token_ids(i, req)[:64]}) if keyed else None
-            candidates = list(serving)
-            for _ in range(min(config.max_attempts, len(candidates))):
-                rep = policy.choose(candidates, key)
-                end = rep.interrupt(now)
-                if end is not None:  # its decode run is cut at now: a step ending at `end` is in flight
-                    version[rep.index] += 1
-                    heapq.heappush(steps, (end, rep.index, _STEP_END, version[rep.index]))
-                if rep.try_add(i, req, now):
-                    if not rep.busy:  # wake it after every arrival of this instant is queued
-                        rep.busy = True
-                        version[rep.index] += 1
-                        heapq.heappush(steps, (now, rep.index, _WAKE, version[rep.index]))
-                    break
-                candidates.remove(rep)
-            else:
-                recorder.num_rejected += 1
+            send(i, req, now, (), key)
             i += 1
+            next_arrival = arrivals.item(i) + delay if i < n else math.inf
         else:
             now, idx, kind, ver = heapq.heappop(steps)
+            rep = replicas[idx]
+            if kind == _FINISH:
+                rep.finish_mark(*ver)
+                continue
+            if kind == _ADMIT:  # through its API process: the core gets it now
+                j, tried, key = ver
+                req = trace[j]
+                if not admit(rep, j, req, now):
+                    send(j, req, now, tried, key)
+                continue
             if ver != version[idx]:
                 continue  # a decode run that an arrival cut short
-            rep = replicas[idx]
-            if kind == _STEP_END:
-                rep.end_step(now)
-            end = rep.start_step(now)
+            end = rep.end_step(now) if kind == _STEP_END else None  # not None: a decode run goes on
+            if end is None:
+                end = rep.start_step(now)
             if end is not None:
                 version[idx] += 1
                 heapq.heappush(steps, (end, idx, _STEP_END, version[idx]))
+                if rep.finish_marks:
+                    for t, serial, step in rep.finish_marks:
+                        heapq.heappush(steps, (t, idx, _FINISH, (serial, step)))
+                    rep.finish_marks.clear()
 
     gpu_busy = sum(r.busy_s for r in replicas)
     queries = sum(r.scheduler.block_manager.stats.queries for r in replicas)
     hits = sum(r.scheduler.block_manager.stats.hits for r in replicas)
-    duration = max(recorder.last_completion_s, trace[-1].arrival_s if trace else 0.0)
+    duration = max(recorder.last_completion_s, float(arrivals[-1]) if n else 0.0)
     replica_seconds = duration * len(replicas) if scaler is None else scaler.gpu_replica_seconds(duration)
     gpu_hours = None if scaler is None else replica_seconds * config.tp / 3600
     report = recorder.summarize(n, duration, gpu, config.num_gpus, config.goodput_ttft_s, config.goodput_tpot_s,
@@ -134,6 +176,11 @@ def simulate(config: SimConfig, trace: list[SimRequest], *, weights: StepWeights
         "prefix_caching": prefix_caching, "prefix_cache_hit_rate": hits / queries if queries else 0.0,
         "slo_scheduling": {"ttft_s": config.slo_ttft_s, "tpot_s": config.slo_tpot_s},
         "steps": sum(r.steps for r in replicas),
+        # the API processes' CPU: requests (a 429 included) and streamed tokens; 1.0 is saturation
+        "frontend": {"request_s": config.frontend_request_s, "token_s": config.frontend_token_s,
+                     "api_server_count": config.api_server_count,
+                     "busy_fraction": sum(r.frontend.busy_s for r in replicas if r.frontend is not None)
+                     / (replica_seconds * config.api_server_count) if replica_seconds else 0.0},
         "gpu_busy_fraction": gpu_busy / replica_seconds if replica_seconds else 0.0,
         "step_weights": vars(cost.weights) if step_cost is None else "custom",
         "timeline": timeline,

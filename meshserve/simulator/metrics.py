@@ -33,21 +33,24 @@ class RunRecorder:
     num_shed: int = 0  # dropped from the queue once too late for the TTFT target
     num_preemptions: int = 0
     itl_counts: np.ndarray = field(default_factory=lambda: np.zeros(_ITL_BINS, dtype=np.int64))
-    _itl_pending: list[int] = field(default_factory=list)
+    _itl_pending: dict[int, int] = field(default_factory=dict)  # bin -> gaps, not yet in itl_counts
     last_completion_s: float = 0.0
 
     def add_itl(self, gap_s: float) -> None:
-        self._itl_pending.append(min(int(gap_s / ITL_BIN_S), _ITL_BINS - 1))
-        if len(self._itl_pending) >= 1 << 16:
-            self._flush_itl()
+        b = int(gap_s / ITL_BIN_S)
+        self._itl_pending[b] = self._itl_pending.get(b, 0) + 1
 
-    def add_itl_count(self, gap_s: float, count: int) -> None:
-        """count gaps of gap_s (every sequence of a decode step)."""
-        self.itl_counts[min(int(gap_s / ITL_BIN_S), _ITL_BINS - 1)] += count
+    def add_itl_counts(self, gaps_s: list[float], count: int) -> None:
+        """count gaps of each of gaps_s (every sequence of a decode step, for each step)."""
+        pending = self._itl_pending
+        for gap in gaps_s:
+            b = int(gap / ITL_BIN_S)
+            pending[b] = pending.get(b, 0) + count
 
     def _flush_itl(self) -> None:
         if self._itl_pending:
-            np.add.at(self.itl_counts, np.asarray(self._itl_pending, dtype=np.int64), 1)
+            bins = np.minimum(np.fromiter(self._itl_pending.keys(), dtype=np.int64), _ITL_BINS - 1)
+            np.add.at(self.itl_counts, bins, np.fromiter(self._itl_pending.values(), dtype=np.int64))
             self._itl_pending.clear()
 
     def finish(self, arrival: float, first_token: float, now: float, num_output: int, num_prompt: int) -> None:
@@ -70,9 +73,13 @@ class RunRecorder:
     def summarize(self, num_requests: int, duration_s: float, gpu: GpuSpec, num_gpus: int,
                   ttft_slo_s: float = 1.0, tpot_slo_s: float = 0.05, gpu_hours: float | None = None) -> dict:
         """The report; gpu_hours defaults to num_gpus for the whole run (an autoscaled fleet passes its own)."""
-        ttft = np.frombuffer(self.ttft_s, dtype=float)
-        e2e = np.frombuffer(self.e2e_s, dtype=float)
-        out = np.frombuffer(self.output_tokens, dtype=np.int64).astype(float) if self.output_tokens else np.zeros(0)
+        # in arrival order, whatever order requests finished in (decode runs record theirs at the run's end):
+        # sums and means then do not depend on it
+        order = np.lexsort((np.asarray(self.output_tokens, dtype=np.int64), np.frombuffer(self.ttft_s, dtype=float),
+                            np.frombuffer(self.e2e_s, dtype=float), np.frombuffer(self.arrival_s, dtype=float)))
+        ttft = np.frombuffer(self.ttft_s, dtype=float)[order]
+        e2e = np.frombuffer(self.e2e_s, dtype=float)[order]
+        out = np.asarray(self.output_tokens, dtype=np.int64)[order].astype(float)
         prompt = int(sum(self.prompt_tokens))
         multi = out > 1
         tpot = np.where(multi, (e2e - ttft) / np.maximum(out - 1, 1), 0.0)
@@ -96,6 +103,7 @@ class RunRecorder:
              "ttft_slo_s": ttft_slo_s, "tpot_slo_s": tpot_slo_s}
         s.update(pct(ttft, "ttft"))
         s.update({f"itl_{k}": self.itl_percentile(q) for k, q in (("p50", 50), ("p90", 90), ("p99", 99))})
+        s["itl_gaps"] = int(self.itl_counts.sum())  # itl_percentile flushed the pending ones
         s.update(pct(tpot[multi], "tpot"))
         s.update(pct(e2e, "e2e"))
         s["gpu_hours"] = gpu_hours

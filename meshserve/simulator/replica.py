@@ -3,17 +3,24 @@
 A step is scheduled at time t by the engine's own Scheduler (block manager, prefix cache, chunked prefill,
 preemption, the scheduling policy with its SLO budget, admission and shedding), lasts StepCost(shape)
 seconds, and at its end every sequence that sampled gets one token (a placeholder id: lengths, not text,
-decide the schedule; every request runs to its output length, as W3's ignore_eos does). The front end's
-admission checks (queue full, predicted TTFT past target) are applied at arrival as `meshserve serve`
-applies them. Scheduling is synchronous here: with async scheduling the host work overlaps the device, so a
-step's wall time is its device time, which is what the step trace measured.
+decide the schedule; every request runs to its output length, as W3's ignore_eos does). The server's
+admission checks (queue full, predicted TTFT past target) are applied when the core gets the request, as
+`meshserve serve` applies them; with a front-end model (frontend.py) that is after the API process's queue,
+and tokens reach the client after it too. Scheduling is synchronous here: with async scheduling the host work
+overlaps the device, so a step's wall time is its device time, which is what the step trace measured.
+
+Speed (an hour of 1,000 req/s is 3.6 M requests): without prefix caching sequences are counts (light.py); and
+when nobody waits and every running sequence decodes, the scheduler's next decisions are fixed, so a decode
+run lays those steps out without calling it (_start_run), across finishes, until an arrival cuts it (interrupt)
+or it ends; its bookkeeping is applied in one go (_end_run). With fast_forward off every step goes through the
+scheduler with the engine's own Sequence and BlockManager: the reference the fast path is tested against.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshserve.config import CacheConfig, SchedulerConfig
 from meshserve.engine.scheduler import Scheduler
@@ -22,6 +29,8 @@ from meshserve.engine.sequence import Sequence
 from meshserve.engine.step_time import StepShape
 from meshserve.errors import PromptTooLongError
 from meshserve.sampling import SamplingParams
+from meshserve.simulator.frontend import FrontEnd, FrontEndCosts
+from meshserve.simulator.light import LightScheduler, SimSequence
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.trace import SimRequest, prompt_token_ids
 
@@ -30,19 +39,24 @@ from meshserve.simulator.trace import SimRequest, prompt_token_ids
 ADMISSION_MARGIN = 0.8
 _SAMPLED_TOKEN = 1  # placeholder id for every generated token (never a stop id: ignore_eos)
 _PARAMS = SamplingParams(temperature=0.0, ignore_eos=True)
+_FIRST_LAYOUT = 16  # decode steps a run lays out at first (then doubling)
 
 
 class SimReplica:
-    """The router sees `url` and `outstanding` (as it sees meshserve.router.replica.Replica)."""
+    """The router sees `url` and `outstanding` (as it sees meshserve.router.replica.Replica): the router counts a
+    request from when it sends it (fleet.py) until it finishes, is shed, or is refused."""
 
     def __init__(self, index: int, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  step_cost: Callable[[StepShape], float], recorder: RunRecorder, max_queue_len: int = 1024,
-                 step_model=None, fast_forward: bool = True):
+                 step_model=None, fast_forward: bool = True, light: bool = True,
+                 frontend: FrontEndCosts | None = None, api_server_count: int = 1):
         self.index = index
         self.url = f"sim://replica-{index}"
         self.outstanding = 0
         self.now = 0.0
-        self.scheduler = Scheduler(scheduler_config, cache_config)
+        # light: sequences as counts and a counting block manager (light.py), when no prefix cache needs ids
+        self.light = light and not cache_config.enable_prefix_caching
+        self.scheduler = (LightScheduler if self.light else Scheduler)(scheduler_config, cache_config)
         self.scheduler.clock = lambda: self.now
         # the policy predicts with the model the engine would have converged to (step time without TP comm)
         self.scheduler.policy.step_model = step_model
@@ -56,44 +70,78 @@ class SimReplica:
         self._in_flight: SchedulerOutput | None = None
         self.fast_forward = fast_forward
         self._run: DecodeRun | None = None
+        self._serial = 0  # decode runs started
+        # (time, run serial, step) of finishes inside decode runs, for the event loop to deliver (finish_mark)
+        self.finish_marks: list[tuple[float, int, int]] = []
+        # token times below are the client's: when the API process has streamed them (the core's without it)
         self._first_token_s: dict[str, float] = {}
         self._last_token_s: dict[str, float] = {}
+        # the API process (frontend.py), and when each request was sent (its TTFT counts from then; the
+        # core's clock starts at its handler, after the API process's queue)
+        self.frontend = (FrontEnd(frontend, api_server_count) if frontend is not None and frontend.enabled
+                         else None)
+        self._sent_s: dict[str, float] = {}
 
     # -- arrivals --------------------------------------------------------------------------------
-    def predicted_ttft_s(self, req: SimRequest) -> float:
-        """What the server predicts at the door (AsyncLLM.predicted_ttft_s): the time since the request was
-        sent, the queue's wait, and this prompt's own prefill."""
+    def intake(self, t: float) -> float:
+        """A request reaches this replica's API process at t: when its intake is done and the core gets it
+        (t itself without a front-end model)."""
+        if self.frontend is None:
+            return t
+        if self._run is not None:  # tokens of decode steps that ended before t are ahead of it in the queue
+            self._deliver_run(t)
+        return self.frontend.intake(t)
+
+    def predicted_ttft_s(self, req: SimRequest, since: float) -> float:
+        """What the server predicts at the door (AsyncLLM.predicted_ttft_s): the time since `since` (when
+        the server's clock started on it), the queue's wait, and this prompt's own prefill."""
         policy, chunk = self.scheduler.policy, self.scheduler.config.max_num_batched_tokens
         per_token = policy.prefill_time_s(chunk) / chunk
-        waited = self.now - req.arrival_s
+        waited = self.now - since
         return waited + policy.queue_wait_s(list(self.scheduler.waiting), self.now) + req.prompt_len * per_token
 
     def try_add(self, index: int, req: SimRequest, now: float) -> bool:
         """Queue request `index` at time now (it was sent at req.arrival_s), or refuse it (False) as the server
-        would answer 429."""
+        would answer 429. The server's clock starts at the request's handler: when it was sent without a
+        front-end model (the fixed front-end latency counted), else when the API process took it up."""
         self.now = now
+        since = req.arrival_s if self.frontend is None else now - self.frontend.costs.per_request_s
         if self.scheduler.num_waiting >= self.max_queue_len:
             return False
         if self.ttft_target_s is not None and self.scheduler.policy.step_model is not None \
-                and self.predicted_ttft_s(req) > self.ttft_target_s * ADMISSION_MARGIN:
+                and self.predicted_ttft_s(req, since) > self.ttft_target_s * ADMISSION_MARGIN:
             return False
         rid = str(index)
-        seq = Sequence(seq_id=rid, request_id=rid, index=0, prompt_token_ids=prompt_token_ids(index, req),
-                       params=_PARAMS, max_tokens=req.output_len, arrival_time=req.arrival_s)
+        if self.light:
+            seq = SimSequence.make(rid, req.prompt_len, _PARAMS, req.output_len, since)
+        else:
+            seq = Sequence(seq_id=rid, request_id=rid, index=0, prompt_token_ids=prompt_token_ids(index, req),
+                           params=_PARAMS, max_tokens=req.output_len, arrival_time=since)
         try:
             self.scheduler.add(seq)
         except PromptTooLongError:  # the server answers 400: longer than max_model_len or the whole KV pool
             return False
-        self.outstanding += 1
+        if self.frontend is not None:
+            self._sent_s[rid] = req.arrival_s
         return True
 
+    def _finish(self, seq: Sequence, last_token_s: float) -> None:
+        """Record a finished request (its times the client's) and stop counting it."""
+        sid = seq.seq_id
+        sent = seq.arrival_time if self.frontend is None else self._sent_s.pop(sid)
+        self.recorder.finish(sent, self._first_token_s.pop(sid), last_token_s, seq.num_output_tokens,
+                             seq.num_prompt_tokens)
+        del self._last_token_s[sid]
+
     # -- steps -----------------------------------------------------------------------------------
-    def start_step(self, now: float, allow_run: bool = True) -> float | None:
-        """Schedule a step at now; returns when it ends (or when a decode run laid out from it ends), or None
+    def start_step(self, now: float) -> float | None:
+        """Schedule a step at now; returns when it ends (or when the first steps of a decode run end), or None
         when there is nothing to run."""
         self.now = now
-        out = self.scheduler.schedule()
         sched = self.scheduler
+        if self.fast_forward and not sched.waiting and sched.running and self._start_run(now):
+            return self._run.end_times[-1]
+        out = sched.schedule()
         if sched.shed:  # too late for their TTFT target: the server answers 429
             self.recorder.num_shed += len(sched.shed)
             for seq in sched.shed:
@@ -103,11 +151,9 @@ class SimReplica:
         if out.is_empty:
             self.busy = False
             return None
-        if allow_run and self.fast_forward and self._start_run(now, out):
-            return self._run.end_times[-1]
         context = 0
         for e in out.scheduled:
-            context += e.num_computed_tokens + len(e.token_ids)
+            context += e.num_computed_tokens + e.num_new_tokens
         duration = self.step_cost(StepShape(out.num_batched_tokens, len(out.scheduled), context))
         self._in_flight = out
         self.busy = True
@@ -115,117 +161,229 @@ class SimReplica:
         self.busy_s += duration
         return now + duration
 
-    def end_step(self, now: float) -> None:
-        """The step (or decode run) in flight ends at now: one token for every sequence that sampled."""
+    def end_step(self, now: float) -> float | None:
+        """The step (or decode run) in flight ends at now: one token for every sequence that sampled. A decode
+        run whose laid-out steps end at now but that goes on lays out more, and returns their end."""
         self.now = now
-        if self._run is not None:
-            self._end_run(len(self._run.end_times))
-            return
+        run = self._run
+        if run is not None:
+            laid = len(run.end_times)
+            if laid < run.total:
+                self._lay_out(min(run.total, 2 * laid))
+                return run.end_times[-1]
+            self._end_run(laid)
+            return None
         out, self._in_flight = self._in_flight, None
         sampled = {e.seq_id: _SAMPLED_TOKEN for e in out.scheduled if e.do_sample}
         first, last, rec = self._first_token_s, self._last_token_s, self.recorder
+        seen = now if self.frontend is None or not sampled else self.frontend.deliver(now, len(sampled))
         for seq in self.scheduler.update_after_step(out, sampled):
             sid = seq.seq_id
             prev = last.get(sid)
             if prev is None:
-                first[sid] = now
+                first[sid] = seen
             else:
-                rec.add_itl(now - prev)
-            last[sid] = now
+                rec.add_itl(seen - prev)
+            last[sid] = seen
             if seq.is_finished:
-                rec.finish(seq.arrival_time, first.pop(sid), now, seq.num_output_tokens, seq.num_prompt_tokens)
-                del last[sid]
+                self._finish(seq, seen)
                 self.outstanding -= 1
         rec.num_preemptions += len(out.preempted_seq_ids)
+        return None
 
     def _forget(self, seq_id: str) -> None:
         self._first_token_s.pop(seq_id, None)
         self._last_token_s.pop(seq_id, None)
+        self._sent_s.pop(seq_id, None)
 
-    # -- decode runs: many identical steps at once ----------------------------------------------
-    def _start_run(self, now: float, out: SchedulerOutput) -> bool:
-        """When the step just scheduled is a pure decode of the whole running batch with nobody waiting, the
-        scheduler's next steps are the same decode until a sequence finishes or a request arrives: nothing
-        else changes its decisions. Lay out those steps (their durations grow with the KV read) and skip the
-        per-step bookkeeping; an arrival cuts the run short (interrupt). False when this step is not one."""
+    # -- decode runs: many decode steps at once -------------------------------------------------
+    def _start_run(self, now: float) -> bool:
+        """With nobody waiting and every running sequence decoding, the scheduler's next steps decode the
+        same batch, less the sequences that finish, until a request arrives: with every block the run needs
+        free (checked here), nothing else changes its decisions (every decode fits the token budget, the SLO
+        policy's included; nobody to admit, shed or preempt). Lay out those steps (their durations follow
+        the batch and its KV reads) without calling the scheduler or doing per-step bookkeeping; an arrival
+        cuts the run short (interrupt). False when the next step is not one of those (or the run would be a
+        single step)."""
         sched = self.scheduler
         seqs = sched.running
-        if sched.waiting or len(out.scheduled) != len(seqs) or out.num_batched_tokens != len(seqs):
-            return False
-        steps = min(seq.max_tokens - seq.num_output_tokens for seq in seqs)
-        if steps < 2 or any(seq.num_tokens + steps - 1 > sched.config.max_model_len for seq in seqs):
-            return False
+        n = len(seqs)
+        last, max_len = self._last_token_s, sched.config.max_model_len
         bm = sched.block_manager
-        # the run's tokens must fit without preempting (the first step's blocks are already allocated)
-        need = sum(bm.blocks_needed(seq.num_computed_tokens + steps) - len(bm.block_table(seq)) for seq in seqs)
-        if need > bm.num_free_blocks:
+        bs, block_table = bm.block_size, bm.block_table
+        finish = []  # per sequence: the run's step whose token ends it (max_tokens or max_model_len)
+        ending: dict[int, list[int]] = {}  # finish step -> [sequences, their KV tokens before the run]
+        need = base = 0  # blocks the run takes; KV tokens before it
+        for seq in seqs:
+            tokens, computed = seq.num_tokens, seq.num_computed_tokens
+            if tokens - computed != 1 or seq.seq_id not in last:
+                return False  # not a decode (or a one-token prompt, whose first token is due)
+            r = seq.max_tokens - seq.num_output_tokens
+            r = min(r, max_len - tokens)
+            finish.append(r)
+            # every token of the run must fit without preempting (blocks of sequences finishing mid-run
+            # return later than step by step would return them: a stricter test)
+            need += -(-(computed + r) // bs) - len(block_table(seq))
+            base += computed
+            e = ending.get(r)
+            if e is None:
+                ending[r] = [1, computed]
+            else:
+                e[0] += 1
+                e[1] += computed
+        steps = max(ending)
+        if steps < 2 or need > bm.num_free_blocks:
             return False
-        n, context = len(seqs), sum(seq.num_computed_tokens for seq in seqs)
-        t, end_times, durations = now, [], []
-        for j in range(1, steps + 1):
-            d = self.step_cost(StepShape(n, n, context + n * j))
-            t += d  # accumulated as step-by-step would, so both give the same floats
-            end_times.append(t)
-            durations.append(d)
-        self._run = DecodeRun(now, list(seqs), context, end_times, durations, out)
+        # segments between finishes: steps (first, last] of `size` sequences, step j reading base + size * j
+        size, first, segments = n, 0, []
+        for r in sorted(ending):
+            segments.append((first, r, size, base))
+            count, context = ending[r]
+            size, base, first = size - count, base - context, r
+        self._serial += 1
+        self._run = DecodeRun(self._serial, now, steps, list(seqs), finish, [], [], segments,
+                              {r: e[0] for r, e in ending.items()})
+        self._lay_out(min(steps, _FIRST_LAYOUT))
+        sched.policy.charge(StepShape(n, n, segments[0][3] + n), seqs)  # the first step, as schedule() would
+        self.busy = True
         return True
 
+    def _lay_out(self, upto: int) -> None:
+        """Lay out the run's steps up to step `upto` (arrivals usually cut a run within tens of steps: its
+        steps are laid out in doubling chunks, each chunk's end an event that extends it, see end_step)."""
+        run = self._run
+        have = len(run.durations)
+        t = run.end_times[-1] if have else run.start_s
+        for first, last, size, base in run.segments:
+            if last <= have:
+                continue
+            if first >= upto:
+                break
+            a = max(first, have)
+            durations = decode_durations(self.step_cost, size, base + size * a, min(last, upto) - a)
+            run.durations += durations
+            for d in durations:
+                t += d  # accumulated as step-by-step would, so both give the same floats
+                run.end_times.append(t)
+        # sequences finishing before the run's end leave the router's count on time (finish_mark)
+        self.finish_marks += [(run.end_times[r - 1], run.serial, r) for r in run.num_finishing
+                              if have < r <= upto and r < run.total]
+
+    def finish_mark(self, serial: int, step: int) -> None:
+        """Step `step` of run `serial` ended and some of its sequences finished: the router stops counting
+        them now, as it would step by step (the rest of their bookkeeping waits for the run's end)."""
+        run = self._run
+        if run is None or run.serial != serial or step >= len(run.end_times):
+            return  # the run was cut before that step, or it is the run's last step (its end handles it)
+        k = run.num_finishing[step]
+        self.outstanding -= k
+        run.num_counted += k
+
+    @property
+    def num_running(self) -> int:
+        """Running sequences now (those that finished inside the decode run in flight are gone)."""
+        return self.scheduler.num_running - (self._run.num_counted if self._run is not None else 0)
+
     def interrupt(self, now: float) -> float | None:
-        """A request arrives at now during a decode run: the steps that ended before now happened; the one
-        running at now becomes an ordinary step in flight (returns when it ends), so the next step sees the
-        arrival exactly as a step-by-step run would. None when no run is in flight."""
+        """A request arrives at now during a decode run: the steps that end before now happen as laid out,
+        and so does the one running at now (the scheduler decided it before the arrival); the run is cut
+        after it, so the next step sees the arrival exactly as a step-by-step run would. Returns the run's
+        new end, or None when no run is in flight or its end is unchanged."""
         run = self._run
         if run is None:
             return None
-        done = bisect.bisect_left(run.end_times, now)  # steps that ended strictly before now
-        if done == 0:  # still in the first step, which the scheduler decided: it stays the step in flight
-            self._run, self._in_flight = None, run.first_step
-            self.steps += 1
-            self.busy_s += run.durations[0]
-            return run.end_times[0]
-        self._end_run(done)
-        # the scheduler decides the step running at now (one step: the arrival must see its end)
-        end = self.start_step(run.end_times[done - 1], allow_run=False)
-        assert end is not None and self._run is None
-        return end
+        keep = bisect.bisect_left(run.end_times, now) + 1  # steps that ended before now, and the one at now
+        run.total = min(run.total, keep)
+        if keep >= len(run.end_times):
+            return None  # ends with the steps laid out: their end is already an event
+        del run.end_times[keep:], run.durations[keep:]
+        return run.end_times[-1]
+
+    def _deliver_run(self, until: float | None = None) -> None:
+        """Hand the front end the tokens of the run's steps that ended before `until` (all laid out: None), in
+        order; each step's client time goes to run.seen."""
+        run = self._run
+        k, end_times = len(run.seen), run.end_times
+        stop = len(end_times) if until is None else bisect.bisect_left(end_times, until)
+        for first, last, size, _ in run.segments:
+            if k >= stop:
+                break
+            if k < last:
+                run.seen += self.frontend.deliver_all(end_times[k:min(last, stop)], size)
+                k = min(last, stop)
 
     def _end_run(self, done: int) -> None:
         """Apply the first `done` (>= 1) steps of the run: tokens, blocks, SLO credit, inter-token gaps,
-        finishes."""
+        finishes (in the order step by step would finish them: it decides which freed blocks go first)."""
+        if self.frontend is not None:
+            self._deliver_run()
         run, self._run = self._run, None
-        sched, rec, n = self.scheduler, self.recorder, len(run.seqs)
-        end = self.now = run.end_times[done - 1]
-        for d in run.durations[:done]:
-            rec.add_itl_count(d, n)
+        sched, rec = self.scheduler, self.recorder
+        seen = run.end_times if self.frontend is None else run.seen  # the client's time of each step's tokens
+        self.now = run.end_times[done - 1]
+        policy = sched.policy
+        charge = policy.tpot_target(run.seqs) is not None
+        for first, last, size, base in run.segments:
+            if first >= done:
+                break
+            # gaps as the step-by-step run takes them, from one step's time to the next (the first step's
+            # below: from each sequence's own last token)
+            rec.add_itl_counts([seen[j] - seen[j - 1] for j in range(max(first, 1), min(last, done))], size)
+            if charge:
+                for j in range(max(first, 1), min(last, done)):  # step j + 1: the first was charged at its start
+                    policy.charge(StepShape(size, size, base + size * (j + 1)),
+                                  [s for s, r in zip(run.seqs, run.finish) if r > j])
         self.steps += done
         self.busy_s += sum(run.durations[:done])
-        if sched.policy.tpot_target(run.seqs) is not None:  # steps 2.. are charged here, the first when scheduled
-            for j in range(2, done + 1):
-                sched.policy.charge(StepShape(n, n, run.context + n * j), run.seqs)
-        for seq in run.seqs:
-            seq.output_token_ids.extend([_SAMPLED_TOKEN] * done)
-            # blocks for every token computed in the run (the first step's were allocated when scheduled)
-            allocated = sched.block_manager.allocate(seq, done)
+        light, last_token, first_seen = self.light, self._last_token_s, seen[0]
+        ended = []
+        for seq, r in zip(run.seqs, run.finish):
+            k = min(r, done)
+            if light:
+                seq.output_token_ids.n += k  # a TokenCount
+            else:
+                seq.output_token_ids.extend([_SAMPLED_TOKEN] * k)
+            # blocks for every token computed in the run (reserved when it started)
+            allocated = sched.block_manager.allocate(seq, k)
             assert allocated, "a decode run reserved its blocks when it started"
-            seq.num_computed_tokens += done
-            self._last_token_s[seq.seq_id] = end
-        for seq in run.seqs:
-            sched._check_token_stop(seq, _SAMPLED_TOKEN)  # max_tokens: the scheduler's own stop rule
-            if seq.is_finished:
-                rec.finish(seq.arrival_time, self._first_token_s.pop(seq.seq_id), end, seq.num_output_tokens,
-                           seq.num_prompt_tokens)
-                del self._last_token_s[seq.seq_id]
-                self.outstanding -= 1
+            seq.num_computed_tokens += k
+            sid = seq.seq_id
+            rec.add_itl(first_seen - last_token[sid])
+            last_token[sid] = seen[k - 1]
+            if r <= done:
+                ended.append((r, seq))
+        ended.sort(key=lambda e: e[0])  # stable: batch order within a step
+        for r, seq in ended:
+            sched._check_token_stop(seq, _SAMPLED_TOKEN)  # max_tokens or max_model_len: the scheduler's rule
+            assert seq.is_finished, "a decode run ends a sequence where the scheduler would"
+            self._finish(seq, seen[r - 1])
+        self.outstanding -= len(ended) - run.num_counted
+
+
+def decode_durations(step_cost: Callable[[StepShape], float], n: int, context: int, steps: int) -> list[float]:
+    """Durations of `steps` decode steps of n sequences holding `context` KV tokens before the first: step j
+    reads context + n * j. StepCost computes them in one go (StepCost.decode_durations, the same floats)."""
+    bulk = getattr(step_cost, "decode_durations", None)
+    if bulk is not None:
+        return bulk(n, context, steps)
+    return [step_cost(StepShape(n, n, context + n * j)) for j in range(1, steps + 1)]
 
 
 @dataclass
 class DecodeRun:
-    """Decode steps laid out ahead: step j (1-based) ends at end_times[j - 1] after durations[j - 1]; the
-    batch's KV context before the run is `context` tokens, and first_step is the scheduler's own first step."""
+    """Decode steps laid out ahead (so far): step j (1-based) ends at end_times[j - 1] after durations[j - 1];
+    seqs[i] ends with the token of step finish[i]; segments (first, last, size, base): steps first + 1 ..
+    last decode `size` sequences reading base + size * j KV tokens at step j; num_finishing: sequences ending
+    at a step; num_counted: those the router already stopped counting (finish_mark)."""
 
+    serial: int
     start_s: float
+    total: int  # steps the run lasts unless an arrival cuts it
     seqs: list[Sequence]
-    context: int
+    finish: list[int]
     end_times: list[float]
     durations: list[float]
-    first_step: SchedulerOutput
+    segments: list[tuple[int, int, int, int]]
+    num_finishing: dict[int, int]
+    num_counted: int = 0
+    seen: list[float] = field(default_factory=list)  # client times of the steps delivered so far (front end)

@@ -80,6 +80,17 @@ class StepCost:
     def __call__(self, shape: StepShape) -> float:
         return self.model.predict(shape) + self.comm_s(shape.num_tokens)
 
+    def decode_durations(self, n: int, context: int, steps: int) -> list[float]:
+        """self(StepShape(n, n, context + n * j)) for j = 1..steps: the same floating-point operations as
+        StepTimeModel.predict, without a StepShape per step (decode runs lay out thousands of steps)."""
+        m = self.model
+        t0, t1, t2, t3 = m._theta
+        dense, _, mixed = m._terms(StepShape(n, n, context + n))
+        base = t0 + t1 * dense  # predict's sum, left to right
+        kvb, bw, comm = m.kv_bytes_per_token, m.rates.bandwidth, self.comm_s(n)
+        return [max(base + t2 * (1e3 * (context + n * j) * kvb / bw) + t3 * mixed, 0.0) * 1e-3 + comm
+                for j in range(1, steps + 1)]
+
 
 def read_step_trace(path: str | Path) -> list[dict]:
     """The JSON lines of `meshserve serve --step-trace FILE` (gzip or plain)."""

@@ -16,3 +16,28 @@ def test_w3_qps32_matches_the_h200_measurement():
     assert predicted["goodput"] == pytest.approx(measured["goodput"], rel=0.05)
     assert predicted["tpot_p50"] == pytest.approx(measured["tpot_p50"], rel=0.15)
     assert predicted["itl_p50"] == pytest.approx(measured["itl_p50"], rel=0.15)
+
+
+@pytest.mark.skipif(not (RESULTS / "w3_8b_slo_credit.json").is_file(), reason="measured results not in this checkout")
+def test_w3_qps96_with_targets_collapses_as_measured_with_the_front_end_queue():
+    """Past the API process's knee the simulated goodput falls where the measured one did (6.6 req/s), not to
+    the engine-only 45 (PLANNER.md: -12%)."""
+    from meshserve.simulator.frontend import FRONTEND_H200
+
+    measured = measured_points(W3_H200_RUNS[2])[96.0]
+    predicted = replay_w3(96.0, slo=True, frontend=FRONTEND_H200)
+    assert predicted["goodput"] == pytest.approx(measured["goodput"], rel=0.25)
+    assert predicted["frontend"]["busy_fraction"] > 0.95
+
+
+@pytest.mark.skipif(not (RESULTS / "w1_70b_tp2_h200x2.json").is_file(), reason="measured results not in this checkout")
+def test_offline_rows_stay_where_planner_md_says():
+    from meshserve.simulator.validation import offline_rows
+
+    rows = {r["run"]: r for r in offline_rows()}
+    for run in ("W1 llama-3.1-70b TP=2 batch 1", "llama-3.1-70b TP=2 decode batch 32"):
+        assert rows[run]["pred"] == pytest.approx(rows[run]["meas"], rel=0.05)
+    # the known misses (PLANNER.md): 8B at batch 1 optimistic, most at TP=2; W2 TP=2 fast
+    assert 1.2 < rows["W1 llama-3.1-8b TP=2 batch 1"]["pred"] / rows["W1 llama-3.1-8b TP=2 batch 1"]["meas"] < 1.6
+    assert rows["W2 llama-3.1-8b TP=1"]["pred"] == pytest.approx(rows["W2 llama-3.1-8b TP=1"]["meas"], rel=0.2)
+    assert rows["W2 llama-3.1-8b PP=2"]["pred"] is None

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU tests of the features merged on 2026-11-30 (quantization, speculative decoding, MoE, MLA, KV offload,
+# disaggregation, structured outputs), in one device call on nvidia-h200 (or -x2 for the two-GPU cases).
+# Each group runs under its own time limit; every log goes into one archive, $OUT/gpu_tests.tgz (a device
+# call brings back at most 8 files), and the summary lines are printed.
+#   PART=kernels   the Triton kernels against their torch references (fast; run this first)
+#   PART=engine    engine-level GPU tests (spec decode, KV offload, MoE, structured, disagg on one GPU)
+#   PART=all       both
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=$PWD:/tmp/site
+OUT=${OUT:-/tmp/out}
+LOGS=/tmp/gpu_test_logs
+mkdir -p "$LOGS"
+
+run_group() {  # NAME LIMIT_S TEST_PATHS...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -m pytest -m gpu -q -p no:cacheprovider "$@" > "$LOGS/$name.log" 2>&1
+  echo "== $name: rc $? ($(tail -1 "$LOGS/$name.log"))"
+}
+
+case "${PART:-all}" in
+kernels|all)
+  run_group quant_kernels 240 tests/kernels/test_quant_kernels.py tests/kernels/test_fp8_kv_cache.py
+  run_group moe_mla_kernels 240 tests/kernels/test_triton_moe.py tests/kernels/test_mla.py
+  ;;&
+engine|all)
+  run_group spec_decode 240 tests/gpu/test_gpu_spec_decode.py
+  run_group kv_offload 240 tests/gpu/test_gpu_kv_offload.py tests/engine/kv_offload/test_kv_transfer.py
+  run_group moe_engine 300 tests/gpu/test_gpu_moe.py
+  run_group structured 180 tests/engine/test_structured_engine.py
+  run_group disagg 240 tests/disagg/test_disagg_gpu.py
+  ;;
+esac
+tar czf "$OUT/gpu_tests.tgz" -C /tmp gpu_test_logs

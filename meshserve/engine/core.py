@@ -34,7 +34,7 @@ from meshserve.engine.model_runner import ModelRunnerOutput, PendingOutput
 from meshserve.engine.scheduler import Scheduler
 from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence, SequenceStatus
-from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel
+from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel, step_weights
 from meshserve.errors import InvalidArgumentError, ServiceLevelError
 from meshserve.spec_decode.speculator import Speculator
 from meshserve.structured.bitmask import fill_bitmasks
@@ -96,8 +96,12 @@ class EngineCore:
         config.cache_config.num_blocks = self.executor.collective_rpc("determine_num_blocks_all")
         self.executor.collective_rpc("allocate_kv_cache", config.cache_config.num_blocks)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config)
+        pc = config.parallel_config
+        step_bytes, step_params = step_weights(config.model_config.hf_config,
+                                               self.executor.collective_rpc("param_bytes"),
+                                               pc.tensor_parallel_size * pc.pipeline_parallel_size)
         self.step_model = StepTimeModel(
-            weight_bytes=self.executor.collective_rpc("param_bytes"),
+            weight_bytes=step_bytes, params=step_params,
             kv_bytes_per_token=self.executor.collective_rpc("kv_bytes_per_token"),
             rates=DeviceRates.detect(config.device, config.model_config.dtype))
         self.scheduler.policy.step_model = self.step_model

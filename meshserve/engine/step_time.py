@@ -51,12 +51,30 @@ class DeviceRates:
         return cls(_UNKNOWN_BANDWIDTH, _UNKNOWN_FLOPS)
 
 
+def step_weights(hf_config, weight_bytes: float, num_ranks: int) -> tuple[float, float | None]:
+    """(bytes a step reads, parameters it multiplies by) on one of num_ranks model shards: an MoE step reads
+    only its top-k experts (the planner's active / total parameters), and a quantized model holds fewer
+    bytes than 2 per parameter. Falls back to (weight_bytes, None) for a config the planner cannot read."""
+    from meshserve.errors import InvalidArgumentError
+    from meshserve.planner.model import model_from_config
+
+    try:
+        spec = model_from_config(hf_config.to_dict())
+    except (InvalidArgumentError, AttributeError, TypeError, ValueError):
+        return weight_bytes, None
+    active = spec.active_params / max(1, num_ranks)
+    return weight_bytes * spec.active_params / spec.total_params, active
+
+
 class StepTimeModel:
     """Predicted seconds of a step from its StepShape; `observe()` refines it with measured steps."""
 
     def __init__(self, weight_bytes: float, kv_bytes_per_token: float, rates: DeviceRates,
-                 overhead_s: float = 1e-3, efficiency: float = 0.8):
+                 overhead_s: float = 1e-3, efficiency: float = 0.8, params: float | None = None):
+        """weight_bytes: what a step reads of this rank's weights; params: the weights it multiplies by
+        (default weight_bytes / 2, 16-bit weights; see step_weights for quantized and MoE models)."""
         self.weight_bytes = weight_bytes
+        self.params = params if params is not None else weight_bytes / 2
         self.kv_bytes_per_token = kv_bytes_per_token
         self.rates = rates
         # weights of (1, dense term, KV term), fitted in milliseconds so the three are of one scale: the
@@ -73,8 +91,7 @@ class StepTimeModel:
     def _terms(self, shape: StepShape) -> tuple[float, float, float]:
         """The terms besides the constant: dense (weights or FLOPs) and KV reads in milliseconds at the data
         sheet's rates, and 1 for a step that carries prefill."""
-        params = self.weight_bytes / 2  # 16-bit weights: 2 bytes per parameter
-        dense = max(self.weight_bytes / self.rates.bandwidth, 2.0 * params * shape.num_tokens / self.rates.flops)
+        dense = max(self.weight_bytes / self.rates.bandwidth, 2.0 * self.params * shape.num_tokens / self.rates.flops)
         return (1e3 * dense, 1e3 * shape.context_tokens * self.kv_bytes_per_token / self.rates.bandwidth,
                 1.0 if shape.num_tokens > shape.num_seqs else 0.0)
 

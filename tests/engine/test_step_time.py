@@ -51,3 +51,28 @@ def test_max_prefill_tokens_is_the_largest_that_fits():
     assert m.predict(StepShape(33 + p, 33, 32 * 500 + p + 1)) > budget
     assert m.max_prefill_tokens(budget, 32, 32 * 500, limit=10) == 10
     assert m.max_prefill_tokens(1e-4, 32, 32 * 500) == 0  # not even the decodes fit
+
+
+def test_quantized_and_moe_weights_keep_their_parameter_count():
+    """FP8 weights halve the bytes a step reads but not the multiplies; an MoE step reads its active experts."""
+    from transformers import LlamaConfig, Qwen3MoeConfig
+
+    from meshserve.engine.step_time import step_weights
+
+    dense = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=1000)
+    nbytes, params = step_weights(dense, 1e6, num_ranks=1)
+    assert nbytes == 1e6 and params > 1e6  # 1 MB of 1-byte weights: more parameters than a 16-bit reading
+    _, params_tp2 = step_weights(dense, 5e5, num_ranks=2)
+    assert params_tp2 == params / 2
+    fp8 = StepTimeModel(weight_bytes=1e9, kv_bytes_per_token=1e5, rates=RATES, params=1e9)
+    bf16 = StepTimeModel(weight_bytes=2e9, kv_bytes_per_token=1e5, rates=RATES, params=1e9)
+    prefill = StepShape(num_tokens=4096, num_seqs=1, context_tokens=4096)
+    assert fp8.predict(prefill) == bf16.predict(prefill)  # compute-bound: the same FLOPs
+    assert fp8.predict(StepShape(1, 1, 100)) < bf16.predict(StepShape(1, 1, 100))  # bandwidth-bound: half
+
+    moe = Qwen3MoeConfig(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, num_experts=16,
+                         num_experts_per_tok=2)
+    moe_bytes, _ = step_weights(moe, 1e8, num_ranks=1)
+    assert moe_bytes < 0.5e8  # two of sixteen experts per layer

@@ -2,7 +2,8 @@
 # Issue 21 on nvidia-h200-x2: STEP=a: all-reduce by size + the multi-GPU correctness tests; STEP=b: W1 8B at
 # TP = 1, TP = 2 (one-shot all-reduce) and TP = 2 (NCCL only); STEP=c: 70B at TP = 2 (batch 1 and 32), W2 8B
 # at PP = 2 beside TP = 1; STEP=f: b and the 70B curve in one call (watchdogs); STEP=g: W2 8B at TP = 1, PP = 2, TP = 2
-# and the multi-GPU tests. Results under $OUT.
+# and the multi-GPU tests; STEP=p: step profiles; STEP=dp: W3 at DP=2 through the router beside DP=1. Results
+# under $OUT.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -67,6 +68,16 @@ p)
   MESHSERVE_PROFILE_DIR=/tmp/prof/tp1 run_logged prof_w1_8b_tp1 80 bench latency --model llama-3.1-8b --no-baseline -tp 1
   tar czf $OUT/prof.tgz -C /tmp prof
   TAIL=6 run_logged w1_8b_tp2_nccl 100 bench latency --model llama-3.1-8b --no-baseline -tp 2 --disable-custom-all-reduce
+  ;;
+dp)
+  # W3 with targets through `serve --data-parallel-size 2` (router + one replica per GPU) beside one replica,
+  # back to back; each run's files (tools/w3_slo.sh) go into one archive (a call brings back at most 8 files)
+  for n in 1 2; do
+    mkdir -p /tmp/w3_dp$n
+    OUT=/tmp/w3_dp$n timeout 280 bash tools/w3_slo.sh ${QPS:-64,128} --data-parallel-size $n > /tmp/w3_dp$n/run.log 2>&1
+    echo "== W3 DP=$n: rc $?"; grep -v -i warn /tmp/w3_dp$n/w3.txt 2>/dev/null | tail -12
+  done
+  tar czf $OUT/w3_dp.tgz -C /tmp w3_dp1 w3_dp2
   ;;
 g)
   # W2 8B at PP = 2 beside TP = 1 and TP = 2, then the multi-GPU correctness tests

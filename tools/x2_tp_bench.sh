@@ -76,6 +76,7 @@ dp)
     mkdir -p /tmp/w3_dp$n
     OUT=/tmp/w3_dp$n timeout 280 bash tools/w3_slo.sh ${QPS:-64,128} --data-parallel-size $n > /tmp/w3_dp$n/run.log 2>&1
     echo "== W3 DP=$n: rc $?"; grep -v -i warn /tmp/w3_dp$n/w3.txt 2>/dev/null | tail -12
+    pkill -TERM -f "meshserve.cli serve"; sleep 5; pkill -9 -f "meshserve"  # a run cut by its timeout leaves them
   done
   tar czf $OUT/w3_dp.tgz -C /tmp w3_dp1 w3_dp2
   ;;

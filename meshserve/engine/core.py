@@ -106,7 +106,7 @@ class EngineCore:
             rates=DeviceRates.detect(config.device, config.model_config.dtype))
         self.scheduler.policy.step_model = self.step_model
         spec = config.speculative_config
-        self.speculator = Speculator(spec) if spec is not None else None
+        self.speculator = Speculator(spec, self.step_model) if spec is not None else None
         if spec is not None:
             self.scheduler.num_lookahead_tokens = spec.num_lookahead_tokens
         # KV offload tiers (one device: the runner is in this process and shares the CPU tier's memory)

@@ -9,6 +9,7 @@ from meshserve.engine.runner_output import ModelRunnerOutput
 from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence
 from meshserve.spec_decode.config import SpeculativeConfig
+from meshserve.spec_decode.gate import SpeculationGate
 from meshserve.spec_decode.ngram_proposer import NgramProposer
 from meshserve.spec_decode.stats import SpecDecodeStats
 
@@ -31,12 +32,14 @@ def speculation_allowed(seq: Sequence) -> bool:
 class Speculator:
     """Sets each sequence's spec_token_ids after a step and counts acceptance.
 
-    Speculation pauses (no proposals) while more than disable_by_batch_size sequences run: a batch that
-    large is compute-bound, and verifying rejected tokens would cost throughput.
+    Speculation pauses (no proposals) while more than disable_by_batch_size sequences run, and while the
+    measured acceptance says it does not pay at this batch (gate.py: the step-time model's verify step vs
+    plain step, probing now and then): a compute-bound batch verifying rejected tokens loses throughput.
     """
 
-    def __init__(self, config: SpeculativeConfig):
+    def __init__(self, config: SpeculativeConfig, step_model=None):
         self.config = config
+        self.gate = SpeculationGate(config.num_speculative_tokens, step_model)
         # a host-side proposer (propose(token_ids) -> list[int]); None: proposals come from the ranks
         self.proposer = (
             NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
@@ -56,10 +59,16 @@ class Speculator:
             tokens = runner_out.spec_token_ids.get(entry.seq_id)
             if entry.num_spec_tokens and tokens:
                 self.stats.observe(entry.num_spec_tokens, len(tokens) - 1)
+                self.gate.observe(entry.num_spec_tokens, len(tokens) - 1)
         limit = self.config.disable_by_batch_size
         paused = limit is not None and num_running > limit
+        # the gate learns from traffic, so it spares seeded requests: a seed gives the same tokens each time
+        # (speculative and plain sampling draw their random numbers differently)
+        gated = not paused and bool(updated) and not self.gate.decide(num_running,
+                                                                      sum(seq.num_tokens for seq in updated))
         for seq in updated:
-            if seq.is_finished or paused or not speculation_allowed(seq):
+            if (seq.is_finished or paused or not speculation_allowed(seq)
+                    or (gated and seq.params.seed is None)):
                 seq.spec_token_ids = []
             elif self.proposer is not None:
                 seq.spec_token_ids = self.proposer.propose(np.asarray(seq.all_token_ids, dtype=np.int64))

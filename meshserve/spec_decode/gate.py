@@ -1,0 +1,68 @@
+"""Whether speculating pays, from the measured acceptance and the step-time model.
+
+A verify step scores k + 1 positions per sequence: nearly free while the batch is memory-bound, up to k + 1
+times the work once it is compute-bound. With acceptance rate a per proposed token, a verify step yields
+(1 - a^(k+1)) / (1 - a) tokens per sequence on average (the accepted run plus the target's own token), so
+speculation pays when that many tokens per verify step's predicted time beat one token per plain step's.
+The acceptance is a running average over recent verify rows; while speculation is off, one step in
+`probe_every` still speculates so the average keeps up with the traffic.
+"""
+
+from __future__ import annotations
+
+from meshserve.engine.step_time import StepShape, StepTimeModel
+
+# verify rows measured before the gate may turn speculation off (it starts on)
+WARMUP_DRAFTS = 32
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Mean tokens a verify step yields per sequence at this per-token acceptance rate."""
+    if acceptance >= 1.0:
+        return float(k + 1)
+    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+
+
+class SpeculationGate:
+    """Holds the running acceptance rate and decides, per step, whether to propose."""
+
+    def __init__(self, k: int, step_model: StepTimeModel | None, margin: float = 0.03, probe_every: int = 16,
+                 decay: float = 0.98):
+        self.k = k
+        self.step_model = step_model
+        self.margin = margin  # speculate only when predicted to be at least this much faster
+        self.probe_every = probe_every
+        self.decay = decay
+        self.acceptance = 1.0  # optimistic until measured
+        self.num_drafts = 0
+        self._steps_off = 0
+        self.is_on = True
+
+    def observe(self, num_proposed: int, num_accepted: int) -> None:
+        """One verify row: of num_proposed tokens, num_accepted were kept."""
+        if num_proposed <= 0:
+            return
+        self.num_drafts += 1
+        rate = num_accepted / num_proposed
+        w = 1.0 / self.num_drafts if self.num_drafts < 1.0 / (1.0 - self.decay) else 1.0 - self.decay
+        self.acceptance += w * (rate - self.acceptance)
+
+    def pays(self, batch: int, context_tokens: int) -> bool:
+        """Whether a step over `batch` sequences reading `context_tokens` of KV is predicted faster per token
+        with proposals; True until enough rows are measured, or without a step-time model."""
+        if self.step_model is None or self.num_drafts < WARMUP_DRAFTS or batch == 0:
+            return True
+        plain = self.step_model.predict(StepShape(batch, batch, context_tokens))
+        verify = self.step_model.predict(StepShape(batch * (self.k + 1), batch, context_tokens + batch * self.k))
+        if plain <= 0.0 or verify <= 0.0:
+            return True
+        return expected_tokens(self.acceptance, self.k) / verify > (1.0 + self.margin) / plain
+
+    def decide(self, batch: int, context_tokens: int) -> bool:
+        """This step's decision: pays(), and while off, a probe every probe_every steps."""
+        self.is_on = self.pays(batch, context_tokens)
+        if self.is_on:
+            self._steps_off = 0
+            return True
+        self._steps_off += 1
+        return self._steps_off % self.probe_every == 0

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshserve.errors import InvalidArgumentError
+from meshserve.json_config import config_dict, config_error
 
 CONNECTORS = ("torch", "nixl")
 ROLES = ("kv_producer", "kv_consumer", "kv_both")
@@ -66,8 +66,7 @@ class KVTransferConfig:
 
 
 def _bad(msg: str, key: str | None = None) -> InvalidArgumentError:
-    where = f"kv_transfer_config.{key}" if key else "kv_transfer_config"
-    return InvalidArgumentError(f"{where}: {msg}", param="kv_transfer_config")
+    return config_error("kv_transfer_config", msg, key)
 
 
 def _check_int(d: dict, key: str, low: int, high: int) -> None:
@@ -82,18 +81,7 @@ def parse_kv_transfer_config(value: Any) -> KVTransferConfig | None:
     Keys are vLLM's; every mistake is one InvalidArgumentError line naming the key."""
     if value is None or isinstance(value, KVTransferConfig):
         return value
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise _bad(f"not valid JSON ({e.msg} at character {e.pos})") from None
-    if not isinstance(value, dict):
-        raise _bad(f"must be a JSON object, got {type(value).__name__}")
-    known = {f.name for f in fields(KVTransferConfig)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise _bad(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    d = dict(value)
+    d = config_dict(value, KVTransferConfig, "kv_transfer_config")
     for key in ("kv_connector", "kv_role"):
         if d.get(key) is None:
             choices = CONNECTORS if key == "kv_connector" else ROLES

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from meshserve.errors import InvalidArgumentError
+from meshserve.json_config import config_dict, config_error
 
 METHODS = ("ngram", "draft_model")
 PLANNED_METHODS = ("eagle", "eagle3", "medusa", "mtp")  # vLLM names refused with "not supported yet"
@@ -44,8 +44,7 @@ class SpeculativeConfig:
 
 
 def _bad(msg: str, key: str | None = None) -> InvalidArgumentError:
-    where = f"speculative_config.{key}" if key else "speculative_config"
-    return InvalidArgumentError(f"{where}: {msg}", param="speculative_config")
+    return config_error("speculative_config", msg, key)
 
 
 def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
@@ -56,18 +55,7 @@ def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
     """
     if value is None or isinstance(value, SpeculativeConfig):
         return value
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise _bad(f"not valid JSON ({e.msg} at character {e.pos})") from None
-    if not isinstance(value, dict):
-        raise _bad(f"must be a JSON object, got {type(value).__name__}")
-    known = {f.name for f in fields(SpeculativeConfig)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise _bad(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    d = dict(value)
+    d = config_dict(value, SpeculativeConfig, "speculative_config")
     if d.get("method") is None:
         if d.get("model") is None:
             raise _bad(f"method is required (one of {', '.join(METHODS)})", "method")

@@ -27,6 +27,9 @@ class AttentionMetadata:
     # host copies, so the reference path and the scheduler never sync on the device
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # captured in a CUDA graph (padded to a static bucket; see MixedStepGraphs): kernels must launch a grid
+    # fixed by the tensor shapes and must not read max_query_len / max_seq_len, which stay at capture values
+    graph_bound: bool = False
 
     @property
     def num_seqs(self) -> int:

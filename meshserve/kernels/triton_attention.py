@@ -20,6 +20,8 @@ Kernels
   (gathered through the block table, so any block_size works) from the sliding-window start up to the
   causal limit of its last query, with an fp32 online softmax (exp2, scale folded in). Programs past their
   sequence's query length exit at once.
+  Graph-bound metadata (meta.graph_bound, a mixed step captured in a CUDA graph) goes to
+  triton_unified_attention.unified_attention instead, whose grid depends only on T, S and Hkv.
 * ``_decode_split_kernel`` + ``_decode_reduce_kernel`` (max_query_len == 1): grid
   (num_seqs, num_kv_heads, num_splits). Each sequence's KV tiles (read from seq_lens on the device) are cut
   into num_splits contiguous ranges; a split writes its partial (max, sum, unnormalised acc) in fp32 to a
@@ -405,7 +407,14 @@ class TritonAttentionBackend:
         out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
         if num_tokens == 0:
             return out
-        if meta.max_query_len > 1:
+        if meta.max_query_len > 1 and meta.graph_bound:
+            # a captured mixed step: a grid fixed by (T, S, Hkv), not by this step's max_query_len (imported
+            # here: triton_unified_attention imports this module's helpers)
+            from meshserve.kernels.triton_unified_attention import unified_attention
+
+            unified_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
+                              sliding_window, out, k_scale, v_scale)
+        elif meta.max_query_len > 1:
             prefill_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                               meta.max_query_len, scale, sliding_window, out, k_scale, v_scale)
         else:

@@ -46,14 +46,15 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _seq_of_q_block(qsl_ptr, num_seqs, b, BLOCK_Q: tl.constexpr):
-    """The sequence s owning q-block b: the largest s < num_seqs with qsl[s] // BLOCK_Q + s <= b."""
-    lo = 0
-    hi = num_seqs - 1
-    while lo < hi:
+def _seq_of_q_block(qsl_ptr, num_seqs, search_steps, b, BLOCK_Q: tl.constexpr):
+    """The sequence s owning q-block b: the largest s < num_seqs with qsl[s] // BLOCK_Q + s <= b (s = 0
+    always qualifies). A fixed number of halvings (search_steps = ceil(log2(num_seqs)), from the static S),
+    branch-free; once lo == hi a step leaves both unchanged."""
+    lo = tl.program_id(0) * 0  # an int32 tensor from the start: a loop-carried value keeps one type
+    hi = lo + num_seqs - 1
+    for _ in range(search_steps):
         mid = (lo + hi + 1) // 2
-        start = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
-        owns = start <= b
+        owns = tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= b
         lo = tl.where(owns, mid, lo)
         hi = tl.where(owns, hi, mid - 1)
     return lo
@@ -69,6 +70,7 @@ def _unified_attention_kernel(
     out_ptr,
     num_tokens,
     num_seqs,
+    search_steps,
     scale_log2,
     window,
     k_scale,
@@ -122,7 +124,7 @@ def _unified_attention_kernel(
             mask=pad_row[:, None] & d_mask[None, :],
         )
 
-    s = _seq_of_q_block(qsl_ptr, num_seqs, b, BLOCK_Q)
+    s = _seq_of_q_block(qsl_ptr, num_seqs, search_steps, b, BLOCK_Q)
     q_start = tl.load(qsl_ptr + s)
     q_len = tl.load(qsl_ptr + s + 1) - q_start
     q_tile_start = (b - (q_start // BLOCK_Q + s)) * BLOCK_Q
@@ -206,6 +208,11 @@ def unified_block_q(head_dim: int, group: int) -> int:
     return _prefill_config(block_d, _next_pow2(group), 1 << 30)[0]
 
 
+def binary_search_steps(num_seqs: int) -> int:
+    """Halvings that take the binary search over num_seqs sequences down to one."""
+    return max(0, int(num_seqs) - 1).bit_length()
+
+
 def unified_grid(num_tokens: int, num_seqs: int, num_kv_heads: int, block_q: int) -> tuple[int, int]:
     """(q-block programs, KV heads): every sequence's tiles fit in cdiv(T, BLOCK_Q) + S programs."""
     return triton.cdiv(num_tokens, block_q) + num_seqs, num_kv_heads
@@ -255,6 +262,7 @@ def unified_attention(
         out,
         num_tokens,
         num_seqs,
+        binary_search_steps(num_seqs),
         scale * _LOG2E,
         int(sliding_window) if use_window else 0,
         float(k_scale),

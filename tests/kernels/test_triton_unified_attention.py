@@ -37,15 +37,16 @@ if _HAS_TRITON:
     from meshserve.kernels.triton_attention import TritonAttentionBackend, prefill_attention
     from meshserve.kernels.triton_unified_attention import (
         _seq_of_q_block,
+        binary_search_steps,
         unified_attention,
         unified_block_q,
         unified_grid,
     )
 
     @triton.jit
-    def _owner_kernel(qsl_ptr, out_ptr, num_seqs, BLOCK_Q: tl.constexpr):
+    def _owner_kernel(qsl_ptr, out_ptr, num_seqs, steps, BLOCK_Q: tl.constexpr):
         b = tl.program_id(0)
-        tl.store(out_ptr + b, _seq_of_q_block(qsl_ptr, num_seqs, b, BLOCK_Q))
+        tl.store(out_ptr + b, _seq_of_q_block(qsl_ptr, num_seqs, steps, b, BLOCK_Q))
 
 
 interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
@@ -126,6 +127,7 @@ MAPPING_CASES = [
     ([0, 16, 32, 33], 16, 40),  # chunks exactly one block long, trailing padding tokens
     ([0, 0, 0, 5], 2, 8),  # leading q_len-0 rows
     ([0, 3], 1, 3),  # one sequence, block_q 1
+    ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 9], 2, 13),  # S = 12: a search of 4 halvings
 ]
 
 
@@ -160,7 +162,9 @@ def test_kernel_binary_search_matches_spec_interp(case):
     num_seqs = len(qsl) - 1
     grid0 = unified_grid(num_tokens, num_seqs, 1, block_q)[0]
     got = torch.full((grid0,), -1, dtype=torch.int32)
-    _owner_kernel[(grid0,)](torch.tensor(qsl, dtype=torch.int32), got, num_seqs, BLOCK_Q=block_q)
+    _owner_kernel[(grid0,)](
+        torch.tensor(qsl, dtype=torch.int32), got, num_seqs, binary_search_steps(num_seqs), BLOCK_Q=block_q
+    )
     assert got.tolist() == owners_by_spec(qsl, block_q, grid0)
 
 
@@ -175,6 +179,8 @@ UNIFIED_CASES = [
     ([11, 1, 6, 1], [11, 50, 26, 9], 8, 2, 128, 8, 7, 4, (24, 6)),
     # GQA 8, default block_q (2 tokens x 8 heads = 16 rows), block_size 1
     ([7, 1, 5, 1], [7, 12, 20, 1], 8, 1, 64, 1, None, None, (16, 7)),
+    # one sequence (S = 1: no search steps) and trailing padding tokens
+    ([7], [12], 4, 2, 32, 4, None, 8, (10, 1)),
 ]
 
 
@@ -323,11 +329,13 @@ def test_unified_fp8_kv_gpu():
     out = run_unified(pq, cache8, pmeta, d**-0.5, None, k_scale=0.02, v_scale=0.02)
     ref = paged_attention_ref(pq.float(), cache8, pmeta, d**-0.5, None, 0.02, 0.02)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    assert (out[sum(q_lens) :] == 0).all()
 
 
 @gpu
 def test_unified_cuda_graph_gpu():
     """Capture attend() on graph-bound metadata at one (T, S) bucket; replay on two different batches."""
+    torch.manual_seed(0)
     t, s, h, hkv, d, bs, max_ctx = 512, 64, 32, 8, 128, 16, 2048
     width = max_ctx // bs
     dev, dtype = "cuda", torch.bfloat16

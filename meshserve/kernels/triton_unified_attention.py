@@ -34,15 +34,13 @@ import triton.language as tl
 
 from meshserve.kernels.triton_attention import (
     _LOG2E,
+    _NEG_BIG,
     _dot_precision,
     _is_fp8,
     _next_pow2,
     _prefill_config,
     _upcast_dot,
 )
-
-# finite running-max init (see triton_attention._NEG_BIG): fully masked rows never produce nan
-_NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -234,7 +232,8 @@ def unified_attention(
     """Causal paged attention of a padded mixed batch into out [T, H, D], graph-capture safe.
 
     query [T, H, D]; block_tables [S, W]; seq_lens [S]; query_start_loc [S+1] (non-decreasing, from 0).
-    Rows of out at or past query_start_loc[S] are zeroed. block_q overrides the tile height (tuning).
+    Rows of out at or past query_start_loc[S] are zeroed. block_q overrides the tile height (tuning; at most
+    unified_block_q, at least 16 rows).
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
@@ -246,12 +245,8 @@ def unified_attention(
     group = num_heads // num_kv_heads
     group_pad = _next_pow2(group)
     block_d = max(16, _next_pow2(head_dim))
-    _, block_n, num_warps = _prefill_config(block_d, group_pad, 1 << 30)
-    block_q = block_q or unified_block_q(head_dim, group)
-    if block_q * group_pad < 16:
-        raise ValueError(
-            f"block_q * group_pad must be at least 16 rows (tl.dot), got {block_q} * {group_pad}"
-        )
+    # an override is clamped and rounded like the prefill tile (16..128 rows, a power of two)
+    block_q, block_n, num_warps = _prefill_config(block_d, group_pad, block_q or 1 << 30)
     use_window = sliding_window is not None and sliding_window > 0
     _unified_attention_kernel[unified_grid(num_tokens, num_seqs, num_kv_heads, block_q)](
         query,

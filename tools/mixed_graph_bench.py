@@ -1,10 +1,13 @@
 """Mixed-step CUDA graphs against the eager forward, per step shape, on dummy weights (GPU).
 
-usage: python tools/mixed_graph_bench.py [MODEL] [--max-cudagraph-tokens N] [--json PATH]
+usage: python tools/mixed_graph_bench.py [MODEL] [--max-cudagraph-tokens N] [--profile] [--json PATH]
 
 For each case (prefill tokens, decode rows, decode context) it times the eager forward and the runner's
 MixedStepGraphs.run (buffer copies, padding and replay of the smallest bucket holding the step), in ms per
 step of device time, and prints the bucket and its padding. Sampling is excluded (outside the graphs).
+--profile adds the graph replay's costliest kernels: with the Triton prefill kernel serving graph-bound
+metadata, its grid is (S, cdiv(T, BLOCK_Q), kv heads) whatever the step, so its share shows what the padded
+sequence slots cost (what a unified attention kernel, gridded by T, would save).
 The engine's own capture (allocate_kv_cache) builds the graphs; MODEL defaults to llama-3.1-8b.
 """
 
@@ -63,11 +66,28 @@ def wall_ms(fn, iters: int = 20) -> float:
     return (time.perf_counter() - t) / iters * 1e3
 
 
+def top_kernels(fn, iters: int = 5, k: int = 6) -> list[tuple[str, float, int]]:
+    """(name, ms per step, launches per step) of the costliest kernels fn runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    stats = [
+        (e.key[:60], round(e.device_time_total / iters / 1e3, 3), e.count // iters)
+        for e in prof.key_averages()
+        if e.device_time_total > 0
+    ]
+    return sorted(stats, key=lambda s: -s[1])[:k]
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default="llama-3.1-8b")
     ap.add_argument("--max-cudagraph-tokens", type=int, default=2048)
+    ap.add_argument("--profile", action="store_true", help="list the graph replay's costliest kernels")
     ap.add_argument("--json", default=None)
     ns = ap.parse_args()
     t0 = time.perf_counter()
@@ -112,6 +132,8 @@ def main() -> None:
             "graph_wall_ms": round(wall_ms(graph), 3),
         }
         row["speedup_wall"] = round(row["eager_wall_ms"] / row["graph_wall_ms"], 2)
+        if ns.profile:
+            row["graph_top_kernels"] = top_kernels(graph)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if ns.json:

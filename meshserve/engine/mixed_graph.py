@@ -50,9 +50,9 @@ def token_buckets(max_tokens: int, max_num_batched_tokens: int) -> list[int]:
     """Token counts captured, up to min(max_tokens, max_num_batched_tokens) (which is always one of them).
 
     Multiples of 16: every 16 up to 256, then eight per doubling (288 ... 512 by 32, 576 ... 1024 by 64, and
-    so on): under 16 tokens of padding up to 256, and from 128 tokens on within 12.5%. An 8B model is compute-bound
-    from a few hundred tokens up, where a padded token costs as much as a real one (a power-of-two ladder
-    would pad a 276-token step to 512 and nearly double its matmuls).
+    so on): under 16 tokens of padding up to 256, and from 128 tokens on within 12.5%. An 8B model is
+    compute-bound from a few hundred tokens up, where a padded token costs as much as a real one (a
+    power-of-two ladder would pad a 276-token step to 512 and nearly double its matmuls).
     """
     cap = min(max_tokens, max_num_batched_tokens)
     if cap <= 0:

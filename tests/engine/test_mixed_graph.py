@@ -185,3 +185,52 @@ def test_unsupported_reasons_and_memory_reserve(llama):
 def test_max_cudagraph_tokens_validated():
     with pytest.raises(InvalidArgumentError, match="max_cudagraph_tokens: must be >= 0"):
         EngineArgs(max_cudagraph_tokens=-1).validate()
+
+
+def test_pipeline_stage_input_padded_and_cut():
+    """A later pipeline stage: received activations go into the static stage buffers (padded rows too) and
+    come back cut to the real rows."""
+    from meshserve.kernels.attention_metadata import AttentionMetadata
+    from meshserve.layers.pipeline import IntermediateTensors
+
+    seen = {}
+
+    def forward(input_ids, positions, meta, intermediate):
+        seen["tokens"], seen["meta"] = input_ids.shape[0], meta
+        return IntermediateTensors(intermediate.hidden * 2, intermediate.residual + positions[:, None])
+
+    graphs = MixedStepGraphs(
+        forward,
+        [16, 32],
+        max_num_seqs=4,
+        max_model_len=32,
+        block_size=4,
+        device=torch.device("cpu"),
+        stage_input=(3, torch.float32),
+        replay=False,
+    )
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(18),
+        query_start_loc=torch.tensor([0, 17, 18]),
+        seq_lens=torch.tensor([17, 5]),
+        block_tables=torch.zeros(2, 5, dtype=torch.int64),
+        max_query_len=17,
+        max_seq_len=17,
+        query_start_loc_cpu=[0, 17, 18],
+        seq_lens_cpu=[17, 5],
+    )
+    hidden, residual = torch.randn(18, 3), torch.randn(18, 3)
+    positions = torch.cat([torch.arange(17), torch.tensor([4])])
+    out = graphs.run(
+        torch.ones(18, dtype=torch.int64), positions, meta, IntermediateTensors(hidden, residual)
+    )
+    assert seen["tokens"] == 32 and seen["meta"].graph_bound and seen["meta"].max_query_len == 32
+    assert seen["meta"].query_start_loc_cpu == [0, 17, 18, 18, 18] and seen["meta"].seq_lens_cpu == [
+        17,
+        5,
+        0,
+        0,
+    ]
+    assert graphs.slot_mapping[18:].eq(-1).all() and graphs.positions[18:].eq(0).all()
+    torch.testing.assert_close(out.hidden, hidden * 2)
+    torch.testing.assert_close(out.residual, residual + positions[:, None])

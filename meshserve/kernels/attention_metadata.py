@@ -27,8 +27,10 @@ class AttentionMetadata:
     # host copies, so the reference path and the scheduler never sync on the device
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
-    # captured in a CUDA graph (padded to a static bucket; see MixedStepGraphs): kernels must launch a grid
-    # fixed by the tensor shapes and must not read max_query_len / max_seq_len, which stay at capture values
+    # a captured mixed-step graph's metadata (engine/mixed_graph.py): max_query_len is the bucket's token
+    # count T, max_seq_len is max_model_len, trailing sequences have q_len 0 and seq_len 0, trailing tokens
+    # belong to no sequence; the host lists are not the replayed batch's. A backend sizes its launch from
+    # shapes alone and reads lengths on the device.
     graph_bound: bool = False
 
     @property

@@ -134,7 +134,7 @@ class EngineConfig:
     device: str = "cpu"
     enforce_eager: bool = False
     # largest mixed (prefill + decode) step captured in a CUDA graph, in tokens; 0: mixed steps run eagerly
-    max_cudagraph_tokens: int = 512
+    max_cudagraph_tokens: int = 1024
     speculative_config: SpeculativeConfig | None = None
     kv_transfer_config: KVTransferConfig | None = None  # prefill/decode disaggregation (disagg/)
 
@@ -172,7 +172,7 @@ class EngineArgs:
     load_format: str = "auto"
     generation_config: str = "auto"  # auto | vllm | a folder holding generation_config.json
     enforce_eager: bool = False
-    max_cudagraph_tokens: int = 512  # EngineConfig.max_cudagraph_tokens
+    max_cudagraph_tokens: int = 1024  # EngineConfig.max_cudagraph_tokens
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     pp_layer_partition: list[int] | None = None

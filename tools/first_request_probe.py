@@ -14,9 +14,25 @@ import time
 from meshserve import LLM, SamplingParams
 
 
+def cache_dir() -> str:
+    return os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache"))
+
+
+def kernel_names() -> set[str]:
+    """Names of the compiled kernels in the cache (one folder per compile, holding NAME.json)."""
+    d = cache_dir()
+    if not os.path.isdir(d):
+        return set()
+    return {
+        f"{entry}/{f[:-5]}"
+        for entry in os.listdir(d)
+        for f in os.listdir(os.path.join(d, entry))
+        if f.endswith(".json") and not f.startswith("__grp__")
+    }
+
+
 def cache_entries() -> int:
-    d = os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache"))
-    return len(os.listdir(d)) if os.path.isdir(d) else 0
+    return len(kernel_names())
 
 
 def main():
@@ -32,7 +48,7 @@ def main():
         (f"W1 #{i}", w1, 256) for i in (1, 2, 3)
     ]
     for name, prompt, n in runs:
-        c = cache_entries()
+        before = kernel_names()
         t = time.perf_counter()
         out = llm.generate(
             [prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False
@@ -40,7 +56,12 @@ def main():
         dt = time.perf_counter() - t
         k = len(out[0].outputs[0].token_ids)
         rows.append(
-            {"what": name, "s": round(dt, 3), "tok_s": round(k / dt, 1), "new_kernels": cache_entries() - c}
+            {
+                "what": name,
+                "s": round(dt, 3),
+                "tok_s": round(k / dt, 1),
+                "new_kernels": sorted(n.split("/")[1] for n in kernel_names() - before),
+            }
         )
         print(rows[-1], flush=True)
     if out_path:

@@ -4,7 +4,9 @@ It lives beside the kernels because it is their contract: the engine builds it, 
 (Triton and the torch reference) read it.
 """
 
+import itertools
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -40,3 +42,10 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
+
+    @cached_property
+    def num_single_query_seqs(self) -> int:
+        """Sequences with exactly one new token (decode rows, or a one-token chunk), from the host lists;
+        counted once per step, not per layer (a graph's host lists are placeholders: never ask them)."""
+        q = self.query_start_loc_cpu
+        return sum(1 for a, b in itertools.pairwise(q) if b - a == 1)

@@ -96,6 +96,7 @@ def _unified_attention_kernel(
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,
 ):
     ROWS: tl.constexpr = BLOCK_Q * GROUP_PAD
     b = tl.program_id(0)
@@ -128,6 +129,9 @@ def _unified_attention_kernel(
     q_tile_start = (b - (q_start // BLOCK_Q + s)) * BLOCK_Q
     if q_tile_start >= q_len:  # the spare block of each range, q_len-0 sequences, blocks past the end
         return
+    if SKIP_SINGLE:  # noqa: SIM102 (Triton: a constexpr `and` a tensor does not compile)
+        if q_len == 1:  # one-token rows are the decode kernel's (TritonAttentionBackend.attend)
+            return
     seq_len = tl.load(seq_lens_ptr + s)
     prefix = seq_len - q_len
 
@@ -228,12 +232,14 @@ def unified_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     block_q: int | None = None,
+    skip_single: bool = False,
 ):
     """Causal paged attention of a padded mixed batch into out [T, H, D], graph-capture safe.
 
     query [T, H, D]; block_tables [S, W]; seq_lens [S]; query_start_loc [S+1] (non-decreasing, from 0).
     Rows of out at or past query_start_loc[S] are zeroed. block_q overrides the tile height (tuning; at most
-    unified_block_q, at least 16 rows).
+    unified_block_q, at least 16 rows). skip_single: leave sequences with one new token (a mixed batch's
+    decode rows) to decode_attention, which then serves them.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
@@ -285,6 +291,7 @@ def unified_attention(
         UPCAST_DOT=_upcast_dot(query),
         DOT_PRECISION=_dot_precision(query),
         KV_FP8=_is_fp8(kv_cache),
+        SKIP_SINGLE=skip_single,
         num_warps=num_warps,
         num_stages=2 if query.element_size() == 4 else 3,  # fp32 tiles: less smem
     )

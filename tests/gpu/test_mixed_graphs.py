@@ -119,7 +119,9 @@ def test_two_batches_in_one_bucket_replay_like_eager(tiny_model_dir, monkeypatch
         assert graphs.bucket_for(input_ids.shape[0], meta.num_seqs) == 32
         eager = runner.forward(input_ids, positions, meta).clone()
         replayed = graphs.run(input_ids, positions, meta).clone()
-        torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
+        # fp32 dots run in TF32 on the GPU, and the graph's unified kernel tiles differently from the eager
+        # prefill kernel: equal to TF32 rounding, not bit for bit (greedy tokens are equal: the test above)
+        torch.testing.assert_close(replayed, eager, rtol=1e-2, atol=1e-2)
         results.append(replayed)
     assert graphs.runs[32] == 3
     torch.testing.assert_close(results[2], results[0], rtol=0, atol=0)

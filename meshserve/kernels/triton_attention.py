@@ -434,15 +434,20 @@ class TritonAttentionBackend:
                               meta.max_query_len, scale, sliding_window, out, k_scale, v_scale, skip_single=split)
         return out
 
+    def decode_splits(self, num_seqs: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                      max_seq_len: int, device: torch.device) -> int:
+        """The KV splits _decode uses for this batch shape (engine/cuda_graph.py keys graph variants by it)."""
+        if self.decode_num_splits is not None:
+            return self.decode_num_splits
+        block_n = _decode_block_n(_next_pow2(head_dim), dtype.itemsize)
+        return decode_num_splits(num_seqs, num_kv_heads, max_seq_len, block_n,
+                                 _num_sms(device.index if device.type == "cuda" else None),
+                                 max_splits=self.max_decode_splits)
+
     def _decode(self, query, kv_cache, meta, scale, sliding_window, out, k_scale, v_scale):
         """The one-token rows of the batch through the split-K decode kernel."""
-        num_seqs = meta.seq_lens.shape[0]
-        splits = self.decode_num_splits
-        if splits is None:
-            dev = query.device.index if query.device.type == "cuda" else None
-            splits = decode_num_splits(num_seqs, kv_cache.shape[3], meta.max_seq_len,
-                                       _decode_block_n(_next_pow2(query.shape[2]), query.element_size()),
-                                       _num_sms(dev), max_splits=self.max_decode_splits)
+        splits = self.decode_splits(meta.seq_lens.shape[0], kv_cache.shape[3], query.shape[2], query.dtype,
+                                    meta.max_seq_len, query.device)
         decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                          scale, sliding_window, out, splits, k_scale=k_scale, v_scale=v_scale)
 

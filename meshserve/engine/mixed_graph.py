@@ -18,9 +18,10 @@ The Triton prefill kernel does (grid (S, cdiv(T, BLOCK_Q), kv heads); programs p
 exit at once); a unified attention kernel whose grid follows T alone can take over when graph_bound is set.
 
 What runs where is decided by mixed_graphs_unsupported (the reason is logged): Triton attention only (the
-torch reference syncs on host lists), no MLA (its mixed path splits the batch on host lists). MoE models are in: the fused MoE kernels keep static shapes (the decode graphs capture
-them already); padded tokens are routed and computed like real ones, which wastes a little work and adds
-them to the expert-load counts, as decode-graph padding rows already do.
+torch reference syncs on host lists), no MLA (its mixed path splits the batch on host lists). MoE models are
+in: the fused MoE kernels keep static shapes (the decode graphs capture them already); padded tokens are
+routed and computed like real ones, which wastes a little work and adds them to the expert-load counts, as
+decode-graph padding rows already do.
 
 The plain path beside the graphs: replay=False runs the same forward eagerly on the same padded buffers and
 padded metadata (its host lists read back from the buffers), so CPU tests check with the torch reference

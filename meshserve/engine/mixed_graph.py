@@ -1,8 +1,8 @@
 """CUDA graphs for mixed steps (prefill chunks beside decode rows): one graph per token bucket, replayed padded.
 
 Under serving load most steps mix prefill chunks with decode rows. Run eagerly they pay every kernel launch
-from Python: a 276-token, 53-sequence step of an 8B model took 12.5 ms on an H200 where its kernels need
-~6.5 ms. This module captures the whole model forward for a ladder of token counts T, each graph with
+from Python: a 276-token, 53-sequence step of an 8B model took 15.4 ms eagerly on an H200 and 9.9 ms
+replayed (tools/mixed_graph_bench.py; the eager forward's host launches alone take 14-18 ms). This module captures the whole model forward for a ladder of token counts T, each graph with
 S = min(T, max_num_seqs) sequence slots, all in one memory pool (the decode graphs' pool when given).
 
 Padding, which never reaches a real row:
@@ -14,8 +14,8 @@ rows only cost their share of the matmuls; run() cuts them off.
 
 The metadata baked into a graph has max_query_len = T, max_seq_len = max_model_len and graph_bound=True:
 the attention backend must size its launch from those and the shapes alone and read lengths on the device.
-The Triton prefill kernel does (grid (S, cdiv(T, BLOCK_Q), kv heads); programs past their sequence's q_len
-exit at once); a unified attention kernel whose grid follows T alone can take over when graph_bound is set.
+The Triton backend serves it with triton_unified_attention (grid (cdiv(T, BLOCK_Q) + S, kv heads)) for the
+multi-token rows and the split-K decode kernel for the one-token rows (TritonAttentionBackend.attend).
 
 What runs where is decided by mixed_graphs_unsupported (the reason is logged): Triton attention only (the
 torch reference syncs on host lists), no MLA (its mixed path splits the batch on host lists). MoE models are

@@ -170,7 +170,7 @@ def test_engine_greedy_tokens_same_with_padded_mixed_steps(family, tiny_model_di
 
 def test_unsupported_reasons_and_memory_reserve(llama):
     config = llama.engine.runner.config
-    assert config.max_cudagraph_tokens == 1024
+    assert config.max_cudagraph_tokens == 2048
     assert mixed_graphs_unsupported(config, "triton") is None
     assert "torch" in mixed_graphs_unsupported(config, "torch")
     assert "turned off" in mixed_graphs_unsupported(dataclasses.replace(config, enforce_eager=True), "triton")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from meshserve import LLM, SamplingParams
 from meshserve.engine.cuda_graph import DecodeGraphs
 from meshserve.spec_decode.replay_proposer import ReplayProposer
@@ -86,12 +88,17 @@ class _Routes:
         return self.steps.count((route, verify))
 
 
-def test_verify_steps_take_padded_mixed_graphs_with_equal_greedy_tokens(tiny_model_dir):
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir) -> list[list[int]]:
+    plain = _llm(tiny_model_dir("llama"))
+    tokens = _greedy(plain, _prompts())
+    plain.shutdown()
+    return tokens
+
+
+def test_verify_steps_take_padded_mixed_graphs_with_equal_greedy_tokens(tiny_model_dir, expected):
     model = tiny_model_dir("llama")
     prompts = _prompts()
-    plain = _llm(model)
-    expected = _greedy(plain, prompts)
-    plain.shutdown()
     llm = _llm(model, speculative_config=NGRAM)
     assert _greedy(llm, prompts) == expected  # the eager path, as before
     runner, core = llm.engine.runner, llm.engine.core
@@ -120,4 +127,23 @@ def test_verify_steps_take_padded_mixed_graphs_with_equal_greedy_tokens(tiny_mod
     assert not any(routes.decode.can_run(m) for m in routes.verify_metas)
     assert routes.mixed.padded_runs >= routes.verify_steps // 2 and len(routes.mixed.runs) >= 2
     assert core.scheduler.block_manager.num_free_blocks == core.scheduler.block_manager.num_blocks
+    llm.shutdown()
+
+
+def test_draft_model_verify_steps_take_padded_mixed_graphs(tiny_model_dir, expected):
+    """The draft model's own forwards stay eager; the target's verify steps of its proposals take the
+    padded buffers like the n-gram proposer's."""
+    # the target as its own draft: proposals accepted, so verify steps keep long runs
+    draft = {"method": "draft_model", "model": tiny_model_dir("llama"), "num_speculative_tokens": 2}
+    llm = _llm(tiny_model_dir("llama"), speculative_config=draft)
+    runner = llm.engine.runner
+    llm.engine.core.speculator.gate.step_model = None
+    routes = _Routes(runner)
+    try:
+        assert _greedy(llm, _prompts()) == expected
+    finally:
+        runner.graphs = runner.mixed_graphs = None
+    assert routes.verify_steps >= 10 and routes.verify_with_prefill >= 1
+    assert routes.count("mixed", True) == routes.verify_steps and routes.count("decode", True) == 0
+    assert llm.engine.core.speculator.stats.acceptance_rate > 0.9
     llm.shutdown()

@@ -33,7 +33,8 @@ CUDA graphs
 The decode path does no host sync and makes no decision from device values: num_splits is a function of
 host-known numbers only (num_seqs, num_kv_heads, meta.max_seq_len, SM count) and correctness does not depend
 on it (each split computes its range from the device-side seq_len, empty splits contribute nothing). For
-graph capture pass a fixed meta.max_seq_len (e.g. max_model_len, as meshserve.engine.cuda_graph does) or
+graph capture pass a fixed meta.max_seq_len (max_model_len, or a short-context bound: engine/cuda_graph.py
+captures small batches once per bound whose decode_splits differ, and replays the one the step fits) or
 construct the backend with ``decode_num_splits=N``; whatever num_splits is chosen at capture is baked into
 the graph and stays valid for any seq_lens at replay (up to the block table width). Padding rows with
 seq_len 0 produce zeros; rows with q_len 0 (query_start_loc[i+1] == query_start_loc[i]) write nothing.

@@ -18,8 +18,8 @@ qkv_proj, post_attention_layernorm -> gate_up_proj): each program sums x + resid
 (re-reading the K-vector, 8-16 KB from L2, beside its 32+ KB weight tile), normalises each K-block before
 its dot, and program 0 alone writes the new residual. One launch and no normed row in memory instead of
 rms_norm's kernel + the GEMV; the roundings are rms_norm's (sum in the activation dtype, norm in fp32,
-rounded once to the activation dtype, times the norm weight, rounded again), so rms_norm_gemv_ref (rms_norm_ref
-then F.linear) differs only by fp32 summation order.
+rounded once to the activation dtype, times the norm weight, rounded again), so rms_norm_gemv_ref
+(rms_norm_ref, then F.linear) differs only by fp32 summation order.
 """
 
 from __future__ import annotations

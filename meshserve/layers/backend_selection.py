@@ -96,7 +96,7 @@ def _decode_context_bounds() -> tuple[int, ...]:
     try:
         bounds = tuple(sorted({int(b) for b in raw.split(",")}))
     except ValueError:
-        raise ValueError(f"{DECODE_CONTEXT_BOUNDS_ENV} takes token counts like 256,1024, got {raw!r}") from None
+        raise ValueError(f"{DECODE_CONTEXT_BOUNDS_ENV} takes token counts (256,1024), got {raw!r}") from None
     if bounds[0] <= 0:
         raise ValueError(f"{DECODE_CONTEXT_BOUNDS_ENV}: bounds must be positive, got {raw!r}")
     return bounds

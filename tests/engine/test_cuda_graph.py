@@ -16,7 +16,7 @@ H200_SMS = 132
 
 
 def _llama8b_splits(num_seqs: int, max_seq_len: int) -> int:
-    """The decode split count of a Llama-3.1-8B layer on an H200 (8 KV heads; 128-token tiles at head_dim 128)."""
+    """The decode split count of a Llama-3.1-8B layer on an H200 (8 KV heads, 128-token tiles)."""
     return decode_num_splits(num_seqs, 8, max_seq_len, 128, H200_SMS)
 
 

@@ -1,4 +1,4 @@
-"""Issue 29's two cuts on the GPU: the norm folded into the QKV / gate_up GEMV, and short-context decode graphs.
+"""Issue 29's two cuts on the GPU: the norm folded into the QKV / gate_up GEMV, short-context decode graphs.
 
 Each is compared with its plain path in the same process setup: greedy tokens of batch-1 decodes whose
 contexts cross the graph variants' bounds (256 and 1,024 tokens) must not change.

@@ -101,9 +101,11 @@ from triton.compiler import ASTSource
 from meshserve.kernels.triton_gemv import _rms_norm_gemv_kernel as kernel
 
 names = list(kernel.arg_names)
-for dtype, has_residual, has_bias, block_k, warps in [("bf16", True, False, 512, 8), ("fp16", False, True, 256, 4)]:
+pointers = ("x_ptr", "res_ptr", "nw_ptr", "w_ptr", "b_ptr", "y_ptr", "res_out_ptr")
+cases = [("bf16", True, False, 512, 8), ("fp16", False, True, 256, 4)]  # (dtype, residual, bias, BLOCK_K, warps)
+for dtype, has_residual, has_bias, block_k, warps in cases:
     sig = {n: "i32" for n in names}
-    sig.update({p: "*" + dtype for p in ("x_ptr", "res_ptr", "nw_ptr", "w_ptr", "b_ptr", "y_ptr", "res_out_ptr")})
+    sig.update({p: "*" + dtype for p in pointers})
     sig["eps"] = "fp32"
     const = dict(HAS_RESIDUAL=has_residual, HAS_BIAS=has_bias, BLOCK_N=4, BLOCK_K=block_k)
     sig.update({n: "constexpr" for n in const})

@@ -1,4 +1,4 @@
-"""norm_linear: where the RMSNorm folds into the next projection's GEMV, and that the model gives the same tokens.
+"""norm_linear: where the RMSNorm folds into the next projection's GEMV; the model's tokens stay the same.
 
 On a GPU the fold needs a single 16-bit row (gemv_for). On CPU gemv_for never serves, so the plain path runs;
 the tests below check that, then stand in a CPU gemv_for (single rows of any dtype, the real Triton kernel in

@@ -8,8 +8,8 @@ usage: python tools/bench_decode_fixed_cost.py [--quick]
    the split counts the decode-graph variants bake in (1 = DIRECT_OUT, no reduce kernel): which bounds pay.
 
 The end-to-end A/B is `meshserve bench latency` with the switches (layers/backend_selection.py):
-  MESHSERVE_DISABLE_NORM_GEMV=1 MESHSERVE_DECODE_CONTEXT_BOUNDS=none meshserve bench latency --no-baseline
-  meshserve bench latency --no-baseline
+  meshserve bench latency --no-baseline                                          (both off: the default)
+  MESHSERVE_NORM_GEMV=1 MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024 meshserve bench latency --no-baseline
 """
 
 import argparse

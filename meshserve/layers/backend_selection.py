@@ -7,9 +7,8 @@ environment or decides a backend; layers only check what a call alone can know (
 
 What is chosen, by default:
   on a CUDA device   Triton attention, the fused Triton ops (RMSNorm+residual, rotary, SiLU-and-mul), the
-                     fused q/k-norm + rotary + KV-write prologue, the batch-1 GEMV (with the residual add +
-                     RMSNorm folded into the QKV and gate/up GEMVs), the one-pass sampler, and decode CUDA
-                     graphs unless enforce_eager (small batches also in short-context variants)
+                     fused q/k-norm + rotary + KV-write prologue, the batch-1 GEMV, the one-pass sampler, and
+                     decode and mixed-step CUDA graphs unless enforce_eager
   elsewhere          the plain torch path throughout (the reference)
 
 Overrides (environment, read only here, for debugging and references):
@@ -17,9 +16,10 @@ Overrides (environment, read only here, for debugging and references):
                                             no CUDA graphs and no fused prologue (which writes the cache
                                             through the Triton backend)
   MESHSERVE_DISABLE_FUSED_OPS=1             no fused Triton op: norm, rotary, SiLU, prologue, GEMV, sampler
-  MESHSERVE_DISABLE_NORM_GEMV=1             keep RMSNorm and the next projection's GEMV two kernels
-  MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024  the context bounds of the short decode-graph variants (none: only
-                                            max_model_len graphs)
+  MESHSERVE_NORM_GEMV=1                     fold the residual add + RMSNorm into the QKV and gate/up GEMVs
+                                            (opt-in until measured on the H200: issue 29)
+  MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024  small batches' decode graphs also for these context bounds, with
+                                            fewer attention splits (default none: opt-in until measured)
 
 This module sits in layers/ because the layers consume the choice (and may not import the engine); it
 imports only the config and the layers/kernels it chooses between.
@@ -43,12 +43,12 @@ logger = logging.getLogger(__name__)
 
 ATTENTION_BACKEND_ENV = "MESHSERVE_ATTENTION_BACKEND"
 DISABLE_FUSED_OPS_ENV = "MESHSERVE_DISABLE_FUSED_OPS"
-DISABLE_NORM_GEMV_ENV = "MESHSERVE_DISABLE_NORM_GEMV"
+NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
 DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
 # decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph
 # sized for 4,096 runs 16 KV splits (most of them empty) and a reduce; <= 256 tokens needs one split at small
-# batch (no reduce), <= 1,024 four
-DEFAULT_DECODE_CONTEXT_BOUNDS = (256, 1024)
+# batch (no reduce), <= 1,024 four. The suggested bounds when turned on (none by default until measured)
+SUGGESTED_DECODE_CONTEXT_BOUNDS = (256, 1024)
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -89,9 +89,7 @@ def resolve_cache_dtype(cache_dtype: str, model_dtype: str) -> torch.dtype:
 
 def _decode_context_bounds() -> tuple[int, ...]:
     raw = os.environ.get(DECODE_CONTEXT_BOUNDS_ENV)
-    if raw is None:
-        return DEFAULT_DECODE_CONTEXT_BOUNDS
-    if raw.strip().lower() in ("", "0", "none"):
+    if raw is None or raw.strip().lower() in ("", "0", "none"):
         return ()
     try:
         bounds = tuple(sorted({int(b) for b in raw.split(",")}))
@@ -125,7 +123,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         # the fused prologue writes the cache unscaled: an fp8 cache is written by the scaling reshape-and-cache
         fused_prologue=fused_ops and attention == "triton" and not fp8_cache,
         gemv=gemv,
-        norm_gemv=gemv and fused_ops and not os.environ.get(DISABLE_NORM_GEMV_ENV),
+        norm_gemv=gemv and fused_ops and os.environ.get(NORM_GEMV_ENV, "") not in ("", "0"),
         fused_sampler=fused_ops,
         cuda_graphs=cuda_graphs,
         decode_context_bounds=_decode_context_bounds() if cuda_graphs else (),

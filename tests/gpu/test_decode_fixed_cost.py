@@ -23,14 +23,9 @@ def _llm(
 
     monkeypatch.delenv("MESHSERVE_ATTENTION_BACKEND", raising=False)
     monkeypatch.delenv("MESHSERVE_DISABLE_FUSED_OPS", raising=False)
-    if fold:
-        monkeypatch.delenv("MESHSERVE_DISABLE_NORM_GEMV", raising=False)
-    else:
-        monkeypatch.setenv("MESHSERVE_DISABLE_NORM_GEMV", "1")
-    if bounds is None:
-        monkeypatch.delenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", raising=False)
-    else:
-        monkeypatch.setenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", bounds)
+    # both cuts are opt-in until measured (layers/backend_selection.py)
+    monkeypatch.setenv("MESHSERVE_NORM_GEMV", "1" if fold else "0")
+    monkeypatch.setenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", bounds or "256,1024")
     return LLM(
         model=model,
         load_format="dummy",

@@ -18,7 +18,7 @@ from meshserve.models.llama import LlamaForCausalLM
 def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_ATTENTION_BACKEND", raising=False)
     monkeypatch.delenv("MESHSERVE_DISABLE_FUSED_OPS", raising=False)
-    monkeypatch.delenv("MESHSERVE_DISABLE_NORM_GEMV", raising=False)
+    monkeypatch.delenv("MESHSERVE_NORM_GEMV", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", raising=False)
 
 
@@ -40,16 +40,19 @@ def test_cuda_takes_every_fast_path_that_imports():
     assert sel.attention_backend == "triton" and sel.cuda_graphs
     assert sel.fused_ops == sel.fused_prologue == sel.fused_sampler == fused_ops_importable()
     assert sel.gemv == gemv_importable()
-    assert sel.norm_gemv == (sel.gemv and sel.fused_ops)
-    assert sel.decode_context_bounds == (256, 1024)
+    # opt-in until measured on the H200 (issue 29)
+    assert not sel.norm_gemv and sel.decode_context_bounds == ()
     eager = select_kernels(_config(device="cuda", enforce_eager=True))
     assert not eager.cuda_graphs and eager.decode_context_bounds == ()
 
 
 def test_fixed_cost_switches(monkeypatch):
-    # the norm fold and the short decode-graph variants, each off on its own (bench on vs off)
+    # the norm fold and the short decode-graph variants, each turned on by its own switch (bench on vs off)
     gpu = _config(device="cuda", dtype="bfloat16")
-    monkeypatch.setenv("MESHSERVE_DISABLE_NORM_GEMV", "1")
+    monkeypatch.setenv("MESHSERVE_NORM_GEMV", "1")
+    sel = select_kernels(gpu)
+    assert sel.norm_gemv == (sel.gemv and sel.fused_ops) and sel.decode_context_bounds == ()
+    monkeypatch.setenv("MESHSERVE_NORM_GEMV", "0")
     monkeypatch.setenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", "none")
     sel = select_kernels(gpu)
     assert not sel.norm_gemv and sel.decode_context_bounds == ()

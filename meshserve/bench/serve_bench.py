@@ -5,8 +5,11 @@ at a fixed concurrency. Prompts are W3's synthetic token ids (`random.seed(1000 
 draws so the prefix cache cannot serve one point from another; n = max(200, 30 x QPS) prompts of 512 ids in
 [3, 10000], then n gaps `random.expovariate(QPS)`), or read from a file. Per load
 point: TTFT, inter-token latency, time per output token and end-to-end latency (mean, p50, p90, p99),
-throughput, and goodput (requests per second of the whole run that met the TTFT and TPOT SLOs). Results
-go to stdout, JSON, a BENCHMARKS.md row and a latency-vs-load plot (PNG with matplotlib, else SVG).
+throughput, and goodput (requests per second of the whole run that met the TTFT and TPOT SLOs). Where
+lateness comes from is measured apart: send lag (the client sending late), connect (until the request's
+headers went out) and headers (until the response's came back: the server's accept queue and HTTP layer).
+`--client-procs N` sends from N processes (client_procs.py). Results go to stdout, JSON, a BENCHMARKS.md row
+and a latency-vs-load plot (PNG with matplotlib, else SVG).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """CUDA graphs for mixed steps (prefill chunks beside decode rows): one graph per token bucket, replayed padded.
 
 Under serving load most steps mix prefill chunks with decode rows. Run eagerly they pay every kernel launch
-from Python: a 276-token, 53-sequence step of an 8B model took 12.5 ms on an H200 where its kernels need
-~6.5 ms. This module captures the whole model forward for a ladder of token counts T, each graph with
+from Python: a 276-token, 53-sequence step of an 8B model took 15.4 ms eagerly on an H200 and 9.9 ms
+replayed (tools/mixed_graph_bench.py; the eager forward's host launches alone take 14-18 ms). This module captures the whole model forward for a ladder of token counts T, each graph with
 S = min(T, max_num_seqs) sequence slots, all in one memory pool (the decode graphs' pool when given).
 
 Padding, which never reaches a real row:
@@ -14,18 +14,25 @@ rows only cost their share of the matmuls; run() cuts them off.
 
 The metadata baked into a graph has max_query_len = T, max_seq_len = max_model_len and graph_bound=True:
 the attention backend must size its launch from those and the shapes alone and read lengths on the device.
-The Triton prefill kernel does (grid (S, cdiv(T, BLOCK_Q), kv heads); programs past their sequence's q_len
-exit at once); a unified attention kernel whose grid follows T alone can take over when graph_bound is set.
+The Triton backend serves it with triton_unified_attention (grid (cdiv(T, BLOCK_Q) + S, kv heads)) for the
+multi-token rows and the split-K decode kernel for the one-token rows (TritonAttentionBackend.attend).
 
 What runs where is decided by mixed_graphs_unsupported (the reason is logged): Triton attention only (the
-torch reference syncs on host lists), no MLA (its mixed path splits the batch on host lists), no speculative
-decoding for now. MoE models are in: the fused MoE kernels keep static shapes (the decode graphs capture
-them already); padded tokens are routed and computed like real ones, which wastes a little work and adds
-them to the expert-load counts, as decode-graph padding rows already do.
+torch reference syncs on host lists), no MLA (its mixed path splits the batch on host lists). MoE models are
+in: the fused MoE kernels keep static shapes (the decode graphs capture them already); padded tokens are
+routed and computed like real ones, which wastes a little work and adds them to the expert-load counts, as
+decode-graph padding rows already do.
 
 The plain path beside the graphs: replay=False runs the same forward eagerly on the same padded buffers and
 padded metadata (its host lists read back from the buffers), so CPU tests check with the torch reference
 that padding never changes a real row.
+
+Speculative decoding's verify steps replay these graphs too: a verify step is a mixed-like batch (each
+verifying row brings k + 1 query tokens, the last verified token and its k proposals, beside one-token rows
+and prefill chunks), so it is never decode-only (DecodeGraphs.can_run refuses it) and takes the bucket that
+holds its tokens. The step sampler scores every position of those rows from the step's own (unpadded)
+query_start_loc, and run() returns exactly the real rows, so the rejection sampler never sees padding. The
+draft model's forwards (spec_decode/draft_model.py) still run eagerly.
 """
 
 from __future__ import annotations
@@ -73,10 +80,6 @@ def mixed_graphs_unsupported(config: EngineConfig, attention_backend: str) -> st
         return f"the {attention_backend} attention backend reads host lists of the batch (Triton only)"
     if getattr(config.model_config.hf_config, "kv_lora_rank", None):
         return "MLA splits mixed batches into decode and prefill parts on host lists"
-    if config.speculative_config is not None:
-        # verify steps are mixed-like (k + 1 tokens per row) and could replay these graphs once the
-        # rejection sampler's inputs are padded the same way; until then they run eagerly
-        return "speculative decoding runs its steps eagerly for now"
     return None
 
 

@@ -25,9 +25,7 @@ def _expand_blocks(scale: torch.Tensor, n: int, k: int, block: tuple[int, int]) 
     return scale.float().repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]
 
 
-def quantize_fp8_per_token_group(
-    x: torch.Tensor, group_size: int = 128
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_per_token_group(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (fp8 x [M, K], fp32 scales [M, ceil(K / group_size)]): each row's group of group_size
     features (the last may be shorter) has its absmax mapped to 448."""
     m, k = x.shape

@@ -93,7 +93,7 @@ def _fp8_block_gemm_kernel(
     a_scales = as_ptr + rm.to(tl.int64) * stride_asm
     b_scales = bs_ptr + (rn // BLOCK_SCALE_N).to(tl.int64) * stride_bsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    for kb in range(tl.cdiv(K, BLOCK_K)):
         kk = kb * BLOCK_K + rk
         kmask = kk < K
         a = tl.load(a_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)

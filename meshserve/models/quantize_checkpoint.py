@@ -39,11 +39,7 @@ _SHARED_INPUT = {p: ("q_proj", "k_proj", "v_proj") for p in ("q_proj", "k_proj",
 
 def is_projection(name: str, extra: tuple[str, ...] = ()) -> bool:
     parts = name.split(".")
-    return (
-        name.startswith("model.layers.")
-        and parts[-1] == "weight"
-        and parts[-2] in _PROJECTIONS + extra
-    )
+    return name.startswith("model.layers.") and parts[-1] == "weight" and parts[-2] in _PROJECTIONS + extra
 
 
 def act_order(weights: list[torch.Tensor]) -> torch.Tensor:

@@ -190,7 +190,12 @@ def test_fp8_block_kernels_compile_for_sm90_without_gpu():
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     res = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SM90], check=False, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _COMPILE_SM90],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if "No such file" in res.stderr and "ptxas" in res.stderr:
         pytest.skip("no ptxas bundled with this triton")

@@ -23,7 +23,12 @@ from meshserve.layers.quantization.fp8 import Fp8Config
 from meshserve.layers.quantization.fp8_block import Fp8BlockConfig
 from meshserve.models.quant_config import check_weight_format
 
-BLOCK_FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+BLOCK_FP8 = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
 
 
 class _Cfg:
@@ -49,15 +54,21 @@ def test_resolved_from_the_checkpoint_and_bad_variants_are_one_line_errors():
     with pytest.raises(InvalidArgumentError, match="fmt e5m2 is not supported"):
         resolve_quant_config(_Cfg({**BLOCK_FP8, "fmt": "e5m2"}), None)
     with pytest.raises(InvalidArgumentError, match=r"leaves layers unquantized \(model.layers.0.mlp"):
-        resolve_quant_config(_Cfg({**BLOCK_FP8, "modules_to_not_convert": ["lm_head", "model.layers.0.mlp"]}), None)
+        resolve_quant_config(
+            _Cfg({**BLOCK_FP8, "modules_to_not_convert": ["lm_head", "model.layers.0.mlp"]}), None
+        )
     # the torch-free argument check lets 128 x 128 through and names other block sizes
     check_weight_format(BLOCK_FP8, "m", "auto")
-    with pytest.raises(Exception, match=r"fp8 \(64x128 block scales\) quantized checkpoints are not supported"):
+    with pytest.raises(
+        Exception, match=r"fp8 \(64x128 block scales\) quantized checkpoints are not supported"
+    ):
         check_weight_format({**BLOCK_FP8, "weight_block_size": [64, 128]}, "m", "auto")
 
 
 def test_tensor_parallel_split_of_a_block_is_refused_before_loading():
-    hf = _Cfg(hidden_size=1024, num_attention_heads=8, num_key_value_heads=2, head_dim=128, intermediate_size=3072)
+    hf = _Cfg(
+        hidden_size=1024, num_attention_heads=8, num_key_value_heads=2, head_dim=128, intermediate_size=3072
+    )
     config = Fp8BlockConfig()
     check_quant_shapes(config, hf, 2)  # k/v: 128 rows per rank
     check_quant_shapes(config, hf, 4)  # 2 KV heads over 4 ranks: replicated, a whole 128-row head each
@@ -145,14 +156,18 @@ def test_tensor_parallel_slices_block_scales(kind, monkeypatch):
     else:  # each rank holds [q_r, k_r, v_r]
         q, kv = HEADS * HEAD_DIM // 2, KV_HEADS * HEAD_DIM // 2
         parts = [o.split([q, kv, kv], dim=-1) for o in outs]
-        combined = torch.cat([parts[0][0], parts[1][0], parts[0][1], parts[1][1], parts[0][2], parts[1][2]], -1)
+        combined = torch.cat(
+            [parts[0][0], parts[1][0], parts[0][1], parts[1][1], parts[0][2], parts[1][2]], -1
+        )
     torch.testing.assert_close(combined, out, atol=1e-5, rtol=1e-5)
 
 
 def test_layers_that_would_split_a_block_are_refused(monkeypatch):
     _patch_rank(monkeypatch, 2, 0)
     with quantization_scope(Fp8BlockConfig()):
-        with pytest.raises(ValueError, match=r"RowParallelLinear: 160 input features per rank .* split a 128x128"):
+        with pytest.raises(
+            ValueError, match=r"RowParallelLinear: 160 input features per rank .* split a 128x128"
+        ):
             RowParallelLinear(320, 256)
         with pytest.raises(ValueError, match=r"shard of 64 output features per rank at tensor parallel 2"):
             QKVParallelLinear(256, 64, 4, 2)  # k: 128 rows, 64 per rank

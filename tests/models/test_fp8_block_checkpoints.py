@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -29,17 +30,36 @@ from meshserve.models.quantize_checkpoint import quantize_checkpoint
 from tests.conftest import VOCAB, _train_tokenizer
 
 B = 128
-DENSE = {"hidden_size": 320, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "head_dim": 128}
+DENSE = {
+    "hidden_size": 320,
+    "intermediate_size": 512,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+}
 FAMILIES = {
     "llama": {"model_type": "llama", "tie_word_embeddings": False, **DENSE},
     "qwen3": {"model_type": "qwen3", "tie_word_embeddings": True, **DENSE},
     # every layer dense (no routed experts); MLA projections with several blocks each, kv_b_proj 256 x 160
-    "deepseek_v3": {"model_type": "deepseek_v3", "tie_word_embeddings": False, "hidden_size": 256,
-                    "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,
-                    "q_lora_rank": 128, "kv_lora_rank": 160, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
-                    "v_head_dim": 32, "first_k_dense_replace": 2, "n_routed_experts": 8, "n_group": 4,
-                    "topk_group": 2, "num_experts_per_tok": 2, "moe_intermediate_size": 128},
+    "deepseek_v3": {
+        "model_type": "deepseek_v3",
+        "tie_word_embeddings": False,
+        "hidden_size": 256,
+        "intermediate_size": 256,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 128,
+        "kv_lora_rank": 160,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 32,
+        "first_k_dense_replace": 2,
+        "n_routed_experts": 8,
+        "n_group": 4,
+        "topk_group": 2,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 128,
+    },
 }
 PROMPTS = [[(7 * i + 3 * j) % 300 + 5 for i in range(12 + 5 * j)] for j in range(3)]
 
@@ -155,7 +175,9 @@ def _run(llm: LLM) -> tuple[torch.Tensor, list[list[int]]]:
         SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=0),
         use_tqdm=False,
     )
-    logprobs = [pos[tok].logprob for o, p in zip(outs, PROMPTS) for pos, tok in zip(o.prompt_logprobs[1:], p[1:])]
+    logprobs = [
+        pos[tok].logprob for o, p in zip(outs, PROMPTS) for pos, tok in zip(o.prompt_logprobs[1:], p[1:])
+    ]
     return torch.tensor(logprobs), [list(o.outputs[0].token_ids) for o in outs]
 
 
@@ -186,7 +208,8 @@ def test_block_fp8_checkpoint_matches_its_dequantized_model(family, block_fp8_di
     llm = LLM(qdir, dtype="float32")
     layer = llm.engine.runner.model.model.layers[0]
     assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
-    assert layer.self_attn.qkv_proj.weight_scale_inv.shape == (8, 3)  # (512 + 256 + 256) / 128, ceil(320 / 128)
+    # (512 + 256 + 256) / 128 row blocks, ceil(320 / 128) column blocks
+    assert layer.self_attn.qkv_proj.weight_scale_inv.shape == (8, 3)
     assert layer.mlp.gate_up_proj.weight_scale_inv.shape == (8, 3)
     _check_against_dequantized(llm, ddir)
 
@@ -200,11 +223,14 @@ def test_deepseek_block_fp8_dequantizes_kv_b_proj_at_load(block_fp8_dirs):
     llm = LLM(qdir, dtype="float32")
     attn = llm.engine.runner.model.model.layers[1].self_attn
     want = _dequantize(
-        tensors["model.layers.1.self_attn.kv_b_proj.weight"], tensors["model.layers.1.self_attn.kv_b_proj.weight_scale_inv"]
+        tensors["model.layers.1.self_attn.kv_b_proj.weight"],
+        tensors["model.layers.1.self_attn.kv_b_proj.weight_scale_inv"],
     )
     assert attn.kv_b_proj.weight.dtype == torch.float32 and torch.equal(attn.kv_b_proj.weight, want)
     assert attn.kv_a_proj_with_mqa.weight.dtype == torch.float32
-    assert attn.q_b_proj.weight.dtype == torch.float8_e4m3fn and attn.o_proj.weight.dtype == torch.float8_e4m3fn
+    assert (
+        attn.q_b_proj.weight.dtype == torch.float8_e4m3fn and attn.o_proj.weight.dtype == torch.float8_e4m3fn
+    )
     _check_against_dequantized(llm, ddir)
 
 
@@ -212,7 +238,8 @@ def test_block_fp8_moe_experts_and_missing_scales_are_one_line_errors(block_fp8_
     qdir, _, _ = block_fp8_dirs("deepseek_v3")
     moe = tmp_path / "moe"
     moe.mkdir()
-    config = json.load(open(os.path.join(qdir, "config.json")))
+    with open(os.path.join(qdir, "config.json")) as f:
+        config = json.load(f)
     config["first_k_dense_replace"] = 1  # layer 1 routes to experts
     (moe / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="fp8 block-wise MoE experts are not supported yet"):
@@ -225,8 +252,10 @@ def test_block_fp8_moe_experts_and_missing_scales_are_one_line_errors(block_fp8_
     save_file(tensors, str(broken / "model.safetensors"))
     for name in os.listdir(qdir):
         if name.endswith(".json"):
-            (broken / name).write_bytes(open(os.path.join(qdir, name), "rb").read())
-    with pytest.raises(ModelLoadError, match=r"lacks 1 tensors, e.g. model.layers.1.mlp.down_proj.weight_scale_inv"):
+            shutil.copy(os.path.join(qdir, name), broken / name)
+    with pytest.raises(
+        ModelLoadError, match=r"lacks 1 tensors, e.g. model.layers.1.mlp.down_proj.weight_scale_inv"
+    ):
         LLM(str(broken))
 
 

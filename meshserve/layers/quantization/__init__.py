@@ -87,7 +87,9 @@ def _fp8_block(qc: dict) -> QuantConfig:
     skipped = qc.get("modules_to_not_convert") or qc.get("ignored_layers") or []
     skipped = [m for m in skipped if m.split(".")[-1] not in ("lm_head", "gate")]
     if skipped:
-        raise _error(f"fp8 block-wise checkpoint leaves layers unquantized ({skipped[0]}, ...): not supported")
+        raise _error(
+            f"fp8 block-wise checkpoint leaves layers unquantized ({skipped[0]}, ...): not supported"
+        )
     return Fp8BlockConfig(block)
 
 
@@ -205,7 +207,9 @@ def _check_fp8_blocks(config: Fp8BlockConfig, hf_config, tp: int) -> None:
     }
     if inter:
         layers["gate/up"] = SimpleNamespace(tp_size=tp, output_is_parallel=True, output_sizes=[inter, inter])
-        layers["down_proj"] = SimpleNamespace(tp_size=tp, input_is_parallel=True, out_features=hf_config.hidden_size)
+        layers["down_proj"] = SimpleNamespace(
+            tp_size=tp, input_is_parallel=True, out_features=hf_config.hidden_size
+        )
     ins = {"o_proj": heads * head_dim // tp, "down_proj": (inter or 0) // tp}
     for what, layer in layers.items():
         try:

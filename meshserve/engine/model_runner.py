@@ -90,7 +90,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
         spec = config.speculative_config
-        # a draft model proposes on the ranks, after each step (speculative steps themselves run eager)
+        # a draft model proposes on the ranks, after each step, eagerly (the verify steps themselves replay
+        # the mixed-step graphs: _run_forward)
         self.drafter = DraftModelProposer(config, self.device) if spec is not None and spec.uses_draft_model else None
         self._step_parity = 0  # which of the pinned buffers this step uses
         self._sends: list = []  # a pipeline stage's activation sends still in flight

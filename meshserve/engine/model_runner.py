@@ -107,6 +107,10 @@ class ModelRunner:
             self.graphs.release()
             self.graphs = None
 
+    def mixed_graph_tokens(self) -> int:
+        """The largest mixed step that replays a CUDA graph here (0: mixed steps run eagerly)."""
+        return self.mixed_graphs.buckets[-1] if self.mixed_graphs is not None else 0
+
     def param_bytes(self) -> int:
         """Bytes of this rank's weights (shared tensors once)."""
         return weight_bytes(self.model)

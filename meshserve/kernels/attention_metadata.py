@@ -49,3 +49,10 @@ class AttentionMetadata:
         counted once per step, not per layer (a graph's host lists are placeholders: never ask them)."""
         q = self.query_start_loc_cpu
         return sum(1 for a, b in itertools.pairwise(q) if b - a == 1)
+
+    @cached_property
+    def step_memo(self) -> dict:
+        """Values derived from this step's metadata that every layer would build alike (an MLA step's decode
+        rows, its prefill context slots), keyed by their builder: built by the first layer, shared by the rest.
+        Not a dataclass field: dataclasses.replace gives the new metadata an empty one."""
+        return {}

@@ -20,6 +20,8 @@ Overrides (environment, read only here, for debugging and references):
                                             (opt-in until measured on the H200: issue 29)
   MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024  small batches' decode graphs also for these context bounds, with
                                             fewer attention splits (default none: opt-in until measured)
+  MESHSERVE_MLA_PREFILL_REF=1               MLA prefill chunks one sequence at a time (mla_prefill_ref) even on
+                                            the Triton path: the A/B baseline of the batched prefill
 
 This module sits in layers/ because the layers consume the choice (and may not import the engine); it
 imports only the config and the layers/kernels it chooses between.
@@ -45,6 +47,7 @@ ATTENTION_BACKEND_ENV = "MESHSERVE_ATTENTION_BACKEND"
 DISABLE_FUSED_OPS_ENV = "MESHSERVE_DISABLE_FUSED_OPS"
 NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
 DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
+MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 # decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph
 # sized for 4,096 runs 16 KV splits (most of them empty) and a reduce; <= 256 tokens needs one split at small
 # batch (no reduce), <= 1,024 four. The suggested bounds when turned on (none by default until measured)
@@ -67,6 +70,8 @@ class KernelSelection:
     # small batches' decode graphs also captured for contexts up to each bound (fewer attention splits)
     decode_context_bounds: tuple[int, ...] = ()
     kv_cache_dtype: torch.dtype | None = None  # the KV pool's element type (None only in PLAIN)
+    # MLA prefill chunks through the per-sequence reference even on the Triton path (layers/mla_attention.py)
+    mla_prefill_ref: bool = False
 
 
 # what a layer uses until a runner binds its selection: the plain torch path
@@ -128,6 +133,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         cuda_graphs=cuda_graphs,
         decode_context_bounds=_decode_context_bounds() if cuda_graphs else (),
         kv_cache_dtype=kv_cache_dtype,
+        mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
     )
     logger.info("kernels: %s", selection)
     return selection

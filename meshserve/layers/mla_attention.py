@@ -5,12 +5,15 @@ The layer owns one cache tensor [1, num_blocks, block_size, 1, R + P]: per token
 every TP rank (the latent is replicated; the heads are split). For DeepSeek-V3 that is 576 numbers per token
 and layer instead of 128 heads x (192 for K + 128 for V): ~71x less at TP=1.
 
-Steps with a prefill chunk (max_query_len > 1) expand K and V of each sequence's context from its latents
-(kernels/mla_ref.mla_prefill_ref); decode-only steps use the weight-absorbed form: W_UK is applied to the
-query (q_lat = W_UK^T q_nope), attention runs over the latents alone, and W_UV to its output, so a decode
-step reads only the R + P numbers per context token (Triton on a GPU, kernels/triton_mla.py; the torch
-reference elsewhere). The block manager, prefix caching, chunked prefill, preemption and the KV offload
-tiers see blocks only, so they work unchanged.
+Sequences with one new token (decode rows) use the weight-absorbed form: W_UK is applied to the query (q_lat =
+W_UK^T q_nope), attention runs over the latents alone, and W_UV to its output, so a decode row reads only the
+R + P numbers per context token (Triton on a GPU, kernels/triton_mla.py; the torch reference elsewhere).
+Prefill chunks (q_len > 1) expand K and V of their context from its latents: on a GPU for all chunks of the
+step at once (kernels/mla_prefill.py: one gather, one GEMM through kv_b_proj, the Triton varlen kernel of
+kernels/triton_mla_prefill.py), elsewhere (or with MESHSERVE_MLA_PREFILL_REF=1) one sequence at a time
+(kernels/mla_ref.mla_prefill_ref). A mixed
+step's split into the two is computed once per step (meta.step_memo), not per layer. The block manager,
+prefix caching, chunked prefill, preemption and the KV offload tiers see blocks only, so they work unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
+from meshserve.kernels.mla_prefill import mla_prefill
 from meshserve.kernels.mla_ref import mla_decode_ref, mla_prefill_ref, write_latent_ref
 from meshserve.layers.backend_selection import PLAIN
 
@@ -61,15 +65,20 @@ class MLAAttention(nn.Module):
             write_latent_ref(kv_c, k_pe, self.kv_cache, meta.slot_mapping)
         if meta.max_query_len == 1:
             return self._absorbed(q_nope, q_pe, kv_b_weight, meta, triton).flatten(1)
-        decode, prefill = split_decode_prefill(meta, q_nope.device)
-        if decode is None:  # prefill chunks only
+        batched = triton and not self.kernels.mla_prefill_ref
+        decode = decode_part(meta)
+        if decode is None and not batched:  # prefill chunks only
             return mla_prefill_ref(q_nope, q_pe, self.kv_cache, kv_b_weight, meta, self.scale).flatten(1)
-        # a mixed step: decode rows stay absorbed (expanding a long context for one query would cost far more)
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_head_dim)
-        rows, sub = decode
-        out[rows] = self._absorbed(q_nope[rows], q_pe[rows], kv_b_weight, sub, triton)
-        rows, sub = prefill
-        out[rows] = mla_prefill_ref(q_nope[rows], q_pe[rows], self.kv_cache, kv_b_weight, sub, self.scale)
+        if decode is not None:
+            # decode rows stay absorbed (expanding a long context for one query would cost far more)
+            rows, sub = decode
+            out[rows] = self._absorbed(q_nope[rows], q_pe[rows], kv_b_weight, sub, triton)
+        if batched:  # every prefill chunk at once, written into its rows of out
+            mla_prefill(q_nope, q_pe, self.kv_cache, kv_b_weight, meta, self.scale, out, triton=True)
+        else:
+            rows, sub = prefill_part(meta)
+            out[rows] = mla_prefill_ref(q_nope[rows], q_pe[rows], self.kv_cache, kv_b_weight, sub, self.scale)
         return out.flatten(1)
 
     def _absorbed(self, q_nope, q_pe, kv_b_weight, meta: AttentionMetadata, triton: bool) -> torch.Tensor:
@@ -108,12 +117,22 @@ def _subset(meta: AttentionMetadata, seqs: list[int], device) -> tuple[torch.Ten
     return torch.tensor(rows, dtype=torch.int64, device=device), sub
 
 
-def split_decode_prefill(meta: AttentionMetadata, device):
-    """For a step with prefill chunks: ((rows, meta) of its one-token sequences, (rows, meta) of the rest), or
-    (None, None) when no sequence decodes. Host lists only: no device sync."""
-    starts = meta.query_start_loc_cpu
-    decode = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
-    if not decode:
-        return None, None
-    prefill = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] > 1]
-    return _subset(meta, decode, device), _subset(meta, prefill, device)
+def _part(meta: AttentionMetadata, single: bool):
+    """(rows, meta) of the step's one-token sequences (single) or of the rest; None when there are none.
+    Host lists only (no device sync), built once per step: every layer shares the metadata."""
+    key = ("mla_part", single)
+    if key not in meta.step_memo:
+        starts = meta.query_start_loc_cpu
+        seqs = [i for i in range(meta.num_seqs) if (starts[i + 1] - starts[i] == 1) == single]
+        meta.step_memo[key] = _subset(meta, seqs, meta.seq_lens.device) if seqs else None
+    return meta.step_memo[key]
+
+
+def decode_part(meta: AttentionMetadata):
+    """(flat rows, metadata) of the sequences with one new token, or None."""
+    return _part(meta, single=True)
+
+
+def prefill_part(meta: AttentionMetadata):
+    """(flat rows, metadata) of the sequences with several new tokens, or None."""
+    return _part(meta, single=False)

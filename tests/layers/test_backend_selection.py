@@ -20,6 +20,7 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_DISABLE_FUSED_OPS", raising=False)
     monkeypatch.delenv("MESHSERVE_NORM_GEMV", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", raising=False)
+    monkeypatch.delenv("MESHSERVE_MLA_PREFILL_REF", raising=False)
 
 
 def _config(device="cpu", dtype="float32", cache_dtype="auto", enforce_eager=False) -> EngineConfig:
@@ -63,6 +64,15 @@ def test_fixed_cost_switches(monkeypatch):
         monkeypatch.setenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", bad)
         with pytest.raises(ValueError, match="MESHSERVE_DECODE_CONTEXT_BOUNDS"):
             select_kernels(gpu)
+
+
+def test_mla_prefill_reference_switch(monkeypatch):
+    # the batched MLA prefill by default on the Triton path; the per-sequence reference for A/B runs
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert not select_kernels(gpu).mla_prefill_ref
+    monkeypatch.setenv("MESHSERVE_MLA_PREFILL_REF", "1")
+    sel = select_kernels(gpu)
+    assert sel.mla_prefill_ref and sel.attention_backend == "triton" and sel.cuda_graphs
 
 
 def test_environment_overrides(monkeypatch):

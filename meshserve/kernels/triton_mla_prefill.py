@@ -1,0 +1,302 @@
+"""Triton causal varlen attention for MLA prefill chunks over their expanded context (kernels/mla_prefill.py).
+
+The context of every prefill sequence (cached prefix + this chunk) has been gathered from the latent cache and
+expanded through kv_b_proj into one contiguous buffer, sequence after sequence: kv [C, H, N + V] (per head
+K_nope then V, the GEMM's own layout: no copy) and the shared rotary key k_pe [C, P]. Query j of sequence b
+(q_len new tokens, seq_len after this step) sits at position seq_len - q_len + j and attends context rows
+ctx_start[b] .. ctx_start[b] + its position.
+
+* ``_mla_prefill_kernel``: grid (cdiv(max_query_len, BLOCK_Q), H, num_seqs), q tiles fastest so the programs
+  running together share one (sequence, head)'s K/V in L2. A program owns BLOCK_Q queries of one head; it
+  walks context tiles of BLOCK_N rows with an fp32 online softmax (exp2, scale folded in). The score is two
+  dots, q_nope k_nope^T + q_pe k_pe^T, so neither the 192-wide key nor the 128-wide value is padded to a
+  power of two (one 256-wide dot would do a third more work on the key and twice on the value, and
+  triton_attention's prefill kernel would need V padded into a scratch K/V cache). Tiles wholly below the
+  causal diagonal of the program's first query run without masks; the rest are masked.
+  Sequences with one new token (a mixed step's decode rows, which the absorbed path serves) are skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from meshserve.kernels.triton_attention import _LOG2E, _NEG_BIG, _dot_precision, _next_pow2, _upcast_dot
+
+
+@triton.jit
+def _attend_tile(
+    acc,
+    m_i,
+    l_i,
+    qn,
+    qp,
+    kv_ptr,
+    kpe_ptr,
+    ctx0,
+    start,
+    q_pos,
+    kv_hi,
+    head,
+    stride_kvt,
+    stride_kvh,
+    stride_kpt,
+    scale_log2,
+    NOPE: tl.constexpr,
+    BLOCK_NOPE: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK_ROPE: tl.constexpr,
+    V_DIM: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    kv_pos = start + tl.arange(0, BLOCK_N)
+    kv_valid = kv_pos < kv_hi
+    dn = tl.arange(0, BLOCK_NOPE)
+    dp = tl.arange(0, BLOCK_ROPE)
+    dv = tl.arange(0, BLOCK_V)
+    row = (ctx0 + kv_pos).to(tl.int64)
+    k_row = kv_ptr + row * stride_kvt + head * stride_kvh  # [BLOCK_N]
+    if MASKED:
+        kn = tl.load(k_row[None, :] + dn[:, None], mask=kv_valid[None, :] & (dn[:, None] < NOPE), other=0.0)
+        kp = tl.load(
+            kpe_ptr + row[None, :] * stride_kpt + dp[:, None],
+            mask=kv_valid[None, :] & (dp[:, None] < ROPE),
+            other=0.0,
+        )
+    else:
+        kn = tl.load(k_row[None, :] + dn[:, None], mask=dn[:, None] < NOPE, other=0.0)
+        kp = tl.load(kpe_ptr + row[None, :] * stride_kpt + dp[:, None], mask=dp[:, None] < ROPE, other=0.0)
+    qk = tl.dot(qn, kn.to(qn.dtype), input_precision=DOT_PRECISION)
+    qk += tl.dot(qp, kp.to(qp.dtype), input_precision=DOT_PRECISION)
+    qk = qk * scale_log2
+    if MASKED:
+        qk = tl.where(kv_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None]), qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(
+            k_row[:, None] + NOPE + dv[None, :], mask=kv_valid[:, None] & (dv[None, :] < V_DIM), other=0.0
+        )
+    else:
+        v = tl.load(k_row[:, None] + NOPE + dv[None, :], mask=dv[None, :] < V_DIM, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(qn.dtype), v.to(qn.dtype), input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _mla_prefill_kernel(
+    qn_ptr,
+    qp_ptr,
+    kv_ptr,
+    kpe_ptr,
+    ctx_loc_ptr,
+    seq_lens_ptr,
+    qsl_ptr,
+    out_ptr,
+    scale_log2,
+    stride_qnt,
+    stride_qnh,
+    stride_qpt,
+    stride_qph,
+    stride_kvt,
+    stride_kvh,
+    stride_kpt,
+    stride_ot,
+    stride_oh,
+    NOPE: tl.constexpr,
+    BLOCK_NOPE: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK_ROPE: tl.constexpr,
+    V_DIM: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    qt = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    q_tile_start = qt * BLOCK_Q
+    if q_tile_start >= q_len:
+        return
+    if q_len == 1:  # a decode row: the absorbed path's
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx0 = tl.load(ctx_loc_ptr + b)
+    prefix = seq_len - q_len
+
+    qi = q_tile_start + tl.arange(0, BLOCK_Q)
+    q_valid = qi < q_len
+    q_pos = prefix + qi
+    tok = (q_start + qi).to(tl.int64)
+    dn = tl.arange(0, BLOCK_NOPE)
+    dp = tl.arange(0, BLOCK_ROPE)
+    qn = tl.load(
+        qn_ptr + tok[:, None] * stride_qnt + head * stride_qnh + dn[None, :],
+        mask=q_valid[:, None] & (dn[None, :] < NOPE),
+        other=0.0,
+    )
+    qp = tl.load(
+        qp_ptr + tok[:, None] * stride_qpt + head * stride_qph + dp[None, :],
+        mask=q_valid[:, None] & (dp[None, :] < ROPE),
+        other=0.0,
+    )
+    if UPCAST_DOT:
+        qn = qn.to(tl.float32)
+        qp = qp.to(tl.float32)
+
+    m_i = tl.full([BLOCK_Q], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_V], dtype=tl.float32)
+
+    # every query of the tile sees the keys up to its first query's position: those tiles need no mask
+    full_hi = ((prefix + q_tile_start + 1) // BLOCK_N) * BLOCK_N
+    kv_hi = prefix + tl.minimum(q_tile_start + BLOCK_Q, q_len)  # the causal limit of the tile's last query
+    for start in range(0, full_hi, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc,
+            m_i,
+            l_i,
+            qn,
+            qp,
+            kv_ptr,
+            kpe_ptr,
+            ctx0,
+            start,
+            q_pos,
+            kv_hi,
+            head,
+            stride_kvt,
+            stride_kvh,
+            stride_kpt,
+            scale_log2,
+            NOPE,
+            BLOCK_NOPE,
+            ROPE,
+            BLOCK_ROPE,
+            V_DIM,
+            BLOCK_V,
+            BLOCK_N,
+            False,
+            DOT_PRECISION,
+        )
+    for start in range(full_hi, kv_hi, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc,
+            m_i,
+            l_i,
+            qn,
+            qp,
+            kv_ptr,
+            kpe_ptr,
+            ctx0,
+            start,
+            q_pos,
+            kv_hi,
+            head,
+            stride_kvt,
+            stride_kvh,
+            stride_kpt,
+            scale_log2,
+            NOPE,
+            BLOCK_NOPE,
+            ROPE,
+            BLOCK_ROPE,
+            V_DIM,
+            BLOCK_V,
+            BLOCK_N,
+            True,
+            DOT_PRECISION,
+        )
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    dv = tl.arange(0, BLOCK_V)
+    tl.store(
+        out_ptr + tok[:, None] * stride_ot + head * stride_oh + dv[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=q_valid[:, None] & (dv[None, :] < V_DIM),
+    )
+
+
+def prefill_config(max_query_len: int, elem_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_Q, BLOCK_N, num_warps, num_stages). 16-bit: 128 queries x 64 keys, the FA2 tile for head dims
+    up to 128 on an H100 (the key is split 128 + 64, so the tiles stay that size); fp32 (tests) half of each
+    to fit shared memory. Short chunks get a smaller query tile (at least 16 rows: tl.dot)."""
+    block_q, block_n = (128, 64) if elem_size <= 2 else (64, 32)
+    block_q = max(16, min(block_q, _next_pow2(max_query_len)))
+    return block_q, block_n, 8 if block_q >= 128 else 4, 3 if elem_size <= 2 else 2
+
+
+def mla_prefill_attention(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    context_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor,
+    block_q: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of the chunks' queries q_nope [T, H, N], q_pe [T, H, P] over their expanded context
+    kv [C, H, N + V], k_pe [C, P] (sequence b's rows from context_start_loc[b]) into out [T, H, V]; rows of
+    one-token sequences are left to the caller. The block/warp/stage knobs are for tools/bench_mla_prefill.py;
+    the defaults are prefill_config's."""
+    num_heads, nope = q_nope.shape[1], q_nope.shape[2]
+    rope, v_dim = q_pe.shape[2], out.shape[2]
+    assert kv.shape[2] == nope + v_dim and k_pe.shape[1] == rope
+    assert q_nope.stride(2) == 1 and q_pe.stride(2) == 1 and kv.stride(2) == 1 and k_pe.stride(1) == 1
+    assert out.stride(2) == 1
+    if q_nope.shape[0] == 0:
+        return out
+    cfg = prefill_config(max_query_len, q_nope.element_size())
+    block_q, block_n = block_q or cfg[0], block_n or cfg[1]
+    num_warps, num_stages = num_warps or cfg[2], num_stages or cfg[3]
+    grid = (triton.cdiv(max_query_len, block_q), num_heads, seq_lens.shape[0])
+    _mla_prefill_kernel[grid](
+        q_nope,
+        q_pe,
+        kv,
+        k_pe,
+        context_start_loc,
+        seq_lens,
+        query_start_loc,
+        out,
+        scale * _LOG2E,
+        q_nope.stride(0),
+        q_nope.stride(1),
+        q_pe.stride(0),
+        q_pe.stride(1),
+        kv.stride(0),
+        kv.stride(1),
+        k_pe.stride(0),
+        out.stride(0),
+        out.stride(1),
+        NOPE=nope,
+        BLOCK_NOPE=max(16, _next_pow2(nope)),
+        ROPE=rope,
+        BLOCK_ROPE=max(16, _next_pow2(rope)),
+        V_DIM=v_dim,
+        BLOCK_V=max(16, _next_pow2(v_dim)),
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        UPCAST_DOT=_upcast_dot(q_nope),
+        DOT_PRECISION=_dot_precision(q_nope),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out

@@ -1,0 +1,216 @@
+"""Batched MLA prefill (kernels/mla_prefill.py, kernels/triton_mla_prefill.py) equals the per-sequence reference
+mla_prefill_ref on mixed steps: prefill chunks over cached prefixes and from scratch beside decode rows, block
+sizes 1 and 16, fp32 and bf16. On CPU the torch arm and the Triton kernel in the interpreter; on the GPU
+(`-m gpu`) the compiled kernel at DeepSeek-V2-Lite's shapes (16 heads, R 512, N 128, P 64, V 128).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+_HAS_CUDA = torch.cuda.is_available()
+if not _HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+
+from meshserve.kernels.mla_prefill import gather_expand, mla_prefill, prefill_context
+from meshserve.kernels.mla_ref import gather_latent_ref, mla_prefill_ref, write_latent_ref
+from tests.kernels.test_mla import _problem
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+# decode rows (q_len 1) between chunks: one from scratch (7 of 7), one over a 25-token prefix, a short one
+Q_LENS, SEQ_LENS = [1, 7, 1, 20, 3], [9, 7, 30, 45, 3]
+SENTINEL = 7.0
+
+
+def _case(q_lens, seq_lens, block_size, dtype, device="cpu", heads=4, nope=16, rope=8, v_dim=24, rank=32):
+    meta, cache, q_nope, q_pe, kv_c, k_pe, kv_b = _problem(
+        heads, nope, rope, v_dim, rank, q_lens, seq_lens, block_size, dtype, device
+    )
+    write_latent_ref(kv_c, k_pe, cache, meta.slot_mapping)
+    scale = (nope + rope) ** -0.5
+    ref = mla_prefill_ref(q_nope.float(), q_pe.float(), cache.float(), kv_b.float(), meta, scale)
+    prefill_rows = [
+        r
+        for i in range(len(q_lens))
+        if q_lens[i] > 1
+        for r in range(meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1])
+    ]
+    return meta, cache, q_nope, q_pe, kv_b, scale, ref, prefill_rows
+
+
+def _check(q_lens, seq_lens, block_size, dtype, triton, device="cpu", atol=None, **shape):
+    meta, cache, q_nope, q_pe, kv_b, scale, ref, rows = _case(
+        q_lens, seq_lens, block_size, dtype, device, **shape
+    )
+    out = torch.full((q_nope.shape[0], q_nope.shape[1], ref.shape[2]), SENTINEL, dtype=dtype, device=device)
+    mla_prefill(q_nope, q_pe, cache, kv_b, meta, scale, out, triton=triton)
+    tol = atol or (2e-2 if dtype == torch.bfloat16 else 1e-5)
+    torch.testing.assert_close(out[rows].float(), ref[rows], atol=tol, rtol=tol)
+    decode_rows = [r for r in range(out.shape[0]) if r not in rows]
+    assert bool((out[decode_rows] == SENTINEL).all()), "decode rows are the absorbed path's: left untouched"
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_prefill_context_gathers_each_chunks_whole_context(block_size):
+    meta, cache, *_ = _case(Q_LENS, SEQ_LENS, block_size, torch.float32)
+    ctx = prefill_context(meta, block_size)
+    assert ctx.start_loc_cpu == [0, 0, 7, 7, 52, 55] and ctx.start_loc.tolist() == ctx.start_loc_cpu
+    assert prefill_context(meta, block_size) is ctx  # once per step: every layer shares it
+    kv_b = torch.randn(4 * (16 + 24), 32)
+    kv, k_pe = gather_expand(cache, kv_b, ctx, 4, torch.float32)
+    expected = torch.cat([gather_latent_ref(cache, meta.block_tables[i], SEQ_LENS[i]) for i in (1, 3, 4)])
+    assert torch.equal(k_pe, expected[:, 32:])
+    torch.testing.assert_close(kv, (expected[:, :32] @ kv_b.T).view(-1, 4, 40))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_torch_arm_equals_reference(block_size, dtype):
+    _check(Q_LENS, SEQ_LENS, block_size, dtype, triton=False)
+
+
+@needs_triton
+@pytest.mark.skipif(_HAS_CUDA, reason="interpreter test runs only without CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_triton_kernel_in_interpreter(block_size, dtype):
+    # v_dim 24 pads to 32, rope 8 to 16: the masked head dims
+    _check(Q_LENS, SEQ_LENS, block_size, dtype, triton=True)
+
+
+@needs_triton
+@pytest.mark.skipif(_HAS_CUDA, reason="interpreter test runs only without CUDA")
+def test_triton_kernel_small_tiles_cross_the_diagonal_in_interpreter():
+    """16 x 16 tiles: chunks of several query tiles over prefixes of several unmasked key tiles, a tile
+    boundary inside the diagonal, and a chunk ending mid-tile."""
+    from meshserve.kernels.mla_prefill import gather_expand
+    from meshserve.kernels.triton_mla_prefill import mla_prefill_attention
+
+    meta, cache, q_nope, q_pe, kv_b, scale, ref, rows = _case([40, 1, 17], [75, 5, 17], 4, torch.float32)
+    ctx = prefill_context(meta, 4)
+    kv, k_pe = gather_expand(cache, kv_b, ctx, 4, torch.float32)
+    out = torch.full((q_nope.shape[0], 4, 24), SENTINEL)
+    mla_prefill_attention(
+        q_nope,
+        q_pe,
+        kv,
+        k_pe,
+        ctx.start_loc,
+        meta.seq_lens,
+        meta.query_start_loc,
+        meta.max_query_len,
+        scale,
+        out,
+        block_q=16,
+        block_n=16,
+        num_warps=4,
+        num_stages=1,
+    )
+    torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=1e-5)
+    assert bool((out[40] == SENTINEL).all())
+
+
+# Compiles the kernel to a cubin for sm_90 with Triton's own ptxas (test_triton_unified_attention's check) at
+# DeepSeek's head dims with the default configs, and checks that the pipelined tiles fit an H100's shared memory
+# (bf16: 128 x 64 tiles, 3 stages, 168 KB; 128 x 128 would need 288 KB).
+_COMPILE_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from meshserve.kernels.triton_mla_prefill import _mla_prefill_kernel as kernel, prefill_config
+
+names = list(kernel.arg_names)
+for dtype, size in [("bf16", 2), ("fp32", 4)]:
+    block_q, block_n, warps, stages = prefill_config(4096, size)
+    sig = {n: "i32" for n in names}
+    sig.update({n: "*" + dtype for n in ("qn_ptr", "qp_ptr", "kv_ptr", "kpe_ptr", "out_ptr")})
+    sig.update(ctx_loc_ptr="*i64", seq_lens_ptr="*i64", qsl_ptr="*i64", scale_log2="fp32")
+    const = dict(NOPE=128, BLOCK_NOPE=128, ROPE=64, BLOCK_ROPE=64, V_DIM=128, BLOCK_V=128, BLOCK_Q=block_q,
+                 BLOCK_N=block_n, UPCAST_DOT=False, DOT_PRECISION="tf32" if size == 2 else "ieee")
+    sig.update({n: "constexpr" for n in const})
+    # what the launcher specialises for DeepSeek's shapes (16-byte aligned pointers, strides of 16): without
+    # it the loads compile to scalar ones with no cp.async pipeline and shared memory is not what a GPU sees
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or "stride" in n}
+    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    assert compiled.metadata.shared <= 227 * 1024, (dtype, compiled.metadata.shared)
+    assert "cp.async" in compiled.asm["ptx"], "K/V loads are not pipelined"
+    print(dtype, "shared", compiled.metadata.shared)
+print("compiled")
+"""
+
+
+@needs_triton
+@pytest.mark.skipif(_HAS_CUDA, reason="the GPU tests compile the kernel for the real device")
+def test_kernel_compiles_for_sm90_without_gpu():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SM90],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if "No such file" in res.stderr and "ptxas" in res.stderr:
+        pytest.skip("no ptxas bundled with this triton")
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU: DeepSeek-V2-Lite's shapes
+# ----------------------------------------------------------------------------------------------------------
+V2_LITE = {"heads": 16, "nope": 128, "rope": 64, "v_dim": 128, "rank": 512}
+# 8 prefill chunks (4 over cached prefixes, up to a 4k context) and 3 decode rows
+GPU_Q_LENS = [512, 1, 1024, 37, 2048, 1, 300, 129, 1, 4000, 64]
+GPU_SEQ_LENS = [512, 900, 1024, 3000, 4096, 17, 300, 1153, 4000, 4000, 2112]
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_triton_prefill_gpu_v2_lite_bf16(block_size):
+    _check(
+        GPU_Q_LENS, GPU_SEQ_LENS, block_size, torch.bfloat16, triton=True, device="cuda", atol=2e-2, **V2_LITE
+    )
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+def test_triton_prefill_gpu_v2_lite_fp32():
+    _check(
+        GPU_Q_LENS[:5], GPU_SEQ_LENS[:5], 16, torch.float32, triton=True, device="cuda", atol=1e-4, **V2_LITE
+    )
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+def test_triton_prefill_gpu_no_host_sync():
+    """Building the step's context and the whole prefill read nothing back from the device (sync debug mode)."""
+    import dataclasses
+
+    meta, cache, q_nope, q_pe, kv_b, scale, _, _ = _case(
+        GPU_Q_LENS, GPU_SEQ_LENS, 16, torch.bfloat16, "cuda", **V2_LITE
+    )
+    out = torch.empty(q_nope.shape[0], 16, 128, dtype=torch.bfloat16, device="cuda")
+    mla_prefill(q_nope, q_pe, cache, kv_b, meta, scale, out, triton=True)  # compile
+    fresh = dataclasses.replace(meta)  # no step memo: the context is built again
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mla_prefill(q_nope, q_pe, cache, kv_b, fresh, scale, out, triton=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert fresh.step_memo and fresh.step_memo is not meta.step_memo

@@ -76,3 +76,21 @@ def test_reference_switch_keeps_prefill_per_sequence_on_the_triton_path(monkeypa
     layer.kernels = KernelSelection(attention_backend="triton")
     _run(layer, [5, 2], [5, 9])
     assert batched == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_step_at_v2_lite_shapes_gpu():
+    """The layer on the GPU (latent write, absorbed decode rows, batched prefill) against the all-expanded
+    reference at DeepSeek-V2-Lite's shapes: chunks over prefixes and from scratch beside decode rows, bf16."""
+    q_lens, seq_lens = [1, 700, 1, 64, 1500, 1], [2000, 700, 33, 3000, 4000, 4096]
+    meta, cache, q_nope, q_pe, kv_c, k_pe, kv_b = _problem(16, 128, 64, 128, 512, q_lens, seq_lens, 16,
+                                                           torch.bfloat16, "cuda")
+    layer = MLAAttention(16, 128, 64, 128, 512, scale=192**-0.5)
+    layer.kernels = KernelSelection(attention_backend="triton")
+    layer.kv_cache = cache.clone()
+    got = layer(q_nope, q_pe, kv_c, k_pe, kv_b, meta)
+    write_latent_ref(kv_c, k_pe, cache, meta.slot_mapping)
+    assert torch.equal(layer.kv_cache, cache)
+    expected = mla_prefill_ref(q_nope.float(), q_pe.float(), cache.float(), kv_b.float(), meta, layer.scale)
+    torch.testing.assert_close(got.float(), expected.flatten(1), atol=2e-2, rtol=2e-2)

@@ -123,7 +123,9 @@ def parse_kv_transfer_config(value: Any) -> KVTransferConfig | None:
     if extra.get("backend", "nccl") not in ("nccl", "gloo"):
         raise _bad(f"must be nccl or gloo, got {extra['backend']!r}", "kv_connector_extra_config.backend")
     if not isinstance(extra.get("layerwise", False), bool):
-        raise _bad(f"must be true or false, got {extra['layerwise']!r}", "kv_connector_extra_config.layerwise")
+        raise _bad(
+            f"must be true or false, got {extra['layerwise']!r}", "kv_connector_extra_config.layerwise"
+        )
     for key in ("transfer_timeout_s", "hold_timeout_s", "init_timeout_s"):
         v = extra.get(key, 1.0)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:

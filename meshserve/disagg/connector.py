@@ -238,7 +238,9 @@ class KVConnector(ABC):
                 continue
             if isinstance(msg, sc.Pull) and msg.layerwise:  # the core decides what to stream (coordinator)
                 self.events.put(
-                    TransferEvent("subscribe", msg.transfer_id, peer=msg.consumer_rank, num_tokens=msg.num_tokens)
+                    TransferEvent(
+                        "subscribe", msg.transfer_id, peer=msg.consumer_rank, num_tokens=msg.num_tokens
+                    )
                 )
             elif isinstance(msg, sc.Pull):
                 self._answer_pull(ident, msg)

@@ -96,7 +96,9 @@ class KVTransferCoordinator:
         # layer-wise: producer requests by request id (until held) and by transfer id (until released)
         self.streams: dict[str, ProducerStream] = {}
         self._streams_by_tid: dict[str, ProducerStream] = {}
-        self._subscriptions: dict[str, tuple[int, int, float]] = {}  # before the request came: (rank, tokens, deadline)
+        self._subscriptions: dict[
+            str, tuple[int, int, float]
+        ] = {}  # before the request came: (rank, tokens, deadline)
         scheduler.kv_hold = self.hold
 
     # -- requests --------------------------------------------------------------------------------
@@ -119,8 +121,12 @@ class KVTransferCoordinator:
                     param="kv_transfer_params",
                 )
             self._producing[seq.request_id] = params.transfer_id
-            st = ProducerStream(params.transfer_id, seq.request_id, seq.num_prompt_tokens,
-                                self.block_manager.blocks_needed(seq.num_prompt_tokens))
+            st = ProducerStream(
+                params.transfer_id,
+                seq.request_id,
+                seq.num_prompt_tokens,
+                self.block_manager.blocks_needed(seq.num_prompt_tokens),
+            )
             self.streams[seq.request_id] = self._streams_by_tid[params.transfer_id] = st
             sub = self._subscriptions.pop(params.transfer_id, None)
             if sub is not None:
@@ -295,8 +301,12 @@ class KVTransferCoordinator:
         if event.kind == "streamed":
             self._set_busy(event.transfer_id, False)
             self.stats.observe_streamed(event.ended - event.started, event.seconds)
-            logger.debug("KV transfer %s: layers sent over %.3f s, %.3f s of it during the prefill",
-                         event.transfer_id, event.ended - event.started, event.seconds)
+            logger.debug(
+                "KV transfer %s: layers sent over %.3f s, %.3f s of it during the prefill",
+                event.transfer_id,
+                event.ended - event.started,
+                event.seconds,
+            )
             return None
         if event.kind == "abandoned":  # the consumer gave up while the prefill ran: hold for the deadline
             st = self._streams_by_tid.get(event.transfer_id)

@@ -43,8 +43,13 @@ class ProducerStream:
 class LayerwiseHook:
     """See the module docstring. streams: request id -> ProducerStream (shared with the coordinator)."""
 
-    def __init__(self, streams: dict[str, ProducerStream], sender: LayerSender, kv_tensors: list[torch.Tensor],
-                 block_size: int):
+    def __init__(
+        self,
+        streams: dict[str, ProducerStream],
+        sender: LayerSender,
+        kv_tensors: list[torch.Tensor],
+        block_size: int,
+    ):
         self.streams = streams
         self.sender = sender
         self.kv_tensors = kv_tensors
@@ -117,5 +122,13 @@ def queue_ready(st: ProducerStream, sender: LayerSender, kv_tensors: list[torch.
         st.queued_blocks = st.ready_blocks
     if st.first_token >= 0 and not st.done_queued:
         st.done_queued = True
-        sender.put(LayerJob("done", st.transfer_id, st.consumer, first_token=st.first_token,
-                            num_blocks=st.num_blocks, prefill_end=st.prefill_end))
+        sender.put(
+            LayerJob(
+                "done",
+                st.transfer_id,
+                st.consumer,
+                first_token=st.first_token,
+                num_blocks=st.num_blocks,
+                prefill_end=st.prefill_end,
+            )
+        )

@@ -78,7 +78,9 @@ class LayerSender:
             try:
                 self._send(job)
             except Exception as e:  # noqa: BLE001  (the consumer is gone: this transfer stops, others go on)
-                logger.warning("KV transfer %s: layer-wise send to rank %d failed: %s", job.transfer_id, job.dst, e)
+                logger.warning(
+                    "KV transfer %s: layer-wise send to rank %d failed: %s", job.transfer_id, job.dst, e
+                )
                 self._failed[job.transfer_id] = str(e)
                 self._spans.pop(job.transfer_id, None)
                 self.conn.events.put(TransferEvent("released", job.transfer_id, reason=str(e)))
@@ -101,20 +103,30 @@ class LayerSender:
         sock = self._socket(job.dst)
         if job.kind == "done":
             span = self._spans.pop(job.transfer_id, None)
-            msg = sc.StreamDone(job.transfer_id, job.ok, job.first_token, job.num_blocks, job.reason, self.conn.rank)
+            msg = sc.StreamDone(
+                job.transfer_id, job.ok, job.first_token, job.num_blocks, job.reason, self.conn.rank
+            )
             sock.send(sc.encoder.encode(msg))
             if span is not None:  # seconds: how much of the sending overlapped the prefill
                 overlap = max(0.0, min(span[1], job.prefill_end) - span[0])
                 self.conn.events.put(
-                    TransferEvent("streamed", job.transfer_id, num_bytes=int(span[2]), seconds=overlap,
-                                  started=span[0], ended=span[1])
+                    TransferEvent(
+                        "streamed",
+                        job.transfer_id,
+                        num_bytes=int(span[2]),
+                        seconds=overlap,
+                        started=span[0],
+                        ended=span[1],
+                    )
                 )
             return
         if job.ready is not None:
             job.ready.synchronize()  # the compute stream has written and gathered this layer
         t0 = time.monotonic()
         count = job.data.shape[1]
-        sock.send(sc.encoder.encode(sc.LayerSent(job.transfer_id, job.layer, job.start, count, self.conn.rank)))
+        sock.send(
+            sc.encoder.encode(sc.LayerSent(job.transfer_id, job.layer, job.start, count, self.conn.rank))
+        )
         nbytes = self.conn._send_layer(job.dst, job.data)
         span = self._spans.setdefault(job.transfer_id, [t0, 0.0, 0])
         span[1] = time.monotonic()
@@ -156,8 +168,12 @@ class LayerReceiver:
             for tid, r in list(self._active.items()):
                 if now > r.deadline:
                     complete = sum(all(g) for g in r.got)
-                    self._finish(tid, False, f"timed out after {conn.config.transfer_timeout_s:.1f} s with "
-                                 f"{complete} of {len(r.got)} layers complete")
+                    self._finish(
+                        tid,
+                        False,
+                        f"timed out after {conn.config.transfer_timeout_s:.1f} s with "
+                        f"{complete} of {len(r.got)} layers complete",
+                    )
         for s in self._dealers.values():
             s.close(linger=0)
 
@@ -194,7 +210,12 @@ class LayerReceiver:
     def _on_layer(self, msg: sc.LayerSent) -> None:
         r = self._active.get(msg.transfer_id)
         ids = None
-        if r is not None and 0 <= msg.layer < len(r.got) and 0 <= msg.start and msg.start + msg.count <= len(r.got[0]):
+        if (
+            r is not None
+            and 0 <= msg.layer < len(r.got)
+            and 0 <= msg.start
+            and msg.start + msg.count <= len(r.got[0])
+        ):
             seen = r.got[msg.layer][msg.start : msg.start + msg.count]
             if not any(seen):
                 ids = r.job.block_ids[msg.start : msg.start + msg.count]
@@ -228,9 +249,13 @@ class LayerReceiver:
         n = len(r.job.block_ids)
         missing = [i for i, g in enumerate(r.got) if sum(g) != n]
         if msg.num_blocks != n:
-            self._finish(msg.transfer_id, False, f"rank {msg.src} sent {msg.num_blocks} blocks, {n} expected", msg.src)
+            self._finish(
+                msg.transfer_id, False, f"rank {msg.src} sent {msg.num_blocks} blocks, {n} expected", msg.src
+            )
         elif missing:
-            self._finish(msg.transfer_id, False, f"layer(s) {missing} incomplete at the end of the stream", msg.src)
+            self._finish(
+                msg.transfer_id, False, f"layer(s) {missing} incomplete at the end of the stream", msg.src
+            )
         else:
             self._finish(msg.transfer_id, True, "", msg.src, msg.first_token)
 
@@ -244,4 +269,3 @@ class LayerReceiver:
         event = TransferEvent(kind, tid, r.job.request_id, first_token, r.nbytes, reason=reason)
         event.seconds = time.monotonic() - r.started
         self.conn.events.put(event)
-

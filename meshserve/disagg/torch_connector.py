@@ -67,7 +67,9 @@ class TorchConnector(KVConnector):
         prefixed = dist.PrefixStore("meshserve-kv", self.store)
         op_timeout = datetime.timedelta(seconds=max(c.transfer_timeout_s, 1.0))
         if self.backend == "gloo":
-            self.group = dist.ProcessGroupGloo(prefixed, c.kv_rank, c.kv_parallel_size, op_timeout)
+            # the constructor waits for every rank with this timeout (a peer still loading its model must not
+            # fail the pair); each send/recv waits with its own, transfer_timeout_s (_wait)
+            self.group = dist.ProcessGroupGloo(prefixed, c.kv_rank, c.kv_parallel_size, timeout)
         else:
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = op_timeout

@@ -18,14 +18,21 @@ The Triton backend serves it with triton_unified_attention (grid (cdiv(T, BLOCK_
 multi-token rows and the split-K decode kernel for the one-token rows (TritonAttentionBackend.attend).
 
 What runs where is decided by mixed_graphs_unsupported (the reason is logged): Triton attention only (the
-torch reference syncs on host lists), no MLA (its mixed path splits the batch on host lists), no speculative
-decoding for now. MoE models are in: the fused MoE kernels keep static shapes (the decode graphs capture
-them already); padded tokens are routed and computed like real ones, which wastes a little work and adds
-them to the expert-load counts, as decode-graph padding rows already do.
+torch reference syncs on host lists), no MLA (its mixed path splits the batch on host lists). MoE models are
+in: the fused MoE kernels keep static shapes (the decode graphs capture them already); padded tokens are
+routed and computed like real ones, which wastes a little work and adds them to the expert-load counts, as
+decode-graph padding rows already do.
 
 The plain path beside the graphs: replay=False runs the same forward eagerly on the same padded buffers and
 padded metadata (its host lists read back from the buffers), so CPU tests check with the torch reference
 that padding never changes a real row.
+
+Speculative decoding's verify steps replay these graphs too: a verify step is a mixed-like batch (each
+verifying row brings k + 1 query tokens, the last verified token and its k proposals, beside one-token rows
+and prefill chunks), so it is never decode-only (DecodeGraphs.can_run refuses it) and takes the bucket that
+holds its tokens. The step sampler scores every position of those rows from the step's own (unpadded)
+query_start_loc, and run() returns exactly the real rows, so the rejection sampler never sees padding. The
+draft model's forwards (spec_decode/draft_model.py) still run eagerly.
 """
 
 from __future__ import annotations
@@ -73,10 +80,6 @@ def mixed_graphs_unsupported(config: EngineConfig, attention_backend: str) -> st
         return f"the {attention_backend} attention backend reads host lists of the batch (Triton only)"
     if getattr(config.model_config.hf_config, "kv_lora_rank", None):
         return "MLA splits mixed batches into decode and prefill parts on host lists"
-    if config.speculative_config is not None:
-        # verify steps are mixed-like (k + 1 tokens per row) and could replay these graphs once the
-        # rejection sampler's inputs are padded the same way; until then they run eagerly
-        return "speculative decoding runs its steps eagerly for now"
     return None
 
 

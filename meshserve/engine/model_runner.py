@@ -11,6 +11,7 @@ and which kernels serve them is decided once, in layers/backend_selection.py.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -24,7 +25,7 @@ from meshserve.distributed.parallel_state import (
 )
 from meshserve.distributed.pipeline import recv_activations, send_activations
 from meshserve.engine.cpu_threads import set_cpu_threads
-from meshserve.engine.cuda_graph import DecodeGraphs
+from meshserve.engine.cuda_graph import DecodeGraphs, attention_split_counts
 from meshserve.engine.kv_pool import KVCachePool, largest_step
 from meshserve.engine.mixed_graph import (
     MixedStepGraphs,
@@ -91,7 +92,8 @@ class ModelRunner:
         self.mixed_graphs: MixedStepGraphs | None = None
         self.layerwise_hook = None  # disagg/layer_hook.py LayerwiseHook, on a layer-wise KV producer
         spec = config.speculative_config
-        # a draft model proposes on the ranks, after each step (speculative steps themselves run eager)
+        # a draft model proposes on the ranks, after each step, eagerly (the verify steps themselves replay
+        # the mixed-step graphs: _run_forward)
         self.drafter = DraftModelProposer(config, self.device) if spec is not None and spec.uses_draft_model else None
         self._step_parity = 0  # which of the pinned buffers this step uses
         self._sends: list = []  # a pipeline stage's activation sends still in flight
@@ -105,6 +107,10 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
+
+    def mixed_graph_tokens(self) -> int:
+        """The largest mixed step that replays a CUDA graph here (0: mixed steps run eagerly)."""
+        return self.mixed_graphs.buckets[-1] if self.mixed_graphs is not None else 0
 
     def param_bytes(self) -> int:
         """Bytes of this rank's weights (shared tensors once)."""
@@ -204,8 +210,10 @@ class ModelRunner:
             stage_input = None
             if not get_parallel_state().is_first_stage:
                 stage_input = (self.config.model_config.hf_config.hidden_size, self.dtype)
+            splits_of = functools.partial(attention_split_counts, self.model.attention_layers(), self.dtype,
+                                          self.device)
             self.graphs = DecodeGraphs(self.forward, sc.max_num_seqs, sc.max_model_len, self.block_size,
-                                       self.device, stage_input)
+                                       self.device, stage_input, self.kernels.decode_context_bounds, splits_of)
             self.graphs.capture()
             self.mixed_graphs = self.build_mixed_graphs(stage_input)
             if self.mixed_graphs is not None:

@@ -33,7 +33,8 @@ CUDA graphs
 The decode path does no host sync and makes no decision from device values: num_splits is a function of
 host-known numbers only (num_seqs, num_kv_heads, meta.max_seq_len, SM count) and correctness does not depend
 on it (each split computes its range from the device-side seq_len, empty splits contribute nothing). For
-graph capture pass a fixed meta.max_seq_len (e.g. max_model_len, as meshserve.engine.cuda_graph does) or
+graph capture pass a fixed meta.max_seq_len (max_model_len, or a short-context bound: engine/cuda_graph.py
+captures small batches once per bound whose decode_splits differ, and replays the one the step fits) or
 construct the backend with ``decode_num_splits=N``; whatever num_splits is chosen at capture is baked into
 the graph and stays valid for any seq_lens at replay (up to the block table width). Padding rows with
 seq_len 0 produce zeros; rows with q_len 0 (query_start_loc[i+1] == query_start_loc[i]) write nothing.
@@ -434,15 +435,20 @@ class TritonAttentionBackend:
                               meta.max_query_len, scale, sliding_window, out, k_scale, v_scale, skip_single=split)
         return out
 
+    def decode_splits(self, num_seqs: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                      max_seq_len: int, device: torch.device) -> int:
+        """The KV splits _decode uses for this batch shape (engine/cuda_graph.py keys graph variants by it)."""
+        if self.decode_num_splits is not None:
+            return self.decode_num_splits
+        block_n = _decode_block_n(_next_pow2(head_dim), dtype.itemsize)
+        return decode_num_splits(num_seqs, num_kv_heads, max_seq_len, block_n,
+                                 _num_sms(device.index if device.type == "cuda" else None),
+                                 max_splits=self.max_decode_splits)
+
     def _decode(self, query, kv_cache, meta, scale, sliding_window, out, k_scale, v_scale):
         """The one-token rows of the batch through the split-K decode kernel."""
-        num_seqs = meta.seq_lens.shape[0]
-        splits = self.decode_num_splits
-        if splits is None:
-            dev = query.device.index if query.device.type == "cuda" else None
-            splits = decode_num_splits(num_seqs, kv_cache.shape[3], meta.max_seq_len,
-                                       _decode_block_n(_next_pow2(query.shape[2]), query.element_size()),
-                                       _num_sms(dev), max_splits=self.max_decode_splits)
+        splits = self.decode_splits(meta.seq_lens.shape[0], kv_cache.shape[3], query.shape[2], query.dtype,
+                                    meta.max_seq_len, query.device)
         decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                          scale, sliding_window, out, splits, k_scale=k_scale, v_scale=v_scale)
 

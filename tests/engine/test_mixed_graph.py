@@ -23,7 +23,10 @@ from meshserve.engine.mixed_graph import (
 )
 from meshserve.engine.scheduler_output import ScheduledSequence
 from meshserve.errors import InvalidArgumentError
+from meshserve.spec_decode.config import parse_speculative_config
 from tests.conftest import VOCAB
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3}
 
 
 def _ids(seed: int, n: int) -> list[int]:
@@ -174,8 +177,9 @@ def test_unsupported_reasons_and_memory_reserve(llama):
     assert "turned off" in mixed_graphs_unsupported(
         dataclasses.replace(config, max_cudagraph_tokens=0), "triton"
     )
-    spec = dataclasses.replace(config, speculative_config=object())
-    assert "speculative" in mixed_graphs_unsupported(spec, "triton")
+    # verify steps replay the graphs too (tests/spec_decode/test_spec_graphs.py)
+    spec = dataclasses.replace(config, speculative_config=parse_speculative_config(NGRAM))
+    assert mixed_graphs_unsupported(spec, "triton") is None
     # the reserve scales the profiled activations (48 tokens) to the largest bucket
     assert graph_pool_reserve_bytes(4800, config) == 4800
     assert graph_pool_reserve_bytes(4800, dataclasses.replace(config, max_cudagraph_tokens=16)) == 1600

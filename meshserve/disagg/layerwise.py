@@ -69,6 +69,9 @@ class LayerSender:
 
     def run(self) -> None:
         self.conn._thread_init()
+        stream = getattr(self.conn, "_send_stream", None)
+        if stream is not None:  # NCCL orders a send after the caller's current stream: not the compute stream
+            torch.cuda.set_stream(stream)
         while True:
             job = self.jobs.get()
             if job is None:

@@ -40,6 +40,25 @@ class RunRecorder:
         b = int(gap_s / ITL_BIN_S)
         self._itl_pending[b] = self._itl_pending.get(b, 0) + 1
 
+    def add_itl_count(self, gap_s: float, count: int) -> None:
+        """count gaps of gap_s (every sequence of one step)."""
+        b = int(gap_s / ITL_BIN_S)
+        self._itl_pending[b] = self._itl_pending.get(b, 0) + count
+
+    def add_itl_linear(self, first_s: float, slope_s: float, steps: int, count: int) -> None:
+        """count gaps of each of first_s + slope_s * i, i = 0..steps-1 (a decode segment's step durations,
+        fast_replica.py): bin by bin, not gap by gap (slope_s >= 0: a gap grows by microseconds a step)."""
+        pending, i = self._itl_pending, 0
+        while i < steps:
+            b = int((first_s + slope_s * i) / ITL_BIN_S)
+            j = steps if slope_s <= 0 else min(steps, max(i + 1, int(((b + 1) * ITL_BIN_S - first_s) / slope_s)))
+            while j > i + 1 and int((first_s + slope_s * (j - 1)) / ITL_BIN_S) != b:  # rounding at the bin edge
+                j -= 1
+            while j < steps and int((first_s + slope_s * j) / ITL_BIN_S) == b:
+                j += 1
+            pending[b] = pending.get(b, 0) + (j - i) * count
+            i = j
+
     def add_itl_counts(self, gaps_s: list[float], count: int) -> None:
         """count gaps of each of gaps_s (every sequence of a decode step, for each step)."""
         pending = self._itl_pending

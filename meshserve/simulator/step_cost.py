@@ -91,6 +91,16 @@ class StepCost:
         return [max(base + t2 * (1e3 * (context + n * j) * kvb / bw) + t3 * mixed, 0.0) * 1e-3 + comm
                 for j in range(1, steps + 1)]
 
+    def decode_line(self, n: int, context: int) -> tuple[float, float]:
+        """(a, b) with self(StepShape(n, n, context + n * j)) = a + b * j for decode steps (j >= 1) of n
+        sequences holding `context` KV tokens before the first (the fast replica's closed form; equal to
+        decode_durations up to rounding while the model's time is positive, which calibrated weights keep)."""
+        m = self.model
+        t0, t1, t2, _ = m._theta
+        dense, _, _ = m._terms(StepShape(n, n, context + n))
+        per_token = t2 * 1e3 * m.kv_bytes_per_token / m.rates.bandwidth * 1e-3
+        return (t0 + t1 * dense) * 1e-3 + per_token * context + self.comm_s(n), per_token * n
+
 
 def read_step_trace(path: str | Path) -> list[dict]:
     """The JSON lines of `meshserve serve --step-trace FILE` (gzip or plain)."""

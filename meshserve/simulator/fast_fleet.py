@@ -1,0 +1,129 @@
+"""The event loop over fast replicas (fast_replica.py), and which configurations they cover.
+
+The same events, in the same order, as fleet.py's loop over the reference replicas (arrivals first at equal
+times; then by time, replica index, kind): a request reaching a replica's core through its API process, a
+replica's step or decode segment ending, an idle replica waking. The least-outstanding router chooses through
+a bucketed index (least_outstanding.py: the scan's choices without the scan); round robin as the router does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from heapq import heappop, heappush
+
+from meshserve.router.policy import RoundRobin
+from meshserve.simulator.config import SimConfig
+from meshserve.simulator.fast_replica import FastReplica
+from meshserve.simulator.least_outstanding import LeastOutstandingIndex
+from meshserve.simulator.metrics import RunRecorder
+from meshserve.simulator.trace import Trace
+
+_ADMIT, _STEP_END, _WAKE = -1, 0, 1
+
+# What the fast replica does not model; simulate() takes the reference (the engine's scheduler) for these.
+FAST_MODEL_COVERS = ("FCFS scheduling with chunked prefill, max_num_seqs <= max_num_batched_tokens, recompute "
+                     "preemption, no prefix caching (no shared prefixes), no SLO targets, one API process per "
+                     "replica, least-outstanding or round-robin routing, no autoscaling")
+
+
+def fast_model_gap(config: SimConfig, prefix_caching: bool, custom_step_cost: bool, autoscale: bool) -> str | None:
+    """Why the fast replica model cannot run this configuration (None: it can)."""
+    reasons = [
+        (prefix_caching, "prefix caching"),
+        (config.slo_ttft_s is not None or config.slo_tpot_s is not None, "SLO-aware scheduling and admission"),
+        (config.router == "prefix-affinity", "prefix-affinity routing"),
+        (config.api_server_count != 1, "more than one API process per replica"),
+        (config.max_num_batched_tokens < config.max_num_seqs, "max_num_batched_tokens < max_num_seqs"),
+        (custom_step_cost, "a step cost other than the calibrated StepCost"),
+        (autoscale, "autoscaling"),
+    ]
+    gaps = [why for hit, why in reasons if hit]
+    return ", ".join(gaps) if gaps else None
+
+
+def run_fast(config: SimConfig, trace: Trace, make_replica: Callable[[int, Callable], FastReplica],
+             recorder: RunRecorder, progress: Callable[[float], None] | None = None) -> tuple[list, list[dict]]:
+    """Run the trace through config.num_replicas fast replicas; returns them and the fleet's timeline."""
+    index = LeastOutstandingIndex(config.num_replicas)
+    replicas = [make_replica(i, index.add) for i in range(config.num_replicas)]
+    round_robin = RoundRobin() if config.router == "round-robin" else None
+    version = [0] * len(replicas)
+    steps: list[tuple] = []
+    prompts, outputs = trace.prompt_len.tolist(), trace.output_len.tolist()
+    arrivals = trace.arrival_s.tolist()
+    n, i = len(arrivals), 0
+    delay = config.frontend_latency_s
+    counts, max_attempts = index.counts, config.max_attempts
+
+    def admit(rep: FastReplica, j: int, now: float) -> bool:
+        end = rep.interrupt(now)
+        if end is not None:  # its decode segment is cut at now: a step ending at `end` is in flight
+            version[rep.index] += 1
+            heappush(steps, (end, rep.index, _STEP_END, version[rep.index]))
+        if not rep.try_add(arrivals[j], prompts[j], outputs[j]):
+            index.add(rep.index, -1)  # a 429 back at the router
+            return False
+        if not rep.busy:  # wake it after every arrival of this instant is queued
+            rep.busy = True
+            version[rep.index] += 1
+            heappush(steps, (now, rep.index, _WAKE, version[rep.index]))
+        return True
+
+    def send(j: int, now: float, tried: tuple[int, ...]) -> None:
+        while len(tried) < max_attempts:
+            if round_robin is None:
+                k = index.choose(tried)
+                if k is None:
+                    break
+                rep = replicas[k]
+            else:
+                candidates = [r for r in replicas if r.index not in tried] if tried else replicas
+                if not candidates:
+                    break
+                rep = round_robin.choose(candidates)
+            index.add(rep.index, 1)
+            reached = rep.intake(now)
+            if reached > now:
+                heappush(steps, (reached, rep.index, _ADMIT, (j, (*tried, rep.index))))
+                return
+            if admit(rep, j, now):
+                return
+            tried = (*tried, rep.index)
+        recorder.num_rejected += 1
+
+    tick = arrivals[-1] / 100 if n and arrivals[-1] > 0 else math.inf
+    next_tick = tick
+    timeline: list[dict] = []
+    next_arrival = arrivals[0] + delay if n else math.inf
+    while i < n or steps:
+        t_step = steps[0][0] if steps else math.inf
+        t_next = next_arrival if next_arrival < t_step else t_step
+        while t_next >= next_tick:
+            timeline.append({"t": next_tick, "waiting": sum(r.num_waiting for r in replicas),
+                             "running": sum(r.num_running for r in replicas)})
+            if progress is not None:
+                progress(next_tick)
+            next_tick += tick
+        if next_arrival <= t_step:  # arrivals first at equal times
+            send(i, next_arrival, ())
+            i += 1
+            next_arrival = arrivals[i] + delay if i < n else math.inf
+            continue
+        now, idx, kind, ver = heappop(steps)
+        rep = replicas[idx]
+        if kind == _ADMIT:  # through its API process: the core gets it now
+            j, tried = ver
+            if not admit(rep, j, now):
+                send(j, now, tried)
+            continue
+        if ver != version[idx]:
+            continue  # a decode segment that an arrival cut short
+        if kind == _STEP_END:
+            rep.end_step(now)
+        end = rep.start_step(now)
+        if end is not None:
+            version[idx] += 1
+            heappush(steps, (end, idx, _STEP_END, version[idx]))
+    assert sum(counts) == 0, "every request sent was finished or refused"
+    return replicas, timeline

@@ -73,16 +73,20 @@ def run_fast(config: SimConfig, trace: Trace, make_replica: Callable[[int, Calla
     def send(j: int, now: float, tried: tuple[int, ...]) -> None:
         while len(tried) < max_attempts:
             if round_robin is None:
-                k = index.choose(tried)
-                if k is None:
-                    break
-                rep = replicas[k]
+                if not tried:
+                    rep = replicas[index.take()]
+                else:
+                    k = index.choose(tried)
+                    if k is None:
+                        break
+                    rep = replicas[k]
+                    index.add(k, 1)
             else:
                 candidates = [r for r in replicas if r.index not in tried] if tried else replicas
                 if not candidates:
                     break
                 rep = round_robin.choose(candidates)
-            index.add(rep.index, 1)
+                index.add(rep.index, 1)
             reached = rep.intake(now)
             if reached > now:
                 heappush(steps, (reached, rep.index, _ADMIT, (j, (*tried, rep.index))))

@@ -86,7 +86,6 @@ class FastReplica:
         self._orders = 0
         self._scheduled: list[tuple[Req, int]] = []  # the explicit step in flight: prefill chunks
         self._scheduled_decoders = 0  # and how many decoders it carries
-        self._step_start_s = 0.0
 
     @property
     def num_waiting(self) -> int:
@@ -99,12 +98,15 @@ class FastReplica:
     # -- arrivals --------------------------------------------------------------------------------
     def intake(self, t: float) -> float:
         """A request reaches the API process at t: when the core gets it (t itself without a front end)."""
-        if self.frontend is None:
+        fe = self.frontend
+        if fe is None:
             return t
         seg = self.segment
         if seg is not None:  # tokens of steps that ended before t are ahead of it in the queue
-            self.last_seen = seg.deliver(seg.steps_ended_before(t), self.frontend, self.recorder, self.last_seen)
-        return self.frontend.intake(t)
+            k = seg.steps_ended_before(t)
+            if k > seg.delivered:
+                self.last_seen = seg.deliver(k, fe, self.recorder, self.last_seen)
+        return fe.submit(t, fe.costs.per_request_s)  # one API process (FrontEnd.intake's own case)
 
     def try_add(self, sent: float, prompt: int, max_out: int) -> bool:
         """Queue a request (sent at `sent`), or refuse it as the server would (429 queue full, 400 too long)."""
@@ -130,36 +132,28 @@ class FastReplica:
 
     # -- steps -----------------------------------------------------------------------------------
     def start_step(self, now: float) -> float | None:
-        """Start the next step (or decode segment) at now; returns when it ends, None when idle."""
-        n = len(self.decoders)
-        if not self.waiting and self.partial is None and n:
-            end = self._start_segment(now, n)
-            if end is not None:
-                return end
+        """Start the next step at now; returns when it ends, None when idle. With nobody waiting or part-way
+        through a prompt, that is a decode segment up to the next finish, if the KV pool holds all of its steps
+        (one test of an upper bound, or of the exact sum near capacity); else one step as the scheduler does."""
+        decoders = self.decoders
+        if decoders and not self.waiting and self.partial is None:
+            heap = self.finishing
+            while True:  # entries of decoders preempted since are stale
+                end, order = heap[0]
+                r = decoders.get(order)
+                if r is not None and r.end_step == end:
+                    break
+                heappop(heap)
+            n, s, bs = len(decoders), self.step, self.block_size
+            k = end - s
+            base = self.sum_offset + n * s
+            if (base + n * (k + bs - 1)) // bs <= self.num_blocks or \
+                    sum(-(-(r.offset + end) // bs) for r in decoders.values()) <= self.num_blocks:
+                a, b = self.step_cost.decode_line(n, base)
+                self.segment = DecodeSegment(now, a, b, n, k)
+                self.busy = True
+                return now + k * a + b * (k * (k + 1) // 2)
         return self._schedule(now)
-
-    def _next_finish(self) -> int:
-        heap, decoders = self.finishing, self.decoders
-        while True:  # entries of preempted decoders are stale
-            end, order = heap[0]
-            r = decoders.get(order)
-            if r is not None and r.end_step == end:
-                return end
-            heappop(heap)
-
-    def _start_segment(self, now: float, n: int) -> float | None:
-        """Decode steps until the next finish, if the KV pool holds all of them (else None: step by step)."""
-        s = self.step
-        k = self._next_finish() - s
-        tokens = self.sum_offset + n * (s + k)
-        bs = self.block_size
-        if (tokens + n * (bs - 1)) // bs > self.num_blocks and \
-                sum(-(-(r.offset + s + k) // bs) for r in self.decoders.values()) > self.num_blocks:
-            return None
-        a, b = self.step_cost.decode_line(n, self.sum_offset + n * s)
-        seg = self.segment = DecodeSegment(now, a, b, n, k)
-        self.busy = True
-        return seg.end_s(k)
 
     def _schedule(self, now: float) -> float | None:
         """One step as Scheduler.schedule decides it: every running sequence first (a decode token each, the
@@ -213,13 +207,61 @@ class FastReplica:
         for r, num_new in scheduled:
             tokens += num_new
             context += r.computed + num_new
-        self._scheduled, self._scheduled_decoders = scheduled, n
         self.busy = True
-        self._step_start_s = now
         duration = self.step_cost(StepShape(tokens, n + len(scheduled), context))
+        if free is None and not self.waiting:
+            end = self._fold(now, duration, scheduled, n)
+            if end is not None:
+                return end
+        self._scheduled, self._scheduled_decoders = scheduled, n
         self.steps += 1
         self.busy_s += duration
         return now + duration
+
+    def _fold(self, now: float, duration: float, scheduled: list[tuple[Req, int]], n: int) -> float | None:
+        """When the step just scheduled leaves nobody waiting or part-way and nobody finishing with it, the decode
+        steps after it are fixed at once: apply it now and start a segment headed by it (one event for both).
+        None (nothing changed) otherwise."""
+        heap, decoders = self.finishing, self.decoders
+        s1 = self.step + 1
+        while heap:  # entries of decoders preempted since are stale
+            end, order = heap[0]
+            r = decoders.get(order)
+            if r is not None and r.end_step == end:
+                if end <= s1:
+                    return None  # a decoder finishes with this step: its end is an event
+                break
+            heappop(heap)
+        max_len = self.max_model_len
+        for r, num_new in scheduled:
+            known = r.prompt + r.out
+            if r.computed + num_new < known or min(r.max_out - r.out, max_len - known) <= 1:
+                return None  # part-way through its prompt, or done with its first token
+        first_tokens = []
+        for r, num_new in scheduled:
+            r.computed += num_new
+            r.out += 1
+            known = r.prompt + r.out
+            r.offset = known - 1 - s1
+            r.end_step = s1 + min(r.max_out - r.out, max_len - known)
+            decoders[r.order] = r
+            self.sum_offset += r.offset
+            heappush(heap, (r.end_step, r.order))
+            first_tokens.append(r)
+        n2, s, bs = len(decoders), self.step, self.block_size
+        k = heap[0][0] - s
+        base = self.sum_offset + n2 * s
+        if (base + n2 * (k + bs - 1)) // bs > self.num_blocks:
+            # the exact test near capacity: undo, and take the step alone
+            for r, num_new in scheduled:
+                del decoders[r.order]
+                self.sum_offset -= r.offset
+                r.out -= 1
+                r.computed -= num_new
+            return None
+        a, b = self.step_cost.decode_line(n2, base)
+        self.segment = seg = DecodeSegment(now, a, b, n2, k, duration, n, first_tokens)
+        return seg.end_s(k)
 
     def _free_blocks_after_decodes(self) -> int:
         """Free blocks once every decoder holds room for this step's token (negative: they do not fit)."""
@@ -268,7 +310,8 @@ class FastReplica:
             self.step += seg.total
             self.steps += seg.total
             self.busy_s += now - seg.start_s
-            self._finish_decoders(self.last_seen)
+            if self.finishing[0][0] <= self.step:
+                self._finish_decoders(self.last_seen)
             return
         self.step += 1
         scheduled, n = self._scheduled, self._scheduled_decoders

@@ -41,6 +41,14 @@ class LeastOutstandingIndex:
         elif old == self._least and not bucket:
             self._least = min(self._buckets) if delta != 1 else new
 
+    def take(self) -> int:
+        """choose() with nothing tried, and count the request on the replica chosen (the common case, in one
+        call)."""
+        tied = self._buckets[self._least]
+        i = tied[next(self._tie) % len(tied)]
+        self.add(i, 1)
+        return i
+
     def choose(self, tried: tuple[int, ...] = ()) -> int | None:
         """The replica (not in tried) with the fewest outstanding requests, ties round robin in index order;
         None when every replica was tried."""

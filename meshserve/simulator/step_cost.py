@@ -70,6 +70,7 @@ class StepCost:
         self._allreduces = 2 * model.num_layers
         self._token_bytes = model.hidden_size * ACT_BYTES
         self._link = (gpu.link_gb_s, gpu.link_latency_us)
+        self._lines: dict[int, tuple[float, float]] = {}  # decode_line's per-batch-size terms
 
     def comm_s(self, num_tokens: int) -> float:
         """Two all-reduces per layer of the step's hidden states (0 without TP)."""
@@ -95,11 +96,15 @@ class StepCost:
         """(a, b) with self(StepShape(n, n, context + n * j)) = a + b * j for decode steps (j >= 1) of n
         sequences holding `context` KV tokens before the first (the fast replica's closed form; equal to
         decode_durations up to rounding while the model's time is positive, which calibrated weights keep)."""
-        m = self.model
-        t0, t1, t2, _ = m._theta
-        dense, _, _ = m._terms(StepShape(n, n, context + n))
-        per_token = t2 * 1e3 * m.kv_bytes_per_token / m.rates.bandwidth * 1e-3
-        return (t0 + t1 * dense) * 1e-3 + per_token * context + self.comm_s(n), per_token * n
+        line = self._lines.get(n)
+        if line is None:  # the batch's own terms: weights or FLOPs, all-reduces
+            m = self.model
+            t0, t1, t2, _ = m._theta
+            dense, _, _ = m._terms(StepShape(n, n, n))
+            per_token = t2 * m.kv_bytes_per_token / m.rates.bandwidth
+            line = self._lines[n] = ((t0 + t1 * dense) * 1e-3 + self.comm_s(n), per_token)
+        fixed, per_token = line
+        return fixed + per_token * context, per_token * n
 
 
 def read_step_trace(path: str | Path) -> list[dict]:

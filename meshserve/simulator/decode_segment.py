@@ -59,9 +59,10 @@ class DecodeSegment:
         k = int(2 * x / (c + math.sqrt(c * c + 2 * b * x)))  # the root of b/2 k^2 + c k = x, rounded down
         k = total if k > total else k
         # the root's rounding, fixed on the step end times themselves (end_s, inlined: this runs per arrival)
-        while k < total and k * a + a + b * ((k + 1) * (k + 2) // 2) < x:
+        o = self.origin_s
+        while k < total and o + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) < t:
             k += 1
-        while k > 0 and k * a + b * (k * (k + 1) // 2) >= x:
+        while k > 0 and o + k * a + b * (k * (k + 1) // 2) >= t:
             k -= 1
         return k
 

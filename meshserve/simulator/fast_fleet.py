@@ -49,6 +49,8 @@ def run_fast(config: SimConfig, trace: Trace, make_replica: Callable[[int, Calla
     replicas = [make_replica(i, index.add) for i in range(config.num_replicas)]
     round_robin = RoundRobin() if config.router == "round-robin" else None
     version = [0] * len(replicas)
+    next_event = [math.inf] * len(replicas)  # when each replica's next step or segment ends (inf: idle)
+    pending = [0] * len(replicas)  # requests in each replica's API process whose admission is an event
     steps: list[tuple] = []
     prompts, outputs = trace.prompt_len.tolist(), trace.output_len.tolist()
     arrivals = trace.arrival_s.tolist()
@@ -57,17 +59,20 @@ def run_fast(config: SimConfig, trace: Trace, make_replica: Callable[[int, Calla
     counts, max_attempts = index.counts, config.max_attempts
 
     def admit(rep: FastReplica, j: int, now: float) -> bool:
+        k = rep.index
         end = rep.interrupt(now)
         if end is not None:  # its decode segment is cut at now: a step ending at `end` is in flight
-            version[rep.index] += 1
-            heappush(steps, (end, rep.index, _STEP_END, version[rep.index]))
+            version[k] += 1
+            next_event[k] = end
+            heappush(steps, (end, k, _STEP_END, version[k]))
         if not rep.try_add(arrivals[j], prompts[j], outputs[j]):
-            index.add(rep.index, -1)  # a 429 back at the router
+            index.add(k, -1)  # a 429 back at the router
             return False
         if not rep.busy:  # wake it after every arrival of this instant is queued
             rep.busy = True
-            version[rep.index] += 1
-            heappush(steps, (now, rep.index, _WAKE, version[rep.index]))
+            version[k] += 1
+            next_event[k] = now
+            heappush(steps, (now, k, _WAKE, version[k]))
         return True
 
     def send(j: int, now: float, tried: tuple[int, ...]) -> None:
@@ -89,7 +94,14 @@ def run_fast(config: SimConfig, trace: Trace, make_replica: Callable[[int, Calla
                 index.add(rep.index, 1)
             reached = rep.intake(now)
             if reached > now:
-                heappush(steps, (reached, rep.index, _ADMIT, (j, (*tried, rep.index))))
+                k = rep.index
+                if not pending[k] and next_event[k] >= reached and rep.will_take(prompts[j], outputs[j]):
+                    # nothing happens on this replica before its core gets the request, and it will queue it:
+                    # admit it now (as of `reached`) rather than through an event
+                    admit(rep, j, reached)
+                    return
+                pending[k] += 1
+                heappush(steps, (reached, k, _ADMIT, (j, (*tried, k))))
                 return
             if admit(rep, j, now):
                 return
@@ -118,6 +130,7 @@ def run_fast(config: SimConfig, trace: Trace, make_replica: Callable[[int, Calla
         rep = replicas[idx]
         if kind == _ADMIT:  # through its API process: the core gets it now
             j, tried = ver
+            pending[idx] -= 1
             if not admit(rep, j, now):
                 send(j, now, tried)
             continue
@@ -126,8 +139,11 @@ def run_fast(config: SimConfig, trace: Trace, make_replica: Callable[[int, Calla
         if kind == _STEP_END:
             rep.end_step(now)
         end = rep.start_step(now)
-        if end is not None:
+        if end is None:
+            next_event[idx] = math.inf
+        else:
             version[idx] += 1
+            next_event[idx] = end
             heappush(steps, (end, idx, _STEP_END, version[idx]))
     assert sum(counts) == 0, "every request sent was finished or refused"
     return replicas, timeline

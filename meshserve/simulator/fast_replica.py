@@ -25,7 +25,6 @@ from collections.abc import Callable
 from heapq import heappop, heappush
 
 from meshserve.config import CacheConfig, SchedulerConfig
-from meshserve.engine.step_time import StepShape
 from meshserve.simulator.decode_segment import DecodeSegment
 from meshserve.simulator.frontend import FrontEnd, FrontEndCosts
 from meshserve.simulator.metrics import RunRecorder
@@ -107,6 +106,12 @@ class FastReplica:
             if k > seg.delivered:
                 self.last_seen = seg.deliver(k, fe, self.recorder, self.last_seen)
         return fe.submit(t, fe.costs.per_request_s)  # one API process (FrontEnd.intake's own case)
+
+    def will_take(self, prompt: int, max_out: int) -> bool:
+        """Whether try_add would queue this request now."""
+        total = prompt + max_out
+        return len(self.waiting) < self.max_queue_len and total <= self.max_model_len and \
+            total <= self.capacity_tokens
 
     def try_add(self, sent: float, prompt: int, max_out: int) -> bool:
         """Queue a request (sent at `sent`), or refuse it as the server would (429 queue full, 400 too long)."""
@@ -208,7 +213,7 @@ class FastReplica:
             tokens += num_new
             context += r.computed + num_new
         self.busy = True
-        duration = self.step_cost(StepShape(tokens, n + len(scheduled), context))
+        duration = self.step_cost.time_s(tokens, n + len(scheduled), context)
         if free is None and not self.waiting:
             end = self._fold(now, duration, scheduled, n)
             if end is not None:

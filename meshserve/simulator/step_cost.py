@@ -81,6 +81,20 @@ class StepCost:
     def __call__(self, shape: StepShape) -> float:
         return self.model.predict(shape) + self.comm_s(shape.num_tokens)
 
+    def time_s(self, num_tokens: int, num_seqs: int, context_tokens: int) -> float:
+        """self(StepShape(num_tokens, num_seqs, context_tokens)), the same floating-point operations, without
+        building a StepShape (the fast replica prices one step per request)."""
+        if num_tokens == 0:
+            return 0.0
+        m = self.model
+        rates = m.rates
+        dense = max(m.weight_bytes / rates.bandwidth, 2.0 * m.params * num_tokens / rates.flops)
+        t0, t1, t2, t3 = m._theta
+        predicted = max(t0 + t1 * (1e3 * dense) + t2 * (1e3 * context_tokens * m.kv_bytes_per_token
+                                                         / rates.bandwidth)
+                        + t3 * (1.0 if num_tokens > num_seqs else 0.0), 0.0) * 1e-3
+        return predicted + self.comm_s(num_tokens)
+
     def decode_durations(self, n: int, context: int, steps: int) -> list[float]:
         """self(StepShape(n, n, context + n * j)) for j = 1..steps: the same floating-point operations as
         StepTimeModel.predict, without a StepShape per step (decode runs lay out thousands of steps)."""

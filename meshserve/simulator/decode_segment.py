@@ -26,11 +26,30 @@ class DecodeSegment:
     tokens sampled by head_gaps decoders and the newly prefilled `first_tokens`, which decode from step 2 on),
     so that step and the decode steps after it are one event; step j >= 2 still lasts a + b j."""
 
-    __slots__ = ("a", "b", "delivered", "first_tokens", "head_gaps", "head_tokens", "n", "origin_s", "start_s",
-                 "total")
+    __slots__ = (
+        "a",
+        "b",
+        "delivered",
+        "first_tokens",
+        "head_gaps",
+        "head_tokens",
+        "n",
+        "origin_s",
+        "start_s",
+        "total",
+    )
 
-    def __init__(self, start_s: float, a: float, b: float, n: int, total: int, head_s: float | None = None,
-                 head_gaps: int = 0, first_tokens: list | None = None):
+    def __init__(
+        self,
+        start_s: float,
+        a: float,
+        b: float,
+        n: int,
+        total: int,
+        head_s: float | None = None,
+        head_gaps: int = 0,
+        first_tokens: list | None = None,
+    ):
         self.start_s = start_s
         self.a = a
         self.b = b
@@ -57,7 +76,7 @@ class DecodeSegment:
         a, b, total = self.a, self.b, self.total
         c = a + 0.5 * b
         k = int(2 * x / (c + math.sqrt(c * c + 2 * b * x)))  # the root of b/2 k^2 + c k = x, rounded down
-        k = total if k > total else k
+        k = min(k, total)
         # the root's rounding, fixed on the step end times themselves (end_s, inlined: this runs per arrival)
         o = self.origin_s
         while k < total and o + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) < t:

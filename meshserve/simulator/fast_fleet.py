@@ -22,16 +22,23 @@ from meshserve.simulator.trace import Trace
 _ADMIT, _STEP_END, _WAKE = -1, 0, 1
 
 # What the fast replica does not model; simulate() takes the reference (the engine's scheduler) for these.
-FAST_MODEL_COVERS = ("FCFS scheduling with chunked prefill, max_num_seqs <= max_num_batched_tokens, recompute "
-                     "preemption, no prefix caching (no shared prefixes), no SLO targets, one API process per "
-                     "replica, least-outstanding or round-robin routing, no autoscaling")
+FAST_MODEL_COVERS = (
+    "FCFS scheduling with chunked prefill, max_num_seqs <= max_num_batched_tokens, recompute "
+    "preemption, no prefix caching (no shared prefixes), no SLO targets, one API process per "
+    "replica, least-outstanding or round-robin routing, no autoscaling"
+)
 
 
-def fast_model_gap(config: SimConfig, prefix_caching: bool, custom_step_cost: bool, autoscale: bool) -> str | None:
+def fast_model_gap(
+    config: SimConfig, prefix_caching: bool, custom_step_cost: bool, autoscale: bool
+) -> str | None:
     """Why the fast replica model cannot run this configuration (None: it can)."""
     reasons = [
         (prefix_caching, "prefix caching"),
-        (config.slo_ttft_s is not None or config.slo_tpot_s is not None, "SLO-aware scheduling and admission"),
+        (
+            config.slo_ttft_s is not None or config.slo_tpot_s is not None,
+            "SLO-aware scheduling and admission",
+        ),
         (config.router == "prefix-affinity", "prefix-affinity routing"),
         (config.api_server_count != 1, "more than one API process per replica"),
         (config.max_num_batched_tokens < config.max_num_seqs, "max_num_batched_tokens < max_num_seqs"),
@@ -42,8 +49,13 @@ def fast_model_gap(config: SimConfig, prefix_caching: bool, custom_step_cost: bo
     return ", ".join(gaps) if gaps else None
 
 
-def run_fast(config: SimConfig, trace: Trace, make_replica: Callable[[int, Callable], FastReplica],
-             recorder: RunRecorder, progress: Callable[[float], None] | None = None) -> tuple[list, list[dict]]:
+def run_fast(
+    config: SimConfig,
+    trace: Trace,
+    make_replica: Callable[[int, Callable], FastReplica],
+    recorder: RunRecorder,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[list, list[dict]]:
     """Run the trace through config.num_replicas fast replicas; returns them and the fleet's timeline."""
     index = LeastOutstandingIndex(config.num_replicas)
     replicas = [make_replica(i, index.add) for i in range(config.num_replicas)]
@@ -114,10 +126,15 @@ def run_fast(config: SimConfig, trace: Trace, make_replica: Callable[[int, Calla
     next_arrival = arrivals[0] + delay if n else math.inf
     while i < n or steps:
         t_step = steps[0][0] if steps else math.inf
-        t_next = next_arrival if next_arrival < t_step else t_step
+        t_next = min(t_step, next_arrival)
         while t_next >= next_tick:
-            timeline.append({"t": next_tick, "waiting": sum(r.num_waiting for r in replicas),
-                             "running": sum(r.num_running for r in replicas)})
+            timeline.append(
+                {
+                    "t": next_tick,
+                    "waiting": sum(r.num_waiting for r in replicas),
+                    "running": sum(r.num_running for r in replicas),
+                }
+            )
             if progress is not None:
                 progress(next_tick)
             next_tick += tick

@@ -34,8 +34,18 @@ class Req:
     """One request on a replica. While it decodes (in `decoders`) its KV tokens are offset + S and `end_step`
     is the step whose token ends it; waiting or prefilling, `computed` and `out` hold its progress."""
 
-    __slots__ = ("computed", "end_step", "first_seen", "last_seen", "max_out", "offset", "order", "out",
-                 "prompt", "sent")
+    __slots__ = (
+        "computed",
+        "end_step",
+        "first_seen",
+        "last_seen",
+        "max_out",
+        "offset",
+        "order",
+        "out",
+        "prompt",
+        "sent",
+    )
 
     def __init__(self, sent: float, prompt: int, max_out: int):
         self.sent = sent
@@ -55,9 +65,17 @@ class FastReplica:
     and end_step for its steps, num_waiting / num_running for the timeline, busy_s / steps / frontend for the
     report. `outstanding` lives in the router's index (counts[index])."""
 
-    def __init__(self, index: int, scheduler_config: SchedulerConfig, cache_config: CacheConfig, step_cost,
-                 recorder: RunRecorder, max_queue_len: int, frontend: FrontEndCosts | None,
-                 on_outstanding: Callable[[int, int], None]):
+    def __init__(
+        self,
+        index: int,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        step_cost,
+        recorder: RunRecorder,
+        max_queue_len: int,
+        frontend: FrontEndCosts | None,
+        on_outstanding: Callable[[int, int], None],
+    ):
         self.index = index
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.budget = scheduler_config.max_num_batched_tokens
@@ -110,8 +128,11 @@ class FastReplica:
     def will_take(self, prompt: int, max_out: int) -> bool:
         """Whether try_add would queue this request now."""
         total = prompt + max_out
-        return len(self.waiting) < self.max_queue_len and total <= self.max_model_len and \
-            total <= self.capacity_tokens
+        return (
+            len(self.waiting) < self.max_queue_len
+            and total <= self.max_model_len
+            and total <= self.capacity_tokens
+        )
 
     def try_add(self, sent: float, prompt: int, max_out: int) -> bool:
         """Queue a request (sent at `sent`), or refuse it as the server would (429 queue full, 400 too long)."""
@@ -152,8 +173,9 @@ class FastReplica:
             n, s, bs = len(decoders), self.step, self.block_size
             k = end - s
             base = self.sum_offset + n * s
-            if (base + n * (k + bs - 1)) // bs <= self.num_blocks or \
-                    sum(-(-(r.offset + end) // bs) for r in decoders.values()) <= self.num_blocks:
+            if (base + n * (k + bs - 1)) // bs <= self.num_blocks or sum(
+                -(-(r.offset + end) // bs) for r in decoders.values()
+            ) <= self.num_blocks:
                 a, b = self.step_cost.decode_line(n, base)
                 self.segment = DecodeSegment(now, a, b, n, k)
                 self.busy = True
@@ -297,7 +319,9 @@ class FastReplica:
             order = next(reversed(self.decoders))
             victim = self.decoders.pop(order)
             self.sum_offset -= victim.offset
-            free += -(-(victim.offset + s1) // bs)  # what it held plus the block this step would have given it
+            free += -(
+                -(victim.offset + s1) // bs
+            )  # what it held plus the block this step would have given it
             victim.out = victim.offset + self.step + 1 - victim.prompt
             victim.last_seen = self.last_seen
         victim.computed = 0
@@ -358,6 +382,7 @@ class FastReplica:
     def _finish_decoders(self, seen: float) -> None:
         """Decoders whose last token came with step S leave (their client time: seen)."""
         heap, decoders, s = self.finishing, self.decoders, self.step
+        finish, index = self.recorder.finish, self.index
         while heap and heap[0][0] <= s:
             end, order = heappop(heap)
             r = decoders.get(order)
@@ -365,9 +390,9 @@ class FastReplica:
                 continue  # preempted since
             del decoders[order]
             self.sum_offset -= r.offset
-            self._finish(r, seen, r.offset + s + 1 - r.prompt)
+            finish(r.sent, r.first_seen, seen, r.offset + s + 1 - r.prompt, r.prompt)
+            self._outstanding(index, -1)
 
     def _finish(self, r: Req, seen: float, out: int) -> None:
         self.recorder.finish(r.sent, r.first_seen, seen, out, r.prompt)
         self._outstanding(self.index, -1)
-

@@ -45,6 +45,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     steps at once and keeps sequences as counts (replica.py, light.py); off, every step goes through the
     scheduler with the engine's own Sequence and BlockManager (the reference: same results, slower). autoscale:
     replicas come and go on the router's queue depth (autoscale.py), starting from config's count.
+    config.replica_model "fast" runs the fast replica model (fast_replica.py, fast_fleet.py) where it covers
+    the configuration (fast_fleet.fast_model_gap), else the scheduler with the reason logged and reported.
     """
     config.validate()
     trace = Trace.of(trace)

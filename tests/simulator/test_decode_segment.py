@@ -31,8 +31,9 @@ def _laid_out(cost: StepCost, n: int, context: int, steps: int, start: float, he
     return ends
 
 
-@pytest.mark.parametrize("n, context, head", [(1, 600, None), (12, 7000, None), (200, 150_000, None),
-                                              (12, 7000, 0.031)])
+@pytest.mark.parametrize(
+    "n, context, head", [(1, 600, None), (12, 7000, None), (200, 150_000, None), (12, 7000, 0.031)]
+)
 def test_end_times_and_step_in_flight_match_the_laid_out_steps(cost, n, context, head):
     a, b = cost.decode_line(n, context)
     seg = DecodeSegment(100.0, a, b, n, 500, head)
@@ -40,7 +41,9 @@ def test_end_times_and_step_in_flight_match_the_laid_out_steps(cost, n, context,
     for k in (1, 2, 17, 500):
         assert seg.end_s(k) == pytest.approx(ends[k - 1], rel=1e-12)
     rng = random.Random(0)
-    probes = [rng.uniform(99.9, ends[-1] + 0.1) for _ in range(300)] + [seg.end_s(k) for k in (1, 5, 499, 500)]
+    probes = [rng.uniform(99.9, ends[-1] + 0.1) for _ in range(300)] + [
+        seg.end_s(k) for k in (1, 5, 499, 500)
+    ]
     for t in probes:
         assert seg.steps_ended_before(t) == bisect.bisect_left([seg.end_s(k) for k in range(1, 501)], t)
 

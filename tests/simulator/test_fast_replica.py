@@ -23,12 +23,21 @@ _CASES = {
     "w3-below-knee": (SimConfig(gpu="H100-SXM"), poisson_trace(30.0, 40.0, 3)),
     "w3-past-knee": (SimConfig(gpu="H100-SXM", max_queue_len=256), poisson_trace(90.0, 20.0, 3)),
     # four replicas behind the least-outstanding router, with the API process's queue
-    "fleet-of-4": (SimConfig(gpu="H100-SXM", num_gpus=4, frontend_request_s=8.7e-3, frontend_token_s=50e-6),
-                   poisson_trace(150.0, 20.0, 5)),
-    "fleet-round-robin": (SimConfig(gpu="H200", num_gpus=3, router="round-robin"), poisson_trace(90.0, 10.0, 6)),
+    "fleet-of-4": (
+        SimConfig(gpu="H100-SXM", num_gpus=4, frontend_request_s=8.7e-3, frontend_token_s=50e-6),
+        poisson_trace(150.0, 20.0, 5),
+    ),
+    "fleet-round-robin": (
+        SimConfig(gpu="H200", num_gpus=3, router="round-robin"),
+        poisson_trace(90.0, 10.0, 6),
+    ),
     # a KV pool of 300 blocks: long outputs preempt (and are recomputed), and prompts are chunked
-    "kv-limited": (SimConfig(gpu="H200", num_blocks=300, max_model_len=1024, max_num_batched_tokens=256,
-                             max_num_seqs=32), poisson_trace(30.0, 8.0, 2, 256, 400)),
+    "kv-limited": (
+        SimConfig(
+            gpu="H200", num_blocks=300, max_model_len=1024, max_num_batched_tokens=256, max_num_seqs=32
+        ),
+        poisson_trace(30.0, 8.0, 2, 256, 400),
+    ),
 }
 
 
@@ -87,7 +96,9 @@ def test_uncovered_configurations_fall_back_to_the_scheduler(caplog):
 def test_one_token_outputs_and_refused_prompts():
     """Edges the segments skip: a prefill that samples the only token (finishes at once), a prompt longer than
     max_model_len (refused like the server's 400), the queue limit behind the router."""
-    reqs = [SimRequest(0.01 * i, 100, 1 if i % 3 == 0 else 20) for i in range(60)] + [SimRequest(0.7, 5000, 10)]
+    reqs = [SimRequest(0.01 * i, 100, 1 if i % 3 == 0 else 20) for i in range(60)] + [
+        SimRequest(0.7, 5000, 10)
+    ]
     config = SimConfig(gpu="H200", num_gpus=2, max_queue_len=4)
     fast, ref = _both(config, reqs)
     assert fast["completed"] == ref["completed"] and fast["rejected"] == ref["rejected"] >= 1

@@ -31,6 +31,11 @@ _CASES = {
         SimConfig(gpu="H200", num_gpus=3, router="round-robin"),
         poisson_trace(90.0, 10.0, 6),
     ),
+    # prompts longer than the token budget: prefilled in chunks over several steps, beside the decodes
+    "chunked-prefill": (
+        SimConfig(gpu="H100-SXM", max_num_batched_tokens=1024, max_model_len=8192),
+        poisson_trace(8.0, 20.0, 4, 3000, 64),
+    ),
     # a KV pool of 300 blocks: long outputs preempt (and are recomputed), and prompts are chunked
     "kv-limited": (
         SimConfig(

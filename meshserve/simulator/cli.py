@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     g.add_argument("--router", default=d.router, choices=ROUTER_POLICIES)
     g.add_argument("--replica-model", default="fast", choices=REPLICA_MODELS,
                    help="fast (default): the scheduler's policy on aggregate state with decode steps in closed form "
-                        "(same reports as the scheduler on the tested configurations, ~10x faster); it covers "
+                        "(the scheduler's reports on the tested configurations, ~5x faster on 100 replicas); it covers "
                         f"{FAST_MODEL_COVERS}; anything else runs on the scheduler, with the reason in the report's "
                         "replica_model_fallback. scheduler: the engine's own Scheduler per replica (the reference)")
     g.add_argument("--hardware-file", default=None, help="TOML overriding the GPU catalog (prices, rates)")
@@ -158,6 +158,9 @@ def run_simulate(ns: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if report.get("replica_model_fallback"):
+        print(f"note: the fast replica model does not cover {report['replica_model_fallback']}; simulated with the "
+              "scheduler (--replica-model scheduler)", file=sys.stderr)
     report["command"] = "meshserve simulate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["simulate"] else None
     report["assumptions"] = [
         (f"GPU prices are the catalog's assumed on-demand $/GPU-hour ({report['cost']['usd_per_gpu_hour']:.2f} "

@@ -97,7 +97,7 @@ class DecodeSegment:
             if self.head_gaps:
                 recorder.add_itl_count(seen - last_seen, self.head_gaps)
             for r in self.first_tokens:
-                if r.first_seen is None:
+                if r.first_seen < 0:
                     r.first_seen = seen
                 else:  # recomputed after a preemption: the gap since its last token
                     recorder.add_itl(seen - r.last_seen)

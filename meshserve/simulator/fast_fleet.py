@@ -8,11 +8,11 @@ a bucketed index (least_outstanding.py: the scan's choices without the scan); ro
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from heapq import heappop, heappush
 
-from meshserve.router.policy import RoundRobin
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fast_replica import FastReplica
 from meshserve.simulator.least_outstanding import LeastOutstandingIndex
@@ -59,7 +59,7 @@ def run_fast(
     """Run the trace through config.num_replicas fast replicas; returns them and the fleet's timeline."""
     index = LeastOutstandingIndex(config.num_replicas)
     replicas = [make_replica(i, index.add) for i in range(config.num_replicas)]
-    round_robin = RoundRobin() if config.router == "round-robin" else None
+    round_robin = itertools.count() if config.router == "round-robin" else None
     version = [0] * len(replicas)
     next_event = [math.inf] * len(replicas)  # when each replica's next step or segment ends (inf: idle)
     pending = [0] * len(replicas)  # requests in each replica's API process whose admission is an event
@@ -102,7 +102,7 @@ def run_fast(
                 candidates = [r for r in replicas if r.index not in tried] if tried else replicas
                 if not candidates:
                     break
-                rep = round_robin.choose(candidates)
+                rep = candidates[next(round_robin) % len(candidates)]  # RoundRobin.choose's rule
                 index.add(rep.index, 1)
             reached = rep.intake(now)
             if reached > now:

@@ -56,7 +56,7 @@ class Req:
         self.offset = 0
         self.end_step = 0
         self.order = 0
-        self.first_seen: float | None = None
+        self.first_seen = -1.0  # the client's time of its first token (-1: none yet)
         self.last_seen = 0.0
 
 
@@ -364,7 +364,7 @@ class FastReplica:
                 continue
             r.out += 1
             known += 1
-            if r.first_seen is None:
+            if r.first_seen < 0:
                 r.first_seen = seen
             else:  # recomputed after a preemption: the gap since its last token
                 rec.add_itl(seen - r.last_seen)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from meshserve.router.policy import make_policy
 from meshserve.router.prefix import prefix_key
+from meshserve.simulator import native
 from meshserve.simulator.autoscale import Autoscaler, AutoscaleRule
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fast_fleet import fast_model_gap, run_fast
@@ -219,6 +220,7 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
         "step_weights": vars(cost.weights) if step_cost is None else "custom",
         # how replicas were simulated, and why not the fast model when it was asked for and did not apply
         "replica_model": replica_model, "replica_model_fallback": fallback,
+        "fast_model_compiled": replica_model == "fast" and native.is_compiled(),
         "timeline": timeline,
         "sim_wall_s": time.perf_counter() - wall0,
     })

@@ -105,6 +105,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         f"none, {_fmt(EMBEDDED_DEFAULTS)}; vllm = ignore it (temperature 1.0, top_p 1.0, "
                         "...); FOLDER = the generation_config.json there")
     g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    g.add_argument("--max-cudagraph-tokens", type=int, default=d.max_cudagraph_tokens, metavar="N",
+                   help="largest mixed prefill + decode step replayed from a CUDA graph, in tokens (capped at "
+                        "--max-num-batched-tokens); 0: mixed steps run eagerly")
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="schedule each step only after the previous one finished (no CPU/GPU overlap)")
     s = parser.add_argument_group("scheduling and service levels")

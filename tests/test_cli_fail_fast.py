@@ -22,6 +22,7 @@ def _run(*argv: str) -> tuple[dict, str]:
     (["generate", "--no-chat", ""], "a prompt is empty"),
     (["generate", ""], "a prompt is empty"),  # chat mode too: the model would invent a reply to nothing
     (["generate", "--max-tokens", "-1", "Hi"], "max_tokens"),
+    (["serve", "--max-cudagraph-tokens", "-1"], "max_cudagraph_tokens: must be >= 0"),
     (["serve", "/nonexistent/model"], "model not found"),
     (["serve", "llama-3.1-8b"], "--load-format dummy"),
     (["serve", "llama-3.1-8b", "--load-format", "dummy", "-tp", "3"], "not divisible"),

@@ -2,8 +2,10 @@
 # W3 on the device with service-level targets on (issue 18): `meshserve serve` with --slo-ttft-ms/--slo-tpot-ms
 # and a per-step trace, then `meshserve bench serve` over QPS points; results, trace and metrics under $OUT.
 # Usage (device, from the repo root, wheels in .whl): bash tools/w3_slo.sh [QPS list] [extra serve flags...]
+# CLIENT_PROCS (default 4): client processes sending the load (one falls behind at QPS 96: send lag p99 4-5 s)
 set -u -o pipefail
 qps=${1:-32,48,64,96}; shift || true
+client_procs=${CLIENT_PROCS:-4}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD:/tmp/site
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
@@ -18,6 +20,6 @@ for i in $(seq 1 400); do
   sleep 1
 done
 echo "ready after $(( $(date +%s) - t0 )) s"
-timeout 420 python3 -m meshserve.cli bench serve --qps $qps --no-progress --output-json $OUT/w3.json 2>&1 | tee $OUT/w3.txt
+timeout 420 python3 -m meshserve.cli bench serve --qps $qps --client-procs $client_procs --no-progress --output-json $OUT/w3.json 2>&1 | tee $OUT/w3.txt
 curl -s localhost:8000/metrics | grep -E "^meshserve:(requests_(rejected|shed|slo|total)|step_time|queue_wait)" | tee $OUT/metrics.txt
 kill -TERM $pid; wait $pid

@@ -5,8 +5,11 @@ at a fixed concurrency. Prompts are W3's synthetic token ids (`random.seed(1000 
 draws so the prefix cache cannot serve one point from another; n = max(200, 30 x QPS) prompts of 512 ids in
 [3, 10000], then n gaps `random.expovariate(QPS)`), or read from a file. Per load
 point: TTFT, inter-token latency, time per output token and end-to-end latency (mean, p50, p90, p99),
-throughput, and goodput (requests per second of the whole run that met the TTFT and TPOT SLOs). Results
-go to stdout, JSON, a BENCHMARKS.md row and a latency-vs-load plot (PNG with matplotlib, else SVG).
+throughput, and goodput (requests per second of the whole run that met the TTFT and TPOT SLOs). Where
+lateness comes from is measured apart: send lag (the client sending late), connect (until the request's
+headers went out) and headers (until the response's came back: the server's accept queue and HTTP layer).
+`--client-procs N` sends from N processes (client_procs.py). Results go to stdout, JSON, a BENCHMARKS.md row
+and a latency-vs-load plot (PNG with matplotlib, else SVG).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import random
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 W3_QPS = (4.0, 8.0, 16.0, 32.0, 64.0, 96.0)
+SEND_LAG_WARN_S = 0.05  # send lag p99 past which the load point measures the client more than the server
 
 
 @dataclass
@@ -45,6 +50,10 @@ class RequestResult:
     prompt_tokens: int = 0
     error: str | None = None
     send_lag: float = 0.0  # how late the request left against its arrival time (the client keeping up)
+    # after the request left: its headers going out (connection pool wait + TCP connect) and the response's
+    # headers coming back (server accept queue + HTTP layer), so a slow front door is not hidden in TTFT
+    connect: float | None = None
+    headers: float | None = None
 
     @property
     def tpot(self) -> float:
@@ -112,8 +121,14 @@ async def send_request(client, url: str, body: dict[str, Any], chat: bool) -> Re
     last = None
     chunks_with_content = 0
     saw_text = False
+
+    async def trace(event: str, info: dict) -> None:  # httpcore's per-connection events
+        if result.connect is None and event.endswith("send_request_headers.started"):
+            result.connect = time.perf_counter() - start
+
     try:
-        async with client.stream("POST", url, json=body) as resp:
+        async with client.stream("POST", url, json=body, extensions={"trace": trace}) as resp:
+            result.headers = time.perf_counter() - start
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 result.error = f"HTTP {resp.status_code}: {text[:200]}"
@@ -179,8 +194,12 @@ def request_body(req: BenchRequest, model: str, chat: bool, temperature: float, 
 async def run_load(base_url: str, model: str, reqs: list[BenchRequest], *, chat: bool = False,
                    concurrency: int | None = None, temperature: float = 0.0, ignore_eos: bool = True,
                    api_key: str | None = None, progress: bool = True, timeout: float = 600.0,
+                   start_at: float | None = None, on_done: Callable[[], None] | None = None,
                    ) -> tuple[list[RequestResult], float]:
-    """Send every request at its arrival time (or as slots free up); returns results and the wall time."""
+    """Send every request at its arrival time (or as slots free up); returns results and the wall time.
+
+    `start_at` (a `time.perf_counter()` value, default now) is the run's start, shared by client processes;
+    `on_done` is called as each request finishes (their progress bar)."""
     import httpx
 
     url = base_url.rstrip("/") + ("/v1/chat/completions" if chat else "/v1/completions")
@@ -193,7 +212,9 @@ async def run_load(base_url: str, model: str, reqs: list[BenchRequest], *, chat:
         bar = tqdm(total=len(reqs), desc="requests", dynamic_ncols=True, file=sys.stderr)
     sem = asyncio.Semaphore(concurrency) if concurrency else None
     async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits) as client:
-        start = time.perf_counter()
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+        start = time.perf_counter() if start_at is None else start_at
 
         async def one(req: BenchRequest) -> RequestResult:
             if sem is None:
@@ -207,6 +228,8 @@ async def run_load(base_url: str, model: str, reqs: list[BenchRequest], *, chat:
                                              chat)
             if bar is not None:
                 bar.update(1)
+            if on_done is not None:
+                on_done()
             return res
 
         results = await asyncio.gather(*(one(r) for r in reqs))
@@ -244,6 +267,8 @@ def summarize(results: list[RequestResult], duration: float, load: float, load_k
     summary.update(_stats([r.tpot for r in ok if r.output_tokens > 1], "tpot"))
     summary.update(_stats([r.e2e for r in ok], "e2e"))
     summary.update(_stats([r.send_lag for r in results], "send_lag"))
+    summary.update(_stats([r.connect for r in results if r.connect is not None], "connect"))
+    summary.update(_stats([r.headers for r in results if r.headers is not None], "headers"))
     errors = [r.error for r in results if r.error]
     if errors:
         summary["first_error"] = errors[0]
@@ -256,7 +281,17 @@ def format_point(s: dict[str, Any]) -> str:
     return (f"{load}: {s['completed']}/{s['num_requests']} ok, goodput {s['goodput']:.2f} req/s, "
             f"out {s['output_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_p50'] * 1e3:.1f} ms p99 "
             f"{s['ttft_p99'] * 1e3:.1f} ms, ITL p50 {s['itl_p50'] * 1e3:.1f} ms p99 {s['itl_p99'] * 1e3:.1f} ms, "
-            f"send lag p99 {s.get('send_lag_p99', 0.0) * 1e3:.1f} ms")
+            f"send lag p99 {s.get('send_lag_p99', 0.0) * 1e3:.1f} ms, "
+            f"headers p99 {s.get('headers_p99', math.nan) * 1e3:.1f} ms")
+
+
+def lag_warning(s: dict[str, Any], client_procs: int, limit: float = SEND_LAG_WARN_S) -> str | None:
+    """A line when the client itself sent late: past that, TTFT and ITL measure the client, not the server."""
+    lag = s.get("send_lag_p99", 0.0)
+    if not lag > limit:
+        return None
+    return (f"  warning: send lag p99 {lag * 1e3:.1f} ms > {limit * 1e3:.0f} ms: the client fell behind its "
+            f"arrival times with {client_procs} process(es): use --client-procs {client_procs * 2}")
 
 
 def append_benchmarks_md(path: str, points: list[dict[str, Any]], gpu: str, command: str,
@@ -313,7 +348,20 @@ def add_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", default="-", help="baseline measured in the same run, for the row")
     p.add_argument("--plot", default=None, help="latency-vs-load plot (.png needs matplotlib; else .svg)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--client-procs", type=_positive_int, default=1,
+                   help="spread each point's requests (request i to process i %% N) over N client processes "
+                        "sharing one start time, for loads one Python event loop cannot send on time")
     p.set_defaults(func=run_serve_bench)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _floats(text: str) -> list[float]:
@@ -361,18 +409,26 @@ def run_serve_bench(ns: argparse.Namespace) -> int:
             reqs = file_requests(ns.dataset_path, qps, n, ns.output_len, seed)
         else:
             reqs = w3_requests(qps, n, ns.input_len, ns.output_len, seed, ns.max_token_id)
-        results, duration = asyncio.run(run_load(
-            ns.base_url, model, reqs, chat=chat, concurrency=int(load) if kind == "concurrency" else None,
-            temperature=ns.temperature, ignore_eos=not ns.no_ignore_eos, api_key=ns.api_key,
-            progress=not ns.no_progress))
+        load_kwargs = {"chat": chat, "concurrency": int(load) if kind == "concurrency" else None,
+                       "temperature": ns.temperature, "ignore_eos": not ns.no_ignore_eos, "api_key": ns.api_key,
+                       "progress": not ns.no_progress}
+        if ns.client_procs == 1:
+            results, duration = asyncio.run(run_load(ns.base_url, model, reqs, **load_kwargs))
+        else:
+            from meshserve.bench.client_procs import run_load_in_procs
+
+            results, duration = run_load_in_procs(ns.client_procs, ns.base_url, model, reqs, **load_kwargs)
         summary = summarize(results, duration, load, kind, ns.ttft_slo, ns.tpot_slo)
         points.append(summary)
         print(format_point(summary), flush=True)
+        warning = lag_warning(summary, ns.client_procs)
+        if warning:
+            print(warning, flush=True)
         if summary["failed"]:
             print(f"  {summary['failed']} failed; first error: {summary.get('first_error')}", flush=True)
     command = "meshserve bench " + shlex.join(sys.argv[sys.argv.index("serve"):] if "serve" in sys.argv else [])
     report = {"base_url": ns.base_url, "model": model, "endpoint": ns.endpoint, "command": command,
-              "points": points}
+              "client_procs": ns.client_procs, "points": points}
     if ns.benchmarks_md:
         append_benchmarks_md(ns.benchmarks_md, points, ns.gpu, command, ns.baseline)
     if ns.plot:
@@ -383,11 +439,10 @@ def run_serve_bench(ns: argparse.Namespace) -> int:
     return 0 if all(p["completed"] for p in points) else 1
 
 
-
 def _run_w4(ns: argparse.Namespace, model: str) -> int:
     """W4: warm the prefix with one request, then send the 64 sharing it at once; report their TTFT."""
     warm, reqs = w4_requests()
-    kwargs = dict(temperature=0.0, ignore_eos=True, api_key=ns.api_key, progress=False)
+    kwargs = {"temperature": 0.0, "ignore_eos": True, "api_key": ns.api_key, "progress": False}
     asyncio.run(run_load(ns.base_url, model, [warm], **kwargs))
     results, duration = asyncio.run(run_load(ns.base_url, model, reqs, **kwargs))
     summary = summarize(results, duration, math.inf, "qps", ns.ttft_slo, ns.tpot_slo)

@@ -103,7 +103,8 @@ class EngineCore:
         self.step_model = StepTimeModel(
             weight_bytes=step_bytes, params=step_params,
             kv_bytes_per_token=self.executor.collective_rpc("kv_bytes_per_token"),
-            rates=DeviceRates.detect(config.device, config.model_config.dtype))
+            rates=DeviceRates.detect(config.device, config.model_config.dtype),
+            graphed_mixed_tokens=self.executor.collective_rpc("mixed_graph_tokens"))
         self.scheduler.policy.step_model = self.step_model
         spec = config.speculative_config
         self.speculator = Speculator(spec, self.step_model) if spec is not None else None

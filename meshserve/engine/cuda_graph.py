@@ -5,16 +5,23 @@ issues them all at once. Inputs live in static buffers; padding rows write to no
 and have context length 0, so they cost little and touch nothing. A pipeline stage after the first also
 takes the previous stage's hidden states and residual from static buffers, and one before the last returns
 them (copied out, since the next replay overwrites the graph's output while a send may still read it).
+
+Short-context variants: attention sizes its KV splits from meta.max_seq_len, which a graph fixes at capture
+(max_model_len), so at small batch a 4,096-token graph runs 16 splits (most empty at a few hundred tokens)
+plus a reduce. Small batch sizes are also captured with max_seq_len = each context bound whose split count
+differs (decode_graph_variants); run() replays the smallest variant that holds the step's real max context.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
+from meshserve.layers.attention import Attention
 from meshserve.layers.pipeline import IntermediateTensors
 
 logger = logging.getLogger(__name__)
@@ -29,6 +36,35 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes))
 
 
+def decode_graph_variants(sizes: Sequence[int], max_model_len: int, context_bounds: Sequence[int],
+                          splits_of: Callable[[int, int], Hashable] | None) -> dict[int, list[int]]:
+    """Batch size -> the context bounds to capture it for, ascending, always ending at max_model_len. A bound
+    is kept only where splits_of(batch size, bound) (the attention split counts a graph would bake in)
+    differs from that of the next larger kept bound: an equal one would replay the same kernels."""
+    variants = {}
+    for bs in sizes:
+        kept = [max_model_len]
+        if splits_of is not None:
+            for bound in sorted((b for b in set(context_bounds) if 0 < b < max_model_len), reverse=True):
+                if splits_of(bs, bound) != splits_of(bs, kept[0]):
+                    kept.insert(0, bound)
+        variants[bs] = kept
+    return variants
+
+
+def attention_split_counts(layers: Sequence, dtype: torch.dtype, device: torch.device, num_seqs: int,
+                           max_seq_len: int) -> tuple[int, ...] | None:
+    """The decode KV split count of every attention layer for this batch shape, or None when a layer's
+    backend does not say (MLA, the torch reference): then no short-context variants are captured."""
+    counts = []
+    for layer in layers:
+        splits = getattr(getattr(layer, "backend", None), "decode_splits", None)
+        if not isinstance(layer, Attention) or splits is None:
+            return None
+        counts.append(splits(num_seqs, layer.num_kv_heads, layer.head_dim, dtype, max_seq_len, device))
+    return tuple(counts)
+
+
 class DecodeGraphs:
     """Captured decode forwards for every batch size in the ladder, sharing one memory pool.
 
@@ -39,12 +75,15 @@ class DecodeGraphs:
     """
 
     def __init__(self, forward, max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device,
-                 stage_input: tuple[int, torch.dtype] | None = None):
+                 stage_input: tuple[int, torch.dtype] | None = None, context_bounds: Sequence[int] = (),
+                 splits_of: Callable[[int, int], Hashable] | None = None):
         """forward(input_ids, positions, meta, intermediate) is the model's; stage_input = (hidden size,
-        dtype) on a pipeline stage that receives activations (None on the first stage)."""
+        dtype) on a pipeline stage that receives activations (None on the first stage); context_bounds and
+        splits_of(batch size, max_seq_len) choose the short-context variants (decode_graph_variants)."""
         self.forward = forward
         self.device = device
         self.sizes = capture_sizes(max_num_seqs)
+        self.variants = decode_graph_variants(self.sizes, max_model_len, context_bounds, splits_of)
         self.max_bs = self.sizes[-1]
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
@@ -60,40 +99,42 @@ class DecodeGraphs:
             hidden_size, dtype = stage_input
             self.stage_in = IntermediateTensors(torch.zeros(n, hidden_size, dtype=dtype, device=device),
                                                 torch.zeros(n, hidden_size, dtype=dtype, device=device))
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor | IntermediateTensors] = {}
+        # keyed by (batch size, context bound)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor | IntermediateTensors] = {}
         self.pool = None
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, bs: int, context_bound: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:bs],
             query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs],
             max_query_len=1,
-            max_seq_len=self.max_model_len,  # fixed at capture: kernels size their splits from it
+            max_seq_len=context_bound,  # fixed at capture: kernels size their splits from it
             query_start_loc_cpu=list(range(bs + 1)),
             seq_lens_cpu=[0] * bs,
         )
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Warm up and capture one graph per batch size, largest first."""
+        """Warm up and capture one graph per batch size and context bound, largest first."""
         t0 = time.perf_counter()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
-            meta = self._meta(bs)
-            args = (self.input_ids[:bs], self.positions[:bs], meta, self._stage_in(bs))
-            self.forward(*args)  # warm up (Triton autotune, allocs)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.forward(*args)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[bs], self.outputs[bs] = graph, out
+            for bound in reversed(self.variants[bs]):
+                args = (self.input_ids[:bs], self.positions[:bs], self._meta(bs, bound), self._stage_in(bs))
+                self.forward(*args)  # warm up (Triton autotune, allocs)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self.forward(*args)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[bs, bound], self.outputs[bs, bound] = graph, out
         torch.cuda.synchronize(self.device)
-        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), self.max_bs,
-                    time.perf_counter() - t0)
+        short = {bs: bounds[:-1] for bs, bounds in self.variants.items() if len(bounds) > 1}
+        logger.info("captured %d decode CUDA graphs (batch 1..%d; short-context variants %s) in %.1f s",
+                    len(self.graphs), self.max_bs, short or "none", time.perf_counter() - t0)
 
     def release(self) -> None:
         """Free the graphs before the process group goes: graphs holding captured NCCL collectives kept
@@ -114,12 +155,19 @@ class DecodeGraphs:
         """Decode only, no more sequences than the largest graph, block tables within the captured width."""
         return meta.is_decode_only and meta.num_seqs <= self.max_bs and meta.block_tables.shape[1] <= self.max_blocks
 
+    def variant(self, num_seqs: int, max_seq_len: int) -> tuple[int, int]:
+        """(captured batch size, context bound) of the graph that serves this many sequences whose longest
+        context (this step's, host-known) is max_seq_len: the smallest captured bound that holds it."""
+        bs = next(s for s in self.sizes if s >= num_seqs)
+        bounds = self.variants[bs]
+        return bs, next((b for b in bounds if b >= max_seq_len), bounds[-1])
+
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             intermediate: IntermediateTensors | None = None):
         """Copy the batch (and a stage's received activations) into the static buffers, padding to the next
         captured size, and replay."""
         n = meta.num_seqs
-        bs = next(s for s in self.sizes if s >= n)
+        bs, bound = self.variant(n, meta.max_seq_len)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
@@ -132,8 +180,8 @@ class DecodeGraphs:
         if intermediate is not None:
             self.stage_in.hidden[:n].copy_(intermediate.hidden)
             self.stage_in.residual[:n].copy_(intermediate.residual)
-        self.graphs[bs].replay()
-        out = self.outputs[bs]
+        self.graphs[bs, bound].replay()
+        out = self.outputs[bs, bound]
         if isinstance(out, IntermediateTensors):
             return IntermediateTensors(out.hidden[:n].clone(), out.residual[:n].clone())
         return out[:n]

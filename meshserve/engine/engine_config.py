@@ -114,6 +114,7 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
             enable_expert_parallel=args.enable_expert_parallel),
         device=device,
         enforce_eager=args.enforce_eager,
+        max_cudagraph_tokens=args.max_cudagraph_tokens,
         speculative_config=parse_speculative_config(args.speculative_config),
         kv_transfer_config=parse_kv_transfer_config(args.kv_transfer_config),
     )

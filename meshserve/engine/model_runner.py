@@ -3,6 +3,7 @@
 The runner composes one piece per job, each in its own module, fast path beside plain path:
   step_inputs.py   batch preparation (numpy, one pinned-buffer copy)
   cuda_graph.py    decode CUDA graphs (captured once, replayed for decode-only steps)
+  mixed_graph.py   mixed-step CUDA graphs (prefill chunks + decode rows, per token bucket)
   step_sampler.py  logits, sampling and the async copy of sampled ids
   kv_pool.py       KV pool sizing and allocation
 and which kernels serve them is decided once, in layers/backend_selection.py.
@@ -10,6 +11,7 @@ and which kernels serve them is decided once, in layers/backend_selection.py.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -23,8 +25,14 @@ from meshserve.distributed.parallel_state import (
 )
 from meshserve.distributed.pipeline import recv_activations, send_activations
 from meshserve.engine.cpu_threads import set_cpu_threads
-from meshserve.engine.cuda_graph import DecodeGraphs
+from meshserve.engine.cuda_graph import DecodeGraphs, attention_split_counts
 from meshserve.engine.kv_pool import KVCachePool, largest_step
+from meshserve.engine.mixed_graph import (
+    MixedStepGraphs,
+    graph_pool_reserve_bytes,
+    mixed_graphs_unsupported,
+    token_buckets,
+)
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, StepTimer, TokenLogprobs
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.step_inputs import StepInputBuilder
@@ -81,18 +89,27 @@ class ModelRunner:
         self.sampling = StepSampler(self.model, Sampler(fused=self.kernels.fused_sampler), self.vocab_size,
                                     self.device, share_sampled=share, num_buffers=self.num_step_buffers)
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedStepGraphs | None = None
         spec = config.speculative_config
-        # a draft model proposes on the ranks, after each step (speculative steps themselves run eager)
+        # a draft model proposes on the ranks, after each step, eagerly (the verify steps themselves replay
+        # the mixed-step graphs: _run_forward)
         self.drafter = DraftModelProposer(config, self.device) if spec is not None and spec.uses_draft_model else None
         self._step_parity = 0  # which of the pinned buffers this step uses
         self._sends: list = []  # a pipeline stage's activation sends still in flight
         self.profiler = StepProfiler(get_parallel_state().rank)
 
     def close(self) -> None:
-        """Release what holds the process group's communicators (the decode graphs); before teardown."""
+        """Release what holds the process group's communicators (the CUDA graphs); before teardown."""
+        if self.mixed_graphs is not None:
+            self.mixed_graphs.release()
+            self.mixed_graphs = None
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
+
+    def mixed_graph_tokens(self) -> int:
+        """The largest mixed step that replays a CUDA graph here (0: mixed steps run eagerly)."""
+        return self.mixed_graphs.buckets[-1] if self.mixed_graphs is not None else 0
 
     def param_bytes(self) -> int:
         """Bytes of this rank's weights (shared tensors once)."""
@@ -135,10 +152,17 @@ class ModelRunner:
 
     def determine_num_blocks(self) -> int:
         """How many KV blocks the memory budget allows (or the override); a draft model's pool shares it."""
-        n = self.kv_pool.determine_num_blocks(self.profile_peak_memory)
+        n = self.kv_pool.determine_num_blocks(self._peak_memory_with_graphs)
         if self.drafter is not None and self.config.cache_config.num_gpu_blocks_override is None:
             n = max(1, n * self.kv_pool.bytes_per_block() // self._bytes_per_block())
         return n
+
+    def _peak_memory_with_graphs(self) -> int:
+        """The eager peak plus room for the mixed graphs' private pool (mixed_graph.graph_pool_reserve_bytes)."""
+        peak = self.profile_peak_memory()
+        if not self.kernels.cuda_graphs or mixed_graphs_unsupported(self.config, self.kernels.attention_backend):
+            return peak
+        return peak + graph_pool_reserve_bytes(peak - self.param_bytes(), self.config)
 
     @torch.inference_mode()
     def profile_peak_memory(self) -> int:
@@ -170,7 +194,7 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
         """Allocate the pool and bind it to the layers; then (on a GPU) compile the prefill kernels and
-        capture the decode graphs where the backend selection allows them."""
+        capture the decode and mixed-step graphs where the backend selection allows them."""
         self.kv_pool.allocate(num_blocks)
         if self.drafter is not None:
             self.drafter.allocate(num_blocks)
@@ -185,9 +209,26 @@ class ModelRunner:
             stage_input = None
             if not get_parallel_state().is_first_stage:
                 stage_input = (self.config.model_config.hf_config.hidden_size, self.dtype)
+            splits_of = functools.partial(attention_split_counts, self.model.attention_layers(), self.dtype,
+                                          self.device)
             self.graphs = DecodeGraphs(self.forward, sc.max_num_seqs, sc.max_model_len, self.block_size,
-                                       self.device, stage_input)
+                                       self.device, stage_input, self.kernels.decode_context_bounds, splits_of)
             self.graphs.capture()
+            self.mixed_graphs = self.build_mixed_graphs(stage_input)
+            if self.mixed_graphs is not None:
+                self.mixed_graphs.capture(pool=self.graphs.pool)  # one pool for all graphs
+
+    def build_mixed_graphs(self, stage_input=None, replay: bool = True) -> MixedStepGraphs | None:
+        """The mixed-step graphs this config allows (uncaptured), or None (the reason is logged). replay=False
+        builds the eager-on-padded-buffers variant (CPU tests of the padding)."""
+        sc = self.config.scheduler_config
+        unsupported = mixed_graphs_unsupported(self.config, self.kernels.attention_backend) if replay else None
+        buckets = token_buckets(self.config.max_cudagraph_tokens, sc.max_num_batched_tokens)
+        if unsupported is not None or not buckets:
+            logger.info("mixed prefill + decode steps run eagerly: %s", unsupported or "no bucket")
+            return None
+        return MixedStepGraphs(self.forward, buckets, sc.max_num_seqs, sc.max_model_len, self.block_size,
+                               self.device, stage_input, replay=replay)
 
     @torch.inference_mode()
     def warm_up_prefill(self, num_blocks: int) -> None:
@@ -216,6 +257,15 @@ class ModelRunner:
         with tensor_parallel_forward():
             return self.model(input_ids, positions, meta, intermediate)
 
+    def _run_forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):
+        """The step's forward: a decode graph for decode-only steps, a mixed-step graph for other steps a
+        bucket holds, else the plain forward."""
+        if self.graphs is not None and self.graphs.can_run(meta):
+            return self.graphs.run(input_ids, positions, meta, intermediate)
+        if self.mixed_graphs is not None and self.mixed_graphs.can_run(input_ids.shape[0], meta):
+            return self.mixed_graphs.run(input_ids, positions, meta, intermediate)
+        return self.forward(input_ids, positions, meta, intermediate)
+
     def _prepare(self, scheduled: list[ScheduledSequence]):
         """Flat batch tensors (input_ids, positions, AttentionMetadata) for the step (step_inputs.py)."""
         return self.inputs.build(scheduled, self._step_parity, self.sampling.last_sampled,
@@ -239,10 +289,7 @@ class ModelRunner:
         if st.pp_size == 1:
             timer = StepTimer(self.device)
             input_ids, positions, meta = self._prepare(out.scheduled)
-            if self.graphs is not None and self.graphs.can_run(meta):
-                hidden = self.graphs.run(input_ids, positions, meta)
-            else:
-                hidden = self.forward(input_ids, positions, meta)
+            hidden = self._run_forward(input_ids, positions, meta)
             if out.before_sample is not None:  # grammar masks, filled while the device runs the forward
                 out.before_sample()
             pending = self.sampling.sample(out.scheduled, hidden, meta, self._step_parity)
@@ -265,10 +312,7 @@ class ModelRunner:
             hidden, residual = recv_activations([shape, shape], self.dtype, self.device)
             intermediate = IntermediateTensors(hidden, residual)
         timer = StepTimer(self.device)  # on the compute stream after the receive: compute time only
-        if self.graphs is not None and self.graphs.can_run(meta):
-            hidden = self.graphs.run(input_ids, positions, meta, intermediate)
-        else:
-            hidden = self.forward(input_ids, positions, meta, intermediate)
+        hidden = self._run_forward(input_ids, positions, meta, intermediate)
         if st.is_last_stage:
             pending = self.sampling.sample(scheduled, hidden, meta, self._step_parity)
         else:

@@ -2,8 +2,8 @@
 
 A step reads every weight once and computes 2 FLOPs per parameter per new token, so its time is roughly
     max(weight bytes / bandwidth, new tokens x 2 x parameters / FLOP/s)  +  KV bytes read / bandwidth  +  overhead
-(the planner's arithmetic, meshserve/planner/perf.py), plus, for a step that carries prefill, the cost of
-running outside a CUDA graph (decode-only steps replay one; mixed steps launch every kernel). The model keeps
+(the planner's arithmetic, meshserve/planner/perf.py), plus, for a step that carries prefill and is larger
+than the mixed-step CUDA graphs (engine/mixed_graph.py), the cost of launching every kernel eagerly. The model keeps
 those terms as features and learns their weights online, by recursive least squares over the engine's
 measured step times, so it starts from the hardware's data sheet and converges to what this build really does
 on this GPU.
@@ -70,9 +70,13 @@ class StepTimeModel:
     """Predicted seconds of a step from its StepShape; `observe()` refines it with measured steps."""
 
     def __init__(self, weight_bytes: float, kv_bytes_per_token: float, rates: DeviceRates,
-                 overhead_s: float = 1e-3, efficiency: float = 0.8, params: float | None = None):
+                 overhead_s: float = 1e-3, efficiency: float = 0.8, params: float | None = None,
+                 graphed_mixed_tokens: int = 0):
         """weight_bytes: what a step reads of this rank's weights; params: the weights it multiplies by
-        (default weight_bytes / 2, 16-bit weights; see step_weights for quantized and MoE models)."""
+        (default weight_bytes / 2, 16-bit weights; see step_weights for quantized and MoE models);
+        graphed_mixed_tokens: the largest mixed step that replays a CUDA graph (0: every mixed step runs
+        eagerly), so the eager-launch term applies only above it."""
+        self.graphed_mixed_tokens = graphed_mixed_tokens
         self.weight_bytes = weight_bytes
         self.params = params if params is not None else weight_bytes / 2
         self.kv_bytes_per_token = kv_bytes_per_token
@@ -90,10 +94,10 @@ class StepTimeModel:
 
     def _terms(self, shape: StepShape) -> tuple[float, float, float]:
         """The terms besides the constant: dense (weights or FLOPs) and KV reads in milliseconds at the data
-        sheet's rates, and 1 for a step that carries prefill."""
+        sheet's rates, and 1 for a step that carries prefill and runs eagerly (past the mixed graphs)."""
         dense = max(self.weight_bytes / self.rates.bandwidth, 2.0 * self.params * shape.num_tokens / self.rates.flops)
         return (1e3 * dense, 1e3 * shape.context_tokens * self.kv_bytes_per_token / self.rates.bandwidth,
-                1.0 if shape.num_tokens > shape.num_seqs else 0.0)
+                1.0 if shape.num_seqs < shape.num_tokens > self.graphed_mixed_tokens else 0.0)
 
     def predict(self, shape: StepShape) -> float:
         if shape.num_tokens == 0:

@@ -4,7 +4,9 @@ It lives beside the kernels because it is their contract: the engine builds it, 
 (Triton and the torch reference) read it.
 """
 
+import itertools
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -27,6 +29,11 @@ class AttentionMetadata:
     # host copies, so the reference path and the scheduler never sync on the device
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # a captured mixed-step graph's metadata (engine/mixed_graph.py): max_query_len is the bucket's token
+    # count T, max_seq_len is max_model_len, trailing sequences have q_len 0 and seq_len 0, trailing tokens
+    # belong to no sequence; the host lists are not the replayed batch's. A backend sizes its launch from
+    # shapes alone and reads lengths on the device.
+    graph_bound: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -35,3 +42,10 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
+
+    @cached_property
+    def num_single_query_seqs(self) -> int:
+        """Sequences with exactly one new token (decode rows, or a one-token chunk), from the host lists;
+        counted once per step, not per layer (a graph's host lists are placeholders: never ask them)."""
+        q = self.query_start_loc_cpu
+        return sum(1 for a, b in itertools.pairwise(q) if b - a == 1)

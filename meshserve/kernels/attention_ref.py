@@ -19,7 +19,11 @@ def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
 
 def write_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                  k_scale: float = 1.0, v_scale: float = 1.0):
-    """Scatter this step's K and V [T, Hkv, D] into their cache slots (reshape-and-cache)."""
+    """Scatter this step's K and V [T, Hkv, D] into their cache slots (reshape-and-cache); slots < 0 (padding
+    tokens of a mixed-step graph) write nothing, as in the Triton kernel."""
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
     flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
     if is_fp8_cache(kv_cache):  # CPU torch has no fp8 index_copy_: move the bytes
@@ -57,14 +61,17 @@ def paged_attention_ref(
 
     query [T, H, D] -> output [T, H, D]. Query j of a sequence with context length L and q_len new tokens
     sits at absolute position L - q_len + j and sees keys 0 .. that position (and, with a sliding window,
-    only the last `sliding_window` of them).
+    only the last `sliding_window` of them). Padding of a mixed-step graph is allowed: sequences with q_len 0
+    attend nothing, and tokens past the last sequence's queries belong to none and get zero rows.
     """
-    out = torch.empty_like(query)
+    out = torch.zeros_like(query)
     num_heads, num_kv_heads = query.shape[1], kv_cache.shape[3]
     starts = meta.query_start_loc_cpu
     for i, seq_len in enumerate(meta.seq_lens_cpu):
         q = query[starts[i] : starts[i + 1]]  # [q_len, H, D]
         q_len = q.shape[0]
+        if q_len == 0:  # a padding sequence
+            continue
         k, v = gather_kv_ref(kv_cache, meta.block_tables[i], seq_len, k_scale, v_scale, query.dtype)
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device).unsqueeze(1)
         k_pos = torch.arange(seq_len, device=query.device).unsqueeze(0)

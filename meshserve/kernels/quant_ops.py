@@ -5,6 +5,10 @@ FP8 weights
   16-bit rows on a GPU, aligned shapes      torch._scaled_mm (cuBLASLt FP8 on Hopper) with per-token and
                                             per-channel scales
   otherwise (CPU, fp32 models)              fp8_linear_ref: the same quantization, upcast matmul
+Block-wise FP8 weights (128 x 128 scales, activations per 1 x 128 group)
+  on a GPU                                  Triton block-scaled FP8 GEMM (kernels/triton_fp8_block.py), every
+                                            batch size (the analog of torch._scaled_mm above)
+  otherwise                                 fp8_block_linear_ref (kernels/fp8_block_ref.py)
 INT4 weights
   on a GPU                                  Triton dequant-GEMM (one kernel for every batch size)
   otherwise                                 dequantize, then F.linear
@@ -17,6 +21,7 @@ import functools
 
 import torch
 
+from meshserve.kernels.fp8_block_ref import fp8_block_linear_ref
 from meshserve.kernels.quant_ref import (
     FP8_DTYPE,
     fp8_linear_ref,
@@ -33,6 +38,15 @@ def _triton_quant():
     except ImportError:  # no Triton: the reference serves
         return None
     return triton_quant
+
+
+@functools.cache
+def _triton_fp8_block():
+    try:
+        from meshserve.kernels import triton_fp8_block
+    except ImportError:
+        return None
+    return triton_fp8_block
 
 
 @functools.cache
@@ -88,6 +102,21 @@ def fp8_linear(
     return fp8_linear_ref(x, weight, weight_scale, input_scale, bias)
 
 
+def fp8_block_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int],
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [..., K] @ block-wise fp8 weight [N, K]^T with scale_inv [ceil(N / BN), ceil(K / BK)] -> [..., N]."""
+    if x.is_cuda:
+        triton_fp8_block = _triton_fp8_block()
+        if triton_fp8_block is not None:
+            return triton_fp8_block.fp8_block_matmul(x, weight, scale_inv, block, bias)
+    return fp8_block_linear_ref(x, weight, scale_inv, block, bias)
+
+
 def int4_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -106,4 +135,4 @@ def int4_linear(
     return int4_linear_ref(x, qweight, scales, zeros, group_size, g_idx, bias)
 
 
-__all__ = ["FP8_DTYPE", "fp8_linear", "int4_linear"]
+__all__ = ["FP8_DTYPE", "fp8_block_linear", "fp8_linear", "int4_linear"]

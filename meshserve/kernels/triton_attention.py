@@ -20,6 +20,8 @@ Kernels
   (gathered through the block table, so any block_size works) from the sliding-window start up to the
   causal limit of its last query, with an fp32 online softmax (exp2, scale folded in). Programs past their
   sequence's query length exit at once.
+  Graph-bound metadata (meta.graph_bound, a mixed step captured in a CUDA graph) goes to
+  triton_unified_attention.unified_attention instead, whose grid depends only on T, S and Hkv.
 * ``_decode_split_kernel`` + ``_decode_reduce_kernel`` (max_query_len == 1): grid
   (num_seqs, num_kv_heads, num_splits). Each sequence's KV tiles (read from seq_lens on the device) are cut
   into num_splits contiguous ranges; a split writes its partial (max, sum, unnormalised acc) in fp32 to a
@@ -31,7 +33,8 @@ CUDA graphs
 The decode path does no host sync and makes no decision from device values: num_splits is a function of
 host-known numbers only (num_seqs, num_kv_heads, meta.max_seq_len, SM count) and correctness does not depend
 on it (each split computes its range from the device-side seq_len, empty splits contribute nothing). For
-graph capture pass a fixed meta.max_seq_len (e.g. max_model_len, as meshserve.engine.cuda_graph does) or
+graph capture pass a fixed meta.max_seq_len (max_model_len, or a short-context bound: engine/cuda_graph.py
+captures small batches once per bound whose decode_splits differ, and replays the one the step fits) or
 construct the backend with ``decode_num_splits=N``; whatever num_splits is chosen at capture is baked into
 the graph and stays valid for any seq_lens at replay (up to the block table width). Padding rows with
 seq_len 0 produce zeros; rows with q_len 0 (query_start_loc[i+1] == query_start_loc[i]) write nothing.
@@ -120,6 +123,7 @@ def _prefill_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,
 ):
     ROWS: tl.constexpr = BLOCK_Q * GROUP_PAD
     b = tl.program_id(0)
@@ -131,6 +135,9 @@ def _prefill_attention_kernel(
     q_tile_start = qt * BLOCK_Q
     if q_tile_start >= q_len:
         return
+    if SKIP_SINGLE:  # noqa: SIM102 (Triton: a constexpr `and` a tensor does not compile)
+        if q_len == 1:  # one-token rows of a mixed batch are the decode kernel's
+            return
     seq_len = tl.load(seq_lens_ptr + b)
     prefix = seq_len - q_len
 
@@ -216,13 +223,14 @@ def _decode_split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
-    seq_len = tl.load(seq_lens_ptr + b)
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
+    if q_len != 1:  # a padding row (q_len 0), or a prefill chunk of a mixed batch (the prefill kernel's)
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
 
     rows = tl.arange(0, ROWS)
-    # (a scalar bool & a tensor mask trips the interpreter, so fold "q_len > 0" into the row bound)
-    row_valid = rows < GROUP * tl.minimum(tl.maximum(q_len, 0), 1)
+    row_valid = rows < GROUP
     heads = kvh * GROUP + rows
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
@@ -297,7 +305,7 @@ def _decode_reduce_kernel(
     h = tl.program_id(1)
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
-    if q_len <= 0:
+    if q_len != 1:  # no split wrote this row (see _decode_split_kernel)
         return
     s = tl.arange(0, SPLITS_PAD)
     s_mask = s < num_splits
@@ -405,22 +413,44 @@ class TritonAttentionBackend:
         out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
         if num_tokens == 0:
             return out
-        if meta.max_query_len > 1:
-            prefill_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                              meta.max_query_len, scale, sliding_window, out, k_scale, v_scale)
+        if meta.max_query_len == 1:
+            self._decode(query, kv_cache, meta, scale, sliding_window, out, k_scale, v_scale)
+            return out
+        # A mixed batch: its one-token rows (decodes) go to the decode kernel, which streams long contexts
+        # at near copy bandwidth; in the prefill kernel each would be one latency-bound program per KV head
+        # walking its whole context (2.5-4x slower on an H200, tools/mixed_step_probe.py). A captured graph
+        # cannot know whether the replayed batch has any, so it always launches both.
+        split = meta.graph_bound or meta.num_single_query_seqs > 0
+        if split:
+            self._decode(query, kv_cache, meta, scale, sliding_window, out, k_scale, v_scale)
+        if meta.graph_bound:
+            # a grid fixed by (T, S, Hkv), not by this step's max_query_len (imported here:
+            # triton_unified_attention imports this module's helpers)
+            from meshserve.kernels.triton_unified_attention import unified_attention
+
+            unified_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
+                              sliding_window, out, k_scale, v_scale, skip_single=True)
         else:
-            num_seqs = meta.seq_lens.shape[0]
-            num_kv_heads = kv_cache.shape[3]
-            splits = self.decode_num_splits
-            if splits is None:
-                dev = query.device.index if query.device.type == "cuda" else None
-                splits = decode_num_splits(num_seqs, num_kv_heads, meta.max_seq_len,
-                                           _decode_block_n(_next_pow2(head_dim), query.element_size()),
-                                           _num_sms(dev),
-                                           max_splits=self.max_decode_splits)
-            decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                             scale, sliding_window, out, splits, k_scale=k_scale, v_scale=v_scale)
+            prefill_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                              meta.max_query_len, scale, sliding_window, out, k_scale, v_scale, skip_single=split)
         return out
+
+    def decode_splits(self, num_seqs: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                      max_seq_len: int, device: torch.device) -> int:
+        """The KV splits _decode uses for this batch shape (engine/cuda_graph.py keys graph variants by it)."""
+        if self.decode_num_splits is not None:
+            return self.decode_num_splits
+        block_n = _decode_block_n(_next_pow2(head_dim), dtype.itemsize)
+        return decode_num_splits(num_seqs, num_kv_heads, max_seq_len, block_n,
+                                 _num_sms(device.index if device.type == "cuda" else None),
+                                 max_splits=self.max_decode_splits)
+
+    def _decode(self, query, kv_cache, meta, scale, sliding_window, out, k_scale, v_scale):
+        """The one-token rows of the batch through the split-K decode kernel."""
+        splits = self.decode_splits(meta.seq_lens.shape[0], kv_cache.shape[3], query.shape[2], query.dtype,
+                                    meta.max_seq_len, query.device)
+        decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                         scale, sliding_window, out, splits, k_scale=k_scale, v_scale=v_scale)
 
 
 def _decode_block_n(head_dim_pad: int, elem_size: int = 2) -> int:
@@ -431,8 +461,9 @@ def _decode_block_n(head_dim_pad: int, elem_size: int = 2) -> int:
 
 
 def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale,
-                      sliding_window, out, k_scale: float = 1.0, v_scale: float = 1.0):
-    """Causal paged attention of a batch of query chunks (any q_len per sequence) into out [T, H, D]."""
+                      sliding_window, out, k_scale: float = 1.0, v_scale: float = 1.0, skip_single: bool = False):
+    """Causal paged attention of a batch of query chunks (any q_len per sequence) into out [T, H, D].
+    skip_single: leave sequences with one new token to decode_attention (a mixed batch's decode rows)."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -452,7 +483,7 @@ def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, 
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         USE_WINDOW=use_window, UPCAST_DOT=_upcast_dot(query), DOT_PRECISION=_dot_precision(query),
-        KV_FP8=_is_fp8(kv_cache),
+        KV_FP8=_is_fp8(kv_cache), SKIP_SINGLE=skip_single,
         num_warps=num_warps, num_stages=2 if query.element_size() == 4 else 3,  # fp32 tiles: less smem
     )
     return out
@@ -461,7 +492,8 @@ def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, 
 def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, out,
                      num_splits: int, block_n: int | None = None, num_warps: int = 4,
                      num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0):
-    """One query token per sequence (query_start_loc[i] is its row; q_len 0 rows write nothing).
+    """One query token per sequence (query_start_loc[i] is its row); sequences with q_len != 1 (padding,
+    or a mixed batch's prefill chunks, which prefill_attention(skip_single=True) serves) write nothing.
     No host syncs: safe to capture in a CUDA graph. block_n / num_warps / num_stages are tuning knobs
     (tools/sweep_decode_attention.py); the defaults are the measured best."""
     num_heads, head_dim = query.shape[1], query.shape[2]

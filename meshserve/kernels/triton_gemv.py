@@ -12,6 +12,14 @@ projection reads gate/up once and the activation never goes to memory.
 
 gemv_ref is F.linear (after SiLU-and-mul when gated): the same result up to the order of the fp32
 accumulation.
+
+rms_norm_gemv folds the decoder layer's residual add + RMSNorm into the next projection (input_layernorm ->
+qkv_proj, post_attention_layernorm -> gate_up_proj): each program sums x + residual and its RMS in a prologue
+(re-reading the K-vector, 8-16 KB from L2, beside its 32+ KB weight tile), normalises each K-block before
+its dot, and program 0 alone writes the new residual. One launch and no normed row in memory instead of
+rms_norm's kernel + the GEMV; the roundings are rms_norm's (sum in the activation dtype, norm in fp32,
+rounded once to the activation dtype, times the norm weight, rounded again), so rms_norm_gemv_ref
+(rms_norm_ref, then F.linear) differs only by fp32 summation order.
 """
 
 from __future__ import annotations
@@ -55,6 +63,88 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+def rms_norm_gemv_ref(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                      weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """(F.linear(rms_norm(x + residual)), x + residual); without a residual (F.linear(rms_norm(x)), x)."""
+    from meshserve.kernels.triton_ops import rms_norm_ref
+
+    if residual is None:
+        return F.linear(rms_norm_ref(x, norm_weight, eps), weight, bias), x
+    normed, new_residual = rms_norm_ref(x, norm_weight, eps, residual)
+    return F.linear(normed, weight, bias), new_residual
+
+
+@triton.jit
+def _residual_sum(x_ptr, res_ptr, kk, kmask, HAS_RESIDUAL: tl.constexpr):
+    """x + residual over one K-block, rounded to x's dtype (the residual stream rms_norm stores)."""
+    x = tl.load(x_ptr + kk, mask=kmask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + kk, mask=kmask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    return x
+
+
+@triton.jit
+def _rms_norm_gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, N, K, stride_w, eps,
+                          HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    ks = tl.arange(0, BLOCK_K)
+    dt = x_ptr.dtype.element_ty
+    # prologue: sum of squares of h = x + residual; program 0 writes h (the next layer's residual)
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ks
+        kmask = kk < K
+        h = _residual_sum(x_ptr, res_ptr, kk, kmask, HAS_RESIDUAL)
+        if HAS_RESIDUAL:  # noqa: SIM102 - a constexpr branch around a runtime one
+            if pid == 0:
+                tl.store(res_out_ptr + kk, h, mask=kmask)
+        hf = h.to(tl.float32)
+        sq += hf * hf
+    inv_rms = 1.0 / tl.sqrt(tl.sum(sq, 0) / K + eps)
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ks
+        kmask = kk < K
+        h = _residual_sum(x_ptr, res_ptr, kk, kmask, HAS_RESIDUAL).to(tl.float32)
+        normed = (h * inv_rms).to(dt).to(tl.float32)
+        nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+        a = (nw * normed).to(dt).to(tl.float32)  # the normed row rms_norm would have stored
+        w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc += w.to(tl.float32) * a[None, :]
+    y = tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                  weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = 4):
+    """Same as rms_norm_gemv_ref for one row x [..., K] (residual alike, or None), norm_weight [K] and
+    weight [N, K] all of x's dtype; returns (y [..., N], the new residual: x + residual, or x itself)."""
+    n, k = weight.shape
+    if x.numel() != k or norm_weight.numel() != k or (residual is not None and residual.numel() != k):
+        raise ValueError(f"rms_norm_gemv takes one row of {k} features, got shape {tuple(x.shape)}")
+    if not (norm_weight.dtype == weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)):
+        raise ValueError("rms_norm_gemv needs x, residual, norm weight and weight of one dtype")
+    x = x.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    new_residual = torch.empty_like(x) if residual is not None else x
+    block_k = 512 if k >= 2048 else 256
+    _rms_norm_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, residual.contiguous() if residual is not None else x, norm_weight, weight,
+        bias if bias is not None else weight, y, new_residual, n, k, weight.stride(0), float(eps),
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=8 if k >= 2048 else 4, num_stages=3)
+    return y, new_residual
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

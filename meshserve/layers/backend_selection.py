@@ -7,8 +7,8 @@ environment or decides a backend; layers only check what a call alone can know (
 
 What is chosen, by default:
   on a CUDA device   Triton attention, the fused Triton ops (RMSNorm+residual, rotary, SiLU-and-mul), the
-                     fused q/k-norm + rotary + KV-write prologue, the batch-1 GEMV, the one-pass sampler,
-                     and decode CUDA graphs unless enforce_eager
+                     fused q/k-norm + rotary + KV-write prologue, the batch-1 GEMV, the one-pass sampler, and
+                     decode and mixed-step CUDA graphs unless enforce_eager
   elsewhere          the plain torch path throughout (the reference)
 
 Overrides (environment, read only here, for debugging and references):
@@ -16,6 +16,10 @@ Overrides (environment, read only here, for debugging and references):
                                             no CUDA graphs and no fused prologue (which writes the cache
                                             through the Triton backend)
   MESHSERVE_DISABLE_FUSED_OPS=1             no fused Triton op: norm, rotary, SiLU, prologue, GEMV, sampler
+  MESHSERVE_NORM_GEMV=1                     fold the residual add + RMSNorm into the QKV and gate/up GEMVs
+                                            (opt-in until measured on the H200: issue 29)
+  MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024  small batches' decode graphs also for these context bounds, with
+                                            fewer attention splits (default none: opt-in until measured)
 
 This module sits in layers/ because the layers consume the choice (and may not import the engine); it
 imports only the config and the layers/kernels it chooses between.
@@ -39,6 +43,12 @@ logger = logging.getLogger(__name__)
 
 ATTENTION_BACKEND_ENV = "MESHSERVE_ATTENTION_BACKEND"
 DISABLE_FUSED_OPS_ENV = "MESHSERVE_DISABLE_FUSED_OPS"
+NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
+DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
+# decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph
+# sized for 4,096 runs 16 KV splits (most of them empty) and a reduce; <= 256 tokens needs one split at small
+# batch (no reduce), <= 1,024 four. The suggested bounds when turned on (none by default until measured)
+SUGGESTED_DECODE_CONTEXT_BOUNDS = (256, 1024)
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -51,8 +61,11 @@ class KernelSelection:
     fused_ops: bool = False  # Triton RMSNorm (+ residual), rotary and SiLU-and-mul
     fused_prologue: bool = False  # q/k norm + rotary + KV write in one kernel, through the Triton backend
     gemv: bool = False  # Triton GEMV for single 16-bit rows (batch-1 decode), SiLU fused into down_proj
+    norm_gemv: bool = False  # residual add + RMSNorm inside the QKV / gate_up GEMV (layers/norm_linear.py)
     fused_sampler: bool = False  # one Gumbel-max pass for batches that only ask for temperatures
     cuda_graphs: bool = False  # capture decode steps in CUDA graphs
+    # small batches' decode graphs also captured for contexts up to each bound (fewer attention splits)
+    decode_context_bounds: tuple[int, ...] = ()
     kv_cache_dtype: torch.dtype | None = None  # the KV pool's element type (None only in PLAIN)
 
 
@@ -74,6 +87,19 @@ def resolve_cache_dtype(cache_dtype: str, model_dtype: str) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+def _decode_context_bounds() -> tuple[int, ...]:
+    raw = os.environ.get(DECODE_CONTEXT_BOUNDS_ENV)
+    if raw is None or raw.strip().lower() in ("", "0", "none"):
+        return ()
+    try:
+        bounds = tuple(sorted({int(b) for b in raw.split(",")}))
+    except ValueError:
+        raise ValueError(f"{DECODE_CONTEXT_BOUNDS_ENV} takes token counts (256,1024), got {raw!r}") from None
+    if bounds[0] <= 0:
+        raise ValueError(f"{DECODE_CONTEXT_BOUNDS_ENV}: bounds must be positive, got {raw!r}")
+    return bounds
+
+
 def select_kernels(config: EngineConfig) -> KernelSelection:
     """Decide every kernel switch for a runner of this config (environment overrides included)."""
     on_cuda = torch.device(config.device).type == "cuda"
@@ -89,14 +115,18 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         raise InvalidArgumentError(
             f"cache_dtype {config.cache_config.cache_dtype!r}: the Triton kernels keep the KV cache in the "
             f"model dtype ({config.model_config.dtype}); use auto", param="cache_dtype")
+    gemv = fused_allowed and gemv_importable()
+    cuda_graphs = on_cuda and not config.enforce_eager and attention == "triton"
     selection = KernelSelection(
         attention_backend=attention,
         fused_ops=fused_ops,
         # the fused prologue writes the cache unscaled: an fp8 cache is written by the scaling reshape-and-cache
         fused_prologue=fused_ops and attention == "triton" and not fp8_cache,
-        gemv=fused_allowed and gemv_importable(),
+        gemv=gemv,
+        norm_gemv=gemv and fused_ops and os.environ.get(NORM_GEMV_ENV, "") not in ("", "0"),
         fused_sampler=fused_ops,
-        cuda_graphs=on_cuda and not config.enforce_eager and attention == "triton",
+        cuda_graphs=cuda_graphs,
+        decode_context_bounds=_decode_context_bounds() if cuda_graphs else (),
         kv_cache_dtype=kv_cache_dtype,
     )
     logger.info("kernels: %s", selection)

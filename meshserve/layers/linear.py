@@ -18,7 +18,7 @@ from torch import nn
 from meshserve.distributed.parallel_state import get_tp_rank, get_tp_size, tensor_parallel_all_reduce
 from meshserve.kernels.fused import gemv_for
 from meshserve.layers.backend_selection import PLAIN
-from meshserve.layers.quantization import current_linear_method
+from meshserve.layers.quantization import current_linear_method, current_unquantized_method
 from meshserve.layers.quantization.base import UnquantizedLinearMethod
 from meshserve.layers.weight_utils import full_weight, narrow_weight, weight_shape
 
@@ -56,11 +56,12 @@ def _copy_output_slice(param: nn.Parameter, loaded, dst_offset: int, size: int, 
         _copy_replicated(param, loaded)
         return
     pack = getattr(param, "output_pack", 1)
-    dst = param.data.narrow(dim, dst_offset // pack, size // pack)
+    # (ceil: a block-wise fp8 scale's last block may be partial; other packings divide exactly)
+    dst = param.data.narrow(dim, dst_offset // pack, -(-size // pack))
     if math.prod(weight_shape(loaded)) == 1:  # a per-tensor scale of this shard
         _copy_into(dst, full_weight(loaded))
     else:
-        _copy_into(dst, narrow_weight(loaded, dim, src_start // pack, size // pack))
+        _copy_into(dst, narrow_weight(loaded, dim, src_start // pack, -(-size // pack)))
 
 
 class LinearBase(nn.Module):
@@ -68,14 +69,15 @@ class LinearBase(nn.Module):
     weight [out, in] by default; with the GEMV selected, single 16-bit rows go through the Triton GEMV)."""
 
     input_is_parallel = False  # row-parallel layers split input features (and so INT4 groups)
-    quantizable = True  # False: 16-bit whatever the model's weight format
+    output_is_parallel = False  # column-parallel layers split output features (and so fp8 weight blocks)
+    quantizable = True  # False: 16-bit whatever the model's weight format (a quantized copy is dequantized)
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.in_features, self.out_features = in_features, out_features
         self.kernels = PLAIN  # bound by the model runner (layers/backend_selection.py)
-        self.quant_method = current_linear_method() if self.quantizable else UnquantizedLinearMethod()
+        self.quant_method = current_linear_method() if self.quantizable else current_unquantized_method()
         self.quant_method.create_weights(self, in_features, out_features, torch.get_default_dtype())
         for param in self.parameters(recurse=False):
             param.weight_loader = self.weight_loader
@@ -110,6 +112,8 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; no communication (the next row-parallel layer reduces)."""
 
+    output_is_parallel = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         tp = get_tp_size()
         super().__init__(in_features, _divide(out_features, tp, "output features"), bias)
@@ -117,6 +121,13 @@ class ColumnParallelLinear(LinearBase):
     def weight_loader(self, param, loaded, shard_id=None):
         size = self.out_features
         _copy_output_slice(param, loaded, 0, size, self.tp_rank * size)
+
+
+class UnquantizedColumnParallelLinear(ColumnParallelLinear):
+    """A column-parallel layer that stays 16-bit whatever the weight format (MLA's kv_b_proj, whose weight the
+    attention reads directly); a quantized checkpoint's copy is dequantized at load where the format allows."""
+
+    quantizable = False
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -183,7 +194,7 @@ class RowParallelLinear(LinearBase):
             _copy_replicated(param, loaded)
             return
         pack = getattr(param, "input_pack", 1)
-        size = self.in_features // pack
+        size = -(-self.in_features // pack)  # (ceil: see _copy_output_slice)
         _copy_into(param.data, narrow_weight(loaded, dim, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,15 @@ from torch import nn
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.fused_moe import FusedMoE
-from meshserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from meshserve.layers.linear import (
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    UnquantizedColumnParallelLinear,
+)
 from meshserve.layers.mla_attention import MLAAttention
 from meshserve.layers.moe_routing import GroupedTopK
 from meshserve.layers.norm import RMSNorm
-from meshserve.layers.quantization import quantization_scope
 from meshserve.layers.rotary import RotaryEmbedding
 from meshserve.models.llama import LlamaMLP
 from meshserve.models.moe import MoeForCausalLM
@@ -93,8 +97,9 @@ class DeepseekAttention(nn.Module):
         self.num_heads = local_q.weight.shape[0] // qk_dim  # this rank's heads
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, 1e-6)
-        with quantization_scope(None):  # MLA reads its weight directly (absorbed into q and the output)
-            self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.nope + self.v_dim))
+        # 16-bit: MLA reads its weight directly (absorbed into q and the output); a block-fp8 checkpoint's copy
+        # is dequantized at load
+        self.kv_b_proj = UnquantizedColumnParallelLinear(self.kv_lora_rank, heads * (self.nope + self.v_dim))
         self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, bias=bias)
         self.rotary_emb = rotary_emb  # cos/sin tables of qk_rope_head_dim, YaRN-scaled; shared by all layers
         # V2's rotary is always interleaved; V3 says so in rope_interleave (default True)

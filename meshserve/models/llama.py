@@ -15,6 +15,7 @@ from meshserve.layers.attention import Attention
 from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from meshserve.layers.norm import RMSNorm
+from meshserve.layers.norm_linear import norm_linear
 from meshserve.layers.pipeline import IntermediateTensors, PPMissingLayer, make_pipeline_layers, pp_stage
 from meshserve.layers.rotary import RotaryEmbedding
 
@@ -62,7 +63,10 @@ class LlamaAttention(nn.Module):
                               sliding_window=sw["sliding_window"])
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
+        return self.from_qkv(positions, self.qkv_proj(hidden), meta)
+
+    def from_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """forward after the QKV projection (which the decoder layer may have fused with its norm)."""
         if self.attn.can_fuse_prologue:
             # the attention backend's one kernel: split, q/k norm, rotary, KV write (same roundings as below)
             return self.o_proj(self.attn.forward_qkv(qkv, positions, self.rotary_emb, self.q_norm, self.k_norm,
@@ -88,7 +92,10 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        return self.from_gate_up(self.gate_up_proj(x))
+
+    def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """forward after the gate/up projection (which the decoder layer may have fused with its norm)."""
         fused = self.down_proj.fused_gated_forward(gate_up)  # batch 1 on a GPU: activation inside the GEMV
         return fused if fused is not None else self.down_proj(self.act_fn(gate_up))
 
@@ -102,14 +109,30 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = mlp if mlp is not None else LlamaMLP(hf_config)  # swappable: MoE blocks replace it
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        # the norms fold into the next projection only where that projection is ours (not MLA's, not MoE's)
+        self.folds_attn_norm = isinstance(self.self_attn, LlamaAttention)
+        self.folds_mlp_norm = isinstance(self.mlp, LlamaMLP)
 
     def forward(self, positions, hidden, residual, meta):
-        if residual is None:
+        # batch-1 decode: each norm runs inside the next projection's GEMV (layers/norm_linear.py)
+        fused = None
+        if self.folds_attn_norm:
+            fused = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, hidden, residual)
+        if fused is not None:
+            qkv, residual = fused
+            hidden = self.self_attn.from_qkv(positions, qkv, meta)
+        elif residual is None:
             residual = hidden
-            hidden = self.input_layernorm(hidden)
+            hidden = self.self_attn(positions, self.input_layernorm(hidden), meta)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
+            hidden = self.self_attn(positions, hidden, meta)
+        fused = None
+        if self.folds_mlp_norm:
+            fused = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual)
+        if fused is not None:
+            gate_up, residual = fused
+            return self.mlp.from_gate_up(gate_up), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 

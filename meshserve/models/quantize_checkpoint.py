@@ -11,6 +11,9 @@ Formats written (quantization_config in config.json, tensors in model.safetensor
                       per-token activations, or a static per-tensor input_scale (a given value: no
                       calibration here); optionally k_scale / v_scale for an fp8 KV cache
   fbgemm_fp8          fp8 weights, weight_scale [N, 1], dynamic activations
+  fp8_block           HF "fp8" with weight_block_size [128, 128] (DeepSeek-V3 / Qwen3 FP8): fp8 weights with
+                      weight_scale_inv [ceil(N / 128), ceil(K / 128)], dynamic per-token-group activations; also
+                      MLA's projections (q_a/q_b/kv_a/kv_b), as DeepSeek's checkpoints store them
 Only the decoder's projections are quantized; embeddings, norms and the LM head are copied.
 """
 
@@ -22,19 +25,21 @@ import shutil
 
 import torch
 
+from meshserve.kernels.fp8_block_ref import quantize_fp8_blockwise
 from meshserve.kernels.quant_ref import FP8_MAX, Int4Weights, quantize_fp8_per_channel, quantize_int4_groups
 from meshserve.layers.quantization.int4_formats import awq_pack, gptq_pack_cols, pack_int4_rows
 
-FORMATS = ("awq", "gptq", "compressed-tensors", "fbgemm_fp8")
+FORMATS = ("awq", "gptq", "compressed-tensors", "fbgemm_fp8", "fp8_block")
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_MLA_PROJECTIONS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")  # fp8_block only
 _SHARED_INPUT = {p: ("q_proj", "k_proj", "v_proj") for p in ("q_proj", "k_proj", "v_proj")} | {
     p: ("gate_proj", "up_proj") for p in ("gate_proj", "up_proj")
 }
 
 
-def is_projection(name: str) -> bool:
+def is_projection(name: str, extra: tuple[str, ...] = ()) -> bool:
     parts = name.split(".")
-    return name.startswith("model.layers.") and parts[-1] == "weight" and parts[-2] in _PROJECTIONS
+    return name.startswith("model.layers.") and parts[-1] == "weight" and parts[-2] in _PROJECTIONS + extra
 
 
 def act_order(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -120,6 +125,13 @@ def _quant_config(fmt: str, group_size: int, desc_act: bool, strategy: str, stat
             "sym": False,
             "checkpoint_format": "gptq",
         }
+    if fmt == "fp8_block":
+        return {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        }
     if fmt == "fbgemm_fp8":
         return {
             "quant_method": "fbgemm_fp8",
@@ -179,8 +191,9 @@ def quantize_checkpoint(
         hessians = collect_hessians(src, calibration_ids(src), names)
     out: dict[str, torch.Tensor] = {}
     num_layers = 0
+    extra = _MLA_PROJECTIONS if fmt == "fp8_block" else ()
     for name, tensor in tensors.items():
-        if not is_projection(name):
+        if not is_projection(name, extra):
             out[name] = tensor
             continue
         num_layers = max(num_layers, int(name.split(".")[2]) + 1)
@@ -197,6 +210,9 @@ def quantize_checkpoint(
                 prefix = base.rsplit(".", 1)[0]
                 perm = act_order([tensors[f"{prefix}.{s}.weight"] for s in siblings] or [tensor])
             parts = int4_tensors(tensor, fmt, group_size, desc_act, perm)
+        elif fmt == "fp8_block":
+            weight, scale_inv = quantize_fp8_blockwise(tensor)
+            parts = {"weight": weight, "weight_scale_inv": scale_inv}
         else:
             parts = fp8_tensors(tensor, fmt, strategy, input_scale)
         out.update({f"{base}.{suffix}": t.contiguous() for suffix, t in parts.items()})

@@ -42,6 +42,20 @@ def test_online_fit_converges_to_what_the_device_does():
     assert m.abs_error_ewma < 0.05 and m.num_observed == 300
 
 
+def test_mixed_steps_within_the_graphs_pay_no_eager_term():
+    # the eager-launch term applies only to mixed steps larger than the mixed-step CUDA graphs
+    m = StepTimeModel(weight_bytes=2e9, kv_bytes_per_token=1e5, rates=RATES, graphed_mixed_tokens=512)
+    m.theta[3] = 5.0  # ms for a mixed step run eagerly
+    m._theta = tuple(float(v) for v in m.theta)
+    small, large = StepShape(300, 20, 20_000), StepShape(1000, 20, 20_000)
+    plain = _model()
+    plain.theta[3] = 5.0
+    plain._theta = tuple(float(v) for v in plain.theta)
+    assert abs(plain.predict(small) - m.predict(small) - 5e-3) < 1e-9  # graphed: no eager term
+    assert abs(plain.predict(large) - m.predict(large)) < 1e-12  # past the largest bucket: eager
+    assert m.predict(StepShape(512, 512, 512)) == plain.predict(StepShape(512, 512, 512))  # decode-only
+
+
 def test_max_prefill_tokens_is_the_largest_that_fits():
     m = _model()
     budget = 0.030

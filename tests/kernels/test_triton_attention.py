@@ -127,6 +127,21 @@ def test_prefill_interp(case, dtype):
     check(out, reference(query, cache, meta, d**-0.5, window), dtype)
 
 
+@interp
+@pytest.mark.parametrize("graph_bound", [False, True])
+@pytest.mark.parametrize("case", [0, 1])
+def test_mixed_batch_splits_decode_rows_interp(case, graph_bound):
+    """A mixed batch's one-token rows go to the split-K decode kernel, the rest to the prefill (or, graph-bound,
+    the unified) kernel with those rows skipped: every row is written once, by one of them."""
+    q_lens, seq_lens, h, hkv, d, bs, window = PREFILL_CASES[case]
+    q_lens, seq_lens = [*q_lens, 1], [*seq_lens, 23]  # one more decode row, so each case has several
+    query, cache, meta = make_case(q_lens, seq_lens, h, hkv, d, bs, torch.float32, seed=10 + case)
+    meta.graph_bound = graph_bound
+    assert meta.num_single_query_seqs == q_lens.count(1)
+    out = TritonAttentionBackend(decode_num_splits=2).attend(query, cache, meta, d**-0.5, window)
+    check(out, reference(query, cache, meta, d**-0.5, window), torch.float32)
+
+
 DECODE_CASES = [
     # seq_lens, H, Hkv, D, block_size, window
     ([5, 100, 300], 8, 2, 24, 16, None),

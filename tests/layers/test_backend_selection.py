@@ -18,6 +18,8 @@ from meshserve.models.llama import LlamaForCausalLM
 def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_ATTENTION_BACKEND", raising=False)
     monkeypatch.delenv("MESHSERVE_DISABLE_FUSED_OPS", raising=False)
+    monkeypatch.delenv("MESHSERVE_NORM_GEMV", raising=False)
+    monkeypatch.delenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", raising=False)
 
 
 def _config(device="cpu", dtype="float32", cache_dtype="auto", enforce_eager=False) -> EngineConfig:
@@ -38,7 +40,29 @@ def test_cuda_takes_every_fast_path_that_imports():
     assert sel.attention_backend == "triton" and sel.cuda_graphs
     assert sel.fused_ops == sel.fused_prologue == sel.fused_sampler == fused_ops_importable()
     assert sel.gemv == gemv_importable()
-    assert not select_kernels(_config(device="cuda", enforce_eager=True)).cuda_graphs
+    # opt-in until measured on the H200 (issue 29)
+    assert not sel.norm_gemv and sel.decode_context_bounds == ()
+    eager = select_kernels(_config(device="cuda", enforce_eager=True))
+    assert not eager.cuda_graphs and eager.decode_context_bounds == ()
+
+
+def test_fixed_cost_switches(monkeypatch):
+    # the norm fold and the short decode-graph variants, each turned on by its own switch (bench on vs off)
+    gpu = _config(device="cuda", dtype="bfloat16")
+    monkeypatch.setenv("MESHSERVE_NORM_GEMV", "1")
+    sel = select_kernels(gpu)
+    assert sel.norm_gemv == (sel.gemv and sel.fused_ops) and sel.decode_context_bounds == ()
+    monkeypatch.setenv("MESHSERVE_NORM_GEMV", "0")
+    monkeypatch.setenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", "none")
+    sel = select_kernels(gpu)
+    assert not sel.norm_gemv and sel.decode_context_bounds == ()
+    assert sel.gemv == gemv_importable() and sel.cuda_graphs  # the rest stays
+    monkeypatch.setenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", "1024, 512,1024")
+    assert select_kernels(gpu).decode_context_bounds == (512, 1024)
+    for bad in ("short", "0,256"):
+        monkeypatch.setenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", bad)
+        with pytest.raises(ValueError, match="MESHSERVE_DECODE_CONTEXT_BOUNDS"):
+            select_kernels(gpu)
 
 
 def test_environment_overrides(monkeypatch):

@@ -43,8 +43,9 @@ def test_resolve_formats_and_bad_combinations():
         resolve_quant_config(_Cfg({"quant_method": "bitsandbytes"}), None)
     with pytest.raises(InvalidArgumentError, match="8-bit weights is not supported"):
         resolve_quant_config(_Cfg({"quant_method": "gptq", "bits": 8}), None)
-    with pytest.raises(InvalidArgumentError, match="block-wise"):
-        resolve_quant_config(_Cfg({"quant_method": "fp8", "weight_block_size": [128, 128]}), None)
+    # (block-wise fp8: tests/layers/test_fp8_block.py)
+    with pytest.raises(InvalidArgumentError, match="block-wise fp8 loads"):
+        resolve_quant_config(_Cfg({"quant_method": "fp8", "weight_block_size": [64, 128]}), None)
     # dummy weights: quantized online in the asked format
     assert resolve_quant_config(_Cfg(), "awq", "dummy").online
 

@@ -15,6 +15,7 @@ from meshserve.config import QUANTIZATION_METHODS
 from meshserve.errors import InvalidArgumentError
 from meshserve.layers.quantization.base import LinearMethod, QuantConfig, UnquantizedLinearMethod
 from meshserve.layers.quantization.fp8 import Fp8Config
+from meshserve.layers.quantization.fp8_block import SUPPORTED_BLOCK, Fp8BlockConfig, check_block_alignment
 from meshserve.layers.quantization.int4 import Int4Config
 
 _FP8_CHECKPOINTS = ("compressed-tensors", "fbgemm_fp8", "fp8")
@@ -68,6 +69,30 @@ def _compressed_tensors(qc: dict) -> QuantConfig:
     return Fp8Config("compressed-tensors", static_input_scale=schemes.pop())
 
 
+def _fp8_block(qc: dict) -> QuantConfig:
+    """HF fp8 with weight_block_size (DeepSeek-V3, Qwen3 FP8): 128 x 128 e4m3 blocks, dynamic activations."""
+    block = tuple(int(b) for b in qc["weight_block_size"])
+    if block != SUPPORTED_BLOCK:
+        raise _error(
+            f"fp8 weight_block_size {list(block)} is not supported (block-wise fp8 loads "
+            f"{list(SUPPORTED_BLOCK)} blocks only)"
+        )
+    if str(qc.get("fmt", "e4m3")).lower() != "e4m3":
+        raise _error(f"fp8 block-wise fmt {qc.get('fmt')} is not supported (e4m3 only)")
+    scheme = str(qc.get("activation_scheme", "dynamic")).lower()
+    if scheme != "dynamic":
+        raise _error(
+            f"fp8 block-wise activation_scheme {scheme} is not supported (dynamic per-token-group only)"
+        )
+    skipped = qc.get("modules_to_not_convert") or qc.get("ignored_layers") or []
+    skipped = [m for m in skipped if m.split(".")[-1] not in ("lm_head", "gate")]
+    if skipped:
+        raise _error(
+            f"fp8 block-wise checkpoint leaves layers unquantized ({skipped[0]}, ...): not supported"
+        )
+    return Fp8BlockConfig(block)
+
+
 def _from_checkpoint(qc: dict) -> QuantConfig:
     method = str(qc.get("quant_method", "")).lower()
     if method == "compressed-tensors":
@@ -76,7 +101,7 @@ def _from_checkpoint(qc: dict) -> QuantConfig:
         return Fp8Config("fbgemm_fp8", extra_optional=("input_scale_ub",))
     if method == "fp8":
         if qc.get("weight_block_size"):
-            raise _error("fp8 checkpoint with block-wise scales (weight_block_size) is not supported")
+            return _fp8_block(qc)
         return Fp8Config("fp8", static_input_scale=qc.get("activation_scheme", "dynamic") == "static")
     if method in ("awq", "gptq"):
         bits = qc.get("bits", qc.get("w_bit", 4))
@@ -113,6 +138,8 @@ def resolve_quant_config(
         method = quantization or (str(qc.get("quant_method", "")).lower() if qc else None)
         if method in ("awq", "gptq"):
             return Int4Config(method, int((qc or {}).get("group_size", 128)), online=True)
+        if method == "fp8" and qc and qc.get("weight_block_size") and quantization in (None, "fp8"):
+            return Fp8BlockConfig(_fp8_block(qc).block, online=True)  # the checkpoint's own format
         return Fp8Config("online") if method is not None else None
     if qc is None:
         if quantization in (None, "fp8"):
@@ -133,7 +160,11 @@ def resolve_quant_config(
 
 
 def check_quant_shapes(config: QuantConfig | None, hf_config, tensor_parallel_size: int = 1) -> None:
-    """One-line errors, before anything loads, for int4 groups that do not divide a rank's input features."""
+    """One-line errors, before anything loads, for int4 groups that do not divide a rank's input features
+    and fp8 weight blocks that a tensor-parallel split would cut."""
+    if isinstance(config, Fp8BlockConfig):
+        _check_fp8_blocks(config, hf_config, tensor_parallel_size)
+        return
     if not isinstance(config, Int4Config) or config.group_size <= 0:
         return
     heads = hf_config.num_attention_heads
@@ -153,6 +184,40 @@ def check_quant_shapes(config: QuantConfig | None, hf_config, tensor_parallel_si
             )
 
 
+def _check_fp8_blocks(config: Fp8BlockConfig, hf_config, tp: int) -> None:
+    """The dense projections' shares per rank (layers/quantization/fp8_block.py checks every layer again as it
+    is built, MLA and MoE models included)."""
+    if tp <= 1 or getattr(hf_config, "kv_lora_rank", None):
+        return
+    from types import SimpleNamespace
+
+    heads, kv_heads = hf_config.num_attention_heads, getattr(hf_config, "num_key_value_heads", None)
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    kv_heads = kv_heads or heads
+    inter = getattr(hf_config, "intermediate_size", None)
+    layers = {
+        "q/k/v": SimpleNamespace(
+            tp_size=tp,
+            output_is_parallel=True,
+            num_heads=heads // tp,
+            num_kv_heads=max(kv_heads // tp, 1),
+            head_dim=head_dim,
+        ),
+        "o_proj": SimpleNamespace(tp_size=tp, input_is_parallel=True, out_features=hf_config.hidden_size),
+    }
+    if inter:
+        layers["gate/up"] = SimpleNamespace(tp_size=tp, output_is_parallel=True, output_sizes=[inter, inter])
+        layers["down_proj"] = SimpleNamespace(
+            tp_size=tp, input_is_parallel=True, out_features=hf_config.hidden_size
+        )
+    ins = {"o_proj": heads * head_dim // tp, "down_proj": (inter or 0) // tp}
+    for what, layer in layers.items():
+        try:
+            check_block_alignment(layer, ins.get(what, hf_config.hidden_size), 0, config.block)
+        except ValueError as e:
+            raise _error(f"{what}: {str(e).split(': ', 1)[1]}") from None
+
+
 @contextlib.contextmanager
 def quantization_scope(config: QuantConfig | None):
     """Linear layers created inside get config's LinearMethod (unquantized when None)."""
@@ -168,12 +233,23 @@ def current_linear_method() -> LinearMethod:
     return _current.linear_method() if _current is not None else UnquantizedLinearMethod()
 
 
+def current_quant_config() -> QuantConfig | None:
+    return _current
+
+
+def current_unquantized_method() -> LinearMethod:
+    """The method of a layer that stays 16-bit (it may still dequantize a quantized checkpoint copy)."""
+    return _current.unquantized_method() if _current is not None else UnquantizedLinearMethod()
+
+
 __all__ = [
     "QUANTIZATION_METHODS",
     "LinearMethod",
     "QuantConfig",
     "check_quant_shapes",
     "current_linear_method",
+    "current_quant_config",
+    "current_unquantized_method",
     "quantization_scope",
     "resolve_quant_config",
 ]

@@ -90,5 +90,9 @@ class QuantConfig:
     def linear_method(self) -> LinearMethod:
         raise NotImplementedError
 
+    def unquantized_method(self) -> LinearMethod:
+        """The method of layers that stay 16-bit under this format (kv_b_proj, replicated layers)."""
+        return UnquantizedLinearMethod()
+
     def describe(self) -> str:
         return self.name

@@ -10,7 +10,7 @@ Checkpoint formats read (config.json's quantization_config):
                       ([1]); input activations dynamic per token, or static per tensor (input_scale)
   fbgemm_fp8          weight_scale [N, 1], dynamic per-token activations (input_scale_ub is read and unused)
   fp8                 HF's FP8 with "activation_scheme" dynamic or static and per-tensor weight_scale; block-wise
-                      weight_scale_inv (weight_block_size) is rejected with a clear error
+                      weight_scale_inv (weight_block_size) is fp8_block.py's
 """
 
 from __future__ import annotations

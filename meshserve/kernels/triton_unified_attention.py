@@ -1,0 +1,298 @@
+"""Unified paged attention for CUDA-graph-bound mixed batches (prefill chunks + decode rows in one launch).
+
+The same semantics as ``triton_attention.prefill_attention`` (and the torch reference
+``attention_ref.paged_attention_ref``), but the launch grid depends only on static shapes: T query tokens,
+S sequences (rows of block_tables / seq_lens) and the number of KV heads. It never reads max_query_len or any
+other per-step host number, and does no host sync, so one CUDA graph captured at a (T, S) bucket is right
+for every batch that fits in it.
+
+Grid and q-block mapping
+------------------------
+grid = (cdiv(T, BLOCK_Q) + S, num_kv_heads). With a = query_start_loc, sequence s owns the q-blocks
+[a[s] // BLOCK_Q + s, a[s+1] // BLOCK_Q + s + 1): the start index a[s] // BLOCK_Q + s is strictly increasing
+in s (so the ranges tile [0, a[S] // BLOCK_Q + S) without gaps or overlaps) and each range holds
+a[s+1] // BLOCK_Q - a[s] // BLOCK_Q + 1 >= cdiv(q_len, BLOCK_Q) blocks (floor is superadditive). A program b
+finds its sequence by binary search over a (the largest s whose start is <= b); its local block
+j = b - start(s) covers query tokens j * BLOCK_Q .. of s and exits at once when that is past q_len (the
+spare block of each range, q_len-0 padding sequences, and blocks past a[S] // BLOCK_Q + S). That costs at most
+S + cdiv(T, BLOCK_Q) programs per KV head, instead of S x cdiv(T, BLOCK_Q) for a grid per (sequence, q-tile).
+
+Padding (as MixedStepGraphs lays it out): padding sequences have q_len 0 (query_start_loc repeats its last
+value) and seq_len 0; tokens at or after query_start_loc[S] belong to no sequence. The kernel writes zeros to
+those rows of ``out`` (the program of flat block b zeroes its tokens past a[S] before doing its attention
+work), so padded rows stay finite through the rest of the model and the caller need not clear them.
+
+Each program attends BLOCK_Q query tokens x the G = H / Hkv query heads of its KV head (packed as in the
+prefill kernel: row r = token r // G_PAD, head r % G_PAD) over the causal prefix, reading KV through the
+block table, with the prefill kernel's fp32 online softmax, fp8 KV scales, sliding window and dot precision.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from meshserve.kernels.triton_attention import (
+    _LOG2E,
+    _NEG_BIG,
+    _dot_precision,
+    _is_fp8,
+    _next_pow2,
+    _prefill_config,
+    _upcast_dot,
+)
+
+
+@triton.jit
+def _seq_of_q_block(qsl_ptr, num_seqs, search_steps, b, BLOCK_Q: tl.constexpr):
+    """The sequence s owning q-block b: the largest s < num_seqs with qsl[s] // BLOCK_Q + s <= b (s = 0
+    always qualifies). A fixed number of halvings (search_steps = ceil(log2(num_seqs)), from the static S),
+    branch-free; once lo == hi a step leaves both unchanged."""
+    lo = tl.program_id(0) * 0  # an int32 tensor from the start: a loop-carried value keeps one type
+    hi = lo + num_seqs - 1
+    for _ in range(search_steps):
+        mid = (lo + hi + 1) // 2
+        owns = tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= b
+        lo = tl.where(owns, mid, lo)
+        hi = tl.where(owns, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _unified_attention_kernel(
+    q_ptr,
+    cache_ptr,
+    bt_ptr,
+    seq_lens_ptr,
+    qsl_ptr,
+    out_ptr,
+    num_tokens,
+    num_seqs,
+    search_steps,
+    scale_log2,
+    window,
+    k_scale,
+    v_scale,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_ckv,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_cd,
+    stride_btb,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,
+):
+    ROWS: tl.constexpr = BLOCK_Q * GROUP_PAD
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+
+    rows = tl.arange(0, ROWS)
+    g = rows % GROUP_PAD
+    heads = kvh * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+
+    # rows of flat block b that belong to no sequence (at or past qsl[S]) get zeros
+    num_real_tokens = tl.load(qsl_ptr + num_seqs)
+    flat_start = b * BLOCK_Q
+    if (flat_start + BLOCK_Q > num_real_tokens) & (flat_start < num_tokens):
+        flat_tok = flat_start + rows // GROUP_PAD
+        pad_row = (flat_tok >= num_real_tokens) & (flat_tok < num_tokens) & (g < GROUP)
+        tl.store(
+            out_ptr
+            + flat_tok.to(tl.int64)[:, None] * stride_ot
+            + heads[:, None] * stride_oh
+            + d[None, :] * stride_od,
+            tl.zeros([ROWS, BLOCK_D], dtype=out_ptr.dtype.element_ty),
+            mask=pad_row[:, None] & d_mask[None, :],
+        )
+
+    s = _seq_of_q_block(qsl_ptr, num_seqs, search_steps, b, BLOCK_Q)
+    q_start = tl.load(qsl_ptr + s)
+    q_len = tl.load(qsl_ptr + s + 1) - q_start
+    q_tile_start = (b - (q_start // BLOCK_Q + s)) * BLOCK_Q
+    if q_tile_start >= q_len:  # the spare block of each range, q_len-0 sequences, blocks past the end
+        return
+    if SKIP_SINGLE:  # noqa: SIM102 (Triton: a constexpr `and` a tensor does not compile)
+        if q_len == 1:  # one-token rows are the decode kernel's (TritonAttentionBackend.attend)
+            return
+    seq_len = tl.load(seq_lens_ptr + s)
+    prefix = seq_len - q_len
+
+    qi = q_tile_start + rows // GROUP_PAD
+    row_valid = (qi < q_len) & (g < GROUP)
+    q_pos = prefix + qi
+    tok = (q_start + qi).to(tl.int64)
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+        mask=row_valid[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([ROWS], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+
+    # the prefill kernel's loop: KV tiles from the window start of the tile's first query to the causal
+    # limit of its last
+    kv_hi = prefix + tl.minimum(q_tile_start + BLOCK_Q, q_len)
+    kv_lo = 0
+    if USE_WINDOW:
+        kv_lo = tl.maximum(prefix + q_tile_start - window + 1, 0)
+        kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
+
+    bt_row = bt_ptr + s.to(tl.int64) * stride_btb
+    k_base = cache_ptr + kvh * stride_ch
+    v_base = k_base + stride_ckv
+    n_off = tl.arange(0, BLOCK_N)
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        kv_pos = start + n_off
+        kv_valid = kv_pos < kv_hi
+        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
+        off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
+        k = tl.load(
+            k_base + off[None, :] + d[:, None] * stride_cd,
+            mask=kv_valid[None, :] & d_mask[:, None],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
+        if KV_FP8:  # the fp8 cache holds K / k_scale (rounded to the query dtype like the reference)
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
+        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
+        mask = kv_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            mask = mask & (kv_pos[None, :] > q_pos[:, None] - window)
+        qk = tl.where(mask, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + off[:, None] + d[None, :] * stride_cd,
+            mask=kv_valid[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        if KV_FP8:
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    tl.store(
+        out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :] * stride_od,
+        o.to(out_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & d_mask[None, :],
+    )
+
+
+def unified_block_q(head_dim: int, group: int) -> int:
+    """Query tokens per program: the prefill kernel's tile for this head_dim and GQA group at long chunks
+    (never from a per-step max_query_len, which a captured graph cannot follow)."""
+    block_d = max(16, _next_pow2(head_dim))
+    return _prefill_config(block_d, _next_pow2(group), 1 << 30)[0]
+
+
+def binary_search_steps(num_seqs: int) -> int:
+    """Halvings that take the binary search over num_seqs sequences down to one."""
+    return max(0, int(num_seqs) - 1).bit_length()
+
+
+def unified_grid(num_tokens: int, num_seqs: int, num_kv_heads: int, block_q: int) -> tuple[int, int]:
+    """(q-block programs, KV heads): every sequence's tiles fit in cdiv(T, BLOCK_Q) + S programs."""
+    return triton.cdiv(num_tokens, block_q) + num_seqs, num_kv_heads
+
+
+def unified_attention(
+    query,
+    kv_cache,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    scale,
+    sliding_window,
+    out,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    block_q: int | None = None,
+    skip_single: bool = False,
+):
+    """Causal paged attention of a padded mixed batch into out [T, H, D], graph-capture safe.
+
+    query [T, H, D]; block_tables [S, W]; seq_lens [S]; query_start_loc [S+1] (non-decreasing, from 0).
+    Rows of out at or past query_start_loc[S] are zeroed. block_q overrides the tile height (tuning; at most
+    unified_block_q, at least 16 rows). skip_single: leave sequences with one new token (a mixed batch's
+    decode rows) to decode_attention, which then serves them.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0:
+        return out
+    if num_seqs == 0:
+        return out.zero_()
+    group = num_heads // num_kv_heads
+    group_pad = _next_pow2(group)
+    block_d = max(16, _next_pow2(head_dim))
+    # an override is clamped and rounded like the prefill tile (16..128 rows, a power of two)
+    block_q, block_n, num_warps = _prefill_config(block_d, group_pad, block_q or 1 << 30)
+    use_window = sliding_window is not None and sliding_window > 0
+    _unified_attention_kernel[unified_grid(num_tokens, num_seqs, num_kv_heads, block_q)](
+        query,
+        kv_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        out,
+        num_tokens,
+        num_seqs,
+        binary_search_steps(num_seqs),
+        scale * _LOG2E,
+        int(sliding_window) if use_window else 0,
+        float(k_scale),
+        float(v_scale),
+        query.stride(0),
+        query.stride(1),
+        query.stride(2),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        kv_cache.stride(4),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_Q=block_q,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        USE_WINDOW=use_window,
+        UPCAST_DOT=_upcast_dot(query),
+        DOT_PRECISION=_dot_precision(query),
+        KV_FP8=_is_fp8(kv_cache),
+        SKIP_SINGLE=skip_single,
+        num_warps=num_warps,
+        num_stages=2 if query.element_size() == 4 else 3,  # fp32 tiles: less smem
+    )
+    return out

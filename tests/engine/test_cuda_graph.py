@@ -1,0 +1,108 @@
+"""Decode graphs' short-context variants: which bounds each batch size is captured for, which variant a step
+replays, and the KV split count each variant's metadata gives the attention kernel. No graph is captured
+here (CPU); tests/gpu/test_decode_fixed_cost.py replays them."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from meshserve.engine.cuda_graph import DecodeGraphs, attention_split_counts, decode_graph_variants
+from meshserve.kernels.triton_attention import TritonAttentionBackend, decode_num_splits
+from meshserve.layers.attention import Attention, TorchAttentionBackend
+
+H200_SMS = 132
+
+
+def _llama8b_splits(num_seqs: int, max_seq_len: int) -> int:
+    """The decode split count of a Llama-3.1-8B layer on an H200 (8 KV heads, 128-token tiles)."""
+    return decode_num_splits(num_seqs, 8, max_seq_len, 128, H200_SMS)
+
+
+def _graphs(bounds=(256, 1024), splits_of=_llama8b_splits, max_num_seqs=32) -> DecodeGraphs:
+    return DecodeGraphs(
+        None, max_num_seqs, 4096, 16, torch.device("cpu"), context_bounds=bounds, splits_of=splits_of
+    )
+
+
+def test_variants_only_where_the_split_count_differs():
+    # full graphs (4,096) at batch 1/2/4/8: 16/16/8/4 splits; <= 1,024 tokens: 4; <= 256: 1; from batch 16 on
+    # one program per SM is reached without splitting, so every bound gives 1 and no variant is kept
+    variants = decode_graph_variants([1, 2, 4, 8, 16, 32], 4096, (256, 1024), _llama8b_splits)
+    assert variants == {
+        1: [256, 1024, 4096],
+        2: [256, 1024, 4096],
+        4: [256, 1024, 4096],
+        8: [256, 4096],
+        16: [4096],
+        32: [4096],
+    }
+    assert [_llama8b_splits(1, b) for b in variants[1]] == [1, 4, 16]
+    assert [_llama8b_splits(8, b) for b in variants[8]] == [1, 4]  # 1,024 would repeat the full graph's 4
+
+
+def test_no_variants_without_bounds_or_a_split_rule():
+    assert decode_graph_variants([1, 2], 4096, (), _llama8b_splits) == {1: [4096], 2: [4096]}
+    assert decode_graph_variants([1, 2], 4096, (256,), None) == {1: [4096], 2: [4096]}
+    # bounds at or past max_model_len are the full graph itself
+    assert decode_graph_variants([1], 1024, (1024, 8192), _llama8b_splits) == {1: [1024]}
+
+
+def test_a_step_replays_the_smallest_variant_holding_its_longest_context():
+    graphs = _graphs()
+    assert graphs.variant(1, 129) == (1, 256)
+    assert graphs.variant(1, 256) == (1, 256)
+    assert graphs.variant(1, 257) == (1, 1024)  # W1's later steps (up to 384 tokens)
+    assert graphs.variant(1, 1025) == (1, 4096)
+    assert graphs.variant(3, 300) == (4, 1024)  # padded to the batch-4 graph
+    assert graphs.variant(5, 300) == (8, 4096)  # batch 8 has no 1,024 variant: the full graph, same splits
+    assert graphs.variant(5, 200) == (8, 256)
+    assert graphs.variant(20, 10) == (32, 4096)
+    assert graphs.variant(1, 5000) == (1, 4096)  # past every bound: the full graph
+    assert _graphs(bounds=()).variant(1, 100) == (1, 4096)
+
+
+def _on_h200(monkeypatch):
+    from meshserve.kernels import triton_attention
+
+    monkeypatch.setattr(triton_attention, "_num_sms", lambda device_index: H200_SMS)
+
+
+def test_each_variant_bakes_its_bound_into_the_split_count(monkeypatch):
+    _on_h200(monkeypatch)
+    graphs = _graphs()
+    backend = TritonAttentionBackend()
+    cpu = torch.device("cpu")
+    for (bs, bound), splits in {(1, 256): 1, (1, 1024): 4, (1, 4096): 16, (8, 256): 1, (8, 4096): 4}.items():
+        meta = graphs._meta(bs, bound)
+        assert meta.max_seq_len == bound and meta.num_seqs == bs and meta.is_decode_only
+        # what the backend's _decode computes from this metadata during capture (1: DIRECT_OUT, no reduce)
+        assert backend.decode_splits(meta.num_seqs, 8, 128, torch.bfloat16, meta.max_seq_len, cpu) == splits
+
+
+def test_split_counts_come_from_each_layers_backend(monkeypatch):
+    _on_h200(monkeypatch)
+    triton_backend = TritonAttentionBackend()
+    layers = [Attention(32, 128, 8, 0.1), Attention(32, 128, 8, 0.1)]
+    for layer in layers:
+        layer.backend = triton_backend
+    cpu = torch.device("cpu")
+    counts = functools.partial(attention_split_counts, layers, torch.bfloat16, cpu)
+    assert counts(1, 4096) == (16, 16)
+    assert counts(1, 1024) == (4, 4)
+    assert counts(1, 128) == (1, 1)
+    # each layer's own shape: one KV head of 256 dims (unbound first: the torch reference, no rule)
+    assert (
+        attention_split_counts([Attention(8, 256, 1, 0.1)], torch.bfloat16, cpu, 1, 4096) is None
+    )  # unbound
+    wide = Attention(8, 256, 1, 0.1)
+    wide.backend = triton_backend
+    assert attention_split_counts([wide], torch.bfloat16, cpu, 1, 4096) == (16,)
+    assert attention_split_counts([wide], torch.bfloat16, cpu, 1, 512) == (2,)
+    fixed = TritonAttentionBackend(decode_num_splits=3)
+    assert fixed.decode_splits(1, 8, 128, torch.bfloat16, 128, cpu) == 3
+    # a backend without a split rule (the torch reference) or a non-Attention layer (MLA): no variants
+    layers[1].backend = TorchAttentionBackend()
+    assert counts(1, 4096) is None
+    assert attention_split_counts([torch.nn.Identity()], torch.bfloat16, cpu, 1, 4096) is None

@@ -1,0 +1,145 @@
+"""triton_gemv.rms_norm_gemv (residual add + RMSNorm inside the GEMV) vs rms_norm then the projection.
+
+Without CUDA the kernel runs in the Triton CPU interpreter in fp32 and fp16 (the interpreter rounds fp32 ->
+bf16 unlike torch, so bf16 is GPU-only); a subprocess also compiles it to sm_90 code with Triton's bundled
+ptxas, which catches codegen errors the interpreter lets through. The plain GEMV's tests live in
+test_triton_ops.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+_HAS_CUDA = torch.cuda.is_available()
+if not _HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
+gpu = pytest.mark.gpu
+
+
+def _inputs(device, dtype, n, k, with_residual, with_bias, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = (3 * torch.randn(1, k, generator=g, device=device)).to(dtype)
+    residual = torch.randn(1, k, generator=g, device=device).to(dtype) if with_residual else None
+    norm_weight = (1 + 0.2 * torch.randn(k, generator=g, device=device)).to(dtype)
+    weight = (0.05 * torch.randn(n, k, generator=g, device=device)).to(dtype)
+    bias = torch.randn(n, generator=g, device=device).to(dtype) if with_bias else None
+    return x, residual, norm_weight, weight, bias
+
+
+def _check(device, dtype, n, k, with_residual, with_bias, block_n=4):
+    """The fused kernel against the two kernels it replaces (rms_norm + gemv where they run, else the refs):
+    the new residual bit for bit, the projection within the GEMV's own tolerance."""
+    from meshserve.kernels.triton_gemv import gemv, rms_norm_gemv, rms_norm_gemv_ref
+    from meshserve.kernels.triton_ops import rms_norm
+
+    x, residual, norm_weight, weight, bias = _inputs(device, dtype, n, k, with_residual, with_bias)
+    eps = 1e-5
+    y, new_residual = rms_norm_gemv(x, residual, norm_weight, eps, weight, bias, block_n=block_n)
+    if residual is None:
+        normed, expected_residual = rms_norm(x, norm_weight, eps), x
+    else:
+        normed, expected_residual = rms_norm(x, norm_weight, eps, residual)
+    two_kernels = gemv(normed, weight, bias)
+    ref, ref_residual = rms_norm_gemv_ref(x, residual, norm_weight, eps, weight, bias)
+    assert y.shape == ref.shape == (1, n) and y.dtype == dtype
+    assert new_residual.dtype == dtype and torch.equal(new_residual, expected_residual)
+    assert torch.equal(new_residual, ref_residual)
+    if residual is not None:  # a fresh tensor, and the inputs are left alone
+        assert new_residual.data_ptr() not in (x.data_ptr(), residual.data_ptr())
+    # the fp32 sums differ in order only (the sum of squares too): a couple of output ulps
+    tol = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    for other in (two_kernels, ref):
+        torch.testing.assert_close(y.float(), other.float(), atol=tol * other.abs().max().item(), rtol=tol)
+    return y, two_kernels
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,k", [(37, 300), (8, 1024), (5, 513)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_rms_norm_gemv_interp(dtype, n, k, with_residual):
+    _check("cpu", dtype, n, k, with_residual, with_bias=n == 37)
+
+
+@interp
+def test_rms_norm_gemv_fp16_equals_two_kernels_exactly():
+    # in fp16 the normed row is exact enough that both paths feed the same products to the same sums
+    y, two_kernels = _check("cpu", torch.float16, 64, 512, with_residual=True, with_bias=False)
+    assert torch.equal(y, two_kernels)
+
+
+@interp
+def test_rms_norm_gemv_row_blocks_cover_every_output():
+    # programs of 8 rows over 37 outputs: the last block is partial; every row is written (empty rows would
+    # keep torch.empty garbage and fail the comparison)
+    _check("cpu", torch.float32, 37, 300, with_residual=True, with_bias=True, block_n=8)
+
+
+@interp
+def test_rms_norm_gemv_rejects_what_it_cannot_serve():
+    from meshserve.kernels.triton_gemv import rms_norm_gemv
+
+    x, residual, norm_weight, weight, _ = _inputs("cpu", torch.float32, 8, 64, True, False)
+    with pytest.raises(ValueError, match="one row"):
+        rms_norm_gemv(x.expand(2, 64), residual, norm_weight, 1e-6, weight)
+    with pytest.raises(ValueError, match="one dtype"):
+        rms_norm_gemv(x, residual, norm_weight.half(), 1e-6, weight)
+
+
+_COMPILE_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from meshserve.kernels.triton_gemv import _rms_norm_gemv_kernel as kernel
+
+names = list(kernel.arg_names)
+pointers = ("x_ptr", "res_ptr", "nw_ptr", "w_ptr", "b_ptr", "y_ptr", "res_out_ptr")
+cases = [("bf16", True, False, 512, 8), ("fp16", False, True, 256, 4)]  # (dtype, residual, bias, BLOCK_K, warps)
+for dtype, has_residual, has_bias, block_k, warps in cases:
+    sig = {n: "i32" for n in names}
+    sig.update({p: "*" + dtype for p in pointers})
+    sig["eps"] = "fp32"
+    const = dict(HAS_RESIDUAL=has_residual, HAS_BIAS=has_bias, BLOCK_N=4, BLOCK_K=block_k)
+    sig.update({n: "constexpr" for n in const})
+    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(_HAS_CUDA, reason="the GPU tests compile the kernel for the real device")
+def test_kernel_compiles_for_sm90_without_gpu():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SM90],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if "No such file" in res.stderr and "ptxas" in res.stderr:
+        pytest.skip("no ptxas bundled with this triton")
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU tests (-m gpu): Llama-3.1-8B's shapes in bf16 (QKV 4096 -> 6144, gate_up 4096 -> 28672), Qwen3-0.6B's
+# ----------------------------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (28672, 4096), (4096, 1024), (6144, 1024), (1027, 4000)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_rms_norm_gemv_gpu(dtype, n, k, with_residual):
+    _check("cuda", dtype, n, k, with_residual, with_bias=n == 1027)

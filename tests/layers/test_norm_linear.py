@@ -1,0 +1,174 @@
+"""norm_linear: where the RMSNorm folds into the next projection's GEMV; the model's tokens stay the same.
+
+On a GPU the fold needs a single 16-bit row (gemv_for). On CPU gemv_for never serves, so the plain path runs;
+the tests below check that, then stand in a CPU gemv_for (single rows of any dtype, the real Triton kernel in
+the interpreter) to drive the fused path through the layers and a whole engine in fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run only without CUDA"),
+]
+
+from transformers import AutoConfig
+
+from meshserve import LLM, SamplingParams
+from meshserve.layers import norm_linear as norm_linear_module
+from meshserve.layers.backend_selection import PLAIN, KernelSelection
+from meshserve.layers.linear import ColumnParallelLinear, RowParallelLinear
+from meshserve.layers.norm import RMSNorm
+from meshserve.layers.norm_linear import norm_linear
+from meshserve.models.llama import LlamaDecoderLayer
+from meshserve.models.moe import Qwen3MoeForCausalLM
+from tests.conftest import VOCAB
+
+FOLD = KernelSelection(gemv=True, fused_ops=True, norm_gemv=True)
+
+
+class CountingGemv:
+    """A gemv_for for CPU tests: the Triton module's rms_norm_gemv (interpreter; 128-row programs keep it
+    fast) for single rows of any dtype, counting the calls; None for several rows, as on a GPU."""
+
+    def __init__(self):
+        from meshserve.kernels import triton_gemv
+
+        self.calls = 0
+        self.module = SimpleNamespace(
+            rms_norm_gemv=self._count(functools.partial(triton_gemv.rms_norm_gemv, block_n=128))
+        )
+
+    def _count(self, fn):
+        def call(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    def __call__(self, x, weight, enabled):
+        return self.module if enabled and x.numel() == x.shape[-1] else None
+
+
+def _norm_and_linear(hidden=64, out=40, seed=0):
+    torch.manual_seed(seed)
+    norm, linear = RMSNorm(hidden, eps=1e-5), ColumnParallelLinear(hidden, out, bias=True)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        linear.weight.normal_(0.0, 0.1)
+        linear.bias.normal_()
+    return norm, linear
+
+
+def test_cpu_keeps_the_two_kernel_path():
+    # the switch on, one row: still None on CPU (gemv_for serves GPU tensors only), so RMSNorm + F.linear run
+    norm, linear = _norm_and_linear()
+    linear.kernels = FOLD
+    x = torch.randn(1, 64)
+    assert norm_linear(norm, linear, x, torch.randn(1, 64)) is None
+    assert norm_linear(norm, linear, x.bfloat16(), None) is None
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_fused_matches_norm_then_linear(monkeypatch, with_residual):
+    fake = CountingGemv()
+    monkeypatch.setattr(norm_linear_module, "gemv_for", fake)
+    norm, linear = _norm_and_linear()
+    linear.kernels = FOLD
+    x, residual = 3 * torch.randn(1, 64), (torch.randn(1, 64) if with_residual else None)
+    y, new_residual = norm_linear(norm, linear, x, residual)
+    assert fake.calls == 1
+    normed, expected_residual = norm(x, residual) if with_residual else (norm(x), x)
+    assert torch.equal(new_residual, expected_residual)
+    torch.testing.assert_close(y, linear(normed), rtol=1e-5, atol=1e-5)
+
+
+def test_where_the_fold_does_not_apply(monkeypatch):
+    fake = CountingGemv()
+    monkeypatch.setattr(norm_linear_module, "gemv_for", fake)
+    norm, linear = _norm_and_linear()
+    x, residual = torch.randn(1, 64), torch.randn(1, 64)
+    assert norm_linear(norm, linear, x, residual) is None  # unbound layer: the plain selection
+    linear.kernels = dataclasses.replace(FOLD, norm_gemv=False)
+    assert norm_linear(norm, linear, x, residual) is None  # the switch off
+    linear.kernels = FOLD
+    assert norm_linear(norm, linear, torch.randn(3, 64), torch.randn(3, 64)) is None  # several rows
+    assert norm_linear(norm, linear, x, residual.double()) is None  # dtypes differ: rms_norm would promote
+    row = RowParallelLinear(64, 40)  # its input is split across ranks, never the whole normed row
+    row.kernels = FOLD
+    assert norm_linear(norm, row, x, residual) is None
+    assert fake.calls == 0
+
+
+def _hf_config(model_type, **extra):
+    return AutoConfig.for_model(
+        model_type,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        **extra,
+    )
+
+
+def test_layers_fold_only_their_own_projections():
+    dense = LlamaDecoderLayer(_hf_config("llama"), rotary_emb=None)
+    assert dense.folds_attn_norm and dense.folds_mlp_norm
+    # Qwen3-MoE with layer 1 dense: the sparse block has no gate_up of ours; attention still folds
+    moe = Qwen3MoeForCausalLM(
+        _hf_config(
+            "qwen3_moe",
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+        )
+    )
+    layers = moe.model.layers
+    assert [layer.folds_mlp_norm for layer in layers] == [False, True]
+    assert all(layer.folds_attn_norm for layer in layers)
+    # the fold holds no second reference to the projections (they load and bind once)
+    names = [n for n, _ in dense.named_modules()]
+    assert names.count("self_attn.qkv_proj") == 1 and not any("fold" in n for n in names)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_tokens_unchanged_with_the_fold(monkeypatch, family, tiny_model_dir):
+    path = tiny_model_dir(family)
+    prompt = [(7 * i + 3) % VOCAB for i in range(9)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def tokens():
+        out = LLM(model=path).generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+        return out[0].outputs[0].token_ids
+
+    plain = tokens()
+    fake = CountingGemv()
+    monkeypatch.setattr(norm_linear_module, "gemv_for", fake)
+    from meshserve.engine import model_runner
+
+    select = model_runner.select_kernels
+    monkeypatch.setattr(
+        model_runner, "select_kernels", lambda config: dataclasses.replace(select(config), norm_gemv=True)
+    )
+    assert tokens() == plain
+    # 5 decode steps at batch 1 (the prefill gives the first token): 2 layers x (QKV + gate_up) each
+    assert fake.calls == 5 * 2 * 2
+    assert PLAIN.norm_gemv is False

@@ -92,7 +92,7 @@ class StepCost:
         t0, t1, t2, t3 = m._theta
         predicted = max(t0 + t1 * (1e3 * dense) + t2 * (1e3 * context_tokens * m.kv_bytes_per_token
                                                          / rates.bandwidth)
-                        + t3 * (1.0 if num_tokens > num_seqs else 0.0), 0.0) * 1e-3
+                        + t3 * (1.0 if num_seqs < num_tokens > m.graphed_mixed_tokens else 0.0), 0.0) * 1e-3
         return predicted + self.comm_s(num_tokens)
 
     def decode_durations(self, n: int, context: int, steps: int) -> list[float]:

@@ -5,7 +5,10 @@
 # call brings back at most 8 files), and the summary lines are printed.
 #   PART=kernels   the Triton kernels against their torch references (fast; run this first)
 #   PART=engine    engine-level GPU tests (spec decode, KV offload, MoE, structured, disagg on one GPU)
-#   PART=all       both
+#   PART=new       what 2026-11-30's third session added and could not run on a GPU: the mixed-step graphs'
+#                  two-batch test, speculation through them, the norm-in-GEMV fold and short decode graphs,
+#                  block FP8, the MLA prefill path and layer-wise KV transfer
+#   PART=all       kernels and engine
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -34,6 +37,13 @@ engine|all)
   run_group moe_engine 300 tests/gpu/test_gpu_moe.py
   run_group structured 180 tests/engine/test_structured_engine.py
   run_group disagg 240 tests/disagg/test_disagg_gpu.py
+  ;;
+new)
+  run_group mixed_spec 300 tests/gpu/test_mixed_graphs.py tests/gpu/test_gpu_spec_decode.py
+  run_group decode_fixed 240 tests/kernels/test_triton_gemv.py tests/gpu/test_decode_fixed_cost.py
+  run_group fp8_block 180 tests/kernels/test_fp8_block_kernels.py
+  ls tests/gpu/test_mla_prefill*.py >/dev/null 2>&1 && run_group mla_prefill 240 tests/gpu/test_mla_prefill*.py
+  run_group moe_engine 300 tests/gpu/test_gpu_moe.py
   ;;
 esac
 tar czf "$OUT/gpu_tests.tgz" -C /tmp gpu_test_logs

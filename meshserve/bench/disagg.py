@@ -2,9 +2,14 @@
 
 Launches, one after the other, (a) two colocated replicas (one per GPU) behind `meshserve router`, and (b) one
 prefill instance (GPU 0, kv_producer) and one decode instance (GPU 1, kv_consumer) behind
-`meshserve router --prefill --decode`; runs the same bursty long-prompt workload through each router and
+`meshserve router --prefill --decode`, and (c) "layerwise": (b) with layer-wise KV transfer (each layer sent as
+the prefill finishes it) and the router's --disagg-concurrent (the decode leg waits for the layers from the
+start); runs the same bursty long-prompt workload through each router and
 prints goodput at the TTFT and time-per-output-token targets, TTFT/ITL p50/p99, and the KV link's achieved
-bandwidth (bytes and seconds the decode instance's /metrics report).
+bandwidth (bytes and seconds the decode instance's /metrics report); for "layerwise", how much of the
+sending overlapped the prefill (the prefill instance's meshserve:kv_transfer_streamed_seconds: per request, from
+its first layer sent to its last, and the part of that before its prefill ended; per-request lines in the
+prefill log at DEBUG).
 
 Workload (fixed draws): random.seed(25); n prompts of randint(2048, 8192) ids randint(3, 10000); then for each,
 max_tokens randint(128, 512); then arrivals in bursts: gaps gammavariate(0.25, 4 / QPS) (mean 1/QPS, CV 2).
@@ -114,12 +119,21 @@ def _metric(url: str, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE))
 
 
+def _streamed(url: str) -> tuple[float, float]:
+    """The producer's layer-wise send seconds: (in all, before each request's prefill ended)."""
+    name = "meshserve:kv_transfer_streamed_seconds_total"
+    return _metric(url, name + '{part="total"}'), _metric(url, name + '{part="during_prefill"}')
+
+
 def run_setup(name: str, ns: argparse.Namespace, qps_points: list[float]) -> list[dict]:
     base = ns.port
     logs = ns.log_dir
     kv = {"kv_connector": "torch", "kv_parallel_size": 2, "kv_ip": "127.0.0.1", "kv_port": base + 50}
+    extra: dict = {"layerwise": True} if name == "layerwise" else {}
     if ns.second_gpu == 0:  # NCCL will not pair two processes on one GPU: gloo, staged through host memory
-        kv["kv_connector_extra_config"] = {"backend": "gloo"}
+        extra["backend"] = "gloo"
+    if extra:
+        kv["kv_connector_extra_config"] = extra
     common = ["--gpu-memory-utilization", str(ns.gpu_memory_utilization)]
     if name == "colocated":
         servers = [
@@ -150,6 +164,7 @@ def run_setup(name: str, ns: argparse.Namespace, qps_points: list[float]) -> lis
             f"http://127.0.0.1:{base + 1}",
             "--decode",
             f"http://127.0.0.1:{base + 2}",
+            *(["--disagg-concurrent"] if name == "layerwise" else []),
         ]
     procs = list(servers)
     try:
@@ -161,7 +176,9 @@ def run_setup(name: str, ns: argparse.Namespace, qps_points: list[float]) -> lis
         for qps in qps_points:
             reqs = bursty_requests(qps, ns.num_prompts)
             b0 = s0 = 0.0
-            if name == "disaggregated":
+            pre = f"http://127.0.0.1:{base + 1}"
+            w0 = _streamed(pre)
+            if name != "colocated":
                 dec = f"http://127.0.0.1:{base + 2}"
                 b0 = _metric(dec, 'meshserve:kv_transfer_bytes_total{direction="received"}')
                 s0 = _metric(dec, "meshserve:kv_transfer_seconds_sum")
@@ -170,14 +187,23 @@ def run_setup(name: str, ns: argparse.Namespace, qps_points: list[float]) -> lis
             )
             s = summarize(results, duration, qps, ttft_slo=ns.ttft_slo, tpot_slo=ns.tpot_slo)
             s["setup"] = name
-            if name == "disaggregated":
+            if name != "colocated":
+                total, during = (b - a for a, b in zip(w0, _streamed(pre)))
+                s["kv_streamed_s"], s["kv_streamed_during_prefill_s"] = total, during
+                s["kv_overlap"] = during / total if total else 0.0
                 nbytes = _metric(dec, 'meshserve:kv_transfer_bytes_total{direction="received"}') - b0
                 secs = _metric(dec, "meshserve:kv_transfer_seconds_sum") - s0
                 s["kv_bytes"], s["kv_seconds"] = nbytes, secs
                 s["kv_gb_s"] = nbytes / secs / 1e9 if secs else 0.0
             print(
                 f"{name}: {format_point(s)}"
-                + (f", KV link {s['kv_gb_s']:.1f} GB/s" if "kv_gb_s" in s else ""),
+                + (f", KV link {s['kv_gb_s']:.1f} GB/s" if "kv_gb_s" in s else "")
+                + (
+                    f", sending overlapped the prefill {100 * s['kv_overlap']:.0f}% "
+                    f"({s['kv_streamed_during_prefill_s']:.2f} of {s['kv_streamed_s']:.2f} s)"
+                    if s.get("kv_streamed_s")
+                    else ""
+                ),
                 flush=True,
             )
             points.append(s)
@@ -198,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         "--second-gpu", type=int, default=1, help="0: both instances share one GPU (when only one is lent)"
     )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--setups", default="colocated,disaggregated")
+    p.add_argument(
+        "--setups",
+        default="colocated,disaggregated,layerwise",
+        help="comma-separated: colocated, disaggregated (whole-request transfer), layerwise",
+    )
     p.add_argument("--log-dir", default=".")
     p.add_argument("--output", default="disagg_bench.json")
     ns = p.parse_args(argv)
@@ -212,11 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(points, f, indent=1)
     by = {(s["setup"], s["qps"]): s for s in points}
     for q in qps:
-        c, d = by.get(("colocated", q)), by.get(("disaggregated", q))
-        if c and d:
+        c = by.get(("colocated", q))
+        for d in (by.get(("disaggregated", q)), by.get(("layerwise", q))):
+            if not (c and d):
+                continue
             ratio = d["goodput"] / c["goodput"] if c["goodput"] else float("inf")
             print(
-                f"QPS {q:g}: goodput disaggregated {d['goodput']:.2f} vs colocated {c['goodput']:.2f} req/s "
+                f"QPS {q:g}: goodput {d['setup']} {d['goodput']:.2f} vs colocated {c['goodput']:.2f} req/s "
                 f"({ratio:.2f}x); ITL p99 {d['itl_p99'] * 1e3:.1f} vs {c['itl_p99'] * 1e3:.1f} ms"
             )
     return 0

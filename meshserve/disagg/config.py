@@ -18,6 +18,8 @@ EXTRA_KEYS = {
     "transfer_timeout_s": "seconds a consumer waits for a transfer before freeing its blocks (default 30)",
     "hold_timeout_s": "seconds a producer holds blocks nobody pulls or acknowledges (default 120)",
     "init_timeout_s": "seconds to wait for every kv rank to join (default 300)",
+    "layerwise": "send each layer's new blocks as the producer's forward finishes it, so the transfer overlaps "
+    "the prefill (true), or a request's blocks once its prefill is done (false, the default)",
     "side_channel_host": "address peers reach this instance's side channel at (default: kv_ip when loopback, "
     "else this host's address)",
 }
@@ -63,6 +65,10 @@ class KVTransferConfig:
     @property
     def init_timeout_s(self) -> float:
         return float(self.extra("init_timeout_s", 300.0))
+
+    @property
+    def layerwise(self) -> bool:
+        return bool(self.extra("layerwise", False))
 
 
 def _bad(msg: str, key: str | None = None) -> InvalidArgumentError:
@@ -116,6 +122,10 @@ def parse_kv_transfer_config(value: Any) -> KVTransferConfig | None:
         )
     if extra.get("backend", "nccl") not in ("nccl", "gloo"):
         raise _bad(f"must be nccl or gloo, got {extra['backend']!r}", "kv_connector_extra_config.backend")
+    if not isinstance(extra.get("layerwise", False), bool):
+        raise _bad(
+            f"must be true or false, got {extra['layerwise']!r}", "kv_connector_extra_config.layerwise"
+        )
     for key in ("transfer_timeout_s", "hold_timeout_s", "init_timeout_s"):
         v = extra.get(key, 1.0)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:

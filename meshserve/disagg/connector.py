@@ -53,7 +53,10 @@ class PullJob:
 @dataclass
 class TransferEvent:
     """What a connector thread tells the core: "released" (producer: free transfer_id's blocks), "received"
-    (consumer: request_id's KV is in its blocks) or "failed" (consumer: it is not, and will not be)."""
+    (consumer: request_id's KV is in its blocks) or "failed" (consumer: it is not, and will not be); layer-wise
+    (layerwise.py) also "subscribe" (producer: rank peer wants transfer_id's layers as they are done),
+    "abandoned" (producer: the consumer gave up before the blocks were held) and "streamed" (producer: every
+    layer was sent, from started to ended, time.monotonic())."""
 
     kind: str
     transfer_id: str
@@ -62,6 +65,10 @@ class TransferEvent:
     num_bytes: int = 0
     seconds: float = 0.0
     reason: str = ""
+    peer: int = -1
+    num_tokens: int = 0
+    started: float = 0.0
+    ended: float = 0.0
 
 
 class KVConnector(ABC):
@@ -98,12 +105,12 @@ class KVConnector(ABC):
         """Join the transfer group (blocks until every rank joined)."""
 
     @abstractmethod
-    def _publish_address(self, address: str) -> None:
-        """Make this rank's side-channel address known to the group."""
+    def _publish_address(self, address: str, kind: str = "side_channel") -> None:
+        """Make this rank's side-channel (or layer-wise "stream") address known to the group."""
 
     @abstractmethod
-    def _peer_address(self, rank: int) -> str:
-        """The side-channel address of rank."""
+    def _peer_address(self, rank: int, kind: str = "side_channel") -> str:
+        """The side-channel (or "stream") address of rank."""
 
     @abstractmethod
     def _producer_ranks(self) -> list[int]:
@@ -116,6 +123,17 @@ class KVConnector(ABC):
     @abstractmethod
     def _recv_blocks(self, src: int, block_ids: list[int], timeout_s: float) -> int:
         """Receive rank src's blocks into block_ids of every layer; returns the bytes received."""
+
+    def _send_layer(self, dst: int, data: torch.Tensor) -> int:
+        """Layer-wise: send one gathered tensor to rank dst and wait until it is sent; returns its bytes."""
+        raise NotImplementedError(f"the {self.name} connector has no layer-wise transport")
+
+    def _recv_layer(
+        self, src: int, kv_layer: torch.Tensor, block_ids: list[int] | None, count: int, timeout_s: float
+    ) -> int:
+        """Layer-wise: receive count blocks of one layer from rank src into block_ids of kv_layer (None: into a
+        scratch buffer, dropped); returns the bytes received."""
+        raise NotImplementedError(f"the {self.name} connector has no layer-wise transport")
 
     def _thread_init(self) -> None:
         """Per-thread set-up of the transport (e.g. the current CUDA device), run first in each thread."""
@@ -141,17 +159,33 @@ class KVConnector(ABC):
         self._server.setsockopt(zmq.LINGER, 0)
         port = self._server.bind_to_random_port("tcp://*")
         self._publish_address(f"tcp://{self._host()}:{port}")
+        layerwise = self.config.layerwise
+        if self.config.is_consumer and layerwise:
+            self._stream_socket = self._ctx.socket(zmq.PULL)
+            self._stream_socket.setsockopt(zmq.LINGER, 0)
+            stream_port = self._stream_socket.bind_to_random_port("tcp://*")
+            self._publish_address(f"tcp://{self._host()}:{stream_port}", "stream")
         if self.config.is_producer:
+            from meshserve.disagg.layerwise import LayerSender
+
+            self.sender = LayerSender(self)  # serves layer-wise pulls whatever this side's own mode
             self._spawn(self._serve, "kv-transfer-server")
+            self._spawn(self.sender.run, "kv-transfer-sender")
         if self.config.is_consumer:
-            self._spawn(self._work, "kv-transfer-puller")
+            if layerwise:
+                from meshserve.disagg.layerwise import LayerReceiver
+
+                self._spawn(LayerReceiver(self).run, "kv-transfer-receiver")
+            else:
+                self._spawn(self._work, "kv-transfer-puller")
         logger.info(
-            "KV transfer: %s connector over %s, rank %d of %d (%s), side channel port %d, ready in %.1f s",
+            "KV transfer: %s connector over %s, rank %d of %d (%s), %s, side channel port %d, ready in %.1f s",
             self.name,
             self.transport,
             self.rank,
             self.config.kv_parallel_size,
             self.config.kv_role,
+            "layer-wise (each layer sent as the prefill finishes it)" if layerwise else "whole-request",
             port,
             time.perf_counter() - t0,
         )
@@ -164,9 +198,13 @@ class KVConnector(ABC):
     def close(self) -> None:
         self._stop.set()
         self._jobs.put(None)
+        if hasattr(self, "sender"):
+            self.sender.put(None)
         for t in self._threads:
             t.join(5)
         self._server.close(linger=0)
+        if hasattr(self, "_stream_socket"):
+            self._stream_socket.close(linger=0)
         self._ctx.term()
 
     # -- producer --------------------------------------------------------------------------------
@@ -198,13 +236,21 @@ class KVConnector(ABC):
             except Exception:  # noqa: BLE001  (a stray client: ignore it, keep serving)
                 logger.warning("KV transfer: undecodable side-channel message ignored")
                 continue
-            if isinstance(msg, sc.Pull):
+            if isinstance(msg, sc.Pull) and msg.layerwise:  # the core decides what to stream (coordinator)
+                self.events.put(
+                    TransferEvent(
+                        "subscribe", msg.transfer_id, peer=msg.consumer_rank, num_tokens=msg.num_tokens
+                    )
+                )
+            elif isinstance(msg, sc.Pull):
                 self._answer_pull(ident, msg)
             elif isinstance(msg, sc.Ack):
                 with self._lock:
                     held = self._held.pop(msg.transfer_id, None)
                 if held is not None:
                     self.events.put(TransferEvent("released", msg.transfer_id))
+                elif not msg.ok:
+                    self.events.put(TransferEvent("abandoned", msg.transfer_id))
 
     def _answer_pull(self, ident: bytes, pull: sc.Pull) -> None:
         with self._lock:

@@ -7,6 +7,9 @@ Consumer: a request whose params say do_remote_prefill gets blocks for its whole
 the prefix cache until filled, and a pull on the connector's thread; once the KV is in, it joins the scheduler
 with its prompt computed and the producer's first token as its first output, and decodes. A pull that fails or
 times out frees its blocks and ends the request with a KVTransferError (503: the router retries colocated).
+Layer-wise (kv_connector_extra_config layerwise, layerwise.py): every producer request has a ProducerStream;
+a consumer's subscription attaches to it (or waits transfer_timeout_s for the request to arrive), the runner's
+per-layer hook queues each step's completed blocks, and the hold queues the end of the stream.
 Everything here runs on the core's thread; the connector's threads report through its event queue.
 """
 
@@ -20,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from meshserve.disagg.config import KVTransferConfig
 from meshserve.disagg.connector import HeldTransfer, KVConnector, PullJob, TransferEvent
+from meshserve.disagg.layer_hook import ProducerStream, queue_ready
+from meshserve.disagg.layerwise import LayerJob
 from meshserve.disagg.stats import KVTransferStats
 from meshserve.engine.messages import EngineCoreOutput, RequestError, error_to_message
 from meshserve.engine.sequence import Sequence, SequenceStatus
@@ -88,6 +93,12 @@ class KVTransferCoordinator:
         self.num_events = (
             0  # connector reports applied since start (the core republishes its counters on news)
         )
+        # layer-wise: producer requests by request id (until held) and by transfer id (until released)
+        self.streams: dict[str, ProducerStream] = {}
+        self._streams_by_tid: dict[str, ProducerStream] = {}
+        self._subscriptions: dict[
+            str, tuple[int, int, float]
+        ] = {}  # before the request came: (rank, tokens, deadline)
         scheduler.kv_hold = self.hold
 
     # -- requests --------------------------------------------------------------------------------
@@ -110,6 +121,16 @@ class KVTransferCoordinator:
                     param="kv_transfer_params",
                 )
             self._producing[seq.request_id] = params.transfer_id
+            st = ProducerStream(
+                params.transfer_id,
+                seq.request_id,
+                seq.num_prompt_tokens,
+                self.block_manager.blocks_needed(seq.num_prompt_tokens),
+            )
+            self.streams[seq.request_id] = self._streams_by_tid[params.transfer_id] = st
+            sub = self._subscriptions.pop(params.transfer_id, None)
+            if sub is not None:
+                self._attach(st, sub[0], sub[1])
             return False
         if not self.config.is_consumer:
             raise InvalidArgumentError(
@@ -137,7 +158,8 @@ class KVTransferCoordinator:
 
     def abort(self, seq: Sequence) -> bool:
         """True when seq's KV is still on its way: its blocks are freed once the pull ends, not now."""
-        self._producing.pop(seq.request_id, None)
+        if self._producing.pop(seq.request_id, None) is not None:
+            self._end_stream(seq.request_id, "the request was aborted on the producer")
         if seq.request_id in self._receiving:
             self._cancelled.add(seq.request_id)
             return True
@@ -147,6 +169,7 @@ class KVTransferCoordinator:
         """The scheduler's finish hook: keep a finished producer request's blocks for its consumer."""
         transfer_id = self._producing.pop(seq.request_id, None)
         if transfer_id is None or status == SequenceStatus.FINISHED_ABORTED or not seq.output_token_ids:
+            self._end_stream(seq.request_id, "the request ended on the producer without a first token")
             return False
         blocks = self.block_manager.detach(seq)
         n = self.block_manager.blocks_needed(seq.num_prompt_tokens)
@@ -164,7 +187,56 @@ class KVTransferCoordinator:
                 time.monotonic() + self.config.hold_timeout_s,
             )
         )
+        st = self.streams.pop(seq.request_id, None)
+        if st is not None:  # layer-wise: the rest of the layers (if any) and the end of the stream
+            st.ready_blocks, st.block_table = len(blocks), tuple(b.block_id for b in blocks)
+            st.first_token, st.prefill_end = seq.output_token_ids[0], time.monotonic()
+            if st.consumer is not None:
+                self._set_busy(transfer_id, True)
+                queue_ready(st, self.connector.sender, self.connector.kv_tensors)
         return True
+
+    # -- layer-wise (producer) ---------------------------------------------------------------------
+    def _end_stream(self, request_id: str, reason: str) -> None:
+        """A producer request that will not be held: its consumer (if any) hears so."""
+        st = self.streams.pop(request_id, None)
+        if st is None:
+            return
+        self._streams_by_tid.pop(st.transfer_id, None)
+        if st.consumer is not None:
+            self.connector.sender.put(LayerJob("done", st.transfer_id, st.consumer, ok=False, reason=reason))
+
+    def _attach(self, st: ProducerStream, rank: int, num_tokens: int) -> None:
+        refusal = (
+            f"prompt length differs: {st.num_tokens} tokens here, {num_tokens} there"
+            if num_tokens != st.num_tokens
+            else "transfer already being sent"
+            if st.consumer is not None
+            else ""
+        )
+        if refusal:
+            self.connector.sender.put(LayerJob("done", st.transfer_id, rank, ok=False, reason=refusal))
+            return
+        st.consumer = rank
+        if st.first_token >= 0:
+            self._set_busy(st.transfer_id, True)
+        queue_ready(st, self.connector.sender, self.connector.kv_tensors)
+
+    def _subscribe(self, event: TransferEvent) -> None:
+        st = self._streams_by_tid.get(event.transfer_id)
+        if st is not None:
+            self._attach(st, event.peer, event.num_tokens)
+        else:  # the prefill request may not have come yet (the router sends both legs at once)
+            deadline = time.monotonic() + self.config.transfer_timeout_s
+            self._subscriptions[event.transfer_id] = (event.peer, event.num_tokens, deadline)
+
+    def _set_busy(self, transfer_id: str, busy: bool) -> None:
+        """A held transfer being streamed is not expired; once sent, the hold deadline starts again."""
+        with self.connector._lock:
+            held = self.connector._held.get(transfer_id)
+            if held is not None:
+                held.busy = busy
+                held.deadline = time.monotonic() + self.config.hold_timeout_s
 
     # -- each step -------------------------------------------------------------------------------
     @property
@@ -194,6 +266,12 @@ class KVTransferCoordinator:
                 event = self.connector.events.get_nowait()
         except queue.Empty:
             pass
+        now = time.monotonic()
+        for tid, (rank, _n, deadline) in list(self._subscriptions.items()):
+            if deadline < now:
+                del self._subscriptions[tid]
+                reason = "unknown transfer (never held here, freed, or already pulled)"
+                self.connector.sender.put(LayerJob("done", tid, rank, ok=False, reason=reason))
         for held in self.connector.expire(time.monotonic()):
             logger.warning(
                 "KV transfer %s: not pulled or acknowledged within %.0f s; freeing its blocks",
@@ -210,13 +288,37 @@ class KVTransferCoordinator:
         return errors
 
     def _release(self, transfer_id: str) -> None:
+        self._streams_by_tid.pop(transfer_id, None)
         blocks = self._held.pop(transfer_id, None)
         if blocks is not None:
             self.block_manager.release_blocks(blocks)
             self.stats.held_blocks -= len(blocks)
 
     def _apply(self, event: TransferEvent) -> EngineCoreOutput | None:
+        if event.kind == "subscribe":
+            self._subscribe(event)
+            return None
+        if event.kind == "streamed":
+            self._set_busy(event.transfer_id, False)
+            self.stats.observe_streamed(event.ended - event.started, event.seconds)
+            logger.debug(
+                "KV transfer %s: layers sent over %.3f s, %.3f s of it during the prefill",
+                event.transfer_id,
+                event.ended - event.started,
+                event.seconds,
+            )
+            return None
+        if event.kind == "abandoned":  # the consumer gave up while the prefill ran: hold for the deadline
+            st = self._streams_by_tid.get(event.transfer_id)
+            if st is not None:
+                st.consumer = None
+            return None
         if event.kind == "released":
+            st = self._streams_by_tid.get(event.transfer_id)
+            if event.reason and st is not None and event.transfer_id not in self._held:
+                st.consumer = None  # the send failed mid-prefill: nothing more goes out, the hold expires
+                self.stats.failed += 1
+                return None
             if event.reason:  # the send failed (the consumer is gone)
                 self.stats.failed += 1
             else:
@@ -297,4 +399,11 @@ def build_kv_transfer(config: KVTransferConfig | None, runner, scheduler) -> KVT
 
         connector = TorchConnector(config, tensors)
     connector.start()
-    return KVTransferCoordinator(config, connector, scheduler)
+    coordinator = KVTransferCoordinator(config, connector, scheduler)
+    if config.is_producer and config.layerwise:
+        from meshserve.disagg.layer_hook import LayerwiseHook
+
+        hook = LayerwiseHook(coordinator.streams, connector.sender, tensors, runner.block_size)
+        hook.bind(runner.model.attention_layers())
+        runner.layerwise_hook = hook
+    return coordinator

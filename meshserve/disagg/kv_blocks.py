@@ -25,7 +25,9 @@ def scatter_layer(kv_layer: torch.Tensor, block_ids: list[int], data: torch.Tens
     """Write gathered blocks (gather_layer's layout) into block_ids of one layer."""
     idx = torch.tensor(block_ids, dtype=torch.long, device=kv_layer.device)
     data = data.to(kv_layer.device, non_blocking=True)
-    if kv_layer.dtype == torch.float8_e4m3fn:  # an fp8 cache: CPU torch has no fp8 index_copy_, move the bytes
+    if (
+        kv_layer.dtype == torch.float8_e4m3fn
+    ):  # an fp8 cache: CPU torch has no fp8 index_copy_, move the bytes
         kv_layer, data = kv_layer.view(torch.uint8), data.view(torch.uint8)
     kv_layer.index_copy_(1, idx, data)
 

@@ -4,6 +4,9 @@ A consumer asks a producer for a transfer (Pull: transfer id, its own kv rank, t
 the producer answers (PullReply: found or why not, the first token, how many blocks follow) and then sends the
 blocks over the transport; the consumer acknowledges (Ack) once they are in its cache, and only then does the
 producer free them. Each instance binds one ROUTER socket; consumers talk to it through DEALER sockets.
+Layer-wise (layerwise.py): a Pull with layerwise set subscribes instead; the producer's sender thread then
+pushes LayerSent headers (each before its tensor on the transport) and a final StreamDone to the consumer's
+PULL socket, as the prefill's layers finish.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ class Pull(msgspec.Struct, tag=True):
     transfer_id: str
     consumer_rank: int
     num_tokens: int  # the prompt length the consumer holds (must match the producer's)
+    # layer-wise (layerwise.py): no PullReply; the producer streams LayerSent/StreamDone as layers are done
+    layerwise: bool = False
 
 
 class PullReply(msgspec.Struct, tag=True):
@@ -31,7 +36,29 @@ class Ack(msgspec.Struct, tag=True):
     ok: bool  # False: the consumer gave up (the producer frees the blocks all the same)
 
 
-Message = Pull | PullReply | Ack
+class LayerSent(msgspec.Struct, tag=True):
+    """Producer -> consumer stream socket: the transport's next tensor holds blocks [start, start + count) of
+    the request's block table, of one layer (gather_layer's layout)."""
+
+    transfer_id: str
+    layer: int
+    start: int
+    count: int
+    src: int  # the producer's kv rank (whose transport the tensor comes on)
+
+
+class StreamDone(msgspec.Struct, tag=True):
+    """Producer -> consumer: every layer of transfer_id was sent (ok) or never will be (not ok, reason)."""
+
+    transfer_id: str
+    ok: bool
+    first_token: int = -1
+    num_blocks: int = 0
+    reason: str = ""
+    src: int = -1
+
+
+Message = Pull | PullReply | Ack | LayerSent | StreamDone
 
 encoder = msgspec.msgpack.Encoder()
 decoder = msgspec.msgpack.Decoder(Message)

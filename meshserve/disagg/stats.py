@@ -22,6 +22,11 @@ class KVTransferStats:
     expired: int = 0  # held blocks freed because nobody pulled or acknowledged them in time
     held_blocks: int = 0  # producer: blocks kept for consumers now
     receiving_blocks: int = 0  # consumer: blocks allocated to pulls in flight now
+    # producer, layer-wise: transfers streamed, and the seconds from each one's first send to its last send's
+    # end, and how many of them fell before its prefill ended (the transfer overlapping compute)
+    streamed: int = 0
+    streamed_s: float = 0.0
+    streamed_overlap_s: float = 0.0
     latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
 
     def observe_received(self, nbytes: int, seconds: float) -> None:
@@ -29,6 +34,11 @@ class KVTransferStats:
         self.received_bytes += nbytes
         self.received_s += seconds
         self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+    def observe_streamed(self, seconds: float, overlap_s: float) -> None:
+        self.streamed += 1
+        self.streamed_s += seconds
+        self.streamed_overlap_s += overlap_s
 
     def as_dict(self) -> dict:
         """SchedulerStats' kv_transfer_* fields."""

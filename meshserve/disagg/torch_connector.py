@@ -67,7 +67,9 @@ class TorchConnector(KVConnector):
         prefixed = dist.PrefixStore("meshserve-kv", self.store)
         op_timeout = datetime.timedelta(seconds=max(c.transfer_timeout_s, 1.0))
         if self.backend == "gloo":
-            self.group = dist.ProcessGroupGloo(prefixed, c.kv_rank, c.kv_parallel_size, op_timeout)
+            # the constructor waits for every rank with this timeout (a peer still loading its model must not
+            # fail the pair); each send/recv waits with its own, transfer_timeout_s (_wait)
+            self.group = dist.ProcessGroupGloo(prefixed, c.kv_rank, c.kv_parallel_size, timeout)
         else:
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = op_timeout
@@ -81,11 +83,11 @@ class TorchConnector(KVConnector):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
-    def _publish_address(self, address: str) -> None:
-        self.store.set(f"side_channel/{self.rank}", address)
+    def _publish_address(self, address: str, kind: str = "side_channel") -> None:
+        self.store.set(f"{kind}/{self.rank}", address)
 
-    def _peer_address(self, rank: int) -> str:
-        key = f"side_channel/{rank}"
+    def _peer_address(self, rank: int, kind: str = "side_channel") -> str:
+        key = f"{kind}/{rank}"
         self.store.wait([key], datetime.timedelta(seconds=self.config.init_timeout_s))
         return self.store.get(key).decode()
 
@@ -128,6 +130,25 @@ class TorchConnector(KVConnector):
         for work, _ in in_flight:
             self._wait(work, dst, timeout)
         return nbytes
+
+    def _send_layer(self, dst: int, data: torch.Tensor) -> int:
+        self._check_link(dst)
+        if self._stage_on_host:
+            data = data.cpu()
+        self._wait(self.group.send([data], dst, _TAG), dst, self.config.transfer_timeout_s)
+        return data.numel() * data.element_size()
+
+    def _recv_layer(self, src, kv_layer, block_ids, count, timeout_s) -> int:
+        self._check_link(src)
+        recv_device = torch.device("cpu") if self._stage_on_host else self.device
+        buf = torch.empty(layer_block_shape(kv_layer, count), dtype=kv_layer.dtype, device=recv_device)
+        with _maybe_stream(self._recv_stream):  # (NCCL: the wait orders this stream after the receive)
+            self._wait(self.group.recv([buf], src, _TAG), src, timeout_s)
+            if block_ids is not None:
+                scatter_layer(kv_layer, block_ids, buf)
+        if self._recv_stream is not None:
+            self._recv_stream.synchronize()  # the blocks are whole before the request may be admitted
+        return buf.numel() * buf.element_size()
 
     def _recv_blocks(self, src: int, block_ids: list[int], timeout_s: float) -> int:
         self._check_link(src)

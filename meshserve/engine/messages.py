@@ -113,6 +113,9 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     kv_transfer_expired: int = 0
     kv_transfer_held_blocks: int = 0
     kv_transfer_receiving_blocks: int = 0
+    kv_transfer_streamed: int = 0  # layer-wise (producer): transfers, their send seconds, those during prefill
+    kv_transfer_streamed_s: float = 0.0
+    kv_transfer_streamed_overlap_s: float = 0.0
     kv_transfer_latency_buckets: list[int] = []
     # MoE: tokens routed to each expert since start, per MoE layer; only in the steps that read them
     # (engine/expert_load.py), empty otherwise

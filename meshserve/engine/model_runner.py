@@ -90,6 +90,7 @@ class ModelRunner:
                                     self.device, share_sampled=share, num_buffers=self.num_step_buffers)
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
+        self.layerwise_hook = None  # disagg/layer_hook.py LayerwiseHook, on a layer-wise KV producer
         spec = config.speculative_config
         # a draft model proposes on the ranks, after each step, eagerly (the verify steps themselves replay
         # the mixed-step graphs: _run_forward)
@@ -262,7 +263,8 @@ class ModelRunner:
         bucket holds, else the plain forward."""
         if self.graphs is not None and self.graphs.can_run(meta):
             return self.graphs.run(input_ids, positions, meta, intermediate)
-        if self.mixed_graphs is not None and self.mixed_graphs.can_run(input_ids.shape[0], meta):
+        layerwise = self.layerwise_hook is not None and self.layerwise_hook.active  # per-layer hooks: eager
+        if self.mixed_graphs is not None and not layerwise and self.mixed_graphs.can_run(input_ids.shape[0], meta):
             return self.mixed_graphs.run(input_ids, positions, meta, intermediate)
         return self.forward(input_ids, positions, meta, intermediate)
 
@@ -289,7 +291,11 @@ class ModelRunner:
         if st.pp_size == 1:
             timer = StepTimer(self.device)
             input_ids, positions, meta = self._prepare(out.scheduled)
+            if self.layerwise_hook is not None:  # disaggregation: each layer's finished blocks go out as it ends
+                self.layerwise_hook.begin(out.scheduled)
             hidden = self._run_forward(input_ids, positions, meta)
+            if self.layerwise_hook is not None:
+                self.layerwise_hook.end()
             if out.before_sample is not None:  # grammar masks, filled while the device runs the forward
                 out.before_sample()
             pending = self.sampling.sample(out.scheduled, hidden, meta, self._step_parity)

@@ -9,6 +9,7 @@ kernels ("triton", GPU). Which one a layer gets is decided in layers/backend_sel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -77,6 +78,8 @@ class Attention(nn.Module):
         self.fused_prologue = False  # the backend's write_qkv serves forward_qkv
         # an fp8 cache holds K / k_scale and V / v_scale (1.0, or the checkpoint's: quantization/kv_scales.py)
         self.k_scale, self.v_scale = 1.0, 1.0
+        # called once this step's K/V are in the cache (disaggregation sends the layer's blocks from there)
+        self.after_kv_write: Callable[[], None] | None = None
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """This layer's cache tensor: K and V per KV head (MLA layers hold one latent instead)."""
@@ -92,6 +95,8 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             raise RuntimeError("attention layer has no KV cache bound")
         self.backend.write_kv(k, v, self.kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        if self.after_kv_write is not None:
+            self.after_kv_write()
         return self.forward_cached(q, meta)
 
     def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, rotary_emb, q_norm, k_norm,
@@ -104,6 +109,8 @@ class Attention(nn.Module):
                                    None if k_norm is None else k_norm.weight,
                                    q_norm.eps if q_norm is not None else 0.0, self.kv_cache, meta.slot_mapping,
                                    self.num_heads, self.num_kv_heads)
+        if self.after_kv_write is not None:
+            self.after_kv_write()
         return self.forward_cached(q, meta)
 
     def forward_cached(self, q: torch.Tensor, meta: AttentionMetadata):

@@ -24,6 +24,10 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode", action="append", default=[], metavar="URL",
                    help="disaggregation: a decode instance (a kv_consumer server), a primary that pulls the KV "
                         "of prompts run on a --prefill instance (repeatable)")
+    g.add_argument("--disagg-concurrent", action="store_true",
+                   help="disaggregation: send the decode leg at once, beside the prefill leg, so a layer-wise "
+                        "decode instance (kv_connector_extra_config layerwise) receives each layer as the "
+                        "prefill finishes it (default: the decode leg after the prefill)")
     g.add_argument("--prefill", action="append", default=[], metavar="URL",
                    help="disaggregation: a prefill instance (a kv_producer server); each request's prompt runs "
                         "there first, then a --decode instance decodes it (repeatable)")
@@ -63,7 +67,7 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
 
 def router_config_from(ns: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
-        backends=list(ns.backend) + list(ns.decode), fallbacks=list(ns.fallback), prefills=list(ns.prefill), discover=list(ns.discover),
+        backends=list(ns.backend) + list(ns.decode), fallbacks=list(ns.fallback), prefills=list(ns.prefill), disagg_concurrent=ns.disagg_concurrent, discover=list(ns.discover),
         fallback_model=ns.fallback_model, policy=ns.policy, affinity_slack=ns.affinity_slack,
         health_interval_s=ns.health_interval, health_timeout_s=ns.health_timeout,
         fail_threshold=ns.fail_threshold, recover_threshold=ns.recover_threshold,

@@ -23,6 +23,9 @@ class RouterConfig:
     fallbacks: list[str] = field(default_factory=list)
     discover: list[str] = field(default_factory=list)  # HOST:PORT resolved through DNS (headless Service)
     prefills: list[str] = field(default_factory=list)  # disaggregation: prefill instances (backends decode)
+    # disaggregation: send the decode leg at once, beside the prefill leg (layer-wise KV transfer overlaps the
+    # prefill only when the decode instance is already waiting for the layers)
+    disagg_concurrent: bool = False
     fallback_model: str | None = None  # rewrite the request's `model` for the fallback pool
     policy: str = "least-outstanding"
     # health

@@ -53,6 +53,10 @@ def prefill_body(body: dict, transfer_id: str) -> bytes:
     return json.dumps(out).encode()
 
 
+def new_transfer_id() -> str:
+    return f"xfer-{uuid.uuid4().hex}"
+
+
 def decode_body(body: dict, transfer_id: str) -> bytes:
     """The decode leg: the client's request, with the handle of the KV to pull."""
     return json.dumps(
@@ -69,22 +73,24 @@ async def run_prefill(
     headers: list[tuple[str, str]],
     timeout: httpx.Timeout,
     max_attempts: int,
+    transfer_id: str | None = None,
 ) -> str | Response | None:
     """Run the prefill leg on the prefill pool: the transfer id once an instance holds the KV; the instance's
     own 4xx answer (the client's mistake: no other instance would do better); None when no prefill instance
-    could (every one down, refusing or failing): the caller serves the request colocated."""
+    could (every one down, refusing or failing): the caller serves the request colocated. transfer_id: the
+    handle to use on every attempt (the concurrent decode leg already waits for it), else a new one each."""
     tried: set[str] = set()
     while len(tried) < max_attempts:
         replica = pool.route_prefill(key, tried)
         if replica is None:
             return None
         tried.add(replica.url)
-        transfer_id = f"xfer-{uuid.uuid4().hex}"
+        handle = transfer_id or new_transfer_id()
         replica.outstanding += 1
         replica.num_requests += 1
         try:
             resp = await client.post(
-                replica.url + path, content=prefill_body(body, transfer_id), headers=headers, timeout=timeout
+                replica.url + path, content=prefill_body(body, handle), headers=headers, timeout=timeout
             )
         except httpx.TransportError as e:
             replica.num_failed += 1
@@ -95,7 +101,7 @@ async def run_prefill(
             replica.outstanding -= 1
         if resp.status_code == 200:
             replica.num_succeeded += 1
-            return transfer_id
+            return handle
         if resp.status_code in _CLIENT_ERRORS and resp.status_code != 429:
             return Response(resp.content, resp.status_code, media_type="application/json")
         replica.num_failed += 1

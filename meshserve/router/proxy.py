@@ -13,6 +13,7 @@ duplicated or spliced output. Events are relayed whole, as they arrive, never bu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -24,7 +25,13 @@ from starlette.responses import Response, StreamingResponse
 
 from meshserve.errors import NoReplicaAvailableError, UpstreamStreamError
 from meshserve.router.config import RouterConfig
-from meshserve.router.disagg import decode_body, is_transfer_failure, run_prefill, wants_disaggregation
+from meshserve.router.disagg import (
+    decode_body,
+    is_transfer_failure,
+    new_transfer_id,
+    run_prefill,
+    wants_disaggregation,
+)
 from meshserve.router.metrics import RouterMetrics
 from meshserve.router.pool import ReplicaPool, Route
 from meshserve.router.prefix import parse_body, prefix_key
@@ -93,6 +100,7 @@ class Proxy:
         self.config = config
         self.metrics = metrics
         self.client = client
+        self._prefill_legs: set[asyncio.Task] = set()  # concurrent prefill legs in flight (kept from the GC)
 
     def _timeout(self) -> httpx.Timeout:
         c = self.config
@@ -103,6 +111,14 @@ class Proxy:
         if route.fallback_reason and self.config.fallback_model and body is not None and "model" in body:
             return json.dumps({**body, "model": self.config.fallback_model}).encode()
         return raw
+
+    def _prefill_leg_done(self, task: asyncio.Task) -> None:
+        self._prefill_legs.discard(task)
+        result = None if task.cancelled() or task.exception() is not None else task.result()
+        if not isinstance(result, str):  # the decode leg's transfer fails in time and is retried colocated
+            self.metrics.fallback.labels("prefill_unavailable").inc()
+            logger.warning("concurrent prefill leg failed (%s)", task.exception() if not task.cancelled() and
+                           task.exception() is not None else getattr(result, "status_code", "no prefill instance"))
 
     async def forward(self, method: str, path: str, raw: bytes, headers: list[tuple[bytes, bytes]]) -> Response:
         """Answer one client request through the pool (never raises for upstream trouble)."""
@@ -118,7 +134,16 @@ class Proxy:
         attempts = 0  # every try, as reported to the client
         spent = 0  # the tries max_attempts bounds: those that reached a replica
         decode_raw = None  # disaggregation: the first decode attempt pulls the KV of a prefill instance
-        if self.pool.prefills and wants_disaggregation(path, body):
+        if self.pool.prefills and wants_disaggregation(path, body) and c.disagg_concurrent:
+            # both legs at once: the decode instance waits for the layers as the prefill computes them; a prefill
+            # that fails leaves the decode leg's transfer to time out, which is retried colocated below
+            transfer_id = new_transfer_id()
+            task = asyncio.create_task(run_prefill(self.client, self.pool, path, body, key, fwd_headers,
+                                                   self._timeout(), c.max_attempts, transfer_id))
+            self._prefill_legs.add(task)
+            task.add_done_callback(self._prefill_leg_done)
+            decode_raw = decode_body(body, transfer_id)
+        elif self.pool.prefills and wants_disaggregation(path, body):
             leg = await run_prefill(self.client, self.pool, path, body, key, fwd_headers, self._timeout(),
                                     c.max_attempts)
             if isinstance(leg, Response):  # the prefill instance found the request invalid

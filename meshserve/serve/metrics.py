@@ -164,7 +164,13 @@ def _kv_transfer_families(s: dict[str, Any]) -> Iterator[Metric]:
     latency = HistogramMetricFamily("meshserve:kv_transfer_seconds", "Per-request KV transfer time on the "
                                     "consumer: handshake, every layer, scatter into its cache.",
                                     buckets=buckets, sum_value=v("received_s"))
-    yield from (count, nbytes, blocks, latency)
+    streamed = CounterMetricFamily("meshserve:kv_transfer_streamed_seconds", "Layer-wise transfers (producer): "
+                                   "seconds from each one's first layer sent to its last, in all, and the part "
+                                   "of them before its prefill ended (the transfer overlapping compute).",
+                                   labels=["part"])
+    streamed.add_metric(["total"], v("streamed_s"))
+    streamed.add_metric(["during_prefill"], v("streamed_overlap_s"))
+    yield from (count, nbytes, blocks, latency, streamed)
 
 
 class ServerMetrics:

@@ -13,6 +13,8 @@ from meshserve.planner.parallel import Layout
 from meshserve.simulator.frontend import FrontEndCosts
 
 ROUTER_POLICIES = ("least-outstanding", "round-robin", "prefix-affinity")
+# scheduler: the engine's own Scheduler per replica (the reference); fast: fast_replica.py's aggregate model
+REPLICA_MODELS = ("scheduler", "fast")
 
 
 @dataclass
@@ -48,6 +50,8 @@ class SimConfig:
     frontend_token_s: float = 0.0
     api_server_count: int = 1  # API processes per replica (`meshserve serve --api-server-count`)
     hardware_file: str | None = None
+    # how each replica is simulated (REPLICA_MODELS); "fast" takes the reference where it does not apply
+    replica_model: str = "scheduler"
 
     def validate(self) -> None:
         if self.num_gpus < 1 or self.tp < 1 or self.num_gpus % self.tp:
@@ -57,6 +61,9 @@ class SimConfig:
             raise InvalidArgumentError("front-end costs must be >= 0", param="frontend_request_ms")
         if self.api_server_count < 1:
             raise InvalidArgumentError("--api-server-count must be >= 1", param="api_server_count")
+        if self.replica_model not in REPLICA_MODELS:
+            raise InvalidArgumentError(f"--replica-model must be one of {', '.join(REPLICA_MODELS)}",
+                                       param="replica_model")
         if self.router not in ROUTER_POLICIES:
             raise InvalidArgumentError(f"--router must be one of {', '.join(ROUTER_POLICIES)}", param="router")
 

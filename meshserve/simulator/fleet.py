@@ -12,14 +12,18 @@ request refused with 429 is retried on another replica, up to max_attempts, as `
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import time
 from collections.abc import Callable
 
 from meshserve.router.policy import make_policy
 from meshserve.router.prefix import prefix_key
+from meshserve.simulator import native
 from meshserve.simulator.autoscale import Autoscaler, AutoscaleRule
 from meshserve.simulator.config import SimConfig
+from meshserve.simulator.fast_fleet import fast_model_gap, run_fast
+from meshserve.simulator.fast_replica import FastReplica
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.replica import SimReplica
 from meshserve.simulator.step_cost import StepCost, StepWeights
@@ -28,6 +32,8 @@ from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 # a request reaches a replica's core through its API process; a replica's step ends; an idle replica got work;
 # sequences finish inside a decode run (SimReplica.finish_mark)
 _ADMIT, _STEP_END, _WAKE, _FINISH = -1, 0, 1, 2
+
+logger = logging.getLogger(__name__)
 
 
 def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: StepWeights | None = None,
@@ -40,6 +46,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     steps at once and keeps sequences as counts (replica.py, light.py); off, every step goes through the
     scheduler with the engine's own Sequence and BlockManager (the reference: same results, slower). autoscale:
     replicas come and go on the router's queue depth (autoscale.py), starting from config's count.
+    config.replica_model "fast" runs the fast replica model (fast_replica.py, fast_fleet.py) where it covers
+    the configuration (fast_fleet.fast_model_gap), else the scheduler with the reason logged and reported.
     """
     config.validate()
     trace = Trace.of(trace)
@@ -51,6 +59,22 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     num_blocks = config.kv_blocks(model, gpu)
     sched_cfg, cache_cfg = config.engine_configs(num_blocks, prefix_caching)
     recorder = RunRecorder()
+    wall0 = time.perf_counter()
+    replica_model, fallback = config.replica_model, None
+    if replica_model == "fast":
+        fallback = fast_model_gap(config, prefix_caching, step_cost is not None, autoscale is not None)
+        if fallback is not None:
+            logger.info("the fast replica model does not cover %s: simulating with the scheduler", fallback)
+            replica_model = "scheduler"
+    if replica_model == "fast":
+        def make_fast(index: int, on_outstanding) -> FastReplica:
+            return FastReplica(index, sched_cfg, cache_cfg, cost, recorder, config.max_queue_len,
+                               config.frontend_costs, on_outstanding)
+
+        replicas, timeline = run_fast(config, trace, make_fast, recorder, progress)
+        return _report(config, trace, recorder, replicas, None, None, timeline, cost, step_cost, num_blocks,
+                       prefix_caching, (0, 0), wall0, replica_model, fallback)
+
     version: list[int] = []  # per replica: only its latest event in `steps` is live
 
     def make_replica(index: int) -> SimReplica:
@@ -103,7 +127,6 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
             tried = (*tried, rep.index)
         recorder.num_rejected += 1
 
-    wall0 = time.perf_counter()
     # (time, replica index, kind, payload): a version for _STEP_END and _WAKE (only the latest is live),
     # (request, replicas tried, prefix key) for _ADMIT, (run serial, step) for _FINISH
     steps: list[tuple] = []
@@ -158,9 +181,21 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                         heapq.heappush(steps, (t, idx, _FINISH, (serial, step)))
                     rep.finish_marks.clear()
 
-    gpu_busy = sum(r.busy_s for r in replicas)
     queries = sum(r.scheduler.block_manager.stats.queries for r in replicas)
     hits = sum(r.scheduler.block_manager.stats.hits for r in replicas)
+    return _report(config, trace, recorder, replicas, scaler, autoscale, timeline, cost, step_cost, num_blocks,
+                   prefix_caching, (queries, hits), wall0, replica_model, fallback)
+
+
+def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: list, scaler, autoscale,
+            timeline: list[dict], cost: StepCost, step_cost, num_blocks: int, prefix_caching: bool,
+            prefix_queries_hits: tuple[int, int], wall0: float, replica_model: str, fallback: str | None) -> dict:
+    """The report of a finished run, whichever replica model ran it."""
+    gpu = config.gpu_spec()
+    n, arrivals, delay = len(trace), trace.arrival_s, config.frontend_latency_s
+    serving = replicas if scaler is None else scaler.serving
+    gpu_busy = sum(r.busy_s for r in replicas)
+    queries, hits = prefix_queries_hits
     duration = max(recorder.last_completion_s, float(arrivals[-1]) if n else 0.0)
     replica_seconds = duration * len(replicas) if scaler is None else scaler.gpu_replica_seconds(duration)
     gpu_hours = None if scaler is None else replica_seconds * config.tp / 3600
@@ -183,6 +218,9 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                      / (replica_seconds * config.api_server_count) if replica_seconds else 0.0},
         "gpu_busy_fraction": gpu_busy / replica_seconds if replica_seconds else 0.0,
         "step_weights": vars(cost.weights) if step_cost is None else "custom",
+        # how replicas were simulated, and why not the fast model when it was asked for and did not apply
+        "replica_model": replica_model, "replica_model_fallback": fallback,
+        "fast_model_compiled": replica_model == "fast" and native.is_compiled(),
         "timeline": timeline,
         "sim_wall_s": time.perf_counter() - wall0,
     })

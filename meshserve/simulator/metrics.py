@@ -34,11 +34,31 @@ class RunRecorder:
     num_preemptions: int = 0
     itl_counts: np.ndarray = field(default_factory=lambda: np.zeros(_ITL_BINS, dtype=np.int64))
     _itl_pending: dict[int, int] = field(default_factory=dict)  # bin -> gaps, not yet in itl_counts
+    # gaps not yet binned: single (gap, count) and linear runs (first gap, slope, steps, count)
+    _gap_s: array = field(default_factory=lambda: array("d"))
+    _gap_n: array = field(default_factory=lambda: array("q"))
+    _run_s: array = field(default_factory=lambda: array("d"))
+    _run_slope_s: array = field(default_factory=lambda: array("d"))
+    _run_steps: array = field(default_factory=lambda: array("q"))
+    _run_n: array = field(default_factory=lambda: array("q"))
     last_completion_s: float = 0.0
 
     def add_itl(self, gap_s: float) -> None:
         b = int(gap_s / ITL_BIN_S)
         self._itl_pending[b] = self._itl_pending.get(b, 0) + 1
+
+    def add_itl_count(self, gap_s: float, count: int) -> None:
+        """count gaps of gap_s (every sequence of one step). Kept raw and binned in bulk (flush_itl)."""
+        self._gap_s.append(gap_s)
+        self._gap_n.append(count)
+
+    def add_itl_linear(self, first_s: float, slope_s: float, steps: int, count: int) -> None:
+        """count gaps of each of first_s + slope_s * i, i = 0..steps-1 (a decode segment's step durations,
+        fast_replica.py; slope_s >= 0: a gap grows by microseconds a step). Kept raw and binned in bulk."""
+        self._run_s.append(first_s)
+        self._run_slope_s.append(slope_s)
+        self._run_steps.append(steps)
+        self._run_n.append(count)
 
     def add_itl_counts(self, gaps_s: list[float], count: int) -> None:
         """count gaps of each of gaps_s (every sequence of a decode step, for each step)."""
@@ -47,7 +67,45 @@ class RunRecorder:
             b = int(gap / ITL_BIN_S)
             pending[b] = pending.get(b, 0) + count
 
+    def flush_itl(self) -> None:
+        """Bin the gaps kept raw (the same bins as int(gap / ITL_BIN_S) one by one)."""
+        if self._gap_s:
+            bins = (np.frombuffer(self._gap_s, dtype=float) / ITL_BIN_S).astype(np.int64)
+            self._add_bins(bins, np.frombuffer(self._gap_n, dtype=np.int64))
+            self._gap_s, self._gap_n = array("d"), array("q")  # (numpy's views keep the old ones)
+        if self._run_s:
+            first, slope = np.frombuffer(self._run_s, dtype=float), np.frombuffer(self._run_slope_s, dtype=float)
+            steps, count = np.frombuffer(self._run_steps, dtype=np.int64), np.frombuffer(self._run_n, dtype=np.int64)
+            b0 = (first / ITL_BIN_S).astype(np.int64)
+            b1 = ((first + slope * (steps - 1)) / ITL_BIN_S).astype(np.int64)
+            one = b0 == b1  # gaps grow with the step: a run that starts and ends in one bin stays in it
+            self._add_bins(b0[one], steps[one] * count[one])
+            for i in np.flatnonzero(~one).tolist():
+                self._bin_linear(float(first[i]), float(slope[i]), int(steps[i]), int(count[i]))
+            self._run_s, self._run_slope_s, self._run_steps, self._run_n = array("d"), array("d"), array("q"), array("q")
+
+    def _add_bins(self, bins: np.ndarray, counts: np.ndarray) -> None:
+        if bins.size:  # bincount over the bins' own range (np.add.at is ~10x slower per gap)
+            bins = np.minimum(bins, _ITL_BINS - 1)
+            lo = int(bins.min())
+            summed = np.bincount(bins - lo, weights=counts)
+            self.itl_counts[lo:lo + summed.size] += np.rint(summed).astype(np.int64)
+
+    def _bin_linear(self, first_s: float, slope_s: float, steps: int, count: int) -> None:
+        """A linear run over more than one bin, bin by bin: the steps in each bin found from the line."""
+        pending, i = self._itl_pending, 0
+        while i < steps:
+            b = int((first_s + slope_s * i) / ITL_BIN_S)
+            j = steps if slope_s <= 0 else min(steps, max(i + 1, int(((b + 1) * ITL_BIN_S - first_s) / slope_s)))
+            while j > i + 1 and int((first_s + slope_s * (j - 1)) / ITL_BIN_S) != b:  # rounding at the bin edge
+                j -= 1
+            while j < steps and int((first_s + slope_s * j) / ITL_BIN_S) == b:
+                j += 1
+            pending[b] = pending.get(b, 0) + (j - i) * count
+            i = j
+
     def _flush_itl(self) -> None:
+        self.flush_itl()
         if self._itl_pending:
             bins = np.minimum(np.fromiter(self._itl_pending.keys(), dtype=np.int64), _ITL_BINS - 1)
             np.add.at(self.itl_counts, bins, np.fromiter(self._itl_pending.values(), dtype=np.int64))

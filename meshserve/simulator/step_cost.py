@@ -70,6 +70,7 @@ class StepCost:
         self._allreduces = 2 * model.num_layers
         self._token_bytes = model.hidden_size * ACT_BYTES
         self._link = (gpu.link_gb_s, gpu.link_latency_us)
+        self._lines: dict[int, tuple[float, float]] = {}  # decode_line's per-batch-size terms
 
     def comm_s(self, num_tokens: int) -> float:
         """Two all-reduces per layer of the step's hidden states (0 without TP)."""
@@ -79,6 +80,20 @@ class StepCost:
 
     def __call__(self, shape: StepShape) -> float:
         return self.model.predict(shape) + self.comm_s(shape.num_tokens)
+
+    def time_s(self, num_tokens: int, num_seqs: int, context_tokens: int) -> float:
+        """self(StepShape(num_tokens, num_seqs, context_tokens)), the same floating-point operations, without
+        building a StepShape (the fast replica prices one step per request)."""
+        if num_tokens == 0:
+            return 0.0
+        m = self.model
+        rates = m.rates
+        dense = max(m.weight_bytes / rates.bandwidth, 2.0 * m.params * num_tokens / rates.flops)
+        t0, t1, t2, t3 = m._theta
+        predicted = max(t0 + t1 * (1e3 * dense) + t2 * (1e3 * context_tokens * m.kv_bytes_per_token
+                                                         / rates.bandwidth)
+                        + t3 * (1.0 if num_seqs < num_tokens > m.graphed_mixed_tokens else 0.0), 0.0) * 1e-3
+        return predicted + self.comm_s(num_tokens)
 
     def decode_durations(self, n: int, context: int, steps: int) -> list[float]:
         """self(StepShape(n, n, context + n * j)) for j = 1..steps: the same floating-point operations as
@@ -90,6 +105,20 @@ class StepCost:
         kvb, bw, comm = m.kv_bytes_per_token, m.rates.bandwidth, self.comm_s(n)
         return [max(base + t2 * (1e3 * (context + n * j) * kvb / bw) + t3 * mixed, 0.0) * 1e-3 + comm
                 for j in range(1, steps + 1)]
+
+    def decode_line(self, n: int, context: int) -> tuple[float, float]:
+        """(a, b) with self(StepShape(n, n, context + n * j)) = a + b * j for decode steps (j >= 1) of n
+        sequences holding `context` KV tokens before the first (the fast replica's closed form; equal to
+        decode_durations up to rounding while the model's time is positive, which calibrated weights keep)."""
+        line = self._lines.get(n)
+        if line is None:  # the batch's own terms: weights or FLOPs, all-reduces
+            m = self.model
+            t0, t1, t2, _ = m._theta
+            dense, _, _ = m._terms(StepShape(n, n, n))
+            per_token = t2 * m.kv_bytes_per_token / m.rates.bandwidth
+            line = self._lines[n] = ((t0 + t1 * dense) * 1e-3 + self.comm_s(n), per_token)
+        fixed, per_token = line
+        return fixed + per_token * context, per_token * n
 
 
 def read_step_trace(path: str | Path) -> list[dict]:

@@ -25,9 +25,20 @@ def transfer_config(role: str, rank: int, port: int, size: int = 2, **extra) -> 
     }
 
 
+def _fault(kind: str | None):
+    """A layer-wise sender fault (LayerSender.skip): "drop_layer_1" loses layer 1's tensors, "stall" every
+    layer and the end of the stream (a producer that hangs), None none."""
+    if kind == "drop_layer_1":
+        return lambda job: job.kind == "layer" and job.layer == 1
+    if kind == "stall":
+        return lambda job: True
+    return None
+
+
 def producer_main(engine_kwargs: dict, commands, results) -> None:
     """Serve ("add", EngineCoreRequest) commands; report each finished request's tokens, and on ("blocks",)
-    the free-block count once nothing is held (or after 10 s); stop on ("stop",)."""
+    the free-block count once nothing is held (or after 10 s); ("fault", kind) sets a layer-wise sender
+    fault (_fault); stop on ("stop",)."""
     from meshserve.config import EngineArgs
     from meshserve.engine.core import EngineCore
 
@@ -46,6 +57,9 @@ def producer_main(engine_kwargs: dict, commands, results) -> None:
                 cmd = None
             if cmd is not None and cmd[0] == "stop":
                 break
+            if cmd is not None and cmd[0] == "fault":
+                core.disagg.connector.sender.skip = _fault(cmd[1])
+                results.put(("fault", cmd[1]))
             if cmd is not None and cmd[0] == "add":
                 core.add_request_or_report(cmd[1])
             if cmd is not None and cmd[0] == "blocks":

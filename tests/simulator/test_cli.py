@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from meshserve.cli import main
 
 
@@ -45,3 +47,20 @@ def test_plot_of_the_timeline(capsys, tmp_path):
     written = report["plot"]  # .svg when matplotlib is not installed
     assert written.startswith(str(tmp_path / "sim.")) and (tmp_path / written.split("/")[-1]).stat().st_size > 500
     assert len(report["timeline"]) >= 50 and {"t", "waiting", "running"} <= set(report["timeline"][0])
+
+
+def test_replica_model_switch_and_its_fallback_note(capsys):
+    args = ["simulate", "--gpu", "H200", "--qps", "5", "--duration", "3", "--no-progress"]
+    assert main(args) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert main([*args, "--replica-model", "scheduler"]) == 0
+    reference = json.loads(capsys.readouterr().out)
+    assert (fast["replica_model"], reference["replica_model"]) == ("fast", "scheduler")
+    assert fast["completed"] == reference["completed"] and fast["ttft_p99"] == reference["ttft_p99"]
+    assert main([*args, "--slo-ttft-ms", "1000"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["replica_model"] == "scheduler"
+    assert "does not cover SLO-aware scheduling" in captured.err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's one-line usage error
+        main([*args, "--replica-model", "bogus"])
+    assert exit_info.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,19 @@ def test_gpus_and_tensor_parallelism():
     assert tp2(decode) < h100(decode)  # half the weights per GPU outweighs the all-reduces
     prefill = StepShape(4096, 1, 4096)
     assert h100(prefill) > h100(decode)
+
+
+def test_time_s_is_the_models_prediction_to_the_bit():
+    """StepCost.time_s (the fast replica's per-step price, no StepShape built) and StepCost(shape) are one
+    computation, with the mixed-step graphs' threshold too."""
+    rng = random.Random(0)
+    for tp, graphed in ((1, 0), (2, 0), (1, 512)):
+        cost = StepCost(load_model("llama-3.1-8b"), get_gpu("H100-SXM"), tp)
+        cost.model.graphed_mixed_tokens = graphed
+        for _ in range(2000):
+            seqs = rng.randint(1, 256)
+            tokens = rng.randint(seqs, 9000)
+            context = rng.randint(tokens, 300_000)
+            assert cost.time_s(tokens, seqs, context) == cost(StepShape(tokens, seqs, context))
+        a, b = cost.decode_line(12, 7000)
+        assert a + 3 * b == pytest.approx(cost(StepShape(12, 12, 7000 + 36)), rel=1e-12)

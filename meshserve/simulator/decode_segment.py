@@ -1,0 +1,132 @@
+"""A run of decode steps of one fixed batch, in closed form: step end times, the step in flight, token delivery.
+
+While nobody waits and every running sequence decodes, each step decodes the same n sequences and reads n more
+KV tokens than the one before, so the step-time model's time is linear in the step's index: d(j) = a + b j
+(StepCost.decode_line), and step j of the segment ends at start + j a + b j (j + 1) / 2. The fast replica
+(fast_replica.py) keeps one such segment between events (a finish ends it, an arrival cuts it after the step in
+flight) instead of an event, or a list entry, per step; the reference lays steps out one by one (replica.py).
+Tokens reach the client through the API process's queue (frontend.py): once that queue is idle when a step ends
+and steps last longer than their tokens' work, every later step is seen its work after it ends, so its gaps are
+the step durations again (closed form); until then (a backlog, or a saturated front end) step by step.
+"""
+
+from __future__ import annotations
+
+import math
+
+from meshserve.simulator.frontend import FrontEnd
+from meshserve.simulator.metrics import RunRecorder
+
+
+class DecodeSegment:
+    """Steps 1..total of n decoding sequences from start_s, step j lasting a + b j seconds; `delivered`: steps
+    whose tokens the client has been handed (deliver).
+
+    A segment may start with a head: the mixed step that admitted the last waiting request(s) (head_s long, its
+    tokens sampled by head_gaps decoders and the newly prefilled `first_tokens`, which decode from step 2 on),
+    so that step and the decode steps after it are one event; step j >= 2 still lasts a + b j."""
+
+    __slots__ = (
+        "a",
+        "b",
+        "delivered",
+        "first_tokens",
+        "head_gaps",
+        "head_tokens",
+        "n",
+        "origin_s",
+        "start_s",
+        "total",
+    )
+
+    def __init__(
+        self,
+        start_s: float,
+        a: float,
+        b: float,
+        n: int,
+        total: int,
+        head_s: float | None = None,
+        head_gaps: int = 0,
+        first_tokens: list | None = None,
+    ):
+        self.start_s = start_s
+        self.a = a
+        self.b = b
+        self.n = n
+        self.total = total
+        self.delivered = 0
+        # step k >= 1 ends at origin_s + k a + b k (k + 1) / 2 (a head shifts where the line starts)
+        self.origin_s = start_s if head_s is None else start_s + head_s - a - b
+        self.head_gaps = head_gaps
+        self.first_tokens = first_tokens
+        self.head_tokens = 0 if first_tokens is None else head_gaps + len(first_tokens)
+
+    def end_s(self, k: int) -> float:
+        """When step k ends (k = 0: the start)."""
+        if k == 0:
+            return self.start_s
+        return self.origin_s + k * self.a + self.b * (k * (k + 1) // 2)
+
+    def steps_ended_before(self, t: float) -> int:
+        """How many of the segment's steps end before t (strictly), at most total."""
+        x = t - self.origin_s
+        if x <= 0:
+            return 0
+        a, b, total = self.a, self.b, self.total
+        c = a + 0.5 * b
+        k = int(2 * x / (c + math.sqrt(c * c + 2 * b * x)))  # the root of b/2 k^2 + c k = x, rounded down
+        k = min(k, total)
+        # the root's rounding, fixed on the step end times themselves (end_s, inlined: this runs per arrival)
+        o = self.origin_s
+        while k < total and o + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) < t:
+            k += 1
+        while k > 0 and o + k * a + b * (k * (k + 1) // 2) >= t:
+            k -= 1
+        return k
+
+    def deliver(self, upto: int, frontend: FrontEnd | None, recorder: RunRecorder, last_seen: float) -> float:
+        """Hand the client the tokens of steps delivered+1..upto (each of the n sequences gets one per step, so
+        n inter-token gaps a step); returns the client time of step upto's tokens (last_seen: the step before)."""
+        k = self.delivered
+        if upto <= k:
+            return last_seen
+        if k == 0 and self.first_tokens is not None:  # the head: decoders' tokens and first tokens
+            t = self.end_s(1)
+            seen = t if frontend is None else frontend.deliver(t, self.head_tokens)
+            if self.head_gaps:
+                recorder.add_itl_count(seen - last_seen, self.head_gaps)
+            for r in self.first_tokens:
+                if r.first_seen < 0:
+                    r.first_seen = seen
+                else:  # recomputed after a preemption: the gap since its last token
+                    recorder.add_itl(seen - r.last_seen)
+            last_seen, k = seen, 1
+            self.delivered = 1
+            if upto == 1:
+                return seen
+        n, a, b, start = self.n, self.a, self.b, self.origin_s
+        self.delivered = upto
+        end = start + upto * a + b * (upto * (upto + 1) // 2)
+        if frontend is None:  # the client sees each step when it ends
+            recorder.add_itl_count(start + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) - last_seen, n)
+            if upto > k + 1:
+                recorder.add_itl_linear(a + b * (k + 2), b, upto - k - 1, n)
+            return end
+        work = n * frontend.costs.per_token_s
+        done = frontend.t + frontend.backlog_s  # when the API process's queue empties
+        frontend.busy_s += work * (upto - k)
+        while k < upto:
+            k += 1
+            t = start + k * a + b * (k * (k + 1) // 2)
+            idle = done <= t
+            seen = (t if idle else done) + work
+            recorder.add_itl_count(seen - last_seen, n)
+            last_seen = done = seen
+            if idle and k < upto and a + b * (k + 1) >= work:  # idle from here on: seen = end + work
+                recorder.add_itl_linear(a + b * (k + 1), b, upto - k, n)
+                last_seen = done = end + work
+                break
+        frontend.t = end
+        frontend.backlog_s = done - end
+        return last_seen

@@ -1,0 +1,167 @@
+"""The event loop over fast replicas (fast_replica.py), and which configurations they cover.
+
+The same events, in the same order, as fleet.py's loop over the reference replicas (arrivals first at equal
+times; then by time, replica index, kind): a request reaching a replica's core through its API process, a
+replica's step or decode segment ending, an idle replica waking. The least-outstanding router chooses through
+a bucketed index (least_outstanding.py: the scan's choices without the scan); round robin as the router does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from heapq import heappop, heappush
+
+from meshserve.simulator.config import SimConfig
+from meshserve.simulator.fast_replica import FastReplica
+from meshserve.simulator.least_outstanding import LeastOutstandingIndex
+from meshserve.simulator.metrics import RunRecorder
+from meshserve.simulator.trace import Trace
+
+_ADMIT, _STEP_END, _WAKE = -1, 0, 1
+
+# What the fast replica does not model; simulate() takes the reference (the engine's scheduler) for these.
+FAST_MODEL_COVERS = (
+    "FCFS scheduling with chunked prefill, max_num_seqs <= max_num_batched_tokens, recompute "
+    "preemption, no prefix caching (no shared prefixes), no SLO targets, one API process per "
+    "replica, least-outstanding or round-robin routing, no autoscaling"
+)
+
+
+def fast_model_gap(
+    config: SimConfig, prefix_caching: bool, custom_step_cost: bool, autoscale: bool
+) -> str | None:
+    """Why the fast replica model cannot run this configuration (None: it can)."""
+    reasons = [
+        (prefix_caching, "prefix caching"),
+        (
+            config.slo_ttft_s is not None or config.slo_tpot_s is not None,
+            "SLO-aware scheduling and admission",
+        ),
+        (config.router == "prefix-affinity", "prefix-affinity routing"),
+        (config.api_server_count != 1, "more than one API process per replica"),
+        (config.max_num_batched_tokens < config.max_num_seqs, "max_num_batched_tokens < max_num_seqs"),
+        (custom_step_cost, "a step cost other than the calibrated StepCost"),
+        (autoscale, "autoscaling"),
+    ]
+    gaps = [why for hit, why in reasons if hit]
+    return ", ".join(gaps) if gaps else None
+
+
+def run_fast(
+    config: SimConfig,
+    trace: Trace,
+    make_replica: Callable[[int, Callable], FastReplica],
+    recorder: RunRecorder,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[list, list[dict]]:
+    """Run the trace through config.num_replicas fast replicas; returns them and the fleet's timeline."""
+    index = LeastOutstandingIndex(config.num_replicas)
+    replicas = [make_replica(i, index.add) for i in range(config.num_replicas)]
+    round_robin = itertools.count() if config.router == "round-robin" else None
+    version = [0] * len(replicas)
+    next_event = [math.inf] * len(replicas)  # when each replica's next step or segment ends (inf: idle)
+    pending = [0] * len(replicas)  # requests in each replica's API process whose admission is an event
+    steps: list[tuple] = []
+    prompts, outputs = trace.prompt_len.tolist(), trace.output_len.tolist()
+    arrivals = trace.arrival_s.tolist()
+    n, i = len(arrivals), 0
+    delay = config.frontend_latency_s
+    counts, max_attempts = index.counts, config.max_attempts
+
+    def admit(rep: FastReplica, j: int, now: float) -> bool:
+        k = rep.index
+        end = rep.interrupt(now)
+        if end is not None:  # its decode segment is cut at now: a step ending at `end` is in flight
+            version[k] += 1
+            next_event[k] = end
+            heappush(steps, (end, k, _STEP_END, version[k]))
+        if not rep.try_add(arrivals[j], prompts[j], outputs[j]):
+            index.add(k, -1)  # a 429 back at the router
+            return False
+        if not rep.busy:  # wake it after every arrival of this instant is queued
+            rep.busy = True
+            version[k] += 1
+            next_event[k] = now
+            heappush(steps, (now, k, _WAKE, version[k]))
+        return True
+
+    def send(j: int, now: float, tried: tuple[int, ...]) -> None:
+        while len(tried) < max_attempts:
+            if round_robin is None:
+                if not tried:
+                    rep = replicas[index.take()]
+                else:
+                    k = index.choose(tried)
+                    if k is None:
+                        break
+                    rep = replicas[k]
+                    index.add(k, 1)
+            else:
+                candidates = [r for r in replicas if r.index not in tried] if tried else replicas
+                if not candidates:
+                    break
+                rep = candidates[next(round_robin) % len(candidates)]  # RoundRobin.choose's rule
+                index.add(rep.index, 1)
+            reached = rep.intake(now)
+            if reached > now:
+                k = rep.index
+                if not pending[k] and next_event[k] >= reached and rep.will_take(prompts[j], outputs[j]):
+                    # nothing happens on this replica before its core gets the request, and it will queue it:
+                    # admit it now (as of `reached`) rather than through an event
+                    admit(rep, j, reached)
+                    return
+                pending[k] += 1
+                heappush(steps, (reached, k, _ADMIT, (j, (*tried, k))))
+                return
+            if admit(rep, j, now):
+                return
+            tried = (*tried, rep.index)
+        recorder.num_rejected += 1
+
+    tick = arrivals[-1] / 100 if n and arrivals[-1] > 0 else math.inf
+    next_tick = tick
+    timeline: list[dict] = []
+    next_arrival = arrivals[0] + delay if n else math.inf
+    while i < n or steps:
+        t_step = steps[0][0] if steps else math.inf
+        t_next = min(t_step, next_arrival)
+        while t_next >= next_tick:
+            timeline.append(
+                {
+                    "t": next_tick,
+                    "waiting": sum(r.num_waiting for r in replicas),
+                    "running": sum(r.num_running for r in replicas),
+                }
+            )
+            recorder.flush_itl()  # raw gaps binned as the run goes (an hour holds ~50 M steps)
+            if progress is not None:
+                progress(next_tick)
+            next_tick += tick
+        if next_arrival <= t_step:  # arrivals first at equal times
+            send(i, next_arrival, ())
+            i += 1
+            next_arrival = arrivals[i] + delay if i < n else math.inf
+            continue
+        now, idx, kind, ver = heappop(steps)
+        rep = replicas[idx]
+        if kind == _ADMIT:  # through its API process: the core gets it now
+            j, tried = ver
+            pending[idx] -= 1
+            if not admit(rep, j, now):
+                send(j, now, tried)
+            continue
+        if ver != version[idx]:
+            continue  # a decode segment that an arrival cut short
+        if kind == _STEP_END:
+            rep.end_step(now)
+        end = rep.start_step(now)
+        if end is None:
+            next_event[idx] = math.inf
+        else:
+            version[idx] += 1
+            next_event[idx] = end
+            heappush(steps, (end, idx, _STEP_END, version[idx]))
+    assert sum(counts) == 0, "every request sent was finished or refused"
+    return replicas, timeline

@@ -1,0 +1,398 @@
+"""A fast model of one engine replica: the scheduler's FCFS chunked-prefill policy on aggregate state.
+
+The reference (replica.py) drives the engine's own Scheduler; per simulated request that is a schedule() and an
+update_after_step() over the whole batch, and a pass each to lay out and apply the decode run that follows.
+This model makes the same decisions for the configuration it covers (fast_fleet.fast_model_gap says which:
+FCFS, chunked prefill, no prefix caching, no SLO targets, one API process) on counters:
+- a decoding sequence's KV tokens are L + S at step boundary S (its offset L is fixed while it decodes), so the
+  batch's KV tokens are sum(L) + n S and every decode step is O(1); finishes come off a heap keyed by the step
+  whose token ends them;
+- at most one sequence is part-way through its prefill (the newest: a step that cannot finish a prompt spends
+  the whole token budget on it, so nobody is admitted behind it), kept apart;
+- between events the steps form a DecodeSegment in closed form (decode_segment.py): a finish ends it, an
+  arrival cuts it after the step in flight, as the reference's decode runs do;
+- KV blocks are not tracked: held blocks are sum(ceil(tokens / block_size)) over the running sequences, and a
+  step is checked against the pool with an upper bound; only when the bound does not clear it does the step go
+  through the scheduler's loop sequence by sequence, with its preemption (the newest running sequence back to
+  the front of the queue, to be recomputed).
+Inter-token gaps are counted per step (every running decoder gets a token every step), not per sequence.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from heapq import heappop, heappush
+
+from meshserve.config import CacheConfig, SchedulerConfig
+from meshserve.simulator.decode_segment import DecodeSegment
+from meshserve.simulator.frontend import FrontEnd, FrontEndCosts
+from meshserve.simulator.metrics import RunRecorder
+
+
+class Req:
+    """One request on a replica. While it decodes (in `decoders`) its KV tokens are offset + S and `end_step`
+    is the step whose token ends it; waiting or prefilling, `computed` and `out` hold its progress."""
+
+    __slots__ = (
+        "computed",
+        "end_step",
+        "first_seen",
+        "last_seen",
+        "max_out",
+        "offset",
+        "order",
+        "out",
+        "prompt",
+        "sent",
+    )
+
+    def __init__(self, sent: float, prompt: int, max_out: int):
+        self.sent = sent
+        self.prompt = prompt
+        self.max_out = max_out
+        self.out = 0
+        self.computed = 0
+        self.offset = 0
+        self.end_step = 0
+        self.order = 0
+        self.first_seen = -1.0  # the client's time of its first token (-1: none yet)
+        self.last_seen = 0.0
+
+
+class FastReplica:
+    """The replica as the fleet sees it (fast_fleet.py): try_add / intake / interrupt for arrivals, start_step
+    and end_step for its steps, num_waiting / num_running for the timeline, busy_s / steps / frontend for the
+    report. `outstanding` lives in the router's index (counts[index])."""
+
+    def __init__(
+        self,
+        index: int,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        step_cost,
+        recorder: RunRecorder,
+        max_queue_len: int,
+        frontend: FrontEndCosts | None,
+        on_outstanding: Callable[[int, int], None],
+    ):
+        self.index = index
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.budget = scheduler_config.max_num_batched_tokens
+        self.max_model_len = scheduler_config.max_model_len
+        self.block_size = cache_config.block_size
+        self.num_blocks = cache_config.num_blocks
+        self.capacity_tokens = self.num_blocks * self.block_size
+        self.step_cost = step_cost
+        self.recorder = recorder
+        self.max_queue_len = max_queue_len
+        self.frontend = FrontEnd(frontend) if frontend is not None and frontend.enabled else None
+        self._outstanding = on_outstanding  # (replica index, delta): the router's count
+        self.waiting: deque[Req] = deque()
+        self.decoders: dict[int, Req] = {}  # by admission order (the newest last: preemption's victim)
+        self.sum_offset = 0  # sum of the decoders' offsets: their KV tokens are sum_offset + n * S
+        self.finishing: list[tuple[int, int]] = []  # heap of (end step, order) of decoders
+        self.partial: Req | None = None  # part-way through its prefill (the newest running sequence)
+        self.step = 0  # steps done (S)
+        self.last_seen = 0.0  # the client's time of the last step's tokens
+        self.busy = False
+        self.steps = 0
+        self.busy_s = 0.0
+        self.num_preemptions = 0
+        self.segment: DecodeSegment | None = None
+        self._orders = 0
+        self._scheduled: list[tuple[Req, int]] = []  # the explicit step in flight: prefill chunks
+        self._scheduled_decoders = 0  # and how many decoders it carries
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.decoders) + (self.partial is not None)
+
+    # -- arrivals --------------------------------------------------------------------------------
+    def intake(self, t: float) -> float:
+        """A request reaches the API process at t: when the core gets it (t itself without a front end)."""
+        fe = self.frontend
+        if fe is None:
+            return t
+        seg = self.segment
+        if seg is not None:  # tokens of steps that ended before t are ahead of it in the queue
+            k = seg.steps_ended_before(t)
+            if k > seg.delivered:
+                self.last_seen = seg.deliver(k, fe, self.recorder, self.last_seen)
+        return fe.submit(t, fe.costs.per_request_s)  # one API process (FrontEnd.intake's own case)
+
+    def will_take(self, prompt: int, max_out: int) -> bool:
+        """Whether try_add would queue this request now."""
+        total = prompt + max_out
+        return (
+            len(self.waiting) < self.max_queue_len
+            and total <= self.max_model_len
+            and total <= self.capacity_tokens
+        )
+
+    def try_add(self, sent: float, prompt: int, max_out: int) -> bool:
+        """Queue a request (sent at `sent`), or refuse it as the server would (429 queue full, 400 too long)."""
+        if len(self.waiting) >= self.max_queue_len:
+            return False
+        total = prompt + max_out
+        if total > self.max_model_len or total > self.capacity_tokens:
+            return False
+        self.waiting.append(Req(sent, prompt, max_out))
+        return True
+
+    def interrupt(self, now: float) -> float | None:
+        """A request arrived at now: the decode segment in flight ends after the step running at now. Returns
+        its new end, or None when no segment is in flight or its end is unchanged."""
+        seg = self.segment
+        if seg is None:
+            return None
+        keep = seg.steps_ended_before(now) + 1
+        if keep >= seg.total:
+            return None
+        seg.total = keep
+        return seg.end_s(keep)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def start_step(self, now: float) -> float | None:
+        """Start the next step at now; returns when it ends, None when idle. With nobody waiting or part-way
+        through a prompt, that is a decode segment up to the next finish, if the KV pool holds all of its steps
+        (one test of an upper bound, or of the exact sum near capacity); else one step as the scheduler does."""
+        decoders = self.decoders
+        if decoders and not self.waiting and self.partial is None:
+            heap = self.finishing
+            while True:  # entries of decoders preempted since are stale
+                end, order = heap[0]
+                r = decoders.get(order)
+                if r is not None and r.end_step == end:
+                    break
+                heappop(heap)
+            n, s, bs = len(decoders), self.step, self.block_size
+            k = end - s
+            base = self.sum_offset + n * s
+            if (base + n * (k + bs - 1)) // bs <= self.num_blocks or sum(
+                -(-(r.offset + end) // bs) for r in decoders.values()
+            ) <= self.num_blocks:
+                a, b = self.step_cost.decode_line(n, base)
+                self.segment = DecodeSegment(now, a, b, n, k)
+                self.busy = True
+                return now + k * a + b * (k * (k + 1) // 2)
+        return self._schedule(now)
+
+    def _schedule(self, now: float) -> float | None:
+        """One step as Scheduler.schedule decides it: every running sequence first (a decode token each, the
+        prefilling one the rest of its prompt within the budget), preempting the newest when blocks run out;
+        then waiting ones in order while budget, sequence slots and blocks last."""
+        s1 = self.step + 1
+        budget = self.budget - len(self.decoders)
+        bs = self.block_size
+        held_bound = self.sum_offset + len(self.decoders) * s1 + self.budget + self.max_num_seqs * bs
+        if self.partial is not None:
+            held_bound += self.partial.computed
+        free = None if held_bound // bs <= self.num_blocks else self._free_blocks_after_decodes()
+        preempted = False
+        if free is not None and free < 0:
+            free, preempted = self._preempt_for_decodes(free)
+        scheduled: list[tuple[Req, int]] = []
+        p = self.partial
+        if p is not None and budget > 0:
+            num_new = min(p.prompt + p.out - p.computed, budget)
+            need = -(-(p.computed + num_new) // bs) - -(-p.computed // bs)
+            if free is not None and need > free:  # the newest running sequence: it is its own victim
+                free, _ = self._preempt_newest(free)
+                preempted = True
+            else:
+                if free is not None:
+                    free -= need
+                scheduled.append((p, num_new))
+                budget -= num_new
+                self.partial = None
+        running = len(self.decoders) + len(scheduled)
+        waiting = self.waiting
+        while waiting and not preempted and budget > 0 and running < self.max_num_seqs:
+            r = waiting[0]
+            num_new = min(r.prompt + r.out, budget)
+            if free is not None:
+                need = -(-num_new // bs)
+                if need > free:
+                    break
+                free -= need
+            waiting.popleft()
+            self._orders += 1  # running order (a recompute joins at the end again)
+            r.order = self._orders
+            scheduled.append((r, num_new))
+            budget -= num_new
+            running += 1
+        n = len(self.decoders)
+        if not scheduled and not n:
+            self.busy = False
+            return None
+        tokens, context = n, self.sum_offset + n * s1
+        for r, num_new in scheduled:
+            tokens += num_new
+            context += r.computed + num_new
+        self.busy = True
+        duration = self.step_cost.time_s(tokens, n + len(scheduled), context)
+        if free is None and not self.waiting:
+            end = self._fold(now, duration, scheduled, n)
+            if end is not None:
+                return end
+        self._scheduled, self._scheduled_decoders = scheduled, n
+        self.steps += 1
+        self.busy_s += duration
+        return now + duration
+
+    def _fold(self, now: float, duration: float, scheduled: list[tuple[Req, int]], n: int) -> float | None:
+        """When the step just scheduled leaves nobody waiting or part-way and nobody finishing with it, the decode
+        steps after it are fixed at once: apply it now and start a segment headed by it (one event for both).
+        None (nothing changed) otherwise."""
+        heap, decoders = self.finishing, self.decoders
+        s1 = self.step + 1
+        while heap:  # entries of decoders preempted since are stale
+            end, order = heap[0]
+            r = decoders.get(order)
+            if r is not None and r.end_step == end:
+                if end <= s1:
+                    return None  # a decoder finishes with this step: its end is an event
+                break
+            heappop(heap)
+        max_len = self.max_model_len
+        for r, num_new in scheduled:
+            known = r.prompt + r.out
+            if r.computed + num_new < known or min(r.max_out - r.out, max_len - known) <= 1:
+                return None  # part-way through its prompt, or done with its first token
+        first_tokens = []
+        for r, num_new in scheduled:
+            r.computed += num_new
+            r.out += 1
+            known = r.prompt + r.out
+            r.offset = known - 1 - s1
+            r.end_step = s1 + min(r.max_out - r.out, max_len - known)
+            decoders[r.order] = r
+            self.sum_offset += r.offset
+            heappush(heap, (r.end_step, r.order))
+            first_tokens.append(r)
+        n2, s, bs = len(decoders), self.step, self.block_size
+        k = heap[0][0] - s
+        base = self.sum_offset + n2 * s
+        if (base + n2 * (k + bs - 1)) // bs > self.num_blocks:
+            # the exact test near capacity: undo, and take the step alone
+            for r, num_new in scheduled:
+                del decoders[r.order]
+                self.sum_offset -= r.offset
+                r.out -= 1
+                r.computed -= num_new
+            return None
+        a, b = self.step_cost.decode_line(n2, base)
+        self.segment = seg = DecodeSegment(now, a, b, n2, k, duration, n, first_tokens)
+        return seg.end_s(k)
+
+    def _free_blocks_after_decodes(self) -> int:
+        """Free blocks once every decoder holds room for this step's token (negative: they do not fit)."""
+        s1, bs = self.step + 1, self.block_size
+        held = sum(-(-(r.offset + s1) // bs) for r in self.decoders.values())
+        if self.partial is not None:
+            held += -(-self.partial.computed // bs)
+        return self.num_blocks - held
+
+    def _preempt_for_decodes(self, free: int) -> tuple[int, bool]:
+        """Blocks ran out for this step's decode tokens: preempt from the newest running sequence (the partial
+        first) until the rest fit. The scheduler does it sequence by sequence in batch order; as every decoder
+        needs at most one block and victims come off the end, the survivors are the same."""
+        while free < 0 and (self.partial is not None or self.decoders):
+            free, _ = self._preempt_newest(free)
+        return free, True
+
+    def _preempt_newest(self, free: int) -> tuple[int, Req]:
+        """Preempt the newest running sequence (recompute: its blocks go back, its tokens stay); returns the free
+        blocks after it, counting that it no longer needs this step's block."""
+        bs, s1 = self.block_size, self.step + 1
+        p = self.partial
+        if p is not None:
+            self.partial = None
+            free += -(-p.computed // bs)
+            victim = p
+        else:
+            order = next(reversed(self.decoders))
+            victim = self.decoders.pop(order)
+            self.sum_offset -= victim.offset
+            free += -(
+                -(victim.offset + s1) // bs
+            )  # what it held plus the block this step would have given it
+            victim.out = victim.offset + self.step + 1 - victim.prompt
+            victim.last_seen = self.last_seen
+        victim.computed = 0
+        self.waiting.appendleft(victim)
+        self.num_preemptions += 1
+        self.recorder.num_preemptions += 1
+        return free, victim
+
+    def end_step(self, now: float) -> None:
+        """The step or decode segment in flight ends at now: its tokens, its finishes."""
+        seg = self.segment
+        if seg is not None:
+            self.segment = None
+            self.last_seen = seg.deliver(seg.total, self.frontend, self.recorder, self.last_seen)
+            self.step += seg.total
+            self.steps += seg.total
+            self.busy_s += now - seg.start_s
+            if self.finishing[0][0] <= self.step:
+                self._finish_decoders(self.last_seen)
+            return
+        self.step += 1
+        scheduled, n = self._scheduled, self._scheduled_decoders
+        self._scheduled = []
+        sampled = n
+        for r, num_new in scheduled:
+            r.computed += num_new
+            if r.computed >= r.prompt + r.out:
+                sampled += 1
+        fe, rec = self.frontend, self.recorder
+        seen = now if fe is None or not sampled else fe.deliver(now, sampled)
+        if n:
+            rec.add_itl_count(seen - self.last_seen, n)
+        if sampled:
+            self.last_seen = seen
+        s, max_len = self.step, self.max_model_len
+        for r, _ in scheduled:
+            known = r.prompt + r.out
+            if r.computed < known:
+                self.partial = r  # its prefill goes on next step
+                continue
+            r.out += 1
+            known += 1
+            if r.first_seen < 0:
+                r.first_seen = seen
+            else:  # recomputed after a preemption: the gap since its last token
+                rec.add_itl(seen - r.last_seen)
+            left = min(r.max_out - r.out, max_len - known)
+            if left <= 0:
+                self._finish(r, seen, r.out)
+                continue
+            r.offset = known - 1 - s
+            r.end_step = s + left
+            self.decoders[r.order] = r
+            self.sum_offset += r.offset
+            heappush(self.finishing, (r.end_step, r.order))
+        self._finish_decoders(seen)
+
+    def _finish_decoders(self, seen: float) -> None:
+        """Decoders whose last token came with step S leave (their client time: seen)."""
+        heap, decoders, s = self.finishing, self.decoders, self.step
+        finish, index = self.recorder.finish, self.index
+        while heap and heap[0][0] <= s:
+            end, order = heappop(heap)
+            r = decoders.get(order)
+            if r is None or r.end_step != end:
+                continue  # preempted since
+            del decoders[order]
+            self.sum_offset -= r.offset
+            finish(r.sent, r.first_seen, seen, r.offset + s + 1 - r.prompt, r.prompt)
+            self._outstanding(index, -1)
+
+    def _finish(self, r: Req, seen: float, out: int) -> None:
+        self.recorder.finish(r.sent, r.first_seen, seen, out, r.prompt)
+        self._outstanding(self.index, -1)

@@ -1,0 +1,83 @@
+"""The router's concurrent legs over a layer-wise prefill and decode instance (real servers, gloo on loopback):
+the decode instance subscribes while the chunked prefill runs, so layers go out before the prefill ends; the
+tokens are colocated serving's, streamed or not; both sides free every block."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from meshserve.router.config import RouterConfig
+from tests.router.conftest import free_port, replica_args, wait_until
+from tests.router.test_router_disagg import _body, _metric, _text
+
+pytestmark = pytest.mark.slow
+
+
+def _kv(role: str, rank: int, port: int) -> str:
+    extra = {"backend": "gloo", "transfer_timeout_s": 20, "hold_timeout_s": 5, "layerwise": True}
+    return json.dumps(
+        {
+            "kv_connector": "torch",
+            "kv_role": role,
+            "kv_rank": rank,
+            "kv_parallel_size": 2,
+            "kv_ip": "127.0.0.1",
+            "kv_port": port,
+            "kv_connector_extra_config": extra,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_model_dir, processes):
+    model = tiny_model_dir("llama")
+    kv_port = free_port()
+    extra = ["--block-size", "4", "--num-gpu-blocks-override", "300"]
+    prefill = processes("prefill", [])
+    prefill.args = replica_args(
+        model,
+        prefill.port,
+        ["tiny"],
+        [*extra, "--max-num-batched-tokens", "16", "--kv-transfer-config", _kv("kv_producer", 0, kv_port)],
+    )
+    decode = processes("decode", [])
+    decode.args = replica_args(
+        model, decode.port, ["tiny"], [*extra, "--kv-transfer-config", _kv("kv_consumer", 1, kv_port)]
+    )
+    prefill.start()
+    decode.start()
+    prefill.wait_ready()
+    decode.wait_ready()
+    return prefill, decode
+
+
+def test_concurrent_legs_stream_layers_during_the_prefill(deployment, router):
+    prefill, decode = deployment
+    want = {
+        i: _text(httpx.post(decode.url + "/v1/completions", json=_body(i), timeout=60), False)
+        for i in range(4)
+    }
+    r = router(
+        RouterConfig(
+            backends=[decode.url], prefills=[prefill.url], disagg_concurrent=True, health_interval_s=0.2
+        )
+    )
+    assert wait_until(lambda: httpx.get(r.base_url + "/ready").status_code == 200, 10)
+
+    def ask(i_stream):
+        i, stream = i_stream
+        url = r.base_url + "/v1/completions"
+        return i, _text(httpx.post(url, json=_body(i, stream), timeout=60), stream)
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(ask, [(i, i % 2 == 1) for i in range(4)]))
+    for i, text in got:
+        assert text == want[i], i
+    assert _metric(decode.url, 'meshserve:kv_transfers_total{direction="received",outcome="ok"}') == 4
+    assert _metric(prefill.url, 'meshserve:kv_transfer_streamed_seconds_total{part="during_prefill"}') > 0
+    assert wait_until(lambda: _metric(prefill.url, 'meshserve:kv_transfer_blocks{state="held"}') == 0, 10)
+    assert _metric(decode.url, "meshserve:kv_cache_usage_perc") == 0

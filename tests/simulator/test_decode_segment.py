@@ -1,0 +1,86 @@
+"""Closed-form decode segments against the same steps laid out one by one."""
+
+from __future__ import annotations
+
+import bisect
+import random
+
+import pytest
+
+from meshserve.planner.hardware import get_gpu
+from meshserve.planner.model import load_model
+from meshserve.simulator.decode_segment import DecodeSegment
+from meshserve.simulator.frontend import FrontEnd, FrontEndCosts
+from meshserve.simulator.metrics import RunRecorder
+from meshserve.simulator.step_cost import StepCost
+
+
+@pytest.fixture(scope="module")
+def cost() -> StepCost:
+    return StepCost(load_model("llama-3.1-8b"), get_gpu("H100-SXM"), tp=2)
+
+
+def _laid_out(cost: StepCost, n: int, context: int, steps: int, start: float, head: float | None = None):
+    durations = cost.decode_durations(n, context, steps)
+    if head is not None:
+        durations[0] = head
+    ends, t = [], start
+    for d in durations:
+        t += d
+        ends.append(t)
+    return ends
+
+
+@pytest.mark.parametrize(
+    "n, context, head", [(1, 600, None), (12, 7000, None), (200, 150_000, None), (12, 7000, 0.031)]
+)
+def test_end_times_and_step_in_flight_match_the_laid_out_steps(cost, n, context, head):
+    a, b = cost.decode_line(n, context)
+    seg = DecodeSegment(100.0, a, b, n, 500, head)
+    ends = _laid_out(cost, n, context, 500, 100.0, head)
+    for k in (1, 2, 17, 500):
+        assert seg.end_s(k) == pytest.approx(ends[k - 1], rel=1e-12)
+    rng = random.Random(0)
+    probes = [rng.uniform(99.9, ends[-1] + 0.1) for _ in range(300)] + [
+        seg.end_s(k) for k in (1, 5, 499, 500)
+    ]
+    for t in probes:
+        assert seg.steps_ended_before(t) == bisect.bisect_left([seg.end_s(k) for k in range(1, 501)], t)
+
+
+def _step_by_step(seg: DecodeSegment, upto: int, frontend: FrontEnd | None, last_seen: float):
+    """The reference: each step's tokens delivered alone, one gap per sequence."""
+    rec = RunRecorder()
+    for k in range(1, upto + 1):
+        t = seg.end_s(k)
+        seen = t if frontend is None else frontend.deliver(t, seg.n)
+        for _ in range(seg.n):
+            rec.add_itl(seen - last_seen)
+        last_seen = seen
+    return rec, last_seen
+
+
+# none, light, saturated (work > step time: every gap is the work, kept off a bin edge here, where the two
+# orders of float operations could round a gap to either side)
+@pytest.mark.parametrize("per_token_s", [0.0, 50e-6, 2.01e-3])
+def test_delivery_gives_the_gaps_and_front_end_state_of_step_by_step(cost, per_token_s):
+    n, context = 8, 5000
+    a, b = cost.decode_line(n, context)
+    costs = FrontEndCosts(0.0, per_token_s)
+    fe_fast = FrontEnd(costs) if per_token_s else None
+    fe_ref = FrontEnd(costs) if per_token_s else None
+    if fe_fast is not None:  # a backlog from an intake just before the segment
+        fe_fast.submit(0.99, 0.02), fe_ref.submit(0.99, 0.02)
+    seg = DecodeSegment(1.0, a, b, n, 400)
+    ref, ref_seen = _step_by_step(seg, 400, fe_ref, 0.98)
+    rec = RunRecorder()
+    seen = seg.deliver(150, fe_fast, rec, 0.98)  # in two pieces, as an intake between them would cut it
+    seen = seg.deliver(400, fe_fast, rec, seen)
+    assert seen == pytest.approx(ref_seen, rel=1e-12)
+    rec._flush_itl(), ref._flush_itl()
+    assert rec.itl_counts.sum() == ref.itl_counts.sum() == 400 * n
+    moved = abs(rec.itl_counts - ref.itl_counts).sum()  # a gap on a bin edge may round the other way
+    assert moved <= 2 * n
+    if fe_fast is not None:
+        assert fe_fast.busy_s == pytest.approx(fe_ref.busy_s)
+        assert fe_fast.t + fe_fast.backlog_s == pytest.approx(fe_ref.t + fe_ref.backlog_s, rel=1e-12)

@@ -44,6 +44,7 @@ new)
   run_group fp8_block 180 tests/kernels/test_fp8_block_kernels.py
   run_group mla_prefill 240 tests/kernels/test_mla_prefill.py tests/layers/test_mla_attention.py tests/kernels/test_mla.py
   run_group moe_engine 300 tests/gpu/test_gpu_moe.py
+  run_group structured_disagg 300 tests/engine/test_structured_engine.py tests/disagg
   ;;
 esac
 tar czf "$OUT/gpu_tests.tgz" -C /tmp gpu_test_logs

@@ -282,11 +282,11 @@ class ModelRunner:
         """Queue the step on the device and return without waiting for its sampled tokens."""
         self.sampling.forget(out.finished_seq_ids)
         self.profiler.step()
+        if out.kv_transfers:  # first, on the copy stream: the forward waits for the loads only (transfer.py)
+            self.kv_transfer.run(out.kv_transfers)
         if out.is_empty:
             return PendingOutput(ModelRunnerOutput())
         self._step_parity = (self._step_parity + 1) % self.num_step_buffers
-        if out.kv_transfers:  # before the forward: it may read restored blocks and overwrite evicted ones
-            self.kv_transfer.run(out.kv_transfers)
         st = get_parallel_state()
         if st.pp_size == 1:
             timer = StepTimer(self.device)

@@ -100,11 +100,11 @@ class BlockPool:
             found += 1
         return found
 
-    def land(self, block_ids: list[int], stored: bool) -> None:
-        """Stores of these blocks finished (stored: their content is below now) or failed: writable again."""
+    def land(self, block_ids: list[int]) -> None:
+        """Stores of these blocks finished, or failed: writable again, and never stored again while they hold
+        this content (a failed one is given up on, not retried: a retry could fail forever)."""
         self.in_flight.difference_update(block_ids)
-        if stored:
-            self.stored.update(b for b in block_ids if self.blocks[b].block_hash is not None)
+        self.stored.update(b for b in block_ids if self.blocks[b].block_hash is not None)
 
     def take(self, n: int) -> list[Block]:
         """n fresh blocks (ref 1), evicting cached content of the least recently freed ones; blocks in flight
@@ -188,8 +188,7 @@ class BlockManager:
         if self.offload is None:
             return []
         landed, failed, lost = self.offload.poll()
-        self.pool.land(landed, stored=True)
-        self.pool.land(failed, stored=False)
+        self.pool.land(landed + failed)
         return lost
 
     @property

@@ -16,8 +16,6 @@ from meshserve.engine.kv_offload.cpu_tier import CPUTier
 from meshserve.engine.kv_offload.disk_tier import DiskTier
 from meshserve.engine.kv_offload.manager import KVOffloadManager, KVOffloadStats
 from meshserve.engine.kv_offload.transfer import KVTransferEngine
-
-# ruff: noqa: F821  (RecordingStream is named in SlowEvent before its definition: annotations are lazy)
 from tests.engine.kv_offload.test_kv_offload_engine import MAX_NEW, gib, hf_greedy, prompts
 from tests.engine.kv_offload.test_kv_offload_manager import BS, make_seq, run_prompt
 
@@ -187,8 +185,9 @@ def test_greedy_tokens_unchanged_with_slow_stores_and_swaps(family, tiny_model_d
     model = tiny_model_dir(family)
     ps = prompts(3, n=6, length=12)
     expected = [hf_greedy(hf_model(model), p) for p in ps]
-    got, stats, written_in_flight = _greedy(model, ps, kv_offloading_size=gib(64), preemption_mode="swap",
-                                            kv_offloading_verify=True)
+    got, stats, written_in_flight = _greedy(
+        model, ps, kv_offloading_size=gib(64), preemption_mode="swap", kv_offloading_verify=True
+    )
     assert got == expected
     assert stats["kv_offload_swaps_out"] > 0 and stats["kv_offload_swaps_in"] == stats["kv_offload_swaps_out"]
     assert written_in_flight == 0 and stats["kv_offload_store_failures"] == 0
@@ -211,3 +210,37 @@ def test_failing_stores_recompute_and_never_hang(tiny_model_dir, hf_model, monke
 def test_copy_event_of_the_plain_path_has_passed():
     event = SyncCopyStream().record()
     assert isinstance(event, CopyEvent) and event.query() and event.stream is None
+
+
+@pytest.mark.gpu
+def test_gpu_copies_on_a_side_stream_with_tokens_unchanged(tiny_model_dir):
+    model = tiny_model_dir("llama")
+    ps = prompts(5, n=6, length=12)
+    base = LLM(model=model, block_size=4, num_gpu_blocks_override=12, device="cuda")
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    expected = [
+        o.outputs[0].token_ids
+        for o in base.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
+    ]
+    base.shutdown()
+    llm = LLM(
+        model=model,
+        block_size=4,
+        num_gpu_blocks_override=12,
+        device="cuda",
+        kv_offloading_size=gib(64),
+        preemption_mode="swap",
+        kv_offloading_verify=True,
+    )
+    copy = llm.engine.core.executor.runner.kv_transfer.stream
+    events, record = [], copy.record
+    copy.record = lambda timing=False: events.append(record(timing)) or events[-1]
+    got = [
+        o.outputs[0].token_ids
+        for o in llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
+    ]
+    stats = llm.engine.stats()
+    llm.shutdown()
+    assert got == expected and stats["kv_offload_swaps_out"] > 0
+    assert events and all(e.stream == copy.stream for e in events)
+    assert copy.stream != torch.cuda.default_stream() and copy.stream != torch.cuda.current_stream()

@@ -14,7 +14,7 @@ from meshserve.planner.model import load_model
 from meshserve.planner.parallel import Layout
 from meshserve.simulator.step_cost import StepCost, fit_step_weights, load_calibration, read_step_trace
 
-TRACE = Path(__file__).resolve().parents[2] / "benchmarks/results/w3_8b_slo_credit_steps.jsonl.gz"
+TRACE = Path(__file__).resolve().parents[2] / "benchmarks/results/w3_8b_slo_graphs1024_steps.jsonl.gz"
 
 
 @pytest.mark.skipif(not TRACE.is_file(), reason="step trace not in this checkout")

@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     g.add_argument("--slo-ttft-ms", type=float, default=None,
                    help="the server's TTFT target: SLO-aware admission and shedding (off by default)")
     g.add_argument("--slo-tpot-ms", type=float, default=None, help="the server's TPOT target (batch budget)")
+    g.add_argument("--slo-prefill-chunk", type=int, default=d.slo_prefill_chunk,
+                   help="with --slo-tpot-ms: most prompt tokens per step beside decodes (0: the target alone)")
     g.add_argument("--max-queue-len", type=int, default=d.max_queue_len)
     g.add_argument("--frontend-latency-ms", type=float, default=0.0,
                    help="fixed latency (network, HTTP) before a request reaches its replica (counted in TTFT)")
@@ -124,7 +126,7 @@ def run_simulate(ns: argparse.Namespace) -> int:
     config = SimConfig(model=ns.model, gpu=ns.gpu, num_gpus=ns.num_gpus, tp=ns.tp, router=ns.router,
                        slo_ttft_s=ns.slo_ttft_ms / 1e3 if ns.slo_ttft_ms else None,
                        slo_tpot_s=ns.slo_tpot_ms / 1e3 if ns.slo_tpot_ms else None,
-                       goodput_ttft_s=ns.ttft_slo, goodput_tpot_s=ns.tpot_slo, max_num_seqs=ns.max_num_seqs,
+                       slo_prefill_chunk=ns.slo_prefill_chunk, goodput_ttft_s=ns.ttft_slo, goodput_tpot_s=ns.tpot_slo, max_num_seqs=ns.max_num_seqs,
                        max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
                        num_blocks=ns.num_blocks, max_queue_len=ns.max_queue_len, hardware_file=ns.hardware_file,
                        frontend_latency_s=ns.frontend_latency_ms / 1e3,

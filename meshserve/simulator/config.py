@@ -30,6 +30,7 @@ class SimConfig:
     router: str = "least-outstanding"
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
+    slo_prefill_chunk: int = SchedulerConfig.slo_prefill_chunk
     goodput_ttft_s: float = 1.0
     goodput_tpot_s: float = 0.05
     max_num_seqs: int = 256
@@ -97,6 +98,7 @@ class SimConfig:
     def engine_configs(self, num_blocks: int, prefix_caching: bool) -> tuple[SchedulerConfig, CacheConfig]:
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                                 max_model_len=self.max_model_len, async_scheduling=False,
-                                slo_ttft_s=self.slo_ttft_s, slo_tpot_s=self.slo_tpot_s)
+                                slo_ttft_s=self.slo_ttft_s, slo_tpot_s=self.slo_tpot_s,
+                                slo_prefill_chunk=self.slo_prefill_chunk)
         cache = CacheConfig(block_size=self.block_size, enable_prefix_caching=prefix_caching, num_blocks=num_blocks)
         return sched, cache

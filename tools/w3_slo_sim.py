@@ -3,7 +3,8 @@
     python tools/w3_slo_sim.py [QPS,QPS,...] [API processes per replica, default 1] [--slo-prefill-chunk N]
 
 Runs meshserve/simulator's replay of W3 (exact arrivals, seed 1000 + QPS; the real Scheduler and
-SchedulingPolicy on simulated time; step times from calibration.toml's default fit; the API process as a
+SchedulingPolicy on simulated time; step times from calibration.toml's h200_mixed_graphs fit of that run's
+step trace; the API process as a
 queue) with `--slo-ttft-ms 1000 --slo-tpot-ms 50`, beside the measured run of the same server settings
 (benchmarks/results/w3_8b_slo_graphs1024.json, today's policy) where it has the point. The fixed front-end latency
 (network, HTTP) is fitted at QPS 32 to that run's TTFT p50, as the validation table does.
@@ -15,7 +16,7 @@ from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fleet import simulate
 from meshserve.simulator.frontend import FRONTEND_H200
 from meshserve.simulator.trace import w3_trace
-from meshserve.simulator.validation import MeasuredRun, frontend_latency_from, measured_points
+from meshserve.simulator.validation import MeasuredRun, measured_points
 
 MEASURED = MeasuredRun("targets, mixed graphs", "w3_8b_slo_graphs1024.json", slo=True)
 
@@ -32,6 +33,7 @@ def replay(qps: float, latency_s: float, api_server_count: int, prefill_chunk: i
         frontend_request_s=FRONTEND_H200.per_request_s,
         frontend_token_s=FRONTEND_H200.per_token_s,
         api_server_count=api_server_count,
+        calibration="h200_mixed_graphs",
     )
     if prefill_chunk is not None:
         config.slo_prefill_chunk = prefill_chunk
@@ -40,7 +42,8 @@ def replay(qps: float, latency_s: float, api_server_count: int, prefill_chunk: i
 
 def main(qps_list: list[float], api_server_count: int = 1, prefill_chunk: int | None = None) -> None:
     measured = measured_points(MEASURED)
-    latency = frontend_latency_from(32.0, measured[32.0]["ttft_p50"], True, FRONTEND_H200)
+    # the measured run's build: one API process, no per-step prompt cap (slo_prefill_chunk 0)
+    latency = max(0.0, measured[32.0]["ttft_p50"] - replay(32.0, 0.0, 1, 0)["ttft_p50"])
     chunk = SimConfig().slo_prefill_chunk if prefill_chunk is None else prefill_chunk
     print(
         f"fixed front-end latency {latency * 1e3:.0f} ms (fitted at QPS 32), {api_server_count} API process(es), "

@@ -124,19 +124,23 @@ class SchedulingPolicy:
         return t + (self.step_model.predict(StepShape(rest, 1, num_tokens)) if rest else 0.0)
 
     def shed_late(self, waiting: Iterable[Sequence], now: float) -> list[Sequence]:
-        """Queued, never-started requests that can no longer meet their time-to-first-token target: they have
-        waited so long that even their own prefill, started now, would end past it."""
+        """Queued, never-started requests that can no longer meet their time-to-first-token target: what they
+        have waited, plus the wait for the requests ahead of them at the recent admission rate, plus their own
+        prefill, ends past it. Serving them would spend steps on requests that count for nobody; dropping them
+        early leaves the steps to requests behind them that can still make it."""
         if not self.config.slo_shed_late or self.step_model is None:
             return []
         per_token = None
+        rate = self.admission_rate(now)
         late = []
-        for seq in waiting:
+        for position, seq in enumerate(waiting):
             target = self.ttft_target(seq)
             if target is None or seq.status != SequenceStatus.WAITING:
                 continue
             if per_token is None:
                 per_token = self.prefill_time_s(self.config.max_num_batched_tokens) / self.config.max_num_batched_tokens
-            if now - seq.arrival_time + seq.num_prompt_tokens * per_token > target:
+            ahead_s = position / rate if rate else 0.0
+            if now - seq.arrival_time + ahead_s + seq.num_prompt_tokens * per_token > target:
                 late.append(seq)
         return late
 

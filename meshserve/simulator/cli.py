@@ -32,6 +32,9 @@ def register(subparsers) -> None:
                         "(the scheduler's reports on the tested configurations, ~5x faster on 100 replicas, ~13x compiled with `python -m meshserve.simulator.native build`); it covers "
                         f"{FAST_MODEL_COVERS}; anything else runs on the scheduler, with the reason in the report's "
                         "replica_model_fallback. scheduler: the engine's own Scheduler per replica (the reference)")
+    g.add_argument("--calibration", default=d.calibration,
+                   help="step-time weights: a section of meshserve/simulator/calibration.toml (h200_mixed_graphs: "
+                        "the build with mixed-step CUDA graphs)")
     g.add_argument("--hardware-file", default=None, help="TOML overriding the GPU catalog (prices, rates)")
     g = p.add_argument_group("engine (per replica, as `meshserve serve`)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
@@ -131,7 +134,8 @@ def run_simulate(ns: argparse.Namespace) -> int:
                        num_blocks=ns.num_blocks, max_queue_len=ns.max_queue_len, hardware_file=ns.hardware_file,
                        frontend_latency_s=ns.frontend_latency_ms / 1e3,
                        frontend_request_s=ns.frontend_request_ms / 1e3, frontend_token_s=ns.frontend_token_us / 1e6,
-                       api_server_count=ns.api_server_count, replica_model=ns.replica_model)
+                       api_server_count=ns.api_server_count, replica_model=ns.replica_model,
+                       calibration=ns.calibration)
     config.validate()
     trace = build_trace(ns)
     if ns.search:

@@ -53,6 +53,7 @@ class SimConfig:
     hardware_file: str | None = None
     # how each replica is simulated (REPLICA_MODELS); "fast" takes the reference where it does not apply
     replica_model: str = "scheduler"
+    calibration: str = "default"  # the step-time weights: a section of calibration.toml
 
     def validate(self) -> None:
         if self.num_gpus < 1 or self.tp < 1 or self.num_gpus % self.tp:

@@ -111,6 +111,25 @@ def test_late_requests_are_shed_before_they_use_a_step():
     assert [e.seq_id for e in step(kept).scheduled] == ["late"] and not kept.shed
 
 
+def test_requests_too_deep_in_the_queue_are_shed_from_the_back():
+    """At the recent admission rate (about 10 a second here) a fresh request behind ten others cannot start
+    within a 1 s target: the back of the queue is shed, the front kept, in queue order."""
+    s = _with_model(slo_ttft_s=1.0, max_num_seqs=1)  # the batch is full: nobody is admitted this step
+    now = time.monotonic()
+    for k in range(21):
+        s.policy.record_admission(now - 2.0 + 0.1 * k)
+    s.add(make_seq("busy", range(50), max_tokens=64))
+    step(s)
+    queued = [make_seq(f"q{i}", range(i, i + 50)) for i in range(30)]
+    for seq in queued:
+        s.add(seq)
+    step(s)
+    shed = len(s.shed)
+    assert 17 <= shed <= 21 and s.shed == queued[-shed:]  # ~10 of 30 can start within the second
+    assert list(s.waiting) == queued[:-shed]
+    assert all(seq.status == SequenceStatus.FINISHED_ABORTED for seq in s.shed)
+
+
 def test_a_request_target_overrides_the_server_default():
     s = _with_model()  # no server targets
     seq = make_seq("own", range(50))

@@ -177,33 +177,41 @@ def test_triton_kernel_small_tiles_cross_the_diagonal_in_interpreter():
     assert bool((out[40] == SENTINEL).all())
 
 
-# Compiles the kernel to a cubin for sm_90 with Triton's own ptxas (test_triton_unified_attention's check) at
+# Compiles the kernels (attention, whole-context and chunked, and the LSE merge) to cubins for sm_90 with Triton's own ptxas (test_triton_unified_attention's check) at
 # DeepSeek's head dims with the default configs, and checks that the pipelined tiles fit an H100's shared memory
 # (bf16: 128 x 64 tiles, 3 stages, 168 KB; 128 x 128 would need 288 KB).
 _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from meshserve.kernels.triton_lse_merge import _merge_lse_kernel
 from meshserve.kernels.triton_mla_prefill import _mla_prefill_kernel as kernel, prefill_config
 
-names = list(kernel.arg_names)
-for dtype, size in [("bf16", 2), ("fp32", 4)]:
-    block_q, block_n, warps, stages = prefill_config(4096, size)
-    sig = {n: "i32" for n in names}
-    sig.update({n: "*" + dtype for n in ("qn_ptr", "qp_ptr", "kv_ptr", "kpe_ptr", "out_ptr")})
-    sig.update(ctx_loc_ptr="*i64", seq_lens_ptr="*i64", qsl_ptr="*i64", scale_log2="fp32")
-    const = dict(NOPE=128, BLOCK_NOPE=128, ROPE=64, BLOCK_ROPE=64, V_DIM=128, BLOCK_V=128, BLOCK_Q=block_q,
-                 BLOCK_N=block_n, UPCAST_DOT=False, DOT_PRECISION="tf32" if size == 2 else "ieee")
-    sig.update({n: "constexpr" for n in const})
+def compile_sm90(kernel, sig, const, warps, stages):
+    names = list(kernel.arg_names)
+    sig = {**{n: "i32" for n in names}, **sig, **{n: "constexpr" for n in const}}
     # what the launcher specialises for DeepSeek's shapes (16-byte aligned pointers, strides of 16): without
     # it the loads compile to scalar ones with no cp.async pipeline and shared memory is not what a GPU sees
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or "stride" in n}
     src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+# the whole context in both dtypes; a workspace chunk with its LSE, and the merge, in the GPU's bf16
+for dtype, size, chunked in [("bf16", 2, False), ("bf16", 2, True), ("fp32", 4, False)]:
+    block_q, block_n, warps, stages = prefill_config(4096, size)
+    sig = {n: "*" + dtype for n in ("qn_ptr", "qp_ptr", "kv_ptr", "kpe_ptr", "out_ptr")}
+    sig.update(ctx_loc_ptr="*i64", ctx_len_ptr="*i64", q_off_ptr="*i64", qsl_ptr="*i64", lse_ptr="*fp32",
+               scale_log2="fp32")
+    const = dict(NOPE=128, BLOCK_NOPE=128, ROPE=64, BLOCK_ROPE=64, V_DIM=128, BLOCK_V=128, BLOCK_Q=block_q,
+                 BLOCK_N=block_n, HAS_Q_OFF=chunked, WRITE_LSE=chunked, UPCAST_DOT=False,
+                 DOT_PRECISION="tf32" if size == 2 else "ieee")
+    compiled = compile_sm90(kernel, sig, const, warps, stages)
     assert compiled.metadata.shared <= 227 * 1024, (dtype, compiled.metadata.shared)
     assert "cp.async" in compiled.asm["ptx"], "K/V loads are not pipelined"
-    print(dtype, "shared", compiled.metadata.shared)
+    print(dtype, "chunked" if chunked else "whole", "shared", compiled.metadata.shared)
+sig = {n: "*bf16" for n in ("out_ptr", "b_ptr")}
+sig.update(a_ptr="*fp32", out_lse_ptr="*fp32", a_lse_ptr="*fp32", b_lse_ptr="*fp32", qsl_ptr="*i64")
+compile_sm90(_merge_lse_kernel, sig, dict(V_DIM=128, BLOCK_V=128, BLOCK_T=32), 4, 1)
 print("compiled")
 """
 
@@ -276,3 +284,70 @@ def test_triton_prefill_gpu_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert fresh.step_memo and fresh.step_memo is not meta.step_memo
+
+
+# 16k-token cached prefixes under a 512-token chunk and a 40-token one, beside decode rows and a chunk from
+# scratch: 16,896 + 300 + 16,424 context rows through a 4k-token workspace (9 chunks)
+LONG_Q_LENS = [512, 1, 300, 40, 1]
+LONG_SEQ_LENS = [16896, 900, 300, 16424, 17000]
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_triton_chunked_prefill_gpu_16k_prefix_v2_lite_bf16(block_size):
+    _check(LONG_Q_LENS, LONG_SEQ_LENS, block_size, torch.bfloat16, triton=True, device="cuda", atol=2e-2,
+           chunk_tokens=4096, **V2_LITE)  # fmt: skip
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+def test_triton_chunked_prefill_gpu_memory_is_the_workspace():
+    """With the workspace, a 33k-token context allocates nothing near its expansion (8 KB/token: 270 MB):
+    the step's extra peak is the slot list and the chunk plan; without it, the whole expansion."""
+    import dataclasses
+
+    meta, cache, q_nope, q_pe, kv_b, scale, _, _ = _case(
+        LONG_Q_LENS, LONG_SEQ_LENS, 16, torch.bfloat16, "cuda", **V2_LITE
+    )
+    out = torch.empty(q_nope.shape[0], 16, 128, dtype=torch.bfloat16, device="cuda")
+    ws = _workspace(4096, q_nope, kv_b, 128)
+    expansion = prefill_context(meta, 16).num_tokens * 16 * 256 * 2
+
+    def peak(workspace):
+        step = dataclasses.replace(meta)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        mla_prefill(q_nope, q_pe, cache, kv_b, step, scale, out, triton=True, workspace=workspace)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    mla_prefill(q_nope, q_pe, cache, kv_b, dataclasses.replace(meta), scale, out, triton=True, workspace=ws)
+    assert peak(ws) < expansion / 20
+    assert peak(None) > expansion
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+def test_triton_chunked_prefill_gpu_no_host_sync():
+    """The chunk plan, the chunks and the merges read nothing back from the device (sync debug mode)."""
+    import dataclasses
+
+    meta, cache, q_nope, q_pe, kv_b, scale, _, _ = _case(
+        LONG_Q_LENS, LONG_SEQ_LENS, 16, torch.bfloat16, "cuda", **V2_LITE
+    )
+    out = torch.empty(q_nope.shape[0], 16, 128, dtype=torch.bfloat16, device="cuda")
+    ws = _workspace(4096, q_nope, kv_b, 128)
+    mla_prefill(q_nope, q_pe, cache, kv_b, meta, scale, out, triton=True, workspace=ws)  # compile
+    fresh = dataclasses.replace(meta)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mla_prefill(q_nope, q_pe, cache, kv_b, fresh, scale, out, triton=True, workspace=ws)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert chunk_plan(fresh, prefill_context(fresh, 16), 4096).num_chunks == 9

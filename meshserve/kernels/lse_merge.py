@@ -16,16 +16,15 @@ decode rows, belong to the absorbed path and stay untouched).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
 def merged_rows(query_start_loc_cpu: list[int], min_query_len: int) -> list[int]:
     """The flat rows of the sequences with at least min_query_len new tokens."""
     return [
-        r
-        for s, e in zip(query_start_loc_cpu, query_start_loc_cpu[1:])
-        if e - s >= min_query_len
-        for r in range(s, e)
+        r for s, e in itertools.pairwise(query_start_loc_cpu) if e - s >= min_query_len for r in range(s, e)
     ]
 
 

@@ -84,14 +84,18 @@ def prefill_context(meta: AttentionMetadata, block_size: int, min_query_len: int
 def _build_prefill_context(meta: AttentionMetadata, block_size: int, min_query_len: int) -> PrefillContext:
     starts, start_loc_cpu = meta.query_start_loc_cpu, [0]
     for i, seq_len in enumerate(meta.seq_lens_cpu):
-        start_loc_cpu.append(start_loc_cpu[-1] + (seq_len if starts[i + 1] - starts[i] >= min_query_len else 0))
+        start_loc_cpu.append(
+            start_loc_cpu[-1] + (seq_len if starts[i + 1] - starts[i] >= min_query_len else 0)
+        )
     num_tokens = start_loc_cpu[-1]
     device = meta.seq_lens.device
     q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
     ctx_lens = torch.where(q_lens >= min_query_len, meta.seq_lens, 0).long()
     start_loc = F.pad(ctx_lens.cumsum(0), (1, 0))
     # output_size from the host count: repeat_interleave would otherwise read it back from the device
-    seq = torch.repeat_interleave(torch.arange(len(starts) - 1, device=device), ctx_lens, output_size=num_tokens)
+    seq = torch.repeat_interleave(
+        torch.arange(len(starts) - 1, device=device), ctx_lens, output_size=num_tokens
+    )
     pos = torch.arange(num_tokens, device=device) - start_loc[seq]
     blocks = meta.block_tables[seq, pos // block_size].long()
     return PrefillContext(
@@ -198,7 +202,9 @@ def chunk_attention_ref(
         ctx = kv[c0 : c0 + n].float()
         k = torch.cat([ctx[..., :nope], k_pe[c0 : c0 + n, None].float().expand(-1, ctx.shape[1], -1)], dim=-1)
         q = torch.cat([q_nope[s:e], q_pe[s:e]], dim=-1).float()
-        visible = torch.arange(n, device=q.device) <= (q_off_cpu[i] + torch.arange(e - s, device=q.device))[:, None]
+        visible = (
+            torch.arange(n, device=q.device) <= (q_off_cpu[i] + torch.arange(e - s, device=q.device))[:, None]
+        )
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
         scores = scores.masked_fill(~visible, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # [H, q]; -inf where nothing is visible
@@ -237,7 +243,9 @@ def mla_prefill(
     if last > 0:
         acc, acc_lse, part, part_lse = workspace.merge_buffers(q_nope.shape[0], out.dtype)
     for k in range(plan.num_chunks):
-        kv, k_pe = gather_expand(kv_cache, kv_b_weight, ctx, num_heads, q_nope.dtype, *plan.rows(k), workspace)
+        kv, k_pe = gather_expand(
+            kv_cache, kv_b_weight, ctx, num_heads, q_nope.dtype, *plan.rows(k), workspace
+        )
         # one chunk: straight into out; else the first into the fp32 accumulator, the rest beside it
         dst, dst_lse = (out, None) if last == 0 else (acc, acc_lse) if k == 0 else (part, part_lse)
         if triton:

@@ -83,7 +83,12 @@ class MLAPrefillWorkspace:
         tensors for a step larger than it was sized for (only outside the engine: the scheduler's budget
         bounds a step)."""
         if num_tokens <= self.shape.max_query_tokens and dtype == self.part.dtype:
-            return self.acc[:num_tokens], self.acc_lse[:num_tokens], self.part[:num_tokens], self.part_lse[:num_tokens]
+            return (
+                self.acc[:num_tokens],
+                self.acc_lse[:num_tokens],
+                self.part[:num_tokens],
+                self.part_lse[:num_tokens],
+            )
         h, v, dev = self.shape.num_heads, self.shape.v_dim, self.acc.device
         return (
             torch.empty(num_tokens, h, v, dtype=torch.float32, device=dev),

@@ -61,7 +61,9 @@ def _merge_lse_kernel(
     mask = row_ok[:, None] & (dv[None, :] < V_DIM)
     va = tl.load(a_ptr + tok[:, None] * stride_at + head * stride_ah + dv[None, :], mask=mask, other=0.0)
     vb = tl.load(b_ptr + tok[:, None] * stride_bt + head * stride_bh + dv[None, :], mask=mask, other=0.0)
-    o = (va.to(tl.float32) * wa[:, None] + vb.to(tl.float32) * wb[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
+    o = (va.to(tl.float32) * wa[:, None] + vb.to(tl.float32) * wb[:, None]) / tl.where(total > 0, total, 1.0)[
+        :, None
+    ]
     o_ptrs = out_ptr + tok[:, None] * stride_ot + head * stride_oh + dv[None, :]
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=mask)
     lse = tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))

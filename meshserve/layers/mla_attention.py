@@ -21,12 +21,18 @@ prefix caching, chunked prefill, preemption and the KV offload tiers see blocks 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.kernels.mla_prefill import mla_prefill
-from meshserve.kernels.mla_prefill_workspace import MLAPrefillWorkspace, WorkspaceShape, workspace_chunk_tokens
+from meshserve.kernels.mla_prefill_workspace import (
+    MLAPrefillWorkspace,
+    WorkspaceShape,
+    workspace_chunk_tokens,
+)
 from meshserve.kernels.mla_ref import mla_decode_ref, mla_prefill_ref, write_latent_ref
 from meshserve.layers.backend_selection import PLAIN, KernelSelection
 
@@ -141,7 +147,7 @@ def per_query_meta(meta: AttentionMetadata) -> AttentionMetadata:
                                       output_size=num_tokens)
         j = torch.arange(num_tokens, device=device) - meta.query_start_loc[seq]
         seq_lens_cpu = [meta.seq_lens_cpu[b] - (e - s) + j + 1
-                        for b, (s, e) in enumerate(zip(starts, starts[1:])) for j in range(e - s)]
+                        for b, (s, e) in enumerate(itertools.pairwise(starts)) for j in range(e - s)]
         meta.step_memo["per_query"] = AttentionMetadata(
             slot_mapping=meta.slot_mapping[:0], query_start_loc=torch.arange(num_tokens + 1, device=device),
             seq_lens=meta.seq_lens[seq] - q_lens[seq] + j + 1, block_tables=meta.block_tables.index_select(0, seq),

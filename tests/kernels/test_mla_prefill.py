@@ -131,7 +131,9 @@ def test_triton_chunked_in_interpreter(block_size, dtype, chunk_tokens):
     """6-7 chunks of one workspace, merged by the Triton LSE merge: equal to the reference and to the
     torch arm over the same chunks."""
     chunked = _check(CHUNK_Q_LENS, CHUNK_SEQ_LENS, block_size, dtype, triton=True, chunk_tokens=chunk_tokens)
-    torch_arm = _check(CHUNK_Q_LENS, CHUNK_SEQ_LENS, block_size, dtype, triton=False, chunk_tokens=chunk_tokens)
+    torch_arm = _check(
+        CHUNK_Q_LENS, CHUNK_SEQ_LENS, block_size, dtype, triton=False, chunk_tokens=chunk_tokens
+    )
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(chunked.float(), torch_arm.float(), atol=tol, rtol=tol)
 

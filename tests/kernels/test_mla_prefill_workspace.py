@@ -40,7 +40,7 @@ def test_v2_lite_workspace_size():
 
 def test_merge_buffers_are_views_or_fresh_for_larger_steps():
     ws = MLAPrefillWorkspace(WorkspaceShape(16, 10, 2, 16, 8, 24, 32, torch.float32), "cpu")
-    acc, acc_lse, part, part_lse = ws.merge_buffers(7, torch.float32)
+    acc, _, part, part_lse = ws.merge_buffers(7, torch.float32)
     assert acc.data_ptr() == ws.acc.data_ptr() and acc.shape == (7, 2, 24) and part_lse.shape == (7, 2)
     acc, _, part, _ = ws.merge_buffers(11, torch.float32)
     assert acc.data_ptr() != ws.acc.data_ptr() and acc.shape == (11, 2, 24) and part.shape == (11, 2, 24)

@@ -37,20 +37,54 @@ ATTN = {"hidden_size": 320, "num_attention_heads": 4, "num_key_value_heads": 2, 
 FAMILIES = {
     # expert widths of whole 128-row blocks (256: two blocks, so TP = 2 splits on a boundary); hidden 320 leaves
     # partial blocks on K and on w2's output rows
-    "mixtral": {"model_type": "mixtral", "intermediate_size": 256, "num_local_experts": 4,
-                "num_experts_per_tok": 2, **ATTN},
-    "qwen3_moe": {"model_type": "qwen3_moe", "intermediate_size": 512, "moe_intermediate_size": 128,
-                  "num_experts": 8, "num_experts_per_tok": 4, "norm_topk_prob": True, "decoder_sparse_step": 1,
-                  "mlp_only_layers": [1], **ATTN},
-    "qwen2_moe": {"model_type": "qwen2_moe", "intermediate_size": 512, "moe_intermediate_size": 256,
-                  "shared_expert_intermediate_size": 256, "num_experts": 8, "num_experts_per_tok": 2,
-                  "norm_topk_prob": False, **ATTN},
+    "mixtral": {
+        "model_type": "mixtral",
+        "intermediate_size": 256,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        **ATTN,
+    },
+    "qwen3_moe": {
+        "model_type": "qwen3_moe",
+        "intermediate_size": 512,
+        "moe_intermediate_size": 128,
+        "num_experts": 8,
+        "num_experts_per_tok": 4,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [1],
+        **ATTN,
+    },
+    "qwen2_moe": {
+        "model_type": "qwen2_moe",
+        "intermediate_size": 512,
+        "moe_intermediate_size": 256,
+        "shared_expert_intermediate_size": 256,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": False,
+        **ATTN,
+    },
     # layer 0 dense, layer 1 MLA + 8 routed experts (sigmoid, grouped top-k) + one shared expert
-    "deepseek_v3": {"model_type": "deepseek_v3", "hidden_size": 256, "intermediate_size": 256,
-                    "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 128, "kv_lora_rank": 160,
-                    "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "first_k_dense_replace": 1,
-                    "n_routed_experts": 8, "n_shared_experts": 1, "n_group": 4, "topk_group": 2,
-                    "num_experts_per_tok": 2, "moe_intermediate_size": 128},
+    "deepseek_v3": {
+        "model_type": "deepseek_v3",
+        "hidden_size": 256,
+        "intermediate_size": 256,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 128,
+        "kv_lora_rank": 160,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 32,
+        "first_k_dense_replace": 1,
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "n_group": 4,
+        "topk_group": 2,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 128,
+    },
 }
 
 
@@ -58,9 +92,17 @@ def _checkpoint(path: str, family: str) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(FAMILIES[family])
-    config = AutoConfig.for_model(fields.pop("model_type"), vocab_size=VOCAB, num_hidden_layers=2,
-                                  max_position_embeddings=512, initializer_range=0.1, bos_token_id=0,
-                                  eos_token_id=2, tie_word_embeddings=False, **fields)
+    config = AutoConfig.for_model(
+        fields.pop("model_type"),
+        vocab_size=VOCAB,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        bos_token_id=0,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **fields,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # a router that prefers some experts, so routing is not a near-tie everywhere
@@ -161,12 +203,15 @@ def _experts(llm: LLM, layer: int):
     return llm.engine.runner.model.model.layers[layer].mlp.experts
 
 
-@pytest.mark.parametrize("family,layer,expert_name", [
-    ("mixtral", 0, "model.layers.0.block_sparse_moe.experts.1.w1"),
-    ("qwen3_moe", 0, "model.layers.0.mlp.experts.1.gate_proj"),
-    pytest.param("qwen2_moe", 1, "model.layers.1.mlp.experts.1.gate_proj", marks=pytest.mark.slow),
-    ("deepseek_v3", 1, "model.layers.1.mlp.experts.1.gate_proj"),
-])
+@pytest.mark.parametrize(
+    "family,layer,expert_name",
+    [
+        ("mixtral", 0, "model.layers.0.block_sparse_moe.experts.1.w1"),
+        ("qwen3_moe", 0, "model.layers.0.mlp.experts.1.gate_proj"),
+        pytest.param("qwen2_moe", 1, "model.layers.1.mlp.experts.1.gate_proj", marks=pytest.mark.slow),
+        ("deepseek_v3", 1, "model.layers.1.mlp.experts.1.gate_proj"),
+    ],
+)
 def test_block_fp8_moe_checkpoint_matches_its_dequantized_model(family, layer, expert_name, moe_dirs):
     qdir, ddir, _ = moe_dirs(family)
     tensors = load_file(os.path.join(qdir, "model.safetensors"))
@@ -182,7 +227,9 @@ def test_block_fp8_moe_checkpoint_matches_its_dequantized_model(family, layer, e
     assert experts.w2_weight_scale_inv.shape == (experts.num_experts, -(-hidden // B), -(-width // B))
     # expert 1's gate rows: the checkpoint's fp8 bytes and scales, as stored
     assert torch.equal(experts.w13_weight[1, :width].float(), tensors[expert_name + ".weight"].float())
-    assert torch.equal(experts.w13_weight_scale_inv[1, : -(-width // B)], tensors[expert_name + ".weight_scale_inv"])
+    assert torch.equal(
+        experts.w13_weight_scale_inv[1, : -(-width // B)], tensors[expert_name + ".weight_scale_inv"]
+    )
     _check(llm, ddir, _fake_quant_per_token_group, online=False)
 
 
@@ -202,8 +249,17 @@ def test_online_fp8_quantizes_experts_per_channel(family, moe_dirs):
 @pytest.fixture
 def fake_rank(monkeypatch):
     def set_rank(tp_rank: int, tp_size: int, expert_parallel: bool) -> None:
-        monkeypatch.setattr(parallel_state, "_STATE", parallel_state.ParallelState(
-            tp_rank=tp_rank, tp_size=tp_size, rank=tp_rank, world_size=tp_size, expert_parallel=expert_parallel))
+        monkeypatch.setattr(
+            parallel_state,
+            "_STATE",
+            parallel_state.ParallelState(
+                tp_rank=tp_rank,
+                tp_size=tp_size,
+                rank=tp_rank,
+                world_size=tp_size,
+                expert_parallel=expert_parallel,
+            ),
+        )
 
     return set_rank
 
@@ -227,9 +283,13 @@ def test_rank_one_of_two_loads_its_experts_scales(expert_parallel, fake_rank, mo
     experts = _build(qdir).model.layers[0].mlp.experts
     for local in range(experts.num_local_experts):
         e = local + 4 if expert_parallel else local
-        part = {p: tensors[f"model.layers.0.mlp.experts.{e}.{p}_proj.weight_scale_inv"]
-                for p in ("gate", "up", "down")}
-        weight = {p: tensors[f"model.layers.0.mlp.experts.{e}.{p}_proj.weight"].float() for p in ("gate", "up")}
+        part = {
+            p: tensors[f"model.layers.0.mlp.experts.{e}.{p}_proj.weight_scale_inv"]
+            for p in ("gate", "up", "down")
+        }
+        weight = {
+            p: tensors[f"model.layers.0.mlp.experts.{e}.{p}_proj.weight"].float() for p in ("gate", "up")
+        }
         if expert_parallel:
             want13, want2 = torch.cat([part["gate"], part["up"]]), part["down"]
             want_w = torch.cat([weight["gate"], weight["up"]])
@@ -246,16 +306,22 @@ def test_misaligned_or_unsupported_fp8_experts_are_one_line_errors(fake_rank, mo
     # qwen3_moe's experts are 128 wide: TP = 2 would give each rank half a block (EP keeps them whole)
     qdir, _, src = moe_dirs("qwen3_moe")
     fake_rank(0, 2, False)
-    with pytest.raises(ModelLoadError, match=r"fp8 block-wise MoE experts: a width of 64 per rank at tensor "
-                                             r"parallel 2 splits a 128x128 weight block"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"fp8 block-wise MoE experts: a width of 64 per rank at tensor "
+        r"parallel 2 splits a 128x128 weight block",
+    ):
         _build(qdir)
     fake_rank(0, 2, True)
     assert _build(qdir).model.layers[0].mlp.experts.w13_weight_scale_inv.shape == (4, 2, 3)
     fake_rank(0, 1, False)
     # a per-channel fp8 checkpoint of an MoE model: its experts' weight_scale has no path
     ct = quantize_checkpoint(src, str(tmp_path / "ct"), "compressed-tensors")
-    with pytest.raises(ModelLoadError, match=r"compressed-tensors MoE experts \(per-tensor / per-channel fp8 "
-                                             r"checkpoints\) are not supported"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"compressed-tensors MoE experts \(per-tensor / per-channel fp8 "
+        r"checkpoints\) are not supported",
+    ):
         _build(ct)
     # a block-fp8 checkpoint that lost one expert's scales
     broken = tmp_path / "broken"
@@ -265,8 +331,11 @@ def test_misaligned_or_unsupported_fp8_experts_are_one_line_errors(fake_rank, mo
     save_file(tensors, str(broken / "model.safetensors"))
     with open(os.path.join(qdir, "config.json")) as f:
         (broken / "config.json").write_text(json.dumps(json.load(f)))
-    with pytest.raises(ModelLoadError, match=r"the checkpoint lacks the scales of local expert 3 "
-                                             r"\(w2_weight_scale_inv\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"the checkpoint lacks the scales of local expert 3 "
+        r"\(w2_weight_scale_inv\)",
+    ):
         _build(str(broken))
 
 
@@ -283,4 +352,4 @@ def test_dummy_weights_at_a_block_fp8_config_quantize_experts_block_wise(moe_dir
     assert experts.w13_weight.dtype == torch.float8_e4m3fn and experts.w13_weight_scale_inv.shape == (8, 2, 3)
     # every block of expert 0's gate rows (128 x 128, 128 x 128, 128 x 64) has its own absmax at 448
     for lo in range(0, 320, B):
-        assert experts.w13_weight[0, :128, lo:lo + B].float().abs().amax() == 448
+        assert experts.w13_weight[0, :128, lo : lo + B].float().abs().amax() == 448

@@ -82,15 +82,19 @@ class Fp8BlockMoE(MoEWeightFormat):
         bn, bk = self.block
         if self.online or expert_parallel or tp_size == 1 or (width % bn == 0 and width % bk == 0):
             return
-        raise ValueError(f"fp8 block-wise MoE experts: a width of {width} per rank at tensor parallel {tp_size} "
-                         f"splits a {bn}x{bk} weight block (expert parallel keeps experts whole)")
+        raise ValueError(
+            f"fp8 block-wise MoE experts: a width of {width} per rank at tensor parallel {tp_size} "
+            f"splits a {bn}x{bk} weight block (expert parallel keeps experts whole)"
+        )
 
     def scale_shapes(self, experts, width, hidden):
         if self.online:
             return {}
         bn, bk = self.block
-        return {"w13_weight_scale_inv": (experts, 2 * math.ceil(width / bn), math.ceil(hidden / bk)),
-                "w2_weight_scale_inv": (experts, math.ceil(hidden / bn), math.ceil(width / bk))}
+        return {
+            "w13_weight_scale_inv": (experts, 2 * math.ceil(width / bn), math.ceil(hidden / bk)),
+            "w2_weight_scale_inv": (experts, math.ceil(hidden / bn), math.ceil(width / bk)),
+        }
 
     def process_weights_after_loading(self, layer):
         if not self.online:
@@ -105,14 +109,18 @@ class Fp8BlockMoE(MoEWeightFormat):
         up = [quantize_fp8_blockwise(w, self.block) for w in w13[:, width:]]
         down = [quantize_fp8_blockwise(w, self.block) for w in w2]
         replace_param(layer, "w13_weight", torch.stack([torch.cat([g[0], u[0]]) for g, u in zip(gate, up)]))
-        replace_param(layer, "w13_weight_scale_inv",
-                      torch.stack([torch.cat([g[1], u[1]]) for g, u in zip(gate, up)]))
+        replace_param(
+            layer, "w13_weight_scale_inv", torch.stack([torch.cat([g[1], u[1]]) for g, u in zip(gate, up)])
+        )
         replace_param(layer, "w2_weight", torch.stack([q for q, _ in down]))
         replace_param(layer, "w2_weight_scale_inv", torch.stack([s for _, s in down]))
 
     def scales(self, layer):
-        return {"w13_scale": layer.w13_weight_scale_inv, "w2_scale": layer.w2_weight_scale_inv,
-                "block": self.block}
+        return {
+            "w13_scale": layer.w13_weight_scale_inv,
+            "w2_scale": layer.w2_weight_scale_inv,
+            "block": self.block,
+        }
 
 
 def moe_weight_format(config: QuantConfig | None) -> MoEWeightFormat:
@@ -123,8 +131,10 @@ def moe_weight_format(config: QuantConfig | None) -> MoEWeightFormat:
     if isinstance(config, Fp8Config):
         if config.online:
             return Fp8PerChannelMoE()
-        raise ValueError(f"{config.name} MoE experts (per-tensor / per-channel fp8 checkpoints) are not "
-                         "supported (block-wise fp8 checkpoints and online --quantization fp8 are)")
+        raise ValueError(
+            f"{config.name} MoE experts (per-tensor / per-channel fp8 checkpoints) are not "
+            "supported (block-wise fp8 checkpoints and online --quantization fp8 are)"
+        )
     if isinstance(config, Int4Config) and not config.online:
         raise ValueError(f"{config.name} int4 MoE experts are not supported (fp8 experts are)")
     return MoEWeightFormat()  # (int4 dummy weights: the dense layers are int4, the experts stay 16-bit)

@@ -152,7 +152,11 @@ class Scheduler:
         now = self.clock()
         self._poll_offload()
         self._shed_late(now)
-        budget = self.policy.token_budget(self.running, [self.waiting[0]] if self.waiting else [])
+        step_budget = self.policy.step_budget(self.running, [self.waiting[0]] if self.waiting else [])
+        budget = step_budget.tokens
+        # prompt tokens (running prefills, admissions) this step may take: the policy's cap keeps each decode's
+        # token in the step, wherever its sequence sits in the running list
+        prefill_left = budget if step_budget.prefill_tokens is None else step_budget.prefill_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[str] = []
 
@@ -166,6 +170,12 @@ class Scheduler:
                 i += 1  # its last token is on its way; nothing more to compute
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            is_prefill = num_new > 1 and not seq.spec_token_ids
+            if is_prefill:
+                num_new = min(num_new, prefill_left)
+                if num_new <= 0:
+                    i += 1  # a prompt chunk over this step's prefill cap: next step
+                    continue
             if seq.spec_token_ids and num_new == seq.num_tokens - seq.num_computed_tokens:
                 num_new += self._num_spec_to_verify(seq, budget - num_new)
             while not self.block_manager.allocate(seq, num_new, num_lookahead_tokens=self.num_lookahead_tokens):
@@ -180,12 +190,14 @@ class Scheduler:
             else:
                 scheduled.append((seq, num_new))
                 budget -= num_new
+                prefill_left -= num_new if is_prefill else 0
                 i += 1
             if stalled:
                 break
 
         # 2. waiting sequences in order, unless this step already had to preempt (or wait for blocks)
-        while self.waiting and not preempted and not stalled and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and not preempted and not stalled and min(budget, prefill_left) > 0
+               and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted while its last step ran: recompute once that token is known
@@ -196,9 +208,10 @@ class Scheduler:
                 break  # its prefix is being read from disk (off this thread): admitted once it is in memory
             num_hit = len(cached) * self.block_size
             num_new = seq.num_tokens - seq.num_computed_tokens - num_hit
-            if num_new > budget and not self.config.enable_chunked_prefill:
+            room = min(budget, prefill_left)
+            if num_new > room and not self.config.enable_chunked_prefill:
                 break
-            num_new = min(num_new, budget)
+            num_new = min(num_new, room)
             if not self.block_manager.allocate(seq, num_new, cached, self.num_lookahead_tokens):
                 break
             self.waiting.popleft()
@@ -211,6 +224,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append((seq, num_new))
             budget -= num_new
+            prefill_left -= num_new
 
         out = SchedulerOutput(
             scheduled=[self._entry(seq, n) for seq, n in scheduled],

@@ -93,6 +93,12 @@ class CountingBlockManager:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
+    # no KV offload tiers here: no block is ever in flight to a lower tier
+    num_landing_blocks = 0
+
+    def poll_offload(self) -> list[str]:
+        return []
+
     def block_table(self, seq: Sequence) -> range:
         return range(self.held.get(seq.seq_id, 0))
 

@@ -126,9 +126,11 @@ class EngineCore:
         self.expert_load = ExpertLoadReader(getattr(self.executor, "runner", None))
         self.num_prompt_tokens = 0
         self.pp_busy_s = self.pp_wall_s = 0.0  # last pipeline stage's compute vs wall time
-        # async scheduling needs the runner in this process (its sampled ids feed the next step directly)
-        # (speculative steps run one at a time: the next step's proposals depend on this one's tokens)
-        self.async_scheduling = (config.scheduler_config.async_scheduling and spec is None
+        # async scheduling needs the runner in this process (its sampled ids feed the next step directly).
+        # With speculation, a step that will propose waits for the step in flight (proposals and the
+        # verified length are known on the host only), then launches before its outputs go out
+        # (_step_inner); a step that will not propose is scheduled ahead as without speculation
+        self.async_scheduling = (config.scheduler_config.async_scheduling
                                  and getattr(self.executor, "supports_async_scheduling", False))
         self.scheduler.async_mode = self.async_scheduling
         self._in_flight: tuple[SchedulerOutput, PendingOutput, StepShape] | None = None
@@ -241,10 +243,13 @@ class EngineCore:
                 return self._outputs([])
             shape = step_shape(sched_out)
             return self._outputs(self._process(sched_out, self.executor.execute(sched_out), shape))
-        if self._in_flight is not None and self._needs_known_history():
-            return self._outputs(self._drain())  # penalties read the pending token: no overlap this step
+        drained: list[EngineCoreOutput] = []
+        if self._in_flight is not None and (self._needs_known_history() or self._needs_verified_tokens()):
+            # penalties read the pending token; proposals and verify lengths are known on the host only:
+            # read the step in flight back first, then launch the next before its outputs go out
+            drained = self._drain()
         sched_out = self._schedule()
-        drained = self._late_masks_hook(sched_out)
+        drained += self._late_masks_hook(sched_out)
         launched = None
         if not sched_out.is_empty or sched_out.finished_seq_ids:
             launched = self.executor.execute_async(sched_out)
@@ -327,6 +332,21 @@ class EngineCore:
         if not self._late_masks:
             return self.scheduler.needs_known_history
         return any(seq.params.uses_penalties for seq in self.scheduler.running)
+
+    def _needs_verified_tokens(self) -> bool:
+        """Whether the next step must wait for the step in flight under speculative decoding: the step in
+        flight verifies proposals (the next inputs follow its accepted run, whose length only the host
+        knows), or one of its sampling sequences may get proposals after it (the n-gram proposer reads
+        its new token; a draft model proposes on the ranks after every step)."""
+        if self.speculator is None:
+            return False
+        sched_out = self._in_flight[0]
+        if any(e.num_spec_tokens for e in sched_out.scheduled):
+            return True
+        if self.speculator.proposer is None:
+            return True
+        sampling = [self.requests.get(e.seq_id) for e in sched_out.scheduled if e.do_sample]
+        return self.speculator.may_propose([s for s in sampling if s is not None], self.scheduler.num_running)
 
     def _fill_grammar_bitmasks(self, sched_out: SchedulerOutput) -> None:
         """Each constrained sequence sampling this step gets the mask of tokens its grammar allows next

@@ -153,7 +153,7 @@ class Scheduler:
                 i += 1  # its last token is on its way; nothing more to compute
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if seq.spec_token_ids and num_new == seq.num_tokens - seq.num_computed_tokens:
+            if seq.spec_token_ids and not seq.num_pending_tokens and num_new == seq.num_tokens - seq.num_computed_tokens:
                 num_new += self._num_spec_to_verify(seq, budget - num_new)
             while not self.block_manager.allocate(seq, num_new, num_lookahead_tokens=self.num_lookahead_tokens):
                 victim = self._pick_victim(i)
@@ -272,6 +272,9 @@ class Scheduler:
                 self._advance_grammar(seq, token)
             if seq.is_finished:
                 break
+        if self.async_mode:  # counted as computed and pending when scheduled (no other step ran it since)
+            seq.num_pending_tokens -= 1
+            seq.num_computed_tokens -= entry.num_new_tokens
         if not seq.is_finished:
             # computed: the last verified token and the accepted proposals; the target's own token is next
             seq.num_computed_tokens += entry.num_new_tokens - entry.num_spec_tokens + len(tokens) - 1

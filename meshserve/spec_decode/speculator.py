@@ -48,6 +48,17 @@ class Speculator:
         )
         self.stats = SpecDecodeStats()
 
+    def may_propose(self, sampling: list[Sequence], num_running: int) -> bool:
+        """Whether after_step may give any of `sampling` (the sequences sampling in the step in flight)
+        proposals: async scheduling waits for that step then, else schedules the next one ahead. Predicted
+        without changing the gate; when the gate turns on unforeseen, the proposals of sequences with a step
+        in flight are dropped (after_step) and the step after waits."""
+        limit = self.config.disable_by_batch_size
+        if limit is not None and num_running > limit:
+            return False
+        gate_on = self.gate.will_propose()
+        return any(speculation_allowed(seq) and (gate_on or seq.params.seed is not None) for seq in sampling)
+
     def after_step(
         self,
         sched_out: SchedulerOutput,
@@ -67,7 +78,9 @@ class Speculator:
         gated = not paused and bool(updated) and not self.gate.decide(num_running,
                                                                       sum(seq.num_tokens for seq in updated))
         for seq in updated:
-            if (seq.is_finished or paused or not speculation_allowed(seq)
+            # a sequence with a step in flight (scheduled ahead, async scheduling) gets none: they would
+            # follow this step's token, and its next inputs already do
+            if (seq.is_finished or paused or seq.num_pending_tokens or not speculation_allowed(seq)
                     or (gated and seq.params.seed is None)):
                 seq.spec_token_ids = []
             elif self.proposer is not None:

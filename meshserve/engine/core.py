@@ -133,6 +133,8 @@ class EngineCore:
         self.async_scheduling = (config.scheduler_config.async_scheduling
                                  and getattr(self.executor, "supports_async_scheduling", False))
         self.scheduler.async_mode = self.async_scheduling
+        if self.speculator is not None and self.async_scheduling and self._verify_ahead_supported():
+            self.scheduler.verify_ahead = self.speculator.propose_ahead = True
         self._in_flight: tuple[SchedulerOutput, PendingOutput, StepShape] | None = None
         # pipeline parallel: up to one step per stage in flight, each over sequences the others lack, so
         # every stage works on some step (no fill/drain bubble per step)
@@ -333,12 +335,25 @@ class EngineCore:
             return self.scheduler.needs_known_history
         return any(seq.params.uses_penalties for seq in self.scheduler.running)
 
+    def _verify_ahead_supported(self) -> bool:
+        """Whether a sequence may verify proposals behind its own step in flight: host-side (n-gram)
+        proposals, one in-process rank (the runner moves the chunk back by the rejected count it holds), and
+        attention that reads sequence lengths on the device (the reference kernels read host lengths: exact
+        on a CPU, where reading them is free; MLA's prefill splits by host lengths on a GPU too)."""
+        runner = getattr(self.executor, "runner", None)
+        if self.speculator.proposer is None or not isinstance(self.executor, UniprocExecutor) or runner is None:
+            return False
+        if self.config.device != "cpu" and (runner.kernels.attention_backend != "triton"
+                                            or getattr(self.config.model_config.hf_config, "kv_lora_rank", None)):
+            return False
+        return True
+
     def _needs_verified_tokens(self) -> bool:
         """Whether the next step must wait for the step in flight under speculative decoding: the step in
         flight verifies proposals (the next inputs follow its accepted run, whose length only the host
         knows), or one of its sampling sequences may get proposals after it (the n-gram proposer reads
         its new token; a draft model proposes on the ranks after every step)."""
-        if self.speculator is None:
+        if self.speculator is None or self.scheduler.verify_ahead:
             return False
         sched_out = self._in_flight[0]
         if any(e.num_spec_tokens for e in sched_out.scheduled):

@@ -62,6 +62,8 @@ class Sequence:
     # in the prefix cache), and how many tokens the last step appended (accepted proposals + 1)
     spec_token_ids: list[int] = field(default_factory=list)
     num_step_tokens: int = 1
+    # async scheduling: the pending tokens the proposals follow (proposed while a step was in flight)
+    spec_offset: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -47,6 +47,9 @@ class Speculator:
             else None
         )
         self.stats = SpecDecodeStats()
+        # async scheduling: proposals for a sequence with a step in flight follow that step's tokens (as if
+        # its proposals are all accepted); False: such a sequence gets none (its next step waits instead)
+        self.propose_ahead = False
 
     def may_propose(self, sampling: list[Sequence], num_running: int) -> bool:
         """Whether after_step may give any of `sampling` (the sequences sampling in the step in flight)
@@ -78,12 +81,16 @@ class Speculator:
         gated = not paused and bool(updated) and not self.gate.decide(num_running,
                                                                       sum(seq.num_tokens for seq in updated))
         for seq in updated:
-            # a sequence with a step in flight (scheduled ahead, async scheduling) gets none: they would
-            # follow this step's token, and its next inputs already do
-            if (seq.is_finished or paused or seq.num_pending_tokens or not speculation_allowed(seq)
+            # a sequence with a step in flight (async scheduling) has its next inputs placed already: its
+            # proposals skip that step's tokens (propose_ahead), or it gets none
+            pending = seq.num_pending_tokens
+            seq.spec_offset = pending
+            if (seq.is_finished or paused or (pending and not self.propose_ahead) or not speculation_allowed(seq)
                     or (gated and seq.params.seed is None)):
                 seq.spec_token_ids = []
             elif self.proposer is not None:
-                seq.spec_token_ids = self.proposer.propose(np.asarray(seq.all_token_ids, dtype=np.int64))
+                ids = np.asarray(seq.all_token_ids, dtype=np.int64)
+                seq.spec_token_ids = (self.proposer.propose(ids, skip=pending) if pending
+                                      else self.proposer.propose(ids))
             else:
                 seq.spec_token_ids = runner_out.draft_token_ids.get(seq.seq_id, [])

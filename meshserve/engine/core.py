@@ -343,10 +343,8 @@ class EngineCore:
         runner = getattr(self.executor, "runner", None)
         if self.speculator.proposer is None or not isinstance(self.executor, UniprocExecutor) or runner is None:
             return False
-        if self.config.device != "cpu" and (runner.kernels.attention_backend != "triton"
-                                            or getattr(self.config.model_config.hf_config, "kv_lora_rank", None)):
-            return False
-        return True
+        mla = getattr(self.config.model_config.hf_config, "kv_lora_rank", None)
+        return self.config.device == "cpu" or (runner.kernels.attention_backend == "triton" and not mla)
 
     def _needs_verified_tokens(self) -> bool:
         """Whether the next step must wait for the step in flight under speculative decoding: the step in

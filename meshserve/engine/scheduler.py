@@ -285,9 +285,10 @@ class Scheduler:
             # counted as computed and pending when scheduled, as if all were accepted; a later step of this
             # sequence in flight was placed so too (the runner moved it back by as many)
             seq.num_pending_tokens -= 1 + entry.num_spec_tokens
-            if not seq.is_finished and seq.status == SequenceStatus.RUNNING:
+            if not seq.is_finished and seq.num_computed_tokens:  # 0: preempted to be recomputed
                 seq.num_computed_tokens -= rejected
-                self.block_manager.trim(seq, seq.num_computed_tokens)
+                if seq.status == SequenceStatus.RUNNING:  # (a swapped-out one keeps its blocks' copies)
+                    self.block_manager.trim(seq, seq.num_computed_tokens)
         elif not seq.is_finished:
             # computed: the last verified token and the accepted proposals; the target's own token is next
             seq.num_computed_tokens += entry.num_new_tokens - rejected

@@ -158,8 +158,8 @@ class StepSampler:
                 self._pinned_ids[i] = torch.empty(max(n, 256), dtype=torch.int64, pin_memory=True)
             host = self._pinned_ids[i][:n]
             host.copy_(token_ids, non_blocking=True)
-        if packed is not None:
-            packed = packed.to("cpu", non_blocking=True)  # lands in pinned memory (the caching allocator's)
+        if packed is not None:  # pinned (the caching host allocator's), so the copy does not block
+            packed = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True).copy_(packed, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         return PendingOutput(result, seq_ids, host, event, sampled, ks, spec_ids, packed)

@@ -245,17 +245,17 @@ class EngineCore:
                 return self._outputs([])
             shape = step_shape(sched_out)
             return self._outputs(self._process(sched_out, self.executor.execute(sched_out), shape))
-        drained: list[EngineCoreOutput] = []
+        first: list[EngineCoreOutput] = []
         if self._in_flight is not None and (self._needs_known_history() or self._needs_verified_tokens()):
-            # penalties read the pending token; proposals and verify lengths are known on the host only:
-            # read the step in flight back first, then launch the next before its outputs go out
-            drained = self._drain()
+            # penalties read the pending token; so do proposals, when they cannot be placed behind the step
+            # in flight: read it back first, then launch the next step before its outputs go out
+            first = self._drain()
         sched_out = self._schedule()
-        drained += self._late_masks_hook(sched_out)
+        drained = self._late_masks_hook(sched_out)  # filled during the launch
         launched = None
         if not sched_out.is_empty or sched_out.finished_seq_ids:
             launched = self.executor.execute_async(sched_out)
-        outputs = drained + self._drain()
+        outputs = first + drained + self._drain()
         if launched is not None:
             self._in_flight = (sched_out, launched, step_shape(sched_out))
         return self._outputs(outputs)

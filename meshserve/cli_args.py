@@ -119,6 +119,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="time-per-output-token target: the batch is capped so steps stay under it (default: off)")
     _bool_flag(s, "slo-shed-late", d.slo_shed_late,
                "drop a queued request (429) once it can no longer meet its time-to-first-token target")
+    s.add_argument("--slo-prefill-chunk", type=int, default=d.slo_prefill_chunk, metavar="N",
+                   help="with --slo-tpot-ms and requests decoding: most prompt tokens one step carries beside the "
+                        "decodes (0: only the TPOT target caps them)")
     s.add_argument("--step-trace", default=None, metavar="FILE",
                    help="write a JSON line per engine step (shape, predicted and measured device time)")
     p = parser.add_argument_group("parallelism")

@@ -4,9 +4,14 @@ against the batched path (kernels/mla_prefill.py: gather + kv_b_proj GEMM + the 
 batched path's parts and the kernel's TFLOP/s; and a mixed step through the whole MLAAttention layer with the
 batched path on and off (MESHSERVE_MLA_PREFILL_REF's switch). Each result is checked against the reference.
 
-usage: python tools/bench_mla_prefill.py [--sweep] [--json PATH]
+The long-prefix cases run the batched path through the engine's workspace (max(max_num_batched_tokens, 8k)
+-token chunks, kernels/mla_prefill_workspace.py) and report its size, the chunk count and the peak memory
+of the step beside the unchunked expansion's.
+
+usage: python tools/bench_mla_prefill.py [--sweep] [--json PATH] [--chunk-tokens N]
 
 --sweep also times the kernel's tile configs (BLOCK_Q, BLOCK_N, warps, stages) on each case.
+--chunk-tokens sets the workspace's chunk (default workspace_chunk_tokens(8192) = 8192).
 """
 
 from __future__ import annotations
@@ -21,7 +26,12 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
-from meshserve.kernels.mla_prefill import gather_expand, mla_prefill, prefill_context
+from meshserve.kernels.mla_prefill import chunk_plan, gather_expand, mla_prefill, prefill_context
+from meshserve.kernels.mla_prefill_workspace import (
+    MLAPrefillWorkspace,
+    WorkspaceShape,
+    workspace_chunk_tokens,
+)
 from meshserve.kernels.mla_ref import mla_prefill_ref
 from meshserve.kernels.triton_mla_prefill import mla_prefill_attention, prefill_config
 from meshserve.layers.backend_selection import KernelSelection
@@ -52,7 +62,11 @@ CASES = {  # name: (q_lens, seq_lens)
     "4x2048_over_2048_prefix": ([2048] * 4, [4096] * 4),
     "8x512_over_3584_prefix": ([512] * 8, [4096] * 8),
     "mixed_2x1024_plus_128_decodes_ctx600": ([1024, 1024] + [1] * 128, [1024, 3000] + [600] * 128),
+    "2x512_over_16k_prefix": ([512, 512], [16896, 16896]),
+    "1x2048_over_32k_prefix": ([2048], [34816]),
+    "verify_8x4_over_16k_plus_1x1024": ([4] * 8 + [1024], [16384] * 8 + [1024]),
 }
+STEP_TOKENS = 8192  # max_num_batched_tokens the workspace is sized for
 
 
 def make_step(q_lens: list[int], seq_lens: list[int]):
@@ -110,8 +124,37 @@ def fresh(meta: AttentionMetadata) -> AttentionMetadata:
     )  # an empty step memo: the step's context is built again, as in a real step
 
 
+def peak_bytes(fn) -> int:
+    """Memory the call allocates above what is allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def chunked_columns(meta, cache, q_nope, q_pe, kv_b, out, ref, prefill_rows, workspace) -> dict:
+    """The batched path through the workspace: its size, the chunk count, time, error and peak step memory
+    against the unchunked expansion's."""
+    run = lambda ws: mla_prefill(q_nope, q_pe, cache, kv_b, fresh(meta), SCALE, out, True, workspace=ws)
+    ctx = prefill_context(meta, BLOCK_SIZE)
+    row = {
+        "workspace_mib": workspace.nbytes / 2**20,
+        "chunk_tokens": workspace.chunk_tokens,
+        "chunks": chunk_plan(meta, ctx, workspace.chunk_tokens).num_chunks,
+        "expanded_context_mib": ctx.num_tokens * HEADS * (NOPE + V_DIM) * 2 / 2**20,
+    }
+    run(workspace)
+    row["chunked_max_abs_err"] = (out[prefill_rows] - ref[prefill_rows]).abs().max().item()
+    row["chunked_ms"] = gpu_ms(lambda: run(workspace))
+    row["chunked_step_peak_mib"] = peak_bytes(lambda: run(workspace)) / 2**20
+    row["unchunked_step_peak_mib"] = peak_bytes(lambda: run(None)) / 2**20
+    return row
+
+
 @torch.inference_mode()
-def bench_case(name: str, q_lens, seq_lens, sweep: bool) -> dict:
+def bench_case(name: str, q_lens, seq_lens, sweep: bool, workspace: MLAPrefillWorkspace) -> dict:
     meta, cache, q_nope, q_pe, kv_b = make_step(q_lens, seq_lens)
     prefill_rows = torch.tensor(
         [
@@ -130,7 +173,8 @@ def bench_case(name: str, q_lens, seq_lens, sweep: bool) -> dict:
         "context_tokens": sum(s for q, s in zip(q_lens, seq_lens) if q > 1),
     }
     decode = q_lens.count(1) > 0
-    if not decode:  # the reference as the layer ran it on prefill-only steps
+    verify = any(1 < q <= 8 for q in q_lens)  # the layer serves those rows absorbed: only the layer rows
+    if not decode and not verify:  # the reference as the layer ran it on prefill-only steps
         ref = mla_prefill_ref(q_nope, q_pe, cache, kv_b, meta, SCALE)
         row["ref_ms"] = gpu_ms(lambda: mla_prefill_ref(q_nope, q_pe, cache, kv_b, meta, SCALE))
         mla_prefill(q_nope, q_pe, cache, kv_b, fresh(meta), SCALE, out, triton=True)
@@ -162,6 +206,7 @@ def bench_case(name: str, q_lens, seq_lens, sweep: bool) -> dict:
         row["kernel_tflops"] = attention_flops(q_lens, seq_lens) / row["kernel_ms"] / 1e9
         row["kernel_config"] = prefill_config(meta.max_query_len, 2)
         row["speedup"] = row["ref_ms"] / row["batched_ms"]
+        row.update(chunked_columns(meta, cache, q_nope, q_pe, kv_b, out, ref, prefill_rows, workspace))
         if sweep:
             row["sweep"] = sweep_kernel(kernel, q_lens, seq_lens)
     # the whole layer (absorbed decode rows + prefill), batched path on vs off
@@ -171,6 +216,7 @@ def bench_case(name: str, q_lens, seq_lens, sweep: bool) -> dict:
     results = {}
     for label, ref_switch in (("layer_ref_ms", True), ("layer_batched_ms", False)):
         layer.kernels = KernelSelection(attention_backend="triton", mla_prefill_ref=ref_switch)
+        layer.prefill_workspace = None if ref_switch else workspace  # as bind_prefill_workspace binds it
         layer.kv_cache = cache.clone()
         results[label] = layer(q_nope, q_pe, kv_c, k_pe_new, kv_b, meta).float()
         # the step's split and context are built once per step (the first layer) and shared by the other 26
@@ -199,12 +245,17 @@ def sweep_kernel(kernel, q_lens, seq_lens) -> list[dict]:
 def main():
     sweep = "--sweep" in sys.argv
     out_path = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
+    chunk = int(sys.argv[sys.argv.index("--chunk-tokens") + 1]) if "--chunk-tokens" in sys.argv else None
+    shape = WorkspaceShape(chunk or workspace_chunk_tokens(STEP_TOKENS), STEP_TOKENS, HEADS, NOPE, ROPE, V_DIM,
+                           RANK, DTYPE)  # fmt: skip
+    workspace = MLAPrefillWorkspace(shape, DEV)
+    print(f"workspace: {shape.chunk_tokens}-token chunks, {workspace.nbytes / 2**20:.1f} MiB")
     rows = []
     print(
         f"{torch.cuda.get_device_name()}; one MLA layer at DeepSeek-V2-Lite shapes, bf16, block_size {BLOCK_SIZE}"
     )
     for name, (q_lens, seq_lens) in CASES.items():
-        row = bench_case(name, q_lens, seq_lens, sweep)
+        row = bench_case(name, q_lens, seq_lens, sweep, workspace)
         rows.append(row)
         print(
             json.dumps(

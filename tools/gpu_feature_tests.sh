@@ -42,7 +42,8 @@ new)
   run_group mixed_spec 300 tests/gpu/test_mixed_graphs.py tests/gpu/test_gpu_spec_decode.py
   run_group decode_fixed 240 tests/kernels/test_triton_gemv.py tests/gpu/test_decode_fixed_cost.py
   run_group fp8_block 180 tests/kernels/test_fp8_block_kernels.py
-  run_group mla_prefill 240 tests/kernels/test_mla_prefill.py tests/layers/test_mla_attention.py tests/kernels/test_mla.py
+  run_group moe_fp8 300 tests/kernels/test_triton_moe.py -k fp8
+  run_group mla_prefill 300 tests/kernels/test_mla_prefill.py tests/layers/test_mla_attention.py tests/kernels/test_mla.py tests/kernels/test_lse_merge.py
   run_group moe_engine 300 tests/gpu/test_gpu_moe.py
   run_group structured_disagg 300 tests/engine/test_structured_engine.py tests/disagg
   ;;

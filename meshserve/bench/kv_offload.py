@@ -5,6 +5,8 @@
 prefills a history of --history token ids (`random.seed(26)`), pushes it out of the GPU pool with --fillers other
 histories of the same length, then sends the history plus 32 new ids with max_tokens 1 and times it. Prints one
 JSON line per configuration (TTFT of the first visit and of the revisit, the offload counters) and the ratio.
+With offload it also reports copy/compute overlap: the copy stream's busy time (each step's offload copies,
+device-timed) and how much of it fell inside the compute stream's forwards (`copy_overlap_frac`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,44 @@ def _ttft(llm, ids: list[int]) -> float:
     return time.perf_counter() - t0
 
 
+class OverlapTrace:
+    """Device-timed intervals of the copy stream's work (transfer.py's trace) and of the compute stream's
+    forwards; the overlap is the copy time spent while a forward ran."""
+
+    def __init__(self, runner):
+        import torch
+
+        self.base = torch.cuda.Event(enable_timing=True)
+        self.base.record()
+        self.compute: list = []
+        runner.kv_transfer.trace = self.copy = []
+        forward = runner._run_forward
+
+        def timed_forward(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = forward(*args, **kwargs)
+            end.record()
+            self.compute.append((start, end))
+            return out
+
+        runner._run_forward = timed_forward
+
+    def _ms(self, pairs, key) -> list[tuple[float, float]]:
+        return [(self.base.elapsed_time(key(a)), self.base.elapsed_time(key(b))) for a, b in pairs]
+
+    def report(self) -> dict:
+        import torch
+
+        torch.cuda.synchronize()
+        copy = self._ms(self.copy, lambda e: e.event)
+        compute = self._ms(self.compute, lambda e: e)
+        busy = sum(b - a for a, b in copy)
+        overlap = sum(max(0.0, min(b, d) - max(a, c)) for a, b in copy for c, d in compute)
+        return {"copy_busy_ms": round(busy, 3), "copy_overlap_ms": round(overlap, 3),
+                "copy_overlap_frac": round(overlap / busy, 3) if busy else None}
+
+
 def run_config(ns, name: str, revisit_only: bool = False, **offload) -> dict:
     import torch
 
@@ -41,6 +81,8 @@ def run_config(ns, name: str, revisit_only: bool = False, **offload) -> dict:
               num_gpu_blocks_override=ns.gpu_blocks, max_num_seqs=8, **offload)
     history, *fillers = _histories(ns.history, 1 + ns.fillers)
     _ttft(llm, [1, 2, 3])  # warm-up
+    runner = llm.engine.core.executor.runner
+    trace = OverlapTrace(runner) if getattr(runner, "kv_transfer", None) is not None else None
     first = None
     if not revisit_only:
         first = _ttft(llm, history)
@@ -49,6 +91,7 @@ def run_config(ns, name: str, revisit_only: bool = False, **offload) -> dict:
     extra = [random.Random(7).randint(0, 10000) for _ in range(32)]
     revisit = _ttft(llm, history + extra)
     stats = llm.engine.stats()
+    overlap = trace.report() if trace is not None else {}
     llm.shutdown()
     del llm
     gc.collect()
@@ -56,6 +99,7 @@ def run_config(ns, name: str, revisit_only: bool = False, **offload) -> dict:
     row = {"config": name, "history_tokens": ns.history, "ttft_first_s": first, "ttft_revisit_s": round(revisit, 4),
            "cached_hit_rate": stats["prefix_cache_hit_rate"]}
     row.update({k: v for k, v in stats.items() if k.startswith("kv_offload") and v})
+    row.update(overlap)
     return row
 
 

@@ -64,17 +64,59 @@ class BlockPool:
         self.cached: dict[bytes, Block] = {}
         # told (block id, hash) before a cached block's content is overwritten (KV offload copies it down)
         self.on_evict: Callable[[int, bytes], None] | None = None
+        # KV offload: asked (block id, hash) to copy a cached block down before it is reused; True when the
+        # copy is queued (the block is then in flight until `land`: never taken, so never written, meanwhile)
+        self.start_store: Callable[[int, bytes], bool] | None = None
+        self.in_flight: set[int] = set()
+        self.stored: set[int] = set()  # blocks whose content was copied down: reusable without another store
 
     @property
     def num_free(self) -> int:
-        return len(self.free_queue)
+        """Blocks that can be taken now (free blocks in flight come later)."""
+        return len(self.free_queue) - self.num_landing if self.in_flight else len(self.free_queue)
+
+    @property
+    def num_landing(self) -> int:
+        """Free blocks in flight: takeable once their stores finish."""
+        return sum(1 for b in self.in_flight if self.blocks[b].ref_count == 0)
+
+    def make_clean(self, n: int, skip: set[int] | frozenset = frozenset()) -> int:
+        """Walk the free queue in eviction order until n blocks can be taken without losing content (skip: blocks
+        about to be shared); a cached block not copied down yet starts its store and is passed over while in
+        flight. Returns how many takeable blocks were found (at most n)."""
+        if self.start_store is None:
+            return n
+        found = 0
+        for block in self.free_queue.values():
+            if found >= n:
+                break
+            if block.block_id in self.in_flight or block.block_id in skip:
+                continue
+            h = block.block_hash
+            if (h is not None and block.block_id not in self.stored and self.cached.get(h) is block
+                    and self.start_store(block.block_id, h)):
+                self.in_flight.add(block.block_id)
+                continue
+            found += 1
+        return found
+
+    def land(self, block_ids: list[int]) -> None:
+        """Stores of these blocks finished, or failed: writable again, and never stored again while they hold
+        this content (a failed one is given up on, not retried: a retry could fail forever)."""
+        self.in_flight.difference_update(block_ids)
+        self.stored.update(b for b in block_ids if self.blocks[b].block_hash is not None)
 
     def take(self, n: int) -> list[Block]:
-        """n fresh blocks (ref 1), evicting cached content of the least recently freed ones."""
-        assert n <= len(self.free_queue)
-        out = []
-        for _ in range(n):
+        """n fresh blocks (ref 1), evicting cached content of the least recently freed ones; blocks in flight
+        are passed over (with offloading, make_clean(n) first: it keeps their content)."""
+        assert n <= self.num_free
+        out, passed = [], []
+        while len(out) < n:
             _, block = self.free_queue.popitem(last=False)
+            if block.block_id in self.in_flight:
+                passed.append(block)
+                continue
+            self.stored.discard(block.block_id)
             if block.block_hash is not None:
                 if self.cached.get(block.block_hash) is block:
                     del self.cached[block.block_hash]
@@ -83,6 +125,9 @@ class BlockPool:
                 block.block_hash = None
             block.ref_count = 1
             out.append(block)
+        for block in reversed(passed):  # back at the head, in their order
+            self.free_queue[block.block_id] = block
+            self.free_queue.move_to_end(block.block_id, last=False)
         return out
 
     def share(self, blocks: list[Block]) -> None:
@@ -128,11 +173,33 @@ class BlockManager:
         self.seq_num_registered: dict[str, int] = {}
         self.stats = PrefixCacheStats()
         self.offload: KVOffloadManager | None = None  # lower KV tiers (engine/kv_offload), when configured
+        # offloading: free blocks next in eviction order whose stores start each step, so the next steps' takes
+        # find them already copied down (the scheduler sizes it to a step's worth of blocks)
+        self.store_ahead_blocks = 0
 
     def attach_offload(self, offload: KVOffloadManager) -> None:
         """Evicted cached blocks go down to these tiers; prefix lookups and swaps use them."""
         self.offload = offload
-        self.pool.on_evict = offload.on_gpu_evict
+        self.pool.start_store = offload.on_gpu_evict
+
+    def poll_offload(self) -> list[str]:
+        """Each step first: blocks whose stores finished can be taken again. Returns the swapped-out sequences
+        whose KV was lost to a failed store (they must recompute)."""
+        if self.offload is None:
+            return []
+        landed, failed, lost = self.offload.poll()
+        self.pool.land(landed + failed)
+        return lost
+
+    @property
+    def num_landing_blocks(self) -> int:
+        """Free blocks whose stores are still running: allocatable in a step or so (wait rather than preempt)."""
+        return self.pool.num_landing
+
+    def take_transfers(self) -> list:
+        """The step's copies between KV tiers, with the stores ahead of eviction started here."""
+        self.pool.make_clean(self.store_ahead_blocks)
+        return self.offload.take_transfers()
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -161,8 +228,9 @@ class BlockManager:
             seq.block_hashes.append(hash_block(parent, seq.token_ids_slice(i * bs, (i + 1) * bs)))
 
     # -- prefix cache ----------------------------------------------------------------------------
-    def find_cached_prefix(self, seq: Sequence) -> list[Block]:
-        """The longest run of cached blocks matching seq's leading full blocks.
+    def find_cached_prefix(self, seq: Sequence) -> list[Block] | None:
+        """The longest run of cached blocks matching seq's leading full blocks; None while more of it is being
+        read from the disk tier (the sequence waits for it: a later step finds it in the CPU tier).
 
         At least one token is always left to compute (its logits are needed), and sequences asking for
         prompt logprobs skip the cache (they need logits for every prompt position).
@@ -178,19 +246,26 @@ class BlockManager:
                 break
             hits.append(block)
         if self.offload is not None and len(hits) < max_blocks:
-            hits += self._restore(seq.block_hashes[len(hits) : max_blocks], hits)
+            restored = self._restore(seq.block_hashes[len(hits) : max_blocks], hits)
+            if restored is None:
+                return None
+            hits += restored
         return hits
 
-    def _restore(self, block_hashes: list[bytes], gpu_hits: list[Block]) -> list[Block]:
+    def _restore(self, block_hashes: list[bytes], gpu_hits: list[Block]) -> list[Block] | None:
         """Blocks of block_hashes found in the lower tiers, loaded into fresh GPU blocks that join the prefix
         cache (free, ref 0, like any cached block: allocate shares them; if it cannot, they stay cached).
-        Leaves at least one free block beside them, and never evicts the GPU hits found before them."""
-        found = self.offload.find(block_hashes)
+        Leaves at least one free block beside them, and never evicts the GPU hits found before them.
+        None: part of the run is still being read from disk."""
+        found, reading = self.offload.find(block_hashes)
+        if reading:
+            return None
         revived = sum(1 for b in gpu_hits if b.ref_count == 0)
         n = min(len(found), self.pool.num_free - revived - 1)
         if n <= 0:
             return []
         self.pool.share(gpu_hits)  # pinned while fresh blocks are taken (taking evicts the least recent)
+        n = self.pool.make_clean(n)
         fresh = self.pool.take(n)
         self.pool.release(list(reversed(gpu_hits)))
         for block, (block_hash, _, _) in zip(fresh, found):
@@ -219,6 +294,12 @@ class BlockManager:
         revived = sum(1 for b in cached_prefix if b.ref_count == 0)
         if need > self.pool.num_free - revived:
             return False
+        if self.offload is not None:
+            if seq.seq_id in self.offload.swapped and not self.offload.swap_landed(seq.seq_id):
+                return False  # its swap-out is still being copied: it resumes once that is done
+            skip = {b.block_id for b in cached_prefix if b.ref_count == 0}
+            if need > 0 and self.pool.make_clean(need, skip) < need:
+                return False  # the stores started to make room finish in a step or so
         ids = self.seq_block_ids.setdefault(seq.seq_id, [])
         if cached_prefix:
             self.pool.share(cached_prefix)
@@ -245,7 +326,7 @@ class BlockManager:
     def allocate_unregistered(self, seq: Sequence, num_blocks: int) -> bool:
         """num_blocks fresh blocks for a sequence that has none, kept out of the prefix cache until its tokens
         count as computed (a KV transfer fills them first: disagg/). False, changing nothing, if there is no room."""
-        if num_blocks > self.pool.num_free:
+        if num_blocks > self.pool.num_free or self.pool.make_clean(num_blocks) < num_blocks:
             return False
         blocks = self.pool.take(num_blocks)
         self.seq_blocks[seq.seq_id] = blocks
@@ -294,6 +375,7 @@ class BlockManager:
         ids = self.seq_block_ids.get(seq.seq_id, [])[: self.blocks_needed(seq.num_computed_tokens)]
         if not self.offload.should_swap(len(ids), recompute_s) or not self.offload.swap_out(seq.seq_id, ids):
             return False
+        self.pool.in_flight.update(ids)  # released now, written again only once their stores finished
         self._release(seq)
         return True
 

@@ -241,7 +241,7 @@ class EngineCore:
             return self._step_pipelined()
         if not self.async_scheduling:
             sched_out = self._schedule()
-            if sched_out.is_empty and not sched_out.finished_seq_ids:
+            if sched_out.is_empty and not sched_out.finished_seq_ids and not sched_out.kv_transfers:
                 return self._outputs([])
             shape = step_shape(sched_out)
             return self._outputs(self._process(sched_out, self.executor.execute(sched_out), shape))
@@ -253,7 +253,7 @@ class EngineCore:
         sched_out = self._schedule()
         drained = self._late_masks_hook(sched_out)  # filled during the launch
         launched = None
-        if not sched_out.is_empty or sched_out.finished_seq_ids:
+        if not sched_out.is_empty or sched_out.finished_seq_ids or sched_out.kv_transfers:
             launched = self.executor.execute_async(sched_out)
         outputs = first + drained + self._drain()
         if launched is not None:
@@ -287,7 +287,7 @@ class EngineCore:
         launched = False
         if len(self._pipeline) < self.pipeline_depth:
             sched_out = self._schedule()
-            if not sched_out.is_empty or sched_out.finished_seq_ids:
+            if not sched_out.is_empty or sched_out.finished_seq_ids or sched_out.kv_transfers:
                 self._pipeline.append((sched_out, self.executor.execute_async(sched_out), step_shape(sched_out)))
                 launched = not sched_out.is_empty
         outputs = []

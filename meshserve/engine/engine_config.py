@@ -101,7 +101,7 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
             scheduling_policy=args.scheduling_policy,
             slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
             slo_tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None,
-            slo_shed_late=args.slo_shed_late, step_trace_path=args.step_trace,
+            slo_shed_late=args.slo_shed_late, slo_prefill_chunk=args.slo_prefill_chunk, step_trace_path=args.step_trace,
             preemption_mode=args.preemption_mode,
         ),
         parallel_config=ParallelConfig(

@@ -39,6 +39,7 @@ from meshserve.engine.step_inputs import StepInputBuilder
 from meshserve.engine.step_profiler import StepProfiler
 from meshserve.engine.step_sampler import StepSampler
 from meshserve.layers.backend_selection import TORCH_DTYPES, bind_kernels, select_kernels
+from meshserve.layers.mla_attention import bind_prefill_workspace
 from meshserve.layers.pipeline import IntermediateTensors
 from meshserve.layers.sampler import Sampler
 from meshserve.models.loader import ModelSource, build_model, weight_bytes
@@ -75,6 +76,14 @@ class ModelRunner:
         self.model = build_model(source, self.dtype, self.device, mc.max_model_len, seed=mc.seed,
                                  quantization=mc.quantization)
         bind_kernels(self.model, self.kernels)
+        # MLA's prefill expands its context into this fixed workspace, allocated before the memory profile
+        # so the profile counts it (a long cached prefix would otherwise grow the step's memory unseen)
+        self.mla_workspace = bind_prefill_workspace(self.model, self.kernels,
+                                                    config.scheduler_config.max_num_batched_tokens, self.dtype,
+                                                    self.device)
+        if self.mla_workspace is not None:
+            logger.info("MLA prefill workspace: %d-token chunks, %.1f MiB", self.mla_workspace.chunk_tokens,
+                        self.mla_workspace.nbytes / 2**20)
         self.kv_pool = KVCachePool(config, self.model.attention_layers(), self.kernels.kv_cache_dtype, self.device)
         # pinned host buffers (inputs, sampled ids) used in turn by consecutive steps: two for async
         # scheduling (step n+1 is prepared while step n's copies may still be queued); with pipeline
@@ -282,11 +291,11 @@ class ModelRunner:
         """Queue the step on the device and return without waiting for its sampled tokens."""
         self.sampling.forget(out.finished_seq_ids)
         self.profiler.step()
+        if out.kv_transfers:  # first, on the copy stream: the forward waits for the loads only (transfer.py)
+            self.kv_transfer.run(out.kv_transfers)
         if out.is_empty:
             return PendingOutput(ModelRunnerOutput())
         self._step_parity = (self._step_parity + 1) % self.num_step_buffers
-        if out.kv_transfers:  # before the forward: it may read restored blocks and overwrite evicted ones
-            self.kv_transfer.run(out.kv_transfers)
         st = get_parallel_state()
         if st.pp_size == 1:
             timer = StepTimer(self.device)

@@ -67,6 +67,9 @@ class Scheduler:
         # prefill/decode disaggregation (disagg/coordinator.py): told of each finish; True when it keeps the
         # sequence's blocks for a KV transfer (they are not freed here)
         self.kv_hold: Callable[[Sequence, SequenceStatus], bool] | None = None
+        # KV offload: stores start for a step's worth of blocks next in eviction order (block_manager.py)
+        self.block_manager.store_ahead_blocks = (self.block_manager.blocks_needed(scheduler_config.max_num_batched_tokens)
+                                                 + scheduler_config.max_num_seqs)
 
     # -- admission -------------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -142,27 +145,50 @@ class Scheduler:
         self.running.remove(victim)
         return victim
 
+    def _poll_offload(self) -> None:
+        # KV offload: blocks whose stores finished become allocatable; a swapped sequence whose KV store failed
+        # recomputes instead (nothing waits on a copy that will never come)
+        for seq_id in self.block_manager.poll_offload():
+            seq = self.seqs.get(seq_id)
+            if seq is not None:
+                seq.num_computed_tokens = 0
+
     def schedule(self) -> SchedulerOutput:
         now = self.clock()
+        self._poll_offload()
         self._shed_late(now)
-        budget = self.policy.token_budget(self.running, [self.waiting[0]] if self.waiting else [])
+        step_budget = self.policy.step_budget(self.running, [self.waiting[0]] if self.waiting else [])
+        budget = step_budget.tokens
+        # prompt tokens (running prefills, admissions) this step may take: the policy's cap keeps each decode's
+        # token in the step, wherever its sequence sits in the running list
+        prefill_left = budget if step_budget.prefill_tokens is None else step_budget.prefill_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[str] = []
 
         # 1. running sequences, oldest first; preempt from the newest end when blocks run out
         share = -(-len(self.running) // self.pipeline_depth) if self.pipeline_depth > 1 else len(self.running)
         i = 0
+        stalled = False  # blocks are coming free as their stores finish: wait for them rather than preempt
         while i < len(self.running) and budget > 0 and len(scheduled) < share:
             seq = self.running[i]
             if seq.num_pending_tokens and (self.skip_pending or self._reached_limit(seq)):
                 i += 1  # its last token is on its way; nothing more to compute
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            is_prefill = num_new > 1 and not seq.spec_token_ids
+            if is_prefill:
+                num_new = min(num_new, prefill_left)
+                if num_new <= 0:
+                    i += 1  # a prompt chunk over this step's prefill cap: next step
+                    continue
             if (seq.spec_token_ids and seq.spec_offset == seq.num_pending_tokens
                     and (self.verify_ahead or not seq.num_pending_tokens)
                     and num_new == seq.num_tokens - seq.num_computed_tokens):
                 num_new += self._num_spec_to_verify(seq, budget - num_new)
             while not self.block_manager.allocate(seq, num_new, num_lookahead_tokens=self.num_lookahead_tokens):
+                if self.block_manager.num_landing_blocks:
+                    stalled = True
+                    break
                 victim = self._pick_victim(i)
                 self._preempt(victim)
                 preempted.append(victim.seq_id)
@@ -171,21 +197,28 @@ class Scheduler:
             else:
                 scheduled.append((seq, num_new))
                 budget -= num_new
+                prefill_left -= num_new if is_prefill else 0
                 i += 1
+            if stalled:
+                break
 
-        # 2. waiting sequences in order, unless this step already had to preempt
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # 2. waiting sequences in order, unless this step already had to preempt (or wait for blocks)
+        while (self.waiting and not preempted and not stalled and min(budget, prefill_left) > 0
+               and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted while its last step ran: recompute once that token is known
             if not self.policy.may_admit(seq, self.running):
                 break  # one more in the batch would break the time-per-output-token target
             cached = self.block_manager.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
+            if cached is None:
+                break  # its prefix is being read from disk (off this thread): admitted once it is in memory
             num_hit = len(cached) * self.block_size
             num_new = seq.num_tokens - seq.num_computed_tokens - num_hit
-            if num_new > budget and not self.config.enable_chunked_prefill:
+            room = min(budget, prefill_left)
+            if num_new > room and not self.config.enable_chunked_prefill:
                 break
-            num_new = min(num_new, budget)
+            num_new = min(num_new, room)
             if not self.block_manager.allocate(seq, num_new, cached, self.num_lookahead_tokens):
                 break
             self.waiting.popleft()
@@ -198,6 +231,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append((seq, num_new))
             budget -= num_new
+            prefill_left -= num_new
 
         out = SchedulerOutput(
             scheduled=[self._entry(seq, n) for seq, n in scheduled],
@@ -205,8 +239,8 @@ class Scheduler:
             finished_seq_ids=self._finished_since_last_step,
         )
         self._finished_since_last_step = []
-        if out.scheduled and self.block_manager.offload is not None:  # copies between KV tiers, run first
-            out.kv_transfers = self.block_manager.offload.take_transfers()
+        if self.block_manager.offload is not None:  # copies between KV tiers (launched even with nothing to run)
+            out.kv_transfers = self.block_manager.take_transfers()
         self.policy.charge(StepShape(out.num_batched_tokens, len(out.scheduled),
                                      sum(e.num_computed_tokens + e.num_new_tokens for e in out.scheduled)),
                            self.running)

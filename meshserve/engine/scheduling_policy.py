@@ -2,11 +2,16 @@
 
 Without targets the budget is today's: max_num_batched_tokens tokens over at most max_num_seqs sequences.
 With targets (the server's --slo-ttft-ms / --slo-tpot-ms, or a request's own) and a step-time model:
-- the token budget keeps the running requests' time per output token (TPOT, an average over their tokens)
-  under the tightest target among them: every step that takes less than the target earns the difference as
-  credit, and a step may take the target plus the credit earned. So prefill runs in large chunks now and
-  then, between plain decode steps (which replay CUDA graphs), rather than a little in every step, which
-  would make every step a slower mixed one;
+- every decoding request gets its token in every step, and prompts (chunks of running prefills, admissions)
+  get at most slo_prefill_chunk tokens of the step beside them (1,024 by default: about two W3 prompts). Past
+  the knee the queue is never empty, so every step is a mixed one; the cap sets their size: large enough to
+  amortize a step's fixed cost (weights, KV reads, ~3 ms of a mixed step on the H200), small enough that no
+  step holds several prompts' worth of work while every decoding request waits (in the simulator, W3 past the
+  knee: 1,024 beats 512, 768, 1,280, 2,048 and no cap, tools/w3_slo_sim.py);
+- within that, the step keeps the running requests' time per output token (TPOT, an average over their
+  tokens) under the tightest target among them: every step that takes less than the target earns the
+  difference as credit, and a step may take the target plus the credit earned, so prefill can come in a
+  chunk now and then between plain decode steps rather than a dribble in every step;
 - a waiting request is admitted only while the decode batch it joins is still predicted to meet that target,
   so past the knee requests wait (and are shed) instead of slowing everyone down;
 - a queued request whose time-to-first-token target can no longer be met is shed, so no step is spent on a
@@ -18,6 +23,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from meshserve.config import SchedulerConfig
 from meshserve.engine.sequence import Sequence, SequenceStatus
@@ -32,6 +38,15 @@ MAX_CREDIT_TARGETS = 3.0
 MIN_PREFILL_CHUNK = 512
 # Admissions remembered to estimate the admission rate (the queue's drain rate).
 _ADMISSION_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class StepBudget:
+    """What one step may compute: new tokens in all, and of them at most prefill_tokens of prompts (prefill
+    chunks of running requests and admissions); None: no separate cap (the plain token budget)."""
+
+    tokens: int
+    prefill_tokens: int | None = None
 
 
 class SchedulingPolicy:
@@ -56,20 +71,28 @@ class SchedulingPolicy:
     # -- budgets ---------------------------------------------------------------------------------
     def token_budget(self, running: list[Sequence], waiting: list[Sequence] | None = None) -> int:
         """New tokens this step may compute (waiting: the queue, or at least its head)."""
+        return self.step_budget(running, waiting).tokens
+
+    def step_budget(self, running: list[Sequence], waiting: list[Sequence] | None = None) -> StepBudget:
+        """This step's budget (waiting: the queue, or at least its head). Without a TPOT target (or a model, or
+        anyone decoding) it is the static one; with one, every decode gets its token and prompts get what keeps
+        the step's predicted time under the target (plus credit), at most config.slo_prefill_chunk of them."""
         waiting = waiting or []
         static = self.config.max_num_batched_tokens
         target = self.tpot_target(running)
         decodes = [s for s in running if s.num_tokens - s.num_computed_tokens <= 1]
         if target is None or self.step_model is None or not decodes:
-            return static  # nobody's time per output token to protect
+            return StepBudget(static)  # nobody's time per output token to protect
         context = sum(s.num_tokens for s in decodes)
         allowed = target * TARGET_MARGIN + self.credit_s  # below the target while repaying an overdraft
-        extra = self.step_model.max_prefill_tokens(allowed, len(decodes), context, limit=static - len(decodes))
-        pending = sum(s.num_tokens - s.num_computed_tokens for s in running if s not in decodes) + sum(
-            s.num_prompt_tokens for s in waiting[:1])
-        if extra < min(MIN_PREFILL_CHUNK, pending):
-            extra = 0  # decode only now (saving credit); prefill in a larger chunk a few steps later
-        return len(decodes) + extra
+        limit = min(static - len(decodes), self.config.slo_prefill_chunk or static)
+        extra = self.step_model.max_prefill_tokens(allowed, len(decodes), context, limit=limit)
+        if MIN_PREFILL_CHUNK:
+            pending = sum(s.num_tokens - s.num_computed_tokens for s in running if s not in decodes) + sum(
+                s.num_prompt_tokens for s in waiting[:1])
+            if extra < min(MIN_PREFILL_CHUNK, pending, limit):
+                extra = 0  # decode only now (saving credit); prefill in a larger chunk a few steps later
+        return StepBudget(len(decodes) + extra, extra)
 
     def charge(self, scheduled_shape: StepShape, running: list[Sequence]) -> None:
         """Account a scheduled step against the TPOT target: a short step earns credit, a long one spends it."""
@@ -101,19 +124,23 @@ class SchedulingPolicy:
         return t + (self.step_model.predict(StepShape(rest, 1, num_tokens)) if rest else 0.0)
 
     def shed_late(self, waiting: Iterable[Sequence], now: float) -> list[Sequence]:
-        """Queued, never-started requests that can no longer meet their time-to-first-token target: they have
-        waited so long that even their own prefill, started now, would end past it."""
+        """Queued, never-started requests that can no longer meet their time-to-first-token target: what they
+        have waited, plus the wait for the requests ahead of them at the recent admission rate, plus their own
+        prefill, ends past it. Serving them would spend steps on requests that count for nobody; dropping them
+        early leaves the steps to requests behind them that can still make it."""
         if not self.config.slo_shed_late or self.step_model is None:
             return []
         per_token = None
+        rate = self.admission_rate(now)
         late = []
-        for seq in waiting:
+        for position, seq in enumerate(waiting):
             target = self.ttft_target(seq)
             if target is None or seq.status != SequenceStatus.WAITING:
                 continue
             if per_token is None:
                 per_token = self.prefill_time_s(self.config.max_num_batched_tokens) / self.config.max_num_batched_tokens
-            if now - seq.arrival_time + seq.num_prompt_tokens * per_token > target:
+            ahead_s = position / rate if rate else 0.0
+            if now - seq.arrival_time + ahead_s + seq.num_prompt_tokens * per_token > target:
                 late.append(seq)
         return late
 

@@ -20,9 +20,10 @@ def _triton_moe():
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, triton: bool = False) -> torch.Tensor:
-    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for every token t (ids of -1 skipped)."""
+                  topk_ids: torch.Tensor, triton: bool = False, **fp8_scales) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for every token t (ids of -1 skipped);
+    fp8_scales: w13_scale, w2_scale and block for fp8 experts (kernels/moe_ref.py)."""
     mod = _triton_moe() if triton and x.is_cuda else None
     if mod is not None:
-        return mod.fused_experts(x, w13, w2, topk_weights, topk_ids)
-    return fused_experts_ref(x, w13, w2, topk_weights, topk_ids)
+        return mod.fused_experts(x, w13, w2, topk_weights, topk_ids, **fp8_scales)
+    return fused_experts_ref(x, w13, w2, topk_weights, topk_ids, **fp8_scales)

@@ -1,10 +1,14 @@
 """Triton causal varlen attention for MLA prefill chunks over their expanded context (kernels/mla_prefill.py).
 
-The context of every prefill sequence (cached prefix + this chunk) has been gathered from the latent cache and
-expanded through kv_b_proj into one contiguous buffer, sequence after sequence: kv [C, H, N + V] (per head
-K_nope then V, the GEMM's own layout: no copy) and the shared rotary key k_pe [C, P]. Query j of sequence b
-(q_len new tokens, seq_len after this step) sits at position seq_len - q_len + j and attends context rows
-ctx_start[b] .. ctx_start[b] + its position.
+The context of every prefill sequence (cached prefix + this chunk), or one workspace-sized piece of it, has
+been gathered from the latent cache and expanded through kv_b_proj into one contiguous buffer, sequence after
+sequence: kv [C, H, N + V] (per head K_nope then V, the GEMM's own layout: no copy) and the shared rotary key
+k_pe [C, P]. Sequence b owns ctx_len[b] rows from ctx_loc[b]; its query j sits q_off[b] + j rows after the
+first of them and sees the rows up to that one (causal, bottom-right aligned when q_off is not given: q_off
+= ctx_len - q_len, the whole context in one piece). A piece of cached prefix has q_off >= ctx_len (every row
+visible); a piece past a query's position has q_off + j < 0 (none). With an lse buffer the kernel also
+writes each row's log-sum-exp (natural log; -inf where no key was visible, with a zero output) for the LSE
+merge of the pieces (kernels/triton_lse_merge.py).
 
 * ``_mla_prefill_kernel``: grid (cdiv(max_query_len, BLOCK_Q), H, num_seqs), q tiles fastest so the programs
   running together share one (sequence, head)'s K/V in L2. A program owns BLOCK_Q queries of one head; it
@@ -13,7 +17,8 @@ ctx_start[b] .. ctx_start[b] + its position.
   power of two (one 256-wide dot would do a third more work on the key and twice on the value, and
   triton_attention's prefill kernel would need V padded into a scratch K/V cache). Tiles wholly below the
   causal diagonal of the program's first query run without masks; the rest are masked.
-  Sequences with one new token (a mixed step's decode rows, which the absorbed path serves) are skipped.
+  Sequences with fewer than min_query_len new tokens (a mixed step's decode and verify rows, which the
+  absorbed path serves) are skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import triton
 import triton.language as tl
 
 from meshserve.kernels.triton_attention import _LOG2E, _NEG_BIG, _dot_precision, _next_pow2, _upcast_dot
+
+_LN2 = tl.constexpr(0.6931471805599453)  # log-sum-exp from log2 units to natural ones
 
 
 @triton.jit
@@ -96,10 +103,13 @@ def _mla_prefill_kernel(
     kv_ptr,
     kpe_ptr,
     ctx_loc_ptr,
-    seq_lens_ptr,
+    ctx_len_ptr,
+    q_off_ptr,
     qsl_ptr,
     out_ptr,
+    lse_ptr,
     scale_log2,
+    min_query_len,
     stride_qnt,
     stride_qnh,
     stride_qpt,
@@ -109,6 +119,7 @@ def _mla_prefill_kernel(
     stride_kpt,
     stride_ot,
     stride_oh,
+    stride_lt,
     NOPE: tl.constexpr,
     BLOCK_NOPE: tl.constexpr,
     ROPE: tl.constexpr,
@@ -117,6 +128,8 @@ def _mla_prefill_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HAS_Q_OFF: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -128,11 +141,14 @@ def _mla_prefill_kernel(
     q_tile_start = qt * BLOCK_Q
     if q_tile_start >= q_len:
         return
-    if q_len == 1:  # a decode row: the absorbed path's
+    if q_len < min_query_len:  # decode / verify rows: the absorbed path's
         return
-    seq_len = tl.load(seq_lens_ptr + b)
+    ctx_len = tl.load(ctx_len_ptr + b)
     ctx0 = tl.load(ctx_loc_ptr + b)
-    prefix = seq_len - q_len
+    if HAS_Q_OFF:
+        prefix = tl.load(q_off_ptr + b)
+    else:
+        prefix = ctx_len - q_len
 
     qi = q_tile_start + tl.arange(0, BLOCK_Q)
     q_valid = qi < q_len
@@ -159,8 +175,10 @@ def _mla_prefill_kernel(
     acc = tl.zeros([BLOCK_Q, BLOCK_V], dtype=tl.float32)
 
     # every query of the tile sees the keys up to its first query's position: those tiles need no mask
-    full_hi = ((prefix + q_tile_start + 1) // BLOCK_N) * BLOCK_N
-    kv_hi = prefix + tl.minimum(q_tile_start + BLOCK_Q, q_len)  # the causal limit of the tile's last query
+    # (clamped at 0 before dividing: a piece can start past a query's position, prefix < 0)
+    full_hi = tl.minimum(tl.maximum(prefix + q_tile_start + 1, 0) // BLOCK_N, ctx_len // BLOCK_N) * BLOCK_N
+    # the causal limit of the tile's last query, inside the piece
+    kv_hi = tl.minimum(prefix + tl.minimum(q_tile_start + BLOCK_Q, q_len), ctx_len)
     for start in range(0, full_hi, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc,
@@ -225,6 +243,10 @@ def _mla_prefill_kernel(
         o.to(out_ptr.dtype.element_ty),
         mask=q_valid[:, None] & (dv[None, :] < V_DIM),
     )
+    if WRITE_LSE:
+        # m_i is in log2 units of the scaled score; no visible key (l_i 0) is -inf, which the merge ignores
+        lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * _LN2, float("-inf"))
+        tl.store(lse_ptr + tok * stride_lt + head, lse, mask=q_valid)
 
 
 def prefill_config(max_query_len: int, elem_size: int) -> tuple[int, int, int, int]:
@@ -242,20 +264,25 @@ def mla_prefill_attention(
     kv: torch.Tensor,
     k_pe: torch.Tensor,
     context_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
+    context_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     max_query_len: int,
     scale: float,
     out: torch.Tensor,
+    lse: torch.Tensor | None = None,
+    query_offsets: torch.Tensor | None = None,
+    min_query_len: int = 2,
     block_q: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of the chunks' queries q_nope [T, H, N], q_pe [T, H, P] over their expanded context
-    kv [C, H, N + V], k_pe [C, P] (sequence b's rows from context_start_loc[b]) into out [T, H, V]; rows of
-    one-token sequences are left to the caller. The block/warp/stage knobs are for tools/bench_mla_prefill.py;
-    the defaults are prefill_config's."""
+    kv [C, H, N + V], k_pe [C, P] (sequence b's context_lens[b] rows from context_start_loc[b]) into out
+    [T, H, V]. query_offsets [B]: where query 0 sits relative to the first row (default context_lens -
+    q_len: the whole context). lse [T, H] fp32: also each row's log-sum-exp. Rows of sequences with fewer than
+    min_query_len tokens are left to the caller. The block/warp/stage knobs are for
+    tools/bench_mla_prefill.py; the defaults are prefill_config's."""
     num_heads, nope = q_nope.shape[1], q_nope.shape[2]
     rope, v_dim = q_pe.shape[2], out.shape[2]
     assert kv.shape[2] == nope + v_dim and k_pe.shape[1] == rope
@@ -266,17 +293,22 @@ def mla_prefill_attention(
     cfg = prefill_config(max_query_len, q_nope.element_size())
     block_q, block_n = block_q or cfg[0], block_n or cfg[1]
     num_warps, num_stages = num_warps or cfg[2], num_stages or cfg[3]
-    grid = (triton.cdiv(max_query_len, block_q), num_heads, seq_lens.shape[0])
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.stride(1) == 1
+    grid = (triton.cdiv(max_query_len, block_q), num_heads, context_lens.shape[0])
     _mla_prefill_kernel[grid](
         q_nope,
         q_pe,
         kv,
         k_pe,
         context_start_loc,
-        seq_lens,
+        context_lens,
+        context_lens if query_offsets is None else query_offsets,
         query_start_loc,
         out,
+        out if lse is None else lse,
         scale * _LOG2E,
+        min_query_len,
         q_nope.stride(0),
         q_nope.stride(1),
         q_pe.stride(0),
@@ -286,6 +318,7 @@ def mla_prefill_attention(
         k_pe.stride(0),
         out.stride(0),
         out.stride(1),
+        0 if lse is None else lse.stride(0),
         NOPE=nope,
         BLOCK_NOPE=max(16, _next_pow2(nope)),
         ROPE=rope,
@@ -294,6 +327,8 @@ def mla_prefill_attention(
         BLOCK_V=max(16, _next_pow2(v_dim)),
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
+        HAS_Q_OFF=query_offsets is not None,
+        WRITE_LSE=lse is not None,
         UPCAST_DOT=_upcast_dot(q_nope),
         DOT_PRECISION=_dot_precision(q_nope),
         num_warps=num_warps,

@@ -9,6 +9,14 @@ Large batches (grouped GEMMs):
   4. the weighted combine: each token's K rows summed in float32
 Small batches (one token, or a few among many experts): one program per (pair, column tile) computes a GEMV
 against only that pair's expert, so a decode step reads just the chosen experts' weights and skips the sort.
+
+FP8 experts (kernels/moe_ref.py has the layouts; QUANT below): each GEMM's input is quantized first, in its own
+small pass (the kernels would otherwise redo it for every column tile), and both operands stay fp8:
+  QUANT 1  per-channel weight scales, per-token activation scales: the fp8 x fp8 products accumulate in fp32
+           and are scaled once, at the end, by the row's and the column's scale
+  QUANT 2  128 x 128 weight blocks, activations per 1 x 128 group (triton_fp8_block's quantization): BLOCK_K is
+           the block's K, and each K step's partial sum is scaled by its activation and weight scales before
+           it joins the accumulator (as triton_fp8_block's dense GEMM does)
 """
 
 from __future__ import annotations
@@ -17,12 +25,19 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.kernels.quant_ref import quantize_fp8_per_token
+
+NO_QUANT, PER_CHANNEL, BLOCKWISE = 0, 1, 2
+
 
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_rows_ptr, block_expert_ptr, num_padded_ptr,
-    N, K, num_pairs, num_rows_padded,
+    as_ptr, bs_ptr,  # fp8 only: activation scales [rows of A, K groups], weight scales [E, N or N blocks, ...]
+    N, K, num_pairs, num_rows_padded, up_scale_row,  # up_scale_row: up's first scale row (gated fp8)
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_asm, stride_bse, stride_bsn, stride_bsk,
+    QUANT: tl.constexpr, BLOCK_SCALE_N: tl.constexpr,
     A_ROWS_PER_TOKEN: tl.constexpr,  # top_k when A holds one row per token (gate/up), 1 per pair (down)
     GATED: tl.constexpr,  # B rows [0, N) are gate, [N, 2N) up: store silu(gate) * up
     MUL_WEIGHT: tl.constexpr,  # scale each row by its pair's routing weight
@@ -47,8 +62,14 @@ def _grouped_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (rows // A_ROWS_PER_TOKEN)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    a_rows = rows // A_ROWS_PER_TOKEN
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    # fp8: the scales of this tile's rows, and of its columns (gate, and up at up_scale_row on)
+    a_scales = as_ptr + a_rows * stride_asm
+    scale_col = offs_n // BLOCK_SCALE_N  # 1 for per-channel scales
+    b_scales = bs_ptr + expert * stride_bse + scale_col * stride_bsn
+    b_scales_up = b_scales + up_scale_row * stride_bsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -56,12 +77,27 @@ def _grouped_gemm_kernel(
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if QUANT == 2:  # this K block's scales, on its partial sums
+            kb = k0 // BLOCK_K
+            sa = tl.load(a_scales + kb, mask=row_ok, other=0.0)[:, None]
+            acc += tl.dot(a, b, out_dtype=tl.float32) * sa * tl.load(b_scales + kb * stride_bsk, mask=n_ok,
+                                                                     other=0.0)[None, :]
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if GATED:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+            if QUANT == 2:
+                acc_up += tl.dot(a, b_up, out_dtype=tl.float32) * sa * tl.load(
+                    b_scales_up + kb * stride_bsk, mask=n_ok, other=0.0)[None, :]
+            else:
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if QUANT == 1:  # per-channel: the scales once, on the fp32 sums
+        sa = tl.load(a_scales, mask=row_ok, other=0.0)[:, None]
+        acc = acc * sa * tl.load(b_scales, mask=n_ok, other=0.0)[None, :]
+        if GATED:
+            acc_up = acc_up * sa * tl.load(b_scales_up, mask=n_ok, other=0.0)[None, :]
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     if MUL_WEIGHT:
@@ -72,9 +108,11 @@ def _grouped_gemm_kernel(
 
 @triton.jit
 def _pair_gemv_kernel(
-    a_ptr, b_ptr, c_ptr, weights_ptr, ids_ptr,
-    N, K,
+    a_ptr, b_ptr, c_ptr, weights_ptr, ids_ptr, as_ptr, bs_ptr,
+    N, K, up_scale_row,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_asm, stride_bse, stride_bsn, stride_bsk,
+    QUANT: tl.constexpr, BLOCK_SCALE_N: tl.constexpr,
     A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -88,8 +126,13 @@ def _pair_gemv_kernel(
                  mask=n_ok)
         return
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (pair // A_ROWS_PER_TOKEN) * stride_am + offs_k * stride_ak
+    a_row = pair // A_ROWS_PER_TOKEN
+    a_ptrs = a_ptr + a_row * stride_am + offs_k * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk
+    a_scales = as_ptr + a_row * stride_asm
+    scale_col = offs_n // BLOCK_SCALE_N  # 1 for per-channel scales
+    b_scales = bs_ptr + expert * stride_bse + scale_col * stride_bsn
+    b_scales_up = b_scales + up_scale_row * stride_bsn
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if GATED:
         acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -97,12 +140,26 @@ def _pair_gemv_kernel(
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
         b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(b * a[None, :], axis=1)
+        if QUANT == 2:  # this K block's scales, on its partial sums
+            kb = k0 // BLOCK_K
+            sa = tl.load(a_scales + kb)
+            acc += tl.sum(b * a[None, :], axis=1) * sa * tl.load(b_scales + kb * stride_bsk, mask=n_ok, other=0.0)
+        else:
+            acc += tl.sum(b * a[None, :], axis=1)
         if GATED:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            acc_up += tl.sum(b_up * a[None, :], axis=1)
+            if QUANT == 2:
+                acc_up += tl.sum(b_up * a[None, :], axis=1) * sa * tl.load(b_scales_up + kb * stride_bsk,
+                                                                           mask=n_ok, other=0.0)
+            else:
+                acc_up += tl.sum(b_up * a[None, :], axis=1)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if QUANT == 1:  # per-channel: the scales once, on the fp32 sums
+        sa = tl.load(a_scales)
+        acc = acc * sa * tl.load(b_scales, mask=n_ok, other=0.0)
+        if GATED:
+            acc_up = acc_up * sa * tl.load(b_scales_up, mask=n_ok, other=0.0)
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     if MUL_WEIGHT:
@@ -144,47 +201,83 @@ def _use_pair_gemv(num_tokens: int, pairs: int, num_experts: int) -> bool:
     return num_tokens == 1 or (pairs <= 16 and num_experts >= 4 * pairs)
 
 
-def _gemm_config(pairs: int, num_experts: int) -> dict:
+def _gemm_config(pairs: int, num_experts: int, quant: int) -> dict:
     if pairs <= 2 * num_experts:  # few rows per expert: short blocks waste less padding
         return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+    # block-wise fp8: one K step per 128-feature scale block
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128 if quant == BLOCKWISE else 64, "GROUP_M": 8,
+            "num_warps": 4, "num_stages": 3}
+
+
+def _quantize_rows(a: torch.Tensor, quant: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GEMM input as fp8 with its scales: per row (per-channel weights) or per row and block_k features."""
+    if quant == PER_CHANNEL:
+        return quantize_fp8_per_token(a)
+    if a.is_cuda:
+        from meshserve.kernels.triton_fp8_block import per_token_group_quant_fp8
+
+        return per_token_group_quant_fp8(a, block_k)
+    # (CPU tensors: Triton's interpreter, whose fp32 -> fp8 cast mis-rounds; the kernel under test is the GEMM)
+    from meshserve.kernels.fp8_block_ref import quantize_fp8_per_token_group
+
+    return quantize_fp8_per_token_group(a, block_k)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """x [T, H]; w13 [E, 2*I, H]; w2 [E, H, I]; topk_weights [T, K]; topk_ids [T, K] (-1: skip) -> [T, H]."""
+                  topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """x [T, H]; w13 [E, 2*I, H]; w2 [E, H, I]; topk_weights [T, K]; topk_ids [T, K] (-1: skip) -> [T, H].
+    fp8 weights: their scales, per channel or (block) per block, as kernels/moe_ref.py lays them out."""
     num_tokens, hidden = x.shape
     num_experts, width = w13.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1]
     pairs = num_tokens * top_k
     if pairs == 0:
         return x.new_zeros(num_tokens, hidden)
+    quant = NO_QUANT if w13_scale is None else PER_CHANNEL if block is None else BLOCKWISE
+    if quant == BLOCKWISE and block[1] != 128:
+        raise ValueError(f"fp8 MoE kernel: K blocks of {block[1]} features (128 only)")
+    scale_n = block[0] if quant == BLOCKWISE else 1
     weights = topk_weights.reshape(-1).float().contiguous()
     ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
     inter = x.new_empty(pairs, width)
     out_pairs = x.new_empty(pairs, hidden)
-    if _use_pair_gemv(num_tokens, pairs, num_experts):
-        for a, b, c, n, k, rows_per_token, gated in ((x, w13, inter, width, hidden, top_k, True),
-                                                     (inter, w2, out_pairs, hidden, width, 1, False)):
+    gemv = _use_pair_gemv(num_tokens, pairs, num_experts)
+    if gemv:
+        cfg = None
+    else:
+        cfg = _gemm_config(pairs, num_experts, quant)
+        sorted_rows, block_expert, num_padded = align_by_expert(ids, num_experts, cfg["BLOCK_M"])
+        out_pairs.zero_()  # pairs of other ranks' experts (-1) are never written
+    precision = "ieee" if x.dtype == torch.float32 and quant == NO_QUANT else None
+    stages = ((x, w13, w13_scale, inter, width, hidden, top_k, True),
+              (inter, w2, w2_scale, out_pairs, hidden, width, 1, False))
+    for a, b, b_scale, c, n, k, rows_per_token, gated in stages:
+        # (the second stage's input is the first's output: quantized only once it is written)
+        if quant == NO_QUANT:
+            a_scale = b_scale = weights.view(1, 1, -1)  # never read: the kernels' QUANT branches are off
+        else:
+            b_scale = b_scale.float().contiguous()
+            a, a_scale = _quantize_rows(a, quant, 128)
+        up_row = triton.cdiv(n, scale_n) if gated else 0
+        scale_args = (a_scale.stride(0), b_scale.stride(0), b_scale.stride(1),
+                      b_scale.stride(2) if b_scale.dim() == 3 else 0)
+        if gemv:
             # narrower column tiles when few programs would leave SMs idle (batch 1: 8 pairs x 12 tiles)
             block_n = 32 if pairs * triton.cdiv(n, 64) < 256 else 64
             grid = (pairs, triton.cdiv(n, block_n))
             _pair_gemv_kernel[grid](
-                a, b, c, weights, ids, n, k,
+                a, b, c, weights, ids, a_scale, b_scale, n, k, up_row,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+                *scale_args, QUANT=quant, BLOCK_SCALE_N=scale_n,
                 A_ROWS_PER_TOKEN=rows_per_token, GATED=gated, MUL_WEIGHT=not gated, BLOCK_N=block_n, BLOCK_K=128,
                 num_warps=4)
-    else:
-        cfg = _gemm_config(pairs, num_experts)
-        block_m = cfg["BLOCK_M"]
-        sorted_rows, block_expert, num_padded = align_by_expert(ids, num_experts, block_m)
-        out_pairs.zero_()  # pairs of other ranks' experts (-1) are never written
-        precision = "ieee" if x.dtype == torch.float32 else None
-        for a, b, c, n, k, rows_per_token, gated in ((x, w13, inter, width, hidden, top_k, True),
-                                                     (inter, w2, out_pairs, hidden, width, 1, False)):
-            grid = (triton.cdiv(sorted_rows.numel(), block_m) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        else:
+            grid = (triton.cdiv(sorted_rows.numel(), cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
             _grouped_gemm_kernel[grid](
-                a, b, c, weights, sorted_rows, block_expert, num_padded, n, k, pairs, sorted_rows.numel(),
+                a, b, c, weights, sorted_rows, block_expert, num_padded, a_scale, b_scale,
+                n, k, pairs, sorted_rows.numel(), up_row,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+                *scale_args, QUANT=quant, BLOCK_SCALE_N=scale_n,
                 A_ROWS_PER_TOKEN=rows_per_token, GATED=gated, MUL_WEIGHT=not gated, PRECISION=precision, **cfg)
     return out_pairs.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)

@@ -9,10 +9,13 @@ hidden, width]. Two layouts over the tensor-parallel group:
                       (distributed/expert_parallel.py)
 Checkpoints name experts one by one (Mixtral's experts.{e}.w1/w2/w3, Qwen's experts.{e}.gate_proj/up_proj/
 down_proj) or stacked (transformers 5's experts.gate_up_proj / experts.down_proj); the weight loader takes
-both and reads only this rank's experts and slices.
+both and reads only this rank's experts and slices. Quantized experts (fp8: layers/quantization/fp8_moe.py) add
+scale tensors that the same loader slices, in units of their blocks.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -23,7 +26,7 @@ from meshserve.kernels.moe import fused_experts
 from meshserve.layers.backend_selection import PLAIN
 from meshserve.layers.moe_routing import RoutingFunction
 from meshserve.layers.quantization import current_quant_config
-from meshserve.layers.quantization.fp8_block import Fp8BlockConfig
+from meshserve.layers.quantization.fp8_moe import moe_weight_format
 from meshserve.layers.weight_utils import narrow_weight
 
 # checkpoint projection name -> our part: gate (w1), up (w3), down (w2)
@@ -37,10 +40,7 @@ class FusedMoE(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, routing: RoutingFunction):
         super().__init__()
-        quant = current_quant_config()
-        if isinstance(quant, Fp8BlockConfig) and not quant.online:
-            # (the experts' weight_scale_inv would find no place: one line here instead)
-            raise ValueError("fp8 block-wise MoE experts are not supported yet (dense and MLA layers load)")
+        self.weight_format = moe_weight_format(current_quant_config())
         st = get_parallel_state()
         self.num_experts, self.routing = num_experts, routing
         self.tp_size, self.tp_rank = st.tp_size, st.tp_rank
@@ -61,10 +61,18 @@ class FusedMoE(nn.Module):
             self.num_local_experts, self.expert_start = num_experts, 0
             self.width, self.width_rank = intermediate_size // st.tp_size, st.tp_rank
         n, w = self.num_local_experts, self.width
-        self.w13_weight = nn.Parameter(torch.empty(n, 2 * w, hidden_size), requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(n, hidden_size, w), requires_grad=False)
+        self.weight_format.check_width(w, st.tp_size, self.expert_parallel)
+        dtype = self.weight_format.weight_dtype(torch.get_default_dtype())
+        self.w13_weight = nn.Parameter(torch.empty(n, 2 * w, hidden_size, dtype=dtype), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(n, hidden_size, w, dtype=dtype), requires_grad=False)
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
+        for name, shape in self.weight_format.scale_shapes(n, w, hidden_size).items():
+            # NaN until loaded: an expert whose scale the checkpoint lacks is caught after loading
+            scale = nn.Parameter(torch.full(shape, math.nan), requires_grad=False)
+            # one element per block of 128 rows / features: the loader slices in those units
+            scale.rows_per_element, scale.weight_loader = self.weight_format.block[0], self.weight_loader
+            self.register_parameter(name, scale)
         # tokens routed to each expert (all experts, by global id) since start, the same on every rank; a
         # buffer, not a parameter: no weight loads it and it is no weight's bytes
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
@@ -74,8 +82,11 @@ class FusedMoE(nn.Module):
         """shard_id = (expert id, "gate" | "up" | "down") for one expert's tensor, or (None, "gate_up" |
         "down") for a stacked [experts, ...] tensor."""
         expert, part = shard_id
-        n, w, start = self.num_local_experts, self.width, self.width_rank * self.width
+        unit = getattr(param, "rows_per_element", 1)  # a block scale covers `unit` rows (check_width aligned)
+        n, w, start = self.num_local_experts, -(-self.width // unit), self.width_rank * self.width // unit
         if expert is None:  # stacked: this rank's experts, then its slice of each
+            if unit != 1:
+                raise ValueError("stacked expert scale tensors are not supported (per-expert ones load)")
             local = narrow_weight(loaded, 0, self.expert_start, n)
             if part == "gate_up":
                 full = local.shape[1] // 2
@@ -93,6 +104,9 @@ class FusedMoE(nn.Module):
             offset = 0 if part == "gate" else w
             param.data[local_id, offset:offset + w].copy_(narrow_weight(loaded, 0, start, w))
 
+    def process_weights_after_loading(self) -> None:
+        self.weight_format.process_weights_after_loading(self)
+
     def expert_weight_bytes_skipped(self) -> int:
         """Bytes of this rank's experts that one token does not read (all but its top_k, at TP)."""
         per_expert = (self.w13_weight[0].numel() + self.w2_weight[0].numel()) * self.w13_weight.element_size()
@@ -107,7 +121,8 @@ class FusedMoE(nn.Module):
         return tensor_parallel_all_reduce(self._experts(hidden, weights, ids))
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
-        return fused_experts(x, self.w13_weight, self.w2_weight, weights, local_ids, triton=self.kernels.fused_ops)
+        return fused_experts(x, self.w13_weight, self.w2_weight, weights, local_ids, triton=self.kernels.fused_ops,
+                             **self.weight_format.scales(self))
 
     def _count(self, ids: torch.Tensor) -> None:
         flat = ids.reshape(-1).long()

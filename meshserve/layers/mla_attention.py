@@ -5,26 +5,40 @@ The layer owns one cache tensor [1, num_blocks, block_size, 1, R + P]: per token
 every TP rank (the latent is replicated; the heads are split). For DeepSeek-V3 that is 576 numbers per token
 and layer instead of 128 heads x (192 for K + 128 for V): ~71x less at TP=1.
 
-Sequences with one new token (decode rows) use the weight-absorbed form: W_UK is applied to the query (q_lat =
-W_UK^T q_nope), attention runs over the latents alone, and W_UV to its output, so a decode row reads only the
-R + P numbers per context token (Triton on a GPU, kernels/triton_mla.py; the torch reference elsewhere).
-Prefill chunks (q_len > 1) expand K and V of their context from its latents: on a GPU for all chunks of the
-step at once (kernels/mla_prefill.py: one gather, one GEMM through kv_b_proj, the Triton varlen kernel of
-kernels/triton_mla_prefill.py), elsewhere (or with MESHSERVE_MLA_PREFILL_REF=1) one sequence at a time
-(kernels/mla_ref.mla_prefill_ref). A mixed
-step's split into the two is computed once per step (meta.step_memo), not per layer. The block manager,
+Sequences with at most ABSORBED_MAX_QUERY_LEN new tokens (decode rows, speculative verify rows) use the
+weight-absorbed form: W_UK is applied to the query (q_lat = W_UK^T q_nope), attention runs over the latents
+alone, and W_UV to its output, so a row reads only the R + P numbers per context token instead of expanding
+the whole context through kv_b_proj for a handful of queries (Triton on a GPU, kernels/triton_mla.py, whose
+one-query kernel serves a verify row j as a sequence cut at its causal limit; the torch reference elsewhere).
+Longer prefill chunks expand K and V of their context from its latents: on a GPU for all chunks of the step
+at once, a workspace-sized piece of context at a time (kernels/mla_prefill.py: gather, one GEMM through
+kv_b_proj, the Triton varlen kernel of kernels/triton_mla_prefill.py, LSE merge; the runner binds one
+MLAPrefillWorkspace to every layer, bind_prefill_workspace), elsewhere (or with MESHSERVE_MLA_PREFILL_REF=1)
+one sequence at a time (kernels/mla_ref.mla_prefill_ref). A mixed step's split into the two is computed
+once per step (meta.step_memo), not per layer. The block manager,
 prefix caching, chunked prefill, preemption and the KV offload tiers see blocks only, so they work unchanged.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.kernels.mla_prefill import mla_prefill
+from meshserve.kernels.mla_prefill_workspace import (
+    MLAPrefillWorkspace,
+    WorkspaceShape,
+    workspace_chunk_tokens,
+)
 from meshserve.kernels.mla_ref import mla_decode_ref, mla_prefill_ref, write_latent_ref
-from meshserve.layers.backend_selection import PLAIN
+from meshserve.layers.backend_selection import PLAIN, KernelSelection
+
+# rows with this many new tokens or fewer go through the absorbed form: reading the latents once per query
+# costs less than expanding the context (a 2-8 token verify step over a 32k context would expand all 32k)
+ABSORBED_MAX_QUERY_LEN = 8
 
 
 class MLAAttention(nn.Module):
@@ -45,6 +59,7 @@ class MLAAttention(nn.Module):
         self.head_dim = kv_lora_rank + qk_rope_head_dim
         self.kv_cache: torch.Tensor | None = None
         self.kernels = PLAIN  # bound by the model runner (layers/backend_selection.py)
+        self.prefill_workspace: MLAPrefillWorkspace | None = None  # bound by the runner: bind_prefill_workspace
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (1, num_blocks, block_size, 1, self.head_dim)
@@ -63,7 +78,7 @@ class MLAAttention(nn.Module):
             write_latent(kv_c.contiguous(), k_pe.contiguous(), self.kv_cache, meta.slot_mapping)
         else:
             write_latent_ref(kv_c, k_pe, self.kv_cache, meta.slot_mapping)
-        if meta.max_query_len == 1:
+        if meta.max_query_len <= ABSORBED_MAX_QUERY_LEN:
             return self._absorbed(q_nope, q_pe, kv_b_weight, meta, triton).flatten(1)
         batched = triton and not self.kernels.mla_prefill_ref
         decode = decode_part(meta)
@@ -71,18 +86,19 @@ class MLAAttention(nn.Module):
             return mla_prefill_ref(q_nope, q_pe, self.kv_cache, kv_b_weight, meta, self.scale).flatten(1)
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_head_dim)
         if decode is not None:
-            # decode rows stay absorbed (expanding a long context for one query would cost far more)
+            # decode and verify rows stay absorbed (expanding a long context for a few queries costs far more)
             rows, sub = decode
             out[rows] = self._absorbed(q_nope[rows], q_pe[rows], kv_b_weight, sub, triton)
         if batched:  # every prefill chunk at once, written into its rows of out
-            mla_prefill(q_nope, q_pe, self.kv_cache, kv_b_weight, meta, self.scale, out, triton=True)
+            mla_prefill(q_nope, q_pe, self.kv_cache, kv_b_weight, meta, self.scale, out, triton=True,
+                        workspace=self.prefill_workspace, min_query_len=ABSORBED_MAX_QUERY_LEN + 1)
         else:
             rows, sub = prefill_part(meta)
             out[rows] = mla_prefill_ref(q_nope[rows], q_pe[rows], self.kv_cache, kv_b_weight, sub, self.scale)
         return out.flatten(1)
 
     def _absorbed(self, q_nope, q_pe, kv_b_weight, meta: AttentionMetadata, triton: bool) -> torch.Tensor:
-        """[T, H, V] through the latents alone (one query token per sequence on the Triton path)."""
+        """[T, H, V] through the latents alone (any q_len up to ABSORBED_MAX_QUERY_LEN, causal)."""
         # per-head slices of kv_b_proj: [H, N, R] (W_UK) and [H, V, R] (W_UV)
         w_kv = kv_b_weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv[:, : self.qk_nope_head_dim], w_kv[:, self.qk_nope_head_dim :]
@@ -90,11 +106,54 @@ class MLAAttention(nn.Module):
         if triton:
             from meshserve.kernels.triton_mla import mla_decode
 
+            if meta.max_query_len > 1:
+                meta = per_query_meta(meta)
             o_lat = mla_decode(q_lat.contiguous(), q_pe.contiguous(), self.kv_cache, meta.block_tables,
                                meta.seq_lens, meta.query_start_loc, self.scale, meta.max_seq_len)
         else:
             o_lat = mla_decode_ref(q_lat, q_pe, self.kv_cache, meta, self.scale)
         return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, V]
+
+
+def bind_prefill_workspace(model: nn.Module, kernels: KernelSelection, max_num_batched_tokens: int,
+                           dtype: torch.dtype, device: torch.device) -> MLAPrefillWorkspace | None:
+    """Allocate one MLAPrefillWorkspace for the model's MLA layers and bind it to each, where their prefill
+    runs the batched path (Triton on a GPU). Called when the runner starts, before the memory profile, so the
+    profile counts it. None (nothing allocated) elsewhere."""
+    layers = [m for m in model.modules() if isinstance(m, MLAAttention)]
+    batched = kernels.attention_backend == "triton" and not kernels.mla_prefill_ref
+    if not layers or not batched or torch.device(device).type != "cuda":
+        return None
+    first = layers[0]
+    shape = WorkspaceShape(chunk_tokens=workspace_chunk_tokens(max_num_batched_tokens),
+                           max_query_tokens=max_num_batched_tokens, num_heads=first.num_heads,
+                           nope=first.qk_nope_head_dim, rope=first.qk_rope_head_dim, v_dim=first.v_head_dim,
+                           rank=first.kv_lora_rank, dtype=dtype)
+    workspace = MLAPrefillWorkspace(shape, device)
+    for layer in layers:
+        layer.prefill_workspace = workspace
+    return workspace
+
+
+def per_query_meta(meta: AttentionMetadata) -> AttentionMetadata:
+    """meta's queries as one-token sequences, for the one-query decode kernel: query j of sequence b becomes a
+    sequence with b's block table and context seq_len - q_len + j + 1 (its causal limit). Built on the device
+    from host-known sizes (no sync), once per step (the sub-metadata's memo is shared by the layers)."""
+    if "per_query" not in meta.step_memo:
+        starts, device = meta.query_start_loc_cpu, meta.seq_lens.device
+        num_tokens = starts[-1]
+        q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
+        seq = torch.repeat_interleave(torch.arange(meta.num_seqs, device=device), q_lens,
+                                      output_size=num_tokens)
+        j = torch.arange(num_tokens, device=device) - meta.query_start_loc[seq]
+        seq_lens_cpu = [meta.seq_lens_cpu[b] - (e - s) + j + 1
+                        for b, (s, e) in enumerate(itertools.pairwise(starts)) for j in range(e - s)]
+        meta.step_memo["per_query"] = AttentionMetadata(
+            slot_mapping=meta.slot_mapping[:0], query_start_loc=torch.arange(num_tokens + 1, device=device),
+            seq_lens=meta.seq_lens[seq] - q_lens[seq] + j + 1, block_tables=meta.block_tables.index_select(0, seq),
+            max_query_len=1, max_seq_len=meta.max_seq_len, query_start_loc_cpu=list(range(num_tokens + 1)),
+            seq_lens_cpu=seq_lens_cpu)
+    return meta.step_memo["per_query"]
 
 
 def _subset(meta: AttentionMetadata, seqs: list[int], device) -> tuple[torch.Tensor, AttentionMetadata]:
@@ -118,21 +177,22 @@ def _subset(meta: AttentionMetadata, seqs: list[int], device) -> tuple[torch.Ten
 
 
 def _part(meta: AttentionMetadata, single: bool):
-    """(rows, meta) of the step's one-token sequences (single) or of the rest; None when there are none.
-    Host lists only (no device sync), built once per step: every layer shares the metadata."""
+    """(rows, meta) of the step's sequences with at most ABSORBED_MAX_QUERY_LEN new tokens (single) or of the
+    rest; None when there are none. Host lists only, built once per step: every layer shares the metadata."""
     key = ("mla_part", single)
     if key not in meta.step_memo:
         starts = meta.query_start_loc_cpu
-        seqs = [i for i in range(meta.num_seqs) if (starts[i + 1] - starts[i] == 1) == single]
+        seqs = [i for i in range(meta.num_seqs)
+                if (starts[i + 1] - starts[i] <= ABSORBED_MAX_QUERY_LEN) == single]
         meta.step_memo[key] = _subset(meta, seqs, meta.seq_lens.device) if seqs else None
     return meta.step_memo[key]
 
 
 def decode_part(meta: AttentionMetadata):
-    """(flat rows, metadata) of the sequences with one new token, or None."""
+    """(flat rows, metadata) of the sequences served absorbed (decode and verify rows), or None."""
     return _part(meta, single=True)
 
 
 def prefill_part(meta: AttentionMetadata):
-    """(flat rows, metadata) of the sequences with several new tokens, or None."""
+    """(flat rows, metadata) of the sequences served expanded (longer prefill chunks), or None."""
     return _part(meta, single=False)

@@ -16,8 +16,8 @@ from meshserve.layers.moe_routing import RoutingFunction, SoftmaxTopK
 from meshserve.models.llama import LlamaForCausalLM, LlamaMLP
 from meshserve.models.moe_config import expert_intermediate_size, is_sparse_layer, num_experts
 
-# model.layers.{i}.mlp.experts.{e}.{w1|w2|w3|gate_proj|up_proj|down_proj}.weight
-_ONE_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
+# model.layers.{i}.mlp.experts.{e}.{w1|w2|w3|gate_proj|up_proj|down_proj}.{weight|weight_scale_inv}
+_ONE_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.(weight|weight_scale_inv)$")
 # transformers 5's stacked form: model.layers.{i}.mlp.experts.{gate_up_proj|down_proj}
 _STACKED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
@@ -64,7 +64,7 @@ class MoeForCausalLM(LlamaForCausalLM):
         m = _ONE_EXPERT.match(name)
         if m and m.group(3) in EXPERT_PROJECTIONS:
             part = EXPERT_PROJECTIONS[m.group(3)]
-            param = "w2_weight" if part == "down" else "w13_weight"
+            param = f"{'w2' if part == 'down' else 'w13'}_{m.group(4)}"
             return f"{m.group(1)}.{param}", (int(m.group(2)), part)
         m = _STACKED.match(name)
         if m:

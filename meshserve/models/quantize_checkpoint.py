@@ -13,7 +13,8 @@ Formats written (quantization_config in config.json, tensors in model.safetensor
   fbgemm_fp8          fp8 weights, weight_scale [N, 1], dynamic activations
   fp8_block           HF "fp8" with weight_block_size [128, 128] (DeepSeek-V3 / Qwen3 FP8): fp8 weights with
                       weight_scale_inv [ceil(N / 128), ceil(K / 128)], dynamic per-token-group activations; also
-                      MLA's projections (q_a/q_b/kv_a/kv_b), as DeepSeek's checkpoints store them
+                      MLA's projections (q_a/q_b/kv_a/kv_b), as DeepSeek's checkpoints store them, and every
+                      routed expert's projections (Mixtral's w1/w2/w3 too)
 Only the decoder's projections are quantized; embeddings, norms and the LM head are copied.
 """
 
@@ -32,6 +33,7 @@ from meshserve.layers.quantization.int4_formats import awq_pack, gptq_pack_cols,
 FORMATS = ("awq", "gptq", "compressed-tensors", "fbgemm_fp8", "fp8_block")
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _MLA_PROJECTIONS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")  # fp8_block only
+_MIXTRAL_EXPERTS = ("w1", "w2", "w3")  # fp8_block only (Qwen's and DeepSeek's experts are gate/up/down_proj)
 _SHARED_INPUT = {p: ("q_proj", "k_proj", "v_proj") for p in ("q_proj", "k_proj", "v_proj")} | {
     p: ("gate_proj", "up_proj") for p in ("gate_proj", "up_proj")
 }
@@ -191,7 +193,7 @@ def quantize_checkpoint(
         hessians = collect_hessians(src, calibration_ids(src), names)
     out: dict[str, torch.Tensor] = {}
     num_layers = 0
-    extra = _MLA_PROJECTIONS if fmt == "fp8_block" else ()
+    extra = _MLA_PROJECTIONS + _MIXTRAL_EXPERTS if fmt == "fp8_block" else ()
     for name, tensor in tensors.items():
         if not is_projection(name, extra):
             out[name] = tensor

@@ -32,6 +32,9 @@ def register(subparsers) -> None:
                         "(the scheduler's reports on the tested configurations, ~5x faster on 100 replicas, ~13x compiled with `python -m meshserve.simulator.native build`); it covers "
                         f"{FAST_MODEL_COVERS}; anything else runs on the scheduler, with the reason in the report's "
                         "replica_model_fallback. scheduler: the engine's own Scheduler per replica (the reference)")
+    g.add_argument("--calibration", default=d.calibration,
+                   help="step-time weights: a section of meshserve/simulator/calibration.toml (h200_mixed_graphs: "
+                        "the build with mixed-step CUDA graphs)")
     g.add_argument("--hardware-file", default=None, help="TOML overriding the GPU catalog (prices, rates)")
     g = p.add_argument_group("engine (per replica, as `meshserve serve`)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
@@ -41,6 +44,8 @@ def register(subparsers) -> None:
     g.add_argument("--slo-ttft-ms", type=float, default=None,
                    help="the server's TTFT target: SLO-aware admission and shedding (off by default)")
     g.add_argument("--slo-tpot-ms", type=float, default=None, help="the server's TPOT target (batch budget)")
+    g.add_argument("--slo-prefill-chunk", type=int, default=d.slo_prefill_chunk,
+                   help="with --slo-tpot-ms: most prompt tokens per step beside decodes (0: the target alone)")
     g.add_argument("--max-queue-len", type=int, default=d.max_queue_len)
     g.add_argument("--frontend-latency-ms", type=float, default=0.0,
                    help="fixed latency (network, HTTP) before a request reaches its replica (counted in TTFT)")
@@ -124,12 +129,13 @@ def run_simulate(ns: argparse.Namespace) -> int:
     config = SimConfig(model=ns.model, gpu=ns.gpu, num_gpus=ns.num_gpus, tp=ns.tp, router=ns.router,
                        slo_ttft_s=ns.slo_ttft_ms / 1e3 if ns.slo_ttft_ms else None,
                        slo_tpot_s=ns.slo_tpot_ms / 1e3 if ns.slo_tpot_ms else None,
-                       goodput_ttft_s=ns.ttft_slo, goodput_tpot_s=ns.tpot_slo, max_num_seqs=ns.max_num_seqs,
+                       slo_prefill_chunk=ns.slo_prefill_chunk, goodput_ttft_s=ns.ttft_slo, goodput_tpot_s=ns.tpot_slo, max_num_seqs=ns.max_num_seqs,
                        max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
                        num_blocks=ns.num_blocks, max_queue_len=ns.max_queue_len, hardware_file=ns.hardware_file,
                        frontend_latency_s=ns.frontend_latency_ms / 1e3,
                        frontend_request_s=ns.frontend_request_ms / 1e3, frontend_token_s=ns.frontend_token_us / 1e6,
-                       api_server_count=ns.api_server_count, replica_model=ns.replica_model)
+                       api_server_count=ns.api_server_count, replica_model=ns.replica_model,
+                       calibration=ns.calibration)
     config.validate()
     trace = build_trace(ns)
     if ns.search:

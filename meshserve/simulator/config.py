@@ -30,6 +30,7 @@ class SimConfig:
     router: str = "least-outstanding"
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
+    slo_prefill_chunk: int = SchedulerConfig.slo_prefill_chunk
     goodput_ttft_s: float = 1.0
     goodput_tpot_s: float = 0.05
     max_num_seqs: int = 256
@@ -52,6 +53,7 @@ class SimConfig:
     hardware_file: str | None = None
     # how each replica is simulated (REPLICA_MODELS); "fast" takes the reference where it does not apply
     replica_model: str = "scheduler"
+    calibration: str = "default"  # the step-time weights: a section of calibration.toml
 
     def validate(self) -> None:
         if self.num_gpus < 1 or self.tp < 1 or self.num_gpus % self.tp:
@@ -97,6 +99,7 @@ class SimConfig:
     def engine_configs(self, num_blocks: int, prefix_caching: bool) -> tuple[SchedulerConfig, CacheConfig]:
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                                 max_model_len=self.max_model_len, async_scheduling=False,
-                                slo_ttft_s=self.slo_ttft_s, slo_tpot_s=self.slo_tpot_s)
+                                slo_ttft_s=self.slo_ttft_s, slo_tpot_s=self.slo_tpot_s,
+                                slo_prefill_chunk=self.slo_prefill_chunk)
         cache = CacheConfig(block_size=self.block_size, enable_prefix_caching=prefix_caching, num_blocks=num_blocks)
         return sched, cache

@@ -26,7 +26,7 @@ from meshserve.simulator.fast_fleet import fast_model_gap, run_fast
 from meshserve.simulator.fast_replica import FastReplica
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.replica import SimReplica
-from meshserve.simulator.step_cost import StepCost, StepWeights
+from meshserve.simulator.step_cost import StepCost, StepWeights, load_calibration
 from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 
 # a request reaches a replica's core through its API process; a replica's step ends; an idle replica got work;
@@ -52,7 +52,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     config.validate()
     trace = Trace.of(trace)
     model, gpu = config.model_spec(), config.gpu_spec()
-    cost = StepCost(model, gpu, config.tp, weights)
+    cost = StepCost(model, gpu, config.tp, weights or load_calibration(config.calibration))
     prefix_caching = config.enable_prefix_caching
     if prefix_caching is None:
         prefix_caching = trace.has_prefixes

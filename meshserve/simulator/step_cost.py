@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel
+from meshserve.errors import InvalidArgumentError
 from meshserve.planner.hardware import GpuSpec
 from meshserve.planner.memory import stage_shard
 from meshserve.planner.model import ModelSpec
@@ -44,8 +45,12 @@ class StepWeights:
 
 
 def load_calibration(name: str = "default") -> StepWeights:
-    """Weights from calibration.toml (the fit of our own H200 step trace)."""
-    entry = tomllib.loads(CALIBRATION_FILE.read_text())[name]
+    """Weights from a section of calibration.toml (a fit of one of our own H200 step traces)."""
+    sections = tomllib.loads(CALIBRATION_FILE.read_text())
+    if name not in sections:
+        raise InvalidArgumentError(f"no calibration {name!r}; calibration.toml has {', '.join(sections)}",
+                                   param="calibration")
+    entry = sections[name]
     return StepWeights(entry["constant_ms"], entry["dense_factor"], entry["kv_factor"], entry["mixed_ms"])
 
 

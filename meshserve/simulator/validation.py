@@ -49,9 +49,12 @@ def measured_points(run: MeasuredRun) -> dict[float, dict]:
 
 
 def replay_w3(qps: float, slo: bool, frontend_latency_s: float = 0.0,
-              frontend: FrontEndCosts = FRONTEND_OFF) -> dict:
+              frontend: FrontEndCosts = FRONTEND_OFF, slo_prefill_chunk: int = 0) -> dict:
+    """W3 at qps as the measured runs served it: slo_prefill_chunk 0 is the policy before the per-step prompt cap
+    (every run in W3_H200_RUNS)."""
     config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=1, max_model_len=4096,
                        slo_ttft_s=1.0 if slo else None, slo_tpot_s=0.05 if slo else None,
+                       slo_prefill_chunk=slo_prefill_chunk,
                        frontend_latency_s=frontend_latency_s, frontend_request_s=frontend.per_request_s,
                        frontend_token_s=frontend.per_token_s)
     return simulate(config, w3_trace(qps))

@@ -53,6 +53,34 @@ def test_overload_never_breaks_the_tpot_target():
     assert not s.shed
 
 
+def test_overload_takes_one_prompt_chunk_per_step_and_keeps_every_decode():
+    """With a loose TPOT target the step-time model alone would let ~2,000 prompt tokens join a step; the
+    policy's chunk cap holds it to slo_prefill_chunk, and no decode loses its token to a prompt chunk ahead of it
+    in the running list. Nothing is lost or hangs."""
+    target, chunk = 0.100, 512
+    s = _with_model(slo_tpot_s=target, slo_prefill_chunk=chunk)
+    assert MODEL.max_prefill_tokens(target * TARGET_MARGIN, 64, 64 * 500) > 2 * chunk  # the cap is what binds
+    seqs = [make_seq(f"r{i}", range(i, i + 300 + (i % 3) * 300), max_tokens=16) for i in range(200)]
+    for seq in seqs:
+        s.add(seq)
+    steps = capped = 0
+    while s.has_unfinished():
+        decoding = {q.seq_id for q in s.running if q.num_tokens - q.num_computed_tokens == 1}
+        out = step(s)
+        steps += 1
+        assert steps < 5000  # no hang
+        if not decoding:
+            continue  # nobody's time per output token to protect: the static budget
+        assert decoding <= {e.seq_id for e in out.scheduled}  # every decode got its token
+        prompt_tokens = sum(e.num_new_tokens for e in out.scheduled if e.seq_id not in decoding)
+        assert prompt_tokens <= chunk
+        capped += prompt_tokens == chunk
+        assert MODEL.predict(_shape(out)) <= target * (TARGET_MARGIN + MAX_CREDIT_TARGETS) + 1e-9
+    assert capped > 10  # the cap was what bound, many times
+    assert all(seq.status == SequenceStatus.FINISHED_LENGTH and seq.num_output_tokens == 16 for seq in seqs)
+    assert not s.shed
+
+
 def test_without_targets_the_schedule_is_unchanged():
     def run(with_model: bool) -> list[list[tuple[str, int]]]:
         s = _with_model() if with_model else make_sched(num_blocks=20000, max_model_len=1024,
@@ -81,6 +109,25 @@ def test_late_requests_are_shed_before_they_use_a_step():
     late.arrival_time = time.monotonic() - 2.0
     kept.add(late)
     assert [e.seq_id for e in step(kept).scheduled] == ["late"] and not kept.shed
+
+
+def test_requests_too_deep_in_the_queue_are_shed_from_the_back():
+    """At the recent admission rate (about 10 a second here) a fresh request behind ten others cannot start
+    within a 1 s target: the back of the queue is shed, the front kept, in queue order."""
+    s = _with_model(slo_ttft_s=1.0, max_num_seqs=1)  # the batch is full: nobody is admitted this step
+    now = time.monotonic()
+    for k in range(21):
+        s.policy.record_admission(now - 2.0 + 0.1 * k)
+    s.add(make_seq("busy", range(50), max_tokens=64))
+    step(s)
+    queued = [make_seq(f"q{i}", range(i, i + 50)) for i in range(30)]
+    for seq in queued:
+        s.add(seq)
+    step(s)
+    shed = len(s.shed)
+    assert 17 <= shed <= 21 and s.shed == queued[-shed:]  # ~10 of 30 can start within the second
+    assert list(s.waiting) == queued[:-shed]
+    assert all(seq.status == SequenceStatus.FINISHED_ABORTED for seq in s.shed)
 
 
 def test_a_request_target_overrides_the_server_default():

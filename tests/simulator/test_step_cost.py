@@ -14,20 +14,24 @@ from meshserve.planner.model import load_model
 from meshserve.planner.parallel import Layout
 from meshserve.simulator.step_cost import StepCost, fit_step_weights, load_calibration, read_step_trace
 
-TRACE = Path(__file__).resolve().parents[2] / "benchmarks/results/w3_8b_slo_credit_steps.jsonl.gz"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks/results"
+SECTIONS = {"default": "w3_8b_slo_credit_steps.jsonl.gz", "h200_mixed_graphs": "w3_8b_slo_graphs1024_steps.jsonl.gz"}
 
 
-@pytest.mark.skipif(not TRACE.is_file(), reason="step trace not in this checkout")
-def test_calibration_is_the_fit_of_its_trace():
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_calibration_is_the_fit_of_its_trace(section):
+    trace = RESULTS / SECTIONS[section]
+    if not trace.is_file():
+        pytest.skip("step trace not in this checkout")
     gpu, shard = get_gpu("H200"), stage_shard(load_model("llama-3.1-8b"), Layout(), 0)
-    rows = read_step_trace(TRACE)
+    rows = read_step_trace(trace)
     fitted, err = fit_step_weights(rows, shard.weight_bytes, shard.kv_bytes_per_token,
                                    DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s("bf16")))
-    stored = load_calibration()
+    stored = load_calibration(section)
     assert fitted.as_tuple() == pytest.approx(stored.as_tuple(), abs=1e-3)
     assert err < 0.10  # mean |predicted - measured| / measured per step
     # and the fitted model reproduces the trace's total device time
-    cost = StepCost(load_model("llama-3.1-8b"), gpu)
+    cost = StepCost(load_model("llama-3.1-8b"), gpu, weights=stored)
     total = sum(cost(StepShape(r["tokens"], r["seqs"], r["context"])) for r in rows)
     assert total == pytest.approx(sum(r["actual_s"] for r in rows), rel=0.01)
 

@@ -37,6 +37,9 @@ class CPUTier:
         self.lru: OrderedDict[bytes, int] = OrderedDict()
         self.pending: set[int] = set()  # slots named by ops not launched yet: the host keeps off them
         self.events: dict[int, Any] = {}  # slot -> CUDA event of the last launched copy that touches it
+        # GPU block id -> the event of its launched store (copy_stream.py): the block manager hands the block
+        # out again only once it fired (the manager pops it)
+        self.store_events: dict[int, Any] = {}
         # slot -> crc32 of the block last copied in (debug mode); the runner sets it when a store runs
         self.checksums: dict[int, int] = {}
         self.on_evict: Callable[[bytes, int], None] | None = None

@@ -18,7 +18,7 @@ import struct
 import threading
 import zlib
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -142,6 +142,10 @@ class DiskTier:
         if len(items) <= 1:
             return [self.read_into(h, out) for h, out in items]
         return list(self._readers.map(lambda item: self.read_into(*item), items))
+
+    def read_async(self, block_hash: bytes, out: np.ndarray) -> Future:
+        """read_into on a reader thread: the engine loop never waits on the file (the future gives the crc)."""
+        return self._readers.submit(self.read_into, block_hash, out)
 
     def record_read(self, block_hash: bytes, ok: bool) -> None:
         """A read's outcome: a good block becomes the most recent, a bad file is dropped (a miss from now on)."""

@@ -3,8 +3,10 @@
 The block manager calls it at three points: a GPU block whose cached content is evicted (copy it down), a
 prefix lookup that runs out of GPU hits (look below and load hits into fresh GPU blocks), and a preemption
 (swap the sequence's blocks out, and back in when it is admitted again). Moves between the GPU and the CPU
-tier become ops, in order, that the next step carries to the runner (transfer.py), which runs them before
-that step's forward; moves between the CPU tier and the disk happen here, on the host, in the background.
+tier become ops, in order, that the next step carries to the runner (transfer.py), which runs them on a copy
+stream beside that step's forward. A GPU block being stored is "in flight" until its store's event fires
+(`poll`, each step): the block manager does not hand it out meanwhile. Disk reads for a restore run on reader
+threads: the request waits (`find` says so) and the engine loop goes on; `poll` files the blocks read.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, fields
 
 from meshserve.engine.kv_offload.cpu_tier import CPUTier
@@ -43,6 +46,7 @@ class KVOffloadStats:
     cpu_blocks: int = 0  # cached in the CPU tier now
     disk_blocks: int = 0  # kept on disk now
     link_bytes_per_s: float = 0.0  # host <-> device copy rate measured (0: not yet)
+    store_failures: int = 0  # GPU blocks whose store raised (their slot forgotten; a swapped sequence recomputes)
 
     def as_dict(self) -> dict:
         return {f"kv_offload_{f.name}": getattr(self, f.name) for f in fields(self)}
@@ -62,6 +66,11 @@ class KVOffloadManager:
         self.stats = KVOffloadStats()
         self.ops: list[Transfer] = []
         self.swapped: dict[str, list[int]] = {}  # seq id -> its reserved slots, block order
+        # GPU block id -> (slot, hash of an evicted block or None, swapped sequence's id or None): stores issued
+        # whose event has not fired yet (the block must not be written meanwhile)
+        self.storing: dict[int, tuple[int, bytes | None, str | None]] = {}
+        self.reading: dict[bytes, tuple[int, Future]] = {}  # disk reads on the reader threads: hash -> slot
+        self._read_from_disk: set[bytes] = set()  # read back and not loaded yet: their restore is a disk hit
         cpu.on_evict = self._spill
 
     @property
@@ -79,19 +88,61 @@ class KVOffloadManager:
         self.cpu.pending.add(slot)
 
     # -- GPU eviction: copy down -----------------------------------------------------------------
-    def on_gpu_evict(self, block_id: int, block_hash: bytes) -> None:
-        """A cached GPU block is about to be reused: keep its content in the CPU tier."""
-        if self.cpu.lookup(block_hash) is not None:
-            return
+    def on_gpu_evict(self, block_id: int, block_hash: bytes) -> bool:
+        """A cached GPU block will be reused: copy its content to the CPU tier. True when a store was queued
+        (the block is in flight until `poll` reports it); False when there is nothing to wait for (the hash is
+        below already, or no slot can be had: then the block is lost, recomputed if needed)."""
+        if block_hash in self.cpu:
+            return False
         slot = self.cpu.allocate()
-        if slot is None:  # every slot reserved or in flight: the block is lost (recomputed if needed)
-            return
+        if slot is None:
+            return False
         self._op("store", block_id, slot, slot)
+        self.storing[block_id] = (slot, block_hash, None)
         self.cpu.insert(block_hash, slot)
         self.stats.cpu_bytes_stored += self.block_bytes
+        return True
+
+    def poll(self) -> tuple[list[int], list[int], list[str]]:
+        """Each step, before scheduling: (GPU blocks whose store finished, those whose store failed, swapped
+        sequences whose KV was lost with it: they recompute). Also files the disk reads that finished. Never
+        waits; a store not launched yet is still in flight."""
+        landed, failed, lost = [], [], []
+        for block_id, (slot, block_hash, seq_id) in list(self.storing.items()):
+            event = self.cpu.store_events.get(block_id)
+            if event is None:
+                continue
+            try:
+                if not event.query():
+                    continue
+                error = getattr(event, "error", None)
+            except Exception as e:  # noqa: BLE001  an event that raises reports a failed copy
+                error = e
+            del self.storing[block_id]
+            self.cpu.store_events.pop(block_id, None)
+            if error is None:
+                landed.append(block_id)
+                continue
+            failed.append(block_id)
+            self.stats.store_failures += 1
+            logger.warning("KV offload: the store of GPU block %d failed (%s); its copy is dropped", block_id, error)
+            if block_hash is not None and self.cpu.lru.get(block_hash) == slot:
+                del self.cpu.lru[block_hash]
+                self.cpu.checksums.pop(slot, None)
+                self.cpu.release(slot)
+            if seq_id is not None and seq_id in self.swapped:
+                self.drop_swap(seq_id)
+                lost.append(seq_id)
+        self._file_reads()
+        return landed, failed, lost
+
+    def swap_landed(self, seq_id: str) -> bool:
+        """Every store of the sequence's swap-out has finished (it may resume: its slots hold its KV)."""
+        return not any(s == seq_id for _, _, s in self.storing.values())
 
     def _spill(self, block_hash: bytes, slot: int) -> None:
         """The CPU tier evicts a block: write it to disk (unless it is there already)."""
+        self._read_from_disk.discard(block_hash)
         if self.disk is None or block_hash in self.disk:
             return
         self.cpu.wait(slot)
@@ -100,57 +151,57 @@ class KVOffloadManager:
             self.stats.disk_bytes_written += len(payload)
 
     # -- prefix lookup: restore ------------------------------------------------------------------
-    def find(self, block_hashes: list[bytes]) -> list[tuple[bytes, int, str]]:
-        """The leading blocks of block_hashes found below the GPU, each now in a CPU slot: (hash, slot, tier).
-        Disk blocks are read (in parallel, checked) into fresh CPU slots; the run stops at the first block
-        that is in neither tier, that finds no free slot, or whose file is bad."""
-        chain: list[tuple[bytes, str]] = []
-        for block_hash in block_hashes:
-            if block_hash in self.cpu:
-                chain.append((block_hash, "cpu"))
-            elif self.disk is not None and block_hash in self.disk:
-                chain.append((block_hash, "disk"))
-            else:
-                break
-        for block_hash, tier in chain:  # CPU hits first: pending, so making room for disk reads spares them
-            if tier == "cpu":
-                self.cpu.pending.add(self.cpu.lookup(block_hash))
+    def find(self, block_hashes: list[bytes]) -> tuple[list[tuple[bytes, int, str]], bool]:
+        """The leading blocks of block_hashes found in the CPU tier: (hash, slot, tier the block came from),
+        and whether more of the run is being read from disk (the caller waits for it rather than recompute).
+        Disk blocks of the run start their reads (reader threads, into fresh CPU slots; `poll` files them)."""
         found: list[tuple[bytes, int, str]] = []
-        reads: list[tuple[int, bytes, int]] = []  # (index in found, hash, slot)
-        for block_hash, tier in chain:
-            if tier == "cpu":
-                slot = self.cpu.lru[block_hash]
-            else:
-                slot = self.cpu.allocate(host_write=True)
-                if slot is None:
-                    break
-                self.cpu.wait(slot)
-                self.cpu.pending.add(slot)
-                reads.append((len(found), block_hash, slot))
+        for block_hash in block_hashes:
+            slot = self.cpu.lookup(block_hash) if block_hash in self.cpu else None
+            if slot is None:
+                break
+            tier = "disk" if block_hash in self._read_from_disk else "cpu"
+            self.cpu.pending.add(slot)  # kept while room is made for disk reads and fresh GPU blocks
             found.append((block_hash, slot, tier))
-        if reads:
-            found = self._read_from_disk(found, reads)
-        return found
+        reading = False
+        for block_hash in block_hashes[len(found) :]:
+            if block_hash in self.reading:
+                reading = True
+                continue
+            if self.disk is None or block_hash not in self.disk:
+                break
+            slot = self.cpu.allocate(host_write=True)
+            if slot is None:
+                break
+            self.cpu.wait(slot)
+            self.reading[block_hash] = (slot, self.disk.read_async(block_hash, self.cpu.slot_bytes(slot)))
+            reading = True
+        return found, reading
 
-    def _read_from_disk(self, found: list[tuple[bytes, int, str]],
-                        reads: list[tuple[int, bytes, int]]) -> list[tuple[bytes, int, str]]:
-        """Fill the slots of the disk blocks in found; cut found at the first bad file."""
-        crcs = self.disk.read_many([(h, self.cpu.slot_bytes(slot)) for _, h, slot in reads])
-        cut = len(found)
-        for (i, block_hash, slot), crc in zip(reads, crcs):
+    def _file_reads(self) -> None:
+        """The disk reads that finished: a good block joins the CPU tier, a bad file is dropped (a miss)."""
+        for block_hash, (slot, future) in list(self.reading.items()):
+            if not future.done():
+                continue
+            del self.reading[block_hash]
+            try:
+                crc = future.result()
+            except Exception as e:  # noqa: BLE001  a reader that raised: a miss, like a bad file
+                logger.warning("KV disk tier: reading a block failed: %s", e)
+                crc = None
             self.disk.record_read(block_hash, crc is not None)
             if crc is None:
                 self.cpu.release(slot)
-                cut = min(cut, i)
                 continue
             self.cpu.checksums[slot] = crc  # what the copy to the GPU must reproduce (debug mode checks it)
-            self.cpu.insert(block_hash, slot)  # a good block, kept even past a cut
+            self.cpu.insert(block_hash, slot)
+            self._read_from_disk.add(block_hash)
             self.stats.disk_bytes_read += self.block_bytes
-        return found[:cut]
 
     def load(self, found: list[tuple[bytes, int, str]], block_ids: list[int]) -> None:
         """Queue the copies of found blocks into these fresh GPU blocks (one each, in order)."""
-        for (_, slot, tier), block_id in zip(found, block_ids):
+        for (block_hash, slot, tier), block_id in zip(found, block_ids):
+            self._read_from_disk.discard(block_hash)
             self._op("load", slot, block_id, slot)
             self.stats.cpu_bytes_loaded += self.block_bytes
             if tier == "cpu":
@@ -185,6 +236,7 @@ class KVOffloadManager:
             slots.append(slot)
         for block_id, slot in zip(block_ids, slots):
             self._op("store", block_id, slot, slot)
+            self.storing[block_id] = (slot, None, seq_id)
         self.swapped[seq_id] = slots
         self.stats.swaps_out += 1
         self.stats.cpu_bytes_stored += len(slots) * self.block_bytes
@@ -202,9 +254,9 @@ class KVOffloadManager:
         self.stats.cpu_bytes_loaded += len(slots) * self.block_bytes
 
     def drop_swap(self, seq_id: str) -> None:
-        """A swapped sequence ended (aborted) before resuming."""
+        """A swapped sequence ended (aborted) before resuming, or its KV was lost."""
         for slot in self.swapped.pop(seq_id, []):
-            self.cpu.release(slot)
+            self.cpu.release(slot)  # a store still running into it is ordered before any later copy
 
     # -- stats and shutdown ----------------------------------------------------------------------
     def snapshot(self) -> KVOffloadStats:

@@ -1,10 +1,13 @@
 """The runner's side of KV offload: runs a step's copies between the GPU KV pool and the CPU tier.
 
-On a GPU the copies go on a side stream: it first waits for the work already queued on the compute stream
-(the blocks stored may be written by the step still in flight), runs the ops in order (a block may be stored
-and then reloaded with another block in one step), and records an event; the compute stream waits on that
-event only, so this step's forward waits for this step's copies and nothing else, and the host waits on a
-slot's event before it reads or writes the slot. On a CPU the same copies run synchronously.
+The copies go on a dedicated copy stream (copy_stream.py): it first waits for the compute work already queued
+(the last writer of a block stored now, the last reader of a block loaded into), never for the forward queued
+after it. Ops run in order (a slot may be stored and then loaded in one step). The compute stream waits only for
+the loads (and whatever precedes the last load): the forward reads restored blocks. Stores after the last load
+overlap the forward; a stored GPU block is not handed out again until its event (`cpu.store_events`) has fired,
+which the block manager checks. A store that raises marks its blocks failed instead of stopping the engine:
+the offload manager then forgets the slot (and a swapped-out sequence recomputes). On a CPU the same copies run
+synchronously, in the same order.
 
 A store gathers the blocks of every layer into one contiguous [n, layers, 2, block_size, heads, head_dim]
 staging tensor, then copies runs of consecutive slots in one piece each; a load does the reverse. In debug
@@ -13,13 +16,17 @@ mode every copy is checked against a crc32: the GPU block's at store time must c
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 
 import torch
 
+from meshserve.engine.kv_offload.copy_stream import CudaCopyStream, FailedCopy, SyncCopyStream
 from meshserve.engine.kv_offload.cpu_tier import CPUTier
 from meshserve.engine.kv_offload.manager import KVOffloadStats, Transfer
+
+logger = logging.getLogger(__name__)
 
 STAGING_BYTES = 256 << 20  # device memory for the contiguous staging copy of a batch of blocks
 
@@ -45,37 +52,54 @@ def _crc(t: torch.Tensor) -> int:
 
 
 class KVTransferEngine:
-    """Executes Transfer ops between one rank's KV pool tensors and its CPUTier."""
+    """Executes Transfer ops between one rank's KV pool tensors and its CPUTier.
 
-    def __init__(self, kv_tensors: list[torch.Tensor], cpu: CPUTier, stats: KVOffloadStats, verify: bool = False):
+    stream: where the copies run (default: a CUDA copy stream on a GPU, synchronous on a CPU; tests pass a
+    fake). trace: when a list, each run appends its copies' (start, end) timing events (the bench's overlap)."""
+
+    def __init__(self, kv_tensors: list[torch.Tensor], cpu: CPUTier, stats: KVOffloadStats, verify: bool = False,
+                 stream=None):
         self.kv_tensors = kv_tensors  # per layer [2, num_blocks, block_size, heads, head_dim]
         self.cpu = cpu
         self.stats = stats
         self.verify = verify
         self.device = kv_tensors[0].device
-        self.cuda = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        if stream is None:
+            stream = CudaCopyStream(self.device) if self.device.type == "cuda" else SyncCopyStream()
+        self.stream = stream
+        self.cuda = isinstance(stream, CudaCopyStream)  # device-timed loads
         self._timed: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []  # loads still being timed
+        self.trace: list | None = None
 
     def run(self, ops: list[Transfer]) -> None:
-        """Queue ops in order; the current stream's next work waits for them."""
+        """Queue ops in order; the compute stream's next work waits for the loads among them only."""
         if not ops:
             return
-        if not self.cuda:
-            self._run_groups(ops)
-            return
         self._collect_timings()
-        compute = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(compute)
-        with torch.cuda.stream(self.stream):
-            self._run_groups(ops)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        compute.wait_event(done)
-        for kind, a, b in ops:
-            self.cpu.events[b if kind == "store" else a] = done
+        self.stream.after_compute()
+        last_load = max((i for i, op in enumerate(ops) if op[0] == "load"), default=-1)
+        failed: dict[int, BaseException] = {}  # GPU block -> why its store failed
+        with self.stream.active():
+            start = self.stream.record(timing=True) if self.trace is not None else None
+            self._run_groups(ops[: last_load + 1], failed)
+            ready = self.stream.record()
+            done = ready
+            if last_load + 1 < len(ops):
+                self._run_groups(ops[last_load + 1 :], failed)
+                done = self.stream.record(timing=self.trace is not None)
+            if self.trace is not None:
+                self.trace.append((start, done if done is not ready else self.stream.record(timing=True)))
+        if last_load >= 0:
+            self.stream.compute_waits(ready)  # the forward reads the restored blocks
+        for i, (kind, a, b) in enumerate(ops):
+            event = ready if i <= last_load else done
+            if kind == "store":
+                self.cpu.store_events[a] = FailedCopy(failed[a], event.stream) if a in failed else event
+                self.cpu.events[b] = event
+            else:
+                self.cpu.events[a] = event
 
-    def _run_groups(self, ops: list[Transfer]) -> None:
+    def _run_groups(self, ops: list[Transfer], failed: dict[int, BaseException]) -> None:
         # consecutive ops of one kind go together (the order between kinds is kept), in chunks whose staging
         # tensor stays under STAGING_BYTES of device memory
         chunk = max(1, STAGING_BYTES // self.cpu.block_bytes)
@@ -86,7 +110,12 @@ class KVTransferEngine:
                 j += 1
             group = ops[i:j]
             if group[0][0] == "store":
-                self._store([a for _, a, _ in group], [b for _, _, b in group])
+                block_ids = [a for _, a, _ in group]
+                try:
+                    self._store(block_ids, [b for _, _, b in group])
+                except Exception as e:  # noqa: BLE001  the blocks stay on the GPU; the manager forgets the slots
+                    logger.warning("KV offload: storing GPU blocks %s failed: %s", block_ids, e)
+                    failed.update(dict.fromkeys(block_ids, e))
             else:
                 self._load([a for _, a, _ in group], [b for _, _, b in group])
             i = j
@@ -116,10 +145,7 @@ class KVTransferEngine:
                 if expected is not None and _crc(self.cpu.tensor[slot]) != expected:
                     raise KVChecksumError(f"CPU slot {slot} changed since its block was stored")
         t0 = time.perf_counter()
-        start_ev = None
-        if self.cuda:
-            start_ev = torch.cuda.Event(enable_timing=True)
-            start_ev.record(self.stream)
+        start_ev = self.stream.record(timing=True).event if self.cuda else None
         staging = torch.empty((len(slots), *self.cpu.tensor.shape[1:]), dtype=self.cpu.tensor.dtype,
                               device=self.device)
         for start, slot, n in _runs(slots):
@@ -132,8 +158,7 @@ class KVTransferEngine:
             t.index_copy_(1, idx, src)
         nbytes = len(slots) * self.cpu.block_bytes
         if self.cuda:
-            end_ev = torch.cuda.Event(enable_timing=True)
-            end_ev.record(self.stream)
+            end_ev = self.stream.record(timing=True).event
             self._timed.append((start_ev, end_ev, nbytes))
         else:
             self._account(time.perf_counter() - t0, nbytes)
@@ -147,7 +172,7 @@ class KVTransferEngine:
 
     def _sync(self) -> None:
         if self.cuda:
-            self.stream.synchronize()
+            self.stream.stream.synchronize()
 
     def _account(self, seconds: float, nbytes: int) -> None:
         self.stats.restores += 1

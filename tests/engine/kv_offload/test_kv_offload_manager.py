@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from meshserve.engine.block_manager import BlockManager
+from meshserve.engine.kv_offload.copy_stream import CopyEvent
 from meshserve.engine.kv_offload.cpu_tier import CPUTier
 from meshserve.engine.kv_offload.manager import KVOffloadManager
 from meshserve.engine.sequence import Sequence
@@ -32,6 +33,16 @@ def run_prompt(bm: BlockManager, seq: Sequence) -> list:
     return hits
 
 
+def launch(bm: BlockManager, manager: KVOffloadManager) -> list:
+    """The step's ops, as if the runner ran them and their events fired; then the next step's poll."""
+    ops = bm.take_transfers()
+    for kind, a, _ in ops:
+        if kind == "store":
+            manager.cpu.store_events[a] = CopyEvent()
+    bm.poll_offload()
+    return ops
+
+
 def test_evicted_blocks_go_down_and_come_back_as_prefix_hits():
     bm, manager = setup()
     a = make_seq("a", range(13))  # 3 full blocks registered, 1 partial
@@ -39,10 +50,15 @@ def test_evicted_blocks_go_down_and_come_back_as_prefix_hits():
     a_ids, a_hashes = list(bm.block_table(a)), list(a.block_hashes)
     bm.free(a)
     b = make_seq("b", range(100, 132))  # 8 blocks: every cached block of a is evicted
-    run_prompt(bm, b)
-    ops = manager.take_transfers()
+    assert not bm.allocate(b, 32)  # a's 3 cached blocks are copied down first, not handed out meanwhile
+    assert bm.pool.in_flight == set(a_ids[:3]) and bm.num_free_blocks == 5 and bm.num_landing_blocks == 3
+    assert not bm.allocate(b, 32)  # nothing changed: still in flight, no second store
+    ops = launch(bm, manager)
     stored = {gpu: slot for kind, gpu, slot in ops if kind == "store"}
     assert sorted(stored) == sorted(a_ids[:3]) and all(h in manager.cpu for h in a_hashes)
+    assert not bm.pool.in_flight and bm.num_free_blocks == 8
+    run_prompt(bm, b)
+    assert not manager.ops  # their content is below already: taken without another copy
     bm.free(b)
     a2 = make_seq("a2", range(13))
     hits = run_prompt(bm, a2)
@@ -53,6 +69,8 @@ def test_evicted_blocks_go_down_and_come_back_as_prefix_hits():
     assert loads == [(stored[a_ids[i]], hits[i].block_id) for i in range(3)]
     kinds = [k for k, _, _ in ops]
     assert kinds == ["store"] * (len(kinds) - 3) + ["load"] * 3
+    # a's restored blocks took blocks whose cached content (b's) went down first: none of them is in flight
+    assert not {blk.block_id for blk in hits} & bm.pool.in_flight
     assert manager.stats.cpu_hits == 3
 
 
@@ -66,6 +84,8 @@ def test_restore_never_evicts_the_gpu_hits_before_it():
     run_prompt(bm, filler)
     bm.free(filler)
     c = make_seq("c", range(300, 309))  # 3 blocks: a's blocks 1-3 go down, a's head stays cached on the GPU
+    assert not bm.allocate(c, 9)
+    launch(bm, manager)
     run_prompt(bm, c)
     bm.free(c)
     manager.take_transfers()
@@ -74,6 +94,8 @@ def test_restore_never_evicts_the_gpu_hits_before_it():
     assert len(hits) == 4 and hits[0].block_id == a_head  # 1 GPU hit + 3 restored, the GPU hit kept
     assert [blk.block_hash for blk in hits] == a2.block_hashes[:4]
     assert len({blk.block_id for blk in hits}) == 4
+    assert not bm.allocate(a2, 1, hits)  # the block for its last token held c's cached tail: copied down first
+    launch(bm, manager)
     assert bm.allocate(a2, 1, hits)
     assert manager.stats.cpu_hits == 3
 
@@ -84,9 +106,12 @@ def test_swap_out_and_in():
     run_prompt(bm, s)
     ids = list(bm.block_table(s))
     assert bm.swap_out(s, lambda: 1.0)
-    assert s.seq_id not in bm.seq_blocks and bm.num_free_blocks == 8
-    out_ops = manager.take_transfers()
+    # released, but its 3 blocks are being copied out: not allocatable, and s cannot resume, until that is done
+    assert s.seq_id not in bm.seq_blocks and bm.num_free_blocks == 5 and bm.num_landing_blocks == 3
+    assert not bm.allocate(s, 1)
+    out_ops = launch(bm, manager)
     assert [(k, g) for k, g, _ in out_ops] == [("store", i) for i in ids]
+    assert bm.num_free_blocks == 8
     assert bm.allocate(s, 1)  # resumes with its 10 computed tokens: 3 blocks, loads queued
     in_ops = manager.take_transfers()
     assert [(k, slot) for k, slot, _ in in_ops] == [("load", slot) for _, _, slot in out_ops]

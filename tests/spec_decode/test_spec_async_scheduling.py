@@ -179,3 +179,43 @@ def test_draft_model_greedy_equal(tiny_model_dir):
     res = _run(target, prompts, params, speculative_config=spec, max_num_batched_tokens=24)
     assert res[False][0] == res[True][0] == expected
     assert res[True][1]["spec_num_draft_tokens"] > 0
+
+
+def test_scheduler_places_verify_rows_behind_verify_steps_and_rolls_back():
+    from meshserve.config import CacheConfig, SchedulerConfig
+    from meshserve.engine.scheduler import Scheduler
+    from meshserve.engine.sequence import Sequence
+
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64),
+        CacheConfig(block_size=4, num_blocks=16),
+    )
+    sched.async_mode = sched.verify_ahead = True
+    seq = Sequence(
+        "a", "a", 0, list(range(3, 9)), SamplingParams(max_tokens=20, ignore_eos=True), max_tokens=20
+    )
+    sched.add(seq)
+    sched.update_after_step(sched.schedule(), {"a": 11})  # the prompt, then its first token
+    seq.spec_token_ids, seq.spec_offset = [20, 21, 22], 0
+    verify = sched.schedule()
+    assert (
+        verify.scheduled[0].token_ids == [11, 20, 21, 22] and verify.scheduled[0].num_unverified_tokens == 0
+    )
+    assert seq.num_computed_tokens == 10 and seq.num_pending_tokens == 4  # as if all were accepted
+    seq.spec_token_ids, seq.spec_offset = [30, 31], 4  # proposed with the verify step in flight
+    behind = sched.schedule()
+    entry = behind.scheduled[0]
+    assert entry.token_ids == [-1, 30, 31] and entry.num_computed_tokens == 10
+    assert entry.num_unverified_tokens == 3 and entry.num_spec_tokens == 2
+    # the verify step accepted 1 of 3: two positions back, here as on the device
+    sched.update_after_step(verify, {}, {"a": [20, 99]})
+    assert (
+        seq.output_token_ids == [11, 20, 99] and seq.num_computed_tokens == 11 and seq.num_pending_tokens == 3
+    )
+    assert len(sched.block_manager.block_table(seq)) == 3  # blocks past position 10 returned to the pool
+    sched.update_after_step(behind, {}, {"a": [30, 31, 55]})
+    assert seq.output_token_ids == [11, 20, 99, 30, 31, 55] and seq.num_pending_tokens == 0
+    assert seq.num_computed_tokens == 11 and seq.num_tokens == 12  # the new last token is next
+    # proposals made for another count of pending tokens are stale: a plain decode instead
+    seq.spec_token_ids, seq.spec_offset = [1, 2], 4
+    assert sched.schedule().scheduled[0].token_ids == [55]

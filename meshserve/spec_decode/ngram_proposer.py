@@ -30,6 +30,8 @@ class NgramProposer:
             return []
         # ends of candidate matches: earlier positions holding the last token (the continuation starts at +1)
         ends = np.flatnonzero(token_ids[: length - 1] == token_ids[length - 1])
+        if skip:  # only matches whose continuation reaches past the skipped tokens
+            ends = ends[ends + 1 + skip < length]
         if ends.shape[0] == 0:
             return []
         matched = np.ones(ends.shape[0], dtype=np.int64)  # length of each candidate's match so far

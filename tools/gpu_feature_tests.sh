@@ -32,7 +32,7 @@ kernels|all)
   run_group moe_mla_kernels 240 tests/kernels/test_triton_moe.py tests/kernels/test_mla.py
   ;;&
 engine|all)
-  run_group spec_decode 240 tests/gpu/test_gpu_spec_decode.py
+  run_group spec_decode 300 tests/gpu/test_gpu_spec_decode.py tests/gpu/test_gpu_spec_async.py
   run_group kv_offload 240 tests/gpu/test_gpu_kv_offload.py tests/engine/kv_offload/test_kv_transfer.py
   run_group moe_engine 300 tests/gpu/test_gpu_moe.py
   run_group structured 180 tests/engine/test_structured_engine.py

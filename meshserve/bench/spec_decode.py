@@ -86,7 +86,8 @@ def _timed_generate(llm, prompts, params) -> tuple[list[list[int]], float]:
 
 
 def _engine_kwargs(ns) -> dict:
-    kw = {"max_model_len": ns.max_model_len, "dtype": ns.dtype, "enforce_eager": ns.enforce_eager}
+    kw = {"max_model_len": ns.max_model_len, "dtype": ns.dtype, "enforce_eager": ns.enforce_eager,
+          "async_scheduling": ns.async_scheduling}
     if ns.model is not None:
         kw["model"] = ns.model
     if ns.replay:
@@ -199,6 +200,8 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="schedule each step after the last one's tokens are read (the A/B of async speculation)")
     p.add_argument(
         "--replay",
         default=None,

@@ -126,11 +126,15 @@ class EngineCore:
         self.expert_load = ExpertLoadReader(getattr(self.executor, "runner", None))
         self.num_prompt_tokens = 0
         self.pp_busy_s = self.pp_wall_s = 0.0  # last pipeline stage's compute vs wall time
-        # async scheduling needs the runner in this process (its sampled ids feed the next step directly)
-        # (speculative steps run one at a time: the next step's proposals depend on this one's tokens)
-        self.async_scheduling = (config.scheduler_config.async_scheduling and spec is None
+        # async scheduling needs the runner in this process (its sampled ids feed the next step directly).
+        # With speculation, a step that will propose waits for the step in flight (proposals and the
+        # verified length are known on the host only), then launches before its outputs go out
+        # (_step_inner); a step that will not propose is scheduled ahead as without speculation
+        self.async_scheduling = (config.scheduler_config.async_scheduling
                                  and getattr(self.executor, "supports_async_scheduling", False))
         self.scheduler.async_mode = self.async_scheduling
+        if self.speculator is not None and self.async_scheduling and self._verify_ahead_supported():
+            self.scheduler.verify_ahead = self.speculator.propose_ahead = True
         self._in_flight: tuple[SchedulerOutput, PendingOutput, StepShape] | None = None
         # pipeline parallel: up to one step per stage in flight, each over sequences the others lack, so
         # every stage works on some step (no fill/drain bubble per step)
@@ -241,14 +245,17 @@ class EngineCore:
                 return self._outputs([])
             shape = step_shape(sched_out)
             return self._outputs(self._process(sched_out, self.executor.execute(sched_out), shape))
-        if self._in_flight is not None and self._needs_known_history():
-            return self._outputs(self._drain())  # penalties read the pending token: no overlap this step
+        first: list[EngineCoreOutput] = []
+        if self._in_flight is not None and (self._needs_known_history() or self._needs_verified_tokens()):
+            # penalties read the pending token; so do proposals, when they cannot be placed behind the step
+            # in flight: read it back first, then launch the next step before its outputs go out
+            first = self._drain()
         sched_out = self._schedule()
-        drained = self._late_masks_hook(sched_out)
+        drained = self._late_masks_hook(sched_out)  # filled during the launch
         launched = None
         if not sched_out.is_empty or sched_out.finished_seq_ids or sched_out.kv_transfers:
             launched = self.executor.execute_async(sched_out)
-        outputs = drained + self._drain()
+        outputs = first + drained + self._drain()
         if launched is not None:
             self._in_flight = (sched_out, launched, step_shape(sched_out))
         return self._outputs(outputs)
@@ -327,6 +334,32 @@ class EngineCore:
         if not self._late_masks:
             return self.scheduler.needs_known_history
         return any(seq.params.uses_penalties for seq in self.scheduler.running)
+
+    def _verify_ahead_supported(self) -> bool:
+        """Whether a sequence may verify proposals behind its own step in flight: host-side (n-gram)
+        proposals, one in-process rank (the runner moves the chunk back by the rejected count it holds), and
+        attention that reads sequence lengths on the device (the reference kernels read host lengths: exact
+        on a CPU, where reading them is free; MLA's prefill splits by host lengths on a GPU too)."""
+        runner = getattr(self.executor, "runner", None)
+        if self.speculator.proposer is None or not isinstance(self.executor, UniprocExecutor) or runner is None:
+            return False
+        mla = getattr(self.config.model_config.hf_config, "kv_lora_rank", None)
+        return self.config.device == "cpu" or (runner.kernels.attention_backend == "triton" and not mla)
+
+    def _needs_verified_tokens(self) -> bool:
+        """Whether the next step must wait for the step in flight under speculative decoding: the step in
+        flight verifies proposals (the next inputs follow its accepted run, whose length only the host
+        knows), or one of its sampling sequences may get proposals after it (the n-gram proposer reads
+        its new token; a draft model proposes on the ranks after every step)."""
+        if self.speculator is None or self.scheduler.verify_ahead:
+            return False
+        sched_out = self._in_flight[0]
+        if any(e.num_spec_tokens for e in sched_out.scheduled):
+            return True
+        if self.speculator.proposer is None:
+            return True
+        sampling = [self.requests.get(e.seq_id) for e in sched_out.scheduled if e.do_sample]
+        return self.speculator.may_propose([s for s in sampling if s is not None], self.scheduler.num_running)
 
     def _fill_grammar_bitmasks(self, sched_out: SchedulerOutput) -> None:
         """Each constrained sequence sampling this step gets the mask of tokens its grammar allows next

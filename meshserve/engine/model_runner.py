@@ -280,7 +280,7 @@ class ModelRunner:
     def _prepare(self, scheduled: list[ScheduledSequence]):
         """Flat batch tensors (input_ids, positions, AttentionMetadata) for the step (step_inputs.py)."""
         return self.inputs.build(scheduled, self._step_parity, self.sampling.last_sampled,
-                                 self.sampling.last_rows)
+                                 self.sampling.last_rows, self.sampling.last_rejected)
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         """Run this rank's part of the step. Only the sampler rank's output carries tokens."""

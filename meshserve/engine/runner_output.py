@@ -79,16 +79,26 @@ class PendingOutput:
 
     def __init__(self, output: ModelRunnerOutput, seq_ids: list[str] | None = None,
                  host_ids: torch.Tensor | None = None, event: torch.cuda.Event | None = None,
-                 sampled=None, logprob_ks: list[int | None] | None = None):
+                 sampled=None, logprob_ks: list[int | None] | None = None, spec_seq_ids: list[str] | None = None,
+                 spec_rows: torch.Tensor | None = None):
         self._output = output
         self._seq_ids, self._host_ids, self._event = seq_ids, host_ids, event
         self._sampled, self._logprob_ks = sampled, logprob_ks
+        # speculative decoding: verify rows (rejection_sampler.verify_on_device), copied to the host with the ids
+        self._spec_seq_ids, self._spec_rows = spec_seq_ids, spec_rows
         self.timer: StepTimer | None = None  # set by the runner: the step's device time, read with the result
 
     def result(self) -> ModelRunnerOutput:
         if self.timer is not None:
             self._output.device_time_s = self.timer.elapsed_s()
             self.timer = None
+        if self._spec_seq_ids is not None:
+            if self._event is not None:
+                self._event.synchronize()
+            # each row: accepted count a, the target's own token, the proposals -> accepted ones + own
+            self._output.spec_token_ids.update((seq_id, row[2 : 2 + row[0]] + [row[1]])
+                                               for seq_id, row in zip(self._spec_seq_ids, self._spec_rows.tolist()))
+            self._spec_seq_ids = self._spec_rows = None
         if self._seq_ids is not None:
             if self._event is not None:
                 self._event.synchronize()

@@ -60,6 +60,10 @@ class Scheduler:
         self.clock = time.monotonic
         # speculative decoding with a draft model: KV slots its proposals take past each step's tokens
         self.num_lookahead_tokens = 0
+        # async scheduling with speculation: a sequence may verify proposals with a step of its own still in
+        # flight (a verify step's tokens count as pending as if all were accepted; the runner moves the next
+        # chunk back by the rejected ones, update_after_step does the same here)
+        self.verify_ahead = False
         # prefill/decode disaggregation (disagg/coordinator.py): told of each finish; True when it keeps the
         # sequence's blocks for a KV transfer (they are not freed here)
         self.kv_hold: Callable[[Sequence, SequenceStatus], bool] | None = None
@@ -124,6 +128,7 @@ class Scheduler:
             output_token_ids=seq.output_token_ids if needs_history else None,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens + seq.num_pending_tokens,  # index of the token sampled
+            num_unverified_tokens=max(0, seq.num_pending_tokens - 1) if self.verify_ahead else 0,
         )
 
     def _shed_late(self, now: float) -> None:
@@ -176,7 +181,9 @@ class Scheduler:
                 if num_new <= 0:
                     i += 1  # a prompt chunk over this step's prefill cap: next step
                     continue
-            if seq.spec_token_ids and num_new == seq.num_tokens - seq.num_computed_tokens:
+            if (seq.spec_token_ids and seq.spec_offset == seq.num_pending_tokens
+                    and (self.verify_ahead or not seq.num_pending_tokens)
+                    and num_new == seq.num_tokens - seq.num_computed_tokens):
                 num_new += self._num_spec_to_verify(seq, budget - num_new)
             while not self.block_manager.allocate(seq, num_new, num_lookahead_tokens=self.num_lookahead_tokens):
                 if self.block_manager.num_landing_blocks:
@@ -240,13 +247,14 @@ class Scheduler:
         if self.async_mode:
             for (seq, n), entry in zip(scheduled, out.scheduled):
                 seq.num_computed_tokens += n
-                seq.num_pending_tokens += entry.do_sample
+                seq.num_pending_tokens += entry.do_sample + entry.num_spec_tokens  # all accepted, for now
         return out
 
     def _num_spec_to_verify(self, seq: Sequence, budget: int) -> int:
         """How many of seq's proposals fit this step: the token budget, and no more than max_tokens and
         max_model_len leave room for (accepted proposals plus the target's own token)."""
-        room = min(seq.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens) - 1
+        room = min(seq.max_tokens - seq.num_output_tokens - seq.num_pending_tokens,
+                   self.config.max_model_len - seq.num_tokens) - 1
         return max(0, min(len(seq.spec_token_ids), budget, room))
 
     def _reached_limit(self, seq: Sequence) -> bool:
@@ -306,9 +314,18 @@ class Scheduler:
                 self._advance_grammar(seq, token)
             if seq.is_finished:
                 break
-        if not seq.is_finished:
+        rejected = entry.num_spec_tokens - (len(tokens) - 1)
+        if self.async_mode:
+            # counted as computed and pending when scheduled, as if all were accepted; a later step of this
+            # sequence in flight was placed so too (the runner moved it back by as many)
+            seq.num_pending_tokens -= 1 + entry.num_spec_tokens
+            if not seq.is_finished and seq.num_computed_tokens:  # 0: preempted to be recomputed
+                seq.num_computed_tokens -= rejected
+                if seq.status == SequenceStatus.RUNNING:  # (a swapped-out one keeps its blocks' copies)
+                    self.block_manager.trim(seq, seq.num_computed_tokens)
+        elif not seq.is_finished:
             # computed: the last verified token and the accepted proposals; the target's own token is next
-            seq.num_computed_tokens += entry.num_new_tokens - entry.num_spec_tokens + len(tokens) - 1
+            seq.num_computed_tokens += entry.num_new_tokens - rejected
             self.block_manager.trim(seq, seq.num_computed_tokens)
         return seq.num_step_tokens > 0
 

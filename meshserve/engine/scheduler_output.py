@@ -37,6 +37,9 @@ class ScheduledSequence:
     # speculative decoding: the last num_spec_tokens of token_ids are proposals; the runner scores every
     # position from the last verified token on and verifies them (do_sample is then True)
     num_spec_tokens: int = 0
+    # async scheduling: proposals of this sequence's step still in flight when this one was scheduled. The
+    # chunk is placed as if all were accepted; the runner moves it back by the rejected ones on the device
+    num_unverified_tokens: int = 0
 
     @property
     def num_new_tokens(self) -> int:

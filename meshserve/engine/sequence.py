@@ -62,6 +62,10 @@ class Sequence:
     # in the prefix cache), and how many tokens the last step appended (accepted proposals + 1)
     spec_token_ids: list[int] = field(default_factory=list)
     num_step_tokens: int = 1
+    # async scheduling: the pending tokens when the proposals were made (they hold while that count does),
+    # and how many proposals of the step in flight they assumed accepted (-1: none in flight)
+    spec_offset: int = 0
+    spec_assumed_accepted: int = -1
 
     @property
     def all_token_ids(self) -> list[int]:

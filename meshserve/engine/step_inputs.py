@@ -30,9 +30,12 @@ class StepInputBuilder:
         self._pinned_copied: list[torch.cuda.Event | None] = [None] * num_buffers  # each buffer's last copy
 
     def build(self, scheduled: list[ScheduledSequence], parity: int, last_sampled: torch.Tensor | None,
-              last_rows: dict[str, int]):
+              last_rows: dict[str, int], last_rejected: torch.Tensor | None = None):
         """Flat batch tensors for the step. Pending tokens (-1, async scheduling) are filled on the device
-        from last_sampled, the previous step's sampled ids, at the rows last_rows gives by sequence."""
+        from last_sampled, the previous step's sampled ids, at the rows last_rows gives by sequence. A
+        sequence scheduled behind its own verify step (num_unverified_tokens) moves back on the device by
+        the proposals that step rejected (last_rejected, same rows): positions, KV slots, sequence length;
+        max_seq_len stays the host's bound (all accepted)."""
         bsz = self.block_size
         num_new = np.fromiter((s.num_new_tokens for s in scheduled), dtype=np.int64, count=len(scheduled))
         starts = np.fromiter((s.num_computed_tokens for s in scheduled), dtype=np.int64, count=len(scheduled))
@@ -57,20 +60,38 @@ class StepInputBuilder:
         holes = np.flatnonzero(input_ids < 0)
         sources = np.fromiter((last_rows[scheduled[r].seq_id] for r in row[holes]), dtype=np.int64,
                               count=holes.shape[0])
+        # rows behind a verify step still in flight: their tokens, and where each row's rejected count is
+        behind = np.fromiter((r for r, s in enumerate(scheduled) if s.num_unverified_tokens), dtype=np.int64)
+        behind_src = np.fromiter((last_rows[scheduled[r].seq_id] for r in behind), dtype=np.int64,
+                                 count=behind.shape[0])
+        behind_tok = np.flatnonzero(np.isin(row, behind)) if behind.shape[0] else behind
         # one host buffer, one async copy from pinned memory; views split it on the device. Every part
         # starts 16-byte aligned: Triton specialises kernels on pointer alignment, so an odd offset would
         # compile a second variant of each kernel in the middle of serving.
-        parts = [input_ids, positions, slots, qsl, seq_lens, tables.reshape(-1), holes, sources]
+        parts = [input_ids, positions, slots, qsl, seq_lens, tables.reshape(-1), holes, sources, behind, behind_src,
+                 behind_tok]
         offsets = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum([p.shape[0] + (p.shape[0] & 1) for p in parts], out=offsets[1:])
         host = np.zeros(int(offsets[-1]), dtype=np.int64)
         for p, start in zip(parts, offsets):
             host[start : start + p.shape[0]] = p
         buf = self._to_device(host, parity)
-        ids_d, pos_d, slots_d, qsl_d, seq_lens_d, tables_d, holes_d, sources_d = (
+        ids_d, pos_d, slots_d, qsl_d, seq_lens_d, tables_d, holes_d, sources_d, behind_d, src_d, tok_d = (
             buf[int(start) : int(start) + p.shape[0]] for p, start in zip(parts, offsets))
         if holes.shape[0]:
             ids_d.index_copy_(0, holes_d, last_sampled.index_select(0, sources_d))
+        seq_lens_cpu = seq_lens
+        if behind.shape[0]:
+            back = torch.zeros(len(scheduled), dtype=torch.int64, device=ids_d.device)
+            back.index_copy_(0, behind_d, last_rejected.index_select(0, src_d))
+            seq_lens_d.sub_(back)
+            tok_row = torch.searchsorted(qsl_d, tok_d, right=True) - 1  # each such token's row
+            pos = pos_d.index_select(0, tok_d) - back.index_select(0, tok_row)
+            pos_d.index_copy_(0, tok_d, pos)
+            width_d = tables_d.view(len(scheduled), width)
+            slots_d.index_copy_(0, tok_d, width_d[tok_row, pos // bsz] * bsz + pos % bsz)
+            if self.device.type != "cuda":  # reference kernels loop over host lengths; reading is free here
+                seq_lens_cpu = seq_lens_d.numpy()
         meta = AttentionMetadata(
             slot_mapping=slots_d,
             query_start_loc=qsl_d,
@@ -79,7 +100,7 @@ class StepInputBuilder:
             max_query_len=int(num_new.max()),
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
+            seq_lens_cpu=seq_lens_cpu.tolist(),
         )
         return ids_d, pos_d, meta
 

@@ -9,7 +9,7 @@ from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, to_
 from meshserve.engine.scheduler_output import ScheduledSequence
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.sampler import Sampler, SamplingMetadata, compute_logprobs
-from meshserve.spec_decode.rejection_sampler import verify
+from meshserve.spec_decode.rejection_sampler import to_device, verify_on_device
 from meshserve.structured.bitmask import apply_bitmask
 
 
@@ -38,6 +38,9 @@ class StepSampler:
         # for tokens that were still pending when it was scheduled
         self.last_sampled: torch.Tensor | None = None
         self.last_rows: dict[str, int] = {}
+        # speculative decoding: per row of last_sampled, the proposals it rejected (None: no verify rows);
+        # the next step's row of that sequence was placed as if all were accepted and moves back by these
+        self.last_rejected: torch.Tensor | None = None
 
     def forget(self, seq_ids: list[str]) -> None:
         """Drop the state of finished sequences."""
@@ -77,12 +80,14 @@ class StepSampler:
                 result.prompt_logprobs[s.seq_id] = (start, to_token_logprobs(next_ids, *lps))
 
         sample_idx = [i for i, s in enumerate(scheduled) if s.do_sample]
+        spec = None
         if any(scheduled[i].num_spec_tokens for i in sample_idx):
-            self._verify([i for i in sample_idx if scheduled[i].num_spec_tokens], scheduled, hidden, qsl,
-                         samples, result)
+            spec = self._verify([i for i in sample_idx if scheduled[i].num_spec_tokens], scheduled, hidden, qsl,
+                                samples)
             sample_idx = [i for i in sample_idx if not scheduled[i].num_spec_tokens]
         if not sample_idx:
-            return PendingOutput(result)
+            self._remember([], None, spec)
+            return self._pending(result, [], None, parity, spec=spec)
         if len(sample_idx) == len(scheduled):  # the usual case: no host-to-device copy needed
             last_rows = meta.query_start_loc[1:] - 1
         else:
@@ -92,7 +97,7 @@ class StepSampler:
         if not samples:
             if self.share_sampled:
                 self._remember(rows, self._broadcast(torch.empty(len(rows), dtype=torch.int64,
-                                                                 device=self.device)))
+                                                                 device=self.device)), None)
             return PendingOutput(result)
         constrained = [j for j, s in enumerate(rows) if s.grammar_bitmask is not None]
         if constrained:  # structured outputs: only the tokens each grammar allows next
@@ -102,7 +107,7 @@ class StepSampler:
         if all(s.params.greedy and s.params.logprobs is None and not s.params.uses_penalties
                and not s.params.logit_bias for s in rows) and not any(banned):
             # plain greedy: no per-row settings to upload, just the argmax
-            return self._pending(result, rows, logits.argmax(dim=-1), parity)
+            return self._pending(result, rows, logits.argmax(dim=-1), parity, spec=spec)
         meta_s = SamplingMetadata.build(
             [s.params for s in rows],
             [s.prompt_token_ids or [] for s in rows],
@@ -113,47 +118,68 @@ class StepSampler:
             banned_token_ids=banned,
         )
         sampled = self.sampler(logits, meta_s)
-        return self._pending(result, rows, sampled.sampled_token_ids, parity, sampled)
+        return self._pending(result, rows, sampled.sampled_token_ids, parity, sampled, spec)
 
     def _verify(self, spec_idx: list[int], scheduled: list[ScheduledSequence], hidden: torch.Tensor,
-                qsl: list[int], samples: bool, result: ModelRunnerOutput) -> None:
+                qsl: list[int], samples: bool):
         """Score every position of the verifying sequences (last verified token and each proposal) and,
-        on the sampler rank, verify their proposals (spec_decode/rejection_sampler.py) into
-        result.spec_token_ids. Synchronous: speculative steps are not scheduled ahead."""
-        rows = torch.cat([torch.arange(qsl[i + 1] - 1 - scheduled[i].num_spec_tokens, qsl[i + 1])
-                          for i in spec_idx]).to(self.device)
+        on the sampler rank, verify their proposals (spec_decode/rejection_sampler.py) on the device.
+        Returns (entries, [B, 2 + K] rows of accepted count, own token, proposals), or None elsewhere."""
+        rows = to_device([r for i in spec_idx for r in range(qsl[i + 1] - 1 - scheduled[i].num_spec_tokens,
+                                                             qsl[i + 1])], self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         if not samples:
-            return
+            return None
         entries = [scheduled[i] for i in spec_idx]
         drafts = [s.token_ids[len(s.token_ids) - s.num_spec_tokens:] for s in entries]
-        verified = verify(logits, drafts, [s.params for s in entries], [self._generator(s) for s in entries])
-        result.spec_token_ids.update((s.seq_id, t) for s, t in zip(entries, verified.token_ids))
+        packed = verify_on_device(logits, drafts, [s.params for s in entries],
+                                  [self._generator(s) for s in entries])
+        return entries, packed
 
-    def _pending(self, result: ModelRunnerOutput, rows: list[ScheduledSequence], token_ids: torch.Tensor,
-                 parity: int, sampled=None) -> PendingOutput:
+    def _pending(self, result: ModelRunnerOutput, rows: list[ScheduledSequence], token_ids: torch.Tensor | None,
+                 parity: int, sampled=None, spec=None) -> PendingOutput:
         """Remember the sampled ids on the device (the next step may need them as inputs) and start their
-        copy to pinned host memory."""
-        token_ids = token_ids.long()
-        if self.share_sampled:
-            self._broadcast(token_ids)
-        self._remember(rows, token_ids)
-        seq_ids = [s.seq_id for s in rows]
+        copy (and the verify rows', when any) to pinned host memory."""
+        if token_ids is not None:
+            token_ids = token_ids.long()
+            if self.share_sampled:
+                self._broadcast(token_ids)
+            self._remember(rows, token_ids, spec)
+        seq_ids = [s.seq_id for s in rows] if token_ids is not None else None
         ks = [s.params.logprobs for s in rows] if sampled is not None and sampled.logprobs is not None else None
+        spec_ids = [e.seq_id for e in spec[0]] if spec is not None else None
+        packed = spec[1] if spec is not None else None
         if self.device.type != "cuda":
-            return PendingOutput(result, seq_ids, token_ids, None, sampled, ks)
-        i, n = parity, token_ids.shape[0]
-        if self._pinned_ids[i] is None or self._pinned_ids[i].shape[0] < n:
-            self._pinned_ids[i] = torch.empty(max(n, 256), dtype=torch.int64, pin_memory=True)
-        host = self._pinned_ids[i][:n]
-        host.copy_(token_ids, non_blocking=True)
+            return PendingOutput(result, seq_ids, token_ids, None, sampled, ks, spec_ids, packed)
+        host = None
+        if token_ids is not None:
+            i, n = parity, token_ids.shape[0]
+            if self._pinned_ids[i] is None or self._pinned_ids[i].shape[0] < n:
+                self._pinned_ids[i] = torch.empty(max(n, 256), dtype=torch.int64, pin_memory=True)
+            host = self._pinned_ids[i][:n]
+            host.copy_(token_ids, non_blocking=True)
+        if packed is not None:  # pinned (the caching host allocator's), so the copy does not block
+            packed = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True).copy_(packed, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return PendingOutput(result, seq_ids, host, event, sampled, ks)
+        return PendingOutput(result, seq_ids, host, event, sampled, ks, spec_ids, packed)
 
-    def _remember(self, rows: list[ScheduledSequence], token_ids: torch.Tensor) -> None:
-        self.last_sampled = token_ids
+    def _remember(self, rows: list[ScheduledSequence], token_ids: torch.Tensor | None, spec) -> None:
+        """The step's new tokens on the device by sequence: sampled ids, then each verify row's own token
+        (the next step's input when it was scheduled before this one was read), and the rejected counts."""
         self.last_rows = {s.seq_id: i for i, s in enumerate(rows)}
+        if spec is None:
+            self.last_sampled, self.last_rejected = token_ids, None
+            return
+        entries, packed = spec
+        base = len(rows)
+        self.last_rows.update((e.seq_id, base + j) for j, e in enumerate(entries))
+        rejected = to_device([e.num_spec_tokens for e in entries], self.device) - packed[:, 0]
+        if token_ids is None:
+            self.last_sampled, self.last_rejected = packed[:, 1], rejected
+            return
+        self.last_sampled = torch.cat([token_ids, packed[:, 1]])
+        self.last_rejected = torch.cat([torch.zeros_like(token_ids), rejected])
 
     @staticmethod
     def _broadcast(token_ids: torch.Tensor) -> torch.Tensor:

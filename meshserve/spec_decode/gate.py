@@ -58,6 +58,10 @@ class SpeculationGate:
             return True
         return expected_tokens(self.acceptance, self.k) / verify > (1.0 + self.margin) / plain
 
+    def will_propose(self) -> bool:
+        """A guess at the next decide() without changing state: on, or off with a probe due."""
+        return self.is_on or (self._steps_off + 1) % self.probe_every == 0
+
     def decide(self, batch: int, context_tokens: int) -> bool:
         """This step's decision: pays(), and while off, a probe every probe_every steps."""
         self.is_on = self.pays(batch, context_tokens)

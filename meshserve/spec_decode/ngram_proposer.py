@@ -20,14 +20,18 @@ class NgramProposer:
         self.n_min = prompt_lookup_min
         self.n_max = prompt_lookup_max
 
-    def propose(self, token_ids: np.ndarray, max_tokens: int | None = None) -> list[int]:
-        """Proposed continuation of token_ids (prompt + output so far), at most min(k, max_tokens) long."""
+    def propose(self, token_ids: np.ndarray, max_tokens: int | None = None, skip: int = 0) -> list[int]:
+        """Proposed continuation of token_ids (prompt + output so far), at most min(k, max_tokens) long.
+        skip > 0 proposes for the positions after the next `skip` (async scheduling: tokens of a step in
+        flight), from the same match: its continuation past them."""
         k = self.k if max_tokens is None else min(self.k, max_tokens)
         length = token_ids.shape[0]
         if k <= 0 or length <= self.n_min:
             return []
         # ends of candidate matches: earlier positions holding the last token (the continuation starts at +1)
         ends = np.flatnonzero(token_ids[: length - 1] == token_ids[length - 1])
+        if skip:  # only matches whose continuation reaches past the skipped tokens
+            ends = ends[ends + 1 + skip < length]
         if ends.shape[0] == 0:
             return []
         matched = np.ones(ends.shape[0], dtype=np.int64)  # length of each candidate's match so far
@@ -44,4 +48,4 @@ class NgramProposer:
         if best < self.n_min:
             return []
         end = int(ends[np.flatnonzero(matched == best)[-1]])
-        return token_ids[end + 1 : end + 1 + k].tolist()
+        return token_ids[end + 1 + skip : end + 1 + skip + k].tolist()

@@ -28,23 +28,32 @@ class VerifyResult:
     num_accepted: list[int]
 
 
+def to_device(data: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A small host list on the device without waiting for the queued work: a plain torch.tensor(...,
+    device="cuda") copy synchronizes the stream (the verify would wait for the forward it follows)."""
+    t = torch.tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """[R, V] probabilities each row's sampler would draw from: temperature, min_p, top_k, top_p (the
     Sampler's order), in float32. Rows of greedy params get temperature 1 (callers use their argmax)."""
     logits = logits.to(torch.float32, copy=True)
     dev = logits.device
-    temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
+    temp = to_device([1.0 if p.greedy else p.temperature for p in params], dev, torch.float32)
     logits.div_(temp.unsqueeze(1))
     if any(p.min_p > 0 for p in params):
-        logits = apply_min_p(logits, torch.tensor([p.min_p for p in params], device=dev))
+        logits = apply_min_p(logits, to_device([p.min_p for p in params], dev, torch.float32))
     vocab = logits.shape[-1]
     top_k = [min(p.top_k, vocab) if p.top_k > 0 else 0 for p in params]
     use_k, use_p = any(k for k in top_k), any(p.top_p < 1.0 for p in params)
     if use_k or use_p:
         logits = apply_top_k_top_p(
             logits,
-            torch.tensor(top_k, device=dev) if use_k else None,
-            torch.tensor([p.top_p for p in params], device=dev) if use_p else None,
+            to_device(top_k, dev) if use_k else None,
+            to_device([p.top_p for p in params], dev, torch.float32) if use_p else None,
         )
     return torch.softmax(logits, dim=-1)
 
@@ -62,6 +71,24 @@ def verify(
     token and after each proposal). draft_probs: [sum(k_b), V] proposal distributions, or None for
     deterministic proposers (one-hot q). generators: a seeded request's generator, or None.
     """
+    return verify_result(verify_on_device(logits, draft_token_ids, params, generators, draft_probs).tolist())
+
+
+def verify_result(packed: list[list[int]]) -> VerifyResult:
+    """VerifyResult from verify_on_device's rows, read back to the host."""
+    tokens = [row[2 : 2 + row[0]] + [row[1]] for row in packed]
+    return VerifyResult(tokens, [row[0] for row in packed])
+
+
+def verify_on_device(
+    logits: torch.Tensor,
+    draft_token_ids: list[list[int]],
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    draft_probs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """verify() without reading anything back: [B, 2 + K] int64 rows of (accepted count, the target's own
+    token, the proposals), for an asynchronous copy to the host (verify_result reads it)."""
     num_seqs = len(draft_token_ids)
     dev = logits.device
     ks = [len(d) for d in draft_token_ids]
@@ -72,13 +99,11 @@ def verify(
     for k in ks[:-1]:
         offsets.append(offsets[-1] + k + 1)
     cols = torch.arange(width, device=dev)
-    k_t = torch.tensor(ks, device=dev)
-    rows = torch.tensor(offsets, device=dev).unsqueeze(1) + torch.minimum(cols.unsqueeze(0), k_t.unsqueeze(1))
-    draft = torch.tensor(
-        [d + [0] * (kmax - len(d)) for d in draft_token_ids], dtype=torch.int64, device=dev
-    ).reshape(num_seqs, kmax)
+    k_t = to_device(ks, dev)
+    rows = to_device(offsets, dev).unsqueeze(1) + torch.minimum(cols.unsqueeze(0), k_t.unsqueeze(1))
+    draft = to_device([d + [0] * (kmax - len(d)) for d in draft_token_ids], dev).reshape(num_seqs, kmax)
     valid = cols[:kmax].unsqueeze(0) < k_t.unsqueeze(1)  # [B, K]
-    greedy = torch.tensor([p.greedy for p in params], device=dev)
+    greedy = to_device([p.greedy for p in params], dev, torch.bool)
 
     flat_logits = logits.index_select(0, rows.reshape(-1))  # [B*(K+1), V]
     argmax = flat_logits.argmax(dim=-1).view(num_seqs, width)
@@ -117,10 +142,7 @@ def verify(
         gens = {b: g for b, g in enumerate(generators) if g is not None and not params[b].greedy}
         sampled = random_sample(dist, gens)
         final = torch.where(greedy, final, sampled)
-    counts = num_accepted.tolist()
-    drafts, finals = draft.tolist(), final.tolist()
-    tokens = [drafts[b][: counts[b]] + [finals[b]] for b in range(num_seqs)]
-    return VerifyResult(tokens, counts)
+    return torch.cat([num_accepted.long().unsqueeze(1), final.long().unsqueeze(1), draft], dim=1)
 
 
 def _pad_draft_probs(draft_probs: torch.Tensor, ks: list[int], kmax: int) -> torch.Tensor:

@@ -33,13 +33,13 @@ class ReplayProposer:
         for prompt, out in references.items():
             self._by_len.setdefault(len(prompt), []).append((prompt, out))
 
-    def propose(self, token_ids: np.ndarray, max_tokens: int | None = None) -> list[int]:
+    def propose(self, token_ids: np.ndarray, max_tokens: int | None = None, skip: int = 0) -> list[int]:
         ids = token_ids.tolist()
         for n, entries in self._by_len.items():
             head = tuple(ids[:n])
             for prompt, out in entries:
                 if head == prompt:
-                    done = len(ids) - n
+                    done = len(ids) - n + skip
                     guess = out[done : done + self.k]
                     return [
                         (t + 1) % self.vocab_size if self.wrong[done + j] else t for j, t in enumerate(guess)

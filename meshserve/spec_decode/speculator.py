@@ -47,6 +47,29 @@ class Speculator:
             else None
         )
         self.stats = SpecDecodeStats()
+        # async scheduling: proposals for a sequence with a step in flight follow that step's tokens (as if
+        # its proposals are all accepted); False: such a sequence gets none (its next step waits instead)
+        self.propose_ahead = False
+
+    @staticmethod
+    def _skip(seq: Sequence, runner_out: ModelRunnerOutput) -> int:
+        """Tokens of the step in flight that the next proposals skip: all of them (its proposals accepted)
+        while its proposals were made on what this step turned out to accept; else its first (its
+        proposals, made on a wrong guess, will most likely be rejected: the target's own token is next)."""
+        tokens = runner_out.spec_token_ids.get(seq.seq_id)
+        accepted = len(tokens) - 1 if tokens else 0
+        return seq.num_pending_tokens if seq.spec_assumed_accepted in (-1, accepted) else 1
+
+    def may_propose(self, sampling: list[Sequence], num_running: int) -> bool:
+        """Whether after_step may give any of `sampling` (the sequences sampling in the step in flight)
+        proposals: async scheduling waits for that step then, else schedules the next one ahead. Predicted
+        without changing the gate; when the gate turns on unforeseen, the proposals of sequences with a step
+        in flight are dropped (after_step) and the step after waits."""
+        limit = self.config.disable_by_batch_size
+        if limit is not None and num_running > limit:
+            return False
+        gate_on = self.gate.will_propose()
+        return any(speculation_allowed(seq) and (gate_on or seq.params.seed is not None) for seq in sampling)
 
     def after_step(
         self,
@@ -67,10 +90,17 @@ class Speculator:
         gated = not paused and bool(updated) and not self.gate.decide(num_running,
                                                                       sum(seq.num_tokens for seq in updated))
         for seq in updated:
-            if (seq.is_finished or paused or not speculation_allowed(seq)
+            # a sequence with a step in flight (async scheduling) has its next inputs placed already: its
+            # proposals skip that step's tokens (propose_ahead), or it gets none
+            pending = seq.num_pending_tokens
+            seq.spec_offset = pending
+            skip = self._skip(seq, runner_out) if pending else 0
+            seq.spec_assumed_accepted = skip - 1
+            if (seq.is_finished or paused or (pending and not self.propose_ahead) or not speculation_allowed(seq)
                     or (gated and seq.params.seed is None)):
                 seq.spec_token_ids = []
             elif self.proposer is not None:
-                seq.spec_token_ids = self.proposer.propose(np.asarray(seq.all_token_ids, dtype=np.int64))
+                ids = np.asarray(seq.all_token_ids, dtype=np.int64)
+                seq.spec_token_ids = self.proposer.propose(ids, skip=skip) if skip else self.proposer.propose(ids)
             else:
                 seq.spec_token_ids = runner_out.draft_token_ids.get(seq.seq_id, [])

@@ -30,3 +30,17 @@ def test_no_proposal_below_min_or_without_a_match():
     assert _p([1, 2, 9, 2], lo=2) == []  # only the 1-gram "2" matches
     assert _p([7]) == []
     assert _p([3, 3], k=2) == [3]
+
+
+def test_skip_proposes_past_the_tokens_of_a_step_in_flight():
+    ids = np.asarray([5, 6, 1, 2, 3, 4, 5, 6], dtype=np.int64)
+    proposer = NgramProposer(2, 1, 3)
+    assert proposer.propose(ids) == [1, 2]
+    assert proposer.propose(ids, skip=1) == [2, 3]  # the same match, past the pending token
+    assert proposer.propose(ids, skip=3) == [4, 5]
+    assert proposer.propose(ids, skip=6) == []  # no match reaches that far
+    # a later match whose continuation ends too soon gives way to an earlier one that reaches
+    ids = np.asarray([7, 1, 2, 3, 4, 9, 7, 1, 9, 7], dtype=np.int64)
+    assert proposer.propose(ids) == [1, 9]
+    assert proposer.propose(ids, skip=2) == [7]  # the latest match still reaches one token past
+    assert proposer.propose(ids, skip=3) == [4, 9]  # it does not reach: the earlier match does

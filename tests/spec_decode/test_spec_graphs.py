@@ -55,6 +55,7 @@ class _Routes:
         self.steps: list[tuple[str, bool]] = []  # (route, verify step)
         self.verify_steps = 0
         self.verify_with_prefill = 0  # verify steps that also carry a prefill chunk
+        self.verify_behind = 0  # verify steps with a row behind a verify step in flight (async scheduling)
         self._verify = False
         self.mixed = runner.build_mixed_graphs(replay=False)
         self.decode = DecodeGraphs(runner.forward, 3, 256, runner.block_size, runner.device)
@@ -66,6 +67,9 @@ class _Routes:
             self.verify_steps += self._verify
             self.verify_with_prefill += self._verify and any(
                 s.num_new_tokens > 1 + s.num_spec_tokens for s in out.scheduled
+            )
+            self.verify_behind += self._verify and any(
+                s.num_spec_tokens and s.num_unverified_tokens for s in out.scheduled
             )
             return real_launch(out)
 
@@ -96,10 +100,11 @@ def expected(tiny_model_dir) -> list[list[int]]:
     return tokens
 
 
-def test_verify_steps_take_padded_mixed_graphs_with_equal_greedy_tokens(tiny_model_dir, expected):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_verify_steps_take_padded_mixed_graphs_with_equal_greedy_tokens(tiny_model_dir, expected, async_scheduling):
     model = tiny_model_dir("llama")
     prompts = _prompts()
-    llm = _llm(model, speculative_config=NGRAM)
+    llm = _llm(model, speculative_config=NGRAM, async_scheduling=async_scheduling)
     assert _greedy(llm, prompts) == expected  # the eager path, as before
     runner, core = llm.engine.runner, llm.engine.core
     core.speculator.gate.step_model = None  # speculate on every step (the gate is not under test here)
@@ -117,7 +122,10 @@ def test_verify_steps_take_padded_mixed_graphs_with_equal_greedy_tokens(tiny_mod
     finally:
         runner.graphs = runner.mixed_graphs = None
     assert ngram_verify >= 3 and routes.verify_steps - ngram_verify >= 5
-    assert routes.verify_with_prefill >= 2  # prefill chunks beside verify rows, in one padded step
+    if async_scheduling:  # verify rows placed on the device behind verify steps in flight
+        assert routes.verify_behind >= 2
+    else:  # prefill chunks beside verify rows, in one padded step (async: the finishes fall elsewhere)
+        assert routes.verify_with_prefill >= 2
     assert core.speculator.stats.num_accepted_tokens - accepted_before >= 20
     # every verify step went through the padded buffers (each fits a bucket: at most 48 tokens), none
     # through the decode graphs, which still took the decode-only steps

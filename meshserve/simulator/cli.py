@@ -33,8 +33,8 @@ def register(subparsers) -> None:
                         f"{FAST_MODEL_COVERS}; anything else runs on the scheduler, with the reason in the report's "
                         "replica_model_fallback. scheduler: the engine's own Scheduler per replica (the reference)")
     g.add_argument("--calibration", default=d.calibration,
-                   help="step-time weights: a section of meshserve/simulator/calibration.toml (h200_mixed_graphs: "
-                        "the build with mixed-step CUDA graphs)")
+                   help="step-time weights: a section of meshserve/simulator/calibration.toml (default: h200_mixed_graphs, "
+                        "the engine with mixed-step CUDA graphs; h200_before_mixed_graphs: the engine before them)")
     g.add_argument("--hardware-file", default=None, help="TOML overriding the GPU catalog (prices, rates)")
     g = p.add_argument_group("engine (per replica, as `meshserve serve`)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)

@@ -45,12 +45,15 @@ class StepWeights:
 
 
 def load_calibration(name: str = "default") -> StepWeights:
-    """Weights from a section of calibration.toml (a fit of one of our own H200 step traces)."""
+    """Weights from a section of calibration.toml (a fit of one of our own H200 step traces), or from the
+    section that an alias such as "default" names."""
     sections = tomllib.loads(CALIBRATION_FILE.read_text())
-    if name not in sections:
+    entry = sections.get(name)
+    if isinstance(entry, str):  # an alias ("default"): the name of the fit it stands for
+        entry = sections.get(entry)
+    if not isinstance(entry, dict):
         raise InvalidArgumentError(f"no calibration {name!r}; calibration.toml has {', '.join(sections)}",
                                    param="calibration")
-    entry = sections[name]
     return StepWeights(entry["constant_ms"], entry["dense_factor"], entry["kv_factor"], entry["mixed_ms"])
 
 

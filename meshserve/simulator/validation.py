@@ -31,14 +31,21 @@ class MeasuredRun:
     label: str
     file: str
     slo: bool  # --slo-ttft-ms 1000 --slo-tpot-ms 50
+    calibration: str = "default"  # the calibration.toml fit of the engine that ran it
 
 
-# No targets: issue 17's "after" run; targets: issue 18's committed credit policy (whose step trace calibrated
-# the simulator), with QPS 32 from the first-policy run (a policy that does not bind at 32).
+BEFORE_GRAPHS = "h200_before_mixed_graphs"
+# No targets: issue 17's "after" run; targets: issue 18's credit policy (whose step trace is BEFORE_GRAPHS' fit),
+# with QPS 32 from the first-policy run (a policy that does not bind at 32): engines before mixed-step graphs.
+# Then one session of the credit policy (commit 163ec22) with mixed steps eager (--max-cudagraph-tokens 0: the
+# nearest fit is BEFORE_GRAPHS, though the decode rows' split kernel is newer) and with mixed-step graphs up to
+# 1,024 tokens (the default fit is of its step trace).
 W3_H200_RUNS = (
-    MeasuredRun("no targets", "w3_8b_wordtok_after_split.json", slo=False),
-    MeasuredRun("targets", "w3_8b_slo_first.json", slo=True),
-    MeasuredRun("targets", "w3_8b_slo_credit.json", slo=True),
+    MeasuredRun("no targets", "w3_8b_wordtok_after_split.json", slo=False, calibration=BEFORE_GRAPHS),
+    MeasuredRun("targets", "w3_8b_slo_first.json", slo=True, calibration=BEFORE_GRAPHS),
+    MeasuredRun("targets", "w3_8b_slo_credit.json", slo=True, calibration=BEFORE_GRAPHS),
+    MeasuredRun("targets, mixed steps eager", "w3_8b_slo_graphs0.json", slo=True, calibration=BEFORE_GRAPHS),
+    MeasuredRun("targets, mixed-step graphs", "w3_8b_slo_graphs1024.json", slo=True),
 )
 METRICS = ("goodput", "ttft_p50", "tpot_p50", "itl_p50", "ttft_p99")
 
@@ -49,10 +56,11 @@ def measured_points(run: MeasuredRun) -> dict[float, dict]:
 
 
 def replay_w3(qps: float, slo: bool, frontend_latency_s: float = 0.0,
-              frontend: FrontEndCosts = FRONTEND_OFF, slo_prefill_chunk: int = 0) -> dict:
+              frontend: FrontEndCosts = FRONTEND_OFF, slo_prefill_chunk: int = 0,
+              calibration: str = "default") -> dict:
     """W3 at qps as the measured runs served it: slo_prefill_chunk 0 is the policy before the per-step prompt cap
     (every run in W3_H200_RUNS)."""
-    config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=1, max_model_len=4096,
+    config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=1, max_model_len=4096, calibration=calibration,
                        slo_ttft_s=1.0 if slo else None, slo_tpot_s=0.05 if slo else None,
                        slo_prefill_chunk=slo_prefill_chunk,
                        frontend_latency_s=frontend_latency_s, frontend_request_s=frontend.per_request_s,
@@ -61,10 +69,10 @@ def replay_w3(qps: float, slo: bool, frontend_latency_s: float = 0.0,
 
 
 def frontend_latency_from(qps: float, measured_ttft_p50: float, slo: bool,
-                          frontend: FrontEndCosts = FRONTEND_OFF) -> float:
+                          frontend: FrontEndCosts = FRONTEND_OFF, calibration: str = "default") -> float:
     """The fixed latency (network, HTTP, the hop to the core) that the simulation does not see: measured TTFT
     p50 minus simulated, at a light load where queueing is negligible."""
-    return max(0.0, measured_ttft_p50 - replay_w3(qps, slo, frontend=frontend)["ttft_p50"])
+    return max(0.0, measured_ttft_p50 - replay_w3(qps, slo, frontend=frontend, calibration=calibration)["ttft_p50"])
 
 
 # The issue's goals: relative error allowed per metric
@@ -89,15 +97,16 @@ def table(runs=W3_H200_RUNS, calibration_qps: float = 32.0, frontend: FrontEndCo
     for run in runs:
         for qps, point in measured_points(run).items():
             chosen[(run.label, qps)] = (run, point)
-    latency = {label: frontend_latency_from(qps, meas["ttft_p50"], run.slo, frontend)
+    latency = {label: frontend_latency_from(qps, meas["ttft_p50"], run.slo, frontend, run.calibration)
                for (label, qps), (run, meas) in chosen.items() if qps == calibration_qps}
     lines = [("| server | QPS | goodput req/s | TTFT p50 ms | TPOT p50 ms | ITL p50 ms | TTFT p99 ms | "
               "refused (sim / measured) | API process busy (sim) | goodput without it | goals met |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (label, qps), (run, meas) in sorted(chosen.items()):
-        pred = replay_w3(qps, run.slo, latency.get(label, 0.0), frontend)
-        bare = replay_w3(qps, run.slo, latency.get(label, 0.0))
-        mark = f" (fixed latency {latency[label] * 1e3:.0f} ms fitted here)" if qps == calibration_qps else ""
+        pred = replay_w3(qps, run.slo, latency.get(label, 0.0), frontend, calibration=run.calibration)
+        bare = replay_w3(qps, run.slo, latency.get(label, 0.0), calibration=run.calibration)
+        mark = (f" (fit {run.calibration}; fixed latency {latency[label] * 1e3:.0f} ms fitted here)"
+                if qps == calibration_qps else "")
         met = [m for m in ("goodput", "ttft_p50", "tpot_p50", "ttft_p99") if _met(pred[m], meas[m], m)]
         lines.append(
             f"| {label}{mark} | {qps:g} | {_cell(pred['goodput'], meas['goodput'], 1)} | "
@@ -109,10 +118,12 @@ def table(runs=W3_H200_RUNS, calibration_qps: float = 32.0, frontend: FrontEndCo
 
 
 # -- offline runs on two H200s (BENCHMARKS.md "Two GPUs"): no API process, everything submitted at once ----------
-def replay_offline(model: str, tp: int, requests: list[tuple[int, int]], gpu: str = "H200") -> dict:
+def replay_offline(model: str, tp: int, requests: list[tuple[int, int]], gpu: str = "H200",
+                   calibration: str = "default") -> dict:
     """requests: (prompt tokens, output tokens) all at t = 0, the engine's offline settings (bench latency and
     throughput: max_model_len 4096, max_num_seqs 256)."""
-    config = SimConfig(model=model, gpu=gpu, num_gpus=tp, tp=tp, max_model_len=4096, max_num_seqs=256)
+    config = SimConfig(model=model, gpu=gpu, num_gpus=tp, tp=tp, max_model_len=4096, max_num_seqs=256,
+                       calibration=calibration)
     return simulate(config, [SimRequest(0.0, p, o) for p, o in requests])
 
 
@@ -121,7 +132,7 @@ def _decode_tok_s(report: dict, batch: int, new_tokens: int) -> float:
     return batch * (new_tokens - 1) / (report["e2e_p50"] - report["ttft_p50"])
 
 
-def offline_rows() -> list[dict]:
+def offline_rows(calibration: str = "default") -> list[dict]:
     """Predicted vs measured for the two-GPU offline runs that the simulator can replay (TP; PP is not
     simulated: its row says so)."""
     from meshserve.bench.workloads import W1_NEW_TOKENS, w2_requests
@@ -130,19 +141,19 @@ def offline_rows() -> list[dict]:
     for model, tp, file in (("llama-3.1-8b", 1, "w1_8b_tp1_h200x2.json"), ("llama-3.1-8b", 2, "w1_8b_tp2_h200x2.json"),
                             ("llama-3.1-70b", 2, "w1_70b_tp2_h200x2.json")):
         meas = json.loads((RESULTS / file).read_text())
-        w1 = replay_offline(model, tp, [(128, W1_NEW_TOKENS)])
+        w1 = replay_offline(model, tp, [(128, W1_NEW_TOKENS)], calibration=calibration)
         rows.append({"run": f"W1 {model} TP={tp} batch 1", "metric": "decode tok/s", "file": file,
                      "pred": _decode_tok_s(w1, 1, W1_NEW_TOKENS), "meas": meas["decode_tok_s"], "goal": "w1"})
         for batch, tok_s in meas.get("decode_tok_s_by_batch", {}).items():
             if int(batch) == 1:
                 continue
-            curve = replay_offline(model, tp, [(128, 128)] * int(batch))
+            curve = replay_offline(model, tp, [(128, 128)] * int(batch), calibration=calibration)
             rows.append({"run": f"{model} TP={tp} decode batch {batch}", "metric": "decode tok/s", "file": file,
                          "pred": _decode_tok_s(curve, int(batch), 128), "meas": tok_s, "goal": "w1"})
     reqs = [(len(r.prompt_token_ids), r.max_tokens) for r in w2_requests()]
     for tp, file in ((1, "w2_8b_tp1_h200x2.json"), (2, "w2_8b_tp2_h200x2.json")):
         meas = json.loads((RESULTS / file).read_text())
-        w2 = replay_offline("llama-3.1-8b", tp, reqs)
+        w2 = replay_offline("llama-3.1-8b", tp, reqs, calibration=calibration)
         rows.append({"run": f"W2 llama-3.1-8b TP={tp}", "metric": "seconds", "file": file,
                      "pred": w2["duration_s"], "meas": meas["seconds"], "goal": "w2_seconds"})
     pp = json.loads((RESULTS / "w2_8b_pp2_h200x2.json").read_text())
@@ -151,16 +162,22 @@ def offline_rows() -> list[dict]:
     return rows
 
 
-def offline_table() -> str:
-    lines = ["| run (2 x H200 host) | metric | simulated / measured (error) | goal | measured in |",
-             "|---|---|---|---|---|"]
-    for r in offline_rows():
-        if r["pred"] is None:
-            cell, goal = f"- / {r['meas']:.2f}", "not simulated (pipeline parallelism)"
-        else:
-            cell = f"{r['pred']:.2f} / {r['meas']:.2f} ({(r['pred'] - r['meas']) / r['meas']:+.1%})"
-            goal = f"{'met' if _met(r['pred'], r['meas'], r['goal']) else 'missed'} (within {GOALS[r['goal']]:.0%})"
-        lines.append(f"| {r['run']} | {r['metric']} | {cell} | {goal} | `{r['file']}` |")
+def offline_table(calibrations: tuple[str, ...] = ("default", BEFORE_GRAPHS)) -> str:
+    """One simulated / measured column and its goal per fit: the runs predate mixed-step graphs, whose fit is
+    the second; W1's decode steps are graphed in both engines."""
+    head = "".join(f" simulated / measured (error), fit {c} | goal |" for c in calibrations)
+    lines = [f"| run (2 x H200 host) | metric |{head} measured in |", "|---|---|" + "---|---|" * len(calibrations) + "---|"]
+    for rows in zip(*(offline_rows(c) for c in calibrations)):
+        cells = []
+        for r in rows:
+            if r["pred"] is None:
+                cells += [f"- / {r['meas']:.2f}", "not simulated (pipeline parallelism)"]
+            else:
+                cells += [f"{r['pred']:.2f} / {r['meas']:.2f} ({(r['pred'] - r['meas']) / r['meas']:+.1%})",
+                          ("met" if _met(r["pred"], r["meas"], r["goal"]) else "missed")
+                          + f" (within {GOALS[r['goal']]:.0%})"]
+        r = rows[0]
+        lines.append(f"| {r['run']} | {r['metric']} | {' | '.join(cells)} | `{r['file']}` |")
     return "\n".join(lines)
 
 

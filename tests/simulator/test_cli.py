@@ -56,7 +56,9 @@ def test_replica_model_switch_and_its_fallback_note(capsys):
     assert main([*args, "--replica-model", "scheduler"]) == 0
     reference = json.loads(capsys.readouterr().out)
     assert (fast["replica_model"], reference["replica_model"]) == ("fast", "scheduler")
-    assert fast["completed"] == reference["completed"] and fast["ttft_p99"] == reference["ttft_p99"]
+    # the same decisions; the fast model's closed-form decode runs round differently in the last bit
+    assert fast["completed"] == reference["completed"]
+    assert fast["ttft_p99"] == pytest.approx(reference["ttft_p99"], rel=1e-12)
     assert main([*args, "--slo-ttft-ms", "1000"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["replica_model"] == "scheduler"

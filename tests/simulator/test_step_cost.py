@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from meshserve.engine.step_time import DeviceRates, StepShape
+from meshserve.errors import InvalidArgumentError
 from meshserve.planner.hardware import get_gpu
 from meshserve.planner.memory import stage_shard
 from meshserve.planner.model import load_model
@@ -15,7 +16,8 @@ from meshserve.planner.parallel import Layout
 from meshserve.simulator.step_cost import StepCost, fit_step_weights, load_calibration, read_step_trace
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks/results"
-SECTIONS = {"default": "w3_8b_slo_credit_steps.jsonl.gz", "h200_mixed_graphs": "w3_8b_slo_graphs1024_steps.jsonl.gz"}
+SECTIONS = {"h200_before_mixed_graphs": "w3_8b_slo_credit_steps.jsonl.gz",
+            "h200_mixed_graphs": "w3_8b_slo_graphs1024_steps.jsonl.gz"}
 
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))
@@ -34,6 +36,14 @@ def test_calibration_is_the_fit_of_its_trace(section):
     cost = StepCost(load_model("llama-3.1-8b"), gpu, weights=stored)
     total = sum(cost(StepShape(r["tokens"], r["seqs"], r["context"])) for r in rows)
     assert total == pytest.approx(sum(r["actual_s"] for r in rows), rel=0.01)
+
+
+def test_default_is_the_fit_of_the_engine_with_mixed_step_graphs():
+    """"default" is an alias of a section, not a third set of numbers; other names are refused."""
+    assert load_calibration() == load_calibration("default") == load_calibration("h200_mixed_graphs")
+    assert load_calibration() != load_calibration("h200_before_mixed_graphs")
+    with pytest.raises(InvalidArgumentError, match="h200_before_mixed_graphs"):
+        load_calibration("h100")
 
 
 def test_gpus_and_tensor_parallelism():

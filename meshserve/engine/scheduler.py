@@ -225,7 +225,7 @@ class Scheduler:
             if seq.status == SequenceStatus.WAITING:  # first admission, not a recompute
                 seq.num_cached_tokens = num_hit
                 self.block_manager.record_admission(seq, num_hit)
-                self.policy.record_admission(now)
+                self.policy.record_admission(now, queue_behind=bool(self.waiting))
             seq.num_computed_tokens += num_hit
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

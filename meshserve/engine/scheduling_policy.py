@@ -55,7 +55,11 @@ class SchedulingPolicy:
     def __init__(self, config: SchedulerConfig, step_model: StepTimeModel | None = None):
         self.config = config
         self.step_model = step_model
-        self._admissions: collections.deque[float] = collections.deque(maxlen=_ADMISSION_WINDOW)
+        # (time, seconds since the previous admission) of admissions made while the queue was busy: the
+        # service rate, not the arrival rate of a lightly loaded server (idle time would make it look slow)
+        self._admissions: collections.deque[tuple[float, float]] = collections.deque(maxlen=_ADMISSION_WINDOW)
+        self._last_admission: float | None = None
+        self._last_admission_busy = False
         self.credit_s = 0.0  # step time saved under the TPOT target, which a longer step may spend
 
     # -- targets ---------------------------------------------------------------------------------
@@ -144,16 +148,21 @@ class SchedulingPolicy:
                 late.append(seq)
         return late
 
-    def record_admission(self, now: float | None = None) -> None:
-        self._admissions.append(time.monotonic() if now is None else now)
+    def record_admission(self, now: float | None = None, queue_behind: bool = True) -> None:
+        """A request left the queue; queue_behind: others were still waiting (the admission was limited by
+        the server, not by arrivals). Only gaps between two such admissions measure the service rate."""
+        t = time.monotonic() if now is None else now
+        if queue_behind and self._last_admission_busy and self._last_admission is not None:
+            self._admissions.append((t, t - self._last_admission))
+        self._last_admission, self._last_admission_busy = t, queue_behind
 
     def admission_rate(self, now: float) -> float | None:
-        """Requests admitted per second recently (None until there is a rate to speak of)."""
-        recent = [t for t in self._admissions if now - t <= 10.0]
+        """Requests admitted per second while the queue was busy, over the last 10 s (None until there is a
+        rate to speak of)."""
+        recent = [gap for t, gap in self._admissions if now - t <= 10.0]
         if len(recent) < 2:
             return None
-        span = max(now - recent[0], 1e-3)
-        return len(recent) / span
+        return len(recent) / max(sum(recent), 1e-3)
 
     def queue_wait_s(self, waiting: list[Sequence], now: float) -> float:
         """Predicted wait of a request that joins the back of the queue now."""

@@ -159,3 +159,16 @@ def test_priority_orders_the_queue_and_picks_the_least_urgent_victim():
     while "lazy" not in [q.seq_id for q in p.waiting] and p.has_unfinished():
         step(p)  # decoding grows the sequences until the pool runs dry
     assert lazy.num_preemptions == 1 and urgent.num_preemptions == 0 and mid.num_preemptions == 0
+
+
+def test_admission_rate_counts_only_busy_gaps():
+    """Idle time between requests is not service time: after a quiet spell the rate is that of admissions made
+    while others waited (here 20 a second), not the lightly loaded arrivals' (a request every 5 s)."""
+    s = _with_model(slo_ttft_s=1.0)
+    p = s.policy
+    for k in range(3):  # lightly loaded: nobody was waiting behind these
+        p.record_admission(100.0 + 5.0 * k, queue_behind=False)
+    assert p.admission_rate(111.0) is None
+    for k in range(5):  # a burst: each admission left others queued
+        p.record_admission(111.0 + 0.05 * k, queue_behind=True)
+    assert abs(p.admission_rate(111.3) - 20.0) < 1e-6  # the gap back to t=110 is not counted

@@ -24,6 +24,7 @@ from meshserve.kernels.fp8_block_ref import (
     quantize_fp8_per_token_group,
 )
 from meshserve.kernels.quant_ref import FP8_DTYPE
+from tests.kernels.sm90 import assert_compiles_for_sm90
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")
@@ -185,21 +186,7 @@ print("compiled")
 @needs_triton
 @pytest.mark.skipif(_HAS_CUDA, reason="the GPU tests compile the kernel for the real device")
 def test_fp8_block_kernels_compile_for_sm90_without_gpu():
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    res = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SM90],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if "No such file" in res.stderr and "ptxas" in res.stderr:
-        pytest.skip("no ptxas bundled with this triton")
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+    assert_compiles_for_sm90(_COMPILE_SM90)
 
 
 @pytest.mark.gpu

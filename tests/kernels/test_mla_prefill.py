@@ -21,6 +21,7 @@ if not _HAS_CUDA:
 from meshserve.kernels.mla_prefill import chunk_plan, gather_expand, mla_prefill, prefill_context
 from meshserve.kernels.mla_prefill_workspace import MLAPrefillWorkspace, WorkspaceShape
 from meshserve.kernels.mla_ref import gather_latent_ref, mla_prefill_ref, write_latent_ref
+from tests.kernels.sm90 import assert_compiles_for_sm90
 from tests.kernels.test_mla import _problem
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -221,21 +222,7 @@ print("compiled")
 @needs_triton
 @pytest.mark.skipif(_HAS_CUDA, reason="the GPU tests compile the kernel for the real device")
 def test_kernel_compiles_for_sm90_without_gpu():
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    res = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SM90],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if "No such file" in res.stderr and "ptxas" in res.stderr:
-        pytest.skip("no ptxas bundled with this triton")
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+    assert_compiles_for_sm90(_COMPILE_SM90)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import os
 import pytest
 import torch
 
+from tests.kernels.sm90 import assert_compiles_for_sm90
+
 _HAS_CUDA = torch.cuda.is_available()
 if not _HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
@@ -117,21 +119,7 @@ print("compiled")
 
 @pytest.mark.skipif(_HAS_CUDA, reason="the GPU tests compile the kernel for the real device")
 def test_kernel_compiles_for_sm90_without_gpu():
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    res = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SM90],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if "No such file" in res.stderr and "ptxas" in res.stderr:
-        pytest.skip("no ptxas bundled with this triton")
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+    assert_compiles_for_sm90(_COMPILE_SM90)
 
 
 # ----------------------------------------------------------------------------------------------------------

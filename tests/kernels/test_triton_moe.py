@@ -8,6 +8,7 @@ import torch
 
 from meshserve.kernels.moe_ref import fused_experts_ref
 from meshserve.layers.moe_routing import SoftmaxTopK
+from tests.kernels.sm90 import assert_compiles_for_sm90
 
 
 def _case(tokens: int, experts: int, top_k: int, hidden: int, width: int, dtype, device, drop: bool = False):
@@ -180,16 +181,8 @@ print("compiled")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for the real device")
 def test_fp8_kernels_compile_for_sm90_without_gpu():
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("triton")
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SM90], check=False, env={**os.environ, "TRITON_INTERPRET": "0"},
-                         capture_output=True, text=True, timeout=600)
-    if "No such file" in res.stderr and "ptxas" in res.stderr:
-        pytest.skip("no ptxas bundled with this triton")
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+    assert_compiles_for_sm90(_COMPILE_SM90, timeout_s=600)
 
 
 @pytest.mark.gpu

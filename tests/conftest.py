@@ -75,10 +75,11 @@ def _train_tokenizer(vocab_size: int):
 
 
 def make_tiny_checkpoint(path: str, family: str, seed: int = 0, with_tokenizer: bool = True,
-                         max_shard_size: str | None = None) -> str:
+                         max_shard_size: str | None = None, **overrides) -> str:
+    """A tiny random checkpoint of `family`; `overrides` change its config fields (e.g. num_key_value_heads)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = dict(FAMILIES[family])
+    fields = {**FAMILIES[family], **overrides}
     model_type = fields.pop("model_type")
     base = {"vocab_size": VOCAB, "hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,

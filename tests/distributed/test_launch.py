@@ -184,10 +184,11 @@ def test_killed_worker_stops_the_run_naming_the_rank(tiny_model_dir):
 @linux_only
 def test_sigterm_shuts_every_rank_down(tiny_model_dir):
     path = tiny_model_dir("llama")
-    proc, err = _generate("--model", path, "-tp", "2", "-pp", "2", "--no-chat", "--ignore-eos",
+    # two ranks, a pipeline in flight: TP = 2 x PP = 2 started two more processes to stop the same way
+    proc, err = _generate("--model", path, "-pp", "2", "--no-chat", "--ignore-eos",
                           "--max-tokens", "400", *PROMPTS)
     try:
-        _wait_for_workers(proc, 3)
+        _wait_for_workers(proc, 1)
         everything = _children(proc.pid)
         assert err.wait_for(READY, READY_S), err.text()
         proc.send_signal(signal.SIGTERM)
@@ -201,10 +202,9 @@ def test_sigterm_shuts_every_rank_down(tiny_model_dir):
 def test_worker_killed_during_start_up_is_named_at_once(tiny_model_dir):
     """Issue 19: the run used to wait out the 60 s rendezvous, then print a torch traceback naming no rank."""
     path = tiny_model_dir("llama")
-    proc, err = _generate("--model", path, "-tp", "2", "-pp", "2", "--no-chat", "--ignore-eos",
-                          "--max-tokens", "200", "Hi")
+    proc, err = _generate("--model", path, "-tp", "2", "--no-chat", "--ignore-eos", "--max-tokens", "200", "Hi")
     try:
-        workers = _wait_for_workers(proc, 3)  # the ranks exist: they are importing, far from ready
+        workers = _wait_for_workers(proc, 1)  # the rank exists: it is importing, far from ready
         everything = _children(proc.pid)
         victim = max(workers)
         os.kill(victim, signal.SIGKILL)
@@ -213,7 +213,7 @@ def test_worker_killed_during_start_up_is_named_at_once(tiny_model_dir):
         elapsed = time.monotonic() - start
         text = err.text()
         assert rc != 0
-        assert re.search(rf"rank [123] \(pid {victim}\) exited with code -9 during start-up", text), text
+        assert re.search(rf"rank 1 \(pid {victim}\) exited with code -9 during start-up", text), text
         assert READY not in text and "Traceback" not in text, text
         assert proc.stdout.read() == ""
         assert elapsed < 30, f"{elapsed:.0f} s"  # before: the whole 60 s rendezvous timeout

@@ -54,42 +54,72 @@ def test_layout_matches_single_device(tp, pp, reference):
         assert 0.0 <= stats["pp_bubble"] < 1.0
 
 
-def test_tp2_prefix_cache_hits(tiny_model_dir):
+@pytest.fixture(scope="class")
+def llama_tp2(tiny_model_dir):
     path = tiny_model_dir("llama")
     rng = random.Random(5)
     prefix = [rng.randrange(3, VOCAB) for _ in range(24)]
     prompts = [prefix + [rng.randrange(3, VOCAB) for _ in range(n)] for n in (2, 4, 6)]
-    single, _ = _generate(path, prompts, block_size=4)
-    got, stats = _generate(path, prompts, block_size=4, tensor_parallel_size=2, max_num_seqs=1)
-    assert got == single and stats["prefix_cache_hits"] >= 48
+    single_tokens, _ = _generate(path, prompts, block_size=4)
+    single = LLM(model=path)
+    single_bytes = single.engine.executor.gather_rpc("param_bytes")[0]
+    single.shutdown()
+    llm = LLM(model=path, block_size=4, tensor_parallel_size=2, max_num_seqs=1)
+    yield llm, prompts, single_tokens, single_bytes
+    llm.shutdown()
 
 
-def test_uneven_pp_partition(tiny_model_dir):
-    path = tiny_model_dir("llama")
+class TestOneTP2Engine:
+    """Tests that need one TP = 2 engine and only read its weights or run their own prompts through it share it
+    (starting the ranks is most of such a test's time). The engine is the process's distributed world while it
+    lives, so the single-device figures are taken before it starts and it ends with the class."""
+
+    def test_tp2_prefix_cache_hits(self, llama_tp2):
+        llm, prompts, single, _ = llama_tp2
+        hits_before = llm.engine.stats()["prefix_cache_hits"]
+        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        got = [o.outputs[0].token_ids for o in outs]
+        assert got == single and llm.engine.stats()["prefix_cache_hits"] - hits_before >= 48
+
+    def test_each_tp_rank_holds_about_half_the_weights(self, llama_tp2):
+        llm, _, _, total = llama_tp2
+        per_rank = llm.engine.executor.gather_rpc("param_bytes")
+        assert len(per_rank) == 2
+        # everything is split except the small replicated norms
+        for b in per_rank:
+            assert total / 2 <= b <= total / 2 * 1.02
+
+
+def test_uneven_pp_partition(tmp_path):
+    from tests.conftest import make_tiny_checkpoint
+
+    # three layers, so that the partition is uneven (the shared tiny models have two)
+    path = make_tiny_checkpoint(str(tmp_path), "llama", num_hidden_layers=3)
     prompts = _prompts(1, (7, 9))
     single, _ = _generate(path, prompts)
-    from tests.conftest import make_tiny_checkpoint  # noqa: F401  (the tiny models have 2 layers)
-
-    got, _ = _generate(path, prompts, pipeline_parallel_size=2, pp_layer_partition=[1, 1])
+    got, _ = _generate(path, prompts, pipeline_parallel_size=2, pp_layer_partition=[2, 1])
     assert got == single
 
 
-def test_each_tp_rank_holds_about_half_the_weights(tiny_model_dir):
-    path = tiny_model_dir("llama")
-    single = LLM(model=path)
-    total = single.engine.executor.gather_rpc("param_bytes")[0]
-    single.shutdown()
-    llm = LLM(model=path, tensor_parallel_size=2)
-    try:
-        per_rank = llm.engine.executor.gather_rpc("param_bytes")
-    finally:
-        llm.shutdown()
-    assert len(per_rank) == 2
-    # everything is split except the small replicated norms
-    for b in per_rank:
-        assert total / 2 <= b <= total / 2 * 1.02
+@pytest.fixture(scope="module")
+def one_kv_head_model(tmp_path_factory) -> str:
+    """The tiny llama with 4 attention heads sharing one KV head (multi-query attention)."""
+    from tests.conftest import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-llama-mqa")), "llama", num_key_value_heads=1)
 
 
+def test_tp2_replicates_a_single_kv_head(one_kv_head_model):
+    """4 attention heads, 1 KV head: at TP=2 the KV head lives on both ranks (two ranks, not four, show the
+    replication; test_tp4_replicates_kv_heads runs the 4-rank case with -m slow)."""
+    prompts = _prompts(3, (6, 13))
+    single, _ = _generate(one_kv_head_model, prompts)
+    got, _ = _generate(one_kv_head_model, prompts, tensor_parallel_size=2)
+    assert got == single
+
+
+@pytest.mark.slow  # four ranks on two cores; the replication itself: test_tp2_replicates_a_single_kv_head
 def test_tp4_replicates_kv_heads(tiny_model_dir):
     """4 attention heads, 2 KV heads: at TP=4 each KV head lives on two ranks."""
     path = tiny_model_dir("llama")

@@ -42,9 +42,9 @@ def test_greedy_rows_take_the_argmax(fn):
 @pytest.mark.parametrize("fn", ["kernel", "ref"])
 @pytest.mark.parametrize("temperature", [0.6] if not _HAS_CUDA else [0.6, 1.5])
 def test_samples_follow_softmax_over_temperature(fn, temperature):
-    # the interpreter runs ~5 ms per program: fewer draws there (the tolerance, 0.09 at 800 draws, is still
+    # the interpreter runs ~5 ms per program: fewer draws there (the tolerance, 0.125 at 400 draws, is still
     # well below the 0.2 by which the top id's probability moves between T = 0.6 and T = 1)
-    draws = 4000 if _HAS_CUDA else 800
+    draws = 4000 if _HAS_CUDA else 400
     row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -0.5, 0.25, -2.0], device=DEVICE)
     vocab = row.shape[0]
     logits = row.unsqueeze(0).expand(draws, vocab).contiguous()  # every row an independent draw

@@ -54,6 +54,7 @@ class RequestResult:
     # headers coming back (server accept queue + HTTP layer), so a slow front door is not hidden in TTFT
     connect: float | None = None
     headers: float | None = None
+    status: int | None = None  # the response's HTTP status (None: no response came)
 
     @property
     def tpot(self) -> float:
@@ -129,8 +130,10 @@ async def send_request(client, url: str, body: dict[str, Any], chat: bool) -> Re
     try:
         async with client.stream("POST", url, json=body, extensions={"trace": trace}) as resp:
             result.headers = time.perf_counter() - start
+            result.status = resp.status_code
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
+                result.e2e = time.perf_counter() - start  # the refusal's latency: send to its whole answer
                 result.error = f"HTTP {resp.status_code}: {text[:200]}"
                 return result
             async for line in resp.aiter_lines():
@@ -141,6 +144,7 @@ async def send_request(client, url: str, body: dict[str, Any], chat: bool) -> Re
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
+                    result.e2e = time.perf_counter() - start
                     result.error = str(chunk["error"].get("message", chunk["error"]))
                     return result
                 now = time.perf_counter()
@@ -165,6 +169,7 @@ async def send_request(client, url: str, body: dict[str, Any], chat: bool) -> Re
                     result.itls.append(now - last)
                 last = now
     except Exception as e:  # noqa: BLE001 - a failed request is a data point, not a crash
+        result.e2e = time.perf_counter() - start
         result.error = f"{type(e).__name__}: {e}"
         return result
     result.e2e = time.perf_counter() - start
@@ -247,6 +252,14 @@ def _stats(values: list[float], prefix: str) -> dict[str, float]:
             f"{prefix}_p90": float(np.percentile(a, 90)), f"{prefix}_p99": float(np.percentile(a, 99))}
 
 
+def failure_kind(r: RequestResult) -> str:
+    """How a failed request failed: its HTTP status ("429", "503", ...), "stream" (an error event after a 200),
+    or "no_response" (connection error, timeout)."""
+    if r.status is None:
+        return "no_response"
+    return "stream" if r.status == 200 else str(r.status)
+
+
 def summarize(results: list[RequestResult], duration: float, load: float, load_kind: str = "qps",
               ttft_slo: float = 1.0, tpot_slo: float = 0.05) -> dict[str, Any]:
     """One load point's numbers; latencies in seconds, goodput in requests per second of the run."""
@@ -269,6 +282,13 @@ def summarize(results: list[RequestResult], duration: float, load: float, load_k
     summary.update(_stats([r.send_lag for r in results], "send_lag"))
     summary.update(_stats([r.connect for r in results if r.connect is not None], "connect"))
     summary.update(_stats([r.headers for r in results if r.headers is not None], "headers"))
+    failed = [r for r in results if not r.ok]
+    by_kind: dict[str, int] = {}
+    for r in failed:
+        by_kind[failure_kind(r)] = by_kind.get(failure_kind(r), 0) + 1
+    summary["failed_by_status"] = dict(sorted(by_kind.items()))
+    # refusals the server answered (an error status): how long a client waited for its "no"
+    summary.update(_stats([r.e2e for r in failed if r.status is not None and r.status >= 400], "reject_latency"))
     errors = [r.error for r in results if r.error]
     if errors:
         summary["first_error"] = errors[0]
@@ -282,7 +302,19 @@ def format_point(s: dict[str, Any]) -> str:
             f"out {s['output_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_p50'] * 1e3:.1f} ms p99 "
             f"{s['ttft_p99'] * 1e3:.1f} ms, ITL p50 {s['itl_p50'] * 1e3:.1f} ms p99 {s['itl_p99'] * 1e3:.1f} ms, "
             f"send lag p99 {s.get('send_lag_p99', 0.0) * 1e3:.1f} ms, "
-            f"headers p99 {s.get('headers_p99', math.nan) * 1e3:.1f} ms")
+            f"headers p99 {s.get('headers_p99', math.nan) * 1e3:.1f} ms" + _failures(s))
+
+
+def _failures(s: dict[str, Any]) -> str:
+    """The failed requests by status and how fast refusals came back ("" when none failed)."""
+    if not s.get("failed"):
+        return ""
+    kinds = ", ".join(f"{n} {kind}" for kind, n in s.get("failed_by_status", {}).items())
+    text = f", failed: {kinds}"
+    if not math.isnan(s.get("reject_latency_p50", math.nan)):
+        text += (f", refused in p50 {s['reject_latency_p50'] * 1e3:.1f} ms "
+                 f"p99 {s['reject_latency_p99'] * 1e3:.1f} ms")
+    return text
 
 
 def lag_warning(s: dict[str, Any], client_procs: int, limit: float = SEND_LAG_WARN_S) -> str | None:

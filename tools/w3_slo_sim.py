@@ -54,8 +54,10 @@ def main(qps_list: list[float], api_server_count: int = 1, prefill_chunk: int | 
     else:
         with open(measured_path) as f:
             measured = {float(p["qps"]): p for p in json.load(f)["points"]}
-    # the measured run's build: one API process, no per-step prompt cap (slo_prefill_chunk 0)
-    latency = max(0.0, measured[32.0]["ttft_p50"] - replay(32.0, 0.0, 1, 0)["ttft_p50"])
+    # the measured run's settings: the default file's build had one API process and no per-step prompt cap
+    # (slo_prefill_chunk 0); a --measured run is taken to be of this checkout's defaults
+    fit = replay(32.0, 0.0, 1, 0) if measured_path is None else replay(32.0, 0.0, api_server_count)
+    latency = max(0.0, measured[32.0]["ttft_p50"] - fit["ttft_p50"])
     chunk = SimConfig().slo_prefill_chunk if prefill_chunk is None else prefill_chunk
     print(
         f"fixed front-end latency {latency * 1e3:.0f} ms (fitted at QPS 32), {api_server_count} API process(es), "

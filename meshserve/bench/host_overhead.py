@@ -78,11 +78,13 @@ def build_engine(ns):
     k = ns.spec_ngram or 0
     # every sequence decodes through all the measured steps (each may add k + 1 tokens), after the prefill
     # steps in which the first admitted ones already decode
-    prefill_steps = -(-ns.batch * ns.prompt_len // 8192) + 1
+    slo = ns.slo_ttft_ms is not None or ns.slo_tpot_ms is not None
+    prefill_per_step = 1024 if slo else 8192  # under targets prompts take slo_prefill_chunk tokens per step
+    prefill_steps = -(-ns.batch * ns.prompt_len // prefill_per_step) + 1
     new_tokens = (ns.steps + prefill_steps) * (k + 1) + 8
     max_model_len = ns.prompt_len + new_tokens + 8
     kwargs = {}
-    if ns.slo_ttft_ms is not None or ns.slo_tpot_ms is not None:
+    if slo:
         kwargs.update(slo_ttft_ms=ns.slo_ttft_ms, slo_tpot_ms=ns.slo_tpot_ms)
     if ns.kv_offload_gib:
         kwargs["kv_offloading_size"] = ns.kv_offload_gib

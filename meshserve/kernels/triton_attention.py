@@ -18,8 +18,9 @@ Kernels
   G = H / Hkv query heads of one KV head (ROWS = BLOCK_Q * G_PAD rows of the tile, row r = token r // G_PAD,
   head r % G_PAD), so each K/V tile is loaded once per GQA group. It walks KV tiles of BLOCK_N tokens
   (gathered through the block table, so any block_size works) from the sliding-window start up to the
-  causal limit of its last query, with an fp32 online softmax (exp2, scale folded in). Programs past their
-  sequence's query length exit at once.
+  causal limit of its last query, with an fp32 online softmax (exp2, scale folded in): the tile step of
+  triton_attention_tile.py, shared with the decode and unified kernels. Programs past their sequence's query
+  length exit at once.
   Graph-bound metadata (meta.graph_bound, a mixed step captured in a CUDA graph) goes to
   triton_unified_attention.unified_attention instead, whose grid depends only on T, S and Hkv.
 * ``_decode_split_kernel`` + ``_decode_reduce_kernel`` (max_query_len == 1): grid

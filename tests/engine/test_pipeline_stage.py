@@ -30,6 +30,18 @@ def test_pipeline_depth_is_one_step_per_stage_unless_asked():
         EngineArgs(pipeline_parallel_size=2, pipeline_depth=1).validate()
 
 
+def test_pipeline_depth_flag_reaches_the_parallel_config():
+    import argparse
+
+    from meshserve.cli_args import add_engine_args, engine_args_from
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = engine_args_from(parser.parse_args(["-pp", "2", "--pipeline-depth", "3"]))
+    assert (args.pipeline_parallel_size, args.pipeline_depth) == (2, 3)
+    assert engine_args_from(parser.parse_args([])).pipeline_depth == 0
+
+
 class FakeWork:
     def __init__(self, done: bool = False):
         self.done, self.waited = done, 0

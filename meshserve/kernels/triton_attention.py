@@ -18,8 +18,9 @@ Kernels
   G = H / Hkv query heads of one KV head (ROWS = BLOCK_Q * G_PAD rows of the tile, row r = token r // G_PAD,
   head r % G_PAD), so each K/V tile is loaded once per GQA group. It walks KV tiles of BLOCK_N tokens
   (gathered through the block table, so any block_size works) from the sliding-window start up to the
-  causal limit of its last query, with an fp32 online softmax (exp2, scale folded in). Programs past their
-  sequence's query length exit at once.
+  causal limit of its last query, with an fp32 online softmax (exp2, scale folded in): the tile step of
+  triton_attention_tile.py, shared with the decode and unified kernels. Programs past their sequence's query
+  length exit at once.
   Graph-bound metadata (meta.graph_bound, a mixed step captured in a CUDA graph) goes to
   triton_unified_attention.unified_attention instead, whose grid depends only on T, S and Hkv.
 * ``_decode_split_kernel`` + ``_decode_reduce_kernel`` (max_query_len == 1): grid
@@ -51,6 +52,7 @@ import triton
 import triton.language as tl
 
 from meshserve.kernels.pdl import gdc_kwargs
+from meshserve.kernels.triton_attention_tile import attend_paged_kv_tile
 from meshserve.kernels.triton_ops import qkv_rope_cache
 
 _LOG2E = 1.4426950408889634
@@ -178,28 +180,11 @@ def _prefill_attention_kernel(
     n_off = tl.arange(0, BLOCK_N)
     for start in range(kv_lo, kv_hi, BLOCK_N):
         kv_pos = start + n_off
-        kv_valid = kv_pos < kv_hi
-        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
-        off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
-        k = tl.load(k_base + off[None, :] + d[:, None] * stride_cd,
-                    mask=kv_valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        if KV_FP8:  # the fp8 cache holds K / k_scale (rounded to the query dtype like the reference)
-            k = (k.to(tl.float32) * k_scale).to(q.dtype)
-        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
-        mask = kv_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            mask = mask & (kv_pos[None, :] > q_pos[:, None] - window)
-        qk = tl.where(mask, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd,
-                    mask=kv_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if KV_FP8:
-            v = (v.to(tl.float32) * v_scale).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = attend_paged_kv_tile(
+            q, q_pos, acc, m_i, l_i, kv_pos, kv_pos < kv_hi, window, bt_row, k_base, v_base, d, d_mask,
+            scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
+            BLOCK_SIZE, True, USE_WINDOW, KV_FP8, DOT_PRECISION,
+        )
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -271,24 +256,11 @@ def _decode_split_kernel(
         kv_valid = kv_pos < seq_len
         if USE_WINDOW:
             kv_valid = kv_valid & (kv_pos >= kv_lo)
-        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
-        off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
-        k = tl.load(k_base + off[None, :] + d[:, None] * stride_cd,
-                    mask=kv_valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        if KV_FP8:  # the fp8 cache holds K / k_scale (rounded to the query dtype like the reference)
-            k = (k.to(tl.float32) * k_scale).to(q.dtype)
-        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
-        qk = tl.where(kv_valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd,
-                    mask=kv_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if KV_FP8:
-            v = (v.to(tl.float32) * v_scale).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = attend_paged_kv_tile(
+            q, 0, acc, m_i, l_i, kv_pos, kv_valid, window, bt_row, k_base, v_base, d, d_mask,
+            scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
+            BLOCK_SIZE, False, USE_WINDOW, KV_FP8, DOT_PRECISION,
+        )
 
     if DIRECT_OUT:
         l_safe = tl.where(l_i > 0, l_i, 1.0)

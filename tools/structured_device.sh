@@ -7,7 +7,7 @@
 # Prints one table (tok/s, TPOT, their overhead); JSON and logs under $OUT.
 #
 # Usage, on the device from the repo root:
-#   meshserve: carry .whl (with xgrammar) and .smodel/llama-3.1-8b-smol:   bash tools/structured_device.sh meshserve
+#   meshserve: carry .whl, .whl-structured (xgrammar, jsonschema: 5 MiB) and .smodel/llama-3.1-8b-smol:   bash tools/structured_device.sh meshserve
 #   vLLM 0.26: the peer's uploads of .vp1-.vp3 first (../shared/tools/vllm-peer/README.md), then carry .vp4 and
 #              .smodel/llama-3.1-8b-smol (it installs vLLM from the staged parts):   bash tools/structured_device.sh vllm
 # Env: MODEL_DIR (default .smodel/llama-3.1-8b-smol), CONC (1,64), NUM_PROMPTS (48,640: per point), OUTPUT_LEN (128),
@@ -24,7 +24,7 @@ case $engine in
   meshserve)
     if [ -d .whl ]; then  # absent: the packages are installed already (a CPU dry run)
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || exit 1
+        .whl/*.whl $(ls .whl-structured/*.whl 2> /dev/null) || exit 1
     fi
     client_path=$PWD:/tmp/site port=8000
     PYTHONPATH=$client_path python3 -m meshserve.cli serve "$model" --load-format dummy --max-model-len 4096 \

@@ -140,12 +140,14 @@ class DecodeGraphs:
     def release(self) -> None:
         """Free the graphs before the process group goes: graphs holding captured NCCL collectives kept
         the communicators' teardown waiting (2 x H200, NCCL all-reduce in the graphs)."""
-        torch.cuda.synchronize(self.device)
+        if self.graphs:
+            torch.cuda.synchronize(self.device)
         for graph in self.graphs.values():
             graph.reset()
         self.graphs.clear()
         self.outputs.clear()
         self.pool = None
+        self.forward = None  # the runner's: it holds these graphs, so this reference made a cycle
 
     def _stage_in(self, bs: int) -> IntermediateTensors | None:
         if self.stage_in is None:

@@ -224,6 +224,7 @@ class MixedStepGraphs:
         self.graphs.clear()
         self.outputs.clear()
         self.pool = None
+        self.forward = None  # the runner's: it holds these graphs, so this reference made a cycle
 
     def run(
         self,

@@ -12,6 +12,7 @@ and which kernels serve them is decided once, in layers/backend_selection.py.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import time
 
@@ -113,13 +114,21 @@ class ModelRunner:
         self.profiler = StepProfiler(get_parallel_state().rank)
 
     def close(self) -> None:
-        """Release what holds the process group's communicators (the CUDA graphs); before teardown."""
+        """Release the CUDA graphs (they hold the process group's communicators) and the KV caches; before
+        teardown and at shutdown. Explicitly, not left to garbage collection: the graphs hold this runner's
+        forward, a reference cycle only the cyclic collector frees, and a caller may still hold the LLM's
+        insides; until then a dead engine's KV cache stayed allocated, and the next engine in the process
+        counted it in its profiled peak (no memory left for its KV cache)."""
         if self.mixed_graphs is not None:
             self.mixed_graphs.release()
             self.mixed_graphs = None
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
+        self.kv_pool.release()
+        if self.drafter is not None:
+            self.drafter.kv_pool.release()
+        self.kv_transfer = None  # KV offload's copy engine holds the cache tensors too
 
     def mixed_graph_tokens(self) -> int:
         """The largest mixed step that replays a CUDA graph here (0: mixed steps run eagerly)."""
@@ -184,6 +193,11 @@ class ModelRunner:
         over up to max_num_seqs sequences, plus their logits, run against a throwaway KV cache."""
         scheduled = largest_step(self.config.scheduler_config, self.block_size)
         num_blocks = sum(len(s.block_table) for s in scheduled)
+        # the peak below starts from everything allocated in the process: collect what only the cyclic
+        # collector frees first (an engine shut down while referenced, its graphs' cycle), so its tensors
+        # are not counted as this engine's
+        gc.collect()
+        torch.cuda.empty_cache()
         self.kv_pool.allocate(num_blocks)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)

@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.triton_attention_tile import attend_paged_kv_tile
 from meshserve.kernels.triton_ops import qkv_rope_cache
 
@@ -71,8 +72,12 @@ def _reshape_and_cache_kernel(
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
+    if USE_GDC:  # before the early exit: every program waits (kernels/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
         return
@@ -107,7 +112,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, KV_FP8=_is_fp8(kv_cache),
-        num_warps=4 if num_kv_heads * head_dim >= 512 else 1,
+        num_warps=4 if num_kv_heads * head_dim >= 512 else 1, **gdc_kwargs(key),
     )
 
 
@@ -202,11 +207,14 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if USE_GDC:  # q comes from the prologue kernel, the metadata from the step's inputs: wait before any load
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
@@ -272,9 +280,13 @@ def _decode_reduce_kernel(
     ws_acc_ptr, ws_ml_ptr, qsl_ptr, out_ptr, num_splits,
     stride_ot, stride_oh, stride_od,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
     if q_len != 1:  # no split wrote this row (see _decode_split_kernel)
@@ -478,6 +490,7 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
     num_splits = max(1, int(num_splits))
     use_window = sliding_window is not None and sliding_window > 0
     direct = num_splits == 1
+    gdc = gdc_kwargs(query)  # PDL (kernels/pdl.py): off unless the runner's selection turned it on
     if direct:
         ws_acc = ws_ml = out  # unused
     else:
@@ -495,13 +508,13 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         USE_WINDOW=use_window, DIRECT_OUT=direct, UPCAST_DOT=_upcast_dot(query),
         DOT_PRECISION=_dot_precision(query), KV_FP8=_is_fp8(kv_cache),
-        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **gdc,
     )
     if not direct:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             ws_acc, ws_ml, query_start_loc, out, num_splits,
             out.stride(0), out.stride(1), out.stride(2),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=_next_pow2(num_splits),
-            num_warps=4 if block_d >= 128 else 2,
+            num_warps=4 if block_d >= 128 else 2, **gdc,
         )
     return out

@@ -261,7 +261,8 @@ compile_sm90(_prefill_attention_kernel, sig,
 sig.update(cache_ptr="*fp8e4nv", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32")
 compile_sm90(_decode_split_kernel, sig,
              dict(NUM_HEADS=32, GROUP=4, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128,
-                  USE_WINDOW=True, DIRECT_OUT=False, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=True), 4, 3)
+                  USE_WINDOW=True, DIRECT_OUT=False, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=True,
+                  USE_GDC=False), 4, 3)
 print("compiled")
 """
 

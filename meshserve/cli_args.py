@@ -129,6 +129,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--pp-layer-partition", type=_int_list, default=None,
                    help="layers per pipeline stage, e.g. 40,40 (default: even split)")
+    p.add_argument("--pipeline-depth", type=int, default=0,
+                   help="steps in flight with pipeline stages (default 0: one per stage; stages + 1 hides the "
+                        "host's round trip for each step's tokens)")
     p.add_argument("--distributed-executor-backend", default=d.distributed_executor_backend,
                    choices=("mp", "ray"), help="mp: local processes (default); ray: an existing Ray cluster")
     p.add_argument("--nnodes", type=int, default=d.nnodes)

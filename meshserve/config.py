@@ -111,6 +111,9 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     pp_layer_partition: list[int] | None = None
+    # steps the engine keeps in flight with pipeline stages (0: one per stage); one more than the stages
+    # hides the host's round trip for the oldest step's tokens behind the extra step's compute
+    pipeline_depth: int = 0
     distributed_executor_backend: str = "mp"  # mp | ray
     nnodes: int = 1
     node_rank: int = 0
@@ -181,6 +184,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     pp_layer_partition: list[int] | None = None
+    pipeline_depth: int = 0  # ParallelConfig.pipeline_depth
     distributed_executor_backend: str = "mp"
     nnodes: int = 1
     node_rank: int = 0
@@ -233,6 +237,8 @@ class EngineArgs:
               f"must be auto, cpu or cuda[:N], got {self.device!r}")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         check(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be >= 1")
+        check(self.pipeline_depth == 0 or self.pipeline_depth >= self.pipeline_parallel_size, "pipeline_depth",
+              f"must be 0 (one step per stage) or >= pipeline_parallel_size, got {self.pipeline_depth}")
         check(self.distributed_executor_backend in ("mp", "ray"), "distributed_executor_backend",
               f"must be mp or ray, got {self.distributed_executor_backend!r}")
         check(self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes, "node_rank",

@@ -41,6 +41,7 @@ engine|all)
 new)
   run_group mixed_spec 300 tests/gpu/test_mixed_graphs.py tests/gpu/test_gpu_spec_decode.py
   run_group decode_fixed 240 tests/kernels/test_triton_gemv.py tests/gpu/test_decode_fixed_cost.py
+  run_group pdl 300 tests/kernels/test_pdl.py tests/gpu/test_pdl_decode.py
   run_group fp8_block 180 tests/kernels/test_fp8_block_kernels.py
   run_group moe_fp8 300 tests/kernels/test_triton_moe.py -k fp8
   run_group mla_prefill 300 tests/kernels/test_mla_prefill.py tests/layers/test_mla_attention.py tests/kernels/test_mla.py tests/kernels/test_lse_merge.py

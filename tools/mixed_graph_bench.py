@@ -1,6 +1,7 @@
 """Mixed-step CUDA graphs against the eager forward, per step shape, on dummy weights (GPU).
 
-usage: python tools/mixed_graph_bench.py [MODEL] [--max-cudagraph-tokens N] [--profile] [--json PATH]
+usage: python tools/mixed_graph_bench.py [MODEL] [--max-cudagraph-tokens N] [--profile [--top K]] [--case P,D,CTX ...]
+       [--json PATH]
 
 For each case (prefill tokens, decode rows, decode context) it times the eager forward and the runner's
 MixedStepGraphs.run (buffer copies, padding and replay of the smallest bucket holding the step), in ms per
@@ -89,7 +90,12 @@ def main() -> None:
     ap.add_argument("--max-cudagraph-tokens", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="list the graph replay's costliest kernels")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--case", action="append", default=None, metavar="P,D,CTX",
+                    help="prefill tokens, decode rows, decode context (repeatable; default: the W3-like CASES), "
+                         "e.g. 1014,254,700: W3's steps past the knee")
+    ap.add_argument("--top", type=int, default=6, help="--profile: how many kernels to list")
     ns = ap.parse_args()
+    cases = [tuple(int(v) for v in c.split(",")) for c in ns.case] if ns.case else CASES
     t0 = time.perf_counter()
     llm = LLM(
         model=ns.model,
@@ -105,7 +111,7 @@ def main() -> None:
         raise SystemExit("no mixed-step graphs were captured (see the log for why)")
     print(f"buckets: {graphs.buckets}", flush=True)
     rows = []
-    for prefill, decode_rows, ctx in CASES:
+    for prefill, decode_rows, ctx in cases:
         seqs = batch(prefill, decode_rows, ctx, runner.block_size)
         input_ids, positions, meta = runner._prepare(seqs)
         tokens = int(input_ids.shape[0])
@@ -135,7 +141,7 @@ def main() -> None:
         }
         row["speedup_wall"] = round(row["eager_wall_ms"] / row["graph_wall_ms"], 2)
         if ns.profile:
-            row["graph_top_kernels"] = top_kernels(graph)
+            row["graph_top_kernels"] = top_kernels(graph, k=ns.top)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if ns.json:

@@ -1,16 +1,20 @@
 """W3 with SLO targets on one simulated H200: the goodput curve of the scheduling policy in this checkout.
 
     python tools/w3_slo_sim.py [QPS,QPS,...] [API processes per replica, default 1] [--slo-prefill-chunk N]
+        [--max-num-seqs N] [--measured w3.json]
 
 Runs meshserve/simulator's replay of W3 (exact arrivals, seed 1000 + QPS; the real Scheduler and
 SchedulingPolicy on simulated time; step times from calibration.toml's h200_mixed_graphs fit of that run's
 step trace; the API process as a
 queue) with `--slo-ttft-ms 1000 --slo-tpot-ms 50`, beside the measured run of the same server settings
-(benchmarks/results/w3_8b_slo_graphs1024.json, today's policy) where it has the point. The fixed front-end latency
-(network, HTTP) is fitted at QPS 32 to that run's TTFT p50, as the validation table does.
+(benchmarks/results/w3_8b_slo_graphs1024.json, or --measured: a `bench serve --output-json` file of the same
+settings) where it has the point. The fixed front-end latency (network, HTTP) is fitted at QPS 32 to that run's
+TTFT p50, as the validation table does.
 """
 
 from __future__ import annotations
+
+import json
 
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fleet import simulate
@@ -21,7 +25,8 @@ from meshserve.simulator.validation import MeasuredRun, measured_points
 MEASURED = MeasuredRun("targets, mixed graphs", "w3_8b_slo_graphs1024.json", slo=True)
 
 
-def replay(qps: float, latency_s: float, api_server_count: int, prefill_chunk: int | None = None) -> dict:
+def replay(qps: float, latency_s: float, api_server_count: int, prefill_chunk: int | None = None,
+           max_num_seqs: int | None = None) -> dict:
     config = SimConfig(
         model="llama-3.1-8b",
         gpu="H200",
@@ -37,24 +42,33 @@ def replay(qps: float, latency_s: float, api_server_count: int, prefill_chunk: i
     )
     if prefill_chunk is not None:
         config.slo_prefill_chunk = prefill_chunk
+    if max_num_seqs is not None:
+        config.max_num_seqs = max_num_seqs
     return simulate(config, w3_trace(qps))
 
 
-def main(qps_list: list[float], api_server_count: int = 1, prefill_chunk: int | None = None) -> None:
-    measured = measured_points(MEASURED)
-    # the measured run's build: one API process, no per-step prompt cap (slo_prefill_chunk 0)
-    latency = max(0.0, measured[32.0]["ttft_p50"] - replay(32.0, 0.0, 1, 0)["ttft_p50"])
+def main(qps_list: list[float], api_server_count: int = 1, prefill_chunk: int | None = None,
+         max_num_seqs: int | None = None, measured_path: str | None = None) -> None:
+    if measured_path is None:
+        measured = measured_points(MEASURED)
+    else:
+        with open(measured_path) as f:
+            measured = {float(p["qps"]): p for p in json.load(f)["points"]}
+    # the measured run's settings: the default file's build had one API process and no per-step prompt cap
+    # (slo_prefill_chunk 0); a --measured run is taken to be of this checkout's defaults
+    fit = replay(32.0, 0.0, 1, 0) if measured_path is None else replay(32.0, 0.0, api_server_count)
+    latency = max(0.0, measured[32.0]["ttft_p50"] - fit["ttft_p50"])
     chunk = SimConfig().slo_prefill_chunk if prefill_chunk is None else prefill_chunk
     print(
         f"fixed front-end latency {latency * 1e3:.0f} ms (fitted at QPS 32), {api_server_count} API process(es), "
-        f"--slo-prefill-chunk {chunk}"
+        f"--slo-prefill-chunk {chunk}, --max-num-seqs {max_num_seqs or SimConfig().max_num_seqs}"
     )
     print(
         "| QPS | goodput sim (measured) | TTFT p50 ms | TPOT p50 ms | ITL p50 ms | TTFT p99 ms | refused / shed | GPU busy |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for qps in qps_list:
-        r = replay(qps, latency, api_server_count, prefill_chunk)
+        r = replay(qps, latency, api_server_count, prefill_chunk, max_num_seqs)
         m = measured.get(qps)
         meas = f" ({m['goodput']:.1f}, {(r['goodput'] - m['goodput']) / m['goodput']:+.0%})" if m else ""
         print(
@@ -74,5 +88,8 @@ if __name__ == "__main__":
     p.add_argument(
         "--slo-prefill-chunk", type=int, default=None, help="0: no cap (the policy before issue 18's cap)"
     )
+    p.add_argument("--max-num-seqs", type=int, default=None, help="the running cap (default: the engine's 256)")
+    p.add_argument("--measured", default=None, help="a `bench serve --output-json` file of the same settings")
     ns = p.parse_args()
-    main([float(q) for q in ns.qps.split(",")], ns.api_server_count, ns.slo_prefill_chunk)
+    main([float(q) for q in ns.qps.split(",")], ns.api_server_count, ns.slo_prefill_chunk, ns.max_num_seqs,
+         ns.measured)

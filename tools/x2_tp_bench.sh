@@ -2,7 +2,8 @@
 # Issue 21 on nvidia-h200-x2: STEP=a: all-reduce by size + the multi-GPU correctness tests; STEP=b: W1 8B at
 # TP = 1, TP = 2 (one-shot all-reduce) and TP = 2 (NCCL only); STEP=c: 70B at TP = 2 (batch 1 and 32), W2 8B
 # at PP = 2 beside TP = 1; STEP=f: b and the 70B curve in one call (watchdogs); STEP=g: W2 8B at TP = 1, PP = 2, TP = 2
-# and the multi-GPU tests; STEP=p: step profiles; STEP=dp: W3 at DP=2 through the router beside DP=1. Results
+# and the multi-GPU tests; STEP=pp: the PP = 2 GPU tests, W2 8B at TP = 1 and PP = 2 (depth 2 and 3);
+# STEP=p: step profiles; STEP=dp: W3 at DP=2 through the router beside DP=1. Results
 # under $OUT.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -87,5 +88,15 @@ g)
   run_logged w2_8b_tp2 120 bench throughput --model llama-3.1-8b --no-baseline -tp 2 --output-json $OUT/w2_8b_tp2.json
   timeout 180 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/gpu/test_multi_gpu.py -k "${TESTS:-llama}" \
     > $OUT/pytest.log 2>&1; echo "== pytest rc $?"; tail -30 $OUT/pytest.log
+  ;;
+pp)
+  # PP = 2 stage graphs: the PP GPU tests first (tokens = one GPU, graphs replayed on both stages, bf16
+  # batch 1), then W2 8B at TP = 1 beside PP = 2 with one step per stage in flight and with three
+  timeout 240 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/gpu/test_multi_gpu.py -k "${TESTS:-pp and qwen}" \
+    > $OUT/pytest_pp.log 2>&1; echo "== pytest rc $?"; tail -20 $OUT/pytest_pp.log
+  run_logged w2_8b_tp1 120 bench throughput --model llama-3.1-8b --no-baseline -tp 1 --output-json $OUT/w2_8b_tp1.json
+  run_logged w2_8b_pp2 120 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --output-json $OUT/w2_8b_pp2.json
+  run_logged w2_8b_pp2_d3 120 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --pipeline-depth 3 \
+    --output-json $OUT/w2_8b_pp2_d3.json
   ;;
 esac

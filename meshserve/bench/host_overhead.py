@@ -1,44 +1,145 @@
 """`meshserve bench host`: the engine's host-side time per step at a given batch, with the model removed.
 
-Scheduling, batch preparation (the runner's real `_prepare`), token bookkeeping, stop checks and output
-assembly all run as in a real step; only the forward pass and sampling are replaced by an instant fake, so
-the figure is what every GPU step pays on the CPU, to compare with the GPU step time. It is measured with
-async scheduling off (the same work; with it on, the work overlaps the GPU's next step instead of adding).
+Scheduling, batch preparation (the runner's real `_prepare` and `launch`), token bookkeeping, stop checks,
+speculative-decoding bookkeeping, the counters and the front end's output processing all run as in a real
+step; only the forward pass and the sampler are replaced by an instant fake that "samples" one fixed token
+(remove_model below), so the figure is what every GPU step pays on the CPU, to compare with the GPU step
+time. By default it is measured with async scheduling off (the same work; with it on, the work overlaps the
+GPU's next step instead of adding). Flags turn on the features that add per-step work: async scheduling,
+service-level targets, the KV offload CPU tier, n-gram speculation.
+
+Times are this thread's CPU time (time.thread_time: on a shared machine, wall time also counts the waits
+for a core), medians over the measured steps, with the median step's wall time beside them. Each step is
+split into components, timed around the engine's own methods: schedule (EngineCore._schedule),
+prepare (the runner's flat batch), launch (the rest of the runner's launch: the fake sampler, offload copies),
+process (EngineCore._process: token bookkeeping, stops, proposals, deltas), stats (the SchedulerStats
+published every step), frontend (the offline front end's output processing) and other (the rest of the step).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
+from collections import defaultdict
 
-from meshserve.bench.fake_executor import NoModelExecutor
+import torch
+
 from meshserve.bench.report import print_table
+
+COMPONENTS = ("schedule", "prepare", "launch", "process", "stats", "frontend")
+
+
+def remove_model(runner, token_id: int = 17) -> None:
+    """Replace the runner's forward and sampler with an instant fake: every sampling row gets token_id, and a
+    verify row accepts its leading proposals equal to token_id (what a model that always says token_id
+    would accept), then adds its own token_id. Everything around them (launch, _prepare, the async
+    hand-over of sampled ids to the next step, the verify rows' read-back) is the runner's real code."""
+    sampling = runner.sampling
+
+    def fake_sample(scheduled, hidden, meta, parity):
+        from meshserve.engine.runner_output import ModelRunnerOutput
+
+        rows = [s for s in scheduled if s.do_sample and not s.num_spec_tokens]
+        verify = [s for s in scheduled if s.do_sample and s.num_spec_tokens]
+        spec = None
+        if verify:
+            k = max(s.num_spec_tokens for s in verify)
+            packed = []
+            for s in verify:
+                drafts = s.token_ids[len(s.token_ids) - s.num_spec_tokens:]
+                accepted = next((i for i, t in enumerate(drafts) if t != token_id), len(drafts))
+                packed.append([accepted, token_id] + drafts + [0] * (k - len(drafts)))
+            spec = (verify, torch.tensor(packed, dtype=torch.int64))
+        ids = torch.full((len(rows),), token_id, dtype=torch.int64) if rows else None
+        if ids is None:  # _pending remembers the step's tokens only with sampled rows (as StepSampler.sample)
+            sampling._remember([], None, spec)
+        return sampling._pending(ModelRunnerOutput(), rows, ids, parity, spec=spec)
+
+    runner._run_forward = lambda input_ids, positions, meta, intermediate=None: None
+    sampling.sample = fake_sample
+
+
+def _timed(fn, name: str, acc: dict[str, float]):
+    def wrapper(*args, **kwargs):
+        t = time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            acc[name] += time.thread_time() - t
+    return wrapper
+
+
+def build_engine(ns):
+    """An offline engine (tiny random model on the CPU, model removed) with ns's features, and its batch queued."""
+    from meshserve import LLM, SamplingParams
+
+    k = ns.spec_ngram or 0
+    # every sequence decodes through all the measured steps (each may add k + 1 tokens), after the prefill
+    # steps in which the first admitted ones already decode
+    slo = ns.slo_ttft_ms is not None or ns.slo_tpot_ms is not None
+    prefill_per_step = 1024 if slo else 8192  # under targets prompts take slo_prefill_chunk tokens per step
+    prefill_steps = -(-ns.batch * ns.prompt_len // prefill_per_step) + 1
+    new_tokens = (ns.steps + prefill_steps) * (k + 1) + 8
+    max_model_len = ns.prompt_len + new_tokens + 8
+    kwargs = {}
+    if slo:
+        kwargs.update(slo_ttft_ms=ns.slo_ttft_ms, slo_tpot_ms=ns.slo_tpot_ms)
+    if ns.kv_offload_gib:
+        kwargs["kv_offloading_size"] = ns.kv_offload_gib
+    if k:
+        kwargs["speculative_config"] = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2,
+                                        "prompt_lookup_max": 5}
+    llm = LLM(model="smollm2-135m", load_format="dummy", max_model_len=max_model_len, max_num_seqs=ns.batch,
+              max_num_batched_tokens=8192, hf_overrides={"num_hidden_layers": 1}, device="cpu",
+              async_scheduling=ns.async_scheduling,
+              num_gpu_blocks_override=ns.batch * (max_model_len // 16 + 2), **kwargs)
+    engine = llm.engine
+    remove_model(engine.runner)
+    random.seed(0)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for _ in range(ns.batch):
+        engine.add_request(None, [random.randint(0, 10000) for _ in range(ns.prompt_len)], params)
+    return engine
 
 
 def run_host_overhead(ns) -> dict:
-    from meshserve import LLM, SamplingParams
-
-    llm = LLM(model="smollm2-135m", load_format="dummy", max_model_len=ns.prompt_len + ns.steps + 8,
-              max_num_seqs=ns.batch, hf_overrides={"num_hidden_layers": 1}, device="cpu", async_scheduling=False,
-              num_gpu_blocks_override=ns.batch * ((ns.prompt_len + ns.steps + 8) // 16 + 2))
-    engine = llm.engine
-    fake = NoModelExecutor(engine.runner)
-    engine.core.executor = fake
-    random.seed(0)
-    params = SamplingParams(temperature=0, max_tokens=ns.steps + 4, ignore_eos=True)
-    for _ in range(ns.batch):
-        engine.add_request(None, [random.randint(0, 10000) for _ in range(ns.prompt_len)], params)
+    engine = build_engine(ns)
+    core = engine.core
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.seqs.values()):
         engine.step()  # prefill
-    fake.prepare_s = 0.0
-    t = time.perf_counter()
-    for _ in range(ns.steps):
+    for _ in range(ns.warmup):
         engine.step()
-    total = time.perf_counter() - t
-    return {"bench": "host overhead per decode step", "batch": ns.batch, "steps": ns.steps,
-            "step_ms": 1e3 * total / ns.steps, "prepare_ms": 1e3 * fake.prepare_s / ns.steps,
-            "schedule_update_output_ms": 1e3 * (total - fake.prepare_s) / ns.steps}
+    acc: dict[str, float] = defaultdict(float)
+    core._schedule = _timed(core._schedule, "schedule", acc)
+    core._process = _timed(core._process, "process", acc)
+    core.scheduler_stats = _timed(core.scheduler_stats, "stats", acc)
+    engine.runner._prepare = _timed(engine.runner._prepare, "prepare", acc)
+    engine.runner.launch = _timed(engine.runner.launch, "launch", acc)
+    engine.output_processor.process_outputs = _timed(engine.output_processor.process_outputs, "frontend", acc)
+    wall_s, cpu_s, parts, batch, tokens = [], [], defaultdict(list), 0, 0
+    for _ in range(ns.steps):
+        batch += engine.scheduler.num_running
+        before = core.num_generated_tokens
+        acc.clear()
+        t, c = time.perf_counter(), time.thread_time()
+        engine.step()
+        cpu_s.append(time.thread_time() - c)
+        wall_s.append(time.perf_counter() - t)
+        tokens += core.num_generated_tokens - before
+        acc["launch"] -= acc["prepare"]  # prepare runs inside launch
+        for name in COMPONENTS:
+            parts[name].append(acc[name])
+        parts["other"].append(cpu_s[-1] - sum(acc[name] for name in COMPONENTS))
+    # medians over the steps: a garbage collection or a wait for a core lands in a few steps, not in all
+    per_step = {f"{name}_ms": 1e3 * statistics.median(parts[name]) for name in (*COMPONENTS, "other")}
+    return {"bench": "host overhead per decode step (CPU)", "batch": ns.batch, "mean_running": batch / ns.steps,
+            "tokens_per_step": tokens / ns.steps, "steps": ns.steps, "async_scheduling": ns.async_scheduling,
+            "slo_ttft_ms": ns.slo_ttft_ms, "slo_tpot_ms": ns.slo_tpot_ms, "kv_offload_gib": ns.kv_offload_gib,
+            "spec_ngram": ns.spec_ngram, "step_cpu_ms": 1e3 * statistics.median(cpu_s),
+            "step_cpu_mean_ms": 1e3 * sum(cpu_s) / ns.steps, "step_wall_ms": 1e3 * statistics.median(wall_s),
+            **per_step}
 
 
 def add_host_parser(bench_sub: argparse._SubParsersAction) -> None:
@@ -46,4 +147,11 @@ def add_host_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=3, help="decode steps run before the measured ones")
+    p.add_argument("--async-scheduling", action="store_true", help="schedule step n+1 before step n's tokens")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="time-to-first-token target (SLO scheduling)")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="time-per-output-token target (SLO scheduling)")
+    p.add_argument("--kv-offload-gib", type=float, default=None, help="KV offload CPU tier of this many GiB")
+    p.add_argument("--spec-ngram", type=int, default=None, metavar="K",
+                   help="n-gram speculation proposing up to K tokens (the fake model accepts proposals of its token)")
     p.set_defaults(func=lambda ns: print_table(run_host_overhead(ns)) or 0)

@@ -8,8 +8,9 @@ point: TTFT, inter-token latency, time per output token and end-to-end latency (
 throughput, and goodput (requests per second of the whole run that met the TTFT and TPOT SLOs). Where
 lateness comes from is measured apart: send lag (the client sending late), connect (until the request's
 headers went out) and headers (until the response's came back: the server's accept queue and HTTP layer).
-`--client-procs N` sends from N processes (client_procs.py). Results go to stdout, JSON, a BENCHMARKS.md row
-and a latency-vs-load plot (PNG with matplotlib, else SVG).
+`--client-procs N` sends from N processes (client_procs.py); `--response-format-json-schema` sends a JSON
+schema with every request (serve_structured.py). Results go to stdout, JSON, a BENCHMARKS.md row and a
+latency-vs-load plot (PNG with matplotlib, else SVG).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class RequestResult:
     # headers coming back (server accept queue + HTTP layer), so a slow front door is not hidden in TTFT
     connect: float | None = None
     headers: float | None = None
+    status: int | None = None  # the response's HTTP status (None: no response came)
+    text: str = ""  # the streamed content of the first choice (structured runs parse it)
+    finish_reason: str | None = None
 
     @property
     def tpot(self) -> float:
@@ -129,8 +133,10 @@ async def send_request(client, url: str, body: dict[str, Any], chat: bool) -> Re
     try:
         async with client.stream("POST", url, json=body, extensions={"trace": trace}) as resp:
             result.headers = time.perf_counter() - start
+            result.status = resp.status_code
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
+                result.e2e = time.perf_counter() - start  # the refusal's latency: send to its whole answer
                 result.error = f"HTTP {resp.status_code}: {text[:200]}"
                 return result
             async for line in resp.aiter_lines():
@@ -141,6 +147,7 @@ async def send_request(client, url: str, body: dict[str, Any], chat: bool) -> Re
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
+                    result.e2e = time.perf_counter() - start
                     result.error = str(chunk["error"].get("message", chunk["error"]))
                     return result
                 now = time.perf_counter()
@@ -156,6 +163,9 @@ async def send_request(client, url: str, body: dict[str, Any], chat: bool) -> Re
                     saw_text = saw_text or any(texts)
                     # a model without a tokenizer streams empty text: then every choice chunk is a token
                     has_content = any(texts) or (bool(choices) and not saw_text)
+                for c in choices[:1]:
+                    result.text += ((c.get("delta") or {}).get("content") if chat else c.get("text")) or ""
+                    result.finish_reason = c.get("finish_reason") or result.finish_reason
                 if not has_content:
                     continue
                 chunks_with_content += 1
@@ -165,6 +175,7 @@ async def send_request(client, url: str, body: dict[str, Any], chat: bool) -> Re
                     result.itls.append(now - last)
                 last = now
     except Exception as e:  # noqa: BLE001 - a failed request is a data point, not a crash
+        result.e2e = time.perf_counter() - start
         result.error = f"{type(e).__name__}: {e}"
         return result
     result.e2e = time.perf_counter() - start
@@ -176,9 +187,11 @@ async def send_request(client, url: str, body: dict[str, Any], chat: bool) -> Re
     return result
 
 
-def request_body(req: BenchRequest, model: str, chat: bool, temperature: float, ignore_eos: bool) -> dict:
+def request_body(req: BenchRequest, model: str, chat: bool, temperature: float, ignore_eos: bool,
+                 extra: dict[str, Any] | None = None) -> dict:
+    """One streamed request; `extra` fields (e.g. response_format) are added as they are."""
     body: dict[str, Any] = {"model": model, "max_tokens": req.max_tokens, "temperature": temperature,
-                            "stream": True, "stream_options": {"include_usage": True}}
+                            "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     if ignore_eos:
         body["ignore_eos"] = True  # vLLM / SGLang / meshserve extension; OpenAI ignores it
     if chat:
@@ -195,11 +208,11 @@ async def run_load(base_url: str, model: str, reqs: list[BenchRequest], *, chat:
                    concurrency: int | None = None, temperature: float = 0.0, ignore_eos: bool = True,
                    api_key: str | None = None, progress: bool = True, timeout: float = 600.0,
                    start_at: float | None = None, on_done: Callable[[], None] | None = None,
-                   ) -> tuple[list[RequestResult], float]:
+                   extra_body: dict[str, Any] | None = None) -> tuple[list[RequestResult], float]:
     """Send every request at its arrival time (or as slots free up); returns results and the wall time.
 
     `start_at` (a `time.perf_counter()` value, default now) is the run's start, shared by client processes;
-    `on_done` is called as each request finishes (their progress bar)."""
+    `on_done` is called as each request finishes (their progress bar); `extra_body` goes into every body."""
     import httpx
 
     url = base_url.rstrip("/") + ("/v1/chat/completions" if chat else "/v1/completions")
@@ -216,16 +229,18 @@ async def run_load(base_url: str, model: str, reqs: list[BenchRequest], *, chat:
             await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
         start = time.perf_counter() if start_at is None else start_at
 
+        def body(req: BenchRequest) -> dict:
+            return request_body(req, model, chat, temperature, ignore_eos, extra_body)
+
         async def one(req: BenchRequest) -> RequestResult:
             if sem is None:
                 await asyncio.sleep(max(0.0, start + req.send_at - time.perf_counter()))
                 lag = time.perf_counter() - (start + req.send_at)
-                res = await send_request(client, url, request_body(req, model, chat, temperature, ignore_eos), chat)
+                res = await send_request(client, url, body(req), chat)
                 res.send_lag = lag
             else:
                 async with sem:
-                    res = await send_request(client, url, request_body(req, model, chat, temperature, ignore_eos),
-                                             chat)
+                    res = await send_request(client, url, body(req), chat)
             if bar is not None:
                 bar.update(1)
             if on_done is not None:
@@ -245,6 +260,14 @@ def _stats(values: list[float], prefix: str) -> dict[str, float]:
     a = np.asarray(values, dtype=float)
     return {f"{prefix}_mean": float(a.mean()), f"{prefix}_p50": float(np.percentile(a, 50)),
             f"{prefix}_p90": float(np.percentile(a, 90)), f"{prefix}_p99": float(np.percentile(a, 99))}
+
+
+def failure_kind(r: RequestResult) -> str:
+    """How a failed request failed: its HTTP status ("429", "503", ...), "stream" (an error event after a 200),
+    or "no_response" (connection error, timeout)."""
+    if r.status is None:
+        return "no_response"
+    return "stream" if r.status == 200 else str(r.status)
 
 
 def summarize(results: list[RequestResult], duration: float, load: float, load_kind: str = "qps",
@@ -269,6 +292,13 @@ def summarize(results: list[RequestResult], duration: float, load: float, load_k
     summary.update(_stats([r.send_lag for r in results], "send_lag"))
     summary.update(_stats([r.connect for r in results if r.connect is not None], "connect"))
     summary.update(_stats([r.headers for r in results if r.headers is not None], "headers"))
+    failed = [r for r in results if not r.ok]
+    by_kind: dict[str, int] = {}
+    for r in failed:
+        by_kind[failure_kind(r)] = by_kind.get(failure_kind(r), 0) + 1
+    summary["failed_by_status"] = dict(sorted(by_kind.items()))
+    # refusals the server answered (an error status): how long a client waited for its "no"
+    summary.update(_stats([r.e2e for r in failed if r.status is not None and r.status >= 400], "reject_latency"))
     errors = [r.error for r in results if r.error]
     if errors:
         summary["first_error"] = errors[0]
@@ -282,7 +312,19 @@ def format_point(s: dict[str, Any]) -> str:
             f"out {s['output_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_p50'] * 1e3:.1f} ms p99 "
             f"{s['ttft_p99'] * 1e3:.1f} ms, ITL p50 {s['itl_p50'] * 1e3:.1f} ms p99 {s['itl_p99'] * 1e3:.1f} ms, "
             f"send lag p99 {s.get('send_lag_p99', 0.0) * 1e3:.1f} ms, "
-            f"headers p99 {s.get('headers_p99', math.nan) * 1e3:.1f} ms")
+            f"headers p99 {s.get('headers_p99', math.nan) * 1e3:.1f} ms" + _failures(s))
+
+
+def _failures(s: dict[str, Any]) -> str:
+    """The failed requests by status and how fast refusals came back ("" when none failed)."""
+    if not s.get("failed"):
+        return ""
+    kinds = ", ".join(f"{n} {kind}" for kind, n in s.get("failed_by_status", {}).items())
+    text = f", failed: {kinds}"
+    if not math.isnan(s.get("reject_latency_p50", math.nan)):
+        text += (f", refused in p50 {s['reject_latency_p50'] * 1e3:.1f} ms "
+                 f"p99 {s['reject_latency_p99'] * 1e3:.1f} ms")
+    return text
 
 
 def lag_warning(s: dict[str, Any], client_procs: int, limit: float = SEND_LAG_WARN_S) -> str | None:
@@ -329,11 +371,20 @@ def add_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
                    help="comma-separated request rates (Poisson arrivals); 'inf' sends all at once")
     p.add_argument("--concurrency", default=None,
                    help="comma-separated fixed concurrencies instead of QPS (closed loop)")
-    p.add_argument("--num-prompts", type=int, default=None, help="default: W3's max(200, 30 x QPS)")
+    p.add_argument("--num-prompts", default=None,
+                   help="prompts per point, or a comma-separated count for each point; default: W3's max(200, 30 x QPS)")
     p.add_argument("--workload", choices=["w3", "w4"], default="w3",
                    help="w3: Poisson/concurrency load (default); w4: 64 requests sharing a warmed 2,048-id prefix")
     p.add_argument("--dataset", choices=["random", "file"], default="random")
     p.add_argument("--dataset-path", default=None, help=".jsonl with 'prompt' (and 'max_tokens'), or text lines")
+    p.add_argument("--prompts-file", default=None, help="same as --dataset file --dataset-path FILE")
+    p.add_argument("--response-format-json-schema", default=None, metavar="FILE",
+                   help="send response_format json_schema with this schema (e.g. meshserve/bench/data/"
+                        "person_schema.json), time the first request apart and score the answers")
+    p.add_argument("--score-json-schema", default=None, metavar="FILE",
+                   help="score the answers against this schema without sending it (the unconstrained baseline; "
+                        "the first request is timed apart too)")
+    p.add_argument("--label", default=None, help="engine name for the report (default: the base URL)")
     p.add_argument("--input-len", type=int, default=512, help="random prompts: token ids per prompt")
     p.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
     p.add_argument("--max-token-id", type=int, default=10000, help="random prompts: ids drawn in [3, this]")
@@ -389,8 +440,16 @@ def _strict_json(value: Any) -> Any:
 
 
 def run_serve_bench(ns: argparse.Namespace) -> int:
+    from meshserve.bench import serve_structured as structured
+
     model = ns.model or _first_model(ns.base_url, ns.api_key)
     chat = ns.endpoint == "chat"
+    if ns.prompts_file:
+        ns.dataset, ns.dataset_path = "file", ns.prompts_file
+    schema_path = ns.response_format_json_schema or ns.score_json_schema
+    schema = structured.load_schema(schema_path) if schema_path else None
+    extra_body = (structured.response_format(schema, os.path.splitext(os.path.basename(schema_path))[0])
+                  if ns.response_format_json_schema else None)
     if ns.dataset == "file" and not ns.dataset_path:
         print("meshserve: error: --dataset file needs --dataset-path", file=sys.stderr)
         return 2
@@ -400,10 +459,22 @@ def run_serve_bench(ns: argparse.Namespace) -> int:
         loads = [("concurrency", int(c)) for c in _floats(ns.concurrency)]
     else:
         loads = [("qps", q) for q in _floats(ns.qps)]
+    counts = [int(c) for c in _floats(ns.num_prompts)] if ns.num_prompts else [None]
+    if len(counts) not in (1, len(loads)):
+        print(f"meshserve: error: --num-prompts gives {len(counts)} counts for {len(loads)} points", file=sys.stderr)
+        return 2
+    first = None
+    if schema is not None:  # alone, before the load: a constraint new to the server compiles in its TTFT
+        req = (file_requests(ns.dataset_path, math.inf, 1, ns.output_len) if ns.dataset == "file" else
+               w3_requests(math.inf, 1, ns.input_len, ns.output_len, 0, ns.max_token_id))[0]
+        first = structured.first_request(ns.base_url, model, req, chat=chat, temperature=ns.temperature,
+                                         ignore_eos=not ns.no_ignore_eos, api_key=ns.api_key, extra_body=extra_body)
     points = []
-    for kind, load in loads:
+    for i, (kind, load) in enumerate(loads):
         qps = float(load) if kind == "qps" else math.inf
-        n = ns.num_prompts if ns.num_prompts is not None or kind == "qps" else max(200, 30 * int(load))
+        n = counts[i % len(counts)]
+        if n is None and kind == "concurrency":
+            n = max(200, 30 * int(load))
         seed = ns.seed if ns.seed is not None else 1000 + int(load if math.isfinite(load) else 0)
         if ns.dataset == "file":
             reqs = file_requests(ns.dataset_path, qps, n, ns.output_len, seed)
@@ -411,7 +482,7 @@ def run_serve_bench(ns: argparse.Namespace) -> int:
             reqs = w3_requests(qps, n, ns.input_len, ns.output_len, seed, ns.max_token_id)
         load_kwargs = {"chat": chat, "concurrency": int(load) if kind == "concurrency" else None,
                        "temperature": ns.temperature, "ignore_eos": not ns.no_ignore_eos, "api_key": ns.api_key,
-                       "progress": not ns.no_progress}
+                       "progress": not ns.no_progress, "extra_body": extra_body}
         if ns.client_procs == 1:
             results, duration = asyncio.run(run_load(ns.base_url, model, reqs, **load_kwargs))
         else:
@@ -421,6 +492,9 @@ def run_serve_bench(ns: argparse.Namespace) -> int:
         summary = summarize(results, duration, load, kind, ns.ttft_slo, ns.tpot_slo)
         points.append(summary)
         print(format_point(summary), flush=True)
+        if schema is not None:
+            summary.update(structured.structured_stats(results, schema))
+            print(structured.format_point(summary), flush=True)
         warning = lag_warning(summary, ns.client_procs)
         if warning:
             print(warning, flush=True)
@@ -428,7 +502,9 @@ def run_serve_bench(ns: argparse.Namespace) -> int:
             print(f"  {summary['failed']} failed; first error: {summary.get('first_error')}", flush=True)
     command = "meshserve bench " + shlex.join(sys.argv[sys.argv.index("serve"):] if "serve" in sys.argv else [])
     report = {"base_url": ns.base_url, "model": model, "endpoint": ns.endpoint, "command": command,
-              "client_procs": ns.client_procs, "points": points}
+              "client_procs": ns.client_procs, "points": points, "engine": ns.label or ns.base_url}
+    if schema is not None:
+        report.update(schema=schema, response_format=bool(extra_body), first_request=first)
     if ns.benchmarks_md:
         append_benchmarks_md(ns.benchmarks_md, points, ns.gpu, command, ns.baseline)
     if ns.plot:

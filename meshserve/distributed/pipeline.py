@@ -34,9 +34,15 @@ def send_activations(tensors: list[torch.Tensor]) -> list:
 
 def recv_activations(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """Receive from the previous stage into fresh buffers of the given shapes."""
+    return recv_activations_into([torch.empty(s, dtype=dtype, device=device) for s in shapes])
+
+
+def recv_activations_into(buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Receive from the previous stage into the given contiguous buffers (e.g. a CUDA graph's static input).
+    On NCCL the host does not wait: the receive is queued after the work already on the current stream
+    (so it cannot overwrite a buffer an earlier replay still reads) and that stream waits for it."""
     st = get_parallel_state()
     src = st.stage_rank(st.pp_rank - 1)
-    out = [torch.empty(s, dtype=dtype, device=device) for s in shapes]
-    for t in out:
+    for t in buffers:
         dist.recv(t, src=src, group=st.device_group)
-    return out
+    return buffers

@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from meshserve.config import EngineArgs
+from meshserve.engine.admission_margin import AdmissionMargin
 from meshserve.engine.core_client import EngineCoreClient
 from meshserve.engine.input_processor import InputProcessor, PromptType, load_tokenizer
 from meshserve.engine.messages import EngineCoreOutputs, SchedulerStats, error_from_message
@@ -37,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 # How often the output thread looks up from an idle core (to notice shutdown).
 _OUTPUT_POLL_S = 0.5
-# Admit a request with a time-to-first-token target only if its predicted TTFT is this far under it.
-_ADMISSION_MARGIN = 0.8
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -62,6 +61,9 @@ class AsyncLLM:
         # delay a request will still meet in the caller's process after this check (the server sets it: its
         # event loop's lag, i.e. how late a first token leaves once made)
         self.frontend_delay_s: Callable[[], float] = lambda: 0.0
+        # a request with a TTFT target is admitted while its predicted TTFT is under this fraction of it,
+        # adapted to how late admitted requests' first tokens really came (admission_margin.py)
+        self.admission_margin = AdmissionMargin()
         # prompts and chat templates are tokenized on this one thread (Rust tokenizers are not re-entrant)
         self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meshserve-tok")
         self._output_thread = threading.Thread(target=self._pump_outputs, name="meshserve-outputs", daemon=True)
@@ -146,7 +148,8 @@ class AsyncLLM:
                                                 slo_tpot_s)
 
         processed = await self.run_tokenizer(process) if InputProcessor.needs_tokenizer(prompt) else process()
-        self._check_service_level(processed.slo_ttft_s, len(processed.prompt_token_ids), processed.arrival_time)
+        predicted = self._check_service_level(processed.slo_ttft_s, len(processed.prompt_token_ids),
+                                              processed.arrival_time)
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self.output_processor.add_request(processed, queue=(asyncio.get_running_loop(), q))
@@ -162,6 +165,10 @@ class AsyncLLM:
                     item = nxt if isinstance(nxt, BaseException) else fold_outputs(item, nxt, kind)
                 if isinstance(item, BaseException):
                     raise item
+                if predicted is not None:  # its first output: how late it came against the prediction
+                    self.admission_margin.observe(predicted, time.monotonic() - processed.arrival_time,
+                                                  processed.slo_ttft_s)
+                    predicted = None
                 finished = item.finished
                 yield item
                 if finished:
@@ -178,14 +185,17 @@ class AsyncLLM:
         return waited + st.queue_wait_s + num_prompt_tokens * st.prefill_s_per_token + self.frontend_delay_s()
 
     def _check_service_level(self, ttft_target_s: float | None, num_prompt_tokens: int,
-                             arrival_time: float | None = None) -> None:
+                             arrival_time: float | None = None) -> float | None:
+        """The request's predicted TTFT (None without a target); raises ServiceLevelError past the margin."""
         if ttft_target_s is None:
-            return
+            return None
         predicted = self.predicted_ttft_s(num_prompt_tokens, arrival_time)
-        if predicted > ttft_target_s * _ADMISSION_MARGIN:
+        if not self.admission_margin.admits(predicted, ttft_target_s):
             raise ServiceLevelError(
                 f"the server is at capacity: predicted time to first token {predicted:.2f} s, target "
-                f"{ttft_target_s:.2f} s; retry later", retry_after_s=max(1, round(predicted - ttft_target_s)))
+                f"{ttft_target_s:.2f} s (admitting to {self.admission_margin.value:.2f} of it); retry later",
+                retry_after_s=max(1, round(predicted - ttft_target_s)))
+        return predicted
 
     def _abort(self, request_id: str) -> None:
         with self._lock:

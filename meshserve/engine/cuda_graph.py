@@ -3,8 +3,8 @@
 A decode step of a small model is dominated by kernel launches from Python; replaying a captured graph
 issues them all at once. Inputs live in static buffers; padding rows write to no cache slot (slot -1)
 and have context length 0, so they cost little and touch nothing. A pipeline stage after the first also
-takes the previous stage's hidden states and residual from static buffers, and one before the last returns
-them (copied out, since the next replay overwrites the graph's output while a send may still read it).
+takes the previous stage's hidden states and residual from static buffers (received there in place), and one
+before the last returns views of them (the stage copies them before its send: the next replay overwrites them).
 
 Short-context variants: attention sizes its KV splits from meta.max_seq_len, which a graph fixes at capture
 (max_model_len), so at small batch a 4,096-token graph runs 16 splits (most empty at a few hundred tokens)
@@ -22,7 +22,7 @@ import torch
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.attention import Attention
-from meshserve.layers.pipeline import IntermediateTensors
+from meshserve.layers.pipeline import IntermediateTensors, copy_stage_input
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor | IntermediateTensors] = {}
         self.pool = None
+        self.replays = 0
 
     def _meta(self, bs: int, context_bound: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -139,12 +140,14 @@ class DecodeGraphs:
     def release(self) -> None:
         """Free the graphs before the process group goes: graphs holding captured NCCL collectives kept
         the communicators' teardown waiting (2 x H200, NCCL all-reduce in the graphs)."""
-        torch.cuda.synchronize(self.device)
+        if self.graphs:
+            torch.cuda.synchronize(self.device)
         for graph in self.graphs.values():
             graph.reset()
         self.graphs.clear()
         self.outputs.clear()
         self.pool = None
+        self.forward = None  # the runner's: it holds these graphs, so this reference made a cycle
 
     def _stage_in(self, bs: int) -> IntermediateTensors | None:
         if self.stage_in is None:
@@ -164,8 +167,9 @@ class DecodeGraphs:
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             intermediate: IntermediateTensors | None = None):
-        """Copy the batch (and a stage's received activations) into the static buffers, padding to the next
-        captured size, and replay."""
+        """Copy the batch (and a stage's received activations, unless received in place) into the static
+        buffers, padding to the next captured size, and replay. Returns views of the graph's output, which
+        its next replay overwrites: a pipeline stage copies them before sending (engine/pipeline_stage.py)."""
         n = meta.num_seqs
         bs, bound = self.variant(n, meta.max_seq_len)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
@@ -178,10 +182,10 @@ class DecodeGraphs:
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(0)
         if intermediate is not None:
-            self.stage_in.hidden[:n].copy_(intermediate.hidden)
-            self.stage_in.residual[:n].copy_(intermediate.residual)
+            copy_stage_input(self.stage_in, intermediate)
         self.graphs[bs, bound].replay()
+        self.replays += 1
         out = self.outputs[bs, bound]
         if isinstance(out, IntermediateTensors):
-            return IntermediateTensors(out.hidden[:n].clone(), out.residual[:n].clone())
+            return IntermediateTensors(out.hidden[:n], out.residual[:n])
         return out[:n]

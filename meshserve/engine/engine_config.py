@@ -106,7 +106,7 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
         ),
         parallel_config=ParallelConfig(
             tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-            pp_layer_partition=args.pp_layer_partition,
+            pp_layer_partition=args.pp_layer_partition, pipeline_depth=args.pipeline_depth,
             distributed_executor_backend=args.distributed_executor_backend, nnodes=args.nnodes,
             node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
             distributed_timeout_s=args.distributed_timeout_s,

@@ -62,6 +62,8 @@ class UniprocExecutor:
         return [getattr(self.runner, method)(*args)]
 
     def shutdown(self) -> None:
+        if self.runner is not None:
+            self.runner.close()  # its graphs and KV cache go now, whoever still refers to the runner
         self.runner = None
 
 

@@ -46,7 +46,7 @@ import torch
 
 from meshserve.config import EngineConfig
 from meshserve.kernels.attention_metadata import AttentionMetadata
-from meshserve.layers.pipeline import IntermediateTensors
+from meshserve.layers.pipeline import IntermediateTensors, copy_stage_input
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,7 @@ class MixedStepGraphs:
         self.graphs.clear()
         self.outputs.clear()
         self.pool = None
+        self.forward = None  # the runner's: it holds these graphs, so this reference made a cycle
 
     def run(
         self,
@@ -253,9 +254,8 @@ class MixedStepGraphs:
         if s > b:  # empty sequences: q_len 0 after the last real one, no context
             self.query_start_loc[b + 1 : s + 1].fill_(n)
             self.seq_lens[b:s].zero_()
-        if intermediate is not None:
-            self.stage_in.hidden[:n].copy_(intermediate.hidden)
-            self.stage_in.residual[:n].copy_(intermediate.residual)
+        if intermediate is not None:  # unless received in place (engine/pipeline_stage.py)
+            copy_stage_input(self.stage_in, intermediate)
         self.runs[tokens] += 1
         self.padded_runs += tokens > n or s > b
         if self.replay:

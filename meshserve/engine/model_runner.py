@@ -12,6 +12,7 @@ and which kernels serve them is decided once, in layers/backend_selection.py.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import time
 
@@ -23,7 +24,6 @@ from meshserve.distributed.parallel_state import (
     get_parallel_state,
     tensor_parallel_forward,
 )
-from meshserve.distributed.pipeline import recv_activations, send_activations
 from meshserve.engine.cpu_threads import set_cpu_threads
 from meshserve.engine.cuda_graph import DecodeGraphs, attention_split_counts
 from meshserve.engine.kv_pool import KVCachePool, largest_step
@@ -33,6 +33,7 @@ from meshserve.engine.mixed_graph import (
     mixed_graphs_unsupported,
     token_buckets,
 )
+from meshserve.engine.pipeline_stage import StageIO, pipeline_depth
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, StepTimer, TokenLogprobs
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.step_inputs import StepInputBuilder
@@ -89,8 +90,8 @@ class ModelRunner:
         # scheduling (step n+1 is prepared while step n's copies may still be queued); with pipeline
         # parallel one per step in flight and one more, since a stage's sampled ids are read by another
         # thread after later steps are launched (worker.ResultSender)
-        pp = config.parallel_config.pipeline_parallel_size
-        self.num_step_buffers = 2 if pp == 1 else pp + 1
+        depth = pipeline_depth(config.parallel_config)
+        self.num_step_buffers = 2 if depth == 0 else depth + 1
         self.inputs = StepInputBuilder(self.block_size, self.device, self.num_step_buffers)
         pc = config.parallel_config
         # TP ranks other than 0 need the sampled ids on their device when steps are scheduled ahead
@@ -105,17 +106,29 @@ class ModelRunner:
         # the mixed-step graphs: _run_forward)
         self.drafter = DraftModelProposer(config, self.device) if spec is not None and spec.uses_draft_model else None
         self._step_parity = 0  # which of the pinned buffers this step uses
-        self._sends: list = []  # a pipeline stage's activation sends still in flight
+        st = get_parallel_state()
+        self.stage_io = None  # a pipeline stage's activation receives and sends (pipeline_stage.py)
+        if st.pp_size > 1:
+            self.stage_io = StageIO(mc.hf_config.hidden_size, self.dtype, self.device, st.is_first_stage,
+                                    st.is_last_stage)
         self.profiler = StepProfiler(get_parallel_state().rank)
 
     def close(self) -> None:
-        """Release what holds the process group's communicators (the CUDA graphs); before teardown."""
+        """Release the CUDA graphs (they hold the process group's communicators) and the KV caches; before
+        teardown and at shutdown. Explicitly, not left to garbage collection: the graphs hold this runner's
+        forward, a reference cycle only the cyclic collector frees, and a caller may still hold the LLM's
+        insides; until then a dead engine's KV cache stayed allocated, and the next engine in the process
+        counted it in its profiled peak (no memory left for its KV cache)."""
         if self.mixed_graphs is not None:
             self.mixed_graphs.release()
             self.mixed_graphs = None
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
+        self.kv_pool.release()
+        if self.drafter is not None:
+            self.drafter.kv_pool.release()
+        self.kv_transfer = None  # KV offload's copy engine holds the cache tensors too
 
     def mixed_graph_tokens(self) -> int:
         """The largest mixed step that replays a CUDA graph here (0: mixed steps run eagerly)."""
@@ -180,6 +193,11 @@ class ModelRunner:
         over up to max_num_seqs sequences, plus their logits, run against a throwaway KV cache."""
         scheduled = largest_step(self.config.scheduler_config, self.block_size)
         num_blocks = sum(len(s.block_table) for s in scheduled)
+        # the peak below starts from everything allocated in the process: collect what only the cyclic
+        # collector frees first (an engine shut down while referenced, its graphs' cycle), so its tensors
+        # are not counted as this engine's
+        gc.collect()
+        torch.cuda.empty_cache()
         self.kv_pool.allocate(num_blocks)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -216,9 +234,7 @@ class ModelRunner:
             self.warm_up_prefill(num_blocks)
         if self.kernels.cuda_graphs:
             sc = self.config.scheduler_config
-            stage_input = None
-            if not get_parallel_state().is_first_stage:
-                stage_input = (self.config.model_config.hf_config.hidden_size, self.dtype)
+            stage_input = self._stage_input()
             splits_of = functools.partial(attention_split_counts, self.model.attention_layers(), self.dtype,
                                           self.device)
             self.graphs = DecodeGraphs(self.forward, sc.max_num_seqs, sc.max_model_len, self.block_size,
@@ -227,6 +243,19 @@ class ModelRunner:
             self.mixed_graphs = self.build_mixed_graphs(stage_input)
             if self.mixed_graphs is not None:
                 self.mixed_graphs.capture(pool=self.graphs.pool)  # one pool for all graphs
+
+    def _stage_input(self) -> tuple[int, torch.dtype] | None:
+        """(hidden size, dtype) of the activations this rank receives from the previous stage, or None."""
+        if get_parallel_state().is_first_stage:
+            return None
+        return self.config.model_config.hf_config.hidden_size, self.dtype
+
+    def use_padded_graphs(self) -> int:
+        """The graphs' plain path on any device: every step a mixed-step bucket holds runs eagerly on the
+        graphs' padded static buffers (replay=False), a stage's input received there in place and its output
+        copied before the send, as with replayed graphs (CPU tests). Returns the largest bucket."""
+        self.mixed_graphs = self.build_mixed_graphs(self._stage_input(), replay=False)
+        return self.mixed_graph_tokens()
 
     def build_mixed_graphs(self, stage_input=None, replay: bool = True) -> MixedStepGraphs | None:
         """The mixed-step graphs this config allows (uncaptured), or None (the reason is logged). replay=False
@@ -267,14 +296,21 @@ class ModelRunner:
         with tensor_parallel_forward():
             return self.model(input_ids, positions, meta, intermediate)
 
-    def _run_forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):
-        """The step's forward: a decode graph for decode-only steps, a mixed-step graph for other steps a
-        bucket holds, else the plain forward."""
+    def _graphs_for(self, input_ids, meta) -> DecodeGraphs | MixedStepGraphs | None:
+        """The graphs that serve the step: the decode graphs for decode-only steps, the mixed-step graphs for
+        other steps a bucket holds, else None (the plain forward)."""
         if self.graphs is not None and self.graphs.can_run(meta):
-            return self.graphs.run(input_ids, positions, meta, intermediate)
+            return self.graphs
         layerwise = self.layerwise_hook is not None and self.layerwise_hook.active  # per-layer hooks: eager
         if self.mixed_graphs is not None and not layerwise and self.mixed_graphs.can_run(input_ids.shape[0], meta):
-            return self.mixed_graphs.run(input_ids, positions, meta, intermediate)
+            return self.mixed_graphs
+        return None
+
+    def _run_forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):
+        """The step's forward: replaying the graphs _graphs_for chooses, else the plain forward."""
+        graphs = self._graphs_for(input_ids, meta)
+        if graphs is not None:
+            return graphs.run(input_ids, positions, meta, intermediate)
         return self.forward(input_ids, positions, meta, intermediate)
 
     def _prepare(self, scheduled: list[ScheduledSequence]):
@@ -312,35 +348,31 @@ class ModelRunner:
                 pending = self.drafter.propose_after(out.scheduled, pending)
             pending.timer = timer.stop()
             return pending
-        return self._launch_stage(out.scheduled, st)
+        return self._launch_stage(out.scheduled, st.is_last_stage)
 
-    def _launch_stage(self, scheduled: list[ScheduledSequence], st) -> PendingOutput:
+    def _launch_stage(self, scheduled: list[ScheduledSequence], is_last_stage: bool) -> PendingOutput:
         """This pipeline stage's part of a step, queued without waiting for the device: receive the previous
-        stage's activations, run this stage's layers, then send them on, or sample on the last stage. The
-        engine keeps one step per stage in flight (EngineCore._step_pipelined), each over other sequences,
-        so every stage works on some step while the host prepares the next; the device time measured is
-        this stage's compute, from the activations' arrival."""
+        stage's activations (into the static buffers of the graph that serves the step), run this stage's
+        layers, then send them on, or sample on the last stage (pipeline_stage.py). The engine keeps
+        pipeline_depth steps in flight (EngineCore._step_pipelined), each over other sequences, so every
+        stage works on some step while the host prepares the next; the device time measured is this
+        stage's compute, from the activations' arrival."""
         input_ids, positions, meta = self._prepare(scheduled)
-        intermediate = None
-        if not st.is_first_stage:
-            shape = (input_ids.shape[0], self.config.model_config.hf_config.hidden_size)
-            hidden, residual = recv_activations([shape, shape], self.dtype, self.device)
-            intermediate = IntermediateTensors(hidden, residual)
+        graphs = self._graphs_for(input_ids, meta)
+        intermediate = self.stage_io.receive(input_ids.shape[0], graphs)
         timer = StepTimer(self.device)  # on the compute stream after the receive: compute time only
-        hidden = self._run_forward(input_ids, positions, meta, intermediate)
-        if st.is_last_stage:
+        if graphs is not None:
+            hidden = graphs.run(input_ids, positions, meta, intermediate)
+        else:
+            hidden = self.forward(input_ids, positions, meta, intermediate)
+        if is_last_stage:
             pending = self.sampling.sample(scheduled, hidden, meta, self._step_parity)
         else:
-            # copies: a replayed graph's output buffers are overwritten by its next replay, which the
-            # compute stream may start before the send has read them
-            works = send_activations([hidden.hidden.clone(), hidden.residual.clone()])
-            if self.device.type == "cuda":
-                # NCCL queues the sends on its stream and keeps the copies alive; the handles are kept
-                # until done all the same (a dropped gloo send is cancelled)
-                self._sends = [w for w in self._sends if not w.is_completed()] + works
-            else:
-                for work in works:  # gloo: the send completes once the next stage receives
-                    work.wait()
+            self.stage_io.send(hidden, from_graph=graphs is not None)
             pending = PendingOutput(ModelRunnerOutput())
         pending.timer = timer.stop()
         return pending
+
+    def stage_counts(self) -> dict:
+        """This pipeline stage's steps by how they ran (graph replays, eager) and its copied sends; {} unsplit."""
+        return vars(self.stage_io.counts).copy() if self.stage_io is not None else {}

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from meshserve.config import EngineConfig
 from meshserve.distributed.launch import HEARTBEAT_S, LaunchInfo
 from meshserve.distributed.parallel_state import destroy_parallel_state, get_parallel_state
+from meshserve.engine.pipeline_stage import pipeline_depth
 from meshserve.engine.runner_output import PendingOutput
 from meshserve.engine.worker import init_rank, worker_main
 from meshserve.errors import EngineDeadError, MeshserveError
@@ -43,9 +44,9 @@ class MultiprocExecutor:
         # other TP ranks get the sampled ids from it on the device); a later stage's tokens come back
         # through a host collective each step, and nothing can be queued behind them
         self.supports_async_scheduling = launch.pp_size == 1
-        # pipeline parallel: the engine keeps one step per stage in flight (EngineCore._step_pipelined); the
-        # last stage's tokens come back through a receiving thread, in step order
-        self.pipeline_depth = launch.pp_size if launch.pp_size > 1 else 0
+        # pipeline parallel: the engine keeps pipeline_depth steps in flight (EngineCore._step_pipelined,
+        # engine/pipeline_stage.py); the last stage's tokens come back through a receiving thread, in step order
+        self.pipeline_depth = pipeline_depth(config.parallel_config) if launch.pp_size > 1 else 0
         self._results: queue.Queue | None = None
         self.workers: dict[int, mp.Process] = {}
         self._mid_protocol = True  # until every rank is up: a rank still joining is killed, not waited for

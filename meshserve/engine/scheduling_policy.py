@@ -68,9 +68,12 @@ class SchedulingPolicy:
 
     def tpot_target(self, seqs: Iterable[Sequence]) -> float | None:
         """The tightest time-per-output-token target among seqs (None: nobody has one)."""
-        targets = [s.slo_tpot_s if s.slo_tpot_s is not None else self.config.slo_tpot_s for s in seqs]
-        targets = [t for t in targets if t is not None]
-        return min(targets) if targets else None
+        default, tightest = self.config.slo_tpot_s, None
+        for s in seqs:  # one pass, no lists: this runs over the whole batch every step
+            t = s.slo_tpot_s if s.slo_tpot_s is not None else default
+            if t is not None and (tightest is None or t < tightest):
+                tightest = t
+        return tightest
 
     # -- budgets ---------------------------------------------------------------------------------
     def token_budget(self, running: list[Sequence], waiting: list[Sequence] | None = None) -> int:
@@ -83,20 +86,29 @@ class SchedulingPolicy:
         the step's predicted time under the target (plus credit), at most config.slo_prefill_chunk of them."""
         waiting = waiting or []
         static = self.config.max_num_batched_tokens
-        target = self.tpot_target(running)
-        decodes = [s for s in running if s.num_tokens - s.num_computed_tokens <= 1]
-        if target is None or self.step_model is None or not decodes:
+        target = self.tpot_target(running) if self.step_model is not None else None
+        if target is None:
             return StepBudget(static)  # nobody's time per output token to protect
-        context = sum(s.num_tokens for s in decodes)
+        # one pass over the batch (this runs every step): decodes, their context, and the prompt tokens left
+        num_decodes = context = pending = 0
+        for s in running:
+            num_tokens = s.num_tokens
+            left = num_tokens - s.num_computed_tokens
+            if left <= 1:
+                num_decodes += 1
+                context += num_tokens
+            else:
+                pending += left
+        if not num_decodes:
+            return StepBudget(static)
         allowed = target * TARGET_MARGIN + self.credit_s  # below the target while repaying an overdraft
-        limit = min(static - len(decodes), self.config.slo_prefill_chunk or static)
-        extra = self.step_model.max_prefill_tokens(allowed, len(decodes), context, limit=limit)
+        limit = min(static - num_decodes, self.config.slo_prefill_chunk or static)
+        extra = self.step_model.max_prefill_tokens(allowed, num_decodes, context, limit=limit)
         if MIN_PREFILL_CHUNK:
-            pending = sum(s.num_tokens - s.num_computed_tokens for s in running if s not in decodes) + sum(
-                s.num_prompt_tokens for s in waiting[:1])
+            pending += sum(s.num_prompt_tokens for s in waiting[:1])
             if extra < min(MIN_PREFILL_CHUNK, pending, limit):
                 extra = 0  # decode only now (saving credit); prefill in a larger chunk a few steps later
-        return StepBudget(len(decodes) + extra, extra)
+        return StepBudget(num_decodes + extra, extra)
 
     def charge(self, scheduled_shape: StepShape, running: list[Sequence]) -> None:
         """Account a scheduled step against the TPOT target: a short step earns credit, a long one spends it."""

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from meshserve.sampling import SamplingParams
 
 
@@ -66,6 +68,9 @@ class Sequence:
     # and how many proposals of the step in flight they assumed accepted (-1: none in flight)
     spec_offset: int = 0
     spec_assumed_accepted: int = -1
+    # token_array()'s buffer and how many tokens it holds (tokens are only ever appended)
+    _token_buffer: np.ndarray | None = field(default=None, repr=False)
+    _token_buffer_len: int = field(default=0, repr=False)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -99,6 +104,24 @@ class Sequence:
         if start >= p:
             return self.output_token_ids[start - p : end - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
+
+    def token_array(self) -> np.ndarray:
+        """The known tokens (prompt + output) as an int64 array, extended by the tokens appended since the
+        last call rather than rebuilt (a proposer reads them every step). A view: read it, don't keep it."""
+        n = self.num_known_tokens
+        buf, have = self._token_buffer, self._token_buffer_len
+        if buf is None or buf.shape[0] < n:
+            grown = np.empty(max(2 * n, 64), dtype=np.int64)
+            grown[:have] = buf[:have] if buf is not None else grown[:0]
+            buf = self._token_buffer = grown
+        p = len(self.prompt_token_ids)
+        if have < p:
+            buf[have:p] = self.prompt_token_ids[have:]
+            have = p
+        if have < n:
+            buf[have:n] = self.output_token_ids[have - p :]
+        self._token_buffer_len = n
+        return buf[:n]
 
     @property
     def is_finished(self) -> bool:

@@ -101,6 +101,7 @@ class StepInputBuilder:
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl.tolist(),
             seq_lens_cpu=seq_lens_cpu.tolist(),
+            query_lens_cpu=num_new.tolist(),
         )
         return ids_d, pos_d, meta
 

@@ -34,6 +34,14 @@ class AttentionMetadata:
     # belong to no sequence; the host lists are not the replayed batch's. A backend sizes its launch from
     # shapes alone and reads lengths on the device.
     graph_bound: bool = False
+    # new tokens of each sequence (host): the split of a mixed step into decode rows and prefill chunks that
+    # the Triton backend (num_single_query_seqs) and the MLA layer (absorbed vs expanded rows) both read.
+    # The step builder passes the counts it has; left None, they come from query_start_loc_cpu, once.
+    query_lens_cpu: list[int] | None = None
+
+    def __post_init__(self):
+        if self.query_lens_cpu is None:
+            self.query_lens_cpu = [b - a for a, b in itertools.pairwise(self.query_start_loc_cpu)]
 
     @property
     def num_seqs(self) -> int:
@@ -47,8 +55,7 @@ class AttentionMetadata:
     def num_single_query_seqs(self) -> int:
         """Sequences with exactly one new token (decode rows, or a one-token chunk), from the host lists;
         counted once per step, not per layer (a graph's host lists are placeholders: never ask them)."""
-        q = self.query_start_loc_cpu
-        return sum(1 for a, b in itertools.pairwise(q) if b - a == 1)
+        return self.query_lens_cpu.count(1)
 
     @cached_property
     def step_memo(self) -> dict:

@@ -82,11 +82,9 @@ def prefill_context(meta: AttentionMetadata, block_size: int, min_query_len: int
 
 
 def _build_prefill_context(meta: AttentionMetadata, block_size: int, min_query_len: int) -> PrefillContext:
-    starts, start_loc_cpu = meta.query_start_loc_cpu, [0]
-    for i, seq_len in enumerate(meta.seq_lens_cpu):
-        start_loc_cpu.append(
-            start_loc_cpu[-1] + (seq_len if starts[i + 1] - starts[i] >= min_query_len else 0)
-        )
+    start_loc_cpu = [0]
+    for seq_len, q_len in zip(meta.seq_lens_cpu, meta.query_lens_cpu):
+        start_loc_cpu.append(start_loc_cpu[-1] + (seq_len if q_len >= min_query_len else 0))
     num_tokens = start_loc_cpu[-1]
     device = meta.seq_lens.device
     q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
@@ -94,7 +92,7 @@ def _build_prefill_context(meta: AttentionMetadata, block_size: int, min_query_l
     start_loc = F.pad(ctx_lens.cumsum(0), (1, 0))
     # output_size from the host count: repeat_interleave would otherwise read it back from the device
     seq = torch.repeat_interleave(
-        torch.arange(len(starts) - 1, device=device), ctx_lens, output_size=num_tokens
+        torch.arange(meta.num_seqs, device=device), ctx_lens, output_size=num_tokens
     )
     pos = torch.arange(num_tokens, device=device) - start_loc[seq]
     blocks = meta.block_tables[seq, pos // block_size].long()
@@ -114,7 +112,7 @@ def chunk_plan(meta: AttentionMetadata, ctx: PrefillContext, chunk_tokens: int) 
 def _build_chunk_plan(meta: AttentionMetadata, ctx: PrefillContext, chunk_tokens: int) -> ChunkPlan:
     w, c = chunk_tokens, ctx.num_tokens
     num_chunks = max(1, -(-c // w))
-    starts, qsl = ctx.start_loc_cpu, meta.query_start_loc_cpu
+    starts, q_lens = ctx.start_loc_cpu, meta.query_lens_cpu
     loc_cpu, len_cpu, off_cpu = [], [], []
     for k in range(num_chunks):
         k0 = k * w
@@ -123,10 +121,7 @@ def _build_chunk_plan(meta: AttentionMetadata, ctx: PrefillContext, chunk_tokens
         loc_cpu.append(los)
         len_cpu.append([h - lo for lo, h in zip(los, his)])
         off_cpu.append(
-            [
-                (meta.seq_lens_cpu[b] - (qsl[b + 1] - qsl[b])) - (k0 + los[b] - starts[b])
-                for b in range(len(los))
-            ]
+            [(meta.seq_lens_cpu[b] - q_lens[b]) - (k0 + los[b] - starts[b]) for b in range(len(los))]
         )
     # the same on the device, from the device's own lengths (a host-to-device copy would sync)
     k0 = torch.arange(num_chunks, device=ctx.start_loc.device)[:, None] * w

@@ -18,8 +18,9 @@ Kernels
   G = H / Hkv query heads of one KV head (ROWS = BLOCK_Q * G_PAD rows of the tile, row r = token r // G_PAD,
   head r % G_PAD), so each K/V tile is loaded once per GQA group. It walks KV tiles of BLOCK_N tokens
   (gathered through the block table, so any block_size works) from the sliding-window start up to the
-  causal limit of its last query, with an fp32 online softmax (exp2, scale folded in). Programs past their
-  sequence's query length exit at once.
+  causal limit of its last query, with an fp32 online softmax (exp2, scale folded in): the tile step of
+  triton_attention_tile.py, shared with the decode and unified kernels. Programs past their sequence's query
+  length exit at once.
   Graph-bound metadata (meta.graph_bound, a mixed step captured in a CUDA graph) goes to
   triton_unified_attention.unified_attention instead, whose grid depends only on T, S and Hkv.
 * ``_decode_split_kernel`` + ``_decode_reduce_kernel`` (max_query_len == 1): grid
@@ -50,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.kernels.pdl import gdc_kwargs
+from meshserve.kernels.triton_attention_tile import attend_paged_kv_tile
 from meshserve.kernels.triton_ops import qkv_rope_cache
 
 _LOG2E = 1.4426950408889634
@@ -69,8 +72,12 @@ def _reshape_and_cache_kernel(
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
+    if USE_GDC:  # before the early exit: every program waits (kernels/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
         return
@@ -105,7 +112,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, KV_FP8=_is_fp8(kv_cache),
-        num_warps=4 if num_kv_heads * head_dim >= 512 else 1,
+        num_warps=4 if num_kv_heads * head_dim >= 512 else 1, **gdc_kwargs(key),
     )
 
 
@@ -173,28 +180,11 @@ def _prefill_attention_kernel(
     n_off = tl.arange(0, BLOCK_N)
     for start in range(kv_lo, kv_hi, BLOCK_N):
         kv_pos = start + n_off
-        kv_valid = kv_pos < kv_hi
-        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
-        off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
-        k = tl.load(k_base + off[None, :] + d[:, None] * stride_cd,
-                    mask=kv_valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        if KV_FP8:  # the fp8 cache holds K / k_scale (rounded to the query dtype like the reference)
-            k = (k.to(tl.float32) * k_scale).to(q.dtype)
-        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
-        mask = kv_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            mask = mask & (kv_pos[None, :] > q_pos[:, None] - window)
-        qk = tl.where(mask, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd,
-                    mask=kv_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if KV_FP8:
-            v = (v.to(tl.float32) * v_scale).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = attend_paged_kv_tile(
+            q, q_pos, acc, m_i, l_i, kv_pos, kv_pos < kv_hi, window, bt_row, k_base, v_base, d, d_mask,
+            scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
+            BLOCK_SIZE, True, USE_WINDOW, KV_FP8, DOT_PRECISION,
+        )
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -217,11 +207,14 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if USE_GDC:  # q comes from the prologue kernel, the metadata from the step's inputs: wait before any load
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
@@ -263,24 +256,11 @@ def _decode_split_kernel(
         kv_valid = kv_pos < seq_len
         if USE_WINDOW:
             kv_valid = kv_valid & (kv_pos >= kv_lo)
-        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
-        off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
-        k = tl.load(k_base + off[None, :] + d[:, None] * stride_cd,
-                    mask=kv_valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        if KV_FP8:  # the fp8 cache holds K / k_scale (rounded to the query dtype like the reference)
-            k = (k.to(tl.float32) * k_scale).to(q.dtype)
-        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
-        qk = tl.where(kv_valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd,
-                    mask=kv_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if KV_FP8:
-            v = (v.to(tl.float32) * v_scale).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = attend_paged_kv_tile(
+            q, 0, acc, m_i, l_i, kv_pos, kv_valid, window, bt_row, k_base, v_base, d, d_mask,
+            scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
+            BLOCK_SIZE, False, USE_WINDOW, KV_FP8, DOT_PRECISION,
+        )
 
     if DIRECT_OUT:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -300,9 +280,13 @@ def _decode_reduce_kernel(
     ws_acc_ptr, ws_ml_ptr, qsl_ptr, out_ptr, num_splits,
     stride_ot, stride_oh, stride_od,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
     if q_len != 1:  # no split wrote this row (see _decode_split_kernel)
@@ -506,6 +490,7 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
     num_splits = max(1, int(num_splits))
     use_window = sliding_window is not None and sliding_window > 0
     direct = num_splits == 1
+    gdc = gdc_kwargs(query)  # PDL (kernels/pdl.py): off unless the runner's selection turned it on
     if direct:
         ws_acc = ws_ml = out  # unused
     else:
@@ -523,13 +508,13 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         USE_WINDOW=use_window, DIRECT_OUT=direct, UPCAST_DOT=_upcast_dot(query),
         DOT_PRECISION=_dot_precision(query), KV_FP8=_is_fp8(kv_cache),
-        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **gdc,
     )
     if not direct:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             ws_acc, ws_ml, query_start_loc, out, num_splits,
             out.stride(0), out.stride(1), out.stride(2),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=_next_pow2(num_splits),
-            num_warps=4 if block_d >= 128 else 2,
+            num_warps=4 if block_d >= 128 else 2, **gdc,
         )
     return out

@@ -34,6 +34,7 @@ from meshserve.kernels.triton_attention import (
     _upcast_dot,
     decode_num_splits,
 )
+from meshserve.kernels.triton_attention_tile import online_softmax_step
 
 BLOCK_H = 16  # heads per program: tl.dot needs at least 16 rows
 
@@ -130,10 +131,7 @@ def _mla_decode_split_kernel(
         qk += tl.dot(qp, tl.trans(pe.to(qp.dtype)), input_precision=DOT_PRECISION)
         qk = qk * scale_log2
         qk = tl.where(kv_valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        prob = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(prob, 1)
+        prob, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
         acc = acc * alpha[:, None] + tl.dot(prob.to(c.dtype), c, input_precision=DOT_PRECISION)
         m_i = m_new
 

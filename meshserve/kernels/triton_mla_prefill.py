@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from meshserve.kernels.triton_attention import _LOG2E, _NEG_BIG, _dot_precision, _next_pow2, _upcast_dot
+from meshserve.kernels.triton_attention_tile import online_softmax_step
 
 _LN2 = tl.constexpr(0.6931471805599453)  # log-sum-exp from log2 units to natural ones
 
@@ -82,10 +83,7 @@ def _attend_tile(
     qk = qk * scale_log2
     if MASKED:
         qk = tl.where(kv_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None]), qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
     if MASKED:
         v = tl.load(
             k_row[:, None] + NOPE + dv[None, :], mask=kv_valid[:, None] & (dv[None, :] < V_DIM), other=0.0
@@ -179,62 +177,14 @@ def _mla_prefill_kernel(
     full_hi = tl.minimum(tl.maximum(prefix + q_tile_start + 1, 0) // BLOCK_N, ctx_len // BLOCK_N) * BLOCK_N
     # the causal limit of the tile's last query, inside the piece
     kv_hi = tl.minimum(prefix + tl.minimum(q_tile_start + BLOCK_Q, q_len), ctx_len)
-    for start in range(0, full_hi, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            acc,
-            m_i,
-            l_i,
-            qn,
-            qp,
-            kv_ptr,
-            kpe_ptr,
-            ctx0,
-            start,
-            q_pos,
-            kv_hi,
-            head,
-            stride_kvt,
-            stride_kvh,
-            stride_kpt,
-            scale_log2,
-            NOPE,
-            BLOCK_NOPE,
-            ROPE,
-            BLOCK_ROPE,
-            V_DIM,
-            BLOCK_V,
-            BLOCK_N,
-            False,
-            DOT_PRECISION,
-        )
-    for start in range(full_hi, kv_hi, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            acc,
-            m_i,
-            l_i,
-            qn,
-            qp,
-            kv_ptr,
-            kpe_ptr,
-            ctx0,
-            start,
-            q_pos,
-            kv_hi,
-            head,
-            stride_kvt,
-            stride_kvh,
-            stride_kpt,
-            scale_log2,
-            NOPE,
-            BLOCK_NOPE,
-            ROPE,
-            BLOCK_ROPE,
-            V_DIM,
-            BLOCK_V,
-            BLOCK_N,
-            True,
-            DOT_PRECISION,
-        )
+    # two passes, unrolled at compile time: the tiles below full_hi without masks, then the rest masked
+    for masked in tl.static_range(2):
+        for start in range(full_hi if masked else 0, kv_hi if masked else full_hi, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, qn, qp, kv_ptr, kpe_ptr, ctx0, start, q_pos, kv_hi, head,
+                stride_kvt, stride_kvh, stride_kpt, scale_log2,
+                NOPE, BLOCK_NOPE, ROPE, BLOCK_ROPE, V_DIM, BLOCK_V, BLOCK_N, masked == 1, DOT_PRECISION,
+            )  # fmt: skip
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     dv = tl.arange(0, BLOCK_V)

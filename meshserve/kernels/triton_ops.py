@@ -11,6 +11,9 @@
   (Qwen3), rotate both, write k and v to their cache slots, return q. Replaces up to five kernels and the
   copies of the strided q/k views.
 
+With PDL on (kernels/pdl.py) the norm, SiLU and prologue kernels wait on the previous kernel (griddepcontrol)
+after their weight loads and before their first activation load; off, they compile as before.
+
 The kernels reproduce the reference's intermediate roundings to the input dtype, so 16-bit results match
 the references up to the last-bit effects of fp32 reduction order.
 """
@@ -21,6 +24,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from meshserve.kernels.pdl import gdc_kwargs
 
 
 def _np2(n: int) -> int:
@@ -44,10 +49,14 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
                      stride_x, stride_r, stride_o, stride_ro,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: safe before the PDL wait
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -56,7 +65,6 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, 0) / n_cols
     normed = (xf * (1.0 / tl.sqrt(var + eps))).to(x_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = w.to(tl.float32) * normed.to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -85,7 +93,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
             x2, r2, weight, out2, ro2, hidden, float(eps),
             x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=min(16, max(1, block // 256)),
+            num_warps=min(16, max(1, block // 256)), **gdc_kwargs(x2),
         )
     return out if residual is None else (out, res_out)
 
@@ -99,10 +107,13 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_o, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)  # silu rounds first
@@ -120,7 +131,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] > 0 and d > 0:
         block = min(1024, _np2(d))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, out2, d, x2.stride(0), out2.stride(0), BLOCK=block, num_warps=4 if block >= 512 else 1)
+            x2, out2, d, x2.stride(0), out2.stride(0), BLOCK=block, num_warps=4 if block >= 512 else 1,
+            **gdc_kwargs(x2))
     return out
 
 
@@ -269,8 +281,11 @@ def _qkv_rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q
                            stride_ckv, stride_cb, stride_cs, stride_ch,
                            NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
                            BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                           BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr):
+                           BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr, USE_GDC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
+    if USE_GDC:  # qkv is the projection's output; positions and slots may be written in the graph too
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pos = tl.load(pos_ptr + t).to(tl.int64)
     dt = q_out_ptr.dtype.element_ty
     j = tl.arange(0, BLOCK_HALF)
@@ -323,6 +338,6 @@ def qkv_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.
             NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
             BLOCK_QH=_np2(num_heads), BLOCK_KH=_np2(num_kv_heads), BLOCK_HALF=_np2(half),
             BLOCK_SIZE=kv_cache.shape[2], HAS_NORM=has_norm,
-            num_warps=4 if num_heads * head_dim >= 2048 else 2,
+            num_warps=4 if num_heads * head_dim >= 2048 else 2, **gdc_kwargs(qkv),
         )
     return q_out

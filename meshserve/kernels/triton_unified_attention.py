@@ -41,6 +41,7 @@ from meshserve.kernels.triton_attention import (
     _prefill_config,
     _upcast_dot,
 )
+from meshserve.kernels.triton_attention_tile import attend_paged_kv_tile
 
 
 @triton.jit
@@ -165,34 +166,11 @@ def _unified_attention_kernel(
     n_off = tl.arange(0, BLOCK_N)
     for start in range(kv_lo, kv_hi, BLOCK_N):
         kv_pos = start + n_off
-        kv_valid = kv_pos < kv_hi
-        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
-        off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
-        k = tl.load(
-            k_base + off[None, :] + d[:, None] * stride_cd,
-            mask=kv_valid[None, :] & d_mask[:, None],
-            other=0.0,
-        )  # [BLOCK_D, BLOCK_N]
-        if KV_FP8:  # the fp8 cache holds K / k_scale (rounded to the query dtype like the reference)
-            k = (k.to(tl.float32) * k_scale).to(q.dtype)
-        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
-        mask = kv_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            mask = mask & (kv_pos[None, :] > q_pos[:, None] - window)
-        qk = tl.where(mask, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + off[:, None] + d[None, :] * stride_cd,
-            mask=kv_valid[:, None] & d_mask[None, :],
-            other=0.0,
-        )  # [BLOCK_N, BLOCK_D]
-        if KV_FP8:
-            v = (v.to(tl.float32) * v_scale).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = attend_paged_kv_tile(
+            q, q_pos, acc, m_i, l_i, kv_pos, kv_pos < kv_hi, window, bt_row, k_base, v_base, d, d_mask,
+            scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
+            BLOCK_SIZE, True, USE_WINDOW, KV_FP8, DOT_PRECISION,
+        )  # fmt: skip
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]

@@ -18,6 +18,9 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_DISABLE_FUSED_OPS=1             no fused Triton op: norm, rotary, SiLU, prologue, GEMV, sampler
   MESHSERVE_NORM_GEMV=1                     fold the residual add + RMSNorm into the QKV and gate/up GEMVs
                                             (opt-in until measured on the H200: issue 29)
+  MESHSERVE_PDL=1                           programmatic dependent launch of the decode-path Triton kernels on
+                                            sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
+                                            kernels/pdl.py); opt-in until measured on the H200 (issue 29)
   MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024  small batches' decode graphs also for these context bounds, with
                                             fewer attention splits (default none: opt-in until measured)
   MESHSERVE_MLA_PREFILL_REF=1               MLA prefill chunks one sequence at a time (mla_prefill_ref) even on
@@ -38,6 +41,7 @@ from torch import nn
 
 from meshserve.config import EngineConfig
 from meshserve.errors import InvalidArgumentError
+from meshserve.kernels import pdl
 from meshserve.kernels.fused import fused_ops_importable, gemv_importable
 from meshserve.layers.attention import Attention, make_attention_backend
 
@@ -48,6 +52,7 @@ DISABLE_FUSED_OPS_ENV = "MESHSERVE_DISABLE_FUSED_OPS"
 NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
 DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
+PDL_ENV = "MESHSERVE_PDL"
 # decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph
 # sized for 4,096 runs 16 KV splits (most of them empty) and a reduce; <= 256 tokens needs one split at small
 # batch (no reduce), <= 1,024 four. The suggested bounds when turned on (none by default until measured)
@@ -72,6 +77,8 @@ class KernelSelection:
     kv_cache_dtype: torch.dtype | None = None  # the KV pool's element type (None only in PLAIN)
     # MLA prefill chunks through the per-sequence reference even on the Triton path (layers/mla_attention.py)
     mla_prefill_ref: bool = False
+    # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide switch, bound below)
+    pdl: bool = False
 
 
 # what a layer uses until a runner binds its selection: the plain torch path
@@ -134,6 +141,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         decode_context_bounds=_decode_context_bounds() if cuda_graphs else (),
         kv_cache_dtype=kv_cache_dtype,
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
+        pdl=on_cuda and os.environ.get(PDL_ENV, "") not in ("", "0"),
     )
     logger.info("kernels: %s", selection)
     return selection
@@ -141,7 +149,9 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
 
 def bind_kernels(model: nn.Module, selection: KernelSelection) -> None:
     """Hand the selection to the model's layers: attention layers get the backend (one instance, shared)
-    and the prologue switch; every other layer with a `kernels` attribute gets the selection itself."""
+    and the prologue switch; every other layer with a `kernels` attribute gets the selection itself. PDL is
+    a launch mode of the kernel wrappers, set for the process (kernels/pdl.py)."""
+    pdl.set_enabled(selection.pdl)
     backend = make_attention_backend(selection.attention_backend)
     for module in model.modules():
         if isinstance(module, Attention):

@@ -21,8 +21,6 @@ prefix caching, chunked prefill, preemption and the KV offload tiers see blocks 
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
 
@@ -140,14 +138,13 @@ def per_query_meta(meta: AttentionMetadata) -> AttentionMetadata:
     sequence with b's block table and context seq_len - q_len + j + 1 (its causal limit). Built on the device
     from host-known sizes (no sync), once per step (the sub-metadata's memo is shared by the layers)."""
     if "per_query" not in meta.step_memo:
-        starts, device = meta.query_start_loc_cpu, meta.seq_lens.device
-        num_tokens = starts[-1]
+        device, num_tokens = meta.seq_lens.device, meta.query_start_loc_cpu[-1]
         q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
         seq = torch.repeat_interleave(torch.arange(meta.num_seqs, device=device), q_lens,
                                       output_size=num_tokens)
         j = torch.arange(num_tokens, device=device) - meta.query_start_loc[seq]
-        seq_lens_cpu = [meta.seq_lens_cpu[b] - (e - s) + j + 1
-                        for b, (s, e) in enumerate(itertools.pairwise(starts)) for j in range(e - s)]
+        seq_lens_cpu = [meta.seq_lens_cpu[b] - n + j + 1
+                        for b, n in enumerate(meta.query_lens_cpu) for j in range(n)]
         meta.step_memo["per_query"] = AttentionMetadata(
             slot_mapping=meta.slot_mapping[:0], query_start_loc=torch.arange(num_tokens + 1, device=device),
             seq_lens=meta.seq_lens[seq] - q_lens[seq] + j + 1, block_tables=meta.block_tables.index_select(0, seq),
@@ -158,11 +155,10 @@ def per_query_meta(meta: AttentionMetadata) -> AttentionMetadata:
 
 def _subset(meta: AttentionMetadata, seqs: list[int], device) -> tuple[torch.Tensor, AttentionMetadata]:
     """The flat rows of sequences `seqs` and the metadata of those sequences alone (their rows packed)."""
-    starts, q_lens = meta.query_start_loc_cpu, []
+    starts, q_lens = meta.query_start_loc_cpu, [meta.query_lens_cpu[i] for i in seqs]
     rows: list[int] = []
     for i in seqs:
         rows.extend(range(starts[i], starts[i + 1]))
-        q_lens.append(starts[i + 1] - starts[i])
     sub_starts = [0]
     for n in q_lens:
         sub_starts.append(sub_starts[-1] + n)
@@ -172,7 +168,7 @@ def _subset(meta: AttentionMetadata, seqs: list[int], device) -> tuple[torch.Ten
         slot_mapping=meta.slot_mapping[:0], query_start_loc=torch.tensor(sub_starts, device=device),
         seq_lens=meta.seq_lens.index_select(0, index), block_tables=meta.block_tables.index_select(0, index),
         max_query_len=max(q_lens), max_seq_len=max(seq_lens), query_start_loc_cpu=sub_starts,
-        seq_lens_cpu=seq_lens)
+        seq_lens_cpu=seq_lens, query_lens_cpu=q_lens)
     return torch.tensor(rows, dtype=torch.int64, device=device), sub
 
 
@@ -181,9 +177,7 @@ def _part(meta: AttentionMetadata, single: bool):
     rest; None when there are none. Host lists only, built once per step: every layer shares the metadata."""
     key = ("mla_part", single)
     if key not in meta.step_memo:
-        starts = meta.query_start_loc_cpu
-        seqs = [i for i in range(meta.num_seqs)
-                if (starts[i + 1] - starts[i] <= ABSORBED_MAX_QUERY_LEN) == single]
+        seqs = [i for i, n in enumerate(meta.query_lens_cpu) if (n <= ABSORBED_MAX_QUERY_LEN) == single]
         meta.step_memo[key] = _subset(meta, seqs, meta.seq_lens.device) if seqs else None
     return meta.step_memo[key]
 

@@ -2,7 +2,8 @@
 
 A decoder layer runs `rms_norm(x, residual)` and then the QKV (or gate/up) projection; at batch 1 both are
 GEMV-sized and the norm is one more launch and gap per pair (~2 x 32 per step of Llama-3.1-8B). With the
-selection's norm_gemv switch, norm_linear does both in triton_gemv.rms_norm_gemv, with the norm's roundings.
+selection's norm_gemv switch, norm_linear does both in triton_gemv.rms_norm_gemv, with the norm's roundings: a
+one-program kernel for h = x + residual and 1 / rms(h), then the GEMV scaling h on load (no normed row).
 Where that path does not apply it returns None and the caller keeps the two-module path beside it.
 """
 
@@ -18,7 +19,7 @@ from meshserve.layers.norm import RMSNorm
 def norm_linear(
     norm: RMSNorm, linear: LinearBase, x: torch.Tensor, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(linear(norm(x + residual)), x + residual) — without a residual (linear(norm(x)), x) — in one GEMV, or
+    """(linear(norm(x + residual)), x + residual) — without a residual (linear(norm(x)), x) — in the fold, or
     None where that path does not apply: the switch is off, x is not one 16-bit row on a GPU (gemv_for), the
     weight is quantized, or the projection's input is split across ranks (row-parallel: its input is not the
     whole normed row). Column-parallel QKV / gate_up take the replicated row, so TP keeps the fused path."""

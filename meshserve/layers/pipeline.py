@@ -25,6 +25,15 @@ class IntermediateTensors:
     residual: torch.Tensor
 
 
+def copy_stage_input(static: IntermediateTensors, given: IntermediateTensors) -> None:
+    """Put a stage's received activations in the first rows of a graph's static input buffers, unless they
+    were received there (engine/pipeline_stage.py receives in place when it knows the graph)."""
+    n = given.hidden.shape[0]
+    for dst, src in ((static.hidden, given.hidden), (static.residual, given.residual)):
+        if src.data_ptr() != dst.data_ptr():
+            dst[:n].copy_(src)
+
+
 def pp_stage() -> tuple[bool, bool]:
     """(is first stage, is last stage) of this process."""
     st = get_parallel_state()

@@ -15,7 +15,7 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any
 
-from meshserve.engine.async_engine import _ADMISSION_MARGIN, AsyncLLM
+from meshserve.engine.async_engine import AsyncLLM
 from meshserve.errors import InvalidArgumentError, ServerOverloadedError, ServiceLevelError
 from meshserve.outputs import RequestOutput
 from meshserve.sampling import SamplingParams
@@ -109,7 +109,7 @@ class EngineClient:
         if target is None:
             return None
         predicted = self.load.input_delay.value() + self.allm.predicted_ttft_s(0)  # that counts the loop lag
-        if predicted <= target * _ADMISSION_MARGIN:
+        if self.allm.admission_margin.admits(predicted, target):
             return None
         return ServiceLevelError(f"the server is at capacity: predicted time to first token {predicted:.2f} s, "
                                  f"target {target:.2f} s; retry later",

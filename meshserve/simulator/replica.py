@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meshserve.config import CacheConfig, SchedulerConfig
+from meshserve.engine.admission_margin import AdmissionMargin
 from meshserve.engine.scheduler import Scheduler
 from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence
@@ -34,9 +35,6 @@ from meshserve.simulator.light import LightScheduler, SimSequence
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.trace import SimRequest, prompt_token_ids
 
-# The server refuses a request whose predicted TTFT exceeds this fraction of its target (async_engine.py's
-# _ADMISSION_MARGIN, kept equal by tests/simulator/test_replica.py).
-ADMISSION_MARGIN = 0.8
 _SAMPLED_TOKEN = 1  # placeholder id for every generated token (never a stop id: ignore_eos)
 _PARAMS = SamplingParams(temperature=0.0, ignore_eos=True)
 _FIRST_LAYOUT = 16  # decode steps a run lays out at first (then doubling)
@@ -81,6 +79,10 @@ class SimReplica:
         self.frontend = (FrontEnd(frontend, api_server_count) if frontend is not None and frontend.enabled
                          else None)
         self._sent_s: dict[str, float] = {}
+        # the server's admission margin, fed as the API process feeds it (AsyncLLM): each admitted request's
+        # predicted TTFT and when its clock started, until its first token is out
+        self.admission = AdmissionMargin()
+        self._predicted: dict[str, tuple[float, float]] = {}
 
     # -- arrivals --------------------------------------------------------------------------------
     def intake(self, t: float) -> float:
@@ -108,9 +110,11 @@ class SimReplica:
         since = req.arrival_s if self.frontend is None else now - self.frontend.costs.per_request_s
         if self.scheduler.num_waiting >= self.max_queue_len:
             return False
-        if self.ttft_target_s is not None and self.scheduler.policy.step_model is not None \
-                and self.predicted_ttft_s(req, since) > self.ttft_target_s * ADMISSION_MARGIN:
-            return False
+        predicted = None
+        if self.ttft_target_s is not None and self.scheduler.policy.step_model is not None:
+            predicted = self.predicted_ttft_s(req, since)
+            if not self.admission.admits(predicted, self.ttft_target_s):
+                return False
         rid = str(index)
         if self.light:
             seq = SimSequence.make(rid, req.prompt_len, _PARAMS, req.output_len, since)
@@ -123,6 +127,8 @@ class SimReplica:
             return False
         if self.frontend is not None:
             self._sent_s[rid] = req.arrival_s
+        if predicted is not None:
+            self._predicted[rid] = (predicted, since)
         return True
 
     def _finish(self, seq: Sequence, last_token_s: float) -> None:
@@ -182,6 +188,9 @@ class SimReplica:
             prev = last.get(sid)
             if prev is None:
                 first[sid] = seen
+                if sid in self._predicted:
+                    predicted, since = self._predicted.pop(sid)
+                    self.admission.observe(predicted, seen - since, self.ttft_target_s)
             else:
                 rec.add_itl(seen - prev)
             last[sid] = seen
@@ -195,6 +204,7 @@ class SimReplica:
         self._first_token_s.pop(seq_id, None)
         self._last_token_s.pop(seq_id, None)
         self._sent_s.pop(seq_id, None)
+        self._predicted.pop(seq_id, None)
 
     # -- decode runs: many decode steps at once -------------------------------------------------
     def _start_run(self, now: float) -> bool:

@@ -3,8 +3,6 @@ where the proposals come from (the n-gram proposer here, or a draft model's on t
 
 from __future__ import annotations
 
-import numpy as np
-
 from meshserve.engine.runner_output import ModelRunnerOutput
 from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence
@@ -100,7 +98,7 @@ class Speculator:
                     or (gated and seq.params.seed is None)):
                 seq.spec_token_ids = []
             elif self.proposer is not None:
-                ids = np.asarray(seq.all_token_ids, dtype=np.int64)
+                ids = seq.token_array()
                 seq.spec_token_ids = self.proposer.propose(ids, skip=skip) if skip else self.proposer.propose(ids)
             else:
                 seq.spec_token_ids = runner_out.draft_token_ids.get(seq.seq_id, [])

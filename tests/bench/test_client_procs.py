@@ -24,10 +24,14 @@ def tokens_for(request_id: int) -> int:
 
 
 class StubServer:
-    """Streams `tokens_for(prompt[0])` one-character tokens 2 ms apart; logs every prompt it was sent."""
+    """Streams `tokens_for(prompt[0])` one-character tokens 2 ms apart; logs every prompt it was sent. With
+    refuse_every k: a prompt whose first id is k - 1 modulo k gets a 429 (OpenAI's error shape) after
+    refuse_delay_s."""
 
-    def __init__(self) -> None:
+    def __init__(self, refuse_every: int = 0, refuse_delay_s: float = 0.0) -> None:
         self.prompt_ids: list[int] = []
+        self.refuse_every = refuse_every
+        self.refuse_delay_s = refuse_delay_s
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -49,6 +53,14 @@ class StubServer:
             return
         prompt = json.loads(body)["prompt"]
         self.prompt_ids.append(prompt[0])
+        if self.refuse_every and prompt[0] % self.refuse_every == self.refuse_every - 1:
+            await asyncio.sleep(self.refuse_delay_s)
+            error = {"error": {"message": "at capacity", "type": "rate_limit_error", "param": None,
+                               "code": "slo_unattainable"}}
+            await send({"type": "http.response.start", "status": 429,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")]})
+            await send({"type": "http.response.body", "body": json.dumps(error).encode()})
+            return
         await send(
             {
                 "type": "http.response.start",
@@ -195,3 +207,32 @@ def test_a_failing_worker_is_one_clear_error_not_a_hang(stub):
 
     with pytest.raises(MeshserveError, match=r"client process [01] failed: TypeError"):
         run_load_in_procs(2, stub.base_url, "stub", poisson_like(4, 0.0), progress=False, no_such_option=1)
+
+
+def test_refusals_are_counted_by_status_with_their_latency(tmp_path, capsys):
+    # every 4th request is refused 50 ms after it arrives: their latency is that wait, not a stream's length
+    with StubServer(refuse_every=4, refuse_delay_s=0.05) as server:
+        out = tmp_path / "w3.json"
+        rc = main(["bench", "serve", "--base-url", server.base_url, "--qps", "200", "--num-prompts", "20",
+                   "--input-len", "4", "--client-procs", "2", "--no-progress", "--output-json", str(out)])
+        refused = sum(1 for i in server.prompt_ids if i % 4 == 3)  # W3's first ids are random draws
+    assert rc == 0  # some requests completed
+    point = json.loads(out.read_text())["points"][0]
+    assert refused >= 1 and point["failed"] == refused and point["completed"] == 20 - refused
+    assert point["failed_by_status"] == {"429": refused}
+    assert 0.05 <= point["reject_latency_p50"] <= point["reject_latency_p99"] < 2.0
+    assert f"failed: {refused} 429, refused in p50" in capsys.readouterr().out
+
+
+def test_summary_counts_failures_by_kind_and_times_refusals_only():
+    ok = RequestResult(ok=True, ttft=0.1, e2e=0.2, output_tokens=2, status=200)
+    refused = [RequestResult(ok=False, e2e=0.01 * (i + 1), status=429, error="HTTP 429") for i in range(4)]
+    failed = [RequestResult(ok=False, e2e=0.3, status=503, error="HTTP 503"),
+              RequestResult(ok=False, e2e=5.0, status=200, error="engine died"),  # an error event mid-stream
+              RequestResult(ok=False, e2e=9.0, error="ConnectError: refused")]  # no response at all
+    s = summarize([ok, *refused, *failed], 1.0, 10.0)
+    assert s["failed"] == 7
+    assert s["failed_by_status"] == {"429": 4, "503": 1, "no_response": 1, "stream": 1}
+    # the refusals answered with an error status: 10, 20, 30, 40 ms and 300 ms
+    assert s["reject_latency_p50"] == pytest.approx(0.03) and s["reject_latency_mean"] == pytest.approx(0.08)
+    assert summarize([ok], 1.0, 10.0)["failed_by_status"] == {}

@@ -191,3 +191,37 @@ def test_pp2_keeps_one_step_per_stage_in_flight(tiny_model_dir):
     assert core.pipeline_depth == 2 and sum(overlapped) > len(overlapped) // 2
     in_step, _ = _generate(path, prompts, pipeline_parallel_size=2, async_scheduling=False)
     assert ahead == single and in_step == single
+
+
+def test_pp2_graph_buffers_and_three_steps_in_flight(tiny_model_dir):
+    """PP = 2 with three steps in flight (pipeline_depth 3: the host's round trip for a step's tokens hides
+    behind the third) and every step through the graphs' static buffers on both stages (use_padded_graphs:
+    the replayed graphs' buffers, run eagerly): the second stage receives in place, the first sends copies of
+    its graph output; one device's tokens."""
+    path = tiny_model_dir("qwen2")
+    prompts = _prompts(6, (6, 13, 22, 9, 17, 30, 4))
+    single, _ = _generate(path, prompts)
+
+    llm = LLM(model=path, pipeline_parallel_size=2, pipeline_depth=3, max_num_batched_tokens=16)
+    core = llm.engine.core
+    assert core.pipeline_depth == 3 and core.scheduler.pipeline_depth == 3
+    assert core.executor.collective_rpc("use_padded_graphs") >= 16  # every step fits a bucket
+    launch, in_flight = core.executor.execute_async, []
+
+    def counting(sched_out):
+        if not sched_out.is_empty:  # (a step of finished ids only runs no forward)
+            in_flight.append(len(core._pipeline))
+        return launch(sched_out)
+
+    core.executor.execute_async = counting
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        got = [o.outputs[0].token_ids for o in outs]
+        first, last = core.executor.gather_rpc("stage_counts")
+    finally:
+        llm.shutdown()
+    assert got == single
+    assert in_flight.count(2) >= 3  # steps launched with two others still in the pipeline
+    assert first["graph_steps"] == last["graph_steps"] == len(in_flight) and first["eager_steps"] == 0
+    assert first["sends_copied"] == first["graph_steps"] and last["sends_copied"] == 0

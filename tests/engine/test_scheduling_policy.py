@@ -172,3 +172,27 @@ def test_admission_rate_counts_only_busy_gaps():
     for k in range(5):  # a burst: each admission left others queued
         p.record_admission(111.0 + 0.05 * k, queue_behind=True)
     assert abs(p.admission_rate(111.3) - 20.0) < 1e-6  # the gap back to t=110 is not counted
+
+
+def test_step_budget_counts_decodes_context_and_prompt_tokens_left():
+    """The budget from one pass over the batch: each decode's token, the model's prefill room for the decodes'
+    context, dropped to 0 while it is smaller than the prompt tokens left (running chunks + the queue's head)."""
+    s = _with_model(slo_tpot_s=0.010)
+    decodes = [make_seq(f"d{i}", range(100 * i, 100 * i + 300)) for i in range(4)]
+    for seq in decodes:
+        seq.num_computed_tokens = seq.num_tokens - 1  # one token to compute: a decode
+    prefill = make_seq("p", range(2000))
+    prefill.num_computed_tokens = 1500  # 500 prompt tokens left
+    head = make_seq("w", range(700))
+    context = sum(seq.num_tokens for seq in decodes)
+    room = MODEL.max_prefill_tokens(0.010 * TARGET_MARGIN, 4, context, limit=min(2048 - 4, 1024))
+    assert 0 < room < MIN_PREFILL_CHUNK  # the prompt tokens left (500 + 700) ask for a full chunk: wait for one
+    budget = s.policy.step_budget([*decodes, prefill], [head])
+    assert (budget.tokens, budget.prefill_tokens) == (4, 0)
+    # with fewer prompt tokens left than the room, they go now
+    prefill.num_computed_tokens = 2000 - (room - 1)
+    budget = s.policy.step_budget([*decodes, prefill], [])
+    assert (budget.tokens, budget.prefill_tokens) == (4 + room, room)
+    # nobody decoding, or no target: the static budget
+    assert s.policy.step_budget([prefill], [head]).tokens == 2048
+    assert _with_model().policy.step_budget([*decodes, prefill], [head]).tokens == 2048

@@ -43,6 +43,8 @@ def test_rows_behind_a_verify_step_move_back_by_its_rejected_count():
     assert meta.slot_mapping.tolist() == [9 * 4 + 0, 9 * 4 + 1, 9 * 4 + 2, 9 * 4 + 3, 8 * 4 + 1, 24, 25, 26]
     assert meta.seq_lens.tolist() == [12, 6, 3] and meta.seq_lens_cpu == [12, 6, 3]
     assert meta.max_seq_len == 14  # the host's bound: all accepted
+    # the decode/prefill split every attention backend reads, counted once here
+    assert meta.query_lens_cpu == [4, 1, 3] and meta.num_single_query_seqs == 1
 
     # nothing rejected: placed where the host put it
     ids, pos, meta = builder.build(scheduled, 1, last_sampled, last_rows, torch.tensor([0, 0]))

@@ -1,6 +1,6 @@
 """Generates with one parallel layout in a fresh process and prints the outputs as JSON (the multi-GPU tests
 start one per layout: each needs its own torch.distributed world). Usage:
-python tests/gpu/layout_run.py MODEL DTYPE TP PP ALL_REDUCE(auto|nccl)"""
+python tests/gpu/layout_run.py MODEL DTYPE TP PP ALL_REDUCE(auto|nccl) [PIPELINE_DEPTH [NUM_PROMPTS]]"""
 
 from __future__ import annotations
 
@@ -19,17 +19,23 @@ def main() -> None:
     from meshserve.distributed.parallel_state import get_parallel_state
 
     model, dtype, tp, pp, all_reduce = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    depth = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+    num_prompts = int(sys.argv[7]) if len(sys.argv) > 7 else 6
     llm = LLM(model=model, load_format="dummy", dtype=dtype, max_model_len=1024, hf_overrides={"num_hidden_layers": 4},
               gpu_memory_utilization=0.5, max_num_seqs=32, seed=0, tensor_parallel_size=tp,
-              pipeline_parallel_size=pp, disable_custom_all_reduce=all_reduce == "nccl")
+              pipeline_parallel_size=pp, pipeline_depth=depth, disable_custom_all_reduce=all_reduce == "nccl")
     greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=1, logprobs=1)
     seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=16, ignore_eos=True)
-    outs = llm.generate(prompts(), greedy, use_tqdm=False)
-    sampled = llm.generate(prompts(2), seeded, use_tqdm=False)
+    outs = llm.generate(prompts(num_prompts), greedy, use_tqdm=False)
+    sampled = llm.generate(prompts(min(2, num_prompts)), seeded, use_tqdm=False)
     result = {
         "graphs": llm.engine.runner.graphs is not None,
         "fast_all_reduce": get_parallel_state().tp_fast_all_reduce is not None,
         "async": llm.engine.async_scheduling,
+        "gemv": llm.engine.runner.kernels.gemv,
+        "pipeline_depth": llm.engine.core.pipeline_depth,
+        # per rank: its pipeline stage's steps that replayed a graph / ran eagerly ([] unsplit)
+        "stage_counts": llm.engine.core.executor.gather_rpc("stage_counts") if pp > 1 else [],
         "tokens": [o.outputs[0].token_ids for o in outs],
         "sampled": [o.outputs[0].token_ids for o in sampled],
         # per prompt: logprob of each prompt token, then the best logprob of each generated position

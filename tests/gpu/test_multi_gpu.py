@@ -20,11 +20,12 @@ RUNNER = os.path.join(os.path.dirname(__file__), "layout_run.py")
 
 
 @functools.cache  # the one-GPU reference serves every layout's test
-def _run(model: str, dtype: str, tp: int, pp: int, all_reduce: str) -> dict:
+def _run(model: str, dtype: str, tp: int, pp: int, all_reduce: str, depth: int = 0, num_prompts: int = 6) -> dict:
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, RUNNER, model, dtype, str(tp), str(pp), all_reduce], env=env,
+    proc = subprocess.run([sys.executable, RUNNER, model, dtype, str(tp), str(pp), all_reduce, str(depth),
+                           str(num_prompts)], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
@@ -60,3 +61,28 @@ def test_layout_bf16_logprobs_within_tolerance(model, tp, pp, all_reduce):
     for a, b in zip(one["best_logprobs"], got["best_logprobs"]):
         # after a near-tie the two runs may take different tokens; the first position is always comparable
         assert b[0] == pytest.approx(a[0], abs=tol)
+
+
+@pytest.mark.parametrize("depth", [2, 3], ids=["depth2", "depth3"])
+def test_pp2_stage_steps_replay_graphs_fp32_tokens_equal_one_gpu(model, depth):
+    """PP = 2 with one step per stage in flight, and with three: each stage's decode steps replay its graphs
+    (the activations received into their static buffers, sent from a copy of the output), same tokens."""
+    one = _run(model, "float32", 1, 1, "auto")
+    got = _run(model, "float32", 1, 2, "auto", depth)
+    assert got["pipeline_depth"] == depth and got["tokens"] == one["tokens"] and got["sampled"] == one["sampled"]
+    first, last = got["stage_counts"]
+    assert first["graph_steps"] > 0 and last["graph_steps"] > 0  # stage steps replayed graphs on both GPUs
+    assert first["sends_copied"] == first["graph_steps"] and last["sends_copied"] == 0
+
+
+def test_pp2_batch1_bf16_gemv_under_graphs(model):
+    """One prompt at PP = 2 in bf16: every stage step is one row, so the batch-1 Triton GEMV meets the hidden
+    states a stage receives, inside the stage's decode graphs (this failed at the first request once:
+    "gemv takes one row of 4096 features, got shape (256,)"). Same shapes as one GPU, same kernels: same
+    greedy tokens."""
+    one = _run(model, "bfloat16", 1, 1, "auto", 0, 1)
+    got = _run(model, "bfloat16", 1, 2, "auto", 0, 1)
+    assert got["gemv"] and got["graphs"]
+    first, last = got["stage_counts"]
+    assert first["graph_steps"] > 0 and last["graph_steps"] > 0
+    assert got["tokens"] == one["tokens"]

@@ -25,6 +25,7 @@ from meshserve.kernels.fp8_block_ref import (
 )
 from meshserve.kernels.quant_ref import FP8_DTYPE
 from tests.kernels.sm90 import assert_compiles_for_sm90
+from tests.quant_fixtures import e4m3_exact
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")
@@ -101,7 +102,7 @@ def _exact_after_group_scaling(x: torch.Tensor) -> torch.Tensor:
     """Values exact in e4m3 once divided by their group's scale (the interpreter's fp32 -> fp8 cast mis-rounds
     values that round up to a power of two, see test_fp8_kv_cache.py): e4m3 numbers times 3 / 448, and every
     group's absmax 3, so its scale is 3 / 448."""
-    x = (x * 50).to(FP8_DTYPE).float() * (3 / 448)
+    x = e4m3_exact(x * 50, 3 / 448)
     x[..., ::B] = 3.0
     return x
 

@@ -20,6 +20,7 @@ if not _HAS_CUDA:
 
 from meshserve.kernels.attention_ref import gather_kv_ref, paged_attention_ref, write_kv_ref
 from meshserve.kernels.quant_ref import FP8_DTYPE
+from tests.quant_fixtures import e4m3_exact, fp8_kv_cache
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")
@@ -32,9 +33,8 @@ if _HAS_TRITON:
 
 
 def _fp8_exact(shape, scale, seed):
-    """Values that are exactly representable after division by scale (e4m3 numbers times scale)."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * 4).to(FP8_DTYPE).float() * scale
+    return e4m3_exact(torch.randn(shape, generator=g) * 4, scale)
 
 
 def test_reference_write_quantizes_and_read_dequantizes():
@@ -57,7 +57,7 @@ def test_reference_attention_matches_the_dequantized_cache():
     from meshserve.kernels.attention_metadata import AttentionMetadata
 
     cache16 = torch.randn(2, 6, 4, 2, 16, generator=g)
-    cache8 = (cache16 / 0.25).to(FP8_DTYPE)
+    cache8 = fp8_kv_cache(cache16, 0.25)
     q = torch.randn(3, 4, 16, generator=g)
     meta = AttentionMetadata(
         torch.zeros(3, dtype=torch.int64),
@@ -95,7 +95,7 @@ def test_triton_write_interp(scales):
 def test_triton_prefill_and_decode_interp(dtype):
     for q_lens, seq_lens, splits in (([5, 1, 9], [5, 30, 20], None), ([1, 1, 1], [5, 70, 33], 3)):
         query, cache, meta = make_case(q_lens, seq_lens, 4, 2, 32, 8, dtype, seed=len(q_lens) + sum(q_lens))
-        cache8 = (cache.float() / 0.5).to(FP8_DTYPE)
+        cache8 = fp8_kv_cache(cache, 0.5)
         out = TritonAttentionBackend(decode_num_splits=splits).attend(
             query, cache8, meta, 0.2, None, 0.5, 0.5
         )
@@ -127,7 +127,7 @@ def test_triton_write_gpu():
 )
 def test_triton_attention_gpu(head_dim, q_lens, seq_lens):
     query, cache, meta = make_case(q_lens, seq_lens, 32, 8, head_dim, 16, torch.bfloat16, device="cuda")
-    cache8 = (cache.float() / 0.02).to(FP8_DTYPE)
+    cache8 = fp8_kv_cache(cache, 0.02)
     out = TritonAttentionBackend().attend(query, cache8, meta, head_dim**-0.5, None, 0.02, 0.02)
     ref = paged_attention_ref(query.float(), cache8, meta, head_dim**-0.5, None, 0.02, 0.02)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

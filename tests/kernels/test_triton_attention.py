@@ -26,6 +26,7 @@ if importlib.util.find_spec("triton") is not None:
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.kernels.attention_ref import paged_attention_ref, write_kv_ref
+from tests.kernels.sm90 import assert_compiles_for_sm90
 
 interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
 gpu = pytest.mark.gpu
@@ -235,6 +236,40 @@ def test_decode_num_splits_heuristic():
     for b in (1, 3, 8, 64):
         n = decode_num_splits(b, 2, 5000, 64, 132)
         assert n & (n - 1) == 0
+
+
+# The prefill and split-K decode kernels share their KV-tile step with the unified kernel
+# (kernels/triton_attention_tile.py): compiled to sm_90 cubins with Triton's own ptxas (no GPU needed), as
+# test_triton_unified_attention does for the unified kernel, causal with a window and not causal with fp8 KV.
+_COMPILE_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from meshserve.kernels.triton_attention import _decode_split_kernel, _prefill_attention_kernel
+
+def compile_sm90(kernel, sig, const, warps, stages):
+    names = list(kernel.arg_names)
+    sig = {**{n: "i32" for n in names}, **sig, **{n: "constexpr" for n in const}}
+    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+sig = dict(q_ptr="*bf16", out_ptr="*bf16", cache_ptr="*bf16", bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i64",
+           scale_log2="fp32", k_scale="fp32", v_scale="fp32", stride_ckv="i64", stride_cb="i64")
+compile_sm90(_prefill_attention_kernel, sig,
+             dict(GROUP=4, GROUP_PAD=4, BLOCK_Q=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64,
+                  USE_WINDOW=True, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=False, SKIP_SINGLE=True), 8, 3)
+sig.update(cache_ptr="*fp8e4nv", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32")
+compile_sm90(_decode_split_kernel, sig,
+             dict(NUM_HEADS=32, GROUP=4, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128,
+                  USE_WINDOW=True, DIRECT_OUT=False, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=True,
+                  USE_GDC=False), 4, 3)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(_HAS_CUDA, reason="the GPU tests compile the kernels for the real device")
+def test_prefill_and_decode_kernels_compile_for_sm90_without_gpu():
+    assert_compiles_for_sm90(_COMPILE_SM90)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""triton_gemv.rms_norm_gemv (residual add + RMSNorm inside the GEMV) vs rms_norm then the projection.
+"""triton_gemv.rms_norm_gemv (residual add + RMSNorm folded into the GEMV: a one-program kernel for the row's
+h and 1 / rms, the GEMV scaling on load) vs rms_norm then the projection.
 
 Without CUDA the kernel runs in the Triton CPU interpreter in fp32 and fp16 (the interpreter rounds fp32 ->
 bf16 unlike torch, so bf16 is GPU-only); a subprocess also compiles it to sm_90 code with Triton's bundled
@@ -72,9 +73,11 @@ def test_rms_norm_gemv_interp(dtype, n, k, with_residual):
 
 
 @interp
-def test_rms_norm_gemv_fp16_equals_two_kernels_exactly():
-    # in fp16 the normed row is exact enough that both paths feed the same products to the same sums
-    y, two_kernels = _check("cpu", torch.float16, 64, 512, with_residual=True, with_bias=False)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_gemv_equals_two_kernels_exactly(dtype):
+    # the one-program statistics are rms_norm's, so the GEMV sees rms_norm's normed row bit for bit and sums
+    # the same products in the same order (the per-program reduction of the first version did not, in fp32)
+    y, two_kernels = _check("cpu", dtype, 64, 512, with_residual=True, with_bias=False)
     assert torch.equal(y, two_kernels)
 
 
@@ -100,19 +103,23 @@ _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from meshserve.kernels.triton_gemv import _rms_norm_gemv_kernel as kernel
+from meshserve.kernels.triton_gemv import _normed_gemv_kernel, _residual_rms_kernel
 
-names = list(kernel.arg_names)
-pointers = ("x_ptr", "res_ptr", "nw_ptr", "w_ptr", "b_ptr", "y_ptr", "res_out_ptr")
-cases = [("bf16", True, False, 512, 8), ("fp16", False, True, 256, 4)]  # (dtype, residual, bias, BLOCK_K, warps)
-for dtype, has_residual, has_bias, block_k, warps in cases:
+def compile(kernel, pointers, const, warps, floats=()):
+    names = list(kernel.arg_names)
     sig = {n: "i32" for n in names}
-    sig.update({p: "*" + dtype for p in pointers})
-    sig["eps"] = "fp32"
-    const = dict(HAS_RESIDUAL=has_residual, HAS_BIAS=has_bias, BLOCK_N=4, BLOCK_K=block_k)
+    sig.update(pointers)
+    sig.update({f: "fp32" for f in floats})
     sig.update({n: "constexpr" for n in const})
     src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+
+# the plain layout (PRE_K 0, no PDL) in fp16 without a residual; tests/kernels/test_pdl.py compiles the rest
+p = "*fp16"
+compile(_residual_rms_kernel, dict(x_ptr=p, res_ptr=p, res_out_ptr=p, inv_ptr="*fp32"),
+        dict(HAS_RESIDUAL=False, BLOCK=1024, USE_GDC=False), 4, floats=("eps",))
+compile(_normed_gemv_kernel, dict(h_ptr=p, inv_ptr="*fp32", nw_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p),
+        dict(HAS_BIAS=False, BLOCK_N=4, BLOCK_K=256, PRE_K=0, USE_GDC=False), 4)
 print("compiled")
 """
 

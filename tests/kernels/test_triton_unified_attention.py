@@ -27,8 +27,8 @@ pytestmark = pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.kernels.attention_ref import paged_attention_ref
-from meshserve.kernels.quant_ref import FP8_DTYPE
 from tests.kernels.sm90 import assert_compiles_for_sm90
+from tests.quant_fixtures import fp8_kv_cache
 
 if _HAS_TRITON:
     import triton
@@ -220,7 +220,7 @@ def test_unified_same_bucket_two_batches_interp():
 def test_unified_fp8_kv_interp():
     """fp8 (e4m3) KV cache with k/v scales: reads dequantize like the reference."""
     query, cache, meta = make_case([9, 1, 5], [9, 33, 21], 8, 2, 32, 8, torch.float32, seed=50)
-    cache8 = (cache / 0.5).to(FP8_DTYPE)
+    cache8 = fp8_kv_cache(cache, 0.5)
     pq, pmeta = pad_case(query, cache, meta, 20, 5)
     out = run_unified(pq, cache8, pmeta, 0.2, None, block_q=4, k_scale=0.5, v_scale=0.5)
     ref = paged_attention_ref(pq, cache8, pmeta, 0.2, None, 0.5, 0.5)
@@ -358,7 +358,7 @@ def test_unified_fp8_kv_gpu():
     t, s, h, hkv, d = 512, 64, 32, 8, 128
     q_lens, seq_lens = _mixed_bucket_batch(t, s, 2048, seed=5)
     query, cache, meta = make_case(q_lens, seq_lens, h, hkv, d, 16, torch.bfloat16, device="cuda")
-    cache8 = (cache.float() / 0.02).to(FP8_DTYPE)
+    cache8 = fp8_kv_cache(cache, 0.02)
     pq, pmeta = pad_case(query, cache, meta, t, s)
     out = run_unified(pq, cache8, pmeta, d**-0.5, None, k_scale=0.02, v_scale=0.02)
     ref = paged_attention_ref(pq.float(), cache8, pmeta, d**-0.5, None, 0.02, 0.02)

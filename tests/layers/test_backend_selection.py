@@ -21,6 +21,7 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_NORM_GEMV", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", raising=False)
     monkeypatch.delenv("MESHSERVE_MLA_PREFILL_REF", raising=False)
+    monkeypatch.delenv("MESHSERVE_PDL", raising=False)
 
 
 def _config(device="cpu", dtype="float32", cache_dtype="auto", enforce_eager=False) -> EngineConfig:
@@ -64,6 +65,22 @@ def test_fixed_cost_switches(monkeypatch):
         monkeypatch.setenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", bad)
         with pytest.raises(ValueError, match="MESHSERVE_DECODE_CONTEXT_BOUNDS"):
             select_kernels(gpu)
+
+
+def test_pdl_switch_is_opt_in_for_cuda_and_bound_for_the_process(monkeypatch):
+    from meshserve.kernels import pdl
+
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert not select_kernels(gpu).pdl  # off until measured on the H200 (issue 29)
+    monkeypatch.setenv("MESHSERVE_PDL", "1")
+    on = select_kernels(gpu)
+    assert on.pdl and not select_kernels(_config()).pdl  # never on CPU
+    model = torch.nn.Linear(2, 2)
+    with pdl.enabled(False):
+        bind_kernels(model, on)
+        assert pdl.is_enabled()
+        bind_kernels(model, PLAIN)
+        assert not pdl.is_enabled()
 
 
 def test_mla_prefill_reference_switch(monkeypatch):

@@ -46,6 +46,7 @@ def test_decode_and_prefill_parts_pack_each_group_once_per_step():
     assert p_meta.query_start_loc_cpu == [0, 9, 19] and p_meta.max_seq_len == 30
     assert torch.equal(p_meta.block_tables, meta.block_tables[[1, 3]])
     assert decode_part(meta)[1] is d_meta  # every layer of the step shares one split
+    assert d_meta.query_lens_cpu == [1, 3] and p_meta.query_lens_cpu == [9, 10]
     assert decode_part(_meta([9, 12], [9, 15], 4, 8)) is None
     assert prefill_part(_meta([1, 8], [3, 15], 4, 8)) is None
 

@@ -19,17 +19,14 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from meshserve import LLM, SamplingParams
 from meshserve.errors import ModelLoadError
-from meshserve.models.quantize_checkpoint import quantize_checkpoint
-from tests.conftest import VOCAB, _train_tokenizer
+from tests.quant_fixtures import BLOCK, block_fp8_checkpoints, dequantize_block_fp8, fake_quant_fp8
 
-B = 128
 DENSE = {
     "hidden_size": 320,
     "intermediate_size": 512,
@@ -64,66 +61,6 @@ FAMILIES = {
 PROMPTS = [[(7 * i + 3 * j) % 300 + 5 for i in range(12 + 5 * j)] for j in range(3)]
 
 
-def _bf16_checkpoint(path: str, family: str) -> str:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    fields = dict(FAMILIES[family])
-    config = AutoConfig.for_model(
-        fields.pop("model_type"),
-        vocab_size=VOCAB,
-        num_hidden_layers=2,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-        bos_token_id=0,
-        eos_token_id=2,
-        **fields,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
-    _train_tokenizer(VOCAB).save_pretrained(path)
-    return path
-
-
-def _dequantize(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """w[n, k] = w_fp8[n, k] * scale_inv[n // 128, k // 128]."""
-    w = weight.float().numpy()
-    s = scale_inv.numpy()
-    n, k = w.shape
-    return torch.from_numpy(w * np.repeat(np.repeat(s, B, axis=0), B, axis=1)[:n, :k])
-
-
-def _dequantized_copy(src: str, dst: str) -> str:
-    """The quantized checkpoint as a plain fp32 one, without quantization_config."""
-    tensors = load_file(os.path.join(src, "model.safetensors"))
-    out = {}
-    for name, t in tensors.items():
-        if name.endswith(".weight_scale_inv"):
-            continue
-        scale = tensors.get(name + "_scale_inv")
-        out[name] = _dequantize(t, scale) if scale is not None else t.float()
-    os.makedirs(dst, exist_ok=True)
-    save_file(out, os.path.join(dst, "model.safetensors"))
-    with open(os.path.join(src, "config.json")) as f:
-        config = json.load(f)
-    config.pop("quantization_config")
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f)
-    return dst
-
-
-def _fake_quant_per_token_group(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as the format's activations are: each token's groups of 128 features scaled so their absmax
-    is 448, cast to e4m3, scaled back."""
-    shape, k = x.shape, x.shape[-1]
-    x2 = x.reshape(-1, k).float()
-    out = torch.empty_like(x2)
-    for lo in range(0, k, B):
-        g = x2[:, lo : lo + B]
-        s = (g.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
-        out[:, lo : lo + B] = (g / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
-    return out.reshape(shape).to(x.dtype)
-
-
 FP8_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "q_b_proj")
 
 
@@ -133,7 +70,7 @@ def _hf_with_fp8_activations(ddir: str):
 
     model = AutoModelForCausalLM.from_pretrained(ddir, dtype=torch.float32).eval()
     model.hooks = [
-        mod.register_forward_pre_hook(lambda m, args: (_fake_quant_per_token_group(args[0]),))
+        mod.register_forward_pre_hook(lambda m, args: (fake_quant_fp8(args[0], BLOCK),))
         for name, mod in model.named_modules()
         if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in FP8_LAYERS
     ]
@@ -183,18 +120,8 @@ def _run(llm: LLM) -> tuple[torch.Tensor, list[list[int]]]:
 
 @pytest.fixture(scope="module")
 def block_fp8_dirs(tmp_path_factory):
-    """family -> (block-fp8 folder, its independently dequantized fp32 folder), built once."""
-    cache = {}
-
-    def get(family: str):
-        if family not in cache:
-            root = tmp_path_factory.mktemp(f"fp8-block-{family}")
-            src = _bf16_checkpoint(str(root / "bf16"), family)
-            qdir = quantize_checkpoint(src, str(root / "fp8"), "fp8_block")
-            cache[family] = (qdir, _dequantized_copy(qdir, str(root / "dequantized")), src)
-        return cache[family]
-
-    return get
+    """family -> (block-fp8 folder, its independently dequantized fp32 folder, the bf16 source), built once."""
+    return block_fp8_checkpoints(tmp_path_factory, FAMILIES, "fp8-block")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -222,7 +149,7 @@ def test_deepseek_block_fp8_dequantizes_kv_b_proj_at_load(block_fp8_dirs):
     assert tensors["model.layers.1.self_attn.kv_b_proj.weight"].dtype == torch.float8_e4m3fn
     llm = LLM(qdir, dtype="float32")
     attn = llm.engine.runner.model.model.layers[1].self_attn
-    want = _dequantize(
+    want = dequantize_block_fp8(
         tensors["model.layers.1.self_attn.kv_b_proj.weight"],
         tensors["model.layers.1.self_attn.kv_b_proj.weight_scale_inv"],
     )

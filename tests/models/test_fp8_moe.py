@@ -23,16 +23,10 @@ from meshserve import LLM
 from meshserve.distributed import parallel_state
 from meshserve.errors import ModelLoadError
 from meshserve.models.quantize_checkpoint import quantize_checkpoint
-from tests.conftest import VOCAB, _train_tokenizer
-from tests.models.test_fp8_block_checkpoints import (
-    FP8_LAYERS,
-    _dequantized_copy,
-    _fake_quant_per_token_group,
-    _hf_run,
-    _run,
-)
+from tests.models.test_fp8_block_checkpoints import FP8_LAYERS, _hf_run, _run
+from tests.quant_fixtures import BLOCK as B
+from tests.quant_fixtures import block_fp8_checkpoints, fake_quant_fp8
 
-B = 128
 ATTN = {"hidden_size": 320, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128}
 FAMILIES = {
     # expert widths of whole 128-row blocks (256: two blocks, so TP = 2 splits on a boundary); hidden 320 leaves
@@ -88,44 +82,6 @@ FAMILIES = {
 }
 
 
-def _checkpoint(path: str, family: str) -> str:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    fields = dict(FAMILIES[family])
-    config = AutoConfig.for_model(
-        fields.pop("model_type"),
-        vocab_size=VOCAB,
-        num_hidden_layers=2,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-        bos_token_id=0,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        **fields,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # a router that prefers some experts, so routing is not a near-tie everywhere
-        for name, p in model.named_parameters():
-            if name.endswith("e_score_correction_bias"):
-                p.normal_(0, 0.1)
-    model.to(torch.bfloat16).save_pretrained(path)
-    _train_tokenizer(VOCAB).save_pretrained(path)
-    return path
-
-
-def _fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
-    """Online fp8's activation rounding: each token's absmax maps to 448."""
-    s = (x.float().abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
-    return ((x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
-
-
-def _fake_quant_per_channel(w: torch.Tensor) -> torch.Tensor:
-    """Online fp8's weight rounding: each output row's absmax maps to 448."""
-    s = (w.float().abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
-    return (w.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
-
-
 def _experts_forward(self, hidden, top_k_index, top_k_weights):
     """HF's experts, with the activation rounding of the format (self.fake_quant) before each projection."""
     out = torch.zeros_like(hidden)
@@ -149,12 +105,12 @@ def _hf_oracle(ddir: str, fake_quant, online: bool):
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in FP8_LAYERS:
             if online:
-                mod.weight.data = _fake_quant_per_channel(mod.weight.data)
+                mod.weight.data = fake_quant_fp8(mod.weight.data)
             model.hooks.append(mod.register_forward_pre_hook(lambda m, args: (fake_quant(args[0]),)))
         elif hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj"):  # the stacked routed experts
             if online:
-                mod.gate_up_proj.data = _fake_quant_per_channel(mod.gate_up_proj.data)
-                mod.down_proj.data = _fake_quant_per_channel(mod.down_proj.data)
+                mod.gate_up_proj.data = fake_quant_fp8(mod.gate_up_proj.data)
+                mod.down_proj.data = fake_quant_fp8(mod.down_proj.data)
             mod.fake_quant, mod.plain_forward = fake_quant, mod.forward
             mod.forward = types.MethodType(_experts_forward, mod)
     return model
@@ -186,17 +142,8 @@ def _check(llm: LLM, ddir: str, fake_quant, online: bool) -> None:
 @pytest.fixture(scope="module")
 def moe_dirs(tmp_path_factory):
     """family -> (block-fp8 folder, its dequantized fp32 folder, the bf16 source), built once."""
-    cache = {}
-
-    def get(family: str):
-        if family not in cache:
-            root = tmp_path_factory.mktemp(f"fp8-moe-{family}")
-            src = _checkpoint(str(root / "bf16"), family)
-            qdir = quantize_checkpoint(src, str(root / "fp8"), "fp8_block")
-            cache[family] = (qdir, _dequantized_copy(qdir, str(root / "dequantized")), src)
-        return cache[family]
-
-    return get
+    families = {name: {"tie_word_embeddings": False, **fields} for name, fields in FAMILIES.items()}
+    return block_fp8_checkpoints(tmp_path_factory, families, "fp8-moe")
 
 
 def _experts(llm: LLM, layer: int):
@@ -230,7 +177,7 @@ def test_block_fp8_moe_checkpoint_matches_its_dequantized_model(family, layer, e
     assert torch.equal(
         experts.w13_weight_scale_inv[1, : -(-width // B)], tensors[expert_name + ".weight_scale_inv"]
     )
-    _check(llm, ddir, _fake_quant_per_token_group, online=False)
+    _check(llm, ddir, lambda x: fake_quant_fp8(x, B), online=False)
 
 
 @pytest.mark.parametrize("family", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow)])
@@ -243,7 +190,7 @@ def test_online_fp8_quantizes_experts_per_channel(family, moe_dirs):
     assert experts.w2_weight_scale.shape == experts.w2_weight.shape[:2]
     # every output row's largest weight lands on 448 (per-channel scales)
     assert torch.all(experts.w13_weight.float().abs().amax(-1) == 448)
-    _check(llm, src, _fake_quant_per_token, online=True)
+    _check(llm, src, fake_quant_fp8, online=True)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from meshserve import LLM, SamplingParams
 from meshserve.errors import InvalidArgumentError, ModelLoadError
 from meshserve.models.loader import build_model, resolve_model_source
 from meshserve.models.quantize_checkpoint import quantize_checkpoint
+from tests.quant_fixtures import save_plain_copy
 
 GROUP = 32
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -74,14 +75,7 @@ def _dequantized_copy(src: str, dst: str, fmt: str) -> str:
     }
     for base in bases:
         out[f"{base}.weight"] = dequantize_independently(tensors, base, fmt).contiguous()
-    os.makedirs(dst, exist_ok=True)
-    save_file(out, os.path.join(dst, "model.safetensors"))
-    with open(os.path.join(src, "config.json")) as f:
-        config = json.load(f)
-    config.pop("quantization_config")
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f)
-    return dst
+    return save_plain_copy(src, dst, out)
 
 
 def _prompt_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:

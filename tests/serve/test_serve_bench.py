@@ -77,3 +77,42 @@ def test_bench_serve_concurrency_chat_from_file(live, tmp_path):
     assert rc == 0
     point = json.loads(out.read_text())["points"][0]
     assert point["concurrency"] == 3 and point["completed"] == 6 and point["output_tokens"] == 24
+
+
+def test_bench_serve_structured_mode_constrains_scores_and_times_the_first_request(live, tmp_path, capsys):
+    from meshserve.bench.serve_structured import data_path
+
+    def run(name: str, *flags: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        rc = main(["bench", "serve", "--base-url", live.base_url, "--endpoint", "chat", "--no-ignore-eos",
+                   "--prompts-file", data_path("person_prompts.jsonl"), "--no-progress", "--label", name,
+                   "--output-json", str(out), *flags])
+        assert rc == 0
+        return json.loads(out.read_text())
+
+    schema = data_path("person_schema.json")
+    on = run("on", "--concurrency", "1,4", "--num-prompts", "1,4", "--output-len", "160",
+             "--response-format-json-schema", schema)
+    assert on["response_format"] is True and on["engine"] == "on" and on["schema"]["required"]
+    assert on["first_request"]["ok"] and on["first_request"]["ttft_s"] > 0
+    assert [(p["concurrency"], p["completed"]) for p in on["points"]] == [(1, 1), (4, 4)]
+    for p in on["points"]:  # the random model's answers are the grammar's: every one parses and validates
+        assert p["finish_reasons"] == {"stop": p["completed"]}, p
+        assert p["json_ok"] == 1.0 and p["schema_ok"] == 1.0, p["sample_answers"]
+        assert p["output_tokens_per_request"] == p["output_tokens"] / p["completed"] > 5
+    # cut at max_tokens mid-object: every request still ends (200, finish "length"), none parses
+    cut = run("cut", "--concurrency", "4", "--num-prompts", "4", "--output-len", "3",
+              "--response-format-json-schema", schema)["points"][0]
+    assert cut["completed"] == 4 and cut["finish_reasons"] == {"length": 4} and cut["json_ok"] == 0.0
+    assert cut["output_tokens"] == 12
+    # the baseline: same prompts, nothing sent, answers scored; the table lines the two runs up
+    off = run("on", "--concurrency", "1,4", "--num-prompts", "1,4", "--output-len", "40",
+              "--score-json-schema", schema)
+    assert off["response_format"] is False and off["first_request"]["ok"]
+    assert all(p["schema_ok"] == 0.0 and set(p["finish_reasons"]) <= {"length", "stop"} for p in off["points"])
+    assert "first request alone: TTFT" in capsys.readouterr().out
+    from meshserve.bench.serve_structured import overhead_rows
+
+    rows = overhead_rows([off, on])
+    assert [r["concurrency"] for r in rows] == [1, 4]
+    assert all(r["free_output_tok_s"] > 0 and r["tpot_overhead"] is not None for r in rows)

@@ -49,6 +49,19 @@ def test_a_request_that_cannot_meet_its_ttft_is_refused_at_once(slo_server):
     assert _metric(slo_server.base_url, 'meshserve:requests_rejected_total{reason="slo_unattainable"}') >= 1
 
 
+def test_an_admitted_request_near_the_limit_teaches_the_admission_margin(slo_server, monkeypatch):
+    allm = slo_server.allm
+    errors_before = list(allm.admission_margin._errors)
+    # predicted 0.3 s against the 0.5 s target: near the limit, under the margin (0.8 x 0.5 s)
+    monkeypatch.setattr(allm, "predicted_ttft_s", lambda *args: 0.3)
+    r = httpx.post(slo_server.v1 + "/completions", json=_body(), timeout=30)
+    assert r.status_code == 200
+    errors = list(allm.admission_margin._errors)
+    assert errors[: len(errors_before)] == errors_before and len(errors) == len(errors_before) + 1
+    # the queue was really empty: the first token came well before the 0.3 s predicted
+    assert -0.6 < errors[-1] < 0.0
+
+
 def test_a_request_shed_in_the_queue_gets_the_same_clean_429(slo_server):
     allm = slo_server.allm
     model = allm.engine.step_model

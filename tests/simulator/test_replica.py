@@ -6,7 +6,6 @@ import pytest
 
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fleet import simulate
-from meshserve.simulator.replica import ADMISSION_MARGIN
 from meshserve.simulator.trace import SimRequest, poisson_trace, shared_prefix_trace
 
 
@@ -40,12 +39,6 @@ def test_decode_runs_give_the_same_report_as_every_step(config, trace):
     slow = simulate(config, trace, fast_forward=False)
     assert _without_timing(fast) == _without_timing(slow)
     assert fast["completed"] > 100 and fast["itl_gaps"] > 50 * fast["completed"]
-
-
-def test_admission_margin_is_the_servers():
-    from meshserve.engine import async_engine
-
-    assert ADMISSION_MARGIN == async_engine._ADMISSION_MARGIN
 
 
 def test_slo_admission_keeps_admitted_requests_in_their_target():

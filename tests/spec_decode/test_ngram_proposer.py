@@ -44,3 +44,36 @@ def test_skip_proposes_past_the_tokens_of_a_step_in_flight():
     assert proposer.propose(ids) == [1, 9]
     assert proposer.propose(ids, skip=2) == [7]  # the latest match still reaches one token past
     assert proposer.propose(ids, skip=3) == [4, 9]  # it does not reach: the earlier match does
+
+
+def _reference(tokens, k, n_min, n_max, skip=0, max_tokens=None):
+    """The rule in plain Python, one candidate at a time: the longest suffix match (capped at n_max) ending
+    before the last token whose continuation reaches past `skip` tokens, the latest among equal lengths."""
+    k = k if max_tokens is None else min(k, max_tokens)
+    length = len(tokens)
+    if k <= 0 or length <= n_min:
+        return []
+    best, best_end = 0, None
+    for end in range(length - 1):
+        if end + 1 + skip >= length:
+            continue
+        m = 0
+        while m < min(n_max, length - 1) and end - m >= 0 and tokens[end - m] == tokens[length - 1 - m]:
+            m += 1
+        if m and m >= best:
+            best, best_end = m, end
+    if best < n_min:
+        return []
+    return tokens[best_end + 1 + skip : best_end + 1 + skip + k]
+
+
+def test_matches_the_plain_rule_on_random_sequences():
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        n_min = int(rng.integers(1, 4))
+        n_max = int(rng.integers(n_min, 7))
+        k, skip = int(rng.integers(1, 5)), int(rng.choice([0, 0, 1, 2]))
+        max_tokens = [None, 1, 2][int(rng.integers(0, 3))]
+        tokens = rng.integers(0, int(rng.choice([2, 3, 6])), size=int(rng.integers(1, 30))).tolist()
+        got = NgramProposer(k, n_min, n_max).propose(np.asarray(tokens, dtype=np.int64), max_tokens, skip)
+        assert got == _reference(tokens, k, n_min, n_max, skip, max_tokens), (tokens, k, n_min, n_max, skip)

@@ -1,0 +1,68 @@
+"""MESHSERVE_PDL=1 (kernels/pdl.py) on whole decodes: greedy tokens and logprobs against PDL off.
+
+Batch-1 decodes in CUDA graphs (where PDL becomes programmatic graph edges) with contexts crossing the short
+graph variants; a race between a kernel and the one before it would show as changed tokens here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.gpu.test_decode_fixed_cost import MODELS, PROMPTS, _greedy, _llm, _prompt
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(autouse=True)
+def _restore_pdl_switch():
+    from meshserve.kernels import pdl
+
+    with pdl.enabled(pdl.is_enabled()):  # the runners bind it for the process: leave it as found
+        yield
+
+
+def _pdl_llm(model, dtype, monkeypatch, pdl: bool, fold: bool = False):
+    from meshserve.kernels import pdl as pdl_mod
+
+    monkeypatch.setenv("MESHSERVE_PDL", "1" if pdl else "0")
+    llm = _llm(model, dtype, monkeypatch, fold=fold)
+    # the core runs in this process: the runner bound the switch (PDL needs sm_90+)
+    assert pdl_mod.is_enabled() == pdl
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        llm.shutdown()
+        pytest.skip("PDL needs sm_90 or newer")
+    return llm
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_pdl_keeps_greedy_tokens_fp32(model, monkeypatch):
+    # fp32: norm, prologue, KV write and decode attention run with PDL (the GEMVs serve 16-bit rows only)
+    runs = {}
+    for pdl in (False, True):
+        llm = _pdl_llm(model, "float32", monkeypatch, pdl)
+        runs[pdl] = _greedy(llm)
+        llm.shutdown()
+    assert runs[True] == runs[False]
+
+
+@pytest.mark.parametrize("model,fold", [("qwen3-0.6b", False), ("llama-3.1-8b", True), ("qwen3-0.6b", True)])
+def test_pdl_keeps_bf16_decode(model, fold, monkeypatch):
+    from meshserve import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=1)
+    runs = {}
+    for pdl in (False, True):
+        llm = _pdl_llm(model, "bfloat16", monkeypatch, pdl, fold=fold)
+        runs[pdl] = [llm.generate([_prompt(n, s)], params, use_tqdm=False)[0].outputs[0] for n, s in PROMPTS]
+        llm.shutdown()
+    for plain, overlapped in zip(runs[False], runs[True]):
+        # the PDL GEMV sums its preloaded columns apart from the rest (fp32 order only): the same tokens
+        # until a near-tie, the same logprobs closely
+        assert overlapped.token_ids[:16] == plain.token_ids[:16]
+        same = sum(a == b for a, b in zip(overlapped.token_ids, plain.token_ids))
+        assert same >= 0.9 * len(plain.token_ids)
+        for step in range(16):
+            tok = plain.token_ids[step]
+            assert overlapped.logprobs[step][tok].logprob == pytest.approx(plain.logprobs[step][tok].logprob,
+                                                                          abs=0.15)

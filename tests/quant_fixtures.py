@@ -1,0 +1,124 @@
+"""FP8 (e4m3) fixtures the kernel, layer and checkpoint tests share: fp8 KV caches, values exact in e4m3, the
+formats' rounding written out for the oracles, and tiny block-fp8 checkpoints beside their dequantized twins."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from meshserve.kernels.quant_ref import FP8_DTYPE
+
+E4M3_MAX = 448.0
+BLOCK = 128  # the block-fp8 format's weight block and activation group
+
+
+def fp8_kv_cache(cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """A paged KV cache as the fp8 cache holds it: cache / scale in e4m3 (reads multiply scale back)."""
+    return (cache.float() / scale).to(FP8_DTYPE)
+
+
+def e4m3_exact(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """x rounded to e4m3, times scale: values whose division by scale is exact in e4m3, so a kernel's fp32 ->
+    fp8 cast has nothing to round (the Triton interpreter's cast mis-rounds values that round up across a
+    power of two: a binade low)."""
+    return x.to(FP8_DTYPE).float() * scale
+
+
+def fake_quant_fp8(x: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """x through e4m3 and back as the fp8 formats round it: each row (last dim), or each group of group_size
+    features of a row, scaled so its absmax is 448, cast (saturating), scaled back. Rows are online fp8's
+    per-token activations and per-channel weights; groups of 128 are block fp8's activations."""
+    shape, k = x.shape, x.shape[-1]
+    step = group_size or k
+    x2 = x.reshape(-1, k).float()
+    out = torch.empty_like(x2)
+    for lo in range(0, k, step):
+        g = x2[:, lo : lo + step]
+        s = (g.abs().amax(-1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)
+        out[:, lo : lo + step] = (g / s).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE).float() * s
+    return out.reshape(shape).to(x.dtype)
+
+
+def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """w[n, k] = w_fp8[n, k] * scale_inv[n // 128, k // 128], in numpy (independent of the project's code)."""
+    w = weight.float().numpy()
+    s = scale_inv.numpy()
+    n, k = w.shape
+    return torch.from_numpy(w * np.repeat(np.repeat(s, BLOCK, axis=0), BLOCK, axis=1)[:n, :k])
+
+
+def save_plain_copy(src: str, dst: str, tensors: dict[str, torch.Tensor]) -> str:
+    """dst: tensors as a plain checkpoint with src's config, less its quantization_config."""
+    os.makedirs(dst, exist_ok=True)
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config")
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    return dst
+
+
+def dequantized_block_fp8_copy(src: str, dst: str) -> str:
+    """The block-fp8 checkpoint src as a plain fp32 one."""
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(".weight_scale_inv"):
+            continue
+        scale = tensors.get(name + "_scale_inv")
+        out[name] = dequantize_block_fp8(t, scale) if scale is not None else t.float()
+    return save_plain_copy(src, dst, out)
+
+
+def write_bf16_checkpoint(path: str, fields: dict) -> str:
+    """A tiny random 2-layer bf16 checkpoint of config fields (model_type among them) with a trained tokenizer
+    (seed 0). MoE routers with a score-correction bias get a random one, so that routing is not a near-tie
+    everywhere."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import VOCAB, _train_tokenizer
+
+    fields = dict(fields)
+    config = AutoConfig.for_model(
+        fields.pop("model_type"),
+        vocab_size=VOCAB,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        bos_token_id=0,
+        eos_token_id=2,
+        **fields,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                p.normal_(0, 0.1)
+    model.to(torch.bfloat16).save_pretrained(path)
+    _train_tokenizer(VOCAB).save_pretrained(path)
+    return path
+
+
+def block_fp8_checkpoints(tmp_path_factory, families: dict[str, dict], prefix: str) -> Callable[[str], tuple]:
+    """For a module-scoped fixture: family -> (block-fp8 folder, its dequantized fp32 folder, the bf16 source
+    of families[family]'s config fields), each family built once."""
+    from meshserve.models.quantize_checkpoint import quantize_checkpoint
+
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            root = tmp_path_factory.mktemp(f"{prefix}-{family}")
+            src = write_bf16_checkpoint(str(root / "bf16"), families[family])
+            qdir = quantize_checkpoint(src, str(root / "fp8"), "fp8_block")
+            cache[family] = (qdir, dequantized_block_fp8_copy(qdir, str(root / "dequantized")), src)
+        return cache[family]
+
+    return get

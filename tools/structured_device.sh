@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Structured outputs on the GPU (issue 27), one engine per call: serve the dummy-weight model folder with SmolLM2's
+# real tokenizer (tools/make_structured_model.py: Llama-3.1-8B architecture, vocabulary 49,152), warm it up, then
+# `meshserve bench serve` at concurrency 1 and 64 on the same twenty extraction prompts (chat, greedy, max_tokens
+# 128, EOS allowed): first free (answers scored against the schema), then with response_format json_schema (the
+# schema of `meshserve bench structured`). Each run times its first request alone (with the schema: the compile).
+# Prints one table (tok/s, TPOT, their overhead); JSON and logs under $OUT.
+#
+# Usage, on the device from the repo root:
+#   meshserve: carry .whl, .whl-structured (xgrammar, jsonschema: 5 MiB) and .smodel/llama-3.1-8b-smol:   bash tools/structured_device.sh meshserve
+#   vLLM 0.26: the peer's uploads of .vp1-.vp3 first (../shared/tools/vllm-peer/README.md), then carry .vp4 and
+#              .smodel/llama-3.1-8b-smol (it installs vLLM from the staged parts):   bash tools/structured_device.sh vllm
+# Env: MODEL_DIR (default .smodel/llama-3.1-8b-smol), CONC (1,64), NUM_PROMPTS (48,640: per point), OUTPUT_LEN (128),
+#      ENGINE_FLAGS (more serve flags)
+set -u -o pipefail
+engine=${1:?usage: tools/structured_device.sh meshserve|vllm}
+model=${MODEL_DIR:-.smodel/llama-3.1-8b-smol}; name=$(basename "$model")
+conc=${CONC:-1,64}; nums=${NUM_PROMPTS:-48,640}; out_len=${OUTPUT_LEN:-128}
+data=meshserve/bench/data
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+[ -f "$model/tokenizer.json" ] || { echo "no model folder $model: build it with tools/make_structured_model.py and carry it"; exit 1; }
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+case $engine in
+  meshserve)
+    if [ -d .whl ]; then  # absent: the packages are installed already (a CPU dry run)
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl $(ls .whl-structured/*.whl 2> /dev/null) || exit 1
+    fi
+    client_path=$PWD:/tmp/site port=8000
+    PYTHONPATH=$client_path python3 -m meshserve.cli serve "$model" --load-format dummy --max-model-len 4096 \
+      --port $port --served-model-name "$name" --disable-access-log ${ENGINE_FLAGS:-} > $OUT/serve_meshserve.log 2>&1 &
+    ;;
+  vllm)
+    if [ -d .vp4 ]; then bash .vp4/run.sh .vp4 > /dev/null && . .vp4/env.sh; fi  # stage the last part, install
+    [ -d /root/vsite/vllm ] || { echo "vLLM is not installed: stage .vp1-.vp3, then carry .vp4 (vllm-peer README)"; exit 1; }
+    export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+    client_path=$PWD:/root/vsite port=8001
+    # the grammar meshserve compiles: xgrammar, compact JSON (vLLM's default lets whitespace in between items)
+    PYTHONPATH=/root/vsite python3 -m vllm.entrypoints.openai.api_server --model "$model" --load-format dummy \
+      --served-model-name "$name" --max-model-len 4096 --gpu-memory-utilization 0.9 --port $port \
+      --structured-outputs-config '{"backend": "xgrammar", "disable_any_whitespace": true}' ${ENGINE_FLAGS:-} \
+      > $OUT/serve_vllm.log 2>&1 &
+    ;;
+  *) echo "engine must be meshserve or vllm, got $engine"; exit 2 ;;
+esac
+pid=$! t0=$(date +%s)
+for _ in $(seq 1 400); do
+  curl -sf localhost:$port/health > /dev/null && break
+  kill -0 $pid 2> /dev/null || { echo "server died"; tail -30 $OUT/serve_$engine.log; exit 1; }
+  sleep 1
+done
+curl -sf localhost:$port/health > /dev/null || { echo "server not ready"; tail -30 $OUT/serve_$engine.log; kill $pid; exit 1; }
+echo "$engine ready after $(( $(date +%s) - t0 )) s"
+
+bench() {  # MODE [flags]: one bench serve run on the extraction prompts
+  local mode=$1; shift
+  PYTHONPATH=$client_path timeout 240 python3 -m meshserve.cli bench serve --base-url http://127.0.0.1:$port \
+    --model "$name" --label $engine --endpoint chat --prompts-file $data/person_prompts.jsonl --no-ignore-eos \
+    --no-progress "$@" 2>&1 | tee $OUT/bench_${engine}_$mode.txt | grep -vE "^\s*$"
+}
+# warm-up (first-request costs that are not the grammar's), then free, then with the schema
+bench warmup --concurrency 8 --num-prompts 16 --output-len 16 > /dev/null
+common=(--concurrency $conc --num-prompts $nums --output-len $out_len)
+bench free "${common[@]}" --score-json-schema $data/person_schema.json --output-json $OUT/structured_${engine}_free.json
+bench schema "${common[@]}" --response-format-json-schema $data/person_schema.json \
+  --output-json $OUT/structured_${engine}_schema.json
+PYTHONPATH=$client_path python3 -m meshserve.bench.serve_structured table $OUT/structured_${engine}_free.json \
+  $OUT/structured_${engine}_schema.json --output-json $OUT/structured_${engine}_table.json
+grep -iE "grammar|xgrammar|structured" $OUT/serve_$engine.log | grep -viE "warn" | head -5 | cut -c1-200
+kill -TERM $pid; wait $pid 2> /dev/null
+exit 0

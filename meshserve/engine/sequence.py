@@ -71,6 +71,8 @@ class Sequence:
     # token_array()'s buffer and how many tokens it holds (tokens are only ever appended)
     _token_buffer: np.ndarray | None = field(default=None, repr=False)
     _token_buffer_len: int = field(default=0, repr=False)
+    # the n-gram proposer's incremental index of these tokens (spec_decode/ngram_proposer.py's NgramIndex)
+    ngram_index: Any = field(default=None, repr=False)
 
     @property
     def all_token_ids(self) -> list[int]:

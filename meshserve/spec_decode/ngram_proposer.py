@@ -4,22 +4,48 @@ summaries quoting the passage, extraction)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from meshserve.engine.sequence import Sequence
+
+# candidates the incremental lookup checks one by one before it hands the step to the vectorised search: the
+# latest candidate usually matches n_max tokens and ends the walk; a long walk means the last n_min tokens are
+# common but rarely extend that far, where numpy over the whole array beats Python per candidate
+MAX_WALK = 48
 
 
 class NgramProposer:
     """Proposes up to k tokens from the longest suffix n-gram (prompt_lookup_min <= n <= prompt_lookup_max)
     that occurs earlier in the sequence; among matches of that length the latest wins (the nearest context).
 
-    Vectorised over the candidate positions with numpy: the candidates are the earlier occurrences of the
-    last token, all extended backwards up to n_max in one [candidates, n_max - 1] comparison.
+    Two paths with the same proposals. propose_for(seq), the engine's: each sequence keeps an NgramIndex
+    extended by its new tokens, so a step costs O(new tokens + candidates checked) instead of O(history).
+    propose(token_ids), the plain one (use_index=False, and the index's fallback after MAX_WALK candidates):
+    vectorised with numpy, the candidates are the earlier occurrences of the last token, all extended
+    backwards up to n_max in one [candidates, n_max - 1] comparison.
     """
 
-    def __init__(self, num_speculative_tokens: int, prompt_lookup_min: int, prompt_lookup_max: int):
+    def __init__(self, num_speculative_tokens: int, prompt_lookup_min: int, prompt_lookup_max: int,
+                 use_index: bool = True):
         self.k = num_speculative_tokens
         self.n_min = prompt_lookup_min
         self.n_max = prompt_lookup_max
+        self.use_index = use_index
         self._offsets_by_n: dict[int, np.ndarray] = {}
+
+    def propose_for(self, seq: Sequence, skip: int = 0) -> list[int]:
+        """propose(seq's known tokens, skip=skip), from the sequence's NgramIndex (made on first use)."""
+        if not self.use_index:
+            return self.propose(seq.token_array(), skip=skip)
+        index = seq.ngram_index
+        if index is None or index.n_min != self.n_min:
+            index = seq.ngram_index = NgramIndex(self.n_min)
+        index.extend(seq.prompt_token_ids, seq.output_token_ids)
+        proposal = index.lookup(self.k, self.n_max, skip)
+        return self.propose(seq.token_array(), skip=skip) if proposal is None else proposal
 
     def propose(self, token_ids: np.ndarray, max_tokens: int | None = None, skip: int = 0) -> list[int]:
         """Proposed continuation of token_ids (prompt + output so far), at most min(k, max_tokens) long.
@@ -59,3 +85,73 @@ class NgramProposer:
         if offsets is None:
             offsets = self._offsets_by_n[n] = np.arange(1, n, dtype=np.int64)[None, :]
         return offsets
+
+
+class NgramIndex:
+    """One sequence's tokens (a list) and, per position e, where the n_min-gram ending at e ended before
+    (prev[e]; heads holds each n_min-gram's latest end): a chain per n_min-gram, newest first. Extended by
+    the tokens appended since the last lookup; a lookup walks the chain of the last n_min tokens, so only
+    positions that can match at least n_min tokens are ever compared.
+
+    Tokens are only ever appended to a sequence (preemption recomputes the same ones); a sequence whose prompt
+    or output list was replaced, or that has fewer tokens than indexed, is indexed again from the start."""
+
+    __slots__ = ("_output", "_prompt", "heads", "n_min", "prev", "tokens")
+
+    def __init__(self, n_min: int):
+        self.n_min = n_min
+        self.tokens: list[int] = []
+        self.heads: dict[tuple[int, ...], int] = {}
+        self.prev: list[int] = []  # -1: no earlier end (and for ends before position n_min - 1)
+        self._prompt: list[int] | None = None
+        self._output: list[int] | None = None
+
+    def extend(self, prompt: list[int], output: list[int]) -> None:
+        """Take prompt + output's tokens not seen yet and index every end but the last position (a match
+        ends before the last token, whose continuation is what is proposed)."""
+        have = len(self.tokens)
+        if prompt is not self._prompt or output is not self._output or have > len(prompt) + len(output):
+            self.tokens, self.heads, self.prev = [], {}, []
+            self._prompt, self._output, have = prompt, output, 0
+        tokens, p = self.tokens, len(prompt)
+        if have < p:
+            tokens += prompt[have:]
+            have = p
+        if have < p + len(output):
+            tokens += output[have - p :]
+        heads, prev, n = self.heads, self.prev, self.n_min
+        for e in range(len(prev), len(tokens) - 1):
+            if e < n - 1:
+                prev.append(-1)
+                continue
+            key = tuple(tokens[e - n + 1 : e + 1])
+            prev.append(heads.get(key, -1))
+            heads[key] = e
+
+    def lookup(self, k: int, n_max: int, skip: int = 0) -> list[int] | None:
+        """NgramProposer.propose's rule over the indexed tokens (call extend first); None when more than
+        MAX_WALK candidates would need checking (the caller searches vectorised instead)."""
+        tokens, n_min = self.tokens, self.n_min
+        length = len(tokens)
+        if k <= 0 or length <= n_min:
+            return []
+        cap = min(n_max, length - 1)  # >= n_min here
+        limit = length - 2 - skip  # a match's continuation must reach past the skipped tokens
+        prev, e = self.prev, self.heads.get(tuple(tokens[length - n_min :]), -1)
+        best, best_end, walked = 0, -1, 0
+        while e >= 0:  # newest first: only a longer match replaces the best (the latest wins among equals)
+            if e <= limit:
+                walked += 1
+                if walked > MAX_WALK:
+                    return None
+                m = n_min  # every end on the chain matches the last n_min tokens
+                while m < cap and e - m >= 0 and tokens[e - m] == tokens[length - 1 - m]:
+                    m += 1
+                if m > best:
+                    best, best_end = m, e
+                    if m == cap:
+                        break
+            e = prev[e]
+        if best == 0:
+            return []
+        return tokens[best_end + 1 + skip : best_end + 1 + skip + k]

@@ -33,6 +33,10 @@ class ReplayProposer:
         for prompt, out in references.items():
             self._by_len.setdefault(len(prompt), []).append((prompt, out))
 
+    def propose_for(self, seq, skip: int = 0) -> list[int]:
+        """The speculator's call: propose over the sequence's known tokens."""
+        return self.propose(seq.token_array(), skip=skip)
+
     def propose(self, token_ids: np.ndarray, max_tokens: int | None = None, skip: int = 0) -> list[int]:
         ids = token_ids.tolist()
         for n, entries in self._by_len.items():

@@ -38,7 +38,7 @@ class Speculator:
     def __init__(self, config: SpeculativeConfig, step_model=None):
         self.config = config
         self.gate = SpeculationGate(config.num_speculative_tokens, step_model)
-        # a host-side proposer (propose(token_ids) -> list[int]); None: proposals come from the ranks
+        # a host-side proposer (propose_for(seq, skip) -> list[int]); None: proposals come from the ranks
         self.proposer = (
             NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
             if config.method == "ngram"
@@ -98,7 +98,6 @@ class Speculator:
                     or (gated and seq.params.seed is None)):
                 seq.spec_token_ids = []
             elif self.proposer is not None:
-                ids = seq.token_array()
-                seq.spec_token_ids = self.proposer.propose(ids, skip=skip) if skip else self.proposer.propose(ids)
+                seq.spec_token_ids = self.proposer.propose_for(seq, skip)
             else:
                 seq.spec_token_ids = runner_out.draft_token_ids.get(seq.seq_id, [])

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from meshserve import SamplingParams
+from meshserve.engine.sequence import Sequence, SequenceStatus
+from meshserve.spec_decode import ngram_proposer
 from meshserve.spec_decode.ngram_proposer import NgramProposer
 
 
@@ -77,3 +81,64 @@ def test_matches_the_plain_rule_on_random_sequences():
         tokens = rng.integers(0, int(rng.choice([2, 3, 6])), size=int(rng.integers(1, 30))).tolist()
         got = NgramProposer(k, n_min, n_max).propose(np.asarray(tokens, dtype=np.int64), max_tokens, skip)
         assert got == _reference(tokens, k, n_min, n_max, skip, max_tokens), (tokens, k, n_min, n_max, skip)
+
+
+def _seq(prompt: list[int], seq_id: str = "s") -> Sequence:
+    return Sequence(seq_id=seq_id, request_id=seq_id, index=0, prompt_token_ids=prompt, params=SamplingParams(),
+                    max_tokens=1000)
+
+
+@pytest.mark.parametrize("max_walk", [ngram_proposer.MAX_WALK, 2])  # 2: the vectorised fallback runs often
+def test_incremental_index_matches_the_plain_rule_as_tokens_arrive(monkeypatch, max_walk):
+    """propose_for (the per-sequence index) against the plain rule, step by step: tokens appended several at a
+    time (accepted proposals), skips (a step in flight), preemptions (recompute: the same tokens), sequences
+    sharing one prompt list (n > 1), and a sequence checked again after steps without a lookup (gate off)."""
+    monkeypatch.setattr(ngram_proposer, "MAX_WALK", max_walk)
+    rng = np.random.default_rng(1)
+    walked_past = 0
+    for _ in range(300):
+        n_min = int(rng.integers(1, 4))
+        n_max = int(rng.integers(n_min, 7))
+        k = int(rng.integers(1, 5))
+        alphabet = int(rng.choice([2, 3, 6, 50]))
+        proposer, plain = NgramProposer(k, n_min, n_max), NgramProposer(k, n_min, n_max, use_index=False)
+        prompt = rng.integers(0, alphabet, size=int(rng.integers(1, 40))).tolist()
+        seqs = [_seq(prompt, "a"), _seq(prompt, "b")]
+        for _step in range(25):
+            for seq in seqs:
+                seq.output_token_ids.extend(rng.integers(0, alphabet, size=int(rng.integers(1, 5))).tolist())
+                if rng.random() < 0.1:  # preempted and recomputed: its tokens stay
+                    seq.status, seq.num_computed_tokens = SequenceStatus.PREEMPTED, 0
+                if rng.random() < 0.2:  # no proposal this step (gate off, paused): the index catches up later
+                    continue
+                skip = int(rng.choice([0, 0, 1, 2, 4]))
+                tokens = seq.prompt_token_ids + seq.output_token_ids
+                expected = _reference(tokens, k, n_min, n_max, skip)
+                assert proposer.propose_for(seq, skip) == expected, (tokens, k, n_min, n_max, skip)
+                assert plain.propose_for(seq, skip) == expected
+                assert seq.ngram_index.tokens == tokens
+                walked_past += seq.ngram_index.lookup(k, n_max, skip) is None
+    if max_walk == 2:
+        assert walked_past > 0  # the fallback was exercised, not only the walk
+
+
+def test_index_starts_over_when_the_tokens_are_replaced():
+    proposer = NgramProposer(2, 1, 3)
+    seq = _seq([5, 6, 1, 2, 5, 6])
+    assert proposer.propose_for(seq) == [1, 2]
+    index = seq.ngram_index
+    seq.output_token_ids = [9, 5, 9]  # a new list (not an append): indexed again, not extended
+    assert proposer.propose_for(seq) == [5, 9]
+    assert seq.ngram_index is index and index.tokens == [5, 6, 1, 2, 5, 6, 9, 5, 9]
+    seq.output_token_ids.append(5)
+    assert proposer.propose_for(seq) == [9, 5]  # latest "5"
+
+
+def test_a_long_repeated_run_needs_no_fallback():
+    """A sequence repeating one token (a model stuck, or the host bench's fake): the latest candidate already
+    matches n_max tokens, so the lookup checks one candidate, not every occurrence."""
+    seq = _seq(list(range(100)) + [7] * 500)
+    proposer = NgramProposer(3, 2, 5)
+    assert proposer.propose_for(seq) == [7]
+    assert seq.ngram_index.lookup(3, 5, skip=0) == [7]
+    assert seq.ngram_index.lookup(3, 5, skip=1) == [7]  # the second latest reaches past one skipped

@@ -123,7 +123,7 @@ def test_rejected_kv_is_rolled_back(model):
     core = llm.engine.core
     prompt = _prompts(1, seed=9)[0]
     core.speculator.proposer = type(
-        "Wrong", (), {"propose": lambda self, ids, m=None, skip=0: [1] * 3}
+        "Wrong", (), {"propose_for": lambda self, seq, skip=0: [1] * 3}
     )()  # always wrong
     engine = llm.engine
     engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))

@@ -24,8 +24,6 @@ import statistics
 import time
 from collections import defaultdict
 
-import torch
-
 from meshserve.bench.report import print_table
 
 COMPONENTS = ("schedule", "prepare", "launch", "process", "stats", "frontend")
@@ -37,6 +35,8 @@ def remove_model(runner, token_id: int = 17) -> None:
     would accept), then adds its own token_id. Everything around them (launch, _prepare, the async
     hand-over of sampled ids to the next step, the verify rows' read-back) is the runner's real code."""
     sampling = runner.sampling
+
+    import torch  # here, not at the top: the CLI imports this module's parser before it validates arguments
 
     def fake_sample(scheduled, hidden, meta, parity):
         from meshserve.engine.runner_output import ModelRunnerOutput

@@ -22,8 +22,9 @@ from meshserve.distributed.launch import HEARTBEAT_S, LaunchInfo
 from meshserve.distributed.parallel_state import destroy_parallel_state, get_parallel_state
 from meshserve.engine.pipeline_stage import pipeline_depth
 from meshserve.engine.runner_output import PendingOutput
-from meshserve.engine.worker import init_rank, worker_main
+from meshserve.engine.worker import init_rank, worker_process_main
 from meshserve.errors import EngineDeadError, MeshserveError
+from meshserve.models.loader import with_checkpoint_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,10 @@ class MultiprocExecutor:
         self.workers: dict[int, mp.Process] = {}
         self._mid_protocol = True  # until every rank is up: a rank still joining is killed, not waited for
         self._joining: threading.Thread | None = None  # rank 0's join, if a death left it blocked
-        self._start_workers(config, source, launch, worker_main)
+        # dummy weights: their names and shapes once, here, not in each rank (importing transformers' modeling
+        # code for them cost each rank ~1.5 s of a quiet 2-core machine, ~5 s of a loaded one)
+        source = with_checkpoint_shapes(source)
+        self._start_workers(config, source, launch, worker_process_main)
         atexit.register(self.shutdown)
         try:
             self._wait_for_rendezvous()

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ class ModelSource:
     hf_config: object
     weights_dir: str | None  # None for dummy weights
     tokenizer_dir: str | None  # None when there is no tokenizer (dummy presets)
+    # dummy weights: the checkpoint's tensor names and full shapes, filled once by with_checkpoint_shapes so
+    # that ranks given this source need not import transformers' modeling code to derive them
+    checkpoint_shapes: dict[str, tuple[int, ...]] | None = None
 
 
 def _load_hf_config(path: str):
@@ -221,14 +224,35 @@ def active_weight_bytes(model: nn.Module) -> int:
     return weight_bytes(model) - skipped
 
 
-def _dummy_checkpoint(model: nn.Module, hf_config, seed: int):
-    """The checkpoint tensors of hf_config's architecture (names and full shapes from the HF class on the
-    meta device), each drawn on the model's device from a seed of its own name: N(0, 0.02) matrices, unit
-    norms, zero biases. Only tensors this stage places are drawn."""
-    from transformers import AutoModelForCausalLM
+_CHECKPOINT_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
 
-    with torch.device("meta"):
-        shapes = {n: t.shape for n, t in AutoModelForCausalLM.from_config(hf_config).state_dict().items()}
+
+def checkpoint_shapes(hf_config) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors' names and full shapes for hf_config's architecture, from the HF class built on
+    the meta device; cached per config (its class and JSON). The build itself is instant, but importing
+    transformers' modeling code (generation utils, masking, torch._dynamo) costs ~1.5 s of a quiet CPU."""
+    key = f"{type(hf_config).__name__}:{hf_config.to_json_string(use_diff=False)}"
+    if key not in _CHECKPOINT_SHAPES:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            state = AutoModelForCausalLM.from_config(hf_config).state_dict()
+        _CHECKPOINT_SHAPES[key] = {n: tuple(t.shape) for n, t in state.items()}
+    return _CHECKPOINT_SHAPES[key]
+
+
+def with_checkpoint_shapes(source: ModelSource) -> ModelSource:
+    """source, carrying its checkpoint's names and shapes when its weights are dummy: computed once here
+    (by the driver) rather than in every rank that loads them."""
+    if source.weights_dir is not None or source.checkpoint_shapes is not None:
+        return source
+    return replace(source, checkpoint_shapes=checkpoint_shapes(source.hf_config))
+
+
+def _dummy_checkpoint(model: nn.Module, shapes: dict[str, tuple[int, ...]], seed: int):
+    """The checkpoint tensors named in `shapes` (at their full shapes), each drawn on the model's device from
+    a seed of its own name: N(0, 0.02) matrices, unit norms, zero biases. Only tensors this stage places
+    are drawn."""
     place = getattr(model, "checkpoint_name", lambda n: n)
     first = next(model.parameters())
     gen = torch.Generator(device=first.device)
@@ -244,11 +268,14 @@ def _dummy_checkpoint(model: nn.Module, hf_config, seed: int):
         yield name, tensor
 
 
-def init_dummy_weights(model: nn.Module, hf_config, seed: int = 0) -> None:
+def init_dummy_weights(model: nn.Module, hf_config, seed: int = 0,
+                       shapes: dict[str, tuple[int, ...]] | None = None) -> None:
     """Random weights at the real shapes, the same under every parallel layout: each full checkpoint tensor
     is drawn from its own seed and sharded like a real checkpoint (so TP/PP runs on dummy weights give one
-    device's tokens, and their speed is that of real weights)."""
-    _load_tensors(model, _dummy_checkpoint(model, hf_config, seed), "dummy checkpoint")
+    device's tokens, and their speed is that of real weights). shapes: checkpoint_shapes(hf_config), if
+    the caller has them."""
+    shapes = checkpoint_shapes(hf_config) if shapes is None else shapes
+    _load_tensors(model, _dummy_checkpoint(model, shapes, seed), "dummy checkpoint")
 
 
 def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_position: int,
@@ -271,7 +298,7 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, m
     if quant_config is not None:
         logger.info("weights: %s", quant_config.describe())
     if source.weights_dir is None:
-        init_dummy_weights(model, source.hf_config, seed)
+        init_dummy_weights(model, source.hf_config, seed, source.checkpoint_shapes)
     else:
         load_weights(model, source.weights_dir)
     return model.eval()

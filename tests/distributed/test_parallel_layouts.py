@@ -19,12 +19,16 @@ def _prompts(seed: int, lengths) -> list[list[int]]:
 
 def _generate(path: str, prompts, **kw):
     llm = LLM(model=path, **kw)
+    workers = getattr(llm.engine.core.executor, "workers", {})
     try:
         params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [o.outputs[0].token_ids for o in outs], llm.engine.stats()
+        result = [o.outputs[0].token_ids for o in outs], llm.engine.stats()
     finally:
         llm.shutdown()
+    # a clean shutdown lets every rank leave by itself within the driver's wait (-9: it was killed)
+    assert {rank: p.exitcode for rank, p in workers.items()} == dict.fromkeys(workers, 0)
+    return result
 
 
 @pytest.fixture(scope="module")

@@ -27,3 +27,27 @@ def test_dummy_weights_follow_the_seed_and_the_tensor_name(tiny_model_dir):
     # two tensors of one shape differ: each is drawn from its own name's seed
     assert not torch.equal(a[name], a["model.layers.1.mlp.down_proj.weight"])
     assert torch.all(a["model.norm.weight"] == 1.0)
+
+
+def test_dummy_weights_from_shapes_the_driver_gave_build_no_transformers_model(tiny_model_dir, monkeypatch):
+    """A rank handed the checkpoint's names and shapes (with_checkpoint_shapes, on the driver) draws the same
+    weights without building the HF model: importing transformers' modeling code for that cost each rank
+    seconds of its start-up."""
+    import transformers
+
+    from meshserve.models import loader
+
+    plain = resolve_model_source(tiny_model_dir("llama"), load_format="dummy")
+    given = loader.with_checkpoint_shapes(plain)
+    assert given.checkpoint_shapes["model.layers.0.mlp.down_proj.weight"] == (
+        plain.hf_config.hidden_size, plain.hf_config.intermediate_size)
+    expected = dict(build_model(plain, torch.float32, torch.device("cpu"), 64, seed=1).named_parameters())
+
+    def no_hf_model(*args, **kwargs):
+        raise AssertionError("built the HF model for shapes the source already carries")
+
+    monkeypatch.setattr(loader, "_CHECKPOINT_SHAPES", {})  # nothing cached in this process either
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", no_hf_model)
+    got = dict(build_model(given, torch.float32, torch.device("cpu"), 64, seed=1).named_parameters())
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[n], expected[n]) for n in expected)

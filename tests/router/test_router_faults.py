@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import statistics
 import time
-from collections import Counter
 
 import httpx
 import pytest
@@ -23,9 +23,10 @@ NUM_PRIMARIES = 3
 READ_TIMEOUT_S = 4.0
 HEALTH_INTERVAL_S, HEALTH_TIMEOUT_S, RECOVER_THRESHOLD = 0.5, 1.0, 2
 # deadlines for events, not sleeps: a replica's start-up (imports, load) on a loaded 2-core machine has taken
-# 30-60 s; once it answers /ready, the router admits it after RECOVER_THRESHOLD good probes (slowed by load)
+# 30-60 s; once it answers /ready, the router admits it after RECOVER_THRESHOLD good probes (slowed by load:
+# these deadlines guard against a hang only, so they are generous)
 READY_S = 180
-ADMIT_S = 10 * RECOVER_THRESHOLD * (HEALTH_INTERVAL_S + HEALTH_TIMEOUT_S)
+ADMIT_S = 20 * RECOVER_THRESHOLD * (HEALTH_INTERVAL_S + HEALTH_TIMEOUT_S)
 ROUTER_FLAGS = ["--health-interval", str(HEALTH_INTERVAL_S), "--health-timeout", str(HEALTH_TIMEOUT_S),
                 "--fail-threshold", "2", "--recover-threshold", str(RECOVER_THRESHOLD), "--connect-timeout", "1", "--read-timeout", str(READ_TIMEOUT_S),
                 "--max-attempts", "3", "--retry-budget", "20", "--max-outstanding", "48",
@@ -76,8 +77,21 @@ def cluster(processes, tiny_model_dir) -> Cluster:
     for p in [*primaries, fallback, router]:
         p.wait_ready(READY_S)
     c = Cluster(primaries, fallback, router)
-    assert wait_until(c.all_healthy, ADMIT_S)
+    assert wait_until(_not_yet_when_busy(c.all_healthy), ADMIT_S)
     return c
+
+
+def _not_yet_when_busy(predicate):
+    """predicate, where a router too busy to answer within the client's timeout (a loaded machine) is 'not
+    yet' rather than an error that ends the wait."""
+
+    def check() -> bool:
+        try:
+            return predicate()
+        except httpx.HTTPError:
+            return False
+
+    return check
 
 
 def _assert_no_loss(results, fig) -> None:
@@ -109,7 +123,8 @@ async def _kill_restart_under_load(c: Cluster, victim: int, total: int, after: i
     c.primaries[victim].start()
     load.phase = "restarting"
     await asyncio.to_thread(c.primaries[victim].wait_ready, READY_S)  # it serves again (or says why not)
-    notes["readmitted"] = await asyncio.to_thread(wait_until, lambda: c.healthy(name), ADMIT_S, 0.1)
+    readmitted = _not_yet_when_busy(lambda: c.healthy(name))
+    notes["readmitted"] = await asyncio.to_thread(wait_until, readmitted, ADMIT_S, 0.1)
     load.phase = "readmitted"
     start_after = load.sent
     deadline = time.monotonic() + 60
@@ -194,7 +209,7 @@ def test_hung_replica_is_ejected_by_timeout_and_readmitted(cluster):
     assert all(r.outcome == "ok" for r in results if not r.stream)
     assert all(r.replica == "primary-2" for r in results if r.outcome == "clean_error")
     assert max(r.seconds for r in results) < READ_TIMEOUT_S * 3 + 5  # bounded by the timeout path
-    assert wait_until(lambda: cluster.healthy("primary-2"), ADMIT_S)  # re-admitted once it answers again
+    assert wait_until(_not_yet_when_busy(lambda: cluster.healthy("primary-2")), ADMIT_S)  # re-admitted once it answers again
     resp = [httpx.post(cluster.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
             for _ in range(6)]
     assert {r.headers["x-meshserve-replica"] for r in resp} >= {"primary-2"}
@@ -213,7 +228,7 @@ def test_overload_gets_fast_refusals_with_retry_after_and_no_memory_growth(clust
         results = await load.run()
         return results, time.monotonic() - t0
 
-    assert wait_until(cluster.all_healthy, ADMIT_S)
+    assert wait_until(_not_yet_when_busy(cluster.all_healthy), ADMIT_S)
     results, seconds = asyncio.run(burst())  # warm-up: connection pools, allocator arenas
     rss = [_rss_kib(cluster.router.proc.pid)]
     all_results, total_s = list(results), seconds
@@ -229,10 +244,15 @@ def test_overload_gets_fast_refusals_with_retry_after_and_no_memory_growth(clust
     refused = [r for r in all_results if r.outcome == "clean_error"]
     assert refused, "the burst never overloaded anything"
     assert {r.status for r in refused} <= {429, 503}
-    assert Counter(r.outcome for r in all_results)["ok"] > 0
+    served = [r.seconds for r in all_results if r.outcome == "ok"]
+    assert served
+    # refused without queueing for a replica: faster than the requests served in the same bursts (relative, as
+    # every latency here grows with the machine's load; at a load of 6 the medians were 1.3 s and 5.1 s)
+    assert statistics.median(r.seconds for r in refused) < statistics.median(served), fig
     assert rss[-1] - rss[0] < 16 * 1024, f"router RSS grew: {rss} KiB"
-    assert wait_until(lambda: httpx.get(cluster.url + "/router/replicas").json()["in_flight"] == 0, 10)
-    assert wait_until(cluster.all_healthy, ADMIT_S)  # overload ejects no one for long
+    in_flight = _not_yet_when_busy(lambda: httpx.get(cluster.url + "/router/replicas").json()["in_flight"] == 0)
+    assert wait_until(in_flight, ADMIT_S)
+    assert wait_until(_not_yet_when_busy(cluster.all_healthy), ADMIT_S)  # overload ejects no one for long
 
 
 def test_all_primaries_down_fallback_serves_then_fast_503(cluster):

@@ -49,22 +49,36 @@ def _post(srv, **extra):
 
 def test_a_lagging_front_end_answers_429_at_once_and_recovers(fake_slo_server):
     srv = fake_slo_server
-    r, _ = _post(srv)
-    assert r.status_code == 200  # idle: admitted (and the lag watcher runs from now on)
     client = srv.app.state.engine_client
-    client.load.loop_lag.add(0.5)  # as if the event loop had just stalled for half a second
-    r, elapsed = _post(srv)
-    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text
-    err = r.json()["error"]
-    assert err["code"] == "slo_unattainable" and err["type"] == "rate_limit_error"
-    assert elapsed < 0.2, elapsed  # answered from the headers and body bytes, no parsing, no engine
+    # the same request admitted, measured here to compare with: it is parsed and takes 32 engine steps of 5 ms
+    admitted = []
+    for _ in range(3):
+        r, elapsed = _post(srv, max_tokens=32)
+        assert r.status_code == 200  # idle: admitted (and the lag watcher runs from now on)
+        admitted.append(elapsed)
+    refused = []
+    for _ in range(3):
+        client.load.loop_lag.add(0.5)  # as if the event loop had just stalled for half a second
+        r, elapsed = _post(srv, max_tokens=32)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text
+        err = r.json()["error"]
+        assert err["code"] == "slo_unattainable" and err["type"] == "rate_limit_error"
+        refused.append(elapsed)
+    # answered from the headers and body bytes, no parsing, no engine: faster than the same request admitted.
+    # Relative, not an absolute bound (a refusal took 0.24 s at a load of 8 on 2 cores); the fastest of
+    # each, so that one stall of a busy machine decides nothing
+    assert min(refused) < min(admitted), (refused, admitted)
     # a request with a looser target of its own is judged by its handler, and taken
     r, _ = _post(srv, slo={"ttft_ms": 60_000})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     metrics = httpx.get(srv.base_url + "/metrics").text
-    assert 'meshserve:requests_rejected_total{reason="slo_unattainable"} 1.0' in metrics
-    time.sleep(1.1)  # the stall leaves the window
-    r, _ = _post(srv)
+    assert 'meshserve:requests_rejected_total{reason="slo_unattainable"} 3.0' in metrics
+    # the stall leaves the 1 s window, and requests are taken again (the wait guards against a hang only:
+    # on a busy machine the lag watcher may itself see a real stall for a while)
+    deadline = time.monotonic() + 30
+    time.sleep(1.1)
+    while (r := _post(srv)[0]).status_code == 429 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert r.status_code == 200
 
 

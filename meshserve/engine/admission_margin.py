@@ -13,11 +13,15 @@ margin that keeps the `quantile` of measured TTFT at `goal` x target is then goa
 errors (admitted means predicted <= margin x target, so measured <= (margin + error) x target). Every
 `update_every` such requests the margin moves toward it by at most `max_step`, and always stays within
 [low, high]: bounded, so one odd burst cannot close the door or open it wide.
+
+Listeners (`add_listener`) hear of every update: the server exports the margin, the number of updates and
+the error quantile of the last one as Prometheus series (serve/metrics.py), written when they change.
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +52,13 @@ class AdmissionMargin:
         self._errors: collections.deque[float] = collections.deque(maxlen=self.rule.window)
         self._since_update = 0
         self.num_updates = 0
+        # the `quantile` of the errors at the last update, (measured - predicted) / target; None before it
+        self.last_error_quantile: float | None = None
+        self._listeners: list[Callable[[AdmissionMargin], None]] = []
+
+    def add_listener(self, fn: Callable[[AdmissionMargin], None]) -> None:
+        """Call fn(self) after every update (on the thread that called observe())."""
+        self._listeners.append(fn)
 
     def observe(self, predicted_s: float, measured_s: float, target_s: float) -> None:
         """An admitted request's first token is out: measured_s after its arrival, predicted_s at admission."""
@@ -59,9 +70,12 @@ class AdmissionMargin:
         if self._since_update >= r.update_every and len(self._errors) >= r.min_samples:
             self._since_update = 0
             self.num_updates += 1
-            wanted = r.goal - float(np.quantile(np.fromiter(self._errors, float), r.quantile))
+            self.last_error_quantile = float(np.quantile(np.fromiter(self._errors, float), r.quantile))
+            wanted = r.goal - self.last_error_quantile
             step = min(max(wanted - self.value, -r.max_step), r.max_step)
             self.value = min(max(self.value + step, r.low), r.high)
+            for fn in self._listeners:
+                fn(self)
 
     def admits(self, predicted_s: float, target_s: float) -> bool:
         return predicted_s <= target_s * self.value

@@ -4,6 +4,13 @@ Request-level series (outcomes, token totals, latency histograms) are observed b
 stream; engine-level gauges (queue, KV cache, prefix cache, preemptions) are the counters the engine core
 published with its last step (a scrape never waits on the core), with their age as a gauge of its own.
 With several API processes (PROMETHEUS_MULTIPROC_DIR set before import) request series are summed across them. Names follow vLLM's `vllm:` series with a `meshserve:` prefix.
+
+The admission margin (engine/admission_margin.py) is the API process's own: each process admits its requests
+against the margin its own controller learned from the requests it served. Its gauges are written when the
+controller updates, in multiprocess_mode="all": one series per process, labelled with its pid, since the
+controllers see different requests and may well disagree; a min or max across processes would hide which one
+is tight, and the dashboard can still take either. (Any API process's death stops the server, so a dead
+process's series cannot linger and the "live" modes buy nothing.) Its update counter is summed.
 """
 
 from __future__ import annotations
@@ -12,15 +19,18 @@ import asyncio
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meshserve.errors import MeshserveError, RetryableError
 from meshserve.outputs import RequestOutput
 from meshserve.serve.frontend_load import ARRIVAL
+
+if TYPE_CHECKING:
+    from meshserve.engine.admission_margin import AdmissionMargin
 
 # Outcomes of a generation request: how its choices finished, or why it produced none.
 OUTCOMES = ("stop", "length", "abort", "rejected", "invalid", "error")
@@ -56,8 +66,8 @@ class _EngineStatsCollector(Collector):
              "prefix_cache_hit_rate"),
             ("meshserve:queue_wait_predicted_seconds", "Predicted wait of a request joining the queue now.",
              "queue_wait_s"),
-            ("meshserve:step_time_predicted_seconds", "Device time the step-time model predicted for the last "
-             "measured step.", "step_time_predicted_s"),
+            ("meshserve:step_time_predicted_seconds", ("Device time the step-time model predicted for the last "
+             "measured step."), "step_time_predicted_s"),
             ("meshserve:step_time_actual_seconds", "Device time the last measured step took.", "step_time_actual_s"),
             ("meshserve:step_time_model_error", "Recent mean |predicted - actual| / actual of step times.",
              "step_time_model_error"),
@@ -70,8 +80,8 @@ class _EngineStatsCollector(Collector):
             ("meshserve:num_preemptions", "Sequences preempted to free KV blocks.", "num_preemptions"),
             ("meshserve:prefix_cache_queries", "Prefix cache lookups (blocks).", "prefix_cache_queries"),
             ("meshserve:prefix_cache_hits", "Prefix cache hits (blocks).", "prefix_cache_hits"),
-            ("meshserve:requests_shed", "Queued requests dropped by the engine because their time-to-first-token "
-             "target could no longer be met.", "num_shed"),
+            ("meshserve:requests_shed", ("Queued requests dropped by the engine because their time-to-first-token "
+             "target could no longer be met."), "num_shed"),
             # speculative decoding, after vLLM's vllm:spec_decode_* counters
             ("meshserve:spec_decode_num_drafts", "Verify rows: sequences that verified proposals in a step.",
              "spec_num_drafts"),
@@ -202,8 +212,32 @@ class ServerMetrics:
                            ["result"], registry=r)
         for result in ("met", "missed"):
             self.slo.labels(result)
+        self.admission_margin = Gauge("meshserve:admission_margin", "Fraction of the TTFT target up to which "
+                                      "a request's predicted TTFT is admitted, as this API process's controller "
+                                      "last set it (multiprocess: per pid).", registry=r, multiprocess_mode="all")
+        self.admission_margin_updates = Counter("meshserve:admission_margin_updates", "Updates of the admission "
+                                                "margin, from measured TTFTs of admitted requests.", registry=r)
+        self.admission_margin_error = Gauge("meshserve:admission_margin_ttft_error", "The p99 of (measured - "
+                                            "predicted TTFT) / target of requests admitted near the margin, at the "
+                                            "margin's last update (NaN before the first).", registry=r,
+                                            multiprocess_mode="all")
+        self._margin_updates_counted = 0
         self._engine = _EngineStatsCollector()
         r.register(self._engine)
+
+    def watch_admission_margin(self, margin: AdmissionMargin) -> None:
+        """Export margin's value, its updates and its last error quantile, now and at each update."""
+        self._margin_updates_counted = 0
+        self._on_margin_update(margin)
+        margin.add_listener(self._on_margin_update)
+
+    def _on_margin_update(self, margin: AdmissionMargin) -> None:
+        self.admission_margin.set(margin.value)
+        err = margin.last_error_quantile
+        self.admission_margin_error.set(float("nan") if err is None else err)
+        # the counter follows the controller's own count (updates before watching included)
+        self.admission_margin_updates.inc(margin.num_updates - self._margin_updates_counted)
+        self._margin_updates_counted = margin.num_updates
 
     def track(self) -> RequestTracker:
         return RequestTracker(self)

@@ -96,6 +96,7 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     state = state or ServerState()
     client = EngineClient(async_llm, config)
     metrics = ServerMetrics()
+    metrics.watch_admission_margin(async_llm.admission_margin)
     completions = CompletionService(client, config, metrics)
     chat = ChatService(client, config, metrics)
     tokenizer = TokenizeService(client, config)

@@ -82,3 +82,17 @@ def test_errors_count_in_units_of_each_requests_own_target():
     for _ in range(16):  # 0.2 s late against a 2 s target: 0.1 of it
         margin.observe(1.2, 1.4, 2.0)
     assert margin.value == pytest.approx(MarginRule().goal - 0.1)
+
+
+def test_listeners_hear_every_update_with_its_error_quantile():
+    margin = AdmissionMargin(MarginRule(min_samples=16, update_every=16))
+    heard: list[tuple[float, int, float | None]] = []
+    margin.add_listener(lambda m: heard.append((m.value, m.num_updates, m.last_error_quantile)))
+    for _ in range(15):
+        margin.observe(0.7, 0.9, TARGET)
+    assert heard == [] and margin.last_error_quantile is None  # no update yet, nothing said
+    margin.observe(0.7, 0.9, TARGET)
+    assert heard == [(margin.value, 1, pytest.approx(0.2))] and margin.value == pytest.approx(MarginRule().goal - 0.2)
+    for _ in range(16):
+        margin.observe(0.1, 0.9, TARGET)  # light load: ignored, so no update to hear of
+    assert len(heard) == 1

@@ -20,5 +20,7 @@ def test_every_series_in_the_dashboard_is_exported(live):
                 if line.startswith("meshserve:")}
     assert wanted and wanted <= exported, wanted - exported
     for needed in ("meshserve:requests_slo_total", "meshserve:requests_rejected_total",
-                   "meshserve:step_time_predicted_seconds", "meshserve:step_time_actual_seconds"):
+                   "meshserve:step_time_predicted_seconds", "meshserve:step_time_actual_seconds",
+                   "meshserve:admission_margin", "meshserve:admission_margin_updates_total",
+                   "meshserve:admission_margin_ttft_error"):
         assert needed in wanted

@@ -4,11 +4,13 @@ same clean error, priorities and per-request targets are accepted, and nothing h
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import httpx
 import pytest
 
+from meshserve.engine.admission_margin import AdmissionMargin, MarginRule
 from meshserve.engine.messages import SchedulerStats
 from meshserve.serve.config import ServeConfig
 from tests.serve.conftest import make_engine, start_server
@@ -60,6 +62,30 @@ def test_an_admitted_request_near_the_limit_teaches_the_admission_margin(slo_ser
     assert errors[: len(errors_before)] == errors_before and len(errors) == len(errors_before) + 1
     # the queue was really empty: the first token came well before the 0.3 s predicted
     assert -0.6 < errors[-1] < 0.0
+
+
+def test_metrics_show_the_admission_margin_and_follow_its_updates(slo_server, monkeypatch):
+    allm = slo_server.allm
+    # a server of its own around a fresh controller (the module's server keeps the margin its tests taught it)
+    margin = AdmissionMargin(MarginRule(min_samples=16, update_every=16))
+    monkeypatch.setattr(allm, "admission_margin", margin)
+    live = start_server(allm, ServeConfig(served_model_names=["tiny"]))
+    try:
+        assert _metric(live.base_url, "meshserve:admission_margin ") == 0.8
+        assert _metric(live.base_url, "meshserve:admission_margin_updates_total ") == 0
+        assert math.isnan(_metric(live.base_url, "meshserve:admission_margin_ttft_error "))
+        for _ in range(16):  # first tokens 0.1 s later than predicted against the 0.5 s target: 0.2 of it
+            margin.observe(0.3, 0.4, 0.5)
+        assert margin.num_updates == 1 and margin.value < 0.8
+        assert _metric(live.base_url, "meshserve:admission_margin ") == pytest.approx(margin.value)
+        assert _metric(live.base_url, "meshserve:admission_margin_updates_total ") == 1
+        assert _metric(live.base_url, "meshserve:admission_margin_ttft_error ") == pytest.approx(0.2)
+        # the exported margin is the one admission uses: a prediction between it and 0.8 of the target is refused
+        monkeypatch.setattr(allm, "predicted_ttft_s", lambda *args: 0.5 * (margin.value + 0.8) / 2)
+        r = httpx.post(live.v1 + "/completions", json=_body(), timeout=30)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "slo_unattainable"
+    finally:
+        live.stop()
 
 
 def test_a_request_shed_in_the_queue_gets_the_same_clean_429(slo_server):

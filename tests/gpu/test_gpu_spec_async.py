@@ -14,20 +14,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _llm(**kw):
-    from meshserve import LLM
+    from tests.gpu.test_gpu_spec_decode import _llm as spec_llm
 
-    return LLM(
-        model="qwen3-0.6b",
-        load_format="dummy",
-        dtype="float32",
-        max_model_len=1024,
-        hf_overrides={"num_hidden_layers": 3},
-        gpu_memory_utilization=0.4,
-        max_num_seqs=32,
-        max_num_batched_tokens=256,
-        seed=0,
-        **kw,
-    )
+    # the spec-decode tests' tiny engine, with a small token budget: prompts take several chunked steps
+    return spec_llm(max_num_batched_tokens=256, **kw)
 
 
 @pytest.mark.parametrize("error_rate", [0.0, 0.3])

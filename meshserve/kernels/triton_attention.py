@@ -72,7 +72,7 @@ def _reshape_and_cache_kernel(
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
     if USE_GDC:  # before the early exit: every program waits (kernels/pdl.py)
@@ -207,7 +207,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, USE_GDC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -280,7 +280,7 @@ def _decode_reduce_kernel(
     ws_acc_ptr, ws_ml_ptr, qsl_ptr, out_ptr, num_splits,
     stride_ot, stride_oh, stride_od,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)

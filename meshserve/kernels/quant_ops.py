@@ -1,7 +1,9 @@
 """Quantized projections: the fast GPU path where it applies, else the plain reference (kernels/quant_ref.py).
 
 FP8 weights
-  one 16-bit row on a GPU (batch-1 decode)  Triton FP8-weight GEMV (weight-only: the row stays 16-bit)
+  one 16-bit row on a GPU (batch-1 decode)  Triton FP8-weight GEMV (weight-only: the row stays 16-bit;
+                                            kernels/triton_fp8_gemv.py, variant cvt | bits | dot, or scaled_mm:
+                                            the cuBLASLt path below for that row too)
   16-bit rows on a GPU, aligned shapes      torch._scaled_mm (cuBLASLt FP8 on Hopper) with per-token and
                                             per-channel scales
   otherwise (CPU, fp32 models)              fp8_linear_ref: the same quantization, upcast matmul
@@ -10,9 +12,12 @@ Block-wise FP8 weights (128 x 128 scales, activations per 1 x 128 group)
                                             batch size (the analog of torch._scaled_mm above)
   otherwise                                 fp8_block_linear_ref (kernels/fp8_block_ref.py)
 INT4 weights
-  on a GPU                                  Triton dequant-GEMM (one kernel for every batch size)
+  <= 4 rows on a GPU (decode)               Triton INT4 GEMV (kernels/triton_int4_gemv.py, variant magic | cvt;
+                                            matmul: the dequant-GEMM below for these rows too)
+  more rows on a GPU                        Triton dequant-GEMM (kernels/triton_quant.py)
   otherwise                                 dequantize, then F.linear
-`enabled` / `fast` is the backend selection's switch (the GEMV switch; off under MESHSERVE_DISABLE_FUSED_OPS).
+`gemv` / `fast` is the backend selection's switch (the GEMV switch; off under MESHSERVE_DISABLE_FUSED_OPS) and
+the variants its MESHSERVE_FP8_GEMV / MESHSERVE_INT4_GEMV (layers/backend_selection.py).
 """
 
 from __future__ import annotations
@@ -38,6 +43,24 @@ def _triton_quant():
     except ImportError:  # no Triton: the reference serves
         return None
     return triton_quant
+
+
+@functools.cache
+def _triton_fp8_gemv():
+    try:
+        from meshserve.kernels import triton_fp8_gemv
+    except ImportError:
+        return None
+    return triton_fp8_gemv
+
+
+@functools.cache
+def _triton_int4_gemv():
+    try:
+        from meshserve.kernels import triton_int4_gemv
+    except ImportError:
+        return None
+    return triton_int4_gemv
 
 
 @functools.cache
@@ -71,17 +94,19 @@ def fp8_linear(
     input_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     gemv: bool = False,
+    gemv_variant: str = "cvt",
 ) -> torch.Tensor:
     """x [..., K] @ fp8 weight [N, K]^T with per-channel weight_scale [N] (see the module docstring)."""
     if x.is_cuda:
-        triton_quant = _triton_quant()
+        triton_fp8_gemv = _triton_fp8_gemv()
         if (
             gemv
-            and triton_quant is not None
+            and gemv_variant != "scaled_mm"
+            and triton_fp8_gemv is not None
             and x.numel() == x.shape[-1]
             and x.dtype in (torch.bfloat16, torch.float16)
         ):
-            return triton_quant.fp8_gemv(x, weight, weight_scale, bias)
+            return triton_fp8_gemv.fp8_gemv(x, weight, weight_scale, bias, variant=gemv_variant)
         if _scaled_mm_fits(x, weight):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
@@ -126,9 +151,20 @@ def int4_linear(
     g_idx: torch.Tensor | None,
     bias: torch.Tensor | None,
     fast: bool = False,
+    gemv_variant: str = "magic",
 ) -> torch.Tensor:
     """x [..., K] @ the INT4 weight in the internal layout (kernels/quant_ref.py) -> [..., N]."""
     if fast and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        triton_int4_gemv = _triton_int4_gemv()
+        rows = x.numel() // x.shape[-1]
+        if (
+            gemv_variant != "matmul"
+            and triton_int4_gemv is not None
+            and rows <= triton_int4_gemv.MAX_GEMV_ROWS
+        ):
+            return triton_int4_gemv.int4_gemv(
+                x, qweight, scales, zeros, group_size, g_idx, bias, variant=gemv_variant
+            )
         triton_quant = _triton_quant()
         if triton_quant is not None:
             return triton_quant.int4_matmul(x, qweight, scales, zeros, group_size, g_idx, bias)

@@ -1,14 +1,12 @@
-"""Triton kernels for quantized weights; kernels/quant_ref.py holds their plain torch references.
-
-fp8_gemv: y[1, N] = x[1, K] @ (W_fp8[N, K] * scale[N])^T (+ bias), the batch-1 decode projection, weight-only
-(the 16-bit row is not quantized): same scheme as triton_gemv.py with one byte per weight, fp32 accumulation,
-the per-channel scale applied once per output. Reference: quant_ref.fp8_weight_only_ref.
+"""Triton INT4 dequant-GEMM; kernels/quant_ref.py holds its plain torch reference. The batch-1 GEMVs of quantized
+weights are triton_fp8_gemv.py and triton_int4_gemv.py.
 
 int4_matmul: y[M, N] = x[M, K] @ W[K, N] (+ bias) with W in the internal INT4 layout (qweight [K/8, N] int32,
 scales/zeros [G, N], optional g_idx [K]). Each program owns a BLOCK_M x BLOCK_N tile and walks K: it loads the
 packed int32 row of every k (8 k share one int32, served from cache), shifts out the nibble, dequantizes in
-fp32 with the scale and zero of k's group, rounds once to the activation dtype and feeds tl.dot. One kernel for
-every batch size (M is padded to 16 rows inside the tile). Reference: quant_ref.int4_linear_ref.
+fp32 with the scale and zero of k's group, rounds once to the activation dtype and feeds tl.dot (M is padded to
+16 rows inside the tile): prefill and batches above triton_int4_gemv.MAX_GEMV_ROWS. Reference:
+quant_ref.int4_linear_ref.
 """
 
 from __future__ import annotations
@@ -16,67 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _fp8_gemv_kernel(
-    x_ptr,
-    w_ptr,
-    s_ptr,
-    b_ptr,
-    y_ptr,
-    N,
-    K,
-    stride_w,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    ks = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + ks
-        kmask = kk < K
-        x = tl.load(x_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-        w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
-    y = tl.sum(acc, 1) * tl.load(s_ptr + rows, mask=rmask, other=0.0)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
-
-
-def fp8_gemv(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """x [..., K] holding one row, weight [N, K] float8_e4m3fn, weight_scale [N] fp32 -> [..., N] in x.dtype."""
-    n, k = weight.shape
-    if x.numel() != k:
-        raise ValueError(f"fp8_gemv takes one row of {k} features, got shape {tuple(x.shape)}")
-    x = x.contiguous()
-    if weight.stride(1) != 1:
-        weight = weight.contiguous()
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    block_k = 1024 if k >= 4096 else 512  # one byte per weight: twice the 16-bit GEMV's K tile, same bytes
-    _fp8_gemv_kernel[(triton.cdiv(n, 4),)](
-        x,
-        weight,
-        weight_scale.float().contiguous(),
-        bias if bias is not None else x,
-        y,
-        n,
-        k,
-        weight.stride(0),
-        HAS_BIAS=bias is not None,
-        BLOCK_N=4,
-        BLOCK_K=block_k,
-        num_warps=8 if k >= 2048 else 4,
-        num_stages=3,
-    )
-    return y
 
 
 @triton.jit

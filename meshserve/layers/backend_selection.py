@@ -25,6 +25,11 @@ Overrides (environment, read only here, for debugging and references):
                                             fewer attention splits (default none: opt-in until measured)
   MESHSERVE_MLA_PREFILL_REF=1               MLA prefill chunks one sequence at a time (mla_prefill_ref) even on
                                             the Triton path: the A/B baseline of the batched prefill
+  MESHSERVE_FP8_GEMV=cvt|bits|dot|scaled_mm the batch-1 fp8-weight projection (kernels/triton_fp8_gemv.py;
+                                            scaled_mm: torch._scaled_mm, the activation quantized per token);
+                                            default cvt, until the H200 A/B of issue 20
+  MESHSERVE_INT4_GEMV=magic|cvt|matmul      the int4 projection of <= 4 rows (kernels/triton_int4_gemv.py;
+                                            matmul: the dequant-GEMM of larger batches); default magic
 
 This module sits in layers/ because the layers consume the choice (and may not import the engine); it
 imports only the config and the layers/kernels it chooses between.
@@ -53,6 +58,10 @@ NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
 DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 PDL_ENV = "MESHSERVE_PDL"
+FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
+INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
+FP8_GEMV_CHOICES = ("cvt", "bits", "dot", "scaled_mm")  # triton_fp8_gemv.FP8_GEMV_VARIANTS + cuBLASLt
+INT4_GEMV_CHOICES = ("magic", "cvt", "matmul")  # triton_int4_gemv.INT4_GEMV_VARIANTS + the dequant-GEMM
 # decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph
 # sized for 4,096 runs 16 KV splits (most of them empty) and a reduce; <= 256 tokens needs one split at small
 # batch (no reduce), <= 1,024 four. The suggested bounds when turned on (none by default until measured)
@@ -79,6 +88,8 @@ class KernelSelection:
     mla_prefill_ref: bool = False
     # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide switch, bound below)
     pdl: bool = False
+    fp8_gemv: str = "cvt"  # the batch-1 fp8-weight projection when gemv is on (FP8_GEMV_CHOICES)
+    int4_gemv: str = "magic"  # the int4 projection of <= 4 rows when gemv is on (INT4_GEMV_CHOICES)
 
 
 # what a layer uses until a runner binds its selection: the plain torch path
@@ -112,6 +123,13 @@ def _decode_context_bounds() -> tuple[int, ...]:
     return bounds
 
 
+def _variant(env: str, choices: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(env, "").strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{env} takes one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def select_kernels(config: EngineConfig) -> KernelSelection:
     """Decide every kernel switch for a runner of this config (environment overrides included)."""
     on_cuda = torch.device(config.device).type == "cuda"
@@ -142,6 +160,8 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         kv_cache_dtype=kv_cache_dtype,
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
         pdl=on_cuda and os.environ.get(PDL_ENV, "") not in ("", "0"),
+        fp8_gemv=_variant(FP8_GEMV_ENV, FP8_GEMV_CHOICES, KernelSelection.fp8_gemv),
+        int4_gemv=_variant(INT4_GEMV_ENV, INT4_GEMV_CHOICES, KernelSelection.int4_gemv),
     )
     logger.info("kernels: %s", selection)
     return selection

@@ -148,7 +148,7 @@ def test_int4_matmul_interp(m, act_order):
 @needs_triton
 @interp
 def test_fp8_gemv_interp():
-    from meshserve.kernels.triton_quant import fp8_gemv
+    from meshserve.kernels.triton_fp8_gemv import fp8_gemv
 
     g = torch.Generator().manual_seed(3)
     wq, ws = quantize_fp8_per_channel(torch.randn(40, 600, generator=g))
@@ -180,7 +180,7 @@ def test_int4_matmul_gpu(m, kn, act_order):
 @pytest.mark.parametrize("kn", [(4096, 6144), (14336, 4096), (576, 1536)])
 def test_fp8_gemv_and_scaled_mm_gpu(kn):
     from meshserve.kernels.quant_ops import fp8_linear
-    from meshserve.kernels.triton_quant import fp8_gemv
+    from meshserve.kernels.triton_fp8_gemv import fp8_gemv
 
     k, n = kn
     wq, ws = quantize_fp8_per_channel(torch.randn(n, k, device="cuda") * 0.02)

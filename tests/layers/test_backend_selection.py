@@ -22,6 +22,8 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", raising=False)
     monkeypatch.delenv("MESHSERVE_MLA_PREFILL_REF", raising=False)
     monkeypatch.delenv("MESHSERVE_PDL", raising=False)
+    monkeypatch.delenv("MESHSERVE_FP8_GEMV", raising=False)
+    monkeypatch.delenv("MESHSERVE_INT4_GEMV", raising=False)
 
 
 def _config(device="cpu", dtype="float32", cache_dtype="auto", enforce_eager=False) -> EngineConfig:
@@ -90,6 +92,20 @@ def test_mla_prefill_reference_switch(monkeypatch):
     monkeypatch.setenv("MESHSERVE_MLA_PREFILL_REF", "1")
     sel = select_kernels(gpu)
     assert sel.mla_prefill_ref and sel.attention_backend == "triton" and sel.cuda_graphs
+
+
+def test_quantized_gemv_variant_switches(monkeypatch):
+    # the batch-1 fp8 / int4 projections: a default each, every variant selectable for the H200 A/B, typos refused
+    gpu = _config(device="cuda", dtype="bfloat16")
+    sel = select_kernels(gpu)
+    assert (sel.fp8_gemv, sel.int4_gemv) == ("cvt", "magic")
+    monkeypatch.setenv("MESHSERVE_FP8_GEMV", "scaled_mm")
+    monkeypatch.setenv("MESHSERVE_INT4_GEMV", "Matmul")
+    sel = select_kernels(gpu)
+    assert (sel.fp8_gemv, sel.int4_gemv) == ("scaled_mm", "matmul")
+    monkeypatch.setenv("MESHSERVE_FP8_GEMV", "fast")
+    with pytest.raises(ValueError, match="MESHSERVE_FP8_GEMV takes one of cvt, bits, dot, scaled_mm"):
+        select_kernels(gpu)
 
 
 def test_environment_overrides(monkeypatch):

@@ -76,6 +76,13 @@ class Fp8LinearMethod(LinearMethod):
             layer.input_scale = None
 
     def apply(self, layer, x, bias):
+        kernels = layer.kernels
         return fp8_linear(
-            x, layer.weight, layer.weight_scale, layer.input_scale, bias, gemv=layer.kernels.gemv
+            x,
+            layer.weight,
+            layer.weight_scale,
+            layer.input_scale,
+            bias,
+            gemv=kernels.gemv,
+            gemv_variant=kernels.fp8_gemv,
         )

@@ -171,4 +171,5 @@ class Int4LinearMethod(LinearMethod):
             layer.g_idx,
             bias,
             fast=layer.kernels.gemv,
+            gemv_variant=layer.kernels.int4_gemv,
         )

@@ -1,0 +1,223 @@
+"""Batch-1 GEMVs of quantized weights (kernels/triton_fp8_gemv.py, kernels/triton_int4_gemv.py, the split-K
+reduce of kernels/gemv_tiles.py) against kernels/quant_ref.py: every variant and both the masked and the
+unmasked (EVEN) code, with and without split-K, in the Triton interpreter without CUDA; the same kernels
+compiled to sm_90 code with Triton's bundled ptxas (the int4 PRMT inline PTX only runs there); `-m gpu` at
+Llama-3.1-8B's shapes, and the dispatch of quant_ops.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from meshserve.kernels.quant_ref import (
+    FP8_DTYPE,
+    fp8_weight_only_ref,
+    int4_dequant_ref,
+    int4_linear_ref,
+    pack_int4_rows,
+    quantize_fp8_per_channel,
+    quantize_int4_groups,
+)
+from tests.kernels.sm90 import assert_compiles_for_sm90
+
+_HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
+gpu = pytest.mark.gpu
+
+FP8_VARIANTS = ("cvt", "bits", "dot")
+LLAMA_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (N, K): qkv, o, gate_up, down
+
+
+def _every_e4m3_pattern() -> torch.Tensor:
+    """The 254 finite float8_e4m3fn values (zeros, subnormals, +-448) as a tensor of that dtype."""
+    bits = torch.arange(256, dtype=torch.int32)
+    return bits[(bits & 0x7F) != 0x7F].to(torch.uint8).view(FP8_DTYPE)
+
+
+def _fp8_case(n, k, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    wq, ws = quantize_fp8_per_channel(torch.randn(n, k, generator=g))
+    pattern = _every_e4m3_pattern()
+    wq[0, : min(k, pattern.numel())] = pattern[:k]
+    x, bias = torch.randn(1, k, generator=g), torch.randn(n, generator=g)
+    return wq.to(device), ws.to(device), x.to(device), bias.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# interpreter
+# ----------------------------------------------------------------------------------------------------------
+@interp
+@pytest.mark.parametrize("variant", FP8_VARIANTS)
+@pytest.mark.parametrize(
+    "n,k,tiles",
+    [
+        (40, 600, None),  # the default tiles, every mask on (N and K not multiples of the tile)
+        (40, 600, (16, 64, 3)),  # split-K: 3 partial sums and the reduce pass
+        (32, 512, (16, 128, 2)),  # EVEN: no masks
+    ],
+)
+def test_fp8_gemv_variants_interp(variant, n, k, tiles):
+    from meshserve.kernels.gemv_tiles import GemvTiles
+    from meshserve.kernels.triton_fp8_gemv import fp8_gemv
+
+    wq, ws, x, bias = _fp8_case(n, k, seed=n + k)
+    # fp16 activations: the dot variant rounds x to fp16, exact for fp16 x, so every variant must give the
+    # reference's fp32 sum, rounded once to fp16 (up to the order of the fp32 additions)
+    x, bias = x.half(), bias.half()
+    t = GemvTiles(*tiles[:2], split_k=tiles[2]) if tiles else None
+    y = fp8_gemv(x, wq, ws, bias, variant=variant, tiles=t)
+    ref = fp8_weight_only_ref(x, wq, ws, bias)
+    assert y.shape == (1, n) and y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-3, atol=2e-3 * ref.abs().max().item())
+
+
+@interp
+def test_fp8_gemv_bits_decodes_every_e4m3_value_exactly():
+    # weight row n holds e4m3 pattern n in column 0; x = e_0 and scale 1: y[n] is the decoded value itself
+    # (the integer re-biasing, the 2^64 and 2^56 factors are exact), subnormals and signed zeros included
+    from meshserve.kernels.gemv_tiles import GemvTiles
+    from meshserve.kernels.triton_fp8_gemv import fp8_gemv
+
+    pattern = _every_e4m3_pattern()
+    w = torch.zeros(pattern.numel(), 8, dtype=FP8_DTYPE)
+    w[:, 0] = pattern
+    x = torch.zeros(1, 8)
+    x[0, 0] = 1.0
+    y = fp8_gemv(x, w, torch.ones(pattern.numel()), variant="bits", tiles=GemvTiles(16, 8))
+    assert torch.equal(y[0], pattern.float())
+
+
+@interp
+@pytest.mark.parametrize("variant", ["magic", "cvt"])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize(
+    "group,act_order,tiles",
+    [
+        (64, False, (32, 64, 3)),  # a K step inside one group: z and s per column, split-K
+        (64, False, (64, 64, 1)),  # the same without split-K (bias added in the kernel)
+        (32, False, None),  # groups smaller than the step: per-weight scales and zeros
+        (64, True, (32, 32, 2)),  # act-order g_idx
+    ],
+)
+def test_int4_gemv_interp(variant, m, group, act_order, tiles):
+    from meshserve.kernels.gemv_tiles import GemvTiles
+    from meshserve.kernels.triton_int4_gemv import int4_gemv
+
+    k, n = 256, 80  # N not a multiple of the tile: masked columns
+    g = torch.Generator().manual_seed(m * 100 + group)
+    q, scales, zeros = quantize_int4_groups(torch.randn(n, k, generator=g), group)
+    g_idx = (torch.arange(k) // group)[torch.randperm(k, generator=g)].to(torch.int32) if act_order else None
+    qweight, scales, zeros = pack_int4_rows(q), scales.half(), zeros.half()
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    t = GemvTiles(*tiles[:2], split_k=tiles[2]) if tiles else None
+    y = int4_gemv(x, qweight, scales, zeros, group, g_idx, bias, variant=variant, tiles=t)
+    ref = int4_linear_ref(x, qweight, scales, zeros, group, g_idx, bias)
+    assert y.shape == (m, n)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+
+@interp
+def test_int4_gemv_takes_at_most_four_rows():
+    from meshserve.kernels.triton_int4_gemv import int4_gemv
+
+    q, scales, zeros = quantize_int4_groups(torch.randn(16, 64), 32)
+    with pytest.raises(ValueError, match="<= 4 rows"):
+        int4_gemv(torch.randn(5, 64), pack_int4_rows(q), scales, zeros, 32)
+
+
+_COMPILE_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from meshserve.kernels import gemv_tiles, triton_fp8_gemv as f8, triton_int4_gemv as i4
+
+def compile(kernel, pointers, const, warps):
+    names = list(kernel.arg_names)
+    sig = {n: "i32" for n in names}
+    sig.update(pointers)
+    sig.update({n: "constexpr" for n in const})
+    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+
+p = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", s_ptr="*fp32", b_ptr="*bf16", out_ptr="*bf16")
+for (name, kernel), even, split in zip(f8._KERNELS.items(), (True, False, True), (False, True, True)):
+    t = f8.default_fp8_tiles(name, 4096, 4096)
+    compile(kernel, {**p, "w_ptr": "*i32"} if name == "bits" else p,
+            dict(HAS_BIAS=True, SPLIT=split, EVEN=even, BLOCK_N=t.block_n, BLOCK_K=t.block_k), t.num_warps)
+p = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", g_ptr="*i32", b_ptr="*bf16", out_ptr="*bf16")
+for magic, uniform, m in ((True, True, 1), (False, True, 4), (True, False, 2)):
+    compile(i4._int4_gemv_kernel, p, dict(HAS_G_IDX=not uniform, HAS_BIAS=True, SPLIT=m == 1, GROUP_UNIFORM=uniform,
+            MAGIC=magic, PRMT=magic, BLOCK_M=m, BLOCK_N=256, BLOCK_KP=8), 2)
+compile(gemv_tiles._split_k_reduce_kernel, dict(part_ptr="*fp32", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16"),
+        dict(HAS_SCALE=True, HAS_BIAS=True, BLOCK=1024), 4)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(_HAS_CUDA, reason="the GPU tests compile the kernels for the real device")
+def test_kernels_compile_for_sm90_without_gpu():
+    assert_compiles_for_sm90(_COMPILE_SM90)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU (-m gpu): Llama-3.1-8B's projections
+# ----------------------------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.parametrize("variant", FP8_VARIANTS)
+@pytest.mark.parametrize("n,k", LLAMA_8B_SHAPES + [(1027, 4000)])
+def test_fp8_gemv_gpu(variant, n, k):
+    from meshserve.kernels.triton_fp8_gemv import fp8_gemv
+
+    wq, ws, _, bias = _fp8_case(n, k, seed=n, device="cuda")
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    bias = bias.bfloat16() if n == 1027 else None
+    y = fp8_gemv(x, wq, ws, bias, variant=variant)
+    ref = fp8_weight_only_ref(x.float(), wq, ws, bias)
+    torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
+
+
+@gpu
+@pytest.mark.parametrize("variant", ["magic", "cvt"])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("n,k", LLAMA_8B_SHAPES)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int4_gemv_gpu(variant, m, n, k, act_order):
+    from meshserve.kernels.triton_int4_gemv import int4_gemv
+
+    g = torch.Generator().manual_seed(n + k + m)
+    q, scales, zeros = quantize_int4_groups(torch.randn(n, k, generator=g), 128)
+    g_idx = (torch.arange(k) // 128)[torch.randperm(k, generator=g)].int().cuda() if act_order else None
+    qweight, scales, zeros = pack_int4_rows(q).cuda(), scales.half().cuda(), zeros.half().cuda()
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    y = int4_gemv(x, qweight, scales, zeros, 128, g_idx, variant=variant)
+    # the GEMV dequantizes exactly in fp32 (no bf16 rounding of the weight): an fp32 oracle
+    ref = x.float() @ int4_dequant_ref(qweight, scales, zeros, 128, g_idx, dtype=torch.float32)
+    torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=1e-2)
+
+
+@gpu
+def test_quant_ops_dispatch_gpu():
+    from meshserve.kernels import quant_ops, triton_fp8_gemv, triton_int4_gemv, triton_quant
+
+    k, n = 4096, 6144
+    q, scales, zeros = quantize_int4_groups(torch.randn(n, k), 128)
+    qweight, scales, zeros = pack_int4_rows(q).cuda(), scales.half().cuda(), zeros.half().cuda()
+    for m, variant, kernel in [(1, "magic", "gemv"), (4, "cvt", "gemv"), (1, "matmul", "mm"), (8, "magic", "mm")]:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        y = quant_ops.int4_linear(x, qweight, scales, zeros, 128, None, None, fast=True, gemv_variant=variant)
+        if kernel == "gemv":
+            expected = triton_int4_gemv.int4_gemv(x, qweight, scales, zeros, 128, variant=variant)
+        else:
+            expected = triton_quant.int4_matmul(x, qweight, scales, zeros, 128)
+        assert torch.equal(y, expected), (m, variant)
+    wq, ws = quantize_fp8_per_channel(torch.randn(n, k, device="cuda") * 0.02)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    for variant in FP8_VARIANTS:
+        y = quant_ops.fp8_linear(x, wq, ws, None, None, gemv=True, gemv_variant=variant)
+        assert torch.equal(y, triton_fp8_gemv.fp8_gemv(x, wq, ws, variant=variant))
+    y = quant_ops.fp8_linear(x, wq, ws, None, None, gemv=True, gemv_variant="scaled_mm")
+    assert torch.equal(y, quant_ops.fp8_linear(x, wq, ws, None, None, gemv=False))

@@ -206,7 +206,12 @@ def test_quant_ops_dispatch_gpu():
     k, n = 4096, 6144
     q, scales, zeros = quantize_int4_groups(torch.randn(n, k), 128)
     qweight, scales, zeros = pack_int4_rows(q).cuda(), scales.half().cuda(), zeros.half().cuda()
-    for m, variant, kernel in [(1, "magic", "gemv"), (4, "cvt", "gemv"), (1, "matmul", "mm"), (8, "magic", "mm")]:
+    for m, variant, kernel in [
+        (1, "magic", "gemv"),
+        (4, "cvt", "gemv"),
+        (1, "matmul", "mm"),
+        (8, "magic", "mm"),
+    ]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         y = quant_ops.int4_linear(x, qweight, scales, zeros, 128, None, None, fast=True, gemv_variant=variant)
         if kernel == "gemv":

@@ -40,8 +40,9 @@ def _fp8_tiles(quick: bool):
         return {v: default for v in ("cvt", "bits", "dot")}
     rows = [
         ("4x1024 w8 (first kernel)", lambda n, k: GemvTiles(4, 1024, num_warps=8)),
-        ("8x1024 w8", lambda n, k: GemvTiles(8, 1024, num_warps=8)),
-        ("16x1024 w8", lambda n, k: GemvTiles(16, 1024, num_warps=8)),
+        ("8x1024 w2", lambda n, k: GemvTiles(8, 1024, num_warps=2)),
+        ("8x2048 w4", lambda n, k: GemvTiles(8, 2048, num_warps=4)),
+        ("16x512 w4", lambda n, k: GemvTiles(16, 512, num_warps=4)),
         ("32x256 w4", lambda n, k: GemvTiles(32, 256, num_warps=4)),
         ("16x512 w4 split2<8192", lambda n, k: GemvTiles(16, 512, split_k=2 if n < 8192 else 1)),
     ]
@@ -56,7 +57,7 @@ def _fp8_tiles(quick: bool):
         ),
         ("128x128 w8 split8<16384", lambda n, k: GemvTiles(128, 128, 8 if n < 16384 else 2, 8, 3)),
     ]
-    return {"cvt": default + rows, "bits": default + rows[:3] + rows[4:], "dot": default + dots}
+    return {"cvt": default + rows, "bits": default + rows[:3] + rows[5:], "dot": default + dots}
 
 
 def _int4_tiles(quick: bool):

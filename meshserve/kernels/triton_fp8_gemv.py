@@ -2,12 +2,13 @@
 16-bit row is not quantized), fp32 sums, the per-channel scale applied once per output. Three variants of the
 weight decode, selectable for A/B on the device (tools/bench_quant_gemv.py, MESHSERVE_FP8_GEMV):
 
-  cvt   w.to(fp32) per weight (the first kernel): on sm_90 a packed cvt e4m3x2 -> f16x2 and then one
-        cvt f16 -> f32 per weight. Conversions issue at 16 / clock / SM, about the rate the weight bytes arrive
-        at 4+ TB/s, which is why it stopped at 56% of the fp8 roofline on an H200.
+  cvt   w.to(fp32) per weight (the first kernel): on sm_90 a packed F2FP e4m3x2 -> f16x2 and one HADD2.F32
+        f16 -> f32 per weight. If conversions issue at 16 / clock / SM (about the rate the weight bytes arrive
+        at 4+ TB/s) they capped the first kernel at 56% of the fp8 roofline on an H200; its tile shape cost
+        more (default_fp8_tiles).
   bits  no conversion instruction: the weight is read as int32 words (4 fp8 each) and each byte's sign,
         exponent and mantissa are moved into the bit positions of an fp32 with shifts and masks (2-3 integer
-        ops, 64 / clock / SM). The fp32 so built has the e4m3 exponent with the fp32 bias, i.e. it is w * 2^-120
+        ops, 64 / clock / SM; ~2 more instructions per weight than cvt in sm_90 code). The fp32 so built has the e4m3 exponent with the fp32 bias, i.e. it is w * 2^-120
         (subnormal e4m3 values land on fp32 subnormals, exactly); x is multiplied by 2^64 up front so products
         stay normal, and 2^56 goes into the final scale.
   dot   the packed cvt e4m3x2 -> f16x2 only (half a conversion per weight), then tensor cores: x is row 0 of a
@@ -177,11 +178,13 @@ _KERNELS = {"cvt": _fp8_gemv_cvt_kernel, "bits": _fp8_gemv_bits_kernel, "dot": _
 
 def default_fp8_tiles(variant: str, n: int, k: int) -> GemvTiles:
     """Best guesses until the H200 sweep (tools/bench_quant_gemv.py) picks them per variant. In sm_90 code the
-    first kernel's 4 x 1,024 tile spends ~4.7 instructions per weight in its loop, a barrier every 16 weights
-    per thread among them; 16 x 512 on 4 warps reuses each thread's x over 4 rows: ~3.2, one barrier per 64."""
+    first kernel's 4 x 1,024 tile on 8 warps spent ~4.7 instructions per weight in its loop: x, loaded 4 values
+    a thread, went through shared memory (and a barrier) every step to reach the weight tile's layout of 16 a
+    thread replicated over the warps. 4 x 2,048 on 4 warps puts the warps along K, so x's own load layout is
+    already the weight tile's: ~3.4 per weight, 64 weights a thread a step, 106 registers."""
     if variant == "dot":  # 64 rows: N / 64 programs, split-K where that leaves < 2 per SM (~2.7 / weight)
         return GemvTiles(64, 128, split_k=1 if n >= 16384 else 4, num_warps=4, num_stages=4)
-    return GemvTiles(16, 512, num_warps=4, num_stages=3)
+    return GemvTiles(4, 2048, num_warps=4, num_stages=3)
 
 
 def fp8_gemv(

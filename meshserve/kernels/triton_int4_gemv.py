@@ -21,14 +21,22 @@ Reference: quant_ref.int4_linear_ref (bit-exact weights; fp32 sums in another or
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from meshserve.kernels.gemv_tiles import GemvTiles, split_k_range, split_k_reduce
-from meshserve.kernels.pdl import _interpreting
 
 INT4_GEMV_VARIANTS = ("magic", "cvt")
+
+
+def _interpreting() -> bool:
+    """The Triton CPU interpreter runs no inline PTX: the PRMT spelling is for compiled code only."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 MAX_GEMV_ROWS = 4  # larger batches go to the dequant-GEMM, whose MMA then does useful work
 
 

@@ -220,3 +220,57 @@ def test_fp8_weights_run_and_fp8_latent_cache_is_refused(tiny_model_dir):
     llm.shutdown()
     with pytest.raises(InvalidArgumentError, match="kv_cache_dtype fp8 is not supported for MLA"):
         LLM(model=path, kv_cache_dtype="fp8")
+
+
+def _attention_case(interleave: bool):
+    """A tiny DeepseekAttention (random weights, 4 heads) and a step of two decode rows, a 3-token verify row and
+    a 10-token prefill chunk over a cache whose context rows are already written."""
+    import types
+
+    from meshserve.layers.rotary import RotaryEmbedding
+    from meshserve.models.deepseek import DeepseekAttention
+    from tests.kernels.test_mla import _meta
+
+    cfg = types.SimpleNamespace(hidden_size=32, num_attention_heads=4, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                v_head_dim=24, kv_lora_rank=32, q_lora_rank=None, attention_bias=False,
+                                rope_interleave=interleave, rope_scaling=None, rope_theta=10000.0,
+                                max_position_embeddings=64)
+    torch.manual_seed(0)
+    attn = DeepseekAttention(cfg, RotaryEmbedding(cfg, 8, 64))
+    for p in attn.parameters():
+        p.data.normal_(0, 0.2)
+    q_lens, seq_lens = [1, 1, 3, 10], [9, 30, 17, 12]
+    meta = _meta(q_lens, seq_lens, block_size=4, num_blocks=24)
+    positions = torch.tensor([p for q, s in zip(q_lens, seq_lens) for p in range(s - q, s)])
+    cache = torch.randn(1, 24, 4, 1, 40)
+    return attn, meta, positions, torch.randn(len(positions), 32), cache
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter on CPU (on a GPU: -m gpu tests)")
+@pytest.mark.parametrize("interleave", [True, False])
+def test_fused_mla_prologue_and_copy_free_absorption_match_the_plain_path(monkeypatch, interleave):
+    """DeepseekAttention on the Triton path with the fused ops (one prologue kernel, bmm into [T, H, .]
+    buffers), in the interpreter, and with MESHSERVE_MLA_LEGACY's path: the plain torch path's output and
+    cache (prefill chunks through the per-sequence reference to keep this fast)."""
+    pytest.importorskip("triton")
+    from meshserve.kernels import triton_mla_rope
+    from meshserve.layers.backend_selection import KernelSelection
+    from meshserve.layers.mla_attention import MLAAttention
+
+    attn, meta, positions, hidden, cache = _attention_case(interleave)
+    attn.attn.kv_cache = cache.clone()
+    expected = attn(positions, hidden, meta).detach()  # grad mode: the copying matmuls
+    expected_cache = attn.attn.kv_cache
+    monkeypatch.setattr(MLAAttention, "_use_triton", lambda self, x: True)
+    fused = []
+    real = triton_mla_rope.mla_rope_latent
+    monkeypatch.setattr(triton_mla_rope, "mla_rope_latent", lambda *a: fused.append(1) or real(*a))
+    for legacy in (False, True):
+        attn.attn.kernels = KernelSelection(attention_backend="triton", fused_ops=True, mla_prefill_ref=True,
+                                            mla_legacy=legacy)
+        attn.attn.kv_cache = cache.clone()
+        with torch.inference_mode():  # as in the runner: the copy-free matmuls
+            got = attn(positions, hidden, meta)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(attn.attn.kv_cache, expected_cache, atol=1e-5, rtol=1e-5)
+    assert fused == [1]  # the legacy path stays unfused

@@ -15,7 +15,7 @@ at once, a workspace-sized piece of context at a time (kernels/mla_prefill.py: g
 kv_b_proj, the Triton varlen kernel of kernels/triton_mla_prefill.py, LSE merge; the runner binds one
 MLAPrefillWorkspace to every layer, bind_prefill_workspace), elsewhere (or with MESHSERVE_MLA_PREFILL_REF=1)
 one sequence at a time (kernels/mla_ref.mla_prefill_ref). A mixed step's split into the two is computed
-once per step (meta.step_memo), not per layer. On a GPU with the fused ops the model's prologue (latent
+once per step (meta.step_memo), not per layer. On a GPU with the fused prologue the model's prologue (latent
 RMSNorm, both rotaries, the latent write) is one kernel (fused_prologue, kernels/triton_mla_rope.py) and the
 absorbed matmuls write straight into their [T, H, .] results (no transposed copies);
 KernelSelection.mla_legacy (MESHSERVE_MLA_LEGACY=1) keeps the path before that for A/B runs. The block manager,
@@ -72,10 +72,10 @@ class MLAAttention(nn.Module):
     def fused_prologue(self, q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
                        sin_cache: torch.Tensor, norm_weight: torch.Tensor, eps: float, interleave: bool,
                        meta: AttentionMetadata) -> torch.Tensor | None:
-        """The model's prologue in one kernel where this layer runs Triton with the fused ops: q [T, H, N + P],
+        """The model's prologue in one kernel where this layer runs Triton with the fused prologue: q [T, H, N + P],
         kv_a [T, R + P] (the projections' outputs) -> the rotated q_pe [T, H, P], the normalised latent and
         rotated key written to the cache (then forward takes kv_c = k_pe = None). None: do it unfused."""
-        if not (self.kernels.fused_ops and self._use_triton(q)) or self.kernels.mla_legacy:
+        if not (self.kernels.fused_prologue and self._use_triton(q)) or self.kernels.mla_legacy:
             return None
         if self.kv_cache is None:
             raise RuntimeError("MLA layer has no KV cache bound")

@@ -173,6 +173,19 @@ def mla_num_splits(num_seqs: int, max_seq_len: int, block_n: int, num_sms: int, 
     return 1 << (n.bit_length() - 1)
 
 
+def decode_split_count(num_seqs: int, num_heads: int, rank: int, elem_size: int, max_seq_len: int,
+                       device_index: int | None, tile: tuple[int, int, int] | None = None,
+                       legacy: bool = False) -> int:
+    """The KV splits mla_decode runs for this batch shape when not told (engine/cuda_graph.py keys its
+    short-context graph variants by it): mla_num_splits over (sequence, head block) programs, or with legacy
+    the generic decode_num_splits (the rule before 2026-11-30)."""
+    block_n = tile[0] if tile is not None else _decode_config(max(16, _next_pow2(rank)), elem_size)[0]
+    programs_per_seq = triton.cdiv(num_heads, BLOCK_H)
+    if legacy:
+        return decode_num_splits(num_seqs, programs_per_seq, max_seq_len, block_n, _num_sms(device_index))
+    return mla_num_splits(num_seqs * programs_per_seq, max_seq_len, block_n, _num_sms(device_index))
+
+
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_seq_len: int,
                num_splits: int | None = None, tile: tuple[int, int, int] | None = None,
@@ -198,10 +211,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     head_blocks = triton.cdiv(num_heads, BLOCK_H)
     if num_splits is None:
         dev = q_lat.device.index if q_lat.device.type == "cuda" else None
-        if legacy_splits:
-            num_splits = decode_num_splits(num_seqs, head_blocks, max_seq_len, block_n, _num_sms(dev))
-        else:  # programs are (sequence, head block): count them per SM as mla_num_splits does per sequence
-            num_splits = mla_num_splits(num_seqs * head_blocks, max_seq_len, block_n, _num_sms(dev))
+        num_splits = decode_split_count(num_seqs, num_heads, rank, q_lat.element_size(), max_seq_len, dev, tile,
+                                        legacy_splits)
     num_splits = max(1, int(num_splits))
     direct = num_splits == 1
     if direct:

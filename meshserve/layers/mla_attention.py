@@ -66,6 +66,17 @@ class MLAAttention(nn.Module):
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (1, num_blocks, block_size, 1, self.head_dim)
 
+    def decode_splits(self, num_seqs: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> int | None:
+        """The KV splits the Triton decode kernel runs for this batch shape (engine/cuda_graph.py keys its
+        short-context graph variants by it); None where decode runs the torch reference."""
+        if self.kernels.attention_backend != "triton":
+            return None
+        from meshserve.kernels.triton_mla import decode_split_count
+
+        return decode_split_count(num_seqs, self.num_heads, self.kv_lora_rank, dtype.itemsize, max_seq_len,
+                                  device.index if device.type == "cuda" else None, self.kernels.mla_decode_tile,
+                                  self.kernels.mla_legacy)
+
     def _use_triton(self, x: torch.Tensor) -> bool:
         return self.kernels.attention_backend == "triton" and x.is_cuda
 

@@ -3,19 +3,21 @@
 1. layer: the whole MLA attention path (DeepseekAttention: q_proj, kv_a_proj, prologue, absorbed matmuls,
    decode kernel, reduce, o_proj) at V2-Lite's shapes, 27 calls in one graph (a step's worth), at batch 1 / 64
    / 256 x context 800 and 4,096 and W2's mix (contexts 100-2,048), legacy path (MESHSERVE_MLA_LEGACY's) vs
-   new: time per layer, per-kernel device time (torch.profiler over graph replays), the decode kernel's
-   achieved KV bandwidth (576 x 2 B per context token).
-2. sweep: the decode kernel alone, (BLOCK_N, num_warps, num_stages) x splits at the same shapes (the
-   candidates for kernels/triton_mla._decode_config and mla_num_splits; MESHSERVE_MLA_DECODE_TILE=N,W,S
-   tries one in the engine).
-3. model: deepseek-v2-lite's whole decode step (LLM, dummy weights) at batch 256 x context 800 and batch 1,
-   replayed from a graph, new and legacy: the step, all 27 attention blocks alone, all 27 MLP/MoE blocks alone
-   (each its own graph, same inputs), the rest by difference, and the step's top kernels by device time.
+   new vs new with the balanced decode kernel (MESHSERVE_MLA_BALANCED's): time per layer, per-kernel device
+   time (torch.profiler over graph replays), the decode kernel's achieved KV bandwidth (576 x 2 B per
+   context token).
+2. sweep: the decode kernels alone, (BLOCK_N, num_warps, num_stages) x splits (split kernel) or program
+   counts (balanced kernel) at the same shapes (the candidates for kernels/triton_mla._decode_config and
+   mla_num_splits; MESHSERVE_MLA_DECODE_TILE=N,W,S tries one in the engine).
+3. model: deepseek-v2-lite's whole decode step (LLM, dummy weights) at batch 256 x context 800 and W2's mix,
+   and batch 1, replayed from a graph, legacy / new / balanced: the step, all 27 attention blocks alone, all
+   27 MLP/MoE blocks alone (each its own graph, same inputs), the rest by difference, and the step's top
+   kernels by device time.
 
 usage: python tools/bench_mla_decode.py [--json PATH] [--only layer,sweep,model] [--graph-bound N]
 
 --graph-bound: the max_seq_len the decode graphs are captured with (the engine uses max_model_len: 163,840 for
-V2-Lite unless --max-model-len is given; it sets the split count). One H200: ~100 s in all.
+V2-Lite unless --max-model-len is given; it sets the split count). Default 4,096. One H200: ~2 min in all.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ HIDDEN, HEADS, NOPE, ROPE, V_DIM, RANK, BLOCK_SIZE, LAYERS = 2048, 16, 128, 64, 
 ROW_BYTES = (RANK + ROPE) * 2
 DEV, DTYPE = "cuda", torch.bfloat16
 SHAPES = [(1, 800), (64, 800), (256, 800), (1, 4096), (64, 4096), (256, 4096), (256, "w2mix")]
-SWEEP_SHAPES = [(1, 800), (64, 800), (256, 800), (256, 4096), (256, "w2mix")]
-TILES = [None, (16, 4, 2), (32, 4, 2), (64, 4, 2), (64, 8, 2)]  # None: _decode_config's (32, 8, 2)
+SWEEP_SHAPES = [(1, 800), (64, 800), (256, 800), (256, "w2mix")]
+TILES = [None, (32, 4, 2), (64, 4, 2), (64, 8, 2)]  # None: _decode_config's (32, 8, 2)
 
 
 def context_lens(batch: int, ctx) -> list[int]:
@@ -150,11 +152,15 @@ ENGINE_SELECTION = KernelSelection(attention_backend="triton", fused_ops=True, f
                                    fused_sampler=True, cuda_graphs=True, kv_cache_dtype=DTYPE)
 
 
-def bind(model, legacy: bool, base: KernelSelection | None = None) -> None:
-    """Every layer's selection (base, or its own) with MESHSERVE_MLA_LEGACY's switch set to legacy."""
+# the A/B paths: MESHSERVE_MLA_LEGACY=1, the default, MESHSERVE_MLA_BALANCED=1
+PATHS = {"legacy": (True, False), "new": (False, False), "balanced": (False, True)}  # (legacy, balanced)
+
+
+def bind(model, legacy: bool, base: KernelSelection | None = None, balanced: bool = False) -> None:
+    """Every layer's selection (base, or its own) with MESHSERVE_MLA_LEGACY's / _BALANCED's switches set."""
     for m in model.modules():
         if isinstance(getattr(m, "kernels", None), KernelSelection):
-            m.kernels = dataclasses.replace(base or m.kernels, mla_legacy=legacy)
+            m.kernels = dataclasses.replace(base or m.kernels, mla_legacy=legacy, mla_balanced=balanced)
 
 
 @torch.inference_mode()
@@ -170,8 +176,8 @@ def bench_layer(bound: int) -> list[dict]:
         hidden = torch.randn(batch, HIDDEN, device=DEV, dtype=DTYPE)
         row = {"batch": batch, "context": ctx, "kv_bytes_per_layer": sum(lens) * ROW_BYTES}
         outs = {}
-        for name, legacy in (("legacy", True), ("new", False)):
-            bind(attn, legacy, ENGINE_SELECTION)
+        for name, (legacy, balanced) in PATHS.items():
+            bind(attn, legacy, ENGINE_SELECTION, balanced)
             outs[name] = attn(positions, hidden, meta).float()
             g = graph_of(functools.partial(attn, positions, hidden, meta), reps=LAYERS)
             ms = time_graph(g) / LAYERS
@@ -179,18 +185,20 @@ def bench_layer(bound: int) -> list[dict]:
             for k in kernels:
                 k["us"] = round(k["us"] / LAYERS, 2)
                 k["calls"] = round(k["calls"] / LAYERS, 1)
-            dec = sum(k["us"] for k in kernels if "mla_decode_split" in k["kernel"])
+            dec = sum(k["us"] for k in kernels if "_mla_decode_split" in k["kernel"] or "_mla_balanced_k" in k["kernel"])
             row[name] = {"us_per_layer": round(ms * 1e3, 2), "us_per_step_27_layers": round(ms * 1e3 * LAYERS, 1),
                          "kernels_per_layer": round(sum(k["calls"] for k in kernels), 1),
                          "decode_kernel_us": round(dec, 2),
                          "decode_kernel_TBps": round(row["kv_bytes_per_layer"] / (dec * 1e-6) / 1e12, 2) if dec else None,
                          "kernels": kernels}
             del g
-        row["max_abs_diff_new_vs_legacy"] = (outs["new"] - outs["legacy"]).abs().max().item()
-        row["speedup"] = round(row["legacy"]["us_per_layer"] / row["new"]["us_per_layer"], 3)
+        for name in ("new", "balanced"):
+            row[f"max_abs_diff_{name}_vs_legacy"] = (outs[name] - outs["legacy"]).abs().max().item()
+            row[f"speedup_{name}"] = round(row["legacy"]["us_per_layer"] / row[name]["us_per_layer"], 3)
         print(f"layer b={batch} ctx={ctx}: legacy {row['legacy']['us_per_layer']} us, new {row['new']['us_per_layer']}"
-              f" us ({row['speedup']}x); decode kernel {row['new']['decode_kernel_us']} us ="
-              f" {row['new']['decode_kernel_TBps']} TB/s; kernels/layer {row['legacy']['kernels_per_layer']} ->"
+              f" us ({row['speedup_new']}x), balanced {row['balanced']['us_per_layer']} us; decode kernel new"
+              f" {row['new']['decode_kernel_us']} us = {row['new']['decode_kernel_TBps']} TB/s, balanced"
+              f" {row['balanced']['decode_kernel_TBps']} TB/s; kernels/layer {row['legacy']['kernels_per_layer']} ->"
               f" {row['new']['kernels_per_layer']}", flush=True)
         results.append(row)
     return results
@@ -201,6 +209,7 @@ def bench_sweep(bound: int) -> list[dict]:
     from triton.runtime.errors import OutOfResources
 
     from meshserve.kernels.triton_mla import mla_decode
+    from meshserve.kernels.triton_mla_balanced import mla_decode_balanced
 
     results = []
     for batch, ctx in SWEEP_SHAPES:
@@ -214,26 +223,33 @@ def bench_sweep(bound: int) -> list[dict]:
         ref = mla_decode(*args).float()
         nbytes = sum(lens) * ROW_BYTES
         splits = [None, 2] if batch > 64 else [None, 2, 8] if batch > 1 else [None, 8, 32]
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        runs = [("split", s) for s in splits] + [("balanced", n) for n in (None, 4 * sms)]
         for tile in TILES:
-            for s in splits:
+            for kind, s in runs:
+                if kind == "split":
+                    fn = functools.partial(mla_decode, *args, num_splits=s, tile=tile)
+                else:
+                    fn = functools.partial(mla_decode_balanced, *args[:7], num_programs=s, tile=tile)
                 try:
-                    out = mla_decode(*args, num_splits=s, tile=tile)
-                    err = (out.float() - ref).abs().max().item()
-                    g = graph_of(functools.partial(mla_decode, *args, num_splits=s, tile=tile), reps=LAYERS)
+                    err = (fn().float() - ref).abs().max().item()
+                    g = graph_of(fn, reps=LAYERS)
                     us = time_graph(g) / LAYERS * 1e3
                     del g
                 except (OutOfResources, RuntimeError) as e:  # a tile that does not fit
-                    results.append({"batch": batch, "context": ctx, "tile": tile, "splits": s, "error": str(e)[:200]})
+                    results.append({"batch": batch, "context": ctx, "kernel": kind, "tile": tile, "splits": s,
+                                    "error": str(e)[:200]})
                     continue
-                results.append({"batch": batch, "context": ctx, "tile": tile or "default", "splits": s or "auto",
-                                "us_incl_reduce": round(us, 2), "TBps": round(nbytes / (us * 1e-6) / 1e12, 2),
-                                "max_abs_err": err})
+                results.append({"batch": batch, "context": ctx, "kernel": kind, "tile": tile or "default",
+                                "splits": s or "auto", "us_incl_reduce": round(us, 2),
+                                "TBps": round(nbytes / (us * 1e-6) / 1e12, 2), "max_abs_err": err})
         best = min((r for r in results if r.get("batch") == batch and r.get("context") == ctx and "us_incl_reduce" in r),
                    key=lambda r: r["us_incl_reduce"])
         default = next(r for r in results if r.get("batch") == batch and r.get("context") == ctx
-                       and r.get("tile") == "default" and r.get("splits") == "auto")
+                       and r.get("tile") == "default" and r.get("splits") == "auto" and r["kernel"] == "split")
         print(f"sweep b={batch} ctx={ctx}: default {default['us_incl_reduce']} us ({default['TBps']} TB/s), best"
-              f" {best['tile']} splits {best['splits']}: {best['us_incl_reduce']} us ({best['TBps']} TB/s)", flush=True)
+              f" {best['kernel']} {best['tile']} splits/programs {best['splits']}: {best['us_incl_reduce']} us"
+              f" ({best['TBps']} TB/s)", flush=True)
     return results
 
 
@@ -262,8 +278,8 @@ def bench_model(bound: int) -> list[dict]:
         positions = torch.tensor([s - 1 for s in lens], device=DEV)
         hidden = torch.randn(batch, HIDDEN, device=DEV, dtype=DTYPE) * 0.1
         row = {"batch": batch, "context": ctx}
-        for name, legacy in (("legacy", True), ("new", False)):
-            bind(model, legacy)
+        for name, (legacy, balanced) in PATHS.items():
+            bind(model, legacy, balanced=balanced)
             step = graph_of(functools.partial(runner.forward, ids, positions, meta))
             attn = graph_of(functools.partial(each_layer, layers, "self_attn", positions, hidden, meta))
             mlp = graph_of(functools.partial(each_layer, layers, "mlp", hidden))

@@ -28,6 +28,9 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_MLA_LEGACY=1                    MLA decode as before 2026-11-30: unfused norm + rotary + latent
                                             write (~20 kernels a layer), absorbed matmuls through transposed
                                             copies, the generic split rule (the A/B baseline of the new path)
+  MESHSERVE_MLA_BALANCED=1                  MLA decode through the balanced kernel (kernels/triton_mla_balanced.py:
+                                            equal work per program whatever the context lengths); opt-in until
+                                            measured (tools/bench_mla_decode.py)
   MESHSERVE_MLA_DECODE_TILE=32,8,2          the MLA decode kernel's BLOCK_N, num_warps, num_stages (default:
                                             kernels/triton_mla._decode_config; tools/bench_mla_decode.py sweeps)
 
@@ -59,6 +62,7 @@ DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
 MLA_DECODE_TILE_ENV = "MESHSERVE_MLA_DECODE_TILE"
+MLA_BALANCED_ENV = "MESHSERVE_MLA_BALANCED"
 PDL_ENV = "MESHSERVE_PDL"
 # decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph
 # sized for 4,096 runs 16 KV splits (most of them empty) and a reduce; <= 256 tokens needs one split at small
@@ -87,6 +91,8 @@ class KernelSelection:
     # MLA decode as before 2026-11-30 (layers/mla_attention.py): the A/B baseline of the fused prologue,
     # the copy-free absorbed matmuls and the MLA split rule
     mla_legacy: bool = False
+    # MLA decode with the batch's KV work balanced over a fixed program count (kernels/triton_mla_balanced.py)
+    mla_balanced: bool = False
     # (BLOCK_N, num_warps, num_stages) of the MLA decode kernel; None: its default
     mla_decode_tile: tuple[int, int, int] | None = None
     # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide switch, bound below)
@@ -168,6 +174,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
         mla_legacy=os.environ.get(MLA_LEGACY_ENV, "") not in ("", "0"),
         mla_decode_tile=_mla_decode_tile(),
+        mla_balanced=os.environ.get(MLA_BALANCED_ENV, "") not in ("", "0"),
         pdl=on_cuda and os.environ.get(PDL_ENV, "") not in ("", "0"),
     )
     logger.info("kernels: %s", selection)

@@ -71,6 +71,8 @@ class MLAAttention(nn.Module):
         short-context graph variants by it); None where decode runs the torch reference."""
         if self.kernels.attention_backend != "triton":
             return None
+        if self.kernels.mla_balanced and not self.kernels.mla_legacy:
+            return 0  # the balanced kernel's launch does not depend on the context bound: no variants
         from meshserve.kernels.triton_mla import decode_split_count
 
         return decode_split_count(num_seqs, self.num_heads, self.kv_lora_rank, dtype.itemsize, max_seq_len,
@@ -146,12 +148,17 @@ class MLAAttention(nn.Module):
             torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_lat.transpose(0, 1))
         if triton:
             from meshserve.kernels.triton_mla import mla_decode
+            from meshserve.kernels.triton_mla_balanced import mla_decode_balanced
 
             if meta.max_query_len > 1:
                 meta = per_query_meta(meta)
-            o_lat = mla_decode(q_lat.contiguous(), q_pe.contiguous() if legacy else q_pe, self.kv_cache,
-                               meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
-                               meta.max_seq_len, tile=self.kernels.mla_decode_tile, legacy_splits=legacy)
+            if self.kernels.mla_balanced and not legacy:
+                o_lat = mla_decode_balanced(q_lat, q_pe, self.kv_cache, meta.block_tables, meta.seq_lens,
+                                            meta.query_start_loc, self.scale, tile=self.kernels.mla_decode_tile)
+            else:
+                o_lat = mla_decode(q_lat.contiguous(), q_pe.contiguous() if legacy else q_pe, self.kv_cache,
+                                   meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
+                                   meta.max_seq_len, tile=self.kernels.mla_decode_tile, legacy_splits=legacy)
         else:
             o_lat = mla_decode_ref(q_lat, q_pe, self.kv_cache, meta, self.scale)
         if copied:

@@ -126,6 +126,9 @@ def test_mla_layers_report_their_split_counts(monkeypatch):
     assert counts(80, 163840) == (4, 4) and counts(256, 163840) == (1, 1)
     variants = decode_graph_variants([1, 16, 256], 163840, (256, 1024), counts)
     assert variants == {1: [256, 1024, 163840], 16: [256, 1024, 163840], 256: [163840]}
+    for layer in layers:  # the balanced kernel: one launch shape for every bound
+        layer.kernels = KernelSelection(attention_backend="triton", mla_balanced=True)
+    assert decode_graph_variants([1, 256], 163840, (256, 1024), counts) == {1: [163840], 256: [163840]}
     for layer in layers:  # the legacy rule: splits only below half the SMs
         layer.kernels = KernelSelection(attention_backend="triton", mla_legacy=True)
     assert counts(80, 163840) == (1, 1) and counts(1, 163840) == (64, 64)

@@ -249,7 +249,7 @@ def _attention_case(interleave: bool):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter on CPU (on a GPU: -m gpu tests)")
 @pytest.mark.parametrize("interleave", [True, False])
 def test_fused_mla_prologue_and_copy_free_absorption_match_the_plain_path(monkeypatch, interleave):
-    """DeepseekAttention on the Triton path with the fused prologue (one kernel, bmm into [T, H, .]
+    """DeepseekAttention on the Triton path with the fused prologue (one kernel, split or balanced decode, bmm into [T, H, .]
     buffers), in the interpreter, and with MESHSERVE_MLA_LEGACY's path: the plain torch path's output and
     cache (prefill chunks through the per-sequence reference to keep this fast)."""
     pytest.importorskip("triton")
@@ -265,15 +265,15 @@ def test_fused_mla_prologue_and_copy_free_absorption_match_the_plain_path(monkey
     fused = []
     real = triton_mla_rope.mla_rope_latent
     monkeypatch.setattr(triton_mla_rope, "mla_rope_latent", lambda *a: fused.append(1) or real(*a))
-    for legacy in (False, True):
+    for legacy, balanced in ((False, False), (True, False), (False, True)):
         attn.attn.kernels = KernelSelection(attention_backend="triton", fused_prologue=True, mla_prefill_ref=True,
-                                            mla_legacy=legacy)
+                                            mla_legacy=legacy, mla_balanced=balanced)
         attn.attn.kv_cache = cache.clone()
         with torch.inference_mode():  # as in the runner: the copy-free matmuls
             got = attn(positions, hidden, meta)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(attn.attn.kv_cache, expected_cache, atol=1e-5, rtol=1e-5)
-    assert fused == [1]  # the legacy path stays unfused
+    assert fused == [1, 1]  # the legacy path stays unfused
 
 
 @pytest.mark.gpu
@@ -281,8 +281,9 @@ def test_fused_mla_prologue_and_copy_free_absorption_match_the_plain_path(monkey
 @pytest.mark.parametrize("batch", [1, 80, 256])
 def test_mla_decode_paths_agree_at_v2_lite_shapes_in_a_cuda_graph(batch):
     """DeepSeek-V2-Lite's attention (16 heads, R 512, bf16) on a decode step: the new path replayed from a CUDA
-    graph (fused prologue, copy-free absorbed bmm, MLA split rule), the legacy path and the torch reference
-    give the same output and the same cache."""
+    graph (fused prologue, copy-free absorbed bmm, MLA split rule; and with the balanced decode kernel), the
+    legacy path and the torch reference give the same output and the same cache."""
+    import dataclasses
     import random as rnd
 
     from meshserve.layers.backend_selection import KernelSelection
@@ -298,13 +299,13 @@ def test_mla_decode_paths_agree_at_v2_lite_shapes_in_a_cuda_graph(batch):
     hidden = torch.randn(batch, 2048, device="cuda", dtype=torch.bfloat16)
     outs, caches = {}, {}
     with torch.inference_mode():
-        for name in ("torch", "legacy", "new"):
+        for name in ("torch", "legacy", "new", "balanced"):
             if name == "torch":
                 bind(attn, False, KernelSelection())
             else:
-                bind(attn, name == "legacy", ENGINE_SELECTION)
+                bind(attn, name == "legacy", dataclasses.replace(ENGINE_SELECTION, mla_balanced=name == "balanced"))
             attn.attn.kv_cache = cache.clone()
-            if name == "new":
+            if name in ("new", "balanced"):
                 attn(positions, hidden, meta)  # compile outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
@@ -315,6 +316,6 @@ def test_mla_decode_paths_agree_at_v2_lite_shapes_in_a_cuda_graph(batch):
             else:
                 outs[name] = attn(positions, hidden, meta).float()
             caches[name] = attn.attn.kv_cache.float()
-    for name in ("legacy", "new"):
+    for name in ("legacy", "new", "balanced"):
         torch.testing.assert_close(outs[name], outs["torch"], atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(caches[name], caches["torch"], atol=2e-2, rtol=2e-2)

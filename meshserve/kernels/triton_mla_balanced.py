@@ -97,49 +97,51 @@ def _mla_balanced_kernel(
         sel = bi == b
         c_hi = tl.sum(tl.where(sel, cum, 0), 0)
         c_lo = c_hi - tl.sum(tl.where(sel, cost, 0), 0)
-        n_tiles = tl.sum(tl.where(sel, tiles, 0), 0)
-        # this program's units of the sequence -> its tiles (the first OVERHEAD units carry none)
-        t0 = tl.minimum(tl.maximum(pos - c_lo - OVERHEAD_UNITS, 0), n_tiles)
-        t1 = tl.minimum(tl.maximum(tl.minimum(end, c_hi) - c_lo - OVERHEAD_UNITS, 0), n_tiles)
-        seq_len = tl.load(seq_lens_ptr + b)
-        tok = tl.load(qsl_ptr + b).to(tl.int64)
-        ql = tl.load(ql_ptr + tok * stride_qlt + heads[:, None] * stride_qlh + r[None, :],
-                     mask=h_valid[:, None] & r_mask[None, :], other=0.0)
-        qp = tl.load(qp_ptr + tok * stride_qpt + heads[:, None] * stride_qph + pp[None, :],
-                     mask=h_valid[:, None] & p_mask[None, :], other=0.0)
-        if UPCAST_DOT:
-            ql = ql.to(tl.float32)
-            qp = qp.to(tl.float32)
-        m_i = tl.full([BLOCK_H], _NEG_BIG, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
-        bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-        for t in range(t0, t1):
-            kv_pos = t * BLOCK_N + n_off
-            kv_valid = kv_pos < seq_len
-            blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
-            row = cache_ptr + blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
-            c = tl.load(row[:, None] + r[None, :], mask=kv_valid[:, None] & r_mask[None, :], other=0.0)
-            pe = tl.load(row[:, None] + RANK + pp[None, :], mask=kv_valid[:, None] & p_mask[None, :], other=0.0)
-            c = c.to(ql.dtype)
-            qk = tl.dot(ql, tl.trans(c), input_precision=DOT_PRECISION)
-            qk += tl.dot(qp, tl.trans(pe.to(qp.dtype)), input_precision=DOT_PRECISION)
-            qk = qk * scale_log2
-            qk = tl.where(kv_valid[None, :], qk, float("-inf"))
-            prob, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
-            acc = acc * alpha[:, None] + tl.dot(prob.to(c.dtype), c, input_precision=DOT_PRECISION)
-            m_i = m_new
-        pieces = tl.sum(tl.where(sel, n_pieces, 0), 0)
-        if pieces == 1:
-            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + r[None, :],
-                     o.to(out_ptr.dtype.element_ty), mask=h_valid[:, None] & r_mask[None, :])
-        else:
-            k = tl.sum(tl.where(sel, slot0, 0), 0) + p - tl.sum(tl.where(sel, first_prog, 0), 0)
-            ws_row = k.to(tl.int64) * NUM_HEADS + heads  # acc [slots, H, BLOCK_R], ml [slots, H, 2], fp32
-            tl.store(ws_acc_ptr + ws_row[:, None] * BLOCK_R + r[None, :], acc, mask=h_valid[:, None])
-            tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=h_valid)
-            tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=h_valid)
+        if c_hi > c_lo:  # zero-cost sequences (padding rows, seq_len 0) own no piece: skip them
+            n_tiles = tl.sum(tl.where(sel, tiles, 0), 0)
+            # this program's units of the sequence -> its tiles (the first OVERHEAD units carry none)
+            t0 = tl.minimum(tl.maximum(pos - c_lo - OVERHEAD_UNITS, 0), n_tiles)
+            t1 = tl.minimum(tl.maximum(tl.minimum(end, c_hi) - c_lo - OVERHEAD_UNITS, 0), n_tiles)
+            seq_len = tl.load(seq_lens_ptr + b)
+            tok = tl.load(qsl_ptr + b).to(tl.int64)
+            ql = tl.load(ql_ptr + tok * stride_qlt + heads[:, None] * stride_qlh + r[None, :],
+                         mask=h_valid[:, None] & r_mask[None, :], other=0.0)
+            qp = tl.load(qp_ptr + tok * stride_qpt + heads[:, None] * stride_qph + pp[None, :],
+                         mask=h_valid[:, None] & p_mask[None, :], other=0.0)
+            if UPCAST_DOT:
+                ql = ql.to(tl.float32)
+                qp = qp.to(tl.float32)
+            m_i = tl.full([BLOCK_H], _NEG_BIG, dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+            bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+            for t in range(t0, t1):
+                kv_pos = t * BLOCK_N + n_off
+                kv_valid = kv_pos < seq_len
+                blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
+                row = cache_ptr + blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
+                c = tl.load(row[:, None] + r[None, :], mask=kv_valid[:, None] & r_mask[None, :], other=0.0)
+                pe = tl.load(row[:, None] + RANK + pp[None, :], mask=kv_valid[:, None] & p_mask[None, :],
+                             other=0.0)
+                c = c.to(ql.dtype)
+                qk = tl.dot(ql, tl.trans(c), input_precision=DOT_PRECISION)
+                qk += tl.dot(qp, tl.trans(pe.to(qp.dtype)), input_precision=DOT_PRECISION)
+                qk = qk * scale_log2
+                qk = tl.where(kv_valid[None, :], qk, float("-inf"))
+                prob, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
+                acc = acc * alpha[:, None] + tl.dot(prob.to(c.dtype), c, input_precision=DOT_PRECISION)
+                m_i = m_new
+            pieces = tl.sum(tl.where(sel, n_pieces, 0), 0)
+            if pieces == 1:
+                o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+                tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + r[None, :],
+                         o.to(out_ptr.dtype.element_ty), mask=h_valid[:, None] & r_mask[None, :])
+            else:
+                k = tl.sum(tl.where(sel, slot0, 0), 0) + p - tl.sum(tl.where(sel, first_prog, 0), 0)
+                ws_row = k.to(tl.int64) * NUM_HEADS + heads  # acc [slots, H, BLOCK_R], ml [slots, H, 2], fp32
+                tl.store(ws_acc_ptr + ws_row[:, None] * BLOCK_R + r[None, :], acc, mask=h_valid[:, None])
+                tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=h_valid)
+                tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=h_valid)
         pos = c_hi
         b += 1
 

@@ -17,8 +17,10 @@ MLAPrefillWorkspace to every layer, bind_prefill_workspace), elsewhere (or with 
 one sequence at a time (kernels/mla_ref.mla_prefill_ref). A mixed step's split into the two is computed
 once per step (meta.step_memo), not per layer. On a GPU with the fused prologue the model's prologue (latent
 RMSNorm, both rotaries, the latent write) is one kernel (fused_prologue, kernels/triton_mla_rope.py) and the
-absorbed matmuls write straight into their [T, H, .] results (no transposed copies);
-KernelSelection.mla_legacy (MESHSERVE_MLA_LEGACY=1) keeps the path before that for A/B runs. The block manager,
+absorbed matmuls write straight into their [T, H, .] results (no transposed copies); with
+KernelSelection.mla_balanced (MESHSERVE_MLA_BALANCED=1) the decode kernel spreads the batch's KV tiles evenly
+over the SMs whatever the context lengths (kernels/triton_mla_balanced.py); KernelSelection.mla_legacy
+(MESHSERVE_MLA_LEGACY=1) keeps the path before 2026-11-30 for A/B runs. The block manager,
 prefix caching, chunked prefill, preemption and the KV offload tiers see blocks only, so they work unchanged.
 """
 

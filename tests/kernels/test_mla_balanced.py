@@ -37,10 +37,12 @@ def _check(heads, rank, rope, seq_lens, num_programs, dtype, device, atol, block
 
 @needs_triton
 @pytest.mark.skipif(_HAS_CUDA, reason="the Triton interpreter on CPU (on a GPU: the -m gpu test)")
-@pytest.mark.parametrize("num_programs", [1, 3, 7])
+@pytest.mark.parametrize("num_programs", [1, 3, 7, 40])
 def test_balanced_decode_in_interpreter(num_programs):
-    # 20 heads: two head blocks; lengths from one tile to many, a padding row in the middle
-    _check(20, 32, 8, [70, 1, 0, 33, 130, 5], num_programs, torch.float32, "cpu", 1e-5, tile=(16, 4, 1))
+    # 20 heads: two head blocks; lengths from one tile to many, padding rows (seq_len 0) between and at the end
+    # (they own no piece: a program walking past one must not write a workspace slot for it); 40 programs:
+    # more than the cost units, so some ranges hold only a sequence's overhead and some are empty
+    _check(20, 32, 8, [70, 1, 0, 0, 33, 130, 5, 0], num_programs, torch.float32, "cpu", 1e-5, tile=(16, 4, 1))
 
 
 @needs_triton

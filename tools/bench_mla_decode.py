@@ -288,6 +288,10 @@ def bench_model(bound: int) -> list[dict]:
             row[name] = {"step_ms": round(t_step, 3), "attention_27_ms": round(t_attn, 3),
                          "mlp_moe_27_ms": round(t_mlp, 3), "rest_ms": round(t_step - t_attn - t_mlp, 3),
                          "kernel_classes_us": by_class(kernels), "top_kernels": kernels}
+            if name == "new":  # the LM head beside the step (outside the forward, and path-independent)
+                head = graph_of(functools.partial(model.compute_logits, hidden))
+                row["lm_head_ms"] = round(time_graph(head), 3)
+                del head
             print(f"model b={batch} ctx={ctx} {name}: step {t_step:.2f} ms = attention {t_attn:.2f} + MLP/MoE"
                   f" {t_mlp:.2f} + rest {t_step - t_attn - t_mlp:.2f}", flush=True)
             del step, attn, mlp

@@ -64,3 +64,35 @@ def test_pdl_keeps_bf16_decode(model, fold, monkeypatch):
         # (measured on an H200: qwen3-0.6b's first prompt diverged at step 15)
         assert_agree_until_near_tie(plain, overlapped, tie=0.2, close=0.15)
 
+
+# the A/B variants of kernels/pdl.py (tools/pdl_device.sh): a late trigger or a launch gone plain must keep the
+# chain as safe as the measured layout
+VARIANTS = [{"MESHSERVE_PDL_TRIGGER": "late"}, {"MESHSERVE_PDL_ONE_WAVE": "1"},
+            {"MESHSERVE_PDL_PRELOAD": "none", "MESHSERVE_PDL_TRIGGER": "late"}, {"MESHSERVE_PDL_PRELOAD": "row"}]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_pdl_variants_keep_bf16_decode(model, monkeypatch):
+    from meshserve import SamplingParams
+    from meshserve.kernels import pdl as pdl_mod
+
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=3)
+
+    def run(pdl: bool):
+        llm = _pdl_llm(model, "bfloat16", monkeypatch, pdl, fold=False)
+        policy = pdl_mod.policy()
+        outs = [llm.generate([_prompt(n, s)], params, use_tqdm=False)[0].outputs[0] for n, s in PROMPTS]
+        llm.shutdown()
+        return policy, outs
+
+    _, plain = run(False)
+    for variant in VARIANTS:
+        for name, value in variant.items():
+            monkeypatch.setenv(name, value)
+        policy, outs = run(True)
+        assert policy.trigger == variant.get("MESHSERVE_PDL_TRIGGER", "early"), policy
+        assert policy.preload == variant.get("MESHSERVE_PDL_PRELOAD", "all"), policy
+        for a, b in zip(plain, outs):
+            assert_agree_until_near_tie(a, b, tie=0.2, close=0.15)
+        for name in variant:
+            monkeypatch.delenv(name)

@@ -24,10 +24,13 @@ programs fit on an SM, and every program of every wave then streams the rest of 
 86% of down_proj's 14,336) with half the loads in flight. Qwen3-0.6B's rows (1,024) are the preload whole.
 The variants below (selected by the environment in layers/backend_selection.py) exist to A/B that on the device:
   trigger "late"      gdc_launch_dependents after the program's last global load (its main loop) instead of
-                      right after the wait: dependents cannot hold SM slots while our programs still stream
+                      right after the wait. The early trigger already holds the next grid back until our last
+                      wave is resident, so its programs take only slots ours no longer need; but they then sit
+                      there (preloading weights, polling the wait) beside our tail. Late, they arrive when our
+                      programs have read everything: less overlap, no contention
   one_wave_only       PDL only for launches whose grid fits in one wave (programs <= SMs x resident programs
-                      per SM, estimated on the host from num_warps), so a waiting grid never sits beside later
-                      waves of ours; other launches are plain (stream order), which keeps the chain safe
+                      per SM, estimated on the host from num_warps): multi-wave grids (the 8B's GEMVs) launch
+                      plain (stream order, which keeps the chain safe) and keep the plain GEMV layout
   preload "all" | "none" | "row"   the GEMV's weight preload always (as measured), never (PDL launch and wait
                       only, the plain layout's occupancy), or only when it holds the whole row (K <= MAX_PRE_K)
 

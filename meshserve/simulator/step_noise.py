@@ -1,0 +1,171 @@
+"""Step-time noise: how far a measured step strays from the step-time model, and the host gap between steps.
+
+The step-time model (step_cost.py) predicts a step's mean; a real step varies around it (clocks, the allocator,
+a kernel compiled late) and the host leaves the GPU idle between steps while the engine core takes requests in.
+Without that spread every simulated step lasts exactly its prediction, and TTFT p99 comes out far short of the
+measured. Both are fitted from a `--step-trace` file (fit_step_noise) as empirical quantile tables, stored in
+calibration.toml beside the weights they were measured against:
+- the ratio measured / predicted device time, per step kind (decode-only, carrying prefill);
+- the host gap: the time from one step's end to the next one's that the GPU did not spend on the next step
+  (the trace's `t` is when a step's tokens were processed, so t[i+1] - t[i] - actual[i+1]), split by whether
+  at least QUEUE_GAP_MIN requests were waiting after step i: in our traces the gaps come almost only with a
+  backlog (the core takes in and refuses requests between steps: 8-12 ms gaps before ~15% of the steps past
+  the knee), ~0 otherwise (W3 1130: mean 0.007 ms with nobody waiting, 0.2 ms with 1-3, 0.8-3.3 ms with 4+). Gaps below 0 are the timer's jitter (a step processed
+  late makes the next interval short); they are kept so that the mean gap, which sets how busy the GPU is,
+  stays the trace's.
+
+A replica draws its noise by step index from its own generator (NoiseStream): step s of replica r gets the same
+draws whichever replica model runs it and however its decode steps are laid out, so a run is deterministic
+for a seed and the fast model can be checked against the reference step for step.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+
+import numpy as np
+
+from meshserve.errors import InvalidArgumentError
+
+# Where the tables are cut: evenly through the body, finer in the tails (TTFT p99 lives there)
+QUANTILES = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95,
+             0.98, 0.99, 0.995, 0.998, 0.999, 1.0)
+# a backlog: this many requests waiting when a step is decided draw the gap from gap_waiting_ms
+QUEUE_GAP_MIN = 4
+# intervals longer than this between processed steps are idle periods (the trace spans several benchmark points)
+IDLE_INTERVAL_S = 1.0
+_CHUNK = 4096  # steps drawn at once per replica
+
+
+@dataclass(frozen=True)
+class StepNoise:
+    """Quantile tables over QUANTILES: measured / predicted device time for decode-only steps and for steps
+    carrying prefill; the host gap in ms before a step, without and with a backlog (QUEUE_GAP_MIN waiting)."""
+
+    decode_ratio: tuple[float, ...]
+    mixed_ratio: tuple[float, ...]
+    gap_ms: tuple[float, ...]
+    gap_waiting_ms: tuple[float, ...]
+    source: str = ""
+
+    def __post_init__(self):
+        for name in ("decode_ratio", "mixed_ratio", "gap_ms", "gap_waiting_ms"):
+            table = getattr(self, name)
+            if len(table) != len(QUANTILES) or any(b < a for a, b in zip(table, table[1:])):
+                raise InvalidArgumentError(f"step noise {name} must be {len(QUANTILES)} non-decreasing values",
+                                           param="step_noise")
+
+    def as_toml(self) -> str:
+        """The [<fit>.step_noise] table's lines (calibration.toml)."""
+        def row(values):
+            return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+        return (f'source = "{self.source}"\ndecode_ratio = {row(self.decode_ratio)}\n'
+                f"mixed_ratio = {row(self.mixed_ratio)}\ngap_ms = {row(self.gap_ms)}\n"
+                f"gap_waiting_ms = {row(self.gap_waiting_ms)}")
+
+
+def load_step_noise(calibration: str = "default") -> StepNoise:
+    """The step_noise table of a calibration.toml fit (the one an alias such as "default" names)."""
+    from meshserve.simulator.step_cost import CALIBRATION_FILE
+
+    sections = tomllib.loads(CALIBRATION_FILE.read_text())
+    entry = sections.get(calibration)
+    if isinstance(entry, str):
+        calibration, entry = entry, sections.get(entry)
+    noise = entry.get("step_noise") if isinstance(entry, dict) else None
+    if not isinstance(noise, dict):
+        raise InvalidArgumentError(f"calibration {calibration!r} has no step_noise table in calibration.toml: "
+                                   "run with --step-noise off", param="step_noise")
+    return StepNoise(tuple(noise["decode_ratio"]), tuple(noise["mixed_ratio"]), tuple(noise["gap_ms"]),
+                     tuple(noise["gap_waiting_ms"]), noise.get("source", ""))
+
+
+def trace_samples(rows: list[dict], predict) -> dict[str, np.ndarray]:
+    """A step trace's samples: ratio measured / predict(row) per step kind; host gaps in seconds after a step
+    without and with a backlog (intervals past IDLE_INTERVAL_S, between benchmark points, left out)."""
+    t = np.array([r["t"] for r in rows])
+    actual = np.array([r["actual_s"] for r in rows])
+    predicted = np.array([predict(r) for r in rows])
+    mixed = np.array([r["tokens"] > r["seqs"] for r in rows])
+    waiting = np.array([r.get("waiting", 0) >= QUEUE_GAP_MIN for r in rows])
+    ratio = actual / predicted
+    interval = np.diff(t)
+    gap = interval - actual[1:]
+    busy = interval < IDLE_INTERVAL_S
+    return {"decode_ratio": ratio[~mixed], "mixed_ratio": ratio[mixed],
+            "gap_s": gap[busy & ~waiting[:-1]], "gap_waiting_s": gap[busy & waiting[:-1]]}
+
+
+def fit_step_noise(rows: list[dict], predict, source: str = "") -> StepNoise:
+    """Quantile tables of a step trace (see trace_samples); predict(row) is the simulator's prediction in
+    seconds for the row's shape, with the fit's weights."""
+    s = trace_samples(rows, predict)
+    for name, values in s.items():
+        if len(values) < 20:
+            raise InvalidArgumentError(f"the step trace has {len(values)} samples of {name}: too few to fit noise",
+                                       param="step_trace")
+
+    def table(values, scale=1.0):
+        return tuple(float(v) * scale for v in np.quantile(values, QUANTILES))
+
+    return StepNoise(table(s["decode_ratio"]), table(s["mixed_ratio"]), table(s["gap_s"], 1e3),
+                     table(s["gap_waiting_s"], 1e3), source)
+
+
+class NoiseStream:
+    """One replica's draws, by step index: factor(s, mixed, waiting) -> (ratio, gap_s) for its step s. Drawn
+    in chunks of _CHUNK steps from numpy's generator seeded with (seed, replica index), two uniforms per step
+    (the ratio's, the gap's) mapped through the tables (inverse CDF, linear between quantiles)."""
+
+    __slots__ = ("_chunks", "_drawn", "_gen", "_noise")
+
+    def __init__(self, noise: StepNoise, seed: int, index: int):
+        self._noise = noise
+        self._gen = np.random.default_rng([seed, index])
+        # the newest two chunks by number (steps only go back within a decode run that an arrival cut): decode
+        # ratio, mixed ratio, gap (s), gap with requests waiting (s), as lists (fast indexing)
+        self._chunks: dict[int, tuple[list, list, list, list]] = {}
+        self._drawn = 0
+
+    def _draw(self) -> None:
+        n, q = self._noise, QUANTILES
+        u = self._gen.random((2, _CHUNK))
+        c = self._drawn
+        self._chunks[c] = (np.interp(u[0], q, n.decode_ratio).tolist(), np.interp(u[0], q, n.mixed_ratio).tolist(),
+                           (np.interp(u[1], q, n.gap_ms) * 1e-3).tolist(),
+                           (np.interp(u[1], q, n.gap_waiting_ms) * 1e-3).tolist())
+        self._chunks.pop(c - 2, None)
+        self._drawn = c + 1
+
+    def factor(self, step: int, mixed: bool, waiting: int) -> tuple[float, float]:
+        """(ratio, gap seconds) of step `step` (0-based) of this replica, decided with `waiting` requests
+        waiting."""
+        c, i = divmod(step, _CHUNK)
+        while c >= self._drawn:
+            self._draw()
+        chunk = self._chunks[c]
+        return chunk[1 if mixed else 0][i], chunk[3 if waiting >= QUEUE_GAP_MIN else 2][i]
+
+    def apply(self, step: int, device_s: float, mixed: bool, waiting: int) -> tuple[float, float]:
+        """(wall seconds, device seconds) of step `step` whose model time is device_s: the device time times
+        its ratio, then the host gap before it (a negative gap, timer jitter, never below half the step)."""
+        ratio, gap = self.factor(step, mixed, waiting)
+        device = device_s * ratio
+        return max(device + gap, 0.5 * device), device
+
+
+if __name__ == "__main__":  # fit: python -m meshserve.simulator.step_noise TRACE [CALIBRATION] [GPU] [MODEL]
+    import sys
+
+    from meshserve.engine.step_time import StepShape
+    from meshserve.planner.hardware import get_gpu
+    from meshserve.planner.model import load_model
+    from meshserve.simulator.step_cost import StepCost, load_calibration, read_step_trace
+
+    args = sys.argv[1:] + [None] * 3
+    cost = StepCost(load_model(args[3] or "llama-3.1-8b"), get_gpu(args[2] or "H200"),
+                    weights=load_calibration(args[1] or "default"))
+    fitted = fit_step_noise(read_step_trace(args[0]), lambda r: cost(StepShape(r["tokens"], r["seqs"], r["context"])),
+                            source=args[0])
+    print(fitted.as_toml())

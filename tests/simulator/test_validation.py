@@ -37,10 +37,10 @@ def test_the_default_fit_replays_the_mixed_graphs_run_below_the_knee():
     from meshserve.simulator.frontend import FRONTEND_H200
     from meshserve.simulator.validation import frontend_latency_from
 
-    run = W3_H200_RUNS[-1]
-    assert run.file == "w3_8b_slo_graphs1024.json" and run.calibration == "default"
+    run = next(r for r in W3_H200_RUNS if r.file == "w3_8b_slo_graphs1024.json")
+    assert run.calibration == "default"
     measured = measured_points(run)
-    latency = frontend_latency_from(32.0, measured[32.0]["ttft_p50"], run.slo, FRONTEND_H200)
+    latency = frontend_latency_from(32.0, measured[32.0]["ttft_p50"], run, FRONTEND_H200)
     for qps in (32.0, 48.0):
         predicted = replay_w3(qps, run.slo, latency, FRONTEND_H200)
         assert predicted["goodput"] == pytest.approx(measured[qps]["goodput"], rel=0.05)

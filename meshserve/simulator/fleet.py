@@ -71,7 +71,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     if replica_model == "fast":
         def make_fast(index: int, on_outstanding) -> FastReplica:
             return FastReplica(index, sched_cfg, cache_cfg, cost, recorder, config.max_queue_len,
-                               config.frontend_costs, on_outstanding)
+                               config.frontend_costs, on_outstanding,
+                               None if noise is None else NoiseStream(noise, config.seed, index))
 
         replicas, timeline = run_fast(config, trace, make_fast, recorder, progress)
         return _report(config, trace, recorder, replicas, None, None, timeline, cost, step_cost, num_blocks,

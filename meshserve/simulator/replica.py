@@ -282,10 +282,8 @@ class SimReplica:
             a = max(first, have)
             durations = decode_durations(self.step_cost, size, base + size * a, min(last, upto) - a)
             if self.noise is not None:  # run step j is the replica's step self.steps + j - 1; nobody waits
-                apply, s0 = self.noise.apply, self.steps + a
-                noisy = [apply(s0 + i, d, False, 0) for i, d in enumerate(durations)]
-                durations = [wall for wall, _ in noisy]
-                run.device_s += [device for _, device in noisy]
+                durations, devices = self.noise.apply_decode(self.steps + a, durations)
+                run.device_s += devices
             run.durations += durations
             for d in durations:
                 t += d  # accumulated as step-by-step would, so both give the same floats

@@ -37,7 +37,7 @@ QUANTILES = (0.0, 0.001, 0.002, 0.005, *(i / 100 for i in range(1, 100)), 0.995,
 QUEUE_GAP_MIN = 4
 # intervals longer than this between processed steps are idle periods (the trace spans several benchmark points)
 IDLE_INTERVAL_S = 1.0
-_CHUNK = 4096  # steps drawn at once per replica
+_CHUNK = 1024  # steps drawn at once per replica
 
 
 @dataclass(frozen=True)
@@ -141,40 +141,40 @@ def fit_step_noise(rows: list[dict], predict, source: str = "") -> StepNoise:
 
 
 class NoiseStream:
-    """One replica's draws, by step index: factor(s, mixed, waiting) -> (ratio, gap_s) for its step s. Drawn
-    in chunks of _CHUNK steps from numpy's generator seeded with (seed, replica index), two uniforms per step
-    (the ratio's, the gap's) mapped through the tables (inverse CDF, linear between quantiles)."""
+    """One replica's draws, by step index: factor(s, mixed, waiting) -> (ratio, gap_s) for its step s. Chunk c
+    (steps c * _CHUNK ...) is drawn from numpy's generator seeded with (seed, replica index, c), two uniforms per
+    step (the ratio's, the gap's) mapped through the tables (inverse CDF, linear between quantiles), so any step
+    can be drawn again alike (a decode run cut by an arrival is laid out again) and only a few chunks are kept."""
 
-    __slots__ = ("_chunks", "_drawn", "_gen", "_noise")
+    __slots__ = ("_chunks", "_index", "_noise", "_seed")
 
     def __init__(self, noise: StepNoise, seed: int, index: int):
         self._noise = noise
-        self._gen = np.random.default_rng([seed, index])
-        # the newest two chunks by number (steps only go back within a decode run that an arrival cut): decode
-        # ratio, mixed ratio, gap (s), gap with requests waiting (s), as lists (fast indexing)
+        self._seed = seed
+        self._index = index
+        # the latest chunks by number: decode ratio, mixed ratio, gap (s), gap with a backlog (s), as lists
         self._chunks: dict[int, tuple[list, list, list, list]] = {}
-        self._drawn = 0
 
-    def _draw(self) -> None:
-        n, q = self._noise, QUANTILES
-        u = self._gen.random((2, _CHUNK))
-        c = self._drawn
-        self._chunks[c] = (
-            np.interp(u[0], q, n.decode_ratio).tolist(),
-            np.interp(u[0], q, n.mixed_ratio).tolist(),
-            (np.interp(u[1], q, n.gap_ms) * 1e-3).tolist(),
-            (np.interp(u[1], q, n.gap_waiting_ms) * 1e-3).tolist(),
-        )
-        self._chunks.pop(c - 2, None)
-        self._drawn = c + 1
+    def _chunk(self, c: int) -> tuple[list, list, list, list]:
+        chunk = self._chunks.get(c)
+        if chunk is None:
+            n, q = self._noise, QUANTILES
+            u = np.random.default_rng([self._seed, self._index, c]).random((2, _CHUNK))
+            chunk = self._chunks[c] = (
+                np.interp(u[0], q, n.decode_ratio).tolist(),
+                np.interp(u[0], q, n.mixed_ratio).tolist(),
+                (np.interp(u[1], q, n.gap_ms) * 1e-3).tolist(),
+                (np.interp(u[1], q, n.gap_waiting_ms) * 1e-3).tolist(),
+            )
+            if len(self._chunks) > 3:
+                del self._chunks[next(iter(self._chunks))]  # the oldest drawn
+        return chunk
 
     def factor(self, step: int, mixed: bool, waiting: int) -> tuple[float, float]:
         """(ratio, gap seconds) of step `step` (0-based) of this replica, decided with `waiting` requests
         waiting."""
         c, i = divmod(step, _CHUNK)
-        while c >= self._drawn:
-            self._draw()
-        chunk = self._chunks[c]
+        chunk = self._chunks.get(c) or self._chunk(c)
         return chunk[1 if mixed else 0][i], chunk[3 if waiting >= QUEUE_GAP_MIN else 2][i]
 
     def apply(self, step: int, device_s: float, mixed: bool, waiting: int) -> tuple[float, float]:
@@ -183,6 +183,22 @@ class NoiseStream:
         ratio, gap = self.factor(step, mixed, waiting)
         device = device_s * ratio
         return max(device + gap, 0.5 * device), device
+
+    def apply_decode(self, first: int, durations: list[float]) -> tuple[list[float], list[float]]:
+        """apply() of decode steps first, first + 1, ... with nobody waiting (a decode run's), model times
+        `durations`: (walls, devices), the same floats, a chunk's slice at a time."""
+        walls: list[float] = []
+        devices: list[float] = []
+        i, n = 0, len(durations)
+        while i < n:
+            c, o = divmod(first + i, _CHUNK)
+            chunk = self._chunks.get(c) or self._chunk(c)
+            m = min(n - i, _CHUNK - o)
+            dev = [d * r for d, r in zip(durations[i : i + m], chunk[0][o : o + m])]
+            devices += dev
+            walls += [w if (w := d + g) > 0.5 * d else 0.5 * d for d, g in zip(dev, chunk[2][o : o + m])]
+            i += m
+        return walls, devices
 
 
 if __name__ == "__main__":  # fit: python -m meshserve.simulator.step_noise TRACE [CALIBRATION] [GPU] [MODEL]

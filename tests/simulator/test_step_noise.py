@@ -3,6 +3,7 @@ deterministic for a seed, and with the noise off the simulator gives exactly its
 
 from __future__ import annotations
 
+from dataclasses import replace
 from statistics import NormalDist
 
 import numpy as np
@@ -194,6 +195,28 @@ def test_decode_runs_draw_the_same_noise_as_step_by_step():
     assert _numbers(laid_out) == _numbers(stepwise)
 
 
-def test_the_fast_model_falls_back_to_the_scheduler_with_noise():
-    r = simulate(SimConfig(gpu="H100-SXM", replica_model="fast", step_noise=True), poisson_trace(10, 5, 1))
-    assert r["replica_model"] == "scheduler" and "step-time noise" in r["replica_model_fallback"]
+def test_the_fast_model_draws_the_same_noise_as_the_reference():
+    """Both replica models draw by step index, and decide every step alike: with noise on they still agree to
+    rounding, past the knee (429s) and with preemptions."""
+    cases = (
+        (SimConfig(gpu="H100-SXM", max_queue_len=256), poisson_trace(90.0, 10.0, 3)),
+        (
+            SimConfig(
+                gpu="H200", num_blocks=300, max_model_len=1024, max_num_batched_tokens=256, max_num_seqs=32
+            ),
+            poisson_trace(30.0, 5.0, 2, 256, 400),
+        ),
+        (
+            SimConfig(gpu="H100-SXM", num_gpus=4, frontend_request_s=8.7e-3, frontend_token_s=50e-6),
+            poisson_trace(150.0, 8.0, 5),
+        ),
+    )
+    for config, trace in cases:
+        fast = simulate(replace(config, replica_model="fast", step_noise=True, seed=11), trace)
+        ref = simulate(replace(config, step_noise=True, seed=11), trace)
+        assert fast["replica_model"] == "fast" and fast["replica_model_fallback"] is None
+        for key in ("completed", "rejected", "preemptions", "steps"):
+            assert fast[key] == ref[key], key
+        for key in ("goodput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "gpu_busy_fraction"):
+            assert fast[key] == pytest.approx(ref[key], rel=1e-9), key
+        assert fast["rejected"] or fast["preemptions"] or config.num_gpus > 1

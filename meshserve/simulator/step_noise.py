@@ -73,6 +73,15 @@ class StepNoise:
         )
 
 
+def has_step_noise(calibration: str = "default") -> bool:
+    """Whether a calibration.toml fit has a step_noise table."""
+    try:
+        load_step_noise(calibration)
+    except InvalidArgumentError:
+        return False
+    return True
+
+
 def load_step_noise(calibration: str = "default") -> StepNoise:
     """The step_noise table of a calibration.toml fit (the one an alias such as "default" names)."""
     from meshserve.simulator.step_cost import CALIBRATION_FILE

@@ -19,6 +19,7 @@ from meshserve.errors import InvalidArgumentError
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fleet import simulate
 from meshserve.simulator.frontend import FRONTEND_H200, FRONTEND_OFF, FrontEndCosts
+from meshserve.simulator.step_noise import has_step_noise
 from meshserve.simulator.trace import SimRequest, w3_trace
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -102,22 +103,26 @@ def table(runs=W3_H200_RUNS, calibration_qps: float = 32.0, frontend: FrontEndCo
     """Markdown: predicted / measured (error) per metric and point; later runs of a label win a QPS. The fixed
     front-end latency of each label is fitted at calibration_qps (its row is marked) and used for the rest;
     `goals met` lists the metrics within the issue's bounds (ITL is not a goal: the client saw bursts).
-    step_noise: each fit's step-time noise and host gaps (step_noise.py) on, seeded per QPS."""
+    step_noise: each fit's step-time noise and host gaps (step_noise.py) on, seeded per QPS, for the runs
+    whose fit has them (the others' rows say so and run without)."""
     chosen: dict[tuple[str, float], tuple[MeasuredRun, dict]] = {}
     for run in runs:
         for qps, point in measured_points(run).items():
             chosen[(run.label, qps)] = (run, point)
-    latency = {label: frontend_latency_from(qps, meas["ttft_p50"], run, frontend, step_noise)
+    noisy = {run.calibration: step_noise and has_step_noise(run.calibration) for run in runs}
+    latency = {label: frontend_latency_from(qps, meas["ttft_p50"], run, frontend, noisy[run.calibration])
                for (label, qps), (run, meas) in chosen.items() if qps == calibration_qps}
     lines = [("| server | QPS | goodput req/s | TTFT p50 ms | TPOT p50 ms | ITL p50 ms | TTFT p99 ms | "
               "refused (sim / measured) | API process busy (sim) | GPU busy (sim) | goodput without it | goals met |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (label, qps), (run, meas) in sorted(chosen.items()):
-        same = {"calibration": run.calibration, "api_server_count": run.api_server_count, "step_noise": step_noise}
+        same = {"calibration": run.calibration, "api_server_count": run.api_server_count,
+                "step_noise": noisy[run.calibration]}
         pred = replay_w3(qps, run.slo, latency.get(label, 0.0), frontend, **same)
         bare = replay_w3(qps, run.slo, latency.get(label, 0.0), **same)
-        mark = (f" (fit {run.calibration}; fixed latency {latency[label] * 1e3:.0f} ms fitted here)"
-                if qps == calibration_qps else "")
+        mark = (f" (fit {run.calibration}; fixed latency {latency[label] * 1e3:.0f} ms fitted here"
+                + ("; no step noise: the fit has none" if step_noise and not noisy[run.calibration] else "")
+                + ")" if qps == calibration_qps else "")
         met = [m for m in ("goodput", "ttft_p50", "tpot_p50", "ttft_p99") if _met(pred[m], meas[m], m)]
         lines.append(
             f"| {label}{mark} | {qps:g} | {_cell(pred['goodput'], meas['goodput'], 1)} | "

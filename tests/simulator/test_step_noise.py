@@ -22,6 +22,7 @@ from meshserve.simulator.step_noise import (
     NoiseStream,
     StepNoise,
     fit_step_noise,
+    has_step_noise,
     load_step_noise,
 )
 from meshserve.simulator.trace import poisson_trace, w3_trace
@@ -112,12 +113,16 @@ def test_a_stream_is_a_function_of_seed_replica_and_step(fitted):
     assert NoiseStream(fitted, 4, 1).factor(0, True, 0) != first
 
 
-def test_calibration_toml_holds_noise_for_every_fit():
-    for fit in ("default", "h200_mixed_graphs", "h200_before_mixed_graphs"):
+def test_calibration_toml_holds_the_default_fits_noise():
+    for fit in ("default", "h200_mixed_graphs"):
         noise = load_step_noise(fit)
         assert noise.decode_ratio[QUANTILES.index(0.5)] == pytest.approx(1.0, abs=0.05)
-    with pytest.raises(InvalidArgumentError, match="calibration"):
-        load_step_noise("no_such_fit")
+        assert noise.gap_ms[QUANTILES.index(0.5)] == pytest.approx(0.0, abs=0.01)  # no backlog: ~no gap
+    assert not has_step_noise(
+        "h200_before_mixed_graphs"
+    )  # its spread is misfit, not noise (calibration.toml)
+    with pytest.raises(InvalidArgumentError, match="step-noise off"):
+        simulate(SimConfig(calibration="h200_before_mixed_graphs", step_noise=True), poisson_trace(1, 1, 1))
 
 
 def _w3_config(**kw) -> SimConfig:

@@ -207,20 +207,20 @@ class NoisyDecodeSegment(DecodeSegment):
                 return last_seen
         n = self.n
         self.delivered = upto
-        add = recorder.add_itl_count
         if frontend is None:  # the client sees each step when it ends
-            for j in range(k, upto):
-                add(ends[j] - last_seen, n)
-                last_seen = ends[j]
-            return last_seen
+            recorder.add_itl_count_many(
+                [t - s for t, s in zip(ends[k:upto], [last_seen, *ends[k : upto - 1]])], n
+            )
+            return ends[upto - 1]
         work = n * frontend.costs.per_token_s
         done = frontend.t + frontend.backlog_s  # when the API process's queue empties
         frontend.busy_s += work * (upto - k)
-        for j in range(k, upto):
-            t = ends[j]
-            seen = max(t, done) + work
-            add(seen - last_seen, n)
-            last_seen = done = seen
+        gaps = []
+        for t in ends[k:upto]:  # the queue's Lindley step: seen = max(t, done) + work
+            done = max(done, t) + work
+            gaps.append(done - last_seen)
+            last_seen = done
+        recorder.add_itl_count_many(gaps, n)
         end = ends[upto - 1]
         frontend.t = end
         frontend.backlog_s = done - end

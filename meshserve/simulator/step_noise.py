@@ -155,25 +155,29 @@ class NoiseStream:
     step (the ratio's, the gap's) mapped through the tables (inverse CDF, linear between quantiles), so any step
     can be drawn again alike (a decode run cut by an arrival is laid out again) and only a few chunks are kept."""
 
-    __slots__ = ("_chunks", "_index", "_noise", "_seed")
+    __slots__ = ("_chunks", "_index", "_q", "_seed", "_tables")
 
     def __init__(self, noise: StepNoise, seed: int, index: int):
-        self._noise = noise
         self._seed = seed
         self._index = index
-        # the latest chunks by number: decode ratio, mixed ratio, gap (s), gap with a backlog (s), as lists
-        self._chunks: dict[int, tuple[list, list, list, list]] = {}
+        self._q = np.array(QUANTILES)
+        self._tables = [
+            np.array(t) for t in (noise.decode_ratio, noise.mixed_ratio, noise.gap_ms, noise.gap_waiting_ms)
+        ]
+        # the latest chunks by number: decode ratio and gap (s) as lists (decode runs slice them); mixed ratio
+        # and gap with a backlog (s) as arrays (one explicit step at a time reads them)
+        self._chunks: dict[int, tuple] = {}
 
-    def _chunk(self, c: int) -> tuple[list, list, list, list]:
+    def _chunk(self, c: int) -> tuple:
         chunk = self._chunks.get(c)
         if chunk is None:
-            n, q = self._noise, QUANTILES
-            u = np.random.default_rng([self._seed, self._index, c]).random((2, _CHUNK))
+            q, (decode, mixed, gap, gap_waiting) = self._q, self._tables
+            u_ratio, u_gap = np.random.default_rng([self._seed, self._index, c]).random((2, _CHUNK))
             chunk = self._chunks[c] = (
-                np.interp(u[0], q, n.decode_ratio).tolist(),
-                np.interp(u[0], q, n.mixed_ratio).tolist(),
-                (np.interp(u[1], q, n.gap_ms) * 1e-3).tolist(),
-                (np.interp(u[1], q, n.gap_waiting_ms) * 1e-3).tolist(),
+                np.interp(u_ratio, q, decode).tolist(),
+                np.interp(u_ratio, q, mixed),
+                (np.interp(u_gap, q, gap) * 1e-3).tolist(),
+                np.interp(u_gap, q, gap_waiting) * 1e-3,
             )
             if len(self._chunks) > 3:
                 del self._chunks[next(iter(self._chunks))]  # the oldest drawn
@@ -184,7 +188,8 @@ class NoiseStream:
         waiting."""
         c, i = divmod(step, _CHUNK)
         chunk = self._chunks.get(c) or self._chunk(c)
-        return chunk[1 if mixed else 0][i], chunk[3 if waiting >= QUEUE_GAP_MIN else 2][i]
+        ratio = chunk[1].item(i) if mixed else chunk[0][i]
+        return ratio, chunk[3].item(i) if waiting >= QUEUE_GAP_MIN else chunk[2][i]
 
     def apply(self, step: int, device_s: float, mixed: bool, waiting: int) -> tuple[float, float]:
         """(wall seconds, device seconds) of step `step` whose model time is device_s: the device time times
@@ -196,8 +201,16 @@ class NoiseStream:
     def apply_decode(self, first: int, durations: list[float]) -> tuple[list[float], list[float]]:
         """apply() of decode steps first, first + 1, ... with nobody waiting (a decode run's), model times
         `durations`: (walls, devices), the same floats, a chunk's slice at a time."""
+        c, o = divmod(first, _CHUNK)
+        if o + len(durations) <= _CHUNK:  # within one chunk (nearly always)
+            chunk = self._chunks.get(c) or self._chunk(c)
+            end = o + len(durations)
+            devices = [d * r for d, r in zip(durations, chunk[0][o:end])]
+            return [
+                w if (w := d + g) > 0.5 * d else 0.5 * d for d, g in zip(devices, chunk[2][o:end])
+            ], devices
         walls: list[float] = []
-        devices: list[float] = []
+        devices = []
         i, n = 0, len(durations)
         while i < n:
             c, o = divmod(first + i, _CHUNK)

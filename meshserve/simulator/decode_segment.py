@@ -70,6 +70,10 @@ class DecodeSegment:
             return self.start_s
         return self.origin_s + k * self.a + self.b * (k * (k + 1) // 2)
 
+    def device_s(self, k: int) -> float:
+        """Device time of steps 1..k: their wall time (no host gaps without noise)."""
+        return self.end_s(k) - self.start_s
+
     def steps_ended_before(self, t: float) -> int:
         """How many of the segment's steps end before t (strictly), at most total."""
         x = t - self.origin_s

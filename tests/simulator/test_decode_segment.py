@@ -97,7 +97,7 @@ def test_a_noisy_segment_lays_out_the_noisy_steps(cost, head):
     a, b = cost.decode_line(n, context)
     noise = NoiseStream(load_step_noise(), seed=3, index=1)
     seg = NoisyDecodeSegment(
-        100.0, a, b, n, total, noise, first, head, head and 0.02, n, [] if head else None
+        100.0, a, b, n, total, noise, first, head, 0.02 if head else 0.0, n, [] if head else None
     )
     ends, t = [], 100.0
     for j in range(1, total + 1):

@@ -15,6 +15,25 @@ from meshserve.kernels.quant_ref import FP8_DTYPE
 
 E4M3_MAX = 448.0
 BLOCK = 128  # the block-fp8 format's weight block and activation group
+# a tiny DeepSeek-V3 for block-fp8 checkpoints: MLA projections of several 128 x 128 blocks each (kv_b_proj
+# 256 x 160), 8 routed experts of whole blocks; each test adds first_k_dense_replace (which layers are dense)
+DEEPSEEK_V3_BLOCK_FP8 = {
+    "model_type": "deepseek_v3",
+    "hidden_size": 256,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 128,
+    "kv_lora_rank": 160,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 32,
+    "n_routed_experts": 8,
+    "n_group": 4,
+    "topk_group": 2,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 128,
+}
 
 
 def fp8_kv_cache(cache: torch.Tensor, scale: float) -> torch.Tensor:

@@ -65,6 +65,20 @@ def attention_split_counts(layers: Sequence, dtype: torch.dtype, device: torch.d
     return tuple(counts)
 
 
+def release_graphs(holder) -> None:
+    """Free the CUDA graphs of a holder (DecodeGraphs, MixedStepGraphs: its graphs, outputs, pool, forward and
+    device) before the process group goes: graphs holding captured NCCL collectives kept the communicators'
+    teardown waiting (2 x H200, NCCL all-reduce in the graphs)."""
+    if holder.graphs:
+        torch.cuda.synchronize(holder.device)
+    for graph in holder.graphs.values():
+        graph.reset()
+    holder.graphs.clear()
+    holder.outputs.clear()
+    holder.pool = None
+    holder.forward = None  # the runner's: it holds these graphs, so this reference made a cycle
+
+
 class DecodeGraphs:
     """Captured decode forwards for every batch size in the ladder, sharing one memory pool.
 
@@ -138,16 +152,8 @@ class DecodeGraphs:
                     len(self.graphs), self.max_bs, short or "none", time.perf_counter() - t0)
 
     def release(self) -> None:
-        """Free the graphs before the process group goes: graphs holding captured NCCL collectives kept
-        the communicators' teardown waiting (2 x H200, NCCL all-reduce in the graphs)."""
-        if self.graphs:
-            torch.cuda.synchronize(self.device)
-        for graph in self.graphs.values():
-            graph.reset()
-        self.graphs.clear()
-        self.outputs.clear()
-        self.pool = None
-        self.forward = None  # the runner's: it holds these graphs, so this reference made a cycle
+        """Free the graphs before the process group goes (release_graphs)."""
+        release_graphs(self)
 
     def _stage_in(self, bs: int) -> IntermediateTensors | None:
         if self.stage_in is None:

@@ -45,6 +45,7 @@ from collections.abc import Callable
 import torch
 
 from meshserve.config import EngineConfig
+from meshserve.engine.cuda_graph import release_graphs
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.pipeline import IntermediateTensors, copy_stage_input
 
@@ -216,15 +217,8 @@ class MixedStepGraphs:
         )
 
     def release(self) -> None:
-        """Free the graphs (before the process group goes, as DecodeGraphs.release)."""
-        if self.graphs:
-            torch.cuda.synchronize(self.device)
-        for graph in self.graphs.values():
-            graph.reset()
-        self.graphs.clear()
-        self.outputs.clear()
-        self.pool = None
-        self.forward = None  # the runner's: it holds these graphs, so this reference made a cycle
+        """Free the graphs before the process group goes (cuda_graph.release_graphs)."""
+        release_graphs(self)
 
     def run(
         self,

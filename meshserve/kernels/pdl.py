@@ -19,9 +19,9 @@ Kernels without the attribute (torch's, cuBLAS) simply serialize as before, in e
 
 The switch is per process (the kernel wrappers are called from many layers): the model runner binds it from
 the backend selection (MESHSERVE_PDL=1, layers/backend_selection.py); it is off by default until measured.
-Kernels take USE_GDC as a constexpr, False under the Triton interpreter (which has no griddepcontrol), so
-the CPU path is the plain kernel; kernels with a PDL-only layout (the GEMV's weight preload) take that as a
-separate constexpr the CPU tests can exercise.
+Kernels take USE_GDC as a last constexpr defaulting to False (callers that never use PDL leave it out), False
+under the Triton interpreter (which has no griddepcontrol), so the CPU path is the plain kernel; kernels with a
+PDL-only layout (the GEMV's weight preload) take that as a separate constexpr the CPU tests can exercise.
 """
 
 from __future__ import annotations

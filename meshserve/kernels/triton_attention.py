@@ -72,7 +72,7 @@ def _reshape_and_cache_kernel(
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
     if USE_GDC:  # before the early exit: every program waits (kernels/pdl.py)
@@ -120,34 +120,20 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
 # prefill / mixed batches
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _prefill_attention_kernel(
-    q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+def attend_causal_q_tile(
+    q_ptr, cache_ptr, bt_ptr, out_ptr, seq, kvh, q_start, q_len, q_tile_start, prefix,
     scale_log2, window, k_scale, v_scale,
-    stride_qt, stride_qh, stride_qd,
-    stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
-    stride_btb,
+    stride_qt, stride_qh, stride_qd, stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb,
     stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    SKIP_SINGLE: tl.constexpr,
 ):
+    """One program's work in the prefill and unified kernels: the query tile starting at q_tile_start of a
+    sequence (q_len new tokens from flat row q_start after prefix cached ones; block table row seq), its
+    BLOCK_Q tokens x GROUP_PAD heads of KV head kvh (row r: token r // GROUP_PAD, head r % GROUP_PAD), attends
+    causally (and within the window) to the paged KV cache and writes its output rows."""
     ROWS: tl.constexpr = BLOCK_Q * GROUP_PAD
-    b = tl.program_id(0)
-    qt = tl.program_id(1)
-    kvh = tl.program_id(2)
-
-    q_start = tl.load(qsl_ptr + b)
-    q_len = tl.load(qsl_ptr + b + 1) - q_start
-    q_tile_start = qt * BLOCK_Q
-    if q_tile_start >= q_len:
-        return
-    if SKIP_SINGLE:  # noqa: SIM102 (Triton: a constexpr `and` a tensor does not compile)
-        if q_len == 1:  # one-token rows of a mixed batch are the decode kernel's
-            return
-    seq_len = tl.load(seq_lens_ptr + b)
-    prefix = seq_len - q_len
-
     rows = tl.arange(0, ROWS)
     qi = q_tile_start + rows // GROUP_PAD
     g = rows % GROUP_PAD
@@ -174,7 +160,7 @@ def _prefill_attention_kernel(
         kv_lo = tl.maximum(prefix + q_tile_start - window + 1, 0)
         kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
 
-    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
     k_base = cache_ptr + kvh * stride_ch
     v_base = k_base + stride_ckv
     n_off = tl.arange(0, BLOCK_N)
@@ -192,6 +178,44 @@ def _prefill_attention_kernel(
              o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
 
 
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+    scale_log2, window, k_scale, v_scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_btb,
+    stride_ot, stride_oh, stride_od,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    qt = tl.program_id(1)
+    kvh = tl.program_id(2)
+
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    q_tile_start = qt * BLOCK_Q
+    if q_tile_start >= q_len:
+        return
+    if SKIP_SINGLE:  # noqa: SIM102 (Triton: a constexpr `and` a tensor does not compile)
+        if q_len == 1:  # one-token rows of a mixed batch are the decode kernel's
+            return
+    seq_len = tl.load(seq_lens_ptr + b)
+    prefix = seq_len - q_len
+
+    attend_causal_q_tile(
+        q_ptr, cache_ptr, bt_ptr, out_ptr, b, kvh, q_start, q_len, q_tile_start, prefix,
+        scale_log2, window, k_scale, v_scale,
+        stride_qt, stride_qh, stride_qd, stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb,
+        stride_ot, stride_oh, stride_od,
+        GROUP, GROUP_PAD, BLOCK_Q, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N,
+        USE_WINDOW, UPCAST_DOT, DOT_PRECISION, KV_FP8,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # decode: split-KV + reduce
 # ----------------------------------------------------------------------------------------------------------
@@ -207,7 +231,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, USE_GDC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -280,7 +304,7 @@ def _decode_reduce_kernel(
     ws_acc_ptr, ws_ml_ptr, qsl_ptr, out_ptr, num_splits,
     stride_ot, stride_oh, stride_od,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)

@@ -62,7 +62,7 @@ def _gemv_x(x_ptr, kk, kmask, K, GATED: tl.constexpr):
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
                  HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRE_K: tl.constexpr, USE_GDC: tl.constexpr):
+                 PRE_K: tl.constexpr, USE_GDC: tl.constexpr = False):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     ks = tl.arange(0, BLOCK_K)
@@ -112,7 +112,7 @@ def rms_norm_gemv_ref(x: torch.Tensor, residual: torch.Tensor | None, norm_weigh
 
 @triton.jit
 def _residual_rms_kernel(x_ptr, res_ptr, res_out_ptr, inv_ptr, K, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
     """One program: h = x + residual (stored: the next residual) and 1 / rms(h) as one fp32 scalar; the
     statistics of _rms_norm_kernel, so the normed values below are rms_norm's bit for bit."""
     cols = tl.arange(0, BLOCK)
@@ -141,7 +141,7 @@ def _normed_x(h_ptr, nw_ptr, inv_rms, kk, kmask):
 @triton.jit
 def _normed_gemv_kernel(h_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
                         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRE_K: tl.constexpr, USE_GDC: tl.constexpr):
+                        PRE_K: tl.constexpr, USE_GDC: tl.constexpr = False):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     ks = tl.arange(0, BLOCK_K)

@@ -199,6 +199,6 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
             ws_acc, ws_ml, query_start_loc, out, num_splits,
             out.stride(0), out.stride(1), out.stride(2),
             NUM_HEADS=num_heads, HEAD_DIM=rank, BLOCK_D=block_r, SPLITS_PAD=_next_pow2(num_splits),
-            num_warps=4, USE_GDC=False,  # the MLA split kernel before it launches without PDL (kernels/pdl.py)
+            num_warps=4,  # USE_GDC left False: the MLA split kernel before it launches without PDL (kernels/pdl.py)
         )
     return out

@@ -34,14 +34,13 @@ import triton.language as tl
 
 from meshserve.kernels.triton_attention import (
     _LOG2E,
-    _NEG_BIG,
     _dot_precision,
     _is_fp8,
     _next_pow2,
     _prefill_config,
     _upcast_dot,
+    attend_causal_q_tile,
 )
-from meshserve.kernels.triton_attention_tile import attend_paged_kv_tile
 
 
 @triton.jit
@@ -136,49 +135,14 @@ def _unified_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + s)
     prefix = seq_len - q_len
 
-    qi = q_tile_start + rows // GROUP_PAD
-    row_valid = (qi < q_len) & (g < GROUP)
-    q_pos = prefix + qi
-    tok = (q_start + qi).to(tl.int64)
-    q = tl.load(
-        q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd,
-        mask=row_valid[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
-
-    m_i = tl.full([ROWS], _NEG_BIG, dtype=tl.float32)
-    l_i = tl.zeros([ROWS], dtype=tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-
-    # the prefill kernel's loop: KV tiles from the window start of the tile's first query to the causal
-    # limit of its last
-    kv_hi = prefix + tl.minimum(q_tile_start + BLOCK_Q, q_len)
-    kv_lo = 0
-    if USE_WINDOW:
-        kv_lo = tl.maximum(prefix + q_tile_start - window + 1, 0)
-        kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
-
-    bt_row = bt_ptr + s.to(tl.int64) * stride_btb
-    k_base = cache_ptr + kvh * stride_ch
-    v_base = k_base + stride_ckv
-    n_off = tl.arange(0, BLOCK_N)
-    for start in range(kv_lo, kv_hi, BLOCK_N):
-        kv_pos = start + n_off
-        acc, m_i, l_i = attend_paged_kv_tile(
-            q, q_pos, acc, m_i, l_i, kv_pos, kv_pos < kv_hi, window, bt_row, k_base, v_base, d, d_mask,
-            scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
-            BLOCK_SIZE, True, USE_WINDOW, KV_FP8, DOT_PRECISION,
-        )  # fmt: skip
-
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    tl.store(
-        out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :] * stride_od,
-        o.to(out_ptr.dtype.element_ty),
-        mask=row_valid[:, None] & d_mask[None, :],
-    )
+    attend_causal_q_tile(
+        q_ptr, cache_ptr, bt_ptr, out_ptr, s, kvh, q_start, q_len, q_tile_start, prefix,
+        scale_log2, window, k_scale, v_scale,
+        stride_qt, stride_qh, stride_qd, stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb,
+        stride_ot, stride_oh, stride_od,
+        GROUP, GROUP_PAD, BLOCK_Q, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N,
+        USE_WINDOW, UPCAST_DOT, DOT_PRECISION, KV_FP8,
+    )  # fmt: skip
 
 
 def unified_block_q(head_dim: int, group: int) -> int:

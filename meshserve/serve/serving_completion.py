@@ -14,7 +14,13 @@ from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient, EngineRequest, merge_requests
 from meshserve.serve.logprobs import completion_logprobs
 from meshserve.serve.metrics import RequestTracker, ServerMetrics, outcome_of
-from meshserve.serve.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse
+from meshserve.serve.protocol import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
 from meshserve.serve.sampling_params import completion_sampling_params
 from meshserve.serve.serving_common import (
     ChoiceDelta,
@@ -102,10 +108,7 @@ class CompletionService:
         logprobs = None
         if req.logprobs is not None:
             if echo:
-                prompt_positions = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids))
-                logprobs = completion_logprobs(out.prompt_token_ids + c.token_ids,
-                                               prompt_positions + list(c.logprobs or []),
-                                               (echo.token_texts or []) + [""] * len(c.token_ids))
+                logprobs = _echoed_logprobs(out, c.token_ids, list(c.logprobs or []), echo)
             else:
                 logprobs = completion_logprobs(c.token_ids, list(c.logprobs or []))
         return CompletionChoice(index=i * req.n + c.index, text=text, logprobs=logprobs,
@@ -160,12 +163,17 @@ class CompletionService:
         if d.first and echo is not None:
             text = echo.text + text
             if logprobs is not None:
-                prompt_positions = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids))
-                logprobs = completion_logprobs(out.prompt_token_ids + d.token_ids,
-                                               prompt_positions + positions,
-                                               (echo.token_texts or []) + [""] * len(d.token_ids))
+                logprobs = _echoed_logprobs(out, d.token_ids, positions, echo)
         return CompletionChoice(index=i * req.n + c.index, text=text, logprobs=logprobs,
                                 finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+
+
+def _echoed_logprobs(out: RequestOutput, token_ids: list[int], positions: list, echo: _Echo) -> CompletionLogprobs:
+    """Logprobs of the echoed prompt (its prompt logprobs, None where not computed, and its token texts)
+    followed by those of token_ids, generated at positions (their texts come from their logprobs)."""
+    prompt_positions = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids))
+    return completion_logprobs(out.prompt_token_ids + token_ids, prompt_positions + positions,
+                               (echo.token_texts or []) + [""] * len(token_ids))
 
 
 async def _close(requests: list[EngineRequest]) -> None:

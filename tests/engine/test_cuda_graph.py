@@ -106,3 +106,31 @@ def test_split_counts_come_from_each_layers_backend(monkeypatch):
     layers[1].backend = TorchAttentionBackend()
     assert counts(1, 4096) is None
     assert attention_split_counts([torch.nn.Identity()], torch.bfloat16, cpu, 1, 4096) is None
+
+
+class _FakeGraph:
+    def __init__(self):
+        self.was_reset = False
+
+    def reset(self):
+        self.was_reset = True
+
+
+def test_release_frees_the_graphs_of_decode_and_mixed_step_holders(monkeypatch):
+    """release() (DecodeGraphs and MixedStepGraphs share it) waits for the device once, resets every graph and
+    drops the outputs, the pool and the runner's forward (a reference cycle otherwise)."""
+    from meshserve.engine.mixed_graph import MixedStepGraphs
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", synced.append)
+    mixed = MixedStepGraphs(lambda *a: None, [8], 2, 64, 16, torch.device("cpu"), replay=False)
+    for holder in (_graphs(), mixed):
+        graphs = {1: _FakeGraph(), 2: _FakeGraph()}
+        holder.graphs.update(graphs)
+        holder.outputs.update({1: torch.zeros(1), 2: torch.zeros(1)})
+        holder.pool, holder.forward = object(), lambda *a: None
+        holder.release()
+        assert all(g.was_reset for g in graphs.values())
+        assert not holder.graphs and not holder.outputs and holder.pool is None and holder.forward is None
+        holder.release()  # again: nothing to wait for
+    assert synced == [torch.device("cpu")] * 2

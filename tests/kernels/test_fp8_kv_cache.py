@@ -1,6 +1,6 @@
 """FP8 (e4m3) KV cache: the torch reference (write quantizes, reads dequantize) and the Triton kernels against it.
 
-Without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set before triton is imported).
+Without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set by tests/conftest.py).
 The interpreter's fp32 -> fp8 cast mis-rounds values that round up across a power of two, so the interpreter
 write test uses K/V whose scaled values are exact in e4m3 (no rounding): it checks layout and scaling; the GPU
 test compares arbitrary values bit for bit.
@@ -9,14 +9,11 @@ test compares arbitrary values bit for bit.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 _HAS_CUDA = torch.cuda.is_available()
-if not _HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from meshserve.kernels.attention_ref import gather_kv_ref, paged_attention_ref, write_kv_ref
 from meshserve.kernels.quant_ref import FP8_DTYPE

@@ -6,14 +6,11 @@ installed without CUDA, on the GPU (`-m gpu`) at DeepSeek's shapes (R = 512, P =
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 _HAS_CUDA = torch.cuda.is_available()
-if not _HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.kernels.mla_ref import gather_latent_ref, mla_decode_ref, mla_prefill_ref, write_latent_ref

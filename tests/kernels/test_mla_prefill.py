@@ -9,14 +9,11 @@ shapes (16 heads, R 512, N 128, P 64, V 128), with a 16k-token prefix through a 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 _HAS_CUDA = torch.cuda.is_available()
-if not _HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
 from meshserve.kernels.mla_prefill import chunk_plan, gather_expand, mla_prefill, prefill_context
 from meshserve.kernels.mla_prefill_workspace import MLAPrefillWorkspace, WorkspaceShape

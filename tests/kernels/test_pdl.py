@@ -9,7 +9,6 @@ PDL on equals itself with PDL off, eagerly and inside a CUDA graph.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -17,8 +16,6 @@ import torch
 from tests.kernels.sm90 import assert_compiles_for_sm90
 
 _HAS_CUDA = torch.cuda.is_available()
-if not _HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 

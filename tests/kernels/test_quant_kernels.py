@@ -9,14 +9,11 @@ AWQ packs 8 output features per int32 with feature order [0, 2, 4, 6, 1, 3, 5, 7
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 _HAS_CUDA = torch.cuda.is_available()
-if not _HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from meshserve.kernels.quant_ref import (
     FP8_DTYPE,

@@ -1,7 +1,7 @@
 """Triton attention kernels vs the torch reference (meshserve.kernels.attention_ref).
 
-Without CUDA the kernels run in the Triton CPU interpreter (TRITON_INTERPRET=1 is set below, before triton is
-imported) on tiny shapes. `-m gpu` runs the real kernels on CUDA over production-like shapes.
+Without CUDA the kernels run in the Triton CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py) on
+tiny shapes. `-m gpu` runs the real kernels on CUDA over production-like shapes.
 
 Tolerances: fp32 atol/rtol 1e-4 in the interpreter (TF32 dot on GPU: 1e-2); fp16 and bf16 compare against the
 reference computed in fp32 from the same rounded inputs with atol 2e-2, rtol 2e-2.
@@ -10,14 +10,11 @@ reference computed in fp32 from the same rounded inputs with atol 2e-2, rtol 2e-
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 _HAS_CUDA = torch.cuda.is_available()
-if not _HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 

@@ -1,22 +1,19 @@
 """Triton rms_norm / silu_and_mul / rotary vs their torch references (and the layer modules).
 
-Without CUDA the kernels run in the Triton CPU interpreter (TRITON_INTERPRET=1 set before triton is
-imported) in fp32/fp16 (the interpreter rounds fp32 -> bf16 differently from torch, so bf16 is GPU-only).
+Without CUDA the kernels run in the Triton CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py) in
+fp32/fp16 (the interpreter rounds fp32 -> bf16 differently from torch, so bf16 is GPU-only).
 Tolerances: fp32 1e-5; fp16/bf16: one unit in the last place of the output dtype (atol/rtol = eps).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 _HAS_CUDA = torch.cuda.is_available()
-if not _HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 

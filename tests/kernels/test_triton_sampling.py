@@ -9,14 +9,11 @@ temperature factor, or missing noise) by far while a right one passes all but ~1
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 _HAS_CUDA = torch.cuda.is_available()
-if not _HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 

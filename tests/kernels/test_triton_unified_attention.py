@@ -1,6 +1,6 @@
 """Unified (graph-bound mixed-batch) attention vs the torch reference, on padded CUDA-graph-style metadata.
 
-Without CUDA the kernel runs in the Triton interpreter (TRITON_INTERPRET=1 is set before triton is imported) on
+Without CUDA the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py) on
 tiny shapes, with small block_q overrides so each sequence spans several q-blocks. `-m gpu` runs the compiled
 kernel at realistic shapes and inside a captured torch.cuda.CUDAGraph.
 
@@ -12,15 +12,12 @@ query_start_loc[S] belong to no sequence; their output rows must be zeros.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import numpy as np
 import pytest
 import torch
 
 _HAS_CUDA = torch.cuda.is_available()
-if not _HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 pytestmark = pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")

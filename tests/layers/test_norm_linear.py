@@ -10,14 +10,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed"),

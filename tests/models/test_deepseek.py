@@ -3,14 +3,10 @@ tokens / prompt logprobs of the whole engine under chunked prefill, prefix-cache
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton loads: the Triton MLA test below runs interpreted
 
 from meshserve import LLM, SamplingParams
 from meshserve.layers.moe_routing import GroupedTopK

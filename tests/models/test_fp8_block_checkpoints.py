@@ -25,7 +25,13 @@ from safetensors.torch import load_file, save_file
 
 from meshserve import LLM, SamplingParams
 from meshserve.errors import ModelLoadError
-from tests.quant_fixtures import BLOCK, block_fp8_checkpoints, dequantize_block_fp8, fake_quant_fp8
+from tests.quant_fixtures import (
+    BLOCK,
+    DEEPSEEK_V3_BLOCK_FP8,
+    block_fp8_checkpoints,
+    dequantize_block_fp8,
+    fake_quant_fp8,
+)
 
 DENSE = {
     "hidden_size": 320,
@@ -38,25 +44,7 @@ FAMILIES = {
     "llama": {"model_type": "llama", "tie_word_embeddings": False, **DENSE},
     "qwen3": {"model_type": "qwen3", "tie_word_embeddings": True, **DENSE},
     # every layer dense (no routed experts); MLA projections with several blocks each, kv_b_proj 256 x 160
-    "deepseek_v3": {
-        "model_type": "deepseek_v3",
-        "tie_word_embeddings": False,
-        "hidden_size": 256,
-        "intermediate_size": 256,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "q_lora_rank": 128,
-        "kv_lora_rank": 160,
-        "qk_nope_head_dim": 32,
-        "qk_rope_head_dim": 16,
-        "v_head_dim": 32,
-        "first_k_dense_replace": 2,
-        "n_routed_experts": 8,
-        "n_group": 4,
-        "topk_group": 2,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 128,
-    },
+    "deepseek_v3": {**DEEPSEEK_V3_BLOCK_FP8, "tie_word_embeddings": False, "first_k_dense_replace": 2},
 }
 PROMPTS = [[(7 * i + 3 * j) % 300 + 5 for i in range(12 + 5 * j)] for j in range(3)]
 

@@ -25,7 +25,7 @@ from meshserve.errors import ModelLoadError
 from meshserve.models.quantize_checkpoint import quantize_checkpoint
 from tests.models.test_fp8_block_checkpoints import FP8_LAYERS, _hf_run, _run
 from tests.quant_fixtures import BLOCK as B
-from tests.quant_fixtures import block_fp8_checkpoints, fake_quant_fp8
+from tests.quant_fixtures import DEEPSEEK_V3_BLOCK_FP8, block_fp8_checkpoints, fake_quant_fp8
 
 ATTN = {"hidden_size": 320, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128}
 FAMILIES = {
@@ -60,25 +60,7 @@ FAMILIES = {
         **ATTN,
     },
     # layer 0 dense, layer 1 MLA + 8 routed experts (sigmoid, grouped top-k) + one shared expert
-    "deepseek_v3": {
-        "model_type": "deepseek_v3",
-        "hidden_size": 256,
-        "intermediate_size": 256,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "q_lora_rank": 128,
-        "kv_lora_rank": 160,
-        "qk_nope_head_dim": 32,
-        "qk_rope_head_dim": 16,
-        "v_head_dim": 32,
-        "first_k_dense_replace": 1,
-        "n_routed_experts": 8,
-        "n_shared_experts": 1,
-        "n_group": 4,
-        "topk_group": 2,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 128,
-    },
+    "deepseek_v3": {**DEEPSEEK_V3_BLOCK_FP8, "first_k_dense_replace": 1, "n_shared_experts": 1},
 }
 
 

@@ -137,6 +137,12 @@ def test_completion_logprobs_and_echo(client):
     elp = echo.choices[0].logprobs
     assert elp.token_logprobs[0] is None and len(elp.tokens) == echo.usage.prompt_tokens + 5
     assert "".join(elp.tokens[:echo.usage.prompt_tokens]) == PROMPT
+    # streamed, the first chunk carries the echoed prompt's logprobs before its own: the same in all
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=1,
+                                              echo=True, stream=True, extra_body={"ignore_eos": True}))
+    chunks = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t for lp in chunks for t in lp.tokens] == elp.tokens
+    assert [x for lp in chunks for x in lp.token_logprobs] == elp.token_logprobs
 
 
 def test_chat_logprobs(client):

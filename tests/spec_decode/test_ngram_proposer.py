@@ -142,3 +142,54 @@ def test_a_long_repeated_run_needs_no_fallback():
     assert proposer.propose_for(seq) == [7]
     assert seq.ngram_index.lookup(3, 5, skip=0) == [7]
     assert seq.ngram_index.lookup(3, 5, skip=1) == [7]  # the second latest reaches past one skipped
+
+
+@pytest.mark.parametrize("max_walk", [ngram_proposer.MAX_WALK, 2])
+def test_windowed_index_keeps_the_plain_rule_past_the_window(monkeypatch, max_walk):
+    """A window of 12 tokens (dropped 4 at a time) on sequences of up to ~200: every proposal is still the
+    plain rule's over the whole sequence (the index answers when its window decides, the search otherwise),
+    and the index never holds more than window + step tokens."""
+    monkeypatch.setattr(ngram_proposer, "MAX_WALK", max_walk)
+    monkeypatch.setattr(ngram_proposer, "INDEX_WINDOW", 12)
+    monkeypatch.setattr(ngram_proposer, "INDEX_EVICT_STEP", 4)
+    rng = np.random.default_rng(2)
+    answered = dropped = 0
+    for _ in range(60):
+        n_min = int(rng.integers(1, 4))
+        n_max = int(rng.integers(n_min, 7))
+        k = int(rng.integers(1, 5))
+        alphabet = int(rng.choice([2, 3, 6, 50]))
+        proposer = NgramProposer(k, n_min, n_max)
+        seq = _seq(rng.integers(0, alphabet, size=int(rng.integers(1, 40))).tolist())
+        for _step in range(40):
+            seq.output_token_ids.extend(rng.integers(0, alphabet, size=int(rng.integers(1, 5))).tolist())
+            skip = int(rng.choice([0, 0, 1, 2]))
+            tokens = seq.prompt_token_ids + seq.output_token_ids
+            assert proposer.propose_for(seq, skip) == _reference(tokens, k, n_min, n_max, skip)
+            index = seq.ngram_index
+            assert index.tokens == tokens[index.base :] and len(index.prev) == len(index.tokens) - 1
+            assert len(index.tokens) <= 16 and len(index.heads) <= 16
+            assert all(index.base <= e for e in index.heads.values())
+            if index.base > 0:
+                dropped += 1
+                answered += index.lookup(k, n_max, skip) is not None
+    assert dropped > 0 and answered > 0  # the window dropped tokens and still decided some lookups itself
+
+
+def test_index_memory_is_bounded_by_the_window():
+    """A 30k-token sequence (a long prompt, then decode steps) keeps the index at the last INDEX_WINDOW to
+    INDEX_WINDOW + INDEX_EVICT_STEP tokens, and a repetitive one is still answered from the window."""
+    window, step = ngram_proposer.INDEX_WINDOW, ngram_proposer.INDEX_EVICT_STEP
+    proposer = NgramProposer(4, 2, 5)
+    seq = _seq(np.random.default_rng(0).integers(0, 1000, size=3 * window).tolist())
+    proposer.propose_for(seq)
+    index = seq.ngram_index
+    assert index.base == 2 * window and len(index.tokens) == window  # the long prompt: only its window
+    for t in range(2 * step):
+        seq.output_token_ids.append(t % 7)
+        proposer.propose_for(seq)
+        assert window <= len(index.tokens) <= window + step
+        assert len(index.prev) == len(index.tokens) - 1 and len(index.heads) <= len(index.tokens)
+    assert index.base > 2 * window  # dropped on the way
+    assert proposer.propose_for(seq) == [4, 5, 6, 0]  # the cycle 0..6: matched within the window
+    assert index.lookup(4, 5) == [4, 5, 6, 0]

@@ -39,8 +39,9 @@ from meshserve.layers.backend_selection import KernelSelection
 HIDDEN, HEADS, NOPE, ROPE, V_DIM, RANK, BLOCK_SIZE, LAYERS = 2048, 16, 128, 64, 128, 512, 16, 27
 ROW_BYTES = (RANK + ROPE) * 2
 DEV, DTYPE = "cuda", torch.bfloat16
-SHAPES = [(1, 800), (64, 800), (256, 800), (1, 4096), (64, 4096), (256, 4096), (256, "w2mix")]
-SWEEP_SHAPES = [(1, 800), (64, 800), (256, 800), (256, "w2mix")]
+# 96: W2's tail band (67-131 sequences) where the MLA split rule differs from the generic one
+SHAPES = [(1, 800), (64, 800), (96, 800), (256, 800), (1, 4096), (64, 4096), (256, 4096), (256, "w2mix")]
+SWEEP_SHAPES = [(1, 800), (64, 800), (96, 800), (256, 800), (256, "w2mix")]
 TILES = [None, (32, 4, 2), (64, 4, 2), (64, 8, 2)]  # None: _decode_config's (32, 8, 2)
 
 
@@ -222,7 +223,7 @@ def bench_sweep(bound: int) -> list[dict]:
         args = (q_lat, q_pe, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.07, bound)
         ref = mla_decode(*args).float()
         nbytes = sum(lens) * ROW_BYTES
-        splits = [None, 2] if batch > 64 else [None, 2, 8] if batch > 1 else [None, 8, 32]
+        splits = [None, 1, 2] if batch > 64 else [None, 2, 8] if batch > 1 else [None, 8, 32]
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         runs = [("split", s) for s in splits] + [("balanced", n) for n in (None, 4 * sms)]
         for tile in TILES:

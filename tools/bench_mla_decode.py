@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import gc
 import json
 import random
 import time
@@ -264,6 +265,8 @@ def each_layer(layers, part: str, *args) -> None:
 def bench_model(bound: int) -> list[dict]:
     from meshserve import LLM
 
+    gc.collect()
+    torch.cuda.empty_cache()  # the layer and sweep parts' caches, before the engine sizes its KV pool
     t0 = time.perf_counter()
     llm = LLM(model="deepseek-v2-lite", load_format="dummy", dtype="bfloat16", max_model_len=bound,
               max_num_seqs=256, enforce_eager=True)

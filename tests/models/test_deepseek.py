@@ -319,3 +319,34 @@ def test_mla_decode_paths_agree_at_v2_lite_shapes_in_a_cuda_graph(batch):
     for name in ("legacy", "new", "balanced"):
         torch.testing.assert_close(outs[name], outs["torch"], atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(caches[name], caches["torch"], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter on CPU (on a GPU: -m gpu tests)")
+@pytest.mark.parametrize("balanced", [False, True])
+def test_engine_with_fused_mla_prologue_matches_hf(tiny_model_dir, hf_model, monkeypatch, balanced):
+    """The whole engine on the fused prologue kernel and the split (or balanced) decode kernel, in the
+    interpreter, mixed steps and preemption included: HF's tokens."""
+    pytest.importorskip("triton")
+    import dataclasses
+
+    from meshserve.engine import model_runner
+    from meshserve.kernels import triton_mla_balanced, triton_mla_rope
+    from meshserve.layers.mla_attention import MLAAttention
+    from tests.engine.test_engine_vs_hf import hf_greedy
+
+    real = model_runner.select_kernels
+    monkeypatch.setattr(model_runner, "select_kernels",
+                        lambda config: dataclasses.replace(real(config), fused_prologue=True, mla_balanced=balanced))
+    monkeypatch.setattr(MLAAttention, "_use_triton", lambda self, x: True)
+    calls = []
+    for module, name in ((triton_mla_rope, "mla_rope_latent"), (triton_mla_balanced, "mla_decode_balanced")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
+    path = tiny_model_dir("deepseek_v2")
+    llm = LLM(model=path, max_num_batched_tokens=16, block_size=4, num_gpu_blocks_override=12)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf_model(path), p, MAX_NEW) for p in _prompts()]
+    assert llm.engine.stats()["num_preemptions"] > 0
+    assert "mla_rope_latent" in calls and ("mla_decode_balanced" in calls) == balanced

@@ -18,13 +18,25 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_DISABLE_FUSED_OPS=1             no fused Triton op: norm, rotary, SiLU, prologue, GEMV, sampler
   MESHSERVE_NORM_GEMV=1                     fold the residual add + RMSNorm into the QKV and gate/up GEMVs
                                             (opt-in until measured on the H200: issue 29)
-  MESHSERVE_PDL=1                           programmatic dependent launch of the decode-path Triton kernels on
+  MESHSERVE_PDL=1|auto                      programmatic dependent launch of the decode-path Triton kernels on
                                             sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
-                                            kernels/pdl.py); opt-in until measured on the H200 (issue 29)
+                                            kernels/pdl.py); auto: only for models whose hidden size is at most
+                                            2,048 (pdl.auto_enables); opt-in until measured on the H200 (issue 29)
+  MESHSERVE_PDL_TRIGGER=early|late          PDL variants under A/B (kernels/pdl.py, tools/pdl_device.sh): where
+  MESHSERVE_PDL_ONE_WAVE=1                  the next kernel may launch; PDL only for one-wave grids; when the
+  MESHSERVE_PDL_PRELOAD=all|none|row        GEMV preloads weights before the wait
   MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024  small batches' decode graphs also for these context bounds, with
                                             fewer attention splits (default none: opt-in until measured)
   MESHSERVE_MLA_PREFILL_REF=1               MLA prefill chunks one sequence at a time (mla_prefill_ref) even on
                                             the Triton path: the A/B baseline of the batched prefill
+  MESHSERVE_MLA_LEGACY=1                    MLA decode as before 2026-11-30: unfused norm + rotary + latent
+                                            write (~20 kernels a layer), absorbed matmuls through transposed
+                                            copies, the generic split rule (the A/B baseline of the new path)
+  MESHSERVE_MLA_BALANCED=1                  MLA decode through the balanced kernel (kernels/triton_mla_balanced.py:
+                                            equal work per program whatever the context lengths); opt-in until
+                                            measured (tools/bench_mla_decode.py)
+  MESHSERVE_MLA_DECODE_TILE=32,8,2          the MLA decode kernel's BLOCK_N, num_warps, num_stages (default:
+                                            kernels/triton_mla._decode_config; tools/bench_mla_decode.py sweeps)
   MESHSERVE_FP8_GEMV=cvt|bits|dot|scaled_mm the batch-1 fp8-weight projection (kernels/triton_fp8_gemv.py;
                                             scaled_mm: torch._scaled_mm, the activation quantized per token);
                                             default cvt, until the H200 A/B of issue 20
@@ -48,6 +60,7 @@ from meshserve.config import EngineConfig
 from meshserve.errors import InvalidArgumentError
 from meshserve.kernels import pdl
 from meshserve.kernels.fused import fused_ops_importable, gemv_importable
+from meshserve.kernels.pdl import PdlPolicy
 from meshserve.layers.attention import Attention, make_attention_backend
 
 logger = logging.getLogger(__name__)
@@ -57,7 +70,13 @@ DISABLE_FUSED_OPS_ENV = "MESHSERVE_DISABLE_FUSED_OPS"
 NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
 DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
+MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
+MLA_DECODE_TILE_ENV = "MESHSERVE_MLA_DECODE_TILE"
+MLA_BALANCED_ENV = "MESHSERVE_MLA_BALANCED"
 PDL_ENV = "MESHSERVE_PDL"
+PDL_TRIGGER_ENV = "MESHSERVE_PDL_TRIGGER"
+PDL_ONE_WAVE_ENV = "MESHSERVE_PDL_ONE_WAVE"
+PDL_PRELOAD_ENV = "MESHSERVE_PDL_PRELOAD"
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
 FP8_GEMV_CHOICES = ("cvt", "bits", "dot", "scaled_mm")  # triton_fp8_gemv.FP8_GEMV_VARIANTS + cuBLASLt
@@ -86,10 +105,21 @@ class KernelSelection:
     kv_cache_dtype: torch.dtype | None = None  # the KV pool's element type (None only in PLAIN)
     # MLA prefill chunks through the per-sequence reference even on the Triton path (layers/mla_attention.py)
     mla_prefill_ref: bool = False
-    # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide switch, bound below)
-    pdl: bool = False
+    # MLA decode as before 2026-11-30 (layers/mla_attention.py): the A/B baseline of the fused prologue,
+    # the copy-free absorbed matmuls and the MLA split rule
+    mla_legacy: bool = False
+    # MLA decode with the batch's KV work balanced over a fixed program count (kernels/triton_mla_balanced.py)
+    mla_balanced: bool = False
+    # (BLOCK_N, num_warps, num_stages) of the MLA decode kernel; None: its default
+    mla_decode_tile: tuple[int, int, int] | None = None
     fp8_gemv: str = "cvt"  # the batch-1 fp8-weight projection when gemv is on (FP8_GEMV_CHOICES)
     int4_gemv: str = "magic"  # the int4 projection of <= 4 rows when gemv is on (INT4_GEMV_CHOICES)
+    # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide policy, bound below)
+    pdl_policy: PdlPolicy = PdlPolicy()  # noqa: RUF009 (frozen: one shared default is safe)
+
+    @property
+    def pdl(self) -> bool:
+        return self.pdl_policy.enabled
 
 
 # what a layer uses until a runner binds its selection: the plain torch path
@@ -123,6 +153,35 @@ def _decode_context_bounds() -> tuple[int, ...]:
     return bounds
 
 
+def _mla_decode_tile() -> tuple[int, int, int] | None:
+    raw = os.environ.get(MLA_DECODE_TILE_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        block_n, warps, stages = (int(v) for v in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{MLA_DECODE_TILE_ENV} takes BLOCK_N,num_warps,num_stages (32,8,2), got {raw!r}") from None
+    if block_n < 16 or block_n & (block_n - 1) or warps not in (1, 2, 4, 8, 16) or stages < 1:
+        raise ValueError(f"{MLA_DECODE_TILE_ENV}: BLOCK_N a power of two >= 16, num_warps 1-16, stages >= 1: {raw!r}")
+    return block_n, warps, stages
+
+
+def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
+    """MESHSERVE_PDL (0 / 1 / auto: by the model's hidden size) and the variants' switches."""
+    mode = os.environ.get(PDL_ENV, "").strip().lower()
+    if mode == "auto":
+        hf_config = config.model_config.hf_config
+        # a multimodal config keeps the language model's sizes in text_config
+        hf_config = getattr(hf_config, "text_config", None) or hf_config
+        enabled = pdl.auto_enables(getattr(hf_config, "hidden_size", None))
+    else:
+        enabled = mode not in ("", "0")
+    return PdlPolicy(
+        enabled=on_cuda and enabled,
+        trigger=os.environ.get(PDL_TRIGGER_ENV, "").strip().lower() or "early",
+        one_wave_only=os.environ.get(PDL_ONE_WAVE_ENV, "") not in ("", "0"),
+        preload=os.environ.get(PDL_PRELOAD_ENV, "").strip().lower() or "all",
+    )
 def _variant(env: str, choices: tuple[str, ...], default: str) -> str:
     value = os.environ.get(env, "").strip().lower() or default
     if value not in choices:
@@ -159,7 +218,10 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         decode_context_bounds=_decode_context_bounds() if cuda_graphs else (),
         kv_cache_dtype=kv_cache_dtype,
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
-        pdl=on_cuda and os.environ.get(PDL_ENV, "") not in ("", "0"),
+        mla_legacy=os.environ.get(MLA_LEGACY_ENV, "") not in ("", "0"),
+        mla_decode_tile=_mla_decode_tile(),
+        mla_balanced=os.environ.get(MLA_BALANCED_ENV, "") not in ("", "0"),
+        pdl_policy=_pdl_policy(config, on_cuda),
         fp8_gemv=_variant(FP8_GEMV_ENV, FP8_GEMV_CHOICES, KernelSelection.fp8_gemv),
         int4_gemv=_variant(INT4_GEMV_ENV, INT4_GEMV_CHOICES, KernelSelection.int4_gemv),
     )
@@ -171,7 +233,7 @@ def bind_kernels(model: nn.Module, selection: KernelSelection) -> None:
     """Hand the selection to the model's layers: attention layers get the backend (one instance, shared)
     and the prologue switch; every other layer with a `kernels` attribute gets the selection itself. PDL is
     a launch mode of the kernel wrappers, set for the process (kernels/pdl.py)."""
-    pdl.set_enabled(selection.pdl)
+    pdl.set_policy(selection.pdl_policy)
     backend = make_attention_backend(selection.attention_backend)
     for module in model.modules():
         if isinstance(module, Attention):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoConfig
@@ -21,9 +23,12 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_NORM_GEMV", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", raising=False)
     monkeypatch.delenv("MESHSERVE_MLA_PREFILL_REF", raising=False)
-    monkeypatch.delenv("MESHSERVE_PDL", raising=False)
-    monkeypatch.delenv("MESHSERVE_FP8_GEMV", raising=False)
-    monkeypatch.delenv("MESHSERVE_INT4_GEMV", raising=False)
+    for name in ("MESHSERVE_PDL", "MESHSERVE_PDL_TRIGGER", "MESHSERVE_PDL_ONE_WAVE", "MESHSERVE_PDL_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def _config(device="cpu", dtype="float32", cache_dtype="auto", enforce_eager=False) -> EngineConfig:
@@ -85,6 +90,36 @@ def test_pdl_switch_is_opt_in_for_cuda_and_bound_for_the_process(monkeypatch):
         assert not pdl.is_enabled()
 
 
+def _model_config(hidden_size: int | None, device="cuda") -> EngineConfig:
+    from types import SimpleNamespace
+
+    config = _config(device=device, dtype="bfloat16")
+    hf = SimpleNamespace(hidden_size=hidden_size) if hidden_size is not None else None
+    return dataclasses.replace(config, model_config=dataclasses.replace(config.model_config, hf_config=hf))
+
+
+def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
+    from meshserve.kernels.pdl import PdlPolicy
+
+    monkeypatch.setenv("MESHSERVE_PDL", "auto")
+    # on for Qwen3-0.6B's 1,024 (+26% W1 on an H200), off for Llama-3.1-8B's 4,096 (-9%), an unknown size, and CPU
+    assert select_kernels(_model_config(1024)).pdl and select_kernels(_model_config(2048)).pdl
+    assert not select_kernels(_model_config(4096)).pdl and not select_kernels(_model_config(None)).pdl
+    assert not select_kernels(_model_config(1024, device="cpu")).pdl
+    # 1 and 0 keep their meaning whatever the model; the variants ride along
+    monkeypatch.setenv("MESHSERVE_PDL", "1")
+    assert select_kernels(_model_config(4096)).pdl_policy == PdlPolicy(enabled=True)
+    monkeypatch.setenv("MESHSERVE_PDL_TRIGGER", "late")
+    monkeypatch.setenv("MESHSERVE_PDL_ONE_WAVE", "1")
+    monkeypatch.setenv("MESHSERVE_PDL_PRELOAD", "row")
+    assert select_kernels(_model_config(4096)).pdl_policy == PdlPolicy(True, "late", True, "row")
+    monkeypatch.setenv("MESHSERVE_PDL", "0")
+    assert select_kernels(_model_config(1024)).pdl_policy == PdlPolicy(False, "late", True, "row")
+    monkeypatch.setenv("MESHSERVE_PDL_PRELOAD", "half")
+    with pytest.raises(ValueError, match="preload"):
+        select_kernels(_model_config(1024))
+
+
 def test_mla_prefill_reference_switch(monkeypatch):
     # the batched MLA prefill by default on the Triton path; the per-sequence reference for A/B runs
     gpu = _config(device="cuda", dtype="bfloat16")
@@ -106,6 +141,22 @@ def test_quantized_gemv_variant_switches(monkeypatch):
     monkeypatch.setenv("MESHSERVE_FP8_GEMV", "fast")
     with pytest.raises(ValueError, match="MESHSERVE_FP8_GEMV takes one of cvt, bits, dot, scaled_mm"):
         select_kernels(gpu)
+
+
+def test_mla_legacy_and_decode_tile_switches(monkeypatch):
+    # the new MLA decode path by default; the legacy one and a decode tile for A/B runs
+    gpu = _config(device="cuda", dtype="bfloat16")
+    sel = select_kernels(gpu)
+    assert not sel.mla_legacy and sel.mla_decode_tile is None and not sel.mla_balanced
+    monkeypatch.setenv("MESHSERVE_MLA_LEGACY", "1")
+    monkeypatch.setenv("MESHSERVE_MLA_DECODE_TILE", "64, 4,2")
+    monkeypatch.setenv("MESHSERVE_MLA_BALANCED", "1")
+    sel = select_kernels(gpu)
+    assert sel.mla_legacy and sel.mla_decode_tile == (64, 4, 2) and sel.mla_balanced
+    for bad in ("64,4", "48,4,2", "64,3,2", "x"):
+        monkeypatch.setenv("MESHSERVE_MLA_DECODE_TILE", bad)
+        with pytest.raises(ValueError, match="MESHSERVE_MLA_DECODE_TILE"):
+            select_kernels(gpu)
 
 
 def test_environment_overrides(monkeypatch):

@@ -75,7 +75,7 @@ def _int4_tiles(quick: bool):
 
     default = [("default", None)]
     if quick:
-        return {"magic": default, "cvt": default}
+        return {"magic": default, "magic_fused": default, "cvt": default}
     rows = [
         ("256x64 w1 auto-split", auto(256, 64, 1)),
         ("128x64 w1 auto-split", auto(128, 64, 1)),
@@ -83,7 +83,7 @@ def _int4_tiles(quick: bool):
         ("256x128 w2 auto-split", auto(256, 128, 2)),
         ("256x64 w2 no split", lambda n, k: GemvTiles(256, 64, num_warps=2)),
     ]
-    return {"magic": default + rows, "cvt": default + rows[:1]}
+    return {"magic": default + rows, "magic_fused": default + rows[:3], "cvt": default + rows[:1]}
 
 
 class Bench:
@@ -246,7 +246,9 @@ def run(args) -> dict:
                     variant,
                     label,
                     make,
-                    lambda d, t, v=variant: int4_gemv(d["x"], *d["i4"], group, variant=v, tiles=t),
+                    lambda d, t, v=variant: int4_gemv(
+                        d["x"], *d["i4"], group, variant=v.split("_")[0], tiles=t, fused_reduce="_" in v
+                    ),
                     "ref4",
                     b4,
                 )

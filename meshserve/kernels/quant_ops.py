@@ -12,8 +12,9 @@ Block-wise FP8 weights (128 x 128 scales, activations per 1 x 128 group)
                                             batch size (the analog of torch._scaled_mm above)
   otherwise                                 fp8_block_linear_ref (kernels/fp8_block_ref.py)
 INT4 weights
-  <= 4 rows on a GPU (decode)               Triton INT4 GEMV (kernels/triton_int4_gemv.py, variant magic | cvt;
-                                            matmul: the dequant-GEMM below for these rows too)
+  <= 4 rows on a GPU (decode)               Triton INT4 GEMV (kernels/triton_int4_gemv.py, variant magic | cvt,
+                                            magic_fused: split-K summed inside the GEMV; matmul: the
+                                            dequant-GEMM below for these rows too)
   more rows on a GPU                        Triton dequant-GEMM (kernels/triton_quant.py)
   otherwise                                 dequantize, then F.linear
 `gemv` / `fast` is the backend selection's switch (the GEMV switch; off under MESHSERVE_DISABLE_FUSED_OPS) and
@@ -162,8 +163,9 @@ def int4_linear(
             and triton_int4_gemv is not None
             and rows <= triton_int4_gemv.MAX_GEMV_ROWS
         ):
+            variant, _, fused = gemv_variant.partition("_")  # "magic_fused": split-K summed in the GEMV
             return triton_int4_gemv.int4_gemv(
-                x, qweight, scales, zeros, group_size, g_idx, bias, variant=gemv_variant
+                x, qweight, scales, zeros, group_size, g_idx, bias, variant=variant, fused_reduce=bool(fused)
             )
         triton_quant = _triton_quant()
         if triton_quant is not None:

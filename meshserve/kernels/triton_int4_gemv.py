@@ -107,7 +107,9 @@ def _int4_gemv_kernel(
     z_ptr,
     g_ptr,
     b_ptr,
-    out_ptr,
+    y_ptr,
+    part_ptr,
+    cnt_ptr,
     M,
     N,
     K,
@@ -120,6 +122,7 @@ def _int4_gemv_kernel(
     HAS_G_IDX: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
     GROUP_UNIFORM: tl.constexpr,
     MAGIC: tl.constexpr,
     PRMT: tl.constexpr,
@@ -189,12 +192,43 @@ def _int4_gemv_kernel(
             acc += tl.sum(step, 1)
     mask = mmask[:, None] & nmask[None, :]
     if SPLIT:
-        tl.store(out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+        part = part_ptr + rm[:, None] * N + rn[None, :]
+        tl.store(part + pid_k * M * N, acc, mask=mask)
+        if FUSED_REDUCE:  # the column block's last program to finish sums the partials: no reduce kernel
+            tl.debug_barrier()  # every thread's partial is stored before the count
+            done = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+            if done == tl.num_programs(1) - 1:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for s in range(tl.num_programs(1)):  # .cg: from L2, where the other programs' stores are
+                    acc += tl.load(part + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                _store_y(acc, y_ptr, b_ptr, rm, rn, nmask, mask, stride_ym, HAS_BIAS)
+                tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0)  # zero again for the next call or graph replay
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
-        tl.store(y_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_y(acc, y_ptr, b_ptr, rm, rn, nmask, mask, stride_ym, HAS_BIAS)
+
+
+@triton.jit
+def _store_y(acc, y_ptr, b_ptr, rm, rn, nmask, mask, stride_ym, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, blocks: int) -> torch.Tensor | None:
+    """The zeroed int32 counters of the fused split-K reduce, one per column block, kept for the process (every
+    kernel leaves them zero). None while a CUDA graph is being captured and none is allocated yet (a buffer made
+    then would belong to the graph's pool): the caller takes the two-kernel reduce."""
+    have = _counters.get(device)
+    if have is None or have.numel() < blocks:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        have = torch.zeros(max(blocks, 4096), dtype=torch.int32, device=device)
+        _counters[device] = have
+    return have
 
 
 def default_int4_tiles(n: int, k: int, num_sms: int = 132) -> GemvTiles:
@@ -218,8 +252,11 @@ def int4_gemv(
     bias: torch.Tensor | None = None,
     variant: str = "magic",
     tiles: GemvTiles | None = None,
+    fused_reduce: bool = False,
 ) -> torch.Tensor:
-    """Same as quant_ref.int4_linear_ref for x [..., K] of at most MAX_GEMV_ROWS rows -> [..., N] in x.dtype."""
+    """Same as quant_ref.int4_linear_ref for x [..., K] of at most MAX_GEMV_ROWS rows -> [..., N] in x.dtype.
+    fused_reduce: split-K partials summed by each column block's last program (a counter per block in a
+    persistent buffer that the summing program zeroes again) instead of a second kernel."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -236,7 +273,10 @@ def int4_gemv(
         raise ValueError(f"int4_gemv: block_k {tiles.block_k} is not whole packed rows")
     per_split, splits = split_k_range(k, tiles)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    out = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
+    partials = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
+    counters = (
+        _split_counters(x.device, triton.cdiv(n, tiles.block_n)) if splits > 1 and fused_reduce else None
+    )
     if m:
         _int4_gemv_kernel[(triton.cdiv(n, tiles.block_n), splits)](
             x2,
@@ -245,7 +285,9 @@ def int4_gemv(
             zeros,
             g_idx if g_idx is not None else qweight,
             bias if bias is not None else y,
-            out,
+            y,
+            partials,
+            counters if counters is not None else qweight,
             m,
             n,
             k,
@@ -258,6 +300,7 @@ def int4_gemv(
             HAS_G_IDX=g_idx is not None,
             HAS_BIAS=bias is not None,
             SPLIT=splits > 1,
+            FUSED_REDUCE=counters is not None,
             GROUP_UNIFORM=g_idx is None and group_size % tiles.block_k == 0,
             MAGIC=variant == "magic",
             PRMT=x.is_cuda and not _interpreting(),
@@ -267,6 +310,6 @@ def int4_gemv(
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
         )
-        if splits > 1:
-            split_k_reduce(out, y, None, bias)
+        if splits > 1 and counters is None:
+            split_k_reduce(partials, y, None, bias)
     return y.reshape(*shape[:-1], n)

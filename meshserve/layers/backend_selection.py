@@ -40,8 +40,10 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_FP8_GEMV=cvt|bits|dot|scaled_mm the batch-1 fp8-weight projection (kernels/triton_fp8_gemv.py;
                                             scaled_mm: torch._scaled_mm, the activation quantized per token);
                                             default cvt, until the H200 A/B of issue 20
-  MESHSERVE_INT4_GEMV=magic|cvt|matmul      the int4 projection of <= 4 rows (kernels/triton_int4_gemv.py;
-                                            matmul: the dequant-GEMM of larger batches); default magic
+  MESHSERVE_INT4_GEMV=magic|magic_fused|cvt|matmul  the int4 projection of <= 4 rows
+                                            (kernels/triton_int4_gemv.py; magic_fused: split-K without the
+                                            reduce kernel; matmul: the dequant-GEMM of larger batches);
+                                            default magic
 
 This module sits in layers/ because the layers consume the choice (and may not import the engine); it
 imports only the config and the layers/kernels it chooses between.
@@ -80,7 +82,8 @@ PDL_PRELOAD_ENV = "MESHSERVE_PDL_PRELOAD"
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
 FP8_GEMV_CHOICES = ("cvt", "bits", "dot", "scaled_mm")  # triton_fp8_gemv.FP8_GEMV_VARIANTS + cuBLASLt
-INT4_GEMV_CHOICES = ("magic", "cvt", "matmul")  # triton_int4_gemv.INT4_GEMV_VARIANTS + the dequant-GEMM
+# triton_int4_gemv.INT4_GEMV_VARIANTS (magic_fused: its split-K summed by the last program) + the dequant-GEMM
+INT4_GEMV_CHOICES = ("magic", "magic_fused", "cvt", "matmul")
 # decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph
 # sized for 4,096 runs 16 KV splits (most of them empty) and a reduce; <= 256 tokens needs one split at small
 # batch (no reduce), <= 1,024 four. The suggested bounds when turned on (none by default until measured)

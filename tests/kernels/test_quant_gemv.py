@@ -98,9 +98,10 @@ def test_fp8_gemv_bits_decodes_every_e4m3_value_exactly():
     "group,act_order,tiles",
     [
         (64, False, (32, 64, 3)),  # a K step inside one group: z and s per column, split-K
+        (64, False, (32, 64, 3, True)),  # the same, the partials summed by each column block's last program
         (64, False, (64, 64, 1)),  # the same without split-K (bias added in the kernel)
         (32, False, None),  # groups smaller than the step: per-weight scales and zeros
-        (64, True, (32, 32, 2)),  # act-order g_idx
+        (64, True, (32, 32, 2, True)),  # act-order g_idx (fused split-K reduce)
     ],
 )
 def test_int4_gemv_interp(variant, m, group, act_order, tiles):
@@ -114,10 +115,22 @@ def test_int4_gemv_interp(variant, m, group, act_order, tiles):
     qweight, scales, zeros = pack_int4_rows(q), scales.half(), zeros.half()
     x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
     t = GemvTiles(*tiles[:2], split_k=tiles[2]) if tiles else None
-    y = int4_gemv(x, qweight, scales, zeros, group, g_idx, bias, variant=variant, tiles=t)
+    fused = bool(tiles and len(tiles) > 3)
     ref = int4_linear_ref(x, qweight, scales, zeros, group, g_idx, bias)
-    assert y.shape == (m, n)
-    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    for _ in range(2 if fused else 1):  # fused: the counters are zero again for the next call
+        y = int4_gemv(
+            x, qweight, scales, zeros, group, g_idx, bias, variant=variant, tiles=t, fused_reduce=fused
+        )
+        assert y.shape == (m, n)
+        torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    if fused:
+        assert not _counters_in_use()
+
+
+def _counters_in_use() -> bool:
+    from meshserve.kernels.triton_int4_gemv import _counters
+
+    return any(bool(c.any()) for c in _counters.values())
 
 
 @interp
@@ -151,10 +164,11 @@ for (name, kernel), even, split in zip(f8._KERNELS.items(), (True, False, True),
     t = f8.default_fp8_tiles(name, 4096, 4096)
     compile(kernel, {**p, "w_ptr": "*i32"} if name == "bits" else p,
             dict(HAS_BIAS=True, SPLIT=split, EVEN=even, BLOCK_N=t.block_n, BLOCK_K=t.block_k), t.num_warps)
-p = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", g_ptr="*i32", b_ptr="*bf16", out_ptr="*bf16")
-for magic, uniform, m in ((True, True, 1), (False, True, 4), (True, False, 2)):
-    compile(i4._int4_gemv_kernel, p, dict(HAS_G_IDX=not uniform, HAS_BIAS=True, SPLIT=m == 1, GROUP_UNIFORM=uniform,
-            MAGIC=magic, PRMT=magic, BLOCK_M=m, BLOCK_N=256, BLOCK_KP=8), 2)
+p = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", g_ptr="*i32", b_ptr="*bf16", y_ptr="*bf16",
+         part_ptr="*fp32", cnt_ptr="*i32")
+for magic, uniform, m, fused in ((True, True, 1, True), (False, True, 4, False), (True, False, 2, False)):
+    compile(i4._int4_gemv_kernel, p, dict(HAS_G_IDX=not uniform, HAS_BIAS=True, SPLIT=m < 4, FUSED_REDUCE=fused,
+            GROUP_UNIFORM=uniform, MAGIC=magic, PRMT=magic, BLOCK_M=m, BLOCK_N=256, BLOCK_KP=8), 2)
 compile(gemv_tiles._split_k_reduce_kernel, dict(part_ptr="*fp32", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16"),
         dict(HAS_SCALE=True, HAS_BIAS=True, BLOCK=1024), 4)
 print("compiled")
@@ -184,7 +198,7 @@ def test_fp8_gemv_gpu(variant, n, k):
 
 
 @gpu
-@pytest.mark.parametrize("variant", ["magic", "cvt"])
+@pytest.mark.parametrize("variant", ["magic", "magic_fused", "cvt"])
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("n,k", LLAMA_8B_SHAPES)
 @pytest.mark.parametrize("act_order", [False, True])
@@ -196,10 +210,34 @@ def test_int4_gemv_gpu(variant, m, n, k, act_order):
     g_idx = (torch.arange(k) // 128)[torch.randperm(k, generator=g)].int().cuda() if act_order else None
     qweight, scales, zeros = pack_int4_rows(q).cuda(), scales.half().cuda(), zeros.half().cuda()
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    y = int4_gemv(x, qweight, scales, zeros, 128, g_idx, variant=variant)
+    kernel, _, fused = variant.partition("_")
+    y = int4_gemv(x, qweight, scales, zeros, 128, g_idx, variant=kernel, fused_reduce=bool(fused))
     # the GEMV dequantizes exactly in fp32 (no bf16 rounding of the weight): an fp32 oracle
     ref = x.float() @ int4_dequant_ref(qweight, scales, zeros, 128, g_idx, dtype=torch.float32)
     torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=1e-2)
+    assert not _counters_in_use()
+
+
+@gpu
+def test_int4_gemv_fused_reduce_in_a_cuda_graph_gpu():
+    # replayed many times, new inputs each time: the last program of each column block sums the partials of that
+    # replay (counters zeroed by it), the same numbers as the two-kernel reduce
+    from meshserve.kernels.triton_int4_gemv import int4_gemv
+
+    k, n = 14336, 4096
+    q, scales, zeros = quantize_int4_groups(torch.randn(n, k), 128)
+    qweight, scales, zeros = pack_int4_rows(q).cuda(), scales.half().cuda(), zeros.half().cuda()
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    int4_gemv(x, qweight, scales, zeros, 128, fused_reduce=True)  # warm: compile, counters allocated
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = int4_gemv(x, qweight, scales, zeros, 128, fused_reduce=True)
+    for seed in range(5):
+        x.copy_(torch.randn(1, k, generator=torch.Generator().manual_seed(seed)).to(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, int4_gemv(x, qweight, scales, zeros, 128)), seed
+    assert not _counters_in_use()
 
 
 @gpu
@@ -211,14 +249,17 @@ def test_quant_ops_dispatch_gpu():
     qweight, scales, zeros = pack_int4_rows(q).cuda(), scales.half().cuda(), zeros.half().cuda()
     for m, variant, kernel in [
         (1, "magic", "gemv"),
+        (2, "magic_fused", "gemv"),
         (4, "cvt", "gemv"),
         (1, "matmul", "mm"),
         (8, "magic", "mm"),
     ]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         y = quant_ops.int4_linear(x, qweight, scales, zeros, 128, None, None, fast=True, gemv_variant=variant)
-        if kernel == "gemv":
-            expected = triton_int4_gemv.int4_gemv(x, qweight, scales, zeros, 128, variant=variant)
+        if kernel == "gemv":  # the same sums whichever pass reduces the split-K partials
+            expected = triton_int4_gemv.int4_gemv(
+                x, qweight, scales, zeros, 128, variant=variant.split("_")[0]
+            )
         else:
             expected = triton_quant.int4_matmul(x, qweight, scales, zeros, 128)
         assert torch.equal(y, expected), (m, variant)

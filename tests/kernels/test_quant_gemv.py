@@ -7,6 +7,7 @@ Llama-3.1-8B's shapes, and the dispatch of quant_ops.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import pytest
@@ -183,15 +184,32 @@ def test_kernels_compile_for_sm90_without_gpu():
 # ----------------------------------------------------------------------------------------------------------
 # GPU (-m gpu): Llama-3.1-8B's projections
 # ----------------------------------------------------------------------------------------------------------
+@functools.cache
+def _gpu_fp8_case(n, k):
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    wq, ws = quantize_fp8_per_channel(torch.randn(n, k, device="cuda", generator=g) * 0.02)
+    wq[0, :254] = _every_e4m3_pattern().cuda()
+    return wq, ws
+
+
+@functools.cache
+def _gpu_int4_case(n, k, act_order):
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    q, scales, zeros = quantize_int4_groups(torch.randn(n, k, device="cuda", generator=g), 128)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(k)).cuda()
+    g_idx = (torch.arange(k, device="cuda") // 128)[perm].int() if act_order else None
+    return pack_int4_rows(q), scales.half(), zeros.half(), g_idx
+
+
 @gpu
 @pytest.mark.parametrize("variant", FP8_VARIANTS)
 @pytest.mark.parametrize("n,k", LLAMA_8B_SHAPES + [(1027, 4000)])
 def test_fp8_gemv_gpu(variant, n, k):
     from meshserve.kernels.triton_fp8_gemv import fp8_gemv
 
-    wq, ws, _, bias = _fp8_case(n, k, seed=n, device="cuda")
+    wq, ws = _gpu_fp8_case(n, k)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    bias = bias.bfloat16() if n == 1027 else None
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if n == 1027 else None
     y = fp8_gemv(x, wq, ws, bias, variant=variant)
     ref = fp8_weight_only_ref(x.float(), wq, ws, bias)
     torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
@@ -205,10 +223,7 @@ def test_fp8_gemv_gpu(variant, n, k):
 def test_int4_gemv_gpu(variant, m, n, k, act_order):
     from meshserve.kernels.triton_int4_gemv import int4_gemv
 
-    g = torch.Generator().manual_seed(n + k + m)
-    q, scales, zeros = quantize_int4_groups(torch.randn(n, k, generator=g), 128)
-    g_idx = (torch.arange(k) // 128)[torch.randperm(k, generator=g)].int().cuda() if act_order else None
-    qweight, scales, zeros = pack_int4_rows(q).cuda(), scales.half().cuda(), zeros.half().cuda()
+    qweight, scales, zeros, g_idx = _gpu_int4_case(n, k, act_order)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     kernel, _, fused = variant.partition("_")
     y = int4_gemv(x, qweight, scales, zeros, 128, g_idx, variant=kernel, fused_reduce=bool(fused))
@@ -225,8 +240,7 @@ def test_int4_gemv_fused_reduce_in_a_cuda_graph_gpu():
     from meshserve.kernels.triton_int4_gemv import int4_gemv
 
     k, n = 14336, 4096
-    q, scales, zeros = quantize_int4_groups(torch.randn(n, k), 128)
-    qweight, scales, zeros = pack_int4_rows(q).cuda(), scales.half().cuda(), zeros.half().cuda()
+    qweight, scales, zeros, _ = _gpu_int4_case(n, k, False)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     int4_gemv(x, qweight, scales, zeros, 128, fused_reduce=True)  # warm: compile, counters allocated
     graph = torch.cuda.CUDAGraph()
@@ -245,8 +259,7 @@ def test_quant_ops_dispatch_gpu():
     from meshserve.kernels import quant_ops, triton_fp8_gemv, triton_int4_gemv, triton_quant
 
     k, n = 4096, 6144
-    q, scales, zeros = quantize_int4_groups(torch.randn(n, k), 128)
-    qweight, scales, zeros = pack_int4_rows(q).cuda(), scales.half().cuda(), zeros.half().cuda()
+    qweight, scales, zeros, _ = _gpu_int4_case(n, k, False)
     for m, variant, kernel in [
         (1, "magic", "gemv"),
         (2, "magic_fused", "gemv"),

@@ -8,9 +8,10 @@ weight decode, selectable for A/B on the device (tools/bench_quant_gemv.py, MESH
         more (default_fp8_tiles).
   bits  no conversion instruction: the weight is read as int32 words (4 fp8 each) and each byte's sign,
         exponent and mantissa are moved into the bit positions of an fp32 with shifts and masks (2-3 integer
-        ops, 64 / clock / SM; ~2 more instructions per weight than cvt in sm_90 code). The fp32 so built has the e4m3 exponent with the fp32 bias, i.e. it is w * 2^-120
-        (subnormal e4m3 values land on fp32 subnormals, exactly); x is multiplied by 2^64 up front so products
-        stay normal, and 2^56 goes into the final scale.
+        ops, 64 / clock / SM; ~2 more instructions per weight than cvt in sm_90 code). The fp32 so built has
+        the e4m3 exponent with the fp32 bias, i.e. it is w * 2^-120 (subnormal e4m3 values land on fp32
+        subnormals, exactly); x is multiplied by 2^64 up front so products stay normal, and 2^56 goes into the
+        final scale.
   dot   the packed cvt e4m3x2 -> f16x2 only (half a conversion per weight), then tensor cores: x is row 0 of a
         16-row fp16 tile, tl.dot accumulates in fp32 (no fp16 products to overflow). x is rounded to fp16
         (exact for bf16 values in fp16's normal range, |x| in [6e-5, 65504]).

@@ -8,15 +8,17 @@ once for all M rows). The dequant-GEMM (triton_quant.int4_matmul) spends two con
 (int -> fp32 -> bf16) and a 16-row MMA on one useful row; it reached 9.8% of the int4 roofline at batch 1.
 
 Variants (tools/bench_quant_gemv.py, MESHSERVE_INT4_GEMV):
-  magic  no conversion instruction: the even and the odd nibbles of a word are masked into bytes (2 ops per
-         word), each byte is or-ed into the mantissa of 2^23 (0x4B000000 | q is the float 2^23 + q), and one
-         subtraction of 2^23 + z (exact: integers below 2^24) gives q - z; ~1.5 integer and 2 fp ops per weight
+  magic  no conversion instruction: the even and the odd nibbles of a word are masked into bytes (3 ops per
+         word), one PRMT per weight puts a byte under the exponent of 2^23 (0x4B000000 | q is the float
+         2^23 + q), and one subtraction of 2^23 + z (exact: integers below 2^24) gives q - z; with the FFMA
+         ~4.9 sm_90 instructions per weight in the loop (one row: 2-D tiles, no shared memory)
   cvt    ((word >> 4i) & 15).to(fp32): one int -> float conversion per weight (16 / clock / SM on Hopper, about
          half the rate int4 weights arrive at 4+ TB/s), kept to measure the difference
 Zero points and scales: when a K step lies inside one group (no g_idx, group_size a multiple of block_k), z is
 subtracted per weight and s applied once per column to the step's sum; otherwise (act-order g_idx, small groups)
 every weight is dequantized as (q - z) * s with its own group's scale (slower, the same numbers).
-Reference: quant_ref.int4_linear_ref (bit-exact weights; fp32 sums in another order).
+Split-K partials are summed by gemv_tiles.split_k_reduce, or (fused_reduce) by each column block's last
+program to finish. Reference: quant_ref.int4_linear_ref (bit-exact weights; fp32 sums in another order).
 """
 
 from __future__ import annotations

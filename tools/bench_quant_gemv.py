@@ -80,7 +80,7 @@ def _int4_tiles(quick: bool):
         ("256x64 w1 auto-split", auto(256, 64, 1)),
         ("128x64 w1 auto-split", auto(128, 64, 1)),
         ("512x64 w4 auto-split", auto(512, 64, 4)),
-        ("256x128 w2 auto-split", auto(256, 128, 2)),
+        ("256x32 w2 auto-split", auto(256, 32, 2)),  # 256x128 spills (sm_90: 255 registers + 248 B stack)
         ("256x64 w2 no split", lambda n, k: GemvTiles(256, 64, num_warps=2)),
     ]
     return {"magic": default + rows, "magic_fused": default + rows[:3], "cvt": default + rows[:1]}

@@ -218,19 +218,20 @@ def _store_y(acc, y_ptr, b_ptr, rm, rn, nmask, mask, stride_ym, HAS_BIAS: tl.con
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
+_MAX_COUNTERS = 1 << 16  # column blocks of one launch; allocated once per device and never replaced (CUDA
+# graphs captured with the fused reduce keep its address)
 
 
 def _split_counters(device: torch.device, blocks: int) -> torch.Tensor | None:
     """The zeroed int32 counters of the fused split-K reduce, one per column block, kept for the process (every
-    kernel leaves them zero). None while a CUDA graph is being captured and none is allocated yet (a buffer made
-    then would belong to the graph's pool): the caller takes the two-kernel reduce."""
+    kernel leaves them zero). None when a launch has more blocks, or while a CUDA graph is being captured and
+    none is allocated yet (a buffer made then would belong to the graph's pool): the two-kernel reduce then."""
     have = _counters.get(device)
-    if have is None or have.numel() < blocks:
+    if have is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        have = torch.zeros(max(blocks, 4096), dtype=torch.int32, device=device)
-        _counters[device] = have
-    return have
+        have = _counters[device] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
+    return have if blocks <= have.numel() else None
 
 
 def default_int4_tiles(n: int, k: int, num_sms: int = 132) -> GemvTiles:

@@ -273,7 +273,7 @@ for qdtype, cdtype, qsl, group, window, fp8, one_seq in [("bf16", "bf16", "i32",
                stride_ckv="i64", stride_cb="i64")
     const = dict(GROUP=group, GROUP_PAD=group, BLOCK_Q=128 // group, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16,
                  BLOCK_N=64, USE_WINDOW=window, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=fp8,
-                 SKIP_SINGLE=not one_seq)
+                 SKIP_SINGLE=not one_seq, DIAG_MASK_ONLY=not one_seq)
     if one_seq:  # an S = 1 bucket, if the launcher turns arguments equal to 1 into constants
         const.update(num_seqs=1, search_steps=1)
     sig.update({n: "constexpr" for n in const})

@@ -257,7 +257,7 @@ def _issue18_batch(prompts, decodes, ctx, cached=0):
 def test_unified_variants_8b_gpu(config, window):
     q_lens, seq_lens = _issue18_batch([500, 300, 214], 254, 700, cached=600)
     query, cache, meta = make_case(q_lens, seq_lens, 32, 8, 128, 16, torch.bfloat16, device="cuda")
-    pq, pmeta = pad_case(query, cache, meta, 1280, 256)
+    pq, pmeta = pad_case(query, cache, meta, 1280, 264)  # 257 sequences
     out = torch.full_like(pq, float("nan"))
     unified_attention(
         pq, cache, pmeta.block_tables, pmeta.seq_lens, pmeta.query_start_loc, 128**-0.5, window, out,
@@ -286,7 +286,7 @@ def test_prefill_8k_gpu(config):
 def test_backend_graph_replays_rebuild_work_gpu():
     """The backend's memoized work list inside a captured graph: warm-up and capture on one metadata object
     (as MixedStepGraphs does), then replays of two different batches match the reference."""
-    t, s, h, hkv, d, bs, width = 1280, 256, 32, 8, 128, 16, 128
+    t, s, h, hkv, d, bs, width = 1280, 264, 32, 8, 128, 16, 128  # up to 4 prompts + 254 decode rows
     dev, dtype = "cuda", torch.bfloat16
     cache = torch.randn(2, s * width + 8, bs, hkv, d, device=dev, dtype=dtype)
     q_buf = torch.zeros(t, h, d, device=dev, dtype=dtype)

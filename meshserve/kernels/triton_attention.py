@@ -19,8 +19,10 @@ Kernels
   head r % G_PAD), so each K/V tile is loaded once per GQA group. It walks KV tiles of BLOCK_N tokens
   (gathered through the block table, so any block_size works) from the sliding-window start up to the
   causal limit of its last query, with an fp32 online softmax (exp2, scale folded in): the tile step of
-  triton_attention_tile.py, shared with the decode and unified kernels. Programs past their sequence's query
-  length exit at once.
+  triton_attention_tile.py, shared with the decode and unified kernels; with diag_mask_only (the default
+  tiling, attention_tile_config) only the tiles crossing the diagonal or the window edge are masked.
+  Programs take the last q-tiles (the longest walks) first; those past their sequence's query length exit
+  at once.
   Graph-bound metadata (meta.graph_bound, a mixed step captured in a CUDA graph) goes to
   triton_unified_attention.unified_attention instead, whose grid depends only on T, S and Hkv.
 * ``_decode_split_kernel`` + ``_decode_reduce_kernel`` (max_query_len == 1): grid

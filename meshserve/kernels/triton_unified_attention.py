@@ -6,8 +6,14 @@ S sequences (rows of block_tables / seq_lens) and the number of KV heads. It nev
 other per-step host number, and does no host sync, so one CUDA graph captured at a (T, S) bucket is right
 for every batch that fits in it.
 
-Grid and q-block mapping
-------------------------
+Two launches of the same tile body (attend_causal_q_tile), chosen by the tiling (attention_tile_config):
+the persistent kernel of triton_unified_persistent.py (the default: a fixed number of programs walk a work
+list built on the device once per step, heaviest tiles first), and the grid kernel below (one program per
+q-block slot, most of which exit at once in a step of many decode rows), kept for A/B runs
+(MESHSERVE_UNIFIED_TILE=grid_bq32_bn64_w8_s3_allmask is the launch before the persistent one).
+
+Grid and q-block mapping (the grid kernel)
+------------------------------------------
 grid = (cdiv(T, BLOCK_Q) + S, num_kv_heads). With a = query_start_loc, sequence s owns the q-blocks
 [a[s] // BLOCK_Q + s, a[s+1] // BLOCK_Q + s + 1): the start index a[s] // BLOCK_Q + s is strictly increasing
 in s (so the ranges tile [0, a[S] // BLOCK_Q + S) without gaps or overlaps) and each range holds

@@ -103,7 +103,8 @@ def run_case(case, variants, rep, rows, warm_only):
                 prefill_attention(query, cache, tables, lens, qsl, t, scale, None, out, config=cfg)
 
             default = default_tile_config(128, 4, t, long_prefill=True)
-            label = cfg.name() if cfg else "prefill_default_" + default.name()
+            # (the grid/persist part of a name is the unified kernel's: the prefill kernel always runs its grid)
+            label = "prefill_" + (cfg or default).name().split("_", 1)[1] + ("" if cfg else "_default")
         else:
             work = build_unified_work(qsl, lens, t, cfg.block_q, True) if cfg.persistent else None
 

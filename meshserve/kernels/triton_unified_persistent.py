@@ -55,8 +55,10 @@ def _unified_work_kernel(
     # level of tile j: (prefix + last token of the tile) // BLOCK_Q = lvl0 + j; one item per sequence per level
     lvl0 = prefix // BLOCK_Q
     top = tl.max(tl.where(n_tiles > 0, lvl0 + n_tiles, 0), 0)
+    # from the lowest level with an item: a chunk behind a long cached prefix costs its own tiles, not the prefix
+    bottom = tl.min(tl.where(n_tiles > 0, lvl0, top), 0)
     count = top * 0
-    for i in range(top):
+    for i in range(top - bottom):
         j = top - 1 - i - lvl0
         has = (j >= 0) & (j < n_tiles)
         has_i = has.to(tl.int32)

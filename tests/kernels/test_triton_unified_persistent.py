@@ -46,12 +46,19 @@ def work_spec(qsl, seq_lens, block_q, skip_single):
     return [(s, j) for _, s, j in sorted(items, key=lambda x: (-x[0], x[1]))]
 
 
+WORK_CASES = [
+    # a fresh prompt, decodes, a chunk over a long cached prefix, a one-token chunk, q_len-0 padding
+    ([9, 1, 1, 6, 0, 13, 1, 0, 0], [9, 40, 7, 70, 0, 13, 33, 0, 0]),
+    # only chunks behind cached prefixes: the levels start above 0
+    ([5, 9, 0], [45, 69, 0]),
+]
+
+
 @interp
 @pytest.mark.parametrize("skip_single", [True, False])
-def test_work_list_matches_spec_interp(skip_single):
-    # a fresh prompt, decodes, a chunk over a long cached prefix, a one-token chunk, q_len-0 padding
-    q_lens = [9, 1, 1, 6, 0, 13, 1, 0, 0]
-    seq_lens = [9, 40, 7, 70, 0, 13, 33, 0, 0]
+@pytest.mark.parametrize("case", range(len(WORK_CASES)))
+def test_work_list_matches_spec_interp(skip_single, case):
+    q_lens, seq_lens = WORK_CASES[case]
     qsl = [0]
     for n in q_lens:
         qsl.append(qsl[-1] + n)
@@ -59,15 +66,16 @@ def test_work_list_matches_spec_interp(skip_single):
     work = build_unified_work(
         torch.tensor(qsl, dtype=torch.int32),
         torch.tensor(seq_lens, dtype=torch.int32),
-        40,
+        qsl[-1] + 3,
         block_q,
         skip_single,
     )
-    assert work.shape[0] == 1 + max_work_items(40, len(seq_lens), block_q)
+    assert work.shape[0] == 1 + max_work_items(qsl[-1] + 3, len(seq_lens), block_q)
     count = int(work[0])
     got = [(int(w) >> 16, int(w) & 0xFFFF) for w in work[1 : 1 + count]]
     assert got == work_spec(qsl, seq_lens, block_q, skip_single)
-    assert got[0] == (3, 1)  # the chunk behind 64 cached tokens outweighs the fresh prompts' last tiles
+    if case == 0:
+        assert got[0] == (3, 1)  # the chunk behind 64 cached tokens outweighs the fresh prompts' last tiles
 
 
 # q_lens, seq_lens, H, Hkv, D, block_size, window, (T, S): a chunk behind a cached prefix longer than the window

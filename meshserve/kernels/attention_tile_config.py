@@ -2,7 +2,7 @@
 
 Every config computes the same attention (the interpreter tests check each variant against the reference);
 they differ only in speed. The default is reasoned, not yet measured on a Hopper GPU
-(tools/bench_prefill_attention.py times every variant; pick the winner there and change DEFAULT_* here):
+(tools/bench_prefill_attention.py times every variant; pick the winner there and change default_tile_config):
 
 * 128 rows (BLOCK_Q tokens x the padded GQA group) x 8 warps: two warpgroups of 64 rows, the smallest M that
   keeps Hopper's wgmma busy; 64 rows would leave each of 2 warpgroups 32 (or need 4 warps). sm_90 cubins of

@@ -454,9 +454,12 @@ class TritonAttentionBackend:
         split = meta.graph_bound or meta.num_single_query_seqs > 0
         if split:
             self._decode(query, kv_cache, meta, scale, sliding_window, out, k_scale, v_scale)
-        if meta.graph_bound:
-            # a grid fixed by (T, S, Hkv), not by this step's max_query_len (imported here:
-            # triton_unified_attention imports this module's helpers)
+        if split:
+            # the prompts of a mixed batch: a launch fixed by (T, S, Hkv), not by this step's max_query_len,
+            # which a captured graph needs; eager mixed steps too, where the prefill grid (S x q-tiles x Hkv)
+            # would launch a program per decode row per q-tile that exits at once (200 decode rows beside a
+            # 4k chunk: ~200k programs per layer for ~1k with work). Imported here: triton_unified_attention
+            # imports this module's helpers.
             from meshserve.kernels.triton_unified_attention import (
                 unified_attention,
                 unified_config,
@@ -469,7 +472,7 @@ class TritonAttentionBackend:
                               sliding_window, out, k_scale, v_scale, skip_single=True, config=config, work=work)
         else:
             prefill_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                              meta.max_query_len, scale, sliding_window, out, k_scale, v_scale, skip_single=split)
+                              meta.max_query_len, scale, sliding_window, out, k_scale, v_scale)
         return out
 
     def decode_splits(self, num_seqs: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,

@@ -129,8 +129,8 @@ def test_prefill_interp(case, dtype):
 @pytest.mark.parametrize("graph_bound", [False, True])
 @pytest.mark.parametrize("case", [0, 1])
 def test_mixed_batch_splits_decode_rows_interp(case, graph_bound):
-    """A mixed batch's one-token rows go to the split-K decode kernel, the rest to the prefill (or, graph-bound,
-    the unified) kernel with those rows skipped: every row is written once, by one of them."""
+    """A mixed batch's one-token rows go to the split-K decode kernel, the rest to the unified kernel with
+    those rows skipped (eager or graph-bound): every row is written once, by one of them."""
     q_lens, seq_lens, h, hkv, d, bs, window = PREFILL_CASES[case]
     q_lens, seq_lens = [*q_lens, 1], [*seq_lens, 23]  # one more decode row, so each case has several
     query, cache, meta = make_case(q_lens, seq_lens, h, hkv, d, bs, torch.float32, seed=10 + case)

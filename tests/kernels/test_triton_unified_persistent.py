@@ -51,6 +51,8 @@ WORK_CASES = [
     ([9, 1, 1, 6, 0, 13, 1, 0, 0], [9, 40, 7, 70, 0, 13, 33, 0, 0]),
     # only chunks behind cached prefixes: the levels start above 0
     ([5, 9, 0], [45, 69, 0]),
+    # a graph-bound step replayed with decode rows only: nothing to list (with skip_single)
+    ([1, 1, 0], [5, 9, 0]),
 ]
 
 

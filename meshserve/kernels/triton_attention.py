@@ -23,8 +23,9 @@ Kernels
   tiling, attention_tile_config) only the tiles crossing the diagonal or the window edge are masked.
   Programs take the last q-tiles (the longest walks) first; those past their sequence's query length exit
   at once.
-  Graph-bound metadata (meta.graph_bound, a mixed step captured in a CUDA graph) goes to
-  triton_unified_attention.unified_attention instead, whose grid depends only on T, S and Hkv.
+  Graph-bound metadata (meta.graph_bound, a mixed step captured in a CUDA graph) and eager batches with
+  decode rows go to triton_unified_attention.unified_attention instead, whose launch depends only on T, S
+  and Hkv (by default a persistent kernel walking a per-step work list).
 * ``_decode_split_kernel`` + ``_decode_reduce_kernel`` (max_query_len == 1): grid
   (num_seqs, num_kv_heads, num_splits). Each sequence's KV tiles (read from seq_lens on the device) are cut
   into num_splits contiguous ranges; a split writes its partial (max, sum, unnormalised acc) in fp32 to a

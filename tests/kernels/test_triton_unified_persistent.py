@@ -127,13 +127,17 @@ def test_unified_bf16_diag_interp(diag):
 
 @interp
 @pytest.mark.parametrize(
-    ("window", "config"),
-    [(12, AttentionTileConfig(4, 8)), (None, AttentionTileConfig(8, 16, diag_mask_only=False))],
-    ids=["window-diag", "allmask"],
+    ("window", "config", "head_dim"),
+    [
+        (12, AttentionTileConfig(4, 8), 32),
+        (None, AttentionTileConfig(8, 16, diag_mask_only=False), 32),
+        (None, AttentionTileConfig(4, 8), 24),  # whole tiles of a head_dim below its power of two: masked d
+    ],
+    ids=["window-diag", "allmask", "d24-diag"],
 )
-def test_prefill_variants_match_reference_interp(window, config):
+def test_prefill_variants_match_reference_interp(window, config, head_dim):
     q_lens, seq_lens = [23, 1, 9], [50, 20, 9]
-    query, cache, meta = make_case(q_lens, seq_lens, 4, 2, 32, 4, torch.float32, seed=9)
+    query, cache, meta = make_case(q_lens, seq_lens, 4, 2, head_dim, 4, torch.float32, seed=9)
     out = torch.full_like(query, float("nan"))
     prefill_attention(
         query, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, 0.3, window,

@@ -61,3 +61,18 @@ def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
         y = _down(F.silu(gate) * up, w2[expert], None if w2_scale is None else w2_scale[expert], block)
         out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
     return out.to(x.dtype)
+
+
+def softmax_topk_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool, scaling: float = 1.0,
+                     expert_load: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the experts in float32, the top k, renormalized to sum to one when `renormalize`, times
+    `scaling` -> (weights [T, K] float32, ids [T, K] int32); each chosen expert counted into expert_load
+    (int64 [E]) when given. The reference of kernels/triton_moe_routing.softmax_topk."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if expert_load is not None:
+        flat = ids.reshape(-1)
+        expert_load.scatter_add_(0, flat, torch.ones_like(flat))
+    return weights * scaling if scaling != 1.0 else weights, ids.to(torch.int32)

@@ -25,6 +25,10 @@ Overrides (environment, read only here, for debugging and references):
                                             fewer attention splits (default none: opt-in until measured)
   MESHSERVE_MLA_PREFILL_REF=1               MLA prefill chunks one sequence at a time (mla_prefill_ref) even on
                                             the Triton path: the A/B baseline of the batched prefill
+  MESHSERVE_MOE_LEGACY=1                    the first Triton MoE (torch routing and align, pair GEMV, legacy
+                                            tile configs) instead of the one-launch routing, the MoE GEMV
+                                            (<= 64 pairs) and the tuned configs (kernels/moe.py): the A/B
+                                            baseline of issues 23/24
 
 This module sits in layers/ because the layers consume the choice (and may not import the engine); it
 imports only the config and the layers/kernels it chooses between.
@@ -53,6 +57,7 @@ NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
 DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 PDL_ENV = "MESHSERVE_PDL"
+MOE_LEGACY_ENV = "MESHSERVE_MOE_LEGACY"
 # decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph
 # sized for 4,096 runs 16 KV splits (most of them empty) and a reduce; <= 256 tokens needs one split at small
 # batch (no reduce), <= 1,024 four. The suggested bounds when turned on (none by default until measured)
@@ -79,6 +84,8 @@ class KernelSelection:
     mla_prefill_ref: bool = False
     # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide switch, bound below)
     pdl: bool = False
+    # the first Triton MoE path instead of the fused routing, MoE GEMV and tuned configs (kernels/moe.py)
+    moe_legacy: bool = False
 
 
 # what a layer uses until a runner binds its selection: the plain torch path
@@ -142,6 +149,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         kv_cache_dtype=kv_cache_dtype,
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
         pdl=on_cuda and os.environ.get(PDL_ENV, "") not in ("", "0"),
+        moe_legacy=os.environ.get(MOE_LEGACY_ENV, "") not in ("", "0"),
     )
     logger.info("kernels: %s", selection)
     return selection

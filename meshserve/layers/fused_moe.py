@@ -22,7 +22,7 @@ from torch import nn
 
 from meshserve.distributed import expert_parallel as ep_comm
 from meshserve.distributed.parallel_state import get_parallel_state, tensor_parallel_all_reduce
-from meshserve.kernels.moe import fused_experts
+from meshserve.kernels.moe import fused_experts, softmax_topk
 from meshserve.layers.backend_selection import PLAIN
 from meshserve.layers.moe_routing import RoutingFunction
 from meshserve.layers.quantization import current_quant_config
@@ -116,13 +116,22 @@ class FusedMoE(nn.Module):
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         if self.expert_parallel:
             return self._forward_expert_parallel(hidden, router_logits)
+        weights, ids = self._route(router_logits)
+        return tensor_parallel_all_reduce(self._experts(hidden, weights, ids))
+
+    def _route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing function's (weights, global ids), each chosen expert counted in expert_load: one fused
+        launch for a softmax top-k on the Triton path (kernels/triton_moe_routing.py), else the function."""
+        softmax = self.routing.as_softmax_topk() if hasattr(self.routing, "as_softmax_topk") else None
+        if softmax is not None and self.kernels.fused_ops and not self.kernels.moe_legacy:
+            return softmax_topk(router_logits, *softmax, expert_load=self.expert_load, triton=True)
         weights, ids = self.routing(router_logits)
         self._count(ids)
-        return tensor_parallel_all_reduce(self._experts(hidden, weights, ids))
+        return weights, ids
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         return fused_experts(x, self.w13_weight, self.w2_weight, weights, local_ids, triton=self.kernels.fused_ops,
-                             **self.weight_format.scales(self))
+                             legacy=self.kernels.moe_legacy, **self.weight_format.scales(self))
 
     def _count(self, ids: torch.Tensor) -> None:
         flat = ids.reshape(-1).long()
@@ -139,8 +148,7 @@ class FusedMoE(nn.Module):
         begin = sum(sizes[:rank])
         # every rank holds the whole batch and the same router logits: routing it all (a softmax and a top-k
         # over [T, E], small beside the experts) keeps the same load counts on every rank, rank 0's exported
-        weights, ids = self.routing(router_logits)
-        self._count(ids)
+        weights, ids = self._route(router_logits)
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
         if self.ep_exchange == "all_gather" or capturing:
             # no dispatch: run this rank's experts on every token and sum the parts

@@ -149,7 +149,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         kv_cache_dtype=kv_cache_dtype,
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
         pdl=on_cuda and os.environ.get(PDL_ENV, "") not in ("", "0"),
-        moe_legacy=os.environ.get(MOE_LEGACY_ENV, "") not in ("", "0"),
+        moe_legacy=on_cuda and os.environ.get(MOE_LEGACY_ENV, "") not in ("", "0"),
     )
     logger.info("kernels: %s", selection)
     return selection

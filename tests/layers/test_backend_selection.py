@@ -22,6 +22,7 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", raising=False)
     monkeypatch.delenv("MESHSERVE_MLA_PREFILL_REF", raising=False)
     monkeypatch.delenv("MESHSERVE_PDL", raising=False)
+    monkeypatch.delenv("MESHSERVE_MOE_LEGACY", raising=False)
 
 
 def _config(device="cpu", dtype="float32", cache_dtype="auto", enforce_eager=False) -> EngineConfig:
@@ -90,6 +91,16 @@ def test_mla_prefill_reference_switch(monkeypatch):
     monkeypatch.setenv("MESHSERVE_MLA_PREFILL_REF", "1")
     sel = select_kernels(gpu)
     assert sel.mla_prefill_ref and sel.attention_backend == "triton" and sel.cuda_graphs
+
+
+def test_moe_legacy_switch(monkeypatch):
+    # the new MoE path (fused routing, MoE GEMV, tuned configs) by default; the first one for A/B runs
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert not select_kernels(gpu).moe_legacy
+    monkeypatch.setenv("MESHSERVE_MOE_LEGACY", "1")
+    sel = select_kernels(gpu)
+    assert sel.moe_legacy and sel.fused_ops == fused_ops_importable() and sel.cuda_graphs
+    assert not select_kernels(_config()).moe_legacy  # the CPU path has one MoE: the reference
 
 
 def test_environment_overrides(monkeypatch):

@@ -60,3 +60,22 @@ def test_two_ranks_match_one_device():
             # every rank routes (and counts) every token, whichever layout
             assert torch.equal(load, single.expert_load)
     assert single.expert_load.sum() == TOP_K * sum(BATCHES)
+
+
+def test_fused_routing_path_matches_the_routing_function_and_counts():
+    """With fused ops bound (the fused softmax top-k route: kernels/moe.softmax_topk, its reference on CPU)
+    the layer gives the plain path's output and expert counts; DeepSeek-V2's greedy GroupedTopK likewise."""
+    from meshserve.layers.backend_selection import PLAIN, KernelSelection
+    from meshserve.layers.moe_routing import GroupedTopK
+
+    w13, w2 = _weights()
+    x, logits = _inputs(9)
+    for routing in (SoftmaxTopK(TOP_K, renormalize=True), GroupedTopK(TOP_K, 1, 1, "softmax", "max", False, 1.5)):
+        outs, loads = [], []
+        for kernels in (PLAIN, KernelSelection(fused_ops=True)):
+            layer = _layer(w13, w2)
+            layer.routing, layer.kernels = routing, kernels
+            outs.append(layer(x, logits))
+            loads.append(layer.expert_load.clone())
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(loads[1], loads[0]) and loads[0].sum() == TOP_K * 9

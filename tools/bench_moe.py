@@ -4,7 +4,7 @@
 For each model and each batch (1, 8, 64, 256 decode tokens and a 2,048-token prefill chunk) it times the
 routed-expert layer (layers/fused_moe.FusedMoE: routing + load count + experts, from router logits) with
   legacy   MESHSERVE_MOE_LEGACY's path: torch routing and align, the pair GEMV, the first tile table
-  new      the default: one-launch routing, the MoE GEMV up to 64 pairs, Triton align + tuned tiles past it
+  new      the default: one-launch routing, the MoE GEMV for small batches, Triton align + tuned tiles past it
 inside a CUDA graph over LAYERS layers of distinct weights (so a layer's experts are not in L2 from the
 replay before: one decode step reads 48 different layers), and reports per layer: microseconds, the bytes of
 the experts actually routed to (each read once at least) as GB/s and % of the copy bandwidth measured in
@@ -12,6 +12,16 @@ the same run, and TFLOP/s (2 x pairs x 3 x hidden x width). Every output is chec
 reference (kernels/moe_ref.py). Then it sweeps the tile configs (unless --no-sweep): MoeGemvConfig
 candidates at batch 1 and 8, grouped-GEMM StageConfigs at 64, 256 and 2,048 tokens, each checked too, so
 one run says which to make the default.
+
+What one layer launches (Qwen3-30B-A3B, TP 1; the router's F.linear, 512 KB, is outside and the same):
+  batch 1    legacy: routing 6 (cast, softmax, topk, sum, divide, id cast) + load count 3 + pair GEMV 2
+             (gate_up 50.3 MB, down 25.2 MB: the 8 experts) + top-k sum and cast 2 = 13 launches
+             new: routing with the count 1 + gate_up GEMV 1 + down GEMV with the weighted sum 1 = 3, same bytes
+  batch 256  legacy: routing 6 + count 3 + torch align ~30 (scatter_add, cumsums, argsort, gathers,
+             searchsorted, casts) + zero 1 + grouped GEMMs 2 (~all 128 experts, 1.2 GB; BLOCK_M 64 over ~16
+             rows per expert) + sum and cast 2 = ~44 launches
+             new: routing 1 + workspace zero 1 + Triton align 3 + grouped GEMMs 2 (BLOCK_M 32) + combine 1 = 8
+  (DeepSeek-V2-Lite alike, top-6 of 64 experts of 17.3 MB; its 2 shared experts are a separate dense MLP.)
 
 usage: python tools/bench_moe.py [--json bench_moe.json] [--no-sweep] [--models qwen3-30b-a3b,deepseek-v2-lite]
 """
@@ -37,7 +47,7 @@ from meshserve.layers.moe_routing import GroupedTopK, SoftmaxTopK
 LAYERS = 4
 DEVICE = "cuda"  # (a CPU smoke run of this script sets "cpu": Triton interpreter, no timing)
 BATCHES = (1, 8, 64, 256, 2048)
-SWEEP_GEMV_TOKENS, SWEEP_GROUPED_TOKENS = (1, 8), (64, 256, 2048)
+SWEEP_GEMV_TOKENS, SWEEP_GROUPED_TOKENS = (1, 8), (8, 64, 256, 2048)  # 8 both ways: where the GEMV stops
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@ enabled fused ops, else the torch reference (kernels/moe_ref.py). Same signature
 
 Triton paths (layers/backend_selection.py's `moe_legacy` forces the first, for A/B runs):
   legacy   triton_moe.fused_experts with its first tile configs and its pair GEMV (torch routing)
-  default  up to MAX_GEMV_PAIRS (token, slot) pairs of 16-bit experts: triton_moe_gemv (two launches, only
-           the chosen experts' weights); past it, or for fp8 experts, triton_moe.fused_experts with the tile
-           configs of kernels/moe_configs.py; routing in one launch (triton_moe_routing) where it is a
-           softmax top-k
+  default  small batches of 16-bit experts (triton_moe_gemv.serves: one token, or <= 64 pairs and no more
+           pairs than experts): triton_moe_gemv, two launches reading only the chosen experts' weights;
+           else (and for fp8 experts) triton_moe.fused_experts: Triton align, kernels/moe_configs.py's tuned
+           tiles, one combine launch. Routing is one launch (triton_moe_routing) where it is a softmax top-k
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def fused_experts(
     grouped, gemv, _ = mods
     if legacy:
         return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, configs="legacy", **fp8_scales)
-    if fp8_scales.get("w13_scale") is None and topk_ids.numel() <= gemv.MAX_GEMV_PAIRS:
+    if fp8_scales.get("w13_scale") is None and gemv.serves(x.shape[0], topk_ids.numel(), w13.shape[0]):
         return gemv.moe_gemv(x, w13, w2, topk_weights, topk_ids)
     return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, **fp8_scales)
 

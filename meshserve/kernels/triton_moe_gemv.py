@@ -27,10 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
-# where this path serves: up to this many (token, slot) pairs. Past it experts repeat across tokens (each
-# repeat re-reads the expert: at 64 pairs of Qwen3 about 1 in 4 does) and the grouped GEMM's one read per
-# expert wins
+# where this path serves: up to this many (token, slot) pairs, and no more pairs than experts. Past that
+# experts repeat across tokens, and each repeat reads the expert again (from L2 at best: the pairs of one
+# column tile run side by side), where the grouped GEMM reads it once per BLOCK_M rows. Qwen3-30B-A3B takes
+# this path up to batch 8 (64 pairs of 128 experts), DeepSeek-V2-Lite too (48 of 64), Mixtral to batch 4
 MAX_GEMV_PAIRS = 64
+
+
+def serves(num_tokens: int, pairs: int, num_experts: int) -> bool:
+    """Whether the GEMV path takes a call of this shape (16-bit experts)."""
+    return num_tokens == 1 or (pairs <= MAX_GEMV_PAIRS and pairs <= num_experts)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ Overrides (environment, read only here, for debugging and references):
                                             the Triton path: the A/B baseline of the batched prefill
   MESHSERVE_MOE_LEGACY=1                    the first Triton MoE (torch routing and align, pair GEMV, legacy
                                             tile configs) instead of the one-launch routing, the MoE GEMV
-                                            (<= 64 pairs) and the tuned configs (kernels/moe.py): the A/B
+                                            (small batches) and the tuned configs (kernels/moe.py): the A/B
                                             baseline of issues 23/24
 
 This module sits in layers/ because the layers consume the choice (and may not import the engine); it

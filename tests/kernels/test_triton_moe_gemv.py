@@ -62,6 +62,16 @@ def test_moe_gemv_skips_every_pair_of_other_ranks():
     torch.testing.assert_close(got, fused_experts_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
 
 
+def test_gemv_serves_small_batches_with_few_repeated_experts():
+    """One token always; else up to 64 pairs and no more pairs than experts (each repeat of an expert is a
+    second read of it): Qwen3-30B-A3B to batch 8, DeepSeek-V2-Lite to 10, Mixtral (8 experts, top-2) to 4."""
+    from meshserve.kernels.triton_moe_gemv import serves
+
+    for experts, top_k, last in ((128, 8, 8), (64, 6, 10), (8, 2, 4)):
+        assert serves(1, top_k, experts) and serves(last, last * top_k, experts)
+        assert not serves(last + 1, (last + 1) * top_k, experts)
+
+
 _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -126,7 +136,8 @@ def test_moe_gemv_matches_reference_at_model_shapes_in_a_cuda_graph(tokens, mode
         out = moe_gemv(x, w13, w2, weights, ids)
     for seed in (1, 2):
         x2, _, _, weights2, ids2 = _case(tokens + seed, experts, top_k, hidden, width, torch.bfloat16, "cuda")
-        x.copy_(x2[:tokens]), weights.copy_(weights2[:tokens]), ids.copy_(ids2[:tokens])
+        for buffer, new in ((x, x2), (weights, weights2), (ids, ids2)):
+            buffer.copy_(new[:tokens])
         graph.replay()
         ref = fused_experts_ref(x, w13, w2, weights, ids)
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)

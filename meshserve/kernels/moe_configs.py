@@ -8,11 +8,12 @@ rows per expert, DeepSeek-V2-Lite (64, top-6) about 24, and a 2,048-token prefil
 "tuned" follows the shapes vLLM measured on the H200 for E=128, N=768 (its per-shape JSON; our BLOCK_N is
 per half of the fused gate/up output, so its gate_up N=256 is our 128), by the same rows-per-expert buckets:
   <= 2 rows    BLOCK_M 16, narrow N tiles: many programs over few rows, a weight stream
-  <= 24 rows   BLOCK_M 32 (one block per expert at decode 256 for both models), N 128 / 256, K 128, 2 stages
-  <= 96 rows   BLOCK_M 64, N 128, K 64, 3 stages
-  more         BLOCK_M 128, 8 warps, K 64, 3 stages (prefill chunks: compute-bound, big tiles)
-fp8 experts keep the legacy table (block-wise fp8 needs BLOCK_K 128; not re-measured). tools/bench_moe.py
-times both tables, and any other, at the models' shapes.
+  <= 24 rows   BLOCK_M 32 (mostly one block per expert at decode 256 for both models), N 128 (gate_up) /
+               256 (down), K 128, 2 stages
+  <= 96 rows   BLOCK_M 64, N 64 / 128, K 64, 3 stages
+  more         BLOCK_M 128, N 128 / 256, 8 warps, K 64, 3 stages (prefill chunks: compute-bound, big tiles)
+fp8 experts and fp32 activations keep the legacy table (block-wise fp8 needs BLOCK_K 128; neither measured).
+tools/bench_moe.py times both tables, and others, at the models' shapes.
 """
 
 from __future__ import annotations
@@ -67,10 +68,12 @@ def tuned_configs(pairs: int, num_experts: int) -> StageConfigs:
 
 
 def stage_configs(
-    table: str, pairs: int, num_experts: int, quantized: bool, blockwise_fp8: bool
+    table: str, pairs: int, num_experts: int, quantized: bool, blockwise_fp8: bool, activation_bytes: int = 2
 ) -> StageConfigs:
-    """The configs of `table` ("tuned" | "legacy") for this call; fp8 experts always take legacy."""
-    if table == "legacy" or quantized:
+    """The configs of `table` ("tuned" | "legacy") for this call. fp8 experts and fp32 activations (tests,
+    references) always take legacy: the tuned tiles are sized for 16-bit operands in shared memory (at 4 bytes
+    the 128 x 256 tiles would not fit an SM)."""
+    if table == "legacy" or quantized or activation_bytes != 2:
         return legacy_configs(pairs, num_experts, blockwise_fp8)
     if table == "tuned":
         return tuned_configs(pairs, num_experts)

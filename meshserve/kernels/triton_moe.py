@@ -260,7 +260,8 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     gemv = _use_pair_gemv(num_tokens, pairs, num_experts)
     if not gemv:
         if isinstance(configs, str):
-            configs = stage_configs(configs, pairs, num_experts, quant != NO_QUANT, quant == BLOCKWISE)
+            configs = stage_configs(configs, pairs, num_experts, quant != NO_QUANT, quant == BLOCKWISE,
+                                    x.element_size())
         if configs.gate_up.BLOCK_M != configs.down.BLOCK_M:
             raise ValueError("both stages' configs need one BLOCK_M (the rows are aligned once)")
         align = align_by_expert if legacy else triton_moe_align.align_by_expert

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# W2 on one H200 for older trees of meshserve beside this checkout, same machine and call: finds the commit that
+# slowed W2 (2026-11-30: 8B 14.06 -> 16.02 s, Qwen3-0.6B 6.26 -> 7.99 s). Stage the trees here first (ignored,
+# carried as .bisect):  for c in SHA...; do mkdir -p .bisect/$c && git archive $c meshserve | tar -x -C .bisect/$c; done
+# MODEL (default qwen3-0.6b); results in $OUT/w2_bisect.tgz, one summary line per tree.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+OUT=${OUT:-/tmp/out}; R=/tmp/w2_bisect; mkdir -p $R
+MODEL=${MODEL:-qwen3-0.6b}
+for tree in $(ls -d .bisect/* 2>/dev/null) .; do
+  name=$(basename $(cd $tree && pwd)); [ "$tree" = . ] && name=HEAD
+  t0=$SECONDS
+  (cd $tree && PYTHONPATH=$PWD:/tmp/site timeout ${LIMIT:-120} python3 -m meshserve.cli bench throughput --model $MODEL \
+     --no-baseline --output-json $R/$name.json ${EXTRA:-}) > $R/$name.log 2>&1
+  echo "== $name rc $? $((SECONDS - t0)) s: $(grep -E '^seconds|^output_tok_s' $R/$name.log | head -2 | tr -s ' ' | tr '\n' ' ')"
+  if [ "${TIMELINE:-0}" = 1 ]; then  # host vs device time per step (this checkout's tool, the tree's engine)
+    (cd $tree && PYTHONPATH=$PWD:/tmp/site timeout ${LIMIT:-120} python3 $OLDPWD/tools/step_timeline.py $MODEL) \
+      > $R/${name}_timeline.log 2>&1
+    echo "   timeline rc $?: $(tail -4 $R/${name}_timeline.log | tr '\n' ' ' | cut -c1-400)"
+  fi
+done
+tar czf $OUT/w2_bisect.tgz -C /tmp w2_bisect

@@ -4,6 +4,7 @@ sm_90, and on a GPU at Qwen3-30B-A3B's and DeepSeek-V2-Lite's expert shapes, ins
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import pytest
@@ -121,6 +122,29 @@ def test_moe_path_kernels_compile_for_sm90_without_gpu():
     assert_compiles_for_sm90(_COMPILE_SM90)
 
 
+@functools.cache
+def model_experts(model: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 experts at a model's shapes, drawn on the GPU once per model (the CPU draw takes seconds)."""
+    experts, _, hidden, width = MODEL_SHAPES[model]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w13 = torch.randn(experts, 2 * width, hidden, device="cuda", generator=gen) / hidden**0.5
+    w2 = torch.randn(experts, hidden, width, device="cuda", generator=gen) / width**0.5
+    return w13.bfloat16(), w2.bfloat16()
+
+
+def model_batch(model: str, tokens: int, seed: int):
+    """x [tokens, hidden] bf16 and its routing (weights, ids) at a model's shapes, on the GPU."""
+    from meshserve.layers.moe_routing import SoftmaxTopK
+
+    experts, top_k, hidden, _ = MODEL_SHAPES[model]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
+    weights, ids = SoftmaxTopK(top_k, renormalize=True)(
+        torch.randn(tokens, experts, device="cuda", generator=gen)
+    )
+    return x, weights, ids
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 2, 8])
 @pytest.mark.parametrize("model", list(MODEL_SHAPES))
@@ -128,16 +152,15 @@ def test_moe_gemv_matches_reference_at_model_shapes_in_a_cuda_graph(tokens, mode
     """bf16 at the models' expert shapes, captured and replayed in a CUDA graph with new routing in place."""
     from meshserve.kernels.triton_moe_gemv import moe_gemv
 
-    experts, top_k, hidden, width = MODEL_SHAPES[model]
-    x, w13, w2, weights, ids = _case(tokens, experts, top_k, hidden, width, torch.bfloat16, "cuda")
+    w13, w2 = model_experts(model)
+    x, weights, ids = model_batch(model, tokens, 0)
     moe_gemv(x, w13, w2, weights, ids)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = moe_gemv(x, w13, w2, weights, ids)
     for seed in (1, 2):
-        x2, _, _, weights2, ids2 = _case(tokens + seed, experts, top_k, hidden, width, torch.bfloat16, "cuda")
-        for buffer, new in ((x, x2), (weights, weights2), (ids, ids2)):
-            buffer.copy_(new[:tokens])
+        for buffer, new in zip((x, weights, ids), model_batch(model, tokens, seed), strict=True):
+            buffer.copy_(new)
         graph.replay()
         ref = fused_experts_ref(x, w13, w2, weights, ids)
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -99,6 +99,17 @@ def time_graph(fn, repeats: int = 50) -> float:
     return start.elapsed_time(end) * 1e3 / repeats
 
 
+def count_launches(fn) -> int:
+    """GPU kernels (and memsets / copies) one eager call of fn launches, by the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def make_layers(shape: MoeShape) -> list[FusedMoE]:
     torch.manual_seed(0)
     layers = []
@@ -142,12 +153,14 @@ def bench_layer(shape: MoeShape, layers: list[FusedMoE], tokens: int, legacy: bo
             outs[i] = layer(x, logits)
 
     us = time_graph(run) / LAYERS
+    launches = count_launches(lambda: layers[0](x, logits))
     weights, ids = layers[0].routing(logits)
     ref = fused_experts_ref(x, layers[0].w13_weight, layers[0].w2_weight, weights, ids)
     err = check(outs[0], ref)
     return {
         "tokens": tokens,
         "path": "legacy" if legacy else "new",
+        "launches": launches,
         **metrics(shape, ids, us, copy_bw),
         "max_rel_err": round(err, 5),
         "ok": err < 0.03,
@@ -236,13 +249,16 @@ def main() -> None:
         layers = make_layers(shape)
         rows = []
         print(f"\n{name} (E={shape.experts}, top-{shape.top_k}, H={shape.hidden}, I={shape.width})")
-        print(f"{'tokens':>6} {'path':>6} {'us':>9} {'GB/s':>7} {'%copy':>6} {'TFLOP/s':>8} {'err':>8}")
+        print(
+            f"{'tokens':>6} {'path':>6} {'launch':>6} {'us':>9} {'GB/s':>7} {'%copy':>6} {'TFLOP/s':>8} {'err':>8}"
+        )
         for tokens in BATCHES:
             pair = [bench_layer(shape, layers, tokens, legacy, copy_bw) for legacy in (True, False)]
             for r in pair:
                 print(
-                    f"{tokens:>6} {r['path']:>6} {r['us']:>9.1f} {r['expert_GB_per_s']:>7.0f} {r['pct_copy_bw']:>6.1f} "
-                    f"{r['TFLOP_per_s']:>8.2f} {r['max_rel_err']:>8.4f}{'' if r['ok'] else '  MISMATCH'}"
+                    f"{tokens:>6} {r['path']:>6} {r['launches']:>6} {r['us']:>9.1f} {r['expert_GB_per_s']:>7.0f} "
+                    f"{r['pct_copy_bw']:>6.1f} {r['TFLOP_per_s']:>8.2f} {r['max_rel_err']:>8.4f}"
+                    f"{'' if r['ok'] else '  MISMATCH'}"
                 )
             print(f"{'':>6} speedup {pair[0]['us'] / pair[1]['us']:.2f}x")
             rows += pair

@@ -30,7 +30,7 @@ import triton.language as tl
 # where this path serves: up to this many (token, slot) pairs, and no more pairs than experts. Past that
 # experts repeat across tokens, and each repeat reads the expert again (from L2 at best: the pairs of one
 # column tile run side by side), where the grouped GEMM reads it once per BLOCK_M rows. Qwen3-30B-A3B takes
-# this path up to batch 8 (64 pairs of 128 experts), DeepSeek-V2-Lite too (48 of 64), Mixtral to batch 4
+# this path up to batch 8 (64 pairs of 128 experts), DeepSeek-V2-Lite to 10 (60 of 64), Mixtral to 4
 MAX_GEMV_PAIRS = 64
 
 

@@ -1,17 +1,19 @@
 """Time the MoE layer alone, old path vs new, at Qwen3-30B-A3B's and DeepSeek-V2-Lite's expert shapes (issues
 23/24), in one call on one GPU (< 2 minutes on an H200, Triton compiles included).
 
-For each model and each batch (1, 8, 64, 256 decode tokens and a 2,048-token prefill chunk) it times the
-routed-expert layer (layers/fused_moe.FusedMoE: routing + load count + experts, from router logits) with
-  legacy   MESHSERVE_MOE_LEGACY's path: torch routing and align, the pair GEMV, the first tile table
-  new      the default: one-launch routing, the MoE GEMV for small batches, Triton align + tuned tiles past it
-inside a CUDA graph over LAYERS layers of distinct weights (so a layer's experts are not in L2 from the
-replay before: one decode step reads 48 different layers), and reports per layer: microseconds, the bytes of
-the experts actually routed to (each read once at least) as GB/s and % of the copy bandwidth measured in
-the same run, and TFLOP/s (2 x pairs x 3 x hidden x width). Every output is checked against the torch
-reference (kernels/moe_ref.py). Then it sweeps the tile configs (unless --no-sweep): MoeGemvConfig
-candidates at batch 1 and 8, grouped-GEMM StageConfigs at 64, 256 and 2,048 tokens, each checked too, so
-one run says which to make the default.
+For each model and each batch (1, 8, 64, 256 decode tokens and a 2,048-token prefill chunk) it times the MoE
+block as the model builds it (router, routing + load count, routed experts, and DeepSeek's shared MLP) with
+  legacy   MESHSERVE_MOE_LEGACY's path: torch routing and align, the pair GEMV, the first tile table, the
+           shared MLP beside the experts
+  new      the default: one-launch routing, the MoE GEMV for small batches (the shared MLP folded into it),
+           Triton align + tuned tiles past it
+inside a CUDA graph over LAYERS blocks of distinct weights (so a layer's experts are not in L2 from the
+replay before: one decode step reads 48 different layers), and reports per block: kernel launches (one eager
+call, profiler), microseconds, the bytes of the weights read (the experts actually routed to, once each, plus
+router and shared MLP) as GB/s and % of the copy bandwidth measured in the same run, and TFLOP/s (2 x pairs x
+3 x hidden x width). Every output is checked against the plain torch block. Then it sweeps the tile configs
+(unless --no-sweep): MoeGemvConfig candidates at batch 1 and 8, grouped-GEMM StageConfigs at 8, 64, 256 and
+2,048 tokens, on the routed experts alone, each checked too, so one run says which to make the default.
 
 What one layer launches (Qwen3-30B-A3B, TP 1; the router's F.linear, 512 KB, is outside and the same):
   batch 1    legacy: routing 6 (cast, softmax, topk, sum, divide, id cast) + load count 3 + pair GEMV 2
@@ -21,7 +23,9 @@ What one layer launches (Qwen3-30B-A3B, TP 1; the router's F.linear, 512 KB, is 
              searchsorted, casts) + zero 1 + grouped GEMMs 2 (~all 128 experts, 1.2 GB; BLOCK_M 64 over ~16
              rows per expert) + sum and cast 2 = ~44 launches
              new: routing 1 + workspace zero 1 + Triton align 3 + grouped GEMMs 2 (BLOCK_M 32) + combine 1 = 8
-  (DeepSeek-V2-Lite alike, top-6 of 64 experts of 17.3 MB; its 2 shared experts are a separate dense MLP.)
+  (DeepSeek-V2-Lite alike, top-6 of 64 experts of 17.3 MB, plus its shared MLP of 2 experts' width: at batch
+  1 a gate_up and a down GEMV and an add beside the experts on the legacy path, folded into the MoE GEMV's
+  two launches on the new one; the router is fp32: a cast and an F.linear on both.)
 
 usage: python tools/bench_moe.py [--json bench_moe.json] [--no-sweep] [--models qwen3-30b-a3b,deepseek-v2-lite]
 """
@@ -41,7 +45,6 @@ from meshserve.kernels.moe_configs import GroupedGemmConfig, StageConfigs, legac
 from meshserve.kernels.moe_ref import fused_experts_ref
 from meshserve.kernels.triton_moe_gemv import MoeGemvConfig, default_config, moe_gemv
 from meshserve.layers.backend_selection import KernelSelection
-from meshserve.layers.fused_moe import FusedMoE
 from meshserve.layers.moe_routing import GroupedTopK, SoftmaxTopK
 
 LAYERS = 4
@@ -57,6 +60,7 @@ class MoeShape:
     hidden: int
     width: int
     renormalize: bool
+    shared: int = 0  # DeepSeek's always-on shared experts (one MLP shared x width wide)
 
     def routing(self):
         if self.renormalize:  # Qwen3-MoE: norm_topk_prob
@@ -68,7 +72,7 @@ class MoeShape:
 
 MODELS = {
     "qwen3-30b-a3b": MoeShape(128, 8, 2048, 768, True),
-    "deepseek-v2-lite": MoeShape(64, 6, 2048, 1408, False),
+    "deepseek-v2-lite": MoeShape(64, 6, 2048, 1408, False, shared=2),
 }
 
 
@@ -110,28 +114,59 @@ def count_launches(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def make_layers(shape: MoeShape) -> list[FusedMoE]:
+def make_blocks(shape: MoeShape) -> list[torch.nn.Module]:
+    """LAYERS MoE blocks as the models build them (router, routed experts, DeepSeek's shared MLP), random."""
+    from transformers import AutoConfig
+
+    from meshserve.models.deepseek import DeepseekMoE, _RoutingFactory
+    from meshserve.models.moe import SparseMoeBlock
+
     torch.manual_seed(0)
-    layers = []
+    blocks = []
     for _ in range(LAYERS):
-        layer = FusedMoE(shape.experts, shape.hidden, shape.width, shape.routing()).to(DEVICE)
-        layer.w13_weight.data.normal_(0, shape.hidden**-0.5)
-        layer.w2_weight.data.normal_(0, shape.width**-0.5)
-        layers.append(layer)
-    return layers
+        if shape.shared:  # DeepSeek-V2-Lite: greedy softmax routing, fp32 router, shared MLP
+            cfg = AutoConfig.for_model(
+                "deepseek_v2",
+                hidden_size=shape.hidden,
+                moe_intermediate_size=shape.width,
+                n_routed_experts=shape.experts,
+                num_experts_per_tok=shape.top_k,
+                n_shared_experts=shape.shared,
+                topk_method="greedy",
+                n_group=1,
+                topk_group=1,
+                norm_topk_prob=False,
+                routed_scaling_factor=1.0,
+            )
+            block = DeepseekMoE(cfg, _RoutingFactory(cfg, 2))
+        else:
+            block = SparseMoeBlock(shape.hidden, shape.experts, shape.width, shape.routing())
+        block = block.to(DEVICE)
+        for param in block.parameters():
+            param.data.normal_(0, param.shape[-1] ** -0.5)
+        blocks.append(block)
+    return blocks
 
 
-def metrics(shape: MoeShape, ids: torch.Tensor, us: float, copy_bw: float) -> dict:
+def bind(block: torch.nn.Module, kernels: KernelSelection) -> None:
+    for module in block.modules():
+        if isinstance(getattr(module, "kernels", None), KernelSelection):
+            module.kernels = kernels
+
+
+def metrics(shape: MoeShape, ids: torch.Tensor, us: float, copy_bw: float, fixed_bytes: int = 0) -> dict:
+    """fixed_bytes: what the block reads besides its routed experts (router, shared MLP)."""
     per_expert = 3 * shape.hidden * shape.width * 2  # bf16 w13 + w2
-    read = torch.unique(ids[ids >= 0]).numel() * per_expert
-    flops = 2 * ids.numel() * 3 * shape.hidden * shape.width
+    experts_read = torch.unique(ids[ids >= 0]).numel()
+    read = experts_read * per_expert + fixed_bytes
+    flops = 2 * (ids.numel() + ids.shape[0] * shape.shared) * 3 * shape.hidden * shape.width
     gbps = read / (us * 1e-6) / 1e9
     return {
         "us": round(us, 2),
-        "expert_GB_per_s": round(gbps, 1),
+        "weight_GB_per_s": round(gbps, 1),
         "pct_copy_bw": round(100 * gbps * 1e9 / copy_bw, 1),
         "TFLOP_per_s": round(flops / (us * 1e-6) / 1e12, 2),
-        "experts_read": read // per_expert,
+        "experts_read": experts_read,
     }
 
 
@@ -140,28 +175,34 @@ def check(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-6))
 
 
-def bench_layer(shape: MoeShape, layers: list[FusedMoE], tokens: int, legacy: bool, copy_bw: float) -> dict:
+def bench_layer(
+    shape: MoeShape, blocks: list[torch.nn.Module], tokens: int, legacy: bool, copy_bw: float
+) -> dict:
+    """The whole MoE block (router, routing, experts, shared MLP) on one path, checked against the plain one."""
     gen = torch.Generator(device=DEVICE).manual_seed(tokens)
     x = torch.randn(tokens, shape.hidden, device=DEVICE, generator=gen).to(torch.bfloat16)
-    logits = torch.randn(tokens, shape.experts, device=DEVICE, generator=gen)
-    for layer in layers:
-        layer.kernels = KernelSelection(fused_ops=True, moe_legacy=legacy)
+    for block in blocks:
+        bind(block, KernelSelection(fused_ops=True, gemv=True, moe_legacy=legacy))
     outs = [None] * LAYERS
 
     def run():
-        for i, layer in enumerate(layers):
-            outs[i] = layer(x, logits)
+        for i, block in enumerate(blocks):
+            outs[i] = block(x)
 
     us = time_graph(run) / LAYERS
-    launches = count_launches(lambda: layers[0](x, logits))
-    weights, ids = layers[0].routing(logits)
-    ref = fused_experts_ref(x, layers[0].w13_weight, layers[0].w2_weight, weights, ids)
+    launches = count_launches(lambda: blocks[0](x))
+    bind(blocks[0], KernelSelection())
+    ref = blocks[0](x)
+    _, ids = blocks[0].experts.routing(blocks[0].gate(x))
     err = check(outs[0], ref)
+    fixed = sum(p.numel() * p.element_size() for p in blocks[0].parameters()) - sum(
+        p.numel() * p.element_size() for p in blocks[0].experts.parameters()
+    )
     return {
         "tokens": tokens,
         "path": "legacy" if legacy else "new",
         "launches": launches,
-        **metrics(shape, ids, us, copy_bw),
+        **metrics(shape, ids, us, copy_bw, fixed),
         "max_rel_err": round(err, 5),
         "ok": err < 0.03,
     }
@@ -176,13 +217,14 @@ def bench_experts(shape, layers, tokens, label, call, copy_bw) -> dict:
 
     def run():
         for i, layer in enumerate(layers):
-            outs[i] = call(x, layer.w13_weight, layer.w2_weight, weights, ids)
+            outs[i] = call(x, layer.experts.w13_weight, layer.experts.w2_weight, weights, ids)
 
     try:
         us = time_graph(run) / LAYERS
     except OutOfResources as exc:  # a tile shape past the SM's shared memory: reported, not fatal
         return {"tokens": tokens, "config": label, "error": str(exc)[:200]}
-    err = check(outs[0], fused_experts_ref(x, layers[0].w13_weight, layers[0].w2_weight, weights, ids))
+    experts = layers[0].experts
+    err = check(outs[0], fused_experts_ref(x, experts.w13_weight, experts.w2_weight, weights, ids))
     return {
         "tokens": tokens,
         "config": label,
@@ -246,7 +288,7 @@ def main() -> None:
     print(f"{report['gpu']}: copy {copy_bw / 1e12:.2f} TB/s; per-layer times, {LAYERS} layers per graph")
     for name in args.models.split(","):
         shape = MODELS[name]
-        layers = make_layers(shape)
+        layers = make_blocks(shape)
         rows = []
         print(f"\n{name} (E={shape.experts}, top-{shape.top_k}, H={shape.hidden}, I={shape.width})")
         print(
@@ -256,7 +298,7 @@ def main() -> None:
             pair = [bench_layer(shape, layers, tokens, legacy, copy_bw) for legacy in (True, False)]
             for r in pair:
                 print(
-                    f"{tokens:>6} {r['path']:>6} {r['launches']:>6} {r['us']:>9.1f} {r['expert_GB_per_s']:>7.0f} "
+                    f"{tokens:>6} {r['path']:>6} {r['launches']:>6} {r['us']:>9.1f} {r['weight_GB_per_s']:>7.0f} "
                     f"{r['pct_copy_bw']:>6.1f} {r['TFLOP_per_s']:>8.2f} {r['max_rel_err']:>8.4f}"
                     f"{'' if r['ok'] else '  MISMATCH'}"
                 )

@@ -46,10 +46,12 @@ def _down(h: torch.Tensor, w2: torch.Tensor, scale: torch.Tensor | None,
 
 def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                       topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
-                      w2_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
+                      w2_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None,
+                      shared_w13: torch.Tensor | None = None, shared_w2: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H]; w13 [E, 2*I, H] (gate rows then up rows); w2 [E, H, I]; topk_weights [T, K] (float32);
     topk_ids [T, K] local expert ids in [0, E) or -1; fp8 weights with their scales (module docstring).
-    Returns [T, H] in x's dtype."""
+    Returns [T, H] in x's dtype. A 16-bit shared MLP (shared_w13 [2*S*I, H], gate rows then up rows;
+    shared_w2 [H, S*I]) is added to every token as S more experts of weight one, each I features of it."""
     num_experts = w13.shape[0]
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     flat_ids = topk_ids.reshape(-1)
@@ -60,6 +62,13 @@ def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
         gate, up = _gate_up(x[token], w13[expert], None if w13_scale is None else w13_scale[expert], block)
         y = _down(F.silu(gate) * up, w2[expert], None if w2_scale is None else w2_scale[expert], block)
         out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
+    if shared_w13 is not None:
+        width, shared_width = w2.shape[2], shared_w2.shape[1]
+        gate_rows, up_rows = shared_w13[:shared_width], shared_w13[shared_width:]
+        for start in range(0, shared_width, width):
+            part = slice(start, start + width)
+            h = F.silu(F.linear(x, gate_rows[part])) * F.linear(x, up_rows[part])
+            out += F.linear(h, shared_w2[:, part]).float()
     return out.to(x.dtype)
 
 

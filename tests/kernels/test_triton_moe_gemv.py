@@ -63,10 +63,31 @@ def test_moe_gemv_skips_every_pair_of_other_ranks():
     torch.testing.assert_close(got, fused_experts_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
 
 
+@interp
+@pytest.mark.parametrize("tiles", ["multi-k", "default"])
+def test_moe_gemv_adds_a_shared_mlp_as_slices_of_weight_one(tiles):
+    """A shared MLP two experts wide (DeepSeek's n_shared_experts = 2) in the same launches: the reference's
+    routed sum plus the shared MLP, with ids of -1 among the routed slots."""
+    from meshserve.kernels.triton_moe_gemv import MoeGemvConfig, moe_gemv
+
+    x, w13, w2, weights, ids = _case(3, 16, 4, 64, 48, torch.float32, "cpu", drop=True)
+    gen = torch.Generator().manual_seed(7)
+    shared_w13 = torch.randn(2 * 96, 64, generator=gen) / 8
+    shared_w2 = torch.randn(64, 96, generator=gen) / 96**0.5
+    cfg = MoeGemvConfig(4, 32, 8, 32, 4) if tiles == "multi-k" else None
+    got = moe_gemv(x, w13, w2, weights, ids, cfg, shared_w13=shared_w13, shared_w2=shared_w2)
+    ref = fused_experts_ref(x, w13, w2, weights, ids, shared_w13=shared_w13, shared_w2=shared_w2)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # and the reference's shared part is the plain MLP: down(silu(gate(x)) * up(x))
+    gate, up = torch.nn.functional.linear(x, shared_w13).chunk(2, dim=-1)
+    mlp = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, shared_w2)
+    torch.testing.assert_close(ref - fused_experts_ref(x, w13, w2, weights, ids), mlp, atol=1e-5, rtol=1e-5)
+
+
 def test_gemv_serves_small_batches_with_few_repeated_experts():
     """One token always; else up to 64 pairs and no more pairs than experts (each repeat of an expert is a
     second read of it): Qwen3-30B-A3B to batch 8, DeepSeek-V2-Lite to 10, Mixtral (8 experts, top-2) to 4."""
-    from meshserve.kernels.triton_moe_gemv import serves
+    from meshserve.kernels.moe import gemv_serves as serves
 
     for experts, top_k, last in ((128, 8, 8), (64, 6, 10), (8, 2, 4)):
         assert serves(1, top_k, experts) and serves(last, last * top_k, experts)
@@ -93,11 +114,15 @@ def compile(kernel, sig, const, warps):
 
 for experts, top_k, hidden, width in ((128, 8, 2048, 768), (64, 6, 2048, 1408)):
     cfg = default_config(hidden, width)
-    compile(_gate_up_gemv_kernel, {"x_ptr": "*bf16", "w13_ptr": "*bf16", "ids_ptr": "*i32", "inter_ptr": "*bf16"},
-            {"TOP_K": top_k, "BLOCK_N": cfg.gate_up_block_n, "BLOCK_K": cfg.gate_up_block_k}, cfg.num_warps)
-    compile(_down_sum_gemv_kernel, {"inter_ptr": "*bf16", "w2_ptr": "*bf16", "ids_ptr": "*i32",
-                                    "weights_ptr": "*fp32", "out_ptr": "*bf16"},
-            {"TOP_K": top_k, "BLOCK_N": cfg.down_block_n, "BLOCK_K": cfg.down_block_k}, cfg.num_warps)
+    shared = 2 if top_k == 6 else 0  # DeepSeek-V2-Lite's two shared experts ride along
+    compile(_gate_up_gemv_kernel, {"x_ptr": "*bf16", "w13_ptr": "*bf16", "shared_w13_ptr": "*bf16",
+                                   "ids_ptr": "*i32", "inter_ptr": "*bf16"},
+            {"TOP_K": top_k, "NUM_SHARED": shared, "BLOCK_N": cfg.gate_up_block_n, "BLOCK_K": cfg.gate_up_block_k},
+            cfg.num_warps)
+    compile(_down_sum_gemv_kernel, {"inter_ptr": "*bf16", "w2_ptr": "*bf16", "shared_w2_ptr": "*bf16",
+                                    "ids_ptr": "*i32", "weights_ptr": "*fp32", "out_ptr": "*bf16"},
+            {"TOP_K": top_k, "NUM_SHARED": shared, "BLOCK_N": cfg.down_block_n, "BLOCK_K": cfg.down_block_k},
+            cfg.num_warps)
     # the routing launch before them (kernels/triton_moe_routing.py)
     compile(_softmax_topk_kernel, {"logits_ptr": "*bf16", "weights_ptr": "*fp32", "ids_ptr": "*i32",
                                    "load_ptr": "*i64"},
@@ -164,3 +189,19 @@ def test_moe_gemv_matches_reference_at_model_shapes_in_a_cuda_graph(tokens, mode
         graph.replay()
         ref = fused_experts_ref(x, w13, w2, weights, ids)
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_moe_gemv_with_deepseek_shared_experts_gpu(tokens):
+    """DeepSeek-V2-Lite's two shared experts (one 2,816-wide MLP) folded into the GEMV launches."""
+    from meshserve.kernels.triton_moe_gemv import moe_gemv
+
+    w13, w2 = model_experts("deepseek-v2-lite")
+    x, weights, ids = model_batch("deepseek-v2-lite", tokens, 3)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    shared_w13 = (torch.randn(2 * 2816, 2048, device="cuda", generator=gen) / 2048**0.5).bfloat16()
+    shared_w2 = (torch.randn(2048, 2816, device="cuda", generator=gen) / 2816**0.5).bfloat16()
+    got = moe_gemv(x, w13, w2, weights, ids, shared_w13=shared_w13, shared_w2=shared_w2)
+    ref = fused_experts_ref(x, w13, w2, weights, ids, shared_w13=shared_w13, shared_w2=shared_w2)
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -220,3 +220,31 @@ def test_fp8_weights_run_and_fp8_latent_cache_is_refused(tiny_model_dir):
     llm.shutdown()
     with pytest.raises(InvalidArgumentError, match="kv_cache_dtype fp8 is not supported for MLA"):
         LLM(model=path, kv_cache_dtype="fp8")
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_shared_experts_fold_into_the_routed_experts_where_the_gemv_serves(tokens):
+    """On the Triton path (here its reference) small batches pass the shared MLP's weights to the routed
+    experts (two shared experts = two more slices of weight one) instead of running it beside them: the same
+    output as the separate MLP; larger batches and the plain path keep the separate MLP."""
+    from meshserve.layers.backend_selection import PLAIN, KernelSelection
+    from meshserve.models.deepseek import DeepseekMoE, _RoutingFactory
+
+    cfg = _hf_config("deepseek_v2", n_routed_experts=16, n_group=1, topk_group=1, num_experts_per_tok=3,
+                     topk_method="greedy", routed_scaling_factor=1.5, n_shared_experts=2, moe_intermediate_size=16)
+    torch.manual_seed(0)
+    block = DeepseekMoE(cfg, _RoutingFactory(cfg, 2))
+    for p in block.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(tokens, 32)
+    block.apply(lambda m: setattr(m, "kernels", PLAIN) if hasattr(m, "kernels") else None)
+    plain = block(x)
+    assert block._foldable_shared_mlp(tokens) is None  # the plain path keeps the model's structure
+    fast = KernelSelection(fused_ops=True)
+    block.apply(lambda m: setattr(m, "kernels", fast) if hasattr(m, "kernels") else None)
+    folds = tokens * 3 <= 16  # gemv_serves: no more pairs than the 16 experts
+    assert (block._foldable_shared_mlp(tokens) is not None) == folds
+    calls = []
+    block.shared_experts.register_forward_hook(lambda *a: calls.append(1))
+    torch.testing.assert_close(block(x), plain, atol=1e-5, rtol=1e-5)
+    assert bool(calls) != folds  # the separate MLP ran exactly when nothing folded

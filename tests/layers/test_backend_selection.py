@@ -26,6 +26,8 @@ def _no_overrides(monkeypatch):
     for name in ("MESHSERVE_PDL", "MESHSERVE_PDL_TRIGGER", "MESHSERVE_PDL_ONE_WAVE", "MESHSERVE_PDL_PRELOAD",
                  "MESHSERVE_MOE_LEGACY"):
         monkeypatch.delenv(name, raising=False)
+    for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def _config(device="cpu", dtype="float32", cache_dtype="auto", enforce_eager=False) -> EngineConfig:
@@ -134,6 +136,22 @@ def test_moe_legacy_switch(monkeypatch):
     sel = select_kernels(gpu)
     assert sel.moe_legacy and sel.fused_ops == fused_ops_importable() and sel.cuda_graphs
     assert not select_kernels(_config()).moe_legacy  # the CPU path has one MoE: the reference
+
+
+def test_mla_legacy_and_decode_tile_switches(monkeypatch):
+    # the new MLA decode path by default; the legacy one and a decode tile for A/B runs
+    gpu = _config(device="cuda", dtype="bfloat16")
+    sel = select_kernels(gpu)
+    assert not sel.mla_legacy and sel.mla_decode_tile is None and not sel.mla_balanced
+    monkeypatch.setenv("MESHSERVE_MLA_LEGACY", "1")
+    monkeypatch.setenv("MESHSERVE_MLA_DECODE_TILE", "64, 4,2")
+    monkeypatch.setenv("MESHSERVE_MLA_BALANCED", "1")
+    sel = select_kernels(gpu)
+    assert sel.mla_legacy and sel.mla_decode_tile == (64, 4, 2) and sel.mla_balanced
+    for bad in ("64,4", "48,4,2", "64,3,2", "x"):
+        monkeypatch.setenv("MESHSERVE_MLA_DECODE_TILE", bad)
+        with pytest.raises(ValueError, match="MESHSERVE_MLA_DECODE_TILE"):
+            select_kernels(gpu)
 
 
 def test_environment_overrides(monkeypatch):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issues 23/24 on one H200 in one call: the MoE kernels' GPU tests (TESTS=1), the MoE layer alone old vs new
 # (tools/bench_moe.py, BENCH=1), then W1/W2 jobs each run twice, new path and MESHSERVE_MOE_LEGACY=1, back to
-# back in the same session. JOBS picks jobs (default: the two W1 jobs; the W2 ones take ~1-2 min per run).
+# back in the same session. JOBS picks jobs (unset: the two W1 jobs; "": none; W2 runs take ~1-2 min each).
 # Logs and JSON go into $OUT/moe.tgz (bench_moe.json beside), the summary lines to stdout.
 #   TESTS=1 BENCH=1 JOBS="w1_qwen3moe w1_dsv2lite" OUT=$OUT bash tools/moe_device.sh
 set -u -o pipefail
@@ -37,7 +37,7 @@ if [ "${BENCH:-0}" = 1 ]; then
   timeout ${BENCH_LIMIT:-240} python3 tools/bench_moe.py --json $OUT/bench_moe.json ${BENCH_ARGS:-} > $R/bench_moe.log 2>&1
   echo "== bench_moe: rc $?, $((SECONDS - t0)) s"; grep -v -i warn $R/bench_moe.log | head -80
 fi
-for job in ${JOBS:-w1_qwen3moe w1_dsv2lite}; do
+for job in ${JOBS-w1_qwen3moe w1_dsv2lite}; do  # JOBS="" runs none
   args=$(job_args $job) || continue
   for path in new legacy; do
     env_moe=""; [ $path = legacy ] && env_moe="MESHSERVE_MOE_LEGACY=1"

@@ -23,7 +23,8 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_NORM_GEMV", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", raising=False)
     monkeypatch.delenv("MESHSERVE_MLA_PREFILL_REF", raising=False)
-    for name in ("MESHSERVE_PDL", "MESHSERVE_PDL_TRIGGER", "MESHSERVE_PDL_ONE_WAVE", "MESHSERVE_PDL_PRELOAD"):
+    for name in ("MESHSERVE_PDL", "MESHSERVE_PDL_TRIGGER", "MESHSERVE_PDL_ONE_WAVE", "MESHSERVE_PDL_PRELOAD",
+                 "MESHSERVE_MOE_LEGACY"):
         monkeypatch.delenv(name, raising=False)
     for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED"):
         monkeypatch.delenv(name, raising=False)
@@ -125,6 +126,16 @@ def test_mla_prefill_reference_switch(monkeypatch):
     monkeypatch.setenv("MESHSERVE_MLA_PREFILL_REF", "1")
     sel = select_kernels(gpu)
     assert sel.mla_prefill_ref and sel.attention_backend == "triton" and sel.cuda_graphs
+
+
+def test_moe_legacy_switch(monkeypatch):
+    # the new MoE path (fused routing, MoE GEMV, tuned configs) by default; the first one for A/B runs
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert not select_kernels(gpu).moe_legacy
+    monkeypatch.setenv("MESHSERVE_MOE_LEGACY", "1")
+    sel = select_kernels(gpu)
+    assert sel.moe_legacy and sel.fused_ops == fused_ops_importable() and sel.cuda_graphs
+    assert not select_kernels(_config()).moe_legacy  # the CPU path has one MoE: the reference
 
 
 def test_mla_legacy_and_decode_tile_switches(monkeypatch):

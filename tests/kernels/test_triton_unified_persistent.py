@@ -17,8 +17,8 @@ import torch
 _HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
-from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.kernels import attention_tile_config
+from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.kernels.attention_tile_config import AttentionTileConfig, bench_variants, default_tile_config
 from tests.kernels.sm90 import assert_compiles_for_sm90
 

@@ -40,7 +40,7 @@ fi
 for job in ${JOBS-w1_qwen3moe w1_dsv2lite}; do  # JOBS="" runs none
   args=$(job_args $job) || continue
   for path in new legacy; do
-    env_moe=""; [ $path = legacy ] && env_moe="MESHSERVE_MOE_LEGACY=1"
+    env_moe="MESHSERVE_MOE_LEGACY=0"; [ $path = legacy ] && env_moe="MESHSERVE_MOE_LEGACY=1"
     t0=$SECONDS
     env $env_moe timeout ${LIMIT:-200} $MS bench $args --no-baseline --output-json $R/${job}_$path.json \
       > $R/${job}_$path.log 2>&1

@@ -129,12 +129,12 @@ def test_mla_prefill_reference_switch(monkeypatch):
 
 
 def test_moe_legacy_switch(monkeypatch):
-    # the new MoE path (fused routing, MoE GEMV, tuned configs) by default; the first one for A/B runs
+    # the first MoE path by default until the new one (fused routing, MoE GEMV, tuned configs) is measured
     gpu = _config(device="cuda", dtype="bfloat16")
-    assert not select_kernels(gpu).moe_legacy
-    monkeypatch.setenv("MESHSERVE_MOE_LEGACY", "1")
     sel = select_kernels(gpu)
     assert sel.moe_legacy and sel.fused_ops == fused_ops_importable() and sel.cuda_graphs
+    monkeypatch.setenv("MESHSERVE_MOE_LEGACY", "0")
+    assert not select_kernels(gpu).moe_legacy
     assert not select_kernels(_config()).moe_legacy  # the CPU path has one MoE: the reference
 
 

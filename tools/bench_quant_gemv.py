@@ -37,7 +37,7 @@ def _fp8_tiles(quick: bool):
 
     default = [("default", None)]
     if quick:
-        return {v: default for v in ("cvt", "bits", "dot")}
+        return {v: default for v in ("cvt", "bits", "dot", "half")}
     rows = [
         ("4x1024 w8 (first kernel)", lambda n, k: GemvTiles(4, 1024, num_warps=8)),
         ("8x1024 w2", lambda n, k: GemvTiles(8, 1024, num_warps=2)),
@@ -57,7 +57,12 @@ def _fp8_tiles(quick: bool):
         ),
         ("128x128 w8 split8<16384", lambda n, k: GemvTiles(128, 128, 8 if n < 16384 else 2, 8, 3)),
     ]
-    return {"cvt": default + rows, "bits": default + rows[:3] + rows[5:], "dot": default + dots}
+    return {
+        "cvt": default + rows,
+        "bits": default + rows[:3] + rows[5:],
+        "dot": default + dots,
+        "half": default + rows[1:3],
+    }
 
 
 def _int4_tiles(quick: bool):

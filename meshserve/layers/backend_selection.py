@@ -41,7 +41,8 @@ Overrides (environment, read only here, for debugging and references):
                                             configs (kernels/moe.py) instead of the first Triton MoE (torch
                                             routing and align, pair GEMV, first tile configs), which stays the
                                             default (=1) until measured on the H200 (issues 23/24)
-  MESHSERVE_FP8_GEMV=cvt|bits|dot|scaled_mm the batch-1 fp8-weight projection (kernels/triton_fp8_gemv.py;
+  MESHSERVE_FP8_GEMV=cvt|bits|dot|half|scaled_mm  the batch-1 fp8-weight projection
+                                            (kernels/triton_fp8_gemv.py; half: fp16 products, bounded |x|;
                                             scaled_mm: torch._scaled_mm, the activation quantized per token);
                                             default cvt, until the H200 A/B of issue 20
   MESHSERVE_INT4_GEMV=magic|magic_fused|cvt|matmul  the int4 projection of <= 4 rows
@@ -86,7 +87,7 @@ PDL_PRELOAD_ENV = "MESHSERVE_PDL_PRELOAD"
 MOE_LEGACY_ENV = "MESHSERVE_MOE_LEGACY"
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
-FP8_GEMV_CHOICES = ("cvt", "bits", "dot", "scaled_mm")  # triton_fp8_gemv.FP8_GEMV_VARIANTS + cuBLASLt
+FP8_GEMV_CHOICES = ("cvt", "bits", "dot", "half", "scaled_mm")  # triton_fp8_gemv.FP8_GEMV_VARIANTS + cuBLASLt
 # triton_int4_gemv.INT4_GEMV_VARIANTS (magic_fused: its split-K summed by the last program) + the dequant-GEMM
 INT4_GEMV_CHOICES = ("magic", "magic_fused", "cvt", "matmul")
 # decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph

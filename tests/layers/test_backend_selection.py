@@ -152,7 +152,7 @@ def test_quantized_gemv_variant_switches(monkeypatch):
     monkeypatch.setenv("MESHSERVE_INT4_GEMV", "magic_fused")
     assert select_kernels(gpu).int4_gemv == "magic_fused"
     monkeypatch.setenv("MESHSERVE_FP8_GEMV", "fast")
-    with pytest.raises(ValueError, match="MESHSERVE_FP8_GEMV takes one of cvt, bits, dot, scaled_mm"):
+    with pytest.raises(ValueError, match="MESHSERVE_FP8_GEMV takes one of cvt, bits, dot, half, scaled_mm"):
         select_kernels(gpu)
 
 

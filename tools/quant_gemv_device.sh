@@ -33,7 +33,7 @@ if [ "${SWEEP:-1}" = 1 ]; then
   echo "== sweep: rc $?, $((SECONDS - t0)) s"
   grep -E "^(bf16|fp8|int4)/|^winner|copy bandwidth|MISMATCH|Error" $R/sweep.log
 fi
-for job in ${JOBS:-fp8_cvt fp8_bits awq_magic}; do
+for job in ${JOBS:-fp8_cvt awq_magic}; do
   spec=$(job_env $job) || continue
   envs=$(echo "$spec" | tr ' ' '\n' | grep = | tr '\n' ' '); args=$(echo "$spec" | tr ' ' '\n' | grep -v = | tr '\n' ' ')
   t0=$SECONDS

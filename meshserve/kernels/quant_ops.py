@@ -2,8 +2,9 @@
 
 FP8 weights
   one 16-bit row on a GPU (batch-1 decode)  Triton FP8-weight GEMV (weight-only: the row stays 16-bit)
-  16-bit rows on a GPU, aligned shapes      torch._scaled_mm (cuBLASLt FP8 on Hopper) with per-token and
-                                            per-channel scales
+  16-bit rows on a GPU, aligned shapes      one Triton pass quantizes the activation (kernels/triton_fp8_quant.py:
+                                            per-token absmax, or the static scale), then torch._scaled_mm
+                                            (cuBLASLt FP8 on Hopper) with per-token and per-channel scales
   otherwise (CPU, fp32 models)              fp8_linear_ref: the same quantization, upcast matmul
 Block-wise FP8 weights (128 x 128 scales, activations per 1 x 128 group)
   on a GPU                                  Triton block-scaled FP8 GEMM (kernels/triton_fp8_block.py), every
@@ -38,6 +39,15 @@ def _triton_quant():
     except ImportError:  # no Triton: the reference serves
         return None
     return triton_quant
+
+
+@functools.cache
+def _triton_fp8_quant():
+    try:
+        from meshserve.kernels import triton_fp8_quant
+    except ImportError:
+        return None
+    return triton_fp8_quant
 
 
 @functools.cache
@@ -85,10 +95,7 @@ def fp8_linear(
         if _scaled_mm_fits(x, weight):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
-            if input_scale is None:
-                xq, xs = quantize_fp8_per_token(x2)
-            else:  # a static per-tensor scale, broadcast as rowwise so one kernel config serves both
-                xq, xs = to_fp8(x2, input_scale), input_scale.float().reshape(1, 1).expand(x2.shape[0], 1)
+            xq, xs = _quantize_activation(x2, input_scale)
             y = torch._scaled_mm(
                 xq,
                 weight.t(),
@@ -100,6 +107,17 @@ def fp8_linear(
                 y = y + bias
             return y.reshape(*shape[:-1], weight.shape[0])
     return fp8_linear_ref(x, weight, weight_scale, input_scale, bias)
+
+
+def _quantize_activation(x2: torch.Tensor, input_scale: torch.Tensor | None):
+    """(fp8 x2, fp32 rowwise scales [M, 1]) for _scaled_mm: one Triton pass where Triton imports (the torch
+    reference is ~9 kernels over fp32 copies of x2), else the reference."""
+    fq = _triton_fp8_quant()
+    if input_scale is None:
+        return fq.quantize_fp8_per_token(x2) if fq is not None else quantize_fp8_per_token(x2)
+    # a static per-tensor scale, broadcast as rowwise so one _scaled_mm config serves both
+    xq = fq.quantize_fp8_static(x2, input_scale.float()) if fq is not None else to_fp8(x2, input_scale)
+    return xq, input_scale.float().reshape(1, 1).expand(x2.shape[0], 1)
 
 
 def fp8_block_linear(

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from meshserve.kernels.pdl import gdc_kwargs
-from meshserve.kernels.triton_attention_tile import attend_paged_kv_tile
+from meshserve.kernels.triton_attention_tile import attend_paged_kv_tile, dot_query
 from meshserve.kernels.triton_ops import qkv_rope_cache
 
 _LOG2E = 1.4426950408889634
@@ -146,8 +146,7 @@ def attend_causal_q_tile(
     tok = (q_start + qi).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd,
                 mask=row_valid[:, None] & d_mask[None, :], other=0.0)
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
+    q = dot_query(q, UPCAST_DOT, KV_FP8)
 
     m_i = tl.full([ROWS], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
@@ -254,8 +253,7 @@ def _decode_split_kernel(
     tok = q_start.to(tl.int64)
     q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd,
                 mask=row_valid[:, None] & d_mask[None, :], other=0.0)
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
+    q = dot_query(q, UPCAST_DOT, KV_FP8)
 
     # this split's contiguous range of KV tiles, from the device-side sequence length
     kv_lo = 0

@@ -13,7 +13,8 @@ Block-wise FP8 weights (128 x 128 scales, activations per 1 x 128 group)
 INT4 weights
   on a GPU                                  Triton dequant-GEMM (one kernel for every batch size)
   otherwise                                 dequantize, then F.linear
-`enabled` / `fast` is the backend selection's switch (the GEMV switch; off under MESHSERVE_DISABLE_FUSED_OPS).
+`enabled` / `fast` / `gemv` is the backend selection's switch (the GEMV switch; off under
+MESHSERVE_DISABLE_FUSED_OPS): it also picks the Triton activation quantization over the torch reference.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def fp8_linear(
         if _scaled_mm_fits(x, weight):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
-            xq, xs = _quantize_activation(x2, input_scale)
+            xq, xs = _quantize_activation(x2, input_scale, fast=gemv)
             y = torch._scaled_mm(
                 xq,
                 weight.t(),
@@ -109,10 +110,10 @@ def fp8_linear(
     return fp8_linear_ref(x, weight, weight_scale, input_scale, bias)
 
 
-def _quantize_activation(x2: torch.Tensor, input_scale: torch.Tensor | None):
-    """(fp8 x2, fp32 rowwise scales [M, 1]) for _scaled_mm: one Triton pass where Triton imports (the torch
-    reference is ~9 kernels over fp32 copies of x2), else the reference."""
-    fq = _triton_fp8_quant()
+def _quantize_activation(x2: torch.Tensor, input_scale: torch.Tensor | None, fast: bool):
+    """(fp8 x2, fp32 rowwise scales [M, 1]) for _scaled_mm: one Triton pass when `fast` (the selection's
+    switch) and Triton imports (the torch reference is ~9 kernels over fp32 copies of x2), else the reference."""
+    fq = _triton_fp8_quant() if fast else None
     if input_scale is None:
         return fq.quantize_fp8_per_token(x2) if fq is not None else quantize_fp8_per_token(x2)
     # a static per-tensor scale, broadcast as rowwise so one _scaled_mm config serves both

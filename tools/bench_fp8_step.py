@@ -14,8 +14,9 @@ step (batch rows at context ctx) captured in one CUDA graph, then
                  torch-op activation quantization, an fp8 cache without the fused prologue (the old decode
                  attention conversion is gone from the code: compare fp8kv's attention to bf16's instead)
 Then (--no-micro skips) the activation quantization alone, torch reference vs Triton, at [batch, K] for the
-projections' input widths (graph-replayed, device time), and a decode-attention tile sweep (BLOCK_N, warps)
-for the bf16 and fp8 caches at the models' head shapes. Prints a table per model; --json writes everything.
+projections' input widths (graph-replayed, device time), each projection as bf16 F.linear vs fp8 _scaled_mm
+(is the fp8 GEMM itself faster at batch 256?), and a decode-attention tile sweep (BLOCK_N, warps, stages) for
+the bf16 and fp8 caches at the models' head shapes. Prints a table per model; --json writes everything.
 About 100-140 s on an H200 for both models and all variants.
 """
 
@@ -146,10 +147,12 @@ def bench_variant(model: str, variant: str, batch: int, ctx: int, legacy: bool) 
     modes = [False] + ([True] if legacy and variant != "bf16" else [])
     for on in modes:
         set_legacy(runner, on)
+        t = time.perf_counter()  # warm-up + capture of one graph: engine start captures ~50 of them
         graph = graph_of(lambda f=runner.forward: f(input_ids, positions, meta))
+        capture_s = time.perf_counter() - t
         classes, top = profile_classes(graph)
         res = {"step_ms": round(replay_ms(graph), 3), "launches": sum(c["launches"] for c in classes.values()),
-               "classes": classes, "top": top}
+               "capture_s": round(capture_s, 2), "classes": classes, "top": top}
         row["legacy" if on else "new"] = res
         del graph
     set_legacy(runner, False)
@@ -172,6 +175,46 @@ def act_quant_micro(batch: int, widths: list[int]) -> list[dict]:
         fast_us = replay_ms(graph_of(lambda x=x: fast(x), reps=10)) * 100
         rows.append({"m": batch, "k": k, "torch_us": round(ref_us, 2), "triton_us": round(fast_us, 2),
                      "speedup": round(ref_us / fast_us, 1)})
+    return rows
+
+
+# (name, N, K) of each projection: Llama-3.1-8B, then Qwen3-0.6B
+GEMM_SHAPES = [("8b.qkv", 6144, 4096), ("8b.o", 4096, 4096), ("8b.gate_up", 28672, 4096), ("8b.down", 4096, 14336),
+               ("0.6b.qkv", 4096, 1024), ("0.6b.o", 1024, 2048), ("0.6b.gate_up", 6144, 1024),
+               ("0.6b.down", 1024, 3072)]
+
+
+@torch.inference_mode()
+def gemm_micro(batch: int) -> list[dict]:
+    """Each projection at [batch, K]: bf16 F.linear vs fp8 _scaled_mm (rowwise scales, input pre-quantized)
+    vs the whole fp8_linear (Triton quantization + _scaled_mm), device time per call."""
+    import torch.nn.functional as F
+
+    from meshserve.kernels.quant_ops import fp8_linear
+    from meshserve.kernels.quant_ref import quantize_fp8_per_channel
+    from meshserve.kernels.triton_fp8_quant import quantize_fp8_per_token
+
+    rows = []
+    for name, n, k in GEMM_SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+        wq, ws = quantize_fp8_per_channel(w)
+        xq, xs = quantize_fp8_per_token(x)
+        sb = ws[None, :]
+
+        def scaled_mm(xq=xq, wq=wq, xs=xs, sb=sb):
+            return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=sb, out_dtype=torch.bfloat16)
+
+        bf16_us = replay_ms(graph_of(lambda x=x, w=w: F.linear(x, w), reps=10)) * 100
+        mm_us = replay_ms(graph_of(scaled_mm, reps=10)) * 100
+        lin_us = replay_ms(graph_of(lambda x=x, wq=wq, ws=ws: fp8_linear(x, wq, ws, None, None, gemv=True),
+                                    reps=10)) * 100
+        flop = 2 * batch * n * k
+        rows.append({"shape": name, "m": batch, "n": n, "k": k, "bf16_us": round(bf16_us, 1),
+                     "fp8_scaled_mm_us": round(mm_us, 1), "fp8_linear_us": round(lin_us, 1),
+                     "bf16_tflops": round(flop / bf16_us / 1e6), "fp8_tflops": round(flop / mm_us / 1e6)})
+        del w, wq
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -222,6 +265,8 @@ def print_model(model: str, rows: dict) -> None:
         print(f"{c:<18}" + "".join(cells))
     print(f"{'step (replay)':<18}" + "".join(f"{rows[v][m]['step_ms']:>9.3f} ({rows[v][m]['launches']:>4})"
                                             for v, m in cols))
+    # (the first capture of a process includes the Triton JIT compiles)
+    print(f"{'capture s':<18}" + "".join(f"{rows[v][m]['capture_s']:>16.2f}" for v, m in cols))
 
 
 def main() -> None:
@@ -250,6 +295,11 @@ def main() -> None:
         print("\nactivation quantization [batch, K], us per call: torch reference vs Triton")
         for r in report["act_quant"]:
             print(f"  K={r['k']:>6}: {r['torch_us']:>8.2f} vs {r['triton_us']:>7.2f}  ({r['speedup']}x)")
+        report["gemm"] = gemm_micro(ns.batch)
+        print("\nprojections [batch, K] x [K, N], us per call: bf16 F.linear | fp8 _scaled_mm | fp8_linear (+quant)")
+        for r in report["gemm"]:
+            print(f"  {r['shape']:<13} {r['bf16_us']:>8.1f} | {r['fp8_scaled_mm_us']:>8.1f} | "
+                  f"{r['fp8_linear_us']:>8.1f}   ({r['bf16_tflops']} vs {r['fp8_tflops']} TFLOPS)")
         report["attention_sweep"] = attention_sweep(ns.batch, ns.ctx, [(32, 8), (16, 8)])
         print("\ndecode attention (batch x ctx, 1 split): us, TB/s of KV read")
         for r in report["attention_sweep"]:

@@ -7,11 +7,11 @@ For each model and variant: a ModelRunner on dummy weights (no profile run, no e
 step (batch rows at context ctx) captured in one CUDA graph, then
   step_ms        device time per replay (the forward; the LM head and sampling are outside, equal in all)
   classes        ms and launches per step of each kernel class (torch.profiler over replays): gemm, act_quant
-                 (the Triton fp8 quantization), torch_elementwise (eager torch ops: the reference quantization
+                 (the Triton fp8 quantization), norm+quant / silu+quant (fused with it), torch_elementwise (eager torch ops: the reference quantization
                  when it runs), norm, silu, prologue (fused q/k-norm + rotary + KV write), rotary, kv_write,
                  attention, other
   legacy         the same step with the paths this branch replaced, for the A/B in one run: fp8 weights with the
-                 torch-op activation quantization, an fp8 cache without the fused prologue (the old decode
+                 torch-op activation quantization after unfused norm / SiLU kernels, an fp8 cache without the fused prologue (the old decode
                  attention conversion is gone from the code: compare fp8kv's attention to bf16's instead)
 Then (--no-micro skips) the activation quantization alone, torch reference vs Triton, at [batch, K] for the
 projections' input widths (graph-replayed, device time), each projection as bf16 F.linear vs fp8 _scaled_mm
@@ -34,6 +34,7 @@ from meshserve.config import EngineArgs
 from meshserve.engine.engine_config import create_engine_config
 from meshserve.engine.model_runner import ModelRunner
 from meshserve.engine.scheduler_output import ScheduledSequence
+from meshserve.kernels import fused as fused_ops
 from meshserve.kernels import quant_ops
 from meshserve.layers.attention import Attention
 from meshserve.sampling import SamplingParams
@@ -47,6 +48,8 @@ VARIANTS = {  # name: (quantization, kv_cache_dtype)
 # kernel name fragments -> class (first match wins; lower-case)
 CLASSES = [
     ("act_quant", ("_quantize_fp8_rows",)),
+    ("norm+quant", ("_rms_norm_quant",)),
+    ("silu+quant", ("_silu_and_mul_quant",)),
     ("prologue", ("_qkv_rope_cache",)),
     ("kv_write", ("_reshape_and_cache",)),
     ("rotary", ("_rotary_kernel",)),
@@ -117,11 +120,14 @@ def decode_batch(batch: int, ctx: int, block_size: int) -> list[ScheduledSequenc
 
 
 _TRITON_FP8_QUANT = quant_ops._triton_fp8_quant
+_TRITON_FP8_FUSED = fused_ops._triton_fp8_fused
 
 
 def set_legacy(runner: ModelRunner, on: bool) -> None:
-    """The paths this branch replaced: torch-op activation quantization; no fused prologue over an fp8 cache."""
+    """The paths this branch replaced: torch-op activation quantization after separate norm / SiLU kernels;
+    no fused prologue over an fp8 cache."""
     quant_ops._triton_fp8_quant = (lambda: None) if on else _TRITON_FP8_QUANT
+    fused_ops._triton_fp8_fused = (lambda: None) if on else _TRITON_FP8_FUSED
     fp8_cache = runner.kernels.kv_cache_dtype == torch.float8_e4m3fn
     for m in runner.model.modules():
         if isinstance(m, Attention):

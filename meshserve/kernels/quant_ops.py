@@ -121,6 +121,26 @@ def _quantize_activation(x2: torch.Tensor, input_scale: torch.Tensor | None, fas
     return xq, input_scale.float().reshape(1, 1).expand(x2.shape[0], 1)
 
 
+def fp8_rows_fit(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x [M, K] (M > 1: one row keeps the weight-only GEMV) may come pre-quantized per token to
+    fp8_rows_linear: _scaled_mm serves it here."""
+    return x.is_cuda and x.dim() == 2 and x.shape[0] > 1 and _scaled_mm_fits(x, weight)
+
+
+def fp8_rows_linear(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Rows already quantized per token (fp8 xq [M, K], fp32 xs [M, 1]: kernels/triton_fp8_fused.py) @ the fp8
+    weight [N, K]^T with per-channel weight_scale [N]: fp8_linear after its quantization step."""
+    y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.float()[None, :], out_dtype=out_dtype)
+    return y if bias is None else y + bias
+
+
 def fp8_block_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -154,4 +174,4 @@ def int4_linear(
     return int4_linear_ref(x, qweight, scales, zeros, group_size, g_idx, bias)
 
 
-__all__ = ["FP8_DTYPE", "fp8_block_linear", "fp8_linear", "int4_linear"]
+__all__ = ["FP8_DTYPE", "fp8_block_linear", "fp8_linear", "fp8_rows_fit", "fp8_rows_linear", "int4_linear"]

@@ -223,8 +223,9 @@ class RowParallelLinear(LinearBase):
         return tensor_parallel_all_reduce(mod.gemv(gate_up, self.weight, self.bias, gated=True))
 
     def _fp8_gated_forward(self, gate_up: torch.Tensor) -> torch.Tensor | None:
-        fused = fp8_fused_for(gate_up, gate_up.shape[-1] // 2)
-        if fused is None or not self.quant_method.takes_fp8_rows(self, gate_up[:, : gate_up.shape[-1] // 2]):
+        d = gate_up.shape[-1] // 2
+        fused = fp8_fused_for(gate_up, d) if gate_up.dim() == 2 else None
+        if fused is None or not self.quant_method.takes_fp8_rows(self, gate_up[:, :d]):  # (a view: its shape)
             return None
         xq, xs = fused.silu_and_mul_quant_fp8(gate_up)
         return self.forward_fp8_rows(xq, xs, gate_up.dtype)

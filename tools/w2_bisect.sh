@@ -15,5 +15,10 @@ for tree in $(ls -d .bisect/* 2>/dev/null) .; do
   (cd $tree && PYTHONPATH=$PWD:/tmp/site timeout ${LIMIT:-120} python3 -m meshserve.cli bench throughput --model $MODEL \
      --no-baseline --output-json $R/$name.json ${EXTRA:-}) > $R/$name.log 2>&1
   echo "== $name rc $? $((SECONDS - t0)) s: $(grep -E '^seconds|^output_tok_s' $R/$name.log | head -2 | tr -s ' ' | tr '\n' ' ')"
+  if [ "${TIMELINE:-0}" = 1 ]; then  # host vs device time per step (this checkout's tool, the tree's engine)
+    (cd $tree && PYTHONPATH=$PWD:/tmp/site timeout ${LIMIT:-120} python3 $OLDPWD/tools/step_timeline.py $MODEL) \
+      > $R/${name}_timeline.log 2>&1
+    echo "   timeline rc $?: $(tail -4 $R/${name}_timeline.log | tr '\n' ' ' | cut -c1-400)"
+  fi
 done
 tar czf $OUT/w2_bisect.tgz -C /tmp w2_bisect

@@ -13,52 +13,103 @@ Rules every kernel here keeps (what makes the chain safe):
   * every program executes gdc_wait before its first load of an activation / metadata tensor and before its
     first store, early exits included: a grid that finished without waiting could complete before its
     predecessor, and the kernel after it would read stale data (the wait is transitive only through waits);
-  * gdc_launch_dependents right after the wait: the next kernel can start only once all programs of this one
-    are resident, so its programs take free slots at the tail and cannot starve ours.
+  * gdc_launch_dependents right after the wait (the "early" trigger): the next kernel can start only once all
+    programs of this one have triggered, i.e. are resident, so its programs take free slots at the tail.
 Kernels without the attribute (torch's, cuBLAS) simply serialize as before, in either direction.
 
-The switch is per process (the kernel wrappers are called from many layers): the model runner binds it from
-the backend selection (MESHSERVE_PDL=1, layers/backend_selection.py); it is off by default until measured.
-Kernels take USE_GDC as a last constexpr defaulting to False (callers that never use PDL leave it out), False
-under the Triton interpreter (which has no griddepcontrol), so the CPU path is the plain kernel; kernels with a
-PDL-only layout (the GEMV's weight preload) take that as a separate constexpr the CPU tests can exercise.
+The measured split (one H200, W1, 2026-11-30): Qwen3-0.6B 864.6 -> 1,093.0 tok/s, Llama-3.1-8B 211.7 -> 191.9.
+A likely cause of the 8B's loss is static: the GEMV's preloaded columns (4 x 2,048 values held in registers
+across the wait) take it from 29 to 61 registers a thread at 8 warps (ptxas for sm_90), so 4 instead of 8
+programs fit on an SM, and every program of every wave then streams the rest of its row (half of a 4,096 row,
+86% of down_proj's 14,336) with half the loads in flight. Qwen3-0.6B's rows (1,024) are the preload whole.
+The variants below (selected by the environment in layers/backend_selection.py) exist to A/B that on the device:
+  trigger "late"      gdc_launch_dependents after the program's last global load (its main loop) instead of
+                      right after the wait. The early trigger already holds the next grid back until our last
+                      wave is resident, so its programs take only slots ours no longer need; but they then sit
+                      there (preloading weights, polling the wait) beside our tail. Late, they arrive when our
+                      programs have read everything: less overlap, no contention
+  one_wave_only       PDL only for launches whose grid fits in one wave (programs <= SMs x resident programs
+                      per SM, estimated on the host from num_warps): multi-wave grids (the 8B's GEMVs) launch
+                      plain (stream order, which keeps the chain safe) and keep the plain GEMV layout
+  preload "all" | "none" | "row"   the GEMV's weight preload always (as measured), never (PDL launch and wait
+                      only, the plain layout's occupancy), or only when it holds the whole row (K <= MAX_PRE_K)
+
+The switch is per process (the kernel wrappers are called from many layers): the model runner binds a
+PdlPolicy from the backend selection (MESHSERVE_PDL=1 / auto, layers/backend_selection.py); it is off by default
+until measured. Kernels take USE_GDC as a last constexpr defaulting to False (callers that never use PDL leave it
+out): False, or GDC_EARLY / GDC_LATE (where the trigger goes: kernels/pdl_jit.py), False under the Triton
+interpreter (which has no griddepcontrol), so the CPU path is the plain kernel; kernels with a PDL-only layout
+(the GEMV's weight preload) take that as a separate constexpr the CPU tests can exercise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 
 import torch
 
-_enabled = False
+# USE_GDC values: off, wait + trigger right after it, wait + trigger after the last global load
+GDC_OFF, GDC_EARLY, GDC_LATE = False, 1, 2
+TRIGGERS = ("early", "late")
+PRELOADS = ("all", "none", "row")
+# the host's occupancy model for one_wave_only: Hopper's per-SM limits, and a register budget a thread of these
+# kernels stays under (the PDL GEMV: 61 at 8 warps, 56 at 4; the norm and SiLU kernels fewer)
+MAX_THREADS_PER_SM, MAX_PROGRAMS_PER_SM, REGS_PER_SM, REGS_PER_THREAD = 2048, 32, 65536, 64
+
+
+@dataclasses.dataclass(frozen=True)
+class PdlPolicy:
+    """How the decode kernels launch: PDL on or off, and the variants under A/B (see the module docstring)."""
+
+    enabled: bool = False
+    trigger: str = "early"  # "early" | "late": where gdc_launch_dependents goes
+    one_wave_only: bool = False  # PDL only for grids that fit in one wave
+    preload: str = "all"  # "all" | "none" | "row": when the GEMV preloads weights before the wait
+
+    def __post_init__(self):
+        if self.trigger not in TRIGGERS or self.preload not in PRELOADS:
+            raise ValueError(f"PdlPolicy: trigger in {TRIGGERS}, preload in {PRELOADS}, got {self}")
+
+
+_policy = PdlPolicy()
+
+
+def set_policy(policy: PdlPolicy) -> None:
+    """Bind the PDL policy of this process (the model runner, from its kernel selection)."""
+    global _policy
+    _policy = policy
+
+
+def policy() -> PdlPolicy:
+    return _policy
 
 
 def set_enabled(on: bool) -> None:
-    """Turn PDL on or off for the decode kernels of this process (bound by the model runner)."""
-    global _enabled
-    _enabled = bool(on)
+    """Turn PDL on or off for the decode kernels of this process, keeping the policy's variants."""
+    set_policy(dataclasses.replace(_policy, enabled=bool(on)))
 
 
 def is_enabled() -> bool:
-    return _enabled
+    return _policy.enabled
 
 
 @contextlib.contextmanager
-def enabled(on: bool = True):
-    """PDL set to `on` inside the block (tests, benchmarks), restored after."""
-    before = _enabled
-    set_enabled(on)
+def enabled(on: bool = True, **variants):
+    """PDL set to `on` (and any PdlPolicy field given) inside the block (tests, benchmarks), restored after."""
+    before = _policy
+    set_policy(dataclasses.replace(_policy, enabled=bool(on), **variants))
     try:
         yield
     finally:
-        set_enabled(before)
+        set_policy(before)
 
 
 def resolve(pdl: bool | None) -> bool:
     """A wrapper's explicit `pdl` argument, or the process switch when None."""
-    return _enabled if pdl is None else bool(pdl)
+    return _policy.enabled if pdl is None else bool(pdl)
 
 
 def _interpreting() -> bool:
@@ -70,11 +121,57 @@ def _device_supports(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def gdc_kwargs(x: torch.Tensor, pdl: bool | None = None) -> dict:
-    """Launch keywords for a kernel with a USE_GDC constexpr: {"USE_GDC": True, "launch_pdl": True} when PDL
-    is on (explicitly or by the switch) and x lives on an sm_90+ GPU outside the interpreter, else
-    {"USE_GDC": False} (the kernel compiles without griddepcontrol and launches as before)."""
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def one_wave_programs(num_sms: int, num_warps: int) -> int:
+    """How many programs of `num_warps` warps are resident at once on num_sms SMs, by threads, the program cap
+    and the register budget (an estimate: the compiled kernel's registers are not known before the launch)."""
+    threads = 32 * num_warps
+    per_sm = min(MAX_PROGRAMS_PER_SM, MAX_THREADS_PER_SM // threads, REGS_PER_SM // (threads * REGS_PER_THREAD))
+    return num_sms * max(1, per_sm)
+
+
+# MESHSERVE_PDL=auto turns PDL on for models of hidden size up to this (see auto_enables)
+AUTO_MAX_HIDDEN = 2048
+
+
+def auto_enables(hidden_size: int | None) -> bool:
+    """MESHSERVE_PDL=auto's rule: PDL (as measured: early trigger, preload "all") for models whose hidden size is at
+    most AUTO_MAX_HIDDEN, none for larger ones or an unknown size. Why the hidden size: it is the K of the QKV and
+    gate_up rows, and with it every layer's weight bytes. At 1,024 (Qwen3-0.6B, +26% W1 on an H200) a layer's
+    kernels run a few us each, so the launch gaps PDL hides are a large part of the step, and the GEMV preload
+    (2,048 columns) holds those rows whole; at 4,096 (Llama-3.1-8B, -9%) a layer streams ~200 MB, the gaps are
+    small beside it, and the preload's registers halve the programs per SM for the rows' remaining columns.
+    2,048 is the largest row the preload still holds whole; move the bound when the device A/B (tools/
+    pdl_device.sh) shows a variant that pays for the large models."""
+    return hidden_size is not None and hidden_size <= AUTO_MAX_HIDDEN
+
+
+def gdc_kwargs(x: torch.Tensor, pdl: bool | None = None, programs: int | None = None,
+               num_warps: int = 4) -> dict:
+    """Launch keywords for a kernel with a USE_GDC constexpr: {"USE_GDC": GDC_EARLY or GDC_LATE (the policy's
+    trigger), "launch_pdl": True} when PDL is on (explicitly or by the switch) and x lives on an sm_90+ GPU outside
+    the interpreter, else {"USE_GDC": False} (the kernel compiles without griddepcontrol and launches as before).
+    programs / num_warps: the launch's grid size and warps, for the one_wave_only variant (None: one wave)."""
     if not (resolve(pdl) and x.is_cuda and not _interpreting()):
-        return {"USE_GDC": False}
-    on = _device_supports(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    return {"USE_GDC": True, "launch_pdl": True} if on else {"USE_GDC": False}
+        return {"USE_GDC": GDC_OFF}
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if not _device_supports(index):
+        return {"USE_GDC": GDC_OFF}
+    if _policy.one_wave_only and programs is not None and programs > one_wave_programs(_num_sms(index), num_warps):
+        return {"USE_GDC": GDC_OFF}
+    return {"USE_GDC": GDC_LATE if _policy.trigger == "late" else GDC_EARLY, "launch_pdl": True}
+
+
+def preload_columns(x: torch.Tensor, k: int, pdl: bool | None, gdc: dict, max_pre_k: int) -> int:
+    """Columns of weights a GEMV program of a K-long row loads before the wait, for a launch with keywords gdc:
+    none with PDL off (the plain layout, bit for bit), under preload "none", or where the launch itself went
+    plain (one_wave_only); under "row" only when the whole row fits in max_pre_k. In the interpreter the layout
+    follows the switch alone (no launch there uses PDL), so CPU tests exercise it."""
+    if not resolve(pdl) or _policy.preload == "none" or (x.is_cuda and not _interpreting() and not gdc["USE_GDC"]):
+        return 0
+    pre = min(1 << max(0, k - 1).bit_length(), max_pre_k)  # next power of two, capped
+    return 0 if _policy.preload == "row" and pre < k else pre

@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from meshserve.kernels.pdl import gdc_kwargs
+from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.triton_attention_tile import attend_paged_kv_tile, dot_query
 from meshserve.kernels.triton_ops import qkv_rope_cache
 
@@ -75,9 +76,7 @@ def _reshape_and_cache_kernel(
     USE_GDC: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
-    if USE_GDC:  # before the early exit: every program waits (kernels/pdl.py)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)  # before the early exit: every program waits (kernels/pdl.py)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
         return
@@ -88,6 +87,7 @@ def _reshape_and_cache_kernel(
     mask = (h[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM)
     k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd, mask=mask)
     v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :] * stride_vd, mask=mask)
+    gdc_trigger_late(USE_GDC)
     if KV_FP8:  # scale into e4m3's range, saturating like quant_ref.to_fp8 (IEEE division, as torch's)
         k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -448.0, 448.0)
         v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -448.0, 448.0)
@@ -112,7 +112,8 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, KV_FP8=_is_fp8(kv_cache),
-        num_warps=4 if num_kv_heads * head_dim >= 512 else 1, **gdc_kwargs(key),
+        num_warps=4 if num_kv_heads * head_dim >= 512 else 1,
+        **gdc_kwargs(key, programs=num_tokens, num_warps=4 if num_kv_heads * head_dim >= 512 else 1),
     )
 
 
@@ -235,9 +236,7 @@ def _decode_split_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if USE_GDC:  # q comes from the prologue kernel, the metadata from the step's inputs: wait before any load
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)  # q comes from the prologue kernel, the metadata from the step's inputs: wait before loads
 
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
@@ -283,6 +282,7 @@ def _decode_split_kernel(
             scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
             BLOCK_SIZE, False, USE_WINDOW, KV_FP8, DOT_PRECISION,
         )
+    gdc_trigger_late(USE_GDC)
 
     if DIRECT_OUT:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -306,9 +306,7 @@ def _decode_reduce_kernel(
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
     if q_len != 1:  # no split wrote this row (see _decode_split_kernel)
@@ -323,6 +321,7 @@ def _decode_reduce_kernel(
     w = tl.where(s_mask, tl.exp2(m - m_max), 0.0)
     l_tot = tl.sum(w * l, 0)
     acc = tl.load(ws_acc_ptr + row[:, None] * BLOCK_D + d[None, :], mask=s_mask[:, None], other=0.0)
+    gdc_trigger_late(USE_GDC)
     o = tl.sum(acc * w[:, None], 0)
     o = o / tl.where(l_tot > 0, l_tot, 1.0)
     tl.store(out_ptr + q_start.to(tl.int64) * stride_ot + h * stride_oh + d * stride_od,
@@ -513,7 +512,8 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
     num_splits = max(1, int(num_splits))
     use_window = sliding_window is not None and sliding_window > 0
     direct = num_splits == 1
-    gdc = gdc_kwargs(query)  # PDL (kernels/pdl.py): off unless the runner's selection turned it on
+    # PDL (kernels/pdl.py): off unless the runner's selection turned it on; one decision for both kernels
+    gdc = gdc_kwargs(query, programs=num_seqs * num_kv_heads * num_splits, num_warps=num_warps)
     if direct:
         ws_acc = ws_ml = out  # unused
     else:

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from meshserve.kernels.pdl import gdc_kwargs
+from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.quant_ref import _MIN_SCALE, FP8_DTYPE, FP8_MAX, quantize_fp8_per_token
 from meshserve.kernels.triton_ops import rms_norm_ref, silu_and_mul_ref
 
@@ -58,17 +59,17 @@ def _quantize_row(y, cols, mask, q_row, s_ptr, row, min_scale, FP8_MAX: tl.const
 def _rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, n_cols, eps, min_scale,
                            stride_x, stride_r, stride_q, stride_ro,
                            FP8_MAX: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-                           USE_GDC: tl.constexpr = False):
+                           USE_GDC: tl.constexpr = 0):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: safe before the PDL wait
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+    gdc_trigger_late(USE_GDC)
+    if HAS_RESIDUAL:
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # x + residual in x's dtype
         tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
     xf = x.to(tl.float32)
@@ -80,15 +81,14 @@ def _rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, n_c
 
 @triton.jit
 def _silu_and_mul_quant_kernel(x_ptr, q_ptr, s_ptr, d, min_scale, stride_x, stride_q,
-                               FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
+                               FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = 0):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < d
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
+    gdc_trigger_late(USE_GDC)
     dt = x_ptr.dtype.element_ty
     act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)  # silu rounds first, as silu_and_mul
     y = (act * up).to(dt).to(tl.float32)
@@ -118,7 +118,7 @@ def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
             x, r, weight, q, s, res_out, hidden, float(eps), _MIN_SCALE,
             x.stride(0), r.stride(0), q.stride(0), res_out.stride(0),
             FP8_MAX=FP8_MAX, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block),
-            **gdc_kwargs(x),
+            **gdc_kwargs(x, programs=m, num_warps=_warps(block)),
         )
     return (q, s), (res_out if residual is not None else None)
 
@@ -135,6 +135,7 @@ def silu_and_mul_quant_fp8(x: torch.Tensor):
         block = triton.next_power_of_2(d)
         _silu_and_mul_quant_kernel[(m,)](
             x, q, s, d, _MIN_SCALE, x.stride(0), q.stride(0),
-            FP8_MAX=FP8_MAX, BLOCK=block, num_warps=_warps(block), **gdc_kwargs(x),
+            FP8_MAX=FP8_MAX, BLOCK=block, num_warps=_warps(block),
+            **gdc_kwargs(x, programs=m, num_warps=_warps(block)),
         )
     return q, s

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from meshserve.kernels.pdl import gdc_kwargs
+from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.quant_ref import _MIN_SCALE, FP8_DTYPE, FP8_MAX
 
 MAX_BLOCK = 16384  # columns held in registers at once (Llama-3.1-8B's down_proj input, 14336, fits)
@@ -28,13 +29,11 @@ MAX_BLOCK = 16384  # columns held in registers at once (Llama-3.1-8B's down_proj
 def _quantize_fp8_rows_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, min_scale,
     FP8_MAX: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
-    USE_GDC: tl.constexpr = False,
+    USE_GDC: tl.constexpr = 0,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
     if STATIC:
@@ -51,6 +50,7 @@ def _quantize_fp8_rows_kernel(
     if ONE_PASS:
         if STATIC:
             x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        gdc_trigger_late(USE_GDC)
         q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
         tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
     else:
@@ -58,6 +58,7 @@ def _quantize_fp8_rows_kernel(
             xc = tl.load(x_row + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
             q = tl.clamp(tl.math.div_rn(xc, scale), -FP8_MAX, FP8_MAX)
             tl.store(q_row + start + cols, q.to(q_ptr.dtype.element_ty), mask=start + cols < K)
+        gdc_trigger_late(USE_GDC)
     if not STATIC:
         tl.store(s_ptr + row, scale)
 
@@ -67,10 +68,11 @@ def _launch(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, static: bool) -> 
     if m == 0 or k == 0:
         return
     block = min(MAX_BLOCK, triton.next_power_of_2(k))
+    warps = max(4, min(16, block // 1024))
     _quantize_fp8_rows_kernel[(m,)](
         x, q, s, k, x.stride(0), q.stride(0), _MIN_SCALE,
         FP8_MAX=FP8_MAX, STATIC=static, BLOCK=block, ONE_PASS=k <= block,
-        num_warps=max(4, min(16, block // 1024)), **gdc_kwargs(x),
+        num_warps=warps, **gdc_kwargs(x, programs=m, num_warps=warps),
     )
 
 

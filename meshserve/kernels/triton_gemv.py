@@ -24,7 +24,9 @@ then F.linear) differs only by fp32 summation order. The first version reduced t
 
 With PDL (kernels/pdl.py) each GEMV program loads its first MAX_PRE_K weight columns before waiting on the
 previous kernel, so the weight stream starts under that kernel's tail; the fp32 sum is then taken in two
-parts (a few output ulps from the plain layout, which PRE_K = 0 keeps bit for bit).
+parts (a few output ulps from the plain layout, which PRE_K = 0 keeps bit for bit). The preload costs
+registers (29 -> 61 a thread at 8 warps, ptxas sm_90: half the programs per SM for the rest of the row), so
+the PDL policy may keep it to rows it holds whole (PdlPolicy.preload).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import triton
 import triton.language as tl
 
 from meshserve.kernels import pdl as pdl_mod
+from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -72,9 +75,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
         kp = tl.arange(0, PRE_K)  # writes weights), overlapping the previous kernel's tail
         pmask = kp < K
         w_pre = tl.load(w_rows + kp[None, :], mask=rmask[:, None] & pmask[None, :], other=0.0)
-    if USE_GDC:  # the input row is the previous kernel's output
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)  # the input row is the previous kernel's output
     if PRE_K > 0:
         y += tl.sum(w_pre.to(tl.float32) * _gemv_x(x_ptr, kp, pmask, K, GATED)[None, :], 1)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -84,6 +85,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
         x = _gemv_x(x_ptr, kk, kmask, K, GATED)
         w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
+    gdc_trigger_late(USE_GDC)
     y += tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
@@ -95,8 +97,12 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
 MAX_PRE_K = 2048
 
 
-def _pre_k(k: int, pdl: bool | None) -> int:
-    return min(triton.next_power_of_2(k), MAX_PRE_K) if pdl_mod.resolve(pdl) else 0
+def _launch(x: torch.Tensor, n: int, k: int, block_n: int, pdl: bool | None) -> tuple[int, int, dict, int]:
+    """(programs, num_warps, PDL launch keywords, preloaded columns) of a GEMV launch over N rows of K."""
+    programs, num_warps = triton.cdiv(n, block_n), 8 if k >= 2048 else 4
+    gdc = pdl_mod.gdc_kwargs(x, pdl, programs=programs, num_warps=num_warps)
+    pre_k = pdl_mod.preload_columns(x, k, pdl, gdc, MAX_PRE_K) if block_n == 4 else 0
+    return programs, num_warps, gdc, pre_k
 
 
 def rms_norm_gemv_ref(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
@@ -117,12 +123,12 @@ def _residual_rms_kernel(x_ptr, res_ptr, res_out_ptr, inv_ptr, K, eps,
     statistics of _rms_norm_kernel, so the normed values below are rms_norm's bit for bit."""
     cols = tl.arange(0, BLOCK)
     mask = cols < K
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)
     h = tl.load(x_ptr + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + cols, mask=mask, other=0.0)
+    gdc_trigger_late(USE_GDC)
+    if HAS_RESIDUAL:
         h = (h.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(res_out_ptr + cols, h, mask=mask)
     hf = h.to(tl.float32)
@@ -151,9 +157,7 @@ def _normed_gemv_kernel(h_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, strid
         kp = tl.arange(0, PRE_K)
         pmask = kp < K
         w_pre = tl.load(w_rows + kp[None, :], mask=rmask[:, None] & pmask[None, :], other=0.0)
-    if USE_GDC:  # h and inv_rms are _residual_rms_kernel's
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)  # h and inv_rms are _residual_rms_kernel's
     inv_rms = tl.load(inv_ptr)
     if PRE_K > 0:
         y += tl.sum(w_pre.to(tl.float32) * _normed_x(h_ptr, nw_ptr, inv_rms, kp, pmask)[None, :], 1)
@@ -164,6 +168,7 @@ def _normed_gemv_kernel(h_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, strid
         a = _normed_x(h_ptr, nw_ptr, inv_rms, kk, kmask)
         w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         acc += w.to(tl.float32) * a[None, :]
+    gdc_trigger_late(USE_GDC)
     y += tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
@@ -187,16 +192,17 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     new_residual = torch.empty_like(x) if residual is not None else x
     inv_rms = torch.empty(1, dtype=torch.float32, device=x.device)
-    gdc = pdl_mod.gdc_kwargs(x, pdl)
     block = triton.next_power_of_2(k)
     _residual_rms_kernel[(1,)](
         x, residual.contiguous() if residual is not None else x, new_residual, inv_rms, k, float(eps),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)), **gdc)
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+        **pdl_mod.gdc_kwargs(x, pdl))
     block_k = 512 if k >= 2048 else 256
-    _normed_gemv_kernel[(triton.cdiv(n, block_n),)](
+    programs, num_warps, gdc, pre_k = _launch(x, n, k, block_n, pdl)
+    _normed_gemv_kernel[(programs,)](
         new_residual, inv_rms, norm_weight, weight, bias if bias is not None else weight, y, n, k,
         weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRE_K=_pre_k(k, pdl) if block_n == 4 else 0, num_warps=8 if k >= 2048 else 4, num_stages=3, **gdc)
+        PRE_K=pre_k, num_warps=num_warps, num_stages=3, **gdc)
     return y, new_residual
 
 
@@ -212,8 +218,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         weight = weight.contiguous()
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     block_k = 512 if k >= 2048 else 256
-    _gemv_kernel[(triton.cdiv(n, 4),)](
+    programs, num_warps, gdc, pre_k = _launch(x, n, k, 4, pdl)
+    _gemv_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, GATED=gated, BLOCK_N=4, BLOCK_K=block_k, PRE_K=_pre_k(k, pdl),
-        num_warps=8 if k >= 2048 else 4, num_stages=3, **pdl_mod.gdc_kwargs(x, pdl))
+        HAS_BIAS=bias is not None, GATED=gated, BLOCK_N=4, BLOCK_K=block_k, PRE_K=pre_k,
+        num_warps=num_warps, num_stages=3, **gdc)
     return y

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from meshserve.kernels.pdl import gdc_kwargs
+from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 
 
 def _np2(n: int) -> int:
@@ -55,12 +56,12 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: safe before the PDL wait
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+    gdc_trigger_late(USE_GDC)
+    if HAS_RESIDUAL:
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # x + residual in x's dtype
         tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
     xf = x.to(tl.float32)
@@ -94,7 +95,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
             x2, r2, weight, out2, ro2, hidden, float(eps),
             x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=min(16, max(1, block // 256)), **gdc_kwargs(x2),
+            num_warps=min(16, max(1, block // 256)),
+            **gdc_kwargs(x2, programs=rows, num_warps=min(16, max(1, block // 256))),
         )
     return out if residual is None else (out, res_out)
 
@@ -113,11 +115,10 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_o, BLOCK: tl.conste
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
+    gdc_trigger_late(USE_GDC)
     act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)  # silu rounds first
     tl.store(out_ptr + row * stride_o + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -132,9 +133,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out2 = out.view(-1, d)
     if x2.shape[0] > 0 and d > 0:
         block = min(1024, _np2(d))
-        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, out2, d, x2.stride(0), out2.stride(0), BLOCK=block, num_warps=4 if block >= 512 else 1,
-            **gdc_kwargs(x2))
+        grid, warps = (x2.shape[0], triton.cdiv(d, block)), 4 if block >= 512 else 1
+        _silu_and_mul_kernel[grid](
+            x2, out2, d, x2.stride(0), out2.stride(0), BLOCK=block, num_warps=warps,
+            **gdc_kwargs(x2, programs=grid[0] * grid[1], num_warps=warps))
     return out
 
 
@@ -297,9 +299,7 @@ def _qkv_rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q
                            BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr, KV_FP8: tl.constexpr = False,
                            USE_GDC: tl.constexpr = False):
     t = tl.program_id(0).to(tl.int64)
-    if USE_GDC:  # qkv is the projection's output; positions and slots may be written in the graph too
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_wait(USE_GDC)  # qkv is the projection's output; positions and slots may be written in the graph too
     pos = tl.load(pos_ptr + t).to(tl.int64)
     dt = q_out_ptr.dtype.element_ty
     j = tl.arange(0, BLOCK_HALF)
@@ -328,6 +328,7 @@ def _qkv_rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q
         tl.store(dst + stride_ckv, _to_cache(tl.load(v_src, mask=kmask), v_scale, cdt, KV_FP8), mask=kmask)
         tl.store(dst + stride_ckv + HALF, _to_cache(tl.load(v_src + HALF, mask=kmask), v_scale, cdt, KV_FP8),
                  mask=kmask)
+    gdc_trigger_late(USE_GDC)  # the loads run to the end here: the exit's trigger, made explicit
 
 
 def qkv_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
@@ -353,6 +354,7 @@ def qkv_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.
             NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
             BLOCK_QH=_np2(num_heads), BLOCK_KH=_np2(num_kv_heads), BLOCK_HALF=_np2(half),
             BLOCK_SIZE=kv_cache.shape[2], HAS_NORM=has_norm, KV_FP8=kv_cache.dtype == torch.float8_e4m3fn,
-            num_warps=4 if num_heads * head_dim >= 2048 else 2, **gdc_kwargs(qkv),
+            num_warps=4 if num_heads * head_dim >= 2048 else 2,
+            **gdc_kwargs(qkv, programs=num_tokens, num_warps=4 if num_heads * head_dim >= 2048 else 2),
         )
     return q_out

@@ -18,9 +18,13 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_DISABLE_FUSED_OPS=1             no fused Triton op: norm, rotary, SiLU, prologue, GEMV, sampler
   MESHSERVE_NORM_GEMV=1                     fold the residual add + RMSNorm into the QKV and gate/up GEMVs
                                             (opt-in until measured on the H200: issue 29)
-  MESHSERVE_PDL=1                           programmatic dependent launch of the decode-path Triton kernels on
+  MESHSERVE_PDL=1|auto                      programmatic dependent launch of the decode-path Triton kernels on
                                             sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
-                                            kernels/pdl.py); opt-in until measured on the H200 (issue 29)
+                                            kernels/pdl.py); auto: only for models whose hidden size is at most
+                                            2,048 (pdl.auto_enables); opt-in until measured on the H200 (issue 29)
+  MESHSERVE_PDL_TRIGGER=early|late          PDL variants under A/B (kernels/pdl.py, tools/pdl_device.sh): where
+  MESHSERVE_PDL_ONE_WAVE=1                  the next kernel may launch; PDL only for one-wave grids; when the
+  MESHSERVE_PDL_PRELOAD=all|none|row        GEMV preloads weights before the wait
   MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024  small batches' decode graphs also for these context bounds, with
                                             fewer attention splits (default none: opt-in until measured)
   MESHSERVE_MLA_PREFILL_REF=1               MLA prefill chunks one sequence at a time (mla_prefill_ref) even on
@@ -43,6 +47,7 @@ from meshserve.config import EngineConfig
 from meshserve.errors import InvalidArgumentError
 from meshserve.kernels import pdl
 from meshserve.kernels.fused import fused_ops_importable, gemv_importable
+from meshserve.kernels.pdl import PdlPolicy
 from meshserve.layers.attention import Attention, make_attention_backend
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,9 @@ NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
 DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 PDL_ENV = "MESHSERVE_PDL"
+PDL_TRIGGER_ENV = "MESHSERVE_PDL_TRIGGER"
+PDL_ONE_WAVE_ENV = "MESHSERVE_PDL_ONE_WAVE"
+PDL_PRELOAD_ENV = "MESHSERVE_PDL_PRELOAD"
 # decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph
 # sized for 4,096 runs 16 KV splits (most of them empty) and a reduce; <= 256 tokens needs one split at small
 # batch (no reduce), <= 1,024 four. The suggested bounds when turned on (none by default until measured)
@@ -77,8 +85,12 @@ class KernelSelection:
     kv_cache_dtype: torch.dtype | None = None  # the KV pool's element type (None only in PLAIN)
     # MLA prefill chunks through the per-sequence reference even on the Triton path (layers/mla_attention.py)
     mla_prefill_ref: bool = False
-    # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide switch, bound below)
-    pdl: bool = False
+    # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide policy, bound below)
+    pdl_policy: PdlPolicy = PdlPolicy()  # noqa: RUF009 (frozen: one shared default is safe)
+
+    @property
+    def pdl(self) -> bool:
+        return self.pdl_policy.enabled
 
 
 # what a layer uses until a runner binds its selection: the plain torch path
@@ -112,6 +124,24 @@ def _decode_context_bounds() -> tuple[int, ...]:
     return bounds
 
 
+def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
+    """MESHSERVE_PDL (0 / 1 / auto: by the model's hidden size) and the variants' switches."""
+    mode = os.environ.get(PDL_ENV, "").strip().lower()
+    if mode == "auto":
+        hf_config = config.model_config.hf_config
+        # a multimodal config keeps the language model's sizes in text_config
+        hf_config = getattr(hf_config, "text_config", None) or hf_config
+        enabled = pdl.auto_enables(getattr(hf_config, "hidden_size", None))
+    else:
+        enabled = mode not in ("", "0")
+    return PdlPolicy(
+        enabled=on_cuda and enabled,
+        trigger=os.environ.get(PDL_TRIGGER_ENV, "").strip().lower() or "early",
+        one_wave_only=os.environ.get(PDL_ONE_WAVE_ENV, "") not in ("", "0"),
+        preload=os.environ.get(PDL_PRELOAD_ENV, "").strip().lower() or "all",
+    )
+
+
 def select_kernels(config: EngineConfig) -> KernelSelection:
     """Decide every kernel switch for a runner of this config (environment overrides included)."""
     on_cuda = torch.device(config.device).type == "cuda"
@@ -141,7 +171,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         decode_context_bounds=_decode_context_bounds() if cuda_graphs else (),
         kv_cache_dtype=kv_cache_dtype,
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
-        pdl=on_cuda and os.environ.get(PDL_ENV, "") not in ("", "0"),
+        pdl_policy=_pdl_policy(config, on_cuda),
     )
     logger.info("kernels: %s", selection)
     return selection
@@ -151,7 +181,7 @@ def bind_kernels(model: nn.Module, selection: KernelSelection) -> None:
     """Hand the selection to the model's layers: attention layers get the backend (one instance, shared)
     and the prologue switch; every other layer with a `kernels` attribute gets the selection itself. PDL is
     a launch mode of the kernel wrappers, set for the process (kernels/pdl.py)."""
-    pdl.set_enabled(selection.pdl)
+    pdl.set_policy(selection.pdl_policy)
     backend = make_attention_backend(selection.attention_backend)
     for module in model.modules():
         if isinstance(module, Attention):

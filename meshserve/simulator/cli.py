@@ -35,6 +35,10 @@ def register(subparsers) -> None:
     g.add_argument("--calibration", default=d.calibration,
                    help="step-time weights: a section of meshserve/simulator/calibration.toml (default: h200_mixed_graphs, "
                         "the engine with mixed-step CUDA graphs; h200_before_mixed_graphs: the engine before them)")
+    g.add_argument("--step-noise", choices=("on", "off"), default="off",
+                   help="on: each step's time strays from the model's as the calibration's step trace did, plus the "
+                        "host gap between steps (calibration.toml's step_noise tables, drawn per replica from "
+                        "--seed); off (default): every step lasts its prediction")
     g.add_argument("--hardware-file", default=None, help="TOML overriding the GPU catalog (prices, rates)")
     g = p.add_argument_group("engine (per replica, as `meshserve serve`)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
@@ -135,7 +139,7 @@ def run_simulate(ns: argparse.Namespace) -> int:
                        frontend_latency_s=ns.frontend_latency_ms / 1e3,
                        frontend_request_s=ns.frontend_request_ms / 1e3, frontend_token_s=ns.frontend_token_us / 1e6,
                        api_server_count=ns.api_server_count, replica_model=ns.replica_model,
-                       calibration=ns.calibration)
+                       calibration=ns.calibration, step_noise=ns.step_noise == "on", seed=ns.seed)
     config.validate()
     trace = build_trace(ns)
     if ns.search:
@@ -172,7 +176,9 @@ def run_simulate(ns: argparse.Namespace) -> int:
         (f"GPU prices are the catalog's assumed on-demand $/GPU-hour ({report['cost']['usd_per_gpu_hour']:.2f} "
         f"for {report['gpu']}), not quotes"),
         ("step times: the engine's step-time model with weights fitted to one H200 Llama-3.1-8B trace "
-        "(meshserve/simulator/calibration.toml), scaled to other GPUs by their data-sheet bandwidth and FLOP/s"),
+        "(meshserve/simulator/calibration.toml), scaled to other GPUs by their data-sheet bandwidth and FLOP/s"
+        + ("; step-time noise (measured / predicted) and host gaps between steps as that trace's engine showed "
+           "them, the same on every GPU" if ns.step_noise == "on" else "; no step-time noise")),
         (f"each of a replica's {ns.api_server_count} API process(es) is one CPU queue: "
          f"{ns.frontend_request_ms:g} ms per request (a 429 "
          f"included) and {ns.frontend_token_us:g} us per streamed token (fitted to the API process saturating at "

@@ -54,6 +54,10 @@ class SimConfig:
     # how each replica is simulated (REPLICA_MODELS); "fast" takes the reference where it does not apply
     replica_model: str = "scheduler"
     calibration: str = "default"  # the step-time weights: a section of calibration.toml
+    # step-time noise and host gaps between steps from that section's step_noise table (step_noise.py), drawn
+    # per replica from seed; off: every step lasts its prediction (closed-form cases stay exact)
+    step_noise: bool = False
+    seed: int = 0
 
     def validate(self) -> None:
         if self.num_gpus < 1 or self.tp < 1 or self.num_gpus % self.tp:

@@ -13,6 +13,8 @@ the step durations again (closed form); until then (a backlog, or a saturated fr
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
+from itertools import accumulate
 
 from meshserve.simulator.frontend import FrontEnd
 from meshserve.simulator.metrics import RunRecorder
@@ -67,6 +69,10 @@ class DecodeSegment:
         if k == 0:
             return self.start_s
         return self.origin_s + k * self.a + self.b * (k * (k + 1) // 2)
+
+    def device_s(self, k: int) -> float:
+        """Device time of steps 1..k: their wall time (no host gaps without noise)."""
+        return self.end_s(k) - self.start_s
 
     def steps_ended_before(self, t: float) -> int:
         """How many of the segment's steps end before t (strictly), at most total."""
@@ -127,6 +133,99 @@ class DecodeSegment:
                 recorder.add_itl_linear(a + b * (k + 1), b, upto - k, n)
                 last_seen = done = end + work
                 break
+        frontend.t = end
+        frontend.backlog_s = done - end
+        return last_seen
+
+
+class NoisyDecodeSegment(DecodeSegment):
+    """A DecodeSegment with step-time noise (step_noise.py): step j lasts what the replica's NoiseStream makes
+    of a + b j for its step first_step + j - 1 (nobody waits during a segment), so its end times are a sum, laid
+    out as far as asked (an arrival usually cuts a segment within tens of steps) instead of a closed form; its
+    tokens are delivered step by step. A head (the mixed step that admitted the last waiting requests) comes
+    with its own noisy time, head_s (device time head_device_s)."""
+
+    __slots__ = ("device", "ends", "first_step", "noise")
+
+    def __init__(
+        self,
+        start_s: float,
+        a: float,
+        b: float,
+        n: int,
+        total: int,
+        noise,
+        first_step: int,
+        head_s: float | None = None,
+        head_device_s: float = 0.0,
+        head_gaps: int = 0,
+        first_tokens: list | None = None,
+    ):
+        super().__init__(start_s, a, b, n, total, head_s, head_gaps, first_tokens)
+        self.noise = noise
+        self.first_step = first_step
+        self.ends: list[float] = [] if head_s is None else [start_s + head_s]  # ends[j - 1]: step j's end
+        self.device: list[float] = [] if head_s is None else [head_device_s]
+
+    def _lay_out(self, upto: int) -> None:
+        ends = self.ends
+        j = len(ends)
+        if upto <= j:
+            return
+        a, b = self.a, self.b
+        walls, devices = self.noise.apply_decode(
+            self.first_step + j, [a + b * i for i in range(j + 1, upto + 1)]
+        )
+        self.device += devices
+        ends += accumulate(walls, initial=ends[-1] if j else self.start_s)
+        del ends[j]  # the initial value
+
+    def end_s(self, k: int) -> float:
+        if k == 0:
+            return self.start_s
+        if k > len(self.ends):
+            self._lay_out(k)
+        return self.ends[k - 1]
+
+    def steps_ended_before(self, t: float) -> int:
+        ends, total = self.ends, self.total
+        while len(ends) < total and (not ends or ends[-1] < t):  # lay out in doubling chunks up to t
+            self._lay_out(min(total, max(16, 2 * len(ends))))
+        return min(bisect_left(ends, t), total)
+
+    def device_s(self, k: int) -> float:
+        """Device time of steps 1..k (laid out)."""
+        return sum(self.device[:k])
+
+    def deliver(self, upto: int, frontend: FrontEnd | None, recorder: RunRecorder, last_seen: float) -> float:
+        k = self.delivered
+        if upto <= k:
+            return last_seen
+        ends = self.ends
+        if upto > len(ends):
+            self._lay_out(upto)
+        if k == 0 and self.first_tokens is not None:  # the head: as DecodeSegment.deliver's
+            last_seen = super().deliver(1, frontend, recorder, last_seen)
+            k = 1
+            if upto == 1:
+                return last_seen
+        n = self.n
+        self.delivered = upto
+        if frontend is None:  # the client sees each step when it ends
+            recorder.add_itl_count_many(
+                [t - s for t, s in zip(ends[k:upto], [last_seen, *ends[k : upto - 1]])], n
+            )
+            return ends[upto - 1]
+        work = n * frontend.costs.per_token_s
+        done = frontend.t + frontend.backlog_s  # when the API process's queue empties
+        frontend.busy_s += work * (upto - k)
+        gaps = []
+        for t in ends[k:upto]:  # the queue's Lindley step: seen = max(t, done) + work
+            done = max(done, t) + work
+            gaps.append(done - last_seen)
+            last_seen = done
+        recorder.add_itl_count_many(gaps, n)
+        end = ends[upto - 1]
         frontend.t = end
         frontend.backlog_s = done - end
         return last_seen

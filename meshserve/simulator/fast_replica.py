@@ -25,9 +25,10 @@ from collections.abc import Callable
 from heapq import heappop, heappush
 
 from meshserve.config import CacheConfig, SchedulerConfig
-from meshserve.simulator.decode_segment import DecodeSegment
+from meshserve.simulator.decode_segment import DecodeSegment, NoisyDecodeSegment
 from meshserve.simulator.frontend import FrontEnd, FrontEndCosts
 from meshserve.simulator.metrics import RunRecorder
+from meshserve.simulator.step_noise import NoiseStream
 
 
 class Req:
@@ -75,6 +76,7 @@ class FastReplica:
         max_queue_len: int,
         frontend: FrontEndCosts | None,
         on_outstanding: Callable[[int, int], None],
+        noise: NoiseStream | None = None,
     ):
         self.index = index
         self.max_num_seqs = scheduler_config.max_num_seqs
@@ -84,6 +86,8 @@ class FastReplica:
         self.num_blocks = cache_config.num_blocks
         self.capacity_tokens = self.num_blocks * self.block_size
         self.step_cost = step_cost
+        # step-time noise by step index (step_noise.py): the same draws as the reference replica's
+        self.noise = noise
         self.recorder = recorder
         self.max_queue_len = max_queue_len
         self.frontend = FrontEnd(frontend) if frontend is not None and frontend.enabled else None
@@ -177,7 +181,12 @@ class FastReplica:
                 -(-(r.offset + end) // bs) for r in decoders.values()
             ) <= self.num_blocks:
                 a, b = self.step_cost.decode_line(n, base)
-                self.segment = DecodeSegment(now, a, b, n, k)
+                if self.noise is None:
+                    self.segment = DecodeSegment(now, a, b, n, k)
+                else:
+                    self.segment = NoisyDecodeSegment(now, a, b, n, k, self.noise, self.steps)
+                    self.busy = True
+                    return self.segment.end_s(k)
                 self.busy = True
                 return now + k * a + b * (k * (k + 1) // 2)
         return self._schedule(now)
@@ -189,6 +198,7 @@ class FastReplica:
         s1 = self.step + 1
         budget = self.budget - len(self.decoders)
         bs = self.block_size
+        queued = len(self.waiting)  # requests waiting when the step is decided: the host gap's table
         held_bound = self.sum_offset + len(self.decoders) * s1 + self.budget + self.max_num_seqs * bs
         if self.partial is not None:
             held_bound += self.partial.computed
@@ -235,17 +245,21 @@ class FastReplica:
             tokens += num_new
             context += r.computed + num_new
         self.busy = True
-        duration = self.step_cost.time_s(tokens, n + len(scheduled), context)
+        duration = device = self.step_cost.time_s(tokens, n + len(scheduled), context)
+        if self.noise is not None:
+            duration, device = self.noise.apply(self.steps, device, tokens > n + len(scheduled), queued)
         if free is None and not self.waiting:
-            end = self._fold(now, duration, scheduled, n)
+            end = self._fold(now, duration, scheduled, n, device)
             if end is not None:
                 return end
         self._scheduled, self._scheduled_decoders = scheduled, n
         self.steps += 1
-        self.busy_s += duration
+        self.busy_s += device
         return now + duration
 
-    def _fold(self, now: float, duration: float, scheduled: list[tuple[Req, int]], n: int) -> float | None:
+    def _fold(
+        self, now: float, duration: float, scheduled: list[tuple[Req, int]], n: int, device: float
+    ) -> float | None:
         """When the step just scheduled leaves nobody waiting or part-way and nobody finishing with it, the decode
         steps after it are fixed at once: apply it now and start a segment headed by it (one event for both).
         None (nothing changed) otherwise."""
@@ -287,7 +301,12 @@ class FastReplica:
                 r.computed -= num_new
             return None
         a, b = self.step_cost.decode_line(n2, base)
-        self.segment = seg = DecodeSegment(now, a, b, n2, k, duration, n, first_tokens)
+        if self.noise is None:
+            self.segment = seg = DecodeSegment(now, a, b, n2, k, duration, n, first_tokens)
+        else:
+            self.segment = seg = NoisyDecodeSegment(
+                now, a, b, n2, k, self.noise, self.steps, duration, device, n, first_tokens
+            )
         return seg.end_s(k)
 
     def _free_blocks_after_decodes(self) -> int:
@@ -338,7 +357,7 @@ class FastReplica:
             self.last_seen = seg.deliver(seg.total, self.frontend, self.recorder, self.last_seen)
             self.step += seg.total
             self.steps += seg.total
-            self.busy_s += now - seg.start_s
+            self.busy_s += now - seg.start_s if self.noise is None else seg.device_s(seg.total)
             if self.finishing[0][0] <= self.step:
                 self._finish_decoders(self.last_seen)
             return

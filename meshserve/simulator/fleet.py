@@ -27,6 +27,7 @@ from meshserve.simulator.fast_replica import FastReplica
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.replica import SimReplica
 from meshserve.simulator.step_cost import StepCost, StepWeights, load_calibration
+from meshserve.simulator.step_noise import NoiseStream, load_step_noise
 from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 
 # a request reaches a replica's core through its API process; a replica's step ends; an idle replica got work;
@@ -53,6 +54,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     trace = Trace.of(trace)
     model, gpu = config.model_spec(), config.gpu_spec()
     cost = StepCost(model, gpu, config.tp, weights or load_calibration(config.calibration))
+    noise = load_step_noise(config.calibration) if config.step_noise else None
     prefix_caching = config.enable_prefix_caching
     if prefix_caching is None:
         prefix_caching = trace.has_prefixes
@@ -69,7 +71,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     if replica_model == "fast":
         def make_fast(index: int, on_outstanding) -> FastReplica:
             return FastReplica(index, sched_cfg, cache_cfg, cost, recorder, config.max_queue_len,
-                               config.frontend_costs, on_outstanding)
+                               config.frontend_costs, on_outstanding,
+                               None if noise is None else NoiseStream(noise, config.seed, index))
 
         replicas, timeline = run_fast(config, trace, make_fast, recorder, progress)
         return _report(config, trace, recorder, replicas, None, None, timeline, cost, step_cost, num_blocks,
@@ -81,7 +84,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         version.append(0)
         return SimReplica(index, sched_cfg, cache_cfg, step_cost or cost, recorder, config.max_queue_len,
                           step_model=cost.model, fast_forward=fast_forward, light=fast_forward,
-                          frontend=config.frontend_costs, api_server_count=config.api_server_count)
+                          frontend=config.frontend_costs, api_server_count=config.api_server_count,
+                          noise=None if noise is None else NoiseStream(noise, config.seed, index))
 
     scaler = None
     if autoscale is not None:
@@ -218,6 +222,7 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
                      / (replica_seconds * config.api_server_count) if replica_seconds else 0.0},
         "gpu_busy_fraction": gpu_busy / replica_seconds if replica_seconds else 0.0,
         "step_weights": vars(cost.weights) if step_cost is None else "custom",
+        "step_noise": {"on": config.step_noise, "seed": config.seed, "calibration": config.calibration},
         # how replicas were simulated, and why not the fast model when it was asked for and did not apply
         "replica_model": replica_model, "replica_model_fallback": fallback,
         "fast_model_compiled": replica_model == "fast" and native.is_compiled(),

@@ -52,6 +52,11 @@ class RunRecorder:
         self._gap_s.append(gap_s)
         self._gap_n.append(count)
 
+    def add_itl_count_many(self, gaps_s: list[float], count: int) -> None:
+        """count gaps of each of gaps_s (every sequence of a step, for each step), kept raw as add_itl_count's."""
+        self._gap_s.extend(gaps_s)
+        self._gap_n.extend([count] * len(gaps_s))
+
     def add_itl_linear(self, first_s: float, slope_s: float, steps: int, count: int) -> None:
         """count gaps of each of first_s + slope_s * i, i = 0..steps-1 (a decode segment's step durations,
         fast_replica.py; slope_s >= 0: a gap grows by microseconds a step). Kept raw and binned in bulk."""

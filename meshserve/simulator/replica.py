@@ -33,6 +33,7 @@ from meshserve.sampling import SamplingParams
 from meshserve.simulator.frontend import FrontEnd, FrontEndCosts
 from meshserve.simulator.light import LightScheduler, SimSequence
 from meshserve.simulator.metrics import RunRecorder
+from meshserve.simulator.step_noise import NoiseStream
 from meshserve.simulator.trace import SimRequest, prompt_token_ids
 
 _SAMPLED_TOKEN = 1  # placeholder id for every generated token (never a stop id: ignore_eos)
@@ -47,7 +48,8 @@ class SimReplica:
     def __init__(self, index: int, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  step_cost: Callable[[StepShape], float], recorder: RunRecorder, max_queue_len: int = 1024,
                  step_model=None, fast_forward: bool = True, light: bool = True,
-                 frontend: FrontEndCosts | None = None, api_server_count: int = 1):
+                 frontend: FrontEndCosts | None = None, api_server_count: int = 1,
+                 noise: NoiseStream | None = None):
         self.index = index
         self.url = f"sim://replica-{index}"
         self.outstanding = 0
@@ -59,6 +61,8 @@ class SimReplica:
         # the policy predicts with the model the engine would have converged to (step time without TP comm)
         self.scheduler.policy.step_model = step_model
         self.step_cost = step_cost
+        # step-time noise and host gaps drawn by step index (step_noise.py); None: every step as predicted
+        self.noise = noise
         self.recorder = recorder
         self.max_queue_len = max_queue_len
         self.ttft_target_s = scheduler_config.slo_ttft_s
@@ -147,6 +151,7 @@ class SimReplica:
         sched = self.scheduler
         if self.fast_forward and not sched.waiting and sched.running and self._start_run(now):
             return self._run.end_times[-1]
+        queued = sched.num_waiting  # requests waiting when the step is decided: the host gap's table
         out = sched.schedule()
         if sched.shed:  # too late for their TTFT target: the server answers 429
             self.recorder.num_shed += len(sched.shed)
@@ -160,11 +165,14 @@ class SimReplica:
         context = 0
         for e in out.scheduled:
             context += e.num_computed_tokens + e.num_new_tokens
-        duration = self.step_cost(StepShape(out.num_batched_tokens, len(out.scheduled), context))
+        duration = device = self.step_cost(StepShape(out.num_batched_tokens, len(out.scheduled), context))
+        if self.noise is not None:
+            duration, device = self.noise.apply(self.steps, device, out.num_batched_tokens > len(out.scheduled),
+                                                queued)
         self._in_flight = out
         self.busy = True
         self.steps += 1
-        self.busy_s += duration
+        self.busy_s += device
         return now + duration
 
     def end_step(self, now: float) -> float | None:
@@ -251,8 +259,10 @@ class SimReplica:
             count, context = ending[r]
             size, base, first = size - count, base - context, r
         self._serial += 1
-        self._run = DecodeRun(self._serial, now, steps, list(seqs), finish, [], [], segments,
-                              {r: e[0] for r, e in ending.items()})
+        durations: list[float] = []
+        self._run = DecodeRun(self._serial, now, steps, list(seqs), finish, [], durations, segments,
+                              {r: e[0] for r, e in ending.items()},
+                              device_s=durations if self.noise is None else [])
         self._lay_out(min(steps, _FIRST_LAYOUT))
         sched.policy.charge(StepShape(n, n, segments[0][3] + n), seqs)  # the first step, as schedule() would
         self.busy = True
@@ -271,6 +281,9 @@ class SimReplica:
                 break
             a = max(first, have)
             durations = decode_durations(self.step_cost, size, base + size * a, min(last, upto) - a)
+            if self.noise is not None:  # run step j is the replica's step self.steps + j - 1; nobody waits
+                durations, devices = self.noise.apply_decode(self.steps + a, durations)
+                run.device_s += devices
             run.durations += durations
             for d in durations:
                 t += d  # accumulated as step-by-step would, so both give the same floats
@@ -307,6 +320,8 @@ class SimReplica:
         if keep >= len(run.end_times):
             return None  # ends with the steps laid out: their end is already an event
         del run.end_times[keep:], run.durations[keep:]
+        if run.device_s is not run.durations:
+            del run.device_s[keep:]
         return run.end_times[-1]
 
     def _deliver_run(self, until: float | None = None) -> None:
@@ -344,7 +359,7 @@ class SimReplica:
                     policy.charge(StepShape(size, size, base + size * (j + 1)),
                                   [s for s, r in zip(run.seqs, run.finish) if r > j])
         self.steps += done
-        self.busy_s += sum(run.durations[:done])
+        self.busy_s += sum(run.device_s[:done])
         light, last_token, first_seen = self.light, self._last_token_s, seen[0]
         ended = []
         for seq, r in zip(run.seqs, run.finish):
@@ -397,3 +412,5 @@ class DecodeRun:
     num_finishing: dict[int, int]
     num_counted: int = 0
     seen: list[float] = field(default_factory=list)  # client times of the steps delivered so far (front end)
+    # device time of each step laid out: durations itself without noise, durations less the host gaps with it
+    device_s: list[float] = field(default_factory=list)

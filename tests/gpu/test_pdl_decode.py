@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.gpu.test_decode_fixed_cost import MODELS, PROMPTS, _greedy, _llm, _prompt
+from tests.near_tie import assert_agree_until_near_tie
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -50,19 +51,48 @@ def test_pdl_keeps_greedy_tokens_fp32(model, monkeypatch):
 def test_pdl_keeps_bf16_decode(model, fold, monkeypatch):
     from meshserve import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=1)
+    # logprobs=3: both sides of a near-tie in both runs' top logprobs
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=3)
     runs = {}
     for pdl in (False, True):
         llm = _pdl_llm(model, "bfloat16", monkeypatch, pdl, fold=fold)
         runs[pdl] = [llm.generate([_prompt(n, s)], params, use_tqdm=False)[0].outputs[0] for n, s in PROMPTS]
         llm.shutdown()
     for plain, overlapped in zip(runs[False], runs[True]):
-        # the PDL GEMV sums its preloaded columns apart from the rest (fp32 order only): the same tokens
-        # until a near-tie, the same logprobs closely
-        assert overlapped.token_ids[:16] == plain.token_ids[:16]
-        same = sum(a == b for a, b in zip(overlapped.token_ids, plain.token_ids))
-        assert same >= 0.9 * len(plain.token_ids)
-        for step in range(16):
-            tok = plain.token_ids[step]
-            assert overlapped.logprobs[step][tok].logprob == pytest.approx(plain.logprobs[step][tok].logprob,
-                                                                          abs=0.15)
+        # the PDL GEMV sums its preloaded columns apart from the rest (fp32 order only), and random bf16 weights
+        # leave near-ties: the same tokens and logprobs until the first divergence, which must be a near-tie
+        # (measured on an H200: qwen3-0.6b's first prompt diverged at step 15)
+        assert_agree_until_near_tie(plain, overlapped, tie=0.2, close=0.15)
+
+
+# the A/B variants of kernels/pdl.py (tools/pdl_device.sh): a late trigger or a launch gone plain must keep the
+# chain as safe as the measured layout
+VARIANTS = [{"MESHSERVE_PDL_TRIGGER": "late"}, {"MESHSERVE_PDL_ONE_WAVE": "1"},
+            {"MESHSERVE_PDL_PRELOAD": "none", "MESHSERVE_PDL_TRIGGER": "late"}, {"MESHSERVE_PDL_PRELOAD": "row"}]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_pdl_variants_keep_bf16_decode(model, monkeypatch):
+    from meshserve import SamplingParams
+    from meshserve.kernels import pdl as pdl_mod
+
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=3)
+
+    def run(pdl: bool):
+        llm = _pdl_llm(model, "bfloat16", monkeypatch, pdl, fold=False)
+        policy = pdl_mod.policy()
+        outs = [llm.generate([_prompt(n, s)], params, use_tqdm=False)[0].outputs[0] for n, s in PROMPTS]
+        llm.shutdown()
+        return policy, outs
+
+    _, plain = run(False)
+    for variant in VARIANTS:
+        for name, value in variant.items():
+            monkeypatch.setenv(name, value)
+        policy, outs = run(True)
+        assert policy.trigger == variant.get("MESHSERVE_PDL_TRIGGER", "early"), policy
+        assert policy.preload == variant.get("MESHSERVE_PDL_PRELOAD", "all"), policy
+        for a, b in zip(plain, outs):
+            assert_agree_until_near_tie(a, b, tie=0.2, close=0.15)
+        for name in variant:
+            monkeypatch.delenv(name)

@@ -41,6 +41,77 @@ def test_interpreter_and_cpu_never_launch_with_pdl():
         assert pdl.gdc_kwargs(torch.zeros(4), pdl=True) == {"USE_GDC": False}
 
 
+def _fake_cuda(monkeypatch, sms=132):
+    """gdc_kwargs' host decisions without a GPU: an sm_90 device of `sms` SMs, outside the interpreter."""
+    from types import SimpleNamespace
+
+    from meshserve.kernels import pdl
+
+    monkeypatch.setattr(pdl, "_interpreting", lambda: False)
+    monkeypatch.setattr(pdl, "_device_supports", lambda index: True)
+    monkeypatch.setattr(pdl, "_num_sms", lambda index: sms)
+    return SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
+
+
+def test_policy_picks_trigger_and_one_wave_launches(monkeypatch):
+    from meshserve.kernels import pdl
+
+    x = _fake_cuda(monkeypatch)
+    with pdl.enabled():  # as measured: the early trigger for every launch
+        assert pdl.gdc_kwargs(x, programs=7168, num_warps=8) == {"USE_GDC": pdl.GDC_EARLY, "launch_pdl": True}
+    with pdl.enabled(trigger="late"):
+        assert pdl.gdc_kwargs(x) == {"USE_GDC": pdl.GDC_LATE, "launch_pdl": True}
+    # an H200 holds 132 SMs x 4 programs of 8 warps (64 registers a thread), or x 8 of 4 warps
+    assert pdl.one_wave_programs(132, 8) == 528 and pdl.one_wave_programs(132, 4) == 1056
+    assert pdl.one_wave_programs(132, 1) == 132 * 32  # the program cap
+    with pdl.enabled(one_wave_only=True):
+        # Llama-3.1-8B's gate_up GEMV (28,672 rows / 4) goes plain, Qwen3-0.6B's o_proj (1,024 / 4) keeps PDL
+        assert pdl.gdc_kwargs(x, programs=7168, num_warps=8) == {"USE_GDC": pdl.GDC_OFF}
+        assert pdl.gdc_kwargs(x, programs=256, num_warps=4)["USE_GDC"] == pdl.GDC_EARLY
+        assert pdl.gdc_kwargs(x, programs=528, num_warps=8)["USE_GDC"] and pdl.gdc_kwargs(x)["USE_GDC"]
+    with pdl.enabled(False, one_wave_only=True):
+        assert pdl.gdc_kwargs(x, programs=1) == {"USE_GDC": pdl.GDC_OFF}
+    with pytest.raises(ValueError, match="trigger"):
+        pdl.PdlPolicy(trigger="middle")
+
+
+def test_gemv_preload_follows_the_policy_and_the_launch(monkeypatch):
+    from meshserve.kernels import pdl
+
+    x = _fake_cuda(monkeypatch)
+    on, off = {"USE_GDC": pdl.GDC_EARLY, "launch_pdl": True}, {"USE_GDC": pdl.GDC_OFF}
+    with pdl.enabled():
+        assert pdl.preload_columns(x, 4096, None, on, 2048) == 2048
+        assert pdl.preload_columns(x, 300, None, on, 2048) == 512
+        assert pdl.preload_columns(x, 4096, None, off, 2048) == 0  # the launch went plain: the plain layout
+        assert pdl.preload_columns(x, 4096, False, on, 2048) == 0
+    with pdl.enabled(preload="row"):  # only rows the preload holds whole (Qwen3-0.6B's 1,024, not the 8B's 4,096)
+        assert pdl.preload_columns(x, 1024, None, on, 2048) == 1024
+        assert pdl.preload_columns(x, 4096, None, on, 2048) == 0
+    with pdl.enabled(preload="none"):
+        assert pdl.preload_columns(x, 1024, None, on, 2048) == 0
+
+
+@interp
+@pytest.mark.parametrize("variant", [{"trigger": "late"}, {"one_wave_only": True}, {"preload": "row"},
+                                     {"preload": "none"}])
+def test_interpreter_variants_compute_the_plain_or_preloaded_projection(variant):
+    # the interpreter never launches with PDL: a variant changes at most the GEMV's layout. k = 2600 > MAX_PRE_K:
+    # "row" and "none" keep the plain layout bit for bit; the others preload and stay within fp32 order
+    from meshserve.kernels import pdl
+    from meshserve.kernels.triton_gemv import gemv
+
+    x, w = _gemv_inputs("cpu", torch.float32, 6, 2600, False)
+    plain = gemv(x, w, pdl=False)
+    with pdl.enabled(**variant):
+        assert pdl.gdc_kwargs(x, programs=10**6) == {"USE_GDC": False}
+        y = gemv(x, w)
+    if variant.get("preload") in ("row", "none"):
+        assert torch.equal(y, plain)
+    else:
+        torch.testing.assert_close(y, plain, atol=1e-5 * plain.abs().max().item(), rtol=1e-5)
+
+
 def _gemv_inputs(device, dtype, n, k, gated, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(1, 2 * k if gated else k, generator=g, device=device).to(dtype)
@@ -96,9 +167,16 @@ KERNELS = [
     ("triton_ops", "_silu_and_mul_kernel", dict(x_ptr=B, out_ptr=B), (), dict(BLOCK=1024)),
     ("triton_ops", "_qkv_rope_cache_kernel",
      dict(qkv_ptr=B, pos_ptr="*i64", cos_ptr=F, sin_ptr=F, qw_ptr=B, kw_ptr=B, q_out_ptr=B, cache_ptr=B,
-          slot_ptr="*i64"), ("eps",),
+          slot_ptr="*i64"), ("eps", "k_scale", "v_scale"),
      dict(NUM_Q_HEADS=16, NUM_KV_HEADS=8, HALF=64, BLOCK_QH=16, BLOCK_KH=8, BLOCK_HALF=64, BLOCK_SIZE=16,
           HAS_NORM=True)),
+    ("triton_fp8_quant", "_quantize_fp8_rows_kernel", dict(x_ptr=B, q_ptr="*fp8e4nv", s_ptr=F), ("min_scale",),
+     dict(FP8_MAX=448.0, STATIC=False, BLOCK=4096, ONE_PASS=True)),
+    ("triton_fp8_fused", "_rms_norm_quant_kernel",
+     dict(x_ptr=B, res_ptr=B, w_ptr=B, q_ptr="*fp8e4nv", s_ptr=F, res_out_ptr=B), ("eps", "min_scale"),
+     dict(FP8_MAX=448.0, HAS_RESIDUAL=True, BLOCK=4096)),
+    ("triton_fp8_fused", "_silu_and_mul_quant_kernel", dict(x_ptr=B, q_ptr="*fp8e4nv", s_ptr=F), ("min_scale",),
+     dict(FP8_MAX=448.0, BLOCK=4096)),
     ("triton_attention", "_reshape_and_cache_kernel",
      dict(key_ptr=B, value_ptr=B, cache_ptr=B, slot_ptr="*i64"), ("k_scale", "v_scale"),
      dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128, BLOCK_SIZE=16, KV_FP8=False)),
@@ -113,8 +191,8 @@ KERNELS = [
 for module, name, pointers, floats, const in KERNELS:
     kernel = getattr(importlib.import_module("meshserve.kernels." + module), name)
     names = list(kernel.arg_names)
-    # PDL on for every kernel; off for the GEMV (its plain layout) and the attention kernels
-    for use_gdc in (True, False) if module != "triton_ops" else (True,):
+    # PDL on (early and late trigger) for every kernel; off for the GEMV (its plain layout) and the attention kernels
+    for use_gdc in (1, 2, False) if module != "triton_ops" else (1, 2):
         sig = {n: "i32" for n in names}
         sig.update(pointers)
         sig.update({f: "fp32" for f in floats})
@@ -124,11 +202,14 @@ for module, name, pointers, floats, const in KERNELS:
         sig.update({n: "constexpr" for n in c})
         src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in c.items()})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": 4, "launch_pdl": use_gdc})
+                                  options={"num_warps": 4, "launch_pdl": bool(use_gdc)})
         ptx = compiled.asm["ptx"]
         for op in ("griddepcontrol.wait", "griddepcontrol.launch_dependents"):
-            assert (op in ptx) == use_gdc, (name, use_gdc, op)
-        assert compiled.metadata.launch_pdl == use_gdc, name
+            assert (ptx.count(op) == 1) == bool(use_gdc) and (op in ptx) == bool(use_gdc), (name, use_gdc, op)
+        assert compiled.metadata.launch_pdl == bool(use_gdc), name
+        if use_gdc:  # early: the trigger right after the wait; late: after the program's loads of activations
+            between = ptx[ptx.index("griddepcontrol.wait"):ptx.index("griddepcontrol.launch_dependents")]
+            assert ("ld.global" in between) == (use_gdc == 2), (name, use_gdc)
 print("compiled")
 """
 

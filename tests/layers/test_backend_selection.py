@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoConfig
@@ -21,7 +23,8 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_NORM_GEMV", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", raising=False)
     monkeypatch.delenv("MESHSERVE_MLA_PREFILL_REF", raising=False)
-    monkeypatch.delenv("MESHSERVE_PDL", raising=False)
+    for name in ("MESHSERVE_PDL", "MESHSERVE_PDL_TRIGGER", "MESHSERVE_PDL_ONE_WAVE", "MESHSERVE_PDL_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def _config(device="cpu", dtype="float32", cache_dtype="auto", enforce_eager=False) -> EngineConfig:
@@ -81,6 +84,36 @@ def test_pdl_switch_is_opt_in_for_cuda_and_bound_for_the_process(monkeypatch):
         assert pdl.is_enabled()
         bind_kernels(model, PLAIN)
         assert not pdl.is_enabled()
+
+
+def _model_config(hidden_size: int | None, device="cuda") -> EngineConfig:
+    from types import SimpleNamespace
+
+    config = _config(device=device, dtype="bfloat16")
+    hf = SimpleNamespace(hidden_size=hidden_size) if hidden_size is not None else None
+    return dataclasses.replace(config, model_config=dataclasses.replace(config.model_config, hf_config=hf))
+
+
+def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
+    from meshserve.kernels.pdl import PdlPolicy
+
+    monkeypatch.setenv("MESHSERVE_PDL", "auto")
+    # on for Qwen3-0.6B's 1,024 (+26% W1 on an H200), off for Llama-3.1-8B's 4,096 (-9%), an unknown size, and CPU
+    assert select_kernels(_model_config(1024)).pdl and select_kernels(_model_config(2048)).pdl
+    assert not select_kernels(_model_config(4096)).pdl and not select_kernels(_model_config(None)).pdl
+    assert not select_kernels(_model_config(1024, device="cpu")).pdl
+    # 1 and 0 keep their meaning whatever the model; the variants ride along
+    monkeypatch.setenv("MESHSERVE_PDL", "1")
+    assert select_kernels(_model_config(4096)).pdl_policy == PdlPolicy(enabled=True)
+    monkeypatch.setenv("MESHSERVE_PDL_TRIGGER", "late")
+    monkeypatch.setenv("MESHSERVE_PDL_ONE_WAVE", "1")
+    monkeypatch.setenv("MESHSERVE_PDL_PRELOAD", "row")
+    assert select_kernels(_model_config(4096)).pdl_policy == PdlPolicy(True, "late", True, "row")
+    monkeypatch.setenv("MESHSERVE_PDL", "0")
+    assert select_kernels(_model_config(1024)).pdl_policy == PdlPolicy(False, "late", True, "row")
+    monkeypatch.setenv("MESHSERVE_PDL_PRELOAD", "half")
+    with pytest.raises(ValueError, match="preload"):
+        select_kernels(_model_config(1024))
 
 
 def test_mla_prefill_reference_switch(monkeypatch):

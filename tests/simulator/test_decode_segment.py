@@ -84,3 +84,40 @@ def test_delivery_gives_the_gaps_and_front_end_state_of_step_by_step(cost, per_t
     if fe_fast is not None:
         assert fe_fast.busy_s == pytest.approx(fe_ref.busy_s)
         assert fe_fast.t + fe_fast.backlog_s == pytest.approx(fe_ref.t + fe_ref.backlog_s, rel=1e-12)
+
+
+@pytest.mark.parametrize("head", [None, 0.031])
+def test_a_noisy_segment_lays_out_the_noisy_steps(cost, head):
+    """With step-time noise the end times are the noisy steps' sums (NoiseStream.apply, one by one), found
+    lazily, and delivery gives the gaps and front-end state of step-by-step."""
+    from meshserve.simulator.decode_segment import NoisyDecodeSegment
+    from meshserve.simulator.step_noise import NoiseStream, load_step_noise
+
+    n, context, first, total = 12, 7000, 3000, 2500  # steps 3000.. of the replica: across noise chunks
+    a, b = cost.decode_line(n, context)
+    noise = NoiseStream(load_step_noise(), seed=3, index=1)
+    seg = NoisyDecodeSegment(
+        100.0, a, b, n, total, noise, first, head, 0.02 if head else 0.0, n, [] if head else None
+    )
+    ends, t = [], 100.0
+    for j in range(1, total + 1):
+        t += head if j == 1 and head else noise.apply(first + j - 1, a + b * j, False, 0)[0]
+        ends.append(t)
+    assert seg.steps_ended_before(100.0) == 0 and len(seg.ends) < total  # laid out as far as asked
+    rng = random.Random(1)
+    for probe in sorted(rng.uniform(100.0, ends[-1] + 0.1) for _ in range(200)):
+        assert seg.steps_ended_before(probe) == bisect.bisect_left(ends, probe)
+    assert [seg.end_s(k) for k in (1, 2, 1024, total)] == pytest.approx(
+        [ends[k - 1] for k in (1, 2, 1024, total)], rel=1e-12
+    )
+    assert ends[-1] - 100.0 != pytest.approx(sum(a + b * j for j in range(1, total + 1)), rel=1e-3)  # noisy
+    fe_fast, fe_ref = FrontEnd(FrontEndCosts(0.0, 50e-6)), FrontEnd(FrontEndCosts(0.0, 50e-6))
+    ref, ref_seen = _step_by_step(seg, total, fe_ref, 99.0)
+    rec = RunRecorder()
+    seen = seg.deliver(700, fe_fast, rec, 99.0)
+    seen = seg.deliver(total, fe_fast, rec, seen)
+    assert seen == pytest.approx(ref_seen, rel=1e-12)
+    rec._flush_itl(), ref._flush_itl()
+    assert rec.itl_counts.sum() == ref.itl_counts.sum() == total * n
+    assert abs(rec.itl_counts - ref.itl_counts).sum() <= 2 * n
+    assert fe_fast.t + fe_fast.backlog_s == pytest.approx(fe_ref.t + fe_ref.backlog_s, rel=1e-12)

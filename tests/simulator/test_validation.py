@@ -37,10 +37,10 @@ def test_the_default_fit_replays_the_mixed_graphs_run_below_the_knee():
     from meshserve.simulator.frontend import FRONTEND_H200
     from meshserve.simulator.validation import frontend_latency_from
 
-    run = W3_H200_RUNS[-1]
-    assert run.file == "w3_8b_slo_graphs1024.json" and run.calibration == "default"
+    run = next(r for r in W3_H200_RUNS if r.file == "w3_8b_slo_graphs1024.json")
+    assert run.calibration == "default"
     measured = measured_points(run)
-    latency = frontend_latency_from(32.0, measured[32.0]["ttft_p50"], run.slo, FRONTEND_H200)
+    latency = frontend_latency_from(32.0, measured[32.0]["ttft_p50"], run, FRONTEND_H200)
     for qps in (32.0, 48.0):
         predicted = replay_w3(qps, run.slo, latency, FRONTEND_H200)
         assert predicted["goodput"] == pytest.approx(measured[qps]["goodput"], rel=0.05)
@@ -60,3 +60,20 @@ def test_offline_rows_stay_where_planner_md_says():
     assert 1.05 < ratio["W1 llama-3.1-8b TP=2 batch 1"] < 1.25
     assert 0.65 < ratio["W2 llama-3.1-8b TP=2"] < 0.85
     assert rows["W2 llama-3.1-8b PP=2"]["pred"] is None
+
+
+@pytest.mark.skipif(not (RESULTS / "w3_8b_slo_api4_h200_1130.json").is_file(), reason="measured results not in this checkout")
+def test_step_noise_brings_goodput_past_the_knee_to_the_4_api_process_run():
+    """The run the default fit's step noise comes from, at QPS 96 (PLANNER.md): without noise the GPU is never
+    idle and goodput runs ~8% high; the host gaps leave it ~96% busy, as measured, and goodput within 5%."""
+    from meshserve.simulator.frontend import FRONTEND_H200
+
+    run = next(r for r in W3_H200_RUNS if r.file == "w3_8b_slo_api4_h200_1130.json")
+    assert run.api_server_count == 4 and run.slo
+    measured = measured_points(run)[96.0]
+    same = {"frontend": FRONTEND_H200, "calibration": run.calibration, "api_server_count": 4}
+    off = replay_w3(96.0, run.slo, **same)
+    on = replay_w3(96.0, run.slo, step_noise=True, **same)
+    assert off["goodput"] > 1.05 * measured["goodput"] and off["gpu_busy_fraction"] > 0.99
+    assert on["goodput"] == pytest.approx(measured["goodput"], rel=0.05)
+    assert 0.94 < on["gpu_busy_fraction"] < 0.98

@@ -2,8 +2,10 @@
 
 quantize_fp8_per_token(x [M, K]) -> (fp8 [M, K], fp32 scale [M, 1]): each row's absmax maps to 448.
 quantize_fp8_static(x [M, K], scale [] or [1]) -> fp8 [M, K]: x / scale with the checkpoint's static scale.
-References (and the CPU path): quant_ref.quantize_fp8_per_token and quant_ref.to_fp8, bit for bit: the same
-IEEE divisions (div_rn, not Triton's approximate `/`), the same saturation at +-448, round-to-nearest-even.
+References (and the CPU path): quant_ref.quantize_fp8_per_token and quant_ref.to_fp8, bit for bit as CPU torch
+computes them: the same IEEE divisions (div_rn, not Triton's approximate `/`), the same saturation at +-448,
+round-to-nearest-even. (CUDA torch divides by a Python scalar through its reciprocal, so the reference run on a
+GPU may differ by one ulp in a scale; given the scales, the fp8 rows are equal.)
 
 Why: the reference in eager torch is nine kernels over fp32 copies of x (cast, abs, amax, div, clamp, cast,
 div, clamp, cast); before each of the four fp8 projections of every layer that is ~1,150 launches and ~60

@@ -8,6 +8,8 @@
 #   PART=new       what 2026-11-30's third session added and could not run on a GPU: the mixed-step graphs'
 #                  two-batch test, speculation through them, the norm-in-GEMV fold and short decode graphs,
 #                  block FP8, the MLA prefill path and layer-wise KV transfer
+#   PART=mla       the MLA decode path of branch mla-w2: fused prologue, balanced kernel, the three decode paths
+#                  of DeepSeek-V2-Lite's attention in a CUDA graph
 #   PART=all       kernels and engine
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +49,10 @@ new)
   run_group mla_prefill 300 tests/kernels/test_mla_prefill.py tests/layers/test_mla_attention.py tests/kernels/test_mla.py tests/kernels/test_lse_merge.py
   run_group moe_engine 300 tests/gpu/test_gpu_moe.py
   run_group structured_disagg 300 tests/engine/test_structured_engine.py tests/disagg
+  ;;
+mla)
+  run_group mla_decode 300 tests/kernels/test_mla_rope.py tests/kernels/test_mla_balanced.py tests/kernels/test_mla.py \
+    tests/models/test_deepseek.py tests/layers/test_mla_attention.py
   ;;
 esac
 tar czf "$OUT/gpu_tests.tgz" -C /tmp gpu_test_logs

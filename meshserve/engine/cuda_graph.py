@@ -8,8 +8,9 @@ before the last returns views of them (the stage copies them before its send: th
 
 Short-context variants: attention sizes its KV splits from meta.max_seq_len, which a graph fixes at capture
 (max_model_len), so at small batch a 4,096-token graph runs 16 splits (most empty at a few hundred tokens)
-plus a reduce. Small batch sizes are also captured with max_seq_len = each context bound whose split count
-differs (decode_graph_variants); run() replays the smallest variant that holds the step's real max context.
+plus a reduce (MLA layers likewise: MLAAttention.decode_splits). Small batch sizes are also captured with
+max_seq_len = each context bound whose split count differs (decode_graph_variants); run() replays the
+smallest variant that holds the step's real max context.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.attention import Attention
+from meshserve.layers.mla_attention import MLAAttention
 from meshserve.layers.pipeline import IntermediateTensors, copy_stage_input
 
 logger = logging.getLogger(__name__)
@@ -54,10 +56,16 @@ def decode_graph_variants(sizes: Sequence[int], max_model_len: int, context_boun
 
 def attention_split_counts(layers: Sequence, dtype: torch.dtype, device: torch.device, num_seqs: int,
                            max_seq_len: int) -> tuple[int, ...] | None:
-    """The decode KV split count of every attention layer for this batch shape, or None when a layer's
-    backend does not say (MLA, the torch reference): then no short-context variants are captured."""
+    """The decode KV split count of every attention layer (MLA's too) for this batch shape, or None when a
+    layer's backend does not say (the torch reference): then no short-context variants are captured."""
     counts = []
     for layer in layers:
+        if isinstance(layer, MLAAttention):
+            splits = layer.decode_splits(num_seqs, max_seq_len, dtype, device)
+            if splits is None:
+                return None
+            counts.append(splits)
+            continue
         splits = getattr(getattr(layer, "backend", None), "decode_splits", None)
         if not isinstance(layer, Attention) or splits is None:
             return None

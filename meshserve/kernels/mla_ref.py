@@ -33,6 +33,30 @@ def write_latent_ref(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Ten
     flat.index_copy_(0, slot_mapping, rows)
 
 
+def mla_rope_latent_ref(q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+                        sin_cache: torch.Tensor, norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """The MLA prologue (kernels/triton_mla_rope.py): q [T, H, N + P], kv_a [T, R + P] -> the rotated q_pe
+    [T, H, P]; writes [RMSNorm(c) * weight, rotated k_pe] to the cache. cos/sin [max_pos, P] rotate-half layout
+    (first P/2 columns the frequencies); interleaved pairs (x[2i], x[2i+1]) land at (i, i + P/2). fp32 math."""
+    rank = norm_weight.shape[0]
+    rope = kv_a.shape[1] - rank
+    half = rope // 2
+    cos, sin = cos_cache[positions, :half].float(), sin_cache[positions, :half].float()
+
+    def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else (x[..., :half], x[..., half:])
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+    q_pe = rotate(q[..., q.shape[-1] - rope:], cos[:, None], sin[:, None]).to(q.dtype)
+    x = kv_a[:, :rank]
+    xf = x.float()
+    c = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype).float() * norm_weight.float()
+    write_latent_ref(c, rotate(kv_a[:, rank:], cos, sin), kv_cache, slot_mapping)
+    return q_pe
+
+
 def gather_latent_ref(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The cached rows [seq_len, R + P] of one sequence, read through its block table."""
     block_size = kv_cache.shape[2]

@@ -156,11 +156,45 @@ def _decode_config(block_r: int, elem_size: int) -> tuple[int, int]:
     return block_n, 8 if block_r >= 256 else 4
 
 
+def mla_num_splits(num_seqs: int, max_seq_len: int, block_n: int, num_sms: int, max_splits: int = 64,
+                   min_tokens_per_split: int = 256) -> int:
+    """KV splits per sequence from host-known shapes (fixed in a CUDA graph; any count is correct for any
+    seq_lens). A program holds every head of a sequence (16 for V2-Lite, so one program per sequence), which
+    leaves SMs idle whenever the batch is under the SM count: the generic rule (decode_num_splits) splits only
+    below half the SMs, so batches of 67-131 on an H200 ran one program per sequence on part of the GPU.
+    Here: about two programs per SM while the batch is under one per SM, one split from there on. A split
+    costs H x R x 4 B of workspace (32 KB for V2-Lite: ~3% of an 800-token context's 0.9 MB of latents), so
+    splitting is cheap; a power of two keeps the captured shapes few."""
+    if num_seqs >= num_sms:
+        return 1
+    want = -(-2 * num_sms // max(1, num_seqs))
+    by_len = max(1, -(-max(1, max_seq_len) // max(block_n, min_tokens_per_split)))
+    n = max(1, min(want, by_len, max_splits))
+    return 1 << (n.bit_length() - 1)
+
+
+def decode_split_count(num_seqs: int, num_heads: int, rank: int, elem_size: int, max_seq_len: int,
+                       device_index: int | None, tile: tuple[int, int, int] | None = None,
+                       legacy: bool = False) -> int:
+    """The KV splits mla_decode runs for this batch shape when not told (engine/cuda_graph.py keys its
+    short-context graph variants by it): mla_num_splits over (sequence, head block) programs, or with legacy
+    the generic decode_num_splits (the rule before 2026-11-30)."""
+    block_n = tile[0] if tile is not None else _decode_config(max(16, _next_pow2(rank)), elem_size)[0]
+    programs_per_seq = triton.cdiv(num_heads, BLOCK_H)
+    if legacy:
+        return decode_num_splits(num_seqs, programs_per_seq, max_seq_len, block_n, _num_sms(device_index))
+    return mla_num_splits(num_seqs * programs_per_seq, max_seq_len, block_n, _num_sms(device_index))
+
+
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_seq_len: int,
-               num_splits: int | None = None) -> torch.Tensor:
+               num_splits: int | None = None, tile: tuple[int, int, int] | None = None,
+               legacy_splits: bool = False) -> torch.Tensor:
     """mla_decode_ref for one query token per sequence: q_lat [T, H, R], q_pe [T, H, P] -> o_lat [T, H, R]
-    (rows of q_len-0 sequences stay unwritten). No host syncs: safe to capture in a CUDA graph."""
+    (rows of q_len-0 sequences stay unwritten). No host syncs: safe to capture in a CUDA graph.
+
+    num_splits: fixed KV splits (None: mla_num_splits, or with legacy_splits the generic decode_num_splits,
+    the rule before 2026-11-30); tile: (BLOCK_N, num_warps, num_stages) instead of _decode_config's."""
     num_tokens, num_heads, rank = q_lat.shape
     rope = q_pe.shape[2]
     out = torch.empty_like(q_lat)
@@ -171,10 +205,14 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     num_seqs, block_size = seq_lens.shape[0], kv_cache.shape[2]
     block_r, block_p = max(16, _next_pow2(rank)), max(16, _next_pow2(rope))
     block_n, num_warps = _decode_config(block_r, q_lat.element_size())
+    num_stages = 2
+    if tile is not None:
+        block_n, num_warps, num_stages = tile
     head_blocks = triton.cdiv(num_heads, BLOCK_H)
     if num_splits is None:
         dev = q_lat.device.index if q_lat.device.type == "cuda" else None
-        num_splits = decode_num_splits(num_seqs, head_blocks, max_seq_len, block_n, _num_sms(dev))
+        num_splits = decode_split_count(num_seqs, num_heads, rank, q_lat.element_size(), max_seq_len, dev, tile,
+                                        legacy_splits)
     num_splits = max(1, int(num_splits))
     direct = num_splits == 1
     if direct:
@@ -192,7 +230,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
         NUM_HEADS=num_heads, BLOCK_H=BLOCK_H, RANK=rank, BLOCK_R=block_r, ROPE=rope, BLOCK_P=block_p,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         DIRECT_OUT=direct, UPCAST_DOT=_upcast_dot(q_lat), DOT_PRECISION=_dot_precision(q_lat),
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         _decode_reduce_kernel[(num_seqs, num_heads)](

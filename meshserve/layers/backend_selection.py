@@ -29,6 +29,14 @@ Overrides (environment, read only here, for debugging and references):
                                             fewer attention splits (default none: opt-in until measured)
   MESHSERVE_MLA_PREFILL_REF=1               MLA prefill chunks one sequence at a time (mla_prefill_ref) even on
                                             the Triton path: the A/B baseline of the batched prefill
+  MESHSERVE_MLA_LEGACY=1                    MLA decode as before 2026-11-30: unfused norm + rotary + latent
+                                            write (~20 kernels a layer), absorbed matmuls through transposed
+                                            copies, the generic split rule (the A/B baseline of the new path)
+  MESHSERVE_MLA_BALANCED=1                  MLA decode through the balanced kernel (kernels/triton_mla_balanced.py:
+                                            equal work per program whatever the context lengths); opt-in until
+                                            measured (tools/bench_mla_decode.py)
+  MESHSERVE_MLA_DECODE_TILE=32,8,2          the MLA decode kernel's BLOCK_N, num_warps, num_stages (default:
+                                            kernels/triton_mla._decode_config; tools/bench_mla_decode.py sweeps)
 
 This module sits in layers/ because the layers consume the choice (and may not import the engine); it
 imports only the config and the layers/kernels it chooses between.
@@ -57,6 +65,9 @@ DISABLE_FUSED_OPS_ENV = "MESHSERVE_DISABLE_FUSED_OPS"
 NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
 DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
+MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
+MLA_DECODE_TILE_ENV = "MESHSERVE_MLA_DECODE_TILE"
+MLA_BALANCED_ENV = "MESHSERVE_MLA_BALANCED"
 PDL_ENV = "MESHSERVE_PDL"
 PDL_TRIGGER_ENV = "MESHSERVE_PDL_TRIGGER"
 PDL_ONE_WAVE_ENV = "MESHSERVE_PDL_ONE_WAVE"
@@ -85,6 +96,13 @@ class KernelSelection:
     kv_cache_dtype: torch.dtype | None = None  # the KV pool's element type (None only in PLAIN)
     # MLA prefill chunks through the per-sequence reference even on the Triton path (layers/mla_attention.py)
     mla_prefill_ref: bool = False
+    # MLA decode as before 2026-11-30 (layers/mla_attention.py): the A/B baseline of the fused prologue,
+    # the copy-free absorbed matmuls and the MLA split rule
+    mla_legacy: bool = False
+    # MLA decode with the batch's KV work balanced over a fixed program count (kernels/triton_mla_balanced.py)
+    mla_balanced: bool = False
+    # (BLOCK_N, num_warps, num_stages) of the MLA decode kernel; None: its default
+    mla_decode_tile: tuple[int, int, int] | None = None
     # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide policy, bound below)
     pdl_policy: PdlPolicy = PdlPolicy()  # noqa: RUF009 (frozen: one shared default is safe)
 
@@ -122,6 +140,19 @@ def _decode_context_bounds() -> tuple[int, ...]:
     if bounds[0] <= 0:
         raise ValueError(f"{DECODE_CONTEXT_BOUNDS_ENV}: bounds must be positive, got {raw!r}")
     return bounds
+
+
+def _mla_decode_tile() -> tuple[int, int, int] | None:
+    raw = os.environ.get(MLA_DECODE_TILE_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        block_n, warps, stages = (int(v) for v in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{MLA_DECODE_TILE_ENV} takes BLOCK_N,num_warps,num_stages (32,8,2), got {raw!r}") from None
+    if block_n < 16 or block_n & (block_n - 1) or warps not in (1, 2, 4, 8, 16) or stages < 1:
+        raise ValueError(f"{MLA_DECODE_TILE_ENV}: BLOCK_N a power of two >= 16, num_warps 1-16, stages >= 1: {raw!r}")
+    return block_n, warps, stages
 
 
 def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
@@ -171,6 +202,9 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         decode_context_bounds=_decode_context_bounds() if cuda_graphs else (),
         kv_cache_dtype=kv_cache_dtype,
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
+        mla_legacy=os.environ.get(MLA_LEGACY_ENV, "") not in ("", "0"),
+        mla_decode_tile=_mla_decode_tile(),
+        mla_balanced=os.environ.get(MLA_BALANCED_ENV, "") not in ("", "0"),
         pdl_policy=_pdl_policy(config, on_cuda),
     )
     logger.info("kernels: %s", selection)

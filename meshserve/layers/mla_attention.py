@@ -15,7 +15,12 @@ at once, a workspace-sized piece of context at a time (kernels/mla_prefill.py: g
 kv_b_proj, the Triton varlen kernel of kernels/triton_mla_prefill.py, LSE merge; the runner binds one
 MLAPrefillWorkspace to every layer, bind_prefill_workspace), elsewhere (or with MESHSERVE_MLA_PREFILL_REF=1)
 one sequence at a time (kernels/mla_ref.mla_prefill_ref). A mixed step's split into the two is computed
-once per step (meta.step_memo), not per layer. The block manager,
+once per step (meta.step_memo), not per layer. On a GPU with the fused prologue the model's prologue (latent
+RMSNorm, both rotaries, the latent write) is one kernel (fused_prologue, kernels/triton_mla_rope.py) and the
+absorbed matmuls write straight into their [T, H, .] results (no transposed copies); with
+KernelSelection.mla_balanced (MESHSERVE_MLA_BALANCED=1) the decode kernel spreads the batch's KV tiles evenly
+over the SMs whatever the context lengths (kernels/triton_mla_balanced.py); KernelSelection.mla_legacy
+(MESHSERVE_MLA_LEGACY=1) keeps the path before 2026-11-30 for A/B runs. The block manager,
 prefix caching, chunked prefill, preemption and the KV offload tiers see blocks only, so they work unchanged.
 """
 
@@ -43,7 +48,8 @@ class MLAAttention(nn.Module):
     """The latent cache of one layer and the attention over it.
 
     forward(q_nope [T, H, N], q_pe [T, H, P] (rotated), kv_c [T, R] (normalised), k_pe [T, P] (rotated),
-    kv_b_weight [H * (N + V), R] (this rank's kv_b_proj rows), meta) -> [T, H * V].
+    kv_b_weight [H * (N + V), R] (this rank's kv_b_proj rows), meta) -> [T, H * V]; kv_c and k_pe None when
+    fused_prologue already wrote them.
     """
 
     def __init__(self, num_heads: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
@@ -62,15 +68,45 @@ class MLAAttention(nn.Module):
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (1, num_blocks, block_size, 1, self.head_dim)
 
+    def decode_splits(self, num_seqs: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> int | None:
+        """The KV splits the Triton decode kernel runs for this batch shape (engine/cuda_graph.py keys its
+        short-context graph variants by it); None where decode runs the torch reference."""
+        if self.kernels.attention_backend != "triton":
+            return None
+        if self.kernels.mla_balanced and not self.kernels.mla_legacy:
+            return 0  # the balanced kernel's launch does not depend on the context bound: no variants
+        from meshserve.kernels.triton_mla import decode_split_count
+
+        return decode_split_count(num_seqs, self.num_heads, self.kv_lora_rank, dtype.itemsize, max_seq_len,
+                                  device.index if device.type == "cuda" else None, self.kernels.mla_decode_tile,
+                                  self.kernels.mla_legacy)
+
     def _use_triton(self, x: torch.Tensor) -> bool:
         return self.kernels.attention_backend == "triton" and x.is_cuda
 
-    def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor,
-                kv_b_weight: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def fused_prologue(self, q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+                       sin_cache: torch.Tensor, norm_weight: torch.Tensor, eps: float, interleave: bool,
+                       meta: AttentionMetadata) -> torch.Tensor | None:
+        """The model's prologue in one kernel where this layer runs Triton with the fused prologue: q [T, H, N + P],
+        kv_a [T, R + P] (the projections' outputs) -> the rotated q_pe [T, H, P], the normalised latent and
+        rotated key written to the cache (then forward takes kv_c = k_pe = None). None: do it unfused."""
+        if not (self.kernels.fused_prologue and self._use_triton(q)) or self.kernels.mla_legacy:
+            return None
+        if self.kv_cache is None:
+            raise RuntimeError("MLA layer has no KV cache bound")
+        from meshserve.kernels.triton_mla_rope import mla_rope_latent
+
+        return mla_rope_latent(q, kv_a, positions, cos_cache, sin_cache, norm_weight, eps, self.kv_cache,
+                               meta.slot_mapping, interleave)
+
+    def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor | None,
+                k_pe: torch.Tensor | None, kv_b_weight: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.kv_cache is None:
             raise RuntimeError("MLA layer has no KV cache bound")
         triton = self._use_triton(q_nope)
-        if triton:
+        if kv_c is None:
+            pass  # fused_prologue wrote this step's rows
+        elif triton:
             from meshserve.kernels.triton_mla import write_latent
 
             write_latent(kv_c.contiguous(), k_pe.contiguous(), self.kv_cache, meta.slot_mapping)
@@ -97,20 +133,41 @@ class MLAAttention(nn.Module):
 
     def _absorbed(self, q_nope, q_pe, kv_b_weight, meta: AttentionMetadata, triton: bool) -> torch.Tensor:
         """[T, H, V] through the latents alone (any q_len up to ABSORBED_MAX_QUERY_LEN, causal)."""
-        # per-head slices of kv_b_proj: [H, N, R] (W_UK) and [H, V, R] (W_UV)
+        # per-head slices of kv_b_proj: [H, N, R] (W_UK) and [H, V, R] (W_UV), views of the weight
         w_kv = kv_b_weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv[:, : self.qk_nope_head_dim], w_kv[:, self.qk_nope_head_dim :]
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
+        legacy = self.kernels.mla_legacy
+        # out= refuses tensors that need grad: the runner is under inference_mode, a bare module call may not be
+        copied = legacy or torch.is_grad_enabled()
+        num_tokens = q_nope.shape[0]
+        if copied:
+            q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
+        else:
+            # one strided-batched GEMM per side, head-major views of [T, H, .] buffers: cuBLAS reads q_nope
+            # with ld = H * (N + P) and writes q_lat with ld = H * R, so neither side needs a transposed copy
+            # (vLLM's MLA does the same with out=)
+            q_lat = q_nope.new_empty(num_tokens, self.num_heads, self.kv_lora_rank)
+            torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_lat.transpose(0, 1))
         if triton:
             from meshserve.kernels.triton_mla import mla_decode
+            from meshserve.kernels.triton_mla_balanced import mla_decode_balanced
 
             if meta.max_query_len > 1:
                 meta = per_query_meta(meta)
-            o_lat = mla_decode(q_lat.contiguous(), q_pe.contiguous(), self.kv_cache, meta.block_tables,
-                               meta.seq_lens, meta.query_start_loc, self.scale, meta.max_seq_len)
+            if self.kernels.mla_balanced and not legacy:
+                o_lat = mla_decode_balanced(q_lat, q_pe, self.kv_cache, meta.block_tables, meta.seq_lens,
+                                            meta.query_start_loc, self.scale, tile=self.kernels.mla_decode_tile)
+            else:
+                o_lat = mla_decode(q_lat.contiguous(), q_pe.contiguous() if legacy else q_pe, self.kv_cache,
+                                   meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
+                                   meta.max_seq_len, tile=self.kernels.mla_decode_tile, legacy_splits=legacy)
         else:
             o_lat = mla_decode_ref(q_lat, q_pe, self.kv_cache, meta, self.scale)
-        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, V]
+        if copied:
+            return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, V]
+        out = o_lat.new_empty(num_tokens, self.num_heads, self.v_head_dim)
+        torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+        return out
 
 
 def bind_prefill_workspace(model: nn.Module, kernels: KernelSelection, max_num_batched_tokens: int,

@@ -113,8 +113,16 @@ class DeepseekAttention(nn.Module):
         else:
             q = self.q_proj(hidden)
         q = q.view(-1, self.num_heads, self.nope + self.rope)
+        kv_a = self.kv_a_proj_with_mqa(hidden)
+        # on a GPU: the latent's norm, both rotaries and the latent write in one kernel (the same math as below)
+        rot = self.rotary_emb
+        q_pe = self.attn.fused_prologue(q, kv_a, positions, rot.cos_cache, rot.sin_cache, self.kv_a_layernorm.weight,
+                                        self.kv_a_layernorm.eps, self.interleave, meta)
+        if q_pe is not None:
+            out = self.attn(q[..., : self.nope], q_pe, None, None, self.kv_b_proj.weight, meta)
+            return self.o_proj(out)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        kv_c, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.rope], dim=-1)
+        kv_c, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
         kv_c = self.kv_a_layernorm(kv_c.contiguous())
         cos, sin = self.rotary_emb.cos_cache[positions], self.rotary_emb.sin_cache[positions]
         q_pe = apply_deepseek_rotary(q_pe, cos, sin, self.interleave)

@@ -108,6 +108,32 @@ def test_split_counts_come_from_each_layers_backend(monkeypatch):
     assert attention_split_counts([torch.nn.Identity()], torch.bfloat16, cpu, 1, 4096) is None
 
 
+def test_mla_layers_report_their_split_counts(monkeypatch):
+    """MLA layers on the Triton path give the short-context graphs their split rule (kernels/triton_mla
+    decode_split_count: one program holds V2-Lite's 16 heads); on the torch reference, no variants."""
+    from meshserve.kernels import triton_mla
+    from meshserve.layers.backend_selection import KernelSelection
+    from meshserve.layers.mla_attention import MLAAttention
+
+    monkeypatch.setattr(triton_mla, "_num_sms", lambda device_index: H200_SMS)
+    cpu = torch.device("cpu")
+    layers = [MLAAttention(16, 128, 64, 128, 512, 0.1) for _ in range(2)]
+    assert attention_split_counts(layers, torch.bfloat16, cpu, 1, 4096) is None
+    for layer in layers:
+        layer.kernels = KernelSelection(attention_backend="triton")
+    counts = functools.partial(attention_split_counts, layers, torch.bfloat16, cpu)
+    assert counts(1, 163840) == (64, 64) and counts(1, 1024) == (4, 4) and counts(1, 256) == (1, 1)
+    assert counts(80, 163840) == (4, 4) and counts(256, 163840) == (1, 1)
+    variants = decode_graph_variants([1, 16, 256], 163840, (256, 1024), counts)
+    assert variants == {1: [256, 1024, 163840], 16: [256, 1024, 163840], 256: [163840]}
+    for layer in layers:  # the balanced kernel: one launch shape for every bound
+        layer.kernels = KernelSelection(attention_backend="triton", mla_balanced=True)
+    assert decode_graph_variants([1, 256], 163840, (256, 1024), counts) == {1: [163840], 256: [163840]}
+    for layer in layers:  # the legacy rule: splits only below half the SMs
+        layer.kernels = KernelSelection(attention_backend="triton", mla_legacy=True)
+    assert counts(80, 163840) == (1, 1) and counts(1, 163840) == (64, 64)
+
+
 class _FakeGraph:
     def __init__(self):
         self.was_reset = False

@@ -97,6 +97,20 @@ def _check_triton(heads, rank, rope, seq_lens, dtype, device, num_splits, block_
 
 @needs_triton
 @pytest.mark.skipif(_HAS_CUDA, reason="interpreter test runs only without CUDA")
+def test_mla_split_rule_fills_the_sms_below_one_program_per_sm():
+    """132 SMs (H100/H200): the generic rule left batches of 67-131 at one program per sequence; the MLA rule
+    aims at about two programs per SM until the batch alone gives one per SM (powers of two, capped by length)."""
+    pytest.importorskip("triton")
+    from meshserve.kernels.triton_attention import decode_num_splits
+    from meshserve.kernels.triton_mla import mla_num_splits
+
+    sms, bound = 132, 163840
+    assert [mla_num_splits(b, bound, 32, sms) for b in (1, 16, 64, 80, 128, 132, 256)] == [64, 16, 4, 4, 2, 1, 1]
+    assert [decode_num_splits(b, 1, bound, 32, sms) for b in (64, 80, 128)] == [4, 1, 1]
+    assert mla_num_splits(1, 800, 32, sms) == 2 ** 2  # splits of at least 256 tokens of the context bound
+    assert mla_num_splits(4, 200, 32, sms) == 1
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_triton_mla_decode_in_interpreter(num_splits):
     # 20 heads: two head blocks, the second partly masked; rope 8 pads to 16; contexts cross several tiles

@@ -25,6 +25,8 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_MLA_PREFILL_REF", raising=False)
     for name in ("MESHSERVE_PDL", "MESHSERVE_PDL_TRIGGER", "MESHSERVE_PDL_ONE_WAVE", "MESHSERVE_PDL_PRELOAD"):
         monkeypatch.delenv(name, raising=False)
+    for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def _config(device="cpu", dtype="float32", cache_dtype="auto", enforce_eager=False) -> EngineConfig:
@@ -123,6 +125,22 @@ def test_mla_prefill_reference_switch(monkeypatch):
     monkeypatch.setenv("MESHSERVE_MLA_PREFILL_REF", "1")
     sel = select_kernels(gpu)
     assert sel.mla_prefill_ref and sel.attention_backend == "triton" and sel.cuda_graphs
+
+
+def test_mla_legacy_and_decode_tile_switches(monkeypatch):
+    # the new MLA decode path by default; the legacy one and a decode tile for A/B runs
+    gpu = _config(device="cuda", dtype="bfloat16")
+    sel = select_kernels(gpu)
+    assert not sel.mla_legacy and sel.mla_decode_tile is None and not sel.mla_balanced
+    monkeypatch.setenv("MESHSERVE_MLA_LEGACY", "1")
+    monkeypatch.setenv("MESHSERVE_MLA_DECODE_TILE", "64, 4,2")
+    monkeypatch.setenv("MESHSERVE_MLA_BALANCED", "1")
+    sel = select_kernels(gpu)
+    assert sel.mla_legacy and sel.mla_decode_tile == (64, 4, 2) and sel.mla_balanced
+    for bad in ("64,4", "48,4,2", "64,3,2", "x"):
+        monkeypatch.setenv("MESHSERVE_MLA_DECODE_TILE", bad)
+        with pytest.raises(ValueError, match="MESHSERVE_MLA_DECODE_TILE"):
+            select_kernels(gpu)
 
 
 def test_environment_overrides(monkeypatch):

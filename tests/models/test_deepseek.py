@@ -220,3 +220,133 @@ def test_fp8_weights_run_and_fp8_latent_cache_is_refused(tiny_model_dir):
     llm.shutdown()
     with pytest.raises(InvalidArgumentError, match="kv_cache_dtype fp8 is not supported for MLA"):
         LLM(model=path, kv_cache_dtype="fp8")
+
+
+def _attention_case(interleave: bool):
+    """A tiny DeepseekAttention (random weights, 4 heads) and a step of two decode rows, a 3-token verify row and
+    a 10-token prefill chunk over a cache whose context rows are already written."""
+    import types
+
+    from meshserve.layers.rotary import RotaryEmbedding
+    from meshserve.models.deepseek import DeepseekAttention
+    from tests.kernels.test_mla import _meta
+
+    cfg = types.SimpleNamespace(hidden_size=32, num_attention_heads=4, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                v_head_dim=24, kv_lora_rank=32, q_lora_rank=None, attention_bias=False,
+                                rope_interleave=interleave, rope_scaling=None, rope_theta=10000.0,
+                                max_position_embeddings=64)
+    torch.manual_seed(0)
+    attn = DeepseekAttention(cfg, RotaryEmbedding(cfg, 8, 64))
+    for p in attn.parameters():
+        p.data.normal_(0, 0.2)
+    q_lens, seq_lens = [1, 1, 3, 10], [9, 30, 17, 12]
+    meta = _meta(q_lens, seq_lens, block_size=4, num_blocks=24)
+    positions = torch.tensor([p for q, s in zip(q_lens, seq_lens) for p in range(s - q, s)])
+    cache = torch.randn(1, 24, 4, 1, 40)
+    return attn, meta, positions, torch.randn(len(positions), 32), cache
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter on CPU (on a GPU: -m gpu tests)")
+@pytest.mark.parametrize("interleave", [True, False])
+def test_fused_mla_prologue_and_copy_free_absorption_match_the_plain_path(monkeypatch, interleave):
+    """DeepseekAttention on the Triton path with the fused prologue (one kernel, split or balanced decode, bmm into [T, H, .]
+    buffers), in the interpreter, and with MESHSERVE_MLA_LEGACY's path: the plain torch path's output and
+    cache (prefill chunks through the per-sequence reference to keep this fast)."""
+    pytest.importorskip("triton")
+    from meshserve.kernels import triton_mla_rope
+    from meshserve.layers.backend_selection import KernelSelection
+    from meshserve.layers.mla_attention import MLAAttention
+
+    attn, meta, positions, hidden, cache = _attention_case(interleave)
+    attn.attn.kv_cache = cache.clone()
+    expected = attn(positions, hidden, meta).detach()  # grad mode: the copying matmuls
+    expected_cache = attn.attn.kv_cache
+    monkeypatch.setattr(MLAAttention, "_use_triton", lambda self, x: True)
+    fused = []
+    real = triton_mla_rope.mla_rope_latent
+    monkeypatch.setattr(triton_mla_rope, "mla_rope_latent", lambda *a: fused.append(1) or real(*a))
+    for legacy, balanced in ((False, False), (True, False), (False, True)):
+        attn.attn.kernels = KernelSelection(attention_backend="triton", fused_prologue=True, mla_prefill_ref=True,
+                                            mla_legacy=legacy, mla_balanced=balanced)
+        attn.attn.kv_cache = cache.clone()
+        with torch.inference_mode():  # as in the runner: the copy-free matmuls
+            got = attn(positions, hidden, meta)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(attn.attn.kv_cache, expected_cache, atol=1e-5, rtol=1e-5)
+    assert fused == [1, 1]  # the legacy path stays unfused
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 80, 256])
+def test_mla_decode_paths_agree_at_v2_lite_shapes_in_a_cuda_graph(batch):
+    """DeepSeek-V2-Lite's attention (16 heads, R 512, bf16) on a decode step: the new path replayed from a CUDA
+    graph (fused prologue, copy-free absorbed bmm, MLA split rule; and with the balanced decode kernel), the
+    legacy path and the torch reference give the same output and the same cache."""
+    import dataclasses
+    import random as rnd
+
+    from meshserve.layers.backend_selection import KernelSelection
+    from tools.bench_mla_decode import ENGINE_SELECTION, bind, decode_meta, v2_lite_attention
+
+    attn = v2_lite_attention()
+    r = rnd.Random(batch)
+    lens = [r.randint(100, 2048) for _ in range(batch)]
+    meta = decode_meta(lens, 163840)
+    blocks = sum(-(-s // 16) for s in lens)
+    cache = torch.randn(1, blocks, 16, 1, 576, device="cuda", dtype=torch.bfloat16)
+    positions = torch.tensor([s - 1 for s in lens], device="cuda")
+    hidden = torch.randn(batch, 2048, device="cuda", dtype=torch.bfloat16)
+    outs, caches = {}, {}
+    with torch.inference_mode():
+        for name in ("torch", "legacy", "new", "balanced"):
+            if name == "torch":
+                bind(attn, False, KernelSelection())
+            else:
+                bind(attn, name == "legacy", dataclasses.replace(ENGINE_SELECTION, mla_balanced=name == "balanced"))
+            attn.attn.kv_cache = cache.clone()
+            if name in ("new", "balanced"):
+                attn(positions, hidden, meta)  # compile outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = attn(positions, hidden, meta)
+                attn.attn.kv_cache.copy_(cache)
+                graph.replay()
+                outs[name] = out.float()
+            else:
+                outs[name] = attn(positions, hidden, meta).float()
+            caches[name] = attn.attn.kv_cache.float()
+    for name in ("legacy", "new", "balanced"):
+        torch.testing.assert_close(outs[name], outs["torch"], atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(caches[name], caches["torch"], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter on CPU (on a GPU: -m gpu tests)")
+@pytest.mark.parametrize("balanced", [False, True])
+def test_engine_with_fused_mla_prologue_matches_hf(tiny_model_dir, hf_model, monkeypatch, balanced):
+    """The whole engine on the fused prologue kernel and the split (or balanced) decode kernel, in the
+    interpreter, mixed steps and preemption included: HF's tokens."""
+    pytest.importorskip("triton")
+    import dataclasses
+
+    from meshserve.engine import model_runner
+    from meshserve.kernels import triton_mla_balanced, triton_mla_rope
+    from meshserve.layers.mla_attention import MLAAttention
+    from tests.engine.test_engine_vs_hf import hf_greedy
+
+    real = model_runner.select_kernels
+    monkeypatch.setattr(model_runner, "select_kernels",
+                        lambda config: dataclasses.replace(real(config), fused_prologue=True, mla_balanced=balanced))
+    monkeypatch.setattr(MLAAttention, "_use_triton", lambda self, x: True)
+    calls = []
+    for module, name in ((triton_mla_rope, "mla_rope_latent"), (triton_mla_balanced, "mla_decode_balanced")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
+    path = tiny_model_dir("deepseek_v2")
+    llm = LLM(model=path, max_num_batched_tokens=16, block_size=4, num_gpu_blocks_override=12)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf_model(path), p, MAX_NEW) for p in _prompts()]
+    assert llm.engine.stats()["num_preemptions"] > 0
+    assert "mla_rope_latent" in calls and ("mla_decode_balanced" in calls) == balanced

@@ -1,0 +1,330 @@
+"""Where DeepSeek-V2-Lite's decode step goes, MLA attention first (one GPU, bf16, dummy weights, CUDA graphs).
+
+1. layer: the whole MLA attention path (DeepseekAttention: q_proj, kv_a_proj, prologue, absorbed matmuls,
+   decode kernel, reduce, o_proj) at V2-Lite's shapes, 27 calls in one graph (a step's worth), at batch 1 / 64
+   / 256 x context 800 and 4,096 and W2's mix (contexts 100-2,048), legacy path (MESHSERVE_MLA_LEGACY's) vs
+   new vs new with the balanced decode kernel (MESHSERVE_MLA_BALANCED's): time per layer, per-kernel device
+   time (torch.profiler over graph replays), the decode kernel's achieved KV bandwidth (576 x 2 B per
+   context token).
+2. sweep: the decode kernels alone, (BLOCK_N, num_warps, num_stages) x splits (split kernel) or program
+   counts (balanced kernel) at the same shapes (the candidates for kernels/triton_mla._decode_config and
+   mla_num_splits; MESHSERVE_MLA_DECODE_TILE=N,W,S tries one in the engine).
+3. model: deepseek-v2-lite's whole decode step (LLM, dummy weights) at batch 256 x context 800 and W2's mix,
+   and batch 1, replayed from a graph, legacy / new / balanced: the step, all 27 attention blocks alone, all
+   27 MLP/MoE blocks alone (each its own graph, same inputs), the rest by difference, and the step's top
+   kernels by device time.
+
+usage: python tools/bench_mla_decode.py [--json PATH] [--only layer,sweep,model] [--graph-bound N]
+
+--graph-bound: the max_seq_len the decode graphs are captured with (the engine uses max_model_len: 163,840 for
+V2-Lite unless --max-model-len is given; it sets the split count). Default 4,096. One H200: ~2 min in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import gc
+import json
+import random
+import time
+import types
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from meshserve.kernels.attention_metadata import AttentionMetadata
+from meshserve.layers.backend_selection import KernelSelection
+
+HIDDEN, HEADS, NOPE, ROPE, V_DIM, RANK, BLOCK_SIZE, LAYERS = 2048, 16, 128, 64, 128, 512, 16, 27
+ROW_BYTES = (RANK + ROPE) * 2
+DEV, DTYPE = "cuda", torch.bfloat16
+# 96: W2's tail band (67-131 sequences) where the MLA split rule differs from the generic one
+SHAPES = [(1, 800), (64, 800), (96, 800), (256, 800), (1, 4096), (64, 4096), (256, 4096), (256, "w2mix")]
+SWEEP_SHAPES = [(1, 800), (64, 800), (96, 800), (256, 800), (256, "w2mix")]
+TILES = [None, (32, 4, 2), (64, 4, 2), (64, 8, 2)]  # None: _decode_config's (32, 8, 2)
+
+
+def context_lens(batch: int, ctx) -> list[int]:
+    if ctx == "w2mix":  # W2's mid-run contexts: prompt 100-1,024 plus up to 1,024 generated
+        rnd = random.Random(0)
+        return [rnd.randint(100, 1024) + rnd.randint(0, 1024) for _ in range(batch)]
+    return [ctx] * batch
+
+
+def decode_meta(seq_lens: list[int], bound: int, first_block: int = 0, seed: int = 0) -> AttentionMetadata:
+    """One decode row per sequence on shuffled blocks from first_block on; max_seq_len = the graph's bound."""
+    blocks = [-(-s // BLOCK_SIZE) for s in seq_lens]
+    g = torch.Generator().manual_seed(seed)
+    perm = (torch.randperm(sum(blocks), generator=g) + first_block).tolist()
+    tables, slots, used = [], [], 0
+    for s, n in zip(seq_lens, blocks):
+        tables.append(perm[used:used + n] + [0] * (max(blocks) - n))
+        used += n
+        slots.append(tables[-1][(s - 1) // BLOCK_SIZE] * BLOCK_SIZE + (s - 1) % BLOCK_SIZE)
+    t = lambda x: torch.tensor(x, dtype=torch.int64, device=DEV)
+    b = len(seq_lens)
+    return AttentionMetadata(slot_mapping=t(slots), query_start_loc=t(list(range(b + 1))), seq_lens=t(seq_lens),
+                             block_tables=t(tables), max_query_len=1, max_seq_len=bound,
+                             query_start_loc_cpu=list(range(b + 1)), seq_lens_cpu=list(seq_lens))
+
+
+def graph_of(fn, reps: int = 1) -> torch.cuda.CUDAGraph:
+    fn()  # warm up (JIT)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    torch.cuda.synchronize()
+    return g
+
+
+def time_graph(g: torch.cuda.CUDAGraph, iters: int = 20) -> float:
+    """Median ms of one replay."""
+    g.replay()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def kernel_times(g: torch.cuda.CUDAGraph, replays: int = 3, top: int = 30) -> list[dict]:
+    """Device time per kernel name (us per replay) over a few replays, largest first."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            g.replay()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / replays, e.count / replays) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    return [{"kernel": k[:120], "us": round(us, 2), "calls": round(n, 1)} for k, us, n in rows[:top]]
+
+
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    if "mla" in n or "decode_reduce" in n or "write_latent" in n:
+        return "mla_attention_kernels"
+    if "moe" in n or "expert" in n:
+        return "moe_kernels"
+    if any(k in n for k in ("gemm", "gemv", "cutlass", "xmma", "nvjet", "sm90", "cublas")):
+        return "gemm"
+    if "norm" in n:
+        return "norm"
+    if "rotary" in n or "rope" in n:
+        return "rotary"
+    if "elementwise" in n or "vectorized" in n or "copy" in n or "cat" in n or "index" in n:
+        return "torch_elementwise_copy_index"
+    return "other"
+
+
+def by_class(kernels: list[dict]) -> dict:
+    out: dict[str, float] = {}
+    for k in kernels:
+        c = kernel_class(k["kernel"])
+        out[c] = round(out.get(c, 0.0) + k["us"], 1)
+    return out
+
+
+def v2_lite_attention():
+    from meshserve.layers.rotary import RotaryEmbedding
+    from meshserve.models.deepseek import DeepseekAttention
+
+    cfg = types.SimpleNamespace(hidden_size=HIDDEN, num_attention_heads=HEADS, qk_nope_head_dim=NOPE,
+                                qk_rope_head_dim=ROPE, v_head_dim=V_DIM, kv_lora_rank=RANK, q_lora_rank=None,
+                                attention_bias=False, rope_interleave=True, rope_scaling=None, rope_theta=10000.0,
+                                max_position_embeddings=8192)
+    with torch.device(DEV):
+        attn = DeepseekAttention(cfg, RotaryEmbedding(cfg, ROPE, 8192)).to(DTYPE)
+    for p in attn.parameters():
+        p.requires_grad_(False)
+        p.data.normal_(0, 0.02)
+    attn.kv_a_layernorm.weight.data.fill_(1.0)
+    return attn
+
+
+# what select_kernels gives a bf16 model on a GPU (fused ops, GEMV, graphs)
+ENGINE_SELECTION = KernelSelection(attention_backend="triton", fused_ops=True, fused_prologue=True, gemv=True,
+                                   fused_sampler=True, cuda_graphs=True, kv_cache_dtype=DTYPE)
+
+
+# the A/B paths: MESHSERVE_MLA_LEGACY=1, the default, MESHSERVE_MLA_BALANCED=1
+PATHS = {"legacy": (True, False), "new": (False, False), "balanced": (False, True)}  # (legacy, balanced)
+
+
+def bind(model, legacy: bool, base: KernelSelection | None = None, balanced: bool = False) -> None:
+    """Every layer's selection (base, or its own) with MESHSERVE_MLA_LEGACY's / _BALANCED's switches set."""
+    for m in model.modules():
+        if isinstance(getattr(m, "kernels", None), KernelSelection):
+            m.kernels = dataclasses.replace(base or m.kernels, mla_legacy=legacy, mla_balanced=balanced)
+
+
+@torch.inference_mode()
+def bench_layer(bound: int) -> list[dict]:
+    attn = v2_lite_attention()
+    results = []
+    for batch, ctx in SHAPES:
+        lens = context_lens(batch, ctx)
+        blocks = sum(-(-s // BLOCK_SIZE) for s in lens)
+        attn.attn.kv_cache = torch.randn(1, blocks, BLOCK_SIZE, 1, RANK + ROPE, device=DEV, dtype=DTYPE)
+        meta = decode_meta(lens, bound)
+        positions = torch.tensor([s - 1 for s in lens], device=DEV) % 8192
+        hidden = torch.randn(batch, HIDDEN, device=DEV, dtype=DTYPE)
+        row = {"batch": batch, "context": ctx, "kv_bytes_per_layer": sum(lens) * ROW_BYTES}
+        outs = {}
+        for name, (legacy, balanced) in PATHS.items():
+            bind(attn, legacy, ENGINE_SELECTION, balanced)
+            outs[name] = attn(positions, hidden, meta).float()
+            g = graph_of(functools.partial(attn, positions, hidden, meta), reps=LAYERS)
+            ms = time_graph(g) / LAYERS
+            kernels = kernel_times(g)
+            for k in kernels:
+                k["us"] = round(k["us"] / LAYERS, 2)
+                k["calls"] = round(k["calls"] / LAYERS, 1)
+            dec = sum(k["us"] for k in kernels if "_mla_decode_split" in k["kernel"] or "_mla_balanced_k" in k["kernel"])
+            row[name] = {"us_per_layer": round(ms * 1e3, 2), "us_per_step_27_layers": round(ms * 1e3 * LAYERS, 1),
+                         "kernels_per_layer": round(sum(k["calls"] for k in kernels), 1),
+                         "decode_kernel_us": round(dec, 2),
+                         "decode_kernel_TBps": round(row["kv_bytes_per_layer"] / (dec * 1e-6) / 1e12, 2) if dec else None,
+                         "kernels": kernels}
+            del g
+        for name in ("new", "balanced"):
+            row[f"max_abs_diff_{name}_vs_legacy"] = (outs[name] - outs["legacy"]).abs().max().item()
+            row[f"speedup_{name}"] = round(row["legacy"]["us_per_layer"] / row[name]["us_per_layer"], 3)
+        print(f"layer b={batch} ctx={ctx}: legacy {row['legacy']['us_per_layer']} us, new {row['new']['us_per_layer']}"
+              f" us ({row['speedup_new']}x), balanced {row['balanced']['us_per_layer']} us; decode kernel new"
+              f" {row['new']['decode_kernel_us']} us = {row['new']['decode_kernel_TBps']} TB/s, balanced"
+              f" {row['balanced']['decode_kernel_TBps']} TB/s; kernels/layer {row['legacy']['kernels_per_layer']} ->"
+              f" {row['new']['kernels_per_layer']}", flush=True)
+        results.append(row)
+    return results
+
+
+@torch.inference_mode()
+def bench_sweep(bound: int) -> list[dict]:
+    from triton.runtime.errors import OutOfResources
+
+    from meshserve.kernels.triton_mla import mla_decode
+    from meshserve.kernels.triton_mla_balanced import mla_decode_balanced
+
+    results = []
+    for batch, ctx in SWEEP_SHAPES:
+        lens = context_lens(batch, ctx)
+        blocks = sum(-(-s // BLOCK_SIZE) for s in lens)
+        cache = torch.randn(1, blocks, BLOCK_SIZE, 1, RANK + ROPE, device=DEV, dtype=DTYPE)
+        meta = decode_meta(lens, bound)
+        q_lat = torch.randn(batch, HEADS, RANK, device=DEV, dtype=DTYPE)
+        q_pe = torch.randn(batch, HEADS, ROPE, device=DEV, dtype=DTYPE)
+        args = (q_lat, q_pe, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.07, bound)
+        ref = mla_decode(*args).float()
+        nbytes = sum(lens) * ROW_BYTES
+        splits = [None, 1, 2] if batch > 64 else [None, 2, 8] if batch > 1 else [None, 8, 32]
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        # the balanced kernel: its default program count, and 4 per SM at batch 256 (fewer cuts per sequence)
+        runs = [("split", s) for s in splits] + [("balanced", n) for n in ((None, 4 * sms) if batch == 256 else (None,))]
+        for tile in TILES:
+            for kind, s in runs:
+                if kind == "split":
+                    fn = functools.partial(mla_decode, *args, num_splits=s, tile=tile)
+                else:
+                    fn = functools.partial(mla_decode_balanced, *args[:7], num_programs=s, tile=tile)
+                try:
+                    err = (fn().float() - ref).abs().max().item()
+                    g = graph_of(fn, reps=LAYERS)
+                    us = time_graph(g) / LAYERS * 1e3
+                    del g
+                except (OutOfResources, RuntimeError) as e:  # a tile that does not fit
+                    results.append({"batch": batch, "context": ctx, "kernel": kind, "tile": tile, "splits": s,
+                                    "error": str(e)[:200]})
+                    continue
+                results.append({"batch": batch, "context": ctx, "kernel": kind, "tile": tile or "default",
+                                "splits": s or "auto", "us_incl_reduce": round(us, 2),
+                                "TBps": round(nbytes / (us * 1e-6) / 1e12, 2), "max_abs_err": err})
+        best = min((r for r in results if r.get("batch") == batch and r.get("context") == ctx and "us_incl_reduce" in r),
+                   key=lambda r: r["us_incl_reduce"])
+        default = next(r for r in results if r.get("batch") == batch and r.get("context") == ctx
+                       and r.get("tile") == "default" and r.get("splits") == "auto" and r["kernel"] == "split")
+        print(f"sweep b={batch} ctx={ctx}: default {default['us_incl_reduce']} us ({default['TBps']} TB/s), best"
+              f" {best['kernel']} {best['tile']} splits/programs {best['splits']}: {best['us_incl_reduce']} us"
+              f" ({best['TBps']} TB/s)", flush=True)
+    return results
+
+
+def each_layer(layers, part: str, *args) -> None:
+    """Every layer's attention (or MLP / MoE) block on the same inputs: that part of a step alone."""
+    for layer in layers:
+        getattr(layer, part)(*args)
+
+
+@torch.inference_mode()
+def bench_model(bound: int) -> list[dict]:
+    from meshserve import LLM
+
+    gc.collect()
+    torch.cuda.empty_cache()  # the layer and sweep parts' caches, before the engine sizes its KV pool
+    t0 = time.perf_counter()
+    llm = LLM(model="deepseek-v2-lite", load_format="dummy", dtype="bfloat16", max_model_len=bound,
+              max_num_seqs=256, enforce_eager=True)
+    print(f"model loaded in {time.perf_counter() - t0:.0f} s", flush=True)
+    runner = llm.engine.runner
+    model = runner.model
+    layers = model.model.layers
+    results = []
+    for batch, ctx in ((256, 800), (256, "w2mix"), (1, 800)):
+        lens = context_lens(batch, ctx)
+        meta = decode_meta(lens, bound)
+        ids = torch.randint(0, 300, (batch,), device=DEV)  # any ids: dummy weights
+        positions = torch.tensor([s - 1 for s in lens], device=DEV)
+        hidden = torch.randn(batch, HIDDEN, device=DEV, dtype=DTYPE) * 0.1
+        row = {"batch": batch, "context": ctx}
+        for name, (legacy, balanced) in PATHS.items():
+            bind(model, legacy, balanced=balanced)
+            step = graph_of(functools.partial(runner.forward, ids, positions, meta))
+            attn = graph_of(functools.partial(each_layer, layers, "self_attn", positions, hidden, meta))
+            mlp = graph_of(functools.partial(each_layer, layers, "mlp", hidden))
+            t_step, t_attn, t_mlp = time_graph(step), time_graph(attn), time_graph(mlp)
+            kernels = kernel_times(step, top=40)
+            row[name] = {"step_ms": round(t_step, 3), "attention_27_ms": round(t_attn, 3),
+                         "mlp_moe_27_ms": round(t_mlp, 3), "rest_ms": round(t_step - t_attn - t_mlp, 3),
+                         "kernel_classes_us": by_class(kernels), "top_kernels": kernels}
+            if name == "new":  # the LM head beside the step (outside the forward, and path-independent)
+                head = graph_of(functools.partial(model.compute_logits, hidden))
+                row["lm_head_ms"] = round(time_graph(head), 3)
+                del head
+            print(f"model b={batch} ctx={ctx} {name}: step {t_step:.2f} ms = attention {t_attn:.2f} + MLP/MoE"
+                  f" {t_mlp:.2f} + rest {t_step - t_attn - t_mlp:.2f}", flush=True)
+            del step, attn, mlp
+        results.append(row)
+    bind(model, False)
+    llm.shutdown()
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default="mla_decode.json")
+    ap.add_argument("--only", default="layer,sweep,model")
+    ap.add_argument("--graph-bound", type=int, default=4096)
+    ns = ap.parse_args()
+    parts = ns.only.split(",")
+    props = torch.cuda.get_device_properties(0)
+    report = {"gpu": props.name, "sms": props.multi_processor_count, "graph_bound": ns.graph_bound,
+              "date": time.strftime("%Y-%m-%d %H:%M")}
+    t0 = time.perf_counter()
+    for part, fn in (("layer", bench_layer), ("sweep", bench_sweep), ("model", bench_model)):
+        if part in parts:
+            report[part] = fn(ns.graph_bound)
+            report[f"{part}_s"] = round(time.perf_counter() - t0, 1)
+            with open(ns.json, "w") as f:  # after each part: a timeout still leaves the finished ones
+                json.dump(report, f, indent=1)
+    print(f"wrote {ns.json} in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

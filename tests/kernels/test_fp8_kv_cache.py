@@ -135,10 +135,11 @@ assert "cvt.rn.f16x2.e4m3x2" in ptx and "cvt.f32.f16" not in ptx and "mma" in pt
 
 ptrs = dict(qkv_ptr="*bf16", pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", qw_ptr="*bf16", kw_ptr="*bf16",
             q_out_ptr="*bf16", cache_ptr="*fp8e4nv", slot_ptr="*i64")
-const = dict(NUM_Q_HEADS=16, NUM_KV_HEADS=8, HALF=64, BLOCK_QH=16, BLOCK_KH=8, BLOCK_HALF=64, BLOCK_SIZE=16,
-             HAS_NORM=True, KV_FP8=True, USE_GDC=False)
-ptx = compile90(_qkv_rope_cache_kernel, ptrs, ("eps", "k_scale", "v_scale"), const, ()).asm["ptx"]
-assert "div.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx  # IEEE / scale, saturating RTNE cast
+for heads, norm in (((16, 8), True), ((32, 8), False)):  # Qwen3-0.6B (q/k norms), Llama-3.1-8B
+    const = dict(NUM_Q_HEADS=heads[0], NUM_KV_HEADS=heads[1], HALF=64, BLOCK_QH=heads[0], BLOCK_KH=heads[1],
+                 BLOCK_HALF=64, BLOCK_SIZE=16, HAS_NORM=norm, KV_FP8=True, USE_GDC=False)
+    ptx = compile90(_qkv_rope_cache_kernel, ptrs, ("eps", "k_scale", "v_scale"), const, ()).asm["ptx"]
+    assert "div.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx  # IEEE / scale, saturating RTNE cast
 print("compiled")
 """
 

@@ -133,6 +133,18 @@ ptx = compile90(_decode_split_kernel, ptrs, ("scale_log2", "k_scale", "v_scale")
 # e4m3 pairs straight to fp16 for the dots; no per-element e4m3 -> fp32 -> * scale -> bf16 round trip
 assert "cvt.rn.f16x2.e4m3x2" in ptx and "cvt.f32.f16" not in ptx and "mma" in ptx, ptx.count("cvt.f32.f16")
 
+# the prefill and unified kernels share the tile: a bf16 query over the fp8 cache (engine warm-up compiles them)
+from meshserve.kernels.triton_attention import _prefill_attention_kernel
+from meshserve.kernels.triton_unified_attention import _unified_attention_kernel
+ptrs = dict(q_ptr="*bf16", cache_ptr="*fp8e4nv", bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32",
+            out_ptr="*bf16")
+const = dict(GROUP=4, GROUP_PAD=4, BLOCK_Q=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64,
+             USE_WINDOW=False, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=True, SKIP_SINGLE=True)
+for kernel in (_prefill_attention_kernel, _unified_attention_kernel):
+    ptx = compile90(kernel, ptrs, ("scale_log2", "k_scale", "v_scale"), const,
+                    ("stride_qd", "stride_cd", "stride_od")).asm["ptx"]
+    assert "cvt.rn.f16x2.e4m3x2" in ptx and "cvt.f32.f16" not in ptx, kernel
+
 ptrs = dict(qkv_ptr="*bf16", pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", qw_ptr="*bf16", kw_ptr="*bf16",
             q_out_ptr="*bf16", cache_ptr="*fp8e4nv", slot_ptr="*i64")
 for heads, norm in (((16, 8), True), ((32, 8), False)):  # Qwen3-0.6B (q/k norms), Llama-3.1-8B

@@ -14,7 +14,8 @@ rows only cost their share of the matmuls; run() cuts them off.
 
 The metadata baked into a graph has max_query_len = T, max_seq_len = max_model_len and graph_bound=True:
 the attention backend must size its launch from those and the shapes alone and read lengths on the device.
-The Triton backend serves it with triton_unified_attention (grid (cdiv(T, BLOCK_Q) + S, kv heads)) for the
+The Triton backend serves it with triton_unified_attention (a persistent kernel over a work list it builds on
+the device once per step, inside the graph; or the grid (cdiv(T, BLOCK_Q) + S, kv heads)) for the
 multi-token rows and the split-K decode kernel for the one-token rows (TritonAttentionBackend.attend).
 
 What runs where is decided by mixed_graphs_unsupported (the reason is logged): Triton attention only (the

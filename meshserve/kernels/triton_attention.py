@@ -19,10 +19,13 @@ Kernels
   head r % G_PAD), so each K/V tile is loaded once per GQA group. It walks KV tiles of BLOCK_N tokens
   (gathered through the block table, so any block_size works) from the sliding-window start up to the
   causal limit of its last query, with an fp32 online softmax (exp2, scale folded in): the tile step of
-  triton_attention_tile.py, shared with the decode and unified kernels. Programs past their sequence's query
-  length exit at once.
-  Graph-bound metadata (meta.graph_bound, a mixed step captured in a CUDA graph) goes to
-  triton_unified_attention.unified_attention instead, whose grid depends only on T, S and Hkv.
+  triton_attention_tile.py, shared with the decode and unified kernels; with diag_mask_only (the default
+  tiling, attention_tile_config) only the tiles crossing the diagonal or the window edge are masked.
+  Programs take the last q-tiles (the longest walks) first; those past their sequence's query length exit
+  at once.
+  Graph-bound metadata (meta.graph_bound, a mixed step captured in a CUDA graph) and eager batches with
+  decode rows go to triton_unified_attention.unified_attention instead, whose launch depends only on T, S
+  and Hkv (by default a persistent kernel walking a per-step work list).
 * ``_decode_split_kernel`` + ``_decode_reduce_kernel`` (max_query_len == 1): grid
   (num_seqs, num_kv_heads, num_splits). Each sequence's KV tiles (read from seq_lens on the device) are cut
   into num_splits contiguous ranges; a split writes its partial (max, sum, unnormalised acc) in fp32 to a
@@ -51,15 +54,18 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.kernels.attention_tile_config import AttentionTileConfig, clamp_block_q, default_tile_config
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
-from meshserve.kernels.triton_attention_tile import attend_paged_kv_tile, dot_query
+from meshserve.kernels.triton_attention_tile import attend_full_kv_tile, attend_paged_kv_tile, dot_query
 from meshserve.kernels.triton_ops import qkv_rope_cache
 
 _LOG2E = 1.4426950408889634
 # running-max init: finite, so fully masked rows give exp2(-inf - big) = 0, never nan (a constexpr: compiled
 # kernels may only read constexpr globals)
 _NEG_BIG = tl.constexpr(-1.0e30)
+# eager prompts at least this long take the long-prefill tile (128-key steps)
+_LONG_PREFILL = 1024
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,11 +135,14 @@ def attend_causal_q_tile(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    DIAG_MASK_ONLY: tl.constexpr = False,
 ):
     """One program's work in the prefill and unified kernels: the query tile starting at q_tile_start of a
     sequence (q_len new tokens from flat row q_start after prefix cached ones; block table row seq), its
     BLOCK_Q tokens x GROUP_PAD heads of KV head kvh (row r: token r // GROUP_PAD, head r % GROUP_PAD), attends
-    causally (and within the window) to the paged KV cache and writes its output rows."""
+    causally (and within the window) to the paged KV cache and writes its output rows. DIAG_MASK_ONLY: the
+    tiles every row sees whole (past the last query's window edge, up to the first query's position) skip
+    the mask; only those crossing the diagonal or the window edge pay for it."""
     ROWS: tl.constexpr = BLOCK_Q * GROUP_PAD
     rows = tl.arange(0, ROWS)
     qi = q_tile_start + rows // GROUP_PAD
@@ -164,7 +173,28 @@ def attend_causal_q_tile(
     k_base = cache_ptr + kvh * stride_ch
     v_base = k_base + stride_ckv
     n_off = tl.arange(0, BLOCK_N)
-    for start in range(kv_lo, kv_hi, BLOCK_N):
+    full_lo = kv_lo  # [full_lo, full_hi): whole tiles no row masks; the masked ones lie before and after
+    full_hi = kv_lo
+    if DIAG_MASK_ONLY:
+        if USE_WINDOW:  # the last query's first visible key, rounded up to a tile edge
+            edge = tl.maximum(kv_hi - window, 0)
+            full_lo = kv_lo + tl.cdiv(tl.maximum(edge - kv_lo, 0), BLOCK_N) * BLOCK_N
+        full_hi = tl.maximum(kv_lo + (prefix + q_tile_start + 1 - kv_lo) // BLOCK_N * BLOCK_N, full_lo)
+        if USE_WINDOW:
+            for start in range(kv_lo, full_lo, BLOCK_N):
+                kv_pos = start + n_off
+                acc, m_i, l_i = attend_paged_kv_tile(
+                    q, q_pos, acc, m_i, l_i, kv_pos, kv_pos < kv_hi, window, bt_row, k_base, v_base, d, d_mask,
+                    scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
+                    BLOCK_SIZE, True, USE_WINDOW, KV_FP8, DOT_PRECISION,
+                )
+        for start in range(full_lo, full_hi, BLOCK_N):
+            acc, m_i, l_i = attend_full_kv_tile(
+                q, acc, m_i, l_i, start + n_off, bt_row, k_base, v_base, d, d_mask,
+                scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
+                BLOCK_SIZE, BLOCK_D == HEAD_DIM, KV_FP8, DOT_PRECISION,
+            )
+    for start in range(full_hi, kv_hi, BLOCK_N):
         kv_pos = start + n_off
         acc, m_i, l_i = attend_paged_kv_tile(
             q, q_pos, acc, m_i, l_i, kv_pos, kv_pos < kv_hi, window, bt_row, k_base, v_base, d, d_mask,
@@ -189,10 +219,11 @@ def _prefill_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    SKIP_SINGLE: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr, DIAG_MASK_ONLY: tl.constexpr = False,
 ):
     b = tl.program_id(0)
-    qt = tl.program_id(1)
+    # the last q-tiles (the longest causal walks) first, so the short ones fill the tail of the launch
+    qt = tl.num_programs(1) - 1 - tl.program_id(1)
     kvh = tl.program_id(2)
 
     q_start = tl.load(qsl_ptr + b)
@@ -212,7 +243,7 @@ def _prefill_attention_kernel(
         stride_qt, stride_qh, stride_qd, stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb,
         stride_ot, stride_oh, stride_od,
         GROUP, GROUP_PAD, BLOCK_Q, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N,
-        USE_WINDOW, UPCAST_DOT, DOT_PRECISION, KV_FP8,
+        USE_WINDOW, UPCAST_DOT, DOT_PRECISION, KV_FP8, DIAG_MASK_ONLY,
     )
 
 
@@ -362,16 +393,10 @@ def _next_pow2(n: int) -> int:
 
 
 def _prefill_config(head_dim_pad: int, group_pad: int, max_query_len: int) -> tuple[int, int, int]:
-    """(BLOCK_Q, BLOCK_N, num_warps) for the prefill kernel. ROWS = BLOCK_Q * group_pad is at least 16
-    (tl.dot) and at most 128; short query chunks get a smaller tile."""
-    max_rows = 128 if head_dim_pad <= 128 else 64
-    block_q = max(1, max_rows // group_pad)
-    block_q = min(block_q, _next_pow2(max_query_len))
-    block_q = max(block_q, max(1, 16 // group_pad))  # at least 16 rows
-    rows = block_q * group_pad
-    block_n = 64 if head_dim_pad <= 128 else 32
-    num_warps = 8 if rows * head_dim_pad >= 128 * 128 else 4
-    return block_q, block_n, num_warps
+    """(BLOCK_Q, BLOCK_N, num_warps) of the default mixed-step tile (attention_tile_config): ROWS =
+    BLOCK_Q * group_pad is at least 16 (tl.dot) and at most 128; short query chunks get a smaller tile."""
+    cfg = default_tile_config(head_dim_pad, group_pad, max_query_len)
+    return cfg.block_q, cfg.block_n, cfg.num_warps
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int,
@@ -429,16 +454,25 @@ class TritonAttentionBackend:
         split = meta.graph_bound or meta.num_single_query_seqs > 0
         if split:
             self._decode(query, kv_cache, meta, scale, sliding_window, out, k_scale, v_scale)
-        if meta.graph_bound:
-            # a grid fixed by (T, S, Hkv), not by this step's max_query_len (imported here:
-            # triton_unified_attention imports this module's helpers)
-            from meshserve.kernels.triton_unified_attention import unified_attention
+        if split:
+            # the prompts of a mixed batch: a launch fixed by (T, S, Hkv), not by this step's max_query_len,
+            # which a captured graph needs; eager mixed steps too, where the prefill grid (S x q-tiles x Hkv)
+            # would launch a program per decode row per q-tile that exits at once (200 decode rows beside a
+            # 4k chunk: ~200k programs per layer for ~1k with work). Imported here: triton_unified_attention
+            # imports this module's helpers.
+            from meshserve.kernels.triton_unified_attention import (
+                unified_attention,
+                unified_config,
+                unified_work,
+            )
 
+            config = unified_config(head_dim, num_heads // kv_cache.shape[3])
+            work = unified_work(meta, num_tokens, config, True) if config.persistent else None
             unified_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-                              sliding_window, out, k_scale, v_scale, skip_single=True)
+                              sliding_window, out, k_scale, v_scale, skip_single=True, config=config, work=work)
         else:
             prefill_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                              meta.max_query_len, scale, sliding_window, out, k_scale, v_scale, skip_single=split)
+                              meta.max_query_len, scale, sliding_window, out, k_scale, v_scale)
         return out
 
     def decode_splits(self, num_seqs: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -467,16 +501,23 @@ def _decode_block_n(head_dim_pad: int, elem_size: int = 2) -> int:
 
 
 def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale,
-                      sliding_window, out, k_scale: float = 1.0, v_scale: float = 1.0, skip_single: bool = False):
+                      sliding_window, out, k_scale: float = 1.0, v_scale: float = 1.0, skip_single: bool = False,
+                      config: AttentionTileConfig | None = None):
     """Causal paged attention of a batch of query chunks (any q_len per sequence) into out [T, H, D].
-    skip_single: leave sequences with one new token to decode_attention (a mixed batch's decode rows)."""
+    skip_single: leave sequences with one new token to decode_attention (a mixed batch's decode rows).
+    config: the tiling (attention_tile_config; its persistent flag is the unified kernel's, unused here);
+    None: the default for this max_query_len."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     num_seqs = seq_lens.shape[0]
     group = num_heads // num_kv_heads
     group_pad = _next_pow2(group)
     block_d = max(16, _next_pow2(head_dim))
-    block_q, block_n, num_warps = _prefill_config(block_d, group_pad, max_query_len)
+    if config is None:
+        config = default_tile_config(block_d, group_pad, max_query_len, query.element_size(),
+                                     long_prefill=max_query_len >= _LONG_PREFILL)
+    config = clamp_block_q(config, group_pad)
+    block_q, block_n = config.block_q, config.block_n
     use_window = sliding_window is not None and sliding_window > 0
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _prefill_attention_kernel[grid](
@@ -489,8 +530,8 @@ def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, 
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         USE_WINDOW=use_window, UPCAST_DOT=_upcast_dot(query), DOT_PRECISION=_dot_precision(query),
-        KV_FP8=_is_fp8(kv_cache), SKIP_SINGLE=skip_single,
-        num_warps=num_warps, num_stages=2 if query.element_size() == 4 else 3,  # fp32 tiles: less smem
+        KV_FP8=_is_fp8(kv_cache), SKIP_SINGLE=skip_single, DIAG_MASK_ONLY=config.diag_mask_only,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
 

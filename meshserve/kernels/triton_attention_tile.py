@@ -6,6 +6,8 @@
   gathered through the block table: K load, scores, causal / window / validity mask, softmax step, V load,
   accumulate. The prefill, unified and split-K decode kernels of triton_attention.py and
   triton_unified_attention.py walk their KV ranges with it.
+* ``attend_full_kv_tile``: the same without masks, for the causal kernels' tiles that lie wholly below the
+  diagonal (AttentionTileConfig.diag_mask_only).
 * ``dot_query``: q in the dtype of the tile's dots, converted once per program before the KV loop.
 
 An fp8 (e4m3) cache: the tiles go straight to the dot dtype, fp16 for 16-bit models: every e4m3 value is exact
@@ -101,6 +103,57 @@ def attend_paged_kv_tile(
     )  # [BLOCK_N, BLOCK_D]
     pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     if KV_FP8:  # V / v_scale in the cache: scale the [ROWS, D] product, not the [BLOCK_N, D] tile
+        pv = pv * v_scale
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
+@triton.jit
+def attend_full_kv_tile(
+    q,
+    acc,
+    m_i,
+    l_i,
+    kv_pos,
+    bt_row,
+    k_base,
+    v_base,
+    d,
+    d_mask,
+    scale_log2,
+    k_scale,
+    v_scale,
+    stride_cb,
+    stride_cs,
+    stride_cd,
+    BLOCK_SIZE: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """attend_paged_kv_tile for a tile every query row sees whole (below the causal diagonal, inside the
+    window): no score mask and, with EVEN_D (BLOCK_D == head_dim), no load predicates."""
+    blk = tl.load(bt_row + kv_pos // BLOCK_SIZE).to(tl.int64)
+    off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
+    if EVEN_D:
+        k = tl.load(k_base + off[None, :] + d[:, None] * stride_cd)  # [BLOCK_D, BLOCK_N]
+    else:
+        k = tl.load(k_base + off[None, :] + d[:, None] * stride_cd, mask=d_mask[:, None], other=0.0)
+    if KV_FP8:  # K / k_scale in the cache: k_scale joins the score scale (see the module docstring)
+        scale_log2 = scale_log2 * k_scale
+    # online_softmax_step with the scale applied in the exponent's FMA (scale_log2 > 0, so the row max of the
+    # scaled scores is the scaled row max): one op per score fewer on the tiles that dominate a long prompt
+    qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk * scale_log2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if EVEN_D:
+        v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd)  # [BLOCK_N, BLOCK_D]
+    else:
+        v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd, mask=d_mask[None, :], other=0.0)
+    pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    if KV_FP8:  # V / v_scale in the cache: scale the [ROWS, D] product
         pv = pv * v_scale
     acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i

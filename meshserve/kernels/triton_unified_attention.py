@@ -6,8 +6,14 @@ S sequences (rows of block_tables / seq_lens) and the number of KV heads. It nev
 other per-step host number, and does no host sync, so one CUDA graph captured at a (T, S) bucket is right
 for every batch that fits in it.
 
-Grid and q-block mapping
-------------------------
+Two launches of the same tile body (attend_causal_q_tile), chosen by the tiling (attention_tile_config):
+the persistent kernel of triton_unified_persistent.py (the default: a fixed number of programs walk a work
+list built on the device once per step, heaviest tiles first), and the grid kernel below (one program per
+q-block slot, most of which exit at once in a step of many decode rows), kept for A/B runs
+(MESHSERVE_UNIFIED_TILE=grid_bq32_bn64_w8_s3_allmask is the launch before the persistent one).
+
+Grid and q-block mapping (the grid kernel)
+------------------------------------------
 grid = (cdiv(T, BLOCK_Q) + S, num_kv_heads). With a = query_start_loc, sequence s owns the q-blocks
 [a[s] // BLOCK_Q + s, a[s+1] // BLOCK_Q + s + 1): the start index a[s] // BLOCK_Q + s is strictly increasing
 in s (so the ranges tile [0, a[S] // BLOCK_Q + S) without gaps or overlaps) and each range holds
@@ -29,9 +35,18 @@ block table, with the prefill kernel's fp32 online softmax, fp8 KV scales, slidi
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import torch
 import triton
 import triton.language as tl
 
+from meshserve.kernels.attention_tile_config import (
+    AttentionTileConfig,
+    clamp_block_q,
+    default_tile_config,
+    env_tile_config,
+)
 from meshserve.kernels.triton_attention import (
     _LOG2E,
     _dot_precision,
@@ -41,6 +56,9 @@ from meshserve.kernels.triton_attention import (
     _upcast_dot,
     attend_causal_q_tile,
 )
+from meshserve.kernels.triton_unified_persistent import build_unified_work, launch_unified_persistent
+
+_ENV_TILE = env_tile_config()  # read once: an A/B override of the default tiling (attention_tile_config)
 
 
 @triton.jit
@@ -97,6 +115,7 @@ def _unified_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
     SKIP_SINGLE: tl.constexpr,
+    DIAG_MASK_ONLY: tl.constexpr = False,
 ):
     ROWS: tl.constexpr = BLOCK_Q * GROUP_PAD
     b = tl.program_id(0)
@@ -141,7 +160,7 @@ def _unified_attention_kernel(
         stride_qt, stride_qh, stride_qd, stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb,
         stride_ot, stride_oh, stride_od,
         GROUP, GROUP_PAD, BLOCK_Q, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N,
-        USE_WINDOW, UPCAST_DOT, DOT_PRECISION, KV_FP8,
+        USE_WINDOW, UPCAST_DOT, DOT_PRECISION, KV_FP8, DIAG_MASK_ONLY,
     )  # fmt: skip
 
 
@@ -162,6 +181,39 @@ def unified_grid(num_tokens: int, num_seqs: int, num_kv_heads: int, block_q: int
     return triton.cdiv(num_tokens, block_q) + num_seqs, num_kv_heads
 
 
+def unified_config(
+    head_dim: int, group: int, block_q: int | None = None, config: AttentionTileConfig | None = None
+) -> AttentionTileConfig:
+    """The tiling unified_attention launches: config, else the default (attention_tile_config) with block_q
+    overriding the tile height (clamped like the prefill tile: 16..128 rows, a power of two)."""
+    group_pad = _next_pow2(group)
+    if config is None and block_q is None:
+        config = _ENV_TILE
+    if config is None:
+        block_d = max(16, _next_pow2(head_dim))
+        config = default_tile_config(block_d, group_pad, block_q or 1 << 30)
+    return clamp_block_q(config, group_pad)
+
+
+def unified_work(meta, num_tokens: int, config: AttentionTileConfig, skip_single: bool):
+    """The persistent kernel's work list for this step, built by the first layer and shared by the rest
+    (meta.step_memo). Under graph capture the build is captured once, before the first layer's attention; the
+    capturing flag is in the key because MixedStepGraphs warms up eagerly on the same metadata object, and a
+    list built then would be baked into the graph as a constant instead of rebuilt at each replay."""
+    capturing = _capturing(meta.query_start_loc)
+    key = ("unified_work", num_tokens, config.block_q, skip_single, capturing)
+    if key not in meta.step_memo:
+        meta.step_memo[key] = build_unified_work(
+            meta.query_start_loc, meta.seq_lens, num_tokens, config.block_q, skip_single
+        )
+    return meta.step_memo[key]
+
+
+def _capturing(t) -> bool:
+    """Whether t's device stream is being captured into a CUDA graph."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def unified_attention(
     query,
     kv_cache,
@@ -175,13 +227,17 @@ def unified_attention(
     v_scale: float = 1.0,
     block_q: int | None = None,
     skip_single: bool = False,
+    config: AttentionTileConfig | None = None,
+    work=None,
 ):
     """Causal paged attention of a padded mixed batch into out [T, H, D], graph-capture safe.
 
     query [T, H, D]; block_tables [S, W]; seq_lens [S]; query_start_loc [S+1] (non-decreasing, from 0).
-    Rows of out at or past query_start_loc[S] are zeroed. block_q overrides the tile height (tuning; at most
-    unified_block_q, at least 16 rows). skip_single: leave sequences with one new token (a mixed batch's
-    decode rows) to decode_attention, which then serves them.
+    Rows of out at or past query_start_loc[S] are zeroed. block_q overrides the default tile height (tuning;
+    at most unified_block_q, at least 16 rows); config sets the whole tiling (attention_tile_config).
+    skip_single: leave sequences with one new token (a mixed batch's decode rows) to decode_attention, which
+    then serves them. work: the persistent kernel's list from build_unified_work for this config and
+    skip_single (unified_work memoizes it per step); None builds it here.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
@@ -193,10 +249,41 @@ def unified_attention(
     group = num_heads // num_kv_heads
     group_pad = _next_pow2(group)
     block_d = max(16, _next_pow2(head_dim))
-    # an override is clamped and rounded like the prefill tile (16..128 rows, a power of two)
-    block_q, block_n, num_warps = _prefill_config(block_d, group_pad, block_q or 1 << 30)
+    config = unified_config(head_dim, group, block_q, config)
+    if query.element_size() == 4:  # fp32 tiles: less smem
+        config = replace(config, num_stages=min(config.num_stages, 2))
     use_window = sliding_window is not None and sliding_window > 0
-    _unified_attention_kernel[unified_grid(num_tokens, num_seqs, num_kv_heads, block_q)](
+    kernel_args = {
+        "GROUP": group,
+        "GROUP_PAD": group_pad,
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": block_d,
+        "BLOCK_SIZE": block_size,
+        "USE_WINDOW": use_window,
+        "UPCAST_DOT": _upcast_dot(query),
+        "DOT_PRECISION": _dot_precision(query),
+        "KV_FP8": _is_fp8(kv_cache),
+    }
+    window = int(sliding_window) if use_window else 0
+    if config.persistent:
+        if work is None:
+            work = build_unified_work(query_start_loc, seq_lens, num_tokens, config.block_q, skip_single)
+        return launch_unified_persistent(
+            query,
+            kv_cache,
+            block_tables,
+            seq_lens,
+            query_start_loc,
+            work,
+            out,
+            scale * _LOG2E,
+            window,
+            float(k_scale),
+            float(v_scale),
+            config,
+            kernel_args,
+        )
+    _unified_attention_kernel[unified_grid(num_tokens, num_seqs, num_kv_heads, config.block_q)](
         query,
         kv_cache,
         block_tables,
@@ -207,7 +294,7 @@ def unified_attention(
         num_seqs,
         binary_search_steps(num_seqs),
         scale * _LOG2E,
-        int(sliding_window) if use_window else 0,
+        window,
         float(k_scale),
         float(v_scale),
         query.stride(0),
@@ -222,19 +309,12 @@ def unified_attention(
         out.stride(0),
         out.stride(1),
         out.stride(2),
-        GROUP=group,
-        GROUP_PAD=group_pad,
-        BLOCK_Q=block_q,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_SIZE=block_size,
-        BLOCK_N=block_n,
-        USE_WINDOW=use_window,
-        UPCAST_DOT=_upcast_dot(query),
-        DOT_PRECISION=_dot_precision(query),
-        KV_FP8=_is_fp8(kv_cache),
+        BLOCK_Q=config.block_q,
+        BLOCK_N=config.block_n,
         SKIP_SINGLE=skip_single,
-        num_warps=num_warps,
-        num_stages=2 if query.element_size() == 4 else 3,  # fp32 tiles: less smem
+        DIAG_MASK_ONLY=config.diag_mask_only,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        **kernel_args,
     )
     return out

@@ -96,7 +96,9 @@ def test_triton_write_interp(scales):
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # fp16: the fp16-dot tile
 def test_triton_prefill_and_decode_interp(dtype):
-    for q_lens, seq_lens, splits in (([5, 1, 9], [5, 30, 20], None), ([1, 1, 1], [5, 70, 33], 3)):
+    # ([3, 1], [200, 40]): a long prefix, so the prefill kernel's unmasked whole tiles (attend_full_kv_tile) run
+    for q_lens, seq_lens, splits in (([5, 1, 9], [5, 30, 20], None), ([1, 1, 1], [5, 70, 33], 3),
+                                     ([3, 1], [200, 40], None)):
         query, cache, meta = make_case(q_lens, seq_lens, 4, 2, 32, 8, dtype, seed=len(q_lens) + sum(q_lens))
         cache8 = _fp8_kv(cache, 0.5, 0.125)
         out = TritonAttentionBackend(decode_num_splits=splits).attend(
@@ -141,9 +143,10 @@ ptrs = dict(q_ptr="*bf16", cache_ptr="*fp8e4nv", bt_ptr="*i32", seq_lens_ptr="*i
 const = dict(GROUP=4, GROUP_PAD=4, BLOCK_Q=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64,
              USE_WINDOW=False, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=True, SKIP_SINGLE=True)
 for kernel in (_prefill_attention_kernel, _unified_attention_kernel):
-    ptx = compile90(kernel, ptrs, ("scale_log2", "k_scale", "v_scale"), const,
-                    ("stride_qd", "stride_cd", "stride_od")).asm["ptx"]
-    assert "cvt.rn.f16x2.e4m3x2" in ptx and "cvt.f32.f16" not in ptx, kernel
+    for diag in (False, True):  # True: the unmasked whole tiles (attend_full_kv_tile) too
+        ptx = compile90(kernel, ptrs, ("scale_log2", "k_scale", "v_scale"), dict(const, DIAG_MASK_ONLY=diag),
+                        ("stride_qd", "stride_cd", "stride_od")).asm["ptx"]
+        assert "cvt.rn.f16x2.e4m3x2" in ptx and "cvt.f32.f16" not in ptx, (kernel, diag)
 
 ptrs = dict(qkv_ptr="*bf16", pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", qw_ptr="*bf16", kw_ptr="*bf16",
             q_out_ptr="*bf16", cache_ptr="*fp8e4nv", slot_ptr="*i64")

@@ -129,8 +129,8 @@ def test_prefill_interp(case, dtype):
 @pytest.mark.parametrize("graph_bound", [False, True])
 @pytest.mark.parametrize("case", [0, 1])
 def test_mixed_batch_splits_decode_rows_interp(case, graph_bound):
-    """A mixed batch's one-token rows go to the split-K decode kernel, the rest to the prefill (or, graph-bound,
-    the unified) kernel with those rows skipped: every row is written once, by one of them."""
+    """A mixed batch's one-token rows go to the split-K decode kernel, the rest to the unified kernel with
+    those rows skipped (eager or graph-bound): every row is written once, by one of them."""
     q_lens, seq_lens, h, hkv, d, bs, window = PREFILL_CASES[case]
     q_lens, seq_lens = [*q_lens, 1], [*seq_lens, 23]  # one more decode row, so each case has several
     query, cache, meta = make_case(q_lens, seq_lens, h, hkv, d, bs, torch.float32, seed=10 + case)
@@ -254,7 +254,8 @@ sig = dict(q_ptr="*bf16", out_ptr="*bf16", cache_ptr="*bf16", bt_ptr="*i32", seq
            scale_log2="fp32", k_scale="fp32", v_scale="fp32", stride_ckv="i64", stride_cb="i64")
 compile_sm90(_prefill_attention_kernel, sig,
              dict(GROUP=4, GROUP_PAD=4, BLOCK_Q=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64,
-                  USE_WINDOW=True, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=False, SKIP_SINGLE=True), 8, 3)
+                  USE_WINDOW=True, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=False, SKIP_SINGLE=True,
+                  DIAG_MASK_ONLY=True), 8, 3)
 sig.update(cache_ptr="*fp8e4nv", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32")
 compile_sm90(_decode_split_kernel, sig,
              dict(NUM_HEADS=32, GROUP=4, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128,

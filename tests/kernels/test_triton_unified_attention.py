@@ -228,7 +228,8 @@ def test_unified_fp8_kv_interp():
 @interp
 @pytest.mark.parametrize("graph_bound", [False, True])
 def test_backend_dispatch_interp(graph_bound, monkeypatch):
-    """TritonAttentionBackend.attend uses unified_attention exactly for graph-bound multi-token steps."""
+    """TritonAttentionBackend.attend uses unified_attention exactly for multi-token steps that are graph-bound
+    or hold decode rows (eager mixed steps: the prefill grid would be S x q-tiles programs)."""
     from meshserve.kernels import triton_unified_attention
 
     calls = []
@@ -243,10 +244,16 @@ def test_backend_dispatch_interp(graph_bound, monkeypatch):
     pq, pmeta = pad_case(query, cache, meta, 16, 4)
     pmeta.graph_bound = graph_bound
     out = TritonAttentionBackend().attend(pq, cache, pmeta, 0.2, None)
-    assert calls == ([pq.shape] if graph_bound else [])
+    assert calls == [pq.shape]  # both: the batch has a decode row
     check(out[:10], reference(query, cache, meta, 0.2, None), torch.float32)
-    if graph_bound:
-        assert (out[10:] == 0).all()
+    assert (out[10:] == 0).all()  # the unified kernel zeroes the padding rows
+    # prompts only, eager: the prefill kernel
+    calls.clear()
+    pq2, pcache2, pmeta2 = make_case([6, 3], [6, 12], 4, 2, 32, 4, torch.float32, seed=62)
+    pmeta2.graph_bound = graph_bound
+    out2 = TritonAttentionBackend().attend(pq2, pcache2, pmeta2, 0.2, None)
+    assert calls == ([pq2.shape] if graph_bound else [])
+    check(out2, reference(pq2, pcache2, pmeta2, 0.2, None), torch.float32)
     # decode-only steps stay on the decode kernel even when graph-bound
     calls.clear()
     dq, dcache, dmeta = make_case([1, 1], [5, 9], 4, 2, 32, 4, torch.float32, seed=61)
@@ -273,7 +280,7 @@ for qdtype, cdtype, qsl, group, window, fp8, one_seq in [("bf16", "bf16", "i32",
                stride_ckv="i64", stride_cb="i64")
     const = dict(GROUP=group, GROUP_PAD=group, BLOCK_Q=128 // group, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16,
                  BLOCK_N=64, USE_WINDOW=window, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=fp8,
-                 SKIP_SINGLE=not one_seq)
+                 SKIP_SINGLE=not one_seq, DIAG_MASK_ONLY=not one_seq)
     if one_seq:  # an S = 1 bucket, if the launcher turns arguments equal to 1 into constants
         const.update(num_seqs=1, search_steps=1)
     sig.update({n: "constexpr" for n in const})

@@ -47,6 +47,10 @@ class AttentionTileConfig:
         return f"{kind}_bq{self.block_q}_bn{self.block_n}_w{self.num_warps}_s{self.num_stages}_{mask}"
 
 
+# MESHSERVE_PREFILL_TILE_NEW=1: the reasoned default below (persistent, diagonal masks) instead of the measured one
+NEW_DEFAULT = os.environ.get("MESHSERVE_PREFILL_TILE_NEW", "0") not in ("", "0")
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -65,6 +69,13 @@ def default_tile_config(
     if long_prefill and head_dim_pad <= 128 and elem_size == 2 and rows >= 128:
         block_n = 128
     num_warps = 8 if rows * head_dim_pad >= 128 * 128 else 4
+    # the launch measured on the H200 so far (grid, every tile masked, 64 keys) stays the default until
+    # tools/bench_prefill_attention.py has timed the variants there: the persistent work list, diagonal-only
+    # masks and 128-key steps for long prompts are opt-in (MESHSERVE_PREFILL_TILE_NEW=1, or one variant by
+    # name with MESHSERVE_UNIFIED_TILE)
+    if not NEW_DEFAULT:
+        return AttentionTileConfig(block_q, 64 if head_dim_pad <= 128 else 32, num_warps,
+                                   2 if elem_size == 4 else 3, diag_mask_only=False, persistent=False)
     return AttentionTileConfig(block_q, block_n, num_warps, 2 if elem_size == 4 else 3)
 
 

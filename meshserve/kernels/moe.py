@@ -1,5 +1,13 @@
-"""Which mixture-of-experts path serves a call: the Triton kernels (kernels/triton_moe.py) on a GPU where the
-backend selection enabled fused ops, else the torch reference (kernels/moe_ref.py). Same signature, same math."""
+"""Which mixture-of-experts path serves a call: the Triton kernels on a GPU where the backend selection
+enabled fused ops, else the torch reference (kernels/moe_ref.py). Same signature, same math.
+
+Triton paths (layers/backend_selection.py's `moe_legacy` forces the first, for A/B runs):
+  legacy   triton_moe.fused_experts with its first tile configs and its pair GEMV (torch routing)
+  default  small batches of 16-bit experts (gemv_serves: one token, or <= 64 pairs and no more pairs
+           than experts; a 16-bit shared MLP may ride along: folds_shared_mlp): triton_moe_gemv, two launches reading only the chosen experts' weights;
+           else (and for fp8 experts) triton_moe.fused_experts: Triton align, kernels/moe_configs.py's tuned
+           tiles, one combine launch. Routing is one launch (triton_moe_routing) where it is a softmax top-k
+"""
 
 from __future__ import annotations
 
@@ -7,23 +15,85 @@ import functools
 
 import torch
 
-from meshserve.kernels.moe_ref import fused_experts_ref
+from meshserve.kernels.moe_ref import fused_experts_ref, softmax_topk_ref
 
 
 @functools.cache
 def _triton_moe():
     try:
-        from meshserve.kernels import triton_moe
+        from meshserve.kernels import triton_moe, triton_moe_gemv, triton_moe_routing
     except ImportError:  # no Triton (CPU wheels): the reference serves
         return None
-    return triton_moe
+    return triton_moe, triton_moe_gemv, triton_moe_routing
 
 
-def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, triton: bool = False, **fp8_scales) -> torch.Tensor:
+# the GEMV path serves up to this many (token, slot) pairs, and no more pairs than experts. Past that experts
+# repeat across tokens, and each repeat reads the expert again (from L2 at best: the pairs of one column tile
+# run side by side), where the grouped GEMM reads it once per BLOCK_M rows. Qwen3-30B-A3B takes it up to
+# batch 8 (64 pairs of 128 experts), DeepSeek-V2-Lite to 10 (60 of 64), Mixtral to 4
+MAX_GEMV_PAIRS = 64
+
+
+def gemv_serves(num_tokens: int, pairs: int, num_experts: int) -> bool:
+    """Whether the MoE GEMV (triton_moe_gemv) takes a call of this shape (16-bit experts, not legacy)."""
+    return num_tokens == 1 or (pairs <= MAX_GEMV_PAIRS and pairs <= num_experts)
+
+
+def fused_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    triton: bool = False,
+    legacy: bool = False,
+    shared_w13: torch.Tensor | None = None,
+    shared_w2: torch.Tensor | None = None,
+    **fp8_scales,
+) -> torch.Tensor:
     """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for every token t (ids of -1 skipped);
-    fp8_scales: w13_scale, w2_scale and block for fp8 experts (kernels/moe_ref.py)."""
-    mod = _triton_moe() if triton and x.is_cuda else None
-    if mod is not None:
-        return mod.fused_experts(x, w13, w2, topk_weights, topk_ids, **fp8_scales)
-    return fused_experts_ref(x, w13, w2, topk_weights, topk_ids, **fp8_scales)
+    fp8_scales: w13_scale, w2_scale and block for fp8 experts (kernels/moe_ref.py). shared_w13 / shared_w2:
+    a 16-bit shared MLP added in the same launches, only where the GEMV serves (see folds_shared_mlp)."""
+    mods = _triton_moe() if triton and x.is_cuda else None
+    if mods is None:
+        return fused_experts_ref(
+            x, w13, w2, topk_weights, topk_ids, shared_w13=shared_w13, shared_w2=shared_w2, **fp8_scales
+        )
+    grouped, gemv, _ = mods
+    on_gemv = (
+        not legacy
+        and fp8_scales.get("w13_scale") is None
+        and gemv_serves(x.shape[0], topk_ids.numel(), w13.shape[0])
+    )
+    if shared_w13 is not None and not on_gemv:
+        raise ValueError("a shared MLP folds into the MoE GEMV only (folds_shared_mlp)")
+    if on_gemv:
+        return gemv.moe_gemv(x, w13, w2, topk_weights, topk_ids, shared_w13=shared_w13, shared_w2=shared_w2)
+    if legacy:
+        return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, configs="legacy", **fp8_scales)
+    return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, **fp8_scales)
+
+
+def folds_shared_mlp(
+    num_tokens: int, top_k: int, num_experts: int, triton: bool, legacy: bool, quantized: bool
+) -> bool:
+    """Whether a shared MLP may ride along in fused_experts: 16-bit experts where the MoE GEMV serves on the
+    Triton path (the plain path keeps the separate MLP: the reference stays the model's own structure)."""
+    return (
+        triton and not legacy and not quantized and gemv_serves(num_tokens, num_tokens * top_k, num_experts)
+    )
+
+
+def softmax_topk(
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    scaling: float = 1.0,
+    expert_load: torch.Tensor | None = None,
+    triton: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k routing (moe_ref.softmax_topk_ref), counting the chosen experts into expert_load."""
+    mods = _triton_moe() if triton and router_logits.is_cuda else None
+    if mods is None:
+        return softmax_topk_ref(router_logits, top_k, renormalize, scaling, expert_load)
+    return mods[2].softmax_topk(router_logits, top_k, renormalize, scaling, expert_load)

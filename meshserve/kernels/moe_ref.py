@@ -46,10 +46,12 @@ def _down(h: torch.Tensor, w2: torch.Tensor, scale: torch.Tensor | None,
 
 def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                       topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
-                      w2_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
+                      w2_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None,
+                      shared_w13: torch.Tensor | None = None, shared_w2: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H]; w13 [E, 2*I, H] (gate rows then up rows); w2 [E, H, I]; topk_weights [T, K] (float32);
     topk_ids [T, K] local expert ids in [0, E) or -1; fp8 weights with their scales (module docstring).
-    Returns [T, H] in x's dtype."""
+    Returns [T, H] in x's dtype. A 16-bit shared MLP (shared_w13 [2*S*I, H], gate rows then up rows;
+    shared_w2 [H, S*I]) is added to every token as S more experts of weight one, each I features of it."""
     num_experts = w13.shape[0]
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     flat_ids = topk_ids.reshape(-1)
@@ -60,4 +62,26 @@ def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
         gate, up = _gate_up(x[token], w13[expert], None if w13_scale is None else w13_scale[expert], block)
         y = _down(F.silu(gate) * up, w2[expert], None if w2_scale is None else w2_scale[expert], block)
         out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
+    if shared_w13 is not None:
+        width, shared_width = w2.shape[2], shared_w2.shape[1]
+        gate_rows, up_rows = shared_w13[:shared_width], shared_w13[shared_width:]
+        for start in range(0, shared_width, width):
+            part = slice(start, start + width)
+            h = F.silu(F.linear(x, gate_rows[part])) * F.linear(x, up_rows[part])
+            out += F.linear(h, shared_w2[:, part]).float()
     return out.to(x.dtype)
+
+
+def softmax_topk_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool, scaling: float = 1.0,
+                     expert_load: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the experts in float32, the top k, renormalized to sum to one when `renormalize`, times
+    `scaling` -> (weights [T, K] float32, ids [T, K] int32); each chosen expert counted into expert_load
+    (int64 [E]) when given. The reference of kernels/triton_moe_routing.softmax_topk."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if expert_load is not None:
+        flat = ids.reshape(-1)
+        expert_load.scatter_add_(0, flat, torch.ones_like(flat))
+    return weights * scaling if scaling != 1.0 else weights, ids.to(torch.int32)

@@ -7,6 +7,9 @@ Large batches (grouped GEMMs):
   2. one grouped GEMM for gate and up together, SiLU(gate) * up fused in its epilogue -> [pairs, width]
   3. one grouped GEMM for down, the routing weight applied in its epilogue -> [pairs, hidden]
   4. the weighted combine: each token's K rows summed in float32
+With configs="tuned" (the default) step 1 is triton_moe_align's three launches, step 4 one launch (_combine_kernel,
+which skips -1 pairs, so the down output needs no zeroing) and the tile shapes kernels/moe_configs.py's tuned
+table; configs="legacy" is the first version (torch align, zero + sum + cast, the legacy table), kept for A/B.
 Small batches (one token, or a few among many experts): one program per (pair, column tile) computes a GEMV
 against only that pair's expert, so a decode step reads just the chosen experts' weights and skips the sort.
 
@@ -25,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.kernels import triton_moe_align
+from meshserve.kernels.moe_configs import StageConfigs, stage_configs
 from meshserve.kernels.quant_ref import quantize_fp8_per_token
 
 NO_QUANT, PER_CHANNEL, BLOCKWISE = 0, 1, 2
@@ -167,6 +172,21 @@ def _pair_gemv_kernel(
     tl.store(c_ptr + pair * stride_cm + offs_n * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _combine_kernel(pairs_ptr, ids_ptr, out_ptr, hidden, stride_pm, stride_om,
+                    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = the sum of token t's weighted down rows (ids of -1: never written, skipped), in fp32."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cmask = cols < hidden
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for slot in tl.static_range(TOP_K):
+        pair = token * TOP_K + slot
+        limit = tl.where(tl.load(ids_ptr + pair) >= 0, hidden, 0)
+        acc += tl.load(pairs_ptr + pair * stride_pm + cols, mask=cols < limit, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """Pairs grouped by expert, each expert's run padded to a multiple of block_m, in static shapes.
 
@@ -201,14 +221,6 @@ def _use_pair_gemv(num_tokens: int, pairs: int, num_experts: int) -> bool:
     return num_tokens == 1 or (pairs <= 16 and num_experts >= 4 * pairs)
 
 
-def _gemm_config(pairs: int, num_experts: int, quant: int) -> dict:
-    if pairs <= 2 * num_experts:  # few rows per expert: short blocks waste less padding
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
-    # block-wise fp8: one K step per 128-feature scale block
-    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128 if quant == BLOCKWISE else 64, "GROUP_M": 8,
-            "num_warps": 4, "num_stages": 3}
-
-
 def _quantize_rows(a: torch.Tensor, quant: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A GEMM input as fp8 with its scales: per row (per-channel weights) or per row and block_k features."""
     if quant == PER_CHANNEL:
@@ -225,9 +237,11 @@ def _quantize_rows(a: torch.Tensor, quant: int, block_k: int) -> tuple[torch.Ten
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
-                  w2_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
+                  w2_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None,
+                  configs: str | StageConfigs = "tuned") -> torch.Tensor:
     """x [T, H]; w13 [E, 2*I, H]; w2 [E, H, I]; topk_weights [T, K]; topk_ids [T, K] (-1: skip) -> [T, H].
-    fp8 weights: their scales, per channel or (block) per block, as kernels/moe_ref.py lays them out."""
+    fp8 weights: their scales, per channel or (block) per block, as kernels/moe_ref.py lays them out.
+    configs: "tuned" | "legacy" (module docstring), or explicit StageConfigs (tools/bench_moe.py's sweep)."""
     num_tokens, hidden = x.shape
     num_experts, width = w13.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1]
@@ -242,17 +256,23 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
     inter = x.new_empty(pairs, width)
     out_pairs = x.new_empty(pairs, hidden)
+    legacy = configs == "legacy"
     gemv = _use_pair_gemv(num_tokens, pairs, num_experts)
-    if gemv:
-        cfg = None
-    else:
-        cfg = _gemm_config(pairs, num_experts, quant)
-        sorted_rows, block_expert, num_padded = align_by_expert(ids, num_experts, cfg["BLOCK_M"])
-        out_pairs.zero_()  # pairs of other ranks' experts (-1) are never written
+    if not gemv:
+        if isinstance(configs, str):
+            configs = stage_configs(configs, pairs, num_experts, quant != NO_QUANT, quant == BLOCKWISE,
+                                    x.element_size())
+        if configs.gate_up.BLOCK_M != configs.down.BLOCK_M:
+            raise ValueError("both stages' configs need one BLOCK_M (the rows are aligned once)")
+        align = align_by_expert if legacy else triton_moe_align.align_by_expert
+        sorted_rows, block_expert, num_padded = align(ids, num_experts, configs.gate_up.BLOCK_M)
+        if legacy:
+            out_pairs.zero_()  # pairs of other ranks' experts (-1) are never written
     precision = "ieee" if x.dtype == torch.float32 and quant == NO_QUANT else None
     stages = ((x, w13, w13_scale, inter, width, hidden, top_k, True),
               (inter, w2, w2_scale, out_pairs, hidden, width, 1, False))
     for a, b, b_scale, c, n, k, rows_per_token, gated in stages:
+        cfg = None if gemv else (configs.gate_up if gated else configs.down).kwargs()
         # (the second stage's input is the first's output: quantized only once it is written)
         if quant == NO_QUANT:
             a_scale = b_scale = weights.view(1, 1, -1)  # never read: the kernels' QUANT branches are off
@@ -280,4 +300,9 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
                 *scale_args, QUANT=quant, BLOCK_SCALE_N=scale_n,
                 A_ROWS_PER_TOKEN=rows_per_token, GATED=gated, MUL_WEIGHT=not gated, PRECISION=precision, **cfg)
-    return out_pairs.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    if gemv or legacy:
+        return out_pairs.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    out = x.new_empty(num_tokens, hidden)
+    _combine_kernel[(num_tokens, triton.cdiv(hidden, 1024))](
+        out_pairs, ids, out, hidden, out_pairs.stride(0), out.stride(0), TOP_K=top_k, BLOCK_H=1024, num_warps=4)
+    return out

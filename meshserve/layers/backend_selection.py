@@ -37,6 +37,10 @@ Overrides (environment, read only here, for debugging and references):
                                             measured (tools/bench_mla_decode.py)
   MESHSERVE_MLA_DECODE_TILE=32,8,2          the MLA decode kernel's BLOCK_N, num_warps, num_stages (default:
                                             kernels/triton_mla._decode_config; tools/bench_mla_decode.py sweeps)
+  MESHSERVE_MOE_LEGACY=0                    the one-launch routing, the MoE GEMV (small batches) and the tuned
+                                            configs (kernels/moe.py) instead of the first Triton MoE (torch
+                                            routing and align, pair GEMV, first tile configs), which stays the
+                                            default (=1) until measured on the H200 (issues 23/24)
 
 This module sits in layers/ because the layers consume the choice (and may not import the engine); it
 imports only the config and the layers/kernels it chooses between.
@@ -72,6 +76,7 @@ PDL_ENV = "MESHSERVE_PDL"
 PDL_TRIGGER_ENV = "MESHSERVE_PDL_TRIGGER"
 PDL_ONE_WAVE_ENV = "MESHSERVE_PDL_ONE_WAVE"
 PDL_PRELOAD_ENV = "MESHSERVE_PDL_PRELOAD"
+MOE_LEGACY_ENV = "MESHSERVE_MOE_LEGACY"
 # decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph
 # sized for 4,096 runs 16 KV splits (most of them empty) and a reduce; <= 256 tokens needs one split at small
 # batch (no reduce), <= 1,024 four. The suggested bounds when turned on (none by default until measured)
@@ -105,6 +110,8 @@ class KernelSelection:
     mla_decode_tile: tuple[int, int, int] | None = None
     # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide policy, bound below)
     pdl_policy: PdlPolicy = PdlPolicy()  # noqa: RUF009 (frozen: one shared default is safe)
+    # the first Triton MoE path instead of the fused routing, MoE GEMV and tuned configs (kernels/moe.py)
+    moe_legacy: bool = False
 
     @property
     def pdl(self) -> bool:
@@ -206,6 +213,9 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         mla_decode_tile=_mla_decode_tile(),
         mla_balanced=os.environ.get(MLA_BALANCED_ENV, "") not in ("", "0"),
         pdl_policy=_pdl_policy(config, on_cuda),
+        # the first Triton MoE stays the default until the new path's GPU tests and bench have run (its bf16
+        # tl.dot cannot be checked in the interpreter): MESHSERVE_MOE_LEGACY=0 selects the new one
+        moe_legacy=on_cuda and os.environ.get(MOE_LEGACY_ENV, "1") not in ("", "0"),
     )
     logger.info("kernels: %s", selection)
     return selection

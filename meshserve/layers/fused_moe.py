@@ -22,7 +22,7 @@ from torch import nn
 
 from meshserve.distributed import expert_parallel as ep_comm
 from meshserve.distributed.parallel_state import get_parallel_state, tensor_parallel_all_reduce
-from meshserve.kernels.moe import fused_experts
+from meshserve.kernels.moe import folds_shared_mlp, fused_experts, softmax_topk
 from meshserve.layers.backend_selection import PLAIN
 from meshserve.layers.moe_routing import RoutingFunction
 from meshserve.layers.quantization import current_quant_config
@@ -113,16 +113,39 @@ class FusedMoE(nn.Module):
         return max(0, self.num_local_experts - self.routing.top_k) * per_expert
 
     # -- forward ------------------------------------------------------------------------------------------
-    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor,
+                shared_mlp: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """shared_mlp: (gate_up [2 * S * width, hidden], down [hidden, S * width]) of this rank's slice of a
+        16-bit shared MLP to add in the experts' launches (only where folds_shared_mlp says it may)."""
         if self.expert_parallel:
             return self._forward_expert_parallel(hidden, router_logits)
+        weights, ids = self._route(router_logits)
+        return tensor_parallel_all_reduce(self._experts(hidden, weights, ids, shared_mlp))
+
+    def folds_shared_mlp(self, num_tokens: int) -> bool:
+        """Whether forward may take a shared MLP for this many tokens: the MoE GEMV's batches on the Triton
+        path (the reference elsewhere), 16-bit experts, not expert parallel (the shared MLP is TP-split: its
+        partial sums ride along in this layer's one all-reduce)."""
+        quantized = bool(self.weight_format.scales(self))
+        return not self.expert_parallel and folds_shared_mlp(
+            num_tokens, self.routing.top_k, self.num_local_experts, self.kernels.fused_ops, self.kernels.moe_legacy,
+            quantized)
+
+    def _route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing function's (weights, global ids), each chosen expert counted in expert_load: one fused
+        launch for a softmax top-k on the Triton path (kernels/triton_moe_routing.py), else the function."""
+        softmax = self.routing.as_softmax_topk() if hasattr(self.routing, "as_softmax_topk") else None
+        if softmax is not None and self.kernels.fused_ops and not self.kernels.moe_legacy:
+            return softmax_topk(router_logits, *softmax, expert_load=self.expert_load, triton=True)
         weights, ids = self.routing(router_logits)
         self._count(ids)
-        return tensor_parallel_all_reduce(self._experts(hidden, weights, ids))
+        return weights, ids
 
-    def _experts(self, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor,
+                 shared_mlp: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        shared = {} if shared_mlp is None else {"shared_w13": shared_mlp[0], "shared_w2": shared_mlp[1]}
         return fused_experts(x, self.w13_weight, self.w2_weight, weights, local_ids, triton=self.kernels.fused_ops,
-                             **self.weight_format.scales(self))
+                             legacy=self.kernels.moe_legacy, **shared, **self.weight_format.scales(self))
 
     def _count(self, ids: torch.Tensor) -> None:
         flat = ids.reshape(-1).long()
@@ -139,8 +162,7 @@ class FusedMoE(nn.Module):
         begin = sum(sizes[:rank])
         # every rank holds the whole batch and the same router logits: routing it all (a softmax and a top-k
         # over [T, E], small beside the experts) keeps the same load counts on every rank, rank 0's exported
-        weights, ids = self.routing(router_logits)
-        self._count(ids)
+        weights, ids = self._route(router_logits)
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
         if self.ep_exchange == "all_gather" or capturing:
             # no dispatch: run this rank's experts on every token and sum the parts

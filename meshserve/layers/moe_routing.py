@@ -20,6 +20,11 @@ class RoutingFunction(Protocol):
 
     def __call__(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def as_softmax_topk(self) -> tuple[int, bool, float] | None:
+        """(top_k, renormalize, scaling) when this routing is a plain softmax top-k (one fused kernel serves
+        it: kernels/moe.softmax_topk), else None."""
+        ...
+
 
 @dataclass(frozen=True)
 class SoftmaxTopK:
@@ -35,6 +40,9 @@ class SoftmaxTopK:
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids.to(torch.int32)
+
+    def as_softmax_topk(self) -> tuple[int, bool, float] | None:
+        return self.top_k, self.renormalize, 1.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,3 +93,10 @@ class GroupedTopK:
         if self.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling_factor, ids.to(torch.int32)
+
+    def as_softmax_topk(self) -> tuple[int, bool, float] | None:
+        # V2's greedy softmax (one group, or every group eligible) without a bias is a softmax top-k
+        plain = self.num_groups == 1 or self.topk_groups >= self.num_groups
+        if self.scoring != "softmax" or self.correction_bias is not None or not plain:
+            return None
+        return self.top_k, self.renormalize, self.scaling_factor

@@ -160,10 +160,25 @@ class DeepseekMoE(nn.Module):
         self.shared_experts = LlamaMLP(cfg, width * shared) if shared else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.experts(hidden, self.gate(hidden))
+        logits = self.gate(hidden)
+        shared = self._foldable_shared_mlp(hidden.shape[0])
+        if shared is not None:  # small batches on a GPU: the shared MLP rides in the experts' launches
+            return self.experts(hidden, logits, shared_mlp=shared)
+        out = self.experts(hidden, logits)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
         return out
+
+    def _foldable_shared_mlp(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This rank's (gate_up, down) weights of the shared MLP when the routed experts can add it
+        (FusedMoE.folds_shared_mlp; 16-bit, no bias), else None."""
+        mlp = self.shared_experts
+        if mlp is None or not self.experts.folds_shared_mlp(num_tokens):
+            return None
+        gate_up, down = mlp.gate_up_proj, mlp.down_proj
+        if gate_up.quantized or down.quantized or gate_up.bias is not None or down.bias is not None:
+            return None
+        return gate_up.weight, down.weight
 
 
 class _RoutingFactory:

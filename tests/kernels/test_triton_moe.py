@@ -163,11 +163,12 @@ _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from meshserve.kernels.triton_moe import _gemm_config, _grouped_gemm_kernel, _pair_gemv_kernel
+from meshserve.kernels.moe_configs import legacy_configs
+from meshserve.kernels.triton_moe import _grouped_gemm_kernel, _pair_gemv_kernel
 
 floats = ("weights_ptr", "as_ptr", "bs_ptr")
 for quant in (1, 2):
-    for kernel, cfgs in ((_grouped_gemm_kernel, (_gemm_config(16, 8, quant), _gemm_config(4096, 8, quant))),
+    for kernel, cfgs in ((_grouped_gemm_kernel, tuple(legacy_configs(p, 8, quant == 2).gate_up.kwargs() for p in (16, 4096))),
                          (_pair_gemv_kernel, ({"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4},))):
         names = list(kernel.arg_names)
         for cfg in cfgs:

@@ -23,7 +23,8 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_NORM_GEMV", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", raising=False)
     monkeypatch.delenv("MESHSERVE_MLA_PREFILL_REF", raising=False)
-    for name in ("MESHSERVE_PDL", "MESHSERVE_PDL_TRIGGER", "MESHSERVE_PDL_ONE_WAVE", "MESHSERVE_PDL_PRELOAD"):
+    for name in ("MESHSERVE_PDL", "MESHSERVE_PDL_TRIGGER", "MESHSERVE_PDL_ONE_WAVE", "MESHSERVE_PDL_PRELOAD",
+                 "MESHSERVE_MOE_LEGACY"):
         monkeypatch.delenv(name, raising=False)
     for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED"):
         monkeypatch.delenv(name, raising=False)
@@ -127,6 +128,16 @@ def test_mla_prefill_reference_switch(monkeypatch):
     assert sel.mla_prefill_ref and sel.attention_backend == "triton" and sel.cuda_graphs
 
 
+def test_moe_legacy_switch(monkeypatch):
+    # the first MoE path by default until the new one (fused routing, MoE GEMV, tuned configs) is measured
+    gpu = _config(device="cuda", dtype="bfloat16")
+    sel = select_kernels(gpu)
+    assert sel.moe_legacy and sel.fused_ops == fused_ops_importable() and sel.cuda_graphs
+    monkeypatch.setenv("MESHSERVE_MOE_LEGACY", "0")
+    assert not select_kernels(gpu).moe_legacy
+    assert not select_kernels(_config()).moe_legacy  # the CPU path has one MoE: the reference
+
+
 def test_mla_legacy_and_decode_tile_switches(monkeypatch):
     # the new MLA decode path by default; the legacy one and a decode tile for A/B runs
     gpu = _config(device="cuda", dtype="bfloat16")
@@ -147,7 +158,7 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("MESHSERVE_ATTENTION_BACKEND", "torch")
     monkeypatch.setenv("MESHSERVE_DISABLE_FUSED_OPS", "1")
     sel = select_kernels(_config(device="cuda"))
-    assert sel == KernelSelection(kv_cache_dtype=torch.float32)
+    assert sel == KernelSelection(kv_cache_dtype=torch.float32, moe_legacy=True)  # the GPU default until measured
     monkeypatch.setenv("MESHSERVE_ATTENTION_BACKEND", "flash")
     with pytest.raises(ValueError, match="unknown attention backend"):
         select_kernels(_config())

@@ -3,6 +3,7 @@ all-gather) give one device's output, for batches that split unevenly (and one r
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -60,3 +61,62 @@ def test_two_ranks_match_one_device():
             # every rank routes (and counts) every token, whichever layout
             assert torch.equal(load, single.expert_load)
     assert single.expert_load.sum() == TOP_K * sum(BATCHES)
+
+
+def test_fused_routing_path_matches_the_routing_function_and_counts():
+    """With fused ops bound (the fused softmax top-k route: kernels/moe.softmax_topk, its reference on CPU)
+    the layer gives the plain path's output and expert counts; DeepSeek-V2's greedy GroupedTopK likewise."""
+    from meshserve.layers.backend_selection import PLAIN, KernelSelection
+    from meshserve.layers.moe_routing import GroupedTopK
+
+    w13, w2 = _weights()
+    x, logits = _inputs(9)
+    for routing in (SoftmaxTopK(TOP_K, renormalize=True), GroupedTopK(TOP_K, 1, 1, "softmax", "max", False, 1.5)):
+        outs, loads = [], []
+        for kernels in (PLAIN, KernelSelection(fused_ops=True)):
+            layer = _layer(w13, w2)
+            layer.routing, layer.kernels = routing, kernels
+            outs.append(layer(x, logits))
+            loads.append(layer.expert_load.clone())
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(loads[1], loads[0]) and loads[0].sum() == TOP_K * 9
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 8, 100])
+def test_new_and_legacy_triton_paths_match_the_plain_layer_in_a_cuda_graph(tokens):
+    """Qwen3-30B-A3B's routing (128 experts, top-8) at small widths, bf16 on a GPU: the new path (fused routing,
+    GEMV at 1 and 8 tokens, Triton align past them) and MESHSERVE_MOE_LEGACY's path, each captured in a CUDA
+    graph and replayed on new inputs, give the plain layer's output and expert counts."""
+    from meshserve.layers.backend_selection import PLAIN, KernelSelection
+
+    torch.manual_seed(0)
+    experts, top_k, hidden, width = 128, 8, 256, 192
+    w13 = torch.randn(experts, 2 * width, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
+    w2 = torch.randn(experts, hidden, width, device="cuda", dtype=torch.bfloat16) / width**0.5
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(tokens, experts, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for name, kernels in (("plain", PLAIN), ("new", KernelSelection(fused_ops=True)),
+                          ("legacy", KernelSelection(fused_ops=True, moe_legacy=True))):
+        layer = FusedMoE(experts, hidden, width, SoftmaxTopK(top_k, renormalize=True)).to("cuda", torch.bfloat16)
+        layer.w13_weight.data.copy_(w13)
+        layer.w2_weight.data.copy_(w2)
+        layer.kernels = kernels
+        if name == "plain":
+            x.normal_(generator=torch.Generator(device="cuda").manual_seed(1))
+            out = layer(x, logits)
+        else:
+            x.normal_()
+            layer(x, logits)  # compile outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = layer(x, logits)
+            x.normal_(generator=torch.Generator(device="cuda").manual_seed(1))  # the plain layer's input
+            layer.expert_load.zero_()  # (the warm-up's counts)
+            graph.replay()
+        results[name] = (out.float().clone(), layer.expert_load.clone())
+    for name in ("new", "legacy"):
+        torch.testing.assert_close(results[name][0], results["plain"][0], atol=2e-2, rtol=2e-2)
+        assert torch.equal(results[name][1], results["plain"][1]), name
+    assert results["plain"][1].sum() == tokens * top_k

@@ -222,6 +222,73 @@ def test_fp8_weights_run_and_fp8_latent_cache_is_refused(tiny_model_dir):
         LLM(model=path, kv_cache_dtype="fp8")
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_shared_experts_fold_into_the_routed_experts_where_the_gemv_serves(tokens):
+    """On the Triton path (here its reference) small batches pass the shared MLP's weights to the routed
+    experts (two shared experts = two more slices of weight one) instead of running it beside them: the same
+    output as the separate MLP; larger batches and the plain path keep the separate MLP."""
+    from meshserve.layers.backend_selection import PLAIN, KernelSelection
+    from meshserve.models.deepseek import DeepseekMoE, _RoutingFactory
+
+    cfg = _hf_config("deepseek_v2", n_routed_experts=16, n_group=1, topk_group=1, num_experts_per_tok=3,
+                     topk_method="greedy", routed_scaling_factor=1.5, n_shared_experts=2, moe_intermediate_size=16)
+    torch.manual_seed(0)
+    block = DeepseekMoE(cfg, _RoutingFactory(cfg, 2))
+    for p in block.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(tokens, 32)
+    block.apply(lambda m: setattr(m, "kernels", PLAIN) if hasattr(m, "kernels") else None)
+    plain = block(x)
+    assert block._foldable_shared_mlp(tokens) is None  # the plain path keeps the model's structure
+    fast = KernelSelection(fused_ops=True)
+    block.apply(lambda m: setattr(m, "kernels", fast) if hasattr(m, "kernels") else None)
+    folds = tokens * 3 <= 16  # gemv_serves: no more pairs than the 16 experts
+    assert (block._foldable_shared_mlp(tokens) is not None) == folds
+    calls = []
+    block.shared_experts.register_forward_hook(lambda *a: calls.append(1))
+    torch.testing.assert_close(block(x), plain, atol=1e-5, rtol=1e-5)
+    assert bool(calls) != folds  # the separate MLP ran exactly when nothing folded
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 8, 64])
+def test_moe_block_fast_path_matches_plain_in_a_cuda_graph_gpu(tokens):
+    """DeepSeek-V2-Lite's MoE block (64 experts of 1,408, top-6, two shared experts; hidden cut to 512) in bf16:
+    the Triton path (shared MLP folded into the GEMV at 1 and 8 tokens, beside the grouped GEMM at 64),
+    captured in a CUDA graph, gives the plain block's output."""
+    from transformers import AutoConfig
+
+    from meshserve.layers.backend_selection import PLAIN, KernelSelection
+    from meshserve.models.deepseek import DeepseekMoE, _RoutingFactory
+
+    cfg = AutoConfig.for_model("deepseek_v2", hidden_size=512, moe_intermediate_size=1408, n_routed_experts=64,
+                               num_experts_per_tok=6, n_shared_experts=2, topk_method="greedy", n_group=1,
+                               topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        block = DeepseekMoE(cfg, _RoutingFactory(cfg, 2)).cuda()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for p in block.parameters():
+        p.data.normal_(0, p.shape[-1] ** -0.5)
+    x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
+
+    def bind(kernels):
+        block.apply(lambda m: setattr(m, "kernels", kernels) if hasattr(m, "kernels") else None)
+
+    bind(PLAIN)
+    plain = block(x)
+    bind(KernelSelection(fused_ops=True, gemv=True))
+    assert (block._foldable_shared_mlp(tokens) is not None) == (tokens <= 8)
+    block(x)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = block(x)
+    graph.replay()
+    torch.testing.assert_close(out.float(), plain.float(), atol=3e-2, rtol=3e-2)
+
+
 def _attention_case(interleave: bool):
     """A tiny DeepseekAttention (random weights, 4 heads) and a step of two decode rows, a 3-token verify row and
     a 10-token prefill chunk over a cache whose context rows are already written."""

@@ -1,0 +1,249 @@
+"""Small-batch mixture-of-experts as two GEMVs that read only the chosen experts' weights (issue 23).
+
+At batch 1 a MoE layer is a weight stream: Qwen3-30B-A3B reads 8 of 128 experts (8 x 9.4 MB per layer),
+DeepSeek-V2-Lite 6 of 64. The grouped GEMM (triton_moe.py) first sorts and pads the (token, slot) pairs by
+expert (about 30 small torch launches) and runs tl.dot on 16-row blocks holding one real row; here there is
+no sort and no padding, and the whole layer is two launches:
+
+  gate_up   grid (pairs, width / BLOCK_N): BLOCK_N gate rows and the matching up rows of the pair's expert,
+            streamed along hidden in coalesced [BLOCK_N, BLOCK_K] tiles into 2-D fp32 accumulators (one
+            reduction at the end, as kernels/triton_gemv.py), SiLU(gate) * up in the epilogue -> [pairs, width]
+  down      grid (tokens, hidden / BLOCK_N): for each of the token's top-k slots (unrolled, so the slots'
+            loads are independent and can be in flight together) BLOCK_N rows of that expert's down
+            projection, times the routing weight, summed over the slots in fp32 in registers and stored once
+            in the activation dtype: no [pairs, hidden] buffer, no atomics, no separate reduce or cast
+
+A shared MLP S experts wide (DeepSeek's shared experts: S * width features, gate rows then up rows, as the
+merged gate_up projection holds them) joins as S more width-wide slices per token, weight one: gate_up runs
+T * S more programs, down adds S more slots, and the separate MLP's launches and the add are gone. Which
+calls take this path: kernels/moe.py (gemv_serves).
+
+Roundings follow kernels/moe_ref.py (gate, up, silu, the product and each slot's down output rounded to the
+activation dtype; the weighted slot sum in fp32), so the two differ only by fp32 summation order. An expert
+id of -1 (another expert-parallel rank's expert) adds nothing. Shapes depend only on (tokens, top_k), so the
+launches capture in CUDA graphs. 16-bit and fp32 weights; fp8 experts stay on triton_moe's pair GEMV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class MoeGemvConfig:
+    """Tile shape of the two kernels (tools/bench_moe.py sweeps them)."""
+
+    gate_up_block_n: int = 4  # gate rows per program (and as many up rows)
+    gate_up_block_k: int = 512
+    down_block_n: int = 4
+    down_block_k: int = 1024  # >= width: one load per slot, so the unrolled slots' loads overlap
+    num_warps: int = 8
+
+
+def default_config(hidden: int, width: int) -> MoeGemvConfig:
+    """gate_up: 512-wide K tiles over a 2,048 hidden (as the dense GEMV); down: one K tile per slot up to a
+    width of 1,024 (Qwen3-30B-A3B's 768), 512-wide tiles past it (DeepSeek-V2-Lite's 1,408: 3 of them, 8% of
+    lanes masked instead of 31% at 2,048)."""
+    block_k = min(512, triton.next_power_of_2(hidden))
+    down_k = triton.next_power_of_2(width) if width <= 1024 else 512
+    return MoeGemvConfig(gate_up_block_k=block_k, down_block_k=down_k, num_warps=8 if hidden >= 2048 else 4)
+
+
+@triton.jit
+def _gate_up_gemv_kernel(
+    x_ptr,
+    w13_ptr,
+    shared_w13_ptr,  # [2 * NUM_SHARED * width, hidden] (gate rows, then up rows) when NUM_SHARED > 0
+    ids_ptr,
+    inter_ptr,
+    width,
+    hidden,
+    num_pairs,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_swn,
+    stride_im,
+    TOP_K: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pair = tl.program_id(0).to(tl.int64)  # a routed pair, or past num_pairs a token's shared expert
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if NUM_SHARED > 0:
+        is_shared = pair >= num_pairs
+        expert = tl.load(ids_ptr + tl.minimum(pair, num_pairs - 1)).to(tl.int64)
+        if (expert < 0) & (pair < num_pairs):  # another rank's expert: down skips this pair
+            return
+        shared = pair - num_pairs  # token * NUM_SHARED + j: the j-th width-wide slice of the shared MLP
+        token = tl.where(is_shared, shared // NUM_SHARED, pair // TOP_K)
+        first_row = tl.where(is_shared, (shared % NUM_SHARED) * width, 0)
+        row_stride = tl.where(is_shared, stride_swn, stride_wn)
+        base = tl.where(is_shared, shared_w13_ptr, w13_ptr + expert * stride_we)
+        up_offset = tl.where(is_shared, NUM_SHARED * width, width) * row_stride
+    else:
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        if expert < 0:  # another rank's expert: down skips this pair, its row is never read
+            return
+        token, first_row, row_stride = pair // TOP_K, 0, stride_wn
+        base, up_offset = w13_ptr + expert * stride_we, width * stride_wn
+    rmask = rows < width
+    ks = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + token * stride_xm
+    gate_rows = base + (first_row + rows[:, None]).to(tl.int64) * row_stride
+    up_rows = gate_rows + up_offset
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        kk = k0 + ks
+        kmask = kk < hidden
+        wmask = rmask[:, None] & kmask[None, :]
+        x = tl.load(x_row + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
+        acc_gate += tl.load(gate_rows + kk[None, :], mask=wmask, other=0.0).to(tl.float32) * x
+        acc_up += tl.load(up_rows + kk[None, :], mask=wmask, other=0.0).to(tl.float32) * x
+    dt = inter_ptr.dtype.element_ty
+    # rounded as the reference rounds F.linear's outputs, F.silu and the product
+    gate = tl.sum(acc_gate, 1).to(dt).to(tl.float32)
+    up = tl.sum(acc_up, 1).to(dt).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+    tl.store(inter_ptr + pair * stride_im + rows, (act * up).to(dt), mask=rmask)
+
+
+@triton.jit
+def _down_rows(inter_row, w_rows, limit, rmask, width, dt, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One slot's down output for BLOCK_N rows (columns past `limit` masked off), rounded as F.linear's."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_K):
+        kk = k0 + ks
+        kmask = kk < limit
+        h = tl.load(inter_row + kk, mask=kmask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc += w.to(tl.float32) * h[None, :]
+    return tl.sum(acc, 1).to(dt).to(tl.float32)
+
+
+@triton.jit
+def _down_sum_gemv_kernel(
+    inter_ptr,
+    w2_ptr,
+    shared_w2_ptr,  # [hidden, NUM_SHARED * width] when NUM_SHARED > 0
+    ids_ptr,
+    weights_ptr,
+    out_ptr,
+    hidden,
+    width,
+    num_pairs,
+    stride_im,
+    stride_we,
+    stride_wn,
+    stride_swn,
+    stride_om,
+    TOP_K: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < hidden
+    dt = out_ptr.dtype.element_ty
+    y = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for slot in tl.static_range(TOP_K):
+        pair = token * TOP_K + slot
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        # a -1 slot (another rank's expert): no column in range, its masked loads fetch nothing, add zero
+        limit = tl.where(expert >= 0, width, 0)
+        w_rows = w2_ptr + tl.maximum(expert, 0) * stride_we + rows[:, None].to(tl.int64) * stride_wn
+        part = _down_rows(inter_ptr + pair * stride_im, w_rows, limit, rmask, width, dt, BLOCK_N, BLOCK_K)
+        y += part * tl.load(weights_ptr + pair)
+    for j in tl.static_range(NUM_SHARED):  # the shared MLP's slices, weight one
+        w_rows = shared_w2_ptr + j * width + rows[:, None].to(tl.int64) * stride_swn
+        inter_row = inter_ptr + (num_pairs + token * NUM_SHARED + j) * stride_im
+        y += _down_rows(inter_row, w_rows, width, rmask, width, dt, BLOCK_N, BLOCK_K)
+    tl.store(out_ptr + token * stride_om + rows, y.to(dt), mask=rmask)
+
+
+def moe_gemv(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    config: MoeGemvConfig | None = None,
+    shared_w13: torch.Tensor | None = None,
+    shared_w2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """kernels/moe_ref.fused_experts_ref for 16-bit or fp32 experts: x [T, H]; w13 [E, 2*I, H]; w2 [E, H, I];
+    topk_weights [T, K] (float32); topk_ids [T, K] (-1: skip) -> [T, H] in x's dtype. With shared_w13
+    [2*S*I, H] and shared_w2 [H, S*I] (a shared MLP S experts wide) its output is added, in the same launches."""
+    num_tokens, hidden = x.shape
+    width, top_k = w2.shape[2], topk_ids.shape[1]
+    if num_tokens == 0:
+        return x.new_zeros(0, hidden)
+    num_shared = 0 if shared_w13 is None else shared_w2.shape[1] // width
+    if shared_w13 is not None and (
+        shared_w2.shape[1] != num_shared * width or shared_w13.shape[0] != 2 * num_shared * width
+    ):
+        raise ValueError(
+            f"shared MLP of {shared_w2.shape[1]} features is no whole number of {width}-wide experts"
+        )
+    if any(w.stride(-1) != 1 for w in (w13, w2) + ((shared_w13, shared_w2) if num_shared else ())):
+        raise ValueError("moe_gemv needs experts with contiguous rows")
+    cfg = config or default_config(hidden, width)
+    x = x.contiguous()
+    ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
+    weights = topk_weights.reshape(-1).float().contiguous()
+    pairs = ids.numel()
+    inter = x.new_empty(pairs + num_tokens * num_shared, width)
+    out = x.new_empty(num_tokens, hidden)
+    sw13, sw2 = (shared_w13, shared_w2) if num_shared else (w13, w2)  # (never read without shared experts)
+    _gate_up_gemv_kernel[(inter.shape[0], triton.cdiv(width, cfg.gate_up_block_n))](
+        x,
+        w13,
+        sw13,
+        ids,
+        inter,
+        width,
+        hidden,
+        pairs,
+        x.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        sw13.stride(-2),
+        inter.stride(0),
+        TOP_K=top_k,
+        NUM_SHARED=num_shared,
+        BLOCK_N=cfg.gate_up_block_n,
+        BLOCK_K=cfg.gate_up_block_k,
+        num_warps=cfg.num_warps,
+        num_stages=3,
+    )
+    _down_sum_gemv_kernel[(num_tokens, triton.cdiv(hidden, cfg.down_block_n))](
+        inter,
+        w2,
+        sw2,
+        ids,
+        weights,
+        out,
+        hidden,
+        width,
+        pairs,
+        inter.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        sw2.stride(-2),
+        out.stride(0),
+        TOP_K=top_k,
+        NUM_SHARED=num_shared,
+        BLOCK_N=cfg.down_block_n,
+        BLOCK_K=cfg.down_block_k,
+        num_warps=cfg.num_warps,
+        num_stages=3,
+    )
+    return out

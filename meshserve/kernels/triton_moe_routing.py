@@ -1,0 +1,93 @@
+"""Softmax top-k routing in one launch (issue 23): kernels/moe_ref.softmax_topk_ref's math.
+
+The torch routing of a MoE layer is about nine small launches (cast, softmax, topk, sum, divide, id cast, and
+the per-expert load count's cast, ones and scatter_add); at batch 1 each is longer than the math. One program
+per token takes its row of E logits (E <= a few hundred: one tile), softmax in fp32, picks the top k by k
+argmax passes (ties to the lower id, as torch.topk in practice), renormalizes and scales the k weights, and
+adds the chosen experts to the load counter with atomics. Qwen2/3-MoE and Mixtral (SoftmaxTopK) and
+DeepSeek-V2's greedy routing (GroupedTopK with one group) are this function; grouped, sigmoid or
+bias-corrected routing stays on torch (layers/moe_routing.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _softmax_topk_kernel(
+    logits_ptr,
+    weights_ptr,
+    ids_ptr,
+    load_ptr,
+    num_experts,
+    stride_lm,
+    scaling,
+    TOP_K: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    COUNT: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    emask = offs < num_experts
+    logits = tl.load(logits_ptr + token * stride_lm + offs, mask=emask, other=float("-inf")).to(tl.float32)
+    e = tl.exp(logits - tl.max(logits, 0))
+    probs = e / tl.sum(e, 0)
+    probs = tl.where(emask, probs, -1.0)  # padding lanes below every probability: never picked
+    slots = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    top_i = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(probs, 0)
+        idx = tl.min(tl.where(probs == best, offs, BLOCK_E), 0)  # the lowest id among equals
+        top_w = tl.where(slots == k, best, top_w)
+        top_i = tl.where(slots == k, idx, top_i)
+        probs = tl.where(offs == idx, -1.0, probs)
+    kmask = slots < TOP_K
+    if RENORMALIZE:
+        top_w = top_w / tl.sum(tl.where(kmask, top_w, 0.0), 0)
+    tl.store(weights_ptr + token * TOP_K + slots, top_w * scaling, mask=kmask)
+    tl.store(ids_ptr + token * TOP_K + slots, top_i, mask=kmask)
+    if COUNT:
+        tl.atomic_add(load_ptr + top_i, tl.full([BLOCK_K], 1, tl.int64), mask=kmask)
+
+
+def softmax_topk(
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    scaling: float = 1.0,
+    expert_load: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, K] float32, ids [T, K] int32), as softmax_topk_ref; with
+    expert_load (int64 [E]) each chosen expert's count goes up by one."""
+    num_tokens, num_experts = router_logits.shape
+    if top_k > num_experts:
+        raise ValueError(f"top_k {top_k} > {num_experts} experts")
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
+    if num_tokens == 0:
+        return weights, ids
+    count = expert_load is not None
+    block_e = triton.next_power_of_2(num_experts)
+    _softmax_topk_kernel[(num_tokens,)](
+        logits,
+        weights,
+        ids,
+        expert_load if count else ids,
+        num_experts,
+        logits.stride(0),
+        float(scaling),
+        TOP_K=top_k,
+        RENORMALIZE=renormalize,
+        COUNT=count,
+        BLOCK_E=block_e,
+        BLOCK_K=triton.next_power_of_2(top_k),
+        num_warps=1 if block_e <= 256 else 4,
+    )
+    return weights, ids

@@ -1,0 +1,207 @@
+"""The small-batch MoE GEMV (kernels/triton_moe_gemv.py) against the torch reference (kernels/moe_ref.py):
+in Triton's interpreter at tiny shapes without a GPU (fp32 tight, fp16 within its rounding), compiled for
+sm_90, and on a GPU at Qwen3-30B-A3B's and DeepSeek-V2-Lite's expert shapes, inside a CUDA graph."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import pytest
+import torch
+
+from meshserve.kernels.moe_ref import fused_experts_ref
+from tests.kernels.sm90 import assert_compiles_for_sm90
+from tests.kernels.test_triton_moe import _case
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+interp = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run only without CUDA")
+
+# Qwen3-30B-A3B and DeepSeek-V2-Lite at TP 1: (experts, top_k, hidden, width)
+MODEL_SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "deepseek-v2-lite": (64, 6, 2048, 1408)}
+
+
+@interp
+@pytest.mark.parametrize(
+    "tokens,experts,top_k,drop,tiles",
+    [(1, 8, 2, False, "multi-k"), (3, 16, 4, True, "default")],
+    ids=["batch1-multi-k", "batch3-ep-half"],
+)
+def test_moe_gemv_matches_reference_fp32(tokens, experts, top_k, drop, tiles):
+    """Widths that are no multiple of the tiles (48 of 4-row tiles, K tiles of 32 over 64 and 48 features:
+    several K steps, a masked tail), ids of -1 skipped."""
+    from meshserve.kernels.triton_moe_gemv import MoeGemvConfig, moe_gemv
+
+    x, w13, w2, weights, ids = _case(tokens, experts, top_k, 64, 48, torch.float32, "cpu", drop)
+    cfg = MoeGemvConfig(4, 32, 8, 32, 4) if tiles == "multi-k" else None
+    got = moe_gemv(x, w13, w2, weights, ids, cfg)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got, fused_experts_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
+
+
+@interp
+def test_moe_gemv_rounds_as_the_reference_fp16():
+    """fp16: gate, up, silu, the product and each slot's output rounded to fp16 as the reference rounds them;
+    only the fp32 summation order differs (a few ulps, far below a missed rounding step)."""
+    from meshserve.kernels.triton_moe_gemv import moe_gemv
+
+    x, w13, w2, weights, ids = _case(2, 8, 2, 64, 48, torch.float16, "cpu")
+    got = moe_gemv(x, w13, w2, weights, ids)
+    ref = fused_experts_ref(x, w13, w2, weights, ids)
+    torch.testing.assert_close(got.float(), ref.float(), atol=4e-3, rtol=4e-3)
+
+
+@interp
+def test_moe_gemv_skips_every_pair_of_other_ranks():
+    """A token whose experts all live elsewhere gets zeros (no stale buffer contents)."""
+    from meshserve.kernels.triton_moe_gemv import moe_gemv
+
+    x, w13, w2, weights, ids = _case(2, 8, 2, 64, 48, torch.float32, "cpu")
+    ids[1] = -1
+    got = moe_gemv(x, w13, w2, weights, ids)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    torch.testing.assert_close(got, fused_experts_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
+
+
+@interp
+@pytest.mark.parametrize("tiles", ["multi-k", "default"])
+def test_moe_gemv_adds_a_shared_mlp_as_slices_of_weight_one(tiles):
+    """A shared MLP two experts wide (DeepSeek's n_shared_experts = 2) in the same launches: the reference's
+    routed sum plus the shared MLP, with ids of -1 among the routed slots."""
+    from meshserve.kernels.triton_moe_gemv import MoeGemvConfig, moe_gemv
+
+    x, w13, w2, weights, ids = _case(3, 16, 4, 64, 48, torch.float32, "cpu", drop=True)
+    gen = torch.Generator().manual_seed(7)
+    shared_w13 = torch.randn(2 * 96, 64, generator=gen) / 8
+    shared_w2 = torch.randn(64, 96, generator=gen) / 96**0.5
+    cfg = MoeGemvConfig(4, 32, 8, 32, 4) if tiles == "multi-k" else None
+    got = moe_gemv(x, w13, w2, weights, ids, cfg, shared_w13=shared_w13, shared_w2=shared_w2)
+    ref = fused_experts_ref(x, w13, w2, weights, ids, shared_w13=shared_w13, shared_w2=shared_w2)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # and the reference's shared part is the plain MLP: down(silu(gate(x)) * up(x))
+    gate, up = torch.nn.functional.linear(x, shared_w13).chunk(2, dim=-1)
+    mlp = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, shared_w2)
+    torch.testing.assert_close(ref - fused_experts_ref(x, w13, w2, weights, ids), mlp, atol=1e-5, rtol=1e-5)
+
+
+def test_gemv_serves_small_batches_with_few_repeated_experts():
+    """One token always; else up to 64 pairs and no more pairs than experts (each repeat of an expert is a
+    second read of it): Qwen3-30B-A3B to batch 8, DeepSeek-V2-Lite to 10, Mixtral (8 experts, top-2) to 4."""
+    from meshserve.kernels.moe import gemv_serves as serves
+
+    for experts, top_k, last in ((128, 8, 8), (64, 6, 10), (8, 2, 4)):
+        assert serves(1, top_k, experts) and serves(last, last * top_k, experts)
+        assert not serves(last + 1, (last + 1) * top_k, experts)
+
+
+_COMPILE_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from meshserve.kernels.triton_moe_gemv import _down_sum_gemv_kernel, _gate_up_gemv_kernel, default_config
+from meshserve.kernels.triton_moe_routing import _softmax_topk_kernel
+from meshserve.kernels.triton_moe import _combine_kernel
+from meshserve.kernels.triton_moe_align import _count_kernel, _plan_kernel, _scatter_kernel
+
+def compile(kernel, sig, const, warps):
+    names = list(kernel.arg_names)
+    full = {n: "fp32" if n == "scaling" else "i32" for n in names}
+    full.update(sig)
+    full.update({n: "constexpr" for n in const})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if full[n].startswith("*")}
+    src = ASTSource(kernel, full, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+
+for experts, top_k, hidden, width in ((128, 8, 2048, 768), (64, 6, 2048, 1408)):
+    cfg = default_config(hidden, width)
+    shared = 2 if top_k == 6 else 0  # DeepSeek-V2-Lite's two shared experts ride along
+    compile(_gate_up_gemv_kernel, {"x_ptr": "*bf16", "w13_ptr": "*bf16", "shared_w13_ptr": "*bf16",
+                                   "ids_ptr": "*i32", "inter_ptr": "*bf16"},
+            {"TOP_K": top_k, "NUM_SHARED": shared, "BLOCK_N": cfg.gate_up_block_n, "BLOCK_K": cfg.gate_up_block_k},
+            cfg.num_warps)
+    compile(_down_sum_gemv_kernel, {"inter_ptr": "*bf16", "w2_ptr": "*bf16", "shared_w2_ptr": "*bf16",
+                                    "ids_ptr": "*i32", "weights_ptr": "*fp32", "out_ptr": "*bf16"},
+            {"TOP_K": top_k, "NUM_SHARED": shared, "BLOCK_N": cfg.down_block_n, "BLOCK_K": cfg.down_block_k},
+            cfg.num_warps)
+    # the routing launch before them (kernels/triton_moe_routing.py)
+    compile(_softmax_topk_kernel, {"logits_ptr": "*bf16", "weights_ptr": "*fp32", "ids_ptr": "*i32",
+                                   "load_ptr": "*i64"},
+            {"TOP_K": top_k, "RENORMALIZE": top_k == 8, "COUNT": True, "BLOCK_E": experts,
+             "BLOCK_K": triton.next_power_of_2(top_k)}, 1)
+# the grouped path's align (triton_moe_align) and combine (triton_moe) launches
+ptrs = {n: "*i32" for n in ("ids_ptr", "counts_ptr", "cursor_ptr", "sorted_rows_ptr", "block_expert_ptr",
+                            "num_padded_ptr")}
+for kernel in (_count_kernel, _scatter_kernel):
+    compile(kernel, {n: t for n, t in ptrs.items() if n in kernel.arg_names}, {"CHUNK": 64, "BLOCK_E": 128}, 4)
+compile(_plan_kernel, {n: t for n, t in ptrs.items() if n in _plan_kernel.arg_names},
+        {"BLOCK_M": 32, "BLOCK_E": 128, "FILL": 64, "FILL_ROWS": 1024}, 4)
+compile(_combine_kernel, {"pairs_ptr": "*bf16", "ids_ptr": "*i32", "out_ptr": "*bf16"}, {"TOP_K": 8, "BLOCK_H": 1024}, 4)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for the real device")
+def test_moe_path_kernels_compile_for_sm90_without_gpu():
+    """The new MoE path's small kernels: routing, the GEMV's gate_up and down, the grouped path's align and
+    combine (its tuned GEMM configs: test_triton_moe_align.py, slow)."""
+    assert_compiles_for_sm90(_COMPILE_SM90)
+
+
+@functools.cache
+def model_experts(model: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 experts at a model's shapes, drawn on the GPU once per model (the CPU draw takes seconds)."""
+    experts, _, hidden, width = MODEL_SHAPES[model]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w13 = torch.randn(experts, 2 * width, hidden, device="cuda", generator=gen) / hidden**0.5
+    w2 = torch.randn(experts, hidden, width, device="cuda", generator=gen) / width**0.5
+    return w13.bfloat16(), w2.bfloat16()
+
+
+def model_batch(model: str, tokens: int, seed: int):
+    """x [tokens, hidden] bf16 and its routing (weights, ids) at a model's shapes, on the GPU."""
+    from meshserve.layers.moe_routing import SoftmaxTopK
+
+    experts, top_k, hidden, _ = MODEL_SHAPES[model]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
+    weights, ids = SoftmaxTopK(top_k, renormalize=True)(
+        torch.randn(tokens, experts, device="cuda", generator=gen)
+    )
+    return x, weights, ids
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 2, 8])
+@pytest.mark.parametrize("model", list(MODEL_SHAPES))
+def test_moe_gemv_matches_reference_at_model_shapes_in_a_cuda_graph(tokens, model):
+    """bf16 at the models' expert shapes, captured and replayed in a CUDA graph with new routing in place."""
+    from meshserve.kernels.triton_moe_gemv import moe_gemv
+
+    w13, w2 = model_experts(model)
+    x, weights, ids = model_batch(model, tokens, 0)
+    moe_gemv(x, w13, w2, weights, ids)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_gemv(x, w13, w2, weights, ids)
+    for seed in (1, 2):
+        for buffer, new in zip((x, weights, ids), model_batch(model, tokens, seed), strict=True):
+            buffer.copy_(new)
+        graph.replay()
+        ref = fused_experts_ref(x, w13, w2, weights, ids)
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_moe_gemv_with_deepseek_shared_experts_gpu(tokens):
+    """DeepSeek-V2-Lite's two shared experts (one 2,816-wide MLP) folded into the GEMV launches."""
+    from meshserve.kernels.triton_moe_gemv import moe_gemv
+
+    w13, w2 = model_experts("deepseek-v2-lite")
+    x, weights, ids = model_batch("deepseek-v2-lite", tokens, 3)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    shared_w13 = (torch.randn(2 * 2816, 2048, device="cuda", generator=gen) / 2048**0.5).bfloat16()
+    shared_w2 = (torch.randn(2048, 2816, device="cuda", generator=gen) / 2816**0.5).bfloat16()
+    got = moe_gemv(x, w13, w2, weights, ids, shared_w13=shared_w13, shared_w2=shared_w2)
+    ref = fused_experts_ref(x, w13, w2, weights, ids, shared_w13=shared_w13, shared_w2=shared_w2)
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)

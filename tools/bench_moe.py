@@ -1,0 +1,355 @@
+"""Time the MoE layer alone, old path vs new, at Qwen3-30B-A3B's and DeepSeek-V2-Lite's expert shapes (issues
+23/24), in one call on one GPU (< 2 minutes on an H200, Triton compiles included).
+
+For each model and each batch (1, 8, 64, 256 decode tokens and a 2,048-token prefill chunk) it times the MoE
+block as the model builds it (router, routing + load count, routed experts, and DeepSeek's shared MLP) with
+  legacy   MESHSERVE_MOE_LEGACY's path: torch routing and align, the pair GEMV, the first tile table, the
+           shared MLP beside the experts
+  new      the default: one-launch routing, the MoE GEMV for small batches (the shared MLP folded into it),
+           Triton align + tuned tiles past it
+inside a CUDA graph over LAYERS blocks of distinct weights (so a layer's experts are not in L2 from the
+replay before: one decode step reads 48 different layers), and reports per block: kernel launches (one eager
+call, profiler), microseconds, the bytes of the weights read (the experts actually routed to, once each, plus
+router and shared MLP) as GB/s and % of the copy bandwidth measured in the same run, and TFLOP/s (2 x pairs x
+3 x hidden x width). Every output is checked against the plain torch block. Then it sweeps the tile configs
+(unless --no-sweep): MoeGemvConfig candidates at batch 1 and 8, grouped-GEMM StageConfigs at 8, 64, 256 and
+2,048 tokens, on the routed experts alone, each checked too, so one run says which to make the default.
+
+What one layer launches (Qwen3-30B-A3B, TP 1; the router's F.linear, 512 KB, is outside and the same):
+  batch 1    legacy: routing 6 (cast, softmax, topk, sum, divide, id cast) + load count 3 + pair GEMV 2
+             (gate_up 50.3 MB, down 25.2 MB: the 8 experts) + top-k sum and cast 2 = 13 launches
+             new: routing with the count 1 + gate_up GEMV 1 + down GEMV with the weighted sum 1 = 3, same bytes
+  batch 256  legacy: routing 6 + count 3 + torch align ~30 (scatter_add, cumsums, argsort, gathers,
+             searchsorted, casts) + zero 1 + grouped GEMMs 2 (~all 128 experts, 1.2 GB; BLOCK_M 64 over ~16
+             rows per expert) + sum and cast 2 = ~44 launches
+             new: routing 1 + workspace zero 1 + Triton align 3 + grouped GEMMs 2 (BLOCK_M 32) + combine 1 = 8
+  (DeepSeek-V2-Lite alike, top-6 of 64 experts of 17.3 MB, plus its shared MLP of 2 experts' width: at batch
+  1 a gate_up and a down GEMV and an add beside the experts on the legacy path, folded into the MoE GEMV's
+  two launches on the new one; the router is fp32: a cast and an F.linear on both.)
+
+usage: python tools/bench_moe.py [--json bench_moe.json] [--no-sweep] [--models qwen3-30b-a3b,deepseek-v2-lite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from triton.runtime.errors import OutOfResources
+
+from meshserve.kernels import triton_moe
+from meshserve.kernels.moe_configs import GroupedGemmConfig, StageConfigs, legacy_configs, tuned_configs
+from meshserve.kernels.moe_ref import fused_experts_ref
+from meshserve.kernels.triton_moe_gemv import MoeGemvConfig, default_config, moe_gemv
+from meshserve.layers.backend_selection import KernelSelection
+from meshserve.layers.moe_routing import GroupedTopK, SoftmaxTopK
+
+LAYERS = 4
+DEVICE = "cuda"  # (a CPU smoke run of this script sets "cpu": Triton interpreter, no timing)
+BATCHES = (1, 8, 64, 256, 2048)
+SWEEP_GEMV_TOKENS, SWEEP_GROUPED_TOKENS = (1, 8), (8, 64, 256, 2048)  # 8 both ways: where the GEMV stops
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    experts: int
+    top_k: int
+    hidden: int
+    width: int
+    renormalize: bool
+    shared: int = 0  # DeepSeek's always-on shared experts (one MLP shared x width wide)
+
+    def routing(self):
+        if self.renormalize:  # Qwen3-MoE: norm_topk_prob
+            return SoftmaxTopK(self.top_k, renormalize=True)
+        return GroupedTopK(
+            self.top_k, 1, 1, "softmax", "max", renormalize=False, scaling_factor=1.0
+        )  # V2-Lite
+
+
+MODELS = {
+    "qwen3-30b-a3b": MoeShape(128, 8, 2048, 768, True),
+    "deepseek-v2-lite": MoeShape(64, 6, 2048, 1408, False, shared=2),
+}
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (time_graph(lambda: dst.copy_(src), repeats=20) * 1e-6)
+
+
+def time_graph(fn, repeats: int = 50) -> float:
+    """Microseconds per call of fn replayed in a CUDA graph (compiled and warmed up outside it)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(), fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / repeats
+
+
+def count_launches(fn) -> int:
+    """GPU kernels (and memsets / copies) one eager call of fn launches, by the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    except RuntimeError:  # no CUPTI here: the timings still stand
+        return -1
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def make_blocks(shape: MoeShape) -> list[torch.nn.Module]:
+    """LAYERS MoE blocks as the models build them (router, routed experts, DeepSeek's shared MLP), random."""
+    from transformers import AutoConfig
+
+    from meshserve.models.deepseek import DeepseekMoE, _RoutingFactory
+    from meshserve.models.moe import SparseMoeBlock
+
+    torch.manual_seed(0)
+    blocks = []
+    for _ in range(LAYERS):
+        if shape.shared:  # DeepSeek-V2-Lite: greedy softmax routing, fp32 router, shared MLP
+            cfg = AutoConfig.for_model(
+                "deepseek_v2",
+                hidden_size=shape.hidden,
+                moe_intermediate_size=shape.width,
+                n_routed_experts=shape.experts,
+                num_experts_per_tok=shape.top_k,
+                n_shared_experts=shape.shared,
+                topk_method="greedy",
+                n_group=1,
+                topk_group=1,
+                norm_topk_prob=False,
+                routed_scaling_factor=1.0,
+            )
+            block = DeepseekMoE(cfg, _RoutingFactory(cfg, 2))
+        else:
+            block = SparseMoeBlock(shape.hidden, shape.experts, shape.width, shape.routing())
+        block = block.to(DEVICE)
+        for param in block.parameters():
+            param.data.normal_(0, param.shape[-1] ** -0.5)
+        blocks.append(block)
+    return blocks
+
+
+def bind(block: torch.nn.Module, kernels: KernelSelection) -> None:
+    for module in block.modules():
+        if isinstance(getattr(module, "kernels", None), KernelSelection):
+            module.kernels = kernels
+
+
+def metrics(shape: MoeShape, ids: torch.Tensor, us: float, copy_bw: float, fixed_bytes: int = 0) -> dict:
+    """fixed_bytes: what the block reads besides its routed experts (router, shared MLP)."""
+    per_expert = 3 * shape.hidden * shape.width * 2  # bf16 w13 + w2
+    experts_read = torch.unique(ids[ids >= 0]).numel()
+    read = experts_read * per_expert + fixed_bytes
+    flops = 2 * (ids.numel() + ids.shape[0] * shape.shared) * 3 * shape.hidden * shape.width
+    gbps = read / (us * 1e-6) / 1e9
+    return {
+        "us": round(us, 2),
+        "weight_GB_per_s": round(gbps, 1),
+        "pct_copy_bw": round(100 * gbps * 1e9 / copy_bw, 1),
+        "TFLOP_per_s": round(flops / (us * 1e-6) / 1e12, 2),
+        "experts_read": experts_read,
+    }
+
+
+def check(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest error relative to the output's scale; a wrong expert or weight lands near 1."""
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-6))
+
+
+def bench_layer(
+    shape: MoeShape, blocks: list[torch.nn.Module], tokens: int, legacy: bool, copy_bw: float
+) -> dict:
+    """The whole MoE block (router, routing, experts, shared MLP) on one path, checked against the plain one."""
+    gen = torch.Generator(device=DEVICE).manual_seed(tokens)
+    x = torch.randn(tokens, shape.hidden, device=DEVICE, generator=gen).to(torch.bfloat16)
+    for block in blocks:
+        bind(block, KernelSelection(fused_ops=True, gemv=True, moe_legacy=legacy))
+    outs = [None] * LAYERS
+
+    def run():
+        for i, block in enumerate(blocks):
+            outs[i] = block(x)
+
+    us = time_graph(run) / LAYERS
+    launches = count_launches(lambda: blocks[0](x))
+    bind(blocks[0], KernelSelection())
+    ref = blocks[0](x)
+    _, ids = blocks[0].experts.routing(blocks[0].gate(x))
+    err = check(outs[0], ref)
+    fixed = sum(p.numel() * p.element_size() for p in blocks[0].parameters()) - sum(
+        p.numel() * p.element_size() for p in blocks[0].experts.parameters()
+    )
+    return {
+        "tokens": tokens,
+        "path": "legacy" if legacy else "new",
+        "launches": launches,
+        **metrics(shape, ids, us, copy_bw, fixed),
+        "max_rel_err": round(err, 5),
+        "ok": err < 0.03,
+    }
+
+
+def bench_experts(shape, layers, tokens, label, call, copy_bw) -> dict:
+    """One candidate config: the experts alone (routing fixed), over the layers in one graph."""
+    gen = torch.Generator(device=DEVICE).manual_seed(tokens)
+    x = torch.randn(tokens, shape.hidden, device=DEVICE, generator=gen).to(torch.bfloat16)
+    weights, ids = shape.routing()(torch.randn(tokens, shape.experts, device=DEVICE, generator=gen))
+    outs = [None] * LAYERS
+
+    def run():
+        for i, layer in enumerate(layers):
+            outs[i] = call(x, layer.experts.w13_weight, layer.experts.w2_weight, weights, ids)
+
+    try:
+        us = time_graph(run) / LAYERS
+    except OutOfResources as exc:  # a tile shape past the SM's shared memory: reported, not fatal
+        return {"tokens": tokens, "config": label, "error": str(exc)[:200]}
+    experts = layers[0].experts
+    err = check(outs[0], fused_experts_ref(x, experts.w13_weight, experts.w2_weight, weights, ids))
+    return {
+        "tokens": tokens,
+        "config": label,
+        **metrics(shape, ids, us, copy_bw),
+        "max_rel_err": round(err, 5),
+        "ok": err < 0.03,
+    }
+
+
+def gemv_candidates(shape: MoeShape) -> dict[str, MoeGemvConfig]:
+    base = default_config(shape.hidden, shape.width)
+    wide_down = 2048 if shape.width > 1024 else base.down_block_k
+    return {
+        "default": base,
+        "n2": MoeGemvConfig(2, base.gate_up_block_k, 2, base.down_block_k, base.num_warps),
+        "n8": MoeGemvConfig(8, base.gate_up_block_k, 8, base.down_block_k, base.num_warps),
+        "k256-w4": MoeGemvConfig(4, 256, 4, min(base.down_block_k, 512), 4),
+        "k1024": MoeGemvConfig(4, 1024, 4, wide_down, base.num_warps),
+    }
+
+
+def grouped_candidates(pairs: int, experts: int) -> dict[str, StageConfigs]:
+    """The two tables and two alternatives for the bucket (decode: BLOCK_M 16-32; prefill: 64-128)."""
+
+    def cfg(m, n_gate_up, n_down, k, group, warps, stages):
+        return StageConfigs(
+            GroupedGemmConfig(m, n_gate_up, k, group, warps, stages),
+            GroupedGemmConfig(m, n_down, k, group, warps, stages),
+        )
+
+    tables = {"tuned": tuned_configs(pairs, experts), "legacy-table": legacy_configs(pairs, experts, False)}
+    if pairs <= 24 * experts:
+        return {
+            **tables,
+            "m16-n64/128-k128-s4": cfg(16, 64, 128, 128, 1, 4, 4),
+            "m32-n64/128-k128-s3": cfg(32, 64, 128, 128, 8, 4, 3),
+        }
+    return {
+        **tables,
+        "m64-n128/256-k64-w8": cfg(64, 128, 256, 64, 8, 8, 3),
+        "m128-n128/128-k64-w8-s4": cfg(128, 128, 128, 64, 8, 8, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default="bench_moe.json")
+    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args()
+    torch.set_default_dtype(torch.bfloat16)
+    began = time.time()
+    copy_bw = copy_bandwidth()
+    report = {
+        "gpu": torch.cuda.get_device_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "layers_per_graph": LAYERS,
+        "copy_TB_per_s": round(copy_bw / 1e12, 3),
+        "models": {},
+    }
+    print(f"{report['gpu']}: copy {copy_bw / 1e12:.2f} TB/s; per-layer times, {LAYERS} layers per graph")
+    for name in args.models.split(","):
+        shape = MODELS[name]
+        layers = make_blocks(shape)
+        rows = []
+        print(f"\n{name} (E={shape.experts}, top-{shape.top_k}, H={shape.hidden}, I={shape.width})")
+        print(
+            f"{'tokens':>6} {'path':>6} {'launch':>6} {'us':>9} {'GB/s':>7} {'%copy':>6} {'TFLOP/s':>8} {'err':>8}"
+        )
+        for tokens in BATCHES:
+            pair = [bench_layer(shape, layers, tokens, legacy, copy_bw) for legacy in (True, False)]
+            for r in pair:
+                print(
+                    f"{tokens:>6} {r['path']:>6} {r['launches']:>6} {r['us']:>9.1f} {r['weight_GB_per_s']:>7.0f} "
+                    f"{r['pct_copy_bw']:>6.1f} {r['TFLOP_per_s']:>8.2f} {r['max_rel_err']:>8.4f}"
+                    f"{'' if r['ok'] else '  MISMATCH'}"
+                )
+            print(f"{'':>6} speedup {pair[0]['us'] / pair[1]['us']:.2f}x")
+            rows += pair
+        sweeps = []
+        if not args.no_sweep:
+            print("  sweep (experts alone, routing fixed):")
+            for tokens in SWEEP_GEMV_TOKENS:
+                for label, cfg in gemv_candidates(shape).items():
+                    sweeps.append(
+                        bench_experts(
+                            shape,
+                            layers,
+                            tokens,
+                            f"gemv:{label}",
+                            lambda *a, c=cfg: moe_gemv(*a, config=c),
+                            copy_bw,
+                        )
+                    )
+            for tokens in SWEEP_GROUPED_TOKENS:
+                for label, cfg in grouped_candidates(tokens * shape.top_k, shape.experts).items():
+                    sweeps.append(
+                        bench_experts(
+                            shape,
+                            layers,
+                            tokens,
+                            f"grouped:{label}",
+                            lambda *a, c=cfg: triton_moe.fused_experts(*a, configs=c),
+                            copy_bw,
+                        )
+                    )
+            for r in sweeps:
+                if "error" in r:
+                    print(f"  {r['tokens']:>6} {r['config']:<32} {r['error'][:60]}")
+                else:
+                    print(
+                        f"  {r['tokens']:>6} {r['config']:<32} {r['us']:>9.1f} us {r['pct_copy_bw']:>6.1f}% "
+                        f"{r['TFLOP_per_s']:>7.2f} TF{'' if r['ok'] else '  MISMATCH'}"
+                    )
+        report["models"][name] = {"shape": asdict(shape), "layer": rows, "sweep": sweeps}
+        del layers
+        torch.cuda.empty_cache()
+    report["wall_s"] = round(time.time() - began, 1)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {args.json} ({report['wall_s']} s)")
+
+
+if __name__ == "__main__":
+    main()

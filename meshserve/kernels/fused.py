@@ -31,6 +31,25 @@ def _triton_gemv():
     return triton_gemv
 
 
+@functools.cache
+def _triton_fp8_fused():
+    try:
+        from meshserve.kernels import triton_fp8_fused
+    except ImportError:
+        return None
+    return triton_fp8_fused
+
+
+def fp8_fused_for(x: torch.Tensor, cols: int):
+    """The triton_fp8_fused module (a producer kernel that also quantizes its output rows to fp8) when x is on
+    a GPU, Triton imports and rows of `cols` features fit it, else None. The caller has checked that the next
+    projection takes fp8 rows (LinearMethod.takes_fp8_rows), which implies the fused ops are selected."""
+    if not x.is_cuda:
+        return None
+    mod = _triton_fp8_fused()
+    return mod if mod is not None and mod.fits(cols) else None
+
+
 def fused_ops_importable() -> bool:
     """Whether the fused Triton ops (norm, rotary, SiLU, prologue, sampling) import here."""
     return _triton_ops() is not None

@@ -2,10 +2,11 @@
 
 FP8 weights
   one 16-bit row on a GPU (batch-1 decode)  Triton FP8-weight GEMV (weight-only: the row stays 16-bit;
-                                            kernels/triton_fp8_gemv.py, variant cvt | bits | dot, or scaled_mm:
-                                            the cuBLASLt path below for that row too)
-  16-bit rows on a GPU, aligned shapes      torch._scaled_mm (cuBLASLt FP8 on Hopper) with per-token and
-                                            per-channel scales
+                                            kernels/triton_fp8_gemv.py, variant cvt | bits | dot | half, or
+                                            scaled_mm: the cuBLASLt path below for that row too)
+  16-bit rows on a GPU, aligned shapes      one Triton pass quantizes the activation (kernels/triton_fp8_quant.py:
+                                            per-token absmax, or the static scale), then torch._scaled_mm
+                                            (cuBLASLt FP8 on Hopper) with per-token and per-channel scales
   otherwise (CPU, fp32 models)              fp8_linear_ref: the same quantization, upcast matmul
 Block-wise FP8 weights (128 x 128 scales, activations per 1 x 128 group)
   on a GPU                                  Triton block-scaled FP8 GEMM (kernels/triton_fp8_block.py), every
@@ -17,8 +18,9 @@ INT4 weights
                                             dequant-GEMM below for these rows too)
   more rows on a GPU                        Triton dequant-GEMM (kernels/triton_quant.py)
   otherwise                                 dequantize, then F.linear
-`gemv` / `fast` is the backend selection's switch (the GEMV switch; off under MESHSERVE_DISABLE_FUSED_OPS) and
-the variants its MESHSERVE_FP8_GEMV / MESHSERVE_INT4_GEMV (layers/backend_selection.py).
+`fast` / `gemv` is the backend selection's switch (the GEMV switch; off under MESHSERVE_DISABLE_FUSED_OPS): it
+also picks the Triton activation quantization over the torch reference; the GEMV variants are its
+MESHSERVE_FP8_GEMV / MESHSERVE_INT4_GEMV (layers/backend_selection.py).
 """
 
 from __future__ import annotations
@@ -62,6 +64,15 @@ def _triton_int4_gemv():
     except ImportError:
         return None
     return triton_int4_gemv
+
+
+@functools.cache
+def _triton_fp8_quant():
+    try:
+        from meshserve.kernels import triton_fp8_quant
+    except ImportError:
+        return None
+    return triton_fp8_quant
 
 
 @functools.cache
@@ -111,10 +122,7 @@ def fp8_linear(
         if _scaled_mm_fits(x, weight):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
-            if input_scale is None:
-                xq, xs = quantize_fp8_per_token(x2)
-            else:  # a static per-tensor scale, broadcast as rowwise so one kernel config serves both
-                xq, xs = to_fp8(x2, input_scale), input_scale.float().reshape(1, 1).expand(x2.shape[0], 1)
+            xq, xs = _quantize_activation(x2, input_scale, fast=gemv)
             y = torch._scaled_mm(
                 xq,
                 weight.t(),
@@ -126,6 +134,37 @@ def fp8_linear(
                 y = y + bias
             return y.reshape(*shape[:-1], weight.shape[0])
     return fp8_linear_ref(x, weight, weight_scale, input_scale, bias)
+
+
+def _quantize_activation(x2: torch.Tensor, input_scale: torch.Tensor | None, fast: bool):
+    """(fp8 x2, fp32 rowwise scales [M, 1]) for _scaled_mm: one Triton pass when `fast` (the selection's
+    switch) and Triton imports (the torch reference is ~9 kernels over fp32 copies of x2), else the reference."""
+    fq = _triton_fp8_quant() if fast else None
+    if input_scale is None:
+        return fq.quantize_fp8_per_token(x2) if fq is not None else quantize_fp8_per_token(x2)
+    # a static per-tensor scale, broadcast as rowwise so one _scaled_mm config serves both
+    xq = fq.quantize_fp8_static(x2, input_scale.float()) if fq is not None else to_fp8(x2, input_scale)
+    return xq, input_scale.float().reshape(1, 1).expand(x2.shape[0], 1)
+
+
+def fp8_rows_fit(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x [M, K] (M > 1: one row keeps the weight-only GEMV) may come pre-quantized per token to
+    fp8_rows_linear: _scaled_mm serves it here."""
+    return x.is_cuda and x.dim() == 2 and x.shape[0] > 1 and _scaled_mm_fits(x, weight)
+
+
+def fp8_rows_linear(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Rows already quantized per token (fp8 xq [M, K], fp32 xs [M, 1]: kernels/triton_fp8_fused.py) @ the fp8
+    weight [N, K]^T with per-channel weight_scale [N]: fp8_linear after its quantization step."""
+    y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.float()[None, :], out_dtype=out_dtype)
+    return y if bias is None else y + bias
 
 
 def fp8_block_linear(
@@ -173,4 +212,4 @@ def int4_linear(
     return int4_linear_ref(x, qweight, scales, zeros, group_size, g_idx, bias)
 
 
-__all__ = ["FP8_DTYPE", "fp8_block_linear", "fp8_linear", "int4_linear"]
+__all__ = ["FP8_DTYPE", "fp8_block_linear", "fp8_linear", "fp8_rows_fit", "fp8_rows_linear", "int4_linear"]

@@ -57,7 +57,7 @@ import triton.language as tl
 from meshserve.kernels.attention_tile_config import AttentionTileConfig, clamp_block_q, default_tile_config
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
-from meshserve.kernels.triton_attention_tile import attend_full_kv_tile, attend_paged_kv_tile
+from meshserve.kernels.triton_attention_tile import attend_full_kv_tile, attend_paged_kv_tile, dot_query
 from meshserve.kernels.triton_ops import qkv_rope_cache
 
 _LOG2E = 1.4426950408889634
@@ -94,9 +94,9 @@ def _reshape_and_cache_kernel(
     k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd, mask=mask)
     v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :] * stride_vd, mask=mask)
     gdc_trigger_late(USE_GDC)
-    if KV_FP8:  # scale into e4m3's range, saturating like quant_ref.to_fp8
-        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -448.0), 448.0)
-        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -448.0), 448.0)
+    if KV_FP8:  # scale into e4m3's range, saturating like quant_ref.to_fp8 (IEEE division, as torch's)
+        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -448.0, 448.0)
+        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -448.0, 448.0)
     dst = cache_ptr + blk * stride_cb + off * stride_cs + h[:, None] * stride_ch + d[None, :] * stride_cd
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
@@ -156,8 +156,7 @@ def attend_causal_q_tile(
     tok = (q_start + qi).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd,
                 mask=row_valid[:, None] & d_mask[None, :], other=0.0)
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
+    q = dot_query(q, UPCAST_DOT, KV_FP8)
 
     m_i = tl.full([ROWS], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
@@ -284,8 +283,7 @@ def _decode_split_kernel(
     tok = q_start.to(tl.int64)
     q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd,
                 mask=row_valid[:, None] & d_mask[None, :], other=0.0)
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
+    q = dot_query(q, UPCAST_DOT, KV_FP8)
 
     # this split's contiguous range of KV tiles, from the device-side sequence length
     kv_lo = 0
@@ -433,11 +431,12 @@ class TritonAttentionBackend:
         reshape_and_cache(key, value, kv_cache, slot_mapping, k_scale, v_scale)
 
     def write_qkv(self, qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, kv_cache,
-                  slot_mapping, num_heads, num_kv_heads):
+                  slot_mapping, num_heads, num_kv_heads, k_scale=1.0, v_scale=1.0):
         """The fused prologue: split the QKV projection, RMSNorm q and k per head (when weights are given),
-        rotate both, write K/V to their slots in one kernel; returns q [T, H, D] (triton_ops.qkv_rope_cache)."""
+        rotate both, write K/V (an fp8 cache: K / k_scale, V / v_scale) to their slots in one kernel; returns
+        q [T, H, D] (triton_ops.qkv_rope_cache)."""
         return qkv_rope_cache(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, kv_cache,
-                              slot_mapping, num_heads, num_kv_heads)
+                              slot_mapping, num_heads, num_kv_heads, k_scale, v_scale)
 
     # -- attention -----------------------------------------------------------------------------------
     def attend(self, query, kv_cache, meta, scale, sliding_window, k_scale=1.0, v_scale=1.0):

@@ -3,11 +3,20 @@
 * ``online_softmax_step``: fold a tile's scores (log2 units, scale folded in) into the running max and sum;
   every attention kernel's tile (paged prefill, unified and decode, MLA prefill and decode).
 * ``attend_paged_kv_tile``: one tile of BLOCK_N tokens of the paged KV cache [2, blocks, block_size, Hkv, D],
-  gathered through the block table: K load (fp8 dequant), scores, causal / window / validity mask, softmax
-  step, V load, accumulate. The prefill, unified and split-K decode kernels of triton_attention.py and
+  gathered through the block table: K load, scores, causal / window / validity mask, softmax step, V load,
+  accumulate. The prefill, unified and split-K decode kernels of triton_attention.py and
   triton_unified_attention.py walk their KV ranges with it.
 * ``attend_full_kv_tile``: the same without masks, for the causal kernels' tiles that lie wholly below the
   diagonal (AttentionTileConfig.diag_mask_only).
+* ``dot_query``: q in the dtype of the tile's dots, converted once per program before the KV loop.
+
+An fp8 (e4m3) cache: the tiles go straight to the dot dtype, fp16 for 16-bit models: every e4m3 value is exact
+in fp16 and the conversion is one instruction per two elements, where e4m3 -> fp32 -> * scale -> bf16 took
+several per element: at 1 byte per element that work likely bounds the decode kernel by the ALUs, not the
+copy bandwidth (fp8 KV decoded slower than bf16 KV on the H200, issue 20). k_scale joins the scalar score
+scale and v_scale multiplies the tile's P.V product [ROWS, D] instead of the V tile [BLOCK_N, D]; the query
+(bf16) is rounded to fp16 once (exact for |q| in fp16's normal range, clamped at +-65504) and P is rounded to
+fp16 instead of bf16.
 
 Triton inlines @triton.jit calls, so a kernel compiles to the same code as with the step written in its loop.
 """
@@ -27,6 +36,18 @@ def online_softmax_step(qk, m_i, l_i):
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def dot_query(q, UPCAST_DOT: tl.constexpr, KV_FP8: tl.constexpr):
+    """q [ROWS, BLOCK_D] in the tile's dot dtype: fp32 under the interpreter's upcast (its bf16 dot is wrong),
+    fp16 for a bf16 query over an fp8 cache (see the module docstring), else q's own dtype."""
+    if UPCAST_DOT:  # (one return: Triton rejects returns of different types)
+        q = q.to(tl.float32)
+    elif KV_FP8:  # noqa: SIM102 (Triton: nested constexpr tests, as elsewhere)
+        if q.dtype == tl.bfloat16:
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
 
 
 @triton.jit
@@ -57,7 +78,7 @@ def attend_paged_kv_tile(
     DOT_PRECISION: tl.constexpr,
 ):
     """(acc, m_i, l_i) after the KV tokens kv_pos [BLOCK_N] (those with kv_valid; block table row bt_row, K/V
-    of one KV head at k_base / v_base) for the queries q [ROWS, BLOCK_D] at positions q_pos [ROWS].
+    of one KV head at k_base / v_base) for the queries q [ROWS, BLOCK_D] (from dot_query) at positions q_pos.
     CAUSAL: a query sees keys up to its position (and with USE_WINDOW only the last `window`); else every
     valid key (the decode kernel folds its window into kv_valid)."""
     blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
@@ -65,9 +86,10 @@ def attend_paged_kv_tile(
     k = tl.load(
         k_base + off[None, :] + d[:, None] * stride_cd, mask=kv_valid[None, :] & d_mask[:, None], other=0.0
     )  # [BLOCK_D, BLOCK_N]
-    if KV_FP8:  # the fp8 cache holds K / k_scale (rounded to the query dtype like the reference)
-        k = (k.to(tl.float32) * k_scale).to(q.dtype)
-    qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
+    if KV_FP8:  # the cache holds K / k_scale: e4m3 -> q's dtype (exact), k_scale on the scores
+        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * (scale_log2 * k_scale)
+    else:
+        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
     if CAUSAL:
         mask = kv_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
@@ -79,9 +101,10 @@ def attend_paged_kv_tile(
     v = tl.load(
         v_base + off[:, None] + d[None, :] * stride_cd, mask=kv_valid[:, None] & d_mask[None, :], other=0.0
     )  # [BLOCK_N, BLOCK_D]
-    if KV_FP8:
-        v = (v.to(tl.float32) * v_scale).to(q.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    if KV_FP8:  # V / v_scale in the cache: scale the [ROWS, D] product, not the [BLOCK_N, D] tile
+        pv = pv * v_scale
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
 
 
@@ -116,8 +139,8 @@ def attend_full_kv_tile(
         k = tl.load(k_base + off[None, :] + d[:, None] * stride_cd)  # [BLOCK_D, BLOCK_N]
     else:
         k = tl.load(k_base + off[None, :] + d[:, None] * stride_cd, mask=d_mask[:, None], other=0.0)
-    if KV_FP8:
-        k = (k.to(tl.float32) * k_scale).to(q.dtype)
+    if KV_FP8:  # K / k_scale in the cache: k_scale joins the score scale (see the module docstring)
+        scale_log2 = scale_log2 * k_scale
     # online_softmax_step with the scale applied in the exponent's FMA (scale_log2 > 0, so the row max of the
     # scaled scores is the scaled row max): one op per score fewer on the tiles that dominate a long prompt
     qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)
@@ -129,7 +152,8 @@ def attend_full_kv_tile(
         v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd)  # [BLOCK_N, BLOCK_D]
     else:
         v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd, mask=d_mask[None, :], other=0.0)
-    if KV_FP8:
-        v = (v.to(tl.float32) * v_scale).to(q.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    if KV_FP8:  # V / v_scale in the cache: scale the [ROWS, D] product
+        pv = pv * v_scale
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i

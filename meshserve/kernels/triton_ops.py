@@ -6,10 +6,11 @@
 * silu_and_mul(x): [..., 2d] -> silu(x[..., :d]) * x[..., d:], as the SiluAndMul layer (layers/activation.py).
 * apply_rotary(positions, q, k, cos_cache, sin_cache): rotate-half RoPE with cos/sin rows gathered by
   position, as RotaryEmbedding.forward (layers/rotary.py); returns new (q, k) in their dtypes.
-* qkv_rope_cache(qkv, positions, cos, sin, q_norm_w, k_norm_w, eps, kv_cache, slot_mapping, H, Hkv): the
-  attention layer's prologue in one kernel per token: split the fused QKV row, RMSNorm q and k per head
-  (Qwen3), rotate both, write k and v to their cache slots, return q. Replaces up to five kernels and the
-  copies of the strided q/k views.
+* qkv_rope_cache(qkv, positions, cos, sin, q_norm_w, k_norm_w, eps, kv_cache, slot_mapping, H, Hkv,
+  k_scale=1.0, v_scale=1.0): the attention layer's prologue in one kernel per token: split the fused QKV row,
+  RMSNorm q and k per head (Qwen3), rotate both, write k and v to their cache slots, return q. Replaces up to
+  five kernels and the copies of the strided q/k views. An fp8 cache gets K / k_scale and V / v_scale,
+  saturated at +-448 (quant_ref.to_fp8, as the reshape-and-cache write), so it takes one kernel too.
 
 With PDL on (kernels/pdl.py) the norm, SiLU and prologue kernels wait on the previous kernel (griddepcontrol)
 after their weight loads and before their first activation load; off, they compile as before.
@@ -232,11 +233,13 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_
 def qkv_rope_cache_ref(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
                        sin_cache: torch.Tensor, q_norm_weight: torch.Tensor | None,
                        k_norm_weight: torch.Tensor | None, eps: float, kv_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+                       slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, k_scale: float = 1.0,
+                       v_scale: float = 1.0) -> torch.Tensor:
     """qkv [T, (H + 2 Hkv) D] -> rotated q [T, H, D]; k (normed, rotated) and v go to their cache slots.
 
     The composition the layers do one op at a time: split, per-head RMSNorm of q and k (when weights are
-    given), rotary, write_kv. kv_cache is [2, num_blocks, block_size, Hkv, D]; slots < 0 write nothing.
+    given), rotary, write_kv. kv_cache is [2, num_blocks, block_size, Hkv, D]; slots < 0 write nothing; an
+    fp8 cache holds K / k_scale and V / v_scale (write_kv_ref).
     """
     from meshserve.kernels.attention_ref import write_kv_ref
 
@@ -249,7 +252,7 @@ def qkv_rope_cache_ref(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: to
         q, k = rms_norm_ref(q, q_norm_weight, eps), rms_norm_ref(k, k_norm_weight, eps)
     q, k = apply_rotary_ref(positions, q, k, cos_cache, sin_cache)
     keep = slot_mapping >= 0
-    write_kv_ref(k[keep], v[keep], kv_cache, slot_mapping[keep])
+    write_kv_ref(k[keep], v[keep], kv_cache, slot_mapping[keep], k_scale, v_scale)
     return q
 
 
@@ -279,12 +282,22 @@ def _norm_rope_heads(src, t, stride_t, head0, w_ptr, eps, c1, c2, s1, s2,
 
 
 @triton.jit
+def _to_cache(x, scale, cdt: tl.constexpr, KV_FP8: tl.constexpr):
+    """x in the cache's element type: an fp8 cache holds x / scale saturated at +-448 (quant_ref.to_fp8: IEEE
+    division, round to nearest even), a 16-bit cache x itself."""
+    if KV_FP8:
+        return tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -448.0, 448.0).to(cdt)
+    return x.to(cdt)
+
+
+@triton.jit
 def _qkv_rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_out_ptr, cache_ptr, slot_ptr,
-                           eps, stride_t, stride_qo_t, stride_cos, stride_sin,
+                           eps, k_scale, v_scale, stride_t, stride_qo_t, stride_cos, stride_sin,
                            stride_ckv, stride_cb, stride_cs, stride_ch,
                            NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
                            BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                           BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr, USE_GDC: tl.constexpr = False):
+                           BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr, KV_FP8: tl.constexpr = False,
+                           USE_GDC: tl.constexpr = False):
     t = tl.program_id(0).to(tl.int64)
     gdc_wait(USE_GDC)  # qkv is the projection's output; positions and slots may be written in the graph too
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -309,18 +322,19 @@ def _qkv_rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q
         cdt = cache_ptr.dtype.element_ty
         dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
             + kh[:, None] * stride_ch + kj[None, :]
-        tl.store(dst, k1.to(cdt), mask=kmask)
-        tl.store(dst + HALF, k2.to(cdt), mask=kmask)
+        tl.store(dst, _to_cache(k1, k_scale, cdt, KV_FP8), mask=kmask)
+        tl.store(dst + HALF, _to_cache(k2, k_scale, cdt, KV_FP8), mask=kmask)
         v_src = qkv_ptr + t * stride_t + (NUM_Q_HEADS + NUM_KV_HEADS + kh[:, None]) * (2 * HALF) + kj[None, :]
-        tl.store(dst + stride_ckv, tl.load(v_src, mask=kmask).to(cdt), mask=kmask)
-        tl.store(dst + stride_ckv + HALF, tl.load(v_src + HALF, mask=kmask).to(cdt), mask=kmask)
+        tl.store(dst + stride_ckv, _to_cache(tl.load(v_src, mask=kmask), v_scale, cdt, KV_FP8), mask=kmask)
+        tl.store(dst + stride_ckv + HALF, _to_cache(tl.load(v_src + HALF, mask=kmask), v_scale, cdt, KV_FP8),
+                 mask=kmask)
     gdc_trigger_late(USE_GDC)  # the loads run to the end here: the exit's trigger, made explicit
 
 
 def qkv_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
                    q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
                    kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
-                   num_kv_heads: int) -> torch.Tensor:
+                   num_kv_heads: int, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Same as qkv_rope_cache_ref, in one kernel per token (qkv rows contiguous; head_dim even)."""
     num_tokens = qkv.shape[0]
     head_dim = kv_cache.shape[-1]
@@ -334,12 +348,12 @@ def qkv_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.
         has_norm = q_norm_weight is not None
         _qkv_rope_cache_kernel[(num_tokens,)](
             qkv, positions, cos_cache, sin_cache, q_norm_weight if has_norm else qkv,
-            k_norm_weight if has_norm else qkv, q_out, kv_cache, slot_mapping, float(eps),
-            qkv.stride(0), q_out.stride(0), cos_cache.stride(0), sin_cache.stride(0),
+            k_norm_weight if has_norm else qkv, q_out, kv_cache, slot_mapping, float(eps), float(k_scale),
+            float(v_scale), qkv.stride(0), q_out.stride(0), cos_cache.stride(0), sin_cache.stride(0),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
             BLOCK_QH=_np2(num_heads), BLOCK_KH=_np2(num_kv_heads), BLOCK_HALF=_np2(half),
-            BLOCK_SIZE=kv_cache.shape[2], HAS_NORM=has_norm,
+            BLOCK_SIZE=kv_cache.shape[2], HAS_NORM=has_norm, KV_FP8=kv_cache.dtype == torch.float8_e4m3fn,
             num_warps=4 if num_heads * head_dim >= 2048 else 2,
             **gdc_kwargs(qkv, programs=num_tokens, num_warps=4 if num_heads * head_dim >= 2048 else 2),
         )

@@ -21,7 +21,7 @@ from meshserve.kernels.attention_metadata import AttentionMetadata
 class AttentionBackend(Protocol):
     """Writes K/V into a layer's cache and attends over it. A backend that serves the fused prologue also
     has write_qkv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, kv_cache,
-    slot_mapping, num_heads, num_kv_heads) -> q (see TritonAttentionBackend)."""
+    slot_mapping, num_heads, num_kv_heads, k_scale, v_scale) -> q (see TritonAttentionBackend)."""
 
     name: str
 
@@ -103,12 +103,13 @@ class Attention(nn.Module):
                     meta: AttentionMetadata) -> torch.Tensor:
         """The fused path of forward: qkv [T, (H + 2 Hkv) * D] straight from the projection; the backend
         splits it, applies q_norm/k_norm (RMSNorm per head, or None), rotary_emb's cos/sin and writes K/V in
-        one kernel, with the same roundings as the separate steps. -> [T, H*D]."""
+        one kernel, with the same roundings as the separate steps (an fp8 cache scaled as write_kv does).
+        -> [T, H*D]."""
         q = self.backend.write_qkv(qkv, positions, rotary_emb.cos_cache, rotary_emb.sin_cache,
                                    None if q_norm is None else q_norm.weight,
                                    None if k_norm is None else k_norm.weight,
                                    q_norm.eps if q_norm is not None else 0.0, self.kv_cache, meta.slot_mapping,
-                                   self.num_heads, self.num_kv_heads)
+                                   self.num_heads, self.num_kv_heads, self.k_scale, self.v_scale)
         if self.after_kv_write is not None:
             self.after_kv_write()
         return self.forward_cached(q, meta)

@@ -220,8 +220,8 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
     selection = KernelSelection(
         attention_backend=attention,
         fused_ops=fused_ops,
-        # the fused prologue writes the cache unscaled: an fp8 cache is written by the scaling reshape-and-cache
-        fused_prologue=fused_ops and attention == "triton" and not fp8_cache,
+        # an fp8 cache too: the prologue scales and saturates K/V as the reshape-and-cache write does
+        fused_prologue=fused_ops and attention == "triton",
         gemv=gemv,
         norm_gemv=gemv and fused_ops and os.environ.get(NORM_GEMV_ENV, "") not in ("", "0"),
         fused_sampler=fused_ops,

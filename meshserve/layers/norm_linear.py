@@ -4,14 +4,17 @@ A decoder layer runs `rms_norm(x, residual)` and then the QKV (or gate/up) proje
 GEMV-sized and the norm is one more launch and gap per pair (~2 x 32 per step of Llama-3.1-8B). With the
 selection's norm_gemv switch, norm_linear does both in triton_gemv.rms_norm_gemv, with the norm's roundings: a
 one-program kernel for h = x + residual and 1 / rms(h), then the GEMV scaling h on load (no normed row).
-Where that path does not apply it returns None and the caller keeps the two-module path beside it.
+With fp8 weights (dynamic per-token activation scales) and more than one row on a GPU, norm_linear runs the
+norm as triton_fp8_fused.rms_norm_quant_fp8 instead: the normed rows come out quantized, with their scales,
+straight into _scaled_mm (no 16-bit normed rows in memory, no separate quantization kernel).
+Where neither path applies it returns None and the caller keeps the two-module path beside it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from meshserve.kernels.fused import gemv_for
+from meshserve.kernels.fused import fp8_fused_for, gemv_for
 from meshserve.layers.linear import LinearBase
 from meshserve.layers.norm import RMSNorm
 
@@ -22,10 +25,22 @@ def norm_linear(
     """(linear(norm(x + residual)), x + residual) — without a residual (linear(norm(x)), x) — in the fold, or
     None where that path does not apply: the switch is off, x is not one 16-bit row on a GPU (gemv_for), the
     weight is quantized, or the projection's input is split across ranks (row-parallel: its input is not the
-    whole normed row). Column-parallel QKV / gate_up take the replicated row, so TP keeps the fused path."""
+    whole normed row). Column-parallel QKV / gate_up take the replicated row, so TP keeps the fused path.
+    fp8 weights: the norm + per-token fp8 quantization kernel, then the projection on the fp8 rows."""
+    if linear.quantized:
+        return _norm_fp8_linear(norm, linear, x, residual)
     if not linear.kernels.norm_gemv or linear.quantized or linear.input_is_parallel:
         return None
     mod = gemv_for(x, linear.weight, True)
     if mod is None or norm.weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
         return None
     return mod.rms_norm_gemv(x, residual, norm.weight, norm.eps, linear.weight, linear.bias)
+
+
+def _norm_fp8_linear(norm: RMSNorm, linear: LinearBase, x: torch.Tensor, residual: torch.Tensor | None):
+    fused = fp8_fused_for(x, x.shape[-1])
+    if (fused is None or linear.input_is_parallel or not linear.quant_method.takes_fp8_rows(linear, x)
+            or norm.weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype)):
+        return None
+    (xq, xs), summed = fused.rms_norm_quant_fp8(x, norm.weight, norm.eps, residual)
+    return linear.forward_fp8_rows(xq, xs, x.dtype), (x if summed is None else summed)

@@ -96,7 +96,8 @@ class LlamaMLP(nn.Module):
 
     def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
         """forward after the gate/up projection (which the decoder layer may have fused with its norm)."""
-        fused = self.down_proj.fused_gated_forward(gate_up)  # batch 1 on a GPU: activation inside the GEMV
+        # batch 1 on a GPU: the activation inside the GEMV; fp8 weights: SiLU-and-mul writes fp8 rows
+        fused = self.down_proj.fused_gated_forward(gate_up)
         return fused if fused is not None else self.down_proj(self.act_fn(gate_up))
 
 
@@ -114,7 +115,8 @@ class LlamaDecoderLayer(nn.Module):
         self.folds_mlp_norm = isinstance(self.mlp, LlamaMLP)
 
     def forward(self, positions, hidden, residual, meta):
-        # batch-1 decode: each norm runs inside the next projection's GEMV (layers/norm_linear.py)
+        # batch-1 decode: each norm runs inside the next projection's GEMV; fp8 weights: the norm writes the
+        # projection's fp8 rows (layers/norm_linear.py)
         fused = None
         if self.folds_attn_norm:
             fused = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, hidden, residual)

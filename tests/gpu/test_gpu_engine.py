@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu,
 MODELS = ["qwen3-0.6b", "llama-3.1-8b"]
 
 
-def _llm(model: str, dtype: str, backend: str, eager: bool, monkeypatch):
+def _llm(model: str, dtype: str, backend: str, eager: bool, monkeypatch, **engine_kwargs):
     from meshserve import LLM
 
     monkeypatch.setenv("MESHSERVE_ATTENTION_BACKEND", backend)
@@ -23,7 +23,8 @@ def _llm(model: str, dtype: str, backend: str, eager: bool, monkeypatch):
     else:
         monkeypatch.delenv("MESHSERVE_DISABLE_FUSED_OPS", raising=False)
     return LLM(model=model, load_format="dummy", dtype=dtype, max_model_len=1024, enforce_eager=eager,
-               hf_overrides={"num_hidden_layers": 3}, gpu_memory_utilization=0.5, max_num_seqs=32, seed=0)
+               hf_overrides={"num_hidden_layers": 3}, gpu_memory_utilization=0.5, max_num_seqs=32, seed=0,
+               **engine_kwargs)
 
 
 def _prompts(n: int = 6) -> list[dict]:
@@ -48,19 +49,32 @@ def test_fast_path_greedy_tokens_equal_reference_fp32(model, monkeypatch):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_fast_path_bf16_logprobs_within_tolerance(model, monkeypatch):
+    # bf16 activations through 3 random layers: the fused kernels round differently from the torch path,
+    # moving logprobs near -13 by up to ~0.1 (seen 0.05); a wrong kernel moves them by whole units
+    _assert_fast_logprobs_near_reference(model, monkeypatch, 0.15)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("quant", [{"kv_cache_dtype": "fp8"}, {"quantization": "fp8", "kv_cache_dtype": "fp8"}])
+def test_fast_path_fp8_logprobs_within_tolerance(model, quant, monkeypatch):
+    """fp8 KV (fused prologue writing e4m3, fp16-dot decode tiles) and fp8 weights (Triton activation
+    quantization + _scaled_mm) against the torch reference of the same formats (not measured yet: the
+    tolerance is the bf16 one doubled for the fp8 roundings that may land one e4m3 step apart)."""
+    _assert_fast_logprobs_near_reference(model, monkeypatch, 0.3, **quant)
+
+
+def _assert_fast_logprobs_near_reference(model, monkeypatch, tol, **engine_kwargs):
     from meshserve import SamplingParams
 
     # prompt logprobs exercise prefill; sample logprobs of forced continuations exercise graph decode
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=1, logprobs=1)
-    ref = _llm(model, "bfloat16", "torch", True, monkeypatch)
+    ref = _llm(model, "bfloat16", "torch", True, monkeypatch, **engine_kwargs)
     ref_out = ref.generate(_prompts(3), params, use_tqdm=False)
     ref.shutdown()
-    fast = _llm(model, "bfloat16", "triton", False, monkeypatch)
+    fast = _llm(model, "bfloat16", "triton", False, monkeypatch, **engine_kwargs)
+    assert fast.engine.runner.kernels.fused_prologue  # fp8 caches too
     fast_out = fast.generate(_prompts(3), params, use_tqdm=False)
     fast.shutdown()
-    # bf16 activations through 3 random layers: the fused kernels round differently from the torch path,
-    # moving logprobs near -13 by up to ~0.1 (seen 0.05); a wrong kernel moves them by whole units
-    tol = 0.15
     for a, b in zip(ref_out, fast_out):
         for pa, pb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
             tok = next(iter(pa))

@@ -17,6 +17,7 @@ _HAS_CUDA = torch.cuda.is_available()
 
 from meshserve.kernels.attention_ref import gather_kv_ref, paged_attention_ref, write_kv_ref
 from meshserve.kernels.quant_ref import FP8_DTYPE
+from tests.kernels.sm90 import assert_compiles_for_sm90
 from tests.quant_fixtures import e4m3_exact, fp8_kv_cache
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -32,6 +33,11 @@ if _HAS_TRITON:
 def _fp8_exact(shape, scale, seed):
     g = torch.Generator().manual_seed(seed)
     return e4m3_exact(torch.randn(shape, generator=g) * 4, scale)
+
+
+def _fp8_kv(cache: torch.Tensor, k_scale: float, v_scale: float) -> torch.Tensor:
+    """fp8_kv_cache with K and V under their own scales (so swapping them in a kernel shows)."""
+    return torch.stack([fp8_kv_cache(cache[0], k_scale), fp8_kv_cache(cache[1], v_scale)])
 
 
 def test_reference_write_quantizes_and_read_dequantizes():
@@ -88,17 +94,75 @@ def test_triton_write_interp(scales):
 
 @needs_triton
 @interp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # fp16: the fp16-dot tile
 def test_triton_prefill_and_decode_interp(dtype):
-    for q_lens, seq_lens, splits in (([5, 1, 9], [5, 30, 20], None), ([1, 1, 1], [5, 70, 33], 3)):
+    # ([3, 1], [200, 40]): a long prefix, so the prefill kernel's unmasked whole tiles (attend_full_kv_tile) run
+    for q_lens, seq_lens, splits in (([5, 1, 9], [5, 30, 20], None), ([1, 1, 1], [5, 70, 33], 3),
+                                     ([3, 1], [200, 40], None)):
         query, cache, meta = make_case(q_lens, seq_lens, 4, 2, 32, 8, dtype, seed=len(q_lens) + sum(q_lens))
-        cache8 = fp8_kv_cache(cache, 0.5)
+        cache8 = _fp8_kv(cache, 0.5, 0.125)
         out = TritonAttentionBackend(decode_num_splits=splits).attend(
-            query, cache8, meta, 0.2, None, 0.5, 0.5
+            query, cache8, meta, 0.2, None, 0.5, 0.125
         )
-        ref = paged_attention_ref(query.float(), cache8, meta, 0.2, None, 0.5, 0.5)
+        ref = paged_attention_ref(query.float(), cache8, meta, 0.2, None, 0.5, 0.125)
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+_COMPILE_SM90 = """
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from meshserve.kernels.triton_attention import _decode_split_kernel
+from meshserve.kernels.triton_ops import _qkv_rope_cache_kernel
+
+def compile90(kernel, ptrs, floats, const, ones):
+    names = list(kernel.arg_names)
+    const = {**const, **{n: 1 for n in ones}}  # strides of 1 are specialised at launch: so here
+    sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n in floats else "i32") for n in names}
+    div16 = [n for n in names if n not in const and (n.endswith("_ptr") or n.startswith("stride"))]
+    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+
+ptrs = dict(q_ptr="*bf16", cache_ptr="*fp8e4nv", bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32",
+            out_ptr="*bf16", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32")
+const = dict(NUM_HEADS=32, GROUP=4, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128,
+             USE_WINDOW=False, DIRECT_OUT=True, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=True, USE_GDC=False)
+ptx = compile90(_decode_split_kernel, ptrs, ("scale_log2", "k_scale", "v_scale"), const,
+                ("stride_qd", "stride_cd", "stride_od")).asm["ptx"]
+# e4m3 pairs straight to fp16 for the dots; no per-element e4m3 -> fp32 -> * scale -> bf16 round trip
+assert "cvt.rn.f16x2.e4m3x2" in ptx and "cvt.f32.f16" not in ptx and "mma" in ptx, ptx.count("cvt.f32.f16")
+
+# the prefill and unified kernels share the tile: a bf16 query over the fp8 cache (engine warm-up compiles them)
+from meshserve.kernels.triton_attention import _prefill_attention_kernel
+from meshserve.kernels.triton_unified_attention import _unified_attention_kernel
+ptrs = dict(q_ptr="*bf16", cache_ptr="*fp8e4nv", bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32",
+            out_ptr="*bf16")
+const = dict(GROUP=4, GROUP_PAD=4, BLOCK_Q=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64,
+             USE_WINDOW=False, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=True, SKIP_SINGLE=True)
+for kernel in (_prefill_attention_kernel, _unified_attention_kernel):
+    for diag in (False, True):  # True: the unmasked whole tiles (attend_full_kv_tile) too
+        ptx = compile90(kernel, ptrs, ("scale_log2", "k_scale", "v_scale"), dict(const, DIAG_MASK_ONLY=diag),
+                        ("stride_qd", "stride_cd", "stride_od")).asm["ptx"]
+        assert "cvt.rn.f16x2.e4m3x2" in ptx and "cvt.f32.f16" not in ptx, (kernel, diag)
+
+ptrs = dict(qkv_ptr="*bf16", pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", qw_ptr="*bf16", kw_ptr="*bf16",
+            q_out_ptr="*bf16", cache_ptr="*fp8e4nv", slot_ptr="*i64")
+for heads, norm in (((16, 8), True), ((32, 8), False)):  # Qwen3-0.6B (q/k norms), Llama-3.1-8B
+    const = dict(NUM_Q_HEADS=heads[0], NUM_KV_HEADS=heads[1], HALF=64, BLOCK_QH=heads[0], BLOCK_KH=heads[1],
+                 BLOCK_HALF=64, BLOCK_SIZE=16, HAS_NORM=norm, KV_FP8=True, USE_GDC=False)
+    ptx = compile90(_qkv_rope_cache_kernel, ptrs, ("eps", "k_scale", "v_scale"), const, ()).asm["ptx"]
+    assert "div.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx  # IEEE / scale, saturating RTNE cast
+print("compiled")
+"""
+
+
+@needs_triton
+@pytest.mark.skipif(_HAS_CUDA, reason="the GPU tests compile the kernels for the real device")
+def test_fp8_decode_and_prologue_compile_for_sm90_without_gpu():
+    assert_compiles_for_sm90(_COMPILE_SM90)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,8 +177,11 @@ def test_triton_write_gpu():
     got = torch.zeros(2, 64, 16, 8, 128, dtype=FP8_DTYPE, device="cuda")
     expect = got.clone()
     TritonAttentionBackend().write_kv(k, v, got, slots, 0.05, 0.01)
-    write_kv_ref(k, v, expect, slots, 0.05, 0.01)
-    assert torch.equal(got.view(torch.uint8), expect.view(torch.uint8))
+    # the reference on the CPU: CUDA torch divides by a Python scalar as a multiply by its reciprocal (1 ulp
+    # off the IEEE division the kernel and CPU torch do)
+    expect = expect.cpu()
+    write_kv_ref(k.cpu(), v.cpu(), expect, slots.cpu(), 0.05, 0.01)
+    assert torch.equal(got.view(torch.uint8).cpu(), expect.view(torch.uint8))
 
 
 @pytest.mark.gpu
@@ -124,7 +191,23 @@ def test_triton_write_gpu():
 )
 def test_triton_attention_gpu(head_dim, q_lens, seq_lens):
     query, cache, meta = make_case(q_lens, seq_lens, 32, 8, head_dim, 16, torch.bfloat16, device="cuda")
-    cache8 = fp8_kv_cache(cache, 0.02)
-    out = TritonAttentionBackend().attend(query, cache8, meta, head_dim**-0.5, None, 0.02, 0.02)
-    ref = paged_attention_ref(query.float(), cache8, meta, head_dim**-0.5, None, 0.02, 0.02)
+    cache8 = _fp8_kv(cache, 0.02, 0.05)
+    out = TritonAttentionBackend().attend(query, cache8, meta, head_dim**-0.5, None, 0.02, 0.05)
+    ref = paged_attention_ref(query.float(), cache8, meta, head_dim**-0.5, None, 0.02, 0.05)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [(32, 8), (16, 8)])  # Llama-3.1-8B, Qwen3-0.6B (head_dim 128)
+def test_fp8_decode_at_w2_batch_gpu(heads):
+    """W2's decode step: batch 256, contexts ~800 (100..1500), through the graph path's fixed split count."""
+    g = torch.Generator().manual_seed(5)
+    seq_lens = torch.randint(100, 1500, (256,), generator=g).tolist()
+    query, cache, meta = make_case([1] * 256, seq_lens, *heads, 128, 16, torch.bfloat16, device="cuda")
+    query = query * 4  # scores of a few units: softmax far from uniform
+    cache8 = _fp8_kv(cache, 0.01, 0.03)
+    for splits in (1, 4):
+        out = TritonAttentionBackend(decode_num_splits=splits).attend(query, cache8, meta, 128**-0.5, None,
+                                                                      0.01, 0.03)
+        ref = paged_attention_ref(query.float(), cache8, meta, 128**-0.5, None, 0.01, 0.03)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

@@ -92,9 +92,10 @@ def _check_rotary(device, dtype, t, h, hkv, d, max_pos=64):
         close(a, b, dtype)
 
 
-def _check_qkv_rope_cache(device, dtype, t, h, hkv, d, with_norm, block_size=4, max_pos=64):
+def _check_qkv_rope_cache(device, dtype, t, h, hkv, d, with_norm, block_size=4, max_pos=64, kv_scales=None):
     """The fused prologue equals the reference composition: same q, same cache contents (untouched slots
-    included), padding rows (slot -1) write nothing."""
+    included), padding rows (slot -1) write nothing. kv_scales (k_scale, v_scale): an fp8 cache, K / k_scale
+    and V / v_scale saturated (_assert_fp8_close)."""
     from meshserve.layers.rotary import RotaryEmbedding
 
     cfg = SimpleNamespace(rope_theta=10000.0, rope_scaling=None)
@@ -109,12 +110,30 @@ def _check_qkv_rope_cache(device, dtype, t, h, hkv, d, with_norm, block_size=4, 
     if with_norm:
         qw = (1 + 0.1 * torch.randn(d, generator=g, device=device)).to(dtype)
         kw = (1 + 0.1 * torch.randn(d, generator=g, device=device)).to(dtype)
-    caches = [torch.full((2, num_blocks, block_size, hkv, d), 7.0, dtype=dtype, device=device) for _ in range(2)]
-    q = qkv_rope_cache(qkv, pos, rope.cos_cache, rope.sin_cache, qw, kw, 1e-6, caches[0], slots, h, hkv)
-    q_ref = qkv_rope_cache_ref(qkv, pos, rope.cos_cache, rope.sin_cache, qw, kw, 1e-6, caches[1], slots, h, hkv)
+    cache_dtype = dtype if kv_scales is None else torch.float8_e4m3fn
+    caches = [torch.full((2, num_blocks, block_size, hkv, d), 7.0, device=device).to(cache_dtype) for _ in range(2)]
+    scales = kv_scales or (1.0, 1.0)
+    q = qkv_rope_cache(qkv, pos, rope.cos_cache, rope.sin_cache, qw, kw, 1e-6, caches[0], slots, h, hkv, *scales)
+    q_ref = qkv_rope_cache_ref(qkv, pos, rope.cos_cache, rope.sin_cache, qw, kw, 1e-6, caches[1], slots, h, hkv,
+                               *scales)
     close(q, q_ref, dtype)
-    close(caches[0], caches[1], dtype)
-    assert (caches[0] == 7.0).sum() == (caches[1] == 7.0).sum() > 0  # the same slots stay untouched
+    if kv_scales is None:
+        close(caches[0], caches[1], dtype)
+    else:
+        _assert_fp8_close(caches[0], caches[1])
+        assert caches[0].float().abs().max() == 448  # v / v_scale past e4m3's range saturates, never NaN
+    assert (caches[0].float() == 7.0).sum() == (caches[1].float() == 7.0).sum() > 0  # untouched slots
+
+
+def _assert_fp8_close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp8 caches equal but for a few values one e4m3 step apart (a last-bit difference of the 16-bit k before
+    the cast, as close() allows for 16-bit caches) and, in the interpreter only, values the reference rounded
+    up to a power of two (the interpreter's fp32 -> fp8 cast lands a binade low: tests/quant_fixtures.py)."""
+    g, r = got.float(), ref.float()
+    differ = got.view(torch.uint8) != ref.view(torch.uint8)
+    one_step = (g - r).abs() <= r.abs() / 8
+    binade_low = (torch.log2(r.abs()).frac() == 0) & (g == r / 2) & (not got.is_cuda)
+    assert differ.float().mean() < 0.02 and not (differ & ~one_step & ~binade_low).any()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,6 +145,14 @@ def _check_qkv_rope_cache(device, dtype, t, h, hkv, d, with_norm, block_size=4, 
 @pytest.mark.parametrize("with_norm", [False, True])
 def test_qkv_rope_cache_interp(dtype, h, hkv, d, with_norm):
     _check_qkv_rope_cache("cpu", dtype, 7, h, hkv, d, with_norm)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_qkv_rope_cache_fp8_interp(dtype, with_norm):
+    # v_scale 1/512: V's |v| ~ 1 lands past 448 and saturates
+    _check_qkv_rope_cache("cpu", dtype, 7, 4, 2, 24, with_norm, kv_scales=(0.5, 1 / 512))
 
 @interp
 @pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
@@ -180,6 +207,14 @@ def test_rotary_gpu(dtype, h, hkv, d):
 @pytest.mark.parametrize("with_norm", [False, True])
 def test_qkv_rope_cache_gpu(dtype, h, hkv, d, with_norm):
     _check_qkv_rope_cache("cuda", dtype, 513, h, hkv, d, with_norm, block_size=16, max_pos=4096)
+
+
+@gpu
+@pytest.mark.parametrize("h,hkv,with_norm", [(32, 8, False), (16, 8, True)])  # Llama-3.1-8B, Qwen3-0.6B
+@pytest.mark.parametrize("kv_scales", [(1.0, 1.0), (0.25, 1 / 512)])  # powers of two: one rounding on any path
+def test_qkv_rope_cache_fp8_gpu(h, hkv, with_norm, kv_scales):
+    _check_qkv_rope_cache("cuda", torch.bfloat16, 513, h, hkv, 128, with_norm, block_size=16, max_pos=4096,
+                          kv_scales=kv_scales)
 
 
 # ----------------------------------------------------------------------------------------------------------

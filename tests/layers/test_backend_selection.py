@@ -186,11 +186,11 @@ def test_cache_dtype():
     assert select_kernels(_config(cache_dtype="bfloat16")).kv_cache_dtype == torch.bfloat16
     with pytest.raises(InvalidArgumentError):
         select_kernels(_config(cache_dtype="int3"))
-    # an fp8 cache serves every backend; the Triton cache write scales it, so the fused prologue stays off
+    # an fp8 cache serves every backend; the fused prologue scales it as the Triton cache write does
     assert select_kernels(_config(cache_dtype="fp8")).kv_cache_dtype == torch.float8_e4m3fn
     fp8_gpu = select_kernels(_config(device="cuda", dtype="bfloat16", cache_dtype="fp8_e4m3"))
     assert fp8_gpu.kv_cache_dtype == torch.float8_e4m3fn and fp8_gpu.attention_backend == "triton"
-    assert not fp8_gpu.fused_prologue
+    assert fp8_gpu.fused_prologue == fused_ops_importable()
     with pytest.raises(InvalidArgumentError, match="model dtype"):  # the Triton kernels read model-dtype caches
         select_kernels(_config(device="cuda", dtype="bfloat16", cache_dtype="float16"))
 

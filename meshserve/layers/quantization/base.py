@@ -72,6 +72,16 @@ class LinearMethod:
         raise NotImplementedError
 
 
+    def takes_fp8_rows(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Whether apply_fp8_rows may serve x's rows quantized per token by their producer (the fused
+        RMSNorm / SiLU-and-mul + fp8 kernels) instead of apply(x). Only dynamic per-token fp8 says yes."""
+        return False
+
+    def apply_fp8_rows(self, layer: nn.Module, xq: torch.Tensor, xs: torch.Tensor, out_dtype: torch.dtype,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
 class UnquantizedLinearMethod(LinearMethod):
     """Weights in the model dtype: F.linear, or the Triton GEMV for batch-1 rows on a GPU."""
 

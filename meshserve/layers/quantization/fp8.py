@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from meshserve.kernels.quant_ops import fp8_linear
+from meshserve.kernels.quant_ops import fp8_linear, fp8_rows_fit, fp8_rows_linear
 from meshserve.kernels.quant_ref import FP8_DTYPE, quantize_fp8_per_channel
 from meshserve.layers.quantization.base import LinearMethod, QuantConfig, new_param, replace_param
 
@@ -86,3 +86,10 @@ class Fp8LinearMethod(LinearMethod):
             gemv=kernels.gemv,
             gemv_variant=kernels.fp8_gemv,
         )
+
+    def takes_fp8_rows(self, layer, x):
+        # dynamic per-token scales (a static one is the checkpoint's), the fused ops selected, > 1 GPU row
+        return layer.input_scale is None and layer.kernels.fused_ops and fp8_rows_fit(x, layer.weight)
+
+    def apply_fp8_rows(self, layer, xq, xs, out_dtype, bias):
+        return fp8_rows_linear(xq, xs, layer.weight, layer.weight_scale, bias, out_dtype)

@@ -282,5 +282,7 @@ def test_quant_ops_dispatch_gpu():
     for variant in FP8_VARIANTS:
         y = quant_ops.fp8_linear(x, wq, ws, None, None, gemv=True, gemv_variant=variant)
         assert torch.equal(y, triton_fp8_gemv.fp8_gemv(x, wq, ws, variant=variant))
+    # scaled_mm: the row quantized per token, then cuBLASLt (the semantics of fp8_linear_ref, not weight-only)
     y = quant_ops.fp8_linear(x, wq, ws, None, None, gemv=True, gemv_variant="scaled_mm")
-    assert torch.equal(y, quant_ops.fp8_linear(x, wq, ws, None, None, gemv=False))
+    ref = quant_ops.fp8_linear_ref(x.float(), wq, ws)
+    torch.testing.assert_close(y.float(), ref, atol=3e-2 * ref.abs().max().item(), rtol=2e-2)

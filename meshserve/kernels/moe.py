@@ -1,9 +1,10 @@
 """Which mixture-of-experts path serves a call: the Triton kernels on a GPU where the backend selection
 enabled fused ops, else the torch reference (kernels/moe_ref.py). Same signature, same math.
 
-Triton paths (layers/backend_selection.py's `moe_legacy` forces the first, for A/B runs):
+Triton paths (layers/backend_selection.py's `moe_legacy` picks the first; it is the GPU default until the
+second has run its GPU tests and tools/bench_moe.py on the H200, MESHSERVE_MOE_LEGACY=0 selects the second):
   legacy   triton_moe.fused_experts with its first tile configs and its pair GEMV (torch routing)
-  default  small batches of 16-bit experts (gemv_serves: one token, or <= 64 pairs and no more pairs
+  new      small batches of 16-bit experts (gemv_serves: one token, or <= 64 pairs and no more pairs
            than experts; a 16-bit shared MLP may ride along: folds_shared_mlp): triton_moe_gemv, two launches reading only the chosen experts' weights;
            else (and for fp8 experts) triton_moe.fused_experts: Triton align, kernels/moe_configs.py's tuned
            tiles, one combine launch. Routing is one launch (triton_moe_routing) where it is a softmax top-k

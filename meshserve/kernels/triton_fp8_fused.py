@@ -24,7 +24,7 @@ import triton.language as tl
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.quant_ref import _MIN_SCALE, FP8_DTYPE, FP8_MAX, quantize_fp8_per_token
-from meshserve.kernels.triton_ops import rms_norm_ref, silu_and_mul_ref
+from meshserve.kernels.triton_ops import rms_norm_ref, rms_norm_row, silu_and_mul_ref
 
 MAX_COLS = 16384  # a row in registers (Llama-3.1-8B: hidden 4096, MLP 14336)
 
@@ -64,19 +64,9 @@ def _rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, n_c
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: safe before the PDL wait
-    gdc_wait(USE_GDC)
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-    gdc_trigger_late(USE_GDC)
-    if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # x + residual in x's dtype
-        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    var = tl.sum(xf * xf, 0) / n_cols
-    normed = (xf * (1.0 / tl.sqrt(var + eps))).to(x_ptr.dtype.element_ty)
-    y = (w.to(tl.float32) * normed.to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)  # rms_norm's out
+    y = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, cols, mask, n_cols, eps, stride_x, stride_r,
+                     stride_ro, HAS_RESIDUAL, USE_GDC)
+    y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # rms_norm's output rounding
     _quantize_row(y, cols, mask, q_ptr + row * stride_q, s_ptr, row, min_scale, FP8_MAX)
 
 

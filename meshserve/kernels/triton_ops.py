@@ -49,12 +49,10 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
-                     stride_x, stride_r, stride_o, stride_ro,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
+def rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, cols, mask, n_cols, eps, stride_x, stride_r, stride_ro,
+                 HAS_RESIDUAL: tl.constexpr, USE_GDC: tl.constexpr):
+    """One row of RMSNorm (+ residual add, the sum written to res_out), in fp32 before its final rounding:
+    the body of _rms_norm_kernel and of triton_fp8_fused's norm + quantization kernel."""
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: safe before the PDL wait
     gdc_wait(USE_GDC)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
@@ -67,7 +65,18 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, 0) / n_cols
     normed = (xf * (1.0 / tl.sqrt(var + eps))).to(x_ptr.dtype.element_ty)
-    y = w.to(tl.float32) * normed.to(tl.float32)
+    return w.to(tl.float32) * normed.to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
+                     stride_x, stride_r, stride_o, stride_ro,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    y = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, cols, mask, n_cols, eps, stride_x, stride_r,
+                     stride_ro, HAS_RESIDUAL, USE_GDC)
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -29,7 +29,7 @@ def norm_linear(
     fp8 weights: the norm + per-token fp8 quantization kernel, then the projection on the fp8 rows."""
     if linear.quantized:
         return _norm_fp8_linear(norm, linear, x, residual)
-    if not linear.kernels.norm_gemv or linear.quantized or linear.input_is_parallel:
+    if not linear.kernels.norm_gemv or linear.input_is_parallel:
         return None
     mod = gemv_for(x, linear.weight, True)
     if mod is None or norm.weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):

@@ -2,7 +2,7 @@
 # W2 on one H200 for older trees of meshserve beside this checkout, same machine and call: finds the commit that
 # slowed W2 (2026-11-30: 8B 14.06 -> 16.02 s, Qwen3-0.6B 6.26 -> 7.99 s). Stage the trees here first (ignored,
 # carried as .bisect):  for c in SHA...; do mkdir -p .bisect/$c && git archive $c meshserve | tar -x -C .bisect/$c; done
-# MODEL (default qwen3-0.6b); results in $OUT/w2_bisect.tgz, one summary line per tree.
+# A tree's own flags in its file EXTRA (a variant of one commit). MODEL (default qwen3-0.6b); results in $OUT/w2_bisect.tgz, one summary line per tree.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -13,7 +13,7 @@ for tree in $(ls -d .bisect/* 2>/dev/null) .; do
   name=$(basename $(cd $tree && pwd)); [ "$tree" = . ] && name=HEAD
   t0=$SECONDS
   (cd $tree && PYTHONPATH=$PWD:/tmp/site timeout ${LIMIT:-120} python3 -m meshserve.cli bench throughput --model $MODEL \
-     --no-baseline --output-json $R/$name.json ${EXTRA:-}) > $R/$name.log 2>&1
+     --no-baseline --output-json $R/$name.json ${EXTRA:-} $(cat EXTRA 2>/dev/null)) > $R/$name.log 2>&1
   echo "== $name rc $? $((SECONDS - t0)) s: $(grep -E '^seconds|^output_tok_s' $R/$name.log | head -2 | tr -s ' ' | tr '\n' ' ')"
   if [ "${TIMELINE:-0}" = 1 ]; then  # host vs device time per step (this checkout's tool, the tree's engine)
     (cd $tree && PYTHONPATH=$PWD:/tmp/site timeout ${LIMIT:-120} python3 $OLDPWD/tools/step_timeline.py $MODEL) \

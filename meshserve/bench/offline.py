@@ -18,6 +18,7 @@ import time
 
 from meshserve.bench.report import append_benchmarks_row, print_table, write_json
 from meshserve.bench.workloads import W1_NEW_TOKENS, W2_TEMPERATURE, w1_prompt, w2_requests
+from meshserve.config import EngineArgs
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ def _llm(ns):
     from meshserve import LLM
 
     return LLM(model=ns.model, load_format="dummy", dtype="bfloat16", max_model_len=ns.max_model_len,
-               enforce_eager=ns.enforce_eager, gpu_memory_utilization=ns.gpu_memory_utilization,
+               enforce_eager=ns.enforce_eager, max_cudagraph_tokens=ns.max_cudagraph_tokens,
+               gpu_memory_utilization=ns.gpu_memory_utilization,
                max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
                enable_prefix_caching=not ns.no_prefix_caching, tensor_parallel_size=ns.tensor_parallel_size,
                pipeline_parallel_size=ns.pipeline_parallel_size, pipeline_depth=getattr(ns, "pipeline_depth", 0),
@@ -259,6 +261,8 @@ def add_offline_parsers(bench_sub: argparse._SubParsersAction) -> None:
         p.add_argument("--max-num-batched-tokens", type=int, default=None)
         p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
         p.add_argument("--enforce-eager", action="store_true")
+        p.add_argument("--max-cudagraph-tokens", type=int, default=EngineArgs.max_cudagraph_tokens,
+                       help="largest mixed prefill+decode step run as a CUDA graph (0: eager)")
         p.add_argument("--no-prefix-caching", action="store_true")
         p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
         p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)

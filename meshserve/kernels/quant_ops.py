@@ -106,7 +106,7 @@ def fp8_linear(
     input_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     gemv: bool = False,
-    gemv_variant: str = "cvt",
+    gemv_variant: str = "half",
 ) -> torch.Tensor:
     """x [..., K] @ fp8 weight [N, K]^T with per-channel weight_scale [N] (see the module docstring)."""
     if x.is_cuda:
@@ -191,7 +191,7 @@ def int4_linear(
     g_idx: torch.Tensor | None,
     bias: torch.Tensor | None,
     fast: bool = False,
-    gemv_variant: str = "magic",
+    gemv_variant: str = "magic_fused",
 ) -> torch.Tensor:
     """x [..., K] @ the INT4 weight in the internal layout (kernels/quant_ref.py) -> [..., N]."""
     if fast and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32):

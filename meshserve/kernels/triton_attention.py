@@ -208,7 +208,7 @@ def attend_causal_q_tile(
              o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btb"])  # see _decode_split_kernel
 def _prefill_attention_kernel(
     q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     scale_log2, window, k_scale, v_scale,
@@ -250,7 +250,10 @@ def _prefill_attention_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # decode: split-KV + reduce
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit
+# num_splits follows each eager step's longest context and stride_btb its widest block table: unspecialized, so
+# a value of 1 or a multiple of 16 does not compile its own copy in the middle of serving
+# (triton_unified_attention._unified_attention_kernel says more)
+@triton.jit(do_not_specialize=["num_splits", "stride_btb"])
 def _decode_split_kernel(
     q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr,
     scale_log2, window, num_splits, k_scale, v_scale,
@@ -328,7 +331,7 @@ def _decode_split_kernel(
         tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     ws_acc_ptr, ws_ml_ptr, qsl_ptr, out_ptr, num_splits,
     stride_ot, stride_oh, stride_od,

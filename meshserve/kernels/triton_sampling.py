@@ -31,7 +31,9 @@ def sample_gumbel_ref(logits: torch.Tensor, temperature: torch.Tensor, seed: int
     return scores.argmax(dim=-1)
 
 
-@triton.jit
+# the seed changes every step: unspecialized, or each value that is 1 or a multiple of 16 compiles its own copy
+# (a cold Triton cache then pays ~0.5 s inside serving)
+@triton.jit(do_not_specialize=["seed"])
 def _sample_gumbel_kernel(logits_ptr, temp_ptr, out_ptr, seed, vocab, stride_row,
                           GREEDY_EPS_C: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)

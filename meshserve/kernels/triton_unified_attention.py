@@ -76,7 +76,12 @@ def _seq_of_q_block(qsl_ptr, num_seqs, search_steps, b, BLOCK_Q: tl.constexpr):
     return lo
 
 
-@triton.jit
+# Triton compiles a copy of a kernel per "specialization" of its integer arguments (== 1, a multiple of 16). The
+# counts below and the block table's row stride (its width: the step's longest sequence) change with every eager
+# mixed step, so each new combination compiled inside the timed W2 run on an H200 (4 copies, ~0.8 s each with a
+# cold Triton cache: 9.4 s instead of 6.0 s; tools/w2_jit_probe.sh). They only bound loops and masks and index
+# scalar loads, so nothing is lost by leaving them unspecialized.
+@triton.jit(do_not_specialize=["num_tokens", "num_seqs", "search_steps", "stride_btb"])
 def _unified_attention_kernel(
     q_ptr,
     cache_ptr,

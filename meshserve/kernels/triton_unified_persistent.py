@@ -68,7 +68,7 @@ def _unified_work_kernel(
     tl.store(work_ptr, count)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btb"])  # see triton_unified_attention._unified_attention_kernel
 def _unified_persistent_kernel(
     q_ptr,
     cache_ptr,

@@ -42,13 +42,13 @@ Overrides (environment, read only here, for debugging and references):
                                             routing and align, pair GEMV, first tile configs), which stays the
                                             default (=1) until measured on the H200 (issues 23/24)
   MESHSERVE_FP8_GEMV=cvt|bits|dot|half|scaled_mm  the batch-1 fp8-weight projection
-                                            (kernels/triton_fp8_gemv.py; half: fp16 products, bounded |x|;
-                                            scaled_mm: torch._scaled_mm, the activation quantized per token);
-                                            default cvt, until the H200 A/B of issue 20
+                                            (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
+                                            step; scaled_mm: torch._scaled_mm, the activation quantized per
+                                            token); default half (H200, 2026-11-30: W1 8B 332 tok/s, cvt 294)
   MESHSERVE_INT4_GEMV=magic|magic_fused|cvt|matmul  the int4 projection of <= 4 rows
                                             (kernels/triton_int4_gemv.py; magic_fused: split-K without the
                                             reduce kernel; matmul: the dequant-GEMM of larger batches);
-                                            default magic
+                                            default magic_fused (H200: W1 8B AWQ 259 tok/s, magic 246)
 
 This module sits in layers/ because the layers consume the choice (and may not import the engine); it
 imports only the config and the layers/kernels it chooses between.
@@ -121,8 +121,8 @@ class KernelSelection:
     mla_balanced: bool = False
     # (BLOCK_N, num_warps, num_stages) of the MLA decode kernel; None: its default
     mla_decode_tile: tuple[int, int, int] | None = None
-    fp8_gemv: str = "cvt"  # the batch-1 fp8-weight projection when gemv is on (FP8_GEMV_CHOICES)
-    int4_gemv: str = "magic"  # the int4 projection of <= 4 rows when gemv is on (INT4_GEMV_CHOICES)
+    fp8_gemv: str = "half"  # the batch-1 fp8-weight projection when gemv is on (FP8_GEMV_CHOICES)
+    int4_gemv: str = "magic_fused"  # the int4 projection of <= 4 rows when gemv is on (INT4_GEMV_CHOICES)
     # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide policy, bound below)
     pdl_policy: PdlPolicy = PdlPolicy()  # noqa: RUF009 (frozen: one shared default is safe)
     # the first Triton MoE path instead of the fused routing, MoE GEMV and tuned configs (kernels/moe.py)

@@ -78,6 +78,22 @@ def test_fp8_gemv_variants_interp(variant, n, k, tiles):
 
 
 @interp
+def test_fp8_gemv_half_survives_outlier_activations():
+    # massive activations (thousands at a few features of a projection input) must not overflow the half
+    # variant's fp16 products: its per-step scale keeps max |x| at 32 (a fixed x / 64 gave inf past ~2,300)
+    from meshserve.kernels.gemv_tiles import GemvTiles
+    from meshserve.kernels.triton_fp8_gemv import fp8_gemv
+
+    wq, ws, x, bias = _fp8_case(32, 512, seed=7)
+    x = x.bfloat16()
+    x[0, 5], x[0, 300] = 30000.0, -4096.0
+    y = fp8_gemv(x, wq, ws, None, variant="half", tiles=GemvTiles(16, 128, split_k=2))
+    ref = fp8_weight_only_ref(x, wq, ws, None)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=2e-3 * ref.abs().max().item())
+
+
+@interp
 def test_fp8_gemv_bits_decodes_every_e4m3_value_exactly():
     # weight row n holds e4m3 pattern n in column 0; x = e_0 and scale 1: y[n] is the decoded value itself
     # (the integer re-biasing, the 2^64 and 2^56 factors are exact), subnormals and signed zeros included

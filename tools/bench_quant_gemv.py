@@ -37,7 +37,7 @@ def _fp8_tiles(quick: bool):
 
     default = [("default", None)]
     if quick:
-        return {v: default for v in ("cvt", "bits", "dot", "half")}
+        return {v: default for v in ("cvt", "half")}
     rows = [
         ("4x1024 w8 (first kernel)", lambda n, k: GemvTiles(4, 1024, num_warps=8)),
         ("8x1024 w2", lambda n, k: GemvTiles(8, 1024, num_warps=2)),
@@ -46,21 +46,8 @@ def _fp8_tiles(quick: bool):
         ("32x256 w4", lambda n, k: GemvTiles(32, 256, num_warps=4)),
         ("16x512 w4 split2<8192", lambda n, k: GemvTiles(16, 512, split_k=2 if n < 8192 else 1)),
     ]
-    dots = [
-        (
-            "32x256 w4 split4<8192",
-            lambda n, k: GemvTiles(32, 256, split_k=4 if n < 8192 else 1, num_stages=4),
-        ),
-        (
-            "64x256 w4 split4<16384",
-            lambda n, k: GemvTiles(64, 256, split_k=4 if n < 16384 else 1, num_stages=3),
-        ),
-        ("128x128 w8 split8<16384", lambda n, k: GemvTiles(128, 128, 8 if n < 16384 else 2, 8, 3)),
-    ]
     return {
         "cvt": default + rows,
-        "bits": default + rows[:3] + rows[5:],
-        "dot": default + dots,
         "half": default + rows[1:3],
     }
 
@@ -80,7 +67,7 @@ def _int4_tiles(quick: bool):
 
     default = [("default", None)]
     if quick:
-        return {"magic": default, "magic_fused": default, "cvt": default}
+        return {"magic": default, "magic_fused": default}
     rows = [
         ("256x64 w1 auto-split", auto(256, 64, 1)),
         ("128x64 w1 auto-split", auto(128, 64, 1)),
@@ -88,7 +75,7 @@ def _int4_tiles(quick: bool):
         ("256x32 w2 auto-split", auto(256, 32, 2)),  # 256x128 spills (sm_90: 255 registers + 248 B stack)
         ("256x64 w2 no split", lambda n, k: GemvTiles(256, 64, num_warps=2)),
     ]
-    return {"magic": default + rows, "magic_fused": default + rows[:3], "cvt": default + rows[:1]}
+    return {"magic": default + rows, "magic_fused": default + rows[:3]}
 
 
 class Bench:

@@ -2,7 +2,7 @@
 
 FP8 weights
   one 16-bit row on a GPU (batch-1 decode)  Triton FP8-weight GEMV (weight-only: the row stays 16-bit;
-                                            kernels/triton_fp8_gemv.py, variant cvt | bits | dot | half, or
+                                            kernels/triton_fp8_gemv.py, variant cvt | half, or
                                             scaled_mm: the cuBLASLt path below for that row too)
   16-bit rows on a GPU, aligned shapes      one Triton pass quantizes the activation (kernels/triton_fp8_quant.py:
                                             per-token absmax, or the static scale), then torch._scaled_mm
@@ -13,7 +13,7 @@ Block-wise FP8 weights (128 x 128 scales, activations per 1 x 128 group)
                                             batch size (the analog of torch._scaled_mm above)
   otherwise                                 fp8_block_linear_ref (kernels/fp8_block_ref.py)
 INT4 weights
-  <= 4 rows on a GPU (decode)               Triton INT4 GEMV (kernels/triton_int4_gemv.py, variant magic | cvt,
+  <= 4 rows on a GPU (decode)               Triton INT4 GEMV (kernels/triton_int4_gemv.py, variant magic,
                                             magic_fused: split-K summed inside the GEMV; matmul: the
                                             dequant-GEMM below for these rows too)
   more rows on a GPU                        Triton dequant-GEMM (kernels/triton_quant.py)

@@ -12,8 +12,7 @@ Variants (tools/bench_quant_gemv.py, MESHSERVE_INT4_GEMV):
          word), one PRMT per weight puts a byte under the exponent of 2^23 (0x4B000000 | q is the float
          2^23 + q), and one subtraction of 2^23 + z (exact: integers below 2^24) gives q - z; with the FFMA
          ~4.9 sm_90 instructions per weight in the loop (one row: 2-D tiles, no shared memory)
-  cvt    ((word >> 4i) & 15).to(fp32): one int -> float conversion per weight (16 / clock / SM on Hopper, about
-         half the rate int4 weights arrive at 4+ TB/s), kept to measure the difference
+  (cvt, one int -> float conversion per weight, measured slower on the H200 and removed: QUANTIZATION.md)
 Zero points and scales: when a K step lies inside one group (no g_idx, group_size a multiple of block_k), z is
 subtracted per weight and s applied once per column to the step's sum; otherwise (act-order g_idx, small groups)
 every weight is dequantized as (q - z) * s with its own group's scale (slower, the same numbers).
@@ -31,7 +30,7 @@ import triton.language as tl
 
 from meshserve.kernels.gemv_tiles import GemvTiles, split_k_range, split_k_reduce
 
-INT4_GEMV_VARIANTS = ("magic", "cvt")
+INT4_GEMV_VARIANTS = ("magic",)
 
 
 def _interpreting() -> bool:
@@ -43,13 +42,10 @@ MAX_GEMV_ROWS = 4  # larger batches go to the dequant-GEMM, whose MMA then does 
 
 
 @triton.jit
-def _nibble_bytes(packed, MAGIC: tl.constexpr):
-    """MAGIC: (even nibbles, odd nibbles), each nibble alone in a byte (two masks per word)."""
-    if MAGIC:
-        w = packed.to(tl.uint32, bitcast=True)
-        return w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F
-    else:
-        return packed, packed
+def _nibble_bytes(packed):
+    """(even nibbles, odd nibbles), each nibble alone in a byte (two masks per word)."""
+    w = packed.to(tl.uint32, bitcast=True)
+    return w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F
 
 
 @triton.jit
@@ -70,22 +66,19 @@ def _prmt_magic(src, J: tl.constexpr):
 
 
 @triton.jit
-def _nibble(packed, even, odd, i: tl.constexpr, MAGIC: tl.constexpr, PRMT: tl.constexpr):
-    """Nibble i of each word as fp32: MAGIC 2^23 + q (the nibble's byte or-ed into the mantissa of 2^23; the
-    caller subtracts 2^23 + z in one step), else q. PRMT: one byte permute per weight takes byte i // 2 and
+def _nibble(even, odd, i: tl.constexpr, PRMT: tl.constexpr):
+    """Nibble i of each word as the fp32 2^23 + q (the nibble's byte or-ed into the mantissa of 2^23; the
+    caller subtracts 2^23 + z in one step). PRMT: one byte permute per weight takes byte i // 2 and
     the bytes of 0x4B000000 (the compiler's shift + bit-field extract + or are 3 ops; the interpreter has no
     inline PTX, so CPU tests run the shift-and-mask spelling of the same bits)."""
-    if MAGIC:
-        src = even if i % 2 == 0 else odd
-        if PRMT:  # d = [src.byte(i // 2), m.byte1, m.byte2, m.byte3] with m = 0x4B000000 (bytes 4..7)
-            bits = _prmt_magic(src, i // 2)
-        elif i >= 6:  # the top byte: the shift alone isolates it
-            bits = (src >> 24) | 0x4B000000
-        else:
-            bits = ((src >> (8 * (i // 2))) & 0xFF) | 0x4B000000
-        return bits.to(tl.float32, bitcast=True)
+    src = even if i % 2 == 0 else odd
+    if PRMT:  # d = [src.byte(i // 2), m.byte1, m.byte2, m.byte3] with m = 0x4B000000 (bytes 4..7)
+        bits = _prmt_magic(src, i // 2)
+    elif i >= 6:  # the top byte: the shift alone isolates it
+        bits = (src >> 24) | 0x4B000000
     else:
-        return ((packed >> (4 * i)) & 0xF).to(tl.float32)
+        bits = ((src >> (8 * (i // 2))) & 0xFF) | 0x4B000000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -126,7 +119,6 @@ def _int4_gemv_kernel(
     SPLIT: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
     GROUP_UNIFORM: tl.constexpr,
-    MAGIC: tl.constexpr,
     PRMT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -158,24 +150,23 @@ def _int4_gemv_kernel(
             g_off = (p0 * 8 // group_size).to(tl.int64) * stride_sg + rn
             s = tl.load(s_ptr + g_off, mask=nmask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g_off, mask=nmask, other=0.0).to(tl.float32)
-            if MAGIC:
-                z += 8388608.0  # exact: integers below 2^24
-            even, odd = _nibble_bytes(packed, MAGIC)
+            z += 8388608.0  # 2^23 + z, exact: integers below 2^24
+            even, odd = _nibble_bytes(packed)
             if BLOCK_M == 1:  # 2-D tiles: the 3-D form costs a layout change in shared memory every step
                 xs = _split8(tl.reshape(tl.sum(x_all.to(tl.float32), 0), [BLOCK_KP, 2, 2, 2]))
                 step = tl.zeros([BLOCK_KP, BLOCK_N], dtype=tl.float32)
                 for i in tl.static_range(8):
-                    step += (_nibble(packed, even, odd, i, MAGIC, PRMT) - z[None, :]) * xs[i][:, None]
+                    step += (_nibble(even, odd, i, PRMT) - z[None, :]) * xs[i][:, None]
                 acc += (s * tl.sum(step, 0))[None, :]
             else:
                 xs = _split8(tl.reshape(x_all.to(tl.float32), [BLOCK_M, BLOCK_KP, 2, 2, 2]))
                 step = tl.zeros([BLOCK_M, BLOCK_KP, BLOCK_N], dtype=tl.float32)
                 for i in tl.static_range(8):
-                    w = _nibble(packed, even, odd, i, MAGIC, PRMT) - z[None, :]  # q - z, exact
+                    w = _nibble(even, odd, i, PRMT) - z[None, :]  # q - z, exact
                     step += w[None, :, :] * xs[i][:, :, None]
                 acc += s[None, :] * tl.sum(step, 1)
         else:  # every weight with its own group's scale and zero
-            even, odd = _nibble_bytes(packed, MAGIC)
+            even, odd = _nibble_bytes(packed)
             step = tl.zeros([BLOCK_M, BLOCK_KP, BLOCK_N], dtype=tl.float32)
             for i in tl.static_range(8):
                 kk = pr * 8 + i
@@ -188,9 +179,8 @@ def _int4_gemv_kernel(
                 wmask = pmask[:, None] & nmask[None, :]
                 s = tl.load(s_ptr + g_off, mask=wmask, other=0.0).to(tl.float32)
                 z = tl.load(z_ptr + g_off, mask=wmask, other=0.0).to(tl.float32)
-                if MAGIC:
-                    z += 8388608.0
-                step += ((_nibble(packed, even, odd, i, MAGIC, PRMT) - z) * s)[None, :, :] * x[:, :, None]
+                z += 8388608.0
+                step += ((_nibble(even, odd, i, PRMT) - z) * s)[None, :, :] * x[:, :, None]
             acc += tl.sum(step, 1)
     mask = mmask[:, None] & nmask[None, :]
     if SPLIT:
@@ -305,7 +295,6 @@ def int4_gemv(
             SPLIT=splits > 1,
             FUSED_REDUCE=counters is not None,
             GROUP_UNIFORM=g_idx is None and group_size % tiles.block_k == 0,
-            MAGIC=variant == "magic",
             PRMT=x.is_cuda and not _interpreting(),
             BLOCK_M=triton.next_power_of_2(m),
             BLOCK_N=tiles.block_n,

@@ -43,6 +43,9 @@ class FusedMoE(nn.Module):
         self.weight_format = moe_weight_format(current_quant_config())
         st = get_parallel_state()
         self.num_experts, self.routing = num_experts, routing
+        # (top_k, renormalize, scaling) when the routing is a plain softmax top-k (one fused launch serves it on
+        # the Triton path), else None: fixed by the routing, so resolved here rather than every forward
+        self.softmax_topk_args = routing.as_softmax_topk() if hasattr(routing, "as_softmax_topk") else None
         self.tp_size, self.tp_rank = st.tp_size, st.tp_rank
         self.expert_parallel = st.expert_parallel and st.tp_size > 1
         self.kernels = PLAIN  # bound by the model runner (layers/backend_selection.py)
@@ -134,9 +137,8 @@ class FusedMoE(nn.Module):
     def _route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The routing function's (weights, global ids), each chosen expert counted in expert_load: one fused
         launch for a softmax top-k on the Triton path (kernels/triton_moe_routing.py), else the function."""
-        softmax = self.routing.as_softmax_topk() if hasattr(self.routing, "as_softmax_topk") else None
-        if softmax is not None and self.kernels.fused_ops and not self.kernels.moe_legacy:
-            return softmax_topk(router_logits, *softmax, expert_load=self.expert_load, triton=True)
+        if self.softmax_topk_args is not None and self.kernels.fused_ops and not self.kernels.moe_legacy:
+            return softmax_topk(router_logits, *self.softmax_topk_args, expert_load=self.expert_load, triton=True)
         weights, ids = self.routing(router_logits)
         self._count(ids)
         return weights, ids

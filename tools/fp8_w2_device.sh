@@ -4,11 +4,8 @@
 # SKIP_TESTS=1 runs only the harness. Logs and JSON go into $OUT/fp8_w2.tgz, summary lines to stdout (~5 min).
 # W2 itself: JOBS="w2_8b_bf16 w2_8b_fp8_fp8kv w2_qwen_bf16 w2_qwen_fp8kv" bash tools/quant_moe_device.sh
 set -u -o pipefail
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site
-OUT=${OUT:-/tmp/out}; R=/tmp/fp8_w2; mkdir -p $R $OUT
+. "$(dirname "$0")/device_env.sh"
+R=/tmp/fp8_w2; mkdir -p $R $OUT
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout ${TEST_LIMIT:-300} python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_triton_fp8_quant.py \
     tests/kernels/test_triton_fp8_fused.py tests/kernels/test_fp8_kv_cache.py "tests/kernels/test_triton_ops.py::test_qkv_rope_cache_fp8_gpu" \

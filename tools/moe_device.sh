@@ -5,13 +5,7 @@
 # Logs and JSON go into $OUT/moe.tgz (bench_moe.json beside), the summary lines to stdout.
 #   TESTS=1 BENCH=1 JOBS="w1_qwen3moe w1_dsv2lite" OUT=$OUT bash tools/moe_device.sh
 set -u -o pipefail
-cd "$(dirname "$0")/.."
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=$PWD:/tmp/site
-OUT=${OUT:-/tmp/out}
+. "$(dirname "$0")/device_env.sh"
 R=/tmp/moe; mkdir -p $R $OUT
 MS="python3 -m meshserve.cli"
 

@@ -6,11 +6,8 @@
 #   [JOBS="qwen:off qwen:on 8b:off ..."] [BUDGET=270] [TESTS=1] bash tools/pdl_device.sh
 # TESTS=1 first runs the PDL GPU tests (kernels, then whole decodes with each variant). Logs: $OUT/pdl_ab.tgz.
 set -u -o pipefail
-cd "$(dirname "$0")/.."
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-  .whl/*.whl >/dev/null 2>&1
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD:/tmp/site
-OUT=${OUT:-/tmp/out}; R=/tmp/pdl_ab; mkdir -p $R $OUT
+. "$(dirname "$0")/device_env.sh"
+R=/tmp/pdl_ab; mkdir -p $R $OUT
 
 variant_env() {  # NAME -> the environment of that PDL variant (layers/backend_selection.py)
   case $1 in

@@ -9,13 +9,7 @@
 #               with the launch before this branch (MESHSERVE_UNIFIED_TILE=grid_bq32_bn64_w8_s3_allmask), in the
 #               same session -> $OUT/e2e_new.json, $OUT/e2e_old.json
 set -u -o pipefail
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=$PWD:/tmp/site
-OUT=${OUT:-/tmp/out}
+. "$(dirname "$0")/device_env.sh"
 mkdir -p "$OUT"
 
 case "${PART:-bench}" in

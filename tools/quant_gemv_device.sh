@@ -5,13 +5,7 @@
 # MESHSERVE_INT4_GEMV. A W1 8B job takes ~1-1.5 min: split JOBS over calls to stay under 10 min a call.
 # Logs and JSON go into $OUT/quant_gemv.tgz, the summary lines to stdout.
 set -u -o pipefail
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=$PWD:/tmp/site
-OUT=${OUT:-/tmp/out}
+. "$(dirname "$0")/device_env.sh"
 R=/tmp/quant_gemv; mkdir -p $R
 
 job_env() {  # NAME -> "ENV=... --quantization X" (the bench latency arguments after the model)

@@ -4,11 +4,7 @@
 # TESTS=1 first runs the GPU tests of the code the jobs take. Logs and JSON go into $OUT/quant_moe.tgz, the
 # summary lines to stdout. vLLM's side: .vp4/bench.py with QUANT=fp8 / KV_DTYPE=fp8 (../shared/tools/vllm-peer).
 set -u -o pipefail
-cd "$(dirname "$0")/.."
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site
-OUT=${OUT:-/tmp/out}
+. "$(dirname "$0")/device_env.sh"
 R=/tmp/quant_moe; mkdir -p $R
 MS="python3 -m meshserve.cli"
 

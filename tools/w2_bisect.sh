@@ -4,10 +4,8 @@
 # carried as .bisect):  for c in SHA...; do mkdir -p .bisect/$c && git archive $c meshserve | tar -x -C .bisect/$c; done
 # A tree's own flags in its file EXTRA (a variant of one commit). MODEL (default qwen3-0.6b); results in $OUT/w2_bisect.tgz, one summary line per tree.
 set -u -o pipefail
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-OUT=${OUT:-/tmp/out}; R=/tmp/w2_bisect; mkdir -p $R
+. "$(dirname "$0")/device_env.sh"
+R=/tmp/w2_bisect; mkdir -p $R
 MODEL=${MODEL:-qwen3-0.6b}
 for tree in $(ls -d .bisect/* 2>/dev/null) .; do
   name=$(basename $(cd $tree && pwd)); [ "$tree" = . ] && name=HEAD

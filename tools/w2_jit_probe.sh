@@ -2,10 +2,9 @@
 # Which Triton kernels compile while W2 runs (not at start-up)? One cold-cache and one warm-cache run of this checkout;
 # the cache entries written after start-up are listed with their kernel names (results in $OUT/w2_jit.tgz).
 set -u -o pipefail
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/tools/jit_variants:$PWD:/tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-OUT=${OUT:-/tmp/out}; R=/tmp/w2_jit; mkdir -p $R; MODEL=${MODEL:-qwen3-0.6b}
+. "$(dirname "$0")/device_env.sh"
+export PYTHONPATH=$PWD/tools/jit_variants:$PYTHONPATH  # the Triton JIT hook first
+R=/tmp/w2_jit; mkdir -p $R; MODEL=${MODEL:-qwen3-0.6b}
 for run in ${RUNS:-cold warm}; do
   [ $run = cold ] && rm -rf /tmp/tc; export TRITON_CACHE_DIR=/tmp/tc
   touch $R/t0_$run; export JIT_VARIANTS_LOG=$R/jit_$run

@@ -6,11 +6,7 @@
 # STEP=p: step profiles; STEP=dp: W3 at DP=2 through the router beside DP=1. Results
 # under $OUT.
 set -u -o pipefail
-cd "$(dirname "$0")/.."
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site
-OUT=${OUT:-/tmp/out}
+. "$(dirname "$0")/device_env.sh"
 MS="python3 -m meshserve.cli"
 # run_logged NAME LIMIT_S ARGS...: a meshserve command with its log in $OUT/NAME.log; past LIMIT_S every
 # python process prints its stacks (faulthandler on SIGABRT) and the run is killed

@@ -63,9 +63,30 @@ def _gemv_x(x_ptr, kk, kmask, K, GATED: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
-                 HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRE_K: tl.constexpr, USE_GDC: tl.constexpr = False):
+def _normed_x(h_ptr, nw_ptr, inv_rms, kk, kmask):
+    """One K-block of rms_norm's output: (norm_weight * (h * inv_rms).to(dt)).to(dt), in fp32."""
+    dt = h_ptr.dtype.element_ty
+    h = tl.load(h_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+    nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+    return (nw * (h * inv_rms).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+
+
+@triton.jit
+def _row_x(x_ptr, nw_ptr, inv_rms, kk, kmask, K, GATED: tl.constexpr, NORMED: tl.constexpr):
+    """One K-block of the GEMV's input row in fp32: rms_norm's output of the row at x_ptr (NORMED), else
+    the row itself (gated: silu(gate) * up)."""
+    if NORMED:
+        return _normed_x(x_ptr, nw_ptr, inv_rms, kk, kmask)
+    else:
+        return _gemv_x(x_ptr, kk, kmask, K, GATED)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
+                 HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORMED: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, USE_GDC: tl.constexpr = False):
+    """gemv's kernel, and rms_norm_gemv's second one with NORMED: x_ptr then holds h, inv_ptr and nw_ptr the
+    1 / rms(h) of _residual_rms_kernel and the norm weight (unused without NORMED)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     ks = tl.arange(0, BLOCK_K)
@@ -75,14 +96,18 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
         kp = tl.arange(0, PRE_K)  # writes weights), overlapping the previous kernel's tail
         pmask = kp < K
         w_pre = tl.load(w_rows + kp[None, :], mask=rmask[:, None] & pmask[None, :], other=0.0)
-    gdc_wait(USE_GDC)  # the input row is the previous kernel's output
+    gdc_wait(USE_GDC)  # the input row (NORMED: h and inv_rms) is the previous kernel's output
+    if NORMED:
+        inv_rms = tl.load(inv_ptr)
+    else:
+        inv_rms = 1.0
     if PRE_K > 0:
-        y += tl.sum(w_pre.to(tl.float32) * _gemv_x(x_ptr, kp, pmask, K, GATED)[None, :], 1)
+        y += tl.sum(w_pre.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kp, pmask, K, GATED, NORMED)[None, :], 1)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(PRE_K, K, BLOCK_K):
         kk = k0 + ks
         kmask = kk < K
-        x = _gemv_x(x_ptr, kk, kmask, K, GATED)
+        x = _row_x(x_ptr, nw_ptr, inv_rms, kk, kmask, K, GATED, NORMED)
         w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     gdc_trigger_late(USE_GDC)
@@ -135,46 +160,6 @@ def _residual_rms_kernel(x_ptr, res_ptr, res_out_ptr, inv_ptr, K, eps,
     tl.store(inv_ptr, 1.0 / tl.sqrt(tl.sum(hf * hf, 0) / K + eps))
 
 
-@triton.jit
-def _normed_x(h_ptr, nw_ptr, inv_rms, kk, kmask):
-    """One K-block of rms_norm's output: (norm_weight * (h * inv_rms).to(dt)).to(dt), in fp32."""
-    dt = h_ptr.dtype.element_ty
-    h = tl.load(h_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-    nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-    return (nw * (h * inv_rms).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-
-
-@triton.jit
-def _normed_gemv_kernel(h_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
-                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRE_K: tl.constexpr, USE_GDC: tl.constexpr = False):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    ks = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
-    y = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if PRE_K > 0:  # as _gemv_kernel: weights before the wait
-        kp = tl.arange(0, PRE_K)
-        pmask = kp < K
-        w_pre = tl.load(w_rows + kp[None, :], mask=rmask[:, None] & pmask[None, :], other=0.0)
-    gdc_wait(USE_GDC)  # h and inv_rms are _residual_rms_kernel's
-    inv_rms = tl.load(inv_ptr)
-    if PRE_K > 0:
-        y += tl.sum(w_pre.to(tl.float32) * _normed_x(h_ptr, nw_ptr, inv_rms, kp, pmask)[None, :], 1)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(PRE_K, K, BLOCK_K):
-        kk = k0 + ks
-        kmask = kk < K
-        a = _normed_x(h_ptr, nw_ptr, inv_rms, kk, kmask)
-        w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc += w.to(tl.float32) * a[None, :]
-    gdc_trigger_late(USE_GDC)
-    y += tl.sum(acc, 1)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
-
-
 def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                   weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = 4,
                   pdl: bool | None = None):
@@ -199,10 +184,10 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
         **pdl_mod.gdc_kwargs(x, pdl))
     block_k = 512 if k >= 2048 else 256
     programs, num_warps, gdc, pre_k = _launch(x, n, k, block_n, pdl)
-    _normed_gemv_kernel[(programs,)](
+    _gemv_kernel[(programs,)](
         new_residual, inv_rms, norm_weight, weight, bias if bias is not None else weight, y, n, k,
-        weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRE_K=pre_k, num_warps=num_warps, num_stages=3, **gdc)
+        weight.stride(0), HAS_BIAS=bias is not None, GATED=False, NORMED=True, BLOCK_N=block_n,
+        BLOCK_K=block_k, PRE_K=pre_k, num_warps=num_warps, num_stages=3, **gdc)
     return y, new_residual
 
 
@@ -220,7 +205,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_k = 512 if k >= 2048 else 256
     programs, num_warps, gdc, pre_k = _launch(x, n, k, 4, pdl)
     _gemv_kernel[(programs,)](
-        x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, GATED=gated, BLOCK_N=4, BLOCK_K=block_k, PRE_K=pre_k,
+        x, weight, weight, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, GATED=gated, NORMED=False, BLOCK_N=4, BLOCK_K=block_k, PRE_K=pre_k,
         num_warps=num_warps, num_stages=3, **gdc)
     return y

@@ -156,12 +156,12 @@ from triton.compiler import ASTSource
 
 B, F = "*bf16", "*fp32"
 KERNELS = [
-    ("triton_gemv", "_gemv_kernel", dict(x_ptr=B, w_ptr=B, b_ptr=B, y_ptr=B), (),
-     dict(HAS_BIAS=False, GATED=True, BLOCK_N=4, BLOCK_K=256, PRE_K=2048)),
+    ("triton_gemv", "_gemv_kernel", dict(x_ptr=B, inv_ptr=B, nw_ptr=B, w_ptr=B, b_ptr=B, y_ptr=B), (),
+     dict(HAS_BIAS=False, GATED=True, NORMED=False, BLOCK_N=4, BLOCK_K=256, PRE_K=2048)),
     ("triton_gemv", "_residual_rms_kernel", dict(x_ptr=B, res_ptr=B, res_out_ptr=B, inv_ptr=F), ("eps",),
      dict(HAS_RESIDUAL=True, BLOCK=4096)),
-    ("triton_gemv", "_normed_gemv_kernel", dict(h_ptr=B, inv_ptr=F, nw_ptr=B, w_ptr=B, b_ptr=B, y_ptr=B), (),
-     dict(HAS_BIAS=True, BLOCK_N=4, BLOCK_K=512, PRE_K=2048)),
+    ("triton_gemv", "_gemv_kernel", dict(x_ptr=B, inv_ptr=F, nw_ptr=B, w_ptr=B, b_ptr=B, y_ptr=B), (),
+     dict(HAS_BIAS=True, GATED=False, NORMED=True, BLOCK_N=4, BLOCK_K=512, PRE_K=2048)),
     ("triton_ops", "_rms_norm_kernel", dict(x_ptr=B, res_ptr=B, w_ptr=B, out_ptr=B, res_out_ptr=B), ("eps",),
      dict(HAS_RESIDUAL=True, BLOCK=1024)),
     ("triton_ops", "_silu_and_mul_kernel", dict(x_ptr=B, out_ptr=B), (), dict(BLOCK=1024)),

@@ -100,7 +100,7 @@ _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from meshserve.kernels.triton_gemv import _normed_gemv_kernel, _residual_rms_kernel
+from meshserve.kernels.triton_gemv import _gemv_kernel, _residual_rms_kernel
 
 def compile(kernel, pointers, const, warps, floats=()):
     names = list(kernel.arg_names)
@@ -115,8 +115,8 @@ def compile(kernel, pointers, const, warps, floats=()):
 p = "*fp16"
 compile(_residual_rms_kernel, dict(x_ptr=p, res_ptr=p, res_out_ptr=p, inv_ptr="*fp32"),
         dict(HAS_RESIDUAL=False, BLOCK=1024, USE_GDC=False), 4, floats=("eps",))
-compile(_normed_gemv_kernel, dict(h_ptr=p, inv_ptr="*fp32", nw_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p),
-        dict(HAS_BIAS=False, BLOCK_N=4, BLOCK_K=256, PRE_K=0, USE_GDC=False), 4)
+compile(_gemv_kernel, dict(x_ptr=p, inv_ptr="*fp32", nw_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p),
+        dict(HAS_BIAS=False, GATED=False, NORMED=True, BLOCK_N=4, BLOCK_K=256, PRE_K=0, USE_GDC=False), 4)
 print("compiled")
 """
 

@@ -71,6 +71,29 @@ def write_latent(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
     )
 
 
+@triton.jit
+def attend_latent_tile(
+    ql, qp, acc, m_i, l_i, t, seq_len, bt_row, cache_ptr, r, r_mask, p, p_mask, scale_log2, stride_cb, stride_cs,
+    RANK: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """(acc, m_i, l_i) after KV tile t (tokens t * BLOCK_N ..) of one sequence's latent cache (block table row
+    bt_row): scores from the latent (ql . c) and rope (qp . pe) parts, the latent rows as values."""
+    kv_pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    kv_valid = kv_pos < seq_len
+    blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
+    row = cache_ptr + blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs  # [BLOCK_N] row starts
+    c = tl.load(row[:, None] + r[None, :], mask=kv_valid[:, None] & r_mask[None, :], other=0.0)
+    pe = tl.load(row[:, None] + RANK + p[None, :], mask=kv_valid[:, None] & p_mask[None, :], other=0.0)
+    c = c.to(ql.dtype)
+    qk = tl.dot(ql, tl.trans(c), input_precision=DOT_PRECISION)
+    qk += tl.dot(qp, tl.trans(pe.to(qp.dtype)), input_precision=DOT_PRECISION)
+    qk = qk * scale_log2
+    qk = tl.where(kv_valid[None, :], qk, float("-inf"))
+    prob, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
+    acc = acc * alpha[:, None] + tl.dot(prob.to(c.dtype), c, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
 @triton.jit(do_not_specialize=["stride_btb"])  # see triton_attention._decode_split_kernel
 def _mla_decode_split_kernel(
     ql_ptr, qp_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr,
@@ -118,22 +141,9 @@ def _mla_decode_split_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
 
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-    n_off = tl.arange(0, BLOCK_N)
     for t in range(t0, t1):
-        kv_pos = t * BLOCK_N + n_off
-        kv_valid = kv_pos < seq_len
-        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
-        row = cache_ptr + blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs  # [BLOCK_N] row starts
-        c = tl.load(row[:, None] + r[None, :], mask=kv_valid[:, None] & r_mask[None, :], other=0.0)
-        pe = tl.load(row[:, None] + RANK + p[None, :], mask=kv_valid[:, None] & p_mask[None, :], other=0.0)
-        c = c.to(ql.dtype)
-        qk = tl.dot(ql, tl.trans(c), input_precision=DOT_PRECISION)
-        qk += tl.dot(qp, tl.trans(pe.to(qp.dtype)), input_precision=DOT_PRECISION)
-        qk = qk * scale_log2
-        qk = tl.where(kv_valid[None, :], qk, float("-inf"))
-        prob, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
-        acc = acc * alpha[:, None] + tl.dot(prob.to(c.dtype), c, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = attend_latent_tile(ql, qp, acc, m_i, l_i, t, seq_len, bt_row, cache_ptr, r, r_mask, p, p_mask,
+                                           scale_log2, stride_cb, stride_cs, RANK, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
 
     if DIRECT_OUT:
         l_safe = tl.where(l_i > 0, l_i, 1.0)

@@ -32,8 +32,7 @@ from meshserve.kernels.triton_attention import (
     _num_sms,
     _upcast_dot,
 )
-from meshserve.kernels.triton_attention_tile import online_softmax_step
-from meshserve.kernels.triton_mla import BLOCK_H, _decode_config
+from meshserve.kernels.triton_mla import BLOCK_H, _decode_config, attend_latent_tile
 
 OVERHEAD = 2  # cost units of a sequence beyond its tiles: q in (18 KB), its result out (16-32 KB), ~1.5 tiles
 
@@ -87,7 +86,6 @@ def _mla_balanced_kernel(
     r_mask = r < RANK
     pp = tl.arange(0, BLOCK_P)
     p_mask = pp < ROPE
-    n_off = tl.arange(0, BLOCK_N)
 
     start = p * width
     end = tl.minimum(start + width, tl.sum(cost, 0))
@@ -116,21 +114,9 @@ def _mla_balanced_kernel(
             acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
             bt_row = bt_ptr + b.to(tl.int64) * stride_btb
             for t in range(t0, t1):
-                kv_pos = t * BLOCK_N + n_off
-                kv_valid = kv_pos < seq_len
-                blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
-                row = cache_ptr + blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
-                c = tl.load(row[:, None] + r[None, :], mask=kv_valid[:, None] & r_mask[None, :], other=0.0)
-                pe = tl.load(row[:, None] + RANK + pp[None, :], mask=kv_valid[:, None] & p_mask[None, :],
-                             other=0.0)
-                c = c.to(ql.dtype)
-                qk = tl.dot(ql, tl.trans(c), input_precision=DOT_PRECISION)
-                qk += tl.dot(qp, tl.trans(pe.to(qp.dtype)), input_precision=DOT_PRECISION)
-                qk = qk * scale_log2
-                qk = tl.where(kv_valid[None, :], qk, float("-inf"))
-                prob, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
-                acc = acc * alpha[:, None] + tl.dot(prob.to(c.dtype), c, input_precision=DOT_PRECISION)
-                m_i = m_new
+                acc, m_i, l_i = attend_latent_tile(
+                    ql, qp, acc, m_i, l_i, t, seq_len, bt_row, cache_ptr, r, r_mask, pp, p_mask, scale_log2,
+                    stride_cb, stride_cs, RANK, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
             pieces = tl.sum(tl.where(sel, n_pieces, 0), 0)
             if pieces == 1:
                 o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

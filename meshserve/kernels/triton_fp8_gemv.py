@@ -15,7 +15,8 @@ weight decode and product, selectable for A/B on the device (tools/bench_quant_g
         the step's largest |x| fall into fp16 subnormals: their share of the sum is below fp16's rounding.
 
 Two more (bits: the e4m3 bits moved into an fp32 with integer ops; dot: tensor cores on a 16-row tile) lost on
-the H200 and were removed (QUANTIZATION.md). Every variant takes GemvTiles (block_n rows, block_k features per step, split_k K ranges: gemv_tiles.py).
+the H200 and were removed (QUANTIZATION.md). Both variants take GemvTiles (block_n rows, block_k features per
+step, split_k K ranges: gemv_tiles.py); one kernel serves both (its HALF constexpr).
 Reference: quant_ref.fp8_weight_only_ref.
 """
 

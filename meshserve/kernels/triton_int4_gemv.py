@@ -31,7 +31,7 @@ import triton.language as tl
 
 from meshserve.kernels.gemv_tiles import GemvTiles, split_k_range, split_k_reduce
 
-INT4_GEMV_VARIANTS = ("magic", "cvt")
+INT4_GEMV_VARIANTS = ("magic", "cvt", "lop3")
 
 
 def _interpreting() -> bool:
@@ -210,6 +210,167 @@ def _int4_gemv_kernel(
 
 
 @triton.jit
+def _lop3_nibble(lo, hi, i: tl.constexpr, C0, C1, C2, C3, C4):
+    """Nibble i of each word as the exact fp32 q - z. lo = word | 0x4B000000, hi = (word >> 12) | 0x4B000000;
+    nibble i = j of lo (i < 5) or j = i - 3 of hi: lo & (0x4B000000 | 15 << 4j) is the float 2^23 + q * 16^j
+    (one LOP3 with one immediate, no PRMT, no conversion), then one FFMA: that * 16^-j - Cj, with
+    Cj = 2^23 * 16^-j + z per column (exact: integers times powers of two, below 2^24)."""
+    if i < 5:
+        src = lo
+        j: tl.constexpr = i
+    else:
+        src = hi
+        j: tl.constexpr = i - 3
+    f = (src & (0x4B000000 | (15 << (4 * j)))).to(tl.float32, bitcast=True)
+    if j == 0:
+        return f - C0
+    elif j == 1:
+        return f * 0.0625 - C1
+    elif j == 2:
+        return f * 0.00390625 - C2
+    elif j == 3:
+        return f * 0.000244140625 - C3
+    else:
+        return f * 0.0000152587890625 - C4
+
+
+@triton.jit
+def _lop3_step_loads(
+    qw_ptr, s_ptr, z_ptr, p0, kp_hi, rp, rn, nmask, stride_qk, stride_sg, GROUP: tl.constexpr, EVEN: tl.constexpr
+):
+    """One K step's packed words [KP, BLOCK_N] and its group's scales and zero points [1, BLOCK_N] (fp32, 2-D so
+    that they take the words' layout: no layout change in shared memory)."""
+    pr = p0 + rp
+    ptrs = qw_ptr + pr[:, None].to(tl.int64) * stride_qk + rn[None, :]
+    g_off = (p0 * 8 // GROUP) * stride_sg + rn[None, :]  # GROUP constexpr: a shift, no division (G * N < 2^31)
+    if EVEN:
+        packed = tl.load(ptrs)
+        s = tl.load(s_ptr + g_off)
+        z = tl.load(z_ptr + g_off)
+    else:
+        valid = nmask[None, :] & ((p0 + 0 * rn[None, :]) < kp_hi)  # a tensor compare (the interpreter)
+        packed = tl.load(ptrs, mask=(pr < kp_hi)[:, None] & nmask[None, :], other=0)
+        s = tl.load(s_ptr + g_off, mask=valid, other=0.0)
+        z = tl.load(z_ptr + g_off, mask=valid, other=0.0)
+    return packed.to(tl.uint32, bitcast=True), s.to(tl.float32), z.to(tl.float32)
+
+
+@triton.jit
+def _lop3_step(packed, s, z, x_ptr, xk, xmask, acc, magic):
+    """acc [1, N] += s * sum over the step of (q - z) * x, x of the features xk [KP, 8] (8p + i) of one row."""
+    x = tl.load(x_ptr + xk, mask=xmask, other=0.0).to(tl.float32)
+    xs = _split8(tl.reshape(x, [x.shape[0], 2, 2, 2]))
+    c0 = z + 8388608.0  # 2^23 * 16^-j + z (exact)
+    c1 = z + 524288.0
+    c2 = z + 32768.0
+    c3 = z + 2048.0
+    c4 = z + 128.0
+    lo = packed | magic
+    hi = (packed >> 12) | magic
+    step = _lop3_nibble(lo, hi, 0, c0, c1, c2, c3, c4) * xs[0][:, None]
+    for i in tl.static_range(1, 8):
+        step += _lop3_nibble(lo, hi, i, c0, c1, c2, c3, c4) * xs[i][:, None]
+    return acc + tl.sum(step, 0, keep_dims=True) * s
+
+
+@triton.jit
+def _int4_gemv_lop3_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    part_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qk,
+    stride_sg,
+    stride_ym,
+    kp_per_split,
+    magic,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    EVEN: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_KP: tl.constexpr,
+    REDUCE_CHUNK: tl.constexpr,
+):
+    pid_k = tl.program_id(1)
+    # 0x4B000000 from an argument: a constant would let LLVM fold (w | m) & c into (w & c) | m, whose LOP3 then
+    # needs m in a register rebuilt by a MOV per weight (sm_90 code)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    rp = tl.arange(0, BLOCK_KP)
+    kp_lo = pid_k * kp_per_split
+    kp_hi = tl.minimum(K // 8, kp_lo + kp_per_split)
+    # one fp32 accumulator [1, N] per row (2-D: the words' layout, no layout change in shared memory); each
+    # thread holds its 4 columns' whole K step, so the sum over the step stays in registers
+    acc0 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    # software pipeline by hand: step i + 1's words, scales and zeros are in flight while step i is decoded
+    # (Triton's num_stages pipelines only loads that feed tl.dot)
+    packed, s, z = _lop3_step_loads(
+        qw_ptr, s_ptr, z_ptr, kp_lo, kp_hi, rp, rn, nmask, stride_qk, stride_sg, GROUP, EVEN
+    )
+    for p0 in range(kp_lo, kp_hi, BLOCK_KP):
+        nxt_packed, nxt_s, nxt_z = _lop3_step_loads(
+            qw_ptr, s_ptr, z_ptr, p0 + BLOCK_KP, kp_hi, rp, rn, nmask, stride_qk, stride_sg, GROUP, False
+        )
+        xk = (p0 + rp)[:, None] * 8 + tl.arange(0, 8)[None, :]  # the step's features 8p + i, [KP, 8]
+        xmask = xk < kp_hi * 8
+        acc0 = _lop3_step(packed, s, z, x_ptr, xk, xmask, acc0, magic)
+        if BLOCK_M > 1:  # the weights decoded once per row: M <= 4 (the decode is the cost, not the loads)
+            acc1 = _lop3_step(packed, s, z, x_ptr + stride_xm, xk, xmask & (xk * 0 + 1 < M), acc1, magic)
+        if BLOCK_M > 2:
+            acc2 = _lop3_step(packed, s, z, x_ptr + 2 * stride_xm, xk, xmask & (xk * 0 + 2 < M), acc2, magic)
+        if BLOCK_M > 3:
+            acc3 = _lop3_step(packed, s, z, x_ptr + 3 * stride_xm, xk, xmask & (xk * 0 + 3 < M), acc3, magic)
+        packed, s, z = nxt_packed, nxt_s, nxt_z
+    rows = (tl.reshape(acc0, [BLOCK_N]), tl.reshape(acc1, [BLOCK_N]), tl.reshape(acc2, [BLOCK_N]), tl.reshape(acc3, [BLOCK_N]))
+    if SPLIT:
+        for r in tl.static_range(BLOCK_M):
+            tl.store(part_ptr + (pid_k * M + r) * N + rn, rows[r], mask=nmask & (rn * 0 + r < M))
+        if FUSED_REDUCE:  # the column block's last program to finish sums the partials: no reduce kernel
+            tl.debug_barrier()  # every thread's partial is stored before the count
+            done = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+            if done == tl.num_programs(1) - 1:
+                rs = tl.arange(0, REDUCE_CHUNK)
+                for r in tl.static_range(BLOCK_M):
+                    # REDUCE_CHUNK partials loaded at once (in flight together, not one L2 latency each)
+                    tot = tl.zeros([BLOCK_N], dtype=tl.float32)
+                    for s0 in range(0, tl.num_programs(1), REDUCE_CHUNK):
+                        ks = s0 + rs
+                        chunk = tl.load(
+                            part_ptr + (ks[:, None] * M + r) * N + rn[None, :],
+                            mask=(ks < tl.num_programs(1))[:, None] & (nmask & (rn * 0 + r < M))[None, :],
+                            other=0.0,
+                            cache_modifier=".cg",  # from L2, where the other programs' stores are
+                        )
+                        tot += tl.sum(chunk, 0)
+                    _lop3_store_row(tot, r, rn, nmask & (rn * 0 + r < M), y_ptr, b_ptr, stride_ym, HAS_BIAS)
+                tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0)  # zero again for the next call or graph replay
+    else:
+        for r in tl.static_range(BLOCK_M):
+            _lop3_store_row(rows[r], r, rn, nmask & (rn * 0 + r < M), y_ptr, b_ptr, stride_ym, HAS_BIAS)
+
+
+@triton.jit
+def _lop3_store_row(v, r, rn, mask, y_ptr, b_ptr, stride_ym, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        v += tl.load(b_ptr + rn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + r * stride_ym + rn, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_y(acc, y_ptr, b_ptr, rm, rn, nmask, mask, stride_ym, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -234,15 +395,34 @@ def _split_counters(device: torch.device, blocks: int) -> torch.Tensor | None:
     return have if blocks <= have.numel() else None
 
 
-def default_int4_tiles(n: int, k: int, num_sms: int = 132) -> GemvTiles:
-    """256 columns (2 warps of 32 lanes x 4 int32: each thread holds its columns' whole K step, so the sum over
-    the step stays in registers), 64 features (8 packed rows) a step, split-K up to ~2 programs per SM with
-    at least 4 steps each. sm_90 code of this shape: ~4.9 instructions per weight in the loop, no spills, no
-    barriers. Best guesses until the H200 sweep (tools/bench_quant_gemv.py)."""
+def default_int4_tiles(n: int, k: int, num_sms: int = 132, fused_reduce: bool = False) -> GemvTiles:
+    """The magic / cvt kernels: 256 columns (2 warps of 32 lanes x 4 int32: each thread holds its columns' whole
+    K step, so the sum over the step stays in registers), 64 features (8 packed rows) a step, split-K up to ~2
+    programs per SM with at least 4 steps each; sm_90 code: 168 registers, ~5.0 instructions per weight in
+    the loop. Wide or deep projections take 128 columns on one warp and twice the splits instead: measured on
+    an H200 (2026-11-30, bench_quant_gemv_call7_safe_half.json, magic_fused) gate_up 28672 x 4096 36.8 us
+    vs 44.6 us, down 4096 x 14336 18.2 vs 19.1 us (with the fused reduce only: the magic kernel's two-kernel
+    reduce of 34 partials lost, 22.7 vs 21.2 us); qkv and o were slower with them (11.3 vs 10.6, 8.7 vs 8.4)."""
     block_n, block_k = 256, 64
-    col_blocks = triton.cdiv(n, block_n)
-    split = max(1, min(triton.cdiv(2 * num_sms, col_blocks), k // (4 * block_k)))
+    split = max(1, min(triton.cdiv(2 * num_sms, triton.cdiv(n, block_n)), k // (4 * block_k)))
+    if n >= 16384 or (k >= 8192 and fused_reduce):
+        return GemvTiles(128, block_k, split_k=max(1, min(2 * split, k // (4 * block_k))), num_warps=1)
     return GemvTiles(block_n, block_k, split_k=split, num_warps=2, num_stages=3)
+
+
+_MAGIC_2_23 = 0x4B000000  # the float 2^23 (an argument of the lop3 kernel: see there)
+
+
+def default_int4_lop3_tiles(n: int, k: int, num_sms: int = 132) -> GemvTiles:
+    """The lop3 kernel: 128 columns on one warp (4 per lane: 128-bit loads along N), 32 features (4 packed rows)
+    a step. sm_90 code of this shape (group 128, one row): 128 registers, no spills, ~4.3 instructions per
+    weight in the loop (magic 256x64 w2: 168 registers, ~5.0). At 128 registers 16 one-warp programs fit an
+    SM, so split-K aims at 16 programs per SM (one wave of 2,112 on 132 SMs), each at least 4 steps long: the
+    memory latency hidden by warps rather than by a long loop. Untimed until the H200 sweep."""
+    block_n, block_k = 128, 32
+    col_blocks = triton.cdiv(n, block_n)
+    split = max(1, min(triton.cdiv(16 * num_sms, col_blocks), k // (4 * block_k)))
+    return GemvTiles(block_n, block_k, split_k=split, num_warps=1, num_stages=1)
 
 
 def int4_gemv(
@@ -271,7 +451,9 @@ def int4_gemv(
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    tiles = tiles or default_int4_tiles(n, k)
+    lop3 = variant == "lop3" and g_idx is None  # act-order g_idx: the magic kernel's per-weight groups
+    tiles = tiles or (default_int4_lop3_tiles(n, k) if lop3 else default_int4_tiles(n, k, fused_reduce=fused_reduce))
+    lop3 = lop3 and group_size % tiles.block_k == 0  # groups smaller than a step: the magic kernel too
     if tiles.block_k % 8:
         raise ValueError(f"int4_gemv: block_k {tiles.block_k} is not whole packed rows")
     per_split, splits = split_k_range(k, tiles)
@@ -280,7 +462,40 @@ def int4_gemv(
     counters = (
         _split_counters(x.device, triton.cdiv(n, tiles.block_n)) if splits > 1 and fused_reduce else None
     )
-    if m:
+    if m and lop3:
+        _int4_gemv_lop3_kernel[(triton.cdiv(n, tiles.block_n), splits)](
+            x2,
+            qweight,
+            scales,
+            zeros,
+            bias if bias is not None else y,
+            y,
+            partials,
+            counters if counters is not None else qweight,
+            m,
+            n,
+            k,
+            x2.stride(0),
+            qweight.stride(0),
+            scales.stride(0),
+            y.stride(0),
+            per_split // 8,
+            _MAGIC_2_23,
+            HAS_BIAS=bias is not None,
+            SPLIT=splits > 1,
+            FUSED_REDUCE=counters is not None,
+            EVEN=n % tiles.block_n == 0 and k % per_split == 0,
+            GROUP=group_size,
+            BLOCK_M=triton.next_power_of_2(m),
+            BLOCK_N=tiles.block_n,
+            BLOCK_KP=tiles.block_k // 8,
+            REDUCE_CHUNK=8,
+            num_warps=tiles.num_warps,
+            num_stages=1,
+        )
+        if splits > 1 and counters is None:
+            split_k_reduce(partials, y, None, bias)
+    elif m:
         _int4_gemv_kernel[(triton.cdiv(n, tiles.block_n), splits)](
             x2,
             qweight,
@@ -305,7 +520,7 @@ def int4_gemv(
             SPLIT=splits > 1,
             FUSED_REDUCE=counters is not None,
             GROUP_UNIFORM=g_idx is None and group_size % tiles.block_k == 0,
-            MAGIC=variant == "magic",
+            MAGIC=variant in ("magic", "lop3"),  # lop3 falls back to the magic kernel off its fast path
             PRMT=x.is_cuda and not _interpreting(),
             BLOCK_M=triton.next_power_of_2(m),
             BLOCK_N=tiles.block_n,

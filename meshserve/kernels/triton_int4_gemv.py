@@ -14,6 +14,15 @@ Variants (tools/bench_quant_gemv.py, MESHSERVE_INT4_GEMV):
          ~4.9 sm_90 instructions per weight in the loop (one row: 2-D tiles, no shared memory)
   cvt    ((word >> 4i) & 15).to(fp32): one int -> float conversion per weight (16 / clock / SM on Hopper, about
          half the rate int4 weights arrive at 4+ TB/s), kept to measure the difference
+  lop3   (its own kernel, group-uniform steps only: act-order g_idx and groups smaller than a step run the magic
+         kernel) sm_90 code of magic showed ~1 MOV per weight (ptxas puts 0x4B000000 in PRMT's immediate and
+         rebuilds the selector in a register for each PRMT), 2 two-warp programs per SM (split-K aims at
+         ~2 programs per SM) and each step's words loaded only when needed (Triton pipelines only
+         loads that feed tl.dot): ~1 us of latency per 8 KB step with nothing else in flight. lop3 decodes
+         nibble j of (word | 2^23 bits) with one AND of one immediate (the float 2^23 + q * 16^j) and one FFMA
+         (* 16^-j - (2^23 * 16^-j + z): exact q - z), loads the next step's words, scales and zeros before
+         decoding this one, and runs 128 x 32 tiles on one warp at 127 registers, split-K aiming at 16
+         programs per SM: ~4.3 sm_90 instructions per weight (3.4 in the decode and FMAs), magic ~5.0
 Zero points and scales: when a K step lies inside one group (no g_idx, group_size a multiple of block_k), z is
 subtracted per weight and s applied once per column to the step's sum; otherwise (act-order g_idx, small groups)
 every weight is dequantized as (q - z) * s with its own group's scale (slower, the same numbers).

@@ -18,7 +18,7 @@ job_env() {  # NAME -> "ENV=... --quantization X" (the bench latency arguments a
   case $1 in
   bf16) echo "" ;;
   fp8_cvt | fp8_bits | fp8_dot | fp8_half | fp8_scaled_mm) echo "MESHSERVE_FP8_GEMV=${1#fp8_} --quantization fp8" ;;
-  awq_magic | awq_magic_fused | awq_cvt | awq_matmul) echo "MESHSERVE_INT4_GEMV=${1#awq_} --quantization awq" ;;
+  awq_magic | awq_magic_fused | awq_cvt | awq_lop3 | awq_lop3_fused | awq_matmul) echo "MESHSERVE_INT4_GEMV=${1#awq_} --quantization awq" ;;
   *) echo "unknown job $1" >&2; return 1 ;;
   esac
 }

@@ -69,6 +69,7 @@ def _int4_tiles(quick: bool):
     import triton
 
     from meshserve.kernels.gemv_tiles import GemvTiles
+
     def auto(block_n, block_k, warps):
         def tiles(n, k):
             # ~2 programs per SM like the first default (256x64 w2, split for ~2 per SM)
@@ -88,7 +89,13 @@ def _int4_tiles(quick: bool):
 
     default = [("default", None)]
     if quick:
-        return {"magic": default, "magic_fused": default, "cvt": default, "lop3": default, "lop3_fused": default}
+        return {
+            "magic": default,
+            "magic_fused": default,
+            "cvt": default,
+            "lop3": default,
+            "lop3_fused": default,
+        }
     rows = [
         ("256x64 w1 auto-split", auto(256, 64, 1)),
         ("128x64 w1 auto-split", auto(128, 64, 1)),

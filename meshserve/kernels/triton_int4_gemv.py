@@ -245,13 +245,25 @@ def _lop3_nibble(lo, hi, i: tl.constexpr, C0, C1, C2, C3, C4):
 
 @triton.jit
 def _lop3_step_loads(
-    qw_ptr, s_ptr, z_ptr, p0, kp_hi, rp, rn, nmask, stride_qk, stride_sg, GROUP: tl.constexpr, EVEN: tl.constexpr
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    p0,
+    kp_hi,
+    rp,
+    rn,
+    nmask,
+    stride_qk,
+    stride_sg,
+    GROUP: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """One K step's packed words [KP, BLOCK_N] and its group's scales and zero points [1, BLOCK_N] (fp32, 2-D so
     that they take the words' layout: no layout change in shared memory)."""
     pr = p0 + rp
     ptrs = qw_ptr + pr[:, None].to(tl.int64) * stride_qk + rn[None, :]
-    g_off = (p0 * 8 // GROUP) * stride_sg + rn[None, :]  # GROUP constexpr: a shift, no division (G * N < 2^31)
+    # GROUP constexpr: a shift, no division (int32 offsets: G * N < 2^31)
+    g_off = (p0 * 8 // GROUP) * stride_sg + rn[None, :]
     if EVEN:
         packed = tl.load(ptrs)
         s = tl.load(s_ptr + g_off)
@@ -344,7 +356,12 @@ def _int4_gemv_lop3_kernel(
         if BLOCK_M > 3:
             acc3 = _lop3_step(packed, s, z, x_ptr + 3 * stride_xm, xk, xmask & (xk * 0 + 3 < M), acc3, magic)
         packed, s, z = nxt_packed, nxt_s, nxt_z
-    rows = (tl.reshape(acc0, [BLOCK_N]), tl.reshape(acc1, [BLOCK_N]), tl.reshape(acc2, [BLOCK_N]), tl.reshape(acc3, [BLOCK_N]))
+    rows = (
+        tl.reshape(acc0, [BLOCK_N]),
+        tl.reshape(acc1, [BLOCK_N]),
+        tl.reshape(acc2, [BLOCK_N]),
+        tl.reshape(acc3, [BLOCK_N]),
+    )
     if SPLIT:
         for r in tl.static_range(BLOCK_M):
             tl.store(part_ptr + (pid_k * M + r) * N + rn, rows[r], mask=nmask & (rn * 0 + r < M))
@@ -461,7 +478,9 @@ def int4_gemv(
         x2 = x2.contiguous()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     lop3 = variant == "lop3" and g_idx is None  # act-order g_idx: the magic kernel's per-weight groups
-    tiles = tiles or (default_int4_lop3_tiles(n, k) if lop3 else default_int4_tiles(n, k, fused_reduce=fused_reduce))
+    tiles = tiles or (
+        default_int4_lop3_tiles(n, k) if lop3 else default_int4_tiles(n, k, fused_reduce=fused_reduce)
+    )
     lop3 = lop3 and group_size % tiles.block_k == 0  # groups smaller than a step: the magic kernel too
     if tiles.block_k % 8:
         raise ValueError(f"int4_gemv: block_k {tiles.block_k} is not whole packed rows")

@@ -149,10 +149,12 @@ def test_int4_gemv_interp(variant, m, group, act_order, tiles):
 @pytest.mark.parametrize(
     "m,n,k,group,tiles,fused",
     [
-        (1, 64, 256, 64, (32, 32, 2, 1), True),  # EVEN: no masks (N, K whole tiles and ranges), bias in the reduce
+        (1, 64, 256, 64, (32, 32, 2, 1), True),  # EVEN: no masks (whole tiles and ranges), bias in the reduce
         (4, 64, 256, 64, (32, 32, 2, 1), False),  # EVEN, four rows, the two-kernel reduce
-        (2, 48, 640, 128, (32, 32, 10, 2), True),  # 10 partials: two chunks of the fused reduce; a group is 4 steps
-        (3, 40, 256, 16, (32, 32, 2, 1), True),  # groups smaller than the step: the magic kernel, same numbers
+        # 10 partials: two chunks of the fused reduce; 4 steps a group
+        (2, 48, 640, 128, (32, 32, 10, 2), True),
+        # groups smaller than the step: the magic kernel, same numbers
+        (3, 40, 256, 16, (32, 32, 2, 1), True),
     ],
 )
 def test_int4_gemv_lop3_paths_interp(m, n, k, group, tiles, fused):

@@ -277,9 +277,9 @@ def _lop3_step_loads(
 
 
 @triton.jit
-def _lop3_step(packed, s, z, x_ptr, xk, xmask, acc, magic):
-    """acc [1, N] += s * sum over the step of (q - z) * x, x of the features xk [KP, 8] (8p + i) of one row."""
-    x = tl.load(x_ptr + xk, mask=xmask, other=0.0).to(tl.float32)
+def _lop3_step(packed, s, z, x, acc, magic):
+    """acc [1, N] += s * sum over the step of (q - z) * x, x [KP, 8] the step's features 8p + i of one row."""
+    x = x.to(tl.float32)
     xs = _split8(tl.reshape(x, [x.shape[0], 2, 2, 2]))
     c0 = z + 8388608.0  # 2^23 * 16^-j + z (exact)
     c1 = z + 524288.0
@@ -337,25 +337,36 @@ def _int4_gemv_lop3_kernel(
     acc1 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
     acc3 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-    # software pipeline by hand: step i + 1's words, scales and zeros are in flight while step i is decoded
+    # software pipeline by hand: step i + 1's words, scales, zeros and x (row 0) are in flight while step i is
+    # decoded
     # (Triton's num_stages pipelines only loads that feed tl.dot)
     packed, s, z = _lop3_step_loads(
         qw_ptr, s_ptr, z_ptr, kp_lo, kp_hi, rp, rn, nmask, stride_qk, stride_sg, GROUP, EVEN
+    )
+    r8 = tl.arange(0, 8)[None, :]
+    x0 = tl.load(
+        x_ptr + (kp_lo + rp)[:, None] * 8 + r8, mask=(kp_lo + rp)[:, None] * 8 + r8 < kp_hi * 8, other=0.0
     )
     for p0 in range(kp_lo, kp_hi, BLOCK_KP):
         nxt_packed, nxt_s, nxt_z = _lop3_step_loads(
             qw_ptr, s_ptr, z_ptr, p0 + BLOCK_KP, kp_hi, rp, rn, nmask, stride_qk, stride_sg, GROUP, False
         )
-        xk = (p0 + rp)[:, None] * 8 + tl.arange(0, 8)[None, :]  # the step's features 8p + i, [KP, 8]
+        xk = (p0 + rp)[:, None] * 8 + r8  # the step's features 8p + i, [KP, 8]
         xmask = xk < kp_hi * 8
-        acc0 = _lop3_step(packed, s, z, x_ptr, xk, xmask, acc0, magic)
+        nxt_x0 = tl.load(
+            x_ptr + xk + BLOCK_KP * 8, mask=xk + BLOCK_KP * 8 < kp_hi * 8, other=0.0
+        )  # row 0 too
+        acc0 = _lop3_step(packed, s, z, x0, acc0, magic)
         if BLOCK_M > 1:  # the weights decoded once per row: M <= 4 (the decode is the cost, not the loads)
-            acc1 = _lop3_step(packed, s, z, x_ptr + stride_xm, xk, xmask & (xk * 0 + 1 < M), acc1, magic)
+            x = tl.load(x_ptr + stride_xm + xk, mask=xmask & (xk * 0 + 1 < M), other=0.0)
+            acc1 = _lop3_step(packed, s, z, x, acc1, magic)
         if BLOCK_M > 2:
-            acc2 = _lop3_step(packed, s, z, x_ptr + 2 * stride_xm, xk, xmask & (xk * 0 + 2 < M), acc2, magic)
+            x = tl.load(x_ptr + 2 * stride_xm + xk, mask=xmask & (xk * 0 + 2 < M), other=0.0)
+            acc2 = _lop3_step(packed, s, z, x, acc2, magic)
         if BLOCK_M > 3:
-            acc3 = _lop3_step(packed, s, z, x_ptr + 3 * stride_xm, xk, xmask & (xk * 0 + 3 < M), acc3, magic)
-        packed, s, z = nxt_packed, nxt_s, nxt_z
+            x = tl.load(x_ptr + 3 * stride_xm + xk, mask=xmask & (xk * 0 + 3 < M), other=0.0)
+            acc3 = _lop3_step(packed, s, z, x, acc3, magic)
+        packed, s, z, x0 = nxt_packed, nxt_s, nxt_z, nxt_x0
     rows = (
         tl.reshape(acc0, [BLOCK_N]),
         tl.reshape(acc1, [BLOCK_N]),

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from meshserve.kernels.gemv_tiles import GemvTiles, split_k_range, split_k_reduce
 
-INT4_GEMV_VARIANTS = ("magic", "cvt", "lop3")
+INT4_GEMV_VARIANTS = ("magic", "cvt", "lop3", "half")
 
 
 def _interpreting() -> bool:
@@ -294,6 +294,98 @@ def _lop3_step(packed, s, z, x, acc, magic):
     return acc + tl.sum(step, 0, keep_dims=True) * s
 
 
+HALF_X_MAX = tl.constexpr(32.0)  # the half variant scales each step's x to this largest |x| (see _half_step)
+
+
+@triton.jit
+def _pack_half2(lo, hi, ASM: tl.constexpr):
+    """fp32 lo, hi -> the uint32 of the fp16 pair (lo in bits 0-15), one cvt.rn.f16x2.f32 (F2FP)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.uint32, is_pure=True, pack=1
+        )
+    else:
+        lo16 = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        hi16 = hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        return lo16 | (hi16 << 16)
+
+
+# one packed word (8 nibbles) against 4 fp16 pairs of x: nibbles (j, j + 4) decode into one f16x2 with one LOP3
+# each (mask 0x000F000F: 1024 + q; mask 0x00F000F0: 1024 + 16q, whose x is pre-divided by 16), one HSUB2 of
+# (1024 + z) or (1024 + 16z) makes them the exact (q - z) or 16 (q - z), one HFMA2 sums; the two fp16 halves are
+# added in fp32. 13 instructions for 8 weights before the fp32 sum.
+_HALF_WORD_ASM = tl.constexpr("""{
+.reg .b32 t, u, a;
+.reg .f16 l, h;
+.reg .f32 fl, fh;
+lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 t, t, $2;
+mul.rn.f16x2 a, t, $4;
+lop3.b32 t, $1, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 t, t, $3;
+fma.rn.f16x2 a, t, $5, a;
+shr.b32 u, $1, 8;
+lop3.b32 t, u, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 t, t, $2;
+fma.rn.f16x2 a, t, $6, a;
+lop3.b32 t, u, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 t, t, $3;
+fma.rn.f16x2 a, t, $7, a;
+mov.b32 {l, h}, a;
+cvt.f32.f16 fl, l;
+cvt.f32.f16 fh, h;
+add.f32 $0, fl, fh;
+}""")
+
+
+@triton.jit
+def _half_step(packed, s, z, x, acc, ASM: tl.constexpr):
+    """acc [1, N] += s * sum over the step of (q - z) * x in packed fp16 (HFMA2: two weights an instruction):
+    x of the step scaled so that its largest |x| is HALF_X_MAX, each word's 8 products summed in fp16 (at most
+    4 products of |q - z| <= 15 and |x| <= 32 per half: < 2,000, far from fp16's 65,504 whatever x holds), the
+    words summed in fp32 and the scale undone once per step. ASM: inline PTX (compiled code); else the same
+    fp16 roundings spelled with tensors (the interpreter runs no inline PTX)."""
+    x = x.to(tl.float32)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-30)
+    inv = HALF_X_MAX / amax
+    xs = _split8(tl.reshape(x, [x.shape[0], 2, 2, 2]))
+    if ASM:
+        inv16 = inv * 0.0625  # the odd pairs' weights decode as 16 (q - z)
+        p0 = _pack_half2(xs[0] * inv, xs[4] * inv, ASM)[:, None]
+        p1 = _pack_half2(xs[1] * inv16, xs[5] * inv16, ASM)[:, None]
+        p2 = _pack_half2(xs[2] * inv, xs[6] * inv, ASM)[:, None]
+        p3 = _pack_half2(xs[3] * inv16, xs[7] * inv16, ASM)[:, None]
+        zl = z + 1024.0
+        zh = z * 16.0 + 1024.0
+        part = tl.inline_asm_elementwise(
+            _HALF_WORD_ASM,
+            "=f,r,r,r,r,r,r,r",
+            [packed, _pack_half2(zl, zl, ASM), _pack_half2(zh, zh, ASM), p0, p1, p2, p3],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        part = tl.zeros(packed.shape, dtype=tl.float32)
+        for half in tl.static_range(2):  # the low halves: nibbles 0..3, the high halves: 4..7
+            a = tl.zeros(packed.shape, dtype=tl.float16)
+            for j in tl.static_range(4):
+                i: tl.constexpr = j + 4 * half
+                w16 = (((packed >> (4 * i)) & 15).to(tl.float32) - z) * (16.0 if j % 2 else 1.0)  # exact
+                xh = (xs[i] * (inv * (0.0625 if j % 2 else 1.0))).to(tl.float16)
+                a += w16.to(tl.float16) * xh[:, None]  # fp16 products and sums
+            part += a.to(tl.float32)
+    return acc + tl.sum(part, 0, keep_dims=True) * (s * (amax / HALF_X_MAX))
+
+
+@triton.jit
+def _word_step(packed, s, z, x, acc, magic, HALF: tl.constexpr, HALF_ASM: tl.constexpr):
+    if HALF:
+        return _half_step(packed, s, z, x, acc, HALF_ASM)
+    else:
+        return _lop3_step(packed, s, z, x, acc, magic)
+
+
 @triton.jit
 def _int4_gemv_lop3_kernel(
     x_ptr,
@@ -318,6 +410,8 @@ def _int4_gemv_lop3_kernel(
     FUSED_REDUCE: tl.constexpr,
     EVEN: tl.constexpr,
     GROUP: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_KP: tl.constexpr,
@@ -356,16 +450,16 @@ def _int4_gemv_lop3_kernel(
         nxt_x0 = tl.load(
             x_ptr + xk + BLOCK_KP * 8, mask=xk + BLOCK_KP * 8 < kp_hi * 8, other=0.0
         )  # row 0 too
-        acc0 = _lop3_step(packed, s, z, x0, acc0, magic)
+        acc0 = _word_step(packed, s, z, x0, acc0, magic, HALF, HALF_ASM)
         if BLOCK_M > 1:  # the weights decoded once per row: M <= 4 (the decode is the cost, not the loads)
             x = tl.load(x_ptr + stride_xm + xk, mask=xmask & (xk * 0 + 1 < M), other=0.0)
-            acc1 = _lop3_step(packed, s, z, x, acc1, magic)
+            acc1 = _word_step(packed, s, z, x, acc1, magic, HALF, HALF_ASM)
         if BLOCK_M > 2:
             x = tl.load(x_ptr + 2 * stride_xm + xk, mask=xmask & (xk * 0 + 2 < M), other=0.0)
-            acc2 = _lop3_step(packed, s, z, x, acc2, magic)
+            acc2 = _word_step(packed, s, z, x, acc2, magic, HALF, HALF_ASM)
         if BLOCK_M > 3:
             x = tl.load(x_ptr + 3 * stride_xm + xk, mask=xmask & (xk * 0 + 3 < M), other=0.0)
-            acc3 = _lop3_step(packed, s, z, x, acc3, magic)
+            acc3 = _word_step(packed, s, z, x, acc3, magic, HALF, HALF_ASM)
         packed, s, z, x0 = nxt_packed, nxt_s, nxt_z, nxt_x0
     rows = (
         tl.reshape(acc0, [BLOCK_N]),
@@ -488,7 +582,7 @@ def int4_gemv(
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    lop3 = variant == "lop3" and g_idx is None  # act-order g_idx: the magic kernel's per-weight groups
+    lop3 = variant in ("lop3", "half") and g_idx is None  # act-order g_idx: the magic kernel's per-weight groups
     tiles = tiles or (
         default_int4_lop3_tiles(n, k) if lop3 else default_int4_tiles(n, k, fused_reduce=fused_reduce)
     )
@@ -525,6 +619,8 @@ def int4_gemv(
             FUSED_REDUCE=counters is not None,
             EVEN=n % tiles.block_n == 0 and k % per_split == 0,
             GROUP=group_size,
+            HALF=variant == "half",
+            HALF_ASM=x.is_cuda and not _interpreting(),
             BLOCK_M=triton.next_power_of_2(m),
             BLOCK_N=tiles.block_n,
             BLOCK_KP=tiles.block_k // 8,
@@ -559,7 +655,7 @@ def int4_gemv(
             SPLIT=splits > 1,
             FUSED_REDUCE=counters is not None,
             GROUP_UNIFORM=g_idx is None and group_size % tiles.block_k == 0,
-            MAGIC=variant in ("magic", "lop3"),  # lop3 falls back to the magic kernel off its fast path
+            MAGIC=variant in ("magic", "lop3", "half"),  # lop3 falls back to the magic kernel off its fast path
             PRMT=x.is_cuda and not _interpreting(),
             BLOCK_M=triton.next_power_of_2(m),
             BLOCK_N=tiles.block_n,

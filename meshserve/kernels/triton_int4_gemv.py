@@ -14,6 +14,11 @@ Variants (tools/bench_quant_gemv.py, MESHSERVE_INT4_GEMV):
          ~4.9 sm_90 instructions per weight in the loop (one row: 2-D tiles, no shared memory)
   cvt    ((word >> 4i) & 15).to(fp32): one int -> float conversion per weight (16 / clock / SM on Hopper, about
          half the rate int4 weights arrive at 4+ TB/s), kept to measure the difference
+  half   lop3's kernel with the words decoded as fp16 pairs in inline PTX: nibbles (j, j + 4) of a word become
+         one f16x2 with one LOP3 (1024 + q, or 1024 + 16q with x pre-divided by 16), one HSUB2 gives the exact
+         (q - z), one HFMA2 multiplies two weights by two x: each step's x is scaled so that its largest |x|
+         is 32 (as the fp8 half GEMV does: no activation can overflow the fp16 sums of 16 products), 2 words
+         summed in fp16 then in fp32; ~3.5 sm_90 instructions per weight (96 registers), ~5e-4 relative error
   lop3   (its own kernel, group-uniform steps only: act-order g_idx and groups smaller than a step run the magic
          kernel) sm_90 code of magic showed ~1 MOV per weight (ptxas puts 0x4B000000 in PRMT's immediate and
          rebuilds the selector in a register for each PRMT), 2 two-warp programs per SM (split-K aims at
@@ -40,7 +45,7 @@ import triton.language as tl
 
 from meshserve.kernels.gemv_tiles import GemvTiles, split_k_range, split_k_reduce
 
-INT4_GEMV_VARIANTS = ("magic", "cvt", "lop3", "half")
+INT4_GEMV_VARIANTS = ("magic", "cvt", "lop3", "half")  # half: lop3 in fp16x2
 
 
 def _interpreting() -> bool:
@@ -310,27 +315,40 @@ def _pack_half2(lo, hi, ASM: tl.constexpr):
         return lo16 | (hi16 << 16)
 
 
-# one packed word (8 nibbles) against 4 fp16 pairs of x: nibbles (j, j + 4) decode into one f16x2 with one LOP3
-# each (mask 0x000F000F: 1024 + q; mask 0x00F000F0: 1024 + 16q, whose x is pre-divided by 16), one HSUB2 of
-# (1024 + z) or (1024 + 16z) makes them the exact (q - z) or 16 (q - z), one HFMA2 sums; the two fp16 halves are
-# added in fp32. 13 instructions for 8 weights before the fp32 sum.
-_HALF_WORD_ASM = tl.constexpr("""{
+# two packed words (16 weights: K rows 2r and 2r + 1 of a column) against 8 fp16 pairs of x: nibbles (j, j + 4)
+# of a word decode into one f16x2 with one LOP3 each (mask 0x000F000F: 1024 + q; mask 0x00F000F0: 1024 + 16q,
+# whose x is pre-divided by 16), one HSUB2 of (1024 + z) or (1024 + 16z) makes them the exact (q - z) or
+# 16 (q - z), one HFMA2 sums: 26 instructions for 16 weights, then the two fp16 halves added in fp32 (3 more).
+_HALF_WORDS_ASM = tl.constexpr("""{
 .reg .b32 t, u, a;
 .reg .f16 l, h;
 .reg .f32 fl, fh;
 lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, $2;
-mul.rn.f16x2 a, t, $4;
-lop3.b32 t, $1, 0x00F000F0, 0x64006400, 0xEA;
 sub.f16x2 t, t, $3;
-fma.rn.f16x2 a, t, $5, a;
+mul.rn.f16x2 a, t, $5;
+lop3.b32 t, $1, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 t, t, $4;
+fma.rn.f16x2 a, t, $6, a;
 shr.b32 u, $1, 8;
 lop3.b32 t, u, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, $2;
-fma.rn.f16x2 a, t, $6, a;
-lop3.b32 t, u, 0x00F000F0, 0x64006400, 0xEA;
 sub.f16x2 t, t, $3;
 fma.rn.f16x2 a, t, $7, a;
+lop3.b32 t, u, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 t, t, $4;
+fma.rn.f16x2 a, t, $8, a;
+lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 t, t, $3;
+fma.rn.f16x2 a, t, $9, a;
+lop3.b32 t, $2, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 t, t, $4;
+fma.rn.f16x2 a, t, $10, a;
+shr.b32 u, $2, 8;
+lop3.b32 t, u, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 t, t, $3;
+fma.rn.f16x2 a, t, $11, a;
+lop3.b32 t, u, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 t, t, $4;
+fma.rn.f16x2 a, t, $12, a;
 mov.b32 {l, h}, a;
 cvt.f32.f16 fl, l;
 cvt.f32.f16 fh, h;
@@ -339,41 +357,66 @@ add.f32 $0, fl, fh;
 
 
 @triton.jit
+def _pairs(t):
+    """t [2P, ...] -> (t[0::2], t[1::2]): rows 2r and 2r + 1 (in registers: a thread holds all rows)."""
+    if len(t.shape) == 1:
+        return tl.split(tl.reshape(t, [t.shape[0] // 2, 2]))
+    else:
+        return tl.split(tl.permute(tl.reshape(t, [t.shape[0] // 2, 2, t.shape[1]]), [0, 2, 1]))
+
+
+@triton.jit
 def _half_step(packed, s, z, x, acc, ASM: tl.constexpr):
     """acc [1, N] += s * sum over the step of (q - z) * x in packed fp16 (HFMA2: two weights an instruction):
-    x of the step scaled so that its largest |x| is HALF_X_MAX, each word's 8 products summed in fp16 (at most
-    4 products of |q - z| <= 15 and |x| <= 32 per half: < 2,000, far from fp16's 65,504 whatever x holds), the
-    words summed in fp32 and the scale undone once per step. ASM: inline PTX (compiled code); else the same
-    fp16 roundings spelled with tensors (the interpreter runs no inline PTX)."""
+    x of the step scaled so that its largest |x| is HALF_X_MAX, two words' 16 products per column summed in
+    fp16 (8 products of |q - z| <= 15 and |x| <= 32 per half: < 4,000, far from fp16's 65,504 whatever x
+    holds), those sums added in fp32 and the scale undone once per step. ASM: inline PTX (compiled code);
+    else the same fp16 roundings spelled with tensors (the interpreter runs no inline PTX)."""
     x = x.to(tl.float32)
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-30)
     inv = HALF_X_MAX / amax
     xs = _split8(tl.reshape(x, [x.shape[0], 2, 2, 2]))
+    wa, wb = _pairs(packed)
     if ASM:
         inv16 = inv * 0.0625  # the odd pairs' weights decode as 16 (q - z)
-        p0 = _pack_half2(xs[0] * inv, xs[4] * inv, ASM)[:, None]
-        p1 = _pack_half2(xs[1] * inv16, xs[5] * inv16, ASM)[:, None]
-        p2 = _pack_half2(xs[2] * inv, xs[6] * inv, ASM)[:, None]
-        p3 = _pack_half2(xs[3] * inv16, xs[7] * inv16, ASM)[:, None]
+        pa0, pb0 = _pairs(_pack_half2(xs[0] * inv, xs[4] * inv, ASM))
+        pa1, pb1 = _pairs(_pack_half2(xs[1] * inv16, xs[5] * inv16, ASM))
+        pa2, pb2 = _pairs(_pack_half2(xs[2] * inv, xs[6] * inv, ASM))
+        pa3, pb3 = _pairs(_pack_half2(xs[3] * inv16, xs[7] * inv16, ASM))
         zl = z + 1024.0
         zh = z * 16.0 + 1024.0
         part = tl.inline_asm_elementwise(
-            _HALF_WORD_ASM,
-            "=f,r,r,r,r,r,r,r",
-            [packed, _pack_half2(zl, zl, ASM), _pack_half2(zh, zh, ASM), p0, p1, p2, p3],
+            _HALF_WORDS_ASM,
+            "=f,r,r,r,r,r,r,r,r,r,r,r,r",
+            [
+                wa,
+                wb,
+                _pack_half2(zl, zl, ASM),
+                _pack_half2(zh, zh, ASM),
+                pa0[:, None],
+                pa1[:, None],
+                pa2[:, None],
+                pa3[:, None],
+                pb0[:, None],
+                pb1[:, None],
+                pb2[:, None],
+                pb3[:, None],
+            ],
             dtype=tl.float32,
             is_pure=True,
             pack=1,
         )
     else:
-        part = tl.zeros(packed.shape, dtype=tl.float32)
+        part = tl.zeros(wa.shape, dtype=tl.float32)
         for half in tl.static_range(2):  # the low halves: nibbles 0..3, the high halves: 4..7
-            a = tl.zeros(packed.shape, dtype=tl.float16)
-            for j in tl.static_range(4):
-                i: tl.constexpr = j + 4 * half
-                w16 = (((packed >> (4 * i)) & 15).to(tl.float32) - z) * (16.0 if j % 2 else 1.0)  # exact
-                xh = (xs[i] * (inv * (0.0625 if j % 2 else 1.0))).to(tl.float16)
-                a += w16.to(tl.float16) * xh[:, None]  # fp16 products and sums
+            a = tl.zeros(wa.shape, dtype=tl.float16)
+            for r in tl.static_range(2):  # rows 2r, 2r + 1
+                w = wa if r == 0 else wb
+                for j in tl.static_range(4):
+                    i: tl.constexpr = j + 4 * half
+                    w16 = (((w >> (4 * i)) & 15).to(tl.float32) - z) * (16.0 if j % 2 else 1.0)  # exact
+                    xh = _pairs(xs[i] * (inv * (0.0625 if j % 2 else 1.0)))[r].to(tl.float16)
+                    a += w16.to(tl.float16) * xh[:, None]  # fp16 products and sums
             part += a.to(tl.float32)
     return acc + tl.sum(part, 0, keep_dims=True) * (s * (amax / HALF_X_MAX))
 
@@ -545,11 +588,13 @@ _MAGIC_2_23 = 0x4B000000  # the float 2^23 (an argument of the lop3 kernel: see 
 
 
 def default_int4_lop3_tiles(n: int, k: int, num_sms: int = 132) -> GemvTiles:
-    """The lop3 kernel: 128 columns on one warp (4 per lane: 128-bit loads along N), 32 features (4 packed rows)
-    a step. sm_90 code of this shape (group 128, one row): 128 registers, no spills, ~4.3 instructions per
-    weight in the loop (magic 256x64 w2: 168 registers, ~5.0). At 128 registers 16 one-warp programs fit an
-    SM, so split-K aims at 16 programs per SM (one wave of 2,112 on 132 SMs), each at least 4 steps long: the
-    memory latency hidden by warps rather than by a long loop. Untimed until the H200 sweep."""
+    """The lop3 / half kernel: 128 columns on one warp (4 per lane: 128-bit loads along N), 32 features (4
+    packed rows) a step. sm_90 code of this shape (group 128, one row): lop3 128 registers, ~4.3 instructions
+    per weight in the loop; half 96 registers, ~3.5 (magic 256x64 w2: 168 registers, ~5.0); no spills. At
+    <= 128 registers 16 one-warp programs fit an SM, so split-K aims at 16 programs per SM (one wave of 2,112
+    on 132 SMs), each at least 4 steps long: the memory latency hidden by warps rather than by a long loop.
+    Untimed until the H200 sweep (tools/bench_quant_gemv.py also times 64-feature steps: half ~3.0
+    instructions per weight at 168 registers)."""
     block_n, block_k = 128, 32
     col_blocks = triton.cdiv(n, block_n)
     split = max(1, min(triton.cdiv(16 * num_sms, col_blocks), k // (4 * block_k)))
@@ -582,13 +627,15 @@ def int4_gemv(
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    lop3 = variant in ("lop3", "half") and g_idx is None  # act-order g_idx: the magic kernel's per-weight groups
+    lop3 = (
+        variant in ("lop3", "half") and g_idx is None
+    )  # act-order g_idx: the magic kernel's per-weight groups
     tiles = tiles or (
         default_int4_lop3_tiles(n, k) if lop3 else default_int4_tiles(n, k, fused_reduce=fused_reduce)
     )
     lop3 = lop3 and group_size % tiles.block_k == 0  # groups smaller than a step: the magic kernel too
-    if tiles.block_k % 8:
-        raise ValueError(f"int4_gemv: block_k {tiles.block_k} is not whole packed rows")
+    if tiles.block_k % (16 if lop3 and variant == "half" else 8):  # half: packed rows in pairs
+        raise ValueError(f"int4_gemv: block_k {tiles.block_k} is not whole packed rows (pairs for half)")
     per_split, splits = split_k_range(k, tiles)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     partials = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
@@ -655,7 +702,8 @@ def int4_gemv(
             SPLIT=splits > 1,
             FUSED_REDUCE=counters is not None,
             GROUP_UNIFORM=g_idx is None and group_size % tiles.block_k == 0,
-            MAGIC=variant in ("magic", "lop3", "half"),  # lop3 falls back to the magic kernel off its fast path
+            MAGIC=variant
+            in ("magic", "lop3", "half"),  # lop3 falls back to the magic kernel off its fast path
             PRMT=x.is_cuda and not _interpreting(),
             BLOCK_M=triton.next_power_of_2(m),
             BLOCK_N=tiles.block_n,

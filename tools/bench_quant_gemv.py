@@ -95,6 +95,8 @@ def _int4_tiles(quick: bool):
             "cvt": default,
             "lop3": default,
             "lop3_fused": default,
+            "half": default,
+            "half_fused": default,
         }
     rows = [
         ("256x64 w1 auto-split", auto(256, 64, 1)),
@@ -116,6 +118,13 @@ def _int4_tiles(quick: bool):
         "cvt": default + rows[:1],
         "lop3_fused": default + lop3_rows,
         "lop3": default + lop3_rows[:1],
+        "half_fused": default
+        + [
+            ("half 128x64 w1 12/SM", lop3(128, 64, 1, 12)),  # 168 registers, ~3.0 instructions per weight
+            ("half 128x32 w1 24/SM", lop3(128, 32, 1, 24)),
+            ("half 256x32 w2 8/SM", lop3(256, 32, 2, 8)),
+        ],
+        "half": default,
     }
 
 

@@ -35,6 +35,7 @@ from meshserve.engine.mixed_graph import (
 )
 from meshserve.engine.pipeline_stage import StageIO, pipeline_depth
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, StepTimer, TokenLogprobs
+from meshserve.engine.sampling_warmup import warm_up_sampling
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.step_inputs import StepInputBuilder
 from meshserve.engine.step_profiler import StepProfiler
@@ -243,6 +244,11 @@ class ModelRunner:
             self.mixed_graphs = self.build_mixed_graphs(stage_input)
             if self.mixed_graphs is not None:
                 self.mixed_graphs.capture(pool=self.graphs.pool)  # one pool for all graphs
+        if self.device.type == "cuda" and get_parallel_state().is_last_stage:
+            # the sampling paths' kernels (sampler, LM head GEMV, grammar masks) before the first request
+            warm_up_sampling(self.model.compute_logits, self.sampling.sampler,
+                             self.config.model_config.hf_config.hidden_size, self.dtype, self.vocab_size,
+                             self.device)
 
     def _stage_input(self) -> tuple[int, torch.dtype] | None:
         """(hidden size, dtype) of the activations this rank receives from the previous stage, or None."""

@@ -85,3 +85,26 @@ def test_warm_up_skips_grammar_masks_without_xgrammar(monkeypatch):
     done, _, calls = _run(monkeypatch)
     assert calls["bitmask_rows"] == [] and not any(n.startswith("bitmask") for n in done)
     assert "top_k+top_p" in done
+
+
+def test_warm_up_through_a_real_runner(tiny_model_dir):
+    """The runner's own LM head and Sampler (CPU: the torch paths and xgrammar's CPU kernel)."""
+    from meshserve import LLM
+
+    llm = LLM(
+        model=tiny_model_dir("llama"), max_model_len=64, max_num_seqs=4, num_gpu_blocks_override=32, seed=0
+    )
+    try:
+        runner = llm.engine.runner
+        hidden = runner.config.model_config.hf_config.hidden_size
+        done = warm_up_sampling(
+            runner.model.compute_logits,
+            runner.sampling.sampler,
+            hidden,
+            runner.dtype,
+            runner.vocab_size,
+            runner.device,
+        )
+        assert done == [c.name for c in warmup_cases()]
+    finally:
+        llm.shutdown()

@@ -7,7 +7,9 @@ Triton cache then pays ~0.5 s in some user's step, issue 18):
     chunked-context variant (query offsets, log-sum-exp) and merges the pieces (triton_lse_merge);
   * a mixed step past the mixed-step graphs (--max-cudagraph-tokens) or without them: the decode kernel beside
     the unified prefill kernel, eagerly, at whatever KV split count the batch's shape gives (the split kernel
-    compiles apart for one split, the reduce kernel once per power of two).
+    compiles apart for one split, the reduce kernel once per power of two);
+  * decode-only steps run eagerly (--enforce-eager, or past the decode graphs): the batch-1 GEMVs;
+  * a draft model (speculative decoding), which runs every step eagerly: all of the above at its shapes.
 Each warm-up step writes only to cache blocks no sequence owns yet and samples nothing.
 """
 
@@ -46,6 +48,26 @@ def context_prefill_steps(block_size: int, num_blocks: int, limit: int) -> list[
     while q <= limit and -(-(block_size + q) // block_size) <= num_blocks:
         steps.append([_seq("warmup-ctx", q, block_size, 0, block_size)])
         q *= 2
+    return steps
+
+
+def fresh_prefill_steps(block_size: int, num_blocks: int, limit: int) -> list[list[ScheduledSequence]]:
+    """One step per power-of-two prompt length 2..limit, nothing cached (ModelRunner.warm_up_prefill's steps,
+    for a draft model)."""
+    steps, q = [], 2
+    while q <= limit and -(-q // block_size) <= num_blocks:
+        steps.append([_seq("warmup-prefill", q, 0, 0, block_size)])
+        q *= 2
+    return steps
+
+
+def decode_steps(block_size: int, num_blocks: int) -> list[list[ScheduledSequence]]:
+    """Decode-only steps of one row (the batch-1 GEMVs) and of two, each row behind one cached block."""
+    steps = []
+    for rows in (1, 2):
+        if 2 * rows > num_blocks:
+            break
+        steps.append([_seq(f"warmup-decode-{i}", 1, block_size, 2 * i, block_size) for i in range(rows)])
     return steps
 
 
@@ -100,13 +122,24 @@ def max_decode_splits(layers) -> int:
 
 @torch.inference_mode()
 def warm_up_eager_steps(
-    prepare, forward, layers, block_size: int, num_blocks: int, limit: int, device: torch.device
+    prepare,
+    forward,
+    layers,
+    block_size: int,
+    num_blocks: int,
+    limit: int,
+    device: torch.device,
+    fresh: bool = False,
+    what: str = "eager step variants",
 ) -> int:
-    """Run the context-prefill steps, then the mixed step once per split count, through prepare (the runner's
-    _prepare) and its plain forward. Returns the number of steps run."""
+    """Run (fresh: the fresh prefill steps first) the context-prefill and decode-only steps, then the mixed step
+    once per split count, through prepare (the runner's _prepare) and its plain forward. Returns the number of
+    steps run."""
     t0 = time.perf_counter()
     steps = 0
-    for step in context_prefill_steps(block_size, num_blocks, limit):
+    plain = fresh_prefill_steps(block_size, num_blocks, limit) if fresh else []
+    plain += context_prefill_steps(block_size, num_blocks, limit) + decode_steps(block_size, num_blocks)
+    for step in plain:
         forward(*prepare(step))
         steps += 1
     mixed = mixed_step(block_size, num_blocks)
@@ -117,5 +150,31 @@ def warm_up_eager_steps(
             steps += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    logger.info("eager step variants warmed up in %.1f s (%d steps)", time.perf_counter() - t0, steps)
+    logger.info("%s warmed up in %.1f s (%d steps)", what, time.perf_counter() - t0, steps)
     return steps
+
+
+def warm_up_draft_model(drafter, block_size: int, num_blocks: int, limit: int, device: torch.device) -> int:
+    """The draft model of speculative decoding runs every step eagerly (spec_decode/draft_model.py): its kernels,
+    at its own shapes, meet no profile run, prefill warm-up or graph capture. The same steps on its own pool
+    and input builder, fresh prefills included, then its argmax over one row of logits and over two."""
+    from meshserve.distributed.parallel_state import tensor_parallel_forward
+
+    def prepare(step):
+        return drafter.inputs.build(step, 0, None, {})
+
+    def forward(input_ids, positions, meta):
+        with tensor_parallel_forward():
+            return drafter.model(input_ids, positions, meta, None)
+
+    layers = drafter.model.attention_layers()
+    n = warm_up_eager_steps(
+        prepare, forward, layers, block_size, num_blocks, limit, device, fresh=True, what="draft model steps"
+    )
+    hidden_size = drafter.config.model_config.hf_config.hidden_size
+    dtype = next(drafter.model.parameters()).dtype
+    for rows in (1, 2):
+        drafter.model.compute_logits(torch.zeros(rows, hidden_size, dtype=dtype, device=device)).argmax(
+            dim=-1
+        )
+    return n

@@ -26,7 +26,7 @@ from meshserve.distributed.parallel_state import (
 )
 from meshserve.engine.cpu_threads import set_cpu_threads
 from meshserve.engine.cuda_graph import DecodeGraphs, attention_split_counts
-from meshserve.engine.eager_warmup import warm_up_eager_steps
+from meshserve.engine.eager_warmup import warm_up_draft_model, warm_up_eager_steps
 from meshserve.engine.kv_pool import KVCachePool, largest_step
 from meshserve.engine.mixed_graph import (
     MixedStepGraphs,
@@ -299,6 +299,8 @@ class ModelRunner:
         # chunks behind cached tokens, and eager mixed steps at every KV split count (eager_warmup.py)
         warm_up_eager_steps(self._prepare, self.forward, self.model.attention_layers(), self.block_size, num_blocks,
                             limit, self.device)
+        if self.drafter is not None:
+            warm_up_draft_model(self.drafter, self.block_size, num_blocks, limit, self.device)
 
     # -- one step --------------------------------------------------------------------------------
     def forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):

@@ -8,10 +8,13 @@ import torch
 
 from meshserve.engine.eager_warmup import (
     context_prefill_steps,
+    decode_steps,
     forced_decode_splits,
+    fresh_prefill_steps,
     max_decode_splits,
     mixed_step,
     split_counts,
+    warm_up_draft_model,
     warm_up_eager_steps,
 )
 from meshserve.kernels.triton_attention import TritonAttentionBackend
@@ -70,10 +73,30 @@ def test_warm_up_runs_the_mixed_step_at_every_split_count():
         seen.append(([s.num_new_tokens for s in step], backend.decode_num_splits))
 
     n = warm_up_eager_steps(prepare, forward, layers, 16, 100, 8, torch.device("cpu"))
-    assert seen[:3] == [([2], None), ([4], None), ([8], None)]
-    assert [splits for _, splits in seen[3:]] == [1, 2, 4, 8, 16]
-    assert all(len(tokens) == 2 for tokens, _ in seen[3:]) and n == len(seen) == 8
+    # chunks behind a cached block, decode-only steps of 1 and 2 rows, then the mixed step per split count
+    assert seen[:5] == [([2], None), ([4], None), ([8], None), ([1], None), ([1, 1], None)]
+    assert [splits for _, splits in seen[5:]] == [1, 2, 4, 8, 16]
+    assert all(len(tokens) == 2 for tokens, _ in seen[5:]) and n == len(seen) == 10
     assert backend.decode_num_splits is None
+    seen.clear()
+    warm_up_eager_steps(prepare, forward, layers, 16, 100, 4, torch.device("cpu"), fresh=True)
+    assert seen[:4] == [([2], None), ([4], None), ([2], None), ([4], None)]  # fresh prompts first
+
+
+def test_fresh_prefill_and_decode_steps():
+    fresh = fresh_prefill_steps(block_size=16, num_blocks=2, limit=512)
+    assert [(s[0].num_new_tokens, s[0].num_computed_tokens) for s in fresh] == [
+        (2, 0),
+        (4, 0),
+        (8, 0),
+        (16, 0),
+        (32, 0),
+    ]
+    one, two = decode_steps(block_size=16, num_blocks=4)
+    assert [s.num_new_tokens for s in one] == [1] and [s.num_new_tokens for s in two] == [1, 1]
+    assert all(s.num_computed_tokens == 16 for s in one + two)
+    assert not set(two[0].block_table) & set(two[1].block_table) and max(two[1].block_table) < 4
+    assert len(decode_steps(block_size=16, num_blocks=3)) == 1
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -102,7 +125,7 @@ def test_warm_up_steps_run_through_a_real_runner(backend, tiny_model_dir, monkey
         n = warm_up_eager_steps(
             runner._prepare, runner.forward, layers, runner.block_size, 64, 4, torch.device("cpu")
         )
-        assert n == 2 + (2 if backend == "triton" else 1)
+        assert n == 2 + 2 + (2 if backend == "triton" else 1)  # context, decode-only, mixed
         # the engine still serves afterwards
         from meshserve import SamplingParams
 
@@ -110,5 +133,33 @@ def test_warm_up_steps_run_through_a_real_runner(backend, tiny_model_dir, monkey
             [{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False
         )
         assert len(out[0].outputs[0].token_ids) == 3
+    finally:
+        llm.shutdown()
+
+
+def test_draft_model_warm_up_through_a_real_engine(tiny_model_dir):
+    """Speculative decoding's draft model: its own steps on its own pool, then the engine still serves."""
+    from meshserve import LLM, SamplingParams
+
+    target = tiny_model_dir("llama")
+    spec = {"method": "draft_model", "model": target, "num_speculative_tokens": 2}
+    llm = LLM(
+        model=target,
+        block_size=4,
+        max_model_len=64,
+        max_num_batched_tokens=32,
+        num_gpu_blocks_override=64,
+        speculative_config=spec,
+        seed=0,
+    )
+    try:
+        drafter = llm.engine.runner.drafter
+        assert drafter is not None
+        n = warm_up_draft_model(drafter, 4, 64, 8, torch.device("cpu"))
+        assert n == 3 + 3 + 2 + 1  # fresh 2..8, behind a block 2..8, decode-only, one mixed (torch backend)
+        out = llm.generate(
+            [{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False
+        )
+        assert len(out[0].outputs[0].token_ids) == 4
     finally:
         llm.shutdown()

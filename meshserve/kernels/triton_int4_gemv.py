@@ -101,7 +101,7 @@ def _split8(t):
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
-@triton.jit(do_not_specialize=["M"])  # per-step counts (triton_unified_attention)
+@triton.jit
 def _int4_gemv_kernel(
     x_ptr,
     qw_ptr,

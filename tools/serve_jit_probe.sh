@@ -41,4 +41,6 @@ print(f"{run}: {len(rows)} specializations built in all, {len(late)} after start
 for t, name, consts in late:
     print(f"  {'W3   ' if t < t_w3 else 'mixed'} +{t - t_ready:7.2f} s {name[:60]} {consts[:400]}")
 PY
+  echo "$run: the server's own log (kernels/late_jit_log.py): $(grep -c 'a first-request compile' $R/serve_$run.log) builds after start-up" \
+    | tee -a $R/summary_$run.txt
 done

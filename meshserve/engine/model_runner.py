@@ -41,6 +41,7 @@ from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.step_inputs import StepInputBuilder
 from meshserve.engine.step_profiler import StepProfiler
 from meshserve.engine.step_sampler import StepSampler
+from meshserve.kernels import late_jit_log
 from meshserve.layers.backend_selection import TORCH_DTYPES, bind_kernels, select_kernels
 from meshserve.layers.mla_attention import bind_prefill_workspace
 from meshserve.layers.pipeline import IntermediateTensors
@@ -69,6 +70,7 @@ class ModelRunner:
         self.dtype = TORCH_DTYPES[mc.dtype]
         self.block_size = config.cache_config.block_size
         self.vocab_size = mc.vocab_size
+        late_jit_log.starting()  # this engine's compiles are start-up ones until allocate_kv_cache ends
         self.kernels = select_kernels(config)
         if self.device.type == "cpu":  # every rank of this node shares the cores
             pc = config.parallel_config
@@ -250,6 +252,8 @@ class ModelRunner:
             warm_up_sampling(self.model.compute_logits, self.sampling.sampler,
                              self.config.model_config.hf_config.hidden_size, self.dtype, self.vocab_size,
                              self.device)
+        if self.device.type == "cuda":
+            late_jit_log.serving()  # any Triton build from here on is logged: a first-request compile
 
     def _stage_input(self) -> tuple[int, torch.dtype] | None:
         """(hidden size, dtype) of the activations this rank receives from the previous stage, or None."""

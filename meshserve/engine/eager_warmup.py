@@ -91,33 +91,27 @@ def split_counts(max_splits: int) -> list[int]:
 
 @contextlib.contextmanager
 def forced_decode_splits(layers, splits: int):
-    """Every attention layer whose backend takes a fixed split count (the Triton one) at `splits` inside the
-    block; restored after (None: its heuristic)."""
-    backends = {
-        id(b): b
-        for b in (getattr(layer, "backend", None) for layer in layers)
-        if b is not None and hasattr(b, "decode_num_splits")
-    }
-    before = {k: b.decode_num_splits for k, b in backends.items()}
+    """Every attention layer whose backend picks its split count by the heuristic (the Triton one, unless a
+    count is configured) at `splits` inside the block; restored after (None: the heuristic)."""
+    backends = {id(b): b for b in _heuristic_backends(layers)}
     try:
         for b in backends.values():
             b.decode_num_splits = splits
         yield list(backends.values())
     finally:
-        for k, b in backends.items():
-            b.decode_num_splits = before[k]
+        for b in backends.values():
+            b.decode_num_splits = None
+
+
+def _heuristic_backends(layers) -> list:
+    """The layers' backends that choose a decode split count per batch (a fixed count compiles one variant)."""
+    found = (getattr(layer, "backend", None) for layer in layers)
+    return [b for b in found if b is not None and getattr(b, "decode_num_splits", 0) is None]
 
 
 def max_decode_splits(layers) -> int:
     """The largest split count any layer's backend may choose (0: no layer splits by a heuristic)."""
-    return max(
-        (
-            b.max_decode_splits
-            for b in (getattr(layer, "backend", None) for layer in layers)
-            if b is not None and hasattr(b, "decode_num_splits") and b.decode_num_splits is None
-        ),
-        default=0,
-    )
+    return max((b.max_decode_splits for b in _heuristic_backends(layers)), default=0)
 
 
 @torch.inference_mode()

@@ -48,7 +48,7 @@ def test_split_counts_are_the_heuristics_powers_of_two():
     assert split_counts(1) == [1] and split_counts(0) == []
 
 
-def test_forced_decode_splits_sets_and_restores_each_backend_once():
+def test_forced_decode_splits_sets_and_restores_each_heuristic_backend_once():
     shared, own, fixed = (
         TritonAttentionBackend(),
         TritonAttentionBackend(max_decode_splits=8),
@@ -57,7 +57,8 @@ def test_forced_decode_splits_sets_and_restores_each_backend_once():
     layers = [_Layer(shared), _Layer(shared), _Layer(own), _Layer(fixed), _Layer(object()), object()]
     assert max_decode_splits(layers) == 64  # the heuristic ones only (fixed: 4 always)
     with forced_decode_splits(layers, 16) as backends:
-        assert len(backends) == 3 and {b.decode_num_splits for b in backends} == {16}
+        assert len(backends) == 2 and {b.decode_num_splits for b in backends} == {16}  # shared once
+        assert fixed.decode_num_splits == 4  # a configured count compiles one variant: left alone
     assert shared.decode_num_splits is None and own.decode_num_splits is None and fixed.decode_num_splits == 4
 
 

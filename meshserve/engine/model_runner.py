@@ -11,6 +11,7 @@ and which kernels serve them is decided once, in layers/backend_selection.py.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -249,9 +250,10 @@ class ModelRunner:
                 self.mixed_graphs.capture(pool=self.graphs.pool)  # one pool for all graphs
         if self.device.type == "cuda" and get_parallel_state().is_last_stage:
             # the sampling paths' kernels (sampler, LM head GEMV, grammar masks) before the first request
-            warm_up_sampling(self.model.compute_logits, self.sampling.sampler,
-                             self.config.model_config.hf_config.hidden_size, self.dtype, self.vocab_size,
-                             self.device)
+            with _best_effort("sampling"):
+                warm_up_sampling(self.model.compute_logits, self.sampling.sampler,
+                                 self.config.model_config.hf_config.hidden_size, self.dtype, self.vocab_size,
+                                 self.device)
         if self.device.type == "cuda":
             late_jit_log.serving()  # any Triton build from here on is logged: a first-request compile
 
@@ -301,10 +303,12 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         logger.info("prefill kernels warmed up in %.1f s", time.perf_counter() - t0)
         # chunks behind cached tokens, and eager mixed steps at every KV split count (eager_warmup.py)
-        warm_up_eager_steps(self._prepare, self.forward, self.model.attention_layers(), self.block_size, num_blocks,
-                            limit, self.device)
+        with _best_effort("eager step"):
+            warm_up_eager_steps(self._prepare, self.forward, self.model.attention_layers(), self.block_size,
+                                num_blocks, limit, self.device)
         if self.drafter is not None:
-            warm_up_draft_model(self.drafter, self.block_size, num_blocks, limit, self.device)
+            with _best_effort("draft model"):
+                warm_up_draft_model(self.drafter, self.block_size, num_blocks, limit, self.device)
 
     # -- one step --------------------------------------------------------------------------------
     def forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):
@@ -392,3 +396,13 @@ class ModelRunner:
     def stage_counts(self) -> dict:
         """This pipeline stage's steps by how they ran (graph replays, eager) and its copied sends; {} unsplit."""
         return vars(self.stage_io.counts).copy() if self.stage_io is not None else {}
+
+
+@contextlib.contextmanager
+def _best_effort(what: str):
+    """A start-up warm-up only moves compiles earlier: if one fails (a bug to fix, reported with its traceback),
+    the engine still serves, and those kernels compile on first use as before."""
+    try:
+        yield
+    except Exception:
+        logger.exception("%s warm-up failed; its kernels will compile on first use", what)

@@ -164,3 +164,11 @@ def test_draft_model_warm_up_through_a_real_engine(tiny_model_dir):
         assert len(out[0].outputs[0].token_ids) == 4
     finally:
         llm.shutdown()
+
+
+def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
+    from meshserve.engine.model_runner import _best_effort
+
+    with caplog.at_level("ERROR"), _best_effort("sampling"):
+        raise RuntimeError("boom")
+    assert "sampling warm-up failed" in caplog.text and "boom" in caplog.text

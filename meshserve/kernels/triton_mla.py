@@ -94,7 +94,7 @@ def attend_latent_tile(
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["stride_btb"])  # see triton_attention._decode_split_kernel
+@triton.jit(do_not_specialize=["num_splits", "stride_btb"])  # see triton_attention._decode_split_kernel
 def _mla_decode_split_kernel(
     ql_ptr, qp_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr,
     scale_log2, num_splits,

@@ -144,13 +144,13 @@ def test_quantized_gemv_variant_switches(monkeypatch):
     # the batch-1 fp8 / int4 projections: a default each, every variant selectable for the H200 A/B, typos refused
     gpu = _config(device="cuda", dtype="bfloat16")
     sel = select_kernels(gpu)
-    assert (sel.fp8_gemv, sel.int4_gemv) == ("cvt", "magic")
+    assert (sel.fp8_gemv, sel.int4_gemv) == ("half", "magic_fused")
     monkeypatch.setenv("MESHSERVE_FP8_GEMV", "scaled_mm")
     monkeypatch.setenv("MESHSERVE_INT4_GEMV", "Matmul")
     sel = select_kernels(gpu)
     assert (sel.fp8_gemv, sel.int4_gemv) == ("scaled_mm", "matmul")
-    monkeypatch.setenv("MESHSERVE_INT4_GEMV", "magic_fused")
-    assert select_kernels(gpu).int4_gemv == "magic_fused"
+    monkeypatch.setenv("MESHSERVE_INT4_GEMV", "magic")
+    assert select_kernels(gpu).int4_gemv == "magic"
     monkeypatch.setenv("MESHSERVE_FP8_GEMV", "fast")
     with pytest.raises(ValueError, match="MESHSERVE_FP8_GEMV takes one of cvt, bits, dot, half, scaled_mm"):
         select_kernels(gpu)

@@ -22,7 +22,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from meshserve.distributed.launch import free_port  # noqa: F401  (re-exported to tests)
+from meshserve.distributed.launch import free_port
 from meshserve.router.app import build_router_app
 from meshserve.router.config import RouterConfig
 from tests.router.loadgen import FIGURES

@@ -66,29 +66,66 @@ def _fp8_tiles(quick: bool):
 
 
 def _int4_tiles(quick: bool):
+    import triton
+
     from meshserve.kernels.gemv_tiles import GemvTiles
-    from meshserve.kernels.triton_int4_gemv import default_int4_tiles
 
     def auto(block_n, block_k, warps):
         def tiles(n, k):
-            split = default_int4_tiles(n, k).split_k * 256 // block_n  # ~2 programs per SM like the default
+            # ~2 programs per SM like the first default (256x64 w2, split for ~2 per SM)
+            split = max(1, min(triton.cdiv(2 * 132, triton.cdiv(n, 256)), k // 256)) * 256 // block_n
             return GemvTiles(
                 block_n, block_k, split_k=max(1, min(split, k // (4 * block_k))), num_warps=warps
             )
 
         return tiles
 
+    def lop3(block_n, block_k, warps, per_sm):
+        def tiles(n, k):  # split-K for ~per_sm programs per SM, each >= 4 steps (default_int4_lop3_tiles: 16)
+            split = max(1, min(triton.cdiv(per_sm * 132, triton.cdiv(n, block_n)), k // (4 * block_k)))
+            return GemvTiles(block_n, block_k, split_k=split, num_warps=warps, num_stages=1)
+
+        return tiles
+
     default = [("default", None)]
     if quick:
-        return {"magic": default, "magic_fused": default, "cvt": default}
+        return {
+            "magic": default,
+            "magic_fused": default,
+            "cvt": default,
+            "lop3": default,
+            "lop3_fused": default,
+            "half": default,
+            "half_fused": default,
+        }
     rows = [
         ("256x64 w1 auto-split", auto(256, 64, 1)),
         ("128x64 w1 auto-split", auto(128, 64, 1)),
         ("512x64 w4 auto-split", auto(512, 64, 4)),
         ("256x32 w2 auto-split", auto(256, 32, 2)),  # 256x128 spills (sm_90: 255 registers + 248 B stack)
         ("256x64 w2 no split", lambda n, k: GemvTiles(256, 64, num_warps=2)),
+        ("256x64 w2 auto-split (first default)", auto(256, 64, 2)),
     ]
-    return {"magic": default + rows, "magic_fused": default + rows[:3], "cvt": default + rows[:1]}
+    lop3_rows = [
+        ("lop3 128x32 w1 8/SM", lop3(128, 32, 1, 8)),
+        ("lop3 128x32 w1 24/SM", lop3(128, 32, 1, 24)),
+        ("lop3 256x32 w2 8/SM", lop3(256, 32, 2, 8)),  # 125 registers
+        ("lop3 128x64 w1 8/SM", lop3(128, 64, 1, 8)),  # 254 registers, no spills
+    ]
+    return {
+        "magic": default + rows,
+        "magic_fused": default + rows[:3] + rows[5:],
+        "cvt": default + rows[:1],
+        "lop3_fused": default + lop3_rows,
+        "lop3": default + lop3_rows[:1],
+        "half_fused": default
+        + [
+            ("half 128x64 w1 12/SM", lop3(128, 64, 1, 12)),  # 168 registers, ~3.0 instructions per weight
+            ("half 128x32 w1 24/SM", lop3(128, 32, 1, 24)),
+            ("half 256x32 w2 8/SM", lop3(256, 32, 2, 8)),
+        ],
+        "half": default,
+    }
 
 
 class Bench:

@@ -34,6 +34,7 @@ from meshserve.engine.model_runner import ModelRunnerOutput, PendingOutput
 from meshserve.engine.scheduler import Scheduler
 from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence, SequenceStatus
+from meshserve.engine.step_profiler import phase
 from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel, step_weights
 from meshserve.errors import InvalidArgumentError, ServiceLevelError
 from meshserve.spec_decode.speculator import Speculator
@@ -250,15 +251,19 @@ class EngineCore:
             # penalties read the pending token; so do proposals, when they cannot be placed behind the step
             # in flight: read it back first, then launch the next step before its outputs go out
             first = self._drain()
-        sched_out = self._schedule()
+        with phase("core.schedule"):
+            sched_out = self._schedule()
         drained = self._late_masks_hook(sched_out)  # filled during the launch
         launched = None
         if not sched_out.is_empty or sched_out.finished_seq_ids or sched_out.kv_transfers:
-            launched = self.executor.execute_async(sched_out)
-        outputs = first + drained + self._drain()
+            with phase("core.launch"):
+                launched = self.executor.execute_async(sched_out)
+        with phase("core.drain"):
+            outputs = first + drained + self._drain()
         if launched is not None:
             self._in_flight = (sched_out, launched, step_shape(sched_out))
-        return self._outputs(outputs)
+        with phase("core.outputs"):
+            return self._outputs(outputs)
 
     def _with_transfers(self, step_outputs: EngineCoreOutputs) -> EngineCoreOutputs:
         """Apply the KV connector's news after a step: received prompts join the scheduler with their first

@@ -11,6 +11,7 @@ and which kernels serve them is decided once, in layers/backend_selection.py.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -26,6 +27,7 @@ from meshserve.distributed.parallel_state import (
 )
 from meshserve.engine.cpu_threads import set_cpu_threads
 from meshserve.engine.cuda_graph import DecodeGraphs, attention_split_counts
+from meshserve.engine.eager_warmup import warm_up_draft_model, warm_up_eager_steps
 from meshserve.engine.kv_pool import KVCachePool, largest_step
 from meshserve.engine.mixed_graph import (
     MixedStepGraphs,
@@ -35,10 +37,12 @@ from meshserve.engine.mixed_graph import (
 )
 from meshserve.engine.pipeline_stage import StageIO, pipeline_depth
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, StepTimer, TokenLogprobs
+from meshserve.engine.sampling_warmup import warm_up_sampling
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.step_inputs import StepInputBuilder
 from meshserve.engine.step_profiler import StepProfiler
 from meshserve.engine.step_sampler import StepSampler
+from meshserve.kernels import late_jit_log
 from meshserve.layers.backend_selection import TORCH_DTYPES, bind_kernels, select_kernels
 from meshserve.layers.mla_attention import bind_prefill_workspace
 from meshserve.layers.pipeline import IntermediateTensors
@@ -67,6 +71,7 @@ class ModelRunner:
         self.dtype = TORCH_DTYPES[mc.dtype]
         self.block_size = config.cache_config.block_size
         self.vocab_size = mc.vocab_size
+        late_jit_log.starting()  # this engine's compiles are start-up ones until allocate_kv_cache ends
         self.kernels = select_kernels(config)
         if self.device.type == "cpu":  # every rank of this node shares the cores
             pc = config.parallel_config
@@ -243,6 +248,14 @@ class ModelRunner:
             self.mixed_graphs = self.build_mixed_graphs(stage_input)
             if self.mixed_graphs is not None:
                 self.mixed_graphs.capture(pool=self.graphs.pool)  # one pool for all graphs
+        if self.device.type == "cuda" and get_parallel_state().is_last_stage:
+            # the sampling paths' kernels (sampler, LM head GEMV, grammar masks) before the first request
+            with _best_effort("sampling"):
+                warm_up_sampling(self.model.compute_logits, self.sampling.sampler,
+                                 self.config.model_config.hf_config.hidden_size, self.dtype, self.vocab_size,
+                                 self.device)
+        if self.device.type == "cuda":
+            late_jit_log.serving()  # any Triton build from here on is logged: a first-request compile
 
     def _stage_input(self) -> tuple[int, torch.dtype] | None:
         """(hidden size, dtype) of the activations this rank receives from the previous stage, or None."""
@@ -289,6 +302,13 @@ class ModelRunner:
             q *= 2
         torch.cuda.synchronize(self.device)
         logger.info("prefill kernels warmed up in %.1f s", time.perf_counter() - t0)
+        # chunks behind cached tokens, and eager mixed steps at every KV split count (eager_warmup.py)
+        with _best_effort("eager step"):
+            warm_up_eager_steps(self._prepare, self.forward, self.model.attention_layers(), self.block_size,
+                                num_blocks, limit, self.device)
+        if self.drafter is not None:
+            with _best_effort("draft model"):
+                warm_up_draft_model(self.drafter, self.block_size, num_blocks, limit, self.device)
 
     # -- one step --------------------------------------------------------------------------------
     def forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):
@@ -376,3 +396,13 @@ class ModelRunner:
     def stage_counts(self) -> dict:
         """This pipeline stage's steps by how they ran (graph replays, eager) and its copied sends; {} unsplit."""
         return vars(self.stage_io.counts).copy() if self.stage_io is not None else {}
+
+
+@contextlib.contextmanager
+def _best_effort(what: str):
+    """A start-up warm-up only moves compiles earlier: if one fails (a bug to fix, reported with its traceback),
+    the engine still serves, and those kernels compile on first use as before."""
+    try:
+        yield
+    except Exception:
+        logger.exception("%s warm-up failed; its kernels will compile on first use", what)

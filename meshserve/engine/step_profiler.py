@@ -4,10 +4,13 @@ time goes (host gaps, kernels, collectives waiting on a late rank).
 Off unless the variable names a directory. Each rank skips MESHSERVE_PROFILE_SKIP steps (default 64: past
 warm-up and prefill), records MESHSERVE_PROFILE_STEPS steps (default 16), then writes
 rank{R}.json (a Chrome/Perfetto trace) and rank{R}.txt (the top operators by device and host time).
+While it is on, the engine core marks its phases (phase(): schedule, launch, drain, outputs) so that
+tools/trace_gaps.py can say which of them the GPU waited for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -15,6 +18,14 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
+
+_PHASES = bool(os.environ.get("MESHSERVE_PROFILE_DIR"))  # read once: phase() is on the step's hot path
+
+
+def phase(name: str):
+    """A named range in the profiler's trace while MESHSERVE_PROFILE_DIR is set; otherwise nothing (a
+    record_function costs microseconds a step even with no profiler running)."""
+    return torch.profiler.record_function(name) if _PHASES else contextlib.nullcontext()
 
 
 class StepProfiler:

@@ -13,8 +13,8 @@ Block-wise FP8 weights (128 x 128 scales, activations per 1 x 128 group)
                                             batch size (the analog of torch._scaled_mm above)
   otherwise                                 fp8_block_linear_ref (kernels/fp8_block_ref.py)
 INT4 weights
-  <= 4 rows on a GPU (decode)               Triton INT4 GEMV (kernels/triton_int4_gemv.py, variant magic | cvt,
-                                            magic_fused: split-K summed inside the GEMV; matmul: the
+  <= 4 rows on a GPU (decode)               Triton INT4 GEMV (kernels/triton_int4_gemv.py, magic | cvt | lop3 | half,
+                                            *_fused: split-K summed inside the GEMV; matmul: the
                                             dequant-GEMM below for these rows too)
   more rows on a GPU                        Triton dequant-GEMM (kernels/triton_quant.py)
   otherwise                                 dequantize, then F.linear

@@ -61,7 +61,7 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128) -> tuple[t
     return q, s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # per-step counts (triton_unified_attention)
 def _fp8_block_gemm_kernel(
     a_ptr,
     as_ptr,

@@ -14,6 +14,20 @@ Variants (tools/bench_quant_gemv.py, MESHSERVE_INT4_GEMV):
          ~4.9 sm_90 instructions per weight in the loop (one row: 2-D tiles, no shared memory)
   cvt    ((word >> 4i) & 15).to(fp32): one int -> float conversion per weight (16 / clock / SM on Hopper, about
          half the rate int4 weights arrive at 4+ TB/s), kept to measure the difference
+  half   lop3's kernel with the words decoded as fp16 pairs in inline PTX: nibbles (j, j + 4) of a word become
+         one f16x2 with one LOP3 (1024 + q, or 1024 + 16q with x pre-divided by 16), one HSUB2 gives the exact
+         (q - z), one HFMA2 multiplies two weights by two x: each step's x is scaled so that its largest |x|
+         is 32 (as the fp8 half GEMV does: no activation can overflow the fp16 sums of 16 products), 2 words
+         summed in fp16 then in fp32; ~3.5 sm_90 instructions per weight (96 registers), ~5e-4 relative error
+  lop3   (its own kernel, group-uniform steps only: act-order g_idx and groups smaller than a step run the magic
+         kernel) sm_90 code of magic showed ~1 MOV per weight (ptxas puts 0x4B000000 in PRMT's immediate and
+         rebuilds the selector in a register for each PRMT), 2 two-warp programs per SM (split-K aims at
+         ~2 programs per SM) and each step's words loaded only when needed (Triton pipelines only
+         loads that feed tl.dot): ~1 us of latency per 8 KB step with nothing else in flight. lop3 decodes
+         nibble j of (word | 2^23 bits) with one AND of one immediate (the float 2^23 + q * 16^j) and one FFMA
+         (* 16^-j - (2^23 * 16^-j + z): exact q - z), loads the next step's words, scales and zeros before
+         decoding this one, and runs 128 x 32 tiles on one warp at 127 registers, split-K aiming at 16
+         programs per SM: ~4.3 sm_90 instructions per weight (3.4 in the decode and FMAs), magic ~5.0
 Zero points and scales: when a K step lies inside one group (no g_idx, group_size a multiple of block_k), z is
 subtracted per weight and s applied once per column to the step's sum; otherwise (act-order g_idx, small groups)
 every weight is dequantized as (q - z) * s with its own group's scale (slower, the same numbers).
@@ -31,7 +45,7 @@ import triton.language as tl
 
 from meshserve.kernels.gemv_tiles import GemvTiles, split_k_range, split_k_reduce
 
-INT4_GEMV_VARIANTS = ("magic", "cvt")
+INT4_GEMV_VARIANTS = ("magic", "cvt", "lop3", "half")  # half: lop3 in fp16x2
 
 
 def _interpreting() -> bool:
@@ -210,6 +224,327 @@ def _int4_gemv_kernel(
 
 
 @triton.jit
+def _lop3_nibble(lo, hi, i: tl.constexpr, C0, C1, C2, C3, C4):
+    """Nibble i of each word as the exact fp32 q - z. lo = word | 0x4B000000, hi = (word >> 12) | 0x4B000000;
+    nibble i = j of lo (i < 5) or j = i - 3 of hi: lo & (0x4B000000 | 15 << 4j) is the float 2^23 + q * 16^j
+    (one LOP3 with one immediate, no PRMT, no conversion), then one FFMA: that * 16^-j - Cj, with
+    Cj = 2^23 * 16^-j + z per column (exact: integers times powers of two, below 2^24)."""
+    if i < 5:
+        src = lo
+        j: tl.constexpr = i
+    else:
+        src = hi
+        j: tl.constexpr = i - 3
+    f = (src & (0x4B000000 | (15 << (4 * j)))).to(tl.float32, bitcast=True)
+    if j == 0:
+        return f - C0
+    elif j == 1:
+        return f * 0.0625 - C1
+    elif j == 2:
+        return f * 0.00390625 - C2
+    elif j == 3:
+        return f * 0.000244140625 - C3
+    else:
+        return f * 0.0000152587890625 - C4
+
+
+@triton.jit
+def _lop3_step_loads(
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    p0,
+    kp_hi,
+    rp,
+    rn,
+    nmask,
+    stride_qk,
+    stride_sg,
+    GROUP: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """One K step's packed words [KP, BLOCK_N] and its group's scales and zero points [1, BLOCK_N] (fp32, 2-D so
+    that they take the words' layout: no layout change in shared memory)."""
+    pr = p0 + rp
+    ptrs = qw_ptr + pr[:, None].to(tl.int64) * stride_qk + rn[None, :]
+    # GROUP constexpr: a shift, no division (int32 offsets: G * N < 2^31)
+    g_off = (p0 * 8 // GROUP) * stride_sg + rn[None, :]
+    if EVEN:
+        packed = tl.load(ptrs)
+        s = tl.load(s_ptr + g_off)
+        z = tl.load(z_ptr + g_off)
+    else:
+        valid = nmask[None, :] & ((p0 + 0 * rn[None, :]) < kp_hi)  # a tensor compare (the interpreter)
+        packed = tl.load(ptrs, mask=(pr < kp_hi)[:, None] & nmask[None, :], other=0)
+        s = tl.load(s_ptr + g_off, mask=valid, other=0.0)
+        z = tl.load(z_ptr + g_off, mask=valid, other=0.0)
+    return packed.to(tl.uint32, bitcast=True), s.to(tl.float32), z.to(tl.float32)
+
+
+@triton.jit
+def _lop3_step(packed, s, z, x, acc, magic):
+    """acc [1, N] += s * sum over the step of (q - z) * x, x [KP, 8] the step's features 8p + i of one row."""
+    x = x.to(tl.float32)
+    xs = _split8(tl.reshape(x, [x.shape[0], 2, 2, 2]))
+    c0 = z + 8388608.0  # 2^23 * 16^-j + z (exact)
+    c1 = z + 524288.0
+    c2 = z + 32768.0
+    c3 = z + 2048.0
+    c4 = z + 128.0
+    lo = packed | magic
+    hi = (packed >> 12) | magic
+    step = _lop3_nibble(lo, hi, 0, c0, c1, c2, c3, c4) * xs[0][:, None]
+    for i in tl.static_range(1, 8):
+        step += _lop3_nibble(lo, hi, i, c0, c1, c2, c3, c4) * xs[i][:, None]
+    return acc + tl.sum(step, 0, keep_dims=True) * s
+
+
+HALF_X_MAX = tl.constexpr(32.0)  # the half variant scales each step's x to this largest |x| (see _half_step)
+
+
+@triton.jit
+def _pack_half2(lo, hi, ASM: tl.constexpr):
+    """fp32 lo, hi -> the uint32 of the fp16 pair (lo in bits 0-15), one cvt.rn.f16x2.f32 (F2FP)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.uint32, is_pure=True, pack=1
+        )
+    else:
+        lo16 = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        hi16 = hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        return lo16 | (hi16 << 16)
+
+
+# two packed words (16 weights: K rows 2r and 2r + 1 of a column) against 8 fp16 pairs of x: nibbles (j, j + 4)
+# of a word decode into one f16x2 with one LOP3 each (mask 0x000F000F: 1024 + q; mask 0x00F000F0: 1024 + 16q,
+# whose x is pre-divided by 16), one HSUB2 of (1024 + z) or (1024 + 16z) makes them the exact (q - z) or
+# 16 (q - z), one HFMA2 sums: 26 instructions for 16 weights, then the two fp16 halves added in fp32 (3 more).
+_HALF_WORDS_ASM = tl.constexpr("""{
+.reg .b32 t, u, a;
+.reg .f16 l, h;
+.reg .f32 fl, fh;
+lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 t, t, $3;
+mul.rn.f16x2 a, t, $5;
+lop3.b32 t, $1, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 t, t, $4;
+fma.rn.f16x2 a, t, $6, a;
+shr.b32 u, $1, 8;
+lop3.b32 t, u, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 t, t, $3;
+fma.rn.f16x2 a, t, $7, a;
+lop3.b32 t, u, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 t, t, $4;
+fma.rn.f16x2 a, t, $8, a;
+lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 t, t, $3;
+fma.rn.f16x2 a, t, $9, a;
+lop3.b32 t, $2, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 t, t, $4;
+fma.rn.f16x2 a, t, $10, a;
+shr.b32 u, $2, 8;
+lop3.b32 t, u, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 t, t, $3;
+fma.rn.f16x2 a, t, $11, a;
+lop3.b32 t, u, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 t, t, $4;
+fma.rn.f16x2 a, t, $12, a;
+mov.b32 {l, h}, a;
+cvt.f32.f16 fl, l;
+cvt.f32.f16 fh, h;
+add.f32 $0, fl, fh;
+}""")
+
+
+@triton.jit
+def _pairs(t):
+    """t [2P, ...] -> (t[0::2], t[1::2]): rows 2r and 2r + 1 (in registers: a thread holds all rows)."""
+    if len(t.shape) == 1:
+        return tl.split(tl.reshape(t, [t.shape[0] // 2, 2]))
+    else:
+        return tl.split(tl.permute(tl.reshape(t, [t.shape[0] // 2, 2, t.shape[1]]), [0, 2, 1]))
+
+
+@triton.jit
+def _half_step(packed, s, z, x, acc, ASM: tl.constexpr):
+    """acc [1, N] += s * sum over the step of (q - z) * x in packed fp16 (HFMA2: two weights an instruction):
+    x of the step scaled so that its largest |x| is HALF_X_MAX, two words' 16 products per column summed in
+    fp16 (8 products of |q - z| <= 15 and |x| <= 32 per half: < 4,000, far from fp16's 65,504 whatever x
+    holds), those sums added in fp32 and the scale undone once per step. ASM: inline PTX (compiled code);
+    else the same fp16 roundings spelled with tensors (the interpreter runs no inline PTX)."""
+    x = x.to(tl.float32)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-30)
+    inv = HALF_X_MAX / amax
+    xs = _split8(tl.reshape(x, [x.shape[0], 2, 2, 2]))
+    wa, wb = _pairs(packed)
+    if ASM:
+        inv16 = inv * 0.0625  # the odd pairs' weights decode as 16 (q - z)
+        pa0, pb0 = _pairs(_pack_half2(xs[0] * inv, xs[4] * inv, ASM))
+        pa1, pb1 = _pairs(_pack_half2(xs[1] * inv16, xs[5] * inv16, ASM))
+        pa2, pb2 = _pairs(_pack_half2(xs[2] * inv, xs[6] * inv, ASM))
+        pa3, pb3 = _pairs(_pack_half2(xs[3] * inv16, xs[7] * inv16, ASM))
+        zl = z + 1024.0
+        zh = z * 16.0 + 1024.0
+        part = tl.inline_asm_elementwise(
+            _HALF_WORDS_ASM,
+            "=f,r,r,r,r,r,r,r,r,r,r,r,r",
+            [
+                wa,
+                wb,
+                _pack_half2(zl, zl, ASM),
+                _pack_half2(zh, zh, ASM),
+                pa0[:, None],
+                pa1[:, None],
+                pa2[:, None],
+                pa3[:, None],
+                pb0[:, None],
+                pb1[:, None],
+                pb2[:, None],
+                pb3[:, None],
+            ],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        part = tl.zeros(wa.shape, dtype=tl.float32)
+        for half in tl.static_range(2):  # the low halves: nibbles 0..3, the high halves: 4..7
+            a = tl.zeros(wa.shape, dtype=tl.float16)
+            for r in tl.static_range(2):  # rows 2r, 2r + 1
+                w = wa if r == 0 else wb
+                for j in tl.static_range(4):
+                    i: tl.constexpr = j + 4 * half
+                    w16 = (((w >> (4 * i)) & 15).to(tl.float32) - z) * (16.0 if j % 2 else 1.0)  # exact
+                    xh = _pairs(xs[i] * (inv * (0.0625 if j % 2 else 1.0)))[r].to(tl.float16)
+                    a += w16.to(tl.float16) * xh[:, None]  # fp16 products and sums
+            part += a.to(tl.float32)
+    return acc + tl.sum(part, 0, keep_dims=True) * (s * (amax / HALF_X_MAX))
+
+
+@triton.jit
+def _word_step(packed, s, z, x, acc, magic, HALF: tl.constexpr, HALF_ASM: tl.constexpr):
+    if HALF:
+        return _half_step(packed, s, z, x, acc, HALF_ASM)
+    else:
+        return _lop3_step(packed, s, z, x, acc, magic)
+
+
+@triton.jit
+def _int4_gemv_lop3_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    part_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qk,
+    stride_sg,
+    stride_ym,
+    kp_per_split,
+    magic,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    EVEN: tl.constexpr,
+    GROUP: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_KP: tl.constexpr,
+    REDUCE_CHUNK: tl.constexpr,
+):
+    pid_k = tl.program_id(1)
+    # 0x4B000000 from an argument: a constant would let LLVM fold (w | m) & c into (w & c) | m, whose LOP3 then
+    # needs m in a register rebuilt by a MOV per weight (sm_90 code)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    rp = tl.arange(0, BLOCK_KP)
+    kp_lo = pid_k * kp_per_split
+    kp_hi = tl.minimum(K // 8, kp_lo + kp_per_split)
+    # one fp32 accumulator [1, N] per row (2-D: the words' layout, no layout change in shared memory); each
+    # thread holds its 4 columns' whole K step, so the sum over the step stays in registers
+    acc0 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    # software pipeline by hand: step i + 1's words, scales, zeros and x (row 0) are in flight while step i is
+    # decoded
+    # (Triton's num_stages pipelines only loads that feed tl.dot)
+    packed, s, z = _lop3_step_loads(
+        qw_ptr, s_ptr, z_ptr, kp_lo, kp_hi, rp, rn, nmask, stride_qk, stride_sg, GROUP, EVEN
+    )
+    r8 = tl.arange(0, 8)[None, :]
+    x0 = tl.load(
+        x_ptr + (kp_lo + rp)[:, None] * 8 + r8, mask=(kp_lo + rp)[:, None] * 8 + r8 < kp_hi * 8, other=0.0
+    )
+    for p0 in range(kp_lo, kp_hi, BLOCK_KP):
+        nxt_packed, nxt_s, nxt_z = _lop3_step_loads(
+            qw_ptr, s_ptr, z_ptr, p0 + BLOCK_KP, kp_hi, rp, rn, nmask, stride_qk, stride_sg, GROUP, False
+        )
+        xk = (p0 + rp)[:, None] * 8 + r8  # the step's features 8p + i, [KP, 8]
+        xmask = xk < kp_hi * 8
+        nxt_x0 = tl.load(
+            x_ptr + xk + BLOCK_KP * 8, mask=xk + BLOCK_KP * 8 < kp_hi * 8, other=0.0
+        )  # row 0 too
+        acc0 = _word_step(packed, s, z, x0, acc0, magic, HALF, HALF_ASM)
+        if BLOCK_M > 1:  # the weights decoded once per row: M <= 4 (the decode is the cost, not the loads)
+            x = tl.load(x_ptr + stride_xm + xk, mask=xmask & (xk * 0 + 1 < M), other=0.0)
+            acc1 = _word_step(packed, s, z, x, acc1, magic, HALF, HALF_ASM)
+        if BLOCK_M > 2:
+            x = tl.load(x_ptr + 2 * stride_xm + xk, mask=xmask & (xk * 0 + 2 < M), other=0.0)
+            acc2 = _word_step(packed, s, z, x, acc2, magic, HALF, HALF_ASM)
+        if BLOCK_M > 3:
+            x = tl.load(x_ptr + 3 * stride_xm + xk, mask=xmask & (xk * 0 + 3 < M), other=0.0)
+            acc3 = _word_step(packed, s, z, x, acc3, magic, HALF, HALF_ASM)
+        packed, s, z, x0 = nxt_packed, nxt_s, nxt_z, nxt_x0
+    rows = (
+        tl.reshape(acc0, [BLOCK_N]),
+        tl.reshape(acc1, [BLOCK_N]),
+        tl.reshape(acc2, [BLOCK_N]),
+        tl.reshape(acc3, [BLOCK_N]),
+    )
+    if SPLIT:
+        for r in tl.static_range(BLOCK_M):
+            tl.store(part_ptr + (pid_k * M + r) * N + rn, rows[r], mask=nmask & (rn * 0 + r < M))
+        if FUSED_REDUCE:  # the column block's last program to finish sums the partials: no reduce kernel
+            tl.debug_barrier()  # every thread's partial is stored before the count
+            done = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+            if done == tl.num_programs(1) - 1:
+                rs = tl.arange(0, REDUCE_CHUNK)
+                for r in tl.static_range(BLOCK_M):
+                    # REDUCE_CHUNK partials loaded at once (in flight together, not one L2 latency each)
+                    tot = tl.zeros([BLOCK_N], dtype=tl.float32)
+                    for s0 in range(0, tl.num_programs(1), REDUCE_CHUNK):
+                        ks = s0 + rs
+                        chunk = tl.load(
+                            part_ptr + (ks[:, None] * M + r) * N + rn[None, :],
+                            mask=(ks < tl.num_programs(1))[:, None] & (nmask & (rn * 0 + r < M))[None, :],
+                            other=0.0,
+                            cache_modifier=".cg",  # from L2, where the other programs' stores are
+                        )
+                        tot += tl.sum(chunk, 0)
+                    _lop3_store_row(tot, r, rn, nmask & (rn * 0 + r < M), y_ptr, b_ptr, stride_ym, HAS_BIAS)
+                tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0)  # zero again for the next call or graph replay
+    else:
+        for r in tl.static_range(BLOCK_M):
+            _lop3_store_row(rows[r], r, rn, nmask & (rn * 0 + r < M), y_ptr, b_ptr, stride_ym, HAS_BIAS)
+
+
+@triton.jit
+def _lop3_store_row(v, r, rn, mask, y_ptr, b_ptr, stride_ym, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        v += tl.load(b_ptr + rn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + r * stride_ym + rn, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_y(acc, y_ptr, b_ptr, rm, rn, nmask, mask, stride_ym, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -234,15 +569,36 @@ def _split_counters(device: torch.device, blocks: int) -> torch.Tensor | None:
     return have if blocks <= have.numel() else None
 
 
-def default_int4_tiles(n: int, k: int, num_sms: int = 132) -> GemvTiles:
-    """256 columns (2 warps of 32 lanes x 4 int32: each thread holds its columns' whole K step, so the sum over
-    the step stays in registers), 64 features (8 packed rows) a step, split-K up to ~2 programs per SM with
-    at least 4 steps each. sm_90 code of this shape: ~4.9 instructions per weight in the loop, no spills, no
-    barriers. Best guesses until the H200 sweep (tools/bench_quant_gemv.py)."""
+def default_int4_tiles(n: int, k: int, num_sms: int = 132, fused_reduce: bool = False) -> GemvTiles:
+    """The magic / cvt kernels: 256 columns (2 warps of 32 lanes x 4 int32: each thread holds its columns' whole
+    K step, so the sum over the step stays in registers), 64 features (8 packed rows) a step, split-K up to ~2
+    programs per SM with at least 4 steps each; sm_90 code: 168 registers, ~5.0 instructions per weight in
+    the loop. Wide or deep projections take 128 columns on one warp and twice the splits instead: measured on
+    an H200 (2026-11-30, bench_quant_gemv_call7_safe_half.json, magic_fused) gate_up 28672 x 4096 36.8 us
+    vs 44.6 us, down 4096 x 14336 18.2 vs 19.1 us (with the fused reduce only: the magic kernel's two-kernel
+    reduce of 34 partials lost, 22.7 vs 21.2 us); qkv and o were slower with them (11.3 vs 10.6, 8.7 vs 8.4)."""
     block_n, block_k = 256, 64
-    col_blocks = triton.cdiv(n, block_n)
-    split = max(1, min(triton.cdiv(2 * num_sms, col_blocks), k // (4 * block_k)))
+    split = max(1, min(triton.cdiv(2 * num_sms, triton.cdiv(n, block_n)), k // (4 * block_k)))
+    if n >= 16384 or (k >= 8192 and fused_reduce):
+        return GemvTiles(128, block_k, split_k=max(1, min(2 * split, k // (4 * block_k))), num_warps=1)
     return GemvTiles(block_n, block_k, split_k=split, num_warps=2, num_stages=3)
+
+
+_MAGIC_2_23 = 0x4B000000  # the float 2^23 (an argument of the lop3 kernel: see there)
+
+
+def default_int4_lop3_tiles(n: int, k: int, num_sms: int = 132) -> GemvTiles:
+    """The lop3 / half kernel: 128 columns on one warp (4 per lane: 128-bit loads along N), 32 features (4
+    packed rows) a step. sm_90 code of this shape (group 128, one row): lop3 128 registers, ~4.3 instructions
+    per weight in the loop; half 96 registers, ~3.5 (magic 256x64 w2: 168 registers, ~5.0); no spills. At
+    <= 128 registers 16 one-warp programs fit an SM, so split-K aims at 16 programs per SM (one wave of 2,112
+    on 132 SMs), each at least 4 steps long: the memory latency hidden by warps rather than by a long loop.
+    Untimed until the H200 sweep (tools/bench_quant_gemv.py also times 64-feature steps: half ~3.0
+    instructions per weight at 168 registers)."""
+    block_n, block_k = 128, 32
+    col_blocks = triton.cdiv(n, block_n)
+    split = max(1, min(triton.cdiv(16 * num_sms, col_blocks), k // (4 * block_k)))
+    return GemvTiles(block_n, block_k, split_k=split, num_warps=1, num_stages=1)
 
 
 def int4_gemv(
@@ -271,16 +627,57 @@ def int4_gemv(
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    tiles = tiles or default_int4_tiles(n, k)
-    if tiles.block_k % 8:
-        raise ValueError(f"int4_gemv: block_k {tiles.block_k} is not whole packed rows")
+    lop3 = (
+        variant in ("lop3", "half") and g_idx is None
+    )  # act-order g_idx: the magic kernel's per-weight groups
+    tiles = tiles or (
+        default_int4_lop3_tiles(n, k) if lop3 else default_int4_tiles(n, k, fused_reduce=fused_reduce)
+    )
+    lop3 = lop3 and group_size % tiles.block_k == 0  # groups smaller than a step: the magic kernel too
+    if tiles.block_k % (16 if lop3 and variant == "half" else 8):  # half: packed rows in pairs
+        raise ValueError(f"int4_gemv: block_k {tiles.block_k} is not whole packed rows (pairs for half)")
     per_split, splits = split_k_range(k, tiles)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     partials = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
     counters = (
         _split_counters(x.device, triton.cdiv(n, tiles.block_n)) if splits > 1 and fused_reduce else None
     )
-    if m:
+    if m and lop3:
+        _int4_gemv_lop3_kernel[(triton.cdiv(n, tiles.block_n), splits)](
+            x2,
+            qweight,
+            scales,
+            zeros,
+            bias if bias is not None else y,
+            y,
+            partials,
+            counters if counters is not None else qweight,
+            m,
+            n,
+            k,
+            x2.stride(0),
+            qweight.stride(0),
+            scales.stride(0),
+            y.stride(0),
+            per_split // 8,
+            _MAGIC_2_23,
+            HAS_BIAS=bias is not None,
+            SPLIT=splits > 1,
+            FUSED_REDUCE=counters is not None,
+            EVEN=n % tiles.block_n == 0 and k % per_split == 0,
+            GROUP=group_size,
+            HALF=variant == "half",
+            HALF_ASM=x.is_cuda and not _interpreting(),
+            BLOCK_M=triton.next_power_of_2(m),
+            BLOCK_N=tiles.block_n,
+            BLOCK_KP=tiles.block_k // 8,
+            REDUCE_CHUNK=8,
+            num_warps=tiles.num_warps,
+            num_stages=1,
+        )
+        if splits > 1 and counters is None:
+            split_k_reduce(partials, y, None, bias)
+    elif m:
         _int4_gemv_kernel[(triton.cdiv(n, tiles.block_n), splits)](
             x2,
             qweight,
@@ -305,7 +702,8 @@ def int4_gemv(
             SPLIT=splits > 1,
             FUSED_REDUCE=counters is not None,
             GROUP_UNIFORM=g_idx is None and group_size % tiles.block_k == 0,
-            MAGIC=variant == "magic",
+            MAGIC=variant
+            in ("magic", "lop3", "half"),  # lop3 falls back to the magic kernel off its fast path
             PRMT=x.is_cuda and not _interpreting(),
             BLOCK_M=triton.next_power_of_2(m),
             BLOCK_N=tiles.block_n,

@@ -71,7 +71,7 @@ def write_latent(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
     )
 
 
-@triton.jit(do_not_specialize=["stride_btb"])  # see triton_attention._decode_split_kernel
+@triton.jit(do_not_specialize=["num_splits", "stride_btb"])  # see triton_attention._decode_split_kernel
 def _mla_decode_split_kernel(
     ql_ptr, qp_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr,
     scale_log2, num_splits,

@@ -55,7 +55,7 @@ def _cost_line(seq_lens_ptr, qsl_ptr, num_seqs, num_programs, BLOCK_B: tl.conste
     return bi, tiles, cost, cum, width
 
 
-@triton.jit(do_not_specialize=["stride_btb"])  # see triton_attention._decode_split_kernel
+@triton.jit(do_not_specialize=["num_seqs", "stride_btb"])  # see triton_attention._decode_split_kernel
 def _mla_balanced_kernel(
     ql_ptr, qp_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr, pieces_ptr,
     scale_log2, num_seqs, num_programs,

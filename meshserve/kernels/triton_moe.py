@@ -35,7 +35,7 @@ from meshserve.kernels.quant_ref import quantize_fp8_per_token
 NO_QUANT, PER_CHANNEL, BLOCKWISE = 0, 1, 2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_rows_padded"])  # per-step counts (triton_unified_attention)
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_rows_ptr, block_expert_ptr, num_padded_ptr,
     as_ptr, bs_ptr,  # fp8 only: activation scales [rows of A, K groups], weight scales [E, N or N blocks, ...]

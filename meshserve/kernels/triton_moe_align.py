@@ -30,14 +30,14 @@ def _onehot(ids_ptr, chunk, num_pairs, CHUNK: tl.constexpr, BLOCK_E: tl.constexp
     return offs, ids, (ids[:, None] == experts[None, :]).to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # per-step counts (triton_unified_attention)
 def _count_kernel(ids_ptr, counts_ptr, num_pairs, num_experts, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
     _, _, onehot = _onehot(ids_ptr, tl.program_id(0), num_pairs, CHUNK, BLOCK_E)
     experts = tl.arange(0, BLOCK_E)
     tl.atomic_add(counts_ptr + experts, tl.sum(onehot, 0), mask=experts < num_experts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_rows_padded"])  # per-step counts (triton_unified_attention)
 def _plan_kernel(
     counts_ptr,
     cursor_ptr,
@@ -77,7 +77,7 @@ def _plan_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # per-step counts (triton_unified_attention)
 def _scatter_kernel(
     ids_ptr, cursor_ptr, sorted_rows_ptr, num_pairs, num_experts, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr
 ):

@@ -53,7 +53,7 @@ def default_config(hidden: int, width: int) -> MoeGemvConfig:
     return MoeGemvConfig(gate_up_block_k=block_k, down_block_k=down_k, num_warps=8 if hidden >= 2048 else 4)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # per-step counts (triton_unified_attention)
 def _gate_up_gemv_kernel(
     x_ptr,
     w13_ptr,
@@ -128,7 +128,7 @@ def _down_rows(inter_row, w_rows, limit, rmask, width, dt, BLOCK_N: tl.constexpr
     return tl.sum(acc, 1).to(dt).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # per-step counts (triton_unified_attention)
 def _down_sum_gemv_kernel(
     inter_ptr,
     w2_ptr,

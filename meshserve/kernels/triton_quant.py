@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # per-step counts (triton_unified_attention)
 def _int4_matmul_kernel(
     x_ptr,
     qw_ptr,

@@ -34,7 +34,7 @@ from meshserve.kernels.triton_attention import _num_sms, attend_causal_q_tile
 _TILE_BITS = 16  # a work item: seq << 16 | q-tile (a bucket's q-tiles and sequences stay below 2**15)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # per-step counts (triton_unified_attention)
 def _unified_work_kernel(
     qsl_ptr,
     seq_lens_ptr,
@@ -68,7 +68,8 @@ def _unified_work_kernel(
     tl.store(work_ptr, count)
 
 
-@triton.jit(do_not_specialize=["stride_btb"])  # see triton_unified_attention._unified_attention_kernel
+# per-step counts and block-table width unspecialized: see triton_unified_attention._unified_attention_kernel
+@triton.jit(do_not_specialize=["num_tokens", "num_seqs", "stride_btb"])
 def _unified_persistent_kernel(
     q_ptr,
     cache_ptr,
@@ -191,6 +192,13 @@ def max_work_items(num_tokens: int, num_seqs: int, block_q: int) -> int:
     return triton.cdiv(num_tokens, block_q) + num_seqs
 
 
+def work_list_width(num_seqs: int) -> int:
+    """The work kernel's sequence vector (a constexpr): at least 256 (the default max_num_seqs, which the
+    mixed-step graphs capture), so eager steps of any smaller batch reuse that one compile instead of building
+    one per power of two of their batch inside serving."""
+    return triton.next_power_of_2(max(num_seqs, 256))
+
+
 def build_unified_work(
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, block_q: int, skip_single: bool
 ) -> torch.Tensor:
@@ -206,7 +214,7 @@ def build_unified_work(
         seq_lens,
         work,
         num_seqs,
-        SEQS_PAD=triton.next_power_of_2(max(num_seqs, 2)),
+        SEQS_PAD=work_list_width(num_seqs),
         BLOCK_Q=block_q,
         SKIP_SINGLE=skip_single,
         num_warps=4,

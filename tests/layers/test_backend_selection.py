@@ -149,8 +149,9 @@ def test_quantized_gemv_variant_switches(monkeypatch):
     monkeypatch.setenv("MESHSERVE_INT4_GEMV", "Matmul")
     sel = select_kernels(gpu)
     assert (sel.fp8_gemv, sel.int4_gemv) == ("scaled_mm", "matmul")
-    monkeypatch.setenv("MESHSERVE_INT4_GEMV", "magic")
-    assert select_kernels(gpu).int4_gemv == "magic"
+    for variant in ("magic", "lop3", "lop3_fused", "half", "half_fused"):
+        monkeypatch.setenv("MESHSERVE_INT4_GEMV", variant)
+        assert select_kernels(gpu).int4_gemv == variant
     monkeypatch.setenv("MESHSERVE_FP8_GEMV", "fast")
     with pytest.raises(ValueError, match="MESHSERVE_FP8_GEMV takes one of cvt, bits, dot, half, scaled_mm"):
         select_kernels(gpu)

@@ -1,0 +1,150 @@
+"""Start-up warm-up of the sampling paths: every Triton kernel a request's sampling settings can reach is built
+before serving, not inside the TTFT of the first request that asks for it.
+
+The forward's kernels compile during the profile run, warm_up_prefill and the graph captures. The sampling
+paths run after the forward, outside the graphs, and only for the requests that ask for them: the LM head's
+batch-1 GEMV (Triton, one row of logits), the fused temperature-only sampler (Triton), xgrammar's bitmask
+kernel (Triton, specialised on its row count: 1, a multiple of 16, or other), and the torch paths of top-k,
+top-p, min-p, penalties, logit bias, banned ids, seeds and logprobs (no Triton, but their first launch loads
+CUDA modules lazily). A cold Triton cache pays ~0.5 s per compile inside a user's request (issue 18: TTFT p99
+0.9-1.5 s at QPS 4-8). Each case below runs the StepSampler's steps without its state (no generators kept,
+no sampled ids remembered): logits of dummy hidden rows, masks, then the Sampler.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from meshserve.layers.sampler import Sampler, SamplingMetadata
+from meshserve.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# xgrammar's kernel specialises its row count (== 1, a multiple of 16, other): one of each
+BITMASK_ROWS = (1, 3, 16)
+
+
+@dataclass
+class WarmupCase:
+    """One sampling path: the batch's per-row settings and what else the step applies."""
+
+    name: str
+    params: list[SamplingParams]
+    banned: bool = False  # min_tokens not reached yet: the stop ids are banned
+    bitmask_rows: list[int] = field(default_factory=list)  # rows under a grammar (all tokens allowed)
+
+
+def warmup_cases() -> list[WarmupCase]:
+    """A case per sampling path a request can take (layers/sampler.py, engine/step_sampler.py)."""
+    greedy = SamplingParams(temperature=0.0)
+    hot = SamplingParams(temperature=0.8)
+    cases = [
+        WarmupCase("greedy", [greedy]),  # the plain argmax (and the LM head's batch-1 GEMV)
+        WarmupCase("temperature", [hot]),  # the fused Triton sampler
+        WarmupCase("temperature+greedy", [hot, greedy, hot]),
+        WarmupCase("top_k", [SamplingParams(temperature=0.8, top_k=5)] * 2),
+        WarmupCase("top_p", [SamplingParams(temperature=0.8, top_p=0.9)] * 2),
+        WarmupCase("top_k+top_p", [SamplingParams(temperature=0.8, top_k=5, top_p=0.9), greedy]),
+        WarmupCase("min_p", [SamplingParams(temperature=0.8, min_p=0.1)]),
+        WarmupCase(
+            "penalties",
+            [
+                SamplingParams(
+                    temperature=0.8, repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5
+                ),
+                greedy,
+            ],
+        ),
+        WarmupCase("greedy+penalties", [SamplingParams(temperature=0.0, repetition_penalty=1.1)]),
+        WarmupCase(
+            "logprobs",
+            [SamplingParams(temperature=0.8, logprobs=5), SamplingParams(temperature=0.0, logprobs=0)],
+        ),
+        WarmupCase("greedy+logprobs", [SamplingParams(temperature=0.0, logprobs=2)]),
+        WarmupCase("seeded", [SamplingParams(temperature=0.8, seed=0), hot]),
+        WarmupCase("logit_bias", [SamplingParams(temperature=0.8, logit_bias={0: 1.0}), greedy]),
+        WarmupCase("banned", [hot, greedy], banned=True),
+    ]
+    for rows in BITMASK_ROWS:  # every row under a grammar (xgrammar's kernel on the logits in place)
+        cases.append(WarmupCase(f"bitmask_{rows}", [hot] * rows, bitmask_rows=list(range(rows))))
+    cases.append(WarmupCase("bitmask_subset", [hot, greedy, hot], bitmask_rows=[1]))  # a gathered copy
+    return cases
+
+
+def _bitmask_all_allowed(rows: int, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[rows, ceil(V / 32)] int32 packed bitmask with every token allowed (xgrammar's layout: all bits set)."""
+    return torch.full((rows, -(-vocab_size // 32)), -1, dtype=torch.int32, device=device)
+
+
+def run_case(
+    case: WarmupCase,
+    compute_logits,
+    sampler: Sampler,
+    hidden_size: int,
+    dtype: torch.dtype,
+    vocab_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """One case through the StepSampler's steps (step_sampler.StepSampler.sample): the sampled ids [rows]."""
+    rows = len(case.params)
+    logits = compute_logits(torch.zeros(rows, hidden_size, dtype=dtype, device=device))
+    if case.bitmask_rows:
+        from meshserve.structured.bitmask import apply_bitmask
+
+        masks = _bitmask_all_allowed(len(case.bitmask_rows), vocab_size, device)
+        apply_bitmask(logits, list(masks.split(1)), case.bitmask_rows)
+    banned = [[0] if case.banned else [] for _ in range(rows)]
+    if (
+        all(
+            p.greedy and p.logprobs is None and not p.uses_penalties and not p.logit_bias for p in case.params
+        )
+        and not case.banned
+    ):
+        return logits.argmax(dim=-1)
+    generators = [
+        torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None and not p.greedy else None
+        for p in case.params
+    ]
+    prompt_ids = [[1, 2, 3] for _ in range(rows)]
+    output_ids = [[4] for _ in range(rows)]
+    meta = SamplingMetadata.build(
+        case.params, prompt_ids, output_ids, generators, vocab_size, device, banned_token_ids=banned
+    )
+    return sampler(logits, meta).sampled_token_ids
+
+
+def _has_xgrammar() -> bool:
+    try:
+        import xgrammar  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@torch.inference_mode()
+def warm_up_sampling(
+    compute_logits,
+    sampler: Sampler,
+    hidden_size: int,
+    dtype: torch.dtype,
+    vocab_size: int,
+    device: torch.device,
+) -> list[str]:
+    """Run every warm-up case once on `device` (after the graph captures); returns the names of the cases run.
+    Every rank that computes logits must call it (the LM head gathers over the TP ranks)."""
+    t0 = time.perf_counter()
+    xgr = _has_xgrammar()
+    done = []
+    for case in warmup_cases():
+        if case.bitmask_rows and not xgr:
+            continue
+        run_case(case, compute_logits, sampler, hidden_size, dtype, vocab_size, device)
+        done.append(case.name)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    logger.info("sampling paths warmed up in %.2f s (%d cases)", time.perf_counter() - t0, len(done))
+    return done

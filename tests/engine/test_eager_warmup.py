@@ -1,0 +1,174 @@
+"""The start-up warm-up of eager step variants (engine/eager_warmup.py): its steps are well formed, it runs the
+mixed step at every KV split count the decode heuristic may pick, and it runs through a real runner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meshserve.engine.eager_warmup import (
+    context_prefill_steps,
+    decode_steps,
+    forced_decode_splits,
+    fresh_prefill_steps,
+    max_decode_splits,
+    mixed_step,
+    split_counts,
+    warm_up_draft_model,
+    warm_up_eager_steps,
+)
+from meshserve.kernels.triton_attention import TritonAttentionBackend
+
+
+class _Layer:
+    def __init__(self, backend):
+        self.backend = backend
+
+
+def test_context_prefill_steps_cover_each_chunk_length_behind_a_cached_block():
+    steps = context_prefill_steps(block_size=16, num_blocks=100, limit=512)
+    assert [s[0].num_new_tokens for s in steps] == [2, 4, 8, 16, 32, 64, 128, 256, 512]
+    for (seq,) in steps:
+        assert seq.num_computed_tokens == 16 and not seq.do_sample
+        assert len(seq.block_table) * 16 >= 16 + seq.num_new_tokens
+    assert len(context_prefill_steps(block_size=16, num_blocks=3, limit=512)) == 5  # up to 32 + 16 tokens fit
+
+
+def test_mixed_step_is_a_prefill_chunk_beside_a_decode_row_on_disjoint_blocks():
+    prefill, decode = mixed_step(block_size=16, num_blocks=10)
+    assert prefill.num_new_tokens > 1 and prefill.num_computed_tokens == 0
+    assert decode.num_new_tokens == 1 and decode.num_computed_tokens == 32
+    assert not set(prefill.block_table) & set(decode.block_table)
+    assert max(prefill.block_table + decode.block_table) < 10
+    assert mixed_step(block_size=16, num_blocks=3) is None
+
+
+def test_split_counts_are_the_heuristics_powers_of_two():
+    assert split_counts(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert split_counts(1) == [1] and split_counts(0) == []
+
+
+def test_forced_decode_splits_sets_and_restores_each_heuristic_backend_once():
+    shared, own, fixed = (
+        TritonAttentionBackend(),
+        TritonAttentionBackend(max_decode_splits=8),
+        TritonAttentionBackend(4),
+    )
+    layers = [_Layer(shared), _Layer(shared), _Layer(own), _Layer(fixed), _Layer(object()), object()]
+    assert max_decode_splits(layers) == 64  # the heuristic ones only (fixed: 4 always)
+    with forced_decode_splits(layers, 16) as backends:
+        assert len(backends) == 2 and {b.decode_num_splits for b in backends} == {16}  # shared once
+        assert fixed.decode_num_splits == 4  # a configured count compiles one variant: left alone
+    assert shared.decode_num_splits is None and own.decode_num_splits is None and fixed.decode_num_splits == 4
+
+
+def test_warm_up_runs_the_mixed_step_at_every_split_count():
+    backend = TritonAttentionBackend(max_decode_splits=16)
+    layers = [_Layer(backend)]
+    seen = []
+
+    def prepare(step):
+        return (step,)
+
+    def forward(step):
+        seen.append(([s.num_new_tokens for s in step], backend.decode_num_splits))
+
+    n = warm_up_eager_steps(prepare, forward, layers, 16, 100, 8, torch.device("cpu"))
+    # chunks behind a cached block, decode-only steps of 1 and 2 rows, then the mixed step per split count
+    assert seen[:5] == [([2], None), ([4], None), ([8], None), ([1], None), ([1, 1], None)]
+    assert [splits for _, splits in seen[5:]] == [1, 2, 4, 8, 16]
+    assert all(len(tokens) == 2 for tokens, _ in seen[5:]) and n == len(seen) == 10
+    assert backend.decode_num_splits is None
+    seen.clear()
+    warm_up_eager_steps(prepare, forward, layers, 16, 100, 4, torch.device("cpu"), fresh=True)
+    assert seen[:4] == [([2], None), ([4], None), ([2], None), ([4], None)]  # fresh prompts first
+
+
+def test_fresh_prefill_and_decode_steps():
+    fresh = fresh_prefill_steps(block_size=16, num_blocks=2, limit=512)
+    assert [(s[0].num_new_tokens, s[0].num_computed_tokens) for s in fresh] == [
+        (2, 0),
+        (4, 0),
+        (8, 0),
+        (16, 0),
+        (32, 0),
+    ]
+    one, two = decode_steps(block_size=16, num_blocks=4)
+    assert [s.num_new_tokens for s in one] == [1] and [s.num_new_tokens for s in two] == [1, 1]
+    assert all(s.num_computed_tokens == 16 for s in one + two)
+    assert not set(two[0].block_table) & set(two[1].block_table) and max(two[1].block_table) < 4
+    assert len(decode_steps(block_size=16, num_blocks=3)) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_warm_up_steps_run_through_a_real_runner(backend, tiny_model_dir, monkeypatch):
+    """The steps are valid for the runner's input builder and forward (the Triton backend in the interpreter,
+    forced to 1 and 2 splits to keep it short)."""
+    from meshserve import LLM
+
+    monkeypatch.setenv("MESHSERVE_ATTENTION_BACKEND", backend)
+    llm = LLM(
+        model=tiny_model_dir("llama"),
+        block_size=4,
+        max_model_len=64,
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        enable_prefix_caching=False,
+        num_gpu_blocks_override=64,
+        seed=0,
+    )
+    try:
+        runner = llm.engine.runner
+        layers = runner.model.attention_layers()
+        for layer in layers:
+            if isinstance(getattr(layer, "backend", None), TritonAttentionBackend):
+                layer.backend.max_decode_splits = 2
+        n = warm_up_eager_steps(
+            runner._prepare, runner.forward, layers, runner.block_size, 64, 4, torch.device("cpu")
+        )
+        assert n == 2 + 2 + (2 if backend == "triton" else 1)  # context, decode-only, mixed
+        # the engine still serves afterwards
+        from meshserve import SamplingParams
+
+        out = llm.generate(
+            [{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False
+        )
+        assert len(out[0].outputs[0].token_ids) == 3
+    finally:
+        llm.shutdown()
+
+
+def test_draft_model_warm_up_through_a_real_engine(tiny_model_dir):
+    """Speculative decoding's draft model: its own steps on its own pool, then the engine still serves."""
+    from meshserve import LLM, SamplingParams
+
+    target = tiny_model_dir("llama")
+    spec = {"method": "draft_model", "model": target, "num_speculative_tokens": 2}
+    llm = LLM(
+        model=target,
+        block_size=4,
+        max_model_len=64,
+        max_num_batched_tokens=32,
+        num_gpu_blocks_override=64,
+        speculative_config=spec,
+        seed=0,
+    )
+    try:
+        drafter = llm.engine.runner.drafter
+        assert drafter is not None
+        n = warm_up_draft_model(drafter, 4, 64, 8, torch.device("cpu"))
+        assert n == 3 + 3 + 2 + 1  # fresh 2..8, behind a block 2..8, decode-only, one mixed (torch backend)
+        out = llm.generate(
+            [{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False
+        )
+        assert len(out[0].outputs[0].token_ids) == 4
+    finally:
+        llm.shutdown()
+
+
+def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
+    from meshserve.engine.model_runner import _best_effort
+
+    with caplog.at_level("ERROR"), _best_effort("sampling"):
+        raise RuntimeError("boom")
+    assert "sampling warm-up failed" in caplog.text and "boom" in caplog.text

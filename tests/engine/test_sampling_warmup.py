@@ -1,0 +1,110 @@
+"""The start-up warm-up of the sampling paths (engine/sampling_warmup.py) reaches every path a request can
+take, with the real Sampler and StepSampler masks, and leaves the Sampler's inputs well formed."""
+
+from __future__ import annotations
+
+import torch
+
+from meshserve.engine import sampling_warmup
+from meshserve.engine.sampling_warmup import BITMASK_ROWS, warm_up_sampling, warmup_cases
+from meshserve.layers.sampler import Sampler, _temperature_only
+
+HIDDEN, VOCAB = 16, 100
+
+
+class RecordingSampler(Sampler):
+    """The torch Sampler, keeping each batch's SamplingMetadata."""
+
+    def __init__(self):
+        super().__init__(fused=False)
+        self.seen = []
+
+    def forward(self, logits, metadata):
+        self.seen.append(metadata)
+        out = super().forward(logits, metadata)
+        assert out.sampled_token_ids.shape == (logits.shape[0],)
+        return out
+
+
+def _run(monkeypatch):
+    head = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+    calls = {"logits_rows": [], "bitmask_rows": []}
+
+    def compute_logits(h):
+        calls["logits_rows"].append(h.shape[0])
+        return head(h)
+
+    from meshserve.structured import bitmask
+
+    real = bitmask.apply_bitmask
+
+    def apply_bitmask(logits, masks, rows):
+        calls["bitmask_rows"].append(len(rows))
+        assert all(m.shape == (1, -(-VOCAB // 32)) for m in masks)
+        real(logits, masks, rows)
+        assert torch.isfinite(logits[rows]).all()  # every token allowed: nothing masked
+
+    monkeypatch.setattr(bitmask, "apply_bitmask", apply_bitmask)
+    sampler = RecordingSampler()
+    with torch.no_grad():
+        done = warm_up_sampling(compute_logits, sampler, HIDDEN, torch.float32, VOCAB, torch.device("cpu"))
+    return done, sampler.seen, calls
+
+
+def test_warm_up_runs_every_case(monkeypatch):
+    done, _, calls = _run(monkeypatch)
+    assert done == [c.name for c in warmup_cases()]
+    assert 1 in calls["logits_rows"]  # the LM head's batch-1 GEMV
+    # xgrammar's kernel specializes its row count: == 1, a multiple of 16 and any other all reached
+    rows = set(calls["bitmask_rows"])
+    assert 1 in rows and any(r % 16 == 0 for r in rows) and any(r > 1 and r % 16 for r in rows)
+    assert set(BITMASK_ROWS) <= rows
+
+
+def test_warm_up_reaches_every_sampler_branch(monkeypatch):
+    _, seen, _ = _run(monkeypatch)
+    branches = {
+        "fused temperature-only": any(not m.all_greedy and _temperature_only(m) for m in seen),
+        "all greedy through the sampler": any(m.all_greedy for m in seen),
+        "greedy rows beside random ones": any(not m.all_greedy and not m.all_random for m in seen),
+        "top-k only": any(not m.no_top_k and m.no_top_p for m in seen),
+        "top-p only": any(m.no_top_k and not m.no_top_p for m in seen),
+        "top-k and top-p": any(not m.no_top_k and not m.no_top_p for m in seen),
+        "min-p": any(not m.no_min_p for m in seen),
+        "penalties": any(not m.no_penalties and m.prompt_token_ids is not None for m in seen),
+        "logprobs": any(m.max_num_logprobs for m in seen),
+        "seeded generators": any(m.generators for m in seen),
+        "logit bias": any(m.logit_bias for m in seen),
+        "banned ids": any(m.banned_token_ids for m in seen),
+    }
+    assert all(branches.values()), [k for k, v in branches.items() if not v]
+
+
+def test_warm_up_skips_grammar_masks_without_xgrammar(monkeypatch):
+    monkeypatch.setattr(sampling_warmup, "_has_xgrammar", lambda: False)
+    done, _, calls = _run(monkeypatch)
+    assert calls["bitmask_rows"] == [] and not any(n.startswith("bitmask") for n in done)
+    assert "top_k+top_p" in done
+
+
+def test_warm_up_through_a_real_runner(tiny_model_dir):
+    """The runner's own LM head and Sampler (CPU: the torch paths and xgrammar's CPU kernel)."""
+    from meshserve import LLM
+
+    llm = LLM(
+        model=tiny_model_dir("llama"), max_model_len=64, max_num_seqs=4, num_gpu_blocks_override=32, seed=0
+    )
+    try:
+        runner = llm.engine.runner
+        hidden = runner.config.model_config.hf_config.hidden_size
+        done = warm_up_sampling(
+            runner.model.compute_logits,
+            runner.sampling.sampler,
+            hidden,
+            runner.dtype,
+            runner.vocab_size,
+            runner.device,
+        )
+        assert done == [c.name for c in warmup_cases()]
+    finally:
+        llm.shutdown()

@@ -1,0 +1,137 @@
+"""Static sm_90 numbers of the batch-1 int4 GEMV kernels, without a GPU (issue 20): each variant compiled with
+Triton's bundled ptxas, then registers / stack spills (cuobjdump -res-usage) and the instruction mix of the
+K loop (nvdisasm: the largest backward-branch loop), per weight a thread decodes in one loop step.
+
+usage: python tools/int4_gemv_sass.py [--rows 1] [--dump DIR]
+
+The loop of every kernel handles BLOCK_KP packed rows x 4 columns (one 128-bit load per packed row) per thread
+per step, i.e. 32 * BLOCK_KP weights: instructions / that = instructions per weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from meshserve.kernels import triton_int4_gemv as i4
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+POINTERS = {
+    "x_ptr": "*bf16",
+    "qw_ptr": "*i32",
+    "s_ptr": "*fp16",
+    "z_ptr": "*fp16",
+    "g_ptr": "*i32",
+    "b_ptr": "*bf16",
+    "y_ptr": "*bf16",
+    "part_ptr": "*fp32",
+    "cnt_ptr": "*i32",
+}
+ALIGNED = {"N", "K", "stride_qk", "stride_sg", "stride_ym", "stride_xm", "kp_per_split", "magic"}
+
+
+def compile_sm90(kernel, const: dict, warps: int):
+    names = list(kernel.arg_names)
+    sig = {n: "i32" for n in names}
+    sig.update({n: t for n, t in POINTERS.items() if n in names})
+    sig.update({n: "constexpr" for n in const})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in set(POINTERS) | ALIGNED if n in names}
+    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
+    return triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3}
+    )
+
+
+def stats(compiled) -> tuple[str, str, collections.Counter, str]:
+    """(registers, stack bytes, opcode counts of the largest loop) of a compiled kernel, and its SASS."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        use = subprocess.run(
+            [f"{BIN}/cuobjdump", "-res-usage", f.name], check=True, capture_output=True, text=True
+        ).stdout
+        sass = subprocess.run(
+            [f"{BIN}/nvdisasm", "-c", f.name], check=True, capture_output=True, text=True
+        ).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", use).groups()
+    lines = sass.splitlines()
+    labels = {ln.strip()[:-1]: i for i, ln in enumerate(lines) if re.match(r"\.L_x_\d+:", ln.strip())}
+    best: list[str] = []
+    for i, ln in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", ln)
+        if m and labels.get(m.group(1), i) < i:
+            body = [x for x in lines[labels[m.group(1)] : i + 1] if re.match(r"\s+/\*[0-9a-f]{4}\*/", x)]
+            best = max(best, body, key=len)
+    ops = collections.Counter(
+        re.sub(r"^\s*/\*[0-9a-f]{4}\*/\s*(@!?U?P\w+\s+)?", "", x).split()[0].rstrip(";") for x in best
+    )
+    return regs, stack, ops, sass
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1, help="BLOCK_M: rows of x (decode batch, <= 4)")
+    ap.add_argument("--dump", help="write each kernel's SASS into this folder")
+    args = ap.parse_args()
+    m = args.rows
+    common = {"HAS_BIAS": False, "SPLIT": True, "FUSED_REDUCE": True, "BLOCK_M": m}
+    kernels = {  # name: (kernel, constexprs, warps, packed rows a step)
+        "magic 256x64 w2": (
+            i4._int4_gemv_kernel,
+            dict(common, HAS_G_IDX=False, GROUP_UNIFORM=True, MAGIC=True, PRMT=True, BLOCK_N=256, BLOCK_KP=8),
+            2,
+            8,
+        ),
+        "magic 128x64 w1": (
+            i4._int4_gemv_kernel,
+            dict(common, HAS_G_IDX=False, GROUP_UNIFORM=True, MAGIC=True, PRMT=True, BLOCK_N=128, BLOCK_KP=8),
+            1,
+            8,
+        ),
+    }
+    for half in (False, True):
+        for kp in (4, 8):
+            kernels[f"{'half' if half else 'lop3'} 128x{8 * kp} w1"] = (
+                i4._int4_gemv_lop3_kernel,
+                dict(
+                    common,
+                    EVEN=True,
+                    GROUP=128,
+                    HALF=half,
+                    HALF_ASM=half,
+                    BLOCK_N=128,
+                    BLOCK_KP=kp,
+                    REDUCE_CHUNK=8,
+                ),
+                1,
+                kp,
+            )
+    print(f"sm_90, {m} row(s): registers, stack bytes, loop instructions per weight, top opcodes")
+    for name, (kernel, const, warps, kp) in kernels.items():
+        regs, stack, ops, sass = stats(compile_sm90(kernel, const, warps))
+        weights = 32 * kp  # 4 columns x 8 nibbles per packed row and thread
+        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(8))
+        print(
+            f"{name:18s} regs {regs:>3s} stack {stack:>3s}  {sum(ops.values()) / weights:4.2f} / weight  {top}"
+        )
+        if args.dump:
+            os.makedirs(args.dump, exist_ok=True)
+            with open(os.path.join(args.dump, name.replace(" ", "_") + ".sass"), "w") as f:
+                f.write(sass)
+
+
+if __name__ == "__main__":
+    main()

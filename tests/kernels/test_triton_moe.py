@@ -50,31 +50,38 @@ def test_align_by_expert_groups_pairs_in_padded_runs():
     assert block_expert[:3].tolist() == [0, 1, 2] and used.item() == 12
 
 
-_INTERPRETED = """
-import torch
-from meshserve.kernels import triton_moe
-from meshserve.kernels.moe_ref import fused_experts_ref
-from tests.kernels.test_triton_moe import _case
-for tokens, experts, top_k, drop in ((1, 8, 2, False), (2, 32, 4, True), (37, 8, 2, True), (9, 32, 4, False)):
-    x, w13, w2, weights, ids = _case(tokens, experts, top_k, 64, 48, torch.float32, "cpu", drop)
-    got = triton_moe.fused_experts(x, w13, w2, weights, ids)
-    torch.testing.assert_close(got, fused_experts_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
-print("ok")
-"""
+def _interpreted_check() -> None:
+    from meshserve.kernels import triton_moe
+
+    for tokens, experts, top_k, drop in ((1, 8, 2, False), (2, 32, 4, True), (37, 8, 2, True), (9, 32, 4, False)):
+        x, w13, w2, weights, ids = _case(tokens, experts, top_k, 64, 48, torch.float32, "cpu", drop)
+        got = triton_moe.fused_experts(x, w13, w2, weights, ids)
+        torch.testing.assert_close(got, fused_experts_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
+
+
+def _run_interpreted(check: str, timeout_s: int) -> None:
+    """Run this module's function `check` under Triton's interpreter: in this process when it already interprets
+    (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA: no second Python and torch import), else in a
+    subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        globals()[check]()
+        return
+    script = f"from tests.kernels.test_triton_moe import {check}; {check}(); print('ok')"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=timeout_s, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_kernels_match_reference_in_the_triton_interpreter():
     """Without a GPU: the same kernels run by Triton's interpreter (both the pair-GEMV and the grouped-GEMM
     path, with -1 ids), so their indexing is checked on every CPU run."""
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    _run_interpreted("_interpreted_check", timeout_s=300)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -130,33 +137,22 @@ def _assert_close_in_row_norm(got: torch.Tensor, ref: torch.Tensor, rel_norm: fl
     torch.testing.assert_close(got.float(), ref.float(), atol=flip, rtol=0)
 
 
-_INTERPRETED_FP8 = """
-import torch
-from meshserve.kernels import triton_moe
-from meshserve.kernels.moe_ref import fused_experts_ref
-from tests.kernels.test_triton_moe import _assert_close_but_for_flips, _fp8_case
-# hidden 192 / width 160: partial K blocks, and up's rows start a block of their own (gate ends mid-block)
-for tokens, experts, top_k, drop, blockwise in ((1, 8, 2, False, True), (2, 32, 4, True, False),
-                                                (37, 8, 2, True, True), (21, 4, 2, False, False)):
-    x, w13, w2, weights, ids, scales = _fp8_case(tokens, experts, top_k, 192, 160, torch.float32, "cpu", drop,
-                                                 blockwise)
-    got = triton_moe.fused_experts(x, w13, w2, weights, ids, **scales)
-    _assert_close_but_for_flips(got, fused_experts_ref(x, w13, w2, weights, ids, **scales), 1e-5, 1e-2)
-print("ok")
-"""
+def _interpreted_fp8_check() -> None:
+    from meshserve.kernels import triton_moe
+
+    # hidden 192 / width 160: partial K blocks, and up's rows start a block of their own (gate ends mid-block)
+    for tokens, experts, top_k, drop, blockwise in ((1, 8, 2, False, True), (2, 32, 4, True, False),
+                                                    (37, 8, 2, True, True), (21, 4, 2, False, False)):
+        x, w13, w2, weights, ids, scales = _fp8_case(tokens, experts, top_k, 192, 160, torch.float32, "cpu", drop,
+                                                     blockwise)
+        got = triton_moe.fused_experts(x, w13, w2, weights, ids, **scales)
+        _assert_close_but_for_flips(got, fused_experts_ref(x, w13, w2, weights, ids, **scales), 1e-5, 1e-2)
 
 
 def test_fp8_kernels_match_reference_in_the_triton_interpreter():
     """Both fp8 layouts through the pair-GEMV (1 and 2 tokens) and the grouped-GEMM path (37 tokens)."""
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED_FP8], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    _run_interpreted("_interpreted_fp8_check", timeout_s=600)
 
 
 _COMPILE_SM90 = """

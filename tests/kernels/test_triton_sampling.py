@@ -51,8 +51,8 @@ def test_samples_follow_softmax_over_temperature(fn, temperature):
     freq = torch.bincount(ids.cpu(), minlength=vocab).double() / draws
     expected = torch.softmax(row.double().cpu() / temperature, -1)
     assert (freq - expected).abs().max() < 5 * 0.5 / draws**0.5
-    # and a different seed gives different draws
-    assert not torch.equal(sample(logits, temps, seed=12), ids)
+    # and a different seed gives different draws (64 of them: equal by chance with a probability < 0.8^64)
+    assert not torch.equal(sample(logits[:64], temps[:64], seed=12), ids[:64])
 
 
 def test_mixed_greedy_and_sampled_rows_and_masked_ids():

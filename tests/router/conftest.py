@@ -22,7 +22,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from meshserve.distributed.launch import free_port  # noqa: F401  (re-exported to tests)
+from meshserve.distributed.launch import free_port
 from meshserve.router.app import build_router_app
 from meshserve.router.config import RouterConfig
 from tests.router.loadgen import FIGURES
@@ -38,8 +38,15 @@ class ThreadServer:
     thread: threading.Thread
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        stop_all([self])
+
+
+def stop_all(servers: list[ThreadServer]) -> None:
+    """Ask every server to exit, then wait for each: their graceful shutdowns (up to ~1 s each) overlap."""
+    for srv in servers:
+        srv.server.should_exit = True
+    for srv in servers:
+        srv.thread.join(10)
 
 
 def serve_in_thread(app, port: int | None = None) -> ThreadServer:
@@ -128,8 +135,7 @@ def fake_replicas() -> Iterator[Callable[..., tuple[Script, ThreadServer]]]:
         return script, srv
 
     yield make
-    for srv in started:
-        srv.stop()
+    stop_all(started)
 
 
 @pytest.fixture()
@@ -143,8 +149,7 @@ def router() -> Iterator[Callable[..., ThreadServer]]:
         return srv
 
     yield make
-    for srv in started:
-        srv.stop()
+    stop_all(started)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

@@ -71,13 +71,14 @@ class AsyncLLM:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, separate_process: bool = False,
-                         core_factory: Callable | None = None) -> AsyncLLM:
+                         core_factory: Callable | None = None, core_process=None) -> AsyncLLM:
         """The core in a thread of this process, or (separate_process) in a child process of its own;
-        core_factory(args) builds a stand-in core there (the front-end benchmark's model-less core)."""
+        core_factory(args) builds a stand-in core there (the front-end benchmark's model-less core);
+        core_process: that child, already spawned (CoreProcess(wait=False))."""
         if separate_process:
             from meshserve.engine.core_process import ProcessCoreClient
 
-            client: EngineCoreClient = ProcessCoreClient(args, core_factory=core_factory)
+            client: EngineCoreClient = ProcessCoreClient(args, core_factory=core_factory, core_process=core_process)
         else:
             from meshserve.engine.core import EngineCore
             from meshserve.engine.core_client import ThreadedCoreClient

@@ -15,11 +15,13 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from meshserve.engine.core import EngineCore
 from meshserve.engine.messages import CoreInfo, EngineCoreOutputs, EngineCoreRequest
 from meshserve.errors import EngineDeadError
+
+if TYPE_CHECKING:  # not at run time: the server spawns its core process before torch is imported
+    from meshserve.engine.core import EngineCore
 
 logger = logging.getLogger(__name__)
 

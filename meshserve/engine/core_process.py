@@ -187,9 +187,13 @@ def _core_main(args: EngineArgs, input_addr: str, output_addr: str, ready_conn, 
 
 # -- the owner ---------------------------------------------------------------------------------------
 class CoreProcess:
-    """Starts the core process, waits until its model is loaded, and stops it (the only one who may)."""
+    """Starts the core process, waits until its model is loaded, and stops it (the only one who may).
 
-    def __init__(self, args: EngineArgs, startup_timeout_s: float = 1800.0, core_factory: Callable | None = None):
+    wait=False returns as soon as the process is spawned (the server imports its front end while the model
+    loads); then wait_ready() must be called, or kill() if the caller gives up first."""
+
+    def __init__(self, args: EngineArgs, startup_timeout_s: float = 1800.0, core_factory: Callable | None = None,
+                 wait: bool = True):
         self._dir = tempfile.mkdtemp(prefix="meshserve-core-")
         input_addr, output_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
         ctx = mp.get_context("spawn")
@@ -204,17 +208,31 @@ class CoreProcess:
         self._control = self._zmq.socket(zmq.PUSH)  # the owner's shutdown command
         self._control.setsockopt(zmq.LINGER, 0)
         self._control.connect(input_addr)
-        try:
-            self.info: CoreInfo = self._wait_ready(parent_conn, startup_timeout_s)
-        except BaseException:  # a failed load, or Ctrl-C while loading: no core may outlive this
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join(5)
-            self._cleanup()
-            raise
-        finally:
-            parent_conn.close()
         self.addresses = CoreAddresses(input_addr, output_addr, self.proc.pid)
+        self._ready_conn = parent_conn
+        self._startup_timeout_s = startup_timeout_s
+        self.info: CoreInfo | None = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> CoreInfo:
+        """Block until the model is loaded (its CoreInfo), or raise why it did not load."""
+        if self.info is None:
+            try:
+                self.info = self._wait_ready(self._ready_conn, self._startup_timeout_s)
+            except BaseException:  # a failed load, or Ctrl-C while loading: no core may outlive this
+                self.kill()
+                raise
+            finally:
+                self._ready_conn.close()
+        return self.info
+
+    def kill(self) -> None:
+        """Stop the core at once (it may be loading and not listening for commands)."""
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self._cleanup()
 
     def _wait_ready(self, conn, timeout_s: float) -> CoreInfo:
         deadline = time.monotonic() + timeout_s
@@ -382,8 +400,11 @@ class ZmqCoreClient:
 class ProcessCoreClient(ZmqCoreClient):
     """An EngineCoreClient whose core runs in a child process this client starts, owns and stops."""
 
-    def __init__(self, args: EngineArgs, startup_timeout_s: float = 1800.0, core_factory: Callable | None = None):
-        self.core_process = CoreProcess(args, startup_timeout_s, core_factory)
+    def __init__(self, args: EngineArgs, startup_timeout_s: float = 1800.0, core_factory: Callable | None = None,
+                 core_process: CoreProcess | None = None):
+        """core_process: one already spawned (CoreProcess(wait=False)) to wait for instead of starting one."""
+        self.core_process = core_process or CoreProcess(args, startup_timeout_s, core_factory)
+        self.core_process.wait_ready()
         self.proc = self.core_process.proc
         try:
             super().__init__(self.core_process.addresses)

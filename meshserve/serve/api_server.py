@@ -68,10 +68,22 @@ def serve_http(allm, config: ServeConfig, sock: socket.socket, opts: HttpOptions
 def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket.socket, opts: HttpOptions,
                       engine_in_thread: bool = False, core_factory: Callable | None = None,
                       on_started: Callable | None = None) -> int:
-    from meshserve.engine.async_engine import AsyncLLM
+    core = None
+    if not engine_in_thread:  # the default: the step loop in its own process, off this process's GIL
+        from meshserve.engine.core_process import CoreProcess
 
-    # the default: the step loop in its own process, off this process's GIL
-    allm = AsyncLLM.from_engine_args(engine_args, separate_process=not engine_in_thread, core_factory=core_factory)
+        # spawned first: the model loads while this process imports the app and the tokenizer library
+        core = CoreProcess(engine_args, core_factory=core_factory, wait=False)
+    try:
+        _import_front_end()
+        from meshserve.engine.async_engine import AsyncLLM
+
+        allm = AsyncLLM.from_engine_args(engine_args, separate_process=not engine_in_thread,
+                                         core_factory=core_factory, core_process=core)
+    except BaseException:  # a failed load, or Ctrl-C while importing or loading: the core goes too
+        if core is not None:
+            core.kill()
+        raise
     try:
         if on_started is not None:
             proc = getattr(allm.core_client, "proc", None)
@@ -82,6 +94,14 @@ def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket
         allm.shutdown()
         sock.close()
     return 0
+
+
+def _import_front_end() -> None:
+    """Import what serving needs besides the engine (seconds on a small CPU), so it overlaps the model load."""
+    import transformers.models.auto.tokenization_auto  # noqa: F401 - load_tokenizer's AutoTokenizer
+    import uvicorn  # noqa: F401
+
+    import meshserve.serve.openai_api  # noqa: F401
 
 
 # -- N API processes ---------------------------------------------------------------------------------

@@ -52,8 +52,8 @@ def context_prefill_steps(block_size: int, num_blocks: int, limit: int) -> list[
 
 
 def fresh_prefill_steps(block_size: int, num_blocks: int, limit: int) -> list[list[ScheduledSequence]]:
-    """One step per power-of-two prompt length 2..limit, nothing cached (ModelRunner.warm_up_prefill's steps,
-    for a draft model)."""
+    """One step per power-of-two prompt length 2..limit, nothing cached (ModelRunner.warm_up_prefill's steps;
+    the draft model's too)."""
     steps, q = [], 2
     while q <= limit and -(-q // block_size) <= num_blocks:
         steps.append([_seq("warmup-prefill", q, 0, 0, block_size)])

@@ -27,7 +27,7 @@ from meshserve.distributed.parallel_state import (
 )
 from meshserve.engine.cpu_threads import set_cpu_threads
 from meshserve.engine.cuda_graph import DecodeGraphs, attention_split_counts
-from meshserve.engine.eager_warmup import warm_up_draft_model, warm_up_eager_steps
+from meshserve.engine.eager_warmup import fresh_prefill_steps, warm_up_draft_model, warm_up_eager_steps
 from meshserve.engine.kv_pool import KVCachePool, largest_step
 from meshserve.engine.mixed_graph import (
     MixedStepGraphs,
@@ -290,16 +290,8 @@ class ModelRunner:
             return  # stages would need their neighbours; the first real steps compile instead
         t0 = time.perf_counter()
         limit = min(512, self.config.scheduler_config.max_num_batched_tokens)
-        q = 2
-        while q <= limit:
-            blocks = -(-q // self.block_size)
-            if blocks > num_blocks:
-                break
-            seq = ScheduledSequence(seq_id="warmup", token_ids=[0] * q, num_computed_tokens=0,
-                                    block_table=list(range(blocks)), params=None, do_sample=False)
-            input_ids, positions, meta = self._prepare([seq])
-            self.forward(input_ids, positions, meta)
-            q *= 2
+        for step in fresh_prefill_steps(self.block_size, num_blocks, limit):
+            self.forward(*self._prepare(step))
         torch.cuda.synchronize(self.device)
         logger.info("prefill kernels warmed up in %.1f s", time.perf_counter() - t0)
         # chunks behind cached tokens, and eager mixed steps at every KV split count (eager_warmup.py)

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from meshserve.layers.sampler import Sampler, SamplingMetadata
+from meshserve.engine.scheduler_output import ScheduledSequence
+from meshserve.engine.step_sampler import sample_rows
+from meshserve.layers.sampler import Sampler
 from meshserve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -75,9 +77,19 @@ def warmup_cases() -> list[WarmupCase]:
     return cases
 
 
-def _bitmask_all_allowed(rows: int, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[rows, ceil(V / 32)] int32 packed bitmask with every token allowed (xgrammar's layout: all bits set)."""
-    return torch.full((rows, -(-vocab_size // 32)), -1, dtype=torch.int32, device=device)
+def warmup_rows(case: WarmupCase, vocab_size: int) -> list[ScheduledSequence]:
+    """The case's rows as the StepSampler sees them: a short prompt and output, and on the case's bitmask rows
+    a grammar bitmask allowing every token (xgrammar's layout, all bits set)."""
+    if case.bitmask_rows:
+        import xgrammar as xgr
+    return [
+        ScheduledSequence(
+            seq_id=f"warmup-{i}", token_ids=[4], num_computed_tokens=4, block_table=[], params=p,
+            do_sample=True, prompt_token_ids=[1, 2, 3], output_token_ids=[4],
+            grammar_bitmask=xgr.allocate_token_bitmask(1, vocab_size) if i in case.bitmask_rows else None,
+        )
+        for i, p in enumerate(case.params)
+    ]
 
 
 def run_case(
@@ -89,32 +101,18 @@ def run_case(
     vocab_size: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """One case through the StepSampler's steps (step_sampler.StepSampler.sample): the sampled ids [rows]."""
-    rows = len(case.params)
-    logits = compute_logits(torch.zeros(rows, hidden_size, dtype=dtype, device=device))
-    if case.bitmask_rows:
-        from meshserve.structured.bitmask import apply_bitmask
+    """One case through step_sampler.sample_rows, StepSampler's own sampling (no generators kept, no sampled
+    ids remembered): the sampled ids [rows]."""
+    rows = warmup_rows(case, vocab_size)
+    logits = compute_logits(torch.zeros(len(rows), hidden_size, dtype=dtype, device=device))
+    banned = [[0] if case.banned else [] for _ in rows]
 
-        masks = _bitmask_all_allowed(len(case.bitmask_rows), vocab_size, device)
-        apply_bitmask(logits, list(masks.split(1)), case.bitmask_rows)
-    banned = [[0] if case.banned else [] for _ in range(rows)]
-    if (
-        all(
-            p.greedy and p.logprobs is None and not p.uses_penalties and not p.logit_bias for p in case.params
-        )
-        and not case.banned
-    ):
-        return logits.argmax(dim=-1)
-    generators = [
-        torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None and not p.greedy else None
-        for p in case.params
-    ]
-    prompt_ids = [[1, 2, 3] for _ in range(rows)]
-    output_ids = [[4] for _ in range(rows)]
-    meta = SamplingMetadata.build(
-        case.params, prompt_ids, output_ids, generators, vocab_size, device, banned_token_ids=banned
-    )
-    return sampler(logits, meta).sampled_token_ids
+    def generator_of(s: ScheduledSequence) -> torch.Generator | None:
+        if s.params.seed is None or s.params.greedy:
+            return None
+        return torch.Generator(device=device).manual_seed(s.params.seed)
+
+    return sample_rows(sampler, logits, rows, banned, generator_of, vocab_size, device)[0]
 
 
 def _has_xgrammar() -> bool:

@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from meshserve.distributed.parallel_state import get_parallel_state
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, to_token_logprobs
 from meshserve.engine.scheduler_output import ScheduledSequence
 from meshserve.kernels.attention_metadata import AttentionMetadata
-from meshserve.layers.sampler import Sampler, SamplingMetadata, compute_logprobs
+from meshserve.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs
 from meshserve.spec_decode.rejection_sampler import to_device, verify_on_device
 from meshserve.structured.bitmask import apply_bitmask
+
+
+def sample_rows(sampler: Sampler, logits: torch.Tensor, rows: list[ScheduledSequence],
+                banned: list[list[int]], generator_of: Callable[[ScheduledSequence], torch.Generator | None],
+                vocab_size: int, device: torch.device) -> tuple[torch.Tensor, SamplerOutput | None]:
+    """One token per row from its logits [rows, V]: the grammar masks first, then the plain argmax when no row
+    has settings to upload, else the Sampler with the rows' settings (banned: each row's banned ids).
+    Returns (token ids, the SamplerOutput or None). StepSampler.sample and the start-up warm-up share it."""
+    constrained = [j for j, s in enumerate(rows) if s.grammar_bitmask is not None]
+    if constrained:  # structured outputs: only the tokens each grammar allows next
+        apply_bitmask(logits, [rows[j].grammar_bitmask for j in constrained], constrained)
+    if all(s.params.greedy and s.params.logprobs is None and not s.params.uses_penalties
+           and not s.params.logit_bias for s in rows) and not any(banned):
+        return logits.argmax(dim=-1), None  # plain greedy: no per-row settings to upload
+    meta = SamplingMetadata.build(
+        [s.params for s in rows],
+        [s.prompt_token_ids or [] for s in rows],
+        [s.output_token_ids or [] for s in rows],
+        [generator_of(s) for s in rows],
+        vocab_size,
+        device,
+        banned_token_ids=banned,
+    )
+    sampled = sampler(logits, meta)
+    return sampled.sampled_token_ids, sampled
 
 
 class StepSampler:
@@ -99,26 +126,11 @@ class StepSampler:
                 self._remember(rows, self._broadcast(torch.empty(len(rows), dtype=torch.int64,
                                                                  device=self.device)), None)
             return PendingOutput(result)
-        constrained = [j for j, s in enumerate(rows) if s.grammar_bitmask is not None]
-        if constrained:  # structured outputs: only the tokens each grammar allows next
-            apply_bitmask(logits, [rows[j].grammar_bitmask for j in constrained], constrained)
         banned = [sorted(s.params._all_stop_token_ids) if s.num_output_tokens < s.params.min_tokens else []
                   for s in rows]
-        if all(s.params.greedy and s.params.logprobs is None and not s.params.uses_penalties
-               and not s.params.logit_bias for s in rows) and not any(banned):
-            # plain greedy: no per-row settings to upload, just the argmax
-            return self._pending(result, rows, logits.argmax(dim=-1), parity, spec=spec)
-        meta_s = SamplingMetadata.build(
-            [s.params for s in rows],
-            [s.prompt_token_ids or [] for s in rows],
-            [s.output_token_ids or [] for s in rows],
-            [self._generator(s) for s in rows],
-            self.vocab_size,
-            self.device,
-            banned_token_ids=banned,
-        )
-        sampled = self.sampler(logits, meta_s)
-        return self._pending(result, rows, sampled.sampled_token_ids, parity, sampled, spec)
+        token_ids, sampled = sample_rows(self.sampler, logits, rows, banned, self._generator, self.vocab_size,
+                                         self.device)
+        return self._pending(result, rows, token_ids, parity, sampled, spec)
 
     def _verify(self, spec_idx: list[int], scheduled: list[ScheduledSequence], hidden: torch.Tensor,
                 qsl: list[int], samples: bool):

@@ -34,9 +34,9 @@ def _run(monkeypatch):
         calls["logits_rows"].append(h.shape[0])
         return head(h)
 
-    from meshserve.structured import bitmask
+    from meshserve.engine import step_sampler
 
-    real = bitmask.apply_bitmask
+    real = step_sampler.apply_bitmask
 
     def apply_bitmask(logits, masks, rows):
         calls["bitmask_rows"].append(len(rows))
@@ -44,7 +44,7 @@ def _run(monkeypatch):
         real(logits, masks, rows)
         assert torch.isfinite(logits[rows]).all()  # every token allowed: nothing masked
 
-    monkeypatch.setattr(bitmask, "apply_bitmask", apply_bitmask)
+    monkeypatch.setattr(step_sampler, "apply_bitmask", apply_bitmask)
     sampler = RecordingSampler()
     with torch.no_grad():
         done = warm_up_sampling(compute_logits, sampler, HIDDEN, torch.float32, VOCAB, torch.device("cpu"))

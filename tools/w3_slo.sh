@@ -15,7 +15,7 @@ python3 -m meshserve.cli serve llama-3.1-8b --load-format dummy --tokenizer /tmp
   > $OUT/serve.log 2>&1 &
 pid=$! t0=$(date +%s)
 for i in $(seq 1 400); do
-  curl -sf localhost:8000/health >/dev/null && break
+  curl -sf localhost:8000/health >/dev/null && curl -sf localhost:8000/v1/models >/dev/null && break
   kill -0 $pid 2>/dev/null || { echo "server died"; tail -30 $OUT/serve.log; exit 1; }
   sleep 1
 done

@@ -37,6 +37,7 @@ def replay(qps: float, latency_s: float, api_server_count: int, prefill_chunk: i
         frontend_latency_s=latency_s,
         frontend_request_s=FRONTEND_H200.per_request_s,
         frontend_token_s=FRONTEND_H200.per_token_s,
+        frontend_refusal_s=FRONTEND_H200.per_refusal_s,  # the API process's gate (on by default, as in the server)
         api_server_count=api_server_count,
         calibration="h200_mixed_graphs",
     )

@@ -59,6 +59,12 @@ def register(subparsers) -> None:
                         "no front-end queue)")
     g.add_argument("--frontend-token-us", type=float, default=FRONTEND_H200.per_token_s * 1e6,
                    help="the API process's CPU per streamed token (detokenize, one SSE event)")
+    g.add_argument("--frontend-refusal-ms", type=float, default=FRONTEND_H200.per_refusal_s * 1e3,
+                   help="the API process's CPU per 429 from its gate (with --slo-ttft-ms: a request its process's "
+                        "delays plus the core's queue wait cannot serve in time is refused before parsing, as "
+                        "`meshserve serve` does; an estimate)")
+    g.add_argument("--no-frontend-gate", action="store_true",
+                   help="model the server before the API process's gate (every 429 after a full intake)")
     g.add_argument("--api-server-count", type=int, default=1,
                    help="API processes per replica, as `meshserve serve --api-server-count` (each one such queue)")
     g = p.add_argument_group("traffic")
@@ -126,9 +132,9 @@ def _strict(value):
     return value
 
 
-def run_simulate(ns: argparse.Namespace) -> int:
+def config_from_args(ns: argparse.Namespace):
+    """The SimConfig of a parsed `meshserve simulate` command line (validated)."""
     from meshserve.simulator.config import SimConfig
-    from meshserve.simulator.fleet import simulate
 
     config = SimConfig(model=ns.model, gpu=ns.gpu, num_gpus=ns.num_gpus, tp=ns.tp, router=ns.router,
                        slo_ttft_s=ns.slo_ttft_ms / 1e3 if ns.slo_ttft_ms else None,
@@ -138,9 +144,17 @@ def run_simulate(ns: argparse.Namespace) -> int:
                        num_blocks=ns.num_blocks, max_queue_len=ns.max_queue_len, hardware_file=ns.hardware_file,
                        frontend_latency_s=ns.frontend_latency_ms / 1e3,
                        frontend_request_s=ns.frontend_request_ms / 1e3, frontend_token_s=ns.frontend_token_us / 1e6,
+                       frontend_refusal_s=ns.frontend_refusal_ms / 1e3, frontend_gate=not ns.no_frontend_gate,
                        api_server_count=ns.api_server_count, replica_model=ns.replica_model,
                        calibration=ns.calibration, step_noise=ns.step_noise == "on", seed=ns.seed)
     config.validate()
+    return config
+
+
+def run_simulate(ns: argparse.Namespace) -> int:
+    from meshserve.simulator.fleet import simulate
+
+    config = config_from_args(ns)
     trace = build_trace(ns)
     if ns.search:
         return _run_search(ns, config, trace)
@@ -181,10 +195,15 @@ def run_simulate(ns: argparse.Namespace) -> int:
            "them, the same on every GPU" if ns.step_noise == "on" else "; no step-time noise")),
         (f"each of a replica's {ns.api_server_count} API process(es) is one CPU queue: "
          f"{ns.frontend_request_ms:g} ms per request (a 429 "
-         f"included) and {ns.frontend_token_us:g} us per streamed token (fitted to the API process saturating at "
-         "W3 QPS 96 on one H200's host, BENCHMARKS.md issue 18; the split between the two is an estimate), plus "
-         "a fixed --frontend-latency-ms; the router's own CPU, the network and replica failures are not "
-         "modelled; every request runs to its output length"),
+         f"after parsing included) and {ns.frontend_token_us:g} us per streamed token (fitted to the API process "
+         "saturating at W3 QPS 96 on one H200's host, BENCHMARKS.md issue 18, before the gate and lean streaming; "
+         "the split between the two is an estimate), plus a fixed --frontend-latency-ms"
+         + ("" if ns.no_frontend_gate or not ns.slo_ttft_ms else
+            f"; with --slo-ttft-ms each process's gate answers 429 before parsing ({ns.frontend_refusal_ms:g} ms "
+            "each, an estimate) when its input delay and loop lag plus the core's queue wait break the target, "
+            "as `meshserve serve` does")
+         + "; the router's own CPU, the network and replica failures are not modelled; every request runs to "
+         "its output length"),
     ]
     if ns.plot:
         from meshserve.simulator.plots import plot_timeline

@@ -49,7 +49,12 @@ class SimConfig:
     # token (0, 0: no queue, the engine's own view; the CLI defaults to FRONTEND_H200)
     frontend_request_s: float = 0.0
     frontend_token_s: float = 0.0
+    frontend_refusal_s: float = 0.0  # a 429 from the gate (0: a whole request's intake)
     api_server_count: int = 1  # API processes per replica (`meshserve serve --api-server-count`)
+    # with slo_ttft_s and a front-end queue: each API process answers 429 itself, before parsing, when its own
+    # delays plus the core's queue wait break the target (the server's middleware since 1aa067c; frontend.py);
+    # False: the server before it (every 429 after a full intake, the clock from the handler)
+    frontend_gate: bool = True
     hardware_file: str | None = None
     # how each replica is simulated (REPLICA_MODELS); "fast" takes the reference where it does not apply
     replica_model: str = "scheduler"
@@ -63,7 +68,7 @@ class SimConfig:
         if self.num_gpus < 1 or self.tp < 1 or self.num_gpus % self.tp:
             raise InvalidArgumentError(f"--num-gpus ({self.num_gpus}) must be a positive multiple of --tp "
                                        f"({self.tp})", param="num_gpus")
-        if self.frontend_request_s < 0 or self.frontend_token_s < 0:
+        if self.frontend_request_s < 0 or self.frontend_token_s < 0 or self.frontend_refusal_s < 0:
             raise InvalidArgumentError("front-end costs must be >= 0", param="frontend_request_ms")
         if self.api_server_count < 1:
             raise InvalidArgumentError("--api-server-count must be >= 1", param="api_server_count")
@@ -75,7 +80,7 @@ class SimConfig:
 
     @property
     def frontend_costs(self) -> FrontEndCosts:
-        return FrontEndCosts(self.frontend_request_s, self.frontend_token_s)
+        return FrontEndCosts(self.frontend_request_s, self.frontend_token_s, self.frontend_refusal_s)
 
     @property
     def num_replicas(self) -> int:

@@ -79,6 +79,7 @@ def run_fast(
             heappush(steps, (end, k, _STEP_END, version[k]))
         if not rep.try_add(arrivals[j], prompts[j], outputs[j]):
             index.add(k, -1)  # a 429 back at the router
+            recorder.reject_latency_s.append(now - arrivals[j])
             return False
         if not rep.busy:  # wake it after every arrival of this instant is queued
             rep.busy = True

@@ -85,7 +85,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         return SimReplica(index, sched_cfg, cache_cfg, step_cost or cost, recorder, config.max_queue_len,
                           step_model=cost.model, fast_forward=fast_forward, light=fast_forward,
                           frontend=config.frontend_costs, api_server_count=config.api_server_count,
-                          noise=None if noise is None else NoiseStream(noise, config.seed, index))
+                          noise=None if noise is None else NoiseStream(noise, config.seed, index),
+                          frontend_gate=config.frontend_gate)
 
     scaler = None
     if autoscale is not None:
@@ -106,6 +107,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
             heapq.heappush(steps, (end, rep.index, _STEP_END, version[rep.index]))
         if not rep.try_add(index, req, now):
             rep.outstanding -= 1  # a 429 back at the router
+            recorder.reject_latency_s.append(now - req.arrival_s)
             return False
         if not rep.busy:  # wake it after every arrival of this instant is queued
             rep.busy = True
@@ -122,7 +124,12 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                 break
             rep = policy.choose(candidates, key)
             rep.outstanding += 1  # in flight from the router's view until it finishes or is refused
-            reached = rep.intake(now)
+            reached = rep.intake(now, index)
+            if reached is None:  # the API process's gate answered 429 (frontend.py): the router tries another
+                rep.outstanding -= 1
+                recorder.reject_latency_s.append(rep.last_refusal_s - req.arrival_s)
+                tried = (*tried, rep.index)
+                continue
             if reached > now:
                 heapq.heappush(steps, (reached, rep.index, _ADMIT, (index, (*tried, rep.index), key)))
                 return
@@ -217,7 +224,9 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
         "steps": sum(r.steps for r in replicas),
         # the API processes' CPU: requests (a 429 included) and streamed tokens; 1.0 is saturation
         "frontend": {"request_s": config.frontend_request_s, "token_s": config.frontend_token_s,
-                     "api_server_count": config.api_server_count,
+                     "refusal_s": config.frontend_refusal_s,
+                     "api_server_count": config.api_server_count, "gate": config.frontend_gate,
+                     "gate_refusals": sum(r.frontend.num_gate_refusals for r in replicas if r.frontend is not None),
                      "busy_fraction": sum(r.frontend.busy_s for r in replicas if r.frontend is not None)
                      / (replica_seconds * config.api_server_count) if replica_seconds else 0.0},
         "gpu_busy_fraction": gpu_busy / replica_seconds if replica_seconds else 0.0,

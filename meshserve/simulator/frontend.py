@@ -16,26 +16,49 @@ process was saturated while it streamed 3,203 tok/s: (1 - 3,203 x 50 us) / 96 = 
 counted as a full request). Only that sum is measured: a heavier token and lighter request split fits it too.
 Between jobs the queue drains at one second of work per second (the Lindley recursion); jobs must come in time
 order (the replica delivers a decode run's steps lazily, in order, see replica.py).
+
+The gate (`meshserve serve` with a TTFT target, since 1aa067c; serve/frontend_load.py): each API process tracks
+the worst input delay (arrival to handler) and event-loop lag of the last second, the server's own WindowMax on
+simulated time; in this queue both are the wait of a job that joins it (what a request waits before its
+handler, what a token waits after its step). A request whose process's delays plus the core's predicted queue
+wait break the target (under the admission margin) gets its 429 from the middleware before its body is parsed:
+per_refusal_s of the process's time, not a whole intake. Without the gate every 429 cost a full intake and one
+API process collapsed at W3 QPS 96; with it the server measured 52 req/s of goodput at QPS 128 on one process
+(2026-11-30, PLANNER.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshserve.serve.frontend_load import WindowMax
+
+# serve/frontend_load.FrontendLoad's window: the delays a request is judged by are the worst of the last second
+GATE_WINDOW_S = 1.0
+
 
 @dataclass(frozen=True)
 class FrontEndCosts:
-    """CPU seconds of the API process per request (intake, or a 429) and per streamed token."""
+    """CPU seconds of the API process per request (intake, or a 429 after it), per streamed token, and per
+    request refused at the gate (the middleware's 429 before parsing; 0: the same as per_request_s)."""
 
     per_request_s: float
     per_token_s: float
+    per_refusal_s: float = 0.0
+
+    @property
+    def refusal_s(self) -> float:
+        return self.per_refusal_s if self.per_refusal_s > 0 else self.per_request_s
 
     @property
     def enabled(self) -> bool:
         return self.per_request_s > 0 or self.per_token_s > 0
 
 
-FRONTEND_H200 = FrontEndCosts(per_request_s=8.7e-3, per_token_s=50e-6)
+# per_refusal_s: h11 parsing of a ~2 kB request and a small JSON 429 written, no tokenization, no stream (an
+# estimate, not measured alone: the measured bound is that one API process answered ~72 refusals/s beside 56
+# admissions/s at W3 QPS 128 without saturating, and refused in 9-10 ms p50 at the client)
+FRONTEND_H200 = FrontEndCosts(per_request_s=8.7e-3, per_token_s=50e-6, per_refusal_s=1.0e-3)
 FRONTEND_OFF = FrontEndCosts(0.0, 0.0)
 
 
@@ -46,7 +69,7 @@ class FrontEnd:
     evenly over the N (their requests are spread over them); the client sees the step when the last share is
     delivered."""
 
-    def __init__(self, costs: FrontEndCosts, processes: int = 1):
+    def __init__(self, costs: FrontEndCosts, processes: int = 1, gate: bool = False):
         if processes < 1:
             raise ValueError("an API server count is >= 1")
         self.costs = costs
@@ -56,6 +79,43 @@ class FrontEnd:
         self._others = [[0.0, 0.0] for _ in range(processes - 1)]  # processes 1..N-1: [t, backlog]
         self._next = 0  # which process a step's odd tokens go to first (round robin)
         self.busy_s = 0.0  # work done in all
+        # the gate's signals per process (the server's WindowMax on simulated time): input delay, loop lag;
+        # tracked only with the gate on (the replica asks for it with a TTFT target)
+        self.gate = gate
+        self._clock_s = 0.0
+        self.input_delay = [WindowMax(GATE_WINDOW_S, self._clock) for _ in range(processes)]
+        self.loop_lag = [WindowMax(GATE_WINDOW_S, self._clock) for _ in range(processes)]
+        self.num_gate_refusals = 0
+
+    def _clock(self) -> float:
+        return self._clock_s
+
+    def _observe(self, i: int, t: float, wait_s: float, request: bool) -> None:
+        """A job joins process i at t after wait_s of work ahead: a timer set now would fire that late, and a
+        request reaches its handler that late."""
+        if not self.gate:
+            return
+        self._clock_s = max(self._clock_s, t)
+        self.loop_lag[i].add(wait_s)
+        if request:
+            self.input_delay[i].add(wait_s)
+
+    def choose(self, t: float) -> int:
+        """The process that takes a request arriving at t: the least backlogged (a busy one is slow to accept)."""
+        if self.processes == 1:
+            return 0
+        return min(range(self.processes), key=lambda j: self._backlog_at(j, t))
+
+    def delay_s(self, i: int, t: float) -> tuple[float, float]:
+        """Process i's (input delay, loop lag) as its gate reads them at t: the worst of the last second."""
+        self._clock_s = max(self._clock_s, t)
+        return self.input_delay[i].value(), self.loop_lag[i].value()
+
+    def refuse(self, t: float, i: int) -> float:
+        """Process i answers a request arriving at t with the gate's 429: when the client gets it."""
+        self.num_gate_refusals += 1
+        self._observe(i, t, self._backlog_at(i, t), request=False)
+        return self._submit_to(i, t, self.costs.refusal_s)
 
     def submit(self, t: float, work_s: float) -> float:
         """A job for process 0."""
@@ -81,16 +141,18 @@ class FrontEnd:
         last, backlog = (self.t, self.backlog_s) if i == 0 else self._others[i - 1]
         return max(backlog - (t - last), 0.0)
 
-    def intake(self, t: float) -> float:
-        """A request arrives at t: when the core gets it (or the client its 429)."""
-        if self.processes == 1:
-            return self.submit(t, self.costs.per_request_s)
-        i = min(range(self.processes), key=lambda j: self._backlog_at(j, t))
+    def intake(self, t: float, i: int | None = None) -> float:
+        """A request arrives at t (at process i, default the one choose(t) gives): when the core gets it (or the
+        client its 429, when the core refuses it)."""
+        if i is None:
+            i = self.choose(t)
+        self._observe(i, t, self._backlog_at(i, t), request=True)
         return self._submit_to(i, t, self.costs.per_request_s)
 
     def deliver(self, t: float, num_tokens: int) -> float:
         """A step's num_tokens tokens leave the core at t: when the client sees them."""
         if self.processes == 1:
+            self._observe(0, t, self._backlog_at(0, t), request=False)
             return self.submit(t, num_tokens * self.costs.per_token_s)
         share, odd = divmod(num_tokens, self.processes)
         done = t
@@ -98,6 +160,7 @@ class FrontEnd:
             i = (self._next + k) % self.processes
             n = share + (k < odd)
             if n:
+                self._observe(i, t, self._backlog_at(i, t), request=False)
                 done = max(done, self._submit_to(i, t, n * self.costs.per_token_s))
         self._next = (self._next + odd) % self.processes
         return done
@@ -108,9 +171,14 @@ class FrontEnd:
             return [self.deliver(t, num_tokens) for t in times]
         work = num_tokens * self.costs.per_token_s
         last, backlog, out = self.t, self.backlog_s, []
+        lag = self.loop_lag[0] if self.gate else None
         for t in times:
             assert t >= last, "front-end jobs must arrive in time order"
-            backlog = max(backlog - (t - last), 0.0) + work
+            backlog = max(backlog - (t - last), 0.0)
+            if lag is not None:
+                self._clock_s = max(self._clock_s, t)
+                lag.add(backlog)
+            backlog += work
             last = t
             out.append(t + backlog)
             self.busy_s += work

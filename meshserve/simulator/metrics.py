@@ -32,6 +32,8 @@ class RunRecorder:
     num_rejected: int = 0  # 429 at the door: queue full or predicted TTFT past its target
     num_shed: int = 0  # dropped from the queue once too late for the TTFT target
     num_preemptions: int = 0
+    # seconds from a request's sending to its 429 at the door (the gate's, or the core's after the intake)
+    reject_latency_s: array = field(default_factory=lambda: array("d"))
     itl_counts: np.ndarray = field(default_factory=lambda: np.zeros(_ITL_BINS, dtype=np.int64))
     _itl_pending: dict[int, int] = field(default_factory=dict)  # bin -> gaps, not yet in itl_counts
     # gaps not yet binned: single (gap, count) and linear runs (first gap, slope, steps, count)
@@ -169,6 +171,8 @@ class RunRecorder:
         s["itl_gaps"] = int(self.itl_counts.sum())  # itl_percentile flushed the pending ones
         s.update(pct(tpot[multi], "tpot"))
         s.update(pct(e2e, "e2e"))
+        if self.reject_latency_s:  # as `bench serve`'s "refused in": only when something was refused
+            s.update(pct(np.frombuffer(self.reject_latency_s, dtype=float), "reject_latency"))
         s["gpu_hours"] = gpu_hours
         s["cost"] = {"usd": usd, "usd_per_gpu_hour": gpu.price_per_hour_usd,
                      "usd_per_million_output_tokens": usd / out_tokens * 1e6 if out_tokens else float("inf"),

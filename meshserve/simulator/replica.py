@@ -6,7 +6,11 @@ seconds, and at its end every sequence that sampled gets one token (a placeholde
 decide the schedule; every request runs to its output length, as W3's ignore_eos does). The server's
 admission checks (queue full, predicted TTFT past target) are applied when the core gets the request, as
 `meshserve serve` applies them; with a front-end model (frontend.py) that is after the API process's queue,
-and tokens reach the client after it too. Scheduling is synchronous here: with async scheduling the host work
+and tokens reach the client after it too. With a TTFT target and a front-end model the API process's gate runs
+first, at the request's arrival, as the server's middleware does (frontend.py): its delays plus the core's
+predicted queue wait past the target answer 429 before the request costs an intake. The TTFT the admission
+predicts counts from the request's arrival at its API process (the server stamps it at the first ASGI call) and
+includes that process's loop lag (AsyncLLM.predicted_ttft_s). Scheduling is synchronous here: with async scheduling the host work
 overlaps the device, so a step's wall time is its device time, which is what the step trace measured.
 
 Speed (an hour of 1,000 req/s is 3.6 M requests): without prefix caching sequences are counts (light.py); and
@@ -49,7 +53,7 @@ class SimReplica:
                  step_cost: Callable[[StepShape], float], recorder: RunRecorder, max_queue_len: int = 1024,
                  step_model=None, fast_forward: bool = True, light: bool = True,
                  frontend: FrontEndCosts | None = None, api_server_count: int = 1,
-                 noise: NoiseStream | None = None):
+                 noise: NoiseStream | None = None, frontend_gate: bool = True):
         self.index = index
         self.url = f"sim://replica-{index}"
         self.outstanding = 0
@@ -80,43 +84,69 @@ class SimReplica:
         self._last_token_s: dict[str, float] = {}
         # the API process (frontend.py), and when each request was sent (its TTFT counts from then; the
         # core's clock starts at its handler, after the API process's queue)
-        self.frontend = (FrontEnd(frontend, api_server_count) if frontend is not None and frontend.enabled
-                         else None)
+        self.gate = frontend_gate and self.ttft_target_s is not None
+        self.frontend = (FrontEnd(frontend, api_server_count, gate=self.gate)
+                         if frontend is not None and frontend.enabled else None)
         self._sent_s: dict[str, float] = {}
+        # per request in an API process: (when it arrived there, which process took it)
+        self._at_api: dict[int, tuple[float, int]] = {}
+        self.last_refusal_s = 0.0  # when the gate's last 429 left
         # the server's admission margin, fed as the API process feeds it (AsyncLLM): each admitted request's
         # predicted TTFT and when its clock started, until its first token is out
         self.admission = AdmissionMargin()
         self._predicted: dict[str, tuple[float, float]] = {}
 
     # -- arrivals --------------------------------------------------------------------------------
-    def intake(self, t: float) -> float:
-        """A request reaches this replica's API process at t: when its intake is done and the core gets it
-        (t itself without a front-end model)."""
+    def intake(self, t: float, index: int = -1) -> float | None:
+        """Request `index` reaches this replica's API process at t: when its intake is done and the core gets
+        it (t itself without a front-end model), or None when the gate answers 429 (frontend.py)."""
         if self.frontend is None:
             return t
         if self._run is not None:  # tokens of decode steps that ended before t are ahead of it in the queue
             self._deliver_run(t)
-        return self.frontend.intake(t)
+        fe = self.frontend
+        i = fe.choose(t)
+        if self.gate and self.scheduler.policy.step_model is not None:
+            # the middleware's check (ServingEngine.frontend_admission_error): input delay + the core's
+            # predicted TTFT of a prompt of 0 tokens arriving now (its queue wait and this process's loop lag)
+            input_delay, loop_lag = fe.delay_s(i, t)
+            self.now = max(self.now, t)
+            predicted = input_delay + loop_lag + self.scheduler.policy.queue_wait_s(
+                list(self.scheduler.waiting), self.now)
+            if not self.admission.admits(predicted, self.ttft_target_s):
+                self.last_refusal_s = fe.refuse(t, i)  # when the client gets the 429
+                return None
+        self._at_api[index] = (t, i)
+        return fe.intake(t, i)
 
-    def predicted_ttft_s(self, req: SimRequest, since: float) -> float:
+    def predicted_ttft_s(self, req: SimRequest, since: float, loop_lag_s: float = 0.0) -> float:
         """What the server predicts at the door (AsyncLLM.predicted_ttft_s): the time since `since` (when
-        the server's clock started on it), the queue's wait, and this prompt's own prefill."""
+        the server's clock started on it), the queue's wait, this prompt's own prefill, and the API process's
+        loop lag (its tokens leave that late)."""
         policy, chunk = self.scheduler.policy, self.scheduler.config.max_num_batched_tokens
         per_token = policy.prefill_time_s(chunk) / chunk
         waited = self.now - since
-        return waited + policy.queue_wait_s(list(self.scheduler.waiting), self.now) + req.prompt_len * per_token
+        return (waited + policy.queue_wait_s(list(self.scheduler.waiting), self.now) + req.prompt_len * per_token
+                + loop_lag_s)
 
     def try_add(self, index: int, req: SimRequest, now: float) -> bool:
         """Queue request `index` at time now (it was sent at req.arrival_s), or refuse it (False) as the server
         would answer 429. The server's clock starts at the request's handler: when it was sent without a
         front-end model (the fixed front-end latency counted), else when the API process took it up."""
         self.now = now
-        since = req.arrival_s if self.frontend is None else now - self.frontend.costs.per_request_s
+        loop_lag = 0.0
+        if self.frontend is None:
+            since = req.arrival_s
+        elif self.gate:  # the server's clock starts at its arrival in the API process (frontend.py)
+            since, i = self._at_api.pop(index, (now - self.frontend.costs.per_request_s, 0))
+            loop_lag = self.frontend.delay_s(i, now)[1]
+        else:  # the server before the gate: its clock started at the handler, after the API process's queue
+            since = now - self.frontend.costs.per_request_s
         if self.scheduler.num_waiting >= self.max_queue_len:
             return False
         predicted = None
         if self.ttft_target_s is not None and self.scheduler.policy.step_model is not None:
-            predicted = self.predicted_ttft_s(req, since)
+            predicted = self.predicted_ttft_s(req, since, loop_lag)
             if not self.admission.admits(predicted, self.ttft_target_s):
                 return False
         rid = str(index)

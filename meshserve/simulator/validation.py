@@ -34,6 +34,10 @@ class MeasuredRun:
     slo: bool  # --slo-ttft-ms 1000 --slo-tpot-ms 50
     calibration: str = "default"  # the calibration.toml fit of the engine that ran it
     api_server_count: int = 1  # `meshserve serve --api-server-count`
+    # the API process's gate (1aa067c; frontend.py): in every build since, so not in the runs before it
+    frontend_gate: bool = True
+    # a run without a QPS 32 point takes the fixed latency fitted for this label (the same engine's)
+    latency_of: str | None = None
 
 
 BEFORE_GRAPHS = "h200_before_mixed_graphs"
@@ -42,17 +46,29 @@ BEFORE_GRAPHS = "h200_before_mixed_graphs"
 # Then one session of the credit policy (commit 163ec22) with mixed steps eager (--max-cudagraph-tokens 0: the
 # nearest fit is BEFORE_GRAPHS, though the decode rows' split kernel is newer) and with mixed-step graphs up to
 # 1,024 tokens (the default fit is of its step trace).
+# The first three ran before the API process's gate (1aa067c); the rest with it.
 W3_H200_RUNS = (
-    MeasuredRun("no targets", "w3_8b_wordtok_after_split.json", slo=False, calibration=BEFORE_GRAPHS),
-    MeasuredRun("targets", "w3_8b_slo_first.json", slo=True, calibration=BEFORE_GRAPHS),
-    MeasuredRun("targets", "w3_8b_slo_credit.json", slo=True, calibration=BEFORE_GRAPHS),
+    MeasuredRun("no targets", "w3_8b_wordtok_after_split.json", slo=False, calibration=BEFORE_GRAPHS,
+                frontend_gate=False),
+    MeasuredRun("targets", "w3_8b_slo_first.json", slo=True, calibration=BEFORE_GRAPHS, frontend_gate=False),
+    MeasuredRun("targets", "w3_8b_slo_credit.json", slo=True, calibration=BEFORE_GRAPHS, frontend_gate=False),
     MeasuredRun("targets, mixed steps eager", "w3_8b_slo_graphs0.json", slo=True, calibration=BEFORE_GRAPHS),
     MeasuredRun("targets, mixed-step graphs", "w3_8b_slo_graphs1024.json", slo=True),
     # the same engine with 4 API processes, the client with 8 processes (QPS 16-128; its step trace is the
     # default fit's step_noise)
     MeasuredRun("targets, mixed-step graphs, 4 API processes", "w3_8b_slo_api4_h200_1130.json", slo=True,
                 api_server_count=4),
+    # the seventh session (2026-11-30, ~22:10 UTC): the default build of then, the default `--slo-prefill-chunk
+    # 1024`; one API process at QPS 64 and 128 (client 4 processes), four at 96 (tools/w3_profile.sh, client 8)
+    MeasuredRun("seventh session, 1 API process", "w3_8b_slo_api1_h200_1130s7.json", slo=True,
+                latency_of="targets, mixed-step graphs"),
+    MeasuredRun("seventh session, 4 API processes", "w3_8b_slo_api4_h200_1130s7_qps96.json", slo=True,
+                api_server_count=4, latency_of="targets, mixed-step graphs, 4 API processes"),
 )
+# The runs whose build had the per-step prompt cap as its default (--slo-prefill-chunk 1024, since 28b7eb5;
+# BENCHMARKS.md "W3 beside vLLM" for the api4 run): replayed with it
+_CAPPED = {"w3_8b_slo_api4_h200_1130.json", "w3_8b_slo_api1_h200_1130s7.json",
+           "w3_8b_slo_api4_h200_1130s7_qps96.json"}
 METRICS = ("goodput", "ttft_p50", "tpot_p50", "itl_p50", "ttft_p99")
 
 
@@ -63,14 +79,17 @@ def measured_points(run: MeasuredRun) -> dict[float, dict]:
 
 def replay_w3(qps: float, slo: bool, frontend_latency_s: float = 0.0,
               frontend: FrontEndCosts = FRONTEND_OFF, slo_prefill_chunk: int = 0,
-              calibration: str = "default", api_server_count: int = 1, step_noise: bool = False) -> dict:
+              calibration: str = "default", api_server_count: int = 1, step_noise: bool = False,
+              frontend_gate: bool = True) -> dict:
     """W3 at qps as the measured runs served it: slo_prefill_chunk 0 is the policy before the per-step prompt cap
-    (every run in W3_H200_RUNS). step_noise draws from seed 1000 + qps, as the arrivals."""
+    (the runs in W3_H200_RUNS but _CAPPED). step_noise draws from seed 1000 + qps, as the
+    arrivals. frontend_gate: the API process's gate (False: the server before 1aa067c)."""
     config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=1, max_model_len=4096, calibration=calibration,
                        slo_ttft_s=1.0 if slo else None, slo_tpot_s=0.05 if slo else None,
                        slo_prefill_chunk=slo_prefill_chunk,
                        frontend_latency_s=frontend_latency_s, frontend_request_s=frontend.per_request_s,
-                       frontend_token_s=frontend.per_token_s, api_server_count=api_server_count,
+                       frontend_token_s=frontend.per_token_s, frontend_refusal_s=frontend.per_refusal_s,
+                       api_server_count=api_server_count, frontend_gate=frontend_gate,
                        step_noise=step_noise, seed=1000 + int(qps))
     return simulate(config, w3_trace(qps))
 
@@ -80,8 +99,13 @@ def frontend_latency_from(qps: float, measured_ttft_p50: float, run: MeasuredRun
     """The fixed latency (network, HTTP, the hop to the core) that the simulation does not see: measured TTFT
     p50 minus simulated, at a light load where queueing is negligible."""
     sim = replay_w3(qps, run.slo, frontend=frontend, calibration=run.calibration,
-                    api_server_count=run.api_server_count, step_noise=step_noise)
+                    api_server_count=run.api_server_count, step_noise=step_noise, frontend_gate=run.frontend_gate,
+                    slo_prefill_chunk=_prefill_chunk(run))
     return max(0.0, measured_ttft_p50 - sim["ttft_p50"])
+
+
+def _prefill_chunk(run: MeasuredRun) -> int:
+    return SimConfig().slo_prefill_chunk if run.file in _CAPPED else 0
 
 
 # The issue's goals: relative error allowed per metric
@@ -112,17 +136,23 @@ def table(runs=W3_H200_RUNS, calibration_qps: float = 32.0, frontend: FrontEndCo
     noisy = {run.calibration: step_noise and has_step_noise(run.calibration) for run in runs}
     latency = {label: frontend_latency_from(qps, meas["ttft_p50"], run, frontend, noisy[run.calibration])
                for (label, qps), (run, meas) in chosen.items() if qps == calibration_qps}
+    for run in runs:
+        if run.latency_of is not None and run.label not in latency:
+            latency[run.label] = latency[run.latency_of]
     lines = [("| server | QPS | goodput req/s | TTFT p50 ms | TPOT p50 ms | ITL p50 ms | TTFT p99 ms | "
               "refused (sim / measured) | API process busy (sim) | GPU busy (sim) | goodput without it | goals met |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (label, qps), (run, meas) in sorted(chosen.items()):
         same = {"calibration": run.calibration, "api_server_count": run.api_server_count,
-                "step_noise": noisy[run.calibration]}
+                "step_noise": noisy[run.calibration], "frontend_gate": run.frontend_gate,
+                "slo_prefill_chunk": _prefill_chunk(run)}
         pred = replay_w3(qps, run.slo, latency.get(label, 0.0), frontend, **same)
         bare = replay_w3(qps, run.slo, latency.get(label, 0.0), **same)
         mark = (f" (fit {run.calibration}; fixed latency {latency[label] * 1e3:.0f} ms fitted here"
                 + ("; no step noise: the fit has none" if step_noise and not noisy[run.calibration] else "")
                 + ")" if qps == calibration_qps else "")
+        if run.latency_of is not None and qps == min(q for (lb, q) in chosen if lb == label):
+            mark = f" (fixed latency {latency[label] * 1e3:.0f} ms: {run.latency_of}'s)"
         met = [m for m in ("goodput", "ttft_p50", "tpot_p50", "ttft_p99") if _met(pred[m], meas[m], m)]
         lines.append(
             f"| {label}{mark} | {qps:g} | {_cell(pred['goodput'], meas['goodput'], 1)} | "
@@ -131,6 +161,41 @@ def table(runs=W3_H200_RUNS, calibration_qps: float = 32.0, frontend: FrontEndCo
             f"{pred['failed']} / {meas.get('failed', 0)} | {pred['frontend']['busy_fraction']:.0%} | "
             f"{pred['gpu_busy_fraction']:.1%} | "
             f"{bare['goodput']:.1f} | {', '.join(met) or 'none'} |")
+    return "\n".join(lines)
+
+
+# -- the CLI as documented against the seventh session's run -------------------------------------------------
+SEVENTH_SESSION = (("w3_8b_slo_api1_h200_1130s7.json", 1), ("w3_8b_slo_api4_h200_1130s7_qps96.json", 4))
+
+
+def simulate_cli(argv: list[str]) -> dict:
+    """`meshserve simulate ARGV` as the CLI runs it (its defaults, its config and trace), the report as a dict."""
+    from meshserve.cli import build_parser
+    from meshserve.simulator.cli import build_trace, config_from_args
+
+    ns = build_parser().parse_args(["simulate", *argv])
+    return simulate(config_from_args(ns), build_trace(ns))
+
+
+def cli_table(duration_s: float = 30.0) -> str:
+    """Markdown: `meshserve simulate --gpu H200 --slo-ttft-ms 1000 --slo-tpot-ms 50 --qps Q --duration 30`
+    (Poisson arrivals of seed 0, no fixed latency, every other flag the CLI's default; `--api-server-count` as
+    the server ran) against the seventh session's measured points."""
+    lines = [("| QPS | API processes | goodput req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | TPOT p50 ms | "
+              "refused (sim / measured) | API process busy (sim) | goals met |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for file, procs in SEVENTH_SESSION:
+        for qps, meas in sorted(measured_points(MeasuredRun("", file, slo=True)).items()):
+            pred = simulate_cli(["--gpu", "H200", "--slo-ttft-ms", "1000", "--slo-tpot-ms", "50", "--qps",
+                                 f"{qps:g}", "--duration", f"{duration_s:g}", "--api-server-count", str(procs)])
+            met = [m for m in ("goodput", "ttft_p50", "ttft_p99") if _met(pred[m], meas[m], m)]
+            met += ["itl_p50"] if _met(pred["itl_p50"], meas["itl_p50"], "ttft_p50") else []
+            lines.append(
+                f"| {qps:g} | {procs} | {_cell(pred['goodput'], meas['goodput'], 1)} | "
+                f"{_cell(pred['ttft_p50'], meas['ttft_p50'], 1e3)} | {_cell(pred['ttft_p99'], meas['ttft_p99'], 1e3)} | "
+                f"{_cell(pred['itl_p50'], meas['itl_p50'], 1e3)} | {_cell(pred['tpot_p50'], meas['tpot_p50'], 1e3)} | "
+                f"{pred['failed']} / {meas.get('failed', 0)} | {pred['frontend']['busy_fraction']:.0%} | "
+                f"{', '.join(met) or 'none'} |")
     return "\n".join(lines)
 
 
@@ -254,8 +319,11 @@ def extrapolations() -> str:
     return "\n\n".join(out)
 
 
-if __name__ == "__main__":  # python -m meshserve.simulator.validation [w3 | w3-noise | offline | extrapolate]
+if __name__ == "__main__":  # python -m meshserve.simulator.validation [cli | w3 | w3-noise | offline | extrapolate]
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if what in ("cli", "all"):
+        print(cli_table())
+        print()
     if what in ("w3", "all"):
         print(table())
         print()

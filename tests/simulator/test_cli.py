@@ -66,3 +66,27 @@ def test_replica_model_switch_and_its_fallback_note(capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse's one-line usage error
         main([*args, "--replica-model", "bogus"])
     assert exit_info.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def _simulate(capsys, *args: str) -> dict:
+    assert main(["simulate", "--gpu", "H200", "--no-progress", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_slo_flags_past_the_knee_hold_goodput_as_the_server_does(capsys):
+    """`meshserve simulate` with `meshserve serve`'s flags (--slo-ttft-ms 1000 --slo-tpot-ms 50, one API
+    process, every other flag the default) at W3 QPS 96 keeps goodput within 10% of QPS 64's, as the server
+    measured on one H200 (2026-11-30: 52.1 req/s at QPS 64, 52.6 at 128 on one API process). Before the
+    simulator modelled the API process's gate it predicted 6.2 req/s at 96 (TTFT p50 5 s): a collapse the
+    server does not have. --no-frontend-gate is that server-before-the-gate model, and still collapses."""
+    slo = ("--slo-ttft-ms", "1000", "--slo-tpot-ms", "50", "--duration", "20")
+    at64 = _simulate(capsys, *slo, "--qps", "64")
+    at96 = _simulate(capsys, *slo, "--qps", "96")
+    assert at64["step_weights"]["mixed_ms"] == pytest.approx(2.7589)  # H200 picks the H200 fit
+    assert at96["frontend"]["gate"] is True and at96["frontend"]["api_server_count"] == 1
+    assert at64["goodput"] > 45
+    assert at96["goodput"] == pytest.approx(at64["goodput"], rel=0.10)
+    assert at96["ttft_p50"] < 1.0 and at96["rejected"] > 500
+    assert any("gate answers 429" in a for a in at96["assumptions"])
+    old = _simulate(capsys, *slo, "--qps", "96", "--no-frontend-gate")
+    assert old["frontend"]["gate"] is False and old["goodput"] < 0.5 * at64["goodput"]

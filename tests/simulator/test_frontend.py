@@ -56,12 +56,52 @@ def test_a_request_reaches_the_core_after_its_intake():
     assert fe["tpot_p50"] == pytest.approx(base["tpot_p50"])  # 1 ms per token, 10 ms apart: no queue
 
 
-def test_past_the_front_ends_knee_slo_results_collapse():
-    """W3-like load at 96 req/s on one H200 with targets: the engine alone keeps ~44 req/s of goodput by
-    refusing the rest; with the API process saturated (its queue at ~100%) requests reach the core with their
-    TTFT already spent and goodput collapses, as measured (BENCHMARKS.md issue 18: 6.6 req/s)."""
+def test_gate_tracks_the_worst_wait_of_the_last_second():
+    """With the gate on, each process keeps the worst wait of a job that joined it in the last second (input
+    delay: requests only; loop lag: every job), as serve/frontend_load.FrontendLoad does; a gate 429 costs
+    per_refusal_s, not a whole intake; without the gate nothing is tracked."""
+    fe = FrontEnd(FrontEndCosts(per_request_s=0.01, per_token_s=0.001, per_refusal_s=0.002), gate=True)
+    fe.intake(0.0)
+    fe.deliver(0.0, 20)  # waits behind the intake: 10 ms
+    assert fe.delay_s(0, 0.0) == pytest.approx((0.0, 0.01))
+    assert fe.intake(0.005) == pytest.approx(0.04)  # 25 ms of work ahead of it
+    assert fe.delay_s(0, 0.005) == pytest.approx((0.025, 0.025))
+    assert fe.refuse(0.005, 0) == pytest.approx(0.042)  # its 429 after the queue, 2 ms of work
+    assert fe.busy_s == pytest.approx(0.01 + 0.02 + 0.01 + 0.002) and fe.num_gate_refusals == 1
+    assert fe.delay_s(0, 1.5) == pytest.approx((0.0, 0.0))  # forgotten after a window
+    off = FrontEnd(FrontEndCosts(per_request_s=0.01, per_token_s=0.001))
+    off.intake(0.0)
+    off.intake(0.0)
+    assert off.delay_s(0, 0.0) == (0.0, 0.0)
+    assert FrontEndCosts(0.01, 0.0).refusal_s == 0.01  # no gate cost given: a whole intake
+
+
+def test_the_gate_refuses_before_the_intake_when_the_api_process_lags():
+    """One API process at 96 req/s of W3 with targets: the gate answers most 429s itself, cheaply, so the
+    process stays short of saturation and goodput holds at the engine's (~52 req/s on an H200); the server
+    before the gate (every 429 after a whole intake, the clock from the handler) collapsed there."""
     trace = poisson_trace(96.0, 15.0, 7)
-    config = SimConfig(gpu="H200", max_model_len=4096, slo_ttft_s=1.0, slo_tpot_s=0.05)
+    config = SimConfig(gpu="H200", max_model_len=4096, slo_ttft_s=1.0, slo_tpot_s=0.05,
+                       frontend_request_s=FRONTEND_H200.per_request_s, frontend_token_s=FRONTEND_H200.per_token_s,
+                       frontend_refusal_s=FRONTEND_H200.per_refusal_s)
+    gated = simulate(config, trace)
+    assert gated["frontend"]["gate"] is True
+    assert gated["frontend"]["gate_refusals"] > 0.5 * gated["rejected"]
+    assert gated["frontend"]["busy_fraction"] < 0.95
+    assert gated["goodput"] > 45 and gated["ttft_p99"] < 1.0
+    assert gated["reject_latency_p50"] < 0.2  # 429s come back promptly, as measured (p50 9-10 ms)
+    # no targets: no gate, nothing refused
+    bare = simulate(SimConfig(**{**vars(config), "slo_ttft_s": None, "slo_tpot_s": None}), poisson_trace(8.0, 2.0, 1))
+    assert bare["frontend"]["gate_refusals"] == 0 and bare["rejected"] == 0
+
+
+def test_past_the_front_ends_knee_slo_results_collapse_without_the_gate():
+    """The server before the API process's gate (frontend_gate False), W3-like load at 96 req/s on one H200
+    with targets: the engine alone keeps ~44 req/s of goodput by refusing the rest; with the API process
+    saturated (its queue at ~100%) requests reach the core with their TTFT already spent and goodput
+    collapses, as measured then (BENCHMARKS.md issue 18: 6.6 req/s)."""
+    trace = poisson_trace(96.0, 15.0, 7)
+    config = SimConfig(gpu="H200", max_model_len=4096, slo_ttft_s=1.0, slo_tpot_s=0.05, frontend_gate=False)
     engine_only = simulate(config, trace)
     with_fe = simulate(SimConfig(**{**vars(config), "frontend_request_s": FRONTEND_H200.per_request_s,
                                     "frontend_token_s": FRONTEND_H200.per_token_s}), trace)

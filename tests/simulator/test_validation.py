@@ -85,8 +85,8 @@ def test_step_noise_brings_goodput_past_the_knee_to_the_4_api_process_run():
 def test_one_api_process_holds_goodput_at_twice_the_knee_as_measured():
     """The seventh session's run (PLANNER.md), one API process at QPS 128: the API process's gate refuses most
     of the excess before parsing, so goodput stays the GPU's (52.6 req/s measured); goodput, ITL p50 within 10%
-    and TTFT p99 within 20%. TTFT p50 is a known miss (+45%: the simulated API process has no stalls, so the
-    admission margin opens wider than the server's and admits a longer queue)."""
+    and TTFT p99 within 20%. TTFT p50 is a known miss (+45%: the simulated predictions miss only by what the
+    queue does, so the fed-back admission margin opens wider than the server's and admits a longer queue)."""
     from meshserve.simulator.frontend import FRONTEND_H200
     from meshserve.simulator.validation import _prefill_chunk
 

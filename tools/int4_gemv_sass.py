@@ -113,7 +113,7 @@ def main():
         )
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
-            with open(os.path.join(args.dump, name.replace(" ", "_") + ".sass"), "w") as f:
+            with open(os.path.join(args.dump, re.sub(r"[^\w.-]+", "_", name).strip("_") + ".sass"), "w") as f:
                 f.write(sass)
 
 

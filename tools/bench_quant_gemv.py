@@ -59,9 +59,13 @@ def _int4_tiles(quick: bool):
 
     from meshserve.kernels.gemv_tiles import GemvTiles
 
-    def per_sm(block_n, block_k, warps, programs):
-        def tiles(n, k):  # split-K for ~programs per SM, each >= 4 steps (default_int4_tiles: 128x64 w1, 12)
-            split = max(1, min(triton.cdiv(programs * 132, triton.cdiv(n, block_n)), k // (4 * block_k)))
+    def per_sm(block_n, block_k, warps, programs, min_steps=4, floor=False):
+        # split-K for ~programs per SM, each >= min_steps steps (default_int4_tiles: 128x64 w1, 12, 4); floor: at
+        # most programs per SM (one wave: gate_up's 8 splits make 1,792 programs for 1,584 slots at 12 per SM)
+        def tiles(n, k):
+            blocks = triton.cdiv(n, block_n)
+            want = programs * 132 // blocks if floor else triton.cdiv(programs * 132, blocks)
+            split = max(1, min(want, k // (min_steps * block_k)))
             return GemvTiles(block_n, block_k, split_k=split, num_warps=warps, num_stages=1)
 
         return tiles
@@ -72,6 +76,10 @@ def _int4_tiles(quick: bool):
     return {
         "half": default
         + [
+            # qkv / o reach only ~6 / ~4 programs per SM with >= 4 steps each (16 splits): latency-bound
+            ("half 128x64 w1 12/SM >=2 steps", per_sm(128, 64, 1, 12, min_steps=2)),
+            ("half 128x64 w1 12/SM one wave", per_sm(128, 64, 1, 12, floor=True)),
+            ("half 128x64 w1 12/SM >=2 one wave", per_sm(128, 64, 1, 12, min_steps=2, floor=True)),
             ("half 128x64 w1 8/SM", per_sm(128, 64, 1, 8)),
             ("half 128x64 w1 16/SM", per_sm(128, 64, 1, 16)),
             ("half 128x32 w1 16/SM (first)", per_sm(128, 32, 1, 16)),  # 96 registers

@@ -80,6 +80,9 @@ def _int4_tiles(quick: bool):
             ("half 128x64 w1 12/SM >=2 steps", per_sm(128, 64, 1, 12, min_steps=2)),
             ("half 128x64 w1 12/SM one wave", per_sm(128, 64, 1, 12, floor=True)),
             ("half 128x64 w1 12/SM >=2 one wave", per_sm(128, 64, 1, 12, min_steps=2, floor=True)),
+            # the fused reduce's partials loaded 32 at once: one or two L2 round trips on the critical path
+            ("half 128x64 w1 12/SM chunk32", per_sm(128, 64, 1, 12)),
+            ("half 128x64 w1 12/SM >=2 one wave chunk32", per_sm(128, 64, 1, 12, min_steps=2, floor=True)),
             ("half 128x64 w1 8/SM", per_sm(128, 64, 1, 8)),
             ("half 128x64 w1 16/SM", per_sm(128, 64, 1, 16)),
             ("half 128x32 w1 16/SM (first)", per_sm(128, 32, 1, 16)),  # 96 registers
@@ -257,8 +260,13 @@ def run(args) -> dict:
                     variant,
                     label,
                     make,
-                    lambda d, t, v=variant: int4_gemv(
-                        d["x"], *d["i4"], group, d["g_idx"] if v == "grouped" else None, tiles=t
+                    lambda d, t, v=variant, lab=label: int4_gemv(
+                        d["x"],
+                        *d["i4"],
+                        group,
+                        d["g_idx"] if v == "grouped" else None,
+                        tiles=t,
+                        reduce_chunk=32 if lab.endswith("chunk32") else 8,
                     ),
                     "ref4g" if variant == "grouped" else "ref4",
                     b4,

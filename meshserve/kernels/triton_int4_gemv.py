@@ -515,9 +515,12 @@ def int4_gemv(
     bias: torch.Tensor | None = None,
     tiles: GemvTiles | None = None,
     fused_reduce: bool = True,
+    reduce_chunk: int = 8,
 ) -> torch.Tensor:
     """Same as quant_ref.int4_linear_ref for x [..., K] of at most MAX_GEMV_ROWS rows -> [..., N] in x.dtype.
-    fused_reduce=False sums split-K partials in a second kernel (the same bits: tests compare the two)."""
+    fused_reduce=False sums split-K partials in a second kernel (the same bits: tests compare the two).
+    reduce_chunk: partials the fused reduce of the half kernel loads at once (one L2 round trip each chunk; the
+    same sums whatever the chunk: bench_quant_gemv.py times 32, which makes down's 45 partials 2 trips, not 6)."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -566,7 +569,7 @@ def int4_gemv(
             EVEN=n % tiles.block_n == 0 and k % per_split == 0,
             GROUP=group_size,
             ASM=x.is_cuda and not _interpreting(),
-            REDUCE_CHUNK=8,
+            REDUCE_CHUNK=reduce_chunk,
             num_stages=1,
             **common,
         )

@@ -176,9 +176,9 @@ def test_int4_gemv_fused_reduce_gives_the_reduce_kernels_bits_interp(act_order):
     bias = torch.randn(n, generator=g)
     t = GemvTiles(32, 64, split_k=11, num_warps=1)
     two_kernels = int4_gemv(x, qweight, scales, zeros, group, g_idx, bias, tiles=t, fused_reduce=False)
-    for _ in range(2):
-        fused = int4_gemv(x, qweight, scales, zeros, group, g_idx, bias, tiles=t)
-        assert torch.equal(fused, two_kernels)
+    for chunk in (8, 8, 16):  # twice (the counters zeroed again), and the whole reduce in one chunk
+        fused = int4_gemv(x, qweight, scales, zeros, group, g_idx, bias, tiles=t, reduce_chunk=chunk)
+        assert torch.equal(fused, two_kernels), chunk
     assert not _counters_in_use()
     # the order does show: the same partials summed by pairs (another fp32 order) differ
     tree = _tree_sum_of_partials(x, qweight, scales, zeros, group, g_idx, bias, t)

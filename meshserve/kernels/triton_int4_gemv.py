@@ -12,8 +12,8 @@ of a word become one f16x2 with one LOP3 (1024 + q, or 1024 + 16q with x pre-div
 the exact (q - z), one HFMA2 multiplies two weights by two x; each step's x is scaled so that its largest |x| is
 32 (as the fp8 half GEMV: no activation can overflow the fp16 sums of 16 products), 2 words summed in fp16, then
 fp32; the next step's words, scales, zeros and x are loaded before this step is decoded (Triton pipelines only
-loads that feed tl.dot). Tiles 128 x 64 on one warp (168 registers, ~3.0 sm_90 instructions per weight),
-split-K for ~12 programs per SM, the partials summed by each column block's last program: measured on an H200
+loads that feed tl.dot). Tiles 128 x 64 on one warp (168 registers, ~3.0 sm_90 instructions per weight; 3-4
+rows 128 x 32, which do not spill), split-K for ~12 programs per SM, the partials summed by each column block's last program: measured on an H200
 (2026-11-30, per Llama-3.1-8B layer at batch 1) 53.9 us against the bf16 GEMV's 121.1; ~5e-4 relative error.
 Measured and removed the same day: magic (PRMT into the mantissa of 2^23, fp32: 73.2 us fused / 80.7), lop3
 (LOP3 + FFMA, fp32: 60.1 / 79.7), the same kernel with a reduce kernel (79.0) and cvt (102.0, earlier).

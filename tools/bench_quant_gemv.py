@@ -53,63 +53,46 @@ def _fp8_tiles(quick: bool):
 
 
 def _int4_tiles(quick: bool):
+    """(label, tiles(n, k) or None for the default) of the int4 GEMV ('half', the kernel of group-uniform
+    weights) and of its act-order path ('grouped': the same weights with a permuted g_idx)."""
     import triton
 
     from meshserve.kernels.gemv_tiles import GemvTiles
 
-    def auto(block_n, block_k, warps):
+    def per_sm(block_n, block_k, warps, programs, min_steps=4, floor=False):
+        # split-K for ~programs per SM, each >= min_steps steps (default_int4_tiles: 128x64 w1, 12, 4); floor: at
+        # most programs per SM (one wave: gate_up's 8 splits make 1,792 programs for 1,584 slots at 12 per SM)
         def tiles(n, k):
-            # ~2 programs per SM like the first default (256x64 w2, split for ~2 per SM)
-            split = max(1, min(triton.cdiv(2 * 132, triton.cdiv(n, 256)), k // 256)) * 256 // block_n
-            return GemvTiles(
-                block_n, block_k, split_k=max(1, min(split, k // (4 * block_k))), num_warps=warps
-            )
-
-        return tiles
-
-    def lop3(block_n, block_k, warps, per_sm):
-        def tiles(n, k):  # split-K for ~per_sm programs per SM, each >= 4 steps (default_int4_lop3_tiles: 16)
-            split = max(1, min(triton.cdiv(per_sm * 132, triton.cdiv(n, block_n)), k // (4 * block_k)))
+            blocks = triton.cdiv(n, block_n)
+            want = programs * 132 // blocks if floor else triton.cdiv(programs * 132, blocks)
+            split = max(1, min(want, k // (min_steps * block_k)))
             return GemvTiles(block_n, block_k, split_k=split, num_warps=warps, num_stages=1)
 
         return tiles
 
     default = [("default", None)]
     if quick:
-        return {
-            "magic": default,
-            "magic_fused": default,
-            "lop3": default,
-            "lop3_fused": default,
-            "half": default,
-            "half_fused": default,
-        }
-    rows = [
-        ("256x64 w1 auto-split", auto(256, 64, 1)),
-        ("128x64 w1 auto-split", auto(128, 64, 1)),
-        ("512x64 w4 auto-split", auto(512, 64, 4)),
-        ("256x32 w2 auto-split", auto(256, 32, 2)),  # 256x128 spills (sm_90: 255 registers + 248 B stack)
-        ("256x64 w2 no split", lambda n, k: GemvTiles(256, 64, num_warps=2)),
-        ("256x64 w2 auto-split (first default)", auto(256, 64, 2)),
-    ]
-    lop3_rows = [
-        ("lop3 128x32 w1 8/SM", lop3(128, 32, 1, 8)),
-        ("lop3 128x32 w1 24/SM", lop3(128, 32, 1, 24)),
-        ("lop3 256x32 w2 8/SM", lop3(256, 32, 2, 8)),  # 125 registers
-        ("lop3 128x64 w1 8/SM", lop3(128, 64, 1, 8)),  # 254 registers, no spills
-    ]
+        return {"half": default, "grouped": default}
     return {
-        "magic": default + rows,
-        "magic_fused": default + rows[:3] + rows[5:],
-        "lop3_fused": default + lop3_rows,
-        "lop3": default + lop3_rows[:1],
-        "half_fused": default
+        "half": default
         + [
-            ("half 128x64 w1 12/SM", lop3(128, 64, 1, 12)),  # 168 registers, ~3.0 instructions per weight
-            ("half 128x32 w1 24/SM", lop3(128, 32, 1, 24)),
-            ("half 256x32 w2 8/SM", lop3(256, 32, 2, 8)),
+            # qkv / o reach only ~6 / ~4 programs per SM with >= 4 steps each (16 splits): latency-bound
+            ("half 128x64 w1 12/SM >=2 steps", per_sm(128, 64, 1, 12, min_steps=2)),
+            ("half 128x64 w1 12/SM one wave", per_sm(128, 64, 1, 12, floor=True)),
+            ("half 128x64 w1 12/SM >=2 one wave", per_sm(128, 64, 1, 12, min_steps=2, floor=True)),
+            # the fused reduce's partials loaded 32 at once: one or two L2 round trips on the critical path
+            ("half 128x64 w1 12/SM chunk32", per_sm(128, 64, 1, 12)),
+            ("half 128x64 w1 12/SM >=2 one wave chunk32", per_sm(128, 64, 1, 12, min_steps=2, floor=True)),
+            ("half 128x64 w1 8/SM", per_sm(128, 64, 1, 8)),
+            ("half 128x64 w1 16/SM", per_sm(128, 64, 1, 16)),
+            ("half 128x32 w1 16/SM (first)", per_sm(128, 32, 1, 16)),  # 96 registers
+            ("half 256x64 w2 6/SM", per_sm(256, 64, 2, 6)),
         ],
-        "half": default,
+        "grouped": default
+        + [
+            ("grouped 128x32 w1 16/SM", per_sm(128, 32, 1, 16)),
+            ("grouped 256x32 w2 4/SM", per_sm(256, 32, 2, 4)),  # 217 registers
+        ],
     }
 
 
@@ -213,6 +196,10 @@ def run(args) -> dict:
         q, scales, zeros = quantize_int4_groups(w, group)
         d["i4"] = (pack_int4_rows(q), scales.half(), zeros.half())
         d["ref4"] = x.float() @ int4_dequant_ref(*d["i4"], group, dtype=torch.float32)
+        # act-order: the same packed weights under a permuted g_idx (GPTQ desc_act's layout: the grouped kernel)
+        perm = torch.randperm(k, generator=torch.Generator().manual_seed(k)).to(device)
+        d["g_idx"] = (torch.arange(k, device=device) // group)[perm].int()
+        d["ref4g"] = x.float() @ int4_dequant_ref(*d["i4"], group, d["g_idx"], dtype=torch.float32)
         data[name] = d
         del w, q
 
@@ -273,10 +260,15 @@ def run(args) -> dict:
                     variant,
                     label,
                     make,
-                    lambda d, t, v=variant: int4_gemv(
-                        d["x"], *d["i4"], group, variant=v.split("_")[0], tiles=t, fused_reduce="_" in v
+                    lambda d, t, v=variant, lab=label: int4_gemv(
+                        d["x"],
+                        *d["i4"],
+                        group,
+                        d["g_idx"] if v == "grouped" else None,
+                        tiles=t,
+                        reduce_chunk=32 if lab.endswith("chunk32") else 8,
                     ),
-                    "ref4",
+                    "ref4g" if variant == "grouped" else "ref4",
                     b4,
                 )
         if not extra:
@@ -348,7 +340,11 @@ def summarize(rows: list[dict], shapes: list[str]) -> dict:
         out[f"{kind}/{variant}"] = entry
     bf16 = out.get("bf16/triton", {}).get("layer_us_best")
     for kind in ("fp8", "int4"):
-        timed = {k: v["layer_us_best"] for k, v in out.items() if k.startswith(kind) and "layer_us_best" in v}
+        timed = {  # the act-order rows time other weights (a g_idx): not a candidate
+            k: v["layer_us_best"]
+            for k, v in out.items()
+            if k.startswith(kind) and "layer_us_best" in v and k != "int4/grouped"
+        }
         if timed:
             win = min(timed, key=timed.get)
             out[f"winner_{kind}"] = {

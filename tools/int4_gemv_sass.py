@@ -1,4 +1,4 @@
-"""Static sm_90 numbers of the batch-1 int4 GEMV kernels, without a GPU (issue 20): each variant compiled with
+"""Static sm_90 numbers of the batch-1 int4 GEMV kernels, without a GPU (issue 20): each kernel compiled with
 Triton's bundled ptxas, then registers / stack spills (cuobjdump -res-usage) and the instruction mix of the
 K loop (nvdisasm: the largest backward-branch loop), per weight a thread decodes in one loop step.
 
@@ -89,47 +89,31 @@ def main():
     m = args.rows
     common = {"HAS_BIAS": False, "SPLIT": True, "FUSED_REDUCE": True, "BLOCK_M": m}
     kernels = {  # name: (kernel, constexprs, warps, packed rows a step)
-        "magic 256x64 w2": (
-            i4._int4_gemv_kernel,
-            dict(common, HAS_G_IDX=False, GROUP_UNIFORM=True, PRMT=True, BLOCK_N=256, BLOCK_KP=8),
-            2,
-            8,
-        ),
-        "magic 128x64 w1": (
-            i4._int4_gemv_kernel,
-            dict(common, HAS_G_IDX=False, GROUP_UNIFORM=True, PRMT=True, BLOCK_N=128, BLOCK_KP=8),
+        f"half 128x{8 * kp} w1 (default, {'1-2' if kp == 8 else '3-4'} rows)": (
+            i4._int4_gemv_half_kernel,
+            dict(common, EVEN=True, GROUP=128, ASM=True, BLOCK_N=128, BLOCK_KP=kp, REDUCE_CHUNK=8),
             1,
-            8,
-        ),
+            kp,
+        )
+        for kp in (8, 4)
     }
-    for half in (False, True):
-        for kp in (4, 8):
-            kernels[f"{'half' if half else 'lop3'} 128x{8 * kp} w1"] = (
-                i4._int4_gemv_lop3_kernel,
-                dict(
-                    common,
-                    EVEN=True,
-                    GROUP=128,
-                    HALF=half,
-                    HALF_ASM=half,
-                    BLOCK_N=128,
-                    BLOCK_KP=kp,
-                    REDUCE_CHUNK=8,
-                ),
-                1,
-                kp,
-            )
+    kernels["grouped 128x32 w1 (act-order)"] = (
+        i4._int4_gemv_grouped_kernel,
+        dict(common, HAS_G_IDX=True, PRMT=True, BLOCK_N=128, BLOCK_KP=4),
+        1,
+        4,
+    )
     print(f"sm_90, {m} row(s): registers, stack bytes, loop instructions per weight, top opcodes")
     for name, (kernel, const, warps, kp) in kernels.items():
         regs, stack, ops, sass = stats(compile_sm90(kernel, const, warps))
         weights = 32 * kp  # 4 columns x 8 nibbles per packed row and thread
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(8))
         print(
-            f"{name:18s} regs {regs:>3s} stack {stack:>3s}  {sum(ops.values()) / weights:4.2f} / weight  {top}"
+            f"{name:30s} regs {regs:>3s} stack {stack:>3s}  {sum(ops.values()) / weights:4.2f} / weight  {top}"
         )
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
-            with open(os.path.join(args.dump, name.replace(" ", "_") + ".sass"), "w") as f:
+            with open(os.path.join(args.dump, re.sub(r"[^\w.-]+", "_", name).strip("_") + ".sass"), "w") as f:
                 f.write(sass)
 
 

@@ -12,7 +12,7 @@ job_env() {  # NAME -> "ENV=... --quantization X" (the bench latency arguments a
   case $1 in
   bf16) echo "" ;;
   fp8_cvt | fp8_half | fp8_scaled_mm) echo "MESHSERVE_FP8_GEMV=${1#fp8_} --quantization fp8" ;;
-  awq_magic | awq_magic_fused | awq_lop3 | awq_lop3_fused | awq_half | awq_half_fused | awq_matmul) echo "MESHSERVE_INT4_GEMV=${1#awq_} --quantization awq" ;;
+  awq_half | awq_matmul) echo "MESHSERVE_INT4_GEMV=${1#awq_} --quantization awq" ;;
   *) echo "unknown job $1" >&2; return 1 ;;
   esac
 }
@@ -27,7 +27,7 @@ if [ "${SWEEP:-1}" = 1 ]; then
   echo "== sweep: rc $?, $((SECONDS - t0)) s"
   grep -E "^(bf16|fp8|int4)/|^winner|copy bandwidth|MISMATCH|Error" $R/sweep.log
 fi
-for job in ${JOBS-fp8_cvt awq_magic}; do  # JOBS="" runs none
+for job in ${JOBS-fp8_half awq_half}; do  # JOBS="" runs none
   spec=$(job_env $job) || continue
   envs=$(echo "$spec" | tr ' ' '\n' | grep = | tr '\n' ' '); args=$(echo "$spec" | tr ' ' '\n' | grep -v = | tr '\n' ' ')
   t0=$SECONDS

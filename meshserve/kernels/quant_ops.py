@@ -13,9 +13,8 @@ Block-wise FP8 weights (128 x 128 scales, activations per 1 x 128 group)
                                             batch size (the analog of torch._scaled_mm above)
   otherwise                                 fp8_block_linear_ref (kernels/fp8_block_ref.py)
 INT4 weights
-  <= 4 rows on a GPU (decode)               Triton INT4 GEMV (kernels/triton_int4_gemv.py, magic | lop3 | half,
-                                            *_fused: split-K summed inside the GEMV; matmul: the
-                                            dequant-GEMM below for these rows too)
+  <= 4 rows on a GPU (decode)               Triton INT4 GEMV (kernels/triton_int4_gemv.py, half; matmul:
+                                            the dequant-GEMM below for these rows too)
   more rows on a GPU                        Triton dequant-GEMM (kernels/triton_quant.py)
   otherwise                                 dequantize, then F.linear
 `fast` / `gemv` is the backend selection's switch (the GEMV switch; off under MESHSERVE_DISABLE_FUSED_OPS): it
@@ -191,7 +190,7 @@ def int4_linear(
     g_idx: torch.Tensor | None,
     bias: torch.Tensor | None,
     fast: bool = False,
-    gemv_variant: str = "magic_fused",
+    gemv_variant: str = "half",
 ) -> torch.Tensor:
     """x [..., K] @ the INT4 weight in the internal layout (kernels/quant_ref.py) -> [..., N]."""
     if fast and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -202,10 +201,7 @@ def int4_linear(
             and triton_int4_gemv is not None
             and rows <= triton_int4_gemv.MAX_GEMV_ROWS
         ):
-            variant, _, fused = gemv_variant.partition("_")  # "magic_fused": split-K summed in the GEMV
-            return triton_int4_gemv.int4_gemv(
-                x, qweight, scales, zeros, group_size, g_idx, bias, variant=variant, fused_reduce=bool(fused)
-            )
+            return triton_int4_gemv.int4_gemv(x, qweight, scales, zeros, group_size, g_idx, bias)
         triton_quant = _triton_quant()
         if triton_quant is not None:
             return triton_quant.int4_matmul(x, qweight, scales, zeros, group_size, g_idx, bias)

@@ -2,36 +2,30 @@
 INT4 layout (kernels/quant_ref.py: qweight [K/8, N] int32, scales/zeros [G, N], optional g_idx [K]).
 
 No tl.dot and no padding of M to 16: each program owns block_n output features and a K range (split-K, see
-gemv_tiles.py), loads block_k / 8 packed rows of block_n int32 (coalesced along N: 8 input features per word),
-unpacks the 8 nibbles and accumulates x * q in fp32, one accumulator row per input row (the weights are read
-once for all M rows). The dequant-GEMM (triton_quant.int4_matmul) spends two conversions per weight
-(int -> fp32 -> bf16) and a 16-row MMA on one useful row; it reached 9.8% of the int4 roofline at batch 1.
+gemv_tiles.py), loads block_k / 8 packed rows of block_n int32 (coalesced along N: 8 input features per word)
+and accumulates x * (q - z) once per row of x (the weights are read once for all M rows). The dequant-GEMM
+(triton_quant.int4_matmul) spends two conversions per weight and a 16-row MMA on one useful row: 9.8% of the
+int4 roofline at batch 1; it stays the path of larger batches.
 
-Variants (tools/bench_quant_gemv.py, MESHSERVE_INT4_GEMV):
-  magic  no conversion instruction: the even and the odd nibbles of a word are masked into bytes (3 ops per
-         word), one PRMT per weight puts a byte under the exponent of 2^23 (0x4B000000 | q is the float
-         2^23 + q), and one subtraction of 2^23 + z (exact: integers below 2^24) gives q - z; with the FFMA
-         ~4.9 sm_90 instructions per weight in the loop (one row: 2-D tiles, no shared memory)
-  (cvt, one int -> float conversion per weight, measured slower on the H200 and removed: QUANTIZATION.md)
-  half   lop3's kernel with the words decoded as fp16 pairs in inline PTX: nibbles (j, j + 4) of a word become
-         one f16x2 with one LOP3 (1024 + q, or 1024 + 16q with x pre-divided by 16), one HSUB2 gives the exact
-         (q - z), one HFMA2 multiplies two weights by two x: each step's x is scaled so that its largest |x|
-         is 32 (as the fp8 half GEMV does: no activation can overflow the fp16 sums of 16 products), 2 words
-         summed in fp16 then in fp32; ~3.5 sm_90 instructions per weight (96 registers), ~5e-4 relative error
-  lop3   (its own kernel, group-uniform steps only: act-order g_idx and groups smaller than a step run the magic
-         kernel) sm_90 code of magic showed ~1 MOV per weight (ptxas puts 0x4B000000 in PRMT's immediate and
-         rebuilds the selector in a register for each PRMT), 2 two-warp programs per SM (split-K aims at
-         ~2 programs per SM) and each step's words loaded only when needed (Triton pipelines only
-         loads that feed tl.dot): ~1 us of latency per 8 KB step with nothing else in flight. lop3 decodes
-         nibble j of (word | 2^23 bits) with one AND of one immediate (the float 2^23 + q * 16^j) and one FFMA
-         (* 16^-j - (2^23 * 16^-j + z): exact q - z), loads the next step's words, scales and zeros before
-         decoding this one, and runs 128 x 32 tiles on one warp at 127 registers, split-K aiming at 16
-         programs per SM: ~4.3 sm_90 instructions per weight (3.4 in the decode and FMAs), magic ~5.0
-Zero points and scales: when a K step lies inside one group (no g_idx, group_size a multiple of block_k), z is
-subtracted per weight and s applied once per column to the step's sum; otherwise (act-order g_idx, small groups)
-every weight is dequantized as (q - z) * s with its own group's scale (slower, the same numbers).
-Split-K partials are summed by gemv_tiles.split_k_reduce, or (fused_reduce) by each column block's last
-program to finish. Reference: quant_ref.int4_linear_ref (bit-exact weights; fp32 sums in another order).
+The kernel (MESHSERVE_INT4_GEMV=half, the default): words decoded as fp16 pairs in inline PTX: nibbles (j, j + 4)
+of a word become one f16x2 with one LOP3 (1024 + q, or 1024 + 16q with x pre-divided by 16), one HSUB2 gives
+the exact (q - z), one HFMA2 multiplies two weights by two x; each step's x is scaled so that its largest |x| is
+32 (as the fp8 half GEMV: no activation can overflow the fp16 sums of 16 products), 2 words summed in fp16, then
+fp32; the next step's words, scales, zeros and x are loaded before this step is decoded (Triton pipelines only
+loads that feed tl.dot). Tiles 128 x 64 on one warp (168 registers, ~3.0 sm_90 instructions per weight; 3-4
+rows 128 x 32, which do not spill), split-K for ~12 programs per SM, the partials summed by each column block's last program: measured on an H200
+(2026-11-30, per Llama-3.1-8B layer at batch 1) 53.9 us against the bf16 GEMV's 121.1; ~5e-4 relative error.
+Measured and removed the same day: magic (PRMT into the mantissa of 2^23, fp32: 73.2 us fused / 80.7), lop3
+(LOP3 + FFMA, fp32: 60.1 / 79.7), the same kernel with a reduce kernel (79.0) and cvt (102.0, earlier).
+Act-order g_idx and groups smaller than a step run the grouped kernel: every weight dequantized in fp32 as
+(q - z) * s with its own group's scale and zero (the former magic kernel's per-weight path: one PRMT per weight
+puts the nibble's byte under the exponent of 2^23, one subtraction of 2^23 + z gives the exact q - z).
+
+Split-K partials [S, M, N] are summed in split order 0, 1, ..., S - 1 from an fp32 workspace, by each column
+block's last program to finish (an acq_rel counter per block) or, when no counter is at hand, by
+gemv_tiles.split_k_reduce: the same fp32 additions in the same order, so the output's bits depend only on the
+input and the tiles, never on which program finished last (greedy decoding stays reproducible, eager or in a
+CUDA graph). Reference: quant_ref.int4_linear_ref (bit-exact weights; fp32 sums in another order).
 """
 
 from __future__ import annotations
@@ -44,11 +38,9 @@ import triton.language as tl
 
 from meshserve.kernels.gemv_tiles import GemvTiles, split_k_range, split_k_reduce
 
-INT4_GEMV_VARIANTS = ("magic", "lop3", "half")  # half: lop3 in fp16x2
-
 
 def _interpreting() -> bool:
-    """The Triton CPU interpreter runs no inline PTX: the PRMT spelling is for compiled code only."""
+    """The Triton CPU interpreter runs no inline PTX: the PTX spellings are for compiled code only."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -109,7 +101,17 @@ def _split8(t):
 
 
 @triton.jit
-def _int4_gemv_kernel(
+def _arrive_last(cnt_ptr):
+    """Count this program in its column block's counter: True for the block's last program to finish (the one that
+    sums the partials). acq_rel: every partial stored before a count is visible to the program that sees the
+    last count."""
+    tl.debug_barrier()  # every thread's partial is stored before the count
+    done = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+    return done == tl.num_programs(1) - 1
+
+
+@triton.jit
+def _int4_gemv_grouped_kernel(
     x_ptr,
     qw_ptr,
     s_ptr,
@@ -132,12 +134,12 @@ def _int4_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
-    GROUP_UNIFORM: tl.constexpr,
     PRMT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_KP: tl.constexpr,
 ):
+    """Act-order g_idx or groups smaller than a step: every weight with its own group's scale and zero (fp32)."""
     pid_k = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
@@ -157,55 +159,31 @@ def _int4_gemv_kernel(
             other=0,
         )
         xmask = mmask[:, None] & pmask[None, :]
-        if GROUP_UNIFORM:  # the whole step is in group p0 * 8 // group_size
-            # the step's x in one vector load per row ([M, KP * 8]: features 8p + i), split into x of nibble i
-            xk = p0 * 8 + tl.arange(0, BLOCK_KP * 8)
-            x_all = tl.load(x_rows + xk[None, :], mask=mmask[:, None] & (xk < kp_hi * 8)[None, :], other=0.0)
-            g_off = (p0 * 8 // group_size).to(tl.int64) * stride_sg + rn
-            s = tl.load(s_ptr + g_off, mask=nmask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g_off, mask=nmask, other=0.0).to(tl.float32)
-            z += 8388608.0  # 2^23 + z, exact: integers below 2^24
-            even, odd = _nibble_bytes(packed)
-            if BLOCK_M == 1:  # 2-D tiles: the 3-D form costs a layout change in shared memory every step
-                xs = _split8(tl.reshape(tl.sum(x_all.to(tl.float32), 0), [BLOCK_KP, 2, 2, 2]))
-                step = tl.zeros([BLOCK_KP, BLOCK_N], dtype=tl.float32)
-                for i in tl.static_range(8):
-                    step += (_nibble(even, odd, i, PRMT) - z[None, :]) * xs[i][:, None]
-                acc += (s * tl.sum(step, 0))[None, :]
+        even, odd = _nibble_bytes(packed)
+        step = tl.zeros([BLOCK_M, BLOCK_KP, BLOCK_N], dtype=tl.float32)
+        for i in tl.static_range(8):
+            kk = pr * 8 + i
+            x = tl.load(x_rows + kk[None, :], mask=xmask, other=0.0).to(tl.float32)
+            if HAS_G_IDX:
+                g = tl.load(g_ptr + kk, mask=pmask, other=0)
             else:
-                xs = _split8(tl.reshape(x_all.to(tl.float32), [BLOCK_M, BLOCK_KP, 2, 2, 2]))
-                step = tl.zeros([BLOCK_M, BLOCK_KP, BLOCK_N], dtype=tl.float32)
-                for i in tl.static_range(8):
-                    w = _nibble(even, odd, i, PRMT) - z[None, :]  # q - z, exact
-                    step += w[None, :, :] * xs[i][:, :, None]
-                acc += s[None, :] * tl.sum(step, 1)
-        else:  # every weight with its own group's scale and zero
-            even, odd = _nibble_bytes(packed)
-            step = tl.zeros([BLOCK_M, BLOCK_KP, BLOCK_N], dtype=tl.float32)
-            for i in tl.static_range(8):
-                kk = pr * 8 + i
-                x = tl.load(x_rows + kk[None, :], mask=xmask, other=0.0).to(tl.float32)
-                if HAS_G_IDX:
-                    g = tl.load(g_ptr + kk, mask=pmask, other=0)
-                else:
-                    g = kk // group_size
-                g_off = g[:, None].to(tl.int64) * stride_sg + rn[None, :]
-                wmask = pmask[:, None] & nmask[None, :]
-                s = tl.load(s_ptr + g_off, mask=wmask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + g_off, mask=wmask, other=0.0).to(tl.float32)
-                z += 8388608.0
-                step += ((_nibble(even, odd, i, PRMT) - z) * s)[None, :, :] * x[:, :, None]
-            acc += tl.sum(step, 1)
+                g = kk // group_size
+            g_off = g[:, None].to(tl.int64) * stride_sg + rn[None, :]
+            wmask = pmask[:, None] & nmask[None, :]
+            s = tl.load(s_ptr + g_off, mask=wmask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g_off, mask=wmask, other=0.0).to(tl.float32)
+            z += 8388608.0  # 2^23 + z, exact: integers below 2^24
+            step += ((_nibble(even, odd, i, PRMT) - z) * s)[None, :, :] * x[:, :, None]
+        acc += tl.sum(step, 1)
     mask = mmask[:, None] & nmask[None, :]
     if SPLIT:
         part = part_ptr + rm[:, None] * N + rn[None, :]
         tl.store(part + pid_k * M * N, acc, mask=mask)
         if FUSED_REDUCE:  # the column block's last program to finish sums the partials: no reduce kernel
-            tl.debug_barrier()  # every thread's partial is stored before the count
-            done = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-            if done == tl.num_programs(1) - 1:
+            last = _arrive_last(cnt_ptr)
+            if last:
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for s in range(tl.num_programs(1)):  # .cg: from L2, where the other programs' stores are
+                for s in range(tl.num_programs(1)):  # split order; .cg: from L2, where the others' stores are
                     acc += tl.load(part + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
                 _store_y(acc, y_ptr, b_ptr, rm, rn, nmask, mask, stride_ym, HAS_BIAS)
                 tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0)  # zero again for the next call or graph replay
@@ -214,32 +192,7 @@ def _int4_gemv_kernel(
 
 
 @triton.jit
-def _lop3_nibble(lo, hi, i: tl.constexpr, C0, C1, C2, C3, C4):
-    """Nibble i of each word as the exact fp32 q - z. lo = word | 0x4B000000, hi = (word >> 12) | 0x4B000000;
-    nibble i = j of lo (i < 5) or j = i - 3 of hi: lo & (0x4B000000 | 15 << 4j) is the float 2^23 + q * 16^j
-    (one LOP3 with one immediate, no PRMT, no conversion), then one FFMA: that * 16^-j - Cj, with
-    Cj = 2^23 * 16^-j + z per column (exact: integers times powers of two, below 2^24)."""
-    if i < 5:
-        src = lo
-        j: tl.constexpr = i
-    else:
-        src = hi
-        j: tl.constexpr = i - 3
-    f = (src & (0x4B000000 | (15 << (4 * j)))).to(tl.float32, bitcast=True)
-    if j == 0:
-        return f - C0
-    elif j == 1:
-        return f * 0.0625 - C1
-    elif j == 2:
-        return f * 0.00390625 - C2
-    elif j == 3:
-        return f * 0.000244140625 - C3
-    else:
-        return f * 0.0000152587890625 - C4
-
-
-@triton.jit
-def _lop3_step_loads(
+def _step_loads(
     qw_ptr,
     s_ptr,
     z_ptr,
@@ -269,24 +222,6 @@ def _lop3_step_loads(
         s = tl.load(s_ptr + g_off, mask=valid, other=0.0)
         z = tl.load(z_ptr + g_off, mask=valid, other=0.0)
     return packed.to(tl.uint32, bitcast=True), s.to(tl.float32), z.to(tl.float32)
-
-
-@triton.jit
-def _lop3_step(packed, s, z, x, acc, magic):
-    """acc [1, N] += s * sum over the step of (q - z) * x, x [KP, 8] the step's features 8p + i of one row."""
-    x = x.to(tl.float32)
-    xs = _split8(tl.reshape(x, [x.shape[0], 2, 2, 2]))
-    c0 = z + 8388608.0  # 2^23 * 16^-j + z (exact)
-    c1 = z + 524288.0
-    c2 = z + 32768.0
-    c3 = z + 2048.0
-    c4 = z + 128.0
-    lo = packed | magic
-    hi = (packed >> 12) | magic
-    step = _lop3_nibble(lo, hi, 0, c0, c1, c2, c3, c4) * xs[0][:, None]
-    for i in tl.static_range(1, 8):
-        step += _lop3_nibble(lo, hi, i, c0, c1, c2, c3, c4) * xs[i][:, None]
-    return acc + tl.sum(step, 0, keep_dims=True) * s
 
 
 HALF_X_MAX = tl.constexpr(32.0)  # the half variant scales each step's x to this largest |x| (see _half_step)
@@ -412,15 +347,7 @@ def _half_step(packed, s, z, x, acc, ASM: tl.constexpr):
 
 
 @triton.jit
-def _word_step(packed, s, z, x, acc, magic, HALF: tl.constexpr, HALF_ASM: tl.constexpr):
-    if HALF:
-        return _half_step(packed, s, z, x, acc, HALF_ASM)
-    else:
-        return _lop3_step(packed, s, z, x, acc, magic)
-
-
-@triton.jit
-def _int4_gemv_lop3_kernel(
+def _int4_gemv_half_kernel(
     x_ptr,
     qw_ptr,
     s_ptr,
@@ -437,22 +364,19 @@ def _int4_gemv_lop3_kernel(
     stride_sg,
     stride_ym,
     kp_per_split,
-    magic,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
     EVEN: tl.constexpr,
     GROUP: tl.constexpr,
-    HALF: tl.constexpr,
-    HALF_ASM: tl.constexpr,
+    ASM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_KP: tl.constexpr,
     REDUCE_CHUNK: tl.constexpr,
 ):
+    """Steps inside one group (no g_idx, GROUP a multiple of the step): z and s per column and step."""
     pid_k = tl.program_id(1)
-    # 0x4B000000 from an argument: a constant would let LLVM fold (w | m) & c into (w & c) | m, whose LOP3 then
-    # needs m in a register rebuilt by a MOV per weight (sm_90 code)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     rp = tl.arange(0, BLOCK_KP)
@@ -465,9 +389,8 @@ def _int4_gemv_lop3_kernel(
     acc2 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
     acc3 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
     # software pipeline by hand: step i + 1's words, scales, zeros and x (row 0) are in flight while step i is
-    # decoded
-    # (Triton's num_stages pipelines only loads that feed tl.dot)
-    packed, s, z = _lop3_step_loads(
+    # decoded (Triton's num_stages pipelines only loads that feed tl.dot)
+    packed, s, z = _step_loads(
         qw_ptr, s_ptr, z_ptr, kp_lo, kp_hi, rp, rn, nmask, stride_qk, stride_sg, GROUP, EVEN
     )
     r8 = tl.arange(0, 8)[None, :]
@@ -475,7 +398,7 @@ def _int4_gemv_lop3_kernel(
         x_ptr + (kp_lo + rp)[:, None] * 8 + r8, mask=(kp_lo + rp)[:, None] * 8 + r8 < kp_hi * 8, other=0.0
     )
     for p0 in range(kp_lo, kp_hi, BLOCK_KP):
-        nxt_packed, nxt_s, nxt_z = _lop3_step_loads(
+        nxt_packed, nxt_s, nxt_z = _step_loads(
             qw_ptr, s_ptr, z_ptr, p0 + BLOCK_KP, kp_hi, rp, rn, nmask, stride_qk, stride_sg, GROUP, False
         )
         xk = (p0 + rp)[:, None] * 8 + r8  # the step's features 8p + i, [KP, 8]
@@ -483,16 +406,16 @@ def _int4_gemv_lop3_kernel(
         nxt_x0 = tl.load(
             x_ptr + xk + BLOCK_KP * 8, mask=xk + BLOCK_KP * 8 < kp_hi * 8, other=0.0
         )  # row 0 too
-        acc0 = _word_step(packed, s, z, x0, acc0, magic, HALF, HALF_ASM)
+        acc0 = _half_step(packed, s, z, x0, acc0, ASM)
         if BLOCK_M > 1:  # the weights decoded once per row: M <= 4 (the decode is the cost, not the loads)
             x = tl.load(x_ptr + stride_xm + xk, mask=xmask & (xk * 0 + 1 < M), other=0.0)
-            acc1 = _word_step(packed, s, z, x, acc1, magic, HALF, HALF_ASM)
+            acc1 = _half_step(packed, s, z, x, acc1, ASM)
         if BLOCK_M > 2:
             x = tl.load(x_ptr + 2 * stride_xm + xk, mask=xmask & (xk * 0 + 2 < M), other=0.0)
-            acc2 = _word_step(packed, s, z, x, acc2, magic, HALF, HALF_ASM)
+            acc2 = _half_step(packed, s, z, x, acc2, ASM)
         if BLOCK_M > 3:
             x = tl.load(x_ptr + 3 * stride_xm + xk, mask=xmask & (xk * 0 + 3 < M), other=0.0)
-            acc3 = _word_step(packed, s, z, x, acc3, magic, HALF, HALF_ASM)
+            acc3 = _half_step(packed, s, z, x, acc3, ASM)
         packed, s, z, x0 = nxt_packed, nxt_s, nxt_z, nxt_x0
     rows = (
         tl.reshape(acc0, [BLOCK_N]),
@@ -504,31 +427,32 @@ def _int4_gemv_lop3_kernel(
         for r in tl.static_range(BLOCK_M):
             tl.store(part_ptr + (pid_k * M + r) * N + rn, rows[r], mask=nmask & (rn * 0 + r < M))
         if FUSED_REDUCE:  # the column block's last program to finish sums the partials: no reduce kernel
-            tl.debug_barrier()  # every thread's partial is stored before the count
-            done = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-            if done == tl.num_programs(1) - 1:
-                rs = tl.arange(0, REDUCE_CHUNK)
+            last = _arrive_last(cnt_ptr)
+            if last:
+                splits = tl.num_programs(1)
                 for r in tl.static_range(BLOCK_M):
-                    # REDUCE_CHUNK partials loaded at once (in flight together, not one L2 latency each)
+                    rmask = nmask & (rn * 0 + r < M)
+                    # the partials added one by one in split order from +0 (split_k_reduce's fp32 additions,
+                    # whoever sums): REDUCE_CHUNK loads at once (in flight together, not one L2 latency each);
+                    # the masked tail adds +0.0, which changes no sum that started at +0
                     tot = tl.zeros([BLOCK_N], dtype=tl.float32)
-                    for s0 in range(0, tl.num_programs(1), REDUCE_CHUNK):
-                        ks = s0 + rs
-                        chunk = tl.load(
-                            part_ptr + (ks[:, None] * M + r) * N + rn[None, :],
-                            mask=(ks < tl.num_programs(1))[:, None] & (nmask & (rn * 0 + r < M))[None, :],
-                            other=0.0,
-                            cache_modifier=".cg",  # from L2, where the other programs' stores are
-                        )
-                        tot += tl.sum(chunk, 0)
-                    _lop3_store_row(tot, r, rn, nmask & (rn * 0 + r < M), y_ptr, b_ptr, stride_ym, HAS_BIAS)
+                    for s0 in range(0, splits, REDUCE_CHUNK):
+                        for i in tl.static_range(REDUCE_CHUNK):
+                            tot += tl.load(
+                                part_ptr + ((s0 + i) * M + r) * N + rn,
+                                mask=rmask & (rn * 0 + (s0 + i) < splits),
+                                other=0.0,
+                                cache_modifier=".cg",  # from L2, where the other programs' stores are
+                            )
+                    _store_row(tot, r, rn, rmask, y_ptr, b_ptr, stride_ym, HAS_BIAS)
                 tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0)  # zero again for the next call or graph replay
     else:
         for r in tl.static_range(BLOCK_M):
-            _lop3_store_row(rows[r], r, rn, nmask & (rn * 0 + r < M), y_ptr, b_ptr, stride_ym, HAS_BIAS)
+            _store_row(rows[r], r, rn, nmask & (rn * 0 + r < M), y_ptr, b_ptr, stride_ym, HAS_BIAS)
 
 
 @triton.jit
-def _lop3_store_row(v, r, rn, mask, y_ptr, b_ptr, stride_ym, HAS_BIAS: tl.constexpr):
+def _store_row(v, r, rn, mask, y_ptr, b_ptr, stride_ym, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         v += tl.load(b_ptr + rn, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + r * stride_ym + rn, v.to(y_ptr.dtype.element_ty), mask=mask)
@@ -559,35 +483,25 @@ def _split_counters(device: torch.device, blocks: int) -> torch.Tensor | None:
     return have if blocks <= have.numel() else None
 
 
-def default_int4_tiles(n: int, k: int, num_sms: int = 132, fused_reduce: bool = False) -> GemvTiles:
-    """The magic kernel: 256 columns (2 warps of 32 lanes x 4 int32: each thread holds its columns' whole
-    K step, so the sum over the step stays in registers), 64 features (8 packed rows) a step, split-K up to ~2
-    programs per SM with at least 4 steps each; sm_90 code: 168 registers, ~5.0 instructions per weight in
-    the loop. Wide or deep projections take 128 columns on one warp and twice the splits instead: measured on
-    an H200 (2026-11-30, bench_quant_gemv_call7_safe_half.json, magic_fused) gate_up 28672 x 4096 36.8 us
-    vs 44.6 us, down 4096 x 14336 18.2 vs 19.1 us (with the fused reduce only: the magic kernel's two-kernel
-    reduce of 34 partials lost, 22.7 vs 21.2 us); qkv and o were slower with them (11.3 vs 10.6, 8.7 vs 8.4)."""
-    block_n, block_k = 256, 64
-    split = max(1, min(triton.cdiv(2 * num_sms, triton.cdiv(n, block_n)), k // (4 * block_k)))
-    if n >= 16384 or (k >= 8192 and fused_reduce):
-        return GemvTiles(128, block_k, split_k=max(1, min(2 * split, k // (4 * block_k))), num_warps=1)
-    return GemvTiles(block_n, block_k, split_k=split, num_warps=2, num_stages=3)
+def default_int4_tiles(n: int, k: int, rows: int = 1, num_sms: int = 132) -> GemvTiles:
+    """The half kernel: 128 columns on one warp (4 per lane: 128-bit loads along N), 64 features (8 packed rows) a
+    step; split-K for ~12 programs per SM (168 registers at one row: 12 one-warp programs fit an SM's register
+    file), each at least 4 steps long. The H200 sweep's best tiles for every Llama-3.1-8B projection at one row
+    (2026-11-30, 'half 128x64 w1 12/SM': 53.9 us a layer; 128 x 32 at 16 per SM, the first default, 56.7).
+    3-4 rows (untimed): 64-feature steps spill (sm_90: 368 bytes of stack at 4 rows), so 32-feature steps
+    (174 registers: 11 programs per SM)."""
+    block_n, block_k, per_sm = (128, 64, 12) if rows <= 2 else (128, 32, 11)
+    split = max(1, min(triton.cdiv(per_sm * num_sms, triton.cdiv(n, block_n)), k // (4 * block_k)))
+    return GemvTiles(block_n, block_k, split_k=split, num_warps=1, num_stages=1)
 
 
-_MAGIC_2_23 = 0x4B000000  # the float 2^23 (an argument of the lop3 kernel: see there)
-
-
-def default_int4_lop3_tiles(n: int, k: int, num_sms: int = 132) -> GemvTiles:
-    """The lop3 / half kernel: 128 columns on one warp (4 per lane: 128-bit loads along N), 32 features (4
-    packed rows) a step. sm_90 code of this shape (group 128, one row): lop3 128 registers, ~4.3 instructions
-    per weight in the loop; half 96 registers, ~3.5 (magic 256x64 w2: 168 registers, ~5.0); no spills. At
-    <= 128 registers 16 one-warp programs fit an SM, so split-K aims at 16 programs per SM (one wave of 2,112
-    on 132 SMs), each at least 4 steps long: the memory latency hidden by warps rather than by a long loop.
-    Untimed until the H200 sweep (tools/bench_quant_gemv.py also times 64-feature steps: half ~3.0
-    instructions per weight at 168 registers)."""
+def default_int4_grouped_tiles(n: int, k: int, num_sms: int = 132) -> GemvTiles:
+    """The grouped kernel (act-order, small groups): 128 x 32 on one warp, split-K for ~8 programs per SM (at least
+    4 steps each). sm_90 code at one row: 216 registers, no spills, ~13 instructions per weight (a scale and a zero
+    gathered and converted per weight); the magic kernel's 128 x 64 / 256 x 64 tiles this path ran before spill
+    700+ bytes here (tools/int4_gemv_sass.py). Untimed: bench_quant_gemv.py's 'grouped' rows time it."""
     block_n, block_k = 128, 32
-    col_blocks = triton.cdiv(n, block_n)
-    split = max(1, min(triton.cdiv(16 * num_sms, col_blocks), k // (4 * block_k)))
+    split = max(1, min(triton.cdiv(8 * num_sms, triton.cdiv(n, block_n)), k // (4 * block_k)))
     return GemvTiles(block_n, block_k, split_k=split, num_warps=1, num_stages=1)
 
 
@@ -599,32 +513,29 @@ def int4_gemv(
     group_size: int,
     g_idx: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    variant: str = "magic",
     tiles: GemvTiles | None = None,
-    fused_reduce: bool = False,
+    fused_reduce: bool = True,
+    reduce_chunk: int = 8,
 ) -> torch.Tensor:
     """Same as quant_ref.int4_linear_ref for x [..., K] of at most MAX_GEMV_ROWS rows -> [..., N] in x.dtype.
-    fused_reduce: split-K partials summed by each column block's last program (a counter per block in a
-    persistent buffer that the summing program zeroes again) instead of a second kernel."""
+    fused_reduce=False sums split-K partials in a second kernel (the same bits: tests compare the two).
+    reduce_chunk: partials the fused reduce of the half kernel loads at once (one L2 round trip each chunk; the
+    same sums whatever the chunk: bench_quant_gemv.py times 32, which makes down's 45 partials 2 trips, not 6)."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     m = x2.shape[0]
     if x2.shape[1] != k or m > MAX_GEMV_ROWS:
         raise ValueError(f"int4_gemv takes <= {MAX_GEMV_ROWS} rows of {k} features, got {tuple(shape)}")
-    if variant not in INT4_GEMV_VARIANTS:
-        raise ValueError(f"unknown int4 GEMV variant {variant!r} ({', '.join(INT4_GEMV_VARIANTS)})")
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    lop3 = (
-        variant in ("lop3", "half") and g_idx is None
-    )  # act-order g_idx: the magic kernel's per-weight groups
-    tiles = tiles or (
-        default_int4_lop3_tiles(n, k) if lop3 else default_int4_tiles(n, k, fused_reduce=fused_reduce)
-    )
-    lop3 = lop3 and group_size % tiles.block_k == 0  # groups smaller than a step: the magic kernel too
-    if tiles.block_k % (16 if lop3 and variant == "half" else 8):  # half: packed rows in pairs
+    if tiles is None:
+        tiles = default_int4_tiles(n, k, m)
+        if g_idx is not None or group_size % tiles.block_k:  # groups of 32: half on the grouped tiles' 32
+            tiles = default_int4_grouped_tiles(n, k)
+    half = g_idx is None and group_size % tiles.block_k == 0  # else every weight with its own group's numbers
+    if tiles.block_k % (16 if half else 8):  # half: packed rows in pairs
         raise ValueError(f"int4_gemv: block_k {tiles.block_k} is not whole packed rows (pairs for half)")
     per_split, splits = split_k_range(k, tiles)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -632,73 +543,54 @@ def int4_gemv(
     counters = (
         _split_counters(x.device, triton.cdiv(n, tiles.block_n)) if splits > 1 and fused_reduce else None
     )
-    if m and lop3:
-        _int4_gemv_lop3_kernel[(triton.cdiv(n, tiles.block_n), splits)](
+    grid = (triton.cdiv(n, tiles.block_n), splits)
+    common = {
+        "HAS_BIAS": bias is not None,
+        "SPLIT": splits > 1,
+        "FUSED_REDUCE": counters is not None,
+        "BLOCK_M": triton.next_power_of_2(m),
+        "BLOCK_N": tiles.block_n,
+        "BLOCK_KP": tiles.block_k // 8,
+        "num_warps": tiles.num_warps,
+    }
+    ptrs = (bias if bias is not None else y, y, partials, counters if counters is not None else qweight)
+    strides = (x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), per_split // 8)
+    if m and half:
+        _int4_gemv_half_kernel[grid](
             x2,
             qweight,
             scales,
             zeros,
-            bias if bias is not None else y,
-            y,
-            partials,
-            counters if counters is not None else qweight,
+            *ptrs,
             m,
             n,
             k,
-            x2.stride(0),
-            qweight.stride(0),
-            scales.stride(0),
-            y.stride(0),
-            per_split // 8,
-            _MAGIC_2_23,
-            HAS_BIAS=bias is not None,
-            SPLIT=splits > 1,
-            FUSED_REDUCE=counters is not None,
+            *strides,
             EVEN=n % tiles.block_n == 0 and k % per_split == 0,
             GROUP=group_size,
-            HALF=variant == "half",
-            HALF_ASM=x.is_cuda and not _interpreting(),
-            BLOCK_M=triton.next_power_of_2(m),
-            BLOCK_N=tiles.block_n,
-            BLOCK_KP=tiles.block_k // 8,
-            REDUCE_CHUNK=8,
-            num_warps=tiles.num_warps,
+            ASM=x.is_cuda and not _interpreting(),
+            REDUCE_CHUNK=reduce_chunk,
             num_stages=1,
+            **common,
         )
-        if splits > 1 and counters is None:
-            split_k_reduce(partials, y, None, bias)
     elif m:
-        _int4_gemv_kernel[(triton.cdiv(n, tiles.block_n), splits)](
+        _int4_gemv_grouped_kernel[grid](
             x2,
             qweight,
             scales,
             zeros,
             g_idx if g_idx is not None else qweight,
-            bias if bias is not None else y,
-            y,
-            partials,
-            counters if counters is not None else qweight,
+            *ptrs,
             m,
             n,
             k,
             group_size,
-            x2.stride(0),
-            qweight.stride(0),
-            scales.stride(0),
-            y.stride(0),
-            per_split // 8,
+            *strides,
             HAS_G_IDX=g_idx is not None,
-            HAS_BIAS=bias is not None,
-            SPLIT=splits > 1,
-            FUSED_REDUCE=counters is not None,
-            GROUP_UNIFORM=g_idx is None and group_size % tiles.block_k == 0,
             PRMT=x.is_cuda and not _interpreting(),
-            BLOCK_M=triton.next_power_of_2(m),
-            BLOCK_N=tiles.block_n,
-            BLOCK_KP=tiles.block_k // 8,
-            num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
+            **common,
         )
-        if splits > 1 and counters is None:
-            split_k_reduce(partials, y, None, bias)
+    if m and splits > 1 and counters is None:
+        split_k_reduce(partials, y, None, bias)
     return y.reshape(*shape[:-1], n)

@@ -45,11 +45,10 @@ Overrides (environment, read only here, for debugging and references):
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
                                             step; scaled_mm: torch._scaled_mm, the activation quantized per
                                             token); default half (H200, 2026-11-30: W1 8B 332 tok/s, cvt 294)
-  MESHSERVE_INT4_GEMV=magic|magic_fused|lop3|lop3_fused|half|half_fused|matmul  the int4 projection
-                                            of <= 4 rows (kernels/triton_int4_gemv.py; *_fused: split-K
-                                            without the reduce kernel; lop3 / half: 1-warp tiles, fp16x2
-                                            for half, untimed; matmul: the dequant-GEMM of larger batches);
-                                            default magic_fused (H200: W1 8B AWQ 259 tok/s, magic 246)
+  MESHSERVE_INT4_GEMV=half|matmul          the int4 projection of <= 4 rows (kernels/triton_int4_gemv.py;
+                                            half: fp16x2 decode, split-K summed in the GEMV; matmul: the
+                                            dequant-GEMM of larger batches); default half (H200, 2026-11-30:
+                                            W1 8B AWQ 354 tok/s on its first tiles, magic_fused 285)
 
 This module sits in layers/ because the layers consume the choice (and may not import the engine); it
 imports only the config and the layers/kernels it chooses between.
@@ -89,8 +88,7 @@ MOE_LEGACY_ENV = "MESHSERVE_MOE_LEGACY"
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
 FP8_GEMV_CHOICES = ("cvt", "half", "scaled_mm")  # triton_fp8_gemv.FP8_GEMV_VARIANTS + cuBLASLt
-# triton_int4_gemv.INT4_GEMV_VARIANTS (magic_fused: its split-K summed by the last program) + the dequant-GEMM
-INT4_GEMV_CHOICES = ("magic", "magic_fused", "lop3", "lop3_fused", "half", "half_fused", "matmul")
+INT4_GEMV_CHOICES = ("half", "matmul")  # triton_int4_gemv.int4_gemv + the dequant-GEMM
 # decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph
 # sized for 4,096 runs 16 KV splits (most of them empty) and a reduce; <= 256 tokens needs one split at small
 # batch (no reduce), <= 1,024 four. The suggested bounds when turned on (none by default until measured)
@@ -123,7 +121,7 @@ class KernelSelection:
     # (BLOCK_N, num_warps, num_stages) of the MLA decode kernel; None: its default
     mla_decode_tile: tuple[int, int, int] | None = None
     fp8_gemv: str = "half"  # the batch-1 fp8-weight projection when gemv is on (FP8_GEMV_CHOICES)
-    int4_gemv: str = "magic_fused"  # the int4 projection of <= 4 rows when gemv is on (INT4_GEMV_CHOICES)
+    int4_gemv: str = "half"  # the int4 projection of <= 4 rows when gemv is on (INT4_GEMV_CHOICES)
     # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide policy, bound below)
     pdl_policy: PdlPolicy = PdlPolicy()  # noqa: RUF009 (frozen: one shared default is safe)
     # the first Triton MoE path instead of the fused routing, MoE GEMV and tuned configs (kernels/moe.py)

@@ -1,7 +1,7 @@
 """Batch-1 GEMVs of quantized weights (kernels/triton_fp8_gemv.py, kernels/triton_int4_gemv.py, the split-K
 reduce of kernels/gemv_tiles.py) against kernels/quant_ref.py: every variant and both the masked and the
 unmasked (EVEN) code, with and without split-K, in the Triton interpreter without CUDA; the same kernels
-compiled to sm_90 code with Triton's bundled ptxas (the int4 PRMT inline PTX only runs there); `-m gpu` at
+compiled to sm_90 code with Triton's bundled ptxas (the int4 inline PTX only runs there); `-m gpu` at
 Llama-3.1-8B's shapes, and the dispatch of quant_ops.
 """
 
@@ -93,19 +93,20 @@ def test_fp8_gemv_half_survives_outlier_activations():
 
 
 @interp
-@pytest.mark.parametrize("variant", ["magic", "lop3", "half"])
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize(
     "group,act_order,tiles",
     [
-        (64, False, (32, 64, 3)),  # a K step inside one group: z and s per column, split-K
-        (64, False, (32, 64, 3, True)),  # the same, the partials summed by each column block's last program
+        (64, False, (32, 64, 3)),  # a K step inside one group: z and s per column, split-K summed in the GEMV
+        (64, False, (32, 64, 3, False)),  # the same, the partials summed by the reduce kernel
         (64, False, (64, 64, 1)),  # the same without split-K (bias added in the kernel)
-        (32, False, None),  # groups smaller than the step: per-weight scales and zeros
-        (64, True, (32, 32, 2, True)),  # act-order g_idx (fused split-K reduce)
+        (32, False, None),  # groups smaller than the default step: the half kernel on 32-feature steps
+        (16, False, None),  # groups smaller than any step: the grouped kernel, per-weight scales and zeros
+        (64, True, (32, 32, 2)),  # act-order g_idx: the grouped kernel (fused split-K reduce)
+        (64, True, (32, 32, 2, False)),  # act-order, the reduce kernel
     ],
 )
-def test_int4_gemv_interp(variant, m, group, act_order, tiles):
+def test_int4_gemv_interp(m, group, act_order, tiles):
     from meshserve.kernels.gemv_tiles import GemvTiles
     from meshserve.kernels.triton_int4_gemv import int4_gemv
 
@@ -116,17 +117,15 @@ def test_int4_gemv_interp(variant, m, group, act_order, tiles):
     qweight, scales, zeros = pack_int4_rows(q), scales.half(), zeros.half()
     x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
     t = GemvTiles(*tiles[:2], split_k=tiles[2]) if tiles else None
-    fused = bool(tiles and len(tiles) > 3)
+    fused = not (tiles and len(tiles) > 3)
     ref = int4_linear_ref(x, qweight, scales, zeros, group, g_idx, bias)
     for _ in range(2 if fused else 1):  # fused: the counters are zero again for the next call
-        y = int4_gemv(
-            x, qweight, scales, zeros, group, g_idx, bias, variant=variant, tiles=t, fused_reduce=fused
-        )
+        y = int4_gemv(x, qweight, scales, zeros, group, g_idx, bias, tiles=t, fused_reduce=fused)
         assert y.shape == (m, n)
-        tol = 2e-3 * ref.abs().max().item() if variant == "half" and not act_order and group >= 32 else 1e-4
-        torch.testing.assert_close(y, ref, atol=tol, rtol=1e-4 if tol == 1e-4 else 2e-3)
-    if fused:
-        assert not _counters_in_use()
+        half = not act_order and group >= 32  # fp16 products (~5e-4); the grouped kernel: fp32
+        tol = 2e-3 * ref.abs().max().item() if half else 1e-4
+        torch.testing.assert_close(y, ref, atol=tol, rtol=2e-3 if half else 1e-4)
+    assert not _counters_in_use()
 
 
 @interp
@@ -135,14 +134,13 @@ def test_int4_gemv_interp(variant, m, group, act_order, tiles):
     [
         (1, 64, 256, 64, (32, 32, 2, 1), True),  # EVEN: no masks (whole tiles and ranges), bias in the reduce
         (4, 64, 256, 64, (32, 32, 2, 1), False),  # EVEN, four rows, the two-kernel reduce
-        # 10 partials: two chunks of the fused reduce; 4 steps a group
+        # 10 partials: two chunks of the fused reduce, the second half masked; 4 steps a group
         (2, 48, 640, 128, (32, 32, 10, 2), True),
-        # groups smaller than the step: the magic kernel, same numbers
+        # groups smaller than the step: the grouped kernel, same numbers
         (3, 40, 256, 16, (32, 32, 2, 1), True),
     ],
 )
-@pytest.mark.parametrize("variant", ["lop3", "half"])
-def test_int4_gemv_lop3_paths_interp(variant, m, n, k, group, tiles, fused):
+def test_int4_gemv_half_paths_interp(m, n, k, group, tiles, fused):
     from meshserve.kernels.gemv_tiles import GemvTiles
     from meshserve.kernels.triton_int4_gemv import int4_gemv
 
@@ -152,7 +150,7 @@ def test_int4_gemv_lop3_paths_interp(variant, m, n, k, group, tiles, fused):
     x, bias = torch.randn(m, k, generator=g).half(), torch.randn(n, generator=g).half()
     t = GemvTiles(tiles[0], tiles[1], split_k=tiles[2], num_warps=tiles[3])
     ref = int4_linear_ref(x.float(), qweight, scales, zeros, group, None, bias.float())
-    y = int4_gemv(x, qweight, scales, zeros, group, None, bias, variant=variant, tiles=t, fused_reduce=fused)
+    y = int4_gemv(x, qweight, scales, zeros, group, None, bias, tiles=t, fused_reduce=fused)
     assert y.shape == (m, n) and y.dtype == torch.float16
     torch.testing.assert_close(y.float(), ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3)
     assert not _counters_in_use()
@@ -160,9 +158,56 @@ def test_int4_gemv_lop3_paths_interp(variant, m, n, k, group, tiles, fused):
 
 @interp
 @pytest.mark.parametrize("act_order", [False, True])
+def test_int4_gemv_fused_reduce_gives_the_reduce_kernels_bits_interp(act_order):
+    # the split-K partials summed by the column block's last program must be the reduce kernel's fp32 additions in
+    # the same (split) order: the same bits whichever program sums and whichever path a call takes (eager, graph
+    # captured before the counters existed), so greedy decoding is reproducible. 11 partials of one step: a full
+    # chunk of 8, then 3 and 5 masked; fp32 output, so no rounding to a 16-bit dtype hides a different order
+    from meshserve.kernels.gemv_tiles import GemvTiles
+    from meshserve.kernels.triton_int4_gemv import int4_gemv
+
+    k, n, group = 704, 32, 64
+    g = torch.Generator().manual_seed(11)
+    q, scales, zeros = quantize_int4_groups(torch.randn(n, k, generator=g), group)
+    g_idx = (torch.arange(k) // group)[torch.randperm(k, generator=g)].to(torch.int32) if act_order else None
+    qweight, scales, zeros = pack_int4_rows(q), scales.half(), zeros.half()
+    # magnitudes that differ by 2^12 between partials: fp32 sums in another order differ in their last bits
+    x = torch.randn(1, k, generator=g) * torch.logspace(0, 12, k, base=2.0)
+    bias = torch.randn(n, generator=g)
+    t = GemvTiles(32, 64, split_k=11, num_warps=1)
+    two_kernels = int4_gemv(x, qweight, scales, zeros, group, g_idx, bias, tiles=t, fused_reduce=False)
+    for chunk in (8, 8, 16):  # twice (the counters zeroed again), and the whole reduce in one chunk
+        fused = int4_gemv(x, qweight, scales, zeros, group, g_idx, bias, tiles=t, reduce_chunk=chunk)
+        assert torch.equal(fused, two_kernels), chunk
+    assert not _counters_in_use()
+    # the order does show: the same partials summed by pairs (another fp32 order) differ
+    tree = _tree_sum_of_partials(x, qweight, scales, zeros, group, g_idx, bias, t)
+    assert not torch.equal(tree, two_kernels)
+
+
+def _tree_sum_of_partials(x, qweight, scales, zeros, group, g_idx, bias, t):
+    """The split-K partials of tiles t (one split each, no reduce) summed pairwise, plus the bias."""
+    from meshserve.kernels.gemv_tiles import GemvTiles, split_k_range
+    from meshserve.kernels.triton_int4_gemv import int4_gemv
+
+    per_split, splits = split_k_range(x.shape[1], t)
+    one = GemvTiles(t.block_n, t.block_k, split_k=1, num_warps=t.num_warps)
+    parts = []
+    for s in range(splits):
+        lo, hi = s * per_split, min(x.shape[1], (s + 1) * per_split)
+        xs = torch.zeros_like(x)
+        xs[:, lo:hi] = x[:, lo:hi]
+        parts.append(int4_gemv(xs, qweight, scales, zeros, group, g_idx, None, tiles=one))
+    while len(parts) > 1:
+        parts = [parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+    return parts[0] + bias
+
+
+@interp
+@pytest.mark.parametrize("act_order", [False, True])
 def test_int4_gemv_half_survives_outlier_activations(act_order):
-    # the half variant's fp16 products: each step's x scaled to max |x| 32, so massive activations (thousands at
-    # a few features) neither overflow nor swamp the step; act-order runs the magic kernel (fp32)
+    # the half kernel's fp16 products: each step's x scaled to max |x| 32, so massive activations (thousands at
+    # a few features) neither overflow nor swamp the step; act-order runs the grouped kernel (fp32)
     from meshserve.kernels.gemv_tiles import GemvTiles
     from meshserve.kernels.triton_int4_gemv import int4_gemv
 
@@ -173,16 +218,17 @@ def test_int4_gemv_half_survives_outlier_activations(act_order):
     qweight, scales, zeros = pack_int4_rows(q), scales.half(), zeros.half()
     x = torch.randn(2, k, generator=g).bfloat16()
     x[0, 5], x[0, 300], x[1, 40] = 30000.0, -4096.0, 60000.0
-    y = int4_gemv(x, qweight, scales, zeros, group, g_idx, variant="half", tiles=GemvTiles(64, 32, 3, 1))
+    y = int4_gemv(x, qweight, scales, zeros, group, g_idx, tiles=GemvTiles(64, 32, 3, 1))
     ref = int4_linear_ref(x.float(), qweight, scales, zeros, group, g_idx)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=2e-3 * ref.abs().max().item())
 
 
 @interp
-def test_int4_lop3_decodes_every_nibble_exactly():
-    # x = e_k and scale 1: y[n] is q[n, k] - z[n] itself, for every nibble position of a word (k = 0..7 and the
-    # word's shifted half), every q 0..15 and zero points 0..15
+def test_int4_half_decodes_every_nibble_exactly():
+    # x = e_k and scale 1: y[n] is q[n, k] - z[n] itself (the fp16 products of (q - z) or 16 (q - z) with x
+    # scaled to 32 or 2 are exact), for every nibble position of both words of a pair, every q 0..15 and zero
+    # points 0..15
     from meshserve.kernels.gemv_tiles import GemvTiles
     from meshserve.kernels.triton_int4_gemv import int4_gemv
 
@@ -190,10 +236,10 @@ def test_int4_lop3_decodes_every_nibble_exactly():
     q = (torch.arange(k)[:, None] + torch.arange(n)[None, :]) % 16  # [K, N]
     zeros = (torch.arange(n) // 16).float()[None, :]
     qweight, tiles = pack_int4_rows(q.to(torch.int32)), GemvTiles(128, 32, num_warps=1)
-    for kk in range(8, 16):
+    for kk in range(k):
         x = torch.zeros(1, k)
         x[0, kk] = 1.0
-        y = int4_gemv(x, qweight, torch.ones(1, n), zeros, k, variant="lop3", tiles=tiles)
+        y = int4_gemv(x, qweight, torch.ones(1, n), zeros, k, tiles=tiles)
         assert torch.equal(y[0], q[kk].float() - zeros[0]), kk
 
 
@@ -236,23 +282,27 @@ for name, even, split in zip(f8.FP8_GEMV_VARIANTS, (True, False), (True, False))
     t = f8.default_fp8_tiles(name, 4096, 4096)
     compile(f8._fp8_gemv_kernel, p, dict(HAS_BIAS=True, SPLIT=split, EVEN=even, HALF=name == "half",
             BLOCK_N=t.block_n, BLOCK_K=t.block_k), t.num_warps)
-p = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", g_ptr="*i32", b_ptr="*bf16", y_ptr="*bf16",
-         part_ptr="*fp32", cnt_ptr="*i32")
-for prmt, uniform, m, fused in ((True, True, 1, True), (False, True, 4, False), (True, False, 2, False)):
-    compile(i4._int4_gemv_kernel, p, dict(HAS_G_IDX=not uniform, HAS_BIAS=True, SPLIT=m < 4, FUSED_REDUCE=fused,
-            GROUP_UNIFORM=uniform, PRMT=prmt, BLOCK_M=m, BLOCK_N=256, BLOCK_KP=8), 2)
-p.pop("g_ptr")
-# (half, rows, EVEN, packed rows a step): the default 4 at 1, 2 and 4 rows, and the sweep's 8 at one row
-cases = [(h, m, m != 2, 4) for h in (False, True) for m in (1, 2, 4)] + [(False, 1, True, 8), (True, 1, True, 8)]
-for half, m, even, kp in cases:  # no spills (stack 0), any rows, the default and the 64-feature steps
-    k = compile(i4._int4_gemv_lop3_kernel, p, dict(HAS_BIAS=True, SPLIT=True, FUSED_REDUCE=even, EVEN=even,
-                GROUP=128, HALF=half, HALF_ASM=half, BLOCK_M=m, BLOCK_N=128, BLOCK_KP=kp, REDUCE_CHUNK=8), 1)
+def spills(k):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
         use = subprocess.run([os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"),
                               "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    assert re.search(r"STACK:0 .*LOCAL:0", use), (half, m, kp, use)
+    return None if re.search(r"STACK:0 .*LOCAL:0", use) else use
+
+p = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", g_ptr="*i32", b_ptr="*bf16", y_ptr="*bf16",
+         part_ptr="*fp32", cnt_ptr="*i32")
+# the grouped kernel (act-order, small groups) on its default 128 x 32 one-warp tiles: no spills at one row
+for prmt, g_idx, m, fused in ((True, True, 1, True), (False, False, 4, False), (True, True, 2, False)):
+    k = compile(i4._int4_gemv_grouped_kernel, p, dict(HAS_G_IDX=g_idx, HAS_BIAS=True, SPLIT=m < 4,
+                FUSED_REDUCE=fused, PRMT=prmt, BLOCK_M=m, BLOCK_N=128, BLOCK_KP=4), 1)
+    assert m > 1 or not spills(k), (m, spills(k))
+p.pop("g_ptr")
+# the half kernel (rows, EVEN, packed rows a step): the defaults, 64-feature steps at 1-2 rows, 32 at 3-4 rows
+for m, even, kp in [(1, True, 8), (2, False, 8), (4, True, 4), (4, False, 4), (1, True, 4)]:  # no spills
+    k = compile(i4._int4_gemv_half_kernel, p, dict(HAS_BIAS=True, SPLIT=True, FUSED_REDUCE=even, EVEN=even,
+                GROUP=128, ASM=True, BLOCK_M=m, BLOCK_N=128, BLOCK_KP=kp, REDUCE_CHUNK=8), 1)
+    assert not spills(k), (m, kp, spills(k))
 compile(gemv_tiles._split_k_reduce_kernel, dict(part_ptr="*fp32", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16"),
         dict(HAS_SCALE=True, HAS_BIAS=True, BLOCK=1024), 4)
 print("compiled")
@@ -299,47 +349,46 @@ def test_fp8_gemv_gpu(variant, n, k):
 
 
 @gpu
-@pytest.mark.parametrize("variant", ["magic", "magic_fused", "lop3", "lop3_fused", "half", "half_fused"])
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("n,k", LLAMA_8B_SHAPES)
 @pytest.mark.parametrize("act_order", [False, True])
-def test_int4_gemv_gpu(variant, m, n, k, act_order):
+def test_int4_gemv_gpu(m, n, k, act_order):
     from meshserve.kernels.triton_int4_gemv import int4_gemv
 
     qweight, scales, zeros, g_idx = _gpu_int4_case(n, k, act_order)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    kernel, _, fused = variant.partition("_")
-    y = int4_gemv(x, qweight, scales, zeros, 128, g_idx, variant=kernel, fused_reduce=bool(fused))
+    y = int4_gemv(x, qweight, scales, zeros, 128, g_idx)
     # the GEMV dequantizes exactly in fp32 (no bf16 rounding of the weight): an fp32 oracle
     ref = x.float() @ int4_dequant_ref(qweight, scales, zeros, 128, g_idx, dtype=torch.float32)
     torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=1e-2)
+    # split-K summed by the last program in split order: the reduce kernel's bits, and the same bits every call
+    assert torch.equal(y, int4_gemv(x, qweight, scales, zeros, 128, g_idx, fused_reduce=False))
+    assert torch.equal(y, int4_gemv(x, qweight, scales, zeros, 128, g_idx))
     assert not _counters_in_use()
 
 
 @gpu
-@pytest.mark.parametrize("variant", ["magic", "lop3", "half"])
-def test_int4_gemv_fused_reduce_in_a_cuda_graph_gpu(variant):
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int4_gemv_fused_reduce_in_a_cuda_graph_gpu(act_order):
     # replayed many times, new inputs each time: the last program of each column block sums the partials of that
-    # replay (counters zeroed by it), the same numbers as the two-kernel reduce
+    # replay (counters zeroed by it) in split order, so the replay's bits are the eager call's and the reduce
+    # kernel's, whichever program finished last (the magic_fused test failed here, 2026-11-30: its default
+    # tiles differed between fused and reduce-kernel calls for K >= 8k, so did the fp32 sums)
     from meshserve.kernels.triton_int4_gemv import int4_gemv
 
     k, n = 14336, 4096
-    qweight, scales, zeros, _ = _gpu_int4_case(n, k, False)
+    qweight, scales, zeros, g_idx = _gpu_int4_case(n, k, act_order)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    int4_gemv(x, qweight, scales, zeros, 128, variant=variant, fused_reduce=True)  # warm: compile, counters
+    int4_gemv(x, qweight, scales, zeros, 128, g_idx)  # warm: compile, counters
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = int4_gemv(x, qweight, scales, zeros, 128, variant=variant, fused_reduce=True)
+        y = int4_gemv(x, qweight, scales, zeros, 128, g_idx)
     for seed in range(5):
         x.copy_(torch.randn(1, k, generator=torch.Generator().manual_seed(seed)).to(x))
         graph.replay()
         torch.cuda.synchronize()
-        # lop3 / half: the fused reduce sums 8 partials at a time (another fp32 order than the reduce kernel's)
-        expected = int4_gemv(x, qweight, scales, zeros, 128, variant=variant)
-        if variant == "magic":
-            assert torch.equal(y, expected), seed
-        else:
-            torch.testing.assert_close(y, expected, atol=1e-2 * expected.abs().max().item(), rtol=1e-2)
+        assert torch.equal(y, int4_gemv(x, qweight, scales, zeros, 128, g_idx)), seed
+        assert torch.equal(y, int4_gemv(x, qweight, scales, zeros, 128, g_idx, fused_reduce=False)), seed
     assert not _counters_in_use()
 
 
@@ -350,24 +399,23 @@ def test_quant_ops_dispatch_gpu():
     k, n = 4096, 6144
     qweight, scales, zeros, _ = _gpu_int4_case(n, k, False)
     for m, variant, kernel in [
-        (1, "magic", "gemv"),
-        (2, "magic_fused", "gemv"),
-        (4, "magic", "gemv"),
-        (1, "lop3", "gemv"),
-        (3, "half_fused", "gemv"),
+        (1, "half", "gemv"),
+        (3, "half", "gemv"),
+        (4, "half", "gemv"),
         (1, "matmul", "mm"),
-        (8, "magic", "mm"),
     ]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         y = quant_ops.int4_linear(x, qweight, scales, zeros, 128, None, None, fast=True, gemv_variant=variant)
-        if kernel == "gemv":  # the GEMV of that variant and reduce pass
-            name, _, fused = variant.partition("_")
-            expected = triton_int4_gemv.int4_gemv(
-                x, qweight, scales, zeros, 128, variant=name, fused_reduce=bool(fused)
-            )
+        if kernel == "gemv":
+            expected = triton_int4_gemv.int4_gemv(x, qweight, scales, zeros, 128)
         else:
             expected = triton_quant.int4_matmul(x, qweight, scales, zeros, 128)
         assert torch.equal(y, expected), (m, variant)
+    x = torch.randn(
+        8, k, device="cuda", dtype=torch.bfloat16
+    )  # more rows than a GEMV takes: the dequant-GEMM
+    y = quant_ops.int4_linear(x, qweight, scales, zeros, 128, None, None, fast=True)
+    assert torch.equal(y, triton_quant.int4_matmul(x, qweight, scales, zeros, 128))
     wq, ws = quantize_fp8_per_channel(torch.randn(n, k, device="cuda") * 0.02)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     for variant in FP8_VARIANTS:

@@ -241,5 +241,8 @@ class DPCoreClient:
         """Stop (owned cores) or let go of (shared cores) every core."""
         self._closed = True
         with self._recv_lock:  # the output thread is out of poll() and sees _closed next
-            for c in self.clients:
-                c.shutdown(timeout)
+            stops = [threading.Thread(target=c.shutdown, args=(timeout,)) for c in self.clients]
+            for t in stops:  # all at once: each core drains and exits in parallel
+                t.start()
+            for t in stops:
+                t.join()

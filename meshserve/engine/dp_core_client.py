@@ -21,7 +21,9 @@ Not done: prefix-cache affinity (a shared prefix may land on either core and be 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -44,23 +46,31 @@ def spawn_dp_cores(
 ) -> list[CoreProcess]:
     """Spawn num_cores engine-core processes, each on its own GPU slice; returns without waiting for the model
     loads (they overlap each other and the caller's imports). On failure the ones started are killed."""
-    import dataclasses
-
     from meshserve.distributed.data_parallel import replica_devices
 
     devices = replica_devices(num_cores, args.tensor_parallel_size, args.pipeline_parallel_size, args.device)
-    # each core's TP/PP ranks meet on a port of their own (a fixed --master-port would be shared by all cores)
-    core_args = dataclasses.replace(args, master_port=None) if args.master_port else args
     cores: list[CoreProcess] = []
     try:
-        for dev in devices:
+        for i, dev in enumerate(devices):
             env = {"CUDA_VISIBLE_DEVICES": dev} if dev is not None else None
+            core_args = _core_args(args, i) if num_cores > 1 else args
             cores.append(CoreProcess(core_args, startup_timeout_s, core_factory, wait=False, env=env))
     except BaseException:
         for c in cores:
             c.kill()
         raise
     return cores
+
+
+def _core_args(args: EngineArgs, index: int) -> EngineArgs:
+    """Core index's own copy of what cores must not share: rendezvous port, step trace, disk KV tier."""
+    changes: dict = {"master_port": None}  # each core's TP/PP ranks meet on a free port of their own
+    if args.step_trace:
+        stem, ext = os.path.splitext(args.step_trace)
+        changes["step_trace"] = f"{stem}.dp{index}{ext}"
+    if args.kv_offloading_disk_path:
+        changes["kv_offloading_disk_path"] = os.path.join(args.kv_offloading_disk_path, f"dp{index}")
+    return dataclasses.replace(args, **changes)
 
 
 class DPCoreClient:

@@ -4,7 +4,8 @@
 # at PP = 2 beside TP = 1; STEP=f: b and the 70B curve in one call (watchdogs); STEP=g: W2 8B at TP = 1, PP = 2, TP = 2
 # and the multi-GPU tests; STEP=pp: the PP = 2 GPU tests, W2 8B at TP = 1 and PP = 2 (depth 2 and 3);
 # STEP=p: step profiles; STEP=dp: W3 at DP=1 and DP=2 back to back (DP_RUNS, default "1 2": DP=1, then DP=2 on
-# the internal back end; "2a2": DP=2 with --api-server-count 2; "2r": DP=2 through the router). Results under $OUT.
+# the internal back end, one API process per core; "2a1": DP=2 under one API process; "2r": DP=2 through the
+# router). Results under $OUT.
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 MS="python3 -m meshserve.cli"
@@ -75,7 +76,7 @@ dp)
     case $run in
       1) flags="--data-parallel-size 1" ;;
       2) flags="--data-parallel-size 2" ;;
-      2a2) flags="--data-parallel-size 2 --api-server-count 2" ;;
+      2a1) flags="--data-parallel-size 2 --api-server-count 1" ;;
       2r) flags="--data-parallel-size 2 --data-parallel-backend router" ;;
       *) echo "unknown DP run $run"; continue ;;
     esac

@@ -40,9 +40,9 @@ def register(subparsers) -> None:
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log lines")
     g.add_argument("--engine-in-thread", action="store_true",
                    help="run the engine loop in a thread of the server process (default: its own process)")
-    g.add_argument("--api-server-count", type=int, default=1,
-                   help="API processes sharing one engine core and the port (HTTP, JSON and detokenization off "
-                        "one GIL)")
+    g.add_argument("--api-server-count", type=int, default=None,
+                   help="API processes sharing the engine core(s) and the port (HTTP, JSON and detokenization off "
+                        "one GIL); default 1, or --data-parallel-size on the internal DP back end (as vLLM)")
     g.add_argument("--auto", action="store_true",
                    help="let the planner pick TP/PP/DP for the visible GPUs (prints the choice and why)")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
@@ -121,6 +121,8 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
                                    "group per replica and `meshserve router` in front", param="data_parallel_size")
     if not is_rank_zero(engine_args):  # another node's ranks: serve the model shards, no HTTP
         return run_worker_ranks(engine_args)
+    if ns.api_server_count is None:  # one API process per engine core: the front end scales with the cores
+        ns.api_server_count = dp
     if ns.api_server_count < 1:
         raise InvalidArgumentError("--api-server-count must be >= 1", param="api_server_count")
     if ns.api_server_count > 1 and ns.engine_in_thread:

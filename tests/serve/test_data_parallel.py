@@ -195,3 +195,40 @@ def test_two_api_processes_over_two_cores_and_sigterm_stops_all(tmp_path):
     while any(map(_alive, pids["cores"] + pids["api"])):
         assert time.monotonic() < deadline, "a child outlived the server"
         time.sleep(0.2)
+
+
+@pytest.mark.slow  # ~60 s: `meshserve serve -dp 2` starts two tiny-model cores and two API processes
+def test_cli_serve_dp2_internal_answers_and_stops_cleanly(tiny_model_dir):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "meshserve.cli", "serve", tiny_model_dir("llama"), "-dp", "2",
+                             "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
+                             "--max-model-len", "256", "--device", "cpu", "--drain-timeout", "5",
+                             "--disable-access-log", "--uvicorn-log-level", "warning"],
+                            env={**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if httpx.get(base + "/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+        spawned = [p for p in children if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]  # noqa: SIM115
+        assert len(spawned) == 4  # two engine cores, two API processes (one per core by default)
+        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        texts = {httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+                 for _ in range(6)}
+        assert len(texts) == 1  # greedy: the same tokens whichever core served it
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    deadline = time.monotonic() + 15
+    while any(map(_alive, children)):
+        assert time.monotonic() < deadline, "a child outlived the server"
+        time.sleep(0.2)

@@ -122,6 +122,10 @@ class DPCoreClient:
     def num_cores(self) -> int:
         return len(self.clients)
 
+    def per_core_stats(self) -> list[SchedulerStats]:
+        """Each core's counters as of its last message (/metrics labels them by engine)."""
+        return list(self._stats)
+
     # -- routing ---------------------------------------------------------------------------------
     def _pick(self) -> int | None:
         """The live core with the fewest outstanding sequences; ties go round the cores in turn."""

@@ -86,6 +86,8 @@ def test_streams_from_both_cores_with_the_tokens_of_one(dp_live, live):
     assert health.status_code == 200
     metrics = httpx.get(dp_live.base_url + "/metrics", timeout=10).text
     assert "meshserve:generation_tokens_total 48.0" in metrics
+    for engine in ("0", "1"):  # each core's own gauges beside the server's sums
+        assert f'meshserve:engine_num_requests_running{{engine="{engine}"}} 0.0' in metrics
 
 
 @pytest.fixture(scope="module")

@@ -12,22 +12,32 @@ import sys
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"),
+]
 
 RUNNER = os.path.join(os.path.dirname(__file__), "layout_run.py")
 MODEL = "qwen3-0.6b"
 
 
 def _one_gpu_tokens() -> list[list[int]]:
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    env = dict(
+        os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1"
+    )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, RUNNER, MODEL, "float32", "1", "1", "auto"], env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, RUNNER, MODEL, "float32", "1", "1", "auto"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])["tokens"]
+    return json.loads(line[len("RESULT ") :])["tokens"]
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -44,8 +54,16 @@ def test_dp2_cores_on_their_own_gpus_give_one_gpus_tokens():
     from tests.gpu.layout_run import prompts
 
     expected = _one_gpu_tokens()
-    args = EngineArgs(model=MODEL, load_format="dummy", dtype="float32", max_model_len=1024,
-                      hf_overrides={"num_hidden_layers": 4}, gpu_memory_utilization=0.5, max_num_seqs=32, seed=0)
+    args = EngineArgs(
+        model=MODEL,
+        load_format="dummy",
+        dtype="float32",
+        max_model_len=1024,
+        hf_overrides={"num_hidden_layers": 4},
+        gpu_memory_utilization=0.5,
+        max_num_seqs=32,
+        seed=0,
+    )
     client = DPCoreClient.from_core_processes(args, spawn_dp_cores(args, 2))
     allm = AsyncLLM(client)
     try:

@@ -203,11 +203,33 @@ def test_two_api_processes_over_two_cores_and_sigterm_stops_all(tmp_path):
 def test_cli_serve_dp2_internal_answers_and_stops_cleanly(tiny_model_dir):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "meshserve.cli", "serve", tiny_model_dir("llama"), "-dp", "2",
-                             "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
-                             "--max-model-len", "256", "--device", "cpu", "--drain-timeout", "5",
-                             "--disable-access-log", "--uvicorn-log-level", "warning"],
-                            env={**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshserve.cli",
+            "serve",
+            tiny_model_dir("llama"),
+            "-dp",
+            "2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            "tiny",
+            "--max-model-len",
+            "256",
+            "--device",
+            "cpu",
+            "--drain-timeout",
+            "5",
+            "--disable-access-log",
+            "--uvicorn-log-level",
+            "warning",
+        ],
+        env={**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -223,8 +245,10 @@ def test_cli_serve_dp2_internal_answers_and_stops_cleanly(tiny_model_dir):
         spawned = [p for p in children if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]  # noqa: SIM115
         assert len(spawned) == 4  # two engine cores, two API processes (one per core by default)
         body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
-        texts = {httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
-                 for _ in range(6)}
+        texts = {
+            httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+            for _ in range(6)
+        }
         assert len(texts) == 1  # greedy: the same tokens whichever core served it
         assert httpx.get(base + "/health", timeout=10).status_code == 200
     finally:

@@ -3,8 +3,9 @@
 # TP = 1, TP = 2 (one-shot all-reduce) and TP = 2 (NCCL only); STEP=c: 70B at TP = 2 (batch 1 and 32), W2 8B
 # at PP = 2 beside TP = 1; STEP=f: b and the 70B curve in one call (watchdogs); STEP=g: W2 8B at TP = 1, PP = 2, TP = 2
 # and the multi-GPU tests; STEP=pp: the PP = 2 GPU tests, W2 8B at TP = 1 and PP = 2 (depth 2 and 3);
-# STEP=p: step profiles; STEP=dp: W3 at DP=2 through the router beside DP=1. Results
-# under $OUT.
+# STEP=p: step profiles; STEP=dp: W3 at DP=1 and DP=2 back to back (DP_RUNS, default "1 2": DP=1, then DP=2 on
+# the internal back end, one API process per core; "2a1": DP=2 under one API process; "2r": DP=2 through the
+# router). Results under $OUT.
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 MS="python3 -m meshserve.cli"
@@ -67,15 +68,24 @@ p)
   TAIL=6 run_logged w1_8b_tp2_nccl 100 bench latency --model llama-3.1-8b --no-baseline -tp 2 --disable-custom-all-reduce
   ;;
 dp)
-  # W3 with targets through `serve --data-parallel-size 2` (router + one replica per GPU) beside one replica,
-  # back to back; each run's files (tools/w3_slo.sh) go into one archive (a call brings back at most 8 files)
-  for n in 1 2; do
-    mkdir -p /tmp/w3_dp$n
-    OUT=/tmp/w3_dp$n timeout 280 bash tools/w3_slo.sh ${QPS:-64,128} --data-parallel-size $n > /tmp/w3_dp$n/run.log 2>&1
-    echo "== W3 DP=$n: rc $?"; grep -v -i warn /tmp/w3_dp$n/w3.txt 2>/dev/null | tail -12
+  # W3 with targets through `serve --data-parallel-size 2` (one engine core per GPU under one API front end, or
+  # the router with one replica per GPU) beside one replica, back to back; each run's files (tools/w3_slo.sh)
+  # go into one archive (a call brings back at most 8 files)
+  runs=${DP_RUNS:-1 2}
+  for run in $runs; do
+    case $run in
+      1) flags="--data-parallel-size 1" ;;
+      2) flags="--data-parallel-size 2" ;;
+      2a1) flags="--data-parallel-size 2 --api-server-count 1" ;;
+      2r) flags="--data-parallel-size 2 --data-parallel-backend router" ;;
+      *) echo "unknown DP run $run"; continue ;;
+    esac
+    mkdir -p /tmp/w3_dp$run
+    OUT=/tmp/w3_dp$run timeout 280 bash tools/w3_slo.sh ${QPS:-64,128} $flags > /tmp/w3_dp$run/run.log 2>&1
+    echo "== W3 DP run $run ($flags): rc $?"; grep -v -i warn /tmp/w3_dp$run/w3.txt 2>/dev/null | tail -12
     pkill -TERM -f "meshserve.cli serve"; sleep 5; pkill -9 -f "meshserve"  # a run cut by its timeout leaves them
   done
-  tar czf $OUT/w3_dp.tgz -C /tmp w3_dp1 w3_dp2
+  tar czf $OUT/w3_dp.tgz -C /tmp $(for run in $runs; do echo w3_dp$run; done)
   ;;
 g)
   # W2 8B at PP = 2 beside TP = 1 and TP = 2, then the multi-GPU correctness tests

@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-server-count", type=int, default=1)
+    p.add_argument("--data-parallel-size", type=int, default=1, help="fake engine cores behind the front end")
     p.add_argument("--step-ms", type=float, default=20.0, help="the fake core's step time")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=2048)
@@ -43,15 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     opts = HttpOptions(ns.host, ns.port, "warning", access_log=False)
     factory = fake_core_factory(ns.step_ms / 1e3, ns.max_num_seqs)
 
-    def on_started(core_pid: int, api_pids: list[int]) -> None:
+    def on_started(core_pids: list[int], api_pids: list[int]) -> None:
         if ns.pid_file:
             with open(ns.pid_file, "w") as f:
-                json.dump({"core": core_pid, "api": api_pids}, f)
+                json.dump({"core": core_pids[0], "cores": core_pids, "api": api_pids}, f)
 
     sock = bind_listen_socket(ns.host, ns.port)
+    dp = ns.data_parallel_size
     if ns.api_server_count > 1:
-        return serve_api_processes(args, config, sock, opts, ns.api_server_count, factory, on_started)
-    return serve_one_process(args, config, sock, opts, core_factory=factory, on_started=on_started)
+        return serve_api_processes(args, config, sock, opts, ns.api_server_count, factory, on_started, dp)
+    return serve_one_process(args, config, sock, opts, core_factory=factory, on_started=on_started,
+                             data_parallel_size=dp)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,9 @@ class AsyncLLM:
         in seconds."""
         stats = msgspec.structs.asdict(self._stats)
         stats["num_waiting"] = self.num_waiting
+        per_core = getattr(self.core_client, "per_core_stats", None)  # data parallel: each core's own, too
+        if per_core is not None:
+            stats["engines"] = [msgspec.structs.asdict(st) for st in per_core()]
         return stats, time.monotonic() - self._stats_time
 
     async def stats(self) -> dict:

@@ -12,6 +12,7 @@ the core to stop. `ProcessCoreClient` is that owner and a front end in one (the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -186,6 +187,28 @@ def _core_main(args: EngineArgs, input_addr: str, output_addr: str, ready_conn, 
 
 
 # -- the owner ---------------------------------------------------------------------------------------
+_env_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _spawn_env(env: dict[str, str]):
+    """os.environ with env on top while a child is spawned (a spawned child copies os.environ as it starts)."""
+    if not env:
+        yield
+        return
+    with _env_lock:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 class CoreProcess:
     """Starts the core process, waits until its model is loaded, and stops it (the only one who may).
 
@@ -193,7 +216,9 @@ class CoreProcess:
     loads); then wait_ready() must be called, or kill() if the caller gives up first."""
 
     def __init__(self, args: EngineArgs, startup_timeout_s: float = 1800.0, core_factory: Callable | None = None,
-                 wait: bool = True):
+                 wait: bool = True, env: dict[str, str] | None = None):
+        """env: variables the core process (and the ranks it spawns) get on top of this process's, e.g. its
+        CUDA_VISIBLE_DEVICES slice under data parallel."""
         self._dir = tempfile.mkdtemp(prefix="meshserve-core-")
         input_addr, output_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
         ctx = mp.get_context("spawn")
@@ -202,7 +227,8 @@ class CoreProcess:
         log_level = logging.getLogger("meshserve").getEffectiveLevel()
         self.proc = ctx.Process(target=_core_main, name="meshserve-engine-core",
                                 args=(args, input_addr, output_addr, child_conn, log_level, core_factory))
-        self.proc.start()
+        with _spawn_env(env or {}):
+            self.proc.start()
         child_conn.close()
         self._zmq = zmq.Context()
         self._control = self._zmq.socket(zmq.PUSH)  # the owner's shutdown command
@@ -332,6 +358,11 @@ class ZmqCoreClient:
 
     def _core_alive(self) -> bool:
         return _pid_alive(self.addresses.core_pid)
+
+    @property
+    def outputs_socket(self) -> zmq.Socket:
+        """The socket the core's outputs arrive on (to poll several cores at once; only get_outputs reads it)."""
+        return self._outbox
 
     # -- commands --------------------------------------------------------------------------------
     def _send(self, kind: bytes, payload: bytes) -> None:

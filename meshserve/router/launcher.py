@@ -18,13 +18,15 @@ import sys
 import threading
 import time
 
+from meshserve.distributed.data_parallel import partition_devices, visible_devices
 from meshserve.errors import InvalidArgumentError
 from meshserve.router.config import RouterConfig
 
 logger = logging.getLogger(__name__)
 
 # Flags the launcher sets itself for each replica, or that only mean something to the launcher.
-_LAUNCHER_DESTS = frozenset({"host", "port", "data_parallel_size", "model_tag", "func", "command", "auto"})
+_LAUNCHER_DESTS = frozenset({"host", "port", "data_parallel_size", "data_parallel_backend", "model_tag", "func",
+                             "command", "auto"})
 
 
 def _long_option(action: argparse.Action) -> str:
@@ -57,27 +59,6 @@ def argv_from_namespace(parser: argparse.ArgumentParser, ns: argparse.Namespace,
         elif value is not None:
             argv += [opt, str(value)]
     return argv
-
-
-def partition_devices(num_replicas: int, per_replica: int, visible: list[str]) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES per replica, or None each when there are not enough devices to split."""
-    if len(visible) < num_replicas * per_replica:
-        return [None] * num_replicas
-    return [",".join(visible[i * per_replica:(i + 1) * per_replica]) for i in range(num_replicas)]
-
-
-def _visible_devices(device: str) -> list[str]:
-    if device == "cpu":
-        return []
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [d for d in env.split(",") if d.strip()]
-    try:
-        import torch
-
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:  # noqa: BLE001 - no torch/CUDA: replicas share whatever there is
-        return []
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -141,7 +122,7 @@ def serve_data_parallel(ns: argparse.Namespace, serve_parser: argparse.ArgumentP
                                    param="data_parallel_size")
     flags = argv_from_namespace(serve_parser, ns)
     per_replica = getattr(ns, "tensor_parallel_size", 1) * getattr(ns, "pipeline_parallel_size", 1)
-    devices = partition_devices(n, per_replica, _visible_devices(getattr(ns, "device", "auto")))
+    devices = partition_devices(n, per_replica, visible_devices(getattr(ns, "device", "auto")))
     log_level = getattr(ns, "log_level", "WARNING")
     replicas: list[ReplicaProcess] = []
     urls: list[str] = []

@@ -8,7 +8,8 @@ reached no replica and ejects that one at once, so when several replicas die tog
 to a live one (the fallback, say) instead of spending its attempts on the dead; each replica is tried once
 per request, so this stays bounded. After that, nothing is retried: a stream
 that breaks ends with one clean `data: {"error": ...}` event and `data: [DONE]`, so the client never sees
-duplicated or spliced output. Events are relayed whole, as they arrive, never buffered past one event.
+duplicated or spliced output. Events are relayed whole, as they arrive (those of one upstream chunk in one
+send), never buffered past one event.
 """
 
 from __future__ import annotations
@@ -249,15 +250,15 @@ class Proxy:
         done = False
         outcome = "cancelled"  # unless it ends one way or the other: the client went away
         try:
-            for event in first:
-                done = done or event.startswith(b"data: [DONE]")
-                yield event
+            done = any(event.startswith(b"data: [DONE]") for event in first)
+            yield b"".join(first)
             try:
                 async for chunk in chunks:
                     buffer += chunk
-                    for event in _split_events(buffer):
-                        done = done or event.startswith(b"data: [DONE]")
-                        yield event
+                    events = _split_events(buffer)
+                    if events:  # the chunk's whole events in one send: a send costs more than its bytes
+                        done = done or any(event.startswith(b"data: [DONE]") for event in events)
+                        yield b"".join(events)
                 reason = None if done else "the replica closed the stream before [DONE]"
             except httpx.TimeoutException:
                 reason = "the replica stopped sending (read timeout)"

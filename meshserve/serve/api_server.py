@@ -13,6 +13,10 @@ processes at every scrape; the engine's gauges are the same in every process. SI
 every API process (each answers 503 to new requests and finishes its streams), then stops the core; each
 child dies with this process (PR_SET_PDEATHSIG), so nothing is orphaned.
 
+Data parallel (`--data-parallel-size N`, the internal back end): N engine cores, each in its own process on its
+own GPU slice, and every API process holds one client per core (engine/dp_core_client.py) that sends each
+request to the least loaded core and streams its outputs back directly: no HTTP hop, no router process.
+
 This module imports nothing heavy at the top: spawned API processes unpickle their arguments before
 setting PROMETHEUS_MULTIPROC_DIR, which must come before prometheus_client is imported.
 """
@@ -67,7 +71,24 @@ def serve_http(allm, config: ServeConfig, sock: socket.socket, opts: HttpOptions
 
 def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket.socket, opts: HttpOptions,
                       engine_in_thread: bool = False, core_factory: Callable | None = None,
-                      on_started: Callable | None = None) -> int:
+                      on_started: Callable | None = None, data_parallel_size: int = 1) -> int:
+    """on_started(core pids, API pids) is called once serving starts (benchmarks watch their CPU time)."""
+    if data_parallel_size > 1:
+        allm = _start_data_parallel(engine_args, data_parallel_size, core_factory)
+    else:
+        allm = _start_engine(engine_args, engine_in_thread, core_factory)
+    try:
+        if on_started is not None:
+            on_started(_core_pids(allm.core_client), [os.getpid()])
+        print(f"meshserve: serving {config.model_name} on http://{opts.host}:{opts.port}", flush=True)
+        serve_http(allm, config, sock, opts)
+    finally:
+        allm.shutdown()
+        sock.close()
+    return 0
+
+
+def _start_engine(engine_args: EngineArgs, engine_in_thread: bool, core_factory: Callable | None):
     core = None
     if not engine_in_thread:  # the default: the step loop in its own process, off this process's GIL
         from meshserve.engine.core_process import CoreProcess
@@ -78,22 +99,40 @@ def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket
         _import_front_end()
         from meshserve.engine.async_engine import AsyncLLM
 
-        allm = AsyncLLM.from_engine_args(engine_args, separate_process=not engine_in_thread,
+        return AsyncLLM.from_engine_args(engine_args, separate_process=not engine_in_thread,
                                          core_factory=core_factory, core_process=core)
     except BaseException:  # a failed load, or Ctrl-C while importing or loading: the core goes too
         if core is not None:
             core.kill()
         raise
+
+
+def _start_data_parallel(engine_args: EngineArgs, num_cores: int, core_factory: Callable | None):
+    """N engine cores, each in its own process on its own GPUs, behind one AsyncLLM (dp_core_client.py)."""
+    from meshserve.engine.dp_core_client import DPCoreClient, spawn_dp_cores
+
+    cores = spawn_dp_cores(engine_args, num_cores, core_factory)  # the models load while this process imports
     try:
-        if on_started is not None:
-            proc = getattr(allm.core_client, "proc", None)
-            on_started(proc.pid if proc is not None else os.getpid(), [os.getpid()])
-        print(f"meshserve: serving {config.model_name} on http://{opts.host}:{opts.port}", flush=True)
-        serve_http(allm, config, sock, opts)
-    finally:
-        allm.shutdown()
-        sock.close()
-    return 0
+        _import_front_end()
+        from meshserve.engine.async_engine import AsyncLLM
+        from meshserve.engine.input_processor import load_tokenizer
+
+        client = DPCoreClient.from_core_processes(engine_args, cores)
+    except BaseException:
+        for core in cores:
+            core.kill()
+        raise
+    try:
+        return AsyncLLM(client, load_tokenizer(client.info.tokenizer))
+    except BaseException:
+        client.shutdown()
+        raise
+
+
+def _core_pids(client) -> list[int]:
+    """The pids of the engine core processes behind a core client (this process's when the core is a thread)."""
+    clients = getattr(client, "clients", [client])
+    return [c.proc.pid if getattr(c, "proc", None) is not None else os.getpid() for c in clients]
 
 
 def _import_front_end() -> None:
@@ -105,7 +144,7 @@ def _import_front_end() -> None:
 
 
 # -- N API processes ---------------------------------------------------------------------------------
-def _api_process_main(addresses, index: int, config: ServeConfig, sock: socket.socket, opts: HttpOptions,
+def _api_process_main(addresses: list, index: int, config: ServeConfig, sock: socket.socket, opts: HttpOptions,
                       metrics_dir: str, log_level: int) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before prometheus_client is imported
     from meshserve.distributed.launch import die_with_parent
@@ -118,7 +157,20 @@ def _api_process_main(addresses, index: int, config: ServeConfig, sock: socket.s
     from meshserve.engine.core_process import ZmqCoreClient
     from meshserve.engine.input_processor import load_tokenizer
 
-    client = ZmqCoreClient(addresses, f"api-{index}".encode())
+    clients: list[ZmqCoreClient] = []
+    try:
+        for addr in addresses:  # one core, or one per data-parallel core
+            clients.append(ZmqCoreClient(addr, f"api-{index}".encode()))
+    except BaseException:
+        for c in clients:
+            c.shutdown()
+        raise
+    if len(clients) > 1:
+        from meshserve.engine.dp_core_client import DPCoreClient
+
+        client = DPCoreClient(clients)
+    else:
+        client = clients[0]
     try:
         allm = AsyncLLM(client, load_tokenizer(client.info.tokenizer))
     except BaseException:
@@ -141,37 +193,46 @@ class _Stop:
 
 def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: socket.socket, opts: HttpOptions,
                         count: int, core_factory: Callable | None = None,
-                        on_started: Callable | None = None) -> int:
-    """Start the core and `count` API processes on sock; supervise them until a signal or a death.
-    on_started(core pid, API pids) is called once all are started (benchmarks watch their CPU time)."""
-    from meshserve.engine.core_process import CoreProcess
+                        on_started: Callable | None = None, data_parallel_size: int = 1) -> int:
+    """Start the core (or data_parallel_size cores) and `count` API processes on sock; supervise them until a
+    signal or a death. on_started(core pids, API pids) is called once all are started (benchmarks watch their
+    CPU time)."""
+    from meshserve.engine.dp_core_client import spawn_dp_cores
 
     stop = _Stop()
     previous: dict = {}
-    core = None
+    cores: list = []
     procs: list = []
     metrics_dir = tempfile.mkdtemp(prefix="meshserve-metrics-")
     try:
-        core = CoreProcess(engine_args, core_factory=core_factory)  # Ctrl-C while it loads: KeyboardInterrupt
+        cores = spawn_dp_cores(engine_args, data_parallel_size, core_factory)
+        try:
+            for core in cores:  # Ctrl-C while they load: KeyboardInterrupt
+                core.wait_ready()
+        except BaseException:  # the others may be loading and deaf to a shutdown command
+            for core in cores:
+                core.kill()
+            raise
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
         sock.listen(2048)  # connections queue in the kernel until an API process accepts them
         ctx = mp.get_context("spawn")
         log_level = logging.getLogger("meshserve").getEffectiveLevel()
         for i in range(count):
             p = ctx.Process(target=_api_process_main, name=f"meshserve-api-{i}",
-                            args=(core.addresses, i, config, sock, opts, metrics_dir, log_level))
+                            args=([c.addresses for c in cores], i, config, sock, opts, metrics_dir, log_level))
             p.start()
             procs.append(p)
+        dp = f", {len(cores)} engine cores" if len(cores) > 1 else ""
         print(f"meshserve: serving {config.model_name} on http://{opts.host}:{opts.port} "
-              f"({count} API processes)", flush=True)
+              f"({count} API processes{dp})", flush=True)
         if on_started is not None:
-            on_started(core.proc.pid, [p.pid for p in procs])
-        code = _supervise(core, procs, stop)
+            on_started([c.proc.pid for c in cores], [p.pid for p in procs])
+        code = _supervise(cores, procs, stop)
         _stop_all(procs, config.drain_timeout_s + 5.0)
         return code
     finally:
         _stop_all(procs, 0.0)
-        if core is not None:
+        for core in cores:
             core.shutdown()
         sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -179,15 +240,16 @@ def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: sock
             signal.signal(s, handler)
 
 
-def _supervise(core, procs: list, stop: _Stop) -> int:
+def _supervise(cores: list, procs: list, stop: _Stop) -> int:
     """Wait for a signal (exit 0 after draining) or for a process to die (exit 1: a server that lost a part of
     itself stops, so that whatever supervises it restarts the whole)."""
     while True:
         if stop.signal is not None:
             logger.warning("%s: draining %d API processes", signal.Signals(stop.signal).name, len(procs))
             return 0
-        if not core.is_alive():
-            logger.error("the engine core exited (code %s); stopping", core.proc.exitcode)
+        dead_cores = [c for c in cores if not c.is_alive()]
+        if dead_cores:
+            logger.error("an engine core exited (code %s); stopping", dead_cores[0].proc.exitcode)
             return 1
         dead = [p for p in procs if not p.is_alive()]
         if dead:

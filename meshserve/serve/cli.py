@@ -40,13 +40,17 @@ def register(subparsers) -> None:
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log lines")
     g.add_argument("--engine-in-thread", action="store_true",
                    help="run the engine loop in a thread of the server process (default: its own process)")
-    g.add_argument("--api-server-count", type=int, default=1,
-                   help="API processes sharing one engine core and the port (HTTP, JSON and detokenization off "
-                        "one GIL)")
+    g.add_argument("--api-server-count", type=int, default=None,
+                   help="API processes sharing the engine core(s) and the port (HTTP, JSON and detokenization off "
+                        "one GIL); default 1, or --data-parallel-size on the internal DP back end (as vLLM)")
     g.add_argument("--auto", action="store_true",
                    help="let the planner pick TP/PP/DP for the visible GPUs (prints the choice and why)")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
-                   help="engine replicas (each with its own TP/PP) behind a router on --host/--port")
+                   help="engine replicas, each with its own TP x PP GPUs (see --data-parallel-backend)")
+    g.add_argument("--data-parallel-backend", choices=["internal", "router"], default="internal",
+                   help="internal (default): one engine-core process per replica, each API process sends every "
+                        "request to the least loaded core and streams it back itself; router: each replica a "
+                        "child `meshserve serve` behind `meshserve router` (an HTTP hop, with restarts)")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='allow tool_choice "auto": the model decides to call tools, --tool-call-parser reads them')
     g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
@@ -102,14 +106,23 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         apply_auto_layout(ns)
     if ns.data_parallel_size < 1:
         raise InvalidArgumentError("--data-parallel-size must be >= 1", param="data_parallel_size")
-    if ns.data_parallel_size > 1:  # N child `meshserve serve` replicas (DP 1 each) + the router here
+    dp = ns.data_parallel_size
+    if dp > 1 and ns.data_parallel_backend == "router":  # N child `meshserve serve` replicas + the router here
         from meshserve.router.launcher import serve_data_parallel
 
         return serve_data_parallel(ns, ns.serve_parser)
     engine_args = engine_args_from(ns)
     check_engine_args(engine_args)  # bad flags, paths and layouts fail now, not after loading
+    if dp > 1 and ns.engine_in_thread:
+        raise InvalidArgumentError("--data-parallel-size > 1 runs each engine core in its own process "
+                                   "(drop --engine-in-thread)", param="data_parallel_size")
+    if dp > 1 and engine_args.nnodes > 1:
+        raise InvalidArgumentError("the internal data-parallel back end runs on one node; across nodes, run one "
+                                   "group per replica and `meshserve router` in front", param="data_parallel_size")
     if not is_rank_zero(engine_args):  # another node's ranks: serve the model shards, no HTTP
         return run_worker_ranks(engine_args)
+    if ns.api_server_count is None:  # one API process per engine core: the front end scales with the cores
+        ns.api_server_count = dp
     if ns.api_server_count < 1:
         raise InvalidArgumentError("--api-server-count must be >= 1", param="api_server_count")
     if ns.api_server_count > 1 and ns.engine_in_thread:
@@ -120,9 +133,9 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
     opts = HttpOptions(ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log)
     if ns.api_server_count > 1:
-        return serve_api_processes(engine_args, config, sock, opts, ns.api_server_count)
+        return serve_api_processes(engine_args, config, sock, opts, ns.api_server_count, data_parallel_size=dp)
     try:
-        return serve_one_process(engine_args, config, sock, opts, ns.engine_in_thread)
+        return serve_one_process(engine_args, config, sock, opts, ns.engine_in_thread, data_parallel_size=dp)
     except BaseException:
         sock.close()
         raise

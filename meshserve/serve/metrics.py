@@ -110,6 +110,25 @@ class _EngineStatsCollector(Collector):
             yield c
         yield from _kv_offload_families(s)
         yield from _kv_transfer_families(s)
+        yield from _per_engine_families(s.get("engines") or [])
+
+
+def _per_engine_families(engines: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Data parallel: each engine core's own gauges, labelled engine="i" (the unlabelled series above are the
+    server's sums; these show how the load is spread)."""
+    if not engines:
+        return
+    for name, doc, key in (
+            ("meshserve:engine_num_requests_running", "Sequences in this engine core's running batch.", "num_running"),
+            ("meshserve:engine_num_requests_waiting", "Sequences waiting in this engine core.", "num_waiting"),
+            ("meshserve:engine_kv_cache_usage_perc", "Fraction of this engine core's KV cache in use.",
+             "kv_cache_usage"),
+            ("meshserve:engine_queue_wait_predicted_seconds", "Predicted wait of a request joining this core now.",
+             "queue_wait_s")):
+        g = GaugeMetricFamily(name, doc, labels=["engine"])
+        for i, e in enumerate(engines):
+            g.add_metric([str(i)], float(e.get(key) or 0.0))
+        yield g
 
 
 def _kv_offload_families(s: dict[str, Any]) -> Iterator[Metric]:

@@ -86,6 +86,7 @@ def test_serve_data_parallel_starts_replicas_and_router_restarts_and_drains(tiny
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshserve.cli", "serve", tiny_model_dir("llama"), "--data-parallel-size", "2",
+         "--data-parallel-backend", "router",
          "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "256",
          "--device", "cpu", "--drain-timeout", "5", "--disable-access-log", "--uvicorn-log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

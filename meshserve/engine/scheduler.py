@@ -54,7 +54,8 @@ class Scheduler:
         # (its next input token is sampled on the last stage, far from the first)
         self.skip_pending = False
         # and how many steps are in flight: each takes at most its share of the running sequences, so the
-        # stages' steps stay even (otherwise one step can hold the whole batch and the next nothing)
+        # stages' steps stay even (otherwise one step can hold the whole batch and the next nothing), and
+        # each is a batch of up to max_num_seqs of its own (max_running)
         self.pipeline_depth = 0
         # where "now" comes from: the wall clock, or a simulated one (meshserve/simulator drives this scheduler)
         self.clock = time.monotonic
@@ -94,6 +95,14 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+    @property
+    def max_running(self) -> int:
+        """Sequences that may run at once: max_num_seqs per step in flight. With pipeline parallel each of the
+        pipeline_depth steps in flight is over other sequences and holds up to max_num_seqs of them, so every
+        stage's step is as large as one device's (vLLM v0's one scheduler per virtual engine); their KV shares
+        one pool, which a stage's share of the layers makes as many times larger."""
+        return self.config.max_num_seqs * max(1, self.pipeline_depth)
 
     # -- one step --------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence) -> None:
@@ -166,7 +175,8 @@ class Scheduler:
         preempted: list[str] = []
 
         # 1. running sequences, oldest first; preempt from the newest end when blocks run out
-        share = -(-len(self.running) // self.pipeline_depth) if self.pipeline_depth > 1 else len(self.running)
+        share = (min(-(-len(self.running) // self.pipeline_depth), self.config.max_num_seqs)
+                 if self.pipeline_depth > 1 else len(self.running))
         i = 0
         stalled = False  # blocks are coming free as their stores finish: wait for them rather than preempt
         while i < len(self.running) and budget > 0 and len(scheduled) < share:
@@ -204,7 +214,7 @@ class Scheduler:
 
         # 2. waiting sequences in order, unless this step already had to preempt (or wait for blocks)
         while (self.waiting and not preempted and not stalled and min(budget, prefill_left) > 0
-               and len(self.running) < self.config.max_num_seqs):
+               and len(self.running) < self.max_running and len(scheduled) < self.config.max_num_seqs):
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted while its last step ran: recompute once that token is known

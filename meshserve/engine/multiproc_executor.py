@@ -22,6 +22,7 @@ from meshserve.distributed.launch import HEARTBEAT_S, LaunchInfo
 from meshserve.distributed.parallel_state import destroy_parallel_state, get_parallel_state
 from meshserve.engine.pipeline_stage import pipeline_depth
 from meshserve.engine.runner_output import PendingOutput
+from meshserve.engine.step_delta import StepDeltaSender
 from meshserve.engine.worker import init_rank, worker_process_main
 from meshserve.errors import EngineDeadError, MeshserveError
 from meshserve.models.loader import with_checkpoint_shapes
@@ -49,6 +50,7 @@ class MultiprocExecutor:
         # engine/pipeline_stage.py); the last stage's tokens come back through a receiving thread, in step order
         self.pipeline_depth = pipeline_depth(config.parallel_config) if launch.pp_size > 1 else 0
         self._results: queue.Queue | None = None
+        self._delta = StepDeltaSender()  # a step's params and block tables, less what the workers hold
         self.workers: dict[int, mp.Process] = {}
         self._mid_protocol = True  # until every rank is up: a rank still joining is killed, not waited for
         self._joining: threading.Thread | None = None  # rank 0's join, if a death left it blocked
@@ -190,13 +192,21 @@ class MultiprocExecutor:
         self._check_workers()
         self._mid_protocol = True  # stays set if an exception (or Ctrl-C / SIGTERM) cuts the exchange short
         try:
-            dist.broadcast_object_list([(method, args)], src=0, group=self.state.cpu_group)
+            self._broadcast(method, args)
             result = getattr(self.runner, method)(*args)
         except Exception as e:
             raise self._fail(e) from e
         if method != "execute" or self.state.sampler_rank == 0:
             self._mid_protocol = False
         return result
+
+    def _broadcast(self, method: str, args: tuple) -> None:
+        """Send a call to every rank; a step goes without what the workers hold of it (step_delta.py)."""
+        if method != "execute":
+            dist.broadcast_object_list([(method, args)], src=0, group=self.state.cpu_group)
+            return
+        with self._delta.stripped(args[0]):
+            dist.broadcast_object_list([(method, args)], src=0, group=self.state.cpu_group)
 
     def gather_rpc(self, method: str, *args) -> list:
         """Every rank calls runner.method(*args); returns all results, indexed by rank."""
@@ -217,7 +227,7 @@ class MultiprocExecutor:
         self._check_workers()
         self._mid_protocol = True
         try:
-            dist.broadcast_object_list([("execute", (sched_out,))], src=0, group=self.state.cpu_group)
+            self._broadcast("execute", (sched_out,))
             pending = self.runner.launch(sched_out)
         except Exception as e:
             raise self._fail(e) from e

@@ -647,7 +647,7 @@ def test_pipelined_steps_each_hold_up_to_max_num_seqs(depth):
     """With pipeline depth d each step in flight is a batch of its own: up to d x max_num_seqs sequences run at
     once, each step holds at most max_num_seqs of them, the full steps hold exactly that many, and every
     sequence gets the tokens it gets one step at a time."""
-    kw = dict(max_num_seqs=4, max_num_batched_tokens=64)
+    kw = {"max_num_seqs": 4, "max_num_batched_tokens": 64}
     seqs = _mixed_seqs(24)
     s = make_sched(num_blocks=400, **kw)
     for q in seqs:
@@ -663,7 +663,7 @@ def test_pipelined_steps_preempt_within_one_kv_pool():
     """Three steps in flight over a KV pool too small for all their sequences: a step preempts the newest
     running sequences (some still in a step in flight, whose token is kept and which rejoins once it is
     back), no sequence is in two steps at once, the block invariants hold, and the tokens are unchanged."""
-    kw = dict(max_num_seqs=4, max_num_batched_tokens=64)
+    kw = {"max_num_seqs": 4, "max_num_batched_tokens": 64}
     seqs = _mixed_seqs(16)
     s = make_sched(num_blocks=24, **kw)
     for q in seqs:

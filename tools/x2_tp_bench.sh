@@ -2,7 +2,7 @@
 # Issue 21 on nvidia-h200-x2: STEP=a: all-reduce by size + the multi-GPU correctness tests; STEP=b: W1 8B at
 # TP = 1, TP = 2 (one-shot all-reduce) and TP = 2 (NCCL only); STEP=c: 70B at TP = 2 (batch 1 and 32), W2 8B
 # at PP = 2 beside TP = 1; STEP=f: b and the 70B curve in one call (watchdogs); STEP=g: W2 8B at TP = 1, PP = 2, TP = 2
-# and the multi-GPU tests; STEP=pp: the PP = 2 GPU tests, W2 8B at TP = 1 and PP = 2 (depth 2 and 3; SEQS, PROFILE);
+# and the multi-GPU tests; STEP=pp: the PP = 2 GPU tests, W2 8B at TP = 1 and PP = 2 (depth 2 and 3; SEQS, PART, PROFILE);
 # STEP=p: step profiles; STEP=dp: W3 at DP=2 through the router beside DP=1. Results
 # under $OUT.
 set -u -o pipefail
@@ -95,7 +95,13 @@ pp)
   run_logged w2_8b_pp2_d3 120 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --pipeline-depth 3 \
     --output-json $OUT/w2_8b_pp2_d3.json
   # each step in flight holds up to max_num_seqs sequences (3 x 256 run at depth 3): SEQS="128 192" adds
-  # depth-3 runs at smaller per-step batches; PROFILE=1 a torch.profiler window of the depth-3 run (prof.tgz)
+  # depth-3 runs at smaller per-step batches; PART=17,15 one with that many layers per stage (the last stage
+  # also runs the LM head, ~2.4 layers of weights, and the sampler); PROFILE=1 a torch.profiler window of
+  # the depth-3 run (prof.tgz)
+  if [ -n "${PART:-}" ]; then
+    run_logged w2_8b_pp2_d3_part 120 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --pipeline-depth 3 \
+      --pp-layer-partition $PART --output-json $OUT/w2_8b_pp2_d3_part.json
+  fi
   for seqs in ${SEQS:-}; do
     run_logged w2_8b_pp2_d3_s$seqs 120 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --pipeline-depth 3 \
       --max-num-seqs $seqs --output-json $OUT/w2_8b_pp2_d3_s$seqs.json

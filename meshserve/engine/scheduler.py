@@ -100,8 +100,10 @@ class Scheduler:
     def max_running(self) -> int:
         """Sequences that may run at once: max_num_seqs per step in flight. With pipeline parallel each of the
         pipeline_depth steps in flight is over other sequences and holds up to max_num_seqs of them, so every
-        stage's step is as large as one device's (vLLM v0's one scheduler per virtual engine); their KV shares
-        one pool, which a stage's share of the layers makes as many times larger."""
+        stage's step is as large as one device's (vLLM v0's one scheduler per virtual engine). Their KV shares
+        one pool (a stage holds 1/pp of the layers: PP = 2 has twice one device's blocks) and preemption takes
+        the newest running sequence as before, in a step in flight or not (its token is kept; it rejoins once
+        that is back)."""
         return self.config.max_num_seqs * max(1, self.pipeline_depth)
 
     # -- one step --------------------------------------------------------------------------------

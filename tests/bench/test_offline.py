@@ -20,7 +20,11 @@ def test_pp_layer_partition_reaches_the_engine_and_the_layout(monkeypatch):
     seen = {}
     monkeypatch.setattr("meshserve.LLM", lambda **kw: seen.update(kw))
     offline._llm(ns)
-    assert (seen["pipeline_parallel_size"], seen["pipeline_depth"], seen["pp_layer_partition"]) == (2, 3, [17, 15])
+    assert (seen["pipeline_parallel_size"], seen["pipeline_depth"], seen["pp_layer_partition"]) == (
+        2,
+        3,
+        [17, 15],
+    )
     assert offline._layout(ns)["pp_layer_partition"] == [17, 15]
     assert "pp_layer_partition" not in offline._layout(_parse(["throughput", "-pp", "2"]))
 

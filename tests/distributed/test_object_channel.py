@@ -24,8 +24,10 @@ def _run(rank: int, port: int, errors) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        calls, tokens = ObjectChannel(dist.group.WORLD, inline_bytes=1024), ObjectChannel(dist.new_group(),
-                                                                                          inline_bytes=1024)
+        calls, tokens = (
+            ObjectChannel(dist.group.WORLD, inline_bytes=1024),
+            ObjectChannel(dist.new_group(), inline_bytes=1024),
+        )
         ops = []
         original = dist.broadcast
 

@@ -15,7 +15,9 @@ from meshserve.engine.step_delta import StepDeltaReceiver, StepDeltaSender
 from meshserve.sampling import SamplingParams
 
 
-def _wire(sender: StepDeltaSender, receiver: StepDeltaReceiver, out: SchedulerOutput) -> tuple[SchedulerOutput, int]:
+def _wire(
+    sender: StepDeltaSender, receiver: StepDeltaReceiver, out: SchedulerOutput
+) -> tuple[SchedulerOutput, int]:
     """out through the broadcast: stripped, pickled, unpickled, restored; and the bytes sent."""
     before = copy.deepcopy(out.scheduled)
     with sender.stripped(out):
@@ -27,20 +29,32 @@ def _wire(sender: StepDeltaSender, receiver: StepDeltaReceiver, out: SchedulerOu
 def _seq(seq_id: str, prompt: list[int], max_tokens: int, temperature: float = 0.6) -> Sequence:
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=len(seq_id))
     params._all_stop_token_ids = set()
-    return Sequence(seq_id=seq_id, request_id=seq_id, index=0, prompt_token_ids=prompt, params=params,
-                    max_tokens=max_tokens)
+    return Sequence(
+        seq_id=seq_id,
+        request_id=seq_id,
+        index=0,
+        prompt_token_ids=prompt,
+        params=params,
+        max_tokens=max_tokens,
+    )
 
 
 def test_workers_rebuild_every_step_of_a_scheduler_run_with_preemptions():
     """A run whose KV pool is too small (recomputes reallocate tables), with shared prefix blocks and a request
     id used again after it finished: every step a worker rebuilds equals rank 0's, and the decode steps carry
     a fraction of the full step's bytes."""
-    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=48, max_model_len=256),
-                  CacheConfig(block_size=4, num_blocks=40, enable_prefix_caching=True))
+    s = Scheduler(
+        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=48, max_model_len=256),
+        CacheConfig(block_size=4, num_blocks=40, enable_prefix_caching=True),
+    )
     rng = random.Random(3)
     shared = [rng.randrange(100) for _ in range(8)]
     for i in range(12):
-        s.add(_seq(f"r{i}", shared + [rng.randrange(100) for _ in range(rng.randint(2, 20))], rng.randint(6, 30)))
+        s.add(
+            _seq(
+                f"r{i}", shared + [rng.randrange(100) for _ in range(rng.randint(2, 20))], rng.randint(6, 30)
+            )
+        )
     sender, receiver = StepDeltaSender(), StepDeltaReceiver()
     ratios, reused = [], False
     while s.has_unfinished():

@@ -57,6 +57,12 @@ class Scheduler:
         # stages' steps stay even (otherwise one step can hold the whole batch and the next nothing), and
         # each is a batch of up to max_num_seqs of its own (max_running)
         self.pipeline_depth = 0
+        # pipeline parallel with the token hand-off (pipeline_stage.TokenHandoff): a sequence whose only pending
+        # token was sampled exactly handoff_lag steps ago may run again (the first stage reads that token from
+        # the last stage's samples on the device); steps are counted as the runners count them (non-empty ones)
+        self.handoff_lag = 0
+        self._step_index = 0
+        self._sampled_at: dict[str, int] = {}  # sequence -> the step it last sampled in (with the hand-off)
         # where "now" comes from: the wall clock, or a simulated one (meshserve/simulator drives this scheduler)
         self.clock = time.monotonic
         # speculative decoding with a draft model: KV slots its proposals take past each step's tokens
@@ -177,13 +183,13 @@ class Scheduler:
         preempted: list[str] = []
 
         # 1. running sequences, oldest first; preempt from the newest end when blocks run out
-        share = (min(-(-len(self.running) // self.pipeline_depth), self.config.max_num_seqs)
-                 if self.pipeline_depth > 1 else len(self.running))
+        groups = self.handoff_lag or self.pipeline_depth  # the steps a sequence's turns come round in
+        share = min(-(-len(self.running) // groups), self.config.max_num_seqs) if groups > 1 else len(self.running)
         i = 0
         stalled = False  # blocks are coming free as their stores finish: wait for them rather than preempt
         while i < len(self.running) and budget > 0 and len(scheduled) < share:
             seq = self.running[i]
-            if seq.num_pending_tokens and (self.skip_pending or self._reached_limit(seq)):
+            if seq.num_pending_tokens and (self._reached_limit(seq) or (self.skip_pending and not self._handed_off(seq))):
                 i += 1  # its last token is on its way; nothing more to compute
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -251,6 +257,9 @@ class Scheduler:
             finished_seq_ids=self._finished_since_last_step,
         )
         self._finished_since_last_step = []
+        if self.handoff_lag and out.scheduled:
+            self._sampled_at.update((e.seq_id, self._step_index) for e in out.scheduled if e.do_sample)
+            self._step_index += 1
         if self.block_manager.offload is not None:  # copies between KV tiers (launched even with nothing to run)
             out.kv_transfers = self.block_manager.take_transfers()
         self.policy.charge(StepShape(out.num_batched_tokens, len(out.scheduled),
@@ -268,6 +277,13 @@ class Scheduler:
         room = min(seq.max_tokens - seq.num_output_tokens - seq.num_pending_tokens,
                    self.config.max_model_len - seq.num_tokens) - 1
         return max(0, min(len(seq.spec_token_ids), budget, room))
+
+    def _handed_off(self, seq: Sequence) -> bool:
+        """Whether seq's pending token reaches the first stage on the device in time for this step: its only one,
+        sampled handoff_lag steps ago (and nothing on the host needs it first: penalties, grammars, proposals)."""
+        return (self.handoff_lag > 0 and seq.num_pending_tokens == 1
+                and self._sampled_at.get(seq.seq_id) == self._step_index - self.handoff_lag
+                and not seq.params.uses_penalties and seq.grammar is None and not seq.spec_token_ids)
 
     def _reached_limit(self, seq: Sequence) -> bool:
         """No token after the pending ones may be scheduled: max_tokens or max_model_len is reached."""
@@ -373,4 +389,5 @@ class Scheduler:
         if self.kv_hold is None or not self.kv_hold(seq, status):
             self.block_manager.free(seq)
         self.seqs.pop(seq.seq_id, None)
+        self._sampled_at.pop(seq.seq_id, None)
         self._finished_since_last_step.append(seq.seq_id)

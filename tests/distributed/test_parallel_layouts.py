@@ -258,3 +258,36 @@ def test_pp2_each_step_in_flight_is_a_batch_of_max_num_seqs(tiny_model_dir):
     assert got == single
     assert max(sizes) == 2 and sizes.count(2) > len(sizes) // 2
     assert max(running) == 6 == core.scheduler.max_running
+
+
+def test_pp2_token_handoff_launches_a_sequence_before_its_token_is_back(tiny_model_dir, monkeypatch):
+    """MESHSERVE_PP_TOKEN_HANDOFF: the last stage sends each step's sampled ids to the first stage, so with three
+    steps in flight a sequence runs every other step, its input token (-1 on the host) taken from the samples
+    of the step two before; the steps hold half the running sequences each (not a third), and the tokens are
+    one device's."""
+    path = tiny_model_dir("qwen2")
+    prompts = _prompts(8, (6, 13, 22, 9, 17, 30, 4, 11))
+    single, _ = _generate(path, prompts)
+
+    monkeypatch.setenv("MESHSERVE_PP_TOKEN_HANDOFF", "1")  # the spawned ranks inherit it
+    llm = LLM(model=path, pipeline_parallel_size=2, pipeline_depth=3)
+    core = llm.engine.core
+    launch, holes, sizes = core.executor.execute_async, [], []
+
+    def counting(sched_out):
+        if not sched_out.is_empty:
+            holes.append(sum(-1 in e.token_ids for e in sched_out.scheduled))
+            sizes.append((len(sched_out.scheduled), core.scheduler.num_running))
+        return launch(sched_out)
+
+    core.executor.execute_async = counting
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        got = [o.outputs[0].token_ids for o in outs]
+    finally:
+        llm.shutdown()
+    assert core.scheduler.handoff_lag == 2
+    assert got == single
+    assert sum(h > 0 for h in holes) > len(holes) // 2  # most steps ran sequences whose token was in flight
+    assert (4, 8) in sizes  # eight running: four per step

@@ -673,3 +673,42 @@ def test_pipelined_steps_preempt_within_one_kv_pool():
     assert all(len(q.output_token_ids) == q.max_tokens for q in seqs)
     assert s.block_manager.num_free_blocks == 24
     assert [q.output_token_ids for q in seqs] == _one_step_at_a_time(16, **kw)
+
+
+def test_token_handoff_runs_a_sequence_again_lag_steps_after_its_last():
+    """With the token hand-off (lag 2, three steps in flight) a sequence whose token is still in flight runs again
+    exactly two steps after the one that sampled it (its input -1, taken on the device), never with two tokens
+    pending; each step holds half the running sequences; every sequence gets one-step-at-a-time tokens."""
+    s = make_sched(num_blocks=400, max_num_seqs=8, max_num_batched_tokens=64)
+    s.async_mode = s.skip_pending = True
+    s.pipeline_depth, s.handoff_lag = 3, 2
+    seqs = _mixed_seqs(8)
+    for q in seqs:
+        s.add(q)
+    in_flight: collections.deque[SchedulerOutput] = collections.deque()
+    sampled_at: dict[str, int] = {}
+    steps, handed = [], 0
+    for _ in range(1000):
+        if not (s.has_unfinished() or in_flight):
+            break
+        launched = False
+        if len(in_flight) < 3:
+            out = s.schedule()
+            for e in out.scheduled:
+                if -1 in e.token_ids:
+                    handed += 1
+                    assert e.token_ids == [-1] and sampled_at[e.seq_id] == len(steps) - 2
+                    assert s.seqs[e.seq_id].num_pending_tokens == 2  # its own, and this step's
+            if not out.is_empty:
+                sampled_at.update((e.seq_id, len(steps)) for e in out.scheduled if e.do_sample)
+                in_flight.append(out)
+                steps.append(out)
+                launched = True
+        if in_flight and (len(in_flight) == 3 or not launched):
+            out = in_flight.popleft()
+            s.update_after_step(out, {e.seq_id: token_for(s.seqs[e.seq_id]) for e in out.scheduled
+                                      if e.do_sample and e.seq_id in s.seqs})
+    assert not s.has_unfinished()
+    assert handed > len(steps)  # most steps carried sequences whose token was in flight
+    assert max(len(o.scheduled) for o in steps[1:]) == 4  # half of eight
+    assert [q.output_token_ids for q in seqs] == _one_step_at_a_time(8, max_num_seqs=8, max_num_batched_tokens=64)

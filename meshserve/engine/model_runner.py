@@ -122,6 +122,7 @@ class ModelRunner:
         if self.handoff_lag and (st.is_first_stage or st.is_last_stage):
             self.handoff = TokenHandoff(self.handoff_lag, self.device, st.handoff_group, st.stage_rank(0),
                                         st.stage_rank(st.pp_size - 1))
+            self.handoff.connect(st.is_first_stage)
         self.profiler = StepProfiler(get_parallel_state().rank)
 
     def close(self) -> None:

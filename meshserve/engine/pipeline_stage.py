@@ -62,6 +62,16 @@ class TokenHandoff:
         self._steps: collections.deque[dict[str, int]] = collections.deque()  # first stage: rows by sequence
         self._sends: list = []
 
+    def connect(self, is_first: bool) -> None:
+        """One exchange now, while both ends build their runners: NCCL creates a pair's communicator at its first
+        send or receive and blocks the host until both ends are there. Left to the first step, the last stage
+        would block there while rank 0 waits in its next broadcast for that stage to take it."""
+        probe = torch.zeros(1, dtype=torch.int64, device=self.device)
+        if is_first:
+            dist.recv(probe, src=self.last_rank, group=self.group)
+        else:
+            dist.send(probe, dst=self.first_rank, group=self.group)
+
     @staticmethod
     def _rows(scheduled) -> dict[str, int]:
         """The step's sampled ids' rows by sequence (StepSampler's order: sampling rows, in batch order)."""

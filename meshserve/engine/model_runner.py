@@ -142,6 +142,11 @@ class ModelRunner:
             self.drafter.kv_pool.release()
         self.kv_transfer = None  # KV offload's copy engine holds the cache tensors too
 
+    def drain_handoff(self) -> None:
+        """Before a graceful shutdown: the first stage takes the token hand-off's last sends (TokenHandoff)."""
+        if self.handoff is not None and self.stage_io.is_first:
+            self.handoff.drain()
+
     def mixed_graph_tokens(self) -> int:
         """The largest mixed step that replays a CUDA graph here (0: mixed steps run eagerly)."""
         return self.mixed_graphs.buckets[-1] if self.mixed_graphs is not None else 0

@@ -297,6 +297,7 @@ class MultiprocExecutor:
             # a graceful goodbye only from a clean point of the protocol; otherwise the ranks are killed
             if (dist.is_initialized() and not self._mid_protocol
                     and all(c is None for c in self._exit_codes().values())):
+                self.runner.drain_handoff()
                 self._broadcast("shutdown", ())
         except Exception:  # noqa: BLE001, S110  (peers may already be gone)
             pass

@@ -100,6 +100,16 @@ class TokenHandoff:
         return ids, rows
 
 
+    def drain(self) -> None:
+        """First stage, at shutdown: receive the last steps' ids, which no later step asked for, so the last
+        stage's sends complete (an NCCL send left waiting would hold that rank's teardown)."""
+        while self._steps:
+            rows = self._steps.popleft()
+            if rows:
+                ids = torch.empty(len(rows), dtype=torch.int64, device=self.device)
+                dist.recv(ids, src=self.last_rank, group=self.group)
+
+
 @dataclass
 class StageCounts:
     """Steps of this stage by how they ran: replaying a captured graph (its input received in place) or eagerly."""

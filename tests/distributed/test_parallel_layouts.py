@@ -272,6 +272,7 @@ def test_pp2_token_handoff_launches_a_sequence_before_its_token_is_back(tiny_mod
     monkeypatch.setenv("MESHSERVE_PP_TOKEN_HANDOFF", "1")  # the spawned ranks inherit it
     llm = LLM(model=path, pipeline_parallel_size=2, pipeline_depth=3)
     core = llm.engine.core
+    workers = core.executor.workers
     launch, holes, sizes = core.executor.execute_async, [], []
 
     def counting(sched_out):
@@ -289,5 +290,6 @@ def test_pp2_token_handoff_launches_a_sequence_before_its_token_is_back(tiny_mod
         llm.shutdown()
     assert core.scheduler.handoff_lag == 2
     assert got == single
+    assert {rank: p.exitcode for rank, p in workers.items()} == {1: 0}  # its last sends were taken: a clean exit
     assert sum(h > 0 for h in holes) > len(holes) // 2  # most steps ran sequences whose token was in flight
     assert (4, 8) in sizes  # eight running: four per step

@@ -2,7 +2,8 @@
 # Issue 21 on nvidia-h200-x2: STEP=a: all-reduce by size + the multi-GPU correctness tests; STEP=b: W1 8B at
 # TP = 1, TP = 2 (one-shot all-reduce) and TP = 2 (NCCL only); STEP=c: 70B at TP = 2 (batch 1 and 32), W2 8B
 # at PP = 2 beside TP = 1; STEP=f: b and the 70B curve in one call (watchdogs); STEP=g: W2 8B at TP = 1, PP = 2, TP = 2
-# and the multi-GPU tests; STEP=pp: the PP = 2 GPU tests, W2 8B at TP = 1 and PP = 2 (depth 2 and 3);
+# and the multi-GPU tests; STEP=pp: the PP = 2 GPU tests, W2 8B at TP = 1 and PP = 2 (depth 2 and 3; SEQS, PART,
+# PROFILE); STEP=ho: the same with the PP token hand-off;
 # STEP=p: step profiles; STEP=dp: W3 at DP=1 and DP=2 back to back (DP_RUNS, default "1 2": DP=1, then DP=2 on
 # the internal back end, one API process per core; "2a1": DP=2 under one API process; "2r": DP=2 through the
 # router). Results under $OUT.
@@ -104,5 +105,37 @@ pp)
   run_logged w2_8b_pp2 120 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --output-json $OUT/w2_8b_pp2.json
   run_logged w2_8b_pp2_d3 120 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --pipeline-depth 3 \
     --output-json $OUT/w2_8b_pp2_d3.json
+  # each step in flight holds up to max_num_seqs sequences (3 x 256 run at depth 3): SEQS="128 192" adds
+  # depth-3 runs at smaller per-step batches; PART=17,15 one with that many layers per stage (the last stage
+  # also runs the LM head, ~2.4 layers of weights, and the sampler); PROFILE=1 a torch.profiler window of
+  # the depth-3 run (prof.tgz)
+  if [ -n "${PART:-}" ]; then
+    run_logged w2_8b_pp2_d3_part 120 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --pipeline-depth 3 \
+      --pp-layer-partition $PART --output-json $OUT/w2_8b_pp2_d3_part.json
+  fi
+  for seqs in ${SEQS:-}; do
+    run_logged w2_8b_pp2_d3_s$seqs 120 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --pipeline-depth 3 \
+      --max-num-seqs $seqs --output-json $OUT/w2_8b_pp2_d3_s$seqs.json
+  done
+  if [ -n "${PROFILE:-}" ]; then
+    MESHSERVE_PROFILE_DIR=/tmp/prof/pp2 TAIL=4 run_logged prof_w2_8b_pp2_d3 120 bench throughput --model llama-3.1-8b \
+      --no-baseline -pp 2 --pipeline-depth 3
+    tar czf $OUT/prof.tgz -C /tmp prof
+  fi
+  ;;
+ho)
+  # the PP token hand-off (MESHSERVE_PP_TOKEN_HANDOFF=1: the last stage's sampled ids go to the first stage over
+  # NCCL, so with three steps in flight each step holds half of W2's 256 sequences and the host's round trip
+  # is off the first stage's path): the PP GPU tests (hand-off test included), then W2 8B at TP = 1, PP = 2
+  # depth 3 without and with it, and with it at 17,15 layers per stage
+  timeout 200 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/gpu/test_multi_gpu.py -k "${TESTS:-pp2 and qwen}" \
+    > $OUT/pytest_pp.log 2>&1; echo "== pytest rc $?"; tail -20 $OUT/pytest_pp.log
+  run_logged w2_8b_tp1 95 bench throughput --model llama-3.1-8b --no-baseline -tp 1 --output-json $OUT/w2_8b_tp1.json
+  run_logged w2_8b_pp2_d3 95 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --pipeline-depth 3 \
+    --output-json $OUT/w2_8b_pp2_d3.json
+  MESHSERVE_PP_TOKEN_HANDOFF=1 run_logged w2_8b_pp2_d3_ho 95 bench throughput --model llama-3.1-8b --no-baseline \
+    -pp 2 --pipeline-depth 3 --output-json $OUT/w2_8b_pp2_d3_ho.json
+  MESHSERVE_PP_TOKEN_HANDOFF=1 run_logged w2_8b_pp2_d3_ho_part 95 bench throughput --model llama-3.1-8b \
+    --no-baseline -pp 2 --pipeline-depth 3 --pp-layer-partition ${PART:-17,15} --output-json $OUT/w2_8b_pp2_d3_ho_part.json
   ;;
 esac

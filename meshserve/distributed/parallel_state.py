@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import os
 import sys
 import threading
 import traceback
@@ -40,6 +41,9 @@ class ParallelState:
     # gloo over all ranks, only for the last stage's sampled tokens going back to rank 0 (pipeline parallel):
     # apart from cpu_group so rank 0 can receive them while it broadcasts the next steps
     token_group: object | None = None
+    # the device backend between the last stage and the first, for the sampled ids the first stage's next step
+    # takes as inputs (MESHSERVE_PP_TOKEN_HANDOFF): its own communicator, apart from the activations' one
+    handoff_group: object | None = None
     pp_layer_partition: list[int] | None = None  # layers per stage; None = even split
     # the small-message all-reduce (distributed/symm_mem_all_reduce.py); None: NCCL for every size
     tp_fast_all_reduce: object | None = None
@@ -79,6 +83,15 @@ def get_tp_size() -> int:
     return _STATE.tp_size
 
 
+# experimental: the last stage hands each step's sampled ids to the first stage on the device, so a sequence's
+# next step is launched before its token reaches the host (engine/pipeline_stage.py TokenHandoff); TP = 1
+TOKEN_HANDOFF_ENV = "MESHSERVE_PP_TOKEN_HANDOFF"
+
+
+def token_handoff_requested() -> bool:
+    return os.environ.get(TOKEN_HANDOFF_ENV, "") not in ("", "0")
+
+
 def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str, master_port: int,
                         backend: str, timeout_s: float = 60.0,
                         pp_layer_partition: list[int] | None = None, expert_parallel: bool = False) -> ParallelState:
@@ -90,6 +103,8 @@ def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str,
                             world_size=world, rank=rank, timeout=timeout)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     token_group = dist.new_group(backend="gloo", timeout=timeout) if pp_size > 1 else None
+    handoff = pp_size > 1 and tp_size == 1 and token_handoff_requested()
+    handoff_group = dist.new_group(backend=backend, timeout=timeout) if handoff else None
     tp_group = None
     for stage in range(pp_size):  # every rank must create every group, in the same order
         ranks = list(range(stage * tp_size, (stage + 1) * tp_size))
@@ -98,7 +113,8 @@ def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str,
             tp_group = group
     _STATE = ParallelState(rank=rank, world_size=world, tp_rank=rank % tp_size, tp_size=tp_size,
                            pp_rank=rank // tp_size, pp_size=pp_size, tp_group=tp_group, cpu_group=cpu_group,
-                           device_group=dist.group.WORLD, token_group=token_group, pp_layer_partition=pp_layer_partition,
+                           device_group=dist.group.WORLD, token_group=token_group, handoff_group=handoff_group,
+                           pp_layer_partition=pp_layer_partition,
                            expert_parallel=expert_parallel)
     logger.info("rank %d/%d: tp %d/%d, pp %d/%d (%s)", rank, world, _STATE.tp_rank, tp_size, _STATE.pp_rank,
                 pp_size, backend)

@@ -31,6 +31,7 @@ from meshserve.engine.messages import (
     error_to_message,
 )
 from meshserve.engine.model_runner import ModelRunnerOutput, PendingOutput
+from meshserve.engine.pipeline_stage import handoff_lag
 from meshserve.engine.scheduler import Scheduler
 from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence, SequenceStatus
@@ -145,6 +146,7 @@ class EngineCore:
         if self.pipeline_depth:
             self.scheduler.async_mode = self.scheduler.skip_pending = True
             self.scheduler.pipeline_depth = self.pipeline_depth
+            self.scheduler.handoff_lag = handoff_lag(config.parallel_config)  # experimental, TokenHandoff
         self.info = CoreInfo(
             model=config.model_config.model,
             max_model_len=config.scheduler_config.max_model_len,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from meshserve.config import EngineConfig, SchedulerConfig
+from meshserve.engine.pipeline_stage import pipeline_depth
 from meshserve.engine.scheduler_output import ScheduledSequence
 from meshserve.layers.attention import Attention
 
@@ -60,8 +61,9 @@ class KVCachePool:
                         peak / 2**30, non_torch / 2**30, budget / 2**30)
         else:
             budget = cc.cpu_kv_cache_bytes
-            # a CPU pool never needs more than every sequence at full length
-            needed = sc.max_num_seqs * (-(-sc.max_model_len // self.block_size)) * per_block
+            # a CPU pool never needs more than every sequence at full length (max_num_seqs per step in flight)
+            max_running = sc.max_num_seqs * max(1, pipeline_depth(self.config.parallel_config))
+            needed = max_running * (-(-sc.max_model_len // self.block_size)) * per_block
             budget = min(budget, needed)
         num_blocks = budget // per_block
         if num_blocks < 1:

@@ -35,7 +35,7 @@ from meshserve.engine.mixed_graph import (
     mixed_graphs_unsupported,
     token_buckets,
 )
-from meshserve.engine.pipeline_stage import StageIO, pipeline_depth
+from meshserve.engine.pipeline_stage import StageIO, TokenHandoff, handoff_lag, pipeline_depth
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, StepTimer, TokenLogprobs
 from meshserve.engine.sampling_warmup import warm_up_sampling
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
@@ -116,6 +116,13 @@ class ModelRunner:
         if st.pp_size > 1:
             self.stage_io = StageIO(mc.hf_config.hidden_size, self.dtype, self.device, st.is_first_stage,
                                     st.is_last_stage)
+        # the last stage's sampled ids straight to the first stage (experimental; pipeline_stage.TokenHandoff)
+        self.handoff_lag = handoff_lag(config.parallel_config)
+        self.handoff = None
+        if self.handoff_lag and (st.is_first_stage or st.is_last_stage):
+            self.handoff = TokenHandoff(self.handoff_lag, self.device, st.handoff_group, st.stage_rank(0),
+                                        st.stage_rank(st.pp_size - 1))
+            self.handoff.connect(st.is_first_stage)
         self.profiler = StepProfiler(get_parallel_state().rank)
 
     def close(self) -> None:
@@ -134,6 +141,11 @@ class ModelRunner:
         if self.drafter is not None:
             self.drafter.kv_pool.release()
         self.kv_transfer = None  # KV offload's copy engine holds the cache tensors too
+
+    def drain_handoff(self) -> None:
+        """Before a graceful shutdown: the first stage takes the token hand-off's last sends (TokenHandoff)."""
+        if self.handoff is not None and self.stage_io.is_first:
+            self.handoff.drain()
 
     def mixed_graph_tokens(self) -> int:
         """The largest mixed step that replays a CUDA graph here (0: mixed steps run eagerly)."""
@@ -369,7 +381,11 @@ class ModelRunner:
         pipeline_depth steps in flight (EngineCore._step_pipelined), each over other sequences, so every
         stage works on some step while the host prepares the next; the device time measured is this
         stage's compute, from the activations' arrival."""
-        input_ids, positions, meta = self._prepare(scheduled)
+        if not self.handoff_lag:
+            input_ids, positions, meta = self._prepare(scheduled)
+        else:  # a pending token comes from the last stage's samples on the first; later stages embed no tokens
+            ids, rows = self.handoff.receive(scheduled) if self.stage_io.is_first else (None, {})
+            input_ids, positions, meta = self.inputs.build(scheduled, self._step_parity, ids, rows)
         graphs = self._graphs_for(input_ids, meta)
         intermediate = self.stage_io.receive(input_ids.shape[0], graphs)
         timer = StepTimer(self.device)  # on the compute stream after the receive: compute time only
@@ -379,6 +395,8 @@ class ModelRunner:
             hidden = self.forward(input_ids, positions, meta, intermediate)
         if is_last_stage:
             pending = self.sampling.sample(scheduled, hidden, meta, self._step_parity)
+            if self.handoff is not None:
+                self.handoff.send(scheduled, self.sampling.last_sampled)
         else:
             self.stage_io.send(hidden, from_graph=graphs is not None)
             pending = PendingOutput(ModelRunnerOutput())

@@ -19,9 +19,11 @@ import torch.distributed as dist
 
 from meshserve.config import EngineConfig
 from meshserve.distributed.launch import HEARTBEAT_S, LaunchInfo
+from meshserve.distributed.object_channel import ObjectChannel
 from meshserve.distributed.parallel_state import destroy_parallel_state, get_parallel_state
 from meshserve.engine.pipeline_stage import pipeline_depth
 from meshserve.engine.runner_output import PendingOutput
+from meshserve.engine.step_delta import StepDeltaSender
 from meshserve.engine.worker import init_rank, worker_process_main
 from meshserve.errors import EngineDeadError, MeshserveError
 from meshserve.models.loader import with_checkpoint_shapes
@@ -49,6 +51,8 @@ class MultiprocExecutor:
         # engine/pipeline_stage.py); the last stage's tokens come back through a receiving thread, in step order
         self.pipeline_depth = pipeline_depth(config.parallel_config) if launch.pp_size > 1 else 0
         self._results: queue.Queue | None = None
+        self._delta = StepDeltaSender()  # a step's params and block tables, less what the workers hold
+        self._calls: ObjectChannel | None = None  # calls to every rank, once the group is up
         self.workers: dict[int, mp.Process] = {}
         self._mid_protocol = True  # until every rank is up: a rank still joining is killed, not waited for
         self._joining: threading.Thread | None = None  # rank 0's join, if a death left it blocked
@@ -190,7 +194,7 @@ class MultiprocExecutor:
         self._check_workers()
         self._mid_protocol = True  # stays set if an exception (or Ctrl-C / SIGTERM) cuts the exchange short
         try:
-            dist.broadcast_object_list([(method, args)], src=0, group=self.state.cpu_group)
+            self._broadcast(method, args)
             result = getattr(self.runner, method)(*args)
         except Exception as e:
             raise self._fail(e) from e
@@ -198,12 +202,23 @@ class MultiprocExecutor:
             self._mid_protocol = False
         return result
 
+    def _broadcast(self, method: str, args: tuple) -> None:
+        """Send a call to every rank (one gloo operation: object_channel.py); a step goes without what the
+        workers hold of it (step_delta.py)."""
+        if self._calls is None:
+            self._calls = ObjectChannel(self.state.cpu_group)
+        if method != "execute":
+            self._calls.broadcast((method, args))
+            return
+        with self._delta.stripped(args[0]):
+            self._calls.broadcast((method, args))
+
     def gather_rpc(self, method: str, *args) -> list:
         """Every rank calls runner.method(*args); returns all results, indexed by rank."""
         self._check_workers()
         self._mid_protocol = True
         try:
-            dist.broadcast_object_list([("gather:" + method, args)], src=0, group=self.state.cpu_group)
+            self._broadcast("gather:" + method, args)
             results = [None] * self.state.world_size
             dist.gather_object(getattr(self.runner, method)(*args), results, dst=0, group=self.state.cpu_group)
         except Exception as e:
@@ -217,7 +232,7 @@ class MultiprocExecutor:
         self._check_workers()
         self._mid_protocol = True
         try:
-            dist.broadcast_object_list([("execute", (sched_out,))], src=0, group=self.state.cpu_group)
+            self._broadcast("execute", (sched_out,))
             pending = self.runner.launch(sched_out)
         except Exception as e:
             raise self._fail(e) from e
@@ -241,17 +256,16 @@ class MultiprocExecutor:
         if self._results is not None:
             return
         self._results = results = queue.Queue()
-        src, group = self.state.sampler_rank, self.state.token_group
+        src, channel = self.state.sampler_rank, ObjectChannel(self.state.token_group or self.state.cpu_group)
 
         def receive():
             while True:
-                box = [None]
                 try:
-                    dist.recv_object_list(box, src=src, group=group)
+                    item = channel.recv(src)
                 except Exception as e:  # noqa: BLE001  (handed to the reader: a dead rank or shutdown)
                     results.put(e)
                     return
-                results.put(box[0])
+                results.put(item)
 
         threading.Thread(target=receive, name="meshserve-stage-results", daemon=True).start()
 
@@ -283,7 +297,8 @@ class MultiprocExecutor:
             # a graceful goodbye only from a clean point of the protocol; otherwise the ranks are killed
             if (dist.is_initialized() and not self._mid_protocol
                     and all(c is None for c in self._exit_codes().values())):
-                dist.broadcast_object_list([("shutdown", ())], src=0, group=self.state.cpu_group)
+                self.runner.drain_handoff()
+                self._broadcast("shutdown", ())
         except Exception:  # noqa: BLE001, S110  (peers may already be gone)
             pass
         self._stop_workers()

@@ -17,11 +17,14 @@ On gloo (CPU) the same path runs; a receive waits there, and a send completes on
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from meshserve.config import ParallelConfig
+from meshserve.distributed.parallel_state import token_handoff_requested
 from meshserve.distributed.pipeline import recv_activations_into, send_activations
 from meshserve.layers.pipeline import IntermediateTensors
 
@@ -31,6 +34,80 @@ def pipeline_depth(pc: ParallelConfig) -> int:
     if pc.pipeline_parallel_size == 1:
         return 0
     return pc.pipeline_depth or pc.pipeline_parallel_size
+
+
+def handoff_lag(pc: ParallelConfig) -> int:
+    """With the token hand-off (MESHSERVE_PP_TOKEN_HANDOFF, TP = 1): a sequence's next step comes this many steps
+    after its last (one per stage), its input token taken on the first stage's device from the last stage's
+    samples of that step (TokenHandoff). 0: off, a sequence waits until its token is back on the host."""
+    if pc.pipeline_parallel_size == 1 or pc.tensor_parallel_size != 1 or not token_handoff_requested():
+        return 0
+    return pc.pipeline_parallel_size
+
+
+class TokenHandoff:
+    """The last stage's sampled ids of every step, sent to the first stage on the device (a communicator of their
+    own), so that a sequence's next step, launched lag steps later before its token is back on the host, reads
+    its input token there (Scheduler.handoff_lag decides which sequences may be scheduled so).
+
+    Both ends count the same steps (every non-empty step, in launch order): the last stage sends each step's
+    sampled ids (when it sampled any), the first stage receives step n - lag's when it prepares step n, whether
+    step n needs them or not, so the n-th send always meets the n-th receive. On NCCL neither host waits: the
+    receive is ordered on the first stage's stream before step n's input copy. The ids sent are a copy (the
+    sampler reuses its buffers while a send may still wait for its receive)."""
+
+    def __init__(self, lag: int, device: torch.device, group, first_rank: int, last_rank: int):
+        self.lag, self.device, self.group = lag, device, group
+        self.first_rank, self.last_rank = first_rank, last_rank
+        self._steps: collections.deque[dict[str, int]] = collections.deque()  # first stage: rows by sequence
+        self._sends: list = []
+
+    def connect(self, is_first: bool) -> None:
+        """One exchange now, while both ends build their runners: NCCL creates a pair's communicator at its first
+        send or receive and blocks the host until both ends are there. Left to the first step, the last stage
+        would block there while rank 0 waits in its next broadcast for that stage to take it."""
+        probe = torch.zeros(1, dtype=torch.int64, device=self.device)
+        if is_first:
+            dist.recv(probe, src=self.last_rank, group=self.group)
+        else:
+            dist.send(probe, dst=self.first_rank, group=self.group)
+
+    @staticmethod
+    def _rows(scheduled) -> dict[str, int]:
+        """The step's sampled ids' rows by sequence (StepSampler's order: sampling rows, in batch order)."""
+        return {s.seq_id: i for i, s in enumerate(s for s in scheduled if s.do_sample)}
+
+    def send(self, scheduled, sampled: torch.Tensor | None) -> None:
+        """Last stage, after sampling a step: its ids to the first stage (nothing when it sampled none)."""
+        n = sum(1 for s in scheduled if s.do_sample)
+        if n == 0:
+            return
+        ids = sampled[:n].to(torch.int64, copy=True)
+        self._sends = [w for w in self._sends if not w.is_completed()]
+        self._sends.append(dist.isend(ids, dst=self.first_rank, group=self.group))
+
+    def receive(self, scheduled) -> tuple[torch.Tensor | None, dict[str, int]]:
+        """First stage, before preparing a step: step n - lag's sampled ids and their rows by sequence (None, {}
+        while fewer steps ran, or when that step sampled none)."""
+        self._steps.append(self._rows(scheduled))
+        if len(self._steps) <= self.lag:
+            return None, {}
+        rows = self._steps.popleft()
+        if not rows:
+            return None, {}
+        ids = torch.empty(len(rows), dtype=torch.int64, device=self.device)
+        dist.recv(ids, src=self.last_rank, group=self.group)
+        return ids, rows
+
+
+    def drain(self) -> None:
+        """First stage, at shutdown: receive the last steps' ids, which no later step asked for, so the last
+        stage's sends complete (an NCCL send left waiting would hold that rank's teardown)."""
+        while self._steps:
+            rows = self._steps.popleft()
+            if rows:
+                ids = torch.empty(len(rows), dtype=torch.int64, device=self.device)
+                dist.recv(ids, src=self.last_rank, group=self.group)
 
 
 @dataclass

@@ -54,8 +54,15 @@ class Scheduler:
         # (its next input token is sampled on the last stage, far from the first)
         self.skip_pending = False
         # and how many steps are in flight: each takes at most its share of the running sequences, so the
-        # stages' steps stay even (otherwise one step can hold the whole batch and the next nothing)
+        # stages' steps stay even (otherwise one step can hold the whole batch and the next nothing), and
+        # each is a batch of up to max_num_seqs of its own (max_running)
         self.pipeline_depth = 0
+        # pipeline parallel with the token hand-off (pipeline_stage.TokenHandoff): a sequence whose only pending
+        # token was sampled exactly handoff_lag steps ago may run again (the first stage reads that token from
+        # the last stage's samples on the device); steps are counted as the runners count them (non-empty ones)
+        self.handoff_lag = 0
+        self._step_index = 0
+        self._sampled_at: dict[str, int] = {}  # sequence -> the step it last sampled in (with the hand-off)
         # where "now" comes from: the wall clock, or a simulated one (meshserve/simulator drives this scheduler)
         self.clock = time.monotonic
         # speculative decoding with a draft model: KV slots its proposals take past each step's tokens
@@ -94,6 +101,16 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+    @property
+    def max_running(self) -> int:
+        """Sequences that may run at once: max_num_seqs per step in flight. With pipeline parallel each of the
+        pipeline_depth steps in flight is over other sequences and holds up to max_num_seqs of them, so every
+        stage's step is as large as one device's (vLLM v0's one scheduler per virtual engine). Their KV shares
+        one pool (a stage holds 1/pp of the layers: PP = 2 has twice one device's blocks) and preemption takes
+        the newest running sequence as before, in a step in flight or not (its token is kept; it rejoins once
+        that is back)."""
+        return self.config.max_num_seqs * max(1, self.pipeline_depth)
 
     # -- one step --------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence) -> None:
@@ -166,12 +183,13 @@ class Scheduler:
         preempted: list[str] = []
 
         # 1. running sequences, oldest first; preempt from the newest end when blocks run out
-        share = -(-len(self.running) // self.pipeline_depth) if self.pipeline_depth > 1 else len(self.running)
+        groups = self.handoff_lag or self.pipeline_depth  # the steps a sequence's turns come round in
+        share = min(-(-len(self.running) // groups), self.config.max_num_seqs) if groups > 1 else len(self.running)
         i = 0
         stalled = False  # blocks are coming free as their stores finish: wait for them rather than preempt
         while i < len(self.running) and budget > 0 and len(scheduled) < share:
             seq = self.running[i]
-            if seq.num_pending_tokens and (self.skip_pending or self._reached_limit(seq)):
+            if seq.num_pending_tokens and (self._reached_limit(seq) or (self.skip_pending and not self._handed_off(seq))):
                 i += 1  # its last token is on its way; nothing more to compute
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -204,7 +222,7 @@ class Scheduler:
 
         # 2. waiting sequences in order, unless this step already had to preempt (or wait for blocks)
         while (self.waiting and not preempted and not stalled and min(budget, prefill_left) > 0
-               and len(self.running) < self.config.max_num_seqs):
+               and len(self.running) < self.max_running and len(scheduled) < self.config.max_num_seqs):
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted while its last step ran: recompute once that token is known
@@ -239,6 +257,9 @@ class Scheduler:
             finished_seq_ids=self._finished_since_last_step,
         )
         self._finished_since_last_step = []
+        if self.handoff_lag and out.scheduled:
+            self._sampled_at.update((e.seq_id, self._step_index) for e in out.scheduled if e.do_sample)
+            self._step_index += 1
         if self.block_manager.offload is not None:  # copies between KV tiers (launched even with nothing to run)
             out.kv_transfers = self.block_manager.take_transfers()
         self.policy.charge(StepShape(out.num_batched_tokens, len(out.scheduled),
@@ -256,6 +277,13 @@ class Scheduler:
         room = min(seq.max_tokens - seq.num_output_tokens - seq.num_pending_tokens,
                    self.config.max_model_len - seq.num_tokens) - 1
         return max(0, min(len(seq.spec_token_ids), budget, room))
+
+    def _handed_off(self, seq: Sequence) -> bool:
+        """Whether seq's pending token reaches the first stage on the device in time for this step: its only one,
+        sampled handoff_lag steps ago (and nothing on the host needs it first: penalties, grammars, proposals)."""
+        return (self.handoff_lag > 0 and seq.num_pending_tokens == 1
+                and self._sampled_at.get(seq.seq_id) == self._step_index - self.handoff_lag
+                and not seq.params.uses_penalties and seq.grammar is None and not seq.spec_token_ids)
 
     def _reached_limit(self, seq: Sequence) -> bool:
         """No token after the pending ones may be scheduled: max_tokens or max_model_len is reached."""
@@ -361,4 +389,5 @@ class Scheduler:
         if self.kv_hold is None or not self.kv_hold(seq, status):
             self.block_manager.free(seq)
         self.seqs.pop(seq.seq_id, None)
+        self._sampled_at.pop(seq.seq_id, None)
         self._finished_since_last_step.append(seq.seq_id)

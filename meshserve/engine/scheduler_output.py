@@ -40,6 +40,9 @@ class ScheduledSequence:
     # async scheduling: proposals of this sequence's step still in flight when this one was scheduled. The
     # chunk is placed as if all were accepted; the runner moves it back by the rejected ones on the device
     num_unverified_tokens: int = 0
+    # on the way to a worker rank only: block_table holds the blocks after the first num_held_blocks, which
+    # the worker kept from an earlier step (engine/step_delta.py); 0 everywhere else
+    num_held_blocks: int = 0
 
     @property
     def num_new_tokens(self) -> int:

@@ -56,8 +56,9 @@ class StepInputBuilder:
         slots = tables[row, positions // bsz] * bsz + positions % bsz
         input_ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in scheduled), dtype=np.int64,
                                 count=total)
-        # pending tokens (-1, async scheduling) are the previous step's samples, still on the device
-        holes = np.flatnonzero(input_ids < 0)
+        # pending tokens (-1, async scheduling) are the previous step's samples, still on the device (none given:
+        # a later pipeline stage, which embeds no tokens, leaves them)
+        holes = np.flatnonzero(input_ids < 0) if last_sampled is not None else np.zeros(0, dtype=np.int64)
         sources = np.fromiter((last_rows[scheduled[r].seq_id] for r in row[holes]), dtype=np.int64,
                               count=holes.shape[0])
         # rows behind a verify step still in flight: their tokens, and where each row's rejected count is

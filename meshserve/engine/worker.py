@@ -20,12 +20,14 @@ import torch.distributed as dist
 
 from meshserve.config import EngineConfig
 from meshserve.distributed.launch import LaunchInfo, die_with_parent, start_heartbeat
+from meshserve.distributed.object_channel import ObjectChannel
 from meshserve.distributed.parallel_state import (
     destroy_parallel_state,
     get_parallel_state,
     init_parallel_state,
 )
 from meshserve.engine.model_runner import ModelRunner
+from meshserve.engine.step_delta import StepDeltaReceiver
 from meshserve.models.loader import with_checkpoint_shapes
 
 logger = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ class ResultSender:
     time, and the wall time between results the stage's share of the pipeline: rank 0 reports the bubble)."""
 
     def __init__(self, group):
-        self.group = group
+        self._channel = ObjectChannel(group)
         self._queue: queue.Queue = queue.Queue()
         self._last_ready = 0.0
         self._thread = threading.Thread(target=self._run, name="meshserve-stage-sender", daemon=True)
@@ -80,7 +82,7 @@ class ResultSender:
                 ready = time.perf_counter()
                 out.busy_s, out.wall_s = out.device_time_s, ready - max(launched, self._last_ready)
                 self._last_ready = ready
-                dist.send_object_list([out], dst=0, group=self.group)
+                self._channel.send(out, dst=0)
             except Exception as e:  # noqa: BLE001  (rank 0 waits on these tokens: leave, so it names this rank)
                 logger.error("rank %d stopping: sending its step results failed: %s", dist.get_rank(),
                              str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -97,11 +99,11 @@ def serve_rank(runner: ModelRunner, rank: int) -> None:
     device: no rank but the last stage's sampler returns anything, and that one sends from a thread."""
     st = get_parallel_state()
     sender = ResultSender(st.token_group or st.cpu_group) if rank == st.sampler_rank else None
+    delta = StepDeltaReceiver()  # what earlier steps sent of each sequence (params, block table)
+    calls = ObjectChannel(st.cpu_group)  # rank 0's calls, one gloo operation each
     try:
         while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0, group=st.cpu_group)
-            method, args = box[0]
+            method, args = calls.broadcast()
             if method == "shutdown":
                 return
             if method.startswith("gather:"):
@@ -112,7 +114,7 @@ def serve_rank(runner: ModelRunner, rank: int) -> None:
                 # rank's GPU idle while it received and prepared each step: W1 8B at TP = 2 ran at 5.1 ms
                 # per step for 3.4 ms of GPU work on 2 x H200)
                 launched = time.perf_counter()
-                pending = runner.launch(*args)
+                pending = runner.launch(delta.restore(args[0]))
                 if sender is not None:
                     sender.put(pending, launched)
             else:

@@ -229,3 +229,67 @@ def test_pp2_graph_buffers_and_three_steps_in_flight(tiny_model_dir):
     assert in_flight.count(2) >= 3  # steps launched with two others still in the pipeline
     assert first["graph_steps"] == last["graph_steps"] == len(in_flight) and first["eager_steps"] == 0
     assert first["sends_copied"] == first["graph_steps"] and last["sends_copied"] == 0
+
+
+def test_pp2_each_step_in_flight_is_a_batch_of_max_num_seqs(tiny_model_dir):
+    """PP = 2, three steps in flight, max_num_seqs 2: up to 3 x 2 sequences run at once, each step holds at most
+    two (full steps two), and the tokens are one device's."""
+    path = tiny_model_dir("qwen2")
+    prompts = _prompts(7, (6, 13, 22, 9, 17, 30, 4, 11))
+    single, _ = _generate(path, prompts, max_num_seqs=2)
+
+    llm = LLM(model=path, pipeline_parallel_size=2, pipeline_depth=3, max_num_seqs=2)
+    core = llm.engine.core
+    launch, sizes, running = core.executor.execute_async, [], []
+
+    def counting(sched_out):
+        if not sched_out.is_empty:
+            sizes.append(len(sched_out.scheduled))
+            running.append(core.scheduler.num_running)
+        return launch(sched_out)
+
+    core.executor.execute_async = counting
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        got = [o.outputs[0].token_ids for o in outs]
+    finally:
+        llm.shutdown()
+    assert got == single
+    assert max(sizes) == 2 and sizes.count(2) > len(sizes) // 2
+    assert max(running) == 6 == core.scheduler.max_running
+
+
+def test_pp2_token_handoff_launches_a_sequence_before_its_token_is_back(tiny_model_dir, monkeypatch):
+    """MESHSERVE_PP_TOKEN_HANDOFF: the last stage sends each step's sampled ids to the first stage, so with three
+    steps in flight a sequence runs every other step, its input token (-1 on the host) taken from the samples
+    of the step two before; the steps hold half the running sequences each (not a third), and the tokens are
+    one device's."""
+    path = tiny_model_dir("qwen2")
+    prompts = _prompts(8, (6, 13, 22, 9, 17, 30, 4, 11))
+    single, _ = _generate(path, prompts)
+
+    monkeypatch.setenv("MESHSERVE_PP_TOKEN_HANDOFF", "1")  # the spawned ranks inherit it
+    llm = LLM(model=path, pipeline_parallel_size=2, pipeline_depth=3)
+    core = llm.engine.core
+    workers = core.executor.workers
+    launch, holes, sizes = core.executor.execute_async, [], []
+
+    def counting(sched_out):
+        if not sched_out.is_empty:
+            holes.append(sum(-1 in e.token_ids for e in sched_out.scheduled))
+            sizes.append((len(sched_out.scheduled), core.scheduler.num_running))
+        return launch(sched_out)
+
+    core.executor.execute_async = counting
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        got = [o.outputs[0].token_ids for o in outs]
+    finally:
+        llm.shutdown()
+    assert core.scheduler.handoff_lag == 2
+    assert got == single
+    assert {rank: p.exitcode for rank, p in workers.items()} == {1: 0}  # its last sends were taken: a clean exit
+    assert sum(h > 0 for h in holes) > len(holes) // 2  # most steps ran sequences whose token was in flight
+    assert (4, 8) in sizes  # eight running: four per step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import random
 
 import pytest
@@ -55,7 +56,7 @@ def check_invariants(s: Scheduler, out: SchedulerOutput) -> None:
     bm = s.block_manager
     assert out.num_batched_tokens <= s.config.max_num_batched_tokens
     assert len(out.scheduled) <= s.config.max_num_seqs
-    assert len(s.running) <= s.config.max_num_seqs
+    assert len(s.running) <= s.max_running
     ids = [e.seq_id for e in out.scheduled]
     assert len(ids) == len(set(ids))
     assert not set(ids) & set(out.preempted_seq_ids)
@@ -65,7 +66,8 @@ def check_invariants(s: Scheduler, out: SchedulerOutput) -> None:
         assert e.token_ids == seq.all_token_ids[e.num_computed_tokens:e.num_computed_tokens + e.num_new_tokens]
         # the table covers every token of this chunk
         assert len(e.block_table) >= bm.blocks_needed(e.num_computed_tokens + e.num_new_tokens)
-        assert e.do_sample == (e.num_computed_tokens + e.num_new_tokens == seq.num_tokens)
+        # (known tokens: pipelined steps count a sampling entry's token as pending once it is scheduled)
+        assert e.do_sample == (e.num_computed_tokens + e.num_new_tokens == seq.num_known_tokens)
         # a block that carries a hash in seq's table holds exactly that part of seq
         for i, blk in enumerate(bm.seq_blocks[e.seq_id]):
             if blk.block_hash is not None:
@@ -594,3 +596,119 @@ def test_pipelined_steps_split_the_running_batch_evenly():
     s.update_after_step(a, {e.seq_id: 6 for e in a.scheduled})
     c = s.schedule()
     assert {e.seq_id for e in c.scheduled} == {e.seq_id for e in a.scheduled}
+
+
+def run_pipelined(s: Scheduler, depth: int) -> tuple[list[SchedulerOutput], int]:
+    """The engine's pipelined loop (EngineCore._step_pipelined) over a scheduler: launch a step while fewer than
+    depth are in flight, feed back the oldest once the pipeline is full or nothing new could be scheduled.
+    Returns the steps launched and the most sequences running at once."""
+    s.async_mode = s.skip_pending = True
+    s.pipeline_depth = depth
+    in_flight: collections.deque[SchedulerOutput] = collections.deque()
+    steps, peak = [], 0
+    for _ in range(10_000):
+        if not (s.has_unfinished() or in_flight):
+            return steps, peak
+        launched = False
+        if len(in_flight) < depth:
+            out = s.schedule()
+            check_invariants(s, out)
+            busy = {e.seq_id for o in in_flight for e in o.scheduled}
+            assert not busy & {e.seq_id for e in out.scheduled}  # a sequence is in one step at a time
+            peak = max(peak, len(s.running))
+            if not out.is_empty:
+                in_flight.append(out)
+                steps.append(out)
+                launched = True
+        if in_flight and (len(in_flight) == depth or not launched):
+            out = in_flight.popleft()
+            s.update_after_step(out, {e.seq_id: token_for(s.seqs[e.seq_id]) for e in out.scheduled
+                                      if e.do_sample and e.seq_id in s.seqs})
+    raise AssertionError("the pipelined loop did not finish")
+
+
+def _mixed_seqs(n: int) -> list[Sequence]:
+    rng = random.Random(5)
+    return [make_seq(f"p{i}", [rng.randrange(50) for _ in range(rng.randint(3, 12))],
+                     max_tokens=rng.randint(4, 14)) for i in range(n)]
+
+
+def _one_step_at_a_time(n: int, **kw) -> list[list[int]]:
+    s, seqs = make_sched(num_blocks=400, **kw), _mixed_seqs(n)
+    for q in seqs:
+        s.add(q)
+    while s.has_unfinished():
+        step(s)
+    return [q.output_token_ids for q in seqs]
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_pipelined_steps_each_hold_up_to_max_num_seqs(depth):
+    """With pipeline depth d each step in flight is a batch of its own: up to d x max_num_seqs sequences run at
+    once, each step holds at most max_num_seqs of them, the full steps hold exactly that many, and every
+    sequence gets the tokens it gets one step at a time."""
+    kw = {"max_num_seqs": 4, "max_num_batched_tokens": 64}
+    seqs = _mixed_seqs(24)
+    s = make_sched(num_blocks=400, **kw)
+    for q in seqs:
+        s.add(q)
+    steps, peak = run_pipelined(s, depth)
+    assert peak == depth * 4 == s.max_running
+    assert max(len(o.scheduled) for o in steps) == 4
+    assert sum(len(o.scheduled) == 4 for o in steps) > len(steps) // 2
+    assert [q.output_token_ids for q in seqs] == _one_step_at_a_time(24, **kw)
+
+
+def test_pipelined_steps_preempt_within_one_kv_pool():
+    """Three steps in flight over a KV pool too small for all their sequences: a step preempts the newest
+    running sequences (some still in a step in flight, whose token is kept and which rejoins once it is
+    back), no sequence is in two steps at once, the block invariants hold, and the tokens are unchanged."""
+    kw = {"max_num_seqs": 4, "max_num_batched_tokens": 64}
+    seqs = _mixed_seqs(16)
+    s = make_sched(num_blocks=24, **kw)
+    for q in seqs:
+        s.add(q)
+    run_pipelined(s, 3)
+    assert s.num_preemptions > 0
+    assert all(len(q.output_token_ids) == q.max_tokens for q in seqs)
+    assert s.block_manager.num_free_blocks == 24
+    assert [q.output_token_ids for q in seqs] == _one_step_at_a_time(16, **kw)
+
+
+def test_token_handoff_runs_a_sequence_again_lag_steps_after_its_last():
+    """With the token hand-off (lag 2, three steps in flight) a sequence whose token is still in flight runs again
+    exactly two steps after the one that sampled it (its input -1, taken on the device), never with two tokens
+    pending; each step holds half the running sequences; every sequence gets one-step-at-a-time tokens."""
+    s = make_sched(num_blocks=400, max_num_seqs=8, max_num_batched_tokens=64)
+    s.async_mode = s.skip_pending = True
+    s.pipeline_depth, s.handoff_lag = 3, 2
+    seqs = _mixed_seqs(8)
+    for q in seqs:
+        s.add(q)
+    in_flight: collections.deque[SchedulerOutput] = collections.deque()
+    sampled_at: dict[str, int] = {}
+    steps, handed = [], 0
+    for _ in range(1000):
+        if not (s.has_unfinished() or in_flight):
+            break
+        launched = False
+        if len(in_flight) < 3:
+            out = s.schedule()
+            for e in out.scheduled:
+                if -1 in e.token_ids:
+                    handed += 1
+                    assert e.token_ids == [-1] and sampled_at[e.seq_id] == len(steps) - 2
+                    assert s.seqs[e.seq_id].num_pending_tokens == 2  # its own, and this step's
+            if not out.is_empty:
+                sampled_at.update((e.seq_id, len(steps)) for e in out.scheduled if e.do_sample)
+                in_flight.append(out)
+                steps.append(out)
+                launched = True
+        if in_flight and (len(in_flight) == 3 or not launched):
+            out = in_flight.popleft()
+            s.update_after_step(out, {e.seq_id: token_for(s.seqs[e.seq_id]) for e in out.scheduled
+                                      if e.do_sample and e.seq_id in s.seqs})
+    assert not s.has_unfinished()
+    assert handed > len(steps)  # most steps carried sequences whose token was in flight
+    assert max(len(o.scheduled) for o in steps[1:]) == 4  # half of eight
+    assert [q.output_token_ids for q in seqs] == _one_step_at_a_time(8, max_num_seqs=8, max_num_batched_tokens=64)

@@ -34,6 +34,7 @@ def main() -> None:
         "async": llm.engine.async_scheduling,
         "gemv": llm.engine.runner.kernels.gemv,
         "pipeline_depth": llm.engine.core.pipeline_depth,
+        "handoff_lag": llm.engine.core.scheduler.handoff_lag,
         # per rank: its pipeline stage's steps that replayed a graph / ran eagerly ([] unsplit)
         "stage_counts": llm.engine.core.executor.gather_rpc("stage_counts") if pp > 1 else [],
         "tokens": [o.outputs[0].token_ids for o in outs],

@@ -20,8 +20,10 @@ RUNNER = os.path.join(os.path.dirname(__file__), "layout_run.py")
 
 
 @functools.cache  # the one-GPU reference serves every layout's test
-def _run(model: str, dtype: str, tp: int, pp: int, all_reduce: str, depth: int = 0, num_prompts: int = 6) -> dict:
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+def _run(model: str, dtype: str, tp: int, pp: int, all_reduce: str, depth: int = 0, num_prompts: int = 6,
+         handoff: bool = False) -> dict:
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
+               MESHSERVE_PP_TOKEN_HANDOFF="1" if handoff else "0")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, RUNNER, model, dtype, str(tp), str(pp), all_reduce, str(depth),
@@ -73,6 +75,18 @@ def test_pp2_stage_steps_replay_graphs_fp32_tokens_equal_one_gpu(model, depth):
     first, last = got["stage_counts"]
     assert first["graph_steps"] > 0 and last["graph_steps"] > 0  # stage steps replayed graphs on both GPUs
     assert first["sends_copied"] == first["graph_steps"] and last["sends_copied"] == 0
+
+
+def test_pp2_token_handoff_fp32_tokens_equal_one_gpu(model):
+    """PP = 2, three steps in flight, with the token hand-off (MESHSERVE_PP_TOKEN_HANDOFF): the last GPU sends
+    each step's sampled ids to the first over NCCL, whose next step for those sequences is launched before the
+    tokens reach the host; greedy and seeded tokens equal one GPU's, stage steps replay graphs on both GPUs."""
+    one = _run(model, "float32", 1, 1, "auto")
+    got = _run(model, "float32", 1, 2, "auto", 3, handoff=True)
+    assert got["handoff_lag"] == 2 and got["pipeline_depth"] == 3
+    assert got["tokens"] == one["tokens"] and got["sampled"] == one["sampled"]
+    first, last = got["stage_counts"]
+    assert first["graph_steps"] > 0 and last["graph_steps"] > 0
 
 
 def test_pp2_batch1_bf16_gemv_under_graphs(model):

@@ -15,6 +15,7 @@ replay the same sequence, so the parity must be fixed per forward, not carried a
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -44,6 +45,10 @@ class SymmMemAllReduce:
         self.buffers = [symm_mem.empty(numel, dtype=dtype, device=device) for _ in range(2)]
         self.handles = [symm_mem.rendezvous(b, group) for b in self.buffers]
         self.calls = 0
+        # the fused kernel addresses each rank's buffer through the handle's pointer table: it needs our
+        # buffer to start where the handle's own entry points
+        self.fusable_norm = all(getattr(h, "buffer_ptrs", [None] * (h.rank + 1))[h.rank] == b.data_ptr()
+                                for h, b in zip(self.handles, self.buffers, strict=True))
 
     def can_reduce(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
@@ -57,6 +62,21 @@ class SymmMemAllReduce:
         torch.ops.symm_mem.one_shot_all_reduce_copy_out(buf, x.view(-1), "sum", self.group_name, out.view(-1))
         return out
 
+    def can_fuse_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
+        """Whether all_reduce_rms_norm takes these (the Triton kernel imports and fits them)."""
+        mod = _fused_norm_kernels()
+        return self.fusable_norm and mod is not None and self.can_reduce(x) and mod.fits(x, residual, weight)
+
+    def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(all_reduce(x) + residual), all_reduce(x) + residual) in one kernel
+        (kernels/triton_all_reduce_norm.py), on the same buffers and call parity as all_reduce."""
+        i = self.calls % 2
+        self.calls += 1
+        h = self.handles[i]
+        return _fused_norm_kernels().all_reduce_rms_norm(x, residual, weight, eps, h.buffer_ptrs_dev,
+                                                         h.signal_pad_ptrs_dev, h.rank, h.world_size)
+
     @contextlib.contextmanager
     def forward_scope(self):
         """Around one model forward (eager or captured): start on buffer 0, end with a barrier when the
@@ -66,6 +86,15 @@ class SymmMemAllReduce:
         if self.calls % 2:
             self.handles[0].barrier()
         self.calls = 0
+
+
+@functools.cache
+def _fused_norm_kernels():
+    try:
+        from meshserve.kernels import triton_all_reduce_norm
+    except ImportError:  # no Triton: the all-reduce and the norm stay two kernels
+        return None
+    return triton_all_reduce_norm
 
 
 def try_symm_mem_all_reduce(group, device: torch.device, dtype: torch.dtype,

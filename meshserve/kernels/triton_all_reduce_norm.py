@@ -33,8 +33,9 @@ MAX_PROGRAMS = 32  # torch symmetric memory's signal pads hold 32 channels (symm
 MAX_COLS = 16384  # one program holds a whole row in registers
 
 
-def all_reduce_rms_norm_ref(parts: list[torch.Tensor], residual: torch.Tensor | None, weight: torch.Tensor,
-                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def all_reduce_rms_norm_ref(
+    parts: list[torch.Tensor], residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(sum + residual), sum + residual) where sum is the parts added in fp32 in rank order and
     rounded to their dtype; without a residual (rms_norm(sum), sum)."""
     total = parts[0].float()
@@ -63,16 +64,30 @@ def _block_barrier(signal_pad_ptrs, channel, RANK: tl.constexpr, WORLD: tl.const
 
 
 @triton.jit
-def _all_reduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, buffer_ptrs, signal_pad_ptrs,
-                                n_rows, n_cols, eps, RANK: tl.constexpr, WORLD: tl.constexpr,
-                                HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _all_reduce_rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    buffer_ptrs,
+    signal_pad_ptrs,
+    n_rows,
+    n_cols,
+    eps,
+    RANK: tl.constexpr,
+    WORLD: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     dtype = x_ptr.dtype.element_ty
     bufs = buffer_ptrs.to(tl.pointer_type(tl.uint64))
-    own = tl.multiple_of(tl.load(bufs + RANK).to(tl.pointer_type(dtype)), 16)  # symmetric buffers: page-aligned
+    # symmetric buffers are page-aligned: 16-byte vector accesses
+    own = tl.multiple_of(tl.load(bufs + RANK).to(tl.pointer_type(dtype)), 16)
     for row in range(pid, n_rows, programs):  # this program's rows of the partial sums, into the buffer
         offs = row * n_cols + cols  # < 2^31: the buffer holds a few MiB
         tl.store(own + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
@@ -100,16 +115,32 @@ def _all_reduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, buf
 def fits(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
     """Whether the kernel takes these: contiguous rows of at most MAX_COLS 16/32-bit features on a GPU, the
     residual and the norm weight alike."""
-    return (x.is_cuda and x.dim() >= 1 and x.is_contiguous() and 0 < x.shape[-1] <= MAX_COLS
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.dtype == x.dtype
-            and weight.shape == x.shape[-1:] and weight.is_contiguous()
-            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
-                                      and residual.is_contiguous())))
+    return (
+        x.is_cuda
+        and x.dim() >= 1
+        and x.is_contiguous()
+        and 0 < x.shape[-1] <= MAX_COLS
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and weight.dtype == x.dtype
+        and weight.shape == x.shape[-1:]
+        and weight.is_contiguous()
+        and (
+            residual is None
+            or (residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous())
+        )
+    )
 
 
-def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                        buffer_ptrs_dev: int, signal_pad_ptrs_dev: int, rank: int, world_size: int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def all_reduce_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    buffer_ptrs_dev: int,
+    signal_pad_ptrs_dev: int,
+    rank: int,
+    world_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same as all_reduce_rms_norm_ref over the ranks' x. buffer_ptrs_dev / signal_pad_ptrs_dev: the device
     tables of every rank's symmetric buffer (at least x's size, unused by any call still reading it) and signal
     pad (a torch symmetric-memory handle's); every rank calls with the same shapes."""
@@ -121,8 +152,20 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: 
         return out, res_out
     block = triton.next_power_of_2(hidden)
     _all_reduce_rms_norm_kernel[(min(rows, MAX_PROGRAMS),)](
-        x, x if residual is None else residual, weight, out, res_out, buffer_ptrs_dev, signal_pad_ptrs_dev,
-        rows, hidden, float(eps), RANK=rank, WORLD=world_size, HAS_RESIDUAL=residual is not None, BLOCK=block,
+        x,
+        x if residual is None else residual,
+        weight,
+        out,
+        res_out,
+        buffer_ptrs_dev,
+        signal_pad_ptrs_dev,
+        rows,
+        hidden,
+        float(eps),
+        RANK=rank,
+        WORLD=world_size,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
         num_warps=min(16, max(1, block // 256)),
     )
     return out, res_out

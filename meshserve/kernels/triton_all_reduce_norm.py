@@ -63,7 +63,8 @@ def _block_barrier(signal_pad_ptrs, channel, RANK: tl.constexpr, WORLD: tl.const
                 pass
 
 
-@triton.jit
+# rows vary per step (one specialization for every batch, compiled at start-up); the tables are addresses
+@triton.jit(do_not_specialize=["n_rows", "buffer_ptrs", "signal_pad_ptrs"])
 def _all_reduce_rms_norm_kernel(
     x_ptr,
     res_ptr,

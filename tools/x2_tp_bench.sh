@@ -3,7 +3,9 @@
 # TP = 1, TP = 2 (one-shot all-reduce) and TP = 2 (NCCL only); STEP=c: 70B at TP = 2 (batch 1 and 32), W2 8B
 # at PP = 2 beside TP = 1; STEP=f: b and the 70B curve in one call (watchdogs); STEP=g: W2 8B at TP = 1, PP = 2, TP = 2
 # and the multi-GPU tests; STEP=pp: the PP = 2 GPU tests, W2 8B at TP = 1 and PP = 2 (depth 2 and 3);
-# STEP=p: step profiles; STEP=dp: W3 at DP=2 through the router beside DP=1. Results
+# STEP=p: step profiles; STEP=dp: W3 at DP=2 through the router beside DP=1; STEP=fn: the fused all-reduce +
+# add + RMSNorm kernel (MESHSERVE_TP_FUSED_NORM): its 2-GPU test, bench all-reduce, W1 8B at TP = 2 without and
+# with it and TP = 1, then the tp2-fused-norm layout tests. Results
 # under $OUT.
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
@@ -94,5 +96,17 @@ pp)
   run_logged w2_8b_pp2 120 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --output-json $OUT/w2_8b_pp2.json
   run_logged w2_8b_pp2_d3 120 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --pipeline-depth 3 \
     --output-json $OUT/w2_8b_pp2_d3.json
+  ;;
+fn)
+  # a barrier bug hangs rather than fails: every step has its own timeout
+  timeout 150 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/kernels/test_triton_all_reduce_norm.py \
+    > $OUT/pytest_kernel.log 2>&1; echo "== kernel pytest rc $?"; tail -15 $OUT/pytest_kernel.log
+  timeout 120 $MS bench all-reduce -tp 2 --batches 1,4,16,64 --output-json $OUT/all_reduce_norm.json 2>&1 | tail -8
+  run_logged w1_8b_tp2 100 bench latency --model llama-3.1-8b --no-baseline -tp 2 --output-json $OUT/w1_8b_tp2.json
+  MESHSERVE_TP_FUSED_NORM=1 run_logged w1_8b_tp2_fused_norm 100 bench latency --model llama-3.1-8b --no-baseline \
+    -tp 2 --output-json $OUT/w1_8b_tp2_fused_norm.json
+  run_logged w1_8b_tp1 80 bench latency --model llama-3.1-8b --no-baseline -tp 1 --output-json $OUT/w1_8b_tp1.json
+  timeout 240 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/gpu/test_multi_gpu.py \
+    -k "${TESTS:-fused and llama}" > $OUT/pytest_fused.log 2>&1; echo "== pytest rc $?"; tail -20 $OUT/pytest_fused.log
   ;;
 esac

@@ -5,7 +5,7 @@
 # and the multi-GPU tests; STEP=pp: the PP = 2 GPU tests, W2 8B at TP = 1 and PP = 2 (depth 2 and 3);
 # STEP=p: step profiles; STEP=dp: W3 at DP=2 through the router beside DP=1; STEP=fn: the fused all-reduce +
 # add + RMSNorm kernel (MESHSERVE_TP_FUSED_NORM): its 2-GPU test, bench all-reduce, W1 8B at TP = 2 without and
-# with it and TP = 1, then the tp2-fused-norm layout tests. Results
+# with it and TP = 1; STEP=fnt: the tp2-fused-norm layout tests (tokens = one GPU, bf16 = unfused TP = 2). Results
 # under $OUT.
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
@@ -106,7 +106,9 @@ fn)
   MESHSERVE_TP_FUSED_NORM=1 run_logged w1_8b_tp2_fused_norm 100 bench latency --model llama-3.1-8b --no-baseline \
     -tp 2 --output-json $OUT/w1_8b_tp2_fused_norm.json
   run_logged w1_8b_tp1 80 bench latency --model llama-3.1-8b --no-baseline -tp 1 --output-json $OUT/w1_8b_tp1.json
-  timeout 240 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/gpu/test_multi_gpu.py \
+  ;;
+fnt)
+  timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_multi_gpu.py \
     -k "${TESTS:-fused and llama}" > $OUT/pytest_fused.log 2>&1; echo "== pytest rc $?"; tail -20 $OUT/pytest_fused.log
   ;;
 esac

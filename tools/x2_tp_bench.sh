@@ -4,8 +4,8 @@
 # at PP = 2 beside TP = 1; STEP=f: b and the 70B curve in one call (watchdogs); STEP=g: W2 8B at TP = 1, PP = 2, TP = 2
 # and the multi-GPU tests; STEP=pp: the PP = 2 GPU tests, W2 8B at TP = 1 and PP = 2 (depth 2 and 3);
 # STEP=p: step profiles; STEP=dp: W3 at DP=2 through the router beside DP=1; STEP=fn: the fused all-reduce +
-# add + RMSNorm kernel (MESHSERVE_TP_FUSED_NORM): its 2-GPU test, bench all-reduce, W1 8B at TP = 2 without and
-# with it and TP = 1; STEP=fnt: the tp2-fused-norm layout tests (tokens = one GPU, bf16 = unfused TP = 2). Results
+# add + RMSNorm kernel (MESHSERVE_TP_FUSED_NORM): its 2-GPU test, bench all-reduce, W1 8B at TP = 2 without it,
+# with it (pull, push) and TP = 1; STEP=fnt: the tp2-fused-norm layout tests (tokens = one GPU, bf16 = unfused TP = 2). Results
 # under $OUT.
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
@@ -103,8 +103,10 @@ fn)
     > $OUT/pytest_kernel.log 2>&1; echo "== kernel pytest rc $?"; tail -15 $OUT/pytest_kernel.log
   timeout 120 $MS bench all-reduce -tp 2 --batches 1,4,16,64 --output-json $OUT/all_reduce_norm.json 2>&1 | tail -8
   run_logged w1_8b_tp2 100 bench latency --model llama-3.1-8b --no-baseline -tp 2 --output-json $OUT/w1_8b_tp2.json
-  MESHSERVE_TP_FUSED_NORM=1 run_logged w1_8b_tp2_fused_norm 100 bench latency --model llama-3.1-8b --no-baseline \
-    -tp 2 --output-json $OUT/w1_8b_tp2_fused_norm.json
+  MESHSERVE_TP_FUSED_NORM=pull run_logged w1_8b_tp2_fused_pull 100 bench latency --model llama-3.1-8b --no-baseline \
+    -tp 2 --output-json $OUT/w1_8b_tp2_fused_pull.json
+  MESHSERVE_TP_FUSED_NORM=push run_logged w1_8b_tp2_fused_push 100 bench latency --model llama-3.1-8b --no-baseline \
+    -tp 2 --output-json $OUT/w1_8b_tp2_fused_push.json
   run_logged w1_8b_tp1 80 bench latency --model llama-3.1-8b --no-baseline -tp 1 --output-json $OUT/w1_8b_tp1.json
   ;;
 fnt)

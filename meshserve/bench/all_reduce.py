@@ -1,7 +1,8 @@
 """`meshserve bench all-reduce`: the time of one TP all-reduce by message size, NCCL beside the one-shot
 symmetric-memory kernel, both replayed from CUDA graphs as the decode step runs them; and what the decoder
 layer runs after a row-parallel projection, the all-reduce + residual add + RMSNorm: the one-shot kernel then
-the Triton norm (one_shot_norm_us) beside the one fused kernel (fused_norm_us, MESHSERVE_TP_FUSED_NORM).
+the Triton norm (one_shot_norm_us) beside the one fused kernel (fused_norm_us, MESHSERVE_TP_FUSED_NORM=pull;
+fused_push_norm_us: =push).
 
 A decode step of Llama-3.1-8B makes 65 all-reduces of batch x 4096 bf16 values (two per layer and the
 embedding); this measures what each costs, so the threshold between the two paths and the TP speed-up of
@@ -59,8 +60,14 @@ def _time_norms(fast, x, device) -> dict:
     def fused(t):
         return fast.all_reduce_rms_norm(t, residual, weight, 1e-5)[1]
 
+    def fused_push(t):
+        return fast.all_reduce_rms_norm(t, residual, weight, 1e-5, push=True)[1]
+
+    runs = [("one_shot_norm_us", unfused), ("fused_norm_us", fused)]
+    if fast.can_fuse_rms_norm(x, residual, weight, push=True):
+        runs.append(("fused_push_norm_us", fused_push))
     times = {}
-    for name, fn in (("one_shot_norm_us", unfused), ("fused_norm_us", fused)):
+    for name, fn in runs:
         with fast.forward_scope():
             times[name] = _time_graph(fn, x.clone(), device)
     return times

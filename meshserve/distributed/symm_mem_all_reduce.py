@@ -62,20 +62,25 @@ class SymmMemAllReduce:
         torch.ops.symm_mem.one_shot_all_reduce_copy_out(buf, x.view(-1), "sum", self.group_name, out.view(-1))
         return out
 
-    def can_fuse_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
-        """Whether all_reduce_rms_norm takes these (the Triton kernel imports and fits them)."""
+    def can_fuse_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                          push: bool = False) -> bool:
+        """Whether all_reduce_rms_norm takes these (the Triton kernel imports and fits them; push puts every
+        rank's message in every buffer, so it takes messages up to max_bytes / world)."""
         mod = _fused_norm_kernels()
-        return self.fusable_norm and mod is not None and self.can_reduce(x) and mod.fits(x, residual, weight)
+        if not (self.fusable_norm and mod is not None and self.can_reduce(x) and mod.fits(x, residual, weight)):
+            return False
+        return not push or x.numel() * x.element_size() * self.handles[0].world_size <= self.max_bytes
 
     def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                            eps: float, push: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(all_reduce(x) + residual), all_reduce(x) + residual) in one kernel
-        (kernels/triton_all_reduce_norm.py), on the same buffers and call parity as all_reduce."""
+        (kernels/triton_all_reduce_norm.py: pull reads the peers' buffers, push writes into them), on the same
+        buffers and call parity as all_reduce."""
         i = self.calls % 2
         self.calls += 1
         h = self.handles[i]
         return _fused_norm_kernels().all_reduce_rms_norm(x, residual, weight, eps, h.buffer_ptrs_dev,
-                                                         h.signal_pad_ptrs_dev, h.rank, h.world_size)
+                                                         h.signal_pad_ptrs_dev, h.rank, h.world_size, push)
 
     @contextlib.contextmanager
     def forward_scope(self):

@@ -5,7 +5,10 @@ sums are all-reduced, added to the residual stream and normed for the next proje
 kernel, then the add + RMSNorm kernel, each paying a launch and a pass over the row. Here one kernel does
 both: each program copies its rows of this rank's partial sums into this rank's symmetric buffer, meets the
 same program on every peer at a barrier on the signal pads, then reads every rank's buffer for its rows,
-sums them, adds the residual, writes the new residual and the normed row.
+sums them, adds the residual, writes the new residual and the normed row (pull). With PUSH each program
+instead writes its rows into slot `rank` of every rank's buffer (NVLink stores, posted), meets the peers,
+then reads all slots from its own memory: one NVLink round trip fewer per call, a buffer of world x the
+message (both variants opt-in until measured on two H200s).
 
 Synchronisation is torch symmetric memory's own (the one_shot_all_reduce kernel and handle.barrier use the
 same slots the same way): program p of rank r signals slot `p * world + r` of each peer's signal pad by a
@@ -80,6 +83,7 @@ def _all_reduce_rms_norm_kernel(
     WORLD: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PUSH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -89,9 +93,16 @@ def _all_reduce_rms_norm_kernel(
     bufs = buffer_ptrs.to(tl.pointer_type(tl.uint64))
     # symmetric buffers are page-aligned: 16-byte vector accesses
     own = tl.multiple_of(tl.load(bufs + RANK).to(tl.pointer_type(dtype)), 16)
-    for row in range(pid, n_rows, programs):  # this program's rows of the partial sums, into the buffer
-        offs = row * n_cols + cols  # < 2^31: the buffer holds a few MiB
-        tl.store(own + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+    slot = n_rows * n_cols  # PUSH: rank r's rows at r * slot of every buffer (< 2^31: a few MiB)
+    for row in range(pid, n_rows, programs):  # this program's rows of the partial sums, into the buffer(s)
+        offs = row * n_cols + cols
+        x = tl.load(x_ptr + offs, mask=mask)
+        if PUSH:
+            for q in tl.static_range(WORLD):
+                dst = tl.multiple_of(tl.load(bufs + q).to(tl.pointer_type(dtype)), 16)
+                tl.store(dst + RANK * slot + offs, x, mask=mask)
+        else:
+            tl.store(own + offs, x, mask=mask)
     tl.debug_barrier()  # every thread's copy is done before the release
     _block_barrier(signal_pad_ptrs, pid, RANK, WORLD)
     tl.debug_barrier()  # ... and the peers' copies are visible to every thread after the acquire
@@ -100,8 +111,11 @@ def _all_reduce_rms_norm_kernel(
         offs = row * n_cols + cols  # < 2^31: the buffer holds a few MiB
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(WORLD):  # rank order on every rank: the same bits everywhere
-            buf = tl.multiple_of(tl.load(bufs + r).to(tl.pointer_type(dtype)), 16)
-            acc += tl.load(buf + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
+            if PUSH:
+                src = own + r * slot
+            else:
+                src = tl.multiple_of(tl.load(bufs + r).to(tl.pointer_type(dtype)), 16)
+            acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
         h = acc.to(dtype)  # the all-reduce's result
         if HAS_RESIDUAL:
             r_in = tl.load(res_ptr + offs, mask=mask, other=0.0)
@@ -141,10 +155,12 @@ def all_reduce_rms_norm(
     signal_pad_ptrs_dev: int,
     rank: int,
     world_size: int,
+    push: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same as all_reduce_rms_norm_ref over the ranks' x. buffer_ptrs_dev / signal_pad_ptrs_dev: the device
-    tables of every rank's symmetric buffer (at least x's size, unused by any call still reading it) and signal
-    pad (a torch symmetric-memory handle's); every rank calls with the same shapes."""
+    tables of every rank's symmetric buffer (at least x's size, world_size times that with push; unused by any
+    call still reading it) and signal pad (a torch symmetric-memory handle's); every rank calls with the same
+    shapes and push."""
     hidden = x.shape[-1]
     rows = x.numel() // hidden
     out = torch.empty_like(x)
@@ -167,6 +183,7 @@ def all_reduce_rms_norm(
         WORLD=world_size,
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
+        PUSH=push,
         num_warps=min(16, max(1, block // 256)),
     )
     return out, res_out

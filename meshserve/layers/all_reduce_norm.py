@@ -23,7 +23,8 @@ def all_reduce_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(total + residual), total + residual), total = the TP group's sum of partial; without a residual
     (norm(total), total): what `norm(all_reduce(partial), residual)` gives on the unfused path."""
-    fused = tensor_parallel_all_reduce_rms_norm(partial, residual, norm.weight, norm.eps)
+    push = norm.kernels.tp_fused_norm == "push"
+    fused = tensor_parallel_all_reduce_rms_norm(partial, residual, norm.weight, norm.eps, push)
     if fused is not None:
         return fused
     total = tensor_parallel_all_reduce(partial)

@@ -1,7 +1,7 @@
 """Generates with one parallel layout in a fresh process and prints the outputs as JSON (the multi-GPU tests
 start one per layout: each needs its own torch.distributed world). Usage:
-python tests/gpu/layout_run.py MODEL DTYPE TP PP ALL_REDUCE(auto|nccl|fused-norm) [PIPELINE_DEPTH [NUM_PROMPTS]]
-(fused-norm: the one-shot all-reduce with MESHSERVE_TP_FUSED_NORM=1 in the environment, set by the caller)"""
+python tests/gpu/layout_run.py MODEL DTYPE TP PP ALL_REDUCE(auto|nccl|fused-norm|fused-push) [PIPELINE_DEPTH [NUM_PROMPTS]]
+(fused-*: the one-shot all-reduce with MESHSERVE_TP_FUSED_NORM=pull|push in the environment, set by the caller)"""
 
 from __future__ import annotations
 

@@ -16,15 +16,15 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
 
 # (tp, pp, all-reduce); fused-norm: one-shot with the all-reduce + add + RMSNorm kernel (MESHSERVE_TP_FUSED_NORM)
-LAYOUTS = [(2, 1, "auto"), (2, 1, "nccl"), (1, 2, "auto"), (2, 1, "fused-norm")]
-IDS = ["tp2", "tp2-nccl", "pp2", "tp2-fused-norm"]
+LAYOUTS = [(2, 1, "auto"), (2, 1, "nccl"), (1, 2, "auto"), (2, 1, "fused-norm"), (2, 1, "fused-push")]
+IDS = ["tp2", "tp2-nccl", "pp2", "tp2-fused-norm", "tp2-fused-push"]
 RUNNER = os.path.join(os.path.dirname(__file__), "layout_run.py")
 
 
 @functools.cache  # the one-GPU reference serves every layout's test
 def _run(model: str, dtype: str, tp: int, pp: int, all_reduce: str, depth: int = 0, num_prompts: int = 6) -> dict:
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
-    env["MESHSERVE_TP_FUSED_NORM"] = "1" if all_reduce == "fused-norm" else "0"
+    env["MESHSERVE_TP_FUSED_NORM"] = {"fused-norm": "pull", "fused-push": "push"}.get(all_reduce, "0")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, RUNNER, model, dtype, str(tp), str(pp), all_reduce, str(depth),
@@ -46,7 +46,7 @@ def test_layout_fp32_tokens_equal_one_gpu(model, tp, pp, all_reduce):
     got = _run(model, "float32", tp, pp, all_reduce)
     assert got["graphs"] and one["graphs"]
     assert got["fast_all_reduce"] == (tp > 1 and all_reduce != "nccl")
-    assert (got["fused_norm_calls"] > 0) == (all_reduce == "fused-norm")
+    assert (got["fused_norm_calls"] > 0) == all_reduce.startswith("fused")
     assert got["async"] == (pp == 1)
     assert got["tokens"] == one["tokens"]
     assert got["sampled"] == one["sampled"]
@@ -92,11 +92,12 @@ def test_pp2_batch1_bf16_gemv_under_graphs(model):
     assert got["tokens"] == one["tokens"]
 
 
-def test_tp2_fused_norm_bf16_tokens_equal_unfused_tp2(model):
+@pytest.mark.parametrize("variant", ["fused-norm", "fused-push"])
+def test_tp2_fused_norm_bf16_tokens_equal_unfused_tp2(model, variant):
     """bf16 at TP = 2, the all-reduce + add + RMSNorm kernel against the one-shot all-reduce and the Triton
     norm: with two ranks the sums and residuals are the same bits (one rounding of an exact fp32 sum) and the
     norm computes as triton_ops.rms_norm does, so greedy tokens match (a near-tie could move a last bit)."""
     plain = _run(model, "bfloat16", 2, 1, "auto")
-    got = _run(model, "bfloat16", 2, 1, "fused-norm")
+    got = _run(model, "bfloat16", 2, 1, variant)
     assert got["fused_norm_calls"] > 0 and plain["fused_norm_calls"] == 0
     assert got["tokens"] == plain["tokens"]

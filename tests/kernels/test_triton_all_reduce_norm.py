@@ -45,42 +45,49 @@ def test_reference_equals_all_reduce_then_the_norm_layer(dtype, with_residual):
     assert not torch.equal(got[1], parts[0] + residual if with_residual else parts[0])
 
 
-def _rank0_of_two(x, peer, residual, weight, eps):
-    """Run the kernel as rank 0 of two in this process: the peer's partial sums are already in its buffer
-    and its signal already in our pad (so our barrier passes at once). Returns the outputs, our buffer and
-    both signal pads after the call."""
+def _rank0_of_two(x, peer, residual, weight, eps, push):
+    """Run the kernel as rank 0 of two in this process: the peer's partial sums are already where we read
+    them (pull: its buffer; push: slot 1 of ours) and its signal already in our pad (so our barrier passes at
+    once). Returns the outputs, both buffers and both signal pads after the call."""
     from meshserve.kernels.triton_all_reduce_norm import MAX_PROGRAMS, all_reduce_rms_norm
 
-    rows = x.numel() // x.shape[-1]
-    own = torch.zeros(x.numel(), dtype=x.dtype)
-    peer_buf = peer.reshape(-1).clone()
+    rows, n = x.numel() // x.shape[-1], x.numel()
+    bufs = [torch.zeros(2 * n, dtype=x.dtype) for _ in range(2)]
+    if push:
+        bufs[0][n:] = peer.reshape(-1)
+    else:
+        bufs[1][:n] = peer.reshape(-1)
     pads = [torch.zeros(2 * MAX_PROGRAMS, dtype=torch.int32) for _ in range(2)]
     pads[0][1::2][: min(rows, MAX_PROGRAMS)] = 1  # slot program * 2 + peer: the peer arrived
-    buffer_ptrs = torch.tensor([own.data_ptr(), peer_buf.data_ptr()], dtype=torch.int64)
+    buffer_ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
     pad_ptrs = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64)
     out, res_out = all_reduce_rms_norm(
-        x, residual, weight, eps, buffer_ptrs.data_ptr(), pad_ptrs.data_ptr(), 0, 2
+        x, residual, weight, eps, buffer_ptrs.data_ptr(), pad_ptrs.data_ptr(), 0, 2, push
     )
-    return out, res_out, own, pads
+    return out, res_out, bufs, pads
 
 
 @interp
+@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
 @pytest.mark.parametrize("rows", [1, 3, 40])  # 40 > MAX_PROGRAMS: programs loop over rows
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_kernel_matches_reference_interp(rows, with_residual):
+def test_kernel_matches_reference_interp(rows, with_residual, push):
     """fp16 and fp32 (the interpreter rounds to bf16 by truncation: bf16 is left to the GPU test)."""
     from meshserve.kernels.triton_all_reduce_norm import MAX_PROGRAMS, all_reduce_rms_norm_ref
 
     for dtype in (torch.float16, torch.float32):
         (x, peer), residual, weight = _case(rows, 72, dtype, seed=rows)
         residual = residual if with_residual else None
-        out, res_out, own, pads = _rank0_of_two(x, peer, residual, weight, 1e-6)
+        out, res_out, bufs, pads = _rank0_of_two(x, peer, residual, weight, 1e-6, push)
         want_out, want_res = all_reduce_rms_norm_ref([x, peer], residual, weight, 1e-6)
         assert torch.equal(res_out, want_res)  # no reduction inside: the same bits
         # the norm's statistics: up to the last bit of the fp32 sum's order
         tol = {torch.float16: 1e-3, torch.float32: 1e-6}[dtype]
         torch.testing.assert_close(out, want_out, rtol=tol, atol=tol)
-        assert torch.equal(own.view_as(x), x)  # our share went into our symmetric buffer
+        n = x.numel()
+        assert torch.equal(bufs[0][:n], x.reshape(-1))  # our share in slot 0 of our buffer
+        # push: and in slot 0 of the peer's (pull leaves the peer's buffer alone)
+        assert torch.equal(bufs[1][:n], x.reshape(-1) if push else peer.reshape(-1))
         used = min(rows, MAX_PROGRAMS)
         assert not pads[0].any()  # the peer's signals consumed: the pad is back to zeros
         assert pads[1][0::2][:used].eq(1).all() and not pads[1][0::2][used:].any() and not pads[1][1::2].any()
@@ -93,10 +100,11 @@ from triton.compiler import ASTSource
 from meshserve.kernels.triton_all_reduce_norm import _all_reduce_rms_norm_kernel as kernel
 
 names = list(kernel.arg_names)
-for dt, rank, world, residual, block in (("bf16", 0, 2, True, 4096), ("bf16", 1, 2, False, 4096),
-                                         ("fp16", 3, 4, True, 8192), ("fp32", 0, 2, True, 1024)):
+for dt, rank, world, residual, block, push in (("bf16", 0, 2, True, 4096, False), ("bf16", 1, 2, False, 4096, False),
+                                               ("bf16", 1, 2, True, 4096, True), ("fp16", 3, 4, True, 8192, True),
+                                               ("fp32", 0, 2, True, 1024, False)):
     ptrs = {n: "*" + dt for n in ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr")}
-    const = dict(RANK=rank, WORLD=world, HAS_RESIDUAL=residual, BLOCK=block)
+    const = dict(RANK=rank, WORLD=world, HAS_RESIDUAL=residual, BLOCK=block, PUSH=push)
     sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n == "eps" else
                                                        "i64" if n.endswith("_ptrs") else "i32") for n in names}
     src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()})
@@ -132,10 +140,10 @@ def _gpu_rank(rank: int, port: int, failures) -> None:
             (x0, x1), residual, weight = _case(rows, hidden, torch.bfloat16, seed=rows + hidden)
             x = (x0 if rank == 0 else x1).to(device)
             residual, weight = residual.to(device), weight.to(device)
-            for res in (residual, None):
+            for res, push in ((residual, False), (None, False), (residual, True), (None, True)):
                 with fast.forward_scope():  # three calls: the parity and the closing barrier too
-                    assert fast.can_fuse_rms_norm(x, res, weight)
-                    outs = [fast.all_reduce_rms_norm(x, res, weight, 1e-5) for _ in range(3)]
+                    assert fast.can_fuse_rms_norm(x, res, weight, push)
+                    outs = [fast.all_reduce_rms_norm(x, res, weight, 1e-5, push) for _ in range(3)]
                 total = x.clone()
                 dist.all_reduce(total)
                 want = (
@@ -156,17 +164,18 @@ def _gpu_rank(rank: int, port: int, failures) -> None:
         x = torch.full((1, 4096), 0.5 + rank, dtype=torch.bfloat16, device=device)
         ones = torch.ones(1, 4096, dtype=torch.bfloat16, device=device)
         weight = torch.ones(4096, dtype=torch.bfloat16, device=device)
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph), fast.forward_scope():
-            y = x
-            for _ in range(7):
-                _, y = fast.all_reduce_rms_norm(y, ones, weight, 1e-5)
-        for _ in range(5):
-            y.zero_()
-            graph.replay()
+        for push in (False, True):
+            graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize()
-            assert torch.equal(y, torch.full_like(y, 255.0))
+            with torch.cuda.graph(graph), fast.forward_scope():
+                y = x
+                for i in range(7):
+                    _, y = fast.all_reduce_rms_norm(y, ones, weight, 1e-5, push and i % 2 == 0)  # mixed too
+            for _ in range(5):
+                y.zero_()
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(y, torch.full_like(y, 255.0)), push
         dist.barrier()
     except Exception as e:
         failures.append(f"rank {rank}: {e!r}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from meshserve import LLM, SamplingParams
 from meshserve.layers.backend_selection import TP_FUSED_NORM_ENV
 from tests.conftest import VOCAB
@@ -66,3 +68,17 @@ def test_one_device_keeps_the_unfused_path(tiny_model_dir):
         assert not llm.engine.runner.kernels.tp_fused_norm
     finally:
         llm.shutdown()
+
+
+def test_switch_values(monkeypatch):
+    from meshserve.layers.backend_selection import select_kernels
+    from tests.layers.test_backend_selection import _config
+
+    monkeypatch.delenv(TP_FUSED_NORM_ENV, raising=False)
+    assert select_kernels(_config()).tp_fused_norm == ""
+    for value, want in (("0", ""), ("1", "pull"), ("pull", "pull"), ("PUSH", "push")):
+        monkeypatch.setenv(TP_FUSED_NORM_ENV, value)
+        assert select_kernels(_config()).tp_fused_norm == want
+    monkeypatch.setenv(TP_FUSED_NORM_ENV, "yes")
+    with pytest.raises(ValueError, match="MESHSERVE_TP_FUSED_NORM takes 0, 1 \\(pull\\) or push"):
+        select_kernels(_config())

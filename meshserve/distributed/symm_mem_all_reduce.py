@@ -47,7 +47,8 @@ class SymmMemAllReduce:
         self.calls = 0
         # the fused kernel addresses each rank's buffer through the handle's pointer table: it needs our
         # buffer to start where the handle's own entry points
-        self.fusable_norm = all(getattr(h, "buffer_ptrs", [None] * (h.rank + 1))[h.rank] == b.data_ptr()
+        self.fusable_norm = all(hasattr(h, "buffer_ptrs_dev") and hasattr(h, "signal_pad_ptrs_dev")
+                                and getattr(h, "buffer_ptrs", [None] * (h.rank + 1))[h.rank] == b.data_ptr()
                                 for h, b in zip(self.handles, self.buffers, strict=True))
 
     def can_reduce(self, x: torch.Tensor) -> bool:
@@ -124,6 +125,8 @@ def try_symm_mem_all_reduce(group, device: torch.device, dtype: torch.dtype,
         logger.warning("tensor parallel all-reduce: NCCL (symmetric memory unavailable: %s)", why)
         return None
     comm.calls = 0
+    # every rank must take the fused kernel for the same calls (a rank alone in its barrier waits forever)
+    comm.fusable_norm = _agreed(comm.fusable_norm, group, device)
     logger.info("tensor parallel all-reduce: one-shot symmetric memory up to %d KiB, NCCL above",
                 max_bytes // 1024)
     return comm

@@ -45,11 +45,10 @@ class SymmMemAllReduce:
         self.buffers = [symm_mem.empty(numel, dtype=dtype, device=device) for _ in range(2)]
         self.handles = [symm_mem.rendezvous(b, group) for b in self.buffers]
         self.calls = 0
-        # the fused kernel addresses each rank's buffer through the handle's pointer table: it needs our
-        # buffer to start where the handle's own entry points
-        self.fusable_norm = all(hasattr(h, "buffer_ptrs_dev") and hasattr(h, "signal_pad_ptrs_dev")
-                                and getattr(h, "buffer_ptrs", [None] * (h.rank + 1))[h.rank] == b.data_ptr()
-                                for h, b in zip(self.handles, self.buffers, strict=True))
+        # the fused kernel addresses each rank's buffer through the handle's table of allocation starts; a
+        # symmetric buffer sits at the same offset into every rank's allocation
+        self.offsets = [_offset(h, b) for h, b in zip(self.handles, self.buffers, strict=True)]
+        self.fusable_norm = all(off is not None for off in self.offsets)
 
     def can_reduce(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
@@ -80,7 +79,7 @@ class SymmMemAllReduce:
         i = self.calls % 2
         self.calls += 1
         h = self.handles[i]
-        return _fused_norm_kernels().all_reduce_rms_norm(x, residual, weight, eps, h.buffer_ptrs_dev,
+        return _fused_norm_kernels().all_reduce_rms_norm(x, residual, weight, eps, h.buffer_ptrs_dev, self.offsets[i],
                                                          h.signal_pad_ptrs_dev, h.rank, h.world_size, push)
 
     @contextlib.contextmanager
@@ -92,6 +91,15 @@ class SymmMemAllReduce:
         if self.calls % 2:
             self.handles[0].barrier()
         self.calls = 0
+
+
+def _offset(handle, buffer: torch.Tensor) -> int | None:
+    """buffer's offset in elements into this rank's allocation of handle, or None where the fused kernel
+    cannot address it (an older handle without the device tables, a start that is not 16-byte aligned)."""
+    if not all(hasattr(handle, n) for n in ("buffer_ptrs", "buffer_ptrs_dev", "signal_pad_ptrs_dev")):
+        return None
+    nbytes = buffer.data_ptr() - handle.buffer_ptrs[handle.rank]
+    return nbytes // buffer.element_size() if nbytes >= 0 and nbytes % 16 == 0 else None
 
 
 @functools.cache

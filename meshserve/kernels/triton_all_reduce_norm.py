@@ -67,7 +67,7 @@ def _block_barrier(signal_pad_ptrs, channel, RANK: tl.constexpr, WORLD: tl.const
 
 
 # rows vary per step (one specialization for every batch, compiled at start-up); the tables are addresses
-@triton.jit(do_not_specialize=["n_rows", "buffer_ptrs", "signal_pad_ptrs"])
+@triton.jit(do_not_specialize=["n_rows", "buffer_ptrs", "buffer_offset", "signal_pad_ptrs"])
 def _all_reduce_rms_norm_kernel(
     x_ptr,
     res_ptr,
@@ -75,6 +75,7 @@ def _all_reduce_rms_norm_kernel(
     out_ptr,
     res_out_ptr,
     buffer_ptrs,
+    buffer_offset,
     signal_pad_ptrs,
     n_rows,
     n_cols,
@@ -91,15 +92,15 @@ def _all_reduce_rms_norm_kernel(
     mask = cols < n_cols
     dtype = x_ptr.dtype.element_ty
     bufs = buffer_ptrs.to(tl.pointer_type(tl.uint64))
-    # symmetric buffers are page-aligned: 16-byte vector accesses
-    own = tl.multiple_of(tl.load(bufs + RANK).to(tl.pointer_type(dtype)), 16)
+    # the buffer starts buffer_offset elements into each rank's allocation, 16-byte aligned
+    own = tl.multiple_of(tl.load(bufs + RANK).to(tl.pointer_type(dtype)) + buffer_offset, 16)
     slot = n_rows * n_cols  # PUSH: rank r's rows at r * slot of every buffer (< 2^31: a few MiB)
     for row in range(pid, n_rows, programs):  # this program's rows of the partial sums, into the buffer(s)
         offs = row * n_cols + cols
         x = tl.load(x_ptr + offs, mask=mask)
         if PUSH:
             for q in tl.static_range(WORLD):
-                dst = tl.multiple_of(tl.load(bufs + q).to(tl.pointer_type(dtype)), 16)
+                dst = tl.multiple_of(tl.load(bufs + q).to(tl.pointer_type(dtype)) + buffer_offset, 16)
                 tl.store(dst + RANK * slot + offs, x, mask=mask)
         else:
             tl.store(own + offs, x, mask=mask)
@@ -114,7 +115,7 @@ def _all_reduce_rms_norm_kernel(
             if PUSH:
                 src = own + r * slot
             else:
-                src = tl.multiple_of(tl.load(bufs + r).to(tl.pointer_type(dtype)), 16)
+                src = tl.multiple_of(tl.load(bufs + r).to(tl.pointer_type(dtype)) + buffer_offset, 16)
             acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
         h = acc.to(dtype)  # the all-reduce's result
         if HAS_RESIDUAL:
@@ -152,15 +153,16 @@ def all_reduce_rms_norm(
     weight: torch.Tensor,
     eps: float,
     buffer_ptrs_dev: int,
+    buffer_offset: int,
     signal_pad_ptrs_dev: int,
     rank: int,
     world_size: int,
     push: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same as all_reduce_rms_norm_ref over the ranks' x. buffer_ptrs_dev / signal_pad_ptrs_dev: the device
-    tables of every rank's symmetric buffer (at least x's size, world_size times that with push; unused by any
-    call still reading it) and signal pad (a torch symmetric-memory handle's); every rank calls with the same
-    shapes and push."""
+    tables of every rank's symmetric allocation and signal pad (a torch symmetric-memory handle's); the buffer
+    starts buffer_offset elements into each allocation (16-byte aligned), holds x's size (world_size times
+    that with push) and is read by no call still running; every rank calls with the same shapes and push."""
     hidden = x.shape[-1]
     rows = x.numel() // hidden
     out = torch.empty_like(x)
@@ -175,6 +177,7 @@ def all_reduce_rms_norm(
         out,
         res_out,
         buffer_ptrs_dev,
+        buffer_offset,
         signal_pad_ptrs_dev,
         rows,
         hidden,

@@ -52,18 +52,21 @@ def _rank0_of_two(x, peer, residual, weight, eps, push):
     from meshserve.kernels.triton_all_reduce_norm import MAX_PROGRAMS, all_reduce_rms_norm
 
     rows, n = x.numel() // x.shape[-1], x.numel()
-    bufs = [torch.zeros(2 * n, dtype=x.dtype) for _ in range(2)]
+    # each buffer sits 8 elements into its allocation, as a symmetric buffer may (buffer_offset)
+    allocs = [torch.zeros(8 + 2 * n, dtype=x.dtype) for _ in range(2)]
+    bufs = [a[8:] for a in allocs]
     if push:
         bufs[0][n:] = peer.reshape(-1)
     else:
         bufs[1][:n] = peer.reshape(-1)
     pads = [torch.zeros(2 * MAX_PROGRAMS, dtype=torch.int32) for _ in range(2)]
     pads[0][1::2][: min(rows, MAX_PROGRAMS)] = 1  # slot program * 2 + peer: the peer arrived
-    buffer_ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    buffer_ptrs = torch.tensor([a.data_ptr() for a in allocs], dtype=torch.int64)
     pad_ptrs = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64)
     out, res_out = all_reduce_rms_norm(
-        x, residual, weight, eps, buffer_ptrs.data_ptr(), pad_ptrs.data_ptr(), 0, 2, push
+        x, residual, weight, eps, buffer_ptrs.data_ptr(), 8, pad_ptrs.data_ptr(), 0, 2, push
     )
+    assert not allocs[0][:8].any() and not allocs[1][:8].any()  # nothing before the buffers
     return out, res_out, bufs, pads
 
 

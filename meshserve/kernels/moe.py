@@ -1,11 +1,12 @@
 """Which mixture-of-experts path serves a call: the Triton kernels on a GPU where the backend selection
 enabled fused ops, else the torch reference (kernels/moe_ref.py). Same signature, same math.
 
-Triton paths (layers/backend_selection.py's `moe_legacy` picks the first; it is the GPU default until the
-second has run its GPU tests and tools/bench_moe.py on the H200, MESHSERVE_MOE_LEGACY=0 selects the second):
+Triton paths (layers/backend_selection.py's `moe_legacy` picks the first; the second is the GPU default since
+its GPU tests passed and tools/bench_moe.py measured it 1.4-2.3x faster per layer on the H200, 2026-11-30;
+MESHSERVE_MOE_LEGACY=1 selects the first):
   legacy   triton_moe.fused_experts with its first tile configs and its pair GEMV (torch routing)
-  new      small batches of 16-bit experts (gemv_serves: one token, or <= 64 pairs and no more pairs
-           than experts; a 16-bit shared MLP may ride along: folds_shared_mlp): triton_moe_gemv, two launches reading only the chosen experts' weights;
+  new      batch-1 calls of 16-bit experts (gemv_serves; a 16-bit shared MLP may ride along:
+           folds_shared_mlp): triton_moe_gemv, two launches reading only the chosen experts' weights;
            else (and for fp8 experts) triton_moe.fused_experts: Triton align, kernels/moe_configs.py's tuned
            tiles, one combine launch. Routing is one launch (triton_moe_routing) where it is a softmax top-k
 """
@@ -28,16 +29,14 @@ def _triton_moe():
     return triton_moe, triton_moe_gemv, triton_moe_routing
 
 
-# the GEMV path serves up to this many (token, slot) pairs, and no more pairs than experts. Past that experts
-# repeat across tokens, and each repeat reads the expert again (from L2 at best: the pairs of one column tile
-# run side by side), where the grouped GEMM reads it once per BLOCK_M rows. Qwen3-30B-A3B takes it up to
-# batch 8 (64 pairs of 128 experts), DeepSeek-V2-Lite to 10 (60 of 64), Mixtral to 4
-MAX_GEMV_PAIRS = 64
-
-
 def gemv_serves(num_tokens: int, pairs: int, num_experts: int) -> bool:
-    """Whether the MoE GEMV (triton_moe_gemv) takes a call of this shape (16-bit experts, not legacy)."""
-    return num_tokens == 1 or (pairs <= MAX_GEMV_PAIRS and pairs <= num_experts)
+    """Whether the MoE GEMV (triton_moe_gemv) takes a call of this shape (16-bit experts, not legacy): one token
+    only. Its pairs each read their expert, so an expert picked by two tokens is read twice, where the grouped
+    GEMM reads it once per BLOCK_M rows; measured on the H200 (tools/bench_moe.py, experts alone) the GEMV wins
+    at 1 token (Qwen3-30B-A3B 32-39 us) and loses at 8 (201 us against the grouped GEMM's 128; DeepSeek-V2-Lite
+    230 against 157), so batches of two and more go to the grouped GEMM."""
+    del pairs, num_experts  # one token's top-k experts are distinct: no repeats whatever the counts
+    return num_tokens == 1
 
 
 def fused_experts(

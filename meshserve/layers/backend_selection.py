@@ -41,10 +41,10 @@ Overrides (environment, read only here, for debugging and references):
                                             measured (tools/bench_mla_decode.py)
   MESHSERVE_MLA_DECODE_TILE=32,8,2          the MLA decode kernel's BLOCK_N, num_warps, num_stages (default:
                                             kernels/triton_mla._decode_config; tools/bench_mla_decode.py sweeps)
-  MESHSERVE_MOE_LEGACY=0                    the one-launch routing, the MoE GEMV (small batches) and the tuned
-                                            configs (kernels/moe.py) instead of the first Triton MoE (torch
-                                            routing and align, pair GEMV, first tile configs), which stays the
-                                            default (=1) until measured on the H200 (issues 23/24)
+  MESHSERVE_MOE_LEGACY=1                    the first Triton MoE (torch routing and align, pair GEMV, first tile
+                                            configs) instead of the default one-launch routing, MoE GEMV (one
+                                            token) and tuned configs (kernels/moe.py; 1.4-2.3x per layer on the
+                                            H200, issues 23/24)
   MESHSERVE_FP8_GEMV=cvt|half|scaled_mm     the batch-1 fp8-weight projection
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
                                             step; scaled_mm: torch._scaled_mm, the activation quantized per
@@ -253,9 +253,9 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         mla_decode_tile=_mla_decode_tile(),
         mla_balanced=os.environ.get(MLA_BALANCED_ENV, "") not in ("", "0"),
         pdl_policy=_pdl_policy(config, on_cuda),
-        # the first Triton MoE stays the default until the new path's GPU tests and bench have run (its bf16
-        # tl.dot cannot be checked in the interpreter): MESHSERVE_MOE_LEGACY=0 selects the new one
-        moe_legacy=on_cuda and os.environ.get(MOE_LEGACY_ENV, "1") not in ("", "0"),
+        # the first Triton MoE on request only (MESHSERVE_MOE_LEGACY=1): the new path passed its GPU tests and
+        # is faster at every batch measured (tools/bench_moe.py, 2026-11-30)
+        moe_legacy=on_cuda and os.environ.get(MOE_LEGACY_ENV, "") not in ("", "0"),
         fp8_gemv=_variant(FP8_GEMV_ENV, FP8_GEMV_CHOICES, KernelSelection.fp8_gemv),
         int4_gemv=_variant(INT4_GEMV_ENV, INT4_GEMV_CHOICES, KernelSelection.int4_gemv),
     )

@@ -131,10 +131,12 @@ def test_mla_prefill_reference_switch(monkeypatch):
 
 
 def test_moe_legacy_switch(monkeypatch):
-    # the first MoE path by default until the new one (fused routing, MoE GEMV, tuned configs) is measured
+    # the new MoE path (fused routing, MoE GEMV, tuned configs) by default; the first one on request
     gpu = _config(device="cuda", dtype="bfloat16")
     sel = select_kernels(gpu)
-    assert sel.moe_legacy and sel.fused_ops == fused_ops_importable() and sel.cuda_graphs
+    assert not sel.moe_legacy and sel.fused_ops == fused_ops_importable() and sel.cuda_graphs
+    monkeypatch.setenv("MESHSERVE_MOE_LEGACY", "1")
+    assert select_kernels(gpu).moe_legacy
     monkeypatch.setenv("MESHSERVE_MOE_LEGACY", "0")
     assert not select_kernels(gpu).moe_legacy
     assert not select_kernels(_config()).moe_legacy  # the CPU path has one MoE: the reference
@@ -177,7 +179,7 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("MESHSERVE_ATTENTION_BACKEND", "torch")
     monkeypatch.setenv("MESHSERVE_DISABLE_FUSED_OPS", "1")
     sel = select_kernels(_config(device="cuda"))
-    assert sel == KernelSelection(kv_cache_dtype=torch.float32, moe_legacy=True)  # the GPU default until measured
+    assert sel == KernelSelection(kv_cache_dtype=torch.float32)
     monkeypatch.setenv("MESHSERVE_ATTENTION_BACKEND", "flash")
     with pytest.raises(ValueError, match="unknown attention backend"):
         select_kernels(_config())

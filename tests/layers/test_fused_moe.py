@@ -86,7 +86,7 @@ def test_fused_routing_path_matches_the_routing_function_and_counts():
 @pytest.mark.parametrize("tokens", [1, 8, 100])
 def test_new_and_legacy_triton_paths_match_the_plain_layer_in_a_cuda_graph(tokens):
     """Qwen3-30B-A3B's routing (128 experts, top-8) at small widths, bf16 on a GPU: the new path (fused routing,
-    GEMV at 1 and 8 tokens, Triton align past them) and MESHSERVE_MOE_LEGACY's path, each captured in a CUDA
+    GEMV at 1 token, Triton align and the grouped GEMM from 8) and MESHSERVE_MOE_LEGACY's path, each captured in a CUDA
     graph and replayed on new inputs, give the plain layer's output and expert counts."""
     from meshserve.layers.backend_selection import PLAIN, KernelSelection
 

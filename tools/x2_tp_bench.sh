@@ -5,7 +5,7 @@
 # and the multi-GPU tests; STEP=pp: the PP = 2 GPU tests, W2 8B at TP = 1 and PP = 2 (depth 2 and 3);
 # STEP=p: step profiles; STEP=dp: W3 at DP=2 through the router beside DP=1; STEP=fn: the fused all-reduce +
 # add + RMSNorm kernel (MESHSERVE_TP_FUSED_NORM): its 2-GPU test, bench all-reduce, W1 8B at TP = 2 without it,
-# with it (pull, push) and TP = 1; STEP=fnt: the tp2-fused-norm layout tests (tokens = one GPU, bf16 = unfused TP = 2). Results
+# with it (pull); STEP=fn2: W1 8B TP = 2 push and TP = 1; STEP=fnt: the tp2-fused-norm layout tests (tokens = one GPU, bf16 = unfused TP = 2). Results
 # under $OUT.
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
@@ -105,6 +105,9 @@ fn)
   run_logged w1_8b_tp2 100 bench latency --model llama-3.1-8b --no-baseline -tp 2 --output-json $OUT/w1_8b_tp2.json
   MESHSERVE_TP_FUSED_NORM=pull run_logged w1_8b_tp2_fused_pull 100 bench latency --model llama-3.1-8b --no-baseline \
     -tp 2 --output-json $OUT/w1_8b_tp2_fused_pull.json
+  ;;
+fn2)
+  # the rest of fn's W1 runs (one device call is at most 600 s): push, and TP = 1 for the ratio
   MESHSERVE_TP_FUSED_NORM=push run_logged w1_8b_tp2_fused_push 100 bench latency --model llama-3.1-8b --no-baseline \
     -tp 2 --output-json $OUT/w1_8b_tp2_fused_push.json
   run_logged w1_8b_tp1 80 bench latency --model llama-3.1-8b --no-baseline -tp 1 --output-json $OUT/w1_8b_tp1.json

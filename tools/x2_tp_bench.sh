@@ -6,7 +6,9 @@
 # PROFILE); STEP=ho: the same with the PP token hand-off;
 # STEP=p: step profiles; STEP=dp: W3 at DP=1 and DP=2 back to back (DP_RUNS, default "1 2": DP=1, then DP=2 on
 # the internal back end, one API process per core; "2a1": DP=2 under one API process; "2r": DP=2 through the
-# router). Results under $OUT.
+# router); STEP=fn: the fused all-reduce + add + RMSNorm kernel (MESHSERVE_TP_FUSED_NORM): its 2-GPU test,
+# bench all-reduce, W1 8B at TP = 2 without it, with it (pull); STEP=fn2: W1 8B TP = 2 push and TP = 1;
+# STEP=fnt: the tp2-fused-norm layout tests (tokens = one GPU, bf16 = unfused TP = 2). Results under $OUT.
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 MS="python3 -m meshserve.cli"
@@ -137,5 +139,24 @@ ho)
     -pp 2 --pipeline-depth 3 --output-json $OUT/w2_8b_pp2_d3_ho.json
   MESHSERVE_PP_TOKEN_HANDOFF=1 run_logged w2_8b_pp2_d3_ho_part 95 bench throughput --model llama-3.1-8b \
     --no-baseline -pp 2 --pipeline-depth 3 --pp-layer-partition ${PART:-17,15} --output-json $OUT/w2_8b_pp2_d3_ho_part.json
+  ;;
+fn)
+  # a barrier bug hangs rather than fails: every step has its own timeout
+  timeout 150 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/kernels/test_triton_all_reduce_norm.py \
+    > $OUT/pytest_kernel.log 2>&1; echo "== kernel pytest rc $?"; tail -15 $OUT/pytest_kernel.log
+  timeout 120 $MS bench all-reduce -tp 2 --batches 1,4,16,64 --output-json $OUT/all_reduce_norm.json 2>&1 | tail -8
+  run_logged w1_8b_tp2 100 bench latency --model llama-3.1-8b --no-baseline -tp 2 --output-json $OUT/w1_8b_tp2.json
+  MESHSERVE_TP_FUSED_NORM=pull run_logged w1_8b_tp2_fused_pull 100 bench latency --model llama-3.1-8b --no-baseline \
+    -tp 2 --output-json $OUT/w1_8b_tp2_fused_pull.json
+  ;;
+fn2)
+  # the rest of fn's W1 runs (one device call is at most 600 s): push, and TP = 1 for the ratio
+  MESHSERVE_TP_FUSED_NORM=push run_logged w1_8b_tp2_fused_push 100 bench latency --model llama-3.1-8b --no-baseline \
+    -tp 2 --output-json $OUT/w1_8b_tp2_fused_push.json
+  run_logged w1_8b_tp1 80 bench latency --model llama-3.1-8b --no-baseline -tp 1 --output-json $OUT/w1_8b_tp1.json
+  ;;
+fnt)
+  timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_multi_gpu.py \
+    -k "${TESTS:-fused and llama}" > $OUT/pytest_fused.log 2>&1; echo "== pytest rc $?"; tail -20 $OUT/pytest_fused.log
   ;;
 esac

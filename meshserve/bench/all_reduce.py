@@ -1,5 +1,8 @@
 """`meshserve bench all-reduce`: the time of one TP all-reduce by message size, NCCL beside the one-shot
-symmetric-memory kernel, both replayed from CUDA graphs as the decode step runs them.
+symmetric-memory kernel, both replayed from CUDA graphs as the decode step runs them; and what the decoder
+layer runs after a row-parallel projection, the all-reduce + residual add + RMSNorm: the one-shot kernel then
+the Triton norm (one_shot_norm_us) beside the one fused kernel (fused_norm_us, MESHSERVE_TP_FUSED_NORM=pull;
+fused_push_norm_us: =push).
 
 A decode step of Llama-3.1-8B makes 65 all-reduces of batch x 4096 bf16 values (two per layer and the
 embedding); this measures what each costs, so the threshold between the two paths and the TP speed-up of
@@ -39,6 +42,37 @@ def _time_graph(fn, x, device) -> float:
     return best
 
 
+def _time_norms(fast, x, device) -> dict:
+    """All-reduce + add + RMSNorm per call, unfused (one-shot, then the Triton norm) and fused; each call's
+    new residual is the next call's input, as down_proj's sum becomes the next layer's residual."""
+    import torch
+
+    from meshserve.kernels.triton_ops import rms_norm
+
+    residual = torch.zeros_like(x)  # zeros: the chained values stay x * world^n, finite over the graph
+    weight = torch.ones(x.shape[-1], dtype=x.dtype, device=device)
+    if not fast.can_fuse_rms_norm(x, residual, weight):
+        return {}
+
+    def unfused(t):
+        return rms_norm(fast.all_reduce(t), weight, 1e-5, residual)[1]
+
+    def fused(t):
+        return fast.all_reduce_rms_norm(t, residual, weight, 1e-5)[1]
+
+    def fused_push(t):
+        return fast.all_reduce_rms_norm(t, residual, weight, 1e-5, push=True)[1]
+
+    runs = [("one_shot_norm_us", unfused), ("fused_norm_us", fused)]
+    if fast.can_fuse_rms_norm(x, residual, weight, push=True):
+        runs.append(("fused_push_norm_us", fused_push))
+    times = {}
+    for name, fn in runs:
+        with fast.forward_scope():
+            times[name] = _time_graph(fn, x.clone(), device)
+    return times
+
+
 def _rank(rank: int, world: int, port: int, hidden: int, batches: list[int], out_path: str) -> None:
     import torch
     import torch.distributed as dist
@@ -69,6 +103,7 @@ def _rank(rank: int, world: int, port: int, hidden: int, batches: list[int], out
             want = x.float() * world
             got = fast.all_reduce(x)
             row["one_shot_max_err"] = float((got.float() - want).abs().max())
+            row.update(_time_norms(fast, x, device))
         rows.append(row)
     if rank == 0:
         with open(out_path, "w") as f:
@@ -106,7 +141,8 @@ def run_all_reduce(ns) -> int:
 
 
 def add_all_reduce_parser(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("all-reduce", help="TP all-reduce time by size: NCCL vs one-shot (GPUs)")
+    p = bench_sub.add_parser("all-reduce", help="TP all-reduce time by size: NCCL vs one-shot, and + RMSNorm "
+                             "unfused vs fused (GPUs)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=2)
     p.add_argument("--hidden-size", type=int, default=4096, help="values per token (Llama-3.1-8B: 4096)")
     p.add_argument("--batches", default="1,2,4,8,16,32,64,128,256", help="tokens per all-reduce")

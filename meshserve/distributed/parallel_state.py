@@ -183,6 +183,18 @@ def tensor_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def tensor_parallel_all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                                        eps: float, push: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The TP sum of x, plus residual, RMS-normed, in one kernel (distributed/symm_mem_all_reduce.py; push:
+    the variant that writes into the peers' buffers): (normed, sum + residual), or None where that kernel does
+    not serve (no one-shot all-reduce set up, a message over its size, shapes or dtypes it lacks); every rank
+    decides alike from the same shapes."""
+    fast = _STATE.tp_fast_all_reduce
+    if _STATE.tp_size == 1 or fast is None or not fast.can_fuse_rms_norm(x, residual, weight, push):
+        return None
+    return fast.all_reduce_rms_norm(x, residual, weight, eps, push)
+
+
 def tensor_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Concatenate x along dim over the tensor-parallel group."""
     if _STATE.tp_size == 1:

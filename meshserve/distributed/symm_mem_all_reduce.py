@@ -15,6 +15,7 @@ replay the same sequence, so the parity must be fixed per forward, not carried a
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -44,6 +45,10 @@ class SymmMemAllReduce:
         self.buffers = [symm_mem.empty(numel, dtype=dtype, device=device) for _ in range(2)]
         self.handles = [symm_mem.rendezvous(b, group) for b in self.buffers]
         self.calls = 0
+        # the fused kernel addresses each rank's buffer through the handle's table of allocation starts; a
+        # symmetric buffer sits at the same offset into every rank's allocation
+        self.offsets = [_offset(h, b) for h, b in zip(self.handles, self.buffers, strict=True)]
+        self.fusable_norm = all(off is not None for off in self.offsets)
 
     def can_reduce(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
@@ -57,6 +62,26 @@ class SymmMemAllReduce:
         torch.ops.symm_mem.one_shot_all_reduce_copy_out(buf, x.view(-1), "sum", self.group_name, out.view(-1))
         return out
 
+    def can_fuse_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                          push: bool = False) -> bool:
+        """Whether all_reduce_rms_norm takes these (the Triton kernel imports and fits them; push puts every
+        rank's message in every buffer, so it takes messages up to max_bytes / world)."""
+        mod = _fused_norm_kernels()
+        if not (self.fusable_norm and mod is not None and self.can_reduce(x) and mod.fits(x, residual, weight)):
+            return False
+        return not push or x.numel() * x.element_size() * self.handles[0].world_size <= self.max_bytes
+
+    def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                            eps: float, push: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(all_reduce(x) + residual), all_reduce(x) + residual) in one kernel
+        (kernels/triton_all_reduce_norm.py: pull reads the peers' buffers, push writes into them), on the same
+        buffers and call parity as all_reduce."""
+        i = self.calls % 2
+        self.calls += 1
+        h = self.handles[i]
+        return _fused_norm_kernels().all_reduce_rms_norm(x, residual, weight, eps, h.buffer_ptrs_dev, self.offsets[i],
+                                                         h.signal_pad_ptrs_dev, h.rank, h.world_size, push)
+
     @contextlib.contextmanager
     def forward_scope(self):
         """Around one model forward (eager or captured): start on buffer 0, end with a barrier when the
@@ -66,6 +91,24 @@ class SymmMemAllReduce:
         if self.calls % 2:
             self.handles[0].barrier()
         self.calls = 0
+
+
+def _offset(handle, buffer: torch.Tensor) -> int | None:
+    """buffer's offset in elements into this rank's allocation of handle, or None where the fused kernel
+    cannot address it (an older handle without the device tables, a start that is not 16-byte aligned)."""
+    if not all(hasattr(handle, n) for n in ("buffer_ptrs", "buffer_ptrs_dev", "signal_pad_ptrs_dev")):
+        return None
+    nbytes = buffer.data_ptr() - handle.buffer_ptrs[handle.rank]
+    return nbytes // buffer.element_size() if nbytes >= 0 and nbytes % 16 == 0 else None
+
+
+@functools.cache
+def _fused_norm_kernels():
+    try:
+        from meshserve.kernels import triton_all_reduce_norm
+    except ImportError:  # no Triton: the all-reduce and the norm stay two kernels
+        return None
+    return triton_all_reduce_norm
 
 
 def try_symm_mem_all_reduce(group, device: torch.device, dtype: torch.dtype,
@@ -90,6 +133,8 @@ def try_symm_mem_all_reduce(group, device: torch.device, dtype: torch.dtype,
         logger.warning("tensor parallel all-reduce: NCCL (symmetric memory unavailable: %s)", why)
         return None
     comm.calls = 0
+    # every rank must take the fused kernel for the same calls (a rank alone in its barrier waits forever)
+    comm.fusable_norm = _agreed(comm.fusable_norm, group, device)
     logger.info("tensor parallel all-reduce: one-shot symmetric memory up to %d KiB, NCCL above",
                 max_bytes // 1024)
     return comm

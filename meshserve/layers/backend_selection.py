@@ -18,6 +18,10 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_DISABLE_FUSED_OPS=1             no fused Triton op: norm, rotary, SiLU, prologue, GEMV, sampler
   MESHSERVE_NORM_GEMV=1                     fold the residual add + RMSNorm into the QKV and gate/up GEMVs
                                             (opt-in until measured on the H200: issue 29)
+  MESHSERVE_TP_FUSED_NORM=1|pull|push       tensor parallel: each row-parallel projection's all-reduce, the
+                                            residual add and the next RMSNorm in one kernel over symmetric
+                                            memory (layers/all_reduce_norm.py); 1 = pull (read the peers'
+                                            buffers), push (write into them); opt-in until measured (issue 21)
   MESHSERVE_PDL=1|auto                      programmatic dependent launch of the decode-path Triton kernels on
                                             sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
                                             kernels/pdl.py); auto: only for models whose hidden size is at most
@@ -75,6 +79,8 @@ logger = logging.getLogger(__name__)
 ATTENTION_BACKEND_ENV = "MESHSERVE_ATTENTION_BACKEND"
 DISABLE_FUSED_OPS_ENV = "MESHSERVE_DISABLE_FUSED_OPS"
 NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
+TP_FUSED_NORM_ENV = "MESHSERVE_TP_FUSED_NORM"
+TP_FUSED_NORM_CHOICES = ("", "pull", "push")
 DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
@@ -106,6 +112,9 @@ class KernelSelection:
     fused_prologue: bool = False  # q/k norm + rotary + KV write in one kernel, through the Triton backend
     gemv: bool = False  # Triton GEMV for single 16-bit rows (batch-1 decode), SiLU fused into down_proj
     norm_gemv: bool = False  # residual add + RMSNorm inside the QKV / gate_up GEMV (layers/norm_linear.py)
+    # TP all-reduce + residual add + RMSNorm in one kernel after o_proj / down_proj (layers/all_reduce_norm.py):
+    # "" off, "pull" or "push" (TP_FUSED_NORM_CHOICES)
+    tp_fused_norm: str = ""
     fused_sampler: bool = False  # one Gumbel-max pass for batches that only ask for temperatures
     cuda_graphs: bool = False  # capture decode steps in CUDA graphs
     # small batches' decode graphs also captured for contexts up to each bound (fewer attention splits)
@@ -192,6 +201,14 @@ def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
         one_wave_only=os.environ.get(PDL_ONE_WAVE_ENV, "") not in ("", "0"),
         preload=os.environ.get(PDL_PRELOAD_ENV, "").strip().lower() or "all",
     )
+def _tp_fused_norm() -> str:
+    value = os.environ.get(TP_FUSED_NORM_ENV, "").strip().lower()
+    value = {"0": "", "1": "pull"}.get(value, value)
+    if value not in TP_FUSED_NORM_CHOICES:
+        raise ValueError(f"{TP_FUSED_NORM_ENV} takes 0, 1 (pull) or push, got {value!r}")
+    return value
+
+
 def _variant(env: str, choices: tuple[str, ...], default: str) -> str:
     value = os.environ.get(env, "").strip().lower() or default
     if value not in choices:
@@ -223,6 +240,8 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         fused_prologue=fused_ops and attention == "triton",
         gemv=gemv,
         norm_gemv=gemv and fused_ops and os.environ.get(NORM_GEMV_ENV, "") not in ("", "0"),
+        # off a GPU the layers take the same order with the all-reduce and the norm apart (tests the wiring)
+        tp_fused_norm=_tp_fused_norm(),
         fused_sampler=fused_ops,
         cuda_graphs=cuda_graphs,
         decode_context_bounds=_decode_context_bounds() if cuda_graphs else (),

@@ -34,13 +34,15 @@ class VocabParallelEmbedding(nn.Module):
         param.data.zero_()
         param.data[: part.shape[0]].copy_(part)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """The embedding rows; with reduce=False and TP, this rank's share (zeros outside its vocabulary) for a
+        caller that all-reduces it itself."""
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.vocab_start
         mask = (local >= 0) & (local < self.num_per_rank)
         out = F.embedding(local.clamp(0, self.num_per_rank - 1), self.weight) * mask.unsqueeze(-1)
-        return tensor_parallel_all_reduce(out)
+        return tensor_parallel_all_reduce(out) if reduce else out
 
 
 class ParallelLMHead(VocabParallelEmbedding):

@@ -202,30 +202,37 @@ class RowParallelLinear(LinearBase):
         size = -(-self.in_features // pack)  # (ceil: see _copy_output_slice)
         _copy_into(param.data, narrow_weight(loaded, dim, self.tp_rank * size, size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tensor_parallel_all_reduce(self.quant_method.apply(self, x, self.bias))
+    # reduce=False: this rank's partial sums, for a caller that all-reduces them itself (with the next norm:
+    # layers/all_reduce_norm.py)
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        return _reduced(self.quant_method.apply(self, x, self.bias), reduce)
 
-    def forward_fp8_rows(self, xq: torch.Tensor, xs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        return tensor_parallel_all_reduce(super().forward_fp8_rows(xq, xs, out_dtype))
+    def forward_fp8_rows(self, xq: torch.Tensor, xs: torch.Tensor, out_dtype: torch.dtype,
+                         reduce: bool = True) -> torch.Tensor:
+        return _reduced(super().forward_fp8_rows(xq, xs, out_dtype), reduce)
 
-    def fused_gated_forward(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+    def fused_gated_forward(self, gate_up: torch.Tensor, reduce: bool = True) -> torch.Tensor | None:
         """forward(silu(gate) * up) in one GEMV when gate_up is a single 16-bit row on a GPU (batch-1
         decode: the activation never goes to memory); with fp8 weights, SiLU-and-mul writes the fp8 rows
         and their per-token scales in one kernel (kernels/triton_fp8_fused.py); None when neither applies."""
         if self.quantized:
-            return self._fp8_gated_forward(gate_up)
+            return self._fp8_gated_forward(gate_up, reduce)
         mod = gemv_for(gate_up, self.weight, self.kernels.gemv)
         # every program of the GEMV re-reads the whole gate/up row from L2 and recomputes SiLU: a win for
         # small MLPs (Qwen3-0.6B, K = 3072: decode 786 -> 804 tok/s on an H100) and a loss for large ones
         # (Llama-3.1-8B, K = 14336: 167 -> 163 tok/s), where the separate SiLU kernel is cheaper
         if mod is None or self.weight.shape[1] > _MAX_FUSED_GATED_K:
             return None
-        return tensor_parallel_all_reduce(mod.gemv(gate_up, self.weight, self.bias, gated=True))
+        return _reduced(mod.gemv(gate_up, self.weight, self.bias, gated=True), reduce)
 
-    def _fp8_gated_forward(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+    def _fp8_gated_forward(self, gate_up: torch.Tensor, reduce: bool) -> torch.Tensor | None:
         d = gate_up.shape[-1] // 2
         fused = fp8_fused_for(gate_up, d) if gate_up.dim() == 2 else None
         if fused is None or not self.quant_method.takes_fp8_rows(self, gate_up[:, :d]):  # (a view: its shape)
             return None
         xq, xs = fused.silu_and_mul_quant_fp8(gate_up)
-        return self.forward_fp8_rows(xq, xs, gate_up.dtype)
+        return self.forward_fp8_rows(xq, xs, gate_up.dtype, reduce)
+
+
+def _reduced(partial: torch.Tensor, reduce: bool) -> torch.Tensor:
+    return tensor_parallel_all_reduce(partial) if reduce else partial

@@ -9,8 +9,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from meshserve.distributed.parallel_state import get_tp_size
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.activation import SiluAndMul
+from meshserve.layers.all_reduce_norm import all_reduce_rms_norm
 from meshserve.layers.attention import Attention
 from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -65,12 +67,14 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.from_qkv(positions, self.qkv_proj(hidden), meta)
 
-    def from_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """forward after the QKV projection (which the decoder layer may have fused with its norm)."""
+    def from_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata,
+                 reduce: bool = True) -> torch.Tensor:
+        """forward after the QKV projection (which the decoder layer may have fused with its norm);
+        reduce=False: o_proj's partial sums, left for the decoder layer to all-reduce with the next norm."""
         if self.attn.can_fuse_prologue:
             # the attention backend's one kernel: split, q/k norm, rotary, KV write (same roundings as below)
             return self.o_proj(self.attn.forward_qkv(qkv, positions, self.rotary_emb, self.q_norm, self.k_norm,
-                                                     meta))
+                                                     meta), reduce)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -79,7 +83,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.o_proj(self.attn(q, k, v, meta), reduce)
 
 
 class LlamaMLP(nn.Module):
@@ -94,11 +98,12 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_gate_up(self.gate_up_proj(x))
 
-    def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """forward after the gate/up projection (which the decoder layer may have fused with its norm)."""
+    def from_gate_up(self, gate_up: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """forward after the gate/up projection (which the decoder layer may have fused with its norm);
+        reduce=False: down_proj's partial sums, left for the caller to all-reduce with the next norm."""
         # batch 1 on a GPU: the activation inside the GEMV; fp8 weights: SiLU-and-mul writes fp8 rows
-        fused = self.down_proj.fused_gated_forward(gate_up)
-        return fused if fused is not None else self.down_proj(self.act_fn(gate_up))
+        fused = self.down_proj.fused_gated_forward(gate_up, reduce)
+        return fused if fused is not None else self.down_proj(self.act_fn(gate_up), reduce)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -138,6 +143,16 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def forward_partial(self, positions, partial, residual, meta):
+        """forward on the TP path that all-reduces each row-parallel projection's output together with the
+        next residual add + RMSNorm (layers/all_reduce_norm.py): takes the previous projection's partial sums
+        and returns down_proj's (LlamaModel reduces them with the next layer's norm, or the final one)."""
+        hidden, residual = all_reduce_rms_norm(self.input_layernorm, partial, residual)
+        attn = self.self_attn
+        partial = attn.from_qkv(positions, attn.qkv_proj(hidden), meta, reduce=False)
+        hidden, residual = all_reduce_rms_norm(self.post_attention_layernorm, partial, residual)
+        return self.mlp.from_gate_up(self.mlp.gate_up_proj(hidden), reduce=False), residual
+
 
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm; with pipeline parallelism only this stage's part."""
@@ -155,8 +170,18 @@ class LlamaModel(nn.Module):
             lambda i: LlamaDecoderLayer(hf_config, rotary_emb, make_mlp(i) if make_mlp else None,
                                         make_attention(i, rotary_emb) if make_attention else None))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps) if last else PPMissingLayer()
+        # TP without pipeline stages and with only our attention and MLP (whose projections can leave their
+        # sums unreduced): each all-reduce can fuse with the add + norm after it, under the selection's switch
+        local = self.layers[self.start_layer : self.end_layer]
+        self.can_fuse_all_reduce_norm = (first and last and get_tp_size() > 1
+                                         and all(layer.folds_attn_norm and layer.folds_mlp_norm for layer in local))
 
     def forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):
+        if self.can_fuse_all_reduce_norm and self.norm.kernels.tp_fused_norm:
+            partial, residual = self.embed_tokens(input_ids, reduce=False), None
+            for layer in self.layers[self.start_layer : self.end_layer]:
+                partial, residual = layer.forward_partial(positions, partial, residual, meta)
+            return all_reduce_rms_norm(self.norm, partial, residual)[0]
         if intermediate is None:
             hidden, residual = self.embed_tokens(input_ids), None
         else:

@@ -1,6 +1,7 @@
 """Generates with one parallel layout in a fresh process and prints the outputs as JSON (the multi-GPU tests
 start one per layout: each needs its own torch.distributed world). Usage:
-python tests/gpu/layout_run.py MODEL DTYPE TP PP ALL_REDUCE(auto|nccl) [PIPELINE_DEPTH [NUM_PROMPTS]]"""
+python tests/gpu/layout_run.py MODEL DTYPE TP PP ALL_REDUCE(auto|nccl|fused-norm|fused-push) [PIPELINE_DEPTH [NUM_PROMPTS]]
+(fused-*: the one-shot all-reduce with MESHSERVE_TP_FUSED_NORM=pull|push in the environment, set by the caller)"""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ def prompts(n: int = 6) -> list[dict]:
 def main() -> None:
     from meshserve import LLM, SamplingParams
     from meshserve.distributed.parallel_state import get_parallel_state
+    from meshserve.distributed.symm_mem_all_reduce import SymmMemAllReduce
+
+    fused_calls = []  # rank 0's fused all-reduce + norm kernel calls (eager and captured)
+    fused = SymmMemAllReduce.all_reduce_rms_norm
+
+    def counting(self, *args):
+        fused_calls.append(1)
+        return fused(self, *args)
+
+    SymmMemAllReduce.all_reduce_rms_norm = counting
 
     model, dtype, tp, pp, all_reduce = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     depth = int(sys.argv[6]) if len(sys.argv) > 6 else 0
@@ -33,6 +44,7 @@ def main() -> None:
         "fast_all_reduce": get_parallel_state().tp_fast_all_reduce is not None,
         "async": llm.engine.async_scheduling,
         "gemv": llm.engine.runner.kernels.gemv,
+        "fused_norm_calls": len(fused_calls),
         "pipeline_depth": llm.engine.core.pipeline_depth,
         "handoff_lag": llm.engine.core.scheduler.handoff_lag,
         # per rank: its pipeline stage's steps that replayed a graph / ran eagerly ([] unsplit)

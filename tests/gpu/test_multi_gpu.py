@@ -15,7 +15,9 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
 
-LAYOUTS = [(2, 1, "auto"), (2, 1, "nccl"), (1, 2, "auto")]  # (tp, pp, all-reduce)
+# (tp, pp, all-reduce); fused-norm: one-shot with the all-reduce + add + RMSNorm kernel (MESHSERVE_TP_FUSED_NORM)
+LAYOUTS = [(2, 1, "auto"), (2, 1, "nccl"), (1, 2, "auto"), (2, 1, "fused-norm"), (2, 1, "fused-push")]
+IDS = ["tp2", "tp2-nccl", "pp2", "tp2-fused-norm", "tp2-fused-push"]
 RUNNER = os.path.join(os.path.dirname(__file__), "layout_run.py")
 
 
@@ -24,6 +26,7 @@ def _run(model: str, dtype: str, tp: int, pp: int, all_reduce: str, depth: int =
          handoff: bool = False) -> dict:
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
                MESHSERVE_PP_TOKEN_HANDOFF="1" if handoff else "0")
+    env["MESHSERVE_TP_FUSED_NORM"] = {"fused-norm": "pull", "fused-push": "push"}.get(all_reduce, "0")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, RUNNER, model, dtype, str(tp), str(pp), all_reduce, str(depth),
@@ -39,18 +42,19 @@ def model(request):
     return request.param
 
 
-@pytest.mark.parametrize("tp,pp,all_reduce", LAYOUTS, ids=["tp2", "tp2-nccl", "pp2"])
+@pytest.mark.parametrize("tp,pp,all_reduce", LAYOUTS, ids=IDS)
 def test_layout_fp32_tokens_equal_one_gpu(model, tp, pp, all_reduce):
     one = _run(model, "float32", 1, 1, "auto")
     got = _run(model, "float32", tp, pp, all_reduce)
     assert got["graphs"] and one["graphs"]
-    assert got["fast_all_reduce"] == (tp > 1 and all_reduce == "auto")
+    assert got["fast_all_reduce"] == (tp > 1 and all_reduce != "nccl")
+    assert (got["fused_norm_calls"] > 0) == all_reduce.startswith("fused")
     assert got["async"] == (pp == 1)
     assert got["tokens"] == one["tokens"]
     assert got["sampled"] == one["sampled"]
 
 
-@pytest.mark.parametrize("tp,pp,all_reduce", LAYOUTS, ids=["tp2", "tp2-nccl", "pp2"])
+@pytest.mark.parametrize("tp,pp,all_reduce", LAYOUTS, ids=IDS)
 def test_layout_bf16_logprobs_within_tolerance(model, tp, pp, all_reduce):
     one = _run(model, "bfloat16", 1, 1, "auto")
     got = _run(model, "bfloat16", tp, pp, all_reduce)
@@ -100,3 +104,14 @@ def test_pp2_batch1_bf16_gemv_under_graphs(model):
     first, last = got["stage_counts"]
     assert first["graph_steps"] > 0 and last["graph_steps"] > 0
     assert got["tokens"] == one["tokens"]
+
+
+@pytest.mark.parametrize("variant", ["fused-norm", "fused-push"])
+def test_tp2_fused_norm_bf16_tokens_equal_unfused_tp2(model, variant):
+    """bf16 at TP = 2, the all-reduce + add + RMSNorm kernel against the one-shot all-reduce and the Triton
+    norm: with two ranks the sums and residuals are the same bits (one rounding of an exact fp32 sum) and the
+    norm computes as triton_ops.rms_norm does, so greedy tokens match (a near-tie could move a last bit)."""
+    plain = _run(model, "bfloat16", 2, 1, "auto")
+    got = _run(model, "bfloat16", 2, 1, variant)
+    assert got["fused_norm_calls"] > 0 and plain["fused_norm_calls"] == 0
+    assert got["tokens"] == plain["tokens"]

@@ -27,7 +27,9 @@ def tokenizer_dir_of(args: EngineArgs) -> str | None:
         from meshserve.models.gguf_cache import cached_hf_dir_for_gguf  # file-locked: safe beside the core
 
         return str(cached_hf_dir_for_gguf(find_embedded_gguf(), progress=False))
-    if os.path.isdir(args.model) and any(os.path.exists(os.path.join(args.model, f)) for f in _TOKENIZER_FILES):
+    if os.path.isdir(args.model) and any(
+        os.path.exists(os.path.join(args.model, f)) for f in _TOKENIZER_FILES
+    ):
         return args.model
     return None
 

@@ -110,6 +110,7 @@ def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket
                                          tokenizer_loader=tokenizer.load)
         startup_timeline.mark("tokenizer + core client")
     except BaseException:  # a failed load, or Ctrl-C while importing or loading: the core goes too
+        startup_timeline.finish()  # over: a later start-up in this process begins its own timeline
         if core is not None:
             core.kill()
         raise
@@ -120,6 +121,7 @@ def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket
         print(f"meshserve: serving {config.model_name} on http://{opts.host}:{opts.port}", flush=True)
         serve_http(allm, config, sock, opts)
     finally:
+        startup_timeline.finish()
         allm.shutdown()
         sock.close()
     return 0
@@ -225,6 +227,7 @@ def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: sock
         _stop_all(procs, config.drain_timeout_s + 5.0)
         return code
     finally:
+        startup_timeline.finish()
         _stop_all(procs, 0.0)
         if core is not None:
             core.shutdown()

@@ -5,13 +5,15 @@ served by uvicorn on the socket the CLI bound.
 
 N processes (vLLM's `--api-server-count`): HTTP parsing, JSON and SSE encoding, tokenization and
 detokenization are per-request Python work on one GIL, so one API process saturates long before the GPU does.
-This process starts the engine core, then N API processes that each connect to it as a front end of their
-own (the core routes every request's outputs back to the process that sent it) and serve on the one listening
+This process starts the engine core and, while it loads, N API processes (their imports and tokenizers
+overlap the model's load; each one's hello is answered once the core is ready) that each connect to it as a
+front end of their own (the core routes every request's outputs back to the process that sent it) and serve on the one listening
 socket, inherited from here (the kernel hands each connection to whichever process accepts first, i.e. the
 least busy). /metrics: request series are kept in prometheus_client's multiprocess files and summed across
 processes at every scrape; the engine's gauges are the same in every process. SIGTERM / SIGINT here drains
 every API process (each answers 503 to new requests and finishes its streams), then stops the core; each
-child dies with this process (PR_SET_PDEATHSIG), so nothing is orphaned.
+child dies with this process (PR_SET_PDEATHSIG), so nothing is orphaned; a core that fails to load stops
+them all, with its error. Start-up: every process's phases are logged as one line (engine/startup_timeline.py).
 
 This module imports nothing heavy at the top: spawned API processes unpickle their arguments before
 setting PROMETHEUS_MULTIPROC_DIR, which must come before prometheus_client is imported.
@@ -69,7 +71,8 @@ def serve_http(allm, config: ServeConfig, sock: socket.socket, opts: HttpOptions
     startup_timeline.mark("app built")
 
     def log_timeline(own: startup_timeline.Segment) -> None:
-        logger.info("%s", startup_timeline.summary(startup_timeline.merge(own, allm.core_client.info.startup)))
+        segments = startup_timeline.merge(own, allm.core_client.info.startup)
+        logger.info("%s", startup_timeline.summary(segments))
 
     def listening() -> None:
         startup_timeline.mark("listening")
@@ -152,10 +155,9 @@ def _api_process_main(addresses, index: int, config: ServeConfig, sock: socket.s
     from meshserve.engine.async_engine import AsyncLLM
     from meshserve.engine.core_process import ZmqCoreClient
     from meshserve.engine.early_tokenizer import EarlyTokenizer
-
-    startup_timeline.mark("imports")
     from meshserve.errors import EngineDeadError
 
+    startup_timeline.mark("imports")
     tokenizer = EarlyTokenizer(engine_args)
     try:
         client = ZmqCoreClient(addresses, f"api-{index}".encode(), hello_timeout_s=_CORE_STARTUP_TIMEOUT_S)

@@ -97,6 +97,13 @@ class ServiceLevelError(RetryableError):
     code = "slo_unattainable"
 
 
+class ServiceLevelShedError(ServiceLevelError):
+    """A queued request dropped once it could no longer meet its time-to-first-token target (--slo-shed-late):
+    the same 429 as a refusal at arrival, told apart by its code (its answer comes late by nature)."""
+
+    code = "slo_shed"
+
+
 class ServerDrainingError(RetryableError):
     """The server is shutting down and takes no new requests."""
 

@@ -50,6 +50,7 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0
     error: str | None = None
+    code: str | None = None  # an error answer's OpenAI error code (slo_unattainable, slo_shed, ...)
     send_lag: float = 0.0  # how late the request left against its arrival time (the client keeping up)
     # after the request left: its headers going out (connection pool wait + TCP connect) and the response's
     # headers coming back (server accept queue + HTTP layer), so a slow front door is not hidden in TTFT
@@ -138,6 +139,7 @@ async def send_request(client, url: str, body: dict[str, Any], chat: bool) -> Re
                 text = (await resp.aread()).decode(errors="replace")
                 result.e2e = time.perf_counter() - start  # the refusal's latency: send to its whole answer
                 result.error = f"HTTP {resp.status_code}: {text[:200]}"
+                result.code = _error_code(text)
                 return result
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
@@ -262,12 +264,23 @@ def _stats(values: list[float], prefix: str) -> dict[str, float]:
             f"{prefix}_p90": float(np.percentile(a, 90)), f"{prefix}_p99": float(np.percentile(a, 99))}
 
 
+def _error_code(body: str) -> str | None:
+    """The `code` of an OpenAI-shaped error body, None when the body is not one."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    return error.get("code") if isinstance(error, dict) and isinstance(error.get("code"), str) else None
+
+
 def failure_kind(r: RequestResult) -> str:
-    """How a failed request failed: its HTTP status ("429", "503", ...), "stream" (an error event after a 200),
-    or "no_response" (connection error, timeout)."""
+    """How a failed request failed: its HTTP status ("429", "503", ...) and error code where the answer has
+    one ("429 slo_shed"), "stream" (an error event after a 200), or "no_response" (connection error, timeout)."""
     if r.status is None:
         return "no_response"
-    return "stream" if r.status == 200 else str(r.status)
+    if r.status == 200:
+        return "stream"
+    return f"{r.status} {r.code}" if r.code else str(r.status)
 
 
 def summarize(results: list[RequestResult], duration: float, load: float, load_kind: str = "qps",
@@ -297,8 +310,11 @@ def summarize(results: list[RequestResult], duration: float, load: float, load_k
     for r in failed:
         by_kind[failure_kind(r)] = by_kind.get(failure_kind(r), 0) + 1
     summary["failed_by_status"] = dict(sorted(by_kind.items()))
-    # refusals the server answered (an error status): how long a client waited for its "no"
-    summary.update(_stats([r.e2e for r in failed if r.status is not None and r.status >= 400], "reject_latency"))
+    # refusals the server answered (an error status): how long a client waited for its "no"; requests shed
+    # from the queue (slo_shed: admitted, then too late for their TTFT target) apart, as they answer late
+    refused = [r for r in failed if r.status is not None and r.status >= 400]
+    summary.update(_stats([r.e2e for r in refused if r.code != "slo_shed"], "reject_latency"))
+    summary.update(_stats([r.e2e for r in refused if r.code == "slo_shed"], "shed_latency"))
     errors = [r.error for r in results if r.error]
     if errors:
         summary["first_error"] = errors[0]
@@ -324,6 +340,8 @@ def _failures(s: dict[str, Any]) -> str:
     if not math.isnan(s.get("reject_latency_p50", math.nan)):
         text += (f", refused in p50 {s['reject_latency_p50'] * 1e3:.1f} ms "
                  f"p99 {s['reject_latency_p99'] * 1e3:.1f} ms")
+    if not math.isnan(s.get("shed_latency_p50", math.nan)):
+        text += f", shed after p50 {s['shed_latency_p50'] * 1e3:.1f} ms"
     return text
 
 

@@ -37,7 +37,7 @@ from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence, SequenceStatus
 from meshserve.engine.step_profiler import phase
 from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel, step_weights
-from meshserve.errors import InvalidArgumentError, ServiceLevelError
+from meshserve.errors import InvalidArgumentError, ServiceLevelShedError
 from meshserve.spec_decode.speculator import Speculator
 from meshserve.structured.bitmask import fill_bitmasks
 from meshserve.structured.compiler import GrammarCompiler
@@ -401,7 +401,7 @@ class EngineCore:
         for seq in self.scheduler.shed:  # too late for their time-to-first-token target: a clean 429
             self.requests.pop(seq.request_id, None)
             self._prompt_logprobs_sent.pop(seq.request_id, None)
-            self._errors.append(error_to_message(seq.request_id, ServiceLevelError(
+            self._errors.append(error_to_message(seq.request_id, ServiceLevelShedError(
                 "the server cannot meet this request's time-to-first-token target now; retry later")))
         self.num_shed += len(self.scheduler.shed)
         self.scheduler.shed.clear()

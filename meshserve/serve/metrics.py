@@ -204,8 +204,9 @@ class ServerMetrics:
         self.e2e = Histogram("meshserve:e2e_request_latency_seconds", "Request arrival to last token.",
                              buckets=_E2E_BUCKETS, registry=r)
         self.rejected = Counter("meshserve:requests_rejected", "Requests refused with 429/503, by reason (the "
-                                "error code: server_overloaded, slo_unattainable, ...).", ["reason"], registry=r)
-        for reason in ("server_overloaded", "slo_unattainable"):
+                                "error code: server_overloaded, slo_unattainable at arrival, slo_shed from the queue, ...).", ["reason"],
+                                registry=r)
+        for reason in ("server_overloaded", "slo_unattainable", "slo_shed"):
             self.rejected.labels(reason)
         self.slo = Counter("meshserve:requests_slo", "Finished requests with service-level targets: whether "
                            "they met them (TTFT and time per output token). Goodput = rate of met.",

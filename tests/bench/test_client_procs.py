@@ -14,7 +14,14 @@ import pytest
 import uvicorn
 
 from meshserve.bench.client_procs import merge_results, run_load_in_procs, split_concurrency, split_requests
-from meshserve.bench.serve_bench import BenchRequest, RequestResult, lag_warning, run_load, summarize
+from meshserve.bench.serve_bench import (
+    BenchRequest,
+    RequestResult,
+    format_point,
+    lag_warning,
+    run_load,
+    summarize,
+)
 from meshserve.cli import main
 
 
@@ -223,9 +230,9 @@ def test_refusals_are_counted_by_status_with_their_latency(tmp_path, capsys):
     assert rc == 0  # some requests completed
     point = json.loads(out.read_text())["points"][0]
     assert refused >= 1 and point["failed"] == refused and point["completed"] == 20 - refused
-    assert point["failed_by_status"] == {"429": refused}
+    assert point["failed_by_status"] == {"429 slo_unattainable": refused}
     assert 0.05 <= point["reject_latency_p50"] <= point["reject_latency_p99"] < 2.0
-    assert f"failed: {refused} 429, refused in p50" in capsys.readouterr().out
+    assert f"failed: {refused} 429 slo_unattainable, refused in p50" in capsys.readouterr().out
 
 
 def test_summary_counts_failures_by_kind_and_times_refusals_only():
@@ -234,9 +241,12 @@ def test_summary_counts_failures_by_kind_and_times_refusals_only():
     failed = [RequestResult(ok=False, e2e=0.3, status=503, error="HTTP 503"),
               RequestResult(ok=False, e2e=5.0, status=200, error="engine died"),  # an error event mid-stream
               RequestResult(ok=False, e2e=9.0, error="ConnectError: refused")]  # no response at all
-    s = summarize([ok, *refused, *failed], 1.0, 10.0)
-    assert s["failed"] == 7
-    assert s["failed_by_status"] == {"429": 4, "503": 1, "no_response": 1, "stream": 1}
-    # the refusals answered with an error status: 10, 20, 30, 40 ms and 300 ms
+    shed = RequestResult(ok=False, e2e=0.9, status=429, error="HTTP 429", code="slo_shed")
+    s = summarize([ok, *refused, *failed, shed], 1.0, 10.0)
+    assert s["failed"] == 8
+    assert s["failed_by_status"] == {"429": 4, "429 slo_shed": 1, "503": 1, "no_response": 1, "stream": 1}
+    # the refusals answered with an error status: 10, 20, 30, 40 ms and 300 ms; the shed one apart
     assert s["reject_latency_p50"] == pytest.approx(0.03) and s["reject_latency_mean"] == pytest.approx(0.08)
+    assert s["shed_latency_p50"] == pytest.approx(0.9) and "shed after p50 900.0 ms" in format_point(
+        {**s, "qps": 10.0})
     assert summarize([ok], 1.0, 10.0)["failed_by_status"] == {}

@@ -105,8 +105,10 @@ def test_a_request_shed_in_the_queue_gets_the_same_clean_429(slo_server):
         allm._stats = SchedulerStats()  # then the front end's view: an idle engine, so it admits
         shed_before = _metric(slo_server.base_url, "meshserve:requests_shed_total")
         r = httpx.post(slo_server.v1 + "/completions", json=_body(), timeout=30)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "slo_unattainable"
-        assert "retry-after" in r.headers
+        # shed from the queue: the same 429, its code telling it from a refusal at arrival
+        assert r.status_code == 429 and r.json()["error"]["code"] == "slo_shed"
+        assert r.json()["error"]["type"] == "rate_limit_error" and "retry-after" in r.headers
+        assert _metric(slo_server.base_url, 'meshserve:requests_rejected_total{reason="slo_shed"}') >= 1
         deadline = time.monotonic() + 5
         while _metric(slo_server.base_url, "meshserve:requests_shed_total") < shed_before + 1:
             assert time.monotonic() < deadline

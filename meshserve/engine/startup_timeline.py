@@ -81,37 +81,32 @@ def launch_time() -> float:
 
 
 _segment: Segment | None = None
-_finished = False  # this process's last segment was summarized: a later engine measures from its own begin
+_handed_over = False  # the segment under way continues in the next begin() (the CLI's, into the server's)
 
 
-def begin(label: str | None = None) -> Segment:
-    """This process's segment, labelled `label`: the one under way (its phases so far are this start-up's, e.g.
-    the CLI's before the server starts), else a new one from the process's start, or from now for a later
-    engine of a process whose earlier start-up is over (finish())."""
-    global _segment, _finished
-    if _segment is not None and _segment.pid == os.getpid() and not _finished:
-        _segment.label = label or _segment.label
-        return _segment
+def begin(label: str | None = None, hand_over: bool = False) -> Segment:
+    """A new segment for this process, labelled `label`: from the process's start for its first one, from now
+    for a later engine's. Where the last one was begun with hand_over (the CLI's phases before the server it
+    starts), that one continues under the new label instead."""
+    global _segment, _handed_over
+    pid = os.getpid()
     label = label or multiprocessing.current_process().name
-    if _segment is not None and _segment.pid == os.getpid():
+    if _segment is not None and _segment.pid == pid and _handed_over:
+        _segment.label = label
+    elif _segment is not None and _segment.pid == pid:
         now = time.time()
-        _segment = Segment(label, os.getpid(), now, now)
+        _segment = Segment(label, pid, now, now)
     else:  # the first in this process (a forked child starts its own)
-        _segment = Segment(label, os.getpid(), process_start_time(), launch_time())
-    _finished = False
+        _segment = Segment(label, pid, process_start_time(), launch_time())
+    _handed_over = hand_over
     return _segment
 
 
 def current() -> Segment:
-    return begin()
-
-
-def finish() -> Segment:
-    """This start-up is over (summarized): the next begin() starts a new segment from then."""
-    global _finished
-    seg = current()
-    _finished = True
-    return seg
+    """This process's segment under way (begun on first use)."""
+    if _segment is None or _segment.pid != os.getpid():
+        return begin()
+    return _segment
 
 
 def mark(phase: str, sync=None) -> None:

@@ -34,12 +34,9 @@ class LLM:
         self.engine_args = EngineArgs(model=model, **kwargs)
         startup_timeline.begin("LLM")
         startup_timeline.mark("before LLM()")
-        try:
-            self.engine = LLMEngine.from_engine_args(self.engine_args)
-            startup_timeline.mark("tokenizer")
-        finally:  # the next engine of this process begins a timeline of its own, this one loaded or not
-            own = startup_timeline.finish()
-        segments = startup_timeline.merge(own, self.engine.core_client.info.startup)
+        self.engine = LLMEngine.from_engine_args(self.engine_args)
+        startup_timeline.mark("tokenizer")
+        segments = startup_timeline.merge(startup_timeline.current(), self.engine.core_client.info.startup)
         logger.info("%s", startup_timeline.summary(segments))
 
     def get_tokenizer(self):

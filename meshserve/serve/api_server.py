@@ -76,7 +76,7 @@ def serve_http(allm, config: ServeConfig, sock: socket.socket, opts: HttpOptions
 
     def listening() -> None:
         startup_timeline.mark("listening")
-        own = startup_timeline.finish()
+        own = startup_timeline.current()
         app.state.metrics.startup_seconds.set(own.end - own.launch)
         (on_listening or log_timeline)(own)
     uv_config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level,
@@ -113,7 +113,6 @@ def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket
                                          tokenizer_loader=tokenizer.load)
         startup_timeline.mark("tokenizer + core client")
     except BaseException:  # a failed load, or Ctrl-C while importing or loading: the core goes too
-        startup_timeline.finish()  # over: a later start-up in this process begins its own timeline
         if core is not None:
             core.kill()
         raise
@@ -124,7 +123,6 @@ def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket
         print(f"meshserve: serving {config.model_name} on http://{opts.host}:{opts.port}", flush=True)
         serve_http(allm, config, sock, opts)
     finally:
-        startup_timeline.finish()
         allm.shutdown()
         sock.close()
     return 0
@@ -229,7 +227,6 @@ def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: sock
         _stop_all(procs, config.drain_timeout_s + 5.0)
         return code
     finally:
-        startup_timeline.finish()
         _stop_all(procs, 0.0)
         if core is not None:
             core.shutdown()
@@ -243,7 +240,7 @@ class _TimelineReports:
     """Collects the API processes' start-up segments; logs the whole timeline once all of them listen."""
 
     def __init__(self, core_segments: list, ready_queue, count: int):
-        self.own = startup_timeline.finish()
+        self.own = startup_timeline.current()
         self.core_segments = core_segments
         self.queue = ready_queue
         self.count = count

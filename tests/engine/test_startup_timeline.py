@@ -69,13 +69,13 @@ def test_a_child_reads_its_own_start_and_the_launch_its_parent_passed_down():
 
 def test_a_later_engine_in_the_same_process_measures_from_its_own_begin(monkeypatch):
     monkeypatch.setattr(startup_timeline, "_segment", None)
-    first = startup_timeline.begin("LLM")
+    first = startup_timeline.begin("cli", hand_over=True)
     assert first.start == pytest.approx(startup_timeline.process_start_time(), abs=0.05)
-    startup_timeline.mark("config")
-    assert startup_timeline.begin("api") is first and first.label == "api"  # under way: relabelled, kept
-    assert startup_timeline.finish() is first
+    startup_timeline.mark("python + CLI")
+    assert startup_timeline.begin("api") is first and first.label == "api"  # handed over: relabelled, kept
+    assert startup_timeline.current() is first
     t = time.time()
-    second = startup_timeline.begin("LLM")
+    second = startup_timeline.begin("LLM")  # not handed over: a start of its own, from now
     assert second is not first and not second.marks
     assert t <= second.start == second.launch <= time.time()
 

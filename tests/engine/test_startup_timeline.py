@@ -127,3 +127,27 @@ def test_worker_ranks_phases_reach_the_line(tiny_model_dir, caplog):
     phases = [p.split(" ")[0] for p in rank1.split("]: ", 1)[1].split(" -> ")[0].split(", ")]
     assert phases[0] == "joined" and "weights" in phases and phases[-1] == "KV"  # its KV pool, then gathered
     assert "joined the group" in line.split(" | ")[0]  # rank 0's, in the engine's own segment
+
+
+@pytest.mark.gpu
+def test_the_gpu_phases_are_named_apart_with_their_triton_builds(caplog):
+    """On the device: the CUDA context, the dummy weights, the KV pool and each warm-up are phases of their own,
+    and the warm-ups carry the seconds Triton spent loading or compiling their kernels."""
+    from meshserve import LLM
+
+    with caplog.at_level(logging.INFO, logger="meshserve"):
+        llm = LLM("qwen3-0.6b", load_format="dummy", max_model_len=1024, device="cuda")
+    llm.shutdown()
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("start-up"))
+    for phase in (
+        "CUDA context",
+        "model built",
+        "dummy weights",
+        "KV sizing",
+        "KV allocated",
+        "prefill + eager warm-ups",
+        "decode graphs",
+        "sampling warm-up",
+    ):
+        assert f"{phase} " in line, phase
+    assert "kernels)" in line  # Triton builds were timed (cache loads, or compiles on a cold cache)

@@ -47,14 +47,15 @@ start api4 --api-server-count 4 || exit 1
 TRITON_CACHE_DIR=$(mktemp -d) start cold_triton || exit 1
 if [ "${OFFLINE:-1}" = 1 ]; then
   # shellcheck disable=SC2086
-  python3 - "$model" $flags << 'PY' 2>&1 | grep "start-up" | sed 's/^.*start-up/offline LLM(): start-up/; s/ | /\n    | /g'
+  python3 - "$model" $flags << 'PY' 2>&1 | grep -E "start-up|Error" | sed 's/^.*start-up/offline LLM(): start-up/; s/ | /\n    | /g'
 import logging, sys
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 logging.getLogger("meshserve").setLevel(logging.INFO)
 from meshserve import LLM
 args = sys.argv[2:]
 kw = {a.lstrip("-").replace("-", "_"): b for a, b in zip(args[::2], args[1::2])}
-kw["max_model_len"] = int(kw.get("max_model_len", 4096))
+if "max_model_len" in kw:
+    kw["max_model_len"] = int(kw["max_model_len"])
 LLM(sys.argv[1], **kw).shutdown()
 PY
 fi

@@ -20,6 +20,7 @@ for i in $(seq 1 400); do
   sleep 1
 done
 echo "ready after $(( $(date +%s) - t0 )) s"
+grep -m1 "start-up, seconds since launch" $OUT/serve.log  # every phase of every process (engine/startup_timeline.py)
 timeout 420 python3 -m meshserve.cli bench serve --qps $qps --client-procs $client_procs --no-progress --output-json $OUT/w3.json 2>&1 | tee $OUT/w3.txt
 curl -s localhost:8000/metrics | grep -E "^meshserve:(requests_(rejected|shed|slo|total)|step_time|queue_wait)" | tee $OUT/metrics.txt
 kill -TERM $pid; wait $pid

@@ -71,10 +71,12 @@ class AsyncLLM:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, separate_process: bool = False,
-                         core_factory: Callable | None = None, core_process=None) -> AsyncLLM:
+                         core_factory: Callable | None = None, core_process=None,
+                         tokenizer_loader: Callable = load_tokenizer) -> AsyncLLM:
         """The core in a thread of this process, or (separate_process) in a child process of its own;
         core_factory(args) builds a stand-in core there (the front-end benchmark's model-less core);
-        core_process: that child, already spawned (CoreProcess(wait=False))."""
+        core_process: that child, already spawned (CoreProcess(wait=False)); tokenizer_loader(the core's
+        tokenizer folder): the tokenizer (an EarlyTokenizer's load hands over one loaded meanwhile)."""
         if separate_process:
             from meshserve.engine.core_process import ProcessCoreClient
 
@@ -85,7 +87,7 @@ class AsyncLLM:
 
             client = ThreadedCoreClient(EngineCore.from_engine_args(args))
         try:
-            return cls(client, load_tokenizer(client.info.tokenizer))
+            return cls(client, tokenizer_loader(client.info.tokenizer))
         except BaseException:
             client.shutdown()
             raise

@@ -15,6 +15,7 @@ import time
 
 from meshserve.config import EngineArgs, EngineConfig
 from meshserve.disagg.coordinator import build_kv_transfer
+from meshserve.engine import startup_timeline
 from meshserve.engine.engine_config import create_engine_config
 from meshserve.engine.executor import UniprocExecutor, make_executor
 from meshserve.engine.expert_load import ExpertLoadReader
@@ -95,7 +96,9 @@ class EngineCore:
         t0 = time.perf_counter()
         self.config = config
         self.executor = make_executor(config, source)
+        startup_timeline.mark("executor")
         config.cache_config.num_blocks = self.executor.collective_rpc("determine_num_blocks_all")
+        startup_timeline.mark("KV sizing")
         self.executor.collective_rpc("allocate_kv_cache", config.cache_config.num_blocks)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config)
         pc = config.parallel_config
@@ -168,12 +171,17 @@ class EngineCore:
         # an in-process runner fills the grammar masks of a step once its forward is queued (_late_masks_hook)
         # (one process, one device: other executors pickle the SchedulerOutput to their workers)
         self._late_masks = isinstance(self.executor, UniprocExecutor) and not self.pipeline_depth
+        startup_timeline.mark("scheduler")
+        self.info.startup = [startup_timeline.current()]
+        if pc.world_size > 1:  # the worker ranks' own phases (rank 0's are this process's)
+            self.info.startup += self.executor.gather_rpc("startup_segment")[1:]
         logger.info("engine core ready in %.1f s: %s, %s on %s", time.perf_counter() - t0,
                     config.model_config.model, config.model_config.dtype, config.device)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> EngineCore:
         config, source = create_engine_config(args)
+        startup_timeline.mark("config")
         return cls(config, source)
 
     # -- requests --------------------------------------------------------------------------------

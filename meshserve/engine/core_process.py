@@ -28,6 +28,7 @@ import msgspec
 import zmq
 
 from meshserve.config import EngineArgs
+from meshserve.engine import startup_timeline
 from meshserve.engine.core_client import ABORT, ADD, IDLE_POLL_S, SHUTDOWN, run_core_loop
 from meshserve.engine.messages import (
     CoreInfo,
@@ -153,6 +154,7 @@ def _core_main(args: EngineArgs, input_addr: str, output_addr: str, ready_conn, 
                core_factory: Callable | None = None) -> None:
     from meshserve.distributed.launch import die_with_parent
 
+    startup_timeline.begin("core")
     die_with_parent()
     # log like the parent (a spawned process starts with no logging set up); stderr is the parent's terminal
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -167,6 +169,7 @@ def _core_main(args: EngineArgs, input_addr: str, output_addr: str, ready_conn, 
             from meshserve.engine.core import EngineCore
 
             core_factory = EngineCore.from_engine_args
+        startup_timeline.mark("imports")
         core = core_factory(args)
     except BaseException as e:  # noqa: BLE001 - report why the model could not load, then leave
         ready_conn.send_bytes(_FAILED + b"\0" + _encoder.encode(error_to_message("", e)))

@@ -13,7 +13,7 @@ import logging
 from meshserve.config import EngineArgs
 from meshserve.engine.core import EngineCore
 from meshserve.engine.core_client import EngineCoreClient, InprocCoreClient
-from meshserve.engine.input_processor import InputProcessor, PromptType, load_tokenizer
+from meshserve.engine.input_processor import InputProcessor, PromptType
 from meshserve.engine.messages import error_from_message
 from meshserve.engine.output_processor import OutputProcessor
 from meshserve.outputs import RequestOutput
@@ -34,8 +34,12 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        import transformers.models.auto.tokenization_auto  # noqa: F401 - here: no two threads import it
+
+        from meshserve.engine.early_tokenizer import EarlyTokenizer
+        tokenizer = EarlyTokenizer(args)  # loads while the core loads the model
         core = EngineCore.from_engine_args(args)
-        return cls(InprocCoreClient(core), load_tokenizer(core.info.tokenizer))
+        return cls(InprocCoreClient(core), tokenizer.load(core.info.tokenizer))
 
     # -- the in-process core, for tools and tests that look inside --------------------------------
     @property

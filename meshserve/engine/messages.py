@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
+from meshserve.engine.startup_timeline import Segment
 from meshserve.errors import MeshserveError
 from meshserve.sampling import SamplingParams
 
@@ -148,6 +149,8 @@ class CoreInfo(msgspec.Struct, omit_defaults=True):
     generation_defaults: dict[str, int | float] = {}
     slo_ttft_s: float | None = None  # the server's service-level targets (requests may set their own)
     slo_tpot_s: float | None = None
+    # start-up timeline segments of the core's process and its worker ranks (engine/startup_timeline.py)
+    startup: list[Segment] = []
 
 
 def error_to_message(request_id: str, error: BaseException) -> RequestError:

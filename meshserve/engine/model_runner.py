@@ -25,6 +25,7 @@ from meshserve.distributed.parallel_state import (
     get_parallel_state,
     tensor_parallel_forward,
 )
+from meshserve.engine import startup_timeline
 from meshserve.engine.cpu_threads import set_cpu_threads
 from meshserve.engine.cuda_graph import DecodeGraphs, attention_split_counts
 from meshserve.engine.eager_warmup import fresh_prefill_steps, warm_up_draft_model, warm_up_eager_steps
@@ -42,7 +43,7 @@ from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.step_inputs import StepInputBuilder
 from meshserve.engine.step_profiler import StepProfiler
 from meshserve.engine.step_sampler import StepSampler
-from meshserve.kernels import late_jit_log
+from meshserve.kernels import late_jit_log, triton_build_clock
 from meshserve.layers.backend_selection import TORCH_DTYPES, bind_kernels, select_kernels
 from meshserve.layers.mla_attention import bind_prefill_workspace
 from meshserve.layers.pipeline import IntermediateTensors
@@ -72,6 +73,10 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.vocab_size = mc.vocab_size
         late_jit_log.starting()  # this engine's compiles are start-up ones until allocate_kv_cache ends
+        if self.device.type == "cuda":  # the CUDA context, created here so the timeline names its cost
+            torch.empty(1, device=self.device)
+            triton_build_clock.install()
+            startup_timeline.mark("CUDA context", sync=self.device)
         self.kernels = select_kernels(config)
         if self.device.type == "cpu":  # every rank of this node shares the cores
             pc = config.parallel_config
@@ -146,6 +151,10 @@ class ModelRunner:
         """Before a graceful shutdown: the first stage takes the token hand-off's last sends (TokenHandoff)."""
         if self.handoff is not None and self.stage_io.is_first:
             self.handoff.drain()
+
+    def startup_segment(self) -> startup_timeline.Segment:
+        """This rank's start-up phases so far (the core gathers the worker ranks')."""
+        return startup_timeline.current()
 
     def mixed_graph_tokens(self) -> int:
         """The largest mixed step that replays a CUDA graph here (0: mixed steps run eagerly)."""
@@ -245,10 +254,12 @@ class ModelRunner:
             self.drafter.allocate(num_blocks)
         if not capture_graphs:
             return
+        startup_timeline.mark("KV allocated", sync=self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
                     num_blocks * self.kv_pool.bytes_per_block() / 2**30)
         if self.device.type == "cuda":
             self.warm_up_prefill(num_blocks)
+            startup_timeline.mark("prefill + eager warm-ups", sync=self.device)
         if self.kernels.cuda_graphs:
             sc = self.config.scheduler_config
             stage_input = self._stage_input()
@@ -257,15 +268,18 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.forward, sc.max_num_seqs, sc.max_model_len, self.block_size,
                                        self.device, stage_input, self.kernels.decode_context_bounds, splits_of)
             self.graphs.capture()
+            startup_timeline.mark("decode graphs", sync=self.device)
             self.mixed_graphs = self.build_mixed_graphs(stage_input)
             if self.mixed_graphs is not None:
                 self.mixed_graphs.capture(pool=self.graphs.pool)  # one pool for all graphs
+                startup_timeline.mark("mixed graphs", sync=self.device)
         if self.device.type == "cuda" and get_parallel_state().is_last_stage:
             # the sampling paths' kernels (sampler, LM head GEMV, grammar masks) before the first request
             with _best_effort("sampling"):
                 warm_up_sampling(self.model.compute_logits, self.sampling.sampler,
                                  self.config.model_config.hf_config.hidden_size, self.dtype, self.vocab_size,
                                  self.device)
+            startup_timeline.mark("sampling warm-up", sync=self.device)
         if self.device.type == "cuda":
             late_jit_log.serving()  # any Triton build from here on is logged: a first-request compile
 

@@ -26,6 +26,7 @@ from meshserve.distributed.parallel_state import (
     get_parallel_state,
     init_parallel_state,
 )
+from meshserve.engine import startup_timeline
 from meshserve.engine.model_runner import ModelRunner
 from meshserve.engine.step_delta import StepDeltaReceiver
 from meshserve.models.loader import with_checkpoint_shapes
@@ -40,6 +41,8 @@ def init_rank(config: EngineConfig, source, launch: LaunchInfo, rank: int, beats
     With `beats`, the rank's heartbeat starts just before it joins: the driver waits for that first beat
     before joining itself. `run_join`, if given, runs the joining (the driver watches its workers meanwhile).
     """
+    if rank != 0:  # rank 0 runs in the engine's process, on its segment
+        startup_timeline.begin(f"rank{rank}")
     config = copy.deepcopy(config)
     if config.device.startswith("cuda"):
         index = launch.local_index(rank)
@@ -51,6 +54,7 @@ def init_rank(config: EngineConfig, source, launch: LaunchInfo, rank: int, beats
                              launch.master_port, launch.backend, launch.timeout_s, launch.pp_layer_partition,
                              expert_parallel=config.parallel_config.enable_expert_parallel)
     (run_join or _call)(join)
+    startup_timeline.mark("joined the group")
     return ModelRunner(config, source)
 
 

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence as SequenceABC
 
 from meshserve.config import EngineArgs
+from meshserve.engine import startup_timeline
 from meshserve.engine.input_processor import PromptType
 from meshserve.engine.llm_engine import LLMEngine
 from meshserve.errors import InvalidArgumentError
@@ -31,7 +32,12 @@ class LLM:
         if unknown:
             raise InvalidArgumentError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
         self.engine_args = EngineArgs(model=model, **kwargs)
+        startup_timeline.begin("LLM")
+        startup_timeline.mark("before LLM()")
         self.engine = LLMEngine.from_engine_args(self.engine_args)
+        startup_timeline.mark("tokenizer")
+        segments = startup_timeline.merge(startup_timeline.current(), self.engine.core_client.info.startup)
+        logger.info("%s", startup_timeline.summary(segments))
 
     def get_tokenizer(self):
         return self.engine.tokenizer

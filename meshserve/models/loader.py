@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 from meshserve.distributed.parallel_state import get_parallel_state
+from meshserve.engine import startup_timeline
 from meshserve.errors import ModelLoadError
 from meshserve.layers.quantization import quantization_scope, resolve_quant_config
 from meshserve.layers.quantization.kv_scales import is_kv_scale, load_kv_scale
+from meshserve.models import shapes_cache
 from meshserve.models.presets import PRESETS, preset_config, preset_names
 from meshserve.models.registry import resolve_model_class
 
@@ -229,15 +231,20 @@ _CHECKPOINT_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
 
 def checkpoint_shapes(hf_config) -> dict[str, tuple[int, ...]]:
     """The checkpoint tensors' names and full shapes for hf_config's architecture, from the HF class built on
-    the meta device; cached per config (its class and JSON). The build itself is instant, but importing
-    transformers' modeling code (generation utils, masking, torch._dynamo) costs ~1.5 s of a quiet CPU."""
+    the meta device; cached per config (its class and JSON), in this process and on disk (shapes_cache.py).
+    The build itself is instant, but importing transformers' modeling code (generation utils, masking,
+    torch._dynamo) costs ~1.5 s of a quiet CPU."""
     key = f"{type(hf_config).__name__}:{hf_config.to_json_string(use_diff=False)}"
     if key not in _CHECKPOINT_SHAPES:
-        from transformers import AutoModelForCausalLM
+        shapes = shapes_cache.load(key)
+        if shapes is None:
+            from transformers import AutoModelForCausalLM
 
-        with torch.device("meta"):
-            state = AutoModelForCausalLM.from_config(hf_config).state_dict()
-        _CHECKPOINT_SHAPES[key] = {n: tuple(t.shape) for n, t in state.items()}
+            with torch.device("meta"):
+                state = AutoModelForCausalLM.from_config(hf_config).state_dict()
+            shapes = {n: tuple(t.shape) for n, t in state.items()}
+            shapes_cache.store(key, shapes)
+        _CHECKPOINT_SHAPES[key] = shapes
     return _CHECKPOINT_SHAPES[key]
 
 
@@ -297,8 +304,10 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, m
     model.quant_config = quant_config
     if quant_config is not None:
         logger.info("weights: %s", quant_config.describe())
+    startup_timeline.mark("model built", sync=device)
     if source.weights_dir is None:
         init_dummy_weights(model, source.hf_config, seed, source.checkpoint_shapes)
     else:
         load_weights(model, source.weights_dir)
+    startup_timeline.mark("dummy weights" if source.weights_dir is None else "weights", sync=device)
     return model.eval()

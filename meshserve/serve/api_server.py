@@ -5,13 +5,15 @@ served by uvicorn on the socket the CLI bound.
 
 N processes (vLLM's `--api-server-count`): HTTP parsing, JSON and SSE encoding, tokenization and
 detokenization are per-request Python work on one GIL, so one API process saturates long before the GPU does.
-This process starts the engine core, then N API processes that each connect to it as a front end of their
-own (the core routes every request's outputs back to the process that sent it) and serve on the one listening
+This process starts the engine core and, while it loads, N API processes (their imports and tokenizers
+overlap the model's load; each one's hello is answered once the core is ready) that each connect to it as a
+front end of their own (the core routes every request's outputs back to the process that sent it) and serve on the one listening
 socket, inherited from here (the kernel hands each connection to whichever process accepts first, i.e. the
 least busy). /metrics: request series are kept in prometheus_client's multiprocess files and summed across
 processes at every scrape; the engine's gauges are the same in every process. SIGTERM / SIGINT here drains
 every API process (each answers 503 to new requests and finishes its streams), then stops the core; each
-child dies with this process (PR_SET_PDEATHSIG), so nothing is orphaned.
+child dies with this process (PR_SET_PDEATHSIG), so nothing is orphaned; a core that fails to load stops
+them all, with its error. Start-up: every process's phases are logged as one line (engine/startup_timeline.py).
 
 Data parallel (`--data-parallel-size N`, the internal back end): N engine cores, each in its own process on its
 own GPU slice, and every API process holds one client per core (engine/dp_core_client.py) that sends each
@@ -35,10 +37,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from meshserve.config import EngineArgs
+from meshserve.engine import startup_timeline
 from meshserve.serve.config import ServeConfig
 
 logger = logging.getLogger(__name__)
+
+# how long a core may take to load (a large checkpoint from a slow disk); its death ends any wait at once
+_CORE_STARTUP_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -51,8 +59,11 @@ class HttpOptions:
     access_log: bool = True
 
 
-def serve_http(allm, config: ServeConfig, sock: socket.socket, opts: HttpOptions) -> None:
-    """Serve the app around allm on sock until SIGTERM / SIGINT (drain, then return)."""
+def serve_http(allm, config: ServeConfig, sock: socket.socket, opts: HttpOptions,
+               on_listening: Callable[[startup_timeline.Segment], None] | None = None) -> None:
+    """Serve the app around allm on sock until SIGTERM / SIGINT (drain, then return). on_listening(this
+    process's start-up segment): called once the app accepts connections (default: log the start-up
+    timeline, this process's and the core's)."""
     import uvicorn
 
     from meshserve.serve.middleware import ServerState
@@ -61,12 +72,23 @@ def serve_http(allm, config: ServeConfig, sock: socket.socket, opts: HttpOptions
 
     state = ServerState()
     app = build_app(allm, config, state)
+    startup_timeline.mark("app built")
+
+    def log_timeline(own: startup_timeline.Segment) -> None:
+        segments = startup_timeline.merge(own, allm.core_client.info.startup)
+        logger.info("%s", startup_timeline.summary(segments))
+
+    def listening() -> None:
+        startup_timeline.mark("listening")
+        own = startup_timeline.current()
+        app.state.metrics.startup_seconds.set(own.end - own.launch)
+        (on_listening or log_timeline)(own)
     uv_config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level,
                                access_log=opts.access_log, timeout_graceful_shutdown=2,
                                # longer than clients' and load balancers' idle timeouts, so the client side
                                # closes first (no request sent on a connection as it closes)
                                timeout_keep_alive=75)
-    DrainingServer(uv_config, state, config.drain_timeout_s).run(sockets=[sock])
+    DrainingServer(uv_config, state, config.drain_timeout_s, listening).run(sockets=[sock])
 
 
 def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket.socket, opts: HttpOptions,
@@ -90,17 +112,28 @@ def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket
 
 def _start_engine(engine_args: EngineArgs, engine_in_thread: bool, core_factory: Callable | None):
     core = None
+    startup_timeline.begin("api")
     if not engine_in_thread:  # the default: the step loop in its own process, off this process's GIL
         from meshserve.engine.core_process import CoreProcess
 
-        # spawned first: the model loads while this process imports the app and the tokenizer library
+        # spawned first: the model loads while this process imports the app and loads the tokenizer
         core = CoreProcess(engine_args, core_factory=core_factory, wait=False)
+        startup_timeline.mark("core spawned")
     try:
         _import_front_end()
+        startup_timeline.mark("imports")
         from meshserve.engine.async_engine import AsyncLLM
+        from meshserve.engine.early_tokenizer import EarlyTokenizer
 
-        return AsyncLLM.from_engine_args(engine_args, separate_process=not engine_in_thread,
-                                         core_factory=core_factory, core_process=core)
+        tokenizer = EarlyTokenizer(engine_args)  # after the imports: no two threads import transformers
+        if core is not None:
+            core.wait_ready()
+            startup_timeline.mark("waiting for the core")
+        allm = AsyncLLM.from_engine_args(engine_args, separate_process=not engine_in_thread,
+                                         core_factory=core_factory, core_process=core,
+                                         tokenizer_loader=tokenizer.load)
+        startup_timeline.mark("tokenizer + core client")
+        return allm
     except BaseException:  # a failed load, or Ctrl-C while importing or loading: the core goes too
         if core is not None:
             core.kill()
@@ -145,7 +178,9 @@ def _import_front_end() -> None:
 
 # -- N API processes ---------------------------------------------------------------------------------
 def _api_process_main(addresses: list, index: int, config: ServeConfig, sock: socket.socket, opts: HttpOptions,
-                      metrics_dir: str, log_level: int) -> None:
+                      metrics_dir: str, log_level: int, engine_args: EngineArgs, ready_queue) -> None:
+    """One API process, started while the core(s) load: imports, its tokenizer, then each core's hello (which
+    a core answers once it is ready); puts its start-up segment on ready_queue once it listens."""
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before prometheus_client is imported
     from meshserve.distributed.launch import die_with_parent
 
@@ -153,17 +188,24 @@ def _api_process_main(addresses: list, index: int, config: ServeConfig, sock: so
     os.setpgrp()  # a terminal's Ctrl-C reaches the parent only; it drains everyone once
     logging.basicConfig(format=f"%(levelname)s api-{index} %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("meshserve").setLevel(log_level)
+    startup_timeline.begin(f"api-{index}")
+    _import_front_end()
     from meshserve.engine.async_engine import AsyncLLM
     from meshserve.engine.core_process import ZmqCoreClient
-    from meshserve.engine.input_processor import load_tokenizer
+    from meshserve.engine.early_tokenizer import EarlyTokenizer
+    from meshserve.errors import EngineDeadError
 
+    startup_timeline.mark("imports")
+    tokenizer = EarlyTokenizer(engine_args)
     clients: list[ZmqCoreClient] = []
     try:
         for addr in addresses:  # one core, or one per data-parallel core
-            clients.append(ZmqCoreClient(addr, f"api-{index}".encode()))
-    except BaseException:
+            clients.append(ZmqCoreClient(addr, f"api-{index}".encode(), hello_timeout_s=_CORE_STARTUP_TIMEOUT_S))
+    except BaseException as e:
         for c in clients:
             c.shutdown()
+        if isinstance(e, EngineDeadError):  # a core did not come up: the parent, its owner, says why
+            sys.exit(1)
         raise
     if len(clients) > 1:
         from meshserve.engine.dp_core_client import DPCoreClient
@@ -171,13 +213,19 @@ def _api_process_main(addresses: list, index: int, config: ServeConfig, sock: so
         client = DPCoreClient(clients)
     else:
         client = clients[0]
+    startup_timeline.mark("waiting for the core")
     try:
-        allm = AsyncLLM(client, load_tokenizer(client.info.tokenizer))
+        allm = AsyncLLM(client, tokenizer.load(client.info.tokenizer))
     except BaseException:
         client.shutdown()
         raise
+    startup_timeline.mark("tokenizer")
+
+    def report(own: startup_timeline.Segment) -> None:  # the parent logs every timeline once all listen
+        ready_queue.put(msgspec.msgpack.encode(own))
+
     try:
-        serve_http(allm, config, sock, opts)
+        serve_http(allm, config, sock, opts, on_listening=report)
     finally:
         allm.shutdown()
         sock.close()
@@ -204,30 +252,37 @@ def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: sock
     cores: list = []
     procs: list = []
     metrics_dir = tempfile.mkdtemp(prefix="meshserve-metrics-")
+    startup_timeline.begin("cli")
     try:
-        cores = spawn_dp_cores(engine_args, data_parallel_size, core_factory)
+        cores = spawn_dp_cores(engine_args, data_parallel_size, core_factory, _CORE_STARTUP_TIMEOUT_S)
+        startup_timeline.mark("core spawned")
+        sock.listen(2048)  # connections queue in the kernel until an API process accepts them
+        ctx = mp.get_context("spawn")
+        ready_queue = ctx.SimpleQueue()
+        log_level = logging.getLogger("meshserve").getEffectiveLevel()
+        for i in range(count):  # now: their imports and tokenizers overlap the model's load
+            p = ctx.Process(target=_api_process_main, name=f"meshserve-api-{i}",
+                            args=([c.addresses for c in cores], i, config, sock, opts, metrics_dir, log_level,
+                                  engine_args, ready_queue))
+            p.start()
+            procs.append(p)
+        startup_timeline.mark("API processes spawned")
         try:
-            for core in cores:  # Ctrl-C while they load: KeyboardInterrupt
+            for core in cores:  # a failed load raises (the finally stops everyone); Ctrl-C: KeyboardInterrupt
                 core.wait_ready()
         except BaseException:  # the others may be loading and deaf to a shutdown command
             for core in cores:
                 core.kill()
             raise
+        startup_timeline.mark("waiting for the core")
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        sock.listen(2048)  # connections queue in the kernel until an API process accepts them
-        ctx = mp.get_context("spawn")
-        log_level = logging.getLogger("meshserve").getEffectiveLevel()
-        for i in range(count):
-            p = ctx.Process(target=_api_process_main, name=f"meshserve-api-{i}",
-                            args=([c.addresses for c in cores], i, config, sock, opts, metrics_dir, log_level))
-            p.start()
-            procs.append(p)
         dp = f", {len(cores)} engine cores" if len(cores) > 1 else ""
         print(f"meshserve: serving {config.model_name} on http://{opts.host}:{opts.port} "
               f"({count} API processes{dp})", flush=True)
         if on_started is not None:
             on_started([c.proc.pid for c in cores], [p.pid for p in procs])
-        code = _supervise(cores, procs, stop)
+        timeline = _TimelineReports([seg for c in cores for seg in c.info.startup], ready_queue, count)
+        code = _supervise(cores, procs, stop, timeline.poll)
         _stop_all(procs, config.drain_timeout_s + 5.0)
         return code
     finally:
@@ -240,10 +295,29 @@ def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: sock
             signal.signal(s, handler)
 
 
-def _supervise(cores: list, procs: list, stop: _Stop) -> int:
+class _TimelineReports:
+    """Collects the API processes' start-up segments; logs the whole timeline once all of them listen."""
+
+    def __init__(self, core_segments: list, ready_queue, count: int):
+        self.own = startup_timeline.current()
+        self.core_segments = core_segments
+        self.queue = ready_queue
+        self.count = count
+        self.api_segments: list = []
+
+    def poll(self) -> None:
+        while len(self.api_segments) < self.count and not self.queue.empty():
+            self.api_segments.append(msgspec.msgpack.decode(self.queue.get(), type=startup_timeline.Segment))
+            if len(self.api_segments) == self.count:
+                segments = [self.own, *self.core_segments, *sorted(self.api_segments, key=lambda s: s.label)]
+                logger.info("%s", startup_timeline.summary(segments))
+
+
+def _supervise(cores: list, procs: list, stop: _Stop, on_tick: Callable[[], None] = lambda: None) -> int:
     """Wait for a signal (exit 0 after draining) or for a process to die (exit 1: a server that lost a part of
     itself stops, so that whatever supervises it restarts the whole)."""
     while True:
+        on_tick()
         if stop.signal is not None:
             logger.warning("%s: draining %d API processes", signal.Signals(stop.signal).name, len(procs))
             return 0

@@ -91,8 +91,11 @@ def bind_listen_socket(host: str, port: int) -> socket.socket:
 
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
+    from meshserve.engine import startup_timeline
     from meshserve.models.embedded import DEFAULT_MODEL_NAME
 
+    startup_timeline.begin("cli", hand_over=True)  # the server's own timeline continues from here
+    startup_timeline.mark("python + CLI")
     if ns.log_level.upper() == "WARNING":  # the default: a server shows what start-up is doing, as vLLM does
         logging.getLogger("meshserve").setLevel(logging.INFO)
 

@@ -241,6 +241,9 @@ class ServerMetrics:
                                             "predicted TTFT) / target of requests admitted near the margin, at the "
                                             "margin's last update (NaN before the first).", registry=r,
                                             multiprocess_mode="all")
+        self.startup_seconds = Gauge("meshserve:startup_seconds", "Seconds from the launch of `meshserve serve` "
+                                     "to this API process accepting requests (the start-up timeline's total; "
+                                     "multiprocess: the slowest process).", registry=r, multiprocess_mode="max")
         self._margin_updates_counted = 0
         self._engine = _EngineStatsCollector()
         r.register(self._engine)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -22,11 +24,18 @@ logger = logging.getLogger(__name__)
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose exit signals start a drain instead of closing the listener."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout_s: float):
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout_s: float,
+                 on_listening: Callable[[], None] | None = None):
         super().__init__(config)
         self.state = state
         self.drain_timeout_s = drain_timeout_s
         self._drain_deadline: float | None = None
+        self.on_listening = on_listening  # called once the app has started and accepts connections
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.on_listening is not None and self.started:
+            self.on_listening()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not calling super(): uvicorn would re-raise the signal after shutdown, and exit non-zero.

@@ -1,0 +1,50 @@
+"""The front end's tokenizer loads while the core loads, and is handed over only for the folder the core names."""
+
+from pathlib import Path
+
+from meshserve.config import EngineArgs
+from meshserve.engine import early_tokenizer
+from meshserve.engine.early_tokenizer import EarlyTokenizer, tokenizer_dir_of
+
+
+def test_the_early_tokenizer_is_the_one_the_core_names_else_a_fresh_load(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    path = tiny_model_dir("llama")
+    loads: list[str | None] = []
+    real = early_tokenizer.load_tokenizer
+
+    def counting(p):
+        loads.append(p)
+        return real(p)
+
+    monkeypatch.setattr(early_tokenizer, "load_tokenizer", counting)
+    early = EarlyTokenizer(EngineArgs(model=path))
+    tok = early.load(path + "/")  # the same folder, spelled otherwise
+    assert tok is not None and loads == [path]  # loaded once, early
+    assert early.load(None) is None  # a core without a tokenizer: none, whatever was loaded early
+    other = str(tmp_path / "other")
+    (tmp_path / "other").mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "other" / f).write_text((Path(path) / f).read_text())
+    assert early.load(other) is not tok and loads[-1] == other  # the core named another: loaded as before
+
+
+def test_the_folder_is_known_early_only_where_the_arguments_say_it(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("llama")
+    assert tokenizer_dir_of(EngineArgs(model="llama-3.1-8b", load_format="dummy", tokenizer=path)) == path
+    assert tokenizer_dir_of(EngineArgs(model=path)) == path
+    assert tokenizer_dir_of(EngineArgs(model="llama-3.1-8b", load_format="dummy")) is None
+    assert tokenizer_dir_of(EngineArgs(model=str(tmp_path / "missing"))) is None
+
+
+def test_a_failed_early_load_is_retried_where_the_core_asks(tmp_path):
+    early = EarlyTokenizer(
+        EngineArgs(model="llama-3.1-8b", load_format="dummy", tokenizer=str(tmp_path / "nope"))
+    )
+    try:
+        early.load(str(tmp_path / "nope"))
+    except OSError:
+        pass  # the same error the plain load gives, raised where the front end loads it
+    else:
+        raise AssertionError("loading a missing tokenizer succeeded")

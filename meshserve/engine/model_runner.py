@@ -106,7 +106,6 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
         self.layerwise_hook = None  # disagg/layer_hook.py LayerwiseHook, on a layer-wise KV producer
-        spec = config.speculative_config
         # a draft model proposes on the ranks, after each step, eagerly (the verify steps themselves replay
         # the mixed-step graphs: _run_forward)
         self.drafter = build_drafter(config, self.device, self.model)  # a draft model or an EAGLE-3 head

@@ -132,8 +132,9 @@ class DraftModelProposer:
         return self.model.compute_logits(hidden).argmax(dim=-1)
 
 
-def step_tokens(scheduled: list[ScheduledSequence], result: ModelRunnerOutput, device: torch.device
-                ) -> dict[str, list[int]]:
+def step_tokens(
+    scheduled: list[ScheduledSequence], result: ModelRunnerOutput, device: torch.device
+) -> dict[str, list[int]]:
     """Each sampling sequence's tokens of this step (accepted proposals + the target's own). Only the
     sampler rank has them; with tensor parallelism it broadcasts them to the other ranks."""
     tokens = {**{sid: [t] for sid, t in result.sampled.items()}, **result.spec_token_ids}

@@ -10,7 +10,9 @@ from meshserve.config import EngineConfig
 from meshserve.spec_decode.config import SpeculativeConfig
 
 
-def check_drafter(spec: SpeculativeConfig, target_hf_config, max_model_len: int, tp: int = 1, pp: int = 1) -> None:
+def check_drafter(
+    spec: SpeculativeConfig, target_hf_config, max_model_len: int, tp: int = 1, pp: int = 1
+) -> None:
     """Refuse, in one line, a draft checkpoint that cannot draft for the target."""
     if spec.method == "eagle3":
         from meshserve.spec_decode.eagle3 import check_eagle3_head

@@ -102,9 +102,7 @@ class Eagle3Layout:
     own_embedding: bool
 
 
-def check_eagle3_head(
-    spec: SpeculativeConfig, target_hf_config, tp: int = 1, pp: int = 1
-) -> Eagle3Layout:
+def check_eagle3_head(spec: SpeculativeConfig, target_hf_config, tp: int = 1, pp: int = 1) -> Eagle3Layout:
     """Read the head's config and tensor shapes and refuse one that cannot draft for the target (one line)."""
     from meshserve.engine.args_check import check_parallel_split
 
@@ -122,7 +120,9 @@ def check_eagle3_head(
     if ARCHITECTURE not in archs and "Eagle3" not in "".join(archs):
         raise _bad(f"{path} is not an EAGLE-3 head (architectures {archs}, expected {ARCHITECTURE})")
     if pp > 1:
-        raise _bad("EAGLE-3 does not run with pipeline parallelism (the head reads the first and last stages)")
+        raise _bad(
+            "EAGLE-3 does not run with pipeline parallelism (the head reads the first and last stages)"
+        )
     missing = [n for n in REQUIRED_TENSORS if n not in shapes]
     if missing:
         raise _bad(f"the EAGLE-3 checkpoint in {path} lacks {len(missing)} tensors, e.g. {missing[0]}")
@@ -138,9 +138,13 @@ def check_eagle3_head(
         raise _bad(f"the head's vocabulary ({cfg.vocab_size} ids) differs from the target's ({target_vocab})")
     draft_vocab = getattr(cfg, "draft_vocab_size", None) or cfg.vocab_size
     if shapes["lm_head.weight"] != (draft_vocab, h):
-        raise _bad(f"lm_head is {list(shapes['lm_head.weight'])}, expected [{draft_vocab}, {h}] (draft_vocab_size)")
+        raise _bad(
+            f"lm_head is {list(shapes['lm_head.weight'])}, expected [{draft_vocab}, {h}] (draft_vocab_size)"
+        )
     if draft_vocab != target_vocab and shapes.get("d2t") != (draft_vocab,):
-        raise _bad(f"a draft vocabulary of {draft_vocab} ids needs d2t [{draft_vocab}] (draft id -> target id)")
+        raise _bad(
+            f"a draft vocabulary of {draft_vocab} ids needs d2t [{draft_vocab}] (draft id -> target id)"
+        )
     q = shapes["midlayer.self_attn.q_proj.weight"]
     if q[1] != 2 * h:
         raise _bad(f"midlayer.self_attn.q_proj takes {q[1]} inputs, expected 2 x hidden ({2 * h})")
@@ -162,9 +166,13 @@ class Eagle3Layer(nn.Module):
         h = cfg.hidden_size
         self.self_attn = LlamaAttention(cfg, rotary_emb)
         a = self.self_attn
-        a.qkv_proj = QKVParallelLinear(2 * h, a.head_dim, cfg.num_attention_heads,
-                                       getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-                                       bias=family_switches(cfg)["qkv_bias"])
+        a.qkv_proj = QKVParallelLinear(
+            2 * h,
+            a.head_dim,
+            cfg.num_attention_heads,
+            getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            bias=family_switches(cfg)["qkv_bias"],
+        )
         self.mlp = LlamaMLP(cfg)
         self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
@@ -240,7 +248,8 @@ class AuxHiddenStates:
         dtype = next(target.parameters()).dtype
         self.buffer = torch.zeros(rows, 3 * self.hidden_size, dtype=dtype, device=device)
         self.handles = [
-            target.model.layers[i].register_forward_pre_hook(self._hook(slot)) for slot, i in enumerate(layer_ids)
+            target.model.layers[i].register_forward_pre_hook(self._hook(slot))
+            for slot, i in enumerate(layer_ids)
         ]
 
     def _hook(self, slot: int):
@@ -251,10 +260,12 @@ class AuxHiddenStates:
             n = hidden.shape[0]
             if n > self.buffer.shape[0]:
                 if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
-                    raise RuntimeError(f"EAGLE-3 hidden-state buffer holds {self.buffer.shape[0]} rows, a graph "
-                                       f"takes {n}")
-                self.buffer = torch.zeros(n, self.buffer.shape[1], dtype=self.buffer.dtype,
-                                          device=self.buffer.device)
+                    raise RuntimeError(
+                        f"EAGLE-3 hidden-state buffer holds {self.buffer.shape[0]} rows, a graph takes {n}"
+                    )
+                self.buffer = torch.zeros(
+                    n, self.buffer.shape[1], dtype=self.buffer.dtype, device=self.buffer.device
+                )
             out = self.buffer[:n, slot * h : (slot + 1) * h]
             if residual is None:  # layer 0: the embedding
                 out.copy_(hidden)
@@ -278,8 +289,9 @@ class Eagle3Proposer(DraftModelProposer):
     def __init__(self, config: EngineConfig, device: torch.device, target: nn.Module):
         spec = config.speculative_config
         pc = config.parallel_config
-        layout = check_eagle3_head(spec, config.model_config.hf_config, pc.tensor_parallel_size,
-                                   pc.pipeline_parallel_size)
+        layout = check_eagle3_head(
+            spec, config.model_config.hf_config, pc.tensor_parallel_size, pc.pipeline_parallel_size
+        )
         self.k = spec.num_speculative_tokens
         self.device = device
         cfg = layout.source.hf_config
@@ -292,9 +304,12 @@ class Eagle3Proposer(DraftModelProposer):
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                self.model = Eagle3Head(cfg, config.model_config.hf_config.hidden_size,
-                                        config.model_config.max_model_len + 2 * self.k + 1,
-                                        None if layout.own_embedding else target.model.embed_tokens)
+                self.model = Eagle3Head(
+                    cfg,
+                    config.model_config.hf_config.hidden_size,
+                    config.model_config.max_model_len + 2 * self.k + 1,
+                    None if layout.own_embedding else target.model.embed_tokens,
+                )
         finally:
             torch.set_default_dtype(old_dtype)
         _load_tensors(self.model, _iter_checkpoint(spec.model), f"EAGLE-3 checkpoint in {spec.model}")
@@ -303,7 +318,9 @@ class Eagle3Proposer(DraftModelProposer):
         self.kv_pool = KVCachePool(self.config, self.model.attention_layers(), kernels.kv_cache_dtype, device)
         self.inputs = StepInputBuilder(config.cache_config.block_size, device)
         sc = config.scheduler_config
-        rows = max(sc.max_num_batched_tokens, config.max_cudagraph_tokens or 0, sc.max_num_seqs * (self.k + 1))
+        rows = max(
+            sc.max_num_batched_tokens, config.max_cudagraph_tokens or 0, sc.max_num_seqs * (self.k + 1)
+        )
         self.aux = AuxHiddenStates(target, layout.layer_ids, rows, device)
         # a prefill chunk's last position waits for the next chunk's first token: its hidden state, by sequence
         self.carry: dict[str, tuple[int, torch.Tensor]] = {}
@@ -349,7 +366,10 @@ class Eagle3Proposer(DraftModelProposer):
         hidden = prenorm[rows]
         last_rows = {e.seq_id: i for i, (e, _) in enumerate(sampling)}
         for j in range(1, self.k):
-            step = [ScheduledSequence(e.seq_id, [-1], pos + j - 1, e.block_table, None, True) for e, pos in sampling]
+            step = [
+                ScheduledSequence(e.seq_id, [-1], pos + j - 1, e.block_table, None, True)
+                for e, pos in sampling
+            ]
             normed, hidden = self._forward(step, j & 1, drafts[-1], last_rows, hidden)
             drafts.append(self._argmax(normed))
         proposals = torch.stack(drafts, dim=1).tolist()
@@ -363,4 +383,3 @@ class Eagle3Proposer(DraftModelProposer):
     def _argmax(self, normed: torch.Tensor) -> torch.Tensor:
         """Greedy proposals as target ids (the draft-vocabulary argmax through d2t)."""
         return self.model.to_target_ids(self.model.compute_logits(normed).argmax(dim=-1))
-

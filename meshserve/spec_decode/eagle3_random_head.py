@@ -15,8 +15,13 @@ import torch
 from meshserve.spec_decode.eagle3 import ARCHITECTURE
 
 
-def random_head_tensors(target_hf_config, draft_vocab_size: int | None = None, seed: int = 0,
-                        dtype: torch.dtype = torch.float32, std: float = 0.05) -> dict[str, torch.Tensor]:
+def random_head_tensors(
+    target_hf_config,
+    draft_vocab_size: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    std: float = 0.05,
+) -> dict[str, torch.Tensor]:
     """The head's tensors by checkpoint name: Gaussian projections, unit norms, a d2t that maps the draft
     vocabulary onto a random ascending subset of the target's, and the t2d mask of that subset."""
     c = target_hf_config
@@ -91,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
-    p.add_argument("--target", required=True, help="the target: a preset (e.g. llama-3.1-8b) or a model folder")
-    p.add_argument("--draft-vocab", type=int, default=None, help="draft vocabulary size (default: the target's)")
+    p.add_argument(
+        "--target", required=True, help="the target: a preset (e.g. llama-3.1-8b) or a model folder"
+    )
+    p.add_argument(
+        "--draft-vocab", type=int, default=None, help="draft vocabulary size (default: the target's)"
+    )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
     ns = p.parse_args(argv)

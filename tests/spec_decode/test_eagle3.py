@@ -6,6 +6,7 @@ runs; a checkpoint that does not fit the target is a one-line error."""
 from __future__ import annotations
 
 import collections
+import itertools
 import random
 
 import pytest
@@ -35,7 +36,9 @@ def target_config(target):
 @pytest.fixture(scope="module")
 def head(target_config, tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("eagle3-head"))
-    return write_head(path, head_config(target_config, DRAFT_VOCAB), random_head_tensors(target_config, DRAFT_VOCAB))
+    return write_head(
+        path, head_config(target_config, DRAFT_VOCAB), random_head_tensors(target_config, DRAFT_VOCAB)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,8 @@ def _recording(monkeypatch) -> list[dict[str, list[int]]]:
 def test_captured_hidden_states_are_the_targets_residual_stream(target, head, hf_model):
     prompt = _prompts(1, seed=3)[0]["prompt_token_ids"]
     llm = LLM(model=target, block_size=4, max_model_len=256, speculative_config=_spec(head))
-    llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1), use_tqdm=False)  # the prefill only
+    # the prefill only: the buffer holds its rows
+    llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1), use_tqdm=False)
     drafter = llm.engine.core.executor.runner.drafter
     with torch.no_grad():
         ref = hf_model(target)(torch.tensor([prompt]), output_hidden_states=True).hidden_states
@@ -89,12 +93,21 @@ def test_greedy_output_is_the_targets_with_preemption_prefix_hits_and_chunks(tar
     shared = _prompts(1, seed=4)[0]["prompt_token_ids"] * 2
     prompts = [{"prompt_token_ids": shared + [7 + i]} for i in range(3)] + _prompts(2, seed=5)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, n=2)
-    llm = LLM(model=target, block_size=4, max_model_len=256, num_gpu_blocks_override=48,
-              enable_chunked_prefill=True, max_num_batched_tokens=16, speculative_config=_spec(head, k=3))
+    llm = LLM(
+        model=target,
+        block_size=4,
+        max_model_len=256,
+        num_gpu_blocks_override=48,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=16,
+        speculative_config=_spec(head, k=3),
+    )
     out = llm.generate(prompts, params, use_tqdm=False)
     assert [[c.token_ids for c in o.outputs] for o in out] == expected(prompts, params)
     stats = llm.engine.stats()
-    assert stats["spec_num_draft_tokens"] > 0 and stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
+    assert (
+        stats["spec_num_draft_tokens"] > 0 and stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
+    )
 
 
 def test_chunked_prefill_gives_the_head_the_same_positions(target, head, monkeypatch):
@@ -132,15 +145,19 @@ def _constant_head(target_config, path, token: int) -> str:
 
 def test_known_proposals_reach_verification(target, target_config, greedy_tokens, tmp_path, monkeypatch):
     prompts, params, ref = greedy_tokens
-    counts = collections.Counter(t for out in ref for a, t in zip(out, out[1:]) if a == t)
+    counts = collections.Counter(t for out in ref for a, t in itertools.pairwise(out) if a == t)
     assert counts, "the tiny target repeats no token: pick another seed"
     repeated = counts.most_common(1)[0][0]  # the greedy output has runs of it: its proposals get accepted
     absent = next(t for t in range(3, VOCAB) if all(t not in out for out in ref))
     seen = _recording(monkeypatch)
     for token, accepted in ((repeated, True), (absent, False)):
         seen.clear()
-        llm = LLM(model=target, block_size=4, max_model_len=256,
-                  speculative_config=_spec(_constant_head(target_config, tmp_path / str(token), token), k=2))
+        llm = LLM(
+            model=target,
+            block_size=4,
+            max_model_len=256,
+            speculative_config=_spec(_constant_head(target_config, tmp_path / str(token), token), k=2),
+        )
         out = llm.generate(prompts, params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in out] == ref
         assert seen and all(p == [token, token] for step in seen for p in step.values())
@@ -169,7 +186,10 @@ def _broken(target_config, path, drop=(), **config):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda c, p: _broken(c, p, drop=["midlayer.self_attn.q_proj.weight"]), "lacks 1 tensors, e.g. midlayer"),
+        (
+            lambda c, p: _broken(c, p, drop=["midlayer.self_attn.q_proj.weight"]),
+            "lacks 1 tensors, e.g. midlayer",
+        ),
         (lambda c, p: _broken(c, p, drop=["d2t"]), "needs d2t"),
         (lambda c, p: _broken(c, p, target_hidden_size=64), "target hidden states of size 64"),
         (lambda c, p: _broken(c, p, vocab_size=VOCAB + 64), "vocabulary"),
@@ -187,5 +207,6 @@ def test_checkpoints_that_do_not_fit_are_one_line_errors(target, target_config, 
 
 
 def test_head_for_a_small_target_needs_its_layer_ids(tiny_model_dir, head):
-    with pytest.raises(InvalidArgumentError, match="default layers"):  # 2 layers: vLLM's default is out of range
+    # 2 layers: vLLM's default (2, 1, -1) is out of range
+    with pytest.raises(InvalidArgumentError, match="default layers"):
         LLM(model=tiny_model_dir("llama"), speculative_config=_spec(head))

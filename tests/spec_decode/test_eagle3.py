@@ -158,6 +158,7 @@ def test_known_proposals_reach_verification(target, target_config, greedy_tokens
             max_model_len=256,
             speculative_config=_spec(_constant_head(target_config, tmp_path / str(token), token), k=2),
         )
+        llm.engine.core.speculator.gate.step_model = None  # speculate every step, whatever the acceptance
         out = llm.generate(prompts, params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in out] == ref
         assert seen and all(p == [token, token] for step in seen for p in step.values())

@@ -211,3 +211,26 @@ def test_head_for_a_small_target_needs_its_layer_ids(tiny_model_dir, head):
     # 2 layers: vLLM's default (2, 1, -1) is out of range
     with pytest.raises(InvalidArgumentError, match="default layers"):
         LLM(model=tiny_model_dir("llama"), speculative_config=_spec(head))
+
+
+@pytest.mark.slow
+def test_tp2_head_runs_sharded_and_greedy_is_exact(target, target_config, greedy_tokens, tmp_path):
+    """Two ranks on gloo: the head's attention and MLP shard like the target's, the embedding is the target's
+    (vocab-parallel), fc and d2t are replicated; a head that always proposes a repeated token gets accepted."""
+    prompts, params, ref = greedy_tokens
+    counts = collections.Counter(t for out in ref for a, t in itertools.pairwise(out) if a == t)
+    head = _constant_head(target_config, tmp_path / "head", counts.most_common(1)[0][0])
+    llm = LLM(
+        model=target,
+        block_size=4,
+        tensor_parallel_size=2,
+        num_gpu_blocks_override=64,
+        speculative_config=_spec(head, k=2),
+    )
+    llm.engine.core.speculator.gate.step_model = None  # speculate every step, whatever the acceptance
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == ref
+        stats = llm.engine.stats()
+        assert stats["spec_num_draft_tokens"] > 0 and stats["spec_num_accepted_tokens"] > 0
+    finally:
+        llm.shutdown()

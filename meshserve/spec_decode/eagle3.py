@@ -287,6 +287,7 @@ class Eagle3Proposer(DraftModelProposer):
     the engine sees it as a draft model (propose_after, allocate, kv_pool, lookahead slots)."""
 
     def __init__(self, config: EngineConfig, device: torch.device, target: nn.Module):
+        # not the draft model's __init__ (which builds a model from a checkpoint): the same fields, for a head
         spec = config.speculative_config
         pc = config.parallel_config
         layout = check_eagle3_head(
@@ -357,10 +358,10 @@ class Eagle3Proposer(DraftModelProposer):
         if not first:
             return {}
         hidden = self.model.combine(torch.cat(pieces))
-        normed, prenorm = self._forward(first, 0, None, {}, hidden)
+        (normed, prenorm), meta = self._forward(first, 0, None, {}, hidden)
         if not sampling:
             return {}
-        ends = self._meta.query_start_loc_cpu[1:]
+        ends = meta.query_start_loc_cpu[1:]
         rows = torch.tensor([q - 1 for q, f in zip(ends, first) if f.do_sample], device=self.device)
         drafts = [self._argmax(normed[rows])]
         hidden = prenorm[rows]
@@ -370,15 +371,15 @@ class Eagle3Proposer(DraftModelProposer):
                 ScheduledSequence(e.seq_id, [-1], pos + j - 1, e.block_table, None, True)
                 for e, pos in sampling
             ]
-            normed, hidden = self._forward(step, j & 1, drafts[-1], last_rows, hidden)
+            (normed, hidden), _ = self._forward(step, j & 1, drafts[-1], last_rows, hidden)
             drafts.append(self._argmax(normed))
         proposals = torch.stack(drafts, dim=1).tolist()
         return {e.seq_id: p for (e, _), p in zip(sampling, proposals)}
 
     def _forward(self, scheduled, parity, last_sampled, last_rows, hidden):
-        input_ids, positions, self._meta = self.inputs.build(scheduled, parity, last_sampled, last_rows)
+        input_ids, positions, meta = self.inputs.build(scheduled, parity, last_sampled, last_rows)
         with tensor_parallel_forward():
-            return self.model(input_ids, positions, self._meta, hidden)
+            return self.model(input_ids, positions, meta, hidden), meta
 
     def _argmax(self, normed: torch.Tensor) -> torch.Tensor:
         """Greedy proposals as target ids (the draft-vocabulary argmax through d2t)."""

@@ -74,9 +74,13 @@ def _recording(monkeypatch) -> list[dict[str, list[int]]]:
     return seen
 
 
-def test_captured_hidden_states_are_the_targets_residual_stream(target, head, hf_model):
+@pytest.fixture(scope="module")
+def llm(target, head):
+    return LLM(model=target, block_size=4, max_model_len=256, speculative_config=_spec(head))
+
+
+def test_captured_hidden_states_are_the_targets_residual_stream(target, llm, hf_model):
     prompt = _prompts(1, seed=3)[0]["prompt_token_ids"]
-    llm = LLM(model=target, block_size=4, max_model_len=256, speculative_config=_spec(head))
     # the prefill only: the buffer holds its rows
     llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1), use_tqdm=False)
     drafter = llm.engine.core.executor.runner.drafter
@@ -167,14 +171,23 @@ def test_known_proposals_reach_verification(target, target_config, greedy_tokens
         assert (stats.num_accepted_tokens > 0) == accepted, (token, stats)
 
 
-def test_sampling_uses_rejection_sampling_and_is_seeded(target, head):
-    llm = LLM(model=target, block_size=4, max_model_len=256, speculative_config=_spec(head))
+def test_sampling_uses_rejection_sampling_and_is_seeded(llm, monkeypatch):
+    from meshserve.engine import step_sampler
+
+    temperatures = []
+    verify = step_sampler.verify_on_device
+
+    def spy(logits, drafts, params, *args, **kw):
+        temperatures.extend(p.temperature for p in params)
+        return verify(logits, drafts, params, *args, **kw)
+
+    monkeypatch.setattr(step_sampler, "verify_on_device", spy)
     params = SamplingParams(temperature=0.8, max_tokens=20, seed=1, ignore_eos=True)
     a = llm.generate(_prompts(2), params, use_tqdm=False)
     b = llm.generate(_prompts(2), params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
     assert all(len(o.outputs[0].token_ids) == 20 for o in a)
-    assert llm.engine.core.speculator.stats.num_draft_tokens > 0
+    assert temperatures and set(temperatures) == {0.8}  # the head's proposals went through rejection sampling
 
 
 def _broken(target_config, path, drop=(), **config):

@@ -23,8 +23,12 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def structural_problem(model: ModelSpec, layout: Layout, gpus_per_node: int, nodes: int) -> str | None:
-    """Why `layout` cannot run this model on this cluster shape, ignoring memory; None when it can."""
+def structural_problem(model: ModelSpec, layout: Layout, gpus_per_node: int, nodes: int,
+                       pp_in_node: bool = False) -> str | None:
+    """Why `layout` cannot run this model on this cluster shape, ignoring memory; None when it can.
+
+    Pipeline stages go across nodes when the planner chooses (TP inside one); pp_in_node (the user pinned a
+    PP degree) lets stages share a node too, as `meshserve serve -pp N` does on one machine."""
     tp, pp, ep = layout.tp, layout.pp, layout.ep
     if tp > gpus_per_node:
         return f"TP={tp} exceeds {gpus_per_node} GPUs per node (TP all-reduces every layer, so it stays in a node)"
@@ -40,13 +44,13 @@ def structural_problem(model: ModelSpec, layout: Layout, gpus_per_node: int, nod
         return f"{model.num_experts} experts not divisible by EP={ep}"
     if pp > model.num_layers:
         return f"PP={pp} exceeds {model.num_layers} layers"
-    if pp > nodes:
+    if pp > nodes and not pp_in_node:
         return f"PP={pp} needs {pp} nodes (pipeline stages go across nodes, TP inside one); {nodes} given"
     return None
 
 
 def enumerate_layouts(model: ModelSpec, num_gpus: int, gpus_per_node: int,
-                      nodes: int = 1) -> tuple[list[Layout], list[Rejection]]:
+                      nodes: int = 1, pp_in_node: bool = False) -> tuple[list[Layout], list[Rejection]]:
     """All layouts using exactly `num_gpus` GPUs, split into runnable ones and rejections (memory not checked).
 
     TP, PP and DP range over divisors whose product is num_gpus; MoE models add an expert-parallel variant
@@ -60,7 +64,7 @@ def enumerate_layouts(model: ModelSpec, num_gpus: int, gpus_per_node: int,
             eps = [1] + ([tp * dp] if model.is_moe and tp * dp > 1 else [])
             for ep in eps:
                 layout = Layout(tp=tp, pp=pp, dp=dp, ep=ep)
-                problem = structural_problem(model, layout, gpus_per_node, nodes)
+                problem = structural_problem(model, layout, gpus_per_node, nodes, pp_in_node)
                 if problem:
                     rejected.append(Rejection(layout, problem))
                 else:

@@ -148,7 +148,10 @@ def make_plan(r: PlanRequest, hint: bool = True) -> PlanResult:
         raise InvalidArgumentError(f"input_len + output_len = {r.workload.input_len + r.workload.output_len} "
                                    f"exceeds max_model_len {max_len}")
     per_node = r.num_gpus // r.nodes
-    layouts, rejections = enumerate_layouts(model, r.num_gpus, per_node, r.nodes)
+    # a PP degree the user pins may share a node (what `serve -pp N` runs on one machine); chosen ones go
+    # across nodes
+    layouts, rejections = enumerate_layouts(model, r.num_gpus, per_node, r.nodes,
+                                            pp_in_node=r.pp is not None and r.pp > 1)
     pinned = [(n, v) for n, v in (("tp", r.tp), ("pp", r.pp), ("dp", r.dp)) if v is not None]
     if pinned:
         layouts = [lay for lay in layouts if all(getattr(lay, n) == v for n, v in pinned)]

@@ -57,6 +57,15 @@ def test_structural_rules():
     assert "stays in a node" in reasons[Layout(tp=16)]
     assert "needs 4 nodes" in reasons[Layout(tp=4, pp=4)]
     assert Layout(tp=8, pp=2) in ok and Layout(tp=8, dp=2) in ok
+    ok_pinned, _ = enumerate_layouts(m, 16, gpus_per_node=8, nodes=2, pp_in_node=True)
+    assert Layout(tp=4, pp=4) in ok_pinned  # stages may share a node when the user asks for them
+
+
+def test_pinned_pp_on_one_node_is_planned_as_serve_runs_it():
+    # `meshserve serve -pp 2` runs on one machine, so the planner answers for it instead of "needs 2 nodes"
+    result = plan("llama-3.1-8b", gpu="H200", num_gpus=2, pp=2, max_model_len=4096)
+    assert result.best is not None and result.best.layout == Layout(pp=2)
+    assert plan("llama-3.1-8b", gpu="H200", num_gpus=2, max_model_len=4096).best.layout.pp == 1
 
 
 def test_moe_adds_expert_parallel_layouts():

@@ -188,40 +188,68 @@ def run_replay(ns) -> list[dict]:
     return rows
 
 
+def _time_drafter(llm) -> dict:
+    """Times each on-rank proposal (draft model or EAGLE-3 head: its forwards and its final read of the ids,
+    after the target's tokens are known) where the runner is in this process; {} elsewhere."""
+    runner = getattr(llm.engine.core.executor, "runner", None)
+    drafter = getattr(runner, "drafter", None)
+    times: dict = {"calls": 0, "s": 0.0}
+    if drafter is None:
+        return times
+    propose = drafter.propose
+
+    def timed(*args):
+        t = time.perf_counter()
+        out = propose(*args)
+        times["calls"] += 1
+        times["s"] += time.perf_counter() - t
+        return out
+
+    drafter.propose = timed
+    return times
+
+
 def run_w1(ns) -> list[dict]:
     from meshserve import LLM, SamplingParams
 
     spec = json.loads(ns.speculative_config)
+    ks = [int(k) for k in ns.k.split(",")] if ns.k else [spec["num_speculative_tokens"]]
     params = SamplingParams(temperature=0, max_tokens=ns.max_tokens, ignore_eos=True)
     warm = SamplingParams(max_tokens=4, ignore_eos=True)
-    runs = {}
-    for name, extra in (("base", {}), ("spec", {"speculative_config": spec})):
+    ref = ref_dt = None
+    rows = []
+    for k in [None, *ks]:  # no speculation first, then each k
+        extra = {} if k is None else {"speculative_config": {**spec, "num_speculative_tokens": k}}
         llm = LLM(**_engine_kwargs(ns), **extra)
         # W1's ids are < 10001: a tiny test model wraps them; a distinct first id per row
         vocab = llm.engine.config.model_config.vocab_size
         ids = [t % vocab for t in w1_prompt()[1:]]
         prompts = [{"prompt_token_ids": [i + 1, *ids]} for i in range(ns.batch_size)]
         llm.generate(prompts, warm, use_tqdm=False)
-        if extra:
-            _fresh_stats(llm)
-        runs[name] = _timed_generate(llm, prompts, params)
-        stats = _spec_stats(llm) if extra else {}
+        if k is None:
+            ref, ref_dt = _timed_generate(llm, prompts, params)
+            llm.shutdown()
+            continue
+        _fresh_stats(llm)
+        draft = _time_drafter(llm)
+        out, dt = _timed_generate(llm, prompts, params)
+        n, n_ref = sum(len(o) for o in out), sum(len(r) for r in ref)
+        rows.append(
+            {
+                "method": spec["method"],
+                "k": k,
+                "batch": ns.batch_size,
+                "tokens": n,
+                "base_tok_s": round(n_ref / ref_dt, 1),
+                "spec_tok_s": round(n / dt, 1),
+                "speedup": round(ref_dt / dt * n / max(1, n_ref), 3),
+                "identical": out == ref,
+                "draft_ms": round(1e3 * draft["s"] / draft["calls"], 3) if draft["calls"] else None,
+                **_spec_stats(llm),
+            }
+        )
         llm.shutdown()
-    (ref, ref_dt), (out, dt) = runs["base"], runs["spec"]
-    n = sum(len(o) for o in out)
-    return [
-        {
-            "method": spec["method"],
-            "k": spec["num_speculative_tokens"],
-            "batch": ns.batch_size,
-            "tokens": n,
-            "base_tok_s": round(sum(len(r) for r in ref) / ref_dt, 1),
-            "spec_tok_s": round(n / dt, 1),
-            "speedup": round(ref_dt / dt * n / max(1, sum(len(r) for r in ref)), 3),
-            "identical": out == ref,
-            **stats,
-        }
-    ]
+    return rows
 
 
 def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
@@ -253,6 +281,9 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
         "--w1",
         action="store_true",
         help="W1's token-id prompt on dummy weights, without and with --speculative-config",
+    )
+    p.add_argument(
+        "--k", default=None, metavar="K,K,...", help="with --w1: num_speculative_tokens to run in turn (default: the config's)"
     )
     p.add_argument("--batch-size", type=int, default=1, help="with --replay or --w1: sequences at once")
     p.add_argument("--output-json", default=None)

@@ -29,6 +29,8 @@ def test_w1_with_an_eagle3_head(tmp_path):
             "--model",
             target,
             "--w1",
+            "--k",
+            "1,2",
             "--max-tokens",
             "12",
             "--max-model-len",
@@ -40,5 +42,8 @@ def test_w1_with_an_eagle3_head(tmp_path):
         ]
     )
     assert ns.func(ns) == 0
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["method"] == "eagle3" and row["identical"] and row["tokens"] == 12 and row["draft_tokens"] > 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["k"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["method"] == "eagle3" and r["identical"] and r["tokens"] == 12
+        assert r["draft_tokens"] > 0 and r["draft_ms"] > 0

@@ -77,10 +77,33 @@ def aux_layer_ids(head_config, num_target_layers: int) -> list[int]:
     return sorted(ids)
 
 
+def _bin_file(path: str) -> str | None:
+    """The head's pytorch_model.bin where it has no safetensors (some public heads ship only that)."""
+    file = os.path.join(path, "pytorch_model.bin")
+    has_safetensors = any(f.endswith(".safetensors") for f in os.listdir(path))
+    return file if os.path.isfile(file) and not has_safetensors else None
+
+
+def _read_bin(file: str) -> dict[str, torch.Tensor]:
+    try:  # tensors only (weights_only: no pickled code runs), memory-mapped
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ModelLoadError(f"corrupt weights file {file}: {str(e).splitlines()[0]}") from e
+
+
+def _checkpoint_tensors(path: str):
+    """(name, tensor or lazy safetensors slice) of every checkpoint tensor."""
+    file = _bin_file(path)
+    return iter(_read_bin(file).items()) if file else _iter_checkpoint(path)
+
+
 def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, from the safetensors headers (no tensor is read)."""
+    """Tensor name -> shape, from the safetensors headers (no tensor is read) or the .bin's mapped tensors."""
     from safetensors import safe_open
 
+    file = _bin_file(path)
+    if file:
+        return {name: tuple(t.shape) for name, t in _read_bin(file).items()}
     shapes = {}
     for file in _safetensors_files(path):
         try:
@@ -108,7 +131,9 @@ def check_eagle3_head(spec: SpeculativeConfig, target_hf_config, tp: int = 1, pp
 
     path = spec.model
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise _bad(f"{path} is not an EAGLE-3 checkpoint folder (config.json and *.safetensors)")
+        raise _bad(
+            f"{path} is not an EAGLE-3 checkpoint folder (config.json, *.safetensors or pytorch_model.bin)"
+        )
     from meshserve.models.loader import _load_hf_config
 
     try:
@@ -313,7 +338,7 @@ class Eagle3Proposer(DraftModelProposer):
                 )
         finally:
             torch.set_default_dtype(old_dtype)
-        _load_tensors(self.model, _iter_checkpoint(spec.model), f"EAGLE-3 checkpoint in {spec.model}")
+        _load_tensors(self.model, _checkpoint_tensors(spec.model), f"EAGLE-3 checkpoint in {spec.model}")
         self.model.eval()
         bind_kernels(self.model, kernels)
         self.kv_pool = KVCachePool(self.config, self.model.attention_layers(), kernels.kv_cache_dtype, device)

@@ -81,13 +81,18 @@ def head_config(target_hf_config, draft_vocab_size: int | None = None, **extra) 
     return {**fields, **extra}
 
 
-def write_head(path: str, config: dict, tensors: dict[str, torch.Tensor]) -> str:
+def write_head(path: str, config: dict, tensors: dict[str, torch.Tensor], bin_format: bool = False) -> str:
+    """config.json and model.safetensors (bin_format: pytorch_model.bin, as some public heads ship)."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if bin_format:
+        torch.save(tensors, os.path.join(path, "pytorch_model.bin"))
+    else:
+        save_file(tensors, os.path.join(path, "model.safetensors"))
     return path
 
 

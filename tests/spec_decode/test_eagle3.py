@@ -93,6 +93,25 @@ def test_captured_hidden_states_are_the_targets_residual_stream(target, llm, hf_
         torch.testing.assert_close(got[:, slot], ref[layer][0], rtol=1e-4, atol=1e-4)
 
 
+def test_a_pytorch_bin_head_proposes_as_its_safetensors_twin(
+    target, target_config, llm, tmp_path, monkeypatch
+):
+    path = write_head(
+        str(tmp_path / "bin-head"),
+        head_config(target_config, DRAFT_VOCAB),
+        random_head_tensors(target_config, DRAFT_VOCAB),
+        bin_format=True,
+    )
+    seen = _recording(monkeypatch)
+    prompts, params = _prompts(1, seed=8), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    runs = []
+    for engine in (llm, LLM(model=target, block_size=4, max_model_len=256, speculative_config=_spec(path))):
+        seen.clear()
+        engine.generate(prompts, params, use_tqdm=False)
+        runs.append([p for step in seen for p in step.values()])
+    assert runs[0] and runs[0] == runs[1]
+
+
 def test_greedy_output_is_the_targets_with_preemption_prefix_hits_and_chunks(target, head, expected):
     shared = _prompts(1, seed=4)[0]["prompt_token_ids"] * 2
     prompts = [{"prompt_token_ids": shared + [7 + i]} for i in range(3)] + _prompts(2, seed=5)

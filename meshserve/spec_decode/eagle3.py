@@ -115,6 +115,26 @@ def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _layer_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """midlayer's and norm's tensor shapes by the head's config (q/k/v read 2 x hidden: embedding + hidden)."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or h // heads
+    m = "midlayer."
+    return {
+        **{f"{m}{n}.weight": (h,) for n in ("hidden_norm", "input_layernorm", "post_attention_layernorm")},
+        f"{m}self_attn.q_proj.weight": (heads * head_dim, 2 * h),
+        f"{m}self_attn.k_proj.weight": (kv_heads * head_dim, 2 * h),
+        f"{m}self_attn.v_proj.weight": (kv_heads * head_dim, 2 * h),
+        f"{m}self_attn.o_proj.weight": (h, heads * head_dim),
+        f"{m}mlp.gate_proj.weight": (inter, h),
+        f"{m}mlp.up_proj.weight": (inter, h),
+        f"{m}mlp.down_proj.weight": (h, inter),
+        "norm.weight": (h,),
+    }
+
+
 @dataclasses.dataclass
 class Eagle3Layout:
     """What check_eagle3_head learnt from the checkpoint: the layers fc reads and whether it has an
@@ -170,9 +190,9 @@ def check_eagle3_head(spec: SpeculativeConfig, target_hf_config, tp: int = 1, pp
         raise _bad(
             f"a draft vocabulary of {draft_vocab} ids needs d2t [{draft_vocab}] (draft id -> target id)"
         )
-    q = shapes["midlayer.self_attn.q_proj.weight"]
-    if q[1] != 2 * h:
-        raise _bad(f"midlayer.self_attn.q_proj takes {q[1]} inputs, expected 2 x hidden ({2 * h})")
+    for name, want in _layer_shapes(cfg).items():
+        if shapes[name] != want:
+            raise _bad(f"{name} is {list(shapes[name])}, its config.json says {list(want)}")
     own_embedding = "embed_tokens.weight" in shapes
     if own_embedding and shapes["embed_tokens.weight"] != (target_vocab, h):
         raise _bad(f"embed_tokens is {list(shapes['embed_tokens.weight'])}, expected [{target_vocab}, {h}]")

@@ -224,6 +224,10 @@ def _broken(target_config, path, drop=(), **config):
             "lacks 1 tensors, e.g. midlayer",
         ),
         (lambda c, p: _broken(c, p, drop=["d2t"]), "needs d2t"),
+        (
+            lambda c, p: _broken(c, p, intermediate_size=100),
+            "midlayer.mlp.gate_proj.weight is [192, 96], its config",
+        ),
         (lambda c, p: _broken(c, p, target_hidden_size=64), "target hidden states of size 64"),
         (lambda c, p: _broken(c, p, vocab_size=VOCAB + 64), "vocabulary"),
         (lambda c, p: _broken(c, p, draft_vocab_size=32), "lm_head is [64, 96], expected [32, 96]"),

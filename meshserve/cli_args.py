@@ -149,8 +149,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
     g.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, vLLM\'s keys: {"method": "ngram", "num_speculative_tokens": 4, '
-                        '"prompt_lookup_max": 4} or {"method": "draft_model", "model": DIR, '
-                        '"num_speculative_tokens": 4}')
+                        '"prompt_lookup_max": 4}, {"method": "draft_model", "model": DIR, '
+                        '"num_speculative_tokens": 4} or {"method": "eagle3", "model": EAGLE3_HEAD_DIR, '
+                        '"num_speculative_tokens": 3}')
     g.add_argument("--kv-transfer-config", default=None, metavar="JSON",
                    help='prefill/decode disaggregation, vLLM\'s keys: {"kv_connector": "torch", "kv_role": '
                         '"kv_producer" | "kv_consumer" | "kv_both", "kv_rank": 0, "kv_parallel_size": 2, '

@@ -8,6 +8,10 @@ greedy at batch 1 without speculation, then with it; the outputs must be identic
 --replay P,P,...: dummy weights at real sizes (e.g. llama-3.1-8b on a GPU); the proposer replays the target's
 own greedy continuation, each proposed token wrong with probability 1 - P; tok/s at batch 1 against the
 acceptance this gives, beside no speculation (and --batch-size for the large-batch cost).
+
+--w1: W1's token-id prompt (no tokenizer needed: dummy weights at real sizes) greedy at --batch-size, without
+and with --speculative-config as given, e.g. an EAGLE-3 head with random weights
+(spec_decode/eagle3_random_head.py): what a draft step costs, and that the tokens stay exact.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ def _engine_kwargs(ns) -> dict:
           "async_scheduling": ns.async_scheduling}
     if ns.model is not None:
         kw["model"] = ns.model
-    if ns.replay:
+    if ns.replay or ns.w1:
         kw["load_format"] = "dummy"
     return kw
 
@@ -184,6 +188,70 @@ def run_replay(ns) -> list[dict]:
     return rows
 
 
+def _time_drafter(llm) -> dict:
+    """Times each on-rank proposal (draft model or EAGLE-3 head: its forwards and its final read of the ids,
+    after the target's tokens are known) where the runner is in this process; {} elsewhere."""
+    runner = getattr(llm.engine.core.executor, "runner", None)
+    drafter = getattr(runner, "drafter", None)
+    times: dict = {"calls": 0, "s": 0.0}
+    if drafter is None:
+        return times
+    propose = drafter.propose
+
+    def timed(*args):
+        t = time.perf_counter()
+        out = propose(*args)
+        times["calls"] += 1
+        times["s"] += time.perf_counter() - t
+        return out
+
+    drafter.propose = timed
+    return times
+
+
+def run_w1(ns) -> list[dict]:
+    from meshserve import LLM, SamplingParams
+
+    spec = json.loads(ns.speculative_config)
+    ks = [int(k) for k in ns.k.split(",")] if ns.k else [spec["num_speculative_tokens"]]
+    params = SamplingParams(temperature=0, max_tokens=ns.max_tokens, ignore_eos=True)
+    warm = SamplingParams(max_tokens=4, ignore_eos=True)
+    ref = ref_dt = None
+    rows = []
+    for k in [None, *ks]:  # no speculation first, then each k
+        extra = {} if k is None else {"speculative_config": {**spec, "num_speculative_tokens": k}}
+        llm = LLM(**_engine_kwargs(ns), **extra)
+        # W1's ids are < 10001: a tiny test model wraps them; a distinct first id per row
+        vocab = llm.engine.config.model_config.vocab_size
+        ids = [t % vocab for t in w1_prompt()[1:]]
+        prompts = [{"prompt_token_ids": [i + 1, *ids]} for i in range(ns.batch_size)]
+        llm.generate(prompts, warm, use_tqdm=False)
+        if k is None:
+            ref, ref_dt = _timed_generate(llm, prompts, params)
+            llm.shutdown()
+            continue
+        _fresh_stats(llm)
+        draft = _time_drafter(llm)
+        out, dt = _timed_generate(llm, prompts, params)
+        n, n_ref = sum(len(o) for o in out), sum(len(r) for r in ref)
+        rows.append(
+            {
+                "method": spec["method"],
+                "k": k,
+                "batch": ns.batch_size,
+                "tokens": n,
+                "base_tok_s": round(n_ref / ref_dt, 1),
+                "spec_tok_s": round(n / dt, 1),
+                "speedup": round(ref_dt / dt * n / max(1, n_ref), 3),
+                "identical": out == ref,
+                "draft_ms": round(1e3 * draft["s"] / draft["calls"], 3) if draft["calls"] else None,
+                **_spec_stats(llm),
+            }
+        )
+        llm.shutdown()
+    return rows
+
+
 def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("spec", help="speculative decoding: acceptance and batch-1 speedup")
     p.add_argument(
@@ -209,11 +277,19 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
         help="controlled acceptance on dummy weights: each proposed token right with probability P",
     )
     p.add_argument("--replay-k", default="2,4,8", help="with --replay: proposal lengths")
-    p.add_argument("--batch-size", type=int, default=1, help="with --replay: sequences at once")
+    p.add_argument(
+        "--w1",
+        action="store_true",
+        help="W1's token-id prompt on dummy weights, without and with --speculative-config",
+    )
+    p.add_argument(
+        "--k", default=None, metavar="K,K,...", help="with --w1: num_speculative_tokens to run in turn (default: the config's)"
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="with --replay or --w1: sequences at once")
     p.add_argument("--output-json", default=None)
 
     def run(ns) -> int:
-        rows = run_replay(ns) if ns.replay else run_real_text(ns)
+        rows = run_replay(ns) if ns.replay else run_w1(ns) if ns.w1 else run_real_text(ns)
         print_rows(rows)
         write_json(ns.output_json, {"bench": "spec", "rows": rows})
         return 0

@@ -119,7 +119,8 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
         kv_transfer_config=parse_kv_transfer_config(args.kv_transfer_config),
     )
     if config.speculative_config is not None and config.speculative_config.uses_draft_model:
-        from meshserve.spec_decode.draft_model import check_draft_model
+        from meshserve.spec_decode.drafters import check_drafter
 
-        check_draft_model(config.speculative_config, source.hf_config, max_model_len, args.tensor_parallel_size)
+        check_drafter(config.speculative_config, source.hf_config, max_model_len, args.tensor_parallel_size,
+                      args.pipeline_parallel_size)
     return config, source

@@ -49,7 +49,7 @@ from meshserve.layers.mla_attention import bind_prefill_workspace
 from meshserve.layers.pipeline import IntermediateTensors
 from meshserve.layers.sampler import Sampler
 from meshserve.models.loader import ModelSource, build_model, weight_bytes
-from meshserve.spec_decode.draft_model import DraftModelProposer
+from meshserve.spec_decode.drafters import build_drafter
 
 __all__ = ["ModelRunner", "ModelRunnerOutput", "PendingOutput", "TokenLogprobs"]
 
@@ -111,10 +111,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
         self.layerwise_hook = None  # disagg/layer_hook.py LayerwiseHook, on a layer-wise KV producer
-        spec = config.speculative_config
         # a draft model proposes on the ranks, after each step, eagerly (the verify steps themselves replay
         # the mixed-step graphs: _run_forward)
-        self.drafter = DraftModelProposer(config, self.device) if spec is not None and spec.uses_draft_model else None
+        self.drafter = build_drafter(config, self.device, self.model)  # a draft model or an EAGLE-3 head
         self._step_parity = 0  # which of the pinned buffers this step uses
         st = get_parallel_state()
         self.stage_io = None  # a pipeline stage's activation receives and sends (pipeline_stage.py)

@@ -8,8 +8,8 @@ from typing import Any
 from meshserve.errors import InvalidArgumentError
 from meshserve.json_config import config_dict, config_error
 
-METHODS = ("ngram", "draft_model")
-PLANNED_METHODS = ("eagle", "eagle3", "medusa", "mtp")  # vLLM names refused with "not supported yet"
+METHODS = ("ngram", "draft_model", "eagle3")
+PLANNED_METHODS = ("eagle", "medusa", "mtp")  # vLLM names refused with "not supported yet"
 MAX_SPECULATIVE_TOKENS = 32  # beyond this a verify step costs a prefill and acceptance never gets there
 
 
@@ -17,8 +17,9 @@ MAX_SPECULATIVE_TOKENS = 32  # beyond this a verify step costs a prefill and acc
 class SpeculativeConfig:
     """How proposals are made and how many per step.
 
-    method: "ngram" (prompt lookup over the sequence's own tokens) or "draft_model" (a smaller model
-    sharing the target's vocabulary). disable_by_batch_size: when
+    method: "ngram" (prompt lookup over the sequence's own tokens), "draft_model" (a smaller model
+    sharing the target's vocabulary) or "eagle3" (an EAGLE-3 head reading the target's hidden states;
+    model is its checkpoint folder). disable_by_batch_size: when
     more sequences than this are running, steps run without proposals (speculation costs at large batches).
     """
 
@@ -35,7 +36,7 @@ class SpeculativeConfig:
     @property
     def uses_draft_model(self) -> bool:
         """The proposer runs a model on the ranks (it needs KV blocks ahead of the verified tokens)."""
-        return self.method == "draft_model"
+        return self.method in ("draft_model", "eagle3")
 
     @property
     def num_lookahead_tokens(self) -> int:

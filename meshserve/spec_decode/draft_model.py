@@ -95,7 +95,7 @@ class DraftModelProposer:
     def propose(self, scheduled: list[ScheduledSequence], result: ModelRunnerOutput) -> dict[str, list[int]]:
         """First a forward over every token the target kept this step (its inputs up to the accepted ones,
         plus each sampling sequence's new token), then k - 1 single-token steps over the sampling ones."""
-        new_tokens = self._step_tokens(scheduled, result)
+        new_tokens = step_tokens(scheduled, result, self.device)
         first, sampling = [], []
         for e in scheduled:
             ids = e.token_ids
@@ -131,25 +131,26 @@ class DraftModelProposer:
     def _argmax(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden).argmax(dim=-1)
 
-    def _step_tokens(
-        self, scheduled: list[ScheduledSequence], result: ModelRunnerOutput
-    ) -> dict[str, list[int]]:
-        """Each sampling sequence's tokens of this step (accepted proposals + the target's own). Only the
-        sampler rank has them; with tensor parallelism it broadcasts them to the other ranks."""
-        tokens = {**{sid: [t] for sid, t in result.sampled.items()}, **result.spec_token_ids}
-        st = get_parallel_state()
-        if st.tp_size == 1:
-            return tokens
-        entries = [e for e in scheduled if e.do_sample]
-        width = 2 + max((e.num_spec_tokens for e in entries), default=0)
-        buf = torch.zeros(len(entries), width, dtype=torch.int64, device=self.device)
-        if st.tp_rank == 0:
-            host = torch.zeros(len(entries), width, dtype=torch.int64)
-            for i, e in enumerate(entries):
-                toks = tokens[e.seq_id]
-                host[i, 0] = len(toks)
-                host[i, 1 : 1 + len(toks)] = torch.tensor(toks)
-            buf.copy_(host)
-        torch.distributed.broadcast(buf, src=st.pp_rank * st.tp_size, group=st.tp_group)
-        rows = buf.tolist()
-        return {e.seq_id: row[1 : 1 + row[0]] for e, row in zip(entries, rows)}
+
+def step_tokens(
+    scheduled: list[ScheduledSequence], result: ModelRunnerOutput, device: torch.device
+) -> dict[str, list[int]]:
+    """Each sampling sequence's tokens of this step (accepted proposals + the target's own). Only the
+    sampler rank has them; with tensor parallelism it broadcasts them to the other ranks."""
+    tokens = {**{sid: [t] for sid, t in result.sampled.items()}, **result.spec_token_ids}
+    st = get_parallel_state()
+    if st.tp_size == 1:
+        return tokens
+    entries = [e for e in scheduled if e.do_sample]
+    width = 2 + max((e.num_spec_tokens for e in entries), default=0)
+    buf = torch.zeros(len(entries), width, dtype=torch.int64, device=device)
+    if st.tp_rank == 0:
+        host = torch.zeros(len(entries), width, dtype=torch.int64)
+        for i, e in enumerate(entries):
+            toks = tokens[e.seq_id]
+            host[i, 0] = len(toks)
+            host[i, 1 : 1 + len(toks)] = torch.tensor(toks)
+        buf.copy_(host)
+    torch.distributed.broadcast(buf, src=st.pp_rank * st.tp_size, group=st.tp_group)
+    rows = buf.tolist()
+    return {e.seq_id: row[1 : 1 + row[0]] for e, row in zip(entries, rows)}

@@ -26,3 +26,21 @@ def test_ngram_greedy_equal_and_accepted_on_code_editing():
     stats = llm.engine.core.speculator.stats
     assert stats.acceptance_rate > 0.3 and stats.mean_acceptance_length > 1.5, stats
     llm.shutdown()
+
+
+def test_eagle3_random_head_keeps_greedy_output_on_real_weights(tmp_path):
+    """A random EAGLE-3 head for SmolLM2 (30 layers: vLLM's default layers 2, 15, 27; the target's tied
+    embedding shared): its proposals are verified on real weights and the greedy output does not move."""
+    from meshserve.spec_decode.eagle3_random_head import head_config, random_head_tensors, write_head
+
+    messages = [{"role": "user", "content": WORKLOADS["summarise"]}]
+    params = SamplingParams(temperature=0, max_tokens=48)
+    base = LLM(max_model_len=1024)
+    expected = base.chat(messages, params, use_tqdm=False)[0].outputs[0].token_ids
+    cfg = base.engine.config.model_config.hf_config
+    base.shutdown()
+    head = write_head(str(tmp_path / "head"), head_config(cfg, 4096), random_head_tensors(cfg, 4096))
+    llm = LLM(max_model_len=1024, speculative_config={"method": "eagle3", "model": head, "num_speculative_tokens": 3})
+    assert llm.chat(messages, params, use_tqdm=False)[0].outputs[0].token_ids == expected
+    assert llm.engine.core.speculator.stats.num_draft_tokens > 0
+    llm.shutdown()

@@ -158,7 +158,8 @@ def test_sampling_with_speculation_is_seeded_and_mixed_with_other_settings(model
     "config, message",
     [
         ({"method": "lookahead", "num_speculative_tokens": 2}, "unsupported method"),
-        ({"method": "eagle3", "model": "/x", "num_speculative_tokens": 2}, "not supported yet"),
+        ({"method": "eagle", "model": "/x", "num_speculative_tokens": 2}, "not supported yet"),
+        ({"method": "eagle3", "model": "/x", "num_speculative_tokens": 2}, "not an EAGLE-3 checkpoint folder"),
         ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens: must be in [1, 32]"),
         ({"method": "ngram"}, "num_speculative_tokens: is required"),
         (

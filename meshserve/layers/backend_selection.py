@@ -18,6 +18,7 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_DISABLE_FUSED_OPS=1             no fused Triton op: norm, rotary, SiLU, prologue, GEMV, sampler
   MESHSERVE_NORM_GEMV=1                     fold the residual add + RMSNorm into the QKV and gate/up GEMVs
                                             (opt-in until measured on the H200: issue 29)
+  MESHSERVE_NORM_FOLD=1                     batch 1: both RMSNorms into the GEMVs around them (layers/norm_fold.py)
   MESHSERVE_PDL=1|auto                      programmatic dependent launch of the decode-path Triton kernels on
                                             sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
                                             kernels/pdl.py); auto: only for models whose hidden size is at most
@@ -76,6 +77,7 @@ logger = logging.getLogger(__name__)
 ATTENTION_BACKEND_ENV = "MESHSERVE_ATTENTION_BACKEND"
 DISABLE_FUSED_OPS_ENV = "MESHSERVE_DISABLE_FUSED_OPS"
 NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
+NORM_FOLD_ENV = "MESHSERVE_NORM_FOLD"
 DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
@@ -108,6 +110,7 @@ class KernelSelection:
     fused_prologue: bool = False  # q/k norm + rotary + KV write in one kernel, through the Triton backend
     gemv: bool = False  # Triton GEMV for single 16-bit rows (batch-1 decode), SiLU fused into down_proj
     norm_gemv: bool = False  # residual add + RMSNorm inside the QKV / gate_up GEMV (layers/norm_linear.py)
+    norm_fold: bool = False  # both residual norms folded into the GEMVs around them (layers/norm_fold.py)
     fused_sampler: bool = False  # one Gumbel-max pass for batches that only ask for temperatures
     cuda_graphs: bool = False  # capture decode steps in CUDA graphs
     # small batches' decode graphs also captured for contexts up to each bound (fewer attention splits)
@@ -225,6 +228,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         fused_prologue=fused_ops and attention == "triton",
         gemv=gemv,
         norm_gemv=gemv and fused_ops and os.environ.get(NORM_GEMV_ENV, "") not in ("", "0"),
+        norm_fold=gemv and fused_ops and os.environ.get(NORM_FOLD_ENV, "") not in ("", "0"),
         fused_sampler=fused_ops,
         cuda_graphs=cuda_graphs,
         decode_context_bounds=_decode_context_bounds() if cuda_graphs else (),

@@ -5,8 +5,8 @@ complete outputs. fold_gemv adds two optional ends to it (semantics, the fixed-p
 kernels/norm_fold_ref.py):
   producer (residual, sum_out)     the epilogue stores h = y + residual for its rows (the new residual, which
                                    is also the next norm's input) and atomically adds its rows' sum of squares
-                                   of h, in int64 fixed point, to sum_out (one scalar per norm site)
-  consumer (norm_weight, sum_in)   each program reads the one int64, takes inv_rms = 1 / sqrt(sum / K + eps)
+                                   of h, in int64 fixed point, to sum_out (one pair per norm site)
+  consumer (norm_weight, sum_in)   each program reads the pair, takes inv_rms = 1 / sqrt(sum / K + eps)
                                    and loads the row as rms_norm's output (triton_gemv._normed_x)
 So o_proj -> gate_up and down_proj -> the next QKV need no norm kernel, and no program re-reads the row for
 its statistics (the form that did lost 9% on the H200: triton_gemv's docstring). sum_out must be zero before
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from meshserve.kernels import pdl as pdl_mod
-from meshserve.kernels.norm_fold_ref import SUM_SCALE, part_limit
+from meshserve.kernels.norm_fold_ref import FRAC_SCALE, SUM_SCALE, part_limit
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.triton_gemv import MAX_PRE_K, _row_x
 
@@ -45,13 +45,14 @@ def _fold_gemv_kernel(
     NORMED: tl.constexpr,
     RESIDUAL_OUT: tl.constexpr,
     SUM_SCALE: tl.constexpr,
+    FRAC_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRE_K: tl.constexpr,
     USE_GDC: tl.constexpr = False,
 ):
-    """triton_gemv._gemv_kernel, with NORMED taking 1 / rms from the int64 at sum_in_ptr and RESIDUAL_OUT the
-    producer's epilogue (y + residual stored, its fixed-point sum of squares added at sum_out_ptr)."""
+    """triton_gemv._gemv_kernel, with NORMED taking 1 / rms from the int64 pair at sum_in_ptr and RESIDUAL_OUT the
+    producer's epilogue (y + residual stored, its fixed-point sum of squares added to the pair at sum_out_ptr)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     ks = tl.arange(0, BLOCK_K)
@@ -63,8 +64,10 @@ def _fold_gemv_kernel(
         w_pre = tl.load(w_rows + kp[None, :], mask=rmask[:, None] & pmask[None, :], other=0.0)
     gdc_wait(USE_GDC)  # the row, its sum of squares and the residual come from earlier kernels
     if NORMED:
-        total = tl.load(sum_in_ptr).to(tl.float32)
-        inv_rms = 1.0 / tl.sqrt(total * (1.0 / SUM_SCALE) / K + eps)
+        # the int64 pair (whole, fraction) in fp32: norm_fold_ref.sum_of_squares
+        whole = tl.load(sum_in_ptr).to(tl.float32) * (1.0 / SUM_SCALE)
+        total = whole + tl.load(sum_in_ptr + 1).to(tl.float32) * (1.0 / (SUM_SCALE * FRAC_SCALE))
+        inv_rms = 1.0 / tl.sqrt(total / K + eps)
     else:
         inv_rms = 1.0
     if PRE_K > 0:
@@ -91,14 +94,16 @@ def _fold_gemv_kernel(
         tl.store(y_ptr + rows, h, mask=rmask)
         hf = tl.where(rmask, h.to(tl.float32), 0.0)
         part = tl.minimum(tl.sum(hf * hf, 0) * SUM_SCALE, part_cap)
-        tl.atomic_add(sum_out_ptr, (part + 0.5).to(tl.int64))
+        whole = tl.floor(part)
+        tl.atomic_add(sum_out_ptr, whole.to(tl.int64))
+        tl.atomic_add(sum_out_ptr + 1, ((part - whole) * FRAC_SCALE + 0.5).to(tl.int64))
     else:
         tl.store(y_ptr + rows, y.to(dt), mask=rmask)
 
 
 def _scalar_sum(t: torch.Tensor | None, name: str, device: torch.device) -> None:
-    if t is None or t.dtype != torch.int64 or t.numel() != 1 or t.device != device:
-        raise ValueError(f"fold_gemv: {name} must be one int64 on the row's device")
+    if t is None or t.dtype != torch.int64 or t.shape != (2,) or t.stride(0) != 1 or t.device != device:
+        raise ValueError(f"fold_gemv: {name} must be a pair of int64s on the row's device")
 
 
 def fold_gemv(
@@ -162,6 +167,7 @@ def fold_gemv(
         NORMED=normed,
         RESIDUAL_OUT=produces,
         SUM_SCALE=SUM_SCALE,
+        FRAC_SCALE=FRAC_SCALE,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         PRE_K=pre_k,

@@ -4,13 +4,13 @@ With the selection's norm_fold switch (MESHSERVE_NORM_FOLD=1), a batch-1 step ru
     QKV (normed on load) -> attention -> o_proj (+ residual, sum of squares) -> gate_up (normed on load)
     -> down_proj (+ residual, sum of squares)
 with no norm kernel in between: the producing GEMV adds the residual and sums the squares of its rows of the
-new residual stream h into one int64 per norm site; the consuming GEMV takes 1 / rms from it
+new residual stream h into one int64 pair per norm site; the consuming GEMV takes 1 / rms from it
 (kernels/triton_norm_fold.py; the torch reference and the fixed-point sum's range: kernels/norm_fold_ref.py).
 The hidden state between layers is then h itself (no separate residual). The first layer's input comes from
 the embedding, which no GEMV produced, so its norm runs as before (norm_linear's fold or the norm kernel);
 the final norm does too (the LM head is outside the model's forward).
 
-The sums live in one buffer of 2 x layers int64s per step, zeroed when the step begins: inside a decode CUDA
+The sums live in one buffer of 2 x layers int64 pairs per step, zeroed when the step begins: inside a decode CUDA
 graph that zeroing is one captured memset, and each producer adds into its own slot, so a replay starts from
 zero and no slot is reused within a step.
 
@@ -72,7 +72,8 @@ class NormFold:
 
     def __init__(self, ops, num_sums: int, device: torch.device):
         self.ops = ops
-        self.sums = torch.zeros(num_sums, dtype=torch.int64, device=device)  # a memset in the decode graph
+        # one int64 pair per norm site (kernels/norm_fold_ref.py); zeroed by a memset in the decode graph
+        self.sums = torch.zeros(num_sums, 2, dtype=torch.int64, device=device)
         self.filled = 0  # slots the producers have used; the current row's sum is the last of them
 
     @classmethod

@@ -76,7 +76,7 @@ def _folded(layers, final, x, ops):
     for layer in layers:
         hidden, residual = layer(None, hidden, None, None, fold)
         assert residual is None
-    assert fold.filled == 2 * len(layers) and bool((fold.sums > 0).all())
+    assert fold.filled == 2 * len(layers) and bool((fold.sums[:, 0] > 0).all())
     return final(hidden), hidden
 
 
@@ -132,7 +132,7 @@ def test_begin_only_where_the_fold_applies(monkeypatch):
         norm_fold_module, "fold_ops_for", lambda x, on: REF if on and x.numel() == 32 else None
     )
     fold = NormFold.begin(x, layers)
-    assert fold is not None and fold.sums.tolist() == [0, 0, 0, 0] and fold.sums.dtype == torch.int64
+    assert fold is not None and fold.sums.tolist() == [[0, 0]] * 4 and fold.sums.dtype == torch.int64
     assert NormFold.begin(torch.randn(2, 32), layers) is None  # several rows
     assert NormFold.begin(x.double(), layers) is None  # weights of another dtype
     monkeypatch.setattr(norm_fold_module, "get_tp_size", lambda: 2)

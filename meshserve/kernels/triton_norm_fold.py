@@ -101,7 +101,7 @@ def _fold_gemv_kernel(
         tl.store(y_ptr + rows, y.to(dt), mask=rmask)
 
 
-def _scalar_sum(t: torch.Tensor | None, name: str, device: torch.device) -> None:
+def _check_pair(t: torch.Tensor | None, name: str, device: torch.device) -> None:
     if t is None or t.dtype != torch.int64 or t.shape != (2,) or t.stride(0) != 1 or t.device != device:
         raise ValueError(f"fold_gemv: {name} must be a pair of int64s on the row's device")
 
@@ -130,9 +130,9 @@ def fold_gemv(
     if normed and gated:
         raise ValueError("fold_gemv: a gated row is not a norm's input")
     if normed:
-        _scalar_sum(sum_in, "sum_in", x.device)
+        _check_pair(sum_in, "sum_in", x.device)
     if produces:
-        _scalar_sum(sum_out, "sum_out", x.device)
+        _check_pair(sum_out, "sum_out", x.device)
         if residual.numel() != n:
             raise ValueError(
                 f"fold_gemv: the residual must hold the {n} outputs, got {tuple(residual.shape)}"

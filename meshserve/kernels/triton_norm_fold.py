@@ -51,8 +51,9 @@ def _fold_gemv_kernel(
     PRE_K: tl.constexpr,
     USE_GDC: tl.constexpr = False,
 ):
-    """triton_gemv._gemv_kernel, with NORMED taking 1 / rms from the int64 pair at sum_in_ptr and RESIDUAL_OUT the
-    producer's epilogue (y + residual stored, its fixed-point sum of squares added to the pair at sum_out_ptr)."""
+    """triton_gemv._gemv_kernel, with NORMED taking 1 / rms from the int64 pair at sum_in_ptr and RESIDUAL_OUT
+    the producer's epilogue (y + residual stored, its fixed-point sum of squares added to the pair at
+    sum_out_ptr)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     ks = tl.arange(0, BLOCK_K)

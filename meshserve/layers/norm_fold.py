@@ -10,9 +10,10 @@ The hidden state between layers is then h itself (no separate residual). The fir
 the embedding, which no GEMV produced, so its norm runs as before (norm_linear's fold or the norm kernel);
 the final norm does too (the LM head is outside the model's forward).
 
-The sums live in one buffer of 2 x layers int64 pairs per step, zeroed when the step begins: inside a decode CUDA
-graph that zeroing is one captured memset, and each producer adds into its own slot, so a replay starts from
-zero and no slot is reused within a step.
+The sums live in one buffer of 2 x layers int64 pairs per step, zeroed when the step begins: inside a decode
+CUDA graph that zeroing is one captured memset, and each producer adds into its own slot, so a replay starts
+from zero and no slot is reused within a step. (The last down_proj's sum goes unread: the final norm runs as
+its own kernel.)
 
 Where it does not apply, begin returns None and the layers run their plain path: more than one row, not on a
 GPU, tensor parallelism (o_proj and down_proj are row-parallel: the all-reduce sits between the GEMV and the
@@ -78,7 +79,7 @@ class NormFold:
 
     @classmethod
     def begin(cls, hidden: torch.Tensor, layers) -> NormFold | None:
-        """The fold for this step's layers at the embedding's output hidden, or None where it does not apply."""
+        """The fold for this step's layers from the embedding's output, or None where it does not apply."""
         if len(layers) == 0 or not getattr(layers[0], "folds_attn_norm", False) or get_tp_size() > 1:
             return None
         ops = fold_ops_for(hidden, layers[0].self_attn.qkv_proj.kernels.norm_fold)  # the switch first: cheap

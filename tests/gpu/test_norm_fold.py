@@ -1,4 +1,4 @@
-"""MESHSERVE_NORM_FOLD=1 on the GPU (layers/norm_fold.py): batch-1 decode with no RMSNorm kernel between layers.
+"""MESHSERVE_NORM_FOLD=1 on the GPU (layers/norm_fold.py): batch-1 decode, no RMSNorm kernel between layers.
 
 Greedy tokens with the switch equal those without (fp32: exactly; bf16: up to a near-tie, tests/near_tie.py),
 and a folded decode gives the same bits every time it runs (the int64 sums of squares), eager and in CUDA

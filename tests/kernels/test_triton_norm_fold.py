@@ -100,13 +100,13 @@ def test_reference_matches_rms_norm_then_linear():
 # -------------------------------------------------------------------------------------------- interpreter
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("n,exact", [(300, False), (130, True)])
+@pytest.mark.parametrize("n,exact", [(102, False), (38, True)])  # a partial last block of rows
 def test_producer_equals_gemv_then_rms_norm_add(dtype, n, exact):
     from meshserve.kernels.triton_gemv import gemv
     from meshserve.kernels.triton_norm_fold import fold_gemv
     from meshserve.kernels.triton_ops import rms_norm
 
-    x, residual, nw, w, b = _rows("cpu", dtype, n, 300, exact=exact)
+    x, residual, nw, w, b = _rows("cpu", dtype, n, 260, exact=exact)
     sums = _zero("cpu")
     h = fold_gemv(x, w, b, residual=residual, sum_out=sums[1])
     # the same GEMV loop as gemv, then rms_norm's add: the new residual bit for bit
@@ -114,7 +114,7 @@ def test_producer_equals_gemv_then_rms_norm_add(dtype, n, exact):
     assert torch.equal(h, want)
     assert sums[0].tolist() == [0, 0]
     got, ref = sums[1], fixed_point_sum_of_squares(h)
-    # each program's 4 squares may be summed in another order: at most an ulp of a part (of 75)
+    # each program's 4 squares may be summed in another order: an ulp of a part at most
     if exact:
         assert torch.equal(got, ref) and got[1] == 0
     else:
@@ -213,7 +213,8 @@ def test_kernel_compiles_for_sm90_without_gpu():
 
 
 # ----------------------------------------------------------------------------------------------------- GPU
-# Llama-3.1-8B: o_proj 4096 -> 4096 and down_proj 14336 -> 4096 produce, QKV (6144) and gate_up (28672) consume
+# Llama-3.1-8B: o_proj 4096 -> 4096 and down_proj 14336 -> 4096 produce, QKV (6144) and gate_up (28672)
+# consume; Qwen3-0.6B: 1024 wide
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("k_in,n_out", [(4096, 6144), (14336, 28672), (1024, 3072)])

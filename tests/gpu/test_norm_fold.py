@@ -27,6 +27,7 @@ def _llm(model: str, dtype: str, monkeypatch, fold: bool, eager: bool = False):
     monkeypatch.delenv("MESHSERVE_ATTENTION_BACKEND", raising=False)
     monkeypatch.delenv("MESHSERVE_DISABLE_FUSED_OPS", raising=False)
     monkeypatch.setenv("MESHSERVE_NORM_FOLD", "1" if fold else "0")
+    monkeypatch.setenv("MESHSERVE_NORM_GEMV", "0")  # the first layer's norm as its own kernel (counted below)
     return LLM(
         model=model,
         load_format="dummy",
@@ -100,3 +101,36 @@ def test_folded_decode_repeats_bit_for_bit(eager, monkeypatch):
             assert [{t: p.logprob for t, p in s.items()} for s in b.logprobs] == [
                 {t: p.logprob for t, p in s.items()} for s in a.logprobs
             ]
+
+
+def test_fold_removes_the_norm_kernels_of_batch_1_decode(monkeypatch):
+    """Eager, profiled: per batch-1 decode step of L layers the fold leaves 2 of the 2L + 1 RMSNorm kernels
+    (the first layer's, whose input is the embedding, and the final norm) and runs 4L - 1 fold GEMVs (each
+    layer's four projections but the first layer's QKV)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from meshserve import SamplingParams
+
+    layers, new_tokens = 3, 8
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    counts = {}
+    before = torch.cuda.memory_allocated()
+    for fold in (False, True):
+        llm = _llm("llama-3.1-8b", "bfloat16", monkeypatch, fold, eager=True)
+        try:
+            llm.generate([{"prompt_token_ids": list(range(100, 132))}], params, use_tqdm=False)  # warm
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                llm.generate([{"prompt_token_ids": list(range(200, 232))}], params, use_tqdm=False)
+                torch.cuda.synchronize()
+        finally:
+            llm.shutdown()
+        names = {e.key: e.count for e in prof.key_averages() if e.device_time_total > 0}
+        counts[fold] = (
+            sum(n for k, n in names.items() if "rms_norm" in k),
+            sum(n for k, n in names.items() if "fold_gemv" in k),
+        )
+    assert torch.cuda.memory_allocated() - before < 2**30
+    decode_steps = new_tokens - 1  # the prefill (32 rows) gives the first token and keeps every norm
+    (norms_off, folds_off), (norms_on, folds_on) = counts[False], counts[True]
+    assert folds_off == 0 and folds_on == decode_steps * (4 * layers - 1), counts
+    assert norms_off - norms_on == decode_steps * (2 * layers - 1), counts

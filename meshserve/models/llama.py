@@ -17,6 +17,7 @@ from meshserve.layers.attention import Attention
 from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from meshserve.layers.norm import RMSNorm
+from meshserve.layers.norm_fold import NormFold
 from meshserve.layers.norm_linear import norm_linear
 from meshserve.layers.pipeline import IntermediateTensors, PPMissingLayer, make_pipeline_layers, pp_stage
 from meshserve.layers.rotary import RotaryEmbedding
@@ -71,10 +72,13 @@ class LlamaAttention(nn.Module):
                  reduce: bool = True) -> torch.Tensor:
         """forward after the QKV projection (which the decoder layer may have fused with its norm);
         reduce=False: o_proj's partial sums, left for the decoder layer to all-reduce with the next norm."""
+        return self.o_proj(self.attend(positions, qkv, meta), reduce)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The attention output before o_proj (which a folded norm runs with the residual add)."""
         if self.attn.can_fuse_prologue:
             # the attention backend's one kernel: split, q/k norm, rotary, KV write (same roundings as below)
-            return self.o_proj(self.attn.forward_qkv(qkv, positions, self.rotary_emb, self.q_norm, self.k_norm,
-                                                     meta), reduce)
+            return self.attn.forward_qkv(qkv, positions, self.rotary_emb, self.q_norm, self.k_norm, meta)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -83,7 +87,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta), reduce)
+        return self.attn(q, k, v, meta)
 
 
 class LlamaMLP(nn.Module):
@@ -119,7 +123,9 @@ class LlamaDecoderLayer(nn.Module):
         self.folds_attn_norm = isinstance(self.self_attn, LlamaAttention)
         self.folds_mlp_norm = isinstance(self.mlp, LlamaMLP)
 
-    def forward(self, positions, hidden, residual, meta):
+    def forward(self, positions, hidden, residual, meta, fold: NormFold | None = None):
+        if fold is not None:
+            return self.forward_folded(positions, hidden, meta, fold)
         # batch-1 decode: each norm runs inside the next projection's GEMV; fp8 weights: the norm writes the
         # projection's fp8 rows (layers/norm_linear.py)
         fused = None
@@ -152,6 +158,15 @@ class LlamaDecoderLayer(nn.Module):
         partial = attn.from_qkv(positions, attn.qkv_proj(hidden), meta, reduce=False)
         hidden, residual = all_reduce_rms_norm(self.post_attention_layernorm, partial, residual)
         return self.mlp.from_gate_up(self.mlp.gate_up_proj(hidden), reduce=False), residual
+
+    def forward_folded(self, positions, hidden, meta, fold: NormFold):
+        """forward with both norms inside the GEMVs (batch-1 decode, MESHSERVE_NORM_FOLD: layers/norm_fold.py):
+        hidden is the whole residual stream, so the residual is None coming in and going out."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv = fold.norm_linear(self.input_layernorm, attn.qkv_proj, hidden)
+        hidden = fold.linear_residual(attn.o_proj, attn.attend(positions, qkv, meta), hidden)
+        gate_up = fold.norm_linear(self.post_attention_layernorm, mlp.gate_up_proj, hidden)
+        return fold.linear_residual(mlp.down_proj, gate_up, hidden, act_fn=mlp.act_fn), None
 
 
 class LlamaModel(nn.Module):
@@ -186,10 +201,15 @@ class LlamaModel(nn.Module):
             hidden, residual = self.embed_tokens(input_ids), None
         else:
             hidden, residual = intermediate.hidden, intermediate.residual
-        for layer in self.layers[self.start_layer : self.end_layer]:
-            hidden, residual = layer(positions, hidden, residual, meta)
+        layers = self.layers[self.start_layer : self.end_layer]
+        # batch-1 decode with the norms folded into the GEMVs; one stage only (the sums stay on this device)
+        fold = NormFold.begin(hidden, layers) if intermediate is None and self.is_last_stage else None
+        for layer in layers:
+            hidden, residual = layer(positions, hidden, residual, meta, fold)
         if not self.is_last_stage:
             return IntermediateTensors(hidden, residual)
+        if residual is None:  # the fold: hidden is the whole residual stream
+            return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

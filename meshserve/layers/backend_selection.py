@@ -1,0 +1,279 @@
+"""The one place that chooses kernels: decided once per model runner from the EngineConfig, handed down.
+
+`select_kernels(config)` reads the device, enforce_eager, the model dtype and the cache dtype and returns a
+KernelSelection; `bind_kernels(model, selection)` hands it to every layer that has a choice to make. The
+runner reads the rest (CUDA graphs, KV cache dtype) and gives the Sampler its switch. Nothing else reads the
+environment or decides a backend; layers only check what a call alone can know (a tensor's shape or dtype).
+
+What is chosen, by default:
+  on a CUDA device   Triton attention, the fused Triton ops (RMSNorm+residual, rotary, SiLU-and-mul), the
+                     fused q/k-norm + rotary + KV-write prologue, the batch-1 GEMV, the one-pass sampler, and
+                     decode and mixed-step CUDA graphs unless enforce_eager
+  elsewhere          the plain torch path throughout (the reference)
+
+Overrides (environment, read only here, for debugging and references):
+  MESHSERVE_ATTENTION_BACKEND=torch|triton  the attention backend. torch on a GPU is the reference attention:
+                                            no CUDA graphs and no fused prologue (which writes the cache
+                                            through the Triton backend)
+  MESHSERVE_DISABLE_FUSED_OPS=1             no fused Triton op: norm, rotary, SiLU, prologue, GEMV, sampler
+  MESHSERVE_NORM_GEMV=1                     fold the residual add + RMSNorm into the QKV and gate/up GEMVs
+                                            (opt-in until measured on the H200: issue 29)
+  MESHSERVE_TP_FUSED_NORM=1|pull|push       tensor parallel: each row-parallel projection's all-reduce, the
+                                            residual add and the next RMSNorm in one kernel over symmetric
+                                            memory (layers/all_reduce_norm.py); 1 = pull (read the peers'
+                                            buffers), push (write into them); opt-in until measured (issue 21)
+  MESHSERVE_NORM_FOLD=1                     batch 1: both RMSNorms into the GEMVs around them (layers/norm_fold.py)
+  MESHSERVE_PDL=1|auto                      programmatic dependent launch of the decode-path Triton kernels on
+                                            sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
+                                            kernels/pdl.py); auto: only for models whose hidden size is at most
+                                            2,048 (pdl.auto_enables); opt-in until measured on the H200 (issue 29)
+  MESHSERVE_PDL_TRIGGER=early|late          PDL variants under A/B (kernels/pdl.py, tools/pdl_device.sh): where
+  MESHSERVE_PDL_ONE_WAVE=1                  the next kernel may launch; PDL only for one-wave grids; when the
+  MESHSERVE_PDL_PRELOAD=all|none|row        GEMV preloads weights before the wait
+  MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024  small batches' decode graphs also for these context bounds, with
+                                            fewer attention splits (default none: opt-in until measured)
+  MESHSERVE_MLA_PREFILL_REF=1               MLA prefill chunks one sequence at a time (mla_prefill_ref) even on
+                                            the Triton path: the A/B baseline of the batched prefill
+  MESHSERVE_MLA_LEGACY=1                    MLA decode as before 2026-11-30: unfused norm + rotary + latent
+                                            write (~20 kernels a layer), absorbed matmuls through transposed
+                                            copies, the generic split rule (the A/B baseline of the new path)
+  MESHSERVE_MLA_BALANCED=1                  MLA decode through the balanced kernel (kernels/triton_mla_balanced.py:
+                                            equal work per program whatever the context lengths); opt-in until
+                                            measured (tools/bench_mla_decode.py)
+  MESHSERVE_MLA_DECODE_TILE=32,8,2          the MLA decode kernel's BLOCK_N, num_warps, num_stages (default:
+                                            kernels/triton_mla._decode_config; tools/bench_mla_decode.py sweeps)
+  MESHSERVE_MOE_LEGACY=1                    the first Triton MoE (torch routing and align, pair GEMV, first tile
+                                            configs) instead of the default one-launch routing, MoE GEMV (one
+                                            token) and tuned configs (kernels/moe.py; 1.4-2.3x per layer on the
+                                            H200, issues 23/24)
+  MESHSERVE_FP8_GEMV=cvt|half|scaled_mm     the batch-1 fp8-weight projection
+                                            (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
+                                            step; scaled_mm: torch._scaled_mm, the activation quantized per
+                                            token); default half (H200, 2026-11-30: W1 8B 332 tok/s, cvt 294)
+  MESHSERVE_INT4_GEMV=half|matmul          the int4 projection of <= 4 rows (kernels/triton_int4_gemv.py;
+                                            half: fp16x2 decode, split-K summed in the GEMV; matmul: the
+                                            dequant-GEMM of larger batches); default half (H200, 2026-11-30:
+                                            W1 8B AWQ 354 tok/s on its first tiles, magic_fused 285)
+
+This module sits in layers/ because the layers consume the choice (and may not import the engine); it
+imports only the config and the layers/kernels it chooses between.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from meshserve.config import EngineConfig
+from meshserve.errors import InvalidArgumentError
+from meshserve.kernels import pdl
+from meshserve.kernels.fused import fused_ops_importable, gemv_importable
+from meshserve.kernels.pdl import PdlPolicy
+from meshserve.layers.attention import Attention, make_attention_backend
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_BACKEND_ENV = "MESHSERVE_ATTENTION_BACKEND"
+DISABLE_FUSED_OPS_ENV = "MESHSERVE_DISABLE_FUSED_OPS"
+NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
+TP_FUSED_NORM_ENV = "MESHSERVE_TP_FUSED_NORM"
+TP_FUSED_NORM_CHOICES = ("", "pull", "push")
+NORM_FOLD_ENV = "MESHSERVE_NORM_FOLD"
+DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
+MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
+MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
+MLA_DECODE_TILE_ENV = "MESHSERVE_MLA_DECODE_TILE"
+MLA_BALANCED_ENV = "MESHSERVE_MLA_BALANCED"
+PDL_ENV = "MESHSERVE_PDL"
+PDL_TRIGGER_ENV = "MESHSERVE_PDL_TRIGGER"
+PDL_ONE_WAVE_ENV = "MESHSERVE_PDL_ONE_WAVE"
+PDL_PRELOAD_ENV = "MESHSERVE_PDL_PRELOAD"
+MOE_LEGACY_ENV = "MESHSERVE_MOE_LEGACY"
+FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
+INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
+FP8_GEMV_CHOICES = ("cvt", "half", "scaled_mm")  # triton_fp8_gemv.FP8_GEMV_VARIANTS + cuBLASLt
+INT4_GEMV_CHOICES = ("half", "matmul")  # triton_int4_gemv.int4_gemv + the dequant-GEMM
+# decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph
+# sized for 4,096 runs 16 KV splits (most of them empty) and a reduce; <= 256 tokens needs one split at small
+# batch (no reduce), <= 1,024 four. The suggested bounds when turned on (none by default until measured)
+SUGGESTED_DECODE_CONTEXT_BOUNDS = (256, 1024)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class KernelSelection:
+    """Which implementation each hot operation uses in one model runner."""
+
+    attention_backend: str = "torch"  # "triton" | "torch"
+    fused_ops: bool = False  # Triton RMSNorm (+ residual), rotary and SiLU-and-mul
+    fused_prologue: bool = False  # q/k norm + rotary + KV write in one kernel, through the Triton backend
+    gemv: bool = False  # Triton GEMV for single 16-bit rows (batch-1 decode), SiLU fused into down_proj
+    norm_gemv: bool = False  # residual add + RMSNorm inside the QKV / gate_up GEMV (layers/norm_linear.py)
+    # TP all-reduce + residual add + RMSNorm in one kernel after o_proj / down_proj (layers/all_reduce_norm.py):
+    # "" off, "pull" or "push" (TP_FUSED_NORM_CHOICES)
+    tp_fused_norm: str = ""
+    norm_fold: bool = False  # both residual norms folded into the GEMVs around them (layers/norm_fold.py)
+    fused_sampler: bool = False  # one Gumbel-max pass for batches that only ask for temperatures
+    cuda_graphs: bool = False  # capture decode steps in CUDA graphs
+    # small batches' decode graphs also captured for contexts up to each bound (fewer attention splits)
+    decode_context_bounds: tuple[int, ...] = ()
+    kv_cache_dtype: torch.dtype | None = None  # the KV pool's element type (None only in PLAIN)
+    # MLA prefill chunks through the per-sequence reference even on the Triton path (layers/mla_attention.py)
+    mla_prefill_ref: bool = False
+    # MLA decode as before 2026-11-30 (layers/mla_attention.py): the A/B baseline of the fused prologue,
+    # the copy-free absorbed matmuls and the MLA split rule
+    mla_legacy: bool = False
+    # MLA decode with the batch's KV work balanced over a fixed program count (kernels/triton_mla_balanced.py)
+    mla_balanced: bool = False
+    # (BLOCK_N, num_warps, num_stages) of the MLA decode kernel; None: its default
+    mla_decode_tile: tuple[int, int, int] | None = None
+    fp8_gemv: str = "half"  # the batch-1 fp8-weight projection when gemv is on (FP8_GEMV_CHOICES)
+    int4_gemv: str = "half"  # the int4 projection of <= 4 rows when gemv is on (INT4_GEMV_CHOICES)
+    # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide policy, bound below)
+    pdl_policy: PdlPolicy = PdlPolicy()  # noqa: RUF009 (frozen: one shared default is safe)
+    # the first Triton MoE path instead of the fused routing, MoE GEMV and tuned configs (kernels/moe.py)
+    moe_legacy: bool = False
+
+    @property
+    def pdl(self) -> bool:
+        return self.pdl_policy.enabled
+
+
+# what a layer uses until a runner binds its selection: the plain torch path
+PLAIN = KernelSelection()
+
+
+FP8_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+
+
+def resolve_cache_dtype(cache_dtype: str, model_dtype: str) -> torch.dtype:
+    """The KV cache's torch dtype: "auto" means the model dtype, fp8 float8_e4m3fn."""
+    if cache_dtype in FP8_CACHE_DTYPES:
+        return torch.float8_e4m3fn
+    name = model_dtype if cache_dtype == "auto" else cache_dtype
+    if name not in TORCH_DTYPES:
+        raise InvalidArgumentError(f"cache_dtype must be auto or one of {', '.join(TORCH_DTYPES)}, "
+                                   f"got {cache_dtype!r}", param="cache_dtype")
+    return TORCH_DTYPES[name]
+
+
+def _decode_context_bounds() -> tuple[int, ...]:
+    raw = os.environ.get(DECODE_CONTEXT_BOUNDS_ENV)
+    if raw is None or raw.strip().lower() in ("", "0", "none"):
+        return ()
+    try:
+        bounds = tuple(sorted({int(b) for b in raw.split(",")}))
+    except ValueError:
+        raise ValueError(f"{DECODE_CONTEXT_BOUNDS_ENV} takes token counts (256,1024), got {raw!r}") from None
+    if bounds[0] <= 0:
+        raise ValueError(f"{DECODE_CONTEXT_BOUNDS_ENV}: bounds must be positive, got {raw!r}")
+    return bounds
+
+
+def _mla_decode_tile() -> tuple[int, int, int] | None:
+    raw = os.environ.get(MLA_DECODE_TILE_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        block_n, warps, stages = (int(v) for v in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{MLA_DECODE_TILE_ENV} takes BLOCK_N,num_warps,num_stages (32,8,2), got {raw!r}") from None
+    if block_n < 16 or block_n & (block_n - 1) or warps not in (1, 2, 4, 8, 16) or stages < 1:
+        raise ValueError(f"{MLA_DECODE_TILE_ENV}: BLOCK_N a power of two >= 16, num_warps 1-16, stages >= 1: {raw!r}")
+    return block_n, warps, stages
+
+
+def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
+    """MESHSERVE_PDL (0 / 1 / auto: by the model's hidden size) and the variants' switches."""
+    mode = os.environ.get(PDL_ENV, "").strip().lower()
+    if mode == "auto":
+        hf_config = config.model_config.hf_config
+        # a multimodal config keeps the language model's sizes in text_config
+        hf_config = getattr(hf_config, "text_config", None) or hf_config
+        enabled = pdl.auto_enables(getattr(hf_config, "hidden_size", None))
+    else:
+        enabled = mode not in ("", "0")
+    return PdlPolicy(
+        enabled=on_cuda and enabled,
+        trigger=os.environ.get(PDL_TRIGGER_ENV, "").strip().lower() or "early",
+        one_wave_only=os.environ.get(PDL_ONE_WAVE_ENV, "") not in ("", "0"),
+        preload=os.environ.get(PDL_PRELOAD_ENV, "").strip().lower() or "all",
+    )
+def _tp_fused_norm() -> str:
+    value = os.environ.get(TP_FUSED_NORM_ENV, "").strip().lower()
+    value = {"0": "", "1": "pull"}.get(value, value)
+    if value not in TP_FUSED_NORM_CHOICES:
+        raise ValueError(f"{TP_FUSED_NORM_ENV} takes 0, 1 (pull) or push, got {value!r}")
+    return value
+
+
+def _variant(env: str, choices: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(env, "").strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{env} takes one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def select_kernels(config: EngineConfig) -> KernelSelection:
+    """Decide every kernel switch for a runner of this config (environment overrides included)."""
+    on_cuda = torch.device(config.device).type == "cuda"
+    attention = os.environ.get(ATTENTION_BACKEND_ENV) or ("triton" if on_cuda else "torch")
+    if attention not in ("torch", "triton"):
+        raise ValueError(f"unknown attention backend {attention!r} (torch, triton)")
+    fused_allowed = on_cuda and not os.environ.get(DISABLE_FUSED_OPS_ENV)
+    fused_ops = fused_allowed and fused_ops_importable()
+    model_dtype = TORCH_DTYPES[config.model_config.dtype]
+    kv_cache_dtype = resolve_cache_dtype(config.cache_config.cache_dtype, config.model_config.dtype)
+    fp8_cache = kv_cache_dtype == torch.float8_e4m3fn
+    if kv_cache_dtype != model_dtype and attention == "triton" and not fp8_cache:
+        raise InvalidArgumentError(
+            f"cache_dtype {config.cache_config.cache_dtype!r}: the Triton kernels keep the KV cache in the "
+            f"model dtype ({config.model_config.dtype}); use auto", param="cache_dtype")
+    gemv = fused_allowed and gemv_importable()
+    cuda_graphs = on_cuda and not config.enforce_eager and attention == "triton"
+    selection = KernelSelection(
+        attention_backend=attention,
+        fused_ops=fused_ops,
+        # an fp8 cache too: the prologue scales and saturates K/V as the reshape-and-cache write does
+        fused_prologue=fused_ops and attention == "triton",
+        gemv=gemv,
+        norm_gemv=gemv and fused_ops and os.environ.get(NORM_GEMV_ENV, "") not in ("", "0"),
+        # off a GPU the layers take the same order with the all-reduce and the norm apart (tests the wiring)
+        tp_fused_norm=_tp_fused_norm(),
+        norm_fold=gemv and fused_ops and os.environ.get(NORM_FOLD_ENV, "") not in ("", "0"),
+        fused_sampler=fused_ops,
+        cuda_graphs=cuda_graphs,
+        decode_context_bounds=_decode_context_bounds() if cuda_graphs else (),
+        kv_cache_dtype=kv_cache_dtype,
+        mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
+        mla_legacy=os.environ.get(MLA_LEGACY_ENV, "") not in ("", "0"),
+        mla_decode_tile=_mla_decode_tile(),
+        mla_balanced=os.environ.get(MLA_BALANCED_ENV, "") not in ("", "0"),
+        pdl_policy=_pdl_policy(config, on_cuda),
+        # the first Triton MoE on request only (MESHSERVE_MOE_LEGACY=1): the new path passed its GPU tests and
+        # is faster at every batch measured (tools/bench_moe.py, 2026-11-30)
+        moe_legacy=on_cuda and os.environ.get(MOE_LEGACY_ENV, "") not in ("", "0"),
+        fp8_gemv=_variant(FP8_GEMV_ENV, FP8_GEMV_CHOICES, KernelSelection.fp8_gemv),
+        int4_gemv=_variant(INT4_GEMV_ENV, INT4_GEMV_CHOICES, KernelSelection.int4_gemv),
+    )
+    logger.info("kernels: %s", selection)
+    return selection
+
+
+def bind_kernels(model: nn.Module, selection: KernelSelection) -> None:
+    """Hand the selection to the model's layers: attention layers get the backend (one instance, shared)
+    and the prologue switch; every other layer with a `kernels` attribute gets the selection itself. PDL is
+    a launch mode of the kernel wrappers, set for the process (kernels/pdl.py)."""
+    pdl.set_policy(selection.pdl_policy)
+    backend = make_attention_backend(selection.attention_backend)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.backend = backend
+            module.fused_prologue = selection.fused_prologue
+        elif isinstance(getattr(module, "kernels", None), KernelSelection):
+            module.kernels = selection

@@ -12,7 +12,7 @@ R=/tmp/norm_fold_ab; mkdir -p $R $OUT
 
 if [ "${TESTS:-0}" = 1 ]; then
   timeout 570 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_triton_norm_fold.py \
-    tests/gpu/test_norm_fold.py > $R/gpu_tests.log 2>&1
+    tests/gpu/test_gpu_norm_fold.py > $R/gpu_tests.log 2>&1
   echo "== gpu tests rc $?: $(tail -1 $R/gpu_tests.log)"; grep -E "^FAILED|Error" $R/gpu_tests.log | head -8
   tar czf $OUT/norm_fold_tests.tgz -C /tmp norm_fold_ab; exit 0
 fi

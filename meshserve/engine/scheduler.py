@@ -189,7 +189,7 @@ class Scheduler:
         stalled = False  # blocks are coming free as their stores finish: wait for them rather than preempt
         while i < len(self.running) and budget > 0 and len(scheduled) < share:
             seq = self.running[i]
-            if seq.num_pending_tokens and (self._reached_limit(seq) or (self.skip_pending and not self._handed_off(seq))):
+            if seq.num_pending_tokens and ((self.skip_pending and not self._handed_off(seq)) or self._reached_limit(seq)):
                 i += 1  # its last token is on its way; nothing more to compute
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)

@@ -170,6 +170,26 @@ def test_dummy_weights_are_the_same_under_every_layout(tiny_model_dir):
     assert other != single
 
 
+def _generate_watched(llm, prompts, watch, before_shutdown=None):
+    """Greedy tokens of llm for prompts, with watch(sched_out) called at every step the engine launches, then
+    llm shut down; before_shutdown(core)'s result goes with the tokens."""
+    core = llm.engine.core
+    launch = core.executor.execute_async
+
+    def watched(sched_out):
+        watch(sched_out)
+        return launch(sched_out)
+
+    core.executor.execute_async = watched
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        extra = before_shutdown(core) if before_shutdown is not None else None
+    finally:
+        llm.shutdown()
+    return [o.outputs[0].token_ids for o in outs], extra
+
+
 def test_pp2_keeps_one_step_per_stage_in_flight(tiny_model_dir):
     """With PP = 2 the engine launches a step while the previous one is still in the pipeline (over other
     sequences), reads tokens back in step order, and gives one device's tokens, as without it."""
@@ -178,20 +198,8 @@ def test_pp2_keeps_one_step_per_stage_in_flight(tiny_model_dir):
     single, _ = _generate(path, prompts)
 
     llm = LLM(model=path, pipeline_parallel_size=2, max_num_batched_tokens=16)
-    core = llm.engine.core
-    launch, overlapped = core.executor.execute_async, []
-
-    def counting(sched_out):
-        overlapped.append(len(core._pipeline) > 0)
-        return launch(sched_out)
-
-    core.executor.execute_async = counting
-    try:
-        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        ahead = [o.outputs[0].token_ids for o in outs]
-    finally:
-        llm.shutdown()
+    core, overlapped = llm.engine.core, []
+    ahead, _ = _generate_watched(llm, prompts, lambda out: overlapped.append(len(core._pipeline) > 0))
     assert core.pipeline_depth == 2 and sum(overlapped) > len(overlapped) // 2
     in_step, _ = _generate(path, prompts, pipeline_parallel_size=2, async_scheduling=False)
     assert ahead == single and in_step == single
@@ -210,21 +218,13 @@ def test_pp2_graph_buffers_and_three_steps_in_flight(tiny_model_dir):
     core = llm.engine.core
     assert core.pipeline_depth == 3 and core.scheduler.pipeline_depth == 3
     assert core.executor.collective_rpc("use_padded_graphs") >= 16  # every step fits a bucket
-    launch, in_flight = core.executor.execute_async, []
+    in_flight = []
 
-    def counting(sched_out):
+    def count(sched_out):
         if not sched_out.is_empty:  # (a step of finished ids only runs no forward)
             in_flight.append(len(core._pipeline))
-        return launch(sched_out)
 
-    core.executor.execute_async = counting
-    try:
-        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        got = [o.outputs[0].token_ids for o in outs]
-        first, last = core.executor.gather_rpc("stage_counts")
-    finally:
-        llm.shutdown()
+    got, (first, last) = _generate_watched(llm, prompts, count, lambda c: c.executor.gather_rpc("stage_counts"))
     assert got == single
     assert in_flight.count(2) >= 3  # steps launched with two others still in the pipeline
     assert first["graph_steps"] == last["graph_steps"] == len(in_flight) and first["eager_steps"] == 0
@@ -239,22 +239,14 @@ def test_pp2_each_step_in_flight_is_a_batch_of_max_num_seqs(tiny_model_dir):
     single, _ = _generate(path, prompts, max_num_seqs=2)
 
     llm = LLM(model=path, pipeline_parallel_size=2, pipeline_depth=3, max_num_seqs=2)
-    core = llm.engine.core
-    launch, sizes, running = core.executor.execute_async, [], []
+    core, sizes, running = llm.engine.core, [], []
 
-    def counting(sched_out):
+    def count(sched_out):
         if not sched_out.is_empty:
             sizes.append(len(sched_out.scheduled))
             running.append(core.scheduler.num_running)
-        return launch(sched_out)
 
-    core.executor.execute_async = counting
-    try:
-        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        got = [o.outputs[0].token_ids for o in outs]
-    finally:
-        llm.shutdown()
+    got, _ = _generate_watched(llm, prompts, count)
     assert got == single
     assert max(sizes) == 2 and sizes.count(2) > len(sizes) // 2
     assert max(running) == 6 == core.scheduler.max_running
@@ -273,21 +265,14 @@ def test_pp2_token_handoff_launches_a_sequence_before_its_token_is_back(tiny_mod
     llm = LLM(model=path, pipeline_parallel_size=2, pipeline_depth=3)
     core = llm.engine.core
     workers = core.executor.workers
-    launch, holes, sizes = core.executor.execute_async, [], []
+    holes, sizes = [], []
 
-    def counting(sched_out):
+    def count(sched_out):
         if not sched_out.is_empty:
             holes.append(sum(-1 in e.token_ids for e in sched_out.scheduled))
             sizes.append((len(sched_out.scheduled), core.scheduler.num_running))
-        return launch(sched_out)
 
-    core.executor.execute_async = counting
-    try:
-        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        got = [o.outputs[0].token_ids for o in outs]
-    finally:
-        llm.shutdown()
+    got, _ = _generate_watched(llm, prompts, count)
     assert core.scheduler.handoff_lag == 2
     assert got == single
     assert {rank: p.exitcode for rank, p in workers.items()} == {1: 0}  # its last sends were taken: a clean exit

@@ -111,7 +111,10 @@ def test_refusals_stay_fast_when_every_core_is_busy(fake_dp):
             first = [
                 asyncio.ensure_future(client.post(fake_dp.v1 + "/completions", json=body)) for _ in range(2)
             ]
-            await asyncio.sleep(0.5)  # both running; their cores have said so
+            deadline = time.monotonic() + 30
+            while not all(st.num_running for st in dp._stats):  # both running, as their cores have said
+                assert time.monotonic() < deadline, "the cores never reported the first two running"
+                await asyncio.sleep(0.02)
             t0 = time.monotonic()
             late = await client.post(fake_dp.v1 + "/completions", json=body)
             late_s = time.monotonic() - t0

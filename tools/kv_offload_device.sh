@@ -8,8 +8,8 @@
 #     OpenAI server, GPU pool 2048 blocks = 4 GiB = 32K tokens against 147K tokens of histories (4.6x); no
 #     offload / CPU tier 24 GiB / 4 GiB CPU + 24 GiB disk; goodput at TTFT <= 1 s, TPOT <= 50 ms, prefix hit
 #     rate, TTFT p50/p99. Goal: goodput >= 2x no offload.
-# Time (each part under its own timeout, the script under 9 min): revisit <= 240 s (4 engine starts of ~20-30 s,
-# 5 prefills of 16K each); multiturn <= 290 s (3 server starts of ~20-30 s + warm-up, loads capped at 60 s each
+# Time (each part under its own timeout, the script under 9 min): revisit <= 220 s (4 engine starts of ~20-30 s,
+# 5 prefills of 16K each); multiturn <= 280 s (3 server starts of ~20-30 s + warm-up, loads capped at 60 s each
 # by --max-duration, then the in-flight turns finish). Usage (device, repo root; carry .whl if the packages are
 # not installed):
 #   bash tools/kv_offload_device.sh            # both parts
@@ -25,7 +25,7 @@ R=/tmp/kv_offload_dev; rm -rf $R; mkdir -p $R/logs
 t0=$SECONDS
 
 if [[ " ${PARTS:-revisit multiturn} " == *" revisit "* ]]; then
-  timeout ${REVISIT_LIMIT:-240} python3 -m meshserve.bench.kv_offload --model "$MODEL" --history 16384 \
+  timeout -k 20 ${REVISIT_LIMIT:-220} python3 -m meshserve.bench.kv_offload --model "$MODEL" --history 16384 \
     --disk-path $R/disk-revisit ${REVISIT_ARGS:-} > "$OUT/revisit.jsonl" 2> "$OUT/revisit.log"
   echo "== revisit rc $? in $((SECONDS - t0)) s"; cat "$OUT/revisit.jsonl"; grep -E "Error|error" "$OUT/revisit.log" | tail -3
   rm -rf $R/disk-revisit
@@ -33,7 +33,7 @@ fi
 
 if [[ " ${PARTS:-revisit multiturn} " == *" multiturn "* ]]; then
   t1=$SECONDS
-  timeout ${MULTITURN_LIMIT:-290} python3 -m meshserve.bench.multiturn --model "$MODEL" --gpu-blocks 2048 \
+  timeout -k 20 ${MULTITURN_LIMIT:-280} python3 -m meshserve.bench.multiturn --model "$MODEL" --gpu-blocks 2048 \
     --cpu-gib 24 --staging-cpu-gib 4 --disk-gib 24 --disk-path $R/disk-multiturn --max-duration 60 \
     --log-dir $R/logs --output "$OUT/multiturn.json" ${MT_ARGS:-} > "$OUT/multiturn.log" 2>&1
   echo "== multiturn rc $? in $((SECONDS - t1)) s"; grep -vE "^\s*$" "$OUT/multiturn.log" | tail -12

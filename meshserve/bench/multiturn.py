@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -31,7 +32,6 @@ from meshserve.bench.serve_bench import (
     BenchRequest,
     RequestResult,
     request_body,
-    run_load,
     send_request,
     summarize,
 )
@@ -133,16 +133,14 @@ def measure(base_url: str, conversations: list[Conversation], *, max_duration_s:
 
 
 def warm_up(base_url: str, spec: MultiTurnSpec) -> None:
-    """Two requests of the workload's sizes (ids from their own draws) so compilation is not measured."""
-    import random
-
-    rng = random.Random(-26)
-    prompts = [[rng.randint(3, spec.max_token_id) for _ in range(spec.first_len)] for _ in range(2)]
-    warm = [BenchRequest(p, spec.answer_len) for p in prompts]
-    results, _ = asyncio.run(run_load(base_url, "bench", warm, progress=False))
-    failed = [r.error for r in results if not r.ok]
-    if failed:
-        raise SystemExit(f"warm-up failed: {failed[0]}")
+    """Two conversations of two turns at the workload's sizes, from their own draws (seed + 1000), so that
+    compiling the first prefill and the first prefill after a cached prefix is not measured."""
+    warm = dataclasses.replace(spec, conversations=2, turns=2, think_mean_s=0.0, start_rate=1000.0,
+                               seed=spec.seed + 1000)
+    turns, _, _ = asyncio.run(run_conversations(base_url, "bench", multiturn_conversations(warm)))
+    failed = [t.result.error for t in turns if not t.result.ok]
+    if failed or len(turns) != 4:
+        raise SystemExit(f"warm-up failed: {failed[0] if failed else 'turns missing'}")
 
 
 def configurations(ns: argparse.Namespace) -> dict[str, list[str]]:
@@ -205,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         multiturn_conversations(spec)
     except ValueError as e:
         ap.error(str(e))
+    # a SIGTERM (the device script's timeout) unwinds through run_configuration's finally: the server stops too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if ns.gpu_blocks * 16 < spec.max_model_len:
+        ap.error(f"--gpu-blocks {ns.gpu_blocks} (x 16 tokens) cannot hold one {spec.max_model_len}-token turn")
     known = configurations(ns)
     names = ns.configs.split(",")
     if unknown := [n for n in names if n not in known]:
@@ -213,15 +215,16 @@ def main(argv: list[str] | None = None) -> int:
                       "live_prefix_tokens": spec.live_prefix_tokens(), "gpu_pool_tokens": ns.gpu_blocks * 16,
                       "pool_oversubscription": round(spec.live_prefix_tokens() / (ns.gpu_blocks * 16), 2)}),
           flush=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in names:
         rows.append(run_configuration(name, known[name], spec, ns))
         print(json.dumps(_brief(rows[-1])), flush=True)
-    base = next((r["goodput"] for r in rows if r["config"] == "no-offload"), None)
-    for row in rows:
-        row["goodput_vs_no_offload"] = round(row["goodput"] / base, 2) if base else None
-    with open(ns.output, "w") as f:
-        json.dump({"workload": dataclasses.asdict(spec), "gpu_blocks": ns.gpu_blocks, "rows": rows}, f, indent=1)
+        base = next((r["goodput"] for r in rows if r["config"] == "no-offload"), None)
+        for row in rows:
+            row["goodput_vs_no_offload"] = round(row["goodput"] / base, 2) if base else None
+        with open(ns.output, "w") as f:  # after each configuration: a run cut short keeps the rows it made
+            json.dump({"workload": dataclasses.asdict(spec), "gpu_blocks": ns.gpu_blocks, "rows": rows}, f,
+                      indent=1)
     for row in rows:
         print(f"{row['config']}: goodput {row['goodput']:.2f} req/s ({row['goodput_vs_no_offload']}x no offload), "
               f"prefix hit rate {row['prefix_hit_rate']:.3f}, TTFT p50 {row['ttft_p50']:.3f} s p99 "

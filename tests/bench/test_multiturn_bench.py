@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from meshserve.bench.multiturn import cache_counters, measure, run_conversations
+from meshserve.bench.multiturn import cache_counters, measure, run_conversations, warm_up
 from meshserve.bench.multiturn_workload import MultiTurnSpec, multiturn_conversations
 
 # 8 conversations of up to 152 tokens (10 blocks of 16) against a GPU pool of 16 blocks: ~5x oversubscribed
@@ -84,6 +84,17 @@ def test_each_turn_resends_the_conversation_with_the_servers_answer(no_offload):
             prev = by[c, turn - 1]
             assert by[c, turn].prompt == prev.prompt + prev.result.token_ids + conv.user_turns[turn - 1]
             assert by[c, turn].result.prompt_tokens == len(by[c, turn].prompt)
+
+
+def test_warm_up_runs_two_conversations_of_its_own(no_offload):
+    from meshserve.bench.local_server import scrape
+
+    before = cache_counters(scrape(no_offload))
+    warm_up(no_offload, TINY)
+    after = cache_counters(scrape(no_offload))
+    # four turns' prompts admitted; the second turns hit their openings (nothing else runs meanwhile)
+    assert after["queries"] - before["queries"] == 2 * 96 + 2 * (96 + 8 + 16)
+    assert after["hits"] - before["hits"] >= 2 * 96 // 16 * 16
 
 
 def test_a_turn_past_the_deadline_is_not_sent(no_offload):

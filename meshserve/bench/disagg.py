@@ -23,13 +23,13 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import httpx
 
+from meshserve.bench.local_server import stop as _stop
+from meshserve.bench.local_server import wait_ready as _wait_ready
 from meshserve.bench.serve_bench import BenchRequest, format_point, run_load, summarize
 
 
@@ -87,31 +87,6 @@ def _router(port: int, args: list[str], log: str) -> subprocess.Popen:
         *args,
     ]
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise SystemExit(f"a server exited while starting (see the logs); waiting for {url}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"{url} not ready after {timeout:.0f} s")
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
 
 
 def _metric(url: str, name: str) -> float:

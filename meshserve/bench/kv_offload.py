@@ -82,7 +82,9 @@ def run_config(ns, name: str, revisit_only: bool = False, **offload) -> dict:
     history, *fillers = _histories(ns.history, 1 + ns.fillers)
     _ttft(llm, [1, 2, 3])  # warm-up
     runner = llm.engine.core.executor.runner
-    trace = OverlapTrace(runner) if getattr(runner, "kv_transfer", None) is not None else None
+    # device-timed: on CUDA only (a CPU dry run of this script has no events to time with)
+    has_transfer = getattr(runner, "kv_transfer", None) is not None
+    trace = OverlapTrace(runner) if has_transfer and torch.cuda.is_available() else None
     first = None
     if not revisit_only:
         first = _ttft(llm, history)

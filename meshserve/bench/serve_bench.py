@@ -59,6 +59,8 @@ class RequestResult:
     status: int | None = None  # the response's HTTP status (None: no response came)
     text: str = ""  # the streamed content of the first choice (structured runs parse it)
     finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)  # the first choice's ids, when asked (return_token_ids)
+    cached_tokens: int | None = None  # prompt tokens the server's prefix cache served (usage, where reported)
 
     @property
     def tpot(self) -> float:
@@ -157,6 +159,9 @@ async def send_request(client, url: str, body: dict[str, Any], chat: bool) -> Re
                 if usage:
                     result.output_tokens = usage.get("completion_tokens", 0)
                     result.prompt_tokens = usage.get("prompt_tokens", 0)
+                    details = usage.get("prompt_tokens_details") or {}
+                    if "cached_tokens" in details:
+                        result.cached_tokens = details["cached_tokens"]
                 choices = chunk.get("choices") or []
                 if chat:
                     has_content = any(c.get("delta", {}).get("content") for c in choices)
@@ -165,8 +170,11 @@ async def send_request(client, url: str, body: dict[str, Any], chat: bool) -> Re
                     saw_text = saw_text or any(texts)
                     # a model without a tokenizer streams empty text: then every choice chunk is a token
                     has_content = any(texts) or (bool(choices) and not saw_text)
+                    # return_token_ids: a chunk of ids is a token even while its text is held back
+                    has_content = has_content or any(c.get("token_ids") for c in choices)
                 for c in choices[:1]:
                     result.text += ((c.get("delta") or {}).get("content") if chat else c.get("text")) or ""
+                    result.token_ids += c.get("token_ids") or []
                     result.finish_reason = c.get("finish_reason") or result.finish_reason
                 if not has_content:
                     continue

@@ -140,6 +140,9 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # vLLM extension: each choice (each streamed chunk) carries the ids of its generated tokens, so a client
+    # can re-send exactly what the model produced (multi-turn with token-id prompts, no tokenizer needed)
+    return_token_ids: bool = False
     # OpenAI parameters not implemented: a request that uses them is refused (400), never answered differently
     suffix: str | None = Field(None, description="not supported: must be absent or empty")
     best_of: int | None = Field(None, description="not supported beyond best_of == n")
@@ -264,6 +267,8 @@ class CompletionChoice(OpenAIModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+    # with return_token_ids only: absent otherwise, so other clients see OpenAI's shape
+    token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 def _now() -> int:

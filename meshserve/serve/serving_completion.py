@@ -112,7 +112,8 @@ class CompletionService:
             else:
                 logprobs = completion_logprobs(c.token_ids, list(c.logprobs or []))
         return CompletionChoice(index=i * req.n + c.index, text=text, logprobs=logprobs,
-                                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                token_ids=list(c.token_ids) if req.return_token_ids else None)
 
     # -- stream ----------------------------------------------------------------------------------
     async def _stream(self, req, model, request_id, requests, echoes,
@@ -120,6 +121,7 @@ class CompletionService:
         state = StreamState(every_token=not self.client.has_tokenizer)
         finals: dict[int, RequestOutput] = {}
         want_lp = req.logprobs is not None
+        want_tokens = want_lp or req.return_token_ids  # a chunk for every new token, none held back
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         fast = ChunkEncoder(request_id, model, "text_completion")  # chunks without logprobs skip pydantic
         outcome = "abort"
@@ -128,10 +130,10 @@ class CompletionService:
                 tracker.observe(i, out)
                 finals[i] = accumulate(finals.get(i), out)
                 for c in out.outputs:
-                    d = state.delta(i, c, need_tokens=want_lp)
+                    d = state.delta(i, c, need_tokens=want_tokens)
                     if d is None:
                         continue
-                    if not want_lp and (echoes is None or not d.first):
+                    if not want_tokens and (echoes is None or not d.first):
                         yield fast.completion(i * req.n + c.index, d.text, d.finish_reason, d.stop_reason)
                         continue
                     choice = self._chunk_choice(req, i, finals[i], c, d, echoes[i] if echoes else None)
@@ -165,7 +167,8 @@ class CompletionService:
             if logprobs is not None:
                 logprobs = _echoed_logprobs(out, d.token_ids, positions, echo)
         return CompletionChoice(index=i * req.n + c.index, text=text, logprobs=logprobs,
-                                finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+                                finish_reason=d.finish_reason, stop_reason=d.stop_reason,
+                                token_ids=d.token_ids if req.return_token_ids else None)
 
 
 def _echoed_logprobs(out: RequestOutput, token_ids: list[int], positions: list, echo: _Echo) -> CompletionLogprobs:

@@ -68,6 +68,10 @@ class StepSampler:
         # speculative decoding: per row of last_sampled, the proposals it rejected (None: no verify rows);
         # the next step's row of that sequence was placed as if all were accepted and moves back by these
         self.last_rejected: torch.Tensor | None = None
+        # benchmarks only (`bench spec --replay`): (verify entries, their sequence lengths on the device) ->
+        # [B, K + 1] ids the target is taken to pick greedily, replacing the argmax in verification, so the
+        # acceptance is the one asked for whatever bf16 near-ties do (spec_decode/replay_proposer.py)
+        self.greedy_oracle = None
 
     def forget(self, seq_ids: list[str]) -> None:
         """Drop the state of finished sequences."""
@@ -110,7 +114,7 @@ class StepSampler:
         spec = None
         if any(scheduled[i].num_spec_tokens for i in sample_idx):
             spec = self._verify([i for i in sample_idx if scheduled[i].num_spec_tokens], scheduled, hidden, qsl,
-                                samples)
+                                samples, meta)
             sample_idx = [i for i in sample_idx if not scheduled[i].num_spec_tokens]
         if not sample_idx:
             self._remember([], None, spec)
@@ -133,7 +137,7 @@ class StepSampler:
         return self._pending(result, rows, token_ids, parity, sampled, spec)
 
     def _verify(self, spec_idx: list[int], scheduled: list[ScheduledSequence], hidden: torch.Tensor,
-                qsl: list[int], samples: bool):
+                qsl: list[int], samples: bool, meta: AttentionMetadata):
         """Score every position of the verifying sequences (last verified token and each proposal) and,
         on the sampler rank, verify their proposals (spec_decode/rejection_sampler.py) on the device.
         Returns (entries, [B, 2 + K] rows of accepted count, own token, proposals), or None elsewhere."""
@@ -144,8 +148,11 @@ class StepSampler:
             return None
         entries = [scheduled[i] for i in spec_idx]
         drafts = [s.token_ids[len(s.token_ids) - s.num_spec_tokens:] for s in entries]
+        oracle = None
+        if self.greedy_oracle is not None:
+            oracle = self.greedy_oracle(entries, meta.seq_lens.index_select(0, to_device(spec_idx, self.device)))
         packed = verify_on_device(logits, drafts, [s.params for s in entries],
-                                  [self._generator(s) for s in entries])
+                                  [self._generator(s) for s in entries], greedy_tokens=oracle)
         return entries, packed
 
     def _pending(self, result: ModelRunnerOutput, rows: list[ScheduledSequence], token_ids: torch.Tensor | None,

@@ -85,6 +85,9 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
 
     version: list[int] = []  # per replica: only its latest event in `steps` is live
     router_node = RouterNode(config.router_costs) if config.router_costs.enabled else None
+    # the router node takes jobs from every replica: step by step they come nearly in time order, while decode
+    # runs laid out ahead hand theirs in late (W3 DP=2 at QPS 64: TTFT p50 105 ms laid out, 65 ms step by step)
+    fast_forward = fast_forward and router_node is None
 
     def make_replica(index: int) -> SimReplica:
         version.append(0)

@@ -18,9 +18,10 @@ router would pay one send for several events of a stream. On the CPU it made no 
 event with the router starved to a third of a core: a stream's events come a step apart and the router
 reads each on its own), so both relays have one per_event_s.
 
-Jobs come from several replicas whose decode runs are laid out ahead (replica.py), so they need not arrive
-in time order: a job that arrives before the latest one seen is queued as if it came then (it waits at
-most that much too long; the work is kept). The calibration is a CPU measurement (router_calibration.toml).
+Jobs come from several replicas, so they need not arrive in time order (a replica's tokens reach the router
+when its own API process is done with them; fleet.py runs replicas step by step with a router node, as decode
+runs laid out ahead would hand theirs in late): a job that arrives before the latest one seen is queued as if
+it came then (it waits at most that much too long; the work is kept). The calibration is a CPU measurement (router_calibration.toml).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ known. Client processes (each an asyncio loop of lean keep-alive HTTP/1.1 connec
 what saturates) keep --concurrency streaming completions in flight for --duration seconds. Reported: requests/s
 and tokens/s delivered, the API processes' CPU per delivered token (from /proc), and what clients saw: TTFT
 and time per output token (p50/p99) against the core's step, and SSE events per token (< 1 once lagging
-clients get several tokens per event).
+clients get several tokens per event). --through-router puts `meshserve router` between the clients and the
+server and adds its CPU, the requests, events and chunks (one per router send) the clients got: the rows that
+the simulator's router node is fitted to (meshserve/simulator/router_calibration.toml).
 """
 
 from __future__ import annotations
@@ -199,16 +201,16 @@ def run_frontend(ns, api_server_count: int) -> dict:
     tokens = sum(r[4] for r in ok)
     events = sum(r[5] for r in ok)
     row = {"api servers": api_server_count, "concurrency": ns.concurrency, "step ms": ns.step_ms,
-            "req/s": round(len(ok) / wall, 1), "tok/s": round(tokens / wall),
-            "ideal tok/s": round(min(ns.concurrency, ns.max_num_seqs) / (ns.step_ms / 1e3)),
-            "API CPU us/tok": round(1e6 * api_cpu / max(tokens, 1), 1), "API cores busy": round(api_cpu / wall, 2),
-            "core cores busy": round(core_cpu / wall, 2),
-            "TTFT p50 ms": round(1e3 * _pct([r[2] for r in ok], 0.5), 1),
-            "TTFT p99 ms": round(1e3 * _pct([r[2] for r in ok], 0.99), 1),
-            "TPOT p50 ms": round(1e3 * _pct([r[3] for r in ok], 0.5), 1),
-            "TPOT p99 ms": round(1e3 * _pct([r[3] for r in ok], 0.99), 1),
-            "events/tok": round(events / max(tokens, 1), 2), "rejected": sum(r[0] == 429 for r in results),
-            "client errors": len(errors)}
+           "req/s": round(len(ok) / wall, 1), "tok/s": round(tokens / wall),
+           "ideal tok/s": round(min(ns.concurrency, ns.max_num_seqs) / (ns.step_ms / 1e3)),
+           "API CPU us/tok": round(1e6 * api_cpu / max(tokens, 1), 1), "API cores busy": round(api_cpu / wall, 2),
+           "core cores busy": round(core_cpu / wall, 2),
+           "TTFT p50 ms": round(1e3 * _pct([r[2] for r in ok], 0.5), 1),
+           "TTFT p99 ms": round(1e3 * _pct([r[2] for r in ok], 0.99), 1),
+           "TPOT p50 ms": round(1e3 * _pct([r[3] for r in ok], 0.5), 1),
+           "TPOT p99 ms": round(1e3 * _pct([r[3] for r in ok], 0.99), 1),
+           "events/tok": round(events / max(tokens, 1), 2), "rejected": sum(r[0] == 429 for r in results),
+           "client errors": len(errors)}
     if router is not None:
         # the router's sends as the client sees them: one HTTP chunk per send (the first holds the head's
         # events too), whole requests counted (a 429 included); its CPU is what a router simulator node costs

@@ -30,6 +30,7 @@ import zmq
 from meshserve.config import EngineArgs
 from meshserve.engine import startup_timeline
 from meshserve.engine.core_client import ABORT, ADD, IDLE_POLL_S, SHUTDOWN, run_core_loop
+from meshserve.engine.heap import freeze_startup_heap
 from meshserve.engine.messages import (
     CoreInfo,
     EngineCoreOutputs,
@@ -177,6 +178,9 @@ def _core_main(args: EngineArgs, input_addr: str, output_addr: str, ready_conn, 
         ctx.term()
         return
     router.info_blob = _encoder.encode(core.info)
+    # the core holds ~300k start-up objects (torch, the model, its graphs): a full collection walking them holds
+    # the GIL ~140 ms on a 2-core CPU, a stall of every stream's next token; freeze them (heap.py)
+    freeze_startup_heap()
     ready_conn.send_bytes(_READY + b"\0" + router.info_blob)
     ready_conn.close()
     try:

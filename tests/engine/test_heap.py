@@ -2,7 +2,7 @@
 
 import gc
 
-from meshserve.serve.heap import freeze_startup_heap
+from meshserve.engine.heap import freeze_startup_heap
 
 
 def test_startup_objects_are_frozen_and_later_ones_collected():

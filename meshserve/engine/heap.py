@@ -1,7 +1,7 @@
-"""Keep Python's garbage collector from stalling a loaded API process.
+"""Keep Python's garbage collector from stalling a loaded API process or engine core.
 
-An API process holds ~240k container objects once torch, transformers, FastAPI and the tokenizer are imported.
-Under load its per-token allocations trigger full (generation 2) collections every few seconds, and each one
+An API process holds ~240k container objects once torch, transformers, FastAPI and the tokenizer are imported
+(the engine core ~300k once its model is loaded). Under load its per-token allocations trigger full (generation 2) collections every few seconds, and each one
 walks that whole start-up heap with the GIL held: 100-360 ms on the 2-core CPU machine, during which the event
 loop answers nothing (refusals included) and no token leaves. Start-up objects live as long as the process, so
 they are collected once and then frozen (moved to the permanent generation, which collections skip), as vLLM

@@ -3,17 +3,18 @@
 #  1. revisit: `python -m meshserve.bench.kv_offload --history 16384`: TTFT of a revisited 16K-token history
 #     recomputed vs restored (GPU pool 1400 blocks = 2.7 GiB; 3 fillers of 16K push the history out; CPU tier
 #     16 GiB; 3 GiB CPU in front of a 24 GiB disk tier; that disk after a restart). Goal: >= 5x.
-#  2. multiturn: `python -m meshserve.bench.multiturn`: 48 conversations x 6 turns (opening 2,048 ids, +128 user
-#     ids and the 64-token answer per turn, think ~Exp(3 s), starts Poisson 4/s; random.seed(26)) through the
-#     OpenAI server, GPU pool 2048 blocks = 4 GiB = 32K tokens against 147K tokens of histories (4.6x); no
-#     offload / CPU tier 24 GiB / 4 GiB CPU + 24 GiB disk; goodput at TTFT <= 1 s, TPOT <= 50 ms, prefix hit
+#  2. multiturn: `python -m meshserve.bench.multiturn`: 72 conversations x 6 turns (opening 2,048 ids, +128 user
+#     ids and the 64-token answer per turn, think ~Exp(2 s), starts Poisson 6/s; random.seed(26)) through the
+#     OpenAI server, GPU pool 2048 blocks = 4 GiB = 32K tokens against 221K tokens of histories (6.75x); no
+#     offload / CPU tier 28 GiB / 4 GiB CPU + 24 GiB disk; goodput at TTFT <= 1 s, TPOT <= 50 ms, prefix hit
 #     rate, TTFT p50/p99. Goal: goodput >= 2x no offload.
 # Time (each part under its own timeout, the script under 9 min): revisit <= 220 s (4 engine starts of ~20-30 s,
 # 5 prefills of 16K each); multiturn <= 280 s (3 server starts of ~20-30 s + warm-up, loads capped at 60 s each
 # by --max-duration, then the in-flight turns finish). Usage (device, repo root; carry .whl if the packages are
 # not installed):
 #   bash tools/kv_offload_device.sh            # both parts
-#   PARTS=multiturn bash tools/kv_offload_device.sh     # one part; MT_ARGS="--think-mean-s 2" adds flags
+#   PARTS=multiturn bash tools/kv_offload_device.sh     # one part; MT_ARGS replaces the load flags (default: the
+#   medium load of 2026-12-01, 72 conversations, starts 6/s, think 2 s; MT_ARGS="" the module's light defaults)
 # Results: $OUT/revisit.jsonl, $OUT/multiturn.json, their logs, $OUT/server_logs.tgz, $OUT/env.txt.
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
@@ -34,8 +35,9 @@ fi
 if [[ " ${PARTS:-revisit multiturn} " == *" multiturn "* ]]; then
   t1=$SECONDS
   timeout -k 20 ${MULTITURN_LIMIT:-280} python3 -m meshserve.bench.multiturn --model "$MODEL" --gpu-blocks 2048 \
-    --cpu-gib 24 --staging-cpu-gib 4 --disk-gib 24 --disk-path $R/disk-multiturn --max-duration 60 \
-    --log-dir $R/logs --output "$OUT/multiturn.json" ${MT_ARGS:-} > "$OUT/multiturn.log" 2>&1
+    --cpu-gib 28 --staging-cpu-gib 4 --disk-gib 24 --disk-path $R/disk-multiturn --max-duration 60 \
+    --log-dir $R/logs --output "$OUT/multiturn.json" ${MT_ARGS---conversations 72 --start-rate 6 --think-mean-s 2} \
+    > "$OUT/multiturn.log" 2>&1
   echo "== multiturn rc $? in $((SECONDS - t1)) s"; grep -vE "^\s*$" "$OUT/multiturn.log" | tail -12
   rm -rf $R/disk-multiturn
 fi

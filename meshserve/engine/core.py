@@ -167,6 +167,7 @@ class EngineCore:
         # structured outputs: grammars compile on threads; their requests wait here, outside the scheduler
         self.grammar_waitlist = GrammarWaitlist(GrammarCompiler(
             config.model_config.tokenizer or None, config.model_config.vocab_size, self.info.eos_token_ids))
+        self.grammar_waitlist.compiler.prepare()  # the first constrained request's TTFT: its compile only
         self._grammar_seq_ids: set[str] = set()  # constrained requests in the scheduler (pruned lazily)
         self._bitmask_filler: BitmaskFiller | None = None  # built with the first constrained step
         # an in-process runner fills the grammar masks of a step once its forward is queued (_late_masks_hook)

@@ -83,6 +83,15 @@ def test_batched_masks_change_no_token(path, monkeypatch):
     assert batched[1].outputs[0].token_ids == alone.outputs[0].token_ids
 
 
+@pytest.mark.slow
+def test_worker_processes_get_the_masks_with_the_step(path):
+    """TP 2 (worker processes: the step's masks travel pickled inside the SchedulerOutput, filled before it
+    is sent): the same tokens as one process."""
+    one, _ = _run(path, True)
+    two, _ = _run(path, True, tensor_parallel_size=2)
+    assert [[c.token_ids for c in o.outputs] for o in one] == [[c.token_ids for c in o.outputs] for o in two]
+
+
 def test_choice_regex_and_grammar(path):
     llm = LLM(model=path, max_model_len=256)
     try:

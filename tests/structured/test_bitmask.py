@@ -83,3 +83,21 @@ def test_batch_fill_equals_one_by_one():
     batch = fill_bitmasks(matchers, len(VOCAB))
     assert torch.equal(batch, torch.cat([fill_bitmask(m, len(VOCAB)) for m in matchers]))
     assert {VOCAB[t] for t in bitmask_to_bool(batch, len(VOCAB))[0].nonzero().flatten().tolist()} == {"b", "c"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_apply_on_the_device_from_pinned_memory_equals_reference(rows):
+    """The engine's GPU path: a pinned host mask, copied without blocking, xgrammar's Triton kernel on bf16
+    logits of SmolLM2's width; the same logits as the torch reference on the CPU."""
+    gen = torch.Generator().manual_seed(rows)
+    vocab = 49152
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (rows, vocab // 32), dtype=torch.int32, generator=gen).pin_memory()
+    bitmask[0] = ALLOW_ALL
+    logits = torch.randn(rows, vocab, generator=gen).to(torch.bfloat16)
+    expected = logits.clone()
+    apply_bitmask_reference(expected, bitmask)
+    on_device = logits.cuda()
+    apply_bitmask(on_device, bitmask)
+    assert torch.equal(on_device.cpu(), expected)

@@ -132,6 +132,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-depth", type=int, default=0,
                    help="steps in flight with pipeline stages (default 0: one per stage; stages + 1 hides the "
                         "host's round trip for each step's tokens)")
+    p.add_argument("--pp-token-handoff", action="store_true",
+                   help="experimental, -pp > 1 with -tp 1: the last stage sends each step's sampled ids straight "
+                        "to the first stage, so a sequence's next step launches before its token is back")
     p.add_argument("--distributed-executor-backend", default=d.distributed_executor_backend,
                    choices=("mp", "ray"), help="mp: local processes (default); ray: an existing Ray cluster")
     p.add_argument("--nnodes", type=int, default=d.nnodes)

@@ -102,6 +102,15 @@ class SchedulerConfig:
     slo_prefill_chunk: int = 1024
     step_trace_path: str | None = None  # a JSON line per step (shape, predicted and measured time), for tuning
     preemption_mode: str = "recompute"  # recompute | swap | auto (swap needs the CPU offload tier)
+    # pipeline parallel: steps the engine keeps in flight, each over other sequences and holding up to
+    # max_num_seqs of them (0: one step at a time); create_engine_config fills it from the ParallelConfig
+    pipeline_depth: int = 0
+
+    @property
+    def max_running(self) -> int:
+        """Sequences that may run at once: max_num_seqs per step in flight. The scheduler's cap, and what the
+        KV pool, the planner and the simulator size for."""
+        return self.max_num_seqs * max(1, self.pipeline_depth)
 
 
 @dataclass
@@ -122,10 +131,22 @@ class ParallelConfig:
     distributed_timeout_s: float = 60.0
     disable_custom_all_reduce: bool = False  # True: NCCL for every TP all-reduce (no one-shot kernel)
     enable_expert_parallel: bool = False  # MoE experts spread over the TP ranks (else each expert is TP-split)
+    # experimental (PP > 1, TP = 1): the last stage sends each step's sampled ids straight to the first stage on
+    # the device, so a sequence's next step launches before its token is back on the host
+    # (engine/pipeline_stage.py TokenHandoff)
+    pp_token_handoff: bool = False
 
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def pipeline_steps_in_flight(self) -> int:
+        """Steps a pipelined engine keeps in flight: 0 without pipeline stages, else pipeline_depth or one per
+        stage."""
+        if self.pipeline_parallel_size == 1:
+            return 0
+        return self.pipeline_depth or self.pipeline_parallel_size
 
 
 @dataclass
@@ -193,6 +214,7 @@ class EngineArgs:
     distributed_timeout_s: float = 60.0
     disable_custom_all_reduce: bool = False
     enable_expert_parallel: bool = False
+    pp_token_handoff: bool = False  # ParallelConfig.pp_token_handoff (experimental)
     device: str = "auto"
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     # vLLM's keys, as a dict or JSON string (spec_decode/config.py)
@@ -239,6 +261,12 @@ class EngineArgs:
         check(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be >= 1")
         check(self.pipeline_depth == 0 or self.pipeline_depth >= self.pipeline_parallel_size, "pipeline_depth",
               f"must be 0 (one step per stage) or >= pipeline_parallel_size, got {self.pipeline_depth}")
+        check(not self.pp_token_handoff or self.pipeline_parallel_size > 1, "pp_token_handoff",
+              "needs pipeline_parallel_size > 1 (it hands tokens from the last stage to the first)")
+        check(not self.pp_token_handoff or self.tensor_parallel_size == 1, "pp_token_handoff",
+              f"runs with tensor_parallel_size 1 only, got {self.tensor_parallel_size}")
+        check(not self.pp_token_handoff or self.async_scheduling, "pp_token_handoff",
+              "needs async_scheduling (without it no step is launched before the last one's tokens are back)")
         check(self.distributed_executor_backend in ("mp", "ray"), "distributed_executor_backend",
               f"must be mp or ray, got {self.distributed_executor_backend!r}")
         check(self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes, "node_rank",

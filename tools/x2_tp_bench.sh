@@ -126,7 +126,7 @@ pp)
   fi
   ;;
 ho)
-  # the PP token hand-off (MESHSERVE_PP_TOKEN_HANDOFF=1: the last stage's sampled ids go to the first stage over
+  # the PP token hand-off (--pp-token-handoff: the last stage's sampled ids go to the first stage over
   # NCCL, so with three steps in flight each step holds half of W2's 256 sequences and the host's round trip
   # is off the first stage's path): the PP GPU tests (hand-off test included), then W2 8B at TP = 1, PP = 2
   # depth 3 without and with it, and with it at 17,15 layers per stage
@@ -135,10 +135,10 @@ ho)
   run_logged w2_8b_tp1 95 bench throughput --model llama-3.1-8b --no-baseline -tp 1 --output-json $OUT/w2_8b_tp1.json
   run_logged w2_8b_pp2_d3 95 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --pipeline-depth 3 \
     --output-json $OUT/w2_8b_pp2_d3.json
-  MESHSERVE_PP_TOKEN_HANDOFF=1 run_logged w2_8b_pp2_d3_ho 95 bench throughput --model llama-3.1-8b --no-baseline \
-    -pp 2 --pipeline-depth 3 --output-json $OUT/w2_8b_pp2_d3_ho.json
-  MESHSERVE_PP_TOKEN_HANDOFF=1 run_logged w2_8b_pp2_d3_ho_part 95 bench throughput --model llama-3.1-8b \
-    --no-baseline -pp 2 --pipeline-depth 3 --pp-layer-partition ${PART:-17,15} --output-json $OUT/w2_8b_pp2_d3_ho_part.json
+  run_logged w2_8b_pp2_d3_ho 95 bench throughput --model llama-3.1-8b --no-baseline \
+    -pp 2 --pipeline-depth 3 --pp-token-handoff --output-json $OUT/w2_8b_pp2_d3_ho.json
+  run_logged w2_8b_pp2_d3_ho_part 95 bench throughput --model llama-3.1-8b --no-baseline -pp 2 --pipeline-depth 3 \
+    --pp-token-handoff --pp-layer-partition ${PART:-17,15} --output-json $OUT/w2_8b_pp2_d3_ho_part.json
   ;;
 fn)
   # a barrier bug hangs rather than fails: every step has its own timeout

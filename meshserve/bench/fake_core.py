@@ -4,7 +4,9 @@ It speaks the EngineCore interface that `run_core_loop` drives (add, abort, step
 real front end (API server, output processor, ZeroMQ channel) can be measured on the CPU with the engine's cost
 fixed: `meshserve bench frontend`. Token ids are drawn at random from the real tokenizer's vocabulary, so
 detokenization costs what it costs. Its queue-wait prediction is a plain step-time model (a request waits for
-the slots ahead of it to free up), enough to drive admission in tests.
+the slots ahead of it to free up), enough to drive admission in tests; with shed_late, a queued request that can
+no longer start before its time-to-first-token target is dropped with the real core's 429 (slo_shed), so both
+kinds of refusal can be measured without a GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from meshserve.engine.messages import (
     SchedulerStats,
     error_to_message,
 )
-from meshserve.errors import InvalidArgumentError
+from meshserve.errors import InvalidArgumentError, ServiceLevelShedError
 
 
 @dataclass
@@ -37,8 +39,10 @@ class _Running:
 class FakeEngineCore:
     """Steps every step_s seconds (sleeping out the rest of each step); up to max_num_seqs requests run at once."""
 
-    def __init__(self, info: CoreInfo, step_s: float = 0.02, max_num_seqs: int = 256, seed: int = 0):
+    def __init__(self, info: CoreInfo, step_s: float = 0.02, max_num_seqs: int = 256, seed: int = 0,
+                 shed_late: bool = True):
         self.info = info
+        self.shed_late = shed_late
         self.step_s = step_s
         self.max_num_seqs = max_num_seqs
         self.rng = random.Random(seed)
@@ -48,6 +52,7 @@ class FakeEngineCore:
         self._next_step_at = 0.0
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
+        self.num_shed = 0
 
     # -- the EngineCore interface ----------------------------------------------------------------
     def add_request_or_report(self, request: EngineCoreRequest) -> None:
@@ -78,6 +83,8 @@ class FakeEngineCore:
             time.sleep(self._next_step_at - now)
         now = time.monotonic()
         self._next_step_at = max(now, self._next_step_at) + self.step_s
+        if self.shed_late:
+            self._shed_late(now)
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting.popleft()
             self.running[req.request_id] = _Running(req, first_scheduled=now)
@@ -98,6 +105,24 @@ class FakeEngineCore:
     def shutdown(self) -> None:
         self.waiting.clear()
         self.running.clear()
+
+    def _shed_late(self, now: float) -> None:
+        """Drop queued requests whose start, when the slots ahead of them free up, is past their TTFT target
+        (the real scheduler's rule, scheduling_policy.shed_late, on this core's own arithmetic)."""
+        free = self.max_num_seqs - len(self.running)
+        ends = sorted(r.request.max_tokens - r.num_out for r in self.running.values())  # steps until each ends
+        kept: deque[EngineCoreRequest] = deque()
+        for req in self.waiting:
+            target = req.slo_ttft_s if req.slo_ttft_s is not None else self.info.slo_ttft_s
+            ahead = len(kept) - free  # requests of the queue that must wait for a running one to end first
+            start_s = 0.0 if ahead < 0 or not ends else ends[min(ahead, len(ends) - 1)] * self.step_s
+            if target is not None and req.arrival_time and now - req.arrival_time + start_s > target:
+                self._errors.append(error_to_message(req.request_id, ServiceLevelShedError(
+                    "the server cannot meet this request's time-to-first-token target now; retry later")))
+                self.num_shed += 1
+            else:
+                kept.append(req)
+        self.waiting = kept
 
     # -- counters --------------------------------------------------------------------------------
     def _queue_wait_s(self) -> float:
@@ -131,7 +156,7 @@ def fake_core_info(args: EngineArgs) -> CoreInfo:
 
 
 def _build_fake_core(args: EngineArgs, step_s: float, max_num_seqs: int) -> FakeEngineCore:
-    return FakeEngineCore(fake_core_info(args), step_s, max_num_seqs)
+    return FakeEngineCore(fake_core_info(args), step_s, max_num_seqs, shed_late=args.slo_shed_late)
 
 
 def fake_core_factory(step_s: float, max_num_seqs: int = 256) -> partial:

@@ -6,7 +6,9 @@ known. Client processes (each an asyncio loop of lean keep-alive HTTP/1.1 connec
 what saturates) keep --concurrency streaming completions in flight for --duration seconds. Reported: requests/s
 and tokens/s delivered, the API processes' CPU per delivered token (from /proc), and what clients saw: TTFT
 and time per output token (p50/p99) against the core's step, and SSE events per token (< 1 once lagging
-clients get several tokens per event).
+clients get several tokens per event). --through-router puts `meshserve router` between the clients and the
+server and adds its CPU, the requests, events and chunks (one per router send) the clients got: the rows that
+the simulator's router node is fitted to (meshserve/simulator/router_calibration.toml).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ async def _worker(port: int, deadline: float, ns, rng: random.Random, results: l
             writer.write(_request_bytes(port, body))
             status, chunks = await _read_response(reader)
             if status != 200:
-                results.append((status, t0, chunks[0][0] - t0, 0.0, 0, 0))
+                results.append((status, t0, chunks[0][0] - t0, 0.0, 0, 0, len(chunks)))
                 continue
             token_times = []
             tokens = events = 0
@@ -79,11 +81,11 @@ async def _worker(port: int, deadline: float, ns, rng: random.Random, results: l
                         events += 1
                         token_times.append(t)
             if not token_times:
-                results.append((0, t0, 0.0, 0.0, 0, 0))
+                results.append((0, t0, 0.0, 0.0, 0, 0, len(chunks)))
                 continue
             ttft = token_times[0] - t0
             tpot = (token_times[-1] - token_times[0]) / (tokens - 1) if tokens > 1 else 0.0
-            results.append((200, t0, ttft, tpot, tokens, events))
+            results.append((200, t0, ttft, tpot, tokens, events, len(chunks)))
     finally:
         writer.close()
 
@@ -139,8 +141,9 @@ def run_frontend(ns, api_server_count: int) -> dict:
     pid_file = tempfile.mktemp(prefix="meshserve-fe-", suffix=".json")
     cmd = [sys.executable, "-m", "meshserve.bench.frontend_server", "--port", str(port), "--step-ms",
            str(ns.step_ms), "--api-server-count", str(api_server_count), "--max-num-seqs", str(ns.max_num_seqs),
-           "--pid-file", pid_file]
+           "--max-queue-len", str(ns.max_queue_len), "--pid-file", pid_file]
     server = subprocess.Popen(cmd)
+    router, client_port = None, port
     try:
         _wait_ready(port, server)
         while not os.path.exists(pid_file):
@@ -148,6 +151,16 @@ def run_frontend(ns, api_server_count: int) -> dict:
         time.sleep(1.0 if api_server_count == 1 else 5.0)  # every API process listening
         with open(pid_file) as f:
             pids = json.load(f)
+        if ns.through_router:  # `meshserve router` in front of the server: the clients talk to it
+            client_port = free_port()
+            env = dict(os.environ)
+            if ns.router_pythonpath:  # the router of another source tree (an older commit's export)
+                env["PYTHONPATH"] = ns.router_pythonpath
+            router = subprocess.Popen([sys.executable, "-m", "meshserve.cli", "router", "--host", "127.0.0.1",
+                                       "--port", str(client_port), "--backend", f"http://127.0.0.1:{port}",
+                                       "--disable-access-log"], env=env)
+            _wait_ready(client_port, router)
+            time.sleep(1.0)
         ctx = mp.get_context("spawn")
         out: mp.Queue = ctx.Queue()
         per_client = [ns.concurrency // ns.client_procs + (i < ns.concurrency % ns.client_procs)
@@ -155,18 +168,26 @@ def run_frontend(ns, api_server_count: int) -> dict:
         settings = argparse.Namespace(duration=ns.duration, ramp_s=ns.ramp_s, max_tokens=ns.max_tokens,
                                       prompt_len=ns.prompt_len)  # picklable: no parser callbacks
         start_at = time.time() + 2.0  # every client process imported and waiting
-        clients = [ctx.Process(target=_client_main, args=(port, c, start_at, settings, i, out))
+        clients = [ctx.Process(target=_client_main, args=(client_port, c, start_at, settings, i, out))
                    for i, c in enumerate(per_client)]
         for c in clients:
             c.start()
         time.sleep(max(0.0, start_at - time.time()))
+        router_cpu0 = _cpu_s(router.pid) if router is not None else 0.0
         api_cpu0, core_cpu0, t0 = sum(_cpu_s(p) for p in pids["api"]), _cpu_s(pids["core"]), time.perf_counter()
         gathered = [out.get() for _ in clients]
         wall = time.perf_counter() - t0
         api_cpu, core_cpu = sum(_cpu_s(p) for p in pids["api"]) - api_cpu0, _cpu_s(pids["core"]) - core_cpu0
+        router_cpu = _cpu_s(router.pid) - router_cpu0 if router is not None else 0.0
         for c in clients:
             c.join()
     finally:
+        if router is not None:
+            router.terminate()
+            try:
+                router.wait(30)
+            except subprocess.TimeoutExpired:
+                router.kill()
         server.terminate()
         try:
             server.wait(60)
@@ -179,17 +200,26 @@ def run_frontend(ns, api_server_count: int) -> dict:
     ok = [r for r in results if r[0] == 200]
     tokens = sum(r[4] for r in ok)
     events = sum(r[5] for r in ok)
-    return {"api servers": api_server_count, "concurrency": ns.concurrency, "step ms": ns.step_ms,
-            "req/s": round(len(ok) / wall, 1), "tok/s": round(tokens / wall),
-            "ideal tok/s": round(min(ns.concurrency, ns.max_num_seqs) / (ns.step_ms / 1e3)),
-            "API CPU us/tok": round(1e6 * api_cpu / max(tokens, 1), 1), "API cores busy": round(api_cpu / wall, 2),
-            "core cores busy": round(core_cpu / wall, 2),
-            "TTFT p50 ms": round(1e3 * _pct([r[2] for r in ok], 0.5), 1),
-            "TTFT p99 ms": round(1e3 * _pct([r[2] for r in ok], 0.99), 1),
-            "TPOT p50 ms": round(1e3 * _pct([r[3] for r in ok], 0.5), 1),
-            "TPOT p99 ms": round(1e3 * _pct([r[3] for r in ok], 0.99), 1),
-            "events/tok": round(events / max(tokens, 1), 2), "rejected": sum(r[0] == 429 for r in results),
-            "client errors": len(errors)}
+    row = {"api servers": api_server_count, "concurrency": ns.concurrency, "step ms": ns.step_ms,
+           "req/s": round(len(ok) / wall, 1), "tok/s": round(tokens / wall),
+           "ideal tok/s": round(min(ns.concurrency, ns.max_num_seqs) / (ns.step_ms / 1e3)),
+           "API CPU us/tok": round(1e6 * api_cpu / max(tokens, 1), 1), "API cores busy": round(api_cpu / wall, 2),
+           "core cores busy": round(core_cpu / wall, 2),
+           "TTFT p50 ms": round(1e3 * _pct([r[2] for r in ok], 0.5), 1),
+           "TTFT p99 ms": round(1e3 * _pct([r[2] for r in ok], 0.99), 1),
+           "TPOT p50 ms": round(1e3 * _pct([r[3] for r in ok], 0.5), 1),
+           "TPOT p99 ms": round(1e3 * _pct([r[3] for r in ok], 0.99), 1),
+           "events/tok": round(events / max(tokens, 1), 2), "rejected": sum(r[0] == 429 for r in results),
+           "client errors": len(errors)}
+    if router is not None:
+        # the router's sends as the client sees them: one HTTP chunk per send (the first holds the head's
+        # events too), whole requests counted (a 429 included); its CPU is what a router simulator node costs
+        chunks = sum(r[6] for r in results)
+        row.update({"requests": len(results), "tokens": tokens, "events": events, "chunks": chunks,
+                    "router CPU s": round(router_cpu, 3), "router cores busy": round(router_cpu / wall, 2),
+                    "router CPU us/event": round(1e6 * router_cpu / max(events, 1), 1),
+                    "router chunks/event": round(chunks / max(events, 1), 3)})
+    return row
 
 
 def run_frontend_bench(ns) -> list[dict]:
@@ -211,5 +241,13 @@ def add_frontend_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--max-queue-len", type=int, default=1 << 20,
+                   help="the server's waiting queue; past it 429 (small: most requests refused, their cost apart)")
+    p.add_argument("--through-router", action="store_true",
+                   help="clients go through `meshserve router` in front of the server; reports the router "
+                        "process's CPU per request and per streamed event (the simulator's router node)")
+    p.add_argument("--router-pythonpath", default=None, metavar="DIR",
+                   help="with --through-router: run the router from this source tree (e.g. `git archive` of an "
+                        "older commit) for a before/after")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=lambda ns: print_rows(run_frontend_bench(ns)) or 0)

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--max-queue-len", type=int, default=1 << 20)
+    p.add_argument("--no-gc-freeze", action="store_true", help="leave the start-up heap to the collector (A/B)")
     p.add_argument("--pid-file", default=None, help="write {core, api: [pids]} here once serving")
     return p
 
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = EngineArgs(device="cpu", max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
                       slo_ttft_ms=ns.slo_ttft_ms)
-    config = ServeConfig(served_model_names=["fake"], max_queue_len=ns.max_queue_len, drain_timeout_s=5.0)
+    config = ServeConfig(served_model_names=["fake"], max_queue_len=ns.max_queue_len, drain_timeout_s=5.0,
+                         gc_freeze=not ns.no_gc_freeze)
     opts = HttpOptions(ns.host, ns.port, "warning", access_log=False)
     factory = fake_core_factory(ns.step_ms / 1e3, ns.max_num_seqs)
 

@@ -32,6 +32,7 @@ def _llm(ns):
                max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
                enable_prefix_caching=not ns.no_prefix_caching, tensor_parallel_size=ns.tensor_parallel_size,
                pipeline_parallel_size=ns.pipeline_parallel_size, pipeline_depth=getattr(ns, "pipeline_depth", 0),
+               pp_token_handoff=getattr(ns, "pp_token_handoff", False),
                pp_layer_partition=getattr(ns, "pp_layer_partition", None),
                disable_custom_all_reduce=ns.disable_custom_all_reduce,
                enable_expert_parallel=getattr(ns, "enable_expert_parallel", False),
@@ -49,6 +50,7 @@ def _layout(ns) -> dict:
     return {"tp": ns.tensor_parallel_size, "pp": ns.pipeline_parallel_size,
             **({"pipeline_depth": ns.pipeline_depth} if getattr(ns, "pipeline_depth", 0) else {}),
             **({"pp_layer_partition": ns.pp_layer_partition} if getattr(ns, "pp_layer_partition", None) else {}),
+            **({"pp_token_handoff": True} if getattr(ns, "pp_token_handoff", False) else {}),
             **({"ep": ns.tensor_parallel_size} if getattr(ns, "enable_expert_parallel", False) else {}),
             "all_reduce": ("-" if ns.tensor_parallel_size == 1 else
                            "nccl" if ns.disable_custom_all_reduce else "one-shot up to 2 MiB, nccl above")}
@@ -278,6 +280,8 @@ def add_offline_parsers(bench_sub: argparse._SubParsersAction) -> None:
         p.add_argument("--pipeline-depth", type=int, default=0, help="steps in flight with -pp (0: one per stage)")
         p.add_argument("--pp-layer-partition", type=_layers_per_stage, default=None,
                        help="layers per pipeline stage, e.g. 17,15 (the last stage also runs the LM head and sampler)")
+        p.add_argument("--pp-token-handoff", action="store_true",
+                       help="experimental, -pp > 1 with -tp 1: the last stage's sampled ids go straight to the first")
         p.add_argument("--disable-custom-all-reduce", action="store_true", help="NCCL for every TP all-reduce")
         p.add_argument("--enable-expert-parallel", "-ep", action="store_true",
                        help="MoE: experts spread over the TP ranks (all-to-all)")

@@ -150,7 +150,7 @@ def run_real_text(ns) -> list[dict]:
 
 def run_replay(ns) -> list[dict]:
     from meshserve import LLM, SamplingParams
-    from meshserve.spec_decode.replay_proposer import ReplayProposer
+    from meshserve.spec_decode.replay_proposer import ReplayOracle, ReplayProposer
 
     params = SamplingParams(temperature=0, max_tokens=ns.max_tokens, ignore_eos=True)
     prompts = [{"prompt_token_ids": w1_prompt()} for _ in range(ns.batch_size)]
@@ -168,7 +168,11 @@ def run_replay(ns) -> list[dict]:
         llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
         vocab = llm.engine.config.model_config.vocab_size
         for p_ok in [float(x) for x in ns.replay.split(",")]:
-            llm.engine.core.speculator.proposer = ReplayProposer(references, k, 1.0 - p_ok, vocab)
+            proposer = ReplayProposer(references, k, 1.0 - p_ok, vocab)
+            llm.engine.core.speculator.proposer = proposer
+            if ns.replay_forced:
+                runner = llm.engine.core.executor.runner
+                runner.sampling.greedy_oracle = ReplayOracle(proposer, runner.device)
             _fresh_stats(llm)
             out, dt = _timed_generate(llm, prompts, params)
             n = sum(len(o) for o in out)
@@ -277,6 +281,9 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
         help="controlled acceptance on dummy weights: each proposed token right with probability P",
     )
     p.add_argument("--replay-k", default="2,4,8", help="with --replay: proposal lengths")
+    p.add_argument("--replay-forced", action="store_true",
+                   help="with --replay: the references stand in for the target's argmax in verification "
+                        "(bf16: its near-ties would otherwise end the replay after a few tokens)")
     p.add_argument(
         "--w1",
         action="store_true",

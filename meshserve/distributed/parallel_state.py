@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import os
 import sys
 import threading
 import traceback
@@ -42,7 +41,7 @@ class ParallelState:
     # apart from cpu_group so rank 0 can receive them while it broadcasts the next steps
     token_group: object | None = None
     # the device backend between the last stage and the first, for the sampled ids the first stage's next step
-    # takes as inputs (MESHSERVE_PP_TOKEN_HANDOFF): its own communicator, apart from the activations' one
+    # takes as inputs (ParallelConfig.pp_token_handoff): its own communicator, apart from the activations' one
     handoff_group: object | None = None
     pp_layer_partition: list[int] | None = None  # layers per stage; None = even split
     # the small-message all-reduce (distributed/symm_mem_all_reduce.py); None: NCCL for every size
@@ -83,19 +82,12 @@ def get_tp_size() -> int:
     return _STATE.tp_size
 
 
-# experimental: the last stage hands each step's sampled ids to the first stage on the device, so a sequence's
-# next step is launched before its token reaches the host (engine/pipeline_stage.py TokenHandoff); TP = 1
-TOKEN_HANDOFF_ENV = "MESHSERVE_PP_TOKEN_HANDOFF"
-
-
-def token_handoff_requested() -> bool:
-    return os.environ.get(TOKEN_HANDOFF_ENV, "") not in ("", "0")
-
-
 def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str, master_port: int,
                         backend: str, timeout_s: float = 60.0,
-                        pp_layer_partition: list[int] | None = None, expert_parallel: bool = False) -> ParallelState:
-    """Join the torch.distributed world of tp_size * pp_size ranks and build the TP groups."""
+                        pp_layer_partition: list[int] | None = None, expert_parallel: bool = False,
+                        token_handoff: bool = False) -> ParallelState:
+    """Join the torch.distributed world of tp_size * pp_size ranks and build the TP groups (token_handoff: and
+    the last stage's communicator to the first, ParallelConfig.pp_token_handoff; PP > 1, TP = 1)."""
     global _STATE
     world = tp_size * pp_size
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -103,7 +95,7 @@ def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str,
                             world_size=world, rank=rank, timeout=timeout)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     token_group = dist.new_group(backend="gloo", timeout=timeout) if pp_size > 1 else None
-    handoff = pp_size > 1 and tp_size == 1 and token_handoff_requested()
+    handoff = pp_size > 1 and tp_size == 1 and token_handoff
     handoff_group = dist.new_group(backend=backend, timeout=timeout) if handoff else None
     tp_group = None
     for stage in range(pp_size):  # every rank must create every group, in the same order

@@ -142,13 +142,12 @@ class EngineCore:
             self.scheduler.verify_ahead = self.speculator.propose_ahead = True
         self._in_flight: tuple[SchedulerOutput, PendingOutput, StepShape] | None = None
         # pipeline parallel: up to one step per stage in flight, each over sequences the others lack, so
-        # every stage works on some step (no fill/drain bubble per step)
-        self.pipeline_depth = (getattr(self.executor, "pipeline_depth", 0)
-                               if config.scheduler_config.async_scheduling else 0)
+        # every stage works on some step (no fill/drain bubble per step); the scheduler reads the same depth
+        # from its config (its steps' shares and its running cap, SchedulerConfig.max_running)
+        self.pipeline_depth = config.scheduler_config.pipeline_depth
         self._pipeline: collections.deque[tuple[SchedulerOutput, PendingOutput, StepShape]] = collections.deque()
         if self.pipeline_depth:
             self.scheduler.async_mode = self.scheduler.skip_pending = True
-            self.scheduler.pipeline_depth = self.pipeline_depth
             self.scheduler.handoff_lag = handoff_lag(config.parallel_config)  # experimental, TokenHandoff
         self.info = CoreInfo(
             model=config.model_config.model,

@@ -86,6 +86,14 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
         max_model_len=max_model_len, load_format=args.load_format, seed=args.seed, quantization=args.quantization,
         generation_defaults=generation_defaults,
     )
+    parallel_config = ParallelConfig(
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        pp_layer_partition=args.pp_layer_partition, pipeline_depth=args.pipeline_depth,
+        distributed_executor_backend=args.distributed_executor_backend, nnodes=args.nnodes,
+        node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+        distributed_timeout_s=args.distributed_timeout_s,
+        disable_custom_all_reduce=args.disable_custom_all_reduce,
+        enable_expert_parallel=args.enable_expert_parallel, pp_token_handoff=args.pp_token_handoff)
     config = EngineConfig(
         model_config=model_config,
         cache_config=CacheConfig(
@@ -103,15 +111,10 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
             slo_tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None,
             slo_shed_late=args.slo_shed_late, slo_prefill_chunk=args.slo_prefill_chunk, step_trace_path=args.step_trace,
             preemption_mode=args.preemption_mode,
+            # stages pipeline their steps only with async scheduling (EngineCore._step_pipelined)
+            pipeline_depth=parallel_config.pipeline_steps_in_flight if args.async_scheduling else 0,
         ),
-        parallel_config=ParallelConfig(
-            tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-            pp_layer_partition=args.pp_layer_partition, pipeline_depth=args.pipeline_depth,
-            distributed_executor_backend=args.distributed_executor_backend, nnodes=args.nnodes,
-            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
-            distributed_timeout_s=args.distributed_timeout_s,
-            disable_custom_all_reduce=args.disable_custom_all_reduce,
-            enable_expert_parallel=args.enable_expert_parallel),
+        parallel_config=parallel_config,
         device=device,
         enforce_eager=args.enforce_eager,
         max_cudagraph_tokens=args.max_cudagraph_tokens,

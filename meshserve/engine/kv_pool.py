@@ -9,7 +9,6 @@ from collections.abc import Callable
 import torch
 
 from meshserve.config import EngineConfig, SchedulerConfig
-from meshserve.engine.pipeline_stage import pipeline_depth
 from meshserve.engine.scheduler_output import ScheduledSequence
 from meshserve.layers.attention import Attention
 
@@ -62,8 +61,7 @@ class KVCachePool:
         else:
             budget = cc.cpu_kv_cache_bytes
             # a CPU pool never needs more than every sequence at full length (max_num_seqs per step in flight)
-            max_running = sc.max_num_seqs * max(1, pipeline_depth(self.config.parallel_config))
-            needed = max_running * (-(-sc.max_model_len // self.block_size)) * per_block
+            needed = sc.max_running * (-(-sc.max_model_len // self.block_size)) * per_block
             budget = min(budget, needed)
         num_blocks = budget // per_block
         if num_blocks < 1:

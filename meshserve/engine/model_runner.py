@@ -36,7 +36,7 @@ from meshserve.engine.mixed_graph import (
     mixed_graphs_unsupported,
     token_buckets,
 )
-from meshserve.engine.pipeline_stage import StageIO, TokenHandoff, handoff_lag, pipeline_depth
+from meshserve.engine.pipeline_stage import StageIO, TokenHandoff, handoff_lag
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, StepTimer, TokenLogprobs
 from meshserve.engine.sampling_warmup import warm_up_sampling
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
@@ -100,7 +100,7 @@ class ModelRunner:
         # scheduling (step n+1 is prepared while step n's copies may still be queued); with pipeline
         # parallel one per step in flight and one more, since a stage's sampled ids are read by another
         # thread after later steps are launched (worker.ResultSender)
-        depth = pipeline_depth(config.parallel_config)
+        depth = config.parallel_config.pipeline_steps_in_flight
         self.num_step_buffers = 2 if depth == 0 else depth + 1
         self.inputs = StepInputBuilder(self.block_size, self.device, self.num_step_buffers)
         pc = config.parallel_config
@@ -124,6 +124,8 @@ class ModelRunner:
         self.handoff_lag = handoff_lag(config.parallel_config)
         self.handoff = None
         if self.handoff_lag and (st.is_first_stage or st.is_last_stage):
+            if st.handoff_group is None:  # the world was joined without it: the ids would cross the activations
+                raise RuntimeError("pp_token_handoff: this rank joined the group without the hand-off's communicator")
             self.handoff = TokenHandoff(self.handoff_lag, self.device, st.handoff_group, st.stage_rank(0),
                                         st.stage_rank(st.pp_size - 1))
             self.handoff.connect(st.is_first_stage)
@@ -418,8 +420,14 @@ class ModelRunner:
         return pending
 
     def stage_counts(self) -> dict:
-        """This pipeline stage's steps by how they ran (graph replays, eager) and its copied sends; {} unsplit."""
-        return vars(self.stage_io.counts).copy() if self.stage_io is not None else {}
+        """This pipeline stage's steps by how they ran (graph replays, eager) and its copied sends, and with the
+        token hand-off the steps whose sampled ids it handed on or took (handed_steps); {} unsplit."""
+        if self.stage_io is None:
+            return {}
+        counts = vars(self.stage_io.counts).copy()
+        if self.handoff is not None:
+            counts["handed_steps"] = self.handoff.num_handed
+        return counts
 
 
 @contextlib.contextmanager

@@ -21,7 +21,6 @@ from meshserve.config import EngineConfig
 from meshserve.distributed.launch import HEARTBEAT_S, LaunchInfo
 from meshserve.distributed.object_channel import ObjectChannel
 from meshserve.distributed.parallel_state import destroy_parallel_state, get_parallel_state
-from meshserve.engine.pipeline_stage import pipeline_depth
 from meshserve.engine.runner_output import PendingOutput
 from meshserve.engine.step_delta import StepDeltaSender
 from meshserve.engine.worker import init_rank, worker_process_main
@@ -49,7 +48,7 @@ class MultiprocExecutor:
         self.supports_async_scheduling = launch.pp_size == 1
         # pipeline parallel: the engine keeps pipeline_depth steps in flight (EngineCore._step_pipelined,
         # engine/pipeline_stage.py); the last stage's tokens come back through a receiving thread, in step order
-        self.pipeline_depth = pipeline_depth(config.parallel_config) if launch.pp_size > 1 else 0
+        self.pipeline_depth = config.parallel_config.pipeline_steps_in_flight if launch.pp_size > 1 else 0
         self._results: queue.Queue | None = None
         self._delta = StepDeltaSender()  # a step's params and block tables, less what the workers hold
         self._calls: ObjectChannel | None = None  # calls to every rank, once the group is up

@@ -10,7 +10,7 @@ send the result on. Three rules keep the host out of the device's way:
     a graph's output is copied first, since the next replay overwrites it while the send may still read it;
     an eager forward's output is its own.
   - the engine keeps `pipeline_depth` steps in flight, each over other sequences (EngineCore._step_pipelined,
-    Scheduler.pipeline_depth): one per stage keeps every stage on some step; one more hides the host's
+    SchedulerConfig.pipeline_depth): one per stage keeps every stage on some step; one more hides the host's
     round trip for the oldest step's tokens (last stage -> rank 0 -> schedule -> first stage) behind it.
 On gloo (CPU) the same path runs; a receive waits there, and a send completes once the next stage has it.
 """
@@ -24,23 +24,15 @@ import torch
 import torch.distributed as dist
 
 from meshserve.config import ParallelConfig
-from meshserve.distributed.parallel_state import token_handoff_requested
 from meshserve.distributed.pipeline import recv_activations_into, send_activations
 from meshserve.layers.pipeline import IntermediateTensors
 
 
-def pipeline_depth(pc: ParallelConfig) -> int:
-    """Steps the engine keeps in flight: 0 without pipeline stages, else pc.pipeline_depth or one per stage."""
-    if pc.pipeline_parallel_size == 1:
-        return 0
-    return pc.pipeline_depth or pc.pipeline_parallel_size
-
-
 def handoff_lag(pc: ParallelConfig) -> int:
-    """With the token hand-off (MESHSERVE_PP_TOKEN_HANDOFF, TP = 1): a sequence's next step comes this many steps
+    """With the token hand-off (pc.pp_token_handoff, TP = 1): a sequence's next step comes this many steps
     after its last (one per stage), its input token taken on the first stage's device from the last stage's
     samples of that step (TokenHandoff). 0: off, a sequence waits until its token is back on the host."""
-    if pc.pipeline_parallel_size == 1 or pc.tensor_parallel_size != 1 or not token_handoff_requested():
+    if pc.pipeline_parallel_size == 1 or pc.tensor_parallel_size != 1 or not pc.pp_token_handoff:
         return 0
     return pc.pipeline_parallel_size
 
@@ -61,6 +53,7 @@ class TokenHandoff:
         self.first_rank, self.last_rank = first_rank, last_rank
         self._steps: collections.deque[dict[str, int]] = collections.deque()  # first stage: rows by sequence
         self._sends: list = []
+        self.num_handed = 0  # steps whose ids this end sent (last stage) or received (first stage)
 
     def connect(self, is_first: bool) -> None:
         """One exchange now, while both ends build their runners: NCCL creates a pair's communicator at its first
@@ -85,6 +78,7 @@ class TokenHandoff:
         ids = sampled[:n].to(torch.int64, copy=True)
         self._sends = [w for w in self._sends if not w.is_completed()]
         self._sends.append(dist.isend(ids, dst=self.first_rank, group=self.group))
+        self.num_handed += 1
 
     def receive(self, scheduled) -> tuple[torch.Tensor | None, dict[str, int]]:
         """First stage, before preparing a step: step n - lag's sampled ids and their rows by sequence (None, {}
@@ -97,6 +91,7 @@ class TokenHandoff:
             return None, {}
         ids = torch.empty(len(rows), dtype=torch.int64, device=self.device)
         dist.recv(ids, src=self.last_rank, group=self.group)
+        self.num_handed += 1
         return ids, rows
 
 

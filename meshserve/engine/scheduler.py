@@ -53,10 +53,9 @@ class Scheduler:
         # pipeline parallel: several steps in flight at once; a sequence waits until its last step is back
         # (its next input token is sampled on the last stage, far from the first)
         self.skip_pending = False
-        # and how many steps are in flight: each takes at most its share of the running sequences, so the
-        # stages' steps stay even (otherwise one step can hold the whole batch and the next nothing), and
-        # each is a batch of up to max_num_seqs of its own (max_running)
-        self.pipeline_depth = 0
+        # how many steps are in flight is config.pipeline_depth: each takes at most its share of the running
+        # sequences, so the stages' steps stay even (otherwise one step can hold the whole batch and the next
+        # nothing), and each is a batch of up to max_num_seqs of its own (max_running)
         # pipeline parallel with the token hand-off (pipeline_stage.TokenHandoff): a sequence whose only pending
         # token was sampled exactly handoff_lag steps ago may run again (the first stage reads that token from
         # the last stage's samples on the device); steps are counted as the runners count them (non-empty ones)
@@ -109,8 +108,8 @@ class Scheduler:
         stage's step is as large as one device's (vLLM v0's one scheduler per virtual engine). Their KV shares
         one pool (a stage holds 1/pp of the layers: PP = 2 has twice one device's blocks) and preemption takes
         the newest running sequence as before, in a step in flight or not (its token is kept; it rejoins once
-        that is back)."""
-        return self.config.max_num_seqs * max(1, self.pipeline_depth)
+        that is back). From the config (SchedulerConfig.max_running), as the planner and simulator read it."""
+        return self.config.max_running
 
     # -- one step --------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence) -> None:
@@ -183,7 +182,7 @@ class Scheduler:
         preempted: list[str] = []
 
         # 1. running sequences, oldest first; preempt from the newest end when blocks run out
-        groups = self.handoff_lag or self.pipeline_depth  # the steps a sequence's turns come round in
+        groups = self.handoff_lag or self.config.pipeline_depth  # the steps a sequence's turns come round in
         share = min(-(-len(self.running) // groups), self.config.max_num_seqs) if groups > 1 else len(self.running)
         i = 0
         stalled = False  # blocks are coming free as their stores finish: wait for them rather than preempt

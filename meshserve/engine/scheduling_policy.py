@@ -1,6 +1,7 @@
 """Where each step's budget comes from: static limits, or service-level targets and a step-time model.
 
-Without targets the budget is today's: max_num_batched_tokens tokens over at most max_num_seqs sequences.
+Without targets the budget is today's: max_num_batched_tokens tokens over at most max_num_seqs sequences
+(with pipeline parallel: per step in flight, each over its share of the running ones; one_step_share).
 With targets (the server's --slo-ttft-ms / --slo-tpot-ms, or a request's own) and a step-time model:
 - every decoding request gets its token in every step, and prompts (chunks of running prefills, admissions)
   get at most slo_prefill_chunk tokens of the step beside them (1,024 by default: about two W3 prompts). Past
@@ -101,6 +102,7 @@ class SchedulingPolicy:
                 pending += left
         if not num_decodes:
             return StepBudget(static)
+        num_decodes, context = self.one_step_share(num_decodes, context)
         allowed = target * TARGET_MARGIN + self.credit_s  # below the target while repaying an overdraft
         limit = min(static - num_decodes, self.config.slo_prefill_chunk or static)
         extra = self.step_model.max_prefill_tokens(allowed, num_decodes, context, limit=limit)
@@ -120,13 +122,24 @@ class SchedulingPolicy:
         limit = MAX_CREDIT_TARGETS * target
         self.credit_s = min(max(self.credit_s + earned, -limit), limit)
 
+    def one_step_share(self, num_seqs: int, context: int) -> tuple[int, int]:
+        """Of num_seqs running sequences holding context tokens, those one step holds (and their context): all,
+        or with pipeline parallel 1/pipeline_depth of them, at most max_num_seqs (Scheduler.schedule's share;
+        up to SchedulerConfig.max_running run in all). Each step is over other sequences, so a sequence's next
+        token comes pipeline_depth steps later, each a 1/pp slice of the layers per stage: with one step per
+        stage that is one such step's predicted time, what the TPOT target bounds."""
+        depth = self.config.pipeline_depth
+        if depth <= 1 or num_seqs == 0:
+            return num_seqs, context
+        share = min(-(-num_seqs // depth), self.config.max_num_seqs)
+        return share, context * share // num_seqs
+
     def may_admit(self, seq: Sequence, running: list[Sequence]) -> bool:
         """Whether seq may join the running batch: with it, a decode step still meets the TPOT target."""
         target = self.tpot_target([*running, seq])
         if target is None or self.step_model is None:
             return True
-        num = len(running) + 1
-        context = sum(s.num_tokens for s in running) + seq.num_tokens
+        num, context = self.one_step_share(len(running) + 1, sum(s.num_tokens for s in running) + seq.num_tokens)
         return self.step_model.predict(StepShape(num, num, context)) <= target * TARGET_MARGIN
 
     # -- the queue -------------------------------------------------------------------------------

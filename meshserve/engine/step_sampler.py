@@ -69,6 +69,10 @@ class StepSampler:
         # speculative decoding: per row of last_sampled, the proposals it rejected (None: no verify rows);
         # the next step's row of that sequence was placed as if all were accepted and moves back by these
         self.last_rejected: torch.Tensor | None = None
+        # benchmarks only (`bench spec --replay`): (verify entries, their sequence lengths on the device) ->
+        # [B, K + 1] ids the target is taken to pick greedily, replacing the argmax in verification, so the
+        # acceptance is the one asked for whatever bf16 near-ties do (spec_decode/replay_proposer.py)
+        self.greedy_oracle = None
 
     def forget(self, seq_ids: list[str]) -> None:
         """Drop the state of finished sequences."""
@@ -111,7 +115,7 @@ class StepSampler:
         spec = None
         if any(s.do_sample and s.num_spec_tokens for s in scheduled):
             spec = self._verify([i for i, s in enumerate(scheduled) if s.do_sample and s.num_spec_tokens],
-                                scheduled, hidden, qsl, samples)
+                                scheduled, hidden, qsl, samples, meta)
         sample_idx = sampling_indices(scheduled)
         if not sample_idx:
             self._remember([], None, spec)
@@ -134,7 +138,7 @@ class StepSampler:
         return self._pending(result, rows, token_ids, parity, sampled, spec)
 
     def _verify(self, spec_idx: list[int], scheduled: list[ScheduledSequence], hidden: torch.Tensor,
-                qsl: list[int], samples: bool):
+                qsl: list[int], samples: bool, meta: AttentionMetadata):
         """Score every position of the verifying sequences (last verified token and each proposal) and,
         on the sampler rank, verify their proposals (spec_decode/rejection_sampler.py) on the device.
         Returns (entries, [B, 2 + K] rows of accepted count, own token, proposals), or None elsewhere."""
@@ -145,8 +149,11 @@ class StepSampler:
             return None
         entries = [scheduled[i] for i in spec_idx]
         drafts = [s.token_ids[len(s.token_ids) - s.num_spec_tokens:] for s in entries]
+        oracle = None
+        if self.greedy_oracle is not None:
+            oracle = self.greedy_oracle(entries, meta.seq_lens.index_select(0, to_device(spec_idx, self.device)))
         packed = verify_on_device(logits, drafts, [s.params for s in entries],
-                                  [self._generator(s) for s in entries])
+                                  [self._generator(s) for s in entries], greedy_tokens=oracle)
         return entries, packed
 
     def _pending(self, result: ModelRunnerOutput, rows: list[ScheduledSequence], token_ids: torch.Tensor | None,

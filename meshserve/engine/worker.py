@@ -52,7 +52,8 @@ def init_rank(config: EngineConfig, source, launch: LaunchInfo, rank: int, beats
         start_heartbeat(beats, rank)
     join = functools.partial(init_parallel_state, launch.tp_size, launch.pp_size, rank, launch.master_addr,
                              launch.master_port, launch.backend, launch.timeout_s, launch.pp_layer_partition,
-                             expert_parallel=config.parallel_config.enable_expert_parallel)
+                             expert_parallel=config.parallel_config.enable_expert_parallel,
+                             token_handoff=config.parallel_config.pp_token_handoff)
     (run_join or _call)(join)
     startup_timeline.mark("joined the group")
     return ModelRunner(config, source)

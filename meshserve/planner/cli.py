@@ -43,6 +43,8 @@ def register(subparsers) -> None:
     p.add_argument("--pp", type=int, default=None, help="only layouts with this pipeline-parallel size")
     p.add_argument("--dp", type=int, default=None, help="only layouts with this data-parallel size")
     p.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS)
+    p.add_argument("--pipeline-depth", type=int, default=0,
+                   help="steps in flight with PP, each up to --max-num-seqs sequences (default 0: one per stage)")
     p.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (saves their memory)")
     p.add_argument("--efficiency", type=float, default=None, help="override the catalog's GPU efficiency")
@@ -79,6 +81,7 @@ def run_plan(ns: argparse.Namespace) -> int:
         model=model, gpu=gpu, num_gpus=ns.num_gpus, nodes=ns.nodes,
         max_model_len=ns.max_model_len, concurrency=ns.concurrency, weight_dtype=ns.dtype, kv_dtype=ns.kv_dtype,
         workload=Workload(ns.input_len, ns.output_len), objective=ns.objective, max_num_seqs=ns.max_num_seqs,
+        pipeline_depth=ns.pipeline_depth,
         gpu_memory_utilization=ns.gpu_memory_utilization, enforce_eager=ns.enforce_eager,
         efficiency=ns.efficiency, tp=ns.tp, pp=ns.pp, dp=ns.dp))
     verdict = check_claim(result.best, ns.claim, gpu.hbm_gb_s) if ns.claim is not None and result.best else None

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from meshserve.config import ParallelConfig, SchedulerConfig
 from meshserve.errors import InvalidArgumentError
 from meshserve.planner.cost import Cost, deployment_cost
 from meshserve.planner.hardware import GpuSpec
@@ -44,6 +45,7 @@ class PlanRequest:
     workload: Workload = field(default_factory=Workload)
     objective: str = "throughput"
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    pipeline_depth: int = 0  # steps in flight with PP (the engine's --pipeline-depth; 0: one per stage)
     max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     enforce_eager: bool = False
@@ -59,12 +61,12 @@ class Candidate:
 
     layout: Layout
     memory: MemoryBreakdown
-    max_concurrency: int  # sequences of the workload's length that fit, all replicas (≤ max_num_seqs each)
+    max_concurrency: int  # sequences of the workload's length that fit, all replicas (≤ max_running each)
     max_concurrency_full_len: int  # sequences of max_model_len tokens that fit, all replicas
     prediction: Prediction  # at min(concurrency asked for, max_concurrency); memory is sized for the same
     cost: Cost
     requested_concurrency: int  # what was asked (or the default); above max_concurrency means clamped
-    limited_by: str  # what caps max_concurrency: "max_num_seqs" or "KV memory"
+    limited_by: str  # what caps max_concurrency: "max_num_seqs" (max_running_per_replica) or "KV memory"
 
     @property
     def clamped(self) -> bool:
@@ -112,6 +114,13 @@ def _candidate_dict(c: Candidate) -> dict:
             "prediction": dataclasses.asdict(c.prediction), "cost": dataclasses.asdict(c.cost)}
 
 
+def max_running_per_replica(r: PlanRequest, layout: Layout) -> int:
+    """Sequences one replica of layout runs at once: the engine's cap (SchedulerConfig.max_running), max_num_seqs
+    per pipeline step in flight (one per stage unless r.pipeline_depth says more)."""
+    pc = ParallelConfig(pipeline_parallel_size=layout.pp, pipeline_depth=r.pipeline_depth)
+    return SchedulerConfig(max_num_seqs=r.max_num_seqs, pipeline_depth=pc.pipeline_steps_in_flight).max_running
+
+
 def _validate(r: PlanRequest) -> None:
     if r.num_gpus < 1 or r.nodes < 1:
         raise InvalidArgumentError("--num-gpus and --nodes must be at least 1")
@@ -123,6 +132,8 @@ def _validate(r: PlanRequest) -> None:
                                    f"{r.num_gpus} GPUs need --nodes {need} or more")
     if r.objective not in OBJECTIVES:
         raise InvalidArgumentError(f"objective must be one of {', '.join(OBJECTIVES)}, not {r.objective!r}")
+    if r.max_num_seqs < 1 or r.pipeline_depth < 0:
+        raise InvalidArgumentError("--max-num-seqs must be at least 1 and --pipeline-depth at least 0")
     if r.concurrency is not None and r.concurrency < 1:
         raise InvalidArgumentError("--concurrency must be at least 1")
     if r.workload.input_len < 1 or r.workload.output_len < 1:
@@ -167,15 +178,21 @@ def make_plan(r: PlanRequest, hint: bool = True) -> PlanResult:
     candidates: list[Candidate] = []
     too_big: list[MemoryBreakdown] = []
     for layout in layouts:
+        if layout.pp > 1 and 0 < r.pipeline_depth < layout.pp:  # the engine refuses it (EngineArgs.validate)
+            rejections.append(Rejection(layout, f"--pipeline-depth {r.pipeline_depth} is below its {layout.pp} "
+                                                "stages (one step per stage at least)"))
+            continue
         # A layout runs when every replica holds one max_model_len sequence (the engine's start-up check).
         mem = memory(layout, full_seq)
         if not mem.fits:
             rejections.append(Rejection(layout, "needs " + mem.describe()))
             too_big.append(mem)
             continue
-        per_replica = min(r.max_num_seqs, mem.max_kv_tokens // seq)
+        # PP: each step in flight holds up to max_num_seqs sequences of its own
+        cap = max_running_per_replica(r, layout)
+        per_replica = min(cap, mem.max_kv_tokens // seq)
         max_conc = per_replica * layout.dp
-        limited_by = "max_num_seqs" if per_replica == r.max_num_seqs else "KV memory"
+        limited_by = "max_num_seqs" if per_replica == cap else "KV memory"
         wanted = r.concurrency or (max_conc if r.objective == "throughput" else 1)
         # Never predict beyond what the layout holds (more requests would queue), and size KV for exactly
         # the sequences predicted, so a default and the same explicit concurrency give the same row.

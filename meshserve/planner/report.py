@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from meshserve.planner.memory import kv_bytes, kv_bytes_per_token, kv_dtype_bytes, weight_bytes
 from meshserve.planner.moe_comm import tp_moe_all_reduce_bytes
-from meshserve.planner.plan import Candidate, PlanResult
+from meshserve.planner.plan import Candidate, PlanResult, max_running_per_replica
 
 GB = 1e9
 COLUMNS = [("#", 3), ("layout", 16), ("GB/GPU", 12), ("weights", 8), ("KV", 7), ("max conc", 9), ("conc", 6),
@@ -53,7 +53,10 @@ def _clamp_notes(result: PlanResult) -> list[str]:
     notes = []
     for c in result.candidates:
         if c.clamped:
-            cap = (f"--max-num-seqs {result.request.max_num_seqs} per replica" if c.limited_by == "max_num_seqs"
+            r = result.request
+            steps = max_running_per_replica(r, c.layout) // r.max_num_seqs  # PP: one batch per step in flight
+            per_step = f" x {steps} steps in flight" if steps > 1 else ""
+            cap = (f"--max-num-seqs {r.max_num_seqs}{per_step} per replica" if c.limited_by == "max_num_seqs"
                    else "its KV memory")
             notes.append(f"* {c.layout.label}: {c.requested_concurrency:,} concurrent asked, {c.max_concurrency:,} "
                          f"at most ({cap}); predicted at {c.prediction.concurrency:,}, the rest would queue")

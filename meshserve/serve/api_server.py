@@ -88,6 +88,10 @@ def serve_http(allm, config: ServeConfig, sock: socket.socket, opts: HttpOptions
                                # longer than clients' and load balancers' idle timeouts, so the client side
                                # closes first (no request sent on a connection as it closes)
                                timeout_keep_alive=75)
+    if config.gc_freeze:  # last, once everything start-up made exists: full collections skip it from now on
+        from meshserve.serve.heap import freeze_startup_heap
+
+        freeze_startup_heap()
     DrainingServer(uv_config, state, config.drain_timeout_s, listening).run(sockets=[sock])
 
 

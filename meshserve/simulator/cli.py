@@ -67,6 +67,19 @@ def register(subparsers) -> None:
                    help="model the server before the API process's gate (every 429 after a full intake)")
     g.add_argument("--api-server-count", type=int, default=1,
                    help="API processes per replica, as `meshserve serve --api-server-count` (each one such queue)")
+    g = p.add_argument_group("router process (`meshserve router`, `serve --data-parallel-backend router`)")
+    g.add_argument("--router-node", choices=("off", "on"), default="off",
+                   help="on: the router's own process as one CPU queue in front of the replicas (every request, "
+                        "retried 429 and streamed event crosses it), costs from --router-calibration; off "
+                        "(default): the router is a policy only, as `serve --data-parallel-size N` with its "
+                        "internal back end (no router hop)")
+    g.add_argument("--router-calibration", default="default",
+                   help="a section of meshserve/simulator/router_calibration.toml (default: cpu_light, measured "
+                        "with `meshserve bench frontend --through-router`; cpu_loaded: the same CPU busier)")
+    g.add_argument("--router-request-ms", type=float, default=None, help="override: router CPU per request")
+    g.add_argument("--router-event-us", type=float, default=None, help="override: router CPU per streamed event")
+    g.add_argument("--router-refusal-ms", type=float, default=None,
+                   help="override: router CPU per 429 from a replica (before a retry or the client's 429)")
     g = p.add_argument_group("traffic")
     g.add_argument("--qps", type=float, default=8.0, help="mean arrival rate (poisson, bursty)")
     g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
@@ -132,10 +145,23 @@ def _strict(value):
     return value
 
 
+def router_costs_from_args(ns: argparse.Namespace):
+    """The router node's costs: off, or the calibration's with any --router-* override."""
+    from meshserve.simulator.router_node import ROUTER_OFF, load_router_costs
+
+    if ns.router_node == "off":
+        return ROUTER_OFF
+    c = load_router_costs(ns.router_calibration)
+    return type(c)(c.per_request_s if ns.router_request_ms is None else ns.router_request_ms / 1e3,
+                   c.per_event_s if ns.router_event_us is None else ns.router_event_us / 1e6,
+                   c.per_refusal_s if ns.router_refusal_ms is None else ns.router_refusal_ms / 1e3)
+
+
 def config_from_args(ns: argparse.Namespace):
     """The SimConfig of a parsed `meshserve simulate` command line (validated)."""
     from meshserve.simulator.config import SimConfig
 
+    router = router_costs_from_args(ns)
     config = SimConfig(model=ns.model, gpu=ns.gpu, num_gpus=ns.num_gpus, tp=ns.tp, router=ns.router,
                        slo_ttft_s=ns.slo_ttft_ms / 1e3 if ns.slo_ttft_ms else None,
                        slo_tpot_s=ns.slo_tpot_ms / 1e3 if ns.slo_tpot_ms else None,
@@ -145,7 +171,9 @@ def config_from_args(ns: argparse.Namespace):
                        frontend_latency_s=ns.frontend_latency_ms / 1e3,
                        frontend_request_s=ns.frontend_request_ms / 1e3, frontend_token_s=ns.frontend_token_us / 1e6,
                        frontend_refusal_s=ns.frontend_refusal_ms / 1e3, frontend_gate=not ns.no_frontend_gate,
-                       api_server_count=ns.api_server_count, replica_model=ns.replica_model,
+                       api_server_count=ns.api_server_count, router_request_s=router.per_request_s,
+                       router_event_s=router.per_event_s, router_refusal_s=router.per_refusal_s,
+                       replica_model=ns.replica_model,
                        calibration=ns.calibration, step_noise=ns.step_noise == "on", seed=ns.seed)
     config.validate()
     return config
@@ -202,8 +230,13 @@ def run_simulate(ns: argparse.Namespace) -> int:
             f"; with --slo-ttft-ms each process's gate answers 429 before parsing ({ns.frontend_refusal_ms:g} ms "
             "each, an estimate) when its input delay and loop lag plus the core's queue wait break the target, "
             "as `meshserve serve` does")
-         + "; the router's own CPU, the network and replica failures are not modelled; every request runs to "
-         "its output length"),
+         + "; the network and replica failures are not modelled; every request runs to its output length"),
+        ("the router is a policy only (no process, no CPU: `serve --data-parallel-size N`'s internal back end)"
+         if ns.router_node == "off" else
+         f"the router process is one CPU queue: {config.router_request_s * 1e3:g} ms per request, "
+         f"{config.router_refusal_s * 1e3:g} ms per 429 from a replica, {config.router_event_s * 1e6:g} us per "
+         "streamed event (router_calibration.toml: measured on a 2-core CPU machine, assumed the same on the GPU "
+         "host)"),
     ]
     if ns.plot:
         from meshserve.simulator.plots import plot_timeline

@@ -11,6 +11,7 @@ from meshserve.planner.memory import memory_per_gpu
 from meshserve.planner.model import ModelSpec, load_model
 from meshserve.planner.parallel import Layout
 from meshserve.simulator.frontend import FrontEndCosts
+from meshserve.simulator.router_node import RouterCosts
 
 ROUTER_POLICIES = ("least-outstanding", "round-robin", "prefix-affinity")
 # scheduler: the engine's own Scheduler per replica (the reference); fast: fast_replica.py's aggregate model
@@ -55,6 +56,12 @@ class SimConfig:
     # delays plus the core's queue wait break the target (the server's middleware since 1aa067c; frontend.py);
     # False: the server before it (every 429 after a full intake, the clock from the handler)
     frontend_gate: bool = True
+    # the router process in front of the replicas as one CPU queue (router_node.py): seconds per request, per
+    # 429 from a replica and per streamed event (0, 0: the router is a policy only, as `serve
+    # --data-parallel-size N` with its internal back end: no router hop); needs the front-end queue
+    router_request_s: float = 0.0
+    router_event_s: float = 0.0
+    router_refusal_s: float = 0.0
     hardware_file: str | None = None
     # how each replica is simulated (REPLICA_MODELS); "fast" takes the reference where it does not apply
     replica_model: str = "scheduler"
@@ -70,6 +77,12 @@ class SimConfig:
                                        f"({self.tp})", param="num_gpus")
         if self.frontend_request_s < 0 or self.frontend_token_s < 0 or self.frontend_refusal_s < 0:
             raise InvalidArgumentError("front-end costs must be >= 0", param="frontend_request_ms")
+        if min(self.router_request_s, self.router_event_s, self.router_refusal_s) < 0:
+            raise InvalidArgumentError("router costs must be >= 0", param="router_request_ms")
+        if self.router_costs.enabled and not self.frontend_costs.enabled:
+            raise InvalidArgumentError("the router node relays what the replicas' API processes stream: it needs "
+                                       "the front-end queue (--frontend-request-ms / --frontend-token-us > 0)",
+                                       param="router_node")
         if self.api_server_count < 1:
             raise InvalidArgumentError("--api-server-count must be >= 1", param="api_server_count")
         if self.replica_model not in REPLICA_MODELS:
@@ -81,6 +94,10 @@ class SimConfig:
     @property
     def frontend_costs(self) -> FrontEndCosts:
         return FrontEndCosts(self.frontend_request_s, self.frontend_token_s, self.frontend_refusal_s)
+
+    @property
+    def router_costs(self) -> RouterCosts:
+        return RouterCosts(self.router_request_s, self.router_event_s, self.router_refusal_s)
 
     @property
     def num_replicas(self) -> int:

@@ -79,7 +79,8 @@ class FastReplica:
         noise: NoiseStream | None = None,
     ):
         self.index = index
-        self.max_num_seqs = scheduler_config.max_num_seqs
+        # the engine's running cap (max_num_seqs per step in flight; one step here: no pipeline stages simulated)
+        self.max_running = scheduler_config.max_running
         self.budget = scheduler_config.max_num_batched_tokens
         self.max_model_len = scheduler_config.max_model_len
         self.block_size = cache_config.block_size
@@ -199,7 +200,7 @@ class FastReplica:
         budget = self.budget - len(self.decoders)
         bs = self.block_size
         queued = len(self.waiting)  # requests waiting when the step is decided: the host gap's table
-        held_bound = self.sum_offset + len(self.decoders) * s1 + self.budget + self.max_num_seqs * bs
+        held_bound = self.sum_offset + len(self.decoders) * s1 + self.budget + self.max_running * bs
         if self.partial is not None:
             held_bound += self.partial.computed
         free = None if held_bound // bs <= self.num_blocks else self._free_blocks_after_decodes()
@@ -222,7 +223,7 @@ class FastReplica:
                 self.partial = None
         running = len(self.decoders) + len(scheduled)
         waiting = self.waiting
-        while waiting and not preempted and budget > 0 and running < self.max_num_seqs:
+        while waiting and not preempted and budget > 0 and running < self.max_running:
             r = waiting[0]
             num_new = min(r.prompt + r.out, budget)
             if free is not None:

@@ -37,6 +37,7 @@ from meshserve.sampling import SamplingParams
 from meshserve.simulator.frontend import FrontEnd, FrontEndCosts
 from meshserve.simulator.light import LightScheduler, SimSequence
 from meshserve.simulator.metrics import RunRecorder
+from meshserve.simulator.router_node import RouterNode
 from meshserve.simulator.step_noise import NoiseStream
 from meshserve.simulator.trace import SimRequest, prompt_token_ids
 
@@ -53,7 +54,7 @@ class SimReplica:
                  step_cost: Callable[[StepShape], float], recorder: RunRecorder, max_queue_len: int = 1024,
                  step_model=None, fast_forward: bool = True, light: bool = True,
                  frontend: FrontEndCosts | None = None, api_server_count: int = 1,
-                 noise: NoiseStream | None = None, frontend_gate: bool = True):
+                 noise: NoiseStream | None = None, frontend_gate: bool = True, router: RouterNode | None = None):
         self.index = index
         self.url = f"sim://replica-{index}"
         self.outstanding = 0
@@ -88,6 +89,9 @@ class SimReplica:
         self.frontend = (FrontEnd(frontend, api_server_count, gate=self.gate)
                          if frontend is not None and frontend.enabled else None)
         self._sent_s: dict[str, float] = {}
+        # the router process the fleet shares (router_node.py): what the API process streams reaches the client
+        # through it (the server's own clock, its admission margin's included, stops at the API process)
+        self.router = router
         # per request in an API process: (when it arrived there, which process took it)
         self._at_api: dict[int, tuple[float, int]] = {}
         self.last_refusal_s = 0.0  # when the gate's last 429 left
@@ -221,19 +225,20 @@ class SimReplica:
         sampled = {e.seq_id: _SAMPLED_TOKEN for e in out.scheduled if e.do_sample}
         first, last, rec = self._first_token_s, self._last_token_s, self.recorder
         seen = now if self.frontend is None or not sampled else self.frontend.deliver(now, len(sampled))
+        client = seen if self.router is None or not sampled else self.router.relay(seen, len(sampled))
         for seq in self.scheduler.update_after_step(out, sampled):
             sid = seq.seq_id
             prev = last.get(sid)
             if prev is None:
-                first[sid] = seen
+                first[sid] = client
                 if sid in self._predicted:
                     predicted, since = self._predicted.pop(sid)
                     self.admission.observe(predicted, seen - since, self.ttft_target_s)
             else:
-                rec.add_itl(seen - prev)
-            last[sid] = seen
+                rec.add_itl(client - prev)
+            last[sid] = client
             if seq.is_finished:
-                self._finish(seq, seen)
+                self._finish(seq, client)
                 self.outstanding -= 1
         rec.num_preemptions += len(out.preempted_seq_ids)
         return None
@@ -364,7 +369,10 @@ class SimReplica:
             if k >= stop:
                 break
             if k < last:
-                run.seen += self.frontend.deliver_all(end_times[k:min(last, stop)], size)
+                seen = self.frontend.deliver_all(end_times[k:min(last, stop)], size)
+                run.seen += seen
+                if self.router is not None:
+                    run.client += [self.router.relay(t, size) for t in seen]
                 k = min(last, stop)
 
     def _end_run(self, done: int) -> None:
@@ -374,7 +382,8 @@ class SimReplica:
             self._deliver_run()
         run, self._run = self._run, None
         sched, rec = self.scheduler, self.recorder
-        seen = run.end_times if self.frontend is None else run.seen  # the client's time of each step's tokens
+        # the client's time of each step's tokens
+        seen = run.end_times if self.frontend is None else run.seen if self.router is None else run.client
         self.now = run.end_times[done - 1]
         policy = sched.policy
         charge = policy.tpot_target(run.seqs) is not None
@@ -441,6 +450,7 @@ class DecodeRun:
     segments: list[tuple[int, int, int, int]]
     num_finishing: dict[int, int]
     num_counted: int = 0
-    seen: list[float] = field(default_factory=list)  # client times of the steps delivered so far (front end)
+    seen: list[float] = field(default_factory=list)  # API process's times of the steps delivered so far (front end)
+    client: list[float] = field(default_factory=list)  # the same through the router node (router_node.py)
     # device time of each step laid out: durations itself without noise, durations less the host gaps with it
     device_s: list[float] = field(default_factory=list)

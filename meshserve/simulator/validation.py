@@ -19,6 +19,7 @@ from meshserve.errors import InvalidArgumentError
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fleet import simulate
 from meshserve.simulator.frontend import FRONTEND_H200, FRONTEND_OFF, FrontEndCosts
+from meshserve.simulator.router_node import ROUTER_OFF, RouterCosts, load_router_costs
 from meshserve.simulator.step_noise import has_step_noise
 from meshserve.simulator.trace import SimRequest, w3_trace
 
@@ -199,6 +200,61 @@ def cli_table(duration_s: float = 30.0) -> str:
     return "\n".join(lines)
 
 
+# -- two replicas (two H200s) behind the router, and behind the API processes alone ------------------------------
+# the seventh session's `serve --data-parallel-size 2` (the router back end of then: one `meshserve serve` per GPU,
+# one API process each, `meshserve router` in front), W3 with targets at QPS 64 and 128, a 4-process client
+DP2_ROUTER = MeasuredRun("DP=2 through the router", "w3_8b_slo_dp2_router_h200_1130s7.json", slo=True)
+# what each row of dp_table simulates: the router node's costs (router_calibration.toml's section, or None: no
+# router process, as the internal back end), and whether the row is compared with DP2_ROUTER
+DP_SETTINGS = (("router node, cpu_light (default)", "cpu_light", True),
+               ("router node, cpu_loaded", "cpu_loaded", True),
+               ("no router hop (internal DP back end)", None, False))
+
+
+def replay_w3_dp(qps: float, router: RouterCosts = ROUTER_OFF, num_replicas: int = 2,
+                 frontend: FrontEndCosts = FRONTEND_H200, step_noise: bool = False) -> dict:
+    """W3 with targets at qps (its exact arrivals) over num_replicas one-GPU replicas, each with one API process
+    (frontend.py) and the default prompt cap, behind the router node (router_node.py; ROUTER_OFF: none)."""
+    config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=num_replicas, max_model_len=4096,
+                       slo_ttft_s=1.0, slo_tpot_s=0.05, frontend_request_s=frontend.per_request_s,
+                       frontend_token_s=frontend.per_token_s, frontend_refusal_s=frontend.per_refusal_s,
+                       router_request_s=router.per_request_s, router_event_s=router.per_event_s,
+                       router_refusal_s=router.per_refusal_s, step_noise=step_noise, seed=1000 + int(qps))
+    return simulate(config, w3_trace(qps))
+
+
+def dp_table(qps_points: tuple[float, ...] = (64.0, 128.0, 96.0)) -> str:
+    """Markdown: DP=2 W3 with targets, simulated (router costs from the CPU, router_calibration.toml; nothing
+    fitted to the device) against the seventh session's run through the router where it has the point."""
+    measured = measured_points(DP2_ROUTER)
+    lines = [("| setting | QPS | goodput req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | TPOT p50 ms | "
+              "refused (sim / measured) | refused in p50 ms | router busy (sim) | GPU busy (sim) | goals met |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, calibration, compare in DP_SETTINGS:
+        router = load_router_costs(calibration) if calibration else ROUTER_OFF
+        for qps in qps_points:
+            pred = replay_w3_dp(qps, router)
+            meas = measured.get(qps) if compare else None
+            node = pred["router_node"] or {}
+            busy = f"{node['busy_fraction']:.0%}" if node else "-"
+            rej_p50 = pred.get("reject_latency_p50")
+            rej = "-" if rej_p50 is None else f"{rej_p50 * 1e3:.0f}"
+            if meas is None:
+                cells = [f"{pred['goodput']:.1f}", f"{pred['ttft_p50'] * 1e3:.0f}", f"{pred['ttft_p99'] * 1e3:.0f}",
+                         f"{pred['itl_p50'] * 1e3:.1f}", f"{pred['tpot_p50'] * 1e3:.1f}", f"{pred['failed']} / -", rej]
+                met = "-"
+            else:
+                m_rej = meas.get("reject_latency_p50")
+                cells = [_cell(pred["goodput"], meas["goodput"], 1), _cell(pred["ttft_p50"], meas["ttft_p50"], 1e3),
+                         _cell(pred["ttft_p99"], meas["ttft_p99"], 1e3), _cell(pred["itl_p50"], meas["itl_p50"], 1e3),
+                         _cell(pred["tpot_p50"], meas["tpot_p50"], 1e3), f"{pred['failed']} / {meas.get('failed', 0)}",
+                         f"{rej} / {'-' if m_rej is None else f'{m_rej * 1e3:.0f}'}"]
+                met = ", ".join(m for m in ("goodput", "ttft_p50", "ttft_p99") if _met(pred[m], meas[m], m)) or "none"
+            lines.append(f"| {label} | {qps:g} | " + " | ".join(cells)
+                         + f" | {busy} | {pred['gpu_busy_fraction']:.0%} | {met} |")
+    return "\n".join(lines)
+
+
 # -- offline runs on two H200s (BENCHMARKS.md "Two GPUs"): no API process, everything submitted at once ----------
 def replay_offline(model: str, tp: int, requests: list[tuple[int, int]], gpu: str = "H200",
                    calibration: str = "default") -> dict:
@@ -319,8 +375,11 @@ def extrapolations() -> str:
     return "\n\n".join(out)
 
 
-if __name__ == "__main__":  # python -m meshserve.simulator.validation [cli | w3 | w3-noise | offline | extrapolate]
+if __name__ == "__main__":  # python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | extrapolate]
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if what in ("dp", "all"):
+        print(dp_table())
+        print()
     if what in ("cli", "all"):
         print(cli_table())
         print()

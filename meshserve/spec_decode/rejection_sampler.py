@@ -86,9 +86,12 @@ def verify_on_device(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     draft_probs: torch.Tensor | None = None,
+    greedy_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """verify() without reading anything back: [B, 2 + K] int64 rows of (accepted count, the target's own
-    token, the proposals), for an asynchronous copy to the host (verify_result reads it)."""
+    token, the proposals), for an asynchronous copy to the host (verify_result reads it). greedy_tokens
+    ([B, K + 1], benchmarks only: spec_decode/replay_proposer.py's oracle) replaces the argmax after it is
+    computed, so the work stays that of a real step."""
     num_seqs = len(draft_token_ids)
     dev = logits.device
     ks = [len(d) for d in draft_token_ids]
@@ -107,6 +110,8 @@ def verify_on_device(
 
     flat_logits = logits.index_select(0, rows.reshape(-1))  # [B*(K+1), V]
     argmax = flat_logits.argmax(dim=-1).view(num_seqs, width)
+    if greedy_tokens is not None:
+        argmax = greedy_tokens
     accept = draft == argmax[:, :kmax]
     random_rows = [b for b, p in enumerate(params) if not p.greedy]
     probs = None

@@ -1,12 +1,19 @@
 """A proposer of controlled acceptance, for measuring the verification mechanism itself (dummy weights make a
 real draft's guesses meaningless): it replays the target's own greedy continuation of each prompt, each
-proposed token replaced by a wrong one with probability error_rate (deterministic per position)."""
+proposed token replaced by a wrong one with probability error_rate (deterministic per position).
+
+In bf16 the target's own greedy tokens depend on the step's shape (a verify step's GEMMs round differently
+from a decode step's GEMV), and dummy weights' logits are full of near-ties: the replayed continuation stops
+matching after a few tokens and the acceptance asked for is not the one measured. ReplayOracle then stands in
+for the target's argmax in verification (after it is computed: the step's work is unchanged), so a proposal
+is accepted exactly when it is the reference token at its position."""
 
 from __future__ import annotations
 
 import random
 
 import numpy as np
+import torch
 
 
 class ReplayProposer:
@@ -32,10 +39,14 @@ class ReplayProposer:
         self._by_len: dict[int, list[tuple[tuple[int, ...], list[int]]]] = {}
         for prompt, out in references.items():
             self._by_len.setdefault(len(prompt), []).append((prompt, out))
+        self.reference_of: dict[str, tuple[int, ...]] = {}  # seq_id -> its prompt (the references' key)
 
     def propose_for(self, seq, skip: int = 0) -> list[int]:
         """The speculator's call: propose over the sequence's known tokens."""
-        return self.propose(seq.token_array(), skip=skip)
+        ids = seq.token_array()
+        if seq.seq_id not in self.reference_of:
+            self.reference_of[seq.seq_id] = tuple(seq.prompt_token_ids)
+        return self.propose(ids, skip=skip)
 
     def propose(self, token_ids: np.ndarray, max_tokens: int | None = None, skip: int = 0) -> list[int]:
         ids = token_ids.tolist()
@@ -49,3 +60,33 @@ class ReplayProposer:
                         (t + 1) % self.vocab_size if self.wrong[done + j] else t for j, t in enumerate(guess)
                     ]
         return []
+
+
+class ReplayOracle:
+    """The target's greedy pick at every verify position, from the references (StepSampler.greedy_oracle):
+    row b's logits at position p choose token p + 1 of prompt + reference output."""
+
+    def __init__(self, proposer: ReplayProposer, device: torch.device):
+        self.proposer = proposer
+        keys = list(proposer.references)
+        width = max(len(k) + len(proposer.references[k]) for k in keys) + proposer.k + 1
+        table = torch.zeros(len(keys), width, dtype=torch.int64)
+        for r, key in enumerate(keys):
+            full = list(key) + proposer.references[key]
+            table[r, : len(full)] = torch.tensor(full)
+        self.table = table.to(device)
+        self.row_of = {key: r for r, key in enumerate(keys)}
+        self.device = device
+
+    def __call__(self, entries, seq_lens: torch.Tensor) -> torch.Tensor:
+        """entries: the verifying ScheduledSequences; seq_lens: their lengths on the device (after any move
+        back for proposals a step still in flight rejected). Returns [B, K + 1]."""
+        ks = [e.num_spec_tokens for e in entries]
+        kmax = max(ks)
+        rows = torch.tensor([self.row_of[self.proposer.reference_of[e.seq_id]] for e in entries],
+                            device=self.device)
+        k_t = torch.tensor(ks, device=self.device)
+        cols = torch.minimum(torch.arange(kmax + 1, device=self.device).unsqueeze(0), k_t.unsqueeze(1))
+        pos = (seq_lens.long() - k_t).unsqueeze(1) + cols  # the token each verify row's logits choose
+        pos = pos.clamp(max=self.table.shape[1] - 1)
+        return self.table[rows.unsqueeze(1), pos]

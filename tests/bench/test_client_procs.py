@@ -232,7 +232,8 @@ def test_refusals_are_counted_by_status_with_their_latency(tmp_path, capsys):
     assert refused >= 1 and point["failed"] == refused and point["completed"] == 20 - refused
     assert point["failed_by_status"] == {"429 slo_unattainable": refused}
     assert 0.05 <= point["reject_latency_p50"] <= point["reject_latency_p99"] < 2.0
-    assert f"failed: {refused} 429 slo_unattainable, refused in p50" in capsys.readouterr().out
+    assert point["refusal_latency_by_kind"]["429 slo_unattainable"]["n"] == refused
+    assert f"failed: {refused} 429 slo_unattainable; answered in 429 slo_unattainable p50" in capsys.readouterr().out
 
 
 def test_summary_counts_failures_by_kind_and_times_refusals_only():
@@ -247,6 +248,11 @@ def test_summary_counts_failures_by_kind_and_times_refusals_only():
     assert s["failed_by_status"] == {"429": 4, "429 slo_shed": 1, "503": 1, "no_response": 1, "stream": 1}
     # the refusals answered with an error status: 10, 20, 30, 40 ms and 300 ms; the shed one apart
     assert s["reject_latency_p50"] == pytest.approx(0.03) and s["reject_latency_mean"] == pytest.approx(0.08)
-    assert s["shed_latency_p50"] == pytest.approx(0.9) and "shed after p50 900.0 ms" in format_point(
-        {**s, "qps": 10.0})
+    assert s["shed_latency_p50"] == pytest.approx(0.9)
+    # each kind timed on its own, and printed so: arrival refusals apart from shed ones and other statuses
+    by_kind = s["refusal_latency_by_kind"]
+    assert sorted(by_kind) == ["429", "429 slo_shed", "503"] and by_kind["429"]["n"] == 4
+    assert by_kind["429"]["p50"] == pytest.approx(0.025) and by_kind["503"]["p99"] == pytest.approx(0.3)
+    line = format_point({**s, "qps": 10.0})
+    assert "answered in 429 p50 25.0 ms p99 39.7 ms, 429 slo_shed p50 900.0 ms p99 900.0 ms, 503 p50 300.0" in line
     assert summarize([ok], 1.0, 10.0)["failed_by_status"] == {}

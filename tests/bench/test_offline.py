@@ -16,7 +16,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_pp_layer_partition_reaches_the_engine_and_the_layout(monkeypatch):
-    ns = _parse(["throughput", "-pp", "2", "--pipeline-depth", "3", "--pp-layer-partition", "17,15"])
+    ns = _parse(["throughput", "-pp", "2", "--pipeline-depth", "3", "--pp-layer-partition", "17,15",
+                 "--pp-token-handoff"])
     seen = {}
     monkeypatch.setattr("meshserve.LLM", lambda **kw: seen.update(kw))
     offline._llm(ns)
@@ -25,7 +26,9 @@ def test_pp_layer_partition_reaches_the_engine_and_the_layout(monkeypatch):
         3,
         [17, 15],
     )
-    assert offline._layout(ns)["pp_layer_partition"] == [17, 15]
+    assert seen["pp_token_handoff"] is True
+    assert offline._layout(ns)["pp_layer_partition"] == [17, 15] and offline._layout(ns)["pp_token_handoff"]
+    assert "pp_token_handoff" not in offline._layout(_parse(["throughput"]))
     assert "pp_layer_partition" not in offline._layout(_parse(["throughput", "-pp", "2"]))
 
 

@@ -216,7 +216,7 @@ def test_pp2_graph_buffers_and_three_steps_in_flight(tiny_model_dir):
 
     llm = LLM(model=path, pipeline_parallel_size=2, pipeline_depth=3, max_num_batched_tokens=16)
     core = llm.engine.core
-    assert core.pipeline_depth == 3 and core.scheduler.pipeline_depth == 3
+    assert core.pipeline_depth == 3 and core.scheduler.config.pipeline_depth == 3
     assert core.executor.collective_rpc("use_padded_graphs") >= 16  # every step fits a bucket
     in_flight = []
 
@@ -229,6 +229,7 @@ def test_pp2_graph_buffers_and_three_steps_in_flight(tiny_model_dir):
     assert in_flight.count(2) >= 3  # steps launched with two others still in the pipeline
     assert first["graph_steps"] == last["graph_steps"] == len(in_flight) and first["eager_steps"] == 0
     assert first["sends_copied"] == first["graph_steps"] and last["sends_copied"] == 0
+    assert "handed_steps" not in first and "handed_steps" not in last  # the token hand-off is off by default
 
 
 def test_pp2_each_step_in_flight_is_a_batch_of_max_num_seqs(tiny_model_dir):
@@ -252,17 +253,16 @@ def test_pp2_each_step_in_flight_is_a_batch_of_max_num_seqs(tiny_model_dir):
     assert max(running) == 6 == core.scheduler.max_running
 
 
-def test_pp2_token_handoff_launches_a_sequence_before_its_token_is_back(tiny_model_dir, monkeypatch):
-    """MESHSERVE_PP_TOKEN_HANDOFF: the last stage sends each step's sampled ids to the first stage, so with three
-    steps in flight a sequence runs every other step, its input token (-1 on the host) taken from the samples
-    of the step two before; the steps hold half the running sequences each (not a third), and the tokens are
-    one device's."""
+def test_pp2_token_handoff_launches_a_sequence_before_its_token_is_back(tiny_model_dir):
+    """pp_token_handoff: the last stage sends each step's sampled ids to the first stage, so with three steps in
+    flight a sequence runs every other step, its input token (-1 on the host) taken from the samples of the step
+    two before; the flag reaches both ranks (each counts the steps it handed on or took), the steps hold half the
+    running sequences each (not a third), and the tokens are one device's (PP = 1)."""
     path = tiny_model_dir("qwen2")
     prompts = _prompts(8, (6, 13, 22, 9, 17, 30, 4, 11))
     single, _ = _generate(path, prompts)
 
-    monkeypatch.setenv("MESHSERVE_PP_TOKEN_HANDOFF", "1")  # the spawned ranks inherit it
-    llm = LLM(model=path, pipeline_parallel_size=2, pipeline_depth=3)
+    llm = LLM(model=path, pipeline_parallel_size=2, pipeline_depth=3, pp_token_handoff=True)
     core = llm.engine.core
     workers = core.executor.workers
     holes, sizes = [], []
@@ -272,9 +272,10 @@ def test_pp2_token_handoff_launches_a_sequence_before_its_token_is_back(tiny_mod
             holes.append(sum(-1 in e.token_ids for e in sched_out.scheduled))
             sizes.append((len(sched_out.scheduled), core.scheduler.num_running))
 
-    got, _ = _generate_watched(llm, prompts, count)
+    got, (first, last) = _generate_watched(llm, prompts, count, lambda c: c.executor.gather_rpc("stage_counts"))
     assert core.scheduler.handoff_lag == 2
     assert got == single
+    assert last["handed_steps"] >= first["handed_steps"] > 0  # the first stage takes all but the last lag steps'
     assert {rank: p.exitcode for rank, p in workers.items()} == {1: 0}  # its last sends were taken: a clean exit
     assert sum(h > 0 for h in holes) > len(holes) // 2  # most steps ran sequences whose token was in flight
     assert (4, 8) in sizes  # eight running: four per step

@@ -11,7 +11,7 @@ import torch
 from meshserve.config import EngineArgs, ParallelConfig
 from meshserve.engine import pipeline_stage
 from meshserve.engine.cuda_graph import DecodeGraphs
-from meshserve.engine.pipeline_stage import StageIO, pipeline_depth
+from meshserve.engine.pipeline_stage import StageIO, handoff_lag
 from meshserve.errors import InvalidArgumentError
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.pipeline import IntermediateTensors, copy_stage_input
@@ -21,10 +21,10 @@ CPU = torch.device("cpu")
 
 
 def test_pipeline_depth_is_one_step_per_stage_unless_asked():
-    assert pipeline_depth(ParallelConfig()) == 0
-    assert pipeline_depth(ParallelConfig(pipeline_parallel_size=2)) == 2
-    assert pipeline_depth(ParallelConfig(pipeline_parallel_size=2, pipeline_depth=3)) == 3
-    assert pipeline_depth(ParallelConfig(pipeline_parallel_size=1, pipeline_depth=3)) == 0
+    assert ParallelConfig().pipeline_steps_in_flight == 0
+    assert ParallelConfig(pipeline_parallel_size=2).pipeline_steps_in_flight == 2
+    assert ParallelConfig(pipeline_parallel_size=2, pipeline_depth=3).pipeline_steps_in_flight == 3
+    assert ParallelConfig(pipeline_parallel_size=1, pipeline_depth=3).pipeline_steps_in_flight == 0
     EngineArgs(pipeline_parallel_size=2, pipeline_depth=3).validate()
     with pytest.raises(InvalidArgumentError, match="pipeline_depth"):
         EngineArgs(pipeline_parallel_size=2, pipeline_depth=1).validate()
@@ -37,9 +37,40 @@ def test_pipeline_depth_flag_reaches_the_parallel_config():
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
-    args = engine_args_from(parser.parse_args(["-pp", "2", "--pipeline-depth", "3"]))
-    assert (args.pipeline_parallel_size, args.pipeline_depth) == (2, 3)
+    args = engine_args_from(parser.parse_args(["-pp", "2", "--pipeline-depth", "3", "--pp-token-handoff"]))
+    assert (args.pipeline_parallel_size, args.pipeline_depth, args.pp_token_handoff) == (2, 3, True)
     assert engine_args_from(parser.parse_args([])).pipeline_depth == 0
+    assert not engine_args_from(parser.parse_args([])).pp_token_handoff
+
+
+@pytest.mark.parametrize("async_scheduling,depth,in_flight", [(True, 3, 3), (True, 0, 2), (False, 3, 0)])
+def test_the_running_cap_is_max_num_seqs_per_step_in_flight(tiny_model_dir, async_scheduling, depth, in_flight):
+    """PP = 2 keeps pipeline_depth steps in flight (one per stage by default), each up to max_num_seqs: the
+    resolved SchedulerConfig carries that depth and its max_running cap (one step at a time without async
+    scheduling, when the stages do not pipeline), which the scheduler, KV pool, planner and simulator read."""
+    from meshserve.engine.engine_config import create_engine_config
+
+    config, _ = create_engine_config(EngineArgs(model=tiny_model_dir("qwen2"), pipeline_parallel_size=2,
+                                                pipeline_depth=depth, max_num_seqs=4,
+                                                async_scheduling=async_scheduling))
+    sc = config.scheduler_config
+    assert (sc.pipeline_depth, sc.max_running) == (in_flight, 4 * max(1, in_flight))
+    one, _ = create_engine_config(EngineArgs(model=tiny_model_dir("qwen2"), max_num_seqs=4))
+    assert (one.scheduler_config.pipeline_depth, one.scheduler_config.max_running) == (0, 4)
+
+
+def test_token_handoff_is_a_parallel_config_field_with_one_line_errors():
+    """pp_token_handoff turns the hand-off's lag on (one step per stage) only with PP > 1 and TP = 1; elsewhere
+    EngineArgs refuses it in one line, naming the field."""
+    assert handoff_lag(ParallelConfig(pipeline_parallel_size=2, pp_token_handoff=True)) == 2
+    assert handoff_lag(ParallelConfig(pipeline_parallel_size=2)) == 0
+    EngineArgs(pipeline_parallel_size=2, pp_token_handoff=True).validate()
+    for bad, words in (({}, "pipeline_parallel_size > 1"),
+                       ({"pipeline_parallel_size": 2, "tensor_parallel_size": 2}, "tensor_parallel_size 1"),
+                       ({"pipeline_parallel_size": 2, "async_scheduling": False}, "async_scheduling")):
+        with pytest.raises(InvalidArgumentError, match=f"^pp_token_handoff: .*{words}") as err:
+            EngineArgs(pp_token_handoff=True, **bad).validate()
+        assert "\n" not in str(err.value)
 
 
 class FakeWork:

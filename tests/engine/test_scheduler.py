@@ -582,7 +582,7 @@ def test_pipelined_steps_split_the_running_batch_evenly():
     of the running sequences, so the steps in flight stay even instead of one holding the whole batch."""
     s = make_sched(max_num_seqs=8, max_num_batched_tokens=256)
     s.async_mode = s.skip_pending = True
-    s.pipeline_depth = 2
+    s.config.pipeline_depth = 2
     for i in range(8):
         s.add(make_seq(f"s{i}", [1, 2, 3], max_tokens=32))
     first = s.schedule()  # all eight prompts: nothing runs yet, so no share to keep
@@ -603,7 +603,7 @@ def run_pipelined(s: Scheduler, depth: int) -> tuple[list[SchedulerOutput], int]
     depth are in flight, feed back the oldest once the pipeline is full or nothing new could be scheduled.
     Returns the steps launched and the most sequences running at once."""
     s.async_mode = s.skip_pending = True
-    s.pipeline_depth = depth
+    s.config.pipeline_depth = depth
     in_flight: collections.deque[SchedulerOutput] = collections.deque()
     steps, peak = [], 0
     for _ in range(10_000):
@@ -681,7 +681,7 @@ def test_token_handoff_runs_a_sequence_again_lag_steps_after_its_last():
     pending; each step holds half the running sequences; every sequence gets one-step-at-a-time tokens."""
     s = make_sched(num_blocks=400, max_num_seqs=8, max_num_batched_tokens=64)
     s.async_mode = s.skip_pending = True
-    s.pipeline_depth, s.handoff_lag = 3, 2
+    s.config.pipeline_depth, s.handoff_lag = 3, 2
     seqs = _mixed_seqs(8)
     for q in seqs:
         s.add(q)

@@ -196,3 +196,26 @@ def test_step_budget_counts_decodes_context_and_prompt_tokens_left():
     # nobody decoding, or no target: the static budget
     assert s.policy.step_budget([prefill], [head]).tokens == 2048
     assert _with_model().policy.step_budget([*decodes, prefill], [head]).tokens == 2048
+
+
+def test_with_pipeline_steps_in_flight_the_tpot_policy_predicts_one_steps_share():
+    """PP with two steps in flight: a step holds half the running sequences (at most max_num_seqs), so admission
+    and the step budget predict that step, not one over all of them: 64 running at 1,000 tokens each is a
+    65-sequence step over the target without pipelining (refused) and a 33-sequence one under it with (admitted)."""
+    running = [make_seq(f"r{i}", range(1000)) for i in range(64)]
+    for depth, admits in ((0, False), (2, True)):
+        s = _with_model(slo_tpot_s=0.010, max_num_seqs=64, pipeline_depth=depth)
+        assert s.policy.may_admit(make_seq("new", range(1000)), running) is admits
+    s = _with_model(slo_tpot_s=0.010, max_num_seqs=16, pipeline_depth=2)
+    assert s.policy.one_step_share(65, 65_000) == (16, 16_000)  # the share is one step's batch at most
+    # a step's budget: a decode token for each of its share, and prompt tokens for the time that step leaves
+    # (a 64-decode step leaves too few for a MIN_PREFILL_CHUNK chunk; a 32-decode one does)
+    for seq in running:
+        seq.num_computed_tokens = seq.num_tokens - 1
+    head = [make_seq("p", range(2000))]
+    one = _with_model(slo_tpot_s=0.022, max_num_seqs=64).policy.step_budget(running, head)
+    assert (one.tokens, one.prefill_tokens) == (64, 0)
+    two = _with_model(slo_tpot_s=0.022, max_num_seqs=64, pipeline_depth=2).policy.step_budget(running, head)
+    extra = MODEL.max_prefill_tokens(0.022 * TARGET_MARGIN, 32, 32_000, limit=1024)
+    assert (two.tokens, two.prefill_tokens) == (32 + extra, extra) and extra >= MIN_PREFILL_CHUNK
+

@@ -1,6 +1,7 @@
 """Generates with one parallel layout in a fresh process and prints the outputs as JSON (the multi-GPU tests
 start one per layout: each needs its own torch.distributed world). Usage:
-python tests/gpu/layout_run.py MODEL DTYPE TP PP ALL_REDUCE(auto|nccl|fused-norm|fused-push) [PIPELINE_DEPTH [NUM_PROMPTS]]
+python tests/gpu/layout_run.py MODEL DTYPE TP PP ALL_REDUCE(auto|nccl|fused-norm|fused-push)
+    [PIPELINE_DEPTH [NUM_PROMPTS [PP_TOKEN_HANDOFF(0|1)]]]
 (fused-*: the one-shot all-reduce with MESHSERVE_TP_FUSED_NORM=pull|push in the environment, set by the caller)"""
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ def main() -> None:
     model, dtype, tp, pp, all_reduce = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     depth = int(sys.argv[6]) if len(sys.argv) > 6 else 0
     num_prompts = int(sys.argv[7]) if len(sys.argv) > 7 else 6
+    handoff = len(sys.argv) > 8 and sys.argv[8] == "1"
     llm = LLM(model=model, load_format="dummy", dtype=dtype, max_model_len=1024, hf_overrides={"num_hidden_layers": 4},
               gpu_memory_utilization=0.5, max_num_seqs=32, seed=0, tensor_parallel_size=tp,
-              pipeline_parallel_size=pp, pipeline_depth=depth, disable_custom_all_reduce=all_reduce == "nccl")
+              pipeline_parallel_size=pp, pipeline_depth=depth, disable_custom_all_reduce=all_reduce == "nccl",
+              pp_token_handoff=handoff)
     greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=1, logprobs=1)
     seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=16, ignore_eos=True)
     outs = llm.generate(prompts(num_prompts), greedy, use_tqdm=False)

@@ -24,13 +24,12 @@ RUNNER = os.path.join(os.path.dirname(__file__), "layout_run.py")
 @functools.cache  # the one-GPU reference serves every layout's test
 def _run(model: str, dtype: str, tp: int, pp: int, all_reduce: str, depth: int = 0, num_prompts: int = 6,
          handoff: bool = False) -> dict:
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
-               MESHSERVE_PP_TOKEN_HANDOFF="1" if handoff else "0")
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     env["MESHSERVE_TP_FUSED_NORM"] = {"fused-norm": "pull", "fused-push": "push"}.get(all_reduce, "0")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, RUNNER, model, dtype, str(tp), str(pp), all_reduce, str(depth),
-                           str(num_prompts)], env=env,
+                           str(num_prompts), str(int(handoff))], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
@@ -82,7 +81,7 @@ def test_pp2_stage_steps_replay_graphs_fp32_tokens_equal_one_gpu(model, depth):
 
 
 def test_pp2_token_handoff_fp32_tokens_equal_one_gpu(model):
-    """PP = 2, three steps in flight, with the token hand-off (MESHSERVE_PP_TOKEN_HANDOFF): the last GPU sends
+    """PP = 2, three steps in flight, with the token hand-off (pp_token_handoff): the last GPU sends
     each step's sampled ids to the first over NCCL, whose next step for those sequences is launched before the
     tokens reach the host; greedy and seeded tokens equal one GPU's, stage steps replay graphs on both GPUs."""
     one = _run(model, "float32", 1, 1, "auto")
@@ -91,6 +90,7 @@ def test_pp2_token_handoff_fp32_tokens_equal_one_gpu(model):
     assert got["tokens"] == one["tokens"] and got["sampled"] == one["sampled"]
     first, last = got["stage_counts"]
     assert first["graph_steps"] > 0 and last["graph_steps"] > 0
+    assert last["handed_steps"] >= first["handed_steps"] > 0
 
 
 def test_pp2_batch1_bf16_gemv_under_graphs(model):

@@ -72,3 +72,24 @@ def test_kv_memory_caps_concurrency_too():
     best = result.best
     assert best.clamped and best.limited_by == "KV memory" and best.prediction.concurrency == best.max_concurrency
     assert best.memory.fits and "10,000 asked" in result.reason
+
+
+@pytest.mark.parametrize("depth, steps", [(0, 2), (3, 3)])
+def test_pipeline_stages_hold_max_num_seqs_per_step_in_flight(capsys, depth, steps):
+    # The engine runs up to max_num_seqs sequences in each PP step in flight (one per stage by default), so a PP=2
+    # replica holds steps x max_num_seqs; TP=2 one batch.
+    pp2 = plan("llama-3.1-8b", 2, pp=2, concurrency=1000, max_num_seqs=8, pipeline_depth=depth).best
+    assert pp2.layout.pp == 2 and pp2.limited_by == "max_num_seqs"
+    assert pp2.max_concurrency == steps * 8 == pp2.prediction.concurrency
+    tp2 = plan("llama-3.1-8b", 2, tp=2, concurrency=1000, max_num_seqs=8, pipeline_depth=depth).best
+    assert tp2.layout.tp == 2 and tp2.max_concurrency == 8
+    argv = ["plan", "llama-3.1-8b", "--gpu", "H100-SXM", "--num-gpus", "2", "--pp", "2", "--concurrency", "1000",
+            "--max-num-seqs", "8", "--pipeline-depth", str(depth)]
+    assert main(argv) == 0
+    assert f"{steps * 8} at most (--max-num-seqs 8 x {steps} steps in flight per replica)" in capsys.readouterr().out
+
+
+def test_a_pipeline_depth_below_the_stages_is_rejected():
+    result = plan("llama-3.1-8b", 4, pp=4, pipeline_depth=3)
+    assert not result.candidates
+    assert any("--pipeline-depth 3 is below its 4 stages" in str(x) for x in result.rejections)

@@ -90,3 +90,30 @@ def test_slo_flags_past_the_knee_hold_goodput_as_the_server_does(capsys):
     assert any("gate answers 429" in a for a in at96["assumptions"])
     old = _simulate(capsys, *slo, "--qps", "96", "--no-frontend-gate")
     assert old["frontend"]["gate"] is False and old["goodput"] < 0.5 * at64["goodput"]
+
+
+def test_two_replicas_behind_the_router_collapse_at_qps_128(capsys):
+    """`serve --data-parallel-size 2` through `meshserve router` (seventh session, 2 x H200, W3 with targets)
+    measured 5.1 req/s of goodput at QPS 128 (TTFT p50 14.5 s): the router process saturated. With
+    --router-node on (router_calibration.toml: CPU-measured costs, nothing fitted to that run) the simulator
+    collapses there too; without the router hop (the internal back end) it holds two replicas' worth."""
+    dp2 = ("--num-gpus", "2", "--slo-ttft-ms", "1000", "--slo-tpot-ms", "50", "--duration", "20",
+           "--qps", "128")
+    internal = _simulate(capsys, *dp2)
+    routed = _simulate(capsys, *dp2, "--router-node", "on")
+    assert internal["router_node"] is None and internal["goodput"] > 90
+    assert routed["router_node"]["busy_fraction"] > 0.95
+    assert routed["goodput"] < 0.15 * internal["goodput"] and routed["ttft_p50"] > 5.0
+    assert any("router process is one CPU queue" in a for a in routed["assumptions"])
+    # an override and the calibration's name reach the config
+    slower = _simulate(capsys, *dp2, "--router-node", "on", "--router-event-us", "150")
+    assert slower["router_node"]["event_s"] == pytest.approx(150e-6)
+    assert slower["router_node"]["request_s"] == pytest.approx(1.6e-3)
+
+
+def test_router_node_without_the_front_end_is_exit_2(capsys):
+    assert main(["simulate", "--router-node", "on", "--frontend-request-ms", "0", "--frontend-token-us", "0",
+                 "--no-progress"]) == 2
+    assert "front-end queue" in capsys.readouterr().err
+    assert main(["simulate", "--router-node", "on", "--router-calibration", "nope", "--no-progress"]) == 2
+    assert "router_calibration.toml" in capsys.readouterr().err

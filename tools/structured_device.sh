@@ -3,8 +3,12 @@
 # real tokenizer (tools/make_structured_model.py: Llama-3.1-8B architecture, vocabulary 49,152), warm it up, then
 # `meshserve bench serve` at concurrency 1 and 64 on the same twenty extraction prompts (chat, greedy, max_tokens
 # 128, EOS allowed): first free (answers scored against the schema), then with response_format json_schema (the
-# schema of `meshserve bench structured`). Each run times its first request alone (with the schema: the compile).
-# Prints one table (tok/s, TPOT, their overhead); JSON and logs under $OUT.
+# schema of `meshserve bench structured`), then free again with max_tokens = the schema answers' mean length (the
+# like-for-like baseline: as many prefills per decoded token; a random model's free answers run to max_tokens).
+# Each run times its first request alone (with the schema: the compile). Prints one table (tok/s, TPOT, ITL p50,
+# their overheads; read the goal off the "same length" rows); JSON and logs under $OUT. For meshserve it first
+# times the grammar host work per step on this host's CPU (meshserve.bench.grammar_host: per-row vs batched fill,
+# 1-8 threads) and how long the mask's non-blocking copy takes to return from pageable vs pinned memory.
 #
 # Usage, on the device from the repo root:
 #   meshserve: carry .whl, .whl-structured (xgrammar, jsonschema: 5 MiB) and .smodel/llama-3.1-8b-smol:   bash tools/structured_device.sh meshserve
@@ -27,6 +31,8 @@ case $engine in
         .whl/*.whl $(ls .whl-structured/*.whl 2> /dev/null) || exit 1
     fi
     client_path=$PWD:/tmp/site port=8000
+    PYTHONPATH=$client_path timeout 180 python3 -m meshserve.bench.grammar_host --batch 64 --tokenizer "$model" \
+      --threads 1,2,4,8 --copy-probe --output-json $OUT/grammar_host.json 2>&1 | tee $OUT/grammar_host.txt
     PYTHONPATH=$client_path python3 -m meshserve.cli serve "$model" --load-format dummy --max-model-len 4096 \
       --port $port --served-model-name "$name" --disable-access-log ${ENGINE_FLAGS:-} > $OUT/serve_meshserve.log 2>&1 &
     ;;
@@ -60,12 +66,22 @@ bench() {  # MODE [flags]: one bench serve run on the extraction prompts
 }
 # warm-up (first-request costs that are not the grammar's), then free, then with the schema
 bench warmup --concurrency 8 --num-prompts 16 --output-len 16 > /dev/null
-common=(--concurrency $conc --num-prompts $nums --output-len $out_len)
-bench free "${common[@]}" --score-json-schema $data/person_schema.json --output-json $OUT/structured_${engine}_free.json
-bench schema "${common[@]}" --response-format-json-schema $data/person_schema.json \
+common=(--concurrency $conc --num-prompts $nums)
+bench free "${common[@]}" --output-len $out_len --score-json-schema $data/person_schema.json \
+  --output-json $OUT/structured_${engine}_free.json
+bench schema "${common[@]}" --output-len $out_len --response-format-json-schema $data/person_schema.json \
   --output-json $OUT/structured_${engine}_schema.json
-PYTHONPATH=$client_path python3 -m meshserve.bench.serve_structured table $OUT/structured_${engine}_free.json \
-  $OUT/structured_${engine}_schema.json --output-json $OUT/structured_${engine}_table.json
+matched=$(PYTHONPATH=$client_path python3 -m meshserve.bench.serve_structured matched-len \
+  $OUT/structured_${engine}_schema.json) || matched=""
+reports=($OUT/structured_${engine}_free.json $OUT/structured_${engine}_schema.json)
+if [ -n "$matched" ]; then
+  echo "free run with max_tokens $matched (the schema answers' mean length)"
+  bench free_matched "${common[@]}" --output-len $matched --score-json-schema $data/person_schema.json \
+    --output-json $OUT/structured_${engine}_free_matched.json
+  [ -f $OUT/structured_${engine}_free_matched.json ] && reports+=($OUT/structured_${engine}_free_matched.json)
+fi
+PYTHONPATH=$client_path python3 -m meshserve.bench.serve_structured table "${reports[@]}" \
+  --output-json $OUT/structured_${engine}_table.json
 grep -iE "grammar|xgrammar|structured" $OUT/serve_$engine.log | grep -viE "warn" | head -5 | cut -c1-200
 kill -TERM $pid; wait $pid 2> /dev/null
 exit 0

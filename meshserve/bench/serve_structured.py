@@ -6,7 +6,9 @@ scores the answers against the schema (the unconstrained baseline, same prompts)
 sent alone before the load points and its TTFT reported apart (with the constraint it includes the grammar's
 first compile), and each point reports the answers that parse as JSON and validate, the output tokens
 actually generated per request and the finish reasons. Run once with and once without the schema against a
-server: `table` lines them up (tok/s and time per output token, and the overhead of the constraint).
+server: `table` lines them up (tok/s, time per output token and ITL, and the overhead of the constraint).
+The fair baseline is a free run whose answers are as long as the constrained ones (`matched-len` prints its
+max_tokens): with answers of different lengths the two runs prefill at different rates.
 
 The shipped workload: data/person_schema.json (the schema of `meshserve bench structured`) and
 data/person_prompts.jsonl (its twenty extraction prompts).
@@ -107,6 +109,21 @@ def format_point(s: dict[str, Any]) -> str:
 
 
 # -- the table of runs with and without the schema ---------------------------------------------------
+# a free run is the like-for-like baseline of a schema run when its answers are this close in length: a
+# schema's answer ends with its object (47 tokens for the person schema), a free one on a random-weight model
+# runs to max_tokens, and at a fixed concurrency shorter answers mean more prefills per decoded token
+MATCHED_LENGTH = 0.1
+
+
+def matched_output_len(reports: list[dict[str, Any]]) -> int:
+    """max_tokens for the free run that matches the schema runs' answers: their mean tokens per request."""
+    lengths = [p["output_tokens_per_request"] for rep in reports if rep.get("response_format")
+               for p in rep["points"] if p.get("output_tokens_per_request")]
+    if not lengths:
+        raise ValueError("no schema run with answers among the reports")
+    return max(1, round(sum(lengths) / len(lengths)))
+
+
 def _rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for rep in reports:
@@ -116,6 +133,7 @@ def _rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "concurrency": p.get("concurrency", p.get("qps")), "schema": constrained,
                          "output_tok_s": p["output_tok_s"], "tpot_p50_ms": p["tpot_p50"] * 1e3,
                          "tpot_mean_ms": p["tpot_mean"] * 1e3, "ttft_p50_ms": p["ttft_p50"] * 1e3,
+                         "itl_p50_ms": p["itl_p50"] * 1e3 if p.get("itl_p50") is not None else None,
                          "tokens_per_request": p.get("output_tokens_per_request"),
                          "json_ok": p.get("json_ok"), "schema_ok": p.get("schema_ok"),
                          "first_ttft_ms": (rep.get("first_request") or {}).get("ttft_s", math.nan) * 1e3,
@@ -123,47 +141,61 @@ def _rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _same_length(a: float | None, b: float | None) -> bool:
+    return bool(a and b) and abs(a - b) <= MATCHED_LENGTH * b
+
+
 def overhead_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per engine, model and concurrency: the run with the schema against the one without.
-    Overheads are positive when the schema costs: tok/s lost, TPOT gained."""
+    """A row per schema point and free baseline (same engine, model and concurrency; a schema point without
+    one gets a row without overheads), the baseline of matching answer length first: `matched` says whether
+    the free answers are within MATCHED_LENGTH of the schema's in length (only then is the overhead the
+    constraint's alone). Overheads are positive when the schema costs: tok/s lost, TPOT and ITL gained."""
     rows = _rows(reports)
     out = []
     for r in rows:
         if not r["schema"]:
             continue
-        base = next((b for b in rows if not b["schema"] and b["engine"] == r["engine"] and b["model"] == r["model"]
-                     and b["concurrency"] == r["concurrency"]), None)
-        row = {**r}
-        if base is not None:
-            row["free_output_tok_s"] = base["output_tok_s"]
-            row["free_tpot_p50_ms"] = base["tpot_p50_ms"]
-            row["free_first_ttft_ms"] = base["first_ttft_ms"]
-            row["free_ttft_p50_ms"] = base["ttft_p50_ms"]
-            row["free_tokens_per_request"] = base["tokens_per_request"]
+        bases = [b for b in rows if not b["schema"] and b["engine"] == r["engine"] and b["model"] == r["model"]
+                 and b["concurrency"] == r["concurrency"]]
+        bases.sort(key=lambda b: abs((b["tokens_per_request"] or 0) - (r["tokens_per_request"] or 0)))
+        if not bases:
+            out.append({**r})
+        for base in bases:
+            row = {**r, "matched": _same_length(base["tokens_per_request"], r["tokens_per_request"])}
+            for key in ("output_tok_s", "tpot_p50_ms", "itl_p50_ms", "first_ttft_ms", "ttft_p50_ms",
+                        "tokens_per_request"):
+                row[f"free_{key}"] = base[key]
             row["tok_s_overhead"] = 1 - r["output_tok_s"] / base["output_tok_s"] if base["output_tok_s"] else None
             row["tpot_overhead"] = r["tpot_p50_ms"] / base["tpot_p50_ms"] - 1 if base["tpot_p50_ms"] else None
-        out.append(row)
+            row["itl_overhead"] = (r["itl_p50_ms"] / base["itl_p50_ms"] - 1
+                                   if r["itl_p50_ms"] and base["itl_p50_ms"] else None)
+            out.append(row)
     return out
 
 
 def format_table(reports: list[dict[str, Any]]) -> str:
-    """A markdown table of every schema run beside its free run ("free / schema", the overhead in brackets).
-    TPOT is the per-token cost of the constraint; tok/s also counts the answers' lengths (a schema's answer
-    ends with its object, a free one runs to max_tokens) and prefill."""
+    """A markdown table of every schema run beside each free run ("free / schema", the overhead in brackets).
+    Read the overhead of the constraint off the rows whose baseline is "same length": there both runs have as
+    many prefills per decoded token, so TPOT and ITL p50 differ by the per-step grammar work only; against a
+    longer free run tok/s and TPOT also count the extra prefills of the shorter constrained answers."""
     def f(v: Any, spec: str) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
-    header = ("| engine | model | concurrency | output tok/s | TPOT p50 ms | tokens per request | TTFT p50 ms | "
-              "first request TTFT ms | schema valid |")
-    lines = [header, "|" + "---|" * 9]
+    header = ("| engine | model | concurrency | baseline | output tok/s | TPOT p50 ms | ITL p50 ms "
+              "| tokens per request | TTFT p50 ms | first request TTFT ms | schema valid |")
+    lines = [header, "|" + "---|" * 11]
+
+    def pair(r: dict[str, Any], key: str, spec: str, overhead: str | None = None) -> str:
+        text = f"{f(r.get('free_' + key), spec)} / {f(r[key], spec)}"
+        return text + (f" ({f(r.get(overhead), '+.1%')})" if overhead else "")
+
     for r in overhead_rows(reports):
-        lines.append(
-            f"| {r['engine']} | {r['model']} | {r['concurrency']} | {f(r.get('free_output_tok_s'), ',.0f')} / "
-            f"{f(r['output_tok_s'], ',.0f')} ({f(r.get('tok_s_overhead'), '+.1%')}) | "
-            f"{f(r.get('free_tpot_p50_ms'), '.2f')} / {f(r['tpot_p50_ms'], '.2f')} ({f(r.get('tpot_overhead'), '+.1%')}) | "
-            f"{f(r.get('free_tokens_per_request'), '.1f')} / {f(r['tokens_per_request'], '.1f')} | "
-            f"{f(r.get('free_ttft_p50_ms'), '.1f')} / {f(r['ttft_p50_ms'], '.1f')} | "
-            f"{f(r.get('free_first_ttft_ms'), '.1f')} / {f(r['first_ttft_ms'], '.1f')} | {f(r['schema_ok'], '.0%')} |")
+        base = "-" if "matched" not in r else "same length" if r["matched"] else "longer"
+        cells = [r["engine"], r["model"], r["concurrency"], base, pair(r, "output_tok_s", ",.0f", "tok_s_overhead"),
+                 pair(r, "tpot_p50_ms", ".2f", "tpot_overhead"), pair(r, "itl_p50_ms", ".2f", "itl_overhead"),
+                 pair(r, "tokens_per_request", ".1f"), pair(r, "ttft_p50_ms", ".1f"),
+                 pair(r, "first_ttft_ms", ".1f"), f(r["schema_ok"], ".0%")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -175,8 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("table", help="line up bench serve reports with and without the schema")
     t.add_argument("reports", nargs="+")
     t.add_argument("--output-json", default=None)
+    m = sub.add_parser("matched-len", help="max_tokens of the free run whose answers match the schema runs' length")
+    m.add_argument("reports", nargs="+")
     ns = p.parse_args(argv)
     reports = [json.loads(Path(r).read_text()) for r in ns.reports]
+    if ns.cmd == "matched-len":
+        print(matched_output_len(reports))
+        return 0
     print(format_table(reports))
     if ns.output_json:
         Path(ns.output_json).write_text(json.dumps(overhead_rows(reports), indent=2))

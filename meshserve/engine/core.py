@@ -34,13 +34,13 @@ from meshserve.engine.messages import (
 from meshserve.engine.model_runner import ModelRunnerOutput, PendingOutput
 from meshserve.engine.pipeline_stage import handoff_lag
 from meshserve.engine.scheduler import Scheduler
-from meshserve.engine.scheduler_output import SchedulerOutput
+from meshserve.engine.scheduler_output import SchedulerOutput, sampling_indices
 from meshserve.engine.sequence import Sequence, SequenceStatus
 from meshserve.engine.step_profiler import phase
 from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel, step_weights
 from meshserve.errors import InvalidArgumentError, ServiceLevelShedError
 from meshserve.spec_decode.speculator import Speculator
-from meshserve.structured.bitmask import fill_bitmasks
+from meshserve.structured.bitmask_filler import BitmaskFiller
 from meshserve.structured.compiler import GrammarCompiler
 
 logger = logging.getLogger(__name__)
@@ -166,7 +166,9 @@ class EngineCore:
         # structured outputs: grammars compile on threads; their requests wait here, outside the scheduler
         self.grammar_waitlist = GrammarWaitlist(GrammarCompiler(
             config.model_config.tokenizer or None, config.model_config.vocab_size, self.info.eos_token_ids))
+        self.grammar_waitlist.compiler.prepare()  # the first constrained request's TTFT: its compile only
         self._grammar_seq_ids: set[str] = set()  # constrained requests in the scheduler (pruned lazily)
+        self._bitmask_filler: BitmaskFiller | None = None  # built with the first constrained step
         # an in-process runner fills the grammar masks of a step once its forward is queued (_late_masks_hook)
         # (one process, one device: other executors pickle the SchedulerOutput to their workers)
         self._late_masks = isinstance(self.executor, UniprocExecutor) and not self.pipeline_depth
@@ -376,19 +378,23 @@ class EngineCore:
         return self.speculator.may_propose([s for s in sampling if s is not None], self.scheduler.num_running)
 
     def _fill_grammar_bitmasks(self, sched_out: SchedulerOutput) -> None:
-        """Each constrained sequence sampling this step gets the mask of tokens its grammar allows next
-        (its matcher has seen every output token: the step before was processed first). One that finished
-        meanwhile gets none: its token is dropped."""
+        """The step's grammar masks, a row per sampling row (sampling_indices): a constrained sequence's row
+        holds the tokens its grammar allows next (its matcher has seen every output token: the step before
+        was processed first), every other row allows all. A sequence that finished meanwhile gets none: its
+        token is dropped. One batched fill into a reused host buffer (structured/bitmask_filler.py)."""
         self._grammar_seq_ids &= self.requests.keys()
         if not self._grammar_seq_ids:
             return
-        entries = [e for e in sched_out.scheduled if e.do_sample and e.seq_id in self._grammar_seq_ids
-                   and not self.requests[e.seq_id].is_finished]
-        if not entries:
-            return
-        masks = fill_bitmasks([self.requests[e.seq_id].grammar for e in entries], self.config.model_config.vocab_size)
-        for i, entry in enumerate(entries):
-            entry.grammar_bitmask = masks[i : i + 1]
+        matchers = []
+        for i in sampling_indices(sched_out.scheduled):
+            seq = self.requests.get(sched_out.scheduled[i].seq_id)
+            constrained = seq is not None and seq.grammar is not None and not seq.is_finished
+            matchers.append(seq.grammar if constrained else None)
+        if any(m is not None for m in matchers):
+            if self._bitmask_filler is None:  # pinned: the runner's copy of it to the GPU does not wait
+                pin = self._late_masks and self.config.device.startswith("cuda")
+                self._bitmask_filler = BitmaskFiller(self.config.model_config.vocab_size, pin_memory=pin)
+            sched_out.grammar_bitmask = self._bitmask_filler.fill(matchers)
 
     def _schedule(self) -> SchedulerOutput:
         if len(self.grammar_waitlist):

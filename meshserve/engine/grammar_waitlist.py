@@ -57,7 +57,9 @@ class GrammarWaitlist:
                 continue
             del self._waiting[seq_id]
             try:
-                seq.grammar = xgr.GrammarMatcher(fut.result())
+                compiled = fut.result()
+                seq.grammar = xgr.GrammarMatcher(compiled)
+                seq.grammar_stop_ids = frozenset(compiled.tokenizer_info.stop_token_ids)
                 ready.append(seq)
             except Exception as e:  # noqa: BLE001 - the front end checked the spec; report, never crash
                 logger.warning("grammar of %s failed to compile: %s", seq_id, e)

@@ -382,14 +382,15 @@ class ModelRunner:
                 self.layerwise_hook.end()
             if out.before_sample is not None:  # grammar masks, filled while the device runs the forward
                 out.before_sample()
-            pending = self.sampling.sample(out.scheduled, hidden, meta, self._step_parity)
+            pending = self.sampling.sample(out.scheduled, hidden, meta, self._step_parity, out.grammar_bitmask)
             if self.drafter is not None:
                 pending = self.drafter.propose_after(out.scheduled, pending)
             pending.timer = timer.stop()
             return pending
-        return self._launch_stage(out.scheduled, st.is_last_stage)
+        return self._launch_stage(out.scheduled, st.is_last_stage, out.grammar_bitmask)
 
-    def _launch_stage(self, scheduled: list[ScheduledSequence], is_last_stage: bool) -> PendingOutput:
+    def _launch_stage(self, scheduled: list[ScheduledSequence], is_last_stage: bool,
+                      grammar_bitmask=None) -> PendingOutput:
         """This pipeline stage's part of a step, queued without waiting for the device: receive the previous
         stage's activations (into the static buffers of the graph that serves the step), run this stage's
         layers, then send them on, or sample on the last stage (pipeline_stage.py). The engine keeps
@@ -409,7 +410,7 @@ class ModelRunner:
         else:
             hidden = self.forward(input_ids, positions, meta, intermediate)
         if is_last_stage:
-            pending = self.sampling.sample(scheduled, hidden, meta, self._step_parity)
+            pending = self.sampling.sample(scheduled, hidden, meta, self._step_parity, grammar_bitmask)
             if self.handoff is not None:
                 self.handoff.send(scheduled, self.sampling.last_sampled)
         else:

@@ -23,6 +23,7 @@ from meshserve.engine.scheduler_output import ScheduledSequence
 from meshserve.engine.step_sampler import sample_rows
 from meshserve.layers.sampler import Sampler
 from meshserve.sampling import SamplingParams
+from meshserve.structured.bitmask import ALLOW_ALL
 
 logger = logging.getLogger(__name__)
 
@@ -73,23 +74,27 @@ def warmup_cases() -> list[WarmupCase]:
     ]
     for rows in BITMASK_ROWS:  # every row under a grammar (xgrammar's kernel on the logits in place)
         cases.append(WarmupCase(f"bitmask_{rows}", [hot] * rows, bitmask_rows=list(range(rows))))
-    cases.append(WarmupCase("bitmask_subset", [hot, greedy, hot], bitmask_rows=[1]))  # a gathered copy
+    cases.append(WarmupCase("bitmask_mixed", [hot, greedy, hot], bitmask_rows=[1]))  # others: all ones
     return cases
 
 
-def warmup_rows(case: WarmupCase, vocab_size: int) -> list[ScheduledSequence]:
-    """The case's rows as the StepSampler sees them: a short prompt and output, and on the case's bitmask rows
-    a grammar bitmask allowing every token (xgrammar's layout, all bits set)."""
-    if case.bitmask_rows:
-        import xgrammar as xgr
+def warmup_rows(case: WarmupCase) -> list[ScheduledSequence]:
+    """The case's rows as the StepSampler sees them: a short prompt and output."""
     return [
         ScheduledSequence(
             seq_id=f"warmup-{i}", token_ids=[4], num_computed_tokens=4, block_table=[], params=p,
             do_sample=True, prompt_token_ids=[1, 2, 3], output_token_ids=[4],
-            grammar_bitmask=xgr.allocate_token_bitmask(1, vocab_size) if i in case.bitmask_rows else None,
         )
         for i, p in enumerate(case.params)
     ]
+
+
+def warmup_bitmask(case: WarmupCase, vocab_size: int) -> torch.Tensor | None:
+    """The step's grammar bitmask of the case (a row per row, xgrammar's layout): every token allowed, on the
+    case's bitmask rows as on the others; None without bitmask rows."""
+    if not case.bitmask_rows:
+        return None
+    return torch.full((len(case.params), (vocab_size + 31) // 32), ALLOW_ALL, dtype=torch.int32)
 
 
 def run_case(
@@ -103,7 +108,7 @@ def run_case(
 ) -> torch.Tensor:
     """One case through step_sampler.sample_rows, StepSampler's own sampling (no generators kept, no sampled
     ids remembered): the sampled ids [rows]."""
-    rows = warmup_rows(case, vocab_size)
+    rows = warmup_rows(case)
     logits = compute_logits(torch.zeros(len(rows), hidden_size, dtype=dtype, device=device))
     banned = [[0] if case.banned else [] for _ in rows]
 
@@ -112,7 +117,8 @@ def run_case(
             return None
         return torch.Generator(device=device).manual_seed(s.params.seed)
 
-    return sample_rows(sampler, logits, rows, banned, generator_of, vocab_size, device)[0]
+    return sample_rows(sampler, logits, rows, banned, generator_of, vocab_size, device,
+                       warmup_bitmask(case, vocab_size))[0]
 
 
 def _has_xgrammar() -> bool:

@@ -32,8 +32,6 @@ class ScheduledSequence:
     output_token_ids: list[int] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
-    # constrained output, sampling this step: the tokens its grammar allows ([1, words] int32 bitmask, CPU)
-    grammar_bitmask: Any = None
     # speculative decoding: the last num_spec_tokens of token_ids are proposals; the runner scores every
     # position from the last verified token on and verifies them (do_sample is then True)
     num_spec_tokens: int = 0
@@ -47,6 +45,11 @@ class ScheduledSequence:
     @property
     def num_new_tokens(self) -> int:
         return len(self.token_ids)
+
+
+def sampling_indices(scheduled: list[ScheduledSequence]) -> list[int]:
+    """The rows that sample one token this step, in the sampler's order (rows verifying proposals apart)."""
+    return [i for i, s in enumerate(scheduled) if s.do_sample and not s.num_spec_tokens]
 
 
 @dataclass
@@ -63,6 +66,10 @@ class SchedulerOutput:
     # in-process runners only (never sent to workers): the engine's hook that fills the grammar masks,
     # called once the forward is queued, so the CPU fills them while the device runs it
     before_sample: Any = field(default=None, repr=False, compare=False)
+    # structured outputs: the tokens each sampling row may take ([len(sampling_indices(scheduled)), words]
+    # int32 packed bitmask on the host, row k for the k-th sampling row; all ones for an unconstrained row),
+    # None when no row is constrained. Filled by the engine (before_sample, or before the step is sent)
+    grammar_bitmask: Any = None
 
     @property
     def num_batched_tokens(self) -> int:

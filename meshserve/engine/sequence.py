@@ -60,6 +60,7 @@ class Sequence:
     slo_ttft_s: float | None = None  # this request's targets (None: the server's, if any)
     slo_tpot_s: float | None = None
     grammar: Any = None  # xgrammar GrammarMatcher of a constrained output: it has accepted every output token
+    grammar_stop_ids: frozenset[int] = frozenset()  # the tokens whose acceptance can end the grammar
     # speculative decoding: proposed next tokens awaiting verification (never in output_token_ids, never
     # in the prefix cache), and how many tokens the last step appended (accepted proposals + 1)
     spec_token_ids: list[int] = field(default_factory=list)

@@ -8,7 +8,7 @@ import torch
 
 from meshserve.distributed.parallel_state import get_parallel_state
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, to_token_logprobs
-from meshserve.engine.scheduler_output import ScheduledSequence
+from meshserve.engine.scheduler_output import ScheduledSequence, sampling_indices
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs
 from meshserve.spec_decode.rejection_sampler import to_device, verify_on_device
@@ -17,13 +17,14 @@ from meshserve.structured.bitmask import apply_bitmask
 
 def sample_rows(sampler: Sampler, logits: torch.Tensor, rows: list[ScheduledSequence],
                 banned: list[list[int]], generator_of: Callable[[ScheduledSequence], torch.Generator | None],
-                vocab_size: int, device: torch.device) -> tuple[torch.Tensor, SamplerOutput | None]:
-    """One token per row from its logits [rows, V]: the grammar masks first, then the plain argmax when no row
-    has settings to upload, else the Sampler with the rows' settings (banned: each row's banned ids).
+                vocab_size: int, device: torch.device,
+                grammar_bitmask: torch.Tensor | None = None) -> tuple[torch.Tensor, SamplerOutput | None]:
+    """One token per row from its logits [rows, V]: the grammar masks first (grammar_bitmask: [rows, words],
+    one per row, applied to the whole batch in one op), then the plain argmax when no row has settings to
+    upload, else the Sampler with the rows' settings (banned: each row's banned ids).
     Returns (token ids, the SamplerOutput or None). StepSampler.sample and the start-up warm-up share it."""
-    constrained = [j for j, s in enumerate(rows) if s.grammar_bitmask is not None]
-    if constrained:  # structured outputs: only the tokens each grammar allows next
-        apply_bitmask(logits, [rows[j].grammar_bitmask for j in constrained], constrained)
+    if grammar_bitmask is not None:  # structured outputs: only the tokens each grammar allows next
+        apply_bitmask(logits, grammar_bitmask)
     if all(s.params.greedy and s.params.logprobs is None and not s.params.uses_penalties
            and not s.params.logit_bias for s in rows) and not any(banned):
         return logits.argmax(dim=-1), None  # plain greedy: no per-row settings to upload
@@ -88,9 +89,10 @@ class StepSampler:
         return gen
 
     def sample(self, scheduled: list[ScheduledSequence], hidden: torch.Tensor, meta: AttentionMetadata,
-               parity: int) -> PendingOutput:
+               parity: int, grammar_bitmask: torch.Tensor | None = None) -> PendingOutput:
         """Logits for sampling rows and prompt-logprob rows; sampling on TP rank 0 only (the LM head's
-        all-gather needs every TP rank, the sampler does not). Sampled ids come back asynchronously."""
+        all-gather needs every TP rank, the sampler does not). Sampled ids come back asynchronously.
+        grammar_bitmask: SchedulerOutput.grammar_bitmask (a row per sampling_indices row)."""
         result = ModelRunnerOutput()
         samples = get_parallel_state().tp_rank == 0
         qsl = meta.query_start_loc_cpu
@@ -110,12 +112,11 @@ class StepSampler:
                 lps = compute_logprobs(logits, next_ids, k)
                 result.prompt_logprobs[s.seq_id] = (start, to_token_logprobs(next_ids, *lps))
 
-        sample_idx = [i for i, s in enumerate(scheduled) if s.do_sample]
         spec = None
-        if any(scheduled[i].num_spec_tokens for i in sample_idx):
-            spec = self._verify([i for i in sample_idx if scheduled[i].num_spec_tokens], scheduled, hidden, qsl,
-                                samples, meta)
-            sample_idx = [i for i in sample_idx if not scheduled[i].num_spec_tokens]
+        if any(s.do_sample and s.num_spec_tokens for s in scheduled):
+            spec = self._verify([i for i, s in enumerate(scheduled) if s.do_sample and s.num_spec_tokens],
+                                scheduled, hidden, qsl, samples, meta)
+        sample_idx = sampling_indices(scheduled)
         if not sample_idx:
             self._remember([], None, spec)
             return self._pending(result, [], None, parity, spec=spec)
@@ -133,7 +134,7 @@ class StepSampler:
         banned = [sorted(s.params._all_stop_token_ids) if s.num_output_tokens < s.params.min_tokens else []
                   for s in rows]
         token_ids, sampled = sample_rows(self.sampler, logits, rows, banned, self._generator, self.vocab_size,
-                                         self.device)
+                                         self.device, grammar_bitmask)
         return self._pending(result, rows, token_ids, parity, sampled, spec)
 
     def _verify(self, spec_idx: list[int], scheduled: list[ScheduledSequence], hidden: torch.Tensor,

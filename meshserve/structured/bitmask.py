@@ -1,11 +1,15 @@
-"""Per-step allowed-token masks: filled on the CPU from each request's matcher, applied to the logits.
+"""Per-step allowed-token masks applied to the logits: one packed mask per sampling row, one device op.
 
-A mask is xgrammar's packed bitmask: int32 words, bit t % 32 of word t // 32 set when token t is allowed.
+A mask is xgrammar's packed bitmask: int32 words, bit t % 32 of word t // 32 set when token t is allowed; a
+row of all ones (-1) allows every token (an unconstrained row of a mixed batch). The masks are filled on
+the CPU (bitmask_filler.py), copied once and applied to the whole batch's logits in place.
 """
 
 from __future__ import annotations
 
 import torch
+
+ALLOW_ALL = -1  # every bit set
 
 
 def fill_bitmask(matcher, vocab_size: int) -> torch.Tensor:
@@ -14,37 +18,42 @@ def fill_bitmask(matcher, vocab_size: int) -> torch.Tensor:
 
 
 def fill_bitmasks(matchers: list, vocab_size: int) -> torch.Tensor:
-    """One bitmask row per matcher ([len(matchers), words], CPU), filled one by one: xgrammar's threaded
-    BatchGrammarMatcher was slower on a 2-core machine (10x with its "auto" thread count); to be measured
-    on the device before switching."""
+    """One bitmask row per matcher ([len(matchers), words], CPU; None: allow everything), filled one by one:
+    the plain reference of BitmaskFiller.fill."""
     import xgrammar as xgr
 
     bitmask = xgr.allocate_token_bitmask(len(matchers), vocab_size)
     for i, matcher in enumerate(matchers):
-        matcher.fill_next_token_bitmask(bitmask, i)
+        if matcher is not None:
+            matcher.fill_next_token_bitmask(bitmask, i)
     return bitmask
 
 
-def apply_bitmask(logits: torch.Tensor, bitmasks: list[torch.Tensor], rows: list[int]) -> None:
-    """Set the logits of disallowed tokens to -inf, in place, for the given rows (one bitmask each)."""
-    import xgrammar as xgr
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set the logits [rows, V] of disallowed tokens to -inf, in place: row r by bitmask row r ([rows, words]
+    int32, on the host (pinned: the copy does not wait) or on the logits' device). One kernel for the batch:
+    xgrammar's Triton kernel on a GPU, its CPU kernel for fp32 on the CPU, else the torch reference."""
+    if bitmask.shape[0] != logits.shape[0]:
+        raise ValueError(f"{bitmask.shape[0]} bitmask rows for {logits.shape[0]} rows of logits")
+    vocab = min(logits.shape[-1], bitmask.shape[-1] * 32)
+    bitmask = bitmask.to(logits.device, non_blocking=True)
+    if logits.device.type == "cuda" or logits.dtype == torch.float32:
+        import xgrammar as xgr
 
-    packed = torch.cat(bitmasks).to(logits.device, non_blocking=True)
-    every_row = len(rows) == logits.shape[0]
-    # xgrammar's CPU kernel takes fp32 only; its index list maps a bitmask row to the same logits row, so
-    # a subset of rows is masked on a gathered copy (two small kernels) rather than a batch-wide bitmask
-    if every_row and (logits.device.type != "cpu" or logits.dtype == torch.float32):
-        xgr.apply_token_bitmask_inplace(logits, packed)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab)
         return
-    index = torch.tensor(rows, device=logits.device)
-    sub = logits.index_select(0, index)
-    work = sub.float() if logits.device.type == "cpu" else sub
-    xgr.apply_token_bitmask_inplace(work, packed)
-    logits.index_copy_(0, index, work.to(logits.dtype))
+    apply_bitmask_reference(logits, bitmask)
+
+
+def apply_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """apply_bitmask in plain torch: unpack the bits and fill the disallowed logits with -inf."""
+    vocab = min(logits.shape[-1], bitmask.shape[-1] * 32)
+    allowed = bitmask_to_bool(bitmask.to(logits.device), vocab)
+    logits[:, :vocab].masked_fill_(~allowed, float("-inf"))
 
 
 def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[rows, vocab] booleans (True = allowed) of a packed bitmask: the plain reference."""
-    bits = torch.arange(32, dtype=torch.int32)
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     unpacked = (bitmask.unsqueeze(-1) >> bits) & 1  # [rows, words, 32]
     return unpacked.flatten(1)[:, :vocab_size].bool()

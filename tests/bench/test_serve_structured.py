@@ -14,6 +14,7 @@ from meshserve.bench.serve_structured import (
     format_table,
     json_scores,
     load_schema,
+    matched_output_len,
     overhead_rows,
     response_format,
     structured_stats,
@@ -67,8 +68,35 @@ def test_overheads_pair_each_schema_point_with_the_free_one():
     one = rows["meshserve", 1]
     assert math.isclose(one["tok_s_overhead"], 0.05) and math.isclose(one["tpot_overhead"], 0.04)
     assert one["free_first_ttft_ms"] == pytest.approx(30.0) and one["first_ttft_ms"] == pytest.approx(250.0)
+    assert one["matched"] is False  # 128 free tokens against 50: not like for like
     assert rows["meshserve", 64]["tok_s_overhead"] == 0.0 and math.isclose(rows["meshserve", 64]["tpot_overhead"], 0.05)
     assert "tok_s_overhead" not in rows["vllm", 1]
     table = format_table(reports).splitlines()
-    assert len(table) == 5 and "| meshserve | m | 1 | 200 / 190 (+5.0%) | 5.00 / 5.20 (+4.0%) | 128.0 / 50.0 |" in table[2]
-    assert table[4].startswith("| vllm | m | 1 | - / 180 (-) |")
+    assert len(table) == 5
+    assert table[2].startswith("| meshserve | m | 1 | longer | 200 / 190 (+5.0%) | 5.00 / 5.20 (+4.0%) | - / - (-) | "
+                               "128.0 / 50.0 |"), table[2]
+    assert table[4].startswith("| vllm | m | 1 | - | - / 180 (-) |")
+
+
+def test_the_free_run_of_matching_length_is_the_baseline_first():
+    """A schema point against two free runs: the one whose answers are as long comes first, marked matched,
+    with the ITL p50 overhead; the longer one follows for context."""
+    long_free = _report("meshserve", False, [(64, 10000.0, 0.0053)], 0.08)
+    short_free = _report("meshserve", False, [(64, 7000.0, 0.0060)], 0.08)
+    short_free["points"][0]["output_tokens_per_request"] = 47.0
+    schema = _report("meshserve", True, [(64, 6800.0, 0.0063)], 0.5)
+    schema["points"][0]["output_tokens_per_request"] = 47.2
+    for rep, itl in ((long_free, 0.0053), (short_free, 0.0056), (schema, 0.0058)):
+        rep["points"][0]["itl_p50"] = itl
+    rows = overhead_rows([long_free, schema, short_free])
+    assert [r["matched"] for r in rows] == [True, False]
+    assert rows[0]["free_output_tok_s"] == 7000.0 and math.isclose(rows[0]["tpot_overhead"], 0.05)
+    assert math.isclose(rows[0]["itl_overhead"], 0.058 / 0.056 - 1)
+    assert math.isclose(rows[1]["tpot_overhead"], 0.0063 / 0.0053 - 1)
+    table = format_table([long_free, schema, short_free]).splitlines()
+    assert ("| same length | 7,000 / 6,800 (+2.9%) | 6.00 / 6.30 (+5.0%) | 5.60 / 5.80 (+3.6%) | 47.0 / 47.2 |"
+            in table[2])
+    assert "| longer |" in table[3]
+    assert matched_output_len([long_free, schema]) == 47
+    with pytest.raises(ValueError, match="no schema run"):
+        matched_output_len([long_free])

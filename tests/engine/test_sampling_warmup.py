@@ -38,11 +38,11 @@ def _run(monkeypatch):
 
     real = step_sampler.apply_bitmask
 
-    def apply_bitmask(logits, masks, rows):
-        calls["bitmask_rows"].append(len(rows))
-        assert all(m.shape == (1, -(-VOCAB // 32)) for m in masks)
-        real(logits, masks, rows)
-        assert torch.isfinite(logits[rows]).all()  # every token allowed: nothing masked
+    def apply_bitmask(logits, bitmask):
+        calls["bitmask_rows"].append(bitmask.shape[0])
+        assert bitmask.shape == (logits.shape[0], -(-VOCAB // 32)) and bitmask.dtype == torch.int32
+        real(logits, bitmask)
+        assert torch.isfinite(logits).all()  # every token allowed: nothing masked
 
     monkeypatch.setattr(step_sampler, "apply_bitmask", apply_bitmask)
     sampler = RecordingSampler()

@@ -64,6 +64,34 @@ def test_async_scheduling_changes_no_constrained_token(path):
     assert [[c.token_ids for c in o.outputs] for o in sync] == [[c.token_ids for c in o.outputs] for o in async_]
 
 
+def test_batched_masks_change_no_token(path, monkeypatch):
+    """The engine's one-call fill (BitmaskFiller) against the per-row reference fill: the same tokens for
+    every constrained output; the unconstrained neighbour (an all-ones mask row) decodes as it does alone."""
+    from meshserve.structured.bitmask import fill_bitmasks
+    from meshserve.structured.bitmask_filler import BitmaskFiller
+
+    batched, _ = _run(path, True)
+    monkeypatch.setattr(BitmaskFiller, "fill", lambda self, matchers: fill_bitmasks(matchers, self.words * 32))
+    per_row, _ = _run(path, True)
+    assert [[c.token_ids for c in o.outputs] for o in batched] == [[c.token_ids for c in o.outputs] for o in per_row]
+    llm = LLM(model=path, async_scheduling=True, max_model_len=256)
+    try:
+        alone = llm.generate([[9, 10, 11] * 10], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+                             use_tqdm=False)[0]
+    finally:
+        llm.shutdown()
+    assert batched[1].outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+@pytest.mark.slow
+def test_worker_processes_get_the_masks_with_the_step(path):
+    """TP 2 (worker processes: the step's masks travel pickled inside the SchedulerOutput, filled before it
+    is sent): the same tokens as one process."""
+    one, _ = _run(path, True)
+    two, _ = _run(path, True, tensor_parallel_size=2)
+    assert [[c.token_ids for c in o.outputs] for o in one] == [[c.token_ids for c in o.outputs] for o in two]
+
+
 def test_choice_regex_and_grammar(path):
     llm = LLM(model=path, max_model_len=256)
     try:

@@ -7,7 +7,8 @@ import pytest
 import torch
 import xgrammar as xgr
 
-from meshserve.structured.bitmask import apply_bitmask, bitmask_to_bool, fill_bitmask, fill_bitmasks
+from meshserve.structured.bitmask import (ALLOW_ALL, apply_bitmask, apply_bitmask_reference, bitmask_to_bool,
+                                          fill_bitmask, fill_bitmasks)
 
 VOCAB = ["a", "b", "c", "ab", "{", "}", '"', ":", " ", "1", "</s>"]
 EOS = len(VOCAB) - 1
@@ -32,12 +33,21 @@ def _reference_mask(allowed: torch.Tensor, logits: torch.Tensor, rows: list[int]
 def test_apply_equals_reference_on_random_masks(vocab_size, dtype):
     gen = torch.Generator().manual_seed(vocab_size)
     words = (vocab_size + 31) // 32
-    masks = [torch.randint(-(2**31), 2**31 - 1, (1, words), dtype=torch.int32, generator=gen) for _ in range(2)]
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (4, words), dtype=torch.int32, generator=gen)
+    bitmask[[0, 2]] = ALLOW_ALL  # unconstrained rows of a mixed batch
     logits = torch.randn(4, vocab_size, generator=gen).to(dtype)
     rows = [1, 3]
-    expected = _reference_mask(bitmask_to_bool(torch.cat(masks), vocab_size), logits, rows)
-    apply_bitmask(logits, masks, rows)
+    expected = _reference_mask(bitmask_to_bool(bitmask[rows], vocab_size), logits, rows)
+    reference = logits.clone()
+    apply_bitmask(logits, bitmask)
     assert torch.equal(logits, expected)  # rows 0 and 2 untouched, the others masked bit by bit
+    apply_bitmask_reference(reference, bitmask)
+    assert torch.equal(reference, expected)
+
+
+def test_apply_refuses_a_mask_per_other_rows():
+    with pytest.raises(ValueError, match="2 bitmask rows for 3 rows"):
+        apply_bitmask(torch.zeros(3, 40), torch.full((2, 2), ALLOW_ALL, dtype=torch.int32))
 
 
 def test_fill_follows_the_grammar_token_by_token():
@@ -60,7 +70,7 @@ def test_masked_greedy_decoding_spells_the_only_allowed_output():
     while not m.is_terminated():
         logits = torch.zeros(1, len(VOCAB))
         logits[0, VOCAB.index("a")] = 10.0  # the model "wants" a
-        apply_bitmask(logits, [fill_bitmask(m, len(VOCAB))], [0])
+        apply_bitmask(logits, fill_bitmask(m, len(VOCAB)))
         token = int(logits.argmax())
         assert m.accept_token(token)
         out.append(token)
@@ -73,3 +83,21 @@ def test_batch_fill_equals_one_by_one():
     batch = fill_bitmasks(matchers, len(VOCAB))
     assert torch.equal(batch, torch.cat([fill_bitmask(m, len(VOCAB)) for m in matchers]))
     assert {VOCAB[t] for t in bitmask_to_bool(batch, len(VOCAB))[0].nonzero().flatten().tolist()} == {"b", "c"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_apply_on_the_device_from_pinned_memory_equals_reference(rows):
+    """The engine's GPU path: a pinned host mask, copied without blocking, xgrammar's Triton kernel on bf16
+    logits of SmolLM2's width; the same logits as the torch reference on the CPU."""
+    gen = torch.Generator().manual_seed(rows)
+    vocab = 49152
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (rows, vocab // 32), dtype=torch.int32, generator=gen).pin_memory()
+    bitmask[0] = ALLOW_ALL
+    logits = torch.randn(rows, vocab, generator=gen).to(torch.bfloat16)
+    expected = logits.clone()
+    apply_bitmask_reference(expected, bitmask)
+    on_device = logits.cuda()
+    apply_bitmask(on_device, bitmask)
+    assert torch.equal(on_device.cpu(), expected)

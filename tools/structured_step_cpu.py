@@ -1,0 +1,106 @@
+"""The engine's host time per decode step with grammars, on the CPU (issue 27): a tiny Llama (2 layers, hidden
+64) with SmolLM2's vocabulary (49,152) and tokenizer, dummy weights, async scheduling, B requests at once,
+greedy, answers of the schema's length: free, then under the person schema. Reports the mean wall time of an
+engine step while all B decode, and inside it the grammar parts: the masks' fill (core), the masks' apply
+(sampler), the matchers' accept (scheduler's update, with the rest of the update). Run it on main and on a
+branch to compare (the same file: it patches names both versions have).
+
+    PYTHONPATH=<checkout> python tools/structured_step_cpu.py --model-dir .smodel/llama-3.1-8b-smol [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "torch_dtype": "float32"}
+
+
+def timed(obj, name: str, acc: dict[str, float]):
+    fn = getattr(obj, name)
+
+    def wrapped(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+    setattr(obj, name, wrapped)
+
+
+def run(model: str, batch: int, out_len: int, schema: dict | None, warm: int) -> dict[str, float]:
+    from meshserve import LLM, SamplingParams
+    from meshserve.engine import step_sampler
+
+    llm = LLM(model=model, load_format="dummy", max_model_len=512, max_num_seqs=batch, async_scheduling=True,
+              seed=0)
+    try:
+        engine, core = llm.engine, llm.engine.core
+        tok = llm.get_tokenizer()
+        prompts = [tok.apply_chat_template([{"role": "user", "content": f"Extract person {i}: Ann, 3{i % 10}, Oslo."}],
+                                           add_generation_prompt=True, tokenize=False) for i in range(batch)]
+        params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=schema is None,
+                                structured_outputs={"json": schema} if schema else None)
+        llm.generate(prompts[:4], params, use_tqdm=False)  # compile the grammar, warm the paths
+        acc: dict[str, float] = {}
+        timed(core, "_fill_grammar_bitmasks", acc)
+        timed(core.scheduler, "update_after_step", acc)
+        timed(step_sampler, "apply_bitmask", acc)
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, params)
+        steps, walls, tokens = 0, [], 0
+        while engine.has_unfinished_requests():
+            decoding = core.scheduler.num_running == batch and core.scheduler.num_waiting == 0
+            before = dict(acc)
+            t0 = time.perf_counter()
+            outs = engine.step()
+            wall = time.perf_counter() - t0
+            steps += 1
+            tokens += sum(1 for _ in outs)
+            if decoding and steps > warm:
+                walls.append((wall, {k: acc.get(k, 0.0) - before.get(k, 0.0) for k in acc}))
+        n = max(1, len(walls))
+        res = {"steps_measured": len(walls), "step_ms": statistics.mean(w for w, _ in walls) * 1e3 if walls else 0.0}
+        for key in ("_fill_grammar_bitmasks", "apply_bitmask", "update_after_step"):
+            res[f"{key}_ms"] = sum(parts.get(key, 0.0) for _, parts in walls) / n * 1e3
+        return res
+    finally:
+        llm.shutdown()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-dir", required=True, help="a folder with SmolLM2's tokenizer (make_structured_model.py)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=47, help="the free answers' length (the schema's mean)")
+    p.add_argument("--warm", type=int, default=3, help="decode steps skipped before measuring")
+    p.add_argument("--output-json", default=None)
+    ns = p.parse_args()
+    from meshserve.bench.serve_structured import data_path
+
+    schema = json.loads(Path(data_path("person_schema.json")).read_text())
+    work = Path(tempfile.mkdtemp(prefix="structcpu-"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(ns.model_dir) / name, work / name)
+    config = json.loads((Path(ns.model_dir) / "config.json").read_text())
+    (work / "config.json").write_text(json.dumps({**config, **TINY}))
+    results = {}
+    for label, sch in (("free", None), ("schema", schema)):
+        results[label] = run(str(work), ns.batch, ns.output_len if sch is None else 128, sch, ns.warm)
+        r = results[label]
+        print(f"{label}: {r['steps_measured']} decode steps of {ns.batch}: step {r['step_ms']:.2f} ms; fill "
+              f"{r['_fill_grammar_bitmasks_ms']:.3f}, apply {r['apply_bitmask_ms']:.3f}, scheduler update "
+              f"{r['update_after_step_ms']:.3f} ms", flush=True)
+    if ns.output_json:
+        Path(ns.output_json).write_text(json.dumps(results, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# the most rows this kernel takes: one tensor-core tile of M (a verify step of k <= 15 at batch 1, or
-# k <= 3 at batch 4); larger batches are GEMMs cuBLAS tiles well
+# the most rows this kernel takes: one tensor-core tile of M. A verify step at batch 1 (k + 1 <= 16 tokens)
+# replays the 16-token mixed-step graph (engine/mixed_graph.py MIN_BUCKET), so its linears see 16 rows,
+# padding included; larger batches are GEMMs cuBLAS tiles well
 MAX_ROWS = 16
 _BLOCK_M = 16
 

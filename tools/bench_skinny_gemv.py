@@ -62,7 +62,8 @@ def main():
                 ref = F.linear(x, w)
                 t_cublas = triton.testing.do_bench_cudagraph(lambda: F.linear(x, w)) * 1e3  # noqa: B023 (us)
                 if m == 1:
-                    fast, t_fast, cfg = gemv(x, w), triton.testing.do_bench_cudagraph(lambda: gemv(x, w)) * 1e3, "gemv"  # noqa: B023
+                    fast, cfg = gemv(x, w), "gemv"
+                    t_fast = triton.testing.do_bench_cudagraph(lambda: gemv(x, w)) * 1e3  # noqa: B023
                 else:
                     fast = skinny_gemv(x, w)
                     t_fast = triton.testing.do_bench_cudagraph(lambda: skinny_gemv(x, w)) * 1e3  # noqa: B023
@@ -72,9 +73,11 @@ def main():
                 if m in sweep_rows and m > 1:
                     for t in _sweep(n, k):
                         try:
-                            if not torch.allclose(skinny_gemv(x, w, tiles=t).float(), ref.float(), atol=2e-2, rtol=2e-2):
+                            y = skinny_gemv(x, w, tiles=t)
+                            if not torch.allclose(y.float(), ref.float(), atol=2e-2, rtol=2e-2):
                                 continue
-                            us = triton.testing.do_bench_cudagraph(lambda: skinny_gemv(x, w, tiles=t)) * 1e3  # noqa: B023
+                            us = triton.testing.do_bench_cudagraph(
+                                lambda: skinny_gemv(x, w, tiles=t)) * 1e3  # noqa: B023
                         except Exception as e:  # noqa: BLE001 - a tile that does not compile or fit is skipped
                             print(f"  {model} {name} m={m} {t}: {type(e).__name__}")
                             continue

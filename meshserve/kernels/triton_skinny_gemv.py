@@ -14,6 +14,7 @@ skinny_gemv_ref is F.linear: the same products up to the order of the fp32 accum
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -90,10 +91,15 @@ def _skinny_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_w
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
 
+@functools.cache
+def _sms_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132  # the interpreter: an H100/H200's count, so CPU tests take the GPU's tiles
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _sms_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def skinny_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

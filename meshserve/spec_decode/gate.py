@@ -88,7 +88,9 @@ class SpeculationGate:
         """Whether the measured verify step at this batch beats even a plain step at the bandwidth floor."""
         verify = self.measured.verify_seconds(batch)
         floor = self.step_model.floor(StepShape(batch, batch, context_tokens))
-        return verify is not None and floor > 0.0 and expected_tokens(self.acceptance, self.k) / verify > (1.0 + self.margin) / floor
+        if verify is None or floor <= 0.0:
+            return False
+        return expected_tokens(self.acceptance, self.k) / verify > (1.0 + self.margin) / floor
 
     def will_propose(self) -> bool:
         """A guess at the next decide() without changing state: on, or off with a probe due."""

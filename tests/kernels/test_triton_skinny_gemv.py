@@ -2,7 +2,8 @@
 
 Without CUDA the kernel runs in the Triton CPU interpreter in fp32 and fp16; a subprocess also compiles it to
 sm_90 code with Triton's bundled ptxas (tl.dot's layouts, the split-K store, and that the weight loads are
-software-pipelined: cp.async in flight), which the interpreter does not check. GPU tests (-m gpu) take Llama-3.1-8B's and Qwen3-0.6B's shapes in bf16 and fp16.
+software-pipelined: cp.async in flight), which the interpreter does not check. GPU tests (-m gpu) take
+Llama-3.1-8B's and Qwen3-0.6B's shapes in bf16 and fp16.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def compile(pointers, out, const):
              ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_w", "stride_ym", "k_per_split")}
     src = ASTSource(_skinny_gemv_kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()},
                     attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 4}).asm["ptx"]
+    options = {"num_warps": 4, "num_stages": 4}
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
     # tensor-core products, and the weight stream software-pipelined (async copies in flight)
     assert "mma.sync" in ptx and "cp.async" in ptx, "no mma or no pipelined loads"
 

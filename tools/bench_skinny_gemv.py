@@ -34,7 +34,7 @@ SHAPES = {
 
 def _sweep(n: int, k: int) -> list[SkinnyTiles]:
     tiles = [SkinnyTiles(bn, bk, s, w, st) for bn, bk, s, w, st in
-             itertools.product((16, 32, 64), (128, 256, 512), (1, 2, 4), (4, 8), (3, 4))
+             itertools.product((16, 32, 64), (128, 256, 512), (1, 2, 4), (1, 2, 4), (3, 4))
              if s == 1 or k // s >= 4 * bk]
     return tiles
 

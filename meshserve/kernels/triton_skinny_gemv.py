@@ -46,7 +46,8 @@ class SkinnyTiles:
 
 def skinny_tiles(n: int, k: int, num_sms: int) -> SkinnyTiles:
     """Tiles for N outputs of K features on a GPU of num_sms: 16 weight rows x 256 columns (8 KB) per step,
-    four steps in flight; K split (fp32 partials, summed by two more kernels) only while the row blocks leave
+    three in flight, two warps (each its own 8 of the 16 columns of the m16n8 products: with four, ptxas
+    sm_90 code has two warps repeat each product and its shared-memory reads); K split (fp32 partials, summed by two more kernels) only while the row blocks leave
     SMs idle (Qwen3-0.6B's 1,024-output projections), each split keeping at least four K steps."""
     block_n, block_k = 16, 256
     programs = triton.cdiv(n, block_n)
@@ -54,7 +55,7 @@ def skinny_tiles(n: int, k: int, num_sms: int) -> SkinnyTiles:
     max_split = max(1, k // (4 * block_k))
     while programs * split < num_sms and split * 2 <= max_split:
         split *= 2
-    return SkinnyTiles(block_n, block_k, split, num_warps=4, num_stages=4)
+    return SkinnyTiles(block_n, block_k, split, num_warps=2, num_stages=4)
 
 
 @triton.jit

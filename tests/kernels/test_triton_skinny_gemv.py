@@ -120,9 +120,9 @@ _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from meshserve.kernels.triton_skinny_gemv import _skinny_gemv_kernel
+from meshserve.kernels.triton_skinny_gemv import _skinny_gemv_kernel, skinny_tiles
 
-def compile(pointers, out, const):
+def compile(pointers, out, const, warps=4):
     names = list(_skinny_gemv_kernel.arg_names)
     sig = {n: "i32" for n in names}
     sig.update({n: pointers for n in ("x_ptr", "w_ptr", "b_ptr")})
@@ -133,13 +133,19 @@ def compile(pointers, out, const):
              ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_w", "stride_ym", "k_per_split")}
     src = ASTSource(_skinny_gemv_kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()},
                     attrs=attrs)
-    options = {"num_warps": 4, "num_stages": 4}
+    options = {"num_warps": warps, "num_stages": 4}
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
     # tensor-core products, and the weight stream software-pipelined (async copies in flight)
     assert "mma.sync" in ptx and "cp.async" in ptx, "no mma or no pipelined loads"
+    return ptx.count("mma.sync")
 
-# bf16 with a bias (one launch), fp16 split over K (fp32 partials)
-compile("*bf16", "*bf16", dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1))
+# bf16 with a bias in the default tiles (one launch), fp16 split over K (fp32 partials)
+t = skinny_tiles(4096, 4096, 132)
+per_warp = compile("*bf16", "*bf16", dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                                          SPLIT_K=1), t.num_warps)
+# the loop body's m16n8k16 products (once in the PTX), over the warps: each product once, none repeated
+needed = (t.block_n // 8) * (t.block_k // 16)
+assert per_warp * t.num_warps == needed, f"{per_warp} mma a warp x {t.num_warps} warps != {needed}"
 compile("*fp16", "*fp32", dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, SPLIT_K=2))
 print("compiled")
 """

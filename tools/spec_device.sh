@@ -4,10 +4,17 @@
 #   1. --replay: batch 1, tok/s against controlled acceptance P for k = 2, 4, 8, beside no speculation;
 #   2. --replay at batch 64 (the large-batch cost, goal >= 0.97x);
 #   3. --w1 with the n-gram proposer (W1's token-id prompt: the dummy model's own repetitive continuation);
-#   4. EAGLE-3's GPU tests and W1 with a random head (what a draft step costs), where EAGLE=1.
+#   4. EAGLE-3's GPU tests and W1 with a random head (what a draft step costs), where EAGLE=1;
+#   5. SKINNY=1 (alone unless PARTS is given): the skinny GEMV's GPU tests, its kernel times against cuBLAS at
+#      M = 1/5/16 (a batch-1 verify step of k = 4 replays the 16-token mixed graph: its linears see 16 rows),
+#      the spec GPU tests with it on, then the batch-1 replay (PS, default 0.9,1; KS, default 4,8) with
+#      MESHSERVE_SKINNY_GEMV=0 and =1 back to back; SWEEP=5 also sweeps its tiles at 5 rows.
+# The b64 part's JSON rows carry the gate's decision (gate_on, gate_plain_probes, gate_step_s: its measured
+# plain and verify step seconds).
 # Each part stops starting past BUDGET seconds (default 540). JSON and logs: $OUT/spec.tgz; summary to stdout.
 # Usage (device, repo root, carry .whl):
-#   [MODEL=llama-3.1-8b] [PARTS="b1 b64 ngram"] [PS=0,...] [KS=2,4,8] [FORCED=1] [EAGLE=1] bash tools/spec_device.sh
+#   [MODEL=llama-3.1-8b] [PARTS="b1 b64 ngram"] [PS=0,...] [KS=2,4,8] [FORCED=1] [EAGLE=1] [SKINNY=1 [SWEEP=5]]
+#   bash tools/spec_device.sh
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 R=/tmp/spec; mkdir -p $R $OUT
@@ -27,7 +34,25 @@ part() {  # NAME LIMIT ARGS...: one bench run, its table's rows to stdout
 nvidia-smi --query-gpu=name --format=csv,noheader
 # bf16 near-ties end a plain replay after a few tokens: the references stand in for the argmax (FORCED=0: not)
 forced=$([ "${FORCED:-1}" = 1 ] && echo --replay-forced)
-parts=" ${PARTS:-b1 b64 ngram} "
+default_parts=$([ "${SKINNY:-0}" = 1 ] && echo "" || echo "b1 b64 ngram")
+parts=" ${PARTS-$default_parts} "
+if [ "${SKINNY:-0}" = 1 ]; then
+  timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_triton_skinny_gemv.py \
+    > $R/skinny_tests.log 2>&1
+  echo "== skinny gemv gpu tests rc $?: $(tail -1 $R/skinny_tests.log)"; grep -E "^FAILED" $R/skinny_tests.log | head -5
+  timeout 240 python3 tools/bench_skinny_gemv.py --rows 1,5,16 ${SWEEP:+--sweep $SWEEP} --json $R/skinny_kernels.json \
+    > $R/skinny_kernels.log 2>&1
+  echo "== skinny gemv kernels rc $?"; grep -E "copy bandwidth| m= 5 | m=16 |step " $R/skinny_kernels.log | head -40
+  MESHSERVE_SKINNY_GEMV=1 timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider \
+    tests/gpu/test_gpu_spec_decode.py > $R/skinny_spec_tests.log 2>&1
+  echo "== spec gpu tests with the skinny gemv rc $?: $(tail -1 $R/skinny_spec_tests.log)"
+  grep -E "^FAILED" $R/skinny_spec_tests.log | head -5
+  for s in 0 1; do
+    export MESHSERVE_SKINNY_GEMV=$s
+    part replay_b1_skinny$s 200 --replay "${PS:-0.9,1}" --replay-k "${KS:-4,8}" $forced
+  done
+  unset MESHSERVE_SKINNY_GEMV
+fi
 [[ $parts == *" b1 "* ]] && part replay_b1 300 --replay "${PS:-0,0.3,0.5,0.6,0.7,0.8,0.9,1}" --replay-k "${KS:-2,4,8}" $forced
 [[ $parts == *" b64 "* ]] && part replay_b64 150 --replay "${PS64:-0.6,0.8,1}" --replay-k "${KS64:-2,4}" --batch-size 64 $forced
 [[ $parts == *" ngram "* ]] && part ngram_w1 120 --w1 --k 2,4 \

@@ -67,8 +67,13 @@ WORKLOADS = {
 
 
 def _spec_stats(llm) -> dict:
-    s = llm.engine.core.speculator.stats
+    s, gate = llm.engine.core.speculator.stats, llm.engine.core.speculator.gate
+    measured = gate.measured.times(gate.last_batch) if gate.last_batch else None
     return {
+        "gate_on": gate.is_on,
+        "gate_plain_probes": gate.num_plain_probes,
+        # the gate's measured (plain, verify) step seconds at the run's batch, when it measured both
+        "gate_step_s": [round(t, 5) for t in measured] if measured else None,
         "acceptance_rate": round(s.acceptance_rate, 3),
         "mean_accepted_len": round(s.mean_acceptance_length, 2),
         "drafts": s.num_drafts,
@@ -100,9 +105,13 @@ def _engine_kwargs(ns) -> dict:
 
 
 def _fresh_stats(llm) -> None:
+    from meshserve.spec_decode.gate import SpeculationGate
     from meshserve.spec_decode.stats import SpecDecodeStats
 
-    llm.engine.core.speculator.stats = SpecDecodeStats()
+    speculator = llm.engine.core.speculator
+    speculator.stats = SpecDecodeStats()
+    # each point starts as a fresh engine would: no acceptance or step times carried over from the last one
+    speculator.gate = SpeculationGate(speculator.gate.k, speculator.gate.step_model)
 
 
 def run_real_text(ns) -> list[dict]:

@@ -99,6 +99,12 @@ class StepTimeModel:
         return (1e3 * dense, 1e3 * shape.context_tokens * self.kv_bytes_per_token / self.rates.bandwidth,
                 1.0 if shape.num_seqs < shape.num_tokens > self.graphed_mixed_tokens else 0.0)
 
+    def floor(self, shape: StepShape) -> float:
+        """The fastest this step can be: its weight and KV bytes read at the data sheet's bandwidth (no fit)."""
+        if shape.num_tokens == 0:
+            return 0.0
+        return (self.weight_bytes + shape.context_tokens * self.kv_bytes_per_token) / self.rates.bandwidth
+
     def predict(self, shape: StepShape) -> float:
         if shape.num_tokens == 0:
             return 0.0

@@ -32,6 +32,15 @@ def _triton_gemv():
 
 
 @functools.cache
+def _triton_skinny_gemv():
+    try:
+        from meshserve.kernels import triton_skinny_gemv
+    except ImportError:
+        return None
+    return triton_skinny_gemv
+
+
+@functools.cache
 def _triton_fp8_fused():
     try:
         from meshserve.kernels import triton_fp8_fused
@@ -76,10 +85,24 @@ def gemv_for(x: torch.Tensor, weight: torch.Tensor, enabled: bool):
     return None
 
 
+def skinny_gemv_for(x: torch.Tensor, weight: torch.Tensor, enabled: bool):
+    """The Triton skinny GEMV module when enabled and x holds 2 to MAX_ROWS rows of 16-bit activations on a
+    GPU (a speculative verify step at small batch), else None."""
+    if not (enabled and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype):
+        return None
+    mod = _triton_skinny_gemv()
+    rows = x.numel() // max(x.shape[-1], 1)
+    return mod if mod is not None and 2 <= rows <= mod.MAX_ROWS else None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           gemv: bool = False) -> torch.Tensor:
-    """F.linear, or the Triton GEMV where `gemv` is enabled and gemv_for allows it."""
+           gemv: bool = False, skinny: bool = False) -> torch.Tensor:
+    """F.linear, or the Triton GEMV where `gemv` is enabled and gemv_for allows it (one row), or the skinny
+    GEMV where `skinny` is enabled and skinny_gemv_for allows it (a few rows)."""
     mod = gemv_for(x, weight, gemv)
     if mod is not None:
         return mod.gemv(x, weight, bias)
+    skinny_mod = skinny_gemv_for(x, weight, skinny)
+    if skinny_mod is not None:
+        return skinny_mod.skinny_gemv(x, weight, bias)
     return F.linear(x, weight, bias)

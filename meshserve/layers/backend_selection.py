@@ -22,6 +22,9 @@ Overrides (environment, read only here, for debugging and references):
                                             residual add and the next RMSNorm in one kernel over symmetric
                                             memory (layers/all_reduce_norm.py); 1 = pull (read the peers'
                                             buffers), push (write into them); opt-in until measured (issue 21)
+  MESHSERVE_SKINNY_GEMV=1                   2-16 rows of 16-bit activations (a speculative verify step at small
+                                            batch) through the Triton skinny GEMV (kernels/triton_skinny_gemv.py)
+                                            instead of cuBLAS; opt-in until measured on the H200 (issue 22)
   MESHSERVE_NORM_FOLD=1                     batch 1: both RMSNorms into the GEMVs around them (layers/norm_fold.py)
   MESHSERVE_PDL=1|auto                      programmatic dependent launch of the decode-path Triton kernels on
                                             sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
@@ -83,6 +86,7 @@ NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
 TP_FUSED_NORM_ENV = "MESHSERVE_TP_FUSED_NORM"
 TP_FUSED_NORM_CHOICES = ("", "pull", "push")
 NORM_FOLD_ENV = "MESHSERVE_NORM_FOLD"
+SKINNY_GEMV_ENV = "MESHSERVE_SKINNY_GEMV"
 DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
@@ -113,6 +117,7 @@ class KernelSelection:
     fused_ops: bool = False  # Triton RMSNorm (+ residual), rotary and SiLU-and-mul
     fused_prologue: bool = False  # q/k norm + rotary + KV write in one kernel, through the Triton backend
     gemv: bool = False  # Triton GEMV for single 16-bit rows (batch-1 decode), SiLU fused into down_proj
+    skinny_gemv: bool = False  # Triton GEMV for 2-16 16-bit rows (speculative verify at small batch)
     norm_gemv: bool = False  # residual add + RMSNorm inside the QKV / gate_up GEMV (layers/norm_linear.py)
     # TP all-reduce + residual add + RMSNorm in one kernel after o_proj / down_proj (layers/all_reduce_norm.py):
     # "" off, "pull" or "push" (TP_FUSED_NORM_CHOICES)
@@ -242,6 +247,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         # an fp8 cache too: the prologue scales and saturates K/V as the reshape-and-cache write does
         fused_prologue=fused_ops and attention == "triton",
         gemv=gemv,
+        skinny_gemv=gemv and os.environ.get(SKINNY_GEMV_ENV, "") not in ("", "0"),
         norm_gemv=gemv and fused_ops and os.environ.get(NORM_GEMV_ENV, "") not in ("", "0"),
         # off a GPU the layers take the same order with the all-reduce and the norm apart (tests the wiring)
         tp_fused_norm=_tp_fused_norm(),

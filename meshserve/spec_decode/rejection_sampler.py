@@ -101,12 +101,13 @@ def verify_on_device(
     offsets = [0]
     for k in ks[:-1]:
         offsets.append(offsets[-1] + k + 1)
+    # one host-to-device copy per step: [B, 3 + K] rows of (k_b, first logits row, greedy, proposals padded)
+    packed = to_device([[k, off, int(p.greedy), *d, *[0] * (kmax - k)]
+                        for k, off, p, d in zip(ks, offsets, params, draft_token_ids, strict=True)], dev)
+    k_t, draft, greedy = packed[:, 0], packed[:, 3:], packed[:, 2].bool()
     cols = torch.arange(width, device=dev)
-    k_t = to_device(ks, dev)
-    rows = to_device(offsets, dev).unsqueeze(1) + torch.minimum(cols.unsqueeze(0), k_t.unsqueeze(1))
-    draft = to_device([d + [0] * (kmax - len(d)) for d in draft_token_ids], dev).reshape(num_seqs, kmax)
+    rows = packed[:, 1:2] + torch.minimum(cols.unsqueeze(0), k_t.unsqueeze(1))
     valid = cols[:kmax].unsqueeze(0) < k_t.unsqueeze(1)  # [B, K]
-    greedy = to_device([p.greedy for p in params], dev, torch.bool)
 
     flat_logits = logits.index_select(0, rows.reshape(-1))  # [B*(K+1), V]
     argmax = flat_logits.argmax(dim=-1).view(num_seqs, width)

@@ -81,6 +81,12 @@ class Speculator:
             if entry.num_spec_tokens and tokens:
                 self.stats.observe(entry.num_spec_tokens, len(tokens) - 1)
                 self.gate.observe(entry.num_spec_tokens, len(tokens) - 1)
+        decode_only = bool(sched_out.scheduled) and all(
+            e.num_new_tokens == 1 + e.num_spec_tokens and e.num_computed_tokens >= e.num_prompt_tokens
+            for e in sched_out.scheduled)
+        if decode_only:  # the gate compares measured verify and plain steps (a prefill chunk would blur them)
+            self.gate.observe_step(len(sched_out.scheduled), any(e.num_spec_tokens for e in sched_out.scheduled),
+                                   runner_out.device_time_s)
         limit = self.config.disable_by_batch_size
         paused = limit is not None and num_running > limit
         # the gate learns from traffic, so it spares seeded requests: a seed gives the same tokens each time

@@ -28,7 +28,7 @@ def _no_overrides(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED"):
         monkeypatch.delenv(name, raising=False)
-    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV"):
+    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -73,6 +73,20 @@ def test_fixed_cost_switches(monkeypatch):
         monkeypatch.setenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", bad)
         with pytest.raises(ValueError, match="MESHSERVE_DECODE_CONTEXT_BOUNDS"):
             select_kernels(gpu)
+
+
+def test_skinny_gemv_is_opt_in_and_needs_the_gemv(monkeypatch):
+    # a speculative verify step's few rows through the Triton skinny GEMV: opt-in until measured (issue 22)
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert not select_kernels(gpu).skinny_gemv
+    monkeypatch.setenv("MESHSERVE_SKINNY_GEMV", "1")
+    assert select_kernels(gpu).skinny_gemv == gemv_importable()
+    assert not select_kernels(_config(dtype="bfloat16")).skinny_gemv  # CPU: the plain path
+    monkeypatch.setenv("MESHSERVE_DISABLE_FUSED_OPS", "1")
+    assert not select_kernels(gpu).skinny_gemv
+    monkeypatch.delenv("MESHSERVE_DISABLE_FUSED_OPS")
+    monkeypatch.setenv("MESHSERVE_SKINNY_GEMV", "0")
+    assert not select_kernels(gpu).skinny_gemv
 
 
 def test_pdl_switch_is_opt_in_for_cuda_and_bound_for_the_process(monkeypatch):

@@ -50,3 +50,41 @@ def test_no_step_model_means_always_on():
     for _ in range(100):
         gate.observe(4, 0)
     assert gate.decide(512, 10**6)
+
+
+def _fed(acceptance: float, k: int, batch: int, plain_s: float, verify_s: float) -> tuple[SpeculationGate, list]:
+    """A gate with measured acceptance, then 40 steps at `batch` whose device times it is told, as the engine
+    tells it: a verify step takes verify_s, a plain one plain_s. Returns the gate and its decisions."""
+    gate = _gate(acceptance, k)
+    decisions = []
+    for _ in range(40):
+        on = gate.decide(batch, batch * 300)
+        decisions.append(on)
+        gate.observe_step(batch, on, verify_s if on else plain_s)
+    return gate, decisions
+
+
+def test_measured_times_turn_off_what_the_model_keeps_on():
+    # issue 22 (H200, batch 64, k = 2, acceptance 0.38: 1.52 tokens per verify step): the model prices 192
+    # rows like 64 and keeps speculating; measured, a verify step costs 1.77x a plain one, so it does not pay
+    model_only = _gate(0.38, k=2)
+    assert model_only.pays(batch=64, context_tokens=64 * 300)
+    gate, decisions = _fed(0.38, 2, 64, plain_s=0.010, verify_s=0.0177)
+    assert decisions[0]  # nothing measured: on
+    assert not gate.pays(batch=64, context_tokens=64 * 300) and not gate.is_on
+    assert sum(decisions[10:]) <= 2  # off, probing every 16 steps
+    # the same verify cost at full acceptance (k + 1 = 3 tokens per step) pays, and stays on
+    gate, decisions = _fed(1.0, 2, 64, plain_s=0.010, verify_s=0.0177)
+    assert gate.is_on and gate.pays(batch=64, context_tokens=64 * 300)
+
+
+def test_plain_steps_are_spent_only_where_the_bandwidth_floor_cannot_decide():
+    # batch 1, verify 7.4 ms (the H200's): at acceptance 0.9 (4.1 tokens a step) it beats even a plain step at
+    # the data sheet's bandwidth (4 ms here), so no plain step is spent measuring
+    gate, decisions = _fed(0.9, 4, 1, plain_s=0.00476, verify_s=0.0074)
+    assert all(decisions) and gate.num_plain_probes == 0 and gate.is_on
+    # at acceptance 0.3 (1.4 tokens) it might not: two plain steps measure it (4.76 ms: 1.4 / 7.4 < 1 / 4.76)
+    gate, decisions = _fed(0.3, 4, 1, plain_s=0.00476, verify_s=0.0074)
+    assert decisions[:2] == [True, True] and decisions[2:4] == [False, False] and gate.num_plain_probes == 2
+    assert gate.measured.times(1) is not None and not gate.is_on
+    assert gate.measured.times(64) is None  # another batch size is measured on its own

@@ -76,3 +76,24 @@ def test_seeded_rows_are_reproducible_and_independent_of_the_batch():
         return verify(all_logits, [[1, 2]] * (1 + extra), [params] * (1 + extra), gens).token_ids[0]
 
     assert run(0) == run(3)
+
+
+def test_mixed_batch_one_host_copy(monkeypatch):
+    # greedy and random rows, k of 3, 0 and 2 in one batch: the step's inputs reach the device in one copy
+    # (one to_device call), and each greedy row is what it gives alone
+    from meshserve.spec_decode import rejection_sampler
+
+    calls = []
+    real = rejection_sampler.to_device
+    monkeypatch.setattr(rejection_sampler, "to_device", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    torch.manual_seed(1)
+    logits = torch.randn(4 + 1 + 3, V)
+    am = logits.argmax(-1).tolist()
+    drafts = [[am[0], (am[1] + 1) % V, am[2]], [], [am[5], am[6]]]
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8), SamplingParams(temperature=0)]
+    res = rejection_sampler.verify(logits, drafts, params, [None] * 3)
+    assert res.num_accepted[0] == 1 and res.token_ids[0] == [am[0], am[1]]
+    assert res.num_accepted[1] == 0 and len(res.token_ids[1]) == 1
+    assert res.num_accepted[2] == 2 and res.token_ids[2] == [am[5], am[6], am[7]]
+    verify_copies = [c for c in calls if isinstance(c[0], list) and len(c[0]) == 3 + 3]
+    assert len(verify_copies) == 1 and [row[:3] for row in verify_copies[0]] == [[3, 0, 1], [0, 4, 0], [2, 5, 1]]

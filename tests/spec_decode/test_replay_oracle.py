@@ -48,7 +48,7 @@ def test_forced_replay_follows_the_references(model, async_scheduling, error_rat
     core = llm.engine.core
     proposer = ReplayProposer(refs, 3, error_rate, VOCAB)
     core.speculator.proposer = proposer
-    core.speculator.gate.pays = lambda batch, context: True  # keep speculating whatever the acceptance
+    core.speculator.gate.step_model = None  # keep speculating whatever the acceptance (no plain step)
     runner = core.executor.runner
     runner.sampling.greedy_oracle = ReplayOracle(proposer, runner.device)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),

@@ -89,7 +89,7 @@ class UnquantizedLinearMethod(LinearMethod):
         new_param(layer, "weight", (out_features, in_features), dtype, output_dim=0, input_dim=1)
 
     def apply(self, layer, x, bias):
-        return linear(x, layer.weight, bias, gemv=layer.kernels.gemv)
+        return linear(x, layer.weight, bias, gemv=layer.kernels.gemv, skinny=layer.kernels.skinny_gemv)
 
 
 class QuantConfig:

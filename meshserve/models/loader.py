@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 import time
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from meshserve.distributed.parallel_state import get_parallel_state
 from meshserve.engine import startup_timeline
 from meshserve.errors import ModelLoadError
 from meshserve.layers.quantization import quantization_scope, resolve_quant_config
 from meshserve.layers.quantization.kv_scales import is_kv_scale, load_kv_scale
 from meshserve.models import shapes_cache
+from meshserve.models.checkpoint_files import iter_checkpoint, load_hf_config
 from meshserve.models.presets import PRESETS, preset_config, preset_names
 from meshserve.models.registry import resolve_model_class
 
@@ -38,15 +38,6 @@ class ModelSource:
     checkpoint_shapes: dict[str, tuple[int, ...]] | None = None
 
 
-def _load_hf_config(path: str):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # transformers raises many types here; the user needs one line
-        raise ModelLoadError(f"cannot read the model config in {path}: {str(e).splitlines()[0]}") from e
-
-
 def _has_tokenizer(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f))
                for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
@@ -62,7 +53,7 @@ def resolve_model_source(model: str | None, load_format: str = "auto", tokenizer
         from meshserve.models.embedded import DEFAULT_MODEL_NAME, resolve_default_model
 
         path = resolve_default_model()
-        return ModelSource(DEFAULT_MODEL_NAME, _load_hf_config(path),
+        return ModelSource(DEFAULT_MODEL_NAME, load_hf_config(path),
                            None if load_format == "dummy" else path, tokenizer or path)
 
     if model.lower() in PRESETS and not os.path.exists(model):
@@ -78,7 +69,7 @@ def resolve_model_source(model: str | None, load_format: str = "auto", tokenizer
         from meshserve.models.gguf_cache import cached_hf_dir_for_gguf
 
         path = str(cached_hf_dir_for_gguf(model))
-        return ModelSource(model, _load_hf_config(path), None if load_format == "dummy" else path,
+        return ModelSource(model, load_hf_config(path), None if load_format == "dummy" else path,
                            tokenizer or path)
 
     if os.path.isfile(model) and model.endswith(".json") and load_format == "dummy":
@@ -100,56 +91,21 @@ def resolve_model_source(model: str | None, load_format: str = "auto", tokenizer
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ModelLoadError(f"no config.json in the model folder {model}")
     tok = tokenizer or (model if _has_tokenizer(model) else None)
-    return ModelSource(model, _load_hf_config(model), None if load_format == "dummy" else model, tok)
-
-
-def _safetensors_files(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"corrupt safetensors index {index}: {e}") from e
-        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-        missing = [f for f in files if not os.path.isfile(f)]
-        if missing:
-            raise ModelLoadError(f"missing weight shard {os.path.basename(missing[0])} listed in {index}")
-        return files
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise ModelLoadError(f"no *.safetensors weights in {path}")
-    return files
-
-
-def _iter_checkpoint(path: str):
-    from safetensors import safe_open
-    from tqdm import tqdm
-
-    files = _safetensors_files(path)
-    # a bar on a terminal (rank 0 only: the ranks load side by side); the summary line is logged after
-    show = get_parallel_state().rank == 0 and len(files) > 1
-    for file in tqdm(files, desc="loading safetensors shards", unit="file", disable=None if show else True):
-        try:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
-                    # a lazy slice: weight loaders read only this rank's part of the tensor
-                    yield name, f.get_slice(name)
-        except ModelLoadError:
-            raise
-        except Exception as e:  # SafetensorError, OSError, truncated headers ...
-            raise ModelLoadError(f"corrupt weights file {file}: {str(e).splitlines()[0]}") from e
+    return ModelSource(model, load_hf_config(model), None if load_format == "dummy" else model, tok)
 
 
 def load_weights(model: nn.Module, path: str) -> None:
     """Copy every checkpoint tensor into its (possibly merged, possibly sharded) parameter."""
     t0 = time.perf_counter()
-    _load_tensors(model, _iter_checkpoint(path), f"checkpoint in {path}")
+    load_tensors(model, iter_checkpoint(path), f"checkpoint in {path}")
     logger.info("loaded %.2f GB of weights from %s in %.1f s", weight_bytes(model) / 1e9, path,
                 time.perf_counter() - t0)
 
 
-def _load_tensors(model: nn.Module, tensors, what: str) -> None:
+def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, object]], what: str) -> None:
+    """Copy each (checkpoint name, tensor or lazy slice) of `tensors` into its (possibly merged, sharded or
+    stacked-expert) parameter of `model`, then run each module's process_weights_after_loading. A tensor
+    with no place, a missing one or a shape mismatch is a ModelLoadError naming `what` or the tensor."""
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
     place = getattr(model, "checkpoint_name", lambda n: n)
@@ -282,7 +238,7 @@ def init_dummy_weights(model: nn.Module, hf_config, seed: int = 0,
     device's tokens, and their speed is that of real weights). shapes: checkpoint_shapes(hf_config), if
     the caller has them."""
     shapes = checkpoint_shapes(hf_config) if shapes is None else shapes
-    _load_tensors(model, _dummy_checkpoint(model, shapes, seed), "dummy checkpoint")
+    load_tensors(model, _dummy_checkpoint(model, shapes, seed), "dummy checkpoint")
 
 
 def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_position: int,

@@ -29,6 +29,7 @@ import torch
 from meshserve.kernels.fp8_block_ref import quantize_fp8_blockwise
 from meshserve.kernels.quant_ref import FP8_MAX, Int4Weights, quantize_fp8_per_channel, quantize_int4_groups
 from meshserve.layers.quantization.int4_formats import awq_pack, gptq_pack_cols, pack_int4_rows
+from meshserve.models.checkpoint_files import safetensors_files
 
 FORMATS = ("awq", "gptq", "compressed-tensors", "fbgemm_fp8", "fp8_block")
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -180,10 +181,9 @@ def quantize_checkpoint(
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} ({', '.join(FORMATS)})")
     os.makedirs(dst, exist_ok=True)
-    files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
     tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(os.path.join(src, file), framework="pt") as f:
+    for file in safetensors_files(src):
+        with safe_open(file, framework="pt") as f:
             tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
     hessians = {}
     if calibration == "gptq" and fmt in ("awq", "gptq"):

@@ -35,7 +35,8 @@ from meshserve.layers.linear import QKVParallelLinear, ReplicatedLinear
 from meshserve.layers.norm import RMSNorm
 from meshserve.layers.rotary import RotaryEmbedding
 from meshserve.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, family_switches
-from meshserve.models.loader import ModelSource, _iter_checkpoint, _load_tensors, _safetensors_files
+from meshserve.models.checkpoint_files import iter_checkpoint, load_hf_config
+from meshserve.models.loader import ModelSource, load_tensors
 from meshserve.spec_decode.config import SpeculativeConfig
 from meshserve.spec_decode.draft_model import DraftModelProposer, step_tokens
 
@@ -94,25 +95,15 @@ def _read_bin(file: str) -> dict[str, torch.Tensor]:
 def _checkpoint_tensors(path: str):
     """(name, tensor or lazy safetensors slice) of every checkpoint tensor."""
     file = _bin_file(path)
-    return iter(_read_bin(file).items()) if file else _iter_checkpoint(path)
+    return iter(_read_bin(file).items()) if file else iter_checkpoint(path)
 
 
 def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, from the safetensors headers (no tensor is read) or the .bin's mapped tensors."""
-    from safetensors import safe_open
-
     file = _bin_file(path)
     if file:
         return {name: tuple(t.shape) for name, t in _read_bin(file).items()}
-    shapes = {}
-    for file in _safetensors_files(path):
-        try:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
-        except Exception as e:
-            raise ModelLoadError(f"corrupt weights file {file}: {str(e).splitlines()[0]}") from e
-    return shapes
+    return {name: tuple(part.get_shape()) for name, part in iter_checkpoint(path)}
 
 
 def _layer_shapes(cfg) -> dict[str, tuple[int, ...]]:
@@ -154,10 +145,8 @@ def check_eagle3_head(spec: SpeculativeConfig, target_hf_config, tp: int = 1, pp
         raise _bad(
             f"{path} is not an EAGLE-3 checkpoint folder (config.json, *.safetensors or pytorch_model.bin)"
         )
-    from meshserve.models.loader import _load_hf_config
-
     try:
-        cfg = _load_hf_config(path)
+        cfg = load_hf_config(path)
         shapes = _checkpoint_shapes(path)
     except ModelLoadError as e:
         raise _bad(str(e)) from e
@@ -358,7 +347,7 @@ class Eagle3Proposer(DraftModelProposer):
                 )
         finally:
             torch.set_default_dtype(old_dtype)
-        _load_tensors(self.model, _checkpoint_tensors(spec.model), f"EAGLE-3 checkpoint in {spec.model}")
+        load_tensors(self.model, _checkpoint_tensors(spec.model), f"EAGLE-3 checkpoint in {spec.model}")
         self.model.eval()
         bind_kernels(self.model, kernels)
         self.kv_pool = KVCachePool(self.config, self.model.attention_layers(), kernels.kv_cache_dtype, device)

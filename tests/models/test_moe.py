@@ -89,7 +89,7 @@ def test_each_rank_loads_its_experts_from_either_checkpoint_form(expert_parallel
     the experts whole (EP)."""
     from transformers import AutoModelForCausalLM
 
-    from meshserve.models.loader import ModelSource, _load_tensors, build_model
+    from meshserve.models.loader import ModelSource, load_tensors, build_model
 
     path = tiny_model_dir("qwen3_moe")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -109,7 +109,7 @@ def test_each_rank_loads_its_experts_from_either_checkpoint_form(expert_parallel
     moe.w2_weight.data.zero_()
     tensors = hf.state_dict()
     assert "model.layers.0.mlp.experts.gate_up_proj" in tensors  # the stacked form
-    _load_tensors(model, tensors.items(), "stacked")
+    load_tensors(model, tensors.items(), "stacked")
     assert torch.equal(moe.w13_weight, gate_up) and torch.equal(moe.w2_weight, down)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import ALL_COMPLETED, Future, wait
 from dataclasses import dataclass, fields
 
 from meshserve.engine.kv_offload.cpu_tier import CPUTier
@@ -69,7 +69,8 @@ class KVOffloadManager:
         # GPU block id -> (slot, hash of an evicted block or None, swapped sequence's id or None): stores issued
         # whose event has not fired yet (the block must not be written meanwhile)
         self.storing: dict[int, tuple[int, bytes | None, str | None]] = {}
-        self.reading: dict[bytes, tuple[int, Future]] = {}  # disk reads on the reader threads: hash -> slot
+        # disk reads on the reader threads: hash -> (slot, its batch's future, its index in the batch)
+        self.reading: dict[bytes, tuple[int, Future, int]] = {}
         self._read_from_disk: set[bytes] = set()  # read back and not loaded yet: their restore is a disk hit
         cpu.on_evict = self._spill
 
@@ -164,6 +165,7 @@ class KVOffloadManager:
             self.cpu.pending.add(slot)  # kept while room is made for disk reads and fresh GPU blocks
             found.append((block_hash, slot, tier))
         reading = False
+        to_read: list[tuple[bytes, int]] = []
         for block_hash in block_hashes[len(found) :]:
             if block_hash in self.reading:
                 reading = True
@@ -174,18 +176,28 @@ class KVOffloadManager:
             if slot is None:
                 break
             self.cpu.wait(slot)
-            self.reading[block_hash] = (slot, self.disk.read_async(block_hash, self.cpu.slot_bytes(slot)))
+            to_read.append((block_hash, slot))
             reading = True
+        if to_read:  # a few large read tasks (one per reader thread), not one per block: fewer wake-ups
+            for part, future in self.disk.read_batches([(h, self.cpu.slot_bytes(s)) for h, s in to_read]):
+                for i in part:
+                    self.reading[to_read[i][0]] = (to_read[i][1], future, i - part.start)
         return found, reading
+
+    def wait_io(self, timeout_s: float = 0.01) -> None:
+        """A step had nothing to run: block (the GIL released) until the disk reads under way are done, or
+        timeout_s. An engine loop that polled instead would keep the reader threads waiting for the GIL."""
+        if self.reading:
+            wait({f for _, f, _ in self.reading.values()}, timeout=timeout_s, return_when=ALL_COMPLETED)
 
     def _file_reads(self) -> None:
         """The disk reads that finished: a good block joins the CPU tier, a bad file is dropped (a miss)."""
-        for block_hash, (slot, future) in list(self.reading.items()):
+        for block_hash, (slot, future, i) in list(self.reading.items()):
             if not future.done():
                 continue
             del self.reading[block_hash]
             try:
-                crc = future.result()
+                crc = future.result()[i]
             except Exception as e:  # noqa: BLE001  a reader that raised: a miss, like a bad file
                 logger.warning("KV disk tier: reading a block failed: %s", e)
                 crc = None

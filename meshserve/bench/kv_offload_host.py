@@ -4,6 +4,9 @@
   restore  a revisit of --blocks blocks found in the CPU tier: the block manager's lookup, the offload manager's
            ops and the transfer engine's copies (synchronous here), with a tiny block of --layers layers so the
            copies cost little and the Python bookkeeping shows (the device run's host overhead per revisit)
+  revisit_moves  the device bench's revisit replayed on the block manager (a history, 3 fillers, the history
+           again, 8K-token chunks): the blocks its steps must store before its forward, with and without the
+           write-through of filled blocks (the copies the revisit's TTFT waits for on the device)
   disk     the disk tier's format with blocks of --block-mib: writes (put, then flush) and a restore's reads of
            the same blocks through the offload manager while the engine loop polls as a real one does
            (reads from the page cache: this is the format's and the threads' cost, not the drive's)
@@ -21,6 +24,7 @@ import time
 import torch
 
 from meshserve.engine.block_manager import BlockManager
+from meshserve.engine.kv_offload.copy_stream import CopyEvent
 from meshserve.engine.kv_offload.cpu_tier import CPUTier
 from meshserve.engine.kv_offload.disk_tier import DiskTier
 from meshserve.engine.kv_offload.manager import KVOffloadManager, KVOffloadStats
@@ -59,6 +63,59 @@ def bench_restore(blocks: int, layers: int, gpu_blocks: int, repeats: int) -> di
         if not best or row["total_ms"] < best["total_ms"]:
             best = row
     return {"bench": "restore", "blocks": blocks, "layers": layers, **{k: round(v, 2) for k, v in best.items()}}
+
+
+def _seq(seq_id: str, ids: list[int]):
+    from meshserve.engine.sequence import Sequence
+    from meshserve.sampling import SamplingParams
+
+    return Sequence(seq_id=seq_id, request_id=seq_id, index=0, prompt_token_ids=ids,
+                    params=SamplingParams(max_tokens=1), max_tokens=1)
+
+
+def bench_revisit_moves(history_blocks: int, gpu_blocks: int, chunk_tokens: int, write_through: bool) -> dict:
+    """The block manager's side of the device bench's revisit (a history, 3 fillers, the history again), each
+    prompt prefilled in chunks as the scheduler would, copies landing by the next step: what the revisit's
+    steps must copy before its forward can run (the device time it waits), and how many steps it takes."""
+    bm = BlockManager(gpu_blocks, BS)
+    cpu = CPUTier(8 * history_blocks, (1,), torch.float32, False)
+    manager = KVOffloadManager(cpu, None)
+    bm.attach_offload(manager)
+    bm.store_ahead_blocks = chunk_tokens // BS + 8  # the scheduler's sizing (max_num_batched_tokens + seqs)
+
+    def step(seq, num_new: int, hits=None) -> tuple[int, int, bool]:
+        ok = bm.allocate(seq, num_new, hits) if num_new else False
+        if not write_through:
+            bm.filled = []
+        before, after = bm.take_step_transfers()
+        for kind, gpu, _ in before + after:
+            if kind == "store":
+                cpu.store_events[gpu] = CopyEvent()  # landed by the next step's poll
+        bm.poll_offload()
+        stores = sum(k == "store" for k, _, _ in before)
+        return stores, sum(k == "load" for k, _, _ in before), ok
+
+    def prefill(seq_id: str, ids: list[int]) -> dict:
+        seq = _seq(seq_id, ids)
+        steps = stores_before = loads = 0
+        while seq.num_computed_tokens < len(ids):
+            hits = bm.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
+            hits = hits or []
+            num_new = min(len(ids) - seq.num_computed_tokens - len(hits) * BS, chunk_tokens)
+            s, l, ok = step(seq, num_new, hits)
+            steps, stores_before, loads = steps + 1, stores_before + s, loads + l
+            if ok:
+                seq.num_computed_tokens += len(hits) * BS + num_new
+        bm.free(seq)
+        return {"steps": steps, "stores_before_forward": stores_before, "loads": loads}
+
+    n = history_blocks * BS
+    history = list(range(n))
+    for k in range(4):
+        prefill(f"p{k}", history if k == 0 else [10**6 * k + i for i in range(n)])
+    row = prefill("revisit", history + [7] * 32)
+    return {"bench": "revisit_moves", "write_through": write_through, "history_blocks": history_blocks,
+            "gpu_blocks": gpu_blocks, **row}
 
 
 def bench_disk(blocks: int, block_mib: float, path: str | None) -> dict:
@@ -108,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disk-blocks", type=int, default=512)
     ap.add_argument("--disk-path", default=None, help="where the disk tier's files go (default: /tmp)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--parts", default="restore,disk")
+    ap.add_argument("--parts", default="restore,moves,disk")
     ns = ap.parse_args(argv)
     parts = ns.parts.split(",")
     if "restore" in parts:
         print(json.dumps(bench_restore(ns.blocks, ns.layers, ns.gpu_blocks, ns.repeats)), flush=True)
+    if "moves" in parts:
+        for write_through in (False, True):
+            print(json.dumps(bench_revisit_moves(ns.blocks, ns.gpu_blocks, 8192, write_through)), flush=True)
     if "disk" in parts:
         print(json.dumps(bench_disk(ns.disk_blocks, ns.block_mib, ns.disk_path)), flush=True)
     return 0

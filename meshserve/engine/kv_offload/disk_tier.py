@@ -106,21 +106,21 @@ class DiskTier:
                 and length == self.block_bytes)
 
     # -- blocks ----------------------------------------------------------------------------------
-    def put(self, block_hash: bytes, payload: bytes) -> bool:
-        """Keep a block (checksummed and written in the background); False when it can never fit or is
-        already here."""
+    def put(self, block_hash: bytes, payload) -> Future | None:
+        """Keep a block (checksummed and written in the background): the future of its write, or None when it
+        can never fit or is already here. payload (bytes, or a uint8 array the caller keeps unchanged until
+        the future is done) is read by the writer thread."""
         if block_hash in self.index:
             self.index.move_to_end(block_hash)
-            return False
+            return None
         if self.file_bytes > self.max_bytes or len(payload) != self.block_bytes:
-            return False
+            return None
         self._evict_to(self.max_bytes - self.file_bytes)
         self.index[block_hash] = self.file_bytes
         self.used_bytes += self.file_bytes
         with self._lock:
             self._pending[block_hash] = payload
-        self._submit(block_hash, self._write, block_hash, payload)
-        return True
+        return self._submit(block_hash, self._write, block_hash, payload)
 
     def read_into(self, block_hash: bytes, out: np.ndarray) -> int | None:
         """Read the block into out (uint8, block_bytes) and return its crc32, or None when its file is missing,

@@ -65,6 +65,7 @@ class KVOffloadManager:
         self.default_link_bytes_per_s = default_link_bytes_per_s
         self.stats = KVOffloadStats()
         self.ops: list[Transfer] = []
+        self.ops_after_forward: list[Transfer] = []  # write-through stores of the blocks the step's forward fills
         self.swapped: dict[str, list[int]] = {}  # seq id -> its reserved slots, block order
         # GPU block id -> (slot, hash of an evicted block or None, swapped sequence's id or None): stores issued
         # whose event has not fired yet (the block must not be written meanwhile)
@@ -72,33 +73,42 @@ class KVOffloadManager:
         # disk reads on the reader threads: hash -> (slot, its batch's future, its index in the batch)
         self.reading: dict[bytes, tuple[int, Future, int]] = {}
         self._read_from_disk: set[bytes] = set()  # read back and not loaded yet: their restore is a disk hit
+        self.writing: dict[int, Future] = {}  # CPU slot -> its block's disk write (written behind, from the slot)
         cpu.on_evict = self._spill
 
     @property
     def block_bytes(self) -> int:
         return self.cpu.block_bytes
 
-    def take_transfers(self) -> list[Transfer]:
-        """The ops for the step being scheduled (the runner launches them before its forward)."""
+    def take_step_transfers(self) -> tuple[list[Transfer], list[Transfer]]:
+        """The ops for the step being scheduled: (those the runner launches before its forward, those it
+        launches after it)."""
         ops, self.ops = self.ops, []
+        after, self.ops_after_forward = self.ops_after_forward, []
         self.cpu.pending.clear()
-        return ops
+        return ops, after
 
-    def _op(self, kind: str, a: int, b: int, slot: int) -> None:
-        self.ops.append((kind, a, b))
+    def take_transfers(self) -> list[Transfer]:
+        """All queued ops in one list, in order (for callers that run them at once, with no forward between)."""
+        before, after = self.take_step_transfers()
+        return before + after
+
+    def _op(self, kind: str, a: int, b: int, slot: int, after_forward: bool = False) -> None:
+        (self.ops_after_forward if after_forward else self.ops).append((kind, a, b))
         self.cpu.pending.add(slot)
 
     # -- GPU eviction: copy down -----------------------------------------------------------------
-    def on_gpu_evict(self, block_id: int, block_hash: bytes) -> bool:
-        """A cached GPU block will be reused: copy its content to the CPU tier. True when a store was queued
-        (the block is in flight until `poll` reports it); False when there is nothing to wait for (the hash is
-        below already, or no slot can be had: then the block is lost, recomputed if needed)."""
-        if block_hash in self.cpu:
+    def on_gpu_evict(self, block_id: int, block_hash: bytes, after_forward: bool = False) -> bool:
+        """A cached GPU block will be reused (or, after_forward, was just filled: written through): copy its
+        content to the CPU tier. True when a store was queued (the block is in flight until `poll` reports it);
+        False when there is nothing to wait for (the hash is below already, or no slot can be had: then the
+        block is lost, recomputed if needed)."""
+        if block_hash in self.cpu or (self.disk is not None and block_hash in self.disk):
             return False
         slot = self.cpu.allocate()
         if slot is None:
             return False
-        self._op("store", block_id, slot, slot)
+        self._op("store", block_id, slot, slot, after_forward)
         self.storing[block_id] = (slot, block_hash, None)
         self.cpu.insert(block_hash, slot)
         self.stats.cpu_bytes_stored += self.block_bytes
@@ -123,6 +133,8 @@ class KVOffloadManager:
             self.cpu.store_events.pop(block_id, None)
             if error is None:
                 landed.append(block_id)
+                if block_hash is not None:
+                    self._write_behind(block_hash, slot)
                 continue
             failed.append(block_id)
             self.stats.store_failures += 1
@@ -135,7 +147,22 @@ class KVOffloadManager:
                 self.drop_swap(seq_id)
                 lost.append(seq_id)
         self._file_reads()
+        for slot, future in list(self.writing.items()):  # disk writes done: their slots may be reused
+            if future.done():
+                del self.writing[slot]
+                self.cpu.busy.discard(slot)
         return landed, failed, lost
+
+    def _write_behind(self, block_hash: bytes, slot: int) -> None:
+        """A block landed in the CPU tier: write it to disk now, in the background, straight from its slot (kept
+        from reuse until written), so evicting it from the CPU tier later costs the engine thread nothing."""
+        if self.disk is None or block_hash in self.disk or self.cpu.lru.get(block_hash) != slot:
+            return
+        future = self.disk.put(block_hash, self.cpu.slot_bytes(slot))
+        if future is not None:
+            self.cpu.busy.add(slot)
+            self.writing[slot] = future
+            self.stats.disk_bytes_written += self.block_bytes
 
     def swap_landed(self, seq_id: str) -> bool:
         """Every store of the sequence's swap-out has finished (it may resume: its slots hold its KV)."""

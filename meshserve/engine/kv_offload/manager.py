@@ -6,7 +6,9 @@ prefix lookup that runs out of GPU hits (look below and load hits into fresh GPU
 tier become ops, in order, that the next step carries to the runner (transfer.py), which runs them on a copy
 stream beside that step's forward. A GPU block being stored is "in flight" until its store's event fires
 (`poll`, each step): the block manager does not hand it out meanwhile. Disk reads for a restore run on reader
-threads: the request waits (`find` says so) and the engine loop goes on; `poll` files the blocks read.
+threads: the request waits (`find` says so) and the engine loop goes on; `poll` files the blocks read (an idle
+engine blocks in `wait_io` meanwhile). A block that lands in the CPU tier is written behind to disk from its slot
+(`writing`: the slot is busy, never handed out, until the write is done), so a CPU eviction spills nothing.
 """
 
 from __future__ import annotations

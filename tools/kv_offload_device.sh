@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # KV offload tiers on one H200 (issue 26), Llama-3.1-8B arch, dummy weights, bf16 (128 KiB of KV per token):
+#  0. host: `python -m meshserve.bench.kv_offload_host`: the restore path's host time for 1,024 blocks, the
+#     revisit's copies before its forward with/without write-through, the disk tier's write/read GB/s (2 GiB).
 #  1. revisit: `python -m meshserve.bench.kv_offload --history 16384`: TTFT of a revisited 16K-token history
 #     recomputed vs restored (GPU pool 1400 blocks = 2.7 GiB; 3 fillers of 16K push the history out; CPU tier
 #     16 GiB; 3 GiB CPU in front of a 24 GiB disk tier; that disk after a restart). Goal: >= 5x.
@@ -15,7 +17,7 @@
 #   bash tools/kv_offload_device.sh            # both parts
 #   PARTS=multiturn bash tools/kv_offload_device.sh     # one part; MT_ARGS replaces the load flags (default: the
 #   medium load of 2026-12-01, 72 conversations, starts 6/s, think 2 s; MT_ARGS="" the module's light defaults)
-# Results: $OUT/revisit.jsonl, $OUT/multiturn.json, their logs, $OUT/server_logs.tgz, $OUT/env.txt.
+# Results: $OUT/host.jsonl, $OUT/revisit.jsonl, $OUT/multiturn.json, their logs, $OUT/server_logs.tgz, $OUT/env.txt.
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 mkdir -p "$OUT"
@@ -25,14 +27,20 @@ R=/tmp/kv_offload_dev; rm -rf $R; mkdir -p $R/logs
   free -g | head -2; df -h /tmp | tail -1; } > "$OUT/env.txt"
 t0=$SECONDS
 
-if [[ " ${PARTS:-revisit multiturn} " == *" revisit "* ]]; then
+if [[ " ${PARTS:-host revisit multiturn} " == *" host "* ]]; then  # ~20 s: the host side on this machine's cores
+  timeout -k 10 ${HOST_LIMIT:-60} python3 -m meshserve.bench.kv_offload_host --disk-blocks 1024 --disk-path /tmp \
+    > "$OUT/host.jsonl" 2> "$OUT/host.log"
+  echo "== host rc $? in $((SECONDS - t0)) s"; cat "$OUT/host.jsonl"
+fi
+
+if [[ " ${PARTS:-host revisit multiturn} " == *" revisit "* ]]; then
   timeout -k 20 ${REVISIT_LIMIT:-220} python3 -m meshserve.bench.kv_offload --model "$MODEL" --history 16384 \
     --disk-path $R/disk-revisit ${REVISIT_ARGS:-} > "$OUT/revisit.jsonl" 2> "$OUT/revisit.log"
   echo "== revisit rc $? in $((SECONDS - t0)) s"; cat "$OUT/revisit.jsonl"; grep -E "Error|error" "$OUT/revisit.log" | tail -3
   rm -rf $R/disk-revisit
 fi
 
-if [[ " ${PARTS:-revisit multiturn} " == *" multiturn "* ]]; then
+if [[ " ${PARTS:-host revisit multiturn} " == *" multiturn "* ]]; then
   t1=$SECONDS
   timeout -k 20 ${MULTITURN_LIMIT:-280} python3 -m meshserve.bench.multiturn --model "$MODEL" --gpu-blocks 2048 \
     --cpu-gib 28 --staging-cpu-gib 4 --disk-gib 24 --disk-path $R/disk-multiturn --max-duration 60 \

@@ -176,6 +176,9 @@ class BlockManager:
         # offloading: free blocks next in eviction order whose stores start each step, so the next steps' takes
         # find them already copied down (the scheduler sizes it to a step's worth of blocks)
         self.store_ahead_blocks = 0
+        # offloading: blocks registered this step (filled by its forward): written through to the CPU tier after
+        # it, so the GPU pool's cached blocks are mostly copied down before anything needs their room
+        self.filled: list[Block] = []
 
     def attach_offload(self, offload: KVOffloadManager) -> None:
         """Evicted cached blocks go down to these tiers; prefix lookups and swaps use them."""
@@ -196,10 +199,22 @@ class BlockManager:
         """Free blocks whose stores are still running: allocatable in a step or so (wait rather than preempt)."""
         return self.pool.num_landing
 
-    def take_transfers(self) -> list:
-        """The step's copies between KV tiers, with the stores ahead of eviction started here."""
+    def take_step_transfers(self) -> tuple[list, list]:
+        """The step's copies between KV tiers: (before its forward: loads, and the stores ahead of eviction
+        started here; after its forward: the write-through of the blocks it fills)."""
+        for block in self.filled:
+            h = block.block_hash
+            if h is not None and self.pool.cached.get(h) is block and block.block_id not in self.pool.in_flight:
+                if self.offload.on_gpu_evict(block.block_id, h, after_forward=True):
+                    self.pool.in_flight.add(block.block_id)
+        self.filled = []
         self.pool.make_clean(self.store_ahead_blocks)
-        return self.offload.take_transfers()
+        return self.offload.take_step_transfers()
+
+    def take_transfers(self) -> list:
+        """All of the step's copies in one list (for callers that run them at once, after the forward)."""
+        before, after = self.take_step_transfers()
+        return before + after
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -317,6 +332,8 @@ class BlockManager:
             # scheduling) when it filled up gets registered once that token is known
             start = self.seq_num_registered.get(seq.seq_id, 0)
             for i in range(start, n_full):
+                if self.offload is not None and blocks[i].block_hash is None:
+                    self.filled.append(blocks[i])
                 self.pool.register(blocks[i], seq.block_hashes[i])
             self.seq_num_registered[seq.seq_id] = max(start, n_full)
         if self.offload is not None and seq.seq_id in self.offload.swapped:

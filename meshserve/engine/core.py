@@ -417,6 +417,9 @@ class EngineCore:
             seq = self.requests.get(entry.seq_id)
             if seq is not None and seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
+        if (self.kv_offload is not None and sched_out.is_empty and not sched_out.kv_transfers
+                and self._in_flight is None and not self._pipeline):
+            self.kv_offload.wait_io()  # waiting on disk reads only: block on them rather than spin (GIL)
         return sched_out
 
     def _drain(self) -> list[EngineCoreOutput]:

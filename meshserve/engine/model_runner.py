@@ -386,8 +386,17 @@ class ModelRunner:
             if self.drafter is not None:
                 pending = self.drafter.propose_after(out.scheduled, pending)
             pending.timer = timer.stop()
+            self._stores_after_forward(out)
             return pending
-        return self._launch_stage(out.scheduled, st.is_last_stage, out.grammar_bitmask)
+        pending = self._launch_stage(out.scheduled, st.is_last_stage, out.grammar_bitmask)
+        self._stores_after_forward(out)
+        return pending
+
+    def _stores_after_forward(self, out: SchedulerOutput) -> None:
+        # KV offload's write-through of the blocks this forward fills: on the copy stream, after the forward,
+        # overlapping the next steps (transfer.py); the blocks stay in flight until their stores land
+        if out.kv_stores_after_forward:
+            self.kv_transfer.run(out.kv_stores_after_forward)
 
     def _launch_stage(self, scheduled: list[ScheduledSequence], is_last_stage: bool,
                       grammar_bitmask=None) -> PendingOutput:

@@ -260,7 +260,7 @@ class Scheduler:
             self._sampled_at.update((e.seq_id, self._step_index) for e in out.scheduled if e.do_sample)
             self._step_index += 1
         if self.block_manager.offload is not None:  # copies between KV tiers (launched even with nothing to run)
-            out.kv_transfers = self.block_manager.take_transfers()
+            out.kv_transfers, out.kv_stores_after_forward = self.block_manager.take_step_transfers()
         self.policy.charge(StepShape(out.num_batched_tokens, len(out.scheduled),
                                      sum(e.num_computed_tokens + e.num_new_tokens for e in out.scheduled)),
                            self.running)

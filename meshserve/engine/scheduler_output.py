@@ -63,6 +63,9 @@ class SchedulerOutput:
     # KV offload copies the runner makes before the forward, in order: ("store", gpu block, cpu slot) or
     # ("load", cpu slot, gpu block) (engine/kv_offload/manager.py)
     kv_transfers: list[tuple[str, int, int]] = field(default_factory=list)
+    # KV offload stores the runner queues after the forward: the blocks this step fills, written through to the
+    # CPU tier while the next steps run, so a later eviction finds them copied down already
+    kv_stores_after_forward: list[tuple[str, int, int]] = field(default_factory=list)
     # in-process runners only (never sent to workers): the engine's hook that fills the grammar masks,
     # called once the forward is queued, so the CPU fills them while the device runs it
     before_sample: Any = field(default=None, repr=False, compare=False)

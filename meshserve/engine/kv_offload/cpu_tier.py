@@ -36,6 +36,7 @@ class CPUTier:
         self.free: deque[int] = deque(range(num_slots))
         self.lru: OrderedDict[bytes, int] = OrderedDict()
         self.pending: set[int] = set()  # slots named by ops not launched yet: the host keeps off them
+        self.busy: set[int] = set()  # slots a disk write reads in the background: never handed out meanwhile
         self.events: dict[int, Any] = {}  # slot -> CUDA event of the last launched copy that touches it
         # GPU block id -> the event of its launched store (copy_stream.py): the block manager hands the block
         # out again only once it fired (the manager pops it)
@@ -63,14 +64,15 @@ class CPUTier:
 
     def allocate(self, host_write: bool = False) -> int | None:
         """A slot to fill: a free one, else the least recently used cached one that no pending op names
-        (on_evict is told first). host_write: the host writes it now, so it must not be pending either.
+        (on_evict is told first). host_write: the host writes it now, so it must not be pending either. A busy
+        slot (a disk write is reading it) is never given.
         None when nothing can be given."""
         for i, slot in enumerate(self.free):
-            if not (host_write and slot in self.pending):
+            if not (host_write and slot in self.pending) and slot not in self.busy:
                 del self.free[i]
                 return slot
         for block_hash, slot in self.lru.items():
-            if slot not in self.pending:
+            if slot not in self.pending and slot not in self.busy:
                 del self.lru[block_hash]
                 if self.on_evict is not None:
                     self.on_evict(block_hash, slot)

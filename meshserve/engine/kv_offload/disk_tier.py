@@ -5,9 +5,11 @@ payload length and its crc32) and the block's bytes. A file that is missing, tru
 another model reads as a miss (and is deleted), never as a block. The index is rebuilt from the headers at
 start (oldest modification first), so a restarted server keeps its prefixes.
 
-Writes and deletions run on one background thread, in order, so the step loop never waits on the disk for a
-spill; a block still being written is served from memory. Files appear atomically (written then renamed).
-Reads for a restore run on a pool of reader threads, straight into the CPU tier's slots.
+Writes and deletions run on background writer threads, so the step loop never waits on the disk for a spill;
+a block's writes, deletions and touches all go to the one thread its hash picks, so they stay in order. A block
+still being written is served from memory. Files appear atomically (written then renamed). Reads for a restore
+run on a pool of reader threads, straight into the CPU tier's slots, one preadv call per file (header and
+payload together): a reader holds the GIL only between system calls, so a busy engine thread slows it little.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ MAGIC = b"MSKVBLK1"
 VERSION = 1
 HEADER = struct.Struct("<8sI16s16sQI")  # magic, version, fingerprint, block hash, payload bytes, crc32
 SUFFIX = ".kv"
+WRITERS = 4  # writer threads (page-cache writes of MiB-sized blocks: one thread tops out near 1 GB/s)
 
 
 class DiskTier:
@@ -47,9 +50,12 @@ class DiskTier:
         self.num_errors = 0  # files found truncated, corrupted or foreign (each read as a miss)
         self._pending: dict[bytes, bytes] = {}  # being written: served from here meanwhile
         self._lock = threading.Lock()
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshserve-kv-disk")
+        # writers: one thread per shard of the hashes (a block's operations stay in order on its thread)
+        self._io = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"meshserve-kv-disk{i}")
+                    for i in range(WRITERS)]
         # restores read many files at once: zlib's crc32 and file reads release the GIL
-        self._readers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+        self.num_readers = min(8, os.cpu_count() or 1)
+        self._readers = ThreadPoolExecutor(max_workers=self.num_readers,
                                            thread_name_prefix="meshserve-kv-read")
         self._rebuild()
 
@@ -100,21 +106,21 @@ class DiskTier:
                 and length == self.block_bytes)
 
     # -- blocks ----------------------------------------------------------------------------------
-    def put(self, block_hash: bytes, payload: bytes) -> bool:
-        """Keep a block (checksummed and written in the background); False when it can never fit or is
-        already here."""
+    def put(self, block_hash: bytes, payload) -> Future | None:
+        """Keep a block (checksummed and written in the background): the future of its write, or None when it
+        can never fit or is already here. payload (bytes, or a uint8 array the caller keeps unchanged until
+        the future is done) is read by the writer thread."""
         if block_hash in self.index:
             self.index.move_to_end(block_hash)
-            return False
+            return None
         if self.file_bytes > self.max_bytes or len(payload) != self.block_bytes:
-            return False
+            return None
         self._evict_to(self.max_bytes - self.file_bytes)
         self.index[block_hash] = self.file_bytes
         self.used_bytes += self.file_bytes
         with self._lock:
             self._pending[block_hash] = payload
-        self._io.submit(self._write, block_hash, payload)
-        return True
+        return self._submit(block_hash, self._write, block_hash, payload)
 
     def read_into(self, block_hash: bytes, out: np.ndarray) -> int | None:
         """Read the block into out (uint8, block_bytes) and return its crc32, or None when its file is missing,
@@ -125,14 +131,21 @@ class DiskTier:
         if pending is not None:
             out[:] = np.frombuffer(pending, dtype=np.uint8)
             return zlib.crc32(out)
+        header = bytearray(HEADER.size)
         try:
-            with open(self.path(block_hash), "rb") as f:
-                header = f.read(HEADER.size)
-                if not self._header_ok(header, block_hash) or f.readinto(memoryview(out)) != self.block_bytes:
-                    return None
-                if f.read(1):  # longer than its header says
-                    return None
+            fd = os.open(self.path(block_hash), os.O_RDONLY)
         except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_size != self.file_bytes:  # truncated, or longer than its header says
+                return None
+            if os.preadv(fd, [header, out], 0) != self.file_bytes:
+                return None
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if not self._header_ok(bytes(header), block_hash):
             return None
         crc = HEADER.unpack(header)[5]
         return crc if zlib.crc32(out) == crc else None
@@ -143,6 +156,19 @@ class DiskTier:
             return [self.read_into(h, out) for h, out in items]
         return list(self._readers.map(lambda item: self.read_into(*item), items))
 
+    def read_batches(self, items: list[tuple[bytes, np.ndarray]]) -> list[tuple[range, Future]]:
+        """read_into for many blocks on the reader threads, split into one task per thread (each reads its part
+        in order): (the items' indices, a future of their crcs) per part. The engine loop waits on a few
+        futures, not one per block."""
+        n = len(items)
+        parts = min(n, self.num_readers)
+        bounds = [n * k // parts for k in range(parts + 1)]
+        out = []
+        for a, b in zip(bounds, bounds[1:]):
+            part = items[a:b]
+            out.append((range(a, b), self._readers.submit(lambda part=part: [self.read_into(*it) for it in part])))
+        return out
+
     def read_async(self, block_hash: bytes, out: np.ndarray) -> Future:
         """read_into on a reader thread: the engine loop never waits on the file (the future gives the crc)."""
         return self._readers.submit(self.read_into, block_hash, out)
@@ -152,7 +178,7 @@ class DiskTier:
         if ok:
             if block_hash in self.index:
                 self.index.move_to_end(block_hash)
-                self._io.submit(_touch, self.path(block_hash))  # its age orders the next start's LRU
+                self._submit(block_hash, _touch, self.path(block_hash))  # its age orders the next start's LRU
             return
         self.num_errors += 1
         logger.warning("KV disk tier: %s is missing or damaged; recomputing its block", self.path(block_hash))
@@ -171,19 +197,24 @@ class DiskTier:
         size = self.index.pop(block_hash, None)
         if size is not None:
             self.used_bytes -= size
-            self._io.submit(_remove, self.path(block_hash))
+            self._submit(block_hash, _remove, self.path(block_hash))
 
     def _evict_to(self, limit: int) -> None:
         while self.index and self.used_bytes > limit:
             self.drop(next(iter(self.index)))
 
+    def _submit(self, block_hash: bytes, fn, *args) -> Future:
+        return self._io[block_hash[0] % len(self._io)].submit(fn, *args)
+
     def flush(self) -> None:
         """Wait for every write and deletion queued so far."""
-        self._io.submit(lambda: None).result()
+        for f in [io.submit(lambda: None) for io in self._io]:
+            f.result()
 
     def close(self) -> None:
         self._readers.shutdown(wait=True)
-        self._io.shutdown(wait=True)
+        for io in self._io:
+            io.shutdown(wait=True)
 
     # -- the background thread -------------------------------------------------------------------
     def _write(self, block_hash: bytes, payload: bytes) -> None:

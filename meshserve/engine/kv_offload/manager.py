@@ -6,7 +6,9 @@ prefix lookup that runs out of GPU hits (look below and load hits into fresh GPU
 tier become ops, in order, that the next step carries to the runner (transfer.py), which runs them on a copy
 stream beside that step's forward. A GPU block being stored is "in flight" until its store's event fires
 (`poll`, each step): the block manager does not hand it out meanwhile. Disk reads for a restore run on reader
-threads: the request waits (`find` says so) and the engine loop goes on; `poll` files the blocks read.
+threads: the request waits (`find` says so) and the engine loop goes on; `poll` files the blocks read (an idle
+engine blocks in `wait_io` meanwhile). A block that lands in the CPU tier is written behind to disk from its slot
+(`writing`: the slot is busy, never handed out, until the write is done), so a CPU eviction spills nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import ALL_COMPLETED, Future, wait
 from dataclasses import dataclass, fields
 
 from meshserve.engine.kv_offload.cpu_tier import CPUTier
@@ -65,39 +67,50 @@ class KVOffloadManager:
         self.default_link_bytes_per_s = default_link_bytes_per_s
         self.stats = KVOffloadStats()
         self.ops: list[Transfer] = []
+        self.ops_after_forward: list[Transfer] = []  # write-through stores of the blocks the step's forward fills
         self.swapped: dict[str, list[int]] = {}  # seq id -> its reserved slots, block order
         # GPU block id -> (slot, hash of an evicted block or None, swapped sequence's id or None): stores issued
         # whose event has not fired yet (the block must not be written meanwhile)
         self.storing: dict[int, tuple[int, bytes | None, str | None]] = {}
-        self.reading: dict[bytes, tuple[int, Future]] = {}  # disk reads on the reader threads: hash -> slot
+        # disk reads on the reader threads: hash -> (slot, its batch's future, its index in the batch)
+        self.reading: dict[bytes, tuple[int, Future, int]] = {}
         self._read_from_disk: set[bytes] = set()  # read back and not loaded yet: their restore is a disk hit
+        self.writing: dict[int, Future] = {}  # CPU slot -> its block's disk write (written behind, from the slot)
         cpu.on_evict = self._spill
 
     @property
     def block_bytes(self) -> int:
         return self.cpu.block_bytes
 
-    def take_transfers(self) -> list[Transfer]:
-        """The ops for the step being scheduled (the runner launches them before its forward)."""
+    def take_step_transfers(self) -> tuple[list[Transfer], list[Transfer]]:
+        """The ops for the step being scheduled: (those the runner launches before its forward, those it
+        launches after it)."""
         ops, self.ops = self.ops, []
+        after, self.ops_after_forward = self.ops_after_forward, []
         self.cpu.pending.clear()
-        return ops
+        return ops, after
 
-    def _op(self, kind: str, a: int, b: int, slot: int) -> None:
-        self.ops.append((kind, a, b))
+    def take_transfers(self) -> list[Transfer]:
+        """All queued ops in one list, in order (for callers that run them at once, with no forward between)."""
+        before, after = self.take_step_transfers()
+        return before + after
+
+    def _op(self, kind: str, a: int, b: int, slot: int, after_forward: bool = False) -> None:
+        (self.ops_after_forward if after_forward else self.ops).append((kind, a, b))
         self.cpu.pending.add(slot)
 
     # -- GPU eviction: copy down -----------------------------------------------------------------
-    def on_gpu_evict(self, block_id: int, block_hash: bytes) -> bool:
-        """A cached GPU block will be reused: copy its content to the CPU tier. True when a store was queued
-        (the block is in flight until `poll` reports it); False when there is nothing to wait for (the hash is
-        below already, or no slot can be had: then the block is lost, recomputed if needed)."""
-        if block_hash in self.cpu:
+    def on_gpu_evict(self, block_id: int, block_hash: bytes, after_forward: bool = False) -> bool:
+        """A cached GPU block will be reused (or, after_forward, was just filled: written through): copy its
+        content to the CPU tier. True when a store was queued (the block is in flight until `poll` reports it);
+        False when there is nothing to wait for (the hash is below already, or no slot can be had: then the
+        block is lost, recomputed if needed)."""
+        if block_hash in self.cpu or (self.disk is not None and block_hash in self.disk):
             return False
         slot = self.cpu.allocate()
         if slot is None:
             return False
-        self._op("store", block_id, slot, slot)
+        self._op("store", block_id, slot, slot, after_forward)
         self.storing[block_id] = (slot, block_hash, None)
         self.cpu.insert(block_hash, slot)
         self.stats.cpu_bytes_stored += self.block_bytes
@@ -122,6 +135,8 @@ class KVOffloadManager:
             self.cpu.store_events.pop(block_id, None)
             if error is None:
                 landed.append(block_id)
+                if block_hash is not None:
+                    self._write_behind(block_hash, slot)
                 continue
             failed.append(block_id)
             self.stats.store_failures += 1
@@ -134,7 +149,22 @@ class KVOffloadManager:
                 self.drop_swap(seq_id)
                 lost.append(seq_id)
         self._file_reads()
+        for slot, future in list(self.writing.items()):  # disk writes done: their slots may be reused
+            if future.done():
+                del self.writing[slot]
+                self.cpu.busy.discard(slot)
         return landed, failed, lost
+
+    def _write_behind(self, block_hash: bytes, slot: int) -> None:
+        """A block landed in the CPU tier: write it to disk now, in the background, straight from its slot (kept
+        from reuse until written), so evicting it from the CPU tier later costs the engine thread nothing."""
+        if self.disk is None or block_hash in self.disk or self.cpu.lru.get(block_hash) != slot:
+            return
+        future = self.disk.put(block_hash, self.cpu.slot_bytes(slot))
+        if future is not None:
+            self.cpu.busy.add(slot)
+            self.writing[slot] = future
+            self.stats.disk_bytes_written += self.block_bytes
 
     def swap_landed(self, seq_id: str) -> bool:
         """Every store of the sequence's swap-out has finished (it may resume: its slots hold its KV)."""
@@ -164,6 +194,7 @@ class KVOffloadManager:
             self.cpu.pending.add(slot)  # kept while room is made for disk reads and fresh GPU blocks
             found.append((block_hash, slot, tier))
         reading = False
+        to_read: list[tuple[bytes, int]] = []
         for block_hash in block_hashes[len(found) :]:
             if block_hash in self.reading:
                 reading = True
@@ -174,18 +205,28 @@ class KVOffloadManager:
             if slot is None:
                 break
             self.cpu.wait(slot)
-            self.reading[block_hash] = (slot, self.disk.read_async(block_hash, self.cpu.slot_bytes(slot)))
+            to_read.append((block_hash, slot))
             reading = True
+        if to_read:  # a few large read tasks (one per reader thread), not one per block: fewer wake-ups
+            for part, future in self.disk.read_batches([(h, self.cpu.slot_bytes(s)) for h, s in to_read]):
+                for i in part:
+                    self.reading[to_read[i][0]] = (to_read[i][1], future, i - part.start)
         return found, reading
+
+    def wait_io(self, timeout_s: float = 0.01) -> None:
+        """A step had nothing to run: block (the GIL released) until the disk reads under way are done, or
+        timeout_s. An engine loop that polled instead would keep the reader threads waiting for the GIL."""
+        if self.reading:
+            wait({f for _, f, _ in self.reading.values()}, timeout=timeout_s, return_when=ALL_COMPLETED)
 
     def _file_reads(self) -> None:
         """The disk reads that finished: a good block joins the CPU tier, a bad file is dropped (a miss)."""
-        for block_hash, (slot, future) in list(self.reading.items()):
+        for block_hash, (slot, future, i) in list(self.reading.items()):
             if not future.done():
                 continue
             del self.reading[block_hash]
             try:
-                crc = future.result()
+                crc = future.result()[i]
             except Exception as e:  # noqa: BLE001  a reader that raised: a miss, like a bad file
                 logger.warning("KV disk tier: reading a block failed: %s", e)
                 crc = None

@@ -137,3 +137,59 @@ def test_swap_refused_when_the_cpu_tier_is_full():
     assert not bm.swap_out(s, lambda: 1.0)
     assert len(manager.cpu.free) == 2 and not manager.ops
     bm.free(s)
+
+
+def test_filled_blocks_are_written_through_after_the_forward():
+    bm, manager = setup(num_blocks=8, slots=16)
+    a = make_seq("a", range(13))  # 3 full blocks (written through), 1 partial (not)
+    run_prompt(bm, a)
+    a_ids = list(bm.block_table(a))
+    before, after = bm.take_step_transfers()
+    assert before == [] and [(k, gpu) for k, gpu, _ in after] == [("store", b) for b in a_ids[:3]]
+    assert bm.pool.in_flight == set(a_ids[:3])  # not handed out until the copies land
+    for _, gpu, _ in after:
+        manager.cpu.store_events[gpu] = CopyEvent()
+    bm.poll_offload()
+    assert not bm.pool.in_flight and all(h in manager.cpu for h in a.block_hashes)
+    bm.free(a)
+    b = make_seq("b", range(100, 132))  # 8 blocks: a's cached blocks are evicted with no store to wait for
+    assert bm.allocate(b, 32)
+    before, after = bm.take_step_transfers()
+    assert before == []  # nothing to copy down first; b's own 8 blocks are written through after its forward
+    assert sorted(gpu for _, gpu, _ in after) == sorted(bm.block_table(b))
+    for _, gpu, _ in after:
+        manager.cpu.store_events[gpu] = CopyEvent()
+    bm.poll_offload()
+    bm.free(b)
+    a2 = make_seq("a2", range(13))
+    hits = bm.find_cached_prefix(a2)
+    assert [blk.block_hash for blk in hits] == a.block_hashes[:3] and manager.stats.cpu_hits == 3
+    before, after = bm.take_step_transfers()
+    assert [k for k, _, _ in before] == ["load"] * 3 and after == []  # restored blocks are below already
+
+
+def test_landed_blocks_are_written_behind_to_disk_from_a_slot_kept_meanwhile(tmp_path):
+    import threading
+
+    from meshserve.engine.kv_offload.disk_tier import DiskTier
+
+    bm = BlockManager(8, BS)
+    cpu = CPUTier(3, (1, 2, BS, 1, 1), torch.float32, False)
+    disk = DiskTier(str(tmp_path), bytes(16), 1 << 20, cpu.block_bytes)
+    manager = KVOffloadManager(cpu, disk)
+    bm.attach_offload(manager)
+    gate, write = threading.Event(), disk._write
+    disk._write = lambda *args: (gate.wait(10), write(*args))  # a disk that answers when the test says
+    a = make_seq("a", range(13))
+    run_prompt(bm, a)
+    launch(bm, manager)  # a's 3 blocks written through; landed: their disk writes start from the slots
+    assert all(h in disk for h in a.block_hashes) and cpu.busy == set(range(3))
+    assert cpu.allocate() is None  # every slot is being read by a write: none is handed out
+    gate.set()
+    disk.flush()
+    manager.poll()
+    assert not cpu.busy and not manager.writing
+    slot = cpu.allocate()  # the least recent block goes, with nothing to spill (it is on disk already)
+    assert slot is not None and manager.stats.disk_bytes_written == 3 * cpu.block_bytes
+    assert disk.get(a.block_hashes[0]) is not None
+    disk.close()

@@ -244,3 +244,26 @@ def test_gpu_copies_on_a_side_stream_with_tokens_unchanged(tiny_model_dir):
     assert got == expected and stats["kv_offload_swaps_out"] > 0
     assert events and all(e.stream == copy.stream for e in events)
     assert copy.stream != torch.cuda.default_stream() and copy.stream != torch.cuda.current_stream()
+
+
+def test_write_through_stores_run_after_the_forward_that_fills_them(tiny_model_dir):
+    llm = LLM(model=tiny_model_dir("llama"), block_size=4, num_gpu_blocks_override=24, kv_offloading_size=gib(64))
+    runner = llm.engine.core.executor.runner
+    order, forward, run = [], runner._run_forward, runner.kv_transfer.run
+
+    def recorded_forward(*args, **kwargs):
+        order.append(("forward", None))
+        return forward(*args, **kwargs)
+
+    def recorded_run(ops):
+        order.extend(("store", a) for kind, a, _ in ops if kind == "store")
+        return run(ops)
+
+    runner._run_forward, runner.kv_transfer.run = recorded_forward, recorded_run
+    p = prompts(6, n=1, length=13)[0]  # 3 full blocks and a partial one
+    llm.generate([{"prompt_token_ids": p}], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    stats = llm.engine.stats()
+    llm.shutdown()
+    # the prefill's forward fills 3 blocks; each is copied down after it, in the same step
+    assert order[:4] == [("forward", None)] + [("store", b) for b in (o[1] for o in order[1:4])]
+    assert len({b for k, b in order if k == "store"}) == 3 and stats["kv_offload_cpu_bytes_stored"] > 0

@@ -192,3 +192,4 @@ class ThreadedCoreClient:
         if self._thread.is_alive():
             self._commands.put((SHUTDOWN,))
             self._thread.join(timeout)
+        self._outputs.put(None)  # "nothing came": a reader blocked in get_outputs wakes now, not at its timeout

@@ -50,7 +50,10 @@ def stop_all(servers: list[ThreadServer]) -> None:
 
 
 def serve_in_thread(app, port: int | None = None) -> ThreadServer:
-    base_url, server, thread = run_uvicorn_in_thread(app, port, timeout_keep_alive=5)
+    # a fake replica left hanging (mode "hang") would hold its graceful shutdown for the whole grace: these
+    # servers' own drain is not under test here, so a short one
+    base_url, server, thread = run_uvicorn_in_thread(app, port, timeout_keep_alive=5,
+                                                     timeout_graceful_shutdown=0.2)
     return ThreadServer(base_url, app, server, thread)
 
 

@@ -42,8 +42,9 @@ def serve_in_thread(app, port: int | None = None, **uvicorn_kwargs):
     import uvicorn
 
     port = port or free_port()
+    uvicorn_kwargs.setdefault("timeout_graceful_shutdown", 1)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=1, **uvicorn_kwargs))
+                                           access_log=False, **uvicorn_kwargs))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

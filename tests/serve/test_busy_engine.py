@@ -16,14 +16,18 @@ STEP_S = 3.0  # long enough that an answer which waited for the step is unmistak
 
 
 class _SlowExecutor:
-    """The real executor, with every step taking STEP_S longer (a long prefill, made on purpose)."""
+    """The real executor, with every step held (a long prefill, made on purpose) until the test opens the
+    gate or STEP_S passes: a test that has seen what it needs lets the step end instead of sleeping it out."""
 
     def __init__(self, inner):
         self._inner = inner
+        self.gate = threading.Event()
+        self.in_step = threading.Event()
 
     def execute(self, sched_out):
         if sched_out.scheduled:
-            time.sleep(STEP_S)
+            self.in_step.set()
+            self.gate.wait(STEP_S)
         return self._inner.execute(sched_out)
 
     def __getattr__(self, name):
@@ -36,10 +40,20 @@ def busy(tiny_model_dir):
     live = start_server(allm, ServeConfig(served_model_names=["tiny"]))
     core = allm.engine
     core.executor = _SlowExecutor(core.executor)  # the core is idle until the first request
+    live.slow = core.executor
     yield live
     core.executor = core.executor._inner
     live.stop()
     allm.shutdown()
+
+
+@pytest.fixture
+def held(busy):
+    """The busy server with its steps held for this test; opened at the end, whatever happened."""
+    busy.slow.gate.clear()
+    busy.slow.in_step.clear()
+    yield busy
+    busy.slow.gate.set()
 
 
 def _gauges(base_url: str) -> dict[str, float]:
@@ -70,7 +84,8 @@ def _send_in_background(url: str, n: int) -> list[threading.Thread]:
     return threads
 
 
-def test_metrics_during_a_long_step_show_the_requests_and_their_age(busy):
+def test_metrics_during_a_long_step_show_the_requests_and_their_age(held):
+    busy = held
     threads = _send_in_background(busy.v1 + "/completions", 3)
     _wait_for_requests(busy.base_url, 3)  # the server has them (the core takes them and enters its slow step)
     ages = []
@@ -82,19 +97,22 @@ def test_metrics_during_a_long_step_show_the_requests_and_their_age(busy):
         ages.append(g["meshserve:engine_stats_age_seconds"])
         time.sleep(0.4)
     assert ages == sorted(ages) and ages[-1] >= 0.6  # stale, and saying so
+    busy.slow.gate.set()
     for t in threads:
         t.join(30)
     assert _gauges(busy.base_url)["meshserve:num_requests_running"] == 0
 
 
-def test_bad_requests_are_refused_without_waiting_for_the_step(busy):
+def test_bad_requests_are_refused_without_waiting_for_the_step(held):
+    busy = held
     threads = _send_in_background(busy.v1 + "/completions", 2)
     _wait_for_requests(busy.base_url, 2)
-    time.sleep(0.2)  # the core has taken them and is inside its slow step
+    assert busy.slow.in_step.wait(STEP_S)  # the core has taken them and is inside its slow step
     for body in ({"model": "tiny", "prompt": ""}, {"model": "tiny", "prompt": [5], "max_tokens": 10_000},
                  {"model": "tiny", "prompt": [999_999]}):
         t = time.monotonic()
         r = httpx.post(busy.v1 + "/completions", json=body, timeout=30)
         assert r.status_code == 400 and time.monotonic() - t < STEP_S / 3, body
+    busy.slow.gate.set()
     for t in threads:
         t.join(30)

@@ -58,7 +58,8 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir):
         first_chunk = threading.Event()
 
         def stream(i: int) -> None:
-            body = {"model": "tiny", "prompt": f"Story {i}", "max_tokens": 450, "ignore_eos": True, "stream": True,
+            body = {"model": "tiny", "prompt": f"Story {i}", "max_tokens": max_tokens[i], "ignore_eos": True,
+                    "stream": True,
                     "stream_options": {"include_usage": True}}
             with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as resp:
                 text, usage, finish = "", None, None
@@ -73,10 +74,14 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir):
                     usage = chunk.get("usage") or usage
                 results[i] = {"status": resp.status_code, "usage": usage, "finish": finish}
 
+        # the first runs long (the window in which the others must reach the server, as one request runs at a
+        # time); the three queued behind it need fewer tokens, enough that the drain outlasts the checks below
+        max_tokens = [450, 150, 150, 150]
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
-        for t in threads:
+        threads[0].start()
+        assert first_chunk.wait(30)  # the long one is running: the others queue behind it
+        for t in threads[1:]:
             t.start()
-        assert first_chunk.wait(30)
         _wait_for_requests(base, 4)  # the other three queue behind max-num-seqs 1: all must be in first
         proc.send_signal(signal.SIGTERM)
 
@@ -92,8 +97,9 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir):
             t.join(120)
         assert proc.wait(60) == 0
         assert sorted(results) == [0, 1, 2, 3]
-        for r in results.values():  # nothing in flight was lost
-            assert r["status"] == 200 and r["finish"] == "length" and r["usage"]["completion_tokens"] == 450
+        for i, r in results.items():  # nothing in flight was lost
+            assert r["status"] == 200 and r["finish"] == "length"
+            assert r["usage"]["completion_tokens"] == max_tokens[i]
     finally:
         if proc.poll() is None:
             proc.kill()

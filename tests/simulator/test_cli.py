@@ -106,7 +106,8 @@ def test_two_replicas_behind_the_router_collapse_at_qps_128(capsys):
     assert routed["goodput"] < 0.15 * internal["goodput"] and routed["ttft_p50"] > 5.0
     assert any("router process is one CPU queue" in a for a in routed["assumptions"])
     # an override and the calibration's name reach the config
-    slower = _simulate(capsys, *dp2, "--router-node", "on", "--router-event-us", "150")
+    # (a short run: only the config is read back)
+    slower = _simulate(capsys, *dp2, "--duration", "2", "--router-node", "on", "--router-event-us", "150")
     assert slower["router_node"]["event_s"] == pytest.approx(150e-6)
     assert slower["router_node"]["request_s"] == pytest.approx(1.6e-3)
 

@@ -38,7 +38,7 @@ def remove_model(runner, token_id: int = 17) -> None:
 
     import torch  # here, not at the top: the CLI imports this module's parser before it validates arguments
 
-    def fake_sample(scheduled, hidden, meta, parity):
+    def fake_sample(scheduled, hidden, meta, parity, grammar_bitmask=None):
         from meshserve.engine.runner_output import ModelRunnerOutput
 
         rows = [s for s in scheduled if s.do_sample and not s.num_spec_tokens]

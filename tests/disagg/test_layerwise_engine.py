@@ -28,6 +28,12 @@ def pair(request, tiny_model_dir):
     model = tiny_model_dir(request.param)
     port = free_port()
     common = {"model": model, "block_size": BLOCK, "max_model_len": 256, "num_gpu_blocks_override": 200}
+    # every engine here (the spawned producer, the consumer and the reference in this process) on the same
+    # torch thread count: without it each picks by the load average at its start (cpu_threads.py), and a
+    # projection split over other threads may round differently, so the KV bytes compared below would differ
+    # (seen once under CI load)
+    mp_env = pytest.MonkeyPatch()
+    mp_env.setenv("OMP_NUM_THREADS", "2")
     ctx = mp.get_context("spawn")
     commands, results = ctx.Queue(), ctx.Queue()
     prod_cfg = transfer_config(
@@ -51,6 +57,7 @@ def pair(request, tiny_model_dir):
     if proc.is_alive():
         proc.kill()
     consumer.shutdown()
+    mp_env.undo()
 
 
 def _params(key: str, transfer_id: str, max_tokens: int) -> SamplingParams:

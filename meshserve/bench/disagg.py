@@ -13,6 +13,9 @@ prefill log at DEBUG).
 
 Workload (fixed draws): random.seed(25); n prompts of randint(2048, 8192) ids randint(3, 10000); then for each,
 max_tokens randint(128, 512); then arrivals in bursts: gaps gammavariate(0.25, 4 / QPS) (mean 1/QPS, CV 2).
+--prompt-len-range LO,HI and --output-len-range LO,HI replace (2048, 8192) and (128, 512) (with --max-model-len,
+default 9000), e.g. for a CPU dry run against a tiny model: `--model DIR --second-gpu 0 --num-prompts 3 --qps 1
+--prompt-len-range 16,64 --output-len-range 4,8 --max-model-len 256` (the model's vocabulary must exceed 10,000).
 """
 
 from __future__ import annotations
@@ -33,17 +36,37 @@ from meshserve.bench.local_server import wait_ready as _wait_ready
 from meshserve.bench.serve_bench import BenchRequest, format_point, run_load, summarize
 
 
-def bursty_requests(qps: float, num_prompts: int, seed: int = 25) -> list[BenchRequest]:
+PROMPT_LEN_RANGE = (2048, 8192)
+OUTPUT_LEN_RANGE = (128, 512)
+
+
+def bursty_requests(
+    qps: float,
+    num_prompts: int,
+    seed: int = 25,
+    prompt_len: tuple[int, int] = PROMPT_LEN_RANGE,
+    output_len: tuple[int, int] = OUTPUT_LEN_RANGE,
+) -> list[BenchRequest]:
     random.seed(seed)
     prompts = [
-        [random.randint(3, 10000) for _ in range(random.randint(2048, 8192))] for _ in range(num_prompts)
+        [random.randint(3, 10000) for _ in range(random.randint(*prompt_len))] for _ in range(num_prompts)
     ]
-    outs = [random.randint(128, 512) for _ in range(num_prompts)]
+    outs = [random.randint(*output_len) for _ in range(num_prompts)]
     t, reqs = 0.0, []
     for p, o in zip(prompts, outs):
         t += random.gammavariate(0.25, 4.0 / qps)
         reqs.append(BenchRequest(p, o, send_at=t))
     return reqs
+
+
+def _len_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two integers), got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
+    return lo, hi
 
 
 def _serve(model: str, gpu: int, port: int, extra: list[str], log: str) -> subprocess.Popen:
@@ -60,8 +83,6 @@ def _serve(model: str, gpu: int, port: int, extra: list[str], log: str) -> subpr
         str(port),
         "--host",
         "127.0.0.1",
-        "--max-model-len",
-        "9000",
         "--served-model-name",
         "bench",
         "--disable-access-log",
@@ -109,7 +130,7 @@ def run_setup(name: str, ns: argparse.Namespace, qps_points: list[float]) -> lis
         extra["backend"] = "gloo"
     if extra:
         kv["kv_connector_extra_config"] = extra
-    common = ["--gpu-memory-utilization", str(ns.gpu_memory_utilization)]
+    common = ["--gpu-memory-utilization", str(ns.gpu_memory_utilization), "--max-model-len", str(ns.max_model_len)]
     if name == "colocated":
         servers = [
             _serve(ns.model, 0, base + 1, common, f"{logs}/colocated0.log"),
@@ -125,13 +146,13 @@ def run_setup(name: str, ns: argparse.Namespace, qps_points: list[float]) -> lis
         prod = json.dumps({**kv, "kv_role": "kv_producer", "kv_rank": 0})
         cons = json.dumps({**kv, "kv_role": "kv_consumer", "kv_rank": 1})
         servers = [
-            _serve(ns.model, 0, base + 1, [*common, "--kv-transfer-config", prod], f"{logs}/prefill.log"),
+            _serve(ns.model, 0, base + 1, [*common, "--kv-transfer-config", prod], f"{logs}/prefill-{name}.log"),
             _serve(
                 ns.model,
                 ns.second_gpu,
                 base + 2,
                 [*common, "--kv-transfer-config", cons],
-                f"{logs}/decode.log",
+                f"{logs}/decode-{name}.log",
             ),
         ]
         router_args = [
@@ -149,7 +170,9 @@ def run_setup(name: str, ns: argparse.Namespace, qps_points: list[float]) -> lis
         _wait_ready(f"http://127.0.0.1:{base}", procs, 60)
         points = []
         for qps in qps_points:
-            reqs = bursty_requests(qps, ns.num_prompts)
+            reqs = bursty_requests(
+                qps, ns.num_prompts, prompt_len=ns.prompt_len_range, output_len=ns.output_len_range
+            )
             b0 = s0 = 0.0
             pre = f"http://127.0.0.1:{base + 1}"
             w0 = _streamed(pre)
@@ -204,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         default="colocated,disaggregated,layerwise",
         help="comma-separated: colocated, disaggregated (whole-request transfer), layerwise",
     )
+    p.add_argument(
+        "--prompt-len-range", type=_len_range, default=PROMPT_LEN_RANGE, help="LO,HI prompt tokens (2048,8192)"
+    )
+    p.add_argument(
+        "--output-len-range", type=_len_range, default=OUTPUT_LEN_RANGE, help="LO,HI max_tokens (128,512)"
+    )
+    p.add_argument("--max-model-len", type=int, default=9000)
     p.add_argument("--log-dir", default=".")
     p.add_argument("--output", default="disagg_bench.json")
     ns = p.parse_args(argv)

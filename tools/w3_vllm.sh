@@ -5,7 +5,8 @@
 # .vp4 and .whl: it installs vLLM, serves the Llama-3.1-8B arch (dummy weights, default flags) on port 8001, runs
 # `meshserve bench serve` (W3 draws, seed 1000 + QPS) over QPS, stops it. Then run meshserve's side in the next
 # call: `CLIENT_PROCS=8 bash tools/w3_slo.sh QPS --api-server-count 4`.
-# Usage (device, repo root):   [CLIENT_PROCS=8] bash tools/w3_vllm.sh [QPS list, default 48,64,96]
+# Usage (device, repo root; carry [".vp4", ".whl"]: 62 MiB of the 64 allowed, so not .whl-structured):
+#   [CLIENT_PROCS=8] bash tools/w3_vllm.sh [QPS list, default 48,64,96]
 # Results: $OUT/w3_vllm.json, $OUT/w3_vllm.txt, $OUT/vllm_serve.log.
 set -u -o pipefail
 qps=${1:-48,64,96}

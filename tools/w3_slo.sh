@@ -20,7 +20,10 @@ for i in $(seq 1 400); do
   sleep 1
 done
 echo "ready after $(( $(date +%s) - t0 )) s"
-grep -m1 "start-up, seconds since launch" $OUT/serve.log  # every phase of every process (engine/startup_timeline.py)
+# every phase of every process (engine/startup_timeline.py); with several API processes the line comes after
+# /health answers (the front end logs it once every API process said it listens): wait for it a little
+for _ in $(seq 1 20); do grep -q "start-up, seconds since launch" $OUT/serve.log && break; sleep 0.5; done
+grep -m1 "start-up, seconds since launch" $OUT/serve.log
 timeout 420 python3 -m meshserve.cli bench serve --qps $qps --client-procs $client_procs --no-progress --output-json $OUT/w3.json 2>&1 | tee $OUT/w3.txt
 curl -s localhost:8000/metrics | grep -E "^meshserve:(requests_(rejected|shed|slo|total)|step_time|queue_wait)" | tee $OUT/metrics.txt
 kill -TERM $pid; wait $pid

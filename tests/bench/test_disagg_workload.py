@@ -1,0 +1,78 @@
+"""`python -m meshserve.bench.disagg`: the bursty workload's draws (issue 25's by default, smaller ranges for a CPU
+dry run against a tiny model) and the flags that reach both servers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import pytest
+
+from meshserve.bench import disagg
+
+
+def test_default_draws_are_issue_25s_workload():
+    reqs = disagg.bursty_requests(2.0, 6)
+    random.seed(25)  # the documented draws: prompts, then max_tokens, then the gaps
+    prompts = [[random.randint(3, 10000) for _ in range(random.randint(2048, 8192))] for _ in range(6)]
+    outs = [random.randint(128, 512) for _ in range(6)]
+    assert [r.prompt for r in reqs] == prompts and [r.max_tokens for r in reqs] == outs
+    assert all(b.send_at > a.send_at for a, b in zip(reqs, reqs[1:]))
+
+
+def test_length_ranges_bound_the_draws():
+    reqs = disagg.bursty_requests(1.0, 20, prompt_len=(16, 64), output_len=(4, 8))
+    assert all(16 <= len(r.prompt) <= 64 and 4 <= r.max_tokens <= 8 for r in reqs)
+    assert len({len(r.prompt) for r in reqs}) > 1
+
+
+@pytest.mark.parametrize("text", ["16", "16,64,3", "a,b", "0,8", "64,16"])
+def test_a_bad_range_is_a_usage_error(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        disagg._len_range(text)
+
+
+def test_flags_reach_the_workload_and_both_servers(monkeypatch, tmp_path):
+    seen: dict = {}
+
+    def fake_run_setup(name, ns, qps):
+        seen.setdefault("ns", ns)
+        seen.setdefault("setups", []).append(name)
+        return []
+
+    monkeypatch.setattr(disagg, "run_setup", fake_run_setup)
+    out = tmp_path / "d.json"
+    argv = ["--model", "tiny", "--second-gpu", "0", "--qps", "1", "--setups", "colocated,layerwise",
+            "--prompt-len-range", "16,64", "--output-len-range", "4,8", "--max-model-len", "256",
+            "--output", str(out)]
+    assert disagg.main(argv) == 0
+    ns = seen["ns"]
+    assert (ns.prompt_len_range, ns.output_len_range, ns.max_model_len) == ((16, 64), (4, 8), 256)
+    assert ns.gpu_memory_utilization == 0.42 and seen["setups"] == ["colocated", "layerwise"]
+    assert json.loads(out.read_text()) == []
+    # without the flags: issue 25's ranges and length
+    monkeypatch.setattr(disagg, "run_setup", lambda name, ns, qps: seen.__setitem__("d", ns) or [])
+    disagg.main(["--output", str(out)])
+    d = seen["d"]
+    assert (d.prompt_len_range, d.output_len_range, d.max_model_len) == ((2048, 8192), (128, 512), 9000)
+
+
+def test_every_server_gets_the_model_length_and_one_gpu_moves_the_kv_over_gloo(monkeypatch):
+    ns = argparse.Namespace(port=8700, log_dir=".", second_gpu=0, gpu_memory_utilization=0.42, max_model_len=256,
+                            model="tiny")
+    calls = []
+    monkeypatch.setattr(disagg, "_serve", lambda model, gpu, port, extra, log: calls.append((gpu, extra)) or gpu)
+
+    def stop_before_the_load(*args, **kwargs):
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(disagg, "_wait_ready", stop_before_the_load)
+    monkeypatch.setattr(disagg, "_stop", lambda procs: None)
+    with pytest.raises(RuntimeError, match="stop here"):
+        disagg.run_setup("layerwise", ns, [1.0])
+    assert [gpu for gpu, _ in calls] == [0, 0]
+    for _, extra in calls:
+        assert extra[extra.index("--max-model-len") + 1] == "256"
+        kv = json.loads(extra[extra.index("--kv-transfer-config") + 1])
+        assert kv["kv_connector_extra_config"] == {"layerwise": True, "backend": "gloo"}

@@ -1,5 +1,5 @@
-"""`python -m meshserve.bench.disagg`: the bursty workload's draws (issue 25's by default, smaller ranges for a CPU
-dry run against a tiny model) and the flags that reach both servers."""
+"""`python -m meshserve.bench.disagg`: the bursty workload's draws (issue 25's by default, smaller ranges for a
+CPU dry run against a tiny model) and the flags that reach both servers."""
 
 from __future__ import annotations
 
@@ -59,10 +59,10 @@ def test_flags_reach_the_workload_and_both_servers(monkeypatch, tmp_path):
 
 
 def test_every_server_gets_the_model_length_and_one_gpu_moves_the_kv_over_gloo(monkeypatch):
-    ns = argparse.Namespace(port=8700, log_dir=".", second_gpu=0, gpu_memory_utilization=0.42, max_model_len=256,
-                            model="tiny")
+    ns = argparse.Namespace(port=8700, log_dir=".", second_gpu=0, gpu_memory_utilization=0.42,
+                            max_model_len=256, model="tiny")
     calls = []
-    monkeypatch.setattr(disagg, "_serve", lambda model, gpu, port, extra, log: calls.append((gpu, extra)) or gpu)
+    monkeypatch.setattr(disagg, "_serve", lambda model, gpu, port, extra, log: calls.append((gpu, extra)))
 
     def stop_before_the_load(*args, **kwargs):
         raise RuntimeError("stop here")

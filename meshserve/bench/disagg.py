@@ -13,6 +13,10 @@ prefill log at DEBUG).
 
 Workload (fixed draws): random.seed(25); n prompts of randint(2048, 8192) ids randint(3, 10000); then for each,
 max_tokens randint(128, 512); then arrivals in bursts: gaps gammavariate(0.25, 4 / QPS) (mean 1/QPS, CV 2).
+On one GPU (--second-gpu 0) each instance gets a fixed KV pool (--gpu-blocks, default 16,384 blocks: 32 GiB of
+Llama-3.1-8B's KV, about what 0.42 of an H200 leaves it): the engine sizes its pool by what the GPU has left,
+counting another process's memory as taken, so of two instances started together the second to size its pool
+would see the first's (weights, or weights and pool) and get a smaller one, or none and exit.
 --prompt-len-range LO,HI and --output-len-range LO,HI replace (2048, 8192) and (128, 512) (with --max-model-len,
 default 9000), e.g. for a CPU dry run against a tiny model: `--model DIR --second-gpu 0 --num-prompts 3 --qps 1
 --prompt-len-range 16,64 --output-len-range 4,8 --max-model-len 256` (the model's vocabulary must exceed 10,000).
@@ -36,6 +40,7 @@ from meshserve.bench.local_server import wait_ready as _wait_ready
 from meshserve.bench.serve_bench import BenchRequest, format_point, run_load, summarize
 
 
+ONE_GPU_BLOCKS = 16384  # KV blocks per instance when both share one GPU (see the module docstring)
 PROMPT_LEN_RANGE = (2048, 8192)
 OUTPUT_LEN_RANGE = (128, 512)
 
@@ -131,6 +136,8 @@ def run_setup(name: str, ns: argparse.Namespace, qps_points: list[float]) -> lis
     if extra:
         kv["kv_connector_extra_config"] = extra
     common = ["--gpu-memory-utilization", str(ns.gpu_memory_utilization), "--max-model-len", str(ns.max_model_len)]
+    if ns.gpu_blocks is not None:
+        common += ["--num-gpu-blocks-override", str(ns.gpu_blocks)]
     if name == "colocated":
         servers = [
             _serve(ns.model, 0, base + 1, common, f"{logs}/colocated0.log"),
@@ -234,11 +241,19 @@ def main(argv: list[str] | None = None) -> int:
         "--output-len-range", type=_len_range, default=OUTPUT_LEN_RANGE, help="LO,HI max_tokens (128,512)"
     )
     p.add_argument("--max-model-len", type=int, default=9000)
+    p.add_argument(
+        "--gpu-blocks",
+        type=int,
+        default=None,
+        help=f"KV blocks per instance (default: sized by the engine; {ONE_GPU_BLOCKS} with --second-gpu 0)",
+    )
     p.add_argument("--log-dir", default=".")
     p.add_argument("--output", default="disagg_bench.json")
     ns = p.parse_args(argv)
     if ns.second_gpu == 0:
         ns.gpu_memory_utilization = min(ns.gpu_memory_utilization, 0.42)  # two instances on one GPU
+        if ns.gpu_blocks is None:
+            ns.gpu_blocks = ONE_GPU_BLOCKS
     qps = [float(x) for x in ns.qps.split(",")]
     points = []
     for setup in ns.setups.split(","):

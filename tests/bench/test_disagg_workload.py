@@ -50,17 +50,21 @@ def test_flags_reach_the_workload_and_both_servers(monkeypatch, tmp_path):
     ns = seen["ns"]
     assert (ns.prompt_len_range, ns.output_len_range, ns.max_model_len) == ((16, 64), (4, 8), 256)
     assert ns.gpu_memory_utilization == 0.42 and seen["setups"] == ["colocated", "layerwise"]
+    assert ns.gpu_blocks == disagg.ONE_GPU_BLOCKS  # one GPU: a fixed pool per instance
     assert json.loads(out.read_text()) == []
     # without the flags: issue 25's ranges and length
     monkeypatch.setattr(disagg, "run_setup", lambda name, ns, qps: seen.__setitem__("d", ns) or [])
     disagg.main(["--output", str(out)])
     d = seen["d"]
     assert (d.prompt_len_range, d.output_len_range, d.max_model_len) == ((2048, 8192), (128, 512), 9000)
+    assert d.gpu_blocks is None  # two GPUs: each engine sizes its own pool
 
 
 def test_every_server_gets_the_model_length_and_one_gpu_moves_the_kv_over_gloo(monkeypatch):
+    """On one GPU both instances get the same fixed KV pool: sized by the engine, the second to size its pool
+    would count the first's memory as taken (a smaller pool, or none: the server exits)."""
     ns = argparse.Namespace(port=8700, log_dir=".", second_gpu=0, gpu_memory_utilization=0.42,
-                            max_model_len=256, model="tiny")
+                            max_model_len=256, model="tiny", gpu_blocks=disagg.ONE_GPU_BLOCKS)
     calls = []
     monkeypatch.setattr(disagg, "_serve", lambda model, gpu, port, extra, log: calls.append((gpu, extra)))
 
@@ -74,5 +78,6 @@ def test_every_server_gets_the_model_length_and_one_gpu_moves_the_kv_over_gloo(m
     assert [gpu for gpu, _ in calls] == [0, 0]
     for _, extra in calls:
         assert extra[extra.index("--max-model-len") + 1] == "256"
+        assert extra[extra.index("--num-gpu-blocks-override") + 1] == str(disagg.ONE_GPU_BLOCKS)
         kv = json.loads(extra[extra.index("--kv-transfer-config") + 1])
         assert kv["kv_connector_extra_config"] == {"layerwise": True, "backend": "gloo"}

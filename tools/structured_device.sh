@@ -22,6 +22,7 @@ model=${MODEL_DIR:-.smodel/llama-3.1-8b-smol}; name=$(basename "$model")
 conc=${CONC:-1,64}; nums=${NUM_PROMPTS:-48,640}; out_len=${OUTPUT_LEN:-128}
 data=meshserve/bench/data
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"  # the device call sets OUT; elsewhere (a CPU dry run) set -u would stop here
 [ -f "$model/tokenizer.json" ] || { echo "no model folder $model: build it with tools/make_structured_model.py and carry it"; exit 1; }
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 case $engine in

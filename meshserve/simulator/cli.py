@@ -27,7 +27,8 @@ def register(subparsers) -> None:
     g.add_argument("--num-gpus", type=int, default=d.num_gpus)
     g.add_argument("--tp", type=int, default=d.tp,
                    help="tensor-parallel GPUs per pipeline stage (replicas = GPUs / (TP x PP))")
-    g.add_argument("--pp", type=int, default=d.pp, help="pipeline stages per replica (meshserve/simulator/pipeline.py)")
+    g.add_argument("--pp", type=int, default=d.pp,
+                   help="pipeline stages per replica (meshserve/simulator/pipeline.py)")
     g.add_argument("--pipeline-depth", type=int, default=d.pipeline_depth,
                    help="steps a PP replica keeps in flight (the engine's --pipeline-depth; 0: one per stage)")
     g.add_argument("--pp-host-step-ms", type=float, default=None,

@@ -129,7 +129,8 @@ class SimConfig:
     def steps_in_flight(self) -> int:
         """Steps a replica keeps in flight (the engine's ParallelConfig.pipeline_steps_in_flight): 0 without
         pipeline stages."""
-        return ParallelConfig(pipeline_parallel_size=self.pp, pipeline_depth=self.pipeline_depth).pipeline_steps_in_flight
+        parallel = ParallelConfig(pipeline_parallel_size=self.pp, pipeline_depth=self.pipeline_depth)
+        return parallel.pipeline_steps_in_flight
 
     @property
     def layout(self) -> Layout:

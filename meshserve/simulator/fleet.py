@@ -243,7 +243,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                    host_s if config.pp > 1 else None)
 
 
-def stage_pipeline(config: SimConfig, model, gpu, step_cost: Callable | list | None, cost: StepCost) -> StagePipeline:
+def stage_pipeline(config: SimConfig, model, gpu, step_cost: Callable | list | None,
+                   cost: StepCost) -> StagePipeline:
     """One replica's stages: each its StepCost over its slice of the layers (with the calibration's weights),
     the hand-off between them over NVLink when the replica fits a node; or the custom step cost(s), no hop."""
     if step_cost is not None:

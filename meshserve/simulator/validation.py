@@ -263,7 +263,8 @@ def replay_offline(model: str, tp: int, requests: list[tuple[int, int]], gpu: st
     throughput: max_model_len 4096, max_num_seqs 256); pp stages with pipeline_depth steps in flight and the
     pipeline's host cost per step (None: the calibration's)."""
     config = SimConfig(model=model, gpu=gpu, num_gpus=tp * pp, tp=tp, pp=pp, pipeline_depth=pipeline_depth,
-                       max_model_len=4096, max_num_seqs=256, calibration=calibration, pp_host_step_s=pp_host_step_s)
+                       max_model_len=4096, max_num_seqs=256, calibration=calibration,
+                       pp_host_step_s=pp_host_step_s)
     return simulate(config, [SimRequest(0.0, p, o) for p, o in requests])
 
 
@@ -359,7 +360,8 @@ def offline_table(calibrations: tuple[str, ...] = ("default", BEFORE_GRAPHS)) ->
         cells = []
         for r in rows:
             if r["pred"] is None:
-                cells += [f"- / {r['meas']:.2f}", "not replayed (the engine before 90673be's pipeline fix; pp_table)"]
+                cells += [f"- / {r['meas']:.2f}",
+                          "not replayed (the engine before 90673be's pipeline fix; pp_table)"]
             else:
                 cells += [f"{r['pred']:.2f} / {r['meas']:.2f} ({(r['pred'] - r['meas']) / r['meas']:+.1%})",
                           ("met" if _met(r["pred"], r["meas"], r["goal"]) else "missed")

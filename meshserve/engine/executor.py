@@ -29,8 +29,8 @@ class Executor(Protocol):
     """
 
     supports_async_scheduling: bool
-    # whether rank 0's runner samples, so the engine may fill a step's grammar masks once its forward is queued
-    # (SchedulerOutput.before_sample, called by rank 0's runner only) rather than before the step is sent
+    # whether rank 0's runner samples, so the engine may fill a step's grammar masks once its forward is
+    # queued (SchedulerOutput.before_sample, called by rank 0's runner only) rather than before it is sent
     late_grammar_masks: bool
 
     def collective_rpc(self, method: str, *args): ...

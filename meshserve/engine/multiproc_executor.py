@@ -53,7 +53,7 @@ class MultiprocExecutor:
         # engine/pipeline_stage.py); the last stage's tokens come back through a receiving thread, in step order
         self.pipeline_depth = config.parallel_config.pipeline_steps_in_flight if launch.pp_size > 1 else 0
         self._results: queue.Queue | None = None
-        # a step's params and block tables, less what the workers hold (and the masks, unless a worker samples)
+        # a step's params and block tables less what the workers hold (and the masks, unless a worker samples)
         self._delta = StepDeltaSender(workers_sample=launch.pp_size > 1)
         self._calls: ObjectChannel | None = None  # calls to every rank, once the group is up
         self.workers: dict[int, mp.Process] = {}

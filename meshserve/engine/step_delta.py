@@ -14,11 +14,11 @@ that step's sequences), so what rank 0 believes the workers hold is what they ho
 after preemption, rejected proposals trimmed) is compared against the copy sent and resent from its first
 differing block; new params (a reused request id) are sent whole.
 
-Nor is what only rank 0 reads: the engine's before_sample hook (a callable of the engine core, filled in only on
-rank 0) never leaves, and with one pipeline stage neither do the grammar masks: rank 0 is the only rank that
-samples (step_sampler.py), so the workers never read them, and rank 0 fills them once its own forward is
-queued (EngineCore._late_masks_hook), after the step went out. With several stages the last stage samples and
-gets the masks with the step (at [B, vocab / 32] int32, ~0.4 MB a step at B = 64 and a 49k vocabulary).
+Nor is what only rank 0 reads: the engine's before_sample hook (a callable of the engine core) never leaves,
+and with one pipeline stage neither do the grammar masks: rank 0 is the only rank that samples (step_sampler.py),
+so the workers never read them, and rank 0 fills them once its own forward is queued
+(EngineCore._late_masks_hook), after the step went out. With several stages the last stage samples and gets
+the masks with the step ([B, vocab / 32] int32: ~0.4 MB a step at B = 64 and a 49k vocabulary).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from meshserve.sampling import SamplingParams
 
 class StepDeltaSender:
     """Rank 0's side: strips from a step what the workers hold or never read, for the broadcast only.
-    workers_sample: whether a worker rank samples (the last pipeline stage's), so the grammar masks go along."""
+    workers_sample: whether a worker rank samples (the last pipeline stage's): the grammar masks go along."""
 
     def __init__(self, workers_sample: bool = False):
         self.workers_sample = workers_sample

@@ -91,7 +91,8 @@ def test_the_hook_never_leaves_and_the_masks_only_when_a_worker_samples():
     masks = torch.tensor([[-1, 5]], dtype=torch.int32)
     for workers_sample in (False, True):
         sender, receiver = StepDeltaSender(workers_sample=workers_sample), StepDeltaReceiver()
-        out = SchedulerOutput([ScheduledSequence("a", [1], 12, [3, 4, 5, 6], params, True)], grammar_bitmask=masks)
+        out = SchedulerOutput([ScheduledSequence("a", [1], 12, [3, 4, 5, 6], params, True)],
+                              grammar_bitmask=masks)
         out.before_sample = hook = lambda: None  # noqa: E731
         got, _ = _wire(sender, receiver, out)
         assert got.before_sample is None and out.before_sample is hook and out.grammar_bitmask is masks

@@ -2,10 +2,13 @@
 64) with SmolLM2's vocabulary (49,152) and tokenizer, dummy weights, async scheduling, B requests at once,
 greedy, answers of the schema's length: free, then under the person schema. Reports the mean wall time of an
 engine step while all B decode, and inside it the grammar parts: the masks' fill (core), the masks' apply
-(sampler), the matchers' accept (scheduler's update, with the rest of the update). Run it on main and on a
-branch to compare (the same file: it patches names both versions have).
+(sampler), the matchers' accept (scheduler's update, with the rest of the update). With
+--tensor-parallel-size 2 (a worker process, gloo) also rank 0's send of each step to the worker (pickle and
+broadcast) and its pickled bytes. Run it on main and on a branch to compare (the same file: it patches names
+both versions have).
 
     PYTHONPATH=<checkout> python tools/structured_step_cpu.py --model-dir .smodel/llama-3.1-8b-smol [--batch 64]
+        [--tensor-parallel-size 2]
 """
 
 from __future__ import annotations
@@ -34,12 +37,23 @@ def timed(obj, name: str, acc: dict[str, float]):
     setattr(obj, name, wrapped)
 
 
-def run(model: str, batch: int, out_len: int, schema: dict | None, warm: int) -> dict[str, float]:
+def sent_bytes(channel, acc: dict[str, float]) -> None:
+    """Count the pickled bytes of what rank 0 sends the workers (the size ObjectChannel._pack frames)."""
+    pack = channel._pack
+
+    def wrapped(obj):
+        rest = pack(obj)
+        acc["sent_bytes"] = acc.get("sent_bytes", 0.0) + channel._size()
+        return rest
+    channel._pack = wrapped
+
+
+def run(model: str, batch: int, out_len: int, schema: dict | None, warm: int, tp: int = 1) -> dict[str, float]:
     from meshserve import LLM, SamplingParams
     from meshserve.engine import step_sampler
 
     llm = LLM(model=model, load_format="dummy", max_model_len=512, max_num_seqs=batch, async_scheduling=True,
-              seed=0)
+              seed=0, tensor_parallel_size=tp)
     try:
         engine, core = llm.engine, llm.engine.core
         tok = llm.get_tokenizer()
@@ -52,6 +66,11 @@ def run(model: str, batch: int, out_len: int, schema: dict | None, warm: int) ->
         timed(core, "_fill_grammar_bitmasks", acc)
         timed(core.scheduler, "update_after_step", acc)
         timed(step_sampler, "apply_bitmask", acc)
+        keys = ["_fill_grammar_bitmasks", "apply_bitmask", "update_after_step"]
+        if tp > 1:  # rank 0's send of each step (and every other call) to the worker
+            timed(core.executor, "_broadcast", acc)
+            sent_bytes(core.executor._calls, acc)
+            keys += ["_broadcast", "sent_bytes"]
         for i, p in enumerate(prompts):
             engine.add_request(f"r{i}", p, params)
         steps, walls, tokens = 0, [], 0
@@ -67,8 +86,9 @@ def run(model: str, batch: int, out_len: int, schema: dict | None, warm: int) ->
                 walls.append((wall, {k: acc.get(k, 0.0) - before.get(k, 0.0) for k in acc}))
         n = max(1, len(walls))
         res = {"steps_measured": len(walls), "step_ms": statistics.mean(w for w, _ in walls) * 1e3 if walls else 0.0}
-        for key in ("_fill_grammar_bitmasks", "apply_bitmask", "update_after_step"):
-            res[f"{key}_ms"] = sum(parts.get(key, 0.0) for _, parts in walls) / n * 1e3
+        for key in keys:
+            per_step = sum(parts.get(key, 0.0) for _, parts in walls) / n
+            res[key if key == "sent_bytes" else f"{key}_ms"] = per_step if key == "sent_bytes" else per_step * 1e3
         return res
     finally:
         llm.shutdown()
@@ -80,6 +100,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--output-len", type=int, default=47, help="the free answers' length (the schema's mean)")
     p.add_argument("--warm", type=int, default=3, help="decode steps skipped before measuring")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--output-json", default=None)
     ns = p.parse_args()
     from meshserve.bench.serve_structured import data_path
@@ -92,11 +113,14 @@ def main() -> None:
     (work / "config.json").write_text(json.dumps({**config, **TINY}))
     results = {}
     for label, sch in (("free", None), ("schema", schema)):
-        results[label] = run(str(work), ns.batch, ns.output_len if sch is None else 128, sch, ns.warm)
+        results[label] = run(str(work), ns.batch, ns.output_len if sch is None else 128, sch, ns.warm,
+                             ns.tensor_parallel_size)
         r = results[label]
+        sends = (f"; send to the worker {r['_broadcast_ms']:.3f} ms, {r['sent_bytes'] / 1e3:.1f} KB"
+                 if ns.tensor_parallel_size > 1 else "")
         print(f"{label}: {r['steps_measured']} decode steps of {ns.batch}: step {r['step_ms']:.2f} ms; fill "
               f"{r['_fill_grammar_bitmasks_ms']:.3f}, apply {r['apply_bitmask_ms']:.3f}, scheduler update "
-              f"{r['update_after_step_ms']:.3f} ms", flush=True)
+              f"{r['update_after_step_ms']:.3f} ms{sends}", flush=True)
     if ns.output_json:
         Path(ns.output_json).write_text(json.dumps(results, indent=2))
     shutil.rmtree(work, ignore_errors=True)

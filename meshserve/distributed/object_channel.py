@@ -15,6 +15,7 @@ operation that both ends know to expect from the size. Both ends of a channel mu
 from __future__ import annotations
 
 import pickle
+from functools import partial
 
 import numpy as np
 import torch
@@ -55,35 +56,35 @@ class ObjectChannel:
         data = head.tobytes() if rest is None else head.tobytes() + rest.numpy().tobytes()
         return pickle.loads(data)
 
+    def _transmit(self, obj, move) -> None:
+        """The fixed buffer, then any rest of obj's pickle, each through move (dist.broadcast or dist.send)."""
+        rest = self._pack(obj)
+        move(self._head)
+        if rest is not None:
+            move(rest)
+
+    def _receive(self, move):
+        """The fixed buffer, then the rest its size calls for, each through move (dist.broadcast or dist.recv)."""
+        move(self._head)
+        n = self._size()
+        rest = None
+        if n > self.inline_bytes:
+            rest = torch.empty(n - self.inline_bytes, dtype=torch.uint8)
+            move(rest)
+        return self._unpack(n, rest)
+
     # -- broadcast -------------------------------------------------------------------------------
     def broadcast(self, obj=None, src: int = 0):
         """On src: send obj to every rank of the group (returns it). Elsewhere: return what src sent."""
+        move = partial(dist.broadcast, src=src, group=self.group)
         if dist.get_rank() == src:
-            rest = self._pack(obj)
-            dist.broadcast(self._head, src=src, group=self.group)
-            if rest is not None:
-                dist.broadcast(rest, src=src, group=self.group)
+            self._transmit(obj, move)
             return obj
-        dist.broadcast(self._head, src=src, group=self.group)
-        n = self._size()
-        rest = None
-        if n > self.inline_bytes:
-            rest = torch.empty(n - self.inline_bytes, dtype=torch.uint8)
-            dist.broadcast(rest, src=src, group=self.group)
-        return self._unpack(n, rest)
+        return self._receive(move)
 
     # -- point to point --------------------------------------------------------------------------
     def send(self, obj, dst: int) -> None:
-        rest = self._pack(obj)
-        dist.send(self._head, dst=dst, group=self.group)
-        if rest is not None:
-            dist.send(rest, dst=dst, group=self.group)
+        self._transmit(obj, partial(dist.send, dst=dst, group=self.group))
 
     def recv(self, src: int):
-        dist.recv(self._head, src=src, group=self.group)
-        n = self._size()
-        rest = None
-        if n > self.inline_bytes:
-            rest = torch.empty(n - self.inline_bytes, dtype=torch.uint8)
-            dist.recv(rest, src=src, group=self.group)
-        return self._unpack(n, rest)
+        return self._receive(partial(dist.recv, src=src, group=self.group))

@@ -184,6 +184,15 @@ class BlockManager:
         """Evicted cached blocks go down to these tiers; prefix lookups and swaps use them."""
         self.offload = offload
         self.pool.start_store = offload.on_gpu_evict
+        self.pool.on_evict = offload.on_gpu_dropped
+        offload.on_lost = self._copy_below_lost
+
+    def _copy_below_lost(self, block_hash: bytes) -> None:
+        """No tier below keeps block_hash any more: a cached GPU block with that content is stored again before
+        it is reused (it was marked stored when its write-through landed)."""
+        block = self.pool.cached.get(block_hash)
+        if block is not None:
+            self.pool.stored.discard(block.block_id)
 
     def poll_offload(self) -> list[str]:
         """Each step first: blocks whose stores finished can be taken again. Returns the swapped-out sequences

@@ -169,9 +169,11 @@ class EngineCore:
         self.grammar_waitlist.compiler.prepare()  # the first constrained request's TTFT: its compile only
         self._grammar_seq_ids: set[str] = set()  # constrained requests in the scheduler (pruned lazily)
         self._bitmask_filler: BitmaskFiller | None = None  # built with the first constrained step
-        # an in-process runner fills the grammar masks of a step once its forward is queued (_late_masks_hook)
-        # (one process, one device: other executors pickle the SchedulerOutput to their workers)
-        self._late_masks = isinstance(self.executor, UniprocExecutor) and not self.pipeline_depth
+        # the grammar masks of a step are filled once its forward is queued (_late_masks_hook) where rank 0's
+        # runner, in this process, samples: one device, or tensor parallel (the workers get the step without
+        # them: step_delta.py). With several pipeline stages the last stage samples, in a worker, so they are
+        # filled before the step is sent and go with it
+        self._late_masks = getattr(self.executor, "late_grammar_masks", False) and not self.pipeline_depth
         startup_timeline.mark("scheduler")
         self.info.startup = [startup_timeline.current()]
         if pc.world_size > 1:  # the worker ranks' own phases (rank 0's are this process's)
@@ -330,8 +332,9 @@ class EngineCore:
         async scheduling would stop for everyone while a constrained request runs). Instead the runner
         calls sched_out.before_sample once the forward is queued: with step n in flight, the hook reads it
         back (done on the device: it was queued first), processes it (the matchers accept its tokens), then
-        fills step n+1's masks. Returns the list step n's outputs go into when the hook runs. In-process
-        runners only: a worker process gets the SchedulerOutput pickled, so there the masks come first."""
+        fills step n+1's masks. Returns the list step n's outputs go into when the hook runs. Rank 0's runner
+        calls it (one device, or TP: rank 0 alone samples, after the step went out to the workers without the
+        hook); with pipeline stages the sampler is a worker, so there the masks come first (_late_masks)."""
         drained: list[EngineCoreOutput] = []
         fill = sched_out.before_sample
         if fill is None or self._in_flight is None:

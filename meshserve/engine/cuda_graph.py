@@ -73,6 +73,20 @@ def attention_split_counts(layers: Sequence, dtype: torch.dtype, device: torch.d
     return tuple(counts)
 
 
+def capture_graph(holder, args: tuple) -> tuple[torch.cuda.CUDAGraph, object]:
+    """One graph of holder.forward(*args) (DecodeGraphs, MixedStepGraphs) and its output: a warm-up run first
+    (Triton autotune and JIT compiles, cuBLAS plans, allocations), then the capture into the holder's pool,
+    which the first capture creates (captured largest first, later graphs reuse its memory)."""
+    holder.forward(*args)
+    torch.cuda.synchronize(holder.device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=holder.pool):
+        out = holder.forward(*args)
+    if holder.pool is None:
+        holder.pool = graph.pool()
+    return graph, out
+
+
 def release_graphs(holder) -> None:
     """Free the CUDA graphs of a holder (DecodeGraphs, MixedStepGraphs: its graphs, outputs, pool, forward and
     device) before the process group goes: graphs holding captured NCCL collectives kept the communicators'
@@ -146,14 +160,7 @@ class DecodeGraphs:
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
             for bound in reversed(self.variants[bs]):
                 args = (self.input_ids[:bs], self.positions[:bs], self._meta(bs, bound), self._stage_in(bs))
-                self.forward(*args)  # warm up (Triton autotune, allocs)
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    out = self.forward(*args)
-                if self.pool is None:
-                    self.pool = graph.pool()
-                self.graphs[bs, bound], self.outputs[bs, bound] = graph, out
+                self.graphs[bs, bound], self.outputs[bs, bound] = capture_graph(self, args)
         torch.cuda.synchronize(self.device)
         short = {bs: bounds[:-1] for bs, bounds in self.variants.items() if len(bounds) > 1}
         logger.info("captured %d decode CUDA graphs (batch 1..%d; short-context variants %s) in %.1f s",

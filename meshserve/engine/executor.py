@@ -29,6 +29,9 @@ class Executor(Protocol):
     """
 
     supports_async_scheduling: bool
+    # whether rank 0's runner samples, so the engine may fill a step's grammar masks once its forward is
+    # queued (SchedulerOutput.before_sample, called by rank 0's runner only) rather than before it is sent
+    late_grammar_masks: bool
 
     def collective_rpc(self, method: str, *args): ...
 
@@ -44,6 +47,7 @@ class UniprocExecutor:
 
     # the runner lives in this process, so its sampled ids can feed the next step on the device
     supports_async_scheduling = True
+    late_grammar_masks = True
 
     def __init__(self, config: EngineConfig, source: ModelSource):
         self.runner = ModelRunner(config, source)

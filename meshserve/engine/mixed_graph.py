@@ -46,7 +46,7 @@ from collections.abc import Callable
 import torch
 
 from meshserve.config import EngineConfig
-from meshserve.engine.cuda_graph import release_graphs
+from meshserve.engine.cuda_graph import capture_graph, release_graphs
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.pipeline import IntermediateTensors, copy_stage_input
 
@@ -200,14 +200,7 @@ class MixedStepGraphs:
         self.seq_lens.zero_()
         for tokens in reversed(self.buckets):
             args = self._args(tokens, self._meta(tokens))
-            self.forward(*args)  # warm-up, outside the graph
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.forward(*args)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[tokens], self.outputs[tokens] = graph, out
+            self.graphs[tokens], self.outputs[tokens] = capture_graph(self, args)
         torch.cuda.synchronize(self.device)
         logger.info(
             "captured %d mixed-step CUDA graphs (%d..%d tokens) in %.1f s",

@@ -46,11 +46,15 @@ class MultiprocExecutor:
         # other TP ranks get the sampled ids from it on the device); a later stage's tokens come back
         # through a host collective each step, and nothing can be queued behind them
         self.supports_async_scheduling = launch.pp_size == 1
+        # and for the same reason its step's grammar masks can be filled late, here, once rank 0's forward is
+        # queued (EngineCore._late_masks_hook): they never go to the workers, which do not sample
+        self.late_grammar_masks = launch.pp_size == 1
         # pipeline parallel: the engine keeps pipeline_depth steps in flight (EngineCore._step_pipelined,
         # engine/pipeline_stage.py); the last stage's tokens come back through a receiving thread, in step order
         self.pipeline_depth = config.parallel_config.pipeline_steps_in_flight if launch.pp_size > 1 else 0
         self._results: queue.Queue | None = None
-        self._delta = StepDeltaSender()  # a step's params and block tables, less what the workers hold
+        # a step's params and block tables less what the workers hold (and the masks, unless a worker samples)
+        self._delta = StepDeltaSender(workers_sample=launch.pp_size > 1)
         self._calls: ObjectChannel | None = None  # calls to every rank, once the group is up
         self.workers: dict[int, mp.Process] = {}
         self._mid_protocol = True  # until every rank is up: a rank still joining is killed, not waited for

@@ -66,8 +66,8 @@ class SchedulerOutput:
     # KV offload stores the runner queues after the forward: the blocks this step fills, written through to the
     # CPU tier while the next steps run, so a later eviction finds them copied down already
     kv_stores_after_forward: list[tuple[str, int, int]] = field(default_factory=list)
-    # in-process runners only (never sent to workers): the engine's hook that fills the grammar masks,
-    # called once the forward is queued, so the CPU fills them while the device runs it
+    # rank 0's runner only (never sent to workers: step_delta.py): the engine's hook that fills the grammar
+    # masks, called once the forward is queued, so the CPU fills them while the device runs it
     before_sample: Any = field(default=None, repr=False, compare=False)
     # structured outputs: the tokens each sampling row may take ([len(sampling_indices(scheduled)), words]
     # int32 packed bitmask on the host, row k for the k-th sampling row; all ones for an unconstrained row),

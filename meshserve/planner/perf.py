@@ -141,19 +141,31 @@ def pp_hop_s(model: ModelSpec, gpu: GpuSpec, tokens: int) -> float:
     return gpu.inter_node_latency_us * 1e-6 + tokens * model.hidden_size * ACT_BYTES / (gpu.inter_node_gb_s * 1e9)
 
 
+def steps_in_flight(layout: Layout, pipeline_depth: int = 0) -> int:
+    """Decode steps a replica keeps in flight: one without PP; with PP the engine's --pipeline-depth, or one per
+    stage (ParallelConfig.pipeline_steps_in_flight)."""
+    return 1 if layout.pp == 1 else pipeline_depth or layout.pp
+
+
 def itl_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, batch: int, context: int, *, weight_dtype: str,
-          kv_dtype: str, gpus_per_node: int, efficiency: float) -> tuple[float, StepTime]:
+          kv_dtype: str, gpus_per_node: int, efficiency: float, pipeline_depth: int = 0) -> tuple[float, StepTime]:
     """Time between tokens of one sequence when `batch` sequences decode together on one replica.
 
-    With PP the batch is split into pp micro-batches that keep every stage busy; each token still passes all
-    stages, so ITL = pp × stage time of one micro-batch + (pp-1) hops.
+    With PP the engine keeps d = steps_in_flight steps in flight (pipeline_depth, or one per stage), each over
+    its own ⌈batch / d⌉ sequences (a sequence has one step in flight at a time); a step passes every stage in
+    turn and a stage works on one step at a time. A sequence's next token waits for its step to pass all stages
+    and the hops, and for the d steps to take their turn on the slowest stage:
+    ITL = max(Σ stage times + (pp-1) hops, d × slowest stage time). With d = pp equal stages that is pp × stage
+    time + hops; with fewer steps than stages, stages idle.
     """
-    micro = math.ceil(batch / layout.pp)
+    d = steps_in_flight(layout, pipeline_depth)
+    micro = math.ceil(batch / d)
     steps = [decode_stage_time(model, layout, gpu, s, micro, context, weight_dtype=weight_dtype,
                                kv_dtype=kv_dtype, gpus_per_node=gpus_per_node, efficiency=efficiency)
              for s in range(layout.pp)]
     slowest = max(steps, key=lambda st: st.total_s)
-    return layout.pp * slowest.total_s + (layout.pp - 1) * pp_hop_s(model, gpu, micro), slowest
+    passes = sum(st.total_s for st in steps) + (layout.pp - 1) * pp_hop_s(model, gpu, micro)
+    return max(passes, d * slowest.total_s), slowest
 
 
 def prefill_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, num_seqs: int, prompt_len: int, *,
@@ -172,14 +184,16 @@ def prefill_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, num_seqs: int, pro
 
 
 def roofline(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, *,
-             weight_dtype: str) -> tuple[float, float]:
+             weight_dtype: str, pipeline_depth: int = 0) -> tuple[float, float]:
     """(decode tok/s ceiling, weight bytes per GPU per step): every GPU streams its weights at full HBM
-    bandwidth once per step (pp passes for PP), and never beats its peak FLOP/s."""
+    bandwidth once per step (PP: once per step in flight, each over its share of the batch), and never beats
+    its peak FLOP/s."""
     batch = math.ceil(concurrency / layout.dp)
-    micro = math.ceil(batch / layout.pp)
+    d = steps_in_flight(layout, pipeline_depth)
+    micro = math.ceil(batch / d)
     per_gpu = max(weight_bytes_moved(model, layout, stage_shard(model, layout, s, weight_dtype), micro)
                   for s in range(layout.pp))
-    step = layout.pp * per_gpu / gpu.hbm_bytes_per_s
+    step = d * per_gpu / gpu.hbm_bytes_per_s
     bandwidth_bound = layout.dp * batch / step
     compute_bound = layout.num_gpus * gpu.flops_per_s(weight_dtype) / (2 * model.active_params)
     return min(bandwidth_bound, compute_bound), per_gpu
@@ -187,19 +201,21 @@ def roofline(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, *
 
 def predict(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, workload: Workload, *,
             weight_dtype: str = "bf16", kv_dtype: str = "bf16", gpus_per_node: int | None = None,
-            efficiency: float | None = None) -> Prediction:
-    """TTFT, ITL and throughput of `layout` serving `concurrency` sequences of `workload`."""
+            efficiency: float | None = None, pipeline_depth: int = 0) -> Prediction:
+    """TTFT, ITL and throughput of `layout` serving `concurrency` sequences of `workload` (PP: pipeline_depth
+    steps in flight, 0 one per stage, as the engine's --pipeline-depth)."""
     eff = gpu.efficiency if efficiency is None else efficiency
     per_node = gpus_per_node or gpu.gpus_per_node
     batch = max(1, math.ceil(concurrency / layout.dp))
     itl, step = itl_s(model, layout, gpu, batch, workload.mean_decode_context, weight_dtype=weight_dtype,
-                      kv_dtype=kv_dtype, gpus_per_node=per_node, efficiency=eff)
+                      kv_dtype=kv_dtype, gpus_per_node=per_node, efficiency=eff, pipeline_depth=pipeline_depth)
     ttft = prefill_s(model, layout, gpu, 1, workload.input_len, weight_dtype=weight_dtype, efficiency=eff)
     # Continuous batching: a replica spends output_len steps decoding its batch plus the batch's prefills.
     cycle = workload.output_len * itl + prefill_s(model, layout, gpu, batch, workload.input_len,
                                                   weight_dtype=weight_dtype, efficiency=eff)
     output = layout.dp * batch * workload.output_len / cycle
-    roof, roof_bytes = roofline(model, layout, gpu, concurrency, weight_dtype=weight_dtype)
+    roof, roof_bytes = roofline(model, layout, gpu, concurrency, weight_dtype=weight_dtype,
+                                pipeline_depth=pipeline_depth)
     return Prediction(concurrency=concurrency, batch_per_replica=batch, ttft_s=ttft, itl_s=itl,
                       decode_tok_per_s=layout.dp * batch / itl, output_tok_per_s=output,
                       roofline_tok_per_s=roof, roofline_bytes_per_gpu=roof_bytes, step=step)

@@ -54,11 +54,8 @@ class AdmissionMiddleware:
                 f"the router has {self.state.num_in_flight} requests in flight",
                 retry_after_s=self.config.retry_after_s))
             return
-        self.state.num_in_flight += 1
-        try:
+        with self.state.in_flight():
             await self.app(scope, receive, send)
-        finally:
-            self.state.num_in_flight -= 1
 
 
 def make_client(config: RouterConfig) -> httpx.AsyncClient:

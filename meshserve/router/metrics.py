@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from meshserve.router.pool import ReplicaPool
+from meshserve.serve.metrics import labelled_counter
 
 # How a proxied request ended, as seen by the client.
 OUTCOMES = ("ok", "client_error", "rejected", "unavailable", "stream_broken", "cancelled", "error")
@@ -65,16 +66,12 @@ class RouterMetrics:
     def __init__(self, pool: ReplicaPool) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("meshserve:router_requests", "Proxied requests by outcome.", ["outcome"],
-                                registry=r)
-        for outcome in OUTCOMES:
-            self.requests.labels(outcome)
+        self.requests = labelled_counter("meshserve:router_requests", "Proxied requests by outcome.",
+                                         "outcome", OUTCOMES, r)
         self.retries = Counter("meshserve:router_retries", "Attempts beyond the first of a request.",
                                registry=r)
-        self.fallback = Counter("meshserve:router_fallback_requests", "Attempts sent to the fallback pool.",
-                                ["reason"], registry=r)
-        for reason in FALLBACK_REASONS:
-            self.fallback.labels(reason)
+        self.fallback = labelled_counter("meshserve:router_fallback_requests",
+                                         "Attempts sent to the fallback pool.", "reason", FALLBACK_REASONS, r)
         r.register(_PoolCollector(pool))
 
     def count(self, outcome: str) -> None:

@@ -202,16 +202,23 @@ def _kv_transfer_families(s: dict[str, Any]) -> Iterator[Metric]:
     yield from (count, nbytes, blocks, latency, streamed)
 
 
+def labelled_counter(name: str, doc: str, label: str, values, registry: CollectorRegistry) -> Counter:
+    """A counter by one label whose known values are all exported from the first scrape, at 0 (a rate over
+    a series that appears only with its first event misses that event)."""
+    counter = Counter(name, doc, [label], registry=registry)
+    for value in values:
+        counter.labels(value)
+    return counter
+
+
 class ServerMetrics:
     """All series of one server; `track()` returns a per-request observer."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("meshserve:requests", "Generation requests by outcome.", ["outcome"],
-                                registry=r)
-        for outcome in OUTCOMES:
-            self.requests.labels(outcome)
+        self.requests = labelled_counter("meshserve:requests", "Generation requests by outcome.", "outcome",
+                                         OUTCOMES, r)
         self.prompt_tokens = Counter("meshserve:prompt_tokens", "Prompt tokens of served requests.",
                                      registry=r)
         self.generation_tokens = Counter("meshserve:generation_tokens", "Tokens generated and sent.",
@@ -222,16 +229,13 @@ class ServerMetrics:
                              buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("meshserve:e2e_request_latency_seconds", "Request arrival to last token.",
                              buckets=_E2E_BUCKETS, registry=r)
-        self.rejected = Counter("meshserve:requests_rejected", "Requests refused with 429/503, by reason (the "
-                                "error code: server_overloaded, slo_unattainable at arrival, slo_shed from the queue, ...).", ["reason"],
-                                registry=r)
-        for reason in ("server_overloaded", "slo_unattainable", "slo_shed"):
-            self.rejected.labels(reason)
-        self.slo = Counter("meshserve:requests_slo", "Finished requests with service-level targets: whether "
-                           "they met them (TTFT and time per output token). Goodput = rate of met.",
-                           ["result"], registry=r)
-        for result in ("met", "missed"):
-            self.slo.labels(result)
+        self.rejected = labelled_counter(
+            "meshserve:requests_rejected", "Requests refused with 429/503, by reason (the error code: "
+            "server_overloaded, slo_unattainable at arrival, slo_shed from the queue, ...).", "reason",
+            ("server_overloaded", "slo_unattainable", "slo_shed"), r)
+        self.slo = labelled_counter(
+            "meshserve:requests_slo", "Finished requests with service-level targets: whether they met them "
+            "(TTFT and time per output token). Goodput = rate of met.", "result", ("met", "missed"), r)
         self.admission_margin = Gauge("meshserve:admission_margin", "Fraction of the TTFT target up to which "
                                       "a request's predicted TTFT is admitted, as this API process's controller "
                                       "last set it (multiprocess: per pid).", registry=r, multiprocess_mode="all")

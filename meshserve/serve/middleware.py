@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,6 +32,15 @@ class ServerState:
     ready: bool = True
     draining: bool = False
     num_in_flight: int = 0  # /v1 requests being answered (streams included)
+
+    @contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """One request counted in num_in_flight while answered, to its last byte (what a drain waits on)."""
+        self.num_in_flight += 1
+        try:
+            yield
+        finally:
+            self.num_in_flight -= 1
 
 
 async def send_error(send: Send, exc: Exception) -> None:
@@ -98,11 +108,8 @@ class GateMiddleware:
         if not guarded:
             await self.app(scope, receive, send)
             return
-        self.state.num_in_flight += 1
-        try:
+        with self.state.in_flight():
             await self.app(scope, receive, send)
-        finally:
-            self.state.num_in_flight -= 1
 
     async def _limited_body(self, scope: Scope, receive: Receive, send: Send) -> tuple[Receive | None, bytes]:
         """Read the whole body up to the limit and replay it (and the body); None once a 413 was sent."""

@@ -30,6 +30,7 @@ from meshserve.serve.serving_common import (
     StreamState,
     accumulate,
     check_model,
+    collect_outputs,
     random_id,
     usage_of,
 )
@@ -93,17 +94,10 @@ class ChatService:
     # -- whole response --------------------------------------------------------------------------
     async def _whole(self, req, model, request_id, request: EngineRequest,
                      tracker: RequestTracker, plan: ToolPlan) -> ChatCompletionResponse:
-        final: RequestOutput | None = None
         try:
-            async for out in request:
-                tracker.observe(0, out)
-                final = accumulate(final, out)
-        except BaseException as e:
-            tracker.finish("abort" if isinstance(e, asyncio.CancelledError) else "error")
-            raise
+            (final,) = await collect_outputs([request], tracker)
         finally:
             await request.aclose()
-        assert final is not None
         tracker.finish(outcome_of([final]))
         choices = [self._choice(req, c, plan) for c in final.outputs]
         return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of([final]))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass, field
 
 from meshserve.errors import ModelNotFoundError
 from meshserve.outputs import CompletionOutput, RequestOutput
 from meshserve.serve.config import ServeConfig
+from meshserve.serve.engine_client import EngineRequest, merge_requests
+from meshserve.serve.metrics import RequestTracker
 from meshserve.serve.protocol import PromptTokensDetails, UsageInfo
 
 
@@ -56,6 +59,20 @@ def accumulate(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput
         c.cumulative_logprob = d.cumulative_logprob
         c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
     return acc
+
+
+async def collect_outputs(requests: list[EngineRequest], tracker: RequestTracker) -> list[RequestOutput]:
+    """Each request's whole output (a response that is not streamed), every step observed by the tracker;
+    on failure or cancellation the tracker records the error or abort. The caller closes the requests."""
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async for i, out in merge_requests(requests):
+            tracker.observe(i, out)
+            finals[i] = accumulate(finals.get(i), out)
+    except BaseException as e:
+        tracker.finish("abort" if isinstance(e, asyncio.CancelledError) else "error")
+        raise
+    return [finals[i] for i in range(len(requests))]
 
 
 @dataclass

@@ -27,6 +27,7 @@ from meshserve.serve.serving_common import (
     StreamState,
     accumulate,
     check_model,
+    collect_outputs,
     random_id,
     usage_of,
 )
@@ -84,17 +85,10 @@ class CompletionService:
 
     # -- whole response --------------------------------------------------------------------------
     async def _whole(self, req, model, request_id, requests, echoes, tracker: RequestTracker) -> CompletionResponse:
-        finals: dict[int, RequestOutput] = {}
         try:
-            async for i, out in merge_requests(requests):
-                tracker.observe(i, out)
-                finals[i] = accumulate(finals.get(i), out)
-        except BaseException as e:
-            tracker.finish("abort" if isinstance(e, asyncio.CancelledError) else "error")
-            raise
+            outputs = await collect_outputs(requests, tracker)
         finally:
             await _close(requests)
-        outputs = [finals[i] for i in range(len(requests))]
         tracker.finish(outcome_of(outputs))
         choices = []
         for i, out in enumerate(outputs):

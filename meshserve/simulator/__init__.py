@@ -10,7 +10,8 @@ configuration on counters, with decode steps in closed form between events (deco
 event loop (fast_fleet.py, the router's least-outstanding choice from least_outstanding.py); the scheduler path
 stays as the reference it is tested against (tests/simulator/test_fast_replica.py).
 
-trace.py (arrivals), step_cost.py (step durations), replica.py (one engine), light.py (its sequences and blocks
+trace.py (arrivals), step_cost.py (step durations), replica.py (one engine), pipeline.py (one engine of pipeline
+stages: steps in flight over stages in series, the host feeding them), light.py (its sequences and blocks
 as counts), frontend.py (each replica's API process as a CPU queue), fleet.py (the event loop and the router),
 autoscale.py (replicas on the queue-depth rule), metrics.py (latencies, goodput, cost), config.py (what
 is simulated), search.py (layouts ranked by goodput per dollar), cli.py (the command), validation.py (replays

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshserve.config import CacheConfig, SchedulerConfig
+from meshserve.config import CacheConfig, ParallelConfig, SchedulerConfig
 from meshserve.errors import InvalidArgumentError
 from meshserve.planner.hardware import GpuSpec, get_gpu, load_catalog
 from meshserve.planner.memory import memory_per_gpu
@@ -20,7 +20,7 @@ REPLICA_MODELS = ("scheduler", "fast")
 
 @dataclass
 class SimConfig:
-    """A fleet of num_gpus // tp identical replicas behind one router. Engine fields keep the engine's
+    """A fleet of num_gpus // (tp x pp) identical replicas behind one router. Engine fields keep the engine's
     defaults and names; slo_* turn the server's --slo-ttft-ms/--slo-tpot-ms on (scheduling, admission and
     shedding); goodput_* are the targets the report counts against (W3's)."""
 
@@ -28,6 +28,13 @@ class SimConfig:
     gpu: str = "H100-SXM"
     num_gpus: int = 1
     tp: int = 1
+    # pipeline stages per replica (each tp GPUs holding a contiguous slice of the layers; pipeline.py), and the
+    # steps a replica keeps in flight over them (the engine's --pipeline-depth; 0: one per stage)
+    pp: int = 1
+    pipeline_depth: int = 0
+    # the host's time per pipelined step on the first stage (scheduling, inputs, outputs: pipeline.py); None:
+    # the calibration section's pipeline.host_step_ms
+    pp_host_step_s: float | None = None
     router: str = "least-outstanding"
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
@@ -72,9 +79,20 @@ class SimConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.num_gpus < 1 or self.tp < 1 or self.num_gpus % self.tp:
-            raise InvalidArgumentError(f"--num-gpus ({self.num_gpus}) must be a positive multiple of --tp "
-                                       f"({self.tp})", param="num_gpus")
+        if self.tp < 1 or self.pp < 1:
+            raise InvalidArgumentError("--tp and --pp must be >= 1", param="tp")
+        if self.num_gpus < 1 or self.num_gpus % self.gpus_per_replica:
+            what = "--tp" if self.pp == 1 else "--tp x --pp"
+            raise InvalidArgumentError(f"--num-gpus ({self.num_gpus}) must be a positive multiple of {what} "
+                                       f"({self.gpus_per_replica})", param="num_gpus")
+        if self.pipeline_depth and self.pipeline_depth < self.pp:  # as the engine refuses it (EngineArgs)
+            raise InvalidArgumentError(f"--pipeline-depth must be 0 (one step per stage) or >= --pp ({self.pp}), "
+                                       f"got {self.pipeline_depth}", param="pipeline_depth")
+        if self.pp > 1 and self.step_noise:
+            raise InvalidArgumentError("step-time noise is not modelled with pipeline stages (pipeline.py)",
+                                       param="step_noise")
+        if self.pp_host_step_s is not None and self.pp_host_step_s < 0:
+            raise InvalidArgumentError("the pipeline host cost must be >= 0", param="pp_host_step_ms")
         if self.frontend_request_s < 0 or self.frontend_token_s < 0 or self.frontend_refusal_s < 0:
             raise InvalidArgumentError("front-end costs must be >= 0", param="frontend_request_ms")
         if min(self.router_request_s, self.router_event_s, self.router_refusal_s) < 0:
@@ -100,8 +118,23 @@ class SimConfig:
         return RouterCosts(self.router_request_s, self.router_event_s, self.router_refusal_s)
 
     @property
+    def gpus_per_replica(self) -> int:
+        return self.tp * self.pp
+
+    @property
     def num_replicas(self) -> int:
-        return self.num_gpus // self.tp
+        return self.num_gpus // self.gpus_per_replica
+
+    @property
+    def steps_in_flight(self) -> int:
+        """Steps a replica keeps in flight (the engine's ParallelConfig.pipeline_steps_in_flight): 0 without
+        pipeline stages."""
+        parallel = ParallelConfig(pipeline_parallel_size=self.pp, pipeline_depth=self.pipeline_depth)
+        return parallel.pipeline_steps_in_flight
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(tp=self.tp, pp=self.pp)
 
     def gpu_spec(self) -> GpuSpec:
         return get_gpu(self.gpu, load_catalog(self.hardware_file))
@@ -113,11 +146,11 @@ class SimConfig:
         """KV blocks per replica: the planner's room for KV beside weights, activations and overhead."""
         if self.num_blocks is not None:
             return self.num_blocks
-        mem = memory_per_gpu(model, Layout(tp=self.tp), gpu, 0, max_batched_tokens=self.max_num_batched_tokens,
+        mem = memory_per_gpu(model, self.layout, gpu, 0, max_batched_tokens=self.max_num_batched_tokens,
                              max_num_seqs=self.max_num_seqs, gpu_memory_utilization=self.gpu_memory_utilization)
         blocks = mem.max_kv_tokens // self.block_size
         if blocks * self.block_size < self.max_model_len:
-            raise InvalidArgumentError(f"{self.model} with TP={self.tp} leaves KV room for {mem.max_kv_tokens} "
+            raise InvalidArgumentError(f"{self.model} with {self.layout.label} leaves KV room for {mem.max_kv_tokens} "
                                        f"tokens on {gpu.name}: less than one {self.max_model_len}-token sequence",
                                        param="tp")
         return blocks
@@ -126,6 +159,6 @@ class SimConfig:
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                                 max_model_len=self.max_model_len, async_scheduling=False,
                                 slo_ttft_s=self.slo_ttft_s, slo_tpot_s=self.slo_tpot_s,
-                                slo_prefill_chunk=self.slo_prefill_chunk)
+                                slo_prefill_chunk=self.slo_prefill_chunk, pipeline_depth=self.steps_in_flight)
         cache = CacheConfig(block_size=self.block_size, enable_prefix_caching=prefix_caching, num_blocks=num_blocks)
         return sched, cache

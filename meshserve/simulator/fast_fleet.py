@@ -25,7 +25,8 @@ _ADMIT, _STEP_END, _WAKE = -1, 0, 1
 FAST_MODEL_COVERS = (
     "FCFS scheduling with chunked prefill, max_num_seqs <= max_num_batched_tokens, recompute "
     "preemption, no prefix caching (no shared prefixes), no SLO targets, one API process per "
-    "replica, least-outstanding or round-robin routing, no autoscaling, no router CPU queue"
+    "replica, least-outstanding or round-robin routing, no autoscaling, no router CPU queue, no pipeline "
+    "stages"
 )
 
 
@@ -45,6 +46,7 @@ def fast_model_gap(
         (custom_step_cost, "a step cost other than the calibrated StepCost"),
         (autoscale, "autoscaling"),
         (config.router_costs.enabled, "the router's CPU queue"),
+        (config.pp > 1, "pipeline parallelism (pipeline.py)"),
     ]
     gaps = [why for hit, why in reasons if hit]
     return ", ".join(gaps) if gaps else None

@@ -79,7 +79,8 @@ class FastReplica:
         noise: NoiseStream | None = None,
     ):
         self.index = index
-        # the engine's running cap (max_num_seqs per step in flight; one step here: no pipeline stages simulated)
+        # the engine's running cap (max_num_seqs per step in flight; one step here: pipeline stages take the
+        # reference, pipeline.py)
         self.max_running = scheduler_config.max_running
         self.budget = scheduler_config.max_num_batched_tokens
         self.max_model_len = scheduler_config.max_model_len

@@ -28,6 +28,7 @@ from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fast_fleet import fast_model_gap, run_fast
 from meshserve.simulator.fast_replica import FastReplica
 from meshserve.simulator.metrics import RunRecorder
+from meshserve.simulator.pipeline import PipelinedReplica, StagePipeline, hop_s, load_host_step_s
 from meshserve.simulator.replica import SimReplica
 from meshserve.simulator.router_node import RouterNode
 from meshserve.simulator.step_cost import StepCost, StepWeights, load_calibration
@@ -47,7 +48,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
              fast_forward: bool = True, autoscale: AutoscaleRule | None = None) -> dict:
     """Run the trace through the fleet; returns the report (metrics.RunRecorder.summarize, plus the setup).
 
-    step_cost replaces the calibrated StepCost (tests use fixed durations); progress(sim_time) is called as
+    step_cost replaces the calibrated StepCost (tests use fixed durations; with pipeline stages, one callable
+    for every stage or a list of one per stage, and no hop between them); progress(sim_time) is called as
     simulated time advances (about every 1% of the trace). fast_forward lays out runs of identical decode
     steps at once and keeps sequences as counts (replica.py, light.py); off, every step goes through the
     scheduler with the engine's own Sequence and BlockManager (the reference: same results, slower). autoscale:
@@ -84,6 +86,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                        prefix_caching, (0, 0), wall0, replica_model, fallback)
 
     version: list[int] = []  # per replica: only its latest event in `steps` is live
+    host_s = config.pp_host_step_s if config.pp_host_step_s is not None else load_host_step_s(config.calibration)
     router_node = RouterNode(config.router_costs) if config.router_costs.enabled else None
     # the router node takes jobs from every replica: step by step they come nearly in time order, while decode
     # runs laid out ahead hand theirs in late (W3 DP=2 at QPS 64: TTFT p50 105 ms laid out, 65 ms step by step)
@@ -91,6 +94,12 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
 
     def make_replica(index: int) -> SimReplica:
         version.append(0)
+        if config.pp > 1:  # stages in series, steps in flight (pipeline.py); the policy predicts whole steps
+            return PipelinedReplica(index, sched_cfg, cache_cfg, cost, recorder, config.max_queue_len,
+                                    step_model=cost.model, light=fast_forward, frontend=config.frontend_costs,
+                                    api_server_count=config.api_server_count, frontend_gate=config.frontend_gate,
+                                    router=router_node, stages=stage_pipeline(config, model, gpu, step_cost, cost),
+                                    depth=config.steps_in_flight, host_s=host_s)
         return SimReplica(index, sched_cfg, cache_cfg, step_cost or cost, recorder, config.max_queue_len,
                           step_model=cost.model, fast_forward=fast_forward, light=fast_forward,
                           frontend=config.frontend_costs, api_server_count=config.api_server_count,
@@ -230,13 +239,28 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     queries = sum(r.scheduler.block_manager.stats.queries for r in replicas)
     hits = sum(r.scheduler.block_manager.stats.hits for r in replicas)
     return _report(config, trace, recorder, replicas, scaler, autoscale, timeline, cost, step_cost, num_blocks,
-                   prefix_caching, (queries, hits), wall0, replica_model, fallback, router_node)
+                   prefix_caching, (queries, hits), wall0, replica_model, fallback, router_node,
+                   host_s if config.pp > 1 else None)
+
+
+def stage_pipeline(config: SimConfig, model, gpu, step_cost: Callable | list | None,
+                   cost: StepCost) -> StagePipeline:
+    """One replica's stages: each its StepCost over its slice of the layers (with the calibration's weights),
+    the hand-off between them over NVLink when the replica fits a node; or the custom step cost(s), no hop."""
+    if step_cost is not None:
+        costs = list(step_cost) if isinstance(step_cost, (list, tuple)) else [step_cost] * config.pp
+        if len(costs) != config.pp:
+            raise ValueError(f"{len(costs)} stage costs for {config.pp} stages")
+        return StagePipeline(costs, lambda _tokens: 0.0)
+    stages = [StepCost(model, gpu, config.tp, cost.weights, pp=config.pp, stage=s) for s in range(config.pp)]
+    same_node = config.gpus_per_replica <= gpu.gpus_per_node
+    return StagePipeline(stages, lambda tokens: hop_s(model, gpu, tokens, same_node))
 
 
 def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: list, scaler, autoscale,
             timeline: list[dict], cost: StepCost, step_cost, num_blocks: int, prefix_caching: bool,
             prefix_queries_hits: tuple[int, int], wall0: float, replica_model: str, fallback: str | None,
-            router_node: RouterNode | None = None) -> dict:
+            router_node: RouterNode | None = None, host_s: float | None = None) -> dict:
     """The report of a finished run, whichever replica model ran it."""
     gpu = config.gpu_spec()
     n, arrivals, delay = len(trace), trace.arrival_s, config.frontend_latency_s
@@ -245,7 +269,7 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
     queries, hits = prefix_queries_hits
     duration = max(recorder.last_completion_s, float(arrivals[-1]) if n else 0.0)
     replica_seconds = duration * len(replicas) if scaler is None else scaler.gpu_replica_seconds(duration)
-    gpu_hours = None if scaler is None else replica_seconds * config.tp / 3600
+    gpu_hours = None if scaler is None else replica_seconds * config.gpus_per_replica / 3600
     report = recorder.summarize(n, duration, gpu, config.num_gpus, config.goodput_ttft_s, config.goodput_tpot_s,
                                 gpu_hours)
     if scaler is not None:
@@ -253,7 +277,14 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
             (p["serving"] + p["starting"] + p["draining"] for p in scaler.timeline), default=len(serving)),
             "timeline": scaler.timeline}
     report.update({
-        "model": config.model, "gpu": gpu.name, "num_gpus": config.num_gpus, "tp": config.tp,
+        "model": config.model, "gpu": gpu.name, "num_gpus": config.num_gpus, "tp": config.tp, "pp": config.pp,
+        # with pipeline stages: steps in flight, the host's cost per step, each stage's busy fraction and the last
+        # stage's bubble as the engine measures it (pipeline.py)
+        "pipeline": None if config.pp == 1 else {
+            "steps_in_flight": config.steps_in_flight, "host_step_s": host_s,
+            "stage_busy_fraction": [sum(r.stages.busy_s[s] for r in replicas) / replica_seconds
+                                    if replica_seconds else 0.0 for s in range(config.pp)],
+            "bubble": sum(r.stages.bubble for r in replicas) / len(replicas)},
         "replicas": config.num_replicas, "router": config.router, "frontend_latency_s": delay, "kv_blocks_per_replica": num_blocks,
         "prefix_caching": prefix_caching, "prefix_cache_hit_rate": hits / queries if queries else 0.0,
         "slo_scheduling": {"ttft_s": config.slo_ttft_s, "tpot_s": config.slo_tpot_s},

@@ -186,20 +186,11 @@ class SimReplica:
         if self.fast_forward and not sched.waiting and sched.running and self._start_run(now):
             return self._run.end_times[-1]
         queued = sched.num_waiting  # requests waiting when the step is decided: the host gap's table
-        out = sched.schedule()
-        if sched.shed:  # too late for their TTFT target: the server answers 429
-            self.recorder.num_shed += len(sched.shed)
-            for seq in sched.shed:
-                self._forget(seq.seq_id)
-            self.outstanding -= len(sched.shed)
-            sched.shed.clear()
-        if out.is_empty:
+        out = self._schedule()
+        if out is None:
             self.busy = False
             return None
-        context = 0
-        for e in out.scheduled:
-            context += e.num_computed_tokens + e.num_new_tokens
-        duration = device = self.step_cost(StepShape(out.num_batched_tokens, len(out.scheduled), context))
+        duration = device = self.step_cost(self._shape(out))
         if self.noise is not None:
             duration, device = self.noise.apply(self.steps, device, out.num_batched_tokens > len(out.scheduled),
                                                 queued)
@@ -208,6 +199,25 @@ class SimReplica:
         self.steps += 1
         self.busy_s += device
         return now + duration
+
+    def _schedule(self) -> SchedulerOutput | None:
+        """The scheduler's next step at self.now (None: nothing to run); requests it shed are answered 429."""
+        sched = self.scheduler
+        out = sched.schedule()
+        if sched.shed:  # too late for their TTFT target: the server answers 429
+            self.recorder.num_shed += len(sched.shed)
+            for seq in sched.shed:
+                self._forget(seq.seq_id)
+            self.outstanding -= len(sched.shed)
+            sched.shed.clear()
+        return None if out.is_empty else out
+
+    @staticmethod
+    def _shape(out: SchedulerOutput) -> StepShape:
+        context = 0
+        for e in out.scheduled:
+            context += e.num_computed_tokens + e.num_new_tokens
+        return StepShape(out.num_batched_tokens, len(out.scheduled), context)
 
     def end_step(self, now: float) -> float | None:
         """The step (or decode run) in flight ends at now: one token for every sequence that sampled. A decode
@@ -222,6 +232,11 @@ class SimReplica:
             self._end_run(laid)
             return None
         out, self._in_flight = self._in_flight, None
+        self._apply_step(out, now)
+        return None
+
+    def _apply_step(self, out: SchedulerOutput, now: float) -> None:
+        """Step `out`'s results are back at now: its tokens (the client's times), finishes, preemptions."""
         sampled = {e.seq_id: _SAMPLED_TOKEN for e in out.scheduled if e.do_sample}
         first, last, rec = self._first_token_s, self._last_token_s, self.recorder
         seen = now if self.frontend is None or not sampled else self.frontend.deliver(now, len(sampled))
@@ -241,7 +256,6 @@ class SimReplica:
                 self._finish(seq, client)
                 self.outstanding -= 1
         rec.num_preemptions += len(out.preempted_seq_ids)
-        return None
 
     def _forget(self, seq_id: str) -> None:
         self._first_token_s.pop(seq_id, None)

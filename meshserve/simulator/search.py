@@ -1,8 +1,9 @@
 """Layout search: simulate the same traffic on every layout that fits, rank by goodput per dollar.
 
 Candidates are the planner's layouts (meshserve/planner/layout.py) for each GPU count asked, restricted to what
-the simulator models (tensor parallel inside a node times data-parallel replicas; no pipeline or expert
-parallelism yet), and kept when a replica holds the weights plus one max_model_len sequence.
+the simulator models (tensor parallel inside a node, pipeline stages as the planner places them, times
+data-parallel replicas; no expert parallelism yet), and kept when a replica holds the weights plus one
+max_model_len sequence.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ def candidate_configs(config: SimConfig, gpu_counts: list[int]) -> tuple[list[Si
         layouts, rejected = enumerate_layouts(model, n, gpu.gpus_per_node)
         skipped += [str(r) for r in rejected]
         for layout in layouts:
-            if layout.pp > 1 or layout.ep > 1:
-                skipped.append(f"{layout.label}: pipeline and expert parallelism are not simulated yet")
+            if layout.ep > 1:
+                skipped.append(f"{layout.label}: expert parallelism is not simulated yet")
                 continue
-            candidate = dataclasses.replace(config, num_gpus=n, tp=layout.tp)
+            if layout.pp > 1 and config.step_noise:
+                skipped.append(f"{layout.label}: step noise is not modelled with pipeline stages")
+                continue
+            candidate = dataclasses.replace(config, num_gpus=n, tp=layout.tp, pp=layout.pp)
             try:
                 candidate.kv_blocks(model, gpu)
             except InvalidArgumentError as e:
@@ -47,12 +51,12 @@ def search_layouts(config: SimConfig, trace: list[SimRequest], gpu_counts: list[
         raise InvalidArgumentError("no layout fits: " + "; ".join(skipped), param="num_gpus")
     rows = []
     for c in candidates:
-        label = f"{c.num_gpus} GPUs, TP={c.tp} x DP={c.num_replicas}"
+        label = f"{c.num_gpus} GPUs, TP={c.tp}" + (f" x PP={c.pp}" if c.pp > 1 else "") + f" x DP={c.num_replicas}"
         if progress is not None:
             progress(label)
         r = simulate(c, trace)
         usd_per_hour = r["cost"]["usd_per_gpu_hour"] * c.num_gpus
-        rows.append({"layout": label, "num_gpus": c.num_gpus, "tp": c.tp, "replicas": c.num_replicas,
+        rows.append({"layout": label, "num_gpus": c.num_gpus, "tp": c.tp, "pp": c.pp, "replicas": c.num_replicas,
                      "goodput": r["goodput"], "goodput_per_usd_hour": r["goodput"] / usd_per_hour,
                      "usd_per_hour": usd_per_hour,
                      "usd_per_million_output_tokens": r["cost"]["usd_per_million_output_tokens"],

@@ -63,19 +63,27 @@ def prior_weights(efficiency: float, overhead_ms: float = 1.0) -> StepWeights:
 
 
 class StepCost:
-    """Seconds of one step of one replica (a TP group of `tp` GPUs) from its StepShape."""
+    """Seconds of one step of one replica (a TP group of `tp` GPUs) from its StepShape; with pp > 1, of one
+    pipeline stage's pass (`stage`: its slice of the layers, the embedding on the first, the head on the last).
+
+    A stage keeps the whole constant (each stage launches and syncs its own step) and the share of the
+    mixed-step cost its layers carry (the prompt rows' work outside the weights and KV terms)."""
 
     def __init__(self, model: ModelSpec, gpu: GpuSpec, tp: int = 1, weights: StepWeights | None = None,
-                 weight_dtype: str = "bf16", kv_dtype: str = "bf16"):
-        shard = stage_shard(model, Layout(tp=tp), 0, weight_dtype, kv_dtype)
+                 weight_dtype: str = "bf16", kv_dtype: str = "bf16", pp: int = 1, stage: int = 0):
+        shard = stage_shard(model, Layout(tp=tp, pp=pp), stage, weight_dtype, kv_dtype)
         self.weights = weights or load_calibration()
+        if pp > 1:
+            share = shard.num_layers / model.num_layers
+            self.weights = StepWeights(self.weights.constant_ms, self.weights.dense_factor, self.weights.kv_factor,
+                                       self.weights.mixed_ms * share)
         self.model = StepTimeModel(weight_bytes=shard.weight_bytes, kv_bytes_per_token=shard.kv_bytes_per_token,
                                    rates=DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s(weight_dtype)))
         # fixed weights: the simulator replays a converged engine, it does not learn
         self.model.theta = np.array(self.weights.as_tuple())
         self.model._theta = self.weights.as_tuple()
         self.tp = tp
-        self._allreduces = 2 * model.num_layers
+        self._allreduces = 2 * shard.num_layers
         self._token_bytes = model.hidden_size * ACT_BYTES
         self._link = (gpu.link_gb_s, gpu.link_latency_us)
         self._lines: dict[int, tuple[float, float]] = {}  # decode_line's per-batch-size terms

@@ -257,12 +257,63 @@ def dp_table(qps_points: tuple[float, ...] = (64.0, 128.0, 96.0)) -> str:
 
 # -- offline runs on two H200s (BENCHMARKS.md "Two GPUs"): no API process, everything submitted at once ----------
 def replay_offline(model: str, tp: int, requests: list[tuple[int, int]], gpu: str = "H200",
-                   calibration: str = "default") -> dict:
+                   calibration: str = "default", pp: int = 1, pipeline_depth: int = 0,
+                   pp_host_step_s: float | None = None) -> dict:
     """requests: (prompt tokens, output tokens) all at t = 0, the engine's offline settings (bench latency and
-    throughput: max_model_len 4096, max_num_seqs 256)."""
-    config = SimConfig(model=model, gpu=gpu, num_gpus=tp, tp=tp, max_model_len=4096, max_num_seqs=256,
-                       calibration=calibration)
+    throughput: max_model_len 4096, max_num_seqs 256); pp stages with pipeline_depth steps in flight and the
+    pipeline's host cost per step (None: the calibration's)."""
+    config = SimConfig(model=model, gpu=gpu, num_gpus=tp * pp, tp=tp, pp=pp, pipeline_depth=pipeline_depth,
+                       max_model_len=4096, max_num_seqs=256, calibration=calibration,
+                       pp_host_step_s=pp_host_step_s)
     return simulate(config, [SimRequest(0.0, p, o) for p, o in requests])
+
+
+# The seventh session's W2 runs on one 2 x H200 host (BENCHMARKS.md "Seventh session"): TP=1 and PP=2 at depth 2
+# and 3, each (file, pp, depth). That engine shared max_num_seqs 256 over its steps in flight (since 59a3776 each
+# step may hold 256); for W2's 256 requests both give every step the same sequences (ceil(running / depth)).
+SEVENTH_W2 = Path("x2_pp_dp_int4_moe_h200_1130_s7")
+W2_PP_RUNS = (("w2_8b_tp1.json", 1, 0), ("w2_8b_pp2.json", 2, 2), ("w2_8b_pp2_d3.json", 2, 3))
+
+
+def pp_rows(host_step_s: float | None = None) -> list[dict]:
+    """W2 at TP=1 and PP=2 (depth 2, 3), simulated with the default fit and the pipeline's host cost per step
+    (host_step_s; None: calibration.toml's), against the seventh session's runs; the PP rows' bubble beside
+    the one the engine measured on the last stage."""
+    from meshserve.bench.workloads import w2_requests
+
+    reqs = [(len(r.prompt_token_ids), r.max_tokens) for r in w2_requests()]
+    rows = []
+    for file, pp, depth in W2_PP_RUNS:
+        meas = json.loads((RESULTS / SEVENTH_W2 / file).read_text())
+        pred = replay_offline("llama-3.1-8b", 1, reqs, pp=pp, pipeline_depth=depth, pp_host_step_s=host_step_s)
+        label = "TP=1" if pp == 1 else f"PP={pp} depth {depth}"
+        rows.append({"run": f"W2 llama-3.1-8b {label}", "file": str(SEVENTH_W2 / file), "pred": pred["duration_s"],
+                     "meas": meas["seconds"], "goal": "w2_seconds",
+                     "pred_bubble": pred["pipeline"]["bubble"] if pred["pipeline"] else None,
+                     "meas_bubble": meas.get("pp_bubble"), "steps": pred["steps"]})
+    return rows
+
+
+def pp_table(host_costs: tuple[float | None, ...] = (None, 0.0)) -> str:
+    """Markdown: the seventh session's W2 (TP=1, PP=2 at depth 2 and 3) predicted vs measured, with the pipeline's
+    host cost from calibration.toml and without it (0: the stages alone set the pace)."""
+    from meshserve.simulator.pipeline import load_host_step_s
+
+    head = ""
+    for h in host_costs:
+        ms = (load_host_step_s() if h is None else h) * 1e3
+        head += f" seconds sim / measured (error), host {ms:g} ms per step | bubble sim / measured |"
+    lines = [f"| run (2 x H200, seventh session) |{head} goal (W2 within 10%) | measured in |",
+             "|---|" + "---|---|" * len(host_costs) + "---|---|"]
+    for rows in zip(*(pp_rows(h) for h in host_costs)):
+        cells = []
+        for r in rows:
+            cells.append(f"{r['pred']:.2f} / {r['meas']:.2f} ({(r['pred'] - r['meas']) / r['meas']:+.1%})")
+            cells.append("-" if r["pred_bubble"] is None else f"{r['pred_bubble']:.2f} / {r['meas_bubble']:.2f}")
+        r = rows[0]
+        met = "met" if _met(r["pred"], r["meas"], r["goal"]) else "missed"
+        lines.append(f"| {r['run']} | {' | '.join(cells)} | {met} (first columns) | `{r['file']}` |")
+    return "\n".join(lines)
 
 
 def _decode_tok_s(report: dict, batch: int, new_tokens: int) -> float:
@@ -296,7 +347,7 @@ def offline_rows(calibration: str = "default") -> list[dict]:
                      "pred": w2["duration_s"], "meas": meas["seconds"], "goal": "w2_seconds"})
     pp = json.loads((RESULTS / "w2_8b_pp2_h200x2.json").read_text())
     rows.append({"run": "W2 llama-3.1-8b PP=2", "metric": "seconds", "file": "w2_8b_pp2_h200x2.json",
-                 "pred": None, "meas": pp["seconds"], "goal": "w2_seconds"})
+                 "pred": None, "meas": pp["seconds"], "goal": "w2_seconds"})  # an engine before 90673be: pp_table
     return rows
 
 
@@ -309,7 +360,8 @@ def offline_table(calibrations: tuple[str, ...] = ("default", BEFORE_GRAPHS)) ->
         cells = []
         for r in rows:
             if r["pred"] is None:
-                cells += [f"- / {r['meas']:.2f}", "not simulated (pipeline parallelism)"]
+                cells += [f"- / {r['meas']:.2f}",
+                          "not replayed (the engine before 90673be's pipeline fix; pp_table)"]
             else:
                 cells += [f"{r['pred']:.2f} / {r['meas']:.2f} ({(r['pred'] - r['meas']) / r['meas']:+.1%})",
                           ("met" if _met(r["pred"], r["meas"], r["goal"]) else "missed")
@@ -375,7 +427,7 @@ def extrapolations() -> str:
     return "\n\n".join(out)
 
 
-if __name__ == "__main__":  # python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | extrapolate]
+if __name__ == "__main__":  # python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | extrapolate]
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     if what in ("dp", "all"):
         print(dp_table())
@@ -391,6 +443,9 @@ if __name__ == "__main__":  # python -m meshserve.simulator.validation [cli | w3
         print()
     if what in ("offline", "all"):
         print(offline_table())
+        print()
+    if what in ("pp", "all"):
+        print(pp_table())
         print()
     if what in ("extrapolate", "all"):
         print(extrapolations())

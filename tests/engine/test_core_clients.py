@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -11,10 +10,11 @@ from meshserve.config import EngineArgs
 from meshserve.engine.core import EngineCore
 from meshserve.engine.core_client import EngineCoreClient, InprocCoreClient, ThreadedCoreClient
 from meshserve.engine.core_process import ProcessCoreClient
-from meshserve.engine.messages import EngineCoreOutputs, EngineCoreRequest
+from meshserve.engine.messages import EngineCoreRequest
 from meshserve.errors import PromptTooLongError
 from meshserve.sampling import SamplingParams
 from tests.conftest import VOCAB
+from tests.engine.core_outputs import collect_outputs, finished_ids
 
 
 def _ids(seed: int, n: int) -> list[int]:
@@ -56,22 +56,6 @@ def reference(tiny_model_dir) -> dict[int, list[int]]:
     return {s: o.outputs[0].token_ids for s, o in enumerate(outs)}
 
 
-def _collect(client: EngineCoreClient, until, timeout: float = 60.0) -> list[EngineCoreOutputs]:
-    """Outputs until until(outputs so far) holds."""
-    got: list[EngineCoreOutputs] = []
-    deadline = time.monotonic() + timeout
-    while not until(got):
-        assert time.monotonic() < deadline, "the core stopped answering"
-        out = client.get_outputs(timeout=1.0)
-        if out is not None:
-            got.append(out)
-    return got
-
-
-def _finished_ids(got: list[EngineCoreOutputs]) -> set[str]:
-    return {o.request_id for m in got for o in m.outputs if o.finished}
-
-
 def test_info_describes_the_core(client):
     info = client.info
     assert info.vocab_size == VOCAB and info.max_model_len == 128 and info.block_size == 4
@@ -81,7 +65,7 @@ def test_info_describes_the_core(client):
 def test_each_token_once_and_the_same_tokens_as_offline(client, reference):
     for s in range(3):
         client.add_request(_request(f"r{s}", s, 6, logprobs=2 if s == 1 else None))
-    got = _collect(client, lambda g: _finished_ids(g) >= {"r0", "r1", "r2"})
+    got = collect_outputs(client, lambda g: finished_ids(g) >= {"r0", "r1", "r2"})
     for s in range(3):
         outs = [o for m in got for o in m.outputs if o.request_id == f"r{s}"]
         tokens = [t for o in outs for t in o.new_token_ids]
@@ -97,17 +81,19 @@ def test_each_token_once_and_the_same_tokens_as_offline(client, reference):
 
 def test_abort_stops_a_request_and_publishes_its_release(client):
     client.add_request(_request("long", 5, 100))
-    _collect(client, lambda g: any(o.request_id == "long" for m in g for o in m.outputs))
+    collect_outputs(client, lambda g: any(o.request_id == "long" for m in g for o in m.outputs))
     client.abort_requests(["long", "unknown"])
     # the counters show it gone, without a new request. The core reads the abort between steps, so what it
     # produced before (a busy client lags a separate core by several steps) still arrives, but the request
     # never reaches its end (100 tokens) and never reports a finish
-    got = _collect(client, lambda g: bool(g) and g[-1].stats.num_running == 0 and g[-1].stats.kv_cache_usage == 0)
+    got = collect_outputs(
+        client, lambda g: bool(g) and g[-1].stats.num_running == 0 and g[-1].stats.kv_cache_usage == 0
+    )
     after = [o for m in got for o in m.outputs if o.request_id == "long"]
     assert sum(len(o.new_token_ids) for o in after) < 99
     if isinstance(client, InprocCoreClient):  # no thread between: at most the step already launched
         assert len(after) <= 1
-    assert not _finished_ids(got)
+    assert not finished_ids(got)
 
 
 def test_refusals_reach_the_front_end(client):
@@ -116,7 +102,7 @@ def test_refusals_reach_the_front_end(client):
         client.add_request(too_long)
     except PromptTooLongError:
         return  # the in-process core refuses at once
-    got = _collect(client, lambda g: any(m.errors for m in g))
+    got = collect_outputs(client, lambda g: any(m.errors for m in g))
     (err,) = [e for m in got for e in m.errors]
     assert err.request_id == "huge" and err.error_type == "PromptTooLongError" and err.param == "max_tokens"
 

@@ -160,3 +160,57 @@ def test_release_frees_the_graphs_of_decode_and_mixed_step_holders(monkeypatch):
         assert not holder.graphs and not holder.outputs and holder.pool is None and holder.forward is None
         holder.release()  # again: nothing to wait for
     assert synced == [torch.device("cpu")] * 2
+
+
+class _RecordingGraph:
+    """torch.cuda.CUDAGraph's part that capture uses, on CPU: the pool it was captured into, or its own."""
+
+    def __init__(self):
+        self.own_pool = object()
+
+    def pool(self):
+        return self.own_pool
+
+
+def test_capture_warms_up_then_captures_every_graph_into_the_first_ones_pool(monkeypatch):
+    """capture() (DecodeGraphs and MixedStepGraphs share capture_graph): each graph's forward runs once
+    eagerly and once inside the capture, largest first; the first capture makes the pool that every later
+    one reuses, and each graph's output is the captured forward's."""
+    from meshserve.engine.mixed_graph import MixedStepGraphs
+
+    events: list = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: events.append("sync"))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _RecordingGraph)
+
+    class _Capturing:
+        def __init__(self, graph, pool):
+            self.graph, self.pool = graph, pool
+
+        def __enter__(self):
+            events.append(("capture", self.pool))
+
+        def __exit__(self, *exc):
+            events.append("end")
+
+    monkeypatch.setattr(torch.cuda, "graph", _Capturing)
+
+    def forward(input_ids, positions, meta, intermediate):
+        events.append(("forward", input_ids.shape[0]))
+        return torch.full((input_ids.shape[0],), float(len(events)))
+
+    decode = DecodeGraphs(forward, 4, 4096, 16, torch.device("cpu"))
+    mixed = MixedStepGraphs(forward, [8, 16], 2, 64, 16, torch.device("cpu"))
+    for holder, keys, sizes in ((decode, [(4, 4096), (2, 4096), (1, 4096)], [4, 2, 1]),
+                                (mixed, [16, 8], [16, 8])):
+        events.clear()
+        holder.capture()
+        first_pool = holder.graphs[keys[0]].own_pool
+        expected = []
+        for i, n in enumerate(sizes):
+            pool = None if i == 0 else first_pool
+            expected += [("forward", n), "sync", ("capture", pool), ("forward", n), "end"]
+        assert events == expected + ["sync"]
+        assert holder.pool is first_pool and list(holder.graphs) == keys
+        for key, n in zip(keys, sizes):  # the output of the forward run inside the capture
+            assert holder.outputs[key].shape == (n,)
+        assert [holder.outputs[k][0].item() for k in keys] == [4.0 + 5 * i for i in range(len(keys))]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
@@ -14,9 +13,10 @@ from meshserve.config import EngineArgs
 from meshserve.engine.core_client import EngineCoreClient
 from meshserve.engine.dp_core_client import DPCoreClient, spawn_dp_cores
 from meshserve.engine.dp_stats import merge_stats
-from meshserve.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from meshserve.engine.messages import EngineCoreRequest, SchedulerStats
 from meshserve.errors import EngineDeadError
 from meshserve.sampling import SamplingParams
+from tests.engine.core_outputs import collect_outputs, finished_ids
 
 
 def _request(rid: str, max_tokens: int) -> EngineCoreRequest:
@@ -28,21 +28,6 @@ def _request(rid: str, max_tokens: int) -> EngineCoreRequest:
 def _start(model_dir: str, n: int = 2) -> DPCoreClient:
     args = EngineArgs(model=model_dir, device="cpu", max_model_len=512)
     return DPCoreClient.from_core_processes(args, spawn_dp_cores(args, n, fake_core_factory(0.005)))
-
-
-def _collect(client: DPCoreClient, until, timeout: float = 30.0) -> list[EngineCoreOutputs]:
-    got: list[EngineCoreOutputs] = []
-    deadline = time.monotonic() + timeout
-    while not until(got):
-        assert time.monotonic() < deadline, "the cores stopped answering"
-        out = client.get_outputs(timeout=1.0)
-        if out is not None:
-            got.append(out)
-    return got
-
-
-def _finished(got: list[EngineCoreOutputs]) -> set[str]:
-    return {o.request_id for m in got for o in m.outputs if o.finished}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +45,7 @@ def test_requests_spread_evenly_and_stats_add_up(dp):
     ids = [f"even-{i}" for i in range(10)]
     for rid in ids:
         dp.add_request(_request(rid, 3))
-    got = _collect(dp, lambda g: _finished(g) >= set(ids))
+    got = collect_outputs(dp, lambda g: finished_ids(g) >= set(ids))
     assert [a - b for a, b in zip(dp.num_requests, before)] == [5, 5]  # nothing finished before all were sent
     tokens = {
         rid: sum(len(o.new_token_ids) for m in got for o in m.outputs if o.request_id == rid) for rid in ids
@@ -75,11 +60,11 @@ def test_requests_spread_evenly_and_stats_add_up(dp):
 def test_abort_reaches_the_core_that_holds_the_request(dp):
     dp.add_request(_request("long", 400))
     core = dp._core_of["long"]
-    _collect(dp, lambda g: any(o.request_id == "long" for m in g for o in m.outputs))
+    collect_outputs(dp, lambda g: any(o.request_id == "long" for m in g for o in m.outputs))
     assert dp._stats[core].num_running == 1
     dp.abort_requests(["long", "never-sent"])
     assert dp._outstanding[core] == 0
-    _collect(dp, lambda g: dp._stats[core].num_running == 0)
+    collect_outputs(dp, lambda g: dp._stats[core].num_running == 0)
 
 
 def test_merge_stats_adds_counts_and_predicts_from_the_target_core():
@@ -124,9 +109,9 @@ def test_a_dead_core_fails_its_own_requests_and_the_other_runs_on(dp):
     dp.add_request(_request("b", 30))
     lost_core = dp._core_of["a"]
     assert dp._core_of["b"] != lost_core
-    _collect(dp, lambda g: {o.request_id for m in g for o in m.outputs} >= {"a", "b"})
+    collect_outputs(dp, lambda g: {o.request_id for m in g for o in m.outputs} >= {"a", "b"})
     os.kill(dp.clients[lost_core].proc.pid, signal.SIGKILL)
-    got = _collect(dp, lambda g: "b" in _finished(g) and any(m.errors for m in g))
+    got = collect_outputs(dp, lambda g: "b" in finished_ids(g) and any(m.errors for m in g))
     (err,) = [e for m in got for e in m.errors]
     assert err.request_id == "a" and err.error_type == "EngineDeadError"
     assert not dp.is_alive()  # /health: 503 from now on
@@ -134,4 +119,4 @@ def test_a_dead_core_fails_its_own_requests_and_the_other_runs_on(dp):
     assert dp._core_of["c"] != lost_core
     os.kill(dp.clients[1 - lost_core].proc.pid, signal.SIGKILL)
     with pytest.raises(EngineDeadError):
-        _collect(dp, lambda g: False, timeout=10)
+        collect_outputs(dp, lambda g: False, timeout=10)

@@ -80,3 +80,23 @@ def test_a_table_that_shrinks_and_regrows_is_resent_from_its_first_changed_block
         out = SchedulerOutput([ScheduledSequence("a", [1], 12, table, params, True)])
         got, _ = _wire(sender, receiver, out)
         assert got.scheduled[0].block_table == table and got.scheduled[0].params == params
+
+
+def test_the_hook_never_leaves_and_the_masks_only_when_a_worker_samples():
+    """The engine's before_sample hook (not even picklable here: a lambda) stays on rank 0; the grammar masks
+    go along only when a worker samples (pipeline stages); rank 0's step keeps both."""
+    import torch
+
+    params = SamplingParams(max_tokens=8)
+    masks = torch.tensor([[-1, 5]], dtype=torch.int32)
+    for workers_sample in (False, True):
+        sender, receiver = StepDeltaSender(workers_sample=workers_sample), StepDeltaReceiver()
+        out = SchedulerOutput([ScheduledSequence("a", [1], 12, [3, 4, 5, 6], params, True)],
+                              grammar_bitmask=masks)
+        out.before_sample = hook = lambda: None  # noqa: E731
+        got, _ = _wire(sender, receiver, out)
+        assert got.before_sample is None and out.before_sample is hook and out.grammar_bitmask is masks
+        if workers_sample:
+            assert torch.equal(got.grammar_bitmask, masks)
+        else:
+            assert got.grammar_bitmask is None

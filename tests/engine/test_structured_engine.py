@@ -1,7 +1,8 @@
 """Grammar-constrained decoding inside the engine, on a tiny random model (whose free choices are noise, so
 every valid output is the grammar's doing): outputs follow their schema with n > 1, preemption, prefix
 caching and async scheduling on or off, unconstrained requests in the same batch are untouched, and the
-constrained tokens are the same whether async scheduling is on or off."""
+constrained tokens are the same whether async scheduling is on or off; under tensor and pipeline parallel
+(worker processes, slow) the tokens are one process's, and with TP the masks stay on rank 0, filled late."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 
 import jsonschema
 import pytest
+import torch
 
 from meshserve import LLM, SamplingParams
 from meshserve.errors import InvalidArgumentError
@@ -33,8 +35,10 @@ def path(tiny_model_dir):
     return tiny_model_dir("llama")
 
 
-def _run(path, async_scheduling: bool, **kw):
+def _run(path, async_scheduling: bool, instrument=None, **kw):
     llm = LLM(model=path, async_scheduling=async_scheduling, max_model_len=256, **kw)
+    if instrument is not None:
+        instrument(llm.engine.core)
     constrained = SamplingParams(n=3, max_tokens=120, temperature=1.0, seed=7,
                                  structured_outputs={"json": SCHEMA})
     plain = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
@@ -83,13 +87,98 @@ def test_batched_masks_change_no_token(path, monkeypatch):
     assert batched[1].outputs[0].token_ids == alone.outputs[0].token_ids
 
 
+def _record(events: list, name: str, fn, note=None):
+    def wrapped(*a, **kw):
+        events.append(name if note is None else (name, note(*a)))
+        return fn(*a, **kw)
+    return wrapped
+
+
 @pytest.mark.slow
-def test_worker_processes_get_the_masks_with_the_step(path):
-    """TP 2 (worker processes: the step's masks travel pickled inside the SchedulerOutput, filled before it
-    is sent): the same tokens as one process."""
-    one, _ = _run(path, True)
-    two, _ = _run(path, True, tensor_parallel_size=2)
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_tensor_parallel_fills_the_masks_on_rank_0_after_the_step_went_out(path, async_scheduling):
+    """TP 2: rank 0 alone samples, so the masks of a step are filled on rank 0 once its own forward is
+    queued, after the step went out to the worker without them (nor the engine's hook); with async scheduling
+    step n+1 goes out before step n is processed (in the hook). The same tokens as one process."""
+    events: list = []
+
+    def instrument(core):
+        executor = core.executor
+        assert core._late_masks and executor.late_grammar_masks
+        channel = executor._calls  # rank 0's calls to the worker (made by the start-up calls)
+        # what the worker gets of a step, as it is pickled
+        channel.broadcast = _record(events, "send", channel.broadcast, lambda msg: (
+            msg[0], (msg[1][0].grammar_bitmask, msg[1][0].before_sample) if msg[0] == "execute" else None))
+        executor.runner.forward = _record(events, "forward", executor.runner.forward)
+        core._fill_grammar_bitmasks = _record(events, "fill", core._fill_grammar_bitmasks)
+        core.scheduler.update_after_step = _record(events, "update", core.scheduler.update_after_step)
+
+    one, _ = _run(path, async_scheduling)
+    two, _ = _run(path, async_scheduling, instrument=instrument, tensor_parallel_size=2)
     assert [[c.token_ids for c in o.outputs] for o in one] == [[c.token_ids for c in o.outputs] for o in two]
+    for out in (two[0], two[2]):
+        for c in out.outputs:
+            jsonschema.validate(json.loads(c.text), SCHEMA)
+    sent = [step for _, (method, step) in (e for e in events if isinstance(e, tuple)) if method == "execute"]
+    assert sent and sent == [(None, None)] * len(sent)
+    names = [e if isinstance(e, str) else e[1][0] for e in events]  # "execute": a step sent
+    fills = [i for i, e in enumerate(names) if e == "fill"]
+    assert len(fills) >= max(len(c.token_ids) for o in (two[0], two[2]) for c in o.outputs)
+    # each fill comes after its step went out and its forward was queued: execute, forward, [update n], fill
+    for i in fills:
+        before = [e for e in names[:i] if e != "update"][-2:]
+        assert before == ["execute", "forward"], names[max(0, i - 6) : i + 1]
+    inside = sum(names[i - 3 : i] == ["execute", "forward", "update"] for i in fills)
+    if async_scheduling:  # step n processed inside step n+1's launch: the overlap is kept
+        assert inside >= len(fills) - 2, (inside, len(fills))
+    else:
+        assert inside == 0
+
+
+@pytest.mark.slow
+def test_pipeline_stages_get_the_masks_with_the_step(path):
+    """PP 2: the last stage (a worker) samples, so the masks are filled before the step is sent and go with it:
+    the same tokens as one process."""
+    one, _ = _run(path, True)
+    two, _ = _run(path, True, pipeline_parallel_size=2)
+    assert [[c.token_ids for c in o.outputs] for o in one] == [[c.token_ids for c in o.outputs] for o in two]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_late_masks_beside_speculation(path):
+    """TP 2 with n-gram speculation: a repetitive unconstrained request verifies proposals while constrained
+    ones (never proposed for) sample under late masks in the same steps: the same tokens as one process."""
+    mixed = [0]
+
+    def run(**kw):
+        llm = LLM(model=path, max_model_len=256, speculative_config={
+            "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3},
+                  **kw)
+        core = llm.engine.core
+        core.speculator.gate.step_model = None  # speculate every step, whatever the acceptance
+        fill = core._fill_grammar_bitmasks
+
+        def fill_and_count(sched_out):  # steps that verify proposals and sample under masks together
+            fill(sched_out)
+            verifies = any(e.num_spec_tokens for e in sched_out.scheduled)
+            mixed[0] += sched_out.grammar_bitmask is not None and verifies
+        core._fill_grammar_bitmasks = fill_and_count
+        constrained = SamplingParams(n=2, max_tokens=100, temperature=1.0, seed=5,
+                                     structured_outputs={"json": SCHEMA})
+        plain = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        try:
+            outs = llm.generate([[5, 6, 7, 8] * 6, [9, 10, 11, 12] * 8], [constrained, plain], use_tqdm=False)
+            return [[c.token_ids for c in o.outputs] for o in outs], outs, llm.engine.stats()
+        finally:
+            llm.shutdown()
+
+    one, _, _ = run()
+    mixed[0] = 0
+    two, outs, stats = run(tensor_parallel_size=2)
+    assert stats["spec_num_draft_tokens"] > 0 and mixed[0] > 0
+    assert one == two
+    for c in outs[0].outputs:
+        jsonschema.validate(json.loads(c.text), SCHEMA)
 
 
 def test_choice_regex_and_grammar(path):
@@ -201,6 +290,20 @@ def test_late_masks_on_the_device_change_no_token(path):
     validate and match the synchronous engine's token for token."""
     sync, _ = _run(path, False, device="cuda")
     async_, _ = _run(path, True, device="cuda")
+    assert [[c.token_ids for c in o.outputs] for o in sync] == [[c.token_ids for c in o.outputs] for o in async_]
+    for out in (async_[0], async_[2]):
+        for c in out.outputs:
+            jsonschema.validate(json.loads(c.text), SCHEMA)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tensor_parallel_late_masks_on_the_device_change_no_token(path):
+    """TP 2 on two GPUs (NCCL, CUDA graphs, rank 0's masks filled while both ranks run the forward):
+    constrained outputs validate, and async scheduling (masks filled inside step n+1's launch) matches the synchronous
+    engine token for token."""
+    sync, _ = _run(path, False, device="cuda", tensor_parallel_size=2)
+    async_, _ = _run(path, True, device="cuda", tensor_parallel_size=2)
     assert [[c.token_ids for c in o.outputs] for o in sync] == [[c.token_ids for c in o.outputs] for o in async_]
     for out in (async_[0], async_[2]):
         for c in out.outputs:

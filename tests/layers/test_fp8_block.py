@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import meshserve.layers.linear as linear_mod
 from meshserve.errors import InvalidArgumentError
 from meshserve.kernels.fp8_block_ref import dequantize_fp8_blockwise, quantize_fp8_blockwise
 from meshserve.layers.linear import (
@@ -22,6 +21,7 @@ from meshserve.layers.quantization import check_quant_shapes, quantization_scope
 from meshserve.layers.quantization.fp8 import Fp8Config
 from meshserve.layers.quantization.fp8_block import Fp8BlockConfig
 from meshserve.models.quant_config import check_weight_format
+from tests.layers.tp_ranks import as_rank, one_device_columns
 
 BLOCK_FP8 = {
     "quant_method": "fp8",
@@ -86,14 +86,8 @@ def test_tensor_parallel_split_of_a_block_is_refused_before_loading():
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 320, 4, 2, 128, 512  # hidden 320: partial blocks on K (and N)
 
 
-def _patch_rank(monkeypatch, tp: int, rank: int) -> None:
-    monkeypatch.setattr(linear_mod, "get_tp_size", lambda: tp)
-    monkeypatch.setattr(linear_mod, "get_tp_rank", lambda: rank)
-    monkeypatch.setattr(linear_mod, "tensor_parallel_all_reduce", lambda x: x)
-
-
 def _build(kind: str, tp: int, rank: int, monkeypatch, weights, config=None):
-    _patch_rank(monkeypatch, tp, rank)
+    as_rank(monkeypatch, tp, rank)
     with quantization_scope(config or Fp8BlockConfig()):
         if kind == "qkv":
             layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, bias=True)
@@ -150,20 +144,12 @@ def test_tensor_parallel_slices_block_scales(kind, monkeypatch):
         torch.testing.assert_close(ranks[0](x_parts[0]) + ranks[1](x_parts[1]), out, atol=1e-4, rtol=1e-4)
         return
     outs = [layer(x) for layer in ranks]
-    if kind == "merged":  # each rank holds [gate_r, up_r]
-        halves = [o.chunk(2, dim=-1) for o in outs]
-        combined = torch.cat([halves[0][0], halves[1][0], halves[0][1], halves[1][1]], dim=-1)
-    else:  # each rank holds [q_r, k_r, v_r]
-        q, kv = HEADS * HEAD_DIM // 2, KV_HEADS * HEAD_DIM // 2
-        parts = [o.split([q, kv, kv], dim=-1) for o in outs]
-        combined = torch.cat(
-            [parts[0][0], parts[1][0], parts[0][1], parts[1][1], parts[0][2], parts[1][2]], -1
-        )
+    combined = one_device_columns(kind, outs, HEADS * HEAD_DIM // 2, KV_HEADS * HEAD_DIM // 2)
     torch.testing.assert_close(combined, out, atol=1e-5, rtol=1e-5)
 
 
 def test_layers_that_would_split_a_block_are_refused(monkeypatch):
-    _patch_rank(monkeypatch, 2, 0)
+    as_rank(monkeypatch, 2, 0)
     with quantization_scope(Fp8BlockConfig()):
         with pytest.raises(
             ValueError, match=r"RowParallelLinear: 160 input features per rank .* split a 128x128"
@@ -174,7 +160,7 @@ def test_layers_that_would_split_a_block_are_refused(monkeypatch):
         with pytest.raises(ValueError, match=r"shard of 192 output features per rank"):
             MergedColumnParallelLinear(256, [384, 384])
         ReplicatedLinear(256, 8, bias=False)  # (an MoE router: not split, any size)
-    _patch_rank(monkeypatch, 1, 0)
+    as_rank(monkeypatch, 1, 0)
     with quantization_scope(Fp8BlockConfig()):
         with pytest.raises(ValueError, match=r"shard of 96 output features in one merged projection"):
             MergedColumnParallelLinear(256, [96, 96])
@@ -188,7 +174,7 @@ def test_sixteen_bit_layers_dequantize_a_quantized_copy_at_load(monkeypatch):
     w = torch.randn(256, 160, generator=g)
     wq, scale_inv = quantize_fp8_blockwise(w)
     for tp, rank in ((1, 0), (2, 1)):
-        _patch_rank(monkeypatch, tp, rank)
+        as_rank(monkeypatch, tp, rank)
         with quantization_scope(Fp8BlockConfig()):
             layer = UnquantizedColumnParallelLinear(160, 256)
         assert not layer.quantized
@@ -199,7 +185,7 @@ def test_sixteen_bit_layers_dequantize_a_quantized_copy_at_load(monkeypatch):
         rows = slice(rank * 128, (rank + 1) * 128) if tp == 2 else slice(None)
         assert layer.weight.dtype == torch.float32 and not hasattr(layer, "weight_scale_inv")
         assert torch.equal(layer.weight, dequantize_fp8_blockwise(wq, scale_inv)[rows])
-    _patch_rank(monkeypatch, 1, 0)
+    as_rank(monkeypatch, 1, 0)
     with quantization_scope(Fp8BlockConfig()):
         router = ReplicatedLinear(160, 8, bias=False)
     with torch.no_grad():

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import meshserve.layers.linear as linear_mod
 from meshserve.errors import InvalidArgumentError
 from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from meshserve.layers.quantization import check_quant_shapes, quantization_scope, resolve_quant_config
 from meshserve.layers.quantization.fp8 import Fp8Config
 from meshserve.layers.quantization.int4 import Int4Config
 from meshserve.models.quantize_checkpoint import _quant_config, act_order, fp8_tensors, int4_tensors
+from tests.layers.tp_ranks import as_rank, one_device_columns
 
 
 class _Cfg:
@@ -51,8 +51,7 @@ def test_resolve_formats_and_bad_combinations():
 
 
 def test_act_order_must_agree_across_merged_projections(monkeypatch):
-    monkeypatch.setattr(linear_mod, "get_tp_size", lambda: 1)
-    monkeypatch.setattr(linear_mod, "get_tp_rank", lambda: 0)
+    as_rank(monkeypatch, 1, 0)
     with quantization_scope(Int4Config("gptq", GROUP, desc_act=True)):
         layer = MergedColumnParallelLinear(HIDDEN, [INTER, INTER])
     g = torch.Generator().manual_seed(3)
@@ -75,8 +74,7 @@ def test_group_size_checked_against_the_model_before_loading():
 
 
 def test_group_size_must_divide_each_ranks_input_features(monkeypatch):
-    monkeypatch.setattr(linear_mod, "get_tp_size", lambda: 2)
-    monkeypatch.setattr(linear_mod, "get_tp_rank", lambda: 0)
+    as_rank(monkeypatch, 2, 0)
     with quantization_scope(Int4Config("awq", 64)), pytest.raises(ValueError, match="group size 64 does not"):
         RowParallelLinear(96, 32)  # 48 input features per rank
 
@@ -108,9 +106,7 @@ def _config(fmt: str):
 
 
 def _build(kind: str, fmt: str, tp: int, rank: int, monkeypatch, weights):
-    monkeypatch.setattr(linear_mod, "get_tp_size", lambda: tp)
-    monkeypatch.setattr(linear_mod, "get_tp_rank", lambda: rank)
-    monkeypatch.setattr(linear_mod, "tensor_parallel_all_reduce", lambda x: x)
+    as_rank(monkeypatch, tp, rank)
     with quantization_scope(_config(fmt)):
         if kind == "qkv":
             layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, bias=True)
@@ -164,13 +160,5 @@ def test_tensor_parallel_slices_every_format(fmt, kind, monkeypatch):
             torch.testing.assert_close(combined, full, atol=2e-5, rtol=1e-4)
         return
     outs = [layer(x) for layer in ranks]
-    if kind == "merged":  # each rank holds [gate_r, up_r]
-        halves = [o.chunk(2, dim=-1) for o in outs]
-        combined = torch.cat([halves[0][0], halves[1][0], halves[0][1], halves[1][1]], dim=-1)
-    else:  # each rank holds [q_r, k_r, v_r]
-        q, kv = HEADS * HEAD_DIM // 2, KV_HEADS * HEAD_DIM // 2
-        parts = [o.split([q, kv, kv], dim=-1) for o in outs]
-        combined = torch.cat(
-            [parts[0][0], parts[1][0], parts[0][1], parts[1][1], parts[0][2], parts[1][2]], -1
-        )
+    combined = one_device_columns(kind, outs, HEADS * HEAD_DIM // 2, KV_HEADS * HEAD_DIM // 2)
     torch.testing.assert_close(combined, full, atol=1e-5, rtol=1e-5)

@@ -89,6 +89,14 @@ def test_pipeline_stages_hold_max_num_seqs_per_step_in_flight(capsys, depth, ste
     assert f"{steps * 8} at most (--max-num-seqs 8 x {steps} steps in flight per replica)" in capsys.readouterr().out
 
 
+def test_the_plans_pp_prediction_takes_its_pipeline_depth():
+    # the same PP=2 replica and concurrency: one more step in flight splits the batch three ways (plan.py passes
+    # --pipeline-depth to the speed arithmetic as the engine runs it)
+    two = plan("llama-3.1-8b", 2, pp=2, concurrency=16, max_num_seqs=8).best.prediction
+    three = plan("llama-3.1-8b", 2, pp=2, concurrency=16, max_num_seqs=8, pipeline_depth=3).best.prediction
+    assert two.concurrency == three.concurrency == 16 and two.itl_s != three.itl_s
+
+
 def test_a_pipeline_depth_below_the_stages_is_rejected():
     result = plan("llama-3.1-8b", 4, pp=4, pipeline_depth=3)
     assert not result.candidates

@@ -7,7 +7,8 @@ from meshserve.planner.cost import deployment_cost
 from meshserve.planner.hardware import get_gpu
 from meshserve.planner.model import load_model
 from meshserve.planner.parallel import Layout
-from meshserve.planner.perf import Workload, allreduce_s, expected_experts_touched, predict
+from meshserve.planner.perf import (Workload, allreduce_s, decode_stage_time, expected_experts_touched, itl_s,
+                                   pp_hop_s, predict)
 from meshserve.planner.plan import PlanRequest, make_plan
 
 
@@ -51,6 +52,49 @@ def test_pipeline_parallel_does_not_cut_decode_latency():
     m, gpu = load_model("llama-3.1-405b"), get_gpu("H100-SXM")
     p = predict(m, Layout(tp=8, pp=2), gpu, 1, Workload())
     assert p.itl_s > 811e9 / 8 / 3.35e12  # each token still passes both stages
+
+
+def _stage_times(m, layout, gpu, micro, context):
+    return [decode_stage_time(m, layout, gpu, s, micro, context, weight_dtype="bf16", kv_dtype="bf16",
+                              gpus_per_node=8, efficiency=0.8).total_s for s in range(layout.pp)]
+
+
+@pytest.mark.parametrize("depth", [0, 2, 3, 5])
+def test_pipeline_itl_follows_the_engines_steps_in_flight(depth):
+    """The engine keeps d steps in flight (--pipeline-depth, 0: one per stage), each over ceil(B / d) sequences;
+    a token waits for its step to pass every stage and hop, and for d steps' turns on the slowest stage."""
+    m, gpu, layout, batch, ctx = load_model("llama-3.1-8b"), get_gpu("H200"), Layout(pp=2), 256, 1000
+    d = depth or 2
+    micro = -(-batch // d)
+    stages = _stage_times(m, layout, gpu, micro, ctx)
+    itl, _ = itl_s(m, layout, gpu, batch, ctx, weight_dtype="bf16", kv_dtype="bf16", gpus_per_node=8,
+                   efficiency=0.8, pipeline_depth=depth)
+    assert itl == pytest.approx(max(sum(stages) + pp_hop_s(m, gpu, micro), d * max(stages)))
+    p = predict(m, layout, gpu, batch, Workload(), efficiency=0.8, gpus_per_node=8, pipeline_depth=depth)
+    assert p.decode_tok_per_s == pytest.approx(batch / p.itl_s)
+
+
+def test_pipeline_depth_of_one_per_stage_is_the_default_and_deeper_reads_weights_more_often():
+    """d = pp (the default): ITL is the pass through the stages (the slowest stage times pp when they are equal);
+    one more step in flight splits the batch thinner, so each token reads the weights more often: without a host
+    to hide (the planner has none), decode tok/s drops and the weight roofline with it."""
+    m, gpu = load_model("llama-3.1-8b"), get_gpu("H200")
+    default = predict(m, Layout(pp=2), gpu, 256, Workload())
+    assert default == predict(m, Layout(pp=2), gpu, 256, Workload(), pipeline_depth=2)
+    deeper = predict(m, Layout(pp=2), gpu, 256, Workload(), pipeline_depth=3)
+    assert deeper.decode_tok_per_s < default.decode_tok_per_s
+    assert deeper.roofline_tok_per_s == pytest.approx(default.roofline_tok_per_s * 2 / 3)
+    # without PP the depth means nothing
+    assert predict(m, Layout(), gpu, 64, Workload(), pipeline_depth=3) == predict(m, Layout(), gpu, 64, Workload())
+
+
+def test_fewer_sequences_than_steps_pay_every_stage():
+    """One sequence: one step in flight, its token passes both stages and the hop (the bubble the engine has)."""
+    m, gpu = load_model("llama-3.1-8b"), get_gpu("H200")
+    stages = _stage_times(m, Layout(pp=2), gpu, 1, 1000)
+    itl, _ = itl_s(m, Layout(pp=2), gpu, 1, 1000, weight_dtype="bf16", kv_dtype="bf16", gpus_per_node=8,
+                   efficiency=0.8)
+    assert itl == pytest.approx(sum(stages) + pp_hop_s(m, gpu, 1))
 
 
 def test_prefill_is_compute_bound_for_long_prompts():

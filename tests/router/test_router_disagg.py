@@ -19,7 +19,7 @@ from tests.router.conftest import free_port, replica_args, wait_until
 pytestmark = pytest.mark.slow
 
 
-def _kv(role: str, rank: int, port: int) -> str:
+def _kv(role: str, rank: int, port: int, **extra) -> str:
     return json.dumps(
         {
             "kv_connector": "torch",
@@ -28,29 +28,36 @@ def _kv(role: str, rank: int, port: int) -> str:
             "kv_parallel_size": 2,
             "kv_ip": "127.0.0.1",
             "kv_port": port,
-            "kv_connector_extra_config": {"backend": "gloo", "transfer_timeout_s": 5, "hold_timeout_s": 5},
+            "kv_connector_extra_config": {
+                "backend": "gloo", "transfer_timeout_s": 5, "hold_timeout_s": 5, **extra
+            },
         }
     )
 
 
-@pytest.fixture(scope="module")
-def deployment(tiny_model_dir, processes):
+def start_prefill_and_decode(tiny_model_dir, processes, prefill_args=(), **kv_extra):
+    """A prefill (kv rank 0) and a decode instance (kv rank 1) of the tiny llama, both ready; prefill_args:
+    the prefill's own flags; kv_extra: overrides of the connector's extra config (both sides)."""
     model = tiny_model_dir("llama")
     kv_port = free_port()
     extra = ["--block-size", "4", "--num-gpu-blocks-override", "300"]
     prefill = processes("prefill", [])
-    prefill.args = replica_args(
-        model, prefill.port, ["tiny"], [*extra, "--kv-transfer-config", _kv("kv_producer", 0, kv_port)]
-    )
+    prefill_kv = _kv("kv_producer", 0, kv_port, **kv_extra)
+    prefill.args = replica_args(model, prefill.port, ["tiny"],
+                                [*extra, *prefill_args, "--kv-transfer-config", prefill_kv])
     decode = processes("decode", [])
-    decode.args = replica_args(
-        model, decode.port, ["tiny"], [*extra, "--kv-transfer-config", _kv("kv_consumer", 1, kv_port)]
-    )
+    decode_kv = _kv("kv_consumer", 1, kv_port, **kv_extra)
+    decode.args = replica_args(model, decode.port, ["tiny"], [*extra, "--kv-transfer-config", decode_kv])
     prefill.start()
     decode.start()
     prefill.wait_ready()
     decode.wait_ready()
     return prefill, decode
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_model_dir, processes):
+    return start_prefill_and_decode(tiny_model_dir, processes)
 
 
 def _prompt(i: int) -> list[int]:

@@ -4,55 +4,23 @@ tokens are colocated serving's, streamed or not; both sides free every block."""
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from meshserve.router.config import RouterConfig
-from tests.router.conftest import free_port, replica_args, wait_until
-from tests.router.test_router_disagg import _body, _metric, _text
+from tests.router.conftest import wait_until
+from tests.router.test_router_disagg import _body, _metric, _text, start_prefill_and_decode
 
 pytestmark = pytest.mark.slow
 
 
-def _kv(role: str, rank: int, port: int) -> str:
-    extra = {"backend": "gloo", "transfer_timeout_s": 20, "hold_timeout_s": 5, "layerwise": True}
-    return json.dumps(
-        {
-            "kv_connector": "torch",
-            "kv_role": role,
-            "kv_rank": rank,
-            "kv_parallel_size": 2,
-            "kv_ip": "127.0.0.1",
-            "kv_port": port,
-            "kv_connector_extra_config": extra,
-        }
-    )
-
-
 @pytest.fixture(scope="module")
 def deployment(tiny_model_dir, processes):
-    model = tiny_model_dir("llama")
-    kv_port = free_port()
-    extra = ["--block-size", "4", "--num-gpu-blocks-override", "300"]
-    prefill = processes("prefill", [])
-    prefill.args = replica_args(
-        model,
-        prefill.port,
-        ["tiny"],
-        [*extra, "--max-num-batched-tokens", "16", "--kv-transfer-config", _kv("kv_producer", 0, kv_port)],
-    )
-    decode = processes("decode", [])
-    decode.args = replica_args(
-        model, decode.port, ["tiny"], [*extra, "--kv-transfer-config", _kv("kv_consumer", 1, kv_port)]
-    )
-    prefill.start()
-    decode.start()
-    prefill.wait_ready()
-    decode.wait_ready()
-    return prefill, decode
+    # chunked prefill (16 tokens a step): the decode instance subscribes while the prefill still runs
+    return start_prefill_and_decode(tiny_model_dir, processes, ["--max-num-batched-tokens", "16"],
+                                    transfer_timeout_s=20, layerwise=True)
 
 
 def test_concurrent_legs_stream_layers_during_the_prefill(deployment, router):

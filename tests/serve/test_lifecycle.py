@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshserve.serve.config import ServeConfig
+from meshserve.serve.middleware import ServerState
 from tests.serve.conftest import MODEL, start_server, wait_idle
 
 
@@ -163,6 +164,20 @@ def test_draining_refuses_new_requests(tiny_engine):
             assert http.get("/version").json()["version"]
     finally:
         srv.stop()
+
+
+def test_in_flight_counts_each_request_until_it_ends_or_fails():
+    """ServerState.in_flight (the server's gate and the router's admission both count through it): what a
+    drain waits on, released when the answer raises or is cancelled too."""
+    state = ServerState()
+    with state.in_flight():
+        with state.in_flight():
+            assert state.num_in_flight == 2
+        assert state.num_in_flight == 1
+    for exc in (RuntimeError("handler failed"), asyncio.CancelledError()):
+        with pytest.raises(type(exc)), state.in_flight():
+            raise exc
+    assert state.num_in_flight == 0
 
 
 def test_serve_cli_flags():

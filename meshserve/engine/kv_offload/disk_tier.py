@@ -20,6 +20,7 @@ import struct
 import threading
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -48,6 +49,7 @@ class DiskTier:
         self.index: OrderedDict[bytes, int] = OrderedDict()  # hash -> file bytes, least recently used first
         self.used_bytes = 0
         self.num_errors = 0  # files found truncated, corrupted or foreign (each read as a miss)
+        self.on_evict: Callable[[bytes], None] | None = None  # told the hash of each block the size bound drops
         self._pending: dict[bytes, bytes] = {}  # being written: served from here meanwhile
         self._lock = threading.Lock()
         # writers: one thread per shard of the hashes (a block's operations stay in order on its thread)
@@ -201,7 +203,10 @@ class DiskTier:
 
     def _evict_to(self, limit: int) -> None:
         while self.index and self.used_bytes > limit:
-            self.drop(next(iter(self.index)))
+            block_hash = next(iter(self.index))
+            self.drop(block_hash)
+            if self.on_evict is not None:
+                self.on_evict(block_hash)
 
     def _submit(self, block_hash: bytes, fn, *args) -> Future:
         return self._io[block_hash[0] % len(self._io)].submit(fn, *args)

@@ -76,7 +76,12 @@ class KVOffloadManager:
         self.reading: dict[bytes, tuple[int, Future, int]] = {}
         self._read_from_disk: set[bytes] = set()  # read back and not loaded yet: their restore is a disk hit
         self.writing: dict[int, Future] = {}  # CPU slot -> its block's disk write (written behind, from the slot)
+        # told (hash) when the CPU tier drops a block that no lower tier keeps: a GPU block still holding that
+        # content must be copied down again before it is reused (block_manager.py)
+        self.on_lost: Callable[[bytes], None] | None = None
         cpu.on_evict = self._spill
+        if disk is not None:
+            disk.on_evict = self._disk_evicted
 
     @property
     def block_bytes(self) -> int:
@@ -115,6 +120,13 @@ class KVOffloadManager:
         self.cpu.insert(block_hash, slot)
         self.stats.cpu_bytes_stored += self.block_bytes
         return True
+
+    def on_gpu_dropped(self, block_id: int, block_hash: bytes) -> None:
+        """The GPU's copy of block_hash is overwritten now. A copy written through long before is the oldest in
+        the CPU tier's LRU though it is now the only one: it counts as used now, so the CPU tier ages blocks by
+        when the GPU let them go, not by when they were filled."""
+        if block_hash in self.cpu:
+            self.cpu.lookup(block_hash)
 
     def poll(self) -> tuple[list[int], list[int], list[str]]:
         """Each step, before scheduling: (GPU blocks whose store finished, those whose store failed, swapped
@@ -173,12 +185,20 @@ class KVOffloadManager:
     def _spill(self, block_hash: bytes, slot: int) -> None:
         """The CPU tier evicts a block: write it to disk (unless it is there already)."""
         self._read_from_disk.discard(block_hash)
-        if self.disk is None or block_hash in self.disk:
+        if self.disk is not None and block_hash in self.disk:
             return
-        self.cpu.wait(slot)
-        payload = self.cpu.slot_bytes(slot).tobytes()  # the slot is refilled next: the write gets a copy
-        if self.disk.put(block_hash, payload):
-            self.stats.disk_bytes_written += len(payload)
+        if self.disk is not None:
+            self.cpu.wait(slot)
+            payload = self.cpu.slot_bytes(slot).tobytes()  # the slot is refilled next: the write gets a copy
+            if self.disk.put(block_hash, payload):
+                self.stats.disk_bytes_written += len(payload)
+                return
+        if self.on_lost is not None:
+            self.on_lost(block_hash)
+
+    def _disk_evicted(self, block_hash: bytes) -> None:
+        if block_hash not in self.cpu and self.on_lost is not None:
+            self.on_lost(block_hash)
 
     # -- prefix lookup: restore ------------------------------------------------------------------
     def find(self, block_hashes: list[bytes]) -> tuple[list[tuple[bytes, int, str]], bool]:

@@ -23,6 +23,15 @@ from meshserve.kernels.quant_ref import FP8_DTYPE, quantize_fp8_per_channel
 from meshserve.layers.quantization.base import LinearMethod, QuantConfig, new_param, replace_param
 
 
+def fp8_weight_param(
+    layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype, online: bool
+) -> None:
+    """weight [N, K]: fp8 as the checkpoint stores it, or 16-bit (dtype) until quantized after loading
+    (online)."""
+    fp8_or_16 = dtype if online else FP8_DTYPE
+    new_param(layer, "weight", (out_features, in_features), fp8_or_16, output_dim=0, input_dim=1)
+
+
 class Fp8Config(QuantConfig):
     """online: quantize 16-bit weights after loading; otherwise the checkpoint holds fp8 weights and scales
     (static_input_scale: it also holds input_scale)."""
@@ -49,14 +58,7 @@ class Fp8LinearMethod(LinearMethod):
 
     def create_weights(self, layer, in_features, out_features, dtype):
         c = self.config
-        new_param(
-            layer,
-            "weight",
-            (out_features, in_features),
-            dtype if c.online else FP8_DTYPE,
-            output_dim=0,
-            input_dim=1,
-        )
+        fp8_weight_param(layer, in_features, out_features, dtype, c.online)
         if c.online:
             return
         new_param(layer, "weight_scale", (out_features,), torch.float32, output_dim=0)

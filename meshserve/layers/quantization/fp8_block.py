@@ -26,7 +26,6 @@ from torch import nn
 
 from meshserve.kernels.fp8_block_ref import dequantize_fp8_blockwise, quantize_fp8_blockwise
 from meshserve.kernels.quant_ops import fp8_block_linear
-from meshserve.kernels.quant_ref import FP8_DTYPE
 from meshserve.layers.quantization.base import (
     LinearMethod,
     QuantConfig,
@@ -34,6 +33,7 @@ from meshserve.layers.quantization.base import (
     new_param,
     replace_param,
 )
+from meshserve.layers.quantization.fp8 import fp8_weight_param
 
 SUPPORTED_BLOCK = (128, 128)
 
@@ -118,14 +118,7 @@ class Fp8BlockLinearMethod(LinearMethod):
     def create_weights(self, layer, in_features, out_features, dtype):
         c = self.config
         check_block_alignment(layer, in_features, out_features, c.block)
-        new_param(
-            layer,
-            "weight",
-            (out_features, in_features),
-            dtype if c.online else FP8_DTYPE,
-            output_dim=0,
-            input_dim=1,
-        )
+        fp8_weight_param(layer, in_features, out_features, dtype, c.online)
         if not c.online:
             _scale_param(layer, in_features, out_features, c.block)
 

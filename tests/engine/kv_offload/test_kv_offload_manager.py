@@ -193,3 +193,49 @@ def test_landed_blocks_are_written_behind_to_disk_from_a_slot_kept_meanwhile(tmp
     assert slot is not None and manager.stats.disk_bytes_written == 3 * cpu.block_bytes
     assert disk.get(a.block_hashes[0]) is not None
     disk.close()
+
+
+def _write_through(bm: BlockManager, manager: KVOffloadManager) -> None:
+    """The step's write-through stores run and land (next step's poll)."""
+    _, after = bm.take_step_transfers()
+    for _, gpu, _ in after:
+        manager.cpu.store_events[gpu] = CopyEvent()
+    bm.poll_offload()
+
+
+def test_cpu_copy_ages_from_when_the_gpu_drops_the_block_not_from_its_write_through():
+    bm, manager = setup(num_blocks=5, slots=3)
+    a = make_seq("a", range(9))  # 2 full blocks, written through first: the oldest copies below
+    run_prompt(bm, a)
+    _write_through(bm, manager)
+    b = make_seq("b", range(100, 105))  # 1 full block, written through after a's
+    run_prompt(bm, b)
+    _write_through(bm, manager)
+    bm.free(b)
+    bm.free(a)  # b's GPU blocks are dropped first, then a's
+    c = make_seq("c", range(200, 220))  # 5 fresh blocks: the GPU drops every cached block
+    run_prompt(bm, c)
+    lru = list(manager.cpu.lru)  # written through a, a, b; aged by the GPU's drop order: b, then a's
+    assert lru[0] == b.block_hashes[0] and set(lru[1:]) == set(a.block_hashes[:2])
+    assert manager.cpu.allocate() is not None  # c's write-through needs room: the first block dropped goes
+    assert b.block_hashes[0] not in manager.cpu and all(h in manager.cpu for h in a.block_hashes[:2])
+
+
+def test_a_gpu_block_whose_copy_below_was_evicted_is_stored_again_before_reuse():
+    bm, manager = setup(num_blocks=6, slots=2)
+    a = make_seq("a", range(9))  # 2 full blocks, written through: both slots
+    run_prompt(bm, a)
+    _write_through(bm, manager)
+    a_ids = list(bm.block_table(a))
+    assert bm.pool.stored == set(a_ids[:2])
+    b = make_seq("b", range(100, 105))  # written through too: evicts a's oldest copy (no disk: it is gone)
+    run_prompt(bm, b)
+    _write_through(bm, manager)
+    assert a.block_hashes[0] not in manager.cpu and a.block_hashes[1] in manager.cpu
+    assert a_ids[0] not in bm.pool.stored and a_ids[1] in bm.pool.stored
+    bm.free(a)
+    c = make_seq("c", range(200, 216))  # 4 blocks: the GPU must reuse a's cached blocks
+    assert not bm.allocate(c, 16)  # a's first block is copied down again first, not lost
+    assert bm.pool.in_flight == {a_ids[0]}
+    ops = manager.take_transfers()
+    assert [(k, gpu) for k, gpu, _ in ops] == [("store", a_ids[0])]

@@ -86,7 +86,9 @@ dp)
     mkdir -p /tmp/w3_dp$run
     OUT=/tmp/w3_dp$run timeout 280 bash tools/w3_slo.sh ${QPS:-64,128} $flags > /tmp/w3_dp$run/run.log 2>&1
     echo "== W3 DP run $run ($flags): rc $?"; grep -v -i warn /tmp/w3_dp$run/w3.txt 2>/dev/null | tail -12
-    pkill -TERM -f "meshserve.cli serve"; sleep 5; pkill -9 -f "meshserve"  # a run cut by its timeout leaves them
+    # a run cut by its timeout leaves the server and its spawned engine cores (their command lines say
+    # multiprocessing.spawn, not meshserve)
+    pkill -TERM -f "meshserve.cli serve"; sleep 5; pkill -9 -f "meshserve.cli"; pkill -9 -f "multiprocessing.spawn"
   done
   tar czf $OUT/w3_dp.tgz -C /tmp $(for run in $runs; do echo w3_dp$run; done)
   ;;

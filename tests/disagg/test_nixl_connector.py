@@ -1,0 +1,140 @@
+"""The nixl connector on its own (no engines): two connectors in one process read each other's pool over UCX.
+
+The consumer's blocks equal the producer's byte for byte, other blocks are untouched, the producer frees its
+blocks on the acknowledgement, and a read of a producer that is gone fails cleanly."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from meshserve.disagg.config import parse_kv_transfer_config
+from meshserve.disagg.connector import HeldTransfer, PullJob
+from meshserve.disagg.nixl_connector import block_descs, desc_indices
+from tests.disagg.engine_pair import free_port, transfer_config
+
+pytest.importorskip("nixl", reason="the NIXL library is not installed (pip install meshserve[nixl])")
+
+LAYERS, BLOCKS, SHAPE = 3, 10, (4, 2, 8)  # block_size, kv heads, head dim
+
+
+def test_block_descriptors_follow_the_pool_layout():
+    pools = [torch.arange(2 * BLOCKS * 64, dtype=torch.float32).reshape(2, BLOCKS, *SHAPE) for _ in range(2)]
+    block_len = pools[0][0, 0].numel() * 4
+    descs = block_descs([p.data_ptr() for p in pools], 2, BLOCKS, block_len, 0)
+    rows = desc_indices([7, 2], 2, 2, BLOCKS)
+    # layer 0 K of blocks 7, 2, then layer 0 V, then layer 1 ...
+    want = [p[part, b].data_ptr() for p in pools for part in range(2) for b in (7, 2)]
+    assert descs[rows, 0].tolist() == want and set(descs[:, 1].tolist()) == {block_len}
+    assert rows.dtype == np.int32
+    with pytest.raises(Exception, match="out of range"):
+        desc_indices([BLOCKS], 2, 2, BLOCKS)
+
+
+def _pool(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, BLOCKS, *SHAPE, generator=g) for _ in range(LAYERS)]
+
+
+@pytest.fixture()
+def pair():
+    from meshserve.disagg.nixl_connector import make_nixl_connector
+
+    port = free_port()
+    conns = [None, None]
+
+    def start(rank, role, seed):
+        cfg = dict(transfer_config(role, rank, port, transfer_timeout_s=5, hold_timeout_s=60), kv_connector="nixl")
+        conns[rank] = make_nixl_connector(parse_kv_transfer_config(cfg), _pool(seed))
+        conns[rank].start()
+
+    threads = [threading.Thread(target=start, args=a) for a in ((0, "kv_producer", 0), (1, "kv_consumer", 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(conns), "a connector did not start"
+    yield conns
+    for c in reversed(conns):
+        c.close()
+
+
+def _event(conn, timeout=10.0):
+    return conn.events.get(timeout=timeout)
+
+
+def test_a_read_copies_the_blocks_and_the_ack_frees_them(pair):
+    prod, cons = pair
+    before = [t.clone() for t in cons.kv_tensors]
+    prod.hold(HeldTransfer("t", [5, 1, 8], 12, 42, time.monotonic() + 60))
+    cons.pull(PullJob("r", "t", [0, 9, 3], 12))
+    ev = _event(cons)
+    assert (ev.kind, ev.first_token) == ("received", 42), ev
+    assert ev.num_bytes == LAYERS * 2 * 3 * SHAPE[0] * SHAPE[1] * SHAPE[2] * 4
+    for p, c, b in zip(prod.kv_tensors, cons.kv_tensors, before):
+        assert torch.equal(c[:, [0, 9, 3]], p[:, [5, 1, 8]])
+        others = [i for i in range(BLOCKS) if i not in (0, 9, 3)]
+        assert torch.equal(c[:, others], b[:, others])  # nothing else written
+    released = _event(prod)
+    assert (released.kind, released.transfer_id, released.reason) == ("released", "t", "")
+    assert not prod._held
+
+    # a second pull of the same transfer: nobody holds it any more
+    cons.pull(PullJob("r2", "t", [0, 9, 3], 12))
+    ev = _event(cons)
+    assert ev.kind == "failed" and "no producer holds" in ev.reason
+
+
+def _producer_process(port: int, ready) -> None:
+    """A producer connector alone in its own process (kv rank 1), holding transfer "t" (blocks 1, 2)."""
+    from meshserve.disagg.nixl_connector import make_nixl_connector
+
+    cfg = dict(transfer_config("kv_producer", 1, port, transfer_timeout_s=5, hold_timeout_s=60), kv_connector="nixl")
+    conn = make_nixl_connector(parse_kv_transfer_config(cfg), _pool(0))
+    conn.start()
+    conn.hold(HeldTransfer("warm", [5], 4, 7, time.monotonic() + 60))
+    conn.hold(HeldTransfer("t", [1, 2], 8, 7, time.monotonic() + 60))
+    ready.set()
+    time.sleep(120)  # until killed
+
+
+def test_a_producer_that_dies_mid_transfer_fails_the_read_cleanly():
+    import multiprocessing as mp
+
+    from meshserve.disagg.nixl_connector import make_nixl_connector
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    ready = ctx.Event()
+    proc = ctx.Process(target=_producer_process, args=(port, ready), daemon=True)
+    proc.start()
+    # the consumer is kv rank 0, the rendezvous store's host: the store outlives the producer
+    cfg = dict(transfer_config("kv_consumer", 0, port, transfer_timeout_s=5), kv_connector="nixl")
+    cons = make_nixl_connector(parse_kv_transfer_config(cfg), _pool(1))
+    try:
+        cons.start()
+        assert ready.wait(120)
+        cons.pull(PullJob("w", "warm", [6], 4))  # the producer's agent loaded, its connection up
+        assert _event(cons, 30).kind == "received"
+        orig = cons._read_blocks
+
+        def read_after_the_producer_died(src, remote_ids, block_ids, timeout_s):
+            proc.kill()  # granted, then gone before (or while) the consumer reads
+            proc.join(10)
+            return orig(src, remote_ids, block_ids, timeout_s)
+
+        cons._read_blocks = read_after_the_producer_died
+        t0 = time.monotonic()
+        cons.pull(PullJob("r", "t", [3, 4], 8))
+        ev = _event(cons, 30)
+        assert ev.kind == "failed" and "NIXL read" in ev.reason, ev
+        assert time.monotonic() - t0 < 10  # within transfer_timeout_s (5), not a hang
+        assert 1 not in cons._peers  # the producer's description is loaded afresh next time
+    finally:
+        proc.kill()
+        proc.join(10)
+        cons.close()

@@ -138,3 +138,52 @@ def test_a_producer_that_dies_mid_transfer_fails_the_read_cleanly():
         proc.kill()
         proc.join(10)
         cons.close()
+
+
+def _consumer_process(port: int) -> None:
+    """A consumer connector (kv rank 1) that reads transfer "t" and dies with the read in flight."""
+    import os
+    import signal
+
+    from meshserve.disagg.nixl_connector import make_nixl_connector
+
+    cfg = dict(transfer_config("kv_consumer", 1, port, transfer_timeout_s=1), kv_connector="nixl")
+    conn = make_nixl_connector(parse_kv_transfer_config(cfg), _pool(1))
+    conn.start()
+    post = conn.agent.transfer
+
+    def post_then_die(handle, *args):
+        post(handle, *args)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    conn.agent.transfer = post_then_die
+    conn.pull(PullJob("r", "t", [3, 4], 8))
+    time.sleep(60)
+
+
+def test_a_consumer_that_dies_mid_read_leaves_the_blocks_to_the_deadline():
+    """No acknowledgement comes: the producer frees the blocks at transfer_timeout_s + hold_timeout_s after
+    the grant, not before (the read may still be going)."""
+    import multiprocessing as mp
+
+    from meshserve.disagg.nixl_connector import make_nixl_connector
+
+    port = free_port()
+    cfg = dict(transfer_config("kv_producer", 0, port, transfer_timeout_s=1, hold_timeout_s=1), kv_connector="nixl")
+    prod = make_nixl_connector(parse_kv_transfer_config(cfg), _pool(0))
+    proc = mp.get_context("spawn").Process(target=_consumer_process, args=(port,), daemon=True)
+    proc.start()
+    try:
+        prod.start()
+        prod.hold(HeldTransfer("t", [1, 2], 8, 7, time.monotonic() + 60))
+        proc.join(120)
+        assert proc.exitcode == -9  # it died with its read posted
+        held = prod._held["t"]
+        assert held.read_by == 1 and held.deadline - time.monotonic() < 2.5
+        assert prod.expire(time.monotonic()) == []  # not yet: the read may still be going
+        time.sleep(max(0.0, held.deadline - time.monotonic()) + 0.1)
+        assert [h.transfer_id for h in prod.expire(time.monotonic())] == ["t"]  # the core frees them
+        assert prod.events.empty()  # (no "released": the expiry is the core's own doing)
+    finally:
+        proc.kill()
+        prod.close()

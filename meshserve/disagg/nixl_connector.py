@@ -14,6 +14,7 @@ Where the library is absent, choosing this connector is a one-line start-up erro
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -33,15 +34,28 @@ logger = logging.getLogger(__name__)
 _POLL_S = 0.0005  # between checks of a read in flight (the progress thread moves it meanwhile)
 
 
+# the meta package `nixl` picks the CUDA variant; a variant alone (`nixl-cu12`, all meshserve[nixl] installs:
+# the meta package pulls both variants) serves as well, its UCX plugin included
+_PACKAGES = ("nixl", "nixl_cu12", "nixl_cu13")
+
+
 def nixl_available() -> bool:
-    return importlib.util.find_spec("nixl") is not None
+    return any(importlib.util.find_spec(p) is not None for p in _PACKAGES)
+
+
+def nixl_api():
+    """The NIXL Python API module (nixl_agent, nixl_agent_config) of whichever package is installed."""
+    for p in _PACKAGES:
+        if importlib.util.find_spec(p) is not None:
+            return importlib.import_module(f"{p}._api")
+    raise ImportError("no NIXL package is installed (pip install meshserve[nixl])")
 
 
 def make_nixl_connector(config, kv_tensors):
     if not nixl_available():
         raise KVTransferError(
             'kv_transfer_config: kv_connector "nixl" needs the NIXL library, which is not '
-            "installed (pip install meshserve[nixl]); the \"torch\" connector "
+            "installed (pip install meshserve[nixl], nixl-cu12); the \"torch\" connector "
             "(NCCL or gloo) works without it"
         )
     return NixlConnector(config, kv_tensors)
@@ -110,7 +124,7 @@ class NixlConnector(StoreRendezvous, KVConnector):
 
     def __init__(self, config, kv_tensors):
         super().__init__(config, kv_tensors)
-        from nixl._api import nixl_agent, nixl_agent_config
+        api = nixl_api()
 
         self.device = kv_tensors[0].device
         self.mem_type = "VRAM" if self.device.type == "cuda" else "DRAM"
@@ -119,7 +133,7 @@ class NixlConnector(StoreRendezvous, KVConnector):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # (UCX binds a CUDA context when the agent starts)
         self.agent_name = f"meshserve-kv{config.kv_rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.agent = nixl_agent(self.agent_name, nixl_agent_config(backends=["UCX"]))
+        self.agent = api.nixl_agent(self.agent_name, api.nixl_agent_config(backends=["UCX"]))
         if "UCX" not in self.agent.backends:
             raise KVTransferError("kv_transfer_config: NIXL found no UCX backend plugin here")
         self._reg = self.agent.register_memory(kv_tensors)  # a list of tensors: VRAM or DRAM from the device

@@ -14,10 +14,12 @@ import torch
 
 from meshserve.disagg.config import parse_kv_transfer_config
 from meshserve.disagg.connector import HeldTransfer, PullJob
-from meshserve.disagg.nixl_connector import block_descs, desc_indices
+from meshserve.disagg.nixl_connector import block_descs, desc_indices, nixl_available
 from tests.disagg.engine_pair import free_port, transfer_config
 
-pytest.importorskip("nixl", reason="the NIXL library is not installed (pip install meshserve[nixl])")
+pytestmark = pytest.mark.skipif(
+    not nixl_available(), reason="the NIXL library is not installed (pip install meshserve[nixl])"
+)
 
 LAYERS, BLOCKS, SHAPE = 3, 10, (4, 2, 8)  # block_size, kv heads, head dim
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from meshserve.disagg.nixl_connector import nixl_available
+
 # collected here, over this module's pair, in test_disagg_engine's order (the first counts every transfer)
 from tests.disagg.test_disagg_engine import engine_pair
 from tests.disagg.test_disagg_engine import (  # noqa: F401, I001
@@ -21,7 +23,9 @@ from tests.disagg.test_disagg_engine import (  # noqa: F401, I001
     test_held_blocks_nobody_pulls_are_freed_after_the_hold_timeout,
 )
 
-pytest.importorskip("nixl", reason="the NIXL library is not installed (pip install meshserve[nixl])")
+pytestmark = pytest.mark.skipif(
+    not nixl_available(), reason="the NIXL library is not installed (pip install meshserve[nixl])"
+)
 
 
 @pytest.fixture(scope="module")

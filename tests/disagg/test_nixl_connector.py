@@ -37,32 +37,58 @@ def test_block_descriptors_follow_the_pool_layout():
         desc_indices([BLOCKS], 2, 2, BLOCKS)
 
 
-def _pool(seed: int) -> list[torch.Tensor]:
+def _pool(seed: int, device: str = "cpu") -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(2, BLOCKS, *SHAPE, generator=g) for _ in range(LAYERS)]
+    return [torch.randn(2, BLOCKS, *SHAPE, generator=g).to(device) for _ in range(LAYERS)]
 
 
-@pytest.fixture()
-def pair():
+def _start_pair(devices: tuple[str, str] = ("cpu", "cpu")) -> list:
+    """A producer (kv rank 0) and a consumer (1) in this process, their pools on devices."""
     from meshserve.disagg.nixl_connector import make_nixl_connector
 
     port = free_port()
     conns = [None, None]
 
-    def start(rank, role, seed):
+    def start(rank, role):
         cfg = dict(transfer_config(role, rank, port, transfer_timeout_s=5, hold_timeout_s=60), kv_connector="nixl")
-        conns[rank] = make_nixl_connector(parse_kv_transfer_config(cfg), _pool(seed))
+        conns[rank] = make_nixl_connector(parse_kv_transfer_config(cfg), _pool(rank, devices[rank]))
         conns[rank].start()
 
-    threads = [threading.Thread(target=start, args=a) for a in ((0, "kv_producer", 0), (1, "kv_consumer", 1))]
+    threads = [threading.Thread(target=start, args=a) for a in ((0, "kv_producer"), (1, "kv_consumer"))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert all(conns), "a connector did not start"
+    return conns
+
+
+@pytest.fixture()
+def pair():
+    conns = _start_pair()
     yield conns
     for c in reversed(conns):
         c.close()
+
+
+@pytest.mark.gpu
+def test_gpu_pools_register_as_vram_and_read_byte_identical():
+    """On the device: pools on GPUs register as VRAM and a read moves GPU blocks (CUDA IPC / NVLink via UCX)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    second = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
+    prod, cons = _start_pair(("cuda:0", second))
+    try:
+        assert (prod.mem_type, cons.mem_type) == ("VRAM", "VRAM") and cons.dev_id == torch.device(second).index
+        prod.hold(HeldTransfer("t", [5, 1, 8], 12, 42, time.monotonic() + 60))
+        cons.pull(PullJob("r", "t", [0, 9, 3], 12))
+        ev = _event(cons, 60)
+        assert ev.kind == "received", ev
+        for p, c in zip(prod.kv_tensors, cons.kv_tensors):
+            assert torch.equal(c[:, [0, 9, 3]].cpu(), p[:, [5, 1, 8]].cpu())
+    finally:
+        for c in (cons, prod):
+            c.close()
 
 
 def _event(conn, timeout=10.0):

@@ -1,4 +1,5 @@
-"""The router over a prefill instance and a decode instance (real servers, gloo on loopback): the tokens are
+"""The router over a prefill instance and a decode instance (real servers; the torch connector's gloo on loopback,
+and the nixl connector's UCX where NIXL is installed): the tokens are
 colocated serving's, streamed or not; a dead prefill instance means colocated serving, not an error; the
 blocks on both sides are freed; the transfer shows in /metrics."""
 
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from meshserve.disagg.nixl_connector import nixl_available
 from meshserve.router.config import RouterConfig
 from tests.conftest import VOCAB
 from tests.router.conftest import free_port, replica_args, wait_until
@@ -19,10 +21,10 @@ from tests.router.conftest import free_port, replica_args, wait_until
 pytestmark = pytest.mark.slow
 
 
-def _kv(role: str, rank: int, port: int) -> str:
+def _kv(role: str, rank: int, port: int, connector: str = "torch") -> str:
     return json.dumps(
         {
-            "kv_connector": "torch",
+            "kv_connector": connector,
             "kv_role": role,
             "kv_rank": rank,
             "kv_parallel_size": 2,
@@ -33,18 +35,30 @@ def _kv(role: str, rank: int, port: int) -> str:
     )
 
 
-@pytest.fixture(scope="module")
-def deployment(tiny_model_dir, processes):
+@pytest.fixture(
+    scope="module",
+    params=[
+        "torch",
+        pytest.param(
+            "nixl",
+            marks=pytest.mark.skipif(
+                not nixl_available(), reason="the NIXL library is not installed (pip install meshserve[nixl])"
+            ),
+        ),
+    ],
+)
+def deployment(tiny_model_dir, processes, request):
+    connector = request.param
     model = tiny_model_dir("llama")
     kv_port = free_port()
     extra = ["--block-size", "4", "--num-gpu-blocks-override", "300"]
     prefill = processes("prefill", [])
     prefill.args = replica_args(
-        model, prefill.port, ["tiny"], [*extra, "--kv-transfer-config", _kv("kv_producer", 0, kv_port)]
+        model, prefill.port, ["tiny"], [*extra, "--kv-transfer-config", _kv("kv_producer", 0, kv_port, connector)]
     )
     decode = processes("decode", [])
     decode.args = replica_args(
-        model, decode.port, ["tiny"], [*extra, "--kv-transfer-config", _kv("kv_consumer", 1, kv_port)]
+        model, decode.port, ["tiny"], [*extra, "--kv-transfer-config", _kv("kv_consumer", 1, kv_port, connector)]
     )
     prefill.start()
     decode.start()

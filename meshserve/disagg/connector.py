@@ -68,6 +68,7 @@ class TransferEvent:
     num_bytes: int = 0
     seconds: float = 0.0
     reason: str = ""
+    retire_blocks: bool = False  # "failed": the blocks may still be written (an uncancelled read): never reuse them
     peer: int = -1
     num_tokens: int = 0
     started: float = 0.0
@@ -345,7 +346,8 @@ class KVConnector(ABC):
                 event = self._run_pull(job, sockets)
             except Exception as e:  # noqa: BLE001
                 logger.warning("KV transfer %s failed: %s", job.transfer_id, e)
-                event = TransferEvent("failed", job.transfer_id, job.request_id, reason=str(e))
+                event = TransferEvent("failed", job.transfer_id, job.request_id, reason=str(e),
+                                      retire_blocks=getattr(e, "blocks_unsafe", False))
             event.seconds = time.perf_counter() - t0
             self.events.put(event)
         for s in sockets.values():

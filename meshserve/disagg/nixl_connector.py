@@ -31,6 +31,7 @@ from meshserve.errors import KVTransferError
 
 logger = logging.getLogger(__name__)
 
+CANCEL_WAIT_S = 30.0  # how long a read NIXL could not cancel may take to end before its blocks are retired
 _POLL_S = 0.0005  # between checks of a read in flight (the progress thread moves it meanwhile)
 
 
@@ -222,16 +223,35 @@ class NixlConnector(StoreRendezvous, KVConnector):
                 state = self.agent.check_xfer_state(handle)
         except Exception as e:  # noqa: BLE001
             state = f"ERR, {e}"
-        try:
-            # an unfinished read is cancelled here; one NIXL cannot cancel would still write into block_ids
-            handle.release()
-        except Exception as e:  # noqa: BLE001
-            logger.error("KV transfer: a NIXL read from kv rank %d could not be cancelled: %s", src, e)
-        if state != "DONE":
+        released = self._release_xfer(handle, src)
+        if state != "DONE" or not released:
             self._forget(src)
             why = f"timed out after {timeout_s:.1f} s" if state == "PROC" else f"failed ({state})"
-            raise KVTransferError(f"{what} {why}")
+            error = KVTransferError(f"{what} {why}")
+            error.blocks_unsafe = not released
+            raise error
         return len(local) * self.block_len
+
+    def _release_xfer(self, handle, src: int) -> bool:
+        """Release a read's handle (which cancels it if unfinished). When NIXL cannot, wait up to CANCEL_WAIT_S
+        for the read to end by itself and release it then. False when it may still write into the blocks."""
+        try:
+            handle.release()
+            return True
+        except Exception as e:  # noqa: BLE001
+            first = e
+        end = time.monotonic() + CANCEL_WAIT_S
+        while time.monotonic() < end:
+            try:
+                if self.agent.check_xfer_state(handle) != "PROC":
+                    handle.release()
+                    return True
+            except Exception:  # noqa: BLE001  (still not releasable: keep waiting)
+                pass
+            time.sleep(_POLL_S)
+        logger.error("KV transfer: a NIXL read from kv rank %d could not be cancelled (%s) and did not end in %.0f s: "
+                     "its receiving blocks are retired", src, first, CANCEL_WAIT_S)
+        return False
 
     def close(self) -> None:
         super().close()  # (the threads are done with the agent)

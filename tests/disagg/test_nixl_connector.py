@@ -215,3 +215,31 @@ def test_a_consumer_that_dies_mid_read_leaves_the_blocks_to_the_deadline():
     finally:
         proc.kill()
         prod.close()
+
+
+class _StuckRead:
+    """A read handle NIXL cannot cancel: release raises until the read ends (never, unless told)."""
+
+    def __init__(self, ends_after_polls: int | None):
+        self.polls, self.ends_after_polls, self.released = 0, ends_after_polls, False
+
+    def release(self):
+        if self.ends_after_polls is None or self.polls < self.ends_after_polls:
+            raise RuntimeError("NIXL_ERR_REPOST_ACTIVE")
+        self.released = True
+
+    def state(self) -> str:
+        self.polls += 1
+        return "PROC" if self.ends_after_polls is None or self.polls < self.ends_after_polls else "DONE"
+
+
+@pytest.mark.parametrize("ends_after_polls", [3, None])
+def test_a_read_that_cannot_be_cancelled_is_waited_for_or_its_blocks_retired(ends_after_polls, monkeypatch):
+    from meshserve.disagg import nixl_connector as nc
+
+    monkeypatch.setattr(nc, "CANCEL_WAIT_S", 0.05)
+    conn = nc.NixlConnector.__new__(nc.NixlConnector)  # only the agent is used
+    handle = _StuckRead(ends_after_polls)
+    conn.agent = type("Agent", (), {"check_xfer_state": staticmethod(lambda h: h.state())})()
+    assert conn._release_xfer(handle, src=0) is (ends_after_polls is not None)
+    assert handle.released is (ends_after_polls is not None)

@@ -118,6 +118,9 @@ class KVTransferError(RetryableError):
 
     http_status = 503
     error_type = "service_unavailable"
+    # the receiving blocks may still be written (a one-sided read the transport could not cancel): the consumer
+    # must never hand them out again
+    blocks_unsafe = False
     code = "kv_transfer_failed"
 
 

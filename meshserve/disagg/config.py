@@ -14,9 +14,10 @@ ROLES = ("kv_producer", "kv_consumer", "kv_both")
 # vLLM connector names refused with "not supported" rather than "unknown"
 PLANNED_CONNECTORS = ("NixlConnector", "P2pNcclConnector", "LMCacheConnectorV1", "MooncakeConnector")
 EXTRA_KEYS = {
-    "backend": "torch connector: nccl or gloo (default: nccl on GPUs, gloo on CPUs)",
+    "backend": "torch connector: nccl or gloo (default: nccl on GPUs, gloo on CPUs); the nixl connector uses UCX",
     "transfer_timeout_s": "seconds a consumer waits for a transfer before freeing its blocks (default 30)",
-    "hold_timeout_s": "seconds a producer holds blocks nobody pulls or acknowledges (default 120)",
+    "hold_timeout_s": "seconds a producer holds blocks nobody pulls or acknowledges (default 120; nixl: after "
+    "granting a read, transfer_timeout_s more)",
     "init_timeout_s": "seconds to wait for every kv rank to join (default 300)",
     "layerwise": "send each layer's new blocks as the producer's forward finishes it, so the transfer overlaps "
     "the prefill (true), or a request's blocks once its prefill is done (false, the default)",
@@ -125,6 +126,12 @@ def parse_kv_transfer_config(value: Any) -> KVTransferConfig | None:
     if not isinstance(extra.get("layerwise", False), bool):
         raise _bad(
             f"must be true or false, got {extra['layerwise']!r}", "kv_connector_extra_config.layerwise"
+        )
+    if extra.get("layerwise") and d["kv_connector"] == "nixl":
+        raise _bad(
+            'layer-wise streaming runs on the "torch" connector only; the nixl connector moves whole requests '
+            "(drop layerwise or use torch)",
+            "kv_connector_extra_config.layerwise",
         )
     for key in ("transfer_timeout_s", "hold_timeout_s", "init_timeout_s"):
         v = extra.get(key, 1.0)

@@ -1,7 +1,9 @@
 """The KV connector interface: moves a request's KV blocks, by block id and layer by layer, between engines.
 
 The handshake (side_channel.py) is the same for every transport; a connector supplies the transport:
-`_send_blocks` / `_recv_blocks` move the blocks of every layer between this engine's pool and a peer's, and
+`_send_blocks` / `_recv_blocks` move the blocks of every layer between this engine's pool and a peer's (a
+two-sided transport), or `_read_blocks` copies the producer's blocks into the consumer's from the consumer
+alone (a one-sided transport, `one_sided_read`: the producer only grants the pull), and
 `_peer_address` / `_publish_address` find the peers' side channels. Two threads do the talking, so the engine
 core's step loop never waits on the network: a server thread answers pulls (producer) and a worker thread
 runs pulls one at a time (consumer). The core learns what happened through `events` (TransferEvent), drained
@@ -37,6 +39,7 @@ class HeldTransfer:
     first_token: int
     deadline: float  # time.monotonic() past which nobody will pull it: freed
     busy: bool = False  # being sent right now: not freed until the send ends
+    read_by: int = -1  # one-sided: the consumer rank granted the read (no second grant)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class TransferEvent:
     num_bytes: int = 0
     seconds: float = 0.0
     reason: str = ""
+    retire_blocks: bool = False  # "failed": the blocks may still be written (an uncancelled read): never reuse them
     peer: int = -1
     num_tokens: int = 0
     started: float = 0.0
@@ -80,6 +84,7 @@ class KVConnector(ABC):
     """
 
     name = "base"
+    one_sided_read = False  # the consumer reads the producer's blocks itself (_read_blocks)
 
     def __init__(self, config: KVTransferConfig, kv_tensors: list[torch.Tensor]):
         self.config = config
@@ -116,13 +121,17 @@ class KVConnector(ABC):
     def _producer_ranks(self) -> list[int]:
         """Ranks that may hold transfers (producers and kv_both)."""
 
-    @abstractmethod
     def _send_blocks(self, dst: int, block_ids: list[int]) -> int:
-        """Send the blocks' K/V of every layer, in order, to rank dst; returns the bytes sent."""
+        """Two-sided: send the blocks' K/V of every layer, in order, to rank dst; returns the bytes sent."""
+        raise NotImplementedError(f"the {self.name} connector does not send (one-sided)")
 
-    @abstractmethod
     def _recv_blocks(self, src: int, block_ids: list[int], timeout_s: float) -> int:
-        """Receive rank src's blocks into block_ids of every layer; returns the bytes received."""
+        """Two-sided: receive rank src's blocks into block_ids of every layer; returns the bytes received."""
+        raise NotImplementedError(f"the {self.name} connector does not receive (one-sided)")
+
+    def _read_blocks(self, src: int, remote_ids: list[int], block_ids: list[int], timeout_s: float) -> int:
+        """One-sided: copy rank src's blocks remote_ids into block_ids, every layer; returns the bytes read."""
+        raise NotImplementedError(f"the {self.name} connector has no one-sided read")
 
     def _send_layer(self, dst: int, data: torch.Tensor) -> int:
         """Layer-wise: send one gathered tensor to rank dst and wait until it is sent; returns its bytes."""
@@ -248,15 +257,24 @@ class KVConnector(ABC):
                 with self._lock:
                     held = self._held.pop(msg.transfer_id, None)
                 if held is not None:
-                    self.events.put(TransferEvent("released", msg.transfer_id))
+                    failed = not msg.ok and self.one_sided_read  # (counted as failed, not as sent)
+                    reason = f"rank {held.read_by} could not read the blocks" if failed else ""
+                    self.events.put(TransferEvent("released", msg.transfer_id, reason=reason))
                 elif not msg.ok:
                     self.events.put(TransferEvent("abandoned", msg.transfer_id))
 
     def _answer_pull(self, ident: bytes, pull: sc.Pull) -> None:
         with self._lock:
             held = self._held.get(pull.transfer_id)
-            granted = held is not None and not held.busy and held.num_tokens == pull.num_tokens
-            if granted:
+            granted = (
+                held is not None and not held.busy and held.read_by < 0 and held.num_tokens == pull.num_tokens
+            )
+            if granted and self.one_sided_read:
+                # the consumer reads on its own; the ack (or the deadline) frees them. The deadline leaves the
+                # read its transfer_timeout_s first: a consumer that died mid-read frees them that way
+                held.read_by = pull.consumer_rank
+                held.deadline = time.monotonic() + self.config.transfer_timeout_s + self.config.hold_timeout_s
+            elif granted:
                 held.busy = True
         if not granted:
             reason = (
@@ -264,6 +282,8 @@ class KVConnector(ABC):
                 if held is None
                 else f"prompt length differs: {held.num_tokens} tokens here, {pull.num_tokens} there"
                 if held.num_tokens != pull.num_tokens
+                else f"transfer already being read by rank {held.read_by}"
+                if held.read_by >= 0
                 else "transfer already being sent"
             )
             self._server.send_multipart(
@@ -280,10 +300,13 @@ class KVConnector(ABC):
                         first_token=held.first_token,
                         num_tokens=held.num_tokens,
                         num_blocks=len(held.block_ids),
+                        block_ids=held.block_ids if self.one_sided_read else [],
                     )
                 ),
             ]
         )
+        if self.one_sided_read:
+            return
         t0 = time.perf_counter()
         try:
             nbytes = self._send_blocks(pull.consumer_rank, held.block_ids)
@@ -323,7 +346,8 @@ class KVConnector(ABC):
                 event = self._run_pull(job, sockets)
             except Exception as e:  # noqa: BLE001
                 logger.warning("KV transfer %s failed: %s", job.transfer_id, e)
-                event = TransferEvent("failed", job.transfer_id, job.request_id, reason=str(e))
+                event = TransferEvent("failed", job.transfer_id, job.request_id, reason=str(e),
+                                      retire_blocks=getattr(e, "blocks_unsafe", False))
             event.seconds = time.perf_counter() - t0
             self.events.put(event)
         for s in sockets.values():
@@ -366,7 +390,16 @@ class KVConnector(ABC):
                 raise KVTransferError(
                     f"rank {rank} sends {reply.num_blocks} blocks, {len(job.block_ids)} expected"
                 )
-            nbytes = self._recv_blocks(rank, job.block_ids, max(0.1, deadline - time.monotonic()))
+            left = max(0.1, deadline - time.monotonic())
+            if not self.one_sided_read:
+                nbytes = self._recv_blocks(rank, job.block_ids, left)
+            else:
+                try:
+                    nbytes = self._read_blocks(rank, reply.block_ids, job.block_ids, left)
+                except Exception:
+                    if rank in sockets:  # the producer (if alive) frees its blocks now rather than at expiry
+                        self._send_ack(sockets[rank], job.transfer_id, False)
+                    raise
             self._send_ack(sockets[rank], job.transfer_id, True)
             return TransferEvent("received", job.transfer_id, job.request_id, reply.first_token, nbytes)
         raise KVTransferError(f"no producer holds transfer {job.transfer_id}: " + "; ".join(reasons))

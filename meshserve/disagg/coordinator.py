@@ -332,7 +332,12 @@ class KVTransferCoordinator:
         self.stats.receiving_blocks -= len(self.block_manager.block_table(seq))
         if event.request_id in self._cancelled or event.kind == "failed":
             self._cancelled.discard(event.request_id)
-            self.block_manager.free(seq)
+            if event.retire_blocks:  # a read still running may write them: out of use for good
+                logger.error("KV transfer %s: its %d receiving blocks are retired (a read could not be cancelled)",
+                             event.transfer_id, len(self.block_manager.block_table(seq)))
+                self.block_manager.retire(seq)
+            else:
+                self.block_manager.free(seq)
             if event.kind == "failed":
                 self.stats.failed += 1
                 if not seq.is_finished:

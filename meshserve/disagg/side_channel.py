@@ -2,7 +2,8 @@
 
 A consumer asks a producer for a transfer (Pull: transfer id, its own kv rank, the prompt length it expects);
 the producer answers (PullReply: found or why not, the first token, how many blocks follow) and then sends the
-blocks over the transport; the consumer acknowledges (Ack) once they are in its cache, and only then does the
+blocks over the transport (a one-sided transport, NIXL: the reply names the producer's blocks and the consumer
+reads them itself); the consumer acknowledges (Ack) once they are in its cache, and only then does the
 producer free them. Each instance binds one ROUTER socket; consumers talk to it through DEALER sockets.
 Layer-wise (layerwise.py): a Pull with layerwise set subscribes instead; the producer's sender thread then
 pushes LayerSent headers (each before its tensor on the transport) and a final StreamDone to the consumer's
@@ -29,6 +30,8 @@ class PullReply(msgspec.Struct, tag=True):
     first_token: int = -1
     num_tokens: int = 0
     num_blocks: int = 0
+    # a one-sided transport (NIXL): the producer's block ids, which the consumer reads from directly
+    block_ids: list[int] = []
 
 
 class Ack(msgspec.Struct, tag=True):

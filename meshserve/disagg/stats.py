@@ -18,7 +18,7 @@ class KVTransferStats:
     received: int = 0
     received_bytes: int = 0
     received_s: float = 0.0  # wall time of the receiving pulls (handshake + every layer + scatter)
-    failed: int = 0  # pulls that did not complete (their blocks were freed)
+    failed: int = 0  # pulls that did not complete (their blocks were freed, or retired: BlockManager.retire)
     expired: int = 0  # held blocks freed because nobody pulled or acknowledged them in time
     held_blocks: int = 0  # producer: blocks kept for consumers now
     receiving_blocks: int = 0  # consumer: blocks allocated to pulls in flight now

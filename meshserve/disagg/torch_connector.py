@@ -1,8 +1,8 @@
 """The "torch" connector: torch.distributed point-to-point send/recv, NCCL between GPUs, gloo on CPUs.
 
 The transfer group is its own process group (not the engine's tensor/pipeline group): kv_parallel_size
-instances meet in a TCPStore at kv_ip:kv_port (rank 0 hosts it), which also holds each rank's role and
-side-channel address. Blocks travel one layer at a time (a layer's blocks gathered into one contiguous
+instances meet in a TCPStore at kv_ip:kv_port (rendezvous.py: rank 0 hosts it), which also holds each rank's
+role and side-channel address. Blocks travel one layer at a time (a layer's blocks gathered into one contiguous
 tensor), with a few layers in flight, so the gather of layer i+1 overlaps the wire time of layer i.
 gloo carries CPU tensors: GPU blocks are staged through host memory (across hosts without RDMA).
 """
@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from meshserve.disagg.connector import KVConnector
 from meshserve.disagg.kv_blocks import gather_layer, layer_block_shape, scatter_layer
+from meshserve.disagg.rendezvous import StoreRendezvous
 from meshserve.errors import KVTransferError
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ LAYERS_IN_FLIGHT = 4  # staging memory: this many layers of one request's blocks
 _TAG = 25  # gloo matches send/recv by tag; NCCL ignores it (one ordered stream per pair)
 
 
-class TorchConnector(KVConnector):
+class TorchConnector(StoreRendezvous, KVConnector):
     """KV blocks over torch.distributed send/recv (see the module docstring)."""
 
     name = "torch"
@@ -54,45 +55,24 @@ class TorchConnector(KVConnector):
 
     def _connect(self) -> None:
         c = self.config
-        timeout = datetime.timedelta(seconds=c.init_timeout_s)
-        self.store = dist.TCPStore(
-            c.kv_ip,
-            c.kv_port,
-            c.kv_parallel_size,
-            is_master=c.kv_rank == 0,
-            timeout=timeout,
-            wait_for_workers=False,
-        )
-        self.store.set(f"role/{c.kv_rank}", c.kv_role)
+        self._join_store()
         prefixed = dist.PrefixStore("meshserve-kv", self.store)
         op_timeout = datetime.timedelta(seconds=max(c.transfer_timeout_s, 1.0))
         if self.backend == "gloo":
             # the constructor waits for every rank with this timeout (a peer still loading its model must not
             # fail the pair); each send/recv waits with its own, transfer_timeout_s (_wait)
+            timeout = datetime.timedelta(seconds=c.init_timeout_s)
             self.group = dist.ProcessGroupGloo(prefixed, c.kv_rank, c.kv_parallel_size, timeout)
         else:
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = op_timeout
             torch.cuda.set_device(self.device)
             self.group = dist.ProcessGroupNCCL(prefixed, c.kv_rank, c.kv_parallel_size, opts)
-        self.roles = {}
-        self.store.wait([f"role/{r}" for r in range(c.kv_parallel_size)], timeout)
-        self.roles = {r: self.store.get(f"role/{r}").decode() for r in range(c.kv_parallel_size)}
+        self._wait_for_roles()
 
     def _thread_init(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-
-    def _publish_address(self, address: str, kind: str = "side_channel") -> None:
-        self.store.set(f"{kind}/{self.rank}", address)
-
-    def _peer_address(self, rank: int, kind: str = "side_channel") -> str:
-        key = f"{kind}/{rank}"
-        self.store.wait([key], datetime.timedelta(seconds=self.config.init_timeout_s))
-        return self.store.get(key).decode()
-
-    def _producer_ranks(self) -> list[int]:
-        return [r for r, role in sorted(self.roles.items()) if role in ("kv_producer", "kv_both")]
 
     def _check_link(self, peer: int) -> None:
         if peer in self._broken:

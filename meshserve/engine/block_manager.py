@@ -167,6 +167,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self.seq_blocks: dict[str, list[Block]] = {}
+        self.num_retired_blocks = 0  # taken out of use for good (retire): a transfer may still write them
         # block ids per sequence, kept beside the blocks so a step never rebuilds block tables
         self.seq_block_ids: dict[str, list[int]] = {}
         # how many of a sequence's leading blocks are registered in the prefix cache
@@ -410,6 +411,23 @@ class BlockManager:
         if self.offload is not None:
             self.offload.drop_swap(seq.seq_id)
         self._release(seq)
+
+    def retire(self, seq: Sequence) -> None:
+        """Take seq's blocks out of use for good: something outside the engine may still write into them (a
+        KV transfer the transport could not cancel). Its blocks it alone holds are never handed out again and
+        no longer findable by hash; blocks it shares (prefix hits) are only released."""
+        blocks = self.seq_blocks.get(seq.seq_id) or []
+        shared = [b for b in blocks if b.ref_count > 1]
+        for block in blocks:
+            if block.ref_count == 1 and block.block_hash is not None:
+                if self.pool.cached.get(block.block_hash) is block:
+                    del self.pool.cached[block.block_hash]
+                block.block_hash = None
+        self.seq_block_ids.pop(seq.seq_id, None)
+        self.seq_num_registered.pop(seq.seq_id, None)
+        self.seq_blocks.pop(seq.seq_id, None)
+        self.pool.release(shared)
+        self.num_retired_blocks += len(blocks) - len(shared)
 
     def _release(self, seq: Sequence) -> None:
         self.seq_block_ids.pop(seq.seq_id, None)

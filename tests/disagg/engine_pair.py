@@ -13,9 +13,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def transfer_config(role: str, rank: int, port: int, size: int = 2, **extra) -> dict:
+def transfer_config(role: str, rank: int, port: int, size: int = 2, connector: str = "torch", **extra) -> dict:
     return {
-        "kv_connector": "torch",
+        "kv_connector": connector,
         "kv_role": role,
         "kv_rank": rank,
         "kv_parallel_size": size,

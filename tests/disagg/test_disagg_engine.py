@@ -43,6 +43,11 @@ def _run(
 @pytest.fixture(scope="module")
 def pair(tiny_model_dir):
     """(producer process handle, command queue, result queue, consumer core, producer's block count)."""
+    yield from engine_pair(tiny_model_dir, "torch")
+
+
+def engine_pair(tiny_model_dir, connector: str):
+    """The pair fixture's body for a connector (test_nixl_engine.py runs these tests over NIXL)."""
     model = tiny_model_dir("llama")
     port = free_port()
     common = {"model": model, "block_size": BLOCK, "max_model_len": 256, "num_gpu_blocks_override": 200}
@@ -54,7 +59,13 @@ def pair(tiny_model_dir):
             dict(
                 common,
                 kv_transfer_config=transfer_config(
-                    "kv_producer", 0, port, transfer_timeout_s=5, hold_timeout_s=3, init_timeout_s=120
+                    "kv_producer",
+                    0,
+                    port,
+                    connector=connector,
+                    transfer_timeout_s=5,
+                    hold_timeout_s=3,
+                    init_timeout_s=120,
                 ),
             ),
             commands,
@@ -64,8 +75,12 @@ def pair(tiny_model_dir):
     )
     proc.start()
     consumer = EngineCore.from_engine_args(
-        EngineArgs(**common, kv_transfer_config=transfer_config("kv_consumer", 1, port, transfer_timeout_s=5,
-                                                                   init_timeout_s=120))
+        EngineArgs(
+            **common,
+            kv_transfer_config=transfer_config(
+                "kv_consumer", 1, port, connector=connector, transfer_timeout_s=5, init_timeout_s=120
+            ),
+        )
     )
     kind, num_blocks = results.get(timeout=300)  # a loaded machine starts slowly
     assert kind == "ready", num_blocks  # else the producer's start-up error

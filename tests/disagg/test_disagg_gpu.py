@@ -20,12 +20,18 @@ from tests.disagg.test_disagg_engine import _ids, _prefill, _run
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+@pytest.mark.parametrize("backend", ["nccl", "gloo", "nixl"])
 def test_gpu_pair_matches_single_engine(tiny_model_dir, backend):
+    """backend nixl: the nixl connector (UCX between the GPUs' memory) instead of the torch one."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     if backend == "nccl" and torch.cuda.device_count() < 2:
         pytest.skip("NCCL point-to-point needs two GPUs (one per process)")
+    if backend == "nixl":
+        from meshserve.disagg.nixl_connector import nixl_available
+
+        if not nixl_available():
+            pytest.skip("the NIXL library is not installed (pip install meshserve[nixl])")
     model = tiny_model_dir("llama")
     port = free_port()
     second = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
@@ -38,16 +44,19 @@ def test_gpu_pair_matches_single_engine(tiny_model_dir, backend):
     }
     ctx = mp.get_context("spawn")
     commands, results = ctx.Queue(), ctx.Queue()
-    prod_cfg = transfer_config("kv_producer", 0, port, transfer_timeout_s=30)
-    prod_cfg["kv_connector_extra_config"]["backend"] = backend
+    connector = "nixl" if backend == "nixl" else "torch"
+    prod_cfg = transfer_config("kv_producer", 0, port, connector=connector, transfer_timeout_s=30)
+    if connector == "torch":  # (the nixl connector ignores the key)
+        prod_cfg["kv_connector_extra_config"]["backend"] = backend
     proc = ctx.Process(
         target=producer_main,
         args=({**common, "device": "cuda:0", "kv_transfer_config": prod_cfg}, commands, results),
         daemon=True,
     )
     proc.start()
-    cons_cfg = transfer_config("kv_consumer", 1, port, transfer_timeout_s=30)
-    cons_cfg["kv_connector_extra_config"]["backend"] = backend
+    cons_cfg = transfer_config("kv_consumer", 1, port, connector=connector, transfer_timeout_s=30)
+    if connector == "torch":  # (the nixl connector ignores the key)
+        cons_cfg["kv_connector_extra_config"]["backend"] = backend
     consumer = EngineCore.from_engine_args(EngineArgs(**common, device=second, kv_transfer_config=cons_cfg))
     try:
         assert results.get(timeout=300)[0] == "ready"

@@ -89,10 +89,16 @@ def test_request_params_are_checked():
         assert words in str(e.value)
 
 
-def test_nixl_reports_a_missing_library():
-    from meshserve.disagg.nixl_connector import make_nixl_connector, nixl_available
+def test_nixl_reports_a_missing_library(monkeypatch):
+    from meshserve.disagg import nixl_connector
 
-    if nixl_available():
-        pytest.skip("nixl is installed here")
+    monkeypatch.setattr(nixl_connector, "nixl_available", lambda: False)  # (whether or not it is installed)
     with pytest.raises(KVTransferError, match="needs the NIXL library"):
-        make_nixl_connector(None, [])
+        nixl_connector.make_nixl_connector(None, [])
+
+
+def test_nixl_with_layerwise_is_refused_in_one_line():
+    with pytest.raises(InvalidArgumentError, match="layer-wise streaming runs on the \"torch\" connector only"):
+        parse_kv_transfer_config(
+            {"kv_connector": "nixl", "kv_role": "kv_producer", "kv_connector_extra_config": {"layerwise": True}}
+        )

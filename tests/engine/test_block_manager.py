@@ -445,3 +445,22 @@ def test_prefix_caching_disabled_never_hits():
     assert bm.find_cached_prefix(b) == []
     bm.record_admission(b, 0)
     assert bm.stats.queries == 0
+
+
+def test_retired_blocks_are_never_handed_out_again_and_shared_ones_are_released():
+    bm = BlockManager(8, BS)
+    a = make_seq("a", range(8))  # 2 full blocks, cached
+    run_prompt(bm, a)
+    b = make_seq("b", range(16))  # shares a's 2 blocks, 2 of its own
+    run_prompt(bm, b)
+    shared, own = bm.block_table(b)[:2], bm.block_table(b)[2:]
+    own_hashes = b.block_hashes[2:4]
+    assert all(h in bm.pool.cached for h in own_hashes)
+    bm.retire(b)
+    assert not any(h in bm.pool.cached for h in own_hashes)  # never found as a prefix hit
+    assert bm.num_retired_blocks == 2 and bm.num_free_blocks == 8 - 4
+    bm.free(a)  # the shared blocks were released by the retirement: a's release frees them
+    assert bm.num_free_blocks == 6
+    c = make_seq("c", range(100, 124))  # 6 blocks: every block but the retired two
+    run_prompt(bm, c)
+    assert not set(bm.block_table(c)) & set(own) and set(shared) <= set(bm.block_table(c))

@@ -1,5 +1,5 @@
-"""The router over a prefill instance and a decode instance (real servers, gloo on loopback): the tokens are
-colocated serving's, streamed or not; a dead prefill instance means colocated serving, not an error; the
+"""The router over a prefill instance and a decode instance (real servers; the torch connector's gloo on loopback,
+and the nixl connector's UCX where NIXL is installed): the tokens are colocated serving's, streamed or not; a dead prefill instance means colocated serving, not an error; the
 blocks on both sides are freed; the transfer shows in /metrics."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from meshserve.disagg.nixl_connector import nixl_available
 from meshserve.router.config import RouterConfig
 from tests.conftest import VOCAB
 from tests.router.conftest import free_port, replica_args, wait_until
@@ -19,10 +20,10 @@ from tests.router.conftest import free_port, replica_args, wait_until
 pytestmark = pytest.mark.slow
 
 
-def _kv(role: str, rank: int, port: int, **extra) -> str:
+def _kv(role: str, rank: int, port: int, connector: str = "torch", **extra) -> str:
     return json.dumps(
         {
-            "kv_connector": "torch",
+            "kv_connector": connector,
             "kv_role": role,
             "kv_rank": rank,
             "kv_parallel_size": 2,
@@ -35,18 +36,18 @@ def _kv(role: str, rank: int, port: int, **extra) -> str:
     )
 
 
-def start_prefill_and_decode(tiny_model_dir, processes, prefill_args=(), **kv_extra):
+def start_prefill_and_decode(tiny_model_dir, processes, prefill_args=(), connector="torch", **kv_extra):
     """A prefill (kv rank 0) and a decode instance (kv rank 1) of the tiny llama, both ready; prefill_args:
     the prefill's own flags; kv_extra: overrides of the connector's extra config (both sides)."""
     model = tiny_model_dir("llama")
     kv_port = free_port()
     extra = ["--block-size", "4", "--num-gpu-blocks-override", "300"]
     prefill = processes("prefill", [])
-    prefill_kv = _kv("kv_producer", 0, kv_port, **kv_extra)
+    prefill_kv = _kv("kv_producer", 0, kv_port, connector, **kv_extra)
     prefill.args = replica_args(model, prefill.port, ["tiny"],
                                 [*extra, *prefill_args, "--kv-transfer-config", prefill_kv])
     decode = processes("decode", [])
-    decode_kv = _kv("kv_consumer", 1, kv_port, **kv_extra)
+    decode_kv = _kv("kv_consumer", 1, kv_port, connector, **kv_extra)
     decode.args = replica_args(model, decode.port, ["tiny"], [*extra, "--kv-transfer-config", decode_kv])
     prefill.start()
     decode.start()
@@ -55,9 +56,20 @@ def start_prefill_and_decode(tiny_model_dir, processes, prefill_args=(), **kv_ex
     return prefill, decode
 
 
-@pytest.fixture(scope="module")
-def deployment(tiny_model_dir, processes):
-    return start_prefill_and_decode(tiny_model_dir, processes)
+@pytest.fixture(
+    scope="module",
+    params=[
+        "torch",
+        pytest.param(
+            "nixl",
+            marks=pytest.mark.skipif(
+                not nixl_available(), reason="the NIXL library is not installed (pip install meshserve[nixl])"
+            ),
+        ),
+    ],
+)
+def deployment(tiny_model_dir, processes, request):
+    return start_prefill_and_decode(tiny_model_dir, processes, connector=request.param)
 
 
 def _prompt(i: int) -> list[int]:

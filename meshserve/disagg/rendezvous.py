@@ -1,0 +1,51 @@
+"""Where the engines of one transfer group meet: a TCPStore at kv_ip:kv_port, hosted by kv rank 0.
+
+It holds each rank's role and the addresses it publishes (its side channel, its layer-wise stream socket, a
+NIXL agent's description). A connector mixes StoreRendezvous in to supply the KVConnector's address methods.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch.distributed as dist
+
+
+class StoreRendezvous:
+    """KVConnector's _publish_address / _peer_address / _producer_ranks over the group's TCPStore."""
+
+    def _join_store(self) -> None:
+        """Open (rank 0: host) the store and publish this rank's role; returns at once."""
+        c = self.config
+        self.store = dist.TCPStore(
+            c.kv_ip,
+            c.kv_port,
+            c.kv_parallel_size,
+            is_master=c.kv_rank == 0,
+            timeout=datetime.timedelta(seconds=c.init_timeout_s),
+            wait_for_workers=False,
+        )
+        self.store.set(f"role/{c.kv_rank}", c.kv_role)
+        self.roles: dict[int, str] = {}
+
+    def _wait_for_roles(self) -> None:
+        """Block until every rank of the group has joined (init_timeout_s)."""
+        c = self.config
+        self.store.wait(
+            [f"role/{r}" for r in range(c.kv_parallel_size)], datetime.timedelta(seconds=c.init_timeout_s)
+        )
+        self.roles = {r: self.store.get(f"role/{r}").decode() for r in range(c.kv_parallel_size)}
+
+    def _publish_address(self, address: str | bytes, kind: str = "side_channel") -> None:
+        self.store.set(f"{kind}/{self.rank}", address)
+
+    def _peer_value(self, rank: int, kind: str) -> bytes:
+        key = f"{kind}/{rank}"
+        self.store.wait([key], datetime.timedelta(seconds=self.config.init_timeout_s))
+        return self.store.get(key)
+
+    def _peer_address(self, rank: int, kind: str = "side_channel") -> str:
+        return self._peer_value(rank, kind).decode()
+
+    def _producer_ranks(self) -> list[int]:
+        return [r for r, role in sorted(self.roles.items()) if role in ("kv_producer", "kv_both")]

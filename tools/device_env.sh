@@ -6,7 +6,7 @@
 # the checkout, then /tmp/site; OUT (where results go back) /tmp/out unless set.
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-wheels=$(ls .whl/*.whl .whl-structured/*.whl 2> /dev/null)
+wheels=$(ls .whl/*.whl .whl-structured/*.whl .whl-nixl/*.whl 2> /dev/null)
 if [ -n "$wheels" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels || exit 1
 fi

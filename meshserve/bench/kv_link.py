@@ -33,7 +33,7 @@ def _free_port() -> int:
 def _config(ns: argparse.Namespace, role: str, rank: int, port: int):
     extra = {"transfer_timeout_s": 120, "hold_timeout_s": 600}
     if ns.connector == "torch":
-        extra["backend"] = "gloo"
+        extra["backend"] = _torch_backend(ns)
     return parse_kv_transfer_config(
         {
             "kv_connector": ns.connector,
@@ -44,6 +44,15 @@ def _config(ns: argparse.Namespace, role: str, rank: int, port: int):
             "kv_connector_extra_config": extra,
         }
     )
+
+
+def _torch_backend(ns: argparse.Namespace) -> str:
+    """NCCL between two GPUs; gloo on CPUs, and for two processes on one GPU (NCCL refuses a duplicate GPU in
+    one communicator), staged through host memory."""
+    if ns.backend:
+        return ns.backend
+    two_gpus = ns.device.startswith("cuda") and (ns.producer_device or ns.device) != ns.device
+    return "nccl" if two_gpus else "gloo"
 
 
 def _pool(ns: argparse.Namespace, device: str) -> list[torch.Tensor]:
@@ -65,7 +74,7 @@ def _connector(ns, role: str, rank: int, port: int, device: str):
 
 def _producer(ns: argparse.Namespace, port: int, ready, done) -> None:
     torch.set_num_threads(1)
-    conn = _connector(ns, "kv_producer", 0, port, ns.device)
+    conn = _connector(ns, "kv_producer", 0, port, ns.producer_device or ns.device)
     conn.start()
     rng = random.Random(0)
     for i in range(ns.repeat + 1):
@@ -105,6 +114,7 @@ def run(ns: argparse.Namespace) -> dict:
     return {
         "connector": ns.connector,
         "transport": conn.transport,
+        "devices": [ns.producer_device or ns.device, ns.device],
         "blocks": ns.blocks,
         "layers": ns.layers,
         "bytes": nbytes,
@@ -124,9 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--pool-blocks", type=int, default=64)
     p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="the consumer's pool (cpu, cuda, cuda:0)")
+    p.add_argument("--producer-device", default="", help="the producer's pool (default: --device), e.g. cuda:1")
+    p.add_argument("--backend", choices=("", "nccl", "gloo"), default="",
+                   help="the torch connector's (default: nccl between two GPUs, else gloo)")
+    p.add_argument("--output", default="", help="write the result's JSON here (NIXL logs to stdout too)")
     ns = p.parse_args(argv)
-    print(json.dumps(run(ns)))
+    result = json.dumps(run(ns))
+    print(result)
+    if ns.output:
+        with open(ns.output, "w") as f:
+            f.write(result + "\n")
     return 0
 
 

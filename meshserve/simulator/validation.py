@@ -399,7 +399,8 @@ def offline_table(calibrations: tuple[str, ...] = ("default", BEFORE_GRAPHS)) ->
 EXTRAPOLATION_ASSUMPTIONS = (
     "W3 lengths (512 in, 128 out), Poisson arrivals, 300 s, seed 3; the H200 8B step calibration carried to other "
     "GPUs and models at the same fraction of each GPU's data-sheet bandwidth and FLOP/s; TP all-reduces by the "
-    "planner's ring model on the catalog's NVLink; each replica's API process as measured on the H200 host "
+    "planner's ring model on the catalog's NVLink and the H200 TP=2 per-layer costs (calibration.toml's tp table: "
+    "15.9 us per layer and 0.82 us per layer per sequence, x (1 - 1/tp)) carried to every GPU and TP; each replica's API process as measured on the H200 host "
     "(8.7 ms per request, 50 us per token); catalog prices (assumed on-demand $/GPU-hour, not quotes); goodput "
     "against TTFT 1 s and TPOT 50 ms")
 

@@ -308,6 +308,8 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
             "max_backlog_s": router_node.max_backlog_s},
         "gpu_busy_fraction": gpu_busy / replica_seconds if replica_seconds else 0.0,
         "step_weights": vars(cost.weights) if step_cost is None else "custom",
+        # what a step pays at tp > 1 beyond the divided TP=1 terms (calibration.toml's tp table; unused at tp 1)
+        "tp_costs": vars(cost.tp_costs) if step_cost is None else "custom",
         "step_noise": {"on": config.step_noise, "seed": config.seed, "calibration": config.calibration},
         # how replicas were simulated, and why not the fast model when it was asked for and did not apply
         "replica_model": replica_model, "replica_model_fallback": fallback,

@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 
 def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: StepWeights | None = None,
-             tp_costs: TpCosts | None = None, step_cost: Callable | None = None, progress: Callable[[float], None] | None = None,
+             tp_costs: TpCosts | None = None, step_cost: Callable | None = None,
+             progress: Callable[[float], None] | None = None,
              fast_forward: bool = True, autoscale: AutoscaleRule | None = None) -> dict:
     """Run the trace through the fleet; returns the report (metrics.RunRecorder.summarize, plus the setup).
 

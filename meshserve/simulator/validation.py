@@ -400,7 +400,8 @@ EXTRAPOLATION_ASSUMPTIONS = (
     "W3 lengths (512 in, 128 out), Poisson arrivals, 300 s, seed 3; the H200 8B step calibration carried to other "
     "GPUs and models at the same fraction of each GPU's data-sheet bandwidth and FLOP/s; TP all-reduces by the "
     "planner's ring model on the catalog's NVLink and the H200 TP=2 per-layer costs (calibration.toml's tp table: "
-    "15.9 us per layer and 0.82 us per layer per sequence, x (1 - 1/tp)) carried to every GPU and TP; each replica's API process as measured on the H200 host "
+    "15.9 us per layer and 0.82 us per layer per sequence, x (1 - 1/tp)) carried to every GPU and TP; each "
+    "replica's API process as measured on the H200 host "
     "(8.7 ms per request, 50 us per token); catalog prices (assumed on-demand $/GPU-hour, not quotes); goodput "
     "against TTFT 1 s and TPOT 50 ms")
 
@@ -452,7 +453,8 @@ def extrapolations() -> str:
     return "\n\n".join(out)
 
 
-if __name__ == "__main__":  # python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | extrapolate | fit-tp]
+# python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | extrapolate | fit-tp]
+if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     if what == "fit-tp":
         print(f"layer_seq_us = {fit_tp().layer_seq_us:.2f}")

@@ -31,7 +31,7 @@ from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.pipeline import PipelinedReplica, StagePipeline, hop_s, load_host_step_s
 from meshserve.simulator.replica import SimReplica
 from meshserve.simulator.router_node import RouterNode
-from meshserve.simulator.step_cost import StepCost, StepWeights, load_calibration
+from meshserve.simulator.step_cost import StepCost, StepWeights, TpCosts, load_calibration, load_tp_costs
 from meshserve.simulator.step_noise import NoiseStream, load_step_noise
 from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 
@@ -44,11 +44,13 @@ logger = logging.getLogger(__name__)
 
 
 def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: StepWeights | None = None,
-             step_cost: Callable | None = None, progress: Callable[[float], None] | None = None,
+             tp_costs: TpCosts | None = None, step_cost: Callable | None = None,
+             progress: Callable[[float], None] | None = None,
              fast_forward: bool = True, autoscale: AutoscaleRule | None = None) -> dict:
     """Run the trace through the fleet; returns the report (metrics.RunRecorder.summarize, plus the setup).
 
-    step_cost replaces the calibrated StepCost (tests use fixed durations; with pipeline stages, one callable
+    weights and tp_costs replace the calibration's step weights and TP costs (validation.fit_tp refits the
+    latter); step_cost replaces the calibrated StepCost (tests use fixed durations; with pipeline stages, one callable
     for every stage or a list of one per stage, and no hop between them); progress(sim_time) is called as
     simulated time advances (about every 1% of the trace). fast_forward lays out runs of identical decode
     steps at once and keeps sequences as counts (replica.py, light.py); off, every step goes through the
@@ -60,7 +62,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     config.validate()
     trace = Trace.of(trace)
     model, gpu = config.model_spec(), config.gpu_spec()
-    cost = StepCost(model, gpu, config.tp, weights or load_calibration(config.calibration))
+    cost = StepCost(model, gpu, config.tp, weights or load_calibration(config.calibration),
+                    tp_costs=tp_costs or load_tp_costs(config.calibration))
     noise = load_step_noise(config.calibration) if config.step_noise else None
     prefix_caching = config.enable_prefix_caching
     if prefix_caching is None:
@@ -252,7 +255,8 @@ def stage_pipeline(config: SimConfig, model, gpu, step_cost: Callable | list | N
         if len(costs) != config.pp:
             raise ValueError(f"{len(costs)} stage costs for {config.pp} stages")
         return StagePipeline(costs, lambda _tokens: 0.0)
-    stages = [StepCost(model, gpu, config.tp, cost.weights, pp=config.pp, stage=s) for s in range(config.pp)]
+    stages = [StepCost(model, gpu, config.tp, cost.weights, pp=config.pp, stage=s, tp_costs=cost.tp_costs)
+              for s in range(config.pp)]
     same_node = config.gpus_per_replica <= gpu.gpus_per_node
     return StagePipeline(stages, lambda tokens: hop_s(model, gpu, tokens, same_node))
 
@@ -305,6 +309,8 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
             "max_backlog_s": router_node.max_backlog_s},
         "gpu_busy_fraction": gpu_busy / replica_seconds if replica_seconds else 0.0,
         "step_weights": vars(cost.weights) if step_cost is None else "custom",
+        # what a step pays at tp > 1 beyond the divided TP=1 terms (calibration.toml's tp table; unused at tp 1)
+        "tp_costs": vars(cost.tp_costs) if step_cost is None else "custom",
         "step_noise": {"on": config.step_noise, "seed": config.seed, "calibration": config.calibration},
         # how replicas were simulated, and why not the fast model when it was asked for and did not apply
         "replica_model": replica_model, "replica_model_fallback": fallback,

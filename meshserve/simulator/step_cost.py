@@ -5,8 +5,13 @@ StepTimeModel (meshserve/engine/step_time.py): data-sheet times for the weights/
 constant, and a fixed extra cost for a step that carries prefill (it runs outside CUDA graphs). Online it fits
 those four weights to the steps it measures; here they are fitted once, offline, to a `--step-trace` file of a
 real run (calibration.toml holds the result and where it came from), and reused for the GPU and model being
-simulated, whose data-sheet rates come from the planner's catalog. Tensor parallelism adds the planner's ring
-all-reduce time (two per layer) for the step's tokens.
+simulated, whose data-sheet rates come from the planner's catalog.
+
+Tensor parallelism (tp > 1) divides the fit's weight/FLOP and KV terms by tp (each GPU holds 1/tp of the weights
+and KV heads) and adds what the TP=1 fit cannot know about (TpCosts, the calibration's `tp` table): the planner's
+ring all-reduces (two per layer, latency + bytes over the catalog's NVLink) and the per-layer costs that do not
+shrink with tp -- small kernels (norms, rotary, attention launch, SiLU) that the TP=1 fit folded into its weight
+and KV factors, so that dividing those terms by tp wrongly divides them too. At tp = 1 the term is 0.0.
 """
 
 from __future__ import annotations
@@ -57,6 +62,25 @@ def load_calibration(name: str = "default") -> StepWeights:
     return StepWeights(entry["constant_ms"], entry["dense_factor"], entry["kv_factor"], entry["mixed_ms"])
 
 
+@dataclass(frozen=True)
+class TpCosts:
+    """Per layer, what a step at tp > 1 pays beyond its TP=1 terms divided by tp: layer_us fixed and layer_seq_us
+    per sequence in the step; a fraction (1 - 1/tp) of it, the part the divided terms dropped."""
+
+    layer_us: float = 0.0
+    layer_seq_us: float = 0.0
+
+
+def load_tp_costs(name: str = "default") -> TpCosts:
+    """The `tp` table of a calibration.toml section (none: no cost beyond the all-reduces)."""
+    sections = tomllib.loads(CALIBRATION_FILE.read_text())
+    entry = sections.get(name)
+    if isinstance(entry, str):
+        entry = sections.get(entry)
+    table = entry.get("tp", {}) if isinstance(entry, dict) else {}
+    return TpCosts(table.get("layer_us", 0.0), table.get("layer_seq_us", 0.0))
+
+
 def prior_weights(efficiency: float, overhead_ms: float = 1.0) -> StepWeights:
     """The engine's own starting point before it has measured a step: data sheet at `efficiency`."""
     return StepWeights(overhead_ms, 1.0 / efficiency, 1.0 / efficiency, 0.0)
@@ -67,10 +91,12 @@ class StepCost:
     pipeline stage's pass (`stage`: its slice of the layers, the embedding on the first, the head on the last).
 
     A stage keeps the whole constant (each stage launches and syncs its own step) and the share of the
-    mixed-step cost its layers carry (the prompt rows' work outside the weights and KV terms)."""
+    mixed-step cost its layers carry (the prompt rows' work outside the weights and KV terms).
+    tp_costs: the per-layer costs at tp > 1 (default: the default calibration's)."""
 
     def __init__(self, model: ModelSpec, gpu: GpuSpec, tp: int = 1, weights: StepWeights | None = None,
-                 weight_dtype: str = "bf16", kv_dtype: str = "bf16", pp: int = 1, stage: int = 0):
+                 weight_dtype: str = "bf16", kv_dtype: str = "bf16", pp: int = 1, stage: int = 0,
+                 tp_costs: TpCosts | None = None):
         shard = stage_shard(model, Layout(tp=tp, pp=pp), stage, weight_dtype, kv_dtype)
         self.weights = weights or load_calibration()
         if pp > 1:
@@ -86,6 +112,10 @@ class StepCost:
         self._allreduces = 2 * shard.num_layers
         self._token_bytes = model.hidden_size * ACT_BYTES
         self._link = (gpu.link_gb_s, gpu.link_latency_us)
+        self.tp_costs = tp_costs or load_tp_costs()
+        # seconds per step and per sequence of the layers' fixed costs that tp did not divide
+        share = (1.0 - 1.0 / tp) * shard.num_layers * 1e-6
+        self._tp_fixed = (share * self.tp_costs.layer_us, share * self.tp_costs.layer_seq_us)
         self._lines: dict[int, tuple[float, float]] = {}  # decode_line's per-batch-size terms
 
     def comm_s(self, num_tokens: int) -> float:
@@ -94,8 +124,16 @@ class StepCost:
             return 0.0
         return self._allreduces * allreduce_s(num_tokens * self._token_bytes, self.tp, *self._link)
 
+    def tp_s(self, num_tokens: int, num_seqs: int) -> float:
+        """What TP adds to the divided TP=1 terms: the all-reduces and the per-layer costs tp does not divide,
+        (1 - 1/tp) x layers x (layer_us + layer_seq_us x sequences). 0.0 without TP (bit-identical to TP=1)."""
+        if self.tp == 1:
+            return 0.0
+        fixed, per_seq = self._tp_fixed
+        return self.comm_s(num_tokens) + (fixed + per_seq * num_seqs)
+
     def __call__(self, shape: StepShape) -> float:
-        return self.model.predict(shape) + self.comm_s(shape.num_tokens)
+        return self.model.predict(shape) + self.tp_s(shape.num_tokens, shape.num_seqs)
 
     def time_s(self, num_tokens: int, num_seqs: int, context_tokens: int) -> float:
         """self(StepShape(num_tokens, num_seqs, context_tokens)), the same floating-point operations, without
@@ -109,7 +147,7 @@ class StepCost:
         predicted = max(t0 + t1 * (1e3 * dense) + t2 * (1e3 * context_tokens * m.kv_bytes_per_token
                                                          / rates.bandwidth)
                         + t3 * (1.0 if num_seqs < num_tokens > m.graphed_mixed_tokens else 0.0), 0.0) * 1e-3
-        return predicted + self.comm_s(num_tokens)
+        return predicted + self.tp_s(num_tokens, num_seqs)
 
     def decode_durations(self, n: int, context: int, steps: int) -> list[float]:
         """self(StepShape(n, n, context + n * j)) for j = 1..steps: the same floating-point operations as
@@ -118,7 +156,7 @@ class StepCost:
         t0, t1, t2, t3 = m._theta
         dense, _, mixed = m._terms(StepShape(n, n, context + n))
         base = t0 + t1 * dense  # predict's sum, left to right
-        kvb, bw, comm = m.kv_bytes_per_token, m.rates.bandwidth, self.comm_s(n)
+        kvb, bw, comm = m.kv_bytes_per_token, m.rates.bandwidth, self.tp_s(n, n)
         return [max(base + t2 * (1e3 * (context + n * j) * kvb / bw) + t3 * mixed, 0.0) * 1e-3 + comm
                 for j in range(1, steps + 1)]
 
@@ -127,12 +165,12 @@ class StepCost:
         sequences holding `context` KV tokens before the first (the fast replica's closed form; equal to
         decode_durations up to rounding while the model's time is positive, which calibrated weights keep)."""
         line = self._lines.get(n)
-        if line is None:  # the batch's own terms: weights or FLOPs, all-reduces
+        if line is None:  # the batch's own terms: weights or FLOPs, what TP adds
             m = self.model
             t0, t1, t2, _ = m._theta
             dense, _, _ = m._terms(StepShape(n, n, n))
             per_token = t2 * m.kv_bytes_per_token / m.rates.bandwidth
-            line = self._lines[n] = ((t0 + t1 * dense) * 1e-3 + self.comm_s(n), per_token)
+            line = self._lines[n] = ((t0 + t1 * dense) * 1e-3 + self.tp_s(n, n), per_token)
         fixed, per_token = line
         return fixed + per_token * context, per_token * n
 

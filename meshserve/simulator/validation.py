@@ -20,6 +20,7 @@ from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fleet import simulate
 from meshserve.simulator.frontend import FRONTEND_H200, FRONTEND_OFF, FrontEndCosts
 from meshserve.simulator.router_node import ROUTER_OFF, RouterCosts, load_router_costs
+from meshserve.simulator.step_cost import TpCosts, load_tp_costs
 from meshserve.simulator.step_noise import has_step_noise
 from meshserve.simulator.trace import SimRequest, w3_trace
 
@@ -268,25 +269,48 @@ def replay_offline(model: str, tp: int, requests: list[tuple[int, int]], gpu: st
     return simulate(config, [SimRequest(0.0, p, o) for p, o in requests])
 
 
-# The seventh session's W2 runs on one 2 x H200 host (BENCHMARKS.md "Seventh session"): TP=1 and PP=2 at depth 2
-# and 3, each (file, pp, depth). That engine shared max_num_seqs 256 over its steps in flight (since 59a3776 each
-# step may hold 256); for W2's 256 requests both give every step the same sequences (ceil(running / depth)).
+# The seventh session's W2 runs on one 2 x H200 host (BENCHMARKS.md "Seventh session"): TP=1, TP=2 and PP=2 at
+# depth 2 and 3, each (file, tp, pp, depth). That engine shared max_num_seqs 256 over its steps in flight (since
+# 59a3776 each step may hold 256); for W2's 256 requests both give every step the same sequences
+# (ceil(running / depth)). The TP=2 run is the one calibration.toml's TP cost per sequence is fitted to (fit_tp).
 SEVENTH_W2 = Path("x2_pp_dp_int4_moe_h200_1130_s7")
-W2_PP_RUNS = (("w2_8b_tp1.json", 1, 0), ("w2_8b_pp2.json", 2, 2), ("w2_8b_pp2_d3.json", 2, 3))
+W2_PP_RUNS = (("w2_8b_tp1.json", 1, 1, 0), ("w2_8b_tp2.json", 2, 1, 0), ("w2_8b_pp2.json", 1, 2, 2),
+              ("w2_8b_pp2_d3.json", 1, 2, 3))
+
+
+def w2_tp2_seconds(tp_costs: TpCosts, calibration: str = "default") -> float:
+    """W2 8B at TP=2 replayed with these TP costs (the calibration's step weights)."""
+    from meshserve.bench.workloads import w2_requests
+
+    config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=2, tp=2, max_model_len=4096, max_num_seqs=256,
+                       calibration=calibration)
+    reqs = [SimRequest(0.0, len(r.prompt_token_ids), r.max_tokens) for r in w2_requests()]
+    return simulate(config, reqs, tp_costs=tp_costs)["duration_s"]
+
+
+def fit_tp(calibration: str = "default") -> TpCosts:
+    """The calibration's TP costs with layer_seq_us refitted so that W2 8B TP=2 lasts what the seventh session
+    measured: W2's schedule does not depend on time (everything at t = 0, no targets), so its time is linear in
+    layer_seq_us and two replays solve it. layer_us stays as stored (a profile, not a fit)."""
+    stored = load_tp_costs(calibration)
+    meas = json.loads((RESULTS / SEVENTH_W2 / "w2_8b_tp2.json").read_text())["seconds"]
+    t0 = w2_tp2_seconds(TpCosts(stored.layer_us, 0.0), calibration)
+    t1 = w2_tp2_seconds(TpCosts(stored.layer_us, 1.0), calibration)
+    return TpCosts(stored.layer_us, (meas - t0) / (t1 - t0))
 
 
 def pp_rows(host_step_s: float | None = None) -> list[dict]:
-    """W2 at TP=1 and PP=2 (depth 2, 3), simulated with the default fit and the pipeline's host cost per step
-    (host_step_s; None: calibration.toml's), against the seventh session's runs; the PP rows' bubble beside
+    """W2 at TP=1, TP=2 and PP=2 (depth 2, 3), simulated with the default fit and the pipeline's host cost per
+    step (host_step_s; None: calibration.toml's), against the seventh session's runs; the PP rows' bubble beside
     the one the engine measured on the last stage."""
     from meshserve.bench.workloads import w2_requests
 
     reqs = [(len(r.prompt_token_ids), r.max_tokens) for r in w2_requests()]
     rows = []
-    for file, pp, depth in W2_PP_RUNS:
+    for file, tp, pp, depth in W2_PP_RUNS:
         meas = json.loads((RESULTS / SEVENTH_W2 / file).read_text())
-        pred = replay_offline("llama-3.1-8b", 1, reqs, pp=pp, pipeline_depth=depth, pp_host_step_s=host_step_s)
-        label = "TP=1" if pp == 1 else f"PP={pp} depth {depth}"
+        pred = replay_offline("llama-3.1-8b", tp, reqs, pp=pp, pipeline_depth=depth, pp_host_step_s=host_step_s)
+        label = f"TP={tp}" if pp == 1 else f"PP={pp} depth {depth}"
         rows.append({"run": f"W2 llama-3.1-8b {label}", "file": str(SEVENTH_W2 / file), "pred": pred["duration_s"],
                      "meas": meas["seconds"], "goal": "w2_seconds",
                      "pred_bubble": pred["pipeline"]["bubble"] if pred["pipeline"] else None,
@@ -375,7 +399,9 @@ def offline_table(calibrations: tuple[str, ...] = ("default", BEFORE_GRAPHS)) ->
 EXTRAPOLATION_ASSUMPTIONS = (
     "W3 lengths (512 in, 128 out), Poisson arrivals, 300 s, seed 3; the H200 8B step calibration carried to other "
     "GPUs and models at the same fraction of each GPU's data-sheet bandwidth and FLOP/s; TP all-reduces by the "
-    "planner's ring model on the catalog's NVLink; each replica's API process as measured on the H200 host "
+    "planner's ring model on the catalog's NVLink and the H200 TP=2 per-layer costs (calibration.toml's tp table: "
+    "15.9 us per layer and 0.82 us per layer per sequence, x (1 - 1/tp)) carried to every GPU and TP; each "
+    "replica's API process as measured on the H200 host "
     "(8.7 ms per request, 50 us per token); catalog prices (assumed on-demand $/GPU-hour, not quotes); goodput "
     "against TTFT 1 s and TPOT 50 ms")
 
@@ -427,8 +453,11 @@ def extrapolations() -> str:
     return "\n\n".join(out)
 
 
-if __name__ == "__main__":  # python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | extrapolate]
+# python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | extrapolate | fit-tp]
+if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if what == "fit-tp":
+        print(f"layer_seq_us = {fit_tp().layer_seq_us:.2f}")
     if what in ("dp", "all"):
         print(dp_table())
         print()

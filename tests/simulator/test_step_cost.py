@@ -73,3 +73,50 @@ def test_time_s_is_the_models_prediction_to_the_bit():
             assert cost.time_s(tokens, seqs, context) == cost(StepShape(tokens, seqs, context))
         a, b = cost.decode_line(12, 7000)
         assert a + 3 * b == pytest.approx(cost(StepShape(12, 12, 7000 + 36)), rel=1e-12)
+
+
+def test_tp2_step_is_the_tp1_terms_halved_plus_the_all_reduces_and_the_layers_fixed_costs():
+    """Closed form of a decode step at TP=2 on an H200 (calibration.toml's weights and TP costs): the fit's
+    weight/FLOP and KV times of one GPU's half, plus 64 ring all-reduces of the batch's hidden states over the
+    catalog's NVLink (8 us + bytes / 450 GB/s), plus (1 - 1/2) x 32 layers x (layer_us + layer_seq_us x n)."""
+    from meshserve.simulator.step_cost import load_tp_costs
+
+    model, gpu = load_model("llama-3.1-8b"), get_gpu("H200")
+    w, tpc = load_calibration(), load_tp_costs()
+    assert (tpc.layer_us, tpc.layer_seq_us) == (15.9, 0.82)
+    tp1, tp2 = StepCost(model, gpu), StepCost(model, gpu, tp=2)
+    for n, context in ((1, 129), (64, 64 * 700), (256, 256 * 1100)):
+        weights_ms = 1e3 * tp1.model.weight_bytes / 4.8e12  # one GPU reads all 16 GB
+        flops_ms = 1e3 * 2 * tp1.model.params * n / 989e12
+        kv_ms = 1e3 * context * 131072 / 4.8e12
+        dense_tp2 = max(weights_ms, flops_ms) / 2  # each GPU half (the norms are the few bytes not split)
+        device_ms = w.constant_ms + w.dense_factor * dense_tp2 + w.kv_factor * kv_ms / 2
+        allreduces_ms = 64 * (8e-3 + n * 4096 * 2 / 450e9 * 1e3)
+        fixed_ms = 0.5 * 32 * (tpc.layer_us + tpc.layer_seq_us * n) * 1e-3
+        expected = (device_ms + allreduces_ms + fixed_ms) * 1e-3
+        assert tp2(StepShape(n, n, context)) == pytest.approx(expected, rel=1e-4)
+        assert tp2.tp_s(n, n) == pytest.approx((allreduces_ms + fixed_ms) * 1e-3, rel=1e-12)
+    # at batch 1 the fixed costs are 0.26 ms of a ~3.25 ms step (the W1 8B TP=2 profile measured 3.4 ms)
+    assert tp2(StepShape(1, 1, 129)) == pytest.approx(3.25e-3, rel=0.01)
+
+
+def test_tp1_is_untouched_by_the_tp_costs():
+    """At tp = 1 StepCost is the engine's StepTimeModel to the bit, whatever the TP costs say; at tp = 4 the
+    fixed costs are (1 - 1/4) of the layers'."""
+    from meshserve.simulator.step_cost import TpCosts
+
+    model, gpu = load_model("llama-3.1-8b"), get_gpu("H200")
+    plain = StepCost(model, gpu, tp_costs=TpCosts())
+    heavy = StepCost(model, gpu, tp_costs=TpCosts(1e3, 1e3))
+    rng = random.Random(1)
+    for _ in range(500):
+        seqs = rng.randint(1, 256)
+        tokens = rng.randint(seqs, 9000)
+        context = rng.randint(tokens, 300_000)
+        shape = StepShape(tokens, seqs, context)
+        assert heavy(shape) == plain(shape) == plain.model.predict(shape)
+        assert heavy.time_s(tokens, seqs, context) == plain.model.predict(shape)
+    assert heavy.decode_line(12, 7000) == plain.decode_line(12, 7000)
+    assert heavy.decode_durations(12, 7000, 5) == plain.decode_durations(12, 7000, 5)
+    bare4, tp4 = StepCost(model, gpu, tp=4, tp_costs=TpCosts()), StepCost(model, gpu, tp=4, tp_costs=TpCosts(10, 1))
+    assert tp4.tp_s(8, 8) - bare4.tp_s(8, 8) == pytest.approx(0.75 * 32 * (10 + 8) * 1e-6, rel=1e-12)

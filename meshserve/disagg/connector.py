@@ -144,6 +144,11 @@ class KVConnector(ABC):
         scratch buffer, dropped); returns the bytes received."""
         raise NotImplementedError(f"the {self.name} connector has no layer-wise transport")
 
+    def _read_layer(self, src: int, layer: int, remote_ids: list[int], block_ids: list[int], timeout_s: float) -> int:
+        """Layer-wise, one-sided: copy rank src's blocks remote_ids of one layer into block_ids of that layer;
+        returns the bytes read."""
+        raise NotImplementedError(f"the {self.name} connector has no one-sided read")
+
     def _thread_init(self) -> None:
         """Per-thread set-up of the transport (e.g. the current CUDA device), run first in each thread."""
 
@@ -227,6 +232,8 @@ class KVConnector(ABC):
             gone = [h for h in self._held.values() if h.deadline < now and not h.busy]
             for h in gone:
                 del self._held[h.transfer_id]
+                if hasattr(self, "sender"):  # (a one-sided stream whose consumer never acknowledged it)
+                    self.sender.announced.pop(h.transfer_id, None)
         return gone
 
     def next_deadline(self) -> float:
@@ -257,6 +264,9 @@ class KVConnector(ABC):
                 with self._lock:
                     held = self._held.pop(msg.transfer_id, None)
                 if held is not None:
+                    streamed = self.sender.read_done(msg.transfer_id, msg.read_span if msg.ok else [])
+                    if streamed is not None:  # (before "released": the stream's report needs it held)
+                        self.events.put(streamed)
                     failed = not msg.ok and self.one_sided_read  # (counted as failed, not as sent)
                     reason = f"rank {held.read_by} could not read the blocks" if failed else ""
                     self.events.put(TransferEvent("released", msg.transfer_id, reason=reason))

@@ -5,7 +5,8 @@ chunk, and at the prompt's last chunk every block, the partial last one too (a b
 filled is sent once later chunks fill it, or at the end). Each attention layer calls `layer_done` right after
 it wrote its cache: that layer's completed blocks are gathered on the compute stream (so no later step can
 overwrite them first), an event is recorded, and the sender thread (layerwise.py) sends them once the event
-is reached, while the next layers compute. Layers whose hook did not run (a replayed CUDA graph, an attention
+is reached, while the next layers compute. Over a one-sided transport (one_sided) nothing is gathered: the
+job names the blocks, which the consumer reads from this engine's pool once the layer's event is reached. Layers whose hook did not run (a replayed CUDA graph, an attention
 class without the hook) are queued by `end`, after the forward. Requests nobody subscribed to yet only
 advance their ready count; the coordinator sends what is ready when the subscription comes.
 Runs on the core's thread (disaggregation is one device per instance: the runner is in this process).
@@ -49,14 +50,15 @@ class LayerwiseHook:
         sender: LayerSender,
         kv_tensors: list[torch.Tensor],
         block_size: int,
+        one_sided: bool = False,
     ):
+        self.one_sided = one_sided
         self.streams = streams
         self.sender = sender
         self.kv_tensors = kv_tensors
         self.block_size = block_size
         self._plan: list[tuple[ProducerStream, int, int, list[int]]] = []
         self._fired: list[bool] = []
-        self.cuda = kv_tensors[0].device.type == "cuda"
 
     def bind(self, attention_layers) -> None:
         """Install layer_done as each attention layer's after_kv_write (layer i writes kv_tensors[i])."""
@@ -88,12 +90,7 @@ class LayerwiseHook:
         for st, start, end, table in self._plan:
             if st.consumer is None:
                 continue
-            data = gather_layer(kv, table[start:end])
-            ready = None
-            if self.cuda:
-                ready = torch.cuda.Event()
-                ready.record()
-            self.sender.put(LayerJob("layer", st.transfer_id, st.consumer, layer, start, data, ready))
+            self.sender.put(_layer_job(st.transfer_id, st.consumer, layer, start, kv, table[start:end], self.one_sided))
 
     def end(self) -> None:
         for layer, fired in enumerate(self._fired):
@@ -106,19 +103,29 @@ class LayerwiseHook:
         self._plan = []
 
 
-def queue_ready(st: ProducerStream, sender: LayerSender, kv_tensors: list[torch.Tensor]) -> None:
+def _layer_job(
+    transfer_id: str, dst: int, layer: int, start: int, kv: torch.Tensor, ids: list[int], one_sided: bool
+) -> LayerJob:
+    """A layer's blocks ids for the sender: gathered (two-sided), or named (one-sided: read where they lie);
+    with an event on the compute stream after this layer's writes (and the gather) on GPUs."""
+    data = None if one_sided else gather_layer(kv, ids)
+    ready = None
+    if kv.device.type == "cuda":
+        ready = torch.cuda.Event()
+        ready.record()
+    return LayerJob("layer", transfer_id, dst, layer, start, data, ready, block_ids=tuple(ids))
+
+
+def queue_ready(
+    st: ProducerStream, sender: LayerSender, kv_tensors: list[torch.Tensor], one_sided: bool = False
+) -> None:
     """Queue what is ready and not yet queued (a late subscription), then StreamDone if the prefill is done."""
     if st.consumer is None:
         return
     if st.ready_blocks > st.queued_blocks:
         ids = list(st.block_table[st.queued_blocks : st.ready_blocks])
         for layer, kv in enumerate(kv_tensors):
-            data = gather_layer(kv, ids)
-            ready = None
-            if kv.device.type == "cuda":
-                ready = torch.cuda.Event()
-                ready.record()
-            sender.put(LayerJob("layer", st.transfer_id, st.consumer, layer, st.queued_blocks, data, ready))
+            sender.put(_layer_job(st.transfer_id, st.consumer, layer, st.queued_blocks, kv, ids, one_sided))
         st.queued_blocks = st.ready_blocks
     if st.first_token >= 0 and not st.done_queued:
         st.done_queued = True

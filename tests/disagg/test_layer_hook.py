@@ -83,3 +83,20 @@ def test_a_late_subscription_gets_what_is_ready_then_the_end_of_the_stream():
     assert [(j.kind, j.start) for j in sender.jobs] == [("layer", 1)] * LAYERS + [("done", 0)]
     assert all(torch.equal(j.data, kv[i][:, [2, 3]]) for i, j in enumerate(sender.jobs[:LAYERS]))
     assert sender.jobs[-1].first_token == 42 and sender.jobs[-1].num_blocks == 3
+
+
+def test_one_sided_jobs_name_the_blocks_and_gather_nothing():
+    kv, sender = _pool(), _Sender()
+    st = ProducerStream("t", "r", num_tokens=8, num_blocks=2, consumer=1)
+    hook = LayerwiseHook({"r": st}, sender, kv, BLOCK, one_sided=True)
+    hook.begin([_chunk("r", 0, 5, [3, 11])])
+    for layer in range(LAYERS):
+        hook.layer_done(layer)
+    hook.end()
+    assert [(j.layer, j.start, j.block_ids, j.data) for j in sender.jobs] == [(i, 0, (3,), None) for i in range(LAYERS)]
+    sender.jobs.clear()
+    st.ready_blocks, st.block_table, st.first_token = 2, (3, 11), 7  # held: the rest, then the end
+    queue_ready(st, sender, kv, one_sided=True)
+    assert [(j.kind, j.start, j.block_ids, j.data) for j in sender.jobs] == [("layer", 1, (11,), None)] * LAYERS + [
+        ("done", 0, (), None)
+    ]

@@ -20,8 +20,8 @@ EXTRA_KEYS = {
     "granting a read, transfer_timeout_s more)",
     "init_timeout_s": "seconds to wait for every kv rank to join (default 300)",
     "layerwise": "send each layer's new blocks as the producer's forward finishes it, so the transfer overlaps "
-    "the prefill (true; nixl: the consumer reads each layer as it is announced), or a request's blocks once its "
-    "prefill is done (false, the default)",
+    "the prefill (true; nixl: the consumer reads each layer as it is announced), or a request's blocks once "
+    "its prefill is done (false, the default)",
     "side_channel_host": "address peers reach this instance's side channel at (default: kv_ip when loopback, "
     "else this host's address)",
 }

@@ -144,7 +144,9 @@ class KVConnector(ABC):
         scratch buffer, dropped); returns the bytes received."""
         raise NotImplementedError(f"the {self.name} connector has no layer-wise transport")
 
-    def _read_layer(self, src: int, layer: int, remote_ids: list[int], block_ids: list[int], timeout_s: float) -> int:
+    def _read_layer(
+        self, src: int, layer: int, remote_ids: list[int], block_ids: list[int], timeout_s: float
+    ) -> int:
         """Layer-wise, one-sided: copy rank src's blocks remote_ids of one layer into block_ids of that layer;
         returns the bytes read."""
         raise NotImplementedError(f"the {self.name} connector has no one-sided read")

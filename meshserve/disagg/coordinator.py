@@ -193,7 +193,7 @@ class KVTransferCoordinator:
             st.first_token, st.prefill_end = seq.output_token_ids[0], time.monotonic()
             if st.consumer is not None:
                 self._set_busy(transfer_id, True, st.consumer)
-                queue_ready(st, self.connector.sender, self.connector.kv_tensors, self.connector.one_sided_read)
+                self._queue_ready(st)
         return True
 
     # -- layer-wise (producer) ---------------------------------------------------------------------
@@ -220,6 +220,9 @@ class KVTransferCoordinator:
         st.consumer = rank
         if st.first_token >= 0:
             self._set_busy(st.transfer_id, True, rank)
+        self._queue_ready(st)
+
+    def _queue_ready(self, st: ProducerStream) -> None:
         queue_ready(st, self.connector.sender, self.connector.kv_tensors, self.connector.one_sided_read)
 
     def _subscribe(self, event: TransferEvent) -> None:
@@ -232,8 +235,8 @@ class KVTransferCoordinator:
 
     def _set_busy(self, transfer_id: str, busy: bool, consumer: int = -1) -> None:
         """A held transfer being streamed is not expired; once sent, the hold deadline starts again.
-        One-sided (NIXL): nothing is sent from here; the consumer reads, within its transfer_timeout_s, so the
-        hold lasts that much longer instead (as a granted whole-request read), and no other consumer may read it."""
+        One-sided (NIXL): nothing is sent from here; the consumer reads, within its transfer_timeout_s, so
+        the hold lasts that much longer instead (as a granted whole-request read), for that consumer alone."""
         with self.connector._lock:
             held = self.connector._held.get(transfer_id)
             if held is None:

@@ -6,8 +6,9 @@ filled is sent once later chunks fill it, or at the end). Each attention layer c
 it wrote its cache: that layer's completed blocks are gathered on the compute stream (so no later step can
 overwrite them first), an event is recorded, and the sender thread (layerwise.py) sends them once the event
 is reached, while the next layers compute. Over a one-sided transport (one_sided) nothing is gathered: the
-job names the blocks, which the consumer reads from this engine's pool once the layer's event is reached. Layers whose hook did not run (a replayed CUDA graph, an attention
-class without the hook) are queued by `end`, after the forward. Requests nobody subscribed to yet only
+job names the blocks, which the consumer reads where they lie once the sender announces them (after the
+event). Layers whose hook did not run (a replayed CUDA graph, an attention class without the hook) are queued
+by `end`, after the forward. Requests nobody subscribed to yet only
 advance their ready count; the coordinator sends what is ready when the subscription comes.
 Runs on the core's thread (disaggregation is one device per instance: the runner is in this process).
 """
@@ -90,7 +91,8 @@ class LayerwiseHook:
         for st, start, end, table in self._plan:
             if st.consumer is None:
                 continue
-            self.sender.put(_layer_job(st.transfer_id, st.consumer, layer, start, kv, table[start:end], self.one_sided))
+            ids = table[start:end]
+            self.sender.put(_layer_job(st.transfer_id, st.consumer, layer, start, kv, ids, self.one_sided))
 
     def end(self) -> None:
         for layer, fired in enumerate(self._fired):

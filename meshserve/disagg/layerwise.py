@@ -68,8 +68,8 @@ class LayerSender:
         self._sockets: dict[int, zmq.Socket] = {}
         self._spans: dict[str, list[float]] = {}  # transfer id -> [first send start, last send end, bytes]
         self._failed: dict[str, str] = {}  # transfer id -> why its sends stopped
-        # one-sided: transfer id -> (when its first LayerSent went out, when its prefill ended, bytes announced),
-        # until the consumer's Ack says when it read them (read_done)
+        # one-sided: transfer id -> (first LayerSent sent, prefill ended, bytes announced), until the
+        # consumer's Ack says when it read them (read_done)
         self.announced: dict[str, tuple[float, float, int]] = {}
         # fault injection for tests: a job this returns True for is dropped (as if lost)
         self.skip: Callable[[LayerJob], bool] | None = None
@@ -315,7 +315,13 @@ class LayerReceiver:
             self._finish(msg.transfer_id, True, "", msg.src, msg.first_token)
 
     def _finish(
-        self, tid: str, ok: bool, reason: str, src: int | None = None, first_token: int = -1, retire: bool = False
+        self,
+        tid: str,
+        ok: bool,
+        reason: str,
+        src: int | None = None,
+        first_token: int = -1,
+        retire: bool = False,
     ) -> None:
         r = self._active.pop(tid)
         read_span = [t - r.first_header for t in r.read_span] if ok else []

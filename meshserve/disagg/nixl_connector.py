@@ -211,7 +211,9 @@ class NixlConnector(StoreRendezvous, KVConnector):
     def _read_blocks(self, src: int, remote_ids: list[int], block_ids: list[int], timeout_s: float) -> int:
         return self._read(src, remote_ids, block_ids, 0, len(self.kv_tensors), timeout_s)
 
-    def _read_layer(self, src: int, layer: int, remote_ids: list[int], block_ids: list[int], timeout_s: float) -> int:
+    def _read_layer(
+        self, src: int, layer: int, remote_ids: list[int], block_ids: list[int], timeout_s: float
+    ) -> int:
         if not 0 <= layer < len(self.kv_tensors):
             raise KVTransferError(f"layer {layer} out of range ({len(self.kv_tensors)} layers)")
         return self._read(src, remote_ids, block_ids, layer, 1, timeout_s)

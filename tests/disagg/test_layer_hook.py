@@ -93,10 +93,10 @@ def test_one_sided_jobs_name_the_blocks_and_gather_nothing():
     for layer in range(LAYERS):
         hook.layer_done(layer)
     hook.end()
-    assert [(j.layer, j.start, j.block_ids, j.data) for j in sender.jobs] == [(i, 0, (3,), None) for i in range(LAYERS)]
+    jobs = [(j.layer, j.start, j.block_ids, j.data) for j in sender.jobs]
+    assert jobs == [(i, 0, (3,), None) for i in range(LAYERS)]  # block 0 complete, no tensor
     sender.jobs.clear()
     st.ready_blocks, st.block_table, st.first_token = 2, (3, 11), 7  # held: the rest, then the end
     queue_ready(st, sender, kv, one_sided=True)
-    assert [(j.kind, j.start, j.block_ids, j.data) for j in sender.jobs] == [("layer", 1, (11,), None)] * LAYERS + [
-        ("done", 0, (), None)
-    ]
+    jobs = [(j.kind, j.start, j.block_ids, j.data) for j in sender.jobs]
+    assert jobs == [("layer", 1, (11,), None)] * LAYERS + [("done", 0, (), None)]

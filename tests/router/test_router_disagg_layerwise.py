@@ -1,6 +1,6 @@
-"""The router's concurrent legs over a layer-wise prefill and decode instance (real servers, gloo or NIXL/UCX on loopback):
-the decode instance subscribes while the chunked prefill runs, so layers go out (or are read) before the prefill ends; the
-tokens are colocated serving's, streamed or not; both sides free every block."""
+"""The router's concurrent legs over a layer-wise prefill and decode instance (real servers, gloo or NIXL/UCX
+on loopback): the decode instance subscribes while the chunked prefill runs, so layers go out (or are read)
+before the prefill ends; the tokens are colocated serving's, streamed or not; both sides free every block."""
 
 from __future__ import annotations
 

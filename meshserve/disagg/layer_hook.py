@@ -77,11 +77,25 @@ class LayerwiseHook:
             st = self.streams.get(s.seq_id)
             if st is None:
                 continue
+            if self.one_sided and st.ready_blocks and tuple(s.block_table[: st.ready_blocks]) != tuple(
+                st.block_table[: st.ready_blocks]
+            ):
+                self._moved(st)
             end = s.num_computed_tokens + s.num_new_tokens
             ready = st.num_blocks if end >= st.num_tokens else end // self.block_size
             if ready > st.ready_blocks:
                 self._plan.append((st, st.ready_blocks, ready, list(s.block_table[:ready])))
         self._fired = [False] * len(self.kv_tensors)
+
+    def _moved(self, st: ProducerStream) -> None:
+        """One-sided: the request was preempted and is recomputed into other blocks. The announced ones were
+        freed, maybe reused, while the consumer may still read them: its transfer fails (it admits nothing);
+        if nothing was announced yet, what is ready starts again from the new blocks."""
+        if st.consumer is not None and st.queued_blocks:
+            reason = "the request was preempted on the producer after blocks of it were announced"
+            self.sender.put(LayerJob("done", st.transfer_id, st.consumer, ok=False, reason=reason))
+            st.consumer = None
+        st.ready_blocks = st.queued_blocks = 0
 
     def layer_done(self, layer: int) -> None:
         if not self._plan or self._fired[layer]:

@@ -4,10 +4,9 @@ The handshake (side_channel.py) is the same for every transport; a connector sup
 `_send_blocks` / `_recv_blocks` move the blocks of every layer between this engine's pool and a peer's (a
 two-sided transport), or `_read_blocks` copies the producer's blocks into the consumer's from the consumer
 alone (a one-sided transport, `one_sided_read`: the producer only grants the pull; layer-wise, `_read_layer`
-one layer as the producer announces it), and
-`_peer_address` / `_publish_address` find the peers' side channels. Two threads do the talking, so the engine
-core's step loop never waits on the network: a server thread answers pulls (producer) and a worker thread
-runs pulls one at a time (consumer). The core learns what happened through `events` (TransferEvent), drained
+reads one layer as the producer announces it), and `_peer_address` / `_publish_address` find the peers' side
+channels. Two threads do the talking, so the engine core's step loop never waits on the network: a server
+thread answers pulls (producer) and a worker thread runs pulls one at a time (consumer). The core learns what happened through `events` (TransferEvent), drained
 once per step (coordinator.py), and is the only one to touch the block manager.
 """
 

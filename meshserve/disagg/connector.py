@@ -6,8 +6,9 @@ two-sided transport), or `_read_blocks` copies the producer's blocks into the co
 alone (a one-sided transport, `one_sided_read`: the producer only grants the pull; layer-wise, `_read_layer`
 reads one layer as the producer announces it), and `_peer_address` / `_publish_address` find the peers' side
 channels. Two threads do the talking, so the engine core's step loop never waits on the network: a server
-thread answers pulls (producer) and a worker thread runs pulls one at a time (consumer). The core learns what happened through `events` (TransferEvent), drained
-once per step (coordinator.py), and is the only one to touch the block manager.
+thread answers pulls (producer) and a worker thread runs pulls one at a time (consumer). The core learns what
+happened through `events` (TransferEvent), drained once per step (coordinator.py), and is the only one to
+touch the block manager.
 """
 
 from __future__ import annotations

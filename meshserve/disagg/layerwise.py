@@ -11,12 +11,12 @@ counts the blocks of every layer, and reports "received" only when StreamDone co
 every block; a missing layer, a refusal or the deadline (transfer_timeout_s) reports "failed" instead, and
 the producer is told (Ack not ok) so it frees the blocks. Tensors announced for a request already given up
 are received all the same (into a scratch buffer) so the link keeps its order.
-One-sided transports (NIXL, `one_sided_read`): the same flow, but no tensor travels from the producer. The hook
-gathers nothing; each LayerSent, sent once the layer's event is reached, names the producer's blocks of that
-layer, and the receiver READs them straight into the request's blocks (`_read_layer`) before taking the next
-message. The consumer alone writes its blocks, so giving up (a missing layer, the deadline) needs nothing from
-the producer, and a read NIXL cannot cancel retires the blocks (as a whole-request pull does). The producer
-sees no bytes move: its overlap metric comes from the consumer's Ack, which says when the reads ran.
+One-sided transports (NIXL, `one_sided_read`): the same flow, but no tensor travels from the producer. The
+hook gathers nothing; each LayerSent, sent once the layer's event is reached, names the producer's blocks of
+that layer, and the receiver READs them straight into the request's blocks (`_read_layer`) before taking the
+next message. The consumer alone writes its blocks, so giving up (a missing layer, the deadline) needs nothing
+from the producer, and a read NIXL cannot cancel retires the blocks (as a whole-request pull does). The
+producer sees no bytes move: its overlap metric comes from the consumer's Ack, which says when the reads ran.
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ class NixlConnector(StoreRendezvous, KVConnector):
         self, src: int, remote_ids: list[int], block_ids: list[int], first_layer: int, num_layers: int,
         timeout_s: float,
     ) -> int:
-        """Read rank src's blocks remote_ids into block_ids, layers [first_layer, first_layer + num_layers)."""
+        """Read rank src's blocks remote_ids into block_ids, of layers first_layer .. + num_layers - 1."""
         if len(remote_ids) != len(block_ids):
             raise KVTransferError(f"rank {src} holds {len(remote_ids)} blocks, {len(block_ids)} expected")
         what = f"NIXL read of {len(block_ids)} blocks from kv rank {src}"

@@ -1,8 +1,8 @@
 """Layer-wise transfer between a producer process and a consumer (gloo, or NIXL/UCX where installed, on
-loopback): the consumer subscribes before the producer's chunked prefill starts, so every layer's blocks go out
-(torch) or are read (nixl) as the prefill finishes them;
-tokens equal a single engine's, blocks are byte-identical layer by layer, a missing layer or a stalled producer
-fails the request cleanly, and both sides free every block."""
+loopback): the consumer subscribes before the producer's chunked prefill starts, so every layer's blocks go
+out (torch) or are read (nixl) as the prefill finishes them; tokens equal a single engine's, blocks are
+byte-identical layer by layer, a missing layer or a stalled producer fails the request cleanly, and both sides
+free every block."""
 
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ def pair(request, tiny_model_dir):
     mp_env = pytest.MonkeyPatch()
     mp_env.setenv("OMP_NUM_THREADS", "2")
     # nixl: each NIXL agent's progress thread polls without pause (nixl's Python API fixes its delay at 0),
-    # most of a core each on this 2-core CPU: the producer's prefill runs several times slower, so the deadline
-    # is longer than torch's
+    # most of a core each on this 2-core CPU: the producer's prefill runs several times slower, so the
+    # deadline is longer than torch's
     timeout = 4 if connector == "torch" else 15
     ctx = mp.get_context("spawn")
     commands, results = ctx.Queue(), ctx.Queue()
@@ -210,7 +210,8 @@ def test_a_missing_layer_or_a_stalled_producer_fails_the_request(pair, fault):
     assert tokens[f"d{fault}0"] == []  # never marked ready: no token
     assert [e.error_type for e in errors] == ["KVTransferError"]
     timeout = consumer.disagg.config.transfer_timeout_s
-    want = "layer(s) [1] incomplete" if fault == "drop_layer_1" else f"timed out after {timeout:.1f} s with 0 of"
+    stalled = f"timed out after {timeout:.1f} s with 0 of"
+    want = "layer(s) [1] incomplete" if fault == "drop_layer_1" else stalled
     assert want in errors[0].message, errors[0].message
     assert time.monotonic() - t0 < 60
     bm = consumer.scheduler.block_manager

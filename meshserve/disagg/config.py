@@ -20,7 +20,8 @@ EXTRA_KEYS = {
     "granting a read, transfer_timeout_s more)",
     "init_timeout_s": "seconds to wait for every kv rank to join (default 300)",
     "layerwise": "send each layer's new blocks as the producer's forward finishes it, so the transfer overlaps "
-    "the prefill (true), or a request's blocks once its prefill is done (false, the default)",
+    "the prefill (true; nixl: the consumer reads each layer as it is announced), or a request's blocks once "
+    "its prefill is done (false, the default)",
     "side_channel_host": "address peers reach this instance's side channel at (default: kv_ip when loopback, "
     "else this host's address)",
 }
@@ -126,12 +127,6 @@ def parse_kv_transfer_config(value: Any) -> KVTransferConfig | None:
     if not isinstance(extra.get("layerwise", False), bool):
         raise _bad(
             f"must be true or false, got {extra['layerwise']!r}", "kv_connector_extra_config.layerwise"
-        )
-    if extra.get("layerwise") and d["kv_connector"] == "nixl":
-        raise _bad(
-            'layer-wise streaming runs on the "torch" connector only; the nixl connector moves whole requests '
-            "(drop layerwise or use torch)",
-            "kv_connector_extra_config.layerwise",
         )
     for key in ("transfer_timeout_s", "hold_timeout_s", "init_timeout_s"):
         v = extra.get(key, 1.0)

@@ -3,11 +3,12 @@
 The handshake (side_channel.py) is the same for every transport; a connector supplies the transport:
 `_send_blocks` / `_recv_blocks` move the blocks of every layer between this engine's pool and a peer's (a
 two-sided transport), or `_read_blocks` copies the producer's blocks into the consumer's from the consumer
-alone (a one-sided transport, `one_sided_read`: the producer only grants the pull), and
-`_peer_address` / `_publish_address` find the peers' side channels. Two threads do the talking, so the engine
-core's step loop never waits on the network: a server thread answers pulls (producer) and a worker thread
-runs pulls one at a time (consumer). The core learns what happened through `events` (TransferEvent), drained
-once per step (coordinator.py), and is the only one to touch the block manager.
+alone (a one-sided transport, `one_sided_read`: the producer only grants the pull; layer-wise, `_read_layer`
+reads one layer as the producer announces it), and `_peer_address` / `_publish_address` find the peers' side
+channels. Two threads do the talking, so the engine core's step loop never waits on the network: a server
+thread answers pulls (producer) and a worker thread runs pulls one at a time (consumer). The core learns what
+happened through `events` (TransferEvent), drained once per step (coordinator.py), and is the only one to
+touch the block manager.
 """
 
 from __future__ import annotations
@@ -144,6 +145,13 @@ class KVConnector(ABC):
         scratch buffer, dropped); returns the bytes received."""
         raise NotImplementedError(f"the {self.name} connector has no layer-wise transport")
 
+    def _read_layer(
+        self, src: int, layer: int, remote_ids: list[int], block_ids: list[int], timeout_s: float
+    ) -> int:
+        """Layer-wise, one-sided: copy rank src's blocks remote_ids of one layer into block_ids of that layer;
+        returns the bytes read."""
+        raise NotImplementedError(f"the {self.name} connector has no one-sided read")
+
     def _thread_init(self) -> None:
         """Per-thread set-up of the transport (e.g. the current CUDA device), run first in each thread."""
 
@@ -227,6 +235,8 @@ class KVConnector(ABC):
             gone = [h for h in self._held.values() if h.deadline < now and not h.busy]
             for h in gone:
                 del self._held[h.transfer_id]
+                if hasattr(self, "sender"):  # (a one-sided stream whose consumer never acknowledged it)
+                    self.sender.announced.pop(h.transfer_id, None)
         return gone
 
     def next_deadline(self) -> float:
@@ -257,6 +267,9 @@ class KVConnector(ABC):
                 with self._lock:
                     held = self._held.pop(msg.transfer_id, None)
                 if held is not None:
+                    streamed = self.sender.read_done(msg.transfer_id, msg.read_span if msg.ok else [])
+                    if streamed is not None:  # (before "released": the stream's report needs it held)
+                        self.events.put(streamed)
                     failed = not msg.ok and self.one_sided_read  # (counted as failed, not as sent)
                     reason = f"rank {held.read_by} could not read the blocks" if failed else ""
                     self.events.put(TransferEvent("released", msg.transfer_id, reason=reason))

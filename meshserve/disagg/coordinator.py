@@ -192,8 +192,8 @@ class KVTransferCoordinator:
             st.ready_blocks, st.block_table = len(blocks), tuple(b.block_id for b in blocks)
             st.first_token, st.prefill_end = seq.output_token_ids[0], time.monotonic()
             if st.consumer is not None:
-                self._set_busy(transfer_id, True)
-                queue_ready(st, self.connector.sender, self.connector.kv_tensors)
+                self._set_busy(transfer_id, True, st.consumer)
+                self._queue_ready(st)
         return True
 
     # -- layer-wise (producer) ---------------------------------------------------------------------
@@ -219,8 +219,11 @@ class KVTransferCoordinator:
             return
         st.consumer = rank
         if st.first_token >= 0:
-            self._set_busy(st.transfer_id, True)
-        queue_ready(st, self.connector.sender, self.connector.kv_tensors)
+            self._set_busy(st.transfer_id, True, rank)
+        self._queue_ready(st)
+
+    def _queue_ready(self, st: ProducerStream) -> None:
+        queue_ready(st, self.connector.sender, self.connector.kv_tensors, self.connector.one_sided_read)
 
     def _subscribe(self, event: TransferEvent) -> None:
         st = self._streams_by_tid.get(event.transfer_id)
@@ -230,13 +233,21 @@ class KVTransferCoordinator:
             deadline = time.monotonic() + self.config.transfer_timeout_s
             self._subscriptions[event.transfer_id] = (event.peer, event.num_tokens, deadline)
 
-    def _set_busy(self, transfer_id: str, busy: bool) -> None:
-        """A held transfer being streamed is not expired; once sent, the hold deadline starts again."""
+    def _set_busy(self, transfer_id: str, busy: bool, consumer: int = -1) -> None:
+        """A held transfer being streamed is not expired; once sent, the hold deadline starts again.
+        One-sided (NIXL): nothing is sent from here; the consumer reads, within its transfer_timeout_s, so
+        the hold lasts that much longer instead (as a granted whole-request read), for that consumer alone."""
         with self.connector._lock:
             held = self.connector._held.get(transfer_id)
-            if held is not None:
+            if held is None:
+                return
+            held.deadline = time.monotonic() + self.config.hold_timeout_s
+            if self.connector.one_sided_read:
+                if busy:
+                    held.read_by = consumer
+                    held.deadline += self.config.transfer_timeout_s
+            else:
                 held.busy = busy
-                held.deadline = time.monotonic() + self.config.hold_timeout_s
 
     # -- each step -------------------------------------------------------------------------------
     @property
@@ -408,7 +419,9 @@ def build_kv_transfer(config: KVTransferConfig | None, runner, scheduler) -> KVT
     if config.is_producer and config.layerwise:
         from meshserve.disagg.layer_hook import LayerwiseHook
 
-        hook = LayerwiseHook(coordinator.streams, connector.sender, tensors, runner.block_size)
+        hook = LayerwiseHook(
+            coordinator.streams, connector.sender, tensors, runner.block_size, connector.one_sided_read
+        )
         hook.bind(runner.model.attention_layers())
         runner.layerwise_hook = hook
     return coordinator

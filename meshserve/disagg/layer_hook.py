@@ -5,8 +5,10 @@ chunk, and at the prompt's last chunk every block, the partial last one too (a b
 filled is sent once later chunks fill it, or at the end). Each attention layer calls `layer_done` right after
 it wrote its cache: that layer's completed blocks are gathered on the compute stream (so no later step can
 overwrite them first), an event is recorded, and the sender thread (layerwise.py) sends them once the event
-is reached, while the next layers compute. Layers whose hook did not run (a replayed CUDA graph, an attention
-class without the hook) are queued by `end`, after the forward. Requests nobody subscribed to yet only
+is reached, while the next layers compute. Over a one-sided transport (one_sided) nothing is gathered: the
+job names the blocks, which the consumer reads where they lie once the sender announces them (after the
+event). Layers whose hook did not run (a replayed CUDA graph, an attention class without the hook) are queued
+by `end`, after the forward. Requests nobody subscribed to yet only
 advance their ready count; the coordinator sends what is ready when the subscription comes.
 Runs on the core's thread (disaggregation is one device per instance: the runner is in this process).
 """
@@ -49,14 +51,15 @@ class LayerwiseHook:
         sender: LayerSender,
         kv_tensors: list[torch.Tensor],
         block_size: int,
+        one_sided: bool = False,
     ):
+        self.one_sided = one_sided
         self.streams = streams
         self.sender = sender
         self.kv_tensors = kv_tensors
         self.block_size = block_size
         self._plan: list[tuple[ProducerStream, int, int, list[int]]] = []
         self._fired: list[bool] = []
-        self.cuda = kv_tensors[0].device.type == "cuda"
 
     def bind(self, attention_layers) -> None:
         """Install layer_done as each attention layer's after_kv_write (layer i writes kv_tensors[i])."""
@@ -74,11 +77,25 @@ class LayerwiseHook:
             st = self.streams.get(s.seq_id)
             if st is None:
                 continue
+            if self.one_sided and st.ready_blocks and tuple(s.block_table[: st.ready_blocks]) != tuple(
+                st.block_table[: st.ready_blocks]
+            ):
+                self._moved(st)
             end = s.num_computed_tokens + s.num_new_tokens
             ready = st.num_blocks if end >= st.num_tokens else end // self.block_size
             if ready > st.ready_blocks:
                 self._plan.append((st, st.ready_blocks, ready, list(s.block_table[:ready])))
         self._fired = [False] * len(self.kv_tensors)
+
+    def _moved(self, st: ProducerStream) -> None:
+        """One-sided: the request was preempted and is recomputed into other blocks. The announced ones were
+        freed, maybe reused, while the consumer may still read them: its transfer fails (it admits nothing);
+        if nothing was announced yet, what is ready starts again from the new blocks."""
+        if st.consumer is not None and st.queued_blocks:
+            reason = "the request was preempted on the producer after blocks of it were announced"
+            self.sender.put(LayerJob("done", st.transfer_id, st.consumer, ok=False, reason=reason))
+            st.consumer = None
+        st.ready_blocks = st.queued_blocks = 0
 
     def layer_done(self, layer: int) -> None:
         if not self._plan or self._fired[layer]:
@@ -88,12 +105,8 @@ class LayerwiseHook:
         for st, start, end, table in self._plan:
             if st.consumer is None:
                 continue
-            data = gather_layer(kv, table[start:end])
-            ready = None
-            if self.cuda:
-                ready = torch.cuda.Event()
-                ready.record()
-            self.sender.put(LayerJob("layer", st.transfer_id, st.consumer, layer, start, data, ready))
+            ids = table[start:end]
+            self.sender.put(_layer_job(st.transfer_id, st.consumer, layer, start, kv, ids, self.one_sided))
 
     def end(self) -> None:
         for layer, fired in enumerate(self._fired):
@@ -106,19 +119,29 @@ class LayerwiseHook:
         self._plan = []
 
 
-def queue_ready(st: ProducerStream, sender: LayerSender, kv_tensors: list[torch.Tensor]) -> None:
+def _layer_job(
+    transfer_id: str, dst: int, layer: int, start: int, kv: torch.Tensor, ids: list[int], one_sided: bool
+) -> LayerJob:
+    """A layer's blocks ids for the sender: gathered (two-sided), or named (one-sided: read where they lie);
+    with an event on the compute stream after this layer's writes (and the gather) on GPUs."""
+    data = None if one_sided else gather_layer(kv, ids)
+    ready = None
+    if kv.device.type == "cuda":
+        ready = torch.cuda.Event()
+        ready.record()
+    return LayerJob("layer", transfer_id, dst, layer, start, data, ready, block_ids=tuple(ids))
+
+
+def queue_ready(
+    st: ProducerStream, sender: LayerSender, kv_tensors: list[torch.Tensor], one_sided: bool = False
+) -> None:
     """Queue what is ready and not yet queued (a late subscription), then StreamDone if the prefill is done."""
     if st.consumer is None:
         return
     if st.ready_blocks > st.queued_blocks:
         ids = list(st.block_table[st.queued_blocks : st.ready_blocks])
         for layer, kv in enumerate(kv_tensors):
-            data = gather_layer(kv, ids)
-            ready = None
-            if kv.device.type == "cuda":
-                ready = torch.cuda.Event()
-                ready.record()
-            sender.put(LayerJob("layer", st.transfer_id, st.consumer, layer, st.queued_blocks, data, ready))
+            sender.put(_layer_job(st.transfer_id, st.consumer, layer, st.queued_blocks, kv, ids, one_sided))
         st.queued_blocks = st.ready_blocks
     if st.first_token >= 0 and not st.done_queued:
         st.done_queued = True

@@ -11,6 +11,12 @@ counts the blocks of every layer, and reports "received" only when StreamDone co
 every block; a missing layer, a refusal or the deadline (transfer_timeout_s) reports "failed" instead, and
 the producer is told (Ack not ok) so it frees the blocks. Tensors announced for a request already given up
 are received all the same (into a scratch buffer) so the link keeps its order.
+One-sided transports (NIXL, `one_sided_read`): the same flow, but no tensor travels from the producer. The
+hook gathers nothing; each LayerSent, sent once the layer's event is reached, names the producer's blocks of
+that layer, and the receiver READs them straight into the request's blocks (`_read_layer`) before taking the
+next message. The consumer alone writes its blocks, so giving up (a missing layer, the deadline) needs nothing
+from the producer, and a read NIXL cannot cancel retires the blocks (as a whole-request pull does). The
+producer sees no bytes move: its overlap metric comes from the consumer's Ack, which says when the reads ran.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ class LayerJob:
     dst: int  # the consumer's kv rank
     layer: int = 0
     start: int = 0  # first block index (in the request's block table) of data
-    data: torch.Tensor | None = None
+    data: torch.Tensor | None = None  # two-sided: the gathered blocks; None over a one-sided transport
     ready: torch.cuda.Event | None = None  # recorded on the compute stream after the gather (GPU)
+    block_ids: tuple[int, ...] = ()  # the producer's ids of those blocks (one-sided: the consumer reads them)
     ok: bool = True
     first_token: int = -1
     num_blocks: int = 0
@@ -61,6 +68,9 @@ class LayerSender:
         self._sockets: dict[int, zmq.Socket] = {}
         self._spans: dict[str, list[float]] = {}  # transfer id -> [first send start, last send end, bytes]
         self._failed: dict[str, str] = {}  # transfer id -> why its sends stopped
+        # one-sided: transfer id -> (first LayerSent sent, prefill ended, bytes announced), until the
+        # consumer's Ack says when it read them (read_done)
+        self.announced: dict[str, tuple[float, float, int]] = {}
         # fault injection for tests: a job this returns True for is dropped (as if lost)
         self.skip: Callable[[LayerJob], bool] | None = None
 
@@ -110,7 +120,9 @@ class LayerSender:
                 job.transfer_id, job.ok, job.first_token, job.num_blocks, job.reason, self.conn.rank
             )
             sock.send(sc.encoder.encode(msg))
-            if span is not None:  # seconds: how much of the sending overlapped the prefill
+            if span is not None and self.conn.one_sided_read:  # the reads are the consumer's: see read_done
+                self.announced[job.transfer_id] = (span[0], job.prefill_end, int(span[2]))
+            elif span is not None:  # seconds: how much of the sending overlapped the prefill
                 overlap = max(0.0, min(span[1], job.prefill_end) - span[0])
                 self.conn.events.put(
                     TransferEvent(
@@ -126,14 +138,37 @@ class LayerSender:
         if job.ready is not None:
             job.ready.synchronize()  # the compute stream has written and gathered this layer
         t0 = time.monotonic()
-        count = job.data.shape[1]
-        sock.send(
-            sc.encoder.encode(sc.LayerSent(job.transfer_id, job.layer, job.start, count, self.conn.rank))
-        )
-        nbytes = self.conn._send_layer(job.dst, job.data)
+        if job.data is None:  # one-sided: the header names the blocks; the consumer reads them
+            count = len(job.block_ids)
+            header = sc.LayerSent(
+                job.transfer_id, job.layer, job.start, count, self.conn.rank, list(job.block_ids)
+            )
+            sock.send(sc.encoder.encode(header))
+            kv = self.conn.kv_tensors[job.layer]
+            nbytes = count * kv[:, 0].numel() * kv.element_size()
+        else:
+            count = job.data.shape[1]
+            sock.send(
+                sc.encoder.encode(sc.LayerSent(job.transfer_id, job.layer, job.start, count, self.conn.rank))
+            )
+            nbytes = self.conn._send_layer(job.dst, job.data)
         span = self._spans.setdefault(job.transfer_id, [t0, 0.0, 0])
         span[1] = time.monotonic()
         span[2] += nbytes
+
+    def read_done(self, transfer_id: str, read_span: list[float]) -> TransferEvent | None:
+        """One-sided: the "streamed" report of a transfer whose consumer read every layer, read_span being
+        when its reads began and ended after it took the first LayerSent (the one-way latency of that header,
+        well under a millisecond on a LAN, is neglected). None when nothing was announced here."""
+        announced = self.announced.pop(transfer_id, None)
+        if announced is None or len(read_span) != 2:
+            return None
+        first_sent, prefill_end, nbytes = announced
+        started, ended = first_sent + read_span[0], first_sent + read_span[1]
+        overlap = max(0.0, min(ended, prefill_end) - started)
+        return TransferEvent(
+            "streamed", transfer_id, num_bytes=nbytes, seconds=overlap, started=started, ended=ended
+        )
 
 
 @dataclass
@@ -145,6 +180,9 @@ class _Receiving:
     got: list[bytearray] = field(default_factory=list)  # per layer: 1 where a block arrived
     nbytes: int = 0
     reasons: list[str] = field(default_factory=list)  # producers that refused it, and why
+    # one-sided: when the first LayerSent was taken, and the span of the reads (time.monotonic())
+    first_header: float = 0.0
+    read_span: list[float] = field(default_factory=list)
 
 
 class LayerReceiver:
@@ -223,13 +261,27 @@ class LayerReceiver:
             if not any(seen):
                 ids = r.job.block_ids[msg.start : msg.start + msg.count]
         layer = min(max(msg.layer, 0), len(self.conn.kv_tensors) - 1)
-        timeout = max(0.1, (r.deadline if r is not None else time.monotonic() + 5) - time.monotonic())
+        now = time.monotonic()
+        timeout = max(0.1, (r.deadline if r is not None else now + 5) - now)
+        one_sided = self.conn.one_sided_read
+        if one_sided and ids is not None and len(msg.block_ids) != msg.count:
+            ids = None  # (a bad header: nothing is read, the transfer fails below)
+        if r is not None and not r.first_header:
+            r.first_header = now
         try:
-            nbytes = self.conn._recv_layer(msg.src, self.conn.kv_tensors[layer], ids, msg.count, timeout)
+            if not one_sided:
+                nbytes = self.conn._recv_layer(msg.src, self.conn.kv_tensors[layer], ids, msg.count, timeout)
+            elif ids is not None:  # (nothing to read for a transfer given up: no link order to keep)
+                nbytes = self.conn._read_layer(msg.src, layer, msg.block_ids, ids, timeout)
+                if not r.read_span:
+                    r.read_span = [now, 0.0]
+                r.read_span[1] = time.monotonic()
         except Exception as e:  # noqa: BLE001  (the link is broken: every transfer from that producer fails)
+            unsafe = getattr(e, "blocks_unsafe", False)  # a read still running may write this one's blocks
             for tid, other in list(self._active.items()):
                 if msg.src in other.asked:
-                    self._finish(tid, False, f"receiving from rank {msg.src} failed: {e}")
+                    retire = unsafe and tid == msg.transfer_id
+                    self._finish(tid, False, f"receiving from rank {msg.src} failed: {e}", retire=retire)
             return
         if r is None:
             return
@@ -262,13 +314,23 @@ class LayerReceiver:
         else:
             self._finish(msg.transfer_id, True, "", msg.src, msg.first_token)
 
-    def _finish(self, tid: str, ok: bool, reason: str, src: int | None = None, first_token: int = -1) -> None:
+    def _finish(
+        self,
+        tid: str,
+        ok: bool,
+        reason: str,
+        src: int | None = None,
+        first_token: int = -1,
+        retire: bool = False,
+    ) -> None:
         r = self._active.pop(tid)
+        read_span = [t - r.first_header for t in r.read_span] if ok else []
         for rank in [src] if src is not None else sorted(r.asked):
-            self._dealer(rank).send(sc.encoder.encode(sc.Ack(tid, ok)))
+            self._dealer(rank).send(sc.encoder.encode(sc.Ack(tid, ok, read_span)))
         if not ok:
             logger.warning("KV transfer %s failed: %s", tid, reason)
         kind = "received" if ok else "failed"
         event = TransferEvent(kind, tid, r.job.request_id, first_token, r.nbytes, reason=reason)
+        event.retire_blocks = retire
         event.seconds = time.monotonic() - r.started
         self.conn.events.put(event)

@@ -8,7 +8,11 @@ the producer's blocks (named in the PullReply) straight into its own allocated b
 block, per K/V part, per layer, taken by index from two descriptor lists prepared once (the whole pools), so a
 pull builds no descriptors. The read done, the side channel's Ack tells the producer to free its blocks.
 GPU pools register as VRAM (GPUDirect RDMA / NVLink where UCX finds them), CPU pools as DRAM.
-Layer-wise streaming (layerwise.py) is push-style and not offered here (config.py refuses the pair).
+Layer-wise (layerwise.py): the producer announces each layer's blocks as its forward finishes them (LayerSent
+names them) and the consumer's receiver thread reads that layer alone (`_read_layer`, the same prepared lists,
+one layer's rows): consumer-driven READs rather than producer WRITEs, so the consumer alone ever writes its
+blocks and giving up on a transfer stays its own decision (cancel, or retire what NIXL cannot cancel), and the
+stream's flow, checks and faults are the torch connector's.
 Where the library is absent, choosing this connector is a one-line start-up error.
 """
 
@@ -100,12 +104,16 @@ def block_descs(layer_addrs: list[int], parts: int, num_blocks: int, block_len: 
     return descs
 
 
-def desc_indices(block_ids: list[int], num_layers: int, parts: int, num_blocks: int) -> np.ndarray:
-    """Rows of block_descs for block_ids (in their order) of every layer and part: layer-major, then part."""
+def desc_indices(
+    block_ids: list[int], num_layers: int, parts: int, num_blocks: int, first_layer: int = 0
+) -> np.ndarray:
+    """Rows of block_descs for block_ids (in their order) of num_layers layers from first_layer, every part:
+    layer-major, then part."""
     ids = np.asarray(block_ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= num_blocks):
         raise KVTransferError(f"block id out of range (pool of {num_blocks} blocks): {block_ids}")
-    rows = np.arange(num_layers * parts, dtype=np.int64)[:, None] * num_blocks + ids[None, :]
+    layer_parts = np.arange(first_layer * parts, (first_layer + num_layers) * parts, dtype=np.int64)
+    rows = layer_parts[:, None] * num_blocks + ids[None, :]
     return rows.reshape(-1).astype(np.int32)
 
 
@@ -165,7 +173,7 @@ class NixlConnector(StoreRendezvous, KVConnector):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
-    # -- consumer: the puller thread alone uses the agent from here on ---------------------------------------
+    # -- consumer: its puller (or layer-wise receiver) thread alone uses the agent from here on --------------
     def _peer(self, rank: int) -> _Peer:
         peer = self._peers.get(rank)
         if peer is not None:
@@ -201,15 +209,28 @@ class NixlConnector(StoreRendezvous, KVConnector):
             logger.debug("KV transfer: forgetting NIXL agent %s: %s", peer.info.name, e)
 
     def _read_blocks(self, src: int, remote_ids: list[int], block_ids: list[int], timeout_s: float) -> int:
+        return self._read(src, remote_ids, block_ids, 0, len(self.kv_tensors), timeout_s)
+
+    def _read_layer(
+        self, src: int, layer: int, remote_ids: list[int], block_ids: list[int], timeout_s: float
+    ) -> int:
+        if not 0 <= layer < len(self.kv_tensors):
+            raise KVTransferError(f"layer {layer} out of range ({len(self.kv_tensors)} layers)")
+        return self._read(src, remote_ids, block_ids, layer, 1, timeout_s)
+
+    def _read(
+        self, src: int, remote_ids: list[int], block_ids: list[int], first_layer: int, num_layers: int,
+        timeout_s: float,
+    ) -> int:
+        """Read rank src's blocks remote_ids into block_ids, of layers first_layer .. + num_layers - 1."""
         if len(remote_ids) != len(block_ids):
             raise KVTransferError(f"rank {src} holds {len(remote_ids)} blocks, {len(block_ids)} expected")
         what = f"NIXL read of {len(block_ids)} blocks from kv rank {src}"
         deadline = time.monotonic() + timeout_s
         try:
             peer = self._peer(src)
-            layers = len(self.kv_tensors)
-            local = desc_indices(block_ids, layers, self.parts, self.num_blocks)
-            remote = desc_indices(remote_ids, layers, peer.info.parts, peer.info.num_blocks)
+            local = desc_indices(block_ids, num_layers, self.parts, self.num_blocks, first_layer)
+            remote = desc_indices(remote_ids, num_layers, peer.info.parts, peer.info.num_blocks, first_layer)
             handle = self.agent.make_prepped_xfer("READ", self._local_dlist, local, peer.dlist, remote)
         except KVTransferError:
             raise

@@ -7,7 +7,9 @@ reads them itself); the consumer acknowledges (Ack) once they are in its cache, 
 producer free them. Each instance binds one ROUTER socket; consumers talk to it through DEALER sockets.
 Layer-wise (layerwise.py): a Pull with layerwise set subscribes instead; the producer's sender thread then
 pushes LayerSent headers (each before its tensor on the transport) and a final StreamDone to the consumer's
-PULL socket, as the prefill's layers finish.
+PULL socket, as the prefill's layers finish. Over a one-sided transport (NIXL) no tensor follows: each
+LayerSent names the producer's blocks of that layer, which the consumer reads itself, and its final Ack says
+when its reads ran (the producer's overlap metric).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class PullReply(msgspec.Struct, tag=True):
 class Ack(msgspec.Struct, tag=True):
     transfer_id: str
     ok: bool  # False: the consumer gave up (the producer frees the blocks all the same)
+    # one-sided layer-wise: when the consumer's reads began and ended, in seconds after it took the stream's
+    # first LayerSent (durations: the producer maps them onto its own clock from when it sent that header)
+    read_span: list[float] = []
 
 
 class LayerSent(msgspec.Struct, tag=True):
@@ -48,6 +53,8 @@ class LayerSent(msgspec.Struct, tag=True):
     start: int
     count: int
     src: int  # the producer's kv rank (whose transport the tensor comes on)
+    # one-sided (NIXL): no tensor follows; the producer's ids of those blocks, for the consumer to read
+    block_ids: list[int] = []
 
 
 class StreamDone(msgspec.Struct, tag=True):

@@ -97,3 +97,63 @@ def test_gpu_pair_matches_single_engine(tiny_model_dir, backend):
     finally:
         single.shutdown()
     assert got == want
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nixl"])
+def test_gpu_layerwise_pair_matches_single_engine(tiny_model_dir, backend):
+    """Layer-wise on GPUs: the consumers subscribe first, then the producer's chunked prefill announces (nixl:
+    the consumer reads each layer's blocks from the producer's GPU once the layer's event is reached) or sends
+    (gloo, staged through host memory) every layer as it finishes; tokens equal a single engine's."""
+    from tests.disagg.test_layerwise_engine import _both_legs
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    if backend == "nixl":
+        from meshserve.disagg.nixl_connector import nixl_available
+
+        if not nixl_available():
+            pytest.skip("the NIXL library is not installed (pip install meshserve[nixl])")
+    connector = "nixl" if backend == "nixl" else "torch"
+    second = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
+    common = {
+        "model": tiny_model_dir("llama"),
+        "block_size": 16,
+        "max_model_len": 2048,
+        "num_gpu_blocks_override": 400,
+        "dtype": "float32",
+    }
+    port = free_port()
+    extra = {"layerwise": True, "transfer_timeout_s": 60}
+    ctx = mp.get_context("spawn")
+    commands, results = ctx.Queue(), ctx.Queue()
+    prod_cfg = transfer_config("kv_producer", 0, port, connector=connector, **extra)
+    proc = ctx.Process(
+        target=producer_main,
+        args=(
+            {**common, "device": "cuda:0", "max_num_batched_tokens": 256, "kv_transfer_config": prod_cfg},
+            commands,
+            results,
+        ),
+        daemon=True,
+    )
+    proc.start()
+    cons_cfg = transfer_config("kv_consumer", 1, port, connector=connector, **extra)
+    consumer = EngineCore.from_engine_args(EngineArgs(**common, device=second, kv_transfer_config=cons_cfg))
+    prompts = [_ids(i, n) for i, n in enumerate((100, 700, 1500))]
+    try:
+        assert results.get(timeout=300)[0] == "ready"
+        got, errors, _done = _both_legs(consumer, commands, results, prompts, "g", max_tokens=16)
+        assert not errors, errors
+        bm = consumer.scheduler.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+    finally:
+        commands.put(("stop",))
+        proc.join(60)
+        consumer.shutdown()
+    single = EngineCore.from_engine_args(EngineArgs(**common, device="cuda:0", max_num_batched_tokens=256))
+    try:
+        greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        want = _run(single, [EngineCoreRequest(f"dg{i}", p, greedy, 16) for i, p in enumerate(prompts)])
+    finally:
+        single.shutdown()
+    assert got == want

@@ -97,8 +97,8 @@ def test_nixl_reports_a_missing_library(monkeypatch):
         nixl_connector.make_nixl_connector(None, [])
 
 
-def test_nixl_with_layerwise_is_refused_in_one_line():
-    with pytest.raises(InvalidArgumentError, match="layer-wise streaming runs on the \"torch\" connector only"):
-        parse_kv_transfer_config(
-            {"kv_connector": "nixl", "kv_role": "kv_producer", "kv_connector_extra_config": {"layerwise": True}}
-        )
+def test_nixl_takes_layerwise():
+    c = parse_kv_transfer_config(
+        {"kv_connector": "nixl", "kv_role": "kv_producer", "kv_connector_extra_config": {"layerwise": True}}
+    )
+    assert c.kv_connector == "nixl" and c.layerwise

@@ -83,3 +83,41 @@ def test_a_late_subscription_gets_what_is_ready_then_the_end_of_the_stream():
     assert [(j.kind, j.start) for j in sender.jobs] == [("layer", 1)] * LAYERS + [("done", 0)]
     assert all(torch.equal(j.data, kv[i][:, [2, 3]]) for i, j in enumerate(sender.jobs[:LAYERS]))
     assert sender.jobs[-1].first_token == 42 and sender.jobs[-1].num_blocks == 3
+
+
+def test_one_sided_jobs_name_the_blocks_and_gather_nothing():
+    kv, sender = _pool(), _Sender()
+    st = ProducerStream("t", "r", num_tokens=8, num_blocks=2, consumer=1)
+    hook = LayerwiseHook({"r": st}, sender, kv, BLOCK, one_sided=True)
+    hook.begin([_chunk("r", 0, 5, [3, 11])])
+    for layer in range(LAYERS):
+        hook.layer_done(layer)
+    hook.end()
+    jobs = [(j.layer, j.start, j.block_ids, j.data) for j in sender.jobs]
+    assert jobs == [(i, 0, (3,), None) for i in range(LAYERS)]  # block 0 complete, no tensor
+    sender.jobs.clear()
+    st.ready_blocks, st.block_table, st.first_token = 2, (3, 11), 7  # held: the rest, then the end
+    queue_ready(st, sender, kv, one_sided=True)
+    jobs = [(j.kind, j.start, j.block_ids, j.data) for j in sender.jobs]
+    assert jobs == [("layer", 1, (11,), None)] * LAYERS + [("done", 0, (), None)]
+
+
+def test_one_sided_a_request_recomputed_into_other_blocks_fails_its_stream_or_starts_again():
+    kv, sender = _pool(), _Sender()
+    st = ProducerStream("t", "r", num_tokens=8, num_blocks=2, consumer=1)
+    late = ProducerStream("u", "q", num_tokens=8, num_blocks=2)  # nobody subscribed yet
+    hook = LayerwiseHook({"r": st, "q": late}, sender, kv, BLOCK, one_sided=True)
+    hook.begin([_chunk("r", 0, 5, [3, 11]), _chunk("q", 0, 5, [4, 12])])
+    hook.end()
+    assert len(sender.jobs) == LAYERS and late.block_table == (4,)
+    sender.jobs.clear()
+    # preempted (blocks freed) and recomputed from the start into other blocks
+    hook.begin([_chunk("r", 0, 5, [6, 7]), _chunk("q", 0, 5, [8, 9])])
+    hook.end()
+    assert [(j.kind, j.ok) for j in sender.jobs] == [("done", False)] and "preempted" in sender.jobs[0].reason
+    assert st.consumer is None  # nothing more is announced to it
+    assert (late.ready_blocks, late.block_table) == (1, (8,))  # a late subscription reads the new block
+    sender.jobs.clear()
+    late.consumer = 2
+    queue_ready(late, sender, kv, one_sided=True)
+    assert {j.block_ids for j in sender.jobs} == {(8,)}

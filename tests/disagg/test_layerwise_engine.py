@@ -1,7 +1,8 @@
-"""Layer-wise transfer between a producer process and a consumer (gloo on loopback): the consumer subscribes
-before the producer's chunked prefill starts, so every layer's blocks go out as the prefill finishes them;
-tokens equal a single engine's, blocks are byte-identical layer by layer, a missing layer or a stalled producer
-fails the request cleanly, and both sides free every block."""
+"""Layer-wise transfer between a producer process and a consumer (gloo, or NIXL/UCX where installed, on
+loopback): the consumer subscribes before the producer's chunked prefill starts, so every layer's blocks go
+out (torch) or are read (nixl) as the prefill finishes them; tokens equal a single engine's, blocks are
+byte-identical layer by layer, a missing layer or a stalled producer fails the request cleanly, and both sides
+free every block."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from meshserve.config import EngineArgs
+from meshserve.disagg.nixl_connector import nixl_available
 from meshserve.engine.core import EngineCore
 from meshserve.engine.messages import EngineCoreRequest
 from meshserve.sampling import SamplingParams
@@ -21,11 +23,25 @@ from tests.disagg.test_disagg_engine import BLOCK, _ids, _run
 CHUNK = 16  # the producer's token budget per step: prompts of 40-90 tokens take several steps
 
 
+NO_NIXL = pytest.mark.skipif(
+    not nixl_available(), reason="the NIXL library is not installed (pip install meshserve[nixl])"
+)
+
+
 # the transfer does not depend on the family (same KV layout): qwen3 (QK norm, tied embeddings) only with -m slow
-@pytest.fixture(scope="module", params=["llama", pytest.param("qwen3", marks=pytest.mark.slow)])
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("llama", "torch"),
+        pytest.param(("llama", "nixl"), marks=NO_NIXL, id="llama-nixl"),
+        pytest.param(("qwen3", "torch"), marks=pytest.mark.slow),
+    ],
+    ids=lambda p: "-".join(p),
+)
 def pair(request, tiny_model_dir):
     """(family, command queue, result queue, consumer core, producer's block count)."""
-    model = tiny_model_dir(request.param)
+    family, connector = request.param
+    model = tiny_model_dir(family)
     port = free_port()
     common = {"model": model, "block_size": BLOCK, "max_model_len": 256, "num_gpu_blocks_override": 200}
     # every engine here (the spawned producer, the consumer and the reference in this process) on the same
@@ -34,10 +50,15 @@ def pair(request, tiny_model_dir):
     # (seen once under CI load)
     mp_env = pytest.MonkeyPatch()
     mp_env.setenv("OMP_NUM_THREADS", "2")
+    # nixl: each NIXL agent's progress thread polls without pause (nixl's Python API fixes its delay at 0),
+    # most of a core each on this 2-core CPU: the producer's prefill runs several times slower, so the
+    # deadline is longer than torch's
+    timeout = 4 if connector == "torch" else 15
     ctx = mp.get_context("spawn")
     commands, results = ctx.Queue(), ctx.Queue()
     prod_cfg = transfer_config(
-        "kv_producer", 0, port, layerwise=True, transfer_timeout_s=5, hold_timeout_s=30, init_timeout_s=120
+        "kv_producer", 0, port, connector=connector, layerwise=True, transfer_timeout_s=timeout + 1,
+        hold_timeout_s=30, init_timeout_s=120
     )
     proc = ctx.Process(
         target=producer_main,
@@ -46,12 +67,14 @@ def pair(request, tiny_model_dir):
     )
     proc.start()
     cons_cfg = transfer_config(
-        "kv_consumer", 1, port, layerwise=True, transfer_timeout_s=4, init_timeout_s=120
+        "kv_consumer", 1, port, connector=connector, layerwise=True, transfer_timeout_s=timeout,
+        init_timeout_s=120
     )
     consumer = EngineCore.from_engine_args(EngineArgs(**common, kv_transfer_config=cons_cfg))
     kind, num_blocks = results.get(timeout=300)
     assert kind == "ready", num_blocks
-    yield request.param, commands, results, consumer, num_blocks
+    assert consumer.disagg.connector.name == connector
+    yield family, commands, results, consumer, num_blocks
     commands.put(("stop",))
     proc.join(30)
     if proc.is_alive():
@@ -186,7 +209,9 @@ def test_a_missing_layer_or_a_stalled_producer_fails_the_request(pair, fault):
     assert done[f"p{fault}0"][0] == "done"  # the producer ran its prefill
     assert tokens[f"d{fault}0"] == []  # never marked ready: no token
     assert [e.error_type for e in errors] == ["KVTransferError"]
-    want = "layer(s) [1] incomplete" if fault == "drop_layer_1" else "timed out after 4.0 s with 0 of"
+    timeout = consumer.disagg.config.transfer_timeout_s
+    stalled = f"timed out after {timeout:.1f} s with 0 of"
+    want = "layer(s) [1] incomplete" if fault == "drop_layer_1" else stalled
     assert want in errors[0].message, errors[0].message
     assert time.monotonic() - t0 < 60
     bm = consumer.scheduler.block_manager

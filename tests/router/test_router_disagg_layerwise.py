@@ -1,6 +1,6 @@
-"""The router's concurrent legs over a layer-wise prefill and decode instance (real servers, gloo on loopback):
-the decode instance subscribes while the chunked prefill runs, so layers go out before the prefill ends; the
-tokens are colocated serving's, streamed or not; both sides free every block."""
+"""The router's concurrent legs over a layer-wise prefill and decode instance (real servers, gloo or NIXL/UCX
+on loopback): the decode instance subscribes while the chunked prefill runs, so layers go out (or are read)
+before the prefill ends; the tokens are colocated serving's, streamed or not; both sides free every block."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from meshserve.disagg.nixl_connector import nixl_available
 from meshserve.router.config import RouterConfig
 from tests.router.conftest import wait_until
 from tests.router.test_router_disagg import _body, _metric, _text, start_prefill_and_decode
@@ -16,11 +17,22 @@ from tests.router.test_router_disagg import _body, _metric, _text, start_prefill
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def deployment(tiny_model_dir, processes):
+@pytest.fixture(
+    scope="module",
+    params=[
+        "torch",
+        pytest.param(
+            "nixl",
+            marks=pytest.mark.skipif(
+                not nixl_available(), reason="the NIXL library is not installed (pip install meshserve[nixl])"
+            ),
+        ),
+    ],
+)
+def deployment(tiny_model_dir, processes, request):
     # chunked prefill (16 tokens a step): the decode instance subscribes while the prefill still runs
     return start_prefill_and_decode(tiny_model_dir, processes, ["--max-num-batched-tokens", "16"],
-                                    transfer_timeout_s=20, layerwise=True)
+                                    connector=request.param, transfer_timeout_s=20, layerwise=True)
 
 
 def test_concurrent_legs_stream_layers_during_the_prefill(deployment, router):

@@ -56,18 +56,19 @@ def start_prefill_and_decode(tiny_model_dir, processes, prefill_args=(), connect
     return prefill, decode
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        "torch",
-        pytest.param(
-            "nixl",
-            marks=pytest.mark.skipif(
-                not nixl_available(), reason="the NIXL library is not installed (pip install meshserve[nixl])"
-            ),
+# the connectors a deployment fixture runs over (nixl where the library is installed)
+CONNECTORS = [
+    "torch",
+    pytest.param(
+        "nixl",
+        marks=pytest.mark.skipif(
+            not nixl_available(), reason="the NIXL library is not installed (pip install meshserve[nixl])"
         ),
-    ],
-)
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=CONNECTORS)
 def deployment(tiny_model_dir, processes, request):
     return start_prefill_and_decode(tiny_model_dir, processes, connector=request.param)
 

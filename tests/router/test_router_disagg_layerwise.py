@@ -9,26 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from meshserve.disagg.nixl_connector import nixl_available
 from meshserve.router.config import RouterConfig
 from tests.router.conftest import wait_until
-from tests.router.test_router_disagg import _body, _metric, _text, start_prefill_and_decode
+from tests.router.test_router_disagg import CONNECTORS, _body, _metric, _text, start_prefill_and_decode
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        "torch",
-        pytest.param(
-            "nixl",
-            marks=pytest.mark.skipif(
-                not nixl_available(), reason="the NIXL library is not installed (pip install meshserve[nixl])"
-            ),
-        ),
-    ],
-)
+@pytest.fixture(scope="module", params=CONNECTORS)
 def deployment(tiny_model_dir, processes, request):
     # chunked prefill (16 tokens a step): the decode instance subscribes while the prefill still runs
     return start_prefill_and_decode(tiny_model_dir, processes, ["--max-num-batched-tokens", "16"],

@@ -479,6 +479,33 @@ def tenth_w1_rows() -> list[dict]:
     return rows
 
 
+def tenth_table() -> str:
+    """Markdown: every measured row of the tenth session (2026-12-01, 2 x H200), predicted vs measured, with the
+    seventh session's W2 PP runs the pipeline's host costs are fitted to: W1 8B (goal 10%), W2 8B (seconds, 10%),
+    W3 goodput (10%) with TTFT p50 / p99 beside it."""
+    lines = ["| run (2 x H200) | metric | predicted | measured | error | how | measured in |",
+             "|---|---|---|---|---|---|---|"]
+
+    def line(run: str, metric: str, pred: float, meas: float, how: str, file: str, fmt: str = ".1f") -> None:
+        err = (pred - meas) / meas if meas else float("nan")
+        lines.append(f"| {run} | {metric} | {pred:,{fmt}} | {meas:,{fmt}} | {err:+.1%} | {how} | `{file}` |")
+
+    for r in tenth_w1_rows():
+        line(r["run"], "output tok/s", r["pred"], r["meas"], "check", r["file"])
+    for r in pp_rows():
+        if r["file"].endswith("tp2.json"):
+            continue  # the TP cost's own fit (the offline table)
+        how = "fitted (host costs)" if r["fitted"] else "check"
+        line(r["run"], "seconds", r["pred"], r["meas"], how, r["file"], ".2f")
+    for r in tenth_dp_rows():
+        p, m, run = r["pred"], r["meas"], f"{r['run']}, QPS {r['qps']:g}"
+        busy = "" if r["router_busy"] is None else f"; router busy {r['router_busy']:.0%} (sim)"
+        line(run, "goodput req/s", p["goodput"], m["goodput"], "check" + busy, r["file"])
+        line(run, "TTFT p50 ms", p["ttft_p50"] * 1e3, m["ttft_p50"] * 1e3, "check", r["file"], ".0f")
+        line(run, "TTFT p99 ms", p["ttft_p99"] * 1e3, m["ttft_p99"] * 1e3, "check", r["file"], ".0f")
+    return "\n".join(lines)
+
+
 def offline_table(calibrations: tuple[str, ...] = ("default", BEFORE_GRAPHS)) -> str:
     """One simulated / measured column and its goal per fit: the runs predate mixed-step graphs, whose fit is
     the second; W1's decode steps are graphed in both engines."""
@@ -557,7 +584,7 @@ def extrapolations() -> str:
     return "\n\n".join(out)
 
 
-# python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | extrapolate | fit-tp | fit-pp-host]
+# python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | tenth | extrapolate | fit-tp | fit-pp-host]
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     if what == "fit-tp":
@@ -582,6 +609,9 @@ if __name__ == "__main__":
         print()
     if what in ("pp", "all"):
         print(pp_table())
+        print()
+    if what in ("tenth", "all"):
+        print(tenth_table())
         print()
     if what in ("extrapolate", "all"):
         print(extrapolations())

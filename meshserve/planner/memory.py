@@ -6,6 +6,7 @@ All byte counts are plain bytes; "GB" in messages is 1e9 bytes.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from meshserve.errors import InvalidArgumentError
@@ -95,10 +96,11 @@ class StageShard:
 
 
 def stage_shard(model: ModelSpec, layout: Layout, stage: int, weight_dtype: str = "bf16",
-                kv_dtype: str = "bf16") -> StageShard:
-    """The slice of the model one GPU of pipeline stage `stage` holds under `layout`."""
+                kv_dtype: str = "bf16", layer_partition: Sequence[int] | None = None) -> StageShard:
+    """The slice of the model one GPU of pipeline stage `stage` holds under `layout` (layer_partition: layers
+    per stage, the engine's --pp-layer-partition; None: stage_layers' even split)."""
     tp, wb, ub = layout.tp, weight_dtype_bytes(weight_dtype), UNQUANTIZED_BYTES
-    layers = stage_layers(model.num_layers, layout.pp)[stage]
+    layers = (layer_partition or stage_layers(model.num_layers, layout.pp))[stage]
     moe_layers = round(model.num_moe_layers * layers / model.num_layers)
     dense_layers = layers - moe_layers
     kv_heads = kv_heads_per_gpu(model, tp)

@@ -33,7 +33,17 @@ def register(subparsers) -> None:
                    help="steps a PP replica keeps in flight (the engine's --pipeline-depth; 0: one per stage)")
     g.add_argument("--pp-host-step-ms", type=float, default=None,
                    help="host time per pipelined step on the first stage (default: the calibration's "
-                        "pipeline.host_step_ms, 4.4 ms measured on 2 x H200)")
+                        "pipeline.host_step_ms, fitted on 2 x H200)")
+    g.add_argument("--pp-round-trip-ms", type=float, default=None,
+                   help="the rest of a pipelined step's round trip through the host, which delays it without "
+                        "keeping the host busy (default: the calibration's pipeline.round_trip_ms)")
+    g.add_argument("--pp-token-handoff", action="store_true",
+                   help="the engine's --pp-token-handoff (TP 1): sampled ids go from the last stage to the first "
+                        "on the device, off the host's round trip")
+    g.add_argument("--pp-layer-partition", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
+                   help="layers per pipeline stage, comma-separated (the engine's --pp-layer-partition)")
+    g.add_argument("--tp-fused-norm", choices=("off", "pull", "push"), default="off",
+                   help="MESHSERVE_TP_FUSED_NORM: TP all-reduces fused with the residual add and RMSNorm")
     g.add_argument("--router", default=d.router, choices=ROUTER_POLICIES)
     g.add_argument("--replica-model", default="fast", choices=REPLICA_MODELS,
                    help="fast (default): the scheduler's policy on aggregate state with decode steps in closed form "
@@ -173,6 +183,9 @@ def config_from_args(ns: argparse.Namespace):
     config = SimConfig(model=ns.model, gpu=ns.gpu, num_gpus=ns.num_gpus, tp=ns.tp, pp=ns.pp,
                        pipeline_depth=ns.pipeline_depth,
                        pp_host_step_s=None if ns.pp_host_step_ms is None else ns.pp_host_step_ms / 1e3,
+                       pp_round_trip_s=None if ns.pp_round_trip_ms is None else ns.pp_round_trip_ms / 1e3,
+                       pp_token_handoff=ns.pp_token_handoff, pp_layer_partition=ns.pp_layer_partition,
+                       tp_fused_norm="" if ns.tp_fused_norm == "off" else ns.tp_fused_norm,
                        router=ns.router,
                        slo_ttft_s=ns.slo_ttft_ms / 1e3 if ns.slo_ttft_ms else None,
                        slo_tpot_s=ns.slo_tpot_ms / 1e3 if ns.slo_tpot_ms else None,

@@ -35,6 +35,17 @@ class SimConfig:
     # the host's time per pipelined step on the first stage (scheduling, inputs, outputs: pipeline.py); None:
     # the calibration section's pipeline.host_step_ms
     pp_host_step_s: float | None = None
+    # and the rest of a step's round trip through the host, which delays the step but keeps no one busy (None: the
+    # calibration's pipeline.round_trip_ms)
+    pp_round_trip_s: float | None = None
+    # the engine's --pp-token-handoff (TP = 1): the last stage sends each step's sampled ids to the first on the
+    # device, and a sequence runs again pp steps after its last without its token back on the host (pipeline.py)
+    pp_token_handoff: bool = False
+    # the engine's --pp-layer-partition: layers per stage (None: the even split, the first stages take the rest)
+    pp_layer_partition: tuple[int, ...] | None = None
+    # MESHSERVE_TP_FUSED_NORM: "" off, "pull" or "push": each TP all-reduce fused with the residual add and the
+    # next RMSNorm (step_cost.FusedNormSaving, the calibration's tp.fused_norm_* tables)
+    tp_fused_norm: str = ""
     router: str = "least-outstanding"
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
@@ -91,8 +102,18 @@ class SimConfig:
         if self.pp > 1 and self.step_noise:
             raise InvalidArgumentError("step-time noise is not modelled with pipeline stages (pipeline.py)",
                                        param="step_noise")
-        if self.pp_host_step_s is not None and self.pp_host_step_s < 0:
+        if min(self.pp_host_step_s or 0.0, self.pp_round_trip_s or 0.0) < 0:
             raise InvalidArgumentError("the pipeline host cost must be >= 0", param="pp_host_step_ms")
+        if self.pp_token_handoff and (self.pp == 1 or self.tp != 1):  # as the engine refuses it (EngineArgs)
+            raise InvalidArgumentError("--pp-token-handoff needs --pp > 1 and --tp 1", param="pp_token_handoff")
+        if self.pp_layer_partition is not None:
+            layers = self.model_spec().num_layers
+            if (len(self.pp_layer_partition) != self.pp or min(self.pp_layer_partition) < 1
+                    or sum(self.pp_layer_partition) != layers):
+                raise InvalidArgumentError(f"--pp-layer-partition {list(self.pp_layer_partition)} must list {self.pp} "
+                                           f"stages of >= 1 layer summing to {layers}", param="pp_layer_partition")
+        if self.tp_fused_norm not in ("", "pull", "push"):
+            raise InvalidArgumentError("--tp-fused-norm must be off, pull or push", param="tp_fused_norm")
         if self.frontend_request_s < 0 or self.frontend_token_s < 0 or self.frontend_refusal_s < 0:
             raise InvalidArgumentError("front-end costs must be >= 0", param="frontend_request_ms")
         if min(self.router_request_s, self.router_event_s, self.router_refusal_s) < 0:

@@ -28,7 +28,7 @@ from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fast_fleet import fast_model_gap, run_fast
 from meshserve.simulator.fast_replica import FastReplica
 from meshserve.simulator.metrics import RunRecorder
-from meshserve.simulator.pipeline import PipelinedReplica, StagePipeline, hop_s, load_host_step_s
+from meshserve.simulator.pipeline import HostCosts, PipelinedReplica, StagePipeline, hop_s, load_host_costs
 from meshserve.simulator.replica import SimReplica
 from meshserve.simulator.router_node import RouterNode
 from meshserve.simulator.step_cost import StepCost, StepWeights, TpCosts, load_calibration, load_tp_costs
@@ -63,7 +63,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     trace = Trace.of(trace)
     model, gpu = config.model_spec(), config.gpu_spec()
     cost = StepCost(model, gpu, config.tp, weights or load_calibration(config.calibration),
-                    tp_costs=tp_costs or load_tp_costs(config.calibration))
+                    tp_costs=tp_costs or load_tp_costs(config.calibration), fused_norm=config.tp_fused_norm)
     noise = load_step_noise(config.calibration) if config.step_noise else None
     prefix_caching = config.enable_prefix_caching
     if prefix_caching is None:
@@ -89,7 +89,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                        prefix_caching, (0, 0), wall0, replica_model, fallback)
 
     version: list[int] = []  # per replica: only its latest event in `steps` is live
-    host_s = config.pp_host_step_s if config.pp_host_step_s is not None else load_host_step_s(config.calibration)
+    host = host_costs(config)
     router_node = RouterNode(config.router_costs) if config.router_costs.enabled else None
     # the router node takes jobs from every replica: step by step they come nearly in time order, while decode
     # runs laid out ahead hand theirs in late (W3 DP=2 at QPS 64: TTFT p50 105 ms laid out, 65 ms step by step)
@@ -102,7 +102,9 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                                     step_model=cost.model, light=fast_forward, frontend=config.frontend_costs,
                                     api_server_count=config.api_server_count, frontend_gate=config.frontend_gate,
                                     router=router_node, stages=stage_pipeline(config, model, gpu, step_cost, cost),
-                                    depth=config.steps_in_flight, host_s=host_s)
+                                    depth=config.steps_in_flight, host=host,
+                                    handoff_lag=config.pp if config.pp_token_handoff else 0,
+                                    token_hop_s=0.0 if step_cost is not None else gpu.link_latency_us * 1e-6)
         return SimReplica(index, sched_cfg, cache_cfg, step_cost or cost, recorder, config.max_queue_len,
                           step_model=cost.model, fast_forward=fast_forward, light=fast_forward,
                           frontend=config.frontend_costs, api_server_count=config.api_server_count,
@@ -243,7 +245,14 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     hits = sum(r.scheduler.block_manager.stats.hits for r in replicas)
     return _report(config, trace, recorder, replicas, scaler, autoscale, timeline, cost, step_cost, num_blocks,
                    prefix_caching, (queries, hits), wall0, replica_model, fallback, router_node,
-                   host_s if config.pp > 1 else None)
+                   host if config.pp > 1 else None)
+
+
+def host_costs(config: SimConfig) -> HostCosts:
+    """The pipeline host's costs per step: the config's where given, else the calibration's."""
+    stored = load_host_costs(config.calibration)
+    return HostCosts(stored.step_s if config.pp_host_step_s is None else config.pp_host_step_s,
+                     stored.round_trip_s if config.pp_round_trip_s is None else config.pp_round_trip_s)
 
 
 def stage_pipeline(config: SimConfig, model, gpu, step_cost: Callable | list | None,
@@ -255,7 +264,8 @@ def stage_pipeline(config: SimConfig, model, gpu, step_cost: Callable | list | N
         if len(costs) != config.pp:
             raise ValueError(f"{len(costs)} stage costs for {config.pp} stages")
         return StagePipeline(costs, lambda _tokens: 0.0)
-    stages = [StepCost(model, gpu, config.tp, cost.weights, pp=config.pp, stage=s, tp_costs=cost.tp_costs)
+    stages = [StepCost(model, gpu, config.tp, cost.weights, pp=config.pp, stage=s, tp_costs=cost.tp_costs,
+                       layer_partition=config.pp_layer_partition, fused_norm=config.tp_fused_norm)
               for s in range(config.pp)]
     same_node = config.gpus_per_replica <= gpu.gpus_per_node
     return StagePipeline(stages, lambda tokens: hop_s(model, gpu, tokens, same_node))
@@ -264,7 +274,7 @@ def stage_pipeline(config: SimConfig, model, gpu, step_cost: Callable | list | N
 def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: list, scaler, autoscale,
             timeline: list[dict], cost: StepCost, step_cost, num_blocks: int, prefix_caching: bool,
             prefix_queries_hits: tuple[int, int], wall0: float, replica_model: str, fallback: str | None,
-            router_node: RouterNode | None = None, host_s: float | None = None) -> dict:
+            router_node: RouterNode | None = None, host: HostCosts | None = None) -> dict:
     """The report of a finished run, whichever replica model ran it."""
     gpu = config.gpu_spec()
     n, arrivals, delay = len(trace), trace.arrival_s, config.frontend_latency_s
@@ -285,7 +295,9 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
         # with pipeline stages: steps in flight, the host's cost per step, each stage's busy fraction and the last
         # stage's bubble as the engine measures it (pipeline.py)
         "pipeline": None if config.pp == 1 else {
-            "steps_in_flight": config.steps_in_flight, "host_step_s": host_s,
+            "steps_in_flight": config.steps_in_flight, "host_step_s": host.step_s,
+            "round_trip_s": host.round_trip_s,
+            "token_handoff": config.pp_token_handoff, "layer_partition": config.pp_layer_partition,
             "stage_busy_fraction": [sum(r.stages.busy_s[s] for r in replicas) / replica_seconds
                                     if replica_seconds else 0.0 for s in range(config.pp)],
             "bubble": sum(r.stages.bubble for r in replicas) / len(replicas)},

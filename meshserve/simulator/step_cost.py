@@ -20,6 +20,7 @@ import gzip
 import json
 import sys
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel
 from meshserve.errors import InvalidArgumentError
 from meshserve.planner.hardware import GpuSpec
-from meshserve.planner.memory import stage_shard
+from meshserve.planner.memory import UNQUANTIZED_BYTES, stage_shard
 from meshserve.planner.model import ModelSpec
 from meshserve.planner.parallel import Layout
 from meshserve.planner.perf import ACT_BYTES, allreduce_s
@@ -81,6 +82,52 @@ def load_tp_costs(name: str = "default") -> TpCosts:
     return TpCosts(table.get("layer_us", 0.0), table.get("layer_seq_us", 0.0))
 
 
+@dataclass(frozen=True)
+class FusedNormSaving:
+    """What one TP all-reduce saves when the residual add and the next RMSNorm run inside it (the fused kernel,
+    MESHSERVE_TP_FUSED_NORM=pull|push): measured microseconds of (one-shot all-reduce, then the Triton norm)
+    minus (the fused kernel) at message sizes kib, read linearly between them and held past the last; nothing
+    past max_kib, where the engine takes the unfused path (the kernel's buffer)."""
+
+    kib: tuple[float, ...]
+    saving_us: tuple[float, ...]
+    max_kib: float
+
+    def saving_s(self, nbytes: float) -> float:
+        kib = nbytes / 1024
+        if kib > self.max_kib:
+            return 0.0
+        return float(np.interp(kib, self.kib, self.saving_us)) * 1e-6
+
+
+def load_fused_norm(variant: str, name: str = "default") -> FusedNormSaving:
+    """The `tp.fused_norm_<variant>` table of a calibration.toml section (variant: pull or push)."""
+    sections = tomllib.loads(CALIBRATION_FILE.read_text())
+    entry = sections.get(name)
+    if isinstance(entry, str):
+        entry = sections.get(entry)
+    table = (entry or {}).get("tp", {}).get(f"fused_norm_{variant}")
+    if table is None:
+        raise InvalidArgumentError(f"calibration {name!r} has no tp.fused_norm_{variant} table", param="tp_fused_norm")
+    return FusedNormSaving(tuple(table["kib"]), tuple(table["saving_us"]), table["max_kib"])
+
+
+def stage_read_bytes(model: ModelSpec, tp: int, pp: int, weight_dtype: str = "bf16", kv_dtype: str = "bf16",
+                     layer_partition: Sequence[int] | None = None) -> list[float]:
+    """Weight bytes each pipeline stage's step reads, priced on the TP=1 fit's scale: the first stage's embedding
+    is a gather of the step's rows, not a read of the table, but the fit (one GPU, every weight counted) priced
+    the whole model's bytes, so the stages' reads are scaled to sum to it. Without this the first stage carried
+    the whole embedding's read and an even split looked balanced where the last stage (the head) is heavier,
+    which --pp-layer-partition 17,15 corrects on the 8B."""
+    layout = Layout(tp=tp, pp=pp)
+    shards = [stage_shard(model, layout, s, weight_dtype, kv_dtype, layer_partition) for s in range(pp)]
+    reads = [sh.weight_bytes for sh in shards]
+    reads[0] -= model.embedding_params / tp * UNQUANTIZED_BYTES
+    whole = stage_shard(model, Layout(tp=tp), 0, weight_dtype, kv_dtype).weight_bytes
+    scale = whole / sum(reads)
+    return [r * scale for r in reads]
+
+
 def prior_weights(efficiency: float, overhead_ms: float = 1.0) -> StepWeights:
     """The engine's own starting point before it has measured a step: data sheet at `efficiency`."""
     return StepWeights(overhead_ms, 1.0 / efficiency, 1.0 / efficiency, 0.0)
@@ -96,14 +143,17 @@ class StepCost:
 
     def __init__(self, model: ModelSpec, gpu: GpuSpec, tp: int = 1, weights: StepWeights | None = None,
                  weight_dtype: str = "bf16", kv_dtype: str = "bf16", pp: int = 1, stage: int = 0,
-                 tp_costs: TpCosts | None = None):
-        shard = stage_shard(model, Layout(tp=tp, pp=pp), stage, weight_dtype, kv_dtype)
+                 tp_costs: TpCosts | None = None, layer_partition: Sequence[int] | None = None,
+                 fused_norm: str = ""):
+        shard = stage_shard(model, Layout(tp=tp, pp=pp), stage, weight_dtype, kv_dtype, layer_partition)
         self.weights = weights or load_calibration()
+        weight_bytes = shard.weight_bytes
         if pp > 1:
             share = shard.num_layers / model.num_layers
             self.weights = StepWeights(self.weights.constant_ms, self.weights.dense_factor, self.weights.kv_factor,
                                        self.weights.mixed_ms * share)
-        self.model = StepTimeModel(weight_bytes=shard.weight_bytes, kv_bytes_per_token=shard.kv_bytes_per_token,
+            weight_bytes = stage_read_bytes(model, tp, pp, weight_dtype, kv_dtype, layer_partition)[stage]
+        self.model = StepTimeModel(weight_bytes=weight_bytes, kv_bytes_per_token=shard.kv_bytes_per_token,
                                    rates=DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s(weight_dtype)))
         # fixed weights: the simulator replays a converged engine, it does not learn
         self.model.theta = np.array(self.weights.as_tuple())
@@ -116,13 +166,19 @@ class StepCost:
         # seconds per step and per sequence of the layers' fixed costs that tp did not divide
         share = (1.0 - 1.0 / tp) * shard.num_layers * 1e-6
         self._tp_fixed = (share * self.tp_costs.layer_us, share * self.tp_costs.layer_seq_us)
+        # the fused all-reduce + residual add + RMSNorm (MESHSERVE_TP_FUSED_NORM): what each all-reduce saves
+        self._fused = None if tp == 1 or not fused_norm else load_fused_norm(fused_norm)
         self._lines: dict[int, tuple[float, float]] = {}  # decode_line's per-batch-size terms
 
     def comm_s(self, num_tokens: int) -> float:
         """Two all-reduces per layer of the step's hidden states (0 without TP)."""
         if self.tp == 1:
             return 0.0
-        return self._allreduces * allreduce_s(num_tokens * self._token_bytes, self.tp, *self._link)
+        nbytes = num_tokens * self._token_bytes
+        each = allreduce_s(nbytes, self.tp, *self._link)
+        if self._fused is not None:
+            each -= self._fused.saving_s(nbytes)
+        return self._allreduces * each
 
     def tp_s(self, num_tokens: int, num_seqs: int) -> float:
         """What TP adds to the divided TP=1 terms: the all-reduces and the per-layer costs tp does not divide,

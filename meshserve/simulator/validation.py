@@ -256,26 +256,50 @@ def dp_table(qps_points: tuple[float, ...] = (64.0, 128.0, 96.0)) -> str:
     return "\n".join(lines)
 
 
+# the tenth session (2026-12-01, 2 x H200, W3 with targets, a 4-process client): one replica, DP=2 with the internal
+# back end (one engine core per GPU, an API process each, no router process) and DP=2 through `meshserve router`
+TENTH_W3_DP = (("one replica", "x2_h200_1201_s10/w3_dp1/w3.json", 1, None),
+               ("DP=2, internal back end", "x2_h200_1201_s10/w3_dp2/w3.json", 2, None),
+               ("DP=2 through the router (router node cpu_light)", "x2_h200_1201_s10/w3_dp2r/w3.json", 2, "cpu_light"))
+
+
+def tenth_dp_rows() -> list[dict]:
+    """The tenth session's W3 points (TENTH_W3_DP) replayed: each with its replicas and, through the router, the
+    router node's CPU costs (router_calibration.toml: measured on a CPU box, nothing fitted to these runs)."""
+    rows = []
+    for label, file, replicas, router_cal in TENTH_W3_DP:
+        router = load_router_costs(router_cal) if router_cal else ROUTER_OFF
+        for point in json.loads((RESULTS / file).read_text())["points"]:
+            pred = replay_w3_dp(point["qps"], router, num_replicas=replicas)
+            node = pred["router_node"] or {}
+            rows.append({"run": f"W3 {label}", "qps": point["qps"], "file": file, "pred": pred, "meas": point,
+                         "router_busy": node.get("busy_fraction")})
+    return rows
+
+
 # -- offline runs on two H200s (BENCHMARKS.md "Two GPUs"): no API process, everything submitted at once ----------
 def replay_offline(model: str, tp: int, requests: list[tuple[int, int]], gpu: str = "H200",
                    calibration: str = "default", pp: int = 1, pipeline_depth: int = 0,
-                   pp_host_step_s: float | None = None) -> dict:
+                   pp_host_step_s: float | None = None, pp_round_trip_s: float | None = None,
+                   pp_token_handoff: bool = False, pp_layer_partition: tuple[int, ...] | None = None,
+                   tp_fused_norm: str = "") -> dict:
     """requests: (prompt tokens, output tokens) all at t = 0, the engine's offline settings (bench latency and
-    throughput: max_model_len 4096, max_num_seqs 256); pp stages with pipeline_depth steps in flight and the
-    pipeline's host cost per step (None: the calibration's)."""
+    throughput: max_model_len 4096, max_num_seqs 256); pp stages with pipeline_depth steps in flight, the
+    pipeline's host cost per step and the rest of its round trip (None: the calibration's), the token hand-off and the layer
+    partition; tp_fused_norm: the fused all-reduce + norm kernel ("", pull, push)."""
     config = SimConfig(model=model, gpu=gpu, num_gpus=tp * pp, tp=tp, pp=pp, pipeline_depth=pipeline_depth,
                        max_model_len=4096, max_num_seqs=256, calibration=calibration,
-                       pp_host_step_s=pp_host_step_s)
+                       pp_host_step_s=pp_host_step_s,
+                       pp_round_trip_s=pp_round_trip_s, pp_token_handoff=pp_token_handoff,
+                       pp_layer_partition=pp_layer_partition, tp_fused_norm=tp_fused_norm)
     return simulate(config, [SimRequest(0.0, p, o) for p, o in requests])
 
 
-# The seventh session's W2 runs on one 2 x H200 host (BENCHMARKS.md "Seventh session"): TP=1, TP=2 and PP=2 at
-# depth 2 and 3, each (file, tp, pp, depth). That engine shared max_num_seqs 256 over its steps in flight (since
-# 59a3776 each step may hold 256); for W2's 256 requests both give every step the same sequences
-# (ceil(running / depth)). The TP=2 run is the one calibration.toml's TP cost per sequence is fitted to (fit_tp).
+# The seventh session's W2 runs on one 2 x H200 host (BENCHMARKS.md "Seventh session"). That engine shared
+# max_num_seqs 256 over its steps in flight (since 59a3776 each step may hold 256); for W2's 256 requests both give
+# every step the same sequences (ceil(running / depth)). The TP=2 run is the one calibration.toml's TP cost per
+# sequence is fitted to (fit_tp).
 SEVENTH_W2 = Path("x2_pp_dp_int4_moe_h200_1130_s7")
-W2_PP_RUNS = (("w2_8b_tp1.json", 1, 1, 0), ("w2_8b_tp2.json", 2, 1, 0), ("w2_8b_pp2.json", 1, 2, 2),
-              ("w2_8b_pp2_d3.json", 1, 2, 3))
 
 
 def w2_tp2_seconds(tp_costs: TpCosts, calibration: str = "default") -> float:
@@ -299,44 +323,101 @@ def fit_tp(calibration: str = "default") -> TpCosts:
     return TpCosts(stored.layer_us, (meas - t0) / (t1 - t0))
 
 
-def pp_rows(host_step_s: float | None = None) -> list[dict]:
-    """W2 at TP=1, TP=2 and PP=2 (depth 2, 3), simulated with the default fit and the pipeline's host cost per
-    step (host_step_s; None: calibration.toml's), against the seventh session's runs; the PP rows' bubble beside
-    the one the engine measured on the last stage."""
+# W2 8B with pipeline stages on 2 x H200 (each run's JSON says its tp, pp, --pipeline-depth, --pp-token-handoff and
+# --pp-layer-partition): the seventh session's (TP=1, TP=2, PP=2 at depth 2 and 3) and the tenth's (2026-12-01: TP=1,
+# PP=2 depth 3 without and with the token hand-off, and with the partition 17,15). fit_pp_host fits the pipeline's
+# two host costs to the runs marked True; the others are checks.
+TENTH_W2 = Path("x2_h200_1201_s10")
+W2_PP_RUNS = ((SEVENTH_W2 / "w2_8b_tp1.json", False), (SEVENTH_W2 / "w2_8b_tp2.json", False),
+              (SEVENTH_W2 / "w2_8b_pp2.json", True), (SEVENTH_W2 / "w2_8b_pp2_d3.json", True),
+              (TENTH_W2 / "w2_8b_tp1.json", False), (TENTH_W2 / "w2_8b_pp2_d3.json", False),
+              (TENTH_W2 / "w2_8b_pp2_d3_ho.json", True), (TENTH_W2 / "w2_8b_pp2_d3_ho_part.json", False))
+
+
+def _w2_replay(meas: dict, host: tuple[float | None, float | None] = (None, None)) -> dict:
+    """W2 replayed with a measured run's layout and pipeline flags; host: (host_step_s, round_trip_s), None: the
+    calibration's."""
     from meshserve.bench.workloads import w2_requests
 
     reqs = [(len(r.prompt_token_ids), r.max_tokens) for r in w2_requests()]
+    partition = meas.get("pp_layer_partition")
+    return replay_offline("llama-3.1-8b", meas["tp"], reqs, pp=meas["pp"], pipeline_depth=meas.get("pipeline_depth") or 0,
+                          pp_host_step_s=host[0], pp_round_trip_s=host[1],
+                          pp_token_handoff=bool(meas.get("pp_token_handoff")),
+                          pp_layer_partition=tuple(partition) if partition else None)
+
+
+def _w2_label(meas: dict) -> str:
+    if meas["pp"] == 1:
+        return f"TP={meas['tp']}"
+    label = f"PP={meas['pp']} depth {meas.get('pipeline_depth') or meas['pp']}"
+    if meas.get("pp_token_handoff"):
+        label += ", token hand-off"
+    if meas.get("pp_layer_partition"):
+        label += f", layers {','.join(map(str, meas['pp_layer_partition']))}"
+    return label
+
+
+def pp_rows(host: tuple[float | None, float | None] = (None, None)) -> list[dict]:
+    """W2 at TP=1, TP=2 and PP=2 (W2_PP_RUNS), simulated with the default fit and the pipeline's host costs
+    (host: (host_step_s, round_trip_s); None: calibration.toml's), against the measured runs; the PP rows' bubble
+    beside the one the engine measured on the last stage."""
     rows = []
-    for file, tp, pp, depth in W2_PP_RUNS:
-        meas = json.loads((RESULTS / SEVENTH_W2 / file).read_text())
-        pred = replay_offline("llama-3.1-8b", tp, reqs, pp=pp, pipeline_depth=depth, pp_host_step_s=host_step_s)
-        label = f"TP={tp}" if pp == 1 else f"PP={pp} depth {depth}"
-        rows.append({"run": f"W2 llama-3.1-8b {label}", "file": str(SEVENTH_W2 / file), "pred": pred["duration_s"],
-                     "meas": meas["seconds"], "goal": "w2_seconds",
+    for path, fitted in W2_PP_RUNS:
+        meas = json.loads((RESULTS / path).read_text())
+        pred = _w2_replay(meas, host)
+        session = "seventh" if path.parent == SEVENTH_W2 else "tenth"
+        rows.append({"run": f"W2 llama-3.1-8b {_w2_label(meas)} ({session})", "file": str(path),
+                     "pred": pred["duration_s"], "meas": meas["seconds"], "goal": "w2_seconds", "fitted": fitted,
                      "pred_bubble": pred["pipeline"]["bubble"] if pred["pipeline"] else None,
                      "meas_bubble": meas.get("pp_bubble"), "steps": pred["steps"]})
     return rows
 
 
-def pp_table(host_costs: tuple[float | None, ...] = (None, 0.0)) -> str:
-    """Markdown: the seventh session's W2 (TP=1, PP=2 at depth 2 and 3) predicted vs measured, with the pipeline's
-    host cost from calibration.toml and without it (0: the stages alone set the pace)."""
-    from meshserve.simulator.pipeline import load_host_step_s
+def fit_pp_host(step_ms: tuple[float, ...] = tuple(x / 10 for x in range(20, 61, 5)),
+                round_trip_ms: tuple[float, ...] = tuple(x / 10 for x in range(0, 31, 5)),
+                refine: bool = True) -> tuple[float, float, float]:
+    """(host_step_ms, round_trip_ms, rms relative error) minimizing the W2 PP runs marked fitted in W2_PP_RUNS,
+    over a grid (then a 0.1 ms grid around its best when refine). A pipelined replay is not linear in either
+    cost (which steps are in flight depends on when each returns), hence the search."""
+    runs = [json.loads((RESULTS / path).read_text()) for path, fitted in W2_PP_RUNS if fitted]
+
+    def rms(h: float, r: float) -> float:
+        errs = [_w2_replay(m, (h * 1e-3, r * 1e-3))["duration_s"] / m["seconds"] - 1 for m in runs]
+        return (sum(e * e for e in errs) / len(errs)) ** 0.5
+
+    best = min(((rms(h, r), h, r) for h in step_ms for r in round_trip_ms))
+    if refine:
+        _, h0, r0 = best
+        near = [round(x / 10, 1) for x in range(-4, 5)]
+        best = min([best] + [(rms(h0 + dh, r0 + dr), round(h0 + dh, 1), round(r0 + dr, 1)) for dh in near for dr in near
+                             if h0 + dh >= 0 and r0 + dr >= 0])
+    err, h, r = best
+    return h, r, err
+
+
+def pp_table(hosts: tuple[tuple[float | None, float | None], ...] = ((None, None), (0.0, 0.0))) -> str:
+    """Markdown: W2 at TP=1/2 and PP=2 (W2_PP_RUNS) predicted vs measured, with the pipeline's host costs from
+    calibration.toml and without them (0: the stages alone set the pace)."""
+    from meshserve.simulator.pipeline import load_host_costs
 
     head = ""
-    for h in host_costs:
-        ms = (load_host_step_s() if h is None else h) * 1e3
-        head += f" seconds sim / measured (error), host {ms:g} ms per step | bubble sim / measured |"
-    lines = [f"| run (2 x H200, seventh session) |{head} goal (W2 within 10%) | measured in |",
-             "|---|" + "---|---|" * len(host_costs) + "---|---|"]
-    for rows in zip(*(pp_rows(h) for h in host_costs)):
+    for step_s, trip_s in hosts:
+        stored = load_host_costs()
+        step = (stored.step_s if step_s is None else step_s) * 1e3
+        trip = (stored.round_trip_s if trip_s is None else trip_s) * 1e3
+        head += f" seconds sim / measured (error), host {step:g} ms + round trip {trip:g} ms | bubble sim / measured |"
+    lines = [f"| run (2 x H200) |{head} goal (W2 within 10%) | measured in |",
+             "|---|" + "---|---|" * len(hosts) + "---|---|"]
+    for rows in zip(*(pp_rows(h) for h in hosts)):
         cells = []
         for r in rows:
             cells.append(f"{r['pred']:.2f} / {r['meas']:.2f} ({(r['pred'] - r['meas']) / r['meas']:+.1%})")
             cells.append("-" if r["pred_bubble"] is None else f"{r['pred_bubble']:.2f} / {r['meas_bubble']:.2f}")
         r = rows[0]
         met = "met" if _met(r["pred"], r["meas"], r["goal"]) else "missed"
-        lines.append(f"| {r['run']} | {' | '.join(cells)} | {met} (first columns) | `{r['file']}` |")
+        how = "fitted" if r["fitted"] else "check"
+        lines.append(f"| {r['run']} | {' | '.join(cells)} | {met} (first columns; {how}) | `{r['file']}` |")
     return "\n".join(lines)
 
 
@@ -373,6 +454,56 @@ def offline_rows(calibration: str = "default") -> list[dict]:
     rows.append({"run": "W2 llama-3.1-8b PP=2", "metric": "seconds", "file": "w2_8b_pp2_h200x2.json",
                  "pred": None, "meas": pp["seconds"], "goal": "w2_seconds"})  # an engine before 90673be: pp_table
     return rows
+
+
+# W1 8B batch 1 of the tenth session (2026-12-01, 2 x H200): TP=1, TP=2 (one-shot all-reduce) and TP=2 with the
+# fused all-reduce + add + RMSNorm (MESHSERVE_TP_FUSED_NORM=pull / push); (file, tp, fused_norm). The push run left
+# no JSON in the results: its figure (output tok/s, as `bench latency` prints it) is the session's report.
+TENTH_W1 = (("x2_h200_1201_s10/w1_8b_tp1.json", 1, ""), ("x2_h200_1201_s10/w1_8b_tp2.json", 2, ""),
+            ("x2_h200_1201_s10/w1_8b_tp2_fused_pull.json", 2, "pull"), (None, 2, "push"))
+TENTH_W1_PUSH_TOK_S = 316.1
+
+
+def tenth_w1_rows() -> list[dict]:
+    """W1 8B batch 1 (TENTH_W1) predicted vs measured output tok/s (the whole request: prefill + decode, as the
+    measured tok_s; nothing fitted to these runs: the fused kernel's saving is its all-reduce bench's)."""
+    from meshserve.bench.workloads import W1_NEW_TOKENS
+
+    rows = []
+    for file, tp, fused in TENTH_W1:
+        meas = json.loads((RESULTS / file).read_text())["tok_s"] if file else TENTH_W1_PUSH_TOK_S
+        w1 = replay_offline("llama-3.1-8b", tp, [(128, W1_NEW_TOKENS)], tp_fused_norm=fused)
+        label = f"TP={tp}" + (f", fused all-reduce + norm ({fused})" if fused else "")
+        rows.append({"run": f"W1 llama-3.1-8b {label}", "file": file or "(session report)",
+                     "pred": W1_NEW_TOKENS / w1["e2e_p50"], "meas": meas, "goal": "w1"})
+    return rows
+
+
+def tenth_table() -> str:
+    """Markdown: every measured row of the tenth session (2026-12-01, 2 x H200), predicted vs measured, with the
+    seventh session's W2 PP runs the pipeline's host costs are fitted to: W1 8B (goal 10%), W2 8B (seconds, 10%),
+    W3 goodput (10%) with TTFT p50 / p99 beside it."""
+    lines = ["| run (2 x H200) | metric | predicted | measured | error | how | measured in |",
+             "|---|---|---|---|---|---|---|"]
+
+    def line(run: str, metric: str, pred: float, meas: float, how: str, file: str, fmt: str = ".1f") -> None:
+        err = (pred - meas) / meas if meas else float("nan")
+        lines.append(f"| {run} | {metric} | {pred:,{fmt}} | {meas:,{fmt}} | {err:+.1%} | {how} | `{file}` |")
+
+    for r in tenth_w1_rows():
+        line(r["run"], "output tok/s", r["pred"], r["meas"], "check", r["file"])
+    for r in pp_rows():
+        if r["file"].endswith("tp2.json"):
+            continue  # the TP cost's own fit (the offline table)
+        how = "fitted (host costs)" if r["fitted"] else "check"
+        line(r["run"], "seconds", r["pred"], r["meas"], how, r["file"], ".2f")
+    for r in tenth_dp_rows():
+        p, m, run = r["pred"], r["meas"], f"{r['run']}, QPS {r['qps']:g}"
+        busy = "" if r["router_busy"] is None else f"; router busy {r['router_busy']:.0%} (sim)"
+        line(run, "goodput req/s", p["goodput"], m["goodput"], "check" + busy, r["file"])
+        line(run, "TTFT p50 ms", p["ttft_p50"] * 1e3, m["ttft_p50"] * 1e3, "check", r["file"], ".0f")
+        line(run, "TTFT p99 ms", p["ttft_p99"] * 1e3, m["ttft_p99"] * 1e3, "check", r["file"], ".0f")
+    return "\n".join(lines)
 
 
 def offline_table(calibrations: tuple[str, ...] = ("default", BEFORE_GRAPHS)) -> str:
@@ -453,11 +584,14 @@ def extrapolations() -> str:
     return "\n\n".join(out)
 
 
-# python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | extrapolate | fit-tp]
+# python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | tenth | extrapolate | fit-tp | fit-pp-host]
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     if what == "fit-tp":
         print(f"layer_seq_us = {fit_tp().layer_seq_us:.2f}")
+    if what == "fit-pp-host":
+        step, trip, err = fit_pp_host()
+        print(f"host_step_ms = {step:g}\nround_trip_ms = {trip:g}\n# rms error over the fitted runs {err:.3f}")
     if what in ("dp", "all"):
         print(dp_table())
         print()
@@ -475,6 +609,9 @@ if __name__ == "__main__":
         print()
     if what in ("pp", "all"):
         print(pp_table())
+        print()
+    if what in ("tenth", "all"):
+        print(tenth_table())
         print()
     if what in ("extrapolate", "all"):
         print(extrapolations())

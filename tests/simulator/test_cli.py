@@ -39,6 +39,27 @@ def test_bad_layout_is_exit_2(capsys):
     assert "multiple of --tp" in capsys.readouterr().err
 
 
+def test_pipeline_and_tp_flags_reach_the_simulation(capsys):
+    """--pp-token-handoff, --pp-layer-partition and the host costs show in the report's pipeline; the fused norm
+    makes TP=2 steps shorter; the engine's refusals are exit 2."""
+    args = ["simulate", "--gpu", "H200", "--num-gpus", "2", "--qps", "5", "--duration", "5", "--seed", "1",
+            "--no-progress"]
+    assert main(args + ["--pp", "2", "--pipeline-depth", "3", "--pp-token-handoff", "--pp-layer-partition", "17,15",
+                        "--pp-host-step-ms", "1", "--pp-round-trip-ms", "0.5"]) == 0
+    pipe = json.loads(capsys.readouterr().out)["pipeline"]
+    assert pipe["token_handoff"] is True and pipe["layer_partition"] == [17, 15]
+    assert pipe["host_step_s"] == pytest.approx(1e-3) and pipe["round_trip_s"] == pytest.approx(0.5e-3)
+    tpot = {}
+    for fused in ("off", "push"):
+        assert main(args + ["--tp", "2", "--tp-fused-norm", fused]) == 0
+        tpot[fused] = json.loads(capsys.readouterr().out)["tpot_p50"]
+    assert tpot["push"] < tpot["off"]
+    assert main(args + ["--tp", "2", "--pp-token-handoff"]) == 2
+    assert "--pp-token-handoff" in capsys.readouterr().err
+    assert main(args + ["--pp", "2", "--pp-layer-partition", "20,20"]) == 2
+    assert "--pp-layer-partition" in capsys.readouterr().err
+
+
 def test_plot_of_the_timeline(capsys, tmp_path):
     path = tmp_path / "sim.png"
     assert main(["simulate", "--gpu", "H100-SXM", "--qps", "20", "--duration", "20", "--autoscale",

@@ -8,7 +8,7 @@ from meshserve.engine.step_time import StepShape
 from meshserve.errors import InvalidArgumentError
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fleet import simulate
-from meshserve.simulator.pipeline import StagePipeline, load_host_step_s
+from meshserve.simulator.pipeline import StagePipeline, load_host_costs
 from meshserve.simulator.step_cost import StepCost
 from meshserve.simulator.trace import SimRequest, poisson_trace
 
@@ -20,9 +20,9 @@ def _const(seconds: float):
     return lambda shape: seconds
 
 
-def _pp(pp: int = 2, depth: int = 0, host_s: float = 0.0, **kw) -> SimConfig:
+def _pp(pp: int = 2, depth: int = 0, host_s: float = 0.0, trip_s: float = 0.0, **kw) -> SimConfig:
     return SimConfig(gpu="H200", num_gpus=pp, pp=pp, pipeline_depth=depth, pp_host_step_s=host_s,
-                     num_blocks=4096, **kw)
+                     pp_round_trip_s=trip_s, num_blocks=4096, **kw)
 
 
 def _duration(config: SimConfig, num_seqs: int, output_len: int, stage_costs) -> float:
@@ -32,9 +32,10 @@ def _duration(config: SimConfig, num_seqs: int, output_len: int, stage_costs) ->
     return report["duration_s"]
 
 
-def _per_token(config: SimConfig, num_seqs: int, stage_costs) -> float:
-    """Seconds one more output token per sequence adds to the run: the steady state's cycle."""
-    return _duration(config, num_seqs, 41, stage_costs) - _duration(config, num_seqs, 40, stage_costs)
+def _per_token(config: SimConfig, num_seqs: int, stage_costs, more: int = 1) -> float:
+    """Seconds one more output token per sequence adds to the run: the steady state's cycle (averaged over `more`
+    tokens, for a cycle of steps that is not one token long)."""
+    return (_duration(config, num_seqs, 40 + more, stage_costs) - _duration(config, num_seqs, 40, stage_costs)) / more
 
 
 # -- the stages alone -----------------------------------------------------------------------------------------
@@ -109,6 +110,60 @@ def test_host_cost_bounds_throughput_when_it_is_the_slowest():
     assert _per_token(_pp(pp=2, depth=3, host_s=h), 3, _const(C)) == pytest.approx(3 * C)
 
 
+def test_round_trip_delays_steps_without_keeping_the_host_busy():
+    """The round trip r beyond the host's own time h sits on each sequence's cycle (h + r + both stages) but not
+    on the host: with h = 0.5 C, r = 3 C and three steps in flight the cycle is 5.5 C per token, not 3 h."""
+    h, r = 0.5 * C, 3 * C
+    assert _per_token(_pp(pp=2, depth=3, host_s=h, trip_s=r), 3, _const(C)) == pytest.approx(h + r + 2 * C)
+    # with the host's time alone the host binds when it is the slowest (3 h per token at depth 3)
+    assert _per_token(_pp(pp=2, depth=3, host_s=2 * C), 3, _const(C)) == pytest.approx(3 * 2 * C)
+
+
+def test_token_handoff_takes_the_round_trip_off_the_sequences_cycle():
+    """With the hand-off a sequence runs again pp steps after its last: 4 sequences in 2 groups (each step takes
+    ceil(running / pp), whatever the depth), a token per sequence every 2 steps. At depth pp + 1 the host's loop
+    (read back the oldest, launch the next: h + r + 2 C per 3 steps; a sequence read back runs in the next step
+    too, beside the handed-off ones, as the engine's scheduler takes it) paces it: (h + r + 2 C) x 2/3 per token
+    against h + r + 2 C without the hand-off. At depth pp the host must read a step back before launching the one
+    that needs its tokens, so the hand-off gains nothing."""
+    h, r = 0.5 * C, 3 * C
+    cycle = h + r + 2 * C
+    off = _per_token(_pp(pp=2, depth=3, host_s=h, trip_s=r), 4, _const(C))
+    # the host's loop runs 3 steps per h + r + 2 C, 1.5 tokens: averaged over 60 tokens (40 loops)
+    on = _per_token(_pp(pp=2, depth=3, host_s=h, trip_s=r, pp_token_handoff=True), 4, _const(C), more=60)
+    assert off == pytest.approx(cycle)
+    assert on == pytest.approx(cycle * 2 / 3)
+    assert _per_token(_pp(pp=2, depth=2, host_s=h, trip_s=r, pp_token_handoff=True), 4, _const(C)) == \
+        pytest.approx(cycle)
+    # a free host: the stages bound it either way (2 steps of C per token on each stage)
+    assert _per_token(_pp(pp=2, depth=3, pp_token_handoff=True), 4, _const(C)) == pytest.approx(2 * C)
+    # the steps hold half the running sequences (2 groups), not a third: W2 with the hand-off runs ~2 steps per
+    # token per sequence where depth 3 without it runs ~3
+    trace = [SimRequest(0.0, 64, 40) for _ in range(6)]
+    steps_on = simulate(_pp(pp=2, depth=3, pp_token_handoff=True), trace, step_cost=_const(C))["steps"]
+    steps_off = simulate(_pp(pp=2, depth=3), trace, step_cost=_const(C))["steps"]
+    assert steps_on == pytest.approx(2 * 40, abs=2) and steps_off == pytest.approx(3 * 40, abs=2)
+
+
+def test_handoff_step_waits_on_the_device_for_the_ids_it_reads():
+    """Stage 0 starts a step no earlier than inputs_s (the last stage's ids of step n - pp, handed over)."""
+    p = StagePipeline([_const(C)] * 2, lambda tokens: 0.0)
+    assert p.run(0.0, DECODE, inputs_s=5 * C) == pytest.approx(7 * C)
+    assert p.run(0.0, DECODE) == pytest.approx(8 * C)  # after the previous step on stage 0 (free at 6 C)
+
+
+def test_handoff_and_partition_are_checked_as_the_engine_checks_them():
+    with pytest.raises(InvalidArgumentError, match="pp-token-handoff"):
+        SimConfig(num_gpus=2, tp=2, pp_token_handoff=True).validate()
+    with pytest.raises(InvalidArgumentError, match="pp-token-handoff"):
+        SimConfig(num_gpus=4, tp=2, pp=2, pp_token_handoff=True).validate()
+    with pytest.raises(InvalidArgumentError, match="pp-layer-partition"):
+        SimConfig(num_gpus=2, pp=2, pp_layer_partition=(17, 16)).validate()  # 33 of the 8B's 32 layers
+    with pytest.raises(InvalidArgumentError, match="pp-layer-partition"):
+        SimConfig(num_gpus=2, pp=2, pp_layer_partition=(32,)).validate()
+    SimConfig(num_gpus=2, pp=2, pp_layer_partition=(17, 15), pp_token_handoff=True).validate()
+
+
 def test_depth_below_stages_is_refused():
     with pytest.raises(InvalidArgumentError, match="pipeline-depth"):
         simulate(_pp(pp=3, depth=2), [SimRequest(0.0, 64, 4)], step_cost=_const(C))
@@ -129,6 +184,24 @@ def test_stage_costs_split_the_model():
     assert StepCost(model, gpu, pp=1).weights == whole.weights
 
 
+def test_the_embedding_is_a_gather_so_the_last_stage_is_the_heavier():
+    """The first stage's embedding is not read whole (a gather of the step's rows) while the last stage reads the
+    whole head: at an even split the last stage is the slower; 17,15 (the engine's --pp-layer-partition that
+    measured faster) brings the two within a layer's weights of each other. Either way the stages' weight reads
+    sum to the TP=1 fit's (its factor priced every byte)."""
+    config = SimConfig(gpu="H200")
+    model, gpu = config.model_spec(), config.gpu_spec()
+    whole = StepCost(model, gpu)
+    even = [StepCost(model, gpu, pp=2, stage=s) for s in (0, 1)]
+    part = [StepCost(model, gpu, pp=2, stage=s, layer_partition=(17, 15)) for s in (0, 1)]
+    for s0, s1 in (even, part):
+        assert s0.model.weight_bytes + s1.model.weight_bytes == pytest.approx(whole.model.weight_bytes)
+    assert even[1](DECODE) > 1.1 * even[0](DECODE)
+    assert abs(part[0](DECODE) - part[1](DECODE)) < 0.5 * (even[1](DECODE) - even[0](DECODE))
+    assert part[0](DECODE) > even[0](DECODE) and part[1](DECODE) < even[1](DECODE)
+    assert part[0].model.kv_bytes_per_token == pytest.approx(whole.model.kv_bytes_per_token * 17 / 32)
+
+
 def test_calibrated_pipeline_run_is_deterministic_and_keeps_the_engine_cap():
     trace = poisson_trace(20.0, 5.0, seed=4, input_len=256, output_len=64)
     config = SimConfig(gpu="H200", num_gpus=4, pp=2, max_num_seqs=8, seed=4)
@@ -136,7 +209,8 @@ def test_calibrated_pipeline_run_is_deterministic_and_keeps_the_engine_cap():
     for r in (a, b):
         r.pop("sim_wall_s")
     assert a == b and a["completed"] == len(trace) and a["replicas"] == 2
-    assert a["pipeline"]["host_step_s"] == load_host_step_s() > 0
+    assert a["pipeline"]["host_step_s"] == load_host_costs().step_s > 0
+    assert a["pipeline"]["round_trip_s"] == load_host_costs().round_trip_s > 0
     assert a["replica_model"] == "scheduler"
     fast = simulate(SimConfig(gpu="H200", num_gpus=4, pp=2, max_num_seqs=8, replica_model="fast"), trace)
     assert fast["replica_model"] == "scheduler" and "pipeline" in fast["replica_model_fallback"]

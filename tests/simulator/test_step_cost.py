@@ -120,3 +120,26 @@ def test_tp1_is_untouched_by_the_tp_costs():
     assert heavy.decode_durations(12, 7000, 5) == plain.decode_durations(12, 7000, 5)
     bare4, tp4 = StepCost(model, gpu, tp=4, tp_costs=TpCosts()), StepCost(model, gpu, tp=4, tp_costs=TpCosts(10, 1))
     assert tp4.tp_s(8, 8) - bare4.tp_s(8, 8) == pytest.approx(0.75 * 32 * (10 + 8) * 1e-6, rel=1e-12)
+
+
+def test_fused_norm_saves_its_measured_microseconds_per_all_reduce():
+    """MESHSERVE_TP_FUSED_NORM: each of the 8B's 64 all-reduces of a TP=2 step costs what the all-reduce bench
+    measured less (one-shot + norm minus the fused kernel: 2.53 us pull, 3.33 us push at batch 1); past the
+    kernel's buffer the engine runs unfused, and TP=1 has no all-reduce to fuse."""
+    from meshserve.simulator.step_cost import load_fused_norm
+
+    model, gpu = load_model("llama-3.1-8b"), get_gpu("H200")
+    plain = StepCost(model, gpu, tp=2)
+    pull, push = (StepCost(model, gpu, tp=2, fused_norm=v) for v in ("pull", "push"))
+    one = StepShape(1, 1, 200)
+    assert plain(one) - pull(one) == pytest.approx(64 * 2.53e-6)
+    assert plain(one) - push(one) == pytest.approx(64 * 3.33e-6)
+    # between the measured sizes, linearly: batch 8 = 64 KiB, a third of the way from 32 to 128 KiB
+    eight = StepShape(8, 8, 1600)
+    assert plain(eight) - pull(eight) == pytest.approx(64 * (2.87 + (3.63 - 2.87) / 3) * 1e-6)
+    big = StepShape(512, 512, 100_000)  # 4 MiB per all-reduce: past the one-shot kernel's 2 MiB
+    assert pull(big) == plain(big) and push(StepShape(200, 200, 4000)) == plain(StepShape(200, 200, 4000))
+    assert StepCost(model, gpu, fused_norm="push")(one) == StepCost(model, gpu)(one)
+    assert load_fused_norm("pull").max_kib == 2048
+    with pytest.raises(InvalidArgumentError, match="fused_norm_sideways"):
+        load_fused_norm("sideways")

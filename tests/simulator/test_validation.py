@@ -109,22 +109,72 @@ def test_calibration_holds_the_fit_of_w2_tp2():
     assert fitted.layer_seq_us == pytest.approx(stored.layer_seq_us, abs=0.005)
 
 
-@pytest.mark.skipif(not (RESULTS / "x2_pp_dp_int4_moe_h200_1130_s7" / "w2_8b_pp2.json").is_file(),
-                    reason="measured results not in this checkout")
-def test_pp_rows_stay_where_planner_md_says():
-    """W2 PP=2 of the seventh session within the goal (10%) with the host cost of the depth-3 profile, and far off
-    without it (the stages alone are 17-39% fast); bubbles near the engine's."""
+TENTH = RESULTS / "x2_h200_1201_s10"
+
+
+@pytest.mark.skipif(not (TENTH / "w2_8b_pp2_d3_ho_part.json").is_file(), reason="measured results not in this checkout")
+def test_pp_rows_stay_where_planner_md_says_and_in_the_measured_order():
+    """W2 PP=2 with the host costs of calibration.toml (fitted to the rows marked so): every row within the goal
+    (10%), and the order measured -- depth 2 slowest, then depth 3, the token hand-off, the hand-off with the
+    layers 17,15 -- the order predicted (the simulator before 2026-12-01 had depth 2 faster than depth 3). Without
+    the host costs the stages alone are far too fast and put depth 2 first."""
     from meshserve.simulator.validation import pp_rows
 
-    rows = {r["run"]: r for r in pp_rows()}
-    for run in ("W2 llama-3.1-8b TP=1", "W2 llama-3.1-8b PP=2 depth 2", "W2 llama-3.1-8b PP=2 depth 3"):
-        assert rows[run]["pred"] == pytest.approx(rows[run]["meas"], rel=0.10)
+    s7, s10 = "x2_pp_dp_int4_moe_h200_1130_s7/", "x2_h200_1201_s10/"
+    rows = {r["file"]: r for r in pp_rows()}
+    for r in rows.values():
+        assert r["pred"] == pytest.approx(r["meas"], rel=0.10), r["run"]
+    order = [s7 + "w2_8b_pp2.json", s7 + "w2_8b_pp2_d3.json", s10 + "w2_8b_pp2_d3_ho.json",
+             s10 + "w2_8b_pp2_d3_ho_part.json"]
+    for key in ("meas", "pred"):
+        times = [rows[f][key] for f in order]
+        assert times == sorted(times, reverse=True), key
+    # the hand-off's gain over depth 3 of the same session: measured 19%, predicted 25% (the tenth session's depth
+    # 3 ran 3.6% faster than the seventh's, which the fit has; PLANNER.md): both well past noise, neither a doubling
+    for key in ("meas", "pred"):
+        gain = 1 - rows[s10 + "w2_8b_pp2_d3_ho.json"][key] / rows[s10 + "w2_8b_pp2_d3.json"][key]
+        assert 0.15 < gain < 0.30, key
     # the TP=2 row is the one the TP cost per sequence was fitted to: equal up to layer_seq_us's rounding
-    assert rows["W2 llama-3.1-8b TP=2"]["pred"] == pytest.approx(rows["W2 llama-3.1-8b TP=2"]["meas"], rel=0.005)
-    for run in ("W2 llama-3.1-8b PP=2 depth 2", "W2 llama-3.1-8b PP=2 depth 3"):
-        assert rows[run]["pred_bubble"] == pytest.approx(rows[run]["meas_bubble"], abs=0.1)
-    bare = {r["run"]: r for r in pp_rows(host_step_s=0.0)}
-    assert bare["W2 llama-3.1-8b PP=2 depth 2"]["pred"] < 0.7 * bare["W2 llama-3.1-8b PP=2 depth 2"]["meas"]
+    tp2 = rows[s7 + "w2_8b_tp2.json"]
+    assert tp2["pred"] == pytest.approx(tp2["meas"], rel=0.005)
+    bare = {r["file"]: r for r in pp_rows(host=(0.0, 0.0))}
+    d2, d3 = bare[s7 + "w2_8b_pp2.json"], bare[s7 + "w2_8b_pp2_d3.json"]
+    assert d2["pred"] < 0.7 * d2["meas"] and d2["pred"] < d3["pred"]
+
+
+@pytest.mark.skipif(not (TENTH / "w1_8b_tp2_fused_pull.json").is_file(), reason="measured results not in this checkout")
+def test_w1_tp2_with_the_fused_norm_kernel_within_the_goal_and_in_order():
+    """W1 8B of the tenth session: TP=1, TP=2, TP=2 with the fused all-reduce + norm (pull, push) within 10%, each
+    faster than the last in both columns; the fused kernels' gain over one-shot within 2 points of measured."""
+    from meshserve.simulator.validation import tenth_w1_rows
+
+    rows = tenth_w1_rows()
+    for r in rows:
+        assert r["pred"] == pytest.approx(r["meas"], rel=0.10), r["run"]
+    for key in ("pred", "meas"):
+        assert [r[key] for r in rows] == sorted(r[key] for r in rows), key
+    plain = rows[1]
+    for fused in rows[2:]:
+        assert fused["pred"] / plain["pred"] == pytest.approx(fused["meas"] / plain["meas"], abs=0.02)
+
+
+@pytest.mark.skipif(not (TENTH / "w3_dp2r" / "w3.json").is_file(), reason="measured results not in this checkout")
+def test_dp2_at_qps128_internal_back_end_holds_and_the_router_collapses():
+    """W3 DP=2 of the tenth session at QPS 128: the internal back end (no router process) serves 104.8 req/s of
+    goodput, predicted within 10%; through the router process (its CPU costs from router_calibration.toml, not
+    fitted here) goodput collapses below 15 req/s, predicted so, with the router saturated."""
+    from meshserve.simulator.router_node import load_router_costs
+    from meshserve.simulator.validation import replay_w3_dp
+
+    internal = json.loads((TENTH / "w3_dp2" / "w3.json").read_text())["points"]
+    routed = json.loads((TENTH / "w3_dp2r" / "w3.json").read_text())["points"]
+    meas_internal = next(p for p in internal if p["qps"] == 128.0)
+    meas_routed = next(p for p in routed if p["qps"] == 128.0)
+    pred_internal = replay_w3_dp(128.0)
+    pred_routed = replay_w3_dp(128.0, load_router_costs("cpu_light"))
+    assert pred_internal["goodput"] == pytest.approx(meas_internal["goodput"], rel=0.10)
+    assert pred_routed["goodput"] < 15 and meas_routed["goodput"] < 15
+    assert pred_routed["router_node"]["busy_fraction"] > 0.95
 
 
 @pytest.mark.skipif(not (RESULTS / "w3_8b_slo_api4_h200_1130.json").is_file(), reason="measured results not in this checkout")

@@ -56,6 +56,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_done = False
+        self.keep_alive = False
         self.complete = False
         self.error: Exception | None = None
         self.body = bytearray()
@@ -89,6 +90,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.head_done = True
+        self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the message is complete
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -139,7 +141,7 @@ class _Connection(asyncio.Protocol):
         return data
 
     def reusable(self) -> bool:
-        return self.complete and self.error is None and not self.closed and self.parser.should_keep_alive()
+        return self.complete and self.keep_alive and self.error is None and not self.closed
 
     def close(self) -> None:
         self.closed = True

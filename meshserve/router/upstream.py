@@ -187,8 +187,10 @@ class FastResponse:
 class FastUpstream:
     """Keep-alive connections to the replicas (a LIFO of idle ones per host), httptools parsing."""
 
-    def __init__(self, keepalive_expiry_s: float, max_idle_per_host: int = 1024):
+    def __init__(self, keepalive_expiry_s: float, max_idle_per_host: int = 1024,
+                 tls: HttpxUpstream | None = None):
         self.keepalive_expiry_s = keepalive_expiry_s
+        self.tls = tls  # https:// replicas go through httpx
         self.max_idle_per_host = max_idle_per_host
         self._idle: dict[tuple[str, int], collections.deque[_Connection]] = {}
 
@@ -223,9 +225,11 @@ class FastUpstream:
             conn.close()
 
     async def send(self, method: str, url: str, body: bytes | None, headers: list[tuple[str, str]],
-                   timeout: httpx.Timeout) -> FastResponse:
+                   timeout: httpx.Timeout) -> FastResponse | httpx.Response:
         parts = urlsplit(url)
-        if parts.scheme != "http":  # TLS to replicas: the plain path's business
+        if parts.scheme != "http" and self.tls is not None:  # TLS to replicas: the plain path's business
+            return await self.tls.send(method, url, body, headers, timeout)
+        if parts.scheme != "http":
             raise httpx.UnsupportedProtocol(f"FastUpstream speaks plain http, not {parts.scheme}")
         key = (parts.hostname or "127.0.0.1", parts.port or 80)
         conn = self._pooled(key) or await self._connect(key, timeout.connect or 5.0)
@@ -251,4 +255,5 @@ class FastUpstream:
 
 
 def make_upstream(client: httpx.AsyncClient, keepalive_expiry_s: float) -> FastUpstream | HttpxUpstream:
-    return FastUpstream(keepalive_expiry_s) if httptools is not None else HttpxUpstream(client)
+    plain = HttpxUpstream(client)
+    return FastUpstream(keepalive_expiry_s, tls=plain) if httptools is not None else plain

@@ -257,7 +257,8 @@ def run(ns) -> dict:
            "--disable-access-log", *(a for p in replica_ports for a in ("--backend", f"http://127.0.0.1:{p}"))]
     if ns.workers is not None:
         cmd += ["--workers", str(ns.workers)]
-    router = subprocess.Popen(cmd, env=env)
+    # `python -m` puts the working directory first on sys.path: run from the tree whose router is wanted
+    router = subprocess.Popen(cmd, env=env, cwd=ns.router_pythonpath or None)
     try:
         _wait_ready(f"http://127.0.0.1:{port}", router)
         time.sleep(2.0 if (ns.workers or 1) > 1 else 0.5)  # every worker listening and its replicas admitted

@@ -93,6 +93,22 @@ def _split_events(buffer: bytearray) -> list[bytes]:
         del buffer[:end + 2]
 
 
+def _take_whole_events(buffer: bytearray) -> bytes:
+    """Remove and return the complete events at the front of `buffer`, as one piece (b"" if none)."""
+    end = buffer.rfind(b"\n\n")
+    if end < 0:
+        return b""
+    whole = bytes(buffer[:end + 2])
+    del buffer[:end + 2]
+    return whole
+
+
+def _has_done(events: bytes) -> bool:
+    """Whether whole events hold `data: [DONE]` (an event starts the piece or follows a blank line; JSON escapes
+    newlines, so no event's data holds a blank line)."""
+    return events.startswith(b"data: [DONE]") or b"\n\ndata: [DONE]" in events
+
+
 class Proxy:
     """Sends requests to the pool's replicas; one instance per router app."""
 
@@ -250,15 +266,19 @@ class Proxy:
         done = False
         outcome = "cancelled"  # unless it ends one way or the other: the client went away
         try:
-            done = any(event.startswith(b"data: [DONE]") for event in first)
-            yield b"".join(first)
+            head = b"".join(first)
+            done = _has_done(head)
+            yield head
             try:
                 async for chunk in chunks:
-                    buffer += chunk
-                    events = _split_events(buffer)
-                    if events:  # the chunk's whole events in one send: a send costs more than its bytes
-                        done = done or any(event.startswith(b"data: [DONE]") for event in events)
-                        yield b"".join(events)
+                    if not buffer and chunk.endswith(b"\n\n"):  # the usual case: whole events, as they were sent
+                        whole = chunk
+                    else:
+                        buffer += chunk
+                        whole = _take_whole_events(buffer)
+                    if whole:  # the chunk's whole events in one send: a send costs more than its bytes
+                        done = done or _has_done(whole)
+                        yield whole
                 reason = None if done else "the replica closed the stream before [DONE]"
             except httpx.TimeoutException:
                 reason = "the replica stopped sending (read timeout)"

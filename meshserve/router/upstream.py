@@ -74,6 +74,7 @@ class _Connection(asyncio.Protocol):
             self._fail(httpx.RemoteProtocolError(f"malformed response from the replica: {e}"))
             self.transport.close()
             return
+        self._wake()  # once per read, whatever the parser found in it
         if len(self.body) > _PAUSE_BYTES and not self.paused:
             self.paused = True
             self.transport.pause_reading()
@@ -91,15 +92,12 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.head_done = True
         self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the message is complete
-        self._wake()
 
     def on_body(self, body: bytes) -> None:
         self.body += body
-        self._wake()
 
     def on_message_complete(self) -> None:
         self.complete = True
-        self._wake()
 
     # -- the response's side ---------------------------------------------------------------------------
     def _fail(self, exc: Exception) -> None:

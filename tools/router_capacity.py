@@ -60,6 +60,10 @@ class _Streams:
         while True:
             await asyncio.sleep(self.step_s)
             for writer, st in list(self.open.items()):
+                if writer.is_closing():  # the router went away from this stream: its handler's next read ends it
+                    del self.open[writer]
+                    st[2].set_result(None)
+                    continue
                 rid, n = st[0], st[1]
                 if n < self.events:
                     finish = b'"length"' if n == self.events - 1 else b"null"

@@ -1,17 +1,18 @@
 """How much the router can proxy, on the CPU: `meshserve router` between cheap fake replicas and lean clients.
 
     python tools/router_capacity.py [--workers N] [--concurrency 256] [--duration 15] [--events 128]
-                                    [--step-ms 20] [--refuse-every 0] [--router-pythonpath DIR] [--output-json F]
+                                    [--step-ms 20] [--refuse-every 0] [--router-pythonpath DIR]
+                                    [--profile OUT] [--output-json F]
 
-Fake replicas (one process, raw asyncio on uvloop, `--replicas` listeners): every --step-ms each open stream gets one
-SSE event shaped like a completion chunk (as an engine step does), then a usage chunk and [DONE]; every
---refuse-every-th request is answered at once with a 429 and an OpenAI error body, as a full replica does. Clients
-(--client-procs processes of keep-alive raw sockets, closed loop) keep --concurrency streams in flight through the
-router; a prober sends one request that the replicas refuse (header x-refuse) every 50 ms, so the latency the router
-adds to a 429 is seen by a client that does not lag. Reported: requests/s and events/s delivered, the router
-processes' CPU (from /proc, all workers) per request and per event, TTFT and inter-event gaps, and the probe's 429
-latency through the router and straight to a replica. --router-pythonpath runs another source tree's router (an
-older commit's `git archive`) for a before/after.
+Fake replicas (one process, raw asyncio on uvloop, `--replicas` listeners): every --step-ms each open stream
+gets one SSE event shaped like a completion chunk (as an engine step does), then a usage chunk and [DONE];
+every --refuse-every-th request is answered at once with a 429 and an OpenAI error body, as a full replica
+does. Clients (--client-procs processes of keep-alive raw sockets, closed loop) keep --concurrency streams in
+flight through the router; a prober sends one request that the replicas refuse (header x-refuse) every 50 ms,
+so the latency the router adds to a 429 is seen by a client that does not lag. Reported: requests/s and
+events/s delivered, the router processes' CPU (from /proc, all workers) per request and per event, TTFT and
+inter-event gaps, and the probe's 429 latency through the router and straight to a replica.
+--router-pythonpath runs another source tree's router (an older commit's `git archive`) for a before/after.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ import sys
 import time
 import urllib.request
 
-_CHUNK = ('{"id":"cmpl-%s","object":"text_completion","created":1764547200,"model":"fake","choices":[{"index":0,'
-          '"text":" token%d","logprobs":null,"finish_reason":%s,"stop_reason":null}],"usage":null}')
+_CHUNK = ('{"id":"cmpl-%s","object":"text_completion","created":1764547200,"model":"fake",'
+          '"choices":[{"index":0,"text":" token%d","logprobs":null,"finish_reason":%s,"stop_reason":null}],'
+          '"usage":null}')
 _USAGE = ('{"id":"cmpl-%s","object":"text_completion","created":1764547200,"model":"fake","choices":[],'
           '"usage":{"prompt_tokens":512,"total_tokens":%d,"completion_tokens":%d}}')
-_REFUSAL = json.dumps({"error": {"message": "the server has 1024 requests waiting", "type": "ServerOverloaded",
-                                 "param": None, "code": 429}}).encode()
+_REFUSAL = json.dumps({"error": {"message": "the server has 1024 requests waiting",
+                                 "type": "ServerOverloaded", "param": None, "code": 429}}).encode()
 
 
 # -- fake replicas -----------------------------------------------------------------------------------------
@@ -41,7 +43,8 @@ def _head(status: str, extra: bytes = b"") -> bytes:
 
 
 def _fixed(status: str, body: bytes, extra: bytes = b"") -> bytes:
-    return _head(status, extra) + b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    length = b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+    return _head(status, extra) + length + body
 
 
 def _chunk(data: bytes) -> bytes:
@@ -49,7 +52,8 @@ def _chunk(data: bytes) -> bytes:
 
 
 class _Streams:
-    """The open streams of every fake replica; one ticker sends each its next event every step (an engine step)."""
+    """The open streams of every fake replica; one ticker sends each its next event every step (as an engine
+    step does)."""
 
     def __init__(self, events: int, step_s: float):
         self.events = events
@@ -60,7 +64,7 @@ class _Streams:
         while True:
             await asyncio.sleep(self.step_s)
             for writer, st in list(self.open.items()):
-                if writer.is_closing():  # the router went away from this stream: its handler's next read ends it
+                if writer.is_closing():  # the router left this stream: its handler's next read ends it
                     del self.open[writer]
                     st[2].set_result(None)
                     continue
@@ -71,7 +75,8 @@ class _Streams:
                     st[1] += 1
                 else:
                     usage = (_USAGE % (rid, 512 + n, n)).encode()
-                    writer.write(_chunk(b"data: " + usage + b"\n\n") + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+                    end = _chunk(b"data: " + usage + b"\n\n") + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+                    writer.write(end)
                     del self.open[writer]
                     st[2].set_result(None)
 
@@ -97,7 +102,8 @@ async def _replica_conn(streams: _Streams, refuse_every: int, counter: list, rea
             if b"x-refuse:" in lower or (refuse_every and counter[0] % refuse_every == 0):
                 writer.write(_fixed("429 Too Many Requests", _REFUSAL, b"retry-after: 1\r\n"))
                 continue
-            writer.write(_head("200 OK", b"content-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"))
+            writer.write(_head("200 OK", b"content-type: text/event-stream\r\n"
+                                         b"transfer-encoding: chunked\r\n\r\n"))
             done = asyncio.get_running_loop().create_future()
             streams.open[writer] = ["%08x" % random.getrandbits(32), 0, done]
             await done
@@ -120,8 +126,10 @@ def replicas_main(ports: list[int], events: int, step_s: float, refuse_every: in
     async def run() -> None:
         streams = _Streams(events, step_s)
         counter = [0]
-        servers = [await asyncio.start_server(lambda r, w: _replica_conn(streams, refuse_every, counter, r, w),
-                                              "127.0.0.1", port, backlog=4096) for port in ports]
+        def handler(r, w):
+            return _replica_conn(streams, refuse_every, counter, r, w)
+
+        servers = [await asyncio.start_server(handler, "127.0.0.1", port, backlog=4096) for port in ports]
         await asyncio.gather(streams.tick(), *(s.serve_forever() for s in servers))
 
     asyncio.run(run())
@@ -184,7 +192,8 @@ async def _probe(port: int, deadline: float, results: list) -> None:
         writer.close()
 
 
-def client_main(port: int, concurrency: int, start_at: float, duration: float, probe_ports: list[int], out) -> None:
+def client_main(port: int, concurrency: int, start_at: float, duration: float, probe_ports: list[int],
+                out) -> None:
     async def run():
         await asyncio.sleep(max(0.0, start_at - time.time()))
         deadline = time.perf_counter() + duration
@@ -192,7 +201,8 @@ def client_main(port: int, concurrency: int, start_at: float, duration: float, p
         probes: dict[int, list] = {p: [] for p in probe_ports}
         tasks = [_stream_worker(port, deadline, results) for _ in range(concurrency)]
         tasks += [_probe(p, deadline, probes[p]) for p in probe_ports]
-        errors = [repr(e) for e in await asyncio.gather(*tasks, return_exceptions=True) if isinstance(e, BaseException)]
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [repr(e) for e in done if isinstance(e, BaseException)]
         return results, probes, errors
 
     out.put(asyncio.run(run()))
@@ -247,18 +257,21 @@ def run(ns) -> dict:
 
     ctx = mp.get_context("spawn")
     replica_ports = [free_port() for _ in range(ns.replicas)]
-    replicas = ctx.Process(target=replicas_main, args=(replica_ports, ns.events, ns.step_ms / 1e3, ns.refuse_every),
-                           daemon=True)
+    replicas = ctx.Process(target=replicas_main, daemon=True,
+                           args=(replica_ports, ns.events, ns.step_ms / 1e3, ns.refuse_every))
     replicas.start()
     port = free_port()
     env = dict(os.environ)
     if ns.router_pythonpath:
         env["PYTHONPATH"] = ns.router_pythonpath
     # CPU time, not wall time: on a shared machine a write that wakes a client often loses the core
-    profile = [] if not ns.profile else ["-c", "import cProfile, sys, time; from meshserve.cli import main; sys.argv[0] = 'meshserve'; "
-               f"p = cProfile.Profile(time.process_time); p.runcall(main, sys.argv[1:]); p.dump_stats({ns.profile!r})"]
-    cmd = [sys.executable, *(profile or ["-m", "meshserve.cli"]), "router", "--host", "127.0.0.1", "--port", str(port),
-           "--disable-access-log", *(a for p in replica_ports for a in ("--backend", f"http://127.0.0.1:{p}"))]
+    profile = [] if not ns.profile else [
+        "-c", "import cProfile, sys, time; from meshserve.cli import main; sys.argv[0] = 'meshserve'; "
+        "p = cProfile.Profile(time.process_time); p.runcall(main, sys.argv[1:]); "
+        f"p.dump_stats({ns.profile!r})"]
+    backends = [a for p in replica_ports for a in ("--backend", f"http://127.0.0.1:{p}")]
+    cmd = [sys.executable, *(profile or ["-m", "meshserve.cli"]), "router", "--host", "127.0.0.1",
+           "--port", str(port), "--disable-access-log", *backends]
     if ns.workers is not None:
         cmd += ["--workers", str(ns.workers)]
     # `python -m` puts the working directory first on sys.path: run from the tree whose router is wanted
@@ -313,7 +326,8 @@ def run(ns) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workers", type=int, default=None, help="the router's --workers (default: its own default)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="the router's --workers (default: the router's own default)")
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=256, help="streams kept in flight")
     p.add_argument("--client-procs", type=int, default=1)

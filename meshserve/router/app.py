@@ -68,7 +68,8 @@ KEEPALIVE_EXPIRY_S = 2.0
 def make_client(config: RouterConfig) -> httpx.AsyncClient:
     # every stream in flight holds a connection: keep as many alive, or each finished stream's is re-dialled
     limits = httpx.Limits(max_connections=config.max_outstanding + 64,
-                          max_keepalive_connections=config.max_outstanding, keepalive_expiry=KEEPALIVE_EXPIRY_S)
+                          max_keepalive_connections=config.max_outstanding,
+                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
     return httpx.AsyncClient(limits=limits, trust_env=False)
 
 

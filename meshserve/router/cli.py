@@ -95,8 +95,8 @@ def register(subparsers) -> None:
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     g.add_argument("--disable-access-log", action="store_true")
     g.add_argument("--workers", type=int, default=None,
-                   help="router processes sharing the port, each with its own health checks and replica state "
-                        "(default: min(4, cores)); one relays ~70 W3 requests/s")
+                   help="router processes sharing the port, each with its own health checks and replica "
+                        "state (default: min(4, cores))")
     add_router_args(p)
     p.set_defaults(func=_cmd_router)
 
@@ -144,6 +144,7 @@ def _cmd_router(ns: argparse.Namespace) -> int:
     replicas = len(config.backends) + len(config.discover)
     disagg = f", {len(config.prefills)} prefill instance(s) (disaggregated)" if config.prefills else ""
     print(f"meshserve: routing on http://{ns.host}:{ns.port} over {replicas} primary source(s), "
-          f"{len(config.fallbacks)} fallback(s){disagg}, policy {config.policy}, {workers} worker(s)", flush=True)
+          f"{len(config.fallbacks)} fallback(s){disagg}, policy {config.policy}, {workers} worker(s)",
+          flush=True)
     run_router(config, ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log, workers)
     return 0

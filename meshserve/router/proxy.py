@@ -104,8 +104,8 @@ def _take_whole_events(buffer: bytearray) -> bytes:
 
 
 def _has_done(events: bytes) -> bool:
-    """Whether whole events hold `data: [DONE]` (an event starts the piece or follows a blank line; JSON escapes
-    newlines, so no event's data holds a blank line)."""
+    """Whether whole events hold `data: [DONE]` (an event starts the piece or follows a blank line; JSON
+    escapes newlines, so no event's data holds a blank line)."""
     return events.startswith(b"data: [DONE]") or b"\n\ndata: [DONE]" in events
 
 
@@ -211,7 +211,8 @@ class Proxy:
         handed_off = False  # once a stream is handed to the relay, the relay releases the replica
         resp: httpx.Response | FastResponse | None = None
         try:
-            resp = await self.upstream.send(method, replica.url + path, payload or None, headers, self._timeout())
+            resp = await self.upstream.send(method, replica.url + path, payload or None, headers,
+                                            self._timeout())
             if resp.status_code in _RETRY_STATUSES:
                 content = await resp.aread()
                 if kv_leg and is_transfer_failure(content):
@@ -260,8 +261,9 @@ class Proxy:
         replica.eject(reason)
         return _Rejected(reason, refused=refused)
 
-    async def _relay(self, replica: Replica, resp: httpx.Response | FastResponse, chunks: AsyncIterator[bytes],
-                     buffer: bytearray, first: list[bytes]) -> AsyncIterator[bytes]:
+    async def _relay(self, replica: Replica, resp: httpx.Response | FastResponse,
+                     chunks: AsyncIterator[bytes], buffer: bytearray,
+                     first: list[bytes]) -> AsyncIterator[bytes]:
         """Pass the stream's events through as they come; end a broken stream with one error event."""
         done = False
         outcome = "cancelled"  # unless it ends one way or the other: the client went away
@@ -271,7 +273,7 @@ class Proxy:
             yield head
             try:
                 async for chunk in chunks:
-                    if not buffer and chunk.endswith(b"\n\n"):  # the usual case: whole events, as they were sent
+                    if not buffer and chunk.endswith(b"\n\n"):  # the usual case: whole events, as sent
                         whole = chunk
                     else:
                         buffer += chunk

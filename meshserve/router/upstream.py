@@ -1,12 +1,12 @@
 """The router's calls to replicas: keep-alive HTTP/1.1 connections, the response body relayed as raw bytes.
 
 The relay is the router's hot path: W3 streams ~13,500 chunks/s through it. httpx costs ~100 us of Python per
-chunk on the way in (anyio streams, h11's pure-Python chunked parser, the decoder chain) and its connection pool
-scans every pooled connection on each request and each response close (quadratic in the streams in flight).
-`FastUpstream` reads with httptools' C parser straight off an asyncio protocol, one pooled connection per request
-in flight, reused while the replica keeps it alive: a few us per chunk, constant per request. `HttpxUpstream` is
-the plain path (no httptools installed); both raise httpx's exception types, which the proxy's retry and
-ejection rules are written in.
+chunk on the way in (anyio streams, h11's pure-Python chunked parser, the decoder chain) and its connection
+pool scans every pooled connection on each request and each response close (quadratic in the streams in
+flight). `FastUpstream` reads with httptools' C parser straight off an asyncio protocol, one pooled connection
+per request in flight, reused while the replica keeps it alive: a few us per chunk, constant per request.
+`HttpxUpstream` is the plain path (no httptools installed); both raise httpx's exception types, which the
+proxy's retry and ejection rules are written in.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if not self.complete:
             self._fail(httpx.ReadError(f"the replica closed the connection ({exc!r})") if exc else
-                       httpx.RemoteProtocolError("the replica closed the connection before the response ended"))
+                       httpx.RemoteProtocolError("the replica closed the connection mid-response"))
 
     # -- httptools callbacks ---------------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -195,7 +195,8 @@ class FastUpstream:
     async def _connect(self, key: tuple[str, int], timeout_s: float) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Connection(key), *key), timeout_s)
+            connecting = loop.create_connection(lambda: _Connection(key), *key)
+            _, conn = await asyncio.wait_for(connecting, timeout_s)
         except asyncio.TimeoutError:
             raise httpx.ConnectTimeout(f"connecting to {key[0]}:{key[1]} took over {timeout_s:g} s") from None
         except OSError as e:

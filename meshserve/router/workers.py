@@ -25,7 +25,7 @@ from meshserve.router.config import RouterConfig
 
 logger = logging.getLogger(__name__)
 
-MAX_DEFAULT_WORKERS = 4  # past this the replicas' own API processes, not the router, are what is short of cores
+MAX_DEFAULT_WORKERS = 4  # past this, the replicas' own API processes are what is short of cores
 _RESTART_DELAY_S = 1.0
 
 
@@ -48,7 +48,8 @@ class RouterHttp:
     access_log: bool = False
 
 
-def _worker_main(config: RouterConfig, sock: socket.socket, http: RouterHttp, index: int, log_level: int) -> None:
+def _worker_main(config: RouterConfig, sock: socket.socket, http: RouterHttp, index: int,
+                 log_level: int) -> None:
     from meshserve.distributed.launch import die_with_parent
     from meshserve.router.cli import serve_router
 
@@ -71,7 +72,8 @@ class _Stop:
 
 
 def serve_workers(config: RouterConfig, http: RouterHttp, count: int) -> int:
-    """Bind http.host:http.port, run `count` router workers on it until SIGTERM / SIGINT, drain them, return 0."""
+    """Bind http.host:http.port, run `count` router workers on it until SIGTERM / SIGINT, drain them,
+    return 0."""
     from meshserve.serve.cli import bind_listen_socket
 
     sock = bind_listen_socket(http.host, http.port)
@@ -82,7 +84,8 @@ def serve_workers(config: RouterConfig, http: RouterHttp, count: int) -> int:
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def start(i: int) -> mp.Process:
-        p = ctx.Process(target=_worker_main, name=f"meshserve-router-{i}", args=(config, sock, http, i, log_level))
+        p = ctx.Process(target=_worker_main, name=f"meshserve-router-{i}",
+                        args=(config, sock, http, i, log_level))
         p.start()
         return p
 

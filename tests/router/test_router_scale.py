@@ -1,5 +1,5 @@
-"""The router under load: refusals pass through unchanged and at once, both upstream paths relay the same bytes,
-and `--workers N` runs N router processes on one port."""
+"""The router under load: refusals pass through unchanged and at once, both upstream paths relay the same
+bytes, and `--workers N` runs N router processes on one port."""
 
 from __future__ import annotations
 
@@ -49,11 +49,12 @@ def test_a_replicas_429_comes_back_unchanged_and_at_once(fake_replicas, router, 
             assert resp.content == direct.content  # the replica's OpenAI error body, byte for byte
             assert resp.json()["error"]["code"] == 429 and resp.json()["error"]["message"] == "scripted 429"
             assert resp.headers["retry-after"] == "7" and resp.headers["content-type"] == "application/json"
-            assert resp.headers["x-meshserve-attempts"] == "2"  # the other replica was asked too, then refused
+            assert resp.headers["x-meshserve-attempts"] == "2"  # the other replica was asked, then refused
     # both fake replicas and the router share this process's GIL with the client: a bound against hangs and
     # queueing (the W3 router took 11.5 s), not a benchmark
     assert statistics.median(seconds) < 0.2, seconds
-    assert all(r["healthy"] for r in httpx.get(r.base_url + "/router/replicas").json()["replicas"])  # no ejection
+    replicas = httpx.get(r.base_url + "/router/replicas").json()["replicas"]
+    assert all(replica["healthy"] for replica in replicas)  # a refusal ejects nobody
 
 
 def test_both_upstream_paths_relay_streams_and_reuse_connections(fake_replicas, router, upstream_kind):
@@ -89,8 +90,8 @@ def test_two_router_workers_answer_on_one_port_and_drain_on_sigterm(fake_replica
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "meshserve.cli", "router", "--host", "127.0.0.1", "--port",
                              str(port), "--backend", up.base_url, "--workers", "2", "--disable-access-log"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     pids: set[int] = set()
 
     def seen_both() -> bool:
@@ -118,3 +119,57 @@ def test_two_router_workers_answer_on_one_port_and_drain_on_sigterm(fake_replica
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+PIECES = [b'data: {"id": "s", "choices": [{"text": "a"',
+          b'}]}\n\ndata: {"id": "s", "choices": [{"text": "b"}]}\n',
+          b'\ndata: {"id": "s", "choices": [{"text": "c"}]}\n\n', b"data: [DONE]\n\n"]
+
+
+def split_event_replica(pieces: list[bytes]):
+    """A replica whose reads end mid-event (the pieces arrive apart): the router still sends whole events."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+
+    @app.get("/ready")
+    async def ready():
+        return {"status": "ready"}
+
+    @app.post("/v1/completions")
+    async def completions():
+        async def gen():
+            for piece in pieces:
+                yield piece
+                await asyncio.sleep(0.1)
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    return app
+
+
+@pytest.mark.parametrize("ends_with_done", [True, False])
+def test_events_split_across_reads_are_relayed_whole(router, upstream_kind, ends_with_done):
+    from tests.router.conftest import serve_in_thread
+
+    pieces = PIECES if ends_with_done else PIECES[:-1]
+    up = serve_in_thread(split_event_replica(pieces))
+    try:
+        r = router(RouterConfig(backends=[up.base_url], **QUIET))
+        with httpx.stream("POST", r.base_url + "/v1/completions", json={"prompt": "x", "stream": True},
+                          timeout=10) as resp:
+            sends = list(resp.iter_raw())
+    finally:
+        up.stop()
+    assert all(s.endswith(b"\n\n") for s in sends), sends  # never half an event
+    body = b"".join(sends)
+    if ends_with_done:
+        assert body == b"".join(PIECES)
+    else:  # no [DONE]: the stream broke, and says so once, at the end
+        events = body.split(b"\n\n")[:-1]
+        assert body.startswith(b"".join(PIECES[:-1])) and len(events) == 5
+        assert json.loads(events[3][6:])["error"]["code"] == "upstream_stream_broken"
+        assert events[4] == b"data: [DONE]"

@@ -156,9 +156,13 @@ def run_frontend(ns, api_server_count: int) -> dict:
             env = dict(os.environ)
             if ns.router_pythonpath:  # the router of another source tree (an older commit's export)
                 env["PYTHONPATH"] = ns.router_pythonpath
+            # one router process (its CPU is what is measured); an older tree has no --workers and one process
+            workers = [] if ns.router_pythonpath else ["--workers", "1"]
+            # `python -m` puts the working directory first on sys.path: run from the wanted router's tree
             router = subprocess.Popen([sys.executable, "-m", "meshserve.cli", "router", "--host", "127.0.0.1",
                                        "--port", str(client_port), "--backend", f"http://127.0.0.1:{port}",
-                                       "--disable-access-log"], env=env)
+                                       "--disable-access-log", *workers], env=env,
+                                      cwd=ns.router_pythonpath or None)
             _wait_ready(client_port, router)
             time.sleep(1.0)
         ctx = mp.get_context("spawn")

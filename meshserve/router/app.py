@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 
 import httpx
@@ -20,6 +21,7 @@ from meshserve.router.health import HealthChecker
 from meshserve.router.metrics import RouterMetrics
 from meshserve.router.pool import ReplicaPool
 from meshserve.router.proxy import Proxy
+from meshserve.router.upstream import make_upstream
 from meshserve.serve.errors import error_payload
 from meshserve.serve.middleware import ServerState, send_error
 from meshserve.serve.streaming import cancel_on_disconnect
@@ -58,11 +60,16 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
 
 
+# keep-alive shorter than the replicas' (uvicorn 5 s) so a pooled connection is never reused just
+# as the replica closes it, which would look like a failure and eject a healthy replica
+KEEPALIVE_EXPIRY_S = 2.0
+
+
 def make_client(config: RouterConfig) -> httpx.AsyncClient:
-    # keep-alive shorter than the replicas' (uvicorn 5 s) so a pooled connection is never reused just
-    # as the replica closes it, which would look like a failure and eject a healthy replica
-    limits = httpx.Limits(max_connections=config.max_outstanding + 64, max_keepalive_connections=256,
-                          keepalive_expiry=2.0)
+    # every stream in flight holds a connection: keep as many alive, or each finished stream's is re-dialled
+    limits = httpx.Limits(max_connections=config.max_outstanding + 64,
+                          max_keepalive_connections=config.max_outstanding,
+                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
     return httpx.AsyncClient(limits=limits, trust_env=False)
 
 
@@ -77,8 +84,9 @@ def build_router_app(config: RouterConfig, state: ServerState | None = None,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = make_client(config)
+        upstream = make_upstream(client, KEEPALIVE_EXPIRY_S)
         health = HealthChecker(pool, config, client)
-        app.state.proxy = Proxy(pool, config, metrics, client)
+        app.state.proxy = Proxy(pool, config, metrics, client, upstream)
         app.state.health = health
         await health.check_all()  # know who is up before the first request
         health.start()
@@ -86,6 +94,7 @@ def build_router_app(config: RouterConfig, state: ServerState | None = None,
             yield
         finally:
             await health.stop()
+            await upstream.aclose()
             await client.aclose()
 
     app = FastAPI(title="meshserve router", version=__version__, lifespan=lifespan,
@@ -123,9 +132,10 @@ def build_router_app(config: RouterConfig, state: ServerState | None = None,
 
     @app.get("/router/replicas")
     async def replicas() -> JSONResponse:
-        """Every replica's health, load and counters (for operators and tests)."""
+        """Every replica's health, load and counters as this router process sees them (for operators and
+        tests; with --workers N, the worker that answered)."""
         return JSONResponse({"queue_depth": pool.queue_depth(), "desired_replicas": pool.desired_replicas(),
-                             "in_flight": state.num_in_flight,
+                             "in_flight": state.num_in_flight, "worker_pid": os.getpid(),
                              "replicas": [r.snapshot() for r in pool.all()]})
 
     @app.get("/metrics")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 
+from meshserve.errors import InvalidArgumentError
 from meshserve.router.config import POLICIES, RouterConfig
+from meshserve.router.workers import RouterHttp, default_workers, serve_workers
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +94,34 @@ def register(subparsers) -> None:
     g.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     g.add_argument("--disable-access-log", action="store_true")
+    g.add_argument("--workers", type=int, default=None,
+                   help="router processes sharing the port, each with its own health checks and replica "
+                        "state (default: min(4, cores))")
     add_router_args(p)
     p.set_defaults(func=_cmd_router)
 
 
+def resolve_workers(workers: int | None) -> int:
+    if workers is None:
+        return default_workers()
+    if workers < 1:
+        raise InvalidArgumentError("--workers must be >= 1", param="workers")
+    return workers
+
+
 def run_router(config: RouterConfig, host: str, port: int, log_level: str = "warning",
-               access_log: bool = False) -> None:
-    """Serve the router until SIGTERM/SIGINT, then drain in-flight requests (streams included)."""
+               access_log: bool = False, workers: int = 1) -> None:
+    """Serve the router until SIGTERM/SIGINT, then drain in-flight requests (streams included); workers > 1:
+    that many router processes on the one port (router/workers.py)."""
+    http = RouterHttp(host, port, log_level, access_log)
+    if workers > 1:
+        serve_workers(config, http, workers)
+    else:
+        serve_router(config, http)
+
+
+def serve_router(config: RouterConfig, http: RouterHttp, sock: socket.socket | None = None) -> None:
+    """One router process on http.host:http.port, or on `sock` (a worker's inherited listening socket)."""
     import uvicorn
 
     from meshserve.router.app import build_router_app
@@ -108,16 +132,19 @@ def run_router(config: RouterConfig, host: str, port: int, log_level: str = "war
     app = build_router_app(config, state)
     # Idle keep-alive longer than a client's or load balancer's (60 s is common): the side that closes an
     # idle connection must be the client, or a request sent just as the router closes it is lost.
-    uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                               timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_S)
-    DrainingServer(uv_config, state, config.drain_timeout_s).run()
+    uv_config = uvicorn.Config(app, host=http.host, port=http.port, log_level=http.log_level,
+                               access_log=http.access_log, timeout_graceful_shutdown=2,
+                               timeout_keep_alive=KEEP_ALIVE_S)
+    DrainingServer(uv_config, state, config.drain_timeout_s).run(sockets=[sock] if sock is not None else None)
 
 
 def _cmd_router(ns: argparse.Namespace) -> int:
     config = router_config_from(ns)
+    workers = resolve_workers(ns.workers)
     replicas = len(config.backends) + len(config.discover)
     disagg = f", {len(config.prefills)} prefill instance(s) (disaggregated)" if config.prefills else ""
     print(f"meshserve: routing on http://{ns.host}:{ns.port} over {replicas} primary source(s), "
-          f"{len(config.fallbacks)} fallback(s){disagg}, policy {config.policy}", flush=True)
-    run_router(config, ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log)
+          f"{len(config.fallbacks)} fallback(s){disagg}, policy {config.policy}, {workers} worker(s)",
+          flush=True)
+    run_router(config, ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log, workers)
     return 0

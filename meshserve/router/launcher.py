@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 # Flags the launcher sets itself for each replica, or that only mean something to the launcher.
 _LAUNCHER_DESTS = frozenset({"host", "port", "data_parallel_size", "data_parallel_backend", "model_tag", "func",
-                             "command", "auto"})
+                             "command", "auto", "router_workers"})
 
 
 def _long_option(action: argparse.Action) -> str:
@@ -113,9 +113,10 @@ class ReplicaProcess:
 
 def serve_data_parallel(ns: argparse.Namespace, serve_parser: argparse.ArgumentParser) -> int:
     """Run `ns.data_parallel_size` replicas of `meshserve serve` and the router in front of them."""
-    from meshserve.router.cli import run_router
+    from meshserve.router.cli import resolve_workers, run_router
 
     n = ns.data_parallel_size
+    workers = resolve_workers(getattr(ns, "router_workers", None))
     if getattr(ns, "nnodes", 1) > 1:
         raise InvalidArgumentError("--data-parallel-size runs replicas on this node only; across nodes, run "
                                    "one group per replica (deploy/k8s) and `meshserve router` in front",
@@ -152,9 +153,9 @@ def serve_data_parallel(ns: argparse.Namespace, serve_parser: argparse.ArgumentP
                           health_interval_s=1.0, health_timeout_s=5.0)
     print(f"meshserve: data parallel {n} x (TP {getattr(ns, 'tensor_parallel_size', 1)}, "
           f"PP {getattr(ns, 'pipeline_parallel_size', 1)}): replicas on {', '.join(urls)}; "
-          f"router on http://{ns.host}:{ns.port}", flush=True)
+          f"router ({workers} worker(s)) on http://{ns.host}:{ns.port}", flush=True)
     try:
-        run_router(config, ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log)
+        run_router(config, ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log, workers)
     finally:
         stopping.set()
         watcher.join(5)

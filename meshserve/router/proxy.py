@@ -37,6 +37,7 @@ from meshserve.router.metrics import RouterMetrics
 from meshserve.router.pool import ReplicaPool, Route
 from meshserve.router.prefix import parse_body, prefix_key
 from meshserve.router.replica import Replica
+from meshserve.router.upstream import FastResponse, FastUpstream, HttpxUpstream
 from meshserve.serve.errors import error_payload
 from meshserve.serve.streaming import SSE_DONE, sse_error
 
@@ -72,7 +73,7 @@ def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]
             if k.decode("latin-1").lower() not in _DROP_REQUEST]
 
 
-def _response_headers(resp: httpx.Response, route: Route, attempts: int) -> dict[str, str]:
+def _response_headers(resp: httpx.Response | FastResponse, route: Route, attempts: int) -> dict[str, str]:
     out = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE}
     out[HEADER_REPLICA] = route.replica.name
     out[HEADER_ATTEMPTS] = str(attempts)
@@ -92,15 +93,32 @@ def _split_events(buffer: bytearray) -> list[bytes]:
         del buffer[:end + 2]
 
 
+def _take_whole_events(buffer: bytearray) -> bytes:
+    """Remove and return the complete events at the front of `buffer`, as one piece (b"" if none)."""
+    end = buffer.rfind(b"\n\n")
+    if end < 0:
+        return b""
+    whole = bytes(buffer[:end + 2])
+    del buffer[:end + 2]
+    return whole
+
+
+def _has_done(events: bytes) -> bool:
+    """Whether whole events hold `data: [DONE]` (an event starts the piece or follows a blank line; JSON
+    escapes newlines, so no event's data holds a blank line)."""
+    return events.startswith(b"data: [DONE]") or b"\n\ndata: [DONE]" in events
+
+
 class Proxy:
     """Sends requests to the pool's replicas; one instance per router app."""
 
     def __init__(self, pool: ReplicaPool, config: RouterConfig, metrics: RouterMetrics,
-                 client: httpx.AsyncClient):
+                 client: httpx.AsyncClient, upstream: FastUpstream | HttpxUpstream | None = None):
         self.pool = pool
         self.config = config
         self.metrics = metrics
-        self.client = client
+        self.client = client  # disaggregation's prefill legs
+        self.upstream = upstream or HttpxUpstream(client)  # the proxied attempts
         self._prefill_legs: set[asyncio.Task] = set()  # concurrent prefill legs in flight (kept from the GC)
 
     def _timeout(self) -> httpx.Timeout:
@@ -191,11 +209,10 @@ class Proxy:
         replica.outstanding += 1
         replica.num_requests += 1
         handed_off = False  # once a stream is handed to the relay, the relay releases the replica
-        resp: httpx.Response | None = None
+        resp: httpx.Response | FastResponse | None = None
         try:
-            request = self.client.build_request(method, replica.url + path, content=payload or None,
-                                                headers=headers, timeout=self._timeout())
-            resp = await self.client.send(request, stream=True)
+            resp = await self.upstream.send(method, replica.url + path, payload or None, headers,
+                                            self._timeout())
             if resp.status_code in _RETRY_STATUSES:
                 content = await resp.aread()
                 if kv_leg and is_transfer_failure(content):
@@ -244,21 +261,26 @@ class Proxy:
         replica.eject(reason)
         return _Rejected(reason, refused=refused)
 
-    async def _relay(self, replica: Replica, resp: httpx.Response, chunks: AsyncIterator[bytes],
-                     buffer: bytearray, first: list[bytes]) -> AsyncIterator[bytes]:
+    async def _relay(self, replica: Replica, resp: httpx.Response | FastResponse,
+                     chunks: AsyncIterator[bytes], buffer: bytearray,
+                     first: list[bytes]) -> AsyncIterator[bytes]:
         """Pass the stream's events through as they come; end a broken stream with one error event."""
         done = False
         outcome = "cancelled"  # unless it ends one way or the other: the client went away
         try:
-            done = any(event.startswith(b"data: [DONE]") for event in first)
-            yield b"".join(first)
+            head = b"".join(first)
+            done = _has_done(head)
+            yield head
             try:
                 async for chunk in chunks:
-                    buffer += chunk
-                    events = _split_events(buffer)
-                    if events:  # the chunk's whole events in one send: a send costs more than its bytes
-                        done = done or any(event.startswith(b"data: [DONE]") for event in events)
-                        yield b"".join(events)
+                    if not buffer and chunk.endswith(b"\n\n"):  # the usual case: whole events, as sent
+                        whole = chunk
+                    else:
+                        buffer += chunk
+                        whole = _take_whole_events(buffer)
+                    if whole:  # the chunk's whole events in one send: a send costs more than its bytes
+                        done = done or _has_done(whole)
+                        yield whole
                 reason = None if done else "the replica closed the stream before [DONE]"
             except httpx.TimeoutException:
                 reason = "the replica stopped sending (read timeout)"

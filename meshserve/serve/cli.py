@@ -51,6 +51,9 @@ def register(subparsers) -> None:
                    help="internal (default): one engine-core process per replica, each API process sends every "
                         "request to the least loaded core and streams it back itself; router: each replica a "
                         "child `meshserve serve` behind `meshserve router` (an HTTP hop, with restarts)")
+    g.add_argument("--router-workers", type=int, default=None,
+                   help="--data-parallel-backend router: the router's processes on the port "
+                        "(`meshserve router --workers`; default min(4, cores))")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='allow tool_choice "auto": the model decides to call tools, --tool-call-parser reads them')
     g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),

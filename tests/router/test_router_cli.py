@@ -81,6 +81,11 @@ def _children(ppid: int) -> dict[int, str]:
     return out
 
 
+def _replicas(ppid: int) -> dict[int, str]:
+    """The replica children (`meshserve.cli serve`), not the router's workers."""
+    return {pid: cmd for pid, cmd in _children(ppid).items() if "meshserve.cli" in cmd}
+
+
 def test_serve_data_parallel_starts_replicas_and_router_restarts_and_drains(tiny_model_dir):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -109,7 +114,7 @@ def test_serve_data_parallel_starts_replicas_and_router_restarts_and_drains(tiny
             served.add(resp.headers["x-meshserve-replica"])
         assert served == {"primary-0", "primary-1"}
 
-        children = _children(proc.pid)
+        children = _replicas(proc.pid)
         assert len(children) == 2 and all("--data-parallel-size" not in c for c in children.values())
         listing: list[dict] = []
         assert wait_until(lambda: listing.extend(replicas()) or bool(listing), 30, 0.2)
@@ -122,15 +127,15 @@ def test_serve_data_parallel_starts_replicas_and_router_restarts_and_drains(tiny
         assert victim not in _children(proc.pid)
 
         urls = [r["url"] for r in listing]  # a restarted replica keeps its port
-        children = _children(proc.pid)
-        assert len(children) == 2
+        assert len(_replicas(proc.pid)) == 2
+        children = _children(proc.pid)  # the replicas and the router's worker processes
         proc.send_signal(signal.SIGTERM)  # drains the router, then the replicas
         assert proc.wait(120) == 0
         for url in [base, *urls]:  # nothing is left listening
             with pytest.raises(httpx.HTTPError):
                 httpx.get(url + "/health", timeout=1)
-        for child in children:  # and no orphan
-            assert not os.path.exists(f"/proc/{child}")
+        for child in children:  # and no orphan (multiprocessing's resource tracker exits once it reads EOF)
+            assert wait_until(lambda child=child: not os.path.exists(f"/proc/{child}"), 10), children[child]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshserve.disagg.config import KVTransferConfig
 from meshserve.disagg.connector import HeldTransfer, KVConnector, PullJob, TransferEvent
-from meshserve.disagg.layer_hook import ProducerStream, queue_ready
+from meshserve.disagg.layer_hook import ProducerStream, preempted, queue_ready
 from meshserve.disagg.layerwise import LayerJob
 from meshserve.disagg.stats import KVTransferStats
 from meshserve.engine.messages import EngineCoreOutput, RequestError, error_to_message
@@ -100,6 +100,7 @@ class KVTransferCoordinator:
             str, tuple[int, int, float]
         ] = {}  # before the request came: (rank, tokens, deadline)
         scheduler.kv_hold = self.hold
+        scheduler.kv_preempted = self._preempted
 
     # -- requests --------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> bool:
@@ -197,6 +198,12 @@ class KVTransferCoordinator:
         return True
 
     # -- layer-wise (producer) ---------------------------------------------------------------------
+    def _preempted(self, seq: Sequence) -> None:
+        """The scheduler's preemption hook: seq's blocks are released, so its stream has nothing ready."""
+        st = self.streams.get(seq.request_id)
+        if st is not None:
+            preempted(st, self.connector.sender, self.connector.one_sided_read)
+
     def _end_stream(self, request_id: str, reason: str) -> None:
         """A producer request that will not be held: its consumer (if any) hears so."""
         st = self.streams.pop(request_id, None)

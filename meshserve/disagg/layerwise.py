@@ -119,7 +119,7 @@ class LayerSender:
             # the stream's report first: the consumer's Ack, and so the "released" event, may come as soon as
             # StreamDone is out (one-sided, read_done on the server thread needs `announced` by then)
             span = self._spans.pop(job.transfer_id, None)
-            if self.conn.one_sided_read:  # the reads are the consumer's: see read_done (a failed stream: none)
+            if self.conn.one_sided_read:  # the reads are the consumer's: see read_done (none if it failed)
                 if span is not None and job.ok:
                     self.announced[job.transfer_id] = (span[0], job.prefill_end, int(span[2]))
             elif span is not None:  # seconds: how much of the sending overlapped the prefill

@@ -225,8 +225,8 @@ def test_a_missing_layer_or_a_stalled_producer_fails_the_request(pair, fault):
 
 
 def test_a_second_pull_of_a_transfer_being_received_is_refused(pair):
-    """One pull per transfer id at a time: a second would take over the first's stream (whose blocks would then
-    never come back). Once the first ends, the id may be pulled again."""
+    """One pull per transfer id at a time: a second would take over the first's stream (whose blocks would
+    then never come back). Once the first ends, the id may be pulled again."""
     family, commands, results, consumer, num_blocks = pair
     if family != "llama":
         pytest.skip("the refusal does not depend on the model")
@@ -235,7 +235,8 @@ def test_a_second_pull_of_a_transfer_being_received_is_refused(pair):
         rid = f"dup{round_}"
         consumer.add_request(EngineCoreRequest(rid, prompt, _params("do_remote_prefill", "dup", 3), 3))
         with pytest.raises(InvalidArgumentError, match="already being received"):
-            consumer.add_request(EngineCoreRequest(f"{rid}b", prompt, _params("do_remote_prefill", "dup", 3), 3))
+            second = EngineCoreRequest(f"{rid}b", prompt, _params("do_remote_prefill", "dup", 3), 3)
+            consumer.add_request(second)
         commands.put(("add", EngineCoreRequest(f"p{rid}", prompt, _params("do_remote_decode", "dup", 1), 1)))
         tokens, deadline = [], time.monotonic() + 60
         while consumer.has_unfinished_requests() and time.monotonic() < deadline:

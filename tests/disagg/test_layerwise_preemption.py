@@ -22,7 +22,10 @@ CHUNK = 16  # the producer's token budget per step: the prompt takes three steps
 
 def _params(key: str, max_tokens: int) -> SamplingParams:
     return SamplingParams(
-        temperature=0, max_tokens=max_tokens, ignore_eos=True, kv_transfer_params={key: True, "transfer_id": "t"}
+        temperature=0,
+        max_tokens=max_tokens,
+        ignore_eos=True,
+        kv_transfer_params={key: True, "transfer_id": "t"},
     )
 
 
@@ -108,7 +111,7 @@ def test_a_subscription_after_a_preemption_gets_the_recomputed_blocks(tiny_model
 
         _until(lambda: len(tokens) == 8, "the consumer decoded", both, 60)
         for layer, (got, want) in enumerate(zip(received["kv"], held["kv"])):
-            assert torch.equal(got, want), f"layer {layer}: the consumer holds other blocks than the producer's"
+            assert torch.equal(got, want), f"layer {layer}: the consumer's blocks are not the producer's"
         _until(lambda: not producer.disagg.stats.held_blocks, "the producer's blocks were freed", both)
         assert bm.num_free_blocks == bm.num_blocks
         assert consumer.scheduler.block_manager.num_free_blocks == consumer.scheduler.block_manager.num_blocks

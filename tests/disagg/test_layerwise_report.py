@@ -23,7 +23,9 @@ NO_NIXL = pytest.mark.skipif(not nixl_available(), reason="the NIXL library is n
 
 
 def _connector(kind: str, role: str, rank: int, port: int):
-    cfg = transfer_config(role, rank, port, connector=kind, layerwise=True, transfer_timeout_s=10, hold_timeout_s=60)
+    cfg = transfer_config(
+        role, rank, port, connector=kind, layerwise=True, transfer_timeout_s=10, hold_timeout_s=60
+    )
     config = parse_kv_transfer_config(cfg)
     if kind == "nixl":
         from meshserve.disagg.nixl_connector import make_nixl_connector
@@ -37,7 +39,8 @@ def _connector(kind: str, role: str, rank: int, port: int):
 @pytest.fixture(params=["torch", pytest.param("nixl", marks=NO_NIXL)])
 def pair(request):
     port = free_port()
-    conns = [_connector(request.param, "kv_producer", 0, port), _connector(request.param, "kv_consumer", 1, port)]
+    roles = ("kv_producer", "kv_consumer")
+    conns = [_connector(request.param, role, rank, port) for rank, role in enumerate(roles)]
     threads = [threading.Thread(target=c.start) for c in conns]
     for t in threads:
         t.start()
@@ -50,7 +53,8 @@ def pair(request):
 
 class _HeldAfterStreamDone:
     """The sender's socket to the consumer: after a StreamDone, the sender thread is kept from its next line
-    until the consumer's Ack made the producer release the blocks (as when the OS runs other threads first)."""
+    until the consumer's Ack made the producer release the blocks (as when the OS runs other threads
+    first)."""
 
     def __init__(self, sock, released: threading.Event):
         self.sock, self.released = sock, released

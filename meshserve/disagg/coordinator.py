@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshserve.disagg.config import KVTransferConfig
 from meshserve.disagg.connector import HeldTransfer, KVConnector, PullJob, TransferEvent
-from meshserve.disagg.layer_hook import ProducerStream, queue_ready
+from meshserve.disagg.layer_hook import ProducerStream, preempted, queue_ready
 from meshserve.disagg.layerwise import LayerJob
 from meshserve.disagg.stats import KVTransferStats
 from meshserve.engine.messages import EngineCoreOutput, RequestError, error_to_message
@@ -88,6 +88,10 @@ class KVTransferCoordinator:
         self._producing: dict[str, str] = {}  # request id -> transfer id (producer requests not finished)
         self._held: dict[str, list] = {}  # transfer id -> the held Blocks (producer)
         self._receiving: dict[str, Sequence] = {}  # request id -> sequence whose KV is on its way (consumer)
+        # their transfer ids: one pull per transfer at a time (the layer-wise receiver keys its state, and the
+        # stream's messages, by transfer id: a second pull would take over the first's, whose blocks then
+        # never come back, and be sent the first's layers)
+        self._pulling: set[str] = set()
         self._cancelled: set[str] = set()  # aborted while receiving: freed when the pull ends
         self._errors: list[RequestError] = []
         self.num_events = (
@@ -100,6 +104,7 @@ class KVTransferCoordinator:
             str, tuple[int, int, float]
         ] = {}  # before the request came: (rank, tokens, deadline)
         scheduler.kv_hold = self.hold
+        scheduler.kv_preempted = self._preempted
 
     # -- requests --------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> bool:
@@ -138,12 +143,18 @@ class KVTransferCoordinator:
                 f"kv_role is {self.config.kv_role}",
                 param="kv_transfer_params",
             )
+        if params.transfer_id in self._pulling:
+            raise InvalidArgumentError(
+                f"kv_transfer_params: transfer_id {params.transfer_id} is already being received",
+                param="kv_transfer_params",
+            )
         self.scheduler.check_fits(seq.num_prompt_tokens, seq.max_tokens)
         num_blocks = self.block_manager.blocks_needed(seq.num_prompt_tokens)
         if not self.block_manager.allocate_unregistered(seq, num_blocks):
             # no room now: a clean refusal the router retries elsewhere (never a wait without a bound)
             raise KVTransferError(f"no free KV blocks for a {seq.num_prompt_tokens}-token transfer now")
         self._receiving[seq.request_id] = seq
+        self._pulling.add(params.transfer_id)
         self.stats.receiving_blocks += num_blocks
         self.connector.pull(
             PullJob(
@@ -197,6 +208,12 @@ class KVTransferCoordinator:
         return True
 
     # -- layer-wise (producer) ---------------------------------------------------------------------
+    def _preempted(self, seq: Sequence) -> None:
+        """The scheduler's preemption hook: seq's blocks are released, so its stream has nothing ready."""
+        st = self.streams.get(seq.request_id)
+        if st is not None:
+            preempted(st, self.connector.sender, self.connector.one_sided_read)
+
     def _end_stream(self, request_id: str, reason: str) -> None:
         """A producer request that will not be held: its consumer (if any) hears so."""
         st = self.streams.pop(request_id, None)
@@ -340,6 +357,7 @@ class KVTransferCoordinator:
         seq = self._receiving.pop(event.request_id, None)
         if seq is None:
             return None
+        self._pulling.discard(event.transfer_id)
         self.stats.receiving_blocks -= len(self.block_manager.block_table(seq))
         if event.request_id in self._cancelled or event.kind == "failed":
             self._cancelled.discard(event.request_id)

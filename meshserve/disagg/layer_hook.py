@@ -9,7 +9,8 @@ is reached, while the next layers compute. Over a one-sided transport (one_sided
 job names the blocks, which the consumer reads where they lie once the sender announces them (after the
 event). Layers whose hook did not run (a replayed CUDA graph, an attention class without the hook) are queued
 by `end`, after the forward. Requests nobody subscribed to yet only
-advance their ready count; the coordinator sends what is ready when the subscription comes.
+advance their ready count; the coordinator sends what is ready when the subscription comes. A preemption
+(the scheduler's kv_preempted, `preempted`) takes back what was ready: those blocks may be reused at once.
 Runs on the core's thread (disaggregation is one device per instance: the runner is in this process).
 """
 
@@ -77,25 +78,11 @@ class LayerwiseHook:
             st = self.streams.get(s.seq_id)
             if st is None:
                 continue
-            if self.one_sided and st.ready_blocks and tuple(s.block_table[: st.ready_blocks]) != tuple(
-                st.block_table[: st.ready_blocks]
-            ):
-                self._moved(st)
             end = s.num_computed_tokens + s.num_new_tokens
             ready = st.num_blocks if end >= st.num_tokens else end // self.block_size
             if ready > st.ready_blocks:
                 self._plan.append((st, st.ready_blocks, ready, list(s.block_table[:ready])))
         self._fired = [False] * len(self.kv_tensors)
-
-    def _moved(self, st: ProducerStream) -> None:
-        """One-sided: the request was preempted and is recomputed into other blocks. The announced ones were
-        freed, maybe reused, while the consumer may still read them: its transfer fails (it admits nothing);
-        if nothing was announced yet, what is ready starts again from the new blocks."""
-        if st.consumer is not None and st.queued_blocks:
-            reason = "the request was preempted on the producer after blocks of it were announced"
-            self.sender.put(LayerJob("done", st.transfer_id, st.consumer, ok=False, reason=reason))
-            st.consumer = None
-        st.ready_blocks = st.queued_blocks = 0
 
     def layer_done(self, layer: int) -> None:
         if not self._plan or self._fired[layer]:
@@ -130,6 +117,22 @@ def _layer_job(
         ready = torch.cuda.Event()
         ready.record()
     return LayerJob("layer", transfer_id, dst, layer, start, data, ready, block_ids=tuple(ids))
+
+
+def preempted(st: ProducerStream, sender: LayerSender, one_sided: bool = False) -> None:
+    """The request was preempted: its blocks were released, and another request may write them before it is
+    recomputed (into those ids or others), so none of them stays ready: a subscription that comes meanwhile
+    must not be sent them (queue_ready reads st.block_table). Two-sided, the blocks already queued were
+    gathered (copied; on GPUs by the compute stream, before any later step's writes) and stand: the recompute
+    sends from there on. One-sided, the consumer reads the announced ids where they lie, maybe after their
+    reuse: its transfer fails (it admits nothing); with nothing announced yet, it all starts again."""
+    if one_sided and st.consumer is not None and st.queued_blocks:
+        reason = "the request was preempted on the producer after blocks of it were announced"
+        sender.put(LayerJob("done", st.transfer_id, st.consumer, ok=False, reason=reason))
+        st.consumer = None
+        st.queued_blocks = 0
+    st.ready_blocks = st.queued_blocks
+    st.block_table = st.block_table[: st.queued_blocks]
 
 
 def queue_ready(

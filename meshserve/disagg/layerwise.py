@@ -96,6 +96,7 @@ class LayerSender:
                 )
                 self._failed[job.transfer_id] = str(e)
                 self._spans.pop(job.transfer_id, None)
+                self.announced.pop(job.transfer_id, None)
                 self.conn.events.put(TransferEvent("released", job.transfer_id, reason=str(e)))
         for s in self._sockets.values():
             s.close(linger=0)
@@ -115,13 +116,12 @@ class LayerSender:
             return
         sock = self._socket(job.dst)
         if job.kind == "done":
+            # the stream's report first: the consumer's Ack, and so the "released" event, may come as soon as
+            # StreamDone is out (one-sided, read_done on the server thread needs `announced` by then)
             span = self._spans.pop(job.transfer_id, None)
-            msg = sc.StreamDone(
-                job.transfer_id, job.ok, job.first_token, job.num_blocks, job.reason, self.conn.rank
-            )
-            sock.send(sc.encoder.encode(msg))
-            if span is not None and self.conn.one_sided_read:  # the reads are the consumer's: see read_done
-                self.announced[job.transfer_id] = (span[0], job.prefill_end, int(span[2]))
+            if self.conn.one_sided_read:  # the reads are the consumer's: see read_done (none if it failed)
+                if span is not None and job.ok:
+                    self.announced[job.transfer_id] = (span[0], job.prefill_end, int(span[2]))
             elif span is not None:  # seconds: how much of the sending overlapped the prefill
                 overlap = max(0.0, min(span[1], job.prefill_end) - span[0])
                 self.conn.events.put(
@@ -134,6 +134,10 @@ class LayerSender:
                         ended=span[1],
                     )
                 )
+            msg = sc.StreamDone(
+                job.transfer_id, job.ok, job.first_token, job.num_blocks, job.reason, self.conn.rank
+            )
+            sock.send(sc.encoder.encode(msg))
             return
         if job.ready is not None:
             job.ready.synchronize()  # the compute stream has written and gathered this layer

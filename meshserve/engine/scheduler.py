@@ -73,6 +73,9 @@ class Scheduler:
         # prefill/decode disaggregation (disagg/coordinator.py): told of each finish; True when it keeps the
         # sequence's blocks for a KV transfer (they are not freed here)
         self.kv_hold: Callable[[Sequence, SequenceStatus], bool] | None = None
+        # told of each preemption, once the sequence's blocks are released (they may be reused at once): a
+        # layer-wise KV producer must not send them as the sequence's any more (disagg/layer_hook.py)
+        self.kv_preempted: Callable[[Sequence], None] | None = None
         # KV offload: stores start for a step's worth of blocks next in eviction order (block_manager.py)
         self.block_manager.store_ahead_blocks = (self.block_manager.blocks_needed(scheduler_config.max_num_batched_tokens)
                                                  + scheduler_config.max_num_seqs)
@@ -118,6 +121,8 @@ class Scheduler:
             self.block_manager.free(seq)
             seq.num_computed_tokens = 0
         seq.status = SequenceStatus.PREEMPTED
+        if self.kv_preempted is not None:
+            self.kv_preempted(seq)
         seq.spec_token_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1

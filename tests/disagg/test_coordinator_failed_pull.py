@@ -20,7 +20,7 @@ def _receiving_coordinator() -> tuple[KVTransferCoordinator, BlockManager, Seque
     assert bm.allocate(seq, 10, [])
     co = KVTransferCoordinator.__new__(KVTransferCoordinator)  # only the consumer's receiving side is used
     co.block_manager, co.stats, co._cancelled, co._errors = bm, KVTransferStats(), set(), []
-    co._receiving = {"r": seq}
+    co._receiving, co._pulling = {"r": seq}, {"t"}
     co.stats.receiving_blocks = 3
     return co, bm, seq
 
@@ -31,3 +31,4 @@ def test_a_failed_pull_frees_or_retires_its_blocks_and_fails_the_request(retire)
     assert co._apply(TransferEvent("failed", "t", "r", reason="read timed out", retire_blocks=retire)) is None
     assert bm.num_free_blocks == (5 if retire else 8) and bm.num_retired_blocks == (3 if retire else 0)
     assert len(co._errors) == 1 and co.stats.failed == 1 and co.stats.receiving_blocks == 0
+    assert not co._pulling  # the transfer id may be pulled again

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from meshserve.disagg.layer_hook import LayerwiseHook, ProducerStream, queue_ready
+from meshserve.disagg.layer_hook import LayerwiseHook, ProducerStream, preempted, queue_ready
 from meshserve.disagg.layerwise import LayerJob
 from meshserve.engine.scheduler_output import ScheduledSequence
 from meshserve.sampling import SamplingParams
@@ -102,7 +102,7 @@ def test_one_sided_jobs_name_the_blocks_and_gather_nothing():
     assert jobs == [("layer", 1, (11,), None)] * LAYERS + [("done", 0, (), None)]
 
 
-def test_one_sided_a_request_recomputed_into_other_blocks_fails_its_stream_or_starts_again():
+def test_one_sided_a_preempted_request_fails_its_stream_or_starts_again():
     kv, sender = _pool(), _Sender()
     st = ProducerStream("t", "r", num_tokens=8, num_blocks=2, consumer=1)
     late = ProducerStream("u", "q", num_tokens=8, num_blocks=2)  # nobody subscribed yet
@@ -111,13 +111,43 @@ def test_one_sided_a_request_recomputed_into_other_blocks_fails_its_stream_or_st
     hook.end()
     assert len(sender.jobs) == LAYERS and late.block_table == (4,)
     sender.jobs.clear()
-    # preempted (blocks freed) and recomputed from the start into other blocks
-    hook.begin([_chunk("r", 0, 5, [6, 7]), _chunk("q", 0, 5, [8, 9])])
-    hook.end()
+    # both preempted (blocks released: the announced ones may be read after their reuse) ...
+    preempted(st, sender, one_sided=True)
+    preempted(late, sender, one_sided=True)
     assert [(j.kind, j.ok) for j in sender.jobs] == [("done", False)] and "preempted" in sender.jobs[0].reason
     assert st.consumer is None  # nothing more is announced to it
-    assert (late.ready_blocks, late.block_table) == (1, (8,))  # a late subscription reads the new block
+    assert (late.ready_blocks, late.block_table) == (0, ())  # a subscription now reads nothing old
     sender.jobs.clear()
+    # ... and recomputed from the start into other blocks
+    hook.begin([_chunk("q", 0, 5, [8, 9])])
+    hook.end()
+    assert (late.ready_blocks, late.block_table) == (1, (8,))  # a late subscription reads the new block
     late.consumer = 2
     queue_ready(late, sender, kv, one_sided=True)
     assert {j.block_ids for j in sender.jobs} == {(8,)}
+
+
+def test_two_sided_a_preempted_request_keeps_what_was_queued_and_nothing_else():
+    kv, sender = _pool(), _Sender()
+    st = ProducerStream("t", "r", num_tokens=12, num_blocks=3, consumer=1)
+    late = ProducerStream("u", "q", num_tokens=12, num_blocks=3)  # nobody subscribed yet
+    hook = LayerwiseHook({"r": st, "q": late}, sender, kv, BLOCK)
+    hook.begin([_chunk("r", 0, 8, [3, 11, 5]), _chunk("q", 0, 8, [4, 12, 6])])
+    hook.end()
+    assert len(sender.jobs) == LAYERS and (late.ready_blocks, late.queued_blocks) == (2, 0)
+    sender.jobs.clear()
+    preempted(st, sender)
+    preempted(late, sender)
+    assert sender.jobs == []  # the queued blocks were gathered (copied): they stand
+    assert (st.ready_blocks, st.queued_blocks) == (2, 2)
+    # the unqueued ones were released, maybe reused: a subscription now is sent nothing of them
+    assert (late.ready_blocks, late.block_table) == (0, ())
+    late.consumer = 2
+    queue_ready(late, sender, kv)
+    assert sender.jobs == []
+    # the recompute's chunks send the rest from the new blocks
+    hook.begin([_chunk("r", 0, 12, [7, 8, 9]), _chunk("q", 0, 12, [13, 14, 15])])
+    hook.end()
+    sent = {(j.transfer_id, j.start, j.data.shape[1]) for j in sender.jobs}
+    assert sent == {("t", 2, 1), ("u", 0, 3)}
+    assert all(torch.equal(j.data, kv[j.layer][:, [13, 14, 15]]) for j in sender.jobs if j.transfer_id == "u")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -90,9 +91,12 @@ def build_router_app(config: RouterConfig, state: ServerState | None = None,
         app.state.health = health
         await health.check_all()  # know who is up before the first request
         health.start()
+        publisher = asyncio.create_task(metrics.publish_forever()) if metrics.shared else None
         try:
             yield
         finally:
+            if publisher is not None:
+                publisher.cancel()
             await health.stop()
             await upstream.aclose()
             await client.aclose()

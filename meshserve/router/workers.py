@@ -4,10 +4,14 @@ One router process relays every streamed chunk of every request on one GIL: at W
 ~100 requests/s) it saturates, and then everything queued behind it waits, a replica's instant 429 included. N
 workers (uvicorn's --workers, vLLM's --api-server-count) split that work: this process binds the socket and
 spawns them; each inherits it and accepts connections (the kernel hands a new connection to whichever accepts
-first, i.e. the least busy). Each worker is a whole router: its own replica pool, health checks, retries and
-/metrics (so /router/replicas and /metrics describe the worker that answered, and --max-outstanding bounds
-each worker). SIGTERM / SIGINT here drains every worker (each finishes its streams), then returns; a worker
-that dies is restarted (it probes every replica before it accepts); each worker dies with this process.
+first, i.e. the least busy). Each worker is a whole router: its own replica pool, health checks and retries
+(so /router/replicas describes the worker that answered, and --max-outstanding bounds each worker); /metrics
+describes the whole router, whichever worker answers (prometheus_client's multiprocess files in a directory
+this process owns; router/metrics.py says how each series is merged). SIGTERM / SIGINT here drains every
+worker (each finishes its streams), then returns; a worker that dies is restarted (it probes every replica
+before it accepts; its in-flight gauges are dropped, its counters kept); each worker dies with this process.
+Nothing heavy is imported at the top: a spawned worker unpickles its arguments before it sets
+PROMETHEUS_MULTIPROC_DIR, which must come before prometheus_client.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from meshserve.router.config import RouterConfig
+from meshserve.serve import multiprocess_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +54,8 @@ class RouterHttp:
 
 
 def _worker_main(config: RouterConfig, sock: socket.socket, http: RouterHttp, index: int,
-                 log_level: int) -> None:
+                 log_level: int, metrics_dir: str) -> None:
+    multiprocess_metrics.enter(metrics_dir)  # before prometheus_client is imported
     from meshserve.distributed.launch import die_with_parent
     from meshserve.router.cli import serve_router
 
@@ -81,11 +87,12 @@ def serve_workers(config: RouterConfig, http: RouterHttp, count: int) -> int:
     ctx = mp.get_context("spawn")
     log_level = logging.getLogger().getEffectiveLevel()
     stop = _Stop()
+    metrics_dir = multiprocess_metrics.new_dir()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def start(i: int) -> mp.Process:
         p = ctx.Process(target=_worker_main, name=f"meshserve-router-{i}",
-                        args=(config, sock, http, i, log_level))
+                        args=(config, sock, http, i, log_level, metrics_dir))
         p.start()
         return p
 
@@ -99,6 +106,7 @@ def serve_workers(config: RouterConfig, http: RouterHttp, count: int) -> int:
                 now = time.monotonic()
                 if i not in dead_since:  # not at once: a worker that cannot start must not spin
                     logger.warning("router worker %d exited (code %s); restarting it", i, p.exitcode)
+                    multiprocess_metrics.mark_dead(metrics_dir, p.pid)  # its requests in flight are gone
                     dead_since[i] = now
                 elif now - dead_since[i] >= _RESTART_DELAY_S:
                     del dead_since[i]
@@ -110,6 +118,7 @@ def serve_workers(config: RouterConfig, http: RouterHttp, count: int) -> int:
     finally:
         _stop_all(procs, 0.0)
         sock.close()
+        multiprocess_metrics.remove_dir(metrics_dir)
         for s, handler in previous.items():
             signal.signal(s, handler)
 

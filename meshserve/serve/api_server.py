@@ -28,11 +28,9 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ import msgspec
 
 from meshserve.config import EngineArgs
 from meshserve.engine import startup_timeline
+from meshserve.serve import multiprocess_metrics
 from meshserve.serve.config import ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -185,7 +184,7 @@ def _api_process_main(addresses: list, index: int, config: ServeConfig, sock: so
                       metrics_dir: str, log_level: int, engine_args: EngineArgs, ready_queue) -> None:
     """One API process, started while the core(s) load: imports, its tokenizer, then each core's hello (which
     a core answers once it is ready); puts its start-up segment on ready_queue once it listens."""
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before prometheus_client is imported
+    multiprocess_metrics.enter(metrics_dir)  # before prometheus_client is imported
     from meshserve.distributed.launch import die_with_parent
 
     die_with_parent()
@@ -255,7 +254,7 @@ def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: sock
     previous: dict = {}
     cores: list = []
     procs: list = []
-    metrics_dir = tempfile.mkdtemp(prefix="meshserve-metrics-")
+    metrics_dir = multiprocess_metrics.new_dir()
     startup_timeline.begin("cli")
     try:
         cores = spawn_dp_cores(engine_args, data_parallel_size, core_factory, _CORE_STARTUP_TIMEOUT_S)
@@ -294,7 +293,7 @@ def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: sock
         for core in cores:
             core.shutdown()
         sock.close()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        multiprocess_metrics.remove_dir(metrics_dir)
         for s, handler in previous.items():
             signal.signal(s, handler)
 

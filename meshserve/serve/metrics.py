@@ -16,17 +16,17 @@ process's series cannot linger and the "live" modes buy nothing.) Its update cou
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meshserve.errors import MeshserveError, RetryableError
 from meshserve.outputs import RequestOutput
+from meshserve.serve import multiprocess_metrics
 from meshserve.serve.frontend_load import ARRIVAL
 
 if TYPE_CHECKING:
@@ -276,14 +276,8 @@ class ServerMetrics:
         """The exposition text; engine_stats: (the core's counters, their age in s), or None to keep the last."""
         if engine_stats is not None:
             self._engine.stats, self._engine.age_s = engine_stats
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # one of several API processes: sum theirs, once
-            from prometheus_client.multiprocess import MultiProcessCollector
-
-            merged = CollectorRegistry()
-            MultiProcessCollector(merged)
-            merged.register(self._engine)
-            return generate_latest(merged)
-        return generate_latest(self.registry)
+        # one of several API processes: theirs summed, the engine's gauges (the same in each) once
+        return multiprocess_metrics.render(self.registry, self._engine)
 
 
 class RequestTracker:

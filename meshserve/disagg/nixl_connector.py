@@ -276,6 +276,8 @@ class NixlConnector(StoreRendezvous, KVConnector):
 
     def close(self) -> None:
         super().close()  # (the threads are done with the agent)
+        if self.agent is None:
+            return
         for rank in list(self._peers):
             self._forget(rank)
         try:
@@ -284,3 +286,7 @@ class NixlConnector(StoreRendezvous, KVConnector):
             self.agent.deregister_memory(self._reg)
         except Exception as e:  # noqa: BLE001
             logger.debug("KV transfer: NIXL clean-up: %s", e)
+        # the agent's progress thread polls without a pause (NIXL's Python API fixes its delay at 0: up to a
+        # core while idle) until the agent is destroyed: drop it and the handles holding it now, not whenever
+        # this connector is collected (an engine, a test or a traceback may keep it long after)
+        self._local_dlist = self._reg = self.agent = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -115,6 +116,13 @@ def test_a_read_copies_the_blocks_and_the_ack_frees_them(pair):
     cons.pull(PullJob("r2", "t", [0, 9, 3], 12))
     ev = _event(cons)
     assert ev.kind == "failed" and "no producer holds" in ev.reason
+
+    # close() destroys each agent (its progress thread polls without a pause) though the connectors live on;
+    # the fixture's second close() is a no-op
+    agents = [weakref.ref(c.agent) for c in (prod, cons)]
+    for c in (cons, prod):
+        c.close()
+    assert [a() for a in agents] == [None, None] and cons.agent is None
 
 
 def _producer_process(port: int, ready) -> None:

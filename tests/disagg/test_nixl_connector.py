@@ -117,6 +117,11 @@ def test_a_read_copies_the_blocks_and_the_ack_frees_them(pair):
     ev = _event(cons)
     assert ev.kind == "failed" and "no producer holds" in ev.reason
 
+    # two idle agents: their progress threads sleep between polls (NIXL's own delay, 0, spun ~a core each)
+    cpu, wall = time.process_time(), time.monotonic()
+    time.sleep(0.5)
+    assert (time.process_time() - cpu) / (time.monotonic() - wall) < 0.3
+
     # close() destroys each agent (its progress thread polls without a pause) though the connectors live on;
     # the fixture's second close() is a no-op
     agents = [weakref.ref(c.agent) for c in (prod, cons)]

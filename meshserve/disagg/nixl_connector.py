@@ -288,5 +288,5 @@ class NixlConnector(StoreRendezvous, KVConnector):
         except Exception as e:  # noqa: BLE001
             logger.debug("KV transfer: NIXL clean-up: %s", e)
         # the agent's progress thread runs until the agent is destroyed: drop it and the handles holding it
-        # now, not whenever this connector is collected (an engine, a test or a traceback may keep it long after)
+        # now, not whenever this connector is collected (an engine, a test or a traceback may hold it on)
         self._local_dlist = self._reg = self.agent = None

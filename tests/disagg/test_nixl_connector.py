@@ -215,8 +215,9 @@ def test_a_consumer_that_dies_mid_read_leaves_the_blocks_to_the_deadline():
     proc = mp.get_context("spawn").Process(target=_consumer_process, args=(port,), daemon=True)
     proc.start()
     try:
-        prod.start()
+        # held before the consumer can ask: a pull that came first found nothing, and the consumer slept 60 s
         prod.hold(HeldTransfer("t", [1, 2], 8, 7, time.monotonic() + 60))
+        prod.start()
         proc.join(120)
         assert proc.exitcode == -9  # it died with its read posted
         held = prod._held["t"]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from meshserve.disagg.connector import KVConnector
+from meshserve.disagg.nixl_agent import make_agent
 from meshserve.disagg.rendezvous import StoreRendezvous
 from meshserve.errors import KVTransferError
 
@@ -142,7 +143,7 @@ class NixlConnector(StoreRendezvous, KVConnector):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # (UCX binds a CUDA context when the agent starts)
         self.agent_name = f"meshserve-kv{config.kv_rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.agent = api.nixl_agent(self.agent_name, api.nixl_agent_config(backends=["UCX"]))
+        self.agent = make_agent(api, self.agent_name, ["UCX"])  # (its progress thread sleeps when idle)
         if "UCX" not in self.agent.backends:
             raise KVTransferError("kv_transfer_config: NIXL found no UCX backend plugin here")
         self._reg = self.agent.register_memory(kv_tensors)  # a list of tensors: VRAM or DRAM from the device
@@ -276,6 +277,8 @@ class NixlConnector(StoreRendezvous, KVConnector):
 
     def close(self) -> None:
         super().close()  # (the threads are done with the agent)
+        if self.agent is None:
+            return
         for rank in list(self._peers):
             self._forget(rank)
         try:
@@ -284,3 +287,6 @@ class NixlConnector(StoreRendezvous, KVConnector):
             self.agent.deregister_memory(self._reg)
         except Exception as e:  # noqa: BLE001
             logger.debug("KV transfer: NIXL clean-up: %s", e)
+        # the agent's progress thread runs until the agent is destroyed: drop it and the handles holding it
+        # now, not whenever this connector is collected (an engine, a test or a traceback may hold it on)
+        self._local_dlist = self._reg = self.agent = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -116,6 +117,18 @@ def test_a_read_copies_the_blocks_and_the_ack_frees_them(pair):
     ev = _event(cons)
     assert ev.kind == "failed" and "no producer holds" in ev.reason
 
+    # two idle agents: their progress threads sleep between polls (NIXL's own delay, 0, spun ~a core each)
+    cpu, wall = time.process_time(), time.monotonic()
+    time.sleep(0.5)
+    assert (time.process_time() - cpu) / (time.monotonic() - wall) < 0.3
+
+    # close() destroys each agent (its progress thread polls without a pause) though the connectors live on;
+    # the fixture's second close() is a no-op
+    agents = [weakref.ref(c.agent) for c in (prod, cons)]
+    for c in (cons, prod):
+        c.close()
+    assert [a() for a in agents] == [None, None] and cons.agent is None
+
 
 def _producer_process(port: int, ready) -> None:
     """A producer connector alone in its own process (kv rank 1), holding transfer "t" (blocks 1, 2)."""
@@ -202,8 +215,9 @@ def test_a_consumer_that_dies_mid_read_leaves_the_blocks_to_the_deadline():
     proc = mp.get_context("spawn").Process(target=_consumer_process, args=(port,), daemon=True)
     proc.start()
     try:
-        prod.start()
+        # held before the consumer can ask: a pull that came first found nothing, and the consumer slept 60 s
         prod.hold(HeldTransfer("t", [1, 2], 8, 7, time.monotonic() + 60))
+        prod.start()
         proc.join(120)
         assert proc.exitcode == -9  # it died with its read posted
         held = prod._held["t"]

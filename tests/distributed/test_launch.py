@@ -181,6 +181,7 @@ def test_killed_worker_stops_the_run_naming_the_rank(tiny_model_dir):
         proc.kill()
 
 
+@pytest.mark.slow
 @linux_only
 def test_sigterm_shuts_every_rank_down(tiny_model_dir):
     path = tiny_model_dir("llama")
@@ -198,6 +199,7 @@ def test_sigterm_shuts_every_rank_down(tiny_model_dir):
         proc.kill()
 
 
+@pytest.mark.slow
 @linux_only
 def test_worker_killed_during_start_up_is_named_at_once(tiny_model_dir):
     """Issue 19: the run used to wait out the 60 s rendezvous, then print a torch traceback naming no rank."""
@@ -244,6 +246,7 @@ if "spawn_main" in open("/proc/self/cmdline").read():  # a spawned rank: die ins
 """
 
 
+@pytest.mark.slow
 @linux_only
 def test_worker_dying_inside_the_rendezvous_is_named_at_once(tiny_model_dir, tmp_path):
     """The narrowest window: the rank reported in, and dies once rank 0 is blocked inside the rendezvous
@@ -282,6 +285,7 @@ def test_ray_backend_on_local_instance(tiny_model_dir, single_device_tokens):
         ray.shutdown()
 
 
+@pytest.mark.slow
 @linux_only
 def test_hung_worker_is_named_within_the_timeout(tiny_model_dir):
     path = tiny_model_dir("llama")

@@ -95,6 +95,7 @@ class TestOneTP2Engine:
             assert total / 2 <= b <= total / 2 * 1.02
 
 
+@pytest.mark.slow
 def test_uneven_pp_partition(tmp_path):
     from tests.conftest import make_tiny_checkpoint
 
@@ -114,6 +115,7 @@ def one_kv_head_model(tmp_path_factory) -> str:
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-llama-mqa")), "llama", num_key_value_heads=1)
 
 
+@pytest.mark.slow
 def test_tp2_replicates_a_single_kv_head(one_kv_head_model):
     """4 attention heads, 1 KV head: at TP=2 the KV head lives on both ranks (two ranks, not four, show the
     replication; test_tp4_replicates_kv_heads runs the 4-rank case with -m slow)."""
@@ -157,6 +159,7 @@ def test_tp2_schedules_ahead_and_samples_like_one_device(tiny_model_dir):
     assert ahead == single and in_step == single
 
 
+@pytest.mark.slow
 def test_dummy_weights_are_the_same_under_every_layout(tiny_model_dir):
     """Dummy weights are drawn per full checkpoint tensor and then sharded, so a TP or PP run on them gives
     one device's tokens (what the GPU layout tests and benchmarks rely on)."""

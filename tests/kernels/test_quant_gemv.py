@@ -156,6 +156,7 @@ def test_int4_gemv_half_paths_interp(m, n, k, group, tiles, fused):
     assert not _counters_in_use()
 
 
+@pytest.mark.slow
 @interp
 @pytest.mark.parametrize("act_order", [False, True])
 def test_int4_gemv_fused_reduce_gives_the_reduce_kernels_bits_interp(act_order):
@@ -309,6 +310,7 @@ print("compiled")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_HAS_CUDA, reason="the GPU tests compile the kernels for the real device")
 def test_kernels_compile_for_sm90_without_gpu():
     assert_compiles_for_sm90(_COMPILE_SM90)

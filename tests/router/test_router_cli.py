@@ -86,6 +86,7 @@ def _replicas(ppid: int) -> dict[int, str]:
     return {pid: cmd for pid, cmd in _children(ppid).items() if "meshserve.cli" in cmd}
 
 
+@pytest.mark.slow
 def test_serve_data_parallel_starts_replicas_and_router_restarts_and_drains(tiny_model_dir):
     port = free_port()
     base = f"http://127.0.0.1:{port}"

@@ -226,6 +226,7 @@ def _rss_kib(pid: int) -> int:
 OVERLOAD_BURST, OVERLOAD_TOKENS = 240, 8
 
 
+@pytest.mark.slow
 def test_overload_gets_fast_refusals_with_retry_after_and_no_memory_growth(cluster):
     async def burst() -> tuple[list, float]:
         load = Load(cluster.url, concurrency=120, limit=OVERLOAD_BURST, stream_every=5, max_tokens=OVERLOAD_TOKENS,

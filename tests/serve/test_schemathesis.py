@@ -31,6 +31,7 @@ def fuzz_server(tiny_model_dir):
 CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
 
 
+@pytest.mark.slow
 def test_openapi_fuzz(fuzz_server):
     # driven by hand (not schemathesis' pytest plugin, which lags behind pytest releases)
     api = schemathesis.openapi.from_url(fuzz_server.base_url + "/openapi.json")

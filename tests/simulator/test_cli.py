@@ -113,6 +113,7 @@ def test_slo_flags_past_the_knee_hold_goodput_as_the_server_does(capsys):
     assert old["frontend"]["gate"] is False and old["goodput"] < 0.5 * at64["goodput"]
 
 
+@pytest.mark.slow
 def test_two_replicas_behind_the_router_collapse_at_qps_128(capsys):
     """`serve --data-parallel-size 2` through `meshserve router` (seventh session, 2 x H200, W3 with targets)
     measured 5.1 req/s of goodput at QPS 128 (TTFT p50 14.5 s): the router process saturated. With

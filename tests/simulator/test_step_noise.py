@@ -178,6 +178,7 @@ def test_noise_off_gives_the_numbers_from_before_it():
     )
 
 
+@pytest.mark.slow
 def test_noise_on_is_deterministic_for_a_seed_and_moves_the_run():
     trace = w3_trace(96)
     a = simulate(_w3_config(step_noise=True, seed=1, api_server_count=4), trace)

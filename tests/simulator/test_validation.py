@@ -112,6 +112,7 @@ def test_calibration_holds_the_fit_of_w2_tp2():
 TENTH = RESULTS / "x2_h200_1201_s10"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (TENTH / "w2_8b_pp2_d3_ho_part.json").is_file(), reason="measured results not in this checkout")
 def test_pp_rows_stay_where_planner_md_says_and_in_the_measured_order():
     """W2 PP=2 with the host costs of calibration.toml (fitted to the rows marked so): every row within the goal
@@ -158,6 +159,7 @@ def test_w1_tp2_with_the_fused_norm_kernel_within_the_goal_and_in_order():
         assert fused["pred"] / plain["pred"] == pytest.approx(fused["meas"] / plain["meas"], abs=0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (TENTH / "w3_dp2r" / "w3.json").is_file(), reason="measured results not in this checkout")
 def test_dp2_at_qps128_internal_back_end_holds_and_the_router_collapses():
     """W3 DP=2 of the tenth session at QPS 128: the internal back end (no router process) serves 104.8 req/s of

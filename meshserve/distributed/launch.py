@@ -12,6 +12,7 @@ watches to name a rank that stopped answering.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -91,11 +92,24 @@ def die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         try:
             import ctypes
-            import signal
 
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except OSError:
             pass
+
+
+def stop_processes(procs: list, timeout_s: float) -> None:
+    """SIGTERM each live process (it drains its work), wait up to timeout_s in all, then SIGKILL the rest."""
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
 
 
 HEARTBEAT_S = 0.5

@@ -80,6 +80,7 @@ class _Stop:
 def serve_workers(config: RouterConfig, http: RouterHttp, count: int) -> int:
     """Bind http.host:http.port, run `count` router workers on it until SIGTERM / SIGINT, drain them,
     return 0."""
+    from meshserve.distributed.launch import stop_processes
     from meshserve.serve.cli import bind_listen_socket
 
     sock = bind_listen_socket(http.host, http.port)
@@ -113,25 +114,12 @@ def serve_workers(config: RouterConfig, http: RouterHttp, count: int) -> int:
                     procs[i] = start(i)
             time.sleep(0.2)
         logger.warning("%s: draining %d router workers", signal.Signals(stop.signal).name, count)
-        _stop_all(procs, config.drain_timeout_s + 5.0)
+        stop_processes(procs, config.drain_timeout_s + 5.0)
         return 0
     finally:
-        _stop_all(procs, 0.0)
+        stop_processes(procs, 0.0)
         sock.close()
         multiprocess_metrics.remove_dir(metrics_dir)
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-
-def _stop_all(procs: list[mp.Process], timeout_s: float) -> None:
-    """SIGTERM (each drains its streams), wait up to timeout_s, then SIGKILL what is left."""
-    for p in procs:
-        if p.is_alive():
-            os.kill(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)

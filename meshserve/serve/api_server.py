@@ -248,6 +248,7 @@ def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: sock
     """Start the core (or data_parallel_size cores) and `count` API processes on sock; supervise them until a
     signal or a death. on_started(core pids, API pids) is called once all are started (benchmarks watch their
     CPU time)."""
+    from meshserve.distributed.launch import stop_processes
     from meshserve.engine.dp_core_client import spawn_dp_cores
 
     stop = _Stop()
@@ -286,10 +287,10 @@ def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: sock
             on_started([c.proc.pid for c in cores], [p.pid for p in procs])
         timeline = _TimelineReports([seg for c in cores for seg in c.info.startup], ready_queue, count)
         code = _supervise(cores, procs, stop, timeline.poll)
-        _stop_all(procs, config.drain_timeout_s + 5.0)
+        stop_processes(procs, config.drain_timeout_s + 5.0)
         return code
     finally:
-        _stop_all(procs, 0.0)
+        stop_processes(procs, 0.0)
         for core in cores:
             core.shutdown()
         sock.close()
@@ -334,16 +335,3 @@ def _supervise(cores: list, procs: list, stop: _Stop, on_tick: Callable[[], None
             return 1
         time.sleep(0.2)
 
-
-def _stop_all(procs: list, timeout_s: float) -> None:
-    """SIGTERM (each drains its streams), wait up to timeout_s, then SIGKILL what is left."""
-    for p in procs:
-        if p.is_alive():
-            os.kill(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import socket
+import threading
 import time
 
 
@@ -11,6 +12,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def started_pair(conns: list):
+    """Start a producer / consumer connector pair at once (each start waits for its peer), yield it, close it."""
+    threads = [threading.Thread(target=c.start) for c in conns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    yield conns
+    for c in reversed(conns):
+        c.close()
 
 
 def transfer_config(role: str, rank: int, port: int, size: int = 2, connector: str = "torch", **extra) -> dict:

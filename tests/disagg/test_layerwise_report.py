@@ -16,7 +16,7 @@ from meshserve.disagg.connector import HeldTransfer, PullJob
 from meshserve.disagg.kv_blocks import gather_layer
 from meshserve.disagg.layerwise import LayerJob
 from meshserve.disagg.nixl_connector import nixl_available
-from tests.disagg.engine_pair import free_port, transfer_config
+from tests.disagg.engine_pair import free_port, started_pair, transfer_config
 from tests.disagg.test_nixl_layerwise import LAYERS, _pool
 
 NO_NIXL = pytest.mark.skipif(not nixl_available(), reason="the NIXL library is not installed")
@@ -41,14 +41,7 @@ def pair(request):
     port = free_port()
     roles = ("kv_producer", "kv_consumer")
     conns = [_connector(request.param, role, rank, port) for rank, role in enumerate(roles)]
-    threads = [threading.Thread(target=c.start) for c in conns]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    yield conns
-    for c in reversed(conns):
-        c.close()
+    yield from started_pair(conns)
 
 
 class _HeldAfterStreamDone:

@@ -5,7 +5,6 @@ dies mid-stream fails the transfer at the next read, well before the deadline.""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -16,7 +15,7 @@ from meshserve.disagg.connector import HeldTransfer, PullJob
 from meshserve.disagg.layerwise import LayerJob
 from meshserve.disagg.nixl_connector import desc_indices, nixl_available
 from meshserve.errors import KVTransferError
-from tests.disagg.engine_pair import free_port, transfer_config
+from tests.disagg.engine_pair import free_port, started_pair, transfer_config
 
 pytestmark = pytest.mark.skipif(
     not nixl_available(), reason="the NIXL library is not installed (pip install meshserve[nixl])"
@@ -44,14 +43,7 @@ def _connector(role: str, rank: int, port: int, timeout_s: float = 5.0):
 def pair():
     port = free_port()
     conns = [_connector("kv_producer", 0, port), _connector("kv_consumer", 1, port)]
-    threads = [threading.Thread(target=c.start) for c in conns]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    yield conns
-    for c in reversed(conns):
-        c.close()
+    yield from started_pair(conns)
 
 
 def _layer(tid: str, layer: int, start: int, ids: tuple[int, ...], dst: int = 1) -> LayerJob:

@@ -79,6 +79,8 @@ class Scheduler:
         # KV offload: stores start for a step's worth of blocks next in eviction order (block_manager.py)
         self.block_manager.store_ahead_blocks = (self.block_manager.blocks_needed(scheduler_config.max_num_batched_tokens)
                                                  + scheduler_config.max_num_seqs)
+        # KV offload: restore a prefix from disk only when reading it beats recomputing it (the step-time model)
+        self.block_manager.prefill_range_s = self.policy.prefill_range_s
 
     # -- admission -------------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:

@@ -48,6 +48,16 @@ def revisit(path: str, ps: list[list[int]], rounds: int = 2, **kwargs) -> tuple[
     return outs, stats
 
 
+@pytest.fixture(autouse=True)
+def disk_restores_always(monkeypatch):
+    """These tests count restores from disk: every disk run is read, whatever the read-rate estimate says (on a
+    busy machine a slow measured read could make recomputing these tiny prefixes look cheaper:
+    test_kv_restore_cost.py tests that decision)."""
+    from meshserve.engine.kv_offload.manager import KVOffloadManager
+
+    monkeypatch.setattr(KVOffloadManager, "_read_pays", lambda self, num_blocks, recompute_s: True)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return tiny_model_dir("llama")

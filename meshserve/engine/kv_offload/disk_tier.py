@@ -179,6 +179,16 @@ class DiskTier:
             out.append((range(a, b), self._readers.submit(self._read_part, items[a:b], timing)))
         return out
 
+    def measure(self, n: int) -> list[Future]:
+        """Read up to n of the newest written blocks into scratch buffers on the reader threads, only so that
+        read_rate is measured before the first restore asks it (blocks still being written are served from
+        memory: they would measure nothing). The futures of the reads ([] when no block is written yet)."""
+        with self._lock:
+            pending = set(self._pending)
+        hashes = [h for h in reversed(self.index) if h not in pending][:n]
+        items = [(h, np.empty(self.block_bytes, dtype=np.uint8)) for h in hashes]
+        return [future for _, future in self.read_batches(items)] if items else []
+
     def _read_part(self, part: list[tuple[bytes, np.ndarray]], timing: _BatchTiming) -> list[int | None]:
         start = self.clock()
         try:

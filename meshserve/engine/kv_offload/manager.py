@@ -80,6 +80,7 @@ class KVOffloadManager:
         self.reading: dict[bytes, tuple[int, Future, int]] = {}
         self._read_from_disk: set[bytes] = set()  # read back and not loaded yet: their restore is a disk hit
         self.probing: set[bytes] = set()  # reads no request waits for (they measure the disk: `_probe`)
+        self._measuring: list[Future] = []  # the first measurement of the disk's read rate (`_measure_disk`)
         self.writing: dict[int, Future] = {}  # CPU slot -> its block's disk write (written behind, from the slot)
         # told (hash) when the CPU tier drops a block that no lower tier keeps: a GPU block still holding that
         # content must be copied down again before it is reused (block_manager.py)
@@ -166,11 +167,21 @@ class KVOffloadManager:
                 self.drop_swap(seq_id)
                 lost.append(seq_id)
         self._file_reads()
+        self._measure_disk()
         for slot, future in list(self.writing.items()):  # disk writes done: their slots may be reused
             if future.done():
                 del self.writing[slot]
                 self.cpu.busy.discard(slot)
         return landed, failed, lost
+
+    def _measure_disk(self) -> None:
+        """Once the disk tier holds a block per reader thread, read them once in the background: the read rate
+        is then measured before the first restore asks it (a conservative seed alone would make that restore,
+        and every one after it, a recompute: a skipped restore measures nothing but its probe)."""
+        disk = self.disk
+        if disk is None or self._measuring or disk.read_rate.num_measured or len(disk) < disk.num_readers:
+            return
+        self._measuring = disk.measure(disk.num_readers)
 
     def _write_behind(self, block_hash: bytes, slot: int) -> None:
         """A block landed in the CPU tier: write it to disk now, in the background, straight from its slot (kept

@@ -1,10 +1,11 @@
-"""The disk tier's read throughput, estimated online from the restores' real reads.
+"""The disk tier's read throughput, estimated online from real reads of its files.
 
 A restore from disk pays only when reading the blocks takes less time than recomputing their tokens; the
 manager asks this estimate how long a read of n bytes will take. It starts from a conservative seed (a slow
 disk: until reads were measured, restores from disk are rare) and each measured batch of reads moves it: the
-first measurement replaces the seed, later ones are averaged in (exponentially, recent reads weigh most: the
-page cache and other traffic change the disk's speed over time). Reader threads report; the engine thread asks.
+estimate is the decayed sum of the bytes read over that of the seconds taken, so the first measurement replaces
+the seed, a large restore weighs more than a small probe, and recent reads more than old ones (the page cache
+and other traffic change the disk's speed). Reader threads report; the engine thread asks.
 """
 
 from __future__ import annotations
@@ -13,27 +14,29 @@ import threading
 
 # 1 GB/s: below any NVMe drive with parallel reads, about one SATA SSD. A disk slower than this stays unused.
 SEED_BYTES_PER_S = 1e9
-WEIGHT = 0.25  # of each new measurement once one was made
+DECAY = 0.5  # of the sums at each new batch
 
 
 class ReadRate:
-    """Bytes per second a batch of block reads achieves (its bytes over the wall time its readers took)."""
+    """Bytes per second batches of block reads achieve (their bytes over the wall time their readers took)."""
 
-    def __init__(self, seed_bytes_per_s: float = SEED_BYTES_PER_S, weight: float = WEIGHT):
-        if seed_bytes_per_s <= 0 or not 0 < weight <= 1:
-            raise ValueError("the seed must be > 0 and the weight in (0, 1]")
+    def __init__(self, seed_bytes_per_s: float = SEED_BYTES_PER_S, decay: float = DECAY):
+        if seed_bytes_per_s <= 0 or not 0 <= decay < 1:
+            raise ValueError("the seed must be > 0 and the decay in [0, 1)")
         self.bytes_per_s = seed_bytes_per_s
-        self.weight = weight
+        self.decay = decay
         self.num_measured = 0  # batches measured (0: still the seed)
+        self._bytes = 0.0
+        self._seconds = 0.0
         self._lock = threading.Lock()
 
     def update(self, nbytes: int, seconds: float) -> None:
         if nbytes <= 0 or seconds <= 0:
             return
-        rate = nbytes / seconds
         with self._lock:
-            self.bytes_per_s = rate if self.num_measured == 0 else (
-                (1 - self.weight) * self.bytes_per_s + self.weight * rate)
+            self._bytes = self.decay * self._bytes + nbytes
+            self._seconds = self.decay * self._seconds + seconds
+            self.bytes_per_s = self._bytes / self._seconds
             self.num_measured += 1
 
     def predict_s(self, nbytes: int) -> float:

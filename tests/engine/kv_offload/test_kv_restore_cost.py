@@ -42,6 +42,7 @@ def on_disk(tmp_path, prompt, rate: float, slots: int = 16) -> tuple[BlockManage
     for i, h in enumerate(seq.block_hashes):
         disk.put(h, bytes([i]) * cpu.block_bytes)
     disk.flush()
+    disk.read_rate.num_measured = 1  # as if measured at rate: no first measurement reads behind the test's back
     return bm, manager, seq
 
 
@@ -53,14 +54,16 @@ def settle(manager: KVOffloadManager) -> None:
 
 
 def test_read_rate_starts_from_its_seed_then_follows_measurements():
-    rate = ReadRate(seed_bytes_per_s=1e9, weight=0.5)
+    rate = ReadRate(seed_bytes_per_s=1e9, decay=0.5)
     assert rate.predict_s(2e9) == 2.0 and rate.num_measured == 0
     rate.update(8_000, 2.0)  # the first measurement replaces the seed
     assert rate.bytes_per_s == 4_000
-    rate.update(8_000, 1.0)
+    rate.update(8_000, 1.0)  # (4,000 + 8,000) / (1 + 1)
     assert rate.bytes_per_s == 6_000 and rate.num_measured == 2
+    rate.update(1_000_000, 10.0)  # a large batch outweighs the small ones before it
+    assert rate.bytes_per_s == pytest.approx(1_006_000 / 11)
     rate.update(0, 1.0)  # nothing read: nothing learnt
-    assert rate.num_measured == 2
+    assert rate.num_measured == 3
     with pytest.raises(ValueError):
         ReadRate(0)
 
@@ -103,7 +106,7 @@ def test_a_slow_disk_is_skipped_and_recomputed_with_a_probe_read_nobody_waits_fo
     gate.set()
     settle(manager)
     assert not manager.probing and all(h in manager.cpu for h in probed)
-    assert manager.disk.read_rate.num_measured == 1  # the probe measured the disk (fast: a page-cached file)
+    assert manager.disk.read_rate.num_measured == 2  # the probe measured the disk (fast: a page-cached file)
 
 
 def test_a_fast_disk_is_read_and_the_request_waits_for_it(tmp_path):
@@ -179,3 +182,21 @@ def test_prefill_range_sums_chunks_whose_attention_reads_the_prefix():
     assert policy.prefill_range_s(50, 250) == pytest.approx(200e-3 + 400e-6)
     assert policy.prefill_range_s(50, 50) == 0.0
     assert SchedulingPolicy(SchedulerConfig()).prefill_range_s(0, 10) is None
+
+
+def test_the_read_rate_is_measured_once_the_disk_holds_blocks(tmp_path):
+    bm, manager, seq = on_disk(tmp_path, range(21), rate=1.0)  # as at a warm restart: 5 blocks written
+    disk = manager.disk
+    disk.read_rate = ReadRate(1.0)  # the seed only
+    gate, read_into = threading.Event(), disk.read_into
+    disk.read_into = lambda *args: (gate.wait(10), read_into(*args))[1]
+    manager.poll()
+    futures = list(manager._measuring)
+    assert futures and disk.read_rate.num_measured == 0
+    manager.poll()
+    assert manager._measuring == futures  # one measurement
+    gate.set()
+    for f in futures:
+        assert all(crc is not None for crc in f.result())
+    assert disk.read_rate.num_measured == 1 and disk.read_rate.bytes_per_s > 1.0
+    assert not manager.cpu.lru and len(manager.cpu.free) == manager.cpu.num_slots  # scratch reads: no slot taken

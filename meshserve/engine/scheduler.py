@@ -119,7 +119,8 @@ class Scheduler:
     # -- one step --------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence) -> None:
         # swap (KV offload's preemption mode): its KV waits in the CPU tier and its computed tokens stand
-        if not self.block_manager.swap_out(seq, lambda: self.policy.prefill_time_s(seq.num_computed_tokens)):
+        # auto mode weighs the swap against recomputing its tokens, each chunk's attention over those before it
+        if not self.block_manager.swap_out(seq, lambda: self.policy.prefill_range_s(0, seq.num_computed_tokens) or 0.0):
             self.block_manager.free(seq)
             seq.num_computed_tokens = 0
         seq.status = SequenceStatus.PREEMPTED

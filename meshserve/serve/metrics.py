@@ -169,7 +169,13 @@ def _kv_offload_families(s: dict[str, Any]) -> Iterator[Metric]:
     read_rate = GaugeMetricFamily("meshserve:kv_offload_disk_read_bytes_per_second", "The disk tier's read "
                                   "throughput as estimated from its reads (the restore decision's input).")
     read_rate.add_metric([], v("disk_read_bytes_per_s"))
-    yield from (hits, blocks, moved, swaps, restore_s, restores, errors, skipped, skipped_blocks, read_rate)
+    read_s = CounterMetricFamily("meshserve:kv_offload_disk_read_seconds", "Wall time of the disk tier's batches "
+                                 "of block reads (a restore from disk waits for its batch).")
+    read_s.add_metric([], v("disk_read_s"))
+    reads = CounterMetricFamily("meshserve:kv_offload_disk_reads", "Batches of disk tier block reads timed.")
+    reads.add_metric([], v("disk_reads"))
+    yield from (hits, blocks, moved, swaps, restore_s, restores, errors, skipped, skipped_blocks, read_rate, read_s,
+                reads)
 
 
 def _kv_transfer_families(s: dict[str, Any]) -> Iterator[Metric]:

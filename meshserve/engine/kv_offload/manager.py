@@ -53,6 +53,8 @@ class KVOffloadStats:
     disk_restores_skipped: int = 0
     disk_blocks_skipped: int = 0
     disk_read_bytes_per_s: float = 0.0  # the disk tier's read throughput as estimated now (the seed until read)
+    disk_reads: int = 0  # batches of block reads (restores, probes, the first measurement)
+    disk_read_s: float = 0.0  # their wall time in all
 
     def as_dict(self) -> dict:
         return {f"kv_offload_{f.name}": getattr(self, f.name) for f in fields(self)}
@@ -383,7 +385,10 @@ class KVOffloadManager:
         self.stats.cpu_blocks = len(self.cpu)
         self.stats.disk_blocks = len(self.disk) if self.disk is not None else 0
         self.stats.disk_errors = self.disk.num_errors if self.disk is not None else 0
-        self.stats.disk_read_bytes_per_s = self.disk.read_rate.bytes_per_s if self.disk is not None else 0.0
+        if self.disk is not None:
+            rate = self.disk.read_rate
+            self.stats.disk_read_bytes_per_s, self.stats.disk_reads, self.stats.disk_read_s = (
+                rate.bytes_per_s, rate.num_measured, rate.total_s)
         return self.stats
 
     def close(self, gpu_cached: dict | None = None, run: Callable[[list[Transfer]], None] | None = None) -> None:

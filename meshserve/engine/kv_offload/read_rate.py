@@ -26,6 +26,7 @@ class ReadRate:
         self.bytes_per_s = seed_bytes_per_s
         self.decay = decay
         self.num_measured = 0  # batches measured (0: still the seed)
+        self.total_s = 0.0  # their wall time in all (the disk's share of restore latency, for the metrics)
         self._bytes = 0.0
         self._seconds = 0.0
         self._lock = threading.Lock()
@@ -38,6 +39,7 @@ class ReadRate:
             self._seconds = self.decay * self._seconds + seconds
             self.bytes_per_s = self._bytes / self._seconds
             self.num_measured += 1
+            self.total_s += seconds
 
     def predict_s(self, nbytes: int) -> float:
         """Predicted wall time to read nbytes with the reader threads."""

@@ -181,7 +181,8 @@ def test_offload_counters_reach_prometheus():
 
     stats = {"kv_offload_cpu_hits": 7, "kv_offload_disk_hits": 3, "kv_offload_disk_bytes_read": 4096,
              "kv_offload_swaps_out": 2, "kv_offload_restore_s": 0.25, "kv_offload_cpu_blocks": 11,
-             "kv_offload_disk_restores_skipped": 5, "kv_offload_disk_read_bytes_per_s": 2e9}
+             "kv_offload_disk_restores_skipped": 5, "kv_offload_disk_read_bytes_per_s": 2e9,
+             "kv_offload_disk_read_s": 1.5}
     text = ServerMetrics().render((stats, 0.0)).decode()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(text) for s in fam.samples}
@@ -193,3 +194,4 @@ def test_offload_counters_reach_prometheus():
     assert samples[("meshserve:kv_offload_blocks", (("tier", "cpu"),))] == 11
     assert samples[("meshserve:kv_offload_disk_restores_skipped_total", ())] == 5
     assert samples[("meshserve:kv_offload_disk_read_bytes_per_second", ())] == 2e9
+    assert samples[("meshserve:kv_offload_disk_read_seconds_total", ())] == 1.5

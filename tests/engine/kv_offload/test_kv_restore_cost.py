@@ -199,4 +199,6 @@ def test_the_read_rate_is_measured_once_the_disk_holds_blocks(tmp_path):
     for f in futures:
         assert all(crc is not None for crc in f.result())
     assert disk.read_rate.num_measured == 1 and disk.read_rate.bytes_per_s > 1.0
+    stats = manager.snapshot()
+    assert stats.disk_reads == 1 and stats.disk_read_s > 0 and stats.disk_read_bytes_per_s > 1.0
     assert not manager.cpu.lru and len(manager.cpu.free) == manager.cpu.num_slots  # scratch reads: no slot taken

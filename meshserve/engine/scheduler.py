@@ -120,7 +120,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         # swap (KV offload's preemption mode): its KV waits in the CPU tier and its computed tokens stand
         # auto mode weighs the swap against recomputing its tokens, each chunk's attention over those before it
-        if not self.block_manager.swap_out(seq, lambda: self.policy.prefill_range_s(0, seq.num_computed_tokens) or 0.0):
+        recompute_s = lambda: self.policy.prefill_range_s(0, seq.num_computed_tokens) or 0.0  # noqa: E731
+        if not self.block_manager.swap_out(seq, recompute_s):
             self.block_manager.free(seq)
             seq.num_computed_tokens = 0
         seq.status = SequenceStatus.PREEMPTED

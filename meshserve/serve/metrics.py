@@ -174,8 +174,8 @@ def _kv_offload_families(s: dict[str, Any]) -> Iterator[Metric]:
     read_s.add_metric([], v("disk_read_s"))
     reads = CounterMetricFamily("meshserve:kv_offload_disk_reads", "Batches of disk tier block reads timed.")
     reads.add_metric([], v("disk_reads"))
-    yield from (hits, blocks, moved, swaps, restore_s, restores, errors, skipped, skipped_blocks, read_rate, read_s,
-                reads)
+    yield from (hits, blocks, moved, swaps, restore_s, restores, errors)
+    yield from (skipped, skipped_blocks, read_rate, read_s, reads)
 
 
 def _kv_transfer_families(s: dict[str, Any]) -> Iterator[Metric]:

@@ -10,6 +10,8 @@ a block's writes, deletions and touches all go to the one thread its hash picks,
 still being written is served from memory. Files appear atomically (written then renamed). Reads for a restore
 run on a pool of reader threads, straight into the CPU tier's slots, one preadv call per file (header and
 payload together): a reader holds the GIL only between system calls, so a busy engine thread slows it little.
+Each batch of reads is timed (read_rate.py): the manager restores from disk only when reading is predicted
+faster than recomputing.
 """
 
 from __future__ import annotations

@@ -147,11 +147,14 @@ def bench_disk(blocks: int, block_mib: float, path: str | None) -> dict:
             getattr(manager, "wait_io", lambda: None)()  # absent before the engine loop waited
         t_read = time.perf_counter() - t0
         assert len(found) == blocks, (len(found), manager.stats.disk_errors)
+        rate = disk.read_rate  # what the restore decision would predict reads at now (read_rate.py)
         disk.close()
         gb = blocks * block_bytes / 1e9
         return {"bench": "disk", "blocks": blocks, "block_mib": block_mib, "put_s": round(t_put, 3),
                 "write_s": round(t_write, 3), "write_GBps": round(gb / t_write, 2), "read_s": round(t_read, 3),
-                "read_GBps": round(gb / t_read, 2), "engine_polls": polls}
+                "read_GBps": round(gb / t_read, 2), "engine_polls": polls,
+                "read_GB": round(manager.stats.disk_bytes_read / 1e9, 3),  # > the blocks' GB: some read twice
+                "estimated_read_GBps": round(rate.bytes_per_s / 1e9, 2), "read_batches_timed": rate.num_measured}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

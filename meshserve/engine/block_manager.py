@@ -180,6 +180,10 @@ class BlockManager:
         # offloading: blocks registered this step (filled by its forward): written through to the CPU tier after
         # it, so the GPU pool's cached blocks are mostly copied down before anything needs their room
         self.filled: list[Block] = []
+        # offloading: the predicted device time to prefill a sequence's tokens start..end-1 with the ones before
+        # cached (the scheduler's step-time model; None: no model, restores from disk always); a run of disk
+        # blocks is restored only when reading it is predicted faster
+        self.prefill_range_s: Callable[[int, int], float | None] | None = None
 
     def attach_offload(self, offload: KVOffloadManager) -> None:
         """Evicted cached blocks go down to these tiers; prefix lookups and swaps use them."""
@@ -282,7 +286,12 @@ class BlockManager:
         cache (free, ref 0, like any cached block: allocate shares them; if it cannot, they stay cached).
         Leaves at least one free block beside them, and never evicts the GPU hits found before them.
         None: part of the run is still being read from disk."""
-        found, reading = self.offload.find(block_hashes)
+        first = len(gpu_hits) * self.block_size  # the run's first token
+        recompute_s = None
+        if self.prefill_range_s is not None:
+            def recompute_s(i: int, j: int) -> float | None:
+                return self.prefill_range_s(first + i * self.block_size, first + j * self.block_size)
+        found, reading = self.offload.find(block_hashes, recompute_s)
         if reading:
             return None
         revived = sum(1 for b in gpu_hits if b.ref_count == 0)

@@ -105,6 +105,11 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     kv_offload_disk_blocks: int = 0
     kv_offload_link_bytes_per_s: float = 0.0
     kv_offload_store_failures: int = 0
+    kv_offload_disk_restores_skipped: int = 0
+    kv_offload_disk_blocks_skipped: int = 0
+    kv_offload_disk_read_bytes_per_s: float = 0.0
+    kv_offload_disk_reads: int = 0
+    kv_offload_disk_read_s: float = 0.0
     # prefill/decode disaggregation (disagg/stats.py KVTransferStats): transfers since start, blocks now
     kv_transfer_sent: int = 0
     kv_transfer_sent_bytes: int = 0

@@ -79,6 +79,8 @@ class Scheduler:
         # KV offload: stores start for a step's worth of blocks next in eviction order (block_manager.py)
         self.block_manager.store_ahead_blocks = (self.block_manager.blocks_needed(scheduler_config.max_num_batched_tokens)
                                                  + scheduler_config.max_num_seqs)
+        # KV offload: restore a prefix from disk only when reading it beats recomputing it (the step-time model)
+        self.block_manager.prefill_range_s = self.policy.prefill_range_s
 
     # -- admission -------------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -117,7 +119,9 @@ class Scheduler:
     # -- one step --------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence) -> None:
         # swap (KV offload's preemption mode): its KV waits in the CPU tier and its computed tokens stand
-        if not self.block_manager.swap_out(seq, lambda: self.policy.prefill_time_s(seq.num_computed_tokens)):
+        # auto mode weighs the swap against recomputing its tokens, each chunk's attention over those before it
+        recompute_s = lambda: self.policy.prefill_range_s(0, seq.num_computed_tokens) or 0.0  # noqa: E731
+        if not self.block_manager.swap_out(seq, recompute_s):
             self.block_manager.free(seq)
             seq.num_computed_tokens = 0
         seq.status = SequenceStatus.PREEMPTED

@@ -152,6 +152,18 @@ class SchedulingPolicy:
         t = full * self.step_model.predict(StepShape(chunk, 1, chunk)) if full else 0.0
         return t + (self.step_model.predict(StepShape(rest, 1, num_tokens)) if rest else 0.0)
 
+    def prefill_range_s(self, start: int, end: int) -> float | None:
+        """Predicted device time to prefill a sequence's tokens start..end-1 with the first start cached, in
+        chunks of the static budget whose attention reads everything before them; None without a model."""
+        if self.step_model is None:
+            return None
+        chunk = self.config.max_num_batched_tokens
+        t = 0.0
+        for a in range(start, end, chunk):
+            b = min(a + chunk, end)
+            t += self.step_model.predict(StepShape(b - a, 1, b))
+        return t
+
     def shed_late(self, waiting: Iterable[Sequence], now: float) -> list[Sequence]:
         """Queued, never-started requests that can no longer meet their time-to-first-token target: what they
         have waited, plus the wait for the requests ahead of them at the recent admission rate, plus their own

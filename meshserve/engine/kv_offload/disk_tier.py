@@ -10,6 +10,8 @@ a block's writes, deletions and touches all go to the one thread its hash picks,
 still being written is served from memory. Files appear atomically (written then renamed). Reads for a restore
 run on a pool of reader threads, straight into the CPU tier's slots, one preadv call per file (header and
 payload together): a reader holds the GIL only between system calls, so a busy engine thread slows it little.
+Each batch of reads is timed (read_rate.py): the manager restores from disk only when reading is predicted
+faster than recomputing.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+
+from meshserve.engine.kv_offload.read_rate import ReadRate
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +42,8 @@ WRITERS = 4  # writer threads (page-cache writes of MiB-sized blocks: one thread
 class DiskTier:
     """Block files of one model and KV layout (the fingerprint), bounded to max_bytes."""
 
-    def __init__(self, root: str, fingerprint: bytes, max_bytes: int, block_bytes: int):
+    def __init__(self, root: str, fingerprint: bytes, max_bytes: int, block_bytes: int,
+                 read_rate: ReadRate | None = None, clock: Callable[[], float] = time.perf_counter):
         if len(fingerprint) != 16:
             raise ValueError("the fingerprint must be 16 bytes")
         self.fingerprint = fingerprint
@@ -59,6 +65,9 @@ class DiskTier:
         self.num_readers = min(8, os.cpu_count() or 1)
         self._readers = ThreadPoolExecutor(max_workers=self.num_readers,
                                            thread_name_prefix="meshserve-kv-read")
+        # what a batch of reads achieves (read_batches measures it): the manager restores only when reading pays
+        self.read_rate = read_rate or ReadRate()
+        self.clock = clock
         self._rebuild()
 
     def path(self, block_hash: bytes) -> str:
@@ -161,15 +170,33 @@ class DiskTier:
     def read_batches(self, items: list[tuple[bytes, np.ndarray]]) -> list[tuple[range, Future]]:
         """read_into for many blocks on the reader threads, split into one task per thread (each reads its part
         in order): (the items' indices, a future of their crcs) per part. The engine loop waits on a few
-        futures, not one per block."""
+        futures, not one per block. The batch's bytes over the wall time from its first read's start to its
+        last one's end update read_rate."""
         n = len(items)
         parts = min(n, self.num_readers)
         bounds = [n * k // parts for k in range(parts + 1)]
+        timing = _BatchTiming(parts, n * self.file_bytes, self.read_rate)
         out = []
         for a, b in zip(bounds, bounds[1:]):
-            part = items[a:b]
-            out.append((range(a, b), self._readers.submit(lambda part=part: [self.read_into(*it) for it in part])))
+            out.append((range(a, b), self._readers.submit(self._read_part, items[a:b], timing)))
         return out
+
+    def measure(self, n: int) -> list[Future]:
+        """Read up to n of the newest written blocks into scratch buffers on the reader threads, only so that
+        read_rate is measured before the first restore asks it (blocks still being written are served from
+        memory: they would measure nothing). The futures of the reads ([] when no block is written yet)."""
+        with self._lock:
+            pending = set(self._pending)
+        hashes = [h for h in reversed(self.index) if h not in pending][:n]
+        items = [(h, np.empty(self.block_bytes, dtype=np.uint8)) for h in hashes]
+        return [future for _, future in self.read_batches(items)] if items else []
+
+    def _read_part(self, part: list[tuple[bytes, np.ndarray]], timing: _BatchTiming) -> list[int | None]:
+        start = self.clock()
+        try:
+            return [self.read_into(*it) for it in part]
+        finally:
+            timing.part_done(start, self.clock())
 
     def read_async(self, block_hash: bytes, out: np.ndarray) -> Future:
         """read_into on a reader thread: the engine loop never waits on the file (the future gives the crc)."""
@@ -237,6 +264,26 @@ class DiskTier:
         finally:
             with self._lock:
                 self._pending.pop(block_hash, None)
+
+
+class _BatchTiming:
+    """The span of one read batch's parts (on several threads): reported to rate once the last part ends."""
+
+    def __init__(self, parts: int, nbytes: int, rate: ReadRate):
+        self.left = parts
+        self.nbytes = nbytes
+        self.rate = rate
+        self.start = float("inf")
+        self.end = float("-inf")
+        self._lock = threading.Lock()
+
+    def part_done(self, start: float, end: float) -> None:
+        with self._lock:
+            self.start, self.end = min(self.start, start), max(self.end, end)
+            self.left -= 1
+            if self.left:
+                return
+        self.rate.update(self.nbytes, self.end - self.start)
 
 
 def _remove(path: str) -> None:

@@ -49,6 +49,12 @@ class KVOffloadStats:
     disk_blocks: int = 0  # kept on disk now
     link_bytes_per_s: float = 0.0  # host <-> device copy rate measured (0: not yet)
     store_failures: int = 0  # GPU blocks whose store raised (their slot forgotten; a swapped sequence recomputes)
+    # runs of disk blocks not restored because reading them was predicted slower than recomputing, their blocks
+    disk_restores_skipped: int = 0
+    disk_blocks_skipped: int = 0
+    disk_read_bytes_per_s: float = 0.0  # the disk tier's read throughput as estimated now (the seed until read)
+    disk_reads: int = 0  # batches of block reads (restores, probes, the first measurement)
+    disk_read_s: float = 0.0  # their wall time in all
 
     def as_dict(self) -> dict:
         return {f"kv_offload_{f.name}": getattr(self, f.name) for f in fields(self)}
@@ -75,6 +81,8 @@ class KVOffloadManager:
         # disk reads on the reader threads: hash -> (slot, its batch's future, its index in the batch)
         self.reading: dict[bytes, tuple[int, Future, int]] = {}
         self._read_from_disk: set[bytes] = set()  # read back and not loaded yet: their restore is a disk hit
+        self.probing: set[bytes] = set()  # reads no request waits for (they measure the disk: `_probe`)
+        self._measuring: list[Future] = []  # the first measurement of the disk's read rate (`_measure_disk`)
         self.writing: dict[int, Future] = {}  # CPU slot -> its block's disk write (written behind, from the slot)
         # told (hash) when the CPU tier drops a block that no lower tier keeps: a GPU block still holding that
         # content must be copied down again before it is reused (block_manager.py)
@@ -161,11 +169,21 @@ class KVOffloadManager:
                 self.drop_swap(seq_id)
                 lost.append(seq_id)
         self._file_reads()
+        self._measure_disk()
         for slot, future in list(self.writing.items()):  # disk writes done: their slots may be reused
             if future.done():
                 del self.writing[slot]
                 self.cpu.busy.discard(slot)
         return landed, failed, lost
+
+    def _measure_disk(self) -> None:
+        """Once the disk tier holds a block per reader thread, read them once in the background: the read rate
+        is then measured before the first restore asks it (a conservative seed alone would make that restore,
+        and every one after it, a recompute: a skipped restore measures nothing but its probe)."""
+        disk = self.disk
+        if disk is None or self._measuring or disk.read_rate.num_measured or len(disk) < disk.num_readers:
+            return
+        self._measuring = disk.measure(disk.num_readers)
 
     def _write_behind(self, block_hash: bytes, slot: int) -> None:
         """A block landed in the CPU tier: write it to disk now, in the background, straight from its slot (kept
@@ -201,10 +219,14 @@ class KVOffloadManager:
             self.on_lost(block_hash)
 
     # -- prefix lookup: restore ------------------------------------------------------------------
-    def find(self, block_hashes: list[bytes]) -> tuple[list[tuple[bytes, int, str]], bool]:
+    def find(self, block_hashes: list[bytes], recompute_s: Callable[[int, int], float | None] | None = None,
+             ) -> tuple[list[tuple[bytes, int, str]], bool]:
         """The leading blocks of block_hashes found in the CPU tier: (hash, slot, tier the block came from),
         and whether more of the run is being read from disk (the caller waits for it rather than recompute).
-        Disk blocks of the run start their reads (reader threads, into fresh CPU slots; `poll` files them)."""
+        Disk blocks of the run start their reads (reader threads, into fresh CPU slots; `poll` files them),
+        unless recompute_s(i, j), the predicted time to prefill blocks i..j-1 of block_hashes (None: unknown),
+        says recomputing them is faster than reading them (the disk tier's measured read rate): then they are a
+        miss, and a few of them are read in the background anyway (`_probe`)."""
         found: list[tuple[bytes, int, str]] = []
         for block_hash in block_hashes:
             slot = self.cpu.lookup(block_hash) if block_hash in self.cpu else None
@@ -213,25 +235,63 @@ class KVOffloadManager:
             tier = "disk" if block_hash in self._read_from_disk else "cpu"
             self.cpu.pending.add(slot)  # kept while room is made for disk reads and fresh GPU blocks
             found.append((block_hash, slot, tier))
-        reading = False
-        to_read: list[tuple[bytes, int]] = []
+        # the run after the CPU hits that the disk tier covers: blocks on disk, being read, or read already (a
+        # later part of a read batch can land before an earlier one: it is not read twice)
+        run: list[bytes] = []
         for block_hash in block_hashes[len(found) :]:
-            if block_hash in self.reading:
-                reading = True
-                continue
-            if self.disk is None or block_hash not in self.disk:
+            if not (block_hash in self.reading or block_hash in self.cpu
+                    or (self.disk is not None and block_hash in self.disk)):
                 break
+            run.append(block_hash)
+        decided = any(h in self.reading and h not in self.probing for h in run)  # its restore runs already
+        to_read = [h for h in run if h not in self.reading and h not in self.cpu]
+        redo_s = recompute_s(len(found), len(found) + len(run)) if run and not decided and recompute_s else None
+        if redo_s is not None and not self._read_pays(len(to_read), redo_s):
+            self.stats.disk_restores_skipped += 1
+            self.stats.disk_blocks_skipped += len(run)
+            self._probe(to_read)
+            return found, False
+        self.probing.difference_update(run)  # a probe's reads in a restored run: the request waits for them
+        reading = any(h in self.reading for h in run)
+        slots: list[tuple[bytes, int]] = []
+        for block_hash in to_read:
             slot = self.cpu.allocate(host_write=True)
             if slot is None:
                 break
             self.cpu.wait(slot)
-            to_read.append((block_hash, slot))
+            slots.append((block_hash, slot))
             reading = True
-        if to_read:  # a few large read tasks (one per reader thread), not one per block: fewer wake-ups
-            for part, future in self.disk.read_batches([(h, self.cpu.slot_bytes(s)) for h, s in to_read]):
-                for i in part:
-                    self.reading[to_read[i][0]] = (to_read[i][1], future, i - part.start)
+        self._start_reads(slots)
         return found, reading
+
+    def _read_pays(self, num_blocks: int, recompute_s: float) -> bool:
+        """Reading num_blocks from disk is predicted faster than recomputing them (recompute_s). All or none of
+        a run: reading costs the same per block while a later block costs more to recompute (its attention
+        reads a longer prefix), so if reading any leading part of the run pays, reading all of it pays more."""
+        return self.disk.read_rate.predict_s(num_blocks * self.disk.file_bytes) < recompute_s
+
+    def _probe(self, block_hashes: list[bytes]) -> None:
+        """A restore was skipped: read a few of its blocks anyway, one per reader thread, which nothing waits
+        for, so the read rate is measured again (a skipped restore measures nothing; the disk may be faster
+        now, its files in the page cache). They land in the CPU tier like any read: a later lookup hits them.
+        One probe at a time."""
+        if self.probing:
+            return
+        slots = []
+        for block_hash in block_hashes[: self.disk.num_readers]:
+            slot = self.cpu.allocate(host_write=True)
+            if slot is None:
+                break
+            self.cpu.wait(slot)
+            slots.append((block_hash, slot))
+        self._start_reads(slots)
+        self.probing.update(h for h, _ in slots)
+
+    def _start_reads(self, slots: list[tuple[bytes, int]]) -> None:
+        if slots:  # a few large read tasks (one per reader thread), not one per block: fewer wake-ups
+            for part, future in self.disk.read_batches([(h, self.cpu.slot_bytes(s)) for h, s in slots]):
+                for i in part:
+                    self.reading[slots[i][0]] = (slots[i][1], future, i - part.start)
 
     def wait_io(self, timeout_s: float = 0.01) -> None:
         """A step had nothing to run: block (the GIL released) until the disk reads under way are done, or
@@ -245,13 +305,14 @@ class KVOffloadManager:
             if not future.done():
                 continue
             del self.reading[block_hash]
+            self.probing.discard(block_hash)
             try:
                 crc = future.result()[i]
             except Exception as e:  # noqa: BLE001  a reader that raised: a miss, like a bad file
                 logger.warning("KV disk tier: reading a block failed: %s", e)
                 crc = None
             self.disk.record_read(block_hash, crc is not None)
-            if crc is None:
+            if crc is None or block_hash in self.cpu:  # a bad file; or the block came down again meanwhile
                 self.cpu.release(slot)
                 continue
             self.cpu.checksums[slot] = crc  # what the copy to the GPU must reproduce (debug mode checks it)
@@ -324,6 +385,10 @@ class KVOffloadManager:
         self.stats.cpu_blocks = len(self.cpu)
         self.stats.disk_blocks = len(self.disk) if self.disk is not None else 0
         self.stats.disk_errors = self.disk.num_errors if self.disk is not None else 0
+        if self.disk is not None:
+            rate = self.disk.read_rate
+            self.stats.disk_read_bytes_per_s, self.stats.disk_reads, self.stats.disk_read_s = (
+                rate.bytes_per_s, rate.num_measured, rate.total_s)
         return self.stats
 
     def close(self, gpu_cached: dict | None = None, run: Callable[[list[Transfer]], None] | None = None) -> None:

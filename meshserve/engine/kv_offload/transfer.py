@@ -120,9 +120,17 @@ class KVTransferEngine:
                 self._load([a for _, a, _ in group], [b for _, _, b in group])
             i = j
 
+    def _index(self, block_ids: list[int]) -> torch.Tensor:
+        """block_ids on the device, copied on the current (copy) stream without the host waiting. A plain
+        torch.tensor(ids, device=cuda) synchronizes the host with that stream, which waits for the compute
+        queued before it: the host stalled until the forward ended, so the next step's forward (and its copies'
+        overlap with it) started only once every copy queued before it was done."""
+        cuda = self.device.type == "cuda"
+        return torch.tensor(block_ids, dtype=torch.long, pin_memory=cuda).to(self.device, non_blocking=cuda)
+
     def _gather(self, block_ids: list[int]) -> torch.Tensor:
         """The blocks of every layer as one contiguous [n, layers, 2, block_size, heads, head_dim] tensor."""
-        idx = torch.tensor(block_ids, device=self.device)
+        idx = self._index(block_ids)
         per_layer = torch.stack([t.index_select(1, idx) for t in self.kv_tensors])  # [L, 2, n, ...]
         return per_layer.permute(2, 0, 1, 3, 4, 5).contiguous()
 
@@ -150,7 +158,7 @@ class KVTransferEngine:
                               device=self.device)
         for start, slot, n in _runs(slots):
             staging[start : start + n].copy_(self.cpu.tensor[slot : slot + n], non_blocking=True)
-        idx = torch.tensor(block_ids, device=self.device)
+        idx = self._index(block_ids)
         for layer, t in enumerate(self.kv_tensors):
             src = staging[:, layer].transpose(0, 1)
             if t.dtype == torch.float8_e4m3fn:  # an fp8 cache: CPU torch has no fp8 index_copy_, move the bytes

@@ -48,6 +48,16 @@ def revisit(path: str, ps: list[list[int]], rounds: int = 2, **kwargs) -> tuple[
     return outs, stats
 
 
+@pytest.fixture(autouse=True)
+def disk_restores_always(monkeypatch):
+    """These tests count restores from disk: every disk run is read, whatever the read-rate estimate says (on a
+    busy machine a slow measured read could make recomputing these tiny prefixes look cheaper:
+    test_kv_restore_cost.py tests that decision)."""
+    from meshserve.engine.kv_offload.manager import KVOffloadManager
+
+    monkeypatch.setattr(KVOffloadManager, "_read_pays", lambda self, num_blocks, recompute_s: True)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return tiny_model_dir("llama")
@@ -170,7 +180,9 @@ def test_offload_counters_reach_prometheus():
     from meshserve.serve.metrics import ServerMetrics
 
     stats = {"kv_offload_cpu_hits": 7, "kv_offload_disk_hits": 3, "kv_offload_disk_bytes_read": 4096,
-             "kv_offload_swaps_out": 2, "kv_offload_restore_s": 0.25, "kv_offload_cpu_blocks": 11}
+             "kv_offload_swaps_out": 2, "kv_offload_restore_s": 0.25, "kv_offload_cpu_blocks": 11,
+             "kv_offload_disk_restores_skipped": 5, "kv_offload_disk_read_bytes_per_s": 2e9,
+             "kv_offload_disk_read_s": 1.5}
     text = ServerMetrics().render((stats, 0.0)).decode()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(text) for s in fam.samples}
@@ -180,3 +192,6 @@ def test_offload_counters_reach_prometheus():
     assert samples[("meshserve:kv_offload_swaps_total", (("direction", "out"),))] == 2
     assert samples[("meshserve:kv_offload_restore_seconds_total", ())] == 0.25
     assert samples[("meshserve:kv_offload_blocks", (("tier", "cpu"),))] == 11
+    assert samples[("meshserve:kv_offload_disk_restores_skipped_total", ())] == 5
+    assert samples[("meshserve:kv_offload_disk_read_bytes_per_second", ())] == 2e9
+    assert samples[("meshserve:kv_offload_disk_read_seconds_total", ())] == 1.5

@@ -77,6 +77,24 @@ def test_cuda_side_stream_matches_cpu_path(dtype):
     assert torch.equal(eng.cpu.tensor[5], block(gpu_kv, 0))
 
 
+@pytest.mark.gpu
+def test_copies_never_make_the_host_wait_for_the_compute_before_them():
+    import time
+
+    kv = pool("cuda", torch.float16)
+    eng = engine(kv)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # the forward the copies follow: about a second of compute queued
+    t0 = time.perf_counter()
+    eng.run([("store", 1, 0), ("load", 0, 5)])  # then the next step's copies, before its forward is queued
+    eng.run([("store", 2, 1)])
+    launched_s = time.perf_counter() - t0
+    assert launched_s < 0.2, f"the host waited {launched_s:.2f} s for the compute before the copies"
+    assert not eng.cpu.store_events[2].query()  # queued behind the compute, not run
+    eng.cpu.wait(1)
+    assert torch.equal(eng.cpu.tensor[1], block(kv, 2)) and torch.equal(kv[0][:, 5].cpu(), kv[0][:, 1].cpu())
+
+
 def test_large_batches_go_in_chunks_with_the_same_result(monkeypatch):
     from meshserve.engine.kv_offload import transfer
 

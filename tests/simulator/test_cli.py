@@ -156,3 +156,14 @@ def test_config_file_sets_flags_and_later_flags_win(capsys, tmp_path):
         with pytest.raises(SystemExit) as e:
             main(["simulate", "--config", str(cfg), "--no-progress"])
         assert e.value.code == 2 and error in capsys.readouterr().err
+
+
+def test_progress_bar_counts_simulated_seconds(capsys):
+    """Without --no-progress a tqdm bar on stderr follows simulated time to the last arrival; stdout stays JSON."""
+    assert main(["simulate", "--gpu", "H200", "--num-gpus", "2", "--qps", "8", "--duration", "5", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "simulated s" in captured.err and report["completed"] > 0
+    last = captured.err.replace("\r", "\n").strip().splitlines()[-1]
+    span = max(float(x) for x in last.split("|")[2].split()[0].split("/"))
+    assert 4.0 < span <= 5.0

@@ -66,3 +66,12 @@ def test_plan_takes_the_host_and_refuses_the_handoff_with_tp():
     assert free.itl_s < fitted.itl_s and handoff.itl_s < fitted.itl_s
     result = make_plan(PlanRequest(model=M, gpu=GPU, num_gpus=4, tp=2, pp=2, pp_token_handoff=True))
     assert not result.candidates and any("--pp-token-handoff needs TP 1" in str(x) for x in result.rejections)
+
+
+def test_the_plan_prints_the_host_it_assumed(capsys):
+    from meshserve.cli import main
+
+    assert main(["plan", "llama-3.1-8b", "--gpu", "H200", "--num-gpus", "2", "--pp", "2", "--pp-host-step-ms", "1.5"]) == 0
+    assert "PP host assumed: 1.5 ms of the engine core per step + 2.6 ms round trip" in capsys.readouterr().out
+    assert main(["plan", "llama-3.1-8b", "--gpu", "H200", "--num-gpus", "2", "--tp", "2"]) == 0
+    assert "PP host" not in capsys.readouterr().out

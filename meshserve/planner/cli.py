@@ -45,6 +45,12 @@ def register(subparsers) -> None:
     p.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS)
     p.add_argument("--pipeline-depth", type=int, default=0,
                    help="steps in flight with PP, each up to --max-num-seqs sequences (default 0: one per stage)")
+    p.add_argument("--pp-token-handoff", action="store_true",
+                   help="PP with the engine's --pp-token-handoff (TP 1): sampled ids passed on the device")
+    p.add_argument("--pp-host-step-ms", type=float, default=None,
+                   help="PP: the engine core's time per pipelined step (default: the simulator's fit on 2 x H200)")
+    p.add_argument("--pp-round-trip-ms", type=float, default=None,
+                   help="PP: the rest of a step's round trip through the host (default: the same fit)")
     p.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (saves their memory)")
     p.add_argument("--efficiency", type=float, default=None, help="override the catalog's GPU efficiency")
@@ -81,7 +87,7 @@ def run_plan(ns: argparse.Namespace) -> int:
         model=model, gpu=gpu, num_gpus=ns.num_gpus, nodes=ns.nodes,
         max_model_len=ns.max_model_len, concurrency=ns.concurrency, weight_dtype=ns.dtype, kv_dtype=ns.kv_dtype,
         workload=Workload(ns.input_len, ns.output_len), objective=ns.objective, max_num_seqs=ns.max_num_seqs,
-        pipeline_depth=ns.pipeline_depth,
+        pipeline_depth=ns.pipeline_depth, pipeline_host=_pipeline_host(ns), pp_token_handoff=ns.pp_token_handoff,
         gpu_memory_utilization=ns.gpu_memory_utilization, enforce_eager=ns.enforce_eager,
         efficiency=ns.efficiency, tp=ns.tp, pp=ns.pp, dp=ns.dp))
     verdict = check_claim(result.best, ns.claim, gpu.hbm_gb_s) if ns.claim is not None and result.best else None
@@ -96,6 +102,17 @@ def run_plan(ns: argparse.Namespace) -> int:
         if verdict is not None:
             print(f"claim: {verdict.message}")
     return 0 if result.best and not (verdict and verdict.impossible) else 1
+
+
+def _pipeline_host(ns: argparse.Namespace):
+    """The PP host costs: the fitted pair (pipeline_host.fitted_host) with any --pp-*-ms override."""
+    from meshserve.planner.pipeline_host import PipelineHost, fitted_host
+
+    fit = fitted_host()
+    if min(ns.pp_host_step_ms or 0.0, ns.pp_round_trip_ms or 0.0) < 0:
+        raise InvalidArgumentError("--pp-host-step-ms and --pp-round-trip-ms must be >= 0", param="pp_host_step_ms")
+    return PipelineHost(fit.step_s if ns.pp_host_step_ms is None else ns.pp_host_step_ms / 1e3,
+                        fit.round_trip_s if ns.pp_round_trip_ms is None else ns.pp_round_trip_ms / 1e3)
 
 
 def _list_gpus(catalog: dict, as_json: bool) -> int:

@@ -15,6 +15,7 @@ from meshserve.planner.memory import StageShard, kv_tokens_held, stage_shard, we
 from meshserve.planner.model import ModelSpec
 from meshserve.planner.moe_comm import ep_traffic
 from meshserve.planner.parallel import Layout
+from meshserve.planner.pipeline_host import NO_HOST, PipelineHost, pipelined_itl
 
 ACT_BYTES = 2  # bf16 hidden states on the wire
 
@@ -148,7 +149,8 @@ def steps_in_flight(layout: Layout, pipeline_depth: int = 0) -> int:
 
 
 def itl_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, batch: int, context: int, *, weight_dtype: str,
-          kv_dtype: str, gpus_per_node: int, efficiency: float, pipeline_depth: int = 0) -> tuple[float, StepTime]:
+          kv_dtype: str, gpus_per_node: int, efficiency: float, pipeline_depth: int = 0,
+          host: PipelineHost = NO_HOST) -> tuple[float, StepTime]:
     """Time between tokens of one sequence when `batch` sequences decode together on one replica.
 
     With PP the engine keeps d = steps_in_flight steps in flight (pipeline_depth, or one per stage), each over
@@ -156,16 +158,20 @@ def itl_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, batch: int, context: i
     turn and a stage works on one step at a time. A sequence's next token waits for its step to pass all stages
     and the hops, and for the d steps to take their turn on the slowest stage:
     ITL = max(Σ stage times + (pp-1) hops, d × slowest stage time). With d = pp equal stages that is pp × stage
-    time + hops; with fewer steps than stages, stages idle.
+    time + hops; with fewer steps than stages, stages idle. `host` (PP only): the engine core's time per step and
+    round trip, and the token hand-off (pipeline_host.pipelined_itl); NO_HOST leaves the stages alone.
     """
     d = steps_in_flight(layout, pipeline_depth)
-    micro = math.ceil(batch / d)
+    groups = layout.pp if host.token_handoff and layout.pp > 1 else d  # the hand-off splits the batch pp ways
+    micro = math.ceil(batch / groups)
     steps = [decode_stage_time(model, layout, gpu, s, micro, context, weight_dtype=weight_dtype,
                                kv_dtype=kv_dtype, gpus_per_node=gpus_per_node, efficiency=efficiency)
              for s in range(layout.pp)]
     slowest = max(steps, key=lambda st: st.total_s)
     passes = sum(st.total_s for st in steps) + (layout.pp - 1) * pp_hop_s(model, gpu, micro)
-    return max(passes, d * slowest.total_s), slowest
+    if layout.pp == 1:
+        return passes, slowest
+    return pipelined_itl(passes, slowest.total_s, d, layout.pp, host), slowest
 
 
 def prefill_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, num_seqs: int, prompt_len: int, *,
@@ -201,21 +207,23 @@ def roofline(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, *
 
 def predict(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, workload: Workload, *,
             weight_dtype: str = "bf16", kv_dtype: str = "bf16", gpus_per_node: int | None = None,
-            efficiency: float | None = None, pipeline_depth: int = 0) -> Prediction:
+            efficiency: float | None = None, pipeline_depth: int = 0, host: PipelineHost = NO_HOST) -> Prediction:
     """TTFT, ITL and throughput of `layout` serving `concurrency` sequences of `workload` (PP: pipeline_depth
-    steps in flight, 0 one per stage, as the engine's --pipeline-depth)."""
+    steps in flight, 0 one per stage, as the engine's --pipeline-depth; host: the engine core's per-step cost)."""
     eff = gpu.efficiency if efficiency is None else efficiency
     per_node = gpus_per_node or gpu.gpus_per_node
     batch = max(1, math.ceil(concurrency / layout.dp))
     itl, step = itl_s(model, layout, gpu, batch, workload.mean_decode_context, weight_dtype=weight_dtype,
-                      kv_dtype=kv_dtype, gpus_per_node=per_node, efficiency=eff, pipeline_depth=pipeline_depth)
+                      kv_dtype=kv_dtype, gpus_per_node=per_node, efficiency=eff, pipeline_depth=pipeline_depth,
+                      host=host)
     ttft = prefill_s(model, layout, gpu, 1, workload.input_len, weight_dtype=weight_dtype, efficiency=eff)
     # Continuous batching: a replica spends output_len steps decoding its batch plus the batch's prefills.
     cycle = workload.output_len * itl + prefill_s(model, layout, gpu, batch, workload.input_len,
                                                   weight_dtype=weight_dtype, efficiency=eff)
     output = layout.dp * batch * workload.output_len / cycle
+    # the hand-off splits the batch over pp steps whatever the depth: pp passes of the weights per batch
     roof, roof_bytes = roofline(model, layout, gpu, concurrency, weight_dtype=weight_dtype,
-                                pipeline_depth=pipeline_depth)
+                                pipeline_depth=layout.pp if host.token_handoff else pipeline_depth)
     return Prediction(concurrency=concurrency, batch_per_replica=batch, ttft_s=ttft, itl_s=itl,
                       decode_tok_per_s=layout.dp * batch / itl, output_tok_per_s=output,
                       roofline_tok_per_s=roof, roofline_bytes_per_gpu=roof_bytes, step=step)

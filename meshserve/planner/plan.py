@@ -26,6 +26,7 @@ from meshserve.planner.memory import (
 from meshserve.planner.model import ModelSpec
 from meshserve.planner.parallel import Layout
 from meshserve.planner.perf import Prediction, Workload, predict
+from meshserve.planner.pipeline_host import PipelineHost, fitted_host
 
 OBJECTIVES = ("throughput", "latency")
 
@@ -46,6 +47,10 @@ class PlanRequest:
     objective: str = "throughput"
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     pipeline_depth: int = 0  # steps in flight with PP (the engine's --pipeline-depth; 0: one per stage)
+    # PP: the engine core's time per step and round trip (None: the simulator's fit on 2 x H200,
+    # pipeline_host.fitted_host), and the engine's --pp-token-handoff (TP 1 only, as the engine)
+    pipeline_host: PipelineHost | None = None
+    pp_token_handoff: bool = False
     max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     enforce_eager: bool = False
@@ -178,6 +183,9 @@ def make_plan(r: PlanRequest, hint: bool = True) -> PlanResult:
     candidates: list[Candidate] = []
     too_big: list[MemoryBreakdown] = []
     for layout in layouts:
+        if layout.pp > 1 and layout.tp > 1 and r.pp_token_handoff:  # the engine refuses it (EngineArgs.validate)
+            rejections.append(Rejection(layout, "--pp-token-handoff needs TP 1"))
+            continue
         if layout.pp > 1 and 0 < r.pipeline_depth < layout.pp:  # the engine refuses it (EngineArgs.validate)
             rejections.append(Rejection(layout, f"--pipeline-depth {r.pipeline_depth} is below its {layout.pp} "
                                                 "stages (one step per stage at least)"))
@@ -200,7 +208,8 @@ def make_plan(r: PlanRequest, hint: bool = True) -> PlanResult:
         mem = memory(layout, max(full_seq, math.ceil(conc / layout.dp) * seq))
         max_full = (mem.max_kv_tokens // full_seq) * layout.dp
         pred = predict(model, layout, gpu, conc, r.workload, weight_dtype=wdtype, kv_dtype=r.kv_dtype,
-                       gpus_per_node=per_node, efficiency=r.efficiency, pipeline_depth=r.pipeline_depth)
+                       gpus_per_node=per_node, efficiency=r.efficiency, pipeline_depth=r.pipeline_depth,
+                       host=(r.pipeline_host or fitted_host()).with_handoff(r.pp_token_handoff))
         candidates.append(Candidate(layout, mem, max_conc, max_full, pred,
                                     deployment_cost(gpu, layout.num_gpus, pred.output_tok_per_s), wanted, limited_by))
     if r.objective == "throughput":

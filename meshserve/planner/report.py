@@ -109,6 +109,13 @@ def render_plan(result: PlanResult, gpu_note: str = "") -> str:
     price = "assumed" if r.gpu.price_is_assumption else "given"
     lines.append(f"price {price}: ${r.gpu.price_per_hour_usd:.2f} per {r.gpu.name}-hour (edit gpus.toml or "
                  "--hardware-file)")
+    if any(c.layout.pp > 1 for c in result.candidates):
+        from meshserve.planner.pipeline_host import fitted_host
+
+        host = r.pipeline_host or fitted_host()
+        lines.append(f"PP host assumed: {host.step_s * 1e3:g} ms of the engine core per step + {host.round_trip_s * 1e3:g}"
+                     f" ms round trip{', token hand-off' if r.pp_token_handoff else ''} (fitted on 2 x H200, 8B; "
+                     "--pp-host-step-ms/--pp-round-trip-ms)")
     lines.append("decode tok/s: all sequences decoding; out tok/s: with each request's prefill paid in; roofline: "
                  "decode ceiling, weight bytes per GPU ÷ HBM bandwidth")
     return "\n".join(lines)

@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log lines")
+    g.add_argument("--request-log", default=None, metavar="FILE",
+                   help="append a JSON line per served prompt (arrival time, prompt and output tokens, TTFT): "
+                        "the traffic `meshserve simulate --trace FILE` replays")
     g.add_argument("--engine-in-thread", action="store_true",
                    help="run the engine loop in a thread of the server process (default: its own process)")
     g.add_argument("--api-server-count", type=int, default=None,
@@ -81,7 +84,7 @@ def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:
                        max_queue_len=ns.max_queue_len, max_request_body_bytes=ns.max_request_body_bytes,
                        drain_timeout_s=ns.drain_timeout,
                        enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,
-                       gc_freeze=not ns.no_gc_freeze)
+                       gc_freeze=not ns.no_gc_freeze, request_log=ns.request_log)
 
 
 def bind_listen_socket(host: str, port: int) -> socket.socket:

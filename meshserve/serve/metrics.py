@@ -28,6 +28,7 @@ from meshserve.errors import MeshserveError, RetryableError
 from meshserve.outputs import RequestOutput
 from meshserve.serve import multiprocess_metrics
 from meshserve.serve.frontend_load import ARRIVAL
+from meshserve.serve.request_log import RequestLog, unix_time_of
 
 if TYPE_CHECKING:
     from meshserve.engine.admission_margin import AdmissionMargin
@@ -228,7 +229,8 @@ def labelled_counter(name: str, doc: str, label: str, values, registry: Collecto
 class ServerMetrics:
     """All series of one server; `track()` returns a per-request observer."""
 
-    def __init__(self) -> None:
+    def __init__(self, request_log: RequestLog | None = None) -> None:
+        self.request_log = request_log  # --request-log: a line per served prompt (request_log.py)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = labelled_counter("meshserve:requests", "Generation requests by outcome.", "outcome",
@@ -306,7 +308,7 @@ class RequestTracker:
         self.arrival = time.perf_counter() - (now - self.arrival_monotonic)
         self._first: float | None = None
         self._last: float | None = None
-        self._prompt_seen: set[int] = set()
+        self._prompt_seen: dict[int, int] = {}  # prompt index -> its prompt tokens
         self._num_tokens: dict[tuple[int, int], int] = {}  # (prompt index, choice index) -> tokens so far
         self._done = False
         self.ttft_target_s: float | None = None
@@ -321,7 +323,7 @@ class RequestTracker:
             self._num_tokens[key] = self._num_tokens.get(key, 0) + len(c.token_ids)
             new += len(c.token_ids)
         if prompt_index not in self._prompt_seen:
-            self._prompt_seen.add(prompt_index)
+            self._prompt_seen[prompt_index] = len(out.prompt_token_ids)
             self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
         if new <= 0:
             return
@@ -356,6 +358,17 @@ class RequestTracker:
         if outcome in ("stop", "length"):
             self.metrics.e2e.observe(time.perf_counter() - self.arrival)
             self._count_service_level()
+            if self.metrics.request_log is not None:
+                self._log(outcome)
+
+    def _log(self, outcome: str) -> None:
+        """One request-log line per prompt: its tokens and the most tokens of its choices."""
+        arrival = unix_time_of(self.arrival)
+        ttft = None if self._first is None else self._first - self.arrival
+        e2e = time.perf_counter() - self.arrival
+        for prompt_index, prompt_tokens in sorted(self._prompt_seen.items()):
+            out = max((n for (p, _c), n in self._num_tokens.items() if p == prompt_index), default=0)
+            self.metrics.request_log.write(arrival, prompt_tokens, out, outcome, ttft, e2e)
 
     def _count_service_level(self) -> None:
         if self.ttft_target_s is None and self.tpot_target_s is None or self._first is None:

@@ -19,6 +19,7 @@ from meshserve.serve.engine_client import EngineClient
 from meshserve.serve.errors import error_body, error_payload, validation_error_payload
 from meshserve.serve.metrics import ServerMetrics
 from meshserve.serve.middleware import GateMiddleware, ServerState
+from meshserve.serve.request_log import RequestLog
 from meshserve.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -95,7 +96,7 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     """The OpenAI-compatible app around a running AsyncLLM."""
     state = state or ServerState()
     client = EngineClient(async_llm, config)
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(RequestLog(config.request_log) if config.request_log else None)
     metrics.watch_admission_margin(async_llm.admission_margin)
     completions = CompletionService(client, config, metrics)
     chat = ChatService(client, config, metrics)

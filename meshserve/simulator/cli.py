@@ -16,11 +16,16 @@ def register(subparsers) -> None:
     from meshserve.simulator.config import REPLICA_MODELS, ROUTER_POLICIES, SimConfig
     from meshserve.simulator.fast_fleet import FAST_MODEL_COVERS
 
+    from meshserve.simulator.config_file import ConfigFileAction
+
     d = SimConfig()
     p = subparsers.add_parser(
         "simulate", help="discrete-event simulation of a serving fleet: latency, goodput, GPU-hours, $/1M tokens",
         description="Drive the engine's real scheduler on a simulated clock, with step times from a step-time "
                     "model calibrated on our own H200 step trace, behind the router's policy. Prints JSON.")
+    p.add_argument("--config", action=ConfigFileAction, default=None, metavar="FILE",
+                   help="a TOML (or .json) file of this command's flags, keys without the dashes (num-gpus = 8); "
+                        "applied where it stands on the command line, so flags after it win")
     g = p.add_argument_group("fleet")
     g.add_argument("--model", default=d.model, help="planner preset or config.json")
     g.add_argument("--gpu", default=d.gpu, help="GPU from the planner's catalog")

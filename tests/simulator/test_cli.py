@@ -140,3 +140,30 @@ def test_router_node_without_the_front_end_is_exit_2(capsys):
     assert "front-end queue" in capsys.readouterr().err
     assert main(["simulate", "--router-node", "on", "--router-calibration", "nope", "--no-progress"]) == 2
     assert "router_calibration.toml" in capsys.readouterr().err
+
+
+def test_config_file_sets_flags_and_later_flags_win(capsys, tmp_path):
+    """--config FILE: the file's flags (TOML keys without dashes) as if typed where it stands; flags after win."""
+    cfg = tmp_path / "fleet.toml"
+    cfg.write_text('gpu = "H200"\nnum-gpus = 2\nqps = 4\nduration = 3\nrouter = "round-robin"\nno_progress = true\n')
+    assert main(["simulate", "--config", str(cfg), "--num-gpus", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["gpu"] == "H200" and report["replicas"] == 1 and report["router"] == "round-robin"
+    assert 0 < report["completed"] <= 4 * 3 * 2
+    for text, error in (('router = "random"\n', "router must be one of"), ("num_gpu = 2\n", "unknown flag 'num_gpu'"),
+                        ("qps = true\n", "is not a value for --qps"), ("qps = \"fast\"\n", "invalid float value")):
+        cfg.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            main(["simulate", "--config", str(cfg), "--no-progress"])
+        assert e.value.code == 2 and error in capsys.readouterr().err
+
+
+def test_progress_bar_counts_simulated_seconds(capsys):
+    """Without --no-progress a tqdm bar on stderr follows simulated time to the last arrival; stdout stays JSON."""
+    assert main(["simulate", "--gpu", "H200", "--num-gpus", "2", "--qps", "8", "--duration", "5", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "simulated s" in captured.err and report["completed"] > 0
+    last = captured.err.replace("\r", "\n").strip().splitlines()[-1]
+    span = max(float(x) for x in last.split("|")[2].split()[0].split("/"))
+    assert 4.0 < span <= 5.0

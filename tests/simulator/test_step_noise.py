@@ -145,19 +145,22 @@ def _numbers(report: dict) -> dict:
     return out
 
 
-def test_noise_off_gives_the_numbers_from_before_it():
+@pytest.mark.parametrize("seed", [0, pytest.param(9, marks=pytest.mark.slow)])
+def test_noise_off_gives_the_numbers_from_before_it(seed):
     """Exactly what the simulator said before step noise existed (063ad5b), whatever the seed (the API
-    process without its gate, as then)."""
-    for seed in (0, 9):
-        r = simulate(_w3_config(seed=seed, frontend_gate=False), w3_trace(64))
-        assert (r["goodput"], r["ttft_p50"], r["ttft_p99"], r["tpot_p50"], r["steps"], r["failed"]) == (
-            50.55445368465683,
-            0.5200730996928193,
-            1.0514300730848853,
-            0.037241305313628084,
-            1051,
-            237,
-        )
+    process without its gate, as then; a second seed in the slow suite)."""
+    r = simulate(_w3_config(seed=seed, frontend_gate=False), w3_trace(64))
+    assert (r["goodput"], r["ttft_p50"], r["ttft_p99"], r["tpot_p50"], r["steps"], r["failed"]) == (
+        50.55445368465683,
+        0.5200730996928193,
+        1.0514300730848853,
+        0.037241305313628084,
+        1051,
+        237,
+    )
+
+
+def test_noise_off_gives_the_fast_models_numbers_from_before_it():
     fast = simulate(
         SimConfig(
             gpu="H100-SXM",

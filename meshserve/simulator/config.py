@@ -88,6 +88,13 @@ class SimConfig:
     # per replica from seed; off: every step lasts its prediction (closed-form cases stay exact)
     step_noise: bool = False
     seed: int = 0
+    # prefill/decode disaggregation (disaggregated.py): (P, D) of the num_replicas replicas run prompts (and each
+    # first token) or decodes; None: every replica colocated. The KV of each prompt crosses a link of
+    # kv_link_gb_s (None: the catalog's GPU link, e.g. NVLink, per TP rank) after kv_transfer_latency_s (None: the
+    # catalog's link latency) per transfer
+    disaggregation: tuple[int, int] | None = None
+    kv_link_gb_s: float | None = None
+    kv_transfer_latency_s: float | None = None
 
     def validate(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -127,8 +134,22 @@ class SimConfig:
         if self.replica_model not in REPLICA_MODELS:
             raise InvalidArgumentError(f"--replica-model must be one of {', '.join(REPLICA_MODELS)}",
                                        param="replica_model")
+        if self.disaggregation is not None:
+            self._validate_disaggregation()
         if self.router not in ROUTER_POLICIES:
             raise InvalidArgumentError(f"--router must be one of {', '.join(ROUTER_POLICIES)}", param="router")
+
+    def _validate_disaggregation(self) -> None:
+        p, d = self.disaggregation
+        if p < 1 or d < 1 or p + d != self.num_replicas:
+            raise InvalidArgumentError(f"--disaggregation {p}:{d}: need P >= 1 prefill and D >= 1 decode replicas, "
+                                       f"P + D = the {self.num_replicas} replicas of the layout", param="disaggregation")
+        if self.pp > 1 or self.router_costs.enabled:
+            raise InvalidArgumentError("--disaggregation is not modelled with pipeline stages or the router node",
+                                       param="disaggregation")
+        if (self.kv_link_gb_s is not None and self.kv_link_gb_s <= 0) or (self.kv_transfer_latency_s or 0.0) < 0:
+            raise InvalidArgumentError("--kv-link-gb-s must be > 0 and --kv-transfer-latency-us >= 0",
+                                       param="kv_link_gb_s")
 
     @property
     def frontend_costs(self) -> FrontEndCosts:

@@ -47,6 +47,7 @@ def fast_model_gap(
         (autoscale, "autoscaling"),
         (config.router_costs.enabled, "the router's CPU queue"),
         (config.pp > 1, "pipeline parallelism (pipeline.py)"),
+        (config.disaggregation is not None, "prefill/decode disaggregation (disaggregated.py)"),
     ]
     gaps = [why for hit, why in reasons if hit]
     return ", ".join(gaps) if gaps else None

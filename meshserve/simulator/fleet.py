@@ -20,11 +20,13 @@ import math
 import time
 from collections.abc import Callable
 
+from meshserve.errors import InvalidArgumentError
 from meshserve.router.policy import make_policy
 from meshserve.router.prefix import prefix_key
 from meshserve.simulator import native
 from meshserve.simulator.autoscale import Autoscaler, AutoscaleRule
 from meshserve.simulator.config import SimConfig
+from meshserve.simulator.disaggregated import run_disaggregated
 from meshserve.simulator.fast_fleet import fast_model_gap, run_fast
 from meshserve.simulator.fast_replica import FastReplica
 from meshserve.simulator.metrics import RunRecorder
@@ -87,6 +89,12 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         replicas, timeline = run_fast(config, trace, make_fast, recorder, progress)
         return _report(config, trace, recorder, replicas, None, None, timeline, cost, step_cost, num_blocks,
                        prefix_caching, (0, 0), wall0, replica_model, fallback)
+
+    if config.disaggregation is not None:
+        if autoscale is not None:
+            raise InvalidArgumentError("--disaggregation is not modelled with --autoscale", param="disaggregation")
+        return _run_disaggregated(config, trace, sched_cfg, cache_cfg, step_cost, cost, noise, recorder,
+                                  fast_forward, progress, num_blocks, prefix_caching, wall0, replica_model, fallback)
 
     version: list[int] = []  # per replica: only its latest event in `steps` is live
     host = host_costs(config)
@@ -246,6 +254,26 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     return _report(config, trace, recorder, replicas, scaler, autoscale, timeline, cost, step_cost, num_blocks,
                    prefix_caching, (queries, hits), wall0, replica_model, fallback, router_node,
                    host if config.pp > 1 else None)
+
+
+def _run_disaggregated(config: SimConfig, trace: Trace, sched_cfg, cache_cfg, step_cost, cost: StepCost, noise,
+                       recorder: RunRecorder, fast_forward: bool, progress, num_blocks: int, prefix_caching: bool,
+                       wall0: float, replica_model: str, fallback: str | None) -> dict:
+    """P prefill and D decode replicas (disaggregated.py), reported as a colocated run is, plus its section."""
+    def make(cls, index: int, cache) -> SimReplica:
+        return cls(index, sched_cfg, cache, step_cost or cost, recorder, config.max_queue_len,
+                   step_model=cost.model, fast_forward=fast_forward, light=fast_forward,
+                   frontend=config.frontend_costs, api_server_count=config.api_server_count,
+                   noise=None if noise is None else NoiseStream(noise, config.seed, index),
+                   frontend_gate=config.frontend_gate)
+
+    replicas, timeline, section = run_disaggregated(config, trace, make, cache_cfg, recorder, progress)
+    queries = sum(r.scheduler.block_manager.stats.queries for r in replicas)
+    hits = sum(r.scheduler.block_manager.stats.hits for r in replicas)
+    report = _report(config, trace, recorder, replicas, None, None, timeline, cost, step_cost, num_blocks,
+                     prefix_caching, (queries, hits), wall0, replica_model, fallback)
+    report["disaggregation"] = section
+    return report
 
 
 def host_costs(config: SimConfig) -> HostCosts:

@@ -63,6 +63,16 @@ def register(subparsers) -> None:
                         "host gap between steps (calibration.toml's step_noise tables, drawn per replica from "
                         "--seed); off (default): every step lasts its prediction")
     g.add_argument("--hardware-file", default=None, help="TOML overriding the GPU catalog (prices, rates)")
+    g = p.add_argument_group("prefill/decode disaggregation (`meshserve router --prefill ... --decode ...`)")
+    g.add_argument("--disaggregation", type=_p_to_d, default=None, metavar="P:D",
+                   help="P of the layout's replicas run prompts (and each first token), D decode; each prompt's KV "
+                        "crosses to a decode replica (meshserve/simulator/disaggregated.py; off by default: "
+                        "every replica colocated)")
+    g.add_argument("--kv-link-gb-s", type=float, default=None,
+                   help="KV transfer bandwidth per prefill replica, GB/s (default: the catalog's GPU link, e.g. "
+                        "NVLink within a node, times TP)")
+    g.add_argument("--kv-transfer-latency-us", type=float, default=None,
+                   help="fixed latency per KV transfer (default: the catalog's link latency)")
     g = p.add_argument_group("engine (per replica, as `meshserve serve`)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
@@ -140,6 +150,15 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_simulate)
 
 
+def _p_to_d(value: str) -> tuple[int, int]:
+    """--disaggregation P:D, e.g. 1:1."""
+    try:
+        p, d = (int(x) for x in value.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected P:D (prefill:decode replicas, e.g. 1:1), got {value!r}") from None
+    return p, d
+
+
 def build_trace(ns: argparse.Namespace):
     from meshserve.simulator import trace as tr
 
@@ -203,7 +222,10 @@ def config_from_args(ns: argparse.Namespace):
                        api_server_count=ns.api_server_count, router_request_s=router.per_request_s,
                        router_event_s=router.per_event_s, router_refusal_s=router.per_refusal_s,
                        replica_model=ns.replica_model,
-                       calibration=ns.calibration, step_noise=ns.step_noise == "on", seed=ns.seed)
+                       calibration=ns.calibration, step_noise=ns.step_noise == "on", seed=ns.seed,
+                       disaggregation=ns.disaggregation, kv_link_gb_s=ns.kv_link_gb_s,
+                       kv_transfer_latency_s=None if ns.kv_transfer_latency_us is None
+                       else ns.kv_transfer_latency_us / 1e6)
     config.validate()
     return config
 
@@ -260,6 +282,12 @@ def run_simulate(ns: argparse.Namespace) -> int:
             "each, an estimate) when its input delay and loop lag plus the core's queue wait break the target, "
             "as `meshserve serve` does")
          + "; the network and replica failures are not modelled; every request runs to its output length"),
+        *([] if config.disaggregation is None else [
+            f"disaggregation {config.disaggregation[0]}:{config.disaggregation[1]}: each prompt's KV (bf16, the "
+            f"planner's bytes per token) moves after its prefill over {report['disaggregation']['kv_link_gb_s']:g} "
+            "GB/s per prefill replica, one transfer at a time, plus a fixed latency (no layer-wise overlap); a "
+            "decode replica without KV room queues the hand-off (the server answers 503 and the router retries "
+            "colocated: not modelled), the decode leg's own intake in the API process is not charged"]),
         ("the router is a policy only (no process, no CPU: `serve --data-parallel-size N`'s internal back end)"
          if ns.router_node == "off" else
          f"the router process is one CPU queue: {config.router_request_s * 1e3:g} ms per request, "

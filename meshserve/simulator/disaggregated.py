@@ -100,7 +100,12 @@ class DecodeReplica(SimReplica):
         seq.num_computed_tokens = seq.num_cached_tokens = seq.num_prompt_tokens
         seq.first_scheduled_time = now
         seq.output_token_ids.append(_SAMPLED_TOKEN)
-        client = now if self.frontend is None else self.frontend.deliver(now, 1)
+        if self.frontend is None:
+            client = now
+        else:
+            if self._run is not None:  # tokens of decode steps that ended before now are ahead of it
+                self._deliver_run(now)
+            client = self.frontend.deliver(now, 1)
         self._first_token_s[sid] = self._last_token_s[sid] = client
         if self.frontend is not None:
             self._sent_s[sid] = seq.arrival_time

@@ -143,7 +143,8 @@ class SimConfig:
         p, d = self.disaggregation
         if p < 1 or d < 1 or p + d != self.num_replicas:
             raise InvalidArgumentError(f"--disaggregation {p}:{d}: need P >= 1 prefill and D >= 1 decode replicas, "
-                                       f"P + D = the {self.num_replicas} replicas of the layout", param="disaggregation")
+                                       f"P + D = the {self.num_replicas} replicas of the layout",
+                                       param="disaggregation")
         if self.pp > 1 or self.router_costs.enabled:
             raise InvalidArgumentError("--disaggregation is not modelled with pipeline stages or the router node",
                                        param="disaggregation")

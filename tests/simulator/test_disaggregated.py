@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -109,3 +110,16 @@ def test_cli_empty_pool_is_one_line(capsys):
     assert main(["simulate", "--num-gpus", "2", "--disaggregation", "2:0", "--no-progress"]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--disaggregation 2:0" in err
+
+
+def test_config_file_keys(capsys, tmp_path):
+    """The flags as config-file keys: P:D as a string, the link's GB/s and latency."""
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text('disaggregation = "1:1"\nkv-link-gb-s = 100\nkv-transfer-latency-us = 50\n')
+    assert main(["simulate", "--config", str(cfg), "--gpu", "H200", "--num-gpus", "2", "--qps", "4", "--duration",
+                 "1", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    section = report["disaggregation"]
+    assert (section["prefill_replicas"], section["decode_replicas"]) == (1, 1)
+    assert section["kv_link_gb_s"] == 100 and section["transfer_latency_s"] == pytest.approx(50e-6)
+    assert section["transfers"] == report["completed"] > 0

@@ -176,7 +176,9 @@ class SchedulingPolicy:
         late = []
         for position, seq in enumerate(waiting):
             target = self.ttft_target(seq)
-            if target is None or seq.status != SequenceStatus.WAITING:
+            # a sequence holding output tokens already answered (e.g. a disaggregated consumer's, admitted with
+            # the producer's first token): its TTFT is behind it, dropping it would only lose the work
+            if target is None or seq.status != SequenceStatus.WAITING or seq.output_token_ids:
                 continue
             if per_token is None:
                 per_token = self.prefill_time_s(self.config.max_num_batched_tokens) / self.config.max_num_batched_tokens

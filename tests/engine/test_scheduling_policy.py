@@ -111,6 +111,20 @@ def test_late_requests_are_shed_before_they_use_a_step():
     assert [e.seq_id for e in step(kept).scheduled] == ["late"] and not kept.shed
 
 
+def test_a_waiting_sequence_that_already_answered_is_never_shed():
+    """A disaggregated consumer admits a transferred prompt into the waiting queue with the producer's first
+    token already sent: however old its arrival, its TTFT is past and it must decode, not be dropped."""
+    s = _with_model(slo_ttft_s=0.5)
+    handed = make_seq("handed", range(50), max_tokens=4)
+    handed.arrival_time = time.monotonic() - 2.0
+    handed.num_computed_tokens = handed.num_cached_tokens = handed.num_prompt_tokens
+    handed.output_token_ids.append(7)
+    s.seqs[handed.seq_id] = handed
+    s.waiting.append(handed)
+    step(s)
+    assert not s.shed and handed.status != SequenceStatus.FINISHED_ABORTED
+
+
 def test_requests_too_deep_in_the_queue_are_shed_from_the_back():
     """At the recent admission rate (about 10 a second here) a fresh request behind ten others cannot start
     within a 1 s target: the back of the queue is shed, the front kept, in queue order."""

@@ -158,12 +158,18 @@ def _mla_decode_split_kernel(
         tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=h_valid)
 
 
-def _decode_config(block_r: int, elem_size: int) -> tuple[int, int]:
+def _decode_config(block_r: int, elem_size: int, programs: int = 0, num_sms: int = 1) -> tuple[int, int]:
     """(BLOCK_N, num_warps): the latent tile [BLOCK_N, BLOCK_R] is the big load (512 x 2 B rows for
-    DeepSeek: 32 rows = 32 KB, a few stages fit in shared memory); acc [16, BLOCK_R] fp32 wants 8 warps."""
+    DeepSeek: 32 rows = 32 KB, a few stages fit in shared memory). Warps: 8 for a wide acc [16, BLOCK_R] while
+    the grid (programs) is under one wave of SMs, 4 from there on: H200, V2-Lite (tools/bench_mla_decode.py,
+    2026-12-01): batch 1 (16 programs) 13.2 us with 8, 13.6 with 4; batch 64 (256 programs) 43.0 -> 39.5,
+    batch 256 154.9 -> 102.6 (more programs per SM hide each other's loads; the [16, 32] scores have too few
+    mma columns for 8 warps)."""
     row_bytes = block_r * elem_size
     block_n = 64 if row_bytes <= 256 else 32 if row_bytes <= 1024 else 16
-    return block_n, 8 if block_r >= 256 else 4
+    if block_r < 256:
+        return block_n, 4
+    return block_n, 4 if programs >= num_sms else 8
 
 
 def mla_num_splits(num_seqs: int, max_seq_len: int, block_n: int, num_sms: int, max_splits: int = 64,
@@ -214,16 +220,18 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     assert kv_cache.shape[-1] == rank + rope, "cache rows are [latent, rotary key]"
     num_seqs, block_size = seq_lens.shape[0], kv_cache.shape[2]
     block_r, block_p = max(16, _next_pow2(rank)), max(16, _next_pow2(rope))
-    block_n, num_warps = _decode_config(block_r, q_lat.element_size())
-    num_stages = 2
-    if tile is not None:
-        block_n, num_warps, num_stages = tile
     head_blocks = triton.cdiv(num_heads, BLOCK_H)
+    dev = q_lat.device.index if q_lat.device.type == "cuda" else None
     if num_splits is None:
-        dev = q_lat.device.index if q_lat.device.type == "cuda" else None
         num_splits = decode_split_count(num_seqs, num_heads, rank, q_lat.element_size(), max_seq_len, dev, tile,
                                         legacy_splits)
     num_splits = max(1, int(num_splits))
+    # (legacy: the tile before 2026-12-01, 8 warps whatever the grid)
+    programs = 0 if legacy_splits else num_seqs * head_blocks * num_splits
+    block_n, num_warps = _decode_config(block_r, q_lat.element_size(), programs, _num_sms(dev))
+    num_stages = 2
+    if tile is not None:
+        block_n, num_warps, num_stages = tile
     direct = num_splits == 1
     if direct:
         ws_acc = ws_ml = out  # unused

@@ -32,6 +32,7 @@ from meshserve.kernels.triton_attention import (
     _num_sms,
     _upcast_dot,
 )
+from meshserve.kernels.mla_decode_choice import BALANCED_STAGES, BALANCED_WARPS
 from meshserve.kernels.triton_mla import BLOCK_H, _decode_config, attend_latent_tile
 
 OVERHEAD = 2  # cost units of a sequence beyond its tiles: q in (18 KB), its result out (16-32 KB), ~1.5 tiles
@@ -171,7 +172,8 @@ def mla_decode_balanced(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch
                         num_programs: int | None = None, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """triton_mla.mla_decode's contract (one query per sequence; rows of q_len-0 sequences stay unwritten,
     those of seq_len-0 ones are zeros) with the work balanced over num_programs programs per head block
-    (None: two per SM). No host sync: safe to capture in a CUDA graph."""
+    (None: two per SM); tile (BLOCK_N, num_warps, num_stages), None: (32, 4, 2) for DeepSeek's latents. No host
+    sync: safe to capture in a CUDA graph."""
     num_tokens, num_heads, rank = q_lat.shape
     rope = q_pe.shape[2]
     out = torch.empty_like(q_lat)
@@ -181,10 +183,9 @@ def mla_decode_balanced(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch
     assert q_lat.stride(2) == 1 and q_pe.stride(2) == 1 and kv_cache.stride(4) == 1
     assert kv_cache.shape[-1] == rank + rope, "cache rows are [latent, rotary key]"
     block_r, block_p = max(16, _next_pow2(rank)), max(16, _next_pow2(rope))
-    block_n, num_warps = _decode_config(block_r, q_lat.element_size())
-    num_stages = 2
-    if tile is not None:
-        block_n, num_warps, num_stages = tile
+    if tile is None:  # the swept best (kernels/mla_decode_choice.py): BLOCK_N as the split kernel's, 4 warps
+        tile = (_decode_config(block_r, q_lat.element_size())[0], BALANCED_WARPS, BALANCED_STAGES)
+    block_n, num_warps, num_stages = tile
     if num_programs is None:
         num_programs = 2 * _num_sms(q_lat.device.index if q_lat.device.type == "cuda" else None)
     block_b = max(16, _next_pow2(num_seqs))

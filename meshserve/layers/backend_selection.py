@@ -40,11 +40,12 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_MLA_LEGACY=1                    MLA decode as before 2026-11-30: unfused norm + rotary + latent
                                             write (~20 kernels a layer), absorbed matmuls through transposed
                                             copies, the generic split rule (the A/B baseline of the new path)
-  MESHSERVE_MLA_BALANCED=1                  MLA decode through the balanced kernel (kernels/triton_mla_balanced.py:
-                                            equal work per program whatever the context lengths); opt-in until
-                                            measured (tools/bench_mla_decode.py)
+  MESHSERVE_MLA_BALANCED=1|0                MLA decode through the balanced kernel (kernels/triton_mla_balanced.py:
+                                            equal work per program whatever the context lengths) always (1) or
+                                            never (0, the split kernel); default by batch size: balanced from 64
+                                            rows (kernels/mla_decode_choice.py, measured tools/bench_mla_decode.py)
   MESHSERVE_MLA_DECODE_TILE=32,8,2          the MLA decode kernel's BLOCK_N, num_warps, num_stages (default:
-                                            kernels/triton_mla._decode_config; tools/bench_mla_decode.py sweeps)
+                                            kernels/triton_mla._decode_config, the balanced kernel (32, 4, 2))
   MESHSERVE_MOE_LEGACY=1                    the first Triton MoE (torch routing and align, pair GEMV, first tile
                                             configs) instead of the default one-launch routing, MoE GEMV (one
                                             token) and tuned configs (kernels/moe.py; 1.4-2.3x per layer on the
@@ -133,8 +134,9 @@ class KernelSelection:
     # MLA decode as before 2026-11-30 (layers/mla_attention.py): the A/B baseline of the fused prologue,
     # the copy-free absorbed matmuls and the MLA split rule
     mla_legacy: bool = False
-    # MLA decode with the batch's KV work balanced over a fixed program count (kernels/triton_mla_balanced.py)
-    mla_balanced: bool = False
+    # MLA decode with the batch's KV work balanced over a fixed program count (kernels/triton_mla_balanced.py):
+    # True always, False never (the split kernel), None by batch size (kernels/mla_decode_choice.py)
+    mla_balanced: bool | None = None
     # (BLOCK_N, num_warps, num_stages) of the MLA decode kernel; None: its default
     mla_decode_tile: tuple[int, int, int] | None = None
     fp8_gemv: str = "half"  # the batch-1 fp8-weight projection when gemv is on (FP8_GEMV_CHOICES)
@@ -191,6 +193,12 @@ def _mla_decode_tile() -> tuple[int, int, int] | None:
     if block_n < 16 or block_n & (block_n - 1) or warps not in (1, 2, 4, 8, 16) or stages < 1:
         raise ValueError(f"{MLA_DECODE_TILE_ENV}: BLOCK_N a power of two >= 16, num_warps 1-16, stages >= 1: {raw!r}")
     return block_n, warps, stages
+
+
+def _forced_switch(env: str) -> bool | None:
+    """An A/B override: unset (or empty) None (the default rule decides), 0 False, anything else True."""
+    raw = os.environ.get(env, "").strip()
+    return None if not raw else raw != "0"
 
 
 def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
@@ -259,7 +267,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
         mla_legacy=os.environ.get(MLA_LEGACY_ENV, "") not in ("", "0"),
         mla_decode_tile=_mla_decode_tile(),
-        mla_balanced=os.environ.get(MLA_BALANCED_ENV, "") not in ("", "0"),
+        mla_balanced=_forced_switch(MLA_BALANCED_ENV),
         pdl_policy=_pdl_policy(config, on_cuda),
         # the first Triton MoE on request only (MESHSERVE_MOE_LEGACY=1): the new path passed its GPU tests and
         # is faster at every batch measured (tools/bench_moe.py, 2026-11-30)

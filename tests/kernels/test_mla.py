@@ -111,6 +111,20 @@ def test_mla_split_rule_fills_the_sms_below_one_program_per_sm():
     assert mla_num_splits(4, 200, 32, sms) == 1
 
 
+def test_decode_choice_follows_the_h200_sweep():
+    """Balanced kernel from 64 rows on (it won or tied at 64, 96 and 256 sequences), the split kernel below
+    (batch 1: 13.2 us against 15.5); a forced choice wins; 4 warps once the split grid fills the SMs."""
+    pytest.importorskip("triton")
+    from meshserve.kernels.mla_decode_choice import use_balanced
+    from meshserve.kernels.triton_mla import _decode_config
+
+    assert [use_balanced(b, None) for b in (1, 32, 63, 64, 96, 256)] == [False] * 3 + [True] * 3
+    assert use_balanced(1, True) and not use_balanced(256, False)
+    assert _decode_config(512, 2) == (32, 8)  # no grid given: the wide-acc default
+    assert _decode_config(512, 2, 16, 132) == (32, 8) and _decode_config(512, 2, 256, 132) == (32, 4)
+    assert _decode_config(32, 4, 1, 132) == (64, 4)  # small ranks: 4 warps at any grid
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_triton_mla_decode_in_interpreter(num_splits):
     # 20 heads: two head blocks, the second partly masked; rope 8 pads to 16; contexts cross several tiles

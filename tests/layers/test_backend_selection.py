@@ -180,12 +180,14 @@ def test_mla_legacy_and_decode_tile_switches(monkeypatch):
     # the new MLA decode path by default; the legacy one and a decode tile for A/B runs
     gpu = _config(device="cuda", dtype="bfloat16")
     sel = select_kernels(gpu)
-    assert not sel.mla_legacy and sel.mla_decode_tile is None and not sel.mla_balanced
+    assert not sel.mla_legacy and sel.mla_decode_tile is None and sel.mla_balanced is None  # by batch size
+    monkeypatch.setenv("MESHSERVE_MLA_BALANCED", "0")
+    assert select_kernels(gpu).mla_balanced is False  # the split kernel at every batch size
     monkeypatch.setenv("MESHSERVE_MLA_LEGACY", "1")
     monkeypatch.setenv("MESHSERVE_MLA_DECODE_TILE", "64, 4,2")
     monkeypatch.setenv("MESHSERVE_MLA_BALANCED", "1")
     sel = select_kernels(gpu)
-    assert sel.mla_legacy and sel.mla_decode_tile == (64, 4, 2) and sel.mla_balanced
+    assert sel.mla_legacy and sel.mla_decode_tile == (64, 4, 2) and sel.mla_balanced is True
     for bad in ("64,4", "48,4,2", "64,3,2", "x"):
         monkeypatch.setenv("MESHSERVE_MLA_DECODE_TILE", bad)
         with pytest.raises(ValueError, match="MESHSERVE_MLA_DECODE_TILE"):

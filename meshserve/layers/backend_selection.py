@@ -53,6 +53,9 @@ Overrides (environment, read only here, for debugging and references):
                                             configs) instead of the default one-launch routing, MoE GEMV (one
                                             token) and tuned configs (kernels/moe.py; 1.4-2.3x per layer on the
                                             H200, issues 23/24)
+  MESHSERVE_MOE_CONFIGS=tuned|stream|legacy the grouped MoE GEMM's tile table (kernels/moe_configs.py); stream:
+                                            the weight-streaming tiles for 3-24 rows per expert (BLOCK_M 64,
+                                            wgmma, 4 stages); default tuned until stream is measured
   MESHSERVE_FP8_GEMV=cvt|half|scaled_mm     the batch-1 fp8-weight projection
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
                                             step; scaled_mm: torch._scaled_mm, the activation quantized per
@@ -79,6 +82,7 @@ from meshserve.config import EngineConfig
 from meshserve.errors import InvalidArgumentError
 from meshserve.kernels import pdl
 from meshserve.kernels.fused import fused_ops_importable, gemv_importable
+from meshserve.kernels.moe_configs import TABLES as MOE_CONFIG_TABLES
 from meshserve.kernels.pdl import PdlPolicy
 from meshserve.layers.attention import Attention, make_attention_backend
 
@@ -102,6 +106,7 @@ PDL_TRIGGER_ENV = "MESHSERVE_PDL_TRIGGER"
 PDL_ONE_WAVE_ENV = "MESHSERVE_PDL_ONE_WAVE"
 PDL_PRELOAD_ENV = "MESHSERVE_PDL_PRELOAD"
 MOE_LEGACY_ENV = "MESHSERVE_MOE_LEGACY"
+MOE_CONFIGS_ENV = "MESHSERVE_MOE_CONFIGS"
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
 FP8_GEMV_CHOICES = ("cvt", "half", "scaled_mm")  # triton_fp8_gemv.FP8_GEMV_VARIANTS + cuBLASLt
@@ -151,6 +156,7 @@ class KernelSelection:
     pdl_policy: PdlPolicy = PdlPolicy()  # noqa: RUF009 (frozen: one shared default is safe)
     # the first Triton MoE path instead of the fused routing, MoE GEMV and tuned configs (kernels/moe.py)
     moe_legacy: bool = False
+    moe_configs: str = "tuned"  # the grouped MoE GEMM's tile table (kernels/moe_configs.TABLES)
 
     @property
     def pdl(self) -> bool:
@@ -279,6 +285,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         # the first Triton MoE on request only (MESHSERVE_MOE_LEGACY=1): the new path passed its GPU tests and
         # is faster at every batch measured (tools/bench_moe.py, 2026-11-30)
         moe_legacy=on_cuda and os.environ.get(MOE_LEGACY_ENV, "") not in ("", "0"),
+        moe_configs=_variant(MOE_CONFIGS_ENV, MOE_CONFIG_TABLES, KernelSelection.moe_configs),
         fp8_gemv=_variant(FP8_GEMV_ENV, FP8_GEMV_CHOICES, KernelSelection.fp8_gemv),
         int4_gemv=_variant(INT4_GEMV_ENV, INT4_GEMV_CHOICES, KernelSelection.int4_gemv),
     )

@@ -28,7 +28,7 @@ def _no_overrides(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED", "MESHSERVE_MLA_PREFETCH"):
         monkeypatch.delenv(name, raising=False)
-    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV"):
+    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -173,6 +173,16 @@ def test_quantized_gemv_variant_switches(monkeypatch):
     monkeypatch.setenv("MESHSERVE_INT4_GEMV", "half")
     monkeypatch.setenv("MESHSERVE_FP8_GEMV", "fast")
     with pytest.raises(ValueError, match="MESHSERVE_FP8_GEMV takes one of cvt, half, scaled_mm"):
+        select_kernels(gpu)
+
+
+def test_moe_config_table_switch(monkeypatch):
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert select_kernels(gpu).moe_configs == "tuned"
+    monkeypatch.setenv("MESHSERVE_MOE_CONFIGS", "stream")
+    assert select_kernels(gpu).moe_configs == "stream"
+    monkeypatch.setenv("MESHSERVE_MOE_CONFIGS", "fast")
+    with pytest.raises(ValueError, match="MESHSERVE_MOE_CONFIGS takes one of tuned, stream, legacy"):
         select_kernels(gpu)
 
 

@@ -4,10 +4,11 @@
    decode kernel, reduce, o_proj) at V2-Lite's shapes, 27 calls in one graph (a step's worth), at batch 1 / 64
    / 256 x context 800 and 4,096 and W2's mix (contexts 100-2,048), on each path of PATHS: legacy
    (MESHSERVE_MLA_LEGACY=1), split (MESHSERVE_MLA_BALANCED=0: the default before 2026-12-01), balanced
-   (MESHSERVE_MLA_BALANCED=1), auto (the default: kernels/mla_decode_choice.py) and auto+prefetch
-   (MESHSERVE_MLA_PREFETCH=1): time per layer, per-kernel device time (torch.profiler over graph replays),
+   (MESHSERVE_MLA_BALANCED=1), auto (the default: kernels/mla_decode_choice.py), auto+prefetch
+   (MESHSERVE_MLA_PREFETCH=1) and auto+transposed (MESHSERVE_MLA_TRANSPOSED=1): time per layer, per-kernel device time (torch.profiler over graph replays),
    the decode kernel's achieved KV bandwidth (576 x 2 B per context token).
-2. sweep: the decode kernels alone, (BLOCK_N, num_warps, num_stages) and the prefetching loop (a "pf" tile)
+2. sweep: the decode kernels alone, (BLOCK_N, num_warps, num_stages) and the tile loops ("pf": prefetching,
+   "tr": transposed)
    x splits (split kernel) or program counts (balanced kernel) at the same shapes (the candidates for
    kernels/mla_decode_choice.py, triton_mla._decode_config and mla_num_splits; MESHSERVE_MLA_DECODE_TILE=N,W,S
    tries one in the engine).
@@ -16,7 +17,7 @@
    27 MLP/MoE blocks alone (each its own graph, same inputs), the rest by difference, and the step's top
    kernels by device time.
 
-usage: python tools/bench_mla_decode.py [--json PATH] [--only layer,sweep,model] [--graph-bound N]
+usage: python tools/bench_mla_decode.py [--json PATH] [--only layer,sweep,model (run in this order)] [--graph-bound N]
 
 --graph-bound: the max_seq_len the decode graphs are captured with (the engine uses max_model_len: 163,840 for
 V2-Lite unless --max-model-len is given; it sets the split count). Default 4,096. One H200: ~2 min in all.
@@ -45,9 +46,11 @@ DEV, DTYPE = "cuda", torch.bfloat16
 # 96: W2's tail band (67-131 sequences) where the MLA split rule differs from the generic one
 SHAPES = [(1, 800), (64, 800), (96, 800), (256, 800), (1, 4096), (64, 4096), (256, 4096), (256, "w2mix")]
 SWEEP_SHAPES = [(1, 800), (16, 800), (32, 800), (64, 800), (96, 800), (256, 800), (256, "w2mix")]
-# (BLOCK_N, num_warps, num_stages, prefetch); None: the kernel's default (kernels/mla_decode_choice.py)
-TILES = [None, (32, 4, 2, False), (32, 8, 2, False), (64, 4, 2, False), (64, 8, 2, False), (16, 4, 2, False),
-         (32, 4, 1, True), (32, 8, 1, True), (16, 4, 1, True), (16, 8, 1, True)]
+# (BLOCK_N, num_warps, num_stages, loop): loop "" the plain tile loop, "pf" the prefetching one
+# (kernels/triton_mla_prefetch.py), "tr" the transposed one (kernels/triton_mla_transposed.py); None: the
+# kernel's default (kernels/mla_decode_choice.py)
+TILES = [None, (32, 4, 2, ""), (32, 8, 2, ""), (64, 4, 2, ""), (64, 8, 2, ""), (16, 4, 2, ""),
+         (32, 4, 1, "pf"), (32, 8, 1, "pf"), (16, 4, 1, "pf"), (16, 8, 1, "pf"), (64, 4, 2, "tr"), (64, 8, 2, "tr")]
 
 
 def context_lens(batch: int, ctx) -> list[int]:
@@ -158,21 +161,21 @@ ENGINE_SELECTION = KernelSelection(attention_backend="triton", fused_ops=True, f
                                    fused_sampler=True, cuda_graphs=True, kv_cache_dtype=DTYPE)
 
 
-# the A/B paths, (legacy, balanced, prefetch): MESHSERVE_MLA_LEGACY=1, MESHSERVE_MLA_BALANCED=0 (the split
+# the A/B paths, (legacy, balanced, loop): MESHSERVE_MLA_LEGACY=1, MESHSERVE_MLA_BALANCED=0 (the split
 # kernel: the default before 2026-12-01), MESHSERVE_MLA_BALANCED=1, the default (by batch size),
-# MESHSERVE_MLA_PREFETCH=1
-PATHS = {"legacy": (True, False, False), "split": (False, False, False), "balanced": (False, True, False),
-         "auto": (False, None, False), "auto_prefetch": (False, None, True)}
+# MESHSERVE_MLA_PREFETCH=1, MESHSERVE_MLA_TRANSPOSED=1
+PATHS = {"legacy": (True, False, ""), "split": (False, False, ""), "balanced": (False, True, ""),
+         "auto": (False, None, ""), "auto_prefetch": (False, None, "pf"), "auto_transposed": (False, None, "tr")}
 
 
 def bind(model, legacy: bool, base: KernelSelection | None = None, balanced: bool | None = False,
-         prefetch: bool = False) -> None:
-    """Every layer's selection (base, or its own) with MESHSERVE_MLA_LEGACY's / _BALANCED's / _PREFETCH's
-    switches set (balanced None: by batch size)."""
+         loop: str = "") -> None:
+    """Every layer's selection (base, or its own) with MESHSERVE_MLA_LEGACY's / _BALANCED's / _PREFETCH's /
+    _TRANSPOSED's switches set (balanced None: by batch size; loop "", "pf" or "tr")."""
     for m in model.modules():
         if isinstance(getattr(m, "kernels", None), KernelSelection):
             m.kernels = dataclasses.replace(base or m.kernels, mla_legacy=legacy, mla_balanced=balanced,
-                                            mla_prefetch=prefetch)
+                                            mla_prefetch=loop == "pf", mla_transposed=loop == "tr")
 
 
 @torch.inference_mode()
@@ -188,8 +191,8 @@ def bench_layer(bound: int) -> list[dict]:
         hidden = torch.randn(batch, HIDDEN, device=DEV, dtype=DTYPE)
         row = {"batch": batch, "context": ctx, "kv_bytes_per_layer": sum(lens) * ROW_BYTES}
         outs = {}
-        for name, (legacy, balanced, prefetch) in PATHS.items():
-            bind(attn, legacy, ENGINE_SELECTION, balanced, prefetch)
+        for name, (legacy, balanced, loop) in PATHS.items():
+            bind(attn, legacy, ENGINE_SELECTION, balanced, loop)
             outs[name] = attn(positions, hidden, meta).float()
             g = graph_of(functools.partial(attn, positions, hidden, meta), reps=LAYERS)
             ms = time_graph(g) / LAYERS
@@ -241,13 +244,13 @@ def bench_sweep(bound: int) -> list[dict]:
         # the balanced kernel: its default program count (2 per SM), and 1 and 3 per SM at batch 256
         runs = [("split", s) for s in splits] + [("balanced", n) for n in ((None, sms, 3 * sms) if batch == 256 else (None,))]
         for tile_pf in TILES:
-            tile, prefetch = (tile_pf[:3], tile_pf[3]) if tile_pf else (None, False)
+            tile, loop = (tile_pf[:3], tile_pf[3]) if tile_pf else (None, "")
+            flags = {"prefetch": loop == "pf", "transposed": loop == "tr"}
             for kind, s in runs:
                 if kind == "split":
-                    fn = functools.partial(mla_decode, *args, num_splits=s, tile=tile, prefetch=prefetch)
+                    fn = functools.partial(mla_decode, *args, num_splits=s, tile=tile, **flags)
                 else:
-                    fn = functools.partial(mla_decode_balanced, *args[:7], num_programs=s, tile=tile,
-                                           prefetch=prefetch)
+                    fn = functools.partial(mla_decode_balanced, *args[:7], num_programs=s, tile=tile, **flags)
                 try:
                     err = (fn().float() - ref).abs().max().item()
                     g = graph_of(fn, reps=LAYERS)
@@ -257,7 +260,7 @@ def bench_sweep(bound: int) -> list[dict]:
                     results.append({"batch": batch, "context": ctx, "kernel": kind, "tile": tile_pf, "splits": s,
                                     "error": str(e)[:200]})
                     continue
-                label = "default" if tile_pf is None else ",".join(map(str, tile)) + (" pf" if prefetch else "")
+                label = "default" if tile_pf is None else ",".join(map(str, tile)) + (f" {loop}" if loop else "")
                 results.append({"batch": batch, "context": ctx, "kernel": kind, "tile": label,
                                 "splits": s or "auto", "us_incl_reduce": round(us, 2),
                                 "TBps": round(nbytes / (us * 1e-6) / 1e12, 2), "max_abs_err": err})
@@ -301,8 +304,8 @@ def bench_model(bound: int) -> list[dict]:
         positions = torch.tensor([s - 1 for s in lens], device=DEV)
         hidden = torch.randn(batch, HIDDEN, device=DEV, dtype=DTYPE) * 0.1
         row = {"batch": batch, "context": ctx}
-        for name, (legacy, balanced, prefetch) in PATHS.items():
-            bind(model, legacy, balanced=balanced, prefetch=prefetch)
+        for name, (legacy, balanced, loop) in PATHS.items():
+            bind(model, legacy, balanced=balanced, loop=loop)
             step = graph_of(functools.partial(runner.forward, ids, positions, meta))
             attn = graph_of(functools.partial(each_layer, layers, "self_attn", positions, hidden, meta))
             mlp = graph_of(functools.partial(each_layer, layers, "mlp", hidden))
@@ -335,9 +338,10 @@ def main() -> None:
     report = {"gpu": props.name, "sms": props.multi_processor_count, "graph_bound": ns.graph_bound,
               "date": time.strftime("%Y-%m-%d %H:%M")}
     t0 = time.perf_counter()
-    for part, fn in (("layer", bench_layer), ("sweep", bench_sweep), ("model", bench_model)):
-        if part in parts:
-            report[part] = fn(ns.graph_bound)
+    funcs = {"layer": bench_layer, "sweep": bench_sweep, "model": bench_model}
+    for part in parts:  # in the order asked (a time limit keeps the parts already written)
+        if part in funcs:
+            report[part] = funcs[part](ns.graph_bound)
             report[f"{part}_s"] = round(time.perf_counter() - t0, 1)
             with open(ns.json, "w") as f:  # after each part: a timeout still leaves the finished ones
                 json.dump(report, f, indent=1)

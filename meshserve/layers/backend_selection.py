@@ -47,6 +47,9 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_MLA_PREFETCH=1                  MLA decode kernels with the tile loop that loads a tile ahead in
                                             registers (kernels/triton_mla_prefetch.py: the pipeliner gives the
                                             plain loop one buffer); opt-in until measured (tools/bench_mla_decode.py)
+  MESHSERVE_MLA_TRANSPOSED=1                MLA decode kernels with the transposed tile loop (kernels/
+                                            triton_mla_transposed.py: the KV tile as the dots' M side, wgmma from
+                                            shared memory, BLOCK_N 64); over PREFETCH; opt-in until measured
   MESHSERVE_MLA_DECODE_TILE=32,8,2          the MLA decode kernel's BLOCK_N, num_warps, num_stages (default:
                                             kernels/triton_mla._decode_config, the balanced kernel (32, 4, 2))
   MESHSERVE_MOE_LEGACY=1                    the first Triton MoE (torch routing and align, pair GEMV, first tile
@@ -101,6 +104,7 @@ MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
 MLA_DECODE_TILE_ENV = "MESHSERVE_MLA_DECODE_TILE"
 MLA_BALANCED_ENV = "MESHSERVE_MLA_BALANCED"
 MLA_PREFETCH_ENV = "MESHSERVE_MLA_PREFETCH"
+MLA_TRANSPOSED_ENV = "MESHSERVE_MLA_TRANSPOSED"
 PDL_ENV = "MESHSERVE_PDL"
 PDL_TRIGGER_ENV = "MESHSERVE_PDL_TRIGGER"
 PDL_ONE_WAVE_ENV = "MESHSERVE_PDL_ONE_WAVE"
@@ -148,6 +152,8 @@ class KernelSelection:
     mla_balanced: bool | None = None
     # the MLA decode kernels' tile loop that loads a tile ahead (kernels/triton_mla_prefetch.py)
     mla_prefetch: bool = False
+    # the MLA decode kernels' transposed tile loop (kernels/triton_mla_transposed.py)
+    mla_transposed: bool = False
     # (BLOCK_N, num_warps, num_stages) of the MLA decode kernel; None: its default
     mla_decode_tile: tuple[int, int, int] | None = None
     fp8_gemv: str = "half"  # the batch-1 fp8-weight projection when gemv is on (FP8_GEMV_CHOICES)
@@ -281,6 +287,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         mla_decode_tile=_mla_decode_tile(),
         mla_balanced=_forced_switch(MLA_BALANCED_ENV),
         mla_prefetch=os.environ.get(MLA_PREFETCH_ENV, "") not in ("", "0"),
+        mla_transposed=os.environ.get(MLA_TRANSPOSED_ENV, "") not in ("", "0"),
         pdl_policy=_pdl_policy(config, on_cuda),
         # the first Triton MoE on request only (MESHSERVE_MOE_LEGACY=1): the new path passed its GPU tests and
         # is faster at every batch measured (tools/bench_moe.py, 2026-11-30)

@@ -164,12 +164,14 @@ class MLAAttention(nn.Module):
             if self._balanced(meta.seq_lens.shape[0]):
                 o_lat = mla_decode_balanced(q_lat, q_pe, self.kv_cache, meta.block_tables, meta.seq_lens,
                                             meta.query_start_loc, self.scale, tile=self.kernels.mla_decode_tile,
-                                            prefetch=self.kernels.mla_prefetch)
+                                            prefetch=self.kernels.mla_prefetch,
+                                            transposed=self.kernels.mla_transposed)
             else:
                 o_lat = mla_decode(q_lat.contiguous(), q_pe.contiguous() if legacy else q_pe, self.kv_cache,
                                    meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
                                    meta.max_seq_len, tile=self.kernels.mla_decode_tile, legacy_splits=legacy,
-                                   prefetch=self.kernels.mla_prefetch and not legacy)
+                                   prefetch=self.kernels.mla_prefetch and not legacy,
+                                   transposed=self.kernels.mla_transposed and not legacy)
         else:
             o_lat = mla_decode_ref(q_lat, q_pe, self.kv_cache, meta, self.scale)
         if copied:

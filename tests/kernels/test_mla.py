@@ -78,7 +78,7 @@ def test_write_latent_skips_padding_slots():
 
 
 def _check_triton(heads, rank, rope, seq_lens, dtype, device, num_splits, block_size=16, atol=1e-4, prefetch=False,
-                  tile=None):
+                  tile=None, transposed=False):
     from meshserve.kernels import triton_mla
 
     q_lens = [1] * len(seq_lens)
@@ -91,7 +91,8 @@ def _check_triton(heads, rank, rope, seq_lens, dtype, device, num_splits, block_
     assert torch.equal(cache, ref_cache)
     scale = (rank + rope) ** -0.5
     got = triton_mla.mla_decode(q_lat, q_pe, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                scale, meta.max_seq_len, num_splits=num_splits, prefetch=prefetch, tile=tile)
+                                scale, meta.max_seq_len, num_splits=num_splits, prefetch=prefetch, tile=tile,
+                                transposed=transposed)
     ref = mla_decode_ref(q_lat.float(), q_pe.float(), cache.float(), meta, scale)
     torch.testing.assert_close(got.float(), ref, atol=atol, rtol=atol)
 
@@ -127,12 +128,13 @@ def test_decode_choice_follows_the_h200_sweep():
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_triton_mla_decode_in_interpreter(num_splits, prefetch):
+@pytest.mark.parametrize("loop", ["plain", "prefetch", "transposed"])
+def test_triton_mla_decode_in_interpreter(num_splits, loop):
     # 20 heads: two head blocks, the second partly masked; rope 8 pads to 16; contexts cross several tiles
     # (prefetch: tiles of 16 rows over blocks of 4, so a split's last tile is followed by the next split's)
-    _check_triton(20, 32, 8, [1, 70, 33], torch.float32, "cpu", num_splits, block_size=4, prefetch=prefetch,
-                  tile=(16, 4, 1) if prefetch else None)
+    _check_triton(20, 32, 8, [1, 70, 33], torch.float32, "cpu", num_splits, block_size=4,
+                  prefetch=loop == "prefetch", transposed=loop == "transposed",
+                  tile=None if loop == "plain" else (16, 4, 1))
 
 
 @needs_triton
@@ -147,6 +149,8 @@ def test_triton_mla_decode_gpu(heads, num_splits):
     _check_triton(heads, 512, 64, lens[:3], torch.float32, "cuda", num_splits, atol=1e-4)
     for tile in (None, (16, 4, 1), (32, 8, 1)):  # the prefetching loop (kernels/triton_mla_prefetch.py)
         _check_triton(heads, 512, 64, lens, torch.bfloat16, "cuda", num_splits, atol=2e-2, prefetch=True, tile=tile)
+    for tile in (None, (64, 8, 2)):  # the transposed loop (kernels/triton_mla_transposed.py)
+        _check_triton(heads, 512, 64, lens, torch.bfloat16, "cuda", num_splits, atol=2e-2, transposed=True, tile=tile)
 
 
 @needs_triton

@@ -26,7 +26,8 @@ def _no_overrides(monkeypatch):
     for name in ("MESHSERVE_PDL", "MESHSERVE_PDL_TRIGGER", "MESHSERVE_PDL_ONE_WAVE", "MESHSERVE_PDL_PRELOAD",
                  "MESHSERVE_MOE_LEGACY"):
         monkeypatch.delenv(name, raising=False)
-    for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED", "MESHSERVE_MLA_PREFETCH"):
+    for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED", "MESHSERVE_MLA_PREFETCH",
+                 "MESHSERVE_MLA_TRANSPOSED"):
         monkeypatch.delenv(name, raising=False)
     for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS"):
         monkeypatch.delenv(name, raising=False)
@@ -191,9 +192,10 @@ def test_mla_legacy_and_decode_tile_switches(monkeypatch):
     gpu = _config(device="cuda", dtype="bfloat16")
     sel = select_kernels(gpu)
     assert not sel.mla_legacy and sel.mla_decode_tile is None and sel.mla_balanced is None  # by batch size
-    assert not sel.mla_prefetch
+    assert not sel.mla_prefetch and not sel.mla_transposed
     monkeypatch.setenv("MESHSERVE_MLA_PREFETCH", "1")
-    assert select_kernels(gpu).mla_prefetch
+    monkeypatch.setenv("MESHSERVE_MLA_TRANSPOSED", "1")
+    assert select_kernels(gpu).mla_prefetch and select_kernels(gpu).mla_transposed
     monkeypatch.setenv("MESHSERVE_MLA_BALANCED", "0")
     assert select_kernels(gpu).mla_balanced is False  # the split kernel at every batch size
     monkeypatch.setenv("MESHSERVE_MLA_LEGACY", "1")

@@ -365,8 +365,10 @@ def test_mla_decode_paths_agree_at_v2_lite_shapes_in_a_cuda_graph(batch):
     hidden = torch.randn(batch, 2048, device="cuda", dtype=torch.bfloat16)
     outs, caches = {}, {}
     with torch.inference_mode():
-        # split / balanced forced, auto (by batch size: split at 1, balanced at 80 and 256), the prefetching loop
-        paths = {"split": (False, False), "balanced": (True, False), "auto": (None, False), "prefetch": (None, True)}
+        # split / balanced forced, auto (by batch size: split at 1, balanced at 80 and 256), the prefetching and
+        # the transposed loops
+        paths = {"split": (False, ""), "balanced": (True, ""), "auto": (None, ""), "prefetch": (None, "pf"),
+                 "transposed": (None, "tr")}
         for name in ("torch", "legacy", *paths):
             if name == "torch":
                 bind(attn, False, KernelSelection())

@@ -2,19 +2,22 @@
 
 1. layer: the whole MLA attention path (DeepseekAttention: q_proj, kv_a_proj, prologue, absorbed matmuls,
    decode kernel, reduce, o_proj) at V2-Lite's shapes, 27 calls in one graph (a step's worth), at batch 1 / 64
-   / 256 x context 800 and 4,096 and W2's mix (contexts 100-2,048), legacy path (MESHSERVE_MLA_LEGACY's) vs
-   new vs new with the balanced decode kernel (MESHSERVE_MLA_BALANCED's): time per layer, per-kernel device
-   time (torch.profiler over graph replays), the decode kernel's achieved KV bandwidth (576 x 2 B per
-   context token).
-2. sweep: the decode kernels alone, (BLOCK_N, num_warps, num_stages) x splits (split kernel) or program
-   counts (balanced kernel) at the same shapes (the candidates for kernels/triton_mla._decode_config and
-   mla_num_splits; MESHSERVE_MLA_DECODE_TILE=N,W,S tries one in the engine).
+   / 256 x context 800 and 4,096 and W2's mix (contexts 100-2,048), on each path of PATHS: legacy
+   (MESHSERVE_MLA_LEGACY=1), split (MESHSERVE_MLA_BALANCED=0: the default before 2026-12-01), balanced
+   (MESHSERVE_MLA_BALANCED=1), auto (the default: kernels/mla_decode_choice.py), auto+prefetch
+   (MESHSERVE_MLA_PREFETCH=1) and auto+transposed (MESHSERVE_MLA_TRANSPOSED=1): time per layer, per-kernel device time (torch.profiler over graph replays),
+   the decode kernel's achieved KV bandwidth (576 x 2 B per context token).
+2. sweep: the decode kernels alone, (BLOCK_N, num_warps, num_stages) and the tile loops ("pf": prefetching,
+   "tr": transposed)
+   x splits (split kernel) or program counts (balanced kernel) at the same shapes (the candidates for
+   kernels/mla_decode_choice.py, triton_mla._decode_config and mla_num_splits; MESHSERVE_MLA_DECODE_TILE=N,W,S
+   tries one in the engine).
 3. model: deepseek-v2-lite's whole decode step (LLM, dummy weights) at batch 256 x context 800 and W2's mix,
-   and batch 1, replayed from a graph, legacy / new / balanced: the step, all 27 attention blocks alone, all
+   and batch 1, replayed from a graph, on each path of PATHS: the step, all 27 attention blocks alone, all
    27 MLP/MoE blocks alone (each its own graph, same inputs), the rest by difference, and the step's top
    kernels by device time.
 
-usage: python tools/bench_mla_decode.py [--json PATH] [--only layer,sweep,model] [--graph-bound N]
+usage: python tools/bench_mla_decode.py [--json PATH] [--only layer,sweep,model (run in this order)] [--graph-bound N]
 
 --graph-bound: the max_seq_len the decode graphs are captured with (the engine uses max_model_len: 163,840 for
 V2-Lite unless --max-model-len is given; it sets the split count). Default 4,096. One H200: ~2 min in all.
@@ -42,8 +45,12 @@ ROW_BYTES = (RANK + ROPE) * 2
 DEV, DTYPE = "cuda", torch.bfloat16
 # 96: W2's tail band (67-131 sequences) where the MLA split rule differs from the generic one
 SHAPES = [(1, 800), (64, 800), (96, 800), (256, 800), (1, 4096), (64, 4096), (256, 4096), (256, "w2mix")]
-SWEEP_SHAPES = [(1, 800), (64, 800), (96, 800), (256, 800), (256, "w2mix")]
-TILES = [None, (32, 4, 2), (64, 4, 2), (64, 8, 2)]  # None: _decode_config's (32, 8, 2)
+SWEEP_SHAPES = [(1, 800), (16, 800), (32, 800), (64, 800), (96, 800), (256, 800), (256, "w2mix")]
+# (BLOCK_N, num_warps, num_stages, loop): loop "" the plain tile loop, "pf" the prefetching one
+# (kernels/triton_mla_prefetch.py), "tr" the transposed one (kernels/triton_mla_transposed.py); None: the
+# kernel's default (kernels/mla_decode_choice.py)
+TILES = [None, (32, 4, 2, ""), (32, 8, 2, ""), (64, 4, 2, ""), (64, 8, 2, ""), (16, 4, 2, ""),
+         (32, 4, 1, "pf"), (32, 8, 1, "pf"), (16, 4, 1, "pf"), (16, 8, 1, "pf"), (64, 4, 2, "tr"), (64, 8, 2, "tr")]
 
 
 def context_lens(batch: int, ctx) -> list[int]:
@@ -154,15 +161,21 @@ ENGINE_SELECTION = KernelSelection(attention_backend="triton", fused_ops=True, f
                                    fused_sampler=True, cuda_graphs=True, kv_cache_dtype=DTYPE)
 
 
-# the A/B paths: MESHSERVE_MLA_LEGACY=1, the default, MESHSERVE_MLA_BALANCED=1
-PATHS = {"legacy": (True, False), "new": (False, False), "balanced": (False, True)}  # (legacy, balanced)
+# the A/B paths, (legacy, balanced, loop): MESHSERVE_MLA_LEGACY=1, MESHSERVE_MLA_BALANCED=0 (the split
+# kernel: the default before 2026-12-01), MESHSERVE_MLA_BALANCED=1, the default (by batch size),
+# MESHSERVE_MLA_PREFETCH=1, MESHSERVE_MLA_TRANSPOSED=1
+PATHS = {"legacy": (True, False, ""), "split": (False, False, ""), "balanced": (False, True, ""),
+         "auto": (False, None, ""), "auto_prefetch": (False, None, "pf"), "auto_transposed": (False, None, "tr")}
 
 
-def bind(model, legacy: bool, base: KernelSelection | None = None, balanced: bool = False) -> None:
-    """Every layer's selection (base, or its own) with MESHSERVE_MLA_LEGACY's / _BALANCED's switches set."""
+def bind(model, legacy: bool, base: KernelSelection | None = None, balanced: bool | None = False,
+         loop: str = "") -> None:
+    """Every layer's selection (base, or its own) with MESHSERVE_MLA_LEGACY's / _BALANCED's / _PREFETCH's /
+    _TRANSPOSED's switches set (balanced None: by batch size; loop "", "pf" or "tr")."""
     for m in model.modules():
         if isinstance(getattr(m, "kernels", None), KernelSelection):
-            m.kernels = dataclasses.replace(base or m.kernels, mla_legacy=legacy, mla_balanced=balanced)
+            m.kernels = dataclasses.replace(base or m.kernels, mla_legacy=legacy, mla_balanced=balanced,
+                                            mla_prefetch=loop == "pf", mla_transposed=loop == "tr")
 
 
 @torch.inference_mode()
@@ -178,8 +191,8 @@ def bench_layer(bound: int) -> list[dict]:
         hidden = torch.randn(batch, HIDDEN, device=DEV, dtype=DTYPE)
         row = {"batch": batch, "context": ctx, "kv_bytes_per_layer": sum(lens) * ROW_BYTES}
         outs = {}
-        for name, (legacy, balanced) in PATHS.items():
-            bind(attn, legacy, ENGINE_SELECTION, balanced)
+        for name, (legacy, balanced, loop) in PATHS.items():
+            bind(attn, legacy, ENGINE_SELECTION, balanced, loop)
             outs[name] = attn(positions, hidden, meta).float()
             g = graph_of(functools.partial(attn, positions, hidden, meta), reps=LAYERS)
             ms = time_graph(g) / LAYERS
@@ -194,14 +207,15 @@ def bench_layer(bound: int) -> list[dict]:
                          "decode_kernel_TBps": round(row["kv_bytes_per_layer"] / (dec * 1e-6) / 1e12, 2) if dec else None,
                          "kernels": kernels}
             del g
-        for name in ("new", "balanced"):
-            row[f"max_abs_diff_{name}_vs_legacy"] = (outs[name] - outs["legacy"]).abs().max().item()
-            row[f"speedup_{name}"] = round(row["legacy"]["us_per_layer"] / row[name]["us_per_layer"], 3)
-        print(f"layer b={batch} ctx={ctx}: legacy {row['legacy']['us_per_layer']} us, new {row['new']['us_per_layer']}"
-              f" us ({row['speedup_new']}x), balanced {row['balanced']['us_per_layer']} us; decode kernel new"
-              f" {row['new']['decode_kernel_us']} us = {row['new']['decode_kernel_TBps']} TB/s, balanced"
-              f" {row['balanced']['decode_kernel_TBps']} TB/s; kernels/layer {row['legacy']['kernels_per_layer']} ->"
-              f" {row['new']['kernels_per_layer']}", flush=True)
+        for name in PATHS:
+            if name != "legacy":
+                row[f"max_abs_diff_{name}_vs_legacy"] = (outs[name] - outs["legacy"]).abs().max().item()
+                row[f"speedup_{name}"] = round(row["legacy"]["us_per_layer"] / row[name]["us_per_layer"], 3)
+        print(f"layer b={batch} ctx={ctx}: us/layer " + ", ".join(f"{n} {row[n]['us_per_layer']}" for n in PATHS)
+              + "; decode kernel us (TB/s) " + ", ".join(f"{n} {row[n]['decode_kernel_us']} ({row[n]['decode_kernel_TBps']})"
+                                                    for n in PATHS)
+              + f"; max diff vs legacy {max(row[f'max_abs_diff_{n}_vs_legacy'] for n in PATHS if n != 'legacy'):.3g}",
+              flush=True)
         results.append(row)
     return results
 
@@ -210,6 +224,7 @@ def bench_layer(bound: int) -> list[dict]:
 def bench_sweep(bound: int) -> list[dict]:
     from triton.runtime.errors import OutOfResources
 
+    from meshserve.kernels.mla_decode_choice import use_balanced
     from meshserve.kernels.triton_mla import mla_decode
     from meshserve.kernels.triton_mla_balanced import mla_decode_balanced
 
@@ -224,33 +239,39 @@ def bench_sweep(bound: int) -> list[dict]:
         args = (q_lat, q_pe, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.07, bound)
         ref = mla_decode(*args).float()
         nbytes = sum(lens) * ROW_BYTES
-        splits = [None, 1, 2] if batch > 64 else [None, 2, 8] if batch > 1 else [None, 8, 32]
+        splits = [None, 1, 2] if batch > 64 else [None, 2, 8] if batch > 1 else [None, 8, 32, 64]
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        # the balanced kernel: its default program count, and 4 per SM at batch 256 (fewer cuts per sequence)
-        runs = [("split", s) for s in splits] + [("balanced", n) for n in ((None, 4 * sms) if batch == 256 else (None,))]
-        for tile in TILES:
+        # the balanced kernel: its default program count (2 per SM), and 1 and 3 per SM at batch 256
+        runs = [("split", s) for s in splits] + [("balanced", n) for n in ((None, sms, 3 * sms) if batch == 256 else (None,))]
+        for tile_pf in TILES:
+            tile, loop = (tile_pf[:3], tile_pf[3]) if tile_pf else (None, "")
+            flags = {"prefetch": loop == "pf", "transposed": loop == "tr"}
             for kind, s in runs:
                 if kind == "split":
-                    fn = functools.partial(mla_decode, *args, num_splits=s, tile=tile)
+                    fn = functools.partial(mla_decode, *args, num_splits=s, tile=tile, **flags)
                 else:
-                    fn = functools.partial(mla_decode_balanced, *args[:7], num_programs=s, tile=tile)
+                    fn = functools.partial(mla_decode_balanced, *args[:7], num_programs=s, tile=tile, **flags)
                 try:
                     err = (fn().float() - ref).abs().max().item()
                     g = graph_of(fn, reps=LAYERS)
                     us = time_graph(g) / LAYERS * 1e3
                     del g
                 except (OutOfResources, RuntimeError) as e:  # a tile that does not fit
-                    results.append({"batch": batch, "context": ctx, "kernel": kind, "tile": tile, "splits": s,
+                    results.append({"batch": batch, "context": ctx, "kernel": kind, "tile": tile_pf, "splits": s,
                                     "error": str(e)[:200]})
                     continue
-                results.append({"batch": batch, "context": ctx, "kernel": kind, "tile": tile or "default",
+                label = "default" if tile_pf is None else ",".join(map(str, tile)) + (f" {loop}" if loop else "")
+                results.append({"batch": batch, "context": ctx, "kernel": kind, "tile": label,
                                 "splits": s or "auto", "us_incl_reduce": round(us, 2),
                                 "TBps": round(nbytes / (us * 1e-6) / 1e12, 2), "max_abs_err": err})
         best = min((r for r in results if r.get("batch") == batch and r.get("context") == ctx and "us_incl_reduce" in r),
                    key=lambda r: r["us_incl_reduce"])
-        default = next(r for r in results if r.get("batch") == batch and r.get("context") == ctx
-                       and r.get("tile") == "default" and r.get("splits") == "auto" and r["kernel"] == "split")
-        print(f"sweep b={batch} ctx={ctx}: default {default['us_incl_reduce']} us ({default['TBps']} TB/s), best"
+        mine = [r for r in results if r.get("batch") == batch and r.get("context") == ctx
+                and r.get("tile") == "default" and r.get("splits") == "auto"]
+        old = next(r for r in mine if r["kernel"] == "split")  # the default before 2026-12-01 (4 warps now at >= 1 wave)
+        default = next(r for r in mine if r["kernel"] == ("balanced" if use_balanced(batch, None) else "split"))
+        print(f"sweep b={batch} ctx={ctx}: split {old['us_incl_reduce']} us, default {default['kernel']}"
+              f" {default['us_incl_reduce']} us ({default['TBps']} TB/s), best"
               f" {best['kernel']} {best['tile']} splits/programs {best['splits']}: {best['us_incl_reduce']} us"
               f" ({best['TBps']} TB/s)", flush=True)
     return results
@@ -283,8 +304,8 @@ def bench_model(bound: int) -> list[dict]:
         positions = torch.tensor([s - 1 for s in lens], device=DEV)
         hidden = torch.randn(batch, HIDDEN, device=DEV, dtype=DTYPE) * 0.1
         row = {"batch": batch, "context": ctx}
-        for name, (legacy, balanced) in PATHS.items():
-            bind(model, legacy, balanced=balanced)
+        for name, (legacy, balanced, loop) in PATHS.items():
+            bind(model, legacy, balanced=balanced, loop=loop)
             step = graph_of(functools.partial(runner.forward, ids, positions, meta))
             attn = graph_of(functools.partial(each_layer, layers, "self_attn", positions, hidden, meta))
             mlp = graph_of(functools.partial(each_layer, layers, "mlp", hidden))
@@ -293,7 +314,7 @@ def bench_model(bound: int) -> list[dict]:
             row[name] = {"step_ms": round(t_step, 3), "attention_27_ms": round(t_attn, 3),
                          "mlp_moe_27_ms": round(t_mlp, 3), "rest_ms": round(t_step - t_attn - t_mlp, 3),
                          "kernel_classes_us": by_class(kernels), "top_kernels": kernels}
-            if name == "new":  # the LM head beside the step (outside the forward, and path-independent)
+            if name == "auto":  # the LM head beside the step (outside the forward, and path-independent)
                 head = graph_of(functools.partial(model.compute_logits, hidden))
                 row["lm_head_ms"] = round(time_graph(head), 3)
                 del head
@@ -301,7 +322,7 @@ def bench_model(bound: int) -> list[dict]:
                   f" {t_mlp:.2f} + rest {t_step - t_attn - t_mlp:.2f}", flush=True)
             del step, attn, mlp
         results.append(row)
-    bind(model, False)
+    bind(model, False, balanced=None)
     llm.shutdown()
     return results
 
@@ -317,9 +338,10 @@ def main() -> None:
     report = {"gpu": props.name, "sms": props.multi_processor_count, "graph_bound": ns.graph_bound,
               "date": time.strftime("%Y-%m-%d %H:%M")}
     t0 = time.perf_counter()
-    for part, fn in (("layer", bench_layer), ("sweep", bench_sweep), ("model", bench_model)):
-        if part in parts:
-            report[part] = fn(ns.graph_bound)
+    funcs = {"layer": bench_layer, "sweep": bench_sweep, "model": bench_model}
+    for part in parts:  # in the order asked (a time limit keeps the parts already written)
+        if part in funcs:
+            report[part] = funcs[part](ns.graph_bound)
             report[f"{part}_s"] = round(time.perf_counter() - t0, 1)
             with open(ns.json, "w") as f:  # after each part: a timeout still leaves the finished ones
                 json.dump(report, f, indent=1)

@@ -12,8 +12,9 @@ replay before: one decode step reads 48 different layers), and reports per block
 call, profiler), microseconds, the bytes of the weights read (the experts actually routed to, once each, plus
 router and shared MLP) as GB/s and % of the copy bandwidth measured in the same run, and TFLOP/s (2 x pairs x
 3 x hidden x width). Every output is checked against the plain torch block. Then it sweeps the tile configs
-(unless --no-sweep): MoeGemvConfig candidates at batch 1 and 8, grouped-GEMM StageConfigs at 8, 64, 256 and
-2,048 tokens, on the routed experts alone, each checked too, so one run says which to make the default.
+(unless --no-sweep): MoeGemvConfig candidates at batch 1 and 8, grouped-GEMM StageConfigs (the tuned,
+legacy and stream tables of kernels/moe_configs.py, and alternatives) at 8-256 and 2,048 tokens, on the routed
+experts alone, each checked too, so one run says which to make the default.
 
 What one layer launches (Qwen3-30B-A3B, TP 1; the router's F.linear, 512 KB, is outside and the same):
   batch 1    legacy: routing 6 (cast, softmax, topk, sum, divide, id cast) + load count 3 + pair GEMV 2
@@ -41,7 +42,13 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from meshserve.kernels import triton_moe
-from meshserve.kernels.moe_configs import GroupedGemmConfig, StageConfigs, legacy_configs, tuned_configs
+from meshserve.kernels.moe_configs import (
+    GroupedGemmConfig,
+    StageConfigs,
+    legacy_configs,
+    stream_configs,
+    tuned_configs,
+)
 from meshserve.kernels.moe_ref import fused_experts_ref
 from meshserve.kernels.triton_moe_gemv import MoeGemvConfig, default_config, moe_gemv
 from meshserve.layers.backend_selection import KernelSelection
@@ -50,7 +57,10 @@ from meshserve.layers.moe_routing import GroupedTopK, SoftmaxTopK
 LAYERS = 4
 DEVICE = "cuda"  # (a CPU smoke run of this script sets "cpu": Triton interpreter, no timing)
 BATCHES = (1, 8, 64, 256, 2048)
-SWEEP_GEMV_TOKENS, SWEEP_GROUPED_TOKENS = (1, 8), (8, 64, 256, 2048)  # 8 both ways: where the GEMV stops
+# the layer's paths: MESHSERVE_MOE_LEGACY=1, the default, MESHSERVE_MOE_CONFIGS=stream
+LAYER_PATHS = ("legacy", "new", "stream")
+# 8 both ways: where the GEMV stops; 16-256: DeepSeek-V2-Lite's decode batches (1.5-24 rows per expert)
+SWEEP_GEMV_TOKENS, SWEEP_GROUPED_TOKENS = (1, 8), (8, 16, 32, 64, 128, 256, 2048)
 
 
 @dataclass(frozen=True)
@@ -179,13 +189,14 @@ def check(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_layer(
-    shape: MoeShape, blocks: list[torch.nn.Module], tokens: int, legacy: bool, copy_bw: float
+    shape: MoeShape, blocks: list[torch.nn.Module], tokens: int, path: str, copy_bw: float
 ) -> dict:
     """The whole MoE block (router, routing, experts, shared MLP) on one path, checked against the plain one."""
     gen = torch.Generator(device=DEVICE).manual_seed(tokens)
     x = torch.randn(tokens, shape.hidden, device=DEVICE, generator=gen).to(torch.bfloat16)
     for block in blocks:
-        bind(block, KernelSelection(fused_ops=True, gemv=True, moe_legacy=legacy))
+        bind(block, KernelSelection(fused_ops=True, gemv=True, moe_legacy=path == "legacy",
+                                    moe_configs="stream" if path == "stream" else "tuned"))
     outs = [None] * LAYERS
 
     def run():
@@ -203,7 +214,7 @@ def bench_layer(
     )
     return {
         "tokens": tokens,
-        "path": "legacy" if legacy else "new",
+        "path": path,
         "launches": launches,
         **metrics(shape, ids, us, copy_bw, fixed),
         "max_rel_err": round(err, 5),
@@ -258,12 +269,19 @@ def grouped_candidates(pairs: int, experts: int) -> dict[str, StageConfigs]:
             GroupedGemmConfig(m, n_down, k, group, warps, stages),
         )
 
-    tables = {"tuned": tuned_configs(pairs, experts), "legacy-table": legacy_configs(pairs, experts, False)}
+    tables = {"tuned": tuned_configs(pairs, experts), "legacy-table": legacy_configs(pairs, experts, False),
+              "stream": stream_configs(pairs, experts)}
     if pairs <= 24 * experts:
+        # decode: weight-read bound. BLOCK_M 16-32 (mma.sync) vs 64 (one block per expert up to 64 rows, and
+        # the wgmma path with num_stages buffers); wide K or N tiles; 1-2 programs an SM by shared memory
         return {
             **tables,
             "m16-n64/128-k128-s4": cfg(16, 64, 128, 128, 1, 4, 4),
+            "m16-n64/128-k256-s3": cfg(16, 64, 128, 256, 1, 4, 3),
             "m32-n64/128-k128-s3": cfg(32, 64, 128, 128, 8, 4, 3),
+            "m64-n64/128-k128-s4": cfg(64, 64, 128, 128, 1, 4, 4),
+            "m64-n64/128-k64-s4-w8": cfg(64, 64, 128, 64, 1, 8, 4),
+            "m64-n128/256-k64-s3": cfg(64, 128, 256, 64, 1, 4, 3),
         }
     return {
         **tables,
@@ -298,14 +316,15 @@ def main() -> None:
             f"{'tokens':>6} {'path':>6} {'launch':>6} {'us':>9} {'GB/s':>7} {'%copy':>6} {'TFLOP/s':>8} {'err':>8}"
         )
         for tokens in BATCHES:
-            pair = [bench_layer(shape, layers, tokens, legacy, copy_bw) for legacy in (True, False)]
+            pair = [bench_layer(shape, layers, tokens, path, copy_bw) for path in LAYER_PATHS]
             for r in pair:
                 print(
                     f"{tokens:>6} {r['path']:>6} {r['launches']:>6} {r['us']:>9.1f} {r['weight_GB_per_s']:>7.0f} "
                     f"{r['pct_copy_bw']:>6.1f} {r['TFLOP_per_s']:>8.2f} {r['max_rel_err']:>8.4f}"
                     f"{'' if r['ok'] else '  MISMATCH'}"
                 )
-            print(f"{'':>6} speedup {pair[0]['us'] / pair[1]['us']:.2f}x")
+            print(f"{'':>6} speedup over legacy: new {pair[0]['us'] / pair[1]['us']:.2f}x,"
+                  f" stream {pair[0]['us'] / pair[2]['us']:.2f}x")
             rows += pair
         sweeps = []
         if not args.no_sweep:

@@ -47,13 +47,15 @@ def fused_experts(
     topk_ids: torch.Tensor,
     triton: bool = False,
     legacy: bool = False,
+    table: str = "tuned",
     shared_w13: torch.Tensor | None = None,
     shared_w2: torch.Tensor | None = None,
     **fp8_scales,
 ) -> torch.Tensor:
     """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for every token t (ids of -1 skipped);
     fp8_scales: w13_scale, w2_scale and block for fp8 experts (kernels/moe_ref.py). shared_w13 / shared_w2:
-    a 16-bit shared MLP added in the same launches, only where the GEMV serves (see folds_shared_mlp)."""
+    a 16-bit shared MLP added in the same launches, only where the GEMV serves (see folds_shared_mlp). table:
+    the grouped GEMM's tile table off the legacy path (kernels/moe_configs.TABLES)."""
     mods = _triton_moe() if triton and x.is_cuda else None
     if mods is None:
         return fused_experts_ref(
@@ -71,7 +73,7 @@ def fused_experts(
         return gemv.moe_gemv(x, w13, w2, topk_weights, topk_ids, shared_w13=shared_w13, shared_w2=shared_w2)
     if legacy:
         return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, configs="legacy", **fp8_scales)
-    return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, **fp8_scales)
+    return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, configs=table, **fp8_scales)
 
 
 def folds_shared_mlp(

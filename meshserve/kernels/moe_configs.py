@@ -13,7 +13,17 @@ per half of the fused gate/up output, so its gate_up N=256 is our 128), by the s
   <= 96 rows   BLOCK_M 64, N 64 / 128, K 64, 3 stages
   more         BLOCK_M 128, N 128 / 256, 8 warps, K 64, 3 stages (prefill chunks: compute-bound, big tiles)
 fp8 experts and fp32 activations keep the legacy table (block-wise fp8 needs BLOCK_K 128; neither measured).
-tools/bench_moe.py times both tables, and others, at the models' shapes.
+tools/bench_moe.py times the tables, and others, at the models' shapes.
+
+"stream" (MESHSERVE_MOE_CONFIGS=stream; the candidate for decode of 3-24 rows per expert, DeepSeek-V2-Lite at
+32-256 tokens, until measured) keeps tuned's tiles except in that bucket, where a decode step reads every
+expert's weights (1.1 GB a layer for V2-Lite) and little else: BLOCK_M 64, so one block holds an expert's rows
+(at 24 rows on average, BLOCK_M 32 cuts the ~4% of experts past 32 rows in two, and each half reads the
+weights again) and tl.dot takes the Hopper wgmma path, whose pipeliner keeps num_stages buffers in flight;
+BLOCK_K 64, 4 stages: 24 KB a stage, 96 KB a program, so two programs share an SM and one's prologue and
+epilogue hide behind the other's stream; N 64 (gate_up: 22 column tiles x 64 experts = 1,408 programs) and
+128 (down: 1,024). The tuned bucket's 2 stages are ONE shared buffer with mma.sync (sm_90 TTGIR: the
+next K tile's copy waits for the current tile's dot) and 255 registers, one program an SM.
 """
 
 from __future__ import annotations
@@ -67,14 +77,27 @@ def tuned_configs(pairs: int, num_experts: int) -> StageConfigs:
     return StageConfigs(GroupedGemmConfig(128, 128, 64, 8, 8, 3), GroupedGemmConfig(128, 256, 64, 8, 8, 3))
 
 
+def stream_configs(pairs: int, num_experts: int) -> StageConfigs:
+    """16-bit experts: tuned_configs, with the weight-streaming decode tiles for 3-24 rows per expert."""
+    rows = pairs / num_experts
+    if 2 < rows <= 24:
+        return StageConfigs(GroupedGemmConfig(64, 64, 64, 1, 4, 4), GroupedGemmConfig(64, 128, 64, 1, 4, 4))
+    return tuned_configs(pairs, num_experts)
+
+
+TABLES = ("tuned", "stream", "legacy")
+
+
 def stage_configs(
     table: str, pairs: int, num_experts: int, quantized: bool, blockwise_fp8: bool, activation_bytes: int = 2
 ) -> StageConfigs:
-    """The configs of `table` ("tuned" | "legacy") for this call. fp8 experts and fp32 activations (tests,
+    """The configs of `table` (TABLES) for this call. fp8 experts and fp32 activations (tests,
     references) always take legacy: the tuned tiles are sized for 16-bit operands in shared memory (at 4 bytes
     the 128 x 256 tiles would not fit an SM)."""
     if table == "legacy" or quantized or activation_bytes != 2:
         return legacy_configs(pairs, num_experts, blockwise_fp8)
     if table == "tuned":
         return tuned_configs(pairs, num_experts)
-    raise ValueError(f"unknown MoE config table {table!r} (tuned, legacy)")
+    if table == "stream":
+        return stream_configs(pairs, num_experts)
+    raise ValueError(f"unknown MoE config table {table!r} ({', '.join(TABLES)})")

@@ -35,6 +35,8 @@ from meshserve.kernels.triton_attention import (
     decode_num_splits,
 )
 from meshserve.kernels.triton_attention_tile import online_softmax_step
+from meshserve.kernels.triton_mla_prefetch import attend_latent_range_prefetched
+from meshserve.kernels.triton_mla_transposed import attend_latent_range_transposed
 
 BLOCK_H = 16  # heads per program: tl.dot needs at least 16 rows
 
@@ -94,6 +96,31 @@ def attend_latent_tile(
     return acc, m_new, l_i
 
 
+@triton.jit
+def attend_latent_range(
+    ql, qp, acc, m_i, l_i, t0, t1, seq_len, bt_row, cache_ptr, r, r_mask, p, p_mask, scale_log2, stride_cb, stride_cs,
+    RANK: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr, TRANSPOSED: tl.constexpr,
+):
+    """(acc, m_i, l_i) after KV tiles t0 .. t1 - 1 of one sequence: tile by tile (attend_latent_tile), with
+    TRANSPOSED the tile as the dots' M side (kernels/triton_mla_transposed.py), or with PREFETCH each tile's loads
+    issued one iteration ahead (kernels/triton_mla_prefetch.py)."""
+    if TRANSPOSED:
+        acc, m_i, l_i = attend_latent_range_transposed(
+            ql, qp, acc, m_i, l_i, t0, t1, seq_len, bt_row, cache_ptr, r, r_mask, p, p_mask, scale_log2,
+            stride_cb, stride_cs, RANK, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+    elif PREFETCH:
+        acc, m_i, l_i = attend_latent_range_prefetched(
+            ql, qp, acc, m_i, l_i, t0, t1, seq_len, bt_row, cache_ptr, r, r_mask, p, p_mask, scale_log2,
+            stride_cb, stride_cs, RANK, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+    else:
+        for t in range(t0, t1):
+            acc, m_i, l_i = attend_latent_tile(ql, qp, acc, m_i, l_i, t, seq_len, bt_row, cache_ptr, r, r_mask, p,
+                                               p_mask, scale_log2, stride_cb, stride_cs, RANK, BLOCK_SIZE, BLOCK_N,
+                                               DOT_PRECISION)
+    return acc, m_i, l_i
+
+
 @triton.jit(do_not_specialize=["num_splits", "stride_btb"])  # see triton_attention._decode_split_kernel
 def _mla_decode_split_kernel(
     ql_ptr, qp_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr,
@@ -105,7 +132,8 @@ def _mla_decode_split_kernel(
     NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
     RANK: tl.constexpr, BLOCK_R: tl.constexpr, ROPE: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
 ):
     b = tl.program_id(0)
     hb = tl.program_id(1)
@@ -141,9 +169,9 @@ def _mla_decode_split_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
 
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-    for t in range(t0, t1):
-        acc, m_i, l_i = attend_latent_tile(ql, qp, acc, m_i, l_i, t, seq_len, bt_row, cache_ptr, r, r_mask, p, p_mask,
-                                           scale_log2, stride_cb, stride_cs, RANK, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = attend_latent_range(ql, qp, acc, m_i, l_i, t0, t1, seq_len, bt_row, cache_ptr, r, r_mask, p,
+                                        p_mask, scale_log2, stride_cb, stride_cs, RANK, BLOCK_SIZE, BLOCK_N,
+                                        DOT_PRECISION, PREFETCH, TRANSPOSED)
 
     if DIRECT_OUT:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -158,12 +186,18 @@ def _mla_decode_split_kernel(
         tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=h_valid)
 
 
-def _decode_config(block_r: int, elem_size: int) -> tuple[int, int]:
+def _decode_config(block_r: int, elem_size: int, programs: int = 0, num_sms: int = 1) -> tuple[int, int]:
     """(BLOCK_N, num_warps): the latent tile [BLOCK_N, BLOCK_R] is the big load (512 x 2 B rows for
-    DeepSeek: 32 rows = 32 KB, a few stages fit in shared memory); acc [16, BLOCK_R] fp32 wants 8 warps."""
+    DeepSeek: 32 rows = 32 KB, a few stages fit in shared memory). Warps: 8 for a wide acc [16, BLOCK_R] while
+    the grid (programs) is under one wave of SMs, 4 from there on: H200, V2-Lite (tools/bench_mla_decode.py,
+    2026-12-01): batch 1 (16 programs) 13.2 us with 8, 13.6 with 4; batch 64 (256 programs) 43.0 -> 39.5,
+    batch 256 154.9 -> 102.6 (more programs per SM hide each other's loads; the [16, 32] scores have too few
+    mma columns for 8 warps)."""
     row_bytes = block_r * elem_size
     block_n = 64 if row_bytes <= 256 else 32 if row_bytes <= 1024 else 16
-    return block_n, 8 if block_r >= 256 else 4
+    if block_r < 256:
+        return block_n, 4
+    return block_n, 4 if programs >= num_sms else 8
 
 
 def mla_num_splits(num_seqs: int, max_seq_len: int, block_n: int, num_sms: int, max_splits: int = 64,
@@ -199,12 +233,15 @@ def decode_split_count(num_seqs: int, num_heads: int, rank: int, elem_size: int,
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_seq_len: int,
                num_splits: int | None = None, tile: tuple[int, int, int] | None = None,
-               legacy_splits: bool = False) -> torch.Tensor:
+               legacy_splits: bool = False, prefetch: bool = False, transposed: bool = False) -> torch.Tensor:
     """mla_decode_ref for one query token per sequence: q_lat [T, H, R], q_pe [T, H, P] -> o_lat [T, H, R]
     (rows of q_len-0 sequences stay unwritten). No host syncs: safe to capture in a CUDA graph.
 
     num_splits: fixed KV splits (None: mla_num_splits, or with legacy_splits the generic decode_num_splits,
-    the rule before 2026-11-30); tile: (BLOCK_N, num_warps, num_stages) instead of _decode_config's."""
+    the rule before 2026-11-30); tile: (BLOCK_N, num_warps, num_stages) instead of _decode_config's; prefetch:
+    the tile loop that loads a tile ahead (kernels/triton_mla_prefetch.py; num_stages 1 unless tile says);
+    transposed: the loop with the tile as the dots' M side (kernels/triton_mla_transposed.py; BLOCK_N 64 unless
+    tile says; over prefetch)."""
     num_tokens, num_heads, rank = q_lat.shape
     rope = q_pe.shape[2]
     out = torch.empty_like(q_lat)
@@ -214,16 +251,20 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     assert kv_cache.shape[-1] == rank + rope, "cache rows are [latent, rotary key]"
     num_seqs, block_size = seq_lens.shape[0], kv_cache.shape[2]
     block_r, block_p = max(16, _next_pow2(rank)), max(16, _next_pow2(rope))
-    block_n, num_warps = _decode_config(block_r, q_lat.element_size())
-    num_stages = 2
-    if tile is not None:
-        block_n, num_warps, num_stages = tile
     head_blocks = triton.cdiv(num_heads, BLOCK_H)
+    dev = q_lat.device.index if q_lat.device.type == "cuda" else None
     if num_splits is None:
-        dev = q_lat.device.index if q_lat.device.type == "cuda" else None
         num_splits = decode_split_count(num_seqs, num_heads, rank, q_lat.element_size(), max_seq_len, dev, tile,
                                         legacy_splits)
     num_splits = max(1, int(num_splits))
+    # (legacy: the tile before 2026-12-01, 8 warps whatever the grid)
+    programs = 0 if legacy_splits else num_seqs * head_blocks * num_splits
+    block_n, num_warps = _decode_config(block_r, q_lat.element_size(), programs, _num_sms(dev))
+    num_stages = 1 if prefetch else 2  # (the hand-pipelined loop needs no pipeliner)
+    if transposed:
+        prefetch, block_n, num_warps, num_stages = False, 64, 4, 2  # wgmma: M >= 64 for one warpgroup
+    if tile is not None:
+        block_n, num_warps, num_stages = tile
     direct = num_splits == 1
     if direct:
         ws_acc = ws_ml = out  # unused
@@ -239,8 +280,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
         out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, BLOCK_H=BLOCK_H, RANK=rank, BLOCK_R=block_r, ROPE=rope, BLOCK_P=block_p,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        DIRECT_OUT=direct, UPCAST_DOT=_upcast_dot(q_lat), DOT_PRECISION=_dot_precision(q_lat),
-        num_warps=num_warps, num_stages=num_stages,
+        DIRECT_OUT=direct, UPCAST_DOT=_upcast_dot(q_lat), DOT_PRECISION=_dot_precision(q_lat), PREFETCH=prefetch,
+        TRANSPOSED=transposed, num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         _decode_reduce_kernel[(num_seqs, num_heads)](

@@ -40,15 +40,25 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_MLA_LEGACY=1                    MLA decode as before 2026-11-30: unfused norm + rotary + latent
                                             write (~20 kernels a layer), absorbed matmuls through transposed
                                             copies, the generic split rule (the A/B baseline of the new path)
-  MESHSERVE_MLA_BALANCED=1                  MLA decode through the balanced kernel (kernels/triton_mla_balanced.py:
-                                            equal work per program whatever the context lengths); opt-in until
-                                            measured (tools/bench_mla_decode.py)
+  MESHSERVE_MLA_BALANCED=1|0                MLA decode through the balanced kernel (kernels/triton_mla_balanced.py:
+                                            equal work per program whatever the context lengths) always (1) or
+                                            never (0, the split kernel); default by batch size: balanced from 64
+                                            rows (kernels/mla_decode_choice.py, measured tools/bench_mla_decode.py)
+  MESHSERVE_MLA_PREFETCH=1                  MLA decode kernels with the tile loop that loads a tile ahead in
+                                            registers (kernels/triton_mla_prefetch.py: the pipeliner gives the
+                                            plain loop one buffer); opt-in until measured (tools/bench_mla_decode.py)
+  MESHSERVE_MLA_TRANSPOSED=1                MLA decode kernels with the transposed tile loop (kernels/
+                                            triton_mla_transposed.py: the KV tile as the dots' M side, wgmma from
+                                            shared memory, BLOCK_N 64); over PREFETCH; opt-in until measured
   MESHSERVE_MLA_DECODE_TILE=32,8,2          the MLA decode kernel's BLOCK_N, num_warps, num_stages (default:
-                                            kernels/triton_mla._decode_config; tools/bench_mla_decode.py sweeps)
+                                            kernels/triton_mla._decode_config, the balanced kernel (32, 4, 2))
   MESHSERVE_MOE_LEGACY=1                    the first Triton MoE (torch routing and align, pair GEMV, first tile
                                             configs) instead of the default one-launch routing, MoE GEMV (one
                                             token) and tuned configs (kernels/moe.py; 1.4-2.3x per layer on the
                                             H200, issues 23/24)
+  MESHSERVE_MOE_CONFIGS=tuned|stream|legacy the grouped MoE GEMM's tile table (kernels/moe_configs.py); stream:
+                                            the weight-streaming tiles for 3-24 rows per expert (BLOCK_M 64,
+                                            wgmma, 4 stages); default tuned until stream is measured
   MESHSERVE_FP8_GEMV=cvt|half|scaled_mm     the batch-1 fp8-weight projection
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
                                             step; scaled_mm: torch._scaled_mm, the activation quantized per
@@ -75,6 +85,7 @@ from meshserve.config import EngineConfig
 from meshserve.errors import InvalidArgumentError
 from meshserve.kernels import pdl
 from meshserve.kernels.fused import fused_ops_importable, gemv_importable
+from meshserve.kernels.moe_configs import TABLES as MOE_CONFIG_TABLES
 from meshserve.kernels.pdl import PdlPolicy
 from meshserve.layers.attention import Attention, make_attention_backend
 
@@ -92,11 +103,14 @@ MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
 MLA_DECODE_TILE_ENV = "MESHSERVE_MLA_DECODE_TILE"
 MLA_BALANCED_ENV = "MESHSERVE_MLA_BALANCED"
+MLA_PREFETCH_ENV = "MESHSERVE_MLA_PREFETCH"
+MLA_TRANSPOSED_ENV = "MESHSERVE_MLA_TRANSPOSED"
 PDL_ENV = "MESHSERVE_PDL"
 PDL_TRIGGER_ENV = "MESHSERVE_PDL_TRIGGER"
 PDL_ONE_WAVE_ENV = "MESHSERVE_PDL_ONE_WAVE"
 PDL_PRELOAD_ENV = "MESHSERVE_PDL_PRELOAD"
 MOE_LEGACY_ENV = "MESHSERVE_MOE_LEGACY"
+MOE_CONFIGS_ENV = "MESHSERVE_MOE_CONFIGS"
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
 FP8_GEMV_CHOICES = ("cvt", "half", "scaled_mm")  # triton_fp8_gemv.FP8_GEMV_VARIANTS + cuBLASLt
@@ -133,8 +147,13 @@ class KernelSelection:
     # MLA decode as before 2026-11-30 (layers/mla_attention.py): the A/B baseline of the fused prologue,
     # the copy-free absorbed matmuls and the MLA split rule
     mla_legacy: bool = False
-    # MLA decode with the batch's KV work balanced over a fixed program count (kernels/triton_mla_balanced.py)
-    mla_balanced: bool = False
+    # MLA decode with the batch's KV work balanced over a fixed program count (kernels/triton_mla_balanced.py):
+    # True always, False never (the split kernel), None by batch size (kernels/mla_decode_choice.py)
+    mla_balanced: bool | None = None
+    # the MLA decode kernels' tile loop that loads a tile ahead (kernels/triton_mla_prefetch.py)
+    mla_prefetch: bool = False
+    # the MLA decode kernels' transposed tile loop (kernels/triton_mla_transposed.py)
+    mla_transposed: bool = False
     # (BLOCK_N, num_warps, num_stages) of the MLA decode kernel; None: its default
     mla_decode_tile: tuple[int, int, int] | None = None
     fp8_gemv: str = "half"  # the batch-1 fp8-weight projection when gemv is on (FP8_GEMV_CHOICES)
@@ -143,6 +162,7 @@ class KernelSelection:
     pdl_policy: PdlPolicy = PdlPolicy()  # noqa: RUF009 (frozen: one shared default is safe)
     # the first Triton MoE path instead of the fused routing, MoE GEMV and tuned configs (kernels/moe.py)
     moe_legacy: bool = False
+    moe_configs: str = "tuned"  # the grouped MoE GEMM's tile table (kernels/moe_configs.TABLES)
 
     @property
     def pdl(self) -> bool:
@@ -191,6 +211,12 @@ def _mla_decode_tile() -> tuple[int, int, int] | None:
     if block_n < 16 or block_n & (block_n - 1) or warps not in (1, 2, 4, 8, 16) or stages < 1:
         raise ValueError(f"{MLA_DECODE_TILE_ENV}: BLOCK_N a power of two >= 16, num_warps 1-16, stages >= 1: {raw!r}")
     return block_n, warps, stages
+
+
+def _forced_switch(env: str) -> bool | None:
+    """An A/B override: unset (or empty) None (the default rule decides), 0 False, anything else True."""
+    raw = os.environ.get(env, "").strip()
+    return None if not raw else raw != "0"
 
 
 def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
@@ -259,11 +285,14 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
         mla_legacy=os.environ.get(MLA_LEGACY_ENV, "") not in ("", "0"),
         mla_decode_tile=_mla_decode_tile(),
-        mla_balanced=os.environ.get(MLA_BALANCED_ENV, "") not in ("", "0"),
+        mla_balanced=_forced_switch(MLA_BALANCED_ENV),
+        mla_prefetch=os.environ.get(MLA_PREFETCH_ENV, "") not in ("", "0"),
+        mla_transposed=os.environ.get(MLA_TRANSPOSED_ENV, "") not in ("", "0"),
         pdl_policy=_pdl_policy(config, on_cuda),
         # the first Triton MoE on request only (MESHSERVE_MOE_LEGACY=1): the new path passed its GPU tests and
         # is faster at every batch measured (tools/bench_moe.py, 2026-11-30)
         moe_legacy=on_cuda and os.environ.get(MOE_LEGACY_ENV, "") not in ("", "0"),
+        moe_configs=_variant(MOE_CONFIGS_ENV, MOE_CONFIG_TABLES, KernelSelection.moe_configs),
         fp8_gemv=_variant(FP8_GEMV_ENV, FP8_GEMV_CHOICES, KernelSelection.fp8_gemv),
         int4_gemv=_variant(INT4_GEMV_ENV, INT4_GEMV_CHOICES, KernelSelection.int4_gemv),
     )

@@ -147,7 +147,7 @@ class FusedMoE(nn.Module):
                  shared_mlp: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         shared = {} if shared_mlp is None else {"shared_w13": shared_mlp[0], "shared_w2": shared_mlp[1]}
         return fused_experts(x, self.w13_weight, self.w2_weight, weights, local_ids, triton=self.kernels.fused_ops,
-                             legacy=self.kernels.moe_legacy, **shared, **self.weight_format.scales(self))
+                             legacy=self.kernels.moe_legacy, table=self.kernels.moe_configs, **shared, **self.weight_format.scales(self))
 
     def _count(self, ids: torch.Tensor) -> None:
         flat = ids.reshape(-1).long()

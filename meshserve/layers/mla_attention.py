@@ -17,9 +17,10 @@ MLAPrefillWorkspace to every layer, bind_prefill_workspace), elsewhere (or with 
 one sequence at a time (kernels/mla_ref.mla_prefill_ref). A mixed step's split into the two is computed
 once per step (meta.step_memo), not per layer. On a GPU with the fused prologue the model's prologue (latent
 RMSNorm, both rotaries, the latent write) is one kernel (fused_prologue, kernels/triton_mla_rope.py) and the
-absorbed matmuls write straight into their [T, H, .] results (no transposed copies); with
-KernelSelection.mla_balanced (MESHSERVE_MLA_BALANCED=1) the decode kernel spreads the batch's KV tiles evenly
-over the SMs whatever the context lengths (kernels/triton_mla_balanced.py); KernelSelection.mla_legacy
+absorbed matmuls write straight into their [T, H, .] results (no transposed copies); from 64 decode rows on
+(kernels/mla_decode_choice.py; KernelSelection.mla_balanced / MESHSERVE_MLA_BALANCED=1|0 force either) the
+decode kernel spreads the batch's KV tiles evenly over the SMs whatever the context lengths
+(kernels/triton_mla_balanced.py), below that it splits each sequence (kernels/triton_mla.py); KernelSelection.mla_legacy
 (MESHSERVE_MLA_LEGACY=1) keeps the path before 2026-11-30 for A/B runs. The block manager,
 prefix caching, chunked prefill, preemption and the KV offload tiers see blocks only, so they work unchanged.
 """
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
+from meshserve.kernels.mla_decode_choice import use_balanced
 from meshserve.kernels.mla_prefill import mla_prefill
 from meshserve.kernels.mla_prefill_workspace import (
     MLAPrefillWorkspace,
@@ -73,13 +75,18 @@ class MLAAttention(nn.Module):
         short-context graph variants by it); None where decode runs the torch reference."""
         if self.kernels.attention_backend != "triton":
             return None
-        if self.kernels.mla_balanced and not self.kernels.mla_legacy:
+        if self._balanced(num_seqs):
             return 0  # the balanced kernel's launch does not depend on the context bound: no variants
         from meshserve.kernels.triton_mla import decode_split_count
 
         return decode_split_count(num_seqs, self.num_heads, self.kv_lora_rank, dtype.itemsize, max_seq_len,
                                   device.index if device.type == "cuda" else None, self.kernels.mla_decode_tile,
                                   self.kernels.mla_legacy)
+
+    def _balanced(self, num_rows: int) -> bool:
+        """Whether a Triton decode launch of num_rows query rows runs the balanced kernel (by shape unless
+        the selection forces one: kernels/mla_decode_choice.py); never on the legacy path."""
+        return not self.kernels.mla_legacy and use_balanced(num_rows, self.kernels.mla_balanced)
 
     def _use_triton(self, x: torch.Tensor) -> bool:
         return self.kernels.attention_backend == "triton" and x.is_cuda
@@ -154,13 +161,17 @@ class MLAAttention(nn.Module):
 
             if meta.max_query_len > 1:
                 meta = per_query_meta(meta)
-            if self.kernels.mla_balanced and not legacy:
+            if self._balanced(meta.seq_lens.shape[0]):
                 o_lat = mla_decode_balanced(q_lat, q_pe, self.kv_cache, meta.block_tables, meta.seq_lens,
-                                            meta.query_start_loc, self.scale, tile=self.kernels.mla_decode_tile)
+                                            meta.query_start_loc, self.scale, tile=self.kernels.mla_decode_tile,
+                                            prefetch=self.kernels.mla_prefetch,
+                                            transposed=self.kernels.mla_transposed)
             else:
                 o_lat = mla_decode(q_lat.contiguous(), q_pe.contiguous() if legacy else q_pe, self.kv_cache,
                                    meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
-                                   meta.max_seq_len, tile=self.kernels.mla_decode_tile, legacy_splits=legacy)
+                                   meta.max_seq_len, tile=self.kernels.mla_decode_tile, legacy_splits=legacy,
+                                   prefetch=self.kernels.mla_prefetch and not legacy,
+                                   transposed=self.kernels.mla_transposed and not legacy)
         else:
             o_lat = mla_decode_ref(q_lat, q_pe, self.kv_cache, meta, self.scale)
         if copied:

@@ -119,13 +119,16 @@ def test_mla_layers_report_their_split_counts(monkeypatch):
     cpu = torch.device("cpu")
     layers = [MLAAttention(16, 128, 64, 128, 512, 0.1) for _ in range(2)]
     assert attention_split_counts(layers, torch.bfloat16, cpu, 1, 4096) is None
-    for layer in layers:
+    for layer in layers:  # by default: the split kernel below 64 rows, the balanced one (no splits) from 64
         layer.kernels = KernelSelection(attention_backend="triton")
     counts = functools.partial(attention_split_counts, layers, torch.bfloat16, cpu)
     assert counts(1, 163840) == (64, 64) and counts(1, 1024) == (4, 4) and counts(1, 256) == (1, 1)
-    assert counts(80, 163840) == (4, 4) and counts(256, 163840) == (1, 1)
+    assert counts(48, 163840) == (4, 4) and counts(64, 163840) == (0, 0) and counts(256, 163840) == (0, 0)
     variants = decode_graph_variants([1, 16, 256], 163840, (256, 1024), counts)
     assert variants == {1: [256, 1024, 163840], 16: [256, 1024, 163840], 256: [163840]}
+    for layer in layers:  # the split kernel forced (MESHSERVE_MLA_BALANCED=0): the MLA split rule everywhere
+        layer.kernels = KernelSelection(attention_backend="triton", mla_balanced=False)
+    assert counts(80, 163840) == (4, 4) and counts(256, 163840) == (1, 1)
     for layer in layers:  # the balanced kernel: one launch shape for every bound
         layer.kernels = KernelSelection(attention_backend="triton", mla_balanced=True)
     assert decode_graph_variants([1, 256], 163840, (256, 1024), counts) == {1: [163840], 256: [163840]}

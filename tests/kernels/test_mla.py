@@ -77,7 +77,8 @@ def test_write_latent_skips_padding_slots():
     assert torch.equal(gather_latent_ref(cache, torch.tensor([1, 0]), 6)[1], rows[5])
 
 
-def _check_triton(heads, rank, rope, seq_lens, dtype, device, num_splits, block_size=16, atol=1e-4):
+def _check_triton(heads, rank, rope, seq_lens, dtype, device, num_splits, block_size=16, atol=1e-4, prefetch=False,
+                  tile=None, transposed=False):
     from meshserve.kernels import triton_mla
 
     q_lens = [1] * len(seq_lens)
@@ -90,7 +91,8 @@ def _check_triton(heads, rank, rope, seq_lens, dtype, device, num_splits, block_
     assert torch.equal(cache, ref_cache)
     scale = (rank + rope) ** -0.5
     got = triton_mla.mla_decode(q_lat, q_pe, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                scale, meta.max_seq_len, num_splits=num_splits)
+                                scale, meta.max_seq_len, num_splits=num_splits, prefetch=prefetch, tile=tile,
+                                transposed=transposed)
     ref = mla_decode_ref(q_lat.float(), q_pe.float(), cache.float(), meta, scale)
     torch.testing.assert_close(got.float(), ref, atol=atol, rtol=atol)
 
@@ -111,10 +113,28 @@ def test_mla_split_rule_fills_the_sms_below_one_program_per_sm():
     assert mla_num_splits(4, 200, 32, sms) == 1
 
 
+def test_decode_choice_follows_the_h200_sweep():
+    """Balanced kernel from 64 rows on (it won or tied at 64, 96 and 256 sequences), the split kernel below
+    (batch 1: 13.2 us against 15.5); a forced choice wins; 4 warps once the split grid fills the SMs."""
+    pytest.importorskip("triton")
+    from meshserve.kernels.mla_decode_choice import use_balanced
+    from meshserve.kernels.triton_mla import _decode_config
+
+    assert [use_balanced(b, None) for b in (1, 32, 63, 64, 96, 256)] == [False] * 3 + [True] * 3
+    assert use_balanced(1, True) and not use_balanced(256, False)
+    assert _decode_config(512, 2) == (32, 8)  # no grid given: the wide-acc default
+    assert _decode_config(512, 2, 16, 132) == (32, 8) and _decode_config(512, 2, 256, 132) == (32, 4)
+    assert _decode_config(32, 4, 1, 132) == (64, 4)  # small ranks: 4 warps at any grid
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_triton_mla_decode_in_interpreter(num_splits):
+@pytest.mark.parametrize("loop", ["plain", "prefetch", "transposed"])
+def test_triton_mla_decode_in_interpreter(num_splits, loop):
     # 20 heads: two head blocks, the second partly masked; rope 8 pads to 16; contexts cross several tiles
-    _check_triton(20, 32, 8, [1, 70, 33], torch.float32, "cpu", num_splits, block_size=4)
+    # (prefetch: tiles of 16 rows over blocks of 4, so a split's last tile is followed by the next split's)
+    _check_triton(20, 32, 8, [1, 70, 33], torch.float32, "cpu", num_splits, block_size=4,
+                  prefetch=loop == "prefetch", transposed=loop == "transposed",
+                  tile=None if loop == "plain" else (16, 4, 1))
 
 
 @needs_triton
@@ -127,6 +147,10 @@ def test_triton_mla_decode_gpu(heads, num_splits):
     lens = [1, 17, 300, 1029, 4000]
     _check_triton(heads, 512, 64, lens, torch.bfloat16, "cuda", num_splits, atol=2e-2)
     _check_triton(heads, 512, 64, lens[:3], torch.float32, "cuda", num_splits, atol=1e-4)
+    for tile in (None, (16, 4, 1), (32, 8, 1)):  # the prefetching loop (kernels/triton_mla_prefetch.py)
+        _check_triton(heads, 512, 64, lens, torch.bfloat16, "cuda", num_splits, atol=2e-2, prefetch=True, tile=tile)
+    for tile in (None, (64, 8, 2)):  # the transposed loop (kernels/triton_mla_transposed.py)
+        _check_triton(heads, 512, 64, lens, torch.bfloat16, "cuda", num_splits, atol=2e-2, transposed=True, tile=tile)
 
 
 @needs_triton

@@ -17,7 +17,8 @@ _HAS_CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
 
-def _check(heads, rank, rope, seq_lens, num_programs, dtype, device, atol, block_size=4, tile=None):
+def _check(heads, rank, rope, seq_lens, num_programs, dtype, device, atol, block_size=4, tile=None, prefetch=False,
+           transposed=False):
     from meshserve.kernels.triton_mla_balanced import mla_decode_balanced
 
     g = torch.Generator().manual_seed(0)
@@ -30,7 +31,8 @@ def _check(heads, rank, rope, seq_lens, num_programs, dtype, device, atol, block
     cache = rnd(1, num_blocks, block_size, 1, rank + rope)
     q_lat, q_pe = rnd(len(seq_lens), heads, rank), rnd(len(seq_lens), heads, rope)
     got = mla_decode_balanced(q_lat, q_pe, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3,
-                              num_programs=num_programs, tile=tile)
+                              num_programs=num_programs, tile=tile, prefetch=prefetch,
+                              transposed=transposed)
     expected = mla_decode_ref(q_lat, q_pe, cache, meta, 0.3)
     torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=atol)
 
@@ -38,11 +40,14 @@ def _check(heads, rank, rope, seq_lens, num_programs, dtype, device, atol, block
 @needs_triton
 @pytest.mark.skipif(_HAS_CUDA, reason="the Triton interpreter on CPU (on a GPU: the -m gpu test)")
 @pytest.mark.parametrize("num_programs", [1, 3, 7, 40])
-def test_balanced_decode_in_interpreter(num_programs):
+@pytest.mark.parametrize("loop", ["plain", "prefetch", "transposed"])
+def test_balanced_decode_in_interpreter(num_programs, loop):
     # 20 heads: two head blocks; lengths from one tile to many, padding rows (seq_len 0) between and at the end
     # (they own no piece: a program walking past one must not write a workspace slot for it); 40 programs:
-    # more than the cost units, so some ranges hold only a sequence's overhead and some are empty
-    _check(20, 32, 8, [70, 1, 0, 0, 33, 130, 5, 0], num_programs, torch.float32, "cpu", 1e-5, tile=(16, 4, 1))
+    # more than the cost units, so some ranges hold only a sequence's overhead and some are empty; prefetch:
+    # the loop that loads a tile ahead must stop at its piece's end (the next tile is another program's)
+    _check(20, 32, 8, [70, 1, 0, 0, 33, 130, 5, 0], num_programs, torch.float32, "cpu", 1e-5, tile=(16, 4, 1),
+           prefetch=loop == "prefetch", transposed=loop == "transposed")
 
 
 @needs_triton
@@ -56,6 +61,9 @@ def test_balanced_decode_gpu(num_programs):
     lens = [r.randint(100, 2048) for _ in range(200)] + [0, 1, 17, 4000]
     _check(16, 512, 64, lens, num_programs, torch.bfloat16, "cuda", 2e-2, block_size=16)
     _check(128, 512, 64, lens[:20], num_programs, torch.bfloat16, "cuda", 2e-2, block_size=16)
+    for tile in (None, (16, 4, 1), (32, 8, 1)):  # the prefetching loop (kernels/triton_mla_prefetch.py)
+        _check(16, 512, 64, lens, num_programs, torch.bfloat16, "cuda", 2e-2, block_size=16, tile=tile, prefetch=True)
+    _check(16, 512, 64, lens, num_programs, torch.bfloat16, "cuda", 2e-2, block_size=16, transposed=True)
 
 
 _COMPILE_SM90 = """
@@ -75,9 +83,16 @@ sig = {n: "*bf16" for n in ("ql_ptr", "qp_ptr", "cache_ptr", "out_ptr")}
 sig.update(bt_ptr="*i64", seq_lens_ptr="*i64", qsl_ptr="*i64", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32",
            pieces_ptr="*i32", scale_log2="fp32")
 const = dict(NUM_HEADS=16, BLOCK_H=16, RANK=512, BLOCK_R=512, ROPE=64, BLOCK_P=64, BLOCK_SIZE=16, BLOCK_N=32,
-             BLOCK_B=256, OVERHEAD_UNITS=2, UPCAST_DOT=False, DOT_PRECISION="tf32")
+             BLOCK_B=256, OVERHEAD_UNITS=2, UPCAST_DOT=False, DOT_PRECISION="tf32", PREFETCH=False, TRANSPOSED=False)
 k = compile_sm90(_mla_balanced_kernel, sig, const, 8, 2)
 assert k.metadata.shared <= 227 * 1024, k.metadata.shared
+for block_n, warps in ((32, 4), (16, 4)):  # the prefetching loop, without the pipeliner
+    k = compile_sm90(_mla_balanced_kernel, sig, {**const, "BLOCK_N": block_n, "PREFETCH": True}, warps, 1)
+    assert k.metadata.shared <= 227 * 1024, k.metadata.shared
+# the transposed loop: wgmma for all three dots, the latent tile double-buffered in shared memory
+k = compile_sm90(_mla_balanced_kernel, sig, {**const, "BLOCK_N": 64, "TRANSPOSED": True}, 4, 2)
+assert k.metadata.shared <= 227 * 1024, k.metadata.shared
+assert k.asm["ptx"].count("wgmma.mma_async") > 0 and "memdesc<2x64x512xbf16" in k.asm["ttgir"]
 print("balanced shared", k.metadata.shared, "cp.async", "cp.async" in k.asm["ptx"])
 sig = dict(ws_acc_ptr="*fp32", ws_ml_ptr="*fp32", pieces_ptr="*i32", qsl_ptr="*i64", out_ptr="*bf16")
 compile_sm90(_mla_balanced_merge_kernel, sig, dict(NUM_HEADS=16, RANK=512, BLOCK_R=512, BLOCK_B=256), 4, 1)

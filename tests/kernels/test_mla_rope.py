@@ -105,7 +105,7 @@ for block_n, warps, stages in [(block_n, warps, 2), (64, 8, 2)]:
     sig.update(bt_ptr="*i64", seq_lens_ptr="*i64", qsl_ptr="*i64", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32",
                scale_log2="fp32")
     const = dict(NUM_HEADS=16, BLOCK_H=16, RANK=512, BLOCK_R=512, ROPE=64, BLOCK_P=64, BLOCK_SIZE=16,
-                 BLOCK_N=block_n, DIRECT_OUT=False, UPCAST_DOT=False, DOT_PRECISION="tf32")
+                 BLOCK_N=block_n, DIRECT_OUT=False, UPCAST_DOT=False, DOT_PRECISION="tf32", PREFETCH=False, TRANSPOSED=False)
     k = compile_sm90(_mla_decode_split_kernel, sig, const, warps, stages)
     assert k.metadata.shared <= 227 * 1024, (block_n, k.metadata.shared)
     print(block_n, warps, stages, "shared", k.metadata.shared, "cp.async" in k.asm["ptx"])

@@ -46,18 +46,18 @@ def test_align_matches_torch_align(tokens, experts, top_k, block_m):
 
 
 @interp
-@pytest.mark.parametrize("table", ["legacy", "explicit"])
+@pytest.mark.parametrize("table", ["legacy", "explicit", "stream"])
 def test_grouped_gemm_with_legacy_and_explicit_configs_matches_reference(table):
-    """The legacy table (torch align, zero + sum) and explicit per-stage configs (Triton align, combine
-    kernel; stages with different N tiles) both give the reference (the tuned default: test_triton_moe)."""
+    """The legacy table (torch align, zero + sum), explicit per-stage configs (Triton align, combine kernel;
+    stages with different N tiles) and the stream table's decode tiles (BLOCK_M 64 over ~5 rows per expert,
+    K tiles past the hidden size) give the reference (the tuned default: test_triton_moe)."""
     from meshserve.kernels import triton_moe
-    from meshserve.kernels.moe_configs import GroupedGemmConfig, StageConfigs
+    from meshserve.kernels.moe_configs import GroupedGemmConfig, StageConfigs, stream_configs
 
-    configs = StageConfigs(GroupedGemmConfig(16, 32, 32), GroupedGemmConfig(16, 16, 32))
+    configs = {"legacy": "legacy", "explicit": StageConfigs(GroupedGemmConfig(16, 32, 32), GroupedGemmConfig(16, 16, 32)),
+               "stream": stream_configs(21 * 2, 8)}[table]  # (fp32 operands: a named table would take legacy)
     x, w13, w2, weights, ids = _case(21, 8, 2, 64, 48, torch.float32, "cpu", drop=True)
-    got = triton_moe.fused_experts(
-        x, w13, w2, weights, ids, configs="legacy" if table == "legacy" else configs
-    )
+    got = triton_moe.fused_experts(x, w13, w2, weights, ids, configs=configs)
     torch.testing.assert_close(got, fused_experts_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
 
 
@@ -65,7 +65,7 @@ _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from meshserve.kernels.moe_configs import tuned_configs
+from meshserve.kernels.moe_configs import stream_configs, tuned_configs
 from meshserve.kernels.triton_moe import _grouped_gemm_kernel
 
 def compile(kernel, sig, const, warps, stages=3):
@@ -79,15 +79,16 @@ def compile(kernel, sig, const, warps, stages=3):
 
 gemm = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "weights_ptr": "*fp32", "as_ptr": "*fp32",
         "bs_ptr": "*fp32", "sorted_rows_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32"}
-for pairs in (8 * 128, 16 * 128, 64 * 128, 128 * 128):  # each rows-per-expert bucket, both stages
-    stages = tuned_configs(pairs, 128)
+tables = [tuned_configs(pairs, 128) for pairs in (8 * 128, 16 * 128, 64 * 128, 128 * 128)]  # each bucket
+tables.append(stream_configs(1536, 64))  # the stream table's decode tiles (DeepSeek-V2-Lite at 256 tokens)
+for stages in tables:  # both stages
     for gated, cfg in ((True, stages.gate_up), (False, stages.down)):
         kw = cfg.kwargs()
         warps, n_stages = kw.pop("num_warps"), kw.pop("num_stages")
         const = dict(kw, QUANT=0, BLOCK_SCALE_N=1, A_ROWS_PER_TOKEN=8 if gated else 1, GATED=gated,
                      MUL_WEIGHT=not gated, PRECISION=None)
         out = compile(_grouped_gemm_kernel, gemm, const, warps, n_stages)
-        assert out.metadata.shared <= 227 * 1024, (pairs, gated, out.metadata.shared)  # fits an H100/H200 SM
+        assert out.metadata.shared <= 227 * 1024, (cfg, gated, out.metadata.shared)  # fits an H100/H200 SM
 print("compiled")
 """
 
@@ -112,9 +113,9 @@ def test_align_matches_torch_align_gpu(tokens, experts, top_k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [16, 256, 2048])
+@pytest.mark.parametrize("tokens", [16, 64, 256, 2048])
 @pytest.mark.parametrize("model", ["qwen3-30b-a3b", "deepseek-v2-lite"])
-@pytest.mark.parametrize("table", ["tuned", "legacy"])
+@pytest.mark.parametrize("table", ["tuned", "legacy", "stream"])
 def test_grouped_gemm_matches_reference_at_model_shapes_gpu(tokens, model, table):
     from meshserve.kernels import triton_moe
     from tests.kernels.test_triton_moe_gemv import model_batch, model_experts
@@ -124,3 +125,17 @@ def test_grouped_gemm_matches_reference_at_model_shapes_gpu(tokens, model, table
     got = triton_moe.fused_experts(x, w13, w2, weights, ids, configs=table)
     ref = fused_experts_ref(x, w13, w2, weights, ids)
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_stream_table_changes_only_the_decode_bucket():
+    """stream = tuned except at 3-24 rows per expert (V2-Lite at 32-256 decode tokens): BLOCK_M 64 there, so
+    one block holds an expert's rows, with 4 stages of K 64."""
+    from meshserve.kernels.moe_configs import stage_configs, tuned_configs
+
+    for tokens in (1, 16, 512, 2048):  # <= 2 and > 24 rows per expert
+        pairs = tokens * 6
+        assert stage_configs("stream", pairs, 64, False, False) == tuned_configs(pairs, 64)
+    for tokens in (32, 64, 256):
+        cfg = stage_configs("stream", tokens * 6, 64, False, False)
+        assert (cfg.gate_up.BLOCK_M, cfg.down.BLOCK_M, cfg.gate_up.BLOCK_K, cfg.gate_up.num_stages) == (64, 64, 64, 4)
+    assert stage_configs("stream", 256 * 6, 64, True, False) == stage_configs("legacy", 256 * 6, 64, True, False)

@@ -26,9 +26,10 @@ def _no_overrides(monkeypatch):
     for name in ("MESHSERVE_PDL", "MESHSERVE_PDL_TRIGGER", "MESHSERVE_PDL_ONE_WAVE", "MESHSERVE_PDL_PRELOAD",
                  "MESHSERVE_MOE_LEGACY"):
         monkeypatch.delenv(name, raising=False)
-    for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED"):
+    for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED", "MESHSERVE_MLA_PREFETCH",
+                 "MESHSERVE_MLA_TRANSPOSED"):
         monkeypatch.delenv(name, raising=False)
-    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV"):
+    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -176,16 +177,32 @@ def test_quantized_gemv_variant_switches(monkeypatch):
         select_kernels(gpu)
 
 
+def test_moe_config_table_switch(monkeypatch):
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert select_kernels(gpu).moe_configs == "tuned"
+    monkeypatch.setenv("MESHSERVE_MOE_CONFIGS", "stream")
+    assert select_kernels(gpu).moe_configs == "stream"
+    monkeypatch.setenv("MESHSERVE_MOE_CONFIGS", "fast")
+    with pytest.raises(ValueError, match="MESHSERVE_MOE_CONFIGS takes one of tuned, stream, legacy"):
+        select_kernels(gpu)
+
+
 def test_mla_legacy_and_decode_tile_switches(monkeypatch):
     # the new MLA decode path by default; the legacy one and a decode tile for A/B runs
     gpu = _config(device="cuda", dtype="bfloat16")
     sel = select_kernels(gpu)
-    assert not sel.mla_legacy and sel.mla_decode_tile is None and not sel.mla_balanced
+    assert not sel.mla_legacy and sel.mla_decode_tile is None and sel.mla_balanced is None  # by batch size
+    assert not sel.mla_prefetch and not sel.mla_transposed
+    monkeypatch.setenv("MESHSERVE_MLA_PREFETCH", "1")
+    monkeypatch.setenv("MESHSERVE_MLA_TRANSPOSED", "1")
+    assert select_kernels(gpu).mla_prefetch and select_kernels(gpu).mla_transposed
+    monkeypatch.setenv("MESHSERVE_MLA_BALANCED", "0")
+    assert select_kernels(gpu).mla_balanced is False  # the split kernel at every batch size
     monkeypatch.setenv("MESHSERVE_MLA_LEGACY", "1")
     monkeypatch.setenv("MESHSERVE_MLA_DECODE_TILE", "64, 4,2")
     monkeypatch.setenv("MESHSERVE_MLA_BALANCED", "1")
     sel = select_kernels(gpu)
-    assert sel.mla_legacy and sel.mla_decode_tile == (64, 4, 2) and sel.mla_balanced
+    assert sel.mla_legacy and sel.mla_decode_tile == (64, 4, 2) and sel.mla_balanced is True
     for bad in ("64,4", "48,4,2", "64,3,2", "x"):
         monkeypatch.setenv("MESHSERVE_MLA_DECODE_TILE", bad)
         with pytest.raises(ValueError, match="MESHSERVE_MLA_DECODE_TILE"):

@@ -350,7 +350,6 @@ def test_mla_decode_paths_agree_at_v2_lite_shapes_in_a_cuda_graph(batch):
     """DeepSeek-V2-Lite's attention (16 heads, R 512, bf16) on a decode step: the new path replayed from a CUDA
     graph (fused prologue, copy-free absorbed bmm, MLA split rule; and with the balanced decode kernel), the
     legacy path and the torch reference give the same output and the same cache."""
-    import dataclasses
     import random as rnd
 
     from meshserve.layers.backend_selection import KernelSelection
@@ -366,13 +365,19 @@ def test_mla_decode_paths_agree_at_v2_lite_shapes_in_a_cuda_graph(batch):
     hidden = torch.randn(batch, 2048, device="cuda", dtype=torch.bfloat16)
     outs, caches = {}, {}
     with torch.inference_mode():
-        for name in ("torch", "legacy", "new", "balanced"):
+        # split / balanced forced, auto (by batch size: split at 1, balanced at 80 and 256), the prefetching and
+        # the transposed loops
+        paths = {"split": (False, ""), "balanced": (True, ""), "auto": (None, ""), "prefetch": (None, "pf"),
+                 "transposed": (None, "tr")}
+        for name in ("torch", "legacy", *paths):
             if name == "torch":
                 bind(attn, False, KernelSelection())
+            elif name == "legacy":
+                bind(attn, True, ENGINE_SELECTION)
             else:
-                bind(attn, name == "legacy", dataclasses.replace(ENGINE_SELECTION, mla_balanced=name == "balanced"))
+                bind(attn, False, ENGINE_SELECTION, *paths[name])
             attn.attn.kv_cache = cache.clone()
-            if name in ("new", "balanced"):
+            if name in paths:
                 attn(positions, hidden, meta)  # compile outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
@@ -383,7 +388,7 @@ def test_mla_decode_paths_agree_at_v2_lite_shapes_in_a_cuda_graph(batch):
             else:
                 outs[name] = attn(positions, hidden, meta).float()
             caches[name] = attn.attn.kv_cache.float()
-    for name in ("legacy", "new", "balanced"):
+    for name in ("legacy", *paths):
         torch.testing.assert_close(outs[name], outs["torch"], atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(caches[name], caches["torch"], atol=2e-2, rtol=2e-2)
 

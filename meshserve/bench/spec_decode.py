@@ -181,7 +181,9 @@ def run_replay(ns) -> list[dict]:
             llm.engine.core.speculator.proposer = proposer
             if ns.replay_forced:
                 runner = llm.engine.core.executor.runner
-                runner.sampling.greedy_oracle = ReplayOracle(proposer, runner.device)
+                requests = llm.engine.core.requests
+                runner.sampling.greedy_oracle = ReplayOracle(
+                    proposer, runner.device, prompt_of=lambda seq_id: requests[seq_id].prompt_token_ids)
             _fresh_stats(llm)
             out, dt = _timed_generate(llm, prompts, params)
             n = sum(len(o) for o in out)

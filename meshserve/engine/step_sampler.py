@@ -70,8 +70,10 @@ class StepSampler:
         # the next step's row of that sequence was placed as if all were accepted and moves back by these
         self.last_rejected: torch.Tensor | None = None
         # benchmarks only (`bench spec --replay`): (verify entries, their sequence lengths on the device) ->
-        # [B, K + 1] ids the target is taken to pick greedily, replacing the argmax in verification, so the
-        # acceptance is the one asked for whatever bf16 near-ties do (spec_decode/replay_proposer.py)
+        # [B, K + 1] ids the target is taken to pick greedily, replacing the argmax in verification and in
+        # plain greedy rows alike (so a run's tokens are the references' whichever steps verified: bf16 rounds
+        # a verify step's GEMMs and the KV it writes unlike a decode step's), so the acceptance is the one
+        # asked for whatever bf16 near-ties do (spec_decode/replay_proposer.py)
         self.greedy_oracle = None
 
     def forget(self, seq_ids: list[str]) -> None:
@@ -135,6 +137,10 @@ class StepSampler:
                   for s in rows]
         token_ids, sampled = sample_rows(self.sampler, logits, rows, banned, self._generator, self.vocab_size,
                                          self.device, grammar_bitmask)
+        if self.greedy_oracle is not None and sampled is None:  # all greedy: the oracle's picks, like verify's
+            seq_lens = (meta.seq_lens[: len(rows)] if len(sample_idx) == len(scheduled)
+                        else meta.seq_lens.index_select(0, to_device(sample_idx, self.device)))
+            token_ids = self.greedy_oracle(rows, seq_lens)[:, 0]
         return self._pending(result, rows, token_ids, parity, sampled, spec)
 
     def _verify(self, spec_idx: list[int], scheduled: list[ScheduledSequence], hidden: torch.Tensor,

@@ -66,11 +66,13 @@ WORKLOADS = {
 }
 
 
-def _spec_stats(llm) -> dict:
+def _spec_stats(llm, batch: int) -> dict:
     s, gate = llm.engine.core.speculator.stats, llm.engine.core.speculator.gate
-    measured = gate.measured.times(gate.last_batch) if gate.last_batch else None
+    # at the run's batch (the gate's last decision came as the last sequences finished: another bucket)
+    measured = gate.measured.times(batch)
     return {
-        "gate_on": gate.is_on,
+        "gate_on": gate.is_on,  # at the end of the run (its last, smallest batches)
+        "gate_probes": gate.num_probes,  # steps that speculated while the gate was off
         "gate_plain_probes": gate.num_plain_probes,
         # the gate's measured (plain, verify) step seconds at the run's batch, when it measured both
         "gate_step_s": [round(t, 5) for t in measured] if measured else None,
@@ -150,7 +152,7 @@ def run_real_text(ns) -> list[dict]:
                 "spec_tok_s": round(len(out[0]) / dt, 1),
                 "speedup": round(ref_dt / dt * len(out[0]) / len(ref[0]), 2),
                 "identical": out == ref,
-                **_spec_stats(llm),
+                **_spec_stats(llm, 1),
             }
         )
     llm.shutdown()
@@ -196,7 +198,7 @@ def run_replay(ns) -> list[dict]:
                     "spec_tok_s": round(n / dt, 1),
                     "speedup": round(ref_dt / dt, 2),
                     "identical": out == ref,
-                    **_spec_stats(llm),
+                    **_spec_stats(llm, ns.batch_size),
                 }
             )
         llm.shutdown()
@@ -260,7 +262,7 @@ def run_w1(ns) -> list[dict]:
                 "speedup": round(ref_dt / dt * n / max(1, n_ref), 3),
                 "identical": out == ref,
                 "draft_ms": round(1e3 * draft["s"] / draft["calls"], 3) if draft["calls"] else None,
-                **_spec_stats(llm),
+                **_spec_stats(llm, ns.batch_size),
             }
         )
         llm.shutdown()

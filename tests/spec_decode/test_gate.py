@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from meshserve.engine.step_time import DeviceRates, StepTimeModel
-from meshserve.spec_decode.gate import WARMUP_DRAFTS, SpeculationGate, expected_tokens
+import math
+
+from meshserve.spec_decode.gate import PROBE_STRIDE, WARMUP_DRAFTS, SpeculationGate, expected_tokens
 
 # 16 GB of weights (an 8B model) at 4 TB/s and 800 TFLOP/s: batch 1 is memory-bound, batch 512 x 5 is not
 MODEL = StepTimeModel(weight_bytes=16e9, kv_bytes_per_token=131072, rates=DeviceRates(4e12, 8e14))
@@ -38,8 +40,10 @@ def test_starts_on_and_probes_while_off():
     assert gate.decide(512, 512 * 600)  # nothing measured yet
     for _ in range(WARMUP_DRAFTS):
         gate.observe(4, 0)
-    decisions = [gate.decide(1, 600) for _ in range(8)]
-    assert decisions == [False, False, False, True] * 2  # off, with a probe every fourth step
+    decisions = [gate.decide(1, 600) for _ in range(12)]
+    # off, probing after 4 steps, then twice as far apart while the probes find it still does not pay
+    assert decisions == [False, False, False, True] + [False] * 7 + [True]
+    assert gate.num_probes == 2 and gate.probe_stride(1) == 1  # batch 1: the probe is the whole batch
     for _ in range(200):  # the probes find acceptance again
         gate.observe(4, 4)
     assert gate.decide(1, 600) and gate.is_on
@@ -88,3 +92,71 @@ def test_plain_steps_are_spent_only_where_the_bandwidth_floor_cannot_decide():
     assert decisions[:2] == [True, True] and decisions[2:4] == [False, False] and gate.num_plain_probes == 2
     assert gate.measured.times(1) is not None and not gate.is_on
     assert gate.measured.times(64) is None  # another batch size is measured on its own
+
+
+def _run_at_batch_64(acceptance: float, k: int, plain_s: float, verify_s: float, steps: int = 256):
+    """A fake clock: `steps` decode steps of 64 sequences as the engine runs them (the first one plain: it
+    was scheduled before any proposals), a verify row accepting acceptance * k of its k proposals, a step
+    taking plain_s plus (verify_s - plain_s) x the share of rows verifying. The gate is told each step's
+    verify rows and, for pure plain or verify steps, the time (as Speculator.after_step does).
+    Returns (throughput against plain steps, verify rows, the gate)."""
+    batch = 64
+    gate = SpeculationGate(k, MODEL)
+    tokens = seconds = 0.0
+    rows_verifying = 0
+    verify_rows_total = 0
+    for _ in range(steps):
+        share = rows_verifying / batch
+        t = plain_s + (verify_s - plain_s) * share
+        seconds += t
+        tokens += batch + rows_verifying * (expected_tokens(acceptance, k) - 1.0)
+        for _ in range(rows_verifying):
+            gate.observe(k, round(acceptance * k))
+        if rows_verifying in (0, batch):
+            gate.observe_step(batch, rows_verifying > 0, t)
+        verify_rows_total += rows_verifying
+        on = gate.decide(batch, batch * 600)
+        rows_verifying = math.ceil(batch / gate.probe_stride(batch)) if on else 0
+    return (tokens / seconds) / (batch / plain_s), verify_rows_total, gate
+
+
+def test_batch_64_low_acceptance_costs_at_most_3_percent():
+    # the H200 (issue 22, 2026-12-01): plain 5.7 ms, a k = 4 verify step ~3x that; acceptance 0.26
+    # (1.35 tokens a verify step) lost 5% with full probes every 16 steps
+    speed, verify_rows, gate = _run_at_batch_64(0.26, 4, plain_s=0.0057, verify_s=0.0171)
+    assert speed >= 0.97 and not gate.is_on
+    assert gate.num_probes >= 3  # still probing, with a share of the rows
+    assert verify_rows <= 64 * 3 + gate.num_probes * 64 // PROBE_STRIDE
+    # the same at k = 2 (verify ~2.2x plain), acceptance 0.3
+    speed, _, gate = _run_at_batch_64(0.3, 2, plain_s=0.0057, verify_s=0.0126)
+    assert speed >= 0.97 and not gate.is_on
+
+
+def test_batch_64_full_acceptance_stays_on():
+    # 5 tokens a verify step at 3x a plain step's time: speculation pays (the H200's 1.65x)
+    speed, _, gate = _run_at_batch_64(1.0, 4, plain_s=0.0057, verify_s=0.0171)
+    assert gate.is_on and speed > 1.5
+
+
+def test_partial_probes_turn_speculation_back_on_when_acceptance_returns():
+    gate = SpeculationGate(4, MODEL)
+    batch = 64
+    for _ in range(WARMUP_DRAFTS * 4):
+        gate.observe(4, 0)
+    for _ in range(3):
+        gate.observe_step(batch, True, 0.0171)
+        gate.observe_step(batch, False, 0.0057)
+    strides = []
+    for _ in range(200):
+        on = gate.decide(batch, batch * 600)
+        if on and not gate.is_on:
+            strides.append(gate.probe_stride(batch))
+    assert strides and set(strides) == {PROBE_STRIDE}  # the verify time is fresh: partial probes
+    steps = 0
+    while not gate.is_on and steps < 200:  # the traffic turns predictable: the probes' rows see it
+        on = gate.decide(batch, batch * 600)
+        if on:
+            for _ in range(batch // gate.probe_stride(batch)):
+                gate.observe(4, 4)
+        steps += 1
+    assert gate.is_on and gate.probe_stride(batch) == 1

@@ -70,12 +70,15 @@ def _spec_stats(llm, batch: int) -> dict:
     s, gate = llm.engine.core.speculator.stats, llm.engine.core.speculator.gate
     # at the run's batch (the gate's last decision came as the last sequences finished: another bucket)
     measured = gate.measured.times(batch)
+    verify_s = gate.measured.verify_seconds(batch)
     return {
         "gate_on": gate.is_on,  # at the end of the run (its last, smallest batches)
         "gate_probes": gate.num_probes,  # steps that speculated while the gate was off
         "gate_plain_probes": gate.num_plain_probes,
         # the gate's measured (plain, verify) step seconds at the run's batch, when it measured both
         "gate_step_s": [round(t, 5) for t in measured] if measured else None,
+        # the verify step's device time alone (batch 1 at high acceptance measures no plain step)
+        "gate_verify_s": round(verify_s, 5) if verify_s is not None else None,
         "acceptance_rate": round(s.acceptance_rate, 3),
         "mean_accepted_len": round(s.mean_acceptance_length, 2),
         "drafts": s.num_drafts,

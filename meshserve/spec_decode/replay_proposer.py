@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from meshserve.spec_decode.rejection_sampler import to_device
+
 
 class ReplayProposer:
     """Install with `llm.engine.core.speculator.proposer = ReplayProposer(...)` on an engine started with
@@ -103,8 +105,9 @@ class ReplayOracle:
         rejected). Returns [B, K + 1]."""
         ks = [e.num_spec_tokens for e in entries]
         kmax = max(ks)
-        rows = torch.tensor([self._row(e) for e in entries], device=self.device)
-        k_t = torch.tensor(ks, device=self.device)
+        # one copy without a stream sync (torch.tensor(..., device=cuda) would wait for the forward)
+        packed = to_device([[self._row(e), k] for e, k in zip(entries, ks)], self.device)
+        rows, k_t = packed[:, 0], packed[:, 1]
         cols = torch.minimum(torch.arange(kmax + 1, device=self.device).unsqueeze(0), k_t.unsqueeze(1))
         pos = (seq_lens.long() - k_t).unsqueeze(1) + cols  # the token each verify row's logits choose
         pos = pos.clamp(max=self.table.shape[1] - 1)

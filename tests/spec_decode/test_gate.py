@@ -24,7 +24,10 @@ def _gate(acceptance: float, k: int = 4) -> SpeculationGate:
 def test_expected_tokens():
     assert expected_tokens(0.0, 4) == 1.0
     assert expected_tokens(1.0, 4) == 5.0
-    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens(0.5, 2) == pytest.approx(2.0)
+    # the H200's batch-64 replay (issue 22): share 0.263 of 5120 proposals accepted, 1280 rows of k = 4,
+    # mean accepted length 2.05 (1344 accepted + 1280 own tokens over 1280 rows)
+    assert expected_tokens(1344 / 5120, 4) == pytest.approx((1344 + 1280) / 1280)
 
 
 def test_on_at_small_batch_with_good_acceptance_off_when_compute_bound_or_rejected():
@@ -69,16 +72,16 @@ def _fed(acceptance: float, k: int, batch: int, plain_s: float, verify_s: float)
 
 
 def test_measured_times_turn_off_what_the_model_keeps_on():
-    # issue 22 (H200, batch 64, k = 2, acceptance 0.38: 1.52 tokens per verify step): the model prices 192
-    # rows like 64 and keeps speculating; measured, a verify step costs 1.77x a plain one, so it does not pay
-    model_only = _gate(0.38, k=2)
+    # issue 22 (H200, batch 64, k = 2): the model prices 192 rows like 64 and keeps speculating; measured, a
+    # verify step costs ~2.2x a plain one, so 2 tokens a verify row (acceptance 0.5) do not pay
+    model_only = _gate(0.5, k=2)
     assert model_only.pays(batch=64, context_tokens=64 * 300)
-    gate, decisions = _fed(0.38, 2, 64, plain_s=0.010, verify_s=0.0177)
+    gate, decisions = _fed(0.5, 2, 64, plain_s=0.010, verify_s=0.0225)
     assert decisions[0]  # nothing measured: on
     assert not gate.pays(batch=64, context_tokens=64 * 300) and not gate.is_on
     assert sum(decisions[10:]) <= 2  # off, probing every 16 steps
     # the same verify cost at full acceptance (k + 1 = 3 tokens per step) pays, and stays on
-    gate, decisions = _fed(1.0, 2, 64, plain_s=0.010, verify_s=0.0177)
+    gate, decisions = _fed(1.0, 2, 64, plain_s=0.010, verify_s=0.0225)
     assert gate.is_on and gate.pays(batch=64, context_tokens=64 * 300)
 
 
@@ -87,8 +90,9 @@ def test_plain_steps_are_spent_only_where_the_bandwidth_floor_cannot_decide():
     # the data sheet's bandwidth (4 ms here), so no plain step is spent measuring
     gate, decisions = _fed(0.9, 4, 1, plain_s=0.00476, verify_s=0.0074)
     assert all(decisions) and gate.num_plain_probes == 0 and gate.is_on
-    # at acceptance 0.3 (1.4 tokens) it might not: two plain steps measure it (4.76 ms: 1.4 / 7.4 < 1 / 4.76)
-    gate, decisions = _fed(0.3, 4, 1, plain_s=0.00476, verify_s=0.0074)
+    # at acceptance 0.25 (2 tokens) and a verify step of 11 ms it might not: two plain steps measure it
+    # (4.76 ms: 2 / 11 < 1 / 4.76)
+    gate, decisions = _fed(0.25, 4, 1, plain_s=0.00476, verify_s=0.011)
     assert decisions[:2] == [True, True] and decisions[2:4] == [False, False] and gate.num_plain_probes == 2
     assert gate.measured.times(1) is not None and not gate.is_on
     assert gate.measured.times(64) is None  # another batch size is measured on its own
@@ -109,9 +113,10 @@ def _run_at_batch_64(acceptance: float, k: int, plain_s: float, verify_s: float,
         share = rows_verifying / batch
         t = plain_s + (verify_s - plain_s) * share
         seconds += t
-        tokens += batch + rows_verifying * (expected_tokens(acceptance, k) - 1.0)
+        accepted = round(acceptance * k)
+        tokens += batch + rows_verifying * accepted
         for _ in range(rows_verifying):
-            gate.observe(k, round(acceptance * k))
+            gate.observe(k, accepted)
         if rows_verifying in (0, batch):
             gate.observe_step(batch, rows_verifying > 0, t)
         verify_rows_total += rows_verifying
@@ -136,6 +141,10 @@ def test_batch_64_full_acceptance_stays_on():
     # 5 tokens a verify step at 3x a plain step's time: speculation pays (the H200's 1.65x)
     speed, _, gate = _run_at_batch_64(1.0, 4, plain_s=0.0057, verify_s=0.0171)
     assert gate.is_on and speed > 1.5
+    # 4 tokens a verify row (share 0.75) still pays ~1.3x: on (the geometric formula, fed the share, saw
+    # 3.05 tokens there and turned off)
+    speed, _, gate = _run_at_batch_64(0.75, 4, plain_s=0.0057, verify_s=0.0171)
+    assert gate.is_on and speed > 1.25
 
 
 def test_partial_probes_turn_speculation_back_on_when_acceptance_returns():

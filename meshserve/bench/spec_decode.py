@@ -167,11 +167,11 @@ def run_replay(ns) -> list[dict]:
     from meshserve.spec_decode.replay_proposer import ReplayOracle, ReplayProposer
 
     params = SamplingParams(temperature=0, max_tokens=ns.max_tokens, ignore_eos=True)
-    prompts = [{"prompt_token_ids": w1_prompt()} for _ in range(ns.batch_size)]
-    # distinct prompts per row (the replay is keyed by prompt)
-    for i, p in enumerate(prompts):
-        p["prompt_token_ids"] = [i + 1] + p["prompt_token_ids"][1:]
     base = LLM(**_engine_kwargs(ns))
+    # W1's ids are < 10001: a tiny test model wraps them; distinct prompts per row (the replay is keyed by prompt)
+    vocab = base.engine.config.model_config.vocab_size
+    ids = [t % vocab for t in w1_prompt()[1:]]
+    prompts = [{"prompt_token_ids": [i + 1, *ids]} for i in range(ns.batch_size)]
     base.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     ref, ref_dt = _timed_generate(base, prompts, params)
     base.shutdown()

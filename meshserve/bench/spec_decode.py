@@ -168,7 +168,7 @@ def run_replay(ns) -> list[dict]:
 
     params = SamplingParams(temperature=0, max_tokens=ns.max_tokens, ignore_eos=True)
     base = LLM(**_engine_kwargs(ns))
-    # W1's ids are < 10001: a tiny test model wraps them; distinct prompts per row (the replay is keyed by prompt)
+    # W1's ids are < 10001: a tiny test model wraps them; a distinct prompt per row (the replay's key)
     vocab = base.engine.config.model_config.vocab_size
     ids = [t % vocab for t in w1_prompt()[1:]]
     prompts = [{"prompt_token_ids": [i + 1, *ids]} for i in range(ns.batch_size)]

@@ -75,11 +75,11 @@ def token_buckets(max_tokens: int, max_num_batched_tokens: int) -> list[int]:
     return sizes
 
 
-# MESHSERVE_SPEC_VERIFY_BUCKET=1: one more bucket of exactly k + 1 tokens (speculative decoding, k + 1 < 16), so a
-# batch-1 verify step replays a graph of its own size instead of the 16-token one (k = 4: 5 rows through every
-# linear and 5 sequence slots instead of 16 of each). Off by default until the H200 shows it pays: cuBLAS
-# took 3.77 vs 3.84 ms for the 8B's linears at 5 vs 16 rows (issue 22), and the odd size compiles its own
-# Triton variants at capture.
+# MESHSERVE_SPEC_VERIFY_BUCKET=1: one more bucket of exactly k + 1 tokens (speculative decoding, k + 1 < 16),
+# so a batch-1 verify step replays a graph of its own size instead of the 16-token one (k = 4: 5 rows through
+# every linear and 5 sequence slots instead of 16 of each). Off by default until the H200 shows it pays:
+# cuBLAS took 3.77 vs 3.84 ms for the 8B's linears at 5 vs 16 rows (issue 22), and the odd size compiles its
+# own Triton variants at capture.
 SPEC_VERIFY_BUCKET_ENV = "MESHSERVE_SPEC_VERIFY_BUCKET"
 
 

@@ -112,7 +112,8 @@ class SpeculationGate:
 
     def decide(self, batch: int, context_tokens: int) -> bool:
         """This step's decision: pays(), and while off, a probe after _probe_interval steps (doubling while
-        probes find it still off); while on, a plain step when this batch's plain time is unmeasured or stale."""
+        probes find it still off); while on, a plain step when this batch's plain time is unmeasured or
+        stale."""
         self.num_steps += 1
         self.last_batch = batch
         self.is_on = self.pays(batch, context_tokens)

@@ -57,9 +57,9 @@ def test_forced_replay_at_batch_4_is_identical_and_reports_the_gate(tmp_path):
     parser = argparse.ArgumentParser()
     add_spec_parser(parser.add_subparsers())
     out = tmp_path / "out.json"
-    ns = parser.parse_args(["spec", "--model", target, "--dtype", "float32", "--replay", "0.5,1", "--replay-k", "3",
-                            "--replay-forced", "--batch-size", "4", "--max-tokens", "24", "--max-model-len", "256",
-                            "--output-json", str(out)])
+    ns = parser.parse_args(["spec", "--model", target, "--dtype", "float32", "--replay", "0.5,1",
+                            "--replay-k", "3", "--replay-forced", "--batch-size", "4", "--max-tokens", "24",
+                            "--max-model-len", "256", "--output-json", str(out)])
     assert ns.func(ns) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["token_right_p"] for r in rows] == [0.5, 1.0]

@@ -180,7 +180,8 @@ def test_batch_1_verify_steps_replay_the_k_plus_1_bucket(tiny_model_dir, monkeyp
     llm = _llm(model, speculative_config=NGRAM)
     runner, core = llm.engine.runner, llm.engine.core
     core.speculator.gate.step_model = None
-    core.speculator.proposer = ReplayProposer({tuple(prompts[0]["prompt_token_ids"]): expected[0]}, 3, 0.2, VOCAB)
+    refs = {tuple(prompts[0]["prompt_token_ids"]): expected[0]}
+    core.speculator.proposer = ReplayProposer(refs, 3, 0.2, VOCAB)
     routes = _Routes(runner)
     try:
         assert routes.mixed.buckets[:2] == [4, 16]

@@ -2,8 +2,9 @@
 
 A verify step scores k + 1 positions per sequence: nearly free while the batch is memory-bound, up to k + 1
 times the work once it is compute-bound. The acceptance a is the share of proposed tokens accepted (what
-observe() averages, as the stats' acceptance rate), so a verify row of k proposals yields 1 + a k tokens on
-average (its accepted run plus the target's own token: the stats' mean accepted length), and speculation pays
+observe() averages, as the stats' acceptance rate), so a verify row of p proposals (a running mean: an n-gram
+match may propose fewer than k) yields 1 + a p tokens on average (its accepted run plus the target's own
+token: the stats' mean accepted length), and speculation pays
 when that many tokens per verify step's time beat one token per plain step's. (The geometric
 (1 - a^(k+1)) / (1 - a) holds for a per-position acceptance probability, not for this share: fed the share it
 gave 1.36 tokens at the H200's batch-64 share 0.26 with k = 4, where the rows made 2.05, and turned
@@ -37,8 +38,9 @@ PARTIAL_PROBE_BATCH = 16
 PROBE_STRIDE = 8
 
 
-def expected_tokens(acceptance: float, k: int) -> float:
-    """Mean tokens a verify row of k proposals yields when this share of proposed tokens is accepted."""
+def expected_tokens(acceptance: float, k: float) -> float:
+    """Mean tokens a verify row of k proposals (a mean, for rows of varying length) yields when this share of
+    proposed tokens is accepted."""
     return 1.0 + min(max(acceptance, 0.0), 1.0) * k
 
 
@@ -56,6 +58,7 @@ class SpeculationGate:
         self.num_probes = 0  # steps that speculated while off
         self.decay = decay
         self.acceptance = 1.0  # optimistic until measured
+        self.proposed = float(k)  # running mean of proposals per verify row (an n-gram match may give fewer)
         self.num_drafts = 0
         self._steps_off = 0
         self.is_on = True
@@ -73,6 +76,7 @@ class SpeculationGate:
         rate = num_accepted / num_proposed
         w = 1.0 / self.num_drafts if self.num_drafts < 1.0 / (1.0 - self.decay) else 1.0 - self.decay
         self.acceptance += w * (rate - self.acceptance)
+        self.proposed += w * (num_proposed - self.proposed)
 
     def observe_step(self, batch: int, verify: bool, device_time_s: float) -> None:
         """One measured decode step over `batch` sequences (no prefill in it): with proposals or without."""
@@ -85,7 +89,7 @@ class SpeculationGate:
         keeps speculation on whatever it costs)."""
         if self.step_model is None or self.num_drafts < WARMUP_DRAFTS or batch == 0:
             return True
-        gain = expected_tokens(self.acceptance, self.k)
+        gain = expected_tokens(self.acceptance, self.proposed)
         measured = self.measured.times(batch)
         if measured is not None:
             plain, verify = measured
@@ -104,7 +108,7 @@ class SpeculationGate:
         floor = self.step_model.floor(StepShape(batch, batch, context_tokens))
         if verify is None or floor <= 0.0:
             return False
-        return expected_tokens(self.acceptance, self.k) / verify > (1.0 + self.margin) / floor
+        return expected_tokens(self.acceptance, self.proposed) / verify > (1.0 + self.margin) / floor
 
     def will_propose(self) -> bool:
         """A guess at the next decide() without changing state: on, or off with a probe due."""

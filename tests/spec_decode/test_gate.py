@@ -30,6 +30,19 @@ def test_expected_tokens():
     assert expected_tokens(1344 / 5120, 4) == pytest.approx((1344 + 1280) / 1280)
 
 
+def test_short_proposals_count_as_short():
+    # n-gram rows proposing 2 of k = 4, all accepted: 3 tokens a row, not 5
+    gate = SpeculationGate(4, MODEL)
+    for _ in range(WARMUP_DRAFTS * 4):
+        gate.observe(2, 2)
+    assert gate.acceptance == pytest.approx(1.0) and gate.proposed == pytest.approx(2.0)
+    gate.observe_step(64, True, 0.0171)
+    gate.observe_step(64, True, 0.0171)
+    gate.observe_step(64, False, 0.0057)
+    gate.observe_step(64, False, 0.0057)
+    assert not gate.pays(batch=64, context_tokens=64 * 300)  # 3 tokens at 3x a plain step's time
+
+
 def test_on_at_small_batch_with_good_acceptance_off_when_compute_bound_or_rejected():
     good = _gate(0.75)
     assert good.pays(batch=1, context_tokens=600)  # a verify step costs ~nothing more at batch 1

@@ -9,12 +9,20 @@
 #      M = 1/5/16 (a batch-1 verify step of k = 4 replays the 16-token mixed graph: its linears see 16 rows),
 #      the spec GPU tests with it on, then the batch-1 replay (PS, default 0.9,1; KS, default 4,8) with
 #      MESHSERVE_SKINNY_GEMV=0 and =1 back to back; SWEEP=5 also sweeps its tiles at 5 rows.
-# The b64 part's JSON rows carry the gate's decision (gate_on, gate_plain_probes, gate_step_s: its measured
-# plain and verify step seconds).
-# Each part stops starting past BUDGET seconds (default 540). JSON and logs: $OUT/spec.tgz; summary to stdout.
+#   6. PARTS words beside b1 b64 ngram: "tests" (the spec GPU tests, pytest -v); "b1bucket" (b1 again with
+#      MESHSERVE_SPEC_VERIFY_BUCKET=1: a k + 1 token mixed graph for the batch-1 verify step, the A/B);
+#      "profile" (batch 1, k = 4, P = 1 under MESHSERVE_PROFILE_DIR: a window of plain decode steps and one
+#      of verify steps, each through tools/trace_gaps.py: where the verify step's extra time goes).
+# The JSON rows carry the gate's decision (gate_on at the end, gate_probes: steps speculating while off,
+# gate_plain_probes, gate_step_s: its measured plain and verify step seconds at the run's batch,
+# gate_verify_s).
+# Each part stops starting past BUDGET seconds (default 540). JSON and logs: $OUT/spec.tgz and $OUT/*.log;
+# summary to stdout.
 # Usage (device, repo root, carry .whl):
 #   [MODEL=llama-3.1-8b] [PARTS="b1 b64 ngram"] [PS=0,...] [KS=2,4,8] [FORCED=1] [EAGLE=1] [SKINNY=1 [SWEEP=5]]
 #   bash tools/spec_device.sh
+# Issue 22's check of the gate, the oracle and the verify bucket in one call (~5-6 min):
+#   BUDGET=420 PARTS="tests b1 b1bucket b64 profile" PS=0.9,1 KS=4,8 bash tools/spec_device.sh
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 R=/tmp/spec; mkdir -p $R $OUT
@@ -53,8 +61,27 @@ if [ "${SKINNY:-0}" = 1 ]; then
   done
   unset MESHSERVE_SKINNY_GEMV
 fi
+if [[ $parts == *" tests "* ]]; then
+  timeout 200 python3 -m pytest -m gpu -v -p no:cacheprovider tests/gpu/test_gpu_spec_decode.py \
+    tests/gpu/test_gpu_spec_async.py > $R/spec_gpu_tests.log 2>&1
+  echo "== spec gpu tests rc $?: $(tail -1 $R/spec_gpu_tests.log)"; grep -E "^FAILED" $R/spec_gpu_tests.log | head -5
+fi
 [[ $parts == *" b1 "* ]] && part replay_b1 300 --replay "${PS:-0,0.3,0.5,0.6,0.7,0.8,0.9,1}" --replay-k "${KS:-2,4,8}" $forced
 [[ $parts == *" b64 "* ]] && part replay_b64 150 --replay "${PS64:-0.6,0.8,1}" --replay-k "${KS64:-2,4}" --batch-size 64 $forced
+if [[ $parts == *" b1bucket "* ]]; then
+  MESHSERVE_SPEC_VERIFY_BUCKET=1 part replay_b1_bucket 200 --replay "${PS:-0.9,1}" --replay-k "${KS:-4,8}" $forced
+fi
+if [[ $parts == *" profile "* ]]; then  # window: steps 25-36 of each engine (plain decode, then verify steps)
+  rm -rf $R/prof
+  MESHSERVE_PROFILE_DIR=$R/prof MESHSERVE_PROFILE_SKIP=24 MESHSERVE_PROFILE_STEPS=12 \
+    part profile_b1 150 --replay 1 --replay-k 4 $forced
+  for f in $R/prof/rank0*.json; do
+    [ -f "$f" ] || continue
+    timeout 60 python3 tools/trace_gaps.py "$f" --top 12 > "${f%.json}.gaps" 2>&1
+    echo "== trace gaps $(basename "$f") ($(head -1 "${f%.json}.txt"))"; head -30 "${f%.json}.gaps"
+    rm -f "$f"  # large; the .txt and .gaps stay
+  done
+fi
 [[ $parts == *" ngram "* ]] && part ngram_w1 120 --w1 --k 2,4 \
   --speculative-config '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}'
 if [ "${EAGLE:-0}" = 1 ] && [ "$(left)" -gt 60 ]; then
@@ -62,3 +89,4 @@ if [ "${EAGLE:-0}" = 1 ] && [ "$(left)" -gt 60 ]; then
   echo "== eagle3 gpu tests rc $?: $(tail -1 $R/eagle3_tests.log)"; grep -E "^FAILED" $R/eagle3_tests.log | head -5
 fi
 tar czf $OUT/spec.tgz -C /tmp spec
+cp $R/*.log $OUT/ 2> /dev/null

@@ -66,14 +66,19 @@ WORKLOADS = {
 }
 
 
-def _spec_stats(llm) -> dict:
+def _spec_stats(llm, batch: int) -> dict:
     s, gate = llm.engine.core.speculator.stats, llm.engine.core.speculator.gate
-    measured = gate.measured.times(gate.last_batch) if gate.last_batch else None
+    # at the run's batch (the gate's last decision came as the last sequences finished: another bucket)
+    measured = gate.measured.times(batch)
+    verify_s = gate.measured.verify_seconds(batch)
     return {
-        "gate_on": gate.is_on,
+        "gate_on": gate.is_on,  # at the end of the run (its last, smallest batches)
+        "gate_probes": gate.num_probes,  # steps that speculated while the gate was off
         "gate_plain_probes": gate.num_plain_probes,
         # the gate's measured (plain, verify) step seconds at the run's batch, when it measured both
         "gate_step_s": [round(t, 5) for t in measured] if measured else None,
+        # the verify step's device time alone (batch 1 at high acceptance measures no plain step)
+        "gate_verify_s": round(verify_s, 5) if verify_s is not None else None,
         "acceptance_rate": round(s.acceptance_rate, 3),
         "mean_accepted_len": round(s.mean_acceptance_length, 2),
         "drafts": s.num_drafts,
@@ -150,7 +155,7 @@ def run_real_text(ns) -> list[dict]:
                 "spec_tok_s": round(len(out[0]) / dt, 1),
                 "speedup": round(ref_dt / dt * len(out[0]) / len(ref[0]), 2),
                 "identical": out == ref,
-                **_spec_stats(llm),
+                **_spec_stats(llm, 1),
             }
         )
     llm.shutdown()
@@ -162,11 +167,11 @@ def run_replay(ns) -> list[dict]:
     from meshserve.spec_decode.replay_proposer import ReplayOracle, ReplayProposer
 
     params = SamplingParams(temperature=0, max_tokens=ns.max_tokens, ignore_eos=True)
-    prompts = [{"prompt_token_ids": w1_prompt()} for _ in range(ns.batch_size)]
-    # distinct prompts per row (the replay is keyed by prompt)
-    for i, p in enumerate(prompts):
-        p["prompt_token_ids"] = [i + 1] + p["prompt_token_ids"][1:]
     base = LLM(**_engine_kwargs(ns))
+    # W1's ids are < 10001: a tiny test model wraps them; a distinct prompt per row (the replay's key)
+    vocab = base.engine.config.model_config.vocab_size
+    ids = [t % vocab for t in w1_prompt()[1:]]
+    prompts = [{"prompt_token_ids": [i + 1, *ids]} for i in range(ns.batch_size)]
     base.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     ref, ref_dt = _timed_generate(base, prompts, params)
     base.shutdown()
@@ -181,7 +186,9 @@ def run_replay(ns) -> list[dict]:
             llm.engine.core.speculator.proposer = proposer
             if ns.replay_forced:
                 runner = llm.engine.core.executor.runner
-                runner.sampling.greedy_oracle = ReplayOracle(proposer, runner.device)
+                requests = llm.engine.core.requests
+                runner.sampling.greedy_oracle = ReplayOracle(
+                    proposer, runner.device, prompt_of=lambda seq_id: requests[seq_id].prompt_token_ids)
             _fresh_stats(llm)
             out, dt = _timed_generate(llm, prompts, params)
             n = sum(len(o) for o in out)
@@ -194,7 +201,7 @@ def run_replay(ns) -> list[dict]:
                     "spec_tok_s": round(n / dt, 1),
                     "speedup": round(ref_dt / dt, 2),
                     "identical": out == ref,
-                    **_spec_stats(llm),
+                    **_spec_stats(llm, ns.batch_size),
                 }
             )
         llm.shutdown()
@@ -258,7 +265,7 @@ def run_w1(ns) -> list[dict]:
                 "speedup": round(ref_dt / dt * n / max(1, n_ref), 3),
                 "identical": out == ref,
                 "draft_ms": round(1e3 * draft["s"] / draft["calls"], 3) if draft["calls"] else None,
-                **_spec_stats(llm),
+                **_spec_stats(llm, ns.batch_size),
             }
         )
         llm.shutdown()

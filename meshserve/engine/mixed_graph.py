@@ -39,6 +39,7 @@ draft model's forwards (spec_decode/draft_model.py) still run eagerly.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -72,6 +73,24 @@ def token_buckets(max_tokens: int, max_num_batched_tokens: int) -> list[int]:
         t += max(MIN_BUCKET, (1 << (t.bit_length() - 1)) // 8)
     sizes.append(cap)
     return sizes
+
+
+# MESHSERVE_SPEC_VERIFY_BUCKET=1: one more bucket of exactly k + 1 tokens (speculative decoding, k + 1 < 16),
+# so a batch-1 verify step replays a graph of its own size instead of the 16-token one (k = 4: 5 rows through
+# every linear and 5 sequence slots instead of 16 of each). Off by default until the H200 shows it pays:
+# cuBLAS took 3.77 vs 3.84 ms for the 8B's linears at 5 vs 16 rows (issue 22), and the odd size compiles its
+# own Triton variants at capture.
+SPEC_VERIFY_BUCKET_ENV = "MESHSERVE_SPEC_VERIFY_BUCKET"
+
+
+def verify_bucket(num_speculative_tokens: int | None, buckets: list[int]) -> list[int]:
+    """The buckets with the batch-1 verify step's own size added in front, when the switch is on and it is
+    smaller than the smallest (else the buckets as they are)."""
+    tokens = (num_speculative_tokens or 0) + 1
+    if (os.environ.get(SPEC_VERIFY_BUCKET_ENV, "0") != "1" or num_speculative_tokens is None or not buckets
+            or tokens >= buckets[0]):
+        return buckets
+    return [tokens, *buckets]
 
 
 def mixed_graphs_unsupported(config: EngineConfig, attention_backend: str) -> str | None:

@@ -35,6 +35,7 @@ from meshserve.engine.mixed_graph import (
     graph_pool_reserve_bytes,
     mixed_graphs_unsupported,
     token_buckets,
+    verify_bucket,
 )
 from meshserve.engine.pipeline_stage import StageIO, TokenHandoff, handoff_lag
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, StepTimer, TokenLogprobs
@@ -303,6 +304,8 @@ class ModelRunner:
         sc = self.config.scheduler_config
         unsupported = mixed_graphs_unsupported(self.config, self.kernels.attention_backend) if replay else None
         buckets = token_buckets(self.config.max_cudagraph_tokens, sc.max_num_batched_tokens)
+        spec = self.config.speculative_config
+        buckets = verify_bucket(spec.num_speculative_tokens if spec is not None else None, buckets)
         if unsupported is not None or not buckets:
             logger.info("mixed prefill + decode steps run eagerly: %s", unsupported or "no bucket")
             return None

@@ -3,7 +3,8 @@ time goes (host gaps, kernels, collectives waiting on a late rank).
 
 Off unless the variable names a directory. Each rank skips MESHSERVE_PROFILE_SKIP steps (default 64: past
 warm-up and prefill), records MESHSERVE_PROFILE_STEPS steps (default 16), then writes
-rank{R}.json (a Chrome/Perfetto trace) and rank{R}.txt (the top operators by device and host time).
+rank{R}.json (a Chrome/Perfetto trace) and rank{R}.txt (the top operators by device and host time); a later
+engine in the same process writes rank{R}-2.json, and so on.
 While it is on, the engine core marks its phases (phase(): schedule, launch, drain, outputs) so that
 tools/trace_gaps.py can say which of them the GPU waited for.
 """
@@ -60,9 +61,15 @@ class StepProfiler:
             torch.cuda.synchronize()
         prof.__exit__(None, None, None)
         self.dir.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(self.dir / f"rank{self.rank}.json"))
+        # a later engine in the same process and folder (a bench's plain run, then its speculative one)
+        # writes beside the earlier window: rank0-2.json, ...
+        stem, n = f"rank{self.rank}", 1
+        while (self.dir / f"{stem}.json").exists():
+            n += 1
+            stem = f"rank{self.rank}-{n}"
+        prof.export_chrome_trace(str(self.dir / f"{stem}.json"))
         table = prof.key_averages().table(sort_by="self_device_time_total" if torch.cuda.is_available()
                                           else "self_cpu_time_total", row_limit=40)
-        (self.dir / f"rank{self.rank}.txt").write_text(f"{self.steps} steps after {self.skip}\n{table}\n")
+        (self.dir / f"{stem}.txt").write_text(f"{self.steps} steps after {self.skip}\n{table}\n")
         logger.info("step profile of rank %d written to %s", self.rank, self.dir)
         self.dir = None  # one window per process

@@ -11,7 +11,7 @@ from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, to_
 from meshserve.engine.scheduler_output import ScheduledSequence, sampling_indices
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs
-from meshserve.spec_decode.rejection_sampler import to_device, verify_on_device
+from meshserve.spec_decode.rejection_sampler import to_device, verify_host_rows, verify_on_device
 from meshserve.structured.bitmask import apply_bitmask
 
 
@@ -70,8 +70,10 @@ class StepSampler:
         # the next step's row of that sequence was placed as if all were accepted and moves back by these
         self.last_rejected: torch.Tensor | None = None
         # benchmarks only (`bench spec --replay`): (verify entries, their sequence lengths on the device) ->
-        # [B, K + 1] ids the target is taken to pick greedily, replacing the argmax in verification, so the
-        # acceptance is the one asked for whatever bf16 near-ties do (spec_decode/replay_proposer.py)
+        # [B, K + 1] ids the target is taken to pick greedily, replacing the argmax in verification and in
+        # plain greedy rows alike (so a run's tokens are the references' whichever steps verified: bf16 rounds
+        # a verify step's GEMMs and the KV it writes unlike a decode step's), so the acceptance is the one
+        # asked for whatever bf16 near-ties do (spec_decode/replay_proposer.py)
         self.greedy_oracle = None
 
     def forget(self, seq_ids: list[str]) -> None:
@@ -135,26 +137,41 @@ class StepSampler:
                   for s in rows]
         token_ids, sampled = sample_rows(self.sampler, logits, rows, banned, self._generator, self.vocab_size,
                                          self.device, grammar_bitmask)
+        if self.greedy_oracle is not None and sampled is None:  # all greedy: the oracle picks, as in verify
+            seq_lens = (meta.seq_lens[: len(rows)] if len(sample_idx) == len(scheduled)
+                        else meta.seq_lens.index_select(0, to_device(sample_idx, self.device)))
+            token_ids = self.greedy_oracle(rows, seq_lens)[:, 0]
         return self._pending(result, rows, token_ids, parity, sampled, spec)
 
     def _verify(self, spec_idx: list[int], scheduled: list[ScheduledSequence], hidden: torch.Tensor,
                 qsl: list[int], samples: bool, meta: AttentionMetadata):
         """Score every position of the verifying sequences (last verified token and each proposal) and,
         on the sampler rank, verify their proposals (spec_decode/rejection_sampler.py) on the device.
-        Returns (entries, [B, 2 + K] rows of accepted count, own token, proposals), or None elsewhere."""
-        rows = to_device([r for i in spec_idx for r in range(qsl[i + 1] - 1 - scheduled[i].num_spec_tokens,
-                                                             qsl[i + 1])], self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
-        if not samples:
-            return None
+        Returns (entries, [B, 2 + K] rows of accepted count, own token, proposals, each row's proposal count
+        on the device), or None elsewhere."""
         entries = [scheduled[i] for i in spec_idx]
         drafts = [s.token_ids[len(s.token_ids) - s.num_spec_tokens:] for s in entries]
+        params = [s.params for s in entries]
+        # one copy from the host: the verify rows (verify_host_rows), the logits rows, the oracle's step rows
+        host_rows = verify_host_rows(drafts, params)
+        width = len(host_rows[0])
+        logit_rows = [r for i in spec_idx
+                      for r in range(qsl[i + 1] - 1 - scheduled[i].num_spec_tokens, qsl[i + 1])]
+        flat = [x for row in host_rows for x in row] + logit_rows
+        if self.greedy_oracle is not None:
+            flat += spec_idx
+        flat_d = to_device(flat, self.device)
+        n, r = len(entries) * width, len(logit_rows)
+        rows_d = flat_d[:n].view(len(entries), width)
+        logits = self.model.compute_logits(hidden.index_select(0, flat_d[n : n + r]))
+        if not samples:
+            return None
         oracle = None
         if self.greedy_oracle is not None:
-            oracle = self.greedy_oracle(entries, meta.seq_lens.index_select(0, to_device(spec_idx, self.device)))
-        packed = verify_on_device(logits, drafts, [s.params for s in entries],
-                                  [self._generator(s) for s in entries], greedy_tokens=oracle)
-        return entries, packed
+            oracle = self.greedy_oracle(entries, meta.seq_lens.index_select(0, flat_d[n + r :]))
+        packed = verify_on_device(logits, drafts, params, [self._generator(s) for s in entries],
+                                  greedy_tokens=oracle, host_rows=rows_d)
+        return entries, packed, rows_d[:, 0]
 
     def _pending(self, result: ModelRunnerOutput, rows: list[ScheduledSequence], token_ids: torch.Tensor | None,
                  parity: int, sampled=None, spec=None) -> PendingOutput:
@@ -191,10 +208,10 @@ class StepSampler:
         if spec is None:
             self.last_sampled, self.last_rejected = token_ids, None
             return
-        entries, packed = spec
+        entries, packed, num_proposed = spec
         base = len(rows)
         self.last_rows.update((e.seq_id, base + j) for j, e in enumerate(entries))
-        rejected = to_device([e.num_spec_tokens for e in entries], self.device) - packed[:, 0]
+        rejected = num_proposed - packed[:, 0]
         if token_ids is None:
             self.last_sampled, self.last_rejected = packed[:, 1], rejected
             return

@@ -73,3 +73,8 @@ class MeasuredSteps:
             return False
         plain = self.plain.get(b)
         return plain is None or not plain.ready or step - plain.last_step > refresh_steps
+
+    def wants_verify(self, batch: int, step: int, refresh_steps: int) -> bool:
+        """Whether this batch's verify step time is missing or older than refresh_steps."""
+        verify = self.verify.get(batch_bucket(batch))
+        return verify is None or not verify.ready or step - verify.last_step > refresh_steps

@@ -80,6 +80,18 @@ def verify_result(packed: list[list[int]]) -> VerifyResult:
     return VerifyResult(tokens, [row[0] for row in packed])
 
 
+def verify_host_rows(draft_token_ids: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+    """What verify_on_device needs from the host, one row per sequence: (k_b, its first logits row, greedy,
+    proposals padded to K) ([B, 3 + K]); a caller with other small arrays to upload packs them in one copy."""
+    ks = [len(d) for d in draft_token_ids]
+    kmax = max(ks)
+    offsets = [0]
+    for k in ks[:-1]:
+        offsets.append(offsets[-1] + k + 1)
+    return [[k, off, int(p.greedy), *d, *[0] * (kmax - k)]
+            for k, off, p, d in zip(ks, offsets, params, draft_token_ids, strict=True)]
+
+
 def verify_on_device(
     logits: torch.Tensor,
     draft_token_ids: list[list[int]],
@@ -87,23 +99,21 @@ def verify_on_device(
     generators: list[torch.Generator | None],
     draft_probs: torch.Tensor | None = None,
     greedy_tokens: torch.Tensor | None = None,
+    host_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """verify() without reading anything back: [B, 2 + K] int64 rows of (accepted count, the target's own
     token, the proposals), for an asynchronous copy to the host (verify_result reads it). greedy_tokens
     ([B, K + 1], benchmarks only: spec_decode/replay_proposer.py's oracle) replaces the argmax after it is
-    computed, so the work stays that of a real step."""
+    computed, so the work stays that of a real step. host_rows: verify_host_rows' rows already on the device
+    (uploaded with the caller's own), else copied here."""
     num_seqs = len(draft_token_ids)
     dev = logits.device
     ks = [len(d) for d in draft_token_ids]
     kmax = max(ks)
     width = kmax + 1
-    # [B, K+1] row index into logits, padding rows repeat the sequence's last row
-    offsets = [0]
-    for k in ks[:-1]:
-        offsets.append(offsets[-1] + k + 1)
+    # [B, K+1] row index into logits, padding rows repeat the sequence's last row.
     # one host-to-device copy per step: [B, 3 + K] rows of (k_b, first logits row, greedy, proposals padded)
-    packed = to_device([[k, off, int(p.greedy), *d, *[0] * (kmax - k)]
-                        for k, off, p, d in zip(ks, offsets, params, draft_token_ids, strict=True)], dev)
+    packed = host_rows if host_rows is not None else to_device(verify_host_rows(draft_token_ids, params), dev)
     k_t, draft, greedy = packed[:, 0], packed[:, 3:], packed[:, 2].bool()
     cols = torch.arange(width, device=dev)
     rows = packed[:, 1:2] + torch.minimum(cols.unsqueeze(0), k_t.unsqueeze(1))

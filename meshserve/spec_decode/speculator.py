@@ -84,16 +84,20 @@ class Speculator:
         decode_only = bool(sched_out.scheduled) and all(
             e.num_new_tokens == 1 + e.num_spec_tokens and e.num_computed_tokens >= e.num_prompt_tokens
             for e in sched_out.scheduled)
-        if decode_only:  # the gate compares measured verify and plain steps (a prefill chunk would blur them)
-            self.gate.observe_step(len(sched_out.scheduled), any(e.num_spec_tokens for e in sched_out.scheduled),
-                                   runner_out.device_time_s)
+        num_verifying = sum(1 for e in sched_out.scheduled if e.num_spec_tokens)
+        # the gate compares measured verify and plain steps: a prefill chunk, or a step where only some rows
+        # verify (a partial probe), would blur them
+        if decode_only and num_verifying in (0, len(sched_out.scheduled)):
+            self.gate.observe_step(len(sched_out.scheduled), num_verifying > 0, runner_out.device_time_s)
         limit = self.config.disable_by_batch_size
         paused = limit is not None and num_running > limit
         # the gate learns from traffic, so it spares seeded requests: a seed gives the same tokens each time
         # (speculative and plain sampling draw their random numbers differently)
         gated = not paused and bool(updated) and not self.gate.decide(num_running,
                                                                       sum(seq.num_tokens for seq in updated))
-        for seq in updated:
+        # a probe while off at a large batch: one sequence in `stride` proposes (rotating), enough to measure
+        stride = self.gate.probe_stride(num_running) if not gated and not paused and updated else 1
+        for i, seq in enumerate(updated):
             # a sequence with a step in flight (async scheduling) has its next inputs placed already: its
             # proposals skip that step's tokens (propose_ahead), or it gets none
             pending = seq.num_pending_tokens
@@ -101,7 +105,7 @@ class Speculator:
             skip = self._skip(seq, runner_out) if pending else 0
             seq.spec_assumed_accepted = skip - 1
             if (seq.is_finished or paused or (pending and not self.propose_ahead) or not speculation_allowed(seq)
-                    or (gated and seq.params.seed is None)):
+                    or ((gated or (i + self.gate.num_probes) % stride) and seq.params.seed is None)):
                 seq.spec_token_ids = []
             elif self.proposer is not None:
                 seq.spec_token_ids = self.proposer.propose_for(seq, skip)

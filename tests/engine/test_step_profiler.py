@@ -13,6 +13,11 @@ def test_profiler_writes_one_window_per_rank(tmp_path, monkeypatch):
     assert (tmp_path / "rank1.json").stat().st_size > 0
     text = (tmp_path / "rank1.txt").read_text()
     assert text.startswith("3 steps after 2") and "aten::mm" in text
+    second = StepProfiler(rank=1, directory=str(tmp_path))  # a later engine in the same process and folder
+    for _ in range(8):
+        second.step()
+    assert (tmp_path / "rank1-2.json").stat().st_size > 0 and (tmp_path / "rank1-2.txt").exists()
+    assert (tmp_path / "rank1.txt").read_text() == text  # the first window is kept
 
 
 def test_profiler_is_off_without_a_directory(monkeypatch):

@@ -129,3 +129,33 @@ def test_gpu_verify_steps_replay_mixed_graphs_fp32(tiny_model_dir, monkeypatch):
     eager, replayed = counts
     assert eager["verify"] >= 5 and eager["graph"] == 0
     assert replayed["verify"] >= 5 and replayed["graph"] == replayed["verify"]  # every verify step replayed
+
+
+def test_gpu_batch_1_verify_bucket_fp32(tiny_model_dir, monkeypatch):
+    """MESHSERVE_SPEC_VERIFY_BUCKET=1: one sequence's verify steps replay the k + 1 token graph, with the
+    greedy tokens of decoding without speculation (fp32)."""
+    from meshserve import SamplingParams
+    from meshserve.engine.mixed_graph import SPEC_VERIFY_BUCKET_ENV
+    from meshserve.spec_decode.replay_proposer import ReplayProposer
+    from tests.conftest import VOCAB
+
+    rng = random.Random(1)
+    prompt = {"prompt_token_ids": [rng.randrange(3, 40) for _ in range(30)]}
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    model = tiny_model_dir("llama")
+    ref = _tiny(model, 1024, monkeypatch)
+    expected = ref.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    ref.shutdown()
+    monkeypatch.setenv(SPEC_VERIFY_BUCKET_ENV, "1")
+    llm = _tiny(model, 1024, monkeypatch, speculative_config=NGRAM)
+    core, runner = llm.engine.core, llm.engine.runner
+    k = core.speculator.gate.k
+    core.speculator.gate.step_model = None
+    refs = {tuple(prompt["prompt_token_ids"]): list(expected)}
+    core.speculator.proposer = ReplayProposer(refs, k, 0.2, VOCAB)
+    assert runner.mixed_graphs.buckets[0] == k + 1
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    runs = dict(runner.mixed_graphs.runs)
+    llm.shutdown()
+    assert list(out) == list(expected)
+    assert runs.get(k + 1, 0) >= 5

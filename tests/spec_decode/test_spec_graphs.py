@@ -155,3 +155,38 @@ def test_draft_model_verify_steps_take_padded_mixed_graphs(tiny_model_dir, expec
     assert routes.count("mixed", True) == routes.verify_steps and routes.count("decode", True) == 0
     assert llm.engine.core.speculator.stats.acceptance_rate > 0.9
     llm.shutdown()
+
+
+def test_verify_bucket_switch_adds_a_k_plus_1_bucket(monkeypatch):
+    from meshserve.engine.mixed_graph import SPEC_VERIFY_BUCKET_ENV, verify_bucket
+
+    assert verify_bucket(4, [16, 32]) == [16, 32]  # off by default
+    monkeypatch.setenv(SPEC_VERIFY_BUCKET_ENV, "1")
+    assert verify_bucket(4, [16, 32]) == [5, 16, 32]
+    assert verify_bucket(None, [16, 32]) == [16, 32] and verify_bucket(15, [16, 32]) == [16, 32]
+
+
+def test_batch_1_verify_steps_replay_the_k_plus_1_bucket(tiny_model_dir, monkeypatch):
+    """MESHSERVE_SPEC_VERIFY_BUCKET=1: one sequence's verify steps (k + 1 = 4 tokens) take the 4-token bucket
+    of the padded buffers, not the 16-token one, and the greedy tokens stay those without speculation."""
+    from meshserve.engine.mixed_graph import SPEC_VERIFY_BUCKET_ENV
+
+    model = tiny_model_dir("llama")
+    prompts = _prompts()[:1]
+    plain = _llm(model)
+    expected = _greedy(plain, prompts)
+    plain.shutdown()
+    monkeypatch.setenv(SPEC_VERIFY_BUCKET_ENV, "1")
+    llm = _llm(model, speculative_config=NGRAM)
+    runner, core = llm.engine.runner, llm.engine.core
+    core.speculator.gate.step_model = None
+    refs = {tuple(prompts[0]["prompt_token_ids"]): expected[0]}
+    core.speculator.proposer = ReplayProposer(refs, 3, 0.2, VOCAB)
+    routes = _Routes(runner)
+    try:
+        assert routes.mixed.buckets[:2] == [4, 16]
+        assert _greedy(llm, prompts) == expected
+    finally:
+        runner.graphs = runner.mixed_graphs = None
+    assert routes.verify_steps >= 5 and routes.mixed.runs[4] == routes.verify_steps
+    llm.shutdown()

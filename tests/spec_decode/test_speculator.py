@@ -28,7 +28,7 @@ def test_no_proposals_while_the_gate_is_off_except_probes_and_seeded():
     spec.proposer.propose_for = lambda seq, skip=0: calls.append(seq.seq_id) or propose_for(seq, skip)
     plain, seeded = _seq("plain"), _seq("seeded", seed=7)
     probes = []
-    for step in range(1, 2 * spec.gate.probe_every + 1):
+    for step in range(1, 3 * spec.gate.probe_every + 1):
         for seq in (plain, seeded):
             seq.output_token_ids.append([2, 3, 4, 1][step % 4])
         calls.clear()
@@ -40,4 +40,5 @@ def test_no_proposals_while_the_gate_is_off_except_probes_and_seeded():
             assert plain.spec_token_ids == expected and expected  # the index caught up with 15 steps' tokens
         else:
             assert plain.spec_token_ids == []
-    assert probes == [spec.gate.probe_every, 2 * spec.gate.probe_every]
+    # the second probe twice as far from the first (the first found speculation still does not pay)
+    assert probes == [spec.gate.probe_every, 3 * spec.gate.probe_every]

@@ -433,8 +433,9 @@ class EngineCore:
         self._in_flight = None
         return self._process(sched_out, pending.result(), shape)
 
-    def _observe_step(self, shape: StepShape, runner_out: ModelRunnerOutput) -> None:
-        """Feed the measured step to the step-time model (and the trace, when asked for)."""
+    def _observe_step(self, shape: StepShape, runner_out: ModelRunnerOutput, masked_rows: int = 0) -> None:
+        """Feed the measured step to the step-time model (and the trace, when asked for: with the host's wait
+        for the step, ~0 when the host is the slower side, and the rows under a grammar mask)."""
         if shape.num_tokens == 0 or runner_out.device_time_s <= 0:
             return
         predicted = self.step_model.predict(shape)
@@ -443,7 +444,8 @@ class EngineCore:
             self._trace.write(json.dumps({
                 "t": round(time.monotonic(), 6), "tokens": shape.num_tokens, "seqs": shape.num_seqs,
                 "context": shape.context_tokens, "predicted_s": round(predicted, 6),
-                "actual_s": round(runner_out.device_time_s, 6), "running": self.scheduler.num_running,
+                "actual_s": round(runner_out.device_time_s, 6), "wait_s": round(runner_out.host_wait_s, 6),
+                "masked_rows": masked_rows, "running": self.scheduler.num_running,
                 "waiting": self.scheduler.num_waiting}) + "\n")
 
     def _outputs(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
@@ -453,7 +455,8 @@ class EngineCore:
 
     def _process(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput,
                  shape: StepShape) -> list[EngineCoreOutput]:
-        self._observe_step(shape, runner_out)
+        masks = sched_out.grammar_bitmask
+        self._observe_step(shape, runner_out, 0 if masks is None else int(masks.shape[0]))
         if runner_out.wall_s:
             self.pp_busy_s += runner_out.busy_s
             self.pp_wall_s += runner_out.wall_s

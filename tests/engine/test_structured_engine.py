@@ -308,3 +308,15 @@ def test_tensor_parallel_late_masks_on_the_device_change_no_token(path):
     for out in (async_[0], async_[2]):
         for c in out.outputs:
             jsonschema.validate(json.loads(c.text), SCHEMA)
+
+
+def test_step_trace_marks_the_masked_steps_and_the_hosts_wait(path, tmp_path):
+    """The step trace (tools/step_trace_phases.py reads it) says which steps ran under grammar masks and how
+    long the host waited for each step (0 on a CPU: its steps are done when launched)."""
+    trace = tmp_path / "steps.jsonl"
+    _run(path, True, step_trace=str(trace))
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert rows and all("wait_s" in r and r["wait_s"] >= 0 for r in rows)
+    masked = [r for r in rows if r["masked_rows"]]
+    assert masked
+    assert all(r["masked_rows"] <= r["seqs"] for r in masked)

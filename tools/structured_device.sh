@@ -17,7 +17,9 @@
 # Env: MODEL_DIR (default .smodel/llama-3.1-8b-smol), CONC (1,64), NUM_PROMPTS (48,640: per point), OUTPUT_LEN (128),
 #      ENGINE_FLAGS (more serve flags), STEP_TRACE=1 (meshserve: a step trace of the runs, then per run and batch
 #      size the engine's step period, device time and host wait: tools/step_trace_phases.py says whether a
-#      slower constrained step is host time, device time, or neither (then it is lost after the engine))
+#      slower constrained step is host time, device time, or neither (then it is lost after the engine); and
+#      per run the CPU share of the server's busiest threads, tools/proc_cpu.py: a front end or core thread
+#      near 100% is the bottleneck)
 set -u -o pipefail
 engine=${1:?usage: tools/structured_device.sh meshserve|vllm}
 model=${MODEL_DIR:-.smodel/llama-3.1-8b-smol}; name=$(basename "$model")
@@ -65,10 +67,19 @@ echo "$engine ready after $(( $(date +%s) - t0 )) s"
 now() { python3 -c 'import time; print(time.monotonic())'; }  # the step trace's clock
 bench() {  # MODE [flags]: one bench serve run on the extraction prompts
   local mode=$1 start; shift; start=$(now)
+  local watcher=""
+  if [ -f $OUT/phases.txt ]; then  # the busiest threads each second (front end, engine core, bench client)
+    python3 tools/proc_cpu.py watch 0 1.0 > $OUT/cpu_$mode.txt & watcher=$!
+  fi
   PYTHONPATH=$client_path timeout 240 python3 -m meshserve.cli bench serve --base-url http://127.0.0.1:$port \
     --model "$name" --label $engine --endpoint chat --prompts-file $data/person_prompts.jsonl --no-ignore-eos \
     --no-progress "$@" 2>&1 | tee $OUT/bench_${engine}_$mode.txt | grep -vE "^\s*$"
-  [ -f $OUT/phases.txt ] && echo "$mode $start $(now)" >> $OUT/phases.txt
+  if [ -n "$watcher" ]; then
+    echo "$mode $start $(now)" >> $OUT/phases.txt
+    kill $watcher; wait $watcher 2> /dev/null
+    echo "$mode: CPU share of the busiest threads per second (tid in brackets; main: the process's own)"
+    cat $OUT/cpu_$mode.txt
+  fi
   return 0
 }
 # warm-up (first-request costs that are not the grammar's), then free, then with the schema

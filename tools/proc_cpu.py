@@ -65,7 +65,11 @@ def snapshot(root: int) -> dict:
     for pid in _children(root):
         proc = _stat(f"/proc/{pid}/stat")
         if proc is not None:
-            proc = (_label(pid, proc[0]), *proc[1:])
+            label = _label(pid, proc[0])
+            if "multiprocessing" in label:  # a spawned child (the engine core, a client process): say whose
+                parent = _stat(f"/proc/{proc[1]}/stat")
+                label = f"child of {_label(proc[1], parent[0]) if parent else proc[1]}"
+            proc = (label, *proc[1:])
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:

@@ -19,7 +19,10 @@
 #      size the engine's step period, device time and host wait: tools/step_trace_phases.py says whether a
 #      slower constrained step is host time, device time, or neither (then it is lost after the engine); and
 #      per run the CPU share of the server's busiest threads, tools/proc_cpu.py: a front end or core thread
-#      near 100% is the bottleneck)
+#      near 100% is the bottleneck), GRAMMAR_PROBE=no_matchers|no_masks (meshserve: MESHSERVE_GRAMMAR_PROBE,
+#      engine/grammar_probe.py: the schema run keeps the engine's grammar path without xgrammar's host work
+#      (no_matchers: all-ones masks still copied and applied; no_masks: no masks), answers unconstrained, so
+#      its "same length" row is the cost of what is left; the normal run minus it is xgrammar's host work)
 set -u -o pipefail
 engine=${1:?usage: tools/structured_device.sh meshserve|vllm}
 model=${MODEL_DIR:-.smodel/llama-3.1-8b-smol}; name=$(basename "$model")
@@ -39,6 +42,7 @@ case $engine in
     trace_flags=""; [ "${STEP_TRACE:-0}" = 1 ] && trace_flags="--step-trace $OUT/steps.jsonl" && : > $OUT/phases.txt
     PYTHONPATH=$client_path timeout 180 python3 -m meshserve.bench.grammar_host --batch 64 --tokenizer "$model" \
       --threads 1,2,4,8 --copy-probe --output-json $OUT/grammar_host.json 2>&1 | tee $OUT/grammar_host.txt
+    [ -n "${GRAMMAR_PROBE:-}" ] && export MESHSERVE_GRAMMAR_PROBE=$GRAMMAR_PROBE && echo "grammar probe: $GRAMMAR_PROBE"
     PYTHONPATH=$client_path python3 -m meshserve.cli serve "$model" --load-format dummy --max-model-len 4096 \
       --port $port --served-model-name "$name" --disable-access-log $trace_flags ${ENGINE_FLAGS:-} > $OUT/serve_meshserve.log 2>&1 &
     ;;

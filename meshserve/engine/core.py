@@ -19,6 +19,7 @@ from meshserve.engine import startup_timeline
 from meshserve.engine.engine_config import create_engine_config
 from meshserve.engine.executor import UniprocExecutor, make_executor
 from meshserve.engine.expert_load import ExpertLoadReader
+from meshserve.engine.grammar_probe import grammar_probe
 from meshserve.engine.grammar_waitlist import GrammarWaitlist
 from meshserve.engine.kv_offload.setup import build_kv_offload
 from meshserve.engine.messages import (
@@ -169,6 +170,8 @@ class EngineCore:
         self.grammar_waitlist.compiler.prepare()  # the first constrained request's TTFT: its compile only
         self._grammar_seq_ids: set[str] = set()  # constrained requests in the scheduler (pruned lazily)
         self._bitmask_filler: BitmaskFiller | None = None  # built with the first constrained step
+        self._grammar_probe = grammar_probe()  # a device A/B of the grammar's parts (grammar_probe.py); None: off
+        self.scheduler.grammar_accepts = self._grammar_probe is None
         # the grammar masks of a step are filled once its forward is queued (_late_masks_hook) where rank 0's
         # runner, in this process, samples: one device, or tensor parallel (the workers get the step without
         # them: step_delta.py). With several pipeline stages the last stage samples, in a worker, so they are
@@ -393,10 +396,12 @@ class EngineCore:
             seq = self.requests.get(sched_out.scheduled[i].seq_id)
             constrained = seq is not None and seq.grammar is not None and not seq.is_finished
             matchers.append(seq.grammar if constrained else None)
-        if any(m is not None for m in matchers):
+        if any(m is not None for m in matchers) and self._grammar_probe != "no_masks":
             if self._bitmask_filler is None:  # pinned: the runner's copy of it to the GPU does not wait
                 pin = self._late_masks and self.config.device.startswith("cuda")
                 self._bitmask_filler = BitmaskFiller(self.config.model_config.vocab_size, pin_memory=pin)
+            if self._grammar_probe == "no_matchers":  # all rows allow every token: the masks' way, no grammar
+                matchers = [None] * len(matchers)
             sched_out.grammar_bitmask = self._bitmask_filler.fill(matchers)
 
     def _schedule(self) -> SchedulerOutput:

@@ -8,9 +8,11 @@ here: tokenization, detokenization, stop strings and logprob text belong to the 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import json
 import logging
+import os
 import time
 
 from meshserve.config import EngineArgs, EngineConfig
@@ -177,6 +179,12 @@ class EngineCore:
         # them: step_delta.py). With several pipeline stages the last stage samples, in a worker, so they are
         # filled before the step is sent and go with it
         self._late_masks = getattr(self.executor, "late_grammar_masks", False) and not self.pipeline_depth
+        # one device, no speculation: the late masks fill on a thread (xgrammar lets go of the GIL while it fills)
+        # and the runner queues the step's sampling only at the next launch, so the fill overlaps this thread's
+        # outputs and next schedule instead of adding to them (MESHSERVE_GRAMMAR_FILL_AHEAD=0: fill in line)
+        self._fill_ahead = (self._late_masks and isinstance(self.executor, UniprocExecutor)
+                            and self.speculator is None and os.environ.get("MESHSERVE_GRAMMAR_FILL_AHEAD") != "0")
+        self._fill_thread: concurrent.futures.ThreadPoolExecutor | None = None
         startup_timeline.mark("scheduler")
         self.info.startup = [startup_timeline.current()]
         if pc.world_size > 1:  # the worker ranks' own phases (rank 0's are this process's)
@@ -383,11 +391,13 @@ class EngineCore:
         sampling = [self.requests.get(e.seq_id) for e in sched_out.scheduled if e.do_sample]
         return self.speculator.may_propose([s for s in sampling if s is not None], self.scheduler.num_running)
 
-    def _fill_grammar_bitmasks(self, sched_out: SchedulerOutput) -> None:
+    def _fill_grammar_bitmasks(self, sched_out: SchedulerOutput, ahead: bool = False) -> None:
         """The step's grammar masks, a row per sampling row (sampling_indices): a constrained sequence's row
         holds the tokens its grammar allows next (its matcher has seen every output token: the step before
         was processed first), every other row allows all. A sequence that finished meanwhile gets none: its
-        token is dropped. One batched fill into a reused host buffer (structured/bitmask_filler.py)."""
+        token is dropped. One batched fill into a reused host buffer (structured/bitmask_filler.py); ahead: on
+        the fill thread (the matchers are read there while this thread goes on: nothing else touches them
+        before the runner waits for the fill, at the next launch or read-back)."""
         self._grammar_seq_ids &= self.requests.keys()
         if not self._grammar_seq_ids:
             return
@@ -402,7 +412,12 @@ class EngineCore:
                 self._bitmask_filler = BitmaskFiller(self.config.model_config.vocab_size, pin_memory=pin)
             if self._grammar_probe == "no_matchers":  # all rows allow every token: the masks' way, no grammar
                 matchers = [None] * len(matchers)
-            sched_out.grammar_bitmask = self._bitmask_filler.fill(matchers)
+            if ahead:  # a future the runner resolves when it queues the sampling (ModelRunner.finish_deferred)
+                if self._fill_thread is None:
+                    self._fill_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
+                sched_out.grammar_bitmask = self._fill_thread.submit(self._bitmask_filler.fill, matchers)
+            else:
+                sched_out.grammar_bitmask = self._bitmask_filler.fill(matchers)
 
     def _schedule(self) -> SchedulerOutput:
         if len(self.grammar_waitlist):
@@ -410,7 +425,7 @@ class EngineCore:
         sched_out = self.scheduler.schedule()
         if self._grammar_seq_ids:
             if self._late_masks:
-                sched_out.before_sample = functools.partial(self._fill_grammar_bitmasks, sched_out)
+                sched_out.before_sample = functools.partial(self._fill_grammar_bitmasks, sched_out, self._fill_ahead)
             else:
                 self._fill_grammar_bitmasks(sched_out)
         for seq in self.scheduler.shed:  # too late for their time-to-first-token target: a clean 429
@@ -551,6 +566,8 @@ class EngineCore:
         if self._trace is not None:
             self._trace.close()
         self.grammar_waitlist.compiler.shutdown()
+        if self._fill_thread is not None:
+            self._fill_thread.shutdown(wait=True)
         if self.disagg is not None:
             self.disagg.close()
         if self.kv_offload is not None:  # the cached blocks go to disk for the next start

@@ -123,3 +123,19 @@ def to_token_logprobs(ids, lps, ranks, top_ids, top_lps) -> list[TokenLogprobs]:
     """TokenLogprobs per row from the sampler's (or compute_logprobs') tensors."""
     return [TokenLogprobs(i, lp, r, ti, tl) for i, lp, r, ti, tl in
             zip(ids.tolist(), lps.tolist(), ranks.tolist(), top_ids.tolist(), top_lps.tolist())]
+
+
+class DeferredOutput:
+    """A launched step whose sampling is not queued yet: its grammar masks are being filled on a thread while
+    the host goes on (outputs, the next schedule). The runner queues the sampling when the next step is
+    launched (before its inputs, which read this step's tokens on the device), or here when the step is read
+    back first; result() then is the sampling's PendingOutput's."""
+
+    def __init__(self, finish) -> None:
+        self._finish = finish  # the runner's: queues the sampling, then sets self.target
+        self.target: PendingOutput | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self.target is None:
+            self._finish()
+        return self.target.result()

@@ -320,3 +320,26 @@ def test_step_trace_marks_the_masked_steps_and_the_hosts_wait(path, tmp_path):
     masked = [r for r in rows if r["masked_rows"]]
     assert masked
     assert all(r["masked_rows"] <= r["seqs"] for r in masked)
+
+
+def test_masks_filled_ahead_on_a_thread_give_the_same_tokens(path, monkeypatch):
+    """The late masks fill on a thread and the step's sampling is queued at the next launch (runner
+    DeferredOutput); with MESHSERVE_GRAMMAR_FILL_AHEAD=0 they fill in line: the same tokens, sampled or greedy,
+    constrained or not, and the ahead run did defer its sampling."""
+    from meshserve.engine import runner_output
+
+    deferred = []
+    real_init = runner_output.DeferredOutput.__init__
+
+    def counting_init(self, finish):
+        deferred.append(1)
+        real_init(self, finish)
+
+    monkeypatch.setattr(runner_output.DeferredOutput, "__init__", counting_init)
+    ahead, _ = _run(path, True)
+    assert deferred
+    monkeypatch.setenv("MESHSERVE_GRAMMAR_FILL_AHEAD", "0")
+    deferred.clear()
+    inline, _ = _run(path, True)
+    assert not deferred
+    assert [[c.token_ids for c in o.outputs] for o in ahead] == [[c.token_ids for c in o.outputs] for o in inline]

@@ -444,7 +444,8 @@ class ModelRunner:
         else:
             hidden = self.forward(input_ids, positions, meta, intermediate)
         if is_last_stage:
-            pending = self.sampling.sample(scheduled, hidden, meta, self._step_parity, _masks_now(grammar_bitmask))
+            pending = self.sampling.sample(scheduled, hidden, meta, self._step_parity,
+                                           _masks_now(grammar_bitmask))
             if self.handoff is not None:
                 self.handoff.send(scheduled, self.sampling.last_sampled)
         else:

@@ -15,7 +15,14 @@
 #   vLLM 0.26: the peer's uploads of .vp1-.vp3 first (../shared/tools/vllm-peer/README.md), then carry .vp4 and
 #              .smodel/llama-3.1-8b-smol (it installs vLLM from the staged parts):   bash tools/structured_device.sh vllm
 # Env: MODEL_DIR (default .smodel/llama-3.1-8b-smol), CONC (1,64), NUM_PROMPTS (48,640: per point), OUTPUT_LEN (128),
-#      ENGINE_FLAGS (more serve flags)
+#      ENGINE_FLAGS (more serve flags), STEP_TRACE=1 (meshserve: a step trace of the runs, then per run and batch
+#      size the engine's step period, device time and host wait: tools/step_trace_phases.py says whether a
+#      slower constrained step is host time, device time, or neither (then it is lost after the engine); and
+#      per run the CPU share of the server's busiest threads, tools/proc_cpu.py: a front end or core thread
+#      near 100% is the bottleneck), GRAMMAR_PROBE=no_matchers|no_masks (meshserve: MESHSERVE_GRAMMAR_PROBE,
+#      engine/grammar_probe.py: the schema run keeps the engine's grammar path without xgrammar's host work
+#      (no_matchers: all-ones masks still copied and applied; no_masks: no masks), answers unconstrained, so
+#      its "same length" row is the cost of what is left; the normal run minus it is xgrammar's host work)
 set -u -o pipefail
 engine=${1:?usage: tools/structured_device.sh meshserve|vllm}
 model=${MODEL_DIR:-.smodel/llama-3.1-8b-smol}; name=$(basename "$model")
@@ -32,10 +39,12 @@ case $engine in
         .whl/*.whl $(ls .whl-structured/*.whl 2> /dev/null) || exit 1
     fi
     client_path=$PWD:/tmp/site port=8000
+    trace_flags=""; [ "${STEP_TRACE:-0}" = 1 ] && trace_flags="--step-trace $OUT/steps.jsonl" && : > $OUT/phases.txt
     PYTHONPATH=$client_path timeout 180 python3 -m meshserve.bench.grammar_host --batch 64 --tokenizer "$model" \
       --threads 1,2,4,8 --copy-probe --output-json $OUT/grammar_host.json 2>&1 | tee $OUT/grammar_host.txt
+    [ -n "${GRAMMAR_PROBE:-}" ] && export MESHSERVE_GRAMMAR_PROBE=$GRAMMAR_PROBE && echo "grammar probe: $GRAMMAR_PROBE"
     PYTHONPATH=$client_path python3 -m meshserve.cli serve "$model" --load-format dummy --max-model-len 4096 \
-      --port $port --served-model-name "$name" --disable-access-log ${ENGINE_FLAGS:-} > $OUT/serve_meshserve.log 2>&1 &
+      --port $port --served-model-name "$name" --disable-access-log $trace_flags ${ENGINE_FLAGS:-} > $OUT/serve_meshserve.log 2>&1 &
     ;;
   vllm)
     if [ -d .vp4 ]; then bash .vp4/run.sh .vp4 > /dev/null && . .vp4/env.sh; fi  # stage the last part, install
@@ -59,11 +68,23 @@ done
 curl -sf localhost:$port/health > /dev/null || { echo "server not ready"; tail -30 $OUT/serve_$engine.log; kill $pid; exit 1; }
 echo "$engine ready after $(( $(date +%s) - t0 )) s"
 
+now() { python3 -c 'import time; print(time.monotonic())'; }  # the step trace's clock
 bench() {  # MODE [flags]: one bench serve run on the extraction prompts
-  local mode=$1; shift
+  local mode=$1 start; shift; start=$(now)
+  local watcher=""
+  if [ -f $OUT/phases.txt ]; then  # the busiest threads each second (front end, engine core, bench client)
+    python3 tools/proc_cpu.py watch 0 1.0 > $OUT/cpu_$mode.txt & watcher=$!
+  fi
   PYTHONPATH=$client_path timeout 240 python3 -m meshserve.cli bench serve --base-url http://127.0.0.1:$port \
     --model "$name" --label $engine --endpoint chat --prompts-file $data/person_prompts.jsonl --no-ignore-eos \
     --no-progress "$@" 2>&1 | tee $OUT/bench_${engine}_$mode.txt | grep -vE "^\s*$"
+  if [ -n "$watcher" ]; then
+    echo "$mode $start $(now)" >> $OUT/phases.txt
+    kill $watcher; wait $watcher 2> /dev/null
+    echo "$mode: CPU share of the busiest threads per second (tid in brackets; main: the process's own)"
+    cat $OUT/cpu_$mode.txt
+  fi
+  return 0
 }
 # warm-up (first-request costs that are not the grammar's), then free, then with the schema
 bench warmup --concurrency 8 --num-prompts 16 --output-len 16 > /dev/null
@@ -84,5 +105,9 @@ fi
 PYTHONPATH=$client_path python3 -m meshserve.bench.serve_structured table "${reports[@]}" \
   --output-json $OUT/structured_${engine}_table.json
 grep -iE "grammar|xgrammar|structured" $OUT/serve_$engine.log | grep -viE "warn" | head -5 | cut -c1-200
-kill -TERM $pid; wait $pid 2> /dev/null
+kill -TERM $pid; wait $pid 2> /dev/null  # (the step trace is complete once the core closed it)
+if [ -f $OUT/phases.txt ] && [ -f $OUT/steps.jsonl ]; then
+  echo "step trace (engine side): period = time between step reads; host wait ~0 = host-bound"
+  PYTHONPATH=$client_path python3 tools/step_trace_phases.py $OUT/steps.jsonl $OUT/phases.txt | tee $OUT/step_phases.txt
+fi
 exit 0

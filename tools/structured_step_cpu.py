@@ -25,15 +25,18 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
         "num_key_value_heads": 2, "torch_dtype": "float32"}
 
 
-def timed(obj, name: str, acc: dict[str, float]):
-    fn = getattr(obj, name)
+def timed(obj, name: str, acc: dict[str, float], label: str | None = None):
+    """Accumulate the wall time (acc[label]) and this thread's CPU time (acc[label + "_cpu"]) of obj.name: on a
+    shared machine the CPU time is what the call costs, the wall time also what other processes took."""
+    fn, label = getattr(obj, name), label or name
 
     def wrapped(*a, **kw):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return fn(*a, **kw)
         finally:
-            acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+            acc[label] = acc.get(label, 0.0) + time.perf_counter() - t0
+            acc[label + "_cpu"] = acc.get(label + "_cpu", 0.0) + time.thread_time() - c0
     setattr(obj, name, wrapped)
 
 
@@ -67,6 +70,18 @@ def run(model: str, batch: int, out_len: int, schema: dict | None, warm: int, tp
         timed(core.scheduler, "update_after_step", acc)
         timed(step_sampler, "apply_bitmask", acc)
         keys = ["_fill_grammar_bitmasks", "apply_bitmask", "update_after_step"]
+        # the rest of the step's host work, and the work a GPU would do (forward, logits, argmax: on this CPU)
+        runner = core.executor.runner
+        timed(core, "_schedule", acc)
+        timed(core, "_process", acc)
+        timed(core, "_outputs", acc)
+        timed(runner, "_prepare", acc)
+        timed(runner, "_run_forward", acc)
+        timed(runner.sampling.model, "compute_logits", acc)
+        timed(step_sampler, "sample_rows", acc)
+        timed(engine, "step", acc, "engine_step")
+        keys += ["_schedule", "_process", "_outputs", "_prepare", "_run_forward", "compute_logits", "sample_rows",
+                 "engine_step"]
         if tp > 1:  # rank 0's send of each step (and every other call) to the worker
             timed(core.executor, "_broadcast", acc)
             sent_bytes(core.executor._calls, acc)
@@ -89,6 +104,8 @@ def run(model: str, batch: int, out_len: int, schema: dict | None, warm: int, tp
         for key in keys:
             per_step = sum(parts.get(key, 0.0) for _, parts in walls) / n
             res[key if key == "sent_bytes" else f"{key}_ms"] = per_step if key == "sent_bytes" else per_step * 1e3
+            if key != "sent_bytes":
+                res[f"{key}_cpu_ms"] = sum(parts.get(key + "_cpu", 0.0) for _, parts in walls) / n * 1e3
         return res
     finally:
         llm.shutdown()
@@ -121,6 +138,8 @@ def main() -> None:
         print(f"{label}: {r['steps_measured']} decode steps of {ns.batch}: step {r['step_ms']:.2f} ms; fill "
               f"{r['_fill_grammar_bitmasks_ms']:.3f}, apply {r['apply_bitmask_ms']:.3f}, scheduler update "
               f"{r['update_after_step_ms']:.3f} ms{sends}", flush=True)
+    print("CPU ms per decode step (this thread's): " + " ".join(f"{k[:-7]} {results['free'].get(k, 0):.3f}/"
+          f"{results['schema'][k]:.3f}" for k in results["schema"] if k.endswith("_cpu_ms")) + " (free/schema)")
     if ns.output_json:
         Path(ns.output_json).write_text(json.dumps(results, indent=2))
     shutil.rmtree(work, ignore_errors=True)

@@ -8,9 +8,11 @@ here: tokenization, detokenization, stop strings and logprob text belong to the 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import json
 import logging
+import os
 import time
 
 from meshserve.config import EngineArgs, EngineConfig
@@ -19,6 +21,7 @@ from meshserve.engine import startup_timeline
 from meshserve.engine.engine_config import create_engine_config
 from meshserve.engine.executor import UniprocExecutor, make_executor
 from meshserve.engine.expert_load import ExpertLoadReader
+from meshserve.engine.grammar_probe import grammar_probe
 from meshserve.engine.grammar_waitlist import GrammarWaitlist
 from meshserve.engine.kv_offload.setup import build_kv_offload
 from meshserve.engine.messages import (
@@ -169,11 +172,22 @@ class EngineCore:
         self.grammar_waitlist.compiler.prepare()  # the first constrained request's TTFT: its compile only
         self._grammar_seq_ids: set[str] = set()  # constrained requests in the scheduler (pruned lazily)
         self._bitmask_filler: BitmaskFiller | None = None  # built with the first constrained step
+        self._grammar_probe = grammar_probe()  # a device A/B of the grammar's parts (grammar_probe.py); None: off
+        self.scheduler.grammar_accepts = self._grammar_probe is None
         # the grammar masks of a step are filled once its forward is queued (_late_masks_hook) where rank 0's
         # runner, in this process, samples: one device, or tensor parallel (the workers get the step without
         # them: step_delta.py). With several pipeline stages the last stage samples, in a worker, so they are
         # filled before the step is sent and go with it
         self._late_masks = getattr(self.executor, "late_grammar_masks", False) and not self.pipeline_depth
+        # one GPU, no speculation: the late masks fill on a thread (xgrammar lets go of the GIL while it fills)
+        # and the runner queues the step's sampling only at the next launch, so the fill overlaps this thread's
+        # outputs and next schedule instead of adding to them. Not on a CPU by default, where the "device" work
+        # (forward, logits) runs on the same cores: there it was slower (MESHSERVE_GRAMMAR_FILL_AHEAD=1 / 0
+        # forces it on / off, an A/B on the device)
+        ahead = os.environ.get("MESHSERVE_GRAMMAR_FILL_AHEAD", "1" if config.device.startswith("cuda") else "0")
+        self._fill_ahead = (self._late_masks and isinstance(self.executor, UniprocExecutor)
+                            and self.speculator is None and ahead == "1")
+        self._fill_thread: concurrent.futures.ThreadPoolExecutor | None = None
         startup_timeline.mark("scheduler")
         self.info.startup = [startup_timeline.current()]
         if pc.world_size > 1:  # the worker ranks' own phases (rank 0's are this process's)
@@ -380,11 +394,13 @@ class EngineCore:
         sampling = [self.requests.get(e.seq_id) for e in sched_out.scheduled if e.do_sample]
         return self.speculator.may_propose([s for s in sampling if s is not None], self.scheduler.num_running)
 
-    def _fill_grammar_bitmasks(self, sched_out: SchedulerOutput) -> None:
+    def _fill_grammar_bitmasks(self, sched_out: SchedulerOutput, ahead: bool = False) -> None:
         """The step's grammar masks, a row per sampling row (sampling_indices): a constrained sequence's row
         holds the tokens its grammar allows next (its matcher has seen every output token: the step before
         was processed first), every other row allows all. A sequence that finished meanwhile gets none: its
-        token is dropped. One batched fill into a reused host buffer (structured/bitmask_filler.py)."""
+        token is dropped. One batched fill into a reused host buffer (structured/bitmask_filler.py); ahead: on
+        the fill thread (the matchers are read there while this thread goes on: nothing else touches them
+        before the runner waits for the fill, at the next launch or read-back)."""
         self._grammar_seq_ids &= self.requests.keys()
         if not self._grammar_seq_ids:
             return
@@ -393,11 +409,18 @@ class EngineCore:
             seq = self.requests.get(sched_out.scheduled[i].seq_id)
             constrained = seq is not None and seq.grammar is not None and not seq.is_finished
             matchers.append(seq.grammar if constrained else None)
-        if any(m is not None for m in matchers):
+        if any(m is not None for m in matchers) and self._grammar_probe != "no_masks":
             if self._bitmask_filler is None:  # pinned: the runner's copy of it to the GPU does not wait
                 pin = self._late_masks and self.config.device.startswith("cuda")
                 self._bitmask_filler = BitmaskFiller(self.config.model_config.vocab_size, pin_memory=pin)
-            sched_out.grammar_bitmask = self._bitmask_filler.fill(matchers)
+            if self._grammar_probe == "no_matchers":  # all rows allow every token: the masks' way, no grammar
+                matchers = [None] * len(matchers)
+            if ahead:  # a future the runner resolves when it queues the sampling (ModelRunner.finish_deferred)
+                if self._fill_thread is None:
+                    self._fill_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
+                sched_out.grammar_bitmask = self._fill_thread.submit(self._bitmask_filler.fill, matchers)
+            else:
+                sched_out.grammar_bitmask = self._bitmask_filler.fill(matchers)
 
     def _schedule(self) -> SchedulerOutput:
         if len(self.grammar_waitlist):
@@ -405,7 +428,7 @@ class EngineCore:
         sched_out = self.scheduler.schedule()
         if self._grammar_seq_ids:
             if self._late_masks:
-                sched_out.before_sample = functools.partial(self._fill_grammar_bitmasks, sched_out)
+                sched_out.before_sample = functools.partial(self._fill_grammar_bitmasks, sched_out, self._fill_ahead)
             else:
                 self._fill_grammar_bitmasks(sched_out)
         for seq in self.scheduler.shed:  # too late for their time-to-first-token target: a clean 429
@@ -433,8 +456,9 @@ class EngineCore:
         self._in_flight = None
         return self._process(sched_out, pending.result(), shape)
 
-    def _observe_step(self, shape: StepShape, runner_out: ModelRunnerOutput) -> None:
-        """Feed the measured step to the step-time model (and the trace, when asked for)."""
+    def _observe_step(self, shape: StepShape, runner_out: ModelRunnerOutput, masked_rows: int = 0) -> None:
+        """Feed the measured step to the step-time model (and the trace, when asked for: with the host's wait
+        for the step, ~0 when the host is the slower side, and the rows under a grammar mask)."""
         if shape.num_tokens == 0 or runner_out.device_time_s <= 0:
             return
         predicted = self.step_model.predict(shape)
@@ -443,7 +467,8 @@ class EngineCore:
             self._trace.write(json.dumps({
                 "t": round(time.monotonic(), 6), "tokens": shape.num_tokens, "seqs": shape.num_seqs,
                 "context": shape.context_tokens, "predicted_s": round(predicted, 6),
-                "actual_s": round(runner_out.device_time_s, 6), "running": self.scheduler.num_running,
+                "actual_s": round(runner_out.device_time_s, 6), "wait_s": round(runner_out.host_wait_s, 6),
+                "masked_rows": masked_rows, "running": self.scheduler.num_running,
                 "waiting": self.scheduler.num_waiting}) + "\n")
 
     def _outputs(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
@@ -453,7 +478,8 @@ class EngineCore:
 
     def _process(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput,
                  shape: StepShape) -> list[EngineCoreOutput]:
-        self._observe_step(shape, runner_out)
+        masks = sched_out.grammar_bitmask
+        self._observe_step(shape, runner_out, 0 if masks is None else int(masks.shape[0]))
         if runner_out.wall_s:
             self.pp_busy_s += runner_out.busy_s
             self.pp_wall_s += runner_out.wall_s
@@ -543,6 +569,8 @@ class EngineCore:
         if self._trace is not None:
             self._trace.close()
         self.grammar_waitlist.compiler.shutdown()
+        if self._fill_thread is not None:
+            self._fill_thread.shutdown(wait=True)
         if self.disagg is not None:
             self.disagg.close()
         if self.kv_offload is not None:  # the cached blocks go to disk for the next start

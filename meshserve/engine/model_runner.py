@@ -11,6 +11,7 @@ and which kernels serve them is decided once, in layers/backend_selection.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import gc
@@ -38,7 +39,8 @@ from meshserve.engine.mixed_graph import (
     verify_bucket,
 )
 from meshserve.engine.pipeline_stage import StageIO, TokenHandoff, handoff_lag
-from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, StepTimer, TokenLogprobs
+from meshserve.engine.runner_output import (DeferredOutput, ModelRunnerOutput, PendingOutput, StepTimer,
+                                            TokenLogprobs)
 from meshserve.engine.sampling_warmup import warm_up_sampling
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.step_inputs import StepInputBuilder
@@ -115,6 +117,8 @@ class ModelRunner:
         # a draft model proposes on the ranks, after each step, eagerly (the verify steps themselves replay
         # the mixed-step graphs: _run_forward)
         self.drafter = build_drafter(config, self.device, self.model)  # a draft model or an EAGLE-3 head
+        # a step launched while its grammar masks still fill on a thread, its sampling not queued yet (launch)
+        self._deferred: tuple | None = None
         self._step_parity = 0  # which of the pinned buffers this step uses
         st = get_parallel_state()
         self.stage_io = None  # a pipeline stage's activation receives and sends (pipeline_stage.py)
@@ -365,8 +369,9 @@ class ModelRunner:
         return self.launch(out).result()
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput) -> PendingOutput:
+    def launch(self, out: SchedulerOutput) -> PendingOutput | DeferredOutput:
         """Queue the step on the device and return without waiting for its sampled tokens."""
+        self.finish_deferred()  # the last step's sampling first: this step's inputs read its tokens
         self.sampling.forget(out.finished_seq_ids)
         self.profiler.step()
         if out.kv_transfers:  # first, on the copy stream: the forward waits for the loads only (transfer.py)
@@ -385,7 +390,14 @@ class ModelRunner:
                 self.layerwise_hook.end()
             if out.before_sample is not None:  # grammar masks, filled while the device runs the forward
                 out.before_sample()
-            pending = self.sampling.sample(out.scheduled, hidden, meta, self._step_parity, out.grammar_bitmask)
+            if isinstance(out.grammar_bitmask, concurrent.futures.Future) and self.drafter is None:
+                # filling on a thread: sample once the host has done what else it can (finish_deferred)
+                deferred = DeferredOutput(self.finish_deferred)
+                self._deferred = (deferred, out, hidden, meta, self._step_parity, timer)
+                self._stores_after_forward(out)
+                return deferred
+            pending = self.sampling.sample(out.scheduled, hidden, meta, self._step_parity,
+                                           _masks_now(out.grammar_bitmask))
             if self.drafter is not None:
                 pending = self.drafter.propose_after(out.scheduled, pending)
             pending.timer = timer.stop()
@@ -394,6 +406,19 @@ class ModelRunner:
         pending = self._launch_stage(out.scheduled, st.is_last_stage, out.grammar_bitmask)
         self._stores_after_forward(out)
         return pending
+
+    @torch.inference_mode()
+    def finish_deferred(self) -> None:
+        """Queue the sampling of the step launched with its grammar masks still filling (launch), once they
+        are filled; nothing when there is none."""
+        if self._deferred is None:
+            return
+        deferred, out, hidden, meta, parity, timer = self._deferred
+        self._deferred = None
+        out.grammar_bitmask = out.grammar_bitmask.result()
+        pending = self.sampling.sample(out.scheduled, hidden, meta, parity, out.grammar_bitmask)
+        pending.timer = timer.stop()
+        deferred.target = pending
 
     def _stores_after_forward(self, out: SchedulerOutput) -> None:
         # KV offload's write-through of the blocks this forward fills: on the copy stream, after the forward,
@@ -422,7 +447,8 @@ class ModelRunner:
         else:
             hidden = self.forward(input_ids, positions, meta, intermediate)
         if is_last_stage:
-            pending = self.sampling.sample(scheduled, hidden, meta, self._step_parity, grammar_bitmask)
+            pending = self.sampling.sample(scheduled, hidden, meta, self._step_parity,
+                                           _masks_now(grammar_bitmask))
             if self.handoff is not None:
                 self.handoff.send(scheduled, self.sampling.last_sampled)
         else:
@@ -450,3 +476,8 @@ def _best_effort(what: str):
         yield
     except Exception:
         logger.exception("%s warm-up failed; its kernels will compile on first use", what)
+
+
+def _masks_now(masks):
+    """A step's grammar masks, waiting for them when they are still being filled on a thread."""
+    return masks.result() if isinstance(masks, concurrent.futures.Future) else masks

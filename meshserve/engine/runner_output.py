@@ -39,6 +39,9 @@ class ModelRunnerOutput:
     wall_s: float = 0.0
     # the step's time on the device (CUDA events on a GPU, wall time on a CPU), for the step-time model
     device_time_s: float = 0.0
+    # how long the host waited for the step to finish when it read it back (0: the device was done first,
+    # the host is the slower side); in the step trace, to tell a host-bound engine from a device-bound one
+    host_wait_s: float = 0.0
 
 
 class StepTimer:
@@ -89,19 +92,19 @@ class PendingOutput:
         self.timer: StepTimer | None = None  # set by the runner: the step's device time, read with the result
 
     def result(self) -> ModelRunnerOutput:
+        t0 = time.perf_counter()
         if self.timer is not None:
             self._output.device_time_s = self.timer.elapsed_s()
             self.timer = None
+        if self._event is not None and (self._spec_seq_ids is not None or self._seq_ids is not None):
+            self._event.synchronize()
+        self._output.host_wait_s += time.perf_counter() - t0  # the waits above only (a GPU's events)
         if self._spec_seq_ids is not None:
-            if self._event is not None:
-                self._event.synchronize()
             # each row: accepted count a, the target's own token, the proposals -> accepted ones + own
             self._output.spec_token_ids.update((seq_id, row[2 : 2 + row[0]] + [row[1]])
                                                for seq_id, row in zip(self._spec_seq_ids, self._spec_rows.tolist()))
             self._spec_seq_ids = self._spec_rows = None
         if self._seq_ids is not None:
-            if self._event is not None:
-                self._event.synchronize()
             out = self._output
             out.sampled.update(zip(self._seq_ids, self._host_ids.tolist()))
             sampled = self._sampled
@@ -120,3 +123,19 @@ def to_token_logprobs(ids, lps, ranks, top_ids, top_lps) -> list[TokenLogprobs]:
     """TokenLogprobs per row from the sampler's (or compute_logprobs') tensors."""
     return [TokenLogprobs(i, lp, r, ti, tl) for i, lp, r, ti, tl in
             zip(ids.tolist(), lps.tolist(), ranks.tolist(), top_ids.tolist(), top_lps.tolist())]
+
+
+class DeferredOutput:
+    """A launched step whose sampling is not queued yet: its grammar masks are being filled on a thread while
+    the host goes on (outputs, the next schedule). The runner queues the sampling when the next step is
+    launched (before its inputs, which read this step's tokens on the device), or here when the step is read
+    back first; result() then is the sampling's PendingOutput's."""
+
+    def __init__(self, finish) -> None:
+        self._finish = finish  # the runner's: queues the sampling, then sets self.target
+        self.target: PendingOutput | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self.target is None:
+            self._finish()
+        return self.target.result()

@@ -60,6 +60,8 @@ class Scheduler:
         # token was sampled exactly handoff_lag steps ago may run again (the first stage reads that token from
         # the last stage's samples on the device); steps are counted as the runners count them (non-empty ones)
         self.handoff_lag = 0
+        # whether the grammar matchers see the sampled tokens (False: MESHSERVE_GRAMMAR_PROBE, a cost probe)
+        self.grammar_accepts = True
         self._step_index = 0
         self._sampled_at: dict[str, int] = {}  # sequence -> the step it last sampled in (with the hand-off)
         # where "now" comes from: the wall clock, or a simulated one (meshserve/simulator drives this scheduler)
@@ -369,6 +371,8 @@ class Scheduler:
         """Feed the token to the sequence's grammar matcher; a grammar that is complete (it accepted a stop
         token, even under ignore_eos) or that refuses the token ends the sequence. A matcher terminates only by
         accepting a stop token: asked only then (a call per row and step saved at batch 64)."""
+        if not self.grammar_accepts:
+            return
         if not seq.grammar.accept_token(token):
             logger.warning("%s: token %d breaks its grammar; stopping it", seq.seq_id, token)
             self.finish(seq, SequenceStatus.FINISHED_STOPPED)

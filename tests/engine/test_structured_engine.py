@@ -308,3 +308,39 @@ def test_tensor_parallel_late_masks_on_the_device_change_no_token(path):
     for out in (async_[0], async_[2]):
         for c in out.outputs:
             jsonschema.validate(json.loads(c.text), SCHEMA)
+
+
+def test_step_trace_marks_the_masked_steps_and_the_hosts_wait(path, tmp_path):
+    """The step trace (tools/step_trace_phases.py reads it) says which steps ran under grammar masks and how
+    long the host waited for each step (0 on a CPU: its steps are done when launched)."""
+    trace = tmp_path / "steps.jsonl"
+    _run(path, True, step_trace=str(trace))
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert rows and all("wait_s" in r and r["wait_s"] >= 0 for r in rows)
+    masked = [r for r in rows if r["masked_rows"]]
+    assert masked
+    assert all(r["masked_rows"] <= r["seqs"] for r in masked)
+
+
+def test_masks_filled_ahead_on_a_thread_give_the_same_tokens(path, monkeypatch):
+    """The late masks fill on a thread and the step's sampling is queued at the next launch (runner
+    DeferredOutput; the default on a GPU); with MESHSERVE_GRAMMAR_FILL_AHEAD=0 (a CPU's default) they fill in
+    line: the same tokens, sampled or greedy, constrained or not, and the ahead run did defer its sampling."""
+    from meshserve.engine import runner_output
+
+    deferred = []
+    real_init = runner_output.DeferredOutput.__init__
+
+    def counting_init(self, finish):
+        deferred.append(1)
+        real_init(self, finish)
+
+    monkeypatch.setattr(runner_output.DeferredOutput, "__init__", counting_init)
+    monkeypatch.setenv("MESHSERVE_GRAMMAR_FILL_AHEAD", "1")  # the default on a GPU; forced here on the CPU
+    ahead, _ = _run(path, True)
+    assert deferred
+    monkeypatch.setenv("MESHSERVE_GRAMMAR_FILL_AHEAD", "0")
+    deferred.clear()
+    inline, _ = _run(path, True)
+    assert not deferred
+    assert [[c.token_ids for c in o.outputs] for o in ahead] == [[c.token_ids for c in o.outputs] for o in inline]

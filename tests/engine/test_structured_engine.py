@@ -324,7 +324,7 @@ def test_step_trace_marks_the_masked_steps_and_the_hosts_wait(path, tmp_path):
 
 def test_masks_filled_ahead_on_a_thread_give_the_same_tokens(path, monkeypatch):
     """The late masks fill on a thread and the step's sampling is queued at the next launch (runner
-    DeferredOutput; the default on a GPU); with MESHSERVE_GRAMMAR_FILL_AHEAD=0 (a CPU's default) they fill in
+    DeferredOutput; opt-in with MESHSERVE_GRAMMAR_FILL_AHEAD=1); with =0 (the default) they fill in
     line: the same tokens, sampled or greedy, constrained or not, and the ahead run did defer its sampling."""
     from meshserve.engine import runner_output
 
@@ -336,7 +336,7 @@ def test_masks_filled_ahead_on_a_thread_give_the_same_tokens(path, monkeypatch):
         real_init(self, finish)
 
     monkeypatch.setattr(runner_output.DeferredOutput, "__init__", counting_init)
-    monkeypatch.setenv("MESHSERVE_GRAMMAR_FILL_AHEAD", "1")  # the default on a GPU; forced here on the CPU
+    monkeypatch.setenv("MESHSERVE_GRAMMAR_FILL_AHEAD", "1")  # opt-in (the device A/B decides); forced here
     ahead, _ = _run(path, True)
     assert deferred
     monkeypatch.setenv("MESHSERVE_GRAMMAR_FILL_AHEAD", "0")

@@ -154,29 +154,25 @@ def _kv_offload_families(s: dict[str, Any]) -> Iterator[Metric]:
                                 "and back in.", labels=["direction"])
     swaps.add_metric(["out"], v("swaps_out"))
     swaps.add_metric(["in"], v("swaps_in"))
-    restore_s = CounterMetricFamily("meshserve:kv_offload_restore_seconds", "Device time of the copies that "
-                                    "restored KV blocks from the CPU tier.")
-    restore_s.add_metric([], v("restore_s"))
-    restores = CounterMetricFamily("meshserve:kv_offload_restores", "Batches of restore copies timed.")
-    restores.add_metric([], v("restores"))
-    errors = CounterMetricFamily("meshserve:kv_offload_disk_errors", "KV block files found missing, truncated or "
-                                 "corrupted (each a cache miss, recomputed).")
-    errors.add_metric([], v("disk_errors"))
-    skipped = CounterMetricFamily("meshserve:kv_offload_disk_restores_skipped", "Prefix runs found on disk but "
-                                  "recomputed: reading them was predicted slower than their prefill.")
-    skipped.add_metric([], v("disk_restores_skipped"))
-    skipped_blocks = CounterMetricFamily("meshserve:kv_offload_disk_blocks_skipped", "KV blocks of those runs.")
-    skipped_blocks.add_metric([], v("disk_blocks_skipped"))
-    read_rate = GaugeMetricFamily("meshserve:kv_offload_disk_read_bytes_per_second", "The disk tier's read "
-                                  "throughput as estimated from its reads (the restore decision's input).")
-    read_rate.add_metric([], v("disk_read_bytes_per_s"))
-    read_s = CounterMetricFamily("meshserve:kv_offload_disk_read_seconds", "Wall time of the disk tier's batches "
-                                 "of block reads (a restore from disk waits for its batch).")
-    read_s.add_metric([], v("disk_read_s"))
-    reads = CounterMetricFamily("meshserve:kv_offload_disk_reads", "Batches of disk tier block reads timed.")
-    reads.add_metric([], v("disk_reads"))
-    yield from (hits, blocks, moved, swaps, restore_s, restores, errors)
-    yield from (skipped, skipped_blocks, read_rate, read_s, reads)
+    yield from (hits, blocks, moved, swaps)
+    # one unlabelled value each: (family, name, help, stats key)
+    for family, name, doc, key in (
+            (CounterMetricFamily, "restore_seconds", "Device time of the copies that restored KV blocks from the "
+             "CPU tier.", "restore_s"),
+            (CounterMetricFamily, "restores", "Batches of restore copies timed.", "restores"),
+            (CounterMetricFamily, "disk_errors", "KV block files found missing, truncated or corrupted (each a "
+             "cache miss, recomputed).", "disk_errors"),
+            (CounterMetricFamily, "disk_restores_skipped", "Prefix runs found on disk but recomputed: reading them "
+             "was predicted slower than their prefill.", "disk_restores_skipped"),
+            (CounterMetricFamily, "disk_blocks_skipped", "KV blocks of those runs.", "disk_blocks_skipped"),
+            (GaugeMetricFamily, "disk_read_bytes_per_second", "The disk tier's read throughput as estimated from "
+             "its reads (the restore decision's input).", "disk_read_bytes_per_s"),
+            (CounterMetricFamily, "disk_read_seconds", "Wall time of the disk tier's batches of block reads (a "
+             "restore from disk waits for its batch).", "disk_read_s"),
+            (CounterMetricFamily, "disk_reads", "Batches of disk tier block reads timed.", "disk_reads")):
+        metric = family(f"meshserve:kv_offload_{name}", doc)
+        metric.add_metric([], v(key))
+        yield metric
 
 
 def _kv_transfer_families(s: dict[str, Any]) -> Iterator[Metric]:

@@ -34,8 +34,7 @@ from meshserve.kernels.triton_attention import (
     _upcast_dot,
     decode_num_splits,
 )
-from meshserve.kernels.triton_attention_tile import online_softmax_step
-from meshserve.kernels.triton_mla_prefetch import attend_latent_range_prefetched
+from meshserve.kernels.triton_mla_prefetch import attend_latent_range_prefetched, attend_loaded_tile
 from meshserve.kernels.triton_mla_transposed import attend_latent_range_transposed
 
 BLOCK_H = 16  # heads per program: tl.dot needs at least 16 rows
@@ -86,14 +85,7 @@ def attend_latent_tile(
     row = cache_ptr + blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs  # [BLOCK_N] row starts
     c = tl.load(row[:, None] + r[None, :], mask=kv_valid[:, None] & r_mask[None, :], other=0.0)
     pe = tl.load(row[:, None] + RANK + p[None, :], mask=kv_valid[:, None] & p_mask[None, :], other=0.0)
-    c = c.to(ql.dtype)
-    qk = tl.dot(ql, tl.trans(c), input_precision=DOT_PRECISION)
-    qk += tl.dot(qp, tl.trans(pe.to(qp.dtype)), input_precision=DOT_PRECISION)
-    qk = qk * scale_log2
-    qk = tl.where(kv_valid[None, :], qk, float("-inf"))
-    prob, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
-    acc = acc * alpha[:, None] + tl.dot(prob.to(c.dtype), c, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    return attend_loaded_tile(ql, qp, acc, m_i, l_i, c, pe, t, seq_len, scale_log2, BLOCK_N, DOT_PRECISION)
 
 
 @triton.jit

@@ -45,9 +45,11 @@ def _tile_rows(t, t_end, seq_len, blk, cache_ptr, r, r_mask, p, p_mask, stride_c
 
 
 @triton.jit
-def _attend_loaded(ql, qp, acc, m_i, l_i, c, pe, t, seq_len, scale_log2, BLOCK_N: tl.constexpr,
+def attend_loaded_tile(ql, qp, acc, m_i, l_i, c, pe, t, seq_len, scale_log2, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
-    """attend_latent_tile's math on tile t's rows already loaded."""
+    """The math of one KV tile t of the latent cache on its rows already loaded (c: latent, pe: rope part):
+    scores from ql . c and qp . pe, the online softmax step, the latent rows as values; shared with
+    triton_mla.attend_latent_tile."""
     kv_valid = t * BLOCK_N + tl.arange(0, BLOCK_N) < seq_len
     c = c.to(ql.dtype)
     qk = tl.dot(ql, tl.trans(c), input_precision=DOT_PRECISION)
@@ -73,6 +75,6 @@ def attend_latent_range_prefetched(
         c_next, pe_next = _tile_rows(t + 1, t1, seq_len, blk, cache_ptr, r, r_mask, p, p_mask, stride_cb, stride_cs,
                                      RANK, BLOCK_SIZE, BLOCK_N)
         blk = _tile_blocks(t + 2, t1, seq_len, bt_row, BLOCK_SIZE, BLOCK_N)
-        acc, m_i, l_i = _attend_loaded(ql, qp, acc, m_i, l_i, c, pe, t, seq_len, scale_log2, BLOCK_N, DOT_PRECISION)
+        acc, m_i, l_i = attend_loaded_tile(ql, qp, acc, m_i, l_i, c, pe, t, seq_len, scale_log2, BLOCK_N, DOT_PRECISION)
         c, pe = c_next, pe_next
     return acc, m_i, l_i

@@ -82,7 +82,7 @@ class MultiprocExecutor:
         ctx = mp.get_context("spawn")
         # last heartbeat (time.monotonic, shared clock on one host) of each local rank
         self.beats = ctx.Array("d", launch.world_size, lock=False)
-        # the ranks read the model's config fields only: sent as plain values, they unpickle without transformers
+        # the ranks read the model's config fields only: as plain values they unpickle without transformers
         config, source = without_transformers(config), without_transformers(source)
         for rank in launch.local_ranks():
             if rank == 0:

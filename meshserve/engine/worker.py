@@ -172,7 +172,7 @@ def run_node_ranks(config: EngineConfig, source, launch: LaunchInfo) -> int:
         worker_main(config, source, launch, ranks[0])
         return 0
     source = with_checkpoint_shapes(source)  # once for this node's ranks, not in each
-    config, source = without_transformers(config), without_transformers(source)  # see MultiprocExecutor
+    config, source = without_transformers(config), without_transformers(source)  # (MultiprocExecutor)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=worker_process_main, args=(config, source, launch, r), name=f"meshserve-rank{r}")
              for r in ranks]

@@ -3,9 +3,9 @@
 Unpickling a transformers config object imports transformers (its package index and the family's
 configuration module): 1.5-2 s of a quiet core per spawned rank, ~4 s of a loaded one, on the start-up's
 critical path, though a rank only reads the config's fields. The snapshot holds those fields' values (the
-class's defaults, properties and `attribute_map` aliases included), pickles without transformers, and keeps
-`to_dict` / `to_json_string(use_diff=False)` as they were; code that calls transformers with the config (scaled
-RoPE) restores the object first (as_hf_config).
+class's defaults, properties and `attribute_map` aliases included), pickles without transformers, and
+keeps `to_dict` / `to_json_string(use_diff=False)` as they were; code that calls transformers with the
+config (scaled RoPE) restores the object first (as_hf_config).
 """
 
 from __future__ import annotations
@@ -20,19 +20,19 @@ from typing import Any
 
 
 def _is_hf_config(value: Any) -> bool:
-    # PreTrainedConfig (transformers 5; PretrainedConfig before), matched by name: no import of transformers here
+    # PreTrainedConfig (transformers 5; PretrainedConfig before), matched by name: transformers not imported
     return any(c.__name__.lower() == "pretrainedconfig" and c.__module__.startswith("transformers")
                for c in type(value).__mro__)
 
 
 def _from_transformers(value: Any) -> bool:
-    """A class or object whose pickle names a transformers module (unpickling it would import transformers)."""
+    """A class or object whose pickle names a transformers module (unpickling it imports transformers)."""
     kind = value if isinstance(value, type) else type(value)
     return (getattr(kind, "__module__", "") or "").startswith("transformers")
 
 
 def _plain(value: Any):
-    """value with every transformers config in it snapshot; None where it cannot be carried without transformers."""
+    """value with each transformers config in it snapshot; None where it needs transformers to unpickle."""
     if _is_hf_config(value):
         return ConfigSnapshot(value)
     if isinstance(value, dict):
@@ -58,7 +58,7 @@ def _quiet():
 
 
 class ConfigSnapshot:
-    """The fields of a transformers config (read as attributes); missing ones raise AttributeError, as there."""
+    """A transformers config's fields, read as attributes; a missing one raises AttributeError, as there."""
 
     def __init__(self, hf_config):
         names = {n for n in dir(hf_config) if not n.startswith("__")}

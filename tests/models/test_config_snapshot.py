@@ -1,4 +1,4 @@
-"""ConfigSnapshot: a transformers config's fields for spawned ranks, unpickled without importing transformers."""
+"""ConfigSnapshot: a transformers config's fields for spawned ranks, unpickled without transformers."""
 
 from __future__ import annotations
 

@@ -52,8 +52,8 @@ def pinned_clients(base: str, per_worker: int, workers: int = 2) -> dict[int, li
 
 
 def test_metrics_of_two_workers_describe_the_whole_router(fake_replicas):
-    # a stream stays in flight ~4 s: time to see three at once through both workers (scrapes take milliseconds);
-    # the test waits out every stream, so longer ones only cost time
+    # a stream stays in flight ~4 s: time to see three at once through both workers (scrapes take
+    # milliseconds); the test waits out every stream, so longer ones only cost time
     _, up = fake_replicas("a", num_events=15, event_delay_s=0.3)
     port = free_port()
     base = f"http://127.0.0.1:{port}"

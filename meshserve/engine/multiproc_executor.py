@@ -25,6 +25,7 @@ from meshserve.engine.runner_output import PendingOutput
 from meshserve.engine.step_delta import StepDeltaSender
 from meshserve.engine.worker import init_rank, worker_process_main
 from meshserve.errors import EngineDeadError, MeshserveError
+from meshserve.models.config_snapshot import without_transformers
 from meshserve.models.loader import with_checkpoint_shapes
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class MultiprocExecutor:
         ctx = mp.get_context("spawn")
         # last heartbeat (time.monotonic, shared clock on one host) of each local rank
         self.beats = ctx.Array("d", launch.world_size, lock=False)
+        # the ranks read the model's config fields only: as plain values they unpickle without transformers
+        config, source = without_transformers(config), without_transformers(source)
         for rank in launch.local_ranks():
             if rank == 0:
                 continue

@@ -29,6 +29,7 @@ from meshserve.distributed.parallel_state import (
 from meshserve.engine import startup_timeline
 from meshserve.engine.model_runner import ModelRunner
 from meshserve.engine.step_delta import StepDeltaReceiver
+from meshserve.models.config_snapshot import without_transformers
 from meshserve.models.loader import with_checkpoint_shapes
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ def run_node_ranks(config: EngineConfig, source, launch: LaunchInfo) -> int:
         worker_main(config, source, launch, ranks[0])
         return 0
     source = with_checkpoint_shapes(source)  # once for this node's ranks, not in each
+    config, source = without_transformers(config), without_transformers(source)  # (MultiprocExecutor)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=worker_process_main, args=(config, source, launch, r), name=f"meshserve-rank{r}")
              for r in ranks]

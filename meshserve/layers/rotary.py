@@ -5,6 +5,7 @@ from torch import nn
 
 from meshserve.kernels.fused import fused_ops_for
 from meshserve.layers.backend_selection import PLAIN
+from meshserve.models.config_snapshot import as_hf_config
 
 
 def _rope_parameters(hf_config) -> dict:
@@ -30,7 +31,8 @@ def compute_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
     if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
         # dynamic NTK changes frequencies with the sequence length; a static cache cannot follow it.
         raise ValueError(f"rope type {rope_type!r} is not supported")
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    # transformers' helpers call the config's methods: a rank's snapshot becomes the config object again
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](as_hf_config(hf_config), torch.device("cpu"))
     return inv_freq.float(), float(scaling)
 
 

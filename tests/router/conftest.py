@@ -244,9 +244,11 @@ def processes(tmp_path_factory) -> Iterator[Callable[[str, list[str], int | None
 
 
 def replica_args(model_dir: str, port: int, served: list[str], extra: list[str] = ()) -> list[str]:
+    # the engine in the server's thread: one process (one torch import) per replica, not two. The router sees
+    # the same HTTP replica either way; a SIGKILL or SIGSTOP of it still takes the whole replica out
     return ["serve", model_dir, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", *served,
             "--max-model-len", "256", "--device", "cpu", "--disable-access-log", "--uvicorn-log-level",
-            "warning", "--drain-timeout", "2", *extra]
+            "warning", "--drain-timeout", "2", "--engine-in-thread", *extra]
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -286,4 +286,7 @@ def test_all_primaries_down_fallback_serves_then_fast_503(cluster):
     _assert_no_loss(results, fig)
     assert all(r.outcome == "clean_error" and r.status == 503 for r in results)
     assert max(r.seconds for r in results) < 2.0  # fast, not a timeout
-    assert httpx.get(cluster.url + "/ready").status_code == 503
+    # each router worker keeps its own health view (--workers, default 2 here): the one answering /ready may not
+    # have carried these requests, so it learns of the deaths from its own probes (fail threshold 2)
+    bound = 2 * (HEALTH_INTERVAL_S + HEALTH_TIMEOUT_S) + 1.0
+    assert wait_until(lambda: httpx.get(cluster.url + "/ready").status_code == 503, bound)

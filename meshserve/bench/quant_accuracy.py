@@ -5,11 +5,13 @@ SmolLM2 tokens; windows of `window` tokens scored from their own start, the same
 mean |difference| of the text tokens' log-probabilities from the baseline's, and greedy agreement: the share of
 generated tokens, over a fixed prompt set, that match the baseline's before the first divergence.
 
-INT4 variants are made by meshserve's own quantizer (models/quantize_checkpoint.py: round-to-nearest, or GPTQ
-calibrated on text the model samples itself) into AWQ and GPTQ checkpoints in a temporary folder, so the loader
+INT4 variants are made by meshserve's own quantizer (models/quantize_checkpoint.py: round-to-nearest, AWQ
+calibrated on the shipped calibration text (models/calibration.py: Shakespeare, not the evaluation text), or
+GPTQ calibrated on text the model samples itself) into AWQ and GPTQ checkpoints in a temporary folder, so the loader
 and kernels run on real packed numbers.
 
     python -m meshserve.bench.quant_accuracy [--model DIR] [--dtype float32] [--group-size 64] [--with-gptq]
+        [--with-awq] [--only NAME-PART]
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ VARIANTS = [
     Variant("int4 GPTQ", {}, "gptq"),
     Variant("int4 GPTQ act-order", {}, "gptq-act-order"),
 ]
+# AWQ (scale search and clipping on the shipped calibration text, models/awq.py): ~15 min more on a CPU
+AWQ = [Variant("int4 AWQ, AWQ-calibrated", {}, "awq-awqcal")]
 # GPTQ calibrated on self-sampled text: several minutes more on a CPU (--with-gptq)
 CALIBRATED = [
     Variant("int4 GPTQ, GPTQ-calibrated", {}, "gptq-calibrated"),
@@ -89,6 +93,12 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return matched / max(total, 1)
 
 
+def _calibration(checkpoint: str) -> str:
+    if checkpoint.endswith("awqcal"):
+        return "awq"
+    return "gptq" if checkpoint.endswith("calibrated") else "rtn"
+
+
 def run(
     model_dir: str, dtype: str, group_size: int, window: int, max_tokens: int, variants=VARIANTS
 ) -> list[dict]:
@@ -123,7 +133,7 @@ def run(
                     fmt,
                     group_size=group_size,
                     desc_act="act-order" in v.checkpoint,
-                    calibration="gptq" if v.checkpoint.endswith("calibrated") else "rtn",
+                    calibration=_calibration(v.checkpoint),
                 )
             llm = LLM(path, tokenizer=model_dir, dtype=dtype, **v.kwargs)
             lp = score(llm, windows)
@@ -165,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--with-gptq", action="store_true", help="also GPTQ-calibrated int4 checkpoints")
+    parser.add_argument("--with-awq", action="store_true", help="also AWQ-calibrated int4 checkpoints")
+    parser.add_argument("--only", default=None, help="run only the variants whose name contains this")
     ns = parser.parse_args(argv)
     model_dir = ns.model
     if model_dir is None:
@@ -177,7 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         ns.group_size,
         ns.window,
         ns.max_tokens,
-        VARIANTS + (CALIBRATED if ns.with_gptq else []),
+        [
+            v
+            for v in VARIANTS + (AWQ if ns.with_awq else []) + (CALIBRATED if ns.with_gptq else [])
+            if ns.only is None or ns.only in v.name
+        ],
     )
     print(markdown(rows, rows[0]["tokens"]))
 

@@ -173,8 +173,9 @@ def quantize_checkpoint(
     calibration: str = "rtn",
 ) -> str:
     """Write the quantized copy of the HF folder src to dst (see the module docstring); returns dst.
-    calibration (int4): "rtn" rounds to nearest; "gptq" runs GPTQ (models/gptq.py) with Hessians from
-    text the model samples itself, and act-order by the Hessian's diagonal."""
+    calibration (int4): "rtn" rounds to nearest; "awq" folds AWQ's activation-aware scales and clips
+    (models/awq.py, on the shipped calibration text) before rounding to nearest; "gptq" runs GPTQ
+    (models/gptq.py) with Hessians from text the model samples itself, and act-order by the Hessian's diagonal."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -185,6 +186,10 @@ def quantize_checkpoint(
     for file in safetensors_files(src):
         with safe_open(file, framework="pt") as f:
             tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
+    if calibration == "awq" and fmt in ("awq", "gptq"):
+        from meshserve.models.awq import awq_transform
+
+        tensors = awq_transform(src, tensors, group_size, min_zero=int(fmt == "gptq"))
     hessians = {}
     if calibration == "gptq" and fmt in ("awq", "gptq"):
         from meshserve.models.gptq import calibration_ids, collect_hessians

@@ -56,6 +56,7 @@ VARIANTS = [
 # ~15-25 min more on a shared CPU (--with-calibrated)
 TEXT_CALIBRATED = [
     Variant("int4 AWQ, AWQ-calibrated", {}, "awq", "awq"),
+    Variant("int4 GPTQ, GPTQ-calibrated on the text", {}, "gptq", "gptq-text"),
     Variant("fp8 weights (compressed-tensors, GPTQ-calibrated)", {}, "compressed-tensors", "gptq-text"),
 ]
 # GPTQ calibrated on self-sampled text: several minutes more on a CPU (--with-gptq)
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--with-gptq", action="store_true", help="also GPTQ-calibrated int4 checkpoints")
     parser.add_argument(
-        "--with-calibrated", action="store_true", help="also AWQ int4 and GPTQ fp8 from the calibration text"
+        "--with-calibrated", action="store_true", help="also AWQ / GPTQ int4 and GPTQ fp8 from the calibration text"
     )
     parser.add_argument("--only", default=None, help="run only the variants whose name contains this")
     ns = parser.parse_args(argv)

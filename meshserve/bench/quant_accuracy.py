@@ -56,6 +56,7 @@ VARIANTS = [
 # ~15-25 min more on a shared CPU (--with-calibrated)
 TEXT_CALIBRATED = [
     Variant("int4 AWQ, AWQ-calibrated", {}, "awq", "awq"),
+    Variant("int4 AWQ, AWQ-calibrated, asymmetric clip", {}, "awq", "awq-asym"),
     Variant("int4 GPTQ, GPTQ-calibrated on the text", {}, "gptq", "gptq-text"),
     Variant("fp8 weights (compressed-tensors, GPTQ-calibrated)", {}, "compressed-tensors", "gptq-text"),
 ]

@@ -99,25 +99,36 @@ def search_scale(
     return s, {**info, "error": err, "rtn_error": rtn}
 
 
-def search_clip(weight: torch.Tensor, blocks: torch.Tensor, group_size: int, min_zero: int = 0) -> torch.Tensor:
-    """weight [N, K] clamped to the per (row, group) max|w| that minimises the group's output error
-    dw_g B_g dw_g^T (each group's clip is chosen alone, as AutoAWQ does)."""
+def search_clip(
+    weight: torch.Tensor, blocks: torch.Tensor, group_size: int, min_zero: int = 0, asymmetric: bool = False
+) -> torch.Tensor:
+    """weight [N, K] clamped, per (row, group), to the range that minimises the group's output error
+    dw_g B_g dw_g^T (each group's clip is chosen alone, as AutoAWQ does). AutoAWQ's range is +-max|w| shrunk
+    by 0, 5, ..., 45%; asymmetric: [min(w) * (1 - a), max(w) * (1 - b)] with a and b from the same steps, at
+    most two steps apart (the rounding grid's ends and its offset from zero move apart)."""
     n, k = weight.shape
     groups = k // group_size
     w = weight.float().view(n, groups, group_size)
     blocks = blocks.float()
-    org_max = w.abs().amax(dim=-1, keepdim=True)
+    if asymmetric:
+        org_lo, org_hi = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+    else:
+        org_hi = w.abs().amax(dim=-1, keepdim=True)
+        org_lo = -org_hi
+    steps = int(MAX_SHRINK * N_GRID)
+    pairs = [(i, j) for i in range(steps) for j in range(steps) if (abs(i - j) <= 2 if asymmetric else i == j)]
     best_err = torch.full((n, groups), float("inf"))
-    best_max = org_max.clone()
-    for i in range(int(MAX_SHRINK * N_GRID)):
-        max_val = org_max * (1 - i / N_GRID)
-        clipped = torch.clamp(w, -max_val, max_val)
+    best_lo, best_hi = org_lo.clone(), org_hi.clone()
+    for i, j in pairs:
+        lo, hi = org_lo * (1 - i / N_GRID), org_hi * (1 - j / N_GRID)
+        clipped = torch.maximum(torch.minimum(w, hi), lo)
         dw = fake_int4(clipped.view(n, k), group_size, min_zero).view(n, groups, group_size) - w
         err = group_errors(dw.view(n, k), blocks)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_max = torch.where(better[..., None], max_val, best_max)
-    return torch.clamp(w, -best_max, best_max).view(n, k).to(weight.dtype)
+        best_lo = torch.where(better[..., None], lo, best_lo)
+        best_hi = torch.where(better[..., None], hi, best_hi)
+    return torch.maximum(torch.minimum(w, best_hi), best_lo).view(n, k).to(weight.dtype)
 
 
 def _scaled_blocks(blocks: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -132,6 +143,7 @@ def awq_transform(
     group_size: int,
     min_zero: int = 0,
     clip: bool = True,
+    asymmetric_clip: bool = False,
     token_ids: list[list[int]] | None = None,
     log=None,
 ) -> dict[str, torch.Tensor]:
@@ -199,5 +211,5 @@ def awq_transform(
         }
         for n, blocks in grams.items():
             name = f"{p}.{n}.weight"
-            out[name] = search_clip(out[name], blocks, group_size, min_zero)
+            out[name] = search_clip(out[name], blocks, group_size, min_zero, asymmetric_clip)
     return out

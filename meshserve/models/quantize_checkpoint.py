@@ -174,7 +174,8 @@ def quantize_checkpoint(
 ) -> str:
     """Write the quantized copy of the HF folder src to dst (see the module docstring); returns dst.
     calibration (int4): "rtn" rounds to nearest; "awq" folds AWQ's activation-aware scales and clips
-    (models/awq.py, on the shipped calibration text) before rounding to nearest; "gptq" runs GPTQ
+    (models/awq.py, on the shipped calibration text) before rounding to nearest ("awq-asym": the clip
+    searches the group's two ends apart); "gptq" runs GPTQ
     (models/gptq.py) with Hessians from text the model samples itself, and act-order by the Hessian's diagonal;
     "gptq-text" the same with Hessians from the shipped calibration text (models/calibration.py). GPTQ also
     rounds compressed-tensors per-channel FP8 weights (error feedback onto the e4m3 grid)."""
@@ -188,10 +189,11 @@ def quantize_checkpoint(
     for file in safetensors_files(src):
         with safe_open(file, framework="pt") as f:
             tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
-    if calibration == "awq" and fmt in ("awq", "gptq"):
+    if calibration in ("awq", "awq-asym") and fmt in ("awq", "gptq"):
         from meshserve.models.awq import awq_transform
 
-        tensors = awq_transform(src, tensors, group_size, min_zero=int(fmt == "gptq"))
+        asym = calibration == "awq-asym"
+        tensors = awq_transform(src, tensors, group_size, min_zero=int(fmt == "gptq"), asymmetric_clip=asym)
     hessians = {}
     gptq_fp8 = fmt == "compressed-tensors" and strategy == "channel"
     if calibration in ("gptq", "gptq-text") and (fmt in ("awq", "gptq") or gptq_fp8):

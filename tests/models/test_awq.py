@@ -41,10 +41,11 @@ def test_scale_search_beats_round_to_nearest_where_inputs_are_loud():
     assert s[:: 128 // 6].min() > s.median()
 
 
-def test_clip_search_never_loses_to_the_unclipped_rounding():
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_clip_search_never_loses_to_the_unclipped_rounding(asymmetric):
     x, w = _loud_inputs(96, seed=1)
     blocks = _blocks(x)
-    clipped = search_clip(w, blocks, GROUP)
+    clipped = search_clip(w, blocks, GROUP, asymmetric=asymmetric)
     assert clipped.abs().le(w.abs() + 1e-7).all() and not torch.equal(clipped, w)
     err = output_error(fake_int4(clipped, GROUP) - w, blocks)
     assert err < output_error(fake_int4(w, GROUP) - w, blocks)

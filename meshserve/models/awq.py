@@ -15,9 +15,9 @@ alpha from a grid of 20. Then v/o/gate/up/down (not q/k, whose error the softmax
 (output row, group) clip of max|w| from {1, 0.95, ..., 0.55} x max|w|.
 
 The loss both searches minimise is the projections' output error on the calibration inputs, sum over tokens
-of |x (W_q - W)^T|^2, each group's part dW_g B_g dW_g^T with B_g the group's diagonal block of the input's Gram
-matrix X^T X (calibration.py), not AutoAWQ's re-run of the whole attention / MLP block per grid point: GPTQ's
-objective without the cross-group terms (independent roundings cancel there), cheap enough for a CPU.
+of |x (W_q - W)^T|^2, each group's part dW_g B_g dW_g^T with B_g the group's diagonal block of the input's
+Gram matrix X^T X (calibration.py), not AutoAWQ's re-run of the whole attention / MLP block per grid point:
+GPTQ's objective without the cross-group terms (independent roundings cancel there), cheap enough for a CPU.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def group_errors(dw: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 
 def output_error(dw: torch.Tensor, blocks: torch.Tensor) -> float:
-    """sum over tokens of |x dw^T|^2, each group's own part (the Gram matrix's diagonal blocks: rounding errors
-    of different groups are independent, so the blocks hold what one group's rounding costs)."""
+    """sum over tokens of |x dw^T|^2, each group's own part (the Gram matrix's diagonal blocks: rounding
+    errors of different groups are independent, so the blocks hold what one group's rounding costs)."""
     return float(group_errors(dw, blocks).sum())
 
 
@@ -83,7 +83,8 @@ def search_scale(
     blocks = blocks.float()
 
     def error(s_full):
-        return sum(output_error(fake_int4(w * s_full, group_size, min_zero) / s_full - w, blocks) for w in weights)
+        rounded = [fake_int4(w * s_full, group_size, min_zero) / s_full for w in weights]
+        return sum(output_error(r - w, blocks) for r, w in zip(rounded, weights))
 
     ones = torch.ones_like(x_mean, dtype=torch.float32)
     rtn = error(expand(ones))
@@ -116,7 +117,7 @@ def search_clip(
         org_hi = w.abs().amax(dim=-1, keepdim=True)
         org_lo = -org_hi
     steps = int(MAX_SHRINK * N_GRID)
-    pairs = [(i, j) for i in range(steps) for j in range(steps) if (abs(i - j) <= 2 if asymmetric else i == j)]
+    pairs = [(i, j) for i in range(steps) for j in range(steps) if abs(i - j) <= (2 if asymmetric else 0)]
     best_err = torch.full((n, groups), float("inf"))
     best_lo, best_hi = org_lo.clone(), org_hi.clone()
     for i, j in pairs:
@@ -154,15 +155,16 @@ def awq_transform(
 
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
-    num_layers = config["num_hidden_layers"]
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    num_layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    out = dict(tensors)
-    names = {
-        f"model.layers.{i}.{m}" for i in range(num_layers) for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
-    }
-    stats = collect_input_stats(model_dir, token_ids or calibration_text_ids(model_dir, max_windows=8), names, group_size)
+    group = heads // kv_heads
+    inputs = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")  # one per input
+    names = {f"model.layers.{i}.{m}" for i in range(num_layers) for m in inputs}
+    ids = token_ids or calibration_text_ids(model_dir, max_windows=8)
+    stats = collect_input_stats(model_dir, ids, names, group_size)
     log = log or (lambda *_: None)
+    out = dict(tensors)
 
     def scale_cols(name, s):  # w[:, k] *= s[k]
         out[name] = (out[name].float() * s[None, :]).to(tensors[name].dtype)
@@ -171,24 +173,30 @@ def awq_transform(
         w = out[name].float()
         out[name] = (w / s.view(-1, *([1] * (w.dim() - 1)))).to(tensors[name].dtype)
 
+    def tie(s_v):  # a scale per v output row -> one per o input (query head h reads kv head h // group)
+        return s_v.view(kv_heads, 1, head_dim).expand(kv_heads, group, head_dim).reshape(-1)
+
     for i in range(num_layers):
         p = f"model.layers.{i}"
-        w = {n: out[f"{p}.{n}.weight"].float() for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-        st = {n: stats[f"{p}.{n}"] for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}
-        qkv = [w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]]
-        s_qkv, info = search_scale(qkv, st["self_attn.q_proj"].abs_mean, st["self_attn.q_proj"].blocks, group_size, min_zero)
+
+        def weight(n, p=p):
+            return out[f"{p}.{n}.weight"].float()
+
+        st = {n.split(".")[1]: stats[f"{p}.{n}"] for n in inputs}
+        qkv = [weight(f"self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj")]
+        s_qkv, info = search_scale(qkv, st["q_proj"].abs_mean, st["q_proj"].blocks, group_size, min_zero)
         log(i, "qkv", info)
-        group = heads // kv_heads
-
-        def tie(s_v):  # a scale per v output row -> one per o input feature (query head h reads kv head h // group)
-            return s_v.view(kv_heads, 1, head_dim).expand(kv_heads, group, head_dim).reshape(-1)
-
-        x_o = st["self_attn.o_proj"].abs_mean.view(kv_heads, group, head_dim).mean(dim=1).reshape(-1)
-        s_v, info = search_scale([w["self_attn.o_proj"]], x_o, st["self_attn.o_proj"].blocks, group_size, min_zero, tie)
+        x_o = st["o_proj"].abs_mean.view(kv_heads, group, head_dim).mean(dim=1).reshape(-1)
+        o = [weight("self_attn.o_proj")]
+        s_v, info = search_scale(o, x_o, st["o_proj"].blocks, group_size, min_zero, tie)
         log(i, "o", info)
-        s_mlp, info = search_scale([w["mlp.gate_proj"], w["mlp.up_proj"]], st["mlp.gate_proj"].abs_mean, st["mlp.gate_proj"].blocks, group_size, min_zero)
+        gate_up = [weight("mlp.gate_proj"), weight("mlp.up_proj")]
+        x_mlp = st["gate_proj"]
+        s_mlp, info = search_scale(gate_up, x_mlp.abs_mean, x_mlp.blocks, group_size, min_zero)
         log(i, "gate/up", info)
-        s_down, info = search_scale([w["mlp.down_proj"]], st["mlp.down_proj"].abs_mean, st["mlp.down_proj"].blocks, group_size, min_zero)
+        down = [weight("mlp.down_proj")]
+        x_down = st["down_proj"]
+        s_down, info = search_scale(down, x_down.abs_mean, x_down.blocks, group_size, min_zero)
         log(i, "down", info)
         scale_rows(f"{p}.input_layernorm.weight", s_qkv)
         for n in ("q_proj", "k_proj", "v_proj"):
@@ -202,14 +210,14 @@ def awq_transform(
         scale_cols(f"{p}.mlp.down_proj.weight", s_down)
         if not clip:
             continue
-        grams = {
-            "self_attn.v_proj": _scaled_blocks(st["self_attn.q_proj"].blocks, s_qkv),
-            "self_attn.o_proj": _scaled_blocks(st["self_attn.o_proj"].blocks, tie(s_v)),
-            "mlp.gate_proj": _scaled_blocks(st["mlp.gate_proj"].blocks, s_mlp),
-            "mlp.up_proj": _scaled_blocks(st["mlp.gate_proj"].blocks, s_mlp),
-            "mlp.down_proj": _scaled_blocks(st["mlp.down_proj"].blocks, s_down),
+        seen = {  # the Gram blocks of each clipped projection's (scaled) input
+            "self_attn.v_proj": _scaled_blocks(st["q_proj"].blocks, s_qkv),
+            "self_attn.o_proj": _scaled_blocks(st["o_proj"].blocks, tie(s_v)),
+            "mlp.gate_proj": _scaled_blocks(st["gate_proj"].blocks, s_mlp),
+            "mlp.up_proj": _scaled_blocks(st["gate_proj"].blocks, s_mlp),
+            "mlp.down_proj": _scaled_blocks(st["down_proj"].blocks, s_down),
         }
-        for n, blocks in grams.items():
+        for n, blocks in seen.items():
             name = f"{p}.{n}.weight"
             out[name] = search_clip(out[name], blocks, group_size, min_zero, asymmetric_clip)
     return out

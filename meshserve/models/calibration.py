@@ -21,7 +21,9 @@ def calibration_text() -> str:
     return resources.files("meshserve.bench").joinpath("data/calibration_text.txt").read_text()
 
 
-def calibration_text_ids(tokenizer_dir: str, window: int = 512, max_windows: int | None = None) -> list[list[int]]:
+def calibration_text_ids(
+    tokenizer_dir: str, window: int = 512, max_windows: int | None = None
+) -> list[list[int]]:
     """The calibration text's token ids in full windows of `window` tokens (the shorter tail is dropped)."""
     from transformers import AutoTokenizer
 
@@ -34,7 +36,7 @@ def calibration_text_ids(tokenizer_dir: str, window: int = 512, max_windows: int
 class InputStats:
     """Statistics of one projection's input x [T, K] over the calibration tokens."""
 
-    blocks: torch.Tensor  # [K / G, G, G] fp64: block g is the sum over tokens of x_g^T x_g, x_g = x[g*G:(g+1)*G]
+    blocks: torch.Tensor  # [K / G, G, G] fp64: block g sums x_g^T x_g over tokens, x_g = x[g*G:(g+1)*G]
     abs_sum: torch.Tensor  # [K] fp64, sum over tokens of |x|
     count: int
 
@@ -46,10 +48,11 @@ class InputStats:
 def collect_input_stats(
     model_dir: str, token_ids: list[list[int]], names: set[str], group_size: int, skip_first: bool = False
 ) -> dict[str, InputStats]:
-    """InputStats of the input of every nn.Linear whose module name is in names, from one pass of the 16/32-bit
-    model (transformers, fp32). Only the Gram matrix's diagonal blocks are kept: per group they are what a
-    group's rounding error costs, at 1/(K/G) of the full matrix's time and memory. skip_first leaves out each window's first position (the attention sink, whose
-    activations are orders of magnitude louder than the rest)."""
+    """InputStats of the input of every nn.Linear whose module name is in names, from one pass of the
+    16/32-bit model (transformers, fp32). Only the Gram matrix's diagonal blocks (groups of group_size inputs)
+    are kept: per group they are what a group's rounding error costs, at 1/(K/G) of the full matrix's time
+    and memory. skip_first leaves out each window's first position (the attention sink, whose activations are
+    orders of magnitude louder than the rest)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -56,7 +56,8 @@ def test_folded_scales_keep_the_fp32_function(tiny_model_dir, tmp_path, hf_model
     tensors = load_file(f"{src}/model.safetensors")
     folded = awq_transform(src, tensors, GROUP, clip=False, token_ids=IDS)
     changed = [n for n in tensors if not torch.equal(tensors[n], folded[n])]
-    for part in ("input_layernorm", "post_attention_layernorm", "q_proj", "v_proj", "o_proj", "up_proj", "down_proj"):
+    parts = ("input_layernorm", "post_attention_layernorm", "q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+    for part in parts:
         assert any(part in n for n in changed), part
     dst = save_plain_copy(src, str(tmp_path / "folded"), folded)
     ids = torch.tensor(IDS)
@@ -71,14 +72,17 @@ def test_awq_brings_the_int4_model_closer_to_fp32_than_round_to_nearest(tiny_mod
     ids = torch.tensor(IDS)
 
     def logits_error(weights, name):
-        rounded = {n: fake_int4(t, GROUP) if n.startswith("model.layers.") and "_proj" in n else t for n, t in weights.items()}
+        rounded = {
+            n: fake_int4(t, GROUP) if n.startswith("model.layers.") and "_proj" in n else t
+            for n, t in weights.items()
+        }
         with torch.no_grad():
             quant = hf_model(save_plain_copy(src, str(tmp_path / name), rounded))(ids).logits
             return (quant - hf_model(src)(ids).logits).pow(2).mean().item()
 
     rtn = logits_error(tensors, "rtn")
     awq = logits_error(awq_transform(src, tensors, GROUP, token_ids=IDS), "awq")
-    assert awq < rtn  # a random model has no loud features: the gain is small here (the real one: QUANTIZATION.md)
+    assert awq < rtn  # a random model has no loud features: the gain is small (the real one: QUANTIZATION.md)
 
 
 def test_awq_checkpoint_matches_its_independent_dequantization(tiny_model_dir, tmp_path):

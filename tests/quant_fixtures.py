@@ -77,7 +77,7 @@ def save_plain_copy(src: str, dst: str, tensors: dict[str, torch.Tensor]) -> str
     save_file(tensors, os.path.join(dst, "model.safetensors"))
     with open(os.path.join(src, "config.json")) as f:
         config = json.load(f)
-    config.pop("quantization_config")
+    config.pop("quantization_config", None)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f)
     return dst

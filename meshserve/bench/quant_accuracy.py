@@ -5,11 +5,13 @@ SmolLM2 tokens; windows of `window` tokens scored from their own start, the same
 mean |difference| of the text tokens' log-probabilities from the baseline's, and greedy agreement: the share of
 generated tokens, over a fixed prompt set, that match the baseline's before the first divergence.
 
-INT4 variants are made by meshserve's own quantizer (models/quantize_checkpoint.py: round-to-nearest, or GPTQ
-calibrated on text the model samples itself) into AWQ and GPTQ checkpoints in a temporary folder, so the loader
-and kernels run on real packed numbers.
+INT4 variants are made by meshserve's own quantizer (models/quantize_checkpoint.py: round-to-nearest, AWQ
+calibrated on the shipped calibration text (models/calibration.py: Shakespeare, not the evaluation text), or
+GPTQ calibrated on text the model samples itself) into AWQ and GPTQ checkpoints in a temporary folder, so the
+loader and kernels run on real packed numbers; so is the GPTQ-rounded FP8 compressed-tensors checkpoint.
 
     python -m meshserve.bench.quant_accuracy [--model DIR] [--dtype float32] [--group-size 64] [--with-gptq]
+        [--with-calibrated] [--only NAME-PART]
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ PROMPTS = [
 class Variant:
     name: str
     kwargs: dict  # LLM keyword arguments beyond the model (quantization, kv_cache_dtype)
-    checkpoint: str | None = (
-        None  # an int4 format to write with the quantizer ("awq", "gptq", "gptq-act-order")
-    )
+    fmt: str | None = None  # a checkpoint format to write with the quantizer ("awq", "gptq", "compressed-tensors")
+    calibration: str = "rtn"  # the quantizer's calibration (quantize_checkpoint)
+    desc_act: bool = False
 
 
 VARIANTS = [
@@ -48,12 +50,20 @@ VARIANTS = [
     Variant("fp8 weights + fp8 KV", {"quantization": "fp8", "kv_cache_dtype": "fp8"}),
     Variant("int4 AWQ", {}, "awq"),
     Variant("int4 GPTQ", {}, "gptq"),
-    Variant("int4 GPTQ act-order", {}, "gptq-act-order"),
+    Variant("int4 GPTQ act-order", {}, "gptq", desc_act=True),
+]
+# calibrated on the shipped calibration text (models/calibration.py: Shakespeare, not the evaluation text):
+# ~15-25 min more on a shared CPU (--with-calibrated)
+TEXT_CALIBRATED = [
+    Variant("int4 AWQ, AWQ-calibrated", {}, "awq", "awq"),
+    Variant("int4 AWQ, AWQ-calibrated, asymmetric clip", {}, "awq", "awq-asym"),
+    Variant("int4 GPTQ, GPTQ-calibrated on the text", {}, "gptq", "gptq-text"),
+    Variant("fp8 weights (compressed-tensors, GPTQ-calibrated)", {}, "compressed-tensors", "gptq-text"),
 ]
 # GPTQ calibrated on self-sampled text: several minutes more on a CPU (--with-gptq)
 CALIBRATED = [
-    Variant("int4 GPTQ, GPTQ-calibrated", {}, "gptq-calibrated"),
-    Variant("int4 GPTQ act-order, GPTQ-calibrated", {}, "gptq-act-order-calibrated"),
+    Variant("int4 GPTQ, GPTQ-calibrated", {}, "gptq", "gptq"),
+    Variant("int4 GPTQ act-order, GPTQ-calibrated", {}, "gptq", "gptq", desc_act=True),
 ]
 
 
@@ -115,21 +125,20 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             path = model_dir
-            if v.checkpoint:
-                fmt = v.checkpoint.split("-")[0]
+            if v.fmt:
                 path = quantize_checkpoint(
                     model_dir,
-                    os.path.join(tmp, v.checkpoint),
-                    fmt,
+                    os.path.join(tmp, f"{v.fmt}-{v.calibration}-{int(v.desc_act)}"),
+                    v.fmt,
                     group_size=group_size,
-                    desc_act="act-order" in v.checkpoint,
-                    calibration="gptq" if v.checkpoint.endswith("calibrated") else "rtn",
+                    desc_act=v.desc_act,
+                    calibration=v.calibration,
                 )
             llm = LLM(path, tokenizer=model_dir, dtype=dtype, **v.kwargs)
             lp = score(llm, windows)
             rows.append(
                 {
-                    "variant": v.name + (f" (g{group_size})" if v.checkpoint else ""),
+                    "variant": v.name + (f" (g{group_size})" if v.fmt in ("awq", "gptq") else ""),
                     "ppl": math.exp(-sum(lp) / len(lp)),
                     "dlogprob": sum(abs(a - b) for a, b in zip(lp, base_lp)) / len(lp),
                     "agree": agreement(greedy(llm, prompts, max_tokens), base_gen),
@@ -165,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--with-gptq", action="store_true", help="also GPTQ-calibrated int4 checkpoints")
+    parser.add_argument(
+        "--with-calibrated", action="store_true", help="also AWQ / GPTQ int4 and GPTQ fp8 from the calibration text"
+    )
+    parser.add_argument("--only", default=None, help="run only the variants whose name contains this")
     ns = parser.parse_args(argv)
     model_dir = ns.model
     if model_dir is None:
@@ -177,7 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         ns.group_size,
         ns.window,
         ns.max_tokens,
-        VARIANTS + (CALIBRATED if ns.with_gptq else []),
+        [
+            v
+            for v in VARIANTS + (TEXT_CALIBRATED if ns.with_calibrated else []) + (CALIBRATED if ns.with_gptq else [])
+            if ns.only is None or ns.only in v.name
+        ],
     )
     print(markdown(rows, rows[0]["tokens"]))
 

@@ -173,8 +173,12 @@ def quantize_checkpoint(
     calibration: str = "rtn",
 ) -> str:
     """Write the quantized copy of the HF folder src to dst (see the module docstring); returns dst.
-    calibration (int4): "rtn" rounds to nearest; "gptq" runs GPTQ (models/gptq.py) with Hessians from
-    text the model samples itself, and act-order by the Hessian's diagonal."""
+    calibration (int4): "rtn" rounds to nearest; "awq" folds AWQ's activation-aware scales and clips
+    (models/awq.py, on the shipped calibration text) before rounding to nearest ("awq-asym": the clip
+    searches the group's two ends apart); "gptq" runs GPTQ
+    (models/gptq.py) with Hessians from text the model samples itself, and act-order by the Hessian's diagonal;
+    "gptq-text" the same with Hessians from the shipped calibration text (models/calibration.py). GPTQ also
+    rounds compressed-tensors per-channel FP8 weights (error feedback onto the e4m3 grid)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -185,12 +189,20 @@ def quantize_checkpoint(
     for file in safetensors_files(src):
         with safe_open(file, framework="pt") as f:
             tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
+    if calibration in ("awq", "awq-asym") and fmt in ("awq", "gptq"):
+        from meshserve.models.awq import awq_transform
+
+        asym = calibration == "awq-asym"
+        tensors = awq_transform(src, tensors, group_size, min_zero=int(fmt == "gptq"), asymmetric_clip=asym)
     hessians = {}
-    if calibration == "gptq" and fmt in ("awq", "gptq"):
+    gptq_fp8 = fmt == "compressed-tensors" and strategy == "channel"
+    if calibration in ("gptq", "gptq-text") and (fmt in ("awq", "gptq") or gptq_fp8):
+        from meshserve.models.calibration import calibration_text_ids
         from meshserve.models.gptq import calibration_ids, collect_hessians
 
         names = {n[: -len(".weight")] for n in tensors if is_projection(n)}
-        hessians = collect_hessians(src, calibration_ids(src), names)
+        ids = calibration_ids(src) if calibration == "gptq" else calibration_text_ids(src, max_windows=8)
+        hessians = collect_hessians(src, ids, names)
     out: dict[str, torch.Tensor] = {}
     num_layers = 0
     extra = _MLA_PROJECTIONS + _MIXTRAL_EXPERTS if fmt == "fp8_block" else ()
@@ -200,7 +212,14 @@ def quantize_checkpoint(
             continue
         num_layers = max(num_layers, int(name.split(".")[2]) + 1)
         base = name[: -len(".weight")]
-        if hessians:
+        if hessians and gptq_fp8:
+            from meshserve.models.gptq import gptq_fp8_quantize
+
+            weight, scale = gptq_fp8_quantize(tensor, hessians[base])
+            parts = {"weight": weight, "weight_scale": scale[:, None]}
+            if input_scale is not None:
+                parts["input_scale"] = torch.tensor([float(input_scale)])
+        elif hessians:
             from meshserve.models.gptq import gptq_quantize
 
             qw = gptq_quantize(tensor, hessians[base], group_size, desc_act, min_zero=int(fmt == "gptq"))

@@ -112,6 +112,7 @@ def test_int4_checkpoint_matches_its_independent_dequantization(fmt, options, ti
     [
         ("compressed-tensors", {"strategy": "channel"}),
         ("compressed-tensors", {"strategy": "tensor", "input_scale": 0.05, "kv_scale": 0.5}),
+        ("compressed-tensors", {"strategy": "channel", "calibration": "gptq-text"}),  # GPTQ-rounded fp8
         ("fbgemm_fp8", {}),
     ],
 )
@@ -141,9 +142,10 @@ def test_fp8_checkpoint_loads_its_scales(fmt, options, tiny_model_dir, tmp_path)
     quant = _prompt_logprobs(LLM(qdir, kv_cache_dtype="fp8" if "kv_scale" in options else "auto"), PROMPT)
     plain_dir = _dequantized_copy(qdir, str(tmp_path / "d"), fmt)
     online = _prompt_logprobs(LLM(plain_dir, tokenizer=src, quantization="fp8"), PROMPT)
-    if options.get("strategy", "channel") == "channel":
+    if options.get("strategy", "channel") == "channel" and "calibration" not in options:
         torch.testing.assert_close(quant, online, atol=1e-5, rtol=1e-5)
-    else:  # (the tiny random model's large weights amplify fp8 rounding: ~5% of a logprob)
+    else:  # (the tiny random model's large weights amplify fp8 rounding: ~5% of a logprob; GPTQ's error
+        # feedback can lower a row's absmax, so online fp8 rescales and rounds that row again)
         assert (quant - online).abs().mean() < 0.1 * online.abs().mean()
 
 

@@ -51,7 +51,8 @@ def remove_model(runner, token_id: int = 17) -> None:
                 drafts = s.token_ids[len(s.token_ids) - s.num_spec_tokens:]
                 accepted = next((i for i, t in enumerate(drafts) if t != token_id), len(drafts))
                 packed.append([accepted, token_id] + drafts + [0] * (k - len(drafts)))
-            spec = (verify, torch.tensor(packed, dtype=torch.int64))
+            num_proposed = torch.tensor([s.num_spec_tokens for s in verify], dtype=torch.int64)
+            spec = (verify, torch.tensor(packed, dtype=torch.int64), num_proposed)  # as StepSampler._verify
         ids = torch.full((len(rows),), token_id, dtype=torch.int64) if rows else None
         if ids is None:  # _pending remembers the step's tokens only with sampled rows (as StepSampler.sample)
             sampling._remember([], None, spec)

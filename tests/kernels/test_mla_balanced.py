@@ -37,10 +37,16 @@ def _check(heads, rank, rope, seq_lens, num_programs, dtype, device, atol, block
     torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=atol)
 
 
+# 40 programs in the interpreter take 3-4 s each: the plain loop keeps that case in the default suite, the
+# prefetch and transposed loops run it with -m slow (their 1/3/7-program cases stay)
+_SLOW_40 = [pytest.param(40, loop, marks=pytest.mark.slow) for loop in ("prefetch", "transposed")]
+
+
 @needs_triton
 @pytest.mark.skipif(_HAS_CUDA, reason="the Triton interpreter on CPU (on a GPU: the -m gpu test)")
-@pytest.mark.parametrize("num_programs", [1, 3, 7, 40])
-@pytest.mark.parametrize("loop", ["plain", "prefetch", "transposed"])
+@pytest.mark.parametrize(("num_programs", "loop"),
+                         [(n, loop) for n in (1, 3, 7) for loop in ("plain", "prefetch", "transposed")]
+                         + [(40, "plain"), *_SLOW_40])
 def test_balanced_decode_in_interpreter(num_programs, loop):
     # 20 heads: two head blocks; lengths from one tile to many, padding rows (seq_len 0) between and at the end
     # (they own no piece: a program walking past one must not write a workspace slot for it); 40 programs:

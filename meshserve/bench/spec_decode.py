@@ -179,8 +179,11 @@ def run_replay(ns) -> list[dict]:
     rows = []
     for k in [int(x) for x in ns.replay_k.split(",")]:
         llm = LLM(**_engine_kwargs(ns), speculative_config={"method": "ngram", "num_speculative_tokens": k})
-        llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
         vocab = llm.engine.config.model_config.vocab_size
+        # warm-up with proposals that all hold: the engine's first verify steps (their one-off costs) and the
+        # gate's first measurements fall here, not in the first timed row
+        llm.engine.core.speculator.proposer = ReplayProposer(references, k, 0.0, vocab)
+        llm.generate(prompts, SamplingParams(max_tokens=4 * (k + 1), ignore_eos=True), use_tqdm=False)
         for p_ok in [float(x) for x in ns.replay.split(",")]:
             proposer = ReplayProposer(references, k, 1.0 - p_ok, vocab)
             llm.engine.core.speculator.proposer = proposer

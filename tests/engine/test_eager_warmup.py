@@ -172,3 +172,86 @@ def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
     with caplog.at_level("ERROR"), _best_effort("sampling"):
         raise RuntimeError("boom")
     assert "sampling warm-up failed" in caplog.text and "boom" in caplog.text
+
+
+# -- the larger steps: MLA prefill past its workspace, the MoE's tile configs (issue 29) ---------------------------
+
+
+def _context(step, min_query_len):
+    """The step's MLA prefill context rows (kernels/mla_prefill.prefill_context: sequences of enough new tokens)."""
+    return sum(s.num_computed_tokens + s.num_new_tokens for s in step if s.num_new_tokens >= min_query_len)
+
+
+def _well_formed(step, bounds, num_blocks):
+    blocks = [b for s in step for b in s.block_table]
+    assert len(blocks) == len(set(blocks)) and max(blocks) < num_blocks
+    assert len(step) <= bounds.max_num_seqs
+    assert sum(s.num_new_tokens for s in step) <= bounds.max_num_batched_tokens
+    for s in step:
+        assert s.num_computed_tokens + s.num_new_tokens <= bounds.max_model_len and not s.do_sample
+        assert len(s.block_table) * 16 >= s.num_computed_tokens + s.num_new_tokens
+
+
+@pytest.mark.parametrize("max_model_len", [32768, 4096, 1000])
+def test_chunked_context_steps_reach_every_query_tile_and_merge_tile_in_three_pieces(max_model_len):
+    """Every BLOCK_Q the MLA prefill picks for a step's query length (9 to a full step's 8192 tokens), and every
+    LSE merge row tile for 128-wide values, behind a context of three workspaces (the merge into the fp32
+    accumulator and into the output)."""
+    from meshserve.engine.eager_warmup import StepBounds, chunked_context_steps
+    from meshserve.kernels.triton_lse_merge import merge_tiles
+    from meshserve.kernels.triton_mla_prefill import prefill_config
+
+    bounds = StepBounds(max_model_len, 256, 8192)
+    steps = chunked_context_steps(16, 100_000, 8192, bounds, min_query_len=9)
+    for step in steps:
+        _well_formed(step, bounds, 100_000)
+        assert _context(step, 9) > 2 * 8192
+        assert all(s.num_new_tokens >= 9 for s in step)
+    longest = [max(s.num_new_tokens for s in step) for step in steps]
+    for elem in (2, 4):  # bf16 and the fp32 tests' smaller tiles
+        assert {prefill_config(q, elem)[0] for q in longest} == {prefill_config(q, elem)[0] for q in range(9, 8193)}
+    assert {merge_tiles(q, 128)[1] for q in longest} == {merge_tiles(q, 128)[1] for q in range(9, 8193)}
+
+
+def test_chunked_context_steps_fall_back_to_two_pieces_or_none():
+    from meshserve.engine.eager_warmup import StepBounds, chunked_context_steps
+
+    two = chunked_context_steps(16, 100_000, 8192, StepBounds(4096, 3, 8192), 9)  # at most 3 x 4096 rows
+    assert len(two) == 4 and all(8192 < _context(s, 9) <= 2 * 8192 for s in two)
+    assert chunked_context_steps(16, 100_000, 8192, StepBounds(4096, 2, 8192), 9) == []  # never past one piece
+    assert chunked_context_steps(16, 500, 8192, StepBounds(32768, 256, 8192), 9) == []  # the pool is too small
+    short = chunked_context_steps(16, 100_000, 8192, StepBounds(32768, 256, 40), 9)  # a step of 40 tokens
+    assert [max(s.num_new_tokens for s in step) for step in short] == [16, 32]
+
+
+def test_token_count_steps_split_prompts_at_max_model_len():
+    from meshserve.engine.eager_warmup import StepBounds, token_count_steps
+
+    bounds = StepBounds(512, 16, 2048)
+    steps = token_count_steps([1, 3, 257, 1025, 4096], 16, 10_000, bounds)
+    assert [[s.num_new_tokens for s in step] for step in steps] == [[1], [3], [257], [512, 512, 1]]
+    for step in steps:
+        _well_formed(step, bounds, 10_000)
+        assert all(s.num_computed_tokens == 0 for s in step)
+
+
+class _Workspace:
+    chunk_tokens = 64
+
+
+def test_warm_up_runs_the_token_count_and_chunked_steps_with_bounds():
+    from meshserve.engine.eager_warmup import StepBounds, mla_chunk_tokens
+
+    mla = _Layer(None)
+    mla.prefill_workspace = _Workspace()
+    assert mla_chunk_tokens([_Layer(None), mla]) == 64 and mla_chunk_tokens([_Layer(None)]) == 0
+    seen = []
+    bounds = StepBounds(1024, 8, 256)
+    n = warm_up_eager_steps(lambda step: (step,), lambda step: seen.append(step), [mla], 16, 1000, 8,
+                            torch.device("cpu"), bounds=bounds, token_counts=[3, 200])
+    sizes = [[s.num_new_tokens for s in step] for step in seen]
+    # behind a block 2..8, decode-only, the token counts, the chunked steps (no split heuristic: one mixed step)
+    assert sizes[:5] == [[2], [4], [8], [1], [1, 1]] and sizes[5:7] == [[3], [200]]
+    chunked = seen[7:11]
+    assert [step[0].num_new_tokens for step in chunked] == [16, 32, 64, 128]
+    assert all(_context(step, 9) > 2 * 64 for step in chunked) and n == len(seen) == 12

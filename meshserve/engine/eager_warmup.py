@@ -36,12 +36,6 @@ from meshserve.engine.scheduler_output import ScheduledSequence
 logger = logging.getLogger(__name__)
 
 MIXED_PREFILL_TOKENS = 16  # the prefill chunk beside the decode row of a mixed warm-up step
-# query lengths of the chunked-context steps: one per BLOCK_Q that triton_mla_prefill.prefill_config picks (16 up
-# to 128; MLA prefill rows have more than ABSORBED_MAX_QUERY_LEN = 8 new tokens), which also give the LSE merge's
-# row tiles (BLOCK_T = min(next_pow2(max_query_len), 4096 // BLOCK_V): 16 and 32 for 128-wide values)
-CHUNKED_QUERY_LENS = (16, 32, 64, 128)
-
-
 @dataclass(frozen=True)
 class StepBounds:
     """The scheduler's limits on a step (SchedulerConfig's), which the warm-up's larger steps respect."""
@@ -124,16 +118,34 @@ def token_count_steps(
     return steps
 
 
+def chunked_query_lens(max_tokens: int, min_query_len: int, v_dim: int, elem_size: int) -> list[int]:
+    """The fewest new tokens (min_query_len..max_tokens) of a step's longest MLA prefill query that give each
+    pair of tiles its kernels pick by that length: the prefill kernel's BLOCK_Q (triton_mla_prefill.prefill_config)
+    and the LSE merge's BLOCK_T (triton_lse_merge.merge_tiles). 16-bit, 128-wide values: 9, 17, 33, 65."""
+    from meshserve.kernels.triton_lse_merge import merge_tiles
+    from meshserve.kernels.triton_mla_prefill import prefill_config
+
+    first: dict[tuple[int, int], int] = {}
+    for q in range(min_query_len, max_tokens + 1):
+        first.setdefault((prefill_config(q, elem_size)[0], merge_tiles(q, v_dim)[1]), q)
+    return sorted(first.values())
+
+
 def chunked_context_steps(
-    block_size: int, num_blocks: int, chunk_tokens: int, bounds: StepBounds, min_query_len: int
+    block_size: int,
+    num_blocks: int,
+    chunk_tokens: int,
+    bounds: StepBounds,
+    query_lens: Sequence[int],
+    min_query_len: int,
 ) -> list[list[ScheduledSequence]]:
-    """Per query length of CHUNKED_QUERY_LENS, one step whose MLA prefill context (the cached + new tokens of
-    its sequences with at least min_query_len new ones) spans three workspaces of chunk_tokens rows, or two
-    where the bounds allow no more (none: serving cannot reach the variants either). Its first sequence has
-    the query length; more sequences, of min_query_len new tokens behind their own cached prefixes, add
+    """Per query length of query_lens (chunked_query_lens), one step whose MLA prefill context (the cached + new
+    tokens of its sequences with at least min_query_len new ones) spans three workspaces of chunk_tokens rows,
+    or two where the bounds allow no more (none: serving cannot reach the variants either). Its first sequence
+    has the query length; more sequences, of min_query_len new tokens behind their own cached prefixes, add
     context where max_model_len caps one."""
     steps = []
-    for q in CHUNKED_QUERY_LENS:
+    for q in query_lens:
         for pieces in (3, 2):
             need = (pieces - 1) * chunk_tokens + 1  # context rows
             lengths, ctx = [], 0
@@ -149,11 +161,11 @@ def chunked_context_steps(
     return steps
 
 
-def mla_chunk_tokens(layers) -> int:
-    """The context rows an MLA layer's prefill workspace expands at once (the largest among the layers); 0 when
-    no layer has one (no batched MLA prefill: nothing is cut into pieces)."""
+def mla_workspace_shape(layers):
+    """The WorkspaceShape of the layers' MLA prefill workspace (kernels/mla_prefill_workspace.py: one per runner,
+    bound where the batched prefill runs), or None: no batched MLA prefill, nothing is cut into pieces."""
     found = (getattr(layer, "prefill_workspace", None) for layer in layers)
-    return max((w.chunk_tokens for w in found if w is not None), default=0)
+    return next((w.shape for w in found if w is not None), None)
 
 
 def decode_steps(block_size: int, num_blocks: int) -> list[list[ScheduledSequence]]:
@@ -234,11 +246,14 @@ def warm_up_eager_steps(
     plain += context_prefill_steps(block_size, num_blocks, limit, max_len) + decode_steps(block_size, num_blocks)
     if bounds is not None:
         plain += token_count_steps(token_counts, block_size, num_blocks, bounds)
-        chunk_tokens = mla_chunk_tokens(layers)
-        if chunk_tokens:
+        shape = mla_workspace_shape(layers)
+        if shape is not None:
             from meshserve.layers.mla_attention import ABSORBED_MAX_QUERY_LEN
 
-            plain += chunked_context_steps(block_size, num_blocks, chunk_tokens, bounds, ABSORBED_MAX_QUERY_LEN + 1)
+            shortest = ABSORBED_MAX_QUERY_LEN + 1  # fewer new tokens: the absorbed path's rows
+            elem = torch.empty(0, dtype=shape.dtype).element_size()
+            lens = chunked_query_lens(bounds.max_num_batched_tokens, shortest, shape.v_dim, elem)
+            plain += chunked_context_steps(block_size, num_blocks, shape.chunk_tokens, bounds, lens, shortest)
     for step in plain:
         forward(*prepare(step))
         steps += 1

@@ -192,36 +192,43 @@ def _well_formed(step, bounds, num_blocks):
         assert len(s.block_table) * 16 >= s.num_computed_tokens + s.num_new_tokens
 
 
-@pytest.mark.parametrize("max_model_len", [32768, 4096, 1000])
-def test_chunked_context_steps_reach_every_query_tile_and_merge_tile_in_three_pieces(max_model_len):
-    """Every BLOCK_Q the MLA prefill picks for a step's query length (9 to a full step's 8192 tokens), and every
-    LSE merge row tile for 128-wide values, behind a context of three workspaces (the merge into the fp32
-    accumulator and into the output)."""
-    from meshserve.engine.eager_warmup import StepBounds, chunked_context_steps
+def test_chunked_query_lens_reach_every_tile_pair():
+    from meshserve.engine.eager_warmup import chunked_query_lens
     from meshserve.kernels.triton_lse_merge import merge_tiles
     from meshserve.kernels.triton_mla_prefill import prefill_config
 
+    assert chunked_query_lens(8192, 9, 128, 2) == [9, 17, 33, 65]  # DeepSeek-V2/V3 in bf16
+    for v_dim, elem in ((128, 2), (24, 2), (16, 4)):
+        lens = chunked_query_lens(8192, 9, v_dim, elem)
+        tiles = {(prefill_config(q, elem)[0], merge_tiles(q, v_dim)[1]) for q in lens}
+        assert len(tiles) == len(lens)
+        assert tiles == {(prefill_config(q, elem)[0], merge_tiles(q, v_dim)[1]) for q in range(9, 8193)}
+    assert chunked_query_lens(40, 9, 128, 2) == [9, 17, 33]  # a step of 40 tokens
+
+
+@pytest.mark.parametrize("max_model_len", [32768, 4096, 1000])
+def test_chunked_context_steps_put_each_query_length_behind_three_pieces(max_model_len):
+    """The step of each query length: its longest query that length, behind a context of three workspaces (the
+    merge into the fp32 accumulator and into the output), inside the scheduler's bounds."""
+    from meshserve.engine.eager_warmup import StepBounds, chunked_context_steps
+
     bounds = StepBounds(max_model_len, 256, 8192)
-    steps = chunked_context_steps(16, 100_000, 8192, bounds, min_query_len=9)
+    steps = chunked_context_steps(16, 100_000, 8192, bounds, [9, 17, 33, 65], min_query_len=9)
+    assert [max(s.num_new_tokens for s in step) for step in steps] == [9, 17, 33, 65]
     for step in steps:
         _well_formed(step, bounds, 100_000)
         assert _context(step, 9) > 2 * 8192
         assert all(s.num_new_tokens >= 9 for s in step)
-    longest = [max(s.num_new_tokens for s in step) for step in steps]
-    for elem in (2, 4):  # bf16 and the fp32 tests' smaller tiles
-        assert {prefill_config(q, elem)[0] for q in longest} == {prefill_config(q, elem)[0] for q in range(9, 8193)}
-    assert {merge_tiles(q, 128)[1] for q in longest} == {merge_tiles(q, 128)[1] for q in range(9, 8193)}
 
 
 def test_chunked_context_steps_fall_back_to_two_pieces_or_none():
     from meshserve.engine.eager_warmup import StepBounds, chunked_context_steps
 
-    two = chunked_context_steps(16, 100_000, 8192, StepBounds(4096, 3, 8192), 9)  # at most 3 x 4096 rows
+    lens = [9, 17, 33, 65]
+    two = chunked_context_steps(16, 100_000, 8192, StepBounds(4096, 3, 8192), lens, 9)  # at most 3 x 4096 rows
     assert len(two) == 4 and all(8192 < _context(s, 9) <= 2 * 8192 for s in two)
-    assert chunked_context_steps(16, 100_000, 8192, StepBounds(4096, 2, 8192), 9) == []  # never past one piece
-    assert chunked_context_steps(16, 500, 8192, StepBounds(32768, 256, 8192), 9) == []  # the pool is too small
-    short = chunked_context_steps(16, 100_000, 8192, StepBounds(32768, 256, 40), 9)  # a step of 40 tokens
-    assert [max(s.num_new_tokens for s in step) for step in short] == [16, 32]
+    assert chunked_context_steps(16, 100_000, 8192, StepBounds(4096, 2, 8192), lens, 9) == []  # one piece at most
+    assert chunked_context_steps(16, 500, 8192, StepBounds(32768, 256, 8192), lens, 9) == []  # the pool is too small
 
 
 def test_token_count_steps_split_prompts_at_max_model_len():
@@ -236,15 +243,18 @@ def test_token_count_steps_split_prompts_at_max_model_len():
 
 
 class _Workspace:
-    chunk_tokens = 64
+    def __init__(self, chunk_tokens):
+        from meshserve.kernels.mla_prefill_workspace import WorkspaceShape
+
+        self.shape = WorkspaceShape(chunk_tokens, 256, 16, 128, 64, 128, 512, torch.bfloat16)
 
 
 def test_warm_up_runs_the_token_count_and_chunked_steps_with_bounds():
-    from meshserve.engine.eager_warmup import StepBounds, mla_chunk_tokens
+    from meshserve.engine.eager_warmup import StepBounds, mla_workspace_shape
 
     mla = _Layer(None)
-    mla.prefill_workspace = _Workspace()
-    assert mla_chunk_tokens([_Layer(None), mla]) == 64 and mla_chunk_tokens([_Layer(None)]) == 0
+    mla.prefill_workspace = _Workspace(64)
+    assert mla_workspace_shape([_Layer(None), mla]).chunk_tokens == 64 and mla_workspace_shape([_Layer(None)]) is None
     seen = []
     bounds = StepBounds(1024, 8, 256)
     n = warm_up_eager_steps(lambda step: (step,), lambda step: seen.append(step), [mla], 16, 1000, 8,
@@ -253,5 +263,5 @@ def test_warm_up_runs_the_token_count_and_chunked_steps_with_bounds():
     # behind a block 2..8, decode-only, the token counts, the chunked steps (no split heuristic: one mixed step)
     assert sizes[:5] == [[2], [4], [8], [1], [1, 1]] and sizes[5:7] == [[3], [200]]
     chunked = seen[7:11]
-    assert [step[0].num_new_tokens for step in chunked] == [16, 32, 64, 128]
+    assert [step[0].num_new_tokens for step in chunked] == [9, 17, 33, 65]
     assert all(_context(step, 9) > 2 * 64 for step in chunked) and n == len(seen) == 12

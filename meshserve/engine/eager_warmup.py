@@ -120,8 +120,9 @@ def token_count_steps(
 
 def chunked_query_lens(max_tokens: int, min_query_len: int, v_dim: int, elem_size: int) -> list[int]:
     """The fewest new tokens (min_query_len..max_tokens) of a step's longest MLA prefill query that give each
-    pair of tiles its kernels pick by that length: the prefill kernel's BLOCK_Q (triton_mla_prefill.prefill_config)
-    and the LSE merge's BLOCK_T (triton_lse_merge.merge_tiles). 16-bit, 128-wide values: 9, 17, 33, 65."""
+    pair of tiles its kernels pick by that length: the prefill kernel's BLOCK_Q
+    (triton_mla_prefill.prefill_config) and the LSE merge's BLOCK_T (triton_lse_merge.merge_tiles). 16-bit,
+    128-wide values: 9, 17, 33, 65."""
     from meshserve.kernels.triton_lse_merge import merge_tiles
     from meshserve.kernels.triton_mla_prefill import prefill_config
 
@@ -139,11 +140,11 @@ def chunked_context_steps(
     query_lens: Sequence[int],
     min_query_len: int,
 ) -> list[list[ScheduledSequence]]:
-    """Per query length of query_lens (chunked_query_lens), one step whose MLA prefill context (the cached + new
-    tokens of its sequences with at least min_query_len new ones) spans three workspaces of chunk_tokens rows,
-    or two where the bounds allow no more (none: serving cannot reach the variants either). Its first sequence
-    has the query length; more sequences, of min_query_len new tokens behind their own cached prefixes, add
-    context where max_model_len caps one."""
+    """Per query length of query_lens (chunked_query_lens), one step whose MLA prefill context (the cached +
+    new tokens of its sequences with at least min_query_len new ones) spans three workspaces of chunk_tokens
+    rows, or two where the bounds allow no more (none: serving cannot reach the variants either). Its first
+    sequence has the query length; more sequences, of min_query_len new tokens behind their own cached
+    prefixes, add context where max_model_len caps one."""
     steps = []
     for q in query_lens:
         for pieces in (3, 2):
@@ -162,8 +163,8 @@ def chunked_context_steps(
 
 
 def mla_workspace_shape(layers):
-    """The WorkspaceShape of the layers' MLA prefill workspace (kernels/mla_prefill_workspace.py: one per runner,
-    bound where the batched prefill runs), or None: no batched MLA prefill, nothing is cut into pieces."""
+    """The WorkspaceShape of the layers' MLA prefill workspace (kernels/mla_prefill_workspace.py: one per
+    runner, bound where the batched prefill runs), or None: no batched MLA prefill, nothing cut in pieces."""
     found = (getattr(layer, "prefill_workspace", None) for layer in layers)
     return next((w.shape for w in found if w is not None), None)
 
@@ -243,7 +244,8 @@ def warm_up_eager_steps(
     steps = 0
     max_len = bounds.max_model_len if bounds is not None else None
     plain = fresh_prefill_steps(block_size, num_blocks, limit, max_len) if fresh else []
-    plain += context_prefill_steps(block_size, num_blocks, limit, max_len) + decode_steps(block_size, num_blocks)
+    plain += context_prefill_steps(block_size, num_blocks, limit, max_len)
+    plain += decode_steps(block_size, num_blocks)
     if bounds is not None:
         plain += token_count_steps(token_counts, block_size, num_blocks, bounds)
         shape = mla_workspace_shape(layers)

@@ -137,7 +137,8 @@ class FusedMoE(nn.Module):
     def warmup_token_counts(self, max_tokens: int, activation_bytes: int) -> list[int]:
         """Token counts (up to max_tokens) whose steps between them compile every Triton kernel variant this
         layer's experts can launch (kernels/moe.warmup_token_counts); none off the Triton path. Expert
-        parallel: the counts of the whole batch (the all-gather exchange's; a dispatch's received rows vary)."""
+        parallel: the counts of the whole batch (the all-gather exchange's; a dispatch's received rows
+        vary)."""
         if not self.kernels.fused_ops:
             return []
         scales = self.weight_format.scales(self)

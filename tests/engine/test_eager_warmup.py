@@ -174,11 +174,12 @@ def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
     assert "sampling warm-up failed" in caplog.text and "boom" in caplog.text
 
 
-# -- the larger steps: MLA prefill past its workspace, the MoE's tile configs (issue 29) ---------------------------
+# -- the larger steps: MLA prefill past its workspace, the MoE's tile configs (issue 29) ---------------------
 
 
 def _context(step, min_query_len):
-    """The step's MLA prefill context rows (kernels/mla_prefill.prefill_context: sequences of enough new tokens)."""
+    """The step's MLA prefill context rows (kernels/mla_prefill.prefill_context: sequences of enough new
+    tokens)."""
     return sum(s.num_computed_tokens + s.num_new_tokens for s in step if s.num_new_tokens >= min_query_len)
 
 
@@ -225,10 +226,11 @@ def test_chunked_context_steps_fall_back_to_two_pieces_or_none():
     from meshserve.engine.eager_warmup import StepBounds, chunked_context_steps
 
     lens = [9, 17, 33, 65]
-    two = chunked_context_steps(16, 100_000, 8192, StepBounds(4096, 3, 8192), lens, 9)  # at most 3 x 4096 rows
+    # at most 3 x 4096 rows: two pieces; 2 x 4096: one piece (nothing to warm); a pool too small: none
+    two = chunked_context_steps(16, 100_000, 8192, StepBounds(4096, 3, 8192), lens, 9)
     assert len(two) == 4 and all(8192 < _context(s, 9) <= 2 * 8192 for s in two)
-    assert chunked_context_steps(16, 100_000, 8192, StepBounds(4096, 2, 8192), lens, 9) == []  # one piece at most
-    assert chunked_context_steps(16, 500, 8192, StepBounds(32768, 256, 8192), lens, 9) == []  # the pool is too small
+    assert chunked_context_steps(16, 100_000, 8192, StepBounds(4096, 2, 8192), lens, 9) == []
+    assert chunked_context_steps(16, 500, 8192, StepBounds(32768, 256, 8192), lens, 9) == []
 
 
 def test_token_count_steps_split_prompts_at_max_model_len():
@@ -254,7 +256,8 @@ def test_warm_up_runs_the_token_count_and_chunked_steps_with_bounds():
 
     mla = _Layer(None)
     mla.prefill_workspace = _Workspace(64)
-    assert mla_workspace_shape([_Layer(None), mla]).chunk_tokens == 64 and mla_workspace_shape([_Layer(None)]) is None
+    assert mla_workspace_shape([_Layer(None), mla]).chunk_tokens == 64
+    assert mla_workspace_shape([_Layer(None)]) is None
     seen = []
     bounds = StepBounds(1024, 8, 256)
     n = warm_up_eager_steps(lambda step: (step,), lambda step: seen.append(step), [mla], 16, 1000, 8,

@@ -112,9 +112,9 @@ def test_the_counter_sees_a_new_specialization():
     assert len(builds.entries) == 2 and out[:5].eq(3.0).all()
 
 
-# issue 29: a W2-like mix of long prompts. Past max_num_batched_tokens their later chunks sit behind cached tokens;
-# past the MLA prefill workspace (8192 context rows) the context is attended in pieces and merged (17000: three
-# pieces); the MoE's grouped GEMM meets every tile config and odd pair counts.
+# issue 29: a W2-like mix of long prompts. Past max_num_batched_tokens their later chunks sit behind cached
+# tokens; past the MLA prefill workspace (8192 context rows) the context is attended in pieces and merged
+# (17000: three pieces); the MoE's grouped GEMM meets every tile config and odd pair counts.
 LONG_PROMPT_LENGTHS = (600, 1500, 9000, 17000)
 PREFIX_TAILS = (12, 30, 50, 100, 700)  # new tokens behind a 16000-token prefix hit: each MLA query tile
 

@@ -101,13 +101,14 @@ def test_work_list_width_is_one_constexpr_up_to_256_sequences():
     assert work_list_width(257) == 512 and work_list_width(1024) == 1024
 
 
-# -- launches: what Triton specializes on must not split one kernel variant by per-call values ----------------
+# -- launches: what Triton specializes on must not split one kernel variant by per-call values -------------
 
 
 def _specialization(kernel, args, kwargs) -> tuple[tuple, tuple]:
-    """(variant, specialization) of a launch as a CUDA Triton would key it: variant = constexprs, launch options
-    and argument types; specialization = each runtime argument's == 1 / divisible-by-16 / 16-byte-aligned
-    attribute, honouring do_not_specialize (Triton's own specialize_impl, on the host tensors' addresses)."""
+    """(variant, specialization) of a launch as a CUDA Triton would key it: variant = constexprs, launch
+    options and argument types; specialization = each runtime argument's == 1 / divisible-by-16 /
+    16-byte-aligned attribute, honouring do_not_specialize (Triton's own specialize_impl, on the host tensors'
+    addresses)."""
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.nvidia.compiler import CUDABackend
 
@@ -185,7 +186,8 @@ def test_mla_prefill_and_merge_compile_once_per_tile(monkeypatch):
     merge = _Recorder(triton_lse_merge._merge_lse_kernel)
     monkeypatch.setattr(triton_mla_prefill, "_mla_prefill_kernel", prefill)
     monkeypatch.setattr(triton_lse_merge, "_merge_lse_kernel", merge)
-    steps = [([20], [75]), ([7, 20, 3], [7, 75, 3]), ([1, 7, 1, 20, 3], [9, 7, 30, 75, 3]), ([30, 2], [90, 40])]
+    steps = [([20], [75]), ([7, 20, 3], [7, 75, 3]), ([1, 7, 1, 20, 3], [9, 7, 30, 75, 3]),
+             ([30, 2], [90, 40])]
     for q_lens, seq_lens in steps:
         meta, cache, q_nope, q_pe, kv_b, scale, ref, _ = _case(q_lens, seq_lens, 16, torch.float32)
         out = torch.zeros(q_nope.shape[0], q_nope.shape[1], ref.shape[2])

@@ -1,6 +1,6 @@
-"""kernels/moe.warmup_token_counts: one token count per Triton MoE kernel variant (path and tile configs) that a
-call of up to a full step's tokens can take, the fewest tokens of each; the start-up warm-up runs a step of each
-(engine/eager_warmup.py) so no grouped GEMM tile config first compiles inside serving (issue 29)."""
+"""kernels/moe.warmup_token_counts: one token count per Triton MoE kernel variant (path and tile configs)
+that a call of up to a full step's tokens can take, the fewest tokens of each; the start-up warm-up runs a
+step of each (engine/eager_warmup.py) so no grouped GEMM tile config first compiles in serving (issue 29)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,15 @@ def test_counts_of_the_real_shapes(num_experts, top_k, expected):
     counts = warmup_token_counts(8192, top_k, num_experts)
     assert counts == expected
     # every tile config tuned_configs can choose for 3 .. 8192 tokens' pairs is reached
-    grouped = {launch_variant(n, top_k, num_experts)[1] for n in counts if launch_variant(n, top_k, num_experts)[0] == "grouped"}
+    variants = [launch_variant(n, top_k, num_experts) for n in counts]
+    grouped = {v[1] for v in variants if v[0] == "grouped"}
     assert grouped == {tuned_configs(n * top_k, num_experts) for n in range(3, 8193)}
 
 
 @pytest.mark.parametrize(
     "variant",
-    [{}, {"legacy": True}, {"quantized": True}, {"quantized": True, "blockwise_fp8": True}, {"table": "stream"},
-     {"activation_bytes": 4}],
+    [{}, {"legacy": True}, {"quantized": True}, {"quantized": True, "blockwise_fp8": True},
+     {"table": "stream"}, {"activation_bytes": 4}],
     ids=["tuned", "legacy", "fp8", "fp8-block", "stream", "fp32"],
 )
 @pytest.mark.parametrize("num_experts, top_k, max_tokens", [(8, 3, 512), (64, 6, 2048), (4, 1, 64)])

@@ -123,8 +123,8 @@ def test_new_and_legacy_triton_paths_match_the_plain_layer_in_a_cuda_graph(token
 
 
 def test_warmup_token_counts_follow_the_layers_kernels():
-    """The start-up warm-up's MoE token counts (engine/eager_warmup.moe_token_counts): the Triton path's variants
-    at the layer's experts and top-k, none on the plain path; the model's layers share them."""
+    """The start-up warm-up's MoE token counts (engine/eager_warmup.moe_token_counts): the Triton path's
+    variants at the layer's experts and top-k, none on the plain path; the model's layers share them."""
     from torch import nn
 
     from meshserve.engine.eager_warmup import moe_token_counts
@@ -140,4 +140,5 @@ def test_warmup_token_counts_follow_the_layers_kernels():
     assert layer.warmup_token_counts(512, 2) == warmup_token_counts(512, TOP_K, EXPERTS) == [1, 2, 6, 65, 257]
     assert moe_token_counts(model, 512, 2) == [1, 2, 6, 65, 257]
     model[0].kernels = KernelSelection(fused_ops=True, moe_legacy=True)
-    assert moe_token_counts(model, 512, 2) == sorted({1, 2, 6, 65, 257} | set(warmup_token_counts(512, TOP_K, EXPERTS, legacy=True)))
+    legacy = warmup_token_counts(512, TOP_K, EXPERTS, legacy=True)
+    assert moe_token_counts(model, 512, 2) == sorted({1, 2, 6, 65, 257} | set(legacy))

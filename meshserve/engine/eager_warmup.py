@@ -36,6 +36,8 @@ from meshserve.engine.scheduler_output import ScheduledSequence
 logger = logging.getLogger(__name__)
 
 MIXED_PREFILL_TOKENS = 16  # the prefill chunk beside the decode row of a mixed warm-up step
+
+
 @dataclass(frozen=True)
 class StepBounds:
     """The scheduler's limits on a step (SchedulerConfig's), which the warm-up's larger steps respect."""
@@ -236,26 +238,17 @@ def warm_up_eager_steps(
     bounds: StepBounds | None = None,
     token_counts: Sequence[int] = (),
 ) -> int:
-    """Run (fresh: the fresh prefill steps first) the context-prefill and decode-only steps, then (with bounds)
-    a step of each of token_counts (the MoE's variants: moe_token_counts) and the chunked-context steps of the
-    layers' MLA prefill workspace, then the mixed step once per split count, through prepare (the runner's
-    _prepare) and its plain forward. Returns the number of steps run."""
+    """Run (fresh: the fresh prefill steps first) the context-prefill and decode-only steps, then the mixed
+    step once per split count, then (with bounds; last, so a failure there leaves the rest warmed) a step of
+    each of token_counts (the MoE's variants: moe_token_counts) and the chunked-context steps of the layers'
+    MLA prefill workspace, through prepare (the runner's _prepare) and its plain forward. Returns the number
+    of steps run."""
     t0 = time.perf_counter()
     steps = 0
     max_len = bounds.max_model_len if bounds is not None else None
     plain = fresh_prefill_steps(block_size, num_blocks, limit, max_len) if fresh else []
     plain += context_prefill_steps(block_size, num_blocks, limit, max_len)
     plain += decode_steps(block_size, num_blocks)
-    if bounds is not None:
-        plain += token_count_steps(token_counts, block_size, num_blocks, bounds)
-        shape = mla_workspace_shape(layers)
-        if shape is not None:
-            from meshserve.layers.mla_attention import ABSORBED_MAX_QUERY_LEN
-
-            shortest = ABSORBED_MAX_QUERY_LEN + 1  # fewer new tokens: the absorbed path's rows
-            elem = torch.empty(0, dtype=shape.dtype).element_size()
-            lens = chunked_query_lens(bounds.max_num_batched_tokens, shortest, shape.v_dim, elem)
-            plain += chunked_context_steps(block_size, num_blocks, shape.chunk_tokens, bounds, lens, shortest)
     for step in plain:
         forward(*prepare(step))
         steps += 1
@@ -265,9 +258,27 @@ def warm_up_eager_steps(
             with forced_decode_splits(layers, splits) if splits else contextlib.nullcontext():
                 forward(*prepare(mixed))
             steps += 1
+    larger = _larger_steps(layers, block_size, num_blocks, bounds, token_counts) if bounds is not None else []
+    for step in larger:
+        forward(*prepare(step))
+        steps += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     logger.info("%s warmed up in %.1f s (%d steps)", what, time.perf_counter() - t0, steps)
+    return steps
+
+
+def _larger_steps(layers, block_size: int, num_blocks: int, bounds: StepBounds, token_counts: Sequence[int]):
+    """The token-count steps, then the chunked-context steps of the layers' MLA prefill workspace (if any)."""
+    steps = token_count_steps(token_counts, block_size, num_blocks, bounds)
+    shape = mla_workspace_shape(layers)
+    if shape is not None:
+        from meshserve.layers.mla_attention import ABSORBED_MAX_QUERY_LEN
+
+        shortest = ABSORBED_MAX_QUERY_LEN + 1  # fewer new tokens: the absorbed path's rows
+        elem = torch.empty(0, dtype=shape.dtype).element_size()
+        lens = chunked_query_lens(bounds.max_num_batched_tokens, shortest, shape.v_dim, elem)
+        steps += chunked_context_steps(block_size, num_blocks, shape.chunk_tokens, bounds, lens, shortest)
     return steps
 
 

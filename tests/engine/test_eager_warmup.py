@@ -263,8 +263,8 @@ def test_warm_up_runs_the_token_count_and_chunked_steps_with_bounds():
     n = warm_up_eager_steps(lambda step: (step,), lambda step: seen.append(step), [mla], 16, 1000, 8,
                             torch.device("cpu"), bounds=bounds, token_counts=[3, 200])
     sizes = [[s.num_new_tokens for s in step] for step in seen]
-    # behind a block 2..8, decode-only, the token counts, the chunked steps (no split heuristic: one mixed step)
-    assert sizes[:5] == [[2], [4], [8], [1], [1, 1]] and sizes[5:7] == [[3], [200]]
-    chunked = seen[7:11]
+    # behind a block 2..8, decode-only, one mixed step (no split heuristic), the token counts, chunked steps
+    assert sizes[:6] == [[2], [4], [8], [1], [1, 1], [16, 1]] and sizes[6:8] == [[3], [200]]
+    chunked = seen[8:12]
     assert [step[0].num_new_tokens for step in chunked] == [9, 17, 33, 65]
     assert all(_context(step, 9) > 2 * 64 for step in chunked) and n == len(seen) == 12

@@ -268,3 +268,43 @@ def test_warm_up_runs_the_token_count_and_chunked_steps_with_bounds():
     chunked = seen[8:12]
     assert [step[0].num_new_tokens for step in chunked] == [9, 17, 33, 65]
     assert all(_context(step, 9) > 2 * 64 for step in chunked) and n == len(seen) == 12
+
+
+def test_larger_steps_run_through_a_real_mla_moe_runner(tiny_model_dir):
+    """The token-count and chunked-context steps are valid for a DeepSeek-V2 runner's input builder and forward
+    (the torch path on CPU, a small workspace bound by hand: CPU runners have none), within max_model_len."""
+    from meshserve import LLM, SamplingParams
+    from meshserve.engine.eager_warmup import StepBounds
+    from meshserve.kernels.mla_prefill_workspace import MLAPrefillWorkspace, WorkspaceShape
+
+    llm = LLM(model=tiny_model_dir("deepseek_v2"), block_size=4, max_model_len=160, max_num_seqs=4,
+              max_num_batched_tokens=32, enable_prefix_caching=False, num_gpu_blocks_override=200, seed=0)
+    try:
+        runner = llm.engine.runner
+        layers = runner.model.attention_layers()
+        first = layers[0]
+        shape = WorkspaceShape(64, 32, first.num_heads, first.qk_nope_head_dim, first.qk_rope_head_dim,
+                               first.v_head_dim, first.kv_lora_rank, torch.float32)
+        workspace = MLAPrefillWorkspace(shape, "cpu")
+        for layer in layers:
+            layer.prefill_workspace = workspace
+        seen = []
+
+        def prepare(step):
+            seen.append(step)
+            return runner._prepare(step)
+
+        n = warm_up_eager_steps(prepare, runner.forward, layers, 4, 200, 8, torch.device("cpu"),
+                                bounds=StepBounds(160, 4, 32), token_counts=[3, 20])
+        chunked = [s for s in seen if s[0].seq_id.startswith("warmup-chunked")]
+        # fp32, 24-wide values: BLOCK_Q 16 / merge BLOCK_T 16 from 9 new tokens, 32 / 32 from 17
+        assert [s[0].num_new_tokens for s in chunked] == [9, 17]
+        assert all(_context(s, 9) > 2 * 64 for s in chunked)  # 160-token sequences: one holds no three pieces
+        assert n == 3 + 2 + 1 + 2 + 2
+        for layer in layers:
+            layer.prefill_workspace = None
+        out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=3),
+                           use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 3
+    finally:
+        llm.shutdown()

@@ -336,7 +336,7 @@ class ModelRunner:
             self.forward(*self._prepare(step))
         torch.cuda.synchronize(self.device)
         logger.info("prefill kernels warmed up in %.1f s", time.perf_counter() - t0)
-        # chunks behind cached tokens (MLA's past its workspace too), the MoE's tile configs up to a full step,
+        # chunks behind cached tokens (MLA's past its workspace too), the MoE's tile configs up to a full step
         # and eager mixed steps at every KV split count (eager_warmup.py)
         with _best_effort("eager step"):
             counts = moe_token_counts(self.model, sc.max_num_batched_tokens, self.dtype.itemsize)

@@ -272,7 +272,8 @@ def test_warm_up_runs_the_token_count_and_chunked_steps_with_bounds():
 
 def test_larger_steps_run_through_a_real_mla_moe_runner(tiny_model_dir):
     """The token-count and chunked-context steps are valid for a DeepSeek-V2 runner's input builder and
-    forward (the torch path on CPU, a small workspace bound by hand: CPU runners have none), within max_model_len."""
+    forward (the torch path on CPU, a small workspace bound by hand: CPU runners have none), within
+    max_model_len."""
     from meshserve import LLM, SamplingParams
     from meshserve.engine.eager_warmup import StepBounds
     from meshserve.kernels.mla_prefill_workspace import MLAPrefillWorkspace, WorkspaceShape

@@ -146,7 +146,7 @@ def test_no_triton_compile_in_a_w2_like_mix_of_long_prompts(family, tmp_path_fac
                       for _ in prompts]
             outs = llm.generate(prompts, params, use_tqdm=False)
             assert all(o.outputs[0].token_ids for o in outs)
-            # prefix hits on the longest prompt: one tail at a time (each its own longest query), then together
+            # prefix hits on the longest prompt: one tail at a time (each its longest query), then together
             prefix = prompts[-1]["prompt_token_ids"][:16000]
             tails = [{"prompt_token_ids": prefix + ids(n)} for n in PREFIX_TAILS]
             greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)

@@ -42,6 +42,6 @@ def test_counts_are_complete_and_minimal(num_experts, top_k, max_tokens, variant
 
 def test_gemv_and_pair_gemv_take_the_small_calls():
     assert launch_variant(1, 6, 64) == ("gemv",)
-    assert launch_variant(1, 6, 64, quantized=True) == ("pair_gemv",)  # fp8 experts: the grouped module's GEMV
+    assert launch_variant(1, 6, 64, quantized=True) == ("pair_gemv",)  # fp8 experts: triton_moe's GEMV
     assert launch_variant(2, 6, 64) == ("pair_gemv",)  # 12 pairs among 64 experts
     assert launch_variant(2, 6, 8)[0] == "grouped"

@@ -29,7 +29,13 @@ from meshserve.distributed.parallel_state import (
 from meshserve.engine import startup_timeline
 from meshserve.engine.cpu_threads import set_cpu_threads
 from meshserve.engine.cuda_graph import DecodeGraphs, attention_split_counts
-from meshserve.engine.eager_warmup import fresh_prefill_steps, warm_up_draft_model, warm_up_eager_steps
+from meshserve.engine.eager_warmup import (
+    StepBounds,
+    fresh_prefill_steps,
+    moe_token_counts,
+    warm_up_draft_model,
+    warm_up_eager_steps,
+)
 from meshserve.engine.kv_pool import KVCachePool, largest_step
 from meshserve.engine.mixed_graph import (
     MixedStepGraphs,
@@ -323,15 +329,19 @@ class ModelRunner:
         if get_parallel_state().pp_size > 1:
             return  # stages would need their neighbours; the first real steps compile instead
         t0 = time.perf_counter()
-        limit = min(512, self.config.scheduler_config.max_num_batched_tokens)
-        for step in fresh_prefill_steps(self.block_size, num_blocks, limit):
+        sc = self.config.scheduler_config
+        bounds = StepBounds(sc.max_model_len, sc.max_num_seqs, sc.max_num_batched_tokens)
+        limit = min(512, sc.max_num_batched_tokens)
+        for step in fresh_prefill_steps(self.block_size, num_blocks, limit, sc.max_model_len):
             self.forward(*self._prepare(step))
         torch.cuda.synchronize(self.device)
         logger.info("prefill kernels warmed up in %.1f s", time.perf_counter() - t0)
-        # chunks behind cached tokens, and eager mixed steps at every KV split count (eager_warmup.py)
+        # chunks behind cached tokens (MLA's past its workspace too), the MoE's tile configs up to a full step
+        # and eager mixed steps at every KV split count (eager_warmup.py)
         with _best_effort("eager step"):
+            counts = moe_token_counts(self.model, sc.max_num_batched_tokens, self.dtype.itemsize)
             warm_up_eager_steps(self._prepare, self.forward, self.model.attention_layers(), self.block_size,
-                                num_blocks, limit, self.device)
+                                num_blocks, limit, self.device, bounds=bounds, token_counts=counts)
         if self.drafter is not None:
             with _best_effort("draft model"):
                 warm_up_draft_model(self.drafter, self.block_size, num_blocks, limit, self.device)

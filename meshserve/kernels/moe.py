@@ -17,6 +17,7 @@ import functools
 
 import torch
 
+from meshserve.kernels.moe_configs import StageConfigs, stage_configs, use_pair_gemv
 from meshserve.kernels.moe_ref import fused_experts_ref, softmax_topk_ref
 
 
@@ -74,6 +75,41 @@ def fused_experts(
     if legacy:
         return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, configs="legacy", **fp8_scales)
     return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, configs=table, **fp8_scales)
+
+
+def launch_variant(
+    num_tokens: int,
+    top_k: int,
+    num_experts: int,
+    legacy: bool = False,
+    table: str = "tuned",
+    quantized: bool = False,
+    blockwise_fp8: bool = False,
+    activation_bytes: int = 2,
+) -> tuple[str] | tuple[str, StageConfigs]:
+    """Which Triton kernels fused_experts (triton=True) launches for num_tokens tokens, and at which tile
+    configs: ("gemv",), ("pair_gemv",) or ("grouped", StageConfigs). Calls of one variant meet the same kernel
+    specializations (the grouped GEMM's per-call counts are unspecialized, its unused scale strides fixed), so
+    one call of each compiles them all."""
+    pairs = num_tokens * top_k
+    if not legacy and not quantized and gemv_serves(num_tokens, pairs, num_experts):
+        return ("gemv",)
+    if use_pair_gemv(num_tokens, pairs, num_experts):
+        return ("pair_gemv",)
+    configs = stage_configs("legacy" if legacy else table, pairs, num_experts, quantized, blockwise_fp8,
+                            activation_bytes)
+    return ("grouped", configs)
+
+
+@functools.cache
+def warmup_token_counts(max_tokens: int, top_k: int, num_experts: int, **variant) -> list[int]:
+    """The fewest tokens, in 1..max_tokens, of each launch_variant a call of up to max_tokens tokens can take:
+    a warm-up step of each count compiles every MoE kernel variant serving can meet (engine/eager_warmup.py).
+    variant: launch_variant's other arguments."""
+    first: dict = {}
+    for n in range(1, max_tokens + 1):
+        first.setdefault(launch_variant(n, top_k, num_experts, **variant), n)
+    return sorted(first.values())
 
 
 def folds_shared_mlp(

@@ -88,6 +88,13 @@ def stream_configs(pairs: int, num_experts: int) -> StageConfigs:
 TABLES = ("tuned", "stream", "legacy")
 
 
+def use_pair_gemv(num_tokens: int, pairs: int, num_experts: int) -> bool:
+    """Whether triton_moe.fused_experts takes its pair GEMV instead of the grouped GEMM: one token (its top-k
+    experts are distinct, each weight read once), or a few pairs among many experts (rarely sharing one: a
+    shared expert would be read once per pair)."""
+    return num_tokens == 1 or (pairs <= 16 and num_experts >= 4 * pairs)
+
+
 def stage_configs(
     table: str, pairs: int, num_experts: int, quantized: bool, blockwise_fp8: bool, activation_bytes: int = 2
 ) -> StageConfigs:

@@ -15,7 +15,7 @@ import triton.language as tl
 from meshserve.kernels.triton_attention import _next_pow2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["qsl_ptr"])  # per-step metadata, scalar loads (triton_mla_prefill)
 def _merge_lse_kernel(
     out_ptr,
     out_lse_ptr,
@@ -70,6 +70,13 @@ def _merge_lse_kernel(
     tl.store(out_lse_ptr + tok * stride_olt + head, lse, mask=row_ok)
 
 
+def merge_tiles(max_query_len: int, v_dim: int) -> tuple[int, int]:
+    """(BLOCK_V, BLOCK_T) of a merge: the value row padded to a power of two, and rows enough for ~4k fp32
+    numbers a program (fewer for short queries)."""
+    block_v = _next_pow2(v_dim)
+    return block_v, max(1, min(_next_pow2(max_query_len), 4096 // block_v))
+
+
 def merge_lse(
     out: torch.Tensor,
     out_lse: torch.Tensor,
@@ -90,8 +97,7 @@ def merge_lse(
         assert t.stride(2) == 1
     for t in (out_lse, a_lse, b_lse):
         assert t.dtype == torch.float32 and t.stride(1) == 1
-    block_v = _next_pow2(v_dim)
-    block_t = max(1, min(_next_pow2(max_query_len), 4096 // block_v))  # ~4k fp32 numbers a program
+    block_v, block_t = merge_tiles(max_query_len, v_dim)
     grid = (triton.cdiv(max_query_len, block_t), num_heads, query_start_loc.shape[0] - 1)
     _merge_lse_kernel[grid](
         out,

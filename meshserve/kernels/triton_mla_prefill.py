@@ -94,7 +94,11 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# the per-step metadata pointers are left unspecialized on alignment: the chunk plan's ctx_loc / ctx_len /
+# q_off are rows of [K, B] int64 tensors (mla_prefill.ChunkPlan), so row k starts 16-byte aligned or not with
+# k * B; each is read as one scalar per program, where alignment buys nothing (issue 29: a second compile in
+# serving)
+@triton.jit(do_not_specialize=["ctx_loc_ptr", "ctx_len_ptr", "q_off_ptr", "qsl_ptr"])
 def _mla_prefill_kernel(
     qn_ptr,
     qp_ptr,

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from meshserve.kernels import triton_moe_align
-from meshserve.kernels.moe_configs import StageConfigs, stage_configs
+from meshserve.kernels.moe_configs import StageConfigs, stage_configs, use_pair_gemv
 from meshserve.kernels.quant_ref import quantize_fp8_per_token
 
 NO_QUANT, PER_CHANNEL, BLOCKWISE = 0, 1, 2
@@ -215,12 +215,6 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_rows[:rows_padded], block_expert.to(torch.int32), padded_end[-1:]
 
 
-def _use_pair_gemv(num_tokens: int, pairs: int, num_experts: int) -> bool:
-    # one token: its top-k experts are distinct, each weight read once; a few pairs among many experts
-    # rarely share one (a shared expert would be read once per pair)
-    return num_tokens == 1 or (pairs <= 16 and num_experts >= 4 * pairs)
-
-
 def _quantize_rows(a: torch.Tensor, quant: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A GEMM input as fp8 with its scales: per row (per-channel weights) or per row and block_k features."""
     if quant == PER_CHANNEL:
@@ -257,7 +251,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     inter = x.new_empty(pairs, width)
     out_pairs = x.new_empty(pairs, hidden)
     legacy = configs == "legacy"
-    gemv = _use_pair_gemv(num_tokens, pairs, num_experts)
+    gemv = use_pair_gemv(num_tokens, pairs, num_experts)
     if not gemv:
         if isinstance(configs, str):
             configs = stage_configs(configs, pairs, num_experts, quant != NO_QUANT, quant == BLOCKWISE,
@@ -275,13 +269,17 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         cfg = None if gemv else (configs.gate_up if gated else configs.down).kwargs()
         # (the second stage's input is the first's output: quantized only once it is written)
         if quant == NO_QUANT:
-            a_scale = b_scale = weights.view(1, 1, -1)  # never read: the kernels' QUANT branches are off
+            # never read (the kernels' QUANT branches are off): a placeholder pointer and fixed strides and
+            # scale row, so no per-call value (the strides once were the pair count) picks a specialization
+            # (== 1, divisible by 16) and compiles the kernel again inside serving (issue 29)
+            a_scale = b_scale = weights
+            up_row, scale_args = 0, (0, 0, 0, 0)
         else:
             b_scale = b_scale.float().contiguous()
             a, a_scale = _quantize_rows(a, quant, 128)
-        up_row = triton.cdiv(n, scale_n) if gated else 0
-        scale_args = (a_scale.stride(0), b_scale.stride(0), b_scale.stride(1),
-                      b_scale.stride(2) if b_scale.dim() == 3 else 0)
+            up_row = triton.cdiv(n, scale_n) if gated else 0
+            scale_args = (a_scale.stride(0), b_scale.stride(0), b_scale.stride(1),
+                          b_scale.stride(2) if b_scale.dim() == 3 else 0)
         if gemv:
             # narrower column tiles when few programs would leave SMs idle (batch 1: 8 pairs x 12 tiles)
             block_n = 32 if pairs * triton.cdiv(n, 64) < 256 else 64

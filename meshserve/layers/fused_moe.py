@@ -22,7 +22,7 @@ from torch import nn
 
 from meshserve.distributed import expert_parallel as ep_comm
 from meshserve.distributed.parallel_state import get_parallel_state, tensor_parallel_all_reduce
-from meshserve.kernels.moe import folds_shared_mlp, fused_experts, softmax_topk
+from meshserve.kernels.moe import folds_shared_mlp, fused_experts, softmax_topk, warmup_token_counts
 from meshserve.layers.backend_selection import PLAIN
 from meshserve.layers.moe_routing import RoutingFunction
 from meshserve.layers.quantization import current_quant_config
@@ -133,6 +133,19 @@ class FusedMoE(nn.Module):
         return not self.expert_parallel and folds_shared_mlp(
             num_tokens, self.routing.top_k, self.num_local_experts, self.kernels.fused_ops, self.kernels.moe_legacy,
             quantized)
+
+    def warmup_token_counts(self, max_tokens: int, activation_bytes: int) -> list[int]:
+        """Token counts (up to max_tokens) whose steps between them compile every Triton kernel variant this
+        layer's experts can launch (kernels/moe.warmup_token_counts); none off the Triton path. Expert
+        parallel: the counts of the whole batch (the all-gather exchange's; a dispatch's received rows
+        vary)."""
+        if not self.kernels.fused_ops:
+            return []
+        scales = self.weight_format.scales(self)
+        return warmup_token_counts(max_tokens, self.routing.top_k, self.num_local_experts,
+                                   legacy=self.kernels.moe_legacy, table=self.kernels.moe_configs,
+                                   quantized=bool(scales), blockwise_fp8=scales.get("block") is not None,
+                                   activation_bytes=activation_bytes)
 
     def _route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The routing function's (weights, global ids), each chosen expert counted in expert_load: one fused

@@ -172,3 +172,140 @@ def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
     with caplog.at_level("ERROR"), _best_effort("sampling"):
         raise RuntimeError("boom")
     assert "sampling warm-up failed" in caplog.text and "boom" in caplog.text
+
+
+# -- the larger steps: MLA prefill past its workspace, the MoE's tile configs (issue 29) ---------------------
+
+
+def _context(step, min_query_len):
+    """The step's MLA prefill context rows (kernels/mla_prefill.prefill_context: sequences of enough new
+    tokens)."""
+    return sum(s.num_computed_tokens + s.num_new_tokens for s in step if s.num_new_tokens >= min_query_len)
+
+
+def _well_formed(step, bounds, num_blocks):
+    blocks = [b for s in step for b in s.block_table]
+    assert len(blocks) == len(set(blocks)) and max(blocks) < num_blocks
+    assert len(step) <= bounds.max_num_seqs
+    assert sum(s.num_new_tokens for s in step) <= bounds.max_num_batched_tokens
+    for s in step:
+        assert s.num_computed_tokens + s.num_new_tokens <= bounds.max_model_len and not s.do_sample
+        assert len(s.block_table) * 16 >= s.num_computed_tokens + s.num_new_tokens
+
+
+def test_chunked_query_lens_reach_every_tile_pair():
+    from meshserve.engine.eager_warmup import chunked_query_lens
+    from meshserve.kernels.triton_lse_merge import merge_tiles
+    from meshserve.kernels.triton_mla_prefill import prefill_config
+
+    assert chunked_query_lens(8192, 9, 128, 2) == [9, 17, 33, 65]  # DeepSeek-V2/V3 in bf16
+    for v_dim, elem in ((128, 2), (24, 2), (16, 4)):
+        lens = chunked_query_lens(8192, 9, v_dim, elem)
+        tiles = {(prefill_config(q, elem)[0], merge_tiles(q, v_dim)[1]) for q in lens}
+        assert len(tiles) == len(lens)
+        assert tiles == {(prefill_config(q, elem)[0], merge_tiles(q, v_dim)[1]) for q in range(9, 8193)}
+    assert chunked_query_lens(40, 9, 128, 2) == [9, 17, 33]  # a step of 40 tokens
+
+
+@pytest.mark.parametrize("max_model_len", [32768, 4096, 1000])
+def test_chunked_context_steps_put_each_query_length_behind_three_pieces(max_model_len):
+    """The step of each query length: its longest query that length, behind a context of three workspaces (the
+    merge into the fp32 accumulator and into the output), inside the scheduler's bounds."""
+    from meshserve.engine.eager_warmup import StepBounds, chunked_context_steps
+
+    bounds = StepBounds(max_model_len, 256, 8192)
+    steps = chunked_context_steps(16, 100_000, 8192, bounds, [9, 17, 33, 65], min_query_len=9)
+    assert [max(s.num_new_tokens for s in step) for step in steps] == [9, 17, 33, 65]
+    for step in steps:
+        _well_formed(step, bounds, 100_000)
+        assert _context(step, 9) > 2 * 8192
+        assert all(s.num_new_tokens >= 9 for s in step)
+
+
+def test_chunked_context_steps_fall_back_to_two_pieces_or_none():
+    from meshserve.engine.eager_warmup import StepBounds, chunked_context_steps
+
+    lens = [9, 17, 33, 65]
+    # at most 3 x 4096 rows: two pieces; 2 x 4096: one piece (nothing to warm); a pool too small: none
+    two = chunked_context_steps(16, 100_000, 8192, StepBounds(4096, 3, 8192), lens, 9)
+    assert len(two) == 4 and all(8192 < _context(s, 9) <= 2 * 8192 for s in two)
+    assert chunked_context_steps(16, 100_000, 8192, StepBounds(4096, 2, 8192), lens, 9) == []
+    assert chunked_context_steps(16, 500, 8192, StepBounds(32768, 256, 8192), lens, 9) == []
+
+
+def test_token_count_steps_split_prompts_at_max_model_len():
+    from meshserve.engine.eager_warmup import StepBounds, token_count_steps
+
+    bounds = StepBounds(512, 16, 2048)
+    steps = token_count_steps([1, 3, 257, 1025, 4096], 16, 10_000, bounds)
+    assert [[s.num_new_tokens for s in step] for step in steps] == [[1], [3], [257], [512, 512, 1]]
+    for step in steps:
+        _well_formed(step, bounds, 10_000)
+        assert all(s.num_computed_tokens == 0 for s in step)
+
+
+class _Workspace:
+    def __init__(self, chunk_tokens):
+        from meshserve.kernels.mla_prefill_workspace import WorkspaceShape
+
+        self.shape = WorkspaceShape(chunk_tokens, 256, 16, 128, 64, 128, 512, torch.bfloat16)
+
+
+def test_warm_up_runs_the_token_count_and_chunked_steps_with_bounds():
+    from meshserve.engine.eager_warmup import StepBounds, mla_workspace_shape
+
+    mla = _Layer(None)
+    mla.prefill_workspace = _Workspace(64)
+    assert mla_workspace_shape([_Layer(None), mla]).chunk_tokens == 64
+    assert mla_workspace_shape([_Layer(None)]) is None
+    seen = []
+    bounds = StepBounds(1024, 8, 256)
+    n = warm_up_eager_steps(lambda step: (step,), lambda step: seen.append(step), [mla], 16, 1000, 8,
+                            torch.device("cpu"), bounds=bounds, token_counts=[3, 200])
+    sizes = [[s.num_new_tokens for s in step] for step in seen]
+    # behind a block 2..8, decode-only, one mixed step (no split heuristic), the token counts, chunked steps
+    assert sizes[:6] == [[2], [4], [8], [1], [1, 1], [16, 1]] and sizes[6:8] == [[3], [200]]
+    chunked = seen[8:12]
+    assert [step[0].num_new_tokens for step in chunked] == [9, 17, 33, 65]
+    assert all(_context(step, 9) > 2 * 64 for step in chunked) and n == len(seen) == 12
+
+
+def test_larger_steps_run_through_a_real_mla_moe_runner(tiny_model_dir):
+    """The token-count and chunked-context steps are valid for a DeepSeek-V2 runner's input builder and
+    forward (the torch path on CPU, a small workspace bound by hand: CPU runners have none), within
+    max_model_len."""
+    from meshserve import LLM, SamplingParams
+    from meshserve.engine.eager_warmup import StepBounds
+    from meshserve.kernels.mla_prefill_workspace import MLAPrefillWorkspace, WorkspaceShape
+
+    llm = LLM(model=tiny_model_dir("deepseek_v2"), block_size=4, max_model_len=160, max_num_seqs=4,
+              max_num_batched_tokens=32, enable_prefix_caching=False, num_gpu_blocks_override=200, seed=0)
+    try:
+        runner = llm.engine.runner
+        layers = runner.model.attention_layers()
+        first = layers[0]
+        shape = WorkspaceShape(64, 32, first.num_heads, first.qk_nope_head_dim, first.qk_rope_head_dim,
+                               first.v_head_dim, first.kv_lora_rank, torch.float32)
+        workspace = MLAPrefillWorkspace(shape, "cpu")
+        for layer in layers:
+            layer.prefill_workspace = workspace
+        seen = []
+
+        def prepare(step):
+            seen.append(step)
+            return runner._prepare(step)
+
+        n = warm_up_eager_steps(prepare, runner.forward, layers, 4, 200, 8, torch.device("cpu"),
+                                bounds=StepBounds(160, 4, 32), token_counts=[3, 20])
+        chunked = [s for s in seen if s[0].seq_id.startswith("warmup-chunked")]
+        # fp32, 24-wide values: BLOCK_Q 16 / merge BLOCK_T 16 from 9 new tokens, 32 / 32 from 17
+        assert [s[0].num_new_tokens for s in chunked] == [9, 17]
+        assert all(_context(s, 9) > 2 * 64 for s in chunked)  # 160-token sequences: one holds no three pieces
+        assert n == 3 + 2 + 1 + 2 + 2
+        for layer in layers:
+            layer.prefill_workspace = None
+        out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=3),
+                           use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 3
+    finally:
+        llm.shutdown()

@@ -110,3 +110,49 @@ def test_the_counter_sees_a_new_specialization():
         _fill[(1,)](out, 16, VALUE=3.0)  # the same specialization: no second build
         _fill[(1,)](out, 5, VALUE=3.0)  # 5 is neither 1 nor a multiple of 16: a new one
     assert len(builds.entries) == 2 and out[:5].eq(3.0).all()
+
+
+# issue 29: a W2-like mix of long prompts. Past max_num_batched_tokens their later chunks sit behind cached
+# tokens; past the MLA prefill workspace (8192 context rows) the context is attended in pieces and merged
+# (17000: three pieces); the MoE's grouped GEMM meets every tile config and odd pair counts.
+LONG_PROMPT_LENGTHS = (600, 1500, 9000, 17000)
+PREFIX_TAILS = (12, 30, 50, 100, 700)  # new tokens behind a 16000-token prefix hit: each MLA query tile
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "qwen3_moe"])
+def test_no_triton_compile_in_a_w2_like_mix_of_long_prompts(family, tmp_path_factory, monkeypatch):
+    from meshserve import LLM, SamplingParams
+    from tests.conftest import VOCAB, make_tiny_checkpoint
+    from tests.gpu.jit_builds import TritonBuilds
+
+    monkeypatch.delenv("MESHSERVE_ATTENTION_BACKEND", raising=False)
+    monkeypatch.delenv("MESHSERVE_DISABLE_FUSED_OPS", raising=False)
+    path = make_tiny_checkpoint(str(tmp_path_factory.mktemp(f"long-{family}")), family,
+                                max_position_embeddings=32768)
+    llm = LLM(model=path, dtype="bfloat16", device="cuda", max_model_len=20000, max_num_seqs=32,
+              max_num_batched_tokens=512, enable_prefix_caching=True, seed=0)
+    rng = random.Random(0)
+
+    def ids(n):
+        return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+    try:
+        with TritonBuilds() as builds:
+            # W2's shape: prompts of 100-1024 tokens and 5-60 new ones (decode batches shrink as they finish),
+            # beside the long prompts
+            lengths = [rng.randint(100, 1024) for _ in range(24)] + list(LONG_PROMPT_LENGTHS)
+            prompts = [{"prompt_token_ids": ids(n)} for n in lengths]
+            params = [SamplingParams(temperature=0.6, max_tokens=rng.randint(5, 60), ignore_eos=True)
+                      for _ in prompts]
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            assert all(o.outputs[0].token_ids for o in outs)
+            # prefix hits on the longest prompt: one tail at a time (each its longest query), then together
+            prefix = prompts[-1]["prompt_token_ids"][:16000]
+            tails = [{"prompt_token_ids": prefix + ids(n)} for n in PREFIX_TAILS]
+            greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+            for tail in tails:
+                assert llm.generate([tail], greedy, use_tqdm=False)[0].outputs[0].token_ids
+            assert len(llm.generate(tails, greedy, use_tqdm=False)) == len(tails)
+        assert not builds.entries, f"{len(builds.entries)} Triton builds after start-up:\n{builds.report()}"
+    finally:
+        llm.shutdown()

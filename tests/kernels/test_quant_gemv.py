@@ -92,19 +92,27 @@ def test_fp8_gemv_half_survives_outlier_activations():
     torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=2e-3 * ref.abs().max().item())
 
 
+_INT4_CASES = [
+    (64, False, (32, 64, 3)),  # a K step inside one group: z and s per column, split-K summed in the GEMV
+    (64, False, (32, 64, 3, False)),  # the same, the partials summed by the reduce kernel
+    (64, False, (64, 64, 1)),  # the same without split-K (bias added in the kernel)
+    (32, False, None),  # groups smaller than the default step: the half kernel on 32-feature steps
+    (16, False, None),  # groups smaller than any step: the grouped kernel, per-weight scales and zeros
+    (64, True, (32, 32, 2)),  # act-order g_idx: the grouped kernel (fused split-K reduce)
+    (64, True, (32, 32, 2, False)),  # act-order, the reduce kernel
+]
+# every case at one row; three rows (masked rows of a BLOCK_M of 4) on the grouped kernel here, and on every path
+# (the half kernel's fused and two-kernel reduce, the grouped kernel) in test_int4_gemv_half_paths_interp. The
+# rest of the 3-row matrix (~20 s of interpreter on 2 cores) runs with -m slow
+_INT4_THREE_ROWS_DEFAULT = {(16, False, None)}
+
+
 @interp
-@pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize(
-    "group,act_order,tiles",
-    [
-        (64, False, (32, 64, 3)),  # a K step inside one group: z and s per column, split-K summed in the GEMV
-        (64, False, (32, 64, 3, False)),  # the same, the partials summed by the reduce kernel
-        (64, False, (64, 64, 1)),  # the same without split-K (bias added in the kernel)
-        (32, False, None),  # groups smaller than the default step: the half kernel on 32-feature steps
-        (16, False, None),  # groups smaller than any step: the grouped kernel, per-weight scales and zeros
-        (64, True, (32, 32, 2)),  # act-order g_idx: the grouped kernel (fused split-K reduce)
-        (64, True, (32, 32, 2, False)),  # act-order, the reduce kernel
-    ],
+    "m,group,act_order,tiles",
+    [(1, *case) for case in _INT4_CASES]
+    + [pytest.param(3, *case, marks=() if case in _INT4_THREE_ROWS_DEFAULT else pytest.mark.slow)
+       for case in _INT4_CASES],
 )
 def test_int4_gemv_interp(m, group, act_order, tiles):
     from meshserve.kernels.gemv_tiles import GemvTiles

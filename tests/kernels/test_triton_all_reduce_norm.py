@@ -70,10 +70,19 @@ def _rank0_of_two(x, peer, residual, weight, eps, push):
     return out, res_out, bufs, pads
 
 
+def _rows_cases():
+    """rows x with_residual x push; 40 rows > MAX_PROGRAMS: programs loop over rows (~2 s of interpreter a case),
+    by default with and without the residual and over push and pull each once, all four pairs with -m slow."""
+    for with_residual in (True, False):
+        for rows in (1, 3, 40):
+            for push in (False, True):
+                slow = rows == 40 and push != with_residual
+                yield pytest.param(rows, with_residual, push, id=f"{with_residual}-{rows}-{'push' if push else 'pull'}",
+                                   marks=pytest.mark.slow if slow else ())
+
+
 @interp
-@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
-@pytest.mark.parametrize("rows", [1, 3, 40])  # 40 > MAX_PROGRAMS: programs loop over rows
-@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize(("rows", "with_residual", "push"), list(_rows_cases()))
 def test_kernel_matches_reference_interp(rows, with_residual, push):
     """fp16 and fp32 (the interpreter rounds to bf16 by truncation: bf16 is left to the GPU test)."""
     from meshserve.kernels.triton_all_reduce_norm import MAX_PROGRAMS, all_reduce_rms_norm_ref

@@ -148,10 +148,18 @@ DECODE_CASES = [
 ]
 
 
+def _decode_params():
+    """dtype x splits x case: bf16 over every split count (the default, one, three: the split-KV reduce), fp32
+    (the same kernels, another load dtype) at the default splits; fp32 with fixed splits with -m slow."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for splits in (None, 1, 3):
+            for case in range(len(DECODE_CASES)):
+                slow = dtype == torch.float32 and splits is not None
+                yield pytest.param(case, splits, dtype, marks=pytest.mark.slow if slow else ())
+
+
 @interp
-@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
-@pytest.mark.parametrize("splits", [None, 1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("case", "splits", "dtype"), list(_decode_params()))
 def test_decode_interp(case, splits, dtype):
     seq_lens, h, hkv, d, bs, window = DECODE_CASES[case]
     query, cache, meta = make_case([1] * len(seq_lens), seq_lens, h, hkv, d, bs, dtype, seed=10 + case)

@@ -64,7 +64,9 @@ def test_moe_gemv_skips_every_pair_of_other_ranks():
 
 
 @interp
-@pytest.mark.parametrize("tiles", ["multi-k", "default"])
+# the shared slices are one code path under any tiles (the tiles themselves: test_moe_gemv_matches_reference_fp32);
+# several K steps by default, the default tiles too with -m slow (~4 s of interpreter each)
+@pytest.mark.parametrize("tiles", ["multi-k", pytest.param("default", marks=pytest.mark.slow)])
 def test_moe_gemv_adds_a_shared_mlp_as_slices_of_weight_one(tiles):
     """A shared MLP two experts wide (DeepSeek's n_shared_experts = 2) in the same launches: the reference's
     routed sum plus the shared MLP, with ids of -1 among the routed slots."""

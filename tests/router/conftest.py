@@ -69,6 +69,9 @@ class Script:
     num_events: int = 5
     event_delay_s: float = 0.0
     hang_s: float = 30.0
+    # set: streams go on past their first event only while it is set (a test holds them in flight as long as its
+    # checks take, then lets them finish at once), each stream for at most hang_s
+    hold: threading.Event | None = None
     requests: list[dict] = field(default_factory=list)  # headers + body of each generation request
 
 
@@ -114,6 +117,10 @@ def fake_replica_app(script: Script) -> FastAPI:
             for i in range(script.num_events):
                 if i:
                     await asyncio.sleep(script.event_delay_s)
+                if i == 1 and script.hold is not None:
+                    deadline = time.monotonic() + script.hang_s
+                    while not script.hold.is_set() and time.monotonic() < deadline:
+                        await asyncio.sleep(0.01)
                 chunk = {"choices": [{"index": 0, "text": f"{script.name}:{i} ", "finish_reason": None}]}
                 yield f"data: {json.dumps(chunk)}\n\n"
                 if script.mode == "die_midstream" and i == 1:

@@ -52,9 +52,10 @@ def pinned_clients(base: str, per_worker: int, workers: int = 2) -> dict[int, li
 
 
 def test_metrics_of_two_workers_describe_the_whole_router(fake_replicas):
-    # a stream stays in flight ~4 s: time to see three at once through both workers (scrapes take
-    # milliseconds); the test waits out every stream, so longer ones only cost time
-    _, up = fake_replicas("a", num_events=15, event_delay_s=0.3)
+    # a stream stays in flight after its first event until the test lets it go (hold set): three at once are
+    # seen through both workers however long the scrapes take, and nothing waits out a fixed stream length
+    hold = threading.Event()
+    _, up = fake_replicas("a", num_events=15, hold=hold)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "meshserve.cli", "router", "--host", "127.0.0.1", "--port",
@@ -111,6 +112,7 @@ def test_metrics_of_two_workers_describe_the_whole_router(fake_replicas):
             assert m[("meshserve:router_replica_outstanding", replica)] == 3
             assert m[("meshserve:router_desired_replicas", ())] == 2  # ceil(3 / 2), not 1 + 1
             assert ok_requests(m) == 10
+        hold.set()
         for t in threads:
             t.join(30)
         assert done == [16, 16, 16]  # 15 events and [DONE]
@@ -118,6 +120,7 @@ def test_metrics_of_two_workers_describe_the_whole_router(fake_replicas):
                                       for m in (scrape(views[a]), scrape(views[b]))), 5, 0.05)
 
         # worker a dies with a stream in flight: its in-flight gauge goes with it, its counts stay
+        hold.clear()
         broken: list[BaseException] = []
 
         def doomed() -> None:

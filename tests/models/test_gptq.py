@@ -64,8 +64,9 @@ def test_gptq_hessian_keeps_the_attention_sink():
 
     g = torch.Generator().manual_seed(0)
     k, n, group, windows, positions = 128, 48, 32, 16, 64
-    x = torch.randn(windows, positions, k, generator=g) @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g))
-    x[:, :, 100:104] = 0.01 * x[:, :, :4] + 1e-4 * torch.randn(windows, positions, 4, generator=g)
+    mix = torch.eye(k) + 0.3 * torch.randn(k, k, generator=g)
+    x = torch.randn(windows, positions, k, generator=g) @ mix
+    x[:, :, 100:104] = 0.01 * x[:, :, 0:8:2] + 1e-4 * torch.randn(windows, positions, 4, generator=g)
     x[:, 0] = 0.1 * torch.randn(windows, k, generator=g)
     x[:, 0, 100:104] = 50.0
     weight = torch.randn(n, k, generator=g) * 0.05
@@ -74,7 +75,8 @@ def test_gptq_hessian_keeps_the_attention_sink():
     gptq = gptq_quantize(weight, sums.hessian(), group)
     rtn = rtn_quantize(weight, group)
     sink, rest = x[:, 0], x[:, 1:].reshape(-1, k)
-    assert _output_error(sink, weight, gptq, group) < 0.7 * _output_error(sink, weight, rtn, group)
+    # left out (weight 0), GPTQ's sink error is 0.92x round-to-nearest's; kept, 0.37x
+    assert _output_error(sink, weight, gptq, group) < 0.6 * _output_error(sink, weight, rtn, group)
     assert _output_error(rest, weight, gptq, group) < 0.7 * _output_error(rest, weight, rtn, group)
     # the weights: 2 X^T W X / sum(W) with the sink at SINK_WEIGHT and every other position at 1
     flat = x.reshape(-1, k).double()

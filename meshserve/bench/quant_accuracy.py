@@ -58,6 +58,7 @@ TEXT_CALIBRATED = [
     Variant("int4 AWQ, AWQ-calibrated", {}, "awq", "awq"),
     Variant("int4 AWQ, AWQ-calibrated, asymmetric clip", {}, "awq", "awq-asym"),
     Variant("int4 GPTQ, GPTQ-calibrated on the text", {}, "gptq", "gptq-text"),
+    Variant("int4 GPTQ, AWQ-scaled then GPTQ-rounded", {}, "gptq", "awq-gptq"),
     Variant("fp8 weights (compressed-tensors, GPTQ-calibrated)", {}, "compressed-tensors", "gptq-text"),
 ]
 # GPTQ calibrated on self-sampled text: several minutes more on a CPU (--with-gptq)

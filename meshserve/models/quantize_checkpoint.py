@@ -177,7 +177,9 @@ def quantize_checkpoint(
     (models/awq.py, on the shipped calibration text) before rounding to nearest ("awq-asym": the clip
     searches the group's two ends apart); "gptq" runs GPTQ
     (models/gptq.py) with Hessians from text the model samples itself, and act-order by the Hessian's diagonal;
-    "gptq-text" the same with Hessians from the shipped calibration text (models/calibration.py). GPTQ also
+    "gptq-text" the same with Hessians from the shipped calibration text (models/calibration.py); "awq-gptq"
+    folds AWQ's scales and asymmetric clips, then rounds with GPTQ (Hessians of the scaled model on the
+    calibration text), as production pipelines chain them. GPTQ also
     rounds compressed-tensors per-channel FP8 weights (error feedback onto the e4m3 grid)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -189,20 +191,22 @@ def quantize_checkpoint(
     for file in safetensors_files(src):
         with safe_open(file, framework="pt") as f:
             tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
-    if calibration in ("awq", "awq-asym") and fmt in ("awq", "gptq"):
+    if calibration in ("awq", "awq-asym", "awq-gptq") and fmt in ("awq", "gptq"):
         from meshserve.models.awq import awq_transform
 
-        asym = calibration == "awq-asym"
+        asym = calibration in ("awq-asym", "awq-gptq")
         tensors = awq_transform(src, tensors, group_size, min_zero=int(fmt == "gptq"), asymmetric_clip=asym)
     hessians = {}
     gptq_fp8 = fmt == "compressed-tensors" and strategy == "channel"
-    if calibration in ("gptq", "gptq-text") and (fmt in ("awq", "gptq") or gptq_fp8):
+    if calibration in ("gptq", "gptq-text", "awq-gptq") and (fmt in ("awq", "gptq") or gptq_fp8):
         from meshserve.models.calibration import calibration_text_ids
         from meshserve.models.gptq import calibration_ids, collect_hessians
 
         names = {n[: -len(".weight")] for n in tensors if is_projection(n)}
         ids = calibration_ids(src) if calibration == "gptq" else calibration_text_ids(src, max_windows=8)
-        hessians = collect_hessians(src, ids, names)
+        # after AWQ the projections see x / s: the Hessians come from the scaled copy
+        scaled = tensors if calibration == "awq-gptq" else None
+        hessians = collect_hessians(src, ids, names, state_dict=scaled)
     out: dict[str, torch.Tensor] = {}
     num_layers = 0
     extra = _MLA_PROJECTIONS + _MIXTRAL_EXPERTS if fmt == "fp8_block" else ()

@@ -96,6 +96,7 @@ PROMPT = [(7 * i + 3) % 300 + 5 for i in range(40)]
         ("awq", {}),
         ("gptq", {}),
         ("gptq", {"desc_act": True}),
+        ("gptq", {"calibration": "awq-gptq"}),  # AWQ's scaled copy, then GPTQ on its own Hessians
     ],
 )
 def test_int4_checkpoint_matches_its_independent_dequantization(fmt, options, tiny_model_dir, tmp_path):

@@ -4,10 +4,9 @@
 #               beside the unified / prefill / decode kernels' own (~5 min)
 #   PART=bench  tools/bench_prefill_attention.py: every variant on the issue-18 step shapes, the 2k bucket and an
 #               8k prefill, in CUDA graphs (< 2 min) -> $OUT/bench_prefill_attention.json
-#   PART=e2e    tools/mixed_graph_bench.py --case 1014,254,700 --profile --top 10, with the new tiling
-#               (MESHSERVE_PREFILL_TILE_NEW=1; the default stays the measured launch until this is run) and
-#               with the launch before this branch (MESHSERVE_UNIFIED_TILE=grid_bq32_bn64_w8_s3_allmask), in the
-#               same session -> $OUT/e2e_new.json, $OUT/e2e_old.json
+#   PART=e2e    tools/mixed_graph_bench.py --case 1014,254,700 --profile --top 10, with the default tiling
+#               (persistent, diagonal masks; the default since 2026-12-01) and with the launch before it
+#               (MESHSERVE_PREFILL_TILE_LEGACY=1), in the same session -> $OUT/e2e_new.json, $OUT/e2e_old.json
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 mkdir -p "$OUT"
@@ -22,9 +21,9 @@ bench)
     | grep -v '^{' ; echo "rows: $(grep -c '"case"' "$OUT/bench_prefill_attention.json" 2>/dev/null)"
   ;;
 e2e)
-  MESHSERVE_PREFILL_TILE_NEW=1 timeout 280 python3 tools/mixed_graph_bench.py --case 1014,254,700 --profile --top 10 \
+  timeout 280 python3 tools/mixed_graph_bench.py --case 1014,254,700 --profile --top 10 \
     --json "$OUT/e2e_new.json"
-  MESHSERVE_UNIFIED_TILE=grid_bq32_bn64_w8_s3_allmask timeout 280 python3 tools/mixed_graph_bench.py \
+  MESHSERVE_PREFILL_TILE_LEGACY=1 timeout 280 python3 tools/mixed_graph_bench.py \
     --case 1014,254,700 --profile --top 10 --json "$OUT/e2e_old.json"
   ;;
 *)

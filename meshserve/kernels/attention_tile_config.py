@@ -1,8 +1,10 @@
 """Launch parameters of the causal prefill and unified attention kernels, and the variants the bench compares.
 
 Every config computes the same attention (the interpreter tests check each variant against the reference);
-they differ only in speed. The default is reasoned, not yet measured on a Hopper GPU
-(tools/bench_prefill_attention.py times every variant; pick the winner there and change default_tile_config):
+they differ only in speed. The default below was reasoned first, then timed on an H200 (2026-12-01,
+tools/bench_prefill_attention.py, benchmarks/results/h200_1201_s13): 2.1-2.3x the grid launch with every tile
+masked on issue 18's mixed-step shapes and within 0-7% of the best variant on each; an 8K eager prefill 1.39x.
+In a whole W3 step (1,014 prompt + 254 decode tokens) the prompt rows' attention went 3.26 -> 1.41 ms. Why:
 
 * 128 rows (BLOCK_Q tokens x the padded GQA group) x 8 warps: two warpgroups of 64 rows, the smallest M that
   keeps Hopper's wgmma busy; 64 rows would leave each of 2 warpgroups 32 (or need 4 warps). sm_90 cubins of
@@ -47,8 +49,8 @@ class AttentionTileConfig:
         return f"{kind}_bq{self.block_q}_bn{self.block_n}_w{self.num_warps}_s{self.num_stages}_{mask}"
 
 
-# MESHSERVE_PREFILL_TILE_NEW=1: the reasoned default below (persistent, diagonal masks) instead of the measured one
-NEW_DEFAULT = os.environ.get("MESHSERVE_PREFILL_TILE_NEW", "0") not in ("", "0")
+# MESHSERVE_PREFILL_TILE_LEGACY=1: the launch before the timed default (grid, every tile masked, 64 keys)
+LEGACY_DEFAULT = os.environ.get("MESHSERVE_PREFILL_TILE_LEGACY", "0") not in ("", "0")
 
 
 def _next_pow2(n: int) -> int:
@@ -69,11 +71,8 @@ def default_tile_config(
     if long_prefill and head_dim_pad <= 128 and elem_size == 2 and rows >= 128:
         block_n = 128
     num_warps = 8 if rows * head_dim_pad >= 128 * 128 else 4
-    # the launch measured on the H200 so far (grid, every tile masked, 64 keys) stays the default until
-    # tools/bench_prefill_attention.py has timed the variants there: the persistent work list, diagonal-only
-    # masks and 128-key steps for long prompts are opt-in (MESHSERVE_PREFILL_TILE_NEW=1, or one variant by
-    # name with MESHSERVE_UNIFIED_TILE)
-    if not NEW_DEFAULT:
+    # MESHSERVE_PREFILL_TILE_LEGACY=1 (or one variant by name with MESHSERVE_UNIFIED_TILE) for an A/B
+    if LEGACY_DEFAULT:
         return AttentionTileConfig(block_q, 64 if head_dim_pad <= 128 else 32, num_warps,
                                    2 if elem_size == 4 else 3, diag_mask_only=False, persistent=False)
     return AttentionTileConfig(block_q, block_n, num_warps, 2 if elem_size == 4 else 3)

@@ -35,6 +35,11 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_PDL_PRELOAD=all|none|row        GEMV preloads weights before the wait
   MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024  small batches' decode graphs also for these context bounds, with
                                             fewer attention splits (default none: opt-in until measured)
+  MESHSERVE_PREFILL_TILE_LEGACY=1           prompt rows' attention (prefill and unified kernels) with the launch
+                                            before 2026-12-01 (grid, every tile masked, 64 keys) instead of the
+                                            timed default (kernels/attention_tile_config.py: persistent, diagonal
+                                            masks; 2.1-2.3x on W3's mixed steps); MESHSERVE_UNIFIED_TILE=<name>
+                                            picks one bench variant
   MESHSERVE_MLA_PREFILL_REF=1               MLA prefill chunks one sequence at a time (mla_prefill_ref) even on
                                             the Triton path: the A/B baseline of the batched prefill
   MESHSERVE_MLA_LEGACY=1                    MLA decode as before 2026-11-30: unfused norm + rotary + latent

@@ -150,7 +150,7 @@ def test_prefill_variants_match_reference_interp(window, config, head_dim):
 @interp
 def test_backend_memoizes_work_per_step_interp(monkeypatch):
     """Graph-bound steps build the work list once (meta.step_memo), every layer reuses it."""
-    monkeypatch.setattr(attention_tile_config, "NEW_DEFAULT", True)
+    monkeypatch.setattr(attention_tile_config, "LEGACY_DEFAULT", False)
     query, cache, meta = make_case([6, 1, 3], [6, 10, 12], 4, 2, 32, 4, torch.float32, seed=60)
     pq, pmeta = pad_case(query, cache, meta, 16, 4)
     backend = TritonAttentionBackend()
@@ -160,15 +160,15 @@ def test_backend_memoizes_work_per_step_interp(monkeypatch):
     assert [k[0] for k in pmeta.step_memo] == ["unified_work"]
 
 
-def test_default_tiles_are_the_measured_launch_until_opted_in(monkeypatch):
-    # the grid launch with every tile masked (as measured on the H200) until the variants are timed there
-    monkeypatch.setattr(attention_tile_config, "NEW_DEFAULT", False)
+def test_legacy_tiles_are_the_launch_before_the_timed_default(monkeypatch):
+    # MESHSERVE_PREFILL_TILE_LEGACY=1: the grid launch with every tile masked, for an A/B
+    monkeypatch.setattr(attention_tile_config, "LEGACY_DEFAULT", True)
     assert default_tile_config(128, 4, 1 << 30) == AttentionTileConfig(32, 64, 8, 3, False, False)
     assert default_tile_config(128, 4, 8192, long_prefill=True).block_n == 64
 
 
 def test_default_tiles(monkeypatch):
-    monkeypatch.setattr(attention_tile_config, "NEW_DEFAULT", True)
+    monkeypatch.setattr(attention_tile_config, "LEGACY_DEFAULT", False)
     # Llama-3.1-8B (head 128, GQA 4): 128 rows; 128-key steps only for long fp16/bf16 eager prefills
     assert default_tile_config(128, 4, 1 << 30) == AttentionTileConfig(32, 64, 8, 3)
     assert default_tile_config(128, 4, 8192, long_prefill=True).block_n == 128

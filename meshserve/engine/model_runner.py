@@ -240,7 +240,7 @@ class ModelRunner:
         self.kv_pool.allocate(num_blocks)
         if self._parallel_compile():  # its kernels built in parallel first (engine/parallel_warmup.py)
             precompile(lambda: self._profile_step(scheduled), self.kernels.parallel_compile_workers,
-                       "profile step")
+                       "profile step", self.model)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self._profile_step(scheduled)
@@ -292,7 +292,7 @@ class ModelRunner:
         if self._parallel_compile():  # the warm-ups' and captures' kernels built in parallel first
             holders = [g for g in (decode_graphs, mixed_graphs) if g is not None]
             precompile(warm_up_steps(self, num_blocks, holders), self.kernels.parallel_compile_workers,
-                       "warm-up and capture steps")
+                       "warm-up and capture steps", self.model)
             startup_timeline.mark("parallel pre-compile", sync=self.device)
         if self.device.type == "cuda":
             self.warm_up_prefill(num_blocks)

@@ -35,13 +35,20 @@ def parallel_compile_applies(workers: int, device_type: str, world_size: int) ->
     return True
 
 
-def precompile(steps: Callable[[], object], workers: int, what: str) -> CompilePass | None:
-    """compile_in_parallel(steps), or None when it fails (logged): the plain warm-ups compile as always."""
+def precompile(steps: Callable[[], object], workers: int, what: str, model=None) -> CompilePass | None:
+    """compile_in_parallel(steps), or None when it fails (logged): the plain warm-ups compile as always. The
+    model's expert-load counts (FusedMoE.expert_load, counted by torch routing in the forward) are put back
+    as they were: the pass leaves no trace beside its kernels."""
+    counts = [] if model is None else [b for name, b in model.named_buffers() if name.endswith("expert_load")]
+    saved = [b.clone() for b in counts]
     try:
         return compile_in_parallel(steps, workers, what)
     except Exception:
         logger.exception("parallel Triton pre-compile of %s failed; the warm-ups compile instead", what)
         return None
+    finally:
+        for buffer, before in zip(counts, saved):
+            buffer.copy_(before)
 
 
 def warm_up_steps(runner, num_blocks: int, graph_holders: list) -> Callable[[], None]:

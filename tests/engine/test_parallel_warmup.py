@@ -114,3 +114,20 @@ def test_tokens_are_the_same_with_the_switch_on_and_off(tiny_model_dir, monkeypa
         finally:
             llm.shutdown()
     assert tokens["0"] == tokens["1"] and all(len(t) == 8 for t in tokens["0"])
+
+
+def test_the_pass_leaves_the_expert_load_counts_as_they_were(monkeypatch):
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("expert_load", torch.tensor([3, 0, 1]), persistent=False)
+
+    model = torch.nn.Sequential(Experts(), Experts())
+    monkeypatch.setattr(parallel_warmup, "compile_in_parallel", lambda steps, workers, what: steps())
+
+    def steps():  # torch routing counts the warm-up's tokens
+        for layer in model:
+            layer.expert_load += 5
+
+    precompile(steps, 4, "steps", model)
+    assert all(layer.expert_load.tolist() == [3, 0, 1] for layer in model)

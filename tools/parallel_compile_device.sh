@@ -44,8 +44,10 @@ for job in ${JOBS:-$DEFAULT_JOBS}; do
   # the 8B's cold caches (either switch: same kernels) serve its warm runs
   [ "$cache" = cold ] && [ ! -d "$R/cache_$m" ] && [ $rc = 0 ] && cp -r "$dir" "$R/cache_$m"
   if [ $rc != 0 ] || [ ! -f "$json" ]; then echo "$job: rc $rc"; tail -5 "$log"; continue; fi
-  passes=$(grep -o "[a-z -]*: [0-9]* Triton specializations compiled on [0-9]* threads in [0-9.]* s" "$log" \
-    | sed 's/Triton specializations compiled on/on/; s/ threads in/ thr/' | paste -sd ';' -)
+  passes=$(grep -oE "[a-z -]*: [0-9]+ Triton specializations \([0-9]+ compiled[^)]*\) on [0-9]+ threads in [0-9.]+ s" \
+    "$log" | sed -E 's/ Triton specializations \(([0-9]+) compiled[^)]*\)/ (\1 compiled)/; s/ threads in/ thr/' \
+    | paste -sd ';' -)
+  grep -q "no parallel pass for the warm-ups" "$log" && passes="$passes; warm-up pass skipped (warm cache)"
   python3 - "$json" "$m" "$cache" "$sw" "${passes:--}" << 'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

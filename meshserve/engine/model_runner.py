@@ -44,7 +44,8 @@ from meshserve.engine.mixed_graph import (
     token_buckets,
     verify_bucket,
 )
-from meshserve.engine.parallel_warmup import parallel_compile_applies, precompile, warm_up_steps
+from meshserve.engine.parallel_warmup import (cache_looks_cold, parallel_compile_applies, precompile,
+                                              warm_up_steps)
 from meshserve.engine.pipeline_stage import StageIO, TokenHandoff, handoff_lag
 from meshserve.engine.runner_output import (DeferredOutput, ModelRunnerOutput, PendingOutput, StepTimer,
                                             TokenLogprobs)
@@ -54,6 +55,7 @@ from meshserve.engine.step_inputs import StepInputBuilder
 from meshserve.engine.step_profiler import StepProfiler
 from meshserve.engine.step_sampler import StepSampler
 from meshserve.kernels import late_jit_log, triton_build_clock
+from meshserve.kernels.parallel_compile import CompilePass
 from meshserve.layers.backend_selection import TORCH_DTYPES, bind_kernels, select_kernels
 from meshserve.layers.mla_attention import bind_prefill_workspace
 from meshserve.layers.pipeline import IntermediateTensors
@@ -120,6 +122,7 @@ class ModelRunner:
                                     self.device, share_sampled=share, num_buffers=self.num_step_buffers)
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
+        self.profile_compile: CompilePass | None = None  # the profile step's parallel pre-compile, if it ran
         self.layerwise_hook = None  # disagg/layer_hook.py LayerwiseHook, on a layer-wise KV producer
         # a draft model proposes on the ranks, after each step, eagerly (the verify steps themselves replay
         # the mixed-step graphs: _run_forward)
@@ -239,8 +242,9 @@ class ModelRunner:
         torch.cuda.empty_cache()
         self.kv_pool.allocate(num_blocks)
         if self._parallel_compile():  # its kernels built in parallel first (engine/parallel_warmup.py)
-            precompile(lambda: self._profile_step(scheduled), self.kernels.parallel_compile_workers,
-                       "profile step", self.model)
+            self.profile_compile = precompile(lambda: self._profile_step(scheduled),
+                                              self.kernels.parallel_compile_workers, "profile step",
+                                              self.model)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self._profile_step(scheduled)
@@ -289,7 +293,7 @@ class ModelRunner:
             decode_graphs = DecodeGraphs(self.forward, sc.max_num_seqs, sc.max_model_len, self.block_size,
                                          self.device, stage_input, self.kernels.decode_context_bounds, splits_of)
             mixed_graphs = self.build_mixed_graphs(stage_input)
-        if self._parallel_compile():  # the warm-ups' and captures' kernels built in parallel first
+        if self._parallel_compile() and cache_looks_cold(self.profile_compile):  # their kernels built first
             holders = [g for g in (decode_graphs, mixed_graphs) if g is not None]
             precompile(warm_up_steps(self, num_blocks, holders), self.kernels.parallel_compile_workers,
                        "warm-up and capture steps", self.model)

@@ -51,6 +51,17 @@ def precompile(steps: Callable[[], object], workers: int, what: str, model=None)
             buffer.copy_(before)
 
 
+def cache_looks_cold(profile_pass: CompilePass | None) -> bool:
+    """Whether the warm-up pass is worth its cost (one more run of every warm-up step's forward, ~1-3 s of
+    Python for an 8B): the profile step's pass compiled something, or there was none to tell. When all its
+    kernels came from the disk cache, the warm-ups' likely will too; any that do not compile as before."""
+    if profile_pass is None or profile_pass.compiled > 0:
+        return True
+    logger.info("the profile step's %d Triton kernels all came from the disk cache: no parallel pass for the "
+                "warm-ups (a warm cache)", profile_pass.submitted)
+    return False
+
+
 def warm_up_steps(runner, num_blocks: int, graph_holders: list) -> Callable[[], None]:
     """The kernel-reaching steps of the runner's start-up after the KV pool is allocated: warm_up_prefill's
     (fresh prefills, eager step variants, the draft model) and each graph holder's eager run of its capture

@@ -35,7 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,12 @@ class CompilePass:
     """What one parallel pre-compile pass did."""
 
     submitted: int  # distinct specializations whose compile (or disk-cache load) went to the pool
+    compiled: int  # of those, builds of COMPILED_S or more: compiles (a disk-cache load takes milliseconds)
     seconds: float  # the whole pass: the steps, then the wait for the last compile
     workers: int
+
+
+COMPILED_S = 0.1  # a build this long compiled (MLIR, LLVM, ptxas: 0.2 s and more); loads take ~1-20 ms
 
 
 def default_workers() -> int:
@@ -108,40 +112,44 @@ def build_launcher(kernel) -> None:
 
 
 class CompilePool(ThreadPoolExecutor):
-    """A thread pool whose tasks (AsyncCompileMode's compiles) also build the compiled kernel's launcher."""
+    """A thread pool whose tasks (AsyncCompileMode's compiles) also build the compiled kernel's launcher, and
+    which keeps each task's seconds (build_seconds)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.build_seconds: list[float] = []
 
     def submit(self, fn, /, *args, **kwargs):
         def compile_and_build_launcher():
-            kernel = fn(*args, **kwargs)
-            build_launcher(kernel)
-            return kernel
+            t0 = time.perf_counter()
+            try:
+                kernel = fn(*args, **kwargs)
+                build_launcher(kernel)
+                return kernel
+            finally:
+                self.build_seconds.append(time.perf_counter() - t0)  # list.append: atomic under the GIL
 
         return super().submit(compile_and_build_launcher)
 
 
-def compile_in_parallel(
-    steps: Callable[[], object],
-    workers: int,
-    what: str = "start-up kernels",
-    executor: Executor | None = None,
-) -> CompilePass:
-    """Run steps() with launches deferred under AsyncCompileMode on `workers` threads (or `executor`), then
-    wait for every compile. A compile that fails is left out of the kernel cache (ignore_errors): the normal
-    warm-up meets it again and fails where it always would."""
+def compile_in_parallel(steps: Callable[[], object], workers: int, what: str = "start-up kernels"
+                        ) -> CompilePass:
+    """Run steps() with launches deferred under AsyncCompileMode on `workers` threads, then wait for every
+    compile. A compile that fails is left out of the kernel cache (ignore_errors): the normal warm-up meets it
+    again and fails where it always would."""
     from triton.runtime._async_compile import AsyncCompileMode
 
     t0 = time.perf_counter()
-    own = executor is None
-    pool = CompilePool(max_workers=workers, thread_name_prefix="triton-compile") if own else executor
+    pool = CompilePool(max_workers=workers, thread_name_prefix="triton-compile")
     try:
         with AsyncCompileMode(pool, ignore_errors=True) as mode:
             with deferred_launches():
                 steps()
             submitted = len(mode.future_kernels)  # read before exit: Triton 3.9 clears it there
     finally:
-        if own:
-            pool.shutdown(wait=True)
-    done = CompilePass(submitted, time.perf_counter() - t0, workers)
-    logger.info("%s: %d Triton specializations compiled on %d threads in %.1f s", what, done.submitted,
-                done.workers, done.seconds)
+        pool.shutdown(wait=True)
+    compiled = sum(s >= COMPILED_S for s in pool.build_seconds)
+    done = CompilePass(submitted, compiled, time.perf_counter() - t0, workers)
+    logger.info("%s: %d Triton specializations (%d compiled, the rest loaded from the disk cache) on %d "
+                "threads in %.1f s", what, done.submitted, done.compiled, done.workers, done.seconds)
     return done

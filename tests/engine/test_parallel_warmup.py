@@ -13,7 +13,9 @@ import torch
 from meshserve.engine import parallel_warmup
 from meshserve.engine.cuda_graph import DecodeGraphs
 from meshserve.engine.mixed_graph import MixedStepGraphs
-from meshserve.engine.parallel_warmup import parallel_compile_applies, precompile, warm_up_steps
+from meshserve.engine.parallel_warmup import (cache_looks_cold, parallel_compile_applies, precompile,
+                                              warm_up_steps)
+from meshserve.kernels.parallel_compile import CompilePass
 from meshserve.layers import backend_selection
 from meshserve.layers.backend_selection import PARALLEL_COMPILE_ENV
 
@@ -131,3 +133,9 @@ def test_the_pass_leaves_the_expert_load_counts_as_they_were(monkeypatch):
 
     precompile(steps, 4, "steps", model)
     assert all(layer.expert_load.tolist() == [3, 0, 1] for layer in model)
+
+
+def test_the_warm_up_pass_runs_unless_the_profile_steps_kernels_all_came_from_the_disk_cache():
+    assert cache_looks_cold(None)  # no profile pass ran (or it failed): nothing tells the cache is warm
+    assert cache_looks_cold(CompilePass(submitted=40, compiled=3, seconds=2.0, workers=16))
+    assert not cache_looks_cold(CompilePass(submitted=40, compiled=0, seconds=0.3, workers=16))

@@ -1,7 +1,7 @@
-"""One engine start-up in a fresh process (its Triton caches empty: TRITON_CACHE_DIR is the caller's fresh
-folder), then a W2-like mix under Triton's jit_cache_hook; prints RESULT and a JSON line: the parallel
-pre-compile passes run (what, specializations), the builds after start-up, greedy tokens.
-Usage: MESHSERVE_PARALLEL_COMPILE=0|1 TRITON_CACHE_DIR=/empty \
+"""One engine start-up in a fresh process (no kernel in memory; TRITON_CACHE_DIR the caller's), then a
+W2-like mix under Triton's jit_cache_hook; prints RESULT and a JSON line: the parallel pre-compile passes run
+(what, specializations, of which compiled, seconds), the builds after start-up, greedy tokens.
+Usage: MESHSERVE_PARALLEL_COMPILE=0|1 TRITON_CACHE_DIR=/empty-or-not \
        python tests/gpu/parallel_compile_run.py CHECKPOINT"""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main() -> None:
 
     def recorded(steps, workers, what):
         done = compile_in_parallel(steps, workers, what)
-        passes.append((what, done.submitted, round(done.seconds, 2)))
+        passes.append((what, done.submitted, done.compiled, round(done.seconds, 2)))
         return done
 
     parallel_warmup.compile_in_parallel = recorded

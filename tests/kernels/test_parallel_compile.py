@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 
 import pytest
 
@@ -74,6 +75,8 @@ def test_compiles_run_together_and_are_finalized_before_the_pass_returns(monkeyp
         def run():
             threads.add(threading.current_thread().name)
             both.wait()
+            if name == "a":  # as long as a real compile: counted as compiled, "b" as a disk-cache load
+                time.sleep(parallel_compile.COMPILED_S + 0.05)
             return _Kernel(name)
 
         return run
@@ -86,7 +89,7 @@ def test_compiles_run_together_and_are_finalized_before_the_pass_returns(monkeyp
         assert not cache  # nothing finalized while the steps run
 
     done = compile_in_parallel(steps, workers=2, what="test")
-    assert done.submitted == 2 and done.workers == 2
+    assert done.submitted == 2 and done.compiled == 1 and done.workers == 2
     assert sorted(cache) == ["a", "b"] and sorted(built) == ["a", "b"]
     assert len(threads) == 2 and all(t.startswith("triton-compile") for t in threads)
     assert _async_compile.active_mode.get() is None

@@ -38,6 +38,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from meshserve.kernels import triton_build_clock
+
 logger = logging.getLogger(__name__)
 
 _deferring = threading.local()  # .active: this thread's Triton launches are deferred
@@ -142,12 +144,13 @@ def compile_in_parallel(steps: Callable[[], object], workers: int, what: str = "
     t0 = time.perf_counter()
     pool = CompilePool(max_workers=workers, thread_name_prefix="triton-compile")
     try:
-        with AsyncCompileMode(pool, ignore_errors=True) as mode:
+        with triton_build_clock.paused(), AsyncCompileMode(pool, ignore_errors=True) as mode:
             with deferred_launches():
                 steps()
             submitted = len(mode.future_kernels)  # read before exit: Triton 3.9 clears it there
     finally:
         pool.shutdown(wait=True)
+        triton_build_clock.add(sum(pool.build_seconds), len(pool.build_seconds))
     compiled = sum(s >= COMPILED_S for s in pool.build_seconds)
     done = CompilePass(submitted, compiled, time.perf_counter() - t0, workers)
     logger.info("%s: %d Triton specializations (%d compiled, the rest loaded from the disk cache) on %d "

@@ -17,12 +17,20 @@ triton = pytest.importorskip("triton")
 from triton.runtime import _async_compile  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from meshserve.kernels import parallel_compile  # noqa: E402
+from meshserve.kernels import parallel_compile, triton_build_clock  # noqa: E402
 from meshserve.kernels.parallel_compile import compile_in_parallel, deferred_launches  # noqa: E402
 
 
 def _copy(x_ptr, y_ptr, n):  # a kernel body; only its launch path is exercised
     pass
+
+
+@pytest.fixture(autouse=True)
+def _own_build_clock(monkeypatch):
+    """The passes here add to the process's Triton build clock: restored after each test (the start-up
+    timeline of a later test in this process counts from it)."""
+    monkeypatch.setattr(triton_build_clock, "_seconds", 0.0)
+    monkeypatch.setattr(triton_build_clock, "_count", 0)
 
 
 @pytest.fixture
@@ -88,8 +96,12 @@ def test_compiles_run_together_and_are_finalized_before_the_pass_returns(monkeyp
             _submit(mode, name, compile_fn(name), lambda kernel: cache.setdefault(kernel.name, kernel))
         assert not cache  # nothing finalized while the steps run
 
+    clock_before = triton_build_clock.totals()
     done = compile_in_parallel(steps, workers=2, what="test")
     assert done.submitted == 2 and done.compiled == 1 and done.workers == 2
+    # the start-up timeline's Triton clock gets both builds, timed in their threads
+    seconds, count = (a - b for a, b in zip(triton_build_clock.totals(), clock_before))
+    assert count == 2 and seconds >= parallel_compile.COMPILED_S
     assert sorted(cache) == ["a", "b"] and sorted(built) == ["a", "b"]
     assert len(threads) == 2 and all(t.startswith("triton-compile") for t in threads)
     assert _async_compile.active_mode.get() is None

@@ -260,7 +260,7 @@ class ModelRunner:
         input_ids, positions, meta = self._prepare(scheduled)
         st = get_parallel_state()
         intermediate = None
-        if not st.is_first_stage:
+        if not st.is_first_stage:  # stand-in activations of the right size
             h = torch.zeros(input_ids.shape[0], self.config.model_config.hf_config.hidden_size,
                             dtype=self.dtype, device=self.device)
             intermediate = IntermediateTensors(h, h.clone())

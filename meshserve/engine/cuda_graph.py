@@ -153,14 +153,27 @@ class DecodeGraphs:
             seq_lens_cpu=[0] * bs,
         )
 
+    def _capture_args(self):
+        """((batch size, context bound), forward arguments) of each graph, in capture order: largest first,
+        so smaller graphs reuse its pool memory."""
+        for bs in reversed(self.sizes):
+            for bound in reversed(self.variants[bs]):
+                yield (bs, bound), (self.input_ids[:bs], self.positions[:bs], self._meta(bs, bound),
+                                    self._stage_in(bs))
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """The eager forward of each graph's inputs, as capture_graph runs first, without capturing: the
+        kernels the captures will meet (engine/parallel_warmup.py compiles them ahead this way)."""
+        for _, args in self._capture_args():
+            self.forward(*args)
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Warm up and capture one graph per batch size and context bound, largest first."""
         t0 = time.perf_counter()
-        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
-            for bound in reversed(self.variants[bs]):
-                args = (self.input_ids[:bs], self.positions[:bs], self._meta(bs, bound), self._stage_in(bs))
-                self.graphs[bs, bound], self.outputs[bs, bound] = capture_graph(self, args)
+        for key, args in self._capture_args():
+            self.graphs[key], self.outputs[key] = capture_graph(self, args)
         torch.cuda.synchronize(self.device)
         short = {bs: bounds[:-1] for bs, bounds in self.variants.items() if len(bounds) > 1}
         logger.info("captured %d decode CUDA graphs (batch 1..%d; short-context variants %s) in %.1f s",

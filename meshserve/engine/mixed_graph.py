@@ -205,6 +205,22 @@ class MixedStepGraphs:
             stage_in = IntermediateTensors(self.stage_in.hidden[:tokens], self.stage_in.residual[:tokens])
         return self.input_ids[:tokens], self.positions[:tokens], meta, stage_in
 
+    def _capture_args(self):
+        """(bucket, forward arguments) of each graph, in capture order: largest first."""
+        # all padding: no sequence, every slot -1, so warm-up and capture write no cache block
+        self.slot_mapping.fill_(-1)
+        self.query_start_loc.zero_()
+        self.seq_lens.zero_()
+        for tokens in reversed(self.buckets):
+            yield tokens, self._args(tokens, self._meta(tokens))
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """The eager forward of each bucket's inputs, as capture_graph runs first, without capturing (the
+        kernels the captures will meet: engine/parallel_warmup.py)."""
+        for _, args in self._capture_args():
+            self.forward(*args)
+
     @torch.inference_mode()
     def capture(self, pool=None) -> None:
         """Warm up (Triton JIT compiles, cuBLAS plans) and capture one graph per bucket, largest first so
@@ -213,12 +229,7 @@ class MixedStepGraphs:
             raise RuntimeError("MixedStepGraphs(replay=False) runs eagerly and captures nothing")
         t0 = time.perf_counter()
         self.pool = pool
-        # all padding: no sequence, every slot -1, so warm-up and capture write no cache block
-        self.slot_mapping.fill_(-1)
-        self.query_start_loc.zero_()
-        self.seq_lens.zero_()
-        for tokens in reversed(self.buckets):
-            args = self._args(tokens, self._meta(tokens))
+        for tokens, args in self._capture_args():
             self.graphs[tokens], self.outputs[tokens] = capture_graph(self, args)
         torch.cuda.synchronize(self.device)
         logger.info(

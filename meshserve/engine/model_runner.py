@@ -44,6 +44,8 @@ from meshserve.engine.mixed_graph import (
     token_buckets,
     verify_bucket,
 )
+from meshserve.engine.parallel_warmup import (cache_looks_cold, parallel_compile_applies, precompile,
+                                              warm_up_steps)
 from meshserve.engine.pipeline_stage import StageIO, TokenHandoff, handoff_lag
 from meshserve.engine.runner_output import (DeferredOutput, ModelRunnerOutput, PendingOutput, StepTimer,
                                             TokenLogprobs)
@@ -53,6 +55,7 @@ from meshserve.engine.step_inputs import StepInputBuilder
 from meshserve.engine.step_profiler import StepProfiler
 from meshserve.engine.step_sampler import StepSampler
 from meshserve.kernels import late_jit_log, triton_build_clock
+from meshserve.kernels.parallel_compile import CompilePass
 from meshserve.layers.backend_selection import TORCH_DTYPES, bind_kernels, select_kernels
 from meshserve.layers.mla_attention import bind_prefill_workspace
 from meshserve.layers.pipeline import IntermediateTensors
@@ -119,6 +122,7 @@ class ModelRunner:
                                     self.device, share_sampled=share, num_buffers=self.num_step_buffers)
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
+        self.profile_compile: CompilePass | None = None  # the profile step's parallel pre-compile, if it ran
         self.layerwise_hook = None  # disagg/layer_hook.py LayerwiseHook, on a layer-wise KV producer
         # a draft model proposes on the ranks, after each step, eagerly (the verify steps themselves replay
         # the mixed-step graphs: _run_forward)
@@ -237,8 +241,22 @@ class ModelRunner:
         gc.collect()
         torch.cuda.empty_cache()
         self.kv_pool.allocate(num_blocks)
+        if self._parallel_compile():  # its kernels built in parallel first (engine/parallel_warmup.py)
+            self.profile_compile = precompile(lambda: self._profile_step(scheduled),
+                                              self.kernels.parallel_compile_workers, "profile step",
+                                              self.model)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_step(scheduled)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.kv_pool.release()
+        torch.cuda.empty_cache()
+        # the profile cache itself is not activation memory
+        return peak - num_blocks * self.kv_pool.bytes_per_block()
+
+    def _profile_step(self, scheduled: list[ScheduledSequence]) -> None:
+        """The largest step's forward and its logits (stand-in activations on a later pipeline stage)."""
         input_ids, positions, meta = self._prepare(scheduled)
         st = get_parallel_state()
         intermediate = None
@@ -250,13 +268,10 @@ class ModelRunner:
         if st.is_last_stage:
             last = meta.query_start_loc[1:].long() - 1
             self.model.compute_logits(hidden[last]).float().softmax(-1)
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        del hidden
-        self.kv_pool.release()
-        torch.cuda.empty_cache()
-        # the profile cache itself is not activation memory
-        return peak - num_blocks * self.kv_pool.bytes_per_block()
+
+    def _parallel_compile(self) -> bool:
+        return parallel_compile_applies(self.kernels.parallel_compile_workers, self.device.type,
+                                        get_parallel_state().world_size)
 
     def allocate_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
         """Allocate the pool and bind it to the layers; then (on a GPU) compile the prefill kernels and
@@ -269,19 +284,28 @@ class ModelRunner:
         startup_timeline.mark("KV allocated", sync=self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
                     num_blocks * self.kv_pool.bytes_per_block() / 2**30)
-        if self.device.type == "cuda":
-            self.warm_up_prefill(num_blocks)
-            startup_timeline.mark("prefill + eager warm-ups", sync=self.device)
-        if self.kernels.cuda_graphs:
+        decode_graphs = mixed_graphs = None
+        if self.kernels.cuda_graphs:  # built (static buffers) now, captured after the warm-ups
             sc = self.config.scheduler_config
             stage_input = self._stage_input()
             splits_of = functools.partial(attention_split_counts, self.model.attention_layers(), self.dtype,
                                           self.device)
-            self.graphs = DecodeGraphs(self.forward, sc.max_num_seqs, sc.max_model_len, self.block_size,
-                                       self.device, stage_input, self.kernels.decode_context_bounds, splits_of)
+            decode_graphs = DecodeGraphs(self.forward, sc.max_num_seqs, sc.max_model_len, self.block_size,
+                                         self.device, stage_input, self.kernels.decode_context_bounds, splits_of)
+            mixed_graphs = self.build_mixed_graphs(stage_input)
+        if self._parallel_compile() and cache_looks_cold(self.profile_compile):  # their kernels built first
+            holders = [g for g in (decode_graphs, mixed_graphs) if g is not None]
+            precompile(warm_up_steps(self, num_blocks, holders), self.kernels.parallel_compile_workers,
+                       "warm-up and capture steps", self.model)
+            startup_timeline.mark("parallel pre-compile", sync=self.device)
+        if self.device.type == "cuda":
+            self.warm_up_prefill(num_blocks)
+            startup_timeline.mark("prefill + eager warm-ups", sync=self.device)
+        if decode_graphs is not None:
+            self.graphs = decode_graphs
             self.graphs.capture()
             startup_timeline.mark("decode graphs", sync=self.device)
-            self.mixed_graphs = self.build_mixed_graphs(stage_input)
+            self.mixed_graphs = mixed_graphs
             if self.mixed_graphs is not None:
                 self.mixed_graphs.capture(pool=self.graphs.pool)  # one pool for all graphs
                 startup_timeline.mark("mixed graphs", sync=self.device)

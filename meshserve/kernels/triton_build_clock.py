@@ -4,16 +4,21 @@ Triton calls knobs.runtime.jit_cache_hook before it builds a new specialization 
 (never per launch), so the time between the two is that build: a few ms when the cache (TRITON_CACHE_DIR) holds
 it, ~0.5 s when it compiles. The start-up timeline (engine/startup_timeline.py) reads the total at each phase,
 so a cold cache shows up as its own seconds inside the warm-ups. Hooks already installed keep running (chained).
+Not counted: the kernel's C launcher, which Triton 3.6 builds with the host compiler at the first
+launch (~0.4 s cold, measured 2026-12-01), after the post hook; a parallel pre-compile pass builds it in its
+threads and add()s its builds' thread-seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 _installed = False
 _previous_cache_hook = None
 _previous_post_hook = None
 _started: float | None = None
+_paused = False
 _seconds = 0.0
 _count = 0
 
@@ -21,7 +26,8 @@ _count = 0
 def _cache_hook(**kwargs):
     global _started
     answer = _previous_cache_hook(**kwargs) if _previous_cache_hook is not None else None
-    _started = None if answer else time.perf_counter()  # True: another hook skips the build
+    # True: another hook skips the build; paused: a parallel pass counts its builds itself (add)
+    _started = None if answer or _paused else time.perf_counter()
     return answer
 
 
@@ -50,6 +56,25 @@ def install() -> bool:
         return False
     _installed = True
     return True
+
+
+@contextlib.contextmanager
+def paused():
+    """Builds inside the block are not timed by the hooks: under Triton's AsyncCompileMode (kernels/
+    parallel_compile.py) the hook pairs interleave on other threads; the pass add()s its own totals."""
+    global _paused, _started
+    _paused, _started = True, None
+    try:
+        yield
+    finally:
+        _paused = False
+
+
+def add(seconds: float, count: int) -> None:
+    """Count builds timed elsewhere (a parallel pass: the seconds of every thread, so more than wall time)."""
+    global _seconds, _count
+    _seconds += seconds
+    _count += count
 
 
 def totals() -> tuple[float, int]:

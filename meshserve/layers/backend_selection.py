@@ -68,6 +68,10 @@ Overrides (environment, read only here, for debugging and references):
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
                                             step; scaled_mm: torch._scaled_mm, the activation quantized per
                                             token); default half (H200, 2026-11-30: W1 8B 332 tok/s, cvt 294)
+  MESHSERVE_PARALLEL_COMPILE=1|N|0          start-up: the warm-ups' Triton kernels compiled first, in parallel on N
+                                            threads (1: one per core; kernels/parallel_compile.py,
+                                            engine/parallel_warmup.py); a CUDA device and one rank only; off by
+                                            default until measured cold and warm on the H200 (issue 29)
   MESHSERVE_INT4_GEMV=half|matmul          the int4 projection of <= 4 rows (kernels/triton_int4_gemv.py;
                                             half: fp16x2 decode, split-K summed in the GEMV; matmul: the
                                             dequant-GEMM of larger batches); default half (H200, 2026-11-30:
@@ -88,7 +92,7 @@ from torch import nn
 
 from meshserve.config import EngineConfig
 from meshserve.errors import InvalidArgumentError
-from meshserve.kernels import pdl
+from meshserve.kernels import parallel_compile, pdl
 from meshserve.kernels.fused import fused_ops_importable, gemv_importable
 from meshserve.kernels.moe_configs import TABLES as MOE_CONFIG_TABLES
 from meshserve.kernels.pdl import PdlPolicy
@@ -118,6 +122,7 @@ MOE_LEGACY_ENV = "MESHSERVE_MOE_LEGACY"
 MOE_CONFIGS_ENV = "MESHSERVE_MOE_CONFIGS"
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
+PARALLEL_COMPILE_ENV = "MESHSERVE_PARALLEL_COMPILE"
 FP8_GEMV_CHOICES = ("cvt", "half", "scaled_mm")  # triton_fp8_gemv.FP8_GEMV_VARIANTS + cuBLASLt
 INT4_GEMV_CHOICES = ("half", "matmul")  # triton_int4_gemv.int4_gemv + the dequant-GEMM
 # decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph
@@ -168,6 +173,8 @@ class KernelSelection:
     # the first Triton MoE path instead of the fused routing, MoE GEMV and tuned configs (kernels/moe.py)
     moe_legacy: bool = False
     moe_configs: str = "tuned"  # the grouped MoE GEMM's tile table (kernels/moe_configs.TABLES)
+    # threads compiling the warm-ups' Triton kernels ahead of them (engine/parallel_warmup.py); 0: off
+    parallel_compile_workers: int = 0
 
     @property
     def pdl(self) -> bool:
@@ -255,6 +262,21 @@ def _variant(env: str, choices: tuple[str, ...], default: str) -> str:
     return value
 
 
+def _parallel_compile_workers(on_cuda: bool) -> int:
+    """MESHSERVE_PARALLEL_COMPILE: 0 / unset (off), 1 (one thread per core) or a thread count; a CUDA device
+    only (elsewhere Triton compiles nothing: the torch path, or the interpreter)."""
+    value = os.environ.get(PARALLEL_COMPILE_ENV, "").strip().lower()
+    if value in ("", "0", "off"):
+        return 0
+    if value in ("1", "on"):
+        workers = parallel_compile.default_workers()
+    elif value.isdigit():
+        workers = int(value)
+    else:
+        raise ValueError(f"{PARALLEL_COMPILE_ENV} takes 0, 1 or a thread count, got {value!r}")
+    return workers if on_cuda and parallel_compile.async_compile_available() else 0
+
+
 def select_kernels(config: EngineConfig) -> KernelSelection:
     """Decide every kernel switch for a runner of this config (environment overrides included)."""
     on_cuda = torch.device(config.device).type == "cuda"
@@ -300,6 +322,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         moe_configs=_variant(MOE_CONFIGS_ENV, MOE_CONFIG_TABLES, KernelSelection.moe_configs),
         fp8_gemv=_variant(FP8_GEMV_ENV, FP8_GEMV_CHOICES, KernelSelection.fp8_gemv),
         int4_gemv=_variant(INT4_GEMV_ENV, INT4_GEMV_CHOICES, KernelSelection.int4_gemv),
+        parallel_compile_workers=_parallel_compile_workers(on_cuda),
     )
     logger.info("kernels: %s", selection)
     return selection

@@ -24,6 +24,21 @@ echo "ready after $(( $(date +%s) - t0 )) s"
 # /health answers (the front end logs it once every API process said it listens): wait for it a little
 for _ in $(seq 1 20); do grep -q "start-up, seconds since launch" $OUT/serve.log && break; sleep 0.5; done
 grep -m1 "start-up, seconds since launch" $OUT/serve.log
+# the GPU's clocks and power under the load (is a compute-bound step power-capped? GEMMs run ~20% slower under W3
+# than in tools/mixed_graph_bench.py's isolated replays)
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu --format=csv,nounits \
+  -lms 500 > $OUT/gpu_clocks.csv 2> /dev/null &
+smi=$!
 timeout 420 python3 -m meshserve.cli bench serve --qps $qps --client-procs $client_procs --no-progress --output-json $OUT/w3.json 2>&1 | tee $OUT/w3.txt
+kill $smi 2> /dev/null
+python3 - "$OUT/gpu_clocks.csv" << 'PY'
+import csv, statistics, sys
+rows = [r for r in csv.reader(open(sys.argv[1]))][1:]
+busy = [r for r in rows if len(r) > 5 and r[5].strip().isdigit() and int(r[5]) >= 90]
+if busy:
+    med = lambda i: statistics.median(float(r[i]) for r in busy)
+    print(f"GPU while >= 90% busy ({len(busy)} samples): SM clock p50 {med(1):.0f} MHz (min {min(float(r[1]) for r in busy):.0f}), "
+          f"memory clock {med(2):.0f} MHz, power p50 {med(3):.0f} W, temperature p50 {med(4):.0f} C")
+PY
 curl -s localhost:8000/metrics | grep -E "^meshserve:(requests_(rejected|shed|slo|total)|step_time|queue_wait)" | tee $OUT/metrics.txt
 kill -TERM $pid; wait $pid

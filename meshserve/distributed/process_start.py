@@ -1,5 +1,6 @@
-"""How meshserve starts its processes (ranks, the engine core, API processes, router workers): one multiprocessing
-start method for all of them, and each child's environment handed over explicitly.
+"""How meshserve starts its torch processes (ranks, the engine core, API processes): one multiprocessing start
+method for all of them, and each child's environment handed over explicitly. (Router workers import no torch:
+they stay spawned, since a server importing torch would only delay them.)
 
 'spawn' starts a fresh interpreter that imports torch again: 3.6-3.8 s of a 2-core machine for every rank, core
 and API process. On Linux the default is 'forkserver' with torch (and a few pure-Python modules) preloaded in the

@@ -18,8 +18,8 @@ import time
 import torch.distributed as dist
 
 from meshserve.config import EngineConfig
-from meshserve.distributed.launch import HEARTBEAT_S, LaunchInfo
 from meshserve.distributed import process_start
+from meshserve.distributed.launch import HEARTBEAT_S, LaunchInfo
 from meshserve.distributed.object_channel import ObjectChannel
 from meshserve.distributed.parallel_state import destroy_parallel_state, get_parallel_state
 from meshserve.engine.runner_output import PendingOutput

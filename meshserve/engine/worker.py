@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from meshserve.config import EngineConfig
-from meshserve.distributed.launch import LaunchInfo, die_with_parent, start_heartbeat
 from meshserve.distributed import process_start
+from meshserve.distributed.launch import LaunchInfo, die_with_parent, start_heartbeat
 from meshserve.distributed.object_channel import ObjectChannel
 from meshserve.distributed.parallel_state import (
     destroy_parallel_state,

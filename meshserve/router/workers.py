@@ -25,7 +25,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-from meshserve.distributed import process_start
 from meshserve.router.config import RouterConfig
 from meshserve.serve import multiprocess_metrics
 
@@ -78,14 +77,15 @@ def serve_workers(config: RouterConfig, http: RouterHttp, count: int) -> int:
 
     sock = bind_listen_socket(http.host, http.port)
     sock.listen(4096)  # connections queue in the kernel until a worker accepts them
+    ctx = mp.get_context("spawn")
     log_level = logging.getLogger().getEffectiveLevel()
     stop = StopSignal()
     metrics_dir = multiprocess_metrics.new_dir()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def start(i: int) -> mp.Process:
-        p = process_start.new_process(_worker_main, (config, sock, http, i, log_level, metrics_dir),
-                                      name=f"meshserve-router-{i}")
+        p = ctx.Process(target=_worker_main, name=f"meshserve-router-{i}",
+                        args=(config, sock, http, i, log_level, metrics_dir))
         p.start()
         return p
 

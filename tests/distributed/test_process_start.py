@@ -15,6 +15,7 @@ import pytest
 from meshserve.distributed import process_start
 
 METHODS = ["forkserver", "spawn"] if sys.platform.startswith("linux") else ["spawn"]
+forkserver_only = pytest.mark.skipif("forkserver" not in METHODS, reason="forkserver: Linux only here")
 
 
 def _report(conn, keys) -> None:
@@ -61,9 +62,8 @@ def test_child_gets_the_parents_environment_at_start_with_overrides(method, monk
     assert "CUDA_VISIBLE_DEVICES" not in os.environ  # the override is the child's alone
 
 
+@forkserver_only
 def test_forkserver_preloads_torch_without_cuda_or_meshserve(monkeypatch):
-    if "forkserver" not in METHODS:
-        pytest.skip("forkserver is Linux-only here")
     monkeypatch.setenv(process_start.ENV, "spawn")
     spawned = _run([])
     monkeypatch.setenv(process_start.ENV, "forkserver")
@@ -78,9 +78,9 @@ def _print_line(text: str) -> None:
     print(text, flush=True)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_child_writes_to_the_parents_current_stdout(method, monkeypatch, tmp_path):
-    monkeypatch.setenv(process_start.ENV, method)
+@forkserver_only  # (a spawned child inherits fds 1 and 2 as it starts)
+def test_child_writes_to_the_parents_current_stdout(monkeypatch, tmp_path):
+    monkeypatch.setenv(process_start.ENV, "forkserver")
     _run([])  # the server (if any) starts with the stdout of now
     out = tmp_path / "out.txt"
     saved = os.dup(1)
@@ -117,13 +117,13 @@ def _sleep_with_parent() -> None:
     time.sleep(60)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_child_dies_with_its_parent(method):
+@forkserver_only  # (a spawned child's parent is the one that died)
+def test_child_dies_with_its_parent():
     """A forkserver child's real parent is the server, which outlives the parent while any child holds the
     server's alive pipe: the child must let go of it, or die_with_parent() would never fire."""
     script = _ORPHAN_PARENT.format(here=os.path.dirname(os.path.abspath(__file__)))
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, process_start.ENV: method, 
+                              env={**os.environ, process_start.ENV: "forkserver", 
                                    "PYTHONPATH": str(Path(process_start.__file__).parents[2])})
     try:
         child = int(parent.stdout.readline())
@@ -155,6 +155,7 @@ def test_unknown_start_method_is_refused(monkeypatch):
 
 
 @pytest.mark.gpu
+@forkserver_only
 def test_forkserver_child_uses_cuda_after_the_parent_did(monkeypatch):
     """A forkserver whose preload had initialised CUDA would hand every child a dead CUDA context."""
     import torch

@@ -87,6 +87,14 @@ def launch_info(pc: ParallelConfig, device: str = "cpu") -> LaunchInfo:
                       rank=pc.node_rank * (world // pc.nnodes), pp_layer_partition=pc.pp_layer_partition)
 
 
+def spawns_local_ranks(args) -> bool:
+    """Whether rank 0 of these EngineArgs starts worker processes on its node (launch_info's layout: not under
+    torchrun, more than one rank per node, the multiprocess backend)."""
+    world = args.tensor_parallel_size * args.pipeline_parallel_size
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return args.distributed_executor_backend == "mp" and not torchrun and world // max(1, args.nnodes) > 1
+
+
 def die_with_parent() -> None:
     """Linux: have the kernel kill this process if the process that spawned it dies (no orphan ranks)."""
     if sys.platform.startswith("linux"):

@@ -17,6 +17,8 @@ import time
 
 from meshserve.config import EngineArgs, EngineConfig
 from meshserve.disagg.coordinator import build_kv_transfer
+from meshserve.distributed import process_start
+from meshserve.distributed.launch import spawns_local_ranks
 from meshserve.engine import startup_timeline
 from meshserve.engine.engine_config import create_engine_config
 from meshserve.engine.executor import UniprocExecutor, make_executor
@@ -198,6 +200,8 @@ class EngineCore:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> EngineCore:
+        if spawns_local_ranks(args):
+            process_start.warm_up()  # the ranks' forkserver imports torch while the config loads (transformers)
         config, source = create_engine_config(args)
         startup_timeline.mark("config")
         return cls(config, source)

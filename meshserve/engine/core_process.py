@@ -12,9 +12,7 @@ the core to stop. `ProcessCoreClient` is that owner and a front end in one (the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -28,6 +26,7 @@ import msgspec
 import zmq
 
 from meshserve.config import EngineArgs
+from meshserve.distributed import process_start
 from meshserve.engine import startup_timeline
 from meshserve.engine.core_client import ABORT, ADD, IDLE_POLL_S, SHUTDOWN, run_core_loop
 from meshserve.engine.heap import freeze_startup_heap
@@ -194,28 +193,6 @@ def _core_main(args: EngineArgs, input_addr: str, output_addr: str, ready_conn, 
 
 
 # -- the owner ---------------------------------------------------------------------------------------
-_env_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _spawn_env(env: dict[str, str]):
-    """os.environ with env on top while a child is spawned (a spawned child copies os.environ as it starts)."""
-    if not env:
-        yield
-        return
-    with _env_lock:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-
 class CoreProcess:
     """Starts the core process, waits until its model is loaded, and stops it (the only one who may).
 
@@ -228,14 +205,12 @@ class CoreProcess:
         CUDA_VISIBLE_DEVICES slice under data parallel."""
         self._dir = tempfile.mkdtemp(prefix="meshserve-core-")
         input_addr, output_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
-        ctx = mp.get_context("spawn")
-        parent_conn, child_conn = ctx.Pipe(duplex=False)
+        parent_conn, child_conn = process_start.context().Pipe(duplex=False)
         # not a daemon: the core may spawn tensor/pipeline-parallel workers of its own
         log_level = logging.getLogger("meshserve").getEffectiveLevel()
-        self.proc = ctx.Process(target=_core_main, name="meshserve-engine-core",
-                                args=(args, input_addr, output_addr, child_conn, log_level, core_factory))
-        with _spawn_env(env or {}):
-            self.proc.start()
+        self.proc = process_start.new_process(_core_main, (args, input_addr, output_addr, child_conn, log_level,
+                                                            core_factory), name="meshserve-engine-core", env=env)
+        self.proc.start()
         child_conn.close()
         self._zmq = zmq.Context()
         self._control = self._zmq.socket(zmq.PUSH)  # the owner's shutdown command

@@ -18,6 +18,7 @@ import time
 import torch.distributed as dist
 
 from meshserve.config import EngineConfig
+from meshserve.distributed import process_start
 from meshserve.distributed.launch import HEARTBEAT_S, LaunchInfo
 from meshserve.distributed.object_channel import ObjectChannel
 from meshserve.distributed.parallel_state import destroy_parallel_state, get_parallel_state
@@ -79,7 +80,7 @@ class MultiprocExecutor:
         self.state = self.runner_state()
 
     def _start_workers(self, config, source, launch, worker_main) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = process_start.context()
         # last heartbeat (time.monotonic, shared clock on one host) of each local rank
         self.beats = ctx.Array("d", launch.world_size, lock=False)
         # the ranks read the model's config fields only: as plain values they unpickle without transformers
@@ -87,8 +88,8 @@ class MultiprocExecutor:
         for rank in launch.local_ranks():
             if rank == 0:
                 continue
-            p = ctx.Process(target=worker_main, args=(config, source, launch, rank, self.beats), daemon=True,
-                            name=f"meshserve-rank{rank}")
+            p = process_start.new_process(worker_main, (config, source, launch, rank, self.beats), daemon=True,
+                                          name=f"meshserve-rank{rank}")
             p.start()
             self.workers[rank] = p
 

@@ -6,7 +6,6 @@ import copy
 import faulthandler
 import functools
 import logging
-import multiprocessing as mp
 import os
 import queue
 import signal
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from meshserve.config import EngineConfig
+from meshserve.distributed import process_start
 from meshserve.distributed.launch import LaunchInfo, die_with_parent, start_heartbeat
 from meshserve.distributed.object_channel import ObjectChannel
 from meshserve.distributed.parallel_state import (
@@ -173,8 +173,7 @@ def run_node_ranks(config: EngineConfig, source, launch: LaunchInfo) -> int:
         return 0
     source = with_checkpoint_shapes(source)  # once for this node's ranks, not in each
     config, source = without_transformers(config), without_transformers(source)  # (MultiprocExecutor)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker_process_main, args=(config, source, launch, r), name=f"meshserve-rank{r}")
+    procs = [process_start.new_process(worker_process_main, (config, source, launch, r), name=f"meshserve-rank{r}")
              for r in ranks]
     for p in procs:
         p.start()

@@ -26,7 +26,6 @@ setting PROMETHEUS_MULTIPROC_DIR, which must come before prometheus_client is im
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import signal
 import socket
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 import msgspec
 
 from meshserve.config import EngineArgs
+from meshserve.distributed import process_start
 from meshserve.distributed.launch import StopSignal, die_with_parent, stop_processes
 from meshserve.engine import startup_timeline
 from meshserve.serve import multiprocess_metrics
@@ -251,13 +251,12 @@ def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: sock
         cores = spawn_dp_cores(engine_args, data_parallel_size, core_factory, _CORE_STARTUP_TIMEOUT_S)
         startup_timeline.mark("core spawned")
         sock.listen(2048)  # connections queue in the kernel until an API process accepts them
-        ctx = mp.get_context("spawn")
-        ready_queue = ctx.SimpleQueue()
+        ready_queue = process_start.context().SimpleQueue()
         log_level = logging.getLogger("meshserve").getEffectiveLevel()
         for i in range(count):  # now: their imports and tokenizers overlap the model's load
-            p = ctx.Process(target=_api_process_main, name=f"meshserve-api-{i}",
-                            args=([c.addresses for c in cores], i, config, sock, opts, metrics_dir, log_level,
-                                  engine_args, ready_queue))
+            p = process_start.new_process(_api_process_main, ([c.addresses for c in cores], i, config, sock, opts,
+                                                              metrics_dir, log_level, engine_args, ready_queue),
+                                          name=f"meshserve-api-{i}")
             p.start()
             procs.append(p)
         startup_timeline.mark("API processes spawned")

@@ -17,6 +17,8 @@ import pytest
 from meshserve import LLM, SamplingParams
 from meshserve.distributed.launch import free_port
 from tests.conftest import VOCAB
+from tests.process_tree import children as _children
+from tests.process_tree import started_by
 
 
 def _tokens(llm) -> list[list[int]]:
@@ -107,28 +109,12 @@ def test_torchrun_environment(tiny_model_dir, single_device_tokens, monkeypatch)
         rank1.kill()
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
 def _wait_for_workers(proc: subprocess.Popen, count: int, timeout: float = 60) -> list[int]:
-    """Pids of the spawned worker ranks of proc, as soon as `count` of them exist."""
+    """Pids of the worker ranks of proc, as soon as `count` of them exist."""
     workers: list[int] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and len(workers) < count and proc.poll() is None:
-        workers = [c for c in _children(proc.pid) if "spawn_main" in _cmdline(c)]
+        workers = started_by(proc.pid)
         if len(workers) < count:
             time.sleep(0.02)
     assert len(workers) >= count, "the worker ranks never started"
@@ -165,7 +151,7 @@ def test_killed_worker_stops_the_run_naming_the_rank(tiny_model_dir):
                           "--distributed-timeout-s", "20", *PROMPTS)
     try:
         workers = _wait_for_workers(proc, 1)
-        everything = _children(proc.pid)
+        everything = _children(proc.pid) + started_by(proc.pid)  # helpers too: the forkserver
         assert err.wait_for(READY, READY_S), err.text()  # loaded; generation starts now
         os.kill(workers[0], signal.SIGKILL)
         start = time.monotonic()
@@ -190,7 +176,7 @@ def test_sigterm_shuts_every_rank_down(tiny_model_dir):
                           "--max-tokens", "400", *PROMPTS)
     try:
         _wait_for_workers(proc, 1)
-        everything = _children(proc.pid)
+        everything = _children(proc.pid) + started_by(proc.pid)  # helpers too: the forkserver
         assert err.wait_for(READY, READY_S), err.text()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -207,7 +193,7 @@ def test_worker_killed_during_start_up_is_named_at_once(tiny_model_dir):
     proc, err = _generate("--model", path, "-tp", "2", "--no-chat", "--ignore-eos", "--max-tokens", "200", "Hi")
     try:
         workers = _wait_for_workers(proc, 1)  # the rank exists: it is importing, far from ready
-        everything = _children(proc.pid)
+        everything = _children(proc.pid) + started_by(proc.pid)  # helpers too: the forkserver
         victim = max(workers)
         os.kill(victim, signal.SIGKILL)
         start = time.monotonic()
@@ -226,7 +212,9 @@ def test_worker_killed_during_start_up_is_named_at_once(tiny_model_dir):
 
 _DIE_IN_RENDEZVOUS = """
 import os
-if "spawn_main" in open("/proc/self/cmdline").read():  # a spawned rank: die inside the rendezvous
+cmd = open("/proc/self/cmdline").read()
+# a spawned rank, or the forkserver the ranks are forked from (it imports torch.distributed): die in the rendezvous
+if "spawn_main" in cmd or "multiprocessing.forkserver" in cmd:
     import socket
     import time
 
@@ -294,7 +282,7 @@ def test_hung_worker_is_named_within_the_timeout(tiny_model_dir):
                           "--distributed-timeout-s", str(timeout_s), *PROMPTS)
     try:
         workers = _wait_for_workers(proc, 1)
-        everything = _children(proc.pid)
+        everything = _children(proc.pid) + started_by(proc.pid)  # helpers too: the forkserver
         assert err.wait_for(READY, READY_S), err.text()
         os.kill(workers[0], signal.SIGSTOP)  # alive but silent
         start = time.monotonic()
@@ -305,6 +293,6 @@ def test_hung_worker_is_named_within_the_timeout(tiny_model_dir):
         assert _all_gone(everything), "processes left behind"
     finally:
         proc.kill()
-        for pid in _children(proc.pid):
+        for pid in started_by(proc.pid) + _children(proc.pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)

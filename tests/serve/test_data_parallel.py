@@ -22,6 +22,8 @@ from meshserve.bench.fake_core import fake_core_factory
 from meshserve.config import EngineArgs
 from meshserve.serve.api_server import _start_data_parallel
 from meshserve.serve.config import ServeConfig
+from tests.process_tree import children as process_children
+from tests.process_tree import started_by
 from tests.serve.conftest import MODEL, free_port, start_server
 
 
@@ -244,9 +246,8 @@ def test_cli_serve_dp2_internal_answers_and_stops_cleanly(tiny_model_dir):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
-        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-            children = [int(p) for p in f.read().split()]
-        spawned = [p for p in children if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]  # noqa: SIM115
+        spawned = started_by(proc.pid)
+        children = spawned + process_children(proc.pid)  # (and the forkserver they come from)
         assert len(spawned) == 4  # two engine cores, two API processes (one per core by default)
         body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
         texts = {

@@ -9,7 +9,7 @@
 # JSON in $OUT/parallel_compile.tgz. Jobs past BUDGET seconds (default 480) are skipped: one call < 9 minutes.
 # Usage (device, repo root):  bash tools/parallel_compile_device.sh
 #   JOBS="8b:cold:0 8b:cold:1 ..." (model 8b|dsv2, cold|warm, switch), PROBE=0 to skip the probe,
-#   TESTS=1 to run tests/gpu/test_parallel_compile.py first (per family two cold tiny-model starts and a warm
+#   TESTS=1 to run tests/gpu/test_gpu_parallel_compile.py first (per family two cold tiny-model starts and a warm
 #   one: several minutes; best as its own call: TESTS=1 PROBE=0 JOBS=" " bash tools/parallel_compile_device.sh)
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
@@ -19,7 +19,7 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name --format=csv,no
 python3 -c "import triton, torch, os; print('triton', triton.__version__, 'torch', torch.__version__, os.cpu_count(), 'cores')"
 
 if [ "${TESTS:-0}" = 1 ]; then
-  timeout 560 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_parallel_compile.py > $R/tests.log 2>&1
+  timeout 560 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_gpu_parallel_compile.py > $R/tests.log 2>&1
   echo "== gpu tests rc $?: $(tail -1 $R/tests.log)"; grep -E "^FAILED|Error|assert" $R/tests.log | head -8
 fi
 if [ "${PROBE:-1}" = 1 ]; then

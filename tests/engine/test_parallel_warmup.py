@@ -1,7 +1,7 @@
 """The parallel pre-compile's wiring (engine/parallel_warmup.py) on the CPU: the switch, where the pass
 applies, which steps it runs (the graph holders' eager runs of exactly their capture inputs, in capture
 order), that a failing pass leaves the plain warm-ups to compile, and that the switch changes no token (on the
-CPU it is off: Triton compiles nothing there). tests/gpu/test_parallel_compile.py checks the GPU start-up."""
+CPU it is off: Triton compiles nothing there). tests/gpu/test_gpu_parallel_compile.py checks the GPU start-up."""
 
 from __future__ import annotations
 

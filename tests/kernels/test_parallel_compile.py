@@ -2,7 +2,7 @@
 nothing: launches of the deferring thread become warmup=True launches (others' do not), compiles submitted the
 way Triton's JITFunction submits them under AsyncCompileMode run on the pool at once, the pass returns only
 once each kernel is finalized (put in its cache), the pool builds each kernel's launcher, and a failed compile
-is left for the plain warm-up. tests/gpu/test_parallel_compile.py runs the real thing."""
+is left for the plain warm-up. tests/gpu/test_gpu_parallel_compile.py runs the real thing."""
 
 from __future__ import annotations
 

@@ -146,7 +146,9 @@ def auto_enables(hidden_size: int | None) -> bool:
     (2,048 columns) holds those rows whole; at 4,096 (Llama-3.1-8B, -9%) a layer streams ~200 MB, the gaps are
     small beside it, and the preload's registers halve the programs per SM for the rows' remaining columns.
     2,048 is the largest row the preload still holds whole; move the bound when the device A/B (tools/
-    pdl_device.sh) shows a variant that pays for the large models."""
+    pdl_device.sh) shows a variant that pays for the large models. Measured again 2026-12-01 (H200, the
+    decode kernels changed since): Qwen3-0.6B W1 852.6 tok/s off, 615.9 under auto: the rule no longer holds,
+    which is why nothing turns PDL on by default."""
     return hidden_size is not None and hidden_size <= AUTO_MAX_HIDDEN
 
 

@@ -29,7 +29,8 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_PDL=1|auto                      programmatic dependent launch of the decode-path Triton kernels on
                                             sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
                                             kernels/pdl.py); auto: only for models whose hidden size is at most
-                                            2,048 (pdl.auto_enables); opt-in until measured on the H200 (issue 29)
+                                            2,048 (pdl.auto_enables); off by default: on the H200 Qwen3-0.6B W1
+                                            went +26% on 2026-11-30 and -28% on 2026-12-01 (issue 29)
   MESHSERVE_PDL_TRIGGER=early|late          PDL variants under A/B (kernels/pdl.py, tools/pdl_device.sh): where
   MESHSERVE_PDL_ONE_WAVE=1                  the next kernel may launch; PDL only for one-wave grids; when the
   MESHSERVE_PDL_PRELOAD=all|none|row        GEMV preloads weights before the wait

@@ -20,7 +20,7 @@ import argparse
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 PROMPTS = [
@@ -42,6 +42,7 @@ class Variant:
     fmt: str | None = None  # a checkpoint format to write with the quantizer ("awq", "gptq", "compressed-tensors")
     calibration: str = "rtn"  # the quantizer's calibration (quantize_checkpoint)
     desc_act: bool = False
+    quantizer_kwargs: dict = field(default_factory=dict)  # more quantize_checkpoint arguments
 
 
 VARIANTS = [
@@ -101,8 +102,18 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def run(
-    model_dir: str, dtype: str, group_size: int, window: int, max_tokens: int, variants=VARIANTS
+    model_dir: str,
+    dtype: str,
+    group_size: int,
+    window: int,
+    max_tokens: int,
+    variants=VARIANTS,
+    target_dtype: str | None = "bfloat16",
 ) -> list[dict]:
+    """The table's rows: the reference (dtype: every variant runs in it; the Δ logprob and greedy agreement
+    are against it), then the target baseline (the issue's targets are against bf16: the engine's plain
+    16-bit path on the same text), then each variant. ppl_delta is against the reference, target_delta
+    against the target baseline (the reference when target_dtype is None or equal to dtype)."""
     from meshserve import LLM
     from meshserve.models.quantize_checkpoint import quantize_checkpoint
 
@@ -116,13 +127,27 @@ def run(
     del base
     rows = [
         {
-            "variant": f"{dtype} (baseline)",
+            "variant": f"{dtype} (reference)",
             "ppl": math.exp(-sum(base_lp) / len(base_lp)),
             "dlogprob": 0.0,
             "agree": 1.0,
             "tokens": len(base_lp),
         }
     ]
+
+    def measure(name: str, llm) -> dict:
+        lp = score(llm, windows)
+        return {
+            "variant": name,
+            "ppl": math.exp(-sum(lp) / len(lp)),
+            "dlogprob": sum(abs(a - b) for a, b in zip(lp, base_lp)) / len(lp),
+            "agree": agreement(greedy(llm, prompts, max_tokens), base_gen),
+        }
+
+    if target_dtype and target_dtype != dtype:  # the issue's baseline: the engine's plain 16-bit path
+        llm = LLM(model_dir, dtype=target_dtype)
+        rows.append(measure(f"{target_dtype} (target baseline)", llm))
+        del llm
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             path = model_dir
@@ -134,33 +159,32 @@ def run(
                     group_size=group_size,
                     desc_act=v.desc_act,
                     calibration=v.calibration,
+                    **v.quantizer_kwargs,
                 )
             llm = LLM(path, tokenizer=model_dir, dtype=dtype, **v.kwargs)
-            lp = score(llm, windows)
-            rows.append(
-                {
-                    "variant": v.name + (f" (g{group_size})" if v.fmt in ("awq", "gptq") else ""),
-                    "ppl": math.exp(-sum(lp) / len(lp)),
-                    "dlogprob": sum(abs(a - b) for a, b in zip(lp, base_lp)) / len(lp),
-                    "agree": agreement(greedy(llm, prompts, max_tokens), base_gen),
-                }
-            )
+            rows.append(measure(v.name + (f" (g{group_size})" if v.fmt in ("awq", "gptq") else ""), llm))
             del llm
-    for r in rows[1:]:
+    target = rows[1]["ppl"] if len(rows) > 1 and "(target baseline)" in rows[1]["variant"] else rows[0]["ppl"]
+    for r in rows:
         r["ppl_delta"] = r["ppl"] / rows[0]["ppl"] - 1
-    rows[0]["ppl_delta"] = 0.0
+        r["target_delta"] = r["ppl"] / target - 1
     return rows
 
 
 def markdown(rows: list[dict], tokens: int) -> str:
+    """Perplexity against the reference (rows[0], fp32) and against the target baseline (bf16, the issue's
+    targets); Δ logprob and greedy agreement against the reference."""
+    ref = rows[0]["variant"].split(" ")[0]
+    tgt = next((r["variant"].split(" ")[0] for r in rows if "(target baseline)" in r["variant"]), ref)
     lines = [
-        f"| variant | perplexity ({tokens} tokens) | vs baseline | mean abs Δ logprob | greedy agreement |",
-        "| --- | --- | --- | --- | --- |",
+        f"| variant | perplexity ({tokens} tokens) | vs {ref} | vs {tgt} (target) | mean abs Δ logprob vs {ref} "
+        f"| greedy agreement vs {ref} |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['ppl']:.3f} | {r['ppl_delta'] * 100:+.2f}% | {r['dlogprob']:.4f} | "
-            f"{r['agree'] * 100:.1f}% |"
+            f"| {r['variant']} | {r['ppl']:.3f} | {r['ppl_delta'] * 100:+.2f}% | {r['target_delta'] * 100:+.2f}% "
+            f"| {r['dlogprob']:.4f} | {r['agree'] * 100:.1f}% |"
         )
     return "\n".join(lines)
 
@@ -170,7 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--model", default=None, help="HF folder (default: the embedded SmolLM2-135M-Instruct)"
     )
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", help="the reference dtype every variant runs in")
+    parser.add_argument(
+        "--target-dtype", default="bfloat16", help="the targets' baseline (a plain unquantized run); 'none': off"
+    )
     parser.add_argument("--group-size", type=int, default=64, help="int4 group size (SmolLM2's 576 needs 64)")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -191,11 +218,12 @@ def main(argv: list[str] | None = None) -> None:
         ns.group_size,
         ns.window,
         ns.max_tokens,
-        [
+        variants=[
             v
             for v in VARIANTS + (TEXT_CALIBRATED if ns.with_calibrated else []) + (CALIBRATED if ns.with_gptq else [])
             if ns.only is None or ns.only in v.name
         ],
+        target_dtype=None if ns.target_dtype == "none" else ns.target_dtype,
     )
     print(markdown(rows, rows[0]["tokens"]))
 

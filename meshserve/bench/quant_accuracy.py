@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
@@ -61,6 +62,20 @@ TEXT_CALIBRATED = [
     Variant("int4 GPTQ, GPTQ-calibrated on the text", {}, "gptq", "gptq-text"),
     Variant("int4 GPTQ, AWQ-scaled then GPTQ-rounded", {}, "gptq", "awq-gptq"),
     Variant("fp8 weights (compressed-tensors, GPTQ-calibrated)", {}, "compressed-tensors", "gptq-text"),
+    # 2026-12-01: the fp8 and int4 calibrations the first table left alone (QUANTIZATION.md)
+    *(
+        Variant(f"fp8 weights, SmoothQuant a={a} + GPTQ", {}, "compressed-tensors", "smooth-gptq", quantizer_kwargs={"smooth_alpha": a})
+        for a in (0.5, 0.65, 0.8)
+    ),
+    Variant("fp8 weights, GPTQ, static per-tensor input scales", {}, "compressed-tensors", "gptq-static"),
+    Variant("fp8 weights, SmoothQuant a=0.5 + GPTQ, static per-tensor input scales", {}, "compressed-tensors", "smooth-gptq-static", quantizer_kwargs={"smooth_alpha": 0.5}),
+    Variant("fp8 weights, SmoothQuant a=0.5 + sequential GPTQ", {}, "compressed-tensors", "smooth-gptq-seq", quantizer_kwargs={"smooth_alpha": 0.5}),
+    Variant("int4 GPTQ act-order, GPTQ-calibrated on the text", {}, "gptq", "gptq-text", desc_act=True),
+    Variant("int4 GPTQ, sequential", {}, "gptq", "gptq-seq"),
+    Variant("int4 GPTQ, searched static group levels", {}, "gptq", "gptq-mse"),
+    Variant("int4 GPTQ, searched static group levels, sequential", {}, "gptq", "gptq-mse-seq"),
+    Variant("int4 GPTQ, AWQ scales (no clip) then GPTQ-rounded", {}, "gptq", "awq-scale-gptq"),
+    Variant("int4 GPTQ, AWQ scales then sequential GPTQ, searched static group levels", {}, "gptq", "awq-scale-gptq-mse-seq"),
 ]
 # GPTQ calibrated on self-sampled text: several minutes more on a CPU (--with-gptq)
 CALIBRATED = [
@@ -137,12 +152,14 @@ def run(
 
     def measure(name: str, llm) -> dict:
         lp = score(llm, windows)
-        return {
+        row = {
             "variant": name,
             "ppl": math.exp(-sum(lp) / len(lp)),
             "dlogprob": sum(abs(a - b) for a, b in zip(lp, base_lp)) / len(lp),
             "agree": agreement(greedy(llm, prompts, max_tokens), base_gen),
         }
+        print(f"{name}: perplexity {row['ppl']:.3f} (reference {rows[0]['ppl']:.3f})", file=sys.stderr, flush=True)
+        return row
 
     if target_dtype and target_dtype != dtype:  # the baseline: the engine's plain 16-bit path
         llm = LLM(model_dir, dtype=target_dtype)
@@ -154,7 +171,7 @@ def run(
             if v.fmt:
                 path = quantize_checkpoint(
                     model_dir,
-                    os.path.join(tmp, f"{v.fmt}-{v.calibration}-{int(v.desc_act)}"),
+                    os.path.join(tmp, f"{v.fmt}-{v.calibration}-{int(v.desc_act)}-{len(rows)}"),
                     v.fmt,
                     group_size=group_size,
                     desc_act=v.desc_act,
@@ -205,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--with-calibrated", action="store_true", help="also AWQ / GPTQ int4 and GPTQ fp8 from the calibration text"
     )
-    parser.add_argument("--only", default=None, help="run only the variants whose name contains this")
+    parser.add_argument(
+        "--only", action="append", default=None, help="run only the variants whose name contains this (repeatable)"
+    )
     ns = parser.parse_args(argv)
     model_dir = ns.model
     if model_dir is None:
@@ -221,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         variants=[
             v
             for v in VARIANTS + (TEXT_CALIBRATED if ns.with_calibrated else []) + (CALIBRATED if ns.with_gptq else [])
-            if ns.only is None or ns.only in v.name
+            if ns.only is None or any(part in v.name for part in ns.only)
         ],
         target_dtype=None if ns.target_dtype == "none" else ns.target_dtype,
     )

@@ -114,6 +114,50 @@ def _group_params(w: torch.Tensor, min_zero: int) -> tuple[torch.Tensor, torch.T
     return scale, zero
 
 
+MSE_GRID = 20  # shrink steps of 2.5% of each end of a group's range (to 50% off), as awq.search_clip
+MSE_MAX_SHRINK = 0.5
+
+
+def search_group_params(
+    weight: torch.Tensor, hessian: torch.Tensor, group_size: int, min_zero: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static GPTQ groups with searched levels: scale and zero [K / G, N] per (group, output row) of the
+    original weight [N, K], the group's range [min(w) (1 - a), max(w) (1 - b)] (a, b in steps of
+    MSE_MAX_SHRINK / MSE_GRID, at most two steps apart) that minimises the group's round-to-nearest output
+    error dw_g H_gg dw_g^T (H's diagonal block of the group: GPTQ's own loss without the cross-group terms).
+    The Hessian-weighted form of AutoGPTQ's mse grid (which weighs every weight alike)."""
+    from meshserve.models.awq import group_errors
+
+    n, k = weight.shape
+    groups = k // group_size
+    w = weight.double().view(n, groups, group_size)
+    hb = torch.stack([hessian[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size]
+                      for g in range(groups)]).double()
+    lo0, hi0 = w.amin(dim=-1).clamp(max=0.0), w.amax(dim=-1).clamp(min=0.0)
+    best = torch.full((n, groups), float("inf"), dtype=torch.float64)
+    best_scale, best_zero = torch.zeros(n, groups, dtype=torch.float64), torch.zeros(n, groups, dtype=torch.float64)
+    steps = int(MSE_MAX_SHRINK * MSE_GRID)
+    for i in range(steps):
+        for j in range(max(0, i - 2), min(steps, i + 3)):
+            lo, hi = lo0 * (1 - i * MSE_MAX_SHRINK / steps), hi0 * (1 - j * MSE_MAX_SHRINK / steps)
+            scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+            zero = (-lo / scale).round().clamp(min_zero, 15)
+            q = (w / scale[..., None] + zero[..., None]).round().clamp(0, 15)
+            dw = (q - zero[..., None]) * scale[..., None] - w
+            err = group_errors(dw.view(n, k), hb)
+            better = err < best
+            best = torch.where(better, err, best)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale.t().contiguous(), best_zero.t().contiguous()
+
+
+def int4_dequant(qw: Int4Weights) -> torch.Tensor:
+    """The fp32 weight [N, K] an Int4Weights holds, with scales rounded to the checkpoint's fp16."""
+    g = qw.g_idx.long()
+    return ((qw.q.float() - qw.zeros.round()[g]) * qw.scales.half().float()[g]).t().contiguous()
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -122,11 +166,17 @@ def gptq_quantize(
     min_zero: int = 0,
     damp: float = INT4_DAMP,
     block: int = 128,
+    mse: bool = False,
 ) -> Int4Weights:
-    """GPTQ of weight [N, K] with H [K, K]; min_zero 1 keeps zero points writable in GPTQ v1's zero - 1."""
+    """GPTQ of weight [N, K] with H [K, K]; min_zero 1 keeps zero points writable in GPTQ v1's zero - 1.
+    mse: static groups (features k // group_size, whatever the visiting order, so act-order keeps plain
+    groups), each group's scale and zero from search_group_params before any error feedback; otherwise each
+    group's levels come from its weights as updated when GPTQ reaches it (act-order groups then follow the
+    visiting order, and g_idx records them)."""
     w = weight.double().clone()
     n, k = w.shape
     h = hessian.clone()
+    static = search_group_params(weight, hessian, group_size, min_zero) if mse else None
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -138,12 +188,17 @@ def gptq_quantize(
     scales = torch.zeros(k // group_size, n, dtype=torch.float64)
     zeros = torch.zeros_like(scales)
     scale = zero = None
+    if static is not None:
+        scales, zeros = static[0].clone(), static[1].clone()
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % group_size == 0:  # this group's levels, from the weights as updated so far
+            if static is not None:
+                g = int(perm[col]) // group_size
+                scale, zero = scales[g], zeros[g]
+            elif col % group_size == 0:  # this group's levels, from the weights as updated so far
                 cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group_size]
                 scale, zero = _group_params(cur, min_zero)
                 scales[col // group_size], zeros[col // group_size] = scale, zero
@@ -153,8 +208,10 @@ def gptq_quantize(
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    g_idx = torch.arange(k, dtype=torch.int32) // group_size
     inv = torch.argsort(perm)
+    if static is not None:
+        return Int4Weights(q.t()[inv].contiguous(), scales.float(), zeros.float(), torch.arange(k, dtype=torch.int32) // group_size)
+    g_idx = torch.arange(k, dtype=torch.int32) // group_size
     return Int4Weights(q.t()[inv].contiguous(), scales.float(), zeros.float(), g_idx[inv])
 
 

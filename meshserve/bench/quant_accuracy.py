@@ -69,13 +69,16 @@ TEXT_CALIBRATED = [
     ),
     Variant("fp8 weights, GPTQ, static per-tensor input scales", {}, "compressed-tensors", "gptq-static"),
     Variant("fp8 weights, SmoothQuant a=0.5 + GPTQ, static per-tensor input scales", {}, "compressed-tensors", "smooth-gptq-static", quantizer_kwargs={"smooth_alpha": 0.5}),
+    Variant("fp8 weights, sequential GPTQ", {}, "compressed-tensors", "gptq-seq"),
+    Variant("fp8 weights, sequential GPTQ, static per-tensor input scales", {}, "compressed-tensors", "gptq-seq-static"),
+    Variant("fp8 weights, SmoothQuant a=0.5 + sequential GPTQ, static per-tensor input scales", {}, "compressed-tensors", "smooth-gptq-seq-static", quantizer_kwargs={"smooth_alpha": 0.5}),
     Variant("fp8 weights, SmoothQuant a=0.5 + sequential GPTQ", {}, "compressed-tensors", "smooth-gptq-seq", quantizer_kwargs={"smooth_alpha": 0.5}),
-    Variant("int4 GPTQ act-order, GPTQ-calibrated on the text", {}, "gptq", "gptq-text", desc_act=True),
-    Variant("int4 GPTQ, sequential", {}, "gptq", "gptq-seq"),
     Variant("int4 GPTQ, searched static group levels", {}, "gptq", "gptq-mse"),
-    Variant("int4 GPTQ, searched static group levels, sequential", {}, "gptq", "gptq-mse-seq"),
-    Variant("int4 GPTQ, AWQ scales (no clip) then GPTQ-rounded", {}, "gptq", "awq-scale-gptq"),
     Variant("int4 GPTQ, AWQ scales then sequential GPTQ, searched static group levels", {}, "gptq", "awq-scale-gptq-mse-seq"),
+    Variant("int4 GPTQ, sequential", {}, "gptq", "gptq-seq"),
+    Variant("int4 GPTQ, AWQ scales (no clip) then GPTQ-rounded", {}, "gptq", "awq-scale-gptq"),
+    Variant("int4 GPTQ act-order, GPTQ-calibrated on the text", {}, "gptq", "gptq-text", desc_act=True),
+    Variant("int4 GPTQ, searched static group levels, sequential", {}, "gptq", "gptq-mse-seq"),
 ]
 # GPTQ calibrated on self-sampled text: several minutes more on a CPU (--with-gptq)
 CALIBRATED = [
@@ -158,7 +161,12 @@ def run(
             "dlogprob": sum(abs(a - b) for a, b in zip(lp, base_lp)) / len(lp),
             "agree": agreement(greedy(llm, prompts, max_tokens), base_gen),
         }
-        print(f"{name}: perplexity {row['ppl']:.3f} (reference {rows[0]['ppl']:.3f})", file=sys.stderr, flush=True)
+        print(  # progress: each row as it is measured (a long run can be stopped without losing them)
+            f"{name}: perplexity {row['ppl']:.3f} (reference {rows[0]['ppl']:.3f}), mean abs Δ logprob "
+            f"{row['dlogprob']:.4f}, greedy agreement {row['agree'] * 100:.1f}%",
+            file=sys.stderr,
+            flush=True,
+        )
         return row
 
     if target_dtype and target_dtype != dtype:  # the baseline: the engine's plain 16-bit path

@@ -114,42 +114,55 @@ def _group_params(w: torch.Tensor, min_zero: int) -> tuple[torch.Tensor, torch.T
     return scale, zero
 
 
-MSE_GRID = 20  # shrink steps of 2.5% of each end of a group's range (to 50% off), as awq.search_clip
-MSE_MAX_SHRINK = 0.5
+MSE_SHRINK_STEP = 0.025  # each end of a group's range shrunk by 0, 2.5, ..., 10% (AWQ's clip, finer and shorter)
+MSE_SHRINK_STEPS = 5
+# step multipliers tried at the plain range's zero point +-1: a grid a little finer or coarser than the
+# range / 15 slides its levels against the weights' own (a Q4_1 GGUF's weights sit on a 16-level grid with
+# a float offset that an integer zero point cannot hold: QUANTIZATION.md)
+MSE_STEP_SCALES = (0.9, 0.95, 1.0, 1.05, 1.1)
 
 
 def search_group_params(
     weight: torch.Tensor, hessian: torch.Tensor, group_size: int, min_zero: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Static GPTQ groups with searched levels: scale and zero [K / G, N] per (group, output row) of the
-    original weight [N, K], the group's range [min(w) (1 - a), max(w) (1 - b)] (a, b in steps of
-    MSE_MAX_SHRINK / MSE_GRID, at most two steps apart) that minimises the group's round-to-nearest output
-    error dw_g H_gg dw_g^T (H's diagonal block of the group: GPTQ's own loss without the cross-group terms).
-    The Hessian-weighted form of AutoGPTQ's mse grid (which weighs every weight alike)."""
-    from meshserve.models.awq import group_errors
-
+    original weight [N, K], the candidate that minimises the group's round-to-nearest output error
+    dw_g H_gg dw_g^T (H's diagonal block of the group: GPTQ's own loss without the cross-group terms).
+    Candidates: the ranges [min(w) (1 - a), max(w) (1 - b)] (a, b multiples of MSE_SHRINK_STEP, at most one
+    step apart: AWQ's asymmetric clip), and the plain range's step times MSE_STEP_SCALES with its
+    zero point moved by -1, 0, 1. The Hessian-weighted form of AutoGPTQ's mse grid (which weighs every
+    weight alike)."""
     n, k = weight.shape
     groups = k // group_size
-    w = weight.double().view(n, groups, group_size)
-    hb = torch.stack([hessian[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size]
-                      for g in range(groups)]).double()
+    w = weight.float().view(n, groups, group_size)  # fp32: ~30 candidates over every weight
+    hb = torch.stack(
+        [hessian[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size] for g in range(groups)]
+    ).float()
     lo0, hi0 = w.amin(dim=-1).clamp(max=0.0), w.amax(dim=-1).clamp(min=0.0)
-    best = torch.full((n, groups), float("inf"), dtype=torch.float64)
-    best_scale, best_zero = torch.zeros(n, groups, dtype=torch.float64), torch.zeros(n, groups, dtype=torch.float64)
-    steps = int(MSE_MAX_SHRINK * MSE_GRID)
-    for i in range(steps):
-        for j in range(max(0, i - 2), min(steps, i + 3)):
-            lo, hi = lo0 * (1 - i * MSE_MAX_SHRINK / steps), hi0 * (1 - j * MSE_MAX_SHRINK / steps)
-            scale = ((hi - lo) / 15.0).clamp(min=1e-8)
-            zero = (-lo / scale).round().clamp(min_zero, 15)
-            q = (w / scale[..., None] + zero[..., None]).round().clamp(0, 15)
-            dw = (q - zero[..., None]) * scale[..., None] - w
-            err = group_errors(dw.view(n, k), hb)
-            better = err < best
-            best = torch.where(better, err, best)
-            best_scale = torch.where(better, scale, best_scale)
-            best_zero = torch.where(better, zero, best_zero)
-    return best_scale.t().contiguous(), best_zero.t().contiguous()
+    base = ((hi0 - lo0) / 15.0).clamp(min=1e-8)
+
+    def candidates():
+        for i in range(MSE_SHRINK_STEPS):
+            for j in range(max(0, i - 1), min(MSE_SHRINK_STEPS, i + 2)):
+                lo, hi = lo0 * (1 - i * MSE_SHRINK_STEP), hi0 * (1 - j * MSE_SHRINK_STEP)
+                scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+                yield scale, (-lo / scale).round().clamp(min_zero, 15)
+        for c in MSE_STEP_SCALES:
+            for dz in (-1, 0, 1):
+                scale = base * c
+                yield scale, ((-lo0 / scale).round() + dz).clamp(min_zero, 15)
+
+    best = torch.full((n, groups), float("inf"))
+    best_scale, best_zero = base.clone(), torch.zeros_like(base)
+    for scale, zero in candidates():
+        q = (w / scale[..., None] + zero[..., None]).round().clamp(0, 15)
+        dw = ((q - zero[..., None]) * scale[..., None] - w).transpose(0, 1)  # [groups, N, G]
+        err = (torch.bmm(dw, hb) * dw).sum(dim=-1).t()  # awq.group_errors, batched per group
+        better = err < best
+        best = torch.where(better, err, best)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale.t().double().contiguous(), best_zero.t().double().contiguous()
 
 
 def int4_dequant(qw: Int4Weights) -> torch.Tensor:

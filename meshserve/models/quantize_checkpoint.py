@@ -191,6 +191,8 @@ CALIBRATIONS = {
     "smooth-gptq": Calibration(smooth=True, gptq="text"),
     "smooth-gptq-seq": Calibration(smooth=True, gptq="text", sequential=True),
     "smooth-gptq-static": Calibration(smooth=True, gptq="text", static_inputs=True),
+    "gptq-seq-static": Calibration(gptq="text", sequential=True, static_inputs=True),
+    "smooth-gptq-seq-static": Calibration(smooth=True, gptq="text", sequential=True, static_inputs=True),
 }
 
 

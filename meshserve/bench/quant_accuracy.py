@@ -54,6 +54,12 @@ VARIANTS = [
     Variant("int4 GPTQ", {}, "gptq"),
     Variant("int4 GPTQ act-order", {}, "gptq", desc_act=True),
 ]
+def _fp8(name: str, calibration: str, alpha: float | None = None) -> Variant:
+    """A per-channel fp8 compressed-tensors checkpoint written with calibration (SmoothQuant's alpha)."""
+    kwargs = {} if alpha is None else {"smooth_alpha": alpha}
+    return Variant(f"fp8 weights, {name}", {}, "compressed-tensors", calibration, quantizer_kwargs=kwargs)
+
+
 # calibrated on the shipped calibration text (models/calibration.py: Shakespeare, not the evaluation text):
 # ~15-25 min more on a shared CPU (--with-calibrated)
 TEXT_CALIBRATED = [
@@ -63,18 +69,17 @@ TEXT_CALIBRATED = [
     Variant("int4 GPTQ, AWQ-scaled then GPTQ-rounded", {}, "gptq", "awq-gptq"),
     Variant("fp8 weights (compressed-tensors, GPTQ-calibrated)", {}, "compressed-tensors", "gptq-text"),
     # 2026-12-01: the fp8 and int4 calibrations the first table left alone (QUANTIZATION.md)
-    *(
-        Variant(f"fp8 weights, SmoothQuant a={a} + GPTQ", {}, "compressed-tensors", "smooth-gptq", quantizer_kwargs={"smooth_alpha": a})
-        for a in (0.5, 0.65, 0.8)
-    ),
-    Variant("fp8 weights, GPTQ, static per-tensor input scales", {}, "compressed-tensors", "gptq-static"),
-    Variant("fp8 weights, SmoothQuant a=0.5 + GPTQ, static per-tensor input scales", {}, "compressed-tensors", "smooth-gptq-static", quantizer_kwargs={"smooth_alpha": 0.5}),
-    Variant("fp8 weights, sequential GPTQ", {}, "compressed-tensors", "gptq-seq"),
-    Variant("fp8 weights, sequential GPTQ, static per-tensor input scales", {}, "compressed-tensors", "gptq-seq-static"),
-    Variant("fp8 weights, SmoothQuant a=0.5 + sequential GPTQ, static per-tensor input scales", {}, "compressed-tensors", "smooth-gptq-seq-static", quantizer_kwargs={"smooth_alpha": 0.5}),
-    Variant("fp8 weights, SmoothQuant a=0.5 + sequential GPTQ", {}, "compressed-tensors", "smooth-gptq-seq", quantizer_kwargs={"smooth_alpha": 0.5}),
+    *(_fp8(f"SmoothQuant a={a} + GPTQ", "smooth-gptq", a) for a in (0.5, 0.65, 0.8)),
+    _fp8("GPTQ, static per-tensor input scales", "gptq-static"),
+    _fp8("SmoothQuant a=0.5 + GPTQ, static per-tensor input scales", "smooth-gptq-static", 0.5),
+    _fp8("sequential GPTQ", "gptq-seq"),
+    _fp8("sequential GPTQ, static per-tensor input scales", "gptq-seq-static"),
+    _fp8("SmoothQuant a=0.5 + sequential GPTQ, static per-tensor input scales", "smooth-gptq-seq-static", 0.5),
+    _fp8("SmoothQuant a=0.5 + sequential GPTQ", "smooth-gptq-seq", 0.5),
     Variant("int4 GPTQ, searched static group levels", {}, "gptq", "gptq-mse"),
-    Variant("int4 GPTQ, AWQ scales then sequential GPTQ, searched static group levels", {}, "gptq", "awq-scale-gptq-mse-seq"),
+    Variant(
+        "int4 GPTQ, AWQ scales then sequential GPTQ, searched static group levels", {}, "gptq", "awq-scale-gptq-mse-seq"
+    ),
     Variant("int4 GPTQ, sequential", {}, "gptq", "gptq-seq"),
     Variant("int4 GPTQ, AWQ scales (no clip) then GPTQ-rounded", {}, "gptq", "awq-scale-gptq"),
     Variant("int4 GPTQ act-order, GPTQ-calibrated on the text", {}, "gptq", "gptq-text", desc_act=True),

@@ -114,7 +114,7 @@ def _group_params(w: torch.Tensor, min_zero: int) -> tuple[torch.Tensor, torch.T
     return scale, zero
 
 
-MSE_SHRINK_STEP = 0.025  # each end of a group's range shrunk by 0, 2.5, ..., 10% (AWQ's clip, finer and shorter)
+MSE_SHRINK_STEP = 0.025  # each end of a group's range shrunk by 0, 2.5, ..., 10% (AWQ's clip, finer, shorter)
 MSE_SHRINK_STEPS = 5
 # step multipliers tried at the plain range's zero point +-1: a grid a little finer or coarser than the
 # range / 15 slides its levels against the weights' own (a Q4_1 GGUF's weights sit on a 16-level grid with
@@ -135,9 +135,8 @@ def search_group_params(
     n, k = weight.shape
     groups = k // group_size
     w = weight.float().view(n, groups, group_size)  # fp32: ~30 candidates over every weight
-    hb = torch.stack(
-        [hessian[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size] for g in range(groups)]
-    ).float()
+    spans = [slice(g * group_size, (g + 1) * group_size) for g in range(groups)]
+    hb = torch.stack([hessian[s, s] for s in spans]).float()
     lo0, hi0 = w.amin(dim=-1).clamp(max=0.0), w.amax(dim=-1).clamp(min=0.0)
     base = ((hi0 - lo0) / 15.0).clamp(min=1e-8)
 
@@ -222,10 +221,10 @@ def gptq_quantize(
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     inv = torch.argsort(perm)
-    if static is not None:
-        return Int4Weights(q.t()[inv].contiguous(), scales.float(), zeros.float(), torch.arange(k, dtype=torch.int32) // group_size)
     g_idx = torch.arange(k, dtype=torch.int32) // group_size
-    return Int4Weights(q.t()[inv].contiguous(), scales.float(), zeros.float(), g_idx[inv])
+    if static is None:  # groups in visiting order
+        g_idx = g_idx[inv]
+    return Int4Weights(q.t()[inv].contiguous(), scales.float(), zeros.float(), g_idx)
 
 
 def gptq_fp8_quantize(

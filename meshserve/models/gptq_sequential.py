@@ -67,7 +67,8 @@ def sequential_quantize(
             for stage in STAGES:
                 sums = {n: HessianSum(modules[n].in_features, sink_weight) for n in stage}
                 hooks = [
-                    modules[n].register_forward_hook(lambda _m, args, _o, s=sums[n]: s.add(args[0])) for n in stage
+                    modules[n].register_forward_hook(lambda _m, args, _o, s=sums[n]: s.add(args[0]))
+                    for n in stage
                 ]
                 for x, kw in zip(inputs, kwargs):
                     layer(x, **kw)

@@ -166,7 +166,7 @@ def _quant_config(fmt: str, group_size: int, desc_act: bool, strategy: str, stat
 class Calibration:
     """What the quantizer does before rounding (quantize_checkpoint's calibration= names, CALIBRATIONS)."""
 
-    awq: str | None = None  # int4 AWQ (models/awq.py): "clip" (scales + clip), "asym" (asymmetric clip), "scale"
+    awq: str | None = None  # int4 AWQ (awq.py): "clip" (scales + clip), "asym" (asymmetric clip), "scale"
     smooth: bool = False  # fp8 SmoothQuant scales folded in (models/smoothquant.py)
     gptq: str | None = None  # GPTQ rounding, Hessians from "sampled" (self-sampled) or "text" (calibration text)
     sequential: bool = False  # GPTQ layer by layer on the already-quantized layers' outputs (gptq_sequential.py)
@@ -216,7 +216,7 @@ def quantize_checkpoint(
     shipped calibration text (models/calibration.py); "-seq" layer by layer on the quantized earlier layers'
     outputs (models/gptq_sequential.py); "-mse" static groups with searched levels; "awq-gptq" folds AWQ's
     scales and asymmetric clips, then rounds with GPTQ (Hessians of the scaled model on the calibration text),
-    as production pipelines chain them ("awq-scale-gptq": AWQ's scales only, GPTQ does the rounding). GPTQ also
+    as production pipelines chain them ("awq-scale-gptq": AWQ's scales only, GPTQ rounds). GPTQ also
     rounds compressed-tensors per-channel FP8 weights (error feedback onto the e4m3 grid); for them "smooth"
     folds SmoothQuant's scales first (models/smoothquant.py, alpha smooth_alpha) and "-static" writes each
     projection's static input_scale from the calibration text's max|x| (instead of dynamic per-token)."""
@@ -251,7 +251,8 @@ def quantize_checkpoint(
         from meshserve.models.smoothquant import DEFAULT_ALPHA, smooth_transform
 
         alpha = DEFAULT_ALPHA if smooth_alpha is None else smooth_alpha
-        smoothed, input_scales = smooth_transform(src, tensors, alpha if cal.smooth else None, inner=cal.smooth)
+        alpha = alpha if cal.smooth else None  # None: the static input scales alone
+        smoothed, input_scales = smooth_transform(src, tensors, alpha, inner=cal.smooth)
         if cal.smooth:
             tensors = smoothed
         if not cal.static_inputs:

@@ -39,4 +39,5 @@ def test_sequential_hessians_are_the_quantized_models_own(tiny_model_dir):
         torch.testing.assert_close(hessians[name], expected[name], rtol=1e-4, atol=1e-6)
     # and they differ from the clean model's where earlier rounding reached the input
     clean = collect_hessians(src, IDS, {"model.layers.1.self_attn.q_proj"}, state_dict=state)
-    assert not torch.allclose(clean["model.layers.1.self_attn.q_proj"], hessians["model.layers.1.self_attn.q_proj"])
+    name = "model.layers.1.self_attn.q_proj"
+    assert not torch.allclose(clean[name], hessians[name])

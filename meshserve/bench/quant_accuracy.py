@@ -74,11 +74,16 @@ TEXT_CALIBRATED = [
     _fp8("SmoothQuant a=0.5 + GPTQ, static per-tensor input scales", "smooth-gptq-static", 0.5),
     _fp8("sequential GPTQ", "gptq-seq"),
     _fp8("sequential GPTQ, static per-tensor input scales", "gptq-seq-static"),
-    _fp8("SmoothQuant a=0.5 + sequential GPTQ, static per-tensor input scales", "smooth-gptq-seq-static", 0.5),
+    _fp8(
+        "SmoothQuant a=0.5 + sequential GPTQ, static per-tensor input scales", "smooth-gptq-seq-static", 0.5
+    ),
     _fp8("SmoothQuant a=0.5 + sequential GPTQ", "smooth-gptq-seq", 0.5),
     Variant("int4 GPTQ, searched static group levels", {}, "gptq", "gptq-mse"),
     Variant(
-        "int4 GPTQ, AWQ scales then sequential GPTQ, searched static group levels", {}, "gptq", "awq-scale-gptq-mse-seq"
+        "int4 GPTQ, AWQ scales then sequential GPTQ, searched static group levels",
+        {},
+        "gptq",
+        "awq-scale-gptq-mse-seq",
     ),
     Variant("int4 GPTQ, sequential", {}, "gptq", "gptq-seq"),
     Variant("int4 GPTQ, AWQ scales (no clip) then GPTQ-rounded", {}, "gptq", "awq-scale-gptq"),

@@ -1,6 +1,7 @@
 """Sequential GPTQ (AutoGPTQ's layer-by-layer, "true sequential" order): every projection's Hessian comes from
-the inputs it sees once everything before it is already quantized, so each layer's rounding compensates for
-the error the earlier layers left, instead of the parallel variant's (gptq.collect_hessians) clean fp32 inputs.
+the inputs it sees once everything before it is already quantized, so each rounding is fitted to the inputs
+it will really get, not to the parallel variant's clean fp32 inputs (gptq.collect_hessians). (Its objective
+is still |W X' - W_q X'| on those inputs X': it does not undo the earlier layers' error.)
 
 The 16/32-bit model (transformers, CPU) is run once to the first decoder layer; then per layer, in the order
 the data flows, q/k/v, then o, then gate/up, then down: the layer is run on the current inputs with Hessian

@@ -30,7 +30,8 @@ def test_sequential_hessians_are_the_quantized_models_own(tiny_model_dir):
 
     parts = sequential_quantize(src, IDS, quantize)
     layer0 = [c.split(".", 3)[3] for c in calls if c.startswith("model.layers.0.")]
-    assert layer0 == [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
+    mlp = [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
+    assert layer0 == [f"self_attn.{p}_proj" for p in "qkvo"] + mlp
     assert calls.index("model.layers.1.self_attn.q_proj") > calls.index("model.layers.0.mlp.down_proj")
     state = load_file(f"{src}/model.safetensors")
     quantized = {**state, **{f"{n}.weight": p["weight"] for n, p in parts.items()}}

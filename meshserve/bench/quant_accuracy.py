@@ -85,6 +85,13 @@ TEXT_CALIBRATED = [
         "gptq",
         "awq-scale-gptq-mse-seq",
     ),
+    Variant(
+        "int4 GPTQ act-order, AWQ scales then sequential GPTQ, searched static group levels",
+        {},
+        "gptq",
+        "awq-scale-gptq-mse-seq",
+        desc_act=True,
+    ),
     Variant("int4 GPTQ, sequential", {}, "gptq", "gptq-seq"),
     Variant("int4 GPTQ, AWQ scales (no clip) then GPTQ-rounded", {}, "gptq", "awq-scale-gptq"),
     Variant("int4 GPTQ act-order, GPTQ-calibrated on the text", {}, "gptq", "gptq-text", desc_act=True),

@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 PROMPTS = [
@@ -42,6 +43,7 @@ class Variant:
     fmt: str | None = None  # a checkpoint format to write with the quantizer ("awq", "gptq", "compressed-tensors")
     calibration: str = "rtn"  # the quantizer's calibration (quantize_checkpoint)
     desc_act: bool = False
+    quantizer_kwargs: dict = field(default_factory=dict)  # more quantize_checkpoint arguments
 
 
 VARIANTS = [
@@ -52,6 +54,12 @@ VARIANTS = [
     Variant("int4 GPTQ", {}, "gptq"),
     Variant("int4 GPTQ act-order", {}, "gptq", desc_act=True),
 ]
+def _fp8(name: str, calibration: str, alpha: float | None = None) -> Variant:
+    """A per-channel fp8 compressed-tensors checkpoint written with calibration (SmoothQuant's alpha)."""
+    kwargs = {} if alpha is None else {"smooth_alpha": alpha}
+    return Variant(f"fp8 weights, {name}", {}, "compressed-tensors", calibration, quantizer_kwargs=kwargs)
+
+
 # calibrated on the shipped calibration text (models/calibration.py: Shakespeare, not the evaluation text):
 # ~15-25 min more on a shared CPU (--with-calibrated)
 TEXT_CALIBRATED = [
@@ -60,6 +68,34 @@ TEXT_CALIBRATED = [
     Variant("int4 GPTQ, GPTQ-calibrated on the text", {}, "gptq", "gptq-text"),
     Variant("int4 GPTQ, AWQ-scaled then GPTQ-rounded", {}, "gptq", "awq-gptq"),
     Variant("fp8 weights (compressed-tensors, GPTQ-calibrated)", {}, "compressed-tensors", "gptq-text"),
+    # 2026-12-01: the fp8 and int4 calibrations the first table left alone (QUANTIZATION.md)
+    *(_fp8(f"SmoothQuant a={a} + GPTQ", "smooth-gptq", a) for a in (0.5, 0.65, 0.8)),
+    _fp8("GPTQ, static per-tensor input scales", "gptq-static"),
+    _fp8("SmoothQuant a=0.5 + GPTQ, static per-tensor input scales", "smooth-gptq-static", 0.5),
+    _fp8("sequential GPTQ", "gptq-seq"),
+    _fp8("sequential GPTQ, static per-tensor input scales", "gptq-seq-static"),
+    _fp8(
+        "SmoothQuant a=0.5 + sequential GPTQ, static per-tensor input scales", "smooth-gptq-seq-static", 0.5
+    ),
+    _fp8("SmoothQuant a=0.5 + sequential GPTQ", "smooth-gptq-seq", 0.5),
+    Variant("int4 GPTQ, searched static group levels", {}, "gptq", "gptq-mse"),
+    Variant(
+        "int4 GPTQ, AWQ scales then sequential GPTQ, searched static group levels",
+        {},
+        "gptq",
+        "awq-scale-gptq-mse-seq",
+    ),
+    Variant(
+        "int4 GPTQ act-order, AWQ scales then sequential GPTQ, searched static group levels",
+        {},
+        "gptq",
+        "awq-scale-gptq-mse-seq",
+        desc_act=True,
+    ),
+    Variant("int4 GPTQ, sequential", {}, "gptq", "gptq-seq"),
+    Variant("int4 GPTQ, AWQ scales (no clip) then GPTQ-rounded", {}, "gptq", "awq-scale-gptq"),
+    Variant("int4 GPTQ act-order, GPTQ-calibrated on the text", {}, "gptq", "gptq-text", desc_act=True),
+    Variant("int4 GPTQ, searched static group levels, sequential", {}, "gptq", "gptq-mse-seq"),
 ]
 # GPTQ calibrated on self-sampled text: several minutes more on a CPU (--with-gptq)
 CALIBRATED = [
@@ -101,8 +137,18 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def run(
-    model_dir: str, dtype: str, group_size: int, window: int, max_tokens: int, variants=VARIANTS
+    model_dir: str,
+    dtype: str,
+    group_size: int,
+    window: int,
+    max_tokens: int,
+    variants=VARIANTS,
+    target_dtype: str | None = "bfloat16",
 ) -> list[dict]:
+    """The table's rows: the reference (dtype: every variant runs in it; the Δ logprob and greedy agreement
+    are against it), then the target baseline (the issue's targets are against bf16: the engine's plain
+    16-bit path on the same text), then each variant. ppl_delta is against the reference, target_delta
+    against the target baseline (the reference when target_dtype is None or equal to dtype)."""
     from meshserve import LLM
     from meshserve.models.quantize_checkpoint import quantize_checkpoint
 
@@ -116,51 +162,71 @@ def run(
     del base
     rows = [
         {
-            "variant": f"{dtype} (baseline)",
+            "variant": f"{dtype} (reference)",
             "ppl": math.exp(-sum(base_lp) / len(base_lp)),
             "dlogprob": 0.0,
             "agree": 1.0,
             "tokens": len(base_lp),
         }
     ]
+
+    def measure(name: str, llm) -> dict:
+        lp = score(llm, windows)
+        row = {
+            "variant": name,
+            "ppl": math.exp(-sum(lp) / len(lp)),
+            "dlogprob": sum(abs(a - b) for a, b in zip(lp, base_lp)) / len(lp),
+            "agree": agreement(greedy(llm, prompts, max_tokens), base_gen),
+        }
+        print(  # progress: each row as it is measured (a long run can be stopped without losing them)
+            f"{name}: perplexity {row['ppl']:.3f} (reference {rows[0]['ppl']:.3f}), mean abs Δ logprob "
+            f"{row['dlogprob']:.4f}, greedy agreement {row['agree'] * 100:.1f}%",
+            file=sys.stderr,
+            flush=True,
+        )
+        return row
+
+    if target_dtype and target_dtype != dtype:  # the issue's baseline: the engine's plain 16-bit path
+        llm = LLM(model_dir, dtype=target_dtype)
+        rows.append(measure(f"{target_dtype} (target baseline)", llm))
+        del llm
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             path = model_dir
             if v.fmt:
                 path = quantize_checkpoint(
                     model_dir,
-                    os.path.join(tmp, f"{v.fmt}-{v.calibration}-{int(v.desc_act)}"),
+                    os.path.join(tmp, f"{v.fmt}-{v.calibration}-{int(v.desc_act)}-{len(rows)}"),
                     v.fmt,
                     group_size=group_size,
                     desc_act=v.desc_act,
                     calibration=v.calibration,
+                    **v.quantizer_kwargs,
                 )
             llm = LLM(path, tokenizer=model_dir, dtype=dtype, **v.kwargs)
-            lp = score(llm, windows)
-            rows.append(
-                {
-                    "variant": v.name + (f" (g{group_size})" if v.fmt in ("awq", "gptq") else ""),
-                    "ppl": math.exp(-sum(lp) / len(lp)),
-                    "dlogprob": sum(abs(a - b) for a, b in zip(lp, base_lp)) / len(lp),
-                    "agree": agreement(greedy(llm, prompts, max_tokens), base_gen),
-                }
-            )
+            rows.append(measure(v.name + (f" (g{group_size})" if v.fmt in ("awq", "gptq") else ""), llm))
             del llm
-    for r in rows[1:]:
+    target = rows[1]["ppl"] if len(rows) > 1 and "(target baseline)" in rows[1]["variant"] else rows[0]["ppl"]
+    for r in rows:
         r["ppl_delta"] = r["ppl"] / rows[0]["ppl"] - 1
-    rows[0]["ppl_delta"] = 0.0
+        r["target_delta"] = r["ppl"] / target - 1
     return rows
 
 
 def markdown(rows: list[dict], tokens: int) -> str:
+    """Perplexity against the reference (rows[0], fp32) and against the target baseline (bf16, the issue's
+    targets); Δ logprob and greedy agreement against the reference."""
+    ref = rows[0]["variant"].split(" ")[0]
+    tgt = next((r["variant"].split(" ")[0] for r in rows if "(target baseline)" in r["variant"]), ref)
     lines = [
-        f"| variant | perplexity ({tokens} tokens) | vs baseline | mean abs Δ logprob | greedy agreement |",
-        "| --- | --- | --- | --- | --- |",
+        f"| variant | perplexity ({tokens} tokens) | vs {ref} | vs {tgt} (target) | mean abs Δ logprob vs {ref} "
+        f"| greedy agreement vs {ref} |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['ppl']:.3f} | {r['ppl_delta'] * 100:+.2f}% | {r['dlogprob']:.4f} | "
-            f"{r['agree'] * 100:.1f}% |"
+            f"| {r['variant']} | {r['ppl']:.3f} | {r['ppl_delta'] * 100:+.2f}% | {r['target_delta'] * 100:+.2f}% "
+            f"| {r['dlogprob']:.4f} | {r['agree'] * 100:.1f}% |"
         )
     return "\n".join(lines)
 
@@ -170,7 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--model", default=None, help="HF folder (default: the embedded SmolLM2-135M-Instruct)"
     )
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", help="the reference dtype every variant runs in")
+    parser.add_argument(
+        "--target-dtype", default="bfloat16", help="the targets' baseline (a plain unquantized run); 'none': off"
+    )
     parser.add_argument("--group-size", type=int, default=64, help="int4 group size (SmolLM2's 576 needs 64)")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -178,7 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--with-calibrated", action="store_true", help="also AWQ / GPTQ int4 and GPTQ fp8 from the calibration text"
     )
-    parser.add_argument("--only", default=None, help="run only the variants whose name contains this")
+    parser.add_argument(
+        "--only", action="append", default=None, help="run only the variants whose name contains this (repeatable)"
+    )
     ns = parser.parse_args(argv)
     model_dir = ns.model
     if model_dir is None:
@@ -191,11 +262,12 @@ def main(argv: list[str] | None = None) -> None:
         ns.group_size,
         ns.window,
         ns.max_tokens,
-        [
+        variants=[
             v
             for v in VARIANTS + (TEXT_CALIBRATED if ns.with_calibrated else []) + (CALIBRATED if ns.with_gptq else [])
-            if ns.only is None or ns.only in v.name
+            if ns.only is None or any(part in v.name for part in ns.only)
         ],
+        target_dtype=None if ns.target_dtype == "none" else ns.target_dtype,
     )
     print(markdown(rows, rows[0]["tokens"]))
 

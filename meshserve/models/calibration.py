@@ -1,6 +1,6 @@
 """Calibration inputs for the quantizer (AWQ, GPTQ): token windows of a shipped text, and the statistics of
 every decoder projection's input over them (the diagonal blocks of the Gram matrix X^T X, one per group of
-input features, and the mean |x| per input feature).
+input features, and the mean and max |x| per input feature).
 
 The shipped calibration text (bench/data/calibration_text.txt) is the opening ~20,000 characters of
 Shakespeare's Coriolanus (public domain), as collected in the "tinyshakespeare" file of karpathy/char-rnn
@@ -39,6 +39,7 @@ class InputStats:
     blocks: torch.Tensor  # [K / G, G, G] fp64: block g sums x_g^T x_g over tokens, x_g = x[g*G:(g+1)*G]
     abs_sum: torch.Tensor  # [K] fp64, sum over tokens of |x|
     count: int
+    abs_max: torch.Tensor | None = None  # [K] fp32, max over tokens of |x| (SmoothQuant, static input scales)
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -68,11 +69,13 @@ def collect_input_stats(
                     torch.zeros(k // group_size, group_size, group_size, dtype=torch.float64),
                     torch.zeros(k, dtype=torch.float64),
                     0,
+                    torch.zeros(k),
                 )
                 xg = x.view(x.shape[0], k // group_size, group_size).transpose(0, 1)  # [groups, T, G]
                 s.blocks += (xg.transpose(1, 2) @ xg).double()
                 s.abs_sum += x.abs().sum(dim=0).double()
                 s.count += x.shape[0]
+                s.abs_max = torch.maximum(s.abs_max, x.abs().amax(dim=0))
                 stats[name] = s
 
             hooks.append(module.register_forward_hook(hook))

@@ -114,6 +114,62 @@ def _group_params(w: torch.Tensor, min_zero: int) -> tuple[torch.Tensor, torch.T
     return scale, zero
 
 
+MSE_SHRINK_STEP = 0.025  # each end of a group's range shrunk by 0, 2.5, ..., 10% (AWQ's clip, finer, shorter)
+MSE_SHRINK_STEPS = 5
+# step multipliers tried at the plain range's zero point +-1: a grid a little finer or coarser than the
+# range / 15 slides its levels against the weights' own (a Q4_1 GGUF's weights sit on a 16-level grid with
+# a float offset that an integer zero point cannot hold: QUANTIZATION.md)
+MSE_STEP_SCALES = (0.9, 0.95, 1.0, 1.05, 1.1)
+
+
+def search_group_params(
+    weight: torch.Tensor, hessian: torch.Tensor, group_size: int, min_zero: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static GPTQ groups with searched levels: scale and zero [K / G, N] per (group, output row) of the
+    original weight [N, K], the candidate that minimises the group's round-to-nearest output error
+    dw_g H_gg dw_g^T (H's diagonal block of the group: GPTQ's own loss without the cross-group terms).
+    Candidates: the ranges [min(w) (1 - a), max(w) (1 - b)] (a, b multiples of MSE_SHRINK_STEP, at most one
+    step apart: AWQ's asymmetric clip), and the plain range's step times MSE_STEP_SCALES with its
+    zero point moved by -1, 0, 1. The Hessian-weighted form of AutoGPTQ's mse grid (which weighs every
+    weight alike)."""
+    n, k = weight.shape
+    groups = k // group_size
+    w = weight.float().view(n, groups, group_size)  # fp32: ~30 candidates over every weight
+    spans = [slice(g * group_size, (g + 1) * group_size) for g in range(groups)]
+    hb = torch.stack([hessian[s, s] for s in spans]).float()
+    lo0, hi0 = w.amin(dim=-1).clamp(max=0.0), w.amax(dim=-1).clamp(min=0.0)
+    base = ((hi0 - lo0) / 15.0).clamp(min=1e-8)
+
+    def candidates():
+        for i in range(MSE_SHRINK_STEPS):
+            for j in range(max(0, i - 1), min(MSE_SHRINK_STEPS, i + 2)):
+                lo, hi = lo0 * (1 - i * MSE_SHRINK_STEP), hi0 * (1 - j * MSE_SHRINK_STEP)
+                scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+                yield scale, (-lo / scale).round().clamp(min_zero, 15)
+        for c in MSE_STEP_SCALES:
+            for dz in (-1, 0, 1):
+                scale = base * c
+                yield scale, ((-lo0 / scale).round() + dz).clamp(min_zero, 15)
+
+    best = torch.full((n, groups), float("inf"))
+    best_scale, best_zero = base.clone(), torch.zeros_like(base)
+    for scale, zero in candidates():
+        q = (w / scale[..., None] + zero[..., None]).round().clamp(0, 15)
+        dw = ((q - zero[..., None]) * scale[..., None] - w).transpose(0, 1)  # [groups, N, G]
+        err = (torch.bmm(dw, hb) * dw).sum(dim=-1).t()  # awq.group_errors, batched per group
+        better = err < best
+        best = torch.where(better, err, best)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale.t().double().contiguous(), best_zero.t().double().contiguous()
+
+
+def int4_dequant(qw: Int4Weights) -> torch.Tensor:
+    """The fp32 weight [N, K] an Int4Weights holds, with scales rounded to the checkpoint's fp16."""
+    g = qw.g_idx.long()
+    return ((qw.q.float() - qw.zeros.round()[g]) * qw.scales.half().float()[g]).t().contiguous()
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -122,11 +178,17 @@ def gptq_quantize(
     min_zero: int = 0,
     damp: float = INT4_DAMP,
     block: int = 128,
+    mse: bool = False,
 ) -> Int4Weights:
-    """GPTQ of weight [N, K] with H [K, K]; min_zero 1 keeps zero points writable in GPTQ v1's zero - 1."""
+    """GPTQ of weight [N, K] with H [K, K]; min_zero 1 keeps zero points writable in GPTQ v1's zero - 1.
+    mse: static groups (features k // group_size, whatever the visiting order, so act-order keeps plain
+    groups), each group's scale and zero from search_group_params before any error feedback; otherwise each
+    group's levels come from its weights as updated when GPTQ reaches it (act-order groups then follow the
+    visiting order, and g_idx records them)."""
     w = weight.double().clone()
     n, k = w.shape
     h = hessian.clone()
+    static = search_group_params(weight, hessian, group_size, min_zero) if mse else None
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -138,12 +200,17 @@ def gptq_quantize(
     scales = torch.zeros(k // group_size, n, dtype=torch.float64)
     zeros = torch.zeros_like(scales)
     scale = zero = None
+    if static is not None:
+        scales, zeros = static[0].clone(), static[1].clone()
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % group_size == 0:  # this group's levels, from the weights as updated so far
+            if static is not None:
+                g = int(perm[col]) // group_size
+                scale, zero = scales[g], zeros[g]
+            elif col % group_size == 0:  # this group's levels, from the weights as updated so far
                 cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group_size]
                 scale, zero = _group_params(cur, min_zero)
                 scales[col // group_size], zeros[col // group_size] = scale, zero
@@ -153,9 +220,11 @@ def gptq_quantize(
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    g_idx = torch.arange(k, dtype=torch.int32) // group_size
     inv = torch.argsort(perm)
-    return Int4Weights(q.t()[inv].contiguous(), scales.float(), zeros.float(), g_idx[inv])
+    g_idx = torch.arange(k, dtype=torch.int32) // group_size
+    if static is None:  # groups in visiting order
+        g_idx = g_idx[inv]
+    return Int4Weights(q.t()[inv].contiguous(), scales.float(), zeros.float(), g_idx)
 
 
 def gptq_fp8_quantize(

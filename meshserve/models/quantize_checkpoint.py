@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 
@@ -161,6 +162,40 @@ def _quant_config(fmt: str, group_size: int, desc_act: bool, strategy: str, stat
     }
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What the quantizer does before rounding (quantize_checkpoint's calibration= names, CALIBRATIONS)."""
+
+    awq: str | None = None  # int4 AWQ (awq.py): "clip" (scales + clip), "asym" (asymmetric clip), "scale"
+    smooth: bool = False  # fp8 SmoothQuant scales folded in (models/smoothquant.py)
+    gptq: str | None = None  # GPTQ rounding, Hessians from "sampled" (self-sampled) or "text" (calibration text)
+    sequential: bool = False  # GPTQ layer by layer on the already-quantized layers' outputs (gptq_sequential.py)
+    mse: bool = False  # int4 GPTQ with static groups whose levels are searched (gptq.search_group_params)
+    static_inputs: bool = False  # fp8: static per-tensor input_scale per projection, max|x| of the calibration
+
+
+CALIBRATIONS = {
+    "rtn": Calibration(),
+    "awq": Calibration(awq="clip"),
+    "awq-asym": Calibration(awq="asym"),
+    "gptq": Calibration(gptq="sampled"),
+    "gptq-text": Calibration(gptq="text"),
+    "gptq-seq": Calibration(gptq="text", sequential=True),
+    "gptq-mse": Calibration(gptq="text", mse=True),
+    "gptq-mse-seq": Calibration(gptq="text", mse=True, sequential=True),
+    "awq-gptq": Calibration(awq="asym", gptq="text"),
+    "awq-scale-gptq": Calibration(awq="scale", gptq="text"),
+    "awq-scale-gptq-mse-seq": Calibration(awq="scale", gptq="text", mse=True, sequential=True),
+    "gptq-static": Calibration(gptq="text", static_inputs=True),
+    "smooth": Calibration(smooth=True),
+    "smooth-gptq": Calibration(smooth=True, gptq="text"),
+    "smooth-gptq-seq": Calibration(smooth=True, gptq="text", sequential=True),
+    "smooth-gptq-static": Calibration(smooth=True, gptq="text", static_inputs=True),
+    "gptq-seq-static": Calibration(gptq="text", sequential=True, static_inputs=True),
+    "smooth-gptq-seq-static": Calibration(smooth=True, gptq="text", sequential=True, static_inputs=True),
+}
+
+
 def quantize_checkpoint(
     src: str,
     dst: str,
@@ -171,42 +206,82 @@ def quantize_checkpoint(
     input_scale: float | None = None,
     kv_scale: float | None = None,
     calibration: str = "rtn",
+    smooth_alpha: float | None = None,
 ) -> str:
     """Write the quantized copy of the HF folder src to dst (see the module docstring); returns dst.
-    calibration (int4): "rtn" rounds to nearest; "awq" folds AWQ's activation-aware scales and clips
-    (models/awq.py, on the shipped calibration text) before rounding to nearest ("awq-asym": the clip
-    searches the group's two ends apart); "gptq" runs GPTQ
-    (models/gptq.py) with Hessians from text the model samples itself, and act-order by the Hessian's diagonal;
-    "gptq-text" the same with Hessians from the shipped calibration text (models/calibration.py); "awq-gptq"
-    folds AWQ's scales and asymmetric clips, then rounds with GPTQ (Hessians of the scaled model on the
-    calibration text), as production pipelines chain them. GPTQ also
-    rounds compressed-tensors per-channel FP8 weights (error feedback onto the e4m3 grid)."""
+    calibration (CALIBRATIONS): int4: "rtn" rounds to nearest; "awq" folds AWQ's activation-aware scales and
+    clips (models/awq.py, on the shipped calibration text) before rounding to nearest ("awq-asym": the clip
+    searches the group's two ends apart); "gptq" runs GPTQ (models/gptq.py) with Hessians from text the model
+    samples itself, and act-order by the Hessian's diagonal; "gptq-text" the same with Hessians from the
+    shipped calibration text (models/calibration.py); "-seq" layer by layer on the quantized earlier layers'
+    outputs (models/gptq_sequential.py); "-mse" static groups with searched levels; "awq-gptq" folds AWQ's
+    scales and asymmetric clips, then rounds with GPTQ (Hessians of the scaled model on the calibration text),
+    as production pipelines chain them ("awq-scale-gptq": AWQ's scales only, GPTQ rounds). GPTQ also
+    rounds compressed-tensors per-channel FP8 weights (error feedback onto the e4m3 grid); for them "smooth"
+    folds SmoothQuant's scales first (models/smoothquant.py, alpha smooth_alpha) and "-static" writes each
+    projection's static input_scale from the calibration text's max|x| (instead of dynamic per-token)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} ({', '.join(FORMATS)})")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r} ({', '.join(CALIBRATIONS)})")
+    cal = CALIBRATIONS[calibration]
+    int4 = fmt in ("awq", "gptq")
     os.makedirs(dst, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for file in safetensors_files(src):
         with safe_open(file, framework="pt") as f:
             tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
-    if calibration in ("awq", "awq-asym", "awq-gptq") and fmt in ("awq", "gptq"):
+    if cal.awq and int4:
         from meshserve.models.awq import awq_transform
 
-        asym = calibration in ("awq-asym", "awq-gptq")
-        tensors = awq_transform(src, tensors, group_size, min_zero=int(fmt == "gptq"), asymmetric_clip=asym)
-    hessians = {}
+        tensors = awq_transform(
+            src,
+            tensors,
+            group_size,
+            min_zero=int(fmt == "gptq"),
+            clip=cal.awq != "scale",
+            asymmetric_clip=cal.awq == "asym",
+        )
     gptq_fp8 = fmt == "compressed-tensors" and strategy == "channel"
-    if calibration in ("gptq", "gptq-text", "awq-gptq") and (fmt in ("awq", "gptq") or gptq_fp8):
+    input_scales: dict[str, float] = {}
+    if (cal.smooth or cal.static_inputs) and fmt == "compressed-tensors":
+        from meshserve.models.smoothquant import DEFAULT_ALPHA, smooth_transform
+
+        alpha = DEFAULT_ALPHA if smooth_alpha is None else smooth_alpha
+        alpha = alpha if cal.smooth else None  # None: the static input scales alone
+        smoothed, input_scales = smooth_transform(src, tensors, alpha, inner=cal.smooth)
+        if cal.smooth:
+            tensors = smoothed
+        if not cal.static_inputs:
+            input_scales = {}
+    hessians: dict[str, torch.Tensor] = {}
+    done: dict[str, dict[str, torch.Tensor]] = {}  # sequential GPTQ's checkpoint tensors per module
+    min_zero = int(fmt == "gptq")
+    if cal.gptq and (int4 or gptq_fp8):
         from meshserve.models.calibration import calibration_text_ids
-        from meshserve.models.gptq import calibration_ids, collect_hessians
+        from meshserve.models.gptq import calibration_ids, collect_hessians, gptq_fp8_quantize, gptq_quantize
 
         names = {n[: -len(".weight")] for n in tensors if is_projection(n)}
-        ids = calibration_ids(src) if calibration == "gptq" else calibration_text_ids(src, max_windows=8)
-        # after AWQ the projections see x / s: the Hessians come from the scaled copy
-        scaled = tensors if calibration == "awq-gptq" else None
-        hessians = collect_hessians(src, ids, names, state_dict=scaled)
+        ids = calibration_ids(src) if cal.gptq == "sampled" else calibration_text_ids(src, max_windows=8)
+        # after AWQ / SmoothQuant the projections see x / s: the Hessians come from the scaled copy
+        scaled = tensors if cal.awq or cal.smooth else None
+        if cal.sequential:
+            from meshserve.models.gptq import int4_dequant
+            from meshserve.models.gptq_sequential import sequential_quantize
+
+            def quantize(name, weight, hessian):
+                if int4:
+                    qw = gptq_quantize(weight, hessian, group_size, desc_act, min_zero, mse=cal.mse)
+                    return pack_int4(qw, fmt), int4_dequant(qw)
+                w8, scale = gptq_fp8_quantize(weight, hessian)
+                return {"weight": w8, "weight_scale": scale[:, None]}, w8.float() * scale[:, None]
+
+            done = sequential_quantize(src, ids, quantize, state_dict=scaled)
+        else:
+            hessians = collect_hessians(src, ids, names, state_dict=scaled)
     out: dict[str, torch.Tensor] = {}
     num_layers = 0
     extra = _MLA_PROJECTIONS + _MIXTRAL_EXPERTS if fmt == "fp8_block" else ()
@@ -216,17 +291,13 @@ def quantize_checkpoint(
             continue
         num_layers = max(num_layers, int(name.split(".")[2]) + 1)
         base = name[: -len(".weight")]
-        if hessians and gptq_fp8:
-            from meshserve.models.gptq import gptq_fp8_quantize
-
+        if done:
+            parts = dict(done[base])
+        elif hessians and gptq_fp8:
             weight, scale = gptq_fp8_quantize(tensor, hessians[base])
             parts = {"weight": weight, "weight_scale": scale[:, None]}
-            if input_scale is not None:
-                parts["input_scale"] = torch.tensor([float(input_scale)])
         elif hessians:
-            from meshserve.models.gptq import gptq_quantize
-
-            qw = gptq_quantize(tensor, hessians[base], group_size, desc_act, min_zero=int(fmt == "gptq"))
+            qw = gptq_quantize(tensor, hessians[base], group_size, desc_act, min_zero, mse=cal.mse)
             parts = pack_int4(qw, fmt)
         elif fmt in ("awq", "gptq"):
             perm = None
@@ -240,6 +311,11 @@ def quantize_checkpoint(
             parts = {"weight": weight, "weight_scale_inv": scale_inv}
         else:
             parts = fp8_tensors(tensor, fmt, strategy, input_scale)
+        if fmt == "compressed-tensors" and (done or hessians):
+            if input_scale is not None:
+                parts["input_scale"] = torch.tensor([float(input_scale)])
+        if base in input_scales:
+            parts["input_scale"] = torch.tensor([input_scales[base]])
         out.update({f"{base}.{suffix}": t.contiguous() for suffix, t in parts.items()})
     if kv_scale is not None:
         for i in range(num_layers):
@@ -249,7 +325,7 @@ def quantize_checkpoint(
     with open(os.path.join(src, "config.json")) as f:
         config = json.load(f)
     config["quantization_config"] = _quant_config(
-        fmt, group_size, desc_act, strategy, input_scale is not None, kv_scale is not None
+        fmt, group_size, desc_act, strategy, input_scale is not None or bool(input_scales), kv_scale is not None
     )
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f, indent=2)

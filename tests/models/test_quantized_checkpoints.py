@@ -97,6 +97,8 @@ PROMPT = [(7 * i + 3) % 300 + 5 for i in range(40)]
         ("gptq", {}),
         ("gptq", {"desc_act": True}),
         ("gptq", {"calibration": "awq-gptq"}),  # AWQ's scaled copy, then GPTQ on its own Hessians
+        # AWQ's scales, then GPTQ layer by layer with searched static levels (act-order keeps plain groups)
+        pytest.param("gptq", {"calibration": "awq-scale-gptq-mse-seq", "desc_act": True}, marks=pytest.mark.slow),
     ],
 )
 def test_int4_checkpoint_matches_its_independent_dequantization(fmt, options, tiny_model_dir, tmp_path):
@@ -114,6 +116,8 @@ def test_int4_checkpoint_matches_its_independent_dequantization(fmt, options, ti
         ("compressed-tensors", {"strategy": "channel"}),
         ("compressed-tensors", {"strategy": "tensor", "input_scale": 0.05, "kv_scale": 0.5}),
         ("compressed-tensors", {"strategy": "channel", "calibration": "gptq-text"}),  # GPTQ-rounded fp8
+        # SmoothQuant's folds, sequential GPTQ, static input scales from the calibration text
+        ("compressed-tensors", {"strategy": "channel", "calibration": "smooth-gptq-seq-static"}),
         ("fbgemm_fp8", {}),
     ],
 )
@@ -135,6 +139,8 @@ def test_fp8_checkpoint_loads_its_scales(fmt, options, tiny_model_dir, tmp_path)
     assert torch.equal(got, want)
     if "input_scale" in options:
         assert float(qkv.input_scale) == pytest.approx(options["input_scale"])
+    elif options.get("calibration", "").endswith("-static"):  # q/k/v read one input: one calibrated scale
+        assert float(qkv.input_scale) == float(tensors["model.layers.1.self_attn.q_proj.input_scale"]) > 0
     else:
         assert qkv.input_scale is None
     assert layer.self_attn.attn.k_scale == options.get("kv_scale", 1.0)

@@ -22,9 +22,6 @@ GPTQ's objective without the cross-group terms (independent roundings cancel the
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
 from meshserve.kernels.quant_ref import quantize_int4_groups
@@ -151,14 +148,10 @@ def awq_transform(
     """A copy of the HF state dict tensors (read from model_dir) with AWQ's scales folded in and the weights
     clipped: round-to-nearest of the result is AWQ's INT4. Calibration: token_ids (default: the shipped
     calibration text, calibration.py)."""
-    from meshserve.models.calibration import calibration_text_ids, collect_input_stats
+    from meshserve.models.calibration import AttentionShape, calibration_text_ids, collect_input_stats
 
-    with open(os.path.join(model_dir, "config.json")) as f:
-        config = json.load(f)
-    num_layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    group = heads // kv_heads
+    shape = AttentionShape.of(model_dir)
+    num_layers, kv_heads, group, head_dim = shape.num_layers, shape.kv_heads, shape.group, shape.head_dim
     inputs = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")  # one per input
     names = {f"model.layers.{i}.{m}" for i in range(num_layers) for m in inputs}
     ids = token_ids or calibration_text_ids(model_dir, max_windows=8)
@@ -173,9 +166,6 @@ def awq_transform(
         w = out[name].float()
         out[name] = (w / s.view(-1, *([1] * (w.dim() - 1)))).to(tensors[name].dtype)
 
-    def tie(s_v):  # a scale per v output row -> one per o input (query head h reads kv head h // group)
-        return s_v.view(kv_heads, 1, head_dim).expand(kv_heads, group, head_dim).reshape(-1)
-
     for i in range(num_layers):
         p = f"model.layers.{i}"
 
@@ -188,7 +178,7 @@ def awq_transform(
         log(i, "qkv", info)
         x_o = st["o_proj"].abs_mean.view(kv_heads, group, head_dim).mean(dim=1).reshape(-1)
         o = [weight("self_attn.o_proj")]
-        s_v, info = search_scale(o, x_o, st["o_proj"].blocks, group_size, min_zero, tie)
+        s_v, info = search_scale(o, x_o, st["o_proj"].blocks, group_size, min_zero, shape.tie_v_to_o)
         log(i, "o", info)
         gate_up = [weight("mlp.gate_proj"), weight("mlp.up_proj")]
         x_mlp = st["gate_proj"]
@@ -202,7 +192,7 @@ def awq_transform(
         for n in ("q_proj", "k_proj", "v_proj"):
             scale_cols(f"{p}.self_attn.{n}.weight", s_qkv)
         scale_rows(f"{p}.self_attn.v_proj.weight", s_v)
-        scale_cols(f"{p}.self_attn.o_proj.weight", tie(s_v))
+        scale_cols(f"{p}.self_attn.o_proj.weight", shape.tie_v_to_o(s_v))
         scale_rows(f"{p}.post_attention_layernorm.weight", s_mlp)
         for n in ("gate_proj", "up_proj"):
             scale_cols(f"{p}.mlp.{n}.weight", s_mlp)
@@ -212,7 +202,7 @@ def awq_transform(
             continue
         seen = {  # the Gram blocks of each clipped projection's (scaled) input
             "self_attn.v_proj": _scaled_blocks(st["q_proj"].blocks, s_qkv),
-            "self_attn.o_proj": _scaled_blocks(st["o_proj"].blocks, tie(s_v)),
+            "self_attn.o_proj": _scaled_blocks(st["o_proj"].blocks, shape.tie_v_to_o(s_v)),
             "mlp.gate_proj": _scaled_blocks(st["gate_proj"].blocks, s_mlp),
             "mlp.up_proj": _scaled_blocks(st["gate_proj"].blocks, s_mlp),
             "mlp.down_proj": _scaled_blocks(st["down_proj"].blocks, s_down),

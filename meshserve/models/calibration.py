@@ -11,10 +11,41 @@ quantizer.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 
 import torch
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """A checkpoint's decoder layers and attention heads (its config.json): what the scale folds (AWQ,
+    SmoothQuant) need to carry v_proj's per-row scales into o_proj's inputs."""
+
+    num_layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, model_dir: str) -> AttentionShape:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = json.load(f)
+        heads = config["num_attention_heads"]
+        return cls(config["num_hidden_layers"], heads, config.get("num_key_value_heads") or heads,
+                   config.get("head_dim") or config["hidden_size"] // heads)
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.heads // self.kv_heads
+
+    def tie_v_to_o(self, s_v: torch.Tensor) -> torch.Tensor:
+        """A scale per v_proj output row -> one per o_proj input (query head h reads KV head h // group)."""
+        kv, d = self.kv_heads, self.head_dim
+        return s_v.view(kv, 1, d).expand(kv, self.group, d).reshape(-1)
 
 
 def calibration_text() -> str:

@@ -16,9 +16,6 @@ default here. Calibration: the shipped calibration text (models/calibration.py),
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
 from meshserve.kernels.quant_ref import FP8_MAX
@@ -46,14 +43,10 @@ def smooth_transform(
     """A copy of the HF state dict tensors with SmoothQuant's scales folded in, and the static per-tensor fp8
     input scale of every projection's (smoothed) input on the calibration tokens (module name -> max|x / s| /
     448), for checkpoints with static activations. alpha None: no smoothing, the input scales alone."""
-    from meshserve.models.calibration import calibration_text_ids, collect_input_stats
+    from meshserve.models.calibration import AttentionShape, calibration_text_ids, collect_input_stats
 
-    with open(os.path.join(model_dir, "config.json")) as f:
-        config = json.load(f)
-    num_layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    group = heads // kv_heads
+    shape = AttentionShape.of(model_dir)
+    num_layers, kv_heads, group, head_dim = shape.num_layers, shape.kv_heads, shape.group, shape.head_dim
     names = {f"model.layers.{i}.{m}" for i in range(num_layers) for m in _INPUTS}
     ids = token_ids or calibration_text_ids(model_dir, max_windows=8)
     stats = collect_input_stats(model_dir, ids, names, _STATS_GROUP)
@@ -68,9 +61,6 @@ def smooth_transform(
 
     def scales(x_max, weights):
         return torch.ones_like(x_max) if alpha is None else smoothing_scales(x_max, weights, alpha)
-
-    def tie(s_v):  # a scale per v output row -> one per o input (query head h reads kv head h // group)
-        return s_v.view(kv_heads, 1, head_dim).expand(kv_heads, group, head_dim).reshape(-1)
 
     for i in range(num_layers):
         p = f"model.layers.{i}"
@@ -92,7 +82,7 @@ def smooth_transform(
             x_o = x["o_proj"].view(kv_heads, group, head_dim).amax(dim=1).reshape(-1)
             w_o = w(o).abs().view(-1, kv_heads, group, head_dim).amax(dim=(0, 2)).reshape(1, -1)
             s_v = scales(x_o, [w_o])
-            s_o = tie(s_v)
+            s_o = shape.tie_v_to_o(s_v)
             put(v, w(v) / s_v[:, None])
             put(o, w(o) * s_o[None, :])
             up, down = f"{p}.mlp.up_proj.weight", f"{p}.mlp.down_proj.weight"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from meshserve.distributed import process_start
+from tests.process_tree import alive
 
 METHODS = ["forkserver", "spawn"] if sys.platform.startswith("linux") else ["spawn"]
 forkserver_only = pytest.mark.skipif("forkserver" not in METHODS, reason="forkserver: Linux only here")
@@ -130,7 +131,7 @@ def test_child_dies_with_its_parent():
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
         deadline = time.monotonic() + 10
-        while _alive(child):
+        while alive(child):
             if time.monotonic() > deadline:
                 os.kill(child, signal.SIGKILL)
                 pytest.fail("the child outlived its killed parent")
@@ -138,14 +139,6 @@ def test_child_dies_with_its_parent():
     finally:
         parent.kill()
         parent.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_unknown_start_method_is_refused(monkeypatch):

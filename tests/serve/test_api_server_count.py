@@ -12,14 +12,7 @@ import httpx
 import pytest
 
 from meshserve.distributed.launch import free_port
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+from tests.process_tree import alive
 
 
 def _start(tmp_path, count: int = 2):
@@ -56,16 +49,16 @@ def _stream(base: str, i: int) -> int:
 
 def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(map(_alive, pids)):
+    while time.monotonic() < deadline and any(map(alive, pids)):
         time.sleep(0.2)
-    return [p for p in pids if _alive(p)]
+    return [p for p in pids if alive(p)]
 
 
 @pytest.mark.slow  # ~40 s on 2 busy cores: three processes start, drain and stop
 def test_requests_through_two_api_processes_complete_and_sigterm_stops_all(tmp_path):
     proc, base, pids = _start(tmp_path)
     try:
-        assert len(pids) == 3 and all(map(_alive, pids))
+        assert len(pids) == 3 and all(map(alive, pids))
         with ThreadPoolExecutor(16) as pool:
             assert list(pool.map(lambda i: _stream(base, i), range(32))) == [8] * 32
         # request series are summed over both processes, whichever answers the scrape

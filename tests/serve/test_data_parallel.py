@@ -23,7 +23,7 @@ from meshserve.config import EngineArgs
 from meshserve.serve.api_server import _start_data_parallel
 from meshserve.serve.config import ServeConfig
 from tests.process_tree import children as process_children
-from tests.process_tree import started_by
+from tests.process_tree import alive, started_by
 from tests.serve.conftest import MODEL, free_port, start_server
 
 
@@ -146,14 +146,6 @@ def test_a_client_that_leaves_aborts_on_its_core(fake_dp):
         time.sleep(0.02)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.slow  # ~30 s: a server with two API processes and two cores starts, serves, drains and stops
 def test_two_api_processes_over_two_cores_and_sigterm_stops_all(tmp_path):
     port, pid_file = free_port(), tmp_path / "pids.json"
@@ -200,7 +192,7 @@ def test_two_api_processes_over_two_cores_and_sigterm_stops_all(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     deadline = time.monotonic() + 15
-    while any(map(_alive, pids["cores"] + pids["api"])):
+    while any(map(alive, pids["cores"] + pids["api"])):
         assert time.monotonic() < deadline, "a child outlived the server"
         time.sleep(0.2)
 
@@ -260,6 +252,6 @@ def test_cli_serve_dp2_internal_answers_and_stops_cleanly(tiny_model_dir):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     deadline = time.monotonic() + 15
-    while any(map(_alive, children)):
+    while any(map(alive, children)):
         assert time.monotonic() < deadline, "a child outlived the server"
         time.sleep(0.2)

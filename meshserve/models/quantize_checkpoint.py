@@ -229,6 +229,10 @@ def quantize_checkpoint(
         raise ValueError(f"unknown calibration {calibration!r} ({', '.join(CALIBRATIONS)})")
     cal = CALIBRATIONS[calibration]
     int4 = fmt in ("awq", "gptq")
+    if (cal.smooth or cal.static_inputs) and fmt != "compressed-tensors":
+        raise ValueError(f"calibration {calibration!r} is for fp8 (compressed-tensors) checkpoints, not {fmt}")
+    if (cal.awq or cal.mse) and not int4:
+        raise ValueError(f"calibration {calibration!r} is for int4 (awq, gptq) checkpoints, not {fmt}")
     os.makedirs(dst, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for file in safetensors_files(src):

@@ -215,3 +215,14 @@ def test_tensor_parallel_two_ranks_give_one_devices_logprobs(fmt, options, tiny_
     # fp8's dynamic per-token scales follow each rank's half of a row-parallel input: close, not equal
     tol = 1e-4 if fmt == "gptq" else 0.1 * single.abs().mean().item()
     assert (two - single).abs().mean() < tol
+
+
+@pytest.mark.parametrize(("fmt", "calibration", "message"), [
+    ("awq", "smooth-gptq", "for fp8 \\(compressed-tensors\\) checkpoints, not awq"),
+    ("compressed-tensors", "awq-scale-gptq-mse-seq", "for int4 \\(awq, gptq\\) checkpoints, not compressed-tensors"),
+    ("gptq", "gtpq", "unknown calibration 'gtpq'"),
+])
+def test_a_calibration_the_format_cannot_take_is_refused(fmt, calibration, message, tiny_model_dir, tmp_path):
+    """Rather than a checkpoint silently written without the calibration asked for."""
+    with pytest.raises(ValueError, match=message):
+        quantize_checkpoint(tiny_model_dir("llama"), str(tmp_path / "q"), fmt, calibration=calibration)

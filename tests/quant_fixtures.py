@@ -141,3 +141,21 @@ def block_fp8_checkpoints(tmp_path_factory, families: dict[str, dict], prefix: s
         return cache[family]
 
     return get
+
+
+FOLDED_PARTS = ("input_layernorm", "post_attention_layernorm", "q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+
+
+def check_fold_keeps_function(src: str, tensors: dict[str, torch.Tensor], folded: dict[str, torch.Tensor],
+                              dst: str, hf_model: Callable, ids: list[list[int]]) -> str:
+    """A scale fold (AWQ, SmoothQuant) touched every norm and projection it should (FOLDED_PARTS) and the folded
+    copy, written to dst, computes the same fp32 logits as src; returns dst."""
+    changed = [n for n in tensors if not torch.equal(tensors[n], folded[n])]
+    for part in FOLDED_PARTS:
+        assert any(part in n for n in changed), part
+    save_plain_copy(src, dst, folded)
+    x = torch.tensor(ids)
+    with torch.no_grad():
+        before, after = hf_model(src)(x).logits, hf_model(dst)(x).logits
+    torch.testing.assert_close(after, before, atol=2e-5, rtol=1e-5)
+    return dst

@@ -59,7 +59,7 @@ class CoreAddresses:
     core_pid: int
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """A process that exists and is not a zombie (a front end cannot join a sibling process)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -339,7 +339,7 @@ class ZmqCoreClient:
         return msgspec.msgpack.decode(payload, type=CoreInfo)
 
     def _core_alive(self) -> bool:
-        return _pid_alive(self.addresses.core_pid)
+        return pid_alive(self.addresses.core_pid)
 
     @property
     def outputs_socket(self) -> zmq.Socket:

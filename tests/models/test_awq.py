@@ -12,7 +12,7 @@ from meshserve import LLM
 from meshserve.models.awq import awq_transform, fake_int4, output_error, search_clip, search_scale
 from meshserve.models.quantize_checkpoint import quantize_checkpoint
 from tests.models.test_quantized_checkpoints import GROUP, PROMPT, _dequantized_copy, _prompt_logprobs
-from tests.quant_fixtures import save_plain_copy
+from tests.quant_fixtures import check_fold_keeps_function, save_plain_copy
 
 IDS = [[(11 * i + 7 * j) % 300 + 5 for i in range(64)] for j in range(3)]
 
@@ -55,15 +55,7 @@ def test_folded_scales_keep_the_fp32_function(tiny_model_dir, tmp_path, hf_model
     src = tiny_model_dir("llama")  # grouped-query attention: o's scale is tied across the heads of a kv head
     tensors = load_file(f"{src}/model.safetensors")
     folded = awq_transform(src, tensors, GROUP, clip=False, token_ids=IDS)
-    changed = [n for n in tensors if not torch.equal(tensors[n], folded[n])]
-    parts = ("input_layernorm", "post_attention_layernorm", "q_proj", "v_proj", "o_proj", "up_proj")
-    for part in (*parts, "down_proj"):
-        assert any(part in n for n in changed), part
-    dst = save_plain_copy(src, str(tmp_path / "folded"), folded)
-    ids = torch.tensor(IDS)
-    with torch.no_grad():
-        before, after = hf_model(src)(ids).logits, hf_model(dst)(ids).logits
-    torch.testing.assert_close(after, before, atol=2e-5, rtol=1e-5)
+    check_fold_keeps_function(src, tensors, folded, str(tmp_path / "folded"), hf_model, IDS)
 
 
 def test_awq_brings_the_int4_model_closer_to_fp32_than_round_to_nearest(tiny_model_dir, tmp_path, hf_model):

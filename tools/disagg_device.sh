@@ -6,7 +6,8 @@
 # other instance's memory as taken: GPU_BLOCKS overrides) and the KV moves over gloo through host memory: that
 # measures the mechanism (transfer, hand-off, the router's legs), not the goodput gain of two GPUs. The script
 # picks by the GPUs it sees (SECOND_GPU=0|1 overrides). One call (< 9.5 min): SETUPS (default colocated,layerwise)
-# at QPS (default 2,4) with N prompts (48) per point. Results: $OUT/disagg.json, $OUT/disagg.log, $OUT/disagg_logs.tgz.
+# at QPS (default 2,4) with N prompts (48) per point; CONNECTOR=nixl (carry .whl-nixl) moves the KV with NIXL
+# (on one GPU: CUDA IPC, device to device) instead. Results: $OUT/disagg.json, $OUT/disagg.log, $OUT/disagg_logs.tgz.
 #   bash tools/disagg_device.sh
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
@@ -14,7 +15,7 @@ R=/tmp/disagg_dev; rm -rf $R; mkdir -p $R $OUT
 gpus=$(nvidia-smi -L 2> /dev/null | wc -l)
 second=${SECOND_GPU:-$([ "$gpus" -gt 1 ] && echo 1 || echo 0)}
 echo "GPUs: $gpus; second instance on GPU $second"
-timeout -k 20 ${LIMIT:-540} python3 -m meshserve.bench.disagg --second-gpu "$second" --qps "${QPS:-2,4}" \
+timeout -k 20 ${LIMIT:-540} python3 -m meshserve.bench.disagg --second-gpu "$second" --connector "${CONNECTOR:-torch}" --qps "${QPS:-2,4}" \
   --num-prompts "${N:-48}" --setups "${SETUPS:-colocated,layerwise}" ${GPU_BLOCKS:+--gpu-blocks $GPU_BLOCKS} \
   --log-dir $R --output "$OUT/disagg.json" \
   > "$OUT/disagg.log" 2>&1

@@ -40,5 +40,5 @@ if busy:
     print(f"GPU while >= 90% busy ({len(busy)} samples): SM clock p50 {med(1):.0f} MHz (min {min(float(r[1]) for r in busy):.0f}), "
           f"memory clock {med(2):.0f} MHz, power p50 {med(3):.0f} W, temperature p50 {med(4):.0f} C")
 PY
-curl -s localhost:8000/metrics | grep -E "^meshserve:(requests_(rejected|shed|slo|total)|step_time|queue_wait)" | tee $OUT/metrics.txt
+curl -s localhost:8000/metrics | grep -E "^meshserve:(requests_(rejected|shed|slo|total)|step_time|queue_wait|admission_margin)" | tee $OUT/metrics.txt
 kill -TERM $pid; wait $pid

@@ -129,10 +129,10 @@ def _streamed(url: str) -> tuple[float, float]:
 def run_setup(name: str, ns: argparse.Namespace, qps_points: list[float]) -> list[dict]:
     base = ns.port
     logs = ns.log_dir
-    kv = {"kv_connector": "torch", "kv_parallel_size": 2, "kv_ip": "127.0.0.1", "kv_port": base + 50}
+    kv = {"kv_connector": ns.connector, "kv_parallel_size": 2, "kv_ip": "127.0.0.1", "kv_port": base + 50}
     extra: dict = {"layerwise": True} if name == "layerwise" else {}
-    if ns.second_gpu == 0:  # NCCL will not pair two processes on one GPU: gloo, staged through host memory
-        extra["backend"] = "gloo"
+    if ns.second_gpu == 0 and ns.connector == "torch":
+        extra["backend"] = "gloo"  # NCCL will not pair two processes on one GPU: gloo, staged through host memory
     if extra:
         kv["kv_connector_extra_config"] = extra
     common = ["--gpu-memory-utilization", str(ns.gpu_memory_utilization), "--max-model-len", str(ns.max_model_len)]
@@ -192,6 +192,7 @@ def run_setup(name: str, ns: argparse.Namespace, qps_points: list[float]) -> lis
             )
             s = summarize(results, duration, qps, ttft_slo=ns.ttft_slo, tpot_slo=ns.tpot_slo)
             s["setup"] = name
+            s["connector"] = ns.connector
             if name != "colocated":
                 total, during = (b - a for a, b in zip(w0, _streamed(pre)))
                 s["kv_streamed_s"], s["kv_streamed_during_prefill_s"] = total, during
@@ -229,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         "--second-gpu", type=int, default=1, help="0: both instances share one GPU (when only one is lent)"
     )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument(
+        "--connector",
+        default="torch",
+        choices=["torch", "nixl"],
+        help="the KV transport (nixl: UCX picks CUDA IPC / NVLink / RDMA; on one GPU it reads device to device)",
+    )
     p.add_argument(
         "--setups",
         default="colocated,disaggregated,layerwise",

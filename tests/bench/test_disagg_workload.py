@@ -60,11 +60,9 @@ def test_flags_reach_the_workload_and_both_servers(monkeypatch, tmp_path):
     assert d.gpu_blocks is None  # two GPUs: each engine sizes its own pool
 
 
-def test_every_server_gets_the_model_length_and_one_gpu_moves_the_kv_over_gloo(monkeypatch):
-    """On one GPU both instances get the same fixed KV pool: sized by the engine, the second to size its pool
-    would count the first's memory as taken (a smaller pool, or none: the server exits)."""
+def _kv_configs_of_one_gpu_setup(monkeypatch, connector: str) -> list[tuple[int, list[str]]]:
     ns = argparse.Namespace(port=8700, log_dir=".", second_gpu=0, gpu_memory_utilization=0.42,
-                            max_model_len=256, model="tiny", gpu_blocks=disagg.ONE_GPU_BLOCKS)
+                            max_model_len=256, model="tiny", gpu_blocks=disagg.ONE_GPU_BLOCKS, connector=connector)
     calls = []
     monkeypatch.setattr(disagg, "_serve", lambda model, gpu, port, extra, log: calls.append((gpu, extra)))
 
@@ -75,9 +73,24 @@ def test_every_server_gets_the_model_length_and_one_gpu_moves_the_kv_over_gloo(m
     monkeypatch.setattr(disagg, "_stop", lambda procs: None)
     with pytest.raises(RuntimeError, match="stop here"):
         disagg.run_setup("layerwise", ns, [1.0])
+    return calls
+
+
+def test_every_server_gets_the_model_length_and_one_gpu_moves_the_kv_over_gloo(monkeypatch):
+    """On one GPU both instances get the same fixed KV pool: sized by the engine, the second to size its pool
+    would count the first's memory as taken (a smaller pool, or none: the server exits)."""
+    calls = _kv_configs_of_one_gpu_setup(monkeypatch, "torch")
     assert [gpu for gpu, _ in calls] == [0, 0]
     for _, extra in calls:
         assert extra[extra.index("--max-model-len") + 1] == "256"
         assert extra[extra.index("--num-gpu-blocks-override") + 1] == str(disagg.ONE_GPU_BLOCKS)
         kv = json.loads(extra[extra.index("--kv-transfer-config") + 1])
         assert kv["kv_connector_extra_config"] == {"layerwise": True, "backend": "gloo"}
+
+
+def test_nixl_on_one_gpu_is_asked_for_by_name_and_keeps_no_gloo_backend(monkeypatch):
+    calls = _kv_configs_of_one_gpu_setup(monkeypatch, "nixl")
+    for _, extra in calls:
+        kv = json.loads(extra[extra.index("--kv-transfer-config") + 1])
+        assert kv["kv_connector"] == "nixl"
+        assert kv["kv_connector_extra_config"] == {"layerwise": True}

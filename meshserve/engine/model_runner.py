@@ -55,6 +55,7 @@ from meshserve.engine.step_inputs import StepInputBuilder
 from meshserve.engine.step_profiler import StepProfiler
 from meshserve.engine.step_sampler import StepSampler
 from meshserve.kernels import late_jit_log, triton_build_clock
+from meshserve.kernels.attention_tile_config import LONG_PREFILL_TOKENS
 from meshserve.kernels.parallel_compile import CompilePass
 from meshserve.layers.backend_selection import TORCH_DTYPES, bind_kernels, select_kernels
 from meshserve.layers.mla_attention import bind_prefill_workspace
@@ -356,7 +357,10 @@ class ModelRunner:
         sc = self.config.scheduler_config
         bounds = StepBounds(sc.max_model_len, sc.max_num_seqs, sc.max_num_batched_tokens)
         limit = min(512, sc.max_num_batched_tokens)
-        for step in fresh_prefill_steps(self.block_size, num_blocks, limit, sc.max_model_len):
+        # fresh prompts up to the long-prefill tile's threshold too: a 2-8k prompt's first chunk would
+        # otherwise build that tile in some user's TTFT (seen on the H200 in the disaggregation runs)
+        fresh_limit = min(max(limit, LONG_PREFILL_TOKENS), sc.max_num_batched_tokens)
+        for step in fresh_prefill_steps(self.block_size, num_blocks, fresh_limit, sc.max_model_len):
             self.forward(*self._prepare(step))
         torch.cuda.synchronize(self.device)
         logger.info("prefill kernels warmed up in %.1f s", time.perf_counter() - t0)

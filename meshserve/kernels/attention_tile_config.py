@@ -57,6 +57,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+# an eager prompt step (prefill_attention) whose longest chunk has this many tokens takes the long-prefill tile
+LONG_PREFILL_TOKENS = 1024
+
+
 def default_tile_config(
     head_dim_pad: int, group_pad: int, max_query_len: int, elem_size: int = 2, long_prefill: bool = False
 ) -> AttentionTileConfig:

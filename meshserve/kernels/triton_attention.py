@@ -54,7 +54,12 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.kernels.attention_tile_config import AttentionTileConfig, clamp_block_q, default_tile_config
+from meshserve.kernels.attention_tile_config import (
+    LONG_PREFILL_TOKENS,
+    AttentionTileConfig,
+    clamp_block_q,
+    default_tile_config,
+)
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.triton_attention_tile import attend_full_kv_tile, attend_paged_kv_tile, dot_query
@@ -64,8 +69,6 @@ _LOG2E = 1.4426950408889634
 # running-max init: finite, so fully masked rows give exp2(-inf - big) = 0, never nan (a constexpr: compiled
 # kernels may only read constexpr globals)
 _NEG_BIG = tl.constexpr(-1.0e30)
-# eager prompts at least this long take the long-prefill tile (128-key steps)
-_LONG_PREFILL = 1024
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -518,7 +521,7 @@ def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, 
     block_d = max(16, _next_pow2(head_dim))
     if config is None:
         config = default_tile_config(block_d, group_pad, max_query_len, query.element_size(),
-                                     long_prefill=max_query_len >= _LONG_PREFILL)
+                                     long_prefill=max_query_len >= LONG_PREFILL_TOKENS)
     config = clamp_block_q(config, group_pad)
     block_q, block_n = config.block_q, config.block_n
     use_window = sliding_window is not None and sliding_window > 0

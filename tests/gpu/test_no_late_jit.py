@@ -156,3 +156,30 @@ def test_no_triton_compile_in_a_w2_like_mix_of_long_prompts(family, tmp_path_fac
         assert not builds.entries, f"{len(builds.entries)} Triton builds after start-up:\n{builds.report()}"
     finally:
         llm.shutdown()
+
+
+def test_no_triton_compile_for_prompts_past_the_long_prefill_tile(tmp_path_factory, monkeypatch):
+    """Issue 29: a prompt step whose chunk has LONG_PREFILL_TOKENS or more takes the long-prefill attention tile
+    (eager: past the mixed-step graphs); the prefill warm-up builds it, not a user's first long prompt (seen in
+    the H200 disaggregation runs: 2-8k-token prompts)."""
+    from meshserve import LLM, SamplingParams
+    from meshserve.kernels.attention_tile_config import LONG_PREFILL_TOKENS
+    from tests.conftest import VOCAB, make_tiny_checkpoint
+    from tests.gpu.jit_builds import TritonBuilds
+
+    monkeypatch.delenv("MESHSERVE_ATTENTION_BACKEND", raising=False)
+    monkeypatch.delenv("MESHSERVE_DISABLE_FUSED_OPS", raising=False)
+    path = make_tiny_checkpoint(str(tmp_path_factory.mktemp("long-llama")), "llama", max_position_embeddings=8192)
+    llm = LLM(model=path, dtype="bfloat16", device="cuda", max_model_len=8192, max_num_seqs=8,
+              max_num_batched_tokens=2048, enable_prefix_caching=True, seed=0)
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    try:
+        with TritonBuilds() as builds:
+            # alone (one eager prompt step each), the longest in chunks behind its cached first chunk
+            for n in (LONG_PREFILL_TOKENS, 1900, 5000):
+                prompt = {"prompt_token_ids": [rng.randrange(3, VOCAB) for _ in range(n)]}
+                assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert not builds.entries, f"{len(builds.entries)} Triton builds after start-up:\n{builds.report()}"
+    finally:
+        llm.shutdown()

@@ -73,12 +73,12 @@ def resolve_model_source(model: str | None, load_format: str = "auto", tokenizer
                            tokenizer or path)
 
     if os.path.isfile(model) and model.endswith(".json") and load_format == "dummy":
-        from transformers import AutoConfig
+        from meshserve.models.hf_config import config_for_model
 
         with open(model) as f:
             fields = json.load(f)
         try:
-            config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+            config = config_for_model(fields.pop("model_type"), fields)
         except Exception as e:
             raise ModelLoadError(f"cannot read the model config {model}: {str(e).splitlines()[0]}") from e
         return ModelSource(model, config, None, tokenizer)
@@ -196,8 +196,10 @@ def checkpoint_shapes(hf_config) -> dict[str, tuple[int, ...]]:
         if shapes is None:
             from transformers import AutoModelForCausalLM
 
+            from meshserve.models.config_snapshot import as_hf_config
+
             with torch.device("meta"):
-                state = AutoModelForCausalLM.from_config(hf_config).state_dict()
+                state = AutoModelForCausalLM.from_config(as_hf_config(hf_config)).state_dict()
             shapes = {n: tuple(t.shape) for n, t in state.items()}
             shapes_cache.store(key, shapes)
         _CHECKPOINT_SHAPES[key] = shapes

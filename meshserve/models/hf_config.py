@@ -47,19 +47,19 @@ class PlainHFConfig:
     """A transformers config's fields as plain attributes (its attribute_map aliases, `rope_scaling`,
     `torch_dtype`, `num_labels` ... included), built without transformers. Pickles without it too."""
 
-    family: ConfigFamily  # set per model type on the subclasses below
+    _config_family: ConfigFamily  # set per model type on the subclasses below
 
     @property
     def model_type(self) -> str:
-        return self.family.model_type
+        return self._config_family.model_type
 
     @property
     def attribute_map(self) -> dict:
-        return dict(self.family.attribute_map)
+        return dict(self._config_family.attribute_map)
 
     @property
     def default_theta(self) -> float:
-        return self.family.default_theta
+        return self._config_family.default_theta
 
     default_rope_type = "default"
     base_config_key = ""
@@ -75,10 +75,10 @@ class PlainHFConfig:
     ignore_keys_at_rope_validation: set = set()
 
     def __setattr__(self, key, value):
-        super().__setattr__(self.family.attribute_map.get(key, key), value)
+        super().__setattr__(self._config_family.attribute_map.get(key, key), value)
 
     def __getattr__(self, key):  # only when normal lookup fails: the aliases
-        alias = type(self).family.attribute_map.get(key)
+        alias = type(self)._config_family.attribute_map.get(key)
         if alias is None:
             raise AttributeError(f"'{type(self).__name__}' object has no attribute '{key}'")
         return getattr(self, alias)
@@ -179,8 +179,9 @@ def _decode_special_floats(obj):
 # one class per family, named as transformers names it (loader.checkpoint_shapes keys its cache by that name)
 for _family in FAMILIES.values():
     globals()[_family.class_name] = type(_family.class_name, (PlainHFConfig,),
-                                         {"family": _family, "__module__": __name__,
+                                         {"_config_family": _family, "__module__": __name__,
                                           "__doc__": f"{_family.class_name}'s fields, built without transformers."})
+del _family
 
 
 def _standardize_rope(c, kwargs: dict) -> None:
@@ -190,7 +191,7 @@ def _standardize_rope(c, kwargs: dict) -> None:
     labels = getattr(c, "layer_types", None) or ()
     if any(key in labels for key in params):
         raise NeedsTransformers("RoPE parameters per layer type")
-    rope_theta = kwargs.pop("rope_theta", c.family.default_theta)
+    rope_theta = kwargs.pop("rope_theta", c._config_family.default_theta)
     partial_rotary_factor = kwargs.pop("partial_rotary_factor", None)
     params.setdefault("rope_theta", rope_theta)
     if partial_rotary_factor is not None:

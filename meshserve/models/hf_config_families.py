@@ -26,7 +26,7 @@ class ConfigFamily:
     fields: dict
     attribute_map: dict = field(default_factory=dict)
     default_theta: float = 10000.0
-    post_init: Callable[[object, dict], None] = lambda config, kwargs: None
+    post_init: Callable[[object, dict], None] = None  # type: ignore[assignment]
     # validate_architecture: hidden_size must divide by num_attention_heads
     heads_divide_hidden: bool = False
 
@@ -34,6 +34,10 @@ class ConfigFamily:
 def _kv_heads_default(c) -> None:
     if c.num_key_value_heads is None:
         c.num_key_value_heads = c.num_attention_heads
+
+
+def _mixtral_post_init(c, kwargs) -> None:
+    _kv_heads_default(c)
 
 
 def _llama_post_init(c, kwargs) -> None:
@@ -167,7 +171,7 @@ FAMILIES: dict[str, ConfigFamily] = {f.model_type: f for f in (
                  post_init=_qwen3_moe_post_init),
     ConfigFamily("Qwen2MoeConfig", "qwen2_moe", _QWEN2_MOE, post_init=_qwen2_moe_post_init),
     ConfigFamily("MixtralConfig", "mixtral", _MIXTRAL, {"num_experts": "num_local_experts"},
-                 default_theta=1000000.0, post_init=lambda c, kwargs: _kv_heads_default(c)),
+                 default_theta=1000000.0, post_init=_mixtral_post_init),
     ConfigFamily("DeepseekV2Config", "deepseek_v2", _DEEPSEEK_V2, {"num_experts": "n_routed_experts"},
                  post_init=_deepseek_v2_post_init, heads_divide_hidden=True),
     ConfigFamily("DeepseekV3Config", "deepseek_v3", _DEEPSEEK_V3,

@@ -83,13 +83,24 @@ class PlainHFConfig:
             raise AttributeError(f"'{type(self).__name__}' object has no attribute '{key}'")
         return getattr(self, alias)
 
+    # the properties transformers' configs have, setters included (--hf-overrides sets fields after the build)
     @property
     def rope_scaling(self):
         return self.rope_parameters
 
+    @rope_scaling.setter
+    def rope_scaling(self, value):
+        self.rope_parameters = value
+        if value is not None and self.__dict__.get("_post_init_done", False):
+            _standardize_rope_params(self)
+
     @property
     def torch_dtype(self):
         return self.dtype
+
+    @torch_dtype.setter
+    def torch_dtype(self, value):
+        self.dtype = value
 
     @property
     def use_return_dict(self):
@@ -99,13 +110,33 @@ class PlainHFConfig:
     def name_or_path(self) -> str | None:
         return self.__dict__.get("_name_or_path")
 
+    @name_or_path.setter
+    def name_or_path(self, value):
+        self._name_or_path = str(value)
+
     @property
     def num_labels(self) -> int | None:
         return len(self.id2label) if self.id2label is not None else None
 
+    @num_labels.setter
+    def num_labels(self, num_labels: int):
+        if self.id2label is None or self.num_labels != num_labels:
+            self.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+            self.label2id = dict(zip(self.id2label.values(), self.id2label.keys(), strict=True))
+
     @property
     def output_attentions(self):
         return self._output_attentions
+
+    @output_attentions.setter
+    def output_attentions(self, value: bool):
+        if value and self._attn_implementation_internal is None:
+            self._attn_implementation_internal = "eager"
+        if value and self._attn_implementation_internal != "eager":
+            raise ValueError("The `output_attentions` attribute is not supported when using the "
+                             f"`attn_implementation` set to {self._attn_implementation_internal}. Please set it "
+                             "to 'eager' instead.")
+        self._output_attentions = value
 
     @property
     def _attn_implementation(self):
@@ -184,6 +215,28 @@ for _family in FAMILIES.values():
 del _family
 
 
+def _standardize_rope_params(c) -> None:
+    """RotaryEmbeddingConfigMixin.standardize_rope_params (flat parameters): after rope_scaling is set."""
+    rope_theta = c.__dict__.get("rope_theta")
+    partial_rotary_factor = c.__dict__.get("partial_rotary_factor")
+    params = c.rope_parameters or {}
+    if any(key in (getattr(c, "layer_types", None) or ()) for key in params):
+        raise ValueError("RoPE parameters per layer type are not supported without transformers "
+                         "(MESHSERVE_HF_CONFIG=transformers)")
+    if not (params or rope_theta):
+        return
+    params.setdefault("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", rope_theta)
+    if partial_rotary_factor is not None:
+        params.setdefault("partial_rotary_factor", partial_rotary_factor)
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):
+        if "original_max_position_embeddings" in c.__dict__:  # Phi-3's spelling: the field outside wins
+            params["original_max_position_embeddings"] = c.original_max_position_embeddings
+        else:
+            params.setdefault("original_max_position_embeddings", c.max_position_embeddings)
+    c.rope_parameters = params
+
+
 def _standardize_rope(c, kwargs: dict) -> None:
     """RotaryEmbeddingConfigMixin.convert_rope_params_to_dict + standardize_rope_params, flat parameters."""
     params = kwargs.pop("rope_scaling", None) or c.rope_parameters
@@ -215,7 +268,7 @@ def _base_post_init(c, kwargs: dict) -> None:
 
         c.dtype = getattr(torch, c.dtype)
     if c.id2label is None:
-        _set_num_labels(c, kwargs.get("num_labels", 2))
+        c.num_labels = kwargs.get("num_labels", 2)
     else:
         c.id2label = {int(key): value for key, value in c.id2label.items()}
     if c.problem_type == "single_label_classification" and c.num_labels == 1:
@@ -229,25 +282,15 @@ def _base_post_init(c, kwargs: dict) -> None:
     c._attn_implementation_internal = kwargs.pop("attn_implementation", None)
     c._experts_implementation_internal = kwargs.pop("experts_implementation", None)
     if c._output_attentions:
-        raise NeedsTransformers("output_attentions")  # its setter picks an attention implementation
+        raise NeedsTransformers("output_attentions")  # transformers' validation weighs it against attention
     for key, value in kwargs.items():
-        if key == "num_labels":
-            _set_num_labels(c, value)
-        elif key in ("rope_scaling", "torch_dtype", "use_return_dict", "name_or_path", "output_attentions"):
-            raise NeedsTransformers(f"{key} set twice")  # a property setter with its own rules
-        elif key not in ("_attn_implementation_internal", "_experts_implementation_internal"):
-            setattr(c, key, value)
+        if key not in ("_attn_implementation_internal", "_experts_implementation_internal"):
+            setattr(c, key, value)  # properties (num_labels, name_or_path ...) through their setters
     for key in ("layer_types", "mtp_layer_types"):
         layers = getattr(c, key, None)
         if layers is not None and not set(layers) <= _PLAIN_LAYER_TYPES:
             raise NeedsTransformers(f"{key} {sorted(set(layers))}")
     c._post_init_done = True
-
-
-def _set_num_labels(c, num_labels: int) -> None:
-    if c.id2label is None or c.num_labels != num_labels:
-        c.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
-        c.label2id = dict(zip(c.id2label.values(), c.id2label.keys(), strict=True))
 
 
 def plain_hf_config(model_type: str, fields: dict) -> PlainHFConfig:

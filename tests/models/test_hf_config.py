@@ -115,6 +115,30 @@ def test_config_equals_transformers(case):
     assert not any(m.startswith("transformers") for m in _modules_named(pickle.dumps(plain)))
 
 
+OVERRIDES = [("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0}, "max_position_embeddings": 4096}),
+             ("llama", {"rope_scaling": {"type": "linear", "factor": 4.0}, "torch_dtype": "float16",
+                        "num_labels": 3, "name_or_path": "x", "new_field": 7}),
+             ("mixtral", {"num_experts": 2, "num_hidden_layers": 3, "output_attentions": True}),
+             ("deepseek_v3", {"num_mtp_layers": 0, "num_local_experts": 16, "rope_scaling": None})]
+
+
+@pytest.mark.parametrize("model_type,overrides", OVERRIDES)
+def test_fields_set_afterwards_as_in_transformers(model_type, overrides):
+    """--hf-overrides sets fields on the built config (engine_config.py): aliases and properties apply."""
+    import warnings
+
+    from transformers import AutoConfig
+
+    plain, hf = plain_hf_config(model_type, {}), AutoConfig.for_model(model_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rope_scaling's deprecation
+        for key, value in overrides.items():
+            setattr(plain, key, copy.deepcopy(value))
+            setattr(hf, key, copy.deepcopy(value))
+    _assert_same(plain, hf)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_folder_config_equals_from_pretrained(family, tiny_model_dir):
     from transformers import AutoConfig

@@ -19,6 +19,7 @@ from meshserve.layers.quantization import quantization_scope, resolve_quant_conf
 from meshserve.layers.quantization.kv_scales import is_kv_scale, load_kv_scale
 from meshserve.models import shapes_cache
 from meshserve.models.checkpoint_files import iter_checkpoint, load_hf_config
+from meshserve.models.dense_shapes import dense_checkpoint_shapes
 from meshserve.models.presets import PRESETS, preset_config, preset_names
 from meshserve.models.registry import resolve_model_class
 
@@ -186,13 +187,14 @@ _CHECKPOINT_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
 
 
 def checkpoint_shapes(hf_config) -> dict[str, tuple[int, ...]]:
-    """The checkpoint tensors' names and full shapes for hf_config's architecture, from the HF class built on
-    the meta device; cached per config (its class and JSON), in this process and on disk (shapes_cache.py).
-    The build itself is instant, but importing transformers' modeling code (generation utils, masking,
-    torch._dynamo) costs ~1.5 s of a quiet CPU."""
+    """The checkpoint tensors' names and full shapes for hf_config's architecture: for the dense families
+    from the config's fields (dense_shapes.py), else from the HF class built on the meta device, cached per
+    config (its class and JSON) in this process and on disk (shapes_cache.py). The build itself is instant,
+    but importing transformers' modeling code (generation utils, masking, torch._dynamo) costs ~1.5 s of a
+    quiet CPU, more on a cold start."""
     key = f"{type(hf_config).__name__}:{hf_config.to_json_string(use_diff=False)}"
     if key not in _CHECKPOINT_SHAPES:
-        shapes = shapes_cache.load(key)
+        shapes = dense_checkpoint_shapes(hf_config) or shapes_cache.load(key)
         if shapes is None:
             from transformers import AutoModelForCausalLM
 

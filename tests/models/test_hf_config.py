@@ -246,9 +246,11 @@ def _core_run(model: str, load_format: str, env: dict) -> dict:
 
 @pytest.mark.parametrize("family", ["llama31", "deepseek_v3"])
 def test_engine_core_starts_and_generates_without_transformers(family, tiny_model_dir, tmp_path, monkeypatch):
-    """A model folder (real weights) and a config.json on dummy weights (checkpoint shapes cached, as after
-    any earlier start): the core builds, generates and never imports transformers; the tokens and EOS ids
-    are those of the transformers-config path."""
+    """A model folder (real weights) and a config.json on dummy weights (a dense family's checkpoint shapes
+    from its config, on an empty cache; an MLA family's from the disk cache, as after any earlier start): the
+    core builds, generates and never imports transformers; the tokens and EOS ids are those of the
+    transformers-config path."""
+    from meshserve.models.dense_shapes import dense_checkpoint_shapes
     from meshserve.models.loader import checkpoint_shapes
 
     fields = {**_TINY, **FAMILIES[family]}
@@ -257,7 +259,9 @@ def test_engine_core_starts_and_generates_without_transformers(family, tiny_mode
     env = {"MESHSERVE_CACHE_DIR": str(tmp_path / "cache")}
     monkeypatch.setenv("MESHSERVE_CACHE_DIR", env["MESHSERVE_CACHE_DIR"])
     model_type = fields.pop("model_type")
-    checkpoint_shapes(config_for_model(model_type, fields))  # fills the disk cache (transformers is loaded here)
+    config = config_for_model(model_type, fields)
+    if dense_checkpoint_shapes(config) is None:
+        checkpoint_shapes(config)  # fills the disk cache (transformers is loaded in this process)
     # the folder without its tokenizer: with one, the grammar compiler's worker thread loads it (transformers'
     # AutoTokenizer, for xgrammar) once the core is built, off the start's path (structured/compiler.py)
     folder = tmp_path / "model"

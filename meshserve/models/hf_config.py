@@ -134,8 +134,8 @@ class PlainHFConfig:
             self._attn_implementation_internal = "eager"
         if value and self._attn_implementation_internal != "eager":
             raise ValueError("The `output_attentions` attribute is not supported when using the "
-                             f"`attn_implementation` set to {self._attn_implementation_internal}. Please set it "
-                             "to 'eager' instead.")
+                             f"`attn_implementation` set to {self._attn_implementation_internal}. "
+                             "Please set it to 'eager' instead.")
         self._output_attentions = value
 
     @property
@@ -211,17 +211,22 @@ def _decode_special_floats(obj):
 for _family in FAMILIES.values():
     globals()[_family.class_name] = type(_family.class_name, (PlainHFConfig,),
                                          {"_config_family": _family, "__module__": __name__,
-                                          "__doc__": f"{_family.class_name}'s fields, built without transformers."})
+                                          "__doc__": f"{_family.class_name}'s fields, without transformers."})
 del _family
 
 
+def _per_layer_type(c, params: dict) -> bool:
+    return any(key in (getattr(c, "layer_types", None) or ()) for key in params)
+
+
 def _standardize_rope_params(c) -> None:
-    """RotaryEmbeddingConfigMixin.standardize_rope_params (flat parameters): after rope_scaling is set."""
+    """RotaryEmbeddingConfigMixin.standardize_rope_params, flat parameters: at the build and after
+    rope_scaling is set."""
     rope_theta = c.__dict__.get("rope_theta")
     partial_rotary_factor = c.__dict__.get("partial_rotary_factor")
     params = c.rope_parameters or {}
-    if any(key in (getattr(c, "layer_types", None) or ()) for key in params):
-        raise ValueError("RoPE parameters per layer type are not supported without transformers "
+    if _per_layer_type(c, params):
+        raise ValueError("RoPE parameters per layer type need transformers' config "
                          "(MESHSERVE_HF_CONFIG=transformers)")
     if not (params or rope_theta):
         return
@@ -237,24 +242,20 @@ def _standardize_rope_params(c) -> None:
     c.rope_parameters = params
 
 
-def _standardize_rope(c, kwargs: dict) -> None:
-    """RotaryEmbeddingConfigMixin.convert_rope_params_to_dict + standardize_rope_params, flat parameters."""
+def _convert_rope_params(c, kwargs: dict) -> None:
+    """RotaryEmbeddingConfigMixin.convert_rope_params_to_dict: config.json's rope_scaling / rope_theta /
+    partial_rotary_factor into rope_parameters, then standardised."""
     params = kwargs.pop("rope_scaling", None) or c.rope_parameters
     params = params if params is not None else {}
-    labels = getattr(c, "layer_types", None) or ()
-    if any(key in labels for key in params):
+    if _per_layer_type(c, params):
         raise NeedsTransformers("RoPE parameters per layer type")
-    rope_theta = kwargs.pop("rope_theta", c._config_family.default_theta)
+    params.setdefault("rope_theta", kwargs.pop("rope_theta", c._config_family.default_theta))
     partial_rotary_factor = kwargs.pop("partial_rotary_factor", None)
-    params.setdefault("rope_theta", rope_theta)
     if partial_rotary_factor is not None:
         params.setdefault("partial_rotary_factor", partial_rotary_factor)
         c.ignore_keys_at_rope_validation = {"partial_rotary_factor"}
-    if params:  # never empty here (rope_theta was just set): transformers' "no RoPE" case cannot occur
-        params.setdefault("rope_type", params.get("type", "default"))
-        if params["rope_type"] in ("llama3", "yarn", "longrope"):
-            params.setdefault("original_max_position_embeddings", c.max_position_embeddings)
     c.rope_parameters = params
+    _standardize_rope_params(c)
 
 
 def _base_post_init(c, kwargs: dict) -> None:
@@ -273,7 +274,7 @@ def _base_post_init(c, kwargs: dict) -> None:
         c.id2label = {int(key): value for key, value in c.id2label.items()}
     if c.problem_type == "single_label_classification" and c.num_labels == 1:
         raise NeedsTransformers("problem_type single_label_classification with one label")  # an error there
-    _standardize_rope(c, kwargs)
+    _convert_rope_params(c, kwargs)
     for name in GENERATION_PARAMETERS:
         kwargs.pop(name, None)
     c._name_or_path = str(kwargs.pop("name_or_path", ""))

@@ -301,8 +301,10 @@ def plain_hf_config(model_type: str, fields: dict) -> PlainHFConfig:
     family = FAMILIES.get(model_type)
     if family is None:
         raise NeedsTransformers(f"model type {model_type!r}")
-    if "auto_map" in fields or any(isinstance(v, dict) and "model_type" in v for v in fields.values()):
-        raise NeedsTransformers("remote code or a nested config")
+    # auto_map (remote code) stays a plain field: meshserve never trusts remote code, so AutoConfig takes
+    # transformers' own class for these model types and keeps auto_map as an attribute
+    if any(isinstance(v, dict) and "model_type" in v for v in fields.values()):
+        raise NeedsTransformers("a nested config")
     kwargs = copy.deepcopy(fields)  # transformers edits the RoPE dict it is given: the caller's stays as it was
     config = object.__new__(globals()[family.class_name])
     try:

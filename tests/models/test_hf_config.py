@@ -147,6 +147,41 @@ def test_folder_config_equals_from_pretrained(family, tiny_model_dir):
     _assert_same(config_from_folder(path), AutoConfig.from_pretrained(path, local_files_only=True))
 
 
+# config.json files as published (Llama-3.1-8B-Instruct, Qwen3-8B; DeepSeek-V3's remote-code map)
+PUBLISHED = {
+    "llama-3.1-8b-instruct": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu", "hidden_size": 4096,
+        "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
+        "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256},
+    "qwen3-8b": {
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+        "initializer_range": 0.02, "intermediate_size": 12288, "max_position_embeddings": 40960,
+        "max_window_layers": 36, "model_type": "qwen3", "num_attention_heads": 32, "num_hidden_layers": 36,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
+    "deepseek-v3-remote-code-map": {
+        **{k: v for k, v in PRESETS["deepseek-v3"].items()},
+        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                     "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_config_json_equals_from_pretrained(name, tmp_path):
+    from transformers import AutoConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED[name]))
+    _assert_same(config_from_folder(str(tmp_path)), AutoConfig.from_pretrained(str(tmp_path), local_files_only=True))
+
+
 def test_folder_config_with_special_floats_and_a_name(tmp_path):
     from transformers import AutoConfig
 

@@ -62,11 +62,11 @@ def config_eos_token_ids(hf_config, model_dir: str | None) -> list[int]:
             ids.update(v for v in value if isinstance(v, int))
 
     if model_dir:
+        # the file's own field, read as JSON: transformers' GenerationConfig would cost seconds of import here
         try:
-            from transformers import GenerationConfig
-
-            add(GenerationConfig.from_pretrained(model_dir, local_files_only=True).eos_token_id)
-        except Exception:  # no generation_config.json: fine
+            with open(os.path.join(model_dir, "generation_config.json"), encoding="utf-8") as f:
+                add(json.load(f).get("eos_token_id"))
+        except (OSError, ValueError, AttributeError):  # no generation_config.json (or not a JSON object): fine
             pass
     add(getattr(hf_config, "eos_token_id", None))
     return sorted(ids)

@@ -34,6 +34,18 @@ def tokenizer_dir_of(args: EngineArgs) -> str | None:
     return None
 
 
+def has_no_tokenizer(args: EngineArgs) -> bool:
+    """Whether args' model can have no tokenizer (a preset or a config.json on dummy weights, no --tokenizer):
+    then the front end needs no transformers at all (token-id prompts only)."""
+    if args.tokenizer or args.model is None or (os.path.exists(args.model) and not args.model.endswith(".json")):
+        return False
+    from meshserve.models.presets import PRESETS
+
+    if args.model.endswith(".json"):
+        return os.path.isfile(args.model) and args.load_format == "dummy"
+    return args.model.lower() in PRESETS
+
+
 class EarlyTokenizer:
     """Starts loading args' tokenizer on a daemon thread (nothing waits for it at exit)."""
 

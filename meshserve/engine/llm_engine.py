@@ -34,9 +34,13 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
-        import transformers.models.auto.tokenization_auto  # noqa: F401 - here: no two threads import it
+        from meshserve.engine.early_tokenizer import EarlyTokenizer, tokenizer_dir_of
 
-        from meshserve.engine.early_tokenizer import EarlyTokenizer
+        if args.model is None or tokenizer_dir_of(args) is not None:
+            # a tokenizer loads on a thread beside the core: imported here, so no two threads import
+            # transformers at once (the core's config may still need it: models/hf_config.py). With none to
+            # load early (presets, dummy configs) nothing here needs transformers: its ~2 s stay off the start
+            import transformers.models.auto.tokenization_auto  # noqa: F401
         tokenizer = EarlyTokenizer(args)  # loads while the core loads the model
         core = EngineCore.from_engine_args(args)
         return cls(InprocCoreClient(core), tokenizer.load(core.info.tokenizer))

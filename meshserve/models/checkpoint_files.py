@@ -15,12 +15,12 @@ from meshserve.errors import ModelLoadError
 
 
 def load_hf_config(path: str):
-    """The transformers config of the folder `path` (its config.json, read locally only); a one-line
-    ModelLoadError when it cannot be read."""
-    from transformers import AutoConfig
+    """The config of the folder `path` (its config.json, read locally only; transformers' fields,
+    models/hf_config.py); a one-line ModelLoadError when it cannot be read."""
+    from meshserve.models.hf_config import config_from_folder
 
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        return config_from_folder(path)
     except Exception as e:  # transformers raises many types here; the user needs one line
         raise ModelLoadError(f"cannot read the model config in {path}: {str(e).splitlines()[0]}") from e
 

@@ -95,8 +95,10 @@ class ConfigSnapshot:
 
 
 def as_hf_config(config):
-    """config itself, or the transformers config a snapshot was taken of."""
-    return config.restore() if isinstance(config, ConfigSnapshot) else config
+    """config itself, or the transformers config a snapshot was taken of or a PlainHFConfig equals."""
+    from meshserve.models.hf_config import as_transformers_config
+
+    return config.restore() if isinstance(config, ConfigSnapshot) else as_transformers_config(config)
 
 
 def without_transformers(obj):

@@ -19,6 +19,7 @@ from meshserve.layers.quantization import quantization_scope, resolve_quant_conf
 from meshserve.layers.quantization.kv_scales import is_kv_scale, load_kv_scale
 from meshserve.models import shapes_cache
 from meshserve.models.checkpoint_files import iter_checkpoint, load_hf_config
+from meshserve.models.dense_shapes import dense_checkpoint_shapes
 from meshserve.models.presets import PRESETS, preset_config, preset_names
 from meshserve.models.registry import resolve_model_class
 
@@ -73,12 +74,12 @@ def resolve_model_source(model: str | None, load_format: str = "auto", tokenizer
                            tokenizer or path)
 
     if os.path.isfile(model) and model.endswith(".json") and load_format == "dummy":
-        from transformers import AutoConfig
+        from meshserve.models.hf_config import config_for_model
 
         with open(model) as f:
             fields = json.load(f)
         try:
-            config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+            config = config_for_model(fields.pop("model_type"), fields)
         except Exception as e:
             raise ModelLoadError(f"cannot read the model config {model}: {str(e).splitlines()[0]}") from e
         return ModelSource(model, config, None, tokenizer)
@@ -186,18 +187,21 @@ _CHECKPOINT_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
 
 
 def checkpoint_shapes(hf_config) -> dict[str, tuple[int, ...]]:
-    """The checkpoint tensors' names and full shapes for hf_config's architecture, from the HF class built on
-    the meta device; cached per config (its class and JSON), in this process and on disk (shapes_cache.py).
-    The build itself is instant, but importing transformers' modeling code (generation utils, masking,
-    torch._dynamo) costs ~1.5 s of a quiet CPU."""
+    """The checkpoint tensors' names and full shapes for hf_config's architecture: for the dense families
+    from the config's fields (dense_shapes.py), else from the HF class built on the meta device, cached per
+    config (its class and JSON) in this process and on disk (shapes_cache.py). The build itself is instant,
+    but importing transformers' modeling code (generation utils, masking, torch._dynamo) costs ~1.5 s of a
+    quiet CPU, more on a cold start."""
     key = f"{type(hf_config).__name__}:{hf_config.to_json_string(use_diff=False)}"
     if key not in _CHECKPOINT_SHAPES:
-        shapes = shapes_cache.load(key)
+        shapes = dense_checkpoint_shapes(hf_config) or shapes_cache.load(key)
         if shapes is None:
             from transformers import AutoModelForCausalLM
 
+            from meshserve.models.config_snapshot import as_hf_config
+
             with torch.device("meta"):
-                state = AutoModelForCausalLM.from_config(hf_config).state_dict()
+                state = AutoModelForCausalLM.from_config(as_hf_config(hf_config)).state_dict()
             shapes = {n: tuple(t.shape) for n, t in state.items()}
             shapes_cache.store(key, shapes)
         _CHECKPOINT_SHAPES[key] = shapes

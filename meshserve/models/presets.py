@@ -124,9 +124,10 @@ def find_preset(name: str) -> str | None:
 
 
 def preset_config(name: str) -> PretrainedConfig:
-    """A transformers config object for a preset name or one of its HF ids (case-insensitive)."""
-    from transformers import AutoConfig  # here, not at import: the preset table is read before torch loads
+    """The config (transformers' fields, models/hf_config.py) of a preset name or one of its HF ids
+    (case-insensitive)."""
+    from meshserve.models.hf_config import config_for_model  # here: the preset table is read before torch loads
 
     fields = dict(PRESETS[find_preset(name) or name.lower()])
     model_type = fields.pop("model_type")
-    return AutoConfig.for_model(model_type, **fields)
+    return config_for_model(model_type, fields)

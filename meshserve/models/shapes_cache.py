@@ -21,11 +21,11 @@ logger = logging.getLogger(__name__)
 
 
 def _path(key: str) -> Path:
-    import transformers
-
     from meshserve.models.gguf_cache import cache_dir
+    from meshserve.models.hf_config import transformers_version
 
-    digest = hashlib.sha256(f"{transformers.__version__}\n{key}".encode()).hexdigest()[:24]
+    # the version from the package metadata: importing transformers for it would cost what this cache saves
+    digest = hashlib.sha256(f"{transformers_version()}\n{key}".encode()).hexdigest()[:24]
     return cache_dir() / "checkpoint-shapes" / f"{digest}.json"
 
 

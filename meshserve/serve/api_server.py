@@ -124,7 +124,7 @@ def _start_engine(engine_args: EngineArgs, engine_in_thread: bool, core_factory:
         core = CoreProcess(engine_args, core_factory=core_factory, wait=False)
         startup_timeline.mark("core spawned")
     try:
-        _import_front_end()
+        _import_front_end(engine_args)
         startup_timeline.mark("imports")
         from meshserve.engine.async_engine import AsyncLLM
         from meshserve.engine.early_tokenizer import EarlyTokenizer
@@ -150,7 +150,7 @@ def _start_data_parallel(engine_args: EngineArgs, num_cores: int, core_factory: 
 
     cores = spawn_dp_cores(engine_args, num_cores, core_factory)  # the models load while this process imports
     try:
-        _import_front_end()
+        _import_front_end(engine_args)
         from meshserve.engine.async_engine import AsyncLLM
         from meshserve.engine.input_processor import load_tokenizer
 
@@ -172,9 +172,13 @@ def _core_pids(client) -> list[int]:
     return [c.proc.pid if getattr(c, "proc", None) is not None else os.getpid() for c in clients]
 
 
-def _import_front_end() -> None:
-    """Import what serving needs besides the engine (seconds on a small CPU), so it overlaps the model load."""
-    import transformers.models.auto.tokenization_auto  # noqa: F401 - load_tokenizer's AutoTokenizer
+def _import_front_end(engine_args: EngineArgs) -> None:
+    """Import what serving needs besides the engine (seconds on a small CPU), so it overlaps the model load;
+    transformers' tokenizer module only for a model that can have a tokenizer (presets have none)."""
+    from meshserve.engine.early_tokenizer import has_no_tokenizer
+
+    if not has_no_tokenizer(engine_args):
+        import transformers.models.auto.tokenization_auto  # noqa: F401 - load_tokenizer's AutoTokenizer
     import uvicorn  # noqa: F401
 
     import meshserve.serve.openai_api  # noqa: F401
@@ -191,7 +195,7 @@ def _api_process_main(addresses: list, index: int, config: ServeConfig, sock: so
     logging.basicConfig(format=f"%(levelname)s api-{index} %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("meshserve").setLevel(log_level)
     startup_timeline.begin(f"api-{index}")
-    _import_front_end()
+    _import_front_end(engine_args)
     from meshserve.engine.async_engine import AsyncLLM
     from meshserve.engine.core_process import ZmqCoreClient
     from meshserve.engine.early_tokenizer import EarlyTokenizer

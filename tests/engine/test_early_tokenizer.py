@@ -48,3 +48,22 @@ def test_a_failed_early_load_is_retried_where_the_core_asks(tmp_path):
         pass  # the same error the plain load gives, raised where the front end loads it
     else:
         raise AssertionError("loading a missing tokenizer succeeded")
+
+
+
+def test_a_model_without_any_tokenizer_is_known_before_the_core_starts(tiny_model_dir, tmp_path):
+    """Presets and config.json dummies have no tokenizer (the front end then skips transformers); folders,
+    GGUF files, the embedded model or a --tokenizer may have one."""
+    from meshserve.engine.early_tokenizer import has_no_tokenizer
+    from meshserve.models.loader import resolve_model_source
+
+    config_json = tmp_path / "config.json"
+    config_json.write_text((Path(tiny_model_dir("llama")) / "config.json").read_text())
+    for args in (EngineArgs(model="qwen3-0.6b", load_format="dummy"),
+                 EngineArgs(model=str(config_json), load_format="dummy")):
+        assert has_no_tokenizer(args)
+        assert resolve_model_source(args.model, args.load_format, args.tokenizer).tokenizer_dir is None
+    for args in (EngineArgs(model=tiny_model_dir("llama")), EngineArgs(model=None),
+                 EngineArgs(model="qwen3-0.6b", load_format="dummy", tokenizer=tiny_model_dir("llama")),
+                 EngineArgs(model=str(config_json), load_format="auto"), EngineArgs(model="model.gguf")):
+        assert not has_no_tokenizer(args)

@@ -14,7 +14,8 @@ from tests.conftest import FAMILIES
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_snapshot_reads_every_field_as_the_config_does(family, tiny_model_dir):
+def test_snapshot_reads_every_field_as_the_config_does(family, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("MESHSERVE_HF_CONFIG", "transformers")  # snapshots are of transformers' configs
     config = load_hf_config(tiny_model_dir(family))
     snap = pickle.loads(pickle.dumps(ConfigSnapshot(config)))
     names = {n for n in dir(config) if not n.startswith("__")} | set(config.attribute_map)
@@ -51,7 +52,8 @@ def _modules_named(data: bytes) -> set[str]:
     return modules
 
 
-def test_a_rank_unpickles_the_engine_config_without_transformers(tiny_model_dir):
+def test_a_rank_unpickles_the_engine_config_without_transformers(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("MESHSERVE_HF_CONFIG", "transformers")  # else the config is a PlainHFConfig already
     from meshserve.config import EngineArgs
     from meshserve.engine.engine_config import create_engine_config
 
@@ -67,9 +69,10 @@ def test_a_rank_unpickles_the_engine_config_without_transformers(tiny_model_dir)
 
 
 @pytest.mark.parametrize("family", ["llama31", "deepseek_v2", "deepseek_v3"])  # llama3 and YaRN scaling
-def test_scaled_rope_from_a_snapshot_equals_the_configs(family, tiny_model_dir):
+def test_scaled_rope_from_a_snapshot_equals_the_configs(family, tiny_model_dir, monkeypatch):
     from meshserve.layers.rotary import compute_inv_freq
 
+    monkeypatch.setenv("MESHSERVE_HF_CONFIG", "transformers")
     config = load_hf_config(tiny_model_dir(family))
     head_dim = getattr(config, "qk_rope_head_dim", None) or config.hidden_size // config.num_attention_heads
     want, want_scale = compute_inv_freq(config, head_dim)

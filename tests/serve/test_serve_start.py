@@ -37,7 +37,7 @@ def test_the_core_starts_before_the_front_end_imports_and_ctrl_c_then_stops_it(m
     before = {p.pid for p in multiprocessing.active_children()}
     seen: list[str] = []
 
-    def interrupted_imports():  # what was running when the front end began importing; then a Ctrl-C
+    def interrupted_imports(engine_args):  # what was running when the front end began importing; then a Ctrl-C
         seen.extend(p.name for p in _new_children(before))
         raise KeyboardInterrupt
 

@@ -20,8 +20,16 @@ from tests.disagg.test_disagg_engine import _ids, _prefill, _run
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(scope="module")
+def long_llama(tmp_path_factory) -> str:
+    """A tiny Llama whose positions reach the prompts' 1,500 tokens (the shared fixture's stop at 512)."""
+    from tests.conftest import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("long-llama")), "llama", max_position_embeddings=2048)
+
+
 @pytest.mark.parametrize("backend", ["nccl", "gloo", "nixl"])
-def test_gpu_pair_matches_single_engine(tiny_model_dir, backend):
+def test_gpu_pair_matches_single_engine(long_llama, backend):
     """backend nixl: the nixl connector (UCX between the GPUs' memory) instead of the torch one."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
@@ -32,7 +40,7 @@ def test_gpu_pair_matches_single_engine(tiny_model_dir, backend):
 
         if not nixl_available():
             pytest.skip("the NIXL library is not installed (pip install meshserve[nixl])")
-    model = tiny_model_dir("llama")
+    model = long_llama
     port = free_port()
     second = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
     common = {
@@ -100,7 +108,7 @@ def test_gpu_pair_matches_single_engine(tiny_model_dir, backend):
 
 
 @pytest.mark.parametrize("backend", ["gloo", "nixl"])
-def test_gpu_layerwise_pair_matches_single_engine(tiny_model_dir, backend):
+def test_gpu_layerwise_pair_matches_single_engine(long_llama, backend):
     """Layer-wise on GPUs: the consumers subscribe first, then the producer's chunked prefill announces (nixl:
     the consumer reads each layer's blocks from the producer's GPU once the layer's event is reached) or sends
     (gloo, staged through host memory) every layer as it finishes; tokens equal a single engine's."""
@@ -116,7 +124,7 @@ def test_gpu_layerwise_pair_matches_single_engine(tiny_model_dir, backend):
     connector = "nixl" if backend == "nixl" else "torch"
     second = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
     common = {
-        "model": tiny_model_dir("llama"),
+        "model": long_llama,
         "block_size": 16,
         "max_model_len": 2048,
         "num_gpu_blocks_override": 400,

@@ -23,9 +23,9 @@ def load_tokenizer(path: str | None):
     """The model's transformers tokenizer, or None for a model without one."""
     if not path:
         return None
-    from transformers import AutoTokenizer
+    from meshserve.engine import direct_tokenizer  # AutoTokenizer's result, mostly without importing it
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return direct_tokenizer.load(path, local_files_only=True)
 
 
 def child_request_ids(request_id: str, n: int) -> list[str]:

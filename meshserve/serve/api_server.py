@@ -129,7 +129,7 @@ def _start_engine(engine_args: EngineArgs, engine_in_thread: bool, core_factory:
         from meshserve.engine.async_engine import AsyncLLM
         from meshserve.engine.early_tokenizer import EarlyTokenizer
 
-        tokenizer = EarlyTokenizer(engine_args)  # after the imports: no two threads import transformers
+        tokenizer = EarlyTokenizer(engine_args)  # after the imports: this thread imports no more of transformers
         if core is not None:
             core.wait_ready()
             startup_timeline.mark("waiting for the core")
@@ -174,11 +174,12 @@ def _core_pids(client) -> list[int]:
 
 def _import_front_end(engine_args: EngineArgs) -> None:
     """Import what serving needs besides the engine (seconds on a small CPU), so it overlaps the model load;
-    transformers' tokenizer module only for a model that can have a tokenizer (presets have none)."""
+    transformers' tokenizer base only for a model that can have a tokenizer (presets have none). Not
+    AutoTokenizer's module (4-6 s, torch): direct_tokenizer mostly goes round it, and imports it where needed."""
     from meshserve.engine.early_tokenizer import has_no_tokenizer
 
     if not has_no_tokenizer(engine_args):
-        import transformers.models.auto.tokenization_auto  # noqa: F401 - load_tokenizer's AutoTokenizer
+        import transformers.tokenization_utils_tokenizers  # noqa: F401 - the tokenizers' base class
     import uvicorn  # noqa: F401
 
     import meshserve.serve.openai_api  # noqa: F401

@@ -1,13 +1,13 @@
-"""The front end's tokenizer loaded through the class AutoTokenizer would pick, without importing AutoTokenizer.
+"""The front end's tokenizer, loaded through the class AutoTokenizer would pick, without importing it.
 
 `transformers.models.auto.tokenization_auto` reaches transformers' configuration code and through it torch:
 ~4-6 s on a small CPU, the largest part of the API process's start-up, though the tokenizer classes themselves
 (tokenization_utils_tokenizers, a model's tokenization_*.py) import neither. For a local folder whose
-tokenizer_config.json names its class and whose config.json's model_type is one meshserve serves, `direct_class`
-follows AutoTokenizer.from_pretrained's choice (transformers 5.x) step by step on the same two files, with
-transformers' tables copied for those model types; the class's from_pretrained then gets AutoTokenizer's kwargs.
-Anything else (remote code, a model type or class name not below, Mistral's tekken probe, a missing or broken
-file, MESHSERVE_TOKENIZER_LOADER=auto) returns None: load with AutoTokenizer as before.
+tokenizer_config.json names its class and whose config.json's model_type is one meshserve serves,
+`direct_class` follows AutoTokenizer.from_pretrained's choice (transformers 5.x) step by step on the same two
+files, with transformers' tables copied for those model types; that class's from_pretrained then gets
+AutoTokenizer's kwargs. Anything else (remote code, a model type or class name not below, Mistral's tekken
+probe, a missing or broken file, MESHSERVE_TOKENIZER_LOADER=auto) returns None: AutoTokenizer loads it.
 tests/engine/test_direct_tokenizer.py holds the tables and the loaded tokenizers to transformers' own.
 """
 
@@ -48,7 +48,7 @@ CLASS_BY_NAME = {
     "GPT2TokenizerFast": ("transformers.models.gpt2.tokenization_gpt2", "GPT2Tokenizer"),
 }
 _GENERIC = ("TokenizersBackend", "PythonBackend", "PreTrainedTokenizerFast")
-# AutoTokenizer's kwargs that reach the class unchanged (others, e.g. gguf_file or trust_remote_code, steer it)
+# AutoTokenizer's kwargs that reach the class unchanged (others, e.g. gguf_file, trust_remote_code, steer it)
 _PLAIN_KWARGS = {"local_files_only", "revision", "cache_dir", "token", "_from_auto", "_commit_hash"}
 
 
@@ -110,11 +110,11 @@ def _choose(path: str, kwargs: dict):
 
 
 def direct_class(path: str, kwargs: dict):
-    """The class AutoTokenizer.from_pretrained(path, **kwargs) would instantiate, or None where this module does
-    not follow its choice. `kwargs` are those AutoTokenizer passes on (see `load`); it sets their _commit_hash."""
+    """The class AutoTokenizer.from_pretrained(path, **kwargs) would instantiate, or None where this module
+    does not follow its choice. `kwargs`: those AutoTokenizer passes on (see `load`); sets _commit_hash."""
     version = transformers_version() or ""
-    if (os.environ.get(_SWITCH, "").lower() == "auto" or not version.startswith("5.") or not os.path.isdir(path)
-            or not set(kwargs) <= _PLAIN_KWARGS):
+    if (os.environ.get(_SWITCH, "").lower() == "auto" or not version.startswith("5.")
+            or not os.path.isdir(path) or not set(kwargs) <= _PLAIN_KWARGS):
         return None
     try:
         return _choose(path, kwargs)

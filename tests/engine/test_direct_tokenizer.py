@@ -16,7 +16,8 @@ from meshserve.engine import direct_tokenizer
 from meshserve.engine.direct_tokenizer import CLASS_BY_NAME, direct_class
 from tests.conftest import _train_tokenizer
 
-TEXTS = ["The capital of France is Paris.", " leading space and  double  spaces", "café naïve 東京 🙂 0123",
+TEXTS = ["The capital of France is Paris.", " leading space and  double  spaces",
+         "café naïve 東京 🙂 0123",
          "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|endoftext|>x<|endoftext|>", ""]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
             {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
@@ -29,7 +30,8 @@ def test_the_copied_tables_are_transformers_own():
             model_type in tokenization_auto.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS), model_type
     assert list(direct_tokenizer.TOKENIZERS_BACKEND_IDS) == tokenization_auto.MODEL_IDS_TO_TOKENIZERS_BACKEND
     for name in CLASS_BY_NAME:
-        assert direct_tokenizer._class_from_name(name) is tokenization_auto.tokenizer_class_from_name(name), name
+        ours = direct_tokenizer._class_from_name(name)
+        assert ours is tokenization_auto.tokenizer_class_from_name(name), name
 
 
 def _metaspace_tokenizer():
@@ -108,16 +110,20 @@ CLASSES = ["PreTrainedTokenizerFast", "TokenizersBackend", "Qwen2Tokenizer", "Qw
 
 @pytest.mark.parametrize("tokenizer_class", CLASSES)
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "deepseek_v3"])
-def test_a_byte_level_tokenizer_loads_as_autotokenizer_loads_it(tokenizer_folder, model_type, tokenizer_class):
+def test_a_byte_level_tokenizer_loads_as_autotokenizer_loads_it(tokenizer_folder, model_type,
+                                                                 tokenizer_class):
     path = tokenizer_folder("bytelevel", model_type, tokenizer_class)
     assert direct_class(path, {"local_files_only": True}) is not None  # the direct path, not the fallback
     _assert_same(*_load_both(path))
 
 
-@pytest.mark.parametrize("tokenizer_class", ["LlamaTokenizerFast", "LlamaTokenizer", "PreTrainedTokenizerFast",
-                                             "Qwen2Tokenizer"])
+METASPACE_CLASSES = ["LlamaTokenizerFast", "LlamaTokenizer", "PreTrainedTokenizerFast", "Qwen2Tokenizer"]
+
+
+@pytest.mark.parametrize("tokenizer_class", METASPACE_CLASSES)
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3_moe"])
-def test_a_metaspace_tokenizer_loads_as_autotokenizer_loads_it(tokenizer_folder, model_type, tokenizer_class):
+def test_a_metaspace_tokenizer_loads_as_autotokenizer_loads_it(tokenizer_folder, model_type,
+                                                                tokenizer_class):
     path = tokenizer_folder("metaspace", model_type, tokenizer_class)
     assert direct_class(path, {"local_files_only": True}) is not None
     _assert_same(*_load_both(path))
@@ -125,13 +131,16 @@ def test_a_metaspace_tokenizer_loads_as_autotokenizer_loads_it(tokenizer_folder,
 
 def test_the_classes_differ_where_autotokenizer_picks_them_differently(tokenizer_folder):
     """The cases above are not all one class: the choice is followed, not defaulted."""
-    picked = {(kind, t, c): direct_class(tokenizer_folder(kind, t, c), {"local_files_only": True}).__name__
-              for kind, t, c in [("bytelevel", "llama", "LlamaTokenizerFast"), ("metaspace", "llama", "LlamaTokenizer"),
-                                 ("bytelevel", "qwen3", "Qwen2Tokenizer"), ("metaspace", "qwen2", "LlamaTokenizer"),
-                                 ("metaspace", "qwen3", "LlamaTokenizer"), ("bytelevel", "qwen3", "LlamaTokenizer"),
-                                 ("bytelevel", "llama", "GPT2Tokenizer")]}
-    assert list(picked.values()) == ["TokenizersBackend", "LlamaTokenizer", "Qwen2Tokenizer", "Qwen2Tokenizer",
-                                     "LlamaTokenizer", "TokenizersBackend", "GPT2Tokenizer"]
+    cases = {("bytelevel", "llama", "LlamaTokenizerFast"): "TokenizersBackend",  # ByteLevel Llama 3
+             ("metaspace", "llama", "LlamaTokenizer"): "LlamaTokenizer",
+             ("bytelevel", "qwen3", "Qwen2Tokenizer"): "Qwen2Tokenizer",
+             ("metaspace", "qwen2", "LlamaTokenizer"): "Qwen2Tokenizer",  # qwen2's hub class is not trusted
+             ("metaspace", "qwen3", "LlamaTokenizer"): "LlamaTokenizer",
+             ("bytelevel", "qwen3", "LlamaTokenizer"): "TokenizersBackend",
+             ("bytelevel", "llama", "GPT2Tokenizer"): "GPT2Tokenizer"}
+    picked = {case: direct_class(tokenizer_folder(*case), {"local_files_only": True}).__name__
+              for case in cases}
+    assert picked == cases
 
 
 def test_the_embedded_model_tokenizer_loads_as_autotokenizer_loads_it():

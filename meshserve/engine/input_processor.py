@@ -23,7 +23,7 @@ def load_tokenizer(path: str | None):
     """The model's transformers tokenizer, or None for a model without one."""
     if not path:
         return None
-    from meshserve.engine import direct_tokenizer  # AutoTokenizer's result, mostly without importing it
+    from meshserve.models import direct_tokenizer  # AutoTokenizer's result, mostly without importing it
 
     return direct_tokenizer.load(path, local_files_only=True)
 

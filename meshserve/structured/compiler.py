@@ -36,11 +36,12 @@ class GrammarCompiler:
         with self._lock:
             if self._compiler is None:
                 import xgrammar as xgr
-                from transformers import AutoTokenizer
+
+                from meshserve.models import direct_tokenizer  # AutoTokenizer's tokenizer, without its imports
 
                 if not self.tokenizer_path:
                     raise ValueError("this model has no tokenizer, so structured outputs are unavailable")
-                tok = AutoTokenizer.from_pretrained(self.tokenizer_path, local_files_only=True)
+                tok = direct_tokenizer.load(self.tokenizer_path, local_files_only=True)
                 eos = sorted(set(self.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
                 info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=self.vocab_size, stop_token_ids=eos)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=2)

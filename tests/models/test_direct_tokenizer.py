@@ -12,8 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer
 from transformers.models.auto import tokenization_auto
 
-from meshserve.engine import direct_tokenizer
-from meshserve.engine.direct_tokenizer import CLASS_BY_NAME, direct_class
+from meshserve.models import direct_tokenizer
+from meshserve.models.direct_tokenizer import CLASS_BY_NAME, direct_class
 from tests.conftest import _train_tokenizer
 
 TEXTS = ["The capital of France is Paris.", " leading space and  double  spaces",

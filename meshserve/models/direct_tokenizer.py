@@ -8,7 +8,7 @@ tokenizer_config.json names its class and whose config.json's model_type is one 
 files, with transformers' tables copied for those model types; that class's from_pretrained then gets
 AutoTokenizer's kwargs. Anything else (remote code, a model type or class name not below, Mistral's tekken
 probe, a missing or broken file, MESHSERVE_TOKENIZER_LOADER=auto) returns None: AutoTokenizer loads it.
-tests/engine/test_direct_tokenizer.py holds the tables and the loaded tokenizers to transformers' own.
+tests/models/test_direct_tokenizer.py holds the tables and the loaded tokenizers to transformers' own.
 """
 
 from __future__ import annotations

@@ -93,8 +93,8 @@ def _choose(path: str, kwargs: dict):
     if (hub_class.removesuffix("Fast") == "LlamaTokenizer" and not incorrect
             and backend._tokenizer_json_has_byte_level(path, **kwargs)):
         return backend
-    # the model type registers another class than the hub's (AutoTokenizer skips this step where AutoConfig
-    # refuses config.json, its model type then ""; the engine serves no such config)
+    # the model type registers another class than the hub's (not reproduced: AutoTokenizer skips this step
+    # where AutoConfig refuses config.json, its model type then "")
     if registered is not None and registered.removesuffix("Fast") != hub_class.removesuffix("Fast"):
         if registered.removesuffix("Fast") not in (*_GENERIC, "MistralCommonBackend"):
             cls = _class_from_name(registered.removesuffix("Fast") if incorrect else hub_class)

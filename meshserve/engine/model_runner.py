@@ -372,7 +372,10 @@ class ModelRunner:
                                 num_blocks, limit, self.device, bounds=bounds, token_counts=counts)
         if self.drafter is not None:
             with _best_effort("draft model"):
-                warm_up_draft_model(self.drafter, self.block_size, num_blocks, limit, self.device)
+                # its steps take no bounds: the long prompt only where a cached block still fits before
+                # max_model_len (its context steps put the chunk behind one)
+                draft_limit = min(fresh_limit, max(limit, sc.max_model_len - self.block_size))
+                warm_up_draft_model(self.drafter, self.block_size, num_blocks, draft_limit, self.device)
 
     # -- one step --------------------------------------------------------------------------------
     def forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):

@@ -216,7 +216,8 @@ def gptq_quantize(
     mse: static groups (features k // group_size, whatever the visiting order, so act-order keeps plain
     groups), each group's scale and zero from search_group_params before any error feedback; otherwise each
     group's levels come from its weights as updated when GPTQ reaches it (act-order groups then follow the
-    visiting order, and g_idx records them). refit: the scales re-fitted to the final integers (refit_scales)."""
+    visiting order, and g_idx records them). refit: the scales re-fitted to the final integers
+    (refit_scales)."""
     w = weight.double().clone()
     n, k = w.shape
     h = hessian.clone()

@@ -98,8 +98,10 @@ def sequential_quantize(
                              for n in stage]
                     layer(x, **kw)
                     if asymmetric:
-                        hooks += [ref_modules[n].register_forward_hook(lambda _m, a, _o, n=n: correlate(n, a[0]))
-                                  for n in stage]
+                        hooks += [
+                            ref_modules[n].register_forward_hook(lambda _m, a, _o, n=n: correlate(n, a[0]))
+                            for n in stage
+                        ]
                         reference(xf, **kw)
                     for h in hooks:
                         h.remove()
@@ -118,8 +120,8 @@ def sequential_quantize(
 
 
 def _asymmetric_target(weight: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor, damp: float):
-    """W + W (X - X')^T-weighted correction: argmin_V |W X - V X'|^2 + damping |V - W|^2, cross = 2 (X - X')^T X'
-    / count [K, K], hessian = 2 X'^T X' / count (the same normalisation)."""
+    """GPTAQ's target argmin_V |W X - V X'|^2 + damping |V - W|^2 = W + W C H^-1 (damped), from
+    cross C = 2 (X - X')^T X' / count [K, K] and hessian H = 2 X'^T X' / count (the same normalisation)."""
     h = hessian.clone()
     h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
     # V = W + W C H^-1 with C = (X - X')^T X' (rows: the input features of X - X'): (C H^-1) = solve(H, C^T)^T

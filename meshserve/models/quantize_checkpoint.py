@@ -190,9 +190,16 @@ CALIBRATIONS = {
     "awq-gptq": Calibration(awq="asym", gptq="text"),
     "awq-scale-gptq": Calibration(awq="scale", gptq="text"),
     "awq-scale-gptq-mse-seq": Calibration(awq="scale", gptq="text", mse=True, sequential=True),
-    "awq-scale-gptq-mse-seq-refit": Calibration(awq="scale", gptq="text", mse=True, sequential=True, refit=True),
+    "awq-scale-gptq-mse-seq-refit": Calibration(
+        awq="scale", gptq="text", mse=True, sequential=True, refit=True
+    ),
     "awq-scale-gptq-mse-seq-more": Calibration(awq="scale", gptq="more", mse=True, sequential=True),
-    "awq-scale-gptaq-mse-seq": Calibration(awq="scale", gptq="text", mse=True, sequential=True, asymmetric=True),
+    "awq-scale-gptaq-mse-seq": Calibration(
+        awq="scale", gptq="text", mse=True, sequential=True, asymmetric=True
+    ),
+    "awq-scale-gptaq-mse-seq-more": Calibration(
+        awq="scale", gptq="more", mse=True, sequential=True, asymmetric=True
+    ),
     "gptq-static": Calibration(gptq="text", static_inputs=True),
     "smooth": Calibration(smooth=True),
     "smooth-gptq": Calibration(smooth=True, gptq="text"),
@@ -290,7 +297,9 @@ def quantize_checkpoint(
 
             def quantize(name, weight, hessian):
                 if int4:
-                    qw = gptq_quantize(weight, hessian, group_size, desc_act, min_zero, mse=cal.mse, refit=cal.refit)
+                    qw = gptq_quantize(
+                        weight, hessian, group_size, desc_act, min_zero, mse=cal.mse, refit=cal.refit
+                    )
                     return pack_int4(qw, fmt), int4_dequant(qw)
                 w8, scale = gptq_fp8_quantize(weight, hessian)
                 return {"weight": w8, "weight_scale": scale[:, None]}, w8.float() * scale[:, None]

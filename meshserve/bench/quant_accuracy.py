@@ -96,6 +96,22 @@ TEXT_CALIBRATED = [
     Variant("int4 GPTQ, AWQ scales (no clip) then GPTQ-rounded", {}, "gptq", "awq-scale-gptq"),
     Variant("int4 GPTQ act-order, GPTQ-calibrated on the text", {}, "gptq", "gptq-text", desc_act=True),
     Variant("int4 GPTQ, searched static group levels, sequential", {}, "gptq", "gptq-mse-seq"),
+    # 2026-12-01 (fourteenth session): the act-order chain with one change each (QUANTIZATION.md)
+    *(
+        Variant(
+            f"int4 GPTQ act-order, AWQ scales then sequential GPTQ, searched static group levels, {what}",
+            {},
+            "gptq",
+            calibration,
+            desc_act=True,
+        )
+        for what, calibration in (
+            ("scales refit", "awq-scale-gptq-mse-seq-refit"),
+            ("GPTAQ's asymmetric target", "awq-scale-gptaq-mse-seq"),
+            ("2.4x the calibration tokens", "awq-scale-gptq-mse-seq-more"),
+            ("GPTAQ's asymmetric target, 2.4x the calibration tokens", "awq-scale-gptaq-mse-seq-more"),
+        )
+    ),
 ]
 # GPTQ calibrated on self-sampled text: several minutes more on a CPU (--with-gptq)
 CALIBRATED = [

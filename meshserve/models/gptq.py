@@ -164,6 +164,37 @@ def search_group_params(
     return best_scale.t().double().contiguous(), best_zero.t().double().contiguous()
 
 
+def refit_scales(qw: Int4Weights, weight: torch.Tensor, hessian: torch.Tensor, damp: float = INT4_DAMP,
+                 rows: int = 256) -> Int4Weights:
+    """The scales [G, N] that minimise GPTQ's loss (W - W_q) H (W - W_q)^T (H damped as GPTQ's) for GPTQ's
+    rounded integers and zero points held fixed: per output row a least-squares fit of its G group scales,
+    (A H A^T) s = A H w, A [G, K] the row's q - zero per group. GPTQ fixes each group's scale before the
+    error feedback moves its weights (static groups: before any), so the rounded integers it ends with are
+    fitted best by a slightly different scale. The format is unchanged (only the fp16 scales move)."""
+    q = qw.q.t().double()  # [N, K]
+    n, k = q.shape
+    g_idx = qw.g_idx.long()
+    groups = qw.scales.shape[0]
+    order = torch.argsort(g_idx, stable=True)  # each group's features together
+    size = k // groups
+    a = (q - qw.zeros.round().double()[g_idx].t())[:, order]  # [N, K], q - zero
+    h = hessian.double()[order][:, order].clone()
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    w = weight.double()[:, order]
+    h4 = h.view(groups, size, groups, size)
+    scales = qw.scales.double().t().clone()  # [N, G]
+    for r0 in range(0, n, rows):
+        ar = a[r0 : r0 + rows].view(-1, groups, size)
+        m = torch.einsum("rgi,gihj,rhj->rgh", ar, h4, ar)
+        b = torch.einsum("rgi,rgi->rg", ar, (w[r0 : r0 + rows] @ h).view(-1, groups, size))
+        # a group whose integers all sit on its zero point has no say in its scale: keep the old one there
+        ridge = 1e-6 * m.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-30)
+        m = m + torch.diag_embed(ridge[:, None].expand(-1, groups))
+        b = b + ridge[:, None] * scales[r0 : r0 + rows]
+        scales[r0 : r0 + rows] = torch.linalg.solve(m, b[..., None])[..., 0]
+    return Int4Weights(qw.q, scales.t().float().contiguous(), qw.zeros, qw.g_idx)
+
+
 def int4_dequant(qw: Int4Weights) -> torch.Tensor:
     """The fp32 weight [N, K] an Int4Weights holds, with scales rounded to the checkpoint's fp16."""
     g = qw.g_idx.long()
@@ -179,12 +210,14 @@ def gptq_quantize(
     damp: float = INT4_DAMP,
     block: int = 128,
     mse: bool = False,
+    refit: bool = False,
 ) -> Int4Weights:
     """GPTQ of weight [N, K] with H [K, K]; min_zero 1 keeps zero points writable in GPTQ v1's zero - 1.
     mse: static groups (features k // group_size, whatever the visiting order, so act-order keeps plain
     groups), each group's scale and zero from search_group_params before any error feedback; otherwise each
     group's levels come from its weights as updated when GPTQ reaches it (act-order groups then follow the
-    visiting order, and g_idx records them)."""
+    visiting order, and g_idx records them). refit: the scales re-fitted to the final integers
+    (refit_scales)."""
     w = weight.double().clone()
     n, k = w.shape
     h = hessian.clone()
@@ -224,7 +257,8 @@ def gptq_quantize(
     g_idx = torch.arange(k, dtype=torch.int32) // group_size
     if static is None:  # groups in visiting order
         g_idx = g_idx[inv]
-    return Int4Weights(q.t()[inv].contiguous(), scales.float(), zeros.float(), g_idx)
+    qw = Int4Weights(q.t()[inv].contiguous(), scales.float(), zeros.float(), g_idx)
+    return refit_scales(qw, weight, hessian, damp) if refit else qw
 
 
 def gptq_fp8_quantize(

@@ -8,15 +8,21 @@ the data flows, q/k/v, then o, then gate/up, then down: the layer is run on the 
 hooks on that stage's projections, they are quantized (quantize(name, weight, hessian) -> (checkpoint tensors,
 the fp32 weight they hold)) and the held weights replace the originals, and finally the quantized layer's
 outputs become the next layer's inputs.
+
+asymmetric (GPTAQ, Li et al. 2025): the objective becomes |W X - W_q X'| with X the 16/32-bit model's own
+inputs (a float copy of each layer run beside it on the float stream), so each rounding also undoes part of the
+error the earlier quantized projections left in X'. Its minimiser is GPTQ on X' with the target weight
+W + W (X - X') X'^T (X'^T X' + damping)^-1 (the least-squares correction, damped as GPTQ's Hessian is).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
 
-from meshserve.models.gptq import SINK_WEIGHT, HessianSum
+from meshserve.models.gptq import INT4_DAMP, SINK_WEIGHT, HessianSum
 
 STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
           ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -34,11 +40,16 @@ def sequential_quantize(
     quantize: Quantize,
     state_dict: dict[str, torch.Tensor] | None = None,
     sink_weight: float = SINK_WEIGHT,
+    asymmetric: bool = False,
+    damp: float = INT4_DAMP,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """module name (model.layers.i.self_attn.q_proj, ...) -> the checkpoint tensors quantize returned for it.
-    state_dict: run these weights instead of model_dir's (e.g. AWQ's scaled copy)."""
+    state_dict: run these weights instead of model_dir's (e.g. AWQ's scaled copy). asymmetric: GPTAQ's
+    target (the module docstring), its correction damped by damp of the mean diagonal."""
     from transformers import AutoModelForCausalLM
 
+    if asymmetric and sink_weight != 1.0:
+        raise ValueError("asymmetric sequential GPTQ counts every position once (sink_weight 1)")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if state_dict is not None:
         loaded = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
@@ -61,24 +72,58 @@ def sequential_quantize(
             except _Captured:
                 pass
     handle.remove()
+    float_inputs = list(inputs)  # the float model's stream (asymmetric only)
     out: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for i, layer in enumerate(layers):
             modules = dict(layer.named_modules())
+            reference = copy.deepcopy(layer) if asymmetric else None
+            ref_modules = dict(reference.named_modules()) if asymmetric else {}
             for stage in STAGES:
                 sums = {n: HessianSum(modules[n].in_features, sink_weight) for n in stage}
-                hooks = [
-                    modules[n].register_forward_hook(lambda _m, args, _o, s=sums[n]: s.add(args[0]))
-                    for n in stage
-                ]
-                for x, kw in zip(inputs, kwargs):
+                cross = {n: torch.zeros(modules[n].in_features, modules[n].in_features, dtype=torch.float64)
+                         for n in stage} if asymmetric else {}
+                for x, kw, xf in zip(inputs, kwargs, float_inputs):
+                    seen: dict[str, torch.Tensor] = {}
+
+                    def capture(n, xq):
+                        sums[n].add(xq)
+                        seen[n] = xq
+
+                    def correlate(n, xf_n):  # (X - X')^T X' of one window, the float copy on the float stream
+                        xq = seen[n].flatten(0, -2)
+                        cross[n].add_(((xf_n.flatten(0, -2) - xq).t() @ xq).double())
+
+                    hooks = [modules[n].register_forward_hook(lambda _m, a, _o, n=n: capture(n, a[0]))
+                             for n in stage]
                     layer(x, **kw)
-                for h in hooks:
-                    h.remove()
+                    if asymmetric:
+                        hooks += [
+                            ref_modules[n].register_forward_hook(lambda _m, a, _o, n=n: correlate(n, a[0]))
+                            for n in stage
+                        ]
+                        reference(xf, **kw)
+                    for h in hooks:
+                        h.remove()
                 for n in stage:
                     name = f"model.layers.{i}.{n}"
-                    parts, held = quantize(name, modules[n].weight.data, sums[n].hessian())
+                    weight, hessian = modules[n].weight.data, sums[n].hessian()
+                    if asymmetric:
+                        weight = _asymmetric_target(weight, cross[n] * (2.0 / sums[n].weight), hessian, damp)
+                    parts, held = quantize(name, weight, hessian)
                     modules[n].weight.data = held.to(modules[n].weight.dtype)
                     out[name] = parts
             inputs = [layer(x, **kw) for x, kw in zip(inputs, kwargs)]
+            if asymmetric:
+                float_inputs = [reference(x, **kw) for x, kw in zip(float_inputs, kwargs)]
     return out
+
+
+def _asymmetric_target(weight: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor, damp: float):
+    """GPTAQ's target argmin_V |W X - V X'|^2 + damping |V - W|^2 = W + W C H^-1 (damped), from
+    cross C = 2 (X - X')^T X' / count [K, K] and hessian H = 2 X'^T X' / count (the same normalisation)."""
+    h = hessian.clone()
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    # V = W + W C H^-1 with C = (X - X')^T X' (rows: the input features of X - X'): (C H^-1) = solve(H, C^T)^T
+    correction = torch.linalg.solve(h, cross.t()).t()
+    return (weight.double() + weight.double() @ correction).to(weight.dtype)

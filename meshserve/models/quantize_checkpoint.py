@@ -168,10 +168,14 @@ class Calibration:
 
     awq: str | None = None  # int4 AWQ (awq.py): "clip" (scales + clip), "asym" (asymmetric clip), "scale"
     smooth: bool = False  # fp8 SmoothQuant scales folded in (models/smoothquant.py)
-    gptq: str | None = None  # GPTQ rounding, Hessians from "sampled" (self-sampled) or "text" (calibration text)
+    # GPTQ rounding, Hessians from "sampled" (self-sampled), "text" (8 windows of the calibration text) or "more"
+    # (all 11 of its 512-token windows and 8 self-sampled ones: 2.4x the tokens)
+    gptq: str | None = None
     sequential: bool = False  # GPTQ layer by layer on the already-quantized layers' outputs (gptq_sequential.py)
     mse: bool = False  # int4 GPTQ with static groups whose levels are searched (gptq.search_group_params)
     static_inputs: bool = False  # fp8: static per-tensor input_scale per projection, max|x| of the calibration
+    refit: bool = False  # int4 GPTQ: scales re-fitted to the final integers (gptq.refit_scales)
+    asymmetric: bool = False  # sequential GPTQ fitted to the float model's outputs (GPTAQ, gptq_sequential.py)
 
 
 CALIBRATIONS = {
@@ -186,6 +190,16 @@ CALIBRATIONS = {
     "awq-gptq": Calibration(awq="asym", gptq="text"),
     "awq-scale-gptq": Calibration(awq="scale", gptq="text"),
     "awq-scale-gptq-mse-seq": Calibration(awq="scale", gptq="text", mse=True, sequential=True),
+    "awq-scale-gptq-mse-seq-refit": Calibration(
+        awq="scale", gptq="text", mse=True, sequential=True, refit=True
+    ),
+    "awq-scale-gptq-mse-seq-more": Calibration(awq="scale", gptq="more", mse=True, sequential=True),
+    "awq-scale-gptaq-mse-seq": Calibration(
+        awq="scale", gptq="text", mse=True, sequential=True, asymmetric=True
+    ),
+    "awq-scale-gptaq-mse-seq-more": Calibration(
+        awq="scale", gptq="more", mse=True, sequential=True, asymmetric=True
+    ),
     "gptq-static": Calibration(gptq="text", static_inputs=True),
     "smooth": Calibration(smooth=True),
     "smooth-gptq": Calibration(smooth=True, gptq="text"),
@@ -231,7 +245,7 @@ def quantize_checkpoint(
     int4 = fmt in ("awq", "gptq")
     if (cal.smooth or cal.static_inputs) and fmt != "compressed-tensors":
         raise ValueError(f"calibration {calibration!r} is for fp8 (compressed-tensors) checkpoints, not {fmt}")
-    if (cal.awq or cal.mse) and not int4:
+    if (cal.awq or cal.mse or cal.refit) and not int4:
         raise ValueError(f"calibration {calibration!r} is for int4 (awq, gptq) checkpoints, not {fmt}")
     os.makedirs(dst, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -269,7 +283,12 @@ def quantize_checkpoint(
         from meshserve.models.gptq import calibration_ids, collect_hessians, gptq_fp8_quantize, gptq_quantize
 
         names = {n[: -len(".weight")] for n in tensors if is_projection(n)}
-        ids = calibration_ids(src) if cal.gptq == "sampled" else calibration_text_ids(src, max_windows=8)
+        if cal.gptq == "sampled":
+            ids = calibration_ids(src)
+        elif cal.gptq == "more":
+            ids = calibration_text_ids(src) + calibration_ids(src, num_sequences=8, length=511)
+        else:
+            ids = calibration_text_ids(src, max_windows=8)
         # after AWQ / SmoothQuant the projections see x / s: the Hessians come from the scaled copy
         scaled = tensors if cal.awq or cal.smooth else None
         if cal.sequential:
@@ -278,12 +297,14 @@ def quantize_checkpoint(
 
             def quantize(name, weight, hessian):
                 if int4:
-                    qw = gptq_quantize(weight, hessian, group_size, desc_act, min_zero, mse=cal.mse)
+                    qw = gptq_quantize(
+                        weight, hessian, group_size, desc_act, min_zero, mse=cal.mse, refit=cal.refit
+                    )
                     return pack_int4(qw, fmt), int4_dequant(qw)
                 w8, scale = gptq_fp8_quantize(weight, hessian)
                 return {"weight": w8, "weight_scale": scale[:, None]}, w8.float() * scale[:, None]
 
-            done = sequential_quantize(src, ids, quantize, state_dict=scaled)
+            done = sequential_quantize(src, ids, quantize, state_dict=scaled, asymmetric=cal.asymmetric)
         else:
             hessians = collect_hessians(src, ids, names, state_dict=scaled)
     out: dict[str, torch.Tensor] = {}
@@ -301,7 +322,9 @@ def quantize_checkpoint(
             weight, scale = gptq_fp8_quantize(tensor, hessians[base])
             parts = {"weight": weight, "weight_scale": scale[:, None]}
         elif hessians:
-            qw = gptq_quantize(tensor, hessians[base], group_size, desc_act, min_zero, mse=cal.mse)
+            qw = gptq_quantize(
+                tensor, hessians[base], group_size, desc_act, min_zero, mse=cal.mse, refit=cal.refit
+            )
             parts = pack_int4(qw, fmt)
         elif fmt in ("awq", "gptq"):
             perm = None

@@ -117,3 +117,61 @@ def test_searched_static_group_levels_beat_min_max_levels():
     rtn = _output_error(x, weight, plain, group)
     assert _output_error(x, weight, ordered, group) < 0.7 * rtn
     assert _output_error(x, weight, gptq_quantize(weight, hessian, group, mse=True), group) < 0.7 * rtn
+
+
+def test_refit_scales_lower_gptqs_loss_with_the_integers_kept():
+    """gptq.refit_scales: GPTQ fixes each group's scale before its error feedback moves the weights, so a
+    least-squares refit of the scales (integers and zero points held) lowers GPTQ's own loss
+    (W - W_q) H (W - W_q)^T, on the calibration inputs and on fresh inputs of the same distribution."""
+    from meshserve.models.gptq import INT4_DAMP, int4_dequant
+
+    g = torch.Generator().manual_seed(3)
+    k, n, group = 256, 64, 32
+    mix = torch.eye(k) + 0.3 * torch.randn(k, k, generator=g)
+    x, fresh = (torch.randn(1024, k, generator=g) @ mix for _ in range(2))
+    x[:, :4] *= 8
+    fresh[:, :4] *= 8
+    weight = torch.randn(n, k, generator=g) * 0.05
+    hessian = 2 * x.double().t() @ x.double() / x.shape[0]
+    damped = hessian + INT4_DAMP * hessian.diag().mean() * torch.eye(k, dtype=torch.float64)
+    for act_order, mse in ((False, False), (True, True)):
+        plain = gptq_quantize(weight, hessian, group, act_order=act_order, min_zero=1, mse=mse)
+        refit = gptq_quantize(weight, hessian, group, act_order=act_order, min_zero=1, mse=mse, refit=True)
+        assert torch.equal(refit.q, plain.q) and torch.equal(refit.zeros, plain.zeros)
+        assert torch.equal(refit.g_idx, plain.g_idx)
+
+        def loss(qw, h):
+            d = int4_dequant(qw).double() - weight.double()
+            return ((d @ h) * d).sum(dim=1)
+
+        before, after = loss(plain, damped), loss(refit, damped)
+        assert (after <= before * (1 + 1e-3)).all()  # per row the least-squares optimum (fp16 scales aside)
+        assert after.sum() < 0.985 * before.sum()  # 0.96x here
+        fresh_h = 2 * fresh.double().t() @ fresh.double() / fresh.shape[0]
+        assert loss(refit, fresh_h).sum() < 0.985 * loss(plain, fresh_h).sum()  # 0.95x here
+
+
+def test_asymmetric_target_fits_the_float_models_outputs():
+    """GPTAQ's target (gptq_sequential._asymmetric_target): with the inputs X' already off the float model's X
+    (earlier quantized layers), GPTQ on W + W (X - X')^T X' H^-1 lands nearer the float outputs X W^T than
+    GPTQ on W itself, which only matches W's outputs on the perturbed inputs."""
+    from meshserve.models.gptq import int4_dequant
+    from meshserve.models.gptq_sequential import _asymmetric_target
+
+    g = torch.Generator().manual_seed(4)
+    k, n, group, tokens = 128, 48, 32, 2048
+    mix = torch.eye(k) + 0.3 * torch.randn(k, k, generator=g)
+    x = torch.randn(tokens, k, generator=g) @ mix
+    xq = 1.05 * x + 0.1 * torch.randn(tokens, k, generator=g) @ mix  # a coherent and a noisy part
+    weight = torch.randn(n, k, generator=g) * 0.05
+    hessian = 2 * xq.double().t() @ xq.double() / tokens
+    cross = 2 * (x - xq).double().t() @ xq.double() / tokens
+    target = _asymmetric_target(weight, cross, hessian, damp=0.1)
+
+    def error(w):
+        return ((x @ weight.t() - xq @ w.t()) ** 2).mean().item()
+
+    assert error(target) < 0.8 * error(weight)  # the unquantized correction alone: 0.69x here
+    sym = int4_dequant(gptq_quantize(weight, hessian, group, min_zero=1, mse=True))
+    asym = int4_dequant(gptq_quantize(target, hessian, group, min_zero=1, mse=True))
+    assert error(asym) < 0.85 * error(sym)  # 0.77x here

@@ -99,6 +99,11 @@ PROMPT = [(7 * i + 3) % 300 + 5 for i in range(40)]
         ("gptq", {"calibration": "awq-gptq"}),  # AWQ's scaled copy, then GPTQ on its own Hessians
         # AWQ's scales, then GPTQ layer by layer with searched static levels (act-order keeps plain groups)
         pytest.param("gptq", {"calibration": "awq-scale-gptq-mse-seq", "desc_act": True}, marks=pytest.mark.slow),
+        # its variants: scales refit to GPTQ's integers; GPTAQ's asymmetric target (a float copy of each layer)
+        *(
+            pytest.param("gptq", {"calibration": c, "desc_act": True}, marks=pytest.mark.slow)
+            for c in ("awq-scale-gptq-mse-seq-refit", "awq-scale-gptaq-mse-seq")
+        ),
     ],
 )
 def test_int4_checkpoint_matches_its_independent_dequantization(fmt, options, tiny_model_dir, tmp_path):

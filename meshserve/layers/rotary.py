@@ -20,6 +20,11 @@ def _rope_parameters(hf_config) -> dict:
     return params
 
 
+def _default_inv_freq(base: float, head_dim: int) -> torch.Tensor:
+    """Unscaled RoPE: base^(-2i/d) for each pair of dimensions."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
 def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
     """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend between."""
     factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
@@ -75,16 +80,13 @@ def compute_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
     params = _rope_parameters(hf_config)
     rope_type = params["rope_type"]
     if rope_type == "default":
-        base = float(params.get("rope_theta", 10000.0))
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        return inv_freq, 1.0
+        return _default_inv_freq(float(params.get("rope_theta", 10000.0)), head_dim), 1.0
     if rope_type in ("linear", "llama3", "yarn") and params.get("partial_rotary_factor", 1.0) == 1.0:
         # transformers 5 standardises this default into the parameters; 4.x configs may lack it
         params.setdefault("original_max_position_embeddings", getattr(hf_config, "max_position_embeddings", None))
         if rope_type == "yarn":
             return _yarn_inv_freq(params, head_dim, hf_config.max_position_embeddings)
-        base = params["rope_theta"]
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = _default_inv_freq(params["rope_theta"], head_dim)
         return (inv_freq / params["factor"] if rope_type == "linear" else _llama3_inv_freq(inv_freq, params)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

@@ -3,14 +3,16 @@
 # and a per-step trace, then `meshserve bench serve` over QPS points; results, trace and metrics under $OUT.
 # Usage (device, from the repo root, wheels in .whl): bash tools/w3_slo.sh [QPS list] [extra serve flags...]
 # CLIENT_PROCS (default 4): client processes sending the load (one falls behind at QPS 96: send lag p99 4-5 s)
+# MODEL (default llama-3.1-8b): the preset served (dummy weights); issue 18 measures qwen3-0.6b too
 set -u -o pipefail
 qps=${1:-32,48,64,96}; shift || true
 client_procs=${CLIENT_PROCS:-4}
+model=${MODEL:-llama-3.1-8b}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD:/tmp/site
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
-python3 -m meshserve.cli bench tokenizer /tmp/tok >/dev/null || exit 1
-python3 -m meshserve.cli serve llama-3.1-8b --load-format dummy --tokenizer /tmp/tok --max-model-len 4096 \
+python3 -m meshserve.cli bench tokenizer /tmp/tok --model $model >/dev/null || exit 1
+python3 -m meshserve.cli serve $model --load-format dummy --tokenizer /tmp/tok --max-model-len 4096 \
   --port 8000 --disable-access-log --slo-ttft-ms 1000 --slo-tpot-ms 50 --step-trace $OUT/steps.jsonl "$@" \
   > $OUT/serve.log 2>&1 &
 pid=$! t0=$(date +%s)

@@ -549,19 +549,26 @@ def run_serve_bench(ns: argparse.Namespace) -> int:
             print(warning, flush=True)
         if summary["failed"]:
             print(f"  {summary['failed']} failed; first error: {summary.get('first_error')}", flush=True)
+        # after every point, so a run cut short by a time limit keeps the points it measured
+        report = _write_report(ns, model, points, schema, extra_body, first)
+    if ns.benchmarks_md:
+        append_benchmarks_md(ns.benchmarks_md, points, ns.gpu, report["command"], ns.baseline)
+    if ns.plot:
+        print(f"plot: {write_plot(ns.plot, points)}")
+    return 0 if all(p["completed"] for p in points) else 1
+
+
+def _write_report(ns: argparse.Namespace, model: str, points: list[dict], schema, extra_body, first) -> dict:
+    """The run's report so far; written to --output-json when given."""
     command = "meshserve bench " + shlex.join(sys.argv[sys.argv.index("serve"):] if "serve" in sys.argv else [])
     report = {"base_url": ns.base_url, "model": model, "endpoint": ns.endpoint, "command": command,
               "client_procs": ns.client_procs, "points": points, "engine": ns.label or ns.base_url}
     if schema is not None:
         report.update(schema=schema, response_format=bool(extra_body), first_request=first)
-    if ns.benchmarks_md:
-        append_benchmarks_md(ns.benchmarks_md, points, ns.gpu, command, ns.baseline)
-    if ns.plot:
-        print(f"plot: {write_plot(ns.plot, points)}")
     if ns.output_json:
         with open(ns.output_json, "w") as f:
             json.dump(_strict_json(report), f, indent=2)
-    return 0 if all(p["completed"] for p in points) else 1
+    return report
 
 
 def _run_w4(ns: argparse.Namespace, model: str) -> int:

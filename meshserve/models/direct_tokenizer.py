@@ -125,8 +125,12 @@ def direct_class(path: str, kwargs: dict):
 
 def load(path: str, **kwargs):
     """AutoTokenizer.from_pretrained(path, **kwargs)'s tokenizer, through its class directly where known."""
-    from transformers.utils.hub import resolve_revision
+    try:  # transformers 5's own revision rule; older versions (the device's) lack it: plain AutoTokenizer there
+        from transformers.utils.hub import resolve_revision
+    except ImportError:
+        from transformers import AutoTokenizer
 
+        return AutoTokenizer.from_pretrained(path, **kwargs)
     passed = {**kwargs, "_from_auto": True}
     passed["revision"] = resolve_revision(path, passed.get("revision"), token=passed.get("token"),
                                           local_files_only=passed.get("local_files_only", False),

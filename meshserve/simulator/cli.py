@@ -98,6 +98,10 @@ def register(subparsers) -> None:
                         "`meshserve serve` does; an estimate)")
     g.add_argument("--no-frontend-gate", action="store_true",
                    help="model the server before the API process's gate (every 429 after a full intake)")
+    g.add_argument("--frontend-stalls", choices=("on", "off"), default="on",
+                   help="on (default): with the gate, each API process stalls now and then as the measured one did "
+                        "(W3 on one H200: ~0.4 stalls/s of 0.06-0.27 s; meshserve/simulator/frontend_stalls.py), "
+                        "which delays its tokens and fills its delay signals; off: a smooth queue")
     g.add_argument("--api-server-count", type=int, default=1,
                    help="API processes per replica, as `meshserve serve --api-server-count` (each one such queue)")
     g = p.add_argument_group("router process (`meshserve router`, `serve --data-parallel-backend router`)")
@@ -219,6 +223,7 @@ def config_from_args(ns: argparse.Namespace):
                        frontend_latency_s=ns.frontend_latency_ms / 1e3,
                        frontend_request_s=ns.frontend_request_ms / 1e3, frontend_token_s=ns.frontend_token_us / 1e6,
                        frontend_refusal_s=ns.frontend_refusal_ms / 1e3, frontend_gate=not ns.no_frontend_gate,
+                       frontend_stalls=ns.frontend_stalls == "on",
                        api_server_count=ns.api_server_count, router_request_s=router.per_request_s,
                        router_event_s=router.per_event_s, router_refusal_s=router.per_refusal_s,
                        replica_model=ns.replica_model,

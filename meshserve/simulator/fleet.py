@@ -331,7 +331,13 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
             "bubble": sum(r.stages.bubble for r in replicas) / len(replicas)},
         "replicas": config.num_replicas, "router": config.router, "frontend_latency_s": delay, "kv_blocks_per_replica": num_blocks,
         "prefix_caching": prefix_caching, "prefix_cache_hit_rate": hits / queries if queries else 0.0,
-        "slo_scheduling": {"ttft_s": config.slo_ttft_s, "tpot_s": config.slo_tpot_s},
+        # each replica's admission margin at the end and the p99 of its last update's prediction errors, as the
+        # server exports them (meshserve:admission_margin, meshserve:admission_margin_ttft_error)
+        "slo_scheduling": {"ttft_s": config.slo_ttft_s, "tpot_s": config.slo_tpot_s,
+                           "admission_margin": [getattr(r, "admission", None) and r.admission.value
+                                                for r in replicas],
+                           "admission_error_p99": [getattr(r, "admission", None) and r.admission.last_error_quantile
+                                                   for r in replicas]},
         "steps": sum(r.steps for r in replicas),
         # the API processes' CPU: requests (a 429 included) and streamed tokens; 1.0 is saturation
         "frontend": {"request_s": config.frontend_request_s, "token_s": config.frontend_token_s,

@@ -139,6 +139,11 @@ class FrontEnd:
             return 0
         return min(range(self.processes), key=lambda j: self._backlog_at(j, t))
 
+    def reached(self, i: int, t: float) -> float:
+        """When process i gets to a request arriving at t (the work ahead of it, a stall's included, done): the
+        server's first ASGI call, where it stamps the request's arrival."""
+        return t + self._backlog_at(i, t)
+
     def delay_s(self, i: int, t: float) -> tuple[float, float]:
         """Process i's (input delay, loop lag) as its gate reads them at t: the worst of the last second."""
         pending, clock = self._pending[i], self._clock_s

@@ -129,7 +129,7 @@ class SimReplica:
             if not self.admission.admits(predicted, self.ttft_target_s):
                 self.last_refusal_s = fe.refuse(t, i)  # when the client gets the 429
                 return None
-        self._at_api[index] = (t, i)
+        self._at_api[index] = (fe.reached(i, t), i)  # the server's clock starts there (its ARRIVAL stamp)
         return fe.intake(t, i)
 
     def predicted_ttft_s(self, req: SimRequest, since: float, loop_lag_s: float = 0.0) -> float:

@@ -25,11 +25,21 @@ wait break the target (under the admission margin) gets its 429 from the middlew
 per_refusal_s of the process's time, not a whole intake. Without the gate every 429 cost a full intake and one
 API process collapsed at W3 QPS 96; with it the server measured 52 req/s of goodput at QPS 128 on one process
 (2026-11-30, PLANNER.md).
+
+As the server learns them: a job's wait enters the signals when the job starts (the timer fires late, the
+handler runs late), not when it joins, so requests arriving during a stall (frontend_stalls.py: stretches the
+process does nothing, drawn from the measured trace with the gate's build) pass the gate on what was known
+before it, as the server's step trace shows; the server's ARRIVAL stamp, where a request's TTFT clock starts
+for its admission, is when the process gets to it (reached). And as lean streaming (b73b0d1, in every build
+with the gate) writes them: a step's tokens that reach a process before its previous step's event is written
+ride that event, costing the output processing alone (FOLDED_TOKEN_S), so a process behind after a stall catches
+up; the client sees them as one chunk (no inter-token gap).
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshserve.serve.frontend_load import WindowMax
@@ -76,7 +86,8 @@ class FrontEnd:
     delivered."""
 
     def __init__(self, costs: FrontEndCosts, processes: int = 1, gate: bool = False,
-                 stalls: FrontEndStalls | None = None, seed: int = 0, replica: int = 0, fold: bool = False):
+                 stalls: FrontEndStalls | None = None, seed: int = 0, replica: int = 0, fold: bool = False,
+                 held: Callable[[], float] | None = None):
         if processes < 1:
             raise ValueError("an API server count is >= 1")
         self.costs = costs
@@ -100,6 +111,8 @@ class FrontEnd:
         # each process's stalls (frontend_stalls.py): none without a table
         self._stalls = ([StallStream(stalls, seed, replica, i) for i in range(processes)]
                         if stalls is not None and stalls.enabled else None)
+        # a stall's length scales with the requests a process holds (held(): per process) over the fitted load
+        self._stall_scale = (lambda: held() / stalls.ref_in_flight) if held is not None and stalls else (lambda: 1.0)
         self.stalled_s = 0.0  # stall time in all (not in busy_s)
         self.num_stalls = 0
         # lean streaming: a step's tokens that reach a process before its previous step's event is written go out
@@ -122,6 +135,7 @@ class FrontEnd:
         stream = self._stalls[i]
         while stream.next_start <= t:
             start, length = stream.pop()
+            length *= self._stall_scale()
             if i == 0:
                 self.backlog_s = max(self.backlog_s - (start - self.t), 0.0) + length
                 self.t, wait = start, self.backlog_s

@@ -9,8 +9,11 @@ admission checks (queue full, predicted TTFT past target) are applied when the c
 and tokens reach the client after it too. With a TTFT target and a front-end model the API process's gate runs
 first, at the request's arrival, as the server's middleware does (frontend.py): its delays plus the core's
 predicted queue wait past the target answer 429 before the request costs an intake. The TTFT the admission
-predicts counts from the request's arrival at its API process (the server stamps it at the first ASGI call) and
-includes that process's loop lag (AsyncLLM.predicted_ttft_s). Scheduling is synchronous here: with async scheduling the host work
+predicts counts from the request's arrival at its API process (the server stamps it at the first ASGI call, when
+the process gets to it) and includes that process's loop lag (AsyncLLM.predicted_ttft_s). The queue wait both
+checks use is the core's as of its last step (the counters published with each step's outputs), blind to the
+requests every API process sent since, as the server's is: with 4 API processes that alone closes the admission
+margin from ~0.9 to the server's 0.82-0.86. Scheduling is synchronous here: with async scheduling the host work
 overlaps the device, so a step's wall time is its device time, which is what the step trace measured.
 
 Speed (an hour of 1,000 req/s is 3.6 M requests): without prefix caching sequences are counts (light.py); and
@@ -92,7 +95,8 @@ class SimReplica:
         # API-process stalls (frontend_stalls.py): measured with the gate's build, so drawn only with the gate
         self.frontend = (FrontEnd(frontend, api_server_count, gate=self.gate,
                                   stalls=frontend_stalls if self.gate else None, seed=seed, replica=index,
-                                  fold=self.gate)
+                                  fold=self.gate, held=lambda: (self.scheduler.num_running
+                                                                + self.scheduler.num_waiting) / api_server_count)
                          if frontend is not None and frontend.enabled else None)
         self._sent_s: dict[str, float] = {}
         # the router process the fleet shares (router_node.py): what the API process streams reaches the client

@@ -82,17 +82,18 @@ def measured_points(run: MeasuredRun) -> dict[float, dict]:
 def replay_w3(qps: float, slo: bool, frontend_latency_s: float = 0.0,
               frontend: FrontEndCosts = FRONTEND_OFF, slo_prefill_chunk: int = 0,
               calibration: str = "default", api_server_count: int = 1, step_noise: bool = False,
-              frontend_gate: bool = True) -> dict:
+              frontend_gate: bool = True, frontend_stalls: bool = True) -> dict:
     """W3 at qps as the measured runs served it: slo_prefill_chunk 0 is the policy before the per-step prompt cap
     (the runs in W3_H200_RUNS but _CAPPED). step_noise draws from seed 1000 + qps, as the
-    arrivals. frontend_gate: the API process's gate (False: the server before 1aa067c)."""
+    arrivals. frontend_gate: the API process's gate (False: the server before 1aa067c); frontend_stalls: the
+    API processes' measured stalls (frontend_stalls.py; with the gate only: they were measured on its build)."""
     config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=1, max_model_len=4096, calibration=calibration,
                        slo_ttft_s=1.0 if slo else None, slo_tpot_s=0.05 if slo else None,
                        slo_prefill_chunk=slo_prefill_chunk,
                        frontend_latency_s=frontend_latency_s, frontend_request_s=frontend.per_request_s,
                        frontend_token_s=frontend.per_token_s, frontend_refusal_s=frontend.per_refusal_s,
                        api_server_count=api_server_count, frontend_gate=frontend_gate,
-                       step_noise=step_noise, seed=1000 + int(qps))
+                       frontend_stalls=frontend_stalls and frontend_gate, step_noise=step_noise, seed=1000 + int(qps))
     return simulate(config, w3_trace(qps))
 
 
@@ -214,16 +215,18 @@ DP_SETTINGS = (("router node, cpu_light (default)", "cpu_light", True),
 
 def replay_w3_dp(qps: float, router: RouterCosts = ROUTER_OFF, num_replicas: int = 2,
                  frontend: FrontEndCosts = FRONTEND_H200, step_noise: bool = False,
-                 frontend_latency_s: float = 0.0) -> dict:
+                 frontend_latency_s: float = 0.0, frontend_stalls: bool = True) -> dict:
     """W3 with targets at qps (its exact arrivals) over num_replicas one-GPU replicas, each with one API process
-    (frontend.py) and the default prompt cap, behind the router node (router_node.py; ROUTER_OFF: none), with a
-    fixed latency (network, HTTP) before each request reaches its replica."""
+    (frontend.py, its measured stalls unless frontend_stalls is False) and the default prompt cap, behind the
+    router node (router_node.py; ROUTER_OFF: none), with a fixed latency (network, HTTP) before each request
+    reaches its replica."""
     config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=num_replicas, max_model_len=4096,
                        frontend_latency_s=frontend_latency_s,
                        slo_ttft_s=1.0, slo_tpot_s=0.05, frontend_request_s=frontend.per_request_s,
                        frontend_token_s=frontend.per_token_s, frontend_refusal_s=frontend.per_refusal_s,
                        router_request_s=router.per_request_s, router_event_s=router.per_event_s,
-                       router_refusal_s=router.per_refusal_s, step_noise=step_noise, seed=1000 + int(qps))
+                       router_refusal_s=router.per_refusal_s, frontend_stalls=frontend_stalls,
+                       step_noise=step_noise, seed=1000 + int(qps))
     return simulate(config, w3_trace(qps))
 
 

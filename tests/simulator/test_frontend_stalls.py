@@ -89,22 +89,40 @@ def test_published_counters_give_the_servers_admission_errors_with_four_api_proc
 
 
 def test_stalls_widen_the_admission_errors_and_shorten_the_queue():
-    """The same with the measured stalls: the admission's errors widen (its margin closes further) and the
-    queue swings, so TTFT p50 falls well under the smooth queue's (measured 0.65-0.74 s) while goodput and
-    TTFT p99 hold (measured 52.2 req/s, p99 0.99 s). Deterministic for a seed."""
-    smooth, stalled = _w3(96.0, 4, False), _w3(96.0, 4, True)
-    assert smooth["frontend"]["stalls"] == 0 and stalled["frontend"]["stalls"] > 4 * 20 * 0.2
-    assert stalled["slo_scheduling"]["admission_margin"][0] < smooth["slo_scheduling"]["admission_margin"][0]
-    assert stalled["ttft_p50"] < smooth["ttft_p50"] - 0.08
-    assert stalled["goodput"] > 0.95 * smooth["goodput"] > 45
-    assert stalled["ttft_p99"] < 1.15 and stalled["tpot_p50"] < 0.05
-    again = _w3(96.0, 4, True)
+    """One API process at QPS 64 (the run the stalls were measured on): with them the admission's errors widen,
+    its margin closes (the server's was 0.76 by its first refusal) and the queue swings, so TTFT p50 falls well
+    under the smooth queue's (measured 0.48 s) while goodput and TTFT p99 hold (measured 52.1 req/s, p99
+    0.98 s); tokens held through a stall make the ITL tail (measured p99 0.29 s). Deterministic for a seed."""
+    smooth, stalled = _w3(64.0, 1, False), _w3(64.0, 1, True)
+    assert smooth["frontend"]["stalls"] == 0 and stalled["frontend"]["stalls"] > 20 * 0.2
+    assert stalled["slo_scheduling"]["admission_margin"][0] < smooth["slo_scheduling"]["admission_margin"][0] - 0.03
+    assert stalled["ttft_p50"] < smooth["ttft_p50"] - 0.1
+    assert stalled["goodput"] > 0.97 * smooth["goodput"] > 48
+    assert stalled["ttft_p99"] < 1.1 and stalled["itl_p99"] > 2 * smooth["itl_p99"]
+    again = _w3(64.0, 1, True)
     again.pop("sim_wall_s"), stalled.pop("sim_wall_s")
     assert again == stalled
 
 
+def test_stalls_scale_with_the_requests_a_process_holds():
+    """Four API processes hold a quarter of the requests each, so their stalls are a quarter as long: the ITL
+    tail stays near the measured 66-70 ms past the knee (QPS 96), and at light load (QPS 32) TTFT p99 is the
+    smooth queue's (measured 101 ms)."""
+    busy = _w3(96.0, 4, True)
+    assert busy["frontend"]["stalls"] > 4 * 20 * 0.2 and busy["itl_p99"] < 0.1
+    light, smooth = _w3(32.0, 4, True), _w3(32.0, 4, False)
+    assert light["ttft_p99"] < smooth["ttft_p99"] + 0.02
+
+
+def test_a_stall_scales_with_the_load_it_finds():
+    fe = FrontEnd(FrontEndCosts(per_request_s=0.01, per_token_s=0.001), gate=True,
+                  stalls=FrontEndStalls(1e-9, (0.2,), ref_in_flight=100.0), held=lambda: 25.0)
+    fe._stalls[0].next_start = 1.0
+    assert fe.intake(1.0) == pytest.approx(1.06)  # a quarter of the load: 50 ms, then the intake
+
+
 def test_one_api_process_keeps_up_after_stalls_by_folding():
-    """One API process at QPS 128 is ~90% busy: a stall leaves it a backlog of tokens that folding clears
+    """One API process at QPS 128 is ~80% busy: a stall leaves it a backlog of tokens that folding clears
     (measured: 52.6 req/s, ITL p50 35.5 ms); without folding the backlog tipped it over (ITL p50 12 ms)."""
     report = _w3(128.0, 1, True)
     assert report["goodput"] > 47 and report["itl_p50"] > 0.03 and report["ttft_p99"] < 1.2

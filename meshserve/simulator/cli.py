@@ -98,10 +98,11 @@ def register(subparsers) -> None:
                         "`meshserve serve` does; an estimate)")
     g.add_argument("--no-frontend-gate", action="store_true",
                    help="model the server before the API process's gate (every 429 after a full intake)")
-    g.add_argument("--frontend-stalls", choices=("on", "off"), default="on",
-                   help="on (default): with the gate, each API process stalls now and then as the measured one did "
-                        "(W3 on one H200: ~0.4 stalls/s of 0.06-0.27 s; meshserve/simulator/frontend_stalls.py), "
-                        "which delays its tokens and fills its delay signals; off: a smooth queue")
+    g.add_argument("--frontend-stalls", choices=("on", "off"), default="off",
+                   help="on: with the gate, each API process stalls in full garbage collections as servers before "
+                        "054ccb3 did (or `serve --no-gc-freeze` does): one stall every ~130 requests it takes in, "
+                        "0.06-0.27 s, measured on W3 (meshserve/simulator/frontend_stalls.py); off (default): the "
+                        "server since, which freezes its start-up heap")
     g.add_argument("--api-server-count", type=int, default=1,
                    help="API processes per replica, as `meshserve serve --api-server-count` (each one such queue)")
     g = p.add_argument_group("router process (`meshserve router`, `serve --data-parallel-backend router`)")

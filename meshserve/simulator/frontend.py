@@ -27,8 +27,8 @@ API process collapsed at W3 QPS 96; with it the server measured 52 req/s of good
 (2026-11-30, PLANNER.md).
 
 As the server learns them: a job's wait enters the signals when the job starts (the timer fires late, the
-handler runs late), not when it joins, so requests arriving during a stall (frontend_stalls.py: stretches the
-process does nothing, drawn from the measured trace with the gate's build) pass the gate on what was known
+handler runs late), not when it joins, so requests arriving during a stall (frontend_stalls.py: a full
+garbage collection with the loop stopped, as servers before 054ccb3 had) pass the gate on what was known
 before it, as the server's step trace shows; the server's ARRIVAL stamp, where a request's TTFT clock starts
 for its admission, is when the process gets to it (reached). And as lean streaming (b73b0d1, in every build
 with the gate) writes them: a step's tokens that reach a process before its previous step's event is written
@@ -39,7 +39,6 @@ up; the client sees them as one chunk (no inter-token gap).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshserve.serve.frontend_load import WindowMax
@@ -86,8 +85,7 @@ class FrontEnd:
     delivered."""
 
     def __init__(self, costs: FrontEndCosts, processes: int = 1, gate: bool = False,
-                 stalls: FrontEndStalls | None = None, seed: int = 0, replica: int = 0, fold: bool = False,
-                 held: Callable[[], float] | None = None):
+                 stalls: FrontEndStalls | None = None, seed: int = 0, replica: int = 0, fold: bool = False):
         if processes < 1:
             raise ValueError("an API server count is >= 1")
         self.costs = costs
@@ -111,8 +109,6 @@ class FrontEnd:
         # each process's stalls (frontend_stalls.py): none without a table
         self._stalls = ([StallStream(stalls, seed, replica, i) for i in range(processes)]
                         if stalls is not None and stalls.enabled else None)
-        # a stall's length scales with the requests a process holds (held(): per process) over the fitted load
-        self._stall_scale = (lambda: held() / stalls.ref_in_flight) if held is not None and stalls else (lambda: 1.0)
         self.stalled_s = 0.0  # stall time in all (not in busy_s)
         self.num_stalls = 0
         # lean streaming: a step's tokens that reach a process before its previous step's event is written go out
@@ -128,24 +124,6 @@ class FrontEnd:
         reaches its handler that late; the server records either then, at t + wait_s, not before."""
         if self.gate:
             heapq.heappush(self._pending[i], (t + wait_s, wait_s, request))
-
-    def _stall_until(self, i: int, t: float) -> None:
-        """Put process i's stalls that start by t in its queue, in time order (as work of their length, which
-        no job ahead of or behind them can use), each seen by the loop-lag timer when it ends."""
-        stream = self._stalls[i]
-        while stream.next_start <= t:
-            start, length = stream.pop()
-            length *= self._stall_scale()
-            if i == 0:
-                self.backlog_s = max(self.backlog_s - (start - self.t), 0.0) + length
-                self.t, wait = start, self.backlog_s
-            else:
-                q = self._others[i - 1]
-                q[1] = max(q[1] - (start - q[0]), 0.0) + length
-                q[0], wait = start, q[1]
-            self.stalled_s += length
-            self.num_stalls += 1
-            self._observe(i, start, wait, request=False)
 
     def choose(self, t: float) -> int:
         """The process that takes a request arriving at t: the least backlogged (a busy one is slow to accept)."""
@@ -178,8 +156,6 @@ class FrontEnd:
 
     def submit(self, t: float, work_s: float) -> float:
         """A job for process 0."""
-        if self._stalls is not None:
-            self._stall_until(0, t)
         assert t >= self.t, "front-end jobs must arrive in time order"
         backlog = self.backlog_s - (t - self.t)
         backlog = max(backlog, 0.0)
@@ -191,8 +167,6 @@ class FrontEnd:
     def _submit_to(self, i: int, t: float, work_s: float) -> float:
         if i == 0:
             return self.submit(t, work_s)
-        if self._stalls is not None:
-            self._stall_until(i, t)
         q = self._others[i - 1]
         assert t >= q[0], "front-end jobs must arrive in time order"
         q[1] = max(q[1] - (t - q[0]), 0.0) + work_s
@@ -201,8 +175,6 @@ class FrontEnd:
         return t + q[1]
 
     def _backlog_at(self, i: int, t: float) -> float:
-        if self._stalls is not None:
-            self._stall_until(i, t)
         last, backlog = (self.t, self.backlog_s) if i == 0 else self._others[i - 1]
         return max(backlog - (t - last), 0.0)
 
@@ -212,7 +184,15 @@ class FrontEnd:
         if i is None:
             i = self.choose(t)
         self._observe(i, t, self._backlog_at(i, t), request=True)
-        return self._submit_to(i, t, self.costs.per_request_s)
+        done = self._submit_to(i, t, self.costs.per_request_s)
+        stall = self._stalls[i].after_intake() if self._stalls is not None else 0.0
+        if stall:  # a collection in its handler: the request and everything behind it wait
+            done = self._submit_to(i, t, stall)
+            self.busy_s -= stall
+            self.stalled_s += stall
+            self.num_stalls += 1
+            self._observe(i, done - stall, stall, request=False)  # the timer that fires late by it
+        return done
 
     def _tokens(self, i: int, t: float, n: int) -> float:
         """n tokens of a step reach process i at t: when their event is written (an earlier one's, when they fold)."""
@@ -239,7 +219,7 @@ class FrontEnd:
 
     def deliver_all(self, times: list[float], num_tokens: int) -> list[float]:
         """deliver(t, num_tokens) for each t of times (in order): the same floats, in one loop for one process."""
-        if self.processes > 1 or self._stalls is not None or self.fold:
+        if self.processes > 1 or self.fold:
             return [self.deliver(t, num_tokens) for t in times]
         work = num_tokens * self.costs.per_token_s
         last, backlog, out = self.t, self.backlog_s, []

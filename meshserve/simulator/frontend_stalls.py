@@ -1,27 +1,31 @@
 """API-process stalls: stretches in which a `meshserve serve` API process does no work at all.
 
+Until 054ccb3 (2026-12-01) an API process's full garbage collections walked its ~240k start-up objects with
+the GIL held: 0.1-0.4 s with the event loop stopped, under load a few times a second; since, the process freezes
+its start-up heap once serving (`serve --no-gc-freeze` brings the stalls back). Every W3 run before that build
+has them (the sessions up to the seventh); the tenth session's (one API process, ITL p99 85 ms against 294 ms,
+429s in 5 ms p99 30 ms against 10 ms p99 0.40 s) does not.
+
 The server's step trace of W3 with targets on one API process (`w3_8b_slo_api1_h200_1130s7_steps.jsonl.gz`, QPS
 64) shows them as the core sees them: for 6-14 steps (0.2-0.5 s) no new request reaches the core while Poisson
 arrivals keep coming (the queue falls by exactly the admissions, two per step), then one step receives 8-25 at
-once. The process was stalled (its event loop did not run: a collection, the GIL held elsewhere; the cause is
-not identified) and, once back, parsed what had piled up; its gate let the pile through because the stall
-enters its delay signals only when the stalled timer fires (serve/frontend_load.py). The stall then holds every
-stream's tokens (the client's ITL p99 of that run, 0.29 s at QPS 64 and 0.38 s at 128, against 36 ms steps),
-so first tokens come late against their prediction, and the worst-of-the-last-second delay signals carry it for
-0.5-1 s more: the gate refuses while the core's queue drains. That is why the server's prediction errors are
-wide (its admission margin settles at 0.76-0.86, engine/admission_margin.py) and its queue swings (5-35
-waiting) where a smooth first-come-first-served queue (frontend.py) keeps it pinned at the margin.
+once: the process, back, parsed what had piled up, and its gate let the pile through because a stall enters its
+delay signals only when the stalled timer fires (serve/frontend_load.py). The stall holds every stream's tokens
+(that run's ITL p99: 0.29 s at QPS 64, 0.38 s at 128, on 36 ms steps), so first tokens come late against their
+prediction, and the worst-of-the-last-second delay signals carry it for 0.5-1 s more: the gate refuses while
+the core's queue drains. That is why that server's prediction errors were wide (its admission margin at 0.76
+by its first refusal, engine/admission_margin.py) and its queue swung (5-35 waiting) where a smooth
+first-come-first-served queue (frontend.py) keeps it pinned at the margin.
 
 Fitted (fit_stalls) from that trace: a stall is a run of at least MIN_DRAIN_STEPS steps without arrivals that
 ends in a burst; its length is the burst over the offered rate (what arrived while the process was away, every
-one let through: a lower bound, the core check refuses part of it), its rate the number of such runs over the
-busy stretch. Runs that end without a burst are the gate closed after a stall, not a stall. Stalls start as a
-Poisson process per API process and draw their length from the fitted ones (StallStream: its own generator per
-seed, replica and process, so a run is deterministic for a seed), scaled by the requests the process holds
-against the ~260 (running + waiting) of the fitted stretch: a hypothesis (a pause that grows with the live
-objects, as a collection's does), not measured. It is what reconciles the other runs: with four API processes
-(~65 requests each past the knee) the measured ITL p99 is 66-70 ms, a ~35 ms hold on 36 ms steps, and at light
-load their TTFT p99 shows no stalls at all (101 ms at QPS 32); unscaled, the table held tokens 0.24 s there.
+one let through: a lower bound, the core check refuses part of it), and the runs that end without a burst are
+the gate closed after a stall, not a stall. A collection comes after so many allocations, so stalls come with
+the requests a process takes in: each intake starts one with probability (stalls per second) / (requests the
+process took in per second) of the fitted point, its length drawn from the fitted ones (StallStream: its own
+generator per seed, replica and process, so a run is deterministic for a seed). Four API processes each take a
+quarter of the requests: a quarter of the stalls each, each stall holding a quarter of the streams (that run's
+ITL p99: 70 ms).
 """
 
 from __future__ import annotations
@@ -47,18 +51,24 @@ class FrontEndStalls:
 
     rate_per_s: float
     durations_s: tuple[float, ...]
-    # requests the process held (running + waiting) while they were measured: a stall's length scales with them
-    ref_in_flight: float = 1.0
+    # requests the process took in per second while they were measured: stalls come with intakes
+    intake_rate_per_s: float = 1.0
     source: str = ""
 
     @property
     def enabled(self) -> bool:
         return self.rate_per_s > 0 and bool(self.durations_s)
 
+    @property
+    def per_intake(self) -> float:
+        """The chance that an intake starts a stall."""
+        return self.rate_per_s / self.intake_rate_per_s
 
-def fit_stalls(trace: str | Path, qps: float, segment: int = 0) -> FrontEndStalls:
-    """Stalls from a one-API-process step trace (`serve --step-trace`) at offered rate qps: the `segment`-th
-    benchmark point in it (points are split at gaps of over 2 s)."""
+
+def fit_stalls(trace: str | Path, qps: float, intake_rate_per_s: float, segment: int = 0) -> FrontEndStalls:
+    """Stalls from a one-API-process step trace (`serve --step-trace`) at offered rate qps, whose process took in
+    intake_rate_per_s requests a second: the `segment`-th benchmark point in it (points are split at gaps of
+    over 2 s)."""
     op = gzip.open if str(trace).endswith(".gz") else open
     with op(trace, "rt") as f:
         steps = [json.loads(line) for line in f if line.strip()]
@@ -84,32 +94,29 @@ def fit_stalls(trace: str | Path, qps: float, segment: int = 0) -> FrontEndStall
             durations.append(round(burst / qps, 4))
         i = j
     span = float(t[-1] - t[0])
-    held = float(np.mean(running[busy[0]:busy[-1] + 1] + waiting))
-    return FrontEndStalls(len(durations) / span, tuple(sorted(durations)), round(held, 1),
+    return FrontEndStalls(len(durations) / span, tuple(sorted(durations)), intake_rate_per_s,
                           source=f"{Path(trace).name} at QPS {qps:g}")
 
 
-# fit_stalls(benchmarks/results/w3_8b_slo_api1_h200_1130s7_steps.jsonl.gz, 64): tests/simulator/test_frontend_stalls.py
-# checks that the fit still gives these
+# fit_stalls(benchmarks/results/w3_8b_slo_api1_h200_1130s7_steps.jsonl.gz, 64, 1670 / 31.8): the point's
+# completed requests over its length as the intakes (all but some of its 250 refusals);
+# tests/simulator/test_frontend_stalls.py checks that the fit still gives these
 STALLS_H200 = FrontEndStalls(
     rate_per_s=0.3976, durations_s=(0.0625, 0.0625, 0.0625, 0.0781, 0.0938, 0.2188, 0.2188, 0.2344, 0.25, 0.2656),
-    ref_in_flight=260.3,
-    source="w3_8b_slo_api1_h200_1130s7_steps.jsonl.gz at QPS 64")
+    intake_rate_per_s=52.51, source="w3_8b_slo_api1_h200_1130s7_steps.jsonl.gz at QPS 64")
 
 
 class StallStream:
-    """One API process's stalls in time order: (start, length at the fitted load) pairs, drawn lazily from its own
-    generator (the caller scales a length by the requests its process holds over stalls.ref_in_flight)."""
+    """One API process's stalls: for each of its intakes in turn, the stall it starts (0: none), drawn from its
+    own generator."""
 
     def __init__(self, stalls: FrontEndStalls, seed: int, replica: int, process: int):
         self._rng = np.random.default_rng([seed, replica, process, 0x57A11])
-        self._rate = stalls.rate_per_s
+        self._chance = stalls.per_intake
         self._durations = np.asarray(stalls.durations_s, dtype=float)
-        self.next_start = float(self._rng.exponential(1.0 / self._rate))
 
-    def pop(self) -> tuple[float, float]:
-        """The next stall (start, length), and draw the one after."""
-        start = self.next_start
-        length = float(self._durations[self._rng.integers(len(self._durations))])
-        self.next_start = start + float(self._rng.exponential(1.0 / self._rate))
-        return start, length
+    def after_intake(self) -> float:
+        """The length of the stall this intake starts, 0.0 for none."""
+        if self._rng.random() >= self._chance:
+            return 0.0
+        return float(self._durations[self._rng.integers(len(self._durations))])

@@ -92,11 +92,10 @@ class SimReplica:
         # the API process (frontend.py), and when each request was sent (its TTFT counts from then; the
         # core's clock starts at its handler, after the API process's queue)
         self.gate = frontend_gate and self.ttft_target_s is not None
-        # API-process stalls (frontend_stalls.py): measured with the gate's build, so drawn only with the gate
+        # API-process stalls (frontend_stalls.py): of builds with the gate before 054ccb3, so drawn only with it
         self.frontend = (FrontEnd(frontend, api_server_count, gate=self.gate,
                                   stalls=frontend_stalls if self.gate else None, seed=seed, replica=index,
-                                  fold=self.gate, held=lambda: (self.scheduler.num_running
-                                                                + self.scheduler.num_waiting) / api_server_count)
+                                  fold=self.gate)
                          if frontend is not None and frontend.enabled else None)
         self._sent_s: dict[str, float] = {}
         # the router process the fleet shares (router_node.py): what the API process streams reaches the client

@@ -86,7 +86,8 @@ def replay_w3(qps: float, slo: bool, frontend_latency_s: float = 0.0,
     """W3 at qps as the measured runs served it: slo_prefill_chunk 0 is the policy before the per-step prompt cap
     (the runs in W3_H200_RUNS but _CAPPED). step_noise draws from seed 1000 + qps, as the
     arrivals. frontend_gate: the API process's gate (False: the server before 1aa067c); frontend_stalls: the
-    API processes' measured stalls (frontend_stalls.py; with the gate only: they were measured on its build)."""
+    API processes' garbage-collection stalls (frontend_stalls.py), of every build with the gate that
+    W3_H200_RUNS holds (all before 054ccb3)."""
     config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=1, max_model_len=4096, calibration=calibration,
                        slo_ttft_s=1.0 if slo else None, slo_tpot_s=0.05 if slo else None,
                        slo_prefill_chunk=slo_prefill_chunk,
@@ -180,17 +181,19 @@ def simulate_cli(argv: list[str]) -> dict:
     return simulate(config_from_args(ns), build_trace(ns))
 
 
-def cli_table(duration_s: float = 30.0) -> str:
+def cli_table(duration_s: float = 30.0, stalls: bool = True) -> str:
     """Markdown: `meshserve simulate --gpu H200 --slo-ttft-ms 1000 --slo-tpot-ms 50 --qps Q --duration 30`
     (Poisson arrivals of seed 0, no fixed latency, every other flag the CLI's default; `--api-server-count` as
-    the server ran) against the seventh session's measured points."""
+    the server ran; `--frontend-stalls on` unless stalls is False: its build collected its start-up heap, before
+    054ccb3) against the seventh session's measured points."""
     lines = [("| QPS | API processes | goodput req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | TPOT p50 ms | "
               "refused (sim / measured) | API process busy (sim) | goals met |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for file, procs in SEVENTH_SESSION:
         for qps, meas in sorted(measured_points(MeasuredRun("", file, slo=True)).items()):
             pred = simulate_cli(["--gpu", "H200", "--slo-ttft-ms", "1000", "--slo-tpot-ms", "50", "--qps",
-                                 f"{qps:g}", "--duration", f"{duration_s:g}", "--api-server-count", str(procs)])
+                                 f"{qps:g}", "--duration", f"{duration_s:g}", "--api-server-count", str(procs),
+                                 *(["--frontend-stalls", "on"] if stalls else [])])
             met = [m for m in ("goodput", "ttft_p50", "ttft_p99") if _met(pred[m], meas[m], m)]
             met += ["itl_p50"] if _met(pred["itl_p50"], meas["itl_p50"], "ttft_p50") else []
             lines.append(
@@ -291,7 +294,9 @@ def tenth_dp_rows(frontend_latency_s: float | None = None) -> list[dict]:
     for label, file, replicas, router_cal in TENTH_W3_DP:
         router = load_router_costs(router_cal) if router_cal else ROUTER_OFF
         for point in json.loads((RESULTS / file).read_text())["points"]:
-            pred = replay_w3_dp(point["qps"], router, num_replicas=replicas, frontend_latency_s=frontend_latency_s)
+            # a build since 054ccb3: its API processes freeze their start-up heap, no stalls
+            pred = replay_w3_dp(point["qps"], router, num_replicas=replicas, frontend_latency_s=frontend_latency_s,
+                                frontend_stalls=False)
             node = pred["router_node"] or {}
             rows.append({"run": f"W3 {label}", "qps": point["qps"], "file": file, "pred": pred, "meas": point,
                          "router_busy": node.get("busy_fraction")})

@@ -217,6 +217,11 @@ class FrontEnd:
         self._next = (self._next + odd) % self.processes
         return done
 
+    def deliver_counts(self, t: float, counts: list[int]) -> list[float]:
+        """A step's tokens leave the core at t, counts[i] of them for streams of process i: when each process's
+        clients see theirs (t for a process with none)."""
+        return [self._tokens(i, t, n) if n else t for i, n in enumerate(counts)]
+
     def deliver_all(self, times: list[float], num_tokens: int) -> list[float]:
         """deliver(t, num_tokens) for each t of times (in order): the same floats, in one loop for one process."""
         if self.processes > 1 or self.fold:

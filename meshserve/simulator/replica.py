@@ -98,6 +98,10 @@ class SimReplica:
                                   fold=self.gate)
                          if frontend is not None and frontend.enabled else None)
         self._sent_s: dict[str, float] = {}
+        # with the gate and several API processes, each stream's tokens leave through the process that took its
+        # request (a stall holds that process's streams only): seq id -> process; step by step (no decode runs)
+        self.per_process = self.frontend is not None and self.gate and api_server_count > 1 and router is None
+        self._process_of: dict[str, int] = {}
         # the router process the fleet shares (router_node.py): what the API process streams reaches the client
         # through it (the server's own clock, its admission margin's included, stops at the API process)
         self.router = router
@@ -177,6 +181,8 @@ class SimReplica:
             return False
         if self.frontend is not None:
             self._sent_s[rid] = req.arrival_s
+        if self.per_process:
+            self._process_of[rid] = i
         if predicted is not None:
             self._predicted[rid] = (predicted, since)
         return True
@@ -195,7 +201,8 @@ class SimReplica:
         when there is nothing to run."""
         self.now = now
         sched = self.scheduler
-        if self.fast_forward and not sched.waiting and sched.running and self._start_run(now):
+        if (self.fast_forward and not self.per_process and not sched.waiting and sched.running
+                and self._start_run(now)):
             self._published_wait_s = 0.0  # nobody waits
             return self._run.end_times[-1]
         queued = sched.num_waiting  # requests waiting when the step is decided: the host gap's table
@@ -260,10 +267,20 @@ class SimReplica:
         sampled = {e.seq_id: _SAMPLED_TOKEN for e in out.scheduled if e.do_sample}
         first, last, rec = self._first_token_s, self._last_token_s, self.recorder
         folds = self.frontend is not None and self.frontend.fold
-        seen = now if self.frontend is None or not sampled else self.frontend.deliver(now, len(sampled))
-        client = seen if self.router is None or not sampled else self.router.relay(seen, len(sampled))
+        by_process = None
+        if self.per_process and sampled:  # each process writes its own streams' tokens
+            process_of, counts = self._process_of, [0] * self.frontend.processes
+            for sid in sampled:
+                counts[process_of.get(sid, 0)] += 1
+            by_process = self.frontend.deliver_counts(now, counts)
+            seen = client = now
+        else:
+            seen = now if self.frontend is None or not sampled else self.frontend.deliver(now, len(sampled))
+            client = seen if self.router is None or not sampled else self.router.relay(seen, len(sampled))
         for seq in self.scheduler.update_after_step(out, sampled):
             sid = seq.seq_id
+            if by_process is not None:
+                seen = client = by_process[self._process_of.get(sid, 0)]
             prev = last.get(sid)
             if prev is None:
                 first[sid] = client
@@ -276,6 +293,7 @@ class SimReplica:
             if seq.is_finished:
                 self._finish(seq, client)
                 self.outstanding -= 1
+                self._process_of.pop(sid, None)
         rec.num_preemptions += len(out.preempted_seq_ids)
 
     def _forget(self, seq_id: str) -> None:
@@ -283,6 +301,7 @@ class SimReplica:
         self._last_token_s.pop(seq_id, None)
         self._sent_s.pop(seq_id, None)
         self._predicted.pop(seq_id, None)
+        self._process_of.pop(seq_id, None)
 
     # -- decode runs: many decode steps at once -------------------------------------------------
     def _start_run(self, now: float) -> bool:

@@ -114,11 +114,11 @@ def test_stalls_widen_the_admission_errors_and_shorten_the_queue():
 
 def test_stalls_come_with_the_requests_a_process_takes_in():
     """Four API processes take a quarter of the requests each, so each stalls a quarter as often and a stall
-    holds a quarter of the streams: the ITL tail stays near the measured 70 ms past the knee (QPS 96), where one
-    process's is ~0.3 s (measured 0.29-0.38 s)."""
+    holds its own streams only (a quarter): the ITL tail stays under 0.1 s past the knee (QPS 96; measured 70 ms),
+    where one process's is ~0.3 s (measured 0.29-0.38 s)."""
     four, one = _w3(96.0, 4, True), _w3(96.0, 1, True)
     assert four["frontend"]["stalls"] > 0.7 * one["frontend"]["stalls"] > 0
-    assert 0.2 < one["itl_p99"]
+    assert four["itl_p99"] < 0.1 < 0.2 < one["itl_p99"]
 
 
 def test_one_api_process_keeps_up_after_stalls_by_folding():

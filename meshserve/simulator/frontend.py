@@ -195,7 +195,8 @@ class FrontEnd:
         return done
 
     def _tokens(self, i: int, t: float, n: int) -> float:
-        """n tokens of a step reach process i at t: when their event is written (an earlier one's, when they fold)."""
+        """n tokens of a step reach process i at t: when their event is written (an earlier one's, when they
+        fold)."""
         self._observe(i, t, self._backlog_at(i, t), request=False)
         if self.fold and self._token_done[i] > t:
             self._submit_to(i, t, n * min(self.costs.per_token_s, FOLDED_TOKEN_S))

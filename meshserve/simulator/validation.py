@@ -94,7 +94,8 @@ def replay_w3(qps: float, slo: bool, frontend_latency_s: float = 0.0,
                        frontend_latency_s=frontend_latency_s, frontend_request_s=frontend.per_request_s,
                        frontend_token_s=frontend.per_token_s, frontend_refusal_s=frontend.per_refusal_s,
                        api_server_count=api_server_count, frontend_gate=frontend_gate,
-                       frontend_stalls=frontend_stalls and frontend_gate, step_noise=step_noise, seed=1000 + int(qps))
+                       frontend_stalls=frontend_stalls and frontend_gate, step_noise=step_noise,
+                       seed=1000 + int(qps))
     return simulate(config, w3_trace(qps))
 
 

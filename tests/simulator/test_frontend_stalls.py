@@ -92,7 +92,8 @@ def test_published_counters_give_the_servers_admission_errors_with_four_api_proc
     server's did (its margins 0.82-0.86 on errors' p99 0.11-0.15, h200_1201_s14/call4/metrics.txt); with the
     live queue the simulated margin opened to ~0.9 on errors of 0.06."""
     smooth = _w3(96.0, 4, False)
-    (margin,), (error,) = smooth["slo_scheduling"]["admission_margin"], smooth["slo_scheduling"]["admission_error_p99"]
+    slo = smooth["slo_scheduling"]
+    (margin,), (error,) = slo["admission_margin"], slo["admission_error_p99"]
     assert 0.80 < margin < 0.88 and 0.09 < error < 0.17
 
 

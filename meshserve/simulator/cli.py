@@ -98,6 +98,11 @@ def register(subparsers) -> None:
                         "`meshserve serve` does; an estimate)")
     g.add_argument("--no-frontend-gate", action="store_true",
                    help="model the server before the API process's gate (every 429 after a full intake)")
+    g.add_argument("--frontend-stalls", choices=("on", "off"), default="off",
+                   help="on: with the gate, each API process stalls in full garbage collections as servers before "
+                        "054ccb3 did (or `serve --no-gc-freeze` does): one stall every ~130 requests it takes in, "
+                        "0.06-0.27 s, measured on W3 (meshserve/simulator/frontend_stalls.py); off (default): the "
+                        "server since, which freezes its start-up heap")
     g.add_argument("--api-server-count", type=int, default=1,
                    help="API processes per replica, as `meshserve serve --api-server-count` (each one such queue)")
     g = p.add_argument_group("router process (`meshserve router`, `serve --data-parallel-backend router`)")
@@ -219,6 +224,7 @@ def config_from_args(ns: argparse.Namespace):
                        frontend_latency_s=ns.frontend_latency_ms / 1e3,
                        frontend_request_s=ns.frontend_request_ms / 1e3, frontend_token_s=ns.frontend_token_us / 1e6,
                        frontend_refusal_s=ns.frontend_refusal_ms / 1e3, frontend_gate=not ns.no_frontend_gate,
+                       frontend_stalls=ns.frontend_stalls == "on",
                        api_server_count=ns.api_server_count, router_request_s=router.per_request_s,
                        router_event_s=router.per_event_s, router_refusal_s=router.per_refusal_s,
                        replica_model=ns.replica_model,

@@ -74,6 +74,9 @@ class SimConfig:
     # delays plus the core's queue wait break the target (the server's middleware since 1aa067c; frontend.py);
     # False: the server before it (every 429 after a full intake, the clock from the handler)
     frontend_gate: bool = True
+    # with the gate: each API process stalls in full garbage collections as servers before 054ccb3 did
+    # (frontend_stalls.py, STALLS_H200, drawn per replica and process from seed); False: the server since
+    frontend_stalls: bool = False
     # the router process in front of the replicas as one CPU queue (router_node.py): seconds per request, per
     # 429 from a replica and per streamed event (0, 0: the router is a policy only, as `serve
     # --data-parallel-size N` with its internal back end: no router hop); needs the front-end queue

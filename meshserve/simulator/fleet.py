@@ -34,6 +34,7 @@ from meshserve.simulator.pipeline import HostCosts, PipelinedReplica, StagePipel
 from meshserve.simulator.replica import SimReplica, push_step_end
 from meshserve.simulator.router_node import RouterNode
 from meshserve.simulator.step_cost import StepCost, StepWeights, TpCosts, load_calibration, load_tp_costs
+from meshserve.simulator.frontend_stalls import STALLS_H200
 from meshserve.simulator.step_noise import NoiseStream, load_step_noise
 from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 
@@ -67,6 +68,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     cost = StepCost(model, gpu, config.tp, weights or load_calibration(config.calibration),
                     tp_costs=tp_costs or load_tp_costs(config.calibration), fused_norm=config.tp_fused_norm)
     noise = load_step_noise(config.calibration) if config.step_noise else None
+    stalls = STALLS_H200 if config.frontend_stalls else None
     prefix_caching = config.enable_prefix_caching
     if prefix_caching is None:
         prefix_caching = trace.has_prefixes
@@ -109,7 +111,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
             return PipelinedReplica(index, sched_cfg, cache_cfg, cost, recorder, config.max_queue_len,
                                     step_model=cost.model, light=fast_forward, frontend=config.frontend_costs,
                                     api_server_count=config.api_server_count, frontend_gate=config.frontend_gate,
-                                    router=router_node, stages=stage_pipeline(config, model, gpu, step_cost, cost),
+                                    router=router_node, frontend_stalls=stalls, seed=config.seed,
+                                    stages=stage_pipeline(config, model, gpu, step_cost, cost),
                                     depth=config.steps_in_flight, host=host,
                                     handoff_lag=config.pp if config.pp_token_handoff else 0,
                                     token_hop_s=0.0 if step_cost is not None else gpu.link_latency_us * 1e-6)
@@ -117,7 +120,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                           step_model=cost.model, fast_forward=fast_forward, light=fast_forward,
                           frontend=config.frontend_costs, api_server_count=config.api_server_count,
                           noise=None if noise is None else NoiseStream(noise, config.seed, index),
-                          frontend_gate=config.frontend_gate, router=router_node)
+                          frontend_gate=config.frontend_gate, router=router_node, frontend_stalls=stalls,
+                          seed=config.seed)
 
     scaler = None
     if autoscale is not None:
@@ -260,7 +264,8 @@ def _run_disaggregated(config: SimConfig, trace: Trace, sched_cfg, cache_cfg, st
                    step_model=cost.model, fast_forward=fast_forward, light=fast_forward,
                    frontend=config.frontend_costs, api_server_count=config.api_server_count,
                    noise=None if noise is None else NoiseStream(noise, config.seed, index),
-                   frontend_gate=config.frontend_gate)
+                   frontend_gate=config.frontend_gate,
+                   frontend_stalls=STALLS_H200 if config.frontend_stalls else None, seed=config.seed)
 
     replicas, timeline, section = run_disaggregated(config, trace, make, cache_cfg, recorder, progress)
     queries = sum(r.scheduler.block_manager.stats.queries for r in replicas)
@@ -326,7 +331,13 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
             "bubble": sum(r.stages.bubble for r in replicas) / len(replicas)},
         "replicas": config.num_replicas, "router": config.router, "frontend_latency_s": delay, "kv_blocks_per_replica": num_blocks,
         "prefix_caching": prefix_caching, "prefix_cache_hit_rate": hits / queries if queries else 0.0,
-        "slo_scheduling": {"ttft_s": config.slo_ttft_s, "tpot_s": config.slo_tpot_s},
+        # each replica's admission margin at the end and the p99 of its last update's prediction errors, as the
+        # server exports them (meshserve:admission_margin, meshserve:admission_margin_ttft_error)
+        "slo_scheduling": {"ttft_s": config.slo_ttft_s, "tpot_s": config.slo_tpot_s,
+                           "admission_margin": [getattr(r, "admission", None) and r.admission.value
+                                                for r in replicas],
+                           "admission_error_p99": [getattr(r, "admission", None) and r.admission.last_error_quantile
+                                                   for r in replicas]},
         "steps": sum(r.steps for r in replicas),
         # the API processes' CPU: requests (a 429 included) and streamed tokens; 1.0 is saturation
         "frontend": {"request_s": config.frontend_request_s, "token_s": config.frontend_token_s,
@@ -334,6 +345,10 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
                      "api_server_count": config.api_server_count, "gate": config.frontend_gate,
                      "gate_refusals": sum(r.frontend.num_gate_refusals for r in replicas if r.frontend is not None),
                      "busy_fraction": sum(r.frontend.busy_s for r in replicas if r.frontend is not None)
+                     / (replica_seconds * config.api_server_count) if replica_seconds else 0.0,
+                     # API-process stalls (frontend_stalls.py): how many, and their share of the processes' time
+                     "stalls": sum(r.frontend.num_stalls for r in replicas if r.frontend is not None),
+                     "stalled_fraction": sum(r.frontend.stalled_s for r in replicas if r.frontend is not None)
                      / (replica_seconds * config.api_server_count) if replica_seconds else 0.0},
         # the router process's CPU (router_node.py): 1.0 is saturation; its deepest backlog in seconds
         "router_node": None if router_node is None else {

@@ -25,13 +25,24 @@ wait break the target (under the admission margin) gets its 429 from the middlew
 per_refusal_s of the process's time, not a whole intake. Without the gate every 429 cost a full intake and one
 API process collapsed at W3 QPS 96; with it the server measured 52 req/s of goodput at QPS 128 on one process
 (2026-11-30, PLANNER.md).
+
+As the server learns them: a job's wait enters the signals when the job starts (the timer fires late, the
+handler runs late), not when it joins, so requests arriving during a stall (frontend_stalls.py: a full
+garbage collection with the loop stopped, as servers before 054ccb3 had) pass the gate on what was known
+before it, as the server's step trace shows; the server's ARRIVAL stamp, where a request's TTFT clock starts
+for its admission, is when the process gets to it (reached). And as lean streaming (b73b0d1, in every build
+with the gate) writes them: a step's tokens that reach a process before its previous step's event is written
+ride that event, costing the output processing alone (FOLDED_TOKEN_S), so a process behind after a stall catches
+up; the client sees them as one chunk (no inter-token gap).
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 from meshserve.serve.frontend_load import WindowMax
+from meshserve.simulator.frontend_stalls import FrontEndStalls, StallStream
 
 # serve/frontend_load.FrontendLoad's window: the delays a request is judged by are the worst of the last second
 GATE_WINDOW_S = 1.0
@@ -60,6 +71,10 @@ class FrontEndCosts:
 # admissions/s at W3 QPS 128 without saturating, and refused in 9-10 ms p50 at the client)
 FRONTEND_H200 = FrontEndCosts(per_request_s=8.7e-3, per_token_s=50e-6, per_refusal_s=1.0e-3)
 FRONTEND_OFF = FrontEndCosts(0.0, 0.0)
+# a token that folds into its stream's event still waiting to be written (lean streaming, b73b0d1: a lagging
+# caller's outputs go out as one event) costs the output processing alone, measured ~9 us per token (`meshserve
+# bench channel`), not another SSE event
+FOLDED_TOKEN_S = 9e-6
 
 
 class FrontEnd:
@@ -69,7 +84,8 @@ class FrontEnd:
     evenly over the N (their requests are spread over them); the client sees the step when the last share is
     delivered."""
 
-    def __init__(self, costs: FrontEndCosts, processes: int = 1, gate: bool = False):
+    def __init__(self, costs: FrontEndCosts, processes: int = 1, gate: bool = False,
+                 stalls: FrontEndStalls | None = None, seed: int = 0, replica: int = 0, fold: bool = False):
         if processes < 1:
             raise ValueError("an API server count is >= 1")
         self.costs = costs
@@ -82,23 +98,32 @@ class FrontEnd:
         # the gate's signals per process (the server's WindowMax on simulated time): input delay, loop lag;
         # tracked only with the gate on (the replica asks for it with a TTFT target)
         self.gate = gate
-        self._clock_s = 0.0
-        self.input_delay = [WindowMax(GATE_WINDOW_S, self._clock) for _ in range(processes)]
-        self.loop_lag = [WindowMax(GATE_WINDOW_S, self._clock) for _ in range(processes)]
+        # each process's clock as its signals are read (observations arrive in time order per process, not across)
+        self._clock_s = [0.0] * processes
+        self.input_delay = [WindowMax(GATE_WINDOW_S, self._clock(i)) for i in range(processes)]
+        self.loop_lag = [WindowMax(GATE_WINDOW_S, self._clock(i)) for i in range(processes)]
         self.num_gate_refusals = 0
+        # per process, observations made when the job starts, t + wait (the timer fires, the handler runs):
+        # (time, wait, request?), a heap read up to the gate's time (delay_s)
+        self._pending: list[list[tuple[float, float, bool]]] = [[] for _ in range(processes)]
+        # each process's stalls (frontend_stalls.py): none without a table
+        self._stalls = ([StallStream(stalls, seed, replica, i) for i in range(processes)]
+                        if stalls is not None and stalls.enabled else None)
+        self.stalled_s = 0.0  # stall time in all (not in busy_s)
+        self.num_stalls = 0
+        # lean streaming: a step's tokens that reach a process before its previous step's event is written go out
+        # with that event (when each process's last token event is written)
+        self.fold = fold
+        self._token_done = [0.0] * processes
 
-    def _clock(self) -> float:
-        return self._clock_s
+    def _clock(self, i: int):
+        return lambda: self._clock_s[i]
 
     def _observe(self, i: int, t: float, wait_s: float, request: bool) -> None:
-        """A job joins process i at t after wait_s of work ahead: a timer set now would fire that late, and a
-        request reaches its handler that late."""
-        if not self.gate:
-            return
-        self._clock_s = max(self._clock_s, t)
-        self.loop_lag[i].add(wait_s)
-        if request:
-            self.input_delay[i].add(wait_s)
+        """A job joins process i at t after wait_s of work ahead: a timer set now fires that late, and a request
+        reaches its handler that late; the server records either then, at t + wait_s, not before."""
+        if self.gate:
+            heapq.heappush(self._pending[i], (t + wait_s, wait_s, request))
 
     def choose(self, t: float) -> int:
         """The process that takes a request arriving at t: the least backlogged (a busy one is slow to accept)."""
@@ -106,9 +131,21 @@ class FrontEnd:
             return 0
         return min(range(self.processes), key=lambda j: self._backlog_at(j, t))
 
+    def reached(self, i: int, t: float) -> float:
+        """When process i gets to a request arriving at t (the work ahead of it, a stall's included, done): the
+        server's first ASGI call, where it stamps the request's arrival."""
+        return t + self._backlog_at(i, t)
+
     def delay_s(self, i: int, t: float) -> tuple[float, float]:
         """Process i's (input delay, loop lag) as its gate reads them at t: the worst of the last second."""
-        self._clock_s = max(self._clock_s, t)
+        pending, clock = self._pending[i], self._clock_s
+        while pending and pending[0][0] <= t:
+            when, wait_s, request = heapq.heappop(pending)
+            clock[i] = max(clock[i], when)
+            self.loop_lag[i].add(wait_s)
+            if request:
+                self.input_delay[i].add(wait_s)
+        clock[i] = max(clock[i], t)
         return self.input_delay[i].value(), self.loop_lag[i].value()
 
     def refuse(self, t: float, i: int) -> float:
@@ -147,37 +184,57 @@ class FrontEnd:
         if i is None:
             i = self.choose(t)
         self._observe(i, t, self._backlog_at(i, t), request=True)
-        return self._submit_to(i, t, self.costs.per_request_s)
+        done = self._submit_to(i, t, self.costs.per_request_s)
+        stall = self._stalls[i].after_intake() if self._stalls is not None else 0.0
+        if stall:  # a collection in its handler: the request and everything behind it wait
+            done = self._submit_to(i, t, stall)
+            self.busy_s -= stall
+            self.stalled_s += stall
+            self.num_stalls += 1
+            self._observe(i, done - stall, stall, request=False)  # the timer that fires late by it
+        return done
+
+    def _tokens(self, i: int, t: float, n: int) -> float:
+        """n tokens of a step reach process i at t: when their event is written (an earlier one's, when they
+        fold)."""
+        self._observe(i, t, self._backlog_at(i, t), request=False)
+        if self.fold and self._token_done[i] > t:
+            self._submit_to(i, t, n * min(self.costs.per_token_s, FOLDED_TOKEN_S))
+            return self._token_done[i]
+        done = self._token_done[i] = self._submit_to(i, t, n * self.costs.per_token_s)
+        return done
 
     def deliver(self, t: float, num_tokens: int) -> float:
         """A step's num_tokens tokens leave the core at t: when the client sees them."""
         if self.processes == 1:
-            self._observe(0, t, self._backlog_at(0, t), request=False)
-            return self.submit(t, num_tokens * self.costs.per_token_s)
+            return self._tokens(0, t, num_tokens)
         share, odd = divmod(num_tokens, self.processes)
         done = t
         for k in range(self.processes):
             i = (self._next + k) % self.processes
             n = share + (k < odd)
             if n:
-                self._observe(i, t, self._backlog_at(i, t), request=False)
-                done = max(done, self._submit_to(i, t, n * self.costs.per_token_s))
+                done = max(done, self._tokens(i, t, n))
         self._next = (self._next + odd) % self.processes
         return done
 
+    def deliver_counts(self, t: float, counts: list[int]) -> list[float]:
+        """A step's tokens leave the core at t, counts[i] of them for streams of process i: when each process's
+        clients see theirs (t for a process with none)."""
+        return [self._tokens(i, t, n) if n else t for i, n in enumerate(counts)]
+
     def deliver_all(self, times: list[float], num_tokens: int) -> list[float]:
         """deliver(t, num_tokens) for each t of times (in order): the same floats, in one loop for one process."""
-        if self.processes > 1:
+        if self.processes > 1 or self.fold:
             return [self.deliver(t, num_tokens) for t in times]
         work = num_tokens * self.costs.per_token_s
         last, backlog, out = self.t, self.backlog_s, []
-        lag = self.loop_lag[0] if self.gate else None
+        pending = self._pending[0] if self.gate else None
         for t in times:
             assert t >= last, "front-end jobs must arrive in time order"
             backlog = max(backlog - (t - last), 0.0)
-            if lag is not None:
-                self._clock_s = max(self._clock_s, t)
-                lag.add(backlog)
+            if pending is not None:
+                heapq.heappush(pending, (t + backlog, backlog, False))
             backlog += work
             last = t
             out.append(t + backlog)

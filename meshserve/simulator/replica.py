@@ -9,8 +9,11 @@ admission checks (queue full, predicted TTFT past target) are applied when the c
 and tokens reach the client after it too. With a TTFT target and a front-end model the API process's gate runs
 first, at the request's arrival, as the server's middleware does (frontend.py): its delays plus the core's
 predicted queue wait past the target answer 429 before the request costs an intake. The TTFT the admission
-predicts counts from the request's arrival at its API process (the server stamps it at the first ASGI call) and
-includes that process's loop lag (AsyncLLM.predicted_ttft_s). Scheduling is synchronous here: with async scheduling the host work
+predicts counts from the request's arrival at its API process (the server stamps it at the first ASGI call, when
+the process gets to it) and includes that process's loop lag (AsyncLLM.predicted_ttft_s). The queue wait both
+checks use is the core's as of its last step (the counters published with each step's outputs), blind to the
+requests every API process sent since, as the server's is: with 4 API processes that alone closes the admission
+margin from ~0.9 to the server's 0.82-0.86. Scheduling is synchronous here: with async scheduling the host work
 overlaps the device, so a step's wall time is its device time, which is what the step trace measured.
 
 Speed (an hour of 1,000 req/s is 3.6 M requests): without prefix caching sequences are counts (light.py); and
@@ -36,6 +39,7 @@ from meshserve.engine.step_time import StepShape
 from meshserve.errors import PromptTooLongError
 from meshserve.sampling import SamplingParams
 from meshserve.simulator.frontend import FrontEnd, FrontEndCosts
+from meshserve.simulator.frontend_stalls import FrontEndStalls
 from meshserve.simulator.light import LightScheduler, SimSequence
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.router_node import RouterNode
@@ -55,7 +59,8 @@ class SimReplica:
                  step_cost: Callable[[StepShape], float], recorder: RunRecorder, max_queue_len: int = 1024,
                  step_model=None, fast_forward: bool = True, light: bool = True,
                  frontend: FrontEndCosts | None = None, api_server_count: int = 1,
-                 noise: NoiseStream | None = None, frontend_gate: bool = True, router: RouterNode | None = None):
+                 noise: NoiseStream | None = None, frontend_gate: bool = True, router: RouterNode | None = None,
+                 frontend_stalls: FrontEndStalls | None = None, seed: int = 0):
         self.index = index
         self.url = f"sim://replica-{index}"
         self.outstanding = 0
@@ -87,9 +92,16 @@ class SimReplica:
         # the API process (frontend.py), and when each request was sent (its TTFT counts from then; the
         # core's clock starts at its handler, after the API process's queue)
         self.gate = frontend_gate and self.ttft_target_s is not None
-        self.frontend = (FrontEnd(frontend, api_server_count, gate=self.gate)
+        # API-process stalls (frontend_stalls.py): of builds with the gate before 054ccb3, so drawn only with it
+        self.frontend = (FrontEnd(frontend, api_server_count, gate=self.gate,
+                                  stalls=frontend_stalls if self.gate else None, seed=seed, replica=index,
+                                  fold=self.gate)
                          if frontend is not None and frontend.enabled else None)
         self._sent_s: dict[str, float] = {}
+        # with the gate and several API processes, each stream's tokens leave through the process that took its
+        # request (a stall holds that process's streams only): seq id -> process; step by step (no decode runs)
+        self.per_process = self.frontend is not None and self.gate and api_server_count > 1 and router is None
+        self._process_of: dict[str, int] = {}
         # the router process the fleet shares (router_node.py): what the API process streams reaches the client
         # through it (the server's own clock, its admission margin's included, stops at the API process)
         self.router = router
@@ -100,6 +112,9 @@ class SimReplica:
         # predicted TTFT and when its clock started, until its first token is out
         self.admission = AdmissionMargin()
         self._predicted: dict[str, tuple[float, float]] = {}
+        # the core's predicted queue wait as of its last step: what the API processes predict from (the server's
+        # SchedulerStats come with each step's outputs), blind to the requests sent since
+        self._published_wait_s = 0.0
 
     # -- arrivals --------------------------------------------------------------------------------
     def intake(self, t: float, index: int = -1) -> float | None:
@@ -112,16 +127,16 @@ class SimReplica:
         fe = self.frontend
         i = fe.choose(t)
         if self.gate and self.scheduler.policy.step_model is not None:
-            # the middleware's check (ServingEngine.frontend_admission_error): input delay + the core's
-            # predicted TTFT of a prompt of 0 tokens arriving now (its queue wait and this process's loop lag)
+            # the middleware's check (ServingEngine.frontend_admission_error), when the process gets to the
+            # request (after the work ahead of it, a stall's included): input delay + the core's predicted TTFT of
+            # a prompt of 0 tokens (its last published queue wait and this process's loop lag)
             input_delay, loop_lag = fe.delay_s(i, t)
             self.now = max(self.now, t)
-            predicted = input_delay + loop_lag + self.scheduler.policy.queue_wait_s(
-                list(self.scheduler.waiting), self.now)
+            predicted = input_delay + loop_lag + self._published_wait_s
             if not self.admission.admits(predicted, self.ttft_target_s):
                 self.last_refusal_s = fe.refuse(t, i)  # when the client gets the 429
                 return None
-        self._at_api[index] = (t, i)
+        self._at_api[index] = (fe.reached(i, t), i)  # the server's clock starts there (its ARRIVAL stamp)
         return fe.intake(t, i)
 
     def predicted_ttft_s(self, req: SimRequest, since: float, loop_lag_s: float = 0.0) -> float:
@@ -131,7 +146,7 @@ class SimReplica:
         policy, chunk = self.scheduler.policy, self.scheduler.config.max_num_batched_tokens
         per_token = policy.prefill_time_s(chunk) / chunk
         waited = self.now - since
-        return (waited + policy.queue_wait_s(list(self.scheduler.waiting), self.now) + req.prompt_len * per_token
+        return (waited + self._published_wait_s + req.prompt_len * per_token
                 + loop_lag_s)
 
     def try_add(self, index: int, req: SimRequest, now: float) -> bool:
@@ -166,6 +181,8 @@ class SimReplica:
             return False
         if self.frontend is not None:
             self._sent_s[rid] = req.arrival_s
+        if self.per_process:
+            self._process_of[rid] = i
         if predicted is not None:
             self._predicted[rid] = (predicted, since)
         return True
@@ -184,7 +201,9 @@ class SimReplica:
         when there is nothing to run."""
         self.now = now
         sched = self.scheduler
-        if self.fast_forward and not sched.waiting and sched.running and self._start_run(now):
+        if (self.fast_forward and not self.per_process and not sched.waiting and sched.running
+                and self._start_run(now)):
+            self._published_wait_s = 0.0  # nobody waits
             return self._run.end_times[-1]
         queued = sched.num_waiting  # requests waiting when the step is decided: the host gap's table
         out = self._schedule()
@@ -201,10 +220,17 @@ class SimReplica:
         self.busy_s += device
         return now + duration
 
+    def _publish(self) -> None:
+        """The core's counters as the API processes get them with a step's outputs: its queue's predicted wait
+        once the next step is decided (SchedulingPolicy.queue_wait_s, as EngineCore.scheduler_stats)."""
+        if self.ttft_target_s is not None and self.scheduler.policy.step_model is not None:
+            self._published_wait_s = self.scheduler.policy.queue_wait_s(list(self.scheduler.waiting), self.now)
+
     def _schedule(self) -> SchedulerOutput | None:
         """The scheduler's next step at self.now (None: nothing to run); requests it shed are answered 429."""
         sched = self.scheduler
         out = sched.schedule()
+        self._publish()
         if sched.shed:  # too late for their TTFT target: the server answers 429
             self.recorder.num_shed += len(sched.shed)
             for seq in sched.shed:
@@ -240,22 +266,34 @@ class SimReplica:
         """Step `out`'s results are back at now: its tokens (the client's times), finishes, preemptions."""
         sampled = {e.seq_id: _SAMPLED_TOKEN for e in out.scheduled if e.do_sample}
         first, last, rec = self._first_token_s, self._last_token_s, self.recorder
-        seen = now if self.frontend is None or not sampled else self.frontend.deliver(now, len(sampled))
-        client = seen if self.router is None or not sampled else self.router.relay(seen, len(sampled))
+        folds = self.frontend is not None and self.frontend.fold
+        by_process = None
+        if self.per_process and sampled:  # each process writes its own streams' tokens
+            process_of, counts = self._process_of, [0] * self.frontend.processes
+            for sid in sampled:
+                counts[process_of.get(sid, 0)] += 1
+            by_process = self.frontend.deliver_counts(now, counts)
+            seen = client = now
+        else:
+            seen = now if self.frontend is None or not sampled else self.frontend.deliver(now, len(sampled))
+            client = seen if self.router is None or not sampled else self.router.relay(seen, len(sampled))
         for seq in self.scheduler.update_after_step(out, sampled):
             sid = seq.seq_id
+            if by_process is not None:
+                seen = client = by_process[self._process_of.get(sid, 0)]
             prev = last.get(sid)
             if prev is None:
                 first[sid] = client
                 if sid in self._predicted:
                     predicted, since = self._predicted.pop(sid)
                     self.admission.observe(predicted, seen - since, self.ttft_target_s)
-            else:
+            elif client > prev or not folds:  # a folded token rides its stream's last event: no gap at the client
                 rec.add_itl(client - prev)
             last[sid] = client
             if seq.is_finished:
                 self._finish(seq, client)
                 self.outstanding -= 1
+                self._process_of.pop(sid, None)
         rec.num_preemptions += len(out.preempted_seq_ids)
 
     def _forget(self, seq_id: str) -> None:
@@ -263,6 +301,7 @@ class SimReplica:
         self._last_token_s.pop(seq_id, None)
         self._sent_s.pop(seq_id, None)
         self._predicted.pop(seq_id, None)
+        self._process_of.pop(seq_id, None)
 
     # -- decode runs: many decode steps at once -------------------------------------------------
     def _start_run(self, now: float) -> bool:
@@ -397,6 +436,7 @@ class SimReplica:
             self._deliver_run()
         run, self._run = self._run, None
         sched, rec = self.scheduler, self.recorder
+        folds = self.frontend is not None and self.frontend.fold  # folded tokens: no gap at the client
         # the client's time of each step's tokens
         seen = run.end_times if self.frontend is None else run.seen if self.router is None else run.client
         self.now = run.end_times[done - 1]
@@ -407,7 +447,8 @@ class SimReplica:
                 break
             # gaps as the step-by-step run takes them, from one step's time to the next (the first step's
             # below: from each sequence's own last token)
-            rec.add_itl_counts([seen[j] - seen[j - 1] for j in range(max(first, 1), min(last, done))], size)
+            gaps = [seen[j] - seen[j - 1] for j in range(max(first, 1), min(last, done))]
+            rec.add_itl_counts([g for g in gaps if g > 0] if folds else gaps, size)
             if charge:
                 for j in range(max(first, 1), min(last, done)):  # step j + 1: the first was charged at its start
                     policy.charge(StepShape(size, size, base + size * (j + 1)),
@@ -427,7 +468,8 @@ class SimReplica:
             assert allocated, "a decode run reserved its blocks when it started"
             seq.num_computed_tokens += k
             sid = seq.seq_id
-            rec.add_itl(first_seen - last_token[sid])
+            if first_seen > last_token[sid] or not folds:
+                rec.add_itl(first_seen - last_token[sid])
             last_token[sid] = seen[k - 1]
             if r <= done:
                 ended.append((r, seq))

@@ -82,17 +82,20 @@ def measured_points(run: MeasuredRun) -> dict[float, dict]:
 def replay_w3(qps: float, slo: bool, frontend_latency_s: float = 0.0,
               frontend: FrontEndCosts = FRONTEND_OFF, slo_prefill_chunk: int = 0,
               calibration: str = "default", api_server_count: int = 1, step_noise: bool = False,
-              frontend_gate: bool = True) -> dict:
+              frontend_gate: bool = True, frontend_stalls: bool = True) -> dict:
     """W3 at qps as the measured runs served it: slo_prefill_chunk 0 is the policy before the per-step prompt cap
     (the runs in W3_H200_RUNS but _CAPPED). step_noise draws from seed 1000 + qps, as the
-    arrivals. frontend_gate: the API process's gate (False: the server before 1aa067c)."""
+    arrivals. frontend_gate: the API process's gate (False: the server before 1aa067c); frontend_stalls: the
+    API processes' garbage-collection stalls (frontend_stalls.py), of every build with the gate that
+    W3_H200_RUNS holds (all before 054ccb3)."""
     config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=1, max_model_len=4096, calibration=calibration,
                        slo_ttft_s=1.0 if slo else None, slo_tpot_s=0.05 if slo else None,
                        slo_prefill_chunk=slo_prefill_chunk,
                        frontend_latency_s=frontend_latency_s, frontend_request_s=frontend.per_request_s,
                        frontend_token_s=frontend.per_token_s, frontend_refusal_s=frontend.per_refusal_s,
                        api_server_count=api_server_count, frontend_gate=frontend_gate,
-                       step_noise=step_noise, seed=1000 + int(qps))
+                       frontend_stalls=frontend_stalls and frontend_gate, step_noise=step_noise,
+                       seed=1000 + int(qps))
     return simulate(config, w3_trace(qps))
 
 
@@ -179,17 +182,19 @@ def simulate_cli(argv: list[str]) -> dict:
     return simulate(config_from_args(ns), build_trace(ns))
 
 
-def cli_table(duration_s: float = 30.0) -> str:
+def cli_table(duration_s: float = 30.0, stalls: bool = True) -> str:
     """Markdown: `meshserve simulate --gpu H200 --slo-ttft-ms 1000 --slo-tpot-ms 50 --qps Q --duration 30`
     (Poisson arrivals of seed 0, no fixed latency, every other flag the CLI's default; `--api-server-count` as
-    the server ran) against the seventh session's measured points."""
+    the server ran; `--frontend-stalls on` unless stalls is False: its build collected its start-up heap, before
+    054ccb3) against the seventh session's measured points."""
     lines = [("| QPS | API processes | goodput req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | TPOT p50 ms | "
               "refused (sim / measured) | API process busy (sim) | goals met |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for file, procs in SEVENTH_SESSION:
         for qps, meas in sorted(measured_points(MeasuredRun("", file, slo=True)).items()):
             pred = simulate_cli(["--gpu", "H200", "--slo-ttft-ms", "1000", "--slo-tpot-ms", "50", "--qps",
-                                 f"{qps:g}", "--duration", f"{duration_s:g}", "--api-server-count", str(procs)])
+                                 f"{qps:g}", "--duration", f"{duration_s:g}", "--api-server-count", str(procs),
+                                 *(["--frontend-stalls", "on"] if stalls else [])])
             met = [m for m in ("goodput", "ttft_p50", "ttft_p99") if _met(pred[m], meas[m], m)]
             met += ["itl_p50"] if _met(pred["itl_p50"], meas["itl_p50"], "ttft_p50") else []
             lines.append(
@@ -214,16 +219,18 @@ DP_SETTINGS = (("router node, cpu_light (default)", "cpu_light", True),
 
 def replay_w3_dp(qps: float, router: RouterCosts = ROUTER_OFF, num_replicas: int = 2,
                  frontend: FrontEndCosts = FRONTEND_H200, step_noise: bool = False,
-                 frontend_latency_s: float = 0.0) -> dict:
+                 frontend_latency_s: float = 0.0, frontend_stalls: bool = True) -> dict:
     """W3 with targets at qps (its exact arrivals) over num_replicas one-GPU replicas, each with one API process
-    (frontend.py) and the default prompt cap, behind the router node (router_node.py; ROUTER_OFF: none), with a
-    fixed latency (network, HTTP) before each request reaches its replica."""
+    (frontend.py, its measured stalls unless frontend_stalls is False) and the default prompt cap, behind the
+    router node (router_node.py; ROUTER_OFF: none), with a fixed latency (network, HTTP) before each request
+    reaches its replica."""
     config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=num_replicas, max_model_len=4096,
                        frontend_latency_s=frontend_latency_s,
                        slo_ttft_s=1.0, slo_tpot_s=0.05, frontend_request_s=frontend.per_request_s,
                        frontend_token_s=frontend.per_token_s, frontend_refusal_s=frontend.per_refusal_s,
                        router_request_s=router.per_request_s, router_event_s=router.per_event_s,
-                       router_refusal_s=router.per_refusal_s, step_noise=step_noise, seed=1000 + int(qps))
+                       router_refusal_s=router.per_refusal_s, frontend_stalls=frontend_stalls,
+                       step_noise=step_noise, seed=1000 + int(qps))
     return simulate(config, w3_trace(qps))
 
 
@@ -288,7 +295,9 @@ def tenth_dp_rows(frontend_latency_s: float | None = None) -> list[dict]:
     for label, file, replicas, router_cal in TENTH_W3_DP:
         router = load_router_costs(router_cal) if router_cal else ROUTER_OFF
         for point in json.loads((RESULTS / file).read_text())["points"]:
-            pred = replay_w3_dp(point["qps"], router, num_replicas=replicas, frontend_latency_s=frontend_latency_s)
+            # a build since 054ccb3: its API processes freeze their start-up heap, no stalls
+            pred = replay_w3_dp(point["qps"], router, num_replicas=replicas, frontend_latency_s=frontend_latency_s,
+                                frontend_stalls=False)
             node = pred["router_node"] or {}
             rows.append({"run": f"W3 {label}", "qps": point["qps"], "file": file, "pred": pred, "meas": point,
                          "router_busy": node.get("busy_fraction")})

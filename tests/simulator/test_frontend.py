@@ -58,15 +58,18 @@ def test_a_request_reaches_the_core_after_its_intake():
 
 def test_gate_tracks_the_worst_wait_of_the_last_second():
     """With the gate on, each process keeps the worst wait of a job that joined it in the last second (input
-    delay: requests only; loop lag: every job), as serve/frontend_load.FrontendLoad does; a gate 429 costs
-    per_refusal_s, not a whole intake; without the gate nothing is tracked."""
+    delay: requests only; loop lag: every job), as serve/frontend_load.FrontendLoad does, and learns of it when
+    the job starts (the timer fires, the handler runs), not when it joins; a gate 429 costs per_refusal_s, not a
+    whole intake; without the gate nothing is tracked."""
     fe = FrontEnd(FrontEndCosts(per_request_s=0.01, per_token_s=0.001, per_refusal_s=0.002), gate=True)
     fe.intake(0.0)
     fe.deliver(0.0, 20)  # waits behind the intake: 10 ms
-    assert fe.delay_s(0, 0.0) == pytest.approx((0.0, 0.01))
-    assert fe.intake(0.005) == pytest.approx(0.04)  # 25 ms of work ahead of it
-    assert fe.delay_s(0, 0.005) == pytest.approx((0.025, 0.025))
-    assert fe.refuse(0.005, 0) == pytest.approx(0.042)  # its 429 after the queue, 2 ms of work
+    assert fe.delay_s(0, 0.0) == (0.0, 0.0)  # not known yet: the job has not started
+    assert fe.delay_s(0, 0.01) == pytest.approx((0.0, 0.01))
+    assert fe.intake(0.012) == pytest.approx(0.04)  # 18 ms of work ahead of it
+    assert fe.delay_s(0, 0.02) == pytest.approx((0.0, 0.01))
+    assert fe.delay_s(0, 0.03) == pytest.approx((0.018, 0.018))
+    assert fe.refuse(0.03, 0) == pytest.approx(0.042)  # its 429 after the queue, 2 ms of work
     assert fe.busy_s == pytest.approx(0.01 + 0.02 + 0.01 + 0.002) and fe.num_gate_refusals == 1
     assert fe.delay_s(0, 1.5) == pytest.approx((0.0, 0.0))  # forgotten after a window
     off = FrontEnd(FrontEndCosts(per_request_s=0.01, per_token_s=0.001))

@@ -234,13 +234,20 @@ def test_a_config_json_remote_code_map_keeps_the_direct_path(tokenizer_folder, t
     _assert_same(*_load_both(str(path)))
 
 
-def test_the_front_end_loads_the_embedded_tokenizer_without_torch_or_autotokenizer():
+@pytest.mark.parametrize("tokenizer_alone", [False, True])
+def test_the_front_end_loads_its_tokenizer_without_torch_or_autotokenizer(tokenizer_folder, tmp_path,
+                                                                          tokenizer_alone):
+    """The embedded model; a preset on dummy weights with --tokenizer DIR (a folder without config.json)."""
+    args = "model=None"
+    if tokenizer_alone:
+        path = _without_config_json(tokenizer_folder("bytelevel", "llama", "LlamaTokenizerFast"), tmp_path / "t")
+        args = f"model='llama-3.1-8b', load_format='dummy', tokenizer={path!r}"
     code = (
         "import sys\n"
         "from meshserve.config import EngineArgs\n"
         "from meshserve.serve.api_server import _import_front_end\n"
         "from meshserve.engine.early_tokenizer import EarlyTokenizer, tokenizer_dir_of\n"
-        "args = EngineArgs(model=None)\n"
+        f"args = EngineArgs({args})\n"
         "_import_front_end(args)\n"
         "tok = EarlyTokenizer(args).load(tokenizer_dir_of(args))\n"
         "assert tok('hello')['input_ids'], tok\n"

@@ -36,9 +36,11 @@ from multiprocessing import reduction
 ENV = "MESHSERVE_MP_START"
 METHODS = ("forkserver", "spawn")
 # imported once by the forkserver. Each reads no meshserve, CUDA, HF or MASTER_* setting at import and calls
-# nothing of torch.cuda (tests/distributed/test_process_start.py). torch.distributed.tensor (with sympy): what
-# transformers' config and tokenizer imports spend most of their time on in the core and API processes
-PRELOAD = ("torch", "torch.distributed", "torch.distributed.tensor", "numpy", "msgspec", "zmq")
+# nothing of torch.cuda (tests/distributed/test_process_start.py). Only what the engine core imports: the first
+# core waits for the whole preload, and so does the server's API process before its own imports. Not
+# torch.distributed.tensor (with sympy, ~0.6 s of a 2-core CPU): transformers' config code reached it, which the
+# core no longer imports (models/hf_config.py; tests/engine/test_core_imports.py)
+PRELOAD = ("torch", "torch.distributed", "numpy", "msgspec", "zmq")
 
 
 def start_method() -> str:

@@ -48,11 +48,13 @@ def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
 class AsyncLLM:
     """An engine for asyncio callers: `generate()` per request, over any EngineCoreClient."""
 
-    def __init__(self, core_client: EngineCoreClient, tokenizer=None):
+    def __init__(self, core_client: EngineCoreClient, tokenizer=None, output_tokenizer=None):
+        """output_tokenizer: the output processor's own copy of tokenizer where the caller made one ahead
+        (EarlyTokenizer.copy_of); else it is copied here."""
         self.core_client = core_client
         self.tokenizer = tokenizer  # the input side's; the output processor holds its own copy
         self.input_processor = InputProcessor(core_client.info, tokenizer)
-        self.output_processor = OutputProcessor(tokenizer)
+        self.output_processor = OutputProcessor(tokenizer, output_tokenizer)
         self._lock = threading.Lock()  # the output processor, between callers and the output thread
         self._dead: BaseException | None = None
         self._closing = False
@@ -72,11 +74,14 @@ class AsyncLLM:
     @classmethod
     def from_engine_args(cls, args: EngineArgs, separate_process: bool = False,
                          core_factory: Callable | None = None, core_process=None,
-                         tokenizer_loader: Callable = load_tokenizer) -> AsyncLLM:
+                         tokenizer_loader: Callable = load_tokenizer,
+                         tokenizer_copier: Callable | None = None) -> AsyncLLM:
         """The core in a thread of this process, or (separate_process) in a child process of its own;
         core_factory(args) builds a stand-in core there (the front-end benchmark's model-less core);
         core_process: that child, already spawned (CoreProcess(wait=False)); tokenizer_loader(the core's
-        tokenizer folder): the tokenizer (an EarlyTokenizer's load hands over one loaded meanwhile)."""
+        tokenizer folder): the tokenizer (an EarlyTokenizer's load hands over one loaded meanwhile);
+        tokenizer_copier(tokenizer): the output processor's copy of it (EarlyTokenizer.copy_of: one made
+        meanwhile too)."""
         if separate_process:
             from meshserve.engine.core_process import ProcessCoreClient
 
@@ -87,7 +92,9 @@ class AsyncLLM:
 
             client = ThreadedCoreClient(EngineCore.from_engine_args(args))
         try:
-            return cls(client, tokenizer_loader(client.info.tokenizer))
+            tokenizer = tokenizer_loader(client.info.tokenizer)
+            output_tokenizer = tokenizer_copier(tokenizer) if tokenizer_copier and tokenizer is not None else None
+            return cls(client, tokenizer, output_tokenizer)
         except BaseException:
             client.shutdown()
             raise

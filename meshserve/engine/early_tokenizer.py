@@ -3,12 +3,15 @@
 The core says which tokenizer to load (CoreInfo.tokenizer) only once it is ready, so the front end loaded it
 after: up to a second more of start-up for a large tokenizer. Where the arguments already name the folder
 (--tokenizer, a model folder holding a tokenizer, the embedded model), it loads now; `load(path)` hands it over
-if the core names the same folder, else loads what the core names (the same way as before).
+if the core names the same folder, else loads what the core names (the same way as before). The output
+processor's own copy of it (OutputProcessor) is made on the thread too: a deep copy of a large tokenizer takes
+~0.5-1 s, which would otherwise come after the core is ready, on the start-up's critical path.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import os
 import threading
 
@@ -55,7 +58,8 @@ class EarlyTokenizer:
         def run():
             try:
                 path = tokenizer_dir_of(args)
-                self._future.set_result((path, load_tokenizer(path) if path else None))
+                tokenizer = load_tokenizer(path) if path else None
+                self._future.set_result((path, tokenizer, copy.deepcopy(tokenizer)))
             except BaseException as e:  # noqa: BLE001 - load() loads again and raises it where it belongs
                 self._future.set_exception(e)
 
@@ -64,9 +68,19 @@ class EarlyTokenizer:
     def load(self, path: str | None):
         """The tokenizer of `path` (the core's CoreInfo.tokenizer): the early one if it is that folder's."""
         try:
-            early_path, tokenizer = self._future.result()
+            early_path, tokenizer, _ = self._future.result()
         except Exception:  # noqa: BLE001
             early_path = None
         if path and early_path and os.path.realpath(early_path) == os.path.realpath(path):
             return tokenizer
         return load_tokenizer(path)
+
+    def copy_of(self, tokenizer):
+        """A deep copy of `tokenizer` (the output processor's own): made on the thread for the early one."""
+        try:
+            _, early, early_copy = self._future.result()
+        except Exception:  # noqa: BLE001
+            early = None
+        if tokenizer is not None and tokenizer is early:
+            return early_copy
+        return copy.deepcopy(tokenizer)

@@ -126,8 +126,11 @@ class OutputProcessor:
     prompts (a Rust tokenizer used from two threads at once can fail).
     """
 
-    def __init__(self, tokenizer: Any | None):
-        self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
+    def __init__(self, tokenizer: Any | None, own_copy: Any | None = None):
+        """own_copy: a deep copy of tokenizer made ahead by the caller (early_tokenizer.py, on its thread)."""
+        if own_copy is None and tokenizer is not None:
+            own_copy = copy.deepcopy(tokenizer)
+        self.tokenizer = own_copy
         self.requests: dict[str, RequestState] = {}
         self._children: dict[str, tuple[RequestState, _Completion]] = {}
         self._token_text: dict[int, str] = {}  # one token's text, for logprobs (context-free, so cached)

@@ -3,10 +3,10 @@
 `transformers.models.auto.tokenization_auto` reaches transformers' configuration code and through it torch:
 ~4-6 s on a small CPU, the largest part of the API process's start-up, though the tokenizer classes themselves
 (tokenization_utils_tokenizers, a model's tokenization_*.py) import neither. For a local folder whose
-tokenizer_config.json names its class and whose config.json's model_type is one meshserve serves,
-`direct_class` follows AutoTokenizer.from_pretrained's choice (transformers 5.x) step by step on the same two
-files, with transformers' tables copied for those model types; that class's from_pretrained then gets
-AutoTokenizer's kwargs. Anything else (remote code, a model type or class name not below, Mistral's tekken
+tokenizer_config.json names its class and whose config.json's model_type is one meshserve serves (or which has no
+config.json: a tokenizer alone), `direct_class` follows AutoTokenizer.from_pretrained's choice (transformers 5.x)
+step by step on the same two files, with transformers' tables copied for those model types; that class's
+from_pretrained then gets AutoTokenizer's kwargs. Anything else (remote code, a model type or class name not below, Mistral's tekken
 probe, a missing or broken file, MESHSERVE_TOKENIZER_LOADER=auto) returns None: AutoTokenizer loads it.
 tests/models/test_direct_tokenizer.py holds the tables and the loaded tokenizers to transformers' own.
 """
@@ -76,16 +76,22 @@ def _read_json(path: str) -> dict:
 
 def _choose(path: str, kwargs: dict):
     """AutoTokenizer.from_pretrained's class for the local folder `path`, its steps in its order."""
-    config = _read_json(os.path.join(path, "config.json"))
+    config_path = os.path.join(path, "config.json")
+    # a tokenizer alone (no config.json, e.g. --tokenizer DIR): AutoConfig refuses the folder and AutoTokenizer
+    # goes on with a bare PreTrainedConfig, whose model type is "" (no registered class) and name ""
+    alone = not os.path.lexists(config_path)
+    config = {} if alone else _read_json(config_path)
     tokenizer_config = _read_json(os.path.join(path, "tokenizer_config.json"))
-    model_type, hub_class = config.get("model_type"), tokenizer_config.get("tokenizer_class")
+    model_type = "" if alone else config.get("model_type")
+    hub_class = tokenizer_config.get("tokenizer_class")
     kwargs["_commit_hash"] = tokenizer_config.get("_commit_hash", kwargs.get("_commit_hash"))
-    if "auto_map" in tokenizer_config or model_type not in REGISTERED_CLASS or not isinstance(hub_class, str):
+    if ("auto_map" in tokenizer_config or (not alone and model_type not in REGISTERED_CLASS)
+            or not isinstance(hub_class, str)):
         raise _NeedsAuto(path)  # remote code, another model type, or the class taken from the config
     names = [str(n).lower() for n in (path, config.get("_name_or_path"), config.get("name_or_path")) if n]
     if any(fnmatch.fnmatch(n, p) for n in names for p in TOKENIZERS_BACKEND_IDS):
         raise _NeedsAuto(path)
-    registered = REGISTERED_CLASS[model_type]
+    registered = REGISTERED_CLASS.get(model_type)
     incorrect = model_type in INCORRECT_HUB_CLASS or config.get("model_name") in INCORRECT_HUB_CLASS
     backend = _class_from_name("TokenizersBackend")
 

@@ -135,7 +135,7 @@ def _start_engine(engine_args: EngineArgs, engine_in_thread: bool, core_factory:
             startup_timeline.mark("waiting for the core")
         allm = AsyncLLM.from_engine_args(engine_args, separate_process=not engine_in_thread,
                                          core_factory=core_factory, core_process=core,
-                                         tokenizer_loader=tokenizer.load)
+                                         tokenizer_loader=tokenizer.load, tokenizer_copier=tokenizer.copy_of)
         startup_timeline.mark("tokenizer + core client")
         return allm
     except BaseException:  # a failed load, or Ctrl-C while importing or loading: the core goes too
@@ -222,7 +222,8 @@ def _api_process_main(addresses: list, index: int, config: ServeConfig, sock: so
         client = clients[0]
     startup_timeline.mark("waiting for the core")
     try:
-        allm = AsyncLLM(client, tokenizer.load(client.info.tokenizer))
+        tok = tokenizer.load(client.info.tokenizer)
+        allm = AsyncLLM(client, tok, tokenizer.copy_of(tok))
     except BaseException:
         client.shutdown()
         raise

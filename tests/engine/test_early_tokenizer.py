@@ -1,6 +1,8 @@
 """The front end's tokenizer loads while the core loads, and is handed over only for the folder the core names."""
 
+import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 from meshserve.config import EngineArgs
 from meshserve.engine import early_tokenizer
@@ -28,6 +30,26 @@ def test_the_early_tokenizer_is_the_one_the_core_names_else_a_fresh_load(
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "other" / f).write_text((Path(path) / f).read_text())
     assert early.load(other) is not tok and loads[-1] == other  # the core named another: loaded as before
+
+
+def test_the_output_processor_s_copy_is_made_on_the_thread_for_the_early_tokenizer(tiny_model_dir, monkeypatch):
+    path = tiny_model_dir("llama")
+    copied: list[object] = []
+    real = copy.deepcopy
+
+    def counting(x):
+        copied.append(x)
+        return real(x)
+
+    monkeypatch.setattr(early_tokenizer, "copy", SimpleNamespace(deepcopy=counting))  # early_tokenizer's copies
+    early = EarlyTokenizer(EngineArgs(model=path))
+    tok = early.load(path)
+    own = early.copy_of(tok)
+    assert copied == [tok]  # once, on the thread, before the tokenizer was handed over
+    assert own is not tok and own("hello world")["input_ids"] == tok("hello world")["input_ids"]
+    other = early_tokenizer.load_tokenizer(path)  # not the early one: copied now
+    assert early.copy_of(other) is not own and copied[-1] is other
+    assert early.copy_of(None) is None
 
 
 def test_the_folder_is_known_early_only_where_the_arguments_say_it(tiny_model_dir, tmp_path):

@@ -152,8 +152,29 @@ def test_the_embedded_model_tokenizer_loads_as_autotokenizer_loads_it():
     _assert_same(*_load_both(path))
 
 
+def _without_config_json(folder: str, dest: Path) -> str:
+    dest.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (dest / f).write_text((Path(folder) / f).read_text())
+    return str(dest)
+
+
+@pytest.mark.parametrize("kind,tokenizer_class,expected", [
+    *[("bytelevel", c, "TokenizersBackend" if c.startswith("Llama") else None) for c in CLASSES],
+    *[("metaspace", c, None) for c in METASPACE_CLASSES]])
+def test_a_tokenizer_without_config_json_loads_as_autotokenizer_loads_it(tokenizer_folder, tmp_path, kind,
+                                                                         tokenizer_class, expected):
+    """A tokenizer folder alone (--tokenizer DIR, the start-up probe's /tmp/tok): AutoTokenizer goes on with a
+    bare config (model type ""); through AutoTokenizer it imported torch in the API process (~3 s here)."""
+    path = _without_config_json(tokenizer_folder(kind, "llama", tokenizer_class), tmp_path / "tok")
+    cls = direct_class(path, {"local_files_only": True})
+    assert cls is not None and cls.__name__ == (expected or cls.__name__)
+    _assert_same(*_load_both(path))
+
+
 @pytest.mark.parametrize("case", ["auto_map", "unknown class", "mistral", "gpt2 model type", "no class",
-                                  "no config.json", "backend checkpoint id", "switch", "other kwargs"])
+                                  "no class nor config.json", "backend checkpoint id", "switch",
+                                  "other kwargs"])
 def test_what_direct_tokenizer_does_not_follow_goes_to_autotokenizer(tokenizer_folder, case, monkeypatch,
                                                                      tmp_path):
     kind, model_type, cls, extra, kwargs = "bytelevel", "llama", "PreTrainedTokenizerFast", {}, {}
@@ -165,18 +186,15 @@ def test_what_direct_tokenizer_does_not_follow_goes_to_autotokenizer(tokenizer_f
         model_type = "mistral"
     elif case == "gpt2 model type":
         model_type = "gpt2"
-    elif case == "no class":
+    elif case in ("no class", "no class nor config.json"):
         cls = None
     elif case == "switch":
         monkeypatch.setenv("MESHSERVE_TOKENIZER_LOADER", "auto")
     elif case == "other kwargs":
         kwargs = {"trust_remote_code": True}
     path = tokenizer_folder(kind, model_type, cls, **extra)
-    if case == "no config.json":
-        path = str(tmp_path / "no-config")
-        os.mkdir(path)
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            (Path(path) / f).write_text((Path(tokenizer_folder(kind, model_type, cls)) / f).read_text())
+    if case == "no class nor config.json":
+        path = _without_config_json(path, tmp_path / "no-config")
     elif case == "backend checkpoint id":
         config = json.loads((Path(path) / "config.json").read_text())
         path = str(tmp_path / "named")
@@ -216,13 +234,20 @@ def test_a_config_json_remote_code_map_keeps_the_direct_path(tokenizer_folder, t
     _assert_same(*_load_both(str(path)))
 
 
-def test_the_front_end_loads_the_embedded_tokenizer_without_torch_or_autotokenizer():
+@pytest.mark.parametrize("tokenizer_alone", [False, True])
+def test_the_front_end_loads_its_tokenizer_without_torch_or_autotokenizer(tokenizer_folder, tmp_path,
+                                                                          tokenizer_alone):
+    """The embedded model; a preset on dummy weights with --tokenizer DIR (a folder without config.json)."""
+    args = "model=None"
+    if tokenizer_alone:
+        path = _without_config_json(tokenizer_folder("bytelevel", "llama", "LlamaTokenizerFast"), tmp_path / "t")
+        args = f"model='llama-3.1-8b', load_format='dummy', tokenizer={path!r}"
     code = (
         "import sys\n"
         "from meshserve.config import EngineArgs\n"
         "from meshserve.serve.api_server import _import_front_end\n"
         "from meshserve.engine.early_tokenizer import EarlyTokenizer, tokenizer_dir_of\n"
-        "args = EngineArgs(model=None)\n"
+        f"args = EngineArgs({args})\n"
         "_import_front_end(args)\n"
         "tok = EarlyTokenizer(args).load(tokenizer_dir_of(args))\n"
         "assert tok('hello')['input_ids'], tok\n"

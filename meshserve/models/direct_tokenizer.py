@@ -4,8 +4,8 @@
 ~4-6 s on a small CPU, the largest part of the API process's start-up, though the tokenizer classes themselves
 (tokenization_utils_tokenizers, a model's tokenization_*.py) import neither. For a local folder whose
 tokenizer_config.json names its class and whose config.json's model_type is one meshserve serves (or which has no
-config.json: a tokenizer alone), `direct_class` follows AutoTokenizer.from_pretrained's choice (transformers 5.x)
-step by step on the same two files, with transformers' tables copied for those model types; that class's
+config.json: a tokenizer alone), `direct_class` follows AutoTokenizer.from_pretrained's choice
+step by step on the same two files (transformers 5.24 and later 5.x: VERIFIED_FROM), with transformers' tables copied for those model types; that class's
 from_pretrained then gets AutoTokenizer's kwargs. Anything else (remote code, a model type or class name not below, Mistral's tekken
 probe, a missing or broken file, MESHSERVE_TOKENIZER_LOADER=auto) returns None: AutoTokenizer loads it.
 tests/models/test_direct_tokenizer.py holds the tables and the loaded tokenizers to transformers' own.
@@ -21,6 +21,11 @@ import os
 from meshserve.models.hf_config import transformers_version
 
 _SWITCH = "MESHSERVE_TOKENIZER_LOADER"  # "auto": always transformers' AutoTokenizer
+# the transformers releases whose tables and loading steps this module follows (checked by the tests against the
+# installed one); older 5.x differ inside (5.17, the GPU image's, has no resolve_revision and no byte-level probe
+# on TokenizersBackend), so they take AutoTokenizer
+VERIFIED_FROM = (5, 24)
+VERIFIED_BEFORE = (6, 0)
 
 # tokenization_auto.TOKENIZER_MAPPING_NAMES for the model types meshserve serves (None: no entry). The Mistral
 # types are left out: theirs depends on mistral_common being installed and on a tekken.json probe.
@@ -116,11 +121,19 @@ def _choose(path: str, kwargs: dict):
     return backend if cls.__name__ == "PythonBackend" else cls
 
 
+def _verified(version: str | None) -> bool:
+    """Whether `version` (transformers') lies in [VERIFIED_FROM, VERIFIED_BEFORE)."""
+    try:
+        major_minor = tuple(int(part) for part in (version or "").split(".")[:2])
+    except ValueError:
+        return False
+    return VERIFIED_FROM <= major_minor < VERIFIED_BEFORE
+
+
 def direct_class(path: str, kwargs: dict):
     """The class AutoTokenizer.from_pretrained(path, **kwargs) would instantiate, or None where this module
     does not follow its choice. `kwargs`: those AutoTokenizer passes on (see `load`); sets _commit_hash."""
-    version = transformers_version() or ""
-    if (os.environ.get(_SWITCH, "").lower() == "auto" or not version.startswith("5.")
+    if (os.environ.get(_SWITCH, "").lower() == "auto" or not _verified(transformers_version())
             or not os.path.isdir(path) or not set(kwargs) <= _PLAIN_KWARGS):
         return None
     try:
@@ -131,12 +144,12 @@ def direct_class(path: str, kwargs: dict):
 
 def load(path: str, **kwargs):
     """AutoTokenizer.from_pretrained(path, **kwargs)'s tokenizer, through its class directly where known."""
-    try:  # transformers 5's own revision rule; older versions (the device's) lack it: plain AutoTokenizer there
-        from transformers.utils.hub import resolve_revision
-    except ImportError:
+    if not _verified(transformers_version()):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path, **kwargs)
+    from transformers.utils.hub import resolve_revision
+
     passed = {**kwargs, "_from_auto": True}
     passed["revision"] = resolve_revision(path, passed.get("revision"), token=passed.get("token"),
                                           local_files_only=passed.get("local_files_only", False),

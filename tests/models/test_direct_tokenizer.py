@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+import transformers
 from transformers import AutoTokenizer
 from transformers.models.auto import tokenization_auto
 
@@ -23,6 +24,26 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
             {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
 
 
+# the parity tests hold the direct path to the installed transformers, so they need one the module follows
+needs_verified = pytest.mark.skipif(not direct_tokenizer._verified(transformers.__version__),
+                                    reason="installed transformers outside direct_tokenizer's verified range")
+
+
+@pytest.mark.parametrize("version,verified", [("5.24.0", True), ("5.30.1.dev0", True), ("5.17.0", False),
+                                              ("4.57.1", False), ("6.0.0", False), ("", False), ("x.y", False)])
+def test_only_the_verified_transformers_releases_take_the_direct_path(tokenizer_folder, monkeypatch, version,
+                                                                      verified):
+    if verified and not direct_tokenizer._verified(transformers.__version__):
+        pytest.skip("the direct path itself needs a verified transformers installed")
+    monkeypatch.setattr(direct_tokenizer, "transformers_version", lambda: version)
+    folder = tokenizer_folder("bytelevel", "qwen3", "Qwen2Tokenizer")
+    assert (direct_class(str(folder), {}) is not None) == verified
+    if not verified:  # load() hands the folder to AutoTokenizer without touching 5.2x-only internals
+        monkeypatch.setattr(direct_tokenizer, "direct_class", lambda *a: pytest.fail("direct path taken"))
+        assert type(direct_tokenizer.load(str(folder))).__name__ == type(AutoTokenizer.from_pretrained(str(folder))).__name__
+
+
+@needs_verified
 def test_the_copied_tables_are_transformers_own():
     for model_type, name in direct_tokenizer.REGISTERED_CLASS.items():
         assert tokenization_auto.TOKENIZER_MAPPING_NAMES.get(model_type) == name, model_type
@@ -108,6 +129,7 @@ CLASSES = ["PreTrainedTokenizerFast", "TokenizersBackend", "Qwen2Tokenizer", "Qw
            "LlamaTokenizerFast", "LlamaTokenizer", "GPT2Tokenizer", "GPT2TokenizerFast"]
 
 
+@needs_verified
 @pytest.mark.parametrize("tokenizer_class", CLASSES)
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "deepseek_v3"])
 def test_a_byte_level_tokenizer_loads_as_autotokenizer_loads_it(tokenizer_folder, model_type,
@@ -120,6 +142,7 @@ def test_a_byte_level_tokenizer_loads_as_autotokenizer_loads_it(tokenizer_folder
 METASPACE_CLASSES = ["LlamaTokenizerFast", "LlamaTokenizer", "PreTrainedTokenizerFast", "Qwen2Tokenizer"]
 
 
+@needs_verified
 @pytest.mark.parametrize("tokenizer_class", METASPACE_CLASSES)
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3_moe"])
 def test_a_metaspace_tokenizer_loads_as_autotokenizer_loads_it(tokenizer_folder, model_type,
@@ -129,6 +152,7 @@ def test_a_metaspace_tokenizer_loads_as_autotokenizer_loads_it(tokenizer_folder,
     _assert_same(*_load_both(path))
 
 
+@needs_verified
 def test_the_classes_differ_where_autotokenizer_picks_them_differently(tokenizer_folder):
     """The cases above are not all one class: the choice is followed, not defaulted."""
     cases = {("bytelevel", "llama", "LlamaTokenizerFast"): "TokenizersBackend",  # ByteLevel Llama 3
@@ -143,6 +167,7 @@ def test_the_classes_differ_where_autotokenizer_picks_them_differently(tokenizer
     assert picked == cases
 
 
+@needs_verified
 def test_the_embedded_model_tokenizer_loads_as_autotokenizer_loads_it():
     from meshserve.config import EngineArgs
     from meshserve.engine.early_tokenizer import tokenizer_dir_of
@@ -159,6 +184,7 @@ def _without_config_json(folder: str, dest: Path) -> str:
     return str(dest)
 
 
+@needs_verified
 @pytest.mark.parametrize("kind,tokenizer_class,expected", [
     *[("bytelevel", c, "TokenizersBackend" if c.startswith("Llama") else None) for c in CLASSES],
     *[("metaspace", c, None) for c in METASPACE_CLASSES]])
@@ -172,6 +198,7 @@ def test_a_tokenizer_without_config_json_loads_as_autotokenizer_loads_it(tokeniz
     _assert_same(*_load_both(path))
 
 
+@needs_verified
 @pytest.mark.parametrize("case", ["auto_map", "unknown class", "mistral", "gpt2 model type", "no class",
                                   "no class nor config.json", "backend checkpoint id", "switch",
                                   "other kwargs"])
@@ -218,6 +245,7 @@ def test_what_direct_tokenizer_does_not_follow_goes_to_autotokenizer(tokenizer_f
     _assert_same(ours, AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs))
 
 
+@needs_verified
 def test_a_config_json_remote_code_map_keeps_the_direct_path(tokenizer_folder, tmp_path):
     """DeepSeek-V3's config.json maps AutoConfig to remote code; AutoConfig still uses transformers' class for
     its model type, so the tokenizer choice is the same."""
@@ -234,6 +262,7 @@ def test_a_config_json_remote_code_map_keeps_the_direct_path(tokenizer_folder, t
     _assert_same(*_load_both(str(path)))
 
 
+@needs_verified
 @pytest.mark.parametrize("tokenizer_alone", [False, True])
 def test_the_front_end_loads_its_tokenizer_without_torch_or_autotokenizer(tokenizer_folder, tmp_path,
                                                                           tokenizer_alone):

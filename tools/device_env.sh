@@ -1,12 +1,14 @@
 # The common start of the tools/*_device.sh scripts (sourced: `. "$(dirname "$0")/device_env.sh"`): the
 # repository root as working directory; unbuffered, offline Python; NVLink multicast off for NCCL / symmetric
 # memory (the device machines' rule; no effect on one GPU); the carried wheels (.whl/*.whl and
-# .whl-structured/*.whl, xgrammar and its dependencies, where there are any: none means the packages are
+# .whl-structured/*.whl, xgrammar and its dependencies; .whl-tf/*.whl, a transformers release newer than the
+# image's 5.17 with its huggingface-hub (`pip download --no-deps transformers==5.24.0 huggingface-hub==2.4.0`: the
+# direct tokenizer path needs >= 5.24, the image's falls back to AutoTokenizer), where there are any: none means the packages are
 # installed already) into /tmp/site, a failed install ending the script; PYTHONPATH
 # the checkout, then /tmp/site; OUT (where results go back) /tmp/out unless set.
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-wheels=$(ls .whl/*.whl .whl-structured/*.whl .whl-nixl/*.whl 2> /dev/null)
+wheels=$(ls .whl/*.whl .whl-structured/*.whl .whl-nixl/*.whl .whl-tf/*.whl 2> /dev/null)
 if [ -n "$wheels" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels || exit 1
 fi

@@ -5,10 +5,10 @@ the graph captures compile most of the forward's kernels. Left over, each first 
 Triton cache then pays ~0.5 s in some user's step, issue 18):
   * a chunk behind cached tokens (a long prompt's later chunks, a prefix-cache hit): MLA's prefill takes its
     chunked-context variant (query offsets, log-sum-exp) and merges the pieces (triton_lse_merge);
-  * a mixed step past the mixed-step graphs (--max-cudagraph-tokens) or without them (MLA's always): the decode
-    kernel beside the prefill kernel, eagerly, at whatever KV split count the batch's shape and longest context
-    give (the split kernel compiles apart for one split, the reduce kernel once per power of two; the decode
-    graphs meet only the counts of their batch sizes at max_model_len);
+  * a mixed step past the mixed-step graphs (--max-cudagraph-tokens) or without them (MLA's always): the
+    decode kernel beside the prefill kernel, eagerly, at whatever KV split count the batch's shape and longest
+    context give (the split kernel compiles apart for one split, the reduce kernel once per power of two; the
+    decode graphs meet only the counts of their batch sizes at max_model_len);
   * decode-only steps run eagerly (--enforce-eager, or past the decode graphs): the batch-1 GEMVs;
   * a step whose MLA prefill context outgrows the prefill workspace (kernels/mla_prefill.py: a chunk behind
     more cached tokens than one workspace holds, or many chunks behind prefixes): the attention kernel's
@@ -229,7 +229,8 @@ def _heuristic_backends(layers) -> list:
     found = (getattr(layer, "backend", layer) for layer in layers)
     return [
         b for b in found
-        if b is not None and getattr(b, "decode_num_splits", 0) is None and getattr(b, "max_decode_splits", 0) > 0
+        if b is not None and getattr(b, "decode_num_splits", 0) is None
+        and getattr(b, "max_decode_splits", 0) > 0
     ]
 
 

@@ -66,8 +66,8 @@ class MLAAttention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         self.kernels = PLAIN  # bound by the model runner (layers/backend_selection.py)
         self.prefill_workspace: MLAPrefillWorkspace | None = None  # bound by the runner: bind_prefill_workspace
-        # the split kernel's KV splits, fixed by the start-up warm-up (engine/eager_warmup.forced_decode_splits)
-        # to compile each reduce variant; None: the heuristic (triton_mla.decode_split_count)
+        # the split kernel's KV splits, fixed by the start-up warm-up to compile each reduce variant
+        # (engine/eager_warmup.forced_decode_splits); None: the heuristic (triton_mla.decode_split_count)
         self.decode_num_splits: int | None = None
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -77,7 +77,8 @@ class MLAAttention(nn.Module):
     def max_decode_splits(self) -> int:
         """The most KV splits this layer's decode may pick (0: none, the torch reference or the balanced
         kernel at every batch size)."""
-        if self.kernels.attention_backend != "triton" or (self.kernels.mla_balanced and not self.kernels.mla_legacy):
+        k = self.kernels
+        if k.attention_backend != "triton" or (k.mla_balanced and not k.mla_legacy):
             return 0
         from meshserve.kernels.triton_mla import MLA_MAX_SPLITS
 

@@ -1,7 +1,7 @@
-"""The start-up warm-up builds every variant of the decode reduce kernel that serving can pick (issue 29: an H200
-serving run of a tiny DeepSeek-V2 met _decode_reduce_kernel at SPLITS_PAD 2 and 4 after start-up). The KV split
-counts the decode rules return over every batch size and context length the split kernel serves must be among
-the counts the eager warm-up forces its mixed step to (eager_warmup.mixed_split_counts), for MLA layers
+"""The start-up warm-up builds every variant of the decode reduce kernel that serving can pick (issue 29: an
+H200 serving run of a tiny DeepSeek-V2 met _decode_reduce_kernel at SPLITS_PAD 2 and 4 after start-up). The KV
+split counts the decode rules return over every batch size and context length the split kernel serves must be
+among the counts the eager warm-up forces its mixed step to (eager_warmup.mixed_split_counts), for MLA layers
 (triton_mla.decode_split_count) and the Triton attention backend alike; and an MLA layer's forced count must
 reach its decode kernel."""
 
@@ -19,7 +19,7 @@ from meshserve.layers.mla_attention import MLAAttention
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
-# a context of each length cap the rules give (one split per 256 tokens: 1..257 splits' worth, past the 64 cap)
+# a context of each length cap the rules give (a split per 256 tokens: 1..257 splits' worth, past the 64 cap)
 CONTEXTS = [k * 256 + 1 for k in range(257)]
 ROWS = [*range(1, 140), 300]  # every batch up to past the largest SM count below (from there on: one split)
 
@@ -46,7 +46,8 @@ def test_the_mixed_warm_up_reaches_every_mla_reduce_variant(monkeypatch, num_sms
 
     monkeypatch.setattr(triton_mla, "_num_sms", lambda index: num_sms)
     layer = _mla(heads, rank, mla_legacy=legacy)
-    picked = {layer.decode_splits(n, ctx, torch.bfloat16, torch.device("cpu")) for n in ROWS for ctx in CONTEXTS}
+    cpu = torch.device("cpu")
+    picked = {layer.decode_splits(n, ctx, torch.bfloat16, cpu) for n in ROWS for ctx in CONTEXTS}
     picked.discard(0)  # the balanced kernel (64 rows on): no split kernel, no reduce
     planned = mixed_split_counts([layer])
     assert _pads(picked) <= _pads(planned)
@@ -88,8 +89,8 @@ def test_forced_decode_splits_reach_mla_layers_that_split():
 @needs_triton
 @pytest.mark.parametrize("splits", [None, 1, 4])
 def test_an_mla_layers_forced_count_reaches_its_decode_kernel(monkeypatch, splits):
-    """The layer's absorbed path (Triton, the interpreter on CPU) launches the forced count and still gives the
-    reference's output."""
+    """The layer's absorbed path (Triton, the interpreter on CPU) launches the forced count and still gives
+    the reference's output."""
     from meshserve.kernels import triton_mla
     from meshserve.kernels.attention_metadata import AttentionMetadata
     from meshserve.kernels.mla_ref import write_latent_ref
@@ -103,11 +104,13 @@ def test_an_mla_layers_forced_count_reaches_its_decode_kernel(monkeypatch, split
     layer.kv_cache = torch.zeros(1, 24, block_size, 1, rank + rope)
     tables = torch.tensor([list(range(18)), list(range(18, 21)) + [0] * 15])
     for b, n in enumerate(seq_lens):  # every context row written through the reference
-        slots = torch.tensor([int(tables[b, p // block_size]) * block_size + p % block_size for p in range(n)])
+        slots = torch.tensor([int(tables[b, p // block_size]) * block_size + p % block_size
+                              for p in range(n)])
         write_latent_ref(rnd(n, rank), rnd(n, rope), layer.kv_cache, slots)
-    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64), query_start_loc=torch.tensor([0, 1, 2]),
-                             seq_lens=torch.tensor(seq_lens), block_tables=tables, max_query_len=1,
-                             max_seq_len=max(seq_lens), query_start_loc_cpu=[0, 1, 2], seq_lens_cpu=seq_lens)
+    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64),
+                             query_start_loc=torch.tensor([0, 1, 2]), seq_lens=torch.tensor(seq_lens),
+                             block_tables=tables, max_query_len=1, max_seq_len=max(seq_lens),
+                             query_start_loc_cpu=[0, 1, 2], seq_lens_cpu=seq_lens)
     q_nope, q_pe = rnd(2, heads, nope), rnd(2, heads, rope)
     kv_b = rnd(heads * (nope + v_dim), rank) * rank**-0.5
     launched = []

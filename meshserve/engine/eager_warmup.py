@@ -5,9 +5,10 @@ the graph captures compile most of the forward's kernels. Left over, each first 
 Triton cache then pays ~0.5 s in some user's step, issue 18):
   * a chunk behind cached tokens (a long prompt's later chunks, a prefix-cache hit): MLA's prefill takes its
     chunked-context variant (query offsets, log-sum-exp) and merges the pieces (triton_lse_merge);
-  * a mixed step past the mixed-step graphs (--max-cudagraph-tokens) or without them: the decode kernel beside
-    the unified prefill kernel, eagerly, at whatever KV split count the batch's shape gives (the split kernel
-    compiles apart for one split, the reduce kernel once per power of two);
+  * a mixed step past the mixed-step graphs (--max-cudagraph-tokens) or without them (MLA's always): the
+    decode kernel beside the prefill kernel, eagerly, at whatever KV split count the batch's shape and longest
+    context give (the split kernel compiles apart for one split, the reduce kernel once per power of two; the
+    decode graphs meet only the counts of their batch sizes at max_model_len);
   * decode-only steps run eagerly (--enforce-eager, or past the decode graphs): the batch-1 GEMVs;
   * a step whose MLA prefill context outgrows the prefill workspace (kernels/mla_prefill.py: a chunk behind
     more cached tokens than one workspace holds, or many chunks behind prefixes): the attention kernel's
@@ -199,10 +200,18 @@ def split_counts(max_splits: int) -> list[int]:
     return counts
 
 
+def mixed_split_counts(layers) -> list[int]:
+    """The KV split counts the warm-up runs its mixed step at (forced_decode_splits): every one the layers'
+    heuristics may pick, so every reduce variant (SPLITS_PAD) is built; [0] where none picks one (the step
+    runs once, as it comes)."""
+    return split_counts(max_decode_splits(layers)) or [0]
+
+
 @contextlib.contextmanager
 def forced_decode_splits(layers, splits: int):
-    """Every attention layer whose backend picks its split count by the heuristic (the Triton one, unless a
-    count is configured) at `splits` inside the block; restored after (None: the heuristic)."""
+    """Every attention layer whose split count a heuristic picks (the Triton backend's unless a count is
+    configured; an MLA layer's own on Triton) at `splits` inside the block; restored after (None: the
+    heuristic)."""
     backends = {id(b): b for b in _heuristic_backends(layers)}
     try:
         for b in backends.values():
@@ -214,9 +223,15 @@ def forced_decode_splits(layers, splits: int):
 
 
 def _heuristic_backends(layers) -> list:
-    """The layers' backends that choose a decode split count per batch (a fixed count compiles one variant)."""
-    found = (getattr(layer, "backend", None) for layer in layers)
-    return [b for b in found if b is not None and getattr(b, "decode_num_splits", 0) is None]
+    """What chooses a decode split count per batch: the layers' backends (Triton attention), or an MLA layer
+    itself (it picks its decode kernel's splits), where no fixed count is configured (that compiles one
+    variant) and some split is possible (max_decode_splits > 0: not the torch reference)."""
+    found = (getattr(layer, "backend", layer) for layer in layers)
+    return [
+        b for b in found
+        if b is not None and getattr(b, "decode_num_splits", 0) is None
+        and getattr(b, "max_decode_splits", 0) > 0
+    ]
 
 
 def max_decode_splits(layers) -> int:
@@ -254,7 +269,7 @@ def warm_up_eager_steps(
         steps += 1
     mixed = mixed_step(block_size, num_blocks)
     if mixed is not None:
-        for splits in split_counts(max_decode_splits(layers)) or [0]:
+        for splits in mixed_split_counts(layers):
             with forced_decode_splits(layers, splits) if splits else contextlib.nullcontext():
                 forward(*prepare(mixed))
             steps += 1

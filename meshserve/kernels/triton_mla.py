@@ -38,6 +38,9 @@ from meshserve.kernels.triton_mla_prefetch import attend_latent_range_prefetched
 from meshserve.kernels.triton_mla_transposed import attend_latent_range_transposed
 
 BLOCK_H = 16  # heads per program: tl.dot needs at least 16 rows
+# the most KV splits decode_split_count picks (either rule): the reduce kernel compiles once per power of two
+# up to it (SPLITS_PAD), which the start-up warm-up runs through (engine/eager_warmup.forced_decode_splits)
+MLA_MAX_SPLITS = 64
 
 
 @triton.jit
@@ -218,8 +221,10 @@ def decode_split_count(num_seqs: int, num_heads: int, rank: int, elem_size: int,
     block_n = tile[0] if tile is not None else _decode_config(max(16, _next_pow2(rank)), elem_size)[0]
     programs_per_seq = triton.cdiv(num_heads, BLOCK_H)
     if legacy:
-        return decode_num_splits(num_seqs, programs_per_seq, max_seq_len, block_n, _num_sms(device_index))
-    return mla_num_splits(num_seqs * programs_per_seq, max_seq_len, block_n, _num_sms(device_index))
+        return decode_num_splits(num_seqs, programs_per_seq, max_seq_len, block_n, _num_sms(device_index),
+                                 max_splits=MLA_MAX_SPLITS)
+    return mla_num_splits(num_seqs * programs_per_seq, max_seq_len, block_n, _num_sms(device_index),
+                          max_splits=MLA_MAX_SPLITS)
 
 
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -66,9 +66,23 @@ class MLAAttention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         self.kernels = PLAIN  # bound by the model runner (layers/backend_selection.py)
         self.prefill_workspace: MLAPrefillWorkspace | None = None  # bound by the runner: bind_prefill_workspace
+        # the split kernel's KV splits, fixed by the start-up warm-up to compile each reduce variant
+        # (engine/eager_warmup.forced_decode_splits); None: the heuristic (triton_mla.decode_split_count)
+        self.decode_num_splits: int | None = None
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (1, num_blocks, block_size, 1, self.head_dim)
+
+    @property
+    def max_decode_splits(self) -> int:
+        """The most KV splits this layer's decode may pick (0: none, the torch reference or the balanced
+        kernel at every batch size)."""
+        k = self.kernels
+        if k.attention_backend != "triton" or (k.mla_balanced and not k.mla_legacy):
+            return 0
+        from meshserve.kernels.triton_mla import MLA_MAX_SPLITS
+
+        return MLA_MAX_SPLITS
 
     def decode_splits(self, num_seqs: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> int | None:
         """The KV splits the Triton decode kernel runs for this batch shape (engine/cuda_graph.py keys its
@@ -77,6 +91,8 @@ class MLAAttention(nn.Module):
             return None
         if self._balanced(num_seqs):
             return 0  # the balanced kernel's launch does not depend on the context bound: no variants
+        if self.decode_num_splits is not None:
+            return self.decode_num_splits
         from meshserve.kernels.triton_mla import decode_split_count
 
         return decode_split_count(num_seqs, self.num_heads, self.kv_lora_rank, dtype.itemsize, max_seq_len,
@@ -169,7 +185,8 @@ class MLAAttention(nn.Module):
             else:
                 o_lat = mla_decode(q_lat.contiguous(), q_pe.contiguous() if legacy else q_pe, self.kv_cache,
                                    meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
-                                   meta.max_seq_len, tile=self.kernels.mla_decode_tile, legacy_splits=legacy,
+                                   meta.max_seq_len, num_splits=self.decode_num_splits,
+                                   tile=self.kernels.mla_decode_tile, legacy_splits=legacy,
                                    prefetch=self.kernels.mla_prefetch and not legacy,
                                    transposed=self.kernels.mla_transposed and not legacy)
         else:

@@ -176,7 +176,7 @@ class Calibration:
     static_inputs: bool = False  # fp8: static per-tensor input_scale per projection, max|x| of the calibration
     refit: bool = False  # int4 GPTQ: scales re-fitted to the final integers (gptq.refit_scales)
     asymmetric: bool = False  # sequential GPTQ fitted to the float model's outputs (GPTAQ, gptq_sequential.py)
-    samples: int = 8  # "more": how many self-sampled 512-token windows join the text's 11
+    samples: int = 8  # "more": how many self-sampled 512-token windows join the text's 11 (0: the text alone)
     damp: float | None = None  # int4 GPTQ's damping, a fraction of mean diag(H) (None: gptq.INT4_DAMP)
     awq_more: bool = False  # AWQ's scale search on GPTQ's "more" windows too (default: 8 windows of the text)
 
@@ -198,12 +198,16 @@ CALIBRATIONS = {
     ),
     "awq-scale-gptq-mse-seq-more": Calibration(awq="scale", gptq="more", mse=True, sequential=True),
     # 2026-12-01 (fifteenth session, self-sampled windows fixed): AWQ's scale search on the "more" windows
-    # too; GPTQ damped 5% (more tokens estimate H better); 16 self-sampled windows instead of 8
+    # too; GPTQ damped 5% (more tokens estimate H better); all 11 text windows, no self-sampled ones; 16
+    # self-sampled windows instead of 8
     "awq-scale-gptq-mse-seq-more-awq": Calibration(
         awq="scale", gptq="more", mse=True, sequential=True, awq_more=True
     ),
     "awq-scale-gptq-mse-seq-more-d05": Calibration(
         awq="scale", gptq="more", mse=True, sequential=True, damp=0.05
+    ),
+    "awq-scale-gptq-mse-seq-text11": Calibration(
+        awq="scale", gptq="more", mse=True, sequential=True, samples=0
     ),
     "awq-scale-gptq-mse-seq-more16": Calibration(
         awq="scale", gptq="more", mse=True, sequential=True, samples=16
@@ -272,7 +276,8 @@ def quantize_checkpoint(
         from meshserve.models.calibration import calibration_text_ids
         from meshserve.models.gptq import calibration_ids
 
-        ids = calibration_text_ids(src) + calibration_ids(src, num_sequences=cal.samples, length=511)
+        ids = calibration_text_ids(src)
+        ids += calibration_ids(src, num_sequences=cal.samples, length=511) if cal.samples else []
     if cal.awq and int4:
         from meshserve.models.awq import awq_transform
 

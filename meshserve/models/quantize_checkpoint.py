@@ -178,6 +178,7 @@ class Calibration:
     asymmetric: bool = False  # sequential GPTQ fitted to the float model's outputs (GPTAQ, gptq_sequential.py)
     samples: int = 8  # "more": how many self-sampled 512-token windows join the text's 11 (0: the text alone)
     damp: float | None = None  # int4 GPTQ's damping, a fraction of mean diag(H) (None: gptq.INT4_DAMP)
+    text_skip: int = 0  # "more": the text's first windows left out (another draw of the same text)
     awq_more: bool = False  # AWQ's scale search on GPTQ's "more" windows too (default: 8 windows of the text)
 
 
@@ -208,6 +209,10 @@ CALIBRATIONS = {
     ),
     "awq-scale-gptq-mse-seq-text11": Calibration(
         awq="scale", gptq="more", mse=True, sequential=True, samples=0
+    ),
+    # the recipe on another 8 of the text's windows (3-10), AWQ's scales too: the spread of one calibration draw
+    "awq-scale-gptq-mse-seq-text3to10": Calibration(
+        awq="scale", gptq="more", mse=True, sequential=True, samples=0, text_skip=3, awq_more=True
     ),
     "awq-scale-gptq-mse-seq-more16": Calibration(
         awq="scale", gptq="more", mse=True, sequential=True, samples=16
@@ -276,7 +281,7 @@ def quantize_checkpoint(
         from meshserve.models.calibration import calibration_text_ids
         from meshserve.models.gptq import calibration_ids
 
-        ids = calibration_text_ids(src)
+        ids = calibration_text_ids(src)[cal.text_skip :]
         ids += calibration_ids(src, num_sequences=cal.samples, length=511) if cal.samples else []
     if cal.awq and int4:
         from meshserve.models.awq import awq_transform

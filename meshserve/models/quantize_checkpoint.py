@@ -210,7 +210,7 @@ CALIBRATIONS = {
     "awq-scale-gptq-mse-seq-text11": Calibration(
         awq="scale", gptq="more", mse=True, sequential=True, samples=0
     ),
-    # the recipe on another 8 of the text's windows (3-10), AWQ's scales too: the spread of one calibration draw
+    # the recipe on another 8 of the text's windows (3-10), AWQ's scales too: the spread of one draw
     "awq-scale-gptq-mse-seq-text3to10": Calibration(
         awq="scale", gptq="more", mse=True, sequential=True, samples=0, text_skip=3, awq_more=True
     ),

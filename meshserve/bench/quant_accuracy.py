@@ -110,6 +110,10 @@ TEXT_CALIBRATED = [
             ("GPTAQ's asymmetric target", "awq-scale-gptaq-mse-seq"),
             ("2.4x the calibration tokens", "awq-scale-gptq-mse-seq-more"),
             ("GPTAQ's asymmetric target, 2.4x the calibration tokens", "awq-scale-gptaq-mse-seq-more"),
+            # fifteenth session (self-sampled windows fixed; "2.4x the calibration tokens" above now runs on them)
+            ("2.4x the tokens, AWQ's scales searched on them too", "awq-scale-gptq-mse-seq-more-awq"),
+            ("all 11 text windows, none self-sampled", "awq-scale-gptq-mse-seq-text11"),
+            ("text windows 3-10 for AWQ and GPTQ", "awq-scale-gptq-mse-seq-text3to10"),
         )
     ),
 ]

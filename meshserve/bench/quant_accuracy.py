@@ -114,6 +114,7 @@ TEXT_CALIBRATED = [
             ("2.4x the tokens, AWQ's scales searched on them too", "awq-scale-gptq-mse-seq-more-awq"),
             ("all 11 text windows, none self-sampled", "awq-scale-gptq-mse-seq-text11"),
             ("text windows 3-10 for AWQ and GPTQ", "awq-scale-gptq-mse-seq-text3to10"),
+            ("8 self-sampled windows alone for AWQ and GPTQ", "awq-scale-gptq-mse-seq-sampled8"),
         )
     ),
 ]

@@ -178,7 +178,7 @@ class Calibration:
     asymmetric: bool = False  # sequential GPTQ fitted to the float model's outputs (GPTAQ, gptq_sequential.py)
     samples: int = 8  # "more": how many self-sampled 512-token windows join the text's 11 (0: the text alone)
     damp: float | None = None  # int4 GPTQ's damping, a fraction of mean diag(H) (None: gptq.INT4_DAMP)
-    text_skip: int = 0  # "more": the text's first windows left out (another draw of the same text)
+    text_skip: int = 0  # "more": the text's first windows left out (another draw; 11: self-sampled alone)
     awq_more: bool = False  # AWQ's scale search on GPTQ's "more" windows too (default: 8 windows of the text)
 
 
@@ -213,6 +213,10 @@ CALIBRATIONS = {
     # the recipe on another 8 of the text's windows (3-10), AWQ's scales too: the spread of one draw
     "awq-scale-gptq-mse-seq-text3to10": Calibration(
         awq="scale", gptq="more", mse=True, sequential=True, samples=0, text_skip=3, awq_more=True
+    ),
+    # data-free: AWQ and GPTQ on 8 self-sampled windows alone (4,096 tokens, as many as the text's 8)
+    "awq-scale-gptq-mse-seq-sampled8": Calibration(
+        awq="scale", gptq="more", mse=True, sequential=True, text_skip=11, awq_more=True
     ),
     "awq-scale-gptq-mse-seq-more16": Calibration(
         awq="scale", gptq="more", mse=True, sequential=True, samples=16

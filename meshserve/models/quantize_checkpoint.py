@@ -198,14 +198,10 @@ CALIBRATIONS = {
         awq="scale", gptq="text", mse=True, sequential=True, refit=True
     ),
     "awq-scale-gptq-mse-seq-more": Calibration(awq="scale", gptq="more", mse=True, sequential=True),
-    # 2026-12-01 (fifteenth session, self-sampled windows fixed): AWQ's scale search on the "more" windows
-    # too; GPTQ damped 5% (more tokens estimate H better); all 11 text windows, no self-sampled ones; 16
-    # self-sampled windows instead of 8
+    # 2026-12-01 (fifteenth session, self-sampled windows fixed; none beat the recipe): AWQ's scale search on
+    # the "more" windows too; all 11 text windows, no self-sampled ones
     "awq-scale-gptq-mse-seq-more-awq": Calibration(
         awq="scale", gptq="more", mse=True, sequential=True, awq_more=True
-    ),
-    "awq-scale-gptq-mse-seq-more-d05": Calibration(
-        awq="scale", gptq="more", mse=True, sequential=True, damp=0.05
     ),
     "awq-scale-gptq-mse-seq-text11": Calibration(
         awq="scale", gptq="more", mse=True, sequential=True, samples=0
@@ -217,9 +213,6 @@ CALIBRATIONS = {
     # data-free: AWQ and GPTQ on 8 self-sampled windows alone (4,096 tokens, as many as the text's 8)
     "awq-scale-gptq-mse-seq-sampled8": Calibration(
         awq="scale", gptq="more", mse=True, sequential=True, text_skip=11, awq_more=True
-    ),
-    "awq-scale-gptq-mse-seq-more16": Calibration(
-        awq="scale", gptq="more", mse=True, sequential=True, samples=16
     ),
     "awq-scale-gptaq-mse-seq": Calibration(
         awq="scale", gptq="text", mse=True, sequential=True, asymmetric=True

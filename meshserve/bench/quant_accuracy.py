@@ -115,6 +115,7 @@ TEXT_CALIBRATED = [
             ("all 11 text windows, none self-sampled", "awq-scale-gptq-mse-seq-text11"),
             ("text windows 3-10 for AWQ and GPTQ", "awq-scale-gptq-mse-seq-text3to10"),
             ("8 self-sampled windows alone for AWQ and GPTQ", "awq-scale-gptq-mse-seq-sampled8"),
+            ("the attention sink weighted 8 in GPTQ's Hessians", "awq-scale-gptq-mse-seq-sink8"),
         )
     ),
 ]

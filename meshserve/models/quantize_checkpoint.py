@@ -179,6 +179,7 @@ class Calibration:
     samples: int = 8  # "more": how many self-sampled 512-token windows join the text's 11 (0: the text alone)
     damp: float | None = None  # int4 GPTQ's damping, a fraction of mean diag(H) (None: gptq.INT4_DAMP)
     text_skip: int = 0  # "more": the text's first windows left out (another draw; 11: self-sampled alone)
+    sink_weight: float | None = None  # GPTQ Hessian weight of a window's first position (gptq.SINK_WEIGHT)
     awq_more: bool = False  # AWQ's scale search on GPTQ's "more" windows too (default: 8 windows of the text)
 
 
@@ -213,6 +214,10 @@ CALIBRATIONS = {
     # data-free: AWQ and GPTQ on 8 self-sampled windows alone (4,096 tokens, as many as the text's 8)
     "awq-scale-gptq-mse-seq-sampled8": Calibration(
         awq="scale", gptq="more", mse=True, sequential=True, text_skip=11, awq_more=True
+    ),
+    # the attention sink's keys and values are read by every later token: its Hessian weight 8 tokens, not 1
+    "awq-scale-gptq-mse-seq-sink8": Calibration(
+        awq="scale", gptq="text", mse=True, sequential=True, sink_weight=8.0
     ),
     "awq-scale-gptaq-mse-seq": Calibration(
         awq="scale", gptq="text", mse=True, sequential=True, asymmetric=True
@@ -310,6 +315,7 @@ def quantize_checkpoint(
         from meshserve.models.calibration import calibration_text_ids
         from meshserve.models.gptq import (
             INT4_DAMP,
+            SINK_WEIGHT,
             calibration_ids,
             collect_hessians,
             gptq_fp8_quantize,
@@ -318,6 +324,7 @@ def quantize_checkpoint(
 
         names = {n[: -len(".weight")] for n in tensors if is_projection(n)}
         damp = INT4_DAMP if cal.damp is None else cal.damp
+        sink = SINK_WEIGHT if cal.sink_weight is None else cal.sink_weight
         if ids is None:
             ids = calibration_ids(src) if cal.gptq == "sampled" else calibration_text_ids(src, max_windows=8)
         # after AWQ / SmoothQuant the projections see x / s: the Hessians come from the scaled copy
@@ -335,10 +342,10 @@ def quantize_checkpoint(
                 return {"weight": w8, "weight_scale": scale[:, None]}, w8.float() * scale[:, None]
 
             done = sequential_quantize(
-                src, ids, quantize, state_dict=scaled, asymmetric=cal.asymmetric, damp=damp
+                src, ids, quantize, state_dict=scaled, asymmetric=cal.asymmetric, damp=damp, sink_weight=sink
             )
         else:
-            hessians = collect_hessians(src, ids, names, state_dict=scaled)
+            hessians = collect_hessians(src, ids, names, state_dict=scaled, sink_weight=sink)
     out: dict[str, torch.Tensor] = {}
     num_layers = 0
     extra = _MLA_PROJECTIONS + _MIXTRAL_EXPERTS if fmt == "fp8_block" else ()

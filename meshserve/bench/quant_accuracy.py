@@ -110,6 +110,12 @@ TEXT_CALIBRATED = [
             ("GPTAQ's asymmetric target", "awq-scale-gptaq-mse-seq"),
             ("2.4x the calibration tokens", "awq-scale-gptq-mse-seq-more"),
             ("GPTAQ's asymmetric target, 2.4x the calibration tokens", "awq-scale-gptaq-mse-seq-more"),
+            # fifteenth session (self-sampled windows fixed; "2.4x the calibration tokens" above now runs on them)
+            ("2.4x the tokens, AWQ's scales searched on them too", "awq-scale-gptq-mse-seq-more-awq"),
+            ("all 11 text windows, none self-sampled", "awq-scale-gptq-mse-seq-text11"),
+            ("text windows 3-10 for AWQ and GPTQ", "awq-scale-gptq-mse-seq-text3to10"),
+            ("8 self-sampled windows alone for AWQ and GPTQ", "awq-scale-gptq-mse-seq-sampled8"),
+            ("the attention sink weighted 8 in GPTQ's Hessians", "awq-scale-gptq-mse-seq-sink8"),
         )
     ),
 ]

@@ -23,23 +23,30 @@ from meshserve.kernels.quant_ref import FP8_DTYPE, FP8_MAX, Int4Weights, to_fp8
 
 
 def calibration_ids(
-    model_dir: str, num_sequences: int = 16, length: int = 256, seed: int = 0
+    model_dir: str, num_sequences: int = 16, length: int = 256, seed: int = 0, top_p: float = 0.95
 ) -> list[list[int]]:
-    """Token ids sampled from the model itself (temperature 1, top_p 0.95) from its BOS token."""
+    """Token ids sampled from the model itself (temperature 1, top_p) from its BOS token: [BOS] + length
+    tokens per sequence. The BOS prompt is attended to (an explicit all-ones attention mask): without one,
+    transformers infers the mask from pad_token_id == input, and with pad = BOS it masked the only prompt
+    token out, so every sequence was sampled without its attention sink (QUANTIZATION.md)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     bos = model.config.bos_token_id if model.config.bos_token_id is not None else 0
+    eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    prompt = torch.full((num_sequences, 1), bos)
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(
-            torch.full((num_sequences, 1), bos),
+            prompt,
+            attention_mask=torch.ones_like(prompt),
             do_sample=True,
-            top_p=0.95,
+            top_p=top_p,
             temperature=1.0,
             max_new_tokens=length,
-            min_new_tokens=length,
-            pad_token_id=bos,
+            min_new_tokens=length,  # eos is never sampled, so no sequence is ever padded
+            pad_token_id=eos if eos is not None else bos,
         )
     return out.tolist()
 

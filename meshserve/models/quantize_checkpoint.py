@@ -176,6 +176,11 @@ class Calibration:
     static_inputs: bool = False  # fp8: static per-tensor input_scale per projection, max|x| of the calibration
     refit: bool = False  # int4 GPTQ: scales re-fitted to the final integers (gptq.refit_scales)
     asymmetric: bool = False  # sequential GPTQ fitted to the float model's outputs (GPTAQ, gptq_sequential.py)
+    samples: int = 8  # "more": how many self-sampled 512-token windows join the text's 11 (0: the text alone)
+    damp: float | None = None  # int4 GPTQ's damping, a fraction of mean diag(H) (None: gptq.INT4_DAMP)
+    text_skip: int = 0  # "more": the text's first windows left out (another draw; 11: self-sampled alone)
+    sink_weight: float | None = None  # GPTQ Hessian weight of a window's first position (gptq.SINK_WEIGHT)
+    awq_more: bool = False  # AWQ's scale search on GPTQ's "more" windows too (default: 8 windows of the text)
 
 
 CALIBRATIONS = {
@@ -194,6 +199,27 @@ CALIBRATIONS = {
         awq="scale", gptq="text", mse=True, sequential=True, refit=True
     ),
     "awq-scale-gptq-mse-seq-more": Calibration(awq="scale", gptq="more", mse=True, sequential=True),
+    # 2026-12-01 (fifteenth session, self-sampled windows fixed; none beat the recipe): AWQ's scale search on
+    # the "more" windows too; all 11 text windows, no self-sampled ones
+    "awq-scale-gptq-mse-seq-more-awq": Calibration(
+        awq="scale", gptq="more", mse=True, sequential=True, awq_more=True
+    ),
+    "awq-scale-gptq-mse-seq-text11": Calibration(
+        awq="scale", gptq="more", mse=True, sequential=True, samples=0
+    ),
+    # the recipe on another 8 of the text's windows (3-10), AWQ's scales too: the spread of one draw
+    "awq-scale-gptq-mse-seq-text3to10": Calibration(
+        awq="scale", gptq="more", mse=True, sequential=True, samples=0, text_skip=3, awq_more=True
+    ),
+    # data-free: AWQ and GPTQ on 8 self-sampled windows alone (4,096 tokens, as many as the text's 8)
+    "awq-scale-gptq-mse-seq-sampled8": Calibration(
+        awq="scale", gptq="more", mse=True, sequential=True, text_skip=11, awq_more=True
+    ),
+    # the attention sink's keys and values are read by every later token: its Hessian weight 8 tokens, not 1
+    # (fifteenth session: +10.66%, within the recipe's spread)
+    "awq-scale-gptq-mse-seq-sink8": Calibration(
+        awq="scale", gptq="text", mse=True, sequential=True, sink_weight=8.0
+    ),
     "awq-scale-gptaq-mse-seq": Calibration(
         awq="scale", gptq="text", mse=True, sequential=True, asymmetric=True
     ),
@@ -252,6 +278,14 @@ def quantize_checkpoint(
     for file in safetensors_files(src):
         with safe_open(file, framework="pt") as f:
             tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
+    gptq_fp8 = fmt == "compressed-tensors" and strategy == "channel"
+    ids = None  # GPTQ's calibration windows ("more" samples them first: AWQ may search its scales on them)
+    if cal.gptq == "more" and (int4 or gptq_fp8):
+        from meshserve.models.calibration import calibration_text_ids
+        from meshserve.models.gptq import calibration_ids
+
+        ids = calibration_text_ids(src)[cal.text_skip :]
+        ids += calibration_ids(src, num_sequences=cal.samples, length=511) if cal.samples else []
     if cal.awq and int4:
         from meshserve.models.awq import awq_transform
 
@@ -262,8 +296,8 @@ def quantize_checkpoint(
             min_zero=int(fmt == "gptq"),
             clip=cal.awq != "scale",
             asymmetric_clip=cal.awq == "asym",
+            token_ids=ids if cal.awq_more else None,
         )
-    gptq_fp8 = fmt == "compressed-tensors" and strategy == "channel"
     input_scales: dict[str, float] = {}
     if (cal.smooth or cal.static_inputs) and fmt == "compressed-tensors":
         from meshserve.models.smoothquant import DEFAULT_ALPHA, smooth_transform
@@ -280,15 +314,20 @@ def quantize_checkpoint(
     min_zero = int(fmt == "gptq")
     if cal.gptq and (int4 or gptq_fp8):
         from meshserve.models.calibration import calibration_text_ids
-        from meshserve.models.gptq import calibration_ids, collect_hessians, gptq_fp8_quantize, gptq_quantize
+        from meshserve.models.gptq import (
+            INT4_DAMP,
+            SINK_WEIGHT,
+            calibration_ids,
+            collect_hessians,
+            gptq_fp8_quantize,
+            gptq_quantize,
+        )
 
         names = {n[: -len(".weight")] for n in tensors if is_projection(n)}
-        if cal.gptq == "sampled":
-            ids = calibration_ids(src)
-        elif cal.gptq == "more":
-            ids = calibration_text_ids(src) + calibration_ids(src, num_sequences=8, length=511)
-        else:
-            ids = calibration_text_ids(src, max_windows=8)
+        damp = INT4_DAMP if cal.damp is None else cal.damp
+        sink = SINK_WEIGHT if cal.sink_weight is None else cal.sink_weight
+        if ids is None:
+            ids = calibration_ids(src) if cal.gptq == "sampled" else calibration_text_ids(src, max_windows=8)
         # after AWQ / SmoothQuant the projections see x / s: the Hessians come from the scaled copy
         scaled = tensors if cal.awq or cal.smooth else None
         if cal.sequential:
@@ -297,16 +336,17 @@ def quantize_checkpoint(
 
             def quantize(name, weight, hessian):
                 if int4:
-                    qw = gptq_quantize(
-                        weight, hessian, group_size, desc_act, min_zero, mse=cal.mse, refit=cal.refit
-                    )
+                    qw = gptq_quantize(weight, hessian, group_size, desc_act, min_zero,
+                                       mse=cal.mse, refit=cal.refit, damp=damp)
                     return pack_int4(qw, fmt), int4_dequant(qw)
                 w8, scale = gptq_fp8_quantize(weight, hessian)
                 return {"weight": w8, "weight_scale": scale[:, None]}, w8.float() * scale[:, None]
 
-            done = sequential_quantize(src, ids, quantize, state_dict=scaled, asymmetric=cal.asymmetric)
+            done = sequential_quantize(
+                src, ids, quantize, state_dict=scaled, asymmetric=cal.asymmetric, damp=damp, sink_weight=sink
+            )
         else:
-            hessians = collect_hessians(src, ids, names, state_dict=scaled)
+            hessians = collect_hessians(src, ids, names, state_dict=scaled, sink_weight=sink)
     out: dict[str, torch.Tensor] = {}
     num_layers = 0
     extra = _MLA_PROJECTIONS + _MIXTRAL_EXPERTS if fmt == "fp8_block" else ()
@@ -322,9 +362,8 @@ def quantize_checkpoint(
             weight, scale = gptq_fp8_quantize(tensor, hessians[base])
             parts = {"weight": weight, "weight_scale": scale[:, None]}
         elif hessians:
-            qw = gptq_quantize(
-                tensor, hessians[base], group_size, desc_act, min_zero, mse=cal.mse, refit=cal.refit
-            )
+            qw = gptq_quantize(tensor, hessians[base], group_size, desc_act, min_zero,
+                               mse=cal.mse, refit=cal.refit, damp=damp)
             parts = pack_int4(qw, fmt)
         elif fmt in ("awq", "gptq"):
             perm = None

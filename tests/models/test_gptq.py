@@ -3,6 +3,7 @@ act-order groups that the GPTQ loader reads back."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from meshserve.kernels.quant_ref import int4_dequant_ref, pack_int4_rows
@@ -175,3 +176,24 @@ def test_asymmetric_target_fits_the_float_models_outputs():
     sym = int4_dequant(gptq_quantize(weight, hessian, group, min_zero=1, mse=True))
     asym = int4_dequant(gptq_quantize(target, hessian, group, min_zero=1, mse=True))
     assert error(asym) < 0.85 * error(sym)  # 0.77x here
+
+
+@pytest.mark.slow  # two transformers loads and a short generation: ~3 s on a quiet 2-core CPU
+def test_self_sampled_calibration_attends_to_its_bos_prompt(tiny_model_dir):
+    """calibration_ids samples from the model conditioned on its BOS token: with top_p that keeps only the
+    most likely token, its text is the plain (unmasked) model's greedy continuation of [BOS]. (With pad = BOS
+    and no attention mask, transformers masked the BOS prompt out and sampled from an empty context.)"""
+    from transformers import AutoModelForCausalLM
+
+    from meshserve.models.gptq import calibration_ids
+
+    src = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    bos = model.config.bos_token_id
+    assert bos != model.config.eos_token_id  # the case the inferred mask got wrong (SmolLM2: BOS 1, EOS 2)
+    ids = [bos]
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    sampled = calibration_ids(src, num_sequences=2, length=8, top_p=1e-6)
+    assert sampled == [ids, ids]

@@ -231,3 +231,47 @@ def test_a_calibration_the_format_cannot_take_is_refused(fmt, calibration, messa
     """Rather than a checkpoint silently written without the calibration asked for."""
     with pytest.raises(ValueError, match=message):
         quantize_checkpoint(tiny_model_dir("llama"), str(tmp_path / "q"), fmt, calibration=calibration)
+
+
+@pytest.mark.slow  # self-sampling 2 x 511 tokens and sequential GPTQ on the tiny model: ~1-2 min on 2 cores
+def test_a_calibrations_windows_damping_and_sink_weight_reach_awq_and_gptq(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """A Calibration's samples / awq_more / damp / sink_weight reach the steps they name: AWQ's scale search
+    gets the text's windows plus `samples` self-sampled ones (each [BOS] + 511 tokens), GPTQ the damping and
+    the attention sink's Hessian weight."""
+    import meshserve.models.awq as awq
+    import meshserve.models.gptq as gptq
+    import meshserve.models.gptq_sequential as sequential
+    from meshserve.models.calibration import calibration_text_ids
+    from meshserve.models.quantize_checkpoint import CALIBRATIONS, Calibration
+
+    src = tiny_model_dir("qwen2")
+    seen: dict = {"damp": set()}
+    real_awq, real_gptq, real_seq = awq.awq_transform, gptq.gptq_quantize, sequential.sequential_quantize
+
+    def spy_awq(*args, token_ids=None, **kwargs):
+        seen["awq"] = token_ids
+        return real_awq(*args, token_ids=token_ids, **kwargs)
+
+    def spy_gptq(*args, damp, **kwargs):
+        seen["damp"].add(damp)
+        return real_gptq(*args, damp=damp, **kwargs)
+
+    def spy_seq(*args, sink_weight, **kwargs):
+        seen["sink"] = sink_weight
+        return real_seq(*args, sink_weight=sink_weight, **kwargs)
+
+    monkeypatch.setattr(awq, "awq_transform", spy_awq)
+    monkeypatch.setattr(sequential, "sequential_quantize", spy_seq)
+    monkeypatch.setattr(gptq, "gptq_quantize", spy_gptq)
+    cal = Calibration(awq="scale", gptq="more", mse=True, sequential=True, samples=2, damp=0.05,
+                      awq_more=True, sink_weight=4.0)
+    monkeypatch.setitem(CALIBRATIONS, "more-test", cal)
+    quantize_checkpoint(src, str(tmp_path / "q"), "gptq", group_size=GROUP, calibration="more-test")
+    text = calibration_text_ids(src)
+    with open(os.path.join(src, "config.json")) as f:
+        bos = json.load(f)["bos_token_id"]
+    assert seen["awq"][: len(text)] == text and len(seen["awq"]) == len(text) + 2
+    assert all(len(w) == 512 and w[0] == bos for w in seen["awq"][len(text) :])
+    assert seen["damp"] == {0.05} and seen["sink"] == 4.0

@@ -46,9 +46,7 @@ def spawn_dp_cores(
 ) -> list[CoreProcess]:
     """Spawn num_cores engine-core processes, each on its own GPU slice; returns without waiting for the model
     loads (they overlap each other and the caller's imports). On failure the ones started are killed."""
-    from meshserve.distributed.data_parallel import replica_devices
-
-    devices = replica_devices(num_cores, args.tensor_parallel_size, args.pipeline_parallel_size, args.device)
+    devices = core_devices(args, num_cores)
     cores: list[CoreProcess] = []
     try:
         for i, dev in enumerate(devices):
@@ -60,6 +58,17 @@ def spawn_dp_cores(
             c.kill()
         raise
     return cores
+
+
+def core_devices(args: EngineArgs, num_cores: int) -> list[str | None]:
+    """Each core's CUDA_VISIBLE_DEVICES (None: this process's). One core keeps this process's GPUs: counting
+    them imports torch and reads the devices in this process (the server's, before the core can start: 4 s of
+    the start-up on an H200 with 4 API processes), for nothing to split."""
+    if num_cores == 1:
+        return [None]
+    from meshserve.distributed.data_parallel import replica_devices
+
+    return replica_devices(num_cores, args.tensor_parallel_size, args.pipeline_parallel_size, args.device)
 
 
 def _core_args(args: EngineArgs, index: int) -> EngineArgs:

@@ -120,3 +120,16 @@ def test_a_dead_core_fails_its_own_requests_and_the_other_runs_on(dp):
     os.kill(dp.clients[1 - lost_core].proc.pid, signal.SIGKILL)
     with pytest.raises(EngineDeadError):
         collect_outputs(dp, lambda g: False, timeout=10)
+
+
+def test_one_core_keeps_this_process_devices_without_counting_them(monkeypatch):
+    """One core needs no split of the GPUs: the server's process must not import torch to count them before
+    the core starts (it did, through visible_devices); two cores on four GPUs still get two each."""
+    from meshserve.distributed import data_parallel
+    from meshserve.engine.dp_core_client import core_devices
+
+    args = EngineArgs(model="unused", device="cuda", tensor_parallel_size=2)
+    monkeypatch.setattr(data_parallel, "visible_devices", lambda device: pytest.fail("counted the GPUs"))
+    assert core_devices(args, 1) == [None]
+    monkeypatch.setattr(data_parallel, "visible_devices", lambda device: ["0", "1", "2", "3"])
+    assert core_devices(args, 2) == ["0,1", "2,3"]

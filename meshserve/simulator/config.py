@@ -11,6 +11,7 @@ from meshserve.planner.memory import memory_per_gpu
 from meshserve.planner.model import ModelSpec, load_model
 from meshserve.planner.parallel import Layout
 from meshserve.simulator.frontend import FrontEndCosts
+from meshserve.simulator.frontend_stalls import STALLS_H200, FrontEndStalls
 from meshserve.simulator.router_node import RouterCosts
 
 ROUTER_POLICIES = ("least-outstanding", "round-robin", "prefix-affinity")
@@ -158,6 +159,11 @@ class SimConfig:
     @property
     def frontend_costs(self) -> FrontEndCosts:
         return FrontEndCosts(self.frontend_request_s, self.frontend_token_s, self.frontend_refusal_s)
+
+    @property
+    def frontend_stall_table(self) -> FrontEndStalls | None:
+        """The API processes' stalls the replicas draw (frontend_stalls.py), None with frontend_stalls off."""
+        return STALLS_H200 if self.frontend_stalls else None
 
     @property
     def router_costs(self) -> RouterCosts:

@@ -34,7 +34,6 @@ from meshserve.simulator.pipeline import HostCosts, PipelinedReplica, StagePipel
 from meshserve.simulator.replica import SimReplica, push_step_end
 from meshserve.simulator.router_node import RouterNode
 from meshserve.simulator.step_cost import StepCost, StepWeights, TpCosts, load_calibration, load_tp_costs
-from meshserve.simulator.frontend_stalls import STALLS_H200
 from meshserve.simulator.step_noise import NoiseStream, load_step_noise
 from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 
@@ -68,7 +67,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     cost = StepCost(model, gpu, config.tp, weights or load_calibration(config.calibration),
                     tp_costs=tp_costs or load_tp_costs(config.calibration), fused_norm=config.tp_fused_norm)
     noise = load_step_noise(config.calibration) if config.step_noise else None
-    stalls = STALLS_H200 if config.frontend_stalls else None
+    stalls = config.frontend_stall_table
     prefix_caching = config.enable_prefix_caching
     if prefix_caching is None:
         prefix_caching = trace.has_prefixes
@@ -265,7 +264,7 @@ def _run_disaggregated(config: SimConfig, trace: Trace, sched_cfg, cache_cfg, st
                    frontend=config.frontend_costs, api_server_count=config.api_server_count,
                    noise=None if noise is None else NoiseStream(noise, config.seed, index),
                    frontend_gate=config.frontend_gate,
-                   frontend_stalls=STALLS_H200 if config.frontend_stalls else None, seed=config.seed)
+                   frontend_stalls=config.frontend_stall_table, seed=config.seed)
 
     replicas, timeline, section = run_disaggregated(config, trace, make, cache_cfg, recorder, progress)
     queries = sum(r.scheduler.block_manager.stats.queries for r in replicas)

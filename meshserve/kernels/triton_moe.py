@@ -35,6 +35,22 @@ from meshserve.kernels.quant_ref import quantize_fp8_per_token
 NO_QUANT, PER_CHANNEL, BLOCKWISE = 0, 1, 2
 
 
+@triton.jit
+def _expert_weights(b_ptr, sb_ptr, expert, num_routed, N, stride_be, stride_bn, stride_sbe, stride_sbn, shared_up,
+                    HAS_SHARED: tl.constexpr):
+    """(base pointer, row stride, offset of the up rows) of `expert`'s weights. With HAS_SHARED, ids from
+    num_routed on are slices of the shared MLP read in its own layout (shared_up: its up rows' offset; a
+    select, not a branch, so the pointers keep their alignment for vector loads); else the stacked experts."""
+    if HAS_SHARED:
+        shared = expert >= num_routed
+        base = tl.where(shared, sb_ptr + (expert - num_routed) * stride_sbe, b_ptr + expert * stride_be)
+        stride_n = tl.where(shared, stride_sbn, stride_bn)
+        up_offset = tl.where(shared, shared_up, N * stride_bn)
+    else:
+        base, stride_n, up_offset = b_ptr + expert * stride_be, stride_bn, N * stride_bn
+    return base, stride_n, up_offset
+
+
 @triton.jit(do_not_specialize=["num_pairs", "num_rows_padded"])  # per-step counts (triton_unified_attention)
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_rows_ptr, block_expert_ptr, num_padded_ptr,
@@ -42,7 +58,8 @@ def _grouped_gemm_kernel(
     N, K, num_pairs, num_rows_padded, up_scale_row,  # up_scale_row: up's first scale row (gated fp8)
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_bse, stride_bsn, stride_bsk,
-    QUANT: tl.constexpr, BLOCK_SCALE_N: tl.constexpr,
+    sb_ptr, num_routed, stride_sbe, stride_sbn, shared_up,  # HAS_SHARED only (_expert_weights)
+    QUANT: tl.constexpr, BLOCK_SCALE_N: tl.constexpr, HAS_SHARED: tl.constexpr,
     A_ROWS_PER_TOKEN: tl.constexpr,  # top_k when A holds one row per token (gate/up), 1 per pair (down)
     GATED: tl.constexpr,  # B rows [0, N) are gate, [N, 2N) up: store silu(gate) * up
     MUL_WEIGHT: tl.constexpr,  # scale each row by its pair's routing weight
@@ -69,7 +86,9 @@ def _grouped_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_rows = rows // A_ROWS_PER_TOKEN
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    b_base, stride_n, up_offset = _expert_weights(b_ptr, sb_ptr, expert, num_routed, N, stride_be, stride_bn,
+                                                  stride_sbe, stride_sbn, shared_up, HAS_SHARED)
+    b_ptrs = b_base + offs_n[None, :] * stride_n + offs_k[:, None] * stride_bk
     # fp8: the scales of this tile's rows, and of its columns (gate, and up at up_scale_row on)
     a_scales = as_ptr + a_rows * stride_asm
     scale_col = offs_n // BLOCK_SCALE_N  # 1 for per-channel scales
@@ -90,7 +109,7 @@ def _grouped_gemm_kernel(
         else:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if GATED:
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            b_up = tl.load(b_ptrs + up_offset, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if QUANT == 2:
                 acc_up += tl.dot(a, b_up, out_dtype=tl.float32) * sa * tl.load(
                     b_scales_up + kb * stride_bsk, mask=n_ok, other=0.0)[None, :]
@@ -117,7 +136,8 @@ def _pair_gemv_kernel(
     N, K, up_scale_row,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_bse, stride_bsn, stride_bsk,
-    QUANT: tl.constexpr, BLOCK_SCALE_N: tl.constexpr,
+    sb_ptr, num_routed, stride_sbe, stride_sbn, shared_up,  # HAS_SHARED only (_expert_weights)
+    QUANT: tl.constexpr, BLOCK_SCALE_N: tl.constexpr, HAS_SHARED: tl.constexpr,
     A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -133,7 +153,9 @@ def _pair_gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_row = pair // A_ROWS_PER_TOKEN
     a_ptrs = a_ptr + a_row * stride_am + offs_k * stride_ak
-    b_ptrs = b_ptr + expert * stride_be + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk
+    b_base, stride_n, up_offset = _expert_weights(b_ptr, sb_ptr, expert, num_routed, N, stride_be, stride_bn,
+                                                  stride_sbe, stride_sbn, shared_up, HAS_SHARED)
+    b_ptrs = b_base + offs_n[:, None] * stride_n + offs_k[None, :] * stride_bk
     a_scales = as_ptr + a_row * stride_asm
     scale_col = offs_n // BLOCK_SCALE_N  # 1 for per-channel scales
     b_scales = bs_ptr + expert * stride_bse + scale_col * stride_bsn
@@ -152,7 +174,7 @@ def _pair_gemv_kernel(
         else:
             acc += tl.sum(b * a[None, :], axis=1)
         if GATED:
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            b_up = tl.load(b_ptrs + up_offset, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             if QUANT == 2:
                 acc_up += tl.sum(b_up * a[None, :], axis=1) * sa * tl.load(b_scales_up + kb * stride_bsk,
                                                                            mask=n_ok, other=0.0)
@@ -229,20 +251,50 @@ def _quantize_rows(a: torch.Tensor, quant: int, block_k: int) -> tuple[torch.Ten
     return quantize_fp8_per_token_group(a, block_k)
 
 
+def _with_shared_pairs(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_routed: int, width: int,
+                       shared_w13: torch.Tensor, shared_w2: torch.Tensor, quant: int):
+    """(weights [T, K + S], ids [T, K + S], S): every token's pairs plus one of weight 1.0 for each of the S
+    width-wide slices of a shared MLP (ids num_routed + s). The MLP's output is the sum over its intermediate
+    units, so the sum over slices is exactly the MLP; DeepSeek's routed_scaling_factor is in the routed
+    weights only, as in HF's DeepseekV2/V3MoE (shared_experts(x) added unscaled)."""
+    if quant != NO_QUANT:
+        raise ValueError("a shared MLP folds into 16-bit experts only (fp8 experts keep the separate MLP)")
+    num_shared = shared_w2.shape[1] // width
+    if shared_w2.shape[1] != num_shared * width or shared_w13.shape[0] != 2 * num_shared * width:
+        raise ValueError(f"shared MLP of {shared_w2.shape[1]} features is no whole number of {width}-wide experts")
+    if shared_w13.stride(1) != 1 or shared_w2.stride(1) != 1:
+        raise ValueError("the shared MLP's weights need contiguous rows")
+    tokens = topk_ids.shape[0]
+    shared_ids = torch.arange(num_routed, num_routed + num_shared, dtype=torch.int32, device=topk_ids.device)
+    ids = torch.cat([topk_ids.to(torch.int32), shared_ids.expand(tokens, num_shared)], dim=1)
+    ones = torch.ones((), dtype=torch.float32, device=topk_weights.device).expand(tokens, num_shared)
+    return torch.cat([topk_weights.float(), ones], dim=1), ids, num_shared
+
+
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
                   w2_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None,
-                  configs: str | StageConfigs = "tuned") -> torch.Tensor:
+                  configs: str | StageConfigs = "tuned", shared_w13: torch.Tensor | None = None,
+                  shared_w2: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H]; w13 [E, 2*I, H]; w2 [E, H, I]; topk_weights [T, K]; topk_ids [T, K] (-1: skip) -> [T, H].
     fp8 weights: their scales, per channel or (block) per block, as kernels/moe_ref.py lays them out.
-    configs: "tuned" | "legacy" (module docstring), or explicit StageConfigs (tools/bench_moe.py's sweep)."""
+    configs: "tuned" | "legacy" (module docstring), or explicit StageConfigs (tools/bench_moe.py's sweep).
+    shared_w13 [2*S*I, H] / shared_w2 [H, S*I]: a 16-bit shared MLP added as S more experts (ids E..E+S-1) of
+    weight one for every token, in the same launches (_with_shared_pairs)."""
     num_tokens, hidden = x.shape
     num_experts, width = w13.shape[0], w2.shape[2]
+    num_routed = num_experts
+    quant = NO_QUANT if w13_scale is None else PER_CHANNEL if block is None else BLOCKWISE
+    if shared_w13 is not None:
+        if w13.stride(2) != 1 or w2.stride(2) != 1 or {shared_w13.dtype, shared_w2.dtype} != {w13.dtype}:
+            raise ValueError("a shared MLP folds into experts of its dtype with contiguous rows")
+        topk_weights, topk_ids, num_shared = _with_shared_pairs(topk_weights, topk_ids, num_experts, width,
+                                                                 shared_w13, shared_w2, quant)
+        num_experts += num_shared
     top_k = topk_ids.shape[1]
     pairs = num_tokens * top_k
     if pairs == 0:
         return x.new_zeros(num_tokens, hidden)
-    quant = NO_QUANT if w13_scale is None else PER_CHANNEL if block is None else BLOCKWISE
     if quant == BLOCKWISE and block[1] != 128:
         raise ValueError(f"fp8 MoE kernel: K blocks of {block[1]} features (128 only)")
     scale_n = block[0] if quant == BLOCKWISE else 1
@@ -263,9 +315,17 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         if legacy:
             out_pairs.zero_()  # pairs of other ranks' experts (-1) are never written
     precision = "ieee" if x.dtype == torch.float32 and quant == NO_QUANT else None
-    stages = ((x, w13, w13_scale, inter, width, hidden, top_k, True),
-              (inter, w2, w2_scale, out_pairs, hidden, width, 1, False))
-    for a, b, b_scale, c, n, k, rows_per_token, gated in stages:
+    # the shared MLP's slices, per stage: (weights, slice stride, row stride, up rows' offset); placeholders
+    # (never read: HAS_SHARED off) fixed so that they pick no new specialization
+    if shared_w13 is None:
+        shared_stages = ((w13, 0, 0, 0), (w2, 0, 0, 0))
+    else:
+        shared_stages = ((shared_w13, width * shared_w13.stride(0), shared_w13.stride(0),
+                          num_shared * width * shared_w13.stride(0)),
+                         (shared_w2, width, shared_w2.stride(0), 0))
+    stages = ((x, w13, w13_scale, inter, width, hidden, top_k, True, shared_stages[0]),
+              (inter, w2, w2_scale, out_pairs, hidden, width, 1, False, shared_stages[1]))
+    for a, b, b_scale, c, n, k, rows_per_token, gated, shared_args in stages:
         cfg = None if gemv else (configs.gate_up if gated else configs.down).kwargs()
         # (the second stage's input is the first's output: quantized only once it is written)
         if quant == NO_QUANT:
@@ -287,7 +347,8 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
             _pair_gemv_kernel[grid](
                 a, b, c, weights, ids, a_scale, b_scale, n, k, up_row,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-                *scale_args, QUANT=quant, BLOCK_SCALE_N=scale_n,
+                *scale_args, shared_args[0], num_routed, *shared_args[1:], QUANT=quant, BLOCK_SCALE_N=scale_n,
+                HAS_SHARED=shared_w13 is not None,
                 A_ROWS_PER_TOKEN=rows_per_token, GATED=gated, MUL_WEIGHT=not gated, BLOCK_N=block_n, BLOCK_K=128,
                 num_warps=4)
         else:
@@ -296,7 +357,8 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
                 a, b, c, weights, sorted_rows, block_expert, num_padded, a_scale, b_scale,
                 n, k, pairs, sorted_rows.numel(), up_row,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-                *scale_args, QUANT=quant, BLOCK_SCALE_N=scale_n,
+                *scale_args, shared_args[0], num_routed, *shared_args[1:], QUANT=quant, BLOCK_SCALE_N=scale_n,
+                HAS_SHARED=shared_w13 is not None,
                 A_ROWS_PER_TOKEN=rows_per_token, GATED=gated, MUL_WEIGHT=not gated, PRECISION=precision, **cfg)
     if gemv or legacy:
         return out_pairs.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)

@@ -85,6 +85,70 @@ def test_kernels_match_reference_in_the_triton_interpreter():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# A shared MLP folded in as more experts (MESHSERVE_MOE_FUSE_SHARED: DeepSeek's shared experts)
+# ----------------------------------------------------------------------------------------------------------
+def _shared_mlp(num_shared: int, hidden: int, width: int, dtype, device, seed: int = 5):
+    """A dense MLP num_shared x width wide in LlamaMLP's layout: gate_up [2 * S * I, H] (all gate rows, then all
+    up rows), down [H, S * I]."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gate_up = (torch.randn(2 * num_shared * width, hidden, generator=gen) / hidden**0.5).to(device, dtype)
+    down = (torch.randn(hidden, num_shared * width, generator=gen) / width**0.5).to(device, dtype)
+    return gate_up, down
+
+
+def _separate_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    gate, up = F.linear(x.float(), gate_up.float()).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down.float())
+
+
+def _shared_interpreted_check() -> None:
+    """The pair GEMV (1 and 2 tokens) and the grouped GEMM (more), 1 and 2 shared experts, -1 ids among them:
+    the routed experts plus the shared MLP beside them, in fp32."""
+    from meshserve.kernels import triton_moe
+
+    for tokens, experts, top_k, shared, drop in ((1, 8, 2, 2, False), (2, 32, 4, 1, True), (37, 8, 2, 2, True),
+                                                 (9, 8, 3, 1, False)):
+        x, w13, w2, weights, ids = _case(tokens, experts, top_k, 64, 48, torch.float32, "cpu", drop)
+        gate_up, down = _shared_mlp(shared, 64, 48, torch.float32, "cpu")
+        got = triton_moe.fused_experts(x, w13, w2, weights, ids, shared_w13=gate_up, shared_w2=down)
+        want = fused_experts_ref(x, w13, w2, weights, ids) + _separate_mlp(x, gate_up, down)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_experts_fold_into_the_kernels_in_the_triton_interpreter():
+    pytest.importorskip("triton")
+    _run_interpreted("_shared_interpreted_check", timeout_s=300)
+
+
+def test_shared_mlp_folds_into_16_bit_experts_only():
+    from meshserve.kernels import triton_moe
+
+    x, w13, w2, weights, ids = _case(4, 8, 2, 64, 48, torch.float32, "cpu")
+    gate_up, down = _shared_mlp(2, 64, 48, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="16-bit experts only"):
+        triton_moe.fused_experts(x, w13, w2, weights, ids, w13_scale=torch.ones(8, 96), w2_scale=torch.ones(8, 64),
+                                 shared_w13=gate_up, shared_w2=down)
+    with pytest.raises(ValueError, match="no whole number"):
+        triton_moe.fused_experts(x, w13, w2, weights, ids, shared_w13=gate_up[:-2], shared_w2=down[:, :-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 2, 8, 64, 256, 2048])
+def test_shared_experts_fold_at_deepseek_v2_lite_shapes_gpu(tokens):
+    """64 experts of 1,408, top-6, two shared experts (hidden cut to 1,024), bf16: the fold equals the routed
+    experts plus the separate MLP within bf16 rounding, on the pair GEMV and the grouped GEMM's tile configs."""
+    from meshserve.kernels.triton_moe import fused_experts
+
+    x, w13, w2, weights, ids = _case(tokens, 64, 6, 1024, 1408, torch.bfloat16, "cuda")
+    gate_up, down = _shared_mlp(2, 1024, 1408, torch.bfloat16, "cuda")
+    got = fused_experts(x, w13, w2, weights, ids, shared_w13=gate_up, shared_w2=down)
+    want = fused_experts_ref(x.float(), w13.float(), w2.float(), weights, ids) + _separate_mlp(x, gate_up, down)
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # FP8 experts: per-channel scales (online --quantization fp8) and 128 x 128 blocks (DeepSeek-V3 / Qwen3 FP8)
 # ----------------------------------------------------------------------------------------------------------
 def _fp8_experts(w13: torch.Tensor, w2: torch.Tensor, blockwise: bool):

@@ -9,6 +9,10 @@ MESHSERVE_MOE_LEGACY=1 selects the first):
            folds_shared_mlp): triton_moe_gemv, two launches reading only the chosen experts' weights;
            else (and for fp8 experts) triton_moe.fused_experts: Triton align, kernels/moe_configs.py's tuned
            tiles, one combine launch. Routing is one launch (triton_moe_routing) where it is a softmax top-k
+  fused shared experts (MESHSERVE_MOE_FUSE_SHARED=1, off by default until measured; issue 24): past one token
+           too a 16-bit shared MLP rides along, as S more experts of weight one that the align, the grouped
+           GEMMs (or the pair GEMV) and the combine handle in their launches (triton_moe._with_shared_pairs),
+           read in the MLP's own layout; the reference (off the Triton path) adds the same slices
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def fused_experts(
 ) -> torch.Tensor:
     """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for every token t (ids of -1 skipped);
     fp8_scales: w13_scale, w2_scale and block for fp8 experts (kernels/moe_ref.py). shared_w13 / shared_w2:
-    a 16-bit shared MLP added in the same launches, only where the GEMV serves (see folds_shared_mlp). table:
+    a 16-bit shared MLP added in the same launches, off the legacy path (see folds_shared_mlp). table:
     the grouped GEMM's tile table off the legacy path (kernels/moe_configs.TABLES)."""
     mods = _triton_moe() if triton and x.is_cuda else None
     if mods is None:
@@ -68,13 +72,14 @@ def fused_experts(
         and fp8_scales.get("w13_scale") is None
         and gemv_serves(x.shape[0], topk_ids.numel(), w13.shape[0])
     )
-    if shared_w13 is not None and not on_gemv:
-        raise ValueError("a shared MLP folds into the MoE GEMV only (folds_shared_mlp)")
     if on_gemv:
         return gemv.moe_gemv(x, w13, w2, topk_weights, topk_ids, shared_w13=shared_w13, shared_w2=shared_w2)
     if legacy:
+        if shared_w13 is not None:
+            raise ValueError("a shared MLP does not fold into the legacy MoE path (folds_shared_mlp)")
         return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, configs="legacy", **fp8_scales)
-    return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, configs=table, **fp8_scales)
+    return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, configs=table, shared_w13=shared_w13,
+                                 shared_w2=shared_w2, **fp8_scales)
 
 
 def launch_variant(
@@ -86,14 +91,17 @@ def launch_variant(
     quantized: bool = False,
     blockwise_fp8: bool = False,
     activation_bytes: int = 2,
+    shared_experts: int = 0,
 ) -> tuple[str] | tuple[str, StageConfigs]:
     """Which Triton kernels fused_experts (triton=True) launches for num_tokens tokens, and at which tile
     configs: ("gemv",), ("pair_gemv",) or ("grouped", StageConfigs). Calls of one variant meet the same kernel
     specializations (the grouped GEMM's per-call counts are unspecialized, its unused scale strides fixed), so
-    one call of each compiles them all."""
+    one call of each compiles them all. shared_experts: the S experts of a shared MLP folded in past the GEMV
+    (folds_shared_mlp with fuse_shared): S more pairs a token and S more experts pick the launch."""
     pairs = num_tokens * top_k
     if not legacy and not quantized and gemv_serves(num_tokens, pairs, num_experts):
         return ("gemv",)
+    pairs, num_experts = pairs + num_tokens * shared_experts, num_experts + shared_experts
     if use_pair_gemv(num_tokens, pairs, num_experts):
         return ("pair_gemv",)
     configs = stage_configs("legacy" if legacy else table, pairs, num_experts, quantized, blockwise_fp8,
@@ -113,13 +121,16 @@ def warmup_token_counts(max_tokens: int, top_k: int, num_experts: int, **variant
 
 
 def folds_shared_mlp(
-    num_tokens: int, top_k: int, num_experts: int, triton: bool, legacy: bool, quantized: bool
+    num_tokens: int, top_k: int, num_experts: int, triton: bool, legacy: bool, quantized: bool,
+    fuse_shared: bool = False,
 ) -> bool:
-    """Whether a shared MLP may ride along in fused_experts: 16-bit experts where the MoE GEMV serves on the
-    Triton path (the plain path keeps the separate MLP: the reference stays the model's own structure)."""
-    return (
-        triton and not legacy and not quantized and gemv_serves(num_tokens, num_tokens * top_k, num_experts)
-    )
+    """Whether a shared MLP may ride along in fused_experts: 16-bit experts, off the legacy path, where the
+    MoE GEMV serves on the Triton path, or at every batch with fuse_shared (MESHSERVE_MOE_FUSE_SHARED, which
+    also folds on the reference path, so CPU runs check the fold's wiring); elsewhere the plain path keeps the
+    separate MLP: the reference stays the model's own structure."""
+    if legacy or quantized:
+        return False
+    return fuse_shared or (triton and gemv_serves(num_tokens, num_tokens * top_k, num_experts))
 
 
 def softmax_topk(

@@ -65,6 +65,11 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_MOE_CONFIGS=tuned|stream|legacy the grouped MoE GEMM's tile table (kernels/moe_configs.py); stream:
                                             the weight-streaming tiles for 3-24 rows per expert (BLOCK_M 64,
                                             wgmma, 4 stages); default tuned until stream is measured
+  MESHSERVE_MOE_FUSE_SHARED=1|0             DeepSeek's shared experts as S more experts of the routed ones'
+                                            launches at every batch (kernels/moe.folds_shared_mlp; the MoE
+                                            GEMV folds them at one token regardless); 16-bit experts, no expert
+                                            parallelism; off by default until measured (tools/bench_moe.py
+                                            --paths new,fold; issue 24)
   MESHSERVE_FP8_GEMV=cvt|half|scaled_mm     the batch-1 fp8-weight projection
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
                                             step; scaled_mm: torch._scaled_mm, the activation quantized per
@@ -121,6 +126,7 @@ PDL_ONE_WAVE_ENV = "MESHSERVE_PDL_ONE_WAVE"
 PDL_PRELOAD_ENV = "MESHSERVE_PDL_PRELOAD"
 MOE_LEGACY_ENV = "MESHSERVE_MOE_LEGACY"
 MOE_CONFIGS_ENV = "MESHSERVE_MOE_CONFIGS"
+MOE_FUSE_SHARED_ENV = "MESHSERVE_MOE_FUSE_SHARED"
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
 PARALLEL_COMPILE_ENV = "MESHSERVE_PARALLEL_COMPILE"
@@ -174,6 +180,8 @@ class KernelSelection:
     # the first Triton MoE path instead of the fused routing, MoE GEMV and tuned configs (kernels/moe.py)
     moe_legacy: bool = False
     moe_configs: str = "tuned"  # the grouped MoE GEMM's tile table (kernels/moe_configs.TABLES)
+    # a shared MLP (DeepSeek's shared experts) as more experts of the routed ones' launches at every batch
+    moe_fuse_shared: bool = False
     # threads compiling the warm-ups' Triton kernels ahead of them (engine/parallel_warmup.py); 0: off
     parallel_compile_workers: int = 0
 
@@ -321,6 +329,9 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         # is faster at every batch measured (tools/bench_moe.py, 2026-11-30)
         moe_legacy=on_cuda and os.environ.get(MOE_LEGACY_ENV, "") not in ("", "0"),
         moe_configs=_variant(MOE_CONFIGS_ENV, MOE_CONFIG_TABLES, KernelSelection.moe_configs),
+        # off unless asked for until tools/bench_moe.py measures it on the H200 (issue 24); when asked for it
+        # folds on the reference path too (the CPU tests' check of the wiring)
+        moe_fuse_shared=bool(_forced_switch(MOE_FUSE_SHARED_ENV)),
         fp8_gemv=_variant(FP8_GEMV_ENV, FP8_GEMV_CHOICES, KernelSelection.fp8_gemv),
         int4_gemv=_variant(INT4_GEMV_ENV, INT4_GEMV_CHOICES, KernelSelection.int4_gemv),
         parallel_compile_workers=_parallel_compile_workers(on_cuda),

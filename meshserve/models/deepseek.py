@@ -158,11 +158,16 @@ class DeepseekMoE(nn.Module):
         self.experts = FusedMoE(experts, cfg.hidden_size, width, routing_for(self.gate))
         shared = int(getattr(cfg, "n_shared_experts", None) or 0)
         self.shared_experts = LlamaMLP(cfg, width * shared) if shared else None
+        # the slices _foldable_shared_mlp may hand the routed experts: a 16-bit MLP without biases only
+        mlp = self.shared_experts
+        foldable = mlp is not None and not any(
+            p.quantized or p.bias is not None for p in (mlp.gate_up_proj, mlp.down_proj))
+        self.experts.shared_experts = shared if foldable else 0
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.gate(hidden)
         shared = self._foldable_shared_mlp(hidden.shape[0])
-        if shared is not None:  # small batches on a GPU: the shared MLP rides in the experts' launches
+        if shared is not None:  # the shared MLP rides in the experts' launches: S more experts of weight one
             return self.experts(hidden, logits, shared_mlp=shared)
         out = self.experts(hidden, logits)
         if self.shared_experts is not None:
@@ -171,14 +176,13 @@ class DeepseekMoE(nn.Module):
 
     def _foldable_shared_mlp(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This rank's (gate_up, down) weights of the shared MLP when the routed experts can add it
-        (FusedMoE.folds_shared_mlp; 16-bit, no bias), else None."""
-        mlp = self.shared_experts
-        if mlp is None or not self.experts.folds_shared_mlp(num_tokens):
+        (FusedMoE.folds_shared_mlp: batch 1 on the Triton path, every batch with moe_fuse_shared; 16-bit, no
+        bias), else None. Its slice of the S * I units is S * (I / TP) wide, gate/up rows and down columns
+        cut alike, so it splits into S slices of the experts' width on every rank; a shared expert's weight is
+        one (HF adds shared_experts(x) unscaled: routed_scaling_factor is in the routed weights only)."""
+        if not self.experts.shared_experts or not self.experts.folds_shared_mlp(num_tokens):
             return None
-        gate_up, down = mlp.gate_up_proj, mlp.down_proj
-        if gate_up.quantized or down.quantized or gate_up.bias is not None or down.bias is not None:
-            return None
-        return gate_up.weight, down.weight
+        return self.shared_experts.gate_up_proj.weight, self.shared_experts.down_proj.weight
 
 
 class _RoutingFactory:

@@ -222,32 +222,76 @@ def test_fp8_weights_run_and_fp8_latent_cache_is_refused(tiny_model_dir):
         LLM(model=path, kv_cache_dtype="fp8")
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 40])
-def test_shared_experts_fold_into_the_routed_experts_where_the_gemv_serves(tokens):
-    """On the Triton path (here its reference) small batches pass the shared MLP's weights to the routed
-    experts (two shared experts = two more slices of weight one) instead of running it beside them: the same
-    output as the separate MLP; larger batches and the plain path keep the separate MLP."""
-    from meshserve.layers.backend_selection import PLAIN, KernelSelection
+def _moe_block(family: str, shared: int):
+    """A tiny DeepSeek MoE block (16 experts of 16, top-3, `shared` shared experts, routed_scaling_factor 1.5:
+    applied to the routed weights only), random fp32 weights, kernels PLAIN."""
     from meshserve.models.deepseek import DeepseekMoE, _RoutingFactory
 
-    cfg = _hf_config("deepseek_v2", n_routed_experts=16, n_group=1, topk_group=1, num_experts_per_tok=3,
-                     topk_method="greedy", routed_scaling_factor=1.5, n_shared_experts=2, moe_intermediate_size=16)
+    v3 = family == "deepseek_v3"
+    cfg = _hf_config(family, n_routed_experts=16, n_group=4 if v3 else 1, topk_group=2 if v3 else 1,
+                     num_experts_per_tok=3, topk_method="noaux_tc" if v3 else "greedy", norm_topk_prob=v3,
+                     routed_scaling_factor=1.5, n_shared_experts=shared, moe_intermediate_size=16)
     torch.manual_seed(0)
-    block = DeepseekMoE(cfg, _RoutingFactory(cfg, 2))
+    block = DeepseekMoE(cfg, _RoutingFactory(cfg, 3 if v3 else 2))
     for p in block.parameters():
         p.data.normal_(0, 0.3)
+    return block
+
+
+def _bind(block, kernels) -> None:
+    block.apply(lambda m: setattr(m, "kernels", kernels) if hasattr(m, "kernels") else None)
+
+
+@pytest.mark.parametrize("fuse_shared", [False, True], ids=["gemv-only", "fuse-shared"])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_shared_experts_fold_into_the_routed_experts(tokens, fuse_shared):
+    """On the Triton path (here its reference) small batches, and every batch with moe_fuse_shared, pass the
+    shared MLP's weights to the routed experts (two shared experts = two more slices of weight one) instead
+    of running it beside them: the same output as the separate MLP; the plain path keeps the separate MLP."""
+    from meshserve.layers.backend_selection import PLAIN, KernelSelection
+
+    block = _moe_block("deepseek_v2", shared=2)
     x = torch.randn(tokens, 32)
-    block.apply(lambda m: setattr(m, "kernels", PLAIN) if hasattr(m, "kernels") else None)
+    _bind(block, PLAIN)
     plain = block(x)
     assert block._foldable_shared_mlp(tokens) is None  # the plain path keeps the model's structure
-    fast = KernelSelection(fused_ops=True)
-    block.apply(lambda m: setattr(m, "kernels", fast) if hasattr(m, "kernels") else None)
-    folds = tokens == 1  # gemv_serves: one token
+    _bind(block, KernelSelection(fused_ops=True, moe_fuse_shared=fuse_shared))
+    folds = tokens == 1 or fuse_shared  # gemv_serves: one token
     assert (block._foldable_shared_mlp(tokens) is not None) == folds
     calls = []
     block.shared_experts.register_forward_hook(lambda *a: calls.append(1))
     torch.testing.assert_close(block(x), plain, atol=1e-5, rtol=1e-5)
     assert bool(calls) != folds  # the separate MLP ran exactly when nothing folded
+    _bind(block, KernelSelection(fused_ops=True, moe_fuse_shared=fuse_shared, moe_legacy=True))
+    assert block._foldable_shared_mlp(tokens) is None  # the legacy path keeps the separate MLP
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter on CPU (on a GPU: -m gpu tests)")
+@pytest.mark.parametrize("family,shared", [("deepseek_v2", 2), ("deepseek_v3", 1)], ids=["v2", "v3"])
+def test_folded_block_runs_the_triton_kernels_like_the_separate_mlp(family, shared, monkeypatch):
+    """The block with moe_fuse_shared through the Triton MoE kernels themselves (the interpreter: triton_moe's
+    pair GEMV at 1 token, the grouped GEMMs at 9 and 40) equals the plain block, the shared MLP beside the experts, in
+    fp32 up to summation order."""
+    pytest.importorskip("triton")
+    from meshserve.kernels import triton_moe
+    from meshserve.layers import fused_moe
+    from meshserve.layers.backend_selection import PLAIN, KernelSelection
+
+    seen = []
+
+    def on_kernels(*args, triton, legacy, table, **kw):  # the dispatcher takes Triton for CUDA tensors only
+        seen.append(kw["shared_w13"].shape[0] // (2 * args[2].shape[2]))
+        return triton_moe.fused_experts(*args, configs=table, **kw)
+
+    block = _moe_block(family, shared)
+    xs = [torch.randn(tokens, 32) for tokens in (1, 9, 40)]
+    _bind(block, PLAIN)
+    plains = [block(x) for x in xs]
+    monkeypatch.setattr(fused_moe, "fused_experts", on_kernels)
+    _bind(block, KernelSelection(fused_ops=True, moe_fuse_shared=True))
+    for x, plain in zip(xs, plains):
+        torch.testing.assert_close(block(x), plain, atol=1e-5, rtol=1e-5)
+    assert seen == [shared] * 3
 
 
 @pytest.mark.gpu

@@ -22,3 +22,16 @@ def test_two_ranks_match_one_device_and_hf(family, ep, tiny_model_dir, hf_model)
     assert got == single
     assert stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
     assert len(load) == 2 and load[0] == load[1] and all(sum(layer) > 0 for layer in load[0])
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", pytest.param("deepseek_v3", marks=pytest.mark.slow)])
+def test_two_ranks_with_the_shared_experts_folded_match_one_device(family, tiny_model_dir, hf_model, monkeypatch):
+    """MESHSERVE_MOE_FUSE_SHARED=1 at TP 2: each rank's slice of the shared MLP (S x I/2 units) rides in its
+    routed experts' launches as S experts of width I/2, its partial sums in the MoE layer's one all-reduce:
+    one device's (HF's) greedy tokens."""
+    single = _single(family, tiny_model_dir, hf_model)
+    monkeypatch.setenv("MESHSERVE_MOE_FUSE_SHARED", "1")
+    got, stats, _ = _generate(tiny_model_dir(family), _prompts(), tensor_parallel_size=2,
+                              max_num_batched_tokens=16, block_size=4, num_gpu_blocks_override=12)
+    assert got == single
+    assert stats["num_preemptions"] > 0

@@ -125,6 +125,30 @@ def test_greedy_matches_hf_under_chunks_prefix_hits_and_preemption(family, tiny_
 
 
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_greedy_matches_hf_with_the_shared_experts_folded(family, tiny_model_dir, hf_model, monkeypatch):
+    """MESHSERVE_MOE_FUSE_SHARED=1: every MoE layer hands its shared MLP (V2: two shared experts, V3: one) to
+    the routed experts as more experts of weight one (routed_scaling_factor 1.5 / 2.5 on the routed weights
+    only): HF's greedy tokens under chunked prefill, prefix-cache hits and preemption."""
+    from meshserve.models.deepseek import DeepseekMoE
+    from tests.engine.test_engine_vs_hf import hf_greedy
+
+    monkeypatch.setenv("MESHSERVE_MOE_FUSE_SHARED", "1")
+    path = tiny_model_dir(family)
+    prompts = _prompts()
+    llm = LLM(model=path, max_num_batched_tokens=16, block_size=4, num_gpu_blocks_override=12)
+    blocks = [m for m in llm.engine.runner.model.modules() if isinstance(m, DeepseekMoE)]
+    folded = []
+    for block in blocks:
+        block.experts.register_forward_pre_hook(lambda m, args, kw: folded.append("shared_mlp" in kw),
+                                                with_kwargs=True)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf_model(path), p, MAX_NEW) for p in prompts]
+    assert blocks and folded and all(folded)
+    assert llm.engine.stats()["num_preemptions"] > 0
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
 def test_prompt_logprobs_match_hf(family, tiny_model_dir, hf_model):
     path = tiny_model_dir(family)
     prompt = [random.Random(7).randrange(3, VOCAB) for _ in range(30)]

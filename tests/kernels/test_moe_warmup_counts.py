@@ -40,6 +40,22 @@ def test_counts_are_complete_and_minimal(num_experts, top_k, max_tokens, variant
         assert v in reached and reached[v] <= n
 
 
+@pytest.mark.parametrize("num_experts, top_k, shared", [(64, 6, 2), (256, 8, 1)], ids=["v2-lite", "v3"])
+def test_folded_shared_experts_count_as_more_pairs_and_experts(num_experts, top_k, shared):
+    """MESHSERVE_MOE_FUSE_SHARED: past the GEMV a call launches as top_k + S pairs a token among E + S experts
+    (the fold's tiles differ from the routed experts' alone), and the counts reach every such variant."""
+    counts = warmup_token_counts(8192, top_k, num_experts, shared_experts=shared)
+    assert counts != warmup_token_counts(8192, top_k, num_experts)
+    reached = {launch_variant(n, top_k, num_experts, shared_experts=shared) for n in counts}
+    assert len(reached) == len(counts)
+    for n in range(1, 8193):
+        assert launch_variant(n, top_k, num_experts, shared_experts=shared) in reached
+        if n > 1:
+            assert launch_variant(n, top_k, num_experts, shared_experts=shared) == launch_variant(
+                n, top_k + shared, num_experts + shared)
+    assert launch_variant(1, top_k, num_experts, shared_experts=shared) == ("gemv",)  # folded in the GEMV
+
+
 def test_gemv_and_pair_gemv_take_the_small_calls():
     assert launch_variant(1, 6, 64) == ("gemv",)
     assert launch_variant(1, 6, 64, quantized=True) == ("pair_gemv",)  # fp8 experts: triton_moe's GEMV

@@ -7,6 +7,10 @@ block as the model builds it (router, routing + load count, routed experts, and 
            shared MLP beside the experts
   new      the default: one-launch routing, the MoE GEMV for small batches (the shared MLP folded into it),
            Triton align + tuned tiles past it
+  stream   new with MESHSERVE_MOE_CONFIGS=stream's tiles
+  fold     new with MESHSERVE_MOE_FUSE_SHARED=1: DeepSeek's shared MLP as S more experts of the routed ones'
+           launches at every batch (no gate_up GEMM, SiLU, down GEMM and add beside them; models with shared
+           experts only)
 inside a CUDA graph over LAYERS blocks of distinct weights (so a layer's experts are not in L2 from the
 replay before: one decode step reads 48 different layers), and reports per block: kernel launches (one eager
 call, profiler), microseconds, the bytes of the weights read (the experts actually routed to, once each, plus
@@ -29,6 +33,9 @@ What one layer launches (Qwen3-30B-A3B, TP 1; the router's F.linear, 512 KB, is 
   two launches on the new one; the router is fp32: a cast and an F.linear on both.)
 
 usage: python tools/bench_moe.py [--json bench_moe.json] [--no-sweep] [--models qwen3-30b-a3b,deepseek-v2-lite]
+                                [--paths legacy,new,stream,fold] [--batches 1,8,64,256,2048]
+  the shared-experts fold alone (issue 24; speedups are over the first path listed):
+  python tools/bench_moe.py --models deepseek-v2-lite --paths new,fold --batches 8,64,256,2048 --no-sweep
 """
 
 from __future__ import annotations
@@ -57,8 +64,8 @@ from meshserve.layers.moe_routing import GroupedTopK, SoftmaxTopK
 LAYERS = 4
 DEVICE = "cuda"  # (a CPU smoke run of this script sets "cpu": Triton interpreter, no timing)
 BATCHES = (1, 8, 64, 256, 2048)
-# the layer's paths: MESHSERVE_MOE_LEGACY=1, the default, MESHSERVE_MOE_CONFIGS=stream
-LAYER_PATHS = ("legacy", "new", "stream")
+# the layer's paths: MESHSERVE_MOE_LEGACY=1, the default, MESHSERVE_MOE_CONFIGS=stream, MESHSERVE_MOE_FUSE_SHARED=1
+LAYER_PATHS = ("legacy", "new", "stream", "fold")
 # 8 both ways: where the GEMV stops; 16-256: DeepSeek-V2-Lite's decode batches (1.5-24 rows per expert)
 SWEEP_GEMV_TOKENS, SWEEP_GROUPED_TOKENS = (1, 8), (8, 16, 32, 64, 128, 256, 2048)
 
@@ -196,7 +203,8 @@ def bench_layer(
     x = torch.randn(tokens, shape.hidden, device=DEVICE, generator=gen).to(torch.bfloat16)
     for block in blocks:
         bind(block, KernelSelection(fused_ops=True, gemv=True, moe_legacy=path == "legacy",
-                                    moe_configs="stream" if path == "stream" else "tuned"))
+                                    moe_configs="stream" if path == "stream" else "tuned",
+                                    moe_fuse_shared=path == "fold"))
     outs = [None] * LAYERS
 
     def run():
@@ -220,6 +228,22 @@ def bench_layer(
         "max_rel_err": round(err, 5),
         "ok": err < 0.03,
     }
+
+
+def time_shared_mlp(blocks: list[torch.nn.Module], tokens: int, hidden: int) -> float:
+    """Microseconds of DeepSeek's separate shared MLP alone (gate_up GEMM, SiLU-and-mul, down GEMM) on the
+    Triton path: what the fold takes out of the block, less the add and what its S experts cost in the
+    grouped GEMMs."""
+    x = torch.randn(tokens, hidden, device=DEVICE, dtype=torch.bfloat16)
+    for block in blocks:
+        bind(block, KernelSelection(fused_ops=True, gemv=True))
+    outs = [None] * LAYERS
+
+    def run():
+        for i, block in enumerate(blocks):
+            outs[i] = block.shared_experts(x)
+
+    return time_graph(run) / LAYERS
 
 
 def bench_experts(shape, layers, tokens, label, call, copy_bw) -> dict:
@@ -295,7 +319,14 @@ def main() -> None:
     parser.add_argument("--json", default="bench_moe.json")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--paths", default=",".join(LAYER_PATHS[:3]),
+                        help=f"layer paths, the first the speedups' baseline ({', '.join(LAYER_PATHS)})")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="token counts")
     args = parser.parse_args()
+    paths = args.paths.split(",")
+    if not set(paths) <= set(LAYER_PATHS):
+        parser.error(f"--paths: {', '.join(LAYER_PATHS)}")
+    batches = [int(b) for b in args.batches.split(",")]
     torch.set_default_dtype(torch.bfloat16)
     began = time.time()
     copy_bw = copy_bandwidth()
@@ -315,16 +346,23 @@ def main() -> None:
         print(
             f"{'tokens':>6} {'path':>6} {'launch':>6} {'us':>9} {'GB/s':>7} {'%copy':>6} {'TFLOP/s':>8} {'err':>8}"
         )
-        for tokens in BATCHES:
-            pair = [bench_layer(shape, layers, tokens, path, copy_bw) for path in LAYER_PATHS]
+        model_paths = [p for p in paths if p != "fold" or shape.shared]  # fold: shared experts only
+        for tokens in batches:
+            pair = [bench_layer(shape, layers, tokens, path, copy_bw) for path in model_paths]
             for r in pair:
                 print(
                     f"{tokens:>6} {r['path']:>6} {r['launches']:>6} {r['us']:>9.1f} {r['weight_GB_per_s']:>7.0f} "
                     f"{r['pct_copy_bw']:>6.1f} {r['TFLOP_per_s']:>8.2f} {r['max_rel_err']:>8.4f}"
                     f"{'' if r['ok'] else '  MISMATCH'}"
                 )
-            print(f"{'':>6} speedup over legacy: new {pair[0]['us'] / pair[1]['us']:.2f}x,"
-                  f" stream {pair[0]['us'] / pair[2]['us']:.2f}x")
+            if "fold" in model_paths:
+                shared_us = time_shared_mlp(layers, tokens, shape.hidden)
+                pair[model_paths.index("fold")]["separate_shared_mlp_us"] = round(shared_us, 2)
+                print(f"{'':>6} the separate shared MLP alone: {shared_us:.1f} us")
+            if len(pair) > 1:
+                print(f"{'':>6} over {pair[0]['path']}: " + ", ".join(
+                    f"{r['path']} {pair[0]['us'] / r['us']:.2f}x ({r['us'] - pair[0]['us']:+.1f} us)"
+                    for r in pair[1:]))
             rows += pair
         sweeps = []
         if not args.no_sweep:

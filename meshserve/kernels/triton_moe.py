@@ -36,8 +36,8 @@ NO_QUANT, PER_CHANNEL, BLOCKWISE = 0, 1, 2
 
 
 @triton.jit
-def _expert_weights(b_ptr, sb_ptr, expert, num_routed, N, stride_be, stride_bn, stride_sbe, stride_sbn, shared_up,
-                    HAS_SHARED: tl.constexpr):
+def _expert_weights(b_ptr, sb_ptr, expert, num_routed, N, stride_be, stride_bn, stride_sbe, stride_sbn,
+                    shared_up, HAS_SHARED: tl.constexpr):
     """(base pointer, row stride, offset of the up rows) of `expert`'s weights. With HAS_SHARED, ids from
     num_routed on are slices of the shared MLP read in its own layout (shared_up: its up rows' offset; a
     select, not a branch, so the pointers keep their alignment for vector loads); else the stacked experts."""
@@ -261,7 +261,8 @@ def _with_shared_pairs(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_r
         raise ValueError("a shared MLP folds into 16-bit experts only (fp8 experts keep the separate MLP)")
     num_shared = shared_w2.shape[1] // width
     if shared_w2.shape[1] != num_shared * width or shared_w13.shape[0] != 2 * num_shared * width:
-        raise ValueError(f"shared MLP of {shared_w2.shape[1]} features is no whole number of {width}-wide experts")
+        raise ValueError(f"shared MLP of {shared_w2.shape[1]} features is no whole number of {width}-wide "
+                         "experts")
     if shared_w13.stride(1) != 1 or shared_w2.stride(1) != 1:
         raise ValueError("the shared MLP's weights need contiguous rows")
     tokens = topk_ids.shape[0]

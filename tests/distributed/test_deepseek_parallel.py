@@ -25,7 +25,8 @@ def test_two_ranks_match_one_device_and_hf(family, ep, tiny_model_dir, hf_model)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v2", pytest.param("deepseek_v3", marks=pytest.mark.slow)])
-def test_two_ranks_with_the_shared_experts_folded_match_one_device(family, tiny_model_dir, hf_model, monkeypatch):
+def test_two_ranks_with_the_shared_experts_folded_match_one_device(family, tiny_model_dir, hf_model,
+                                                                    monkeypatch):
     """MESHSERVE_MOE_FUSE_SHARED=1 at TP 2: each rank's slice of the shared MLP (S x I/2 units) rides in its
     routed experts' launches as S experts of width I/2, its partial sums in the MoE layer's one all-reduce:
     one device's (HF's) greedy tokens."""

@@ -128,8 +128,8 @@ def test_shared_mlp_folds_into_16_bit_experts_only():
     x, w13, w2, weights, ids = _case(4, 8, 2, 64, 48, torch.float32, "cpu")
     gate_up, down = _shared_mlp(2, 64, 48, torch.float32, "cpu")
     with pytest.raises(ValueError, match="16-bit experts only"):
-        triton_moe.fused_experts(x, w13, w2, weights, ids, w13_scale=torch.ones(8, 96), w2_scale=torch.ones(8, 64),
-                                 shared_w13=gate_up, shared_w2=down)
+        triton_moe.fused_experts(x, w13, w2, weights, ids, w13_scale=torch.ones(8, 96),
+                                 w2_scale=torch.ones(8, 64), shared_w13=gate_up, shared_w2=down)
     with pytest.raises(ValueError, match="no whole number"):
         triton_moe.fused_experts(x, w13, w2, weights, ids, shared_w13=gate_up[:-2], shared_w2=down[:, :-1])
 

@@ -290,6 +290,22 @@ def test_shared_experts_fold_into_the_routed_experts(tokens, fuse_shared):
     assert block._foldable_shared_mlp(tokens) is None  # the legacy path keeps the separate MLP
 
 
+def test_expert_parallel_keeps_the_shared_mlp_apart(monkeypatch):
+    """Expert parallel: a rank holds only its experts and a slice of the batch, so the shared MLP stays a
+    separate MLP even with moe_fuse_shared; the warm-up counts are the routed experts' alone."""
+    from meshserve.distributed import parallel_state
+    from meshserve.kernels.moe import warmup_token_counts
+    from meshserve.layers.backend_selection import KernelSelection
+
+    monkeypatch.setattr(parallel_state, "_STATE", parallel_state.ParallelState(
+        tp_rank=0, tp_size=2, rank=0, world_size=2, expert_parallel=True))
+    block = _moe_block("deepseek_v2", shared=2)
+    _bind(block, KernelSelection(fused_ops=True, moe_fuse_shared=True))
+    assert block.experts.expert_parallel and block.experts.num_local_experts == 8
+    assert block._foldable_shared_mlp(1) is None and block._foldable_shared_mlp(40) is None
+    assert block.experts.warmup_token_counts(512, 2) == warmup_token_counts(512, 3, 8)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter on CPU (on a GPU: -m gpu tests)")
 @pytest.mark.parametrize("family,shared", [("deepseek_v2", 2), ("deepseek_v3", 1)], ids=["v2", "v3"])
 def test_folded_block_runs_the_triton_kernels_like_the_separate_mlp(family, shared, monkeypatch):
@@ -319,11 +335,13 @@ def test_folded_block_runs_the_triton_kernels_like_the_separate_mlp(family, shar
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 8, 64])
-def test_moe_block_fast_path_matches_plain_in_a_cuda_graph_gpu(tokens):
+@pytest.mark.parametrize("fuse_shared", [False, True], ids=["apart", "fuse-shared"])
+@pytest.mark.parametrize("tokens", [1, 2, 8, 64, 256])
+def test_moe_block_fast_path_matches_plain_in_a_cuda_graph_gpu(tokens, fuse_shared):
     """DeepSeek-V2-Lite's MoE block (64 experts of 1,408, top-6, two shared experts; hidden cut to 512) in bf16:
-    the Triton path (shared MLP folded into the GEMV at 1 token, beside the grouped GEMM at 8 and 64),
-    captured in a CUDA graph, gives the plain block's output."""
+    the Triton path (shared MLP folded into the GEMV at 1 token, beside the pair GEMV / grouped GEMM past it,
+    or, with moe_fuse_shared, two more experts of theirs), captured in a CUDA graph, gives the plain block's
+    output."""
     from transformers import AutoConfig
 
     from meshserve.layers.backend_selection import PLAIN, KernelSelection
@@ -347,8 +365,8 @@ def test_moe_block_fast_path_matches_plain_in_a_cuda_graph_gpu(tokens):
 
     bind(PLAIN)
     plain = block(x)
-    bind(KernelSelection(fused_ops=True, gemv=True))
-    assert (block._foldable_shared_mlp(tokens) is not None) == (tokens <= 8)
+    bind(KernelSelection(fused_ops=True, gemv=True, moe_fuse_shared=fuse_shared))
+    assert (block._foldable_shared_mlp(tokens) is not None) == (tokens == 1 or fuse_shared)
     block(x)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -162,6 +162,20 @@ def test_block_fp8_moe_checkpoint_matches_its_dequantized_model(family, layer, e
     _check(llm, ddir, lambda x: fake_quant_fp8(x, B), online=False)
 
 
+def test_block_fp8_deepseek_keeps_its_shared_mlp_apart_under_the_fold_switch(moe_dirs, monkeypatch):
+    """MESHSERVE_MOE_FUSE_SHARED=1 with block-fp8 experts and shared MLP (DeepSeek-V3's checkpoints): the fold
+    is refused (the grouped GEMM takes 16-bit shared slices only), the separate MLP runs, and the tokens and
+    logprobs are still the dequantized model's."""
+    monkeypatch.setenv("MESHSERVE_MOE_FUSE_SHARED", "1")
+    qdir, ddir, _ = moe_dirs("deepseek_v3")
+    llm = LLM(qdir, dtype="float32")
+    assert llm.engine.runner.kernels.moe_fuse_shared
+    block = llm.engine.runner.model.model.layers[1].mlp
+    assert block.shared_experts.gate_up_proj.quantized
+    assert block.experts.shared_experts == 0 and block._foldable_shared_mlp(4) is None
+    _check(llm, ddir, lambda x: fake_quant_fp8(x, B), online=False)
+
+
 @pytest.mark.parametrize("family", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow)])
 def test_online_fp8_quantizes_experts_per_channel(family, moe_dirs):
     _, _, src = moe_dirs(family)

@@ -24,6 +24,8 @@ small pass (the kernels would otherwise redo it for every column tile), and both
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -266,10 +268,17 @@ def _with_shared_pairs(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_r
     if shared_w13.stride(1) != 1 or shared_w2.stride(1) != 1:
         raise ValueError("the shared MLP's weights need contiguous rows")
     tokens = topk_ids.shape[0]
-    shared_ids = torch.arange(num_routed, num_routed + num_shared, dtype=torch.int32, device=topk_ids.device)
+    shared_ids, ones = _shared_slots(num_routed, num_shared, topk_ids.device)
     ids = torch.cat([topk_ids.to(torch.int32), shared_ids.expand(tokens, num_shared)], dim=1)
-    ones = torch.ones((), dtype=torch.float32, device=topk_weights.device).expand(tokens, num_shared)
-    return torch.cat([topk_weights.float(), ones], dim=1), ids, num_shared
+    return torch.cat([topk_weights.float(), ones.expand(tokens, num_shared)], dim=1), ids, num_shared
+
+
+@functools.cache
+def _shared_slots(num_routed: int, num_shared: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared experts' ids [S] (int32) and weights [S] (ones, float32): made once (the warm-up's eager
+    steps, before any CUDA graph capture), so a call adds only its two concatenations."""
+    ids = torch.arange(num_routed, num_routed + num_shared, dtype=torch.int32, device=device)
+    return ids, torch.ones(num_shared, dtype=torch.float32, device=device)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

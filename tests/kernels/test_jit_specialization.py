@@ -147,10 +147,12 @@ class _Recorder:
         return {v: a for v, a in seen.items() if len(a) > 1}
 
 
+@pytest.mark.parametrize("shared", [0, 2], ids=["routed", "fuse-shared"])
 @pytest.mark.parametrize("num_experts, top_k", [(64, 6), (8, 4)])
-def test_grouped_moe_gemm_compiles_once_per_tile_config(num_experts, top_k, monkeypatch):
+def test_grouped_moe_gemm_compiles_once_per_tile_config(num_experts, top_k, shared, monkeypatch):
     """Every token count of one tile config launches the grouped GEMM (and the pair GEMV) with one
-    specialization: the unquantized path's unused scale strides are fixed, not the pair count (issue 29)."""
+    specialization: the unquantized path's unused scale strides are fixed, not the pair count (issue 29);
+    with a shared MLP folded in (MESHSERVE_MOE_FUSE_SHARED) its slices' strides are the model's, fixed too."""
     import torch
 
     from meshserve.kernels import triton_moe
@@ -163,11 +165,13 @@ def test_grouped_moe_gemm_compiles_once_per_tile_config(num_experts, top_k, monk
     gen = torch.Generator().manual_seed(0)
     w13 = torch.randn(num_experts, 2 * width, hidden, generator=gen).bfloat16()
     w2 = torch.randn(num_experts, hidden, width, generator=gen).bfloat16()
+    fold = {} if not shared else {"shared_w13": torch.randn(2 * shared * width, hidden, generator=gen).bfloat16(),
+                                  "shared_w2": torch.randn(hidden, shared * width, generator=gen).bfloat16()}
     for tokens in (2, 3, 5, 8, 11, 16, 21, 22, 23, 40, 64, 100, 257, 300):
         x = torch.randn(tokens, hidden, generator=gen).bfloat16()
         ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)]).int()
         weights = torch.rand(tokens, top_k, generator=gen)
-        triton_moe.fused_experts(x, w13, w2, weights, ids)
+        triton_moe.fused_experts(x, w13, w2, weights, ids, **fold)
     assert len({v for v, _ in grouped.launches}) >= 2 * 3  # several tile configs, two stages each
     assert not grouped.split_variants() and not pair.split_variants()
 

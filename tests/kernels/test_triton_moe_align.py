@@ -86,7 +86,8 @@ def compile(kernel, sig, const, warps, stages=3):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 gemm = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "weights_ptr": "*fp32", "as_ptr": "*fp32",
-        "bs_ptr": "*fp32", "sorted_rows_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32"}
+        "bs_ptr": "*fp32", "sorted_rows_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32",
+        "sb_ptr": "*bf16"}
 tables = [tuned_configs(pairs, 128) for pairs in (8 * 128, 16 * 128, 64 * 128, 128 * 128)]  # each bucket
 tables.append(stream_configs(1536, 64))  # the stream table's decode tiles (DeepSeek-V2-Lite at 256 tokens)
 for stages in tables:  # both stages
@@ -94,7 +95,7 @@ for stages in tables:  # both stages
         kw = cfg.kwargs()
         warps, n_stages = kw.pop("num_warps"), kw.pop("num_stages")
         const = dict(kw, QUANT=0, BLOCK_SCALE_N=1, A_ROWS_PER_TOKEN=8 if gated else 1, GATED=gated,
-                     MUL_WEIGHT=not gated, PRECISION=None)
+                     MUL_WEIGHT=not gated, PRECISION=None, HAS_SHARED=False)
         out = compile(_grouped_gemm_kernel, gemm, const, warps, n_stages)
         assert out.metadata.shared <= 227 * 1024, (cfg, gated, out.metadata.shared)  # fits an H100/H200 SM
 print("compiled")

@@ -97,11 +97,15 @@ def launch_variant(
     configs: ("gemv",), ("pair_gemv",) or ("grouped", StageConfigs). Calls of one variant meet the same kernel
     specializations (the grouped GEMM's per-call counts are unspecialized, its unused scale strides fixed), so
     one call of each compiles them all. shared_experts: the S experts of a shared MLP folded in past the GEMV
-    (folds_shared_mlp with fuse_shared): S more pairs a token and S more experts pick the launch."""
+    (folds_shared_mlp's fuse_shared_tokens): S more pairs a token and S more experts pick the tiles, and the
+    kernels' HAS_SHARED specialization marks the variant ("shared", S)."""
     pairs = num_tokens * top_k
     if not legacy and not quantized and gemv_serves(num_tokens, pairs, num_experts):
         return ("gemv",)
-    pairs, num_experts = pairs + num_tokens * shared_experts, num_experts + shared_experts
+    if shared_experts:
+        shared = launch_variant(num_tokens, top_k + shared_experts, num_experts + shared_experts, legacy, table,
+                                quantized, blockwise_fp8, activation_bytes)
+        return (*shared, ("shared", shared_experts))
     if use_pair_gemv(num_tokens, pairs, num_experts):
         return ("pair_gemv",)
     configs = stage_configs("legacy" if legacy else table, pairs, num_experts, quantized, blockwise_fp8,
@@ -110,27 +114,30 @@ def launch_variant(
 
 
 @functools.cache
-def warmup_token_counts(max_tokens: int, top_k: int, num_experts: int, **variant) -> list[int]:
+def warmup_token_counts(max_tokens: int, top_k: int, num_experts: int, shared_experts: int = 0,
+                        fuse_shared_tokens: int = 0, **variant) -> list[int]:
     """The fewest tokens, in 1..max_tokens, of each launch_variant a call of up to max_tokens tokens can take:
     a warm-up step of each count compiles every MoE kernel variant serving can meet (engine/eager_warmup.py).
+    shared_experts: a shared MLP's experts, folded in at up to fuse_shared_tokens tokens (folds_shared_mlp).
     variant: launch_variant's other arguments."""
     first: dict = {}
     for n in range(1, max_tokens + 1):
-        first.setdefault(launch_variant(n, top_k, num_experts, **variant), n)
+        shared = shared_experts if n <= fuse_shared_tokens else 0
+        first.setdefault(launch_variant(n, top_k, num_experts, shared_experts=shared, **variant), n)
     return sorted(first.values())
 
 
 def folds_shared_mlp(
     num_tokens: int, top_k: int, num_experts: int, triton: bool, legacy: bool, quantized: bool,
-    fuse_shared: bool = False,
+    fuse_shared_tokens: int = 0,
 ) -> bool:
     """Whether a shared MLP may ride along in fused_experts: 16-bit experts, off the legacy path, where the
-    MoE GEMV serves on the Triton path, or at every batch with fuse_shared (MESHSERVE_MOE_FUSE_SHARED, which
-    also folds on the reference path, so CPU runs check the fold's wiring); elsewhere the plain path keeps the
-    separate MLP: the reference stays the model's own structure."""
+    MoE GEMV serves on the Triton path, or at batches of up to fuse_shared_tokens (MESHSERVE_MOE_FUSE_SHARED,
+    KernelSelection.fuse_shared_tokens, which folds on the reference path too, so CPU runs check the fold's
+    wiring); elsewhere the plain path keeps the separate MLP: the reference stays the model's own structure."""
     if legacy or quantized:
         return False
-    return fuse_shared or (triton and gemv_serves(num_tokens, num_tokens * top_k, num_experts))
+    return num_tokens <= fuse_shared_tokens or (triton and gemv_serves(num_tokens, num_tokens * top_k, num_experts))
 
 
 def softmax_topk(

@@ -65,11 +65,11 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_MOE_CONFIGS=tuned|stream|legacy the grouped MoE GEMM's tile table (kernels/moe_configs.py); stream:
                                             the weight-streaming tiles for 3-24 rows per expert (BLOCK_M 64,
                                             wgmma, 4 stages); default tuned until stream is measured
-  MESHSERVE_MOE_FUSE_SHARED=1|0             DeepSeek's shared experts as S more experts of the routed ones'
-                                            launches at every batch (kernels/moe.folds_shared_mlp; the MoE
-                                            GEMV folds them at one token regardless); 16-bit experts, no expert
-                                            parallelism; off by default until measured (tools/bench_moe.py
-                                            --paths new,fold; issue 24)
+  MESHSERVE_MOE_FUSE_SHARED=1|0|N           DeepSeek's shared experts as S more experts of the routed ones'
+                                            launches at every batch (1) or at batches of up to N tokens
+                                            (kernels/moe.folds_shared_mlp; the MoE GEMV folds them at one token
+                                            regardless); 16-bit experts, no expert parallelism; off by default
+                                            until measured (tools/bench_moe.py --paths new,fold; issue 24)
   MESHSERVE_FP8_GEMV=cvt|half|scaled_mm     the batch-1 fp8-weight projection
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
                                             step; scaled_mm: torch._scaled_mm, the activation quantized per
@@ -91,6 +91,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -180,14 +181,24 @@ class KernelSelection:
     # the first Triton MoE path instead of the fused routing, MoE GEMV and tuned configs (kernels/moe.py)
     moe_legacy: bool = False
     moe_configs: str = "tuned"  # the grouped MoE GEMM's tile table (kernels/moe_configs.TABLES)
-    # a shared MLP (DeepSeek's shared experts) as more experts of the routed ones' launches at every batch
+    # a shared MLP (DeepSeek's shared experts) as more experts of the routed ones' launches, at batches of up
+    # to moe_fuse_shared_max_tokens tokens (None: every batch)
     moe_fuse_shared: bool = False
+    moe_fuse_shared_max_tokens: int | None = None
     # threads compiling the warm-ups' Triton kernels ahead of them (engine/parallel_warmup.py); 0: off
     parallel_compile_workers: int = 0
 
     @property
     def pdl(self) -> bool:
         return self.pdl_policy.enabled
+
+    @property
+    def fuse_shared_tokens(self) -> int:
+        """The largest batch whose shared MLP folds into the routed experts (kernels/moe.folds_shared_mlp);
+        0: none."""
+        if not self.moe_fuse_shared:
+            return 0
+        return self.moe_fuse_shared_max_tokens or sys.maxsize
 
 
 # what a layer uses until a runner binds its selection: the plain torch path
@@ -264,6 +275,16 @@ def _tp_fused_norm() -> str:
     return value
 
 
+def _fuse_shared() -> dict:
+    """MESHSERVE_MOE_FUSE_SHARED: 0 / unset (off), 1 (every batch) or N >= 2 (batches of up to N tokens)."""
+    raw = os.environ.get(MOE_FUSE_SHARED_ENV, "").strip()
+    if raw in ("", "0"):
+        return {"moe_fuse_shared": False}
+    if not raw.isdigit():
+        raise ValueError(f"{MOE_FUSE_SHARED_ENV} takes 0, 1 or a largest token count, got {raw!r}")
+    return {"moe_fuse_shared": True, "moe_fuse_shared_max_tokens": None if raw == "1" else int(raw)}
+
+
 def _variant(env: str, choices: tuple[str, ...], default: str) -> str:
     value = os.environ.get(env, "").strip().lower() or default
     if value not in choices:
@@ -331,7 +352,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         moe_configs=_variant(MOE_CONFIGS_ENV, MOE_CONFIG_TABLES, KernelSelection.moe_configs),
         # off unless asked for until tools/bench_moe.py measures it on the H200 (issue 24); when asked for it
         # folds on the reference path too (the CPU tests' check of the wiring)
-        moe_fuse_shared=bool(_forced_switch(MOE_FUSE_SHARED_ENV)),
+        **_fuse_shared(),
         fp8_gemv=_variant(FP8_GEMV_ENV, FP8_GEMV_CHOICES, KernelSelection.fp8_gemv),
         int4_gemv=_variant(INT4_GEMV_ENV, INT4_GEMV_CHOICES, KernelSelection.int4_gemv),
         parallel_compile_workers=_parallel_compile_workers(on_cuda),

@@ -130,13 +130,13 @@ class FusedMoE(nn.Module):
 
     def folds_shared_mlp(self, num_tokens: int) -> bool:
         """Whether forward may take a shared MLP for this many tokens: the MoE GEMV's batches on the Triton
-        path, or every batch with the moe_fuse_shared switch (kernels/moe.folds_shared_mlp); 16-bit experts,
+        path, or batches up to the moe_fuse_shared switch's bound (kernels/moe.folds_shared_mlp); 16-bit experts,
         not expert parallel (a rank holds only its experts; the shared MLP is TP-split like the experts'
         widths: its partial sums ride along in this layer's one all-reduce)."""
         quantized = bool(self.weight_format.scales(self))
         return not self.expert_parallel and folds_shared_mlp(
             num_tokens, self.routing.top_k, self.num_local_experts, self.kernels.fused_ops, self.kernels.moe_legacy,
-            quantized, self.kernels.moe_fuse_shared)
+            quantized, self.kernels.fuse_shared_tokens)
 
     def warmup_token_counts(self, max_tokens: int, activation_bytes: int) -> list[int]:
         """Token counts (up to max_tokens) whose steps between them compile every Triton kernel variant this
@@ -146,12 +146,13 @@ class FusedMoE(nn.Module):
         if not self.kernels.fused_ops:
             return []
         scales = self.weight_format.scales(self)
-        # (a fold past one token is all or nothing: the switch, 16-bit experts, no expert parallelism)
-        shared = self.shared_experts if self.kernels.moe_fuse_shared and self.folds_shared_mlp(2) else 0
+        # the fold past one token: the switch's bound, where 16-bit experts without expert parallelism allow it
+        fold_tokens = self.kernels.fuse_shared_tokens if self.shared_experts and self.folds_shared_mlp(2) else 0
         return warmup_token_counts(max_tokens, self.routing.top_k, self.num_local_experts,
                                    legacy=self.kernels.moe_legacy, table=self.kernels.moe_configs,
                                    quantized=bool(scales), blockwise_fp8=scales.get("block") is not None,
-                                   activation_bytes=activation_bytes, shared_experts=shared)
+                                   activation_bytes=activation_bytes, shared_experts=self.shared_experts,
+                                   fuse_shared_tokens=min(fold_tokens, max_tokens))
 
     def _route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The routing function's (weights, global ids), each chosen expert counted in expert_load: one fused

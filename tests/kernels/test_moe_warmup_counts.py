@@ -41,19 +41,27 @@ def test_counts_are_complete_and_minimal(num_experts, top_k, max_tokens, variant
 
 
 @pytest.mark.parametrize("num_experts, top_k, shared", [(64, 6, 2), (256, 8, 1)], ids=["v2-lite", "v3"])
-def test_folded_shared_experts_count_as_more_pairs_and_experts(num_experts, top_k, shared):
-    """MESHSERVE_MOE_FUSE_SHARED: past the GEMV a call launches as top_k + S pairs a token among E + S experts
-    (the fold's tiles differ from the routed experts' alone), and the counts reach every such variant."""
-    counts = warmup_token_counts(8192, top_k, num_experts, shared_experts=shared)
+@pytest.mark.parametrize("fold_tokens", [8192, 256], ids=["every-batch", "up-to-256"])
+def test_folded_shared_experts_count_as_more_pairs_and_experts(num_experts, top_k, shared, fold_tokens):
+    """MESHSERVE_MOE_FUSE_SHARED: past the GEMV a call of up to fold_tokens tokens launches as top_k + S pairs
+    a token among E + S experts with the HAS_SHARED kernels (tiles and specialization differ from the routed
+    experts' alone), larger ones without; the counts reach every variant either side of the bound."""
+    counts = warmup_token_counts(8192, top_k, num_experts, shared_experts=shared, fuse_shared_tokens=fold_tokens)
     assert counts != warmup_token_counts(8192, top_k, num_experts)
-    reached = {launch_variant(n, top_k, num_experts, shared_experts=shared) for n in counts}
+
+    def variant(n):
+        return launch_variant(n, top_k, num_experts, shared_experts=shared if n <= fold_tokens else 0)
+
+    reached = {variant(n) for n in counts}
     assert len(reached) == len(counts)
     for n in range(1, 8193):
-        assert launch_variant(n, top_k, num_experts, shared_experts=shared) in reached
-        if n > 1:
-            assert launch_variant(n, top_k, num_experts, shared_experts=shared) == launch_variant(
-                n, top_k + shared, num_experts + shared)
-    assert launch_variant(1, top_k, num_experts, shared_experts=shared) == ("gemv",)  # folded in the GEMV
+        assert variant(n) in reached
+        if 1 < n <= fold_tokens:
+            assert variant(n) == (*launch_variant(n, top_k + shared, num_experts + shared), ("shared", shared))
+    assert variant(1) == ("gemv",)  # folded in the GEMV
+    if fold_tokens < 8192:  # both sides of the bound: the same tiles may come with and without the shared slices
+        assert variant(fold_tokens)[-1] == ("shared", shared) and variant(fold_tokens + 1)[0] == "grouped"
+        assert len(variant(fold_tokens + 1)) == 2
 
 
 def test_gemv_and_pair_gemv_take_the_small_calls():

@@ -29,7 +29,8 @@ def _no_overrides(monkeypatch):
     for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED", "MESHSERVE_MLA_PREFETCH",
                  "MESHSERVE_MLA_TRANSPOSED"):
         monkeypatch.delenv(name, raising=False)
-    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS"):
+    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS",
+                 "MESHSERVE_MOE_FUSE_SHARED"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -184,6 +185,22 @@ def test_moe_config_table_switch(monkeypatch):
     assert select_kernels(gpu).moe_configs == "stream"
     monkeypatch.setenv("MESHSERVE_MOE_CONFIGS", "fast")
     with pytest.raises(ValueError, match="MESHSERVE_MOE_CONFIGS takes one of tuned, stream, legacy"):
+        select_kernels(gpu)
+
+
+def test_moe_fuse_shared_switch(monkeypatch):
+    """Off by default until measured (issue 24); 1: every batch; N: batches of up to N tokens; on the CPU too
+    (the reference path then folds: the tests' check of the wiring)."""
+    import sys
+
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert not select_kernels(gpu).moe_fuse_shared and select_kernels(gpu).fuse_shared_tokens == 0
+    for raw, tokens in (("1", sys.maxsize), ("256", 256), ("0", 0)):
+        monkeypatch.setenv("MESHSERVE_MOE_FUSE_SHARED", raw)
+        assert select_kernels(gpu).fuse_shared_tokens == tokens
+        assert select_kernels(_config()).fuse_shared_tokens == tokens
+    monkeypatch.setenv("MESHSERVE_MOE_FUSE_SHARED", "on")
+    with pytest.raises(ValueError, match="MESHSERVE_MOE_FUSE_SHARED takes 0, 1 or a largest token count"):
         select_kernels(gpu)
 
 

@@ -146,8 +146,8 @@ def test_warmup_token_counts_follow_the_layers_kernels():
 
 def test_warmup_token_counts_cover_the_folded_shared_experts():
     """With moe_fuse_shared a layer whose model hands it a shared MLP (shared_experts set) launches with S more
-    pairs a token among S more experts: its warm-up counts are those variants'; without the switch, or with
-    no shared MLP, the routed experts' alone."""
+    pairs a token among S more experts (up to the switch's bound): its warm-up counts are those variants';
+    without the switch, or with no shared MLP, the routed experts' alone."""
     from meshserve.kernels.moe import launch_variant, warmup_token_counts
     from meshserve.layers.backend_selection import KernelSelection
 
@@ -158,9 +158,13 @@ def test_warmup_token_counts_cover_the_folded_shared_experts():
     assert layer.warmup_token_counts(512, 2) == plain  # no shared MLP
     layer.shared_experts = 2
     folded = layer.warmup_token_counts(512, 2)
-    assert folded == warmup_token_counts(512, TOP_K, EXPERTS, shared_experts=2) != plain
+    assert folded == warmup_token_counts(512, TOP_K, EXPERTS, shared_experts=2, fuse_shared_tokens=512) != plain
     # every variant a folded call of 1..512 tokens takes is reached by one of the counts
     reached = {launch_variant(n, TOP_K, EXPERTS, shared_experts=2) for n in folded}
     assert all(launch_variant(n, TOP_K, EXPERTS, shared_experts=2) in reached for n in range(1, 513))
+    layer.kernels = KernelSelection(fused_ops=True, moe_fuse_shared=True, moe_fuse_shared_max_tokens=64)
+    bounded = layer.warmup_token_counts(512, 2)
+    assert bounded == warmup_token_counts(512, TOP_K, EXPERTS, shared_experts=2, fuse_shared_tokens=64)
+    assert set(bounded) - set(folded) and max(bounded) == max(plain)  # unfolded past 64 tokens
     layer.kernels = KernelSelection(fused_ops=True)
     assert layer.warmup_token_counts(512, 2) == plain

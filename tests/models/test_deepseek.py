@@ -288,6 +288,8 @@ def test_shared_experts_fold_into_the_routed_experts(tokens, fuse_shared):
     assert bool(calls) != folds  # the separate MLP ran exactly when nothing folded
     _bind(block, KernelSelection(fused_ops=True, moe_fuse_shared=fuse_shared, moe_legacy=True))
     assert block._foldable_shared_mlp(tokens) is None  # the legacy path keeps the separate MLP
+    _bind(block, KernelSelection(fused_ops=True, moe_fuse_shared=fuse_shared, moe_fuse_shared_max_tokens=3))
+    assert (block._foldable_shared_mlp(tokens) is not None) == (tokens == 1 or fuse_shared and tokens <= 3)
 
 
 def test_expert_parallel_keeps_the_shared_mlp_apart(monkeypatch):

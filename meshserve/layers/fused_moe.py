@@ -53,7 +53,7 @@ class FusedMoE(nn.Module):
         self.ep_exchange = "all_to_all"
         # experts of a shared MLP that forward may be handed (shared_mlp), set by the model that has one
         # (DeepseekMoE): the warm-up's launch variants count them
-        self.shared_experts = 0
+        self.foldable_shared_experts = 0
         if self.expert_parallel:
             if num_experts % st.tp_size:
                 raise ValueError(f"{num_experts} experts do not divide evenly over {st.tp_size} expert-parallel ranks")
@@ -147,11 +147,11 @@ class FusedMoE(nn.Module):
             return []
         scales = self.weight_format.scales(self)
         # the fold past one token: the switch's bound, where 16-bit experts without expert parallelism allow it
-        fold_tokens = self.kernels.fuse_shared_tokens if self.shared_experts and self.folds_shared_mlp(2) else 0
+        fold_tokens = self.kernels.fuse_shared_tokens if self.foldable_shared_experts and self.folds_shared_mlp(2) else 0
         return warmup_token_counts(max_tokens, self.routing.top_k, self.num_local_experts,
                                    legacy=self.kernels.moe_legacy, table=self.kernels.moe_configs,
                                    quantized=bool(scales), blockwise_fp8=scales.get("block") is not None,
-                                   activation_bytes=activation_bytes, shared_experts=self.shared_experts,
+                                   activation_bytes=activation_bytes, shared_experts=self.foldable_shared_experts,
                                    fuse_shared_tokens=min(fold_tokens, max_tokens))
 
     def _route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -162,7 +162,7 @@ class DeepseekMoE(nn.Module):
         mlp = self.shared_experts
         foldable = mlp is not None and not any(
             p.quantized or p.bias is not None for p in (mlp.gate_up_proj, mlp.down_proj))
-        self.experts.shared_experts = shared if foldable else 0
+        self.experts.foldable_shared_experts = shared if foldable else 0
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.gate(hidden)
@@ -180,7 +180,7 @@ class DeepseekMoE(nn.Module):
         bias), else None. Its slice of the S * I units is S * (I / TP) wide, gate/up rows and down columns
         cut alike, so it splits into S slices of the experts' width on every rank; a shared expert's weight is
         one (HF adds shared_experts(x) unscaled: routed_scaling_factor is in the routed weights only)."""
-        if not self.experts.shared_experts or not self.experts.folds_shared_mlp(num_tokens):
+        if not self.experts.foldable_shared_experts or not self.experts.folds_shared_mlp(num_tokens):
             return None
         return self.shared_experts.gate_up_proj.weight, self.shared_experts.down_proj.weight
 

@@ -145,7 +145,7 @@ def test_warmup_token_counts_follow_the_layers_kernels():
 
 
 def test_warmup_token_counts_cover_the_folded_shared_experts():
-    """With moe_fuse_shared a layer whose model hands it a shared MLP (shared_experts set) launches with S more
+    """With moe_fuse_shared a layer whose model hands it a shared MLP (foldable_shared_experts set) launches with S more
     pairs a token among S more experts (up to the switch's bound): its warm-up counts are those variants';
     without the switch, or with no shared MLP, the routed experts' alone."""
     from meshserve.kernels.moe import launch_variant, warmup_token_counts
@@ -156,7 +156,7 @@ def test_warmup_token_counts_cover_the_folded_shared_experts():
     layer.kernels = KernelSelection(fused_ops=True, moe_fuse_shared=True)
     plain = warmup_token_counts(512, TOP_K, EXPERTS)
     assert layer.warmup_token_counts(512, 2) == plain  # no shared MLP
-    layer.shared_experts = 2
+    layer.foldable_shared_experts = 2
     folded = layer.warmup_token_counts(512, 2)
     assert folded == warmup_token_counts(512, TOP_K, EXPERTS, shared_experts=2, fuse_shared_tokens=512) != plain
     # every variant a folded call of 1..512 tokens takes is reached by one of the counts

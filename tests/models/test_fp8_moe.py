@@ -172,7 +172,7 @@ def test_block_fp8_deepseek_keeps_its_shared_mlp_apart_under_the_fold_switch(moe
     assert llm.engine.runner.kernels.moe_fuse_shared
     block = llm.engine.runner.model.model.layers[1].mlp
     assert block.shared_experts.gate_up_proj.quantized
-    assert block.experts.shared_experts == 0 and block._foldable_shared_mlp(4) is None
+    assert block.experts.foldable_shared_experts == 0 and block._foldable_shared_mlp(4) is None
     _check(llm, ddir, lambda x: fake_quant_fp8(x, B), online=False)
 
 

@@ -71,8 +71,8 @@ Overrides (environment, read only here, for debugging and references):
                                             token); default half (H200, 2026-11-30: W1 8B 332 tok/s, cvt 294)
   MESHSERVE_PARALLEL_COMPILE=1|N|0          start-up: the warm-ups' Triton kernels compiled first, in parallel on N
                                             threads (1: one per core; kernels/parallel_compile.py,
-                                            engine/parallel_warmup.py); a CUDA device and one rank only; off by
-                                            default until measured cold and warm on the H200 (issue 29)
+                                            engine/parallel_warmup.py); a CUDA device and one rank only; on by
+                                            default since its GPU tests passed on the H200 (2026-12-02, issue 29)
   MESHSERVE_INT4_GEMV=half|matmul          the int4 projection of <= 4 rows (kernels/triton_int4_gemv.py;
                                             half: fp16x2 decode, split-K summed in the GEMV; matmul: the
                                             dequant-GEMM of larger batches); default half (H200, 2026-11-30:
@@ -264,12 +264,12 @@ def _variant(env: str, choices: tuple[str, ...], default: str) -> str:
 
 
 def _parallel_compile_workers(on_cuda: bool) -> int:
-    """MESHSERVE_PARALLEL_COMPILE: 0 / unset (off), 1 (one thread per core) or a thread count; a CUDA device
-    only (elsewhere Triton compiles nothing: the torch path, or the interpreter)."""
+    """MESHSERVE_PARALLEL_COMPILE: 1 / unset (on: one thread per core), 0 (off) or a thread count; a CUDA
+    device only (elsewhere Triton compiles nothing: the torch path, or the interpreter)."""
     value = os.environ.get(PARALLEL_COMPILE_ENV, "").strip().lower()
-    if value in ("", "0", "off"):
+    if value in ("0", "off"):
         return 0
-    if value in ("1", "on"):
+    if value in ("", "1", "on"):
         workers = parallel_compile.default_workers()
     elif value.isdigit():
         workers = int(value)

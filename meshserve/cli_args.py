@@ -57,19 +57,6 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def prefill_chunk_arg(text: str) -> int | None:
-    """--slo-prefill-chunk: a token count >= 0, or "auto" (None: scheduling_policy's rule)."""
-    if text.strip().lower() == "auto":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a token count or auto, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 or auto, got {value}")
-    return value
-
-
 def _fmt(defaults: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in defaults.items())
 
@@ -132,10 +119,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="time-per-output-token target: the batch is capped so steps stay under it (default: off)")
     _bool_flag(s, "slo-shed-late", d.slo_shed_late,
                "drop a queued request (429) once it can no longer meet its time-to-first-token target")
-    s.add_argument("--slo-prefill-chunk", type=prefill_chunk_arg, default=d.slo_prefill_chunk, metavar="N|auto",
+    s.add_argument("--slo-prefill-chunk", type=int, default=d.slo_prefill_chunk, metavar="N",
                    help="with --slo-tpot-ms and requests decoding: most prompt tokens one step carries beside the "
-                        "decodes (0: only the TPOT target caps them; auto, the default: the prompt work of 1,024 "
-                        "tokens of an 8B model, e.g. 1,024 for Llama-3.1-8B, ~13,000 for Qwen3-0.6B)")
+                        "decodes (0: only the TPOT target caps them)")
     s.add_argument("--step-trace", default=None, metavar="FILE",
                    help="write a JSON line per engine step (shape, predicted and measured device time)")
     p = parser.add_argument_group("parallelism")

@@ -98,9 +98,8 @@ class SchedulerConfig:
     slo_ttft_s: float | None = None  # time to first token
     slo_tpot_s: float | None = None  # time per output token after the first
     slo_shed_late: bool = True  # drop a queued request once its time-to-first-token target cannot be met
-    # with a TPOT target and requests decoding: most prompt tokens one step carries (0: only the target caps it;
-    # None: auto, the prompt work of 1,024 tokens of an 8B model on this rank: engine/scheduling_policy.py)
-    slo_prefill_chunk: int | None = None
+    # with a TPOT target and requests decoding: most prompt tokens one step carries (0: only the target caps it)
+    slo_prefill_chunk: int = 1024
     step_trace_path: str | None = None  # a JSON line per step (shape, predicted and measured time), for tuning
     preemption_mode: str = "recompute"  # recompute | swap | auto (swap needs the CPU offload tier)
     # pipeline parallel: steps the engine keeps in flight, each over other sequences and holding up to
@@ -196,7 +195,7 @@ class EngineArgs:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     slo_shed_late: bool = True
-    slo_prefill_chunk: int | None = None  # None: auto
+    slo_prefill_chunk: int = 1024
     step_trace: str | None = None
     seed: int = 0
     load_format: str = "auto"
@@ -279,8 +278,7 @@ class EngineArgs:
         for name in ("slo_ttft_ms", "slo_tpot_ms"):
             value = getattr(self, name)
             check(value is None or value > 0, name, f"must be > 0 milliseconds, got {value}")
-        check(self.slo_prefill_chunk is None or self.slo_prefill_chunk >= 0, "slo_prefill_chunk",
-              f"must be >= 0 (or None: auto), got {self.slo_prefill_chunk}")
+        check(self.slo_prefill_chunk >= 0, "slo_prefill_chunk", f"must be >= 0, got {self.slo_prefill_chunk}")
         spec = parse_speculative_config(self.speculative_config)
         check(spec is None or self.pipeline_parallel_size == 1, "speculative_config",
               "speculative decoding does not run with pipeline parallelism yet")

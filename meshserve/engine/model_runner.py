@@ -49,7 +49,7 @@ from meshserve.engine.parallel_warmup import (cache_looks_cold, parallel_compile
 from meshserve.engine.pipeline_stage import StageIO, TokenHandoff, handoff_lag
 from meshserve.engine.runner_output import (DeferredOutput, ModelRunnerOutput, PendingOutput, StepTimer,
                                             TokenLogprobs)
-from meshserve.engine.sampling_warmup import prefetch_xgrammar, warm_up_sampling
+from meshserve.engine.sampling_warmup import warm_up_sampling
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.step_inputs import StepInputBuilder
 from meshserve.engine.step_profiler import StepProfiler
@@ -87,7 +87,6 @@ class ModelRunner:
         self.vocab_size = mc.vocab_size
         late_jit_log.starting()  # this engine's compiles are start-up ones until allocate_kv_cache ends
         if self.device.type == "cuda":  # the CUDA context, created here so the timeline names its cost
-            prefetch_xgrammar()  # for the sampling warm-up at the end of start-up, imported meanwhile
             torch.empty(1, device=self.device)
             triton_build_clock.install()
             startup_timeline.mark("CUDA context", sync=self.device)

@@ -14,7 +14,6 @@ no sampled ids remembered): logits of dummy hidden rows, masks, then the Sampler
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -120,24 +119,6 @@ def run_case(
 
     return sample_rows(sampler, logits, rows, banned, generator_of, vocab_size, device,
                        warmup_bitmask(case, vocab_size))[0]
-
-
-def prefetch_xgrammar() -> threading.Thread:
-    """Import xgrammar on a daemon thread now, so that the sampling warm-up's bitmask cases (the only use of it
-    in the engine core before a grammar request) find it loaded: its import (transformers, pydantic models;
-    ~1.5-4 s) ran inside the start-up's critical path, 2.0-2.8 s of "sampling warm-up" on the H200 with a warm
-    Triton cache. The thread overlaps it with the CUDA waits of the model load, profile run and graph captures;
-    _has_xgrammar's import then waits on the module lock if it has not finished. Missing xgrammar: a no-op."""
-
-    def run() -> None:
-        try:
-            import xgrammar  # noqa: F401
-        except Exception:  # noqa: BLE001 - absent or broken: _has_xgrammar says so on the main thread
-            pass
-
-    thread = threading.Thread(target=run, name="meshserve-xgrammar-import", daemon=True)
-    thread.start()
-    return thread
 
 
 def _has_xgrammar() -> bool:

@@ -4,15 +4,14 @@ Without targets the budget is today's: max_num_batched_tokens tokens over at mos
 (with pipeline parallel: per step in flight, each over its share of the running ones; one_step_share).
 With targets (the server's --slo-ttft-ms / --slo-tpot-ms, or a request's own) and a step-time model:
 - every decoding request gets its token in every step, and prompts (chunks of running prefills, admissions)
-  get at most slo_prefill_chunk tokens of the step beside them. Past the knee the queue is never empty, so
-  every step is a mixed one; the cap sets their size: large enough to amortize a step's fixed cost (weights,
-  KV reads, ~3 ms of a mixed step on the H200), small enough that no step holds several prompts' worth of
-  work while every decoding request waits (in the simulator, Llama-3.1-8B W3 past the knee: 1,024 tokens beat
-  512, 768, 1,280, 2,048 and no cap, tools/w3_slo_sim.py). The cap is a quantity of work, not of tokens: by
-  default (None, "auto") it is the prompt compute of 1,024 tokens of an 8B-parameter model on this rank,
-  i.e. 1,024 x 8e9 / (parameters a token multiplies by on this rank), to a multiple of 256 (AUTO_*). A small
-  model's prompt tokens are cheap: Qwen3-0.6B with the fixed 1,024 ran two W3 prompts per 8.5 ms step and
-  peaked at ~228 req/s on the H200 with the TPOT target 5x away (2026-12-01);
+  get at most slo_prefill_chunk tokens of the step beside them (1,024 by default: about two W3 prompts). Past
+  the knee the queue is never empty, so every step is a mixed one; the cap sets their size: large enough to
+  amortize a step's fixed cost (weights, KV reads, ~3 ms of a mixed step on the H200), small enough that no
+  step holds several prompts' worth of work while every decoding request waits (in the simulator, W3 past the
+  knee: 1,024 beats 512, 768, 1,280, 2,048 and no cap, tools/w3_slo_sim.py). Not a quantity of work: scaled
+  by parameters (13,824 tokens for Qwen3-0.6B, whose prompts are ~13x cheaper) W3 on the H200 fell from 211-217
+  to 60-81 req/s at QPS 384-512: steps grew to what the TPOT target allows (ITL p50 44-49 ms against 8.6-8.8),
+  so most requests missed the 50 ms TPOT goal (2026-12-02, BENCHMARKS.md);
 - within that, the step keeps the running requests' time per output token (TPOT, an average over their
   tokens) under the tightest target among them: every step that takes less than the target earns the
   difference as credit, and a step may take the target plus the credit earned, so prefill can come in a
@@ -41,12 +40,6 @@ MAX_CREDIT_TARGETS = 3.0
 # With requests decoding, prefill joins a step only in chunks at least this large (or what is left of it):
 # a few hundred tokens in every step would turn every step into a slower mixed one.
 MIN_PREFILL_CHUNK = 512
-# The automatic prompt cap per step (slo_prefill_chunk None): the work of AUTO_CHUNK_TOKENS tokens of a model
-# of AUTO_CHUNK_PARAMS parameters per rank (the 8B's measured choice), rounded to a multiple of AUTO_CHUNK_ROUND tokens,
-# at least MIN_PREFILL_CHUNK; without a step model's parameter count the 8B's tokens.
-AUTO_CHUNK_TOKENS = 1024
-AUTO_CHUNK_PARAMS = 8e9
-AUTO_CHUNK_ROUND = 256
 # Admissions remembered to estimate the admission rate (the queue's drain rate).
 _ADMISSION_WINDOW = 64
 
@@ -114,25 +107,13 @@ class SchedulingPolicy:
             return StepBudget(static)
         num_decodes, context = self.one_step_share(num_decodes, context)
         allowed = target * TARGET_MARGIN + self.credit_s  # below the target while repaying an overdraft
-        limit = min(static - num_decodes, self.prefill_chunk() or static)
+        limit = min(static - num_decodes, self.config.slo_prefill_chunk or static)
         extra = self.step_model.max_prefill_tokens(allowed, num_decodes, context, limit=limit)
         if MIN_PREFILL_CHUNK:
             pending += sum(s.num_prompt_tokens for s in waiting[:1])
             if extra < min(MIN_PREFILL_CHUNK, pending, limit):
                 extra = 0  # decode only now (saving credit); prefill in a larger chunk a few steps later
         return StepBudget(num_decodes + extra, extra)
-
-    def prefill_chunk(self) -> int:
-        """Most prompt tokens a step carries beside decodes under a TPOT target (0: no cap but the target):
-        config.slo_prefill_chunk, or when None the automatic cap of the module docstring."""
-        chunk = self.config.slo_prefill_chunk
-        if chunk is not None:
-            return chunk
-        params = self.step_model.params if self.step_model is not None else None
-        if not params:
-            return AUTO_CHUNK_TOKENS
-        tokens = round(AUTO_CHUNK_TOKENS * AUTO_CHUNK_PARAMS / params / AUTO_CHUNK_ROUND) * AUTO_CHUNK_ROUND
-        return max(MIN_PREFILL_CHUNK, tokens)
 
     def charge(self, scheduled_shape: StepShape, running: list[Sequence]) -> None:
         """Account a scheduled step against the TPOT target: a short step earns credit, a long one spends it."""

@@ -7,7 +7,6 @@ import json
 import math
 import sys
 
-from meshserve.cli_args import prefill_chunk_arg
 from meshserve.errors import InvalidArgumentError
 from meshserve.simulator.frontend import FRONTEND_H200
 
@@ -82,9 +81,8 @@ def register(subparsers) -> None:
     g.add_argument("--slo-ttft-ms", type=float, default=None,
                    help="the server's TTFT target: SLO-aware admission and shedding (off by default)")
     g.add_argument("--slo-tpot-ms", type=float, default=None, help="the server's TPOT target (batch budget)")
-    g.add_argument("--slo-prefill-chunk", type=prefill_chunk_arg, default=d.slo_prefill_chunk, metavar="N|auto",
-                   help="with --slo-tpot-ms: most prompt tokens per step beside decodes (0: the target alone; "
-                        "auto, the default: the server's rule, the prompt work of 1,024 tokens of an 8B model)")
+    g.add_argument("--slo-prefill-chunk", type=int, default=d.slo_prefill_chunk,
+                   help="with --slo-tpot-ms: most prompt tokens per step beside decodes (0: the target alone)")
     g.add_argument("--max-queue-len", type=int, default=d.max_queue_len)
     g.add_argument("--frontend-latency-ms", type=float, default=0.0,
                    help="fixed latency (network, HTTP) before a request reaches its replica (counted in TTFT)")

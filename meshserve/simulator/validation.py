@@ -110,7 +110,7 @@ def frontend_latency_from(qps: float, measured_ttft_p50: float, run: MeasuredRun
 
 
 def _prefill_chunk(run: MeasuredRun) -> int:
-    return 1024 if run.file in _CAPPED else 0  # the flag those runs were served with
+    return SimConfig().slo_prefill_chunk if run.file in _CAPPED else 0
 
 
 # The goals: relative error allowed per metric

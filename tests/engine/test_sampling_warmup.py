@@ -3,8 +3,6 @@ take, with the real Sampler and StepSampler masks, and leaves the Sampler's inpu
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from meshserve.engine import sampling_warmup
@@ -110,22 +108,3 @@ def test_warm_up_through_a_real_runner(tiny_model_dir):
         assert done == [c.name for c in warmup_cases()]
     finally:
         llm.shutdown()
-
-
-def test_xgrammar_prefetch_loads_it_off_the_main_thread():
-    import sys
-
-    thread = sampling_warmup.prefetch_xgrammar()
-    assert thread.daemon and thread is not threading.main_thread()
-    thread.join(timeout=120)
-    assert not thread.is_alive()
-    assert ("xgrammar" in sys.modules) == sampling_warmup._has_xgrammar()
-
-
-def test_xgrammar_prefetch_without_xgrammar_is_quiet(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "xgrammar", None)  # an import of it raises ImportError
-    thread = sampling_warmup.prefetch_xgrammar()
-    thread.join(timeout=10)
-    assert not thread.is_alive() and not sampling_warmup._has_xgrammar()

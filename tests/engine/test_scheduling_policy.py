@@ -233,39 +233,3 @@ def test_with_pipeline_steps_in_flight_the_tpot_policy_predicts_one_steps_share(
     extra = MODEL.max_prefill_tokens(0.022 * TARGET_MARGIN, 32, 32_000, limit=1024)
     assert (two.tokens, two.prefill_tokens) == (32 + extra, extra) and extra >= MIN_PREFILL_CHUNK
 
-
-
-def test_auto_prefill_chunk_is_a_quantity_of_work():
-    """slo_prefill_chunk None (the default): 1,024 tokens for an 8B model, more for a smaller one in proportion
-    to its parameters per rank (multiples of 256, at least MIN_PREFILL_CHUNK); a number given is kept."""
-    from meshserve.config import SchedulerConfig
-    from meshserve.engine.scheduling_policy import SchedulingPolicy
-    from meshserve.engine.step_time import DeviceRates, StepTimeModel
-
-    assert SchedulerConfig().slo_prefill_chunk is None
-    rates = DeviceRates(4.8e12, 989e12)
-
-    def chunk(params, given=None):
-        model = StepTimeModel(2 * params, 1e5, rates, params=params)
-        return SchedulingPolicy(SchedulerConfig(slo_prefill_chunk=given), model).prefill_chunk()
-
-    assert chunk(8.03e9) == 1024  # Llama-3.1-8B: the cap the simulator chose for it
-    assert chunk(4.0e9) == 2048  # the 8B on each of two tensor-parallel ranks: the same work per rank
-    assert chunk(0.6e9) == 13568  # Qwen3-0.6B
-    assert chunk(70e9) == MIN_PREFILL_CHUNK  # never a dribble
-    assert chunk(0.6e9, given=1024) == 1024 and chunk(0.6e9, given=0) == 0
-    assert SchedulingPolicy(SchedulerConfig()).prefill_chunk() == 1024  # no step model: the 8B's tokens
-
-
-def test_prefill_chunk_flag_takes_auto_or_a_count():
-    import argparse
-
-    import pytest
-
-    from meshserve.cli_args import prefill_chunk_arg
-
-    assert prefill_chunk_arg("auto") is None and prefill_chunk_arg("AUTO") is None
-    assert prefill_chunk_arg("0") == 0 and prefill_chunk_arg("4096") == 4096
-    for bad in ("-1", "big", "1.5"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            prefill_chunk_arg(bad)

@@ -114,9 +114,9 @@ def _route_align_kernel(
             pairs = p0 + lanes
             pmask = pairs < num_pairs
             expert = tl.load(ids_ptr + pairs, mask=pmask, other=0, cache_modifier=".cg")
-            rank = tl.load(scratch_ptr + pairs, mask=pmask, other=0, cache_modifier=".cg")
+            pair_rank = tl.load(scratch_ptr + pairs, mask=pmask, other=0, cache_modifier=".cg")
             start = tl.load(scratch_ptr + num_pairs + expert, mask=pmask, other=0, cache_modifier=".cg")
-            tl.store(sorted_rows_ptr + start + rank, pairs, mask=pmask)
+            tl.store(sorted_rows_ptr + start + pair_rank, pairs, mask=pmask)
 
 
 def route_and_align(

@@ -129,8 +129,9 @@ for experts, top_k, renorm, block_m in ((128, 8, True, 16), (128, 8, True, 32), 
                     attrs=attrs)
     out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
     ptx = out.asm["ptx"]
-    assert "atom.acq_rel.gpu" in ptx or "atom.global.acq_rel.gpu" in ptx, "the ticket must be acq_rel"
-    assert "bar.sync" in ptx or "barrier.sync" in ptx
+    assert "atom.global.gpu.acq_rel.add" in ptx, "the ticket: an acq_rel atomic at GPU scope"
+    assert "atom.global.gpu.relaxed.add" in ptx, "the ranks: relaxed atomics"
+    assert "bar.sync" in ptx
 print("compiled")
 """
 

@@ -141,10 +141,13 @@ def route_and_align(
     rows_padded = triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
-    # one allocation for the outputs of the align (as triton_moe_align's): sorted rows, block experts, total
-    out = torch.empty(rows_padded + rows_padded // block_m + 1, dtype=torch.int32, device=device)
+    # one allocation for the align's outputs: sorted rows, block experts, the padded total, each starting on
+    # 16 bytes (Triton specializes pointers on it: a per-call alignment would compile again in serving)
+    num_blocks = rows_padded // block_m
+    blocks_end = rows_padded + triton.cdiv(num_blocks, 4) * 4
+    out = torch.empty(blocks_end + 1, dtype=torch.int32, device=device)
     sorted_rows, block_expert, num_padded = (
-        out[:rows_padded], out[rows_padded : rows_padded + rows_padded // block_m], out[-1:]
+        out[:rows_padded], out[rows_padded : rows_padded + num_blocks], out[blocks_end:]
     )
     block_e = triton.next_power_of_2(num_experts)
     scratch = torch.empty(pairs + block_e, dtype=torch.int32, device=device)

@@ -57,7 +57,7 @@ def serves(num_tokens: int, num_experts: int) -> bool:
 def _route_align_kernel(
     logits_ptr, weights_ptr, ids_ptr, load_ptr,
     counts_ptr, ticket_ptr,  # the workspace: zero on entry, zero on exit
-    scratch_ptr,  # int32 [pairs + BLOCK_E]: each pair's rank in its expert, then the experts' starts
+    scratch_ptr,  # int32 [pairs]: each pair's rank among its expert's pairs
     sorted_rows_ptr, block_expert_ptr, num_padded_ptr,
     num_tokens, num_experts, num_rows_padded, stride_lm, scaling,
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, COUNT: tl.constexpr,
@@ -99,23 +99,22 @@ def _route_align_kernel(
         starts = ends - padded
         tl.store(num_padded_ptr, tl.sum(padded, 0))
         if COUNT:
-            load = tl.load(load_ptr + experts, mask=emask, other=0)
+            load = tl.load(load_ptr + experts, mask=emask, other=0, cache_modifier=".cg")
             tl.store(load_ptr + experts, load + counts.to(tl.int64), mask=emask)
-        tl.store(scratch_ptr + num_pairs + experts, starts, mask=emask)
         # each expert's blocks: the j-th of every expert at once (an expert has at most num_tokens pairs)
         blocks_of = padded // BLOCK_M
         for j in range(0, tl.max(blocks_of, 0)):
             tl.store(block_expert_ptr + starts // BLOCK_M + j, experts, mask=emask & (j < blocks_of))
         tl.store(counts_ptr + experts, tl.zeros([BLOCK_E], tl.int32), mask=emask)
         tl.store(ticket_ptr, 0)
-        tl.debug_barrier()  # the starts (and the padding prefill of this program) before the scatter
+        tl.debug_barrier()  # this program's own padding prefill before the scatter overwrites it
         lanes = tl.arange(0, SCATTER)
         for p0 in range(0, num_pairs, SCATTER):
             pairs = p0 + lanes
             pmask = pairs < num_pairs
             expert = tl.load(ids_ptr + pairs, mask=pmask, other=0, cache_modifier=".cg")
             pair_rank = tl.load(scratch_ptr + pairs, mask=pmask, other=0, cache_modifier=".cg")
-            start = tl.load(scratch_ptr + num_pairs + expert, mask=pmask, other=0, cache_modifier=".cg")
+            start = tl.gather(starts, expert, 0)  # through shared memory, not another trip to L2
             tl.store(sorted_rows_ptr + start + pair_rank, pairs, mask=pmask)
 
 
@@ -150,7 +149,7 @@ def route_and_align(
         out[:rows_padded], out[rows_padded : rows_padded + num_blocks], out[blocks_end:]
     )
     block_e = triton.next_power_of_2(num_experts)
-    scratch = torch.empty(pairs + block_e, dtype=torch.int32, device=device)
+    scratch = torch.empty(pairs, dtype=torch.int32, device=device)
     ws = _workspace(device)
     count = expert_load is not None
     _route_align_kernel[(num_tokens,)](

@@ -178,3 +178,17 @@ def test_route_and_align_in_a_cuda_graph_gpu():
         graph.replay()
         for weights, ids, aligned in outs:
             _assert_same_runs(aligned, triton_moe_align.align_by_expert(ids, 128, 32), 32)
+
+
+@interp
+def test_bench_moe_compares_chain_and_fused_route_align(monkeypatch):
+    """tools/bench_moe.py's routing + align comparison runs (interpreter: timing and launch counts stubbed)
+    and finds the fused outputs the chain's, for both models' routings."""
+    import tools.bench_moe as bench
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "time_graph", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench, "count_launches", lambda fn: (fn(), -1)[1])
+    for shape in bench.MODELS.values():
+        chain, fused = bench.bench_route_align(shape, 9)
+        assert chain["ok"] and fused["ok"] and (chain["path"], fused["path"]) == ("chain", "fused")

@@ -93,6 +93,10 @@ def _route_align_kernel(
         tl.debug_barrier()
         experts = tl.arange(0, BLOCK_E)
         emask = experts < num_experts
+        lanes = tl.arange(0, SCATTER)
+        # the first pairs' experts and ranks load beside the counts (one L2 round trip for both)
+        expert = tl.load(ids_ptr + lanes, mask=lanes < num_pairs, other=0, cache_modifier=".cg")
+        pair_rank = tl.load(scratch_ptr + lanes, mask=lanes < num_pairs, other=0, cache_modifier=".cg")
         counts = tl.load(counts_ptr + experts, mask=emask, other=0, cache_modifier=".cg")
         padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         ends = tl.cumsum(padded, 0)
@@ -107,15 +111,17 @@ def _route_align_kernel(
             tl.store(block_expert_ptr + starts // BLOCK_M + j, experts, mask=emask & (j < blocks_of))
         tl.store(counts_ptr + experts, tl.zeros([BLOCK_E], tl.int32), mask=emask)
         tl.store(ticket_ptr, 0)
-        tl.debug_barrier()  # this program's own padding prefill before the scatter overwrites it
-        lanes = tl.arange(0, SCATTER)
+        # each pair's row: its expert's start (gathered from registers) + its rank; the next SCATTER pairs
+        # load while these are placed
         for p0 in range(0, num_pairs, SCATTER):
             pairs = p0 + lanes
-            pmask = pairs < num_pairs
-            expert = tl.load(ids_ptr + pairs, mask=pmask, other=0, cache_modifier=".cg")
-            pair_rank = tl.load(scratch_ptr + pairs, mask=pmask, other=0, cache_modifier=".cg")
-            start = tl.gather(starts, expert, 0)  # through shared memory, not another trip to L2
-            tl.store(sorted_rows_ptr + start + pair_rank, pairs, mask=pmask)
+            following = pairs + SCATTER
+            next_expert = tl.load(ids_ptr + following, mask=following < num_pairs, other=0, cache_modifier=".cg")
+            next_rank = tl.load(scratch_ptr + following, mask=following < num_pairs, other=0,
+                                cache_modifier=".cg")
+            start = tl.gather(starts, expert, 0)
+            tl.store(sorted_rows_ptr + start + pair_rank, pairs, mask=pairs < num_pairs)
+            expert, pair_rank = next_expert, next_rank
 
 
 def route_and_align(

@@ -82,6 +82,19 @@ def test_route_and_align_matches_chain_and_reference(tokens, experts, top_k, ren
 
 
 @interp
+def test_route_and_align_in_small_steps(monkeypatch):
+    """Steps smaller than the calls: the last program places the pairs over several SCATTER steps (each
+    loading the next), and each program's padding slice takes several FILL steps."""
+    from meshserve.kernels import triton_moe_route_align
+
+    monkeypatch.setattr(triton_moe_route_align, "SCATTER", 32)
+    monkeypatch.setattr(triton_moe_route_align, "FILL", 16)
+    gen = torch.Generator().manual_seed(5)
+    _check(torch.randn(3, 16, generator=gen).to(torch.bfloat16), 4, True, 1.0, 16)  # 256 padded rows: 86 a program
+    _check(torch.randn(45, 16, generator=gen).to(torch.bfloat16), 3, False, 1.0, 8)  # 135 pairs: 5 steps
+
+
+@interp
 def test_route_and_align_feeds_the_grouped_gemm():
     """fused_experts with the launch's alignment gives the reference MoE output."""
     from meshserve.kernels import triton_moe

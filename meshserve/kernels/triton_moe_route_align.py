@@ -16,9 +16,13 @@ layers: ~0.8 ms a step). Here one program per token does what the routing kernel
             start + its rank; it leaves counts and the ticket at zero for the next launch
 The outputs are triton_moe_align.align_by_expert's (rows grouped by expert, padded runs, block experts, the
 padded total) and triton_moe_routing.softmax_topk's (weights, ids, the load count); only the order of pairs
-inside an expert's run may differ, which changes no GEMM row. One program per token because a token's math is
-a chain of dependent reductions (its latency, not its work, is the cost): tokens side by side in programs is
-what the routing kernel measured fastest; the serial plan of the last program is ~E + pairs / 32 lane-steps.
+inside an expert's run may differ, which changes no GEMM row.
+Why this shape: a token's routing is ~2 x TOP_K + 3 dependent row reductions (shuffle trees): latency, not
+work. One program for the whole call would run them over a [256, 128] tile on one SM, ~64 elements a thread
+per pass, several microseconds past the routing launch it replaces; a one-warp program per token (the
+routing kernel's shape) keeps every token's chain in parallel, and only the plan is serial: one cumsum over E,
+then pairs / SCATTER steps of two loads, a register gather and a store (~1 us per 2,048 pairs), instead of
+the chain's four launches and their gaps.
 The counts and ticket are a per-device workspace zeroed once: launches on one device must not overlap (one
 stream, as the engine runs; CUDA graphs replay them in order). Calls of up to MAX_TOKENS tokens (decode); the
 chain serves larger ones, whose plan would serialize too many pairs in one program.

@@ -123,28 +123,45 @@ def test_serves_decode_calls_only():
     assert not serves(0, 64) and not serves(8, 4096)
 
 
-_COMPILE_SM90 = """
+_COMPILE_SM90 = r"""
+import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from meshserve.kernels.triton_moe_route_align import FILL, SCATTER, _route_align_kernel
+from meshserve.kernels.triton_moe_routing import _softmax_topk_kernel
 
-names = list(_route_align_kernel.arg_names)
-ptrs = {"logits_ptr": "*bf16", "weights_ptr": "*fp32", "load_ptr": "*i64", "scaling": "fp32"}
-for experts, top_k, renorm, block_m in ((128, 8, True, 16), (128, 8, True, 32), (64, 6, False, 16),
-                                        (64, 6, False, 64)):
-    const = dict(TOP_K=top_k, RENORMALIZE=renorm, COUNT=True, BLOCK_E=experts, BLOCK_K=8, BLOCK_M=block_m,
-                 FILL=FILL, SCATTER=SCATTER)
+def compile(kernel, logits, const):
+    names = list(kernel.arg_names)
+    ptrs = {"logits_ptr": logits, "weights_ptr": "*fp32", "load_ptr": "*i64", "scaling": "fp32"}
     sig = {n: ptrs.get(n, "*i32" if n.endswith("_ptr") else "i32") for n in names}
     sig.update({n: "constexpr" for n in const})
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")}
-    src = ASTSource(_route_align_kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()},
-                    attrs=attrs)
-    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    # as launched: pointers on 16 bytes, the logits' row stride (E) a multiple of 16
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if sig[n].startswith("*") or n == "stride_lm"}
+    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+
+def routing_layouts(ir, experts):
+    layouts = dict(re.findall(r"^(#blocked\d*) = (.*)$", ir, re.M))
+    load = re.search(rf"tt.load .*: tensor<{experts}x!tt.ptr<(?:bf16|f32)>, (#blocked\d*)>", ir).group(1)
+    reduces = re.findall(rf'"tt.reduce"\(%\w+\) <\{{axis = 0 : i32\}}> .*?tensor<{experts}xf32, (#blocked\d*)>',
+                         ir, re.S)
+    return layouts[load], [layouts[r] for r in reduces[:3]]
+
+# Qwen3-30B-A3B (bf16 router) and DeepSeek-V2-Lite (fp32 router) at their decode BLOCK_Ms
+for logits, experts, top_k, renorm, block_m in (("*bf16", 128, 8, True, 16), ("*bf16", 128, 8, True, 32),
+                                                ("*fp32", 64, 6, False, 16), ("*fp32", 64, 6, False, 64)):
+    routing = dict(TOP_K=top_k, RENORMALIZE=renorm, COUNT=True, BLOCK_E=experts, BLOCK_K=8)
+    out = compile(_route_align_kernel, logits, dict(routing, BLOCK_M=block_m, FILL=FILL, SCATTER=SCATTER))
     ptx = out.asm["ptx"]
     assert "atom.global.gpu.acq_rel.add" in ptx, "the ticket: an acq_rel atomic at GPU scope"
     assert "atom.global.gpu.relaxed.add" in ptx, "the ranks: relaxed atomics"
     assert "bar.sync" in ptx
+    # the routing math gets the chain routing kernel's layouts: the same reductions, the same bits
+    fused = routing_layouts(out.asm["ttgir"], experts)
+    chain = routing_layouts(compile(_softmax_topk_kernel, logits, routing).asm["ttgir"], experts)
+    assert fused == chain, (logits, experts, fused, chain)
 print("compiled")
 """
 
@@ -152,7 +169,7 @@ print("compiled")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for the real device")
 def test_route_align_compiles_for_sm90():
     """Qwen3-30B-A3B's and DeepSeek-V2-Lite's specializations at their decode BLOCK_Ms: the ticket is an
-    acq_rel atomic behind a CTA barrier."""
+    acq_rel atomic behind a CTA barrier, and the routing math gets the chain routing kernel's layouts."""
     assert_compiles_for_sm90(_COMPILE_SM90)
 
 

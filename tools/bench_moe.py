@@ -14,7 +14,8 @@ router and shared MLP) as GB/s and % of the copy bandwidth measured in the same 
 3 x hidden x width). Every output is checked against the plain torch block.
 Then the decode routing + align alone (--route-align-only runs just this): the chain (triton_moe_routing's
 launch, then triton_moe_align's zero + count + plan + scatter) against triton_moe_route_align's one launch, per
-layer at 8-512 tokens, launches and microseconds, outputs checked against the chain. Then it sweeps the tile configs
+layer at 8-2,048 tokens (the serving limit is 512: what lies past it says whether to raise it), launches and
+microseconds, outputs checked against the chain. Then it sweeps the tile configs
 (unless --no-sweep): MoeGemvConfig candidates at batch 1 and 8, grouped-GEMM StageConfigs (the tuned,
 legacy and stream tables of kernels/moe_configs.py, and alternatives) at 8-256 and 2,048 tokens, on the routed
 experts alone, each checked too, so one run says which to make the default.
@@ -65,7 +66,8 @@ BATCHES = (1, 8, 64, 256, 2048)
 # the layer's paths: MESHSERVE_MOE_LEGACY=1, the default, MESHSERVE_MOE_CONFIGS=stream,
 # MESHSERVE_MOE_ROUTE_ALIGN=fused
 LAYER_PATHS = ("legacy", "new", "stream", "fused")
-ROUTE_ALIGN_TOKENS = (8, 64, 128, 256, 512)  # decode batches (the fused launch's range)
+# decode batches (the fused launch's range), and past it (1,024-2,048: where its serial plan would stand)
+ROUTE_ALIGN_TOKENS = (8, 64, 128, 256, 512, 1024, 2048)
 # 8 both ways: where the GEMV stops; 16-256: DeepSeek-V2-Lite's decode batches (1.5-24 rows per expert)
 SWEEP_GEMV_TOKENS, SWEEP_GROUPED_TOKENS = (1, 8), (8, 16, 32, 64, 128, 256, 2048)
 
@@ -249,17 +251,22 @@ def bench_route_align(shape: MoeShape, tokens: int) -> list[dict]:
     def fused(lg):
         return triton_moe_route_align.route_and_align(lg, top_k, renormalize, scaling, load, block_m)
 
+    limit = triton_moe_route_align.MAX_TOKENS
+    triton_moe_route_align.MAX_TOKENS = max(limit, tokens)  # timed past the serving limit too
     rows = []
-    for label, fn in (("chain", chain), ("fused", fused)):
-        us = time_graph(lambda f=fn: [f(lg) for lg in logits]) / LAYERS
-        rows.append({"tokens": tokens, "path": label, "block_m": block_m, "launches": count_launches(lambda f=fn: f(logits[0])),
-                     "us": round(us, 2)})
-    # the same weights, ids and loads (the shared routing math), the same runs (order free inside a run)
-    load.zero_()
-    w, i, (rows_c, blocks_c, used_c) = chain(logits[0])
-    load_c = load.clone()
-    load.zero_()
-    fw, fi, (rows_f, blocks_f, used_f) = fused(logits[0])
+    try:
+        for label, fn in (("chain", chain), ("fused", fused)):
+            us = time_graph(lambda f=fn: [f(lg) for lg in logits]) / LAYERS
+            rows.append({"tokens": tokens, "path": label, "block_m": block_m,
+                         "launches": count_launches(lambda f=fn: f(logits[0])), "us": round(us, 2)})
+        # the same weights, ids and loads (the shared routing math), the same runs (order free inside a run)
+        load.zero_()
+        w, i, (rows_c, blocks_c, used_c) = chain(logits[0])
+        load_c = load.clone()
+        load.zero_()
+        fw, fi, (rows_f, blocks_f, used_f) = fused(logits[0])
+    finally:
+        triton_moe_route_align.MAX_TOKENS = limit
     n = int(used_c)
     same = (torch.equal(w, fw) and torch.equal(i, fi) and torch.equal(load, load_c) and int(used_f) == n
             and torch.equal(blocks_c, blocks_f) and torch.equal(rows_c[n:], rows_f[n:]))

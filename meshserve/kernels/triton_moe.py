@@ -263,8 +263,10 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         block_m = configs.gate_up.BLOCK_M
         if aligned is not None and not legacy:
             sorted_rows, block_expert, num_padded = aligned
-            if sorted_rows.numel() != block_expert.numel() * block_m:
-                raise ValueError(f"an alignment for other tiles than BLOCK_M {block_m}")
+            rows_padded = triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
+            if (sorted_rows.numel(), block_expert.numel()) != (rows_padded, rows_padded // block_m):
+                raise ValueError(f"an alignment made for other pairs, experts or tiles than this call's {pairs} "
+                                 f"pairs among {num_experts} experts at BLOCK_M {block_m}")
         else:
             align = align_by_expert if legacy else triton_moe_align.align_by_expert
             sorted_rows, block_expert, num_padded = align(ids, num_experts, block_m)

@@ -129,7 +129,7 @@ class FusedMoE(nn.Module):
         16-bit shared MLP to add in the experts' launches (only where folds_shared_mlp says it may)."""
         if self.expert_parallel:
             return self._forward_expert_parallel(hidden, router_logits)
-        weights, ids, aligned = self._route_aligned(router_logits, hidden)
+        weights, ids, aligned = self._route_aligned(router_logits, hidden, shared_mlp is None)
         return tensor_parallel_all_reduce(self._experts(hidden, weights, ids, shared_mlp, aligned))
 
     def folds_shared_mlp(self, num_tokens: int) -> bool:
@@ -160,12 +160,13 @@ class FusedMoE(nn.Module):
                     blockwise_fp8=scales.get("block") is not None, activation_bytes=activation_bytes,
                     route_align=self.kernels.moe_route_align if fused else "chain")
 
-    def _route_aligned(self, router_logits: torch.Tensor, hidden: torch.Tensor):
+    def _route_aligned(self, router_logits: torch.Tensor, hidden: torch.Tensor, alone: bool = True):
         """_route's (weights, ids) and, where the one-launch routing + align serves the call
         (MESHSERVE_MOE_ROUTE_ALIGN=fused, decode sizes: kernels/moe.fused_route_align_block_m), the grouped
-        GEMM's alignment from the same launch; else None (fused_experts aligns)."""
+        GEMM's alignment from the same launch; else None (fused_experts aligns). alone: no shared MLP rides in
+        the experts' launches (its pairs would join the alignment)."""
         block_m = None
-        if self.kernels.fused_ops and self.kernels.moe_route_align == "fused" and hidden.is_cuda:
+        if alone and self.kernels.fused_ops and self.kernels.moe_route_align == "fused" and hidden.is_cuda:
             block_m = fused_route_align_block_m(hidden.shape[0], self.routing.top_k, self.num_local_experts,
                                                 **self._launch_variant(hidden.element_size()))
         if block_m is None:

@@ -111,9 +111,11 @@ def test_route_and_align_feeds_the_grouped_gemm():
     weights, ids, aligned = route_and_align(logits, top_k, True, 1.0, None, 16)
     got = triton_moe.fused_experts(x, w13, w2, weights, ids, configs=configs, aligned=aligned)
     torch.testing.assert_close(got, fused_experts_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="BLOCK_M"):  # an alignment for other tiles is refused
+    with pytest.raises(ValueError, match="other pairs, experts or tiles"):  # (BLOCK_M 8, not 16)
         triton_moe.fused_experts(x, w13, w2, weights, ids, configs=configs,
                                  aligned=route_and_align(logits, top_k, True, 1.0, None, 8)[2])
+    with pytest.raises(ValueError, match="other pairs"):  # other pairs (a shared MLP's folded in, say)
+        triton_moe.fused_experts(x, w13, w2, weights[:, :1], ids[:, :1], configs=configs, aligned=aligned)
 
 
 def test_serves_decode_calls_only():

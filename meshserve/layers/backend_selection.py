@@ -65,6 +65,10 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_MOE_CONFIGS=tuned|stream|legacy the grouped MoE GEMM's tile table (kernels/moe_configs.py); stream:
                                             the weight-streaming tiles for 3-24 rows per expert (BLOCK_M 64,
                                             wgmma, 4 stages); default tuned until stream is measured
+  MESHSERVE_MOE_ROUTE_ALIGN=chain|fused    a softmax top-k MoE's routing, load count and align for the grouped
+                                            GEMM at decode (<= 512 tokens): chain (the routing launch, then the
+                                            align's zero + count + plan + scatter) or fused (one launch:
+                                            kernels/triton_moe_route_align.py); default chain until measured
   MESHSERVE_FP8_GEMV=cvt|half|scaled_mm     the batch-1 fp8-weight projection
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
                                             step; scaled_mm: torch._scaled_mm, the activation quantized per
@@ -121,6 +125,8 @@ PDL_ONE_WAVE_ENV = "MESHSERVE_PDL_ONE_WAVE"
 PDL_PRELOAD_ENV = "MESHSERVE_PDL_PRELOAD"
 MOE_LEGACY_ENV = "MESHSERVE_MOE_LEGACY"
 MOE_CONFIGS_ENV = "MESHSERVE_MOE_CONFIGS"
+MOE_ROUTE_ALIGN_ENV = "MESHSERVE_MOE_ROUTE_ALIGN"
+MOE_ROUTE_ALIGN_CHOICES = ("chain", "fused")
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
 PARALLEL_COMPILE_ENV = "MESHSERVE_PARALLEL_COMPILE"
@@ -174,6 +180,8 @@ class KernelSelection:
     # the first Triton MoE path instead of the fused routing, MoE GEMV and tuned configs (kernels/moe.py)
     moe_legacy: bool = False
     moe_configs: str = "tuned"  # the grouped MoE GEMM's tile table (kernels/moe_configs.TABLES)
+    # decode routing + align: "chain" (five launches) or "fused" (one: kernels/triton_moe_route_align.py)
+    moe_route_align: str = "chain"
     # threads compiling the warm-ups' Triton kernels ahead of them (engine/parallel_warmup.py); 0: off
     parallel_compile_workers: int = 0
 
@@ -321,6 +329,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         # is faster at every batch measured (tools/bench_moe.py, 2026-11-30)
         moe_legacy=on_cuda and os.environ.get(MOE_LEGACY_ENV, "") not in ("", "0"),
         moe_configs=_variant(MOE_CONFIGS_ENV, MOE_CONFIG_TABLES, KernelSelection.moe_configs),
+        moe_route_align=_variant(MOE_ROUTE_ALIGN_ENV, MOE_ROUTE_ALIGN_CHOICES, KernelSelection.moe_route_align),
         fp8_gemv=_variant(FP8_GEMV_ENV, FP8_GEMV_CHOICES, KernelSelection.fp8_gemv),
         int4_gemv=_variant(INT4_GEMV_ENV, INT4_GEMV_CHOICES, KernelSelection.int4_gemv),
         parallel_compile_workers=_parallel_compile_workers(on_cuda),

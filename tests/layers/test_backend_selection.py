@@ -29,7 +29,8 @@ def _no_overrides(monkeypatch):
     for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED", "MESHSERVE_MLA_PREFETCH",
                  "MESHSERVE_MLA_TRANSPOSED"):
         monkeypatch.delenv(name, raising=False)
-    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS"):
+    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS",
+                 "MESHSERVE_MOE_ROUTE_ALIGN"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -184,6 +185,17 @@ def test_moe_config_table_switch(monkeypatch):
     assert select_kernels(gpu).moe_configs == "stream"
     monkeypatch.setenv("MESHSERVE_MOE_CONFIGS", "fast")
     with pytest.raises(ValueError, match="MESHSERVE_MOE_CONFIGS takes one of tuned, stream, legacy"):
+        select_kernels(gpu)
+
+
+def test_moe_route_align_switch(monkeypatch):
+    # the decode routing + align: the chain by default until the one-launch kernel is measured on the H200
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert select_kernels(gpu).moe_route_align == "chain"
+    monkeypatch.setenv("MESHSERVE_MOE_ROUTE_ALIGN", "fused")
+    assert select_kernels(gpu).moe_route_align == "fused"
+    monkeypatch.setenv("MESHSERVE_MOE_ROUTE_ALIGN", "one")
+    with pytest.raises(ValueError, match="MESHSERVE_MOE_ROUTE_ALIGN takes one of chain, fused"):
         select_kernels(gpu)
 
 

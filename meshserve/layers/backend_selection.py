@@ -332,7 +332,8 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         moe_route_align=_variant(MOE_ROUTE_ALIGN_ENV, MOE_ROUTE_ALIGN_CHOICES, KernelSelection.moe_route_align),
         fp8_gemv=_variant(FP8_GEMV_ENV, FP8_GEMV_CHOICES, KernelSelection.fp8_gemv),
         int4_gemv=_variant(INT4_GEMV_ENV, INT4_GEMV_CHOICES, KernelSelection.int4_gemv),
-        parallel_compile_workers=_parallel_compile_workers(on_cuda),
+        # nothing to pre-compile where no Triton kernel serves
+        parallel_compile_workers=_parallel_compile_workers(on_cuda and (fused_ops or attention == "triton")),
     )
     logger.info("kernels: %s", selection)
     return selection

@@ -8,6 +8,7 @@ block as the model builds it (router, routing + load count, routed experts, and 
   new      the default: one-launch routing, the MoE GEMV for small batches (the shared MLP folded into it),
            Triton align + tuned tiles past it
   stream   new with MESHSERVE_MOE_CONFIGS=stream's tiles
+  fused    new with MESHSERVE_MOE_ROUTE_ALIGN=fused (routing + load count + align in one launch)
   fold     new with MESHSERVE_MOE_FUSE_SHARED=1: DeepSeek's shared MLP as S more experts of the routed ones'
            launches at every batch (no gate_up GEMM, SiLU, down GEMM and add beside them; models with shared
            experts only)
@@ -15,7 +16,11 @@ inside a CUDA graph over LAYERS blocks of distinct weights (so a layer's experts
 replay before: one decode step reads 48 different layers), and reports per block: kernel launches (one eager
 call, profiler), microseconds, the bytes of the weights read (the experts actually routed to, once each, plus
 router and shared MLP) as GB/s and % of the copy bandwidth measured in the same run, and TFLOP/s (2 x pairs x
-3 x hidden x width). Every output is checked against the plain torch block. Then it sweeps the tile configs
+3 x hidden x width). Every output is checked against the plain torch block.
+Then the decode routing + align alone (--route-align-only runs just this): the chain (triton_moe_routing's
+launch, then triton_moe_align's zero + count + plan + scatter) against triton_moe_route_align's one launch, per
+layer at 8-2,048 tokens (the serving limit is 512: what lies past it says whether to raise it), launches and
+microseconds, outputs checked against the chain. Then it sweeps the tile configs
 (unless --no-sweep): MoeGemvConfig candidates at batch 1 and 8, grouped-GEMM StageConfigs (the tuned,
 legacy and stream tables of kernels/moe_configs.py, and alternatives) at 8-256 and 2,048 tokens, on the routed
 experts alone, each checked too, so one run says which to make the default.
@@ -28,14 +33,17 @@ What one layer launches (Qwen3-30B-A3B, TP 1; the router's F.linear, 512 KB, is 
              searchsorted, casts) + zero 1 + grouped GEMMs 2 (~all 128 experts, 1.2 GB; BLOCK_M 64 over ~16
              rows per expert) + sum and cast 2 = ~44 launches
              new: routing 1 + workspace zero 1 + Triton align 3 + grouped GEMMs 2 (BLOCK_M 32) + combine 1 = 8
+             fused (MESHSERVE_MOE_ROUTE_ALIGN=fused): routing + load count + align in 1 launch, so 5 a layer
   (DeepSeek-V2-Lite alike, top-6 of 64 experts of 17.3 MB, plus its shared MLP of 2 experts' width: at batch
   1 a gate_up and a down GEMV and an add beside the experts on the legacy path, folded into the MoE GEMV's
   two launches on the new one; the router is fp32: a cast and an F.linear on both.)
 
-usage: python tools/bench_moe.py [--json bench_moe.json] [--no-sweep] [--models qwen3-30b-a3b,deepseek-v2-lite]
-                                [--paths legacy,new,stream,fold] [--batches 1,8,64,256,2048]
+usage: python tools/bench_moe.py [--json bench_moe.json] [--no-sweep] [--route-align-only] [--no-route-align]
+                                 [--models qwen3-30b-a3b,deepseek-v2-lite]
+                                 [--paths legacy,new,stream,fused,fold] [--batches 1,8,64,256,2048]
   the shared-experts fold alone (issue 24; speedups are over the first path listed):
-  python tools/bench_moe.py --models deepseek-v2-lite --paths new,fold --batches 8,64,256,2048 --no-sweep
+  python tools/bench_moe.py --models deepseek-v2-lite --paths new,fold --batches 8,64,256,2048 --no-sweep \
+      --no-route-align
 """
 
 from __future__ import annotations
@@ -64,8 +72,11 @@ from meshserve.layers.moe_routing import GroupedTopK, SoftmaxTopK
 LAYERS = 4
 DEVICE = "cuda"  # (a CPU smoke run of this script sets "cpu": Triton interpreter, no timing)
 BATCHES = (1, 8, 64, 256, 2048)
-# the layer's paths: MESHSERVE_MOE_LEGACY=1, the default, MESHSERVE_MOE_CONFIGS=stream, MESHSERVE_MOE_FUSE_SHARED=1
-LAYER_PATHS = ("legacy", "new", "stream", "fold")
+# the layer's paths: MESHSERVE_MOE_LEGACY=1, the default, MESHSERVE_MOE_CONFIGS=stream,
+# MESHSERVE_MOE_ROUTE_ALIGN=fused, MESHSERVE_MOE_FUSE_SHARED=1
+LAYER_PATHS = ("legacy", "new", "stream", "fused", "fold")
+# decode batches (the fused launch's range), and past it (1,024-2,048: where its serial plan would stand)
+ROUTE_ALIGN_TOKENS = (8, 64, 128, 256, 512, 1024, 2048)
 # 8 both ways: where the GEMV stops; 16-256: DeepSeek-V2-Lite's decode batches (1.5-24 rows per expert)
 SWEEP_GEMV_TOKENS, SWEEP_GROUPED_TOKENS = (1, 8), (8, 16, 32, 64, 128, 256, 2048)
 
@@ -204,6 +215,7 @@ def bench_layer(
     for block in blocks:
         bind(block, KernelSelection(fused_ops=True, gemv=True, moe_legacy=path == "legacy",
                                     moe_configs="stream" if path == "stream" else "tuned",
+                                    moe_route_align="fused" if path == "fused" else "chain",
                                     moe_fuse_shared=path == "fold"))
     outs = [None] * LAYERS
 
@@ -244,6 +256,53 @@ def time_shared_mlp(blocks: list[torch.nn.Module], tokens: int, hidden: int) -> 
             outs[i] = block.shared_experts(x)
 
     return time_graph(run) / LAYERS
+
+
+def bench_route_align(shape: MoeShape, tokens: int) -> list[dict]:
+    """The routing + load count + align of LAYERS layers (distinct logits) in one graph, chain vs one launch,
+    at the tuned table's BLOCK_M; each path's launches (one eager call) and microseconds per layer."""
+    from meshserve.kernels import triton_moe_align, triton_moe_route_align, triton_moe_routing
+
+    top_k, renormalize, scaling = shape.routing().as_softmax_topk()
+    block_m = tuned_configs(tokens * top_k, shape.experts).gate_up.BLOCK_M
+    gen = torch.Generator(device=DEVICE).manual_seed(tokens)
+    logits = [torch.randn(tokens, shape.experts, device=DEVICE, generator=gen).to(torch.bfloat16)
+              for _ in range(LAYERS)]
+    load = torch.zeros(shape.experts, dtype=torch.int64, device=DEVICE)
+
+    def chain(lg):
+        weights, ids = triton_moe_routing.softmax_topk(lg, top_k, renormalize, scaling, load)
+        return weights, ids, triton_moe_align.align_by_expert(ids, shape.experts, block_m)
+
+    def fused(lg):
+        return triton_moe_route_align.route_and_align(lg, top_k, renormalize, scaling, load, block_m)
+
+    limit = triton_moe_route_align.MAX_TOKENS
+    triton_moe_route_align.MAX_TOKENS = max(limit, tokens)  # timed past the serving limit too
+    rows = []
+    try:
+        for label, fn in (("chain", chain), ("fused", fused)):
+            us = time_graph(lambda f=fn: [f(lg) for lg in logits]) / LAYERS
+            rows.append({"tokens": tokens, "path": label, "block_m": block_m,
+                         "launches": count_launches(lambda f=fn: f(logits[0])), "us": round(us, 2)})
+        # the same weights, ids and loads (the shared routing math), the same runs (order free inside a run)
+        load.zero_()
+        w, i, (rows_c, blocks_c, used_c) = chain(logits[0])
+        load_c = load.clone()
+        load.zero_()
+        fw, fi, (rows_f, blocks_f, used_f) = fused(logits[0])
+    finally:
+        triton_moe_route_align.MAX_TOKENS = limit
+    n = int(used_c)
+    same = (torch.equal(w, fw) and torch.equal(i, fi) and torch.equal(load, load_c) and int(used_f) == n
+            and torch.equal(blocks_c, blocks_f) and torch.equal(rows_c[n:], rows_f[n:]))
+    # pairs inside each expert's run: sorted by (block's expert, pair) both sides
+    key_c = blocks_c.repeat_interleave(block_m)[:n].long() * (1 << 20) + rows_c[:n].long()
+    key_f = blocks_f.repeat_interleave(block_m)[:n].long() * (1 << 20) + rows_f[:n].long()
+    same = same and torch.equal(key_c.sort().values, key_f.sort().values)
+    for r in rows:
+        r["ok"] = same
+    return rows
 
 
 def bench_experts(shape, layers, tokens, label, call, copy_bw) -> dict:
@@ -318,8 +377,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default="bench_moe.json")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--route-align-only", action="store_true", help="only the routing + align comparison")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--paths", default=",".join(LAYER_PATHS[:3]),
+    parser.add_argument("--no-route-align", action="store_true", help="skip the routing + align comparison")
+    parser.add_argument("--paths", default=",".join(p for p in LAYER_PATHS if p != "fold"),
                         help=f"layer paths, the first the speedups' baseline ({', '.join(LAYER_PATHS)})")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="token counts")
     args = parser.parse_args()
@@ -340,9 +401,21 @@ def main() -> None:
     print(f"{report['gpu']}: copy {copy_bw / 1e12:.2f} TB/s; per-layer times, {LAYERS} layers per graph")
     for name in args.models.split(","):
         shape = MODELS[name]
+        print(f"\n{name} (E={shape.experts}, top-{shape.top_k}, H={shape.hidden}, I={shape.width})")
+        if not args.no_route_align:
+            print("  routing + load count + align per layer (chain: 5 launches; fused: 1)")
+        route_align = []
+        for tokens in () if args.no_route_align else ROUTE_ALIGN_TOKENS:
+            chain, fused = bench_route_align(shape, tokens)
+            route_align += [chain, fused]
+            print(f"  {tokens:>6} BLOCK_M {chain['block_m']:>3}  chain {chain['launches']:>2} launches "
+                  f"{chain['us']:>6.2f} us   fused {fused['launches']:>2} launches {fused['us']:>6.2f} us   "
+                  f"saves {chain['us'] - fused['us']:>5.2f} us{'' if fused['ok'] else '  MISMATCH'}")
+        if args.route_align_only:
+            report["models"][name] = {"shape": asdict(shape), "route_align": route_align}
+            continue
         layers = make_blocks(shape)
         rows = []
-        print(f"\n{name} (E={shape.experts}, top-{shape.top_k}, H={shape.hidden}, I={shape.width})")
         print(
             f"{'tokens':>6} {'path':>6} {'launch':>6} {'us':>9} {'GB/s':>7} {'%copy':>6} {'TFLOP/s':>8} {'err':>8}"
         )
@@ -399,7 +472,7 @@ def main() -> None:
                         f"  {r['tokens']:>6} {r['config']:<32} {r['us']:>9.1f} us {r['pct_copy_bw']:>6.1f}% "
                         f"{r['TFLOP_per_s']:>7.2f} TF{'' if r['ok'] else '  MISMATCH'}"
                     )
-        report["models"][name] = {"shape": asdict(shape), "layer": rows, "sweep": sweeps}
+        report["models"][name] = {"shape": asdict(shape), "layer": rows, "sweep": sweeps, "route_align": route_align}
         del layers
         torch.cuda.empty_cache()
     report["wall_s"] = round(time.time() - began, 1)

@@ -2,9 +2,11 @@
 # Issues 23/24 on one H200 in one call: the MoE kernels' GPU tests (TESTS=1), the MoE layer alone old vs new
 # (tools/bench_moe.py, BENCH=1), then W1/W2 jobs each run twice, new path and MESHSERVE_MOE_LEGACY=1, back to
 # back in the same session. JOBS picks jobs (unset: the two W1 jobs; "": none; W2 runs take ~1-2 min each).
-# PATHS picks the paths each job runs (default "new legacy"; fold: new with MESHSERVE_MOE_FUSE_SHARED=1).
+# PATHS picks the paths each job runs (default "new legacy"; "fused": new with MESHSERVE_MOE_ROUTE_ALIGN=fused;
+# fold: new with MESHSERVE_MOE_FUSE_SHARED=1).
 # Logs and JSON go into $OUT/moe.tgz (bench_moe.json beside), the summary lines to stdout.
 #   TESTS=1 BENCH=1 JOBS="w1_qwen3moe w1_dsv2lite" OUT=$OUT bash tools/moe_device.sh
+#   BENCH=1 BENCH_ARGS=--route-align-only JOBS=w2_qwen3moe PATHS="new fused" OUT=$OUT bash tools/moe_device.sh
 # The shared-experts fold (issue 24): the layer at 8-2,048 tokens, then W2 on V2-Lite with and without it:
 #   TESTS=1 BENCH=1 BENCH_ARGS="--models deepseek-v2-lite --paths new,fold --batches 8,64,256,2048 --no-sweep" \
 #     JOBS=w2_dsv2lite PATHS="new fold" OUT=$OUT bash tools/moe_device.sh
@@ -26,6 +28,7 @@ job_args() {  # NAME -> the bench arguments
 if [ "${TESTS:-0}" = 1 ]; then
   timeout ${TEST_LIMIT:-300} python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_triton_moe_gemv.py \
     tests/kernels/test_triton_moe_routing.py tests/kernels/test_triton_moe_align.py tests/kernels/test_triton_moe.py \
+    tests/kernels/test_triton_moe_route_align.py \
     tests/layers/test_fused_moe.py \
     tests/models/test_deepseek.py::test_moe_block_fast_path_matches_plain_in_a_cuda_graph_gpu > $R/tests.log 2>&1
   echo "== tests: rc $? ($(tail -1 $R/tests.log))"; grep -E "^FAILED|Error" $R/tests.log | head -8
@@ -40,6 +43,7 @@ for job in ${JOBS-w1_qwen3moe w1_dsv2lite}; do  # JOBS="" runs none
   for path in ${PATHS:-new legacy}; do
     case $path in
     legacy) env_moe="MESHSERVE_MOE_LEGACY=1" ;;
+    fused) env_moe="MESHSERVE_MOE_ROUTE_ALIGN=fused" ;;
     fold) env_moe="MESHSERVE_MOE_FUSE_SHARED=1" ;;
     *) env_moe="MESHSERVE_MOE_LEGACY=0" ;;
     esac

@@ -1,8 +1,9 @@
 """The start-up's Triton compiles done in parallel on a cold cache (issue 29), ahead of the warm-ups.
 
-Plain path (the default): the profile run, ModelRunner.warm_up_prefill (fresh prefills, eager step variants,
-the draft model) and the graph captures each compile the specializations they meet, one after another, in the
-engine's thread. Fast path (MESHSERVE_PARALLEL_COMPILE, KernelSelection.parallel_compile_workers): before the
+Plain path (MESHSERVE_PARALLEL_COMPILE=0): the profile run, ModelRunner.warm_up_prefill (fresh prefills, eager
+step variants, the draft model) and the graph captures each compile the specializations they meet, one after
+another, in the engine's thread. Fast path (the default since 2026-12-02: Llama-3.1-8B `serve` on an empty
+Triton cache ready in 22.6-23.8 s against 32.6 s plain on the H200; KernelSelection.parallel_compile_workers): before the
 profile run, and again before the warm-ups, the same forward steps run once with their Triton launches
 deferred (kernels/parallel_compile.py): every new specialization's compile goes to a thread pool, nothing
 launches, and the pass waits for the pool. The plain warm-ups and captures then run unchanged and find those

@@ -8,7 +8,10 @@ With targets (the server's --slo-ttft-ms / --slo-tpot-ms, or a request's own) an
   the knee the queue is never empty, so every step is a mixed one; the cap sets their size: large enough to
   amortize a step's fixed cost (weights, KV reads, ~3 ms of a mixed step on the H200), small enough that no
   step holds several prompts' worth of work while every decoding request waits (in the simulator, W3 past the
-  knee: 1,024 beats 512, 768, 1,280, 2,048 and no cap, tools/w3_slo_sim.py);
+  knee: 1,024 beats 512, 768, 1,280, 2,048 and no cap, tools/w3_slo_sim.py). Not a quantity of work: scaled
+  by parameters (13,824 tokens for Qwen3-0.6B, whose prompts are ~13x cheaper) W3 on the H200 fell from 211-217
+  to 60-81 req/s at QPS 384-512: steps grew to what the TPOT target allows (ITL p50 44-49 ms against 8.6-8.8),
+  so most requests missed the 50 ms TPOT goal (2026-12-02, BENCHMARKS.md);
 - within that, the step keeps the running requests' time per output token (TPOT, an average over their
   tokens) under the tightest target among them: every step that takes less than the target earns the
   difference as credit, and a step may take the target plus the credit earned, so prefill can come in a

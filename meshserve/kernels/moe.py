@@ -9,6 +9,8 @@ MESHSERVE_MOE_LEGACY=1 selects the first):
            folds_shared_mlp): triton_moe_gemv, two launches reading only the chosen experts' weights;
            else (and for fp8 experts) triton_moe.fused_experts: Triton align, kernels/moe_configs.py's tuned
            tiles, one combine launch. Routing is one launch (triton_moe_routing) where it is a softmax top-k
+  route_align=fused (MESHSERVE_MOE_ROUTE_ALIGN): a softmax top-k's routing, load count and the grouped GEMM's
+           align in one launch (triton_moe_route_align) for decode-sized grouped calls; the chain elsewhere
   fused shared experts (MESHSERVE_MOE_FUSE_SHARED=1, off by default until measured; issue 24): past one token
            too a 16-bit shared MLP rides along, as S more experts of weight one that the align, the grouped
            GEMMs (or the pair GEMV) and the combine handle in their launches (triton_moe._with_shared_pairs),
@@ -23,6 +25,15 @@ import torch
 
 from meshserve.kernels.moe_configs import StageConfigs, stage_configs, use_pair_gemv
 from meshserve.kernels.moe_ref import fused_experts_ref, softmax_topk_ref
+
+
+@functools.cache
+def _route_align_module():
+    try:
+        from meshserve.kernels import triton_moe_route_align
+    except ImportError:
+        return None
+    return triton_moe_route_align
 
 
 @functools.cache
@@ -55,12 +66,14 @@ def fused_experts(
     table: str = "tuned",
     shared_w13: torch.Tensor | None = None,
     shared_w2: torch.Tensor | None = None,
+    aligned: tuple | None = None,
     **fp8_scales,
 ) -> torch.Tensor:
     """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for every token t (ids of -1 skipped);
     fp8_scales: w13_scale, w2_scale and block for fp8 experts (kernels/moe_ref.py). shared_w13 / shared_w2:
     a 16-bit shared MLP added in the same launches, off the legacy path (see folds_shared_mlp). table:
-    the grouped GEMM's tile table off the legacy path (kernels/moe_configs.TABLES)."""
+    the grouped GEMM's tile table off the legacy path (kernels/moe_configs.TABLES). aligned: the grouped GEMM's
+    alignment of topk_ids, made by route_and_align (used on the grouped path only, never with a shared MLP)."""
     mods = _triton_moe() if triton and x.is_cuda else None
     if mods is None:
         return fused_experts_ref(
@@ -78,8 +91,8 @@ def fused_experts(
         if shared_w13 is not None:
             raise ValueError("a shared MLP does not fold into the legacy MoE path (folds_shared_mlp)")
         return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, configs="legacy", **fp8_scales)
-    return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, configs=table, shared_w13=shared_w13,
-                                 shared_w2=shared_w2, **fp8_scales)
+    return grouped.fused_experts(x, w13, w2, topk_weights, topk_ids, configs=table, aligned=aligned,
+                                 shared_w13=shared_w13, shared_w2=shared_w2, **fp8_scales)
 
 
 def launch_variant(
@@ -91,14 +104,18 @@ def launch_variant(
     quantized: bool = False,
     blockwise_fp8: bool = False,
     activation_bytes: int = 2,
+    route_align: str = "chain",
     shared_experts: int = 0,
-) -> tuple[str] | tuple[str, StageConfigs]:
+) -> tuple:
     """Which Triton kernels fused_experts (triton=True) launches for num_tokens tokens, and at which tile
-    configs: ("gemv",), ("pair_gemv",) or ("grouped", StageConfigs). Calls of one variant meet the same kernel
-    specializations (the grouped GEMM's per-call counts are unspecialized, its unused scale strides fixed), so
-    one call of each compiles them all. shared_experts: the S experts of a shared MLP folded in past the GEMV
-    (folds_shared_mlp's fuse_shared_tokens): S more pairs a token and S more experts pick the tiles, and the
-    kernels' HAS_SHARED specialization marks the variant ("shared", S)."""
+    configs: ("gemv",), ("pair_gemv",), ("grouped", StageConfigs), or ("grouped", StageConfigs, "fused") where
+    route_align "fused" (a softmax top-k layer's choice) makes its routing and align one launch
+    (fused_route_align_block_m). Calls of one variant meet the same kernel specializations (the grouped GEMM's
+    and the align's per-call counts are unspecialized, its unused scale strides fixed), so one call of each
+    compiles them all. shared_experts: the S experts of a shared MLP folded in past the GEMV
+    (folds_shared_mlp's fuse_shared_tokens): S more pairs a token and S more experts pick the tiles, the
+    kernels' HAS_SHARED specialization marks the variant ("shared", S), and the chain routing + align serves
+    (the one-launch alignment would miss the shared pairs)."""
     pairs = num_tokens * top_k
     if not legacy and not quantized and gemv_serves(num_tokens, pairs, num_experts):
         return ("gemv",)
@@ -110,7 +127,18 @@ def launch_variant(
         return ("pair_gemv",)
     configs = stage_configs("legacy" if legacy else table, pairs, num_experts, quantized, blockwise_fp8,
                             activation_bytes)
+    if route_align == "fused" and not legacy:
+        module = _route_align_module()
+        if module is not None and module.serves(num_tokens, num_experts):
+            return ("grouped", configs, "fused")
     return ("grouped", configs)
+
+
+def fused_route_align_block_m(num_tokens: int, top_k: int, num_experts: int, **variant) -> int | None:
+    """The grouped GEMM's BLOCK_M where route_and_align serves this call (launch_variant's "fused"), else None.
+    variant: launch_variant's other arguments, route_align among them."""
+    choice = launch_variant(num_tokens, top_k, num_experts, **variant)
+    return choice[1].gate_up.BLOCK_M if choice[-1] == "fused" else None
 
 
 @functools.cache
@@ -153,3 +181,20 @@ def softmax_topk(
     if mods is None:
         return softmax_topk_ref(router_logits, top_k, renormalize, scaling, expert_load)
     return mods[2].softmax_topk(router_logits, top_k, renormalize, scaling, expert_load)
+
+
+def route_and_align(
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    scaling: float,
+    expert_load: torch.Tensor | None,
+    block_m: int,
+) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    """softmax_topk, and the grouped GEMM's alignment of its ids at block_m, in one launch
+    (kernels/triton_moe_route_align.py) on a GPU; (weights, ids, alignment), the alignment None elsewhere
+    (fused_experts then aligns the ids itself)."""
+    module = _route_align_module() if router_logits.is_cuda else None
+    if module is None:
+        return (*softmax_topk_ref(router_logits, top_k, renormalize, scaling, expert_load), None)
+    return module.route_and_align(router_logits, top_k, renormalize, scaling, expert_load, block_m)

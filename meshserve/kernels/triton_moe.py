@@ -284,11 +284,13 @@ def _shared_slots(num_routed: int, num_shared: int, device: torch.device) -> tup
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
                   w2_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None,
-                  configs: str | StageConfigs = "tuned", shared_w13: torch.Tensor | None = None,
-                  shared_w2: torch.Tensor | None = None) -> torch.Tensor:
+                  configs: str | StageConfigs = "tuned", aligned: tuple | None = None,
+                  shared_w13: torch.Tensor | None = None, shared_w2: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H]; w13 [E, 2*I, H]; w2 [E, H, I]; topk_weights [T, K]; topk_ids [T, K] (-1: skip) -> [T, H].
     fp8 weights: their scales, per channel or (block) per block, as kernels/moe_ref.py lays them out.
     configs: "tuned" | "legacy" (module docstring), or explicit StageConfigs (tools/bench_moe.py's sweep).
+    aligned: align_by_expert's outputs for these ids at the configs' BLOCK_M, already made (the routing
+    launch of triton_moe_route_align); used on the grouped, non-legacy path only.
     shared_w13 [2*S*I, H] / shared_w2 [H, S*I]: a 16-bit shared MLP added as S more experts (ids E..E+S-1) of
     weight one for every token, in the same launches (_with_shared_pairs)."""
     num_tokens, hidden = x.shape
@@ -320,8 +322,16 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
                                     x.element_size())
         if configs.gate_up.BLOCK_M != configs.down.BLOCK_M:
             raise ValueError("both stages' configs need one BLOCK_M (the rows are aligned once)")
-        align = align_by_expert if legacy else triton_moe_align.align_by_expert
-        sorted_rows, block_expert, num_padded = align(ids, num_experts, configs.gate_up.BLOCK_M)
+        block_m = configs.gate_up.BLOCK_M
+        if aligned is not None and not legacy:
+            sorted_rows, block_expert, num_padded = aligned
+            rows_padded = triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
+            if (sorted_rows.numel(), block_expert.numel()) != (rows_padded, rows_padded // block_m):
+                raise ValueError(f"an alignment made for other pairs, experts or tiles than this call's {pairs} "
+                                 f"pairs among {num_experts} experts at BLOCK_M {block_m}")
+        else:
+            align = align_by_expert if legacy else triton_moe_align.align_by_expert
+            sorted_rows, block_expert, num_padded = align(ids, num_experts, block_m)
         if legacy:
             out_pairs.zero_()  # pairs of other ranks' experts (-1) are never written
     precision = "ieee" if x.dtype == torch.float32 and quant == NO_QUANT else None

@@ -17,21 +17,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _softmax_topk_kernel(
-    logits_ptr,
-    weights_ptr,
-    ids_ptr,
-    load_ptr,
-    num_experts,
-    stride_lm,
-    scaling,
-    TOP_K: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-    COUNT: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+def _route_row(
+    logits_ptr, token, num_experts, stride_lm, scaling,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
+    """One token's (weights [BLOCK_K] fp32, ids [BLOCK_K] int32, slots, valid slots): shared with
+    triton_moe_route_align's kernel, so both launches give the same bits."""
     offs = tl.arange(0, BLOCK_E)
     emask = offs < num_experts
     logits = tl.load(logits_ptr + token * stride_lm + offs, mask=emask, other=float("-inf")).to(tl.float32)
@@ -50,7 +41,29 @@ def _softmax_topk_kernel(
     kmask = slots < TOP_K
     if RENORMALIZE:
         top_w = top_w / tl.sum(tl.where(kmask, top_w, 0.0), 0)
-    tl.store(weights_ptr + token * TOP_K + slots, top_w * scaling, mask=kmask)
+    return top_w * scaling, top_i, slots, kmask
+
+
+@triton.jit
+def _softmax_topk_kernel(
+    logits_ptr,
+    weights_ptr,
+    ids_ptr,
+    load_ptr,
+    num_experts,
+    stride_lm,
+    scaling,
+    TOP_K: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    COUNT: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    top_w, top_i, slots, kmask = _route_row(
+        logits_ptr, token, num_experts, stride_lm, scaling, TOP_K, RENORMALIZE, BLOCK_E, BLOCK_K
+    )
+    tl.store(weights_ptr + token * TOP_K + slots, top_w, mask=kmask)
     tl.store(ids_ptr + token * TOP_K + slots, top_i, mask=kmask)
     if COUNT:
         tl.atomic_add(load_ptr + top_i, tl.full([BLOCK_K], 1, tl.int64), mask=kmask)

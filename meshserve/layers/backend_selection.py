@@ -70,14 +70,18 @@ Overrides (environment, read only here, for debugging and references):
                                             (kernels/moe.folds_shared_mlp; the MoE GEMV folds them at one token
                                             regardless); 16-bit experts, no expert parallelism; off by default
                                             until measured (tools/bench_moe.py --paths new,fold; issue 24)
+  MESHSERVE_MOE_ROUTE_ALIGN=chain|fused    a softmax top-k MoE's routing, load count and align for the grouped
+                                            GEMM at decode (<= 512 tokens): chain (the routing launch, then the
+                                            align's zero + count + plan + scatter) or fused (one launch:
+                                            kernels/triton_moe_route_align.py); default chain until measured
   MESHSERVE_FP8_GEMV=cvt|half|scaled_mm     the batch-1 fp8-weight projection
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
                                             step; scaled_mm: torch._scaled_mm, the activation quantized per
                                             token); default half (H200, 2026-11-30: W1 8B 332 tok/s, cvt 294)
   MESHSERVE_PARALLEL_COMPILE=1|N|0          start-up: the warm-ups' Triton kernels compiled first, in parallel on N
                                             threads (1: one per core; kernels/parallel_compile.py,
-                                            engine/parallel_warmup.py); a CUDA device and one rank only; off by
-                                            default until measured cold and warm on the H200 (issue 29)
+                                            engine/parallel_warmup.py); a CUDA device and one rank only; on by
+                                            default since its GPU tests passed on the H200 (2026-12-02, issue 29)
   MESHSERVE_INT4_GEMV=half|matmul          the int4 projection of <= 4 rows (kernels/triton_int4_gemv.py;
                                             half: fp16x2 decode, split-K summed in the GEMV; matmul: the
                                             dequant-GEMM of larger batches); default half (H200, 2026-11-30:
@@ -128,6 +132,8 @@ PDL_PRELOAD_ENV = "MESHSERVE_PDL_PRELOAD"
 MOE_LEGACY_ENV = "MESHSERVE_MOE_LEGACY"
 MOE_CONFIGS_ENV = "MESHSERVE_MOE_CONFIGS"
 MOE_FUSE_SHARED_ENV = "MESHSERVE_MOE_FUSE_SHARED"
+MOE_ROUTE_ALIGN_ENV = "MESHSERVE_MOE_ROUTE_ALIGN"
+MOE_ROUTE_ALIGN_CHOICES = ("chain", "fused")
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
 PARALLEL_COMPILE_ENV = "MESHSERVE_PARALLEL_COMPILE"
@@ -185,6 +191,8 @@ class KernelSelection:
     # to moe_fuse_shared_max_tokens tokens (None: every batch)
     moe_fuse_shared: bool = False
     moe_fuse_shared_max_tokens: int | None = None
+    # decode routing + align: "chain" (five launches) or "fused" (one: kernels/triton_moe_route_align.py)
+    moe_route_align: str = "chain"
     # threads compiling the warm-ups' Triton kernels ahead of them (engine/parallel_warmup.py); 0: off
     parallel_compile_workers: int = 0
 
@@ -293,12 +301,12 @@ def _variant(env: str, choices: tuple[str, ...], default: str) -> str:
 
 
 def _parallel_compile_workers(on_cuda: bool) -> int:
-    """MESHSERVE_PARALLEL_COMPILE: 0 / unset (off), 1 (one thread per core) or a thread count; a CUDA device
-    only (elsewhere Triton compiles nothing: the torch path, or the interpreter)."""
+    """MESHSERVE_PARALLEL_COMPILE: 1 / unset (on: one thread per core), 0 (off) or a thread count; a CUDA
+    device only (elsewhere Triton compiles nothing: the torch path, or the interpreter)."""
     value = os.environ.get(PARALLEL_COMPILE_ENV, "").strip().lower()
-    if value in ("", "0", "off"):
+    if value in ("0", "off"):
         return 0
-    if value in ("1", "on"):
+    if value in ("", "1", "on"):
         workers = parallel_compile.default_workers()
     elif value.isdigit():
         workers = int(value)
@@ -350,12 +358,14 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         # is faster at every batch measured (tools/bench_moe.py, 2026-11-30)
         moe_legacy=on_cuda and os.environ.get(MOE_LEGACY_ENV, "") not in ("", "0"),
         moe_configs=_variant(MOE_CONFIGS_ENV, MOE_CONFIG_TABLES, KernelSelection.moe_configs),
+        moe_route_align=_variant(MOE_ROUTE_ALIGN_ENV, MOE_ROUTE_ALIGN_CHOICES, KernelSelection.moe_route_align),
         # off unless asked for until tools/bench_moe.py measures it on the H200 (issue 24); when asked for it
         # folds on the reference path too (the CPU tests' check of the wiring)
         **_fuse_shared(),
         fp8_gemv=_variant(FP8_GEMV_ENV, FP8_GEMV_CHOICES, KernelSelection.fp8_gemv),
         int4_gemv=_variant(INT4_GEMV_ENV, INT4_GEMV_CHOICES, KernelSelection.int4_gemv),
-        parallel_compile_workers=_parallel_compile_workers(on_cuda),
+        # nothing to pre-compile where no Triton kernel serves
+        parallel_compile_workers=_parallel_compile_workers(on_cuda and (fused_ops or attention == "triton")),
     )
     logger.info("kernels: %s", selection)
     return selection

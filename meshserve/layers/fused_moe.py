@@ -22,7 +22,14 @@ from torch import nn
 
 from meshserve.distributed import expert_parallel as ep_comm
 from meshserve.distributed.parallel_state import get_parallel_state, tensor_parallel_all_reduce
-from meshserve.kernels.moe import folds_shared_mlp, fused_experts, softmax_topk, warmup_token_counts
+from meshserve.kernels.moe import (
+    folds_shared_mlp,
+    fused_experts,
+    fused_route_align_block_m,
+    route_and_align,
+    softmax_topk,
+    warmup_token_counts,
+)
 from meshserve.layers.backend_selection import PLAIN
 from meshserve.layers.moe_routing import RoutingFunction
 from meshserve.layers.quantization import current_quant_config
@@ -125,8 +132,8 @@ class FusedMoE(nn.Module):
         16-bit shared MLP to add in the experts' launches (only where folds_shared_mlp says it may)."""
         if self.expert_parallel:
             return self._forward_expert_parallel(hidden, router_logits)
-        weights, ids = self._route(router_logits)
-        return tensor_parallel_all_reduce(self._experts(hidden, weights, ids, shared_mlp))
+        weights, ids, aligned = self._route_aligned(router_logits, hidden, shared_mlp is None)
+        return tensor_parallel_all_reduce(self._experts(hidden, weights, ids, shared_mlp, aligned))
 
     def folds_shared_mlp(self, num_tokens: int) -> bool:
         """Whether forward may take a shared MLP for this many tokens: the MoE GEMV's batches on the Triton
@@ -145,14 +152,34 @@ class FusedMoE(nn.Module):
         vary)."""
         if not self.kernels.fused_ops:
             return []
-        scales = self.weight_format.scales(self)
         # the fold past one token: the switch's bound, where 16-bit experts without expert parallelism allow it
-        fold_tokens = self.kernels.fuse_shared_tokens if self.foldable_shared_experts and self.folds_shared_mlp(2) else 0
-        return warmup_token_counts(max_tokens, self.routing.top_k, self.num_local_experts,
-                                   legacy=self.kernels.moe_legacy, table=self.kernels.moe_configs,
-                                   quantized=bool(scales), blockwise_fp8=scales.get("block") is not None,
-                                   activation_bytes=activation_bytes, shared_experts=self.foldable_shared_experts,
-                                   fuse_shared_tokens=min(fold_tokens, max_tokens))
+        shared = self.foldable_shared_experts
+        fold_tokens = self.kernels.fuse_shared_tokens if shared and self.folds_shared_mlp(2) else 0
+        return warmup_token_counts(max_tokens, self.routing.top_k, self.num_local_experts, shared_experts=shared,
+                                   fuse_shared_tokens=min(fold_tokens, max_tokens),
+                                   **self._launch_variant(activation_bytes))
+
+    def _launch_variant(self, activation_bytes: int) -> dict:
+        """kernels/moe.launch_variant's arguments for this layer (all but the token count and shape)."""
+        scales = self.weight_format.scales(self)
+        # the one-launch routing + align: a softmax top-k routing over all experts (not expert parallel)
+        fused = self.softmax_topk_args is not None and not self.expert_parallel
+        return dict(legacy=self.kernels.moe_legacy, table=self.kernels.moe_configs, quantized=bool(scales),
+                    blockwise_fp8=scales.get("block") is not None, activation_bytes=activation_bytes,
+                    route_align=self.kernels.moe_route_align if fused else "chain")
+
+    def _route_aligned(self, router_logits: torch.Tensor, hidden: torch.Tensor, alone: bool = True):
+        """_route's (weights, ids) and, where the one-launch routing + align serves the call
+        (MESHSERVE_MOE_ROUTE_ALIGN=fused, decode sizes: kernels/moe.fused_route_align_block_m), the grouped
+        GEMM's alignment from the same launch; else None (fused_experts aligns). alone: no shared MLP rides in
+        the experts' launches (its pairs would join the alignment)."""
+        block_m = None
+        if alone and self.kernels.fused_ops and self.kernels.moe_route_align == "fused" and hidden.is_cuda:
+            block_m = fused_route_align_block_m(hidden.shape[0], self.routing.top_k, self.num_local_experts,
+                                                **self._launch_variant(hidden.element_size()))
+        if block_m is None:
+            return (*self._route(router_logits), None)
+        return route_and_align(router_logits, *self.softmax_topk_args, self.expert_load, block_m)
 
     def _route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The routing function's (weights, global ids), each chosen expert counted in expert_load: one fused
@@ -164,10 +191,11 @@ class FusedMoE(nn.Module):
         return weights, ids
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor,
-                 shared_mlp: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 shared_mlp: tuple[torch.Tensor, torch.Tensor] | None = None, aligned: tuple | None = None) -> torch.Tensor:
         shared = {} if shared_mlp is None else {"shared_w13": shared_mlp[0], "shared_w2": shared_mlp[1]}
         return fused_experts(x, self.w13_weight, self.w2_weight, weights, local_ids, triton=self.kernels.fused_ops,
-                             legacy=self.kernels.moe_legacy, table=self.kernels.moe_configs, **shared, **self.weight_format.scales(self))
+                             legacy=self.kernels.moe_legacy, table=self.kernels.moe_configs, aligned=aligned,
+                             **shared, **self.weight_format.scales(self))
 
     def _count(self, ids: torch.Tensor) -> None:
         flat = ids.reshape(-1).long()

@@ -56,8 +56,9 @@ def register(subparsers) -> None:
                         f"{FAST_MODEL_COVERS}; anything else runs on the scheduler, with the reason in the report's "
                         "replica_model_fallback. scheduler: the engine's own Scheduler per replica (the reference)")
     g.add_argument("--calibration", default=d.calibration,
-                   help="step-time weights: a section of meshserve/simulator/calibration.toml (default: h200_mixed_graphs, "
-                        "the engine with mixed-step CUDA graphs; h200_before_mixed_graphs: the engine before them)")
+                   help="step-time weights: a section of meshserve/simulator/calibration.toml (default: the "
+                        "model's own H200 fit where there is one, h200_qwen3_0_6b for qwen3-0.6b, else h200_mixed_graphs, the 8B "
+                        "with mixed-step CUDA graphs; h200_before_mixed_graphs: the engine before them)")
     g.add_argument("--step-noise", choices=("on", "off"), default="off",
                    help="on: each step's time strays from the model's as the calibration's step trace did, plus the "
                         "host gap between steps (calibration.toml's step_noise tables, drawn per replica from "
@@ -274,8 +275,9 @@ def run_simulate(ns: argparse.Namespace) -> int:
     report["assumptions"] = [
         (f"GPU prices are the catalog's assumed on-demand $/GPU-hour ({report['cost']['usd_per_gpu_hour']:.2f} "
         f"for {report['gpu']}), not quotes"),
-        ("step times: the engine's step-time model with weights fitted to one H200 Llama-3.1-8B trace "
-        "(meshserve/simulator/calibration.toml), scaled to other GPUs by their data-sheet bandwidth and FLOP/s"
+        (f"step times: the engine's step-time model with weights fitted to H200 step traces (calibration.toml's "
+         f"{_fit_of(report.get('calibration', ns.calibration))}), scaled to other GPUs and models by their "
+         "data-sheet bandwidth and FLOP/s"
         + ("; step-time noise (measured / predicted) and host gaps between steps as that trace's engine showed "
            "them, the same on every GPU" if ns.step_noise == "on" else "; no step-time noise")),
         (f"each of a replica's {ns.api_server_count} API process(es) is one CPU queue: "
@@ -307,6 +309,14 @@ def run_simulate(ns: argparse.Namespace) -> int:
         report["plot"] = plot_timeline(report, ns.plot)
     _emit(report, ns.output_json)
     return 0
+
+
+def _fit_of(name: str) -> str:
+    """"<fit>: <its model> on <its GPU>" for the report's assumptions."""
+    from meshserve.simulator.step_cost import calibration_entry
+
+    entry = calibration_entry(name)
+    return f"{name}: {entry.get('model', '?')} on {entry.get('gpu', '?')}"
 
 
 def _emit(report: dict, path: str | None) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from meshserve.config import CacheConfig, ParallelConfig, SchedulerConfig
 from meshserve.errors import InvalidArgumentError
+from meshserve.models.presets import find_preset
 from meshserve.planner.hardware import GpuSpec, get_gpu, load_catalog
 from meshserve.planner.memory import memory_per_gpu
 from meshserve.planner.model import ModelSpec, load_model
@@ -13,6 +14,7 @@ from meshserve.planner.parallel import Layout
 from meshserve.simulator.frontend import FrontEndCosts
 from meshserve.simulator.frontend_stalls import STALLS_H200, FrontEndStalls
 from meshserve.simulator.router_node import RouterCosts
+from meshserve.simulator.step_cost import calibration_for
 
 ROUTER_POLICIES = ("least-outstanding", "round-robin", "prefix-affinity")
 # scheduler: the engine's own Scheduler per replica (the reference); fast: fast_replica.py's aggregate model
@@ -87,7 +89,9 @@ class SimConfig:
     hardware_file: str | None = None
     # how each replica is simulated (REPLICA_MODELS); "fast" takes the reference where it does not apply
     replica_model: str = "scheduler"
-    calibration: str = "default"  # the step-time weights: a section of calibration.toml
+    # the step-time weights: a section of calibration.toml ("default": the model's own fit where it has one,
+    # calibration_section)
+    calibration: str = "default"
     # step-time noise and host gaps between steps from that section's step_noise table (step_noise.py), drawn
     # per replica from seed; off: every step lasts its prediction (closed-form cases stay exact)
     step_noise: bool = False
@@ -164,6 +168,12 @@ class SimConfig:
     def frontend_stall_table(self) -> FrontEndStalls | None:
         """The API processes' stalls the replicas draw (frontend_stalls.py), None with frontend_stalls off."""
         return STALLS_H200 if self.frontend_stalls else None
+
+    @property
+    def calibration_section(self) -> str:
+        """The calibration.toml fit this simulation takes: `calibration`, with "default" the model's own fit
+        where calibration.toml lists one (step_cost.calibration_for)."""
+        return calibration_for(self.calibration, find_preset(self.model) or self.model)
 
     @property
     def router_costs(self) -> RouterCosts:

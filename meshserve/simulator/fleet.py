@@ -64,9 +64,10 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     config.validate()
     trace = Trace.of(trace)
     model, gpu = config.model_spec(), config.gpu_spec()
-    cost = StepCost(model, gpu, config.tp, weights or load_calibration(config.calibration),
-                    tp_costs=tp_costs or load_tp_costs(config.calibration), fused_norm=config.tp_fused_norm)
-    noise = load_step_noise(config.calibration) if config.step_noise else None
+    fit = config.calibration_section
+    cost = StepCost(model, gpu, config.tp, weights or load_calibration(fit),
+                    tp_costs=tp_costs or load_tp_costs(fit), fused_norm=config.tp_fused_norm)
+    noise = load_step_noise(fit) if config.step_noise else None
     stalls = config.frontend_stall_table
     prefix_caching = config.enable_prefix_caching
     if prefix_caching is None:
@@ -277,7 +278,7 @@ def _run_disaggregated(config: SimConfig, trace: Trace, sched_cfg, cache_cfg, st
 
 def host_costs(config: SimConfig) -> HostCosts:
     """The pipeline host's costs per step: the config's where given, else the calibration's."""
-    stored = load_host_costs(config.calibration)
+    stored = load_host_costs(config.calibration_section)
     return HostCosts(stored.step_s if config.pp_host_step_s is None else config.pp_host_step_s,
                      stored.round_trip_s if config.pp_round_trip_s is None else config.pp_round_trip_s)
 
@@ -357,10 +358,11 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
             "busy_fraction": router_node.busy_s / duration if duration else 0.0,
             "max_backlog_s": router_node.max_backlog_s},
         "gpu_busy_fraction": gpu_busy / replica_seconds if replica_seconds else 0.0,
+        "calibration": config.calibration_section,  # the calibration.toml fit the weights came from
         "step_weights": vars(cost.weights) if step_cost is None else "custom",
         # what a step pays at tp > 1 beyond the divided TP=1 terms (calibration.toml's tp table; unused at tp 1)
         "tp_costs": vars(cost.tp_costs) if step_cost is None else "custom",
-        "step_noise": {"on": config.step_noise, "seed": config.seed, "calibration": config.calibration},
+        "step_noise": {"on": config.step_noise, "seed": config.seed, "calibration": config.calibration_section},
         # how replicas were simulated, and why not the fast model when it was asked for and did not apply
         "replica_model": replica_model, "replica_model_fallback": fallback,
         "fast_model_compiled": replica_model == "fast" and native.is_compiled(),

@@ -37,7 +37,6 @@ launches the one that needs its tokens).
 
 from __future__ import annotations
 
-import tomllib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from meshserve.planner.hardware import GpuSpec
 from meshserve.planner.model import ModelSpec
 from meshserve.planner.perf import ACT_BYTES
 from meshserve.simulator.replica import SimReplica
-from meshserve.simulator.step_cost import CALIBRATION_FILE
+from meshserve.simulator.step_cost import calibration_entry
 
 
 @dataclass(frozen=True)
@@ -65,11 +64,7 @@ class HostCosts:
 def load_host_costs(calibration: str = "default") -> HostCosts:
     """The calibration section's pipeline.host_step_ms and round_trip_ms (0 when the section has none: the host
     is then free, and the GPUs alone set the pace)."""
-    sections = tomllib.loads(CALIBRATION_FILE.read_text())
-    entry = sections.get(calibration)
-    if isinstance(entry, str):  # an alias ("default")
-        entry = sections.get(entry)
-    table = entry.get("pipeline", {}) if isinstance(entry, dict) else {}
+    table = calibration_entry(calibration).get("pipeline", {})
     return HostCosts(table.get("host_step_ms", 0.0) * 1e-3, table.get("round_trip_ms", 0.0) * 1e-3)
 
 

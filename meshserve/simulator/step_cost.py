@@ -5,7 +5,9 @@ StepTimeModel (meshserve/engine/step_time.py): data-sheet times for the weights/
 constant, and a fixed extra cost for a step that carries prefill (it runs outside CUDA graphs). Online it fits
 those four weights to the steps it measures; here they are fitted once, offline, to a `--step-trace` file of a
 real run (calibration.toml holds the result and where it came from), and reused for the GPU and model being
-simulated, whose data-sheet rates come from the planner's catalog.
+simulated, whose data-sheet rates come from the planner's catalog. A model with a step trace of its own has its
+own fit, which `--calibration default` takes for it (calibration_for: Qwen3-0.6B, whose fixed costs per step the
+8B's fit hid under its 16 GB of weight reads).
 
 Tensor parallelism (tp > 1) divides the fit's weight/FLOP and KV terms by tp (each GPU holds 1/tp of the weights
 and KV heads) and adds what the TP=1 fit cannot know about (TpCosts, the calibration's `tp` table): the planner's
@@ -19,6 +21,7 @@ from __future__ import annotations
 import gzip
 import json
 import sys
+import tarfile
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,16 +53,42 @@ class StepWeights:
         return (self.constant_ms, self.dense_factor, self.kv_factor, self.mixed_ms)
 
 
-def load_calibration(name: str = "default") -> StepWeights:
-    """Weights from a section of calibration.toml (a fit of one of our own H200 step traces), or from the
-    section that an alias such as "default" names."""
-    sections = tomllib.loads(CALIBRATION_FILE.read_text())
+# the tables a fit may take from another (its `carries` key) when it has none of its own: what its trace could not
+# measure (a one-GPU trace knows nothing of TP or of the pipeline's host)
+CARRIED_TABLES = ("tp", "pipeline")
+
+
+def calibration_sections() -> dict:
+    return tomllib.loads(CALIBRATION_FILE.read_text())
+
+
+def calibration_entry(name: str = "default") -> dict:
+    """A fit of calibration.toml by name, an alias such as "default" followed, with the CARRIED_TABLES of the fit
+    its `carries` key names where it has none of its own."""
+    sections = calibration_sections()
     entry = sections.get(name)
     if isinstance(entry, str):  # an alias ("default"): the name of the fit it stands for
         entry = sections.get(entry)
-    if not isinstance(entry, dict):
-        raise InvalidArgumentError(f"no calibration {name!r}; calibration.toml has {', '.join(sections)}",
+    if not isinstance(entry, dict) or "constant_ms" not in entry:
+        fits = [k for k, v in sections.items() if isinstance(v, str) or "constant_ms" in v]
+        raise InvalidArgumentError(f"no calibration {name!r}; calibration.toml has {', '.join(fits)}",
                                    param="calibration")
+    donor = sections.get(entry.get("carries", ""), {})
+    return {**{k: donor[k] for k in CARRIED_TABLES if k in donor}, **entry}
+
+
+def calibration_for(name: str, model: str) -> str:
+    """The fit a simulation of `model` takes for --calibration `name`: "default" is the model's own fit where
+    calibration.toml's default_by_model lists one (a step trace of that model), else the default alias."""
+    if name != "default":
+        return name
+    return calibration_sections().get("default_by_model", {}).get(model.lower(), name)
+
+
+def load_calibration(name: str = "default") -> StepWeights:
+    """Weights from a section of calibration.toml (a fit of one of our own H200 step traces), or from the
+    section that an alias such as "default" names."""
+    entry = calibration_entry(name)
     return StepWeights(entry["constant_ms"], entry["dense_factor"], entry["kv_factor"], entry["mixed_ms"])
 
 
@@ -74,11 +103,7 @@ class TpCosts:
 
 def load_tp_costs(name: str = "default") -> TpCosts:
     """The `tp` table of a calibration.toml section (none: no cost beyond the all-reduces)."""
-    sections = tomllib.loads(CALIBRATION_FILE.read_text())
-    entry = sections.get(name)
-    if isinstance(entry, str):
-        entry = sections.get(entry)
-    table = entry.get("tp", {}) if isinstance(entry, dict) else {}
+    table = calibration_entry(name).get("tp", {})
     return TpCosts(table.get("layer_us", 0.0), table.get("layer_seq_us", 0.0))
 
 
@@ -102,11 +127,7 @@ class FusedNormSaving:
 
 def load_fused_norm(variant: str, name: str = "default") -> FusedNormSaving:
     """The `tp.fused_norm_<variant>` table of a calibration.toml section (variant: pull or push)."""
-    sections = tomllib.loads(CALIBRATION_FILE.read_text())
-    entry = sections.get(name)
-    if isinstance(entry, str):
-        entry = sections.get(entry)
-    table = (entry or {}).get("tp", {}).get(f"fused_norm_{variant}")
+    table = calibration_entry(name).get("tp", {}).get(f"fused_norm_{variant}")
     if table is None:
         raise InvalidArgumentError(f"calibration {name!r} has no tp.fused_norm_{variant} table", param="tp_fused_norm")
     return FusedNormSaving(tuple(table["kib"]), tuple(table["saving_us"]), table["max_kib"])
@@ -232,11 +253,26 @@ class StepCost:
 
 
 def read_step_trace(path: str | Path) -> list[dict]:
-    """The JSON lines of `meshserve serve --step-trace FILE` (gzip or plain)."""
+    """The JSON lines of `meshserve serve --step-trace FILE` (gzip or plain); ARCHIVE.tgz:MEMBER reads a member
+    of a results archive (the trace of benchmarks/results/h200_1201_s15/w3_qwen_meshserve/w3q.tgz)."""
+    archive, _, member = str(path).partition(".tgz:")
+    if member:
+        with tarfile.open(archive + ".tgz") as tar:
+            raw = tar.extractfile(member)
+            if raw is None:
+                raise InvalidArgumentError(f"{path}: not a file in the archive", param="step_trace")
+            data = raw.read()
+        text = gzip.decompress(data) if member.endswith(".gz") else data
+        return [json.loads(line) for line in text.decode().splitlines() if line.strip()]
     p = Path(path)
     opener = gzip.open if p.suffix == ".gz" else open
     with opener(p, "rt") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_step_traces(paths: str) -> list[dict]:
+    """Several step traces (comma-separated paths) as one list of rows, in order (their `t` restarts at each)."""
+    return [row for path in paths.split(",") for row in read_step_trace(path)]
 
 
 def fit_step_weights(rows: list[dict], weight_bytes: float, kv_bytes_per_token: float,
@@ -250,13 +286,15 @@ def fit_step_weights(rows: list[dict], weight_bytes: float, kv_bytes_per_token: 
     return StepWeights(*(float(v) for v in theta)), err
 
 
-if __name__ == "__main__":  # refit: python -m meshserve.simulator.step_cost TRACE [GPU] [MODEL]
+if __name__ == "__main__":  # refit: python -m meshserve.simulator.step_cost TRACE[,TRACE...] [GPU] [MODEL]
     from meshserve.planner.hardware import get_gpu
     from meshserve.planner.model import load_model
 
     gpu = get_gpu(sys.argv[2] if len(sys.argv) > 2 else "H200")
     shard = stage_shard(load_model(sys.argv[3] if len(sys.argv) > 3 else "llama-3.1-8b"), Layout(), 0)
-    w, e = fit_step_weights(read_step_trace(sys.argv[1]), shard.weight_bytes, shard.kv_bytes_per_token,
+    rows = read_step_traces(sys.argv[1])
+    w, e = fit_step_weights(rows, shard.weight_bytes, shard.kv_bytes_per_token,
                             DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s("bf16")))
-    print(f"constant_ms = {w.constant_ms:.4f}\ndense_factor = {w.dense_factor:.4f}\n"
+    print(f"# {len(rows)} steps\nweight_bytes = {shard.weight_bytes:.0f}\n"
+          f"kv_bytes_per_token = {shard.kv_bytes_per_token:.0f}\nconstant_ms = {w.constant_ms:.4f}\ndense_factor = {w.dense_factor:.4f}\n"
           f"kv_factor = {w.kv_factor:.4f}\nmixed_ms = {w.mixed_ms:.4f}\nmean_abs_error = {e:.3f}")

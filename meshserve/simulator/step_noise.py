@@ -21,7 +21,6 @@ for a seed and the fast model can be checked against the reference step for step
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -84,13 +83,9 @@ def has_step_noise(calibration: str = "default") -> bool:
 
 def load_step_noise(calibration: str = "default") -> StepNoise:
     """The step_noise table of a calibration.toml fit (the one an alias such as "default" names)."""
-    from meshserve.simulator.step_cost import CALIBRATION_FILE
+    from meshserve.simulator.step_cost import calibration_entry
 
-    sections = tomllib.loads(CALIBRATION_FILE.read_text())
-    entry = sections.get(calibration)
-    if isinstance(entry, str):
-        calibration, entry = entry, sections.get(entry)
-    noise = entry.get("step_noise") if isinstance(entry, dict) else None
+    noise = calibration_entry(calibration).get("step_noise")
     if not isinstance(noise, dict):
         raise InvalidArgumentError(
             f"calibration {calibration!r} has no step_noise table in calibration.toml: "
@@ -117,7 +112,7 @@ def trace_samples(rows: list[dict], predict) -> dict[str, np.ndarray]:
     ratio = actual / predicted
     interval = np.diff(t)
     gap = interval - actual[1:]
-    busy = interval < IDLE_INTERVAL_S
+    busy = (interval >= 0) & (interval < IDLE_INTERVAL_S)  # >= 0: where one of several traces joins the next
     return {
         "decode_ratio": ratio[~mixed],
         "mixed_ratio": ratio[mixed],
@@ -223,13 +218,13 @@ class NoiseStream:
         return walls, devices
 
 
-if __name__ == "__main__":  # fit: python -m meshserve.simulator.step_noise TRACE [CALIBRATION] [GPU] [MODEL]
+if __name__ == "__main__":  # fit: python -m meshserve.simulator.step_noise TRACE[,TRACE...] [CALIBRATION] [GPU] [MODEL]
     import sys
 
     from meshserve.engine.step_time import StepShape
     from meshserve.planner.hardware import get_gpu
     from meshserve.planner.model import load_model
-    from meshserve.simulator.step_cost import StepCost, load_calibration, read_step_trace
+    from meshserve.simulator.step_cost import StepCost, load_calibration, read_step_traces
 
     args = sys.argv[1:] + [None] * 3
     cost = StepCost(
@@ -238,7 +233,7 @@ if __name__ == "__main__":  # fit: python -m meshserve.simulator.step_noise TRAC
         weights=load_calibration(args[1] or "default"),
     )
     fitted = fit_step_noise(
-        read_step_trace(args[0]),
+        read_step_traces(args[0]),
         lambda r: cost(StepShape(r["tokens"], r["seqs"], r["context"])),
         source=args[0],
     )

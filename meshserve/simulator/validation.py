@@ -82,13 +82,15 @@ def measured_points(run: MeasuredRun) -> dict[float, dict]:
 def replay_w3(qps: float, slo: bool, frontend_latency_s: float = 0.0,
               frontend: FrontEndCosts = FRONTEND_OFF, slo_prefill_chunk: int = 0,
               calibration: str = "default", api_server_count: int = 1, step_noise: bool = False,
-              frontend_gate: bool = True, frontend_stalls: bool = True) -> dict:
+              frontend_gate: bool = True, frontend_stalls: bool = True, model: str = "llama-3.1-8b",
+              max_num_seqs: int = 256) -> dict:
     """W3 at qps as the measured runs served it: slo_prefill_chunk 0 is the policy before the per-step prompt cap
     (the runs in W3_H200_RUNS but _CAPPED). step_noise draws from seed 1000 + qps, as the
     arrivals. frontend_gate: the API process's gate (False: the server before 1aa067c); frontend_stalls: the
     API processes' garbage-collection stalls (frontend_stalls.py), of every build with the gate that
     W3_H200_RUNS holds (all before 054ccb3)."""
-    config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=1, max_model_len=4096, calibration=calibration,
+    config = SimConfig(model=model, gpu="H200", num_gpus=1, max_model_len=4096, calibration=calibration,
+                       max_num_seqs=max_num_seqs,
                        slo_ttft_s=1.0 if slo else None, slo_tpot_s=0.05 if slo else None,
                        slo_prefill_chunk=slo_prefill_chunk,
                        frontend_latency_s=frontend_latency_s, frontend_request_s=frontend.per_request_s,

@@ -22,12 +22,12 @@ from meshserve.layers.backend_selection import PARALLEL_COMPILE_ENV
 
 def test_the_switch_reads_off_on_or_a_thread_count(monkeypatch):
     monkeypatch.setattr(backend_selection.parallel_compile, "default_workers", lambda: 16)
-    for value, workers in (("", 0), ("0", 0), ("off", 0), ("1", 16), ("on", 16), ("6", 6)):
+    for value, workers in (("", 16), ("0", 0), ("off", 0), ("1", 16), ("on", 16), ("6", 6)):
         monkeypatch.setenv(PARALLEL_COMPILE_ENV, value)
         assert backend_selection._parallel_compile_workers(on_cuda=True) == workers, value
         assert backend_selection._parallel_compile_workers(on_cuda=False) == 0  # no compiles off CUDA
     monkeypatch.delenv(PARALLEL_COMPILE_ENV)
-    assert backend_selection._parallel_compile_workers(on_cuda=True) == 0  # off by default until measured
+    assert backend_selection._parallel_compile_workers(on_cuda=True) == 16  # on by default (its GPU tests passed on the H200)
     monkeypatch.setenv(PARALLEL_COMPILE_ENV, "many")
     with pytest.raises(ValueError, match=PARALLEL_COMPILE_ENV):
         backend_selection._parallel_compile_workers(on_cuda=True)

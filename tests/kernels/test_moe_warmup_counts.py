@@ -27,8 +27,9 @@ def test_counts_of_the_real_shapes(num_experts, top_k, expected):
 @pytest.mark.parametrize(
     "variant",
     [{}, {"legacy": True}, {"quantized": True}, {"quantized": True, "blockwise_fp8": True},
-     {"table": "stream"}, {"activation_bytes": 4}],
-    ids=["tuned", "legacy", "fp8", "fp8-block", "stream", "fp32"],
+     {"table": "stream"}, {"activation_bytes": 4}, {"route_align": "fused"},
+     {"route_align": "fused", "legacy": True}],
+    ids=["tuned", "legacy", "fp8", "fp8-block", "stream", "fp32", "route-align", "route-align-legacy"],
 )
 @pytest.mark.parametrize("num_experts, top_k, max_tokens", [(8, 3, 512), (64, 6, 2048), (4, 1, 64)])
 def test_counts_are_complete_and_minimal(num_experts, top_k, max_tokens, variant):
@@ -64,8 +65,33 @@ def test_folded_shared_experts_count_as_more_pairs_and_experts(num_experts, top_
         assert len(variant(fold_tokens + 1)) == 2
 
 
+def test_folded_calls_keep_the_chain_routing_and_align():
+    """The one-launch routing + align (route_align "fused") aligns the routed pairs only: a call with the shared
+    slices folded in takes the chain (its align sees the shared pairs), unfolded calls past the bound the
+    fused launch again."""
+    counts = warmup_token_counts(1024, 6, 64, shared_experts=2, fuse_shared_tokens=64, route_align="fused")
+    for n in range(2, 1025):
+        variant = launch_variant(n, 6, 64, route_align="fused", shared_experts=2 if n <= 64 else 0)
+        assert ("fused" in variant) == (n > 64 and "fused" in launch_variant(n, 6, 64, route_align="fused"))
+    assert any("fused" in launch_variant(n, 6, 64, route_align="fused") for n in counts if n > 64)
+
+
 def test_gemv_and_pair_gemv_take_the_small_calls():
     assert launch_variant(1, 6, 64) == ("gemv",)
     assert launch_variant(1, 6, 64, quantized=True) == ("pair_gemv",)  # fp8 experts: triton_moe's GEMV
     assert launch_variant(2, 6, 64) == ("pair_gemv",)  # 12 pairs among 64 experts
     assert launch_variant(2, 6, 8)[0] == "grouped"
+
+
+def test_fused_route_align_takes_the_grouped_decode_calls():
+    """The one-launch routing + align: grouped calls of up to 512 tokens, at the grouped GEMM's BLOCK_M; not the
+    GEMV's calls, the chain's prefill chunks, or the legacy path (torch routing)."""
+    from meshserve.kernels.moe import fused_route_align_block_m
+
+    assert launch_variant(256, 8, 128, route_align="fused") == (*launch_variant(256, 8, 128), "fused")
+    assert fused_route_align_block_m(256, 8, 128, route_align="fused") == tuned_configs(2048, 128).gate_up.BLOCK_M
+    assert fused_route_align_block_m(256, 6, 64, route_align="fused", table="stream") == 64
+    assert fused_route_align_block_m(256, 8, 128) is None  # chain
+    assert fused_route_align_block_m(1, 8, 128, route_align="fused") is None  # the GEMV
+    assert fused_route_align_block_m(513, 8, 128, route_align="fused") is None  # a prefill chunk
+    assert fused_route_align_block_m(256, 8, 128, route_align="fused", legacy=True) is None

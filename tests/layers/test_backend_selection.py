@@ -30,7 +30,7 @@ def _no_overrides(monkeypatch):
                  "MESHSERVE_MLA_TRANSPOSED"):
         monkeypatch.delenv(name, raising=False)
     for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS",
-                 "MESHSERVE_MOE_FUSE_SHARED"):
+                 "MESHSERVE_MOE_ROUTE_ALIGN", "MESHSERVE_MOE_FUSE_SHARED"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -201,6 +201,17 @@ def test_moe_fuse_shared_switch(monkeypatch):
         assert select_kernels(_config()).fuse_shared_tokens == tokens
     monkeypatch.setenv("MESHSERVE_MOE_FUSE_SHARED", "on")
     with pytest.raises(ValueError, match="MESHSERVE_MOE_FUSE_SHARED takes 0, 1 or a largest token count"):
+        select_kernels(gpu)
+
+
+def test_moe_route_align_switch(monkeypatch):
+    # the decode routing + align: the chain by default until the one-launch kernel is measured on the H200
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert select_kernels(gpu).moe_route_align == "chain"
+    monkeypatch.setenv("MESHSERVE_MOE_ROUTE_ALIGN", "fused")
+    assert select_kernels(gpu).moe_route_align == "fused"
+    monkeypatch.setenv("MESHSERVE_MOE_ROUTE_ALIGN", "one")
+    with pytest.raises(ValueError, match="MESHSERVE_MOE_ROUTE_ALIGN takes one of chain, fused"):
         select_kernels(gpu)
 
 

@@ -83,11 +83,12 @@ def test_fused_routing_path_matches_the_routing_function_and_counts():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 8, 100])
+@pytest.mark.parametrize("tokens", [1, 8, 100, 600])
 def test_new_and_legacy_triton_paths_match_the_plain_layer_in_a_cuda_graph(tokens):
     """Qwen3-30B-A3B's routing (128 experts, top-8) at small widths, bf16 on a GPU: the new path (fused routing,
     GEMV at 1 token, Triton align and the grouped GEMM from 8) and MESHSERVE_MOE_LEGACY's path, each captured in a CUDA
-    graph and replayed on new inputs, give the plain layer's output and expert counts."""
+    graph and replayed on new inputs, give the plain layer's output and expert counts; the one-launch routing +
+    align (MESHSERVE_MOE_ROUTE_ALIGN=fused; the chain past 512 tokens) gives the new path's bits."""
     from meshserve.layers.backend_selection import PLAIN, KernelSelection
 
     torch.manual_seed(0)
@@ -98,7 +99,8 @@ def test_new_and_legacy_triton_paths_match_the_plain_layer_in_a_cuda_graph(token
     logits = torch.randn(tokens, experts, device="cuda", dtype=torch.bfloat16)
     results = {}
     for name, kernels in (("plain", PLAIN), ("new", KernelSelection(fused_ops=True)),
-                          ("legacy", KernelSelection(fused_ops=True, moe_legacy=True))):
+                          ("legacy", KernelSelection(fused_ops=True, moe_legacy=True)),
+                          ("fused", KernelSelection(fused_ops=True, moe_route_align="fused"))):
         layer = FusedMoE(experts, hidden, width, SoftmaxTopK(top_k, renormalize=True)).to("cuda", torch.bfloat16)
         layer.w13_weight.data.copy_(w13)
         layer.w2_weight.data.copy_(w2)
@@ -116,10 +118,12 @@ def test_new_and_legacy_triton_paths_match_the_plain_layer_in_a_cuda_graph(token
             layer.expert_load.zero_()  # (the warm-up's counts)
             graph.replay()
         results[name] = (out.float().clone(), layer.expert_load.clone())
-    for name in ("new", "legacy"):
+    for name in ("new", "legacy", "fused"):
         torch.testing.assert_close(results[name][0], results["plain"][0], atol=2e-2, rtol=2e-2)
         assert torch.equal(results[name][1], results["plain"][1]), name
     assert results["plain"][1].sum() == tokens * top_k
+    # rows land in another order inside an expert's run; each GEMM row and each token's sum are the same
+    assert torch.equal(results["fused"][0], results["new"][0])
 
 
 def test_warmup_token_counts_follow_the_layers_kernels():
@@ -142,6 +146,10 @@ def test_warmup_token_counts_follow_the_layers_kernels():
     model[0].kernels = KernelSelection(fused_ops=True, moe_legacy=True)
     legacy = warmup_token_counts(512, TOP_K, EXPERTS, legacy=True)
     assert moe_token_counts(model, 512, 2) == sorted({1, 2, 6, 65, 257} | set(legacy))
+    # the one-launch routing + align: its decode variants, and the chain's again past 512 tokens
+    layer.kernels = KernelSelection(fused_ops=True, moe_route_align="fused")
+    assert layer.warmup_token_counts(1024, 2) == warmup_token_counts(
+        1024, TOP_K, EXPERTS, route_align="fused") == [1, 2, 6, 65, 257, 513]
 
 
 def test_warmup_token_counts_cover_the_folded_shared_experts():

@@ -236,3 +236,18 @@ def test_every_tenth_session_row_states_its_goal():
         assert (m.group(1) == "met") == (abs(err) <= bound) or abs(abs(err) - bound) < 0.002
     w3 = [c for c in rows if c[0].startswith("W3")]
     assert all("fixed latency 12 ms" in c[6] for c in w3)
+
+
+@pytest.mark.slow  # ~25 s: 30 s of W3 at QPS 384 through the scheduler
+def test_qwen_peak_replays_within_the_goals_with_its_own_fit():
+    """The fifteenth session's Qwen3-0.6B peak (max_num_seqs 1024, QPS 384: 227.7 req/s, TTFT p50 895 ms, TPOT p50
+    8.6 ms) replayed with h200_qwen3_0_6b (the 8B's weights said ~179 req/s): PLANNER.md "Issue 28: W3 on
+    Qwen3-0.6B"."""
+    from meshserve.simulator import validation_qwen as vq
+
+    run = vq.QWEN_RUNS[1]
+    meas = measured_points(run)[384.0]
+    pred = vq.replay(384.0, run.max_num_seqs)
+    assert pred["calibration"] == "h200_qwen3_0_6b"
+    for metric in ("goodput", "ttft_p50", "tpot_p50", "ttft_p99", "tpot_p99"):
+        assert pred[metric] == pytest.approx(meas[metric], rel=vq.QWEN_GOALS[metric]), metric

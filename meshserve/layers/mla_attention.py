@@ -177,18 +177,20 @@ class MLAAttention(nn.Module):
 
             if meta.max_query_len > 1:
                 meta = per_query_meta(meta)
+            pipelined = self.kernels.mla_decode_kernel == "pipelined"
             if self._balanced(meta.seq_lens.shape[0]):
                 o_lat = mla_decode_balanced(q_lat, q_pe, self.kv_cache, meta.block_tables, meta.seq_lens,
                                             meta.query_start_loc, self.scale, tile=self.kernels.mla_decode_tile,
                                             prefetch=self.kernels.mla_prefetch,
-                                            transposed=self.kernels.mla_transposed)
+                                            transposed=self.kernels.mla_transposed, pipelined=pipelined)
             else:
                 o_lat = mla_decode(q_lat.contiguous(), q_pe.contiguous() if legacy else q_pe, self.kv_cache,
                                    meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
                                    meta.max_seq_len, num_splits=self.decode_num_splits,
                                    tile=self.kernels.mla_decode_tile, legacy_splits=legacy,
                                    prefetch=self.kernels.mla_prefetch and not legacy,
-                                   transposed=self.kernels.mla_transposed and not legacy)
+                                   transposed=self.kernels.mla_transposed and not legacy,
+                                   pipelined=pipelined and not legacy)
         else:
             o_lat = mla_decode_ref(q_lat, q_pe, self.kv_cache, meta, self.scale)
         if copied:

@@ -7,10 +7,18 @@ in the same iteration. The pipeliner then schedules that load, the tile's copy a
 gives the tile ONE shared buffer whatever num_stages (sm_90 TTGIR, V2-Lite, BLOCK_N 32, stages 2/3/4:
 memdesc<1x32x512>): the copy of tile t + 1 may start only after tile t's dots have read the buffer, so a
 program loads, then computes, then loads, and at 2 programs an SM the H200 reads 2.3 TB/s of its 4.2.
-Here the block ids of tile t + 1 are loaded in iteration t into a loop-carried register (L1/L2 hits: a few
-bytes per 16-token page), so the tile's copy has only loop-carried inputs and the pipeliner issues it
-num_stages - 1 iterations ahead into its own buffer (BLOCK_N 32, 3 stages: memdesc<2x32x512>, cp.async;
-tools/mla_decode_sass.py prints the static facts old vs new).
+Here the row addresses of tile t + 1 (its block-table load and the address math) are made in iteration t
+into a loop-carried register (block ids are L1/L2 hits: 8 B per 16-token page), so the tile's copy has only
+loop-carried inputs and the pipeliner issues it num_stages - 1 iterations ahead into its own buffer.
+
+Static facts (tools/mla_decode_sass.py, sm_90, the balanced kernel, V2-Lite, per warp and 32-row tile):
+  plain     (32, 4, 2): 1 buffer, 56 KB shared, 253 registers, 840 loop instructions, 18 cp.async + 18
+            block-id loads, 72 ldmatrix, 68 mma.sync
+  pipelined (32, 4, 3): 2 buffers, 93 KB, 255 registers (24 B stack, none in the loop), 810 instructions,
+            the same loads and MMAs: two programs an SM keep 2 x 36 KB ahead of their dots, where the plain
+            loop keeps none (only the other program's load overlaps a program's math)
+The tile is still loaded once (cp.async into shared memory) and read twice from there (ldmatrix: as the
+scores' B operand and as the PV's), plus q_lat each tile (the A operand: no registers left to keep it).
 
 Same math as attend_latent_tile (the latent rows are the keys, with the rope part, and the values; fp32 online
 softmax in log2 units), so results match the plain loop's to the rounding of the dots.
@@ -49,10 +57,11 @@ def pipelined_programs_per_sm(tile: tuple[int, int, int], block_h: int, block_r:
 
 
 @triton.jit
-def _tile_block_ids(t, seq_len, bt_row, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The cache block of each row of KV tile t ([BLOCK_N] int64; 0 past the sequence's end)."""
+def _tile_rows(t, seq_len, bt_row, cache_ptr, stride_cb, stride_cs, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The start of each cached row of KV tile t ([BLOCK_N] pointers; block 0 past the sequence's end)."""
     kv_pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    return tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_pos < seq_len, other=0).to(tl.int64)
+    blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_pos < seq_len, other=0).to(tl.int64)
+    return cache_ptr + blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
 
 
 @triton.jit
@@ -60,15 +69,15 @@ def attend_latent_range_pipelined(
     ql, qp, acc, m_i, l_i, t0, t1, seq_len, bt_row, cache_ptr, r, r_mask, p, p_mask, scale_log2, stride_cb, stride_cs,
     RANK: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """(acc, m_i, l_i) after KV tiles t0 .. t1 - 1 of one sequence, the block ids one tile ahead."""
-    blk = _tile_block_ids(t0, seq_len, bt_row, BLOCK_SIZE, BLOCK_N)
+    """(acc, m_i, l_i) after KV tiles t0 .. t1 - 1 of one sequence, the rows' addresses one tile ahead."""
+    seq_len = seq_len.to(tl.int32)  # (an int64 length makes every row's mask a 64-bit compare)
+    row = _tile_rows(t0, seq_len, bt_row, cache_ptr, stride_cb, stride_cs, BLOCK_SIZE, BLOCK_N)
     for t in range(t0, t1):
-        kv_pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        kv_valid = kv_pos < seq_len
-        row = cache_ptr + blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs  # [BLOCK_N] row starts
-        blk = _tile_block_ids(t + 1, seq_len, bt_row, BLOCK_SIZE, BLOCK_N)  # (at t1 - 1: ids the loop does not use)
+        kv_valid = t * BLOCK_N + tl.arange(0, BLOCK_N) < seq_len
         c = tl.load(row[:, None] + r[None, :], mask=kv_valid[:, None] & r_mask[None, :], other=0.0)
         pe = tl.load(row[:, None] + RANK + p[None, :], mask=kv_valid[:, None] & p_mask[None, :], other=0.0)
+        # (at t1 - 1: addresses the loop does not use)
+        row = _tile_rows(t + 1, seq_len, bt_row, cache_ptr, stride_cb, stride_cs, BLOCK_SIZE, BLOCK_N)
         acc, m_i, l_i = attend_loaded_tile(ql, qp, acc, m_i, l_i, c, pe, t, seq_len, scale_log2, BLOCK_N,
                                            DOT_PRECISION)
     return acc, m_i, l_i

@@ -189,3 +189,58 @@ def test_pipelined_decode_replays_in_a_cuda_graph_gpu(batch):
         meta.seq_lens, meta.seq_lens_cpu = seq_lens, lens
         expected = mla_decode_ref(q_lat, q_pe, cache, meta, 0.3)
         torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_triton
+@interpreter_only
+@pytest.mark.parametrize("balanced", [False, True])
+def test_the_layer_runs_the_pipelined_loop_when_selected(monkeypatch, balanced):
+    """MESHSERVE_MLA_DECODE_KERNEL=pipelined (KernelSelection.mla_decode_kernel) reaches the kernel the layer
+    picks (split or balanced) and the layer's output stays the torch path's."""
+    from dataclasses import replace
+
+    from meshserve.kernels import triton_mla, triton_mla_balanced
+    from meshserve.layers.backend_selection import PLAIN
+    from meshserve.layers.mla_attention import MLAAttention
+
+    heads, nope, rope, v_dim, rank, block_size = 4, 8, 8, 8, 32, 4
+    seq_lens = [70, 9, 0]
+    layer = MLAAttention(heads, nope, rope, v_dim, rank, 0.25)
+    layer.kernels = replace(PLAIN, attention_backend="triton", mla_balanced=balanced, mla_decode_kernel="pipelined")
+    meta, layer.kv_cache, _, q_pe = _inputs(heads, rank, rope, seq_lens, torch.float32, "cpu", block_size)
+    g = torch.Generator().manual_seed(1)
+    q_nope = torch.randn(len(seq_lens), heads, nope, generator=g)
+    kv_b = torch.randn(heads * (nope + v_dim), rank, generator=g) * rank**-0.5
+    launched = []
+    for module, name in ((triton_mla, "mla_decode"), (triton_mla_balanced, "mla_decode_balanced")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name, **k: launched.append((name, k["pipelined"]))
+                            or fn(*a, **k))
+    with torch.inference_mode():
+        got = layer._absorbed(q_nope, q_pe, kv_b, meta, triton=True)
+        ref = layer._absorbed(q_nope, q_pe, kv_b, meta, triton=False)
+    assert launched == [("mla_decode_balanced" if balanced else "mla_decode", True)]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_the_pipelined_loop_keeps_the_split_counts_the_warm_up_covers():
+    """The pipelined loop changes no launch shape the engine keys graphs or warm-up by: the split kernel keeps
+    its BLOCK_N, so every batch and context bound picks the same KV splits (the reduce variants the eager
+    warm-up forces, tests/engine/test_decode_split_warmup.py), and the balanced kernel none."""
+    pytest.importorskip("triton")
+    from dataclasses import replace
+
+    from meshserve.layers.backend_selection import PLAIN
+    from meshserve.layers.mla_attention import MLAAttention
+
+    def layer(kernel):
+        m = MLAAttention(16, 16, 16, 16, 512, 0.25)
+        m.kernels = replace(PLAIN, attention_backend="triton", mla_decode_kernel=kernel)
+        return m
+
+    cpu = torch.device("cpu")
+    plain, pipelined = layer("default"), layer("pipelined")
+    for rows in (1, 2, 7, 16, 33, 63, 64, 100, 256):
+        for bound in (100, 800, 4096, 163840):
+            assert (pipelined.decode_splits(rows, bound, torch.bfloat16, cpu)
+                    == plain.decode_splits(rows, bound, torch.bfloat16, cpu))

@@ -54,7 +54,8 @@ SWEEP_SHAPES = [(1, 800), (16, 800), (32, 800), (64, 800), (96, 800), (256, 800)
 # tools/mla_decode_sass.py); None: the kernel's default (kernels/mla_decode_choice.py)
 TILES = [None, (32, 4, 2, ""), (32, 8, 2, ""), (64, 4, 2, ""), (64, 8, 2, ""), (16, 4, 2, ""),
          (32, 4, 1, "pf"), (32, 8, 1, "pf"), (16, 4, 1, "pf"), (16, 8, 1, "pf"), (64, 4, 2, "tr"), (64, 8, 2, "tr"),
-         (32, 4, 3, "pl"), (16, 4, 4, "pl"), (16, 4, 5, "pl"), (32, 8, 3, "pl"), (32, 4, 4, "pl"), (64, 8, 3, "pl")]
+         (32, 4, 3, "pl"), (16, 4, 4, "pl"), (16, 4, 5, "pl"), (32, 8, 3, "pl"), (32, 4, 4, "pl"), (64, 4, 3, "pl"),
+         (64, 8, 3, "pl")]
 LOOP_FLAGS = {"": {}, "pf": {"prefetch": True}, "tr": {"transposed": True}, "pl": {"pipelined": True}}
 
 
@@ -248,11 +249,13 @@ def bench_sweep(bound: int) -> list[dict]:
         nbytes = sum(lens) * ROW_BYTES
         splits = [None, 1, 2] if batch > 64 else [None, 2, 8] if batch > 1 else [None, 8, 32, 64]
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        # the balanced kernel: its default program count (2 per SM), and 1 and 3 per SM at batch 256
-        runs = [("split", s) for s in splits] + [("balanced", n) for n in ((None, sms, 3 * sms) if batch == 256 else (None,))]
+        # the balanced kernel: its default program count (2 per SM; the pipelined loop's: as many as fit), and 1
+        # and 3 per SM at batch 256 (and 2 for the pipelined loop, whose default may be 1)
         for tile_pf in TILES:
             tile, loop = (tile_pf[:3], tile_pf[3]) if tile_pf else (None, "")
             flags = LOOP_FLAGS[loop]
+            per_sm = ((None, 1, 2, 3) if loop == "pl" else (None, 1, 3)) if batch == 256 else (None,)
+            runs = [("split", s) for s in splits] + [("balanced", n and n * sms) for n in per_sm]
             for kind, s in runs:
                 if kind == "split":
                     fn = functools.partial(mla_decode, *args, num_splits=s, tile=tile, **flags)

@@ -7,8 +7,10 @@ usage: python tools/mla_decode_sass.py [--dump DIR]
 
 Reading it: a tile of BLOCK_N rows is BLOCK_N x 576 x 2 B of latents (36 KB at 32 rows); "buf" 1 means the copy
 of tile t + 1 cannot start before tile t's dots have read the buffer (no overlap within a program); "res/SM"
-the programs resident on an SM (shared memory and registers), so "in flight/SM" = res/SM x buf x tile bytes is
-the most a loaded SM can have outstanding (the H200 needs ~16 B/clk x the loaded latency, ~30-50 KB an SM).
+the programs resident on an SM (shared memory and registers), so "ahead/SM" = res/SM x (buf - 1) x tile bytes
+is what an SM keeps loading while its programs compute (the H200 needs ~16 B/clk x the loaded latency, ~30-50
+KB an SM; the plain loop has 0: only the SM's other program's load overlaps a program's math; the prefetch
+loop's next tile sits in registers, which the column does not count: its LDL/STL are those registers spilled).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def main():
     ap.add_argument("--dump", help="write each variant's SASS and TTGIR into this folder")
     args = ap.parse_args()
     print("sm_90, V2-Lite (16 heads, 512 + 64, bf16, blocks of 16), the balanced kernel; loop counts per warp and tile")
-    print(f"{'variant':28s} {'smem':>7s} {'regs':>4s} {'stack':>5s} {'buf':>4s} {'res/SM':>6s} {'flight/SM':>9s}"
+    print(f"{'variant':28s} {'smem':>7s} {'regs':>4s} {'stack':>5s} {'buf':>4s} {'res/SM':>6s} {'ahead/SM':>9s}"
           f" {'loop':>5s} {'/KB':>5s}  " + " ".join(f"{k:>6s}" for k in KINDS))
     for name, flag, block_n, warps, stages in VARIANTS:
         const = {**CONST, "BLOCK_N": block_n, **({flag: True} if flag else {})}
@@ -102,7 +104,7 @@ def main():
         buf = max(f["bufs"] or [1])
         label = f"{name} {block_n},{warps},{stages}"
         print(f"{label:28s} {f['shared']:7d} {f['regs']:4d} {f['stack']:5d} {buf:4d} {resident:6d}"
-              f" {resident * buf * tile_kb:7.0f}KB {f['loop']:5d} {f['loop'] / tile_kb:5.1f}  "
+              f" {resident * (buf - 1) * tile_kb:7.0f}KB {f['loop']:5d} {f['loop'] / tile_kb:5.1f}  "
               + " ".join(f"{f['kinds'][k]:6d}" for k in KINDS), flush=True)
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)

@@ -61,7 +61,8 @@ Overrides (environment, read only here, for debugging and references):
                                             latent tiles in flight (kernels/triton_mla_pipelined.py; default
                                             "default", the plain loop; opt-in until measured on the H200)
   MESHSERVE_MLA_DECODE_TILE=32,8,2          the MLA decode kernel's BLOCK_N, num_warps, num_stages (default:
-                                            kernels/triton_mla._decode_config, the balanced kernel (32, 4, 2))
+                                            kernels/triton_mla._decode_config, the balanced kernel (32, 4, 2);
+                                            pipelined: triton_mla_pipelined.PIPELINED_TILE (32, 4, 3))
   MESHSERVE_MOE_LEGACY=1                    the first Triton MoE (torch routing and align, pair GEMV, first tile
                                             configs) instead of the default one-launch routing, MoE GEMV (one
                                             token) and tuned configs (kernels/moe.py; 1.4-2.3x per layer on the

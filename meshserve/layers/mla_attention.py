@@ -20,7 +20,9 @@ RMSNorm, both rotaries, the latent write) is one kernel (fused_prologue, kernels
 absorbed matmuls write straight into their [T, H, .] results (no transposed copies); from 64 decode rows on
 (kernels/mla_decode_choice.py; KernelSelection.mla_balanced / MESHSERVE_MLA_BALANCED=1|0 force either) the
 decode kernel spreads the batch's KV tiles evenly over the SMs whatever the context lengths
-(kernels/triton_mla_balanced.py), below that it splits each sequence (kernels/triton_mla.py); KernelSelection.mla_legacy
+(kernels/triton_mla_balanced.py), below that it splits each sequence (kernels/triton_mla.py); either runs the
+pipelined tile loop with KernelSelection.mla_decode_kernel "pipelined" (MESHSERVE_MLA_DECODE_KERNEL,
+kernels/triton_mla_pipelined.py); KernelSelection.mla_legacy
 (MESHSERVE_MLA_LEGACY=1) keeps the path before 2026-11-30 for A/B runs. The block manager,
 prefix caching, chunked prefill, preemption and the KV offload tiers see blocks only, so they work unchanged.
 """

@@ -5,10 +5,12 @@
    / 256 x context 800 and 4,096 and W2's mix (contexts 100-2,048), on each path of PATHS: legacy
    (MESHSERVE_MLA_LEGACY=1), split (MESHSERVE_MLA_BALANCED=0: the default before 2026-12-01), balanced
    (MESHSERVE_MLA_BALANCED=1), auto (the default: kernels/mla_decode_choice.py), auto+prefetch
-   (MESHSERVE_MLA_PREFETCH=1) and auto+transposed (MESHSERVE_MLA_TRANSPOSED=1): time per layer, per-kernel device time (torch.profiler over graph replays),
+   (MESHSERVE_MLA_PREFETCH=1), auto+transposed (MESHSERVE_MLA_TRANSPOSED=1) and auto+pipelined
+   (MESHSERVE_MLA_DECODE_KERNEL=pipelined): time per layer, per-kernel device time (torch.profiler over graph replays),
    the decode kernel's achieved KV bandwidth (576 x 2 B per context token).
 2. sweep: the decode kernels alone, (BLOCK_N, num_warps, num_stages) and the tile loops ("pf": prefetching,
-   "tr": transposed)
+   "tr": transposed, "pl": pipelined, kernels/triton_mla_pipelined.py; its balanced launch's default program
+   count: as many as fit on an SM)
    x splits (split kernel) or program counts (balanced kernel) at the same shapes (the candidates for
    kernels/mla_decode_choice.py, triton_mla._decode_config and mla_num_splits; MESHSERVE_MLA_DECODE_TILE=N,W,S
    tries one in the engine).
@@ -47,10 +49,14 @@ DEV, DTYPE = "cuda", torch.bfloat16
 SHAPES = [(1, 800), (64, 800), (96, 800), (256, 800), (1, 4096), (64, 4096), (256, 4096), (256, "w2mix")]
 SWEEP_SHAPES = [(1, 800), (16, 800), (32, 800), (64, 800), (96, 800), (256, 800), (256, "w2mix")]
 # (BLOCK_N, num_warps, num_stages, loop): loop "" the plain tile loop, "pf" the prefetching one
-# (kernels/triton_mla_prefetch.py), "tr" the transposed one (kernels/triton_mla_transposed.py); None: the
-# kernel's default (kernels/mla_decode_choice.py)
+# (kernels/triton_mla_prefetch.py), "tr" the transposed one (kernels/triton_mla_transposed.py), "pl" the
+# pipelined one (kernels/triton_mla_pipelined.py: num_stages - 1 latent buffers; sm_90 static facts:
+# tools/mla_decode_sass.py); None: the kernel's default (kernels/mla_decode_choice.py)
 TILES = [None, (32, 4, 2, ""), (32, 8, 2, ""), (64, 4, 2, ""), (64, 8, 2, ""), (16, 4, 2, ""),
-         (32, 4, 1, "pf"), (32, 8, 1, "pf"), (16, 4, 1, "pf"), (16, 8, 1, "pf"), (64, 4, 2, "tr"), (64, 8, 2, "tr")]
+         (32, 4, 1, "pf"), (32, 8, 1, "pf"), (16, 4, 1, "pf"), (16, 8, 1, "pf"), (64, 4, 2, "tr"), (64, 8, 2, "tr"),
+         (32, 4, 3, "pl"), (16, 4, 4, "pl"), (16, 4, 5, "pl"), (32, 8, 3, "pl"), (32, 4, 4, "pl"), (64, 4, 3, "pl"),
+         (64, 8, 3, "pl")]
+LOOP_FLAGS = {"": {}, "pf": {"prefetch": True}, "tr": {"transposed": True}, "pl": {"pipelined": True}}
 
 
 def context_lens(batch: int, ctx) -> list[int]:
@@ -163,19 +169,21 @@ ENGINE_SELECTION = KernelSelection(attention_backend="triton", fused_ops=True, f
 
 # the A/B paths, (legacy, balanced, loop): MESHSERVE_MLA_LEGACY=1, MESHSERVE_MLA_BALANCED=0 (the split
 # kernel: the default before 2026-12-01), MESHSERVE_MLA_BALANCED=1, the default (by batch size),
-# MESHSERVE_MLA_PREFETCH=1, MESHSERVE_MLA_TRANSPOSED=1
+# MESHSERVE_MLA_PREFETCH=1, MESHSERVE_MLA_TRANSPOSED=1, MESHSERVE_MLA_DECODE_KERNEL=pipelined
 PATHS = {"legacy": (True, False, ""), "split": (False, False, ""), "balanced": (False, True, ""),
-         "auto": (False, None, ""), "auto_prefetch": (False, None, "pf"), "auto_transposed": (False, None, "tr")}
+         "auto": (False, None, ""), "auto_prefetch": (False, None, "pf"), "auto_transposed": (False, None, "tr"),
+         "auto_pipelined": (False, None, "pl")}
 
 
 def bind(model, legacy: bool, base: KernelSelection | None = None, balanced: bool | None = False,
          loop: str = "") -> None:
     """Every layer's selection (base, or its own) with MESHSERVE_MLA_LEGACY's / _BALANCED's / _PREFETCH's /
-    _TRANSPOSED's switches set (balanced None: by batch size; loop "", "pf" or "tr")."""
+    _TRANSPOSED's / _DECODE_KERNEL's switches set (balanced None: by batch size; loop "", "pf", "tr" or "pl")."""
     for m in model.modules():
         if isinstance(getattr(m, "kernels", None), KernelSelection):
             m.kernels = dataclasses.replace(base or m.kernels, mla_legacy=legacy, mla_balanced=balanced,
-                                            mla_prefetch=loop == "pf", mla_transposed=loop == "tr")
+                                            mla_prefetch=loop == "pf", mla_transposed=loop == "tr",
+                                            mla_decode_kernel="pipelined" if loop == "pl" else "default")
 
 
 @torch.inference_mode()
@@ -241,11 +249,13 @@ def bench_sweep(bound: int) -> list[dict]:
         nbytes = sum(lens) * ROW_BYTES
         splits = [None, 1, 2] if batch > 64 else [None, 2, 8] if batch > 1 else [None, 8, 32, 64]
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        # the balanced kernel: its default program count (2 per SM), and 1 and 3 per SM at batch 256
-        runs = [("split", s) for s in splits] + [("balanced", n) for n in ((None, sms, 3 * sms) if batch == 256 else (None,))]
+        # the balanced kernel: its default program count (2 per SM; the pipelined loop's: as many as fit), and 1
+        # and 3 per SM at batch 256 (and 2 for the pipelined loop, whose default may be 1)
         for tile_pf in TILES:
             tile, loop = (tile_pf[:3], tile_pf[3]) if tile_pf else (None, "")
-            flags = {"prefetch": loop == "pf", "transposed": loop == "tr"}
+            flags = LOOP_FLAGS[loop]
+            per_sm = ((None, 1, 2, 3) if loop == "pl" else (None, 1, 3)) if batch == 256 else (None,)
+            runs = [("split", s) for s in splits] + [("balanced", n and n * sms) for n in per_sm]
             for kind, s in runs:
                 if kind == "split":
                     fn = functools.partial(mla_decode, *args, num_splits=s, tile=tile, **flags)
@@ -274,6 +284,14 @@ def bench_sweep(bound: int) -> list[dict]:
               f" {default['us_incl_reduce']} us ({default['TBps']} TB/s), best"
               f" {best['kernel']} {best['tile']} splits/programs {best['splits']}: {best['us_incl_reduce']} us"
               f" ({best['TBps']} TB/s)", flush=True)
+        pl = [r for r in results if r.get("batch") == batch and r.get("context") == ctx and "us_incl_reduce" in r
+              and r["tile"].endswith(" pl")]
+        for kind in ("split", "balanced"):  # the pipelined loop's best in each kernel
+            runs = [r for r in pl if r["kernel"] == kind]
+            if runs:
+                b = min(runs, key=lambda r: r["us_incl_reduce"])
+                print(f"  pipelined {kind}: best {b['tile']} splits/programs {b['splits']}: {b['us_incl_reduce']} us"
+                      f" ({b['TBps']} TB/s)", flush=True)
     return results
 
 

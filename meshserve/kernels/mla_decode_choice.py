@@ -12,6 +12,12 @@ From the H200 sweep of 2026-12-01 (tools/bench_mla_decode.py, DeepSeek-V2-Lite: 
 So: the balanced kernel (triton_mla_balanced) from BALANCED_MIN_SEQS rows on, with BALANCED_WARPS warps and
 BALANCED_STAGES stages; the split kernel below (its tile: triton_mla._decode_config, 4 warps once its grid
 fills the SMs). MESHSERVE_MLA_BALANCED=1 / =0 forces one kernel for A/B runs; MESHSERVE_MLA_DECODE_TILE a tile.
+
+The tile loop both kernels run (DECODE_KERNELS, MESHSERVE_MLA_DECODE_KERNEL): "default" the plain loop (one
+latent buffer: the copy of a tile waits for the previous tile's dots), "pipelined" the loop with the block ids
+a tile ahead (kernels/triton_mla_pipelined.py: num_stages - 1 tiles in flight per program; the balanced kernel
+then launches as many programs as fit on an SM). Opt-in until measured on the H200
+(python tools/bench_mla_decode.py --only sweep,layer).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 BALANCED_MIN_SEQS = 64
 BALANCED_WARPS = 4  # 8 warps split a [16, 32] score tile over more warps than it has mma columns
 BALANCED_STAGES = 2
+DECODE_KERNELS = ("default", "pipelined")
 
 
 def use_balanced(num_rows: int, forced: bool | None) -> bool:

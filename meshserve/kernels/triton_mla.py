@@ -34,6 +34,7 @@ from meshserve.kernels.triton_attention import (
     _upcast_dot,
     decode_num_splits,
 )
+from meshserve.kernels.triton_mla_pipelined import PIPELINED_TILE, attend_latent_range_pipelined
 from meshserve.kernels.triton_mla_prefetch import attend_latent_range_prefetched, attend_loaded_tile
 from meshserve.kernels.triton_mla_transposed import attend_latent_range_transposed
 
@@ -95,12 +96,17 @@ def attend_latent_tile(
 def attend_latent_range(
     ql, qp, acc, m_i, l_i, t0, t1, seq_len, bt_row, cache_ptr, r, r_mask, p, p_mask, scale_log2, stride_cb, stride_cs,
     RANK: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PREFETCH: tl.constexpr, TRANSPOSED: tl.constexpr,
+    PREFETCH: tl.constexpr, TRANSPOSED: tl.constexpr, PIPELINED: tl.constexpr,
 ):
     """(acc, m_i, l_i) after KV tiles t0 .. t1 - 1 of one sequence: tile by tile (attend_latent_tile), with
-    TRANSPOSED the tile as the dots' M side (kernels/triton_mla_transposed.py), or with PREFETCH each tile's loads
-    issued one iteration ahead (kernels/triton_mla_prefetch.py)."""
-    if TRANSPOSED:
+    PIPELINED the block ids a tile ahead so the pipeliner keeps tiles in flight (kernels/triton_mla_pipelined.py),
+    with TRANSPOSED the tile as the dots' M side (kernels/triton_mla_transposed.py), or with PREFETCH each tile's
+    loads issued one iteration ahead (kernels/triton_mla_prefetch.py)."""
+    if PIPELINED:
+        acc, m_i, l_i = attend_latent_range_pipelined(
+            ql, qp, acc, m_i, l_i, t0, t1, seq_len, bt_row, cache_ptr, r, r_mask, p, p_mask, scale_log2,
+            stride_cb, stride_cs, RANK, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+    elif TRANSPOSED:
         acc, m_i, l_i = attend_latent_range_transposed(
             ql, qp, acc, m_i, l_i, t0, t1, seq_len, bt_row, cache_ptr, r, r_mask, p, p_mask, scale_log2,
             stride_cb, stride_cs, RANK, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
@@ -128,7 +134,7 @@ def _mla_decode_split_kernel(
     RANK: tl.constexpr, BLOCK_R: tl.constexpr, ROPE: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
+    TRANSPOSED: tl.constexpr, PIPELINED: tl.constexpr,
 ):
     b = tl.program_id(0)
     hb = tl.program_id(1)
@@ -166,7 +172,7 @@ def _mla_decode_split_kernel(
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     acc, m_i, l_i = attend_latent_range(ql, qp, acc, m_i, l_i, t0, t1, seq_len, bt_row, cache_ptr, r, r_mask, p,
                                         p_mask, scale_log2, stride_cb, stride_cs, RANK, BLOCK_SIZE, BLOCK_N,
-                                        DOT_PRECISION, PREFETCH, TRANSPOSED)
+                                        DOT_PRECISION, PREFETCH, TRANSPOSED, PIPELINED)
 
     if DIRECT_OUT:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -230,7 +236,8 @@ def decode_split_count(num_seqs: int, num_heads: int, rank: int, elem_size: int,
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_seq_len: int,
                num_splits: int | None = None, tile: tuple[int, int, int] | None = None,
-               legacy_splits: bool = False, prefetch: bool = False, transposed: bool = False) -> torch.Tensor:
+               legacy_splits: bool = False, prefetch: bool = False, transposed: bool = False,
+               pipelined: bool = False) -> torch.Tensor:
     """mla_decode_ref for one query token per sequence: q_lat [T, H, R], q_pe [T, H, P] -> o_lat [T, H, R]
     (rows of q_len-0 sequences stay unwritten). No host syncs: safe to capture in a CUDA graph.
 
@@ -238,7 +245,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     the rule before 2026-11-30); tile: (BLOCK_N, num_warps, num_stages) instead of _decode_config's; prefetch:
     the tile loop that loads a tile ahead (kernels/triton_mla_prefetch.py; num_stages 1 unless tile says);
     transposed: the loop with the tile as the dots' M side (kernels/triton_mla_transposed.py; BLOCK_N 64 unless
-    tile says; over prefetch)."""
+    tile says; over prefetch); pipelined: the loop with the block ids a tile ahead (kernels/triton_mla_pipelined.py;
+    num_stages 3 unless tile says; over both)."""
     num_tokens, num_heads, rank = q_lat.shape
     rope = q_pe.shape[2]
     out = torch.empty_like(q_lat)
@@ -260,6 +268,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     num_stages = 1 if prefetch else 2  # (the hand-pipelined loop needs no pipeliner)
     if transposed:
         prefetch, block_n, num_warps, num_stages = False, 64, 4, 2  # wgmma: M >= 64 for one warpgroup
+    if pipelined:  # the split kernel's tile, with the stages that give the latent tile two buffers
+        prefetch, transposed, num_stages = False, False, PIPELINED_TILE[2]
     if tile is not None:
         block_n, num_warps, num_stages = tile
     direct = num_splits == 1
@@ -278,7 +288,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
         NUM_HEADS=num_heads, BLOCK_H=BLOCK_H, RANK=rank, BLOCK_R=block_r, ROPE=rope, BLOCK_P=block_p,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         DIRECT_OUT=direct, UPCAST_DOT=_upcast_dot(q_lat), DOT_PRECISION=_dot_precision(q_lat), PREFETCH=prefetch,
-        TRANSPOSED=transposed, num_warps=num_warps, num_stages=num_stages,
+        TRANSPOSED=transposed, PIPELINED=pipelined, num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         _decode_reduce_kernel[(num_seqs, num_heads)](

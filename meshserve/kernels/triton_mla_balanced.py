@@ -34,6 +34,7 @@ from meshserve.kernels.triton_attention import (
 )
 from meshserve.kernels.mla_decode_choice import BALANCED_STAGES, BALANCED_WARPS
 from meshserve.kernels.triton_mla import BLOCK_H, _decode_config, attend_latent_range
+from meshserve.kernels.triton_mla_pipelined import PIPELINED_TILE, pipelined_programs_per_sm
 
 OVERHEAD = 2  # cost units of a sequence beyond its tiles: q in (18 KB), its result out (16-32 KB), ~1.5 tiles
 
@@ -67,6 +68,7 @@ def _mla_balanced_kernel(
     RANK: tl.constexpr, BLOCK_R: tl.constexpr, ROPE: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, OVERHEAD_UNITS: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr, TRANSPOSED: tl.constexpr,
+    PIPELINED: tl.constexpr,
 ):
     p = tl.program_id(0)
     hb = tl.program_id(1)
@@ -116,7 +118,7 @@ def _mla_balanced_kernel(
             bt_row = bt_ptr + b.to(tl.int64) * stride_btb
             acc, m_i, l_i = attend_latent_range(
                 ql, qp, acc, m_i, l_i, t0, t1, seq_len, bt_row, cache_ptr, r, r_mask, pp, p_mask, scale_log2,
-                stride_cb, stride_cs, RANK, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, PREFETCH, TRANSPOSED)
+                stride_cb, stride_cs, RANK, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, PREFETCH, TRANSPOSED, PIPELINED)
             pieces = tl.sum(tl.where(sel, n_pieces, 0), 0)
             if pieces == 1:
                 o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -169,13 +171,15 @@ def _mla_balanced_merge_kernel(
 def mla_decode_balanced(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                         seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                         num_programs: int | None = None, tile: tuple[int, int, int] | None = None,
-                        prefetch: bool = False, transposed: bool = False) -> torch.Tensor:
+                        prefetch: bool = False, transposed: bool = False, pipelined: bool = False) -> torch.Tensor:
     """triton_mla.mla_decode's contract (one query per sequence; rows of q_len-0 sequences stay unwritten,
     those of seq_len-0 ones are zeros) with the work balanced over num_programs programs per head block
     (None: two per SM); tile (BLOCK_N, num_warps, num_stages), None: (32, 4, 2) for DeepSeek's latents. No host
     sync: safe to capture in a CUDA graph. prefetch: the tile loop that loads a tile ahead
     (kernels/triton_mla_prefetch.py; num_stages 1 unless tile says); transposed: the loop with the tile as the
-    dots' M side (kernels/triton_mla_transposed.py; (64, 4, 2) unless tile says; over prefetch)."""
+    dots' M side (kernels/triton_mla_transposed.py; (64, 4, 2) unless tile says; over prefetch); pipelined:
+    the loop with the block ids a tile ahead (kernels/triton_mla_pipelined.py; PIPELINED_TILE unless tile says,
+    as many programs as fit on an SM together unless num_programs says; over both)."""
     num_tokens, num_heads, rank = q_lat.shape
     rope = q_pe.shape[2]
     out = torch.empty_like(q_lat)
@@ -185,14 +189,18 @@ def mla_decode_balanced(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch
     assert q_lat.stride(2) == 1 and q_pe.stride(2) == 1 and kv_cache.stride(4) == 1
     assert kv_cache.shape[-1] == rank + rope, "cache rows are [latent, rotary key]"
     block_r, block_p = max(16, _next_pow2(rank)), max(16, _next_pow2(rope))
+    if pipelined:
+        prefetch = transposed = False
+        tile = tile or PIPELINED_TILE
     if transposed:
         prefetch = False
         tile = tile or (64, 4, 2)  # wgmma: M >= 64 for one warpgroup
     if tile is None:  # the swept best (kernels/mla_decode_choice.py): BLOCK_N as the split kernel's, 4 warps
         tile = (_decode_config(block_r, q_lat.element_size())[0], BALANCED_WARPS, 1 if prefetch else BALANCED_STAGES)
     block_n, num_warps, num_stages = tile
-    if num_programs is None:
-        num_programs = 2 * _num_sms(q_lat.device.index if q_lat.device.type == "cuda" else None)
+    if num_programs is None:  # every program resident: 2 an SM, or as many as the pipelined tile lets fit
+        per_sm = pipelined_programs_per_sm(tile, BLOCK_H, block_r, block_p, kv_cache.element_size()) if pipelined else 2
+        num_programs = per_sm * _num_sms(q_lat.device.index if q_lat.device.type == "cuda" else None)
     block_b = max(16, _next_pow2(num_seqs))
     dev = q_lat.device
     slots = 2 * num_programs
@@ -209,7 +217,7 @@ def mla_decode_balanced(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch
         NUM_HEADS=num_heads, BLOCK_H=BLOCK_H, RANK=rank, BLOCK_R=block_r, ROPE=rope, BLOCK_P=block_p,
         BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=block_n, BLOCK_B=block_b, OVERHEAD_UNITS=OVERHEAD,
         UPCAST_DOT=_upcast_dot(q_lat), DOT_PRECISION=_dot_precision(q_lat), PREFETCH=prefetch,
-        TRANSPOSED=transposed, num_warps=num_warps, num_stages=num_stages,
+        TRANSPOSED=transposed, PIPELINED=pipelined, num_warps=num_warps, num_stages=num_stages,
     )
     _mla_balanced_merge_kernel[(num_seqs, num_heads)](
         ws_acc, ws_ml, pieces, query_start_loc, out, out.stride(0), out.stride(1),

@@ -56,8 +56,13 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_MLA_TRANSPOSED=1                MLA decode kernels with the transposed tile loop (kernels/
                                             triton_mla_transposed.py: the KV tile as the dots' M side, wgmma from
                                             shared memory, BLOCK_N 64); over PREFETCH; opt-in until measured
+  MESHSERVE_MLA_DECODE_KERNEL=pipelined     MLA decode kernels (split and balanced) with the tile loop that reads
+                                            the block ids a tile ahead, so Triton's pipeliner keeps num_stages - 1
+                                            latent tiles in flight (kernels/triton_mla_pipelined.py; default
+                                            "default", the plain loop; opt-in until measured on the H200)
   MESHSERVE_MLA_DECODE_TILE=32,8,2          the MLA decode kernel's BLOCK_N, num_warps, num_stages (default:
-                                            kernels/triton_mla._decode_config, the balanced kernel (32, 4, 2))
+                                            kernels/triton_mla._decode_config, the balanced kernel (32, 4, 2);
+                                            pipelined: triton_mla_pipelined.PIPELINED_TILE (32, 4, 3))
   MESHSERVE_MOE_LEGACY=1                    the first Triton MoE (torch routing and align, pair GEMV, first tile
                                             configs) instead of the default one-launch routing, MoE GEMV (one
                                             token) and tuned configs (kernels/moe.py; 1.4-2.3x per layer on the
@@ -105,6 +110,7 @@ from meshserve.config import EngineConfig
 from meshserve.errors import InvalidArgumentError
 from meshserve.kernels import parallel_compile, pdl
 from meshserve.kernels.fused import fused_ops_importable, gemv_importable
+from meshserve.kernels.mla_decode_choice import DECODE_KERNELS as MLA_DECODE_KERNELS
 from meshserve.kernels.moe_configs import TABLES as MOE_CONFIG_TABLES
 from meshserve.kernels.pdl import PdlPolicy
 from meshserve.layers.attention import Attention, make_attention_backend
@@ -125,6 +131,7 @@ MLA_DECODE_TILE_ENV = "MESHSERVE_MLA_DECODE_TILE"
 MLA_BALANCED_ENV = "MESHSERVE_MLA_BALANCED"
 MLA_PREFETCH_ENV = "MESHSERVE_MLA_PREFETCH"
 MLA_TRANSPOSED_ENV = "MESHSERVE_MLA_TRANSPOSED"
+MLA_DECODE_KERNEL_ENV = "MESHSERVE_MLA_DECODE_KERNEL"
 PDL_ENV = "MESHSERVE_PDL"
 PDL_TRIGGER_ENV = "MESHSERVE_PDL_TRIGGER"
 PDL_ONE_WAVE_ENV = "MESHSERVE_PDL_ONE_WAVE"
@@ -178,6 +185,9 @@ class KernelSelection:
     mla_prefetch: bool = False
     # the MLA decode kernels' transposed tile loop (kernels/triton_mla_transposed.py)
     mla_transposed: bool = False
+    # the MLA decode kernels' tile loop (kernels/mla_decode_choice.DECODE_KERNELS): "default" the plain loop,
+    # "pipelined" the block ids a tile ahead (kernels/triton_mla_pipelined.py), over prefetch and transposed
+    mla_decode_kernel: str = "default"
     # (BLOCK_N, num_warps, num_stages) of the MLA decode kernel; None: its default
     mla_decode_tile: tuple[int, int, int] | None = None
     fp8_gemv: str = "half"  # the batch-1 fp8-weight projection when gemv is on (FP8_GEMV_CHOICES)
@@ -353,6 +363,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         mla_balanced=_forced_switch(MLA_BALANCED_ENV),
         mla_prefetch=os.environ.get(MLA_PREFETCH_ENV, "") not in ("", "0"),
         mla_transposed=os.environ.get(MLA_TRANSPOSED_ENV, "") not in ("", "0"),
+        mla_decode_kernel=_variant(MLA_DECODE_KERNEL_ENV, MLA_DECODE_KERNELS, KernelSelection.mla_decode_kernel),
         pdl_policy=_pdl_policy(config, on_cuda),
         # the first Triton MoE on request only (MESHSERVE_MOE_LEGACY=1): the new path passed its GPU tests and
         # is faster at every batch measured (tools/bench_moe.py, 2026-11-30)

@@ -20,7 +20,9 @@ RMSNorm, both rotaries, the latent write) is one kernel (fused_prologue, kernels
 absorbed matmuls write straight into their [T, H, .] results (no transposed copies); from 64 decode rows on
 (kernels/mla_decode_choice.py; KernelSelection.mla_balanced / MESHSERVE_MLA_BALANCED=1|0 force either) the
 decode kernel spreads the batch's KV tiles evenly over the SMs whatever the context lengths
-(kernels/triton_mla_balanced.py), below that it splits each sequence (kernels/triton_mla.py); KernelSelection.mla_legacy
+(kernels/triton_mla_balanced.py), below that it splits each sequence (kernels/triton_mla.py); either runs the
+pipelined tile loop with KernelSelection.mla_decode_kernel "pipelined" (MESHSERVE_MLA_DECODE_KERNEL,
+kernels/triton_mla_pipelined.py); KernelSelection.mla_legacy
 (MESHSERVE_MLA_LEGACY=1) keeps the path before 2026-11-30 for A/B runs. The block manager,
 prefix caching, chunked prefill, preemption and the KV offload tiers see blocks only, so they work unchanged.
 """
@@ -177,18 +179,20 @@ class MLAAttention(nn.Module):
 
             if meta.max_query_len > 1:
                 meta = per_query_meta(meta)
+            pipelined = self.kernels.mla_decode_kernel == "pipelined"
             if self._balanced(meta.seq_lens.shape[0]):
                 o_lat = mla_decode_balanced(q_lat, q_pe, self.kv_cache, meta.block_tables, meta.seq_lens,
                                             meta.query_start_loc, self.scale, tile=self.kernels.mla_decode_tile,
                                             prefetch=self.kernels.mla_prefetch,
-                                            transposed=self.kernels.mla_transposed)
+                                            transposed=self.kernels.mla_transposed, pipelined=pipelined)
             else:
                 o_lat = mla_decode(q_lat.contiguous(), q_pe.contiguous() if legacy else q_pe, self.kv_cache,
                                    meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
                                    meta.max_seq_len, num_splits=self.decode_num_splits,
                                    tile=self.kernels.mla_decode_tile, legacy_splits=legacy,
                                    prefetch=self.kernels.mla_prefetch and not legacy,
-                                   transposed=self.kernels.mla_transposed and not legacy)
+                                   transposed=self.kernels.mla_transposed and not legacy,
+                                   pipelined=pipelined and not legacy)
         else:
             o_lat = mla_decode_ref(q_lat, q_pe, self.kv_cache, meta, self.scale)
         if copied:

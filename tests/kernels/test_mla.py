@@ -78,7 +78,7 @@ def test_write_latent_skips_padding_slots():
 
 
 def _check_triton(heads, rank, rope, seq_lens, dtype, device, num_splits, block_size=16, atol=1e-4, prefetch=False,
-                  tile=None, transposed=False):
+                  tile=None, transposed=False, pipelined=False):
     from meshserve.kernels import triton_mla
 
     q_lens = [1] * len(seq_lens)
@@ -92,7 +92,7 @@ def _check_triton(heads, rank, rope, seq_lens, dtype, device, num_splits, block_
     scale = (rank + rope) ** -0.5
     got = triton_mla.mla_decode(q_lat, q_pe, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                 scale, meta.max_seq_len, num_splits=num_splits, prefetch=prefetch, tile=tile,
-                                transposed=transposed)
+                                transposed=transposed, pipelined=pipelined)
     ref = mla_decode_ref(q_lat.float(), q_pe.float(), cache.float(), meta, scale)
     torch.testing.assert_close(got.float(), ref, atol=atol, rtol=atol)
 

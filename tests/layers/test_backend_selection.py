@@ -220,7 +220,13 @@ def test_mla_legacy_and_decode_tile_switches(monkeypatch):
     gpu = _config(device="cuda", dtype="bfloat16")
     sel = select_kernels(gpu)
     assert not sel.mla_legacy and sel.mla_decode_tile is None and sel.mla_balanced is None  # by batch size
-    assert not sel.mla_prefetch and not sel.mla_transposed
+    assert not sel.mla_prefetch and not sel.mla_transposed and sel.mla_decode_kernel == "default"
+    monkeypatch.setenv("MESHSERVE_MLA_DECODE_KERNEL", "Pipelined")
+    assert select_kernels(gpu).mla_decode_kernel == "pipelined"
+    monkeypatch.setenv("MESHSERVE_MLA_DECODE_KERNEL", "fast")
+    with pytest.raises(ValueError, match="MESHSERVE_MLA_DECODE_KERNEL takes one of default, pipelined"):
+        select_kernels(gpu)
+    monkeypatch.delenv("MESHSERVE_MLA_DECODE_KERNEL")
     monkeypatch.setenv("MESHSERVE_MLA_PREFETCH", "1")
     monkeypatch.setenv("MESHSERVE_MLA_TRANSPOSED", "1")
     assert select_kernels(gpu).mla_prefetch and select_kernels(gpu).mla_transposed

@@ -483,10 +483,11 @@ def test_mla_decode_paths_agree_at_v2_lite_shapes_in_a_cuda_graph(batch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter on CPU (on a GPU: -m gpu tests)")
-@pytest.mark.parametrize("balanced", [False, True])
-def test_engine_with_fused_mla_prologue_matches_hf(tiny_model_dir, hf_model, monkeypatch, balanced):
-    """The whole engine on the fused prologue kernel and the split (or balanced) decode kernel, in the
-    interpreter, mixed steps and preemption included: HF's tokens."""
+@pytest.mark.parametrize(("balanced", "kernel"), [(False, "default"), (True, "default"), (True, "pipelined")])
+def test_engine_with_fused_mla_prologue_matches_hf(tiny_model_dir, hf_model, monkeypatch, balanced, kernel):
+    """The whole engine on the fused prologue kernel and the split (or balanced) decode kernel, with the plain
+    or the pipelined tile loop (kernels/triton_mla_pipelined.py), in the interpreter, mixed steps and
+    preemption included: HF's tokens."""
     pytest.importorskip("triton")
     import dataclasses
 
@@ -497,7 +498,8 @@ def test_engine_with_fused_mla_prologue_matches_hf(tiny_model_dir, hf_model, mon
 
     real = model_runner.select_kernels
     monkeypatch.setattr(model_runner, "select_kernels",
-                        lambda config: dataclasses.replace(real(config), fused_prologue=True, mla_balanced=balanced))
+                        lambda config: dataclasses.replace(real(config), fused_prologue=True, mla_balanced=balanced,
+                                                           mla_decode_kernel=kernel))
     monkeypatch.setattr(MLAAttention, "_use_triton", lambda self, x: True)
     calls = []
     for module, name in ((triton_mla_rope, "mla_rope_latent"), (triton_mla_balanced, "mla_decode_balanced")):

@@ -20,6 +20,7 @@
    kernels by device time.
 
 usage: python tools/bench_mla_decode.py [--json PATH] [--only layer,sweep,model (run in this order)] [--graph-bound N]
+       [--shapes 256x800,256xw2mix (layer and sweep: only these batch x context shapes)]
 
 --graph-bound: the max_seq_len the decode graphs are captured with (the engine uses max_model_len: 163,840 for
 V2-Lite unless --max-model-len is given; it sets the split count). Default 4,096. One H200: ~2 min in all.
@@ -57,6 +58,14 @@ TILES = [None, (32, 4, 2, ""), (32, 8, 2, ""), (64, 4, 2, ""), (64, 8, 2, ""), (
          (32, 4, 3, "pl"), (16, 4, 4, "pl"), (16, 4, 5, "pl"), (32, 8, 3, "pl"), (32, 4, 4, "pl"), (64, 4, 3, "pl"),
          (64, 8, 3, "pl")]
 LOOP_FLAGS = {"": {}, "pf": {"prefetch": True}, "tr": {"transposed": True}, "pl": {"pipelined": True}}
+
+
+ONLY_SHAPES: set[str] = set()  # --shapes: "BATCHxCONTEXT" labels (e.g. 256x800, 256xw2mix); empty: every shape
+
+
+def wanted(shapes: list) -> list:
+    """The shapes of a part that --shapes keeps (all without it)."""
+    return [(b, c) for b, c in shapes if not ONLY_SHAPES or f"{b}x{c}" in ONLY_SHAPES]
 
 
 def context_lens(batch: int, ctx) -> list[int]:
@@ -190,7 +199,7 @@ def bind(model, legacy: bool, base: KernelSelection | None = None, balanced: boo
 def bench_layer(bound: int) -> list[dict]:
     attn = v2_lite_attention()
     results = []
-    for batch, ctx in SHAPES:
+    for batch, ctx in wanted(SHAPES):
         lens = context_lens(batch, ctx)
         blocks = sum(-(-s // BLOCK_SIZE) for s in lens)
         attn.attn.kv_cache = torch.randn(1, blocks, BLOCK_SIZE, 1, RANK + ROPE, device=DEV, dtype=DTYPE)
@@ -237,7 +246,7 @@ def bench_sweep(bound: int) -> list[dict]:
     from meshserve.kernels.triton_mla_balanced import mla_decode_balanced
 
     results = []
-    for batch, ctx in SWEEP_SHAPES:
+    for batch, ctx in wanted(SWEEP_SHAPES):
         lens = context_lens(batch, ctx)
         blocks = sum(-(-s // BLOCK_SIZE) for s in lens)
         cache = torch.randn(1, blocks, BLOCK_SIZE, 1, RANK + ROPE, device=DEV, dtype=DTYPE)
@@ -350,7 +359,10 @@ def main() -> None:
     ap.add_argument("--json", default="mla_decode.json")
     ap.add_argument("--only", default="layer,sweep,model")
     ap.add_argument("--graph-bound", type=int, default=4096)
+    ap.add_argument("--shapes", default="", help="only these BATCHxCONTEXT shapes of layer/sweep, comma-separated "
+                                                 "(e.g. 256x800,256xw2mix: the sweep of every shape takes > 3 min)")
     ns = ap.parse_args()
+    ONLY_SHAPES.update(x for x in ns.shapes.split(",") if x)
     parts = ns.only.split(",")
     props = torch.cuda.get_device_properties(0)
     report = {"gpu": props.name, "sms": props.multi_processor_count, "graph_bound": ns.graph_bound,

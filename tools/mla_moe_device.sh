@@ -10,7 +10,7 @@
 #   variants  W2 with MESHSERVE_MLA_PREFETCH=1, MESHSERVE_MLA_TRANSPOSED=1, MESHSERVE_MOE_CONFIGS=stream
 #   w2pair    W2 V2-Lite with ON_ENV (default: the pipelined MLA loop, the shared-experts fold) then without,
 #             back to back; w2qpair: W2 Qwen3-30B-A3B with MESHSERVE_MOE_ROUTE_ALIGN=fused then chain
-# MLA_ONLY (default model,sweep,layer) picks bench_mla_decode's parts; MOE_MODELS / MOE_PATHS / MOE_BATCHES /
+# MLA_ONLY (default model,sweep,layer) and MLA_SHAPES (e.g. 256x800,256xw2mix) pick bench_mla_decode's parts; MOE_MODELS / MOE_PATHS / MOE_BATCHES /
 # MOE_ARGS bench_moe's (default V2-Lite, its own default paths and batches, the sweep on)
 # Every log and JSON lands in $OUT; summary lines on stdout. A part starts only with 40 s left.
 #   OUT=$OUT bash tools/mla_moe_device.sh
@@ -52,7 +52,8 @@ part_tests() {
 part_mla() {  # the model's step first, then the kernel sweep, then the layer: a timeout keeps the parts done
   time_left mla || return
   local t=$SECONDS
-  timeout $(left 170) python3 tools/bench_mla_decode.py --only ${MLA_ONLY:-model,sweep,layer} --json $OUT/bench_mla_decode.json \
+  # shellcheck disable=SC2086
+  timeout $(left 170) python3 tools/bench_mla_decode.py --only ${MLA_ONLY:-model,sweep,layer} ${MLA_SHAPES:+--shapes $MLA_SHAPES} --json $OUT/bench_mla_decode.json \
     > $OUT/bench_mla_decode.log 2>&1
   echo "== bench_mla_decode: rc $?, $((SECONDS - t)) s"
   grep -E "^(layer|sweep|model b)|Error" $OUT/bench_mla_decode.log | head -50

@@ -17,6 +17,7 @@ imports overlap the weights' load) and serve both passes; stop() ends them after
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -50,9 +51,27 @@ def compile_processes(workers: int) -> ProcessPoolExecutor:
             _processes = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=child_init)
             _size = workers
-            for _ in range(workers):  # each submit starts a process while none is idle: all start now
-                _processes.submit(_ready)
+            with _no_gpu_environment():
+                for _ in range(workers):  # each submit spawns a process while none is idle: all start now
+                    _processes.submit(_ready)
         return _processes
+
+
+@contextlib.contextmanager
+def _no_gpu_environment():
+    """The environment the processes are spawned with (a copy of os.environ at spawn): no visible GPU, so
+    that nothing they import can create a CUDA context (hundreds of MiB each, off the KV cache's free memory;
+    the parent's CUDA is initialized already and does not read it again); no Triton interpreter."""
+    saved = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET")}
+    os.environ.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="0")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def prestart(workers: int) -> None:

@@ -98,6 +98,22 @@ finally:
 assert (pool.in_processes, pool.fallbacks) == (1, 0), (pool.in_processes, pool.fallbacks)
 assert kernel_fn.device_caches[0][0]["spec"] is kernel and kernel.asm["cubin"]
 assert len(pool.build_seconds) == 1 and pool.build_seconds[0] > 0.05  # the child's compile is counted
+
+# the pass itself (kernels/parallel_compile.compile_in_parallel): two more specializations, both in processes
+from meshserve.kernels.parallel_compile import compile_in_parallel
+
+def steps():
+    for block in (1024, 512):
+        kernel_fn._do_compile(("pass", block), *rms_spec(block)[:1], 0, rms_spec(block)[1], options,
+                              rms_spec(block)[2], warmup=True)
+
+compile_stages_forbidden()
+try:
+    done = compile_in_parallel(steps, 2, "test pass", processes=True)
+finally:
+    type(backend).add_stages = original_add_stages
+assert (done.submitted, done.compiled, done.processes, done.fallbacks) == (2, 2, True, 0), done
+assert all(kernel_fn.device_caches[0][0][("pass", b)].asm["cubin"] for b in (1024, 512))
 print("compiled")
 """
 

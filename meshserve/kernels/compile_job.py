@@ -212,8 +212,26 @@ def run_job(job: CompileJob, build_launcher: bool = True) -> JobDone:
     return JobDone(key, time.perf_counter() - t0, launcher)
 
 
-def child_init() -> None:
-    """A compile process's start: no GPU (it only compiles, for the target it is given), Triton imported."""
+def child_init(modules: tuple[str, ...] = (), target=None) -> None:
+    """A compile process's start: no GPU (it only compiles, for the target each job gives); Triton, the kernel
+    modules (torch with them) and the cache key's fixed parts (triton_key: a hash of Triton's sources; the
+    backend's, which runs ptxas --version) done now rather than at the first job (~1 s there)."""
+    import importlib
+
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ["TRITON_INTERPRET"] = "0"
-    import triton.compiler  # noqa: F401
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:  # older Triton: beside compile()
+        from triton.compiler.compiler import triton_key
+    from triton.compiler import make_backend
+
+    triton_key()
+    if target is not None:
+        make_backend(target).hash()
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # a job that needs it fails on its own, and falls back
+            logger.debug("compile process: import of %s failed: %r", name, e)

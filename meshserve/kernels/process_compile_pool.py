@@ -21,6 +21,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import pkgutil
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -39,6 +40,16 @@ def _ready() -> int:
     return os.getpid()
 
 
+def _current_target():
+    """This process's GPU target (the children compile for it), or None where there is no driver."""
+    try:
+        from triton.runtime.driver import driver
+
+        return driver.active.get_current_target()
+    except Exception:
+        return None
+
+
 def compile_processes(workers: int) -> ProcessPoolExecutor:
     """The process's compile processes (`workers` of them), started on the first call; a broken pool (a child
     killed) is replaced."""
@@ -49,7 +60,7 @@ def compile_processes(workers: int) -> ProcessPoolExecutor:
             _processes = None
         if _processes is None:
             _processes = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=child_init)
+                                             initializer=child_init, initargs=(kernel_modules(), _current_target()))
             _size = workers
             with _no_gpu_environment():
                 for _ in range(workers):  # each submit spawns a process while none is idle: all start now
@@ -72,6 +83,16 @@ def _no_gpu_environment():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def kernel_modules() -> tuple[str, ...]:
+    """meshserve's Triton kernel modules (kernels/triton_*.py; ~0.5 s after torch): the children import them
+    as they start, beside the engine's weight load, rather than at their first job."""
+    import meshserve.kernels
+
+    package = meshserve.kernels.__name__
+    return tuple(sorted(f"{package}.{m.name}" for m in pkgutil.iter_modules(meshserve.kernels.__path__)
+                        if m.name.startswith("triton_")))
 
 
 def prestart(workers: int) -> None:

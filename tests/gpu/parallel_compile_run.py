@@ -47,8 +47,8 @@ def main() -> None:
         batch = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
         alone = llm.generate(prompts[2:3], greedy, use_tqdm=False)[0].outputs[0].token_ids  # batch-1 decode
     llm.shutdown()
-    print("RESULT " + json.dumps({"passes": passes, "in_processes": in_processes, "builds": len(builds.entries), "report": builds.report(),
-                                  "tokens": batch, "alone": alone}))
+    print("RESULT " + json.dumps({"passes": passes, "in_processes": in_processes, "builds": len(builds.entries),
+                                  "report": builds.report(), "tokens": batch, "alone": alone}))
 
 
 if __name__ == "__main__":

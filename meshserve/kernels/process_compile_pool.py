@@ -96,7 +96,8 @@ def kernel_modules() -> tuple[str, ...]:
 
 
 def prestart(workers: int) -> None:
-    """Start the compile processes now (they import Triton and then each kernel module they meet)."""
+    """Start the compile processes now: their imports (torch, Triton, the kernel modules: seconds) run beside
+    the engine's weight load instead of inside the first pass."""
     compile_processes(workers)
 
 

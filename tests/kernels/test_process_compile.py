@@ -191,3 +191,16 @@ def test_kernels_that_cannot_travel_are_refused():
 
     with pytest.raises(NotCapturable):
         capture(async_compile)
+
+
+def test_constexpr_values_travel_as_they_hash():
+    """A constexpr's str() is its part of ASTSource.hash(): after the trip to a child it must read the same."""
+    import pickle
+
+    import triton.language as tl
+
+    from meshserve.kernels.compile_job import _plain, _rebuild
+
+    for value in (tl.float16, tl.constexpr(3), tl.constexpr("tf32"), (1, tl.bfloat16), None, 1.5, True):
+        back = _rebuild(pickle.loads(pickle.dumps(_plain(value))))
+        assert str(back) == str(value) and type(back) is type(value), value

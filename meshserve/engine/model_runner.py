@@ -54,7 +54,7 @@ from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.step_inputs import StepInputBuilder
 from meshserve.engine.step_profiler import StepProfiler
 from meshserve.engine.step_sampler import StepSampler
-from meshserve.kernels import late_jit_log, triton_build_clock
+from meshserve.kernels import late_jit_log, process_compile_pool, triton_build_clock
 from meshserve.kernels.attention_tile_config import LONG_PREFILL_TOKENS
 from meshserve.kernels.parallel_compile import CompilePass
 from meshserve.layers.backend_selection import TORCH_DTYPES, bind_kernels, select_kernels
@@ -91,6 +91,9 @@ class ModelRunner:
             triton_build_clock.install()
             startup_timeline.mark("CUDA context", sync=self.device)
         self.kernels = select_kernels(config)
+        if self.kernels.parallel_compile_processes and parallel_compile_applies(
+                self.kernels.parallel_compile_workers, self.device.type, config.parallel_config.world_size):
+            process_compile_pool.prestart(self.kernels.parallel_compile_workers)  # they start as weights load
         if self.device.type == "cpu":  # every rank of this node shares the cores
             pc = config.parallel_config
             set_cpu_threads(max(1, pc.world_size // max(1, pc.nnodes)))
@@ -245,7 +248,7 @@ class ModelRunner:
         if self._parallel_compile():  # its kernels built in parallel first (engine/parallel_warmup.py)
             self.profile_compile = precompile(lambda: self._profile_step(scheduled),
                                               self.kernels.parallel_compile_workers, "profile step",
-                                              self.model)
+                                              self.model, self.kernels.parallel_compile_processes)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self._profile_step(scheduled)
@@ -297,8 +300,9 @@ class ModelRunner:
         if self._parallel_compile() and cache_looks_cold(self.profile_compile):  # their kernels built first
             holders = [g for g in (decode_graphs, mixed_graphs) if g is not None]
             precompile(warm_up_steps(self, num_blocks, holders), self.kernels.parallel_compile_workers,
-                       "warm-up and capture steps", self.model)
+                       "warm-up and capture steps", self.model, self.kernels.parallel_compile_processes)
             startup_timeline.mark("parallel pre-compile", sync=self.device)
+        process_compile_pool.stop()  # the passes are done (a no-op without processes)
         if self.device.type == "cuda":
             self.warm_up_prefill(num_blocks)
             startup_timeline.mark("prefill + eager warm-ups", sync=self.device)

@@ -14,6 +14,9 @@ positions, block tables, slots) and whose shapes do not depend on any kernel's o
 expert parallelism the MoE dispatch indexes with the (skipped) router's expert ids and syncs on their counts,
 and pipeline stages exchange activations. Not in the pass: the sampling warm-up (its torch paths gather with
 sampled ids a skipped kernel would have written); its few kernels compile as before.
+
+With MESHSERVE_PARALLEL_COMPILE=procs the compiles run in worker processes (kernels/process_compile_pool.py),
+started with the runner (prestart: their imports overlap the weights' load) and ended after the warm-ups.
 """
 
 from __future__ import annotations
@@ -36,14 +39,15 @@ def parallel_compile_applies(workers: int, device_type: str, world_size: int) ->
     return True
 
 
-def precompile(steps: Callable[[], object], workers: int, what: str, model=None) -> CompilePass | None:
+def precompile(steps: Callable[[], object], workers: int, what: str, model=None,
+               processes: bool = False) -> CompilePass | None:
     """compile_in_parallel(steps), or None when it fails (logged): the plain warm-ups compile as always. The
     model's expert-load counts (FusedMoE.expert_load, counted by torch routing in the forward) are put back
     as they were: the pass leaves no trace beside its kernels."""
     counts = [] if model is None else [b for name, b in model.named_buffers() if name.endswith("expert_load")]
     saved = [b.clone() for b in counts]
     try:
-        return compile_in_parallel(steps, workers, what)
+        return compile_in_parallel(steps, workers, what, processes)
     except Exception:
         logger.exception("parallel Triton pre-compile of %s failed; the warm-ups compile instead", what)
         return None

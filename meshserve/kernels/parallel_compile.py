@@ -23,8 +23,12 @@ a load from the disk cache.
 
 Threads, not processes: Triton 3.6 releases the GIL in its long C++ calls (the MLIR pass pipelines, LLVM's
 optimisation and PTX emission: a GIL-holding Python thread kept running beside them, measured 2026-12-01) and
-ptxas is a subprocess; the Python front end (AST to TTIR) is a few percent of a compile. AsyncCompileMode's
-compile closures do not pickle, so a process pool could not take them anyway.
+ptxas is a subprocess; the Python front end (AST to TTIR) is a few percent of a compile. Measured in the
+engine, though, threads reached ~2.1x on 16 cores (the profile pass's 5 kernels, 4.3-4.9 s of compiles, in
+3.0-4.0 s; the warm-ups' 15, 13.8-14.5 s, in 5.8-6.8 s): most of a compile holds the GIL. AsyncCompileMode's
+compile closures do not pickle; processes=True (MESHSERVE_PARALLEL_COMPILE=procs) captures each as plain data
+and compiles it in a worker process into the shared disk cache, the thread then loading it
+(kernels/compile_job.py, kernels/process_compile_pool.py).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class CompilePass:
     compiled: int  # of those, builds of COMPILED_S or more: compiles (a disk-cache load takes milliseconds)
     seconds: float  # the whole pass: the steps, then the wait for the last compile
     workers: int
+    processes: bool = False  # the compiles went to worker processes (kernels/process_compile_pool.py)
+    fallbacks: int = 0  # with processes: compiled in this process instead (not capturable, a child failed)
 
 
 COMPILED_S = 0.1  # a build this long compiled (MLIR, LLVM, ptxas: 0.2 s and more); loads take ~1-20 ms
@@ -134,15 +140,22 @@ class CompilePool(ThreadPoolExecutor):
         return super().submit(compile_and_build_launcher)
 
 
-def compile_in_parallel(steps: Callable[[], object], workers: int, what: str = "start-up kernels"
-                        ) -> CompilePass:
-    """Run steps() with launches deferred under AsyncCompileMode on `workers` threads, then wait for every
-    compile. A compile that fails is left out of the kernel cache (ignore_errors): the normal warm-up meets it
-    again and fails where it always would."""
+def compile_in_parallel(steps: Callable[[], object], workers: int, what: str = "start-up kernels",
+                        processes: bool = False) -> CompilePass:
+    """Run steps() with launches deferred under AsyncCompileMode on `workers` threads (processes: each compile
+    in one of `workers` processes, its thread loading the result), then wait for every compile. A compile that
+    fails is left out of the kernel cache (ignore_errors): the normal warm-up meets it again and fails where it
+    always would."""
     from triton.runtime._async_compile import AsyncCompileMode
 
     t0 = time.perf_counter()
-    pool = CompilePool(max_workers=workers, thread_name_prefix="triton-compile")
+    if processes:
+        from meshserve.kernels.process_compile_pool import ProcessCompilePool, compile_processes
+
+        pool = ProcessCompilePool(compile_processes(workers), max_workers=workers,
+                                  thread_name_prefix="triton-compile")
+    else:
+        pool = CompilePool(max_workers=workers, thread_name_prefix="triton-compile")
     try:
         with triton_build_clock.paused(), AsyncCompileMode(pool, ignore_errors=True) as mode:
             with deferred_launches():
@@ -152,7 +165,10 @@ def compile_in_parallel(steps: Callable[[], object], workers: int, what: str = "
         pool.shutdown(wait=True)
         triton_build_clock.add(sum(pool.build_seconds), len(pool.build_seconds))
     compiled = sum(s >= COMPILED_S for s in pool.build_seconds)
-    done = CompilePass(submitted, compiled, time.perf_counter() - t0, workers)
+    done = CompilePass(submitted, compiled, time.perf_counter() - t0, workers, processes,
+                       getattr(pool, "fallbacks", 0))
     logger.info("%s: %d Triton specializations (%d compiled, the rest loaded from the disk cache) on %d "
-                "threads in %.1f s", what, done.submitted, done.compiled, done.workers, done.seconds)
+                "%s in %.1f s%s", what, done.submitted, done.compiled, done.workers,
+                "processes" if processes else "threads", done.seconds,
+                f" ({done.fallbacks} compiled in the engine process)" if processes else "")
     return done

@@ -87,6 +87,11 @@ Overrides (environment, read only here, for debugging and references):
                                             threads (1: one per core; kernels/parallel_compile.py,
                                             engine/parallel_warmup.py); a CUDA device and one rank only; on by
                                             default since its GPU tests passed on the H200 (2026-12-02, issue 29)
+  MESHSERVE_PARALLEL_COMPILE=procs|procs:N  the same pre-compile with each compile in one of N worker processes
+                                            (procs: one per core; kernels/process_compile_pool.py, compile_job.py:
+                                            threads reach ~2.1x as a compile mostly holds the GIL); a kernel that
+                                            cannot go to a process compiles on its thread; opt-in until measured
+                                            (tools/parallel_compile_device.sh, switch procs)
   MESHSERVE_INT4_GEMV=half|matmul          the int4 projection of <= 4 rows (kernels/triton_int4_gemv.py;
                                             half: fp16x2 decode, split-K summed in the GEMV; matmul: the
                                             dequant-GEMM of larger batches); default half (H200, 2026-11-30:
@@ -205,6 +210,8 @@ class KernelSelection:
     moe_route_align: str = "chain"
     # threads compiling the warm-ups' Triton kernels ahead of them (engine/parallel_warmup.py); 0: off
     parallel_compile_workers: int = 0
+    # those compiles each in one of parallel_compile_workers processes (kernels/process_compile_pool.py)
+    parallel_compile_processes: bool = False
 
     @property
     def pdl(self) -> bool:
@@ -310,10 +317,18 @@ def _variant(env: str, choices: tuple[str, ...], default: str) -> str:
     return value
 
 
+def _parallel_compile_processes() -> bool:
+    """MESHSERVE_PARALLEL_COMPILE=procs or procs:N: the compiles in worker processes."""
+    return os.environ.get(PARALLEL_COMPILE_ENV, "").strip().lower().partition(":")[0] == "procs"
+
+
 def _parallel_compile_workers(on_cuda: bool) -> int:
-    """MESHSERVE_PARALLEL_COMPILE: 1 / unset (on: one thread per core), 0 (off) or a thread count; a CUDA
-    device only (elsewhere Triton compiles nothing: the torch path, or the interpreter)."""
+    """MESHSERVE_PARALLEL_COMPILE: 1 / unset (on: one thread per core), 0 (off) or a thread count, or procs /
+    procs:N (one process per core, or N); a CUDA device only (elsewhere Triton compiles nothing: the torch
+    path, or the interpreter)."""
     value = os.environ.get(PARALLEL_COMPILE_ENV, "").strip().lower()
+    if value.startswith("procs"):
+        value = value.partition(":")[2] or "1"
     if value in ("0", "off"):
         return 0
     if value in ("", "1", "on"):
@@ -321,7 +336,7 @@ def _parallel_compile_workers(on_cuda: bool) -> int:
     elif value.isdigit():
         workers = int(value)
     else:
-        raise ValueError(f"{PARALLEL_COMPILE_ENV} takes 0, 1 or a thread count, got {value!r}")
+        raise ValueError(f"{PARALLEL_COMPILE_ENV} takes 0, 1, a thread count or procs[:N], got {value!r}")
     return workers if on_cuda and parallel_compile.async_compile_available() else 0
 
 
@@ -377,6 +392,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         int4_gemv=_variant(INT4_GEMV_ENV, INT4_GEMV_CHOICES, KernelSelection.int4_gemv),
         # nothing to pre-compile where no Triton kernel serves
         parallel_compile_workers=_parallel_compile_workers(on_cuda and (fused_ops or attention == "triton")),
+        parallel_compile_processes=_parallel_compile_processes(),
     )
     logger.info("kernels: %s", selection)
     return selection

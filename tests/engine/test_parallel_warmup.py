@@ -28,6 +28,13 @@ def test_the_switch_reads_off_on_or_a_thread_count(monkeypatch):
         assert backend_selection._parallel_compile_workers(on_cuda=False) == 0  # no compiles off CUDA
     monkeypatch.delenv(PARALLEL_COMPILE_ENV)
     assert backend_selection._parallel_compile_workers(on_cuda=True) == 16  # on by default (its GPU tests passed on the H200)
+    for value, workers in (("procs", 16), ("procs:6", 6), ("PROCS", 16)):  # the compiles in processes
+        monkeypatch.setenv(PARALLEL_COMPILE_ENV, value)
+        assert backend_selection._parallel_compile_workers(on_cuda=True) == workers, value
+        assert backend_selection._parallel_compile_processes(), value
+    for value in ("", "1", "6", "0"):
+        monkeypatch.setenv(PARALLEL_COMPILE_ENV, value)
+        assert not backend_selection._parallel_compile_processes(), value
     monkeypatch.setenv(PARALLEL_COMPILE_ENV, "many")
     with pytest.raises(ValueError, match=PARALLEL_COMPILE_ENV):
         backend_selection._parallel_compile_workers(on_cuda=True)

@@ -1,7 +1,8 @@
 """One engine start-up in a fresh process (no kernel in memory; TRITON_CACHE_DIR the caller's), then a
 W2-like mix under Triton's jit_cache_hook; prints RESULT and a JSON line: the parallel pre-compile passes run
-(what, specializations, of which compiled, seconds), the builds after start-up, greedy tokens.
-Usage: MESHSERVE_PARALLEL_COMPILE=0|1 TRITON_CACHE_DIR=/empty-or-not \
+(what, specializations, of which compiled, seconds; and per pass whether its compiles ran in processes and
+how many fell back to this process), the builds after start-up, greedy tokens.
+Usage: MESHSERVE_PARALLEL_COMPILE=0|1|procs TRITON_CACHE_DIR=/empty-or-not \
        python tests/gpu/parallel_compile_run.py CHECKPOINT"""
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ def main() -> None:
     from tests.conftest import VOCAB
     from tests.gpu.jit_builds import TritonBuilds
 
-    passes = []
+    passes, in_processes = [], []
     compile_in_parallel = parallel_warmup.compile_in_parallel
 
-    def recorded(steps, workers, what):
-        done = compile_in_parallel(steps, workers, what)
+    def recorded(steps, workers, what, processes=False):
+        done = compile_in_parallel(steps, workers, what, processes)
         passes.append((what, done.submitted, done.compiled, round(done.seconds, 2)))
+        in_processes.append((what, done.processes, done.fallbacks))
         return done
 
     parallel_warmup.compile_in_parallel = recorded
@@ -45,8 +47,8 @@ def main() -> None:
         batch = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
         alone = llm.generate(prompts[2:3], greedy, use_tqdm=False)[0].outputs[0].token_ids  # batch-1 decode
     llm.shutdown()
-    print("RESULT " + json.dumps({"passes": passes, "builds": len(builds.entries), "report": builds.report(),
-                                  "tokens": batch, "alone": alone}))
+    print("RESULT " + json.dumps({"passes": passes, "in_processes": in_processes, "builds": len(builds.entries),
+                                  "report": builds.report(), "tokens": batch, "alone": alone}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The parallel Triton pre-compile on a cold cache (issue 29; engine/parallel_warmup.py): a fresh process with
+"""The parallel Triton pre-compile on a cold cache (issue 29; engine/parallel_warmup.py; the last test: its
+compiles in worker processes, MESHSERVE_PARALLEL_COMPILE=procs): a fresh process with
 an empty TRITON_CACHE_DIR starts with MESHSERVE_PARALLEL_COMPILE=1, its passes compile the start-up's kernels,
 then a W2-like mix builds nothing; greedy tokens equal those of the plain start-up (switch 0, its own empty
 cache). Each start-up runs in its own process: kernels a JITFunction holds in memory would otherwise hide the
@@ -52,3 +53,20 @@ def test_cold_start_compiles_in_parallel_and_nothing_after(family, tmp_path_fact
     assert [(p[0], p[2]) for p in warm["passes"]] == [("profile step", 0)], warm["passes"]
     assert warm["builds"] == 0, f"{warm['builds']} Triton builds after a warm start-up:\n{warm['report']}"
     assert warm["tokens"] == on["tokens"]
+
+
+def test_cold_start_with_compile_processes_builds_nothing_after(tmp_path_factory):
+    """MESHSERVE_PARALLEL_COMPILE=procs (kernels/process_compile_pool.py): every compile of both passes goes
+    to a worker process (none falls back: each child's cache key equals the engine's), the engine's own
+    launches then load them, serving builds nothing, and the tokens equal the thread pool's."""
+    from tests.conftest import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(str(tmp_path_factory.mktemp("pc-procs")), "llama", max_position_embeddings=32768)
+    procs = _start(path, "procs", str(tmp_path_factory.mktemp("triton-cache-procs")))
+    assert [p[0] for p in procs["passes"]] == ["profile step", "warm-up and capture steps"], procs["passes"]
+    assert all(submitted > 0 and compiled > 0 for _, submitted, compiled, _ in procs["passes"]), procs["passes"]
+    assert all(processes and fallbacks == 0 for _, processes, fallbacks in procs["in_processes"]), \
+        procs["in_processes"]
+    assert procs["builds"] == 0, f"{procs['builds']} Triton builds after start-up:\n{procs['report']}"
+    threads = _start(path, "1", str(tmp_path_factory.mktemp("triton-cache-threads")))
+    assert procs["tokens"] == threads["tokens"] and procs["alone"] == threads["alone"]

@@ -317,6 +317,9 @@ def _variant(env: str, choices: tuple[str, ...], default: str) -> str:
     return value
 
 
+MAX_COMPILE_PROCESSES = 16  # procs without N: a start-up pass compiles ~5-20 kernels (Llama-3.1-8B: 5 and 15)
+
+
 def _parallel_compile_processes() -> bool:
     """MESHSERVE_PARALLEL_COMPILE=procs or procs:N: the compiles in worker processes."""
     return os.environ.get(PARALLEL_COMPILE_ENV, "").strip().lower().partition(":")[0] == "procs"
@@ -327,12 +330,15 @@ def _parallel_compile_workers(on_cuda: bool) -> int:
     procs:N (one process per core, or N); a CUDA device only (elsewhere Triton compiles nothing: the torch
     path, or the interpreter)."""
     value = os.environ.get(PARALLEL_COMPILE_ENV, "").strip().lower()
-    if value.startswith("procs"):
+    processes = value.startswith("procs")
+    if processes:
         value = value.partition(":")[2] or "1"
     if value in ("0", "off"):
         return 0
     if value in ("", "1", "on"):
         workers = parallel_compile.default_workers()
+        if processes:  # each process imports torch and the kernels (~0.4 GB): no more than a pass has kernels
+            workers = min(workers, MAX_COMPILE_PROCESSES)
     elif value.isdigit():
         workers = int(value)
     else:

@@ -32,6 +32,10 @@ def test_the_switch_reads_off_on_or_a_thread_count(monkeypatch):
         monkeypatch.setenv(PARALLEL_COMPILE_ENV, value)
         assert backend_selection._parallel_compile_workers(on_cuda=True) == workers, value
         assert backend_selection._parallel_compile_processes(), value
+    monkeypatch.setattr(backend_selection.parallel_compile, "default_workers", lambda: 128)
+    for value, workers in (("procs", backend_selection.MAX_COMPILE_PROCESSES), ("procs:40", 40), ("1", 128)):
+        monkeypatch.setenv(PARALLEL_COMPILE_ENV, value)  # a process per core, but no more than a pass needs
+        assert backend_selection._parallel_compile_workers(on_cuda=True) == workers, value
     for value in ("", "1", "6", "0"):
         monkeypatch.setenv(PARALLEL_COMPILE_ENV, value)
         assert not backend_selection._parallel_compile_processes(), value

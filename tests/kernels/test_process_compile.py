@@ -168,10 +168,12 @@ def test_child_compile_is_a_cache_hit_in_the_parent():
     assert_compiles_for_sm90(_KEY_MATCH)
 
 
+@pytest.mark.slow  # a spawned compile process imports torch and the kernels (~20-60 s on 2 cores)
 def test_async_compile_closure_goes_to_a_process_and_loads_here():
     assert_compiles_for_sm90(_THROUGH_ASYNC_COMPILE)
 
 
+@pytest.mark.slow  # a spawned compile process imports torch and the kernels (~20-60 s on 2 cores)
 def test_child_with_a_different_kernel_falls_back_to_a_local_compile():
     assert_compiles_for_sm90(_CHILD_FAILS)
 

@@ -1,5 +1,5 @@
-"""Layer-wise transfer between a producer process and a consumer (gloo, or NIXL/UCX where installed, on
-loopback): the consumer subscribes before the producer's chunked prefill starts, so every layer's blocks go
+"""Layer-wise transfer between a producer process and a consumer (gloo, the ipc connector's shared pool, or
+NIXL/UCX where installed, on loopback): the consumer subscribes before the producer's chunked prefill starts, so every layer's blocks go
 out (torch) or are read (nixl) as the prefill finishes them; tokens equal a single engine's, blocks are
 byte-identical layer by layer, a missing layer or a stalled producer fails the request cleanly, and both sides
 free every block."""
@@ -38,6 +38,7 @@ NO_NIXL = pytest.mark.skipif(
         # the stall case waits out its 15 s deadline). (Its flaky streamed count was the sender reporting the
         # stream after its StreamDone, the consumer's Ack sometimes first: layerwise.py reports it before.)
         pytest.param(("llama", "nixl"), marks=[NO_NIXL, pytest.mark.slow], id="llama-nixl"),
+        ("llama", "ipc"),  # the consumer reads each announced layer from the producer's shared pool
         pytest.param(("qwen3", "torch"), marks=pytest.mark.slow),
     ],
     ids=lambda p: "-".join(p),
@@ -57,7 +58,7 @@ def pair(request, tiny_model_dir):
     # nixl: each NIXL agent's progress thread polls without pause (nixl's Python API fixes its delay at 0),
     # most of a core each on this 2-core CPU: the producer's prefill runs several times slower, so the
     # deadline is longer than torch's
-    timeout = 4 if connector == "torch" else 15
+    timeout = 15 if connector == "nixl" else 4
     ctx = mp.get_context("spawn")
     commands, results = ctx.Queue(), ctx.Queue()
     prod_cfg = transfer_config(

@@ -58,7 +58,7 @@ def pair(request, tiny_model_dir):
     # nixl: each NIXL agent's progress thread polls without pause (nixl's Python API fixes its delay at 0),
     # most of a core each on this 2-core CPU: the producer's prefill runs several times slower, so the
     # deadline is longer than torch's
-    timeout = 15 if connector == "nixl" else 4
+    timeout = 4 if connector == "torch" else 15
     ctx = mp.get_context("spawn")
     commands, results = ctx.Queue(), ctx.Queue()
     prod_cfg = transfer_config(

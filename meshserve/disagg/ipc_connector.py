@@ -128,14 +128,21 @@ def map_pool(export: PoolExport) -> list[torch.Tensor]:
 
 
 def _alive(pid: int) -> bool:
-    """Whether process pid still runs (a mapping of an exited producer's pool holds stale memory)."""
+    """Whether process pid still runs (a mapping of an exited producer's pool holds stale memory); a zombie
+    (killed, not yet reaped by its parent) counts as gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
         return False
-    except PermissionError:  # (someone else's process: it exists)
-        pass
-    return True
+    except OSError:  # (no /proc: ask the kernel whether the pid exists)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
 
 def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:

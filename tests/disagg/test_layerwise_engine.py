@@ -18,7 +18,7 @@ from meshserve.engine.core import EngineCore
 from meshserve.engine.messages import EngineCoreRequest
 from meshserve.errors import InvalidArgumentError
 from meshserve.sampling import SamplingParams
-from tests.disagg.engine_pair import free_port, producer_main, transfer_config
+from tests.disagg.engine_pair import free_port, join, producer_main, transfer_config
 from tests.disagg.test_disagg_engine import BLOCK, _ids, _run
 
 CHUNK = 16  # the producer's token budget per step: prompts of 40-90 tokens take several steps
@@ -81,7 +81,7 @@ def pair(request, tiny_model_dir):
     assert consumer.disagg.connector.name == connector
     yield family, commands, results, consumer, num_blocks
     commands.put(("stop",))
-    proc.join(30)
+    join(proc, 30)
     if proc.is_alive():
         proc.kill()
     consumer.shutdown()

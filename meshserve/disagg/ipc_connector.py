@@ -43,7 +43,7 @@ _CUDA_DEVICE_ARG = 6  # rebuild_cuda_tensor's device argument in reduce_tensor's
 
 
 def host_id() -> str:
-    """This host as the peers compare it: its name and its boot (two containers of one host share the boot)."""
+    """This host as peers compare it: its name and its boot id (two containers of one host share the boot)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
@@ -63,7 +63,8 @@ class PoolExport(msgspec.Struct):
 
 @contextlib.contextmanager
 def _file_system_sharing():
-    """CPU storages shared by file name (the default, file descriptors, passes only to this process's children)."""
+    """CPU storages shared by file name (by file descriptor, the default, reaches only this process's
+    children)."""
     with _sharing_lock:
         before = tmp.get_sharing_strategy()
         tmp.set_sharing_strategy("file_system")
@@ -85,13 +86,17 @@ def share_pool(kv_tensors: list[torch.Tensor]) -> None:
     if need and os.path.isdir("/dev/shm"):
         st = os.statvfs("/dev/shm")
         if st.f_bavail * st.f_frsize < need:
-            raise KVTransferError(f"kv_transfer_config: the ipc connector shares the CPU KV pool ({need / 2**20:.0f} "
-                                  f"MiB) through /dev/shm, which has {st.f_bavail * st.f_frsize / 2**20:.0f} MiB free")
+            raise KVTransferError(
+                f"kv_transfer_config: the ipc connector shares the CPU KV pool ({need / 2**20:.0f} MiB) "
+                f"through /dev/shm, which has {st.f_bavail * st.f_frsize / 2**20:.0f} MiB free"
+            )
     with _file_system_sharing():
         for t in kv_tensors:
             t.share_memory_()
     if not all(t.is_shared() for t in kv_tensors):
-        raise KVTransferError("kv_transfer_config: the ipc connector could not move the CPU KV pool into shared memory")
+        raise KVTransferError(
+            "kv_transfer_config: the ipc connector could not move the CPU KV pool into shared memory"
+        )
 
 
 def export_pool(kv_tensors: list[torch.Tensor]) -> PoolExport:
@@ -186,7 +191,8 @@ class IpcConnector(StoreRendezvous, KVConnector):
 
     @property
     def transport(self) -> str:
-        return "CUDA IPC one-sided read" if self.device.type == "cuda" else "shared-memory one-sided read (CPU)"
+        cuda = self.device.type == "cuda"
+        return "CUDA IPC one-sided read" if cuda else "shared-memory one-sided read (CPU)"
 
     def _connect(self) -> None:
         self._join_store()
@@ -210,8 +216,9 @@ class IpcConnector(StoreRendezvous, KVConnector):
         here = host_id()
         if export.host != here:
             raise KVTransferError(
-                f"kv_transfer_config: the ipc connector maps the producer's memory, so both engines must share a "
-                f"host: kv rank {rank} is on {export.host}, this one on {here} (use nixl or torch across hosts)"
+                f"kv_transfer_config: the ipc connector maps the producer's memory, so both engines must "
+                f"share a host: kv rank {rank} is on {export.host}, this one on {here} (across hosts: nixl, "
+                f"torch)"
             )
         if not _alive(export.pid):
             raise KVTransferError(f"ipc: kv rank {rank}'s process (pid {export.pid}) is gone")
@@ -232,7 +239,9 @@ class IpcConnector(StoreRendezvous, KVConnector):
                 f"{mine[0].dtype}): the two engines must run the same model, dtype and block size"
             )
         self._peers[rank] = (export.pid, tensors)
-        logger.info("KV transfer: kv rank %d's KV pool mapped (pid %d, %s)", rank, export.pid, tensors[0].device)
+        logger.info(
+            "KV transfer: kv rank %d's KV pool mapped (pid %d, %s)", rank, export.pid, tensors[0].device
+        )
         return tensors
 
     def _read_blocks(self, src: int, remote_ids: list[int], block_ids: list[int], timeout_s: float) -> int:
@@ -251,7 +260,9 @@ class IpcConnector(StoreRendezvous, KVConnector):
         remote = self._peer(src)
         num_blocks = remote[0].shape[1]
         if remote_ids and (min(remote_ids) < 0 or max(remote_ids) >= num_blocks):
-            raise KVTransferError(f"block id out of range (kv rank {src}'s pool of {num_blocks} blocks): {remote_ids}")
+            raise KVTransferError(
+                f"block id out of range (kv rank {src}'s pool of {num_blocks} blocks): {remote_ids}"
+            )
         t0 = time.perf_counter()
         nbytes = 0
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
@@ -262,7 +273,8 @@ class IpcConnector(StoreRendezvous, KVConnector):
             if remote[0].device != self.device:  # (a gather on the peer GPU runs on that device's stream)
                 torch.cuda.current_stream(remote[0].device).synchronize()
             self._stream.synchronize()  # the blocks are whole before the core may schedule them
-        logger.debug("KV transfer: %d bytes read from kv rank %d in %.4f s", nbytes, src, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        logger.debug("KV transfer: %d bytes read from kv rank %d in %.4f s", nbytes, src, seconds)
         return nbytes
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ def free_port() -> int:
 
 def join(proc, timeout: float) -> None:
     """proc.join(timeout), but by its exit status: Process.join waits for its sentinel pipe, which a
-    grandchild can keep open (torch_shm_manager, started by a CPU pool shared by file name: the ipc connector)."""
+    grandchild can keep open (torch_shm_manager, started for a CPU pool shared by file name: ipc)."""
     deadline = time.monotonic() + timeout
     while proc.exitcode is None and time.monotonic() < deadline:
         time.sleep(0.05)

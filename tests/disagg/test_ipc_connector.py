@@ -183,7 +183,8 @@ def test_a_peer_on_another_host_is_a_one_line_start_error(monkeypatch):
 def test_layer_by_layer_reads_follow_the_announcements():
     """Layer-wise: each LayerSent's blocks are read into that layer alone; the Ack frees the producer's."""
     port = free_port()
-    conns = [_connector("kv_producer", 0, port, layerwise=True), _connector("kv_consumer", 1, port, layerwise=True)]
+    roles = ("kv_producer", "kv_consumer")
+    conns = [_connector(role, rank, port, layerwise=True) for rank, role in enumerate(roles)]
     for prod, cons in started_pair(conns):
         before = [t.clone() for t in cons.kv_tensors]
         cons.pull(PullJob("r", "t", [0, 9, 3], 12))

@@ -31,6 +31,6 @@ def pair(tiny_model_dir):
 def test_the_pair_moves_kv_over_ipc(pair):
     connector = pair[3].disagg.connector
     assert connector.name == "ipc" and connector.one_sided_read
-    assert all(t.is_shared() for t in connector.kv_tensors)  # the consumer's pool too (it may be read: kv_both)
+    assert all(t.is_shared() for t in connector.kv_tensors)  # its own pool too (kv_both reads)
     [(pid, mapped)] = connector._peers.values()  # the producer's pool, mapped from its process
     assert pid != __import__("os").getpid() and all(t.is_shared() for t in mapped)

@@ -29,7 +29,7 @@ from multiprocessing.reduction import ForkingPickler
 import msgspec
 import torch
 import torch.multiprocessing as tmp
-from torch.multiprocessing.reductions import reduce_tensor
+from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
 from meshserve.disagg.connector import KVConnector
 from meshserve.disagg.rendezvous import StoreRendezvous
@@ -126,7 +126,7 @@ def map_pool(export: PoolExport) -> list[torch.Tensor]:
     tensors = []
     for blob in export.layers:
         rebuild, args = pickle.loads(blob)
-        if device is not None:
+        if device is not None and rebuild is rebuild_cuda_tensor:
             args = (*args[:_CUDA_DEVICE_ARG], device, *args[_CUDA_DEVICE_ARG + 1 :])
         tensors.append(rebuild(*args))
     return tensors

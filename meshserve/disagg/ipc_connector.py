@@ -4,14 +4,17 @@ On one GPU (two processes sharing it) or peer GPUs of one host, neither NCCL (no
 NIXL (UCX turns cuda-ipc off without NVLink: TCP through host memory) moves KV device to device. Here each
 engine exports its pool tensors once at start with torch.multiprocessing's reductions (a CUDA tensor becomes
 a cudaIpc handle + offset, a CPU tensor a shared-memory file name) and publishes them in the group's TCPStore
-with its host id; a consumer maps a producer's pool once (the first pull, or start) and each transfer is a
-one-sided read, the nixl connector's flow: the PullReply (or, layer-wise, each LayerSent) names the
-producer's blocks, the consumer copies them into its own blocks on a side CUDA stream and the Ack frees them.
+with its host id, pid and GPU UUID (device indices differ under CUDA_VISIBLE_DEVICES); a consumer maps each
+producer's pool once, at start (a producer that exited is mapped afresh from its restart's export), and each
+transfer is a one-sided read, the nixl connector's flow: the PullReply (or, layer-wise, each LayerSent) names
+the producer's blocks, the consumer copies them into its own blocks on a side CUDA stream (slices where the
+ids run together, else a gather and a scatter) and the Ack frees them.
 Ordering needs no events across processes: the producer grants a request's blocks only once its step ended
 (the sampled token synchronised it) and announces a layer only once that layer's event was reached.
 The producer's pool tensors live as long as its engine, so the mappings stay valid; the consumer only drops
 its mapping (never frees the memory). CPU pools are moved into shared memory in place at start (the same
-tensors, so the layers' bindings hold). A peer on another host is a one-line start-up error.
+tensors, so the layers' bindings hold), shared by file name (torch_shm_manager, started by torch, unlinks them
+when the last process using them exits). A peer on another host is a one-line start-up error.
 """
 
 from __future__ import annotations

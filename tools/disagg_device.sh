@@ -7,15 +7,43 @@
 # measures the mechanism (transfer, hand-off, the router's legs), not the goodput gain of two GPUs. The script
 # picks by the GPUs it sees (SECOND_GPU=0|1 overrides). One call (< 9.5 min): SETUPS (default colocated,layerwise)
 # at QPS (default 2,4) with N prompts (48) per point; CONNECTOR=nixl (carry .whl-nixl) moves the KV with NIXL
-# (on one GPU: CUDA IPC, device to device) instead. Results: $OUT/disagg.json, $OUT/disagg.log, $OUT/disagg_logs.tgz.
-#   bash tools/disagg_device.sh
+# (on one GPU: UCX falls back to TCP through host memory, 0.39 GB/s) instead; CONNECTOR=ipc with the ipc
+# connector (the decode instance maps the prefill instance's pool by CUDA IPC and copies device to device, one
+# GPU or two). PARTS (default goodput) picks what runs: "goodput" the run above (with CONNECTOR=ipc SECOND_GPU=0:
+# W-disagg, 1 prefill + 1 decode process on one H200 vs 2 colocated replicas behind the router); "link" (a call
+# of its own, ~5 min) the ipc GPU tests (tests/disagg/test_ipc_connector.py, test_disagg_gpu.py's ipc cases) and
+# the KV link alone (`meshserve.bench.kv_link --connector ipc`: one request's blocks, 16 and 256 of
+# Llama-3.1-8B's 32 layers, pulled 20 times; the median rate as a fraction of the best plain copy of the same
+# bytes on the GPU, copy_GBps / fraction_of_copy; on 2 GPUs also from GPU 1 into GPU 0). Results: goodput
+# $OUT/disagg.json, $OUT/disagg.log, $OUT/disagg_logs.tgz; link $OUT/ipc_tests.log, $OUT/kv_link_ipc_*.json.
+#   bash tools/disagg_device.sh                                   (gloo / NCCL)
+#   CONNECTOR=ipc PARTS=link bash tools/disagg_device.sh          (then CONNECTOR=ipc SECOND_GPU=0 for goodput)
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 R=/tmp/disagg_dev; rm -rf $R; mkdir -p $R $OUT
 gpus=$(nvidia-smi -L 2> /dev/null | wc -l)
 second=${SECOND_GPU:-$([ "$gpus" -gt 1 ] && echo 1 || echo 0)}
-echo "GPUs: $gpus; second instance on GPU $second"
-timeout -k 20 ${LIMIT:-540} python3 -m meshserve.bench.disagg --second-gpu "$second" --connector "${CONNECTOR:-torch}" --qps "${QPS:-2,4}" \
+connector=${CONNECTOR:-torch}
+echo "GPUs: $gpus; second instance on GPU $second; connector $connector"
+parts=",${PARTS:-goodput},"
+if [[ $parts == *,link,* ]]; then
+  timeout -k 10 200 python3 -m pytest -q -m gpu -k ipc tests/disagg/test_ipc_connector.py tests/disagg/test_disagg_gpu.py \
+    > "$OUT/ipc_tests.log" 2>&1
+  echo "== ipc GPU tests rc $?"; tail -3 "$OUT/ipc_tests.log"
+  pairs="cuda:0>cuda:0"; [ "$gpus" -gt 1 ] && pairs="$pairs cuda:1>cuda:0"
+  for pair in $pairs; do
+    for blocks in 16 256; do
+      f="$OUT/kv_link_ipc_${pair//[:>]/}_${blocks}.json"
+      timeout -k 10 120 python3 -m meshserve.bench.kv_link --connector ipc --producer-device "${pair%>*}" \
+        --device "${pair#*>}" --blocks $blocks --pool-blocks 512 --repeat 20 --output "$f" > "$f.log" 2>&1
+      echo "== kv_link ipc ${pair} $blocks blocks rc $?: $(python3 -c "import json,sys; d=json.load(open(sys.argv[1]))
+print(f\"{d['bytes']/2**20:.0f} MiB, median {d['median_GBps']:.1f} GB/s ({1e3*d['median_s']:.2f} ms), copy \
+{d['copy_GBps']:.1f} GB/s: {100*d['fraction_of_copy']:.0f}%\")" "$f" 2>&1 | tail -1)"
+    done
+  done
+fi
+[[ $parts == *,goodput,* ]] || exit 0
+timeout -k 20 ${LIMIT:-540} python3 -m meshserve.bench.disagg --second-gpu "$second" --connector "$connector" --qps "${QPS:-2,4}" \
   --num-prompts "${N:-48}" --setups "${SETUPS:-colocated,layerwise}" ${GPU_BLOCKS:+--gpu-blocks $GPU_BLOCKS} \
   --log-dir $R --output "$OUT/disagg.json" \
   > "$OUT/disagg.log" 2>&1

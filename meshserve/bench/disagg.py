@@ -233,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--connector",
         default="torch",
-        choices=["torch", "nixl"],
-        help="the KV transport (nixl: UCX picks CUDA IPC / NVLink / RDMA; on one GPU it reads device to device)",
+        choices=["torch", "nixl", "ipc"],
+        help="the KV transport (nixl: UCX picks CUDA IPC / NVLink / RDMA; ipc: one host, the decode instance "
+        "maps the prefill instance's pool and copies device to device, one GPU or two)",
     )
     p.add_argument(
         "--setups",

@@ -9,18 +9,18 @@ from typing import Any
 from meshserve.errors import InvalidArgumentError
 from meshserve.json_config import config_dict, config_error
 
-CONNECTORS = ("torch", "nixl")
+CONNECTORS = ("torch", "nixl", "ipc")
 ROLES = ("kv_producer", "kv_consumer", "kv_both")
 # vLLM connector names refused with "not supported" rather than "unknown"
 PLANNED_CONNECTORS = ("NixlConnector", "P2pNcclConnector", "LMCacheConnectorV1", "MooncakeConnector")
 EXTRA_KEYS = {
     "backend": "torch connector: nccl or gloo (default: nccl on GPUs, gloo on CPUs); the nixl connector uses UCX",
     "transfer_timeout_s": "seconds a consumer waits for a transfer before freeing its blocks (default 30)",
-    "hold_timeout_s": "seconds a producer holds blocks nobody pulls or acknowledges (default 120; nixl: after "
+    "hold_timeout_s": "seconds a producer holds blocks nobody pulls or acknowledges (default 120; nixl, ipc: after "
     "granting a read, transfer_timeout_s more)",
     "init_timeout_s": "seconds to wait for every kv rank to join (default 300)",
     "layerwise": "send each layer's new blocks as the producer's forward finishes it, so the transfer overlaps "
-    "the prefill (true; nixl: the consumer reads each layer as it is announced), or a request's blocks once "
+    "the prefill (true; nixl, ipc: the consumer reads each layer as it is announced), or a request's blocks once "
     "its prefill is done (false, the default)",
     "side_channel_host": "address peers reach this instance's side channel at (default: kv_ip when loopback, "
     "else this host's address)",

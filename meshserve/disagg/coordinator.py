@@ -428,6 +428,10 @@ def build_kv_transfer(config: KVTransferConfig | None, runner, scheduler) -> KVT
         from meshserve.disagg.nixl_connector import make_nixl_connector
 
         connector = make_nixl_connector(config, tensors)
+    elif config.kv_connector == "ipc":
+        from meshserve.disagg.ipc_connector import IpcConnector
+
+        connector = IpcConnector(config, tensors)
     else:
         from meshserve.disagg.torch_connector import TorchConnector
 

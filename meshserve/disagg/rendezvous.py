@@ -1,7 +1,7 @@
 """Where the engines of one transfer group meet: a TCPStore at kv_ip:kv_port, hosted by kv rank 0.
 
 It holds each rank's role and the addresses it publishes (its side channel, its layer-wise stream socket, a
-NIXL agent's description). A connector mixes StoreRendezvous in to supply the KVConnector's address methods.
+NIXL agent's description, the ipc connector's pool export). A connector mixes StoreRendezvous in to supply the KVConnector's address methods.
 """
 
 from __future__ import annotations

@@ -14,6 +14,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def join(proc, timeout: float) -> None:
+    """proc.join(timeout), but by its exit status: Process.join waits for its sentinel pipe, which a
+    grandchild can keep open (torch_shm_manager, started for a CPU pool shared by file name: ipc)."""
+    deadline = time.monotonic() + timeout
+    while proc.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def started_pair(conns: list):
     """Start a producer / consumer connector pair at once (each start waits for its peer), yield it, close it."""
     threads = [threading.Thread(target=c.start) for c in conns]

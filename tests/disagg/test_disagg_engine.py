@@ -14,7 +14,7 @@ from meshserve.engine.core import EngineCore
 from meshserve.engine.messages import EngineCoreRequest
 from meshserve.sampling import SamplingParams
 from tests.conftest import VOCAB
-from tests.disagg.engine_pair import free_port, producer_main, transfer_config
+from tests.disagg.engine_pair import free_port, join, producer_main, transfer_config
 
 BLOCK = 4
 
@@ -86,7 +86,7 @@ def engine_pair(tiny_model_dir, connector: str):
     assert kind == "ready", num_blocks  # else the producer's start-up error
     yield proc, commands, results, consumer, num_blocks
     commands.put(("stop",))
-    proc.join(30)
+    join(proc, 30)
     if proc.is_alive():
         proc.kill()
     consumer.shutdown()

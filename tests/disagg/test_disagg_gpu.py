@@ -28,9 +28,10 @@ def long_llama(tmp_path_factory) -> str:
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("long-llama")), "llama", max_position_embeddings=2048)
 
 
-@pytest.mark.parametrize("backend", ["nccl", "gloo", "nixl"])
+@pytest.mark.parametrize("backend", ["nccl", "gloo", "nixl", "ipc"])
 def test_gpu_pair_matches_single_engine(long_llama, backend):
-    """backend nixl: the nixl connector (UCX between the GPUs' memory) instead of the torch one."""
+    """backend nixl: the nixl connector (UCX between the GPUs' memory) instead of the torch one; ipc: the ipc
+    connector (the consumer maps the producer's pool by CUDA IPC, one GPU or two)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     if backend == "nccl" and torch.cuda.device_count() < 2:
@@ -52,7 +53,7 @@ def test_gpu_pair_matches_single_engine(long_llama, backend):
     }
     ctx = mp.get_context("spawn")
     commands, results = ctx.Queue(), ctx.Queue()
-    connector = "nixl" if backend == "nixl" else "torch"
+    connector = backend if backend in ("nixl", "ipc") else "torch"
     prod_cfg = transfer_config("kv_producer", 0, port, connector=connector, transfer_timeout_s=30)
     if connector == "torch":  # (the nixl connector ignores the key)
         prod_cfg["kv_connector_extra_config"]["backend"] = backend
@@ -107,7 +108,7 @@ def test_gpu_pair_matches_single_engine(long_llama, backend):
     assert got == want
 
 
-@pytest.mark.parametrize("backend", ["gloo", "nixl"])
+@pytest.mark.parametrize("backend", ["gloo", "nixl", "ipc"])
 def test_gpu_layerwise_pair_matches_single_engine(long_llama, backend):
     """Layer-wise on GPUs: the consumers subscribe first, then the producer's chunked prefill announces (nixl:
     the consumer reads each layer's blocks from the producer's GPU once the layer's event is reached) or sends
@@ -121,7 +122,7 @@ def test_gpu_layerwise_pair_matches_single_engine(long_llama, backend):
 
         if not nixl_available():
             pytest.skip("the NIXL library is not installed (pip install meshserve[nixl])")
-    connector = "nixl" if backend == "nixl" else "torch"
+    connector = backend if backend in ("nixl", "ipc") else "torch"
     second = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
     common = {
         "model": long_llama,

@@ -102,3 +102,10 @@ def test_nixl_takes_layerwise():
         {"kv_connector": "nixl", "kv_role": "kv_producer", "kv_connector_extra_config": {"layerwise": True}}
     )
     assert c.kv_connector == "nixl" and c.layerwise
+
+
+def test_ipc_is_a_connector_and_takes_layerwise():
+    c = parse_kv_transfer_config(
+        {"kv_connector": "ipc", "kv_role": "kv_consumer", "kv_connector_extra_config": {"layerwise": True}}
+    )
+    assert c.kv_connector == "ipc" and c.layerwise

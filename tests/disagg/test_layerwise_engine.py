@@ -1,5 +1,5 @@
-"""Layer-wise transfer between a producer process and a consumer (gloo, or NIXL/UCX where installed, on
-loopback): the consumer subscribes before the producer's chunked prefill starts, so every layer's blocks go
+"""Layer-wise transfer between a producer process and a consumer (gloo, the ipc connector's shared pool, or
+NIXL/UCX where installed, on loopback): the consumer subscribes before the producer's chunked prefill starts, so every layer's blocks go
 out (torch) or are read (nixl) as the prefill finishes them; tokens equal a single engine's, blocks are
 byte-identical layer by layer, a missing layer or a stalled producer fails the request cleanly, and both sides
 free every block."""
@@ -18,7 +18,7 @@ from meshserve.engine.core import EngineCore
 from meshserve.engine.messages import EngineCoreRequest
 from meshserve.errors import InvalidArgumentError
 from meshserve.sampling import SamplingParams
-from tests.disagg.engine_pair import free_port, producer_main, transfer_config
+from tests.disagg.engine_pair import free_port, join, producer_main, transfer_config
 from tests.disagg.test_disagg_engine import BLOCK, _ids, _run
 
 CHUNK = 16  # the producer's token budget per step: prompts of 40-90 tokens take several steps
@@ -38,6 +38,7 @@ NO_NIXL = pytest.mark.skipif(
         # the stall case waits out its 15 s deadline). (Its flaky streamed count was the sender reporting the
         # stream after its StreamDone, the consumer's Ack sometimes first: layerwise.py reports it before.)
         pytest.param(("llama", "nixl"), marks=[NO_NIXL, pytest.mark.slow], id="llama-nixl"),
+        ("llama", "ipc"),  # the consumer reads each announced layer from the producer's shared pool
         pytest.param(("qwen3", "torch"), marks=pytest.mark.slow),
     ],
     ids=lambda p: "-".join(p),
@@ -80,7 +81,7 @@ def pair(request, tiny_model_dir):
     assert consumer.disagg.connector.name == connector
     yield family, commands, results, consumer, num_blocks
     commands.put(("stop",))
-    proc.join(30)
+    join(proc, 30)
     if proc.is_alive():
         proc.kill()
     consumer.shutdown()

@@ -1,0 +1,285 @@
+"""The "ipc" connector: a producer and a consumer on one host read each other's KV pool through mapped memory.
+
+On one GPU (two processes sharing it) or peer GPUs of one host, neither NCCL (no two ranks on one device) nor
+NIXL (UCX turns cuda-ipc off without NVLink: TCP through host memory) moves KV device to device. Here each
+engine exports its pool tensors once at start with torch.multiprocessing's reductions (a CUDA tensor becomes
+a cudaIpc handle + offset, a CPU tensor a shared-memory file name) and publishes them in the group's TCPStore
+with its host id, pid and GPU UUID (device indices differ under CUDA_VISIBLE_DEVICES); a consumer maps each
+producer's pool once, at start (a producer that exited is mapped afresh from its restart's export), and each
+transfer is a one-sided read, the nixl connector's flow: the PullReply (or, layer-wise, each LayerSent) names
+the producer's blocks, the consumer copies them into its own blocks on a side CUDA stream (slices where the
+ids run together, else a gather and a scatter) and the Ack frees them.
+Ordering needs no events across processes: the producer grants a request's blocks only once its step ended
+(the sampled token synchronised it) and announces a layer only once that layer's event was reached.
+The producer's pool tensors live as long as its engine, so the mappings stay valid; the consumer only drops
+its mapping (never frees the memory). CPU pools are moved into shared memory in place at start (the same
+tensors, so the layers' bindings hold), shared by file name (torch_shm_manager, started by torch, unlinks them
+when the last process using them exits). A peer on another host is a one-line start-up error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import pickle
+import socket
+import threading
+import time
+from multiprocessing.reduction import ForkingPickler
+
+import msgspec
+import torch
+import torch.multiprocessing as tmp
+from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
+
+from meshserve.disagg.connector import KVConnector
+from meshserve.disagg.rendezvous import StoreRendezvous
+from meshserve.errors import KVTransferError
+
+logger = logging.getLogger(__name__)
+
+MAX_SLICE_COPIES = 8  # a read whose blocks form at most this many runs copies slices (one pass), else gathers
+_sharing_lock = threading.Lock()
+_CUDA_DEVICE_ARG = 6  # rebuild_cuda_tensor's device argument in reduce_tensor's tuple
+
+
+def host_id() -> str:
+    """This host as peers compare it: its name and its boot id (two containers of one host share the boot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    return f"{socket.gethostname()}/{boot}"
+
+
+class PoolExport(msgspec.Struct):
+    """What a consumer needs to map an engine's pool: the pickled reductions of its layer tensors."""
+
+    host: str
+    pid: int
+    device_uuid: str  # the GPU's UUID ("" for CPU): device indices differ with CUDA_VISIBLE_DEVICES
+    layers: list[bytes]  # one ForkingPickler dump of reduce_tensor(layer) per layer
+
+
+@contextlib.contextmanager
+def _file_system_sharing():
+    """CPU storages shared by file name (by file descriptor, the default, reaches only this process's
+    children)."""
+    with _sharing_lock:
+        before = tmp.get_sharing_strategy()
+        tmp.set_sharing_strategy("file_system")
+        try:
+            yield
+        finally:
+            tmp.set_sharing_strategy(before)
+
+
+def _device_uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else ""
+
+
+def share_pool(kv_tensors: list[torch.Tensor]) -> None:
+    """Move a CPU pool into shared memory in place (no-op on GPUs and for storages already shared)."""
+    if kv_tensors[0].device.type != "cpu":
+        return
+    need = sum(t.untyped_storage().nbytes() for t in kv_tensors if not t.is_shared())
+    if need and os.path.isdir("/dev/shm"):
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize < need:
+            raise KVTransferError(
+                f"kv_transfer_config: the ipc connector shares the CPU KV pool ({need / 2**20:.0f} MiB) "
+                f"through /dev/shm, which has {st.f_bavail * st.f_frsize / 2**20:.0f} MiB free"
+            )
+    with _file_system_sharing():
+        for t in kv_tensors:
+            t.share_memory_()
+    if not all(t.is_shared() for t in kv_tensors):
+        raise KVTransferError(
+            "kv_transfer_config: the ipc connector could not move the CPU KV pool into shared memory"
+        )
+
+
+def export_pool(kv_tensors: list[torch.Tensor]) -> PoolExport:
+    device = kv_tensors[0].device
+    layers = []
+    try:
+        with _file_system_sharing():
+            for t in kv_tensors:
+                buf = io.BytesIO()
+                ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(reduce_tensor(t))
+                layers.append(buf.getvalue())
+    except Exception as e:  # e.g. memory the CUDA driver cannot export (expandable segments on an old torch)
+        raise KVTransferError(f"kv_transfer_config: the ipc connector cannot export this KV pool: {e}") from e
+    return PoolExport(host_id(), os.getpid(), _device_uuid(device), layers)
+
+
+def _local_device(uuid: str) -> int:
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == uuid:
+            return i
+    raise KVTransferError(f"the producer's GPU {uuid} is not visible to this process (CUDA_VISIBLE_DEVICES)")
+
+
+def map_pool(export: PoolExport) -> list[torch.Tensor]:
+    """The producer's layer tensors, mapped into this process (rebuilt from their reductions)."""
+    device = _local_device(export.device_uuid) if export.device_uuid else None
+    tensors = []
+    for blob in export.layers:
+        rebuild, args = pickle.loads(blob)
+        if device is not None and rebuild is rebuild_cuda_tensor:
+            args = (*args[:_CUDA_DEVICE_ARG], device, *args[_CUDA_DEVICE_ARG + 1 :])
+        tensors.append(rebuild(*args))
+    return tensors
+
+
+def _alive(pid: int) -> bool:
+    """Whether process pid still runs (a mapping of an exited producer's pool holds stale memory); a zombie
+    (killed, not yet reaped by its parent) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # (no /proc: ask the kernel whether the pid exists)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """(src start, dst start, length) of the stretches where both id lists go up by one together."""
+    runs: list[list[int]] = []
+    for s, d in zip(src, dst):
+        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return [tuple(r) for r in runs]
+
+
+def copy_blocks(dst: torch.Tensor, dst_ids: list[int], src: torch.Tensor, src_ids: list[int]) -> None:
+    """dst[:, dst_ids] = src[:, src_ids] (a layer's blocks, any devices): slices when the ids run together
+    (one pass), else a gather then a scatter (the reference path)."""
+    if dst.dtype == torch.float8_e4m3fn:  # (CPU torch has no fp8 index ops: move the bytes)
+        dst, src = dst.view(torch.uint8), src.view(torch.uint8)
+    runs = _runs(src_ids, dst_ids)
+    if len(runs) <= MAX_SLICE_COPIES:
+        for s, d, n in runs:
+            dst[:, d : d + n].copy_(src[:, s : s + n], non_blocking=True)
+        return
+    gathered = src.index_select(1, torch.tensor(src_ids, device=src.device))
+    dst.index_copy_(1, torch.tensor(dst_ids, device=dst.device), gathered.to(dst.device, non_blocking=True))
+
+
+class IpcConnector(StoreRendezvous, KVConnector):
+    """KV blocks read one-sided from a producer's mapped pool on the same host (see the module docstring)."""
+
+    name = "ipc"
+    one_sided_read = True
+
+    def __init__(self, config, kv_tensors):
+        super().__init__(config, kv_tensors)
+        self.device = kv_tensors[0].device
+        share_pool(kv_tensors)
+        self._export = export_pool(kv_tensors)  # (holds nothing: the engine keeps the pool alive)
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._peers: dict[int, tuple[int, list[torch.Tensor]]] = {}  # kv rank -> (its pid, its mapped pool)
+
+    @property
+    def transport(self) -> str:
+        cuda = self.device.type == "cuda"
+        return "CUDA IPC one-sided read" if cuda else "shared-memory one-sided read (CPU)"
+
+    def _connect(self) -> None:
+        self._join_store()
+        self._publish_address(msgspec.msgpack.encode(self._export), "ipc")
+        self._wait_for_roles()
+        if self.config.is_consumer:  # map now: a peer on another host is a start-up error, not a failed pull
+            for rank in self._producer_ranks():
+                if rank != self.rank:
+                    self._peer(rank)
+
+    def _thread_init(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def _peer(self, rank: int) -> list[torch.Tensor]:
+        peer = self._peers.get(rank)
+        if peer is not None and _alive(peer[0]):
+            return peer[1]
+        self._peers.pop(rank, None)  # (a producer that exited: its restart publishes a new export)
+        export = msgspec.msgpack.decode(self._peer_value(rank, "ipc"), type=PoolExport)
+        here = host_id()
+        if export.host != here:
+            raise KVTransferError(
+                f"kv_transfer_config: the ipc connector maps the producer's memory, so both engines must "
+                f"share a host: kv rank {rank} is on {export.host}, this one on {here} (across hosts: nixl, "
+                f"torch)"
+            )
+        if not _alive(export.pid):
+            raise KVTransferError(f"ipc: kv rank {rank}'s process (pid {export.pid}) is gone")
+        try:
+            tensors = map_pool(export)
+        except KVTransferError:
+            raise
+        except Exception as e:  # noqa: BLE001  (gone, or handles this platform cannot open)
+            raise KVTransferError(f"ipc: cannot map kv rank {rank}'s KV pool (pid {export.pid}): {e}") from e
+        mine = self.kv_tensors
+        if len(tensors) != len(mine) or any(
+            (p.shape[0], *p.shape[2:]) != (m.shape[0], *m.shape[2:]) or p.dtype != m.dtype
+            for p, m in zip(tensors, mine)
+        ):
+            raise KVTransferError(
+                f"kv rank {rank}'s KV blocks differ from this engine's ({len(tensors)} layers of "
+                f"{tuple(tensors[0].shape)} {tensors[0].dtype}, here {len(mine)} of {tuple(mine[0].shape)} "
+                f"{mine[0].dtype}): the two engines must run the same model, dtype and block size"
+            )
+        self._peers[rank] = (export.pid, tensors)
+        logger.info(
+            "KV transfer: kv rank %d's KV pool mapped (pid %d, %s)", rank, export.pid, tensors[0].device
+        )
+        return tensors
+
+    def _read_blocks(self, src: int, remote_ids: list[int], block_ids: list[int], timeout_s: float) -> int:
+        return self._read(src, remote_ids, block_ids, range(len(self.kv_tensors)))
+
+    def _read_layer(
+        self, src: int, layer: int, remote_ids: list[int], block_ids: list[int], timeout_s: float
+    ) -> int:
+        if not 0 <= layer < len(self.kv_tensors):
+            raise KVTransferError(f"layer {layer} out of range ({len(self.kv_tensors)} layers)")
+        return self._read(src, remote_ids, block_ids, [layer])
+
+    def _read(self, src: int, remote_ids: list[int], block_ids: list[int], layers) -> int:
+        if len(remote_ids) != len(block_ids):
+            raise KVTransferError(f"rank {src} holds {len(remote_ids)} blocks, {len(block_ids)} expected")
+        remote = self._peer(src)
+        num_blocks = remote[0].shape[1]
+        if remote_ids and (min(remote_ids) < 0 or max(remote_ids) >= num_blocks):
+            raise KVTransferError(
+                f"block id out of range (kv rank {src}'s pool of {num_blocks} blocks): {remote_ids}"
+            )
+        t0 = time.perf_counter()
+        nbytes = 0
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            for layer in layers:
+                copy_blocks(self.kv_tensors[layer], block_ids, remote[layer], remote_ids)
+                nbytes += self.kv_tensors[layer][:, 0].nbytes * len(block_ids)
+        if self._stream is not None:
+            if remote[0].device != self.device:  # (a gather on the peer GPU runs on that device's stream)
+                torch.cuda.current_stream(remote[0].device).synchronize()
+            self._stream.synchronize()  # the blocks are whole before the core may schedule them
+        seconds = time.perf_counter() - t0
+        logger.debug("KV transfer: %d bytes read from kv rank %d in %.4f s", nbytes, src, seconds)
+        return nbytes
+
+    def close(self) -> None:
+        super().close()  # (the threads are done with the mappings)
+        self._peers.clear()  # unmaps (the producer's memory stays its own)

@@ -176,6 +176,7 @@ print("compiled")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for the real device")
+@pytest.mark.slow  # two sm_90 compiles of each grouped kernel (~10 s); the fold is off by default
 def test_shared_expert_slices_keep_the_kernels_vector_loads_for_sm90_without_gpu():
     """The shared slices' pointer is a select between the two weight sources (not a branch): compiled for
     sm_90 the kernels with HAS_SHARED issue the very global loads (16-byte cp.async / v4) and MMAs of the

@@ -71,7 +71,8 @@ def _distinct_logits(tokens: int, experts: int, gen: torch.Generator) -> torch.T
 @interp
 @pytest.mark.parametrize(
     "tokens,experts,top_k,renormalize,scaling,block_m",
-    [(1, 8, 2, True, 1.0, 4), (7, 12, 3, True, 2.5, 4), (37, 20, 6, False, 1.0, 16), (70, 16, 4, True, 1.0, 8)],
+    [(1, 8, 2, True, 1.0, 4), (7, 12, 3, True, 2.5, 4), (37, 20, 6, False, 1.0, 16),
+     pytest.param(70, 16, 4, True, 1.0, 8, marks=pytest.mark.slow)],  # ~7 s in the interpreter
 )
 def test_route_and_align_matches_chain_and_reference(tokens, experts, top_k, renormalize, scaling, block_m):
     """Expert and slot counts that are no power of two, runs of several blocks (70 tokens over 16 experts),
@@ -213,6 +214,7 @@ def test_route_and_align_in_a_cuda_graph_gpu():
 
 
 @interp
+@pytest.mark.slow  # the bench's table in the interpreter (~9 s): a tool check, the kernel has its own tests
 def test_bench_moe_compares_chain_and_fused_route_align(monkeypatch):
     """tools/bench_moe.py's routing + align comparison runs (interpreter: timing and launch counts stubbed)
     and finds the fused outputs the chain's, for both models' routings."""

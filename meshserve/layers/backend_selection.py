@@ -59,7 +59,8 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_MLA_DECODE_KERNEL=pipelined     MLA decode kernels (split and balanced) with the tile loop that reads
                                             the block ids a tile ahead, so Triton's pipeliner keeps num_stages - 1
                                             latent tiles in flight (kernels/triton_mla_pipelined.py; default
-                                            "default", the plain loop; opt-in until measured on the H200)
+                                            "default", the plain loop; opt-in until batch 256 is measured: 1.18-
+                                            1.26x the kernel at batch 64-96 on the H200, 2026-12-02)
   MESHSERVE_MLA_DECODE_TILE=32,8,2          the MLA decode kernel's BLOCK_N, num_warps, num_stages (default:
                                             kernels/triton_mla._decode_config, the balanced kernel (32, 4, 2);
                                             pipelined: triton_mla_pipelined.PIPELINED_TILE (32, 4, 3))
@@ -73,12 +74,14 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_MOE_FUSE_SHARED=1|0|N           DeepSeek's shared experts as S more experts of the routed ones'
                                             launches at every batch (1) or at batches of up to N tokens
                                             (kernels/moe.folds_shared_mlp; the MoE GEMV folds them at one token
-                                            regardless); 16-bit experts, no expert parallelism; off by default
-                                            until measured (tools/bench_moe.py --paths new,fold; issue 24)
+                                            regardless); 16-bit experts, no expert parallelism; off: no gain on
+                                            the H200 (2026-12-02, tools/bench_moe.py --paths new,fold; issue 24)
   MESHSERVE_MOE_ROUTE_ALIGN=chain|fused    a softmax top-k MoE's routing, load count and align for the grouped
                                             GEMM at decode (<= 512 tokens): chain (the routing launch, then the
                                             align's zero + count + plan + scatter) or fused (one launch:
-                                            kernels/triton_moe_route_align.py); default chain until measured
+                                            kernels/triton_moe_route_align.py; H200 2026-12-02: 17.0 -> 8.4 us a
+                                            layer at 256 tokens, W2 Qwen3-30B-A3B 1.019x); default chain until its
+                                            GPU tests run
   MESHSERVE_FP8_GEMV=cvt|half|scaled_mm     the batch-1 fp8-weight projection
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
                                             step; scaled_mm: torch._scaled_mm, the activation quantized per

@@ -91,3 +91,21 @@ def assert_compiles_for_sm90(script: str, timeout_s: int = 300) -> None:
     assert res["ok"] and "compiled" in res["out"], (
         res["err"][-3000:] or f"no 'compiled' in {res['out'][-3000:]!r}"
     )
+
+
+# A script prelude (prepend it): compile_sm90(kernel, sig, const, warps, stages) compiles one specialization for
+# sm_90 as the launcher specialises it on a GPU (16-byte aligned pointers, strides divisible by 16: without
+# that the loads compile to scalar ones with no cp.async pipeline, and shared memory is not what a GPU sees);
+# sig names the non-i32 arguments' types, const the constexprs.
+COMPILE_SM90_PRELUDE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def compile_sm90(kernel, sig, const, warps, stages):
+    names = list(kernel.arg_names)
+    sig = {**{n: "i32" for n in names}, **sig, **{n: "constexpr" for n in const}}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or "stride" in n}
+    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+"""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from meshserve.kernels.mla_ref import mla_decode_ref
-from tests.kernels.sm90 import assert_compiles_for_sm90
+from tests.kernels.sm90 import COMPILE_SM90_PRELUDE, assert_compiles_for_sm90
 from tests.kernels.test_mla import _meta
 
 _HAS_CUDA = torch.cuda.is_available()
@@ -72,18 +72,9 @@ def test_balanced_decode_gpu(num_programs):
     _check(16, 512, 64, lens, num_programs, torch.bfloat16, "cuda", 2e-2, block_size=16, transposed=True)
 
 
-_COMPILE_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_COMPILE_SM90 = COMPILE_SM90_PRELUDE + """
 from meshserve.kernels.triton_mla_balanced import _mla_balanced_kernel, _mla_balanced_merge_kernel
 
-def compile_sm90(kernel, sig, const, warps, stages):
-    names = list(kernel.arg_names)
-    sig = {**{n: "i32" for n in names}, **sig, **{n: "constexpr" for n in const}}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or "stride" in n}
-    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 sig = {n: "*bf16" for n in ("ql_ptr", "qp_ptr", "cache_ptr", "out_ptr")}
 sig.update(bt_ptr="*i64", seq_lens_ptr="*i64", qsl_ptr="*i64", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32",

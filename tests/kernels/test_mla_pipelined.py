@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from meshserve.kernels.mla_ref import mla_decode_ref
-from tests.kernels.sm90 import assert_compiles_for_sm90
+from tests.kernels.sm90 import COMPILE_SM90_PRELUDE, assert_compiles_for_sm90
 from tests.kernels.test_mla import _check_triton, _meta
 
 _HAS_CUDA = torch.cuda.is_available()
@@ -82,21 +82,12 @@ def test_pipelined_programs_fit_the_sm():
     assert fit((16, 4, 4)) == 2 and fit((64, 8, 3)) == 1 and fit((32, 4, 4)) == 1 and fit((32, 8, 3)) == 1
 
 
-_COMPILE_SM90 = """
+_COMPILE_SM90 = COMPILE_SM90_PRELUDE + """
 import re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from meshserve.kernels.triton_mla import _mla_decode_split_kernel
 from meshserve.kernels.triton_mla_balanced import _mla_balanced_kernel
 from meshserve.kernels.triton_mla_pipelined import PIPELINED_TILE, pipelined_smem_bytes
 
-def compile_sm90(kernel, sig, const, warps, stages):
-    names = list(kernel.arg_names)
-    sig = {**{n: "i32" for n in names}, **sig, **{n: "constexpr" for n in const}}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or "stride" in n}
-    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 def latent_buffers(k):
     return {int(n) for n in re.findall(r"memdesc<(\\d+)x\\d+x512xbf16", k.asm["ttgir"])}

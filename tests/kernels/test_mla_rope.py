@@ -12,7 +12,7 @@ import torch
 from meshserve.kernels.mla_ref import mla_rope_latent_ref, write_latent_ref
 from meshserve.layers.norm import RMSNorm
 from meshserve.models.deepseek import apply_deepseek_rotary
-from tests.kernels.sm90 import assert_compiles_for_sm90
+from tests.kernels.sm90 import COMPILE_SM90_PRELUDE, assert_compiles_for_sm90
 
 _HAS_CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -81,19 +81,10 @@ def test_triton_prologue_gpu(heads):
 
 # the prologue and the decode kernel (its default tile and the sweep's widest) compile for sm_90, and the
 # decode tiles fit an H100's shared memory
-_COMPILE_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_COMPILE_SM90 = COMPILE_SM90_PRELUDE + """
 from meshserve.kernels.triton_mla import _mla_decode_split_kernel, _decode_config
 from meshserve.kernels.triton_mla_rope import _mla_rope_latent_kernel
 
-def compile_sm90(kernel, sig, const, warps, stages):
-    names = list(kernel.arg_names)
-    sig = {**{n: "i32" for n in names}, **sig, **{n: "constexpr" for n in const}}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or "stride" in n}
-    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 sig = {n: "*bf16" for n in ("q_ptr", "kva_ptr", "w_ptr", "cache_ptr", "qpe_ptr")}
 sig.update(pos_ptr="*i64", slot_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", eps="fp32")

@@ -14,3 +14,6 @@ if [ -n "$wheels" ]; then
 fi
 export PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/out}
+# the engine imports msgspec (and the server fastapi etc.): the GPU image lacks them, so a call that did not
+# carry .whl fails at import (the sixteenth session lost a call's GPU tests to it): say so at once
+python3 -c "import msgspec" 2> /dev/null || echo "device_env.sh: msgspec is missing: carry .whl (meshserve will not import)" >&2

@@ -4,6 +4,7 @@
 # Usage (device, from the repo root, wheels in .whl): bash tools/w3_slo.sh [QPS list] [extra serve flags...]
 # CLIENT_PROCS (default 4): client processes sending the load (one falls behind at QPS 96: send lag p99 4-5 s)
 # MODEL (default llama-3.1-8b): the preset served (dummy weights); issue 18 measures qwen3-0.6b too
+# TAR=1: everything the run wrote as one $OUT/w3_run.tgz (the steps trace included)
 set -u -o pipefail
 qps=${1:-32,48,64,96}; shift || true
 client_procs=${CLIENT_PROCS:-4}
@@ -44,3 +45,8 @@ if busy:
 PY
 curl -s localhost:8000/metrics | grep -E "^meshserve:(requests_(rejected|shed|slo|total)|step_time|queue_wait|admission_margin)" | tee $OUT/metrics.txt
 kill -TERM $pid; wait $pid
+# TAR=1: the run's files as one $OUT/w3_run.tgz (a device call brings back 8 files: two runs' logs, traces and
+# reports overflow it, as the sixteenth session's second W3 run did)
+if [ "${TAR:-0}" = 1 ]; then
+  (cd "$OUT" && tar czf w3_run.tgz --exclude=w3_run.tgz ./* && find . -maxdepth 1 -type f ! -name w3_run.tgz -delete)
+fi

@@ -94,6 +94,9 @@ CHUNK_ASSUMPTIONS = (
     "this run), the fixed latency fitted at QPS 64, no garbage-collection stalls",
     "chunk 0: no fixed cap; each step's prompt tokens are what the TPOT target (50 ms x the policy's margin, plus "
     "credit) leaves beside the decodes, by the step-time model, up to max_num_batched_tokens 8,192",
+    "MEASURED 2026-12-02 and refuted past the fit's range: a 13,824-token cap (the TPOT budget alone, as chunk 0) "
+    "served 59.8 / 80.7 req/s at QPS 384 / 512 with ITL p50 44-49 ms, where this table says ~260-266 at TPOT p50 "
+    "30 ms (PLANNER.md, BENCHMARKS.md 'Sixteenth session'); only the 1,024 rows are inside measured step shapes",
 )
 
 

@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from meshserve.kernels import triton_int4_gemv as i4
+from tools.sass_loops import backward_loops, opcodes
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 POINTERS = {
@@ -67,17 +68,7 @@ def stats(compiled) -> tuple[str, str, collections.Counter, str]:
             [f"{BIN}/nvdisasm", "-c", f.name], check=True, capture_output=True, text=True
         ).stdout
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", use).groups()
-    lines = sass.splitlines()
-    labels = {ln.strip()[:-1]: i for i, ln in enumerate(lines) if re.match(r"\.L_x_\d+:", ln.strip())}
-    best: list[str] = []
-    for i, ln in enumerate(lines):
-        m = re.search(r"BRA `\((\.L_x_\d+)\)", ln)
-        if m and labels.get(m.group(1), i) < i:
-            body = [x for x in lines[labels[m.group(1)] : i + 1] if re.match(r"\s+/\*[0-9a-f]{4}\*/", x)]
-            best = max(best, body, key=len)
-    ops = collections.Counter(
-        re.sub(r"^\s*/\*[0-9a-f]{4}\*/\s*(@!?U?P\w+\s+)?", "", x).split()[0].rstrip(";") for x in best
-    )
+    ops = opcodes(max(backward_loops(sass), key=len, default=[]))
     return regs, stack, ops, sass
 
 

@@ -32,6 +32,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from meshserve.kernels.triton_mla_balanced import _mla_balanced_kernel
+from tools.sass_loops import backward_loops, opcodes
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SIG = {n: "*bf16" for n in ("ql_ptr", "qp_ptr", "cache_ptr", "out_ptr")}
@@ -59,18 +60,9 @@ def compile_sm90(const: dict, warps: int, stages: int):
 
 
 def tile_loop(sass: str) -> collections.Counter:
-    """Opcode counts of the smallest backward-branch loop that holds MMAs (the tile loop)."""
-    lines = sass.splitlines()
-    labels = {ln.strip()[:-1]: i for i, ln in enumerate(lines) if re.match(r"\.L_x_\d+:", ln.strip())}
-    best: list[str] = []
-    for i, ln in enumerate(lines):
-        m = re.search(r"BRA `\((\.L_x_\d+)\)", ln)
-        if m and labels.get(m.group(1), i) < i:
-            body = [x for x in lines[labels[m.group(1)]: i + 1] if re.match(r"\s+/\*[0-9a-f]{4}\*/", x)]
-            if any("MMA" in x for x in body) and (not best or len(body) < len(best)):
-                best = body
-    return collections.Counter(
-        re.sub(r"^\s*/\*[0-9a-f]{4}\*/\s*(@!?U?P\w+\s+)?", "", x).split()[0].rstrip(";") for x in best)
+    """Opcode counts of the smallest loop that holds MMAs (the tile loop)."""
+    with_mma = [body for body in backward_loops(sass) if any("MMA" in x for x in body)]
+    return opcodes(min(with_mma, key=len, default=[]))
 
 
 def facts(compiled) -> dict:

@@ -19,7 +19,7 @@ _HAS_CUDA = torch.cuda.is_available()
 from meshserve.kernels.mla_prefill import chunk_plan, gather_expand, mla_prefill, prefill_context
 from meshserve.kernels.mla_prefill_workspace import MLAPrefillWorkspace, WorkspaceShape
 from meshserve.kernels.mla_ref import gather_latent_ref, mla_prefill_ref, write_latent_ref
-from tests.kernels.sm90 import assert_compiles_for_sm90
+from tests.kernels.sm90 import COMPILE_SM90_PRELUDE, assert_compiles_for_sm90
 from tests.kernels.test_mla import _problem
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -188,21 +188,9 @@ def test_triton_kernel_small_tiles_cross_the_diagonal_in_interpreter():
 # Compiles the kernels (attention, whole-context and chunked, and the LSE merge) to cubins for sm_90 with Triton's own ptxas (test_triton_unified_attention's check) at
 # DeepSeek's head dims with the default configs, and checks that the pipelined tiles fit an H100's shared memory
 # (bf16: 128 x 64 tiles, 3 stages, 168 KB; 128 x 128 would need 288 KB).
-_COMPILE_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_COMPILE_SM90 = COMPILE_SM90_PRELUDE + """
 from meshserve.kernels.triton_lse_merge import _merge_lse_kernel
 from meshserve.kernels.triton_mla_prefill import _mla_prefill_kernel as kernel, prefill_config
-
-def compile_sm90(kernel, sig, const, warps, stages):
-    names = list(kernel.arg_names)
-    sig = {**{n: "i32" for n in names}, **sig, **{n: "constexpr" for n in const}}
-    # what the launcher specialises for DeepSeek's shapes (16-byte aligned pointers, strides of 16): without
-    # it the loads compile to scalar ones with no cp.async pipeline and shared memory is not what a GPU sees
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or "stride" in n}
-    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 # the whole context in both dtypes; a workspace chunk with its LSE, and the merge, in the GPU's bf16
 for dtype, size, chunked in [("bf16", 2, False), ("bf16", 2, True), ("fp32", 4, False)]:

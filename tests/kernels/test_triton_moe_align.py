@@ -17,30 +17,34 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 interp = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run only without CUDA")
 
 
-def _assert_same_alignment(ids: torch.Tensor, num_experts: int, block_m: int) -> None:
-    from meshserve.kernels import triton_moe, triton_moe_align
-
-    rows, block_expert, used = triton_moe_align.align_by_expert(ids, num_experts, block_m)
-    ref_rows, ref_block_expert, ref_used = triton_moe.align_by_expert(ids, num_experts, block_m)
+def assert_same_runs(got: tuple, want: tuple, block_m: int, every_block: bool = False) -> None:
+    """Two alignments (sorted_rows, block_expert, num_padded): the same padded total, block experts (every_block:
+    the blocks past the total too), padding, and pairs in each expert's run. Where a run spans several blocks the
+    chunks' atomics may order its pairs differently, so runs are compared as sets, not blocks."""
+    rows, block_expert, used = got
+    ref_rows, ref_block_expert, ref_used = want
     assert rows.shape == ref_rows.shape and block_expert.shape == ref_block_expert.shape
-    assert int(used) == int(ref_used)
     n_used = int(used)
-    assert torch.equal(block_expert[: n_used // block_m], ref_block_expert[: n_used // block_m])
+    assert n_used == int(ref_used)
+    blocks = slice(None) if every_block else slice(0, n_used // block_m)
+    assert torch.equal(block_expert[blocks], ref_block_expert[blocks])
     assert torch.equal(rows[n_used:], ref_rows[n_used:])  # all padding
-    # each expert's run (its consecutive blocks) holds the same pairs; where a run spans several blocks the
-    # chunks' atomics may order its pairs differently, so runs are compared, not blocks
     owners = block_expert[: n_used // block_m].tolist()
     start = 0
     while start < len(owners):
         end = start
         while end < len(owners) and owners[end] == owners[start]:
             end += 1
-        got, want = (
-            rows[start * block_m : end * block_m].sort().values,
-            ref_rows[start * block_m : end * block_m].sort().values,
-        )
-        assert torch.equal(got, want), (owners[start], start)
+        span = slice(start * block_m, end * block_m)
+        assert torch.equal(rows[span].sort().values, ref_rows[span].sort().values), (owners[start], start)
         start = end
+
+
+def _assert_same_alignment(ids: torch.Tensor, num_experts: int, block_m: int) -> None:
+    from meshserve.kernels import triton_moe, triton_moe_align
+
+    assert_same_runs(triton_moe_align.align_by_expert(ids, num_experts, block_m),
+                     triton_moe.align_by_expert(ids, num_experts, block_m), block_m)
 
 
 @interp

@@ -13,29 +13,10 @@ import torch
 
 from meshserve.kernels.moe_ref import fused_experts_ref, softmax_topk_ref
 from tests.kernels.sm90 import assert_compiles_for_sm90
+from tests.kernels.test_triton_moe_align import assert_same_runs
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 interp = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run only without CUDA")
-
-
-def _assert_same_runs(got, want, block_m: int) -> None:
-    """Two alignments (sorted_rows, block_expert, num_padded): the same padded total, block experts (all of
-    them: the blocks past the total included), padding, and pairs in each expert's run (as sets)."""
-    rows, block_expert, used = got
-    ref_rows, ref_block_expert, ref_used = want
-    assert rows.shape == ref_rows.shape and torch.equal(block_expert, ref_block_expert)
-    n_used = int(used)
-    assert n_used == int(ref_used)
-    assert torch.equal(rows[n_used:], ref_rows[n_used:])
-    owners = block_expert[: n_used // block_m].tolist()
-    start = 0
-    while start < len(owners):
-        end = start
-        while end < len(owners) and owners[end] == owners[start]:
-            end += 1
-        span = slice(start * block_m, end * block_m)
-        assert torch.equal(rows[span].sort().values, ref_rows[span].sort().values), (owners[start], start)
-        start = end
 
 
 def _check(logits: torch.Tensor, top_k: int, renormalize: bool, scaling: float, block_m: int) -> None:
@@ -49,8 +30,8 @@ def _check(logits: torch.Tensor, top_k: int, renormalize: bool, scaling: float, 
     chain_weights, chain_ids = triton_moe_routing.softmax_topk(logits, top_k, renormalize, scaling, chain_load)
     # the chain: the same math, the same bits; its alignment of the same ids
     assert torch.equal(weights, chain_weights) and torch.equal(ids, chain_ids) and torch.equal(load, chain_load)
-    _assert_same_runs(aligned, triton_moe_align.align_by_expert(ids, experts, block_m), block_m)
-    _assert_same_runs(aligned, triton_moe.align_by_expert(ids, experts, block_m), block_m)
+    assert_same_runs(aligned, triton_moe_align.align_by_expert(ids, experts, block_m), block_m, every_block=True)
+    assert_same_runs(aligned, triton_moe.align_by_expert(ids, experts, block_m), block_m, every_block=True)
     # the torch reference: ties in bf16 logits may pick either expert (test_triton_moe_routing's comparison)
     ref_weights, ref_ids = softmax_topk_ref(logits, top_k, renormalize, scaling, ref_load)
     assert torch.equal(logits.gather(1, ids.long()), logits.gather(1, ref_ids.long()))
@@ -210,7 +191,7 @@ def test_route_and_align_in_a_cuda_graph_gpu():
         logits.copy_(torch.randn(256, 128, device="cuda").to(torch.bfloat16))
         graph.replay()
         for weights, ids, aligned in outs:
-            _assert_same_runs(aligned, triton_moe_align.align_by_expert(ids, 128, 32), 32)
+            assert_same_runs(aligned, triton_moe_align.align_by_expert(ids, 128, 32), 32, every_block=True)
 
 
 @interp

@@ -178,13 +178,18 @@ def test_quantized_gemv_variant_switches(monkeypatch):
         select_kernels(gpu)
 
 
-def test_moe_config_table_switch(monkeypatch):
+@pytest.mark.parametrize("env,field,default,other,choices", [
+    ("MESHSERVE_MOE_CONFIGS", "moe_configs", "tuned", "stream", "tuned, stream, legacy"),
+    # the decode routing + align: the chain by default until the one-launch kernel's GPU tests run
+    ("MESHSERVE_MOE_ROUTE_ALIGN", "moe_route_align", "chain", "fused", "chain, fused"),
+])
+def test_moe_variant_switches(monkeypatch, env, field, default, other, choices):
     gpu = _config(device="cuda", dtype="bfloat16")
-    assert select_kernels(gpu).moe_configs == "tuned"
-    monkeypatch.setenv("MESHSERVE_MOE_CONFIGS", "stream")
-    assert select_kernels(gpu).moe_configs == "stream"
-    monkeypatch.setenv("MESHSERVE_MOE_CONFIGS", "fast")
-    with pytest.raises(ValueError, match="MESHSERVE_MOE_CONFIGS takes one of tuned, stream, legacy"):
+    assert getattr(select_kernels(gpu), field) == default
+    monkeypatch.setenv(env, other)
+    assert getattr(select_kernels(gpu), field) == other
+    monkeypatch.setenv(env, "fast")
+    with pytest.raises(ValueError, match=f"{env} takes one of {choices}"):
         select_kernels(gpu)
 
 
@@ -201,17 +206,6 @@ def test_moe_fuse_shared_switch(monkeypatch):
         assert select_kernels(_config()).fuse_shared_tokens == tokens
     monkeypatch.setenv("MESHSERVE_MOE_FUSE_SHARED", "on")
     with pytest.raises(ValueError, match="MESHSERVE_MOE_FUSE_SHARED takes 0, 1 or a largest token count"):
-        select_kernels(gpu)
-
-
-def test_moe_route_align_switch(monkeypatch):
-    # the decode routing + align: the chain by default until the one-launch kernel is measured on the H200
-    gpu = _config(device="cuda", dtype="bfloat16")
-    assert select_kernels(gpu).moe_route_align == "chain"
-    monkeypatch.setenv("MESHSERVE_MOE_ROUTE_ALIGN", "fused")
-    assert select_kernels(gpu).moe_route_align == "fused"
-    monkeypatch.setenv("MESHSERVE_MOE_ROUTE_ALIGN", "one")
-    with pytest.raises(ValueError, match="MESHSERVE_MOE_ROUTE_ALIGN takes one of chain, fused"):
         select_kernels(gpu)
 
 

@@ -6,7 +6,9 @@ on CPU (shared memory) and, marked gpu, on one CUDA device or two (CUDA IPC)."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import queue
 import threading
 import time
 
@@ -70,9 +72,12 @@ def _producer_process(port: int, device: str, ready, hold) -> None:
     ready.put(("ready", [ev.kind for ev in _drain(prod)]))
     while True:
         msg = hold.get()
-        if msg == "released?":  # the acknowledgements freed what was read
-            time.sleep(0.5)
-            ready.put(("released", sorted(ev.transfer_id for ev in _drain(prod)), sorted(prod._held)))
+        if msg == "released?":  # the acknowledgements freed what was read (the server thread pops each
+            freed, deadline = [], time.monotonic() + 30  # held transfer before its "released" event)
+            while len(freed) < 2 and time.monotonic() < deadline:
+                with contextlib.suppress(queue.Empty):
+                    freed.append(prod.events.get(timeout=0.5).transfer_id)
+            ready.put(("released", sorted(freed), sorted(prod._held)))
 
 
 def _drain(conn):

@@ -140,15 +140,33 @@ def capture(compile_fn) -> CompileJob:
     return make_job(cells["src"], cells["target"], cells["options"], cells["env_vars"])
 
 
+def _jit_registry() -> dict | None:
+    """Triton 3.9's registry of JITFunctions by "module:qualname"; None where Triton has none (3.6)."""
+    try:
+        from triton.runtime.jit import _triton_jit_function_registry
+    except ImportError:
+        return None
+    return _triton_jit_function_registry
+
+
 def _resolve(ref: JitRef):
+    """The JITFunction `ref` names in this process: from the registry, else the module's attribute path,
+    unwrapped from an Autotuner or heuristics wrapper (each holds the next in `.fn`)."""
     import importlib
 
-    from triton.runtime.jit import _triton_jit_function_registry
+    from triton.runtime.jit import JITFunction
 
-    importlib.import_module(ref.module)  # defining the kernel registers it
-    fn = _triton_jit_function_registry.get(f"{ref.module}:{ref.qualname}")
+    module = importlib.import_module(ref.module)  # defining the kernel registers it (3.9)
+    registry = _jit_registry()
+    fn = registry.get(f"{ref.module}:{ref.qualname}") if registry is not None else None
     if fn is None:
-        raise LookupError(f"{ref.module}:{ref.qualname} is not a registered JITFunction after import")
+        fn = module
+        for name in ref.qualname.split("."):
+            fn = getattr(fn, name, None)
+        while fn is not None and not isinstance(fn, JITFunction):
+            fn = getattr(fn, "fn", None)
+    if fn is None:
+        raise LookupError(f"{ref.module}:{ref.qualname} is not a JITFunction after import")
     return fn
 
 

@@ -7,6 +7,10 @@ here. The scripts run outside the interpreter, in tests/kernels/sm90.py's worker
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 pytest.importorskip("triton")
@@ -206,3 +210,32 @@ def test_constexpr_values_travel_as_they_hash():
     for value in (tl.float16, tl.constexpr(3), tl.constexpr("tf32"), (1, tl.bfloat16), None, 1.5, True):
         back = _rebuild(pickle.loads(pickle.dumps(_plain(value))))
         assert str(back) == str(value) and type(back) is type(value), value
+
+
+_RESOLVE = """
+from meshserve.kernels import compile_job, triton_ops
+from meshserve.kernels.compile_job import JitRef, _ref, _resolve
+if {drop}:
+    compile_job._jit_registry = lambda: None
+kernel = triton_ops._rms_norm_kernel
+ref = _ref(kernel)
+assert ref == JitRef("meshserve.kernels.triton_ops", "_rms_norm_kernel"), ref
+assert _resolve(ref) is kernel
+try:
+    _resolve(JitRef("meshserve.kernels.triton_ops", "_no_such_kernel"))
+    raise SystemExit("no LookupError")
+except LookupError:
+    pass
+print("resolved")
+"""
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["registry", "no-registry"])
+def test_kernels_resolve_by_name_with_or_without_tritons_jit_registry(drop):
+    """Triton 3.9 registers each JITFunction by module:qualname; 3.6 (the device's) has no registry, so the child
+    finds the kernel as the module's attribute (through an Autotuner's `.fn`). The H200 run of 2026-12-02 fell
+    back on every kernel: an ImportError of the registry. Compiled mode (not the interpreter), as in a child."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", _RESOLVE.format(drop=drop)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "resolved" in out.stdout, out.stderr[-2000:]

@@ -16,8 +16,11 @@ fills the SMs). MESHSERVE_MLA_BALANCED=1 / =0 forces one kernel for A/B runs; ME
 The tile loop both kernels run (DECODE_KERNELS, MESHSERVE_MLA_DECODE_KERNEL): "default" the plain loop (one
 latent buffer: the copy of a tile waits for the previous tile's dots), "pipelined" the loop with the block ids
 a tile ahead (kernels/triton_mla_pipelined.py: num_stages - 1 tiles in flight per program; the balanced kernel
-then launches as many programs as fit on an SM). Opt-in until measured on the H200
-(python tools/bench_mla_decode.py --only sweep,layer).
+then launches as many programs as fit on an SM), "auto" (the default) the pipelined loop where the balanced
+kernel serves and the plain loop in the split kernel. H200, 2026-12-02 (tools/bench_mla_decode.py, the kernel
+alone, tile (32, 4, 3)): balanced at batch 96 x 800 50.8 -> 43.1 us, 256 x 800 100.5 -> 82.0, 256 x W2mix
+141.3 -> 114.9 (2.25 -> 2.77 TB/s); the split kernel's pipelined loop won at 16-64 rows too (14.5-31.0 us
+against 16.4-39.1) but with tiles of its own, and batch 1 (W1) was not measured, so it stays opt-in there.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from __future__ import annotations
 BALANCED_MIN_SEQS = 64
 BALANCED_WARPS = 4  # 8 warps split a [16, 32] score tile over more warps than it has mma columns
 BALANCED_STAGES = 2
-DECODE_KERNELS = ("default", "pipelined")
+DECODE_KERNELS = ("auto", "default", "pipelined")
+
+
+def use_pipelined(kernel: str, balanced: bool) -> bool:
+    """Whether a decode launch runs the pipelined tile loop: forced by "pipelined" / "default", else (auto)
+    in the balanced kernel only."""
+    return kernel == "pipelined" or (kernel == "auto" and balanced)
 
 
 def use_balanced(num_rows: int, forced: bool | None) -> bool:

@@ -9,8 +9,9 @@ MESHSERVE_MOE_LEGACY=1 selects the first):
            folds_shared_mlp): triton_moe_gemv, two launches reading only the chosen experts' weights;
            else (and for fp8 experts) triton_moe.fused_experts: Triton align, kernels/moe_configs.py's tuned
            tiles, one combine launch. Routing is one launch (triton_moe_routing) where it is a softmax top-k
-  route_align=fused (MESHSERVE_MOE_ROUTE_ALIGN): a softmax top-k's routing, load count and the grouped GEMM's
-           align in one launch (triton_moe_route_align) for decode-sized grouped calls; the chain elsewhere
+  route_align=fused (the default; MESHSERVE_MOE_ROUTE_ALIGN=chain for the five launches): a softmax top-k's
+           routing, load count and the grouped GEMM's align in one launch (triton_moe_route_align) for
+           decode-sized grouped calls; the chain elsewhere
   fused shared experts (MESHSERVE_MOE_FUSE_SHARED=1, off by default until measured; issue 24): past one token
            too a 16-bit shared MLP rides along, as S more experts of weight one that the align, the grouped
            GEMMs (or the pair GEMV) and the combine handle in their launches (triton_moe._with_shared_pairs),

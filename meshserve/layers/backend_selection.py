@@ -56,11 +56,12 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_MLA_TRANSPOSED=1                MLA decode kernels with the transposed tile loop (kernels/
                                             triton_mla_transposed.py: the KV tile as the dots' M side, wgmma from
                                             shared memory, BLOCK_N 64); over PREFETCH; opt-in until measured
-  MESHSERVE_MLA_DECODE_KERNEL=pipelined     MLA decode kernels (split and balanced) with the tile loop that reads
+  MESHSERVE_MLA_DECODE_KERNEL=auto|default|pipelined  the MLA decode kernels' tile loop: pipelined reads
                                             the block ids a tile ahead, so Triton's pipeliner keeps num_stages - 1
-                                            latent tiles in flight (kernels/triton_mla_pipelined.py; default
-                                            "default", the plain loop; opt-in until batch 256 is measured: 1.18-
-                                            1.26x the kernel at batch 64-96 on the H200, 2026-12-02)
+                                            latent tiles in flight (kernels/triton_mla_pipelined.py), default the
+                                            plain loop; auto (default) pipelined in the balanced kernel (from 64
+                                            rows: 1.18-1.23x the kernel at batch 96-256 on the H200, 2026-12-02),
+                                            plain in the split kernel (batch 1 not measured pipelined)
   MESHSERVE_MLA_DECODE_TILE=32,8,2          the MLA decode kernel's BLOCK_N, num_warps, num_stages (default:
                                             kernels/triton_mla._decode_config, the balanced kernel (32, 4, 2);
                                             pipelined: triton_mla_pipelined.PIPELINED_TILE (32, 4, 3))
@@ -80,8 +81,8 @@ Overrides (environment, read only here, for debugging and references):
                                             GEMM at decode (<= 512 tokens): chain (the routing launch, then the
                                             align's zero + count + plan + scatter) or fused (one launch:
                                             kernels/triton_moe_route_align.py; H200 2026-12-02: 17.0 -> 8.4 us a
-                                            layer at 256 tokens, W2 Qwen3-30B-A3B 1.019x); default chain until its
-                                            GPU tests run
+                                            layer at 256 tokens, W2 Qwen3-30B-A3B 1.019x); default fused (its GPU
+                                            tests passed on the H200, 2026-12-02)
   MESHSERVE_FP8_GEMV=cvt|half|scaled_mm     the batch-1 fp8-weight projection
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
                                             step; scaled_mm: torch._scaled_mm, the activation quantized per
@@ -194,8 +195,9 @@ class KernelSelection:
     # the MLA decode kernels' transposed tile loop (kernels/triton_mla_transposed.py)
     mla_transposed: bool = False
     # the MLA decode kernels' tile loop (kernels/mla_decode_choice.DECODE_KERNELS): "default" the plain loop,
-    # "pipelined" the block ids a tile ahead (kernels/triton_mla_pipelined.py), over prefetch and transposed
-    mla_decode_kernel: str = "default"
+    # "pipelined" the block ids a tile ahead (kernels/triton_mla_pipelined.py), over prefetch and transposed;
+    # "auto" pipelined in the balanced kernel (from 64 rows), plain in the split kernel
+    mla_decode_kernel: str = "auto"
     # (BLOCK_N, num_warps, num_stages) of the MLA decode kernel; None: its default
     mla_decode_tile: tuple[int, int, int] | None = None
     fp8_gemv: str = "half"  # the batch-1 fp8-weight projection when gemv is on (FP8_GEMV_CHOICES)
@@ -210,7 +212,7 @@ class KernelSelection:
     moe_fuse_shared: bool = False
     moe_fuse_shared_max_tokens: int | None = None
     # decode routing + align: "chain" (five launches) or "fused" (one: kernels/triton_moe_route_align.py)
-    moe_route_align: str = "chain"
+    moe_route_align: str = "fused"
     # threads compiling the warm-ups' Triton kernels ahead of them (engine/parallel_warmup.py); 0: off
     parallel_compile_workers: int = 0
     # those compiles each in one of parallel_compile_workers processes (kernels/process_compile_pool.py)

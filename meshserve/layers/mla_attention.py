@@ -20,9 +20,9 @@ RMSNorm, both rotaries, the latent write) is one kernel (fused_prologue, kernels
 absorbed matmuls write straight into their [T, H, .] results (no transposed copies); from 64 decode rows on
 (kernels/mla_decode_choice.py; KernelSelection.mla_balanced / MESHSERVE_MLA_BALANCED=1|0 force either) the
 decode kernel spreads the batch's KV tiles evenly over the SMs whatever the context lengths
-(kernels/triton_mla_balanced.py), below that it splits each sequence (kernels/triton_mla.py); either runs the
-pipelined tile loop with KernelSelection.mla_decode_kernel "pipelined" (MESHSERVE_MLA_DECODE_KERNEL,
-kernels/triton_mla_pipelined.py); KernelSelection.mla_legacy
+(kernels/triton_mla_balanced.py), below that it splits each sequence (kernels/triton_mla.py); the balanced kernel
+runs the pipelined tile loop by default, either does with KernelSelection.mla_decode_kernel "pipelined"
+(MESHSERVE_MLA_DECODE_KERNEL, kernels/triton_mla_pipelined.py); KernelSelection.mla_legacy
 (MESHSERVE_MLA_LEGACY=1) keeps the path before 2026-11-30 for A/B runs. The block manager,
 prefix caching, chunked prefill, preemption and the KV offload tiers see blocks only, so they work unchanged.
 """
@@ -174,13 +174,15 @@ class MLAAttention(nn.Module):
             q_lat = q_nope.new_empty(num_tokens, self.num_heads, self.kv_lora_rank)
             torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_lat.transpose(0, 1))
         if triton:
+            from meshserve.kernels.mla_decode_choice import use_pipelined
             from meshserve.kernels.triton_mla import mla_decode
             from meshserve.kernels.triton_mla_balanced import mla_decode_balanced
 
             if meta.max_query_len > 1:
                 meta = per_query_meta(meta)
-            pipelined = self.kernels.mla_decode_kernel == "pipelined"
-            if self._balanced(meta.seq_lens.shape[0]):
+            balanced = self._balanced(meta.seq_lens.shape[0])
+            pipelined = use_pipelined(self.kernels.mla_decode_kernel, balanced)
+            if balanced:
                 o_lat = mla_decode_balanced(q_lat, q_pe, self.kv_cache, meta.block_tables, meta.seq_lens,
                                             meta.query_start_loc, self.scale, tile=self.kernels.mla_decode_tile,
                                             prefetch=self.kernels.mla_prefetch,

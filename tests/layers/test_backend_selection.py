@@ -180,8 +180,8 @@ def test_quantized_gemv_variant_switches(monkeypatch):
 
 @pytest.mark.parametrize("env,field,default,other,choices", [
     ("MESHSERVE_MOE_CONFIGS", "moe_configs", "tuned", "stream", "tuned, stream, legacy"),
-    # the decode routing + align: the chain by default until the one-launch kernel's GPU tests run
-    ("MESHSERVE_MOE_ROUTE_ALIGN", "moe_route_align", "chain", "fused", "chain, fused"),
+    # the decode routing + align: one launch by default (its GPU tests passed on the H200, 2026-12-02)
+    ("MESHSERVE_MOE_ROUTE_ALIGN", "moe_route_align", "fused", "chain", "chain, fused"),
 ])
 def test_moe_variant_switches(monkeypatch, env, field, default, other, choices):
     gpu = _config(device="cuda", dtype="bfloat16")
@@ -214,11 +214,11 @@ def test_mla_legacy_and_decode_tile_switches(monkeypatch):
     gpu = _config(device="cuda", dtype="bfloat16")
     sel = select_kernels(gpu)
     assert not sel.mla_legacy and sel.mla_decode_tile is None and sel.mla_balanced is None  # by batch size
-    assert not sel.mla_prefetch and not sel.mla_transposed and sel.mla_decode_kernel == "default"
+    assert not sel.mla_prefetch and not sel.mla_transposed and sel.mla_decode_kernel == "auto"
     monkeypatch.setenv("MESHSERVE_MLA_DECODE_KERNEL", "Pipelined")
     assert select_kernels(gpu).mla_decode_kernel == "pipelined"
     monkeypatch.setenv("MESHSERVE_MLA_DECODE_KERNEL", "fast")
-    with pytest.raises(ValueError, match="MESHSERVE_MLA_DECODE_KERNEL takes one of default, pipelined"):
+    with pytest.raises(ValueError, match="MESHSERVE_MLA_DECODE_KERNEL takes one of auto, default, pipelined"):
         select_kernels(gpu)
     monkeypatch.delenv("MESHSERVE_MLA_DECODE_KERNEL")
     monkeypatch.setenv("MESHSERVE_MLA_PREFETCH", "1")

@@ -86,8 +86,8 @@ def warmup_rows(case: WarmupCase) -> list[ScheduledSequence]:
 
 
 def warmup_bitmask(case: WarmupCase, vocab_size: int) -> torch.Tensor | None:
-    """The step's grammar bitmask of the case (a row per row, packed as xgrammar fills it): every token allowed,
-    on the case's bitmask rows as on the others; None without bitmask rows."""
+    """The step's grammar bitmask of the case (a row per row, packed as xgrammar fills it): every token
+    allowed, on the case's bitmask rows as on the others; None without bitmask rows."""
     if not case.bitmask_rows:
         return None
     return torch.full((len(case.params), (vocab_size + 31) // 32), ALLOW_ALL, dtype=torch.int32)

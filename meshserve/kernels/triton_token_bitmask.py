@@ -25,7 +25,7 @@ def _apply_token_bitmask_kernel(logits_ptr, bitmask_ptr, vocab, logits_stride, b
     start = tl.program_id(1) * BLOCK
     words = start // 32 + tl.arange(0, BLOCK // 32)
     packed = tl.load(bitmask_ptr + row * bitmask_stride + words, mask=words * 32 < vocab, other=-1)
-    # [words, 32] bits, word-major: token start + 32 * w + b is bit b of word w (>> keeps the sign: bit 31 too)
+    # [words, 32] bits, word-major: token start + 32 * w + b is bit b of word w (an arithmetic >>, & 1: bit 31)
     banned = ((packed[:, None] >> tl.arange(0, 32)[None, :]) & 1) == 0
     banned = tl.reshape(banned, [BLOCK])
     cols = start + tl.arange(0, BLOCK)

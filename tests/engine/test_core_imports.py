@@ -61,7 +61,8 @@ def run(rid, params):
 
 assert len(run("plain", SamplingParams(temperature=0.8, seed=0))[0]) == 16
 print(sorted(m for m in ("xgrammar", "transformers") if m in sys.modules))
-tokens, finish = run("choice", SamplingParams(temperature=1.0, seed=0, structured_outputs={{"choice": ["yes", "no"]}}))
+choice = SamplingParams(temperature=1.0, seed=0, structured_outputs={{"choice": ["yes", "no"]}})
+tokens, finish = run("choice", choice)
 assert 0 < len(tokens) < 16 and finish == "stop", (tokens, finish)  # the grammar ended it
 print(sorted(m for m in ("xgrammar",) if m in sys.modules))
 core.shutdown()

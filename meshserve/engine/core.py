@@ -171,7 +171,8 @@ class EngineCore:
         # structured outputs: grammars compile on threads; their requests wait here, outside the scheduler
         self.grammar_waitlist = GrammarWaitlist(GrammarCompiler(
             config.model_config.tokenizer or None, config.model_config.vocab_size, self.info.eos_token_ids))
-        self.grammar_waitlist.compiler.prepare()  # the first constrained request's TTFT: its compile only
+        # xgrammar (transformers with it: ~1.1 s of imports) and the tokenizer's vocabulary scan wait for the first
+        # grammar request, on its compile thread, in its TTFT: a core that serves none never pays them
         self._grammar_seq_ids: set[str] = set()  # constrained requests in the scheduler (pruned lazily)
         self._bitmask_filler: BitmaskFiller | None = None  # built with the first constrained step
         self._grammar_probe = grammar_probe()  # a device A/B of the grammar's parts (grammar_probe.py); None: off

@@ -43,8 +43,6 @@ class GrammarWaitlist:
 
     def pop_ready(self) -> tuple[list[Sequence], list[tuple[Sequence, InvalidArgumentError]]]:
         """(sequences whose grammar compiled, each with its matcher; sequences whose compile failed)."""
-        import xgrammar as xgr
-
         ready, failed = [], []
         now = time.monotonic()
         for seq_id, (seq, fut, since) in list(self._waiting.items()):
@@ -58,6 +56,8 @@ class GrammarWaitlist:
             del self._waiting[seq_id]
             try:
                 compiled = fut.result()
+                import xgrammar as xgr  # here, not per step: a core without grammar requests never imports it
+
                 seq.grammar = xgr.GrammarMatcher(compiled)
                 seq.grammar_stop_ids = frozenset(compiled.tokenizer_info.stop_token_ids)
                 ready.append(seq)

@@ -3,12 +3,13 @@ before serving, not inside the TTFT of the first request that asks for it.
 
 The forward's kernels compile during the profile run, warm_up_prefill and the graph captures. The sampling
 paths run after the forward, outside the graphs, and only for the requests that ask for them: the LM head's
-batch-1 GEMV (Triton, one row of logits), the fused temperature-only sampler (Triton), xgrammar's bitmask
-kernel (Triton, specialised on its row count: 1, a multiple of 16, or other), and the torch paths of top-k,
-top-p, min-p, penalties, logit bias, banned ids, seeds and logprobs (no Triton, but their first launch loads
-CUDA modules lazily). A cold Triton cache pays ~0.5 s per compile inside a user's request (issue 18: TTFT p99
-0.9-1.5 s at QPS 4-8). Each case below runs the StepSampler's steps without its state (no generators kept,
-no sampled ids remembered): logits of dummy hidden rows, masks, then the Sampler.
+batch-1 GEMV (Triton, one row of logits), the fused temperature-only sampler (Triton), the grammar masks'
+kernel (Triton, kernels/triton_token_bitmask.py: one compile for every row count; no xgrammar, which waits for
+the first grammar request), and the torch paths of top-k, top-p, min-p, penalties, logit bias, banned ids,
+seeds and logprobs (no Triton, but their first launch loads CUDA modules lazily). A cold Triton cache pays
+~0.5 s per compile inside a user's request (issue 18: TTFT p99 0.9-1.5 s at QPS 4-8). Each case below runs the
+StepSampler's steps without its state (no generators kept, no sampled ids remembered): logits of dummy hidden
+rows, masks, then the Sampler.
 """
 
 from __future__ import annotations
@@ -26,10 +27,6 @@ from meshserve.sampling import SamplingParams
 from meshserve.structured.bitmask import ALLOW_ALL
 
 logger = logging.getLogger(__name__)
-
-# xgrammar's kernel specialises its row count (== 1, a multiple of 16, other): one of each
-BITMASK_ROWS = (1, 3, 16)
-
 
 @dataclass
 class WarmupCase:
@@ -72,9 +69,8 @@ def warmup_cases() -> list[WarmupCase]:
         WarmupCase("logit_bias", [SamplingParams(temperature=0.8, logit_bias={0: 1.0}), greedy]),
         WarmupCase("banned", [hot, greedy], banned=True),
     ]
-    for rows in BITMASK_ROWS:  # every row under a grammar (xgrammar's kernel on the logits in place)
-        cases.append(WarmupCase(f"bitmask_{rows}", [hot] * rows, bitmask_rows=list(range(rows))))
-    cases.append(WarmupCase("bitmask_mixed", [hot, greedy, hot], bitmask_rows=[1]))  # others: all ones
+    # the grammar masks' kernel on the logits in place (its row count is unspecialized: one launch builds it)
+    cases.append(WarmupCase("bitmask", [hot, greedy, hot], bitmask_rows=[1]))  # others: all ones
     return cases
 
 
@@ -90,8 +86,8 @@ def warmup_rows(case: WarmupCase) -> list[ScheduledSequence]:
 
 
 def warmup_bitmask(case: WarmupCase, vocab_size: int) -> torch.Tensor | None:
-    """The step's grammar bitmask of the case (a row per row, xgrammar's layout): every token allowed, on the
-    case's bitmask rows as on the others; None without bitmask rows."""
+    """The step's grammar bitmask of the case (a row per row, packed as xgrammar fills it): every token
+    allowed, on the case's bitmask rows as on the others; None without bitmask rows."""
     if not case.bitmask_rows:
         return None
     return torch.full((len(case.params), (vocab_size + 31) // 32), ALLOW_ALL, dtype=torch.int32)
@@ -121,14 +117,6 @@ def run_case(
                        warmup_bitmask(case, vocab_size))[0]
 
 
-def _has_xgrammar() -> bool:
-    try:
-        import xgrammar  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @torch.inference_mode()
 def warm_up_sampling(
     compute_logits,
@@ -141,11 +129,8 @@ def warm_up_sampling(
     """Run every warm-up case once on `device` (after the graph captures); returns the names of the cases run.
     Every rank that computes logits must call it (the LM head gathers over the TP ranks)."""
     t0 = time.perf_counter()
-    xgr = _has_xgrammar()
     done = []
     for case in warmup_cases():
-        if case.bitmask_rows and not xgr:
-            continue
         run_case(case, compute_logits, sampler, hidden_size, dtype, vocab_size, device)
         done.append(case.name)
     if device.type == "cuda":

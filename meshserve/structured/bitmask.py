@@ -2,10 +2,14 @@
 
 A mask is xgrammar's packed bitmask: int32 words, bit t % 32 of word t // 32 set when token t is allowed; a
 row of all ones (-1) allows every token (an unconstrained row of a mixed batch). The masks are filled on
-the CPU (bitmask_filler.py), copied once and applied to the whole batch's logits in place.
+the CPU (bitmask_filler.py), copied once and applied to the whole batch's logits in place. Applying needs no
+xgrammar (our Triton kernel on a GPU, kernels/triton_token_bitmask.py): the engine core imports it (and
+transformers with it, ~1.1 s) only for its first grammar request, not at start-up to warm this path.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -32,12 +36,18 @@ def fill_bitmasks(matchers: list, vocab_size: int) -> torch.Tensor:
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Set the logits [rows, V] of disallowed tokens to -inf, in place: row r by bitmask row r ([rows, words]
     int32, on the host (pinned: the copy does not wait) or on the logits' device). One kernel for the batch:
-    xgrammar's Triton kernel on a GPU, its CPU kernel for fp32 on the CPU, else the torch reference."""
+    ours in Triton on a GPU; on the CPU xgrammar's kernel for fp32 once a grammar has imported xgrammar (never
+    imported for this alone), else the torch reference."""
     if bitmask.shape[0] != logits.shape[0]:
         raise ValueError(f"{bitmask.shape[0]} bitmask rows for {logits.shape[0]} rows of logits")
     vocab = min(logits.shape[-1], bitmask.shape[-1] * 32)
     bitmask = bitmask.to(logits.device, non_blocking=True)
-    if logits.device.type == "cuda" or logits.dtype == torch.float32:
+    if logits.device.type == "cuda" and logits.stride(-1) == 1:
+        from meshserve.kernels.triton_token_bitmask import apply_token_bitmask
+
+        apply_token_bitmask(logits, bitmask.contiguous(), vocab)
+        return
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and "xgrammar" in sys.modules:
         import xgrammar as xgr
 
         xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab)

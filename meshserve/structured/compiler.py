@@ -8,7 +8,6 @@ spec by xgrammar's compiler; concurrent requests with one spec share one future 
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import logging
 import threading
 from typing import Any
@@ -20,7 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 class GrammarCompiler:
-    """Compiles constraints against the model's vocabulary; built lazily (the tokenizer loads on first use)."""
+    """Compiles constraints against the model's vocabulary; built lazily, on the first constrained request's
+    compile thread (xgrammar's import and the tokenizer's load and vocabulary scan: ~2 s for SmolLM2 on a CPU,
+    where a schema's compile takes 8 ms), so a core that serves no grammar never imports xgrammar."""
 
     def __init__(self, tokenizer_path: str | None, vocab_size: int, eos_token_ids: list[int],
                  max_workers: int = 2):
@@ -47,21 +48,6 @@ class GrammarCompiler:
                 self._compiler = xgr.GrammarCompiler(info, max_threads=2)
                 logger.info("grammar compiler ready (vocabulary of %d, stop ids %s)", self.vocab_size, eos)
             return self._compiler
-
-    def prepare(self) -> None:
-        """Build xgrammar's compiler (the tokenizer's load and vocabulary scan: about 1 s for SmolLM2's 49,152
-        tokens, where the schema's own compile takes 8 ms) on a worker thread now, so the first constrained
-        request does not wait for it. A failure is left for that request to report."""
-        if not self.tokenizer_path or importlib.util.find_spec("xgrammar") is None:
-            return
-
-        def build() -> None:
-            try:
-                self._xgr_compiler()
-            except Exception as e:  # noqa: BLE001 - the first constrained request gets the error
-                logger.debug("grammar compiler not prepared: %s", e)
-
-        self._pool.submit(build)
 
     def submit(self, params: StructuredOutputsParams) -> concurrent.futures.Future:
         """A future of the CompiledGrammar; one compile per spec while it is cached here."""

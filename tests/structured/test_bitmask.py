@@ -89,8 +89,9 @@ def test_batch_fill_equals_one_by_one():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize("rows", [1, 3, 64])
 def test_apply_on_the_device_from_pinned_memory_equals_reference(rows):
-    """The engine's GPU path: a pinned host mask, copied without blocking, xgrammar's Triton kernel on bf16
-    logits of SmolLM2's width; the same logits as the torch reference on the CPU."""
+    """The engine's GPU path: a pinned host mask, copied without blocking, our Triton kernel
+    (kernels/triton_token_bitmask.py) on bf16 logits of SmolLM2's width; the same logits as the torch
+    reference on the CPU."""
     gen = torch.Generator().manual_seed(rows)
     vocab = 49152
     bitmask = torch.randint(-(2**31), 2**31 - 1, (rows, vocab // 32), dtype=torch.int32, generator=gen).pin_memory()

@@ -35,8 +35,8 @@ The variants below (selected by the environment in layers/backend_selection.py) 
                       only, the plain layout's occupancy), or only when it holds the whole row (K <= MAX_PRE_K)
 
 The switch is per process (the kernel wrappers are called from many layers): the model runner binds a
-PdlPolicy from the backend selection (MESHSERVE_PDL=1 / auto, layers/backend_selection.py); it is off by default
-until measured. Kernels take USE_GDC as a last constexpr defaulting to False (callers that never use PDL leave it
+PdlPolicy from the backend selection (MESHSERVE_PDL=auto by default: dense models of hidden size <= 2,048; 1 / 0
+force it, layers/backend_selection.py). Kernels take USE_GDC as a last constexpr defaulting to False (callers that never use PDL leave it
 out): False, or GDC_EARLY / GDC_LATE (where the trigger goes: kernels/pdl_jit.py), False under the Triton
 interpreter (which has no griddepcontrol), so the CPU path is the plain kernel; kernels with a PDL-only layout
 (the GEMV's weight preload) take that as a separate constexpr the CPU tests can exercise.
@@ -138,18 +138,18 @@ def one_wave_programs(num_sms: int, num_warps: int) -> int:
 AUTO_MAX_HIDDEN = 2048
 
 
-def auto_enables(hidden_size: int | None) -> bool:
-    """MESHSERVE_PDL=auto's rule: PDL (as measured: early trigger, preload "all") for models whose hidden size is at
-    most AUTO_MAX_HIDDEN, none for larger ones or an unknown size. Why the hidden size: it is the K of the QKV and
-    gate_up rows, and with it every layer's weight bytes. At 1,024 (Qwen3-0.6B, +26% W1 on an H200) a layer's
-    kernels run a few us each, so the launch gaps PDL hides are a large part of the step, and the GEMV preload
-    (2,048 columns) holds those rows whole; at 4,096 (Llama-3.1-8B, -9%) a layer streams ~200 MB, the gaps are
-    small beside it, and the preload's registers halve the programs per SM for the rows' remaining columns.
-    2,048 is the largest row the preload still holds whole; move the bound when the device A/B (tools/
-    pdl_device.sh) shows a variant that pays for the large models. Measured again 2026-12-01 (H200, the
-    decode kernels changed since): Qwen3-0.6B W1 852.6 tok/s off, 615.9 under auto: the rule no longer holds,
-    which is why nothing turns PDL on by default."""
-    return hidden_size is not None and hidden_size <= AUTO_MAX_HIDDEN
+def auto_enables(hidden_size: int | None, moe: bool = False) -> bool:
+    """MESHSERVE_PDL=auto's rule (the default): PDL (early trigger, preload "all") for dense models whose hidden
+    size is at most AUTO_MAX_HIDDEN, none for larger ones, MoE models or an unknown size. Why the hidden size:
+    it is the K of the QKV and gate_up rows, and with it every layer's weight bytes. At 1,024 (Qwen3-0.6B) a
+    layer's kernels run a few us each, so the launch gaps PDL hides are a large part of the step, and the GEMV
+    preload (2,048 columns) holds those rows whole; at 4,096 (Llama-3.1-8B, -9% on 2026-11-30) a layer streams
+    ~200 MB, the gaps are small beside it, and the preload's registers halve the programs per SM for the rows'
+    remaining columns. 2,048 is the largest row the preload still holds whole. MoE models (Qwen3-30B-A3B and
+    DeepSeek-V2-Lite have 2,048) were never measured with it: off. H200 W1 Qwen3-0.6B: +26% on 2026-11-30,
+    -28% on 2026-12-01 (852.6 -> 615.9, not reproduced since), +25% twice on 2026-12-02 (862.3 -> 1,080.0 and
+    1,072.1, in two calls; the GPU tests passed), so it is on by default for such models."""
+    return hidden_size is not None and hidden_size <= AUTO_MAX_HIDDEN and not moe
 
 
 def gdc_kwargs(x: torch.Tensor, pdl: bool | None = None, programs: int | None = None,

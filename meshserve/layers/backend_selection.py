@@ -28,9 +28,10 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_NORM_FOLD=1                     batch 1: both RMSNorms into the GEMVs around them (layers/norm_fold.py)
   MESHSERVE_PDL=1|auto                      programmatic dependent launch of the decode-path Triton kernels on
                                             sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
-                                            kernels/pdl.py); auto: only for models whose hidden size is at most
-                                            2,048 (pdl.auto_enables); off by default: on the H200 Qwen3-0.6B W1
-                                            went +26% on 2026-11-30 and -28% on 2026-12-01 (issue 29)
+                                            kernels/pdl.py); auto (the default): only for dense models whose
+                                            hidden size is at most 2,048 (pdl.auto_enables; H200 Qwen3-0.6B W1
+                                            +26% on 2026-11-30, -28% on 2026-12-01, +25% twice on 2026-12-02);
+                                            0 off, 1 on for any model (issue 29)
   MESHSERVE_PDL_TRIGGER=early|late          PDL variants under A/B (kernels/pdl.py, tools/pdl_device.sh): where
   MESHSERVE_PDL_ONE_WAVE=1                  the next kernel may launch; PDL only for one-wave grids; when the
   MESHSERVE_PDL_PRELOAD=all|none|row        GEMV preloads weights before the wait
@@ -282,15 +283,17 @@ def _forced_switch(env: str) -> bool | None:
 
 
 def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
-    """MESHSERVE_PDL (0 / 1 / auto: by the model's hidden size) and the variants' switches."""
-    mode = os.environ.get(PDL_ENV, "").strip().lower()
+    """MESHSERVE_PDL (0 / 1 / auto, the default: by the model's hidden size, dense models only) and the
+    variants' switches."""
+    mode = os.environ.get(PDL_ENV, "").strip().lower() or "auto"
     if mode == "auto":
         hf_config = config.model_config.hf_config
         # a multimodal config keeps the language model's sizes in text_config
         hf_config = getattr(hf_config, "text_config", None) or hf_config
-        enabled = pdl.auto_enables(getattr(hf_config, "hidden_size", None))
+        moe = any(getattr(hf_config, name, None) for name in ("num_experts", "num_local_experts", "n_routed_experts"))
+        enabled = pdl.auto_enables(getattr(hf_config, "hidden_size", None), moe)
     else:
-        enabled = mode not in ("", "0")
+        enabled = mode != "0"
     return PdlPolicy(
         enabled=on_cuda and enabled,
         trigger=os.environ.get(PDL_TRIGGER_ENV, "").strip().lower() or "early",

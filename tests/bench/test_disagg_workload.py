@@ -21,6 +21,14 @@ def test_default_draws_are_issue_25s_workload():
     assert all(b.send_at > a.send_at for a, b in zip(reqs, reqs[1:]))
 
 
+def test_each_qps_point_draws_its_own_prompts():
+    """The instances keep their prefix caches across a setup's points: the second point must not replay the
+    first's prompts (it did: all cache hits)."""
+    assert disagg.point_seed(0) == 25
+    first, second = (disagg.bursty_requests(2.0, 8, seed=disagg.point_seed(i), prompt_len=(16, 64)) for i in (0, 1))
+    assert not {tuple(r.prompt[:16]) for r in first} & {tuple(r.prompt[:16]) for r in second}
+
+
 def test_length_ranges_bound_the_draws():
     reqs = disagg.bursty_requests(1.0, 20, prompt_len=(16, 64), output_len=(4, 8))
     assert all(16 <= len(r.prompt) <= 64 and 4 <= r.max_tokens <= 8 for r in reqs)

@@ -8,8 +8,8 @@
 #             balanced / auto / auto+prefetch / auto+transposed)
 #   moe       tools/bench_moe.py at V2-Lite's shapes (layer: legacy / new / stream; sweep: tables and candidates)
 #   variants  W2 with MESHSERVE_MLA_PREFETCH=1, MESHSERVE_MLA_TRANSPOSED=1, MESHSERVE_MOE_CONFIGS=stream
-#   w2pair    W2 V2-Lite with ON_ENV (default: the pipelined MLA loop, the shared-experts fold) then without,
-#             back to back; w2qpair: W2 Qwen3-30B-A3B with MESHSERVE_MOE_ROUTE_ALIGN=fused then chain
+#   w2pair    W2 V2-Lite with ON_ENV (default: the pipelined MLA loop everywhere, the shared-experts fold) then
+#             with OFF_ENV (default: the plain MLA loop, no fold), back to back; w2qpair: W2 Qwen3-30B-A3B with MESHSERVE_MOE_ROUTE_ALIGN=fused then chain
 # MLA_ONLY (default model,sweep,layer) and MLA_SHAPES (e.g. 256x800,256xw2mix) pick bench_mla_decode's parts; MOE_MODELS / MOE_PATHS / MOE_BATCHES /
 # MOE_ARGS bench_moe's (default V2-Lite, its own default paths and batches, the sweep on)
 # Every log and JSON lands in $OUT; summary lines on stdout. A part starts only with 40 s left.
@@ -84,7 +84,8 @@ for part in $PARTS; do
   w2pair)
     run_bench w2_dsv2lite_on 90 "${ON_ENV:-MESHSERVE_MLA_DECODE_KERNEL=pipelined MESHSERVE_MOE_FUSE_SHARED=1}" -- \
       throughput --model deepseek-v2-lite
-    run_bench w2_dsv2lite_off 90 MESHSERVE_MLA_PREFETCH=0 -- throughput --model deepseek-v2-lite ;;
+    run_bench w2_dsv2lite_off 90 "${OFF_ENV:-MESHSERVE_MLA_DECODE_KERNEL=default MESHSERVE_MOE_FUSE_SHARED=0}" -- \
+      throughput --model deepseek-v2-lite ;;
   w2qpair)
     run_bench w2_qwen3moe_fused 90 MESHSERVE_MOE_ROUTE_ALIGN=fused -- throughput --model qwen3-30b-a3b
     run_bench w2_qwen3moe_chain 90 MESHSERVE_MOE_ROUTE_ALIGN=chain -- throughput --model qwen3-30b-a3b ;;

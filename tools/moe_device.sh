@@ -2,11 +2,11 @@
 # Issues 23/24 on one H200 in one call: the MoE kernels' GPU tests (TESTS=1), the MoE layer alone old vs new
 # (tools/bench_moe.py, BENCH=1), then W1/W2 jobs each run twice, new path and MESHSERVE_MOE_LEGACY=1, back to
 # back in the same session. JOBS picks jobs (unset: the two W1 jobs; "": none; W2 runs take ~1-2 min each).
-# PATHS picks the paths each job runs (default "new legacy"; "fused": new with MESHSERVE_MOE_ROUTE_ALIGN=fused;
-# fold: new with MESHSERVE_MOE_FUSE_SHARED=1).
+# PATHS picks the paths each job runs (default "new legacy"; new routes + aligns in one launch since 2026-12-02;
+# "chain": new with MESHSERVE_MOE_ROUTE_ALIGN=chain, the five launches; fold: new with MESHSERVE_MOE_FUSE_SHARED=1).
 # Logs and JSON go into $OUT/moe.tgz (bench_moe.json beside), the summary lines to stdout.
 #   TESTS=1 BENCH=1 JOBS="w1_qwen3moe w1_dsv2lite" OUT=$OUT bash tools/moe_device.sh
-#   BENCH=1 BENCH_ARGS=--route-align-only JOBS=w2_qwen3moe PATHS="new fused" OUT=$OUT bash tools/moe_device.sh
+#   BENCH=1 BENCH_ARGS=--route-align-only JOBS=w2_qwen3moe PATHS="new chain" OUT=$OUT bash tools/moe_device.sh
 # The shared-experts fold (issue 24): the layer at 8-2,048 tokens, then W2 on V2-Lite with and without it:
 #   TESTS=1 BENCH=1 BENCH_ARGS="--models deepseek-v2-lite --paths new,fold --batches 8,64,256,2048 --no-sweep" \
 #     JOBS=w2_dsv2lite PATHS="new fold" OUT=$OUT bash tools/moe_device.sh
@@ -43,7 +43,7 @@ for job in ${JOBS-w1_qwen3moe w1_dsv2lite}; do  # JOBS="" runs none
   for path in ${PATHS:-new legacy}; do
     case $path in
     legacy) env_moe="MESHSERVE_MOE_LEGACY=1" ;;
-    fused) env_moe="MESHSERVE_MOE_ROUTE_ALIGN=fused" ;;
+    chain) env_moe="MESHSERVE_MOE_ROUTE_ALIGN=chain" ;;
     fold) env_moe="MESHSERVE_MOE_FUSE_SHARED=1" ;;
     *) env_moe="MESHSERVE_MOE_LEGACY=0" ;;
     esac

@@ -184,10 +184,11 @@ def test_pipelined_decode_replays_in_a_cuda_graph_gpu(batch):
 
 @needs_triton
 @interpreter_only
+@pytest.mark.parametrize("kernel", ["pipelined", "auto"])
 @pytest.mark.parametrize("balanced", [False, True])
-def test_the_layer_runs_the_pipelined_loop_when_selected(monkeypatch, balanced):
+def test_the_layer_runs_the_pipelined_loop_when_selected(monkeypatch, balanced, kernel):
     """MESHSERVE_MLA_DECODE_KERNEL=pipelined (KernelSelection.mla_decode_kernel) reaches the kernel the layer
-    picks (split or balanced) and the layer's output stays the torch path's."""
+    picks (split or balanced); auto (the default) only the balanced one; the output stays the torch path's."""
     from dataclasses import replace
 
     from meshserve.kernels import triton_mla, triton_mla_balanced
@@ -197,7 +198,7 @@ def test_the_layer_runs_the_pipelined_loop_when_selected(monkeypatch, balanced):
     heads, nope, rope, v_dim, rank, block_size = 4, 8, 8, 8, 32, 4
     seq_lens = [70, 9, 0]
     layer = MLAAttention(heads, nope, rope, v_dim, rank, 0.25)
-    layer.kernels = replace(PLAIN, attention_backend="triton", mla_balanced=balanced, mla_decode_kernel="pipelined")
+    layer.kernels = replace(PLAIN, attention_backend="triton", mla_balanced=balanced, mla_decode_kernel=kernel)
     meta, layer.kv_cache, _, q_pe = _inputs(heads, rank, rope, seq_lens, torch.float32, "cpu", block_size)
     g = torch.Generator().manual_seed(1)
     q_nope = torch.randn(len(seq_lens), heads, nope, generator=g)
@@ -210,7 +211,7 @@ def test_the_layer_runs_the_pipelined_loop_when_selected(monkeypatch, balanced):
     with torch.inference_mode():
         got = layer._absorbed(q_nope, q_pe, kv_b, meta, triton=True)
         ref = layer._absorbed(q_nope, q_pe, kv_b, meta, triton=False)
-    assert launched == [("mla_decode_balanced" if balanced else "mla_decode", True)]
+    assert launched == [("mla_decode_balanced" if balanced else "mla_decode", kernel == "pipelined" or balanced)]
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 

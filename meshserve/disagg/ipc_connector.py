@@ -195,11 +195,6 @@ def _index(ids: list[int], device: torch.device) -> torch.Tensor:
     return index.pin_memory().to(device, non_blocking=True)  # (ordered before the gathers on this stream)
 
 
-def copy_blocks(dst: torch.Tensor, dst_ids: list[int], src: torch.Tensor, src_ids: list[int]) -> None:
-    """dst[:, dst_ids] = src[:, src_ids] (one layer's blocks, any devices): BlockCopy for one layer."""
-    BlockCopy(dst_ids, src_ids, dst.device, src.device)(dst, src)
-
-
 class IpcConnector(StoreRendezvous, KVConnector):
     """KV blocks read one-sided from a producer's mapped pool on the same host (see the module docstring)."""
 

@@ -124,6 +124,7 @@ from meshserve.kernels.mla_decode_choice import DECODE_KERNELS as MLA_DECODE_KER
 from meshserve.kernels.moe_configs import TABLES as MOE_CONFIG_TABLES
 from meshserve.kernels.pdl import PdlPolicy
 from meshserve.layers.attention import Attention, make_attention_backend
+from meshserve.models.moe_config import num_experts
 
 logger = logging.getLogger(__name__)
 
@@ -290,8 +291,7 @@ def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
         hf_config = config.model_config.hf_config
         # a multimodal config keeps the language model's sizes in text_config
         hf_config = getattr(hf_config, "text_config", None) or hf_config
-        moe = any(getattr(hf_config, name, None) for name in ("num_experts", "num_local_experts", "n_routed_experts"))
-        enabled = pdl.auto_enables(getattr(hf_config, "hidden_size", None), moe)
+        enabled = pdl.auto_enables(getattr(hf_config, "hidden_size", None), num_experts(hf_config) > 0)
     else:
         enabled = mode != "0"
     return PdlPolicy(

@@ -37,16 +37,20 @@ def _connector(role: str, rank: int, port: int, device: str = "cpu", **extra) ->
     return ic.IpcConnector(parse_kv_transfer_config(cfg), _pool(rank, device))
 
 
+def copy_blocks(dst, dst_ids, src, src_ids):
+    ic.BlockCopy(dst_ids, src_ids, dst.device, src.device)(dst, src)
+
+
 def test_copy_blocks_slices_and_gathers_alike():
     src, dst = _pool(0)[0], torch.zeros(2, BLOCKS, *SHAPE)
     ids = [(list(range(9)), list(range(1, 10))), ([9, 0, 4, 7, 1, 2, 3, 5, 6], [0, 9, 8, 7, 6, 5, 4, 3, 2])]
     for src_ids, dst_ids in ids:  # one run (slices), then nine (a gather and a scatter)
-        ic.copy_blocks(dst, dst_ids, src, src_ids)
+        copy_blocks(dst, dst_ids, src, src_ids)
         assert torch.equal(dst[:, dst_ids], src[:, src_ids])
     assert ic._runs([3, 4, 5, 9], [0, 1, 7, 8]) == [(3, 0, 2), (5, 7, 1), (9, 8, 1)]
     fp8 = torch.randn(2, BLOCKS, *SHAPE).to(torch.float8_e4m3fn)
     out = torch.zeros_like(fp8)
-    ic.copy_blocks(out, [1, 5, 2, 8, 0, 3, 4, 6, 7], fp8, list(range(9)))  # (the gather path, as bytes)
+    copy_blocks(out, [1, 5, 2, 8, 0, 3, 4, 6, 7], fp8, list(range(9)))  # (the gather path, as bytes)
     assert torch.equal(out[:, [1, 5, 2]].view(torch.uint8), fp8[:, :3].view(torch.uint8))
 
 

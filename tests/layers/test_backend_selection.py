@@ -125,7 +125,7 @@ def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
         assert select_kernels(_model_config(1024)).pdl and select_kernels(_model_config(2048)).pdl
         assert not select_kernels(_model_config(4096)).pdl and not select_kernels(_model_config(None)).pdl
         assert not select_kernels(_model_config(2048, num_experts=128)).pdl
-        assert not select_kernels(_model_config(2048, n_routed_experts=64)).pdl
+        assert not select_kernels(_model_config(2048, num_local_experts=8)).pdl
         assert not select_kernels(_model_config(1024, device="cpu")).pdl
     # 1 and 0 keep their meaning whatever the model; the variants ride along
     monkeypatch.setenv("MESHSERVE_PDL", "1")

@@ -5,6 +5,9 @@ the saturated side (one thread near 100% of a core is a bottleneck whatever the 
     python tools/proc_cpu.py diff A.json B.json [--min-share 0.05]
     python tools/proc_cpu.py watch PID [INTERVAL_S]   # a line per interval until killed: the busiest threads
                                                       # (PID 0: of every process, the bench client's too)
+    python tools/proc_cpu.py log PID [INTERVAL_S] > F.jsonl  # a JSON line per interval until killed: wall time
+                                                      # and each process's CPU seconds so far (to integrate
+                                                      # any window afterwards, e.g. an API process per QPS point)
 
 A snapshot holds, for PID and every process below it, each thread's name and CPU time (user + system, from
 /proc/PID/task/TID/stat) with the time it was taken; diff prints the threads' CPU time over the wall time
@@ -105,9 +108,21 @@ def watch(root: int, interval_s: float) -> None:
         prev = cur
 
 
+def log(root: int, interval_s: float) -> None:
+    """Cumulative CPU seconds per process (its threads summed), one JSON line per interval, with time.time()."""
+    while True:
+        snap = snapshot(root)
+        per_proc: dict[str, dict] = {}
+        for key, th in snap["threads"].items():
+            entry = per_proc.setdefault(key.split("/")[0], {"process": th["process"], "cpu_s": 0.0})
+            entry["cpu_s"] += th["cpu_s"]
+        print(json.dumps({"t_wall": time.time(), "procs": per_proc}), flush=True)
+        time.sleep(interval_s)
+
+
 def main() -> None:
-    if sys.argv[1] == "watch":
-        watch(int(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) > 3 else 1.0)
+    if sys.argv[1] in ("watch", "log"):
+        (watch if sys.argv[1] == "watch" else log)(int(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) > 3 else 1.0)
         return
     if sys.argv[1] == "snap":
         print(json.dumps(snapshot(int(sys.argv[2]))))

@@ -32,8 +32,12 @@ grep -m1 "start-up, seconds since launch" $OUT/serve.log
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu --format=csv,nounits \
   -lms 500 > $OUT/gpu_clocks.csv 2> /dev/null &
 smi=$!
+# every process's CPU seconds each second (the API processes' cost per request / token for the simulator's
+# front-end model, issue 28), with wall times to cut it by QPS point against w3.json
+python3 tools/proc_cpu.py log $pid 1 > $OUT/proc_cpu.jsonl 2> /dev/null &
+cpulog=$!
 timeout 420 python3 -m meshserve.cli bench serve --qps $qps --client-procs $client_procs --no-progress --output-json $OUT/w3.json 2>&1 | tee $OUT/w3.txt
-kill $smi 2> /dev/null
+kill $smi $cpulog 2> /dev/null
 python3 - "$OUT/gpu_clocks.csv" << 'PY'
 import csv, statistics, sys
 rows = [r for r in csv.reader(open(sys.argv[1]))][1:]

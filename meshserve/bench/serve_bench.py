@@ -532,6 +532,7 @@ def run_serve_bench(ns: argparse.Namespace) -> int:
         load_kwargs = {"chat": chat, "concurrency": int(load) if kind == "concurrency" else None,
                        "temperature": ns.temperature, "ignore_eos": not ns.no_ignore_eos, "api_key": ns.api_key,
                        "progress": not ns.no_progress, "extra_body": extra_body}
+        wall_start = time.time()
         if ns.client_procs == 1:
             results, duration = asyncio.run(run_load(ns.base_url, model, reqs, **load_kwargs))
         else:
@@ -539,6 +540,8 @@ def run_serve_bench(ns: argparse.Namespace) -> int:
 
             results, duration = run_load_in_procs(ns.client_procs, ns.base_url, model, reqs, **load_kwargs)
         summary = summarize(results, duration, load, kind, ns.ttft_slo, ns.tpot_slo)
+        # the point's wall-clock bounds: to cut per-second logs (tools/proc_cpu.py log, GPU clocks) by point
+        summary["wall_start"], summary["wall_end"] = wall_start, time.time()
         points.append(summary)
         print(format_point(summary), flush=True)
         if schema is not None:

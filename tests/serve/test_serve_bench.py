@@ -63,6 +63,9 @@ def test_bench_serve_cli_against_live_server(live, tmp_path, capsys):
     for p in report["points"]:
         assert p["completed"] == 12 and p["failed"] == 0 and p["output_tokens"] == 12 * 6
         assert p["prompt_tokens"] == 12 * 16 and p["ttft_p50"] > 0 and p["itl_p50"] > 0
+    # each point's wall-clock bounds (to cut per-second logs by point), in order and not overlapping
+    first, second = report["points"]
+    assert first["wall_start"] < first["wall_end"] <= second["wall_start"] < second["wall_end"]
     assert (tmp_path / "plot.svg").exists()
     assert "QPS 40: 12/12 ok" in capsys.readouterr().out
 

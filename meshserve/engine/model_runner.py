@@ -54,7 +54,7 @@ from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.step_inputs import StepInputBuilder
 from meshserve.engine.step_profiler import StepProfiler
 from meshserve.engine.step_sampler import StepSampler
-from meshserve.kernels import late_jit_log, process_compile_pool, triton_build_clock
+from meshserve.kernels import late_jit_log, pdl, process_compile_pool, triton_build_clock
 from meshserve.kernels.attention_tile_config import LONG_PREFILL_TOKENS
 from meshserve.kernels.parallel_compile import CompilePass
 from meshserve.layers.backend_selection import TORCH_DTYPES, bind_kernels, select_kernels
@@ -384,7 +384,8 @@ class ModelRunner:
     # -- one step --------------------------------------------------------------------------------
     def forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):
         """The model's forward inside the TP all-reduce's per-forward scope (every call site, graphs too)."""
-        with tensor_parallel_forward():
+        # PDL (kernels/pdl.py) only where the step is decode-only (by default); captures and warm-ups too
+        with tensor_parallel_forward(), pdl.step_scope(meta.is_decode_only):
             return self.model(input_ids, positions, meta, intermediate)
 
     def _graphs_for(self, input_ids, meta) -> DecodeGraphs | MixedStepGraphs | None:

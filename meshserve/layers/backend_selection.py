@@ -35,6 +35,8 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_PDL_TRIGGER=early|late          PDL variants under A/B (kernels/pdl.py, tools/pdl_device.sh): where
   MESHSERVE_PDL_ONE_WAVE=1                  the next kernel may launch; PDL only for one-wave grids; when the
   MESHSERVE_PDL_PRELOAD=all|none|row        GEMV preloads weights before the wait
+  MESHSERVE_PDL_STEPS=decode|all            PDL in decode-only steps (default: steps carrying prompt tokens ran
+                                            ~15% slower with it, W3 Qwen3-0.6B 2026-12-02) or in every step
   MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024  small batches' decode graphs also for these context bounds, with
                                             fewer attention splits (default none: opt-in until measured)
   MESHSERVE_PREFILL_TILE_LEGACY=1           prompt rows' attention (prefill and unified kernels) with the launch
@@ -147,6 +149,7 @@ PDL_ENV = "MESHSERVE_PDL"
 PDL_TRIGGER_ENV = "MESHSERVE_PDL_TRIGGER"
 PDL_ONE_WAVE_ENV = "MESHSERVE_PDL_ONE_WAVE"
 PDL_PRELOAD_ENV = "MESHSERVE_PDL_PRELOAD"
+PDL_STEPS_ENV = "MESHSERVE_PDL_STEPS"
 MOE_LEGACY_ENV = "MESHSERVE_MOE_LEGACY"
 MOE_CONFIGS_ENV = "MESHSERVE_MOE_CONFIGS"
 MOE_FUSE_SHARED_ENV = "MESHSERVE_MOE_FUSE_SHARED"
@@ -299,6 +302,7 @@ def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
         trigger=os.environ.get(PDL_TRIGGER_ENV, "").strip().lower() or "early",
         one_wave_only=os.environ.get(PDL_ONE_WAVE_ENV, "") not in ("", "0"),
         preload=os.environ.get(PDL_PRELOAD_ENV, "").strip().lower() or "all",
+        steps=os.environ.get(PDL_STEPS_ENV, "").strip().lower() or "decode",
     )
 def _tp_fused_norm() -> str:
     value = os.environ.get(TP_FUSED_NORM_ENV, "").strip().lower()

@@ -32,6 +32,31 @@ def test_switch_is_scoped_and_off_by_default():
     assert not pdl.is_enabled() and pdl.resolve(True)
 
 
+def test_step_scope_turns_pdl_off_in_prompt_carrying_forwards_of_this_thread():
+    import threading
+
+    from meshserve.kernels import pdl
+
+    with pdl.enabled():
+        with pdl.step_scope(decode_only=True):
+            assert pdl.resolve(None)
+        with pdl.step_scope(decode_only=False):
+            assert not pdl.resolve(None) and pdl.resolve(True)  # an explicit argument still wins
+            with pdl.step_scope(decode_only=True):  # nested: the inner mark, then the outer one again
+                assert pdl.resolve(None)
+            assert not pdl.resolve(None)
+            seen = []  # the mark is per thread: another thread's forward is not this one's
+            worker = threading.Thread(target=lambda: seen.append(pdl.resolve(None)))
+            worker.start()
+            worker.join()
+            assert seen == [True]
+        assert pdl.resolve(None)
+    with pdl.enabled(steps="all"), pdl.step_scope(decode_only=False):  # PDL in every step, as before
+        assert pdl.resolve(None)
+    with pdl.enabled(False), pdl.step_scope(decode_only=True):  # the scope never turns PDL on
+        assert not pdl.resolve(None)
+
+
 @interp
 def test_interpreter_and_cpu_never_launch_with_pdl():
     from meshserve.kernels import pdl

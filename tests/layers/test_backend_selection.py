@@ -136,6 +136,14 @@ def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
     assert select_kernels(_model_config(4096)).pdl_policy == PdlPolicy(True, "late", True, "row")
     monkeypatch.setenv("MESHSERVE_PDL", "0")
     assert select_kernels(_model_config(1024)).pdl_policy == PdlPolicy(False, "late", True, "row")
+    # decode-only steps by default; MESHSERVE_PDL_STEPS=all keeps PDL in steps carrying prompt tokens
+    assert select_kernels(_model_config(1024)).pdl_policy.steps == "decode"
+    monkeypatch.setenv("MESHSERVE_PDL_STEPS", "all")
+    assert select_kernels(_model_config(1024)).pdl_policy == PdlPolicy(False, "late", True, "row", "all")
+    monkeypatch.setenv("MESHSERVE_PDL_STEPS", "prefill")
+    with pytest.raises(ValueError, match="steps"):
+        select_kernels(_model_config(1024))
+    monkeypatch.delenv("MESHSERVE_PDL_STEPS")
     monkeypatch.setenv("MESHSERVE_PDL_PRELOAD", "half")
     with pytest.raises(ValueError, match="preload"):
         select_kernels(_model_config(1024))

@@ -35,6 +35,7 @@ from meshserve.serve.serving_common import (
     usage_of,
 )
 from meshserve.serve.streaming import SSE_DONE, SSEResponse, sse_error, sse_event
+from meshserve.serve.structured_request import import_grammar_backend
 from meshserve.serve.tool_call_stream import ToolCallStream
 from meshserve.serve.tool_calls import ToolPlan, plan_tools, template_messages
 
@@ -68,6 +69,7 @@ class ChatService:
         tracker = self.metrics.track()
         try:
             model = check_model(self.config, req.model)
+            await import_grammar_backend(req)  # off the event loop: its first import takes ~1.5 s
             plan = plan_tools(req, self.config)
             params = chat_sampling_params(req, self.client.generation_defaults, plan.constraint)
             if plan.mode == "auto" and plan.keeps_special_tokens:

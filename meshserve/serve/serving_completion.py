@@ -32,6 +32,7 @@ from meshserve.serve.serving_common import (
     usage_of,
 )
 from meshserve.serve.streaming import SSE_DONE, SSEResponse, sse_error, sse_event
+from meshserve.serve.structured_request import import_grammar_backend
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class CompletionService:
         tracker = self.metrics.track()
         try:
             model = check_model(self.config, req.model)
+            await import_grammar_backend(req)  # off the event loop: its first import takes ~1.5 s
             params = completion_sampling_params(req, self.client.generation_defaults)
             tracker.ttft_target_s, tracker.tpot_target_s = self.client.slo_targets(req.slo)
             prompts = req.prompts()

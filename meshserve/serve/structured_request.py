@@ -4,6 +4,10 @@ each is checked here so that a bad schema is a 400 naming the field it came in."
 
 from __future__ import annotations
 
+import asyncio
+import importlib
+import sys
+
 from meshserve.errors import InvalidArgumentError
 from meshserve.serve.protocol import SamplingRequest
 from meshserve.structured.grammar import check_structured_outputs
@@ -53,3 +57,27 @@ def structured_outputs_of(req: SamplingRequest) -> StructuredOutputsParams | Non
     name, params = found[0]
     check_structured_outputs(params, param=name)
     return params
+
+
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+def may_need_grammar(req: SamplingRequest) -> bool:
+    """Whether checking the request may parse a grammar (xgrammar): an output constraint in any of its fields,
+    or tools (a "required" or named tool_choice constrains the answer)."""
+    rf = req.response_format
+    return ((rf is not None and rf.type != "text") or req.structured_outputs is not None
+            or any(getattr(req, name) is not None for name in _GUIDED) or bool(getattr(req, "tools", None)))
+
+
+async def import_grammar_backend(req: SamplingRequest) -> None:
+    """xgrammar's first import in this process (~1.5 s: it brings torch and transformers) on a worker thread,
+    before a request's synchronous check needs it. Inline it stopped every stream of the API process for as
+    long (CPU machine: the event loop's longest gap 1.43-1.53 s inline, 0.16-0.17 s from a thread, whose
+    import still holds the GIL while it loads the native libraries)."""
+    if "xgrammar" in sys.modules or not may_need_grammar(req):
+        return
+    try:
+        await asyncio.to_thread(importlib.import_module, "xgrammar")
+    except ImportError:
+        pass  # the check itself then says what is missing

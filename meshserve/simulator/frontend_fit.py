@@ -56,7 +56,7 @@ class FrontEndFit:
     residuals_s: tuple[float, ...]
 
 
-def _api_pids(rows: list[dict]) -> list[str]:
+def api_pids(rows: list[dict]) -> list[str]:
     """The forkserver children but the busiest (the engine core): the API processes."""
     last = rows[-1]["procs"]
     spawned = [pid for pid, p in last.items() if FORKSERVER in p["process"]]
@@ -92,7 +92,7 @@ def idle_rate(rows: list[dict], pids: list[str], windows: list[tuple[float, floa
     return busy / wall if wall > 0 else 0.0
 
 
-def _read(run: Path, name: str) -> str:
+def read_member(run: Path, name: str) -> str:
     """A file of the run: run/name, or the member of the run's .tgz whose base name is name."""
     if run.is_dir():
         return (run / name).read_text()
@@ -104,9 +104,9 @@ def _read(run: Path, name: str) -> str:
 def load_run(run: str | Path) -> list[PointLoad]:
     """Each point of a run (a directory or .tgz holding w3.json and proc_cpu.jsonl)."""
     run = Path(run)
-    rows = [json.loads(line) for line in _read(run, "proc_cpu.jsonl").splitlines() if line.strip()]
-    points = json.loads(_read(run, "w3.json"))["points"]
-    pids = _api_pids(rows)
+    rows = [json.loads(line) for line in read_member(run, "proc_cpu.jsonl").splitlines() if line.strip()]
+    points = json.loads(read_member(run, "w3.json"))["points"]
+    pids = api_pids(rows)
     windows = [(p["wall_start"], p["wall_end"]) for p in points]
     idle = idle_rate(rows, pids, windows)
     out = []

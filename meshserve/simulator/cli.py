@@ -8,7 +8,7 @@ import math
 import sys
 
 from meshserve.errors import InvalidArgumentError
-from meshserve.simulator.frontend import FRONTEND_H200
+from meshserve.simulator.frontend import FRONTEND_BEFORE_GATE, FRONTEND_H200, FrontEndCosts
 
 
 def register(subparsers) -> None:
@@ -87,18 +87,22 @@ def register(subparsers) -> None:
     g.add_argument("--max-queue-len", type=int, default=d.max_queue_len)
     g.add_argument("--frontend-latency-ms", type=float, default=0.0,
                    help="fixed latency (network, HTTP) before a request reaches its replica (counted in TTFT)")
-    g.add_argument("--frontend-request-ms", type=float, default=FRONTEND_H200.per_request_s * 1e3,
+    g.add_argument("--frontend-request-ms", type=float, default=None,
                    help="the API process's CPU per request (parse, tokenize, admit or 429): a queue in front of "
-                        "each replica's core (default: fitted to W3 on one H200; 0 with --frontend-token-us 0: "
-                        "no front-end queue)")
-    g.add_argument("--frontend-token-us", type=float, default=FRONTEND_H200.per_token_s * 1e6,
-                   help="the API process's CPU per streamed token (detokenize, one SSE event)")
-    g.add_argument("--frontend-refusal-ms", type=float, default=FRONTEND_H200.per_refusal_s * 1e3,
+                        f"each replica's core (default {FRONTEND_H200.per_request_s * 1e3:g}: measured on one H200's "
+                        "host under W3, pinned by the light-load TTFT; 0 with --frontend-token-us 0: no front-end "
+                        "queue)")
+    g.add_argument("--frontend-token-us", type=float, default=None,
+                   help="the API process's CPU per streamed token (detokenize, one SSE event; default "
+                        f"{FRONTEND_H200.per_token_s * 1e6:g})")
+    g.add_argument("--frontend-refusal-ms", type=float, default=None,
                    help="the API process's CPU per 429 from its gate (with --slo-ttft-ms: a request its process's "
                         "delays plus the core's queue wait cannot serve in time is refused before parsing, as "
-                        "`meshserve serve` does; an estimate)")
+                        f"`meshserve serve` does; default {FRONTEND_H200.per_refusal_s * 1e3:g}, measured)")
     g.add_argument("--no-frontend-gate", action="store_true",
-                   help="model the server before the API process's gate (every 429 after a full intake)")
+                   help="model the server before the API process's gate (every 429 after a full intake), with "
+                        f"that build's costs unless given ({FRONTEND_BEFORE_GATE.per_request_s * 1e3:g} ms, "
+                        f"{FRONTEND_BEFORE_GATE.per_token_s * 1e6:g} us)")
     g.add_argument("--frontend-stalls", choices=("on", "off"), default="off",
                    help="on: with the gate, each API process stalls in full garbage collections as servers before "
                         "054ccb3 did (or `serve --no-gc-freeze` does): one stall every ~130 requests it takes in, "
@@ -205,11 +209,21 @@ def router_costs_from_args(ns: argparse.Namespace):
                    c.per_refusal_s if ns.router_refusal_ms is None else ns.router_refusal_ms / 1e3)
 
 
+def frontend_costs_from_args(ns: argparse.Namespace) -> FrontEndCosts:
+    """The API process's costs: those of the build modelled (FRONTEND_BEFORE_GATE with --no-frontend-gate) with
+    any --frontend-* override."""
+    c = FRONTEND_BEFORE_GATE if ns.no_frontend_gate else FRONTEND_H200
+    return FrontEndCosts(c.per_request_s if ns.frontend_request_ms is None else ns.frontend_request_ms / 1e3,
+                         c.per_token_s if ns.frontend_token_us is None else ns.frontend_token_us / 1e6,
+                         c.per_refusal_s if ns.frontend_refusal_ms is None else ns.frontend_refusal_ms / 1e3)
+
+
 def config_from_args(ns: argparse.Namespace):
     """The SimConfig of a parsed `meshserve simulate` command line (validated)."""
     from meshserve.simulator.config import SimConfig
 
     router = router_costs_from_args(ns)
+    frontend = frontend_costs_from_args(ns)
     config = SimConfig(model=ns.model, gpu=ns.gpu, num_gpus=ns.num_gpus, tp=ns.tp, pp=ns.pp,
                        pipeline_depth=ns.pipeline_depth,
                        pp_host_step_s=None if ns.pp_host_step_ms is None else ns.pp_host_step_ms / 1e3,
@@ -223,8 +237,8 @@ def config_from_args(ns: argparse.Namespace):
                        max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
                        num_blocks=ns.num_blocks, max_queue_len=ns.max_queue_len, hardware_file=ns.hardware_file,
                        frontend_latency_s=ns.frontend_latency_ms / 1e3,
-                       frontend_request_s=ns.frontend_request_ms / 1e3, frontend_token_s=ns.frontend_token_us / 1e6,
-                       frontend_refusal_s=ns.frontend_refusal_ms / 1e3, frontend_gate=not ns.no_frontend_gate,
+                       frontend_request_s=frontend.per_request_s, frontend_token_s=frontend.per_token_s,
+                       frontend_refusal_s=frontend.per_refusal_s, frontend_gate=not ns.no_frontend_gate,
                        frontend_stalls=ns.frontend_stalls == "on",
                        api_server_count=ns.api_server_count, router_request_s=router.per_request_s,
                        router_event_s=router.per_event_s, router_refusal_s=router.per_refusal_s,
@@ -281,14 +295,17 @@ def run_simulate(ns: argparse.Namespace) -> int:
         + ("; step-time noise (measured / predicted) and host gaps between steps as that trace's engine showed "
            "them, the same on every GPU" if ns.step_noise == "on" else "; no step-time noise")),
         (f"each of a replica's {ns.api_server_count} API process(es) is one CPU queue: "
-         f"{ns.frontend_request_ms:g} ms per request (a 429 "
-         f"after parsing included) and {ns.frontend_token_us:g} us per streamed token (fitted to the API process "
-         "saturating at W3 QPS 96 on one H200's host, BENCHMARKS.md issue 18, before the gate and lean streaming; "
-         "the split between the two is an estimate), plus a fixed --frontend-latency-ms"
+         f"{config.frontend_request_s * 1e3:g} ms per request (a 429 after parsing included) and "
+         f"{config.frontend_token_s * 1e6:g} us per streamed token ("
+         + ("the server before the gate: fitted to its API process saturating at W3 QPS 96 on one H200's host, "
+            "BENCHMARKS.md issue 18; the split between the two is an estimate" if ns.no_frontend_gate else
+            "the API processes' CPU measured under W3 on one H200's host, 2026-12-02: 11.9 ms per admitted request "
+            "with its 128 tokens; the split between the two pinned by the light-load TTFT, not measured")
+         + "), plus a fixed --frontend-latency-ms"
          + ("" if ns.no_frontend_gate or not ns.slo_ttft_ms else
-            f"; with --slo-ttft-ms each process's gate answers 429 before parsing ({ns.frontend_refusal_ms:g} ms "
-            "each, an estimate) when its input delay and loop lag plus the core's queue wait break the target, "
-            "as `meshserve serve` does")
+            "; with --slo-ttft-ms each process's gate answers 429 before parsing "
+            f"({config.frontend_refusal_s * 1e3:g} ms each: the measured mean over every 429) when its input "
+            "delay and loop lag plus the core's queue wait break the target, as `meshserve serve` does")
          + "; the network and replica failures are not modelled; every request runs to its output length"),
         *([] if config.disaggregation is None else [
             f"disaggregation {config.disaggregation[0]}:{config.disaggregation[1]}: each prompt's KV (bf16, the "

@@ -9,11 +9,17 @@ reach the core late (their time-to-first-token target already spent, which the c
 counts from the handler's start) and tokens reach the client late and in bursts. That is the collapse measured
 at W3 QPS 96 with targets on one H200 (BENCHMARKS.md, issue 18: the GPU only 56-61% busy).
 
-Calibration (FRONTEND_H200, assumptions): per_token_s = 50 us: the front end's output processing measured
-~9 us per token (`meshserve bench channel`, batch 256) plus an SSE event's JSON and write, estimated at ~40 us
-(not measured alone). per_request_s from the one saturated point measured: at QPS 96 with targets the API
-process was saturated while it streamed 3,203 tok/s: (1 - 3,203 x 50 us) / 96 = 8.7 ms per request (a 429
-counted as a full request). Only that sum is measured: a heavier token and lighter request split fits it too.
+Calibration (FRONTEND_H200, since 2026-12-02): the API processes' CPU measured under load (the eighteenth
+session, Qwen3-0.6B W3 with 4 API processes at QPS 256-512 on one H200; validation_frontend.py): an admitted
+request with its 128 streamed tokens costs 11.9 ms of its process, a refusal 1.0 ms (+- 0.9: weakly
+determined). Every W3 request streams the same 128 tokens, so the run cannot split a request's intake from its
+tokens; the intake is pinned to 4.9 ms by the light-load TTFT p50 (the fifteenth session's QPS 64: the intake
+whose simulated TTFT equals the measured less the client's connect time), leaving 56 us per token (the stream's
+set-up and close ride on its tokens). FRONTEND_BEFORE_GATE is the server before the gate and lean streaming
+(before 1aa067c / b73b0d1), fitted to its one saturated point: at W3 QPS 96 with targets its API process
+streamed 3,203 tok/s: (1 - 3,203 x 50 us) / 96 = 8.7 ms per request (a 429 counted as a full request), 50 us
+per token = ~9 us of output processing measured (`meshserve bench channel`) + ~40 us estimated for the SSE
+event.
 Between jobs the queue drains at one second of work per second (the Lindley recursion); jobs must come in time
 order (the replica delivers a decode run's steps lazily, in order, see replica.py).
 
@@ -66,10 +72,10 @@ class FrontEndCosts:
         return self.per_request_s > 0 or self.per_token_s > 0
 
 
-# per_refusal_s: h11 parsing of a ~2 kB request and a small JSON 429 written, no tokenization, no stream (an
-# estimate, not measured alone: the measured bound is that one API process answered ~72 refusals/s beside 56
-# admissions/s at W3 QPS 128 without saturating, and refused in 9-10 ms p50 at the client)
-FRONTEND_H200 = FrontEndCosts(per_request_s=8.7e-3, per_token_s=50e-6, per_refusal_s=1.0e-3)
+# validation_frontend.py's refit, rounded: python -m meshserve.simulator.validation_frontend
+FRONTEND_H200 = FrontEndCosts(per_request_s=4.9e-3, per_token_s=56e-6, per_refusal_s=1.0e-3)
+# the server before the gate (1aa067c) and lean streaming (b73b0d1): the runs of those builds replay with it
+FRONTEND_BEFORE_GATE = FrontEndCosts(per_request_s=8.7e-3, per_token_s=50e-6, per_refusal_s=1.0e-3)
 FRONTEND_OFF = FrontEndCosts(0.0, 0.0)
 # a token that folds into its stream's event still waiting to be written (lean streaming, b73b0d1: a lagging
 # caller's outputs go out as one event) costs the output processing alone, measured ~9 us per token (`meshserve

@@ -18,7 +18,7 @@ from pathlib import Path
 from meshserve.errors import InvalidArgumentError
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fleet import simulate
-from meshserve.simulator.frontend import FRONTEND_H200, FRONTEND_OFF, FrontEndCosts
+from meshserve.simulator.frontend import FRONTEND_BEFORE_GATE, FRONTEND_H200, FRONTEND_OFF, FrontEndCosts
 from meshserve.simulator.router_node import ROUTER_OFF, RouterCosts, load_router_costs
 from meshserve.simulator.step_cost import TpCosts, load_tp_costs
 from meshserve.simulator.step_noise import has_step_noise
@@ -111,6 +111,12 @@ def frontend_latency_from(qps: float, measured_ttft_p50: float, run: MeasuredRun
     return max(0.0, measured_ttft_p50 - sim["ttft_p50"])
 
 
+def frontend_of(run: MeasuredRun) -> FrontEndCosts:
+    """The API process's costs of the build that ran: before the gate and lean streaming, the 8.7 ms its one
+    saturated point gave; since, the costs measured under load (frontend.py)."""
+    return FRONTEND_H200 if run.frontend_gate else FRONTEND_BEFORE_GATE
+
+
 def _prefill_chunk(run: MeasuredRun) -> int:
     return SimConfig().slo_prefill_chunk if run.file in _CAPPED else 0
 
@@ -129,19 +135,21 @@ def _cell(pred: float, meas: float, scale: float) -> str:
     return f"{pred * scale:.1f} / {meas * scale:.1f} ({(pred - meas) / meas:+.0%})"
 
 
-def table(runs=W3_H200_RUNS, calibration_qps: float = 32.0, frontend: FrontEndCosts = FRONTEND_H200,
+def table(runs=W3_H200_RUNS, calibration_qps: float = 32.0, frontend: FrontEndCosts | None = None,
           step_noise: bool = False) -> str:
     """Markdown: predicted / measured (error) per metric and point; later runs of a label win a QPS. The fixed
     front-end latency of each label is fitted at calibration_qps (its row is marked) and used for the rest;
     `goals met` lists the metrics within the issue's bounds (ITL is not a goal: the client saw bursts).
     step_noise: each fit's step-time noise and host gaps (step_noise.py) on, seeded per QPS, for the runs
-    whose fit has them (the others' rows say so and run without)."""
+    whose fit has them (the others' rows say so and run without). frontend None: each run's build's costs
+    (frontend_of)."""
     chosen: dict[tuple[str, float], tuple[MeasuredRun, dict]] = {}
     for run in runs:
         for qps, point in measured_points(run).items():
             chosen[(run.label, qps)] = (run, point)
     noisy = {run.calibration: step_noise and has_step_noise(run.calibration) for run in runs}
-    latency = {label: frontend_latency_from(qps, meas["ttft_p50"], run, frontend, noisy[run.calibration])
+    costs = {run.file: frontend or frontend_of(run) for run in runs}
+    latency = {label: frontend_latency_from(qps, meas["ttft_p50"], run, costs[run.file], noisy[run.calibration])
                for (label, qps), (run, meas) in chosen.items() if qps == calibration_qps}
     for run in runs:
         if run.latency_of is not None and run.label not in latency:
@@ -153,7 +161,7 @@ def table(runs=W3_H200_RUNS, calibration_qps: float = 32.0, frontend: FrontEndCo
         same = {"calibration": run.calibration, "api_server_count": run.api_server_count,
                 "step_noise": noisy[run.calibration], "frontend_gate": run.frontend_gate,
                 "slo_prefill_chunk": _prefill_chunk(run)}
-        pred = replay_w3(qps, run.slo, latency.get(label, 0.0), frontend, **same)
+        pred = replay_w3(qps, run.slo, latency.get(label, 0.0), costs[run.file], **same)
         bare = replay_w3(qps, run.slo, latency.get(label, 0.0), **same)
         mark = (f" (fit {run.calibration}; fixed latency {latency[label] * 1e3:.0f} ms fitted here"
                 + ("; no step noise: the fit has none" if step_noise and not noisy[run.calibration] else "")
@@ -281,10 +289,11 @@ TENTH_W3_DP = (("one replica", "x2_h200_1201_s10/w3_dp1/w3.json", 1, None),
 TENTH_LATENCY_OF = "targets, mixed-step graphs"
 
 
-def fixed_latency_of(label: str, qps: float = 32.0, frontend: FrontEndCosts = FRONTEND_H200) -> float:
-    """The fixed latency fitted at qps for the W3 run `label` (W3_H200_RUNS): measured TTFT p50 less simulated."""
+def fixed_latency_of(label: str, qps: float = 32.0, frontend: FrontEndCosts | None = None) -> float:
+    """The fixed latency fitted at qps for the W3 run `label` (W3_H200_RUNS): measured TTFT p50 less simulated
+    (frontend None: the run's build's costs)."""
     run = next(r for r in W3_H200_RUNS if r.label == label and qps in measured_points(r))
-    return frontend_latency_from(qps, measured_points(run)[qps]["ttft_p50"], run, frontend)
+    return frontend_latency_from(qps, measured_points(run)[qps]["ttft_p50"], run, frontend or frontend_of(run))
 
 
 def tenth_dp_rows(frontend_latency_s: float | None = None) -> list[dict]:
@@ -568,8 +577,8 @@ EXTRAPOLATION_ASSUMPTIONS = (
     "planner's ring model on the catalog's NVLink and the H200 TP=2 per-layer costs (calibration.toml's tp table: "
     "15.9 us per layer and 0.82 us per layer per sequence, x (1 - 1/tp)) carried to every GPU and TP; each "
     "replica's API process as measured on the H200 host "
-    "(8.7 ms per request, 50 us per token); catalog prices (assumed on-demand $/GPU-hour, not quotes); goodput "
-    "against TTFT 1 s and TPOT 50 ms")
+    f"({FRONTEND_H200.per_request_s * 1e3:g} ms per request, {FRONTEND_H200.per_token_s * 1e6:g} us per token); "
+    "catalog prices (assumed on-demand $/GPU-hour, not quotes); goodput against TTFT 1 s and TPOT 50 ms")
 
 
 def fleet_row(model: str, gpu: str, num_gpus: int, tp: int, qps: float, duration_s: float = 300.0,

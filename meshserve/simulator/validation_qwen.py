@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from meshserve.simulator.frontend import FRONTEND_H200
+from meshserve.simulator.frontend import FRONTEND_H200, FrontEndCosts
 from meshserve.simulator.validation import GOALS, measured_points, replay_w3
 
 MODEL = "qwen3-0.6b"
@@ -37,9 +37,9 @@ QWEN_RUNS = (QwenRun("max_num_seqs 256", f"{RUN_DIR}/w3_qwen_meshserve/w3.json",
 
 
 def replay(qps: float, max_num_seqs: int, latency_s: float = 0.0, step_noise: bool = False,
-           prefill_chunk: int = PREFILL_CHUNK) -> dict:
+           prefill_chunk: int = PREFILL_CHUNK, frontend: FrontEndCosts = FRONTEND_H200) -> dict:
     """One W3 point as the session's server ran it (prefill_chunk 0: no cap, the TPOT budget alone)."""
-    return replay_w3(qps, slo=True, frontend_latency_s=latency_s, frontend=FRONTEND_H200,
+    return replay_w3(qps, slo=True, frontend_latency_s=latency_s, frontend=frontend,
                      slo_prefill_chunk=prefill_chunk, api_server_count=API_SERVER_COUNT, step_noise=step_noise,
                      frontend_stalls=False, model=MODEL, max_num_seqs=max_num_seqs)
 
@@ -90,8 +90,10 @@ CHUNK_ASSUMPTIONS = (
     "prompt's FLOPs), nor the eager launch of a mixed step past the captured graphs (the server captures them to "
     "2,048 tokens: the 8B's trace showed no extra cost past them)",
     "the server of the fifteenth session otherwise: max_num_seqs 1024, 4 API processes as CPU queues of "
-    "8.7 ms per request, 50 us per streamed token, 1 ms per refusal (fitted to the 8B's API process, not to "
-    "this run), the fixed latency fitted at QPS 64, no garbage-collection stalls",
+    f"{FRONTEND_H200.per_request_s * 1e3:g} ms per request, {FRONTEND_H200.per_token_s * 1e6:g} us per streamed "
+    f"token, {FRONTEND_H200.per_refusal_s * 1e3:g} ms per refusal (measured on this model's server at QPS "
+    "256-512, the eighteenth session; the request / token split pinned by the QPS 64 TTFT), the fixed latency "
+    "fitted at QPS 64, no garbage-collection stalls",
     "chunk 0: no fixed cap; each step's prompt tokens are what the TPOT target (50 ms x the policy's margin, plus "
     "credit) leaves beside the decodes, by the step-time model, up to max_num_batched_tokens 8,192",
     "MEASURED 2026-12-02 and refuted past the fit's range: a 13,824-token cap (the TPOT budget alone, as chunk 0) "

@@ -113,6 +113,27 @@ def test_slo_flags_past_the_knee_hold_goodput_as_the_server_does(capsys):
     assert old["frontend"]["gate"] is False and old["goodput"] < 0.5 * at64["goodput"]
 
 
+def test_front_end_costs_default_to_the_build_modelled(capsys):
+    """The API process's costs: the refit of the current server (frontend.FRONTEND_H200) by default, those of
+    the server before the gate with --no-frontend-gate, any flag given over either."""
+    from meshserve.simulator.frontend import FRONTEND_BEFORE_GATE, FRONTEND_H200
+
+    def costs(report):
+        fe = report["frontend"]
+        return fe["request_s"], fe["token_s"], fe["refusal_s"]
+
+    base = ("--duration", "2", "--qps", "4")
+    assert costs(_simulate(capsys, *base)) == pytest.approx(
+        (FRONTEND_H200.per_request_s, FRONTEND_H200.per_token_s, FRONTEND_H200.per_refusal_s))
+    assert costs(_simulate(capsys, *base, "--no-frontend-gate")) == pytest.approx(
+        (FRONTEND_BEFORE_GATE.per_request_s, FRONTEND_BEFORE_GATE.per_token_s, FRONTEND_BEFORE_GATE.per_refusal_s))
+    assert costs(_simulate(capsys, *base, "--no-frontend-gate", "--frontend-token-us", "20")) == pytest.approx(
+        (FRONTEND_BEFORE_GATE.per_request_s, 20e-6, FRONTEND_BEFORE_GATE.per_refusal_s))
+    off = costs(_simulate(capsys, *base, "--frontend-request-ms", "0", "--frontend-token-us", "0"))
+    assert off == (0.0, 0.0, FRONTEND_H200.per_refusal_s)
+    assert FRONTEND_H200.per_request_s < FRONTEND_BEFORE_GATE.per_request_s
+
+
 @pytest.mark.slow
 def test_two_replicas_behind_the_router_collapse_at_qps_128(capsys):
     """`serve --data-parallel-size 2` through `meshserve router` (seventh session, 2 x H200, W3 with targets)

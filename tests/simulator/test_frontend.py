@@ -7,7 +7,7 @@ import pytest
 
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fleet import simulate
-from meshserve.simulator.frontend import FRONTEND_H200, FrontEnd, FrontEndCosts
+from meshserve.simulator.frontend import FRONTEND_BEFORE_GATE, FRONTEND_H200, FrontEnd, FrontEndCosts
 from meshserve.simulator.trace import SimRequest, poisson_trace
 
 
@@ -102,19 +102,19 @@ def test_past_the_front_ends_knee_slo_results_collapse_without_the_gate():
     """The server before the API process's gate (frontend_gate False), W3-like load at 96 req/s on one H200
     with targets: the engine alone keeps ~44 req/s of goodput by refusing the rest; with the API process
     saturated (its queue at ~100%) requests reach the core with their TTFT already spent and goodput
-    collapses, as measured then (BENCHMARKS.md issue 18: 6.6 req/s)."""
+    collapses, as measured then (BENCHMARKS.md issue 18: 6.6 req/s), at that build's costs."""
     trace = poisson_trace(96.0, 15.0, 7)
     config = SimConfig(gpu="H200", max_model_len=4096, slo_ttft_s=1.0, slo_tpot_s=0.05, frontend_gate=False)
     engine_only = simulate(config, trace)
-    with_fe = simulate(SimConfig(**{**vars(config), "frontend_request_s": FRONTEND_H200.per_request_s,
-                                    "frontend_token_s": FRONTEND_H200.per_token_s}), trace)
+    with_fe = simulate(SimConfig(**{**vars(config), "frontend_request_s": FRONTEND_BEFORE_GATE.per_request_s,
+                                    "frontend_token_s": FRONTEND_BEFORE_GATE.per_token_s}), trace)
     assert engine_only["goodput"] > 35 and engine_only["frontend"]["busy_fraction"] == 0
     assert with_fe["frontend"]["busy_fraction"] > 0.95
     assert with_fe["goodput"] < 0.5 * engine_only["goodput"]
     assert with_fe["ttft_p50"] > 1.0
     # `--api-server-count 2` halves each process's load: the knee moves past this rate and goodput comes back
-    two = simulate(SimConfig(**{**vars(config), "frontend_request_s": FRONTEND_H200.per_request_s,
-                                "frontend_token_s": FRONTEND_H200.per_token_s, "api_server_count": 2}), trace)
+    two = simulate(SimConfig(**{**vars(config), "frontend_request_s": FRONTEND_BEFORE_GATE.per_request_s,
+                                "frontend_token_s": FRONTEND_BEFORE_GATE.per_token_s, "api_server_count": 2}), trace)
     assert two["frontend"]["busy_fraction"] < 0.75 and two["goodput"] > 0.8 * engine_only["goodput"]
 
 

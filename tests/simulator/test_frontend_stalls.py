@@ -101,13 +101,23 @@ def test_stalls_widen_the_admission_errors_and_shorten_the_queue():
     """One API process at QPS 64 (the run the stalls were measured on): with them the admission's errors widen,
     its margin closes (the server's was 0.76 by its first refusal) and the queue swings, so TTFT p50 falls well
     under the smooth queue's (measured 0.48 s) while goodput and TTFT p99 hold (measured 52.1 req/s, p99
-    0.98 s); tokens held through a stall make the ITL tail (measured p99 0.29 s). Deterministic for a seed."""
-    smooth, stalled = _w3(64.0, 1, False), _w3(64.0, 1, True)
-    assert smooth["frontend"]["stalls"] == 0 and stalled["frontend"]["stalls"] > 20 * 0.2
-    assert stalled["slo_scheduling"]["admission_margin"][0] < smooth["slo_scheduling"]["admission_margin"][0] - 0.03
-    assert stalled["ttft_p50"] < smooth["ttft_p50"] - 0.1
-    assert stalled["goodput"] > 0.97 * smooth["goodput"] > 48
-    assert stalled["ttft_p99"] < 1.1 and stalled["itl_p99"] > 2 * smooth["itl_p99"]
+    0.98 s); tokens held through a stall make the ITL tail (measured p99 0.29 s). Deterministic for a seed. The
+    margin and the p50 over three draws of the stalls (~10 in 20 s: one draw may stall late; with the refitted
+    front-end costs seed 0 closes the margin by 0.02 only, seeds 1 and 2 by 0.25-0.29)."""
+    smooth = _w3(64.0, 1, False)
+    draws = [_w3(64.0, 1, True, seed) for seed in range(3)]
+    stalled = draws[0]
+    assert smooth["frontend"]["stalls"] == 0 and min(d["frontend"]["stalls"] for d in draws) > 20 * 0.2
+
+    def mean(key):
+        return sum(key(d) for d in draws) / len(draws)
+
+    assert mean(lambda d: d["slo_scheduling"]["admission_margin"][0]) < (
+        smooth["slo_scheduling"]["admission_margin"][0] - 0.1)
+    assert mean(lambda d: d["ttft_p50"]) < smooth["ttft_p50"] - 0.1
+    for d in draws:
+        assert d["goodput"] > 0.97 * smooth["goodput"] > 48
+        assert d["ttft_p99"] < 1.1 and d["itl_p99"] > 2 * smooth["itl_p99"]
     again = _w3(64.0, 1, True)
     again.pop("sim_wall_s"), stalled.pop("sim_wall_s")
     assert again == stalled

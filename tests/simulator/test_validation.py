@@ -24,12 +24,14 @@ def test_w3_qps32_matches_the_h200_measurement():
 def test_w3_qps96_with_targets_collapses_as_measured_with_the_front_end_queue():
     """Past the API process's knee the simulated goodput falls where the measured one did (6.6 req/s), not to
     the engine-only 45 (PLANNER.md: -12%): the server of that run, before the API process's gate."""
-    from meshserve.simulator.frontend import FRONTEND_H200
+    from meshserve.simulator.frontend import FRONTEND_BEFORE_GATE
+    from meshserve.simulator.validation import frontend_of
 
     run = W3_H200_RUNS[2]
-    assert not run.frontend_gate
+    assert not run.frontend_gate and frontend_of(run) == FRONTEND_BEFORE_GATE
     measured = measured_points(run)[96.0]
-    predicted = replay_w3(96.0, slo=True, frontend=FRONTEND_H200, calibration=run.calibration, frontend_gate=False)
+    predicted = replay_w3(96.0, slo=True, frontend=FRONTEND_BEFORE_GATE, calibration=run.calibration,
+                          frontend_gate=False)
     assert predicted["goodput"] == pytest.approx(measured["goodput"], rel=0.25)
     assert predicted["frontend"]["busy_fraction"] > 0.95
 
@@ -200,19 +202,22 @@ def test_step_noise_brings_goodput_past_the_knee_to_the_4_api_process_run():
 def test_one_api_process_holds_goodput_at_twice_the_knee_as_measured():
     """The seventh session's run (PLANNER.md), one API process at QPS 128: the API process's gate refuses most
     of the excess before parsing, so goodput stays the GPU's (52.6 req/s measured); goodput, ITL p50 within 10%
-    and TTFT p99 within 20%. TTFT p50 is a known miss (+45%: the simulated predictions miss only by what the
-    queue does, so the fed-back admission margin opens wider than the server's and admits a longer queue)."""
+    and TTFT p99 within 20%, with the fixed latency of the same server setting as the table has it. TTFT p50 is
+    a known miss (+21% in PLANNER.md's table since the front-end refit of 2026-12-02, +27% before: the
+    simulated queue runs longer than the server's)."""
     from meshserve.simulator.frontend import FRONTEND_H200
-    from meshserve.simulator.validation import _prefill_chunk
+    from meshserve.simulator.validation import _prefill_chunk, fixed_latency_of
 
     run = next(r for r in W3_H200_RUNS if r.file == "w3_8b_slo_api1_h200_1130s7.json")
     assert run.api_server_count == 1 and run.frontend_gate and _prefill_chunk(run) == 1024
+    assert run.latency_of == "targets, mixed-step graphs"
     measured = measured_points(run)[128.0]
-    predicted = replay_w3(128.0, run.slo, 0.012, FRONTEND_H200, slo_prefill_chunk=_prefill_chunk(run))
+    latency = fixed_latency_of(run.latency_of)
+    predicted = replay_w3(128.0, run.slo, latency, FRONTEND_H200, slo_prefill_chunk=_prefill_chunk(run))
     for metric, bound in (("goodput", 0.10), ("itl_p50", 0.15), ("ttft_p99", 0.20)):
         assert predicted[metric] == pytest.approx(measured[metric], rel=bound), metric
     assert predicted["frontend"]["gate_refusals"] > 1000
-    assert predicted["ttft_p50"] > 1.2 * measured["ttft_p50"]  # the known miss: if this fails, update PLANNER.md
+    assert predicted["ttft_p50"] > 1.15 * measured["ttft_p50"]  # the known miss: if this fails, update PLANNER.md
 
 
 @pytest.mark.slow

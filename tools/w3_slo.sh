@@ -47,7 +47,7 @@ if busy:
     print(f"GPU while >= 90% busy ({len(busy)} samples): SM clock p50 {med(1):.0f} MHz (min {min(float(r[1]) for r in busy):.0f}), "
           f"memory clock {med(2):.0f} MHz, power p50 {med(3):.0f} W, temperature p50 {med(4):.0f} C")
 PY
-curl -s localhost:8000/metrics | grep -E "^meshserve:(requests_(rejected|shed|slo|total)|step_time|queue_wait|admission_margin)" | tee $OUT/metrics.txt
+curl -s localhost:8000/metrics | grep -E "^meshserve:(requests_(rejected|refused_at_gate|shed|slo|total)|step_time|queue_wait|admission_margin)" | tee $OUT/metrics.txt
 kill -TERM $pid; wait $pid
 # TAR=1: the run's files as one $OUT/w3_run.tgz (a device call brings back 8 files: two runs' logs, traces and
 # reports overflow it, as the sixteenth session's second W3 run did)

@@ -245,6 +245,10 @@ class ServerMetrics:
             "meshserve:requests_rejected", "Requests refused with 429/503, by reason (the error code: "
             "server_overloaded, slo_unattainable at arrival, slo_shed from the queue, ...).", "reason",
             ("server_overloaded", "slo_unattainable", "slo_shed"), r)
+        self.gate_refusals = Counter(
+            "meshserve:requests_refused_at_gate", "Requests the API process's gate answered 429 before parsing "
+            "them (its predicted TTFT past the target): a subset of requests_rejected; the rest of its "
+            "slo_unattainable were refused after parsing, by the engine's own check.", registry=r)
         self.slo = labelled_counter(
             "meshserve:requests_slo", "Finished requests with service-level targets: whether they met them "
             "(TTFT and time per output token). Goodput = rate of met.", "result", ("met", "missed"), r)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -62,6 +63,12 @@ def _json_error(status: int, body: dict, headers: dict[str, str] | None = None) 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _gate_refused(metrics: ServerMetrics, exc: Exception) -> None:
+    """A 429 from the gate (middleware.py), before parsing: counted as a rejected request and apart."""
+    metrics.gate_refusals.inc()
+    metrics.track().fail(exc)
+
+
 def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         if request.url.path.startswith("/v1"):
@@ -111,7 +118,7 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     app.state.engine_client = client
     _install_error_handlers(app, metrics)
     app.add_middleware(GateMiddleware, config=config, state=state, admission=client.frontend_admission_error,
-                       on_reject=lambda exc: metrics.track().fail(exc), on_request=client.load.ensure_watching)
+                       on_reject=functools.partial(_gate_refused, metrics), on_request=client.load.ensure_watching)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_GENERATION_RESPONSES)
     async def create_completion(body: CompletionRequest, request: Request):

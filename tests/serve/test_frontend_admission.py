@@ -73,6 +73,7 @@ def test_a_lagging_front_end_answers_429_at_once_and_recovers(fake_slo_server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     metrics = httpx.get(srv.base_url + "/metrics").text
     assert 'meshserve:requests_rejected_total{reason="slo_unattainable"} 3.0' in metrics
+    assert "meshserve:requests_refused_at_gate_total 3.0" in metrics  # all three before parsing
     # the stall leaves the 1 s window, and requests are taken again (the wait guards against a hang only:
     # on a busy machine the lag watcher may itself see a real stall for a while)
     deadline = time.monotonic() + 30

@@ -30,7 +30,11 @@ Kernels
   (num_seqs, num_kv_heads, num_splits). Each sequence's KV tiles (read from seq_lens on the device) are cut
   into num_splits contiguous ranges; a split writes its partial (max, sum, unnormalised acc) in fp32 to a
   workspace and the reduce kernel (grid (num_seqs, num_heads)) combines them. With num_splits == 1 the split
-  kernel normalises and writes the output directly (no workspace, no reduce launch).
+  kernel normalises and writes the output directly (no workspace, no reduce launch). With the inline reduce
+  (MESHSERVE_DECODE_REDUCE=inline, opt-in until measured: issue 29's "decode attention without a separate
+  reduce") there is no reduce launch either: each split takes a ticket on its (sequence, KV head) after writing
+  its partial (a barrier, then an acq_rel atomic, as kernels/triton_moe_route_align.py), and the split that
+  draws the last one combines the partials of its GQA group and leaves the ticket at zero for the next launch.
 
 CUDA graphs
 -----------
@@ -258,7 +262,7 @@ def _prefill_attention_kernel(
 # (triton_unified_attention._unified_attention_kernel says more)
 @triton.jit(do_not_specialize=["num_splits", "stride_btb"])
 def _decode_split_kernel(
-    q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr,
+    q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr, ticket_ptr,
     scale_log2, window, num_splits, k_scale, v_scale,
     stride_qt, stride_qh, stride_qd,
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
@@ -269,6 +273,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, USE_GDC: tl.constexpr = False,
+    LAST_REDUCES: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -332,6 +337,43 @@ def _decode_split_kernel(
         tl.store(ws_acc_ptr + ws_row[:, None] * BLOCK_D + d[None, :], acc, mask=row_valid[:, None])
         tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_valid)
         tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_valid)
+        if LAST_REDUCES:
+            # ticket_ptr: int32 [sequences x KV heads], zero on entry and on exit (the last split resets it)
+            ticket_slot = ticket_ptr + b.to(tl.int64) * tl.num_programs(1) + kvh
+            tl.debug_barrier()  # every lane's partial stored before the release below
+            ticket = tl.atomic_add(ticket_slot, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_splits - 1:  # the last split of this group: every partial is visible (acquire)
+                tl.debug_barrier()
+                _reduce_group_partials(ws_acc_ptr, ws_ml_ptr, out_ptr, b, heads, row_valid, d, d_mask, tok,
+                                       num_splits, stride_oh, stride_od, stride_ot, NUM_HEADS, ROWS, BLOCK_D)
+                tl.store(ticket_slot, 0)
+
+
+@triton.jit
+def _reduce_group_partials(ws_acc_ptr, ws_ml_ptr, out_ptr, b, heads, row_valid, d, d_mask, tok, num_splits,
+                           stride_oh, stride_od, stride_ot,
+                           NUM_HEADS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The inline reduce: the splits' partials of one GQA group's rows combined as _decode_reduce_kernel does
+    (the largest max first, then the weighted sums), one split at a time. Loads bypass L1 (.cg): the
+    partials were written by programs on other SMs."""
+    row0 = (b.to(tl.int64) * NUM_HEADS + heads) * num_splits  # [ROWS]: split 0's workspace row of each head
+    m_max = tl.full([ROWS], _NEG_BIG, dtype=tl.float32)
+    for s in range(num_splits):
+        m_s = tl.load(ws_ml_ptr + (row0 + s) * 2, mask=row_valid, other=_NEG_BIG, cache_modifier=".cg")
+        m_max = tl.maximum(m_max, m_s)
+    l_tot = tl.zeros([ROWS], dtype=tl.float32)
+    o = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for s in range(num_splits):
+        m_s = tl.load(ws_ml_ptr + (row0 + s) * 2, mask=row_valid, other=_NEG_BIG, cache_modifier=".cg")
+        l_s = tl.load(ws_ml_ptr + (row0 + s) * 2 + 1, mask=row_valid, other=0.0, cache_modifier=".cg")
+        w = tl.where(row_valid, tl.exp2(m_s - m_max), 0.0)
+        acc_s = tl.load(ws_acc_ptr + (row0 + s)[:, None] * BLOCK_D + d[None, :], mask=row_valid[:, None],
+                        other=0.0, cache_modifier=".cg")
+        l_tot += w * l_s
+        o += acc_s * w[:, None]
+    o = o / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
+    tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :] * stride_od,
+             o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -424,13 +466,17 @@ class TritonAttentionBackend:
 
     decode_num_splits: fixes the number of KV splits of decode attention (None: heuristic from
     num_seqs, num_kv_heads, meta.max_seq_len and the SM count). Any value is correct for any seq_lens.
+    inline_reduce: decode's last split per (sequence, KV head) combines the partials instead of a reduce
+    launch (MESHSERVE_DECODE_REDUCE=inline).
     """
 
     name = "triton"
 
-    def __init__(self, decode_num_splits: int | None = None, max_decode_splits: int = 64):
+    def __init__(self, decode_num_splits: int | None = None, max_decode_splits: int = 64,
+                 inline_reduce: bool = False):
         self.decode_num_splits = decode_num_splits
         self.max_decode_splits = max_decode_splits
+        self.inline_reduce = inline_reduce  # decode: the last split reduces (no reduce launch)
 
     # -- cache write ---------------------------------------------------------------------------------
     def write_kv(self, key, value, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
@@ -496,7 +542,8 @@ class TritonAttentionBackend:
         splits = self.decode_splits(meta.seq_lens.shape[0], kv_cache.shape[3], query.shape[2], query.dtype,
                                     meta.max_seq_len, query.device)
         decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                         scale, sliding_window, out, splits, k_scale=k_scale, v_scale=v_scale)
+                         scale, sliding_window, out, splits, k_scale=k_scale, v_scale=v_scale,
+                         inline_reduce=self.inline_reduce)
 
 
 def _decode_block_n(head_dim_pad: int, elem_size: int = 2) -> int:
@@ -542,13 +589,30 @@ def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, 
     return out
 
 
+# the inline reduce's tickets: one int32 per (sequence, KV head) of a launch, zero between launches
+MAX_TICKETS = 1 << 16
+_tickets: dict[torch.device, torch.Tensor] = {}
+
+
+def _ticket_workspace(device: torch.device) -> torch.Tensor:
+    """int32 [MAX_TICKETS], zero between launches (each group's last split resets its ticket). Made once per
+    device, by the first decode (the engine's warm-ups run eagerly before any graph capture); launches on one
+    device must not overlap (one stream, as the engine runs; graphs replay in order)."""
+    tickets = _tickets.get(device)
+    if tickets is None:
+        tickets = _tickets[device] = torch.zeros(MAX_TICKETS, dtype=torch.int32, device=device)
+    return tickets
+
+
 def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, out,
                      num_splits: int, block_n: int | None = None, num_warps: int = 4,
-                     num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0):
+                     num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+                     inline_reduce: bool = False):
     """One query token per sequence (query_start_loc[i] is its row); sequences with q_len != 1 (padding,
     or a mixed batch's prefill chunks, which prefill_attention(skip_single=True) serves) write nothing.
     No host syncs: safe to capture in a CUDA graph. block_n / num_warps / num_stages are tuning knobs
-    (tools/sweep_decode_attention.py); the defaults are the measured best."""
+    (tools/sweep_decode_attention.py); the defaults are the measured best. inline_reduce: with splits, the
+    last split of each group combines the partials (no reduce launch; the module docstring)."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -561,6 +625,8 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
     direct = num_splits == 1
     # PDL (kernels/pdl.py): off unless the runner's selection turned it on; one decision for both kernels
     gdc = gdc_kwargs(query, programs=num_seqs * num_kv_heads * num_splits, num_warps=num_warps)
+    inline = inline_reduce and not direct and num_seqs * num_kv_heads <= MAX_TICKETS
+    tickets = _ticket_workspace(query.device) if inline else out  # unused unless inline
     if direct:
         ws_acc = ws_ml = out  # unused
     else:
@@ -568,7 +634,7 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
                              device=query.device)
         ws_ml = torch.empty((num_seqs, num_heads, num_splits, 2), dtype=torch.float32, device=query.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml,
+        query, kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml, tickets,
         scale * _LOG2E, int(sliding_window) if use_window else 0, num_splits, float(k_scale), float(v_scale),
         query.stride(0), query.stride(1), query.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
@@ -577,10 +643,10 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
         NUM_HEADS=num_heads, GROUP=group, ROWS=rows,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         USE_WINDOW=use_window, DIRECT_OUT=direct, UPCAST_DOT=_upcast_dot(query),
-        DOT_PRECISION=_dot_precision(query), KV_FP8=_is_fp8(kv_cache),
+        DOT_PRECISION=_dot_precision(query), KV_FP8=_is_fp8(kv_cache), LAST_REDUCES=inline,
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **gdc,
     )
-    if not direct:
+    if not direct and not inline:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             ws_acc, ws_ml, query_start_loc, out, num_splits,
             out.stride(0), out.stride(1), out.stride(2),

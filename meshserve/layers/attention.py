@@ -48,14 +48,15 @@ class TorchAttentionBackend:
         return paged_attention_ref(query, kv_cache, meta, scale, sliding_window, k_scale, v_scale)
 
 
-def make_attention_backend(name: str) -> AttentionBackend:
-    """The backend called `name` (torch or triton); layers/backend_selection.py decides which."""
+def make_attention_backend(name: str, decode_inline_reduce: bool = False) -> AttentionBackend:
+    """The backend called `name` (torch or triton); layers/backend_selection.py decides which (and whether the
+    Triton decode reduces its splits inline)."""
     if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
         from meshserve.kernels.triton_attention import TritonAttentionBackend
 
-        return TritonAttentionBackend()
+        return TritonAttentionBackend(inline_reduce=decode_inline_reduce)
     raise ValueError(f"unknown attention backend {name!r} (torch, triton)")
 
 

@@ -39,6 +39,10 @@ Overrides (environment, read only here, for debugging and references):
                                             ~15% slower with it, W3 Qwen3-0.6B 2026-12-02) or in every step
   MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024  small batches' decode graphs also for these context bounds, with
                                             fewer attention splits (default none: opt-in until measured)
+  MESHSERVE_DECODE_REDUCE=kernel|inline     decode attention's split-K partials combined by a reduce launch
+                                            (kernel, the default) or by each group's last split (inline:
+                                            kernels/triton_attention.py, one launch fewer a layer; opt-in until
+                                            measured on the H200: issue 29)
   MESHSERVE_PREFILL_TILE_LEGACY=1           prompt rows' attention (prefill and unified kernels) with the launch
                                             before 2026-12-01 (grid, every tile masked, 64 keys) instead of the
                                             timed default (kernels/attention_tile_config.py: persistent, diagonal
@@ -138,6 +142,8 @@ TP_FUSED_NORM_CHOICES = ("", "pull", "push")
 NORM_FOLD_ENV = "MESHSERVE_NORM_FOLD"
 SKINNY_GEMV_ENV = "MESHSERVE_SKINNY_GEMV"
 DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
+DECODE_REDUCE_ENV = "MESHSERVE_DECODE_REDUCE"
+DECODE_REDUCE_CHOICES = ("kernel", "inline")
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
 MLA_DECODE_TILE_ENV = "MESHSERVE_MLA_DECODE_TILE"
@@ -186,6 +192,8 @@ class KernelSelection:
     cuda_graphs: bool = False  # capture decode steps in CUDA graphs
     # small batches' decode graphs also captured for contexts up to each bound (fewer attention splits)
     decode_context_bounds: tuple[int, ...] = ()
+    # decode attention's split partials combined by the last split of each group (no reduce launch)
+    decode_inline_reduce: bool = False
     kv_cache_dtype: torch.dtype | None = None  # the KV pool's element type (None only in PLAIN)
     # MLA prefill chunks through the per-sequence reference even on the Triton path (layers/mla_attention.py)
     mla_prefill_ref: bool = False
@@ -389,6 +397,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         fused_sampler=fused_ops,
         cuda_graphs=cuda_graphs,
         decode_context_bounds=_decode_context_bounds() if cuda_graphs else (),
+        decode_inline_reduce=_variant(DECODE_REDUCE_ENV, DECODE_REDUCE_CHOICES, "kernel") == "inline",
         kv_cache_dtype=kv_cache_dtype,
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
         mla_legacy=os.environ.get(MLA_LEGACY_ENV, "") not in ("", "0"),
@@ -421,7 +430,7 @@ def bind_kernels(model: nn.Module, selection: KernelSelection) -> None:
     and the prologue switch; every other layer with a `kernels` attribute gets the selection itself. PDL is
     a launch mode of the kernel wrappers, set for the process (kernels/pdl.py)."""
     pdl.set_policy(selection.pdl_policy)
-    backend = make_attention_backend(selection.attention_backend)
+    backend = make_attention_backend(selection.attention_backend, selection.decode_inline_reduce)
     for module in model.modules():
         if isinstance(module, Attention):
             module.backend = backend

@@ -111,3 +111,21 @@ def test_norm_fold_keeps_bf16_decode(model, monkeypatch):
             a, b = plain.logprobs[step], folded.logprobs[step]
             tok = plain.token_ids[step]
             assert b[tok].logprob == pytest.approx(a[tok].logprob, abs=0.15)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_inline_reduce_keeps_greedy_tokens_fp32(model, monkeypatch):
+    # MESHSERVE_DECODE_REDUCE=inline: each group's last split reduces (no reduce launch), in the batch-1
+    # graphs' split counts of both context bounds; fp32: only the reduce's summation order differs
+    from meshserve.kernels import triton_attention
+
+    before = torch.cuda.memory_allocated()
+    runs = {}
+    for mode in ("kernel", "inline"):
+        monkeypatch.setenv("MESHSERVE_DECODE_REDUCE", mode)
+        llm = _llm(model, "float32", monkeypatch, fold=False)
+        assert llm.engine.runner.kernels.decode_inline_reduce == (mode == "inline")
+        runs[mode] = _greedy(llm)
+        _shutdown(llm, before)
+    assert runs["inline"] == runs["kernel"]
+    assert not triton_attention._ticket_workspace(torch.device("cuda", torch.cuda.current_device())).any()

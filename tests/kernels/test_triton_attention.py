@@ -168,6 +168,42 @@ def test_decode_interp(case, splits, dtype):
 
 
 @interp
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+def test_decode_inline_reduce_interp(case):
+    """The last split of each (sequence, KV head) combines the partials (no reduce launch): the output equals
+    the reduce kernel's to fp32 rounding, and every ticket is back at zero (the next launch, or a graph
+    replay, starts from there), whichever split finished last."""
+    from meshserve.kernels import triton_attention
+
+    seq_lens, h, hkv, d, bs, window = DECODE_CASES[case]
+    query, cache, meta = make_case([1] * len(seq_lens), seq_lens, h, hkv, d, bs, torch.float32, seed=20 + case)
+    expect = TritonAttentionBackend(decode_num_splits=3).attend(query, cache, meta, d**-0.5, window)
+    inline = TritonAttentionBackend(decode_num_splits=3, inline_reduce=True)
+    for _ in range(2):  # twice: the tickets left at zero by the first launch serve the second
+        out = inline.attend(query, cache, meta, d**-0.5, window)
+        torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
+        assert not triton_attention._ticket_workspace(query.device).any()
+    check(out, reference(query, cache, meta, d**-0.5, window), torch.float32)
+    one = TritonAttentionBackend(decode_num_splits=1, inline_reduce=True).attend(query, cache, meta, d**-0.5, window)
+    check(one, reference(query, cache, meta, d**-0.5, window), torch.float32)  # one split: the direct path
+
+
+@interp
+def test_decode_inline_reduce_padding_rows_interp():
+    """Rows the split kernel skips (q_len 0: CUDA-graph padding) take no ticket and write nothing."""
+    seq_lens = [40, 7]
+    query, cache, meta = make_case([1, 0, 1], [40, 1, 7], 4, 2, 32, 16, torch.float32, seed=5, table_width=8)
+    meta.max_seq_len = 128
+    out = TritonAttentionBackend(decode_num_splits=4, inline_reduce=True).attend(query, cache, meta, 0.2, None)
+    from meshserve.kernels import triton_attention
+
+    assert not triton_attention._ticket_workspace(query.device).any()
+    ref = reference(query, cache, meta, 0.2, None)
+    check(out, ref, torch.float32)
+    del seq_lens
+
+
+@interp
 @pytest.mark.parametrize("splits", [1, 4])
 def test_decode_padding_rows_interp(splits):
     """CUDA-graph style padding: seq_len 0 rows give zeros; more splits than tiles is fine."""
@@ -268,7 +304,12 @@ sig.update(cache_ptr="*fp8e4nv", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32")
 compile_sm90(_decode_split_kernel, sig,
              dict(NUM_HEADS=32, GROUP=4, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128,
                   USE_WINDOW=True, DIRECT_OUT=False, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=True,
-                  USE_GDC=False), 4, 3)
+                  USE_GDC=False, LAST_REDUCES=False), 4, 3)
+sig.update(ticket_ptr="*i32")  # the inline reduce: the ticket atomics and the last split's combine
+compile_sm90(_decode_split_kernel, sig,
+             dict(NUM_HEADS=32, GROUP=4, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128,
+                  USE_WINDOW=False, DIRECT_OUT=False, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=False,
+                  USE_GDC=False, LAST_REDUCES=True), 4, 3)
 print("compiled")
 """
 
@@ -321,8 +362,13 @@ def test_decode_gpu(head_dim, heads, block_size, batch, max_len):
     scale = head_dim**-0.5
     ref = reference(query, cache, meta, scale, None)
     for splits in (None, 1, 7):
-        out = TritonAttentionBackend(decode_num_splits=splits).attend(query, cache, meta, scale, None)
-        check(out, ref, torch.bfloat16, on_gpu=True)
+        for inline in (False, True):  # the reduce launch, or each group's last split (MESHSERVE_DECODE_REDUCE)
+            backend = TritonAttentionBackend(decode_num_splits=splits, inline_reduce=inline)
+            out = backend.attend(query, cache, meta, scale, None)
+            check(out, ref, torch.bfloat16, on_gpu=True)
+    from meshserve.kernels.triton_attention import _ticket_workspace
+
+    assert not _ticket_workspace(query.device).any()  # every ticket back at zero
 
 
 @gpu
@@ -371,8 +417,8 @@ def test_odd_block_sizes_gpu(block_size):
 
 
 @gpu
-@pytest.mark.parametrize("splits", [None, 1])
-def test_decode_cuda_graph_gpu(splits):
+@pytest.mark.parametrize("splits,inline", [(None, False), (1, False), (None, True), (7, True)])
+def test_decode_cuda_graph_gpu(splits, inline):
     """Capture write_kv + decode attention once; replay with new seq_lens/slots/queries (and padding rows)."""
     torch.manual_seed(0)
     bs_max, h, hkv, d, block_size, max_model_len = 8, 32, 8, 128, 16, 4096
@@ -390,7 +436,7 @@ def test_decode_cuda_graph_gpu(splits):
     qsl = torch.arange(bs_max + 1, dtype=torch.int32, device=dev)
     meta = AttentionMetadata(slots, qsl, seq_lens, tables, 1, max_model_len, list(range(bs_max + 1)),
                              [0] * bs_max)
-    backend = TritonAttentionBackend(decode_num_splits=splits)
+    backend = TritonAttentionBackend(decode_num_splits=splits, inline_reduce=inline)
 
     def step():
         backend.write_kv(k_buf, v_buf, cache, slots)

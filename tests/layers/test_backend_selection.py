@@ -149,6 +149,23 @@ def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
         select_kernels(_model_config(1024))
 
 
+def test_decode_reduce_switch_reaches_the_attention_backend(monkeypatch):
+    # the reduce launch by default; inline (each group's last split reduces) on request, bound to every layer
+    from meshserve.layers.attention import Attention
+
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert not select_kernels(gpu).decode_inline_reduce
+    monkeypatch.setenv("MESHSERVE_DECODE_REDUCE", "inline")
+    selection = select_kernels(gpu)
+    assert selection.decode_inline_reduce
+    layer = Attention(num_heads=4, head_dim=16, num_kv_heads=2, scale=0.25)
+    bind_kernels(torch.nn.Sequential(layer), dataclasses.replace(selection, attention_backend="triton"))
+    assert layer.backend.inline_reduce
+    monkeypatch.setenv("MESHSERVE_DECODE_REDUCE", "last")
+    with pytest.raises(ValueError, match="MESHSERVE_DECODE_REDUCE"):
+        select_kernels(gpu)
+
+
 def test_mla_prefill_reference_switch(monkeypatch):
     # the batched MLA prefill by default on the Triton path; the per-sequence reference for A/B runs
     gpu = _config(device="cuda", dtype="bfloat16")

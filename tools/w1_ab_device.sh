@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# W1 (batch-1 decode, `meshserve bench latency --no-baseline`, CUDA graphs) under switch settings, one tok/s line
+# per run, for A/Bs of issue 29's launch cuts on one H200. A job is MODEL:SETTINGS, SETTINGS "default" or
+# NAME=VALUE pairs joined by "+", each NAME taken as MESHSERVE_NAME (layers/backend_selection.py), e.g.
+#   JOBS="qwen:default qwen:NORM_FOLD=1 qwen:DECODE_REDUCE=inline qwen:NORM_FOLD=1+DECODE_REDUCE=inline
+#         8b:default 8b:NORM_FOLD=1" bash tools/w1_ab_device.sh
+# MODEL: qwen (Qwen3-0.6B), 8b (Llama-3.1-8B) or a preset name. Runs go in the order given and stop starting new
+# ones past BUDGET seconds (default 420). REPEAT=N runs the whole list N times (drift shows). Logs and JSON:
+# $OUT/w1_ab.tgz.
+set -u -o pipefail
+. "$(dirname "$0")/device_env.sh"
+R=/tmp/w1_ab; mkdir -p $R $OUT
+model_name() { case $1 in qwen) echo qwen3-0.6b ;; 8b) echo llama-3.1-8b ;; *) echo "$1" ;; esac; }
+t_start=$SECONDS
+printf "%-8s %-44s %9s %9s %5s\n" model settings "tok/s" decode secs
+for round in $(seq 1 ${REPEAT:-1}); do
+  for job in ${JOBS:?JOBS is required}; do
+    model=$(model_name ${job%%:*}); settings=${job#*:}
+    if [ $((SECONDS - t_start)) -ge ${BUDGET:-420} ]; then echo "skip $job (budget)"; continue; fi
+    envs=()
+    if [ "$settings" != default ]; then
+      IFS=+ read -ra pairs <<< "$settings"
+      for pair in "${pairs[@]}"; do envs+=("MESHSERVE_$pair"); done
+    fi
+    name="${round}_${job//[:=+,]/_}"
+    t0=$SECONDS
+    env "${envs[@]}" timeout ${LIMIT:-120} python3 -m meshserve.cli --log-level INFO bench latency --model $model \
+      --no-baseline --output-json $R/$name.json > $R/$name.log 2>&1
+    rc=$?
+    tok=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['tok_s']:.1f} {r['decode_tok_s']:.1f}\")" \
+          $R/$name.json 2> /dev/null || echo "rc=$rc -")
+    printf "%-8s %-44s %9s %9s %5s\n" ${job%%:*} "$settings" $tok $((SECONDS - t0))
+    [ $rc -ne 0 ] && grep -E "Error|error" $R/$name.log | tail -3
+  done
+done
+tar czf $OUT/w1_ab.tgz -C /tmp w1_ab

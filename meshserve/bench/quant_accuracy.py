@@ -122,6 +122,8 @@ TEXT_CALIBRATED = [
     Variant("int4 SignRound (sequential, learnt rounding and clips)", {}, "gptq", "signround"),
     Variant("int4 AWQ scales then SignRound (sequential, learnt rounding and clips)", {}, "gptq",
             "awq-scale-signround"),
+    Variant("int4 AWQ scales then SignRound, each layer fitted on the quantized stream", {}, "gptq",
+            "awq-scale-signround-local"),
 ]
 # GPTQ calibrated on self-sampled text: several minutes more on a CPU (--with-gptq)
 CALIBRATED = [

@@ -234,6 +234,9 @@ CALIBRATIONS = {
     # 2026-12-02 (eighteenth session): SignRound, 200 signed-gradient steps of one 512-token window per layer
     "signround": Calibration(signround=SignRoundConfig()),
     "awq-scale-signround": Calibration(awq="scale", signround=SignRoundConfig()),
+    # each layer fitted to the float layer on the quantized stream (its own error only, as gptq-seq), not to
+    # the float model's stream (AutoRound's default, above)
+    "awq-scale-signround-local": Calibration(awq="scale", signround=SignRoundConfig(float_target=False)),
     "gptq-static": Calibration(gptq="text", static_inputs=True),
     "smooth": Calibration(smooth=True),
     "smooth-gptq": Calibration(smooth=True, gptq="text"),

@@ -10,7 +10,7 @@ import torch
 
 from meshserve import LLM
 from meshserve.models.gptq import int4_dequant
-from meshserve.models.quantize_checkpoint import quantize_checkpoint, rtn_quantize
+from meshserve.models.quantize_checkpoint import CALIBRATIONS, Calibration, quantize_checkpoint, rtn_quantize
 from meshserve.models.signround import (
     PROJECTIONS,
     GroupRounding,
@@ -69,8 +69,11 @@ def test_learnt_rounding_fits_the_layer_better_than_round_to_nearest(tiny_model_
     assert bool((quantized["mlp.down_proj"].scales < plain - 1e-6).any())
 
 
-def test_signround_checkpoint_matches_its_independent_dequantization(tiny_model_dir, tmp_path):
+def test_signround_checkpoint_matches_its_independent_dequantization(tiny_model_dir, tmp_path, monkeypatch):
     src = tiny_model_dir("llama")
+    # the registered calibration, fewer steps (the writer's path is the same; 200 steps cost ~1 min here)
+    monkeypatch.setitem(CALIBRATIONS, "awq-scale-signround",
+                        Calibration(awq="scale", signround=SignRoundConfig(iters=24)))
     seen: list[dict] = []
     qdir = quantize_checkpoint(src, str(tmp_path / "q"), "gptq", group_size=GROUP,
                                calibration="awq-scale-signround", signround_log=lambda i, info: seen.append(info))

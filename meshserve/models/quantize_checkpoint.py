@@ -366,9 +366,9 @@ def quantize_checkpoint(
         from meshserve.models.signround import signround_quantize
 
         # SignRound's groups are plain (g_idx = k // G) whatever desc_act says: it has no visiting order
-        signround_log = signround_log or (lambda i, info: print(f"signround layer {i}: {info}", file=sys.stderr))
+        log = signround_log or (lambda i, info: print(f"signround layer {i}: {info}", file=sys.stderr))
         rounded = signround_quantize(src, calibration_text_ids(src, max_windows=8), group_size, min_zero,
-                                     cal.signround, state_dict=tensors if cal.awq else None, log=signround_log)
+                                     cal.signround, state_dict=tensors if cal.awq else None, log=log)
         done = {name: pack_int4(qw, fmt) for name, qw in rounded.items()}
     out: dict[str, torch.Tensor] = {}
     num_layers = 0

@@ -65,7 +65,7 @@ class GroupRounding:
         return [self.v, self.alpha, self.beta]
 
     def levels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q, scale, zero): q [N, K / G, G], scale and zero [N, K / G]; the scale as the checkpoint's fp16."""
+        """(q, scale, zero): q [N, K / G, G], scale and zero [N, K / G]; the scale as stored (fp16)."""
         scale = ((self.hi * self.alpha - self.lo * self.beta) / 15.0).clamp(min=1e-8)
         zero = _round_ste(-self.lo * self.beta / scale).clamp(self.min_zero, 15)  # as quantize_int4_groups
         scale = scale + (scale.half().float() - scale).detach()  # the weights round on the stored scale
@@ -119,7 +119,8 @@ def signround_layer(
 
     def full_loss() -> float:
         with torch.no_grad():
-            return sum(float(_layer_loss(layer, roundings, x, kw, t)) for x, kw, t in zip(inputs, kwargs, targets))
+            return sum(float(_layer_loss(layer, roundings, x, kw, t))
+                       for x, kw, t in zip(inputs, kwargs, targets))
 
     rtn_loss = full_loss()
     rtn_state = {n: [p.detach().clone() for p in r.params()] for n, r in roundings.items()}

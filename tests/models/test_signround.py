@@ -54,7 +54,8 @@ def test_learnt_rounding_fits_the_layer_better_than_round_to_nearest(tiny_model_
     quantized, info = signround_layer(copy.deepcopy(layer), inputs, kwargs, targets, GROUP, min_zero=1,
                                       config=SignRoundConfig(iters=60))
     rtn_err = _layer_error(layer, rtn, inputs, kwargs, targets)
-    learnt_err = _layer_error(layer, {n: int4_dequant(q) for n, q in quantized.items()}, inputs, kwargs, targets)
+    learnt = {n: int4_dequant(q) for n, q in quantized.items()}
+    learnt_err = _layer_error(layer, learnt, inputs, kwargs, targets)
     assert abs(info["rtn_loss"] / rtn_err - 1) < 1e-2  # its start is round-to-nearest (fp16 scales: ~equal)
     assert abs(info["loss"] / learnt_err - 1) < 1e-4  # what it exports is what it scored
     assert info["kept"] == "signround" and learnt_err < 0.9 * rtn_err
@@ -76,7 +77,8 @@ def test_signround_checkpoint_matches_its_independent_dequantization(tiny_model_
                         Calibration(awq="scale", signround=SignRoundConfig(iters=24)))
     seen: list[dict] = []
     qdir = quantize_checkpoint(src, str(tmp_path / "q"), "gptq", group_size=GROUP,
-                               calibration="awq-scale-signround", signround_log=lambda i, info: seen.append(info))
+                               calibration="awq-scale-signround",
+                               signround_log=lambda _i, info: seen.append(info))
     assert len(seen) == 2 and all(info["loss"] <= info["rtn_loss"] for info in seen)
     ddir = _dequantized_copy(qdir, str(tmp_path / "d"), "gptq")
     quant = _prompt_logprobs(LLM(qdir), PROMPT)

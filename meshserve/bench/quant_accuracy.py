@@ -118,6 +118,12 @@ TEXT_CALIBRATED = [
             ("the attention sink weighted 8 in GPTQ's Hessians", "awq-scale-gptq-mse-seq-sink8"),
         )
     ),
+    # 2026-12-02 (eighteenth session): SignRound's learnt rounding instead of GPTQ (models/signround.py)
+    Variant("int4 SignRound (sequential, learnt rounding and clips)", {}, "gptq", "signround"),
+    Variant("int4 AWQ scales then SignRound (sequential, learnt rounding and clips)", {}, "gptq",
+            "awq-scale-signround"),
+    Variant("int4 AWQ scales then SignRound, each layer fitted on the quantized stream", {}, "gptq",
+            "awq-scale-signround-local"),
 ]
 # GPTQ calibrated on self-sampled text: several minutes more on a CPU (--with-gptq)
 CALIBRATED = [

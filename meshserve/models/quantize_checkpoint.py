@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from meshserve.kernels.fp8_block_ref import quantize_fp8_blockwise
 from meshserve.kernels.quant_ref import FP8_MAX, Int4Weights, quantize_fp8_per_channel, quantize_int4_groups
 from meshserve.layers.quantization.int4_formats import awq_pack, gptq_pack_cols, pack_int4_rows
 from meshserve.models.checkpoint_files import safetensors_files
+from meshserve.models.signround import SignRoundConfig
 
 FORMATS = ("awq", "gptq", "compressed-tensors", "fbgemm_fp8", "fp8_block")
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -181,6 +183,9 @@ class Calibration:
     text_skip: int = 0  # "more": the text's first windows left out (another draw; 11: self-sampled alone)
     sink_weight: float | None = None  # GPTQ Hessian weight of a window's first position (gptq.SINK_WEIGHT)
     awq_more: bool = False  # AWQ's scale search on GPTQ's "more" windows too (default: 8 windows of the text)
+    # int4 SignRound (models/signround.py) instead of GPTQ: each decoder layer's rounding and group clips
+    # learnt on 8 windows of the calibration text, layer by layer on the quantized earlier layers' outputs
+    signround: SignRoundConfig | None = None
 
 
 CALIBRATIONS = {
@@ -226,6 +231,12 @@ CALIBRATIONS = {
     "awq-scale-gptaq-mse-seq-more": Calibration(
         awq="scale", gptq="more", mse=True, sequential=True, asymmetric=True
     ),
+    # 2026-12-02 (eighteenth session): SignRound, 200 signed-gradient steps of one 512-token window per layer
+    "signround": Calibration(signround=SignRoundConfig()),
+    "awq-scale-signround": Calibration(awq="scale", signround=SignRoundConfig()),
+    # each layer fitted to the float layer on the quantized stream (its own error only, as gptq-seq), not to
+    # the float model's stream (AutoRound's default, above)
+    "awq-scale-signround-local": Calibration(awq="scale", signround=SignRoundConfig(float_target=False)),
     "gptq-static": Calibration(gptq="text", static_inputs=True),
     "smooth": Calibration(smooth=True),
     "smooth-gptq": Calibration(smooth=True, gptq="text"),
@@ -247,6 +258,7 @@ def quantize_checkpoint(
     kv_scale: float | None = None,
     calibration: str = "rtn",
     smooth_alpha: float | None = None,
+    signround_log=None,
 ) -> str:
     """Write the quantized copy of the HF folder src to dst (see the module docstring); returns dst.
     calibration (CALIBRATIONS): int4: "rtn" rounds to nearest; "awq" folds AWQ's activation-aware scales and
@@ -259,7 +271,9 @@ def quantize_checkpoint(
     as production pipelines chain them ("awq-scale-gptq": AWQ's scales only, GPTQ rounds). GPTQ also
     rounds compressed-tensors per-channel FP8 weights (error feedback onto the e4m3 grid); for them "smooth"
     folds SmoothQuant's scales first (models/smoothquant.py, alpha smooth_alpha) and "-static" writes each
-    projection's static input_scale from the calibration text's max|x| (instead of dynamic per-token)."""
+    projection's static input_scale from the calibration text's max|x| (instead of dynamic per-token).
+    "signround" learns int4 roundings per decoder layer (models/signround.py; "awq-scale-signround" after
+    AWQ's scales); signround_log(layer, info) hears each layer's losses and seconds."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -271,7 +285,7 @@ def quantize_checkpoint(
     int4 = fmt in ("awq", "gptq")
     if (cal.smooth or cal.static_inputs) and fmt != "compressed-tensors":
         raise ValueError(f"calibration {calibration!r} is for fp8 (compressed-tensors) checkpoints, not {fmt}")
-    if (cal.awq or cal.mse or cal.refit) and not int4:
+    if (cal.awq or cal.mse or cal.refit or cal.signround) and not int4:
         raise ValueError(f"calibration {calibration!r} is for int4 (awq, gptq) checkpoints, not {fmt}")
     os.makedirs(dst, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -347,6 +361,15 @@ def quantize_checkpoint(
             )
         else:
             hessians = collect_hessians(src, ids, names, state_dict=scaled, sink_weight=sink)
+    if cal.signround and int4:
+        from meshserve.models.calibration import calibration_text_ids
+        from meshserve.models.signround import signround_quantize
+
+        # SignRound's groups are plain (g_idx = k // G) whatever desc_act says: it has no visiting order
+        log = signround_log or (lambda i, info: print(f"signround layer {i}: {info}", file=sys.stderr))
+        rounded = signround_quantize(src, calibration_text_ids(src, max_windows=8), group_size, min_zero,
+                                     cal.signround, state_dict=tensors if cal.awq else None, log=log)
+        done = {name: pack_int4(qw, fmt) for name, qw in rounded.items()}
     out: dict[str, torch.Tensor] = {}
     num_layers = 0
     extra = _MLA_PROJECTIONS + _MIXTRAL_EXPERTS if fmt == "fp8_block" else ()

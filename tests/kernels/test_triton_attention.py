@@ -191,16 +191,13 @@ def test_decode_inline_reduce_interp(case):
 @interp
 def test_decode_inline_reduce_padding_rows_interp():
     """Rows the split kernel skips (q_len 0: CUDA-graph padding) take no ticket and write nothing."""
-    seq_lens = [40, 7]
+    from meshserve.kernels import triton_attention
+
     query, cache, meta = make_case([1, 0, 1], [40, 1, 7], 4, 2, 32, 16, torch.float32, seed=5, table_width=8)
     meta.max_seq_len = 128
     out = TritonAttentionBackend(decode_num_splits=4, inline_reduce=True).attend(query, cache, meta, 0.2, None)
-    from meshserve.kernels import triton_attention
-
     assert not triton_attention._ticket_workspace(query.device).any()
-    ref = reference(query, cache, meta, 0.2, None)
-    check(out, ref, torch.float32)
-    del seq_lens
+    check(out, reference(query, cache, meta, 0.2, None), torch.float32)
 
 
 @interp

@@ -34,6 +34,41 @@ class _Captured(Exception):
     pass
 
 
+def load_float_model(model_dir: str, state_dict: dict[str, torch.Tensor] | None = None):
+    """The transformers causal LM of model_dir in fp32, eval mode; state_dict: run these weights instead of
+    model_dir's (e.g. AWQ's scaled copy), a tensor the model does not hold being an error."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if state_dict is not None:
+        loaded = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
+        if unexpected := loaded.unexpected_keys:
+            raise ValueError(f"state_dict tensors the model does not hold: {unexpected[:3]}")
+    return model
+
+
+def first_layer_inputs(model, token_ids: list[list[int]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """The first decoder layer's input hidden states and keyword arguments (rotary embeddings, masks), one
+    per window of token_ids, of a transformers causal LM (the embeddings alone are run)."""
+    inputs: list[torch.Tensor] = []
+    kwargs: list[dict] = []
+
+    def catch(_module, args, kw):
+        inputs.append(args[0])
+        kwargs.append(kw)
+        raise _Captured
+
+    handle = model.model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    with torch.no_grad():
+        for ids in token_ids:
+            try:
+                model.model(torch.tensor([ids]), use_cache=False)
+            except _Captured:
+                pass
+    handle.remove()
+    return inputs, kwargs
+
+
 def sequential_quantize(
     model_dir: str,
     token_ids: list[list[int]],
@@ -46,32 +81,11 @@ def sequential_quantize(
     """module name (model.layers.i.self_attn.q_proj, ...) -> the checkpoint tensors quantize returned for it.
     state_dict: run these weights instead of model_dir's (e.g. AWQ's scaled copy). asymmetric: GPTAQ's
     target (the module docstring), its correction damped by damp of the mean diagonal."""
-    from transformers import AutoModelForCausalLM
-
     if asymmetric and sink_weight != 1.0:
         raise ValueError("asymmetric sequential GPTQ counts every position once (sink_weight 1)")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if state_dict is not None:
-        loaded = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
-        if unexpected := loaded.unexpected_keys:
-            raise ValueError(f"state_dict tensors the model does not hold: {unexpected[:3]}")
+    model = load_float_model(model_dir, state_dict)
     layers = model.model.layers
-    inputs: list[torch.Tensor] = []
-    kwargs: list[dict] = []
-
-    def catch(_module, args, kw):
-        inputs.append(args[0])
-        kwargs.append(kw)
-        raise _Captured
-
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    with torch.no_grad():
-        for ids in token_ids:
-            try:
-                model.model(torch.tensor([ids]), use_cache=False)
-            except _Captured:
-                pass
-    handle.remove()
+    inputs, kwargs = first_layer_inputs(model, token_ids)
     float_inputs = list(inputs)  # the float model's stream (asymmetric only)
     out: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():

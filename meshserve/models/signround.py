@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from meshserve.kernels.quant_ref import Int4Weights
+from meshserve.models.gptq_sequential import first_layer_inputs, load_float_model
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -161,32 +162,6 @@ def signround_layer(
     return {n: r.export() for n, r in roundings.items()}, {"rtn_loss": rtn_loss, "loss": loss, "kept": kept}
 
 
-class _Captured(Exception):
-    pass
-
-
-def first_layer_inputs(model, token_ids: list[list[int]]) -> tuple[list[torch.Tensor], list[dict]]:
-    """The first decoder layer's input hidden states and keyword arguments (rotary embeddings, masks), one
-    per window of token_ids, of a transformers causal LM (the embeddings alone are run)."""
-    inputs: list[torch.Tensor] = []
-    kwargs: list[dict] = []
-
-    def catch(_module, args, kw):
-        inputs.append(args[0])
-        kwargs.append(kw)
-        raise _Captured
-
-    handle = model.model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    with torch.no_grad():
-        for ids in token_ids:
-            try:
-                model.model(torch.tensor([ids]), use_cache=False)
-            except _Captured:
-                pass
-    handle.remove()
-    return inputs, kwargs
-
-
 def signround_quantize(
     model_dir: str,
     token_ids: list[list[int]],
@@ -198,15 +173,9 @@ def signround_quantize(
 ) -> dict[str, Int4Weights]:
     """module name (model.layers.i.self_attn.q_proj, ...) -> its SignRound int4 weight, layer by layer on
     token_ids' windows. state_dict: run these weights instead of model_dir's (e.g. AWQ's scaled copy)."""
-    from transformers import AutoModelForCausalLM
-
     from meshserve.models.gptq import int4_dequant
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if state_dict is not None:
-        loaded = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
-        if unexpected := loaded.unexpected_keys:
-            raise ValueError(f"state_dict tensors the model does not hold: {unexpected[:3]}")
+    model = load_float_model(model_dir, state_dict)
     layers = model.model.layers
     inputs, kwargs = first_layer_inputs(model, token_ids)
     log = log or (lambda *_: None)

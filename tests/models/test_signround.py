@@ -11,11 +11,11 @@ import torch
 from meshserve import LLM
 from meshserve.models.gptq import int4_dequant
 from meshserve.models.quantize_checkpoint import CALIBRATIONS, Calibration, quantize_checkpoint, rtn_quantize
+from meshserve.models.gptq_sequential import first_layer_inputs
 from meshserve.models.signround import (
     PROJECTIONS,
     GroupRounding,
     SignRoundConfig,
-    first_layer_inputs,
     signround_layer,
 )
 from tests.models.test_quantized_checkpoints import GROUP, PROMPT, _dequantized_copy, _prompt_logprobs

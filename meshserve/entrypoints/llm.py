@@ -8,6 +8,7 @@ from collections.abc import Sequence as SequenceABC
 
 from meshserve.config import EngineArgs
 from meshserve.engine import startup_timeline
+from meshserve.engine.chat_template import render_chat
 from meshserve.engine.input_processor import PromptType
 from meshserve.engine.llm_engine import LLMEngine
 from meshserve.errors import InvalidArgumentError
@@ -75,23 +76,14 @@ class LLM:
     def chat(self, messages: Conversation | list[Conversation],
              sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Render each conversation with the tokenizer's chat template, then generate."""
-        tok = self.engine.tokenizer
-        if tok is None:
-            raise InvalidArgumentError("this model has no tokenizer, so no chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = []
-        for conv in conversations:
-            try:
-                ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
-                                              add_generation_prompt=add_generation_prompt,
-                                              **(chat_template_kwargs or {}))
-            except Exception as e:  # jinja errors, missing template
-                raise InvalidArgumentError(f"cannot apply the chat template: {e}", param="messages") from e
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            prompts.append({"prompt_token_ids": list(ids)})
+        prompts = [{"prompt_token_ids": render_chat(self.engine.tokenizer, conv, chat_template=chat_template,
+                                                    add_generation_prompt=add_generation_prompt,
+                                                    continue_final_message=continue_final_message,
+                                                    template_kwargs=chat_template_kwargs)}
+                   for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, prompts, params_list, use_tqdm: bool, priorities: list[int] | None = None) -> list[RequestOutput]:

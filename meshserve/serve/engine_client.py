@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from meshserve.engine.async_engine import AsyncLLM
+from meshserve.engine.chat_template import render_chat
 from meshserve.errors import InvalidArgumentError, ServerOverloadedError, ServiceLevelError
 from meshserve.outputs import RequestOutput
 from meshserve.sampling import SamplingParams
@@ -24,14 +25,6 @@ from meshserve.serve.frontend_load import FrontendLoad
 from meshserve.serve.protocol import ServiceLevel
 
 logger = logging.getLogger(__name__)
-
-# Keys of apply_chat_template that change what it returns rather than what the template sees.
-_RESERVED_TEMPLATE_KWARGS = frozenset({
-    "conversation", "chat_template", "tokenize", "add_generation_prompt", "padding", "truncation",
-    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
-    "continue_final_message", "tools",
-})
-
 
 class EngineRequest:
     """One engine request already admitted and started: its first output and the rest of its stream.
@@ -131,26 +124,14 @@ class EngineClient:
         return tok
 
     async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                          template_kwargs: dict[str, Any] | None,
-                          tools: list[dict[str, Any]] | None = None) -> list[int]:
+                          template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None,
+                          continue_final_message: bool = False) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template (as LLM.chat does); the
         template renders the tools, if given, its own way."""
         tok = self._require_tokenizer("chat")
-        if not getattr(tok, "chat_template", None):
-            raise InvalidArgumentError("this model's tokenizer has no chat template", param="messages")
-        kwargs = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
-
-        def render() -> list[int]:
-            try:
-                ids = tok.apply_chat_template(messages, tools=tools or None, tokenize=True,
-                                              add_generation_prompt=add_generation_prompt, **kwargs)
-            except Exception as e:  # jinja errors, raise_exception() in templates, bad kwargs
-                raise InvalidArgumentError(f"cannot apply the chat template: {e}", param="messages") from e
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return [int(t) for t in ids]
-
-        return await self.allm.run_tokenizer(render)
+        return await self.allm.run_tokenizer(lambda: render_chat(
+            tok, messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            tools=tools, template_kwargs=template_kwargs))
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         tok = self._require_tokenizer("prompt")

@@ -208,6 +208,17 @@ class ChatMessage(OpenAIModel):
     tool_call_id: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """Image, audio or file parts get one clear message rather than three union-branch errors."""
+        if isinstance(content, list):
+            kinds = {p.get("type") for p in content if isinstance(p, dict)} - {"text"}
+            if kinds:
+                raise ValueError(f"content parts of type {', '.join(sorted(map(str, kinds)))} are not supported: "
+                                 "this server takes text parts only")
+        return content
+
     def text(self) -> str:
         if self.content is None:
             return ""
@@ -224,6 +235,7 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: int | None = Field(None, ge=1)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last (assistant) message stays open: generation continues it
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -376,6 +388,7 @@ class TokenizeRequest(OpenAIModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     tools: list[ChatTool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False

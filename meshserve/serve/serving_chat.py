@@ -77,7 +77,8 @@ class ChatService:
             tracker.ttft_target_s, tracker.tpot_target_s = self.client.slo_targets(req.slo)
             self.client.check_admission()  # before spending a template render on a request we refuse
             prompt_ids = await self.client.render_chat(template_messages(req.messages), req.add_generation_prompt,
-                                                       req.chat_template_kwargs, plan.tools)
+                                                       req.chat_template_kwargs, plan.tools,
+                                                       req.continue_final_message)
             request_id = random_id("chatcmpl")
             requests = await self.client.start([{"prompt_token_ids": prompt_ids}], params, request_id,
                                                req.priority, req.slo, tracker.arrival_monotonic)

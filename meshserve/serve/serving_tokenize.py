@@ -20,7 +20,7 @@ class TokenizeService:
         if req.messages is not None:
             tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
             ids = await self.client.render_chat(template_messages(req.messages), req.add_generation_prompt,
-                                                req.chat_template_kwargs, tools)
+                                                req.chat_template_kwargs, tools, req.continue_final_message)
         else:
             ids = await self.client.tokenize(req.prompt or "", req.add_special_tokens)
         strs = await self.client.token_strs(ids) if req.return_token_strs else None

@@ -29,7 +29,16 @@ REFUSED = [
     ("functions", CHAT, {"messages": USER, "functions": [{"name": "f"}]}, "functions"),
     ("suffix", COMPL, {"prompt": "x", "suffix": "y"}, "suffix"),
     ("best_of", COMPL, {"prompt": "x", "best_of": 3}, "best_of"),
+    ("image content part", CHAT, {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+     "messages.0.content"),
 ]
+
+
+def test_image_parts_are_refused_in_one_sentence(http):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
+    err = assert_error_shape(http.post(CHAT, json=body), 400)
+    assert "type image_url are not supported" in err["message"] and "more errors" not in err["message"], err
 
 
 @pytest.mark.parametrize("name,path,body,param", REFUSED, ids=[r[0] for r in REFUSED])

@@ -29,3 +29,17 @@ def test_tokenize_bad_input_is_400(http):
     err = assert_error_shape(http.post("/detokenize", json={"tokens": [10**9]}), 400)
     assert err["param"] == "tokens"
     assert assert_error_shape(http.post("/tokenize", json={"model": "nope", "prompt": "a"}), 404)
+
+
+def test_tokenize_and_chat_continue_a_prefilled_assistant_turn(http, live):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    body = {"model": MODEL, "messages": messages, "add_generation_prompt": False, "continue_final_message": True}
+    r = http.post("/tokenize", json=body).json()
+    expected = live.allm.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=False,
+                                                       continue_final_message=True)
+    assert r["tokens"] == list(getattr(expected, "input_ids", expected))
+    chat = http.post("/v1/chat/completions", json={**body, "max_tokens": 2}).json()
+    assert chat["usage"]["prompt_tokens"] == r["count"]  # the chat request rendered the same open turn
+    both = {**body, "add_generation_prompt": True}
+    for path in ("/tokenize", "/v1/chat/completions"):
+        assert assert_error_shape(http.post(path, json=both), 400)["param"] == "continue_final_message"

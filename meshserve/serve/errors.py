@@ -64,11 +64,14 @@ def validation_error_payload(errors: list[dict[str, Any]]) -> dict[str, Any]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return error_body("the request body is not valid JSON", "invalid_request_error", None, "invalid_json")
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") in ("model_attributes_type", "dict_type"):
+        return error_body("the request body must be a JSON object", "invalid_request_error", None, "invalid_json")
     # union members show up in loc ("prompt", "list[int]", 0): keep field names and indices only
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and (isinstance(p, int) or _FIELD.match(p))
            and p not in _TYPE_NAMES]
     param = ".".join(loc) or None
-    message = f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}"
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")  # pydantic's prefix for our own checks
+    message = f"{param + ': ' if param else ''}{msg}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return error_body(message, "invalid_request_error", param, "invalid_value")

@@ -147,11 +147,12 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = Field(None, description="not supported: must be absent or empty")
     best_of: int | None = Field(None, description="not supported beyond best_of == n")
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _prompt_non_empty(cls, v):
-        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
-            raise ValueError("prompt must not be empty")
+        """Before the union's branches, so an empty prompt gets this sentence, not three branch errors."""
+        if v == "" or (isinstance(v, list) and (not v or any(p == "" or p == [] for p in v))):
+            raise ValueError("prompt must not be empty (nor any prompt of a batch)")
         return v
 
     def prompts(self) -> list[str | list[int]]:

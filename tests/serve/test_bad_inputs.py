@@ -130,3 +130,14 @@ def test_internal_error_is_a_500_without_details(tiny_engine):
             assert http.get("/health").status_code == 200
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("body, message", [
+    ([1, 2, 3], "the request body must be a JSON object"),
+    ({"model": MODEL, "prompt": []}, "prompt: prompt must not be empty"),
+    ({"model": MODEL, "prompt": ""}, "prompt: prompt must not be empty"),
+    ({"model": MODEL, "prompt": ["a", ""]}, "prompt: prompt must not be empty"),
+])
+def test_bad_shapes_get_one_sentence(http, body, message):
+    err = assert_error_shape(_post(http, COMPL, body), 400)
+    assert err["message"].startswith(message) and "more error" not in err["message"], err

@@ -36,6 +36,11 @@ class ParallelState:
     pp_size: int = 1
     tp_group: object | None = None  # device collectives inside the TP group (NCCL or gloo)
     cpu_group: object | None = None  # gloo over all ranks, for pickled control messages
+    # gloo over all ranks, only for rank 0's calls to the workers (engine/worker.py): a worker waits there for
+    # as long as the engine is idle, so its timeout is IDLE_WAIT, not the collectives' (an idle TP/PP server
+    # lost its workers after --distributed-timeout-s); a driver that dies closes its sockets, which ends the
+    # wait (die_with_parent on its own node)
+    call_group: object | None = None
     device_group: object | None = None  # the default group (NCCL on GPU), for point-to-point activations
     # gloo over all ranks, only for the last stage's sampled tokens going back to rank 0 (pipeline parallel):
     # apart from cpu_group so rank 0 can receive them while it broadcasts the next steps
@@ -68,6 +73,7 @@ class ParallelState:
 
 
 _STATE = ParallelState()
+IDLE_WAIT = datetime.timedelta(days=365)  # call_group's timeout: how long a worker may wait for work
 
 
 def get_parallel_state() -> ParallelState:
@@ -94,6 +100,7 @@ def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str,
     dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
                             world_size=world, rank=rank, timeout=timeout)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    call_group = dist.new_group(backend="gloo", timeout=IDLE_WAIT)
     token_group = dist.new_group(backend="gloo", timeout=timeout) if pp_size > 1 else None
     handoff = pp_size > 1 and tp_size == 1 and token_handoff
     handoff_group = dist.new_group(backend=backend, timeout=timeout) if handoff else None
@@ -104,7 +111,7 @@ def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str,
         if rank in ranks:
             tp_group = group
     _STATE = ParallelState(rank=rank, world_size=world, tp_rank=rank % tp_size, tp_size=tp_size,
-                           pp_rank=rank // tp_size, pp_size=pp_size, tp_group=tp_group, cpu_group=cpu_group,
+                           pp_rank=rank // tp_size, pp_size=pp_size, tp_group=tp_group, cpu_group=cpu_group, call_group=call_group,
                            device_group=dist.group.WORLD, token_group=token_group, handoff_group=handoff_group,
                            pp_layer_partition=pp_layer_partition,
                            expert_parallel=expert_parallel)

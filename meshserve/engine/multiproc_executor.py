@@ -213,7 +213,7 @@ class MultiprocExecutor:
         """Send a call to every rank (one gloo operation: object_channel.py); a step goes without what the
         workers hold of it (step_delta.py)."""
         if self._calls is None:
-            self._calls = ObjectChannel(self.state.cpu_group)
+            self._calls = ObjectChannel(self.state.call_group)
         if method != "execute":
             self._calls.broadcast((method, args))
             return

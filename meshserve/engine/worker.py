@@ -106,7 +106,7 @@ def serve_rank(runner: ModelRunner, rank: int) -> None:
     st = get_parallel_state()
     sender = ResultSender(st.token_group or st.cpu_group) if rank == st.sampler_rank else None
     delta = StepDeltaReceiver()  # what earlier steps sent of each sequence (params, block table)
-    calls = ObjectChannel(st.cpu_group)  # rank 0's calls, one gloo operation each
+    calls = ObjectChannel(st.call_group)  # rank 0's calls, one gloo operation each; waits while the engine idles
     try:
         while True:
             method, args = calls.broadcast()

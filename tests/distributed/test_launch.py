@@ -91,6 +91,18 @@ def test_two_nodes_on_loopback(tiny_model_dir, single_device_tokens):
         node1.kill()
 
 
+def test_idle_workers_outwait_the_collective_timeout(tiny_model_dir, single_device_tokens):
+    """An idle TP engine: its workers wait for the next call past --distributed-timeout-s (they used to time
+    out in that wait and take the engine down after the timeout of idleness)."""
+    llm = LLM(model=tiny_model_dir("qwen3"), tensor_parallel_size=2, distributed_timeout_s=2)
+    try:
+        assert _tokens(llm) == single_device_tokens
+        time.sleep(5)  # idle for 2.5 x the collective timeout: the condition under test, not a wait for an event
+        assert _tokens(llm) == single_device_tokens
+    finally:
+        llm.shutdown()
+
+
 def test_torchrun_environment(tiny_model_dir, single_device_tokens, monkeypatch):
     path, port = tiny_model_dir("qwen3"), free_port()
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",

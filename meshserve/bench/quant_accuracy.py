@@ -124,7 +124,7 @@ TEXT_CALIBRATED = [
             "awq-scale-signround"),
     Variant("int4 AWQ scales then SignRound, each layer fitted on the quantized stream", {}, "gptq",
             "awq-scale-signround-local"),
-    # 2026-12-02 (nineteenth session): the residual stream rotated by an orthogonal matrix folded into the
+    # 2026-12-02 (rotation session): the residual stream rotated by an orthogonal matrix folded into the
     # weights first (models/rotation.py; an untied fp32 lm_head), then the act-order recipe or GPTQ alone
     *(
         Variant(f"int4 GPTQ act-order, {what}", {}, "gptq", calibration, desc_act=True)

@@ -242,7 +242,7 @@ CALIBRATIONS = {
     # each layer fitted to the float layer on the quantized stream (its own error only, as gptq-seq), not to
     # the float model's stream (AutoRound's default, above)
     "awq-scale-signround-local": Calibration(awq="scale", signround=SignRoundConfig(float_target=False)),
-    # 2026-12-02 (nineteenth session): the recipe, and GPTQ alone, on a rotated residual stream (rotation.py)
+    # 2026-12-02 (rotation session): the recipe, and GPTQ alone, on a rotated residual stream (rotation.py)
     "rot-hadamard-awq-scale-gptq-mse-seq": Calibration(
         awq="scale", gptq="text", mse=True, sequential=True, rotation="hadamard"
     ),
@@ -324,7 +324,8 @@ def _quantize(
     smooth_alpha: float | None,
     signround_log,
 ) -> str:
-    """quantize_checkpoint's work once its arguments are checked (src: the folder to quantize, maybe rotated)."""
+    """quantize_checkpoint's work once its arguments are checked (src: the folder to quantize, maybe a
+    rotated copy)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 

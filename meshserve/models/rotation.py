@@ -1,5 +1,7 @@
-"""An orthogonal rotation of a Llama-style decoder's residual stream folded into its weights (QuaRot / SpinQuant
-style, weight-only), so int4 rounding sees weights whose outlier input features are spread over all features.
+"""An orthogonal rotation of a Llama-style decoder's residual stream folded into its weights (QuaRot /
+SpinQuant style, weight-only), so int4 rounding sees inputs whose loud features are spread over all of them.
+(On SmolLM2 every rotation lost to the unrotated recipe: act-order GPTQ profits from the loud features;
+QUANTIZATION.md, 2026-12-02.)
 
 The rotated copy is an ordinary Llama checkpoint (no new runtime op) computing the same fp32 function:
   1. each RMSNorm's weight g is folded into the linears that read it (input_layernorm -> q/k/v,
@@ -116,7 +118,9 @@ def rotate_state_dict(tensors: dict[str, torch.Tensor], num_layers: int, q: torc
     return {n: t.float().contiguous() for n, t in out.items()}
 
 
-def rotate_checkpoint(src: str, dst: str, rotation: str = "hadamard", seed: int = 0, heads: bool = False) -> str:
+def rotate_checkpoint(
+    src: str, dst: str, rotation: str = "hadamard", seed: int = 0, heads: bool = False
+) -> str:
     """Write the rotated fp32 copy of the Llama-style HF folder src to dst (tokenizer and generation config
     copied, tie_word_embeddings false); returns dst."""
     from safetensors import safe_open
@@ -140,6 +144,7 @@ def rotate_checkpoint(src: str, dst: str, rotation: str = "hadamard", seed: int 
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     for name in os.listdir(src):
-        if name.endswith((".json", ".model", ".txt")) and name not in ("config.json", "model.safetensors.index.json"):
+        copied = name not in ("config.json", "model.safetensors.index.json")
+        if copied and name.endswith((".json", ".model", ".txt")):
             shutil.copy(os.path.join(src, name), os.path.join(dst, name))
     return dst

@@ -81,7 +81,7 @@ def test_rotated_checkpoint_keeps_the_fp32_logits(tied_model_dir, tmp_path, hf_m
     assert ref.abs().max() > 1.0  # logits large enough that a wrong fold could not hide under the bound
 
 
-@pytest.mark.slow  # two sequential calibrations and four engine loads: ~1.5 min on a quiet 2-core CPU
+@pytest.mark.slow  # two sequential calibrations, four engine loads: 3 s quiet, 70 s beside a bench run
 def test_rotated_int4_checkpoint_loads_and_stays_close_to_fp32(tied_model_dir, tmp_path):
     """The rotated recipe's checkpoint (untied head, int4 projections) runs in the engine on what its file
     holds, and its logprobs are within 1.5x the unrotated recipe's error of the fp32 model's."""

@@ -124,6 +124,20 @@ TEXT_CALIBRATED = [
             "awq-scale-signround"),
     Variant("int4 AWQ scales then SignRound, each layer fitted on the quantized stream", {}, "gptq",
             "awq-scale-signround-local"),
+    # 2026-12-02 (rotation session): the residual stream rotated by an orthogonal matrix folded into the
+    # weights first (models/rotation.py; an untied fp32 lm_head), then the act-order recipe or GPTQ alone
+    *(
+        Variant(f"int4 GPTQ act-order, {what}", {}, "gptq", calibration, desc_act=True)
+        for what, calibration in (
+            ("Hadamard-rotated, AWQ scales then sequential GPTQ, searched static group levels",
+             "rot-hadamard-awq-scale-gptq-mse-seq"),
+            ("randomly rotated, AWQ scales then sequential GPTQ, searched static group levels",
+             "rot-random-awq-scale-gptq-mse-seq"),
+            ("Hadamard-rotated with per-head value rotation, AWQ scales then sequential GPTQ, searched static "
+             "group levels", "rot-hadamard-heads-awq-scale-gptq-mse-seq"),
+            ("Hadamard-rotated, sequential GPTQ, searched static group levels", "rot-hadamard-gptq-mse-seq"),
+        )
+    ),
 ]
 # GPTQ calibrated on self-sampled text: several minutes more on a CPU (--with-gptq)
 CALIBRATED = [

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +187,10 @@ class Calibration:
     # int4 SignRound (models/signround.py) instead of GPTQ: each decoder layer's rounding and group clips
     # learnt on 8 windows of the calibration text, layer by layer on the quantized earlier layers' outputs
     signround: SignRoundConfig | None = None
+    # int4: the residual stream rotated first by an orthogonal "hadamard" or "random" Q folded into the
+    # weights (models/rotation.py, seed 0); the rest runs unchanged on the rotated fp32 copy
+    rotation: str | None = None
+    rotate_heads: bool = False  # with rotation: each head's values rotated by a Hadamard too (v and o)
 
 
 CALIBRATIONS = {
@@ -237,6 +242,17 @@ CALIBRATIONS = {
     # each layer fitted to the float layer on the quantized stream (its own error only, as gptq-seq), not to
     # the float model's stream (AutoRound's default, above)
     "awq-scale-signround-local": Calibration(awq="scale", signround=SignRoundConfig(float_target=False)),
+    # 2026-12-02 (rotation session): the recipe, and GPTQ alone, on a rotated residual stream (rotation.py)
+    "rot-hadamard-awq-scale-gptq-mse-seq": Calibration(
+        awq="scale", gptq="text", mse=True, sequential=True, rotation="hadamard"
+    ),
+    "rot-random-awq-scale-gptq-mse-seq": Calibration(
+        awq="scale", gptq="text", mse=True, sequential=True, rotation="random"
+    ),
+    "rot-hadamard-heads-awq-scale-gptq-mse-seq": Calibration(
+        awq="scale", gptq="text", mse=True, sequential=True, rotation="hadamard", rotate_heads=True
+    ),
+    "rot-hadamard-gptq-mse-seq": Calibration(gptq="text", mse=True, sequential=True, rotation="hadamard"),
     "gptq-static": Calibration(gptq="text", static_inputs=True),
     "smooth": Calibration(smooth=True),
     "smooth-gptq": Calibration(smooth=True, gptq="text"),
@@ -273,10 +289,9 @@ def quantize_checkpoint(
     folds SmoothQuant's scales first (models/smoothquant.py, alpha smooth_alpha) and "-static" writes each
     projection's static input_scale from the calibration text's max|x| (instead of dynamic per-token).
     "signround" learns int4 roundings per decoder layer (models/signround.py; "awq-scale-signround" after
-    AWQ's scales); signround_log(layer, info) hears each layer's losses and seconds."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
+    AWQ's scales); signround_log(layer, info) hears each layer's losses and seconds. "rot-..." rotates the
+    residual stream by an orthogonal matrix folded into the weights first (models/rotation.py; the written
+    checkpoint has an untied lm_head)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} ({', '.join(FORMATS)})")
     if calibration not in CALIBRATIONS:
@@ -285,8 +300,36 @@ def quantize_checkpoint(
     int4 = fmt in ("awq", "gptq")
     if (cal.smooth or cal.static_inputs) and fmt != "compressed-tensors":
         raise ValueError(f"calibration {calibration!r} is for fp8 (compressed-tensors) checkpoints, not {fmt}")
-    if (cal.awq or cal.mse or cal.refit or cal.signround) and not int4:
+    if (cal.awq or cal.mse or cal.refit or cal.signround or cal.rotation) and not int4:
         raise ValueError(f"calibration {calibration!r} is for int4 (awq, gptq) checkpoints, not {fmt}")
+    args = (dst, fmt, group_size, desc_act, strategy, input_scale, kv_scale, cal, smooth_alpha, signround_log)
+    if cal.rotation:
+        from meshserve.models.rotation import rotate_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:  # the rotated fp32 copy is the source from here on
+            return _quantize(rotate_checkpoint(src, tmp, cal.rotation, heads=cal.rotate_heads), *args)
+    return _quantize(src, *args)
+
+
+def _quantize(
+    src: str,
+    dst: str,
+    fmt: str,
+    group_size: int,
+    desc_act: bool,
+    strategy: str,
+    input_scale: float | None,
+    kv_scale: float | None,
+    cal: Calibration,
+    smooth_alpha: float | None,
+    signround_log,
+) -> str:
+    """quantize_checkpoint's work once its arguments are checked (src: the folder to quantize, maybe a
+    rotated copy)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    int4 = fmt in ("awq", "gptq")
     os.makedirs(dst, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for file in safetensors_files(src):

@@ -130,10 +130,12 @@ def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int
         comm_s += 2 * n * gpu.link_latency_us * 1e-6 + traffic.all_to_all / (gpu.link_gb_s * 1e9)
         comm_s += n * gpu.link_latency_us * 1e-6 + traffic.all_gather / (gpu.link_gb_s * 1e9)
     elif layout.ep > 1:
+        # DP attention, experts over all dp x tp GPUs: the dp replicas' batch x dp tokens are spread over the
+        # ep GPUs, each sending its share's top-k rows (batch x dp / ep tokens x k x h) to the experts' owners
         bw, lat = _ep_link(gpu, layout, gpus_per_node)
-        a2a = all_to_all_s(msg * model.experts_per_token * layout.dp, layout.ep, bw, lat)
-        comm_s += shard.num_moe_layers * 2 * a2a  # dispatch + combine
-        ep_bytes = shard.num_moe_layers * 2 * (layout.ep - 1) / layout.ep * msg * model.experts_per_token * layout.dp
+        per_gpu = msg * model.experts_per_token * layout.dp / layout.ep
+        comm_s += shard.num_moe_layers * 2 * all_to_all_s(per_gpu, layout.ep, bw, lat)  # dispatch + combine
+        ep_bytes = shard.num_moe_layers * 2 * (layout.ep - 1) / layout.ep * per_gpu
     return StepTime(memory_s, compute_s, comm_s, shard.num_layers * gpu.layer_overhead_us * 1e-6, ep_bytes)
 
 

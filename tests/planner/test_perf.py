@@ -117,3 +117,17 @@ def test_allreduce_and_cost():
     assert allreduce_s(450e9, 2, 450, 0) == pytest.approx(1.0)
     cost = deployment_cost(get_gpu("H100-SXM"), 8, 10_000)
     assert cost.usd_per_hour == 24 and cost.usd_per_million_output_tokens == pytest.approx(24 / 36e6 * 1e6)
+
+
+def test_dp_ep_all_to_all_counts_each_gpus_share_of_the_tokens():
+    """DP attention with experts over all dp x tp GPUs: each GPU dispatches (and gets back) the top-k rows of
+    its share of the dp replicas' tokens, batch x dp / ep, of which (ep - 1) / ep leave the GPU."""
+    m, gpu, batch = load_model("deepseek-v3"), get_gpu("H200"), 256
+    step = {layout: decode_stage_time(m, layout, gpu, 0, batch, 1024, weight_dtype="fp8", kv_dtype="bf16",
+                                      gpus_per_node=8, efficiency=1.0)
+            for layout in (Layout(tp=1, dp=8, ep=8), Layout(tp=2, dp=4, ep=8))}
+    row_bytes = m.hidden_size * 2 * m.experts_per_token
+    one_gpu_per_replica = step[Layout(tp=1, dp=8, ep=8)].ep_bytes
+    assert one_gpu_per_replica == pytest.approx(m.num_moe_layers * 2 * 7 / 8 * batch * row_bytes)
+    # two GPUs per replica hold the same batch per replica: each sends half as many rows
+    assert step[Layout(tp=2, dp=4, ep=8)].ep_bytes == pytest.approx(one_gpu_per_replica / 2)

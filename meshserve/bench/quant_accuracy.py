@@ -273,6 +273,15 @@ def markdown(rows: list[dict], tokens: int) -> str:
     return "\n".join(lines)
 
 
+def select_variants(variants: list[Variant], only: list[str] | None) -> list[Variant]:
+    """The variants --only names: an exact name picks that variant alone (some names are prefixes of others,
+    e.g. the int4 recipe's), any other part every variant whose name contains it."""
+    if only is None:
+        return variants
+    names = {v.name for v in variants}
+    return [v for v in variants if any(v.name == part if part in names else part in v.name for part in only)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -290,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
         "--with-calibrated", action="store_true", help="also AWQ / GPTQ int4 and GPTQ fp8 from the calibration text"
     )
     parser.add_argument(
-        "--only", action="append", default=None, help="run only the variants whose name contains this (repeatable)"
+        "--only", action="append", default=None,
+        help="run only the variants whose name contains this, or is exactly this (repeatable)",
     )
     ns = parser.parse_args(argv)
     model_dir = ns.model
@@ -304,11 +314,9 @@ def main(argv: list[str] | None = None) -> None:
         ns.group_size,
         ns.window,
         ns.max_tokens,
-        variants=[
-            v
-            for v in VARIANTS + (TEXT_CALIBRATED if ns.with_calibrated else []) + (CALIBRATED if ns.with_gptq else [])
-            if ns.only is None or any(part in v.name for part in ns.only)
-        ],
+        variants=select_variants(
+            VARIANTS + (TEXT_CALIBRATED if ns.with_calibrated else []) + (CALIBRATED if ns.with_gptq else []), ns.only
+        ),
         target_dtype=None if ns.target_dtype == "none" else ns.target_dtype,
     )
     print(markdown(rows, rows[0]["tokens"]))

@@ -365,6 +365,9 @@ def grouped_candidates(pairs: int, experts: int) -> dict[str, StageConfigs]:
             "m64-n64/128-k128-s4": cfg(64, 64, 128, 128, 1, 4, 4),
             "m64-n64/128-k64-s4-w8": cfg(64, 64, 128, 64, 1, 8, 4),
             "m64-n128/256-k64-s3": cfg(64, 128, 256, 64, 1, 4, 3),
+            # vLLM 0.26's fused_moe default without a tuned JSON when M > E (DeepSeek-V2-Lite's E=64, N=1408 on the
+            # H200 has none): BLOCK_M 64, N 64 over the fused gate/up output (32 per half here), K 32, GROUP_M 8
+            "vllm-default": cfg(64, 32, 64, 32, 8, 4, 3),
         }
     return {
         **tables,

@@ -81,6 +81,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
         self.bad_words = list(self.bad_words) if self.bad_words else None  # [] asks for nothing, as in vLLM
         if isinstance(self.structured_outputs, dict):  # offline callers may pass vLLM's fields as a dict
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)

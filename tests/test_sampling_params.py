@@ -52,6 +52,7 @@ def test_token_masks_and_history_are_only_asked_for_when_used():
     assert not plain.uses_token_masks and not plain.reads_output_history and plain.bad_words is None
     assert SamplingParams(allowed_token_ids=[1]).uses_token_masks
     assert SamplingParams(bad_words=[]).bad_words is None  # vLLM's default, asking for nothing
+    assert SamplingParams(bad_words="no").bad_words == ["no"]  # one word, not its letters
     one, two = SamplingParams(), SamplingParams()
     one._bad_words_token_ids, two._bad_words_token_ids = [[7]], [[7], [3, 4]]
     # a one-token word is banned at every step; a longer one needs the output so far

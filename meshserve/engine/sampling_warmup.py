@@ -6,8 +6,8 @@ paths run after the forward, outside the graphs, and only for the requests that 
 batch-1 GEMV (Triton, one row of logits), the fused temperature-only sampler (Triton), the grammar masks'
 kernel (Triton, kernels/triton_token_bitmask.py: one compile for every row count; no xgrammar, which waits for
 the first grammar request), and the torch paths of top-k, top-p, min-p, penalties, logit bias, allowed and
-banned ids, seeds and logprobs (no Triton, but their first launch loads CUDA modules lazily). A cold Triton cache pays
-~0.5 s per compile inside a user's request (issue 18: TTFT p99 0.9-1.5 s at QPS 4-8). Each case below runs the
+banned ids, seeds and logprobs (no Triton, but their first launch loads CUDA modules lazily). A cold Triton cache
+pays ~0.5 s per compile inside a user's request (issue 18: TTFT p99 0.9-1.5 s at QPS 4-8). Each case below runs the
 StepSampler's steps without its state (no generators kept, no sampled ids remembered): logits of dummy hidden
 rows, masks, then the Sampler.
 """

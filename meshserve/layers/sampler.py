@@ -1,7 +1,7 @@
 """The sampler: turns one step's logits into next tokens (and their logprobs), batched over requests.
 
-Order of operations (as in vLLM v1): logprobs of the raw logits -> allowed / banned ids -> logit bias -> penalties ->
-greedy argmax | temperature -> min_p -> top_k -> top_p -> exponential-race sampling.
+Order of operations (as in vLLM v1): logprobs of the raw logits -> allowed / banned ids -> logit bias ->
+penalties -> greedy argmax | temperature -> min_p -> top_k -> top_p -> exponential-race sampling.
 """
 
 from __future__ import annotations

@@ -41,8 +41,9 @@ def reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
         raise _unsupported("use_beam_search", "beam search is not implemented")
     if req.length_penalty != 1.0:
         raise _unsupported("length_penalty", "it applies to beam search, which is not implemented")
-    if req.prompt_logprobs is not None and req.stream:  # vLLM refuses them too: a streamed response has no place
-        raise InvalidArgumentError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
+    if req.prompt_logprobs is not None and req.stream:  # vLLM refuses them too: no chunk carries them
+        raise InvalidArgumentError("prompt_logprobs are not available when stream is true",
+                                   param="prompt_logprobs")
     if isinstance(req, CompletionRequest):
         if req.suffix:
             raise _unsupported("suffix", "insertion is not implemented")

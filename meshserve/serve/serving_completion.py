@@ -178,9 +178,11 @@ def _echoed_logprobs(req: CompletionRequest, out: RequestOutput, token_ids: list
     followed by those of token_ids, generated at positions (their texts come from their logprobs). The prompt's
     alternatives are trimmed to logprobs' k (prompt_logprobs may have asked the engine for more)."""
     prompt_positions = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids))
-    prompt_positions = [trim_position(p, t, req.logprobs or 0) for p, t in zip(prompt_positions, out.prompt_token_ids)]
+    k = req.logprobs or 0
+    prompt_positions = [trim_position(p, t, k) for p, t in zip(prompt_positions, out.prompt_token_ids)]
     return completion_logprobs(out.prompt_token_ids + token_ids, prompt_positions + positions,
-                               (echo.token_texts or []) + [""] * len(token_ids), as_ids=req.return_tokens_as_token_ids)
+                               (echo.token_texts or []) + [""] * len(token_ids),
+                               as_ids=req.return_tokens_as_token_ids)
 
 
 async def _close(requests: list[EngineRequest]) -> None:

@@ -32,6 +32,10 @@ class SamplingParams:
     prompt_logprobs = k does the same for the prompt tokens.
     structured_outputs constrains the output to a JSON schema, regex, choice or grammar (a dict of vLLM's
     fields is accepted too: {"json": schema}).
+    allowed_token_ids: only these ids may be sampled. bad_words: strings whose tokens must not be generated
+    (the last token of a word is banned once the output ends with the tokens before it, as in vLLM).
+    truncate_prompt_tokens = N keeps the prompt's last N tokens (-1: max_model_len), applied before the
+    length check.
     """
 
     n: int = 1
@@ -55,12 +59,17 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # every other id is masked out before sampling
+    bad_words: list[str] | None = None  # tokenized by the front end into _bad_words_token_ids
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last N tokens; -1: max_model_len
     structured_outputs: StructuredOutputsParams | None = None  # grammar the output must follow (xgrammar)
     # prefill/decode disaggregation, vLLM's request field: {"do_remote_decode" | "do_remote_prefill": true,
     # "transfer_id": ...}; checked by the engine core (disagg/coordinator.py)
     kv_transfer_params: dict[str, Any] | None = None
     # Filled by the engine: EOS ids of the model (unless ignore_eos), merged into the stop set.
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    # Filled by the front end (it holds the tokenizer): each bad word's token ids, in every spelling banned.
+    _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -70,6 +79,11 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        self.bad_words = list(self.bad_words) if self.bad_words else None  # [] asks for nothing, as in vLLM
         if isinstance(self.structured_outputs, dict):  # offline callers may pass vLLM's fields as a dict
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.top_k is None or self.top_k < 0:
@@ -121,6 +135,16 @@ class SamplingParams:
             isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100.0 <= b <= 100.0
             for t, b in self.logit_bias.items()), "logit_bias",
               "must map token ids (non-negative integers) to biases in [-100, 100]")
+        check(self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids",
+              "must not be empty (leave it unset to allow every token)")
+        check(self.allowed_token_ids is None or all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                    for t in self.allowed_token_ids),
+              "allowed_token_ids", "must be non-negative integers")
+        check(self.bad_words is None or all(isinstance(w, str) and w.strip() for w in self.bad_words),
+              "bad_words", "must be non-empty strings")
+        n = self.truncate_prompt_tokens
+        check(n is None or (isinstance(n, int) and not isinstance(n, bool) and (n >= 1 or n == -1)),
+              "truncate_prompt_tokens", f"must be an integer >= 1, or -1 (max_model_len), got {n}")
 
     # -- derived ----------------------------------------------------------------------------------
     @property
@@ -130,6 +154,17 @@ class SamplingParams:
     @property
     def uses_logit_bias(self) -> bool:
         return bool(self.logit_bias)
+
+    @property
+    def uses_token_masks(self) -> bool:
+        """allowed_token_ids or bad words: the sampler masks ids this request may not take."""
+        return self.allowed_token_ids is not None or bool(self._bad_words_token_ids)
+
+    @property
+    def reads_output_history(self) -> bool:
+        """Whether sampling the next token reads the tokens generated so far (so they must all be known):
+        penalties count them; a bad word of several tokens is banned when the output ends with its prefix."""
+        return self.uses_penalties or any(len(w) > 1 for w in self._bad_words_token_ids)
 
     @property
     def uses_grammar(self) -> bool:

@@ -27,6 +27,9 @@ def test_normalisation():
     (dict(presence_penalty=3), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
     (dict(seed="x"), "seed"), (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
     (dict(logprobs=-1), "logprobs"), (dict(logprobs=100), "logprobs"), (dict(prompt_logprobs=21), "prompt_logprobs"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids"), (dict(allowed_token_ids=[3, -1]), "allowed_token_ids"),
+    (dict(bad_words=["ok", "  "]), "bad_words"), (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens"),
+    (dict(truncate_prompt_tokens=-2), "truncate_prompt_tokens"),
 ])
 def test_invalid_values_name_the_parameter(kwargs, param):
     with pytest.raises(InvalidArgumentError) as e:
@@ -42,3 +45,16 @@ def test_from_defaults_given_fields_win_then_the_models_then_our_own():
     assert SamplingParams.from_defaults(None) == SamplingParams()
     with pytest.raises(InvalidArgumentError, match="temperature"):
         SamplingParams.from_defaults({"temperature": -1.0})
+
+
+def test_token_masks_and_history_are_only_asked_for_when_used():
+    plain = SamplingParams()
+    assert not plain.uses_token_masks and not plain.reads_output_history and plain.bad_words is None
+    assert SamplingParams(allowed_token_ids=[1]).uses_token_masks
+    assert SamplingParams(bad_words=[]).bad_words is None  # vLLM's default, asking for nothing
+    assert SamplingParams(bad_words="no").bad_words == ["no"]  # one word, not its letters
+    one, two = SamplingParams(), SamplingParams()
+    one._bad_words_token_ids, two._bad_words_token_ids = [[7]], [[7], [3, 4]]
+    # a one-token word is banned at every step; a longer one needs the output so far
+    assert one.uses_token_masks and not one.reads_output_history and two.reads_output_history
+    assert SamplingParams(truncate_prompt_tokens=-1).truncate_prompt_tokens == -1

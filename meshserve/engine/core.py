@@ -368,11 +368,11 @@ class EngineCore:
         return drained
 
     def _needs_known_history(self) -> bool:
-        """Whether the next step must wait for the step in flight: penalties read the pending token; a
-        grammar's mask does too, but with late masks it waits inside the next step (_late_masks_hook)."""
+        """Whether the next step must wait for the step in flight: penalties and bad words read the pending
+        token; a grammar's mask does too, but with late masks it waits inside the next step (_late_masks_hook)."""
         if not self._late_masks:
             return self.scheduler.needs_known_history
-        return any(seq.params.uses_penalties for seq in self.scheduler.running)
+        return any(seq.params.reads_output_history for seq in self.scheduler.running)
 
     def _verify_ahead_supported(self) -> bool:
         """Whether a sequence may verify proposals behind its own step in flight: host-side (n-gram)

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from meshserve.engine.bad_words import tokenize_bad_words
 from meshserve.engine.messages import CoreInfo, EngineCoreRequest
 from meshserve.engine.request_fit import check_request_fits
 from meshserve.errors import InvalidArgumentError, PromptTooLongError
@@ -100,12 +101,20 @@ class InputProcessor:
         vocab = info.vocab_size
         if not token_ids:
             raise InvalidArgumentError("the prompt is empty", param="prompt")
+        if params.truncate_prompt_tokens is not None:
+            keep = self._truncation(params.truncate_prompt_tokens)
+            if len(token_ids) > keep:  # the last N tokens: what the model reads next to the answer
+                text, token_ids = None, token_ids[-keep:]  # the text no longer matches: decode ids if needed
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in token_ids):
             raise InvalidArgumentError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         if any(t >= vocab for t in params.stop_token_ids):  # out of range, they crash the min_tokens ban
             raise InvalidArgumentError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         if params.logit_bias and any(t >= vocab for t in params.logit_bias):
             raise InvalidArgumentError(f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
+        if params.allowed_token_ids is not None and any(t >= vocab for t in params.allowed_token_ids):
+            raise InvalidArgumentError(f"allowed_token_ids must be token ids in [0, {vocab})",
+                                       param="allowed_token_ids")
+        params._bad_words_token_ids = self._bad_words(params.bad_words, vocab)
         if params.structured_outputs is not None:  # a bad schema is a 400 here, never a failed compile later
             if self.tokenizer is None:
                 raise InvalidArgumentError("structured outputs need the model's tokenizer, and it has none",
@@ -141,3 +150,25 @@ class InputProcessor:
                                                    slo_ttft_s, slo_tpot_s))
         return ProcessedRequest(request_id, text, token_ids, params, arrival, core_requests,
                                 slo_ttft_s if slo_ttft_s is not None else info.slo_ttft_s)
+
+    def _truncation(self, n: int) -> int:
+        """How many prompt tokens truncate_prompt_tokens keeps: n, or max_model_len for -1 (vLLM's rule);
+        more than max_model_len is a 400, as in vLLM."""
+        max_len = self.info.max_model_len
+        if n == -1:
+            return max_len
+        if n > max_len:
+            raise InvalidArgumentError(f"truncate_prompt_tokens ({n}) is greater than max_model_len ({max_len})",
+                                       param="truncate_prompt_tokens")
+        return n
+
+    def _bad_words(self, words: list[str] | None, vocab: int) -> list[list[int]]:
+        if not words:
+            return []
+        if self.tokenizer is None:
+            raise InvalidArgumentError("bad_words need the model's tokenizer, and it has none", param="bad_words")
+        sequences = tokenize_bad_words(self.tokenizer, words)
+        if any(t >= vocab for seq in sequences for t in seq):  # a tokenizer larger than the model's vocabulary
+            raise InvalidArgumentError(f"bad_words tokenize to ids outside the model's vocabulary [0, {vocab})",
+                                       param="bad_words")
+        return sequences

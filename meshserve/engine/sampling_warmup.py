@@ -5,9 +5,9 @@ The forward's kernels compile during the profile run, warm_up_prefill and the gr
 paths run after the forward, outside the graphs, and only for the requests that ask for them: the LM head's
 batch-1 GEMV (Triton, one row of logits), the fused temperature-only sampler (Triton), the grammar masks'
 kernel (Triton, kernels/triton_token_bitmask.py: one compile for every row count; no xgrammar, which waits for
-the first grammar request), and the torch paths of top-k, top-p, min-p, penalties, logit bias, banned ids,
-seeds and logprobs (no Triton, but their first launch loads CUDA modules lazily). A cold Triton cache pays
-~0.5 s per compile inside a user's request (issue 18: TTFT p99 0.9-1.5 s at QPS 4-8). Each case below runs the
+the first grammar request), and the torch paths of top-k, top-p, min-p, penalties, logit bias, allowed and
+banned ids, seeds and logprobs (no Triton, but their first launch loads CUDA modules lazily). A cold Triton cache
+pays ~0.5 s per compile inside a user's request (issue 18: TTFT p99 0.9-1.5 s at QPS 4-8). Each case below runs the
 StepSampler's steps without its state (no generators kept, no sampled ids remembered): logits of dummy hidden
 rows, masks, then the Sampler.
 """
@@ -67,6 +67,7 @@ def warmup_cases() -> list[WarmupCase]:
         WarmupCase("greedy+logprobs", [SamplingParams(temperature=0.0, logprobs=2)]),
         WarmupCase("seeded", [SamplingParams(temperature=0.8, seed=0), hot]),
         WarmupCase("logit_bias", [SamplingParams(temperature=0.8, logit_bias={0: 1.0}), greedy]),
+        WarmupCase("allowed_token_ids", [SamplingParams(temperature=0.8, allowed_token_ids=[0, 1]), greedy]),
         WarmupCase("banned", [hot, greedy], banned=True),
     ]
     # the grammar masks' kernel on the logits in place (its row count is unspecialized: one launch builds it)

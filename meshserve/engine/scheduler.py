@@ -139,7 +139,7 @@ class Scheduler:
         start = seq.num_computed_tokens
         num_spec = max(0, start + num_new - seq.num_tokens)  # proposals scheduled after the last token
         do_sample = start + num_new >= seq.num_tokens
-        needs_history = do_sample and seq.params.uses_penalties
+        needs_history = do_sample and seq.params.reads_output_history
         # prompt logprobs score each prompt token from the position before it, across chunk borders
         needs_prompt = needs_history or (seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens)
         token_ids = seq.token_ids_slice(start, start + num_new - num_spec)
@@ -293,7 +293,7 @@ class Scheduler:
         sampled handoff_lag steps ago (and nothing on the host needs it first: penalties, grammars, proposals)."""
         return (self.handoff_lag > 0 and seq.num_pending_tokens == 1
                 and self._sampled_at.get(seq.seq_id) == self._step_index - self.handoff_lag
-                and not seq.params.uses_penalties and seq.grammar is None and not seq.spec_token_ids)
+                and not seq.params.reads_output_history and seq.grammar is None and not seq.spec_token_ids)
 
     def _reached_limit(self, seq: Sequence) -> bool:
         """No token after the pending ones may be scheduled: max_tokens or max_model_len is reached."""
@@ -302,9 +302,9 @@ class Scheduler:
 
     @property
     def needs_known_history(self) -> bool:
-        """Whether a running sequence's next step needs every token known (penalties read the history; a
-        grammar's next mask depends on the last token)."""
-        return any(seq.params.uses_penalties or seq.grammar is not None for seq in self.running)
+        """Whether a running sequence's next step needs every token known (penalties and bad words read the
+        history; a grammar's next mask depends on the last token)."""
+        return any(seq.params.reads_output_history or seq.grammar is not None for seq in self.running)
 
     def update_after_step(self, output: SchedulerOutput, sampled: dict[str, int],
                           spec_sampled: dict[str, list[int]] | None = None) -> list[Sequence]:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from meshserve.distributed.parallel_state import get_parallel_state
+from meshserve.engine.bad_words import banned_by_bad_words
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, to_token_logprobs
 from meshserve.engine.scheduler_output import ScheduledSequence, sampling_indices
 from meshserve.kernels.attention_metadata import AttentionMetadata
@@ -26,7 +27,7 @@ def sample_rows(sampler: Sampler, logits: torch.Tensor, rows: list[ScheduledSequ
     if grammar_bitmask is not None:  # structured outputs: only the tokens each grammar allows next
         apply_bitmask(logits, grammar_bitmask)
     if all(s.params.greedy and s.params.logprobs is None and not s.params.uses_penalties
-           and not s.params.logit_bias for s in rows) and not any(banned):
+           and not s.params.logit_bias and s.params.allowed_token_ids is None for s in rows) and not any(banned):
         return logits.argmax(dim=-1), None  # plain greedy: no per-row settings to upload
     meta = SamplingMetadata.build(
         [s.params for s in rows],
@@ -39,6 +40,16 @@ def sample_rows(sampler: Sampler, logits: torch.Tensor, rows: list[ScheduledSequ
     )
     sampled = sampler(logits, meta)
     return sampled.sampled_token_ids, sampled
+
+
+def _banned(s: ScheduledSequence) -> list[int]:
+    """The ids s may not sample this step: its stop ids while min_tokens is not reached, and the last token
+    of each bad word whose other tokens end its output (the scheduler sends the output when a word needs it)."""
+    p = s.params
+    banned = sorted(p._all_stop_token_ids) if s.num_output_tokens < p.min_tokens else []
+    if p._bad_words_token_ids:
+        banned += banned_by_bad_words(p._bad_words_token_ids, s.output_token_ids)
+    return banned
 
 
 class StepSampler:
@@ -133,8 +144,7 @@ class StepSampler:
                 self._remember(rows, self._broadcast(torch.empty(len(rows), dtype=torch.int64,
                                                                  device=self.device)), None)
             return PendingOutput(result)
-        banned = [sorted(s.params._all_stop_token_ids) if s.num_output_tokens < s.params.min_tokens else []
-                  for s in rows]
+        banned = [_banned(s) for s in rows]
         token_ids, sampled = sample_rows(self.sampler, logits, rows, banned, self._generator, self.vocab_size,
                                          self.device, grammar_bitmask)
         if self.greedy_oracle is not None and sampled is None:  # all greedy: the oracle picks, as in verify

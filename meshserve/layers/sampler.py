@@ -1,7 +1,7 @@
 """The sampler: turns one step's logits into next tokens (and their logprobs), batched over requests.
 
-Order of operations (as in vLLM v1): logprobs of the raw logits -> banned ids -> logit bias -> penalties ->
-greedy argmax | temperature -> min_p -> top_k -> top_p -> exponential-race sampling.
+Order of operations (as in vLLM v1): logprobs of the raw logits -> allowed / banned ids -> logit bias ->
+penalties -> greedy argmax | temperature -> min_p -> top_k -> top_p -> exponential-race sampling.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ class SamplingMetadata:
     prompt_token_ids: torch.Tensor | None
     output_token_ids: torch.Tensor | None
     generators: dict[int, torch.Generator]  # row -> generator of a seeded (random) request
-    # Per row, ids to mask to -inf (EOS/stop ids while output < min_tokens); None if none.
+    # Per row, ids to mask to -inf (EOS/stop ids while output < min_tokens, bad words); None if none.
     banned_token_ids: list[list[int]] | None
+    # Per row, the only ids it may take (allowed_token_ids), None for a row without; None if no row has one.
+    allowed_token_ids: list[list[int] | None] | None
     # Per row, {token id: bias} added to the logits (OpenAI's logit_bias); None if no row has one.
     logit_bias: list[dict[int, float] | None] | None
     max_num_logprobs: int | None  # largest logprobs k of any row; None = no row wants logprobs
@@ -86,6 +88,8 @@ class SamplingMetadata:
         if banned_token_ids is not None and not any(banned_token_ids):
             banned_token_ids = None
         logit_bias = [p.logit_bias for p in params] if any(p.logit_bias for p in params) else None
+        allowed = ([p.allowed_token_ids for p in params] if any(p.allowed_token_ids is not None for p in params)
+                   else None)
         asked = [p.logprobs for p in params if p.logprobs is not None]
 
         # every per-row float setting in one host array and one copy (not six small synchronous ones)
@@ -110,6 +114,7 @@ class SamplingMetadata:
             generators={i: gen for i, (gen, g) in enumerate(zip(generators, greedy))
                         if gen is not None and not g},
             banned_token_ids=banned_token_ids,
+            allowed_token_ids=allowed,
             logit_bias=logit_bias,
             max_num_logprobs=max(asked) if asked else None,
             all_greedy=all(greedy),
@@ -155,6 +160,22 @@ def apply_banned(logits: torch.Tensor, banned_token_ids: list[list[int]] | None)
         index = torch.tensor([rows, cols], dtype=torch.int64, device=logits.device)
         logits[index[0], index[1]] = float("-inf")
     return logits
+
+
+def apply_allowed(logits: torch.Tensor, allowed_token_ids: list[list[int] | None] | None) -> torch.Tensor:
+    """Set every id outside a row's allowed ids to -inf, in place; rows without a list keep all."""
+    if not allowed_token_ids:
+        return logits
+    restricted = [i for i, ids in enumerate(allowed_token_ids) if ids is not None]
+    rows = [i for i in restricted for _ in allowed_token_ids[i]]
+    cols = [t for i in restricted for t in allowed_token_ids[i]]
+    # one host-to-device copy: the restricted rows, then the (row, id) pairs they allow
+    flat = torch.tensor(restricted + rows + cols, dtype=torch.int64).to(logits.device, non_blocking=True)
+    r, n = len(restricted), len(rows)
+    blocked = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    blocked[flat[:r]] = True
+    blocked[flat[r : r + n], flat[r + n :]] = False
+    return logits.masked_fill_(blocked, float("-inf"))
 
 
 def apply_logit_bias(logits: torch.Tensor, logit_bias: list[dict[int, float] | None] | None) -> torch.Tensor:
@@ -264,9 +285,9 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
 
 
 def _temperature_only(metadata: SamplingMetadata) -> bool:
-    """Nothing but temperature (or greedy) per row: no filters, penalties, bans, logprobs or seeds."""
+    """Nothing but temperature (or greedy) per row: no filters, penalties, masks, logprobs or seeds."""
     return (metadata.max_num_logprobs is None and not metadata.banned_token_ids and not metadata.logit_bias
-            and metadata.no_penalties
+            and not metadata.allowed_token_ids and metadata.no_penalties
             and metadata.no_top_p and metadata.no_top_k and metadata.no_min_p and not metadata.generators)
 
 
@@ -297,6 +318,7 @@ class Sampler(torch.nn.Module):
         # Work on a float32 copy: the caller's tensor stays raw, which is what logprobs are taken from.
         raw_logits = logits
         logits = logits.to(torch.float32, copy=True)
+        apply_allowed(logits, metadata.allowed_token_ids)
         apply_banned(logits, metadata.banned_token_ids)
         apply_logit_bias(logits, metadata.logit_bias)
         logits = apply_penalties(logits, metadata)

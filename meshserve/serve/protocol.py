@@ -98,6 +98,17 @@ class SamplingRequest(OpenAIModel):
     include_stop_str_in_output: bool = False
     logit_bias: dict[str, float] | None = Field(
         None, description="token id (as a string) -> bias in [-100, 100] added to its logit")
+    allowed_token_ids: list[int] | None = Field(None, description="only these token ids may be sampled")
+    bad_words: list[str] | None = Field(None, description="strings whose tokens must not be generated")
+    truncate_prompt_tokens: int | None = Field(
+        None, description="keep only the prompt's last N tokens (-1: max_model_len)")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                        description="logprobs of the prompt tokens and their top N alternatives")
+    return_tokens_as_token_ids: bool = Field(
+        False, description='logprob tokens as "token_id:N" (for tokens that are not valid text on their own)')
+    # vLLM's beam search is not implemented: a request that turns it on is refused (400), not sampled instead
+    use_beam_search: bool = Field(False, description="not supported: must be absent or false")
+    length_penalty: float = Field(1.0, description="beam search only: not supported beyond 1")
     priority: int = Field(0, ge=_INT64_MIN, le=_INT64_MAX,
                           description="with --scheduling-policy priority: lower values are served first")
     kv_transfer_params: dict[str, Any] | None = Field(
@@ -126,6 +137,29 @@ class SamplingRequest(OpenAIModel):
     def _stop_ids_non_negative(cls, v: list[int] | None) -> list[int] | None:
         if v and any(t < 0 for t in v):
             raise ValueError("stop_token_ids must be non-negative")
+        return v
+
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _allowed_ids(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and not v:
+            raise ValueError("allowed_token_ids must not be empty (leave it out to allow every token)")
+        if v and any(t < 0 for t in v):
+            raise ValueError("allowed_token_ids must be non-negative")
+        return v
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words_non_empty(cls, v: list[str] | None) -> list[str] | None:
+        if v and any(not w.strip() for w in v):
+            raise ValueError("bad_words must be non-blank strings")
+        return v
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncation(cls, v: int | None) -> int | None:
+        if v is not None and v < 1 and v != -1:
+            raise ValueError(f"truncate_prompt_tokens must be >= 1, or -1 (max_model_len), got {v}")
         return v
 
 
@@ -267,6 +301,18 @@ class UsageInfo(OpenAIModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class PromptLogprob(OpenAIModel):
+    """vLLM's Logprob, one entry of a prompt position: {token id: {logprob, rank, decoded_token}}."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt position its token and top alternatives by id; None for the first
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionLogprobs(OpenAIModel):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
@@ -282,6 +328,8 @@ class CompletionChoice(OpenAIModel):
     stop_reason: int | str | None = None
     # with return_token_ids only: absent otherwise, so other clients see OpenAI's shape
     token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
+    # with prompt_logprobs only (vLLM puts them in each choice of the prompt's completions)
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda v: v is None)
 
 
 def _now() -> int:
@@ -346,6 +394,8 @@ class ChatCompletionResponse(OpenAIModel):
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    # with prompt_logprobs only (vLLM puts them beside the choices: the prompt is shared)
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatDelta(OpenAIModel):

@@ -35,7 +35,15 @@ def _unsupported(param: str, why: str) -> InvalidArgumentError:
 
 
 def reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
-    """A 400 naming an OpenAI parameter that would change the answer and that meshserve does not implement."""
+    """A 400 naming an OpenAI (or vLLM) parameter that would change the answer and that meshserve does not
+    implement."""
+    if req.use_beam_search:
+        raise _unsupported("use_beam_search", "beam search is not implemented")
+    if req.length_penalty != 1.0:
+        raise _unsupported("length_penalty", "it applies to beam search, which is not implemented")
+    if req.prompt_logprobs is not None and req.stream:  # vLLM refuses them too: no chunk carries them
+        raise InvalidArgumentError("prompt_logprobs are not available when stream is true",
+                                   param="prompt_logprobs")
     if isinstance(req, CompletionRequest):
         if req.suffix:
             raise _unsupported("suffix", "insertion is not implemented")
@@ -68,6 +76,9 @@ def _common(req: SamplingRequest) -> dict:
         # the handlers stream or gather deltas: each step carries only what is new
         "output_kind": RequestOutputKind.DELTA,
         "logit_bias": _logit_bias(req),
+        "allowed_token_ids": req.allowed_token_ids,
+        "bad_words": req.bad_words,
+        "truncate_prompt_tokens": req.truncate_prompt_tokens,
         "kv_transfer_params": req.kv_transfer_params,
     }
 
@@ -81,12 +92,13 @@ def _build(req: SamplingRequest, defaults: dict, max_tokens: int | None, **field
 
 def completion_sampling_params(req: CompletionRequest, defaults: dict | None = None) -> SamplingParams:
     """max_tokens unset: the model's max_new_tokens, else 16 (OpenAI). Echo with logprobs also scores
-    the prompt."""
+    the prompt (one pass serves both it and prompt_logprobs: the larger k, each trimmed to its own)."""
     reject_unsupported(req)
     defaults = defaults or {}
     max_tokens = req.max_tokens if "max_tokens" in req.model_fields_set else defaults.get("max_tokens", 16)
+    asked = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
     return _build(req, defaults, max_tokens, logprobs=req.logprobs, structured_outputs=structured_outputs_of(req),
-                  prompt_logprobs=req.logprobs if (req.echo and req.logprobs is not None) else None)
+                  prompt_logprobs=max(asked) if asked else None)
 
 
 def chat_sampling_params(req: ChatCompletionRequest, defaults: dict | None = None,
@@ -102,4 +114,5 @@ def chat_sampling_params(req: ChatCompletionRequest, defaults: dict | None = Non
         raise InvalidArgumentError("an output constraint (response_format, structured_outputs, guided_*) cannot "
                                    'be combined with tool_choice "required" or a named function', param="tool_choice")
     return _build(req, defaults, max_tokens if max_tokens is not None else defaults.get("max_tokens"),
-                  logprobs=logprobs, structured_outputs=structured or tool_constraint)
+                  logprobs=logprobs, structured_outputs=structured or tool_constraint,
+                  prompt_logprobs=req.prompt_logprobs)

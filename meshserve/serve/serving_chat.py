@@ -12,7 +12,7 @@ from meshserve.outputs import CompletionOutput, RequestOutput
 from meshserve.serve.chunk_encoding import ChunkEncoder
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient, EngineRequest
-from meshserve.serve.logprobs import chat_logprobs
+from meshserve.serve.logprobs import chat_logprobs, prompt_logprobs
 from meshserve.serve.metrics import RequestTracker, ServerMetrics, outcome_of
 from meshserve.serve.protocol import (
     ChatChoice,
@@ -92,7 +92,8 @@ class ChatService:
     def _logprobs(self, req: ChatCompletionRequest, token_ids: list[int], positions) -> ChatChoiceLogprobs | None:
         if not req.logprobs:
             return None
-        return ChatChoiceLogprobs(content=chat_logprobs(token_ids, list(positions or []), req.top_logprobs or 0))
+        return ChatChoiceLogprobs(content=chat_logprobs(token_ids, list(positions or []), req.top_logprobs or 0,
+                                                        as_ids=req.return_tokens_as_token_ids))
 
     # -- whole response --------------------------------------------------------------------------
     async def _whole(self, req, model, request_id, request: EngineRequest,
@@ -103,7 +104,10 @@ class ChatService:
             await request.aclose()
         tracker.finish(outcome_of([final]))
         choices = [self._choice(req, c, plan) for c in final.outputs]
-        return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of([final]))
+        scored = (prompt_logprobs(final.prompt_token_ids, final.prompt_logprobs, req.prompt_logprobs,
+                                  req.return_tokens_as_token_ids) if req.prompt_logprobs is not None else None)
+        return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of([final]),
+                                      prompt_logprobs=scored)
 
     def _choice(self, req: ChatCompletionRequest, c: CompletionOutput, plan: ToolPlan) -> ChatChoice:
         content, calls = plan.extract(c.text)

@@ -12,7 +12,7 @@ from meshserve.outputs import CompletionOutput, RequestOutput
 from meshserve.serve.chunk_encoding import ChunkEncoder
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient, EngineRequest, merge_requests
-from meshserve.serve.logprobs import completion_logprobs
+from meshserve.serve.logprobs import completion_logprobs, prompt_logprobs, trim_position
 from meshserve.serve.metrics import RequestTracker, ServerMetrics, outcome_of
 from meshserve.serve.protocol import (
     CompletionChoice,
@@ -67,7 +67,7 @@ class CompletionService:
             tracker.fail(e)
             raise
         try:
-            echoes = await self._echoes(req, prompts, requests) if req.echo else None
+            echoes = await self._echoes(req, requests) if req.echo else None
         except BaseException:
             await _close(requests)
             tracker.finish("error")
@@ -76,11 +76,12 @@ class CompletionService:
             return SSEResponse(self._stream(req, model, request_id, requests, echoes, tracker))
         return await self._whole(req, model, request_id, requests, echoes, tracker)
 
-    async def _echoes(self, req: CompletionRequest, prompts: list, requests: list[EngineRequest]) -> list[_Echo]:
+    async def _echoes(self, req: CompletionRequest, requests: list[EngineRequest]) -> list[_Echo]:
         echoes = []
-        for prompt, r in zip(prompts, requests):
+        for r in requests:
             ids = r.first.prompt_token_ids
-            text = prompt if isinstance(prompt, str) else await self.client.decode(ids)
+            # the prompt's text, when the engine kept it (a token-id or truncated prompt has none: decoded)
+            text = r.first.prompt if r.first.prompt is not None else await self.client.decode(ids)
             texts = await self.client.decode_each(ids) if req.logprobs is not None else None
             echoes.append(_Echo(text, texts))
         return echoes
@@ -102,14 +103,18 @@ class CompletionService:
                 echo: _Echo | None) -> CompletionChoice:
         text = (echo.text if echo else "") + c.text
         logprobs = None
+        as_ids = req.return_tokens_as_token_ids
         if req.logprobs is not None:
             if echo:
-                logprobs = _echoed_logprobs(out, c.token_ids, list(c.logprobs or []), echo)
+                logprobs = _echoed_logprobs(req, out, c.token_ids, list(c.logprobs or []), echo)
             else:
-                logprobs = completion_logprobs(c.token_ids, list(c.logprobs or []))
+                logprobs = completion_logprobs(c.token_ids, list(c.logprobs or []), as_ids=as_ids)
+        scored = (prompt_logprobs(out.prompt_token_ids, out.prompt_logprobs, req.prompt_logprobs, as_ids)
+                  if req.prompt_logprobs is not None else None)
         return CompletionChoice(index=i * req.n + c.index, text=text, logprobs=logprobs,
                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                token_ids=list(c.token_ids) if req.return_token_ids else None)
+                                token_ids=list(c.token_ids) if req.return_token_ids else None,
+                                prompt_logprobs=scored)
 
     # -- stream ----------------------------------------------------------------------------------
     async def _stream(self, req, model, request_id, requests, echoes,
@@ -157,22 +162,27 @@ class CompletionService:
         logprobs = None
         if req.logprobs is not None:
             positions = list(c.logprobs or [])
-            logprobs = completion_logprobs(d.token_ids, positions)
+            logprobs = completion_logprobs(d.token_ids, positions, as_ids=req.return_tokens_as_token_ids)
         if d.first and echo is not None:
             text = echo.text + text
             if logprobs is not None:
-                logprobs = _echoed_logprobs(out, d.token_ids, positions, echo)
+                logprobs = _echoed_logprobs(req, out, d.token_ids, positions, echo)
         return CompletionChoice(index=i * req.n + c.index, text=text, logprobs=logprobs,
                                 finish_reason=d.finish_reason, stop_reason=d.stop_reason,
                                 token_ids=d.token_ids if req.return_token_ids else None)
 
 
-def _echoed_logprobs(out: RequestOutput, token_ids: list[int], positions: list, echo: _Echo) -> CompletionLogprobs:
+def _echoed_logprobs(req: CompletionRequest, out: RequestOutput, token_ids: list[int], positions: list,
+                     echo: _Echo) -> CompletionLogprobs:
     """Logprobs of the echoed prompt (its prompt logprobs, None where not computed, and its token texts)
-    followed by those of token_ids, generated at positions (their texts come from their logprobs)."""
+    followed by those of token_ids, generated at positions (their texts come from their logprobs). The prompt's
+    alternatives are trimmed to logprobs' k (prompt_logprobs may have asked the engine for more)."""
     prompt_positions = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids))
+    k = req.logprobs or 0
+    prompt_positions = [trim_position(p, t, k) for p, t in zip(prompt_positions, out.prompt_token_ids)]
     return completion_logprobs(out.prompt_token_ids + token_ids, prompt_positions + positions,
-                               (echo.token_texts or []) + [""] * len(token_ids))
+                               (echo.token_texts or []) + [""] * len(token_ids),
+                               as_ids=req.return_tokens_as_token_ids)
 
 
 async def _close(requests: list[EngineRequest]) -> None:

@@ -14,13 +14,14 @@ from meshserve.spec_decode.stats import SpecDecodeStats
 
 def speculation_allowed(seq: Sequence) -> bool:
     """Whether seq's next tokens may be verified several at a time: settings that read each position's
-    history or report on it (logprobs, penalties, logit bias, grammars, min_tokens still banning stop
-    tokens) decode one token per step instead."""
+    history or report on it (logprobs, penalties, logit bias, allowed ids and bad words, grammars, min_tokens
+    still banning stop tokens) decode one token per step instead."""
     p = seq.params
     return (
         p.logprobs is None
         and not p.uses_penalties
         and not p.logit_bias
+        and not p.uses_token_masks
         and seq.grammar is None
         and not p.uses_grammar
         and seq.num_output_tokens >= p.min_tokens

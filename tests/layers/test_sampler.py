@@ -10,6 +10,8 @@ import torch
 from meshserve.layers.sampler import (
     Sampler,
     SamplingMetadata,
+    _temperature_only,
+    apply_allowed,
     apply_penalties,
     compute_logprobs,
 )
@@ -218,6 +220,31 @@ def test_banned_ids_never_sampled() -> None:
     meta = build([SamplingParams(temperature=0.0)] * 2, vocab_size=8, banned=[[3], []])
     assert Sampler()(logits, meta).sampled_token_ids.tolist() == [5, 3]
     assert build([SamplingParams()] * 2, banned=[[], []]).banned_token_ids is None
+
+
+# -- allowed ids -------------------------------------------------------------------------------------
+def test_allowed_ids_are_the_only_ones_sampled() -> None:
+    row = torch.zeros(8)
+    row[3] = 10.0  # the overwhelming favourite, not allowed
+    assert sample_set(row, SamplingParams(allowed_token_ids=[1, 6])) == {1, 6}
+    logits = row.repeat(3, 1)
+    logits[2, 6] = 5.0
+    params = [SamplingParams(temperature=0.0, allowed_token_ids=[0, 1]), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0, allowed_token_ids=[2, 6])]
+    # row 1 has no list: untouched; the others take their best allowed id
+    assert Sampler()(logits, build(params, vocab_size=8)).sampled_token_ids.tolist() == [0, 3, 6]
+
+
+def test_allowed_mask_keeps_the_allowed_logits_and_is_off_when_unused() -> None:
+    logits = torch.randn(2, V, generator=gen(5))
+    masked = apply_allowed(logits.clone(), [[4, 9], None])
+    assert torch.equal(masked[1], logits[1])
+    kept = torch.isfinite(masked[0]).nonzero().flatten().tolist()
+    assert kept == [4, 9] and torch.equal(masked[0, [4, 9]], logits[0, [4, 9]])
+    assert build([SamplingParams()] * 2).allowed_token_ids is None
+    # the fused temperature-only path stays open without the list, closed with it
+    assert _temperature_only(build([SamplingParams()]))
+    assert not _temperature_only(build([SamplingParams(allowed_token_ids=[1])]))
 
 
 # -- logprobs ----------------------------------------------------------------------------------------

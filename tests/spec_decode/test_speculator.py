@@ -9,7 +9,7 @@ from meshserve.engine.scheduler_output import SchedulerOutput
 from meshserve.engine.sequence import Sequence, SequenceStatus
 from meshserve.spec_decode.config import SpeculativeConfig
 from meshserve.spec_decode.ngram_proposer import NgramProposer
-from meshserve.spec_decode.speculator import Speculator
+from meshserve.spec_decode.speculator import Speculator, speculation_allowed
 
 
 def _seq(seq_id: str, seed: int | None = None) -> Sequence:
@@ -42,3 +42,14 @@ def test_no_proposals_while_the_gate_is_off_except_probes_and_seeded():
             assert plain.spec_token_ids == []
     # the second probe twice as far from the first (the first found speculation still does not pay)
     assert probes == [spec.gate.probe_every, 3 * spec.gate.probe_every]
+
+
+def test_token_masks_decode_one_token_per_step():
+    """Verification samples without the sampler's masks: allowed ids and bad words turn speculation off."""
+    assert speculation_allowed(_seq("plain"))
+    allowed = _seq("allowed")
+    allowed.params = SamplingParams(allowed_token_ids=[1, 2])
+    bad = _seq("bad")
+    bad.params = SamplingParams(bad_words=["x"])
+    bad.params._bad_words_token_ids = [[5]]  # as the input processor fills it
+    assert not speculation_allowed(allowed) and not speculation_allowed(bad)

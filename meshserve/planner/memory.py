@@ -100,8 +100,9 @@ def stage_shard(model: ModelSpec, layout: Layout, stage: int, weight_dtype: str 
     """The slice of the model one GPU of pipeline stage `stage` holds under `layout` (layer_partition: layers
     per stage, the engine's --pp-layer-partition; None: stage_layers' even split)."""
     tp, wb, ub = layout.tp, weight_dtype_bytes(weight_dtype), UNQUANTIZED_BYTES
-    layers = (layer_partition or stage_layers(model.num_layers, layout.pp))[stage]
-    moe_layers = round(model.num_moe_layers * layers / model.num_layers)
+    parts = layer_partition or stage_layers(model.num_layers, layout.pp)
+    start, layers = sum(parts[:stage]), parts[stage]
+    moe_layers = model.moe_layers_in(start, start + layers)
     dense_layers = layers - moe_layers
     kv_heads = kv_heads_per_gpu(model, tp)
     if model.is_mla:  # heads split over TP; q_a / kv_a replicated

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from meshserve.planner.hardware import GpuSpec
-from meshserve.planner.memory import StageShard, kv_tokens_held, stage_shard, weight_dtype_bytes
+from meshserve.planner.memory import StageShard, kv_tokens_held, stage_shard
 from meshserve.planner.model import ModelSpec
 from meshserve.planner.moe_comm import ep_traffic
 from meshserve.planner.parallel import Layout
@@ -179,12 +179,13 @@ def itl_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, batch: int, context: i
 def prefill_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, num_seqs: int, prompt_len: int, *,
               weight_dtype: str, efficiency: float) -> float:
     """Prefill of `num_seqs` prompts of `prompt_len` tokens: FLOPs ÷ FLOP/s of one stage's TP group (stages
-    run one after another for a given prompt), never faster than reading the weights once."""
+    run one after another for a given prompt), never faster than each stage's GPUs reading their weights once."""
     tokens = num_seqs * prompt_len
     gemm = 2 * (model.active_params - model.embedding_params) * tokens
     attn = num_seqs * 2 * model.num_layers * model.num_heads * model.head_dim * prompt_len ** 2  # causal
     compute = (gemm + attn) / (layout.tp * gpu.flops_per_s(weight_dtype) * efficiency)
-    weights = (model.linear_params * weight_dtype_bytes(weight_dtype)) / layout.tp
+    # each stage's GPUs stream the projections and experts they hold (EP: 1/EP of the experts, not 1/TP)
+    weights = sum(stage_shard(model, layout, s, weight_dtype).linear_weight_bytes for s in range(layout.pp))
     memory = weights / (gpu.hbm_bytes_per_s * efficiency)
     comm = 2 * model.num_layers * allreduce_s(tokens * model.hidden_size * ACT_BYTES, layout.tp,
                                               gpu.link_gb_s, gpu.link_latency_us)

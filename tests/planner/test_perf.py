@@ -8,7 +8,7 @@ from meshserve.planner.hardware import get_gpu
 from meshserve.planner.model import load_model
 from meshserve.planner.parallel import Layout
 from meshserve.planner.perf import (Workload, allreduce_s, decode_stage_time, expected_experts_touched, itl_s,
-                                   pp_hop_s, predict)
+                                   pp_hop_s, predict, prefill_s)
 from meshserve.planner.plan import PlanRequest, make_plan
 
 
@@ -131,3 +131,17 @@ def test_dp_ep_all_to_all_counts_each_gpus_share_of_the_tokens():
     assert one_gpu_per_replica == pytest.approx(m.num_moe_layers * 2 * 7 / 8 * batch * row_bytes)
     # two GPUs per replica hold the same batch per replica: each sends half as many rows
     assert step[Layout(tp=2, dp=4, ep=8)].ep_bytes == pytest.approx(one_gpu_per_replica / 2)
+
+
+def test_prefill_floor_reads_the_weights_each_gpu_holds():
+    """A short prompt is bound by reading the weights; with experts spread over DP x EP GPUs each GPU streams
+    its own quarter of them, not 1/TP of the whole model."""
+    m, gpu = load_model("qwen3-30b-a3b"), get_gpu("H100-SXM")
+    # per layer per GPU at TP=1, EP=4: q and o 2 x 2048 x 32 x 128, k and v 2 x 2048 x 4 x 128, 128 / 4 experts
+    # of 3 x 2048 x 768; 48 layers, 2 B each
+    held = 48 * (2 * 2048 * 32 * 128 + 2 * 2048 * 4 * 128 + 32 * 3 * 2048 * 768) * 2
+    ep = prefill_s(m, Layout(dp=4, ep=4), gpu, 1, 16, weight_dtype="bf16", efficiency=1.0)
+    assert ep == pytest.approx(held / 3350e9)  # 4.9 ms; the whole model's 59.8 GB would be 17.8 ms
+    # without EP every GPU holds (and a prompt touches) all experts
+    whole = prefill_s(m, Layout(dp=4), gpu, 1, 16, weight_dtype="bf16", efficiency=1.0)
+    assert whole == pytest.approx(m.linear_params * 2 / 3350e9)

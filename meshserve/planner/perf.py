@@ -42,6 +42,8 @@ class StepTime:
     comm_s: float
     overhead_s: float = 0.0  # per-layer fixed cost (launches), which bandwidth and FLOPs do not cover
     ep_bytes: float = 0.0  # bytes one GPU sends in the expert-parallel exchange (dispatch, combine, gather)
+    tokens: int = 0  # sequences of one replica in this step (PP: the step in flight's share of the batch)
+    moe_layers: int = 0  # MoE layers of this stage
 
     @property
     def total_s(self) -> float:
@@ -136,7 +138,8 @@ def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int
         per_gpu = msg * model.experts_per_token * layout.dp / layout.ep
         comm_s += shard.num_moe_layers * 2 * all_to_all_s(per_gpu, layout.ep, bw, lat)  # dispatch + combine
         ep_bytes = shard.num_moe_layers * 2 * (layout.ep - 1) / layout.ep * per_gpu
-    return StepTime(memory_s, compute_s, comm_s, shard.num_layers * gpu.layer_overhead_us * 1e-6, ep_bytes)
+    return StepTime(memory_s, compute_s, comm_s, shard.num_layers * gpu.layer_overhead_us * 1e-6, ep_bytes, batch,
+                    shard.num_moe_layers)
 
 
 def pp_hop_s(model: ModelSpec, gpu: GpuSpec, tokens: int) -> float:

@@ -68,11 +68,13 @@ def _ep_notes(result: PlanResult) -> list[str]:
     the all-reduce of the same MoE layers would send without EP."""
     m, notes = result.request.model, []
     for c in result.candidates:
-        if c.layout.ep > 1 and c.prediction.step.ep_bytes:
-            batch = c.prediction.batch_per_replica
-            layers = m.num_moe_layers // c.layout.pp
-            note = (f"EP {c.layout.label}: {c.prediction.step.ep_bytes / 1e6:,.1f} MB sent per GPU per decode step "
-                    f"in the all-to-all exchange ({layers} MoE layers, {batch:,} tokens)")
+        step = c.prediction.step
+        if c.layout.ep > 1 and step.ep_bytes:
+            # the step priced (PP: one step in flight, through the slowest stage), not the whole batch or model
+            batch, layers = step.tokens, step.moe_layers
+            per = " per replica" if c.layout.dp > 1 else ""
+            note = (f"EP {c.layout.label}: {step.ep_bytes / 1e6:,.1f} MB sent per GPU per decode step "
+                    f"in the all-to-all exchange ({layers} MoE layers, {batch:,} tokens{per})")
             if c.layout.dp > 1:
                 note += "; planned only: the engine spreads experts over one replica's TP group"
             else:

@@ -43,3 +43,17 @@ def test_plan_reports_ep_exchange(capsys):
     assert "3.35 B active per token" in out
     line = next(x for x in out.splitlines() if x.startswith("EP TP=2×EP=2:"))
     assert "MB sent per GPU per decode step" in line and "TP's all-reduce of the same layers" in line
+
+
+def test_plan_ep_note_describes_the_step_it_priced(capsys):
+    """With PP the note's bytes are one step in flight's (⌈batch / 2⌉ sequences) through the slowest stage (30 of
+    DeepSeek-V3's 58 MoE layers: its 3 dense ones are on the first stage), and TP's all-reduce beside them is for
+    the same step, not the whole batch over half the model's MoE layers."""
+    from meshserve.cli import main
+
+    assert main(["plan", "deepseek-v3", "--gpu", "H200", "--num-gpus", "16", "--nodes", "2", "--tp", "8",
+                 "--pp", "2"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("EP TP=8×PP=2×EP=8:"))
+    assert "(30 MoE layers, 256 tokens)" in line  # 512 sequences per replica, 2 steps in flight
+    tp_reduce = 30 * 2 * 7 / 8 * 256 * 7168 * 2  # ring all-reduce of 256 x h bf16 per MoE layer
+    assert f"TP's all-reduce of the same layers: {tp_reduce / 1e6:,.1f} MB" in line

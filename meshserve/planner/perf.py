@@ -143,8 +143,10 @@ def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int
 
 
 def pp_hop_s(model: ModelSpec, gpu: GpuSpec, tokens: int) -> float:
-    """Hidden states of `tokens` tokens sent from one stage to the next node."""
-    return gpu.inter_node_latency_us * 1e-6 + tokens * model.hidden_size * ACT_BYTES / (gpu.inter_node_gb_s * 1e9)
+    """Hidden states and residual of `tokens` tokens (two bf16 tensors, as engine/pipeline_stage.py sends them)
+    from one stage to the next node."""
+    nbytes = 2 * tokens * model.hidden_size * ACT_BYTES
+    return gpu.inter_node_latency_us * 1e-6 + nbytes / (gpu.inter_node_gb_s * 1e9)
 
 
 def steps_in_flight(layout: Layout, pipeline_depth: int = 0) -> int:

@@ -182,18 +182,28 @@ def itl_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, batch: int, context: i
 
 
 def prefill_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, num_seqs: int, prompt_len: int, *,
-              weight_dtype: str, efficiency: float) -> float:
+              weight_dtype: str, efficiency: float, pipelined: bool = False) -> float:
     """Prefill of `num_seqs` prompts of `prompt_len` tokens: FLOPs ÷ FLOP/s of one stage's TP group (stages
-    run one after another for a given prompt), never faster than each stage's GPUs reading their weights once."""
+    run one after another for a given prompt), never faster than each stage's GPUs reading their weights once.
+
+    pipelined (PP, a replica's batch of prompts): the prompts ride different steps in flight, so the stages work
+    on them at once (as they do on decode steps): the most loaded stage's share of the work sets the time, and
+    each link carries the tokens once, the links side by side. One prompt (TTFT) has one step in flight at a
+    time and passes the stages one after another."""
     tokens = num_seqs * prompt_len
     gemm = 2 * (model.active_params - model.embedding_params) * tokens
     attn = num_seqs * 2 * model.num_layers * model.num_heads * model.head_dim * prompt_len ** 2  # causal
     compute = (gemm + attn) / (layout.tp * gpu.flops_per_s(weight_dtype) * efficiency)
     # each stage's GPUs stream the projections and experts they hold (EP: 1/EP of the experts, not 1/TP)
-    weights = sum(stage_shard(model, layout, s, weight_dtype).linear_weight_bytes for s in range(layout.pp))
-    memory = weights / (gpu.hbm_bytes_per_s * efficiency)
+    shards = [stage_shard(model, layout, s, weight_dtype) for s in range(layout.pp)]
     comm = 2 * model.num_layers * allreduce_s(tokens * model.hidden_size * ACT_BYTES, layout.tp,
                                               gpu.link_gb_s, gpu.link_latency_us)
+    bandwidth = gpu.hbm_bytes_per_s * efficiency
+    if pipelined and 1 < layout.pp <= num_seqs:  # fewer prompts than stages: they cannot fill them
+        share = max(sh.num_layers for sh in shards) / model.num_layers
+        memory = max(sh.linear_weight_bytes for sh in shards) / bandwidth
+        return max(compute * share, memory) + comm * share + pp_hop_s(model, gpu, tokens)
+    memory = sum(sh.linear_weight_bytes for sh in shards) / bandwidth
     return max(compute, memory) + comm + (layout.pp - 1) * pp_hop_s(model, gpu, tokens)
 
 
@@ -225,9 +235,10 @@ def predict(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, wo
                       kv_dtype=kv_dtype, gpus_per_node=per_node, efficiency=eff, pipeline_depth=pipeline_depth,
                       host=host)
     ttft = prefill_s(model, layout, gpu, 1, workload.input_len, weight_dtype=weight_dtype, efficiency=eff)
-    # Continuous batching: a replica spends output_len steps decoding its batch plus the batch's prefills.
+    # Continuous batching: a replica spends output_len steps decoding its batch plus the batch's prefills (PP:
+    # the prompts spread over the steps in flight, every stage busy).
     cycle = workload.output_len * itl + prefill_s(model, layout, gpu, batch, workload.input_len,
-                                                  weight_dtype=weight_dtype, efficiency=eff)
+                                                  weight_dtype=weight_dtype, efficiency=eff, pipelined=True)
     output = layout.dp * batch * workload.output_len / cycle
     # the hand-off splits the batch over pp steps whatever the depth: pp passes of the weights per batch
     roof, roof_bytes = roofline(model, layout, gpu, concurrency, weight_dtype=weight_dtype,

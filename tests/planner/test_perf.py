@@ -145,3 +145,22 @@ def test_prefill_floor_reads_the_weights_each_gpu_holds():
     # without EP every GPU holds (and a prompt touches) all experts
     whole = prefill_s(m, Layout(dp=4), gpu, 1, 16, weight_dtype="bf16", efficiency=1.0)
     assert whole == pytest.approx(m.linear_params * 2 / 3350e9)
+
+
+def test_a_batch_of_prompts_keeps_every_pipeline_stage_busy():
+    """A replica's prompts ride different steps in flight, so its PP stages prefill them at once: the cycle pays
+    the most loaded stage's half of the work (70B, 40 + 40 layers), not both stages' in a row; one prompt (TTFT)
+    still passes the stages one after another."""
+    m, gpu, lay = load_model("llama-3.1-70b"), get_gpu("H100-SXM"), Layout(tp=4, pp=2)
+    seqs, prompt, eff = 512, 1024, 0.8
+    tokens = seqs * prompt
+    flops = 2 * (m.active_params - m.embedding_params) * tokens + seqs * 2 * 80 * 64 * 128 * prompt ** 2
+    compute = flops / (4 * 989e12 * eff)
+    reduce = 8e-6 + 2 * 3 / 4 * tokens * 8192 * 2 / 450e9  # one ring all-reduce of the tokens' hidden states
+    hop = 15e-6 + 2 * tokens * 8192 * 2 / 50e9  # hidden states and residual to the other node, once
+    batch = prefill_s(m, lay, gpu, seqs, prompt, weight_dtype="bf16", efficiency=eff, pipelined=True)
+    assert batch == pytest.approx(compute / 2 + 2 * 40 * reduce + hop)
+    in_a_row = prefill_s(m, lay, gpu, seqs, prompt, weight_dtype="bf16", efficiency=eff)
+    assert in_a_row == pytest.approx(compute + 2 * 80 * reduce + hop)
+    one = dict(weight_dtype="bf16", efficiency=eff)
+    assert prefill_s(m, lay, gpu, 1, prompt, pipelined=True, **one) == prefill_s(m, lay, gpu, 1, prompt, **one)

@@ -167,6 +167,16 @@ class ModelSpec:
                 + self._layer_params(self.experts_per_token))
 
     @property
+    def head_matmul_params(self) -> int:
+        """The LM head's GEMM per sampled token, tied to the embedding or not (the embedding itself is a lookup)."""
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def body_matmul_params(self) -> int:
+        """Weights every token multiplies by in the layers: active parameters without embedding and head."""
+        return self.active_params - self.embedding_params - self.lm_head_params
+
+    @property
     def linear_params(self) -> int:
         """Parameters of the quantizable linear layers (projections and experts; not embedding/head/norms)."""
         dense = self.num_dense_layers * self.dense_mlp_params

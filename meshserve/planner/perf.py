@@ -114,7 +114,8 @@ def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int
     memory_s = (weights + kv) / (gpu.hbm_bytes_per_s * efficiency)
 
     layer_frac = shard.num_layers / model.num_layers
-    gemm_flops = 2 * (model.active_params - model.embedding_params) * layer_frac / layout.tp
+    head = model.head_matmul_params if stage == layout.pp - 1 else 0  # every decoded token is sampled
+    gemm_flops = 2 * (model.body_matmul_params * layer_frac + head) / layout.tp
     attn_flops = 4 * shard.num_layers * model.num_heads / layout.tp * model.head_dim * ctx
     compute_s = batch * (gemm_flops + attn_flops) / (gpu.flops_per_s(weight_dtype) * efficiency)
 
@@ -191,7 +192,8 @@ def prefill_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, num_seqs: int, pro
     each link carries the tokens once, the links side by side. One prompt (TTFT) has one step in flight at a
     time and passes the stages one after another."""
     tokens = num_seqs * prompt_len
-    gemm = 2 * (model.active_params - model.embedding_params) * tokens
+    # the head runs on each prompt's last token only (the one sampled)
+    gemm = 2 * (model.body_matmul_params * tokens + model.head_matmul_params * num_seqs)
     attn = num_seqs * 2 * model.num_layers * model.num_heads * model.head_dim * prompt_len ** 2  # causal
     compute = (gemm + attn) / (layout.tp * gpu.flops_per_s(weight_dtype) * efficiency)
     # each stage's GPUs stream the projections and experts they hold (EP: 1/EP of the experts, not 1/TP)
@@ -219,7 +221,8 @@ def roofline(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, *
                   for s in range(layout.pp))
     step = d * per_gpu / gpu.hbm_bytes_per_s
     bandwidth_bound = layout.dp * batch / step
-    compute_bound = layout.num_gpus * gpu.flops_per_s(weight_dtype) / (2 * model.active_params)
+    flops_per_token = 2 * (model.body_matmul_params + model.head_matmul_params)
+    compute_bound = layout.num_gpus * gpu.flops_per_s(weight_dtype) / flops_per_token
     return min(bandwidth_bound, compute_bound), per_gpu
 
 

@@ -8,7 +8,7 @@ from meshserve.planner.hardware import get_gpu
 from meshserve.planner.model import load_model
 from meshserve.planner.parallel import Layout
 from meshserve.planner.perf import (Workload, allreduce_s, decode_stage_time, expected_experts_touched, itl_s,
-                                   pp_hop_s, predict, prefill_s)
+                                   pp_hop_s, predict, prefill_s, roofline)
 from meshserve.planner.plan import PlanRequest, make_plan
 
 
@@ -154,7 +154,8 @@ def test_a_batch_of_prompts_keeps_every_pipeline_stage_busy():
     m, gpu, lay = load_model("llama-3.1-70b"), get_gpu("H100-SXM"), Layout(tp=4, pp=2)
     seqs, prompt, eff = 512, 1024, 0.8
     tokens = seqs * prompt
-    flops = 2 * (m.active_params - m.embedding_params) * tokens + seqs * 2 * 80 * 64 * 128 * prompt ** 2
+    body = m.active_params - 2 * 128256 * 8192  # the layers; the head runs on each prompt's last token
+    flops = 2 * (body * tokens + 128256 * 8192 * seqs) + seqs * 2 * 80 * 64 * 128 * prompt ** 2
     compute = flops / (4 * 989e12 * eff)
     reduce = 8e-6 + 2 * 3 / 4 * tokens * 8192 * 2 / 450e9  # one ring all-reduce of the tokens' hidden states
     hop = 15e-6 + 2 * tokens * 8192 * 2 / 50e9  # hidden states and residual to the other node, once
@@ -164,3 +165,24 @@ def test_a_batch_of_prompts_keeps_every_pipeline_stage_busy():
     assert in_a_row == pytest.approx(compute + 2 * 80 * reduce + hop)
     one = dict(weight_dtype="bf16", efficiency=eff)
     assert prefill_s(m, lay, gpu, 1, prompt, pipelined=True, **one) == prefill_s(m, lay, gpu, 1, prompt, **one)
+
+
+def test_the_lm_head_multiplies_sampled_tokens_only():
+    """The head's GEMM (V x h) runs for each sampled token: every decoded one, but only a prompt's last in
+    prefill; a tied head multiplies as much as an untied one (the embedding itself is a lookup, no FLOPs)."""
+    gpu, v8, h8 = get_gpu("H100-SXM"), 128256, 4096
+    m = load_model("llama-3.1-8b")  # untied
+    body = m.total_params - 2 * v8 * h8  # 32 layers and the final norm
+    prompt = 4096
+    ttft = prefill_s(m, Layout(), gpu, 1, prompt, weight_dtype="bf16", efficiency=1.0)
+    assert ttft == pytest.approx((2 * (body * prompt + v8 * h8) + 2 * 32 * 32 * 128 * prompt ** 2) / 989e12)
+    # the decode ceiling's FLOP cap: 2 x (layers + head) per token, not the embedding's V x h besides
+    roof, _ = roofline(m, Layout(), gpu, 1024, weight_dtype="bf16")  # 1,024 tokens a step: compute-bound
+    assert roof == pytest.approx(989e12 / (2 * (body + v8 * h8)))
+    tied = load_model("qwen3-0.6b")  # tie_word_embeddings: its head is the embedding table
+    v, h, batch, ctx = 151936, 1024, 64, 1000
+    step = decode_stage_time(tied, Layout(), gpu, 0, batch, ctx, weight_dtype="bf16", kv_dtype="bf16",
+                             gpus_per_node=8, efficiency=1.0)
+    body = tied.total_params - v * h  # less the (one, shared) table
+    per_token = 2 * (body + v * h) + 4 * 28 * 16 * 128 * ctx  # its head multiplies all the same
+    assert step.compute_s == pytest.approx(batch * per_token / 989e12)

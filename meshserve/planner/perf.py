@@ -104,6 +104,33 @@ def _ep_link(gpu: GpuSpec, layout: Layout, gpus_per_node: int) -> tuple[float, f
     return gpu.inter_node_gb_s, gpu.inter_node_latency_us
 
 
+def layer_comm(model: ModelSpec, layout: Layout, gpu: GpuSpec, tokens: int, layers: int, moe_layers: int,
+               gpus_per_node: int) -> tuple[float, float]:
+    """(seconds, EP bytes one GPU sends) of the communication of `tokens` tokens of one replica through `layers`
+    layers, `moe_layers` of them MoE (a decode step's batch or a prefill's prompt tokens)."""
+    msg = tokens * model.hidden_size * ACT_BYTES
+    # One all-reduce after attention, one after each MLP unless EP replaces it with dispatch/combine.
+    n_allreduce = layers + (layers - moe_layers) + (moe_layers if layout.ep == 1 else 0)
+    comm_s = n_allreduce * allreduce_s(msg, layout.tp, gpu.link_gb_s, gpu.link_latency_us)
+    ep_bytes = 0.0
+    if layout.ep > 1 and layout.dp == 1:
+        # the engine's EP inside the TP group: slices dispatched and combined, then all-gathered (moe_comm.py)
+        traffic = ep_traffic(model, layout.ep, tokens, moe_layers)
+        ep_bytes = traffic.total
+        n = moe_layers
+        comm_s += 2 * n * gpu.link_latency_us * 1e-6 + traffic.all_to_all / (gpu.link_gb_s * 1e9)
+        comm_s += n * gpu.link_latency_us * 1e-6 + traffic.all_gather / (gpu.link_gb_s * 1e9)
+    elif layout.ep > 1:
+        # DP attention, experts over all dp x tp GPUs: the dp replicas' tokens x dp are spread over the ep GPUs,
+        # each sending its share's top-k rows (tokens x dp / ep x k x h) to the experts' owners (one replica
+        # alone, as for one prompt: each of its tp GPUs sends tokens / tp, the same share)
+        bw, lat = _ep_link(gpu, layout, gpus_per_node)
+        per_gpu = msg * model.experts_per_token * layout.dp / layout.ep
+        comm_s += moe_layers * 2 * all_to_all_s(per_gpu, layout.ep, bw, lat)  # dispatch + combine
+        ep_bytes = moe_layers * 2 * (layout.ep - 1) / layout.ep * per_gpu
+    return comm_s, ep_bytes
+
+
 def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int, batch: int, context: int, *,
                       weight_dtype: str, kv_dtype: str, gpus_per_node: int, efficiency: float) -> StepTime:
     """One decode step of `batch` sequences with `context` tokens each, through one pipeline stage."""
@@ -119,26 +146,8 @@ def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int
     attn_flops = 4 * shard.num_layers * model.num_heads / layout.tp * model.head_dim * ctx
     compute_s = batch * (gemm_flops + attn_flops) / (gpu.flops_per_s(weight_dtype) * efficiency)
 
-    msg = batch * model.hidden_size * ACT_BYTES
-    # One all-reduce after attention, one after each MLP unless EP replaces it with dispatch/combine.
-    n_allreduce = shard.num_layers + (shard.num_layers - shard.num_moe_layers) + \
-        (shard.num_moe_layers if layout.ep == 1 else 0)
-    comm_s = n_allreduce * allreduce_s(msg, layout.tp, gpu.link_gb_s, gpu.link_latency_us)
-    ep_bytes = 0.0
-    if layout.ep > 1 and layout.dp == 1:
-        # the engine's EP inside the TP group: slices dispatched and combined, then all-gathered (moe_comm.py)
-        traffic = ep_traffic(model, layout.ep, batch, shard.num_moe_layers)
-        ep_bytes = traffic.total
-        n = shard.num_moe_layers
-        comm_s += 2 * n * gpu.link_latency_us * 1e-6 + traffic.all_to_all / (gpu.link_gb_s * 1e9)
-        comm_s += n * gpu.link_latency_us * 1e-6 + traffic.all_gather / (gpu.link_gb_s * 1e9)
-    elif layout.ep > 1:
-        # DP attention, experts over all dp x tp GPUs: the dp replicas' batch x dp tokens are spread over the
-        # ep GPUs, each sending its share's top-k rows (batch x dp / ep tokens x k x h) to the experts' owners
-        bw, lat = _ep_link(gpu, layout, gpus_per_node)
-        per_gpu = msg * model.experts_per_token * layout.dp / layout.ep
-        comm_s += shard.num_moe_layers * 2 * all_to_all_s(per_gpu, layout.ep, bw, lat)  # dispatch + combine
-        ep_bytes = shard.num_moe_layers * 2 * (layout.ep - 1) / layout.ep * per_gpu
+    comm_s, ep_bytes = layer_comm(model, layout, gpu, batch, shard.num_layers, shard.num_moe_layers,
+                                  gpus_per_node)
     return StepTime(memory_s, compute_s, comm_s, shard.num_layers * gpu.layer_overhead_us * 1e-6, ep_bytes, batch,
                     shard.num_moe_layers)
 
@@ -183,9 +192,10 @@ def itl_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, batch: int, context: i
 
 
 def prefill_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, num_seqs: int, prompt_len: int, *,
-              weight_dtype: str, efficiency: float, pipelined: bool = False) -> float:
+              weight_dtype: str, efficiency: float, pipelined: bool = False, gpus_per_node: int = 0) -> float:
     """Prefill of `num_seqs` prompts of `prompt_len` tokens: FLOPs ÷ FLOP/s of one stage's TP group (stages
-    run one after another for a given prompt), never faster than each stage's GPUs reading their weights once.
+    run one after another for a given prompt), never faster than each stage's GPUs reading their weights once,
+    plus each layer's all-reduces or expert exchange (as a decode step's, for the prompt tokens).
 
     pipelined (PP, a replica's batch of prompts): the prompts ride different steps in flight, so the stages work
     on them at once (as they do on decode steps): the most loaded stage's share of the work sets the time, and
@@ -198,15 +208,15 @@ def prefill_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, num_seqs: int, pro
     compute = (gemm + attn) / (layout.tp * gpu.flops_per_s(weight_dtype) * efficiency)
     # each stage's GPUs stream the projections and experts they hold (EP: 1/EP of the experts, not 1/TP)
     shards = [stage_shard(model, layout, s, weight_dtype) for s in range(layout.pp)]
-    comm = 2 * model.num_layers * allreduce_s(tokens * model.hidden_size * ACT_BYTES, layout.tp,
-                                              gpu.link_gb_s, gpu.link_latency_us)
+    comms = [layer_comm(model, layout, gpu, tokens, sh.num_layers, sh.num_moe_layers,
+                        gpus_per_node or gpu.gpus_per_node)[0] for sh in shards]
     bandwidth = gpu.hbm_bytes_per_s * efficiency
     if pipelined and 1 < layout.pp <= num_seqs:  # fewer prompts than stages: they cannot fill them
         share = max(sh.num_layers for sh in shards) / model.num_layers
         memory = max(sh.linear_weight_bytes for sh in shards) / bandwidth
-        return max(compute * share, memory) + comm * share + pp_hop_s(model, gpu, tokens)
+        return max(compute * share, memory) + max(comms) + pp_hop_s(model, gpu, tokens)
     memory = sum(sh.linear_weight_bytes for sh in shards) / bandwidth
-    return max(compute, memory) + comm + (layout.pp - 1) * pp_hop_s(model, gpu, tokens)
+    return max(compute, memory) + sum(comms) + (layout.pp - 1) * pp_hop_s(model, gpu, tokens)
 
 
 def roofline(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, *,
@@ -237,11 +247,13 @@ def predict(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, wo
     itl, step = itl_s(model, layout, gpu, batch, workload.mean_decode_context, weight_dtype=weight_dtype,
                       kv_dtype=kv_dtype, gpus_per_node=per_node, efficiency=eff, pipeline_depth=pipeline_depth,
                       host=host)
-    ttft = prefill_s(model, layout, gpu, 1, workload.input_len, weight_dtype=weight_dtype, efficiency=eff)
+    ttft = prefill_s(model, layout, gpu, 1, workload.input_len, weight_dtype=weight_dtype, efficiency=eff,
+                     gpus_per_node=per_node)
     # Continuous batching: a replica spends output_len steps decoding its batch plus the batch's prefills (PP:
     # the prompts spread over the steps in flight, every stage busy).
     cycle = workload.output_len * itl + prefill_s(model, layout, gpu, batch, workload.input_len,
-                                                  weight_dtype=weight_dtype, efficiency=eff, pipelined=True)
+                                                  weight_dtype=weight_dtype, efficiency=eff, pipelined=True,
+                                                  gpus_per_node=per_node)
     output = layout.dp * batch * workload.output_len / cycle
     # the hand-off splits the batch over pp steps whatever the depth: pp passes of the weights per batch
     roof, roof_bytes = roofline(model, layout, gpu, concurrency, weight_dtype=weight_dtype,

@@ -6,6 +6,7 @@ from meshserve.planner.claim import check_claim
 from meshserve.planner.cost import deployment_cost
 from meshserve.planner.hardware import get_gpu
 from meshserve.planner.model import load_model
+from meshserve.planner.moe_comm import ep_traffic
 from meshserve.planner.parallel import Layout
 from meshserve.planner.perf import (Workload, allreduce_s, decode_stage_time, expected_experts_touched, itl_s,
                                    pp_hop_s, predict, prefill_s, roofline)
@@ -141,7 +142,8 @@ def test_prefill_floor_reads_the_weights_each_gpu_holds():
     # of 3 x 2048 x 768; 48 layers, 2 B each
     held = 48 * (2 * 2048 * 32 * 128 + 2 * 2048 * 4 * 128 + 32 * 3 * 2048 * 768) * 2
     ep = prefill_s(m, Layout(dp=4, ep=4), gpu, 1, 16, weight_dtype="bf16", efficiency=1.0)
-    assert ep == pytest.approx(held / 3350e9)  # 4.9 ms; the whole model's 59.8 GB would be 17.8 ms
+    exchange = 48 * 2 * (8e-6 + 3 / 4 * 16 * 8 * 2048 * 2 / 450e9)  # its 16 tokens' top-8 rows, out and back
+    assert ep == pytest.approx(held / 3350e9 + exchange)  # 4.9 ms; the whole model's 59.8 GB would be 17.8 ms
     # without EP every GPU holds (and a prompt touches) all experts
     whole = prefill_s(m, Layout(dp=4), gpu, 1, 16, weight_dtype="bf16", efficiency=1.0)
     assert whole == pytest.approx(m.linear_params * 2 / 3350e9)
@@ -186,3 +188,30 @@ def test_the_lm_head_multiplies_sampled_tokens_only():
     body = tied.total_params - v * h  # less the (one, shared) table
     per_token = 2 * (body + v * h) + 4 * 28 * 16 * 128 * ctx  # its head multiplies all the same
     assert step.compute_s == pytest.approx(batch * per_token / 989e12)
+
+
+def test_prefill_pays_the_expert_exchange_of_its_tokens():
+    """A prompt's tokens go through the same per-layer exchange as a decode step's: DP x EP sends each token's
+    top-k rows to the experts' owners and back (over the network once EP spans nodes); EP inside the TP group
+    replaces the MoE all-reduce by dispatch, combine and all-gather (moe_comm.py)."""
+    v3, gpu, prompt = load_model("deepseek-v3"), get_gpu("H200"), 1024
+    lay = Layout(dp=16, ep=16)
+    kw = dict(weight_dtype="fp8", efficiency=1.0)
+    rows = prompt * 8 * 7168 * 2  # bytes of its top-8 rows, one GPU per replica
+
+    def exchange(bw, lat_us):
+        return 58 * 2 * (lat_us * 1e-6 + 15 / 16 * rows / bw)
+
+    two_nodes = prefill_s(v3, lay, gpu, 1, prompt, gpus_per_node=8, **kw)
+    one_node = prefill_s(v3, lay, gpu, 1, prompt, gpus_per_node=16, **kw)  # a 16-GPU NVLink domain
+    assert two_nodes - one_node == pytest.approx(exchange(50e9, 15) - exchange(450e9, 8))
+    assert two_nodes - one_node > 0.2  # ~0.26 s of network for a 1,024-token prompt: more than its FLOPs
+
+    q, h100, tokens = load_model("qwen3-30b-a3b"), get_gpu("H100-SXM"), 2048
+    kw = dict(weight_dtype="bf16", efficiency=1.0)
+    sliced = prefill_s(q, Layout(tp=2), h100, 1, tokens, **kw)
+    spread = prefill_s(q, Layout(tp=2, ep=2), h100, 1, tokens, **kw)  # same bytes and FLOPs per GPU
+    t = ep_traffic(q, 2, tokens, 48)
+    ep_s = 48 * 3 * 8e-6 + t.total / 450e9
+    reduce_s = 48 * allreduce_s(tokens * 2048 * 2, 2, 450, 8)
+    assert spread - sliced == pytest.approx(ep_s - reduce_s)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from meshserve.planner.hardware import GpuSpec
 from meshserve.planner.memory import StageShard, kv_tokens_held, stage_shard
 from meshserve.planner.model import ModelSpec
-from meshserve.planner.moe_comm import ep_traffic
+from meshserve.planner.moe_comm import ep_traffic, tp_moe_all_reduce_bytes
 from meshserve.planner.parallel import Layout
 from meshserve.planner.pipeline_host import NO_HOST, PipelineHost, pipelined_itl
 
@@ -44,6 +44,7 @@ class StepTime:
     ep_bytes: float = 0.0  # bytes one GPU sends in the expert-parallel exchange (dispatch, combine, gather)
     tokens: int = 0  # sequences of one replica in this step (PP: the step in flight's share of the batch)
     moe_layers: int = 0  # MoE layers of this stage
+    ep_in_graph: bool = False  # EP inside the TP group replayed from a CUDA graph: all-reduce, no all-to-all
 
     @property
     def total_s(self) -> float:
@@ -105,15 +106,23 @@ def _ep_link(gpu: GpuSpec, layout: Layout, gpus_per_node: int) -> tuple[float, f
 
 
 def layer_comm(model: ModelSpec, layout: Layout, gpu: GpuSpec, tokens: int, layers: int, moe_layers: int,
-               gpus_per_node: int) -> tuple[float, float]:
+               gpus_per_node: int, in_graph: bool = False) -> tuple[float, float]:
     """(seconds, EP bytes one GPU sends) of the communication of `tokens` tokens of one replica through `layers`
-    layers, `moe_layers` of them MoE (a decode step's batch or a prefill's prompt tokens)."""
+    layers, `moe_layers` of them MoE (a decode step's batch or a prefill's prompt tokens).
+
+    in_graph: the step replays a CUDA graph, where the engine's EP inside the TP group cannot size an all-to-all
+    (layers/fused_moe.py): every rank runs its own experts on all the tokens and one all-reduce sums the parts,
+    the collective TP uses; the EP bytes are then those of that all-reduce."""
     msg = tokens * model.hidden_size * ACT_BYTES
+    ep_in_tp = layout.ep > 1 and layout.dp == 1
     # One all-reduce after attention, one after each MLP unless EP replaces it with dispatch/combine.
-    n_allreduce = layers + (layers - moe_layers) + (moe_layers if layout.ep == 1 else 0)
+    moe_reduces = layout.ep == 1 or (ep_in_tp and in_graph)
+    n_allreduce = layers + (layers - moe_layers) + (moe_layers if moe_reduces else 0)
     comm_s = n_allreduce * allreduce_s(msg, layout.tp, gpu.link_gb_s, gpu.link_latency_us)
     ep_bytes = 0.0
-    if layout.ep > 1 and layout.dp == 1:
+    if ep_in_tp and in_graph:
+        ep_bytes = tp_moe_all_reduce_bytes(model, layout.tp, tokens, moe_layers)
+    elif ep_in_tp:
         # the engine's EP inside the TP group: slices dispatched and combined, then all-gathered (moe_comm.py)
         traffic = ep_traffic(model, layout.ep, tokens, moe_layers)
         ep_bytes = traffic.total
@@ -132,8 +141,10 @@ def layer_comm(model: ModelSpec, layout: Layout, gpu: GpuSpec, tokens: int, laye
 
 
 def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int, batch: int, context: int, *,
-                      weight_dtype: str, kv_dtype: str, gpus_per_node: int, efficiency: float) -> StepTime:
-    """One decode step of `batch` sequences with `context` tokens each, through one pipeline stage."""
+                      weight_dtype: str, kv_dtype: str, gpus_per_node: int, efficiency: float,
+                      cuda_graphs: bool = True) -> StepTime:
+    """One decode step of `batch` sequences with `context` tokens each, through one pipeline stage
+    (cuda_graphs: replayed from a graph, as every decode step is unless --enforce-eager)."""
     shard = stage_shard(model, layout, stage, weight_dtype, kv_dtype)
     ctx = kv_tokens_held(model, context)
     weights = weight_bytes_moved(model, layout, shard, batch)
@@ -147,9 +158,9 @@ def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int
     compute_s = batch * (gemm_flops + attn_flops) / (gpu.flops_per_s(weight_dtype) * efficiency)
 
     comm_s, ep_bytes = layer_comm(model, layout, gpu, batch, shard.num_layers, shard.num_moe_layers,
-                                  gpus_per_node)
+                                  gpus_per_node, in_graph=cuda_graphs)
     return StepTime(memory_s, compute_s, comm_s, shard.num_layers * gpu.layer_overhead_us * 1e-6, ep_bytes, batch,
-                    shard.num_moe_layers)
+                    shard.num_moe_layers, cuda_graphs and layout.ep > 1 and layout.dp == 1)
 
 
 def pp_hop_s(model: ModelSpec, gpu: GpuSpec, tokens: int) -> float:
@@ -167,7 +178,7 @@ def steps_in_flight(layout: Layout, pipeline_depth: int = 0) -> int:
 
 def itl_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, batch: int, context: int, *, weight_dtype: str,
           kv_dtype: str, gpus_per_node: int, efficiency: float, pipeline_depth: int = 0,
-          host: PipelineHost = NO_HOST) -> tuple[float, StepTime]:
+          host: PipelineHost = NO_HOST, cuda_graphs: bool = True) -> tuple[float, StepTime]:
     """Time between tokens of one sequence when `batch` sequences decode together on one replica.
 
     With PP the engine keeps d = steps_in_flight steps in flight (pipeline_depth, or one per stage), each over
@@ -182,7 +193,8 @@ def itl_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, batch: int, context: i
     groups = layout.pp if host.token_handoff and layout.pp > 1 else d  # the hand-off splits the batch pp ways
     micro = math.ceil(batch / groups)
     steps = [decode_stage_time(model, layout, gpu, s, micro, context, weight_dtype=weight_dtype,
-                               kv_dtype=kv_dtype, gpus_per_node=gpus_per_node, efficiency=efficiency)
+                               kv_dtype=kv_dtype, gpus_per_node=gpus_per_node, efficiency=efficiency,
+                               cuda_graphs=cuda_graphs)
              for s in range(layout.pp)]
     slowest = max(steps, key=lambda st: st.total_s)
     passes = sum(st.total_s for st in steps) + (layout.pp - 1) * pp_hop_s(model, gpu, micro)
@@ -238,15 +250,17 @@ def roofline(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, *
 
 def predict(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, workload: Workload, *,
             weight_dtype: str = "bf16", kv_dtype: str = "bf16", gpus_per_node: int | None = None,
-            efficiency: float | None = None, pipeline_depth: int = 0, host: PipelineHost = NO_HOST) -> Prediction:
+            efficiency: float | None = None, pipeline_depth: int = 0, host: PipelineHost = NO_HOST,
+            cuda_graphs: bool = True) -> Prediction:
     """TTFT, ITL and throughput of `layout` serving `concurrency` sequences of `workload` (PP: pipeline_depth
-    steps in flight, 0 one per stage, as the engine's --pipeline-depth; host: the engine core's per-step cost)."""
+    steps in flight, 0 one per stage, as the engine's --pipeline-depth; host: the engine core's per-step cost;
+    cuda_graphs: decode steps replay CUDA graphs, False with --enforce-eager)."""
     eff = gpu.efficiency if efficiency is None else efficiency
     per_node = gpus_per_node or gpu.gpus_per_node
     batch = max(1, math.ceil(concurrency / layout.dp))
     itl, step = itl_s(model, layout, gpu, batch, workload.mean_decode_context, weight_dtype=weight_dtype,
                       kv_dtype=kv_dtype, gpus_per_node=per_node, efficiency=eff, pipeline_depth=pipeline_depth,
-                      host=host)
+                      host=host, cuda_graphs=cuda_graphs)
     ttft = prefill_s(model, layout, gpu, 1, workload.input_len, weight_dtype=weight_dtype, efficiency=eff,
                      gpus_per_node=per_node)
     # Continuous batching: a replica spends output_len steps decoding its batch plus the batch's prefills (PP:

@@ -50,4 +50,16 @@ def choose_layout_for_visible_gpus(model: ModelSpec | str, gpu_names: list[str],
                                    workload=workload or Workload()))
     if result.best is None:
         raise InvalidArgumentError(result.reason + (f"; {result.hint}" if result.hint else ""))
-    return AutoChoice(gpu, num_gpus, result.best.layout, f"{num_gpus}× {gpu.name}: {result.reason}", result)
+    # serve --auto launches TP x PP x DP without --enable-expert-parallel: an EP row (DP x EP is planned only)
+    # would start as its plain layout, which holds every expert per replica and may not fit at all
+    runnable = [c for c in result.candidates if c.layout.ep == 1]
+    if not runnable:
+        raise InvalidArgumentError(f"{result.reason}; only expert-parallel layouts fit, which --auto does not "
+                                   "launch (serve with --enable-expert-parallel and --tensor-parallel-size)")
+    chosen, reason = runnable[0], result.reason
+    if chosen is not result.best:
+        p = chosen.prediction
+        reason = (f"{chosen.layout.label}: the best layout without expert parallelism (--auto does not launch "
+                  f"EP), {p.output_tok_per_s:,.0f} output tok/s, ITL {p.itl_s * 1e3:.2f} ms at "
+                  f"{p.concurrency:,} concurrent; the plan's best, {result.best.layout.label}, needs EP")
+    return AutoChoice(gpu, num_gpus, chosen.layout, f"{num_gpus}× {gpu.name}: {reason}", result)

@@ -89,10 +89,16 @@ class StageShard:
     expert_slice_bytes: float  # one routed expert as held on this GPU (whole with EP, 1/tp without)
     experts_per_gpu: int  # routed experts held per MoE layer
     kv_bytes_per_token: float  # this GPU's share of one token's KV
+    unquantized_bytes: float = 0.0  # the part of dense_weight_bytes kept bf16: embedding/head, norms, routers, biases
 
     @property
     def weight_bytes(self) -> float:
         return self.dense_weight_bytes + self.num_moe_layers * self.experts_per_gpu * self.expert_slice_bytes
+
+    @property
+    def linear_weight_bytes(self) -> float:
+        """The projections and experts this GPU holds (what a prefill streams; not the embedding's table)."""
+        return self.weight_bytes - self.unquantized_bytes
 
 
 def stage_shard(model: ModelSpec, layout: Layout, stage: int, weight_dtype: str = "bf16",
@@ -100,8 +106,9 @@ def stage_shard(model: ModelSpec, layout: Layout, stage: int, weight_dtype: str 
     """The slice of the model one GPU of pipeline stage `stage` holds under `layout` (layer_partition: layers
     per stage, the engine's --pp-layer-partition; None: stage_layers' even split)."""
     tp, wb, ub = layout.tp, weight_dtype_bytes(weight_dtype), UNQUANTIZED_BYTES
-    layers = (layer_partition or stage_layers(model.num_layers, layout.pp))[stage]
-    moe_layers = round(model.num_moe_layers * layers / model.num_layers)
+    parts = layer_partition or stage_layers(model.num_layers, layout.pp)
+    start, layers = sum(parts[:stage]), parts[stage]
+    moe_layers = model.moe_layers_in(start, start + layers)
     dense_layers = layers - moe_layers
     kv_heads = kv_heads_per_gpu(model, tp)
     if model.is_mla:  # heads split over TP; q_a / kv_a replicated
@@ -109,15 +116,16 @@ def stage_shard(model: ModelSpec, layout: Layout, stage: int, weight_dtype: str 
         attn = (split / tp + model.mla_replicated_params) * wb
     else:
         attn = ((model.q_params + model.o_params) / tp + 2 * model.hidden_size * kv_heads * model.head_dim) * wb
-    attn += model.attn_bias_params / tp * ub + model.norm_params_per_layer * ub
-    dense = layers * attn + dense_layers * model.dense_mlp_params / tp * wb
-    dense += moe_layers * (model.shared_expert_params / tp * wb + model.router_params * ub)
+    plain = layers * (model.attn_bias_params / tp + model.norm_params_per_layer) * ub
+    plain += moe_layers * model.router_params * ub
     if stage == 0:
-        dense += model.embedding_params / tp * ub  # vocab-parallel embedding
+        plain += model.embedding_params / tp * ub  # vocab-parallel embedding
     if stage == layout.pp - 1:
         # The head is vocab-parallel too; a tied head on a separate last stage needs its own copy.
         head = model.lm_head_params or (model.embedding_params if layout.pp > 1 else 0)
-        dense += head / tp * ub + model.hidden_size * ub
+        plain += head / tp * ub + model.hidden_size * ub
+    dense = layers * attn + dense_layers * model.dense_mlp_params / tp * wb
+    dense += moe_layers * model.shared_expert_params / tp * wb + plain
     if layout.ep > 1:
         expert_slice, experts_per_gpu = model.expert_params * wb, model.num_experts // layout.ep
     else:
@@ -125,7 +133,7 @@ def stage_shard(model: ModelSpec, layout: Layout, stage: int, weight_dtype: str 
     # MLA: the latent is replicated, every GPU caches all of it
     per_layer = model.kv_elements_per_token_layer if model.is_mla else 2 * kv_heads * model.head_dim
     kv_per_token = layers * per_layer * kv_dtype_bytes(kv_dtype)
-    return StageShard(stage, layers, moe_layers, dense, expert_slice, experts_per_gpu, kv_per_token)
+    return StageShard(stage, layers, moe_layers, dense, expert_slice, experts_per_gpu, kv_per_token, plain)
 
 
 def activation_bytes(model: ModelSpec, layout: Layout, max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS,

@@ -37,6 +37,9 @@ class ModelSpec:
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     num_moe_layers: int = 0
+    # which layers are MoE (DeepSeek's first_k_dense_replace, Qwen2-MoE's mlp_only_layers leave some dense);
+    # empty: the last num_moe_layers
+    moe_layer_ids: tuple[int, ...] = ()
     attention_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
@@ -131,6 +134,12 @@ class ModelSpec:
     def num_dense_layers(self) -> int:
         return self.num_layers - self.num_moe_layers
 
+    def moe_layers_in(self, start: int, end: int) -> int:
+        """MoE layers among layers [start, end): a pipeline stage's count, not its proportional share (DeepSeek-V3's
+        3 dense layers all sit on the first stage)."""
+        ids = self.moe_layer_ids or range(self.num_layers - self.num_moe_layers, self.num_layers)
+        return sum(1 for i in ids if start <= i < end)
+
     @property
     def embedding_params(self) -> int:
         return self.vocab_size * self.hidden_size
@@ -156,6 +165,16 @@ class ModelSpec:
         """Parameters one token touches (top-k experts of each MoE layer); equals total for dense models."""
         return (self.embedding_params + self.lm_head_params + self.hidden_size
                 + self._layer_params(self.experts_per_token))
+
+    @property
+    def head_matmul_params(self) -> int:
+        """The LM head's GEMM per sampled token, tied to the embedding or not (the embedding itself is a lookup)."""
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def body_matmul_params(self) -> int:
+        """Weights every token multiplies by in the layers: active parameters without embedding and head."""
+        return self.active_params - self.embedding_params - self.lm_head_params
 
     @property
     def linear_params(self) -> int:
@@ -201,13 +220,13 @@ def model_from_config(cfg: dict, name: str = "model") -> ModelSpec:
         head_dim = nope + rope  # the query/key width per head (what the attention FLOPs scale with)
         kv_heads = heads
     experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0)
-    moe_layers = 0
+    moe_ids: tuple[int, ...] = ()
     if experts:
         step = int(cfg.get("decoder_sparse_step") or 1)
         dense_only = set(cfg.get("mlp_only_layers") or [])
         first_dense = int(cfg.get("first_k_dense_replace") or 0)
-        moe_layers = sum(1 for i in range(layers)
-                         if i not in dense_only and i >= first_dense and (i + 1) % step == 0)
+        moe_ids = tuple(i for i in range(layers)
+                        if i not in dense_only and i >= first_dense and (i + 1) % step == 0)
     window = cfg.get("sliding_window")
     use_window = isinstance(window, int) and cfg.get("use_sliding_window", True) and window < int(
         cfg.get("max_position_embeddings") or 1 << 30)
@@ -230,7 +249,8 @@ def model_from_config(cfg: dict, name: str = "model") -> ModelSpec:
         shared_expert_intermediate_size=(int(cfg.get("shared_expert_intermediate_size") or 0)  # Qwen2-MoE
                                          or int(cfg.get("n_shared_experts") or 0)  # DeepSeek
                                          * int(cfg.get("moe_intermediate_size") or 0)) if experts else 0,
-        num_moe_layers=moe_layers,
+        num_moe_layers=len(moe_ids),
+        moe_layer_ids=moe_ids,
         attention_bias=bool(cfg.get("attention_bias", model_type in ("qwen2", "qwen2_moe"))),
         qk_norm=model_type.startswith("qwen3"),
         sliding_window=int(window) if use_window else None,

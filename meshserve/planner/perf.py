@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass
 
 from meshserve.planner.hardware import GpuSpec
-from meshserve.planner.memory import StageShard, kv_tokens_held, stage_shard, weight_dtype_bytes
+from meshserve.planner.memory import StageShard, kv_tokens_held, stage_shard
 from meshserve.planner.model import ModelSpec
-from meshserve.planner.moe_comm import ep_traffic
+from meshserve.planner.moe_comm import ep_traffic, tp_moe_all_reduce_bytes
 from meshserve.planner.parallel import Layout
 from meshserve.planner.pipeline_host import NO_HOST, PipelineHost, pipelined_itl
 
@@ -42,6 +42,9 @@ class StepTime:
     comm_s: float
     overhead_s: float = 0.0  # per-layer fixed cost (launches), which bandwidth and FLOPs do not cover
     ep_bytes: float = 0.0  # bytes one GPU sends in the expert-parallel exchange (dispatch, combine, gather)
+    tokens: int = 0  # sequences of one replica in this step (PP: the step in flight's share of the batch)
+    moe_layers: int = 0  # MoE layers of this stage
+    ep_in_graph: bool = False  # EP inside the TP group replayed from a CUDA graph: all-reduce, no all-to-all
 
     @property
     def total_s(self) -> float:
@@ -102,9 +105,46 @@ def _ep_link(gpu: GpuSpec, layout: Layout, gpus_per_node: int) -> tuple[float, f
     return gpu.inter_node_gb_s, gpu.inter_node_latency_us
 
 
+def layer_comm(model: ModelSpec, layout: Layout, gpu: GpuSpec, tokens: int, layers: int, moe_layers: int,
+               gpus_per_node: int, in_graph: bool = False) -> tuple[float, float]:
+    """(seconds, EP bytes one GPU sends) of the communication of `tokens` tokens of one replica through `layers`
+    layers, `moe_layers` of them MoE (a decode step's batch or a prefill's prompt tokens).
+
+    in_graph: the step replays a CUDA graph, where the engine's EP inside the TP group cannot size an all-to-all
+    (layers/fused_moe.py): every rank runs its own experts on all the tokens and one all-reduce sums the parts,
+    the collective TP uses; the EP bytes are then those of that all-reduce."""
+    msg = tokens * model.hidden_size * ACT_BYTES
+    ep_in_tp = layout.ep > 1 and layout.dp == 1
+    # One all-reduce after attention, one after each MLP unless EP replaces it with dispatch/combine.
+    moe_reduces = layout.ep == 1 or (ep_in_tp and in_graph)
+    n_allreduce = layers + (layers - moe_layers) + (moe_layers if moe_reduces else 0)
+    comm_s = n_allreduce * allreduce_s(msg, layout.tp, gpu.link_gb_s, gpu.link_latency_us)
+    ep_bytes = 0.0
+    if ep_in_tp and in_graph:
+        ep_bytes = tp_moe_all_reduce_bytes(model, layout.tp, tokens, moe_layers)
+    elif ep_in_tp:
+        # the engine's EP inside the TP group: slices dispatched and combined, then all-gathered (moe_comm.py)
+        traffic = ep_traffic(model, layout.ep, tokens, moe_layers)
+        ep_bytes = traffic.total
+        n = moe_layers
+        comm_s += 2 * n * gpu.link_latency_us * 1e-6 + traffic.all_to_all / (gpu.link_gb_s * 1e9)
+        comm_s += n * gpu.link_latency_us * 1e-6 + traffic.all_gather / (gpu.link_gb_s * 1e9)
+    elif layout.ep > 1:
+        # DP attention, experts over all dp x tp GPUs: the dp replicas' tokens x dp are spread over the ep GPUs,
+        # each sending its share's top-k rows (tokens x dp / ep x k x h) to the experts' owners (one replica
+        # alone, as for one prompt: each of its tp GPUs sends tokens / tp, the same share)
+        bw, lat = _ep_link(gpu, layout, gpus_per_node)
+        per_gpu = msg * model.experts_per_token * layout.dp / layout.ep
+        comm_s += moe_layers * 2 * all_to_all_s(per_gpu, layout.ep, bw, lat)  # dispatch + combine
+        ep_bytes = moe_layers * 2 * (layout.ep - 1) / layout.ep * per_gpu
+    return comm_s, ep_bytes
+
+
 def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int, batch: int, context: int, *,
-                      weight_dtype: str, kv_dtype: str, gpus_per_node: int, efficiency: float) -> StepTime:
-    """One decode step of `batch` sequences with `context` tokens each, through one pipeline stage."""
+                      weight_dtype: str, kv_dtype: str, gpus_per_node: int, efficiency: float,
+                      cuda_graphs: bool = True) -> StepTime:
+    """One decode step of `batch` sequences with `context` tokens each, through one pipeline stage
+    (cuda_graphs: replayed from a graph, as every decode step is unless --enforce-eager)."""
     shard = stage_shard(model, layout, stage, weight_dtype, kv_dtype)
     ctx = kv_tokens_held(model, context)
     weights = weight_bytes_moved(model, layout, shard, batch)
@@ -112,36 +152,22 @@ def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int
     memory_s = (weights + kv) / (gpu.hbm_bytes_per_s * efficiency)
 
     layer_frac = shard.num_layers / model.num_layers
-    gemm_flops = 2 * (model.active_params - model.embedding_params) * layer_frac / layout.tp
+    head = model.head_matmul_params if stage == layout.pp - 1 else 0  # every decoded token is sampled
+    gemm_flops = 2 * (model.body_matmul_params * layer_frac + head) / layout.tp
     attn_flops = 4 * shard.num_layers * model.num_heads / layout.tp * model.head_dim * ctx
     compute_s = batch * (gemm_flops + attn_flops) / (gpu.flops_per_s(weight_dtype) * efficiency)
 
-    msg = batch * model.hidden_size * ACT_BYTES
-    # One all-reduce after attention, one after each MLP unless EP replaces it with dispatch/combine.
-    n_allreduce = shard.num_layers + (shard.num_layers - shard.num_moe_layers) + \
-        (shard.num_moe_layers if layout.ep == 1 else 0)
-    comm_s = n_allreduce * allreduce_s(msg, layout.tp, gpu.link_gb_s, gpu.link_latency_us)
-    ep_bytes = 0.0
-    if layout.ep > 1 and layout.dp == 1:
-        # the engine's EP inside the TP group: slices dispatched and combined, then all-gathered (moe_comm.py)
-        traffic = ep_traffic(model, layout.ep, batch, shard.num_moe_layers)
-        ep_bytes = traffic.total
-        n = shard.num_moe_layers
-        comm_s += 2 * n * gpu.link_latency_us * 1e-6 + traffic.all_to_all / (gpu.link_gb_s * 1e9)
-        comm_s += n * gpu.link_latency_us * 1e-6 + traffic.all_gather / (gpu.link_gb_s * 1e9)
-    elif layout.ep > 1:
-        # DP attention, experts over all dp x tp GPUs: the dp replicas' batch x dp tokens are spread over the
-        # ep GPUs, each sending its share's top-k rows (batch x dp / ep tokens x k x h) to the experts' owners
-        bw, lat = _ep_link(gpu, layout, gpus_per_node)
-        per_gpu = msg * model.experts_per_token * layout.dp / layout.ep
-        comm_s += shard.num_moe_layers * 2 * all_to_all_s(per_gpu, layout.ep, bw, lat)  # dispatch + combine
-        ep_bytes = shard.num_moe_layers * 2 * (layout.ep - 1) / layout.ep * per_gpu
-    return StepTime(memory_s, compute_s, comm_s, shard.num_layers * gpu.layer_overhead_us * 1e-6, ep_bytes)
+    comm_s, ep_bytes = layer_comm(model, layout, gpu, batch, shard.num_layers, shard.num_moe_layers,
+                                  gpus_per_node, in_graph=cuda_graphs)
+    return StepTime(memory_s, compute_s, comm_s, shard.num_layers * gpu.layer_overhead_us * 1e-6, ep_bytes, batch,
+                    shard.num_moe_layers, cuda_graphs and layout.ep > 1 and layout.dp == 1)
 
 
 def pp_hop_s(model: ModelSpec, gpu: GpuSpec, tokens: int) -> float:
-    """Hidden states of `tokens` tokens sent from one stage to the next node."""
-    return gpu.inter_node_latency_us * 1e-6 + tokens * model.hidden_size * ACT_BYTES / (gpu.inter_node_gb_s * 1e9)
+    """Hidden states and residual of `tokens` tokens (two bf16 tensors, as engine/pipeline_stage.py sends them)
+    from one stage to the next node."""
+    nbytes = 2 * tokens * model.hidden_size * ACT_BYTES
+    return gpu.inter_node_latency_us * 1e-6 + nbytes / (gpu.inter_node_gb_s * 1e9)
 
 
 def steps_in_flight(layout: Layout, pipeline_depth: int = 0) -> int:
@@ -152,7 +178,7 @@ def steps_in_flight(layout: Layout, pipeline_depth: int = 0) -> int:
 
 def itl_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, batch: int, context: int, *, weight_dtype: str,
           kv_dtype: str, gpus_per_node: int, efficiency: float, pipeline_depth: int = 0,
-          host: PipelineHost = NO_HOST) -> tuple[float, StepTime]:
+          host: PipelineHost = NO_HOST, cuda_graphs: bool = True) -> tuple[float, StepTime]:
     """Time between tokens of one sequence when `batch` sequences decode together on one replica.
 
     With PP the engine keeps d = steps_in_flight steps in flight (pipeline_depth, or one per stage), each over
@@ -167,7 +193,8 @@ def itl_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, batch: int, context: i
     groups = layout.pp if host.token_handoff and layout.pp > 1 else d  # the hand-off splits the batch pp ways
     micro = math.ceil(batch / groups)
     steps = [decode_stage_time(model, layout, gpu, s, micro, context, weight_dtype=weight_dtype,
-                               kv_dtype=kv_dtype, gpus_per_node=gpus_per_node, efficiency=efficiency)
+                               kv_dtype=kv_dtype, gpus_per_node=gpus_per_node, efficiency=efficiency,
+                               cuda_graphs=cuda_graphs)
              for s in range(layout.pp)]
     slowest = max(steps, key=lambda st: st.total_s)
     passes = sum(st.total_s for st in steps) + (layout.pp - 1) * pp_hop_s(model, gpu, micro)
@@ -177,18 +204,31 @@ def itl_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, batch: int, context: i
 
 
 def prefill_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, num_seqs: int, prompt_len: int, *,
-              weight_dtype: str, efficiency: float) -> float:
+              weight_dtype: str, efficiency: float, pipelined: bool = False, gpus_per_node: int = 0) -> float:
     """Prefill of `num_seqs` prompts of `prompt_len` tokens: FLOPs ÷ FLOP/s of one stage's TP group (stages
-    run one after another for a given prompt), never faster than reading the weights once."""
+    run one after another for a given prompt), never faster than each stage's GPUs reading their weights once,
+    plus each layer's all-reduces or expert exchange (as a decode step's, for the prompt tokens).
+
+    pipelined (PP, a replica's batch of prompts): the prompts ride different steps in flight, so the stages work
+    on them at once (as they do on decode steps): the most loaded stage's share of the work sets the time, and
+    each link carries the tokens once, the links side by side. One prompt (TTFT) has one step in flight at a
+    time and passes the stages one after another."""
     tokens = num_seqs * prompt_len
-    gemm = 2 * (model.active_params - model.embedding_params) * tokens
+    # the head runs on each prompt's last token only (the one sampled)
+    gemm = 2 * (model.body_matmul_params * tokens + model.head_matmul_params * num_seqs)
     attn = num_seqs * 2 * model.num_layers * model.num_heads * model.head_dim * prompt_len ** 2  # causal
     compute = (gemm + attn) / (layout.tp * gpu.flops_per_s(weight_dtype) * efficiency)
-    weights = (model.linear_params * weight_dtype_bytes(weight_dtype)) / layout.tp
-    memory = weights / (gpu.hbm_bytes_per_s * efficiency)
-    comm = 2 * model.num_layers * allreduce_s(tokens * model.hidden_size * ACT_BYTES, layout.tp,
-                                              gpu.link_gb_s, gpu.link_latency_us)
-    return max(compute, memory) + comm + (layout.pp - 1) * pp_hop_s(model, gpu, tokens)
+    # each stage's GPUs stream the projections and experts they hold (EP: 1/EP of the experts, not 1/TP)
+    shards = [stage_shard(model, layout, s, weight_dtype) for s in range(layout.pp)]
+    comms = [layer_comm(model, layout, gpu, tokens, sh.num_layers, sh.num_moe_layers,
+                        gpus_per_node or gpu.gpus_per_node)[0] for sh in shards]
+    bandwidth = gpu.hbm_bytes_per_s * efficiency
+    if pipelined and 1 < layout.pp <= num_seqs:  # fewer prompts than stages: they cannot fill them
+        share = max(sh.num_layers for sh in shards) / model.num_layers
+        memory = max(sh.linear_weight_bytes for sh in shards) / bandwidth
+        return max(compute * share, memory) + max(comms) + pp_hop_s(model, gpu, tokens)
+    memory = sum(sh.linear_weight_bytes for sh in shards) / bandwidth
+    return max(compute, memory) + sum(comms) + (layout.pp - 1) * pp_hop_s(model, gpu, tokens)
 
 
 def roofline(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, *,
@@ -203,25 +243,31 @@ def roofline(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, *
                   for s in range(layout.pp))
     step = d * per_gpu / gpu.hbm_bytes_per_s
     bandwidth_bound = layout.dp * batch / step
-    compute_bound = layout.num_gpus * gpu.flops_per_s(weight_dtype) / (2 * model.active_params)
+    flops_per_token = 2 * (model.body_matmul_params + model.head_matmul_params)
+    compute_bound = layout.num_gpus * gpu.flops_per_s(weight_dtype) / flops_per_token
     return min(bandwidth_bound, compute_bound), per_gpu
 
 
 def predict(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, workload: Workload, *,
             weight_dtype: str = "bf16", kv_dtype: str = "bf16", gpus_per_node: int | None = None,
-            efficiency: float | None = None, pipeline_depth: int = 0, host: PipelineHost = NO_HOST) -> Prediction:
+            efficiency: float | None = None, pipeline_depth: int = 0, host: PipelineHost = NO_HOST,
+            cuda_graphs: bool = True) -> Prediction:
     """TTFT, ITL and throughput of `layout` serving `concurrency` sequences of `workload` (PP: pipeline_depth
-    steps in flight, 0 one per stage, as the engine's --pipeline-depth; host: the engine core's per-step cost)."""
+    steps in flight, 0 one per stage, as the engine's --pipeline-depth; host: the engine core's per-step cost;
+    cuda_graphs: decode steps replay CUDA graphs, False with --enforce-eager)."""
     eff = gpu.efficiency if efficiency is None else efficiency
     per_node = gpus_per_node or gpu.gpus_per_node
     batch = max(1, math.ceil(concurrency / layout.dp))
     itl, step = itl_s(model, layout, gpu, batch, workload.mean_decode_context, weight_dtype=weight_dtype,
                       kv_dtype=kv_dtype, gpus_per_node=per_node, efficiency=eff, pipeline_depth=pipeline_depth,
-                      host=host)
-    ttft = prefill_s(model, layout, gpu, 1, workload.input_len, weight_dtype=weight_dtype, efficiency=eff)
-    # Continuous batching: a replica spends output_len steps decoding its batch plus the batch's prefills.
+                      host=host, cuda_graphs=cuda_graphs)
+    ttft = prefill_s(model, layout, gpu, 1, workload.input_len, weight_dtype=weight_dtype, efficiency=eff,
+                     gpus_per_node=per_node)
+    # Continuous batching: a replica spends output_len steps decoding its batch plus the batch's prefills (PP:
+    # the prompts spread over the steps in flight, every stage busy).
     cycle = workload.output_len * itl + prefill_s(model, layout, gpu, batch, workload.input_len,
-                                                  weight_dtype=weight_dtype, efficiency=eff)
+                                                  weight_dtype=weight_dtype, efficiency=eff, pipelined=True,
+                                                  gpus_per_node=per_node)
     output = layout.dp * batch * workload.output_len / cycle
     # the hand-off splits the batch over pp steps whatever the depth: pp passes of the weights per batch
     roof, roof_bytes = roofline(model, layout, gpu, concurrency, weight_dtype=weight_dtype,

@@ -209,7 +209,8 @@ def make_plan(r: PlanRequest, hint: bool = True) -> PlanResult:
         max_full = (mem.max_kv_tokens // full_seq) * layout.dp
         pred = predict(model, layout, gpu, conc, r.workload, weight_dtype=wdtype, kv_dtype=r.kv_dtype,
                        gpus_per_node=per_node, efficiency=r.efficiency, pipeline_depth=r.pipeline_depth,
-                       host=(r.pipeline_host or fitted_host()).with_handoff(r.pp_token_handoff))
+                       host=(r.pipeline_host or fitted_host()).with_handoff(r.pp_token_handoff),
+                       cuda_graphs=not r.enforce_eager)
         candidates.append(Candidate(layout, mem, max_conc, max_full, pred,
                                     deployment_cost(gpu, layout.num_gpus, pred.output_tok_per_s), wanted, limited_by))
     if r.objective == "throughput":

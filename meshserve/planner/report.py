@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from meshserve.planner.memory import kv_bytes, kv_bytes_per_token, kv_dtype_bytes, weight_bytes
-from meshserve.planner.moe_comm import tp_moe_all_reduce_bytes
+from meshserve.planner.moe_comm import ep_traffic, tp_moe_all_reduce_bytes
 from meshserve.planner.plan import Candidate, PlanResult, max_running_per_replica
 
 GB = 1e9
@@ -64,15 +64,24 @@ def _clamp_notes(result: PlanResult) -> list[str]:
 
 
 def _ep_notes(result: PlanResult) -> list[str]:
-    """For expert-parallel rows: the bytes each GPU sends per decode step in the token exchange, beside what
-    the all-reduce of the same MoE layers would send without EP."""
+    """For expert-parallel rows: the bytes each GPU sends per decode step for the MoE layers, as the engine moves
+    them (inside its decode CUDA graphs one all-reduce, eager the all-to-all exchange), beside the other way."""
     m, notes = result.request.model, []
     for c in result.candidates:
-        if c.layout.ep > 1 and c.prediction.step.ep_bytes:
-            batch = c.prediction.batch_per_replica
-            layers = m.num_moe_layers // c.layout.pp
-            note = (f"EP {c.layout.label}: {c.prediction.step.ep_bytes / 1e6:,.1f} MB sent per GPU per decode step "
-                    f"in the all-to-all exchange ({layers} MoE layers, {batch:,} tokens)")
+        step = c.prediction.step
+        if c.layout.ep > 1 and step.ep_bytes:
+            # the step priced (PP: one step in flight, through the slowest stage), not the whole batch or model
+            batch, layers = step.tokens, step.moe_layers
+            if step.ep_in_graph:
+                eager = ep_traffic(m, c.layout.ep, batch, layers).total
+                notes.append(f"EP {c.layout.label}: {step.ep_bytes / 1e6:,.1f} MB sent per GPU per decode step, "
+                             f"TP's all-reduce ({layers} MoE layers, {batch:,} tokens): inside its decode CUDA "
+                             "graphs the engine runs each rank's experts on every token and sums them; eager "
+                             f"(--enforce-eager) the all-to-all exchange sends {eager / 1e6:,.1f} MB")
+                continue
+            per = " per replica" if c.layout.dp > 1 else ""
+            note = (f"EP {c.layout.label}: {step.ep_bytes / 1e6:,.1f} MB sent per GPU per decode step "
+                    f"in the all-to-all exchange ({layers} MoE layers, {batch:,} tokens{per})")
             if c.layout.dp > 1:
                 note += "; planned only: the engine spreads experts over one replica's TP group"
             else:

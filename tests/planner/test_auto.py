@@ -32,3 +32,14 @@ def test_auto_errors_are_one_line():
     with pytest.raises(InvalidArgumentError, match="no layout of 8× H100-SXM fits llama-3.1-405b") as e:
         choose_layout_for_visible_gpus("llama-3.1-405b", [H100] * 8)
     assert "\n" not in str(e.value)
+
+
+def test_auto_launches_no_expert_parallel_layout():
+    """serve --auto starts TP x PP x DP without --enable-expert-parallel: the plan's EP rows (Mixtral's best on
+    8 H100s is TP=1×DP=8×EP=8, 14.5 GB of weights per GPU) would start as TP=1×DP=8, 93 GB per GPU."""
+    choice = choose_layout_for_visible_gpus("mixtral-8x7b", [H100] * 8)
+    assert choice.plan.best.layout.ep > 1 and choice.layout.ep == 1
+    assert choice.layout in [c.layout for c in choice.plan.candidates]  # a row that fits as launched
+    assert "needs EP" in choice.reason and choice.layout.label in choice.reason and "\n" not in choice.reason
+    v3 = choose_layout_for_visible_gpus("deepseek-v3", ["NVIDIA H200"] * 8)  # TP=1×DP=8 would need 673 GB a GPU
+    assert v3.plan.best.layout == Layout(dp=8, ep=8) and v3.layout == Layout(tp=8)

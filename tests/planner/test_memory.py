@@ -84,3 +84,18 @@ def test_memory_breakdown_per_gpu():
     assert mem.fits and round(mem.kv / 1e9, 1) == 10.7 and 0 < mem.activations < 2e9 and mem.overhead > 1e9
     assert not memory_per_gpu(m, Layout(tp=2), gpu, kv_tokens=128 * 1024).fits
     assert mem.max_kv_tokens * mem.kv_bytes_per_token <= mem.budget - mem.weights
+
+
+def test_pipeline_stages_count_their_own_moe_layers():
+    # DeepSeek-V3's 3 dense layers (0-2) sit on the first stage: 28 + 30 MoE layers over PP=2, not 29 + 29
+    m = load_model("deepseek-v3")
+    shards = [stage_shard(m, Layout(tp=8, pp=2), s, "fp8") for s in range(2)]
+    assert [s.num_layers for s in shards] == [31, 30]
+    assert [s.num_moe_layers for s in shards] == [31 - 3, 30]
+    four = [stage_shard(m, Layout(tp=8, pp=4), s, "fp8").num_moe_layers for s in range(4)]
+    assert four == [16 - 3, 15, 15, 15] and sum(four) == m.num_moe_layers  # rounding shares gave 57
+    # the last stage holds 30 layers of 256 experts, each sliced 8 ways at 1 B per weight
+    assert shards[1].weight_bytes - shards[1].dense_weight_bytes == 30 * 256 * m.expert_params / 8
+    # and the most loaded stage is what a GPU of the layout must hold
+    mem = memory_per_gpu(m, Layout(tp=8, pp=2), get_gpu("H200"), 4096, weight_dtype="fp8")
+    assert mem.weights == shards[1].weight_bytes

@@ -6,9 +6,10 @@ from meshserve.planner.claim import check_claim
 from meshserve.planner.cost import deployment_cost
 from meshserve.planner.hardware import get_gpu
 from meshserve.planner.model import load_model
+from meshserve.planner.moe_comm import ep_traffic
 from meshserve.planner.parallel import Layout
 from meshserve.planner.perf import (Workload, allreduce_s, decode_stage_time, expected_experts_touched, itl_s,
-                                   pp_hop_s, predict)
+                                   pp_hop_s, predict, prefill_s, roofline)
 from meshserve.planner.plan import PlanRequest, make_plan
 
 
@@ -131,3 +132,86 @@ def test_dp_ep_all_to_all_counts_each_gpus_share_of_the_tokens():
     assert one_gpu_per_replica == pytest.approx(m.num_moe_layers * 2 * 7 / 8 * batch * row_bytes)
     # two GPUs per replica hold the same batch per replica: each sends half as many rows
     assert step[Layout(tp=2, dp=4, ep=8)].ep_bytes == pytest.approx(one_gpu_per_replica / 2)
+
+
+def test_prefill_floor_reads_the_weights_each_gpu_holds():
+    """A short prompt is bound by reading the weights; with experts spread over DP x EP GPUs each GPU streams
+    its own quarter of them, not 1/TP of the whole model."""
+    m, gpu = load_model("qwen3-30b-a3b"), get_gpu("H100-SXM")
+    # per layer per GPU at TP=1, EP=4: q and o 2 x 2048 x 32 x 128, k and v 2 x 2048 x 4 x 128, 128 / 4 experts
+    # of 3 x 2048 x 768; 48 layers, 2 B each
+    held = 48 * (2 * 2048 * 32 * 128 + 2 * 2048 * 4 * 128 + 32 * 3 * 2048 * 768) * 2
+    ep = prefill_s(m, Layout(dp=4, ep=4), gpu, 1, 16, weight_dtype="bf16", efficiency=1.0)
+    exchange = 48 * 2 * (8e-6 + 3 / 4 * 16 * 8 * 2048 * 2 / 450e9)  # its 16 tokens' top-8 rows, out and back
+    assert ep == pytest.approx(held / 3350e9 + exchange)  # 4.9 ms; the whole model's 59.8 GB would be 17.8 ms
+    # without EP every GPU holds (and a prompt touches) all experts
+    whole = prefill_s(m, Layout(dp=4), gpu, 1, 16, weight_dtype="bf16", efficiency=1.0)
+    assert whole == pytest.approx(m.linear_params * 2 / 3350e9)
+
+
+def test_a_batch_of_prompts_keeps_every_pipeline_stage_busy():
+    """A replica's prompts ride different steps in flight, so its PP stages prefill them at once: the cycle pays
+    the most loaded stage's half of the work (70B, 40 + 40 layers), not both stages' in a row; one prompt (TTFT)
+    still passes the stages one after another."""
+    m, gpu, lay = load_model("llama-3.1-70b"), get_gpu("H100-SXM"), Layout(tp=4, pp=2)
+    seqs, prompt, eff = 512, 1024, 0.8
+    tokens = seqs * prompt
+    body = m.active_params - 2 * 128256 * 8192  # the layers; the head runs on each prompt's last token
+    flops = 2 * (body * tokens + 128256 * 8192 * seqs) + seqs * 2 * 80 * 64 * 128 * prompt ** 2
+    compute = flops / (4 * 989e12 * eff)
+    reduce = 8e-6 + 2 * 3 / 4 * tokens * 8192 * 2 / 450e9  # one ring all-reduce of the tokens' hidden states
+    hop = 15e-6 + 2 * tokens * 8192 * 2 / 50e9  # hidden states and residual to the other node, once
+    batch = prefill_s(m, lay, gpu, seqs, prompt, weight_dtype="bf16", efficiency=eff, pipelined=True)
+    assert batch == pytest.approx(compute / 2 + 2 * 40 * reduce + hop)
+    in_a_row = prefill_s(m, lay, gpu, seqs, prompt, weight_dtype="bf16", efficiency=eff)
+    assert in_a_row == pytest.approx(compute + 2 * 80 * reduce + hop)
+    one = dict(weight_dtype="bf16", efficiency=eff)
+    assert prefill_s(m, lay, gpu, 1, prompt, pipelined=True, **one) == prefill_s(m, lay, gpu, 1, prompt, **one)
+
+
+def test_the_lm_head_multiplies_sampled_tokens_only():
+    """The head's GEMM (V x h) runs for each sampled token: every decoded one, but only a prompt's last in
+    prefill; a tied head multiplies as much as an untied one (the embedding itself is a lookup, no FLOPs)."""
+    gpu, v8, h8 = get_gpu("H100-SXM"), 128256, 4096
+    m = load_model("llama-3.1-8b")  # untied
+    body = m.total_params - 2 * v8 * h8  # 32 layers and the final norm
+    prompt = 4096
+    ttft = prefill_s(m, Layout(), gpu, 1, prompt, weight_dtype="bf16", efficiency=1.0)
+    assert ttft == pytest.approx((2 * (body * prompt + v8 * h8) + 2 * 32 * 32 * 128 * prompt ** 2) / 989e12)
+    # the decode ceiling's FLOP cap: 2 x (layers + head) per token, not the embedding's V x h besides
+    roof, _ = roofline(m, Layout(), gpu, 1024, weight_dtype="bf16")  # 1,024 tokens a step: compute-bound
+    assert roof == pytest.approx(989e12 / (2 * (body + v8 * h8)))
+    tied = load_model("qwen3-0.6b")  # tie_word_embeddings: its head is the embedding table
+    v, h, batch, ctx = 151936, 1024, 64, 1000
+    step = decode_stage_time(tied, Layout(), gpu, 0, batch, ctx, weight_dtype="bf16", kv_dtype="bf16",
+                             gpus_per_node=8, efficiency=1.0)
+    body = tied.total_params - v * h  # less the (one, shared) table
+    per_token = 2 * (body + v * h) + 4 * 28 * 16 * 128 * ctx  # its head multiplies all the same
+    assert step.compute_s == pytest.approx(batch * per_token / 989e12)
+
+
+def test_prefill_pays_the_expert_exchange_of_its_tokens():
+    """A prompt's tokens go through the same per-layer exchange as a decode step's: DP x EP sends each token's
+    top-k rows to the experts' owners and back (over the network once EP spans nodes); EP inside the TP group
+    replaces the MoE all-reduce by dispatch, combine and all-gather (moe_comm.py)."""
+    v3, gpu, prompt = load_model("deepseek-v3"), get_gpu("H200"), 1024
+    lay = Layout(dp=16, ep=16)
+    kw = dict(weight_dtype="fp8", efficiency=1.0)
+    rows = prompt * 8 * 7168 * 2  # bytes of its top-8 rows, one GPU per replica
+
+    def exchange(bw, lat_us):
+        return 58 * 2 * (lat_us * 1e-6 + 15 / 16 * rows / bw)
+
+    two_nodes = prefill_s(v3, lay, gpu, 1, prompt, gpus_per_node=8, **kw)
+    one_node = prefill_s(v3, lay, gpu, 1, prompt, gpus_per_node=16, **kw)  # a 16-GPU NVLink domain
+    assert two_nodes - one_node == pytest.approx(exchange(50e9, 15) - exchange(450e9, 8))
+    assert two_nodes - one_node > 0.2  # ~0.26 s of network for a 1,024-token prompt: more than its FLOPs
+
+    q, h100, tokens = load_model("qwen3-30b-a3b"), get_gpu("H100-SXM"), 2048
+    kw = dict(weight_dtype="bf16", efficiency=1.0)
+    sliced = prefill_s(q, Layout(tp=2), h100, 1, tokens, **kw)
+    spread = prefill_s(q, Layout(tp=2, ep=2), h100, 1, tokens, **kw)  # same bytes and FLOPs per GPU
+    t = ep_traffic(q, 2, tokens, 48)
+    ep_s = 48 * 3 * 8e-6 + t.total / 450e9
+    reduce_s = 48 * allreduce_s(tokens * 2048 * 2, 2, 450, 8)
+    assert spread - sliced == pytest.approx(ep_s - reduce_s)

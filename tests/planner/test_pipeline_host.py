@@ -75,3 +75,12 @@ def test_the_plan_prints_the_host_it_assumed(capsys):
     assert "PP host assumed: 1.5 ms of the engine core per step + 2.6 ms round trip" in capsys.readouterr().out
     assert main(["plan", "llama-3.1-8b", "--gpu", "H200", "--num-gpus", "2", "--tp", "2"]) == 0
     assert "PP host" not in capsys.readouterr().out
+
+
+def test_a_hop_carries_hidden_states_and_residual():
+    """The engine's stage sends two bf16 tensors of tokens x hidden (engine/pipeline_stage.py), as the simulator's
+    hop prices them: 128 tokens of the 8B are 2 x 128 x 4096 x 2 B = 2 MiB over the 50 GB/s network."""
+    from meshserve.simulator.pipeline import hop_s
+
+    assert pp_hop_s(M, GPU, 128) == pytest.approx(15e-6 + 2 * 128 * 4096 * 2 / 50e9)
+    assert pp_hop_s(M, GPU, 128) == pytest.approx(hop_s(M, GPU, 128, same_node=False))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import httpx
 from starlette.responses import Response, StreamingResponse
 
-from meshserve.errors import NoReplicaAvailableError, UpstreamStreamError
+from meshserve.errors import NoReplicaAvailableError, RouterDrainingError, UpstreamStreamError
 from meshserve.router.config import RouterConfig
 from meshserve.router.disagg import (
     decode_body,
@@ -120,6 +120,8 @@ class Proxy:
         self.client = client  # disaggregation's prefill legs
         self.upstream = upstream or HttpxUpstream(client)  # the proxied attempts
         self._prefill_legs: set[asyncio.Task] = set()  # concurrent prefill legs in flight (kept from the GC)
+        self._relays: set[httpx.Response | FastResponse] = set()  # upstream responses of streams relayed now
+        self.ending = False  # end_relays was called: the router's drain ran out of time
 
     def _timeout(self) -> httpx.Timeout:
         c = self.config
@@ -256,6 +258,15 @@ class Proxy:
                 if resp is not None:
                     await resp.aclose()
 
+    def end_relays(self) -> None:
+        """At the drain timeout: end every stream still relayed in-band (its error event and [DONE]; the
+        replica sees the abort) before uvicorn cuts the client connections mid-body. The plain (httpx)
+        upstream's streams are left to that cut."""
+        self.ending = True
+        for resp in list(self._relays):
+            if isinstance(resp, FastResponse):
+                resp.abort(httpx.ReadError("the router is shutting down"))
+
     def _failed(self, replica: Replica, reason: str, refused: bool = False) -> _Rejected:
         replica.num_failed += 1
         replica.eject(reason)
@@ -267,6 +278,7 @@ class Proxy:
         """Pass the stream's events through as they come; end a broken stream with one error event."""
         done = False
         outcome = "cancelled"  # unless it ends one way or the other: the client went away
+        self._relays.add(resp)
         try:
             head = b"".join(first)
             done = _has_done(head)
@@ -286,6 +298,11 @@ class Proxy:
                 reason = "the replica stopped sending (read timeout)"
                 replica.eject("timed out mid-stream")
             except httpx.TransportError as e:
+                if self.ending:  # end_relays: not the replica's fault
+                    yield sse_error(RouterDrainingError("the router is shutting down: its drain timeout "
+                                                        "passed; the response is incomplete")).encode()
+                    yield SSE_DONE.encode()
+                    return
                 reason = f"the replica's connection broke ({type(e).__name__})"
                 replica.eject(f"stream broke ({type(e).__name__})")
             if reason is None:
@@ -297,6 +314,7 @@ class Proxy:
             yield sse_error(UpstreamStreamError(f"{reason}; the response is incomplete")).encode()
             yield SSE_DONE.encode()
         finally:
+            self._relays.discard(resp)
             replica.outstanding -= 1
             self.metrics.count(outcome)
             await resp.aclose()

@@ -174,6 +174,11 @@ class FastResponse:
     async def aread(self) -> bytes:
         return b"".join([chunk async for chunk in self.aiter_bytes()])
 
+    def abort(self, exc: Exception) -> None:
+        """End the body now: what arrived is still read, then exc is raised (the connection is closed)."""
+        self._conn._fail(exc)
+        self._conn.close()
+
     async def aclose(self) -> None:
         """Back to the pool if the response was read to its end, else closed (the replica sees the abort)."""
         if self._released:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -140,4 +141,46 @@ def test_serve_data_parallel_starts_replicas_and_router_restarts_and_drains(tiny
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_drain_timeout_ends_relayed_streams_in_band(fake_replicas):
+    """A stream still relayed when the router's --drain-timeout passes ends with its error event
+    (server_draining) and [DONE]; it used to run on for uvicorn's 2 s of grace and then lose its connection
+    mid-body."""
+    _, replica = fake_replicas("slow", num_events=400, event_delay_s=0.05)  # a 20 s stream
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshserve.cli", "router", "--host", "127.0.0.1", "--port", str(port),
+         "--backend", replica.base_url, "--workers", "1", "--health-interval", "0.2",
+         "--drain-timeout", "0.3"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                return httpx.get(base + "/ready", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_until(ready, START_S)
+        body = {"model": "tiny", "prompt": "x", "stream": True}
+        events = []
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as resp:
+            lines = resp.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    break
+            proc.send_signal(signal.SIGTERM)
+            # the rest (before the fix: raised when the connection was cut)
+            events += [line[6:] for line in lines if line.startswith("data: ")]
+        assert proc.wait(30) == 0
+        assert events[-1] == "[DONE]" and len(events) < 400
+        assert json.loads(events[-2])["error"]["code"] == "server_draining"
+        assert all("choices" in json.loads(e) for e in events[:-2])  # whole events before it, none torn
+    finally:
+        if proc.poll() is None:
+            proc.kill()
             proc.wait()

@@ -136,7 +136,7 @@ def serve_router(config: RouterConfig, http: RouterHttp, sock: socket.socket | N
                                access_log=http.access_log, timeout_graceful_shutdown=2,
                                timeout_keep_alive=KEEP_ALIVE_S)
     server = DrainingServer(uv_config, state, config.drain_timeout_s,
-                            on_drain_timeout=lambda: app.state.proxy.end_relays())
+                            on_drain_timeout=lambda: app.state.proxy.end_in_flight())
     server.run(sockets=[sock] if sock is not None else None)
 
 

@@ -120,8 +120,7 @@ class Proxy:
         self.client = client  # disaggregation's prefill legs
         self.upstream = upstream or HttpxUpstream(client)  # the proxied attempts
         self._prefill_legs: set[asyncio.Task] = set()  # concurrent prefill legs in flight (kept from the GC)
-        self._relays: set[httpx.Response | FastResponse] = set()  # upstream responses of streams relayed now
-        self.ending = False  # end_relays was called: the router's drain ran out of time
+        self.ending = False  # end_in_flight was called: the router's drain ran out of time
 
     def _timeout(self) -> httpx.Timeout:
         c = self.config
@@ -251,6 +250,10 @@ class Proxy:
         except httpx.ConnectError as e:
             return self._failed(replica, f"connection failed ({type(e).__name__})", refused=True)
         except httpx.TransportError as e:
+            if self.ending:  # end_in_flight: not the replica's fault, and no retry
+                self.metrics.count("cancelled")
+                return _error_response(RouterDrainingError("the router is shutting down: its drain timeout "
+                                                           "passed", retry_after_s=self.config.retry_after_s))
             return self._failed(replica, f"connection failed ({type(e).__name__})")
         finally:
             if not handed_off:
@@ -258,14 +261,13 @@ class Proxy:
                 if resp is not None:
                     await resp.aclose()
 
-    def end_relays(self) -> None:
-        """At the drain timeout: end every stream still relayed in-band (its error event and [DONE]; the
-        replica sees the abort) before uvicorn cuts the client connections mid-body. The plain (httpx)
-        upstream's streams are left to that cut."""
+    def end_in_flight(self) -> None:
+        """At the drain timeout: end every request still in flight in-band, before uvicorn cuts the client
+        connections mid-body: a relayed stream with its error event and [DONE], one waiting for its replica
+        with a 503 (not retried); the replicas see the aborts. The plain (httpx) upstream's are left to the
+        cut."""
         self.ending = True
-        for resp in list(self._relays):
-            if isinstance(resp, FastResponse):
-                resp.abort(httpx.ReadError("the router is shutting down"))
+        self.upstream.abort_all(httpx.ReadError("the router is shutting down"))
 
     def _failed(self, replica: Replica, reason: str, refused: bool = False) -> _Rejected:
         replica.num_failed += 1
@@ -278,7 +280,6 @@ class Proxy:
         """Pass the stream's events through as they come; end a broken stream with one error event."""
         done = False
         outcome = "cancelled"  # unless it ends one way or the other: the client went away
-        self._relays.add(resp)
         try:
             head = b"".join(first)
             done = _has_done(head)
@@ -298,7 +299,7 @@ class Proxy:
                 reason = "the replica stopped sending (read timeout)"
                 replica.eject("timed out mid-stream")
             except httpx.TransportError as e:
-                if self.ending:  # end_relays: not the replica's fault
+                if self.ending:  # end_in_flight: not the replica's fault
                     yield sse_error(RouterDrainingError("the router is shutting down: its drain timeout "
                                                         "passed; the response is incomplete")).encode()
                     yield SSE_DONE.encode()
@@ -314,7 +315,6 @@ class Proxy:
             yield sse_error(UpstreamStreamError(f"{reason}; the response is incomplete")).encode()
             yield SSE_DONE.encode()
         finally:
-            self._relays.discard(resp)
             replica.outstanding -= 1
             self.metrics.count(outcome)
             await resp.aclose()

@@ -69,6 +69,7 @@ class Script:
     num_events: int = 5
     event_delay_s: float = 0.0
     hang_s: float = 30.0
+    answer_delay_s: float = 0.0  # before a non-streamed answer
     # set: streams go on past their first event only while it is set (a test holds them in flight as long as its
     # checks take, then lets them finish at once), each stream for at most hang_s
     hold: threading.Event | None = None
@@ -108,6 +109,7 @@ def fake_replica_app(script: Script) -> FastAPI:
                                            "code": script.status}},
                                 status_code=script.status, headers={"Retry-After": "7"})
         if not body.get("stream"):
+            await asyncio.sleep(script.answer_delay_s)
             return {"id": "x", "object": "text_completion", "model": body.get("model"),
                     "choices": [{"index": 0, "text": f"from {script.name}", "finish_reason": "stop"}]}
 

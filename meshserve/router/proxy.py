@@ -18,11 +18,12 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from meshserve.errors import NoReplicaAvailableError, RouterDrainingError, UpstreamStreamError
 from meshserve.router.config import RouterConfig
@@ -107,6 +108,24 @@ def _has_done(events: bytes) -> bool:
     """Whether whole events hold `data: [DONE]` (an event starts the piece or follows a blank line; JSON
     escapes newlines, so no event's data holds a blank line)."""
     return events.startswith(b"data: [DONE]") or b"\n\ndata: [DONE]" in events
+
+
+class _RelayedStream(StreamingResponse):
+    """A relayed stream whose release (the replica's count of requests out, its connection) runs however the
+    response ends. Starlette cancels a response whose client is already gone before it iterates the body: the
+    relay never starts, so its own finally never runs (each such client held an outstanding count and a
+    replica connection for good)."""
+
+    def __init__(self, relay: AsyncIterator[bytes], release: Callable[[str], Awaitable[None]], **kwargs):
+        super().__init__(relay, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # a relay that started releases in its finally (its outcome)
+            await self.release("cancelled")  # one that never started (a no-op after the relay's)
 
 
 class Proxy:
@@ -243,8 +262,9 @@ class Proxy:
                 return _Rejected(KV_FAILED, refused=True)
             replica.num_succeeded += 1
             handed_off = True
-            return StreamingResponse(self._relay(replica, resp, chunks, buffer, first),
-                                     status_code=200, headers=_response_headers(resp, route, attempts))
+            release = self._release(replica, resp)
+            return _RelayedStream(self._relay(replica, resp, chunks, buffer, first, release), release,
+                                  status_code=200, headers=_response_headers(resp, route, attempts))
         except httpx.TimeoutException as e:
             return self._failed(replica, f"timed out ({type(e).__name__})")
         except httpx.ConnectError as e:
@@ -274,9 +294,24 @@ class Proxy:
         replica.eject(reason)
         return _Rejected(reason, refused=refused)
 
+    def _release(self, replica: Replica,
+                 resp: httpx.Response | FastResponse) -> Callable[[str], Awaitable[None]]:
+        """The end of a relayed stream, to run once: its replica's count, its outcome, its connection."""
+        released = False
+
+        async def release(outcome: str) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                replica.outstanding -= 1
+                self.metrics.count(outcome)
+                await resp.aclose()
+
+        return release
+
     async def _relay(self, replica: Replica, resp: httpx.Response | FastResponse,
                      chunks: AsyncIterator[bytes], buffer: bytearray,
-                     first: list[bytes]) -> AsyncIterator[bytes]:
+                     first: list[bytes], release: Callable[[str], Awaitable[None]]) -> AsyncIterator[bytes]:
         """Pass the stream's events through as they come; end a broken stream with one error event."""
         done = False
         outcome = "cancelled"  # unless it ends one way or the other: the client went away
@@ -315,9 +350,7 @@ class Proxy:
             yield sse_error(UpstreamStreamError(f"{reason}; the response is incomplete")).encode()
             yield SSE_DONE.encode()
         finally:
-            replica.outstanding -= 1
-            self.metrics.count(outcome)
-            await resp.aclose()
+            await release(outcome)
 
 
 def _error_response(exc: Exception) -> Response:

@@ -70,6 +70,7 @@ class Script:
     event_delay_s: float = 0.0
     hang_s: float = 30.0
     answer_delay_s: float = 0.0  # before a non-streamed answer
+    first_event_delay_s: float = 0.0  # before a stream's first event
     # set: streams go on past their first event only while it is set (a test holds them in flight as long as its
     # checks take, then lets them finish at once), each stream for at most hang_s
     hold: threading.Event | None = None
@@ -117,8 +118,7 @@ def fake_replica_app(script: Script) -> FastAPI:
             if script.mode == "die_before_first":
                 raise RuntimeError("scripted death before the first event")
             for i in range(script.num_events):
-                if i:
-                    await asyncio.sleep(script.event_delay_s)
+                await asyncio.sleep(script.event_delay_s if i else script.first_event_delay_s)
                 if i == 1 and script.hold is not None:
                     deadline = time.monotonic() + script.hang_s
                     while not script.hold.is_set() and time.monotonic() < deadline:

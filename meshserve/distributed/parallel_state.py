@@ -43,7 +43,9 @@ class ParallelState:
     call_group: object | None = None
     device_group: object | None = None  # the default group (NCCL on GPU), for point-to-point activations
     # gloo over all ranks, only for the last stage's sampled tokens going back to rank 0 (pipeline parallel):
-    # apart from cpu_group so rank 0 can receive them while it broadcasts the next steps
+    # apart from cpu_group so rank 0 can receive them while it broadcasts the next steps; rank 0's receiving
+    # thread waits there while the engine idles, so its timeout is IDLE_WAIT too (an idle PP server died after
+    # --distributed-timeout-s); a step's wait for its result is bounded by its reader (next_stage_result)
     token_group: object | None = None
     # the device backend between the last stage and the first, for the sampled ids the first stage's next step
     # takes as inputs (ParallelConfig.pp_token_handoff): its own communicator, apart from the activations' one
@@ -73,7 +75,7 @@ class ParallelState:
 
 
 _STATE = ParallelState()
-IDLE_WAIT = datetime.timedelta(days=365)  # call_group's timeout: how long a worker may wait for work
+IDLE_WAIT = datetime.timedelta(days=365)  # call_group's and token_group's timeout: how long a rank may wait for work
 
 
 def get_parallel_state() -> ParallelState:
@@ -101,7 +103,7 @@ def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str,
                             world_size=world, rank=rank, timeout=timeout)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     call_group = dist.new_group(backend="gloo", timeout=IDLE_WAIT)
-    token_group = dist.new_group(backend="gloo", timeout=timeout) if pp_size > 1 else None
+    token_group = dist.new_group(backend="gloo", timeout=IDLE_WAIT) if pp_size > 1 else None
     handoff = pp_size > 1 and tp_size == 1 and token_handoff
     handoff_group = dist.new_group(backend=backend, timeout=timeout) if handoff else None
     tp_group = None

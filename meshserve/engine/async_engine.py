@@ -264,12 +264,27 @@ class AsyncLLM:
             except RuntimeError:  # that caller's loop is closed: nobody is waiting
                 pass
 
+    def fail_in_flight(self, error: BaseException) -> None:
+        """End every request in flight with error (its caller's generate() raises it), aborted in the core;
+        the engine goes on serving. A server whose drain ran out of time ends its streams so, in-band."""
+        with self._lock:
+            states = list(self.output_processor.requests.values())
+            running = [rid for state in states
+                       for rid in self.output_processor.abort_request(state.request_id)]
+        if self.is_running:
+            self.core_client.abort_requests(running)
+        self._hand_out(states, error)
+
     def _fail_all(self, error: BaseException) -> None:
         self._dead = error
         with self._lock:
             states = list(self.output_processor.requests.values())
             for state in states:
                 self.output_processor.abort_request(state.request_id)
+        self._hand_out(states, error)
+
+    @staticmethod
+    def _hand_out(states: list, error: BaseException) -> None:
         for state in states:
             loop, q = state.queue
             try:

@@ -135,7 +135,9 @@ def serve_router(config: RouterConfig, http: RouterHttp, sock: socket.socket | N
     uv_config = uvicorn.Config(app, host=http.host, port=http.port, log_level=http.log_level,
                                access_log=http.access_log, timeout_graceful_shutdown=2,
                                timeout_keep_alive=KEEP_ALIVE_S)
-    DrainingServer(uv_config, state, config.drain_timeout_s).run(sockets=[sock] if sock is not None else None)
+    server = DrainingServer(uv_config, state, config.drain_timeout_s,
+                            on_drain_timeout=lambda: app.state.proxy.end_in_flight())
+    server.run(sockets=[sock] if sock is not None else None)
 
 
 def _cmd_router(ns: argparse.Namespace) -> int:

@@ -18,13 +18,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from meshserve.errors import NoReplicaAvailableError, UpstreamStreamError
+from meshserve.errors import NoReplicaAvailableError, RouterDrainingError, UpstreamStreamError
 from meshserve.router.config import RouterConfig
 from meshserve.router.disagg import (
     decode_body,
@@ -109,6 +110,24 @@ def _has_done(events: bytes) -> bool:
     return events.startswith(b"data: [DONE]") or b"\n\ndata: [DONE]" in events
 
 
+class _RelayedStream(StreamingResponse):
+    """A relayed stream whose release (the replica's count of requests out, its connection) runs however the
+    response ends. Starlette cancels a response whose client is already gone before it iterates the body: the
+    relay never starts, so its own finally never runs (each such client held an outstanding count and a
+    replica connection for good)."""
+
+    def __init__(self, relay: AsyncIterator[bytes], release: Callable[[str], Awaitable[None]], **kwargs):
+        super().__init__(relay, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # a relay that started releases in its finally (its outcome)
+            await self.release("cancelled")  # one that never started (a no-op after the relay's)
+
+
 class Proxy:
     """Sends requests to the pool's replicas; one instance per router app."""
 
@@ -120,6 +139,7 @@ class Proxy:
         self.client = client  # disaggregation's prefill legs
         self.upstream = upstream or HttpxUpstream(client)  # the proxied attempts
         self._prefill_legs: set[asyncio.Task] = set()  # concurrent prefill legs in flight (kept from the GC)
+        self.ending = False  # end_in_flight was called: the router's drain ran out of time
 
     def _timeout(self) -> httpx.Timeout:
         c = self.config
@@ -242,13 +262,18 @@ class Proxy:
                 return _Rejected(KV_FAILED, refused=True)
             replica.num_succeeded += 1
             handed_off = True
-            return StreamingResponse(self._relay(replica, resp, chunks, buffer, first),
-                                     status_code=200, headers=_response_headers(resp, route, attempts))
+            release = self._release(replica, resp)
+            return _RelayedStream(self._relay(replica, resp, chunks, buffer, first, release), release,
+                                  status_code=200, headers=_response_headers(resp, route, attempts))
         except httpx.TimeoutException as e:
             return self._failed(replica, f"timed out ({type(e).__name__})")
         except httpx.ConnectError as e:
             return self._failed(replica, f"connection failed ({type(e).__name__})", refused=True)
         except httpx.TransportError as e:
+            if self.ending:  # end_in_flight: not the replica's fault, and no retry
+                self.metrics.count("cancelled")
+                return _error_response(RouterDrainingError("the router is shutting down: its drain timeout "
+                                                           "passed", retry_after_s=self.config.retry_after_s))
             return self._failed(replica, f"connection failed ({type(e).__name__})")
         finally:
             if not handed_off:
@@ -256,14 +281,37 @@ class Proxy:
                 if resp is not None:
                     await resp.aclose()
 
+    def end_in_flight(self) -> None:
+        """At the drain timeout: end every request still in flight in-band, before uvicorn cuts the client
+        connections mid-body: a relayed stream with its error event and [DONE], one waiting for its replica
+        with a 503 (not retried); the replicas see the aborts. The plain (httpx) upstream's are left to the
+        cut."""
+        self.ending = True
+        self.upstream.abort_all(httpx.ReadError("the router is shutting down"))
+
     def _failed(self, replica: Replica, reason: str, refused: bool = False) -> _Rejected:
         replica.num_failed += 1
         replica.eject(reason)
         return _Rejected(reason, refused=refused)
 
+    def _release(self, replica: Replica,
+                 resp: httpx.Response | FastResponse) -> Callable[[str], Awaitable[None]]:
+        """The end of a relayed stream, to run once: its replica's count, its outcome, its connection."""
+        released = False
+
+        async def release(outcome: str) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                replica.outstanding -= 1
+                self.metrics.count(outcome)
+                await resp.aclose()
+
+        return release
+
     async def _relay(self, replica: Replica, resp: httpx.Response | FastResponse,
                      chunks: AsyncIterator[bytes], buffer: bytearray,
-                     first: list[bytes]) -> AsyncIterator[bytes]:
+                     first: list[bytes], release: Callable[[str], Awaitable[None]]) -> AsyncIterator[bytes]:
         """Pass the stream's events through as they come; end a broken stream with one error event."""
         done = False
         outcome = "cancelled"  # unless it ends one way or the other: the client went away
@@ -286,6 +334,11 @@ class Proxy:
                 reason = "the replica stopped sending (read timeout)"
                 replica.eject("timed out mid-stream")
             except httpx.TransportError as e:
+                if self.ending:  # end_in_flight: not the replica's fault
+                    yield sse_error(RouterDrainingError("the router is shutting down: its drain timeout "
+                                                        "passed; the response is incomplete")).encode()
+                    yield SSE_DONE.encode()
+                    return
                 reason = f"the replica's connection broke ({type(e).__name__})"
                 replica.eject(f"stream broke ({type(e).__name__})")
             if reason is None:
@@ -297,9 +350,7 @@ class Proxy:
             yield sse_error(UpstreamStreamError(f"{reason}; the response is incomplete")).encode()
             yield SSE_DONE.encode()
         finally:
-            replica.outstanding -= 1
-            self.metrics.count(outcome)
-            await resp.aclose()
+            await release(outcome)
 
 
 def _error_response(exc: Exception) -> Response:

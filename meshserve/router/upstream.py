@@ -38,6 +38,9 @@ class HttpxUpstream:
         request = self.client.build_request(method, url, content=body, headers=headers, timeout=timeout)
         return await self.client.send(request, stream=True)
 
+    def abort_all(self, exc: Exception) -> None:
+        pass  # httpx's responses cannot be failed from outside: left to the server's cut
+
     async def aclose(self) -> None:
         pass  # the client is the app's, closed with it
 
@@ -191,6 +194,7 @@ class FastUpstream:
         self.tls = tls  # https:// replicas go through httpx
         self.max_idle_per_host = max_idle_per_host
         self._idle: dict[tuple[str, int], collections.deque[_Connection]] = {}
+        self._busy: set[_Connection] = set()  # connections with a request in flight (abort_all)
 
     async def _connect(self, key: tuple[str, int], timeout_s: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -214,6 +218,7 @@ class FastUpstream:
         return None
 
     def release(self, conn: _Connection) -> None:
+        self._busy.discard(conn)
         idle = self._idle.setdefault(conn.key, collections.deque())
         if conn.reusable() and len(idle) < self.max_idle_per_host:
             conn.parser = httptools.HttpResponseParser(conn)
@@ -232,6 +237,7 @@ class FastUpstream:
             raise httpx.UnsupportedProtocol(f"FastUpstream speaks plain http, not {parts.scheme}")
         key = (parts.hostname or "127.0.0.1", parts.port or 80)
         conn = self._pooled(key) or await self._connect(key, timeout.connect or 5.0)
+        self._busy.add(conn)
         target = parts.path + ("?" + parts.query if parts.query else "")
         head = [f"{method} {target} HTTP/1.1\r\nhost: {parts.netloc}\r\n"]
         head += [f"{k}: {v}\r\n" for k, v in headers]
@@ -243,9 +249,17 @@ class FastUpstream:
                     raise conn.error
                 await conn.wait(timeout.read or 120.0, httpx.ReadTimeout)
         except BaseException:
+            self._busy.discard(conn)
             conn.close()
             raise
         return FastResponse(self, conn, timeout.read or 120.0)
+
+    def abort_all(self, exc: Exception) -> None:
+        """Fail every request in flight with exc, its connection closed (the replica sees the abort): waits
+        for a head or a body end at once, a body's bytes already here still read first."""
+        for conn in list(self._busy):
+            conn._fail(exc)
+            conn.close()
 
     async def aclose(self) -> None:
         for idle in self._idle.values():

@@ -40,6 +40,7 @@ from meshserve.config import EngineArgs
 from meshserve.distributed import process_start
 from meshserve.distributed.launch import StopSignal, die_with_parent, stop_processes
 from meshserve.engine import startup_timeline
+from meshserve.errors import ServerDrainingError
 from meshserve.serve import multiprocess_metrics
 from meshserve.serve.config import ServeConfig
 
@@ -92,7 +93,12 @@ def serve_http(allm, config: ServeConfig, sock: socket.socket, opts: HttpOptions
         from meshserve.engine.heap import freeze_startup_heap
 
         freeze_startup_heap()
-    DrainingServer(uv_config, state, config.drain_timeout_s, listening).run(sockets=[sock])
+
+    # at the drain timeout what is still in flight ends in-band, before uvicorn cuts its connections mid-body
+    def end_in_flight() -> None:
+        allm.fail_in_flight(ServerDrainingError("the server is shutting down: the drain timeout passed"))
+
+    DrainingServer(uv_config, state, config.drain_timeout_s, listening, end_in_flight).run(sockets=[sock])
 
 
 def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket.socket, opts: HttpOptions,

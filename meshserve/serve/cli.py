@@ -34,7 +34,8 @@ def register(subparsers) -> None:
                    help="waiting requests past which new ones get 429 + Retry-After")
     g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES)
     g.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish after SIGTERM")
+                   help="seconds in-flight requests get to finish after SIGTERM (then they end with a 503 or, "
+                        "streaming, an error event)")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log lines")

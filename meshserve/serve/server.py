@@ -2,7 +2,9 @@
 
 On the first signal the server keeps listening but turns /ready to 503 and answers new /v1 requests
 with 503 + Retry-After, while in-flight requests run to completion; once none is left (or the drain
-timeout passes) uvicorn shuts down and the process exits 0. A second signal exits at once.
+timeout passes) uvicorn shuts down and the process exits 0. At the drain timeout on_drain_timeout ends what is
+still in flight (the server: a stream's error event and [DONE], a 503 otherwise), so no response is cut off
+mid-body when uvicorn closes the connections. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose exit signals start a drain instead of closing the listener."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout_s: float,
-                 on_listening: Callable[[], None] | None = None):
+                 on_listening: Callable[[], None] | None = None,
+                 on_drain_timeout: Callable[[], None] | None = None):
         super().__init__(config)
         self.state = state
         self.drain_timeout_s = drain_timeout_s
         self._drain_deadline: float | None = None
         self.on_listening = on_listening  # called once the app has started and accepts connections
+        self.on_drain_timeout = on_drain_timeout  # called once, when the drain runs out of time
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
@@ -62,7 +66,9 @@ class DrainingServer(uvicorn.Server):
             logger.info("drained; shutting down")
             return True
         if time.monotonic() >= self._drain_deadline:
-            logger.warning("drain timeout: %d request(s) still in flight are cancelled",
+            logger.warning("drain timeout: %d request(s) still in flight end with an error",
                            self.state.num_in_flight)
+            if self.on_drain_timeout is not None:
+                self.on_drain_timeout()
             return True
         return False

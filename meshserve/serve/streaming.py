@@ -89,6 +89,20 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> R
         return handler.result()
     handler.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
-        await handler
+        # a handler may still finish (Python 3.11's asyncio.wait_for swallows a cancel that meets its result):
+        # its response runs anyway, to no one, so what it holds is let go (a relayed stream's replica)
+        await _discard(request.scope, await handler)
     logger.debug("client disconnected before the response; request aborted")
     return Response(status_code=499)  # never seen by anyone: the client is gone
+
+
+async def _discard(scope: Scope, response: Response) -> None:
+    """Run a response whose client is gone, as uvicorn would: each send fails, receive says disconnect."""
+    async def gone() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def refuse(message: dict) -> None:
+        raise OSError("the client is gone")
+
+    with contextlib.suppress(Exception):
+        await response(scope, gone, refuse)

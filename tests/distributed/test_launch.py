@@ -91,10 +91,12 @@ def test_two_nodes_on_loopback(tiny_model_dir, single_device_tokens):
         node1.kill()
 
 
-def test_idle_workers_outwait_the_collective_timeout(tiny_model_dir, single_device_tokens):
-    """An idle TP engine: its workers wait for the next call past --distributed-timeout-s (they used to time
-    out in that wait and take the engine down after the timeout of idleness)."""
-    llm = LLM(model=tiny_model_dir("qwen3"), tensor_parallel_size=2, distributed_timeout_s=2)
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_idle_workers_outwait_the_collective_timeout(tiny_model_dir, single_device_tokens, layout):
+    """An idle TP or PP engine: its workers wait for the next call, and with PP rank 0's thread for the last
+    stage's next result, past --distributed-timeout-s (both used to time out in that wait and take the engine
+    down after the timeout of idleness)."""
+    llm = LLM(model=tiny_model_dir("qwen3"), distributed_timeout_s=2, **layout)
     try:
         assert _tokens(llm) == single_device_tokens
         time.sleep(5)  # idle for 2.5 x the collective timeout: the condition under test, not a wait for an event

@@ -69,6 +69,8 @@ class Script:
     num_events: int = 5
     event_delay_s: float = 0.0
     hang_s: float = 30.0
+    answer_delay_s: float = 0.0  # before a non-streamed answer
+    first_event_delay_s: float = 0.0  # before a stream's first event
     # set: streams go on past their first event only while it is set (a test holds them in flight as long as its
     # checks take, then lets them finish at once), each stream for at most hang_s
     hold: threading.Event | None = None
@@ -108,6 +110,7 @@ def fake_replica_app(script: Script) -> FastAPI:
                                            "code": script.status}},
                                 status_code=script.status, headers={"Retry-After": "7"})
         if not body.get("stream"):
+            await asyncio.sleep(script.answer_delay_s)
             return {"id": "x", "object": "text_completion", "model": body.get("model"),
                     "choices": [{"index": 0, "text": f"from {script.name}", "finish_reason": "stop"}]}
 
@@ -115,8 +118,7 @@ def fake_replica_app(script: Script) -> FastAPI:
             if script.mode == "die_before_first":
                 raise RuntimeError("scripted death before the first event")
             for i in range(script.num_events):
-                if i:
-                    await asyncio.sleep(script.event_delay_s)
+                await asyncio.sleep(script.event_delay_s if i else script.first_event_delay_s)
                 if i == 1 and script.hold is not None:
                     deadline = time.monotonic() + script.hang_s
                     while not script.hold.is_set() and time.monotonic() < deadline:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import httpx
 import pytest
@@ -141,3 +143,58 @@ def test_serve_data_parallel_starts_replicas_and_router_restarts_and_drains(tiny
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_drain_timeout_ends_requests_in_flight_in_band(fake_replicas):
+    """Requests still in flight when the router's --drain-timeout passes end in-band: a relayed stream with
+    its error event (server_draining) and [DONE], a request still waiting for its replica's answer with a 503
+    and Retry-After. Both used to run on for uvicorn's 2 s of grace and then lose their connection (the
+    stream mid-body, the other with a bare 500)."""
+    _, replica = fake_replicas("slow", num_events=400, event_delay_s=0.05, answer_delay_s=20)  # 20 s each
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshserve.cli", "router", "--host", "127.0.0.1", "--port", str(port),
+         "--backend", replica.base_url, "--workers", "1", "--health-interval", "0.2",
+         "--drain-timeout", "0.3"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                return httpx.get(base + "/ready", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_until(ready, START_S)
+        answers: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: answers.append(httpx.post(
+            base + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=30)))
+        events = []
+        stream = {"model": "tiny", "prompt": "x", "stream": True}
+        with httpx.stream("POST", base + "/v1/completions", json=stream, timeout=30) as resp:
+            lines = resp.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    break
+            waiting.start()
+            assert wait_until(lambda: _in_flight(base) == 2, 10)
+            proc.send_signal(signal.SIGTERM)
+            # the rest (before the fix: raised when the connection was cut)
+            events += [line[6:] for line in lines if line.startswith("data: ")]
+        waiting.join(30)
+        assert proc.wait(30) == 0
+        assert events[-1] == "[DONE]" and len(events) < 400
+        assert json.loads(events[-2])["error"]["code"] == "server_draining"
+        assert all("choices" in json.loads(e) for e in events[:-2])  # whole events before it, none torn
+        assert answers[0].status_code == 503 and "retry-after" in answers[0].headers
+        assert answers[0].json()["error"]["code"] == "server_draining"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _in_flight(base: str) -> int:
+    return httpx.get(base + "/router/replicas", timeout=5).json()["in_flight"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import httpx
@@ -264,6 +265,25 @@ def test_client_leaving_cancels_the_upstream_call(fake_replicas, router):
     assert replica_state(r, "primary-0")["outstanding"] in (0, 1)
     assert wait_until(lambda: replica_state(r, "primary-0")["outstanding"] == 0, 3)  # not after 60 s
     assert replica_state(r, "primary-0")["healthy"]  # the client left: not the replica's fault
+
+
+def test_client_gone_before_its_stream_starts_releases_the_replica(fake_replicas, router):
+    """Clients that send a stream request and leave before its first event: each attempt still ends (the
+    replica's outstanding count back to 0, its connection closed). Starlette cancels such a response before
+    iterating its body, and the relay's release, in the relay's finally, never ran: each held an outstanding
+    count (the least-loaded policy and the autoscaler's queue depth) and a connection to the replica."""
+    _, up = fake_replicas("a", num_events=50, first_event_delay_s=0.3)
+    r = router(RouterConfig(backends=[up.base_url], **QUIET))
+    host, port = r.base_url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "tiny", "prompt": "x", "stream": True}).encode()
+    for _ in range(5):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        # closed while the router waits for the first event
+    assert wait_until(lambda: replica_state(r, "primary-0")["num_requests"] == 5, 5)
+    assert wait_until(lambda: replica_state(r, "primary-0")["outstanding"] == 0, 5)
+    assert replica_state(r, "primary-0")["healthy"]  # the clients left: not the replica's fault
 
 
 def test_dns_discovery_finds_and_drops_replicas(fake_replicas, router):

@@ -104,3 +104,67 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_drain_timeout_ends_requests_in_band(tiny_model_dir):
+    """Requests still in flight when --drain-timeout passes end in-band, as the streaming contract says: a
+    stream with its error event (server_draining) and [DONE], one whose headers had not gone out with a 503
+    and Retry-After. They used to run on for uvicorn's 2 s of grace and then lose their connection mid-body
+    (no [DONE]; the queued ones a bare 500)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshserve.cli", "serve", tiny_model_dir("llama"), "--host", "127.0.0.1",
+         "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "512", "--max-num-seqs", "1",
+         "--drain-timeout", "0.2", "--disable-access-log", "--uvicorn-log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        _wait_ready(base, proc)
+        results: dict[int, dict] = {}
+
+        def stream(i: int) -> None:
+            body = {"model": "tiny", "prompt": f"Story {i}", "max_tokens": 450, "ignore_eos": True,
+                    "stream": True}
+            events = []
+            try:
+                with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as resp:
+                    if resp.status_code != 200:
+                        results[i] = {"status": resp.status_code, "headers": resp.headers,
+                                      "body": resp.read()}
+                        return
+                    events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+            except httpx.HTTPError as e:  # a connection cut mid-body
+                results[i] = {"status": 200, "broken": repr(e)}
+                return
+            results[i] = {"status": 200, "events": events}
+
+        # one runs at a time (max-num-seqs 1): 8 x 450 tokens outlast the drain and uvicorn's grace after it
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        _wait_for_requests(base, 8)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert proc.wait(60) == 0
+        assert sorted(results) == list(range(8))
+        ended = 0
+        for r in results.values():
+            assert "broken" not in r, r
+            if r["status"] == 503:  # still queued: its headers had not gone out
+                assert "retry-after" in r["headers"]
+                assert json.loads(r["body"])["error"]["code"] == "server_draining"
+                ended += 1
+                continue
+            assert r["status"] == 200 and r["events"][-1] == "[DONE]"
+            last = json.loads(r["events"][-2])
+            if "error" in last:
+                assert last["error"]["code"] == "server_draining"
+                ended += 1
+            else:
+                assert last["choices"][0]["finish_reason"] == "length"
+        assert ended > 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

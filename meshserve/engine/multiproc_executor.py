@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from meshserve.config import EngineConfig
 from meshserve.distributed import process_start
+from meshserve.distributed.call_liveness import CallKeepalive
 from meshserve.distributed.launch import HEARTBEAT_S, LaunchInfo
 from meshserve.distributed.object_channel import ObjectChannel
 from meshserve.distributed.parallel_state import destroy_parallel_state, get_parallel_state
@@ -58,6 +59,7 @@ class MultiprocExecutor:
         # a step's params and block tables less what the workers hold (and the masks, unless a worker samples)
         self._delta = StepDeltaSender(workers_sample=launch.pp_size > 1)
         self._calls: ObjectChannel | None = None  # calls to every rank, once the group is up
+        self._keepalive = CallKeepalive(launch.timeout_s)  # no-op calls while idle (distributed/call_liveness.py)
         self.workers: dict[int, mp.Process] = {}
         self._mid_protocol = True  # until every rank is up: a rank still joining is killed, not waited for
         self._joining: threading.Thread | None = None  # rank 0's join, if a death left it blocked
@@ -215,10 +217,10 @@ class MultiprocExecutor:
         if self._calls is None:
             self._calls = ObjectChannel(self.state.call_group)
         if method != "execute":
-            self._calls.broadcast((method, args))
+            self._keepalive.send(self._calls.broadcast, (method, args), last=method == "shutdown")
             return
         with self._delta.stripped(args[0]):
-            self._calls.broadcast((method, args))
+            self._keepalive.send(self._calls.broadcast, (method, args))
 
     def gather_rpc(self, method: str, *args) -> list:
         """Every rank calls runner.method(*args); returns all results, indexed by rank."""
@@ -308,6 +310,7 @@ class MultiprocExecutor:
                 self._broadcast("shutdown", ())
         except Exception:  # noqa: BLE001, S110  (peers may already be gone)
             pass
+        self._keepalive.stop()
         self._stop_workers()
         runner = getattr(self, "runner", None)
         if runner is not None:

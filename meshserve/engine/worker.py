@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from meshserve.config import EngineConfig
 from meshserve.distributed import process_start
+from meshserve.distributed.call_liveness import NOOP, SilenceWatchdog, silence_limit_s
 from meshserve.distributed.launch import LaunchInfo, die_with_parent, start_heartbeat
 from meshserve.distributed.object_channel import ObjectChannel
 from meshserve.distributed.parallel_state import (
@@ -107,9 +108,14 @@ def serve_rank(runner: ModelRunner, rank: int) -> None:
     sender = ResultSender(st.token_group or st.cpu_group) if rank == st.sampler_rank else None
     delta = StepDeltaReceiver()  # what earlier steps sent of each sequence (params, block table)
     calls = ObjectChannel(st.call_group)  # rank 0's calls, one gloo operation each; waits while the engine idles
+    # rank 0 sends no-ops while idle; a wait far past them means its node is gone (distributed/call_liveness.py)
+    watchdog = SilenceWatchdog(rank, silence_limit_s(runner.config.parallel_config.distributed_timeout_s))
     try:
         while True:
-            method, args = calls.broadcast()
+            with watchdog.waiting():
+                method, args = calls.broadcast()
+            if method == NOOP:
+                continue
             if method == "shutdown":
                 return
             if method.startswith("gather:"):

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from meshserve import LLM, SamplingParams
+from meshserve.distributed.call_liveness import silence_limit_s
 from meshserve.distributed.launch import free_port
 from tests.conftest import VOCAB
 from tests.process_tree import children as _children
@@ -306,6 +307,46 @@ def test_hung_worker_is_named_within_the_timeout(tiny_model_dir):
         assert time.monotonic() - start < timeout_s + 15  # the collective timeout, then a prompt stop
         assert _all_gone(everything), "processes left behind"
     finally:
+        proc.kill()
+        for pid in started_by(proc.pid) + _children(proc.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+_IDLE_ENGINE = """
+import sys, time
+from meshserve import LLM, SamplingParams
+if __name__ == "__main__":
+    llm = LLM(model=sys.argv[1], tensor_parallel_size=2, distributed_timeout_s=2)
+    llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=2), use_tqdm=False)
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+@linux_only
+def test_worker_leaves_when_rank_0_falls_silent(tiny_model_dir, tmp_path):
+    """Rank 0 stopped (as if its node vanished, sockets left open): no keepalives, so the idle worker leaves
+    within the silence limit instead of waiting out its gloo group's idle timeout (distributed/call_liveness.py)."""
+    script = tmp_path / "idle_engine.py"
+    script.write_text(_IDLE_ENGINE)
+    env = {**os.environ, "MESHSERVE_WORKER_LOG": "ERROR"}
+    proc = subprocess.Popen([sys.executable, str(script), tiny_model_dir("qwen3")], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = _Lines(proc.stderr)
+    try:
+        assert proc.stdout.readline().strip() == "ready", err.text()
+        (worker,) = _wait_for_workers(proc, 1)
+        time.sleep(3)  # idle past the 2 s timeout with rank 0 alive: keepalives keep the worker
+        assert _alive(worker)
+        proc.send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        assert _all_gone([worker], timeout=silence_limit_s(2) + 20), "the worker outwaited a silent rank 0"
+        assert time.monotonic() - start > silence_limit_s(2) - 2  # it waited for the limit, not less
+        assert err.wait_for("no call from rank 0", 5), err.text()
+    finally:
+        proc.send_signal(signal.SIGCONT)
         proc.kill()
         for pid in started_by(proc.pid) + _children(proc.pid):
             with contextlib.suppress(OSError):

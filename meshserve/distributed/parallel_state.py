@@ -39,7 +39,8 @@ class ParallelState:
     # gloo over all ranks, only for rank 0's calls to the workers (engine/worker.py): a worker waits there for
     # as long as the engine is idle, so its timeout is IDLE_WAIT, not the collectives' (an idle TP/PP server
     # lost its workers after --distributed-timeout-s); a driver that dies closes its sockets, which ends the
-    # wait (die_with_parent on its own node)
+    # wait, and one whose node vanishes stops its keepalives, which the worker's watchdog notices
+    # (distributed/call_liveness.py)
     call_group: object | None = None
     device_group: object | None = None  # the default group (NCCL on GPU), for point-to-point activations
     # gloo over all ranks, only for the last stage's sampled tokens going back to rank 0 (pipeline parallel):

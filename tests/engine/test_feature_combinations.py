@@ -191,14 +191,21 @@ def test_feature_combination_matches_plain(family, seed, name, model_dir, plain_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_feature_combinations_sweep(family, name, seed, model_dir, plain_outputs):
     check_config(model_dir(family), seed, name, plain_outputs)
 
 
+# KV offload runs on one device only: TP takes everything else (its ranks are processes, gloo on CPU)
+TP_COMBINED = {k: v for k, v in CONFIGS["everything"].items() if k not in ("preemption_mode", *OFFLOAD)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-def test_tensor_parallel_matches_plain(seed, model_dir, plain_outputs):
-    check_config(model_dir("qwen3"), seed, "tp2", plain_outputs, tensor_parallel_size=2)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("combined", [False, True], ids=["tp2", "tp2-combined"])
+def test_tensor_parallel_matches_plain(seed, combined, model_dir, plain_outputs):
+    extra = TP_COMBINED if combined else {}
+    stats = check_config(model_dir("qwen3"), seed, "tp2", plain_outputs, tensor_parallel_size=2, **extra)
+    assert stats["num_preemptions"] > 0 or not combined

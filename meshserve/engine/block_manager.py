@@ -396,6 +396,11 @@ class BlockManager:
         self.pool.release(list(reversed(dropped)))
         return len(dropped)
 
+    def trim_swapped(self, seq: Sequence, num_tokens: int) -> None:
+        """trim for a swapped-out sequence: its CPU copies past the blocks of its first num_tokens tokens go."""
+        if self.offload is not None:
+            self.offload.trim_swap(seq.seq_id, self.blocks_needed(num_tokens))
+
     def record_admission(self, seq: Sequence, num_hit_tokens: int) -> None:
         """Count an admission and its prefix-cache hit tokens in the stats."""
         if self.enable_prefix_caching and seq.params.prompt_logprobs is None:

@@ -232,11 +232,11 @@ class OutputProcessor:
         if detok is None:
             return
         if new_ids:
-            # a token that ended the sequence (EOS, stop_token_ids) is not part of the text, like vLLM
-            stopped_by_token = out.finish_reason == "stop"
-            stop_str = None
-            if not stopped_by_token or state.params.include_stop_str_in_output:
-                stop_str = detok.update(new_ids)
+            # a token that ended the sequence (EOS, stop_token_ids) is not part of the text, like vLLM; it is the
+            # step's last, after any accepted proposals (speculative decoding), which are
+            if out.finish_reason == "stop" and not state.params.include_stop_str_in_output:
+                new_ids = new_ids[:-1]
+            stop_str = detok.update(new_ids)
             if stop_str is not None and not comp.finished:
                 comp.finish_reason, comp.stop_reason = "stop", stop_str
                 result.requests_to_abort.append(out.request_id)

@@ -359,8 +359,10 @@ class Scheduler:
             seq.num_pending_tokens -= 1 + entry.num_spec_tokens
             if not seq.is_finished and seq.num_computed_tokens:  # 0: preempted to be recomputed
                 seq.num_computed_tokens -= rejected
-                if seq.status == SequenceStatus.RUNNING:  # (a swapped-out one keeps its blocks' copies)
+                if seq.status == SequenceStatus.RUNNING:
                     self.block_manager.trim(seq, seq.num_computed_tokens)
+                else:  # swapped out with this step in flight: it resumes with blocks for its verified tokens only
+                    self.block_manager.trim_swapped(seq, seq.num_computed_tokens)
         elif not seq.is_finished:
             # computed: the last verified token and the accepted proposals; the target's own token is next
             seq.num_computed_tokens += entry.num_new_tokens - rejected

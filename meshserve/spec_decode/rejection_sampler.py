@@ -134,7 +134,7 @@ def verify_on_device(
             q_d = q_full.gather(2, draft.unsqueeze(2)).squeeze(2)
         else:
             q_full, q_d = None, torch.ones_like(p_d)
-        u = _uniforms(num_seqs, kmax, generators, dev)
+        u = _uniforms(ks, generators, dev)
         accept = torch.where(greedy.unsqueeze(1), accept, u * q_d < p_d)
     num_accepted = (accept & valid).int().cumprod(dim=1).sum(dim=1)  # [B]
     final = argmax.gather(1, num_accepted.long().unsqueeze(1)).squeeze(1)
@@ -171,10 +171,12 @@ def _pad_draft_probs(draft_probs: torch.Tensor, ks: list[int], kmax: int) -> tor
     return out
 
 
-def _uniforms(num_seqs: int, kmax: int, generators: list[torch.Generator | None], device) -> torch.Tensor:
-    """[B, K] uniforms in [0, 1); a seeded row draws from its own generator (independent of the batch)."""
-    u = torch.rand(num_seqs, kmax, device=device)
+def _uniforms(ks: list[int], generators: list[torch.Generator | None], device) -> torch.Tensor:
+    """[B, K] uniforms in [0, 1) for rows of ks[b] proposals; a seeded row draws its own k_b from its own
+    generator, so its samples do not depend on the batch (drawing the batch's K moved its generator by as many
+    as the row with the most proposals had)."""
+    u = torch.rand(len(ks), max(ks), device=device)
     for b, g in enumerate(generators):
         if g is not None:
-            u[b] = torch.rand(kmax, device=device, generator=g)
+            u[b, : ks[b]] = torch.rand(ks[b], device=device, generator=g)
     return u

@@ -80,3 +80,28 @@ def test_async_front_end_aborts_the_core_on_a_stop_string(tiny_model_dir):
         asyncio.run(main())
     finally:
         allm.shutdown()
+
+
+@pytest.mark.parametrize("steps", [[[5], [6], [7], [8], [2]], [[5], [6, 7], [8, 2]], [[5, 6, 7, 8, 2]]],
+                         ids=["one-a-step", "accepted-runs", "one-step"])
+def test_tokens_before_a_stop_token_in_its_step_are_text(steps, tiny_model_dir):
+    """A verify step's accepted proposals arrive with the stop token that ends the run: only that token is
+    left out of the text (the feature-combination fuzz found the tokens before it dropped as well)."""
+    from transformers import AutoTokenizer
+
+    from meshserve.engine.input_processor import ProcessedRequest
+    from meshserve.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+    from meshserve.engine.output_processor import OutputProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    processor = OutputProcessor(tokenizer)
+    params = SamplingParams(temperature=0, stop_token_ids=[2])
+    core = EngineCoreRequest("r", [40, 41], params, max_tokens=16)
+    processor.add_request(ProcessedRequest("r", None, [40, 41], params, 0.0, [core]))
+    for i, ids in enumerate(steps):
+        last = i == len(steps) - 1
+        done = processor.process_outputs(EngineCoreOutputs([EngineCoreOutput(
+            "r", ids, "stop" if last else None, 2 if last else None)])).request_outputs
+    (completion,) = done[-1].outputs
+    assert completion.token_ids == [5, 6, 7, 8, 2] and completion.stop_reason == 2
+    assert completion.text == tokenizer.decode([5, 6, 7, 8]) != ""

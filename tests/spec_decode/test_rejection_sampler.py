@@ -78,6 +78,28 @@ def test_seeded_rows_are_reproducible_and_independent_of_the_batch():
     assert run(0) == run(3)
 
 
+def test_a_seeded_rows_later_steps_do_not_depend_on_the_other_rows_proposals():
+    """A seeded row draws uniforms for its own proposals only: beside a row with more, it drew as many as that
+    row had, and its next steps changed with the batch (the feature-combination fuzz: n-gram, max_num_seqs 4)."""
+    params = SamplingParams(temperature=1.0, seed=7)
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(2, V, generator=g) for _ in range(4)]  # the seeded row's logits: one proposal a step
+
+    def run(neighbour_k: int) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(7)
+        tokens = []
+        for logits in steps:
+            rows, drafts = [logits], [[1]]
+            if neighbour_k:
+                rows.append(torch.randn(neighbour_k + 1, V, generator=g))
+                drafts.append([2] * neighbour_k)
+            tokens.append(verify(torch.cat(rows), drafts, [params] * len(drafts), [gen, None][: len(drafts)])
+                          .token_ids[0])
+        return tokens
+
+    assert run(0) == run(4)
+
+
 def test_mixed_batch_one_host_copy(monkeypatch):
     # greedy and random rows, k of 3, 0 and 2 in one batch: the step's inputs reach the device in one copy
     # (one to_device call), and each greedy row is what it gives alone

@@ -221,3 +221,41 @@ def test_scheduler_places_verify_rows_behind_verify_steps_and_rolls_back():
     # proposals made for another count of pending tokens are stale: a plain decode instead
     seq.spec_token_ids, seq.spec_offset = [1, 2], 4
     assert sched.schedule().scheduled[0].token_ids == [55]
+
+
+def test_sequence_swapped_out_with_its_verify_step_in_flight_resumes_with_its_verified_tokens():
+    """The fuzz case of tests/engine/test_feature_combinations.py (everything on, 16-token blocks, seed 4): a
+    sequence swapped out while its verify step ran reserved CPU slots for every proposal; those the step then
+    rejected must give their slots back, else it resumed with fewer blocks than slots (an assertion)."""
+    import torch
+
+    from meshserve.config import CacheConfig, SchedulerConfig
+    from meshserve.engine.kv_offload.copy_stream import CopyEvent
+    from meshserve.engine.kv_offload.cpu_tier import CPUTier
+    from meshserve.engine.kv_offload.manager import KVOffloadManager
+    from meshserve.engine.scheduler import Scheduler
+    from meshserve.engine.sequence import Sequence
+
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64),
+                      CacheConfig(block_size=4, num_blocks=16, enable_prefix_caching=False))
+    offload = KVOffloadManager(CPUTier(8, (1, 2, 4, 1, 1), torch.float32, False), None, "swap")
+    sched.block_manager.attach_offload(offload)
+    sched.async_mode = True
+    seq = Sequence("a", "a", 0, list(range(3, 8)), SamplingParams(max_tokens=20, ignore_eos=True), max_tokens=20)
+    sched.add(seq)
+    sched.update_after_step(sched.schedule(), {"a": 11})  # the prompt, then its first token
+    seq.spec_token_ids, seq.spec_offset = [20, 21, 22], 0
+    verify = sched.schedule()
+    assert seq.num_computed_tokens == 9  # as if all were accepted: 3 blocks
+    sched.running.remove(seq)
+    sched._preempt(seq)  # swapped out with the verify step in flight: 3 slots
+    assert len(offload.swapped["a"]) == 3
+    sched.update_after_step(verify, {}, {"a": [99]})  # every proposal rejected: 6 tokens computed, 7 known
+    assert seq.num_computed_tokens == 6 and len(offload.swapped["a"]) == 2 and len(offload.cpu.free) == 6
+    for kind, block_id, _ in sched.block_manager.take_transfers():  # the swap-out's stores ran
+        if kind == "store":
+            offload.cpu.store_events[block_id] = CopyEvent()
+    resume = sched.schedule()
+    assert [(e.seq_id, e.token_ids, e.num_computed_tokens) for e in resume.scheduled] == [("a", [99], 6)]
+    assert [kind for kind, _, _ in resume.kv_transfers] == ["load", "load"] and len(offload.cpu.free) == 8
+    assert offload.stats.swaps_out == offload.stats.swaps_in == 1

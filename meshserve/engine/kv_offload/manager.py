@@ -375,6 +375,14 @@ class KVOffloadManager:
         self.stats.swaps_in += 1
         self.stats.cpu_bytes_loaded += len(slots) * self.block_bytes
 
+    def trim_swap(self, seq_id: str, num_blocks: int) -> None:
+        """A swapped sequence keeps only its first num_blocks slots: the rest held proposals that its verify
+        step, in flight when it was swapped out, rejected (it resumes with blocks for its verified tokens)."""
+        slots = self.swapped.get(seq_id, [])
+        for slot in slots[num_blocks:]:
+            self.cpu.release(slot)  # a store still running into it is ordered before any later copy
+        del slots[num_blocks:]
+
     def drop_swap(self, seq_id: str) -> None:
         """A swapped sequence ended (aborted) before resuming, or its KV was lost."""
         for slot in self.swapped.pop(seq_id, []):

@@ -26,7 +26,9 @@ class SamplingParams:
     """Sampling parameters of one request (the names and defaults of vLLM's SamplingParams).
 
     temperature 0 means greedy. top_k <= 0 (or -1) disables top-k; top_p 1 and min_p 0 disable theirs.
-    seed makes the request's samples reproducible whatever else is in the batch.
+    seed makes the request's samples reproducible whatever else is in the batch; with speculative decoding
+    only while its steps verify the same proposals (its draws are a stream taken step by step, so preemption
+    or another batching that changes how many proposals a step checks changes them; greedy is unaffected).
     stop strings are matched across token boundaries and removed from the output text.
     logprobs = k returns the chosen token's logprob and the k most likely alternatives at every step;
     prompt_logprobs = k does the same for the prompt tokens.

@@ -8,15 +8,7 @@ import time
 import pytest
 
 from meshserve.distributed.call_liveness import NOOP, CallKeepalive, SilenceWatchdog, silence_limit_s
-
-
-def wait_until(predicate, timeout: float, interval: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+from tests.waiting import wait_until
 
 
 class Recorder:

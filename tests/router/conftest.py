@@ -26,6 +26,7 @@ from meshserve.distributed.launch import free_port
 from meshserve.router.app import build_router_app
 from meshserve.router.config import RouterConfig
 from tests.router.loadgen import FIGURES
+from tests.waiting import wait_until  # noqa: F401 (the router tests import it from here)
 from tests.serve.conftest import serve_in_thread as run_uvicorn_in_thread
 
 
@@ -162,15 +163,6 @@ def router() -> Iterator[Callable[..., ThreadServer]]:
 
     yield make
     stop_all(started)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 # -- real replicas as subprocesses ---------------------------------------------------------------------

@@ -51,7 +51,8 @@ class CallKeepalive:
             self._last = time.monotonic()
             if self._thread is None and not last:
                 self._broadcast = broadcast
-                self._thread = threading.Thread(target=self._run, name="meshserve-call-keepalive", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="meshserve-call-keepalive",
+                                                daemon=True)
                 self._thread.start()
 
     def stop(self) -> None:

@@ -76,7 +76,8 @@ class ParallelState:
 
 
 _STATE = ParallelState()
-IDLE_WAIT = datetime.timedelta(days=365)  # call_group's and token_group's timeout: how long a rank may wait for work
+# call_group's and token_group's timeout: how long a rank may wait for work
+IDLE_WAIT = datetime.timedelta(days=365)
 
 
 def get_parallel_state() -> ParallelState:
@@ -114,7 +115,8 @@ def init_parallel_state(tp_size: int, pp_size: int, rank: int, master_addr: str,
         if rank in ranks:
             tp_group = group
     _STATE = ParallelState(rank=rank, world_size=world, tp_rank=rank % tp_size, tp_size=tp_size,
-                           pp_rank=rank // tp_size, pp_size=pp_size, tp_group=tp_group, cpu_group=cpu_group, call_group=call_group,
+                           pp_rank=rank // tp_size, pp_size=pp_size, tp_group=tp_group, cpu_group=cpu_group,
+                           call_group=call_group,
                            device_group=dist.group.WORLD, token_group=token_group, handoff_group=handoff_group,
                            pp_layer_partition=pp_layer_partition,
                            expert_parallel=expert_parallel)

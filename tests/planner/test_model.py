@@ -72,7 +72,8 @@ def test_unknown_model_is_an_error():
 def test_moe_layer_positions_follow_the_config():
     # DeepSeek-V3: layers 0-2 dense; Qwen2-MoE style: mlp_only_layers and decoder_sparse_step leave others dense
     v3 = load_model("deepseek-v3")
-    assert v3.moe_layer_ids == tuple(range(3, 61)) and v3.moe_layers_in(0, 31) == 28 and v3.moe_layers_in(31, 61) == 30
+    assert v3.moe_layer_ids == tuple(range(3, 61))
+    assert v3.moe_layers_in(0, 31) == 28 and v3.moe_layers_in(31, 61) == 30
     cfg = {**PRESETS["qwen3-30b-a3b"], "num_hidden_layers": 8, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
     m = model_from_config(cfg)
     assert m.moe_layer_ids == (1, 5, 7) and m.num_moe_layers == 3

@@ -42,7 +42,8 @@ def test_plan_reports_ep_exchange(capsys):
     out = capsys.readouterr().out
     assert "3.35 B active per token" in out
     line = next(x for x in out.splitlines() if x.startswith("EP TP=2×EP=2:"))
-    assert "MB sent per GPU per decode step in the all-to-all" in line and "TP's all-reduce of the same layers" in line
+    assert "MB sent per GPU per decode step in the all-to-all" in line
+    assert "TP's all-reduce of the same layers" in line
 
 
 def test_plan_ep_note_describes_the_step_it_priced(capsys):

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -24,25 +25,85 @@ try:
 except ImportError:  # the plain path
     httptools = None
 
+T = TypeVar("T")
 _PAUSE_BYTES = 1 << 18  # a client slower than its replica: stop reading the replica past this much buffered
 
 
+class Aborted(httpx.ReadError):
+    """A call failed by abort_all (the router's drain ran out of time), not by its replica."""
+
+
 class HttpxUpstream:
-    """The plain path: httpx's client (streamed responses)."""
+    """The plain path: httpx's client (streamed responses). httpx cannot fail a call from outside, so each
+    wait (for the head, for the next body chunk) races abort_all's future; the call lost is cancelled, which
+    closes its connection (the replica sees the abort)."""
 
     def __init__(self, client: httpx.AsyncClient):
         self.client = client
+        self._abort: asyncio.Future | None = None  # abort_all's exception, as the future's result
+
+    def _abort_future(self) -> asyncio.Future:
+        if self._abort is None:  # made on first use: the event loop is the app's
+            self._abort = asyncio.get_running_loop().create_future()
+        return self._abort
+
+    async def unless_aborted(self, work: Awaitable[T]) -> T:
+        """work's result, or abort_all's exception raised as soon as it is called (work cancelled)."""
+        abort = self._abort_future()
+        task = asyncio.ensure_future(work)
+        try:
+            if not abort.done():
+                await asyncio.wait((task, abort), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():  # aborted, or the caller was cancelled (its client went away)
+                task.cancel()
+                await asyncio.wait((task,))
+        if abort.done() and (task.cancelled() or task.exception() is not None):
+            exc = abort.result()
+            raise type(exc)(*exc.args)  # one instance each: a shared one would pile up every raise's traceback
+        return task.result()  # it finished first (or raced the abort and won)
 
     async def send(self, method: str, url: str, body: bytes | None, headers: list[tuple[str, str]],
-                   timeout: httpx.Timeout) -> httpx.Response:
+                   timeout: httpx.Timeout) -> AbortableResponse:
         request = self.client.build_request(method, url, content=body, headers=headers, timeout=timeout)
-        return await self.client.send(request, stream=True)
+        return AbortableResponse(self, await self.unless_aborted(self.client.send(request, stream=True)))
 
     def abort_all(self, exc: Exception) -> None:
-        pass  # httpx's responses cannot be failed from outside: left to the server's cut
+        """Fail every call in flight, and every later one, with exc."""
+        abort = self._abort_future()
+        if not abort.done():
+            abort.set_result(exc)
 
     async def aclose(self) -> None:
         pass  # the client is the app's, closed with it
+
+
+class AbortableResponse:
+    """An httpx response read through HttpxUpstream.unless_aborted (the proxy's reads: status, headers,
+    body)."""
+
+    def __init__(self, upstream: HttpxUpstream, resp: httpx.Response):
+        self._upstream = upstream
+        self._resp = resp
+        self.status_code = resp.status_code
+        self.headers = resp.headers
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        chunks = self._resp.aiter_bytes()
+        try:
+            while True:
+                try:
+                    yield await self._upstream.unless_aborted(chunks.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            await chunks.aclose()
+
+    async def aread(self) -> bytes:
+        return b"".join([chunk async for chunk in self.aiter_bytes()])
+
+    async def aclose(self) -> None:
+        await self._resp.aclose()
 
 
 class _Connection(asyncio.Protocol):
@@ -195,6 +256,7 @@ class FastUpstream:
         self.max_idle_per_host = max_idle_per_host
         self._idle: dict[tuple[str, int], collections.deque[_Connection]] = {}
         self._busy: set[_Connection] = set()  # connections with a request in flight (abort_all)
+        self._aborted: Exception | None = None  # abort_all's exception: later sends fail with it
 
     async def _connect(self, key: tuple[str, int], timeout_s: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -229,7 +291,9 @@ class FastUpstream:
             conn.close()
 
     async def send(self, method: str, url: str, body: bytes | None, headers: list[tuple[str, str]],
-                   timeout: httpx.Timeout) -> FastResponse | httpx.Response:
+                   timeout: httpx.Timeout) -> FastResponse | AbortableResponse:
+        if self._aborted is not None:  # abort_all ran: what comes after fails too
+            raise type(self._aborted)(*self._aborted.args)
         parts = urlsplit(url)
         if parts.scheme != "http" and self.tls is not None:  # TLS to replicas: the plain path's business
             return await self.tls.send(method, url, body, headers, timeout)
@@ -255,8 +319,10 @@ class FastUpstream:
         return FastResponse(self, conn, timeout.read or 120.0)
 
     def abort_all(self, exc: Exception) -> None:
-        """Fail every request in flight with exc, its connection closed (the replica sees the abort): waits
-        for a head or a body end at once, a body's bytes already here still read first."""
+        """Fail every request in flight, and every later one, with exc, its connection closed (the replica
+        sees the abort): waits for a head or a body end at once, a body's bytes already here still read
+        first."""
+        self._aborted = exc
         for conn in list(self._busy):
             conn._fail(exc)
             conn.close()

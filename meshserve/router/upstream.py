@@ -326,6 +326,8 @@ class FastUpstream:
         for conn in list(self._busy):
             conn._fail(exc)
             conn.close()
+        if self.tls is not None:  # the https replicas' calls
+            self.tls.abort_all(exc)
 
     async def aclose(self) -> None:
         for idle in self._idle.values():

@@ -38,7 +38,7 @@ from meshserve.router.metrics import RouterMetrics
 from meshserve.router.pool import ReplicaPool, Route
 from meshserve.router.prefix import parse_body, prefix_key
 from meshserve.router.replica import Replica
-from meshserve.router.upstream import Aborted, AbortableResponse, FastResponse, FastUpstream, HttpxUpstream
+from meshserve.router.upstream import AbortableResponse, Aborted, FastResponse, FastUpstream, HttpxUpstream
 from meshserve.serve.errors import error_payload
 from meshserve.serve.streaming import SSE_DONE, sse_error
 

@@ -34,18 +34,27 @@ class Aborted(httpx.ReadError):
 
 
 class HttpxUpstream:
-    """The plain path: httpx's client (streamed responses). httpx cannot fail a call from outside, so each
-    wait (for the head, for the next body chunk) races abort_all's future; the call lost is cancelled, which
-    closes its connection (the replica sees the abort)."""
+    """The plain path: httpx's client (streamed responses). httpx cannot fail a call from outside, so the wait for
+    a response's head races abort_all's future (the call lost is cancelled, which closes its connection: the
+    replica sees the abort), and a body is read by a pump task into a queue that abort_all can end
+    (AbortableResponse: no task per chunk)."""
 
     def __init__(self, client: httpx.AsyncClient):
         self.client = client
         self._abort: asyncio.Future | None = None  # abort_all's exception, as the future's result
+        self._open: set[AbortableResponse] = set()  # bodies being read
 
     def _abort_future(self) -> asyncio.Future:
         if self._abort is None:  # made on first use: the event loop is the app's
             self._abort = asyncio.get_running_loop().create_future()
         return self._abort
+
+    def _aborted(self) -> Exception | None:
+        """abort_all's exception, a fresh instance (a shared one would pile up every raise's traceback)."""
+        if self._abort is None or not self._abort.done():
+            return None
+        exc = self._abort.result()
+        return type(exc)(*exc.args)
 
     async def unless_aborted(self, work: Awaitable[T]) -> T:
         """work's result, or abort_all's exception raised as soon as it is called (work cancelled)."""
@@ -59,8 +68,7 @@ class HttpxUpstream:
                 task.cancel()
                 await asyncio.wait((task,))
         if abort.done() and (task.cancelled() or task.exception() is not None):
-            exc = abort.result()
-            raise type(exc)(*exc.args)  # one instance each: a shared one would pile up every raise's traceback
+            raise self._aborted()
         return task.result()  # it finished first (or raced the abort and won)
 
     async def send(self, method: str, url: str, body: bytes | None, headers: list[tuple[str, str]],
@@ -73,31 +81,62 @@ class HttpxUpstream:
         abort = self._abort_future()
         if not abort.done():
             abort.set_result(exc)
+        for resp in list(self._open):
+            resp.abort()
 
     async def aclose(self) -> None:
         pass  # the client is the app's, closed with it
 
 
 class AbortableResponse:
-    """An httpx response read through HttpxUpstream.unless_aborted (the proxy's reads: status, headers,
-    body)."""
+    """An httpx response whose body a pump task reads into a small queue (the proxy's reads: status, headers,
+    body); abort() cancels the pump and ends the reader's wait with abort_all's exception once the chunks
+    already queued are read."""
+
+    _QUEUED_CHUNKS = 8  # read-ahead of the pump: a slow client stops the replica's reads past this
 
     def __init__(self, upstream: HttpxUpstream, resp: httpx.Response):
         self._upstream = upstream
         self._resp = resp
         self.status_code = resp.status_code
         self.headers = resp.headers
+        self._chunks: asyncio.Queue = asyncio.Queue(self._QUEUED_CHUNKS)
+        self._pump: asyncio.Task | None = None
+
+    async def _pump_body(self) -> None:
+        try:
+            async for chunk in self._resp.aiter_bytes():
+                await self._chunks.put(chunk)
+            await self._chunks.put(None)  # the end
+        except Exception as e:  # noqa: BLE001  (handed to the reader)
+            await self._chunks.put(e)
+
+    def abort(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+        if not self._chunks.full():  # a reader waiting on an empty queue wakes; a full one finds it drained
+            self._chunks.put_nowait(self._upstream._aborted())
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        chunks = self._resp.aiter_bytes()
+        if (exc := self._upstream._aborted()) is not None:
+            raise exc
+        self._upstream._open.add(self)
+        self._pump = asyncio.ensure_future(self._pump_body())
         try:
             while True:
-                try:
-                    yield await self._upstream.unless_aborted(chunks.__anext__())
-                except StopAsyncIteration:
+                if self._chunks.empty() and (exc := self._upstream._aborted()) is not None:
+                    raise exc
+                item = await self._chunks.get()
+                if item is None:
                     return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            await chunks.aclose()
+            self._upstream._open.discard(self)
+            self._pump.cancel()
+            await asyncio.wait((self._pump,))
+            await self._resp.aclose()
 
     async def aread(self) -> bytes:
         return b"".join([chunk async for chunk in self.aiter_bytes()])

@@ -19,6 +19,7 @@ import httpx
 from starlette.responses import Response
 
 from meshserve.router.pool import ReplicaPool
+from meshserve.router.upstream import Aborted, FastUpstream, HttpxUpstream
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def decode_body(body: dict, transfer_id: str) -> bytes:
 
 
 async def run_prefill(
-    client: httpx.AsyncClient,
+    upstream: FastUpstream | HttpxUpstream,
     pool: ReplicaPool,
     path: str,
     body: dict,
@@ -77,7 +78,8 @@ async def run_prefill(
 ) -> str | Response | None:
     """Run the prefill leg on the prefill pool: the transfer id once an instance holds the KV; the instance's
     own 4xx answer (the client's mistake: no other instance would do better); None when no prefill instance
-    could (every one down, refusing or failing): the caller serves the request colocated. transfer_id: the
+    could (every one down, refusing or failing): the caller serves the request colocated; raises Aborted when
+    the upstream's abort_all ends it (the router's drain timeout). transfer_id: the
     handle to use on every attempt (the concurrent decode leg already waits for it), else a new one each."""
     tried: set[str] = set()
     while len(tried) < max_attempts:
@@ -89,9 +91,13 @@ async def run_prefill(
         replica.outstanding += 1
         replica.num_requests += 1
         try:
-            resp = await client.post(
-                replica.url + path, content=prefill_body(body, handle), headers=headers, timeout=timeout
-            )
+            resp = await upstream.send("POST", replica.url + path, prefill_body(body, handle), headers, timeout)
+            try:
+                content = await resp.aread()
+            finally:
+                await resp.aclose()
+        except Aborted:
+            raise  # the router's drain ran out of time: not the instance's fault, and no other instance
         except httpx.TransportError as e:
             replica.num_failed += 1
             replica.eject(f"prefill failed ({type(e).__name__})")
@@ -103,7 +109,7 @@ async def run_prefill(
             replica.num_succeeded += 1
             return handle
         if resp.status_code in _CLIENT_ERRORS and resp.status_code != 429:
-            return Response(resp.content, resp.status_code, media_type="application/json")
+            return Response(content, resp.status_code, media_type="application/json")
         replica.num_failed += 1
         if resp.status_code >= 500:
             replica.eject(f"prefill answered {resp.status_code}")

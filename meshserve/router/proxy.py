@@ -38,7 +38,7 @@ from meshserve.router.metrics import RouterMetrics
 from meshserve.router.pool import ReplicaPool, Route
 from meshserve.router.prefix import parse_body, prefix_key
 from meshserve.router.replica import Replica
-from meshserve.router.upstream import FastResponse, FastUpstream, HttpxUpstream
+from meshserve.router.upstream import AbortableResponse, Aborted, FastResponse, FastUpstream, HttpxUpstream
 from meshserve.serve.errors import error_payload
 from meshserve.serve.streaming import SSE_DONE, sse_error
 
@@ -56,6 +56,7 @@ _EJECT_STATUSES = frozenset({502, 503, 504})  # draining, dead engine, or a brok
 HEADER_REPLICA = "x-meshserve-replica"
 HEADER_ATTEMPTS = "x-meshserve-attempts"
 HEADER_FALLBACK = "x-meshserve-fallback"
+UpstreamResponse = FastResponse | AbortableResponse  # what either upstream's send answers
 KV_FAILED = "its KV transfer failed"  # a decode attempt that never got its prefill's KV (retried colocated)
 
 
@@ -74,7 +75,7 @@ def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]
             if k.decode("latin-1").lower() not in _DROP_REQUEST]
 
 
-def _response_headers(resp: httpx.Response | FastResponse, route: Route, attempts: int) -> dict[str, str]:
+def _response_headers(resp: UpstreamResponse, route: Route, attempts: int) -> dict[str, str]:
     out = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE}
     out[HEADER_REPLICA] = route.replica.name
     out[HEADER_ATTEMPTS] = str(attempts)
@@ -136,7 +137,7 @@ class Proxy:
         self.pool = pool
         self.config = config
         self.metrics = metrics
-        self.client = client  # disaggregation's prefill legs
+        self.client = client
         self.upstream = upstream or HttpxUpstream(client)  # the proxied attempts
         self._prefill_legs: set[asyncio.Task] = set()  # concurrent prefill legs in flight (kept from the GC)
         self.ending = False  # end_in_flight was called: the router's drain ran out of time
@@ -153,6 +154,8 @@ class Proxy:
 
     def _prefill_leg_done(self, task: asyncio.Task) -> None:
         self._prefill_legs.discard(task)
+        if not task.cancelled() and isinstance(task.exception(), Aborted):
+            return  # end_in_flight: its decode leg ends with the drain's 503 or error event
         result = None if task.cancelled() or task.exception() is not None else task.result()
         if not isinstance(result, str):  # the decode leg's transfer fails in time and is retried colocated
             self.metrics.fallback.labels("prefill_unavailable").inc()
@@ -177,14 +180,17 @@ class Proxy:
             # both legs at once: the decode instance waits for the layers as the prefill computes them; a prefill
             # that fails leaves the decode leg's transfer to time out, which is retried colocated below
             transfer_id = new_transfer_id()
-            task = asyncio.create_task(run_prefill(self.client, self.pool, path, body, key, fwd_headers,
+            task = asyncio.create_task(run_prefill(self.upstream, self.pool, path, body, key, fwd_headers,
                                                    self._timeout(), c.max_attempts, transfer_id))
             self._prefill_legs.add(task)
             task.add_done_callback(self._prefill_leg_done)
             decode_raw = decode_body(body, transfer_id)
         elif self.pool.prefills and wants_disaggregation(path, body):
-            leg = await run_prefill(self.client, self.pool, path, body, key, fwd_headers, self._timeout(),
-                                    c.max_attempts)
+            try:
+                leg = await run_prefill(self.upstream, self.pool, path, body, key, fwd_headers, self._timeout(),
+                                        c.max_attempts)
+            except Aborted:  # end_in_flight
+                return self._drain_timed_out()
             if isinstance(leg, Response):  # the prefill instance found the request invalid
                 self.metrics.count("client_error")
                 return leg
@@ -229,7 +235,7 @@ class Proxy:
         replica.outstanding += 1
         replica.num_requests += 1
         handed_off = False  # once a stream is handed to the relay, the relay releases the replica
-        resp: httpx.Response | FastResponse | None = None
+        resp: UpstreamResponse | None = None
         try:
             resp = await self.upstream.send(method, replica.url + path, payload or None, headers,
                                             self._timeout())
@@ -271,9 +277,7 @@ class Proxy:
             return self._failed(replica, f"connection failed ({type(e).__name__})", refused=True)
         except httpx.TransportError as e:
             if self.ending:  # end_in_flight: not the replica's fault, and no retry
-                self.metrics.count("cancelled")
-                return _error_response(RouterDrainingError("the router is shutting down: its drain timeout "
-                                                           "passed", retry_after_s=self.config.retry_after_s))
+                return self._drain_timed_out()
             return self._failed(replica, f"connection failed ({type(e).__name__})")
         finally:
             if not handed_off:
@@ -284,10 +288,16 @@ class Proxy:
     def end_in_flight(self) -> None:
         """At the drain timeout: end every request still in flight in-band, before uvicorn cuts the client
         connections mid-body: a relayed stream with its error event and [DONE], one waiting for its replica
-        with a 503 (not retried); the replicas see the aborts. The plain (httpx) upstream's are left to the
-        cut."""
+        with a 503 (not retried), disaggregation's prefill legs too (their upstream is the same); the
+        replicas see the aborts."""
         self.ending = True
-        self.upstream.abort_all(httpx.ReadError("the router is shutting down"))
+        self.upstream.abort_all(Aborted("the router is shutting down"))
+
+    def _drain_timed_out(self) -> Response:
+        """A request that end_in_flight ended before any byte went out: a 503, to retry elsewhere."""
+        self.metrics.count("cancelled")
+        return _error_response(RouterDrainingError("the router is shutting down: its drain timeout passed",
+                                                   retry_after_s=self.config.retry_after_s))
 
     def _failed(self, replica: Replica, reason: str, refused: bool = False) -> _Rejected:
         replica.num_failed += 1
@@ -295,7 +305,7 @@ class Proxy:
         return _Rejected(reason, refused=refused)
 
     def _release(self, replica: Replica,
-                 resp: httpx.Response | FastResponse) -> Callable[[str], Awaitable[None]]:
+                 resp: UpstreamResponse) -> Callable[[str], Awaitable[None]]:
         """The end of a relayed stream, to run once: its replica's count, its outcome, its connection."""
         released = False
 
@@ -309,7 +319,7 @@ class Proxy:
 
         return release
 
-    async def _relay(self, replica: Replica, resp: httpx.Response | FastResponse,
+    async def _relay(self, replica: Replica, resp: UpstreamResponse,
                      chunks: AsyncIterator[bytes], buffer: bytearray,
                      first: list[bytes], release: Callable[[str], Awaitable[None]]) -> AsyncIterator[bytes]:
         """Pass the stream's events through as they come; end a broken stream with one error event."""

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -24,25 +25,124 @@ try:
 except ImportError:  # the plain path
     httptools = None
 
+T = TypeVar("T")
 _PAUSE_BYTES = 1 << 18  # a client slower than its replica: stop reading the replica past this much buffered
 
 
+class Aborted(httpx.ReadError):
+    """A call failed by abort_all (the router's drain ran out of time), not by its replica."""
+
+
 class HttpxUpstream:
-    """The plain path: httpx's client (streamed responses)."""
+    """The plain path: httpx's client (streamed responses). httpx cannot fail a call from outside, so the wait for
+    a response's head races abort_all's future (the call lost is cancelled, which closes its connection: the
+    replica sees the abort), and a body is read by a pump task into a queue that abort_all can end
+    (AbortableResponse: no task per chunk)."""
 
     def __init__(self, client: httpx.AsyncClient):
         self.client = client
+        self._abort: asyncio.Future | None = None  # abort_all's exception, as the future's result
+        self._open: set[AbortableResponse] = set()  # bodies being read
+
+    def _abort_future(self) -> asyncio.Future:
+        if self._abort is None:  # made on first use: the event loop is the app's
+            self._abort = asyncio.get_running_loop().create_future()
+        return self._abort
+
+    def _aborted(self) -> Exception | None:
+        """abort_all's exception, a fresh instance (a shared one would pile up every raise's traceback)."""
+        if self._abort is None or not self._abort.done():
+            return None
+        exc = self._abort.result()
+        return type(exc)(*exc.args)
+
+    async def unless_aborted(self, work: Awaitable[T]) -> T:
+        """work's result, or abort_all's exception raised as soon as it is called (work cancelled)."""
+        abort = self._abort_future()
+        task = asyncio.ensure_future(work)
+        try:
+            if not abort.done():
+                await asyncio.wait((task, abort), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():  # aborted, or the caller was cancelled (its client went away)
+                task.cancel()
+                await asyncio.wait((task,))
+        if abort.done() and (task.cancelled() or task.exception() is not None):
+            raise self._aborted()
+        return task.result()  # it finished first (or raced the abort and won)
 
     async def send(self, method: str, url: str, body: bytes | None, headers: list[tuple[str, str]],
-                   timeout: httpx.Timeout) -> httpx.Response:
+                   timeout: httpx.Timeout) -> AbortableResponse:
         request = self.client.build_request(method, url, content=body, headers=headers, timeout=timeout)
-        return await self.client.send(request, stream=True)
+        return AbortableResponse(self, await self.unless_aborted(self.client.send(request, stream=True)))
 
     def abort_all(self, exc: Exception) -> None:
-        pass  # httpx's responses cannot be failed from outside: left to the server's cut
+        """Fail every call in flight, and every later one, with exc."""
+        abort = self._abort_future()
+        if not abort.done():
+            abort.set_result(exc)
+        for resp in list(self._open):
+            resp.abort()
 
     async def aclose(self) -> None:
         pass  # the client is the app's, closed with it
+
+
+class AbortableResponse:
+    """An httpx response whose body a pump task reads into a small queue (the proxy's reads: status, headers,
+    body); abort() cancels the pump and ends the reader's wait with abort_all's exception once the chunks
+    already queued are read."""
+
+    _QUEUED_CHUNKS = 8  # read-ahead of the pump: a slow client stops the replica's reads past this
+
+    def __init__(self, upstream: HttpxUpstream, resp: httpx.Response):
+        self._upstream = upstream
+        self._resp = resp
+        self.status_code = resp.status_code
+        self.headers = resp.headers
+        self._chunks: asyncio.Queue = asyncio.Queue(self._QUEUED_CHUNKS)
+        self._pump: asyncio.Task | None = None
+
+    async def _pump_body(self) -> None:
+        try:
+            async for chunk in self._resp.aiter_bytes():
+                await self._chunks.put(chunk)
+            await self._chunks.put(None)  # the end
+        except Exception as e:  # noqa: BLE001  (handed to the reader)
+            await self._chunks.put(e)
+
+    def abort(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+        if not self._chunks.full():  # a reader waiting on an empty queue wakes; a full one finds it drained
+            self._chunks.put_nowait(self._upstream._aborted())
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        if (exc := self._upstream._aborted()) is not None:
+            raise exc
+        self._upstream._open.add(self)
+        self._pump = asyncio.ensure_future(self._pump_body())
+        try:
+            while True:
+                if self._chunks.empty() and (exc := self._upstream._aborted()) is not None:
+                    raise exc
+                item = await self._chunks.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._upstream._open.discard(self)
+            self._pump.cancel()
+            await asyncio.wait((self._pump,))
+            await self._resp.aclose()
+
+    async def aread(self) -> bytes:
+        return b"".join([chunk async for chunk in self.aiter_bytes()])
+
+    async def aclose(self) -> None:
+        await self._resp.aclose()
 
 
 class _Connection(asyncio.Protocol):
@@ -195,6 +295,7 @@ class FastUpstream:
         self.max_idle_per_host = max_idle_per_host
         self._idle: dict[tuple[str, int], collections.deque[_Connection]] = {}
         self._busy: set[_Connection] = set()  # connections with a request in flight (abort_all)
+        self._aborted: Exception | None = None  # abort_all's exception: later sends fail with it
 
     async def _connect(self, key: tuple[str, int], timeout_s: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -229,7 +330,9 @@ class FastUpstream:
             conn.close()
 
     async def send(self, method: str, url: str, body: bytes | None, headers: list[tuple[str, str]],
-                   timeout: httpx.Timeout) -> FastResponse | httpx.Response:
+                   timeout: httpx.Timeout) -> FastResponse | AbortableResponse:
+        if self._aborted is not None:  # abort_all ran: what comes after fails too
+            raise type(self._aborted)(*self._aborted.args)
         parts = urlsplit(url)
         if parts.scheme != "http" and self.tls is not None:  # TLS to replicas: the plain path's business
             return await self.tls.send(method, url, body, headers, timeout)
@@ -255,11 +358,15 @@ class FastUpstream:
         return FastResponse(self, conn, timeout.read or 120.0)
 
     def abort_all(self, exc: Exception) -> None:
-        """Fail every request in flight with exc, its connection closed (the replica sees the abort): waits
-        for a head or a body end at once, a body's bytes already here still read first."""
+        """Fail every request in flight, and every later one, with exc, its connection closed (the replica
+        sees the abort): waits for a head or a body end at once, a body's bytes already here still read
+        first."""
+        self._aborted = exc
         for conn in list(self._busy):
             conn._fail(exc)
             conn.close()
+        if self.tls is not None:  # the https replicas' calls
+            self.tls.abort_all(exc)
 
     async def aclose(self) -> None:
         for idle in self._idle.values():

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -16,6 +17,7 @@ from meshserve.cli import build_parser, main
 from meshserve.errors import InvalidArgumentError
 from meshserve.router.cli import router_config_from
 from meshserve.router.launcher import argv_from_namespace, partition_devices
+from meshserve.router.upstream import httptools
 from tests.router.conftest import free_port, wait_until
 
 # deadlines that guard against a hang only: a replica's start-up (imports, load) has taken 30-60 s on a loaded
@@ -145,28 +147,45 @@ def test_serve_data_parallel_starts_replicas_and_router_restarts_and_drains(tiny
             proc.wait()
 
 
-def test_drain_timeout_ends_requests_in_flight_in_band(fake_replicas):
+# the router's upstream paths: FastUpstream where httptools is installed, the plain httpx one always
+UPSTREAMS = ["fast", "httpx"] if httptools is not None else ["httpx"]
+# `meshserve router` with the plain upstream forced (make_upstream picks FastUpstream when httptools is here)
+_PLAIN_ROUTER = ("import sys, meshserve.router.app as app, meshserve.router.upstream as up; "
+                 "app.make_upstream = lambda client, expiry: up.HttpxUpstream(client); "
+                 "from meshserve.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _start_router(upstream: str, args: list[str]) -> tuple[subprocess.Popen, str]:
+    """A one-worker router on a free port with `args` (backends, drain timeout), over the given upstream."""
+    port = free_port()
+    launch = [sys.executable, "-m", "meshserve.cli"] if upstream == "fast" else [sys.executable, "-c", _PLAIN_ROUTER]
+    proc = subprocess.Popen([*launch, "router", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--health-interval", "0.2", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(base + "/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    if not wait_until(ready, START_S):
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"the router ({upstream}) did not get ready")
+    return proc, base
+
+
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+def test_drain_timeout_ends_requests_in_flight_in_band(fake_replicas, upstream):
     """Requests still in flight when the router's --drain-timeout passes end in-band: a relayed stream with
     its error event (server_draining) and [DONE], a request still waiting for its replica's answer with a 503
     and Retry-After. Both used to run on for uvicorn's 2 s of grace and then lose their connection (the
-    stream mid-body, the other with a bare 500)."""
-    _, replica = fake_replicas("slow", num_events=400, event_delay_s=0.05, answer_delay_s=20)  # 20 s each
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meshserve.cli", "router", "--host", "127.0.0.1", "--port", str(port),
-         "--backend", replica.base_url, "--workers", "1", "--health-interval", "0.2",
-         "--drain-timeout", "0.3"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stream mid-body, the other with a bare 500); over the plain upstream too."""
+    script, replica = fake_replicas("slow", num_events=400, event_delay_s=0.05, answer_delay_s=20)  # 20 s each
+    proc, base = _start_router(upstream, ["--backend", replica.base_url, "--drain-timeout", "0.3"])
     try:
-        base = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            try:
-                return httpx.get(base + "/ready", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert wait_until(ready, START_S)
         answers: list[httpx.Response] = []
         waiting = threading.Thread(target=lambda: answers.append(httpx.post(
             base + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=30)))
@@ -190,6 +209,52 @@ def test_drain_timeout_ends_requests_in_flight_in_band(fake_replicas):
         assert all("choices" in json.loads(e) for e in events[:-2])  # whole events before it, none torn
         assert answers[0].status_code == 503 and "retry-after" in answers[0].headers
         assert answers[0].json()["error"]["code"] == "server_draining"
+        assert len(script.requests) == 2  # neither was retried
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("concurrent", [False, True], ids=["sequential", "concurrent"])
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+def test_drain_timeout_ends_disaggregated_legs_in_band(fake_replicas, upstream, concurrent):
+    """Disaggregation's legs end in-band at the drain timeout too. Sequential: requests whose prefill leg still
+    waits for the prefill instance get a 503 + Retry-After (server_draining) and no decode leg; they used to
+    wait on until uvicorn's cut. Concurrent: the decode legs end as proxied requests do (a 503, or the stream's
+    error event and [DONE]) while their prefill legs, aborted too, wait no longer."""
+    prefill_script, prefill = fake_replicas("prefill", answer_delay_s=20)  # a 20 s prefill
+    decode_script, decode = fake_replicas("decode", num_events=400, event_delay_s=0.05, answer_delay_s=20)
+    proc, base = _start_router(upstream, ["--backend", decode.base_url, "--prefill", prefill.base_url,
+                                          "--drain-timeout", "0.3", *(["--disagg-concurrent"] * concurrent)])
+    try:
+        answers: dict[bool, httpx.Response] = {}
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 8}
+
+        def ask(stream: bool) -> None:
+            answers[stream] = httpx.post(base + "/v1/completions", json={**body, "stream": stream}, timeout=30)
+
+        waiting = [threading.Thread(target=ask, args=(stream,)) for stream in (False, True)]
+        for thread in waiting:
+            thread.start()
+        assert wait_until(lambda: len(prefill_script.requests) == 2 and
+                          len(decode_script.requests) == (2 if concurrent else 0), 10)
+        time.sleep(0.3)  # a concurrent stream's first events relayed
+        proc.send_signal(signal.SIGTERM)
+        for thread in waiting:
+            thread.join(30)
+        assert proc.wait(30) == 0
+        assert answers[False].status_code == 503 and "retry-after" in answers[False].headers
+        assert answers[False].json()["error"]["code"] == "server_draining"
+        if concurrent:
+            events = [line[6:] for line in answers[True].text.splitlines() if line.startswith("data: ")]
+            assert answers[True].status_code == 200 and events[-1] == "[DONE]" and len(events) < 400
+            assert json.loads(events[-2])["error"]["code"] == "server_draining"
+            assert all("choices" in json.loads(e) for e in events[:-2])
+        else:
+            assert answers[True].status_code == 503 and answers[True].json()["error"]["code"] == "server_draining"
+            assert decode_script.requests == []  # the decode legs never started
+        assert len(prefill_script.requests) == 2  # one prefill leg each
     finally:
         if proc.poll() is None:
             proc.kill()

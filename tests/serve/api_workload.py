@@ -83,13 +83,11 @@ def with_observed_stops(client: httpx.Client, base: str, req: ApiRequest, seed: 
     """req with its observed stops added: pieces of 1-4 characters (token boundaries inside some, partial
     characters' U+FFFD in others) from random places in the text it gives without stop strings (greedy and
     seeded requests answer the same again)."""
-    if not req.observed_stops:
+    if not req.observed_stops or req.body.get("echo"):  # echo: pieces of the prompt's text stop nothing
         return req
     rng = random.Random(seed)
     bare = {k: v for k, v in req.body.items() if k not in ("stop", "include_stop_str_in_output")}
     texts = [c.text for c in send(client, base, ApiRequest(req.endpoint, bare), stream=False).choices.values()]
-    if bare.get("echo"):
-        return req  # the echoed prompt comes first: pieces of it would not stop anything
     stops = list(req.body["stop"])
     for _ in range(req.observed_stops):
         text = rng.choice(texts)

@@ -236,11 +236,14 @@ class OutputProcessor:
             # step's last, after any accepted proposals (speculative decoding), which are
             if out.finish_reason == "stop" and not state.params.include_stop_str_in_output:
                 new_ids = new_ids[:-1]
-            stop_str = detok.update(new_ids)
-            if stop_str is not None and not comp.finished:
-                comp.finish_reason, comp.stop_reason = "stop", stop_str
+            if detok.update(new_ids) is not None and not comp.finished:
+                comp.finish_reason = "stop"
                 result.requests_to_abort.append(out.request_id)
         comp.text += detok.get_delta(finished=comp.finished)
+        # a stop string that cut the text is the reason, as in vLLM, also when the core finished the sequence in
+        # the same step (max_tokens, a stop token) or the final flush of withheld bytes completed it
+        if detok.matched_stop is not None:
+            comp.finish_reason, comp.stop_reason = "stop", detok.matched_stop
 
     def _position_logprobs(self, info: TokenLogprobs) -> PositionLogprobs:
         """Chosen token first, then the alternatives, as {token_id: Logprob}."""

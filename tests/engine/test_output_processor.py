@@ -105,3 +105,36 @@ def test_tokens_before_a_stop_token_in_its_step_are_text(steps, tiny_model_dir):
     (completion,) = done[-1].outputs
     assert completion.token_ids == [5, 6, 7, 8, 2] and completion.stop_reason == 2
     assert completion.text == tokenizer.decode([5, 6, 7, 8]) != ""
+
+
+def _incomplete_char_token(tokenizer) -> int:
+    """A token that is the first byte of a multi-byte UTF-8 character (decodes to U+FFFD on its own)."""
+    return next(t for t in range(3, tokenizer.vocab_size) if tokenizer.decode([t]) == "\ufffd")
+
+
+@pytest.mark.parametrize("include", [False, True], ids=["cut", "included"])
+@pytest.mark.parametrize("last", ["text", "withheld-bytes"])
+def test_a_stop_string_in_the_last_step_is_the_finish_reason(last, include, tiny_model_dir):
+    """The step that reaches max_tokens completes a stop string (in its text, or in the withheld bytes flushed
+    at the end): the text is cut there and the completion says so, finish_reason "stop" and the string as
+    stop_reason, as in vLLM (the API differential fuzz found the text cut under finish_reason "length")."""
+    from transformers import AutoTokenizer
+
+    from meshserve.engine.input_processor import ProcessedRequest
+    from meshserve.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+    from meshserve.engine.output_processor import OutputProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    final = _incomplete_char_token(tokenizer) if last == "withheld-bytes" else 40
+    stop = tokenizer.decode([final])
+    assert stop not in tokenizer.decode([5])
+    processor = OutputProcessor(tokenizer)
+    params = SamplingParams(temperature=0, max_tokens=2, stop=[stop], include_stop_str_in_output=include)
+    core = EngineCoreRequest("r", [50, 51], params, max_tokens=2)
+    processor.add_request(ProcessedRequest("r", None, [50, 51], params, 0.0, [core]))
+    processor.process_outputs(EngineCoreOutputs([EngineCoreOutput("r", [5], None, None)]))
+    done = processor.process_outputs(EngineCoreOutputs([EngineCoreOutput("r", [final], "length", None)]))
+    (completion,) = done.request_outputs[-1].outputs
+    assert completion.token_ids == [5, final]
+    assert completion.text == tokenizer.decode([5]) + (stop if include else "")
+    assert (completion.finish_reason, completion.stop_reason) == ("stop", stop)

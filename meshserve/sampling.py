@@ -30,6 +30,8 @@ class SamplingParams:
     only while its steps verify the same proposals (its draws are a stream taken step by step, so preemption
     or another batching that changes how many proposals a step checks changes them; greedy is unaffected).
     stop strings are matched across token boundaries and removed from the output text.
+    min_tokens holds back EOS and stop_token_ids until that many tokens are out, and stop strings until one
+    more (vLLM's rule).
     logprobs = k returns the chosen token's logprob and the k most likely alternatives at every step;
     prompt_logprobs = k does the same for the prompt tokens.
     structured_outputs constrains the output to a JSON schema, regex, choice or grammar (a dict of vLLM's

@@ -51,6 +51,9 @@ class IncrementalDetokenizer:
         self._stops: list[str] = list(params.stop or [])
         self._include_stop = params.include_stop_str_in_output
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
+        # as vLLM: stop strings are looked for once the output has more than min_tokens tokens
+        self._min_tokens = params.min_tokens
+        self._num_tokens = 0
 
         context = [int(t) for t in prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:]]
         self._stream = self._new_stream(context)
@@ -72,6 +75,7 @@ class IncrementalDetokenizer:
         """
         if self._stop is not None or len(new_token_ids) == 0:
             return None
+        self._num_tokens += len(new_token_ids)
         return self._append(self._step([int(t) for t in new_token_ids]))
 
     @property
@@ -175,7 +179,7 @@ class IncrementalDetokenizer:
         window_start = self._len - len(tail)
         self._parts.append(text)
         self._len += len(text)
-        if not self._stops:
+        if not self._stops or self._num_tokens <= self._min_tokens:
             return None
         match = self._find_stop(tail + text)
         if match is None:

@@ -182,6 +182,19 @@ def test_stop_included_when_asked(tok) -> None:
     assert detok.output_text == "".join(deltas) == "Sure, café 😀.\n\nUser"
 
 
+def test_stop_strings_wait_for_min_tokens(tok) -> None:
+    """As vLLM: a stop string counts once the output has more than min_tokens tokens."""
+    ids = _encode(tok, "Hello world. Hello again.")
+    first = len(_encode(tok, "Hello"))
+    assert first < len(ids) - 2
+    _, _, stop = _stream(tok, ids, SamplingParams(stop=["Hello"]))
+    assert stop == "Hello"
+    detok, deltas, stop = _stream(tok, ids, SamplingParams(stop=["Hello"], min_tokens=first))
+    assert stop == "Hello" and detok.output_text == "".join(deltas) == "Hello world. "
+    detok, _, stop = _stream(tok, ids, SamplingParams(stop=["Hello"], min_tokens=len(ids)))
+    assert stop is None and detok.output_text == "Hello world. Hello again."
+
+
 def test_holdback_never_leaks_a_stop_prefix(tok) -> None:
     # "\n\nUs" first turns out harmless ("Using"), then a real stop follows.
     final = "A.\n\nUsing it."

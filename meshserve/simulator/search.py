@@ -33,7 +33,8 @@ def candidate_configs(config: SimConfig, gpu_counts: list[int]) -> tuple[list[Si
                 skipped.append(f"{layout.label}: step noise is not modelled with pipeline stages")
                 continue
             candidate = dataclasses.replace(config, num_gpus=n, tp=layout.tp, pp=layout.pp)
-            try:
+            try:  # a layout the other flags cannot run (--disaggregation P:D over its replicas, ...) is left out
+                candidate.validate()
                 candidate.kv_blocks(model, gpu)
             except InvalidArgumentError as e:
                 skipped.append(f"{layout.label}: {e}")

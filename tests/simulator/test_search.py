@@ -34,3 +34,10 @@ def test_search_flag(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["best"] == out["ranked"][0] and out["price_is_assumption"] is True
     assert main(["simulate", "--search", "--search-gpus", "two", "--no-progress"]) == 2
+
+
+def test_layouts_the_other_flags_cannot_run_are_left_out():
+    """--disaggregation 1:1 needs two replicas: on 2 GPUs TP=1 x DP=2 runs, TP=2 x DP=1 is skipped, not fatal."""
+    configs, skipped = candidate_configs(SimConfig(gpu="H100-SXM", num_gpus=2, disaggregation=(1, 1)), [2])
+    assert [(c.num_gpus, c.tp) for c in configs] == [(2, 1)]
+    assert any("TP=2" in s and "--disaggregation 1:1" in s for s in skipped)

@@ -46,3 +46,21 @@ def test_autoscale_flag(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["autoscale"]["max_replicas_up"] > 1 and report["autoscale"]["timeline"]
     assert main(["simulate", "--autoscale", "--min-replicas", "3", "--max-replicas", "2", "--no-progress"]) == 2
+
+
+def test_gpu_hours_by_hand():
+    """Three 2.25 s requests (18 steps of 0.125 s, one at a time) at t=0 on one TP=2 replica, one request per
+    replica wanted, polls every 1 s, ready 0.5 s after asked, no cooldown. Polls: t=1 depth 3, two replicas
+    asked (GPUs taken from then); t=3 depth 2, the newest drains; t=4 it is freed (3 s); t=5 depth 1, the next
+    drains; t=6 it is freed (5 s); the first runs to the last completion at 6.75 s."""
+    trace = [SimRequest(0.0, 100, 18) for _ in range(3)]
+    rule = AutoscaleRule(target_queue_per_replica=1, max_replicas=3, polling_s=1.0, cooldown_s=0.0, startup_s=0.5)
+    config = SimConfig(gpu="H200", num_gpus=2, tp=2, num_blocks=4096, max_num_seqs=1, frontend_request_s=0.0,
+                       frontend_token_s=0.0)
+    report = simulate(config, trace, step_cost=lambda shape: 0.125, autoscale=rule)
+    assert report["duration_s"] == pytest.approx(6.75)
+    assert [p["serving"] for p in report["autoscale"]["timeline"]] == [1, 1, 3, 2, 2, 1, 1]
+    gpu_hours = (6.75 + 3 + 5) * 2 / 3600
+    assert report["gpu_hours"] == pytest.approx(gpu_hours)
+    assert report["cost"]["usd"] == pytest.approx(gpu_hours * report["cost"]["usd_per_gpu_hour"])
+    assert report["cost"]["usd_per_million_output_tokens"] == pytest.approx(report["cost"]["usd"] / (3 * 18) * 1e6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from meshserve.engine.step_time import StepShape
@@ -83,3 +85,19 @@ def test_kv_pressure_preempts_and_still_finishes():
                       step_cost=lambda shape: 0.01)
     assert report["preemptions"] > 0
     assert report["completed"] == 8 and report["output_tokens"] == 8 * 200
+
+
+def test_goodput_tpot_and_refusals_by_hand():
+    """Steps of 0.1 s, one sequence at a time, a queue of one: of four 5-token requests at t=0 the first runs
+    (TTFT 0.1, TPOT 0.4 / 4 = 0.1, done at 0.5 s) and three are refused (failed, never good); a one-token
+    request has no TPOT and is good on its TTFT alone."""
+    config = SimConfig(gpu="H200", num_gpus=1, num_blocks=4096, max_num_seqs=1, max_queue_len=1,
+                       frontend_request_s=0.0, frontend_token_s=0.0, goodput_tpot_s=0.05)
+    report = simulate(config, [SimRequest(0.0, 100, 5) for _ in range(4)], step_cost=lambda shape: 0.1)
+    assert (report["completed"], report["failed"], report["rejected"]) == (1, 3, 3)
+    assert report["tpot_p50"] == pytest.approx(0.1) and report["goodput"] == 0.0  # TPOT 0.1 > 0.05
+    loose = simulate(dataclasses.replace(config, goodput_tpot_s=0.11), [SimRequest(0.0, 100, 5)] * 4,
+                     step_cost=lambda shape: 0.1)
+    assert loose["goodput"] == pytest.approx(1 / 0.5)
+    one = simulate(config, [SimRequest(0.0, 100, 1)], step_cost=lambda shape: 0.1)
+    assert one["goodput"] == pytest.approx(1 / 0.1) and one["itl_gaps"] == 0

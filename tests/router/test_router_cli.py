@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -228,31 +227,40 @@ def test_drain_timeout_ends_disaggregated_legs_in_band(fake_replicas, upstream, 
     proc, base = _start_router(upstream, ["--backend", decode.base_url, "--prefill", prefill.base_url,
                                           "--drain-timeout", "0.3", *(["--disagg-concurrent"] * concurrent)])
     try:
-        answers: dict[bool, httpx.Response] = {}
+        answers: dict[bool, tuple[int, str, httpx.Headers]] = {}  # stream? -> status, body, headers
         body = {"model": "tiny", "prompt": "x", "max_tokens": 8}
+        first_event = threading.Event()  # the stream's first event reached the client
 
         def ask(stream: bool) -> None:
-            answers[stream] = httpx.post(base + "/v1/completions", json={**body, "stream": stream}, timeout=30)
+            with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": stream}, timeout=30) as r:
+                lines = []
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if line.startswith("data: "):
+                        first_event.set()
+                answers[stream] = (r.status_code, "\n".join(lines), r.headers)
 
         waiting = [threading.Thread(target=ask, args=(stream,)) for stream in (False, True)]
         for thread in waiting:
             thread.start()
         assert wait_until(lambda: len(prefill_script.requests) == 2 and
                           len(decode_script.requests) == (2 if concurrent else 0), 10)
-        time.sleep(0.3)  # a concurrent stream's first events relayed
+        if concurrent:  # SIGTERM once the stream is being relayed
+            assert first_event.wait(10)
         proc.send_signal(signal.SIGTERM)
         for thread in waiting:
             thread.join(30)
         assert proc.wait(30) == 0
-        assert answers[False].status_code == 503 and "retry-after" in answers[False].headers
-        assert answers[False].json()["error"]["code"] == "server_draining"
+        (status, text, headers), (stream_status, stream_text, _) = answers[False], answers[True]
+        assert status == 503 and "retry-after" in headers
+        assert json.loads(text)["error"]["code"] == "server_draining"
         if concurrent:
-            events = [line[6:] for line in answers[True].text.splitlines() if line.startswith("data: ")]
-            assert answers[True].status_code == 200 and events[-1] == "[DONE]" and len(events) < 400
+            events = [line[6:] for line in stream_text.splitlines() if line.startswith("data: ")]
+            assert stream_status == 200 and events[-1] == "[DONE]" and len(events) < 400
             assert json.loads(events[-2])["error"]["code"] == "server_draining"
             assert all("choices" in json.loads(e) for e in events[:-2])
         else:
-            assert answers[True].status_code == 503 and answers[True].json()["error"]["code"] == "server_draining"
+            assert stream_status == 503 and json.loads(stream_text)["error"]["code"] == "server_draining"
             assert decode_script.requests == []  # the decode legs never started
         assert len(prefill_script.requests) == 2  # one prefill leg each
     finally:

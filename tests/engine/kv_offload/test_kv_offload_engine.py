@@ -111,9 +111,16 @@ def test_damaged_disk_files_are_recomputed(damage, model, expected, tmp_path):
     got, stats = revisit(model, prompts(), rounds=1, **disk)
     assert got == expected[:4]
     assert stats["kv_offload_disk_hits"] == 0
-    # truncated files are dropped when the index is rebuilt, corrupted ones when a lookup reads them (the 9
-    # blocks of each prompt's run are read together)
-    assert stats["kv_offload_disk_errors"] == {"missing": 0, "truncated": 44, "corrupted": 36}[damage]
+    # truncated files are dropped when the index is rebuilt (all 44), corrupted ones when a lookup's read of
+    # them is filed: each prompt's run of 9 is read in parts on the reader threads, and the prompt recomputes
+    # as soon as the part holding its first block is filed, so the last prompt's other parts may still be in
+    # flight when the run ends (nothing steps the offline engine after that): at least one per prompt, at most
+    # the 4 runs of 9
+    errors = stats["kv_offload_disk_errors"]
+    if damage == "corrupted":
+        assert 4 <= errors <= 36
+    else:
+        assert errors == {"missing": 0, "truncated": 44}[damage]
 
 
 def test_disk_tier_is_bounded_and_another_model_reads_none(model, tiny_model_dir, tmp_path):

@@ -36,8 +36,10 @@ from meshserve.serve.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
+from meshserve.serve.responses_protocol import ResponseObject, ResponsesRequest
 from meshserve.serve.serving_chat import ChatService
 from meshserve.serve.serving_completion import CompletionService
+from meshserve.serve.serving_responses import ResponsesService
 from meshserve.serve.serving_tokenize import TokenizeService
 from meshserve.serve.streaming import cancel_on_disconnect
 
@@ -107,6 +109,7 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     metrics.watch_admission_margin(async_llm.admission_margin)
     completions = CompletionService(client, config, metrics)
     chat = ChatService(client, config, metrics)
+    responses = ResponsesService(chat)
     tokenizer = TokenizeService(client, config)
     max_model_len = config.max_model_len or client.max_model_len
 
@@ -127,6 +130,10 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_GENERATION_RESPONSES)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await _answer(request, chat.create(body))
+
+    @app.post("/v1/responses", response_model=ResponseObject, responses=_GENERATION_RESPONSES)
+    async def create_response(body: ResponsesRequest, request: Request):
+        return await _answer(request, responses.create(body))
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
     async def tokenize(body: TokenizeRequest, request: Request):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from starlette.responses import Response
 
 from meshserve.outputs import CompletionOutput, RequestOutput
+from meshserve.sampling import SamplingParams
 from meshserve.serve.chunk_encoding import ChunkEncoder
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient, EngineRequest
@@ -59,6 +61,17 @@ def _chunk_event(chunk: ChatCompletionChunk) -> str:
     return sse_event(body)
 
 
+@dataclass
+class ChatStart:
+    """A chat request running on the engine: the model name to answer with, and how to read its output."""
+
+    model: str
+    request_id: str
+    request: EngineRequest
+    plan: ToolPlan
+    params: SamplingParams  # as resolved (the model's defaults filled in)
+
+
 class ChatService:
     def __init__(self, client: EngineClient, config: ServeConfig, metrics: ServerMetrics):
         self.client = client
@@ -68,26 +81,32 @@ class ChatService:
     async def create(self, req: ChatCompletionRequest) -> Response | ChatCompletionResponse:
         tracker = self.metrics.track()
         try:
-            model = check_model(self.config, req.model)
-            await import_grammar_backend(req)  # off the event loop: its first import takes ~1.5 s
-            plan = plan_tools(req, self.config)
-            params = chat_sampling_params(req, self.client.generation_defaults, plan.constraint)
-            if plan.mode == "auto" and plan.keeps_special_tokens:
-                params.skip_special_tokens = False  # the parser's markers are special tokens
-            tracker.ttft_target_s, tracker.tpot_target_s = self.client.slo_targets(req.slo)
-            self.client.check_admission()  # before spending a template render on a request we refuse
-            prompt_ids = await self.client.render_chat(template_messages(req.messages), req.add_generation_prompt,
-                                                       req.chat_template_kwargs, plan.tools,
-                                                       req.continue_final_message)
-            request_id = random_id("chatcmpl")
-            requests = await self.client.start([{"prompt_token_ids": prompt_ids}], params, request_id,
-                                               req.priority, req.slo, tracker.arrival_monotonic)
+            started = await self.start(req, tracker, random_id("chatcmpl"))
         except BaseException as e:
             tracker.fail(e)
             raise
+        model, request, plan = started.model, started.request, started.plan
         if req.stream:
-            return SSEResponse(self._stream(req, model, request_id, requests[0], tracker, plan))
-        return await self._whole(req, model, request_id, requests[0], tracker, plan)
+            return SSEResponse(self._stream(req, model, started.request_id, request, tracker, plan))
+        return await self._whole(req, model, started.request_id, request, tracker, plan)
+
+    async def start(self, req: ChatCompletionRequest, tracker: RequestTracker, request_id: str) -> ChatStart:
+        """Check the request, render its conversation and start it on the engine (also /v1/responses' way
+        in). Raises for a request that is refused; the caller reports that to the tracker."""
+        model = check_model(self.config, req.model)
+        await import_grammar_backend(req)  # off the event loop: its first import takes ~1.5 s
+        plan = plan_tools(req, self.config)
+        params = chat_sampling_params(req, self.client.generation_defaults, plan.constraint)
+        if plan.mode == "auto" and plan.keeps_special_tokens:
+            params.skip_special_tokens = False  # the parser's markers are special tokens
+        tracker.ttft_target_s, tracker.tpot_target_s = self.client.slo_targets(req.slo)
+        self.client.check_admission()  # before spending a template render on a request we refuse
+        prompt_ids = await self.client.render_chat(template_messages(req.messages), req.add_generation_prompt,
+                                                   req.chat_template_kwargs, plan.tools,
+                                                   req.continue_final_message)
+        requests = await self.client.start([{"prompt_token_ids": prompt_ids}], params, request_id,
+                                           req.priority, req.slo, tracker.arrival_monotonic)
+        return ChatStart(model, request_id, requests[0], plan, params)
 
     def _logprobs(self, req: ChatCompletionRequest, token_ids: list[int], positions) -> ChatChoiceLogprobs | None:
         if not req.logprobs:

@@ -1,0 +1,276 @@
+"""Pydantic models of OpenAI's Responses API (POST /v1/responses): the request, its input items and tools,
+and the response object with its output items. Shapes follow `openai.types.responses`, as vLLM serves them.
+
+As in protocol.py, unknown fields are ignored and parameters that would change the answer but are not
+implemented (previous_response_id, conversation, prompt templates, background, top_logprobs, tools other
+than functions, input other than text) are refused with a 400 naming them. Input items and tools are
+checked before their union is parsed, so a bad one gets one sentence naming its index and type rather than
+pydantic's error per union branch.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError, field_validator
+
+from meshserve.serve.protocol import OpenAIModel, ServiceLevel, _INT64_MAX, _INT64_MIN
+
+
+# -- input items ------------------------------------------------------------------------------------
+class InputTextPart(OpenAIModel):
+    """A text part of a message: input_text (any role) or output_text (assistant history, as the
+    previous response's output items carry it)."""
+
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class InputMessage(OpenAIModel):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputTextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+
+class FunctionCallItem(OpenAIModel):
+    """A call the model made earlier (passed back as history)."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+
+
+class FunctionCallOutputItem(OpenAIModel):
+    """The caller's result of a function call."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[InputTextPart]
+
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "\n".join(p.text for p in self.output)
+
+
+InputItem = Annotated[InputMessage | FunctionCallItem | FunctionCallOutputItem, Field(discriminator="type")]
+_INPUT_ITEM: TypeAdapter = TypeAdapter(InputItem)
+_ITEM_TYPES = ("message", "function_call", "function_call_output")
+_PART_TYPES = ("input_text", "output_text")
+
+
+def _check_items(items: list[Any]) -> list[Any]:
+    """A message may leave out its type (OpenAI's EasyInputMessage); anything but text is refused by name."""
+    if not items:
+        raise ValueError("input must not be an empty list")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValueError(f"input items must be objects (input[{i}])")
+        if "type" not in item and "role" in item:
+            item = {**item, "type": "message"}
+        kind = item.get("type")
+        if kind not in _ITEM_TYPES:
+            raise ValueError(f"items of type {kind!r} are not supported (input[{i}]): this server takes "
+                             f"{', '.join(_ITEM_TYPES)} items")
+        content = item.get("content") if kind == "message" else item.get("output")
+        if isinstance(content, list):
+            kinds = {p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content} - set(_PART_TYPES)
+            if kinds:
+                raise ValueError(f"content parts of type {', '.join(sorted(map(str, kinds)))} are not supported "
+                                 f"(input[{i}]): this server takes input_text and output_text parts only")
+        try:  # here, so a bad item's error names it (the str | list union would answer "not a string")
+            _INPUT_ITEM.validate_python(item)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"][1:])  # [0]: the type tag
+            raise ValueError(f"input[{i}]{loc}: {err['msg']}") from None
+        out.append(item)
+    return out
+
+
+# -- tools ------------------------------------------------------------------------------------------
+class FunctionTool(OpenAIModel):
+    """A function tool in the Responses API's flat shape (no nested "function" object)."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionToolChoice(OpenAIModel):
+    type: Literal["function"]
+    name: str
+
+
+# -- text format (structured outputs) ---------------------------------------------------------------
+_ABSENT = {"exclude_if": lambda v: v is None}  # echoed as sent: {"type": "text"} carries nothing else
+
+
+class TextFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, **_ABSENT)
+    schema_: dict[str, Any] | None = Field(None, alias="schema", **_ABSENT)
+    description: str | None = Field(None, **_ABSENT)
+    strict: bool | None = Field(None, **_ABSENT)
+
+
+class TextConfig(OpenAIModel):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = Field(None, **_ABSENT)
+
+
+# -- request ----------------------------------------------------------------------------------------
+class ResponsesRequest(OpenAIModel):
+    """POST /v1/responses."""
+
+    model: str | None = None
+    input: str | Annotated[list[InputItem], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool = False
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None  # accepted; nothing is stored
+    reasoning: dict[str, Any] | None = None  # accepted and ignored: no reasoning items are produced
+    parallel_tool_calls: bool = True
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
+    text: TextConfig | None = None
+    truncation: Literal["auto", "disabled"] | None = None  # "auto" is accepted: a too-long input is a 400
+    # OpenAI parameters not implemented: a request that uses them is refused (400), never answered differently
+    previous_response_id: str | None = Field(None, description="not supported: responses are not stored")
+    conversation: str | dict[str, Any] | None = Field(None, description="not supported: no conversation state")
+    prompt: dict[str, Any] | None = Field(None, description="not supported: no stored prompt templates")
+    background: bool | None = Field(None, description="not supported beyond false")
+    top_logprobs: int | None = Field(None, description="not supported beyond 0")
+    # vLLM's sampling extensions of this endpoint
+    seed: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX - 128)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+    priority: int = Field(0, ge=_INT64_MIN, le=_INT64_MAX)
+    # meshserve extension
+    slo: ServiceLevel | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _known_items(cls, v: Any) -> Any:
+        return _check_items(v) if isinstance(v, list) else v
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _function_tools_only(cls, v: Any) -> Any:
+        for i, tool in enumerate(v or []):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind != "function":
+                raise ValueError(f"tools of type {kind!r} are not supported (tools[{i}]): this server runs "
+                                 "function tools only")
+        return v
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _function_choice_only(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("type") != "function":
+            raise ValueError(f"tool_choice of type {v.get('type')!r} is not supported: give \"none\", \"auto\", "
+                             '"required" or {"type": "function", "name": ...}')
+        return v
+
+
+# -- response ---------------------------------------------------------------------------------------
+class OutputText(OpenAIModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[dict[str, Any]] = Field(default_factory=list)
+    logprobs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+
+
+class OutputMessage(OpenAIModel):
+    type: Literal["message"] = "message"
+    id: str
+    role: Literal["assistant"] = "assistant"
+    status: ItemStatus
+    content: list[OutputText]
+
+
+class OutputFunctionCall(OpenAIModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: ItemStatus
+
+
+OutputItem = Annotated[OutputMessage | OutputFunctionCall, Field(discriminator="type")]
+
+
+class InputTokensDetails(OpenAIModel):
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0  # OpenAI's explicit cache breakpoints, which this server has none of
+
+
+class OutputTokensDetails(OpenAIModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(OpenAIModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int
+
+
+class IncompleteDetails(OpenAIModel):
+    reason: Literal["max_output_tokens", "content_filter"]
+
+
+class ResponseError(OpenAIModel):
+    code: str
+    message: str
+
+
+def _now() -> float:
+    return time.time()
+
+
+class ResponseObject(OpenAIModel):
+    """The response: its output items and usage, and the request's settings echoed as OpenAI returns them."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: float = Field(default_factory=_now)
+    status: Literal["completed", "failed", "in_progress", "incomplete"]
+    error: ResponseError | None = None
+    incomplete_details: IncompleteDetails | None = None
+    model: str
+    output: list[OutputItem] = Field(default_factory=list)
+    usage: ResponseUsage | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[FunctionTool] = Field(default_factory=list)
+    tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice = "auto"
+    parallel_tool_calls: bool = True
+    text: TextConfig | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    store: bool = False  # what was done: nothing is stored
+    truncation: Literal["auto", "disabled"] = "disabled"
+    previous_response_id: str | None = None
+    background: bool = False

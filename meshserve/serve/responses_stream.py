@@ -1,0 +1,147 @@
+"""The Responses API's event stream, as OpenAI sends it and its SDK parses it (`ResponseStreamEvent`).
+
+Each event is `event: <type>` plus `data: {"type", ..., "sequence_number"}` with numbers from 0 up; there is
+no `[DONE]`: response.completed (or .incomplete, or .failed after an error) is the last event and carries the
+whole response. Items come one after another: text opens an assistant message (output_item.added,
+content_part.added, then output_text.delta events); a tool call closes it (output_text.done,
+content_part.done, output_item.done) and opens a function_call item whose arguments arrive as
+function_call_arguments.delta events. The items built here are the ones the final response carries, so
+their ids and texts agree with what was streamed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshserve.serve.errors import error_payload
+from meshserve.serve.protocol import DeltaToolCall
+from meshserve.serve.responses_output import (
+    finished,
+    function_call_item,
+    item_status,
+    message_item,
+)
+from meshserve.serve.responses_protocol import (
+    OutputFunctionCall,
+    OutputMessage,
+    OutputText,
+    ResponseError,
+    ResponseObject,
+    ResponseUsage,
+)
+from meshserve.serve.streaming import sse_event
+
+TERMINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+
+
+def _dump(model) -> dict[str, Any]:
+    return model.model_dump(mode="json", by_alias=True)
+
+
+class ResponseEvents:
+    """One response's events: the sequence numbers, and its output items as far as they are written."""
+
+    def __init__(self, base: ResponseObject):
+        self.base = base
+        self.sequence_number = 0
+        self.items: list[OutputMessage | OutputFunctionCall] = []
+        self.message: OutputMessage | None = None  # the message being written, if any
+        self.calls: dict[int, OutputFunctionCall] = {}  # the tool-call stream's index -> its item
+        self.open_call: OutputFunctionCall | None = None
+
+    def _event(self, kind: str, **fields: Any) -> str:
+        body = {"type": kind, **fields, "sequence_number": self.sequence_number}
+        self.sequence_number += 1
+        return f"event: {kind}\n{sse_event(body)}"
+
+    def _index(self, item) -> int:
+        return next(i for i, it in enumerate(self.items) if it is item)
+
+    def start(self) -> list[str]:
+        return [self._event("response.created", response=_dump(self.base)),
+                self._event("response.in_progress", response=_dump(self.base))]
+
+    # -- text ------------------------------------------------------------------------------------
+    def _open_message(self) -> list[str]:
+        events = self._close_call(incomplete=False)
+        self.message = message_item(None, "in_progress")
+        self.items.append(self.message)
+        index = len(self.items) - 1
+        added = self._event("response.output_item.added", output_index=index, item=_dump(self.message))
+        self.message.content.append(OutputText(text=""))
+        part = self._event("response.content_part.added", item_id=self.message.id, output_index=index,
+                           content_index=0, part=_dump(self.message.content[0]))
+        return [*events, added, part]
+
+    def text(self, delta: str | None) -> list[str]:
+        if not delta:
+            return []
+        events = self._open_message() if self.message is None else []
+        assert self.message is not None
+        self.message.content[0].text += delta
+        events.append(self._event("response.output_text.delta", item_id=self.message.id,
+                                  output_index=self._index(self.message), content_index=0, delta=delta, logprobs=[]))
+        return events
+
+    def _close_message(self, incomplete: bool) -> list[str]:
+        m = self.message
+        if m is None:
+            return []
+        self.message = None
+        index = self._index(m)
+        m.status = item_status(incomplete, last=index == len(self.items) - 1)
+        part = m.content[0]
+        return [self._event("response.output_text.done", item_id=m.id, output_index=index, content_index=0,
+                            text=part.text, logprobs=[]),
+                self._event("response.content_part.done", item_id=m.id, output_index=index, content_index=0,
+                            part=_dump(part)),
+                self._event("response.output_item.done", output_index=index, item=_dump(m))]
+
+    # -- tool calls ------------------------------------------------------------------------------
+    def call(self, delta: DeltaToolCall) -> list[str]:
+        events: list[str] = []
+        item = self.calls.get(delta.index)
+        if item is None:  # a call's first delta carries its id and name (tool_call_stream.py)
+            events += self._close_message(incomplete=False) + self._close_call(incomplete=False)
+            item = function_call_item(delta.id or "", delta.function.name or "", "", "in_progress")
+            self.calls[delta.index] = self.open_call = item
+            self.items.append(item)
+            events.append(self._event("response.output_item.added", output_index=len(self.items) - 1,
+                                      item=_dump(item)))
+        if delta.function.arguments:
+            item.arguments += delta.function.arguments
+            events.append(self._event("response.function_call_arguments.delta", item_id=item.id,
+                                      output_index=self._index(item), delta=delta.function.arguments))
+        return events
+
+    def _close_call(self, incomplete: bool) -> list[str]:
+        item = self.open_call
+        if item is None:
+            return []
+        self.open_call = None
+        index = self._index(item)
+        item.status = item_status(incomplete, last=index == len(self.items) - 1)
+        return [self._event("response.function_call_arguments.done", item_id=item.id, output_index=index,
+                            arguments=item.arguments),
+                self._event("response.output_item.done", output_index=index, item=_dump(item))]
+
+    # -- the end ---------------------------------------------------------------------------------
+    def finish(self, usage: ResponseUsage, incomplete: bool) -> list[str]:
+        """Close what is open and send the whole response. An answer with no text and no call still
+        gets its (empty) message, as the whole response does."""
+        events = [] if self.items else self._open_message()
+        events += self._close_message(incomplete) + self._close_call(incomplete)
+        response = finished(self.base, list(self.items), usage, incomplete)
+        kind = "response.incomplete" if incomplete else "response.completed"
+        return [*events, self._event(kind, response=_dump(response))]
+
+    def fail(self, exc: BaseException) -> list[str]:
+        """After an error the status line is gone: an error event, then the failed response (with what was
+        written) as the last event."""
+        error = error_payload(exc)[1]["error"]
+        failed = self.base.model_copy(update={
+            "status": "failed", "output": list(self.items),
+            "error": ResponseError(code="server_error", message=error["message"])})
+        code = None if error["code"] is None else str(error["code"])
+        return [self._event("error", code=code, message=error["message"], param=error["param"]),
+                self._event("response.failed", response=_dump(failed))]

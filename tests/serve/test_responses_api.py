@@ -27,8 +27,13 @@ STREAM_EVENT = TypeAdapter(ResponseStreamEvent)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_engine):
-    srv = start_server(tiny_engine, ServeConfig(served_model_names=[MODEL]))
+def request_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("responses") / "requests.jsonl"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine, request_log):
+    srv = start_server(tiny_engine, ServeConfig(served_model_names=[MODEL], request_log=str(request_log)))
     yield srv
     srv.stop()
 
@@ -182,3 +187,123 @@ def test_bad_input_is_a_400_in_openais_shape(http, body, param, words):
 def test_bad_input_raises_in_the_client(client):
     with pytest.raises(openai.BadRequestError, match="does not store responses"):
         client.responses.create(model=MODEL, input="hi", previous_response_id="resp_1")
+
+
+# -- streaming --------------------------------------------------------------------------------------
+def _raw_events(http, body: dict) -> list:
+    """The stream's events, each validated against the SDK's ResponseStreamEvent union (not only
+    constructed), its `event:` line equal to its type."""
+    events = []
+    with http.stream("POST", "/v1/responses", json={"model": MODEL, "stream": True, **body}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                event = STREAM_EVENT.validate_json(line.removeprefix("data: "))
+                assert event.type == kind
+                events.append(event)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    return events
+
+
+def _runs(kinds: list[str]) -> list[str]:
+    return [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
+
+
+def test_stream_events_and_deltas_equal_the_whole_response(client, http):
+    body = {"input": "Count to three", "max_output_tokens": 15, "temperature": 0, "instructions": "Count."}
+    whole = client.responses.create(model=MODEL, **body)
+    events = _raw_events(http, body)
+    kinds = [e.type for e in events]
+    n = kinds.count("response.output_text.delta")
+    assert n >= 1 and kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                                "response.content_part.added", *["response.output_text.delta"] * n,
+                                "response.output_text.done", "response.content_part.done",
+                                "response.output_item.done", f"response.{whole.status}"]
+    assert events[0].response.status == "in_progress" and events[0].response.output == []
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == _text(whole) == events[-4].text
+    item_id = events[2].item.id
+    assert all(e.item_id == item_id for e in events if hasattr(e, "item_id"))
+    final = events[-1].response
+    assert _text(final) == deltas and final.output[0].id == item_id and final.id == events[0].response.id
+    assert final.usage.output_tokens == whole.usage.output_tokens
+    assert final.usage.input_tokens == whole.usage.input_tokens
+    # through the SDK: the plain iterator, and the stream helper that accumulates the events
+    parsed = list(client.responses.create(model=MODEL, stream=True, **body))  # deltas may merge differently
+    assert _runs([e.type for e in parsed]) == _runs(kinds)
+    assert "".join(e.delta for e in parsed if e.type == "response.output_text.delta") == deltas
+    with client.responses.stream(model=MODEL, **body) as stream:  # its snapshot: the text accumulated so far
+        snapshots = [e.snapshot for e in stream if e.type == "response.output_text.delta"]
+    assert snapshots[-1] == _text(whole)
+
+
+def test_stream_incomplete_at_the_limit(http):
+    events = _raw_events(http, {"input": "Tell me a story", "max_output_tokens": 4, "temperature": 0,
+                                "ignore_eos": True})
+    final = events[-1]
+    assert final.type == "response.incomplete" and final.response.incomplete_details.reason == "max_output_tokens"
+    assert final.response.usage.output_tokens == 4 and final.response.output[0].status == "incomplete"
+
+
+def test_streamed_function_call_equals_the_whole_one(client, http):
+    body = {"input": "Weather in Rome?", "tools": [WEATHER], "tool_choice": "required", "temperature": 0,
+            "parallel_tool_calls": False, "max_output_tokens": 200}
+    (whole,) = client.responses.create(model=MODEL, **body).output
+    events = _raw_events(http, body)
+    kinds = [e.type for e in events]
+    n = kinds.count("response.function_call_arguments.delta")
+    assert n >= 1 and kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                                *["response.function_call_arguments.delta"] * n,
+                                "response.function_call_arguments.done", "response.output_item.done",
+                                "response.completed"]
+    added, done, final = events[2].item, events[-2].item, events[-1].response
+    assert added.type == "function_call" and added.arguments == "" and added.name == "get_weather"
+    arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert arguments == events[-3].arguments == done.arguments == whole.arguments
+    assert done.status == "completed" and final.output == [done] and done.call_id == added.call_id
+    with client.responses.stream(model=MODEL, **body) as stream:
+        (call,) = stream.get_final_response().output
+    assert call.type == "function_call" and call.arguments == whole.arguments
+
+
+def test_engine_error_mid_stream_ends_with_response_failed(http, monkeypatch):
+    from meshserve.serve.engine_client import EngineRequest
+
+    async def broken(self):
+        yield self.first
+        raise RuntimeError("the engine broke")
+
+    monkeypatch.setattr(EngineRequest, "__aiter__", broken)
+    events = _raw_events(http, {"input": "Hello", "max_output_tokens": 20, "temperature": 0, "ignore_eos": True})
+    assert [e.type for e in events[-2:]] == ["error", "response.failed"]
+    assert events[-2].code == "internal_error" and events[-2].message == "internal server error"
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error.code == "server_error"
+
+
+def _requests_total(http) -> dict[str, float]:
+    counts = {}
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("meshserve:requests_total{"):
+            counts[line.split('outcome="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_metrics_and_request_log_count_responses_as_chat_does(client, http, request_log):
+    before, lines = _requests_total(http), len(request_log.read_text().splitlines())
+    whole = client.responses.create(model=MODEL, input="Hi", max_output_tokens=5, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    streamed = list(client.responses.create(model=MODEL, input="Hi", max_output_tokens=6, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}))[-1].response
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model=MODEL, input="Hi", tools=[{"type": "function", "name": "f"}],
+                                tool_choice={"type": "function", "name": "g"})
+    after = _requests_total(http)
+    assert after["length"] - before.get("length", 0) == 2
+    assert after["invalid"] - before.get("invalid", 0) == 1
+    rows = [json.loads(line) for line in request_log.read_text().splitlines()[lines:]]
+    assert [(r["prompt_tokens"], r["output_tokens"], r["outcome"]) for r in rows] == [
+        (whole.usage.input_tokens, 5, "length"), (streamed.usage.input_tokens, 6, "length")]

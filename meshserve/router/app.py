@@ -29,7 +29,7 @@ from meshserve.serve.streaming import cancel_on_disconnect
 
 logger = logging.getLogger(__name__)
 
-PROXIED_POST = ("/v1/completions", "/v1/chat/completions")
+PROXIED_POST = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 
 
 class AdmissionMiddleware:

@@ -25,6 +25,15 @@ def _digest(kind: str, payload: str | list[int]) -> int:
     return int.from_bytes(hashlib.blake2b(f"{kind}:{raw}".encode(), digest_size=8).digest(), "big")
 
 
+def _responses_messages(body: dict[str, Any]) -> list[Any]:
+    """A /v1/responses body's instructions and input as chat messages, so it keys as the chat request that
+    it is served as (responses_input.py) does."""
+    instructions, items = body.get("instructions"), body.get("input")
+    system = [{"role": "system", "content": instructions}] if isinstance(instructions, str) else []
+    return system + ([{"role": "user", "content": items}] if isinstance(items, str)
+                     else items if isinstance(items, list) else [])
+
+
 def _chat_text(messages: list[Any]) -> str:
     """The messages as one string in order (role + text), so shared system prompts share a prefix."""
     parts: list[str] = []
@@ -46,6 +55,8 @@ def prefix_key(body: dict[str, Any] | None, block_chars: int = 64, block_tokens:
     prompt = body.get("prompt")
     if prompt is None and isinstance(body.get("messages"), list):
         prompt = _chat_text(body["messages"])
+    if prompt is None and "input" in body:
+        prompt = _chat_text(_responses_messages(body))
     if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
         prompt = prompt[0]  # a batch: the first prompt decides
     if isinstance(prompt, str) and prompt:

@@ -40,6 +40,7 @@ from meshserve.router.prefix import parse_body, prefix_key
 from meshserve.router.replica import Replica
 from meshserve.router.upstream import AbortableResponse, Aborted, FastResponse, FastUpstream, HttpxUpstream
 from meshserve.serve.errors import error_payload
+from meshserve.serve.responses_stream import TERMINAL_EVENTS
 from meshserve.serve.streaming import SSE_DONE, sse_error
 
 logger = logging.getLogger(__name__)
@@ -105,10 +106,14 @@ def _take_whole_events(buffer: bytearray) -> bytes:
     return whole
 
 
+# a stream's last event: [DONE], or for /v1/responses (which sends none) its response's last event
+_STREAM_ENDS = (b"data: [DONE]", *(f"event: {kind}\n".encode() for kind in TERMINAL_EVENTS))
+
+
 def _has_done(events: bytes) -> bool:
-    """Whether whole events hold `data: [DONE]` (an event starts the piece or follows a blank line; JSON
-    escapes newlines, so no event's data holds a blank line)."""
-    return events.startswith(b"data: [DONE]") or b"\n\ndata: [DONE]" in events
+    """Whether whole events hold a stream's last event (an event starts the piece or follows a blank line;
+    JSON escapes newlines, so no event's data holds a blank line)."""
+    return any(events.startswith(end) or b"\n\n" + end in events for end in _STREAM_ENDS)
 
 
 class _RelayedStream(StreamingResponse):
@@ -339,7 +344,7 @@ class Proxy:
                     if whole:  # the chunk's whole events in one send: a send costs more than its bytes
                         done = done or _has_done(whole)
                         yield whole
-                reason = None if done else "the replica closed the stream before [DONE]"
+                reason = None if done else "the replica closed the stream before its last event"
             except httpx.TimeoutException:
                 reason = "the replica stopped sending (read timeout)"
                 replica.eject("timed out mid-stream")

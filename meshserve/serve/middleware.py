@@ -22,7 +22,7 @@ from meshserve.serve.frontend_load import ARRIVAL
 
 # Paths that stay open without an API key and while draining (probes and scrapers must see the state).
 _OPEN_PATHS = ("/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs", "/redoc")
-_GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+_GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 
 
 @dataclass

@@ -244,8 +244,8 @@ class ResponseError(OpenAIModel):
     message: str
 
 
-def _now() -> float:
-    return time.time()
+def _now() -> int:
+    return int(time.time())
 
 
 class ResponseObject(OpenAIModel):
@@ -253,7 +253,7 @@ class ResponseObject(OpenAIModel):
 
     id: str
     object: Literal["response"] = "response"
-    created_at: float = Field(default_factory=_now)
+    created_at: int = Field(default_factory=_now)  # whole seconds, as chat's `created`
     status: Literal["completed", "failed", "in_progress", "incomplete"]
     error: ResponseError | None = None
     incomplete_details: IncompleteDetails | None = None

@@ -64,6 +64,9 @@ def test_a_lagging_front_end_answers_429_at_once_and_recovers(fake_slo_server):
         err = r.json()["error"]
         assert err["code"] == "slo_unattainable" and err["type"] == "rate_limit_error"
         refused.append(elapsed)
+    client.load.loop_lag.add(0.5)  # /v1/responses is a generation path too: refused at the gate alike
+    r = httpx.post(srv.v1 + "/responses", json={"model": "fake", "input": "x"}, timeout=30)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "slo_unattainable", r.text
     # answered from the headers and body bytes, no parsing, no engine: faster than the same request admitted.
     # Relative, not an absolute bound (a refusal took 0.24 s at a load of 8 on 2 cores); the fastest of
     # each, so that one stall of a busy machine decides nothing
@@ -72,8 +75,8 @@ def test_a_lagging_front_end_answers_429_at_once_and_recovers(fake_slo_server):
     r, _ = _post(srv, slo={"ttft_ms": 60_000})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     metrics = httpx.get(srv.base_url + "/metrics").text
-    assert 'meshserve:requests_rejected_total{reason="slo_unattainable"} 3.0' in metrics
-    assert "meshserve:requests_refused_at_gate_total 3.0" in metrics  # all three before parsing
+    assert 'meshserve:requests_rejected_total{reason="slo_unattainable"} 4.0' in metrics
+    assert "meshserve:requests_refused_at_gate_total 4.0" in metrics  # all four before parsing
     # the stall leaves the 1 s window, and requests are taken again (the wait guards against a hang only:
     # on a busy machine the lag watcher may itself see a real stall for a while)
     deadline = time.monotonic() + 30

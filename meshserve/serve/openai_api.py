@@ -20,7 +20,6 @@ from meshserve.serve.engine_client import EngineClient
 from meshserve.serve.errors import error_body, error_payload, validation_error_payload
 from meshserve.serve.metrics import ServerMetrics
 from meshserve.serve.middleware import GateMiddleware, ServerState
-from meshserve.serve.request_log import RequestLog
 from meshserve.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -36,6 +35,7 @@ from meshserve.serve.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
+from meshserve.serve.request_log import RequestLog
 from meshserve.serve.responses_protocol import ResponseObject, ResponsesRequest
 from meshserve.serve.serving_chat import ChatService
 from meshserve.serve.serving_completion import CompletionService

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
-from meshserve.serve.protocol import OpenAIModel, ServiceLevel, _INT64_MAX, _INT64_MIN
+from meshserve.serve.protocol import _INT64_MAX, _INT64_MIN, OpenAIModel, ServiceLevel
 
 
 # -- input items ------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def _check_items(items: list[Any]) -> list[Any]:
     out = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            raise ValueError(f"input items must be objects (input[{i}])")
+            raise ValueError(f"input items must be objects (input[{i}])")  # noqa: TRY004 - pydantic wants ValueError
         if "type" not in item and "role" in item:
             item = {**item, "type": "message"}
         kind = item.get("type")

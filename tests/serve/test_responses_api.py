@@ -16,7 +16,7 @@ from meshserve.serve.config import ServeConfig
 from tests.serve.conftest import start_server
 
 openai = pytest.importorskip("openai")
-from openai.types.responses import Response, ResponseStreamEvent  # noqa: E402
+from openai.types.responses import Response, ResponseStreamEvent
 
 MODEL = "m"
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather of a city",

@@ -8,16 +8,16 @@ import json
 import pytest
 from pydantic import TypeAdapter
 
+from meshserve.sampling import SamplingParams
 from meshserve.serve.protocol import DeltaFunctionCall, DeltaToolCall
 from meshserve.serve.responses_output import in_progress
-from meshserve.serve.responses_protocol import ResponsesRequest, ResponseUsage, InputTokensDetails
+from meshserve.serve.responses_protocol import InputTokensDetails, ResponsesRequest, ResponseUsage
 from meshserve.serve.responses_stream import ResponseEvents
-from meshserve.sampling import SamplingParams
 
 openai = pytest.importorskip("openai")
-from openai import omit  # noqa: E402
-from openai.lib.streaming.responses._responses import ResponseStreamState  # noqa: E402
-from openai.types.responses import ResponseStreamEvent  # noqa: E402
+from openai import omit
+from openai.lib.streaming.responses._responses import ResponseStreamState
+from openai.types.responses import ResponseStreamEvent
 
 STREAM_EVENT = TypeAdapter(ResponseStreamEvent)
 USAGE = ResponseUsage(input_tokens=5, output_tokens=9, total_tokens=14,

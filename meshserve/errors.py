@@ -57,6 +57,17 @@ class ModelNotFoundError(MeshserveError):
         self.param = "model"
 
 
+class ResponseNotFoundError(MeshserveError):
+    """GET /v1/responses/{id} of a response this server does not keep (responses_store.py)."""
+
+    http_status = 404
+    error_type = "not_found_error"
+
+    def __init__(self, response_id: str):
+        super().__init__(f"no stored response with id {response_id!r}")
+        self.param = "response_id"
+
+
 class AuthenticationError(MeshserveError):
     """Missing or wrong API key."""
 

@@ -42,6 +42,9 @@ def register(subparsers) -> None:
     g.add_argument("--request-log", default=None, metavar="FILE",
                    help="append a JSON line per served prompt (arrival time, prompt and output tokens, TTFT): "
                         "the traffic `meshserve simulate --trace FILE` replays")
+    g.add_argument("--responses-store-size", type=int, default=0, metavar="N",
+                   help="keep the last N /v1/responses answers in memory for previous_response_id and GET "
+                        "/v1/responses/{id} (default 0: none kept; one API process only)")
     g.add_argument("--engine-in-thread", action="store_true",
                    help="run the engine loop in a thread of the server process (default: its own process)")
     g.add_argument("--api-server-count", type=int, default=None,
@@ -79,13 +82,28 @@ def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:
         raise InvalidArgumentError("--drain-timeout must be >= 0", param="drain_timeout")
     if ns.enable_auto_tool_choice and not ns.tool_call_parser:
         raise InvalidArgumentError("--enable-auto-tool-choice needs --tool-call-parser", param="tool_call_parser")
+    if ns.responses_store_size < 0:
+        raise InvalidArgumentError("--responses-store-size must be >= 0", param="responses_store_size")
     if not 0 <= ns.port <= 65535:
         raise InvalidArgumentError("--port must be in [0, 65535]", param="port")
     return ServeConfig(served_model_names=ns.served_model_name or [model], api_key=ns.api_key or None,
                        max_queue_len=ns.max_queue_len, max_request_body_bytes=ns.max_request_body_bytes,
                        drain_timeout_s=ns.drain_timeout,
                        enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,
-                       gc_freeze=not ns.no_gc_freeze, request_log=ns.request_log)
+                       gc_freeze=not ns.no_gc_freeze, request_log=ns.request_log,
+                       responses_store_size=ns.responses_store_size)
+
+
+def check_responses_store(ns: argparse.Namespace) -> None:
+    """The store is one API process's memory: a follow-up (previous_response_id) must reach that process."""
+    if not ns.responses_store_size:
+        return
+    if ns.data_parallel_size > 1 and ns.data_parallel_backend == "router":
+        raise InvalidArgumentError("--responses-store-size keeps responses in one replica's memory: behind the "
+                                   "router a follow-up may reach another", param="responses_store_size")
+    if (ns.api_server_count or ns.data_parallel_size) > 1:  # unset: one API process per engine core
+        raise InvalidArgumentError("--responses-store-size keeps responses in one API process's memory: it needs "
+                                   "--api-server-count 1", param="responses_store_size")
 
 
 def bind_listen_socket(host: str, port: int) -> socket.socket:
@@ -121,6 +139,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     if ns.data_parallel_size < 1:
         raise InvalidArgumentError("--data-parallel-size must be >= 1", param="data_parallel_size")
     dp = ns.data_parallel_size
+    check_responses_store(ns)
     if dp > 1 and ns.data_parallel_backend == "router":  # N child `meshserve serve` replicas + the router here
         from meshserve.router.launcher import serve_data_parallel
 

@@ -27,6 +27,7 @@ class ServeConfig:
     tool_call_parser: str | None = None  # a name in meshserve.serve.tool_parsers.TOOL_PARSERS
     gc_freeze: bool = True  # freeze the start-up heap once serving, so full collections stay short (heap.py)
     request_log: str | None = None  # --request-log: a JSON line per served prompt (request_log.py)
+    responses_store_size: int = 0  # --responses-store-size: responses kept for previous_response_id (0: none)
 
     @property
     def model_name(self) -> str:

@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from meshserve import __version__
 from meshserve.engine.async_engine import AsyncLLM
-from meshserve.errors import ModelNotFoundError
+from meshserve.errors import ModelNotFoundError, ResponseNotFoundError
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient
 from meshserve.serve.errors import error_body, error_payload, validation_error_payload
@@ -37,6 +37,7 @@ from meshserve.serve.protocol import (
 )
 from meshserve.serve.request_log import RequestLog
 from meshserve.serve.responses_protocol import ResponseObject, ResponsesRequest
+from meshserve.serve.responses_store import ResponseStore
 from meshserve.serve.serving_chat import ChatService
 from meshserve.serve.serving_completion import CompletionService
 from meshserve.serve.serving_responses import ResponsesService
@@ -109,7 +110,8 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     metrics.watch_admission_margin(async_llm.admission_margin)
     completions = CompletionService(client, config, metrics)
     chat = ChatService(client, config, metrics)
-    responses = ResponsesService(chat)
+    store = ResponseStore(config.responses_store_size) if config.responses_store_size else None
+    responses = ResponsesService(chat, store)
     tokenizer = TokenizeService(client, config)
     max_model_len = config.max_model_len or client.max_model_len
 
@@ -134,6 +136,13 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     @app.post("/v1/responses", response_model=ResponseObject, responses=_GENERATION_RESPONSES)
     async def create_response(body: ResponsesRequest, request: Request):
         return await _answer(request, responses.create(body))
+
+    @app.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=_ERRORS)
+    async def retrieve_response(response_id: str):
+        try:
+            return responses.retrieve(response_id)
+        except ResponseNotFoundError as e:
+            return _json_error(*error_payload(e)[:2])
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
     async def tokenize(body: TokenizeRequest, request: Request):

@@ -1,7 +1,8 @@
 """A Responses API request as the chat completion it amounts to, so /v1/responses runs the chat endpoint's
 own checks, tool plan, structured outputs, sampling defaults and template (one path, not two).
 
-instructions become a system message first; a string input one user message; function_call items join the
+instructions become a system message first, then come the conversation of a stored previous response (if
+previous_response_id names one) and the input: a string is one user message; function_call items join the
 assistant turn before them (or make one) as tool_calls, function_call_output items become tool messages.
 Errors raised on the chat request name the chat fields; `in_responses_terms` renames them back.
 """
@@ -9,6 +10,7 @@ Errors raised on the chat request name the chat fields; `in_responses_terms` ren
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -18,6 +20,7 @@ from meshserve.serve.protocol import ChatCompletionRequest
 from meshserve.serve.responses_protocol import (
     FunctionCallItem,
     FunctionCallOutputItem,
+    InputItem,
     InputMessage,
     ResponsesRequest,
 )
@@ -25,10 +28,6 @@ from meshserve.serve.responses_protocol import (
 
 def reject_unsupported(req: ResponsesRequest) -> None:
     """A 400 naming a Responses parameter that would change the answer and that meshserve does not implement."""
-    if req.previous_response_id is not None:
-        raise InvalidArgumentError("previous_response_id is not supported: this server does not store responses "
-                                   "(store is accepted and ignored); send the whole conversation as input items",
-                                   param="previous_response_id")
     if req.conversation is not None:
         raise InvalidArgumentError("conversation is not supported: this server keeps no conversation state; send "
                                    "the whole conversation as input items", param="conversation")
@@ -43,12 +42,17 @@ def reject_unsupported(req: ResponsesRequest) -> None:
                                    "returns logprobs", param="top_logprobs")
 
 
-def chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
+def input_items(req: ResponsesRequest) -> list[InputItem]:
+    """The request's input as items: a string is one user message."""
+    return [InputMessage(role="user", content=req.input)] if isinstance(req.input, str) else list(req.input)
+
+
+def chat_messages(req: ResponsesRequest, earlier: list[InputItem]) -> list[dict[str, Any]]:
+    """instructions, the conversation before (a stored previous response's), then the request's input."""
     messages: list[dict[str, Any]] = []
     if req.instructions is not None:
         messages.append({"role": "system", "content": req.instructions})
-    items = [InputMessage(role="user", content=req.input)] if isinstance(req.input, str) else req.input
-    for item in items:
+    for item in [*earlier, *input_items(req)]:
         if isinstance(item, InputMessage):
             messages.append({"role": item.role, "content": item.text()})
         elif isinstance(item, FunctionCallItem):
@@ -74,15 +78,16 @@ def _response_format(req: ResponsesRequest) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": {k: v for k, v in spec.items() if v is not None}}
 
 
-def chat_request_of(req: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat request that answers this Responses request (checked: a 400 names what is not supported)."""
+def chat_request_of(req: ResponsesRequest, earlier: Sequence[InputItem] = ()) -> ChatCompletionRequest:
+    """The chat request that answers this Responses request, after the conversation `earlier` (checked: a 400
+    names what is not supported)."""
     reject_unsupported(req)
     tool_choice: Any = req.tool_choice
     if tool_choice is not None and not isinstance(tool_choice, str):
         tool_choice = {"type": "function", "function": {"name": tool_choice.name}}
     fields = {
         "model": req.model,
-        "messages": chat_messages(req),
+        "messages": chat_messages(req, list(earlier)),
         "max_completion_tokens": req.max_output_tokens,
         "temperature": req.temperature,
         "top_p": req.top_p,

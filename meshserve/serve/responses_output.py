@@ -50,7 +50,8 @@ def response_usage(final: RequestOutput) -> ResponseUsage:
                          total_tokens=u.total_tokens, input_tokens_details=InputTokensDetails(cached_tokens=cached))
 
 
-def in_progress(req: ResponsesRequest, response_id: str, model: str, params: SamplingParams) -> ResponseObject:
+def in_progress(req: ResponsesRequest, response_id: str, model: str, params: SamplingParams,
+                stored: bool = False) -> ResponseObject:
     """The response as it starts: no output yet; the settings it runs with (sampling as resolved)."""
     return ResponseObject(
         id=response_id, status="in_progress", model=model, instructions=req.instructions,
@@ -59,7 +60,8 @@ def in_progress(req: ResponsesRequest, response_id: str, model: str, params: Sam
         parallel_tool_calls=req.parallel_tool_calls,
         text=req.text if req.text is not None and req.text.format is not None
         else TextConfig(format=TextFormat(type="text")),
-        metadata=req.metadata, user=req.user, truncation=req.truncation or "disabled")
+        metadata=req.metadata, user=req.user, truncation=req.truncation or "disabled", store=stored,
+        previous_response_id=req.previous_response_id)
 
 
 def finished(base: ResponseObject, output: list[OutputItem], usage: ResponseUsage,

@@ -2,10 +2,10 @@
 and the response object with its output items. Shapes follow `openai.types.responses`, as vLLM serves them.
 
 As in protocol.py, unknown fields are ignored and parameters that would change the answer but are not
-implemented (previous_response_id, conversation, prompt templates, background, top_logprobs, tools other
-than functions, input other than text) are refused with a 400 naming them. Input items and tools are
-checked before their union is parsed, so a bad one gets one sentence naming its index and type rather than
-pydantic's error per union branch.
+implemented (conversation, prompt templates, background, top_logprobs, tools other than functions, input
+other than text; previous_response_id without a store) are refused with a 400 naming them. Input items and
+tools are checked before their union is parsed, so a bad one gets one sentence naming its index and type
+rather than pydantic's error per union branch.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class ResponsesRequest(OpenAIModel):
     stream: bool = False
     user: str | None = None
     metadata: dict[str, str] | None = None
-    store: bool | None = None  # accepted; nothing is stored
+    store: bool | None = None  # kept only with --responses-store-size (responses_store.py); default: as true
     reasoning: dict[str, Any] | None = None  # accepted and ignored: no reasoning items are produced
     parallel_tool_calls: bool = True
     tools: list[FunctionTool] | None = None
@@ -147,7 +147,7 @@ class ResponsesRequest(OpenAIModel):
     text: TextConfig | None = None
     truncation: Literal["auto", "disabled"] | None = None  # "auto" is accepted: a too-long input is a 400
     # OpenAI parameters not implemented: a request that uses them is refused (400), never answered differently
-    previous_response_id: str | None = Field(None, description="not supported: responses are not stored")
+    previous_response_id: str | None = Field(None, description="needs --responses-store-size (else a 400)")
     conversation: str | dict[str, Any] | None = Field(None, description="not supported: no conversation state")
     prompt: dict[str, Any] | None = Field(None, description="not supported: no stored prompt templates")
     background: bool | None = Field(None, description="not supported beyond false")
@@ -270,7 +270,7 @@ class ResponseObject(OpenAIModel):
     text: TextConfig | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
-    store: bool = False  # what was done: nothing is stored
+    store: bool = False  # whether this response is kept (only with a store)
     truncation: Literal["auto", "disabled"] = "disabled"
     previous_response_id: str | None = None
     background: bool = False

@@ -48,6 +48,7 @@ class ResponseEvents:
         self.message: OutputMessage | None = None  # the message being written, if any
         self.calls: dict[int, OutputFunctionCall] = {}  # the tool-call stream's index -> its item
         self.open_call: OutputFunctionCall | None = None
+        self.response: ResponseObject | None = None  # the whole response, once finished
 
     def _event(self, kind: str, **fields: Any) -> str:
         body = {"type": kind, **fields, "sequence_number": self.sequence_number}
@@ -131,7 +132,7 @@ class ResponseEvents:
         gets its (empty) message, as the whole response does."""
         events = [] if self.items else self._open_message()
         events += self._close_message(incomplete) + self._close_call(incomplete)
-        response = finished(self.base, list(self.items), usage, incomplete)
+        response = self.response = finished(self.base, list(self.items), usage, incomplete)
         kind = "response.incomplete" if incomplete else "response.completed"
         return [*events, self._event(kind, response=_dump(response))]
 

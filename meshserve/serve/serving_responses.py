@@ -1,6 +1,8 @@
 """POST /v1/responses: OpenAI's Responses API over the chat endpoint's path (responses_input.py turns the
 request into its chat request; ChatService.start checks, renders and starts it), answered as one response
-object or as its event stream (responses_stream.py). Nothing is stored: previous_response_id is refused."""
+object or as its event stream (responses_stream.py). With a store (--responses-store-size, responses_store.py)
+finished responses are kept for previous_response_id and GET /v1/responses/{id}; without one nothing is kept
+and previous_response_id is a 400."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from collections.abc import AsyncIterator
 
 from starlette.responses import Response
 
+from meshserve.errors import InvalidArgumentError, ResponseNotFoundError
 from meshserve.outputs import RequestOutput
 from meshserve.serve.metrics import RequestTracker, outcome_of
-from meshserve.serve.responses_input import chat_request_of, in_responses_terms
+from meshserve.serve.responses_input import chat_request_of, in_responses_terms, input_items
 from meshserve.serve.responses_output import (
     finished,
     function_call_item,
@@ -21,7 +24,8 @@ from meshserve.serve.responses_output import (
     new_item_id,
     response_usage,
 )
-from meshserve.serve.responses_protocol import OutputItem, ResponseObject, ResponsesRequest
+from meshserve.serve.responses_protocol import InputItem, OutputItem, ResponseObject, ResponsesRequest
+from meshserve.serve.responses_store import ResponseStore
 from meshserve.serve.responses_stream import ResponseEvents
 from meshserve.serve.serving_chat import ChatService, ChatStart
 from meshserve.serve.serving_common import StreamState, accumulate, collect_outputs
@@ -30,22 +34,48 @@ from meshserve.serve.tool_call_stream import ToolCallStream
 
 
 class ResponsesService:
-    def __init__(self, chat: ChatService):
+    def __init__(self, chat: ChatService, store: ResponseStore | None = None):
         self.chat = chat
+        self.store = store
+
+    def retrieve(self, response_id: str) -> ResponseObject:
+        stored = self.store.get(response_id) if self.store is not None else None
+        if stored is None:
+            raise ResponseNotFoundError(response_id)
+        return stored.response
+
+    def _earlier(self, req: ResponsesRequest) -> list[InputItem]:
+        """The conversation that previous_response_id continues (none without it)."""
+        if req.previous_response_id is None:
+            return []
+        if self.store is None:
+            raise InvalidArgumentError("previous_response_id is not supported: this server does not store "
+                                       "responses (store is accepted and ignored; `meshserve serve "
+                                       "--responses-store-size N` keeps the last N); send the whole conversation "
+                                       "as input items", param="previous_response_id")
+        return self.store.conversation_before(req.previous_response_id)
 
     async def create(self, req: ResponsesRequest) -> Response | ResponseObject:
         tracker = self.chat.metrics.track()
         response_id = new_item_id("resp")
         try:
-            started = await self.chat.start(chat_request_of(req), tracker, response_id)
+            earlier = self._earlier(req)
+            started = await self.chat.start(chat_request_of(req, earlier), tracker, response_id)
         except BaseException as e:
             tracker.fail(e)
             in_responses_terms(e)
             raise
-        base = in_progress(req, response_id, started.model, started.params)
+        keep = self.store is not None and req.store is not False  # OpenAI's default is to store
+        base = in_progress(req, response_id, started.model, started.params, stored=keep)
+        conversation = [*earlier, *input_items(req)] if keep else None
         if req.stream:
-            return SSEResponse(self._stream(base, started, tracker))
-        return await self._whole(base, started, tracker)
+            return SSEResponse(self._stream(base, started, tracker, conversation))
+        return self._kept(await self._whole(base, started, tracker), conversation)
+
+    def _kept(self, response: ResponseObject, conversation: list[InputItem] | None) -> ResponseObject:
+        if conversation is not None and self.store is not None:
+            self.store.put(response, conversation)
+        return response
 
     async def _whole(self, base: ResponseObject, started: ChatStart, tracker: RequestTracker) -> ResponseObject:
         try:
@@ -64,8 +94,8 @@ class ResponsesService:
                                              item_status(incomplete, last=k == len(calls) - 1)))
         return finished(base, output, response_usage(final), incomplete)
 
-    async def _stream(self, base: ResponseObject, started: ChatStart,
-                      tracker: RequestTracker) -> AsyncIterator[str]:
+    async def _stream(self, base: ResponseObject, started: ChatStart, tracker: RequestTracker,
+                      conversation: list[InputItem] | None) -> AsyncIterator[str]:
         plan, request = started.plan, started.request
         events = ResponseEvents(base)
         state = StreamState(every_token=not self.chat.client.has_tokenizer)
@@ -95,7 +125,10 @@ class ResponsesService:
                             yield e
             assert final is not None
             outcome = outcome_of([final])
-            for e in events.finish(response_usage(final), final.outputs[0].finish_reason == "length"):
+            last = events.finish(response_usage(final), final.outputs[0].finish_reason == "length")
+            assert events.response is not None
+            self._kept(events.response, conversation)  # before the last event: a client may continue at once
+            for e in last:
                 yield e
         except asyncio.CancelledError:
             raise

@@ -1,0 +1,81 @@
+"""`--responses-store-size N`: the last N responses answered with `store` (OpenAI's default), kept in this API
+process's memory, so that a request may continue one by `previous_response_id` and GET /v1/responses/{id}
+returns it. Off by default (as vLLM's store): nothing is kept and previous_response_id is a 400.
+
+What is kept of a response is its conversation as input items (the previous conversation, this request's
+input, its output as assistant messages and function calls) without its instructions, which OpenAI does not
+carry over to the next response either. The least recently used response goes first once N are kept; a
+restart forgets them all, and another API process or replica has its own (the CLI refuses the flag with
+several API processes).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from meshserve.errors import InvalidArgumentError
+from meshserve.serve.responses_protocol import (
+    FunctionCallItem,
+    InputItem,
+    InputMessage,
+    InputTextPart,
+    OutputFunctionCall,
+    ResponseObject,
+)
+
+
+@dataclass
+class StoredResponse:
+    response: ResponseObject
+    conversation: list[InputItem]  # its input (after the previous conversation) and its output, as input items
+
+
+def output_as_input(response: ResponseObject) -> list[InputItem]:
+    """A response's output items as the input items that send them back (assistant history)."""
+    items: list[InputItem] = []
+    for item in response.output:
+        if isinstance(item, OutputFunctionCall):
+            items.append(FunctionCallItem(type="function_call", call_id=item.call_id, name=item.name,
+                                          arguments=item.arguments))
+        else:
+            items.append(InputMessage(role="assistant", content=[InputTextPart(type="output_text", text=part.text)
+                                                                 for part in item.content]))
+    return items
+
+
+class ResponseStore:
+    """At most max_size responses by id, the least recently used dropped first."""
+
+    def __init__(self, max_size: int):
+        if max_size < 1:
+            raise InvalidArgumentError("the responses store needs room for at least one response",
+                                       param="responses_store_size")
+        self.max_size = max_size
+        self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._responses)
+
+    def get(self, response_id: str) -> StoredResponse | None:
+        stored = self._responses.get(response_id)
+        if stored is not None:
+            self._responses.move_to_end(response_id)
+        return stored
+
+    def put(self, response: ResponseObject, input_items: list[InputItem]) -> None:
+        """Keep a finished response with its conversation: input_items (the previous conversation and this
+        request's input) followed by its output."""
+        self._responses[response.id] = StoredResponse(response, [*input_items, *output_as_input(response)])
+        self._responses.move_to_end(response.id)
+        while len(self._responses) > self.max_size:
+            self._responses.popitem(last=False)
+
+    def conversation_before(self, previous_response_id: str) -> list[InputItem]:
+        """The conversation a request continues; a 400 naming previous_response_id when it is not kept."""
+        stored = self.get(previous_response_id)
+        if stored is None:
+            raise InvalidArgumentError(f"previous response {previous_response_id!r} is not found: this server "
+                                       f"keeps the last {self.max_size} stored responses, in memory",
+                                       param="previous_response_id")
+        return stored.conversation

@@ -1,0 +1,138 @@
+"""--responses-store-size: finished responses kept in memory (least recently used out first) so that
+previous_response_id continues one (its conversation without its instructions, as OpenAI's) and GET
+/v1/responses/{id} returns it; store=false keeps nothing; the CLI refuses the store with several API processes."""
+
+from __future__ import annotations
+
+import argparse
+
+import httpx
+import pytest
+
+from meshserve.errors import InvalidArgumentError
+from meshserve.serve.config import ServeConfig
+from meshserve.serve.responses_protocol import ResponseObject
+from meshserve.serve.responses_store import ResponseStore
+from tests.serve.conftest import start_server
+
+openai = pytest.importorskip("openai")
+
+MODEL = "m"
+SIZE = 4
+WEATHER = {"type": "function", "name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Za-z]{1,12}$"}}, "required": ["city"]}}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    srv = start_server(tiny_engine, ServeConfig(served_model_names=[MODEL], responses_store_size=SIZE))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=120)
+
+
+def _text(resp) -> str:
+    return resp.output[0].content[0].text
+
+
+def _create(client, **kw):
+    return client.responses.create(model=MODEL, max_output_tokens=6, temperature=0, extra_body={"ignore_eos": True},
+                                   **kw)
+
+
+def _chat(client, messages, **kw):
+    return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                          extra_body={"ignore_eos": True}, **kw)
+
+
+def test_previous_response_id_continues_its_conversation(client):
+    first = _create(client, instructions="Be brief.", input="Hi")
+    assert first.store is True and client.responses.retrieve(first.id).output == first.output
+    second = _create(client, previous_response_id=first.id, input="And then?")
+    assert second.previous_response_id == first.id
+    # the earlier instructions are not carried over; the earlier input and output are
+    chat = _chat(client, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _text(first)},
+                          {"role": "user", "content": "And then?"}])
+    assert _text(second) == chat.choices[0].message.content
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    third = _create(client, previous_response_id=second.id, input="Thanks", instructions="Be kind.")
+    chat = _chat(client, [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": _text(first)}, {"role": "user", "content": "And then?"},
+                          {"role": "assistant", "content": _text(second)}, {"role": "user", "content": "Thanks"}])
+    assert _text(third) == chat.choices[0].message.content
+
+
+def test_a_function_call_continued_with_its_output(client):
+    call_resp = client.responses.create(model=MODEL, input="Weather in Rome?", tools=[WEATHER],
+                                        tool_choice="required", parallel_tool_calls=False, temperature=0,
+                                        max_output_tokens=100)
+    (call,) = call_resp.output
+    answer = _create(client, previous_response_id=call_resp.id, tools=[WEATHER], tool_choice="none",
+                     input=[{"type": "function_call_output", "call_id": call.call_id, "output": "21 C"}])
+    chat = _chat(client, [{"role": "user", "content": "Weather in Rome?"},
+                          {"role": "assistant", "tool_calls": [{"id": call.call_id, "type": "function", "function": {
+                              "name": call.name, "arguments": call.arguments}}]},
+                          {"role": "tool", "tool_call_id": call.call_id, "content": "21 C"}],
+                 tools=[{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}],
+                 tool_choice="none")
+    assert _text(answer) == chat.choices[0].message.content
+
+
+def test_streamed_responses_are_kept_and_store_false_is_not(client, server):
+    events = list(client.responses.create(model=MODEL, input="Hello", max_output_tokens=5, temperature=0,
+                                          stream=True))
+    final = events[-1].response
+    assert final.store is True and client.responses.retrieve(final.id).output == final.output
+    unkept = _create(client, input="Hello", store=False)
+    assert unkept.store is False
+    r = httpx.get(f"{server.v1}/responses/{unkept.id}")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    with pytest.raises(openai.BadRequestError, match="is not found") as e:
+        _create(client, input="x", previous_response_id=unkept.id)
+    assert e.value.body["param"] == "previous_response_id"
+
+
+def test_the_least_recently_used_response_goes_first(client):
+    kept = [_create(client, input=f"n{i}") for i in range(SIZE)]
+    client.responses.retrieve(kept[0].id)  # used: now the most recent
+    _create(client, input="one more")
+    assert client.responses.retrieve(kept[0].id).id == kept[0].id
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(kept[1].id)
+
+
+def test_store_unit():
+    with pytest.raises(InvalidArgumentError):
+        ResponseStore(0)
+    store = ResponseStore(1)
+    a = ResponseObject(id="resp_a", status="completed", model="m")
+    store.put(a, [])
+    assert store.conversation_before("resp_a") == [] and len(store) == 1
+    store.put(ResponseObject(id="resp_b", status="completed", model="m"), [])
+    assert len(store) == 1 and store.get("resp_a") is None
+    with pytest.raises(InvalidArgumentError, match="resp_a"):
+        store.conversation_before("resp_a")
+
+
+def _serve_args(*extra: str) -> argparse.Namespace:
+    from meshserve.cli import build_parser
+
+    return build_parser().parse_args(["serve", *extra])
+
+
+def test_cli_refuses_a_store_several_processes_would_not_share():
+    from meshserve.serve.cli import check_responses_store, serve_config_from
+
+    ns = _serve_args("--responses-store-size", "8")
+    assert serve_config_from(ns, "m").responses_store_size == 8
+    check_responses_store(ns)
+    check_responses_store(_serve_args("--responses-store-size", "8", "-dp", "2", "--api-server-count", "1"))
+    with pytest.raises(InvalidArgumentError, match=">= 0"):
+        serve_config_from(_serve_args("--responses-store-size", "-1"), "m")
+    for extra in (["-dp", "2", "--data-parallel-backend", "router"], ["-dp", "2"], ["--api-server-count", "2"]):
+        with pytest.raises(InvalidArgumentError, match="one (replica|API process)"):
+            check_responses_store(_serve_args("--responses-store-size", "8", *extra))

@@ -56,6 +56,15 @@ _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
                        "event": {"type": "string"}}}}},
           "description": "JSON, or server-sent events when stream is true"},
 }
+# the Responses API's stream: each event named by `event`, no [DONE] (responses_stream.py)
+_RESPONSES_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    200: {"content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["event", "data"],
+        "properties": {"event": {"type": "string", "description": "the event's type, e.g. response.completed"},
+                       "data": {"type": "string", "description": "the event as JSON"}}}}},
+          "description": "the response as JSON, or its events when stream is true"},
+}
 _PROBE_RESPONSES: dict[int | str, dict[str, Any]] = {503: {"model": StatusResponse}}
 
 
@@ -133,7 +142,7 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await _answer(request, chat.create(body))
 
-    @app.post("/v1/responses", response_model=ResponseObject, responses=_GENERATION_RESPONSES)
+    @app.post("/v1/responses", response_model=ResponseObject, responses=_RESPONSES_RESPONSES)
     async def create_response(body: ResponsesRequest, request: Request):
         return await _answer(request, responses.create(body))
 

@@ -12,6 +12,7 @@ from meshserve.engine.args_check import check_engine_args
 from meshserve.entrypoints.worker import is_rank_zero, run_worker_ranks
 from meshserve.errors import InvalidArgumentError
 from meshserve.serve.config import DEFAULT_MAX_REQUEST_BODY_BYTES, ServeConfig
+from meshserve.serve.reasoning import REASONING_PARSERS
 from meshserve.serve.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ def register(subparsers) -> None:
                    help='allow tool_choice "auto": the model decides to call tools, --tool-call-parser reads them')
     g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
                    help="the tool-call format of the model's chat template (as vLLM names them)")
+    g.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split a reasoning model's chat output into message.reasoning and message.content "
+                        "(as vLLM names the parsers)")
     g.add_argument("--no-gc-freeze", action="store_true",
                    help="leave the API processes' start-up heap to the garbage collector (by default it is frozen "
                         "once serving: full collections otherwise stall the event loop 0.1-0.4 s under load)")
@@ -85,6 +89,7 @@ def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:
                        max_queue_len=ns.max_queue_len, max_request_body_bytes=ns.max_request_body_bytes,
                        drain_timeout_s=ns.drain_timeout,
                        enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,
+                       reasoning_parser=ns.reasoning_parser,
                        gc_freeze=not ns.no_gc_freeze, request_log=ns.request_log)
 
 

@@ -63,7 +63,7 @@ def register(subparsers) -> None:
                    help='allow tool_choice "auto": the model decides to call tools, --tool-call-parser reads them')
     g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
                    help="the tool-call format of the model's chat template (as vLLM names them)")
-    g.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+    g.add_argument("--reasoning-parser", default=None, metavar="{" + ",".join(sorted(REASONING_PARSERS)) + "}",
                    help="split a reasoning model's chat output into message.reasoning and message.content "
                         "(as vLLM names the parsers)")
     g.add_argument("--no-gc-freeze", action="store_true",
@@ -83,6 +83,9 @@ def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:
         raise InvalidArgumentError("--drain-timeout must be >= 0", param="drain_timeout")
     if ns.enable_auto_tool_choice and not ns.tool_call_parser:
         raise InvalidArgumentError("--enable-auto-tool-choice needs --tool-call-parser", param="tool_call_parser")
+    if ns.reasoning_parser is not None and ns.reasoning_parser not in REASONING_PARSERS:
+        raise InvalidArgumentError(f"unknown --reasoning-parser {ns.reasoning_parser!r}; choose from "
+                                   f"{', '.join(sorted(REASONING_PARSERS))}", param="reasoning_parser")
     if not 0 <= ns.port <= 65535:
         raise InvalidArgumentError("--port must be in [0, 65535]", param="port")
     return ServeConfig(served_model_names=ns.served_model_name or [model], api_key=ns.api_key or None,

@@ -20,7 +20,9 @@ tag waits for the next delta, so a tag split across deltas never shows in either
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
+
+from meshserve.serve.tool_parsers.base import held_back
 
 
 @dataclass
@@ -28,18 +30,10 @@ class ReasoningDelta:
     reasoning: str = ""
     content: str = ""
 
-    def __iadd__(self, other: ReasoningDelta) -> ReasoningDelta:
+    def __iadd__(self, other: ReasoningDelta) -> Self:
         self.reasoning += other.reasoning
         self.content += other.content
         return self
-
-
-def _held_back(text: str, tag: str) -> int:
-    """Length of the longest proper suffix of text that could begin the tag."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
 
 
 def _single_token_id(tokenizer: Any, tag: str) -> int | None:
@@ -79,10 +73,15 @@ class ReasoningParser:
         self.keeps_special_tokens = self.token_mode and any(
             _is_special(tokenizer, t) for t in (self.start_id, self.end_id))
 
-    # -- the parser's own rule -------------------------------------------------------------------
+    # -- the parser's own rules ------------------------------------------------------------------
     def starts_in_reasoning_by_default(self, template_kwargs: dict[str, Any] | None) -> bool:
         """Where an output starts when the prompt holds no tag: inside the span (both of vLLM's parsers)."""
         return True
+
+    def implicit_end(self, text: str) -> tuple[int, int]:
+        """Where in reasoning text something that ends the span without the end tag begins (-1: nowhere), and
+        from where the text must wait for more to tell (len(text): nothing waits). None by default."""
+        return -1, len(text)
 
     # -- the request's state ---------------------------------------------------------------------
     def prompt_state(self, prompt_ids: list[int] | None = None, prompt_text: str | None = None) -> bool | None:
@@ -176,17 +175,22 @@ class ReasoningStream:
         return True
 
     def _reasoning(self, out: ReasoningDelta) -> None:
-        p, tag = self.parser, self.parser.end_tag
-        if p.token_mode and not self.end_seen:  # no end token yet: all of it is reasoning, nothing held back
-            out.reasoning += self.pending
-            self.pending = ""
-            return
-        i = self.pending.find(tag)
-        if i >= 0:
-            out.reasoning += self.pending[:i]
-            self.pending = self.pending[i + len(tag):]
+        """Reasoning up to the end tag (dropped) or an implicit end (kept: it begins the content); text that
+        may still begin either waits."""
+        p, text = self.parser, self.pending
+        use_end = not p.token_mode or self.end_seen  # token mode: no end token yet, no end tag in the text
+        end = text.find(p.end_tag) if use_end else -1
+        implicit, wait_from = p.implicit_end(text)
+        if end >= 0 and (implicit < 0 or end < implicit):
+            out.reasoning += text[:end]
+            self.pending = text[end + len(p.end_tag):]
             self.phase = "content"
-            return
-        keep = _held_back(self.pending, tag)
-        out.reasoning += self.pending[:len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
+        elif implicit >= 0:
+            out.reasoning += text[:implicit]
+            self.pending = text[implicit:]
+            self.phase = "content"
+        else:
+            if use_end:
+                wait_from = min(wait_from, len(text) - held_back(text, p.end_tag))
+            out.reasoning += text[:wait_from]
+            self.pending = text[wait_from:]

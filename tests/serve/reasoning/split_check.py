@@ -24,7 +24,7 @@ def text_splits(text: str, max_cuts: int = 2):
     for cuts in range(max_cuts + 1):
         for points in itertools.combinations(range(1, len(text)), cuts):
             bounds = (0, *points, len(text))
-            yield [(text[a:b], []) for a, b in zip(bounds, bounds[1:])]
+            yield [(text[a:b], []) for a, b in itertools.pairwise(bounds)]
 
 
 def token_splits(tokenizer, ids: list[int]):
@@ -32,7 +32,7 @@ def token_splits(tokenizer, ids: list[int]):
     the ids so far adds (as the detokenizer streams it)."""
     def deltas(bounds):
         out, prev = [], ""
-        for a, b in zip(bounds, bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             now = tokenizer.decode(ids[:b])
             out.append((now[len(prev):], ids[a:b]))
             prev = now

@@ -70,7 +70,9 @@ def test_token_mode_text_lagging_its_ids(tokenizer):
 def test_prompt_state(tokenizer):
     """The last tag of the prompt decides where the output starts; none: the parser's default."""
     parser = get_reasoning_parser("deepseek_r1", tokenizer)
-    ids = lambda s: tokenizer(s).input_ids  # noqa: E731
+    def ids(text: str) -> list[int]:
+        return tokenizer(text).input_ids
+
     assert parser.prompt_state(ids("<|im_start|>assistant\n<think>\n")) is True
     assert parser.prompt_state(ids("<think>a</think>b<|im_start|>assistant\n<think>\n\n</think>\n\n")) is False
     assert parser.prompt_state(ids("<think>a</think> then <think>\n")) is True

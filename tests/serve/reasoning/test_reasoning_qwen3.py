@@ -44,3 +44,28 @@ def test_outputs(tokenizer, text, kwargs, expected):
     parser._test_tokenizer = tokenizer
     start = parser.starts_in_reasoning(kwargs, tokenizer("<|im_start|>assistant\n").input_ids)
     check_every_split(parser, text, tokenizer(text).input_ids, start, expected)
+
+
+XML_CALL = "<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>"
+
+
+@pytest.mark.parametrize("text,expected", [
+    # Qwen3.5 opens an XML call inside its thought: the call ends the reasoning and is content
+    ("I will check.\n" + XML_CALL, ("I will check.\n", XML_CALL)),
+    ("Hmm <tool_call> <function " + "x", ("Hmm ", "<tool_call> <function x")),
+    # a <tool_call> not followed by <function stays reasoning (Hermes JSON in a thought, prose)
+    ('Maybe <tool_call>{"name": "f"}</tool_call>?</think>No.', ('Maybe <tool_call>{"name": "f"}</tool_call>?', "No.")),
+    ("About <tool_call> tags, <function", ("About <tool_call> tags, <function", None)),
+    ("Cut at <tool_call>\n<functio", ("Cut at <tool_call>\n<functio", None)),  # never confirmed: reasoning
+    ("Done.</think>" + XML_CALL, ("Done.", XML_CALL)),
+])
+def test_xml_tool_call_ends_the_reasoning(tokenizer, text, expected):
+    parser = get_reasoning_parser("qwen3", tokenizer)
+    parser._test_tokenizer = tokenizer
+    check_every_split(parser, text, tokenizer(text).input_ids, True, expected)
+    check_every_split(get_reasoning_parser("qwen3"), text, None, True, expected)  # text mode alike
+
+
+def test_deepseek_r1_has_no_implicit_end():
+    text = "I will check.\n" + XML_CALL
+    assert get_reasoning_parser("deepseek_r1").extract(text, None, True) == (text, None)

@@ -26,12 +26,15 @@ SCHEMA = {"type": "json_schema", "json_schema": {"name": "a", "schema": {
 @pytest.fixture(scope="module")
 def served(tiny_engine, tiny_model_dir):
     """(base urls by server, scripted engines by server): qwen3 with a tokenizer that has the tags as tokens
-    (and Hermes tool calls), deepseek_r1 with the tiny model's own tokenizer (text mode), and no parser."""
+    (and Hermes tool calls, or Qwen3.5's XML ones), deepseek_r1 with the tiny model's own tokenizer (text mode), and no parser."""
     from transformers import AutoTokenizer
 
     plain = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
     setups = {"qwen3": (reasoning_tokenizer(), ServeConfig(served_model_names=["m"], reasoning_parser="qwen3",
                                                           enable_auto_tool_choice=True, tool_call_parser="hermes")),
+              "coder": (reasoning_tokenizer(), ServeConfig(served_model_names=["m"], reasoning_parser="qwen3",
+                                                           enable_auto_tool_choice=True,
+                                                           tool_call_parser="qwen3_coder")),
               "text": (plain, ServeConfig(served_model_names=["m"], reasoning_parser="deepseek_r1")),
               "none": (reasoning_tokenizer(), ServeConfig(served_model_names=["m"]))}
     servers, engines = {}, {}
@@ -126,6 +129,22 @@ def test_tool_calls_only_after_the_reasoning(served):
     choice = _chat(urls["qwen3"], tools=[TOOL]).json()["choices"][0]
     assert choice["message"]["tool_calls"] is None and choice["message"]["content"] == "No call after all."
     assert choice["finish_reason"] == "stop"
+
+
+def test_xml_tool_call_inside_the_thought_ends_it(served):
+    """Qwen3.5 may open its call before closing the thought: the call is the content, read by qwen3_coder."""
+    urls, engines = served
+    call = "<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>"
+    engines["coder"].say("I will check.\n" + call)
+    choice = _chat(urls["coder"], tools=[TOOL]).json()["choices"][0]
+    assert choice["message"]["reasoning"] == "I will check.\n" and choice["finish_reason"] == "tool_calls"
+    assert [c["function"] for c in choice["message"]["tool_calls"]] == [
+        {"name": "get_weather", "arguments": '{"city": "Rome"}'}]
+    choices = _stream(urls["coder"], tools=[TOOL])
+    assert _joined(choices, "reasoning") == "I will check.\n"
+    calls = [tc for c in choices for tc in c["delta"].get("tool_calls") or []]
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert json.loads("".join(tc["function"].get("arguments") or "" for tc in calls)) == {"city": "Rome"}
 
 
 def test_structured_outputs_wait_for_the_end_of_reasoning(served):

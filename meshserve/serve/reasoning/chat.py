@@ -82,7 +82,18 @@ async def plan_reasoning(parser: ReasoningParser | None, req: ChatCompletionRequ
         if parser.end_id is None:
             raise InvalidArgumentError(
                 f"structured outputs with --reasoning-parser {parser.name} need {parser.end_tag!r} to be a single "
-                "token of the model's vocabulary, and it is not", param="response_format")
+                "token of the model's vocabulary, and it is not", param=_constraint_field(req))
         params.structured_outputs = dataclasses.replace(params.structured_outputs,
                                                         reasoning_end_token_id=parser.end_id)
     return ReasoningPlan(parser, in_reasoning, req.include_reasoning)
+
+
+def _constraint_field(req: ChatCompletionRequest) -> str:
+    """The request field its output constraint came in (tool_choice when none of the structured ones)."""
+    rf = req.response_format
+    if rf is not None and rf.type != "text":
+        return "response_format"
+    for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        if getattr(req, name) is not None:
+            return name
+    return "tool_choice"

@@ -105,6 +105,8 @@ def test_include_reasoning_false_leaves_it_out(served):
     engines["qwen3"].say("<think>Hmm.</think>Sunny.")
     message = _chat(urls["qwen3"], include_reasoning=False).json()["choices"][0]["message"]
     assert "reasoning" not in message and message["content"] == "Sunny."
+    choices = _stream(urls["qwen3"], include_reasoning=False)
+    assert (_joined(choices, "reasoning"), _joined(choices, "content")) == (None, "Sunny.")
 
 
 def test_tool_calls_only_after_the_reasoning(served):
@@ -180,6 +182,9 @@ def test_text_mode_for_a_tokenizer_without_the_tags(served):
     assert (_joined(choices, "reasoning"), _joined(choices, "content")) == ("Hmm, Rome.", "Sunny.")
     r = _chat(urls["text"], response_format=SCHEMA)  # no end token to wait for: refused, not constrained early
     assert r.status_code == 400 and "single token" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "response_format"
+    r = _chat(urls["text"], tools=[TOOL], tool_choice="required")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
 
 
 def test_completions_and_servers_without_the_flag_are_unchanged(served):

@@ -198,3 +198,31 @@ def test_completions_and_servers_without_the_flag_are_unchanged(served):
     assert r.json()["choices"][0]["message"]["content"] == "<think>Hmm.</think>Sunny."
     choices = _stream(urls["none"])
     assert _joined(choices, "content") == "<think>Hmm.</think>Sunny." and _joined(choices, "reasoning") is None
+
+
+def test_structured_answer_after_free_reasoning_end_to_end(tmp_path):
+    """The real engine (its own process) behind the server: the tiny random model thinks noise, closes its
+    thought (a logit bias makes </think> likely), then answers in the schema; with thinking disabled the
+    answer is constrained from its first token."""
+    pytest.importorskip("xgrammar")
+    import jsonschema
+
+    from tests.reasoning_model import make_reasoning_checkpoint
+    from tests.serve.conftest import make_engine
+
+    allm = make_engine(make_reasoning_checkpoint(str(tmp_path / "model")))
+    srv = start_server(allm, ServeConfig(served_model_names=["m"], reasoning_parser="qwen3"))
+    try:
+        end = allm.tokenizer.convert_tokens_to_ids("</think>")
+        schema = SCHEMA["json_schema"]["schema"] | {"properties": {"city": {"enum": ["Rome", "Paris"]}}}
+        fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+        for kwargs in ({}, {"chat_template_kwargs": {"enable_thinking": False}}):
+            r = _chat(srv.base_url, response_format=fmt, temperature=1.0, seed=5, max_tokens=120,
+                      logit_bias={str(end): 4.0}, **kwargs)
+            choice = r.json()["choices"][0]
+            assert choice["finish_reason"] == "stop", choice
+            jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+            assert bool(choice["message"].get("reasoning")) is not bool(kwargs)
+    finally:
+        srv.stop()
+        allm.shutdown()

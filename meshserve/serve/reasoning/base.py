@@ -107,12 +107,14 @@ class ReasoningParser:
         return self.starts_in_reasoning_by_default(template_kwargs) if state is None else state
 
     # -- outputs ---------------------------------------------------------------------------------
-    def stream(self, in_reasoning: bool) -> ReasoningStream:
-        return ReasoningStream(self, in_reasoning)
+    def stream(self, in_reasoning: bool, by_ids: bool = True) -> ReasoningStream:
+        """A choice's stream; by_ids=False: by the text alone even in token mode (no ids to go by)."""
+        return ReasoningStream(self, in_reasoning, by_ids and self.token_mode)
 
     def extract(self, text: str, token_ids: list[int] | None, in_reasoning: bool) -> tuple[str | None, str | None]:
-        """(reasoning, content) of a whole output, each None when empty: the stream's split, in one delta."""
-        stream = self.stream(in_reasoning)
+        """(reasoning, content) of a whole output, each None when empty: the stream's split, in one delta.
+        Without token ids (None) the text alone decides."""
+        stream = self.stream(in_reasoning, by_ids=token_ids is not None)
         whole = stream.feed(text, token_ids or [])
         whole += stream.finish()
         return whole.reasoning or None, whole.content or None
@@ -125,9 +127,10 @@ class ReasoningStream:
     Text that may still turn out to be a tag is held in `pending` until a later delta or finish() settles it.
     """
 
-    def __init__(self, parser: ReasoningParser, in_reasoning: bool):
+    def __init__(self, parser: ReasoningParser, in_reasoning: bool, by_ids: bool):
         self.parser = parser
         self.in_reasoning = in_reasoning
+        self.by_ids = by_ids  # tags count only as their tokens (the parser's token mode)
         self.phase = "open"
         self.pending = ""
         self.first_id: int | None = None  # the output's first token (token mode: does it open the span?)
@@ -135,7 +138,7 @@ class ReasoningStream:
 
     def feed(self, text: str, token_ids: list[int] | tuple[int, ...] = ()) -> ReasoningDelta:
         p = self.parser
-        if p.token_mode and token_ids:
+        if self.by_ids and token_ids:
             if self.first_id is None:
                 self.first_id = token_ids[0]
             self.end_seen = self.end_seen or p.end_id in token_ids
@@ -164,7 +167,7 @@ class ReasoningStream:
     def _open(self) -> bool:
         """Settle whether the output opens with the start tag; False while the text so far cannot tell."""
         p, tag = self.parser, self.parser.start_tag
-        may_open = self.first_id == p.start_id if p.token_mode else True
+        may_open = self.first_id == p.start_id if self.by_ids else True
         if may_open and self.pending.startswith(tag):
             self.pending = self.pending[len(tag):]
             self.phase = "reasoning"
@@ -178,7 +181,7 @@ class ReasoningStream:
         """Reasoning up to the end tag (dropped) or an implicit end (kept: it begins the content); text that
         may still begin either waits."""
         p, text = self.parser, self.pending
-        use_end = not p.token_mode or self.end_seen  # token mode: no end token yet, no end tag in the text
+        use_end = not self.by_ids or self.end_seen  # by ids: no end token yet, no end tag in the text
         end = text.find(p.end_tag) if use_end else -1
         implicit, wait_from = p.implicit_end(text)
         if end >= 0 and (implicit < 0 or end < implicit):

@@ -55,6 +55,7 @@ def test_token_mode_counts_a_tag_only_where_its_token_is(tokenizer):
     assert "</think>" in text and tokenizer.convert_tokens_to_ids("</think>") not in ids
     assert get_reasoning_parser("qwen3", tokenizer).extract(text, ids, True) == (text, None)
     assert get_reasoning_parser("qwen3").extract(text, [], True) == ("x ", " y")
+    assert get_reasoning_parser("qwen3", tokenizer).extract(text, None, True) == ("x ", " y")  # no ids: text
 
 
 def test_token_mode_text_lagging_its_ids(tokenizer):

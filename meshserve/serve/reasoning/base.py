@@ -8,7 +8,8 @@ The rules (one state machine, so a streamed choice adds up to exactly the whole 
 - an output that opens with the start tag is reasoning after it, whatever the prompt did (models that write
   `<think>` themselves); the tag itself goes nowhere;
 - inside the span, text up to the first end tag is reasoning and the rest content; an output that never
-  closes the span is all reasoning (cut short by max_tokens, as vLLM reads it);
+  closes the span is all reasoning (cut short by max_tokens, as vLLM reads it); a parser may also end the span
+  without the tag (`implicit_end`: qwen3's XML tool call), that text then starting the content;
 - outside the span, everything is content.
 
 Where both tags are single tokens of the vocabulary (Qwen3, DeepSeek-R1, QwQ) the parser works on token ids:

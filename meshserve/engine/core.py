@@ -413,7 +413,8 @@ class EngineCore:
         matchers = []
         for i in sampling_indices(sched_out.scheduled):
             seq = self.requests.get(sched_out.scheduled[i].seq_id)
-            constrained = seq is not None and seq.grammar is not None and not seq.is_finished
+            constrained = (seq is not None and seq.grammar is not None and not seq.is_finished
+                           and seq.grammar_after_token is None)  # a reasoning span is not masked
             matchers.append(seq.grammar if constrained else None)
         if any(m is not None for m in matchers) and self._grammar_probe != "no_masks":
             if self._bitmask_filler is None:  # pinned: the runner's copy of it to the GPU does not wait

@@ -372,8 +372,13 @@ class Scheduler:
     def _advance_grammar(self, seq: Sequence, token: int) -> None:
         """Feed the token to the sequence's grammar matcher; a grammar that is complete (it accepted a stop
         token, even under ignore_eos) or that refuses the token ends the sequence. A matcher terminates only by
-        accepting a stop token: asked only then (a call per row and step saved at batch 64)."""
+        accepting a stop token: asked only then (a call per row and step saved at batch 64). While the grammar
+        waits for the end of a reasoning span, only that end token counts (the grammar never sees it)."""
         if not self.grammar_accepts:
+            return
+        if seq.grammar_after_token is not None:  # still reasoning: the grammar starts after its end token
+            if token == seq.grammar_after_token:
+                seq.grammar_after_token = None
             return
         if not seq.grammar.accept_token(token):
             logger.warning("%s: token %d breaks its grammar; stopping it", seq.seq_id, token)

@@ -61,6 +61,9 @@ class Sequence:
     slo_tpot_s: float | None = None
     grammar: Any = None  # xgrammar GrammarMatcher of a constrained output: it has accepted every output token
     grammar_stop_ids: frozenset[int] = frozenset()  # the tokens whose acceptance can end the grammar
+    # the end-of-reasoning token the grammar waits for (structured outputs after a reasoning span): until the
+    # output holds it, the matcher sees no token and the row is not masked; None: the grammar holds now
+    grammar_after_token: int | None = None
     # speculative decoding: proposed next tokens awaiting verification (never in output_token_ids, never
     # in the prefix cache), and how many tokens the last step appended (accepted proposals + 1)
     spec_token_ids: list[int] = field(default_factory=list)

@@ -12,6 +12,7 @@ from meshserve.engine.args_check import check_engine_args
 from meshserve.entrypoints.worker import is_rank_zero, run_worker_ranks
 from meshserve.errors import InvalidArgumentError
 from meshserve.serve.config import DEFAULT_MAX_REQUEST_BODY_BYTES, ServeConfig
+from meshserve.serve.reasoning import REASONING_PARSERS
 from meshserve.serve.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ def register(subparsers) -> None:
                    help='allow tool_choice "auto": the model decides to call tools, --tool-call-parser reads them')
     g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
                    help="the tool-call format of the model's chat template (as vLLM names them)")
+    g.add_argument("--reasoning-parser", default=None, metavar="{" + ",".join(sorted(REASONING_PARSERS)) + "}",
+                   help="split a reasoning model's chat output into message.reasoning and message.content "
+                        "(as vLLM names the parsers)")
     g.add_argument("--no-gc-freeze", action="store_true",
                    help="leave the API processes' start-up heap to the garbage collector (by default it is frozen "
                         "once serving: full collections otherwise stall the event loop 0.1-0.4 s under load)")
@@ -84,12 +88,16 @@ def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:
         raise InvalidArgumentError("--enable-auto-tool-choice needs --tool-call-parser", param="tool_call_parser")
     if ns.responses_store_size < 0:
         raise InvalidArgumentError("--responses-store-size must be >= 0", param="responses_store_size")
+    if ns.reasoning_parser is not None and ns.reasoning_parser not in REASONING_PARSERS:
+        raise InvalidArgumentError(f"unknown --reasoning-parser {ns.reasoning_parser!r}; choose from "
+                                   f"{', '.join(sorted(REASONING_PARSERS))}", param="reasoning_parser")
     if not 0 <= ns.port <= 65535:
         raise InvalidArgumentError("--port must be in [0, 65535]", param="port")
     return ServeConfig(served_model_names=ns.served_model_name or [model], api_key=ns.api_key or None,
                        max_queue_len=ns.max_queue_len, max_request_body_bytes=ns.max_request_body_bytes,
                        drain_timeout_s=ns.drain_timeout,
                        enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,
+                       reasoning_parser=ns.reasoning_parser,
                        gc_freeze=not ns.no_gc_freeze, request_log=ns.request_log,
                        responses_store_size=ns.responses_store_size)
 

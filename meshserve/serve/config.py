@@ -25,6 +25,7 @@ class ServeConfig:
     max_model_len: int | None = None  # shown in /v1/models; filled from the engine when None
     enable_auto_tool_choice: bool = False  # tool_choice "auto": the model decides, tool_call_parser reads it
     tool_call_parser: str | None = None  # a name in meshserve.serve.tool_parsers.TOOL_PARSERS
+    reasoning_parser: str | None = None  # a name in meshserve.serve.reasoning.REASONING_PARSERS (chat only)
     gc_freeze: bool = True  # freeze the start-up heap once serving, so full collections stay short (heap.py)
     request_log: str | None = None  # --request-log: a JSON line per served prompt (request_log.py)
     responses_store_size: int = 0  # --responses-store-size: responses kept for previous_response_id (0: none)

@@ -275,6 +275,7 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True  # false: at most one call per turn (tool_choice "required" then yields one)
+    include_reasoning: bool = True  # vLLM: false leaves the reasoning out (with --reasoning-parser)
     # the deprecated function-calling fields are not implemented: refused (400) rather than ignored
     functions: list[dict[str, Any]] | None = Field(None, description="not supported: must be absent or empty")
     function_call: str | dict[str, Any] | None = Field(None, description='not supported: absent or "none"')
@@ -363,6 +364,8 @@ class ChatChoiceLogprobs(OpenAIModel):
 class ChatResponseMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    # with --reasoning-parser only (vLLM's field): absent otherwise, so responses keep OpenAI's shape
+    reasoning: str | None = Field(None, exclude_if=lambda v: v is None)
     tool_calls: list[ToolCall] | None = None
 
 
@@ -401,6 +404,7 @@ class ChatCompletionResponse(OpenAIModel):
 class ChatDelta(OpenAIModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = Field(None, exclude_if=lambda v: v is None)  # with --reasoning-parser only
     tool_calls: list[DeltaToolCall] | None = None
 
 

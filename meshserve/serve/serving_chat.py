@@ -26,6 +26,7 @@ from meshserve.serve.protocol import (
     ChatDelta,
     ChatResponseMessage,
 )
+from meshserve.serve.reasoning.chat import ReasoningPlan, plan_reasoning, server_reasoning_parser
 from meshserve.serve.sampling_params import chat_sampling_params
 from meshserve.serve.serving_common import (
     ChoiceDelta,
@@ -70,6 +71,7 @@ class ChatStart:
     request: EngineRequest
     plan: ToolPlan
     params: SamplingParams  # as resolved (the model's defaults filled in)
+    reasoning: ReasoningPlan | None  # how to split the output's reasoning from its answer (--reasoning-parser)
 
 
 class ChatService:
@@ -77,6 +79,7 @@ class ChatService:
         self.client = client
         self.config = config
         self.metrics = metrics
+        self.reasoning_parser = server_reasoning_parser(config, client)
 
     async def create(self, req: ChatCompletionRequest) -> Response | ChatCompletionResponse:
         tracker = self.metrics.track()
@@ -87,8 +90,9 @@ class ChatService:
             raise
         model, request, plan = started.model, started.request, started.plan
         if req.stream:
-            return SSEResponse(self._stream(req, model, started.request_id, request, tracker, plan))
-        return await self._whole(req, model, started.request_id, request, tracker, plan)
+            return SSEResponse(self._stream(req, model, started.request_id, request, tracker, plan,
+                                            started.reasoning))
+        return await self._whole(req, model, started.request_id, request, tracker, plan, started.reasoning)
 
     async def start(self, req: ChatCompletionRequest, tracker: RequestTracker, request_id: str) -> ChatStart:
         """Check the request, render its conversation and start it on the engine (also /v1/responses' way
@@ -104,9 +108,10 @@ class ChatService:
         prompt_ids = await self.client.render_chat(template_messages(req.messages), req.add_generation_prompt,
                                                    req.chat_template_kwargs, plan.tools,
                                                    req.continue_final_message)
+        reasoning = await plan_reasoning(self.reasoning_parser, req, prompt_ids, params, self.client)
         requests = await self.client.start([{"prompt_token_ids": prompt_ids}], params, request_id,
                                            req.priority, req.slo, tracker.arrival_monotonic)
-        return ChatStart(model, request_id, requests[0], plan, params)
+        return ChatStart(model, request_id, requests[0], plan, params, reasoning)
 
     def _logprobs(self, req: ChatCompletionRequest, token_ids: list[int], positions) -> ChatChoiceLogprobs | None:
         if not req.logprobs:
@@ -115,36 +120,40 @@ class ChatService:
                                                         as_ids=req.return_tokens_as_token_ids))
 
     # -- whole response --------------------------------------------------------------------------
-    async def _whole(self, req, model, request_id, request: EngineRequest,
-                     tracker: RequestTracker, plan: ToolPlan) -> ChatCompletionResponse:
+    async def _whole(self, req, model, request_id, request: EngineRequest, tracker: RequestTracker, plan: ToolPlan,
+                     reasoning: ReasoningPlan | None) -> ChatCompletionResponse:
         try:
             (final,) = await collect_outputs([request], tracker)
         finally:
             await request.aclose()
         tracker.finish(outcome_of([final]))
-        choices = [self._choice(req, c, plan) for c in final.outputs]
+        choices = [self._choice(req, c, plan, reasoning) for c in final.outputs]
         scored = (prompt_logprobs(final.prompt_token_ids, final.prompt_logprobs, req.prompt_logprobs,
                                   req.return_tokens_as_token_ids) if req.prompt_logprobs is not None else None)
         return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of([final]),
                                       prompt_logprobs=scored)
 
-    def _choice(self, req: ChatCompletionRequest, c: CompletionOutput, plan: ToolPlan) -> ChatChoice:
-        content, calls = plan.extract(c.text)
+    def _choice(self, req: ChatCompletionRequest, c: CompletionOutput, plan: ToolPlan,
+                reasoning: ReasoningPlan | None) -> ChatChoice:
+        thought, text = reasoning.split(c.text, c.token_ids) if reasoning else (None, c.text)
+        content, calls = plan.extract(text) if text is not None else (None, [])  # tools: in the content only
         finish = plan.finish_reason_of_calls if calls and c.finish_reason == "stop" else c.finish_reason
-        return ChatChoice(index=c.index, message=ChatResponseMessage(content=content, tool_calls=calls or None),
+        message = ChatResponseMessage(content=content, reasoning=thought, tool_calls=calls or None)
+        return ChatChoice(index=c.index, message=message,
                           logprobs=self._logprobs(req, c.token_ids, c.logprobs),
                           finish_reason=finish, stop_reason=c.stop_reason)
 
     # -- stream ----------------------------------------------------------------------------------
-    async def _stream(self, req, model, request_id, request: EngineRequest,
-                      tracker: RequestTracker, plan: ToolPlan) -> AsyncIterator[str | bytes]:
+    async def _stream(self, req, model, request_id, request: EngineRequest, tracker: RequestTracker, plan: ToolPlan,
+                      reasoning: ReasoningPlan | None) -> AsyncIterator[str | bytes]:
         state = StreamState(every_token=not self.client.has_tokenizer)
         tool_streams = {i: ToolCallStream(plan) for i in range(req.n)} if plan.mode != "none" else {}
+        thinking = {i: reasoning.stream() for i in range(req.n)} if reasoning else {}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         final: RequestOutput | None = None
         # content-only chunks (no logprobs, no tools) skip pydantic
-        fast = ChunkEncoder(request_id, model, "chat.completion.chunk") if not req.logprobs and plan.mode == "none" \
-            else None
+        fast = ChunkEncoder(request_id, model, "chat.completion.chunk") \
+            if not req.logprobs and plan.mode == "none" and not reasoning else None
         outcome = "abort"
         try:
             for i in range(req.n):  # the role comes first, in a chunk of its own, as OpenAI sends it
@@ -155,16 +164,21 @@ class ChatService:
                 final = accumulate(final, out)
                 texts = {c.index: c.text for c in final.outputs}
                 for c in out.outputs:
-                    d = state.delta(0, c, need_tokens=req.logprobs or plan.mode != "none")
+                    d = state.delta(0, c, need_tokens=req.logprobs or plan.mode != "none" or bool(reasoning))
                     if d is not None and fast is not None:
                         yield fast.chat(c.index, d.text or None, d.finish_reason, d.stop_reason)
                     elif d is not None:
                         choice = self._chunk_choice(req, c, d)
+                        if thinking:  # the reasoning goes out as it comes; tools read the content after it
+                            choice.delta.reasoning, choice.delta.content = thinking[c.index].step(
+                                d.text, d.token_ids, d.finish_reason is not None)
                         if tool_streams:
-                            _tool_deltas(choice, d, plan, tool_streams[c.index], texts[c.index])
-                            if not (choice.delta.content or choice.delta.tool_calls or choice.finish_reason
-                                    or choice.logprobs):
-                                continue  # text held back as a possible tool call: nothing to send yet
+                            _tool_deltas(choice, d, plan, tool_streams[c.index],
+                                         thinking[c.index].content if thinking else texts[c.index])
+                        if (tool_streams or thinking) and not (choice.delta.content or choice.delta.reasoning or
+                                                               choice.delta.tool_calls or choice.finish_reason
+                                                               or choice.logprobs):
+                            continue  # text held back (a possible tool call or tag): nothing to send yet
                         yield _chunk_event(ChatCompletionChunk(id=request_id, model=model, choices=[choice]))
             assert final is not None
             outcome = outcome_of([final])

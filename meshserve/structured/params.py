@@ -20,6 +20,9 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool | None = None
     structural_tag: str | dict | None = None  # xgrammar's structural tag (vLLM's field), or its older form
+    # a reasoning model's end-of-thinking token: the grammar holds only after it appears in the output (the
+    # model thinks freely first, as in vLLM); None: from the first token. Not part of the grammar (key).
+    reasoning_end_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.json, dict):  # one text per schema: the compile cache keys on it
@@ -33,6 +36,10 @@ class StructuredOutputsParams:
             raise InvalidArgumentError(
                 "structured outputs need exactly one of json, json_object, regex, choice, grammar, structural_tag; "
                 f"got {given or 'none'}", param="structured_outputs")
+        if self.reasoning_end_token_id is not None and (isinstance(self.reasoning_end_token_id, bool)
+                                                        or not isinstance(self.reasoning_end_token_id, int)
+                                                        or self.reasoning_end_token_id < 0):
+            raise InvalidArgumentError("reasoning_end_token_id must be a token id", param="structured_outputs")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
             raise InvalidArgumentError("choice must be a non-empty list of strings", param="structured_outputs")
 

@@ -1,0 +1,45 @@
+"""A served model whose output is scripted: the tiny engine answers everything (admission, stats, the
+tokenizer thread) except generation, which plays given token ids back as DELTA outputs, a chosen number of
+tokens per step, each step's text what decoding the ids so far adds (as the engine's detokenizer streams it).
+The sampling params of each request are kept, to see what a request asked of the engine."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from meshserve.outputs import CompletionOutput, RequestOutput
+
+
+class ScriptedLLM:
+    def __init__(self, real, tokenizer):
+        self._real = real
+        self.tokenizer = tokenizer
+        self.script: list[int] = []
+        self.tokens_per_step = 1
+        self.finish_reason = "stop"
+        self.params: list[Any] = []  # each request's SamplingParams, in arrival order
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def say(self, text: str, tokens_per_step: int = 1, finish_reason: str = "stop") -> list[int]:
+        """Script the next outputs: the text's tokens (tags as their single tokens where the vocabulary has them)."""
+        self.script = list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        self.tokens_per_step, self.finish_reason = tokens_per_step, finish_reason
+        return self.script
+
+    async def generate(self, prompt, params, request_id, *args, **kwargs):
+        self.params.append(params)
+        prompt_ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else list(prompt)
+        ids, step, sent = self.script, self.tokens_per_step, ""
+        for start in range(0, max(len(ids), 1), step):
+            chunk = ids[start:start + step]
+            text = self.tokenizer.decode(ids[:start + step], skip_special_tokens=params.skip_special_tokens)
+            last = start + step >= len(ids)
+            out = CompletionOutput(index=0, text=text[len(sent):], token_ids=chunk,
+                                   finish_reason=self.finish_reason if last else None)
+            sent = text
+            yield RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=list(prompt_ids),
+                                outputs=[out], finished=last)
+            await asyncio.sleep(0)

@@ -65,6 +65,7 @@ def chat_messages(req: ResponsesRequest, earlier: list[InputItem]) -> list[dict[
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif isinstance(item, FunctionCallOutputItem):
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
+        # a reasoning item is left out: reasoning models' templates drop earlier turns' thinking
     return messages
 
 

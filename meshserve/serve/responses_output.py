@@ -19,7 +19,9 @@ from meshserve.serve.responses_protocol import (
     OutputFunctionCall,
     OutputItem,
     OutputMessage,
+    OutputReasoning,
     OutputText,
+    ReasoningText,
     ResponseObject,
     ResponsesRequest,
     ResponseUsage,
@@ -37,6 +39,12 @@ def message_item(text: str | None, status: ItemStatus) -> OutputMessage:
     """An assistant message; text None: opened, nothing written yet (the stream's output_item.added)."""
     return OutputMessage(id=new_item_id("msg"), status=status,
                          content=[] if text is None else [OutputText(text=text)])
+
+
+def reasoning_item(text: str | None, status: ItemStatus) -> OutputReasoning:
+    """The reasoning of a --reasoning-parser server; text None: opened, nothing written yet."""
+    return OutputReasoning(id=new_item_id("rs"), status=status,
+                           content=[] if text is None else [ReasoningText(text=text)])
 
 
 def function_call_item(call_id: str, name: str, arguments: str, status: ItemStatus) -> OutputFunctionCall:

@@ -57,9 +57,22 @@ class FunctionCallOutputItem(OpenAIModel):
         return self.output if isinstance(self.output, str) else "\n".join(p.text for p in self.output)
 
 
-InputItem = Annotated[InputMessage | FunctionCallItem | FunctionCallOutputItem, Field(discriminator="type")]
+class ReasoningItem(OpenAIModel):
+    """A reasoning item of an earlier response, passed back as history: accepted and left out of the prompt
+    (reasoning models' chat templates drop earlier turns' thinking)."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[dict[str, Any]] = Field(default_factory=list)
+    content: list[dict[str, Any]] | None = None
+    encrypted_content: str | None = None
+    status: str | None = None
+
+
+InputItem = Annotated[InputMessage | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
+                      Field(discriminator="type")]
 _INPUT_ITEM: TypeAdapter = TypeAdapter(InputItem)
-_ITEM_TYPES = ("message", "function_call", "function_call_output")
+_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 _PART_TYPES = ("input_text", "output_text")
 
 
@@ -77,7 +90,7 @@ def _check_items(items: list[Any]) -> list[Any]:
         if kind not in _ITEM_TYPES:
             raise ValueError(f"items of type {kind!r} are not supported (input[{i}]): this server takes "
                              f"{', '.join(_ITEM_TYPES)} items")
-        content = item.get("content") if kind == "message" else item.get("output")
+        content = item.get("content") if kind == "message" else item.get("output") if kind != "reasoning" else None
         if isinstance(content, list):
             kinds = {p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content} - set(_PART_TYPES)
             if kinds:
@@ -215,7 +228,22 @@ class OutputFunctionCall(OpenAIModel):
     status: ItemStatus
 
 
-OutputItem = Annotated[OutputMessage | OutputFunctionCall, Field(discriminator="type")]
+class ReasoningText(OpenAIModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class OutputReasoning(OpenAIModel):
+    """A reasoning model's thinking (`--reasoning-parser`), before the answer's items."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[dict[str, Any]] = Field(default_factory=list)
+    content: list[ReasoningText]
+    status: ItemStatus
+
+
+OutputItem = Annotated[OutputMessage | OutputFunctionCall | OutputReasoning, Field(discriminator="type")]
 
 
 class InputTokensDetails(OpenAIModel):

@@ -21,6 +21,7 @@ from meshserve.serve.responses_protocol import (
     InputMessage,
     InputTextPart,
     OutputFunctionCall,
+    OutputReasoning,
     ResponseObject,
 )
 
@@ -38,6 +39,8 @@ def output_as_input(response: ResponseObject) -> list[InputItem]:
         if isinstance(item, OutputFunctionCall):
             items.append(FunctionCallItem(type="function_call", call_id=item.call_id, name=item.name,
                                           arguments=item.arguments))
+        elif isinstance(item, OutputReasoning):
+            continue  # the next turn's prompt leaves earlier thinking out (responses_input.chat_messages)
         else:
             items.append(InputMessage(role="assistant", content=[InputTextPart(type="output_text", text=part.text)
                                                                  for part in item.content]))

@@ -2,7 +2,8 @@
 
 Each event is `event: <type>` plus `data: {"type", ..., "sequence_number"}` with numbers from 0 up; there is
 no `[DONE]`: response.completed (or .incomplete, or .failed after an error) is the last event and carries the
-whole response. Items come one after another: text opens an assistant message (output_item.added,
+whole response. Items come one after another: with --reasoning-parser the reasoning first, as a reasoning item
+(its text as response.reasoning_text.delta events); text opens an assistant message (output_item.added,
 content_part.added, then output_text.delta events); a tool call closes it (output_text.done,
 content_part.done, output_item.done) and opens a function_call item whose arguments arrive as
 function_call_arguments.delta events. The items built here are the ones the final response carries, so
@@ -20,11 +21,14 @@ from meshserve.serve.responses_output import (
     function_call_item,
     item_status,
     message_item,
+    reasoning_item,
 )
 from meshserve.serve.responses_protocol import (
     OutputFunctionCall,
     OutputMessage,
+    OutputReasoning,
     OutputText,
+    ReasoningText,
     ResponseError,
     ResponseObject,
     ResponseUsage,
@@ -44,7 +48,10 @@ class ResponseEvents:
     def __init__(self, base: ResponseObject):
         self.base = base
         self.sequence_number = 0
-        self.items: list[OutputMessage | OutputFunctionCall] = []
+        self.items: list[OutputMessage | OutputFunctionCall | OutputReasoning] = []
+        self.thought: OutputReasoning | None = None  # the reasoning being written, if any
+        # whitespace before any message: held, since the whole response drops it before a tool call
+        self.pending_space = ""
         self.message: OutputMessage | None = None  # the message being written, if any
         self.calls: dict[int, OutputFunctionCall] = {}  # the tool-call stream's index -> its item
         self.open_call: OutputFunctionCall | None = None
@@ -62,9 +69,42 @@ class ResponseEvents:
         return [self._event("response.created", response=_dump(self.base)),
                 self._event("response.in_progress", response=_dump(self.base))]
 
+    # -- reasoning -------------------------------------------------------------------------------
+    def reasoning(self, delta: str | None) -> list[str]:
+        """Reasoning text (--reasoning-parser): its own item, before the answer's."""
+        if not delta:
+            return []
+        events: list[str] = []
+        if self.thought is None:
+            self.thought = reasoning_item(None, "in_progress")
+            self.items.append(self.thought)
+            index = len(self.items) - 1
+            events.append(self._event("response.output_item.added", output_index=index, item=_dump(self.thought)))
+            self.thought.content.append(ReasoningText(text=""))
+            events.append(self._event("response.content_part.added", item_id=self.thought.id, output_index=index,
+                                      content_index=0, part=_dump(self.thought.content[0])))
+        self.thought.content[0].text += delta
+        events.append(self._event("response.reasoning_text.delta", item_id=self.thought.id,
+                                  output_index=self._index(self.thought), content_index=0, delta=delta))
+        return events
+
+    def _close_reasoning(self, incomplete: bool) -> list[str]:
+        r = self.thought
+        if r is None:
+            return []
+        self.thought = None
+        index = self._index(r)
+        r.status = item_status(incomplete, last=index == len(self.items) - 1)
+        part = r.content[0]
+        return [self._event("response.reasoning_text.done", item_id=r.id, output_index=index, content_index=0,
+                            text=part.text),
+                self._event("response.content_part.done", item_id=r.id, output_index=index, content_index=0,
+                            part=_dump(part)),
+                self._event("response.output_item.done", output_index=index, item=_dump(r))]
+
     # -- text ------------------------------------------------------------------------------------
     def _open_message(self) -> list[str]:
-        events = self._close_call(incomplete=False)
+        events = self._close_reasoning(incomplete=False) + self._close_call(incomplete=False)
         self.message = message_item(None, "in_progress")
         self.items.append(self.message)
         index = len(self.items) - 1
@@ -74,9 +114,14 @@ class ResponseEvents:
                            content_index=0, part=_dump(self.message.content[0]))
         return [*events, added, part]
 
-    def text(self, delta: str | None) -> list[str]:
+    def text(self, delta: str | None, hold_space: bool = True) -> list[str]:
         if not delta:
             return []
+        if self.message is None:
+            if hold_space and not (self.pending_space + delta).strip():
+                self.pending_space += delta
+                return []
+            delta, self.pending_space = self.pending_space + delta, ""
         events = self._open_message() if self.message is None else []
         assert self.message is not None
         self.message.content[0].text += delta
@@ -103,7 +148,9 @@ class ResponseEvents:
         events: list[str] = []
         item = self.calls.get(delta.index)
         if item is None:  # a call's first delta carries its id and name (tool_call_stream.py)
-            events += self._close_message(incomplete=False) + self._close_call(incomplete=False)
+            self.pending_space = ""
+            events += (self._close_reasoning(incomplete=False) + self._close_message(incomplete=False)
+                       + self._close_call(incomplete=False))
             item = function_call_item(delta.id or "", delta.function.name or "", "", "in_progress")
             self.calls[delta.index] = self.open_call = item
             self.items.append(item)
@@ -128,10 +175,12 @@ class ResponseEvents:
 
     # -- the end ---------------------------------------------------------------------------------
     def finish(self, usage: ResponseUsage, incomplete: bool) -> list[str]:
-        """Close what is open and send the whole response. An answer with no text and no call still
-        gets its (empty) message, as the whole response does."""
-        events = [] if self.items else self._open_message()
-        events += self._close_message(incomplete) + self._close_call(incomplete)
+        """Close what is open and send the whole response. An answer with no item at all still gets its
+        (empty) message, as the whole response does; whitespace held back with no call after it was text."""
+        events = self.text(self.pending_space, hold_space=False) if not self.calls else []
+        if not self.items:
+            events += self._open_message()
+        events += self._close_reasoning(incomplete) + self._close_message(incomplete) + self._close_call(incomplete)
         response = self.response = finished(self.base, list(self.items), usage, incomplete)
         kind = "response.incomplete" if incomplete else "response.completed"
         return [*events, self._event(kind, response=_dump(response))]

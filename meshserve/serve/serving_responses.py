@@ -22,6 +22,7 @@ from meshserve.serve.responses_output import (
     item_status,
     message_item,
     new_item_id,
+    reasoning_item,
     response_usage,
 )
 from meshserve.serve.responses_protocol import InputItem, OutputItem, ResponseObject, ResponsesRequest
@@ -85,9 +86,12 @@ class ResponsesService:
         tracker.finish(outcome_of([final]))
         c = final.outputs[0]
         incomplete = c.finish_reason == "length"
-        content, calls = started.plan.extract(c.text)
+        thought, text = started.reasoning.split(c.text, c.token_ids) if started.reasoning else (None, c.text)
+        content, calls = started.plan.extract(text) if text is not None else (None, [])  # tools: after it
         output: list[OutputItem] = []
-        if content or not calls:  # no call: the message, even an empty one
+        if thought:
+            output.append(reasoning_item(thought, item_status(incomplete, last=text is None)))
+        if content or not (calls or thought):  # the message; an empty one when nothing else was written
             output.append(message_item(content or "", item_status(incomplete, last=not calls)))
         for k, call in enumerate(calls):
             output.append(function_call_item(call.id, call.function.name, call.function.arguments,
@@ -100,6 +104,7 @@ class ResponsesService:
         events = ResponseEvents(base)
         state = StreamState(every_token=not self.chat.client.has_tokenizer)
         calls = ToolCallStream(plan) if plan.mode != "none" else None
+        thinking = started.reasoning.stream() if started.reasoning else None
         final: RequestOutput | None = None
         outcome = "abort"
         try:
@@ -109,15 +114,21 @@ class ResponsesService:
                 tracker.observe(0, out)
                 final = accumulate(final, out)
                 for c in out.outputs:
-                    d = state.delta(0, c, need_tokens=calls is not None)
+                    d = state.delta(0, c, need_tokens=calls is not None or thinking is not None)
                     if d is None:
                         continue
+                    text, so_far = d.text, final.outputs[0].text
+                    if thinking is not None:  # the reasoning goes out as it comes; tools read the content after it
+                        thought, text = thinking.step(d.text, d.token_ids, d.finish_reason is not None)
+                        so_far = thinking.content
+                        for e in events.reasoning(thought):
+                            yield e
                     if calls is None:
-                        content, deltas = d.text, []
+                        content, deltas = text, []
                     elif d.finish_reason:
-                        content, deltas, _ = calls.finish(final.outputs[0].text)
+                        content, deltas, _ = calls.finish(so_far)
                     else:
-                        content, deltas = calls.step(final.outputs[0].text)
+                        content, deltas = calls.step(so_far)
                     for e in events.text(content):
                         yield e
                     for delta in deltas:

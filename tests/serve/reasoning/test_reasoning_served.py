@@ -226,3 +226,60 @@ def test_structured_answer_after_free_reasoning_end_to_end(tmp_path):
     finally:
         srv.stop()
         allm.shutdown()
+
+
+def _responses_events(url: str, **body) -> list[dict]:
+    """/v1/responses' stream, each event checked against the SDK's ResponseStreamEvent union."""
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    adapter = TypeAdapter(ResponseStreamEvent)
+    events = []
+    with httpx.stream("POST", url + "/v1/responses", json={"model": "m", "input": "Weather in Rome?",
+                                                            "stream": True, **body}, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                adapter.validate_python(events[-1])
+    return events
+
+
+@pytest.mark.parametrize("per_step", [1, 3])
+def test_responses_carry_the_reasoning_as_its_own_item(served, per_step):
+    """/v1/responses: the reasoning is a reasoning item before the message or the function call, whole and
+    streamed (response.reasoning_text.delta events), and the SDK parses both; a reasoning item sent back as
+    input is accepted."""
+    from openai.types.responses import Response
+
+    urls, engines = served
+    thought = "The user asks about Rome."
+    for answer, kinds in (("\n\nIt is sunny.", ["reasoning", "message"]), ("\n\n" + CALL, ["reasoning", "function_call"])):
+        engines["qwen3"].say("<think>" + thought + "</think>" + answer, per_step)
+        r = httpx.post(urls["qwen3"] + "/v1/responses", json={"model": "m", "input": "Weather in Rome?",
+                                                               "tools": [{"type": "function", **TOOL["function"]}]},
+                       timeout=60)
+        whole = Response.model_validate(r.json())
+        assert [item.type for item in whole.output] == kinds
+        assert whole.output[0].content[0].text == thought
+        if kinds[1] == "message":
+            assert whole.output[1].content[0].text == answer
+        else:
+            assert whole.output[1].name == "get_weather" and json.loads(whole.output[1].arguments) == {"city": "Rome"}
+
+        engines["qwen3"].say("<think>" + thought + "</think>" + answer, per_step)
+        events = _responses_events(urls["qwen3"], tools=[{"type": "function", **TOOL["function"]}])
+        assert "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta") == thought
+        assert "think>" not in "".join(e.get("delta", "") for e in events if isinstance(e.get("delta"), str))
+        last = events[-1]["response"]
+        assert events[-1]["type"] == "response.completed" and [i["type"] for i in last["output"]] == kinds
+        assert last["output"][0]["content"][0]["text"] == thought
+        done = [e["item"]["type"] for e in events if e["type"] == "response.output_item.done"]
+        assert done == kinds  # the reasoning item closed before the answer's opened
+
+    engines["qwen3"].say("Sunny.", per_step)
+    r = httpx.post(urls["qwen3"] + "/v1/responses", json={"model": "m", "input": [
+        {"role": "user", "content": "Weather?"}, whole.output[0].model_dump(exclude_none=True),
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Rome"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]}, timeout=60)
+    assert r.status_code == 200, r.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import MODEL
+from tests.serve.conftest import MODEL
 
 
 def _stream(http, body: dict) -> list[dict]:

@@ -200,6 +200,7 @@ class EngineArgs:
     seed: int = 0
     load_format: str = "auto"
     generation_config: str = "auto"  # auto | vllm | a folder holding generation_config.json
+    override_generation_config: dict[str, Any] = field(default_factory=dict)  # its keys, over the above
     enforce_eager: bool = False
     max_cudagraph_tokens: int = 2048  # EngineConfig.max_cudagraph_tokens
     tensor_parallel_size: int = 1

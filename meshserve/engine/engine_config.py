@@ -20,7 +20,7 @@ from meshserve.engine.args_check import check_parallel_split
 from meshserve.errors import InvalidArgumentError
 from meshserve.layers.quantization import check_quant_shapes, resolve_quant_config
 from meshserve.models.embedded import GENERATION_DEFAULTS as EMBEDDED_GENERATION_DEFAULTS
-from meshserve.models.generation_defaults import load_generation_defaults
+from meshserve.models.generation_defaults import generation_overrides, load_generation_defaults
 from meshserve.models.loader import ModelSource, resolve_model_source
 from meshserve.models.registry import resolve_model_class
 from meshserve.spec_decode.config import parse_speculative_config
@@ -78,6 +78,7 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
     model_dir = source.weights_dir or (args.model if args.model and os.path.isdir(args.model) else None)
     generation_defaults = load_generation_defaults(
         model_dir, args.generation_config, EMBEDDED_GENERATION_DEFAULTS if args.model is None else None)
+    generation_defaults.update(generation_overrides(args.override_generation_config))  # vLLM: even with "vllm"
     if args.kv_cache_dtype.startswith("fp8") and getattr(source.hf_config, "kv_lora_rank", None):
         raise InvalidArgumentError("kv_cache_dtype fp8 is not supported for MLA (DeepSeek) models yet: their "
                                    "latent cache stays in the model dtype", param="kv_cache_dtype")

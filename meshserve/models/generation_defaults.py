@@ -7,6 +7,7 @@ both front ends give the same answers. meshserve does the same. Modes:
   vllm    ignore it: the fields keep SamplingParams' defaults (temperature 1.0, ...)
   FOLDER  read FOLDER/generation_config.json instead
 Like vLLM, `do_sample` is not looked at: a file that names a temperature means it.
+`--override-generation-config` (vLLM's) sets fields over whichever of these applies, with the same keys.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+
+from meshserve.errors import InvalidArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -56,3 +59,18 @@ def load_generation_defaults(model_dir: str | None, mode: str = "auto",
                     "--generation-config vllm ignores them)", source,
                     ", ".join(f"{k}={v}" for k, v in defaults.items()))
     return defaults
+
+
+def generation_overrides(overrides: dict | None) -> dict[str, float | int]:
+    """--override-generation-config (generation_config.json's keys) as SamplingParams keyword defaults; a key
+    or value meshserve would not apply is an error rather than ignored."""
+    out = {}
+    for key, value in (overrides or {}).items():
+        if key not in _FIELDS:
+            raise InvalidArgumentError(f"override_generation_config: unknown key {key!r}; keys: "
+                                       f"{', '.join(_FIELDS)}", param="override_generation_config")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise InvalidArgumentError(f"override_generation_config: {key} must be a number, got {value!r}",
+                                       param="override_generation_config")
+        out[_FIELDS[key]] = value
+    return out

@@ -58,6 +58,24 @@ class HttpOptions:
     port: int = 8000
     log_level: str = "info"
     access_log: bool = True
+    # TLS (vLLM's --ssl-* flags): HTTPS when certfile is set
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: int = 0  # ssl.CERT_NONE
+    ssl_ciphers: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_certfile else "http"
+
+    def uvicorn_ssl(self) -> dict:
+        """uvicorn.Config's TLS keywords (none without a certificate)."""
+        if not self.ssl_certfile:
+            return {}
+        tls = {"ssl_keyfile": self.ssl_keyfile, "ssl_certfile": self.ssl_certfile,
+               "ssl_ca_certs": self.ssl_ca_certs, "ssl_cert_reqs": self.ssl_cert_reqs}
+        return tls | ({"ssl_ciphers": self.ssl_ciphers} if self.ssl_ciphers else {})
 
 
 def serve_http(allm, config: ServeConfig, sock: socket.socket, opts: HttpOptions,
@@ -88,7 +106,7 @@ def serve_http(allm, config: ServeConfig, sock: socket.socket, opts: HttpOptions
                                access_log=opts.access_log, timeout_graceful_shutdown=2,
                                # longer than clients' and load balancers' idle timeouts, so the client side
                                # closes first (no request sent on a connection as it closes)
-                               timeout_keep_alive=75)
+                               timeout_keep_alive=75, **opts.uvicorn_ssl())
     if config.gc_freeze:  # last, once everything start-up made exists: full collections skip it from now on
         from meshserve.engine.heap import freeze_startup_heap
 
@@ -112,7 +130,7 @@ def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket
     try:
         if on_started is not None:
             on_started(_core_pids(allm.core_client), [os.getpid()])
-        print(f"meshserve: serving {config.model_name} on http://{opts.host}:{opts.port}", flush=True)
+        print(f"meshserve: serving {config.model_name} on {opts.scheme}://{opts.host}:{opts.port}", flush=True)
         serve_http(allm, config, sock, opts)
     finally:
         allm.shutdown()
@@ -282,7 +300,7 @@ def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: sock
         startup_timeline.mark("waiting for the core")
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
         dp = f", {len(cores)} engine cores" if len(cores) > 1 else ""
-        print(f"meshserve: serving {config.model_name} on http://{opts.host}:{opts.port} "
+        print(f"meshserve: serving {config.model_name} on {opts.scheme}://{opts.host}:{opts.port} "
               f"({count} API processes{dp})", flush=True)
         if on_started is not None:
             on_started([c.proc.pid for c in cores], [p.pid for p in procs])

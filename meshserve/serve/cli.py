@@ -14,6 +14,12 @@ from meshserve.errors import InvalidArgumentError
 from meshserve.serve.config import DEFAULT_MAX_REQUEST_BODY_BYTES, ServeConfig
 from meshserve.serve.reasoning import REASONING_PARSERS
 from meshserve.serve.tool_parsers import TOOL_PARSERS
+from meshserve.serve.vllm_compat_args import (
+    add_vllm_compat_args,
+    apply_vllm_compat,
+    compat_http_fields,
+    compat_serve_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +79,7 @@ def register(subparsers) -> None:
                    help="leave the API processes' start-up heap to the garbage collector (by default it is frozen "
                         "once serving: full collections otherwise stall the event loop 0.1-0.4 s under load)")
     add_engine_args(p)
+    add_vllm_compat_args(p)
     # the parser itself goes along: data parallel rebuilds each replica's flags from it
     p.set_defaults(func=_cmd_serve, serve_parser=p)
 
@@ -99,7 +106,7 @@ def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:
                        enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,
                        reasoning_parser=ns.reasoning_parser,
                        gc_freeze=not ns.no_gc_freeze, request_log=ns.request_log,
-                       responses_store_size=ns.responses_store_size)
+                       responses_store_size=ns.responses_store_size, **compat_serve_fields(ns))
 
 
 def check_responses_store(ns: argparse.Namespace) -> None:
@@ -135,6 +142,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     startup_timeline.mark("python + CLI")
     if ns.log_level.upper() == "WARNING":  # the default: a server shows what start-up is doing, as vLLM does
         logging.getLogger("meshserve").setLevel(logging.INFO)
+    apply_vllm_compat(ns)  # vLLM's flags: refusals and aliases first
 
     if ns.model_tag and ns.model and ns.model_tag != ns.model:
         raise InvalidArgumentError(f"two models given: {ns.model_tag!r} and --model {ns.model!r}", param="model")
@@ -172,7 +180,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     sock = bind_listen_socket(ns.host, ns.port)  # a port in use fails before the model loads
     from meshserve.serve.api_server import HttpOptions, serve_api_processes, serve_one_process
 
-    opts = HttpOptions(ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log)
+    opts = HttpOptions(ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log, **compat_http_fields(ns))
     if ns.api_server_count > 1:
         return serve_api_processes(engine_args, config, sock, opts, ns.api_server_count, data_parallel_size=dp)
     try:

@@ -29,6 +29,21 @@ class ServeConfig:
     gc_freeze: bool = True  # freeze the start-up heap once serving, so full collections stay short (heap.py)
     request_log: str | None = None  # --request-log: a JSON line per served prompt (request_log.py)
     responses_store_size: int = 0  # --responses-store-size: responses kept for previous_response_id (0: none)
+    # vLLM's front-end flags (serve/vllm_compat_args.py); the defaults are vLLM's
+    chat_template: str | None = None  # Jinja text rendering every chat instead of the tokenizer's
+    chat_template_content_format: str = "auto"  # auto | string | openai (chat_content_format.py)
+    response_role: str = "assistant"
+    max_logprobs: int = 20  # most logprobs a request may ask for per position
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])  # CORS
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    root_path: str = ""  # the prefix a proxy serves the app under
+    disable_fastapi_docs: bool = False
+    enable_log_requests: bool = False  # log each generation request's parameters and prompt
+    max_log_len: int | None = None  # ... cut to this many characters / token ids
+    enable_force_include_usage: bool = False  # every stream ends with usage
+    return_tokens_as_token_ids: bool = False  # the server's default for the request field
 
     @property
     def model_name(self) -> str:

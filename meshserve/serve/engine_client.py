@@ -20,8 +20,10 @@ from meshserve.engine.chat_template import render_chat
 from meshserve.errors import InvalidArgumentError, ServerOverloadedError, ServiceLevelError
 from meshserve.outputs import RequestOutput
 from meshserve.sampling import SamplingParams
+from meshserve.serve.chat_content_format import resolve_content_format, with_content_format
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.frontend_load import FrontendLoad
+from meshserve.serve.log_requests import log_request
 from meshserve.serve.protocol import ServiceLevel
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class EngineClient:
         self.allm = allm
         self.config = config
         self._num_starting = 0  # requests submitted but not yet seen by the engine's queue counter
+        self._content_format: str | None = None  # string | openai, once the first chat is rendered
         self.load = FrontendLoad()
         allm.frontend_delay_s = self.load.loop_lag.value  # its own TTFT check sees this loop's lag too
 
@@ -126,12 +129,17 @@ class EngineClient:
     async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
                           template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None,
                           continue_final_message: bool = False) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template (as LLM.chat does); the
-        template renders the tools, if given, its own way."""
+        """Token ids of a conversation rendered with the chat template (--chat-template, else the model's, as
+        LLM.chat does); the template renders the tools, if given, its own way."""
         tok = self._require_tokenizer("chat")
+        template = self.config.chat_template
+        if self._content_format is None:  # the template is fixed: read it once
+            self._content_format = resolve_content_format(self.config.chat_template_content_format,
+                                                          template or getattr(tok, "chat_template", None))
+        messages = with_content_format(messages, self._content_format)
         return await self.allm.run_tokenizer(lambda: render_chat(
             tok, messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-            tools=tools, template_kwargs=template_kwargs))
+            tools=tools, chat_template=template, template_kwargs=template_kwargs))
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         tok = self._require_tokenizer("prompt")
@@ -155,6 +163,14 @@ class EngineClient:
         return await self.allm.run_tokenizer(lambda: tok.decode(token_ids))
 
     # -- requests --------------------------------------------------------------------------------
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        """--max-logprobs: a request asking for more alternatives per position is a 400 (as vLLM)."""
+        limit = self.config.max_logprobs
+        for name, asked in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if asked is not None and asked > limit:
+                raise InvalidArgumentError(f"{name}: {asked} requested, the server returns at most {limit} "
+                                           "(--max-logprobs)", param=name)
+
     async def start(self, prompts: list[Any], params: SamplingParams, request_id: str, priority: int = 0,
                     slo: ServiceLevel | None = None, arrival_time: float | None = None) -> list[EngineRequest]:
         """Admit and start one engine request per prompt; wait for each one's first output.
@@ -164,6 +180,9 @@ class EngineClient:
         one prompt fails, the others are aborted.
         """
         self.check_admission()
+        self._check_logprobs(params)
+        if self.config.enable_log_requests:
+            log_request(request_id, prompts, params, self.config.max_log_len)
         if arrival_time is not None:
             self.load.request_reached_handler(arrival_time)
         ttft = slo.ttft_ms / 1e3 if slo is not None and slo.ttft_ms else None

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshserve.errors import AuthenticationError, RequestTooLargeError, ServerDrainingError
@@ -83,7 +84,7 @@ class GateMiddleware:
             await self.app(scope, receive, send)
             return
         ARRIVAL.set(time.monotonic())
-        path: str = scope.get("path", "")
+        path = get_route_path(scope)  # under --root-path, the path the routes see (an unstripped prefix too)
         guarded = path.startswith("/v1") and not path.startswith(_OPEN_PATHS)
         if self.on_request is not None:
             self.on_request()
@@ -138,6 +139,20 @@ class GateMiddleware:
                 break
         body = b"".join(chunks)
         return _replay([{"type": "http.request", "body": body, "more_body": False}], receive), body
+
+
+class RootPathMiddleware:
+    """--root-path: the prefix a proxy serves the app under, set as the scope's root_path (what FastAPI's
+    deprecated root_path argument did): routes match with the prefix or without it, OpenAPI lists it."""
+
+    def __init__(self, app: ASGIApp, root_path: str):
+        self.app = app
+        self.root_path = root_path.rstrip("/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope = {**scope, "root_path": self.root_path}
+        await self.app(scope, receive, send)
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -19,7 +20,7 @@ from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient
 from meshserve.serve.errors import error_body, error_payload, validation_error_payload
 from meshserve.serve.metrics import ServerMetrics
-from meshserve.serve.middleware import GateMiddleware, ServerState
+from meshserve.serve.middleware import GateMiddleware, RootPathMiddleware, ServerState
 from meshserve.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -124,7 +125,8 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     tokenizer = TokenizeService(client, config)
     max_model_len = config.max_model_len or client.max_model_len
 
-    app = FastAPI(title="meshserve", version=__version__,
+    docs = {"openapi_url": None, "docs_url": None, "redoc_url": None} if config.disable_fastapi_docs else {}
+    app = FastAPI(title="meshserve", version=__version__, **docs,
                   description="OpenAI-compatible LLM inference server. With --api-key, every /v1 route needs "
                               "`Authorization: Bearer KEY` or `x-api-key: KEY`.")
     app.state.serve_state = state
@@ -133,6 +135,11 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     _install_error_handlers(app, metrics)
     app.add_middleware(GateMiddleware, config=config, state=state, admission=client.frontend_admission_error,
                        on_reject=functools.partial(_gate_refused, metrics), on_request=client.load.ensure_watching)
+    # outermost (added last): preflights are answered before the API key gate, and its refusals carry CORS headers
+    app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
+                       allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)
+    if config.root_path:  # outside the gate, which reads the path the routes see
+        app.add_middleware(RootPathMiddleware, root_path=config.root_path)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_GENERATION_RESPONSES)
     async def create_completion(body: CompletionRequest, request: Request):

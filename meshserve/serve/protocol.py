@@ -362,7 +362,7 @@ class ChatChoiceLogprobs(OpenAIModel):
 
 
 class ChatResponseMessage(OpenAIModel):
-    role: Literal["assistant"] = "assistant"
+    role: str = "assistant"  # --response-role
     content: str | None = None
     # with --reasoning-parser only (vLLM's field): absent otherwise, so responses keep OpenAI's shape
     reasoning: str | None = Field(None, exclude_if=lambda v: v is None)
@@ -402,7 +402,7 @@ class ChatCompletionResponse(OpenAIModel):
 
 
 class ChatDelta(OpenAIModel):
-    role: Literal["assistant"] | None = None
+    role: str | None = None  # in the first chunk: --response-role
     content: str | None = None
     reasoning: str | None = Field(None, exclude_if=lambda v: v is None)  # with --reasoning-parser only
     tool_calls: list[DeltaToolCall] | None = None

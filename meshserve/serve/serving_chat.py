@@ -35,6 +35,7 @@ from meshserve.serve.serving_common import (
     check_model,
     collect_outputs,
     random_id,
+    server_defaults,
     usage_of,
 )
 from meshserve.serve.streaming import SSE_DONE, SSEResponse, sse_error, sse_event
@@ -98,6 +99,7 @@ class ChatService:
         """Check the request, render its conversation and start it on the engine (also /v1/responses' way
         in). Raises for a request that is refused; the caller reports that to the tracker."""
         model = check_model(self.config, req.model)
+        server_defaults(req, self.config)
         await import_grammar_backend(req)  # off the event loop: its first import takes ~1.5 s
         plan = plan_tools(req, self.config)
         params = chat_sampling_params(req, self.client.generation_defaults, plan.constraint)
@@ -138,7 +140,8 @@ class ChatService:
         thought, text = reasoning.split(c.text, c.token_ids) if reasoning else (None, c.text)
         content, calls = plan.extract(text) if text is not None else (None, [])  # tools: in the content only
         finish = plan.finish_reason_of_calls if calls and c.finish_reason == "stop" else c.finish_reason
-        message = ChatResponseMessage(content=content, reasoning=thought, tool_calls=calls or None)
+        message = ChatResponseMessage(role=self.config.response_role, content=content, reasoning=thought,
+                                      tool_calls=calls or None)
         return ChatChoice(index=c.index, message=message,
                           logprobs=self._logprobs(req, c.token_ids, c.logprobs),
                           finish_reason=finish, stop_reason=c.stop_reason)
@@ -149,7 +152,8 @@ class ChatService:
         state = StreamState(every_token=not self.client.has_tokenizer)
         tool_streams = {i: ToolCallStream(plan) for i in range(req.n)} if plan.mode != "none" else {}
         thinking = {i: reasoning.stream() for i in range(req.n)} if reasoning else {}
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        include_usage = self.config.enable_force_include_usage or bool(req.stream_options and
+                                                                       req.stream_options.include_usage)
         final: RequestOutput | None = None
         # content-only chunks (no logprobs, no tools) skip pydantic
         fast = ChunkEncoder(request_id, model, "chat.completion.chunk") \
@@ -158,7 +162,7 @@ class ChatService:
         try:
             for i in range(req.n):  # the role comes first, in a chunk of its own, as OpenAI sends it
                 yield _chunk_event(ChatCompletionChunk(id=request_id, model=model, choices=[
-                    ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]))
+                    ChatChunkChoice(index=i, delta=ChatDelta(role=self.config.response_role, content=""))]))
             async for out in request:
                 tracker.observe(0, out)
                 final = accumulate(final, out)

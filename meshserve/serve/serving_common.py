@@ -25,6 +25,12 @@ def check_model(config: ServeConfig, model: str | None) -> str:
     raise ModelNotFoundError(model)
 
 
+def server_defaults(req, config: ServeConfig) -> None:
+    """The server's defaults for the request fields it leaves unset (--return-tokens-as-token-ids)."""
+    if config.return_tokens_as_token_ids and "return_tokens_as_token_ids" not in req.model_fields_set:
+        req.return_tokens_as_token_ids = True
+
+
 def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
     """Exact token counts: each prompt once, every generated token of every choice."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)

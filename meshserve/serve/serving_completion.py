@@ -29,6 +29,7 @@ from meshserve.serve.serving_common import (
     check_model,
     collect_outputs,
     random_id,
+    server_defaults,
     usage_of,
 )
 from meshserve.serve.streaming import SSE_DONE, SSEResponse, sse_error, sse_event
@@ -55,6 +56,7 @@ class CompletionService:
         tracker = self.metrics.track()
         try:
             model = check_model(self.config, req.model)
+            server_defaults(req, self.config)
             await import_grammar_backend(req)  # off the event loop: its first import takes ~1.5 s
             params = completion_sampling_params(req, self.client.generation_defaults)
             tracker.ttft_target_s, tracker.tpot_target_s = self.client.slo_targets(req.slo)
@@ -123,7 +125,8 @@ class CompletionService:
         finals: dict[int, RequestOutput] = {}
         want_lp = req.logprobs is not None
         want_tokens = want_lp or req.return_token_ids  # a chunk for every new token, none held back
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        include_usage = self.config.enable_force_include_usage or bool(req.stream_options and
+                                                                       req.stream_options.include_usage)
         fast = ChunkEncoder(request_id, model, "text_completion")  # chunks without logprobs skip pydantic
         outcome = "abort"
         try:

@@ -9,6 +9,7 @@ import dataclasses
 from meshserve.config import CACHE_DTYPES, DTYPES, LOAD_FORMATS, QUANTIZATION_METHODS, EngineArgs
 from meshserve.models.embedded import GENERATION_DEFAULTS as EMBEDDED_DEFAULTS
 from meshserve.sampling import SamplingParams
+from meshserve.vllm_values import dtype_name, human_int
 
 
 def _bool_flag(parser, name: str, default: bool, help: str) -> None:
@@ -68,8 +69,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="HF folder, .gguf file or preset (with --load-format dummy); "
                         "default: the embedded SmolLM2-135M-Instruct")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-    g.add_argument("--dtype", default=d.dtype, choices=DTYPES)
-    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--dtype", default=d.dtype, choices=DTYPES, type=dtype_name, help="(half, float: vLLM's aliases)")
+    g.add_argument("--max-model-len", type=human_int, default=None, help="tokens; 32k = 32000, 32K = 32768")
     g.add_argument("--block-size", type=int, default=d.block_size)
     g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     g.add_argument("--cpu-kv-cache-bytes", type=int, default=d.cpu_kv_cache_bytes)
@@ -93,7 +94,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="a preempted sequence's KV: recompute it, swap it to the CPU tier and back, or auto "
                         "(whichever is predicted cheaper)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=human_int, default=None)
     _bool_flag(g, "enable-chunked-prefill", d.enable_chunked_prefill, "mix prefill chunks with decodes")
     _bool_flag(g, "enable-prefix-caching", d.enable_prefix_caching, "reuse KV blocks of shared prefixes")
     g.add_argument("--seed", type=int, default=d.seed)

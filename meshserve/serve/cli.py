@@ -54,7 +54,7 @@ def register(subparsers) -> None:
                         "/v1/responses/{id} (default 0: none kept; one API process only)")
     g.add_argument("--engine-in-thread", action="store_true",
                    help="run the engine loop in a thread of the server process (default: its own process)")
-    g.add_argument("--api-server-count", type=int, default=None,
+    g.add_argument("--api-server-count", "-asc", type=int, default=None,
                    help="API processes sharing the engine core(s) and the port (HTTP, JSON and detokenization off "
                         "one GIL); default 1, or --data-parallel-size on the internal DP back end (as vLLM)")
     g.add_argument("--auto", action="store_true",

@@ -44,6 +44,9 @@ class ServeConfig:
     max_log_len: int | None = None  # ... cut to this many characters / token ids
     enable_force_include_usage: bool = False  # every stream ends with usage
     return_tokens_as_token_ids: bool = False  # the server's default for the request field
+    default_chat_template_kwargs: dict = field(default_factory=dict)  # under each request's own
+    trust_request_chat_template: bool = False  # a request may bring its own chat_template
+    exclude_tools_when_tool_choice_none: bool = False  # tool_choice "none": the template gets no tools
 
     @property
     def model_name(self) -> str:

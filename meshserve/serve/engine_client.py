@@ -128,15 +128,23 @@ class EngineClient:
 
     async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
                           template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None,
-                          continue_final_message: bool = False) -> list[int]:
+                          continue_final_message: bool = False, request_template: str | None = None) -> list[int]:
         """Token ids of a conversation rendered with the chat template (--chat-template, else the model's, as
         LLM.chat does); the template renders the tools, if given, its own way."""
         tok = self._require_tokenizer("chat")
         template = self.config.chat_template
-        if self._content_format is None:  # the template is fixed: read it once
-            self._content_format = resolve_content_format(self.config.chat_template_content_format,
-                                                          template or getattr(tok, "chat_template", None))
-        messages = with_content_format(messages, self._content_format)
+        if request_template is not None:  # vLLM's rule: a request's own Jinja only where the server trusts it
+            if not self.config.trust_request_chat_template:
+                raise InvalidArgumentError("a chat template in the request needs the server's "
+                                           "--trust-request-chat-template", param="chat_template")
+            content_format = resolve_content_format(self.config.chat_template_content_format, request_template)
+            template = request_template
+        else:
+            if self._content_format is None:  # the server's template is fixed: read it once
+                self._content_format = resolve_content_format(self.config.chat_template_content_format,
+                                                              template or getattr(tok, "chat_template", None))
+            content_format = self._content_format
+        messages = with_content_format(messages, content_format)
         return await self.allm.run_tokenizer(lambda: render_chat(
             tok, messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
             tools=tools, chat_template=template, template_kwargs=template_kwargs))

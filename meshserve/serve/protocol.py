@@ -272,6 +272,8 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the last (assistant) message stays open: generation continues it
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = Field(None, description="this request's Jinja chat template (vLLM's; the server "
+                                                        "must trust them: --trust-request-chat-template)")
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True  # false: at most one call per turn (tool_choice "required" then yields one)
@@ -446,6 +448,7 @@ class TokenizeRequest(OpenAIModel):
     continue_final_message: bool = False
     tools: list[ChatTool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # with --trust-request-chat-template only
     return_token_strs: bool = False
 
     @model_validator(mode="after")

@@ -35,6 +35,7 @@ from meshserve.serve.serving_common import (
     check_model,
     collect_outputs,
     random_id,
+    request_chat_template,
     server_defaults,
     usage_of,
 )
@@ -107,9 +108,11 @@ class ChatService:
             params.skip_special_tokens = False  # the parser's markers are special tokens
         tracker.ttft_target_s, tracker.tpot_target_s = self.client.slo_targets(req.slo)
         self.client.check_admission()  # before spending a template render on a request we refuse
+        # --exclude-tools-when-tool-choice-none: the template does not see tools the model may not call
+        tools = [] if plan.mode == "none" and self.config.exclude_tools_when_tool_choice_none else plan.tools
         prompt_ids = await self.client.render_chat(template_messages(req.messages), req.add_generation_prompt,
-                                                   req.chat_template_kwargs, plan.tools,
-                                                   req.continue_final_message)
+                                                   req.chat_template_kwargs, tools, req.continue_final_message,
+                                                   request_template=request_chat_template(req))
         reasoning = await plan_reasoning(self.reasoning_parser, req, prompt_ids, params, self.client)
         requests = await self.client.start([{"prompt_token_ids": prompt_ids}], params, request_id,
                                            req.priority, req.slo, tracker.arrival_monotonic)

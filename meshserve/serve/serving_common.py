@@ -26,9 +26,19 @@ def check_model(config: ServeConfig, model: str | None) -> str:
 
 
 def server_defaults(req, config: ServeConfig) -> None:
-    """The server's defaults for the request fields it leaves unset (--return-tokens-as-token-ids)."""
-    if config.return_tokens_as_token_ids and "return_tokens_as_token_ids" not in req.model_fields_set:
+    """The server's defaults for what a request leaves unset: --return-tokens-as-token-ids, and
+    --default-chat-template-kwargs under its own chat_template_kwargs (so the reasoning parser sees them too)."""
+    fields = type(req).model_fields
+    if (config.return_tokens_as_token_ids and "return_tokens_as_token_ids" in fields
+            and "return_tokens_as_token_ids" not in req.model_fields_set):
         req.return_tokens_as_token_ids = True
+    if config.default_chat_template_kwargs and "chat_template_kwargs" in fields:
+        req.chat_template_kwargs = {**config.default_chat_template_kwargs, **(req.chat_template_kwargs or {})}
+
+
+def request_chat_template(req) -> str | None:
+    """The chat template a request brings itself (vLLM's chat_template field, or in chat_template_kwargs)."""
+    return req.chat_template or (req.chat_template_kwargs or {}).get("chat_template")
 
 
 def usage_of(outputs: list[RequestOutput]) -> UsageInfo:

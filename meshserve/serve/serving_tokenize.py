@@ -6,7 +6,7 @@ from meshserve.errors import InvalidArgumentError
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient
 from meshserve.serve.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from meshserve.serve.serving_common import check_model
+from meshserve.serve.serving_common import check_model, request_chat_template, server_defaults
 from meshserve.serve.tool_calls import template_messages
 
 
@@ -17,10 +17,12 @@ class TokenizeService:
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         check_model(self.config, req.model)
+        server_defaults(req, self.config)
         if req.messages is not None:
             tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
             ids = await self.client.render_chat(template_messages(req.messages), req.add_generation_prompt,
-                                                req.chat_template_kwargs, tools, req.continue_final_message)
+                                                req.chat_template_kwargs, tools, req.continue_final_message,
+                                                request_template=request_chat_template(req))
         else:
             ids = await self.client.tokenize(req.prompt or "", req.add_special_tokens)
         strs = await self.client.token_strs(ids) if req.return_token_strs else None

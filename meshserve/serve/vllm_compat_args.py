@@ -28,6 +28,7 @@ DEFAULT_CORS = ("*",)
 DEFAULT_MAX_LOGPROBS = 20
 CONTENT_FORMATS = ("auto", "string", "openai")
 TOKENIZER_MODES = ("auto", "hf", "slow", "mistral", "custom")
+RUNNERS = ("auto", "generate", "pooling", "draft")
 _JINJA_CHARS = "{}\n"  # vLLM's rule: a --chat-template with none of these is a path
 
 
@@ -73,18 +74,21 @@ _REFUSED: dict[str, tuple[str, str]] = {
     "--limit-mm-per-prompt": ("value", "multimodal inputs are not supported (text models only)"),
     "--mm-processor-kwargs": ("value", "multimodal inputs are not supported (text models only)"),
     "--allowed-local-media-path": ("value", "multimodal inputs are not supported (text models only)"),
-    "--swap-space": ("value", "not supported: vLLM's V1 engine swaps nothing (it preempts by recompute, as "
-                              "meshserve does by default); for a CPU tier that preempted sequences swap to, use "
-                              "--kv-offloading-size GiB --preemption-mode swap"),
-    "--cpu-offload-gb": ("value", "offloading weights to CPU memory is not supported (use --quantization, or "
-                                  "more GPUs with -tp)"),
+    "--swap-space": ("value", ("not supported: vLLM's V1 engine swaps nothing (it preempts by recompute, as "
+                               "meshserve does by default); for a CPU tier that preempted sequences swap to, use "
+                               "--kv-offloading-size GiB --preemption-mode swap")),
+    "--cpu-offload-gb": ("value", ("offloading weights to CPU memory is not supported (use --quantization, or "
+                                   "more GPUs with -tp)")),
     "--uds": ("value", "unix domain sockets are not supported yet (use --host and --port)"),
     "--headless": ("switch", "not supported: a node without the API server is --nnodes N --node-rank R (R > 0)"),
     "--enable-ssl-refresh": ("switch", "not supported: certificates are read once at start (restart for new ones)"),
     "--middleware": ("values", "not supported: meshserve imports no ASGI middleware (put a proxy in front)"),
-    "--tool-parser-plugin": ("value", "not supported: meshserve imports no parser plugins (choose a "
-                                      "--tool-call-parser)"),
+    "--tool-parser-plugin": ("value", ("not supported: meshserve imports no parser plugins (choose a "
+                                       "--tool-call-parser)")),
     "--config": ("value", "YAML config files are not supported (pass the flags on the command line)"),
+    "--compilation-config": ("value", ("not supported: meshserve does not torch.compile; its CUDA graphs are "
+                                       "--enforce-eager and --max-cudagraph-tokens")),
+    "--otlp-traces-endpoint": ("value", "OpenTelemetry tracing is not supported (see /metrics and --request-log)"),
 }
 
 
@@ -104,6 +108,12 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-template-content-format", default="auto", choices=CONTENT_FORMATS,
                    help="message content as the template sees it: string, or openai (a list of "
                         '{"type": "text", "text": ...} parts); auto: openai if the template loops over content')
+    g.add_argument("--default-chat-template-kwargs", type=json_dict, default=JsonDict(), metavar="JSON",
+                   help='chat_template_kwargs every chat gets under its own, e.g. {"enable_thinking": false}')
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let a request bring its own chat_template (else such a request gets a 400)")
+    g.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                   help='tool_choice "none": the chat template is not given the tools')
     g.add_argument("--response-role", default="assistant", help="role of the chat answers")
     g.add_argument("--hf-overrides", type=json_dict, default=JsonDict(), metavar="JSON",
                    help='fields set on the model\'s HF config before it is built, e.g. {"num_hidden_layers": 4}')
@@ -144,6 +154,8 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
                    help='logprob tokens as "token_id:N" unless a request says otherwise')
     g.add_argument("--trust-remote-code", action="store_true",
                    help="no effect: meshserve never runs a model's own code (it implements the architectures)")
+    g.add_argument("--runner", default="auto", choices=RUNNERS,
+                   help="auto or generate: meshserve serves generative models; pooling and draft are refused")
     g.add_argument("--tokenizer-mode", default="auto", choices=TOKENIZER_MODES,
                    help="auto or hf: the tokenizer folder's fast tokenizer; slow, mistral and custom are refused")
     g.add_argument("--disable-uvicorn-access-log", dest=_dest("--disable-uvicorn-access-log"), action="store_true",
@@ -174,6 +186,9 @@ def apply_vllm_compat(ns: argparse.Namespace) -> None:
     if ns.tokenizer_mode not in ("auto", "hf"):
         raise InvalidArgumentError(f"--tokenizer-mode {ns.tokenizer_mode} is not supported: meshserve loads the "
                                    "tokenizer folder's fast tokenizer (auto)", param="tokenizer_mode")
+    if ns.runner not in ("auto", "generate"):
+        raise InvalidArgumentError(f"--runner {ns.runner} is not supported: meshserve serves generative models "
+                                   "(embeddings and scores are not implemented)", param="runner")
     if not 0 <= ns.max_logprobs <= DEFAULT_MAX_LOGPROBS:
         raise InvalidArgumentError(f"--max-logprobs must be in [0, {DEFAULT_MAX_LOGPROBS}]: meshserve returns at "
                                    f"most {DEFAULT_MAX_LOGPROBS} logprobs per position", param="max_logprobs")
@@ -230,7 +245,10 @@ def compat_serve_fields(ns: argparse.Namespace) -> dict[str, Any]:
             "allow_credentials": ns.allow_credentials, "root_path": ns.root_path,
             "disable_fastapi_docs": ns.disable_fastapi_docs, "enable_log_requests": ns.enable_log_requests,
             "max_log_len": ns.max_log_len, "enable_force_include_usage": ns.enable_force_include_usage,
-            "return_tokens_as_token_ids": ns.return_tokens_as_token_ids}
+            "return_tokens_as_token_ids": ns.return_tokens_as_token_ids,
+            "default_chat_template_kwargs": dict(ns.default_chat_template_kwargs),
+            "trust_request_chat_template": ns.trust_request_chat_template,
+            "exclude_tools_when_tool_choice_none": ns.exclude_tools_when_tool_choice_none}
 
 
 def compat_http_fields(ns: argparse.Namespace) -> dict[str, Any]:

@@ -19,8 +19,10 @@ from meshserve.serve.cli import serve_config_from
 from meshserve.serve.vllm_compat_args import _REFUSED, apply_vllm_compat
 from tests.serve.conftest import MODEL, make_engine, serve_in_thread, start_server
 
-TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}[bot] {% endif %}")
+TEMPLATE = ("{% if tools %}[tools]\n{% endif %}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
+            "{% endfor %}{% if add_generation_prompt %}[{{ tag | default('bot') }}] {% endif %}")
+KWARGS = {"tag": "helper"}
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 PARTS_TEMPLATE = ("{% for m in messages %}{% for p in m['content'] %}<{{ p['type'] }}:{{ p['text'] }}>{% endfor %}"
                   "{% endfor %}")
 USER = [{"role": "user", "content": "hi there"}]
@@ -45,7 +47,8 @@ def compat(tiny_engine, tmp_path_factory):
     config = _config("--chat-template", str(template_file), "--response-role", "bot", "--max-logprobs", "3",
                      "--allowed-origins", json.dumps([ORIGIN]), "--root-path", "/api",
                      "--enable-force-include-usage", "--return-tokens-as-token-ids", "--enable-log-requests",
-                     "--max-log-len", "4", "--disable-fastapi-docs", "--api-key", "k")
+                     "--max-log-len", "4", "--disable-fastapi-docs", "--api-key", "k",
+                     "--default-chat-template-kwargs", json.dumps(KWARGS), "--exclude-tools-when-tool-choice-none")
     srv = start_server(tiny_engine, config)
     with httpx.Client(base_url=srv.base_url, timeout=60, headers={"Authorization": "Bearer k"}) as http:
         yield http, srv
@@ -66,10 +69,37 @@ def _events(http, path: str, **body) -> list[dict]:
 
 def test_chat_template_renders_every_chat_and_tokenize(compat, tiny_engine):
     http, _ = compat
-    expected = render_chat(tiny_engine.tokenizer, USER, chat_template=TEMPLATE)
-    assert tiny_engine.tokenizer.decode(expected).strip().startswith("[user] hi there")
+    expected = render_chat(tiny_engine.tokenizer, USER, chat_template=TEMPLATE, template_kwargs=KWARGS)
+    assert tiny_engine.tokenizer.decode(expected).strip() == "[user] hi there\n[helper]"
     assert http.post("/tokenize", json={"messages": USER}).json()["tokens"] == expected
     assert _chat(http)["usage"]["prompt_tokens"] == len(expected)
+    own = http.post("/tokenize", json={"messages": USER, "chat_template_kwargs": {"tag": "me"}}).json()["tokens"]
+    assert tiny_engine.tokenizer.decode(own).strip().endswith("[me]")  # the request's kwargs win
+
+
+def test_a_request_s_own_template_needs_the_server_s_trust(compat, tiny_engine):
+    http, _ = compat
+    for body in ({"chat_template": "{{ 'x' }}"}, {"chat_template_kwargs": {"chat_template": "{{ 'x' }}"}}):
+        r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, **body})
+        assert r.status_code == 400 and "--trust-request-chat-template" in r.json()["error"]["message"]
+        assert http.post("/tokenize", json={"messages": USER, **body}).status_code == 400
+    srv = start_server(tiny_engine, _config("--trust-request-chat-template", "--chat-template", TEMPLATE))
+    try:
+        with httpx.Client(base_url=srv.base_url, timeout=60) as trusted:
+            own = "<{{ messages[0]['content'] }}>"
+            r = trusted.post("/tokenize", json={"messages": USER, "chat_template": own})
+            assert tiny_engine.tokenizer.decode(r.json()["tokens"]) == "<hi there>"
+            # without --exclude-tools-when-tool-choice-none the template sees the tools of tool_choice "none"
+            plain = _chat(trusted)["usage"]["prompt_tokens"]
+            assert _chat(trusted, tools=TOOLS, tool_choice="none")["usage"]["prompt_tokens"] > plain
+    finally:
+        srv.stop()
+
+
+def test_tools_left_out_of_the_template_when_tool_choice_is_none(compat):
+    http, _ = compat
+    plain = _chat(http)["usage"]["prompt_tokens"]
+    assert _chat(http, tools=TOOLS, tool_choice="none")["usage"]["prompt_tokens"] == plain
 
 
 def test_content_format_openai_gives_the_template_parts(tiny_engine):

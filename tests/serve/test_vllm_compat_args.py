@@ -296,3 +296,14 @@ def test_tls_serves_https_with_the_given_certificate(tiny_engine, tmp_path):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_refused_before_torch_is_imported():
+    import sys
+
+    probe = ("import json, sys; from meshserve.cli import main; rc = main(sys.argv[1:]); "
+             "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))")
+    p = subprocess.run([sys.executable, "-c", probe, "serve", "--enable-lora", "--swap-space", "4"],
+                       capture_output=True, text=True, timeout=60)
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"rc": 2, "torch": False}, p.stderr
+    assert p.stderr.startswith("meshserve: error: --enable-lora:")

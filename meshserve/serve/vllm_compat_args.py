@@ -85,7 +85,6 @@ _REFUSED: dict[str, tuple[str, str]] = {
     "--middleware": ("values", "not supported: meshserve imports no ASGI middleware (put a proxy in front)"),
     "--tool-parser-plugin": ("value", ("not supported: meshserve imports no parser plugins (choose a "
                                        "--tool-call-parser)")),
-    "--config": ("value", "YAML config files are not supported (pass the flags on the command line)"),
     "--compilation-config": ("value", ("not supported: meshserve does not torch.compile; its CUDA graphs are "
                                        "--enforce-eager and --max-cudagraph-tokens")),
     "--otlp-traces-endpoint": ("value", "OpenTelemetry tracing is not supported (see /metrics and --request-log)"),
@@ -102,6 +101,8 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
         "vLLM compatibility",
         "vLLM's names for what meshserve does the same way. Refused, with what to use instead: "
         + ", ".join(_REFUSED) + ".")
+    g.add_argument("--config", dest="config_file", default=None, metavar="FILE",
+                   help="YAML of `flag-name: value` lines (serve/config_file.py); command-line flags win")
     g.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
                    help="Jinja chat template for every chat request and /tokenize, instead of the tokenizer's: "
                         "a file, or the template itself")
@@ -180,6 +181,10 @@ def _given(ns: argparse.Namespace, flag: str) -> bool:
 def apply_vllm_compat(ns: argparse.Namespace) -> None:
     """Refuse what cannot be honoured (InvalidArgumentError, one line), fold the aliases into meshserve's own
     flags, resolve --chat-template to its text. Call before anything loads."""
+    if ns.config_file:  # first: what the file sets is checked like the rest
+        from meshserve.serve.config_file import merge_config_file
+
+        merge_config_file(ns, ns.serve_parser, ns.config_file)
     for flag, (_kind, why) in _REFUSED.items():
         if _given(ns, flag):
             raise InvalidArgumentError(f"{flag}: {why}", param=flag.lstrip("-").replace("-", "_"))

@@ -307,3 +307,34 @@ def test_refused_before_torch_is_imported():
                        capture_output=True, text=True, timeout=60)
     assert json.loads(p.stdout.strip().splitlines()[-1]) == {"rc": 2, "torch": False}, p.stderr
     assert p.stderr.startswith("meshserve: error: --enable-lora:")
+
+
+# -- --config FILE ---------------------------------------------------------------------------------
+def test_config_file_sets_flags_the_command_line_does_not(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("model: /models/a\nport: 8123\nhost: 127.0.0.2\nenable_prefix_caching: false\n"
+                    "served-model-name: [a, b]\nallowed-origins: ['https://a.b']\nresponse-role: bot\n"
+                    "hf-overrides: {num_hidden_layers: 2}\nmax-model-len: 4K\ndisable-uvicorn-access-log: true\n")
+    ns = _parse("--config", str(path), "--port", "9000")
+    assert (ns.port, ns.host, ns.enable_prefix_caching) == (9000, "127.0.0.2", False)  # the command line wins
+    assert ns.model_tag == MODEL and ns.model is None  # `serve MODEL` wins over the file's model
+    assert ns.served_model_name == ["a", "b"] and ns.allowed_origins == ["https://a.b"]
+    assert ns.hf_overrides == {"num_hidden_layers": 2} and ns.max_model_len == 4096
+    assert ns.response_role == "bot" and ns.disable_access_log  # aliases fold after the file is read
+    ns = build_parser(["serve"]).parse_args(["serve", "--config", str(path)])
+    apply_vllm_compat(ns)
+    assert ns.model_tag is None and ns.model == "/models/a"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("enable-lora: true\n", "--enable-lora: LoRA"),  # what the file asks is refused like the command line
+    ("no-such-flag: 1\n", "'no-such-flag', which is no `meshserve serve` flag"),
+    ("- a\n- b\n", "must hold a mapping"),
+    ("port: [\n", "is not valid YAML"),
+])
+def test_config_file_errors_are_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / "serve.yaml"
+    path.write_text(text)
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -304,7 +304,7 @@ def test_refused_before_torch_is_imported():
     probe = ("import json, sys; from meshserve.cli import main; rc = main(sys.argv[1:]); "
              "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))")
     p = subprocess.run([sys.executable, "-c", probe, "serve", "--enable-lora", "--swap-space", "4"],
-                       capture_output=True, text=True, timeout=60)
+                       check=False, capture_output=True, text=True, timeout=60)
     assert json.loads(p.stdout.strip().splitlines()[-1]) == {"rc": 2, "torch": False}, p.stderr
     assert p.stderr.startswith("meshserve: error: --enable-lora:")
 

@@ -64,10 +64,16 @@ class HttpOptions:
     ssl_ca_certs: str | None = None
     ssl_cert_reqs: int = 0  # ssl.CERT_NONE
     ssl_ciphers: str | None = None
+    uds: str | None = None  # --uds: a unix socket instead of host:port
 
     @property
     def scheme(self) -> str:
         return "https" if self.ssl_certfile else "http"
+
+    @property
+    def url(self) -> str:
+        """Where the server listens, as the start-up line shows it."""
+        return f"unix:{self.uds}" if self.uds else f"{self.scheme}://{self.host}:{self.port}"
 
     def uvicorn_ssl(self) -> dict:
         """uvicorn.Config's TLS keywords (none without a certificate)."""
@@ -106,7 +112,7 @@ def serve_http(allm, config: ServeConfig, sock: socket.socket, opts: HttpOptions
                                access_log=opts.access_log, timeout_graceful_shutdown=2,
                                # longer than clients' and load balancers' idle timeouts, so the client side
                                # closes first (no request sent on a connection as it closes)
-                               timeout_keep_alive=75, **opts.uvicorn_ssl())
+                               timeout_keep_alive=75, uds=opts.uds, **opts.uvicorn_ssl())
     if config.gc_freeze:  # last, once everything start-up made exists: full collections skip it from now on
         from meshserve.engine.heap import freeze_startup_heap
 
@@ -130,7 +136,7 @@ def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket
     try:
         if on_started is not None:
             on_started(_core_pids(allm.core_client), [os.getpid()])
-        print(f"meshserve: serving {config.model_name} on {opts.scheme}://{opts.host}:{opts.port}", flush=True)
+        print(f"meshserve: serving {config.model_name} on {opts.url}", flush=True)
         serve_http(allm, config, sock, opts)
     finally:
         allm.shutdown()
@@ -300,7 +306,7 @@ def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: sock
         startup_timeline.mark("waiting for the core")
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
         dp = f", {len(cores)} engine cores" if len(cores) > 1 else ""
-        print(f"meshserve: serving {config.model_name} on {opts.scheme}://{opts.host}:{opts.port} "
+        print(f"meshserve: serving {config.model_name} on {opts.url} "
               f"({count} API processes{dp})", flush=True)
         if on_started is not None:
             on_started([c.proc.pid for c in cores], [p.pid for p in procs])

@@ -17,6 +17,7 @@ from meshserve.serve.tool_parsers import TOOL_PARSERS
 from meshserve.serve.vllm_compat_args import (
     add_vllm_compat_args,
     apply_vllm_compat,
+    bind_unix_socket,
     compat_http_fields,
     compat_serve_fields,
 )
@@ -177,7 +178,8 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     if ns.api_server_count > 1 and ns.engine_in_thread:
         raise InvalidArgumentError("--api-server-count > 1 needs the engine in its own process "
                                    "(drop --engine-in-thread)", param="api_server_count")
-    sock = bind_listen_socket(ns.host, ns.port)  # a port in use fails before the model loads
+    # a port (or socket path) in use fails before the model loads
+    sock = bind_unix_socket(ns.uds) if ns.uds else bind_listen_socket(ns.host, ns.port)
     from meshserve.serve.api_server import HttpOptions, serve_api_processes, serve_one_process
 
     opts = HttpOptions(ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log, **compat_http_fields(ns))

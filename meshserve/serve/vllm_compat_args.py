@@ -16,7 +16,9 @@ import argparse
 import json
 import logging
 import os
+import socket
 import ssl
+import stat
 from typing import Any
 
 from meshserve.errors import InvalidArgumentError
@@ -79,7 +81,6 @@ _REFUSED: dict[str, tuple[str, str]] = {
                                "--kv-offloading-size GiB --preemption-mode swap")),
     "--cpu-offload-gb": ("value", ("offloading weights to CPU memory is not supported (use --quantization, or "
                                    "more GPUs with -tp)")),
-    "--uds": ("value", "unix domain sockets are not supported yet (use --host and --port)"),
     "--headless": ("switch", "not supported: a node without the API server is --nnodes N --node-rank R (R > 0)"),
     "--enable-ssl-refresh": ("switch", "not supported: certificates are read once at start (restart for new ones)"),
     "--middleware": ("values", "not supported: meshserve imports no ASGI middleware (put a proxy in front)"),
@@ -134,6 +135,8 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--root-path", default="",
                    help="path prefix a proxy serves the app under (FastAPI's root_path; OpenAPI's servers; "
                         "default: none)")
+    g.add_argument("--uds", default=None, metavar="PATH",
+                   help="listen on this unix domain socket instead of --host and --port")
     g.add_argument("--ssl-keyfile", default=None, help="TLS: the private key file (with --ssl-certfile)")
     g.add_argument("--ssl-certfile", default=None, help="TLS: the certificate file (serve HTTPS)")
     g.add_argument("--ssl-ca-certs", default=None, help="TLS: CA certificates to check client certificates")
@@ -210,6 +213,9 @@ def apply_vllm_compat(ns: argparse.Namespace) -> None:
     if ns.ssl_certfile and ns.data_parallel_size > 1 and ns.data_parallel_backend == "router":
         raise InvalidArgumentError("TLS with --data-parallel-backend router is not supported (the replicas behind "
                                    "the router speak plain HTTP): use the internal back end", param="ssl_certfile")
+    if ns.uds and ns.data_parallel_size > 1 and ns.data_parallel_backend == "router":
+        raise InvalidArgumentError("--uds with --data-parallel-backend router is not supported (the router "
+                                   "listens on --host and --port): use the internal back end", param="uds")
     if ns.root_path and not ns.root_path.startswith("/"):
         raise InvalidArgumentError("--root-path must start with '/'", param="root_path")
     if getattr(ns, _dest("--disable-uvicorn-access-log")):
@@ -259,4 +265,26 @@ def compat_serve_fields(ns: argparse.Namespace) -> dict[str, Any]:
 def compat_http_fields(ns: argparse.Namespace) -> dict[str, Any]:
     """HttpOptions' fields that come from these flags (uvicorn's TLS settings)."""
     return {"ssl_keyfile": ns.ssl_keyfile, "ssl_certfile": ns.ssl_certfile, "ssl_ca_certs": ns.ssl_ca_certs,
-            "ssl_cert_reqs": ns.ssl_cert_reqs, "ssl_ciphers": ns.ssl_ciphers}
+            "ssl_cert_reqs": ns.ssl_cert_reqs, "ssl_ciphers": ns.ssl_ciphers, "uds": ns.uds}
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """--uds: the listening unix socket, bound now (uvicorn serves on it later). A stale socket file (no server
+    answering on it) is replaced, as uvicorn does; a file that is no socket, or a live server's, is an error."""
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise InvalidArgumentError(f"--uds: {path!r} exists and is not a socket", param="uds")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale: left by a server that is gone
+            else:
+                raise InvalidArgumentError(f"--uds: a server already listens on {path!r}", param="uds")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise InvalidArgumentError(f"--uds: cannot listen on {path!r}: {e.strerror or e}", param="uds") from None
+    return sock

@@ -338,3 +338,41 @@ def test_config_file_errors_are_one_line(tmp_path, capsys, text, message):
     assert main(["serve", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+# -- --uds -----------------------------------------------------------------------------------------
+def test_uds_serves_on_the_socket_and_refuses_a_live_one(tiny_engine, tmp_path):
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from meshserve.errors import InvalidArgumentError
+    from meshserve.serve.openai_api import build_app
+    from meshserve.serve.vllm_compat_args import bind_unix_socket
+
+    path = str(tmp_path / "s.sock")
+    with socket.socket(socket.AF_UNIX) as stale:  # a socket file left by a server that is gone
+        stale.bind(path)
+    ns = _parse("--uds", path)
+    sock = bind_unix_socket(ns.uds)
+    server = uvicorn.Server(uvicorn.Config(build_app(tiny_engine, serve_config_from(ns, MODEL)), uds=path,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=path), base_url="http://meshserve") as http:
+            assert http.get("/v1/models").json()["data"][0]["id"] == MODEL
+        with pytest.raises(InvalidArgumentError, match="already listens"):
+            bind_unix_socket(path)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InvalidArgumentError, match="is not a socket"):
+        bind_unix_socket(str(tmp_path / "file"))

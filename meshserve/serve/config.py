@@ -42,6 +42,7 @@ class ServeConfig:
     disable_fastapi_docs: bool = False
     enable_log_requests: bool = False  # log each generation request's parameters and prompt
     max_log_len: int | None = None  # ... cut to this many characters / token ids
+    enable_log_outputs: bool = False  # with enable_log_requests: each finished output too
     enable_force_include_usage: bool = False  # every stream ends with usage
     return_tokens_as_token_ids: bool = False  # the server's default for the request field
     default_chat_template_kwargs: dict = field(default_factory=dict)  # under each request's own

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from meshserve.engine.async_engine import AsyncLLM
@@ -23,7 +23,7 @@ from meshserve.sampling import SamplingParams
 from meshserve.serve.chat_content_format import resolve_content_format, with_content_format
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.frontend_load import FrontendLoad
-from meshserve.serve.log_requests import log_request
+from meshserve.serve.log_requests import OutputLog, log_request
 from meshserve.serve.protocol import ServiceLevel
 
 logger = logging.getLogger(__name__)
@@ -35,15 +35,21 @@ class EngineRequest:
     has not finished (its KV blocks are freed on the engine's next step).
     """
 
-    def __init__(self, gen: AsyncIterator[RequestOutput], first: RequestOutput):
+    def __init__(self, gen: AsyncIterator[RequestOutput], first: RequestOutput,
+                 observer: Callable[[RequestOutput], None] | None = None):
         self._gen = gen
         self.first = first
+        self.observer = observer  # sees every output (--enable-log-outputs)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        if self.observer is not None:
+            self.observer(self.first)
         yield self.first
         if self.first.finished:
             return
         async for out in self._gen:
+            if self.observer is not None:
+                self.observer(out)
             yield out
 
     async def aclose(self) -> None:
@@ -211,7 +217,9 @@ class EngineClient:
             raise
         finally:
             self._num_starting -= len(gens)
-        return [EngineRequest(g, first) for g, first in zip(gens, firsts)]
+        log_outputs = self.config.enable_log_requests and self.config.enable_log_outputs
+        return [EngineRequest(g, first, OutputLog(self.config.max_log_len) if log_outputs else None)
+                for g, first in zip(gens, firsts)]
 
 
 async def merge_requests(requests: list[EngineRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:

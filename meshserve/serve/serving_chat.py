@@ -118,6 +118,10 @@ class ChatService:
                                            req.priority, req.slo, tracker.arrival_monotonic)
         return ChatStart(model, request_id, requests[0], plan, params, reasoning)
 
+    def _role(self, req: ChatCompletionRequest) -> str:
+        """vLLM's rule: --response-role for a new turn, else the role of the message being continued."""
+        return self.config.response_role if req.add_generation_prompt else req.messages[-1].role
+
     def _logprobs(self, req: ChatCompletionRequest, token_ids: list[int], positions) -> ChatChoiceLogprobs | None:
         if not req.logprobs:
             return None
@@ -143,7 +147,7 @@ class ChatService:
         thought, text = reasoning.split(c.text, c.token_ids) if reasoning else (None, c.text)
         content, calls = plan.extract(text) if text is not None else (None, [])  # tools: in the content only
         finish = plan.finish_reason_of_calls if calls and c.finish_reason == "stop" else c.finish_reason
-        message = ChatResponseMessage(role=self.config.response_role, content=content, reasoning=thought,
+        message = ChatResponseMessage(role=self._role(req), content=content, reasoning=thought,
                                       tool_calls=calls or None)
         return ChatChoice(index=c.index, message=message,
                           logprobs=self._logprobs(req, c.token_ids, c.logprobs),
@@ -165,7 +169,7 @@ class ChatService:
         try:
             for i in range(req.n):  # the role comes first, in a chunk of its own, as OpenAI sends it
                 yield _chunk_event(ChatCompletionChunk(id=request_id, model=model, choices=[
-                    ChatChunkChoice(index=i, delta=ChatDelta(role=self.config.response_role, content=""))]))
+                    ChatChunkChoice(index=i, delta=ChatDelta(role=self._role(req), content=""))]))
             async for out in request:
                 tracker.observe(0, out)
                 final = accumulate(final, out)

@@ -147,6 +147,8 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
                    help="no /docs, /redoc or /openapi.json")
     g.add_argument("--enable-log-requests", action="store_true",
                    help="log each generation request: its id, sampling parameters and prompt (see --max-log-len)")
+    g.add_argument("--enable-log-outputs", action="store_true",
+                   help="with --enable-log-requests: log each finished request's output too (text and token ids)")
     g.add_argument("--disable-log-requests", action="store_true", help="no-op: requests are not logged by default")
     g.add_argument("--max-log-len", type=int, default=None,
                    help="--enable-log-requests: most prompt characters and token ids logged (default: all)")
@@ -200,6 +202,8 @@ def apply_vllm_compat(ns: argparse.Namespace) -> None:
     if not 0 <= ns.max_logprobs <= DEFAULT_MAX_LOGPROBS:
         raise InvalidArgumentError(f"--max-logprobs must be in [0, {DEFAULT_MAX_LOGPROBS}]: meshserve returns at "
                                    f"most {DEFAULT_MAX_LOGPROBS} logprobs per position", param="max_logprobs")
+    if ns.enable_log_outputs and not ns.enable_log_requests:
+        raise InvalidArgumentError("--enable-log-outputs needs --enable-log-requests", param="enable_log_outputs")
     if ns.max_log_len is not None and ns.max_log_len < 0:
         raise InvalidArgumentError("--max-log-len must be >= 0", param="max_log_len")
     if bool(ns.ssl_keyfile) != bool(ns.ssl_certfile):
@@ -255,7 +259,8 @@ def compat_serve_fields(ns: argparse.Namespace) -> dict[str, Any]:
             "allowed_methods": list(ns.allowed_methods), "allowed_headers": list(ns.allowed_headers),
             "allow_credentials": ns.allow_credentials, "root_path": ns.root_path,
             "disable_fastapi_docs": ns.disable_fastapi_docs, "enable_log_requests": ns.enable_log_requests,
-            "max_log_len": ns.max_log_len, "enable_force_include_usage": ns.enable_force_include_usage,
+            "max_log_len": ns.max_log_len, "enable_log_outputs": ns.enable_log_outputs,
+            "enable_force_include_usage": ns.enable_force_include_usage,
             "return_tokens_as_token_ids": ns.return_tokens_as_token_ids,
             "default_chat_template_kwargs": dict(ns.default_chat_template_kwargs),
             "trust_request_chat_template": ns.trust_request_chat_template,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import ssl
 import subprocess
@@ -47,7 +48,7 @@ def compat(tiny_engine, tmp_path_factory):
     config = _config("--chat-template", str(template_file), "--response-role", "bot", "--max-logprobs", "3",
                      "--allowed-origins", json.dumps([ORIGIN]), "--root-path", "/api",
                      "--enable-force-include-usage", "--return-tokens-as-token-ids", "--enable-log-requests",
-                     "--max-log-len", "4", "--disable-fastapi-docs", "--api-key", "k",
+                     "--enable-log-outputs", "--max-log-len", "4", "--disable-fastapi-docs", "--api-key", "k",
                      "--default-chat-template-kwargs", json.dumps(KWARGS), "--exclude-tools-when-tool-choice-none")
     srv = start_server(tiny_engine, config)
     with httpx.Client(base_url=srv.base_url, timeout=60, headers={"Authorization": "Bearer k"}) as http:
@@ -115,6 +116,8 @@ def test_content_format_openai_gives_the_template_parts(tiny_engine):
 def test_response_role_whole_and_streamed(compat, live):
     http, _ = compat
     assert _chat(http)["choices"][0]["message"]["role"] == "bot"
+    # vLLM's rule: without a new turn, the role of the message the answer continues
+    assert _chat(http, add_generation_prompt=False)["choices"][0]["message"]["role"] == "user"
     assert _events(http, "/v1/chat/completions", messages=USER)[0]["choices"][0]["delta"]["role"] == "bot"
     with httpx.Client(base_url=live.base_url, timeout=60) as plain:  # vLLM's default
         assert _chat(plain)["choices"][0]["message"]["role"] == "assistant"
@@ -177,14 +180,20 @@ def test_root_path_and_docs(compat, live, tiny_engine):
         srv.stop()
 
 
-def test_log_requests_cut_to_max_log_len(compat, caplog):
+def test_log_requests_and_outputs_cut_to_max_log_len(compat, caplog):
     http, _ = compat
     with caplog.at_level(logging.INFO, logger="meshserve.requests"):
-        _chat(http)
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "meshserve.requests"]
-    assert "Received request chatcmpl-" in line and "temperature" in line
-    ids = json.loads(line.split("prompt_token_ids: ")[1])
-    assert len(ids) == 4
+        answer = _chat(http)
+        streamed = _events(http, "/v1/completions", prompt="a b c d e f")
+    request, output, stream_request, stream_output = [r.getMessage() for r in caplog.records
+                                                      if r.name == "meshserve.requests"]
+    assert request.startswith(f"Received request {answer['id']}-0: ") and "temperature" in request
+    assert len(json.loads(request.split("prompt_token_ids: ")[1])) == 4
+    assert output.startswith(f"Generated response {answer['id']}-0 (choice 0): output: ")
+    assert len(json.loads(re.search(r"output_token_ids: (\[[^]]*\])", output).group(1))) == 3
+    assert repr(answer["choices"][0]["message"]["content"][:4]) in output
+    assert stream_request.startswith(f"Received request {streamed[0]['id']}-0: prompt: 'a b ', ")
+    assert "finish_reason: length" in stream_output  # a stream: logged once, whole, at its end
 
 
 # -- engine flags ----------------------------------------------------------------------------------

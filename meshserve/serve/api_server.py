@@ -65,6 +65,7 @@ class HttpOptions:
     ssl_cert_reqs: int = 0  # ssl.CERT_NONE
     ssl_ciphers: str | None = None
     uds: str | None = None  # --uds: a unix socket instead of host:port
+    access_log_skip: tuple[str, ...] = ()  # paths without access-log lines
 
     @property
     def scheme(self) -> str:
@@ -113,6 +114,9 @@ def serve_http(allm, config: ServeConfig, sock: socket.socket, opts: HttpOptions
                                # longer than clients' and load balancers' idle timeouts, so the client side
                                # closes first (no request sent on a connection as it closes)
                                timeout_keep_alive=75, uds=opts.uds, **opts.uvicorn_ssl())
+    from meshserve.serve.access_log_filter import skip_access_log
+
+    skip_access_log(opts.access_log_skip)  # after uvicorn.Config, which configures its loggers
     if config.gc_freeze:  # last, once everything start-up made exists: full collections skip it from now on
         from meshserve.engine.heap import freeze_startup_heap
 

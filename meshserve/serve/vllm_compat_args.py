@@ -166,6 +166,8 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
                    help="auto or hf: the tokenizer folder's fast tokenizer; slow, mistral and custom are refused")
     g.add_argument("--disable-uvicorn-access-log", dest=_dest("--disable-uvicorn-access-log"), action="store_true",
                    help="same as --disable-access-log")
+    g.add_argument("--disable-access-log-for-endpoints", default=None, metavar="PATHS",
+                   help='no access-log line for these comma-separated paths, e.g. "/health,/metrics"')
     g.add_argument("--disable-frontend-multiprocessing", dest=_dest("--disable-frontend-multiprocessing"),
                    action="store_true", help="same as --engine-in-thread")
     g.add_argument("--disable-log-stats", action="store_true",
@@ -270,7 +272,9 @@ def compat_serve_fields(ns: argparse.Namespace) -> dict[str, Any]:
 def compat_http_fields(ns: argparse.Namespace) -> dict[str, Any]:
     """HttpOptions' fields that come from these flags (uvicorn's TLS settings)."""
     return {"ssl_keyfile": ns.ssl_keyfile, "ssl_certfile": ns.ssl_certfile, "ssl_ca_certs": ns.ssl_ca_certs,
-            "ssl_cert_reqs": ns.ssl_cert_reqs, "ssl_ciphers": ns.ssl_ciphers, "uds": ns.uds}
+            "ssl_cert_reqs": ns.ssl_cert_reqs, "ssl_ciphers": ns.ssl_ciphers, "uds": ns.uds,
+            "access_log_skip": tuple(p.strip() for p in (ns.disable_access_log_for_endpoints or "").split(",")
+                                     if p.strip())}
 
 
 def bind_unix_socket(path: str) -> socket.socket:

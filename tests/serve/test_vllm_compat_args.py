@@ -385,3 +385,29 @@ def test_uds_serves_on_the_socket_and_refuses_a_live_one(tiny_engine, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InvalidArgumentError, match="is not a socket"):
         bind_unix_socket(str(tmp_path / "file"))
+
+
+def test_access_log_skips_the_given_endpoints():
+    import uvicorn
+
+    from meshserve.serve.access_log_filter import SkipPaths, skip_access_log
+    from meshserve.serve.api_server import HttpOptions
+    from meshserve.serve.vllm_compat_args import compat_http_fields
+
+    opts = HttpOptions(**compat_http_fields(_parse("--disable-access-log-for-endpoints", "/health, /metrics")))
+    assert opts.access_log_skip == ("/health", "/metrics")
+    uvicorn.Config(app=None, log_level="info")  # configures uvicorn's loggers, as serving does first
+    access = logging.getLogger("uvicorn.access")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.args[2])
+    access.addHandler(handler)
+    skip_access_log(opts.access_log_skip)
+    try:
+        for path in ("/health", "/metrics?x=1", "/v1/models", "/healthz"):
+            access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", "GET", path, "1.1", 200)  # uvicorn's format
+        assert seen == ["/v1/models", "/healthz"]
+    finally:
+        access.removeHandler(handler)
+        for f in [f for f in access.filters if isinstance(f, SkipPaths)]:
+            access.removeFilter(f)

@@ -34,8 +34,10 @@ def register(subparsers) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=os.environ.get("MESHSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MESHSERVE_API_KEY)")
+    g.add_argument("--api-key", nargs="+",
+                   default=os.environ.get("MESHSERVE_API_KEY") or os.environ.get("VLLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (one of these keys) on /v1 routes "
+                        "(default: $MESHSERVE_API_KEY, else vLLM's $VLLM_API_KEY)")
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) the model answers to; the first is used in responses")
     g.add_argument("--max-queue-len", type=int, default=1024,

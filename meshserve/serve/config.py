@@ -17,7 +17,7 @@ class ServeConfig:
     """
 
     served_model_names: list[str] = field(default_factory=lambda: ["meshserve"])
-    api_key: str | None = None
+    api_key: str | list[str] | None = None  # one key, or any of several (vLLM's --api-key K1 K2)
     max_queue_len: int = 1024
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
     retry_after_s: int = 1

@@ -67,17 +67,20 @@ class GateMiddleware:
         self.admission = admission
         self.on_reject = on_reject
         self.on_request = on_request
-        self._api_key = config.api_key.encode() if config.api_key else None
+        keys = [config.api_key] if isinstance(config.api_key, str) else (config.api_key or [])
+        self._api_keys = [k.encode() for k in keys if k]
 
     def _authorized(self, scope: Scope) -> bool:
-        if self._api_key is None:
+        if not self._api_keys:
             return True
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"")
         scheme, _, token = auth.partition(b" ")
         if scheme.lower() != b"bearer":
             token = headers.get(b"x-api-key", b"")
-        return secrets.compare_digest(token.strip(), self._api_key)
+        token = token.strip()
+        matches = [secrets.compare_digest(token, key) for key in self._api_keys]  # each compared: no early exit
+        return any(matches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -189,7 +189,7 @@ def test_serve_cli_flags():
                                     "--max-num-seqs", "8", "--max-queue-len", "5", "-tp", "1"])
     assert ns.model_tag == "some/model" and ns.port == 9001 and ns.max_model_len == 256 and ns.max_num_seqs == 8
     cfg = serve_config_from(ns, ns.model_tag)
-    assert cfg.served_model_names == ["a", "b"] and cfg.api_key == "k" and cfg.max_queue_len == 5
+    assert cfg.served_model_names == ["a", "b"] and cfg.api_key == ["k"] and cfg.max_queue_len == 5
 
 
 def test_api_key_from_environment(monkeypatch):

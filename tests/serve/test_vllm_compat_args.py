@@ -411,3 +411,15 @@ def test_access_log_skips_the_given_endpoints():
         access.removeHandler(handler)
         for f in [f for f in access.filters if isinstance(f, SkipPaths)]:
             access.removeFilter(f)
+
+
+def test_several_api_keys_and_vllm_s_environment_variable(tiny_engine, monkeypatch):
+    srv = start_server(tiny_engine, _config("--api-key", "k1", "k2"))
+    try:
+        for key, status in (("k1", 200), ("k2", 200), ("k3", 401)):
+            assert httpx.get(srv.v1 + "/models", headers={"Authorization": f"Bearer {key}"}).status_code == status
+    finally:
+        srv.stop()
+    monkeypatch.delenv("MESHSERVE_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "from-vllm-env")  # a vLLM deployment's key keeps guarding the server
+    assert build_parser(["serve"]).parse_args(["serve"]).api_key == "from-vllm-env"

@@ -11,6 +11,7 @@ import json
 import os
 from types import SimpleNamespace
 
+from meshserve.cli_paths import check_output_file, check_output_folder
 from meshserve.config import EngineArgs
 from meshserve.errors import InvalidArgumentError, ModelLoadError
 from meshserve.models.moe_config import check_moe_split
@@ -58,6 +59,8 @@ def _config_fields(model: str) -> dict | None:
 def check_engine_args(args: EngineArgs) -> None:
     """Validate flags, the model's path and the TP/PP layout against its config; raises MeshserveError."""
     args.validate()
+    check_output_file(args.step_trace, "--step-trace")
+    check_output_folder(args.kv_offloading_disk_path, "--kv-offloading-disk-path")
     if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
         raise ModelLoadError(f"tokenizer folder not found: {args.tokenizer}")
     model = args.model

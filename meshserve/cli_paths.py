@@ -24,9 +24,14 @@ def check_output_file(path: str | None, flag: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InvalidArgumentError(f"{flag} {path}: the folder {folder} does not exist", param=_param(flag))
-    target = path if os.path.exists(path) else folder
-    if not os.access(target, os.W_OK):
-        raise InvalidArgumentError(f"{flag} {path}: {target} is not writable", param=_param(flag))
+    existed = os.path.exists(path)
+    try:  # a real open, not os.access: root passes access checks on read-only and special file systems
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise InvalidArgumentError(f"{flag} {path}: cannot write it ({e.strerror or e})", param=_param(flag)) from None
+    if not existed:
+        os.remove(path)  # the probe leaves nothing behind
 
 
 def check_output_folder(path: str | None, flag: str) -> None:

@@ -74,7 +74,7 @@ def test_a_malformed_prompts_file_names_its_line(tmp_path, capsys):
 class _Answer(http.server.BaseHTTPRequestHandler):
     status, body = 200, b"{}"
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         self.send_response(self.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(self.body)))

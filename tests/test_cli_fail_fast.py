@@ -97,3 +97,21 @@ def test_the_whole_parser_without_a_subcommand_of_another_module():
     for argv in ([], ["generate", "Hi"], ["--help"]):
         sub = next(a for a in build_parser(argv)._actions if a.dest == "command")
         assert sorted(sub.choices) == ["bench", "generate", "plan", "router", "serve", "simulate"]
+
+
+def test_an_unreadable_generation_config_named_by_the_flag_is_refused(tmp_path):
+    """It used to be a warning and the model's defaults: the folder the user named was silently not used."""
+    (tmp_path / "generation_config.json").write_text('{"temperature": ')
+    result, err = _run("generate", "--generation-config", str(tmp_path), "Hi")
+    assert result == {"rc": 2, "torch": False}, err
+    assert err.startswith(f"meshserve: error: --generation-config {tmp_path}: cannot read") and "Expecting value" in err
+
+
+def test_an_unknown_log_level_is_refused():
+    """It used to fall back to WARNING silently."""
+    p = subprocess.run([sys.executable, "-m", "meshserve.cli", "--log-level", "LOUD", "plan", "--list-gpus"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 2 and "argument --log-level: invalid choice: 'LOUD'" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "meshserve.cli", "--log-level", "info", "plan", "--list-gpus"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 0, p.stderr  # any case, as before

@@ -56,10 +56,28 @@ def _config_fields(model: str) -> dict | None:
         raise ModelLoadError(f"cannot read the model config {path}: {e}") from e
 
 
+def _check_generation_config(mode: str) -> None:
+    """A folder named by --generation-config holds a JSON object (the engine only warns about the model's own
+    unreadable file, which the user did not name)."""
+    if mode in ("auto", "vllm"):
+        return
+    path = os.path.join(mode, "generation_config.json")
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InvalidArgumentError(f"--generation-config {mode}: cannot read {path}: {str(e).splitlines()[0]}",
+                                   param="generation_config") from None
+    if not isinstance(fields, dict):
+        raise InvalidArgumentError(f"--generation-config {mode}: {path} must hold a JSON object",
+                                   param="generation_config")
+
+
 def check_engine_args(args: EngineArgs) -> None:
     """Validate flags, the model's path and the TP/PP layout against its config; raises MeshserveError."""
     args.validate()
     check_output_file(args.step_trace, "--step-trace")
+    _check_generation_config(args.generation_config)
     check_output_folder(args.kv_offloading_disk_path, "--kv-offloading-disk-path")
     if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
         raise ModelLoadError(f"tokenizer folder not found: {args.tokenizer}")

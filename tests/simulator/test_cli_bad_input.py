@@ -54,3 +54,28 @@ def test_a_bad_layer_partition_names_the_format(capsys):
     assert exit_.value.code == 2
     assert "--pp-layer-partition: expected comma-separated layer counts, e.g. 40,40, got '1,x'" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("row,message", [
+    ('{"arrival_s": 1, "prompt_len": 0, "output_len": 5}', ":2: a trace row needs a finite arrival time, a prompt"),
+    ('{"arrival_s": NaN, "prompt_len": 10, "output_len": 5}', ":2: a trace row needs a finite arrival time"),
+    ('{"arrival_s": 1, "prompt_len": 10, "output_len": -1}', ":2: a trace row needs"),
+])
+def test_a_trace_row_out_of_range_names_its_line(row, message, tmp_path, capsys):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival_s": 0, "prompt_len": 10, "output_len": 5}\n' + row + "\n")
+    assert main(["simulate", "--trace", str(trace), "--no-progress"]) == 2
+    assert f"{trace}{message}" in capsys.readouterr().err
+
+
+def test_a_model_config_with_zero_heads_is_one_line(tmp_path, capsys):
+    """It was a ZeroDivisionError traceback in the planner's model (plan and simulate alike)."""
+    import json
+
+    from meshserve.models.presets import PRESETS
+
+    (tmp_path / "config.json").write_text(json.dumps({**PRESETS["smollm2-135m"], "num_attention_heads": 0}))
+    assert main(["simulate", "--model", str(tmp_path / "config.json"), "--duration", "1", "--no-progress"]) == 2
+    assert "config.json's num_attention_heads must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["plan", str(tmp_path)]) == 2
+    assert "config.json's num_attention_heads must be >= 1, got 0" in capsys.readouterr().err

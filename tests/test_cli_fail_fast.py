@@ -115,3 +115,11 @@ def test_an_unknown_log_level_is_refused():
     p = subprocess.run([sys.executable, "-m", "meshserve.cli", "--log-level", "info", "plan", "--list-gpus"],
                        capture_output=True, text=True, timeout=60, check=False)
     assert p.returncode == 0, p.stderr  # any case, as before
+
+
+def test_a_tokenizer_folder_without_a_tokenizer_is_refused(tmp_path):
+    """It used to load the model, then end in transformers' many-line ValueError traceback."""
+    result, err = _run("serve", "--tokenizer", str(tmp_path))
+    assert result == {"rc": 2, "torch": False}, err
+    assert err.strip() == (f"meshserve: error: --tokenizer {tmp_path}: no tokenizer in the folder (none of "
+                           "tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json)")

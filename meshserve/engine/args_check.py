@@ -44,6 +44,10 @@ def check_parallel_split(hf_config, tp: int, pp: int, partition: list[int] | Non
 
 
 
+# a folder AutoTokenizer can load holds one of these (fast, config, sentencepiece, byte-level BPE)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _config_fields(model: str) -> dict | None:
     """config.json of a model folder (or a config file given with --load-format dummy), else None."""
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
@@ -81,6 +85,10 @@ def check_engine_args(args: EngineArgs) -> None:
     check_output_folder(args.kv_offloading_disk_path, "--kv-offloading-disk-path")
     if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
         raise ModelLoadError(f"tokenizer folder not found: {args.tokenizer}")
+    if args.tokenizer is not None and not any(os.path.isfile(os.path.join(args.tokenizer, name))
+                                              for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"--tokenizer {args.tokenizer}: no tokenizer in the folder (none of "
+                             f"{', '.join(TOKENIZER_FILES)})")
     model = args.model
     if model is None:
         return  # the embedded model: its checks need its GGUF, which the engine reads anyway

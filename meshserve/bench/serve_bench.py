@@ -482,7 +482,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _first_model(base_url: str, api_key: str | None) -> str:
+def _server_model(base_url: str, api_key: str | None, model: str | None) -> str:
+    """`model`, or the server's first at /v1/models; either way the server must answer (a whole sweep of
+    refused connections would otherwise run, point by point)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -491,6 +493,8 @@ def _first_model(base_url: str, api_key: str | None) -> str:
         resp = httpx.get(url, headers=headers, timeout=30)
     except httpx.TransportError as e:  # nothing listening, a name that does not resolve, a timeout
         raise unreachable(base_url, e) from None
+    if model:
+        return model  # any answer will do: the requests' own errors say what else is wrong
     if resp.status_code in (401, 403):
         raise MeshserveError(f"the server at {base_url} refused GET /v1/models ({resp.status_code}): pass its key "
                              "with --api-key (or $MESHSERVE_API_KEY)")
@@ -528,7 +532,7 @@ def run_serve_bench(ns: argparse.Namespace) -> int:
     schema = structured.load_schema(schema_path) if schema_path else None
     extra_body = (structured.response_format(schema, os.path.splitext(os.path.basename(schema_path))[0])
                   if ns.response_format_json_schema else None)
-    model = ns.model or _first_model(ns.base_url, ns.api_key)
+    model = _server_model(ns.base_url, ns.api_key, ns.model)
     chat = ns.endpoint == "chat"
     if ns.workload == "w4":
         return _run_w4(ns, model)

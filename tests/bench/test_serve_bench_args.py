@@ -34,6 +34,13 @@ def test_no_server_listening_is_one_line_naming_the_url(capsys):
     assert f"cannot reach the server at {url} (connection refused)" in err and "--base-url" in err
 
 
+def test_no_server_listening_is_one_line_with_a_model_named_too(capsys):
+    """With --model the server was not asked anything first: every request of every point failed instead."""
+    url = f"http://127.0.0.1:{_closed_port()}"
+    assert main(["bench", "serve", "--base-url", url, "--model", "m", "--num-prompts", "2", "--no-progress"]) == 2
+    assert f"cannot reach the server at {url} (connection refused)" in _one_error_line(capsys)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--base-url", "notaurl"], "--base-url 'notaurl': expected http(s)://HOST[:PORT]"),
     (["--base-url", "http://"], "--base-url 'http://'"),

@@ -153,10 +153,13 @@ def _cmd_router(ns: argparse.Namespace) -> int:
     workers = resolve_workers(ns.workers)
     if not 0 <= ns.port <= 65535:
         raise InvalidArgumentError(f"--port must be in [0, 65535], got {ns.port}", param="port")
+    from meshserve.serve.cli import bind_listen_socket
+
+    sock = bind_listen_socket(ns.host, ns.port)  # before the line below: it shows the bound port (--port 0)
     replicas = len(config.backends) + len(config.discover)
     disagg = f", {len(config.prefills)} prefill instance(s) (disaggregated)" if config.prefills else ""
-    print(f"meshserve: routing on http://{ns.host}:{ns.port} over {replicas} primary source(s), "
+    print(f"meshserve: routing on http://{ns.host}:{sock.getsockname()[1]} over {replicas} primary source(s), "
           f"{len(config.fallbacks)} fallback(s){disagg}, policy {config.policy}, {workers} worker(s)",
           flush=True)
-    run_router(config, ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log, workers)
+    run_router(config, ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log, workers, sock)
     return 0

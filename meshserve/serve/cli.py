@@ -149,7 +149,8 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     sock = bind_listen_socket(ns.host, ns.port)  # a port in use fails before the model loads
     from meshserve.serve.api_server import HttpOptions, serve_api_processes, serve_one_process
 
-    opts = HttpOptions(ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log)
+    # the bound port: with --port 0 the kernel's choice, which the "serving on" line must show
+    opts = HttpOptions(ns.host, sock.getsockname()[1], ns.uvicorn_log_level, not ns.disable_access_log)
     if ns.api_server_count > 1:
         return serve_api_processes(engine_args, config, sock, opts, ns.api_server_count, data_parallel_size=dp)
     try:

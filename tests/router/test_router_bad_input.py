@@ -47,3 +47,17 @@ def test_a_port_in_use_is_one_line_for_any_worker_count(workers):
                            capture_output=True, text=True, timeout=60, check=False)
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip() == f"meshserve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_port_0_announces_the_port_it_got():
+    """The start line used to say http://HOST:0, the flag's value, not the port the kernel gave."""
+    p = subprocess.Popen([sys.executable, "-m", "meshserve.cli", "router", "--host", "127.0.0.1", "--port", "0",
+                          "--workers", "1", "--backend", "http://127.0.0.1:1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = p.stdout.readline()
+    finally:
+        p.terminate()
+        p.wait(30)
+    port = int(line.split("routing on http://127.0.0.1:")[1].split()[0])
+    assert port > 0, line

@@ -231,6 +231,9 @@ def run_frontend(ns, api_server_count: int) -> dict:
 
 def run_frontend_bench(ns) -> list[dict]:
     check_output_file(ns.output_json, "--output-json")  # before the runs: their rows must not be lost
+    if ns.ramp_s >= ns.duration:  # every client would start after the measurement window: nothing measured
+        raise InvalidArgumentError(f"--ramp-s {ns.ramp_s:g} must be shorter than --duration {ns.duration:g}",
+                                   param="ramp_s")
     if ns.router_pythonpath is not None and not os.path.isdir(ns.router_pythonpath):
         raise InvalidArgumentError(f"--router-pythonpath {ns.router_pythonpath}: not a folder",
                                    param="router_pythonpath")
@@ -244,7 +247,7 @@ def run_frontend_bench(ns) -> list[dict]:
 def add_frontend_parser(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("frontend", help="API server throughput and lag around a model-less core (CPU)")
     p.add_argument("--api-server-count", type=positive_int, nargs="+", default=[1], help="one run per value")
-    p.add_argument("--step-ms", type=non_negative_float, default=20.0, help="the fake core's step time")
+    p.add_argument("--step-ms", type=positive_float, default=20.0, help="the fake core's step time")
     p.add_argument("--concurrency", type=positive_int, default=128, help="streams kept in flight")
     p.add_argument("--client-procs", type=positive_int, default=2)
     p.add_argument("--duration", type=positive_float, default=20.0, help="seconds clients start new requests")

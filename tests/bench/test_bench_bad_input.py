@@ -28,7 +28,8 @@ def _exit_code_and_err(argv: list[str], capsys) -> tuple[int, str]:
     (["host", "--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
     (["host", "--spec-ngram", "0"], "argument --spec-ngram: must be >= 1, got 0"),
     (["channel", "--out-len", "0"], "argument --out-len: must be >= 1, got 0"),
-    (["frontend", "--step-ms", "-1"], "argument --step-ms: must be >= 0, got -1"),
+    (["frontend", "--step-ms", "0"], "argument --step-ms: must be > 0, got 0"),  # a ZeroDivisionError after the run
+    (["frontend", "--duration", "1", "--ramp-s", "30"], "--ramp-s 30 must be shorter than --duration 1"),
     (["frontend", "--duration", "nan"], "argument --duration: must be a finite number, got 'nan'"),
     (["frontend", "--api-server-count", "1", "0"], "argument --api-server-count: must be >= 1, got 0"),
     (["frontend", "--output-json", "/nonexistent/dir/f.json"], "--output-json /nonexistent/dir/f.json: the folder"),

@@ -89,6 +89,9 @@ def run_plan(ns: argparse.Namespace) -> int:
     if ns.claim is not None and not 0 < ns.claim < math.inf:
         raise InvalidArgumentError(f"--claim must be a decode rate > 0 tok/s, got {ns.claim}", param="claim")
     model = load_model(ns.model)  # before choose_gpu, which may take seconds to ask torch
+    if ns.max_model_len is not None and ns.max_model_len > model.max_position_embeddings:  # as serve refuses it
+        raise InvalidArgumentError(f"--max-model-len {ns.max_model_len:,} exceeds {model.name}'s context of "
+                                   f"{model.max_position_embeddings:,} tokens", param="max_model_len")
     choice = choose_gpu(ns.gpu, catalog)
     gpu = choice.gpu
     result = make_plan(PlanRequest(

@@ -46,3 +46,10 @@ def test_a_malformed_hardware_file_is_one_line(toml, message, tmp_path, capsys):
 def test_all_sizes_pinned_still_plans_and_hints():
     """The pinned-layout check is the command line's: the no-fit hint re-plans on more GPUs with the same pins."""
     assert main(["plan", "llama-3.1-70b", "--tp", "1", "--pp", "1", "--dp", "1"]) == 1
+
+
+def test_a_max_model_len_beyond_the_model_s_context_is_refused(capsys):
+    """It planned (and hinted lengths) the engine refuses: serve stops at max_position_embeddings."""
+    assert main(["plan", "smollm2-135m", "--max-model-len", "100000"]) == 2
+    assert "--max-model-len 100,000 exceeds smollm2-135m's context of 8,192 tokens" in capsys.readouterr().err
+    assert main(["plan", "smollm2-135m", "--max-model-len", "8192"]) == 0

@@ -88,7 +88,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     only = _command_named(argv) if argv is not None else None
     parser = argparse.ArgumentParser(prog="meshserve", description="meshserve LLM inference engine")
     parser.add_argument("--version", action="version", version=f"meshserve {__version__}")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), metavar="LEVEL",
+                        help="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text for prompts (offline, in-process)")

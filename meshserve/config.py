@@ -273,6 +273,10 @@ class EngineArgs:
         check(self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes, "node_rank",
               f"must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
         check(self.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0")
+        check(self.master_port is None or 1 <= self.master_port <= 65535, "master_port",
+              f"must be in [1, 65535], got {self.master_port}")
+        # torch.manual_seed's range: a larger seed fails in the engine process as "Overflow when unpacking long"
+        check(-(1 << 63) <= self.seed < (1 << 64), "seed", f"must fit in 64 bits, got {self.seed}")
         check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy",
               f"must be fcfs or priority, got {self.scheduling_policy!r}")
         self._validate_offload(check)

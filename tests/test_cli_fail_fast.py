@@ -31,6 +31,18 @@ def _run(*argv: str) -> tuple[dict, str]:
     (["serve", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 99}'], "must be in [1, 32]"),
     (["generate", "--speculative-config", '{"method": "medusa", "num_speculative_tokens": 2}', "Hi"],
      "not supported yet"),
+    # these used to fail after the model had loaded (a traceback, or an OSError line without the flag), or not
+    # at all (a NaN drain timeout served, then never drained)
+    (["serve", "--request-log", "/nonexistent/dir/log.jsonl"], "--request-log /nonexistent/dir/log.jsonl: the folder"),
+    (["serve", "--request-log", "/"], "--request-log /: is a folder"),
+    (["serve", "--step-trace", "/nonexistent/dir/t.jsonl"], "--step-trace /nonexistent/dir/t.jsonl: the folder"),
+    (["generate", "--kv-offloading-size", "0.1", "--kv-offloading-disk-path", "/etc/hostname",
+      "--kv-offloading-disk-size", "0.1", "Hi"], "--kv-offloading-disk-path /etc/hostname: /etc/hostname is a file"),
+    (["serve", "--drain-timeout", "nan"], "--drain-timeout must be >= 0, got nan"),
+    (["serve", "--served-model-name", ""], "--served-model-name: a name is empty"),
+    (["serve", "--seed", str(1 << 64)], "seed: must fit in 64 bits"),
+    (["serve", "--nnodes", "2", "--node-rank", "1", "--master-port", "-1"], "master_port: must be in [1, 65535]"),
+    (["serve", "/nonexistent/model", "-dp", "2", "--data-parallel-backend", "router"], "model not found"),
 ])
 def test_refused_before_anything_loads(argv, message):
     result, err = _run(*argv)
@@ -47,6 +59,18 @@ def test_a_port_in_use_is_refused_before_the_model_loads():
                            "--port", str(port))
     assert result == {"rc": 2, "torch": False}, err
     assert f"cannot listen on 127.0.0.1:{port}" in err
+
+
+def test_a_port_in_use_is_refused_before_data_parallel_replicas_start():
+    """The router back end used to start its replicas (loading the model in each) before binding its port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result, err = _run("serve", "llama-3.1-8b", "--load-format", "dummy", "--host", "127.0.0.1",
+                           "--port", str(port), "-dp", "2", "--data-parallel-backend", "router")
+    assert result == {"rc": 2, "torch": False}, err
+    assert err.strip() == f"meshserve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
 _PARSE_ONLY = ("import json, sys; from meshserve.cli import build_parser; ns = build_parser(sys.argv[1:])"
@@ -73,3 +97,29 @@ def test_the_whole_parser_without_a_subcommand_of_another_module():
     for argv in ([], ["generate", "Hi"], ["--help"]):
         sub = next(a for a in build_parser(argv)._actions if a.dest == "command")
         assert sorted(sub.choices) == ["bench", "generate", "plan", "router", "serve", "simulate"]
+
+
+def test_an_unreadable_generation_config_named_by_the_flag_is_refused(tmp_path):
+    """It used to be a warning and the model's defaults: the folder the user named was silently not used."""
+    (tmp_path / "generation_config.json").write_text('{"temperature": ')
+    result, err = _run("generate", "--generation-config", str(tmp_path), "Hi")
+    assert result == {"rc": 2, "torch": False}, err
+    assert err.startswith(f"meshserve: error: --generation-config {tmp_path}: cannot read") and "Expecting value" in err
+
+
+def test_an_unknown_log_level_is_refused():
+    """It used to fall back to WARNING silently."""
+    p = subprocess.run([sys.executable, "-m", "meshserve.cli", "--log-level", "LOUD", "plan", "--list-gpus"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 2 and "argument --log-level: invalid choice: 'LOUD'" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "meshserve.cli", "--log-level", "info", "plan", "--list-gpus"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 0, p.stderr  # any case, as before
+
+
+def test_a_tokenizer_folder_without_a_tokenizer_is_refused(tmp_path):
+    """It used to load the model, then end in transformers' many-line ValueError traceback."""
+    result, err = _run("serve", "--tokenizer", str(tmp_path))
+    assert result == {"rc": 2, "torch": False}, err
+    assert err.strip() == (f"meshserve: error: --tokenizer {tmp_path}: no tokenizer in the folder (none of "
+                           "tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json)")

@@ -18,6 +18,7 @@ import msgspec
 
 from meshserve.bench.fake_executor import NoModelExecutor
 from meshserve.bench.report import print_rows
+from meshserve.cli_types import positive_int
 
 
 def _median_near(rows: list[dict], key: str, out_len: int) -> float:
@@ -85,8 +86,8 @@ def run_channel(ns) -> list[dict]:
 
 def add_channel_parser(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("channel", help="bytes and ms per step between engine core and front end (CPU)")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--out-len", type=int, default=128)
+    p.add_argument("--batch", type=positive_int, default=256)
+    p.add_argument("--prompt-len", type=positive_int, default=512)
+    p.add_argument("--out-len", type=positive_int, default=128)
     p.add_argument("--logprobs", type=int, default=5, help="also measure with this many logprobs (0: skip)")
     p.set_defaults(func=lambda ns: print_rows(run_channel(ns)) or 0)

@@ -26,6 +26,9 @@ import time
 import urllib.request
 
 from meshserve.bench.report import print_rows
+from meshserve.cli_paths import check_output_file
+from meshserve.cli_types import non_negative_float, positive_float, positive_int
+from meshserve.errors import InvalidArgumentError
 
 
 # -- the client ----------------------------------------------------------------------------------------
@@ -227,6 +230,13 @@ def run_frontend(ns, api_server_count: int) -> dict:
 
 
 def run_frontend_bench(ns) -> list[dict]:
+    check_output_file(ns.output_json, "--output-json")  # before the runs: their rows must not be lost
+    if ns.ramp_s >= ns.duration:  # every client would start after the measurement window: nothing measured
+        raise InvalidArgumentError(f"--ramp-s {ns.ramp_s:g} must be shorter than --duration {ns.duration:g}",
+                                   param="ramp_s")
+    if ns.router_pythonpath is not None and not os.path.isdir(ns.router_pythonpath):
+        raise InvalidArgumentError(f"--router-pythonpath {ns.router_pythonpath}: not a folder",
+                                   param="router_pythonpath")
     rows = [run_frontend(ns, n) for n in ns.api_server_count]
     if ns.output_json:
         with open(ns.output_json, "w") as f:
@@ -236,16 +246,16 @@ def run_frontend_bench(ns) -> list[dict]:
 
 def add_frontend_parser(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("frontend", help="API server throughput and lag around a model-less core (CPU)")
-    p.add_argument("--api-server-count", type=int, nargs="+", default=[1], help="one run per value")
-    p.add_argument("--step-ms", type=float, default=20.0, help="the fake core's step time")
-    p.add_argument("--concurrency", type=int, default=128, help="streams kept in flight")
-    p.add_argument("--client-procs", type=int, default=2)
-    p.add_argument("--duration", type=float, default=20.0, help="seconds clients start new requests")
-    p.add_argument("--ramp-s", type=float, default=2.0, help="clients' first requests spread over this")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--max-num-seqs", type=int, default=512)
-    p.add_argument("--max-queue-len", type=int, default=1 << 20,
+    p.add_argument("--api-server-count", type=positive_int, nargs="+", default=[1], help="one run per value")
+    p.add_argument("--step-ms", type=positive_float, default=20.0, help="the fake core's step time")
+    p.add_argument("--concurrency", type=positive_int, default=128, help="streams kept in flight")
+    p.add_argument("--client-procs", type=positive_int, default=2)
+    p.add_argument("--duration", type=positive_float, default=20.0, help="seconds clients start new requests")
+    p.add_argument("--ramp-s", type=non_negative_float, default=2.0, help="clients' first requests spread over this")
+    p.add_argument("--max-tokens", type=positive_int, default=128)
+    p.add_argument("--prompt-len", type=positive_int, default=32)
+    p.add_argument("--max-num-seqs", type=positive_int, default=512)
+    p.add_argument("--max-queue-len", type=positive_int, default=1 << 20,
                    help="the server's waiting queue; past it 429 (small: most requests refused, their cost apart)")
     p.add_argument("--through-router", action="store_true",
                    help="clients go through `meshserve router` in front of the server; reports the router "

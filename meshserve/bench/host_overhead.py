@@ -25,6 +25,7 @@ import time
 from collections import defaultdict
 
 from meshserve.bench.report import print_table
+from meshserve.cli_types import non_negative_int, positive_int
 
 COMPONENTS = ("schedule", "prepare", "launch", "process", "stats", "frontend")
 
@@ -145,14 +146,14 @@ def run_host_overhead(ns) -> dict:
 
 def add_host_parser(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("host", help="engine host-side time per decode step, model removed (CPU)")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=3, help="decode steps run before the measured ones")
+    p.add_argument("--batch", type=positive_int, default=256)
+    p.add_argument("--prompt-len", type=positive_int, default=512)
+    p.add_argument("--steps", type=positive_int, default=50)
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="decode steps run before the measured ones")
     p.add_argument("--async-scheduling", action="store_true", help="schedule step n+1 before step n's tokens")
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="time-to-first-token target (SLO scheduling)")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="time-per-output-token target (SLO scheduling)")
     p.add_argument("--kv-offload-gib", type=float, default=None, help="KV offload CPU tier of this many GiB")
-    p.add_argument("--spec-ngram", type=int, default=None, metavar="K",
+    p.add_argument("--spec-ngram", type=positive_int, default=None, metavar="K",
                    help="n-gram speculation proposing up to K tokens (the fake model accepts proposals of its token)")
     p.set_defaults(func=lambda ns: print_table(run_host_overhead(ns)) or 0)

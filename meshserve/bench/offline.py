@@ -18,6 +18,8 @@ import time
 
 from meshserve.bench.report import append_benchmarks_row, print_table, write_json
 from meshserve.bench.workloads import W1_NEW_TOKENS, W2_TEMPERATURE, w1_prompt, w2_requests
+from meshserve.cli_paths import check_output_file
+from meshserve.cli_types import positive_int, positive_int_list
 from meshserve.config import EngineArgs
 
 logger = logging.getLogger(__name__)
@@ -262,6 +264,19 @@ def _finish(ns, res: dict) -> int:
     return 0
 
 
+def _batch_sizes_text(text: str) -> str:
+    """--curve 1,8,32: checked as whole numbers >= 1, kept as the text run_latency splits."""
+    positive_int_list(text)
+    return text
+
+
+def _report_paths_checked(ns: argparse.Namespace) -> argparse.Namespace:
+    """The report files can be written: checked before the model loads, not after the run is measured."""
+    for flag in ("--output-json", "--benchmarks-md", "--plot"):
+        check_output_file(getattr(ns, flag[2:].replace("-", "_"), None), flag)
+    return ns
+
+
 def add_offline_parsers(bench_sub: argparse._SubParsersAction) -> None:
     for name, fn, help_ in (("latency", run_latency, "W1: batch-1 decode vs HF and the roofline"),
                             ("throughput", run_throughput, "W2: offline throughput vs HF continuous batching")):
@@ -292,10 +307,11 @@ def add_offline_parsers(bench_sub: argparse._SubParsersAction) -> None:
         p.add_argument("--output-json", default=None)
         p.add_argument("--benchmarks-md", default=None, help="append a row to this BENCHMARKS.md")
         if name == "latency":
-            p.add_argument("--curve", default=None, help="decode tok/s at these batch sizes, e.g. 1,8,32,64")
+            p.add_argument("--curve", default=None, type=_batch_sizes_text,
+                           help="decode tok/s at these batch sizes, e.g. 1,8,32,64")
             p.add_argument("--plot", default=None,
                            help="with --curve: decode tok/s and step time vs batch (.png needs matplotlib)")
         else:
-            p.add_argument("--hf-max-new-tokens", type=int, default=128,
+            p.add_argument("--hf-max-new-tokens", type=positive_int, default=128,
                            help="HF baseline's new tokens per prompt (its full W2 takes minutes)")
-        p.set_defaults(func=lambda ns, fn=fn: _finish(ns, fn(ns)))
+        p.set_defaults(func=lambda ns, fn=fn: _finish(ns, fn(_report_paths_checked(ns))))

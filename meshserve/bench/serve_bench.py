@@ -30,6 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from meshserve.bench.serve_bench_args import check_serve_bench_args, loads_and_counts, unreachable
+from meshserve.errors import InvalidArgumentError, MeshserveError
+
 W3_QPS = (4.0, 8.0, 16.0, 32.0, 64.0, 96.0)
 SEND_LAG_WARN_S = 0.05  # send lag p99 past which the load point measures the client more than the server
 
@@ -111,20 +114,35 @@ def file_requests(path: str, qps: float, num_prompts: int | None, output_len: in
     random.seed(seed)
     reqs = []
     with open(path) as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             line = line.rstrip("\n")
             if not line.strip():
                 continue
             if path.endswith(".jsonl"):
-                row = json.loads(line)
-                reqs.append(BenchRequest(row["prompt"], int(row.get("max_tokens", output_len))))
+                reqs.append(_jsonl_request(path, number, line, output_len))
             else:
                 reqs.append(BenchRequest(line, output_len))
     if not reqs:
-        raise ValueError(f"no prompts in {path}")
+        raise InvalidArgumentError(f"no prompts in {path}", param="dataset_path")
     if num_prompts is not None:  # cycle the file to the asked count
         reqs = [BenchRequest(reqs[i % len(reqs)].prompt, reqs[i % len(reqs)].max_tokens) for i in range(num_prompts)]
     return _with_arrivals(reqs, qps)
+
+
+def _jsonl_request(path: str, number: int, line: str, output_len: int) -> BenchRequest:
+    """One .jsonl line's request; a malformed line is one error naming the file and the line."""
+    try:
+        row = json.loads(line)
+        prompt = row["prompt"]
+        max_tokens = int(row.get("max_tokens", output_len))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        why = "no 'prompt' key" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise InvalidArgumentError(f"{path}:{number}: not a prompt row ({why}); expected "
+                                   '{"prompt": TEXT or [IDS], "max_tokens": N}', param="dataset_path") from None
+    if not isinstance(prompt, (str, list)) or not prompt:
+        raise InvalidArgumentError(f"{path}:{number}: 'prompt' must be a non-empty string or list of token ids",
+                                   param="dataset_path")
+    return BenchRequest(prompt, max_tokens)
 
 
 def _with_arrivals(reqs: list[BenchRequest], qps: float) -> list[BenchRequest]:
@@ -464,17 +482,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _first_model(base_url: str, api_key: str | None) -> str:
+def _server_model(base_url: str, api_key: str | None, model: str | None) -> str:
+    """`model`, or the server's first at /v1/models; either way the server must answer (a whole sweep of
+    refused connections would otherwise run, point by point)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    resp = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
-    resp.raise_for_status()
-    return resp.json()["data"][0]["id"]
+    url = base_url.rstrip("/") + "/v1/models"
+    try:
+        resp = httpx.get(url, headers=headers, timeout=30)
+    except httpx.TransportError as e:  # nothing listening, a name that does not resolve, a timeout
+        raise unreachable(base_url, e) from None
+    if model:
+        return model  # any answer will do: the requests' own errors say what else is wrong
+    if resp.status_code in (401, 403):
+        raise MeshserveError(f"the server at {base_url} refused GET /v1/models ({resp.status_code}): pass its key "
+                             "with --api-key (or $MESHSERVE_API_KEY)")
+    if resp.status_code != 200:
+        raise MeshserveError(f"the server at {base_url} answered {resp.status_code} to GET /v1/models; pass the "
+                             "model's name with --model")
+    try:
+        return resp.json()["data"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise MeshserveError(f"the server at {base_url} lists no model at /v1/models (not an OpenAI-compatible "
+                             "server?); pass the model's name with --model") from None
 
 
 def _strict_json(value: Any) -> Any:
@@ -491,27 +522,20 @@ def _strict_json(value: Any) -> Any:
 def run_serve_bench(ns: argparse.Namespace) -> int:
     from meshserve.bench import serve_structured as structured
 
-    model = ns.model or _first_model(ns.base_url, ns.api_key)
-    chat = ns.endpoint == "chat"
     if ns.prompts_file:
         ns.dataset, ns.dataset_path = "file", ns.prompts_file
+    check_serve_bench_args(ns)  # before the server is asked anything
+    loads, counts = loads_and_counts(ns)
+    if ns.dataset == "file":
+        file_requests(ns.dataset_path, math.inf, 1, ns.output_len)  # a malformed file fails now, not mid-run
     schema_path = ns.response_format_json_schema or ns.score_json_schema
     schema = structured.load_schema(schema_path) if schema_path else None
     extra_body = (structured.response_format(schema, os.path.splitext(os.path.basename(schema_path))[0])
                   if ns.response_format_json_schema else None)
-    if ns.dataset == "file" and not ns.dataset_path:
-        print("meshserve: error: --dataset file needs --dataset-path", file=sys.stderr)
-        return 2
+    model = _server_model(ns.base_url, ns.api_key, ns.model)
+    chat = ns.endpoint == "chat"
     if ns.workload == "w4":
         return _run_w4(ns, model)
-    if ns.concurrency:
-        loads = [("concurrency", int(c)) for c in _floats(ns.concurrency)]
-    else:
-        loads = [("qps", q) for q in _floats(ns.qps)]
-    counts = [int(c) for c in _floats(ns.num_prompts)] if ns.num_prompts else [None]
-    if len(counts) not in (1, len(loads)):
-        print(f"meshserve: error: --num-prompts gives {len(counts)} counts for {len(loads)} points", file=sys.stderr)
-        return 2
     first = None
     if schema is not None:  # alone, before the load: a constraint new to the server compiles in its TTFT
         req = (file_requests(ns.dataset_path, math.inf, 1, ns.output_len) if ns.dataset == "file" else
@@ -584,6 +608,8 @@ def _run_w4(ns: argparse.Namespace, model: str) -> int:
     summary["batch_seconds"] = duration
     print(f"W4: 64 requests sharing a 2,048-token prefix: batch {duration:.3f} s, TTFT p50 "
           f"{summary['ttft_p50']:.3f} s, p99 {summary['ttft_p99']:.3f} s, {summary['failed']} failed", flush=True)
+    if summary["failed"]:
+        print(f"  first error: {summary.get('first_error')}", flush=True)
     if ns.output_json:
         with open(ns.output_json, "w") as f:
             json.dump(_strict_json({"workload": "W4", "model": model, "points": [summary]}), f, indent=2)

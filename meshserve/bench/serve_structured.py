@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.bench.serve_bench import BenchRequest, RequestResult, run_load
+from meshserve.errors import InvalidArgumentError
 
 
 def data_path(name: str) -> str:
@@ -35,10 +36,13 @@ def data_path(name: str) -> str:
 
 
 def load_schema(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        schema = json.load(f)
+    try:
+        with open(path) as f:
+            schema = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InvalidArgumentError(f"JSON schema {path}: {str(e).splitlines()[0]}", param="json_schema") from None
     if not isinstance(schema, dict):
-        raise TypeError(f"{path}: a JSON schema must be an object")
+        raise InvalidArgumentError(f"JSON schema {path}: must be a JSON object", param="json_schema")
     return schema
 
 

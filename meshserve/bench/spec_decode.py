@@ -22,6 +22,8 @@ import time
 
 from meshserve.bench.report import print_rows, write_json
 from meshserve.bench.workloads import w1_prompt
+from meshserve.cli_paths import check_output_file
+from meshserve.cli_types import positive_int, positive_int_list
 
 _CODE = """import json
 from dataclasses import dataclass
@@ -275,6 +277,31 @@ def run_w1(ns) -> list[dict]:
     return rows
 
 
+def _probabilities(text: str) -> list[float]:
+    """--replay 0.5,0.9: acceptance probabilities in [0, 1]."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated probabilities, got {text!r}") from None
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated probabilities in [0, 1], got {text!r}")
+    return text
+
+
+def _int_list_text(text: str) -> str:
+    """K,K,...: checked as whole numbers >= 1, kept as the text the runs split."""
+    positive_int_list(text)
+    return text
+
+
+def check_spec_bench_args(ns) -> None:
+    """The speculative config and the report path, before any model loads (a bad JSON was a traceback)."""
+    from meshserve.spec_decode.config import parse_speculative_config
+
+    parse_speculative_config(ns.speculative_config)
+    check_output_file(ns.output_json, "--output-json")
+
+
 def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("spec", help="speculative decoding: acceptance and batch-1 speedup")
     p.add_argument(
@@ -287,8 +314,8 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
         metavar="JSON",
     )
     p.add_argument("--workload", default="all", choices=["all", *WORKLOADS])
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-tokens", type=positive_int, default=128)
+    p.add_argument("--max-model-len", type=positive_int, default=2048)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
@@ -296,10 +323,11 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--replay",
         default=None,
+        type=_probabilities,
         metavar="P,P,...",
         help="controlled acceptance on dummy weights: each proposed token right with probability P",
     )
-    p.add_argument("--replay-k", default="2,4,8", help="with --replay: proposal lengths")
+    p.add_argument("--replay-k", default="2,4,8", type=_int_list_text, help="with --replay: proposal lengths")
     p.add_argument("--replay-forced", action="store_true",
                    help="with --replay: the references stand in for the target's argmax in verification "
                         "(bf16: its near-ties would otherwise end the replay after a few tokens)")
@@ -309,12 +337,13 @@ def add_spec_parser(bench_sub: argparse._SubParsersAction) -> None:
         help="W1's token-id prompt on dummy weights, without and with --speculative-config",
     )
     p.add_argument(
-        "--k", default=None, metavar="K,K,...", help="with --w1: num_speculative_tokens to run in turn (default: the config's)"
+        "--k", default=None, type=_int_list_text, metavar="K,K,...", help="with --w1: num_speculative_tokens to run in turn (default: the config's)"
     )
-    p.add_argument("--batch-size", type=int, default=1, help="with --replay or --w1: sequences at once")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="with --replay or --w1: sequences at once")
     p.add_argument("--output-json", default=None)
 
     def run(ns) -> int:
+        check_spec_bench_args(ns)
         rows = run_replay(ns) if ns.replay else run_w1(ns) if ns.w1 else run_real_text(ns)
         print_rows(rows)
         write_json(ns.output_json, {"bench": "spec", "rows": rows})

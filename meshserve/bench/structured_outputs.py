@@ -17,6 +17,8 @@ import json
 import time
 
 from meshserve.bench.report import print_rows, write_json
+from meshserve.cli_paths import check_output_file
+from meshserve.cli_types import positive_int, positive_int_list
 
 SCHEMA = {
     "type": "object",
@@ -192,28 +194,42 @@ def run_mask_fill(llm, batch_sizes: list[int], repeats: int = 50) -> list[dict]:
     return rows
 
 
+PARTS = ("accuracy", "overhead", "mask")
+
+
+def _parts(text: str) -> list[str]:
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in parts if x not in PARTS]
+    if not parts or unknown:
+        raise argparse.ArgumentTypeError(f"expected any of {', '.join(PARTS)}, got {text!r}")
+    return parts
+
+
 def add_structured_parser(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("structured", help="structured outputs: JSON-schema accuracy, overhead, mask fill")
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--parts", default="accuracy,overhead,mask", help="any of accuracy, overhead, mask")
-    p.add_argument("--batch-sizes", default="1,16", help="overhead: sequences at once (e.g. 1,64 on a GPU)")
-    p.add_argument("--mask-batch-sizes", default="1,16,64")
-    p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--parts", default="accuracy,overhead,mask", type=_parts,
+                   help="any of accuracy, overhead, mask")
+    p.add_argument("--batch-sizes", default="1,16", type=positive_int_list,
+                   help="overhead: sequences at once (e.g. 1,64 on a GPU)")
+    p.add_argument("--mask-batch-sizes", default="1,16,64", type=positive_int_list)
+    p.add_argument("--max-tokens", type=positive_int, default=96)
+    p.add_argument("--max-model-len", type=positive_int, default=1024)
     p.add_argument("--output-json", default=None)
 
     def run(ns) -> int:
         from meshserve import LLM
 
+        check_output_file(ns.output_json, "--output-json")  # before the model loads: the results must not be lost
         llm = LLM(model=ns.model, max_model_len=ns.max_model_len)
-        parts, results = ns.parts.split(","), {}
+        parts, results = ns.parts, {}
         try:
             if "accuracy" in parts:
                 results["accuracy"] = run_accuracy(llm, ns.max_tokens)
             if "overhead" in parts:
-                results["overhead"] = run_overhead(llm, [int(b) for b in ns.batch_sizes.split(",")], ns.max_tokens)
+                results["overhead"] = run_overhead(llm, ns.batch_sizes, ns.max_tokens)
             if "mask" in parts:
-                results["mask_fill"] = run_mask_fill(llm, [int(b) for b in ns.mask_batch_sizes.split(",")])
+                results["mask_fill"] = run_mask_fill(llm, ns.mask_batch_sizes)
         finally:
             llm.shutdown()
         for name, rows in results.items():

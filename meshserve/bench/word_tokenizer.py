@@ -9,6 +9,18 @@ from __future__ import annotations
 
 import argparse
 
+from meshserve.cli_paths import check_output_folder
+from meshserve.cli_types import positive_int
+from meshserve.errors import InvalidArgumentError
+
+
+def _vocab_size(text: str) -> int:
+    """At least the three special tokens and one word."""
+    value = positive_int(text)
+    if value < 4:
+        raise argparse.ArgumentTypeError(f"must be >= 4 (<unk>, <s>, </s> and a word), got {value}")
+    return value
+
 
 def write_word_tokenizer(path: str, vocab_size: int) -> str:
     """Save a transformers fast tokenizer with vocab_size entries (<unk>, <s>, </s>, then w3, w4, ...)."""
@@ -25,8 +37,12 @@ def write_word_tokenizer(path: str, vocab_size: int) -> str:
 
 
 def _cmd(ns: argparse.Namespace) -> int:
-    from meshserve.models.presets import preset_config
+    from meshserve.models.presets import find_preset, preset_config, preset_names
 
+    check_output_folder(ns.output_dir, "output_dir")  # transformers only logs a file in the way, saving nothing
+    if ns.vocab_size is None and find_preset(ns.model) is None:
+        raise InvalidArgumentError(f"--model {ns.model!r} is not a preset ({', '.join(preset_names())}); or pass "
+                                   "--vocab-size", param="model")
     vocab = ns.vocab_size or preset_config(ns.model).vocab_size
     print(f"word-level tokenizer of {vocab} tokens in {write_word_tokenizer(ns.output_dir, vocab)}")
     return 0
@@ -36,5 +52,5 @@ def add_tokenizer_parser(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("tokenizer", help="write a word-level tokenizer of a preset's vocabulary size")
     p.add_argument("output_dir")
     p.add_argument("--model", default="llama-3.1-8b", help="preset whose vocab_size to use")
-    p.add_argument("--vocab-size", type=int, default=None, help="instead of the preset's")
+    p.add_argument("--vocab-size", type=_vocab_size, default=None, help="instead of the preset's")
     p.set_defaults(func=_cmd)

@@ -10,6 +10,8 @@ import datetime
 
 import torch.distributed as dist
 
+from meshserve.errors import InvalidArgumentError
+
 
 class StoreRendezvous:
     """KVConnector's _publish_address / _peer_address / _producer_ranks over the group's TCPStore."""
@@ -17,14 +19,21 @@ class StoreRendezvous:
     def _join_store(self) -> None:
         """Open (rank 0: host) the store and publish this rank's role; returns at once."""
         c = self.config
-        self.store = dist.TCPStore(
-            c.kv_ip,
-            c.kv_port,
-            c.kv_parallel_size,
-            is_master=c.kv_rank == 0,
-            timeout=datetime.timedelta(seconds=c.init_timeout_s),
-            wait_for_workers=False,
-        )
+        try:
+            self.store = dist.TCPStore(
+                c.kv_ip,
+                c.kv_port,
+                c.kv_parallel_size,
+                is_master=c.kv_rank == 0,
+                timeout=datetime.timedelta(seconds=c.init_timeout_s),
+                wait_for_workers=False,
+            )
+        except dist.DistNetworkError as e:  # rank 0's port taken: torch's message names neither flag nor key
+            if c.kv_rank != 0 or "EADDRINUSE" not in str(e):
+                raise
+            raise InvalidArgumentError(f"kv_transfer_config.kv_port: rank 0 cannot host the group's store on "
+                                       f"{c.kv_ip}:{c.kv_port} (address already in use); pick a free kv_port",
+                                       param="kv_transfer_config") from None
         self.store.set(f"role/{c.kv_rank}", c.kv_role)
         self.roles: dict[int, str] = {}
 

@@ -11,6 +11,7 @@ import json
 import os
 from types import SimpleNamespace
 
+from meshserve.cli_paths import check_output_file, check_output_folder
 from meshserve.config import EngineArgs
 from meshserve.errors import InvalidArgumentError, ModelLoadError
 from meshserve.models.moe_config import check_moe_split
@@ -43,6 +44,10 @@ def check_parallel_split(hf_config, tp: int, pp: int, partition: list[int] | Non
 
 
 
+# a folder AutoTokenizer can load holds one of these (fast, config, sentencepiece, byte-level BPE)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _config_fields(model: str) -> dict | None:
     """config.json of a model folder (or a config file given with --load-format dummy), else None."""
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
@@ -55,11 +60,35 @@ def _config_fields(model: str) -> dict | None:
         raise ModelLoadError(f"cannot read the model config {path}: {e}") from e
 
 
+def _check_generation_config(mode: str) -> None:
+    """A folder named by --generation-config holds a JSON object (the engine only warns about the model's own
+    unreadable file, which the user did not name)."""
+    if mode in ("auto", "vllm"):
+        return
+    path = os.path.join(mode, "generation_config.json")
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InvalidArgumentError(f"--generation-config {mode}: cannot read {path}: {str(e).splitlines()[0]}",
+                                   param="generation_config") from None
+    if not isinstance(fields, dict):
+        raise InvalidArgumentError(f"--generation-config {mode}: {path} must hold a JSON object",
+                                   param="generation_config")
+
+
 def check_engine_args(args: EngineArgs) -> None:
     """Validate flags, the model's path and the TP/PP layout against its config; raises MeshserveError."""
     args.validate()
+    check_output_file(args.step_trace, "--step-trace")
+    _check_generation_config(args.generation_config)
+    check_output_folder(args.kv_offloading_disk_path, "--kv-offloading-disk-path")
     if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
         raise ModelLoadError(f"tokenizer folder not found: {args.tokenizer}")
+    if args.tokenizer is not None and not any(os.path.isfile(os.path.join(args.tokenizer, name))
+                                              for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"--tokenizer {args.tokenizer}: no tokenizer in the folder (none of "
+                             f"{', '.join(TOKENIZER_FILES)})")
     model = args.model
     if model is None:
         return  # the embedded model: its checks need its GGUF, which the engine reads anyway

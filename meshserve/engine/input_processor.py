@@ -13,7 +13,7 @@ from typing import Any
 from meshserve.engine.bad_words import tokenize_bad_words
 from meshserve.engine.messages import CoreInfo, EngineCoreRequest
 from meshserve.engine.request_fit import check_request_fits
-from meshserve.errors import InvalidArgumentError, PromptTooLongError
+from meshserve.errors import InvalidArgumentError, ModelLoadError, PromptTooLongError
 from meshserve.sampling import SamplingParams
 from meshserve.structured.grammar import check_structured_outputs
 
@@ -26,7 +26,12 @@ def load_tokenizer(path: str | None):
         return None
     from meshserve.models import direct_tokenizer  # AutoTokenizer's result, mostly without importing it
 
-    return direct_tokenizer.load(path, local_files_only=True)
+    try:
+        return direct_tokenizer.load(path, local_files_only=True)
+    except (OSError, ValueError) as e:  # transformers' many-line "Couldn't instantiate the backend tokenizer"
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ModelLoadError(f"cannot load a tokenizer from {path} ({first}); it needs tokenizer.json or "
+                             "tokenizer_config.json with its vocabulary (--tokenizer names another folder)") from None
 
 
 def child_request_ids(request_id: str, n: int) -> list[str]:

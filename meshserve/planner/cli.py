@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from meshserve.errors import InvalidArgumentError
 from meshserve.models.presets import HF_IDS, preset_names
@@ -80,7 +81,17 @@ def run_plan(ns: argparse.Namespace) -> int:
     from meshserve.planner.plan import PlanRequest, make_plan
     from meshserve.planner.report import render_plan
 
+    pinned = (ns.tp or 1) * (ns.pp or 1) * (ns.dp or 1)  # a layout uses every GPU: TP x PP x DP = --num-gpus
+    if ns.num_gpus >= 1 and min(ns.tp or 1, ns.pp or 1, ns.dp or 1) >= 1 and (
+            ns.num_gpus % pinned or (None not in (ns.tp, ns.pp, ns.dp) and pinned != ns.num_gpus)):
+        raise InvalidArgumentError(f"--tp/--pp/--dp pin {pinned} GPUs per layout, which cannot use all --num-gpus "
+                                   f"{ns.num_gpus} (TP x PP x DP = the GPUs)", param="num_gpus")
+    if ns.claim is not None and not 0 < ns.claim < math.inf:
+        raise InvalidArgumentError(f"--claim must be a decode rate > 0 tok/s, got {ns.claim}", param="claim")
     model = load_model(ns.model)  # before choose_gpu, which may take seconds to ask torch
+    if ns.max_model_len is not None and ns.max_model_len > model.max_position_embeddings:  # as serve refuses it
+        raise InvalidArgumentError(f"--max-model-len {ns.max_model_len:,} exceeds {model.name}'s context of "
+                                   f"{model.max_position_embeddings:,} tokens", param="max_model_len")
     choice = choose_gpu(ns.gpu, catalog)
     gpu = choice.gpu
     result = make_plan(PlanRequest(
@@ -109,8 +120,9 @@ def _pipeline_host(ns: argparse.Namespace):
     from meshserve.planner.pipeline_host import PipelineHost, fitted_host
 
     fit = fitted_host()
-    if min(ns.pp_host_step_ms or 0.0, ns.pp_round_trip_ms or 0.0) < 0:
-        raise InvalidArgumentError("--pp-host-step-ms and --pp-round-trip-ms must be >= 0", param="pp_host_step_ms")
+    for flag, value in (("--pp-host-step-ms", ns.pp_host_step_ms), ("--pp-round-trip-ms", ns.pp_round_trip_ms)):
+        if value is not None and not 0 <= value < math.inf:  # NaN too
+            raise InvalidArgumentError(f"{flag} must be >= 0 and finite, got {value}", param=flag[2:])
     return PipelineHost(fit.step_s if ns.pp_host_step_ms is None else ns.pp_host_step_ms / 1e3,
                         fit.round_trip_s if ns.pp_round_trip_ms is None else ns.pp_round_trip_ms / 1e3)
 

@@ -74,7 +74,13 @@ def _read(path: Path, base: dict[str, GpuSpec] | None = None) -> dict[str, GpuSp
     defaults = data.get("defaults", {})
     fields = {f.name for f in dataclasses.fields(GpuSpec)}
     out: dict[str, GpuSpec] = {}
-    for name, entry in data.get("gpus", {}).items():
+    gpus = data.get("gpus", {})
+    if not isinstance(gpus, dict) or not isinstance(defaults, dict):
+        raise InvalidArgumentError(f"hardware file {path}: [gpus] and [defaults] must be tables", param="hardware_file")
+    for name, entry in gpus.items():
+        if not isinstance(entry, dict):
+            raise InvalidArgumentError(f"hardware file {path}: gpus.{name} must be a table ([gpus.{name}] with "
+                                       f"its fields), got {type(entry).__name__}", param="hardware_file")
         # A user entry may change one field of a built-in GPU: start from its values; new GPUs get [defaults].
         start = dataclasses.asdict(base[name]) if base and name in base else defaults
         merged = {**start, **entry, "name": name}
@@ -87,7 +93,24 @@ def _read(path: Path, base: dict[str, GpuSpec] | None = None) -> dict[str, GpuSp
             out[name] = GpuSpec(**merged)
         except TypeError as e:
             raise InvalidArgumentError(f"hardware file {path}: entry {name}: {e}", param="hardware_file") from e
+        _check_numbers(out[name], path)
     return out
+
+
+_NUMBERS = ("memory_gib", "hbm_gb_s", "bf16_tflops", "link_gb_s", "link_latency_us", "gpus_per_node",
+            "price_per_hour_usd", "fp8_tflops", "inter_node_gb_s", "inter_node_latency_us", "efficiency",
+            "layer_overhead_us")
+
+
+def _check_numbers(spec: GpuSpec, path: Path) -> None:
+    """Every numeric field a number >= 0 (a string would fail later as a TypeError deep in the prediction)."""
+    for key in _NUMBERS:
+        value = getattr(spec, key)
+        if value is None and key == "fp8_tflops":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise InvalidArgumentError(f"hardware file {path}: gpus.{spec.name}.{key} must be a number >= 0, got "
+                                       f"{value!r}", param="hardware_file")
 
 
 def get_gpu(name: str, catalog: dict[str, GpuSpec] | None = None) -> GpuSpec:

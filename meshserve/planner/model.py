@@ -209,8 +209,14 @@ def model_from_config(cfg: dict, name: str = "model") -> ModelSpec:
         heads = int(cfg["num_attention_heads"])
         layers = int(cfg["num_hidden_layers"])
         vocab = int(cfg["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
+    except KeyError as e:
         raise InvalidArgumentError(f"{name}: config.json lacks a usable field {e}") from e
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"{name}: config.json has a field that is not a whole number ({e})") from e
+    for key, value in (("hidden_size", hidden), ("num_attention_heads", heads), ("num_hidden_layers", layers),
+                       ("vocab_size", vocab)):
+        if value < 1:  # 0 divides by zero in the head dimension and every per-layer figure
+            raise InvalidArgumentError(f"{name}: config.json's {key} must be >= 1, got {value}")
     model_type = str(cfg.get("model_type", ""))
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or hidden // heads)

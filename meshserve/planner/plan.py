@@ -145,6 +145,16 @@ def _validate(r: PlanRequest) -> None:
         raise InvalidArgumentError("--input-len and --output-len must be at least 1")
     if not 0 < r.gpu_memory_utilization <= 1:
         raise InvalidArgumentError("--gpu-memory-utilization must be in (0, 1]")
+    if r.max_model_len is not None and r.max_model_len < 1:  # 0 would silently mean "the model's"
+        raise InvalidArgumentError(f"--max-model-len must be at least 1, got {r.max_model_len}",
+                                   param="max_model_len")
+    if r.efficiency is not None and not 0 < r.efficiency <= 1:  # NaN too; 0 divided by zero in the prediction
+        raise InvalidArgumentError(f"--efficiency is a fraction of the GPU's peak in (0, 1], got {r.efficiency}",
+                                   param="efficiency")
+    for flag, value in (("--tp", r.tp), ("--pp", r.pp), ("--dp", r.dp)):
+        if value is not None and value < 1:
+            raise InvalidArgumentError(f"{flag} must be at least 1, got {value}", param=flag[2:])
+
     weight_dtype_bytes(r.weight_dtype or r.model.checkpoint_dtype)
     kv_dtype_bytes(r.kv_dtype)
 

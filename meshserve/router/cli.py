@@ -110,14 +110,22 @@ def resolve_workers(workers: int | None) -> int:
 
 
 def run_router(config: RouterConfig, host: str, port: int, log_level: str = "warning",
-               access_log: bool = False, workers: int = 1) -> None:
+               access_log: bool = False, workers: int = 1, sock: socket.socket | None = None) -> None:
     """Serve the router until SIGTERM/SIGINT, then drain in-flight requests (streams included); workers > 1:
-    that many router processes on the one port (router/workers.py)."""
+    that many router processes on the one port (router/workers.py). sock: the port already bound (else bound
+    here, so a port in use is one error line, not uvicorn's)."""
+    from meshserve.serve.cli import bind_listen_socket
+
     http = RouterHttp(host, port, log_level, access_log)
-    if workers > 1:
-        serve_workers(config, http, workers)
-    else:
-        serve_router(config, http)
+    sock = sock if sock is not None else bind_listen_socket(host, port)
+    try:
+        if workers > 1:
+            serve_workers(config, http, workers, sock)
+        else:
+            sock.listen(4096)
+            serve_router(config, http, sock)
+    finally:
+        sock.close()
 
 
 def serve_router(config: RouterConfig, http: RouterHttp, sock: socket.socket | None = None) -> None:
@@ -143,10 +151,15 @@ def serve_router(config: RouterConfig, http: RouterHttp, sock: socket.socket | N
 def _cmd_router(ns: argparse.Namespace) -> int:
     config = router_config_from(ns)
     workers = resolve_workers(ns.workers)
+    if not 0 <= ns.port <= 65535:
+        raise InvalidArgumentError(f"--port must be in [0, 65535], got {ns.port}", param="port")
+    from meshserve.serve.cli import bind_listen_socket
+
+    sock = bind_listen_socket(ns.host, ns.port)  # before the line below: it shows the bound port (--port 0)
     replicas = len(config.backends) + len(config.discover)
     disagg = f", {len(config.prefills)} prefill instance(s) (disaggregated)" if config.prefills else ""
-    print(f"meshserve: routing on http://{ns.host}:{ns.port} over {replicas} primary source(s), "
+    print(f"meshserve: routing on http://{ns.host}:{sock.getsockname()[1]} over {replicas} primary source(s), "
           f"{len(config.fallbacks)} fallback(s){disagg}, policy {config.policy}, {workers} worker(s)",
           flush=True)
-    run_router(config, ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log, workers)
+    run_router(config, ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log, workers, sock)
     return 0

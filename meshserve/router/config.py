@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from meshserve.errors import InvalidArgumentError
+from meshserve.router.discovery import split_host_port
 
 POLICIES = ("least-outstanding", "prefix-affinity", "round-robin")
 
@@ -59,8 +61,13 @@ class RouterConfig:
                     "connect_timeout_s": self.connect_timeout_s, "read_timeout_s": self.read_timeout_s,
                     "retry_budget_s": self.retry_budget_s}
         for name, value in positive.items():
-            if value <= 0:
-                raise InvalidArgumentError(f"{name} must be > 0", param=name)
+            if not value > 0:  # NaN too: a NaN timeout or interval would fail only once serving
+                raise InvalidArgumentError(f"{_flag(name)} must be > 0, got {value}", param=name)
+        at_least_zero = {"drain_timeout_s": self.drain_timeout_s, "retry_after_s": self.retry_after_s,
+                         "affinity_slack": self.affinity_slack}
+        for name, value in at_least_zero.items():
+            if not value >= 0:
+                raise InvalidArgumentError(f"{_flag(name)} must be >= 0, got {value}", param=name)
         at_least_one = {"fail_threshold": self.fail_threshold, "recover_threshold": self.recover_threshold,
                         "max_attempts": self.max_attempts, "max_outstanding": self.max_outstanding,
                         "target_queue_per_replica": self.target_queue_per_replica,
@@ -69,10 +76,33 @@ class RouterConfig:
                         "prefix_max_blocks": self.prefix_max_blocks}
         for name, value in at_least_one.items():
             if value < 1:
-                raise InvalidArgumentError(f"{name} must be >= 1", param=name)
+                raise InvalidArgumentError(f"{_flag(name)} must be >= 1, got {value}", param=name)
         if self.fallback_queue_threshold is not None and self.fallback_queue_threshold < 0:
-            raise InvalidArgumentError("fallback_queue_threshold must be >= 0", param="fallback_queue_threshold")
+            raise InvalidArgumentError("--fallback-queue-threshold must be >= 0", param="fallback_queue_threshold")
         for url in self.backends + self.fallbacks + self.prefills:
-            if not url.startswith(("http://", "https://")):
-                raise InvalidArgumentError(f"backend {url!r} must be an http(s):// URL", param="backend")
+            check_replica_url(url)
+        for target in self.discover:
+            try:
+                split_host_port(target)
+            except ValueError as e:
+                raise InvalidArgumentError(str(e), param="discover") from None
+        if self.fallback_model and not self.fallbacks:
+            raise InvalidArgumentError("--fallback-model renames requests for the fallback pool: add --fallback URL",
+                                       param="fallback_model")
         return self
+
+
+def _flag(field_name: str) -> str:
+    """The command-line flag of a RouterConfig field (health_interval_s: --health-interval)."""
+    return "--" + field_name.removesuffix("_s").replace("_", "-")
+
+
+def check_replica_url(url: str) -> None:
+    """url is http(s)://HOST[:PORT][/...] with a port in range (else the replica would only fail once probed)."""
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # out of range, or not a number
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise InvalidArgumentError(f"backend {url!r} must be an http(s)://HOST[:PORT] URL", param="backend")

@@ -121,6 +121,9 @@ def serve_data_parallel(ns: argparse.Namespace, serve_parser: argparse.ArgumentP
         raise InvalidArgumentError("--data-parallel-size runs replicas on this node only; across nodes, run "
                                    "one group per replica (deploy/k8s) and `meshserve router` in front",
                                    param="data_parallel_size")
+    from meshserve.serve.cli import bind_listen_socket
+
+    sock = bind_listen_socket(ns.host, ns.port)  # a port in use fails before any replica starts
     flags = argv_from_namespace(serve_parser, ns)
     per_replica = getattr(ns, "tensor_parallel_size", 1) * getattr(ns, "pipeline_parallel_size", 1)
     devices = partition_devices(n, per_replica, visible_devices(getattr(ns, "device", "auto")))
@@ -155,7 +158,7 @@ def serve_data_parallel(ns: argparse.Namespace, serve_parser: argparse.ArgumentP
           f"PP {getattr(ns, 'pipeline_parallel_size', 1)}): replicas on {', '.join(urls)}; "
           f"router ({workers} worker(s)) on http://{ns.host}:{ns.port}", flush=True)
     try:
-        run_router(config, ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log, workers)
+        run_router(config, ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log, workers, sock)
     finally:
         stopping.set()
         watcher.join(5)

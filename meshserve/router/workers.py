@@ -69,13 +69,13 @@ def _worker_main(config: RouterConfig, sock: socket.socket, http: RouterHttp, in
         sock.close()
 
 
-def serve_workers(config: RouterConfig, http: RouterHttp, count: int) -> int:
-    """Bind http.host:http.port, run `count` router workers on it until SIGTERM / SIGINT, drain them,
-    return 0."""
+def serve_workers(config: RouterConfig, http: RouterHttp, count: int, sock: socket.socket | None = None) -> int:
+    """Run `count` router workers on sock (else http.host:http.port, bound here) until SIGTERM / SIGINT, drain
+    them, return 0."""
     from meshserve.distributed.launch import StopSignal, stop_processes
     from meshserve.serve.cli import bind_listen_socket
 
-    sock = bind_listen_socket(http.host, http.port)
+    sock = sock if sock is not None else bind_listen_socket(http.host, http.port)
     sock.listen(4096)  # connections queue in the kernel until a worker accepts them
     ctx = mp.get_context("spawn")
     log_level = logging.getLogger().getEffectiveLevel()

@@ -8,6 +8,7 @@ import os
 import socket
 
 from meshserve.cli_args import add_engine_args, engine_args_from
+from meshserve.cli_paths import check_output_file
 from meshserve.engine.args_check import check_engine_args
 from meshserve.entrypoints.worker import is_rank_zero, run_worker_ranks
 from meshserve.errors import InvalidArgumentError
@@ -92,8 +93,11 @@ def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:
         raise InvalidArgumentError("--max-queue-len must be >= 1", param="max_queue_len")
     if ns.max_request_body_bytes < 1:
         raise InvalidArgumentError("--max-request-body-bytes must be >= 1", param="max_request_body_bytes")
-    if ns.drain_timeout < 0:
-        raise InvalidArgumentError("--drain-timeout must be >= 0", param="drain_timeout")
+    if not ns.drain_timeout >= 0:  # NaN too
+        raise InvalidArgumentError(f"--drain-timeout must be >= 0, got {ns.drain_timeout}", param="drain_timeout")
+    if ns.served_model_name is not None and not all(name.strip() for name in ns.served_model_name):
+        raise InvalidArgumentError("--served-model-name: a name is empty", param="served_model_name")
+    check_output_file(ns.request_log, "--request-log")
     if ns.enable_auto_tool_choice and not ns.tool_call_parser:
         raise InvalidArgumentError("--enable-auto-tool-choice needs --tool-call-parser", param="tool_call_parser")
     if ns.responses_store_size < 0:
@@ -159,12 +163,12 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         raise InvalidArgumentError("--data-parallel-size must be >= 1", param="data_parallel_size")
     dp = ns.data_parallel_size
     check_responses_store(ns)
+    engine_args = engine_args_from(ns)
+    check_engine_args(engine_args)  # bad flags, paths and layouts fail now, not after loading (or in replicas)
     if dp > 1 and ns.data_parallel_backend == "router":  # N child `meshserve serve` replicas + the router here
         from meshserve.router.launcher import serve_data_parallel
 
         return serve_data_parallel(ns, ns.serve_parser)
-    engine_args = engine_args_from(ns)
-    check_engine_args(engine_args)  # bad flags, paths and layouts fail now, not after loading
     if dp > 1 and ns.engine_in_thread:
         raise InvalidArgumentError("--data-parallel-size > 1 runs each engine core in its own process "
                                    "(drop --engine-in-thread)", param="data_parallel_size")
@@ -184,7 +188,9 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     sock = bind_unix_socket(ns.uds) if ns.uds else bind_listen_socket(ns.host, ns.port)
     from meshserve.serve.api_server import HttpOptions, serve_api_processes, serve_one_process
 
-    opts = HttpOptions(ns.host, ns.port, ns.uvicorn_log_level, not ns.disable_access_log, **compat_http_fields(ns))
+    # the bound port: with --port 0 the kernel's choice, which the "serving on" line must show
+    port = ns.port if ns.uds else sock.getsockname()[1]
+    opts = HttpOptions(ns.host, port, ns.uvicorn_log_level, not ns.disable_access_log, **compat_http_fields(ns))
     if ns.api_server_count > 1:
         return serve_api_processes(engine_args, config, sock, opts, ns.api_server_count, data_parallel_size=dp)
     try:

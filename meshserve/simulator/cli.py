@@ -7,6 +7,7 @@ import json
 import math
 import sys
 
+from meshserve.cli_paths import check_output_file
 from meshserve.errors import InvalidArgumentError
 from meshserve.simulator.frontend import FRONTEND_BEFORE_GATE, FRONTEND_H200, FrontEndCosts
 
@@ -45,7 +46,7 @@ def register(subparsers) -> None:
     g.add_argument("--pp-token-handoff", action="store_true",
                    help="the engine's --pp-token-handoff (TP 1): sampled ids go from the last stage to the first "
                         "on the device, off the host's round trip")
-    g.add_argument("--pp-layer-partition", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
+    g.add_argument("--pp-layer-partition", type=_layer_partition, default=None,
                    help="layers per pipeline stage, comma-separated (the engine's --pp-layer-partition)")
     g.add_argument("--tp-fused-norm", choices=("off", "pull", "push"), default="off",
                    help="MESHSERVE_TP_FUSED_NORM: TP all-reduces fused with the residual add and RMSNorm")
@@ -160,6 +161,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_simulate)
 
 
+def _layer_partition(value: str) -> tuple[int, ...]:
+    """--pp-layer-partition 40,40."""
+    try:
+        return tuple(int(x) for x in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts, e.g. 40,40, got {value!r}") from None
+
+
 def _p_to_d(value: str) -> tuple[int, int]:
     """--disaggregation P:D, e.g. 1:1."""
     try:
@@ -169,9 +178,34 @@ def _p_to_d(value: str) -> tuple[int, int]:
     return p, d
 
 
+# arrivals past which a generated trace is refused: minutes of simulation per million requests on one core
+MAX_GENERATED_REQUESTS = 100_000_000
+
+
+def check_traffic(ns: argparse.Namespace) -> None:
+    """The generated trace's flags (a NaN rate used to fail as a numpy traceback, an input length of 0 ran)."""
+    if ns.trace is None:
+        for flag, value in (("--qps", ns.qps), ("--duration", ns.duration)):
+            if not 0 < value < math.inf:
+                raise InvalidArgumentError(f"{flag} must be > 0 and finite, got {value}", param=flag[2:])
+        if ns.qps * ns.duration > MAX_GENERATED_REQUESTS:
+            raise InvalidArgumentError(f"--qps {ns.qps:g} x --duration {ns.duration:g} is {ns.qps * ns.duration:.3g} "
+                                       f"requests; at most {MAX_GENERATED_REQUESTS:,}", param="duration")
+        for flag, value in (("--input-len", ns.input_len), ("--output-len", ns.output_len)):
+            if value < 1:
+                raise InvalidArgumentError(f"{flag} must be >= 1, got {value}", param=flag[2:])
+        if ns.arrivals == "bursty" and not (ns.burst_period > 0 and math.isfinite(ns.burst_period)):
+            raise InvalidArgumentError(f"--burst-period must be > 0 and finite, got {ns.burst_period}",
+                                       param="burst_period")
+    if ns.prefix_groups < 0 or (ns.prefix_groups > 0 and ns.prefix_len < 1):
+        raise InvalidArgumentError("--prefix-groups must be >= 0, and --prefix-len >= 1 with prefix groups",
+                                   param="prefix_groups")
+
+
 def build_trace(ns: argparse.Namespace):
     from meshserve.simulator import trace as tr
 
+    check_traffic(ns)
     if ns.trace:
         reqs = tr.file_trace(ns.trace)
     elif ns.arrivals == "bursty":
@@ -231,8 +265,8 @@ def config_from_args(ns: argparse.Namespace):
                        pp_token_handoff=ns.pp_token_handoff, pp_layer_partition=ns.pp_layer_partition,
                        tp_fused_norm="" if ns.tp_fused_norm == "off" else ns.tp_fused_norm,
                        router=ns.router,
-                       slo_ttft_s=ns.slo_ttft_ms / 1e3 if ns.slo_ttft_ms else None,
-                       slo_tpot_s=ns.slo_tpot_ms / 1e3 if ns.slo_tpot_ms else None,
+                       slo_ttft_s=None if ns.slo_ttft_ms is None else ns.slo_ttft_ms / 1e3,
+                       slo_tpot_s=None if ns.slo_tpot_ms is None else ns.slo_tpot_ms / 1e3,
                        slo_prefill_chunk=ns.slo_prefill_chunk, goodput_ttft_s=ns.ttft_slo, goodput_tpot_s=ns.tpot_slo, max_num_seqs=ns.max_num_seqs,
                        max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
                        num_blocks=ns.num_blocks, max_queue_len=ns.max_queue_len, hardware_file=ns.hardware_file,
@@ -254,6 +288,8 @@ def config_from_args(ns: argparse.Namespace):
 def run_simulate(ns: argparse.Namespace) -> int:
     from meshserve.simulator.fleet import simulate
 
+    check_output_file(ns.output_json, "--output-json")  # before the run: its report must not be lost
+    check_output_file(ns.plot, "--plot")
     config = config_from_args(ns)
     trace = build_trace(ns)
     if ns.search:
@@ -272,9 +308,12 @@ def run_simulate(ns: argparse.Namespace) -> int:
     if ns.autoscale:
         from meshserve.simulator.autoscale import AutoscaleRule
 
-        if not 1 <= ns.min_replicas <= ns.max_replicas or ns.target_queue_per_replica < 1 or ns.polling_s <= 0:
+        if (not 1 <= ns.min_replicas <= ns.max_replicas or ns.target_queue_per_replica < 1
+                or not 0 < ns.polling_s < math.inf or not 0 <= ns.cooldown_s < math.inf
+                or not 0 <= ns.startup_s < math.inf):
             raise InvalidArgumentError("autoscaling: need 1 <= --min-replicas <= --max-replicas, "
-                                       "--target-queue-per-replica >= 1, --polling-s > 0", param="autoscale")
+                                       "--target-queue-per-replica >= 1, --polling-s > 0, --cooldown-s and "
+                                       "--startup-s >= 0 (all finite)", param="autoscale")
         autoscale = AutoscaleRule(ns.target_queue_per_replica, ns.min_replicas, ns.max_replicas, ns.polling_s,
                                   ns.cooldown_s, ns.startup_s)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from meshserve.config import CacheConfig, ParallelConfig, SchedulerConfig
@@ -105,6 +106,7 @@ class SimConfig:
     kv_transfer_latency_s: float | None = None
 
     def validate(self) -> None:
+        self._validate_numbers()
         if self.tp < 1 or self.pp < 1:
             raise InvalidArgumentError("--tp and --pp must be >= 1", param="tp")
         if self.num_gpus < 1 or self.num_gpus % self.gpus_per_replica:
@@ -146,6 +148,39 @@ class SimConfig:
             self._validate_disaggregation()
         if self.router not in ROUTER_POLICIES:
             raise InvalidArgumentError(f"--router must be one of {', '.join(ROUTER_POLICIES)}", param="router")
+
+    def _validate_numbers(self) -> None:
+        """Counts and times the scheduler would otherwise take (an assertion deep in the run, a NaN report)."""
+        at_least_one = {"--max-num-seqs": self.max_num_seqs, "--max-num-batched-tokens": self.max_num_batched_tokens,
+                        "--max-model-len": self.max_model_len,
+                        "--num-blocks": 1 if self.num_blocks is None else self.num_blocks}
+        for flag, value in at_least_one.items():
+            if value < 1:
+                raise InvalidArgumentError(f"{flag} must be >= 1, got {value}", param=flag[2:])
+        if self.max_queue_len < 0:  # 0: every request refused (a model of a full server)
+            raise InvalidArgumentError(f"--max-queue-len must be >= 0, got {self.max_queue_len}", param="max_queue_len")
+        if self.slo_prefill_chunk < 0:
+            raise InvalidArgumentError(f"--slo-prefill-chunk must be >= 0, got {self.slo_prefill_chunk}",
+                                       param="slo_prefill_chunk")
+        if self.seed < 0:  # numpy's generators take no negative seed
+            raise InvalidArgumentError(f"--seed must be >= 0, got {self.seed}", param="seed")
+        positive = {"--slo-ttft-ms": self.slo_ttft_s, "--slo-tpot-ms": self.slo_tpot_s,
+                    "--ttft-slo": self.goodput_ttft_s, "--tpot-slo": self.goodput_tpot_s,
+                    "--kv-link-gb-s": self.kv_link_gb_s}
+        for flag, value in positive.items():
+            if value is not None and not value > 0:  # NaN too
+                raise InvalidArgumentError(f"{flag} must be > 0, got {value}", param=flag[2:])
+        at_least_zero = {"--frontend-latency-ms": self.frontend_latency_s,
+                         "--frontend-request-ms": self.frontend_request_s,
+                         "--frontend-token-us": self.frontend_token_s,
+                         "--frontend-refusal-ms": self.frontend_refusal_s,
+                         "--router-request-ms": self.router_request_s, "--router-event-us": self.router_event_s,
+                         "--router-refusal-ms": self.router_refusal_s, "--pp-host-step-ms": self.pp_host_step_s,
+                         "--pp-round-trip-ms": self.pp_round_trip_s,
+                         "--kv-transfer-latency-us": self.kv_transfer_latency_s}
+        for flag, value in at_least_zero.items():
+            if value is not None and not 0 <= value < math.inf:
+                raise InvalidArgumentError(f"{flag} must be >= 0 and finite", param=flag[2:])
 
     def _validate_disaggregation(self) -> None:
         p, d = self.disaggregation

@@ -156,6 +156,11 @@ def file_trace(path: str | Path) -> Trace:
                                    d.get("prefix_group"), int(d.get("prefix_len", 0))))
         except (ValueError, TypeError) as e:
             raise InvalidArgumentError(f"{p}:{n}: not a trace row ({e})", param="trace") from e
+        r = rows[-1]
+        # output 0 stays: a served request's log row may hold it (simulator handles it); a prompt never does
+        if not (math.isfinite(r.arrival_s) and r.prompt_len >= 1 and r.output_len >= 0 and r.prefix_len >= 0):
+            raise InvalidArgumentError(f"{p}:{n}: a trace row needs a finite arrival time, a prompt length >= 1 "
+                                       f"and an output length >= 0, got {line.strip()}", param="trace")
     if not rows:
         raise InvalidArgumentError(f"{p}: no requests", param="trace")
     rows.sort(key=lambda r: r.arrival_s)

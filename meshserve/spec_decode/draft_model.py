@@ -19,7 +19,7 @@ from meshserve.engine.kv_pool import KVCachePool
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput
 from meshserve.engine.scheduler_output import ScheduledSequence
 from meshserve.engine.step_inputs import StepInputBuilder
-from meshserve.errors import InvalidArgumentError
+from meshserve.errors import InvalidArgumentError, ModelLoadError
 from meshserve.layers.backend_selection import TORCH_DTYPES, bind_kernels, select_kernels
 from meshserve.models.loader import ModelSource, build_model, resolve_model_source
 from meshserve.spec_decode.config import SpeculativeConfig
@@ -68,13 +68,16 @@ class DraftModelProposer:
         )
         kernels = select_kernels(self.config)
         # proposals may run up to k positions past the target's last one
-        self.model = build_model(
-            source,
-            TORCH_DTYPES[config.model_config.dtype],
-            device,
-            config.model_config.max_model_len + 2 * self.k + 1,
-            seed=config.model_config.seed,
-        )
+        try:
+            self.model = build_model(
+                source,
+                TORCH_DTYPES[config.model_config.dtype],
+                device,
+                config.model_config.max_model_len + 2 * self.k + 1,
+                seed=config.model_config.seed,
+            )
+        except ModelLoadError as e:  # its message names the folder, not which model of the two it is
+            raise ModelLoadError(f"speculative_config.model: {e}") from None
         bind_kernels(self.model, kernels)
         self.kv_pool = KVCachePool(self.config, self.model.attention_layers(), kernels.kv_cache_dtype, device)
         self.inputs = StepInputBuilder(config.cache_config.block_size, device)

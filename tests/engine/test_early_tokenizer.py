@@ -4,9 +4,12 @@ import copy
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from meshserve.config import EngineArgs
 from meshserve.engine import early_tokenizer
 from meshserve.engine.early_tokenizer import EarlyTokenizer, tokenizer_dir_of
+from meshserve.errors import ModelLoadError
 
 
 def test_the_early_tokenizer_is_the_one_the_core_names_else_a_fresh_load(
@@ -64,12 +67,8 @@ def test_a_failed_early_load_is_retried_where_the_core_asks(tmp_path):
     early = EarlyTokenizer(
         EngineArgs(model="llama-3.1-8b", load_format="dummy", tokenizer=str(tmp_path / "nope"))
     )
-    try:
-        early.load(str(tmp_path / "nope"))
-    except OSError:
-        pass  # the same error the plain load gives, raised where the front end loads it
-    else:
-        raise AssertionError("loading a missing tokenizer succeeded")
+    with pytest.raises(ModelLoadError, match="cannot load a tokenizer from"):
+        early.load(str(tmp_path / "nope"))  # the same error the plain load gives, raised where the front end loads it
 
 
 

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from meshserve import LLM, SamplingParams
-from meshserve.errors import InvalidArgumentError
+from meshserve.errors import InvalidArgumentError, ModelLoadError
 from tests.conftest import VOCAB
 
 
@@ -85,3 +85,12 @@ def test_draft_with_another_vocabulary_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(InvalidArgumentError, match="vocabulary") as e:
         LLM(model=tiny_model_dir("llama"), speculative_config=_draft(str(folder)))
     assert "\n" not in str(e.value)
+
+
+def test_a_draft_without_weights_names_the_draft(tiny_model_dir, tmp_path):
+    """The loader's 'no *.safetensors weights in DIR' did not say it was the draft's folder, not the target's."""
+    folder = tmp_path / "draft"
+    folder.mkdir()
+    shutil.copy(f"{tiny_model_dir('llama')}/config.json", folder / "config.json")
+    with pytest.raises(ModelLoadError, match=f"^speculative_config.model: no \\*.safetensors weights in {folder}"):
+        LLM(model=tiny_model_dir("llama"), speculative_config=_draft(str(folder)))

@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from meshserve.engine.kv_offload.read_rate import ReadRate
+from meshserve.errors import InvalidArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,11 @@ class DiskTier:
             raise ValueError("the fingerprint must be 16 bytes")
         self.fingerprint = fingerprint
         self.dir = os.path.join(root, fingerprint.hex())
-        os.makedirs(self.dir, exist_ok=True)
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as e:  # a read-only or special file system: one line naming the flag, in any process
+            raise InvalidArgumentError(f"--kv-offloading-disk-path {root}: cannot create {self.dir}: "
+                                       f"{e.strerror or e}", param="kv_offloading_disk_path") from None
         self.max_bytes = max_bytes
         self.block_bytes = block_bytes
         self.file_bytes = HEADER.size + block_bytes

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshserve.engine.kv_offload.disk_tier import HEADER, DiskTier
+from meshserve.errors import InvalidArgumentError
 
 BLOCK = 64
 FP = bytes(range(16))
@@ -114,3 +115,11 @@ def test_read_many_reads_in_parallel_into_given_buffers(tmp_path):
     assert crcs[2] is None and crcs[4] is None  # corrupted, and absent
     assert [outs[i].tobytes() for i in (0, 1, 3)] == [payload(i) for i in (0, 1, 3)]
     disk.close()
+
+
+def test_a_folder_that_cannot_be_made_is_one_error_naming_the_flag(tmp_path):
+    """It used to surface from the engine process as a bare '[Errno 20] Not a directory' line."""
+    a_file = tmp_path / "a_file"
+    a_file.write_bytes(b"")
+    with pytest.raises(InvalidArgumentError, match="--kv-offloading-disk-path .*a_file/sub: cannot create"):
+        DiskTier(str(a_file / "sub"), FP, 10 * (HEADER.size + BLOCK), BLOCK)

@@ -1,0 +1,62 @@
+"""Checks of the files a command line names, run before any work starts: a report path in a missing folder
+must fail in a fraction of a second with the flag's name, not as a FileNotFoundError traceback after a
+simulation or a benchmark has run for minutes (its results lost)."""
+
+from __future__ import annotations
+
+import os
+
+from meshserve.errors import InvalidArgumentError
+
+
+def _param(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """path (when given) can be created or appended to: its folder exists and is writable, and it is no folder."""
+    if path is None:
+        return
+    if not path:
+        raise InvalidArgumentError(f"{flag}: the path is empty", param=_param(flag))
+    if os.path.isdir(path):
+        raise InvalidArgumentError(f"{flag} {path}: is a folder, not a file", param=_param(flag))
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InvalidArgumentError(f"{flag} {path}: the folder {folder} does not exist", param=_param(flag))
+    existed = os.path.exists(path)
+    try:  # a real open, not os.access: root passes access checks on read-only and special file systems
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise InvalidArgumentError(f"{flag} {path}: cannot write it ({e.strerror or e})", param=_param(flag)) from None
+    if not existed:
+        os.remove(path)  # the probe leaves nothing behind
+
+
+def check_output_folder(path: str | None, flag: str) -> None:
+    """path (when given) is a writable folder, or can be made as one (its nearest existing parent is a
+    writable folder)."""
+    if path is None:
+        return
+    if not path:
+        raise InvalidArgumentError(f"{flag}: the path is empty", param=_param(flag))
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise InvalidArgumentError(f"{flag} {path}: {probe} is a file, not a folder", param=_param(flag))
+    if not os.access(probe, os.W_OK):
+        raise InvalidArgumentError(f"{flag} {path}: {probe} is not writable", param=_param(flag))
+
+
+def check_input_file(path: str | None, flag: str) -> None:
+    """path (when given) is a readable file."""
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise InvalidArgumentError(f"{flag} {path}: file not found", param=_param(flag))
+    if not os.path.isfile(path):
+        raise InvalidArgumentError(f"{flag} {path}: not a file", param=_param(flag))
+    if not os.access(path, os.R_OK):
+        raise InvalidArgumentError(f"{flag} {path}: not readable", param=_param(flag))

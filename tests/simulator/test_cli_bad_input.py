@@ -1,0 +1,81 @@
+"""`meshserve simulate`'s bad input: one `meshserve: error:` line naming the flag and exit 2, before the
+simulation runs (NaN rates were numpy tracebacks, --max-num-seqs 0 an AssertionError, an --output-json in a
+missing folder a FileNotFoundError after the whole run, zero lengths and limits ran)."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshserve.cli import main
+
+BASE = ["simulate", "--model", "smollm2-135m", "--qps", "2", "--duration", "2", "--no-progress"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--qps", "nan"], "--qps must be > 0 and finite, got nan"),
+    (["--qps", "inf"], "--qps must be > 0 and finite, got inf"),
+    (["--duration", "nan"], "--duration must be > 0 and finite, got nan"),
+    (["--duration", "1e300"], "--qps 2 x --duration 1e+300 is 2e+300 requests"),
+    (["--input-len", "0"], "--input-len must be >= 1, got 0"),
+    (["--output-len", "-1"], "--output-len must be >= 1, got -1"),
+    (["--prefix-groups", "-1"], "--prefix-groups must be >= 0"),
+    (["--max-num-seqs", "0"], "--max-num-seqs must be >= 1, got 0"),
+    (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1, got 0"),
+    (["--max-model-len", "0"], "--max-model-len must be >= 1, got 0"),
+    (["--num-blocks", "0"], "--num-blocks must be >= 1, got 0"),
+    (["--max-queue-len", "-1"], "--max-queue-len must be >= 0, got -1"),
+    (["--slo-ttft-ms", "nan"], "--slo-ttft-ms must be > 0, got nan"),
+    (["--slo-tpot-ms", "0"], "--slo-tpot-ms must be > 0, got 0.0"),
+    (["--ttft-slo", "-1"], "--ttft-slo must be > 0, got -1.0"),
+    (["--frontend-latency-ms", "-1"], "--frontend-latency-ms must be >= 0 and finite"),
+    (["--frontend-request-ms", "nan"], "--frontend-request-ms must be >= 0 and finite"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--autoscale", "--cooldown-s", "-5"], "autoscaling: need"),
+    (["--output-json", "/nonexistent/dir/sim.json"], "--output-json /nonexistent/dir/sim.json: the folder"),
+    (["--plot", "/nonexistent/dir/sim.svg"], "--plot /nonexistent/dir/sim.svg: the folder"),
+])
+def test_bad_flags_are_one_line_before_the_run(flags, message, capsys):
+    assert main([*BASE, *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before the simulation, not after it
+    assert captured.err.startswith("meshserve: error: ") and message in captured.err, captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_an_output_json_that_is_a_folder_is_refused_before_the_run(capsys, tmp_path):
+    assert main([*BASE, "--output-json", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"--output-json {tmp_path}: is a folder" in captured.err
+
+
+def test_a_bad_layer_partition_names_the_format(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*BASE, "--pp", "2", "--num-gpus", "2", "--pp-layer-partition", "1,x"])
+    assert exit_.value.code == 2
+    assert "--pp-layer-partition: expected comma-separated layer counts, e.g. 40,40, got '1,x'" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("row,message", [
+    ('{"arrival_s": 1, "prompt_len": 0, "output_len": 5}', ":2: a trace row needs a finite arrival time, a prompt"),
+    ('{"arrival_s": NaN, "prompt_len": 10, "output_len": 5}', ":2: a trace row needs a finite arrival time"),
+    ('{"arrival_s": 1, "prompt_len": 10, "output_len": -1}', ":2: a trace row needs"),
+])
+def test_a_trace_row_out_of_range_names_its_line(row, message, tmp_path, capsys):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival_s": 0, "prompt_len": 10, "output_len": 5}\n' + row + "\n")
+    assert main(["simulate", "--trace", str(trace), "--no-progress"]) == 2
+    assert f"{trace}{message}" in capsys.readouterr().err
+
+
+def test_a_model_config_with_zero_heads_is_one_line(tmp_path, capsys):
+    """It was a ZeroDivisionError traceback in the planner's model (plan and simulate alike)."""
+    import json
+
+    from meshserve.models.presets import PRESETS
+
+    (tmp_path / "config.json").write_text(json.dumps({**PRESETS["smollm2-135m"], "num_attention_heads": 0}))
+    assert main(["simulate", "--model", str(tmp_path / "config.json"), "--duration", "1", "--no-progress"]) == 2
+    assert "config.json's num_attention_heads must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["plan", str(tmp_path)]) == 2
+    assert "config.json's num_attention_heads must be >= 1, got 0" in capsys.readouterr().err

@@ -61,8 +61,13 @@ class _RequiredToolParser(ToolParser):
         return scan_json_calls(text, i + 1, ",", keys=("parameters",), closer="]")
 
     def extract(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
-        calls = self._calls(text)[0]
-        return (None, calls) if calls else (text, [])  # cut short by max_tokens: left as text
+        finished, begun = self._calls(text)
+        if finished:
+            return None, finished
+        # cut short (max_tokens, a stop string) or not JSON after all (a control character the grammar let
+        # through): the calls as far as they were written, as a stream has already sent them; text only when
+        # no call's name was complete
+        return (None, [ParsedToolCall(c.name, c.arguments) for c in begun]) if begun else (text, [])
 
     def extract_partial(self, text: str) -> PartialToolCalls:
         return PartialToolCalls(0, self._calls(text)[1])

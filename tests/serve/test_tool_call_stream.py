@@ -103,3 +103,27 @@ def test_sdk_stream_helper_rebuilds_auto_tool_calls(parser_client):
     for call in calls:
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
     assert final.choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("text, content", [
+    ('\n\n<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>', None),
+    ("\n\nIt is sunny.", "\n\nIt is sunny."),
+    (" \n", " \n"),
+])
+def test_leading_whitespace_waits_for_what_follows(text, content):
+    """Whitespace before a call is no content in the whole response, so a stream must not send it before it
+    knows (found by tests/serve/reasoning/test_reasoning_differential.py: " " streamed, None whole)."""
+    from meshserve.serve.tool_call_stream import ToolCallStream
+    from meshserve.serve.tool_calls import ToolPlan
+    from meshserve.serve.tool_parsers import get_tool_parser
+
+    tools = [TIME_TOOL]
+    plan = ToolPlan("auto", tools, parser=get_tool_parser("hermes", tools))
+    whole, _ = plan.extract(text)
+    assert whole == content
+    for step in (1, 2, 5):
+        stream, sent = ToolCallStream(plan), ""
+        for end in range(step, len(text), step):
+            sent += stream.step(text[:end])[0] or ""
+        sent += stream.finish(text)[0] or ""
+        assert (sent or None) == content, step

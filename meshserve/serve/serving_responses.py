@@ -61,10 +61,13 @@ class ResponsesService:
         response_id = new_item_id("resp")
         try:
             earlier = self._earlier(req)
-            started = await self.chat.start(chat_request_of(req, earlier), tracker, response_id)
+            chat_req = chat_request_of(req, earlier)  # its errors are in Responses terms already
+            try:
+                started = await self.chat.start(chat_req, tracker, response_id)
+            except BaseException as e:
+                raise in_responses_terms(e)  # named in the chat request's terms: renamed back
         except BaseException as e:
             tracker.fail(e)
-            in_responses_terms(e)
             raise
         keep = self.store is not None and req.store is not False  # OpenAI's default is to store
         base = in_progress(req, response_id, started.model, started.params, stored=keep)

@@ -126,8 +126,8 @@ class ResponsesService:
                         so_far = thinking.content
                         for e in events.reasoning(thought):
                             yield e
-                    if calls is None:
-                        content, deltas = text, []
+                    if calls is None or (thinking is not None and not so_far):
+                        content, deltas = text, []  # tools read the content: none yet while it thinks
                     elif d.finish_reason:
                         content, deltas, _ = calls.finish(so_far)
                     else:

@@ -8,6 +8,7 @@ event carries exactly the items streamed."""
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from typing import Any
@@ -149,6 +150,7 @@ def as_chat(body: dict) -> dict:
 
 
 # -- reading answers ------------------------------------------------------------------------------------------
+@functools.cache  # building the SDK's adapters takes longer than a request
 def _adapters():
     from openai.types.responses import Response, ResponseStreamEvent
 

@@ -2,8 +2,9 @@
 random mixtures of `<think>`, `</think>`, partial and stray tags, Hermes and XML tool calls inside and after
 the thought, whitespace and unicode (reasoning_scripts.py), in random per-step chunks, finished by "stop" or
 "length"; requests vary tools and tool_choice, structured outputs, enable_thinking and tags in the prompt.
-Three servers: qwen3 with the tags as single tokens and Hermes tools, the same with qwen3_coder (XML calls,
-which end a thought implicitly), and deepseek_r1 in text mode (a tokenizer without the tags). For every case:
+Five servers: qwen3 with the tags as single tokens and Hermes tools, the same with qwen3_coder (XML calls,
+which end a thought implicitly), qwen3 with the tags as special tokens (the output must keep them),
+deepseek_r1 on the same tokenizer, and deepseek_r1 in text mode (a tokenizer without the tags). For every case:
 
 - the whole chat answer's reasoning is the oracle's (reasoning_scripts.expected_split, a plain reading of the
   rules), and so is its content when no tool parser reads it; with tags as single tokens, an output inside the
@@ -53,9 +54,10 @@ from pydantic import TypeAdapter  # noqa: E402
 
 RESPONSE = TypeAdapter(Response)
 
-# name -> (reasoning parser, tool parser, tags as single tokens)
-SERVERS = {"qwen3": ("qwen3", "hermes", True), "coder": ("qwen3", "qwen3_coder", True),
-           "text": ("deepseek_r1", "hermes", False)}
+# name -> (reasoning parser, tool parser, tokenizer: tags as single tokens, as special ones, or several tokens)
+SERVERS = {"qwen3": ("qwen3", "hermes", "tags"), "coder": ("qwen3", "qwen3_coder", "tags"),
+           "special": ("qwen3", "hermes", "special tags"), "r1": ("deepseek_r1", "hermes", "tags"),
+           "text": ("deepseek_r1", "hermes", "plain")}
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +66,9 @@ def served(tiny_engine, tiny_model_dir):
 
     plain = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
     servers, engines = {}, {}
-    for name, (reasoning, tools, token_mode) in SERVERS.items():
-        engines[name] = ScriptedLLM(tiny_engine, reasoning_tokenizer() if token_mode else plain)
+    tokenizers = {"tags": reasoning_tokenizer(), "special tags": reasoning_tokenizer(special=True), "plain": plain}
+    for name, (reasoning, tools, vocabulary) in SERVERS.items():
+        engines[name] = ScriptedLLM(tiny_engine, tokenizers[vocabulary])
         servers[name] = start_server(engines[name], ServeConfig(
             served_model_names=["m"], reasoning_parser=reasoning, enable_auto_tool_choice=True,
             tool_call_parser=tools))
@@ -191,19 +194,18 @@ def run_cases(served, seed: int, count: int) -> int:
     urls, engines = served
     checked = 0
     with httpx.Client(timeout=60) as http:
-        for name, (_, tool_parser, token_mode) in SERVERS.items():
-            xml = tool_parser == "qwen3_coder"
-            for k, case in enumerate(make_cases(seed, count, xml_ok=xml)):
-                c = Case(http, urls[name], engines[name], token_mode, SERVERS[name][0] == "qwen3", case,
+        for name, (reasoning, tool_parser, vocabulary) in SERVERS.items():
+            for k, case in enumerate(make_cases(seed, count, xml_ok=tool_parser == "qwen3_coder")):
+                c = Case(http, urls[name], engines[name], vocabulary != "plain", reasoning == "qwen3", case,
                          f"{name} seed {seed} case {k}: {case}")
                 c.check_responses(c.check_chat())
                 checked += 1
     return checked
 
 
-@pytest.mark.parametrize("seed", [1, 4])
-def test_reasoning_invariants(seed, served):
-    assert run_cases(served, seed, 25) == 75
+@pytest.mark.parametrize("seed, count", [(1, 22), (4, 8)])  # through the cases that found the bugs
+def test_reasoning_invariants(seed, count, served):
+    assert run_cases(served, seed, count) == count * len(SERVERS)
 
 
 @pytest.mark.slow

@@ -40,8 +40,9 @@ class ToolCallStream:
 
     def finish(self, text: str) -> tuple[str | None, list[DeltaToolCall], bool]:
         """The last content and call deltas of the finished output, and whether it holds calls. An output
-        that began a call but is not one in the end (malformed, cut by max_tokens) sends its remaining text
-        as content, as the whole response carries it; the begun call cannot be taken back."""
+        whose begun call is cut short or followed by a malformed one keeps the calls begun (ToolPlan.extract
+        reads it so, as the stream cannot take them back); one that never completed a call's name sends its
+        held text as content, as the whole response carries it."""
         content, calls = self.plan.extract(text)
         rest = (content or "")[self.content_sent:] or None
         self.content_sent = max(self.content_sent, len(content or ""))

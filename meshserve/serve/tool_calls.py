@@ -61,13 +61,8 @@ class _RequiredToolParser(ToolParser):
         return scan_json_calls(text, i + 1, ",", keys=("parameters",), closer="]")
 
     def extract(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
-        finished, begun = self._calls(text)
-        if finished:
-            return None, finished
-        # cut short (max_tokens, a stop string) or not JSON after all (a control character the grammar let
-        # through): the calls as far as they were written, as a stream has already sent them; text only when
-        # no call's name was complete
-        return (None, [ParsedToolCall(c.name, c.arguments) for c in begun]) if begun else (text, [])
+        calls = self._calls(text)[0]
+        return (None, calls) if calls else (text, [])  # cut short: ToolPlan.extract reads the calls begun
 
     def extract_partial(self, text: str) -> PartialToolCalls:
         return PartialToolCalls(0, self._calls(text)[1])
@@ -97,6 +92,15 @@ class ToolPlan:
         if self.parser is None:
             return text, []
         content, calls = self.parser.extract(text)
+        if not calls:
+            # no call in the end, though one was begun: cut short (max_tokens, a stop string) or followed by a
+            # malformed one. A stream has sent the begun calls already and cannot take them back, so the whole
+            # answer is the same: those calls (arguments as far as written) after the content before them
+            found = self.parser.extract_partial(text)
+            if found.calls:
+                head = text[:found.content_end]
+                content = head if head.strip() else None
+                calls = [ParsedToolCall(c.name, c.arguments) for c in found.calls]
         if not self.parallel:
             calls = calls[:1]
         return content, [ToolCall(id=new_tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))

@@ -127,3 +127,35 @@ def test_leading_whitespace_waits_for_what_follows(text, content):
             sent += stream.step(text[:end])[0] or ""
         sent += stream.finish(text)[0] or ""
         assert (sent or None) == content, step
+
+
+_ROME = '<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>'
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    # a malformed block after a finished call (tests/serve/reasoning/test_reasoning_differential.py, "none"
+    # seed 35 case 24): the whole answer was all text while the stream had sent the first call
+    ("Checking. " + _ROME + "\n<tool_call>\t<tool_call>" + _ROME, "Checking. ", [("get_time", '{"tz": "UTC"}')]),
+    # cut by max_tokens inside the second call
+    (_ROME + '<tool_call>{"name": "get_time", "arguments": {"tz": "C', None,
+     [("get_time", '{"tz": "UTC"}'), ("get_time", '{"tz": "C')]),
+    ("<tool_call>{not json", "<tool_call>{not json", []),  # no call's name complete: text, as vLLM has it
+])
+def test_begun_calls_are_kept_whole_and_streamed(text, content, calls):
+    from meshserve.serve.tool_call_stream import ToolCallStream
+    from meshserve.serve.tool_calls import ToolPlan
+    from meshserve.serve.tool_parsers import get_tool_parser
+
+    plan = ToolPlan("auto", [TIME_TOOL], parser=get_tool_parser("hermes", [TIME_TOOL]))
+    whole, whole_calls = plan.extract(text)
+    assert (whole, [(c.function.name, c.function.arguments) for c in whole_calls]) == (content, calls)
+    for step in (1, 4):
+        stream, sent, sent_calls = ToolCallStream(plan), "", {}
+        for end in [*range(step, len(text), step), len(text)]:
+            piece, deltas = stream.step(text[:end]) if end < len(text) else stream.finish(text)[:2]
+            sent += piece or ""
+            for d in deltas:
+                name_args = sent_calls.setdefault(d.index, ["", ""])
+                name_args[0] += d.function.name or ""
+                name_args[1] += d.function.arguments or ""
+        assert (sent or None, [tuple(v) for _, v in sorted(sent_calls.items())]) == (content, calls), step

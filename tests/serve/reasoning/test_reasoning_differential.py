@@ -4,7 +4,8 @@ the thought, whitespace and unicode (reasoning_scripts.py), in random per-step c
 "length"; requests vary tools and tool_choice, structured outputs, enable_thinking and tags in the prompt.
 Five servers: qwen3 with the tags as single tokens and Hermes tools, the same with qwen3_coder (XML calls,
 which end a thought implicitly), qwen3 with the tags as special tokens (the output must keep them),
-deepseek_r1 on the same tokenizer, and deepseek_r1 in text mode (a tokenizer without the tags). For every case:
+deepseek_r1 on the same tokenizer, deepseek_r1 in text mode (a tokenizer without the tags), and no parser at
+all (Hermes tool calls streamed through /v1/responses, tags as plain content). For every case:
 
 - the whole chat answer's reasoning is the oracle's (reasoning_scripts.expected_split, a plain reading of the
   rules), and so is its content when no tool parser reads it; with tags as single tokens, an output inside the
@@ -57,7 +58,7 @@ RESPONSE = TypeAdapter(Response)
 # name -> (reasoning parser, tool parser, tokenizer: tags as single tokens, as special ones, or several tokens)
 SERVERS = {"qwen3": ("qwen3", "hermes", "tags"), "coder": ("qwen3", "qwen3_coder", "tags"),
            "special": ("qwen3", "hermes", "special tags"), "r1": ("deepseek_r1", "hermes", "tags"),
-           "text": ("deepseek_r1", "hermes", "plain")}
+           "text": ("deepseek_r1", "hermes", "plain"), "none": (None, "hermes", "tags")}
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +103,11 @@ def _chat_stream(http: httpx.Client, url: str, body: dict) -> dict:
 class Case:
     """One case on one server: its scripted output replayed for each request."""
 
-    def __init__(self, http: httpx.Client, base: str, engine: ScriptedLLM, token_mode: bool, qwen3: bool,
+    def __init__(self, http: httpx.Client, base: str, engine: ScriptedLLM, parser: str | None, token_mode: bool,
                  case: ReasoningCase, where: str):
         self.http, self.base, self.engine, self.case, self.where = http, base, engine, case, where
-        self.token_mode = token_mode
-        self.qwen3 = qwen3  # its rules: enable_thinking=False starts outside; an XML call ends the thought
+        self.parser, self.token_mode = parser, token_mode
+        self.qwen3 = parser == "qwen3"  # its rules: enable_thinking=False starts outside; an XML call ends the thought
         tok = engine.tokenizer
         self.tags = (tok.convert_tokens_to_ids(START), tok.convert_tokens_to_ids(END)) if token_mode else (START, END)
 
@@ -119,6 +120,8 @@ class Case:
         return fn(*args)
 
     def in_reasoning(self, chat_template_kwargs: dict | None) -> bool:
+        if self.parser is None:
+            return False
         r = self.http.post(self.base + "/tokenize", json={"model": "m", "messages": chat_messages(self.case),
                                                           "chat_template_kwargs": chat_template_kwargs})
         ids = r.json()["tokens"]
@@ -154,11 +157,12 @@ class Case:
         whole = {"reasoning": message.get("reasoning") or "", "content": message["content"] or "",
                  "calls": joined_calls(message.get("tool_calls")), "finish": choice["finish_reason"]}
         output = self.case.output
-        reasoning, content = expected_split(output, in_reasoning, self.token_mode, self.qwen3)
+        reasoning, content = expected_split(output, in_reasoning, self.token_mode, self.qwen3) \
+            if self.parser else ("", output)
         assert whole["reasoning"] == reasoning, (self.where, whole, reasoning)
         if not self.case.tools or self.case.tool_choice == "none":
             assert whole["content"] == content, (self.where, whole, content)
-        inside = in_reasoning or output.startswith(START)
+        inside = self.parser is not None and (in_reasoning or output.startswith(START))
         body_tags = output[len(START):] if output.startswith(START) else output
         implicit = _XML_OPEN.search(body_tags) if self.qwen3 else None
         if self.token_mode and inside and START not in body_tags and body_tags.count(END) <= 1 and (
@@ -196,7 +200,7 @@ def run_cases(served, seed: int, count: int) -> int:
     with httpx.Client(timeout=60) as http:
         for name, (reasoning, tool_parser, vocabulary) in SERVERS.items():
             for k, case in enumerate(make_cases(seed, count, xml_ok=tool_parser == "qwen3_coder")):
-                c = Case(http, urls[name], engines[name], vocabulary != "plain", reasoning == "qwen3", case,
+                c = Case(http, urls[name], engines[name], reasoning, vocabulary != "plain", case,
                          f"{name} seed {seed} case {k}: {case}")
                 c.check_responses(c.check_chat())
                 checked += 1

@@ -93,6 +93,10 @@ def make_cases(seed: int, count: int, xml_ok: bool) -> list[ReasoningCase]:
             output=make_output(rng, xml_ok), steps=[rng.randint(1, 4) for _ in range(rng.randint(1, 4))],
             finish_reason=rng.choice(["stop", "stop", "length"]), input=inp, tools=tools, tool_choice=choice,
             text_format=text_format, enable_thinking=rng.choice([None, None, True, False])))
+    cut = random.Random(seed + 1_000_003)  # its own draws: the cases above stay as they were
+    for case in cases:
+        if case.finish_reason == "length" and cut.random() < 0.5:  # max_tokens cut it anywhere, a call too
+            case.output = case.output[:cut.randint(0, len(case.output))]
     return cases
 
 

@@ -1,7 +1,7 @@
 """Differential fuzzing of --reasoning-parser over HTTP: a scripted model (scripted_engine.py) writes seeded
 random mixtures of `<think>`, `</think>`, partial and stray tags, Hermes and XML tool calls inside and after
 the thought, whitespace and unicode (reasoning_scripts.py), in random per-step chunks, finished by "stop" or
-"length"; requests vary tools and tool_choice, structured outputs, enable_thinking and tags in the prompt.
+"length" (half of those cut anywhere, inside a tag or a call); requests vary tools and tool_choice, structured outputs, enable_thinking and tags in the prompt.
 Five servers: qwen3 with the tags as single tokens and Hermes tools, the same with qwen3_coder (XML calls,
 which end a thought implicitly), qwen3 with the tags as special tokens (the output must keep them),
 deepseek_r1 on the same tokenizer, deepseek_r1 in text mode (a tokenizer without the tags), and no parser at
@@ -20,7 +20,9 @@ Found: with a named tool_choice the streams opened the call on the first delta, 
 case 21): /v1/responses then split the reasoning in two items around the call, and an output that never left
 the thought streamed a call the whole answer has not (serving_chat.py, serving_responses.py); with tools, the
 chat stream sent whitespace before a call as content, which the whole answer drops (coder seed 4 case 7,
-tool_call_stream.py). Each is a regular test too (test_reasoning_served.py, test_tool_call_stream.py).
+tool_call_stream.py); a Hermes call followed by a malformed block ("none" seed 35 case 24) or cut by max_tokens
+("none" seed 4 case 2) was all text whole but a call streamed (tool_calls.py). Each is a regular test too
+(test_reasoning_served.py, test_tool_call_stream.py).
 """
 
 from __future__ import annotations

@@ -64,8 +64,9 @@ class ResponsesService:
             chat_req = chat_request_of(req, earlier)  # its errors are in Responses terms already
             try:
                 started = await self.chat.start(chat_req, tracker, response_id)
-            except BaseException as e:
-                raise in_responses_terms(e)  # named in the chat request's terms: renamed back
+            except InvalidArgumentError as e:
+                in_responses_terms(e)  # named in the chat request's terms: renamed back
+                raise
         except BaseException as e:
             tracker.fail(e)
             raise

@@ -21,7 +21,7 @@ TOOL = {"type": "function", "name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 SCHEMA_FORMAT = {"type": "json_schema", "name": "a", "schema": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-_XML_OPEN = re.compile(r"<tool_call>\s*<function[\s=]")
+XML_OPEN = re.compile(r"<tool_call>\s*<function[\s=]")
 
 
 def _words(rng: random.Random, most: int) -> str:
@@ -147,7 +147,7 @@ def expected_split(output: str, in_reasoning: bool, token_mode: bool, xml_end: b
     if not in_reasoning:
         return "", output
     end = output.find(END)
-    m = _XML_OPEN.search(output) if xml_end else None
+    m = XML_OPEN.search(output) if xml_end else None
     implicit = m.start() if m else -1
     if end >= 0 and (implicit < 0 or end < implicit):
         return output[:end], output[end + len(END):]

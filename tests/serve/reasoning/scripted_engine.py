@@ -6,6 +6,7 @@ The sampling params of each request are kept, to see what a request asked of the
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 from meshserve.outputs import CompletionOutput, RequestOutput
@@ -43,7 +44,7 @@ class ScriptedLLM:
         prompt_ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else list(prompt)
         ids, sent = self.script, ""
         bounds = self._bounds()
-        for start, end in zip(bounds, bounds[1:]):
+        for start, end in itertools.pairwise(bounds):
             chunk = ids[start:end]
             text = self.tokenizer.decode(ids[:end], skip_special_tokens=params.skip_special_tokens)
             last = end >= len(ids)

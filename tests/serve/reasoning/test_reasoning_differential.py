@@ -38,7 +38,7 @@ from tests.serve.conftest import start_server
 from tests.serve.reasoning.reasoning_scripts import (
     END,
     START,
-    _XML_OPEN,
+    XML_OPEN,
     ReasoningCase,
     chat_body,
     chat_messages,
@@ -52,8 +52,8 @@ from tests.serve.reasoning.scripted_engine import ScriptedLLM
 from tests.serve.responses_workload import check_stream, post_stream, summary
 
 openai = pytest.importorskip("openai")
-from openai.types.responses import Response  # noqa: E402
-from pydantic import TypeAdapter  # noqa: E402
+from openai.types.responses import Response
+from pydantic import TypeAdapter
 
 RESPONSE = TypeAdapter(Response)
 
@@ -165,8 +165,8 @@ class Case:
         if not self.case.tools or self.case.tool_choice == "none":
             assert whole["content"] == content, (self.where, whole, content)
         inside = self.parser is not None and (in_reasoning or output.startswith(START))
-        body_tags = output[len(START):] if output.startswith(START) else output
-        implicit = _XML_OPEN.search(body_tags) if self.qwen3 else None
+        body_tags = output.removeprefix(START)
+        implicit = XML_OPEN.search(body_tags) if self.qwen3 else None
         if self.token_mode and inside and START not in body_tags and body_tags.count(END) <= 1 and (
                 implicit is None or END not in body_tags or body_tags.find(END) < implicit.start()):
             for tag in (START, END):  # a well-formed thought: no tag text in either field

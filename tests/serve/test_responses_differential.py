@@ -20,7 +20,9 @@ Found (each now a regular test too):
   passed the held-back whitespace to text(), which prepends it again) -> test_responses_stream.py;
 - seed 19 request 13 (and 5/7, 9/5, ...): tool_choice "required" cut by max_output_tokens or a stop string,
   or holding a control character the grammar let through: whole was a message with the raw JSON, the stream
-  had already sent the calls (tool_calls.py) -> test_tool_calls.py;
+  had already sent the calls (tool_calls.py, ToolPlan.extract) -> test_tool_calls.py;
+- seed 5 request 7: that control character is xgrammar's (a maxLength string admits raw control characters,
+  mlc-ai/xgrammar #800) -> tests/structured/test_json_string_bounds.py (strict xfail until xgrammar fixes it);
 - malformed: `tools: 0.5` was a 500; `stop: [""]` and an input of only reasoning items were 400s with param
   null; a conversation too long named param "prompt" (Responses' stored-template field) -> test_responses_api.py.
 """

@@ -111,7 +111,10 @@ def chat_request_of(req: ResponsesRequest, earlier: Sequence[InputItem] = ()) ->
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:  # what the Responses model let through but chat's does not
         first = e.errors()[0]
-        raise InvalidArgumentError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+        if loc.startswith("messages"):  # the messages come from the items, not one to one: the input as a whole
+            loc = "messages"
+        raise in_responses_terms(InvalidArgumentError(f"{loc}: {first['msg']}", param=loc)) from None
 
 
 # chat field -> the Responses field it came from (longest first: "response_format.json_schema" before its parent)
@@ -122,6 +125,7 @@ _RENAMES = [
     (re.compile(r"\b(tools\[\d+\])\.function\."), r"\1."),
     (re.compile(r"\bmax_completion_tokens\b|\bmax_tokens\b"), "max_output_tokens"),
     (re.compile(r"\bmessages\b"), "input"),
+    (re.compile(r"^prompt$"), "input"),  # the rendered conversation (too long): Responses' "prompt" is a template
 ]
 
 
@@ -132,5 +136,7 @@ def in_responses_terms(exc: BaseException) -> BaseException:
     for pattern, name in _RENAMES:
         if exc.param:
             exc.param = pattern.sub(name, exc.param)
+        if pattern.pattern.startswith("^"):
+            continue  # a whole param's name only, not words of the message
         exc.args = tuple(pattern.sub(name, a) if isinstance(a, str) else a for a in exc.args)
     return exc

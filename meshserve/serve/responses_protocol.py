@@ -184,7 +184,9 @@ class ResponsesRequest(OpenAIModel):
     @field_validator("tools", mode="before")
     @classmethod
     def _function_tools_only(cls, v: Any) -> Any:
-        for i, tool in enumerate(v or []):
+        if not isinstance(v, list):
+            return v  # not a list: pydantic's own 400 says so (iterating it here was a 500)
+        for i, tool in enumerate(v):
             kind = tool.get("type") if isinstance(tool, dict) else None
             if kind != "function":
                 raise ValueError(f"tools of type {kind!r} are not supported (tools[{i}]): this server runs "

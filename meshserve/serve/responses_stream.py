@@ -177,7 +177,8 @@ class ResponseEvents:
     def finish(self, usage: ResponseUsage, incomplete: bool) -> list[str]:
         """Close what is open and send the whole response. An answer with no item at all still gets its
         (empty) message, as the whole response does; whitespace held back with no call after it was text."""
-        events = self.text(self.pending_space, hold_space=False) if not self.calls else []
+        space, self.pending_space = self.pending_space, ""  # text() prepends what is pending: pass it once
+        events = self.text(space, hold_space=False) if not self.calls else []
         if not self.items:
             events += self._open_message()
         events += self._close_reasoning(incomplete) + self._close_message(incomplete) + self._close_call(incomplete)

@@ -183,7 +183,9 @@ class ChatService:
                         if thinking:  # the reasoning goes out as it comes; tools read the content after it
                             choice.delta.reasoning, choice.delta.content = thinking[c.index].step(
                                 d.text, d.token_ids, d.finish_reason is not None)
-                        if tool_streams:
+                        if tool_streams and not (thinking and not thinking[c.index].content):
+                            # tools read the content alone: none yet while it thinks (a named function's
+                            # call would open on nothing, before the reasoning is over)
                             _tool_deltas(choice, d, plan, tool_streams[c.index],
                                          thinking[c.index].content if thinking else texts[c.index])
                         if (tool_streams or thinking) and not (choice.delta.content or choice.delta.reasoning or

@@ -61,10 +61,14 @@ class ResponsesService:
         response_id = new_item_id("resp")
         try:
             earlier = self._earlier(req)
-            started = await self.chat.start(chat_request_of(req, earlier), tracker, response_id)
+            chat_req = chat_request_of(req, earlier)  # its errors are in Responses terms already
+            try:
+                started = await self.chat.start(chat_req, tracker, response_id)
+            except InvalidArgumentError as e:
+                in_responses_terms(e)  # named in the chat request's terms: renamed back
+                raise
         except BaseException as e:
             tracker.fail(e)
-            in_responses_terms(e)
             raise
         keep = self.store is not None and req.store is not False  # OpenAI's default is to store
         base = in_progress(req, response_id, started.model, started.params, stored=keep)
@@ -123,8 +127,8 @@ class ResponsesService:
                         so_far = thinking.content
                         for e in events.reasoning(thought):
                             yield e
-                    if calls is None:
-                        content, deltas = text, []
+                    if calls is None or (thinking is not None and not so_far):
+                        content, deltas = text, []  # tools read the content: none yet while it thinks
                     elif d.finish_reason:
                         content, deltas, _ = calls.finish(so_far)
                     else:

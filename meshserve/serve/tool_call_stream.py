@@ -1,6 +1,7 @@
 """Streamed tool calls, as OpenAI sends them and its SDK accumulates them: a call's first delta carries its
 index, id, type and name (and the arguments written so far, often ""), later deltas only argument
-fragments; content that may still turn out to be a call waits.
+fragments; content that may still turn out to be a call waits, and so does leading whitespace (the whole
+response has no content when only whitespace comes before its calls).
 
 Each step re-reads the output written so far (the parsers are cheap and stateless) and sends the
 difference from what this choice has sent. Arguments are the model's own text, so the fragments add up to
@@ -30,14 +31,18 @@ class ToolCallStream:
     def step(self, text: str) -> tuple[str | None, list[DeltaToolCall]]:
         """The new content and call deltas of the output so far."""
         found = self.plan.extract_partial(text)
-        content = text[self.content_sent:found.content_end] or None
-        self.content_sent = max(self.content_sent, found.content_end)
+        end = found.content_end
+        if not text[:end].strip():  # whitespace alone so far: held, as the whole answer drops it before a call
+            end = self.content_sent
+        content = text[self.content_sent:end] or None
+        self.content_sent = max(self.content_sent, end)
         return content, self._deltas([(c.name, c.arguments) for c in found.calls])
 
     def finish(self, text: str) -> tuple[str | None, list[DeltaToolCall], bool]:
         """The last content and call deltas of the finished output, and whether it holds calls. An output
-        that began a call but is not one in the end (malformed, cut by max_tokens) sends its remaining text
-        as content, as the whole response carries it; the begun call cannot be taken back."""
+        whose begun call is cut short or followed by a malformed one keeps the calls begun (ToolPlan.extract
+        reads it so, as the stream cannot take them back); one that never completed a call's name sends its
+        held text as content, as the whole response carries it."""
         content, calls = self.plan.extract(text)
         rest = (content or "")[self.content_sent:] or None
         self.content_sent = max(self.content_sent, len(content or ""))

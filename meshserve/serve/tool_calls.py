@@ -62,7 +62,7 @@ class _RequiredToolParser(ToolParser):
 
     def extract(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
         calls = self._calls(text)[0]
-        return (None, calls) if calls else (text, [])  # cut short by max_tokens: left as text
+        return (None, calls) if calls else (text, [])  # cut short: ToolPlan.extract reads the calls begun
 
     def extract_partial(self, text: str) -> PartialToolCalls:
         return PartialToolCalls(0, self._calls(text)[1])
@@ -92,6 +92,15 @@ class ToolPlan:
         if self.parser is None:
             return text, []
         content, calls = self.parser.extract(text)
+        if not calls:
+            # no call in the end, though one was begun: cut short (max_tokens, a stop string) or followed by a
+            # malformed one. A stream has sent the begun calls already and cannot take them back, so the whole
+            # answer is the same: those calls (arguments as far as written) after the content before them
+            found = self.parser.extract_partial(text)
+            if found.calls:
+                head = text[:found.content_end]
+                content = head if head.strip() else None
+                calls = [ParsedToolCall(c.name, c.arguments) for c in found.calls]
         if not self.parallel:
             calls = calls[:1]
         return content, [ToolCall(id=new_tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))

@@ -175,6 +175,12 @@ def test_text_format_json_schema_validates(client):
     ({"tools": [WEATHER]}, "tool_choice", "--enable-auto-tool-choice"),  # "auto" needs a parser, as in chat
     ({"max_output_tokens": 100000}, "max_output_tokens", "max_model_len"),
     ({"model": "other"}, "model", "`other` does not exist"),
+    # found by tests/serve/test_responses_differential.py's malformed bodies: a 500, and 400s naming no field
+    # (or the stored-prompt parameter for a conversation too long)
+    ({"tools": 0.5}, "tools", "valid list"),
+    ({"stop": [""]}, "stop", "non-empty"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input", "at least 1 item"),
+    ({"input": "Hello world, " * 200}, "input", "max_model_len"),
 ])
 def test_bad_input_is_a_400_in_openais_shape(http, body, param, words):
     r = http.post("/v1/responses", json={"model": MODEL, "input": "hi", **body})

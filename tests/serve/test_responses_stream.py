@@ -92,3 +92,12 @@ def test_failure_keeps_what_was_written():
     assert [e.type for e in events[-2:]] == ["error", "response.failed"]
     failed = events[-1].response
     assert failed.status == "failed" and failed.output[0].content[0].text == "partial"
+
+
+def test_whitespace_only_answer_is_sent_once():
+    """Whitespace held back (it might come before a tool call) goes out once at the end, as the whole response
+    has it (tests/serve/test_responses_differential.py, seed 21 request 1: "\\t" streamed as "\\t\\t")."""
+    s = ResponseEvents(_base())
+    events = _events(s.start() + s.text("\t") + s.text(" ") + s.finish(USAGE, incomplete=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "\t "
+    assert events[-1].response.output[0].content[0].text == "\t "

@@ -103,3 +103,59 @@ def test_sdk_stream_helper_rebuilds_auto_tool_calls(parser_client):
     for call in calls:
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
     assert final.choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("text, content", [
+    ('\n\n<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>', None),
+    ("\n\nIt is sunny.", "\n\nIt is sunny."),
+    (" \n", " \n"),
+])
+def test_leading_whitespace_waits_for_what_follows(text, content):
+    """Whitespace before a call is no content in the whole response, so a stream must not send it before it
+    knows (found by tests/serve/reasoning/test_reasoning_differential.py: " " streamed, None whole)."""
+    from meshserve.serve.tool_call_stream import ToolCallStream
+    from meshserve.serve.tool_calls import ToolPlan
+    from meshserve.serve.tool_parsers import get_tool_parser
+
+    tools = [TIME_TOOL]
+    plan = ToolPlan("auto", tools, parser=get_tool_parser("hermes", tools))
+    whole, _ = plan.extract(text)
+    assert whole == content
+    for step in (1, 2, 5):
+        stream, sent = ToolCallStream(plan), ""
+        for end in range(step, len(text), step):
+            sent += stream.step(text[:end])[0] or ""
+        sent += stream.finish(text)[0] or ""
+        assert (sent or None) == content, step
+
+
+_ROME = '<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>'
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    # a malformed block after a finished call (tests/serve/reasoning/test_reasoning_differential.py, "none"
+    # seed 35 case 24): the whole answer was all text while the stream had sent the first call
+    ("Checking. " + _ROME + "\n<tool_call>\t<tool_call>" + _ROME, "Checking. ", [("get_time", '{"tz": "UTC"}')]),
+    # cut by max_tokens inside the second call
+    (_ROME + '<tool_call>{"name": "get_time", "arguments": {"tz": "C', None,
+     [("get_time", '{"tz": "UTC"}'), ("get_time", '{"tz": "C')]),
+    ("<tool_call>{not json", "<tool_call>{not json", []),  # no call's name complete: text, as vLLM has it
+])
+def test_begun_calls_are_kept_whole_and_streamed(text, content, calls):
+    from meshserve.serve.tool_call_stream import ToolCallStream
+    from meshserve.serve.tool_calls import ToolPlan
+    from meshserve.serve.tool_parsers import get_tool_parser
+
+    plan = ToolPlan("auto", [TIME_TOOL], parser=get_tool_parser("hermes", [TIME_TOOL]))
+    whole, whole_calls = plan.extract(text)
+    assert (whole, [(c.function.name, c.function.arguments) for c in whole_calls]) == (content, calls)
+    for step in (1, 4):
+        stream, sent, sent_calls = ToolCallStream(plan), "", {}
+        for end in [*range(step, len(text), step), len(text)]:
+            piece, deltas = stream.step(text[:end]) if end < len(text) else stream.finish(text)[:2]
+            sent += piece or ""
+            for d in deltas:
+                name_args = sent_calls.setdefault(d.index, ["", ""])
+                name_args[0] += d.function.name or ""
+                name_args[1] += d.function.arguments or ""
+        assert (sent or None, [tuple(v) for _, v in sorted(sent_calls.items())]) == (content, calls), step

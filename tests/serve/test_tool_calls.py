@@ -51,3 +51,31 @@ def test_compile_structured_outputs_is_what_the_engine_runs():
     for ch in '[{"name": "g", "parameters": {}}]':
         assert matcher.accept_token(ord(ch) - 32), ch
     assert matcher.accept_token(95) and matcher.is_terminated()
+
+
+@pytest.mark.parametrize("text, calls", [
+    # cut by max_tokens in the second call (tests/serve/test_responses_differential.py, seed 19 request 13)
+    ('[{"name": "f", "parameters": {"a": 1}}, {"name": "g", "par', [("f", '{"a": 1}'), ("g", "")]),
+    ('[{"name": "f", "parameters": {"a": 1', [("f", '{"a": 1')]),
+    # complete, but not JSON: the grammar let a raw control character into a string (seed 5 request 7)
+    ('[{"name": "f", "parameters": {"a": "x\x1ay"}}]', [("f", '{"a": "x\x1ay"}')]),
+])
+def test_required_output_cut_short_is_the_calls_begun_as_streamed(text, calls):
+    """Whole and streamed answers agree: the stream has sent every call whose name was complete, so the whole
+    answer carries those calls too (their arguments as far as written), not the raw text."""
+    from meshserve.serve.tool_call_stream import ToolCallStream
+
+    plan, _ = _grammar(True)
+    content, whole = plan.extract(text)
+    assert content is None and [(c.function.name, c.function.arguments) for c in whole] == calls
+    stream = ToolCallStream(plan)
+    sent: dict[int, list[str]] = {}
+    for end in range(1, len(text) + 1):
+        step_content, deltas = stream.step(text[:end]) if end < len(text) else stream.finish(text)[:2]
+        assert not step_content
+        for d in deltas:
+            sent.setdefault(d.index, ["", ""])
+            sent[d.index][0] += d.function.name or ""
+            sent[d.index][1] += d.function.arguments or ""
+    assert [tuple(v) for _, v in sorted(sent.items())] == calls
+    assert plan.extract('[{"name": "f') == ('[{"name": "f', [])  # no name complete: no call, the text

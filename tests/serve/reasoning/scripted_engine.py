@@ -6,6 +6,7 @@ The sampling params of each request are kept, to see what a request asked of the
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 from meshserve.outputs import CompletionOutput, RequestOutput
@@ -23,20 +24,32 @@ class ScriptedLLM:
     def __getattr__(self, name):
         return getattr(self._real, name)
 
-    def say(self, text: str, tokens_per_step: int = 1, finish_reason: str = "stop") -> list[int]:
-        """Script the next outputs: the text's tokens (tags as their single tokens where the vocabulary has them)."""
+    def say(self, text: str, tokens_per_step: int | list[int] = 1, finish_reason: str = "stop") -> list[int]:
+        """Script the next outputs: the text's tokens (tags as their single tokens where the vocabulary has them),
+        tokens_per_step in every step, or a list of step sizes (repeated to the end)."""
         self.script = list(self.tokenizer(text, add_special_tokens=False).input_ids)
         self.tokens_per_step, self.finish_reason = tokens_per_step, finish_reason
         return self.script
 
+    def _bounds(self) -> list[int]:
+        sizes = self.tokens_per_step if isinstance(self.tokens_per_step, list) else [self.tokens_per_step]
+        bounds, k = [0], 0
+        while bounds[-1] < len(self.script) or len(bounds) == 1:
+            bounds.append(min(bounds[-1] + sizes[k % len(sizes)], max(len(self.script), 1)))
+            k += 1
+        return bounds
+
     async def generate(self, prompt, params, request_id, *args, **kwargs):
         self.params.append(params)
         prompt_ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else list(prompt)
-        ids, step, sent = self.script, self.tokens_per_step, ""
-        for start in range(0, max(len(ids), 1), step):
-            chunk = ids[start:start + step]
-            text = self.tokenizer.decode(ids[:start + step], skip_special_tokens=params.skip_special_tokens)
-            last = start + step >= len(ids)
+        ids, sent = self.script, ""
+        bounds = self._bounds()
+        for start, end in itertools.pairwise(bounds):
+            chunk = ids[start:end]
+            text = self.tokenizer.decode(ids[:end], skip_special_tokens=params.skip_special_tokens)
+            last = end >= len(ids)
+            if not last:  # a character cut between tokens waits, as the engine's detokenizer holds it back
+                text = text.rstrip("\ufffd")
             out = CompletionOutput(index=0, text=text[len(sent):], token_ids=chunk,
                                    finish_reason=self.finish_reason if last else None)
             sent = text

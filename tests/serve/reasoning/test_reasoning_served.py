@@ -283,3 +283,24 @@ def test_responses_carry_the_reasoning_as_its_own_item(served, per_step):
         {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Rome"}'},
         {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]}, timeout=60)
     assert r.status_code == 200, r.text
+
+
+def test_named_tool_choice_waits_for_the_end_of_reasoning_when_streamed(served):
+    """A named function's call is the content after the thought: streamed, it opened on the first delta (no
+    content yet), so /v1/responses closed the reasoning item early and opened a second one, and an output that
+    never left the thought streamed a call that the whole response has not (found by
+    test_reasoning_differential.py, seed 1 case 21)."""
+    urls, engines = served
+    named = {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    engines["qwen3"].say("Still thinking about Rome", finish_reason="length")
+    assert _chat(urls["qwen3"], **named).json()["choices"][0]["message"]["tool_calls"] is None
+    engines["qwen3"].say("Still thinking about Rome", finish_reason="length")
+    assert not any(c["delta"].get("tool_calls") for c in _stream(urls["qwen3"], **named))
+
+    engines["qwen3"].say('<think>Rome, then.</think>{"city": "Rome"}')
+    events = _responses_events(urls["qwen3"], tools=[{"type": "function", **TOOL["function"]}],
+                               tool_choice={"type": "function", "name": "get_weather"})
+    added = [e["item"]["type"] for e in events if e["type"] == "response.output_item.added"]
+    assert added == ["reasoning", "function_call"]
+    reasoning, call = events[-1]["response"]["output"]
+    assert reasoning["content"][0]["text"] == "Rome, then." and call["arguments"] == '{"city": "Rome"}'

@@ -168,3 +168,58 @@ def test_drain_timeout_ends_requests_in_band(tiny_model_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _start_in_own_group(model: str, port: int, *extra: str) -> subprocess.Popen:
+    """`meshserve serve` as the leader of its own process group, as under `timeout`, a service manager or a
+    terminal: a signal to the group reaches the forkserver, the engine core and the resource tracker too."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "meshserve.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
+         "--served-model-name", "tiny", "--max-model-len", "512", "--disable-access-log",
+         "--uvicorn-log-level", "warning", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        start_new_session=True)
+
+
+def _stream_until_first_chunk(base: str, results: list) -> threading.Thread:
+    first = threading.Event()
+
+    def stream() -> None:
+        body = {"model": "tiny", "prompt": "Story", "max_tokens": 450, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as resp:
+                for line in resp.iter_lines():
+                    first.set()
+                    if line:
+                        results.append(line)
+        except httpx.HTTPError as e:
+            results.append(repr(e))
+        first.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first.wait(30)
+    return t
+
+
+def test_sigterm_to_the_process_group_drains_and_leaks_nothing(tiny_model_dir):
+    """The forkserver ignores SIGTERM: a SIGTERM to the whole group used to kill it and so (PR_SET_PDEATHSIG)
+    the engine core mid-drain, whose semaphore (tqdm's lock) the resource tracker then reported as leaked."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = _start_in_own_group(tiny_model_dir("llama"), port)
+    try:
+        _wait_ready(base, proc)
+        lines: list = []
+        t = _stream_until_first_chunk(base, lines)
+        os.killpg(proc.pid, signal.SIGTERM)
+        t.join(60)
+        assert proc.wait(60) == 0
+        err = proc.stderr.read()
+        assert lines[-1] == "data: [DONE]" and '"finish_reason":"length"' in lines[-2].replace(" ", ""), lines[-2:]
+        assert "leaked" not in err and "Traceback" not in err and "engine process is gone" not in err, err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+

@@ -223,3 +223,31 @@ def test_sigterm_to_the_process_group_drains_and_leaks_nothing(tiny_model_dir):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
+
+
+def test_second_signal_ends_the_drain_at_once_and_quietly(tiny_model_dir):
+    """A second SIGTERM / Ctrl-C ends what is in flight in-band and exits, with one line saying so (uvicorn's
+    forced exit printed the lifespan's and each request's CancelledError traceback)."""
+    for second in (signal.SIGTERM, signal.SIGINT):
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = _start_in_own_group(tiny_model_dir("llama"), port, "--drain-timeout", "60")
+        try:
+            _wait_ready(base, proc)
+            lines: list = []
+            t = _stream_until_first_chunk(base, lines)
+            os.killpg(proc.pid, signal.SIGTERM)
+            time.sleep(0.3)
+            os.killpg(proc.pid, second)
+            started = time.monotonic()
+            assert proc.wait(30) == 0
+            assert time.monotonic() - started < 10
+            t.join(30)
+            err = proc.stderr.read()
+            assert "Traceback" not in err and "leaked" not in err, err
+            assert f"second {second.name}: stopping without finishing the drain" in err
+            assert lines[-1] == "data: [DONE]" and "server_draining" in lines[-2], lines[-2:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

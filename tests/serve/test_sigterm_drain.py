@@ -228,10 +228,12 @@ def test_sigterm_to_the_process_group_drains_and_leaks_nothing(tiny_model_dir):
 def test_second_signal_ends_the_drain_at_once_and_quietly(tiny_model_dir):
     """A second SIGTERM / Ctrl-C ends what is in flight in-band and exits, with one line saying so (uvicorn's
     forced exit printed the lifespan's and each request's CancelledError traceback)."""
-    for second in (signal.SIGTERM, signal.SIGINT):
+    # (with API processes the parent passes the second signal on; they are not in its process group)
+    for second, api_processes in ((signal.SIGTERM, "1"), (signal.SIGINT, "1"), (signal.SIGTERM, "2")):
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        proc = _start_in_own_group(tiny_model_dir("llama"), port, "--drain-timeout", "60")
+        proc = _start_in_own_group(tiny_model_dir("llama"), port, "--drain-timeout", "60",
+                                   "--api-server-count", api_processes)
         try:
             _wait_ready(base, proc)
             lines: list = []

@@ -90,7 +90,7 @@ class SamplingParams:
         self.bad_words = list(self.bad_words) if self.bad_words else None  # [] asks for nothing, as in vLLM
         if isinstance(self.structured_outputs, dict):  # offline callers may pass vLLM's fields as a dict
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
-        if self.top_k is None or self.top_k < 0:
+        if self.top_k is None or (isinstance(self.top_k, int) and self.top_k == -1):  # vLLM's older "off"
             self.top_k = 0
         self.validate()
 
@@ -117,6 +117,7 @@ class SamplingParams:
         check(self.temperature >= 0.0, "temperature", f"must be >= 0, got {self.temperature}")
         check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
         check(isinstance(self.top_k, int), "top_k", f"must be an integer, got {self.top_k}")
+        check(self.top_k >= 0, "top_k", f"must be -1 or 0 (disabled) or >= 1, got {self.top_k}")  # as vLLM
         check(0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")
         check(self.repetition_penalty > 0.0, "repetition_penalty",
               f"must be > 0, got {self.repetition_penalty}")

@@ -40,6 +40,8 @@ def _run(*argv: str) -> tuple[dict, str]:
       "--kv-offloading-disk-size", "0.1", "Hi"], "--kv-offloading-disk-path /etc/hostname: /etc/hostname is a file"),
     (["serve", "--drain-timeout", "nan"], "--drain-timeout must be >= 0, got nan"),
     (["serve", "--served-model-name", ""], "--served-model-name: a name is empty"),
+    (["serve", "--api-key", ""], "--api-key: a key is empty"),  # it used to serve without authentication
+    (["serve", "--api-key", "k1", " "], "--api-key: a key is empty"),
     (["serve", "--seed", str(1 << 64)], "seed: must fit in 64 bits"),
     (["serve", "--nnodes", "2", "--node-rank", "1", "--master-port", "-1"], "master_port: must be in [1, 65535]"),
     (["serve", "/nonexistent/model", "-dp", "2", "--data-parallel-backend", "router"], "model not found"),

@@ -14,7 +14,7 @@ def test_defaults_match_vllm():
 
 def test_normalisation():
     assert SamplingParams(stop="###").stop == ["###"]
-    assert SamplingParams(top_k=-1).top_k == 0
+    assert SamplingParams(top_k=-1).top_k == 0 and SamplingParams(top_k=0).top_k == 0  # both "off", as in vLLM
     assert SamplingParams(temperature=0).greedy
     assert SamplingParams(presence_penalty=0.5).uses_penalties and not SamplingParams().uses_penalties
 
@@ -23,6 +23,7 @@ def test_normalisation():
     (dict(n=0), "n"), (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-5), "max_tokens"),
     (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=20, max_tokens=10), "min_tokens"),
     (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-2), "top_k"), (dict(top_k=-100), "top_k"),
     (dict(min_p=1.5), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(presence_penalty=3), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
     (dict(seed="x"), "seed"), (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids"),

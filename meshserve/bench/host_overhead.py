@@ -25,7 +25,7 @@ import time
 from collections import defaultdict
 
 from meshserve.bench.report import print_table
-from meshserve.cli_types import non_negative_int, positive_int
+from meshserve.cli_types import non_negative_float, non_negative_int, positive_int
 
 COMPONENTS = ("schedule", "prepare", "launch", "process", "stats", "frontend")
 
@@ -153,7 +153,8 @@ def add_host_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--async-scheduling", action="store_true", help="schedule step n+1 before step n's tokens")
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="time-to-first-token target (SLO scheduling)")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="time-per-output-token target (SLO scheduling)")
-    p.add_argument("--kv-offload-gib", type=float, default=None, help="KV offload CPU tier of this many GiB")
+    p.add_argument("--kv-offload-gib", type=non_negative_float, default=None,
+                   help="KV offload CPU tier of this many GiB (0: none)")
     p.add_argument("--spec-ngram", type=positive_int, default=None, metavar="K",
                    help="n-gram speculation proposing up to K tokens (the fake model accepts proposals of its token)")
     p.set_defaults(func=lambda ns: print_table(run_host_overhead(ns)) or 0)

@@ -29,7 +29,9 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.context
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from multiprocessing import reduction
 
@@ -68,9 +70,27 @@ def warm_up() -> None:
     while the caller goes on (the engine loads its config), so its first child need not wait for it."""
     ctx = context()
     if ctx.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
+        _ensure_forkserver()
 
+
+def _ensure_forkserver() -> None:
+    """Start this process's forkserver (if not yet running) ignoring SIGTERM: a SIGTERM to the whole process
+    group (`timeout`, a service manager, `kill -- -PGID`) would otherwise kill it and, through PR_SET_PDEATHSIG,
+    every child it forked: the engine core mid-drain (whose semaphores then leak). The server needs no signal: it
+    exits once its parent is gone. A child gets its parent's SIGTERM disposition back (_arrive). SIGTERM is
+    blocked meanwhile (Linux keeps a blocked signal pending even while ignored), so none to this process is lost."""
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
         forkserver.ensure_running()
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    handler = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # kept through exec, unlike a handler or the mask
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def new_process(target: Callable, args: tuple = (), kwargs: dict | None = None, *, name: str | None = None,
@@ -92,6 +112,9 @@ class _HandedOver:
 
     def start(self) -> None:
         self._child_env = {**os.environ, **self._env_overrides}
+        self._ignores_sigterm = signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        if self._start_method == "forkserver":
+            _ensure_forkserver()
         super().start()
 
     def __reduce__(self):  # only multiprocessing pickles a process, while it starts it
@@ -99,7 +122,8 @@ class _HandedOver:
         state["_child_env"] = None
         starting = multiprocessing.context.get_spawning_popen() is not None  # (not a copy.copy)
         streams = _std_streams() if self._start_method == "forkserver" and starting else None
-        return _arrive, (type(self), self._child_env, streams), state
+        ignores_sigterm = getattr(self, "_ignores_sigterm", None) if starting else None
+        return _arrive, (type(self), self._child_env, streams, ignores_sigterm), state
 
 
 if sys.platform != "win32":
@@ -123,7 +147,7 @@ def _std_streams() -> list | None:
     return [reduction.DupFd(fd) for fd in (1, 2)]
 
 
-def _arrive(cls, env: dict[str, str] | None, streams: list | None):
+def _arrive(cls, env: dict[str, str] | None, streams: list | None, ignores_sigterm: bool | None = None):
     """In the child, while its process object is unpickled: become the child the parent meant to start."""
     if env is not None:
         threads = os.environ.get("OMP_NUM_THREADS")
@@ -141,6 +165,8 @@ def _arrive(cls, env: dict[str, str] | None, streams: list | None):
                 os.dup2(fd, target_fd)
                 os.close(fd)
     _leave_parents_server()
+    if ignores_sigterm is False and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the forkserver's (_ensure_forkserver), not the parent's
     return cls.__new__(cls)
 
 

@@ -6,6 +6,7 @@ import copy
 import faulthandler
 import functools
 import logging
+import multiprocessing.util
 import os
 import queue
 import signal
@@ -165,6 +166,9 @@ def worker_process_main(config: EngineConfig, source, launch: LaunchInfo, rank: 
         worker_main(config, source, launch, rank, beats)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
+    # what multiprocessing runs at a normal exit, which os._exit skips: it releases the semaphores made here
+    # (tqdm's lock, as the weights load), which the resource tracker otherwise reports as leaked at shutdown
+    multiprocessing.util._run_finalizers(0)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

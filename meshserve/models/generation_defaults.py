@@ -49,8 +49,16 @@ def load_generation_defaults(model_dir: str | None, mode: str = "auto",
                 fields = json.load(f)
         except (OSError, ValueError) as e:
             logger.warning("ignoring unreadable %s: %s", path, e)
-    defaults = {ours: fields[theirs] for theirs, ours in _FIELDS.items()
-                if isinstance(fields.get(theirs), (int, float)) and not isinstance(fields.get(theirs), bool)}
+    if not isinstance(fields, dict):
+        logger.warning("ignoring %s: not a JSON object", path)
+        fields = {}
+    defaults = {}
+    for theirs, ours in _FIELDS.items():
+        value = fields.get(theirs)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            defaults[ours] = value
+        elif value is not None:  # skipped, as vLLM loads such a file leniently, but not silently
+            logger.warning("ignoring %s in %s: not a number (%r)", theirs, path, value)
     source = path
     if not defaults and fallback:
         defaults, source = dict(fallback), "meshserve's defaults for the embedded model"

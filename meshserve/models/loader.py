@@ -44,6 +44,9 @@ def _has_tokenizer(path: str) -> bool:
                for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
 
+_GGUF_FORMATS = ("auto", "gguf", "dummy")  # the load formats that can read a GGUF file
+
+
 def resolve_model_source(model: str | None, load_format: str = "auto", tokenizer: str | None = None) -> ModelSource:
     """Turn the `model` argument into a ModelSource.
 
@@ -53,6 +56,9 @@ def resolve_model_source(model: str | None, load_format: str = "auto", tokenizer
     if model is None:
         from meshserve.models.embedded import DEFAULT_MODEL_NAME, resolve_default_model
 
+        if load_format not in _GGUF_FORMATS:
+            raise ModelLoadError(f"--load-format {load_format} cannot read the embedded default model "
+                                 f"{DEFAULT_MODEL_NAME} (a GGUF file): use auto or gguf")
         path = resolve_default_model()
         return ModelSource(DEFAULT_MODEL_NAME, load_hf_config(path),
                            None if load_format == "dummy" else path, tokenizer or path)
@@ -65,8 +71,8 @@ def resolve_model_source(model: str | None, load_format: str = "auto", tokenizer
     if model.endswith(".gguf"):
         if not os.path.isfile(model):
             raise ModelLoadError(f"GGUF file not found: {model}")
-        if load_format not in ("auto", "gguf", "dummy"):
-            raise ModelLoadError(f"load_format {load_format} cannot read the GGUF file {model}")
+        if load_format not in _GGUF_FORMATS:
+            raise ModelLoadError(f"--load-format {load_format} cannot read the GGUF file {model}: use auto or gguf")
         from meshserve.models.gguf_cache import cached_hf_dir_for_gguf
 
         path = str(cached_hf_dir_for_gguf(model))
@@ -91,6 +97,9 @@ def resolve_model_source(model: str | None, load_format: str = "auto", tokenizer
         )
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ModelLoadError(f"no config.json in the model folder {model}")
+    if load_format == "gguf":
+        raise ModelLoadError(f"--load-format gguf cannot read the model folder {model} (GGUF is a .gguf file): "
+                             "use auto or safetensors")
     tok = tokenizer or (model if _has_tokenizer(model) else None)
     return ModelSource(model, load_hf_config(model), None if load_format == "dummy" else model, tok)
 

@@ -316,6 +316,16 @@ def serve_api_processes(engine_args: EngineArgs, config: ServeConfig, sock: sock
             on_started([c.proc.pid for c in cores], [p.pid for p in procs])
         timeline = _TimelineReports([seg for c in cores for seg in c.info.startup], ready_queue, count)
         code = _supervise(cores, procs, stop, timeline.poll)
+
+        def cut_short(sig: int, frame) -> None:  # a second signal: passed on, they stop without finishing
+            logger.warning("second %s: the API processes stop without finishing the drain",
+                           signal.Signals(sig).name)
+            for p in procs:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGTERM)
+
+        for s in previous:
+            signal.signal(s, cut_short)
         stop_processes(procs, config.drain_timeout_s + 5.0)
         return code
     finally:

@@ -97,6 +97,10 @@ def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:
         raise InvalidArgumentError(f"--drain-timeout must be >= 0, got {ns.drain_timeout}", param="drain_timeout")
     if ns.served_model_name is not None and not all(name.strip() for name in ns.served_model_name):
         raise InvalidArgumentError("--served-model-name: a name is empty", param="served_model_name")
+    keys = [ns.api_key] if isinstance(ns.api_key, str) else ns.api_key or []
+    if not all(key.strip() for key in keys):  # "" used to mean no authentication at all
+        raise InvalidArgumentError('--api-key: a key is empty (an unset variable in --api-key "$KEY"?)',
+                                   param="api_key")
     check_output_file(ns.request_log, "--request-log")
     if ns.enable_auto_tool_choice and not ns.tool_call_parser:
         raise InvalidArgumentError("--enable-auto-tool-choice needs --tool-call-parser", param="tool_call_parser")

@@ -4,7 +4,9 @@ On the first signal the server keeps listening but turns /ready to 503 and answe
 with 503 + Retry-After, while in-flight requests run to completion; once none is left (or the drain
 timeout passes) uvicorn shuts down and the process exits 0. At the drain timeout on_drain_timeout ends what is
 still in flight (the server: a stream's error event and [DONE], a 503 otherwise), so no response is cut off
-mid-body when uvicorn closes the connections. A second signal exits at once.
+mid-body when uvicorn closes the connections. A second signal ends the drain at once the same way (uvicorn's own
+forced exit cancelled the lifespan and request tasks, each printing a CancelledError traceback); a third is
+uvicorn's forced exit.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class DrainingServer(uvicorn.Server):
         self.state = state
         self.drain_timeout_s = drain_timeout_s
         self._drain_deadline: float | None = None
+        self._cut_short = False  # a second signal ended the drain early
         self.on_listening = on_listening  # called once the app has started and accepts connections
         self.on_drain_timeout = on_drain_timeout  # called once, when the drain runs out of time
 
@@ -43,11 +46,15 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not calling super(): uvicorn would re-raise the signal after shutdown, and exit non-zero.
-        if self._drain_deadline is not None:
-            logger.warning("second %s: exiting without waiting for in-flight requests",
-                           signal.Signals(sig).name)
+        if self._cut_short:  # a third signal: uvicorn's forced exit
             self.should_exit = True
             self.force_exit = True
+            return
+        if self._drain_deadline is not None:
+            self._cut_short = True
+            self._drain_deadline = time.monotonic()  # the next tick ends what is in flight and shuts down
+            logger.warning("second %s: stopping without finishing the drain (%d in-flight request(s) end with an "
+                           "error)", signal.Signals(sig).name, self.state.num_in_flight)
             return
         self.begin_drain()
         logger.warning("%s: draining %d in-flight request(s), at most %.0f s", signal.Signals(sig).name,
@@ -66,8 +73,9 @@ class DrainingServer(uvicorn.Server):
             logger.info("drained; shutting down")
             return True
         if time.monotonic() >= self._drain_deadline:
-            logger.warning("drain timeout: %d request(s) still in flight end with an error",
-                           self.state.num_in_flight)
+            if not self._cut_short:  # (a second signal said so already)
+                logger.warning("drain timeout: %d request(s) still in flight end with an error",
+                               self.state.num_in_flight)
             if self.on_drain_timeout is not None:
                 self.on_drain_timeout()
             return True

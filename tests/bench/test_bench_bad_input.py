@@ -27,6 +27,7 @@ def _exit_code_and_err(argv: list[str], capsys) -> tuple[int, str]:
     (["host", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
     (["host", "--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
     (["host", "--spec-ngram", "0"], "argument --spec-ngram: must be >= 1, got 0"),
+    (["host", "--kv-offload-gib", "-1"], "argument --kv-offload-gib: must be >= 0, got -1"),  # named the engine arg
     (["channel", "--out-len", "0"], "argument --out-len: must be >= 1, got 0"),
     (["frontend", "--step-ms", "0"], "argument --step-ms: must be > 0, got 0"),  # a ZeroDivisionError after the run
     (["frontend", "--duration", "1", "--ramp-s", "30"], "--ramp-s 30 must be shorter than --duration 1"),

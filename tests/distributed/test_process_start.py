@@ -201,3 +201,44 @@ def test_preloaded_modules_do_not_touch_cuda_at_import():
     out = subprocess.run([sys.executable, "-c", _CUDA_PROBE], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(process_start.__file__).parents[2])})
     assert out.stdout.strip() == "[]"
+
+
+def _report_sigterm(conn) -> None:
+    conn.send(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)
+    conn.close()
+
+
+def _child_ignores_sigterm() -> bool:
+    ctx = process_start.context()
+    recv, send = ctx.Pipe(duplex=False)
+    p = process_start.new_process(_report_sigterm, (send,))
+    p.start()
+    send.close()
+    ignored = recv.recv()
+    p.join(30)
+    return ignored
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_child_gets_the_parents_sigterm_disposition_not_the_forkservers(method, monkeypatch):
+    """The forkserver ignores SIGTERM (a signal to the process group must not kill it and its children); a child
+    ignores it only where its parent does (the engine core's ranks), as a spawned child would."""
+    monkeypatch.setenv(process_start.ENV, method)
+    assert _child_ignores_sigterm() is False
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert _child_ignores_sigterm() is True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@forkserver_only
+def test_the_forkserver_ignores_sigterm(monkeypatch):
+    from multiprocessing import forkserver
+
+    monkeypatch.setenv(process_start.ENV, "forkserver")
+    process_start.warm_up()
+    pid = forkserver._forkserver._forkserver_pid
+    ignored = int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                       if line.startswith("SigIgn:")).split()[1], 16)
+    assert ignored & (1 << (signal.SIGTERM - 1))

@@ -64,9 +64,24 @@ def test_unreadable_file_is_ignored_with_a_warning(tmp_path: Path, caplog: pytes
     assert "generation_config.json" in caplog.text
 
 
-def test_wrong_types_are_skipped(tmp_path: Path) -> None:
+def test_wrong_types_are_skipped_with_a_warning_naming_key_and_file(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     folder = _folder(tmp_path, "m", {"temperature": "hot", "top_k": True, "top_p": None, "min_p": 0.1})
-    assert load_generation_defaults(str(folder)) == {"min_p": 0.1}
+    with caplog.at_level(logging.WARNING, logger="meshserve.models.generation_defaults"):
+        assert load_generation_defaults(str(folder)) == {"min_p": 0.1}
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    path = str(folder / "generation_config.json")
+    assert len(warned) == 2  # temperature and top_k; a null is only unset
+    assert any("temperature" in m and path in m and "'hot'" in m for m in warned), warned
+    assert any("top_k" in m and path in m for m in warned), warned
+
+
+def test_a_file_that_is_not_an_object_is_ignored_with_a_warning(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    folder = _folder(tmp_path, "m", "[0.7]")
+    with caplog.at_level(logging.WARNING, logger="meshserve.models.generation_defaults"):
+        assert load_generation_defaults(str(folder)) == {}
+    assert "not a JSON object" in caplog.text
 
 
 def test_engine_args_check_the_mode(tmp_path: Path) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
+from meshserve.errors import ModelLoadError
 from meshserve.models.loader import build_model, resolve_model_source
 
 
@@ -51,3 +53,21 @@ def test_dummy_weights_from_shapes_the_driver_gave_build_no_transformers_model(t
     got = dict(build_model(given, torch.float32, torch.device("cpu"), 64, seed=1).named_parameters())
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_load_format_safetensors_cannot_read_the_embedded_gguf_model():
+    with pytest.raises(ModelLoadError, match="--load-format safetensors cannot read the embedded default model"):
+        resolve_model_source(None, "safetensors")
+
+
+def test_load_format_gguf_cannot_read_a_model_folder(tiny_model_dir):
+    with pytest.raises(ModelLoadError, match="--load-format gguf cannot read the model folder"):
+        resolve_model_source(tiny_model_dir("llama"), "gguf")
+    assert resolve_model_source(tiny_model_dir("llama"), "safetensors").weights_dir == tiny_model_dir("llama")
+
+
+def test_load_format_safetensors_cannot_read_a_gguf_file(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match="--load-format safetensors cannot read the GGUF file"):
+        resolve_model_source(str(gguf), "safetensors")

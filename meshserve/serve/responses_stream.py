@@ -77,42 +77,42 @@ class ResponseEvents:
         events: list[str] = []
         if self.thought is None:
             self.thought = reasoning_item(None, "in_progress")
-            self.items.append(self.thought)
-            index = len(self.items) - 1
-            events.append(self._event("response.output_item.added", output_index=index, item=_dump(self.thought)))
-            self.thought.content.append(ReasoningText(text=""))
-            events.append(self._event("response.content_part.added", item_id=self.thought.id, output_index=index,
-                                      content_index=0, part=_dump(self.thought.content[0])))
+            events += self._open_text_item(self.thought, ReasoningText(text=""))
         self.thought.content[0].text += delta
         events.append(self._event("response.reasoning_text.delta", item_id=self.thought.id,
                                   output_index=self._index(self.thought), content_index=0, delta=delta))
         return events
 
     def _close_reasoning(self, incomplete: bool) -> list[str]:
-        r = self.thought
-        if r is None:
-            return []
-        self.thought = None
-        index = self._index(r)
-        r.status = item_status(incomplete, last=index == len(self.items) - 1)
-        part = r.content[0]
-        return [self._event("response.reasoning_text.done", item_id=r.id, output_index=index, content_index=0,
-                            text=part.text),
-                self._event("response.content_part.done", item_id=r.id, output_index=index, content_index=0,
+        r, self.thought = self.thought, None
+        return [] if r is None else self._close_text_item(r, incomplete, "response.reasoning_text.done")
+
+    # -- items of one text part (a message, a reasoning item) ---------------------------------------
+    def _open_text_item(self, item: OutputMessage | OutputReasoning, part: OutputText | ReasoningText) -> list[str]:
+        """A new item (announced empty), then its one text part."""
+        self.items.append(item)
+        index = len(self.items) - 1
+        added = self._event("response.output_item.added", output_index=index, item=_dump(item))
+        item.content.append(part)
+        return [added, self._event("response.content_part.added", item_id=item.id, output_index=index,
+                                   content_index=0, part=_dump(part))]
+
+    def _close_text_item(self, item: OutputMessage | OutputReasoning, incomplete: bool, done: str,
+                         **fields: Any) -> list[str]:
+        """The text's done event (`done`), the part's and the item's."""
+        index = self._index(item)
+        item.status = item_status(incomplete, last=index == len(self.items) - 1)
+        part = item.content[0]
+        return [self._event(done, item_id=item.id, output_index=index, content_index=0, text=part.text, **fields),
+                self._event("response.content_part.done", item_id=item.id, output_index=index, content_index=0,
                             part=_dump(part)),
-                self._event("response.output_item.done", output_index=index, item=_dump(r))]
+                self._event("response.output_item.done", output_index=index, item=_dump(item))]
 
     # -- text ------------------------------------------------------------------------------------
     def _open_message(self) -> list[str]:
         events = self._close_reasoning(incomplete=False) + self._close_call(incomplete=False)
         self.message = message_item(None, "in_progress")
-        self.items.append(self.message)
-        index = len(self.items) - 1
-        added = self._event("response.output_item.added", output_index=index, item=_dump(self.message))
-        self.message.content.append(OutputText(text=""))
-        part = self._event("response.content_part.added", item_id=self.message.id, output_index=index,
-                           content_index=0, part=_dump(self.message.content[0]))
-        return [*events, added, part]
+        return events + self._open_text_item(self.message, OutputText(text=""))
 
     def text(self, delta: str | None, hold_space: bool = True) -> list[str]:
         if not delta:
@@ -130,18 +130,8 @@ class ResponseEvents:
         return events
 
     def _close_message(self, incomplete: bool) -> list[str]:
-        m = self.message
-        if m is None:
-            return []
-        self.message = None
-        index = self._index(m)
-        m.status = item_status(incomplete, last=index == len(self.items) - 1)
-        part = m.content[0]
-        return [self._event("response.output_text.done", item_id=m.id, output_index=index, content_index=0,
-                            text=part.text, logprobs=[]),
-                self._event("response.content_part.done", item_id=m.id, output_index=index, content_index=0,
-                            part=_dump(part)),
-                self._event("response.output_item.done", output_index=index, item=_dump(m))]
+        m, self.message = self.message, None
+        return [] if m is None else self._close_text_item(m, incomplete, "response.output_text.done", logprobs=[])
 
     # -- tool calls ------------------------------------------------------------------------------
     def call(self, delta: DeltaToolCall) -> list[str]:

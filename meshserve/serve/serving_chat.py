@@ -75,6 +75,12 @@ class ChatStart:
     params: SamplingParams  # as resolved (the model's defaults filled in)
     reasoning: ReasoningPlan | None  # how to split the output's reasoning from its answer (--reasoning-parser)
 
+    def read(self, c: CompletionOutput) -> tuple[str | None, str | None, list]:
+        """A whole choice's (reasoning, content, tool calls): the calls are read from the content alone."""
+        thought, text = self.reasoning.split(c.text, c.token_ids) if self.reasoning else (None, c.text)
+        content, calls = self.plan.extract(text) if text is not None else (None, [])
+        return thought, content, calls
+
 
 class ChatService:
     def __init__(self, client: EngineClient, config: ServeConfig, metrics: ServerMetrics):
@@ -90,11 +96,9 @@ class ChatService:
         except BaseException as e:
             tracker.fail(e)
             raise
-        model, request, plan = started.model, started.request, started.plan
         if req.stream:
-            return SSEResponse(self._stream(req, model, started.request_id, request, tracker, plan,
-                                            started.reasoning))
-        return await self._whole(req, model, started.request_id, request, tracker, plan, started.reasoning)
+            return SSEResponse(self._stream(req, started, tracker))
+        return await self._whole(req, started, tracker)
 
     async def start(self, req: ChatCompletionRequest, tracker: RequestTracker, request_id: str) -> ChatStart:
         """Check the request, render its conversation and start it on the engine (also /v1/responses' way
@@ -129,24 +133,23 @@ class ChatService:
                                                         as_ids=req.return_tokens_as_token_ids))
 
     # -- whole response --------------------------------------------------------------------------
-    async def _whole(self, req, model, request_id, request: EngineRequest, tracker: RequestTracker, plan: ToolPlan,
-                     reasoning: ReasoningPlan | None) -> ChatCompletionResponse:
+    async def _whole(self, req, started: ChatStart, tracker: RequestTracker) -> ChatCompletionResponse:
+        request = started.request
         try:
             (final,) = await collect_outputs([request], tracker)
         finally:
             await request.aclose()
         tracker.finish(outcome_of([final]))
-        choices = [self._choice(req, c, plan, reasoning) for c in final.outputs]
+        choices = [self._choice(req, c, started) for c in final.outputs]
         scored = (prompt_logprobs(final.prompt_token_ids, final.prompt_logprobs, req.prompt_logprobs,
                                   req.return_tokens_as_token_ids) if req.prompt_logprobs is not None else None)
-        return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of([final]),
+        return ChatCompletionResponse(id=started.request_id, model=started.model, choices=choices,
+                                      usage=usage_of([final]),
                                       prompt_logprobs=scored)
 
-    def _choice(self, req: ChatCompletionRequest, c: CompletionOutput, plan: ToolPlan,
-                reasoning: ReasoningPlan | None) -> ChatChoice:
-        thought, text = reasoning.split(c.text, c.token_ids) if reasoning else (None, c.text)
-        content, calls = plan.extract(text) if text is not None else (None, [])  # tools: in the content only
-        finish = plan.finish_reason_of_calls if calls and c.finish_reason == "stop" else c.finish_reason
+    def _choice(self, req: ChatCompletionRequest, c: CompletionOutput, started: ChatStart) -> ChatChoice:
+        thought, content, calls = started.read(c)
+        finish = started.plan.finish_reason_of_calls if calls and c.finish_reason == "stop" else c.finish_reason
         message = ChatResponseMessage(role=self._role(req), content=content, reasoning=thought,
                                       tool_calls=calls or None)
         return ChatChoice(index=c.index, message=message,
@@ -154,8 +157,9 @@ class ChatService:
                           finish_reason=finish, stop_reason=c.stop_reason)
 
     # -- stream ----------------------------------------------------------------------------------
-    async def _stream(self, req, model, request_id, request: EngineRequest, tracker: RequestTracker, plan: ToolPlan,
-                      reasoning: ReasoningPlan | None) -> AsyncIterator[str | bytes]:
+    async def _stream(self, req, started: ChatStart, tracker: RequestTracker) -> AsyncIterator[str | bytes]:
+        model, request_id, request = started.model, started.request_id, started.request
+        plan, reasoning = started.plan, started.reasoning
         state = StreamState(every_token=not self.client.has_tokenizer)
         tool_streams = {i: ToolCallStream(plan) for i in range(req.n)} if plan.mode != "none" else {}
         thinking = {i: reasoning.stream() for i in range(req.n)} if reasoning else {}

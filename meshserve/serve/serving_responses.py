@@ -90,11 +90,10 @@ class ResponsesService:
         tracker.finish(outcome_of([final]))
         c = final.outputs[0]
         incomplete = c.finish_reason == "length"
-        thought, text = started.reasoning.split(c.text, c.token_ids) if started.reasoning else (None, c.text)
-        content, calls = started.plan.extract(text) if text is not None else (None, [])  # tools: after it
+        thought, content, calls = started.read(c)
         output: list[OutputItem] = []
         if thought:
-            output.append(reasoning_item(thought, item_status(incomplete, last=text is None)))
+            output.append(reasoning_item(thought, item_status(incomplete, last=not (content or calls))))
         if content or not (calls or thought):  # the message; an empty one when nothing else was written
             output.append(message_item(content or "", item_status(incomplete, last=not calls)))
         for k, call in enumerate(calls):

@@ -5,15 +5,18 @@
 #   JOBS="qwen:default qwen:NORM_FOLD=1 qwen:DECODE_REDUCE=inline qwen:NORM_FOLD=1+DECODE_REDUCE=inline
 #         8b:default 8b:NORM_FOLD=1" bash tools/w1_ab_device.sh
 # MODEL: qwen (Qwen3-0.6B), 8b (Llama-3.1-8B) or a preset name. Runs go in the order given and stop starting new
-# ones past BUDGET seconds (default 420). REPEAT=N runs the whole list N times (drift shows). Logs and JSON:
-# $OUT/w1_ab.tgz.
+# ones past BUDGET seconds (default 420). REPEAT=N (default 3) runs the whole list N times, interleaved, and ends
+# with each job's median, min and max: W1 on Qwen3-0.6B varied 680-1,073 tok/s from one process to the next with
+# the same settings on one H200 (2026-12-02, BENCHMARKS.md "Twenty-first session"), so a one-run A/B of a small
+# model says nothing. Each run also prints the batch-1 decode graph's device time (replayed back to back) beside
+# the wall time of a decode token (which side moved) and the SM clock's median during the timed runs. Logs and JSON: $OUT/w1_ab.tgz.
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 R=/tmp/w1_ab; mkdir -p $R $OUT
 model_name() { case $1 in qwen) echo qwen3-0.6b ;; 8b) echo llama-3.1-8b ;; *) echo "$1" ;; esac; }
 t_start=$SECONDS
-printf "%-8s %-44s %9s %9s %5s\n" model settings "tok/s" decode secs
-for round in $(seq 1 ${REPEAT:-1}); do
+printf "%-8s %-44s %9s %9s %8s %8s %6s %5s\n" model settings "tok/s" decode graph_ms token_ms sm_mhz secs
+for round in $(seq 1 ${REPEAT:-3}); do
   for job in ${JOBS:?JOBS is required}; do
     model=$(model_name ${job%%:*}); settings=${job#*:}
     if [ $((SECONDS - t_start)) -ge ${BUDGET:-420} ]; then echo "skip $job (budget)"; continue; fi
@@ -27,10 +30,21 @@ for round in $(seq 1 ${REPEAT:-1}); do
     env "${envs[@]}" timeout ${LIMIT:-120} python3 -m meshserve.cli --log-level INFO bench latency --model $model \
       --no-baseline --output-json $R/$name.json > $R/$name.log 2>&1
     rc=$?
-    tok=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['tok_s']:.1f} {r['decode_tok_s']:.1f}\")" \
-          $R/$name.json 2> /dev/null || echo "rc=$rc -")
-    printf "%-8s %-44s %9s %9s %5s\n" ${job%%:*} "$settings" $tok $((SECONDS - t0))
+    tok=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['tok_s']:.1f} {r['decode_tok_s']:.1f} \"
+          f\"{r.get('decode_graph_ms', 0):.3f} {r.get('decode_token_ms', 0):.3f} \"
+          f\"{r.get('sm_clock_mhz_min_median', [0, 0])[1]:.0f}\")" $R/$name.json 2> /dev/null || echo "rc=$rc - - - -")
+    printf "%-8s %-44s %9s %9s %8s %8s %6s %5s\n" ${job%%:*} "$settings" $tok $((SECONDS - t0))
     [ $rc -ne 0 ] && grep -E "Error|error" $R/$name.log | tail -3
   done
 done
+python3 - $R <<'PY'
+import collections, glob, json, os, statistics, sys
+runs = collections.defaultdict(list)
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+    job = os.path.basename(path)[:-5].split("_", 1)[1]  # round_job
+    runs[job].append(json.load(open(path))["tok_s"])
+print(f"{'job':<52} {'runs':>4} {'median':>8} {'min':>8} {'max':>8}")
+for job, tok in runs.items():
+    print(f"{job:<52} {len(tok):>4} {statistics.median(tok):>8.1f} {min(tok):>8.1f} {max(tok):>8.1f}")
+PY
 tar czf $OUT/w1_ab.tgz -C /tmp w1_ab

@@ -10,9 +10,12 @@ weight bytes per step at TP, every stage's bytes in turn at PP.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import shlex
+import statistics
+import subprocess
 import sys
 import time
 
@@ -73,17 +76,66 @@ def _free_gpu(*owners) -> None:
     torch.cuda.empty_cache()
 
 
-def _timed(fn, repeats: int = 3) -> float:
+def _times(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` synchronized runs of fn."""
     import torch
 
-    best = float("inf")
+    seconds = []
     for _ in range(repeats):
         torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
+        seconds.append(time.perf_counter() - t)
+    return seconds
+
+
+def _timed(fn, repeats: int = 3) -> float:
+    return min(_times(fn, repeats))
+
+
+@contextlib.contextmanager
+def _sm_clock_samples(period_ms: int = 50):
+    """The GPU's SM clock (MHz) sampled by nvidia-smi every period_ms while the block runs, into the list it
+    yields; empty where there is no nvidia-smi. A batch-1 step of a small model barely loads the GPU, and a
+    clock below its maximum there would read as a slower kernel."""
+    samples: list[float] = []
+    try:
+        proc = subprocess.Popen(["nvidia-smi", "--id=0", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits",
+                                 f"-lms={period_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError:
+        yield samples
+        return
+    try:
+        yield samples
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+        samples.extend(float(v) for v in out.split() if v.replace(".", "", 1).isdigit())
+
+
+def _decode_graph_ms(llm, context: int, replays: int = 200) -> float | None:
+    """Milliseconds of one replay of the batch-1 decode graph (the W1 step's forward), replayed back to back
+    with no host work between replays; None without decode graphs. Beside W1's wall time per token it splits
+    a token into the graph's device time and the rest (host work, sampling, the gap between steps): W1 on
+    Qwen3-0.6B varied 680-1,073 tok/s from one process to the next on one H200 (2026-12-02), and this says
+    on which side the time moves. The replay reruns the last step's inputs (its KV slot is rewritten with
+    the same values' kind of data): run it after the timed generations."""
+    import torch
+
+    holder = getattr(getattr(llm.engine, "runner", None), "graphs", None)
+    graph = holder.graphs.get(holder.variant(1, context)) if holder is not None and holder.graphs else None
+    if graph is None:
+        return None
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
 
 
 def _decode_curve(llm, batch_sizes: list[int]) -> dict[int, float]:
@@ -116,6 +168,9 @@ def _need_gpu(bench: str) -> None:
                                    "`meshserve bench host` and `bench channel` run on the CPU)")
 
 
+W1_REPEATS = 5  # timed W1 generations per process; the best is reported, every one in tok_s_runs
+
+
 def run_latency(ns) -> dict:
     _need_gpu("latency")
     import torch
@@ -138,13 +193,22 @@ def run_latency(ns) -> dict:
         return llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
 
     gen(8)  # warm-up
-    t1, tn = _timed(lambda: gen(1)), _timed(lambda: gen(W1_NEW_TOKENS))
+    t1 = _timed(lambda: gen(1))
+    with _sm_clock_samples() as clocks:
+        runs = _times(lambda: gen(W1_NEW_TOKENS), W1_REPEATS)
+    tn = min(runs)
     res = {"bench": "latency (W1)", "gpu": gpu, "model": ns.model, **_layout(ns), "copy_TBps": bw / 1e12,
            "weight_GB_per_gpu_step": wbytes / 1e9, "start_s": start_s,
            "gpu_mem_GB": torch.cuda.max_memory_reserved() / 1e9,
            "tok_s": W1_NEW_TOKENS / tn, "decode_tok_s": (W1_NEW_TOKENS - 1) / (tn - t1),
-           "roofline_tok_s": bw / wbytes}
+           "roofline_tok_s": bw / wbytes, "tok_s_runs": [round(W1_NEW_TOKENS / t, 1) for t in runs]}
     res["pct_roofline"] = 100 * res["decode_tok_s"] / res["roofline_tok_s"]
+    graph_ms = _decode_graph_ms(llm, len(w1_prompt()) + W1_NEW_TOKENS)
+    if graph_ms is not None:  # the best run's wall per decode token against the graph's device time
+        res["decode_graph_ms"] = graph_ms
+        res["decode_token_ms"] = 1e3 * (tn - t1) / (W1_NEW_TOKENS - 1)
+    if clocks:
+        res["sm_clock_mhz_min_median"] = [min(clocks), statistics.median(clocks)]
     if ns.curve:
         res["decode_tok_s_by_batch"] = _decode_curve(llm, [int(b) for b in ns.curve.split(",")])
     hf_config = llm.engine.config.model_config.hf_config

@@ -179,7 +179,10 @@ def auto_enables(hidden_size: int | None, moe: bool = False) -> bool:
     remaining columns. 2,048 is the largest row the preload still holds whole. MoE models (Qwen3-30B-A3B and
     DeepSeek-V2-Lite have 2,048) were never measured with it: off. H200 W1 Qwen3-0.6B: +26% on 2026-11-30,
     -28% on 2026-12-01 (852.6 -> 615.9, not reproduced since), +25% twice on 2026-12-02 (862.3 -> 1,080.0 and
-    1,072.1, in two calls; the GPU tests passed), so it is on by default for such models."""
+    1,072.1, in two calls; the GPU tests passed), so it is on by default for such models. Those were single
+    runs: later that day the same build spread over 712-1,073 tok/s from one process to the next with PDL on
+    (30 processes, median 895) and 680-853 with it off (4, median 825), so the gain is +8% at the medians, not
+    +25%, and any one-run A/B of this model is noise (BENCHMARKS.md "Twenty-first session")."""
     return hidden_size is not None and hidden_size <= AUTO_MAX_HIDDEN and not moe
 
 

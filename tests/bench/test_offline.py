@@ -36,3 +36,42 @@ def test_a_bad_partition_is_a_one_line_usage_error(capsys):
     with pytest.raises(SystemExit):
         _parse(["throughput", "--pp-layer-partition", "17;15"])
     assert "expected layers per stage like 17,15" in capsys.readouterr().err
+
+
+def test_a_runner_without_decode_graphs_has_no_graph_time():
+    """_decode_graph_ms answers None where there is no batch-1 decode graph to replay (eager, CPU, a split
+    runner), rather than timing something else."""
+
+    class Runner:
+        graphs = None
+
+    class Engine:
+        runner = Runner()
+
+    class Llm:
+        engine = Engine()
+
+    assert offline._decode_graph_ms(Llm(), 384) is None
+    Runner.graphs = type("Holder", (), {"graphs": {}})()  # built, nothing captured
+    assert offline._decode_graph_ms(Llm(), 384) is None
+
+
+def test_sm_clock_samples_parse_what_nvidia_smi_prints(tmp_path, monkeypatch):
+    """_sm_clock_samples reads nvidia-smi's one number per line (a fake nvidia-smi on PATH here), and yields
+    an empty list where there is no nvidia-smi at all."""
+    fake = tmp_path / "nvidia-smi"
+    printed = tmp_path / "printed"
+    fake.write_text(f"#!/bin/sh\nprintf '1980\\n1410\\n'\ntouch {printed}\nexec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with offline._sm_clock_samples() as clocks:
+        import time
+
+        deadline = time.monotonic() + 30
+        while not printed.exists() and time.monotonic() < deadline:  # the samples are out before it stops
+            time.sleep(0.01)
+    assert clocks == [1980.0, 1410.0]
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    with offline._sm_clock_samples() as clocks:
+        pass
+    assert clocks == []

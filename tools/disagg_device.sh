@@ -16,7 +16,12 @@
 # Llama-3.1-8B's 32 layers, pulled 20 times; the median rate as a fraction of the best plain copy of the same
 # bytes on the GPU, copy_GBps / fraction_of_copy; on 2 GPUs also from GPU 1 into GPU 0). Results: goodput
 # $OUT/disagg.json, $OUT/disagg.log, $OUT/disagg_logs.tgz; link $OUT/ipc_tests.log, $OUT/kv_link_ipc_*.json.
+# MPS=1 (one GPU) starts an MPS control daemon for the call (pipes under /tmp/nvidia-mps, stopped at the end) so
+# the two instances run kernels at once instead of time-slicing the GPU; SM_SHARE=P,D then gives the prefill
+# instance P% of the SMs and the decode instance D% (bench.disagg --sm-share); the colocated pair runs under the
+# same daemon without a limit. Both arms share the GPU either way; MPS changes how.
 #   bash tools/disagg_device.sh                                   (gloo / NCCL)
+#   CONNECTOR=ipc SECOND_GPU=0 MPS=1 SM_SHARE=60,40 QPS=2,3 bash tools/disagg_device.sh
 #   CONNECTOR=ipc PARTS=link bash tools/disagg_device.sh          (then CONNECTOR=ipc SECOND_GPU=0 for goodput)
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
@@ -43,8 +48,16 @@ print(f\"{d['bytes']/2**20:.0f} MiB, median {d['median_GBps']:.1f} GB/s ({1e3*d[
   done
 fi
 [[ $parts == *,goodput,* ]] || exit 0
+if [ "${MPS:-0}" = 1 ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps CUDA_MPS_LOG_DIRECTORY=/tmp/nvidia-mps-log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+  nvidia-cuda-mps-control -d || { echo "MPS: the control daemon did not start"; exit 1; }
+  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+  echo "MPS control daemon started (SM_SHARE ${SM_SHARE:-none})"
+fi
 timeout -k 20 ${LIMIT:-540} python3 -m meshserve.bench.disagg --second-gpu "$second" --connector "$connector" --qps "${QPS:-2,4}" \
   --num-prompts "${N:-48}" --setups "${SETUPS:-colocated,layerwise}" ${GPU_BLOCKS:+--gpu-blocks $GPU_BLOCKS} \
+  ${SM_SHARE:+--sm-share $SM_SHARE} \
   --log-dir $R --output "$OUT/disagg.json" \
   > "$OUT/disagg.log" 2>&1
 echo "== disagg rc $?"; grep -vE "^\s*$" "$OUT/disagg.log" | grep -v -i warn | tail -16

@@ -18,6 +18,10 @@ On one GPU (--second-gpu 0) each instance gets a fixed KV pool (--gpu-blocks, de
 Llama-3.1-8B's KV, about what 0.42 of an H200 leaves it): the engine sizes its pool by what the GPU has left,
 counting another process's memory as taken, so of two instances started together the second to size its pool
 would see the first's (weights, or weights and pool) and get a smaller one, or none and exit.
+With --sm-share P,D on one GPU under an MPS daemon (`nvidia-cuda-mps-control -d`; tools/disagg_device.sh MPS=1),
+the prefill instance may use P% of the SMs and the decode instance D% (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE in
+each server's environment), and the two run kernels at once instead of time-slicing the GPU; the colocated
+replicas get no limit (each may take the whole GPU, also at once under MPS).
 --prompt-len-range LO,HI and --output-len-range LO,HI replace (2048, 8192) and (128, 512) (with --max-model-len,
 default 9000), e.g. for a CPU dry run against a tiny model: `--model DIR --second-gpu 0 --num-prompts 3 --qps 1
 --prompt-len-range 16,64 --output-len-range 4,8 --max-model-len 256` (the model's vocabulary must exceed 10,000).
@@ -75,8 +79,29 @@ def _len_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _serve(model: str, gpu: int, port: int, extra: list[str], log: str) -> subprocess.Popen:
+def _sm_share(text: str) -> tuple[int, int]:
+    """--sm-share P,D: the prefill and decode instances' percentages of the SMs (1-100 each)."""
+    try:
+        prefill, decode = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected P,D (two whole percentages), got {text!r}") from None
+    if not (1 <= prefill <= 100 and 1 <= decode <= 100):
+        raise argparse.ArgumentTypeError(f"each share is a percentage in 1..100, got {text!r}")
+    return prefill, decode
+
+
+def mps_running() -> bool:
+    """Whether an MPS control daemon answers where this process's CUDA clients would look for it (the pipe
+    directory of CUDA_MPS_PIPE_DIRECTORY, default /tmp/nvidia-mps)."""
+    pipes = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return os.path.exists(os.path.join(pipes, "control"))
+
+
+def _serve(model: str, gpu: int, port: int, extra: list[str], log: str,
+           sm_percent: int | None = None) -> subprocess.Popen:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), PYTHONUNBUFFERED="1")
+    if sm_percent is not None:  # read by the MPS client at CUDA's initialisation in that process
+        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(sm_percent)
     cmd = [
         sys.executable,
         "-m",
@@ -160,14 +185,17 @@ def run_setup(name: str, ns: argparse.Namespace, qps_points: list[float]) -> lis
     else:
         prod = json.dumps({**kv, "kv_role": "kv_producer", "kv_rank": 0})
         cons = json.dumps({**kv, "kv_role": "kv_consumer", "kv_rank": 1})
+        prefill_sm, decode_sm = ns.sm_share or (None, None)
         servers = [
-            _serve(ns.model, 0, base + 1, [*common, "--kv-transfer-config", prod], f"{logs}/prefill-{name}.log"),
+            _serve(ns.model, 0, base + 1, [*common, "--kv-transfer-config", prod], f"{logs}/prefill-{name}.log",
+                   sm_percent=prefill_sm),
             _serve(
                 ns.model,
                 ns.second_gpu,
                 base + 2,
                 [*common, "--kv-transfer-config", cons],
                 f"{logs}/decode-{name}.log",
+                sm_percent=decode_sm,
             ),
         ]
         router_args = [
@@ -202,6 +230,8 @@ def run_setup(name: str, ns: argparse.Namespace, qps_points: list[float]) -> lis
             s = summarize(results, duration, qps, ttft_slo=ns.ttft_slo, tpot_slo=ns.tpot_slo)
             s["setup"] = name
             s["connector"] = ns.connector
+            if ns.sm_share and name != "colocated":
+                s["sm_share"] = list(ns.sm_share)
             if name != "colocated":
                 total, during = (b - a for a, b in zip(w0, _streamed(pre)))
                 s["kv_streamed_s"], s["kv_streamed_during_prefill_s"] = total, during
@@ -264,9 +294,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"KV blocks per instance (default: sized by the engine; {ONE_GPU_BLOCKS} with --second-gpu 0)",
     )
+    p.add_argument(
+        "--sm-share",
+        type=_sm_share,
+        default=None,
+        help="P,D: under MPS on one GPU, the prefill instance's and the decode instance's percentages of the SMs",
+    )
     p.add_argument("--log-dir", default=".")
     p.add_argument("--output", default="disagg_bench.json")
     ns = p.parse_args(argv)
+    if ns.sm_share is not None and not mps_running():
+        p.error("--sm-share needs an MPS control daemon (nvidia-cuda-mps-control -d; tools/disagg_device.sh MPS=1): "
+                "without one CUDA ignores the shares and the two processes time-slice the GPU")
     if ns.second_gpu == 0:
         ns.gpu_memory_utilization = min(ns.gpu_memory_utilization, 0.42)  # two instances on one GPU
         if ns.gpu_blocks is None:

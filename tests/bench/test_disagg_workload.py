@@ -68,11 +68,19 @@ def test_flags_reach_the_workload_and_both_servers(monkeypatch, tmp_path):
     assert d.gpu_blocks is None  # two GPUs: each engine sizes its own pool
 
 
-def _kv_configs_of_one_gpu_setup(monkeypatch, connector: str) -> list[tuple[int, list[str]]]:
+def _kv_configs_of_one_gpu_setup(monkeypatch, connector: str, sm_share=None,
+                                 shares: list | None = None) -> list[tuple[int, list[str]]]:
     ns = argparse.Namespace(port=8700, log_dir=".", second_gpu=0, gpu_memory_utilization=0.42,
-                            max_model_len=256, model="tiny", gpu_blocks=disagg.ONE_GPU_BLOCKS, connector=connector)
+                            max_model_len=256, model="tiny", gpu_blocks=disagg.ONE_GPU_BLOCKS, connector=connector,
+                            sm_share=sm_share)
     calls = []
-    monkeypatch.setattr(disagg, "_serve", lambda model, gpu, port, extra, log: calls.append((gpu, extra)))
+
+    def serve(model, gpu, port, extra, log, sm_percent=None):
+        calls.append((gpu, extra))
+        if shares is not None:
+            shares.append((log.rsplit("/", 1)[-1], sm_percent))
+
+    monkeypatch.setattr(disagg, "_serve", serve)
 
     def stop_before_the_load(*args, **kwargs):
         raise RuntimeError("stop here")
@@ -102,3 +110,40 @@ def test_nixl_on_one_gpu_is_asked_for_by_name_and_keeps_no_gloo_backend(monkeypa
         kv = json.loads(extra[extra.index("--kv-transfer-config") + 1])
         assert kv["kv_connector"] == "nixl"
         assert kv["kv_connector_extra_config"] == {"layerwise": True}
+
+
+def test_sm_shares_go_to_the_prefill_and_the_decode_instance(monkeypatch):
+    shares: list = []
+    _kv_configs_of_one_gpu_setup(monkeypatch, "ipc", sm_share=(60, 40), shares=shares)
+    assert shares == [("prefill-layerwise.log", 60), ("decode-layerwise.log", 40)]
+
+
+def test_the_share_is_set_in_the_server_environment(monkeypatch, tmp_path):
+    seen = {}
+
+    class Proc:
+        def __init__(self, cmd, env, **kwargs):
+            seen["env"] = env
+
+    monkeypatch.setattr(disagg.subprocess, "Popen", Proc)
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
+    disagg._serve("tiny", 0, 8701, [], str(tmp_path / "s.log"), sm_percent=35)
+    assert seen["env"]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "35"
+    disagg._serve("tiny", 0, 8701, [], str(tmp_path / "s.log"))
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in seen["env"]
+
+
+@pytest.mark.parametrize("text", ["60", "0,50", "60,101", "a,b", "60,40,1"])
+def test_a_bad_share_is_a_usage_error(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        disagg._sm_share(text)
+
+
+def test_shares_without_an_mps_daemon_are_refused_in_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))  # no control pipe there
+    with pytest.raises(SystemExit) as e:
+        disagg.main(["--second-gpu", "0", "--sm-share", "60,40", "--output", str(tmp_path / "d.json")])
+    assert e.value.code == 2 and "needs an MPS control daemon" in capsys.readouterr().err
+    (tmp_path / "control").touch()  # the daemon's pipe: accepted
+    monkeypatch.setattr(disagg, "run_setup", lambda name, ns, qps: [])
+    assert disagg.main(["--second-gpu", "0", "--sm-share", "60,40", "--output", str(tmp_path / "d.json")]) == 0

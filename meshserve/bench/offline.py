@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import os
 import shlex
 import statistics
 import subprocess
@@ -100,8 +101,11 @@ def _sm_clock_samples(period_ms: int = 50):
     yields; empty where there is no nvidia-smi. A batch-1 step of a small model barely loads the GPU, and a
     clock below its maximum there would read as a slower kernel."""
     samples: list[float] = []
+    # the GPU this process calls cuda:0: the first of CUDA_VISIBLE_DEVICES (an index or a UUID, as nvidia-smi
+    # --id takes them), else nvidia-smi's 0
+    gpu = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip() or "0"
     try:
-        proc = subprocess.Popen(["nvidia-smi", "--id=0", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits",
+        proc = subprocess.Popen(["nvidia-smi", f"--id={gpu}", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits",
                                  f"-lms={period_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     except OSError:
         yield samples
@@ -119,8 +123,8 @@ def _decode_graph_ms(llm, context: int, replays: int = 200) -> float | None:
     with no host work between replays; None without decode graphs. Beside W1's wall time per token it splits
     a token into the graph's device time and the rest (host work, sampling, the gap between steps): W1 on
     Qwen3-0.6B varied 680-1,073 tok/s from one process to the next on one H200 (2026-12-02), and this says
-    on which side the time moves. The replay reruns the last step's inputs (its KV slot is rewritten with
-    the same values' kind of data): run it after the timed generations."""
+    on which side the time moves. The replays rerun the last step's inputs and rewrite that step's KV slot:
+    run it after the timed generations."""
     import torch
 
     holder = getattr(getattr(llm.engine, "runner", None), "graphs", None)

@@ -61,9 +61,10 @@ def test_sm_clock_samples_parse_what_nvidia_smi_prints(tmp_path, monkeypatch):
     an empty list where there is no nvidia-smi at all."""
     fake = tmp_path / "nvidia-smi"
     printed = tmp_path / "printed"
-    fake.write_text(f"#!/bin/sh\nprintf '1980\\n1410\\n'\ntouch {printed}\nexec sleep 30\n")
+    fake.write_text(f"#!/bin/sh\necho \"$1\" > {tmp_path / 'id'}\nprintf '1980\\n1410\\n'\ntouch {printed}\nexec sleep 30\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")  # this process's cuda:0 is the machine's GPU 3
     with offline._sm_clock_samples() as clocks:
         import time
 
@@ -71,6 +72,7 @@ def test_sm_clock_samples_parse_what_nvidia_smi_prints(tmp_path, monkeypatch):
         while not printed.exists() and time.monotonic() < deadline:  # the samples are out before it stops
             time.sleep(0.01)
     assert clocks == [1980.0, 1410.0]
+    assert (tmp_path / "id").read_text().strip() == "--id=3"
     monkeypatch.setenv("PATH", str(tmp_path / "none"))
     with offline._sm_clock_samples() as clocks:
         pass

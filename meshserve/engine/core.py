@@ -74,8 +74,7 @@ def config_eos_token_ids(hf_config, model_dir: str | None) -> list[int]:
 
 def step_shape(sched_out: SchedulerOutput) -> StepShape:
     """What the step-time model needs of a scheduled step."""
-    return StepShape(num_tokens=sched_out.num_batched_tokens, num_seqs=len(sched_out.scheduled),
-                     context_tokens=sum(e.num_computed_tokens + e.num_new_tokens for e in sched_out.scheduled))
+    return StepShape.of(sched_out.scheduled)
 
 
 def spec_decode_stats(stats) -> dict:

@@ -283,13 +283,14 @@ class BlockManager:
 
     def _register_full(self, seq: Sequence, blocks: list[Block], num_tokens: int) -> None:
         """Register in the prefix cache seq's blocks that are full once its first num_tokens are computed."""
+        start = self.seq_num_registered.get(seq.seq_id)
+        if start is not None and num_tokens // self.block_size <= start:
+            return  # no block past the registered ones is full (most steps of a decode); hashes are extended lazily
         self._update_hashes(seq)
         n_full = min(num_tokens // self.block_size, len(seq.block_hashes))
         # from the first block not registered yet: a block whose last token was still pending (async
         # scheduling) when it filled up gets registered once that token is known
-        start = self.seq_num_registered.get(seq.seq_id, 0)
-        if start >= n_full and seq.seq_id in self.seq_num_registered:
-            return  # nothing new (most steps of a decode)
+        start = start or 0
         for i in range(start, n_full):
             if self.offload is not None and blocks[i].block_hash is None:
                 self.filled.append(blocks[i])

@@ -320,9 +320,10 @@ class Scheduler:
         sequences that verified proposals (see _update_speculative).
         """
         updated = []
+        seqs, async_mode = self.seqs, self.async_mode  # (locals, and status.finished for is_finished: every row)
         for entry in output.scheduled:
-            seq = self.seqs.get(entry.seq_id)
-            if seq is None or seq.is_finished:
+            seq = seqs.get(entry.seq_id)
+            if seq is None or seq.status.finished:
                 continue
             if entry.num_spec_tokens:
                 tokens = (spec_sampled or {}).get(entry.seq_id)
@@ -330,7 +331,7 @@ class Scheduler:
                     updated.append(seq)
                 continue
             seq.num_step_tokens = 1
-            if not self.async_mode:
+            if not async_mode:
                 seq.num_computed_tokens += entry.num_new_tokens
             elif entry.do_sample:
                 seq.num_pending_tokens -= 1
@@ -339,7 +340,7 @@ class Scheduler:
                 continue
             seq.output_token_ids.append(token)
             self._check_token_stop(seq, token)
-            if seq.grammar is not None and not seq.is_finished:
+            if seq.grammar is not None and not seq.status.finished:
                 self._advance_grammar(seq, token)
             updated.append(seq)
         return updated

@@ -202,10 +202,12 @@ class Scheduler:
         share = min(-(-len(self.running) // groups), self.config.max_num_seqs) if groups > 1 else len(self.running)
         i = 0
         stalled = False  # blocks are coming free as their stores finish: wait for them rather than preempt
-        while i < len(self.running) and budget > 0 and len(scheduled) < share:
-            seq = self.running[i]
+        # locals for what every row reads (running is the same list object throughout: preemption pops from it)
+        running, skip_pending, allocate = self.running, self.skip_pending, self.block_manager.allocate
+        while i < len(running) and budget > 0 and len(scheduled) < share:
+            seq = running[i]
             pending = seq.num_pending_tokens
-            if pending and ((self.skip_pending and not self._handed_off(seq)) or self._reached_limit(seq)):
+            if pending and ((skip_pending and not self._handed_off(seq)) or self._reached_limit(seq)):
                 i += 1  # its last token is on its way; nothing more to compute
                 continue
             # seq.num_tokens, read without the property (every running sequence, every step)
@@ -221,7 +223,7 @@ class Scheduler:
                     and (self.verify_ahead or not seq.num_pending_tokens)
                     and num_new == seq.num_tokens - seq.num_computed_tokens):
                 num_new += self._num_spec_to_verify(seq, budget - num_new)
-            while not self.block_manager.allocate(seq, num_new, num_lookahead_tokens=self.num_lookahead_tokens):
+            while not allocate(seq, num_new, None, self.num_lookahead_tokens):
                 if self.block_manager.num_landing_blocks:
                     stalled = True
                     break

@@ -169,7 +169,9 @@ class SamplingParams:
     def reads_output_history(self) -> bool:
         """Whether sampling the next token reads the tokens generated so far (so they must all be known):
         penalties count them; a bad word of several tokens is banned when the output ends with its prefix."""
-        return self.uses_penalties or any(len(w) > 1 for w in self._bad_words_token_ids)
+        # uses_penalties inline, and no generator for the common case of no bad words: read per row, every step
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or (bool(self._bad_words_token_ids) and any(len(w) > 1 for w in self._bad_words_token_ids)))
 
     @property
     def uses_grammar(self) -> bool:

@@ -281,6 +281,22 @@ class BlockManager:
             hits += restored
         return hits
 
+    def _register_full(self, seq: Sequence, blocks: list[Block], num_tokens: int) -> None:
+        """Register in the prefix cache seq's blocks that are full once its first num_tokens are computed."""
+        start = self.seq_num_registered.get(seq.seq_id)
+        if start is not None and num_tokens // self.block_size <= start:
+            return  # no block past the registered ones is full (most steps of a decode); hashes are extended lazily
+        self._update_hashes(seq)
+        n_full = min(num_tokens // self.block_size, len(seq.block_hashes))
+        # from the first block not registered yet: a block whose last token was still pending (async
+        # scheduling) when it filled up gets registered once that token is known
+        start = start or 0
+        for i in range(start, n_full):
+            if self.offload is not None and blocks[i].block_hash is None:
+                self.filled.append(blocks[i])
+            self.pool.register(blocks[i], seq.block_hashes[i])
+        self.seq_num_registered[seq.seq_id] = max(start, n_full)
+
     def _restore(self, block_hashes: list[bytes], gpu_hits: list[Block]) -> list[Block] | None:
         """Blocks of block_hashes found in the lower tiers, loaded into fresh GPU blocks that join the prefix
         cache (free, ref 0, like any cached block: allocate shares them; if it cannot, they stay cached).
@@ -320,10 +336,18 @@ class BlockManager:
         the same step may already share them (this is how n > 1 samples share one prompt).
         """
         cached_prefix = cached_prefix or []
-        blocks = self.seq_blocks.get(seq.seq_id, [])
+        seq_id = seq.seq_id
+        blocks = self.seq_blocks.get(seq_id)
         num_computed = seq.num_computed_tokens + len(cached_prefix) * self.block_size
-        need = (self.blocks_needed(num_computed + num_new_tokens + num_lookahead_tokens) - len(blocks)
-                - len(cached_prefix))
+        need = (-(-(num_computed + num_new_tokens + num_lookahead_tokens) // self.block_size)  # blocks_needed
+                - (len(blocks) if blocks is not None else 0) - len(cached_prefix))
+        if blocks is not None and not cached_prefix and need <= 0 and self.offload is None:
+            # a running sequence whose blocks already hold this step's tokens (most decodes, every step): nothing
+            # to take or share, the pool cannot refuse; only full blocks to register
+            if self.enable_prefix_caching:
+                self._register_full(seq, blocks, num_computed + num_new_tokens)
+            return True
+        blocks = blocks if blocks is not None else []
         # a cached prefix block that sits in the free queue stops being free once shared
         revived = sum(1 for b in cached_prefix if b.ref_count == 0)
         if need > self.pool.num_free - revived:
@@ -345,16 +369,7 @@ class BlockManager:
             ids.extend(b.block_id for b in new)
         self.seq_blocks[seq.seq_id] = blocks
         if self.enable_prefix_caching:
-            self._update_hashes(seq)
-            n_full = min((num_computed + num_new_tokens) // self.block_size, len(seq.block_hashes))
-            # from the first block not registered yet: a block whose last token was still pending (async
-            # scheduling) when it filled up gets registered once that token is known
-            start = self.seq_num_registered.get(seq.seq_id, 0)
-            for i in range(start, n_full):
-                if self.offload is not None and blocks[i].block_hash is None:
-                    self.filled.append(blocks[i])
-                self.pool.register(blocks[i], seq.block_hashes[i])
-            self.seq_num_registered[seq.seq_id] = max(start, n_full)
+            self._register_full(seq, blocks, num_computed + num_new_tokens)
         if self.offload is not None and seq.seq_id in self.offload.swapped:
             self.offload.swap_in(seq.seq_id, ids)  # a swapped-out sequence resumes: its KV comes back
         return True

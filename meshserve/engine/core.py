@@ -74,8 +74,7 @@ def config_eos_token_ids(hf_config, model_dir: str | None) -> list[int]:
 
 def step_shape(sched_out: SchedulerOutput) -> StepShape:
     """What the step-time model needs of a scheduled step."""
-    return StepShape(num_tokens=sched_out.num_batched_tokens, num_seqs=len(sched_out.scheduled),
-                     context_tokens=sum(e.num_computed_tokens + e.num_new_tokens for e in sched_out.scheduled))
+    return StepShape.of(sched_out.scheduled)
 
 
 def spec_decode_stats(stats) -> dict:
@@ -495,25 +494,29 @@ class EngineCore:
         updated = self.scheduler.update_after_step(sched_out, runner_out.sampled, runner_out.spec_token_ids)
         if self.speculator is not None:
             self.speculator.after_step(sched_out, runner_out, updated, self.scheduler.num_running)
+        logprobs, num_generated = runner_out.logprobs, 0  # (locals: every row, every step)
         for seq in updated:
             rid = seq.request_id
+            n = seq.num_step_tokens  # more than one when proposals were accepted
+            tokens = seq.output_token_ids
             out = outputs.get(rid)
             if out is None:
-                out = outputs[rid] = EngineCoreOutput(rid)
-            n = seq.num_step_tokens  # more than one when proposals were accepted
-            out.new_token_ids = seq.output_token_ids[-n:]
-            self.num_generated_tokens += n
-            if seq.num_output_tokens == n:
+                out = outputs[rid] = EngineCoreOutput(rid, tokens[-n:])
+            else:
+                out.new_token_ids = tokens[-n:]
+            num_generated += n
+            if len(tokens) == n:
                 out.num_cached_tokens = seq.num_cached_tokens
                 out.first_scheduled_time = seq.first_scheduled_time
-            info = runner_out.logprobs.get(seq.seq_id)
+            info = logprobs.get(seq.seq_id) if logprobs else None
             if info is not None:
                 out.new_logprobs = [_logprobs_message(info)]
-            if seq.is_finished:
+            if seq.status.finished:
                 out.finish_reason = seq.status.finish_reason
                 out.stop_reason = seq.stop_reason if isinstance(seq.stop_reason, int) else None
                 self.requests.pop(rid, None)
                 self._prompt_logprobs_sent.pop(rid, None)
+        self.num_generated_tokens += num_generated
         return list(outputs.values())
 
     def _collect_prompt_logprobs(self, runner_out: ModelRunnerOutput, outputs: dict[str, EngineCoreOutput]) -> None:

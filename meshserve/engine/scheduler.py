@@ -136,26 +136,31 @@ class Scheduler:
         logger.debug("preempted %s (%d tokens) to free KV blocks", seq.seq_id, seq.num_tokens)
 
     def _entry(self, seq: Sequence, num_new: int) -> ScheduledSequence:
-        start = seq.num_computed_tokens
-        num_spec = max(0, start + num_new - seq.num_tokens)  # proposals scheduled after the last token
-        do_sample = start + num_new >= seq.num_tokens
-        needs_history = do_sample and seq.params.reads_output_history
+        # one per scheduled row and step: the sequence's lengths are read once here, not through its properties
+        start, end, params = seq.num_computed_tokens, seq.num_computed_tokens + num_new, seq.params
+        num_prompt, pending = len(seq.prompt_token_ids), seq.num_pending_tokens
+        num_output = len(seq.output_token_ids) + pending  # with the pending ones: the index of the token sampled
+        num_tokens = num_prompt + num_output
+        num_spec = max(0, end - num_tokens)  # proposals scheduled after the last token
+        do_sample = end >= num_tokens
+        needs_history = do_sample and params.reads_output_history
         # prompt logprobs score each prompt token from the position before it, across chunk borders
-        needs_prompt = needs_history or (seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens)
-        token_ids = seq.token_ids_slice(start, start + num_new - num_spec)
+        needs_prompt = needs_history or (params.prompt_logprobs is not None and start < num_prompt)
+        token_ids = seq.token_ids_slice(start, end - num_spec)
+        # positional, in the fields' order: half the cost of the same call by keywords (~0.3 us a row)
         return ScheduledSequence(
-            seq_id=seq.seq_id,
-            token_ids=token_ids + seq.spec_token_ids[:num_spec] if num_spec else token_ids,
-            num_spec_tokens=num_spec,
-            num_computed_tokens=start,
-            block_table=self.block_manager.block_table(seq),
-            params=seq.params,
-            do_sample=do_sample,
-            prompt_token_ids=seq.prompt_token_ids if needs_prompt else None,
-            output_token_ids=seq.output_token_ids if needs_history else None,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens + seq.num_pending_tokens,  # index of the token sampled
-            num_unverified_tokens=max(0, seq.num_pending_tokens - 1) if self.verify_ahead else 0,
+            seq.seq_id,  # seq_id
+            token_ids + seq.spec_token_ids[:num_spec] if num_spec else token_ids,  # token_ids
+            start,  # num_computed_tokens
+            self.block_manager.block_table(seq),  # block_table
+            params,  # params
+            do_sample,  # do_sample
+            seq.prompt_token_ids if needs_prompt else None,  # prompt_token_ids
+            seq.output_token_ids if needs_history else None,  # output_token_ids
+            num_prompt,  # num_prompt_tokens
+            num_output,  # num_output_tokens
+            num_spec,  # num_spec_tokens
+            max(0, pending - 1) if self.verify_ahead else 0,  # num_unverified_tokens
         )
 
     def _shed_late(self, now: float) -> None:
@@ -197,12 +202,17 @@ class Scheduler:
         share = min(-(-len(self.running) // groups), self.config.max_num_seqs) if groups > 1 else len(self.running)
         i = 0
         stalled = False  # blocks are coming free as their stores finish: wait for them rather than preempt
-        while i < len(self.running) and budget > 0 and len(scheduled) < share:
-            seq = self.running[i]
-            if seq.num_pending_tokens and ((self.skip_pending and not self._handed_off(seq)) or self._reached_limit(seq)):
+        # locals for what every row reads (running is the same list object throughout: preemption pops from it)
+        running, skip_pending, allocate = self.running, self.skip_pending, self.block_manager.allocate
+        while i < len(running) and budget > 0 and len(scheduled) < share:
+            seq = running[i]
+            pending = seq.num_pending_tokens
+            if pending and ((skip_pending and not self._handed_off(seq)) or self._reached_limit(seq)):
                 i += 1  # its last token is on its way; nothing more to compute
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            # seq.num_tokens, read without the property (every running sequence, every step)
+            num_new = min(len(seq.prompt_token_ids) + len(seq.output_token_ids) + pending - seq.num_computed_tokens,
+                          budget)
             is_prefill = num_new > 1 and not seq.spec_token_ids
             if is_prefill:
                 num_new = min(num_new, prefill_left)
@@ -213,7 +223,7 @@ class Scheduler:
                     and (self.verify_ahead or not seq.num_pending_tokens)
                     and num_new == seq.num_tokens - seq.num_computed_tokens):
                 num_new += self._num_spec_to_verify(seq, budget - num_new)
-            while not self.block_manager.allocate(seq, num_new, num_lookahead_tokens=self.num_lookahead_tokens):
+            while not allocate(seq, num_new, None, self.num_lookahead_tokens):
                 if self.block_manager.num_landing_blocks:
                     stalled = True
                     break
@@ -272,9 +282,7 @@ class Scheduler:
             self._step_index += 1
         if self.block_manager.offload is not None:  # copies between KV tiers (launched even with nothing to run)
             out.kv_transfers, out.kv_stores_after_forward = self.block_manager.take_step_transfers()
-        self.policy.charge(StepShape(out.num_batched_tokens, len(out.scheduled),
-                                     sum(e.num_computed_tokens + e.num_new_tokens for e in out.scheduled)),
-                           self.running)
+        self.policy.charge(StepShape.of(out.scheduled), self.running)
         if self.async_mode:
             for (seq, n), entry in zip(scheduled, out.scheduled):
                 seq.num_computed_tokens += n
@@ -297,8 +305,8 @@ class Scheduler:
 
     def _reached_limit(self, seq: Sequence) -> bool:
         """No token after the pending ones may be scheduled: max_tokens or max_model_len is reached."""
-        return (seq.num_output_tokens + seq.num_pending_tokens >= seq.max_tokens
-                or seq.num_tokens >= self.config.max_model_len)
+        num_output = len(seq.output_token_ids) + seq.num_pending_tokens  # (lengths, not properties: every step)
+        return num_output >= seq.max_tokens or len(seq.prompt_token_ids) + num_output >= self.config.max_model_len
 
     @property
     def needs_known_history(self) -> bool:
@@ -314,9 +322,10 @@ class Scheduler:
         sequences that verified proposals (see _update_speculative).
         """
         updated = []
+        seqs, async_mode = self.seqs, self.async_mode  # (locals, and status.finished for is_finished: every row)
         for entry in output.scheduled:
-            seq = self.seqs.get(entry.seq_id)
-            if seq is None or seq.is_finished:
+            seq = seqs.get(entry.seq_id)
+            if seq is None or seq.status.finished:
                 continue
             if entry.num_spec_tokens:
                 tokens = (spec_sampled or {}).get(entry.seq_id)
@@ -324,7 +333,7 @@ class Scheduler:
                     updated.append(seq)
                 continue
             seq.num_step_tokens = 1
-            if not self.async_mode:
+            if not async_mode:
                 seq.num_computed_tokens += entry.num_new_tokens
             elif entry.do_sample:
                 seq.num_pending_tokens -= 1
@@ -333,7 +342,7 @@ class Scheduler:
                 continue
             seq.output_token_ids.append(token)
             self._check_token_stop(seq, token)
-            if seq.grammar is not None and not seq.is_finished:
+            if seq.grammar is not None and not seq.status.finished:
                 self._advance_grammar(seq, token)
             updated.append(seq)
         return updated
@@ -387,11 +396,11 @@ class Scheduler:
             self.finish(seq, SequenceStatus.FINISHED_STOPPED)
 
     def _check_token_stop(self, seq: Sequence, token: int) -> None:
-        p = seq.params
-        if seq.num_output_tokens >= p.min_tokens and token in p._all_stop_token_ids:
+        p, num_output = seq.params, len(seq.output_token_ids)  # (a length, not the properties: every row, every step)
+        if num_output >= p.min_tokens and token in p._all_stop_token_ids:
             seq.stop_reason = None if token not in p.stop_token_ids else token
             self.finish(seq, SequenceStatus.FINISHED_STOPPED)
-        elif seq.num_output_tokens >= seq.max_tokens or seq.num_known_tokens >= self.config.max_model_len:
+        elif num_output >= seq.max_tokens or len(seq.prompt_token_ids) + num_output >= self.config.max_model_len:
             self.finish(seq, SequenceStatus.FINISHED_LENGTH)
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:

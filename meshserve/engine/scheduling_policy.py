@@ -96,7 +96,7 @@ class SchedulingPolicy:
         # one pass over the batch (this runs every step): decodes, their context, and the prompt tokens left
         num_decodes = context = pending = 0
         for s in running:
-            num_tokens = s.num_tokens
+            num_tokens = len(s.prompt_token_ids) + len(s.output_token_ids) + s.num_pending_tokens  # s.num_tokens
             left = num_tokens - s.num_computed_tokens
             if left <= 1:
                 num_decodes += 1
@@ -139,10 +139,18 @@ class SchedulingPolicy:
 
     def may_admit(self, seq: Sequence, running: list[Sequence]) -> bool:
         """Whether seq may join the running batch: with it, a decode step still meets the TPOT target."""
-        target = self.tpot_target([*running, seq])
-        if target is None or self.step_model is None:
+        if self.step_model is None:
             return True
-        num, context = self.one_step_share(len(running) + 1, sum(s.num_tokens for s in running) + seq.num_tokens)
+        target, own = self.tpot_target(running), self.tpot_target((seq,))  # the tightest of both (no list copy)
+        if own is not None and (target is None or own < target):
+            target = own
+        if target is None:
+            return True
+        # the batch's context: seq.num_tokens summed without the property (a pass over the batch per admission)
+        context = seq.num_tokens
+        for s in running:
+            context += len(s.prompt_token_ids) + len(s.output_token_ids) + s.num_pending_tokens
+        num, context = self.one_step_share(len(running) + 1, context)
         return self.step_model.predict(StepShape(num, num, context)) <= target * TARGET_MARGIN
 
     # -- the queue -------------------------------------------------------------------------------

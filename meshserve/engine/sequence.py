@@ -20,10 +20,9 @@ class SequenceStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
 
-    @property
-    def finished(self) -> bool:
-        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
-                        SequenceStatus.FINISHED_ABORTED)
+    def __init__(self, value: str):
+        # a plain attribute of each member, not a property: read for every sequence several times a step
+        self.finished = value in ("stop", "length", "abort")
 
     @property
     def finish_reason(self) -> str | None:
@@ -101,10 +100,12 @@ class Sequence:
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output without building the whole list (-1 for pending ones)."""
-        known = self.num_known_tokens
-        if end > known:
-            return self.token_ids_slice(min(start, known), known) + [-1] * (end - max(start, known))
         p = len(self.prompt_token_ids)
+        known = p + len(self.output_token_ids)
+        if end > known:
+            if start >= known:  # only pending tokens: a decode row under async scheduling, every step
+                return [-1] * (end - start)
+            return self.token_ids_slice(start, known) + [-1] * (end - known)
         if end <= p:
             return self.prompt_token_ids[start:end]
         if start >= p:

@@ -29,6 +29,17 @@ class StepShape:
     num_seqs: int
     context_tokens: int  # sum over the step's sequences of their length once the step is done
 
+    @classmethod
+    def of(cls, scheduled) -> StepShape:
+        """The shape of a step's scheduled sequences (ScheduledSequence, or the simulator's light entries), in one
+        pass over them."""
+        num_tokens = context = 0
+        for e in scheduled:
+            n = e.num_new_tokens
+            num_tokens += n
+            context += e.num_computed_tokens + n
+        return cls(num_tokens, len(scheduled), context)
+
 
 @dataclass(frozen=True)
 class DeviceRates:

@@ -712,3 +712,15 @@ def test_token_handoff_runs_a_sequence_again_lag_steps_after_its_last():
     assert handed > len(steps)  # most steps carried sequences whose token was in flight
     assert max(len(o.scheduled) for o in steps[1:]) == 4  # half of eight
     assert [q.output_token_ids for q in seqs] == _one_step_at_a_time(8, max_num_seqs=8, max_num_batched_tokens=64)
+
+
+def test_the_scheduled_rows_fields_are_in_the_order_entry_passes_them():
+    """Scheduler._entry builds ScheduledSequence positionally (half the cost of keywords, once per row and
+    step): a field moved or added before num_unverified_tokens must move there too."""
+    import dataclasses
+
+    from meshserve.engine.scheduler_output import ScheduledSequence
+
+    assert [f.name for f in dataclasses.fields(ScheduledSequence)][:12] == [
+        "seq_id", "token_ids", "num_computed_tokens", "block_table", "params", "do_sample", "prompt_token_ids",
+        "output_token_ids", "num_prompt_tokens", "num_output_tokens", "num_spec_tokens", "num_unverified_tokens"]

@@ -1,8 +1,11 @@
-"""The real server (`meshserve serve`'s code path) around the model-less FakeEngineCore, for `bench frontend`.
+"""The real server (`meshserve serve`'s code path) around a model-less core, for `bench frontend`.
 
 `python -m meshserve.bench.frontend_server --port P --step-ms 20 [--api-server-count N] [--pid-file F]`: the
-core produces one token per running request every step-ms; everything in front of it (HTTP, JSON, SSE,
-detokenization with the embedded model's tokenizer, the ZeroMQ channel, N API processes) is the real thing.
+core (FakeEngineCore) produces one token per running request every step-ms; everything in front of it (HTTP,
+JSON, SSE, detokenization with the embedded model's tokenizer, the ZeroMQ channel, N API processes) is the real
+thing. With `--real-core PRESET` the core is the real EngineCore too (its scheduler, SLO policy, step trace and
+runner) with the forward removed and an emulated device time per step (bench/real_core.py): the serving core's
+own host cost, measurable on a CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +15,11 @@ import json
 import logging
 import sys
 
+from meshserve.bench.real_core import (
+    H200_QWEN3_06B_BASE_MS,
+    H200_QWEN3_06B_US_PER_CONTEXT_TOKEN,
+    H200_QWEN3_06B_US_PER_TOKEN,
+)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshserve.bench.frontend_server")
@@ -26,7 +34,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-len", type=int, default=1 << 20)
     p.add_argument("--no-gc-freeze", action="store_true", help="leave the start-up heap to the collector (A/B)")
     p.add_argument("--pid-file", default=None, help="write {core, api: [pids]} here once serving")
+    real = p.add_argument_group("--real-core: the real EngineCore, model removed, device emulated (real_core.py)")
+    real.add_argument("--real-core", default=None, metavar="PRESET",
+                      help="a model preset (dummy weights, --real-core-layers layers, on the CPU)")
+    real.add_argument("--real-core-layers", type=int, default=1)
+    real.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: the engine's sizing)")
+    real.add_argument("--slo-tpot-ms", type=float, default=None)
+    real.add_argument("--slo-prefill-chunk", type=int, default=None)
+    real.add_argument("--max-num-batched-tokens", type=int, default=None)
+    real.add_argument("--step-trace", default=None, help="the core's step trace (JSON lines)")
+    real.add_argument("--device-base-ms", type=float, default=H200_QWEN3_06B_BASE_MS,
+                      help="emulated device time of a step: this ...")
+    real.add_argument("--device-us-per-token", type=float, default=H200_QWEN3_06B_US_PER_TOKEN,
+                      help="... plus this per new token ...")
+    real.add_argument("--device-us-per-context-token", type=float, default=H200_QWEN3_06B_US_PER_CONTEXT_TOKEN,
+                      help="... plus this per KV token read (defaults: W3 on an H200, Qwen3-0.6B)")
+    real.add_argument("--core-timing", default=None, metavar="PATH",
+                      help="the core thread's CPU time per loop iteration, written here on shutdown")
     return p
+
+
+def _real_core(ns):
+    """EngineArgs and core factory of --real-core."""
+    from meshserve.bench.real_core import EmulatedDevice, real_core_factory
+    from meshserve.config import EngineArgs
+
+    extra = {k: v for k, v in (("slo_prefill_chunk", ns.slo_prefill_chunk),
+                               ("max_num_batched_tokens", ns.max_num_batched_tokens)) if v is not None}
+    args = EngineArgs(model=ns.real_core, load_format="dummy", hf_overrides={"num_hidden_layers": ns.real_core_layers},
+                      device="cpu", max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
+                      slo_ttft_ms=ns.slo_ttft_ms, slo_tpot_ms=ns.slo_tpot_ms, step_trace=ns.step_trace,
+                      num_gpu_blocks_override=ns.num_blocks, **extra)
+    device = EmulatedDevice(ns.device_base_ms / 1e3, ns.device_us_per_token / 1e6,
+                            ns.device_us_per_context_token / 1e6)
+    return args, real_core_factory(device, ns.core_timing)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     from meshserve.serve.cli import bind_listen_socket
     from meshserve.serve.config import ServeConfig
 
-    args = EngineArgs(device="cpu", max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
-                      slo_ttft_ms=ns.slo_ttft_ms)
+    if ns.real_core:
+        args, factory = _real_core(ns)
+    else:
+        args = EngineArgs(device="cpu", max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
+                          slo_ttft_ms=ns.slo_ttft_ms)
+        factory = fake_core_factory(ns.step_ms / 1e3, ns.max_num_seqs)
     config = ServeConfig(served_model_names=["fake"], max_queue_len=ns.max_queue_len, drain_timeout_s=5.0,
                          gc_freeze=not ns.no_gc_freeze)
     opts = HttpOptions(ns.host, ns.port, "warning", access_log=False)
-    factory = fake_core_factory(ns.step_ms / 1e3, ns.max_num_seqs)
 
     def on_started(core_pids: list[int], api_pids: list[int]) -> None:
         if ns.pid_file:

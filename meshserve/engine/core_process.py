@@ -182,14 +182,35 @@ def _core_main(args: EngineArgs, input_addr: str, output_addr: str, ready_conn, 
     freeze_startup_heap()
     ready_conn.send_bytes(_READY + b"\0" + router.info_blob)
     ready_conn.close()
+    profile = _loop_profiler()
     try:
         run_core_loop(core, router.next_command, router.publish)
     except BaseException as e:
         logger.exception("engine core died")
         router.tell_all_dead(e)
     finally:
+        if profile is not None:
+            profile()
         router.close()
         ctx.term()
+
+
+def _loop_profiler() -> Callable[[], None] | None:
+    """MESHSERVE_CORE_PROFILE=PATH: cProfile the core loop (every step, intake and publish) from here on, and
+    write PATH.<pid>.prof when it ends (the returned call stops and writes). Unset: nothing (None)."""
+    path = os.environ.get("MESHSERVE_CORE_PROFILE")
+    if not path:
+        return None
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+
+    def stop() -> None:
+        prof.disable()
+        prof.dump_stats(f"{path}.{os.getpid()}.prof")
+
+    return stop
 
 
 # -- the owner ---------------------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""The real EngineCore with its model removed and an emulated device, for `bench frontend_server --real-core`.
+
+Everything of the serving core runs (its process and loop, the ZeroMQ intake and outputs, the scheduler, the
+SLO admission and shedding, the step-time model, the step trace, the runner's _prepare and launch, the async
+hand-over of sampled ids) except the forward and the sampler (host_overhead.remove_model). The device is
+emulated: a launched step's ids become ready only when a device that runs one step at a time would have
+finished it, base + per_token x tokens + per_context_token x KV tokens read after its launch (EmulatedDevice);
+result() sleeps until then, so with async scheduling the host's work overlaps the "device" as on a GPU, and a
+host slower than the device never waits. The step-time model observes the emulated times, as it observes
+CUDA events' on a GPU.
+
+CoreTiming (--core-timing PATH) records the core thread's CPU time (time.thread_time, not wall: a 2-core
+machine is shared with the API processes) per loop iteration, split into the step, request intake
+(add/abort) and the rest of the loop (ZeroMQ receive and decode, publishing the outputs), and writes it as
+JSON lines on shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from functools import partial
+
+from meshserve.config import EngineArgs
+from meshserve.engine.step_time import StepShape
+
+# W3 on an H200 (Qwen3-0.6B, 256 running, 1024-token prefill chunks): a least-squares fit of the step trace's
+# device times, benchmarks/results/h200_1202_s21/w3_default/steps.jsonl.gz (actual_s ~ tokens, context)
+H200_QWEN3_06B_BASE_MS = 1.127
+H200_QWEN3_06B_US_PER_TOKEN = 2.70
+H200_QWEN3_06B_US_PER_CONTEXT_TOKEN = 0.0342
+
+
+@dataclass(frozen=True)
+class EmulatedDevice:
+    """A step's device time from its shape: base_s + per_token_s x new tokens + per_context_token_s x KV tokens."""
+
+    base_s: float
+    per_token_s: float = 0.0
+    per_context_token_s: float = 0.0
+
+    def time_s(self, shape: StepShape) -> float:
+        return self.base_s + self.per_token_s * shape.num_tokens + self.per_context_token_s * shape.context_tokens
+
+
+class EmulatedTimer:
+    """Stands in for the runner's StepTimer: elapsed_s() waits until the emulated step is done (as a CUDA event
+    is waited on) and returns its device time."""
+
+    def __init__(self, ready_at: float, device_s: float):
+        self.ready_at, self.device_s = ready_at, device_s
+
+    def elapsed_s(self) -> float:
+        wait = self.ready_at - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        return self.device_s
+
+
+def emulate_device(runner, device: EmulatedDevice) -> None:
+    """Wrap a model-less runner's launch: each step with a timer starts on the emulated device when both it is
+    launched and the step before it is done (one stream), and ends device.time_s(shape) later."""
+    launch = runner.launch
+    done_at = [0.0]
+
+    def emulated_launch(out):
+        pending = launch(out)
+        if getattr(pending, "timer", None) is not None:  # a step that ran (an empty one has no timer)
+            device_s = device.time_s(StepShape.of(out.scheduled))
+            done_at[0] = max(time.perf_counter(), done_at[0]) + device_s
+            pending.timer = EmulatedTimer(done_at[0], device_s)
+        return pending
+
+    runner.launch = emulated_launch
+
+
+class CoreTiming:
+    """The core thread's CPU time per loop iteration (one iteration = the commands taken, then one step),
+    split into the step, the intake (add/abort/idle outputs) and the rest (the loop's ZeroMQ receive and
+    decode, and publishing). An iteration is closed when the next step starts."""
+
+    def __init__(self, core, path: str):
+        self.core, self.path = core, path
+        self.rows: list[tuple] = []
+        self._intake = 0.0
+        self._adds = 0
+        self._iter_start: float | None = None
+        for name in ("add_request_or_report", "abort_requests", "idle_outputs"):
+            setattr(core, name, self._intake_timed(getattr(core, name)))
+        step, shutdown = core.step, core.shutdown
+
+        def timed_step():
+            t0 = time.thread_time()
+            scheduler = self.core.scheduler
+            running, waiting = scheduler.num_running, scheduler.num_waiting
+            out = step()
+            t1 = time.thread_time()
+            if self._iter_start is not None:
+                # the iteration before this step: from the last step's start to this one's
+                self.rows.append((time.monotonic(), t0 - self._iter_start, self._step_s, self._intake,
+                                  self._adds, self._running, self._waiting, self._num_outputs))
+            self._iter_start, self._step_s, self._intake, self._adds = t0, t1 - t0, 0.0, 0
+            self._running, self._waiting, self._num_outputs = running, waiting, len(out.outputs)
+            return out
+
+        def timed_shutdown():
+            self.write()
+            shutdown()
+
+        core.step, core.shutdown = timed_step, timed_shutdown
+
+    def _intake_timed(self, fn):
+        def wrapper(*args):
+            t = time.thread_time()
+            try:
+                return fn(*args)
+            finally:
+                self._intake += time.thread_time() - t
+                self._adds += fn.__name__ == "add_request_or_report"
+        return wrapper
+
+    def write(self) -> None:
+        keys = ("t", "iter_cpu_s", "step_cpu_s", "intake_cpu_s", "adds", "running", "waiting", "outputs")
+        with open(self.path, "w") as f:
+            for row in self.rows:
+                f.write(json.dumps(dict(zip(keys, row))) + "\n")
+
+
+def _build_real_core(args: EngineArgs, device: EmulatedDevice, timing_path: str | None):
+    from meshserve.bench.host_overhead import remove_model
+    from meshserve.engine.core import EngineCore
+
+    core = EngineCore.from_engine_args(args)
+    remove_model(core.runner)
+    emulate_device(core.runner, device)
+    if timing_path:
+        CoreTiming(core, timing_path)
+    return core
+
+
+def real_core_factory(device: EmulatedDevice, timing_path: str | None = None) -> partial:
+    """A picklable core factory for CoreProcess (it runs in the spawned core process)."""
+    return partial(_build_real_core, device=device, timing_path=timing_path)

@@ -1,0 +1,104 @@
+"""The real EngineCore with its model removed and an emulated device: the device time is what the emulation
+says, the host overlaps it (async scheduling), and the real server serves through it end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from meshserve import LLM, SamplingParams
+from meshserve.bench.host_overhead import remove_model
+from meshserve.bench.real_core import EmulatedDevice, EmulatedTimer, emulate_device
+from meshserve.distributed.launch import free_port
+from meshserve.engine.step_time import StepShape
+
+
+def test_emulated_device_time_is_linear_in_the_shape():
+    device = EmulatedDevice(0.001, 2e-6, 3e-8)
+    assert device.time_s(StepShape(num_tokens=100, num_seqs=4, context_tokens=1000)) == pytest.approx(
+        0.001 + 100 * 2e-6 + 1000 * 3e-8)
+
+
+def test_emulated_timer_waits_only_for_what_is_left():
+    timer = EmulatedTimer(time.perf_counter() + 0.05, device_s=0.08)
+    time.sleep(0.03)  # host work while the step runs
+    t0 = time.perf_counter()
+    assert timer.elapsed_s() == 0.08
+    assert 0.01 <= time.perf_counter() - t0 < 0.045
+    t0 = time.perf_counter()
+    assert timer.elapsed_s() == 0.08  # done: no wait
+    assert time.perf_counter() - t0 < 0.005
+
+
+def _engine(device: EmulatedDevice, trace: str):
+    llm = LLM(model="smollm2-135m", load_format="dummy", max_model_len=256, max_num_seqs=8,
+              hf_overrides={"num_hidden_layers": 1}, device="cpu", async_scheduling=True, step_trace=trace)
+    remove_model(llm.engine.runner)
+    emulate_device(llm.engine.runner, device)
+    return llm.engine
+
+
+def test_steps_take_the_emulated_device_time_one_after_another(tmp_path):
+    trace = str(tmp_path / "steps.jsonl")
+    device = EmulatedDevice(0.02, 1e-5, 1e-6)
+    engine = _engine(device, trace)
+    engine.add_request(None, list(range(100, 140)), SamplingParams(max_tokens=10, ignore_eos=True))
+    t0 = time.perf_counter()
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    wall = time.perf_counter() - t0
+    engine.core.shutdown()
+    assert [o for o in outs if o.finished][0].outputs[0].token_ids == [17] * 10
+    steps = [json.loads(line) for line in open(trace)]
+    assert len(steps) == 10  # the prefill (which samples the first token) and 9 decodes
+    for s in steps:  # the device time the step model observed is the emulation's for the step's shape
+        expected = device.time_s(StepShape(s["tokens"], s["seqs"], s["context"]))
+        assert s["actual_s"] == pytest.approx(expected, abs=2e-6)
+    # one stream: the steps follow each other on the emulated device
+    assert wall >= sum(s["actual_s"] for s in steps) - 1e-3
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores: the server's processes start, serve and stop
+def test_real_core_server_serves_through_the_real_scheduler(tmp_path):
+    port, pid_file = free_port(), tmp_path / "pids.json"
+    trace, timing = tmp_path / "steps.jsonl", tmp_path / "timing.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "meshserve.bench.frontend_server", "--port", str(port),
+                             "--real-core", "smollm2-135m", "--max-num-seqs", "4", "--max-model-len", "256",
+                             "--device-base-ms", "20", "--device-us-per-token", "0",
+                             "--device-us-per-context-token", "0", "--step-trace", str(trace),
+                             "--core-timing", str(timing), "--pid-file", str(pid_file)],
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            try:
+                if httpx.get(base + "/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        bodies = [{"model": "fake", "prompt": [100 + i, 7, 8, 9], "max_tokens": 6, "ignore_eos": True}
+                  for i in range(6)]
+        with httpx.Client(timeout=60) as http:
+            usages = [http.post(base + "/v1/completions", json=b).json()["usage"] for b in bodies]
+        assert [u["completion_tokens"] for u in usages] == [6] * 6
+        # the real core's counters: the KV blocks of the real block manager
+        assert "meshserve:generation_tokens_total 36.0" in httpx.get(base + "/metrics", timeout=10).text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    steps = [json.loads(line) for line in open(trace)]
+    assert sum(s["tokens"] for s in steps) == 6 * 4 + 6 * 5  # the prompts, then the decodes after each first token
+    assert all(s["actual_s"] == 0.02 for s in steps)
+    # one emulated stream: the steps' read-backs are at least a device time apart on the whole
+    assert steps[-1]["t"] - steps[0]["t"] >= 0.02 * (len(steps) - 1) - 0.002
+    rows = [json.loads(line) for line in open(timing)]
+    assert len(rows) >= len(steps) - 1 and all(r["step_cpu_s"] <= r["iter_cpu_s"] for r in rows)

@@ -38,9 +38,14 @@ def _thread_cpu_s(pid: int) -> dict[str, float]:
     return res
 
 
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def summarize(out: str, min_running: int) -> dict:
     """Medians and means over the steady iterations of the core's --core-timing rows."""
-    rows = [json.loads(line) for line in open(os.path.join(out, "timing.jsonl"))]
+    rows = _read_jsonl(os.path.join(out, "timing.jsonl"))
     steady = [r for r in rows if r["running"] >= min_running]
     if not steady:
         return {"iterations": len(rows), "steady": 0}
@@ -52,11 +57,15 @@ def summarize(out: str, min_running: int) -> dict:
     rest = [r["iter_cpu_s"] - r["step_cpu_s"] - r["intake_cpu_s"] for r in steady]
     res["loop_rest_ms_median"] = round(1e3 * statistics.median(rest), 3)
     res["loop_rest_ms_mean"] = round(1e3 * statistics.fmean(rest), 3)
+    for part in steady[0].get("step_parts_s", {}):  # a step's parts (the step's idle-outputs stats are intake's)
+        vals = [r["step_parts_s"][part] for r in steady]
+        res[f"step_{part}_ms_median"] = round(1e3 * statistics.median(vals), 3)
+        res[f"step_{part}_ms_mean"] = round(1e3 * statistics.fmean(vals), 3)
     for key in ("adds", "running", "waiting", "outputs"):
         res[f"mean_{key}"] = round(statistics.fmean(r[key] for r in steady), 2)
     span = steady[-1]["t"] - steady[0]["t"]
     res["steady_period_ms"] = round(1e3 * span / max(1, len(steady) - 1), 3)
-    steps = [json.loads(line) for line in open(os.path.join(out, "steps.jsonl"))]
+    steps = _read_jsonl(os.path.join(out, "steps.jsonl"))
     st = [s for s in steps if s["running"] >= min_running]
     if st:
         res["device_ms_median"] = round(1e3 * statistics.median(s["actual_s"] for s in st), 3)
@@ -93,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         path = name if os.path.isabs(name) else os.path.join(ns.out, name)
         if os.path.exists(path):
             os.unlink(path)
-    server = subprocess.Popen(cmd, stderr=open(os.path.join(ns.out, "server.log"), "w"))
+    with open(os.path.join(ns.out, "server.log"), "w") as log:
+        server = subprocess.Popen(cmd, stderr=log)
     try:
         deadline = time.monotonic() + 180
         while not (os.path.exists(pid_file) and os.path.getsize(pid_file)):
@@ -101,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("the server did not start: see server.log")
             time.sleep(0.2)
         time.sleep(2.0)
-        pids = json.load(open(pid_file))
+        with open(pid_file) as f:
+            pids = json.load(f)
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         settings = argparse.Namespace(duration=ns.duration, ramp_s=2.0, max_tokens=ns.max_tokens,
@@ -129,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
            "refused_429": sum(r[0] == 429 for r in results), "client_errors": sum(len(e) for _, e in gathered),
            "core_threads_cpu_s": {k: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1 if cpu1[k] - cpu0.get(k, 0.0)},
            **summarize(ns.out, ns.min_running)}
-    json.dump(res, open(os.path.join(ns.out, "summary.json"), "w"), indent=1)
+    with open(os.path.join(ns.out, "summary.json"), "w") as f:
+        json.dump(res, f, indent=1)
     print(json.dumps(res, indent=1))
     return 0
 

@@ -21,6 +21,7 @@ from meshserve.bench.real_core import (
     H200_QWEN3_06B_US_PER_TOKEN,
 )
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshserve.bench.frontend_server")
     p.add_argument("--host", default="127.0.0.1")

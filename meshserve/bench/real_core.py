@@ -9,15 +9,12 @@ result() sleeps until then, so with async scheduling the host's work overlaps th
 host slower than the device never waits. The step-time model observes the emulated times, as it observes
 CUDA events' on a GPU.
 
-CoreTiming (--core-timing PATH) records the core thread's CPU time (time.thread_time, not wall: a 2-core
-machine is shared with the API processes) per loop iteration, split into the step, request intake
-(add/abort) and the rest of the loop (ZeroMQ receive and decode, publishing the outputs), and writes it as
-JSON lines on shutdown.
+--core-timing PATH attaches engine/core_timing.py's CoreTiming: the core thread's CPU time per loop iteration
+and its parts (time.thread_time, not wall: a 2-core machine is shared with the API processes).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -75,61 +72,10 @@ def emulate_device(runner, device: EmulatedDevice) -> None:
     runner.launch = emulated_launch
 
 
-class CoreTiming:
-    """The core thread's CPU time per loop iteration (one iteration = the commands taken, then one step),
-    split into the step, the intake (add/abort/idle outputs) and the rest (the loop's ZeroMQ receive and
-    decode, and publishing). An iteration is closed when the next step starts."""
-
-    def __init__(self, core, path: str):
-        self.core, self.path = core, path
-        self.rows: list[tuple] = []
-        self._intake = 0.0
-        self._adds = 0
-        self._iter_start: float | None = None
-        for name in ("add_request_or_report", "abort_requests", "idle_outputs"):
-            setattr(core, name, self._intake_timed(getattr(core, name)))
-        step, shutdown = core.step, core.shutdown
-
-        def timed_step():
-            t0 = time.thread_time()
-            scheduler = self.core.scheduler
-            running, waiting = scheduler.num_running, scheduler.num_waiting
-            out = step()
-            t1 = time.thread_time()
-            if self._iter_start is not None:
-                # the iteration before this step: from the last step's start to this one's
-                self.rows.append((time.monotonic(), t0 - self._iter_start, self._step_s, self._intake,
-                                  self._adds, self._running, self._waiting, self._num_outputs))
-            self._iter_start, self._step_s, self._intake, self._adds = t0, t1 - t0, 0.0, 0
-            self._running, self._waiting, self._num_outputs = running, waiting, len(out.outputs)
-            return out
-
-        def timed_shutdown():
-            self.write()
-            shutdown()
-
-        core.step, core.shutdown = timed_step, timed_shutdown
-
-    def _intake_timed(self, fn):
-        def wrapper(*args):
-            t = time.thread_time()
-            try:
-                return fn(*args)
-            finally:
-                self._intake += time.thread_time() - t
-                self._adds += fn.__name__ == "add_request_or_report"
-        return wrapper
-
-    def write(self) -> None:
-        keys = ("t", "iter_cpu_s", "step_cpu_s", "intake_cpu_s", "adds", "running", "waiting", "outputs")
-        with open(self.path, "w") as f:
-            for row in self.rows:
-                f.write(json.dumps(dict(zip(keys, row))) + "\n")
-
-
 def _build_real_core(args: EngineArgs, device: EmulatedDevice, timing_path: str | None):
     from meshserve.bench.host_overhead import remove_model
     from meshserve.engine.core import EngineCore
+    from meshserve.engine.core_timing import CoreTiming
 
     core = EngineCore.from_engine_args(args)
     remove_model(core.runner)

@@ -29,6 +29,7 @@ from meshserve.config import EngineArgs
 from meshserve.distributed import process_start
 from meshserve.engine import startup_timeline
 from meshserve.engine.core_client import ABORT, ADD, IDLE_POLL_S, SHUTDOWN, run_core_loop
+from meshserve.engine.core_timing import attach_from_env as attach_core_timing
 from meshserve.engine.heap import freeze_startup_heap
 from meshserve.engine.messages import (
     CoreInfo,
@@ -182,6 +183,7 @@ def _core_main(args: EngineArgs, input_addr: str, output_addr: str, ready_conn, 
     freeze_startup_heap()
     ready_conn.send_bytes(_READY + b"\0" + router.info_blob)
     ready_conn.close()
+    attach_core_timing(core)  # MESHSERVE_CORE_TIMING: the loop's thread CPU per step (core_timing.py)
     profile = _loop_profiler()
     try:
         run_core_loop(core, router.next_command, router.publish)

@@ -18,6 +18,11 @@ from meshserve.distributed.launch import free_port
 from meshserve.engine.step_time import StepShape
 
 
+def _read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def test_emulated_device_time_is_linear_in_the_shape():
     device = EmulatedDevice(0.001, 2e-6, 3e-8)
     assert device.time_s(StepShape(num_tokens=100, num_seqs=4, context_tokens=1000)) == pytest.approx(
@@ -54,8 +59,8 @@ def test_steps_take_the_emulated_device_time_one_after_another(tmp_path):
         outs += engine.step()
     wall = time.perf_counter() - t0
     engine.core.shutdown()
-    assert [o for o in outs if o.finished][0].outputs[0].token_ids == [17] * 10
-    steps = [json.loads(line) for line in open(trace)]
+    assert next(o for o in outs if o.finished).outputs[0].token_ids == [17] * 10
+    steps = _read_jsonl(trace)
     assert len(steps) == 10  # the prefill (which samples the first token) and 9 decodes
     for s in steps:  # the device time the step model observed is the emulation's for the step's shape
         expected = device.time_s(StepShape(s["tokens"], s["seqs"], s["context"]))
@@ -95,10 +100,10 @@ def test_real_core_server_serves_through_the_real_scheduler(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-    steps = [json.loads(line) for line in open(trace)]
+    steps = _read_jsonl(trace)
     assert sum(s["tokens"] for s in steps) == 6 * 4 + 6 * 5  # the prompts, then the decodes after each first token
     assert all(s["actual_s"] == 0.02 for s in steps)
     # one emulated stream: the steps' read-backs are at least a device time apart on the whole
     assert steps[-1]["t"] - steps[0]["t"] >= 0.02 * (len(steps) - 1) - 0.002
-    rows = [json.loads(line) for line in open(timing)]
+    rows = _read_jsonl(timing)
     assert len(rows) >= len(steps) - 1 and all(r["step_cpu_s"] <= r["iter_cpu_s"] for r in rows)

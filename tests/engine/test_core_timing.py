@@ -58,3 +58,26 @@ def test_env_var_attaches_to_a_real_core_only(tiny_model_dir, tmp_path, monkeypa
     core.shutdown()  # writes the (empty) rows
     with open(timing.path) as f:
         assert f.read() == ""
+
+
+def test_core_process_writes_the_timing_and_the_loop_profile_when_asked(tiny_model_dir, tmp_path, monkeypatch):
+    """MESHSERVE_CORE_TIMING and MESHSERVE_CORE_PROFILE reach the spawned core process: its rows and its loop's
+    cProfile are written when it stops."""
+    import pstats
+
+    from meshserve.engine.core_process import ProcessCoreClient
+    from tests.engine.core_outputs import collect_outputs, finished_ids
+
+    monkeypatch.setenv("MESHSERVE_CORE_TIMING", str(tmp_path / "timing"))
+    monkeypatch.setenv("MESHSERVE_CORE_PROFILE", str(tmp_path / "core"))
+    client = ProcessCoreClient(EngineArgs(model=tiny_model_dir("llama"), block_size=4, max_model_len=128))
+    pid = client.proc.pid
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    for i in range(2):
+        client.add_request(EngineCoreRequest(f"p{i}", [5 + i, 6, 7], params, 5))
+    collect_outputs(client, lambda got: finished_ids(got) == {"p0", "p1"})
+    client.shutdown()
+    with open(tmp_path / f"timing.{pid}.jsonl") as f:
+        assert [json.loads(line) for line in f]  # the steps of the two requests
+    stats = pstats.Stats(str(tmp_path / f"core.{pid}.prof"))
+    assert any(name == "run_core_loop" for _, _, name in stats.stats)

@@ -50,7 +50,7 @@ def summarize(out: str, min_running: int) -> dict:
     if not steady:
         return {"iterations": len(rows), "steady": 0}
     res = {"iterations": len(rows), "steady": len(steady)}
-    for key in ("iter_cpu_s", "step_cpu_s", "intake_cpu_s"):
+    for key in ("iter_cpu_s", "iter_wall_s", "step_cpu_s", "intake_cpu_s"):
         vals = [r[key] for r in steady]
         res[key.replace("_s", "_ms") + "_median"] = round(1e3 * statistics.median(vals), 3)
         res[key.replace("_s", "_ms") + "_mean"] = round(1e3 * statistics.fmean(vals), 3)

@@ -2,10 +2,11 @@
 time per loop iteration, on any device, written as JSON lines on shutdown.
 
 An iteration is the commands the core loop took (requests in, aborts), then one step, then publishing its
-outputs. Each row splits the iteration's thread CPU (time.thread_time: not wall, so a busy machine or a wait
-for the device does not count, but a spinning wait does) into the step and its STEP_PARTS, the intake
-(add/abort/idle outputs) and the rest of the loop (the ZeroMQ receive and decode, publishing). The wrappers
-cost a few microseconds a step and exist only while timing is on.
+outputs. Each row has the iteration's wall time (iter_wall_s: its CPU, the waits for the device, and any time
+the thread could not run: a busy machine, another thread holding the GIL) and splits its thread CPU
+(time.thread_time: a wait for the device does not count, a spinning one does) into the step and its
+STEP_PARTS, the intake (add/abort/idle outputs) and the rest of the loop (the ZeroMQ receive and decode,
+publishing). The wrappers cost a few microseconds a step and exist only while timing is on.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class CoreTiming:
         step, shutdown = core.step, core.shutdown
 
         def timed_step():
-            t0 = time.thread_time()
+            t0, w0 = time.thread_time(), time.perf_counter()
             scheduler = self.core.scheduler
             running, waiting = scheduler.num_running, scheduler.num_waiting
             self._parts = dict.fromkeys(STEP_PARTS, 0.0)  # what runs outside a step (intake's stats) is not counted
@@ -52,9 +53,10 @@ class CoreTiming:
             t1 = time.thread_time()
             if self._iter_start is not None:
                 # the iteration before this step: from the last step's start to this one's
-                self.rows.append((time.monotonic(), t0 - self._iter_start, self._step_s, self._intake,
-                                  self._adds, self._running, self._waiting, self._num_outputs, self._step_parts))
-            self._iter_start, self._step_s, self._intake, self._adds = t0, t1 - t0, 0.0, 0
+                self.rows.append((time.monotonic(), t0 - self._iter_start, w0 - self._iter_wall_start, self._step_s,
+                                  self._intake, self._adds, self._running, self._waiting, self._num_outputs,
+                                  self._step_parts))
+            self._iter_start, self._iter_wall_start, self._step_s, self._intake, self._adds = t0, w0, t1 - t0, 0.0, 0
             self._step_parts = self._parts
             self._running, self._waiting, self._num_outputs = running, waiting, len(out.outputs)
             return out
@@ -85,7 +87,7 @@ class CoreTiming:
         return wrapper
 
     def write(self) -> None:
-        keys = ("t", "iter_cpu_s", "step_cpu_s", "intake_cpu_s", "adds", "running", "waiting", "outputs",
+        keys = ("t", "iter_cpu_s", "iter_wall_s", "step_cpu_s", "intake_cpu_s", "adds", "running", "waiting", "outputs",
                 "step_parts_s")
         with open(self.path, "w") as f:
             f.writelines(json.dumps(dict(zip(keys, row))) + "\n" for row in self.rows)

@@ -64,7 +64,7 @@ def emulate_device(runner, device: EmulatedDevice) -> None:
     def emulated_launch(out):
         pending = launch(out)
         if getattr(pending, "timer", None) is not None:  # a step that ran (an empty one has no timer)
-            device_s = device.time_s(StepShape.of(out.scheduled))
+            device_s = device.time_s(out.shape if out.shape is not None else StepShape.of(out.scheduled))
             done_at[0] = max(time.perf_counter(), done_at[0]) + device_s
             pending.timer = EmulatedTimer(done_at[0], device_s)
         return pending

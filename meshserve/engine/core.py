@@ -73,8 +73,8 @@ def config_eos_token_ids(hf_config, model_dir: str | None) -> list[int]:
 
 
 def step_shape(sched_out: SchedulerOutput) -> StepShape:
-    """What the step-time model needs of a scheduled step."""
-    return StepShape.of(sched_out.scheduled)
+    """What the step-time model needs of a scheduled step (the scheduler's, when it computed it)."""
+    return sched_out.shape if sched_out.shape is not None else StepShape.of(sched_out.scheduled)
 
 
 def spec_decode_stats(stats) -> dict:

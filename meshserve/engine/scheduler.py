@@ -282,7 +282,8 @@ class Scheduler:
             self._step_index += 1
         if self.block_manager.offload is not None:  # copies between KV tiers (launched even with nothing to run)
             out.kv_transfers, out.kv_stores_after_forward = self.block_manager.take_step_transfers()
-        self.policy.charge(StepShape.of(out.scheduled), self.running)
+        out.shape = StepShape.of(out.scheduled)
+        self.policy.charge(out.shape, self.running)
         if self.async_mode:
             for (seq, n), entry in zip(scheduled, out.scheduled):
                 seq.num_computed_tokens += n

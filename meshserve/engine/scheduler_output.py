@@ -73,6 +73,9 @@ class SchedulerOutput:
     # int32 packed bitmask on the host, row k for the k-th sampling row; all ones for an unconstrained row),
     # None when no row is constrained. Filled by the engine (before_sample, or before the step is sent)
     grammar_bitmask: Any = None
+    # the step's StepShape, computed once by the scheduler (its TPOT credit) and read again by the engine (the
+    # step-time model, the trace); rank 0 only (step_delta.py strips it)
+    shape: Any = field(default=None, repr=False, compare=False)
 
     @property
     def num_batched_tokens(self) -> int:

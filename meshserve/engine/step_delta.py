@@ -60,8 +60,8 @@ class StepDeltaSender:
                 e.block_table, e.num_held_blocks = table[held:], held
             if sent is None or held < len(sent) or len(table) > held:
                 self._tables[e.seq_id] = table.copy()
-        hook, masks = out.before_sample, out.grammar_bitmask
-        out.before_sample = None
+        hook, masks, shape = out.before_sample, out.grammar_bitmask, out.shape
+        out.before_sample = out.shape = None
         if not self.workers_sample:
             out.grammar_bitmask = None
         try:
@@ -69,7 +69,7 @@ class StepDeltaSender:
         finally:
             for e, (params, table) in zip(out.scheduled, saved):
                 e.params, e.block_table, e.num_held_blocks = params, table, 0
-            out.before_sample, out.grammar_bitmask = hook, masks
+            out.before_sample, out.grammar_bitmask, out.shape = hook, masks, shape
 
 
 class StepDeltaReceiver:

@@ -724,3 +724,23 @@ def test_the_scheduled_rows_fields_are_in_the_order_entry_passes_them():
     assert [f.name for f in dataclasses.fields(ScheduledSequence)][:12] == [
         "seq_id", "token_ids", "num_computed_tokens", "block_table", "params", "do_sample", "prompt_token_ids",
         "output_token_ids", "num_prompt_tokens", "num_output_tokens", "num_spec_tokens", "num_unverified_tokens"]
+
+
+def test_each_step_carries_its_shape_as_the_engine_would_compute_it():
+    """SchedulerOutput.shape (the scheduler's, for its TPOT credit) is what StepShape.of gives for the step's
+    rows, the engine's step-time model reads it instead of a second pass; async scheduling's updates to the
+    sequences after the step is built leave it true, prefill chunks and decodes alike."""
+    from meshserve.engine.step_time import StepShape
+
+    s = make_sched(max_num_seqs=4, max_num_batched_tokens=16)
+    s.async_mode = True
+    for i in range(3):
+        s.add(make_seq(f"s{i}", list(range(10 * i + 1, 10 * i + 11)), max_tokens=4))
+    shapes = []
+    while s.has_unfinished():
+        out = s.schedule()
+        assert out.shape == StepShape.of(out.scheduled)
+        shapes.append(out.shape)
+        s.update_after_step(out, {e.seq_id: 7 for e in out.scheduled if e.do_sample})
+    assert shapes[0].num_tokens == 16  # prompt chunks under the token budget
+    assert any(sh.num_seqs and sh.num_tokens == sh.num_seqs for sh in shapes)  # and decode-only steps

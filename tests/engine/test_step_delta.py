@@ -12,6 +12,7 @@ from meshserve.engine.scheduler import Scheduler
 from meshserve.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from meshserve.engine.sequence import Sequence
 from meshserve.engine.step_delta import StepDeltaReceiver, StepDeltaSender
+from meshserve.engine.step_time import StepShape
 from meshserve.sampling import SamplingParams
 
 
@@ -83,8 +84,8 @@ def test_a_table_that_shrinks_and_regrows_is_resent_from_its_first_changed_block
 
 
 def test_the_hook_never_leaves_and_the_masks_only_when_a_worker_samples():
-    """The engine's before_sample hook (not even picklable here: a lambda) stays on rank 0; the grammar masks
-    go along only when a worker samples (pipeline stages); rank 0's step keeps both."""
+    """The engine's before_sample hook (not even picklable here: a lambda) and the step's shape stay on rank 0;
+    the grammar masks go along only when a worker samples (pipeline stages); rank 0's step keeps all three."""
     import torch
 
     params = SamplingParams(max_tokens=8)
@@ -94,8 +95,10 @@ def test_the_hook_never_leaves_and_the_masks_only_when_a_worker_samples():
         out = SchedulerOutput([ScheduledSequence("a", [1], 12, [3, 4, 5, 6], params, True)],
                               grammar_bitmask=masks)
         out.before_sample = hook = lambda: None  # noqa: E731
+        out.shape = shape = StepShape.of(out.scheduled)
         got, _ = _wire(sender, receiver, out)
         assert got.before_sample is None and out.before_sample is hook and out.grammar_bitmask is masks
+        assert got.shape is None and out.shape is shape  # the engine's, on rank 0 only
         if workers_sample:
             assert torch.equal(got.grammar_bitmask, masks)
         else:

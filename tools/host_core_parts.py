@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"step_trace": bool(cli.step_trace), "steps": len(rows),
                       "mean_running": round(statistics.fmean(r["running"] for r in rows), 1),
                       "step_cpu_ms_median": round(1e3 * statistics.median(r["step_cpu_s"] for r in rows), 3),
+                      "gc_cpu_ms_mean": round(1e3 * statistics.fmean(r["gc_cpu_s"] for r in rows), 3),
+                      "gc_full": sum(r["gc_full"] for r in rows),
                       **{f"step_{k}_ms_median": v for k, v in parts.items()}}))
     return 0
 

@@ -50,7 +50,7 @@ def summarize(out: str, min_running: int) -> dict:
     if not steady:
         return {"iterations": len(rows), "steady": 0}
     res = {"iterations": len(rows), "steady": len(steady)}
-    for key in ("iter_cpu_s", "iter_wall_s", "step_cpu_s", "intake_cpu_s"):
+    for key in ("iter_cpu_s", "iter_wall_s", "step_cpu_s", "intake_cpu_s", "gc_cpu_s"):
         vals = [r[key] for r in steady]
         res[key.replace("_s", "_ms") + "_median"] = round(1e3 * statistics.median(vals), 3)
         res[key.replace("_s", "_ms") + "_mean"] = round(1e3 * statistics.fmean(vals), 3)
@@ -61,6 +61,7 @@ def summarize(out: str, min_running: int) -> dict:
         vals = [r["step_parts_s"][part] for r in steady]
         res[f"step_{part}_ms_median"] = round(1e3 * statistics.median(vals), 3)
         res[f"step_{part}_ms_mean"] = round(1e3 * statistics.fmean(vals), 3)
+    res["gc_full"] = sum(r["gc_full"] for r in steady)
     for key in ("adds", "running", "waiting", "outputs"):
         res[f"mean_{key}"] = round(statistics.fmean(r[key] for r in steady), 2)
     span = steady[-1]["t"] - steady[0]["t"]

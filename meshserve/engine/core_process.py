@@ -30,7 +30,11 @@ from meshserve.distributed import process_start
 from meshserve.engine import startup_timeline
 from meshserve.engine.core_client import ABORT, ADD, IDLE_POLL_S, SHUTDOWN, run_core_loop
 from meshserve.engine.core_timing import attach_from_env as attach_core_timing
-from meshserve.engine.heap import freeze_startup_heap
+from meshserve.engine.heap import (
+    freeze_startup_heap,
+    set_young_collection_threshold,
+    young_collection_threshold,
+)
 from meshserve.engine.messages import (
     CoreInfo,
     EngineCoreOutputs,
@@ -181,6 +185,7 @@ def _core_main(args: EngineArgs, input_addr: str, output_addr: str, ready_conn, 
     # the core holds ~300k start-up objects (torch, the model, its graphs): a full collection walking them holds
     # the GIL ~140 ms on a 2-core CPU, a stall of every stream's next token; freeze them (heap.py)
     freeze_startup_heap()
+    set_young_collection_threshold(young_collection_threshold())
     ready_conn.send_bytes(_READY + b"\0" + router.info_blob)
     ready_conn.close()
     attach_core_timing(core)  # MESHSERVE_CORE_TIMING: the loop's thread CPU per step (core_timing.py)

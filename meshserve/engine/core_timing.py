@@ -6,11 +6,13 @@ outputs. Each row has the iteration's wall time (iter_wall_s: its CPU, the waits
 the thread could not run: a busy machine, another thread holding the GIL) and splits its thread CPU
 (time.thread_time: a wait for the device does not count, a spinning one does) into the step and its
 STEP_PARTS, the intake (add/abort/idle outputs) and the rest of the loop (the ZeroMQ receive and decode,
-publishing). The wrappers cost a few microseconds a step and exist only while timing is on.
+publishing); the garbage collector's CPU within it (gc_cpu_s, wherever a collection struck) and its full
+collections (gc_full). The wrappers cost a few microseconds a step and exist only while timing is on.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -33,6 +35,8 @@ class CoreTiming:
         self._adds = 0
         self._iter_start: float | None = None
         self._parts = dict.fromkeys(STEP_PARTS, 0.0)
+        self._gc, self._gc_full, self._gc_t0 = 0.0, 0, 0.0  # the collector's CPU in this iteration, full collections
+        gc.callbacks.append(self._on_gc)
         for name in ("add_request_or_report", "abort_requests", "idle_outputs"):
             setattr(core, name, self._intake_timed(getattr(core, name)))
         runner = getattr(core.executor, "runner", None)  # rank 0's in-process runner, if any
@@ -55,13 +59,16 @@ class CoreTiming:
                 # the iteration before this step: from the last step's start to this one's
                 self.rows.append((time.monotonic(), t0 - self._iter_start, w0 - self._iter_wall_start, self._step_s,
                                   self._intake, self._adds, self._running, self._waiting, self._num_outputs,
-                                  self._step_parts))
+                                  self._step_parts, self._gc, self._gc_full))
             self._iter_start, self._iter_wall_start, self._step_s, self._intake, self._adds = t0, w0, t1 - t0, 0.0, 0
+            self._gc, self._gc_full = 0.0, 0
             self._step_parts = self._parts
             self._running, self._waiting, self._num_outputs = running, waiting, len(out.outputs)
             return out
 
         def timed_shutdown():
+            if self._on_gc in gc.callbacks:
+                gc.callbacks.remove(self._on_gc)
             self.write()
             shutdown()
 
@@ -77,6 +84,14 @@ class CoreTiming:
                 self._adds += fn.__name__ == "add_request_or_report"
         return wrapper
 
+    def _on_gc(self, phase: str, info: dict) -> None:
+        """The collector's CPU (any thread's collection: the core loop's in practice), counted in the iteration."""
+        if phase == "start":
+            self._gc_t0 = time.thread_time()
+        else:
+            self._gc += time.thread_time() - self._gc_t0
+            self._gc_full += info.get("generation") == 2
+
     def _part_timed(self, fn, part: str):
         def wrapper(*args, **kwargs):
             t = time.thread_time()
@@ -88,7 +103,7 @@ class CoreTiming:
 
     def write(self) -> None:
         keys = ("t", "iter_cpu_s", "iter_wall_s", "step_cpu_s", "intake_cpu_s", "adds", "running", "waiting", "outputs",
-                "step_parts_s")
+                "step_parts_s", "gc_cpu_s", "gc_full")
         with open(self.path, "w") as f:
             f.writelines(json.dumps(dict(zip(keys, row))) + "\n" for row in self.rows)
 

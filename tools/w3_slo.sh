@@ -5,6 +5,11 @@
 # CLIENT_PROCS (default 4): client processes sending the load (one falls behind at QPS 96: send lag p99 4-5 s)
 # MODEL (default llama-3.1-8b): the preset served (dummy weights); issue 18 measures qwen3-0.6b too
 # TAR=1: everything the run wrote as one $OUT/w3_run.tgz (the steps trace included)
+# CORE_TIMING=1: the engine core's thread CPU per loop iteration by part (MESHSERVE_CORE_TIMING, engine/core_timing.py;
+#   a few us a step), written when the server stops and summarized at the end over the iterations with >= 200
+#   running (tools/real_core_w3.py's summary): is the host-bound core's step its own CPU, or time its thread did not
+#   run? CORE_PROFILE=1: a cProfile of the core loop too (MESHSERVE_CORE_PROFILE; it about doubles the loop's CPU,
+#   so the run's goodput is not W3's: a run of its own)
 set -u -o pipefail
 qps=${1:-32,48,64,96}; shift || true
 client_procs=${CLIENT_PROCS:-4}
@@ -13,6 +18,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD:/tmp/site
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 python3 -m meshserve.cli bench tokenizer /tmp/tok --model $model >/dev/null || exit 1
+[ "${CORE_TIMING:-0}" = 1 ] && export MESHSERVE_CORE_TIMING=$OUT/core_timing
+[ "${CORE_PROFILE:-0}" = 1 ] && export MESHSERVE_CORE_PROFILE=$OUT/core_loop
 python3 -m meshserve.cli serve $model --load-format dummy --tokenizer /tmp/tok --max-model-len 4096 \
   --port 8000 --disable-access-log --slo-ttft-ms 1000 --slo-tpot-ms 50 --step-trace $OUT/steps.jsonl "$@" \
   > $OUT/serve.log 2>&1 &
@@ -49,6 +56,20 @@ if busy:
 PY
 curl -s localhost:8000/metrics | grep -E "^meshserve:(requests_(rejected|refused_at_gate|shed|slo|total)|step_time|queue_wait|admission_margin)" | tee $OUT/metrics.txt
 kill -TERM $pid; wait $pid
+if [ "${CORE_TIMING:-0}" = 1 ]; then
+  cp $OUT/core_timing.*.jsonl $OUT/timing.jsonl 2> /dev/null && python3 - "$OUT" << 'PY'
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("real_core_w3", "tools/real_core_w3.py")
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+print("core timing (>= 200 running):", json.dumps(mod.summarize(sys.argv[1], 200)))
+PY
+  rm -f $OUT/timing.jsonl
+fi
+for prof in $OUT/core_loop.*.prof; do
+  [ -f "$prof" ] && python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('cumtime').print_stats(30)" \
+    "$prof" > $OUT/core_loop_top.txt && head -50 $OUT/core_loop_top.txt | tail -38
+done
 # TAR=1: the run's files as one $OUT/w3_run.tgz (a device call brings back 8 files: two runs' logs, traces and
 # reports overflow it, as the sixteenth session's second W3 run did)
 if [ "${TAR:-0}" = 1 ]; then

@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass
 import torch
 from triton.runtime.errors import OutOfResources
 
+from meshserve.engine.cuda_graph import replay_ms
 from meshserve.kernels import triton_moe
 from meshserve.kernels.moe_configs import (
     GroupedGemmConfig,
@@ -120,15 +121,7 @@ def time_graph(fn, repeats: int = 50) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / repeats
+    return replay_ms(graph, repeats) * 1e3
 
 
 def count_launches(fn) -> int:

@@ -125,21 +125,13 @@ def _decode_graph_ms(llm, context: int, replays: int = 200) -> float | None:
     Qwen3-0.6B varied 680-1,073 tok/s from one process to the next on one H200 (2026-12-02), and this says
     on which side the time moves. The replays rerun the last step's inputs and rewrite that step's KV slot:
     run it after the timed generations."""
-    import torch
-
     holder = getattr(getattr(llm.engine, "runner", None), "graphs", None)
     graph = holder.graphs.get(holder.variant(1, context)) if holder is not None and holder.graphs else None
     if graph is None:
         return None
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
+    from meshserve.engine.cuda_graph import replay_ms
+
+    return replay_ms(graph, replays)
 
 
 def _decode_curve(llm, batch_sizes: list[int]) -> dict[int, float]:

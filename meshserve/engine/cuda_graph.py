@@ -87,6 +87,20 @@ def capture_graph(holder, args: tuple) -> tuple[torch.cuda.CUDAGraph, object]:
     return graph, out
 
 
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """Milliseconds per replay of a captured graph, replayed back to back with no host work between replays
+    (CUDA events around the run, after one untimed replay)."""
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def release_graphs(holder) -> None:
     """Free the CUDA graphs of a holder (DecodeGraphs, MixedStepGraphs: its graphs, outputs, pool, forward and
     device) before the process group goes: graphs holding captured NCCL collectives kept the communicators'

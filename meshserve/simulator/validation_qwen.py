@@ -32,11 +32,14 @@ class QwenRun:
     max_num_seqs: int
 
 
-# the third run is out of sample: a later build (PDL in decode-only steps, the parallel pre-compile) on another
-# day (BENCHMARKS.md "Twenty-first session"), the same flags and workload; the fit saw none of its steps
+# the last two runs are out of sample, the same flags and workload, steps the fit never saw: a later build (PDL in
+# decode-only steps, the parallel pre-compile) on another day (BENCHMARKS.md "Twenty-first session"), and the
+# twenty-second session's, whose engine core's host loop is ~30% cheaper (CORE_TIMING=1: a few us of wrappers a step)
 QWEN_RUNS = (QwenRun("max_num_seqs 256", f"{RUN_DIR}/w3_qwen_meshserve/w3.json", 256),
              QwenRun("max_num_seqs 1024", f"{RUN_DIR}/w3_qwen_1024/w3.json", 1024),
-             QwenRun("max_num_seqs 1024, 2026-12-02 (out of sample)", "h200_1202_s21/w3_default/w3.json", 1024))
+             QwenRun("max_num_seqs 1024, 2026-12-02 (out of sample)", "h200_1202_s21/w3_default/w3.json", 1024),
+             QwenRun("max_num_seqs 1024, 2026-12-02 s22 (out of sample)", "h200_1202_s22/w3_core_timing/w3.json",
+                     1024))
 
 
 def replay(qps: float, max_num_seqs: int, latency_s: float = 0.0, step_noise: bool = False,

@@ -119,14 +119,19 @@ def _sm_clock_samples(period_ms: int = 50):
 
 
 def _decode_graph_ms(llm, context: int, replays: int = 200) -> float | None:
-    """Milliseconds of one replay of the batch-1 decode graph (the W1 step's forward), replayed back to back
+    """Milliseconds of one replay of the batch-1 decode graph a W1 step replays, back to back
     with no host work between replays; None without decode graphs. Beside W1's wall time per token it splits
     a token into the graph's device time and the rest (host work, sampling, the gap between steps): W1 on
     Qwen3-0.6B varied 680-1,073 tok/s from one process to the next on one H200 (2026-12-02), and this says
     on which side the time moves. The replays rerun the last step's inputs and rewrite that step's KV slot:
     run it after the timed generations."""
     holder = getattr(getattr(llm.engine, "runner", None), "graphs", None)
-    graph = holder.graphs.get(holder.variant(1, context)) if holder is not None and holder.graphs else None
+    if holder is None or not holder.graphs:
+        return None
+    # the graph a greedy W1 step replays: the one with the LM head and the argmax when captured (the plain
+    # decode graph's forward alone before 2026-12-02, twenty-second session)
+    key = holder.variant(1, context)
+    graph = holder.sampled_graphs.get(key) or holder.graphs.get(key)
     if graph is None:
         return None
     from meshserve.engine.cuda_graph import replay_ms

@@ -11,10 +11,20 @@ Short-context variants: attention sizes its KV splits from meta.max_seq_len, whi
 plus a reduce (MLA layers likewise: MLAAttention.decode_splits). Small batch sizes are also captured with
 max_seq_len = each context bound whose split count differs (decode_graph_variants); run() replays the
 smallest variant that holds the step's real max context.
+
+Sampled graphs: a decode step's tokens leave the plain graph as hidden states, and the LM head, the argmax and
+their index work then run as ~6 operations launched from Python after it. At batch 1 of a small model the host
+launching them (with the step's other work) takes as long as the GPU's step (W1 Qwen3-0.6B on an H200,
+2026-12-02: the next graph launched ~0.15 ms after the last one ended, tools/w1_gaps.py). Batch sizes up to
+sample_max_bs are also captured with the model's greedy head after the forward (sample_head: hidden -> token
+ids, the LM head then the argmax), and an all-greedy decode step of exactly such a size replays that graph
+instead (run_sampled). Only exact sizes: the head then sees the step's own rows, so its logits come from the
+same kernels as the plain path's (a padded row count could pick another GEMM and move a near-tie).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -73,15 +83,17 @@ def attention_split_counts(layers: Sequence, dtype: torch.dtype, device: torch.d
     return tuple(counts)
 
 
-def capture_graph(holder, args: tuple) -> tuple[torch.cuda.CUDAGraph, object]:
-    """One graph of holder.forward(*args) (DecodeGraphs, MixedStepGraphs) and its output: a warm-up run first
-    (Triton autotune and JIT compiles, cuBLAS plans, allocations), then the capture into the holder's pool,
-    which the first capture creates (captured largest first, later graphs reuse its memory)."""
-    holder.forward(*args)
+def capture_graph(holder, args: tuple, fn: Callable | None = None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """One graph of fn(*args) (holder.forward unless given; holders: DecodeGraphs, MixedStepGraphs) and its
+    output: a warm-up run first (Triton autotune and JIT compiles, cuBLAS plans, allocations), then the capture
+    into the holder's pool, which the first capture creates (captured largest first, later graphs reuse its
+    memory)."""
+    fn = fn or holder.forward
+    fn(*args)
     torch.cuda.synchronize(holder.device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=holder.pool):
-        out = holder.forward(*args)
+        out = fn(*args)
     if holder.pool is None:
         holder.pool = graph.pool()
     return graph, out
@@ -105,12 +117,13 @@ def release_graphs(holder) -> None:
     """Free the CUDA graphs of a holder (DecodeGraphs, MixedStepGraphs: its graphs, outputs, pool, forward and
     device) before the process group goes: graphs holding captured NCCL collectives kept the communicators'
     teardown waiting (2 x H200, NCCL all-reduce in the graphs)."""
-    if holder.graphs:
+    sampled = getattr(holder, "sampled_graphs", {})  # DecodeGraphs' graphs with the greedy head
+    if holder.graphs or sampled:
         torch.cuda.synchronize(holder.device)
-    for graph in holder.graphs.values():
+    for graph in (*holder.graphs.values(), *sampled.values()):
         graph.reset()
-    holder.graphs.clear()
-    holder.outputs.clear()
+    for table in (holder.graphs, holder.outputs, sampled, getattr(holder, "sampled_outputs", {})):
+        table.clear()
     holder.pool = None
     holder.forward = None  # the runner's: it holds these graphs, so this reference made a cycle
 
@@ -126,10 +139,16 @@ class DecodeGraphs:
 
     def __init__(self, forward, max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device,
                  stage_input: tuple[int, torch.dtype] | None = None, context_bounds: Sequence[int] = (),
-                 splits_of: Callable[[int, int], Hashable] | None = None):
+                 splits_of: Callable[[int, int], Hashable] | None = None,
+                 sample_head: Callable[[torch.Tensor], torch.Tensor] | None = None, sample_max_bs: int = 0,
+                 replay: bool = True):
         """forward(input_ids, positions, meta, intermediate) is the model's; stage_input = (hidden size,
         dtype) on a pipeline stage that receives activations (None on the first stage); context_bounds and
-        splits_of(batch size, max_seq_len) choose the short-context variants (decode_graph_variants)."""
+        splits_of(batch size, max_seq_len) choose the short-context variants (decode_graph_variants);
+        sample_head(hidden) -> greedy token ids, captured after the forward for batch sizes up to
+        sample_max_bs (the sampled graphs; none without a head). replay=False is the plain path beside the
+        graphs: run() and run_sampled() run the same forward eagerly on the same padded static buffers
+        (CPU tests: padding and the greedy head never change a real row's token)."""
         self.forward = forward
         self.device = device
         self.sizes = capture_sizes(max_num_seqs)
@@ -154,6 +173,12 @@ class DecodeGraphs:
         self.outputs: dict[tuple[int, int], torch.Tensor | IntermediateTensors] = {}
         self.pool = None
         self.replays = 0
+        self.sample_head = sample_head
+        self.sample_sizes = {s for s in self.sizes if s <= sample_max_bs} if sample_head is not None else set()
+        self.sampled_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.sampled_outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.sampled_replays = 0
+        self.replay = replay
 
     def _meta(self, bs: int, context_bound: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -179,19 +204,30 @@ class DecodeGraphs:
     def warm_up(self) -> None:
         """The eager forward of each graph's inputs, as capture_graph runs first, without capturing: the
         kernels the captures will meet (engine/parallel_warmup.py compiles them ahead this way)."""
-        for _, args in self._capture_args():
-            self.forward(*args)
+        for key, args in self._capture_args():
+            if key[0] in self.sample_sizes:
+                self._forward_sampled(*args)
+            else:
+                self.forward(*args)
+
+    def _forward_sampled(self, *args) -> torch.Tensor:
+        return self.sample_head(self.forward(*args))
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Warm up and capture one graph per batch size and context bound, largest first."""
+        """Warm up and capture one graph per batch size and context bound, largest first, then the sampled
+        graphs."""
         t0 = time.perf_counter()
         for key, args in self._capture_args():
             self.graphs[key], self.outputs[key] = capture_graph(self, args)
+        for key, args in self._capture_args():
+            if key[0] in self.sample_sizes:
+                self.sampled_graphs[key], self.sampled_outputs[key] = capture_graph(self, args, self._forward_sampled)
         torch.cuda.synchronize(self.device)
         short = {bs: bounds[:-1] for bs, bounds in self.variants.items() if len(bounds) > 1}
-        logger.info("captured %d decode CUDA graphs (batch 1..%d; short-context variants %s) in %.1f s",
-                    len(self.graphs), self.max_bs, short or "none", time.perf_counter() - t0)
+        logger.info("captured %d decode CUDA graphs (batch 1..%d; short-context variants %s; %d with the greedy "
+                    "head, batch %s) in %.1f s", len(self.graphs), self.max_bs, short or "none",
+                    len(self.sampled_graphs), sorted(self.sample_sizes) or "none", time.perf_counter() - t0)
 
     def release(self) -> None:
         """Free the graphs before the process group goes (release_graphs)."""
@@ -213,11 +249,48 @@ class DecodeGraphs:
         bounds = self.variants[bs]
         return bs, next((b for b in bounds if b >= max_seq_len), bounds[-1])
 
+    def can_sample(self, meta: AttentionMetadata) -> bool:
+        """A sampled graph serves this decode-only batch: one was captured for exactly its size (and the
+        variant its context takes)."""
+        return (meta.num_seqs in self.sample_sizes and self.can_run(meta)
+                and (not self.replay or self.variant(meta.num_seqs, meta.max_seq_len) in self.sampled_graphs))
+
+    def run_sampled(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The greedy token ids of a batch can_sample accepts: the inputs copied in as run() does, then the
+        sampled graph replayed. A view of the graph's output, which its next replay overwrites (in stream
+        order: the next step reads it before)."""
+        key = self._load(input_ids, positions, meta, None)
+        self.sampled_replays += 1
+        return self._replay(key, sampled=True)
+
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             intermediate: IntermediateTensors | None = None):
         """Copy the batch (and a stage's received activations, unless received in place) into the static
         buffers, padding to the next captured size, and replay. Returns views of the graph's output, which
         its next replay overwrites: a pipeline stage copies them before sending (engine/pipeline_stage.py)."""
+        n = meta.num_seqs
+        key = self._load(input_ids, positions, meta, intermediate)
+        self.replays += 1
+        out = self._replay(key, sampled=False)
+        if isinstance(out, IntermediateTensors):
+            return IntermediateTensors(out.hidden[:n], out.residual[:n])
+        return out[:n]
+
+    def _replay(self, key: tuple[int, int], sampled: bool):
+        """The graph of key (a sampled one: its token ids) replayed, or with replay=False its forward run
+        eagerly on the static buffers, the host lists of the metadata read back from them."""
+        if not self.replay:
+            bs, bound = key
+            meta = dataclasses.replace(self._meta(bs, bound), seq_lens_cpu=self.seq_lens[:bs].tolist())
+            args = (self.input_ids[:bs], self.positions[:bs], meta, self._stage_in(bs))
+            return self._forward_sampled(*args) if sampled else self.forward(*args)
+        graphs, outputs = (self.sampled_graphs, self.sampled_outputs) if sampled else (self.graphs, self.outputs)
+        graphs[key].replay()
+        return outputs[key]
+
+    def _load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+              intermediate: IntermediateTensors | None) -> tuple[int, int]:
+        """The batch into the static buffers, padded to the captured size; returns the graph's key."""
         n = meta.num_seqs
         bs, bound = self.variant(n, meta.max_seq_len)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
@@ -231,9 +304,4 @@ class DecodeGraphs:
             self.seq_lens[n:bs].fill_(0)
         if intermediate is not None:
             copy_stage_input(self.stage_in, intermediate)
-        self.graphs[bs, bound].replay()
-        self.replays += 1
-        out = self.outputs[bs, bound]
-        if isinstance(out, IntermediateTensors):
-            return IntermediateTensors(out.hidden[:n], out.residual[:n])
-        return out[:n]
+        return bs, bound

@@ -294,8 +294,13 @@ class ModelRunner:
             stage_input = self._stage_input()
             splits_of = functools.partial(attention_split_counts, self.model.attention_layers(), self.dtype,
                                           self.device)
+            # the greedy head after the forward (sampled graphs) only where this rank samples alone: one stage
+            # and one TP rank (StepSampler.samples_in_graph)
+            st = get_parallel_state()
+            head = self._greedy_head if st.pp_size == 1 and st.tp_size == 1 else None
             decode_graphs = DecodeGraphs(self.forward, sc.max_num_seqs, sc.max_model_len, self.block_size,
-                                         self.device, stage_input, self.kernels.decode_context_bounds, splits_of)
+                                         self.device, stage_input, self.kernels.decode_context_bounds, splits_of,
+                                         head, self.kernels.decode_sample_graph_max_bs)
             mixed_graphs = self.build_mixed_graphs(stage_input)
         if self._parallel_compile() and cache_looks_cold(self.profile_compile):  # their kernels built first
             holders = [g for g in (decode_graphs, mixed_graphs) if g is not None]
@@ -323,6 +328,11 @@ class ModelRunner:
             startup_timeline.mark("sampling warm-up", sync=self.device)
         if self.device.type == "cuda":
             late_jit_log.serving()  # any Triton build from here on is logged: a first-request compile
+
+    def _greedy_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A decode batch's greedy token ids from its hidden states, as sample() computes them for plain greedy
+        rows (every row is a sampling row: its logits, then sample_rows' argmax)."""
+        return self.model.compute_logits(hidden).argmax(dim=-1)
 
     def _stage_input(self) -> tuple[int, torch.dtype] | None:
         """(hidden size, dtype) of the activations this rank receives from the previous stage, or None."""
@@ -398,6 +408,15 @@ class ModelRunner:
             return self.mixed_graphs
         return None
 
+    def _samples_in_graph(self, out: SchedulerOutput, meta) -> bool:
+        """The step replays a sampled decode graph (DecodeGraphs.run_sampled): one was captured for its batch,
+        the sampler agrees (StepSampler.samples_in_graph: all rows plain greedy) and nothing hooks the forward
+        or the sampling (disaggregation's per-layer sends, grammar masks, a drafter's proposals after it)."""
+        graphs = self.graphs
+        return (graphs is not None and graphs.sample_sizes and self.drafter is None
+                and self.layerwise_hook is None and out.before_sample is None and out.grammar_bitmask is None
+                and graphs.can_sample(meta) and self.sampling.samples_in_graph(out.scheduled))
+
     def _run_forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):
         """The step's forward: replaying the graphs _graphs_for chooses, else the plain forward."""
         graphs = self._graphs_for(input_ids, meta)
@@ -429,6 +448,12 @@ class ModelRunner:
         if st.pp_size == 1:
             timer = StepTimer(self.device)
             input_ids, positions, meta = self._prepare(out.scheduled)
+            if self._samples_in_graph(out, meta):  # the forward, the LM head and the argmax in one replay
+                token_ids = self.graphs.run_sampled(input_ids, positions, meta)
+                pending = self.sampling.sampled_in_graph(out.scheduled, token_ids, self._step_parity)
+                pending.timer = timer.stop()
+                self._stores_after_forward(out)
+                return pending
             if self.layerwise_hook is not None:  # disaggregation: each layer's finished blocks go out as it ends
                 self.layerwise_hook.begin(out.scheduled)
             hidden = self._run_forward(input_ids, positions, meta)

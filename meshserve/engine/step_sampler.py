@@ -26,8 +26,7 @@ def sample_rows(sampler: Sampler, logits: torch.Tensor, rows: list[ScheduledSequ
     Returns (token ids, the SamplerOutput or None). StepSampler.sample and the start-up warm-up share it."""
     if grammar_bitmask is not None:  # structured outputs: only the tokens each grammar allows next
         apply_bitmask(logits, grammar_bitmask)
-    if all(s.params.greedy and s.params.logprobs is None and not s.params.uses_penalties
-           and not s.params.logit_bias and s.params.allowed_token_ids is None for s in rows) and not any(banned):
+    if plain_greedy(rows, banned):
         return logits.argmax(dim=-1), None  # plain greedy: no per-row settings to upload
     meta = SamplingMetadata.build(
         [s.params for s in rows],
@@ -40,6 +39,13 @@ def sample_rows(sampler: Sampler, logits: torch.Tensor, rows: list[ScheduledSequ
     )
     sampled = sampler(logits, meta)
     return sampled.sampled_token_ids, sampled
+
+
+def plain_greedy(rows: list[ScheduledSequence], banned: list[list[int]]) -> bool:
+    """Every row takes its logits' argmax: greedy, and nothing that reads or changes the logits per row
+    (logprobs, penalties, a logit bias, allowed or banned ids)."""
+    return all(s.params.greedy and s.params.logprobs is None and not s.params.uses_penalties
+               and not s.params.logit_bias and s.params.allowed_token_ids is None for s in rows) and not any(banned)
 
 
 def _banned(s: ScheduledSequence) -> list[int]:
@@ -152,6 +158,23 @@ class StepSampler:
                         else meta.seq_lens.index_select(0, to_device(sample_idx, self.device)))
             token_ids = self.greedy_oracle(rows, seq_lens)[:, 0]
         return self._pending(result, rows, token_ids, parity, sampled, spec)
+
+    def samples_in_graph(self, scheduled: list[ScheduledSequence]) -> bool:
+        """The step's tokens may come from a decode graph's greedy head (DecodeGraphs.run_sampled) instead of
+        sample(): one rank samples, every row samples one token as sample_rows' plain argmax, and nothing else
+        happens around the sampling (prompt logprobs, verify rows, the benchmarks' greedy oracle)."""
+        if get_parallel_state().tp_size > 1 or self.greedy_oracle is not None:
+            return False
+        if not all(s.do_sample and not s.num_spec_tokens and (s.params.prompt_logprobs is None
+                   or s.num_computed_tokens >= s.num_prompt_tokens) for s in scheduled):
+            return False
+        return plain_greedy(scheduled, [_banned(s) for s in scheduled])
+
+    def sampled_in_graph(self, scheduled: list[ScheduledSequence], token_ids: torch.Tensor,
+                         parity: int) -> PendingOutput:
+        """The PendingOutput of a step whose greedy ids a graph produced (samples_in_graph said yes): kept as
+        the next step's pending inputs and copied to the host as sample() does."""
+        return self._pending(ModelRunnerOutput(), scheduled, token_ids, parity)
 
     def _verify(self, spec_idx: list[int], scheduled: list[ScheduledSequence], hidden: torch.Tensor,
                 qsl: list[int], samples: bool, meta: AttentionMetadata):

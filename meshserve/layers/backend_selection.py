@@ -39,6 +39,12 @@ Overrides (environment, read only here, for debugging and references):
                                             ~15% slower with it, W3 Qwen3-0.6B 2026-12-02) or in every step
   MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024  small batches' decode graphs also for these context bounds, with
                                             fewer attention splits (default none: opt-in until measured)
+  MESHSERVE_DECODE_SAMPLE_GRAPHS=N|0       decode graphs of batch sizes up to N (default 8) also captured with the
+                                            LM head and the argmax after the forward: an all-greedy decode step
+                                            of exactly such a size replays one graph for its tokens instead of
+                                            launching the head and its index work from Python (engine/cuda_graph.py;
+                                            W1 Qwen3-0.6B launched its next graph after the last one ended,
+                                            2026-12-02); 0 off
   MESHSERVE_DECODE_REDUCE=kernel|inline     decode attention's split-K partials combined by a reduce launch
                                             (kernel, the default) or by each group's last split (inline:
                                             kernels/triton_attention.py, one launch fewer a layer; opt-in until
@@ -142,6 +148,8 @@ TP_FUSED_NORM_CHOICES = ("", "pull", "push")
 NORM_FOLD_ENV = "MESHSERVE_NORM_FOLD"
 SKINNY_GEMV_ENV = "MESHSERVE_SKINNY_GEMV"
 DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
+DECODE_SAMPLE_GRAPHS_ENV = "MESHSERVE_DECODE_SAMPLE_GRAPHS"
+DECODE_SAMPLE_GRAPHS_DEFAULT = 8  # batch sizes 1, 2, 4, 8: four more small graphs per context variant
 DECODE_REDUCE_ENV = "MESHSERVE_DECODE_REDUCE"
 DECODE_REDUCE_CHOICES = ("kernel", "inline")
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
@@ -192,6 +200,8 @@ class KernelSelection:
     cuda_graphs: bool = False  # capture decode steps in CUDA graphs
     # small batches' decode graphs also captured for contexts up to each bound (fewer attention splits)
     decode_context_bounds: tuple[int, ...] = ()
+    # decode graphs of batch sizes up to this also captured with the greedy head (engine/cuda_graph.py); 0: none
+    decode_sample_graph_max_bs: int = 0
     # decode attention's split partials combined by the last split of each group (no reduce launch)
     decode_inline_reduce: bool = False
     kv_cache_dtype: torch.dtype | None = None  # the KV pool's element type (None only in PLAIN)
@@ -273,6 +283,19 @@ def _decode_context_bounds() -> tuple[int, ...]:
     if bounds[0] <= 0:
         raise ValueError(f"{DECODE_CONTEXT_BOUNDS_ENV}: bounds must be positive, got {raw!r}")
     return bounds
+
+
+def _decode_sample_graph_max_bs() -> int:
+    raw = os.environ.get(DECODE_SAMPLE_GRAPHS_ENV, "").strip()
+    if not raw:
+        return DECODE_SAMPLE_GRAPHS_DEFAULT
+    try:
+        max_bs = int(raw)
+    except ValueError:
+        raise ValueError(f"{DECODE_SAMPLE_GRAPHS_ENV} takes the largest batch size (8) or 0, got {raw!r}") from None
+    if max_bs < 0:
+        raise ValueError(f"{DECODE_SAMPLE_GRAPHS_ENV} must be >= 0, got {raw!r}")
+    return max_bs
 
 
 def _mla_decode_tile() -> tuple[int, int, int] | None:
@@ -397,6 +420,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         fused_sampler=fused_ops,
         cuda_graphs=cuda_graphs,
         decode_context_bounds=_decode_context_bounds() if cuda_graphs else (),
+        decode_sample_graph_max_bs=_decode_sample_graph_max_bs() if cuda_graphs else 0,
         decode_inline_reduce=_variant(DECODE_REDUCE_ENV, DECODE_REDUCE_CHOICES, "kernel") == "inline",
         kv_cache_dtype=kv_cache_dtype,
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),

@@ -56,6 +56,26 @@ def test_a_runner_without_decode_graphs_has_no_graph_time():
     assert offline._decode_graph_ms(Llm(), 384) is None
 
 
+def test_the_graph_timed_is_the_one_a_w1_step_replays(monkeypatch):
+    """With a sampled graph (forward + greedy head) captured for batch 1, that one is timed (W1 replays it);
+    without, the plain decode graph."""
+    from meshserve.engine import cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "replay_ms", lambda graph, replays: graph)
+
+    class Holder:
+        graphs = {(1, 4096): "plain"}
+        sampled_graphs = {(1, 4096): "sampled"}
+
+        def variant(self, num_seqs, context):
+            return (num_seqs, 4096)
+
+    llm = type("Llm", (), {"engine": type("Engine", (), {"runner": type("Runner", (), {"graphs": Holder()})})})
+    assert offline._decode_graph_ms(llm, 384) == "sampled"
+    Holder.sampled_graphs = {}
+    assert offline._decode_graph_ms(llm, 384) == "plain"
+
+
 def test_sm_clock_samples_parse_what_nvidia_smi_prints(tmp_path, monkeypatch):
     """_sm_clock_samples reads nvidia-smi's one number per line (a fake nvidia-smi on PATH here), and yields
     an empty list where there is no nvidia-smi at all."""

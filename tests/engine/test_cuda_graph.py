@@ -217,3 +217,77 @@ def test_capture_warms_up_then_captures_every_graph_into_the_first_ones_pool(mon
         for key, n in zip(keys, sizes):  # the output of the forward run inside the capture
             assert holder.outputs[key].shape == (n,)
         assert [holder.outputs[k][0].item() for k in keys] == [4.0 + 5 * i for i in range(len(keys))]
+
+
+def _decode_meta(num_seqs: int, context: int):
+    from meshserve.kernels.attention_metadata import AttentionMetadata
+
+    return AttentionMetadata(
+        slot_mapping=torch.zeros(num_seqs, dtype=torch.int64),
+        query_start_loc=torch.arange(num_seqs + 1),
+        seq_lens=torch.full((num_seqs,), context),
+        block_tables=torch.zeros(num_seqs, 4, dtype=torch.int64),
+        max_query_len=1,
+        max_seq_len=context,
+        query_start_loc_cpu=list(range(num_seqs + 1)),
+        seq_lens_cpu=[context] * num_seqs,
+    )
+
+
+def test_sampled_graphs_captured_for_the_small_sizes_after_the_plain_ones(monkeypatch):
+    """With a greedy head, batch sizes up to sample_max_bs get a second graph of forward + head, captured after
+    every plain graph into the same pool; its output is the head's (token ids). A batch replays one only at
+    exactly a captured size: padded rows would give the LM head another row count than the plain path's.
+    release() frees them with the plain ones."""
+    events: list = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _RecordingGraph)
+
+    class _Capturing:
+        def __init__(self, graph, pool):
+            pass
+
+        def __enter__(self):
+            events.append("capture")
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "graph", _Capturing)
+
+    def forward(input_ids, positions, meta, intermediate):
+        return torch.ones(input_ids.shape[0], 3)
+
+    def head(hidden):
+        events.append(("head", hidden.shape[0]))
+        return torch.arange(hidden.shape[0])
+
+    graphs = DecodeGraphs(forward, 32, 4096, 16, torch.device("cpu"), sample_head=head, sample_max_bs=4)
+    graphs.capture()
+    assert graphs.sample_sizes == {1, 2, 4}
+    assert list(graphs.sampled_graphs) == [(4, 4096), (2, 4096), (1, 4096)]
+    assert set(graphs.graphs) == {(bs, 4096) for bs in (1, 2, 4, 8, 16, 32)}
+    # 6 plain captures, then per sampled graph: the warm-up run's head, the capture, the captured run's head
+    assert events[:6] == ["capture"] * 6
+    assert events[6:] == [e for n in (4, 2, 1) for e in (("head", n), "capture", ("head", n))]
+    assert graphs.sampled_outputs[2, 4096].tolist() == [0, 1]
+    assert graphs.can_sample(_decode_meta(2, 100)) and graphs.can_sample(_decode_meta(4, 4096))
+    assert not graphs.can_sample(_decode_meta(3, 100))  # padded to 4
+    assert not graphs.can_sample(_decode_meta(8, 100))  # above sample_max_bs
+    assert graphs.can_run(_decode_meta(3, 100))
+    sampled = dict(graphs.sampled_graphs)
+    for g in sampled.values():
+        g.reset = lambda g=g: setattr(g, "was_reset", True)
+    for g in graphs.graphs.values():
+        g.reset = lambda: None
+    graphs.release()
+    assert all(g.was_reset for g in sampled.values())
+    assert not graphs.sampled_graphs and not graphs.sampled_outputs and not graphs.can_sample(_decode_meta(2, 100))
+
+
+def test_no_sampled_graphs_without_a_head_or_a_size():
+    assert _graphs().sample_sizes == set()
+    head = DecodeGraphs(None, 32, 4096, 16, torch.device("cpu"), sample_head=lambda h: h, sample_max_bs=0)
+    assert head.sample_sizes == set()
+    assert DecodeGraphs(None, 32, 4096, 16, torch.device("cpu"), sample_head=lambda h: h,
+                        sample_max_bs=8).sample_sizes == {1, 2, 4, 8}

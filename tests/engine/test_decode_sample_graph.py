@@ -1,0 +1,99 @@
+"""Decode graphs with the greedy head (DecodeGraphs sampled graphs) in the engine, on the CPU.
+
+CUDA graphs cannot run here, so DecodeGraphs(replay=False) runs the forward (and, for a sampled graph, the LM
+head and the argmax after it) eagerly on the padded static buffers; the runner takes the sampled graph for an
+all-greedy decode step of exactly a captured size and keeps the plain sampler for everything else. Tokens
+must be the plain path's in every case (tests/gpu/test_decode_sample_graph.py replays real graphs).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from meshserve import LLM, SamplingParams
+from meshserve.engine.cuda_graph import DecodeGraphs
+from tests.conftest import VOCAB
+
+
+def _ids(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(model=tiny_model_dir("llama"), block_size=4, max_model_len=128, max_num_seqs=8,
+               max_num_batched_tokens=64, enable_prefix_caching=False, seed=0)
+
+
+def _with_decode_graphs(llm: LLM, sample_max_bs: int):
+    """Install eager decode graphs (sampled ones up to sample_max_bs) on the runner; returns them."""
+    runner = llm.engine.runner
+    config = llm.engine.config
+    graphs = DecodeGraphs(runner.forward, config.scheduler_config.max_num_seqs, config.scheduler_config.max_model_len,
+                          runner.block_size, runner.device, sample_head=runner._greedy_head,
+                          sample_max_bs=sample_max_bs, replay=False)
+    runner.graphs = graphs
+    return graphs
+
+
+def _generate(llm: LLM, prompts, params) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+CASES = {
+    # all greedy at a captured size (1, 2, 4): every decode step replays a sampled graph
+    "greedy batch 1": ([20], [SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)]),
+    "greedy batch 4": ([9, 31, 14, 22], [SamplingParams(temperature=0, max_tokens=5 + i, ignore_eos=True)
+                                         for i in range(4)]),
+    # a batch of 3 pads to 4: the plain graph and the sampler, then sampled graphs at 2 and 1 as rows finish
+    "greedy batch 3": ([9, 31, 14], [SamplingParams(temperature=0, max_tokens=4 + 2 * i, ignore_eos=True)
+                                     for i in range(3)]),
+    # one seeded sampled row beside greedy ones: the sampler for the whole step
+    "mixed": ([12, 17], [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                         SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True)]),
+    # greedy rows that ask for logprobs or carry penalties read the logits: the sampler
+    "logprobs": ([12, 17], [SamplingParams(temperature=0, logprobs=2, max_tokens=5, ignore_eos=True)] * 2),
+    "penalty": ([12], [SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=5, ignore_eos=True)]),
+}
+GREEDY = {"greedy batch 1", "greedy batch 4", "greedy batch 3"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tokens_same_as_the_plain_path(llm, case):
+    lengths, params = CASES[case]
+    prompts = [{"prompt_token_ids": _ids(40 + i, n)} for i, n in enumerate(lengths)]
+    expected = _generate(llm, prompts, params)
+    graphs = _with_decode_graphs(llm, sample_max_bs=4)
+    plain_sizes = []
+    run = graphs.run
+
+    def spy(input_ids, positions, meta, intermediate=None):
+        plain_sizes.append(meta.num_seqs)
+        return run(input_ids, positions, meta, intermediate)
+
+    graphs.run = spy
+    try:
+        got = _generate(llm, prompts, params)
+    finally:
+        llm.engine.runner.graphs = None
+    assert got == expected
+    if case in GREEDY:  # every decode step of a captured size took a sampled graph, the others the plain one
+        assert graphs.sampled_replays > 0 and not set(plain_sizes) & graphs.sample_sizes
+        assert case != "greedy batch 3" or 3 in plain_sizes  # padded to 4: the plain graph
+    else:
+        assert graphs.sampled_replays == 0 and plain_sizes
+
+
+def test_off_without_sampled_sizes(llm):
+    prompts = [{"prompt_token_ids": _ids(7, 11)}]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    expected = _generate(llm, prompts, params)
+    graphs = _with_decode_graphs(llm, sample_max_bs=0)
+    try:
+        assert _generate(llm, prompts, params) == expected
+    finally:
+        llm.engine.runner.graphs = None
+    assert graphs.sampled_replays == 0 and graphs.replays == 4

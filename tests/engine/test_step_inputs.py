@@ -50,3 +50,40 @@ def test_rows_behind_a_verify_step_move_back_by_its_rejected_count():
     ids, pos, meta = builder.build(scheduled, 1, last_sampled, last_rows, torch.tensor([0, 0]))
     assert pos.tolist()[:4] == [10, 11, 12, 13] and meta.seq_lens.tolist() == [14, 6, 3]
     assert meta.slot_mapping.tolist()[:4] == [9 * 4 + 2, 9 * 4 + 3, 5 * 4 + 0, 5 * 4 + 1]
+
+
+def test_small_decode_batches_built_with_lists_give_the_numpy_buffer(monkeypatch):
+    """A few one-token rows take the plain-list path (_small_decode_parts): the same host buffer, split sizes
+    and host lists as the numpy path (_parts), over random batches of 1-8 rows with pending tokens (async
+    scheduling), block tables of odd and even lengths and rows of different widths; and the same step."""
+    import random
+
+    import numpy as np
+
+    from meshserve.engine import step_inputs
+
+    rng = random.Random(3)
+    builder = StepInputBuilder(block_size=4, device=torch.device("cpu"))
+    for trial in range(200):
+        n = rng.randint(1, 8)
+        scheduled, last_rows = [], {}
+        for i in range(n):
+            context = rng.randint(0, 40)  # tokens before this one
+            table = rng.sample(range(1, 100), context // 4 + 1 + rng.randint(0, 2))
+            token = -1 if rng.random() < 0.6 else rng.randint(3, 500)
+            scheduled.append(_entry(f"s{i}", [token], context, table))
+            last_rows[f"s{i}"] = rng.randrange(8)
+        last_sampled = torch.arange(100, 108) if trial % 5 else None  # None: a later stage, no pending fill
+        small = builder._small_decode_parts(scheduled, last_sampled, last_rows)
+        plain = builder._parts(scheduled, last_sampled, last_rows)
+        assert np.array_equal(small[0], plain[0]) and small[1] == plain[1] and small[2] == plain[2]
+        ids, pos, meta = builder.build(scheduled, trial % 2, last_sampled, last_rows)
+        monkeypatch.setattr(step_inputs, "SMALL_DECODE_ROWS", 0)  # the numpy path for the same step
+        ids2, pos2, meta2 = builder.build(scheduled, trial % 2, last_sampled, last_rows)
+        monkeypatch.undo()
+        assert ids.tolist() == ids2.tolist() and pos.tolist() == pos2.tolist()
+        for field in ("slot_mapping", "query_start_loc", "seq_lens", "block_tables"):
+            assert getattr(meta, field).tolist() == getattr(meta2, field).tolist()
+        assert (meta.max_query_len, meta.max_seq_len, meta.query_start_loc_cpu, meta.seq_lens_cpu,
+                meta.query_lens_cpu) == (meta2.max_query_len, meta2.max_seq_len, meta2.query_start_loc_cpu,
+                                         meta2.seq_lens_cpu, meta2.query_lens_cpu)

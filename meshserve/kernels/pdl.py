@@ -182,7 +182,10 @@ def auto_enables(hidden_size: int | None, moe: bool = False) -> bool:
     1,072.1, in two calls; the GPU tests passed), so it is on by default for such models. Those were single
     runs: later that day the same build spread over 712-1,073 tok/s from one process to the next with PDL on
     (30 processes, median 895) and 680-853 with it off (4, median 825), so the gain is +8% at the medians, not
-    +25%, and any one-run A/B of this model is noise (BENCHMARKS.md "Twenty-first session")."""
+    +25%, and any one-run A/B of this model is noise (BENCHMARKS.md "Twenty-first session"). The next session
+    found the spread was the host (a W1 step's host work as long as the GPU's in some processes): the decode
+    graph's own device time, replayed back to back, is the same in every process, 0.789 ms with PDL and 1.043
+    without (-24%; BENCHMARKS.md "Twenty-second session")."""
     return hidden_size is not None and hidden_size <= AUTO_MAX_HIDDEN and not moe
 
 

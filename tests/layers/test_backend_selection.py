@@ -22,6 +22,7 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_DISABLE_FUSED_OPS", raising=False)
     monkeypatch.delenv("MESHSERVE_NORM_GEMV", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", raising=False)
+    monkeypatch.delenv("MESHSERVE_DECODE_SAMPLE_GRAPHS", raising=False)
     monkeypatch.delenv("MESHSERVE_MLA_PREFILL_REF", raising=False)
     for name in ("MESHSERVE_PDL", "MESHSERVE_PDL_TRIGGER", "MESHSERVE_PDL_ONE_WAVE", "MESHSERVE_PDL_PRELOAD",
                  "MESHSERVE_MOE_LEGACY"):
@@ -74,6 +75,44 @@ def test_fixed_cost_switches(monkeypatch):
     for bad in ("short", "0,256"):
         monkeypatch.setenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", bad)
         with pytest.raises(ValueError, match="MESHSERVE_DECODE_CONTEXT_BOUNDS"):
+            select_kernels(gpu)
+
+
+def test_short_context_graphs_by_default_for_small_dense_models(monkeypatch):
+    """Short-context decode-graph variants are on by default where a batch-1 step is launch-bound (dense, hidden
+    size <= 2,048: pdl.auto_enables' rule), off for larger or MoE models and off the GPU; the switch overrides."""
+    import dataclasses
+    import types
+
+    def gpu(hidden, experts=0):
+        hf = types.SimpleNamespace(hidden_size=hidden, num_local_experts=experts)
+        config = _config(device="cuda", dtype="bfloat16")
+        return dataclasses.replace(config, model_config=dataclasses.replace(config.model_config, hf_config=hf))
+
+    assert select_kernels(gpu(1024)).decode_context_bounds == (256, 1024)
+    assert select_kernels(gpu(4096)).decode_context_bounds == ()
+    assert select_kernels(gpu(2048, experts=128)).decode_context_bounds == ()
+    assert select_kernels(dataclasses.replace(gpu(1024), enforce_eager=True)).decode_context_bounds == ()
+    monkeypatch.setenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", "0")
+    assert select_kernels(gpu(1024)).decode_context_bounds == ()
+    monkeypatch.setenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", "512")
+    assert select_kernels(gpu(4096)).decode_context_bounds == (512,)
+
+
+def test_sampled_decode_graphs_up_to_batch_8_by_default(monkeypatch):
+    """The greedy-head decode graphs: batch sizes up to 8 with CUDA graphs, none without; the switch sets the
+    largest batch (0: off) and refuses what is not a non-negative count."""
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert select_kernels(gpu).decode_sample_graph_max_bs == 8
+    assert select_kernels(_config()).decode_sample_graph_max_bs == 0
+    assert select_kernels(_config(device="cuda", enforce_eager=True)).decode_sample_graph_max_bs == 0
+    monkeypatch.setenv("MESHSERVE_DECODE_SAMPLE_GRAPHS", "0")
+    assert select_kernels(gpu).decode_sample_graph_max_bs == 0
+    monkeypatch.setenv("MESHSERVE_DECODE_SAMPLE_GRAPHS", "2")
+    assert select_kernels(gpu).decode_sample_graph_max_bs == 2
+    for bad in ("all", "-1"):
+        monkeypatch.setenv("MESHSERVE_DECODE_SAMPLE_GRAPHS", bad)
+        with pytest.raises(ValueError, match="MESHSERVE_DECODE_SAMPLE_GRAPHS"):
             select_kernels(gpu)
 
 

@@ -413,7 +413,7 @@ class ModelRunner:
         the sampler agrees (StepSampler.samples_in_graph: all rows plain greedy) and nothing hooks the forward
         or the sampling (disaggregation's per-layer sends, grammar masks, a drafter's proposals after it)."""
         graphs = self.graphs
-        return (graphs is not None and graphs.sample_sizes and self.drafter is None
+        return (graphs is not None and bool(graphs.sample_sizes) and self.drafter is None
                 and self.layerwise_hook is None and out.before_sample is None and out.grammar_bitmask is None
                 and graphs.can_sample(meta) and self.sampling.samples_in_graph(out.scheduled))
 

@@ -277,15 +277,20 @@ def resolve_cache_dtype(cache_dtype: str, model_dtype: str) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+def _small_dense(config: EngineConfig) -> bool:
+    """pdl.auto_enables' rule for this model: dense, hidden size <= 2,048 (a batch-1 step launch-bound)."""
+    hf_config = config.model_config.hf_config
+    # a multimodal config keeps the language model's sizes in text_config
+    hf_config = getattr(hf_config, "text_config", None) or hf_config
+    return pdl.auto_enables(getattr(hf_config, "hidden_size", None), num_experts(hf_config) > 0)
+
+
 def _decode_context_bounds(config: EngineConfig) -> tuple[int, ...]:
     """MESHSERVE_DECODE_CONTEXT_BOUNDS, else the default: DECODE_CONTEXT_BOUNDS_DEFAULT for the models whose
-    batch-1 step is launch-bound (pdl.auto_enables' rule: dense, hidden size <= 2,048), none for larger ones."""
+    batch-1 step is launch-bound (_small_dense), none for larger ones."""
     raw = os.environ.get(DECODE_CONTEXT_BOUNDS_ENV)
     if raw is None:
-        hf_config = config.model_config.hf_config
-        hf_config = getattr(hf_config, "text_config", None) or hf_config
-        small = pdl.auto_enables(getattr(hf_config, "hidden_size", None), num_experts(hf_config) > 0)
-        return DECODE_CONTEXT_BOUNDS_DEFAULT if small else ()
+        return DECODE_CONTEXT_BOUNDS_DEFAULT if _small_dense(config) else ()
     if raw.strip().lower() in ("", "0", "none"):
         return ()
     try:
@@ -334,10 +339,7 @@ def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
     variants' switches."""
     mode = os.environ.get(PDL_ENV, "").strip().lower() or "auto"
     if mode == "auto":
-        hf_config = config.model_config.hf_config
-        # a multimodal config keeps the language model's sizes in text_config
-        hf_config = getattr(hf_config, "text_config", None) or hf_config
-        enabled = pdl.auto_enables(getattr(hf_config, "hidden_size", None), num_experts(hf_config) > 0)
+        enabled = _small_dense(config)
     else:
         enabled = mode != "0"
     return PdlPolicy(

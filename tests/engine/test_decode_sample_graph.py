@@ -3,7 +3,7 @@
 CUDA graphs cannot run here, so DecodeGraphs(replay=False) runs the forward (and, for a sampled graph, the LM
 head and the argmax after it) eagerly on the padded static buffers; the runner takes the sampled graph for an
 all-greedy decode step of exactly a captured size and keeps the plain sampler for everything else. Tokens
-must be the plain path's in every case (tests/gpu/test_decode_sample_graph.py replays real graphs).
+must be the plain path's in every case (tests/gpu/test_gpu_decode_sample_graph.py replays real graphs).
 """
 
 from __future__ import annotations

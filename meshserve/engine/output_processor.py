@@ -89,10 +89,11 @@ class RequestState:
     def finished(self) -> bool:
         return all(c.finished for c in self.completions)
 
-    def make_output(self, changed: list[_Completion] | None) -> RequestOutput | None:
-        """The RequestOutput of the request's output kind (changed: the completions this step touched)."""
+    def make_output(self, changed: list[_Completion] | None, finished: bool | None = None) -> RequestOutput | None:
+        """The RequestOutput of the request's output kind (changed: the completions this step touched;
+        finished: self.finished when the caller has it already)."""
         kind = self.params.output_kind
-        finished = self.finished
+        finished = self.finished if finished is None else finished
         if kind is RequestOutputKind.DELTA and changed is not None:
             outputs = [c.delta() for c in changed]
             prompt_logprobs = None
@@ -205,7 +206,7 @@ class OutputProcessor:
                 self.requests.pop(state.request_id, None)
             if finished_only and not finished:
                 continue
-            output = state.make_output(changed)
+            output = state.make_output(changed, finished)
             if output is not None:
                 result.request_outputs.append(output)
                 result.states.append(state)

@@ -64,15 +64,17 @@ def test_the_graph_timed_is_the_one_a_w1_step_replays(monkeypatch):
     monkeypatch.setattr(cuda_graph, "replay_ms", lambda graph, replays: graph)
 
     class Holder:
-        graphs = {(1, 4096): "plain"}
-        sampled_graphs = {(1, 4096): "sampled"}
+        def __init__(self):
+            self.graphs = {(1, 4096): "plain"}
+            self.sampled_graphs = {(1, 4096): "sampled"}
 
         def variant(self, num_seqs, context):
             return (num_seqs, 4096)
 
-    llm = type("Llm", (), {"engine": type("Engine", (), {"runner": type("Runner", (), {"graphs": Holder()})})})
+    holder = Holder()
+    llm = type("Llm", (), {"engine": type("Engine", (), {"runner": type("Runner", (), {"graphs": holder})})})
     assert offline._decode_graph_ms(llm, 384) == "sampled"
-    Holder.sampled_graphs = {}
+    holder.sampled_graphs = {}
     assert offline._decode_graph_ms(llm, 384) == "plain"
 
 

@@ -97,3 +97,37 @@ def test_off_without_sampled_sizes(llm):
     finally:
         llm.engine.runner.graphs = None
     assert graphs.sampled_replays == 0 and graphs.replays == 4
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+def test_speculation_keeps_its_tokens(tiny_model_dir, oracle):
+    """With speculation, verify steps keep the sampler while decode steps without proposals, and rows placed
+    behind a verify step still in flight, may take sampled graphs: the greedy tokens are those of the plain
+    path. Prompts of a small alphabet give the n-gram proposer matches; the oracle (ReplayProposer: the
+    reference tokens of the first two prompts, 20% of them wrong) makes long accepted runs and rejections."""
+    from meshserve.spec_decode.replay_proposer import ReplayProposer
+
+    llm = LLM(model=tiny_model_dir("llama"), block_size=4, max_model_len=128, max_num_seqs=8,
+              enable_prefix_caching=False, seed=0,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+                                  "prompt_lookup_max": 3})
+    rng = random.Random(0)
+    # two prompts that find n-gram matches, and one over the whole vocabulary that decodes on alone (no
+    # proposals: plain decode steps) once they finish
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 40) for _ in range(20 + 7 * i)]} for i in range(2)]
+    prompts.append({"prompt_token_ids": _ids(11, 9)})
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (10, 12, 40)]
+    expected = _generate(llm, prompts, params)
+    if oracle:
+        llm.engine.core.speculator.proposer = ReplayProposer(
+            {tuple(p["prompt_token_ids"]): o for p, o in zip(prompts[:2], expected)}, 3, 0.2, VOCAB, seed=1)
+    drafts = llm.engine.stats()["spec_num_draft_tokens"]
+    graphs = _with_decode_graphs(llm, sample_max_bs=4)
+    try:
+        got = _generate(llm, prompts, params)
+        drafts = llm.engine.stats()["spec_num_draft_tokens"] - drafts
+    finally:
+        llm.engine.runner.graphs = None
+    assert got == expected
+    assert graphs.sampled_replays > 0
+    assert drafts > 0  # proposals were made and verified beside the sampled graphs

@@ -56,7 +56,7 @@ def test_w1_shape_bf16_same_tokens_and_sampler_rows_untouched(monkeypatch):
 
     greedy = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     prompts = _prompts(1, 10000, seed=1)
-    kw = dict(load_format="dummy")
+    kw = {"load_format": "dummy"}
     expected, _, _ = _generate("qwen3-0.6b", "bfloat16", "0", prompts, greedy, monkeypatch, **kw)
     got, _, used = _generate("qwen3-0.6b", "bfloat16", "8", prompts, greedy, monkeypatch, **kw)
     assert got == expected and used == 47

@@ -44,7 +44,7 @@ def _generate(llm: LLM, prompts, params) -> list[list[int]]:
 
 
 CASES = {
-    # all greedy at a captured size (1, 2, 4): every decode step replays a sampled graph
+    # all greedy: every decode step of a captured size (1, 2, 4) replays a sampled graph, a step of 3 the plain one
     "greedy batch 1": ([20], [SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)]),
     "greedy batch 4": ([9, 31, 14, 22], [SamplingParams(temperature=0, max_tokens=5 + i, ignore_eos=True)
                                          for i in range(4)]),

@@ -332,7 +332,8 @@ class ModelRunner:
     def _greedy_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """A decode batch's greedy token ids from its hidden states, as sample() computes them for plain greedy
         rows (every row is a sampling row: its logits, then sample_rows' argmax)."""
-        return self.model.compute_logits(hidden).argmax(dim=-1)
+        with contextlib.nullcontext() if self.kernels.sample_head_pdl else pdl.plain():
+            return self.model.compute_logits(hidden).argmax(dim=-1)
 
     def _stage_input(self) -> tuple[int, torch.dtype] | None:
         """(hidden size, dtype) of the activations this rank receives from the previous stage, or None."""

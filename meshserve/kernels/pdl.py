@@ -135,6 +135,18 @@ def step_scope(decode_only: bool):
         _step.plain = before
 
 
+@contextlib.contextmanager
+def plain():
+    """Kernels launched inside the block (this thread) without PDL, whatever the switch (the decode graphs'
+    greedy head under MESHSERVE_PDL_HEAD=0, an A/B)."""
+    before = getattr(_step, "plain", False)
+    _step.plain = True
+    try:
+        yield
+    finally:
+        _step.plain = before
+
+
 def resolve(pdl: bool | None) -> bool:
     """A wrapper's explicit `pdl` argument, or the process switch when None (off inside a forward that
     step_scope marked plain)."""

@@ -47,6 +47,9 @@ Overrides (environment, read only here, for debugging and references):
                                             launching the head and its index work from Python (engine/cuda_graph.py;
                                             W1 Qwen3-0.6B launched its next graph after the last one ended,
                                             2026-12-02); 0 off
+  MESHSERVE_PDL_HEAD=0                      the greedy head of those graphs (LM head GEMV) launched without PDL:
+                                            an A/B of the 12-25 us the sampled graph takes above the plain graph
+                                            plus the head outside it (H200, 2026-12-02); default with the switch
   MESHSERVE_DECODE_REDUCE=kernel|inline     decode attention's split-K partials combined by a reduce launch
                                             (kernel, the default) or by each group's last split (inline:
                                             kernels/triton_attention.py, one launch fewer a layer; opt-in until
@@ -155,6 +158,7 @@ DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
 DECODE_CONTEXT_BOUNDS_DEFAULT = (256, 1024)
 DECODE_SAMPLE_GRAPHS_ENV = "MESHSERVE_DECODE_SAMPLE_GRAPHS"
 DECODE_SAMPLE_GRAPHS_DEFAULT = 8  # batch sizes 1, 2, 4, 8: four more small graphs per context variant
+PDL_HEAD_ENV = "MESHSERVE_PDL_HEAD"
 DECODE_REDUCE_ENV = "MESHSERVE_DECODE_REDUCE"
 DECODE_REDUCE_CHOICES = ("kernel", "inline")
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
@@ -207,6 +211,7 @@ class KernelSelection:
     decode_context_bounds: tuple[int, ...] = ()
     # decode graphs of batch sizes up to this also captured with the greedy head (engine/cuda_graph.py); 0: none
     decode_sample_graph_max_bs: int = 0
+    sample_head_pdl: bool = True  # False: the sampled graphs' greedy head launches its kernels without PDL
     # decode attention's split partials combined by the last split of each group (no reduce launch)
     decode_inline_reduce: bool = False
     kv_cache_dtype: torch.dtype | None = None  # the KV pool's element type (None only in PLAIN)
@@ -435,6 +440,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         cuda_graphs=cuda_graphs,
         decode_context_bounds=_decode_context_bounds(config) if cuda_graphs else (),
         decode_sample_graph_max_bs=_decode_sample_graph_max_bs() if cuda_graphs else 0,
+        sample_head_pdl=os.environ.get(PDL_HEAD_ENV, "").strip() != "0",
         decode_inline_reduce=_variant(DECODE_REDUCE_ENV, DECODE_REDUCE_CHOICES, "kernel") == "inline",
         kv_cache_dtype=kv_cache_dtype,
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),

@@ -131,3 +131,24 @@ def test_speculation_keeps_its_tokens(tiny_model_dir, oracle):
     assert got == expected
     assert graphs.sampled_replays > 0
     assert drafts > 0  # proposals were made and verified beside the sampled graphs
+
+
+def test_the_head_launches_without_pdl_on_request(llm, monkeypatch):
+    """MESHSERVE_PDL_HEAD=0 (KernelSelection.sample_head_pdl False): the greedy head's kernels launch plain
+    while the process switch has PDL on; by default they follow the switch."""
+    import dataclasses
+
+    import torch
+
+    from meshserve.kernels import pdl
+
+    runner = llm.engine.runner
+    hidden = torch.zeros(1, llm.engine.config.model_config.hf_config.hidden_size)
+    seen = []
+    logits = runner.model.compute_logits
+    monkeypatch.setattr(runner.model, "compute_logits", lambda h: seen.append(pdl.resolve(None)) or logits(h))
+    with pdl.enabled():
+        runner._greedy_head(hidden)
+        monkeypatch.setattr(runner, "kernels", dataclasses.replace(runner.kernels, sample_head_pdl=False))
+        assert runner._greedy_head(hidden).shape == (1,)
+    assert seen == [True, False]

@@ -57,6 +57,17 @@ def test_step_scope_turns_pdl_off_in_prompt_carrying_forwards_of_this_thread():
         assert not pdl.resolve(None)
 
 
+def test_plain_turns_pdl_off_whatever_the_steps_policy():
+    """pdl.plain() (the sampled decode graphs' head under MESHSERVE_PDL_HEAD=0): no PDL inside the block
+    even where a decode-only scope or steps="all" would launch with it; restored after."""
+    from meshserve.kernels import pdl
+
+    with pdl.enabled(steps="all"), pdl.step_scope(decode_only=True):
+        with pdl.plain():
+            assert not pdl.resolve(None) and pdl.resolve(True)
+        assert pdl.resolve(None)
+
+
 @interp
 def test_interpreter_and_cpu_never_launch_with_pdl():
     from meshserve.kernels import pdl

@@ -23,6 +23,7 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_NORM_GEMV", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_SAMPLE_GRAPHS", raising=False)
+    monkeypatch.delenv("MESHSERVE_PDL_HEAD", raising=False)
     monkeypatch.delenv("MESHSERVE_MLA_PREFILL_REF", raising=False)
     for name in ("MESHSERVE_PDL", "MESHSERVE_PDL_TRIGGER", "MESHSERVE_PDL_ONE_WAVE", "MESHSERVE_PDL_PRELOAD",
                  "MESHSERVE_MOE_LEGACY"):
@@ -110,6 +111,10 @@ def test_sampled_decode_graphs_up_to_batch_8_by_default(monkeypatch):
     assert select_kernels(gpu).decode_sample_graph_max_bs == 0
     monkeypatch.setenv("MESHSERVE_DECODE_SAMPLE_GRAPHS", "2")
     assert select_kernels(gpu).decode_sample_graph_max_bs == 2
+    assert select_kernels(gpu).sample_head_pdl  # the head as the PDL switch says, unless MESHSERVE_PDL_HEAD=0
+    monkeypatch.setenv("MESHSERVE_PDL_HEAD", "0")
+    assert not select_kernels(gpu).sample_head_pdl
+    monkeypatch.delenv("MESHSERVE_PDL_HEAD")
     for bad in ("all", "-1"):
         monkeypatch.setenv("MESHSERVE_DECODE_SAMPLE_GRAPHS", bad)
         with pytest.raises(ValueError, match="MESHSERVE_DECODE_SAMPLE_GRAPHS"):

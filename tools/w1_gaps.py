@@ -139,8 +139,7 @@ def graph_launch_us(llm, replays: int = 100) -> None:
     from meshserve.bench.workloads import W1_NEW_TOKENS, w1_prompt
 
     holder = llm.engine.runner.graphs
-    key = holder.variant(1, len(w1_prompt()) + W1_NEW_TOKENS)
-    graph = holder.sampled_graphs.get(key) or holder.graphs.get(key)  # the one W1 replays
+    graph = holder.greedy_step_graph(1, len(w1_prompt()) + W1_NEW_TOKENS)  # the one W1 replays
     host = []
     for _ in range(replays):
         torch.cuda.synchronize()

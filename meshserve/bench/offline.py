@@ -126,12 +126,9 @@ def _decode_graph_ms(llm, context: int, replays: int = 200) -> float | None:
     on which side the time moves. The replays rerun the last step's inputs and rewrite that step's KV slot:
     run it after the timed generations."""
     holder = getattr(getattr(llm.engine, "runner", None), "graphs", None)
-    if holder is None or not holder.graphs:
-        return None
     # the graph a greedy W1 step replays: the one with the LM head and the argmax when captured (the plain
     # decode graph's forward alone before 2026-12-02, twenty-second session)
-    key = holder.variant(1, context)
-    graph = holder.sampled_graphs.get(key) or holder.graphs.get(key)
+    graph = holder.greedy_step_graph(1, context) if holder is not None and holder.graphs else None
     if graph is None:
         return None
     from meshserve.engine.cuda_graph import replay_ms

@@ -249,6 +249,12 @@ class DecodeGraphs:
         bounds = self.variants[bs]
         return bs, next((b for b in bounds if b >= max_seq_len), bounds[-1])
 
+    def greedy_step_graph(self, num_seqs: int, max_seq_len: int) -> torch.cuda.CUDAGraph | None:
+        """The captured graph an all-greedy decode step of this shape replays (bench latency times W1's): the
+        sampled one where captured, else the plain one; None before capture."""
+        key = self.variant(num_seqs, max_seq_len)
+        return self.sampled_graphs.get(key) or self.graphs.get(key)
+
     def can_sample(self, meta: AttentionMetadata) -> bool:
         """A sampled graph serves this decode-only batch: one was captured for exactly its size (and the
         variant its context takes)."""

@@ -59,22 +59,17 @@ def test_a_runner_without_decode_graphs_has_no_graph_time():
 def test_the_graph_timed_is_the_one_a_w1_step_replays(monkeypatch):
     """With a sampled graph (forward + greedy head) captured for batch 1, that one is timed (W1 replays it);
     without, the plain decode graph."""
+    import torch
+
     from meshserve.engine import cuda_graph
 
     monkeypatch.setattr(cuda_graph, "replay_ms", lambda graph, replays: graph)
-
-    class Holder:
-        def __init__(self):
-            self.graphs = {(1, 4096): "plain"}
-            self.sampled_graphs = {(1, 4096): "sampled"}
-
-        def variant(self, num_seqs, context):
-            return (num_seqs, 4096)
-
-    holder = Holder()
+    holder = cuda_graph.DecodeGraphs(None, 4, 4096, 16, torch.device("cpu"))
+    holder.graphs.update({(1, 4096): "plain", (2, 4096): "plain 2"})
+    holder.sampled_graphs[1, 4096] = "sampled"
     llm = type("Llm", (), {"engine": type("Engine", (), {"runner": type("Runner", (), {"graphs": holder})})})
     assert offline._decode_graph_ms(llm, 384) == "sampled"
-    holder.sampled_graphs = {}
+    holder.sampled_graphs.clear()
     assert offline._decode_graph_ms(llm, 384) == "plain"
 
 

@@ -126,6 +126,8 @@ def release_graphs(holder) -> None:
         table.clear()
     holder.pool = None
     holder.forward = None  # the runner's: it holds these graphs, so this reference made a cycle
+    if hasattr(holder, "sample_head"):
+        holder.sample_head = None  # the runner's greedy head (a bound method): the same cycle
 
 
 class DecodeGraphs:

@@ -30,11 +30,15 @@ def no_cyclic_gc(monkeypatch):
 
 def _llm_with_graphs(model_dir: str) -> LLM:
     """A CPU engine given the GPU path's graph holders (uncaptured): decode and mixed-step graphs, each
-    holding the runner's forward as on a GPU (model_runner.allocate_kv_cache)."""
+    holding the runner's forward (and the decode graphs its greedy head) as on a GPU
+    (model_runner.allocate_kv_cache)."""
     llm = LLM(model=model_dir, block_size=4, max_model_len=256, max_num_seqs=4)
     llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=3, logprobs=1), use_tqdm=False)
     runner = llm.engine.runner
-    runner.graphs = DecodeGraphs(runner.forward, 4, 256, 4, runner.device)
+    # with the greedy head as a single-GPU engine captures it (sampled graphs): it is the runner's bound method
+    runner.graphs = DecodeGraphs(runner.forward, 4, 256, 4, runner.device, sample_head=runner._greedy_head,
+                                 sample_max_bs=2)
+    assert runner.graphs.sample_sizes
     runner.mixed_graphs = runner.build_mixed_graphs(replay=False)
     assert runner.mixed_graphs is not None and runner.mixed_graphs.forward is not None
     return llm
@@ -55,7 +59,7 @@ def test_shutdown_frees_the_engine_while_a_caller_holds_its_graphs(tiny_model_di
     del runner
     llm.shutdown()
     assert [name for name, ref in alive.items() if ref() is not None] == []
-    assert graphs.forward is None and graphs.graphs == {}
+    assert graphs.forward is None and graphs.sample_head is None and graphs.graphs == {}
 
 
 def test_shutdown_frees_the_kv_cache_while_a_caller_holds_the_runner(tiny_model_dir, no_cyclic_gc):

@@ -25,7 +25,10 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_SKINNY_GEMV=1                   2-16 rows of 16-bit activations (a speculative verify step at small
                                             batch) through the Triton skinny GEMV (kernels/triton_skinny_gemv.py)
                                             instead of cuBLAS; opt-in until measured on the H200 (issue 22)
-  MESHSERVE_NORM_FOLD=1                     batch 1: both RMSNorms into the GEMVs around them (layers/norm_fold.py)
+  MESHSERVE_NORM_FOLD=1|0                   batch 1: both RMSNorms into the GEMVs around them (layers/norm_fold.py);
+                                            by default on where the batch-1 step is launch-bound (the PDL auto
+                                            rule: H200 Qwen3-0.6B decode graph -1.3% and -1.5% on 2026-12-02; it
+                                            cost the 8B 3.2%), 0 off, 1 on for any model
   MESHSERVE_PDL=1|auto                      programmatic dependent launch of the decode-path Triton kernels on
                                             sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
                                             kernels/pdl.py); auto (the default): only for dense models whose
@@ -290,6 +293,13 @@ def _small_dense(config: EngineConfig) -> bool:
     return pdl.auto_enables(getattr(hf_config, "hidden_size", None), num_experts(hf_config) > 0)
 
 
+def _norm_fold(config: EngineConfig) -> bool:
+    """MESHSERVE_NORM_FOLD (1 on, 0 off), else on for the models whose batch-1 step is launch-bound
+    (_small_dense)."""
+    raw = os.environ.get(NORM_FOLD_ENV, "").strip()
+    return _small_dense(config) if raw == "" else raw != "0"
+
+
 def _decode_context_bounds(config: EngineConfig) -> tuple[int, ...]:
     """MESHSERVE_DECODE_CONTEXT_BOUNDS, else the default: DECODE_CONTEXT_BOUNDS_DEFAULT for the models whose
     batch-1 step is launch-bound (_small_dense), none for larger ones."""
@@ -435,7 +445,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         norm_gemv=gemv and fused_ops and os.environ.get(NORM_GEMV_ENV, "") not in ("", "0"),
         # off a GPU the layers take the same order with the all-reduce and the norm apart (tests the wiring)
         tp_fused_norm=_tp_fused_norm(),
-        norm_fold=gemv and fused_ops and os.environ.get(NORM_FOLD_ENV, "") not in ("", "0"),
+        norm_fold=gemv and fused_ops and _norm_fold(config),
         fused_sampler=fused_ops,
         cuda_graphs=cuda_graphs,
         decode_context_bounds=_decode_context_bounds(config) if cuda_graphs else (),

@@ -100,6 +100,34 @@ def test_short_context_graphs_by_default_for_small_dense_models(monkeypatch):
     assert select_kernels(gpu(4096)).decode_context_bounds == (512,)
 
 
+def test_norm_fold_by_default_for_small_dense_models(monkeypatch):
+    """The batch-1 norm fold is on by default where the short-context graphs are (dense, hidden size <= 2,048, with
+    the GEMV and the fused ops), off for larger or MoE models; MESHSERVE_NORM_FOLD=0/1 overrides either way."""
+    import dataclasses
+    import types
+
+    from meshserve.layers import backend_selection
+
+    monkeypatch.setattr(backend_selection, "gemv_importable", lambda: True)
+    monkeypatch.setattr(backend_selection, "fused_ops_importable", lambda: True)
+
+    def gpu(hidden, experts=0):
+        hf = types.SimpleNamespace(hidden_size=hidden, num_local_experts=experts)
+        config = _config(device="cuda", dtype="bfloat16")
+        return dataclasses.replace(config, model_config=dataclasses.replace(config.model_config, hf_config=hf))
+
+    monkeypatch.delenv("MESHSERVE_NORM_FOLD", raising=False)
+    assert select_kernels(gpu(1024)).norm_fold
+    assert not select_kernels(gpu(4096)).norm_fold
+    assert not select_kernels(gpu(2048, experts=128)).norm_fold
+    monkeypatch.setenv("MESHSERVE_NORM_FOLD", "0")
+    assert not select_kernels(gpu(1024)).norm_fold
+    monkeypatch.setenv("MESHSERVE_NORM_FOLD", "1")
+    assert select_kernels(gpu(4096)).norm_fold
+    monkeypatch.setenv("MESHSERVE_DISABLE_FUSED_OPS", "1")
+    assert not select_kernels(gpu(1024)).norm_fold
+
+
 def test_sampled_decode_graphs_up_to_batch_8_by_default(monkeypatch):
     """The greedy-head decode graphs: batch sizes up to 8 with CUDA graphs, none without; the switch sets the
     largest batch (0: off) and refuses what is not a non-negative count."""

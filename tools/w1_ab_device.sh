@@ -10,12 +10,20 @@
 # the same settings on one H200 (2026-12-02, BENCHMARKS.md "Twenty-first session"), so a one-run A/B of a small
 # model says nothing. Each run also prints the batch-1 decode graph's device time (replayed back to back) beside
 # the wall time of a decode token (which side moved) and the SM clock's median during the timed runs. Logs and JSON: $OUT/w1_ab.tgz.
+# BENCH=throughput runs W2 (`bench throughput`) instead: the columns are output tok/s and W2's seconds (W2 Qwen3-0.6B
+# moved 6% between two processes of one build on 2026-12-02: REPEAT >= 2 there too).
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
-R=/tmp/w1_ab; mkdir -p $R $OUT
+R=/tmp/w1_ab; rm -rf $R; mkdir -p $R $OUT  # this call's runs only (a warm machine keeps /tmp)
 model_name() { case $1 in qwen) echo qwen3-0.6b ;; 8b) echo llama-3.1-8b ;; *) echo "$1" ;; esac; }
 t_start=$SECONDS
-printf "%-8s %-44s %9s %9s %8s %8s %6s %5s\n" model settings "tok/s" decode graph_ms token_ms sm_mhz secs
+bench=${BENCH:-latency}
+case $bench in latency|throughput) ;; *) echo "BENCH must be latency or throughput, got $bench"; exit 1 ;; esac
+if [ "$bench" = throughput ]; then
+  printf "%-8s %-44s %9s %9s %8s %8s %6s %5s\n" model settings "out tok/s" w2_s - - - secs
+else
+  printf "%-8s %-44s %9s %9s %8s %8s %6s %5s\n" model settings "tok/s" decode graph_ms token_ms sm_mhz secs
+fi
 for round in $(seq 1 ${REPEAT:-3}); do
   for job in ${JOBS:?JOBS is required}; do
     model=$(model_name ${job%%:*}); settings=${job#*:}
@@ -27,12 +35,17 @@ for round in $(seq 1 ${REPEAT:-3}); do
     fi
     name="${round}_${job//[:=+,]/_}"
     t0=$SECONDS
-    env "${envs[@]}" timeout ${LIMIT:-120} python3 -m meshserve.cli --log-level INFO bench latency --model $model \
+    env "${envs[@]}" timeout ${LIMIT:-120} python3 -m meshserve.cli --log-level INFO bench $bench --model $model \
       --no-baseline --output-json $R/$name.json > $R/$name.log 2>&1
     rc=$?
-    tok=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['tok_s']:.1f} {r['decode_tok_s']:.1f} \"
-          f\"{r.get('decode_graph_ms', 0):.3f} {r.get('decode_token_ms', 0):.3f} \"
-          f\"{r.get('sm_clock_mhz_min_median', [0, 0])[1]:.0f}\")" $R/$name.json 2> /dev/null || echo "rc=$rc - - - -")
+    if [ "$bench" = throughput ]; then
+      tok=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['output_tok_s']:.1f} {r['seconds']:.3f} - - -\")" \
+            $R/$name.json 2> /dev/null || echo "rc=$rc - - - -")
+    else
+      tok=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['tok_s']:.1f} {r['decode_tok_s']:.1f} \"
+            f\"{r.get('decode_graph_ms', 0):.3f} {r.get('decode_token_ms', 0):.3f} \"
+            f\"{r.get('sm_clock_mhz_min_median', [0, 0])[1]:.0f}\")" $R/$name.json 2> /dev/null || echo "rc=$rc - - - -")
+    fi
     printf "%-8s %-44s %9s %9s %8s %8s %6s %5s\n" ${job%%:*} "$settings" $tok $((SECONDS - t0))
     [ $rc -ne 0 ] && grep -E "Error|error" $R/$name.log | tail -3
   done
@@ -42,7 +55,8 @@ import collections, glob, json, os, statistics, sys
 runs = collections.defaultdict(list)
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     job = os.path.basename(path)[:-5].split("_", 1)[1]  # round_job
-    runs[job].append(json.load(open(path))["tok_s"])
+    r = json.load(open(path))
+    runs[job].append(r["tok_s"] if "tok_s" in r else r["output_tok_s"])
 print(f"{'job':<52} {'runs':>4} {'median':>8} {'min':>8} {'max':>8}")
 for job, tok in runs.items():
     print(f"{job:<52} {len(tok):>4} {statistics.median(tok):>8.1f} {min(tok):>8.1f} {max(tok):>8.1f}")

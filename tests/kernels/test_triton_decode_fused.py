@@ -1,0 +1,127 @@
+"""The decode attention launch with the prologue inside it (kernels/triton_decode_fused.py) against the two-step
+path it replaces (TritonAttentionBackend.write_qkv, then attend), on the same inputs: the attention outputs to
+the decode tests' tolerances and the KV cache bytes identical after the call.
+
+Without CUDA the kernels run in the Triton CPU interpreter (tests/conftest.py) on tiny shapes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from meshserve.kernels.quant_ref import FP8_DTYPE
+from tests.kernels.sm90 import COMPILE_SM90_PRELUDE, assert_compiles_for_sm90
+from tests.kernels.test_triton_attention import _tol, make_case
+
+_HAS_CUDA = torch.cuda.is_available()
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
+
+if importlib.util.find_spec("triton") is not None:
+    from meshserve.kernels.triton_attention import TritonAttentionBackend
+
+FUSED_CASES = [
+    # seq_lens (0: a CUDA-graph padding row, slot -1), H, Hkv, D, block_size, window
+    ([5, 0, 300, 1], 4, 2, 16, 16, None),  # context 1, a padding row, three 128-token tiles
+    ([130, 7], 16, 8, 128, 16, None),  # Qwen3-0.6B's heads: GQA 2, head_dim 128
+    ([77, 260, 1], 8, 2, 32, 8, 50),  # GQA 4, a sliding window shorter than a tile
+]
+
+
+def _rope_tables(max_pos: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def fused_case(case: int, dtype: torch.dtype, fp8: bool, qk_norm: bool, seed: int = 0):
+    """(qkv, positions, cos, sin, q_norm_w, k_norm_w, cache, meta, h, hkv, window, k_scale, v_scale): one decode
+    step, each row's token at position seq_len - 1 with its slot through the block table; padding rows
+    (seq_len 0) get slot -1 and position 0."""
+    seq_lens, h, hkv, d, bs, window = FUSED_CASES[case]
+    _, cache, meta = make_case([1] * len(seq_lens), [max(1, n) for n in seq_lens], h, hkv, d, bs, dtype, seed=seed)
+    meta.seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
+    meta.seq_lens_cpu = list(seq_lens)
+    slots = [int(meta.block_tables[i, (n - 1) // bs]) * bs + (n - 1) % bs if n else -1
+             for i, n in enumerate(seq_lens)]
+    meta.slot_mapping = torch.tensor(slots, dtype=torch.int64)
+    g = torch.Generator().manual_seed(seed + 1)
+    qkv = (2 * torch.randn(len(seq_lens), (h + 2 * hkv) * d, generator=g)).to(dtype)
+    positions = torch.tensor([max(0, n - 1) for n in seq_lens], dtype=torch.int64)
+    cos, sin = _rope_tables(max(seq_lens) + 1, d)
+    norms = [(1 + 0.3 * torch.randn(d, generator=g)).to(dtype) for _ in range(2)] if qk_norm else [None, None]
+    k_scale, v_scale = 1.0, 1.0
+    if fp8:
+        k_scale, v_scale = 0.05, 1 / 256  # |v| / v_scale saturates at 448 now and then
+        cache = (torch.randn(cache.shape, generator=g) * 8).to(FP8_DTYPE)
+    return qkv, positions, cos, sin, *norms, cache, meta, h, hkv, window, k_scale, v_scale
+
+
+def run_both(case, dtype, fp8, qk_norm, splits, inline=False, seed=0):
+    """(two-step out, two-step cache, fused out, fused cache) from the same inputs."""
+    qkv, pos, cos, sin, qw, kw, cache, meta, h, hkv, window, ks, vs = fused_case(case, dtype, fp8, qk_norm, seed)
+    d = cache.shape[-1]
+    backend = TritonAttentionBackend(decode_num_splits=splits, inline_reduce=inline)
+    two_step = cache.clone()
+    q = backend.write_qkv(qkv, pos, cos, sin, qw, kw, 1e-6, two_step, meta.slot_mapping, h, hkv, ks, vs)
+    expect = backend.attend(q, two_step, meta, d**-0.5, window, ks, vs)
+    fused = cache.clone()
+    out = backend.attend_qkv(qkv, pos, cos, sin, qw, kw, 1e-6, fused, meta, d**-0.5, window, h, hkv, ks, vs)
+    return expect, two_step, out, fused, cache, meta
+
+
+def _bytes(cache: torch.Tensor) -> torch.Tensor:
+    return cache.view(torch.uint8)
+
+
+def _assert_same(expect, two_step, out, fused, before, meta):
+    assert out.shape == expect.shape and out.dtype == expect.dtype
+    atol, rtol = _tol(expect.dtype)
+    torch.testing.assert_close(out.float(), expect.float(), atol=atol, rtol=rtol)
+    assert torch.equal(_bytes(fused), _bytes(two_step))
+    written = meta.slot_mapping >= 0
+    assert not torch.equal(_bytes(fused), _bytes(before)) or not written.any()  # the step's K/V went in
+    pad = (meta.seq_lens == 0).nonzero().flatten()
+    assert (out[pad] == 0).all()  # seq_len 0: zeros, as the split kernel gives
+
+
+def _params():
+    """case x dtype x q/k norm x splits (one: the direct output; three: the workspace and the reduce kernel),
+    and an fp8 cache (bf16 model, the served case) over case x norm x splits."""
+    for case in range(len(FUSED_CASES)):
+        for qk_norm in (True, False):
+            for splits in (1, 3):
+                for dtype in (torch.float32, torch.bfloat16):
+                    yield pytest.param(case, dtype, False, qk_norm, splits)
+                yield pytest.param(case, torch.bfloat16, True, qk_norm, splits)
+
+
+@interp
+@pytest.mark.parametrize(("case", "dtype", "fp8", "qk_norm", "splits"), list(_params()))
+def test_fused_matches_two_step_interp(case, dtype, fp8, qk_norm, splits):
+    _assert_same(*run_both(case, dtype, fp8, qk_norm, splits, seed=case))
+
+
+@interp
+@pytest.mark.parametrize("case", range(len(FUSED_CASES)))
+def test_fused_inline_reduce_interp(case):
+    """With the inline reduce (no reduce launch) the fused launch matches the two-step path too, and leaves
+    every ticket at zero for the next launch (run twice over the same tickets)."""
+    from meshserve.kernels import triton_attention
+
+    for _ in range(2):
+        _assert_same(*run_both(case, torch.float32, False, True, 4, inline=True, seed=30 + case))
+        assert not triton_attention._ticket_workspace(torch.device("cpu")).any()
+
+
+@interp
+def test_fused_rejects_prompt_steps_interp():
+    qkv, pos, cos, sin, qw, kw, cache, meta, h, hkv, window, ks, vs = fused_case(0, torch.float32, False, True)
+    meta.max_query_len = 2  # a step with a prompt chunk: the two-step path's
+    with pytest.raises(ValueError, match="decode-only"):
+        TritonAttentionBackend().attend_qkv(qkv, pos, cos, sin, qw, kw, 1e-6, cache, meta, 0.25, None, h, hkv)

@@ -95,7 +95,7 @@ def test_decode_fused_prologue_gives_the_two_step_output_and_cache(dtype):
         layer.kv_cache = before.clone()
         layer.decode_fused_prologue = fused
         calls = []
-        layer.after_kv_write = lambda: calls.append(layer.kv_cache.clone())
+        layer.after_kv_write = lambda calls=calls: calls.append(layer.kv_cache.clone())
         assert layer._fuses_decode_prologue(meta) == fused
         outs.append(layer.forward_qkv(qkv, positions, rope, q_norm, k_norm, meta))
         caches.append(layer.kv_cache)

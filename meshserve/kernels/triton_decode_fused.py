@@ -14,7 +14,9 @@ triton_attention.decode_attention. ``_decode_fused_split_kernel`` does both in t
 * a CTA barrier (bar.sync orders the CTA's global stores before its later loads), then the split's KV tiles
   as triton_attention.decode_split_attend walks them: the current token is read back from the cache, so the
   softmax sees the value as stored (an fp8 cache: quantized, then dequantized) in the same tile as the
-  two-step path. Only the writer's own CTA reads that slot's head in this launch.
+  two-step path. Only the writer's own CTA reads that slot's head in this launch, given what the engine's
+  decode steps build (engine/step_inputs.py): a row's slot is the cache slot of its position seq_len - 1, in
+  its own last block. A slot another program reads (another sequence's or another split's) would be raced.
 
 Padding rows (q_len != 1) exit at once as in the split kernel; a slot < 0 writes nothing; seq_len 0 (CUDA-graph
 padding) attends to nothing (zeros), and a slot >= 0 there is still written, by split 0. No host decision

@@ -120,6 +120,20 @@ def test_fused_inline_reduce_interp(case):
 
 
 @interp
+@pytest.mark.parametrize("case", range(len(FUSED_CASES)))
+def test_the_split_that_reads_the_token_writes_it_interp(case, monkeypatch):
+    """The current token's K/V are written by the program that reads them back (on a GPU nothing orders the
+    programs of a launch): with the interpreter's splits run last-first, a writer ahead of the reader would
+    leave it the stale slot (the interpreter's in-order grid hides that otherwise)."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    real = builder.set_grid_idx
+    monkeypatch.setattr(builder, "set_grid_idx", lambda x, y, z: real(x, y, builder.grid_dim[2] - 1 - z))
+    _assert_same(*run_both(case, torch.float32, False, case != 1, 3, seed=40 + case))
+
+
+@interp
 def test_fused_rejects_prompt_steps_interp():
     qkv, pos, cos, sin, qw, kw, cache, meta, h, hkv, *_ = fused_case(0, torch.float32, False, True)
     meta.max_query_len = 2  # a step with a prompt chunk: the two-step path's

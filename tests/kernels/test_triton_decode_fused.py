@@ -39,15 +39,16 @@ def _rope_tables(max_pos: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     return emb.cos(), emb.sin()
 
 
-def fused_case(case: int, dtype: torch.dtype, fp8: bool, qk_norm: bool, seed: int = 0):
+def fused_case(case: int, dtype: torch.dtype, fp8: bool, qk_norm: bool, seed: int = 0, pad_slot: bool = False):
     """(qkv, positions, cos, sin, q_norm_w, k_norm_w, cache, meta, h, hkv, window, k_scale, v_scale): one decode
     step, each row's token at position seq_len - 1 with its slot through the block table; padding rows
-    (seq_len 0) get slot -1 and position 0."""
+    (seq_len 0) get position 0 and slot -1 (pad_slot: offset 1 of a block no sequence reads)."""
     seq_lens, h, hkv, d, bs, window = FUSED_CASES[case]
     _, cache, meta = make_case([1] * len(seq_lens), [max(1, n) for n in seq_lens], h, hkv, d, bs, dtype, seed=seed)
     meta.seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
     meta.seq_lens_cpu = list(seq_lens)
-    slots = [int(meta.block_tables[i, (n - 1) // bs]) * bs + (n - 1) % bs if n else -1
+    free = min(set(range(cache.shape[1])) - set(meta.block_tables.flatten().tolist()))
+    slots = [int(meta.block_tables[i, (n - 1) // bs]) * bs + (n - 1) % bs if n else free * bs + 1 if pad_slot else -1
              for i, n in enumerate(seq_lens)]
     meta.slot_mapping = torch.tensor(slots, dtype=torch.int64)
     g = torch.Generator().manual_seed(seed + 1)
@@ -62,9 +63,10 @@ def fused_case(case: int, dtype: torch.dtype, fp8: bool, qk_norm: bool, seed: in
     return qkv, positions, cos, sin, *norms, cache, meta, h, hkv, window, k_scale, v_scale
 
 
-def run_both(case, dtype, fp8, qk_norm, splits, inline=False, seed=0):
-    """(two-step out, two-step cache, fused out, fused cache) from the same inputs."""
-    qkv, pos, cos, sin, qw, kw, cache, meta, h, hkv, window, ks, vs = fused_case(case, dtype, fp8, qk_norm, seed)
+def run_both(case, dtype, fp8, qk_norm, splits, inline=False, seed=0, pad_slot=False):
+    """(two-step out, two-step cache, fused out, fused cache, cache before, meta) from the same inputs."""
+    qkv, pos, cos, sin, qw, kw, cache, meta, h, hkv, window, ks, vs = fused_case(case, dtype, fp8, qk_norm, seed,
+                                                                                 pad_slot)
     d = cache.shape[-1]
     backend = TritonAttentionBackend(decode_num_splits=splits, inline_reduce=inline)
     two_step = cache.clone()
@@ -131,6 +133,17 @@ def test_the_split_that_reads_the_token_writes_it_interp(case, monkeypatch):
     real = builder.set_grid_idx
     monkeypatch.setattr(builder, "set_grid_idx", lambda x, y, z: real(x, y, builder.grid_dim[2] - 1 - z))
     _assert_same(*run_both(case, torch.float32, False, case != 1, 3, seed=40 + case))
+
+
+@interp
+@pytest.mark.parametrize("splits", [1, 3])
+def test_a_slot_without_context_is_still_written_interp(splits):
+    """A row with seq_len 0 but a slot (not what the engine builds; write_qkv writes it regardless): the fused
+    launch writes it too (split 0), and the row attends to nothing."""
+    expect, two_step, out, fused, before, meta = run_both(0, torch.float32, False, True, splits, pad_slot=True)
+    slot = int(meta.slot_mapping[1])
+    assert slot >= 0 and not torch.equal(two_step[:, slot // 16, slot % 16], before[:, slot // 16, slot % 16])
+    _assert_same(expect, two_step, out, fused, before, meta)
 
 
 @interp

@@ -29,6 +29,7 @@ FUSED_CASES = [
     ([5, 0, 300, 1], 4, 2, 16, 16, None),  # context 1, a padding row, three 128-token tiles
     ([130, 7], 16, 8, 128, 16, None),  # Qwen3-0.6B's heads: GQA 2, head_dim 128
     ([77, 260, 1], 8, 2, 32, 8, 50),  # GQA 4, a sliding window shorter than a tile
+    ([3, 40], 6, 2, 24, 4, None),  # GQA 3, head_dim 24: halves of 12 in 16-wide blocks, padded lanes
 ]
 
 

@@ -4,9 +4,9 @@ The layer is the only writer of its KV cache, and it writes through its backend:
 `write_kv` of this step's K/V, or (when the backend selection turns the fused prologue on) the backend's
 `write_qkv`, which splits, norms and rotates q/k and writes K/V in one kernel. Then it attends. In
 decode-only steps the backend's `attend_qkv` may do both in the decode attention launch
-(MESHSERVE_DECODE_FUSED_PROLOGUE, opt-in). Backends
-share one signature: the plain torch reference ("torch": CPU, and the oracle for kernels) and the Triton
-kernels ("triton", GPU). Which one a layer gets is decided in layers/backend_selection.py.
+(MESHSERVE_DECODE_FUSED_PROLOGUE, opt-in). Backends share one signature: the plain torch reference ("torch":
+CPU, and the oracle for kernels) and the Triton kernels ("triton", GPU). Which one a layer gets is decided in
+layers/backend_selection.py.
 """
 
 from __future__ import annotations

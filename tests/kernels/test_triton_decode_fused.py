@@ -40,11 +40,13 @@ def _rope_tables(max_pos: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     return emb.cos(), emb.sin()
 
 
-def fused_case(case: int, dtype: torch.dtype, fp8: bool, qk_norm: bool, seed: int = 0, pad_slot: bool = False):
+def fused_case(case, dtype: torch.dtype, fp8: bool, qk_norm: bool, seed: int = 0, pad_slot: bool = False,
+               device: str = "cpu"):
     """(qkv, positions, cos, sin, q_norm_w, k_norm_w, cache, meta, h, hkv, window, k_scale, v_scale): one decode
-    step, each row's token at position seq_len - 1 with its slot through the block table; padding rows
-    (seq_len 0) get position 0 and slot -1 (pad_slot: offset 1 of a block no sequence reads)."""
-    seq_lens, h, hkv, d, bs, window = FUSED_CASES[case]
+    step of FUSED_CASES[case] (or of the tuple `case`), each row's token at position seq_len - 1 with its slot
+    through the block table; padding rows (seq_len 0) get position 0 and slot -1 (pad_slot: offset 1 of a
+    block no sequence reads)."""
+    seq_lens, h, hkv, d, bs, window = FUSED_CASES[case] if isinstance(case, int) else case
     _, cache, meta = make_case([1] * len(seq_lens), [max(1, n) for n in seq_lens], h, hkv, d, bs, dtype, seed=seed)
     meta.seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
     meta.seq_lens_cpu = list(seq_lens)
@@ -61,13 +63,17 @@ def fused_case(case: int, dtype: torch.dtype, fp8: bool, qk_norm: bool, seed: in
     if fp8:
         k_scale, v_scale = 0.05, 1 / 256  # |v| / v_scale saturates at 448 now and then
         cache = (torch.randn(cache.shape, generator=g) * 8).to(FP8_DTYPE)
+    for name in ("slot_mapping", "query_start_loc", "seq_lens", "block_tables"):
+        setattr(meta, name, getattr(meta, name).to(device))
+    qkv, positions, cos, sin, cache = (t.to(device) for t in (qkv, positions, cos, sin, cache))
+    norms = [None if w is None else w.to(device) for w in norms]
     return qkv, positions, cos, sin, *norms, cache, meta, h, hkv, window, k_scale, v_scale
 
 
-def run_both(case, dtype, fp8, qk_norm, splits, inline=False, seed=0, pad_slot=False):
+def run_both(case, dtype, fp8, qk_norm, splits, inline=False, seed=0, pad_slot=False, device="cpu"):
     """(two-step out, two-step cache, fused out, fused cache, cache before, meta) from the same inputs."""
     qkv, pos, cos, sin, qw, kw, cache, meta, h, hkv, window, ks, vs = fused_case(case, dtype, fp8, qk_norm, seed,
-                                                                                 pad_slot)
+                                                                                 pad_slot, device)
     d = cache.shape[-1]
     backend = TritonAttentionBackend(decode_num_splits=splits, inline_reduce=inline)
     two_step = cache.clone()
@@ -182,3 +188,37 @@ print("compiled")
 @pytest.mark.skipif(_HAS_CUDA, reason="the GPU tests compile the kernels for the real device")
 def test_fused_kernel_compiles_for_sm90_without_gpu():
     assert_compiles_for_sm90(_COMPILE_SM90)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU: the compiled kernel at the W1 models' heads (-m gpu)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("heads", "qk_norm"), [((16, 8), True), ((32, 8), False)])  # Qwen3-0.6B, Llama-3.1-8B
+@pytest.mark.parametrize(("dtype", "fp8"), [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("splits", [1, 4, None])
+@pytest.mark.parametrize(("inline", "window"), [(False, None), (True, None), (False, 200)])
+def test_fused_matches_two_step_gpu(heads, qk_norm, dtype, fp8, splits, inline, window):
+    """Contexts 1 to 5,000 and a padding row at head_dim 128: the outputs to the decode tests' GPU tolerance, V
+    bytes identical, K bytes identical without q/k norms (rope alone: elementwise) and with them all but the
+    rare last-bit difference of the per-head variance's summation order (at most one step of the cache's
+    format)."""
+    from meshserve.kernels.triton_attention import _ticket_workspace
+
+    spec = ([1, 0, 300, 1000, 37, 5000], *heads, 128, 16, window)
+    expect, two_step, out, fused, before, _ = run_both(spec, dtype, fp8, qk_norm, splits, inline, seed=7,
+                                                       device="cuda")
+    atol, rtol = _tol(dtype, on_gpu=True)
+    torch.testing.assert_close(out.float(), expect.float(), atol=atol, rtol=rtol)
+    assert (out[1] == 0).all()  # the padding row
+    assert torch.equal(_bytes(fused[1]), _bytes(two_step[1]))  # V
+    same_k = _bytes(fused[0]) == _bytes(two_step[0])
+    if not qk_norm:
+        assert same_k.all()
+    else:
+        assert same_k.float().mean() > 0.999, f"{int((~same_k).sum())} K bytes differ"
+        step = 2**-3 if fp8 else 2**-7 if dtype == torch.bfloat16 else 2**-22
+        torch.testing.assert_close(fused[0].float(), two_step[0].float(), atol=1e-6, rtol=step)
+    assert not torch.equal(_bytes(fused), _bytes(before))
+    assert not _ticket_workspace(out.device).any()

@@ -120,3 +120,34 @@ def test_decode_fused_prologue_only_in_decode_only_steps():
     assert not layer._fuses_decode_prologue(dataclasses.replace(meta, graph_bound=True))
     layer.backend = TorchAttentionBackend()
     assert not layer._fuses_decode_prologue(meta)
+
+
+def test_decode_fused_prologue_keeps_a_real_engines_greedy_tokens(tiny_model_dir, monkeypatch):
+    """A tiny Qwen3 (q/k norms, GQA 2, head_dim 24) served on the Triton backend in the interpreter, the fused
+    prologue on (the selection turns it on on a GPU only), two KV splits: greedy tokens with decode steps
+    through attend_qkv equal those through write_qkv + attend, for a batch and for each prompt alone."""
+    from meshserve import LLM, SamplingParams
+
+    monkeypatch.setenv("MESHSERVE_ATTENTION_BACKEND", "triton")
+    llm = LLM(model=tiny_model_dir("qwen3"), block_size=4, max_model_len=64, max_num_seqs=4,
+              max_num_batched_tokens=32, enable_prefix_caching=False, num_gpu_blocks_override=64, seed=0)
+    try:
+        layers = llm.engine.runner.model.attention_layers()
+        backend = layers[0].backend
+        backend.decode_num_splits = 2
+        calls = []
+        real = backend.attend_qkv
+        monkeypatch.setattr(backend, "attend_qkv", lambda *a, **k: calls.append(1) or real(*a, **k))
+        prompts = [{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": list(range(20, 33))}]
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        runs = {}
+        for fused in (False, True):
+            for layer in layers:
+                layer.fused_prologue, layer.decode_fused_prologue = True, fused
+            batch = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+            runs[fused] = (batch, alone, len(calls))
+    finally:
+        llm.shutdown()
+    assert runs[False][2] == 0 and runs[True][2] > 0  # decode steps went through attend_qkv with the switch only
+    assert runs[True][:2] == runs[False][:2]

@@ -9,8 +9,9 @@ triton_attention.decode_attention. ``_decode_fused_split_kernel`` does both in t
   triton_ops._norm_rope_heads, with the variance summed over the two halves as there;
 * the program of the split that holds the sequence's last position (seq_len - 1, the current token) writes
   its KV head's K/V of the current token to slot_mapping[token] with the prologue kernel's own code
-  (_norm_rope_heads over all KV heads, the store masked to its head: the same values and the same shapes as
-  the prologue computes them), so each (sequence, KV head) is written exactly once;
+  (_norm_rope_heads over all KV heads, the store masked to its head: the prologue's tile, so the same bytes
+  wherever the compiled kernels sum a head's variance in the same order, which the GPU tests check), so each
+  (sequence, KV head) is written exactly once;
 * a CTA barrier (bar.sync orders the CTA's global stores before its later loads), then the split's KV tiles
   as triton_attention.decode_split_attend walks them: the current token is read back from the cache, so the
   softmax sees the value as stored (an fp8 cache: quantized, then dequantized) in the same tile as the

@@ -9,7 +9,9 @@ usage: python tools/bench_decode_fixed_cost.py [--quick] [--pdl-only]
 3. PDL (kernels/pdl.py) off vs on, kernel by kernel: each decode-path kernel launched 32 times back to back in
    one graph (us per launch: the gap PDL hides shows as the difference), then a whole decoder layer's chain
    (norm, QKV, prologue, attention, o_proj, norm, gate_up, down) over distinct per-layer weights, with the
-   norm fold off and on: us per layer and the implied tok/s of the layers alone.
+   norm fold off and on: us per layer and the implied tok/s of the layers alone. The prologue + decode
+   attention pair against the decode attention with the prologue inside (MESHSERVE_DECODE_FUSED_PROLOGUE=1,
+   kernels/triton_decode_fused.py) is in the per-kernel list.
 
 The end-to-end A/B is `meshserve bench latency` with the switches (layers/backend_selection.py):
   meshserve bench latency --no-baseline                                          (all off: the default)
@@ -25,6 +27,7 @@ import triton.testing
 from meshserve.bench.roofline import measure_copy_bandwidth
 from meshserve.kernels import pdl
 from meshserve.kernels.triton_attention import decode_attention, reshape_and_cache
+from meshserve.kernels.triton_decode_fused import decode_attention_fused
 from meshserve.kernels.triton_gemv import gemv, rms_norm_gemv
 from meshserve.kernels.triton_ops import qkv_rope_cache, rms_norm, silu_and_mul
 
@@ -153,6 +156,16 @@ def bench_pdl_kernels(model: str) -> None:
     qkv, q, out = _bf16(1, lay.w_qkv.shape[0]), _bf16(1, heads, dim), _bf16(1, heads, dim)
     k, v = _bf16(1, kv_heads, dim), _bf16(1, kv_heads, dim)
     gate_up = _bf16(1, 2 * inter)
+    qw, kw = (lay.qw, lay.kw) if qk_norm else (None, None)
+
+    def prologue_then_attend(splits):  # the two-step decode path (MESHSERVE_DECODE_FUSED_PROLOGUE off)
+        q = qkv_rope_cache(qkv, lay.pos, lay.cos, lay.sin, qw, kw, 1e-6, lay.cache, lay.slot, heads, kv_heads)
+        return decode_attention(q, lay.cache, lay.table, lay.seq_lens, lay.qsl, dim**-0.5, None, out, splits)
+
+    def fused(splits):  # one launch (+ the reduce with splits): kernels/triton_decode_fused.py
+        return decode_attention_fused(qkv, lay.pos, lay.cos, lay.sin, qw, kw, 1e-6, lay.cache, lay.slot, lay.table,
+                                      lay.seq_lens, lay.qsl, dim**-0.5, None, heads, kv_heads, splits)
+
     kernels = {
         "rms_norm+residual": lambda: rms_norm(x, lay.nw1, 1e-6, res),
         "gemv qkv": lambda: gemv(x, lay.w_qkv),
@@ -165,6 +178,10 @@ def bench_pdl_kernels(model: str) -> None:
                                                         dim**-0.5, None, out, 1),
         "decode attn 4 splits": lambda: decode_attention(q, lay.cache, lay.table, lay.seq_lens, lay.qsl,
                                                          dim**-0.5, None, out, 4),
+        "prologue + attn 1 split": lambda: prologue_then_attend(1),
+        "attn, prologue inside, 1": lambda: fused(1),
+        "prologue + attn 4 splits": lambda: prologue_then_attend(4),
+        "attn, prologue inside, 4": lambda: fused(4),
         "gemv o_proj": lambda: gemv(out.view(1, -1), lay.w_o),
         "gemv gate_up": lambda: gemv(x, lay.w_gate_up),
         "silu_and_mul": lambda: silu_and_mul(gate_up),

@@ -35,6 +35,9 @@ Kernels
   reduce") there is no reduce launch either: each split takes a ticket on its (sequence, KV head) after writing
   its partial (a barrier, then an acq_rel atomic, as kernels/triton_moe_route_align.py), and the split that
   draws the last one combines the partials of its GQA group and leaves the ticket at zero for the next launch.
+  The split kernel's body after its q load is ``decode_split_attend``, which triton_decode_fused.py's kernel
+  shares: there each program builds q from the QKV projection and the split holding the current token writes
+  its K/V first (``TritonAttentionBackend.attend_qkv``, MESHSERVE_DECODE_FUSED_PROLOGUE=1, opt-in).
 
 CUDA graphs
 -----------
@@ -296,7 +299,20 @@ def _decode_split_kernel(
                 mask=row_valid[:, None] & d_mask[None, :], other=0.0)
     q = dot_query(q, UPCAST_DOT, KV_FP8)
 
-    # this split's contiguous range of KV tiles, from the device-side sequence length
+    decode_split_attend(
+        q, b, kvh, split, tok, seq_len, heads, row_valid, d, d_mask, cache_ptr, bt_ptr, out_ptr, ws_acc_ptr,
+        ws_ml_ptr, ticket_ptr, scale_log2, window, num_splits, k_scale, v_scale,
+        stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb, stride_ot, stride_oh, stride_od,
+        NUM_HEADS, ROWS, BLOCK_D, BLOCK_SIZE, BLOCK_N, USE_WINDOW, DIRECT_OUT, DOT_PRECISION, KV_FP8, USE_GDC,
+        LAST_REDUCES,
+    )
+
+
+@triton.jit
+def decode_split_tiles(seq_len, window, num_splits, split, USE_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(kv_lo, t0, t1, tile_lo, tile_hi, per_split): the KV range a decode program walks, from the device-side
+    sequence length: split `split` of the num_splits contiguous ranges of the visible tiles [tile_lo, tile_hi)
+    (from the window start kv_lo), tiles [t0, t1) (empty past the end)."""
     kv_lo = 0
     if USE_WINDOW:
         kv_lo = tl.maximum(seq_len - window, 0)
@@ -305,6 +321,24 @@ def _decode_split_kernel(
     per_split = tl.cdiv(tile_hi - tile_lo, num_splits)
     t0 = tile_lo + split * per_split
     t1 = tl.minimum(t0 + per_split, tile_hi)
+    return kv_lo, t0, t1, tile_lo, tile_hi, per_split
+
+
+@triton.jit
+def decode_split_attend(
+    q, b, kvh, split, tok, seq_len, heads, row_valid, d, d_mask, cache_ptr, bt_ptr, out_ptr, ws_acc_ptr,
+    ws_ml_ptr, ticket_ptr, scale_log2, window, num_splits, k_scale, v_scale,
+    stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb, stride_ot, stride_oh, stride_od,
+    NUM_HEADS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr, USE_GDC: tl.constexpr, LAST_REDUCES: tl.constexpr,
+):
+    """One decode program's work once its query rows q [ROWS, BLOCK_D] (dot_query'd; GQA group of KV head kvh,
+    rows `heads`, flat token row tok) are in registers: its split's KV tiles, then the output (one split) or
+    its partial in the workspace (and, LAST_REDUCES, the group's reduce by the last split). The body of
+    _decode_split_kernel and of triton_decode_fused's kernel, which builds q from the QKV projection."""
+    # this split's contiguous range of KV tiles, from the device-side sequence length
+    kv_lo, t0, t1, _, _, _ = decode_split_tiles(seq_len, window, num_splits, split, USE_WINDOW, BLOCK_N)
 
     m_i = tl.full([ROWS], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
@@ -526,6 +560,21 @@ class TritonAttentionBackend:
             prefill_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                               meta.max_query_len, scale, sliding_window, out, k_scale, v_scale)
         return out
+
+    def attend_qkv(self, qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, kv_cache, meta,
+                   scale, sliding_window, num_heads, num_kv_heads, k_scale=1.0, v_scale=1.0):
+        """write_qkv then attend in one decode launch (+ the reduce with splits): a decode-only step's qkv
+        [T, (H + 2 Hkv) D] -> [T, H, D] (kernels/triton_decode_fused.py; MESHSERVE_DECODE_FUSED_PROLOGUE)."""
+        if meta.max_query_len != 1:
+            raise ValueError(f"attend_qkv serves decode-only steps, got max_query_len {meta.max_query_len}")
+        from meshserve.kernels.triton_decode_fused import decode_attention_fused  # it imports this module
+
+        splits = self.decode_splits(meta.seq_lens.shape[0], num_kv_heads, kv_cache.shape[-1], qkv.dtype,
+                                    meta.max_seq_len, qkv.device)
+        return decode_attention_fused(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
+                                      kv_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                                      meta.query_start_loc, scale, sliding_window, num_heads, num_kv_heads, splits,
+                                      k_scale, v_scale, inline_reduce=self.inline_reduce)
 
     def decode_splits(self, num_seqs: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                       max_seq_len: int, device: torch.device) -> int:

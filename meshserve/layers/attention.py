@@ -2,9 +2,11 @@
 
 The layer is the only writer of its KV cache, and it writes through its backend: either the plain
 `write_kv` of this step's K/V, or (when the backend selection turns the fused prologue on) the backend's
-`write_qkv`, which splits, norms and rotates q/k and writes K/V in one kernel. Then it attends. Backends
-share one signature: the plain torch reference ("torch": CPU, and the oracle for kernels) and the Triton
-kernels ("triton", GPU). Which one a layer gets is decided in layers/backend_selection.py.
+`write_qkv`, which splits, norms and rotates q/k and writes K/V in one kernel. Then it attends. In
+decode-only steps the backend's `attend_qkv` may do both in the decode attention launch
+(MESHSERVE_DECODE_FUSED_PROLOGUE, opt-in). Backends share one signature: the plain torch reference ("torch":
+CPU, and the oracle for kernels) and the Triton kernels ("triton", GPU). Which one a layer gets is decided in
+layers/backend_selection.py.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from meshserve.kernels.attention_metadata import AttentionMetadata
 class AttentionBackend(Protocol):
     """Writes K/V into a layer's cache and attends over it. A backend that serves the fused prologue also
     has write_qkv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, kv_cache,
-    slot_mapping, num_heads, num_kv_heads, k_scale, v_scale) -> q (see TritonAttentionBackend)."""
+    slot_mapping, num_heads, num_kv_heads, k_scale, v_scale) -> q, and one that serves it inside decode attention
+    has attend_qkv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, kv_cache, meta, scale,
+    sliding_window, num_heads, num_kv_heads, k_scale, v_scale) -> out (see TritonAttentionBackend)."""
 
     name: str
 
@@ -77,6 +81,8 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         self.backend: AttentionBackend = TorchAttentionBackend()
         self.fused_prologue = False  # the backend's write_qkv serves forward_qkv
+        # decode-only steps: the backend's attend_qkv (the prologue inside the decode attention launch)
+        self.decode_fused_prologue = False
         # an fp8 cache holds K / k_scale and V / v_scale (1.0, or the checkpoint's: quantization/kv_scales.py)
         self.k_scale, self.v_scale = 1.0, 1.0
         # called once this step's K/V are in the cache (disaggregation sends the layer's blocks from there)
@@ -105,15 +111,29 @@ class Attention(nn.Module):
         """The fused path of forward: qkv [T, (H + 2 Hkv) * D] straight from the projection; the backend
         splits it, applies q_norm/k_norm (RMSNorm per head, or None), rotary_emb's cos/sin and writes K/V in
         one kernel, with the same roundings as the separate steps (an fp8 cache scaled as write_kv does).
-        -> [T, H*D]."""
+        -> [T, H*D]. A decode-only step with decode_fused_prologue goes through the backend's attend_qkv
+        instead: the same work inside the decode attention launch (kernels/triton_decode_fused.py)."""
+        norm_w = (None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight)
+        eps = q_norm.eps if q_norm is not None else 0.0
+        if self._fuses_decode_prologue(meta):
+            out = self.backend.attend_qkv(qkv, positions, rotary_emb.cos_cache, rotary_emb.sin_cache, *norm_w, eps,
+                                          self.kv_cache, meta, self.scale, self.sliding_window, self.num_heads,
+                                          self.num_kv_heads, self.k_scale, self.v_scale)
+            if self.after_kv_write is not None:  # K/V were written inside that launch: in the cache by now
+                self.after_kv_write()
+            return out.flatten(1)
         q = self.backend.write_qkv(qkv, positions, rotary_emb.cos_cache, rotary_emb.sin_cache,
-                                   None if q_norm is None else q_norm.weight,
-                                   None if k_norm is None else k_norm.weight,
-                                   q_norm.eps if q_norm is not None else 0.0, self.kv_cache, meta.slot_mapping,
+                                   *norm_w, eps, self.kv_cache, meta.slot_mapping,
                                    self.num_heads, self.num_kv_heads, self.k_scale, self.v_scale)
         if self.after_kv_write is not None:
             self.after_kv_write()
         return self.forward_cached(q, meta)
+
+    def _fuses_decode_prologue(self, meta: AttentionMetadata) -> bool:
+        """A decode-only step (one token per sequence; not a captured mixed step, whose trailing tokens belong
+        to no sequence) with the switch on and a backend that has attend_qkv."""
+        return (self.decode_fused_prologue and meta.max_query_len == 1 and not meta.graph_bound
+                and hasattr(self.backend, "attend_qkv"))
 
     def forward_cached(self, q: torch.Tensor, meta: AttentionMetadata):
         """Attend when this step's K/V are already in the cache."""

@@ -57,6 +57,10 @@ Overrides (environment, read only here, for debugging and references):
                                             (kernel, the default) or by each group's last split (inline:
                                             kernels/triton_attention.py, one launch fewer a layer; opt-in until
                                             measured on the H200: issue 29)
+  MESHSERVE_DECODE_FUSED_PROLOGUE=1         decode-only steps: the fused prologue (q/k norm, rotary, K/V write)
+                                            inside the decode attention launch (kernels/triton_decode_fused.py,
+                                            one launch fewer a layer; with the fused prologue only); opt-in until
+                                            measured on the H200 (issue 29)
   MESHSERVE_PREFILL_TILE_LEGACY=1           prompt rows' attention (prefill and unified kernels) with the launch
                                             before 2026-12-01 (grid, every tile masked, 64 keys) instead of the
                                             timed default (kernels/attention_tile_config.py: persistent, diagonal
@@ -164,6 +168,7 @@ DECODE_SAMPLE_GRAPHS_DEFAULT = 8  # batch sizes 1, 2, 4, 8: four more small grap
 PDL_HEAD_ENV = "MESHSERVE_PDL_HEAD"
 DECODE_REDUCE_ENV = "MESHSERVE_DECODE_REDUCE"
 DECODE_REDUCE_CHOICES = ("kernel", "inline")
+DECODE_FUSED_PROLOGUE_ENV = "MESHSERVE_DECODE_FUSED_PROLOGUE"
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
 MLA_DECODE_TILE_ENV = "MESHSERVE_MLA_DECODE_TILE"
@@ -217,6 +222,8 @@ class KernelSelection:
     sample_head_pdl: bool = True  # False: the sampled graphs' greedy head launches its kernels without PDL
     # decode attention's split partials combined by the last split of each group (no reduce launch)
     decode_inline_reduce: bool = False
+    # decode-only steps: fused_prologue's work inside the decode attention launch (kernels/triton_decode_fused.py)
+    decode_fused_prologue: bool = False
     kv_cache_dtype: torch.dtype | None = None  # the KV pool's element type (None only in PLAIN)
     # MLA prefill chunks through the per-sequence reference even on the Triton path (layers/mla_attention.py)
     mla_prefill_ref: bool = False
@@ -452,6 +459,9 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         decode_sample_graph_max_bs=_decode_sample_graph_max_bs() if cuda_graphs else 0,
         sample_head_pdl=os.environ.get(PDL_HEAD_ENV, "").strip() != "0",
         decode_inline_reduce=_variant(DECODE_REDUCE_ENV, DECODE_REDUCE_CHOICES, "kernel") == "inline",
+        # opt-in until the H200 measures it (issue 29): W1 A/B in tools/w1_ab_device.sh
+        decode_fused_prologue=(fused_ops and attention == "triton"
+                               and os.environ.get(DECODE_FUSED_PROLOGUE_ENV, "").strip() not in ("", "0")),
         kv_cache_dtype=kv_cache_dtype,
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
         mla_legacy=os.environ.get(MLA_LEGACY_ENV, "") not in ("", "0"),
@@ -481,7 +491,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
 
 def bind_kernels(model: nn.Module, selection: KernelSelection) -> None:
     """Hand the selection to the model's layers: attention layers get the backend (one instance, shared)
-    and the prologue switch; every other layer with a `kernels` attribute gets the selection itself. PDL is
+    and the prologue switches; every other layer with a `kernels` attribute gets the selection itself. PDL is
     a launch mode of the kernel wrappers, set for the process (kernels/pdl.py)."""
     pdl.set_policy(selection.pdl_policy)
     backend = make_attention_backend(selection.attention_backend, selection.decode_inline_reduce)
@@ -489,5 +499,6 @@ def bind_kernels(model: nn.Module, selection: KernelSelection) -> None:
         if isinstance(module, Attention):
             module.backend = backend
             module.fused_prologue = selection.fused_prologue
+            module.decode_fused_prologue = selection.decode_fused_prologue
         elif isinstance(getattr(module, "kernels", None), KernelSelection):
             module.kernels = selection

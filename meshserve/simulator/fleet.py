@@ -33,7 +33,14 @@ from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.pipeline import HostCosts, PipelinedReplica, StagePipeline, hop_s, load_host_costs
 from meshserve.simulator.replica import SimReplica, push_step_end
 from meshserve.simulator.router_node import RouterNode
-from meshserve.simulator.step_cost import StepCost, StepWeights, TpCosts, load_calibration, load_tp_costs
+from meshserve.simulator.step_cost import (
+    StepCost,
+    StepWeights,
+    TpCosts,
+    load_calibration,
+    load_eager_costs,
+    load_tp_costs,
+)
 from meshserve.simulator.step_noise import NoiseStream, load_step_noise
 from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 
@@ -66,7 +73,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     model, gpu = config.model_spec(), config.gpu_spec()
     fit = config.calibration_section
     cost = StepCost(model, gpu, config.tp, weights or load_calibration(fit),
-                    tp_costs=tp_costs or load_tp_costs(fit), fused_norm=config.tp_fused_norm)
+                    tp_costs=tp_costs or load_tp_costs(fit), fused_norm=config.tp_fused_norm,
+                    eager=load_eager_costs(fit) if config.pp == 1 else None)
     noise = load_step_noise(fit) if config.step_noise else None
     stalls = config.frontend_stall_table
     prefix_caching = config.enable_prefix_caching

@@ -30,16 +30,23 @@ class QwenRun:
     label: str
     file: str  # under benchmarks/results/
     max_num_seqs: int
+    prefill_chunk: int = PREFILL_CHUNK  # `serve --slo-prefill-chunk` (0: the TPOT budget alone)
 
 
 # the last two runs are out of sample, the same flags and workload, steps the fit never saw: a later build (PDL in
 # decode-only steps, the parallel pre-compile) on another day (BENCHMARKS.md "Twenty-first session"), and the
-# twenty-second session's, whose engine core's host loop is ~30% cheaper (CORE_TIMING=1: a few us of wrappers a step)
+# twenty-second session's, whose engine core's host loop is ~30% cheaper (CORE_TIMING=1: a few us of wrappers a step);
+# then the twenty-third session's pair, back to back in one call: the default chunk and --slo-prefill-chunk 0, whose
+# steps of up to 8,192 tokens run past the mixed-step graphs (calibration.toml's [h200_qwen3_0_6b.eager] is fitted
+# on that run's trace: its "chunk 0" rows are in sample for those two per-token costs, out of sample otherwise)
 QWEN_RUNS = (QwenRun("max_num_seqs 256", f"{RUN_DIR}/w3_qwen_meshserve/w3.json", 256),
              QwenRun("max_num_seqs 1024", f"{RUN_DIR}/w3_qwen_1024/w3.json", 1024),
              QwenRun("max_num_seqs 1024, 2026-12-02 (out of sample)", "h200_1202_s21/w3_default/w3.json", 1024),
              QwenRun("max_num_seqs 1024, 2026-12-02 s22 (out of sample)", "h200_1202_s22/w3_core_timing/w3.json",
-                     1024))
+                     1024),
+             QwenRun("max_num_seqs 1024, 2026-12-02 s23 (out of sample)", "h200_1202_s23/w3_c1024/w3.json", 1024),
+             QwenRun("max_num_seqs 1024, chunk 0, 2026-12-02 s23 (out of sample)", "h200_1202_s23/w3_c0/w3.json",
+                     1024, prefill_chunk=0))
 
 
 def replay(qps: float, max_num_seqs: int, latency_s: float = 0.0, step_noise: bool = False,
@@ -63,7 +70,7 @@ def rows(step_noise: bool = False) -> list[dict]:
     out = []
     for run in QWEN_RUNS:
         for qps, meas in sorted(measured_points(run).items()):
-            pred = replay(qps, run.max_num_seqs, latency, step_noise)
+            pred = replay(qps, run.max_num_seqs, latency, step_noise, prefill_chunk=run.prefill_chunk)
             out.append({"run": run, "qps": qps, "measured": meas, "predicted": pred, "latency_s": latency})
     return out
 

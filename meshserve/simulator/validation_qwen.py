@@ -100,8 +100,9 @@ CHUNK_ASSUMPTIONS = (
     "the step-time fit of h200_qwen3_0_6b (fitted on steps of <= ~1,280 tokens) extrapolated to larger mixed steps: "
     "the dense term is FLOP-bound past ~200 tokens (1.31 x the data sheet's 989 TFLOP/s), one mixed-step cost "
     "(+0.97 ms) whatever the size; prompt attention's quadratic part is not in the model (~1% of a 512-token "
-    "prompt's FLOPs), nor the eager launch of a mixed step past the captured graphs (the server captures them to "
-    "2,048 tokens: the 8B's trace showed no extra cost past them)",
+    "prompt's FLOPs); a mixed step past the captured graphs (2,048 tokens) costs 0.59 us per token more on the "
+    "device and 1.27 us per token of host time before it ([h200_qwen3_0_6b.eager], eager_steps.py: fitted on the "
+    "twenty-third session's chunk-0 trace at QPS 256 + 384; the host term was 2.32 us at 256 and 0.48 at 384)",
     "the server of the fifteenth session otherwise: max_num_seqs 1024, 4 API processes as CPU queues of "
     f"{FRONTEND_H200.per_request_s * 1e3:g} ms per request, {FRONTEND_H200.per_token_s * 1e6:g} us per streamed "
     f"token, {FRONTEND_H200.per_refusal_s * 1e3:g} ms per refusal (measured on this model's server at QPS "
@@ -110,8 +111,10 @@ CHUNK_ASSUMPTIONS = (
     "chunk 0: no fixed cap; each step's prompt tokens are what the TPOT target (50 ms x the policy's margin, plus "
     "credit) leaves beside the decodes, by the step-time model, up to max_num_batched_tokens 8,192",
     "MEASURED 2026-12-02 and refuted past the fit's range: a 13,824-token cap (the TPOT budget alone, as chunk 0) "
-    "served 59.8 / 80.7 req/s at QPS 384 / 512 with ITL p50 44-49 ms, where this table says ~260-266 at TPOT p50 "
-    "30 ms (PLANNER.md, BENCHMARKS.md 'Sixteenth session'); only the 1,024 rows are inside measured step shapes",
+    "served 59.8 / 80.7 req/s at QPS 384 / 512 with ITL p50 44-49 ms, where this table said ~260-266 at TPOT p50 "
+    "30 ms before the eager steps' costs (PLANNER.md, BENCHMARKS.md 'Sixteenth session'); chunk 0 served 180.3 / "
+    "240.7 req/s at QPS 256 / 384 (the twenty-third session, beside 232.3 / 233.3 with 1,024), where it said 248 / "
+    "267 before them; the 2,048 and 4,096 rows are not measured",
 )
 
 

@@ -1,7 +1,8 @@
 """W3 on the Qwen3-0.6B arch on one H200 (the fifteenth session), replayed with the model's own step-time fit
 (calibration.toml's h200_qwen3_0_6b): predicted vs measured, and what a larger per-step prompt budget would give.
 
-`python -m meshserve.simulator.validation_qwen [replay | noise | chunks]` prints PLANNER.md's "Issue 28" tables.
+`python -m meshserve.simulator.validation_qwen [replay | noise | chunks | chunk0]` prints PLANNER.md's "Issue 28"
+tables.
 The runs (BENCHMARKS.md "Fifteenth session"): `tools/w3_slo.sh QPS --api-server-count 4 [--max-num-seqs 1024]`,
 i.e. `serve --slo-ttft-ms 1000 --slo-tpot-ms 50 --slo-prefill-chunk 1024`, W3 (512-token prompts, 128 output
 tokens, the arrivals of `bench serve`: seed 1000 + QPS), a build after 054ccb3 (no garbage-collection stalls).
@@ -12,8 +13,19 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from meshserve.planner.hardware import get_gpu
+from meshserve.planner.model import load_model
+from meshserve.simulator.eager_steps import EagerStepCosts, fit_eager_costs
 from meshserve.simulator.frontend import FRONTEND_H200, FrontEndCosts
-from meshserve.simulator.validation import GOALS, measured_points, replay_w3
+from meshserve.simulator.step_cost import (
+    StepCost,
+    calibration_for,
+    load_calibration,
+    load_eager_costs,
+    read_step_trace,
+)
+from meshserve.simulator.step_noise import IDLE_INTERVAL_S
+from meshserve.simulator.validation import GOALS, RESULTS, measured_points, replay_w3
 
 MODEL = "qwen3-0.6b"
 RUN_DIR = "h200_1201_s15"
@@ -50,11 +62,13 @@ QWEN_RUNS = (QwenRun("max_num_seqs 256", f"{RUN_DIR}/w3_qwen_meshserve/w3.json",
 
 
 def replay(qps: float, max_num_seqs: int, latency_s: float = 0.0, step_noise: bool = False,
-           prefill_chunk: int = PREFILL_CHUNK, frontend: FrontEndCosts = FRONTEND_H200) -> dict:
-    """One W3 point as the session's server ran it (prefill_chunk 0: no cap, the TPOT budget alone)."""
+           prefill_chunk: int = PREFILL_CHUNK, frontend: FrontEndCosts = FRONTEND_H200,
+           eager: EagerStepCosts | None | str = "calibration") -> dict:
+    """One W3 point as the session's server ran it (prefill_chunk 0: no cap, the TPOT budget alone; eager: the
+    costs of steps past the mixed-step graphs, "calibration" the fit's, None the weights alone)."""
     return replay_w3(qps, slo=True, frontend_latency_s=latency_s, frontend=frontend,
                      slo_prefill_chunk=prefill_chunk, api_server_count=API_SERVER_COUNT, step_noise=step_noise,
-                     frontend_stalls=False, model=MODEL, max_num_seqs=max_num_seqs)
+                     frontend_stalls=False, model=MODEL, max_num_seqs=max_num_seqs, eager=eager)
 
 
 def fixed_latency(step_noise: bool = False) -> float:
@@ -136,6 +150,63 @@ def chunk_table(qps_points: tuple[float, ...] = (256.0, 384.0, 512.0, 640.0),
     return "\n".join([*lines, "", "Assumptions:", *(f"- {a}" for a in CHUNK_ASSUMPTIONS)])
 
 
+CHUNK0_RUN = "h200_1202_s23/w3_c0"  # the twenty-third session's --slo-prefill-chunk 0 run: w3.json, steps.jsonl.gz
+
+
+def chunk0_windows() -> dict[float, list[dict]]:
+    """The chunk-0 run's steps per measured QPS point (its points in order, split where the server sat idle)."""
+    rows = read_step_trace(RESULTS / CHUNK0_RUN / "steps.jsonl.gz")
+    windows: list[list[dict]] = []
+    for r in rows:
+        if not windows or r["t"] - windows[-1][-1]["t"] > IDLE_INTERVAL_S:
+            windows.append([])
+        windows[-1].append(r)
+    points = sorted(measured_points(QWEN_RUNS[-1]))
+    if len(windows) != len(points):
+        raise ValueError(f"{len(windows)} windows of steps for {len(points)} measured points")
+    return dict(zip(points, windows, strict=True))
+
+
+def gpu_busy(steps: list[dict]) -> float:
+    """The GPU's busy share of a window of steps: their measured times over its span (the first step's before)."""
+    return sum(r["actual_s"] for r in steps[1:]) / (steps[-1]["t"] - steps[0]["t"])
+
+
+def window_eager_costs() -> dict[float, EagerStepCosts]:
+    """The eager steps' costs refitted on each QPS point's steps of the chunk-0 run's trace: in sample, how much
+    of the miss the run's own per-window costs take away."""
+    fit = calibration_for("default", MODEL)
+    base = StepCost(load_model(MODEL), get_gpu("H200"), weights=load_calibration(fit))
+    after = load_eager_costs(fit).after_tokens
+    return {q: fit_eager_costs(w, base, after)[0] for q, w in chunk0_windows().items()}
+
+
+def chunk0_table(step_noise: bool = False) -> str:
+    """Markdown: the chunk-0 run's points predicted without the eager steps' costs (what the simulator said
+    before them), with the fit's table, and with each window's own refit, beside the measured."""
+    run = QWEN_RUNS[-1]
+    latency = fixed_latency(step_noise)
+    own, windows = window_eager_costs(), chunk0_windows()
+    lines = [("| QPS | eager steps' costs | goodput req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms | "
+              "refused at the door + shed | GPU busy |"), "|---|---|---|---|---|---|---|---|"]
+    for qps, meas in sorted(measured_points(run).items()):
+        by_kind = meas.get("failed_by_status", {})
+        shed = by_kind.get("429 slo_shed", 0)
+        lines.append(f"| {qps:g} | measured | {meas['goodput']:.1f} | {meas['ttft_p50'] * 1e3:.0f} / "
+                     f"{meas['ttft_p99'] * 1e3:.0f} | {meas['tpot_p50'] * 1e3:.1f} / {meas['tpot_p99'] * 1e3:.1f} | "
+                     f"{meas['itl_p50'] * 1e3:.1f} / {meas['itl_p99'] * 1e3:.1f} | {meas['failed'] - shed} + {shed} | "
+                     f"{gpu_busy(windows[qps]):.1%} (its trace) |")
+        e = own[qps]
+        for label, eager in (("none (before)", None), ("the fit's table", "calibration"),
+                             (f"this window's: {e.device_token_us:.2f} / {e.host_token_us:.2f} us per token", e)):
+            p = replay(qps, run.max_num_seqs, latency, step_noise, prefill_chunk=run.prefill_chunk, eager=eager)
+            good = f"{p['goodput']:.1f} ({(p['goodput'] - meas['goodput']) / meas['goodput']:+.0%})"
+            lines.append(f"| {qps:g} | {label} | {good} | {p['ttft_p50'] * 1e3:.0f} / {p['ttft_p99'] * 1e3:.0f} | "
+                         f"{p['tpot_p50'] * 1e3:.1f} / {p['tpot_p99'] * 1e3:.1f} | {p['itl_p50'] * 1e3:.1f} / "
+                         f"{p['itl_p99'] * 1e3:.1f} | {p['rejected']} + {p['shed']} | {p['gpu_busy_fraction']:.1%} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     if what in ("replay", "all"):
@@ -143,4 +214,7 @@ if __name__ == "__main__":
     if what in ("noise", "all"):
         print(replay_table(step_noise=True), end="\n\n")
     if what in ("chunks", "all"):
-        print(chunk_table())
+        print(chunk_table(), end="\n\n")
+    if what in ("chunk0", "all"):
+        print(chunk0_table(step_noise=False), end="\n\n")
+        print(chunk0_table(step_noise=True))

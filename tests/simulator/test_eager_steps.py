@@ -103,3 +103,16 @@ def test_the_host_term_lengthens_the_run_not_the_gpus_busy_time(monkeypatch, rep
     busy = {k: r["gpu_busy_fraction"] * r["duration_s"] for k, r in (("plain", plain), ("eager", eager))}
     assert eager["duration_s"] - plain["duration_s"] == pytest.approx(device + host, rel=1e-6)
     assert busy["eager"] - busy["plain"] == pytest.approx(device, rel=1e-6)
+
+
+def test_the_chunk_0_runs_windows_refit_apart_and_hold_the_gpu_busy_share_the_trace_shows():
+    """validation_qwen's chunk-0 table: the trace of the twenty-third session's run splits into its two measured
+    points; the host gap before the eager steps was larger at QPS 256 (the GPU ~75% busy) than at 384 (~92%)."""
+    from meshserve.simulator import validation_qwen as vq
+
+    windows, own = vq.chunk0_windows(), vq.window_eager_costs()
+    assert sorted(windows) == sorted(own) == [256.0, 384.0]
+    assert own[256.0].host_token_us > 3 * own[384.0].host_token_us
+    assert vq.gpu_busy(windows[256.0]) < 0.8 < 0.9 < vq.gpu_busy(windows[384.0])
+    stored = load_eager_costs(QWEN_FIT)  # the whole trace's: between the two windows'
+    assert own[384.0].host_token_us < stored.host_token_us < own[256.0].host_token_us

@@ -5,8 +5,8 @@ leaves the captured mixed graphs (<= 2,048 tokens). With `--slo-prefill-chunk 0`
 up to 8,192 prompt tokens, which run eagerly, and the twenty-third session's Qwen3-0.6B trace
 (benchmarks/results/h200_1202_s23/w3_c0/steps.jsonl.gz) shows two costs the fit does not have:
 - device: the step's measured time (CUDA events from its first enqueue, so the eager launches count in it) is
-  above the fit by ~0.6 us per token, the same per token from 2,000 to 8,192 tokens. The engine's own online
-  model, refitted as it goes, predicted these steps within 1%, so the scheduler's budget sees this term
+  above the fit by ~0.6 us per token, about the same per token from 2,049 to 8,192 tokens. The engine's own online
+  model, refitted as it goes, predicted these steps within 1.3%, so the scheduler's budget sees this term
   (EagerStepModel: the policy's predictor is the device cost);
 - host: before such a step the GPU idles while the core prepares it (~1.3 us per token, 8 ms on a 6,500-token
   step; ~0 before graphed steps). The engine's step model does not count it (its TPOT budget is device time), so
@@ -98,6 +98,14 @@ if __name__ == "__main__":  # refit: python -m meshserve.simulator.eager_steps T
     model_name = sys.argv[3] if len(sys.argv) > 3 else "qwen3-0.6b"
     section = calibration_for(sys.argv[2] if len(sys.argv) > 2 else "default", model_name)
     base = StepCost(load_model(model_name), get_gpu("H200"), weights=load_calibration(section))
-    costs, n = fit_eager_costs(read_step_trace(sys.argv[1]), base, int(sys.argv[4]) if len(sys.argv) > 4 else 2048)
+    rows = read_step_trace(sys.argv[1])
+    costs, n = fit_eager_costs(rows, base, int(sys.argv[4]) if len(sys.argv) > 4 else 2048)
     print(f"# {n} eager steps against {section}\nafter_tokens = {costs.after_tokens}\n"
           f"device_token_us = {costs.device_token_us:.3f}\nhost_token_us = {costs.host_token_us:.3f}")
+    lo = costs.after_tokens + 1
+    for hi in (4000, 6000, 7500, 8193):  # is the device term per token the same across sizes?
+        part = [r for r in rows if lo <= r["tokens"] < hi]
+        if part:
+            by_bin, m = fit_eager_costs(part, base, costs.after_tokens)
+            print(f"# {lo}-{hi - 1} tokens: {m} steps, device {by_bin.device_token_us:.2f} us per token")
+        lo = hi

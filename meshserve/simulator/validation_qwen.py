@@ -57,8 +57,8 @@ QWEN_RUNS = (QwenRun("max_num_seqs 256", f"{RUN_DIR}/w3_qwen_meshserve/w3.json",
              QwenRun("max_num_seqs 1024, 2026-12-02 s22 (out of sample)", "h200_1202_s22/w3_core_timing/w3.json",
                      1024),
              QwenRun("max_num_seqs 1024, 2026-12-02 s23 (out of sample)", "h200_1202_s23/w3_c1024/w3.json", 1024),
-             QwenRun("max_num_seqs 1024, chunk 0, 2026-12-02 s23 (out of sample)", "h200_1202_s23/w3_c0/w3.json",
-                     1024, prefill_chunk=0))
+             QwenRun("max_num_seqs 1024, chunk 0, 2026-12-02 s23 (its trace fits the eager costs)",
+                     "h200_1202_s23/w3_c0/w3.json", 1024, prefill_chunk=0))
 
 
 def replay(qps: float, max_num_seqs: int, latency_s: float = 0.0, step_noise: bool = False,

@@ -10,7 +10,10 @@ window between idle gaps; per window it prints measured / fitted time (StepCost 
 `--calibration default` takes for the model), over all steps, the steps at >= 200 running, and one steady step
 shape (1,200-1,300 tokens, >= 245 sequences: W3 at the knee with --slo-prefill-chunk 1024) with its spread and
 the share of those steps in which the host did not wait for the GPU (wait_s < 0.1 ms), with their mean time and
-the others'.
+the others'. Where a window has steps past the mixed-step graphs (eager: > 2,048 tokens carrying prefill, as
+--slo-prefill-chunk 0 makes them), a line on them: measured, fitted (without and with the fit's eager table,
+eager_steps.py) and the engine's own predicted time, the host gap before them (t[i] - t[i-1] - actual[i]), the
+GPU's busy share of the window, and how full the running set and the queue were.
 """
 
 from __future__ import annotations
@@ -23,11 +26,18 @@ import numpy as np
 from meshserve.engine.step_time import StepShape
 from meshserve.planner.hardware import get_gpu
 from meshserve.planner.model import load_model
-from meshserve.simulator.step_cost import StepCost, calibration_for, load_calibration, read_step_trace
+from meshserve.simulator.step_cost import (
+    StepCost,
+    calibration_for,
+    load_calibration,
+    load_eager_costs,
+    read_step_trace,
+)
 
 BUSY_RUNNING = 200  # steps with at least this many running sequences: the server at the knee
 SHAPE_TOKENS = (1200, 1300)  # a full prompt chunk (1,024) beside ~250 decodes
 SHAPE_MIN_SEQS = 245
+EAGER_AFTER_TOKENS = 2048  # the largest mixed step the server replays as a CUDA graph
 HOST_BOUND_WAIT_S = 1e-4  # the host read the step back without waiting: it, not the GPU, was late
 
 
@@ -44,6 +54,10 @@ class Window:
     context: np.ndarray
     running: np.ndarray
     wait: np.ndarray
+    t: np.ndarray
+    predicted: np.ndarray  # the engine's own prediction of each step
+    waiting: np.ndarray
+    with_eager: np.ndarray  # fitted with the fit's eager table (= fitted where it has none)
 
     @property
     def same_shape(self) -> np.ndarray:
@@ -60,13 +74,17 @@ def split_windows(rows: list[dict], gap_s: float) -> list[list[dict]]:
     return windows
 
 
-def window(rows: list[dict], cost: StepCost) -> Window:
+def window(rows: list[dict], cost: StepCost, eager_cost: StepCost | None = None) -> Window:
     def col(key: str) -> np.ndarray:
         return np.array([r[key] for r in rows])
 
-    fitted = np.array([cost(StepShape(r["tokens"], r["seqs"], r["context"])) for r in rows])
+    def price(c: StepCost) -> np.ndarray:
+        return np.array([c(StepShape(r["tokens"], r["seqs"], r["context"])) for r in rows])
+
+    fitted = price(cost)
     return Window(rows[0]["t"], rows[-1]["t"], col("actual_s"), fitted, col("tokens"), col("seqs"), col("context"),
-                  col("running"), col("wait_s"))
+                  col("running"), col("wait_s"), col("t"), col("predicted_s"), col("waiting"),
+                  fitted if eager_cost is None else price(eager_cost))
 
 
 def ratio(w: Window, mask: np.ndarray) -> float:
@@ -76,6 +94,25 @@ def ratio(w: Window, mask: np.ndarray) -> float:
 
 def _mean_ms(values_ms: np.ndarray, mask: np.ndarray) -> str:
     return f"{values_ms[mask].mean():.2f}" if mask.any() else "-"
+
+
+def describe_eager(w: Window, after_tokens: int = EAGER_AFTER_TOKENS) -> str | None:
+    """The window's steps past the mixed-step graphs (None: it has none)."""
+    eager = (w.seqs < w.tokens) & (w.tokens > after_tokens)
+    if not eager.any():
+        return None
+    gap = np.full(len(w.t), np.nan)
+    gap[1:] = np.diff(w.t) - w.actual[1:]
+    span = w.t[-1] - w.t[0]
+    decode = w.seqs == w.tokens
+    return (f"  past the graphs (> {after_tokens} tokens): {eager.sum()} steps, {w.tokens[eager].mean():,.0f} tokens, "
+            f"running {w.running[eager].mean():.0f}; measured {w.actual[eager].mean() * 1e3:.1f} ms, fit "
+            f"{w.fitted[eager].mean() * 1e3:.1f} ({ratio(w, eager):.3f}), with the eager table "
+            f"{w.with_eager[eager].mean() * 1e3:.1f}, the engine's own prediction {w.predicted[eager].mean() * 1e3:.1f}; "
+            f"host gap before them {np.nanmean(gap[eager]) * 1e3:.1f} ms ({np.nansum(gap[eager]) / span:.1%} of the "
+            f"window); GPU busy {w.actual[1:].sum() / span:.1%}; running p50 {np.median(w.running):.0f} (max "
+            f"{w.running.max()}), waiting p50 {np.median(w.waiting):.0f}; {decode.sum()} decode-only steps, "
+            f"{(decode & (w.waiting > 0)).sum()} of them with requests waiting")
 
 
 def describe(w: Window) -> str:
@@ -91,6 +128,9 @@ def describe(w: Window) -> str:
                      f"{w.fitted[shape].mean() * 1e3:.2f} ms: {ratio(w, shape):.3f}; the host did not wait for the "
                      f"GPU in {host_bound.mean():.1%} of them ({_mean_ms(a, host_bound)} ms; "
                      f"{_mean_ms(a, ~host_bound)} ms where it waited)")
+    eager = describe_eager(w)
+    if eager is not None:
+        lines.append(eager)
     return "\n".join(lines)
 
 
@@ -103,10 +143,13 @@ def main() -> None:
     ap.add_argument("--gap-s", type=float, default=2.0)
     ns = ap.parse_args()
     section = calibration_for(ns.calibration, ns.model)
-    cost = StepCost(load_model(ns.model), get_gpu(ns.gpu), weights=load_calibration(section))
+    model, gpu, weights = load_model(ns.model), get_gpu(ns.gpu), load_calibration(section)
+    cost = StepCost(model, gpu, weights=weights)
+    eager = load_eager_costs(section)
+    eager_cost = None if eager is None else StepCost(model, gpu, weights=weights, eager=eager)
     print(f"fit: {section}")
     for rows in split_windows(read_step_trace(ns.trace), ns.gap_s):
-        print(describe(window(rows, cost)))
+        print(describe(window(rows, cost, eager_cost)))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ class FastReplica:
         self.busy_s = 0.0
         self.num_preemptions = 0
         self.segment: DecodeSegment | None = None
+        self._segment_host_s = 0.0  # host time before the segment's head step (eager_steps.py): not the GPU's
         self._orders = 0
         self._scheduled: list[tuple[Req, int]] = []  # the explicit step in flight: prefill chunks
         self._scheduled_decoders = 0  # and how many decoders it carries
@@ -184,6 +185,7 @@ class FastReplica:
             ) <= self.num_blocks:
                 a, b = self.step_cost.decode_line(n, base)
                 if self.noise is None:
+                    self._segment_host_s = 0.0
                     self.segment = DecodeSegment(now, a, b, n, k)
                 else:
                     self.segment = NoisyDecodeSegment(now, a, b, n, k, self.noise, self.steps)
@@ -250,8 +252,10 @@ class FastReplica:
         duration = device = self.step_cost.time_s(tokens, n + len(scheduled), context)
         if self.noise is not None:
             duration, device = self.noise.apply(self.steps, device, tokens > n + len(scheduled), queued)
+        host = self.step_cost.host_time_s(tokens, n + len(scheduled))  # eager_steps.py's host time
+        duration += host
         if free is None and not self.waiting:
-            end = self._fold(now, duration, scheduled, n, device)
+            end = self._fold(now, duration, scheduled, n, device, host)
             if end is not None:
                 return end
         self._scheduled, self._scheduled_decoders = scheduled, n
@@ -260,7 +264,8 @@ class FastReplica:
         return now + duration
 
     def _fold(
-        self, now: float, duration: float, scheduled: list[tuple[Req, int]], n: int, device: float
+        self, now: float, duration: float, scheduled: list[tuple[Req, int]], n: int, device: float,
+        host: float = 0.0,
     ) -> float | None:
         """When the step just scheduled leaves nobody waiting or part-way and nobody finishing with it, the decode
         steps after it are fixed at once: apply it now and start a segment headed by it (one event for both).
@@ -303,6 +308,7 @@ class FastReplica:
                 r.computed -= num_new
             return None
         a, b = self.step_cost.decode_line(n2, base)
+        self._segment_host_s = host
         if self.noise is None:
             self.segment = seg = DecodeSegment(now, a, b, n2, k, duration, n, first_tokens)
         else:
@@ -359,7 +365,8 @@ class FastReplica:
             self.last_seen = seg.deliver(seg.total, self.frontend, self.recorder, self.last_seen)
             self.step += seg.total
             self.steps += seg.total
-            self.busy_s += now - seg.start_s if self.noise is None else seg.device_s(seg.total)
+            self.busy_s += (now - seg.start_s - self._segment_host_s if self.noise is None
+                            else seg.device_s(seg.total))
             if self.finishing[0][0] <= self.step:
                 self._finish_decoders(self.last_seen)
             return

@@ -27,13 +27,21 @@ from meshserve.simulator import native
 from meshserve.simulator.autoscale import Autoscaler, AutoscaleRule
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.disaggregated import run_disaggregated
+from meshserve.simulator.eager_steps import EagerStepCosts
 from meshserve.simulator.fast_fleet import fast_model_gap, run_fast
 from meshserve.simulator.fast_replica import FastReplica
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.pipeline import HostCosts, PipelinedReplica, StagePipeline, hop_s, load_host_costs
 from meshserve.simulator.replica import SimReplica, push_step_end
 from meshserve.simulator.router_node import RouterNode
-from meshserve.simulator.step_cost import StepCost, StepWeights, TpCosts, load_calibration, load_tp_costs
+from meshserve.simulator.step_cost import (
+    StepCost,
+    StepWeights,
+    TpCosts,
+    load_calibration,
+    load_eager_costs,
+    load_tp_costs,
+)
 from meshserve.simulator.step_noise import NoiseStream, load_step_noise
 from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 
@@ -48,11 +56,12 @@ logger = logging.getLogger(__name__)
 def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: StepWeights | None = None,
              tp_costs: TpCosts | None = None, step_cost: Callable | None = None,
              progress: Callable[[float], None] | None = None,
-             fast_forward: bool = True, autoscale: AutoscaleRule | None = None) -> dict:
+             fast_forward: bool = True, autoscale: AutoscaleRule | None = None,
+             eager: EagerStepCosts | None | str = "calibration") -> dict:
     """Run the trace through the fleet; returns the report (metrics.RunRecorder.summarize, plus the setup).
 
     weights and tp_costs replace the calibration's step weights and TP costs (validation.fit_tp refits the
-    latter); step_cost replaces the calibrated StepCost (tests use fixed durations; with pipeline stages, one callable
+    latter), eager its eager steps' costs (eager_steps.py; None: priced by the weights alone); step_cost replaces the calibrated StepCost (tests use fixed durations; with pipeline stages, one callable
     for every stage or a list of one per stage, and no hop between them); progress(sim_time) is called as
     simulated time advances (about every 1% of the trace). fast_forward lays out runs of identical decode
     steps at once and keeps sequences as counts (replica.py, light.py); off, every step goes through the
@@ -66,7 +75,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     model, gpu = config.model_spec(), config.gpu_spec()
     fit = config.calibration_section
     cost = StepCost(model, gpu, config.tp, weights or load_calibration(fit),
-                    tp_costs=tp_costs or load_tp_costs(fit), fused_norm=config.tp_fused_norm)
+                    tp_costs=tp_costs or load_tp_costs(fit), fused_norm=config.tp_fused_norm,
+                    eager=None if config.pp > 1 else load_eager_costs(fit) if eager == "calibration" else eager)
     noise = load_step_noise(fit) if config.step_noise else None
     stalls = config.frontend_stall_table
     prefix_caching = config.enable_prefix_caching

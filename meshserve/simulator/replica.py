@@ -72,6 +72,9 @@ class SimReplica:
         # the policy predicts with the model the engine would have converged to (step time without TP comm)
         self.scheduler.policy.step_model = step_model
         self.step_cost = step_cost
+        # host time before a step that the engine's step model does not see (StepCost.host_s: eager mixed steps,
+        # eager_steps.py); a custom step cost has none
+        self.host_cost = getattr(step_cost, "host_s", None)
         # step-time noise and host gaps drawn by step index (step_noise.py); None: every step as predicted
         self.noise = noise
         self.recorder = recorder
@@ -210,10 +213,13 @@ class SimReplica:
         if out is None:
             self.busy = False
             return None
-        duration = device = self.step_cost(self._shape(out))
+        shape = self._shape(out)
+        duration = device = self.step_cost(shape)
         if self.noise is not None:
             duration, device = self.noise.apply(self.steps, device, out.num_batched_tokens > len(out.scheduled),
                                                 queued)
+        if self.host_cost is not None:
+            duration += self.host_cost(shape)
         self._in_flight = out
         self.busy = True
         self.steps += 1

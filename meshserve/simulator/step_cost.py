@@ -36,6 +36,7 @@ from meshserve.planner.memory import UNQUANTIZED_BYTES, stage_shard
 from meshserve.planner.model import ModelSpec
 from meshserve.planner.parallel import Layout
 from meshserve.planner.perf import ACT_BYTES, allreduce_s
+from meshserve.simulator.eager_steps import EagerStepCosts, EagerStepModel, eager_costs_of
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.toml")
 
@@ -101,6 +102,11 @@ class TpCosts:
     layer_seq_us: float = 0.0
 
 
+def load_eager_costs(name: str = "default") -> EagerStepCosts | None:
+    """The `eager` table of a calibration.toml section (eager_steps.py; None: eager steps priced as the fit)."""
+    return eager_costs_of(calibration_entry(name))
+
+
 def load_tp_costs(name: str = "default") -> TpCosts:
     """The `tp` table of a calibration.toml section (none: no cost beyond the all-reduces)."""
     table = calibration_entry(name).get("tp", {})
@@ -160,12 +166,14 @@ class StepCost:
 
     A stage keeps the whole constant (each stage launches and syncs its own step) and the share of the
     mixed-step cost its layers carry (the prompt rows' work outside the weights and KV terms).
-    tp_costs: the per-layer costs at tp > 1 (default: the default calibration's)."""
+    tp_costs: the per-layer costs at tp > 1 (default: the default calibration's). eager: what a mixed step past
+    the mixed-step graphs costs beyond the fit (eager_steps.py; measured on one GPU, so not split into stages:
+    none with pp > 1); its device term is in the model the policy predicts with, its host term in host_s only."""
 
     def __init__(self, model: ModelSpec, gpu: GpuSpec, tp: int = 1, weights: StepWeights | None = None,
                  weight_dtype: str = "bf16", kv_dtype: str = "bf16", pp: int = 1, stage: int = 0,
                  tp_costs: TpCosts | None = None, layer_partition: Sequence[int] | None = None,
-                 fused_norm: str = ""):
+                 fused_norm: str = "", eager: EagerStepCosts | None = None):
         shard = stage_shard(model, Layout(tp=tp, pp=pp), stage, weight_dtype, kv_dtype, layer_partition)
         self.weights = weights or load_calibration()
         weight_bytes = shard.weight_bytes
@@ -174,8 +182,14 @@ class StepCost:
             self.weights = StepWeights(self.weights.constant_ms, self.weights.dense_factor, self.weights.kv_factor,
                                        self.weights.mixed_ms * share)
             weight_bytes = stage_read_bytes(model, tp, pp, weight_dtype, kv_dtype, layer_partition)[stage]
-        self.model = StepTimeModel(weight_bytes=weight_bytes, kv_bytes_per_token=shard.kv_bytes_per_token,
-                                   rates=DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s(weight_dtype)))
+        self.eager = eager if pp == 1 else None
+        rates = DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s(weight_dtype))
+        if self.eager is None:
+            self.model = StepTimeModel(weight_bytes=weight_bytes, kv_bytes_per_token=shard.kv_bytes_per_token,
+                                       rates=rates)
+        else:
+            self.model = EagerStepModel(weight_bytes=weight_bytes, kv_bytes_per_token=shard.kv_bytes_per_token,
+                                        rates=rates, eager=self.eager)
         # fixed weights: the simulator replays a converged engine, it does not learn
         self.model.theta = np.array(self.weights.as_tuple())
         self.model._theta = self.weights.as_tuple()
@@ -212,6 +226,14 @@ class StepCost:
     def __call__(self, shape: StepShape) -> float:
         return self.model.predict(shape) + self.tp_s(shape.num_tokens, shape.num_seqs)
 
+    def host_s(self, shape: StepShape) -> float:
+        """Host time before this step that the engine's step model does not see (eager_steps.py; 0.0 without)."""
+        return 0.0 if self.eager is None else self.eager.host_s(shape.num_tokens, shape.num_seqs)
+
+    def host_time_s(self, num_tokens: int, num_seqs: int) -> float:
+        """host_s without a StepShape (the fast replica)."""
+        return 0.0 if self.eager is None else self.eager.host_s(num_tokens, num_seqs)
+
     def time_s(self, num_tokens: int, num_seqs: int, context_tokens: int) -> float:
         """self(StepShape(num_tokens, num_seqs, context_tokens)), the same floating-point operations, without
         building a StepShape (the fast replica prices one step per request)."""
@@ -224,6 +246,8 @@ class StepCost:
         predicted = max(t0 + t1 * (1e3 * dense) + t2 * (1e3 * context_tokens * m.kv_bytes_per_token
                                                          / rates.bandwidth)
                         + t3 * (1.0 if num_seqs < num_tokens > m.graphed_mixed_tokens else 0.0), 0.0) * 1e-3
+        if self.eager is not None and predicted > 0:  # EagerStepModel.predict's sum
+            predicted = predicted + self.eager.device_s(num_tokens, num_seqs)
         return predicted + self.tp_s(num_tokens, num_seqs)
 
     def decode_durations(self, n: int, context: int, steps: int) -> list[float]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from meshserve.errors import InvalidArgumentError
 from meshserve.simulator.config import SimConfig
+from meshserve.simulator.eager_steps import EagerStepCosts
 from meshserve.simulator.fleet import simulate
 from meshserve.simulator.frontend import FRONTEND_BEFORE_GATE, FRONTEND_H200, FRONTEND_OFF, FrontEndCosts
 from meshserve.simulator.router_node import ROUTER_OFF, RouterCosts, load_router_costs
@@ -83,12 +84,12 @@ def replay_w3(qps: float, slo: bool, frontend_latency_s: float = 0.0,
               frontend: FrontEndCosts = FRONTEND_OFF, slo_prefill_chunk: int = 0,
               calibration: str = "default", api_server_count: int = 1, step_noise: bool = False,
               frontend_gate: bool = True, frontend_stalls: bool = True, model: str = "llama-3.1-8b",
-              max_num_seqs: int = 256) -> dict:
+              max_num_seqs: int = 256, eager: EagerStepCosts | None | str = "calibration") -> dict:
     """W3 at qps as the measured runs served it: slo_prefill_chunk 0 is the policy before the per-step prompt cap
     (the runs in W3_H200_RUNS but _CAPPED). step_noise draws from seed 1000 + qps, as the
     arrivals. frontend_gate: the API process's gate (False: the server before 1aa067c); frontend_stalls: the
     API processes' garbage-collection stalls (frontend_stalls.py), of every build with the gate that
-    W3_H200_RUNS holds (all before 054ccb3)."""
+    W3_H200_RUNS holds (all before 054ccb3). eager: the eager steps' costs ("calibration": the fit's)."""
     config = SimConfig(model=model, gpu="H200", num_gpus=1, max_model_len=4096, calibration=calibration,
                        max_num_seqs=max_num_seqs,
                        slo_ttft_s=1.0 if slo else None, slo_tpot_s=0.05 if slo else None,
@@ -98,7 +99,7 @@ def replay_w3(qps: float, slo: bool, frontend_latency_s: float = 0.0,
                        api_server_count=api_server_count, frontend_gate=frontend_gate,
                        frontend_stalls=frontend_stalls and frontend_gate, step_noise=step_noise,
                        seed=1000 + int(qps))
-    return simulate(config, w3_trace(qps))
+    return simulate(config, w3_trace(qps), eager=eager)
 
 
 def frontend_latency_from(qps: float, measured_ttft_p50: float, run: MeasuredRun,
@@ -424,7 +425,7 @@ def fit_pp_host(step_ms: tuple[float, ...] = tuple(x / 10 for x in range(20, 61,
         errs = [_w2_replay(m, (h * 1e-3, r * 1e-3))["duration_s"] / m["seconds"] - 1 for m in runs]
         return (sum(e * e for e in errs) / len(errs)) ** 0.5
 
-    best = min(((rms(h, r), h, r) for h in step_ms for r in round_trip_ms))
+    best = min((rms(h, r), h, r) for h in step_ms for r in round_trip_ms)
     if refine:
         _, h0, r0 = best
         near = [round(x / 10, 1) for x in range(-4, 5)]

@@ -272,3 +272,24 @@ def test_qwen_out_of_sample_run_with_a_gpu_bound_core_replays_within_the_goals(q
     pred = vq.replay(qps, run.max_num_seqs, vq.fixed_latency())
     for metric in vq.METRICS:
         assert pred[metric] == pytest.approx(meas[metric], rel=vq.QWEN_GOALS[metric]), metric
+
+
+@pytest.mark.slow  # ~4 s a point
+def test_qwen_chunk_0_replays_below_chunk_1024_as_measured_with_the_eager_steps_costs(monkeypatch):
+    """The twenty-third session's back-to-back pair at QPS 256 (benchmarks/results/h200_1202_s23/): the prompt
+    budget --slo-prefill-chunk 0 served 180.3 req/s, the default 1,024 232.3. Without the eager steps' costs
+    (eager_steps.py) the replay said chunk 0 serves more than 1,024 (its 8,192-token steps priced as the graphed
+    ones, no host time before them); with them it says less, goodput and TPOT p50 near the measured."""
+    from meshserve.simulator import fleet
+    from meshserve.simulator import validation_qwen as vq
+
+    run = next(r for r in vq.QWEN_RUNS if r.file.startswith("h200_1202_s23/") and r.prefill_chunk == 0)
+    meas = measured_points(run)[256.0]
+    latency = vq.fixed_latency()
+    chunk_1024 = vq.replay(256.0, run.max_num_seqs, latency)
+    chunk_0 = vq.replay(256.0, run.max_num_seqs, latency, prefill_chunk=0)
+    assert chunk_0["goodput"] < chunk_1024["goodput"]
+    assert chunk_0["goodput"] == pytest.approx(meas["goodput"], rel=0.15)
+    assert chunk_0["tpot_p50"] == pytest.approx(meas["tpot_p50"], rel=vq.QWEN_GOALS["tpot_p50"])
+    monkeypatch.setattr(fleet, "load_eager_costs", lambda fit: None)
+    assert vq.replay(256.0, run.max_num_seqs, latency, prefill_chunk=0)["goodput"] > chunk_1024["goodput"]

@@ -54,6 +54,7 @@ Workspaces come from torch.empty (graph pool under capture).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -662,44 +663,84 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
     No host syncs: safe to capture in a CUDA graph. block_n / num_warps / num_stages are tuning knobs
     (tools/sweep_decode_attention.py); the defaults are the measured best. inline_reduce: with splits, the
     last split of each group combines the partials (no reduce launch; the module docstring)."""
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
-    num_seqs = seq_lens.shape[0]
-    group = num_heads // num_kv_heads
-    rows = max(16, _next_pow2(group))
-    block_d = max(16, _next_pow2(head_dim))
-    block_n = block_n or _decode_block_n(block_d, query.element_size())
-    num_splits = max(1, int(num_splits))
-    use_window = sliding_window is not None and sliding_window > 0
-    direct = num_splits == 1
-    # PDL (kernels/pdl.py): off unless the runner's selection turned it on; one decision for both kernels
-    gdc = gdc_kwargs(query, programs=num_seqs * num_kv_heads * num_splits, num_warps=num_warps)
-    inline = inline_reduce and not direct and num_seqs * num_kv_heads <= MAX_TICKETS
-    tickets = _ticket_workspace(query.device) if inline else out  # unused unless inline
-    if direct:
-        ws_acc = ws_ml = out  # unused
-    else:
-        ws_acc = torch.empty((num_seqs, num_heads, num_splits, block_d), dtype=torch.float32,
-                             device=query.device)
-        ws_ml = torch.empty((num_seqs, num_heads, num_splits, 2), dtype=torch.float32, device=query.device)
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml, tickets,
-        scale * _LOG2E, int(sliding_window) if use_window else 0, num_splits, float(k_scale), float(v_scale),
+    num_heads = query.shape[1]
+    plan = DecodeLaunch.make(query, num_heads, kv_cache, seq_lens.shape[0], sliding_window, out, num_splits,
+                             block_n, num_warps, inline_reduce)
+    _decode_split_kernel[plan.grid](
+        query, kv_cache, block_tables, seq_lens, query_start_loc, out, plan.ws_acc, plan.ws_ml, plan.tickets,
+        scale * _LOG2E, plan.window, plan.num_splits, float(k_scale), float(v_scale),
         query.stride(0), query.stride(1), query.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        NUM_HEADS=num_heads, GROUP=group, ROWS=rows,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        USE_WINDOW=use_window, DIRECT_OUT=direct, UPCAST_DOT=_upcast_dot(query),
-        DOT_PRECISION=_dot_precision(query), KV_FP8=_is_fp8(kv_cache), LAST_REDUCES=inline,
-        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **gdc,
+        NUM_HEADS=num_heads, GROUP=plan.group, ROWS=plan.rows,
+        HEAD_DIM=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=plan.block_n,
+        USE_WINDOW=plan.use_window, DIRECT_OUT=plan.direct, UPCAST_DOT=_upcast_dot(query),
+        DOT_PRECISION=_dot_precision(query), KV_FP8=_is_fp8(kv_cache), LAST_REDUCES=plan.inline,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **plan.gdc,
     )
-    if not direct and not inline:
-        _decode_reduce_kernel[(num_seqs, num_heads)](
-            ws_acc, ws_ml, query_start_loc, out, num_splits,
-            out.stride(0), out.stride(1), out.stride(2),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=_next_pow2(num_splits),
-            num_warps=4 if block_d >= 128 else 2, **gdc,
-        )
+    plan.reduce(query_start_loc, out)
     return out
+
+
+@dataclasses.dataclass
+class DecodeLaunch:
+    """What a split-K decode launch derives from its shapes (decode_attention and triton_decode_fused share it):
+    tile sizes, splits, the workspaces or the inline reduce's tickets, PDL's launch arguments (one decision
+    for the split kernel and the reduce)."""
+
+    grid: tuple[int, int, int]
+    num_heads: int
+    head_dim: int
+    group: int
+    rows: int
+    block_d: int
+    block_n: int
+    num_splits: int
+    use_window: bool
+    window: int
+    direct: bool
+    inline: bool
+    tickets: torch.Tensor
+    ws_acc: torch.Tensor
+    ws_ml: torch.Tensor
+    gdc: dict
+
+    @classmethod
+    def make(cls, x: torch.Tensor, num_heads: int, kv_cache: torch.Tensor, num_seqs: int, sliding_window,
+             out: torch.Tensor, num_splits: int, block_n: int | None, num_warps: int,
+             inline_reduce: bool) -> DecodeLaunch:
+        """x: the launch's activation (query or qkv: its dtype, element size and device)."""
+        num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[-1]
+        block_d = max(16, _next_pow2(head_dim))
+        num_splits = max(1, int(num_splits))
+        direct = num_splits == 1
+        use_window = sliding_window is not None and sliding_window > 0
+        inline = inline_reduce and not direct and num_seqs * num_kv_heads <= MAX_TICKETS
+        if direct:
+            ws_acc = ws_ml = out  # unused
+        else:
+            ws_acc = torch.empty((num_seqs, num_heads, num_splits, block_d), dtype=torch.float32, device=x.device)
+            ws_ml = torch.empty((num_seqs, num_heads, num_splits, 2), dtype=torch.float32, device=x.device)
+        return cls(
+            grid=(num_seqs, num_kv_heads, num_splits), num_heads=num_heads, head_dim=head_dim,
+            group=num_heads // num_kv_heads, rows=max(16, _next_pow2(num_heads // num_kv_heads)), block_d=block_d,
+            block_n=block_n or _decode_block_n(block_d, x.element_size()), num_splits=num_splits,
+            use_window=use_window, window=int(sliding_window) if use_window else 0, direct=direct, inline=inline,
+            tickets=_ticket_workspace(x.device) if inline else out,  # unused unless inline
+            ws_acc=ws_acc, ws_ml=ws_ml,
+            # PDL (kernels/pdl.py): off unless the runner's selection turned it on
+            gdc=gdc_kwargs(x, programs=num_seqs * num_kv_heads * num_splits, num_warps=num_warps),
+        )
+
+    def reduce(self, query_start_loc: torch.Tensor, out: torch.Tensor) -> None:
+        """The reduce kernel over the split partials, where the split kernel did not finish the output itself
+        (one split) or inline (the last split of each group)."""
+        if self.direct or self.inline:
+            return
+        _decode_reduce_kernel[(self.grid[0], self.num_heads)](
+            self.ws_acc, self.ws_ml, query_start_loc, out, self.num_splits,
+            out.stride(0), out.stride(1), out.stride(2),
+            NUM_HEADS=self.num_heads, HEAD_DIM=self.head_dim, BLOCK_D=self.block_d,
+            SPLITS_PAD=_next_pow2(self.num_splits), num_warps=4 if self.block_d >= 128 else 2, **self.gdc,
+        )

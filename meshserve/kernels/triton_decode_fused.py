@@ -34,17 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_wait
 from meshserve.kernels.triton_attention import (
     _LOG2E,
-    MAX_TICKETS,
-    _decode_block_n,
-    _decode_reduce_kernel,
+    DecodeLaunch,
     _dot_precision,
     _is_fp8,
     _next_pow2,
-    _ticket_workspace,
     _upcast_dot,
     decode_split_attend,
     decode_split_tiles,
@@ -179,44 +175,24 @@ def decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos_cache
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
-    group = num_heads // num_kv_heads
-    rows = max(16, _next_pow2(group))
-    block_d = max(16, _next_pow2(head_dim))
-    block_n = _decode_block_n(block_d, qkv.element_size())
-    num_splits = max(1, int(num_splits))
-    use_window = sliding_window is not None and sliding_window > 0
-    direct = num_splits == 1
-    gdc = gdc_kwargs(qkv, programs=num_seqs * num_kv_heads * num_splits, num_warps=num_warps)
-    inline = inline_reduce and not direct and num_seqs * num_kv_heads <= MAX_TICKETS
-    tickets = _ticket_workspace(qkv.device) if inline else out  # unused unless inline
-    if direct:
-        ws_acc = ws_ml = out  # unused
-    else:
-        ws_acc = torch.empty((num_seqs, num_heads, num_splits, block_d), dtype=torch.float32, device=qkv.device)
-        ws_ml = torch.empty((num_seqs, num_heads, num_splits, 2), dtype=torch.float32, device=qkv.device)
+    plan = DecodeLaunch.make(qkv, num_heads, kv_cache, num_seqs, sliding_window, out, num_splits, None, num_warps,
+                             inline_reduce)
     has_norm = q_norm_weight is not None
-    _decode_fused_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+    _decode_fused_split_kernel[plan.grid](
         qkv, positions, cos_cache, sin_cache, q_norm_weight if has_norm else qkv,
         k_norm_weight if has_norm else qkv, slot_mapping,
-        kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml, tickets,
-        float(eps), scale * _LOG2E, int(sliding_window) if use_window else 0, num_splits, float(k_scale),
-        float(v_scale),
+        kv_cache, block_tables, seq_lens, query_start_loc, out, plan.ws_acc, plan.ws_ml, plan.tickets,
+        float(eps), scale * _LOG2E, plan.window, plan.num_splits, float(k_scale), float(v_scale),
         qkv.stride(0), cos_cache.stride(0), sin_cache.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, ROWS=rows,
-        HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_D=block_d, BLOCK_KH=_next_pow2(num_kv_heads),
-        BLOCK_HALF=_next_pow2(head_dim // 2), BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        HAS_NORM=has_norm, USE_WINDOW=use_window, DIRECT_OUT=direct, UPCAST_DOT=_upcast_dot(qkv),
-        DOT_PRECISION=_dot_precision(qkv), KV_FP8=_is_fp8(kv_cache), LAST_REDUCES=inline,
-        num_warps=num_warps, **gdc,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=plan.group, ROWS=plan.rows,
+        HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_D=plan.block_d, BLOCK_KH=_next_pow2(num_kv_heads),
+        BLOCK_HALF=_next_pow2(head_dim // 2), BLOCK_SIZE=block_size, BLOCK_N=plan.block_n,
+        HAS_NORM=has_norm, USE_WINDOW=plan.use_window, DIRECT_OUT=plan.direct, UPCAST_DOT=_upcast_dot(qkv),
+        DOT_PRECISION=_dot_precision(qkv), KV_FP8=_is_fp8(kv_cache), LAST_REDUCES=plan.inline,
+        num_warps=num_warps, **plan.gdc,
     )
-    if not direct and not inline:
-        _decode_reduce_kernel[(num_seqs, num_heads)](
-            ws_acc, ws_ml, query_start_loc, out, num_splits,
-            out.stride(0), out.stride(1), out.stride(2),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=_next_pow2(num_splits),
-            num_warps=4 if block_d >= 128 else 2, **gdc,
-        )
+    plan.reduce(query_start_loc, out)
     return out

@@ -46,7 +46,7 @@ from meshserve.kernels.triton_attention import (
     decode_split_tiles,
 )
 from meshserve.kernels.triton_attention_tile import dot_query
-from meshserve.kernels.triton_ops import _norm_rope_heads, _to_cache
+from meshserve.kernels.triton_ops import _norm_rope_heads, _rope_halves, _to_cache
 
 
 @triton.jit
@@ -123,12 +123,7 @@ def _decode_fused_split_kernel(
     writer = tl.maximum(tile_hi - 1 - tile_lo, 0) // tl.maximum(per_split, 1)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if (slot >= 0) & (split == writer):  # CUDA-graph padding (slot -1) writes nothing
-        j = tl.arange(0, BLOCK_HALF)
-        jm = j < HALF
-        c1 = tl.load(cos_ptr + pos * stride_cos + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
-        c2 = tl.load(cos_ptr + pos * stride_cos + HALF + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
-        s1 = tl.load(sin_ptr + pos * stride_sin + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
-        s2 = tl.load(sin_ptr + pos * stride_sin + HALF + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
+        c1, c2, s1, s2 = _rope_halves(cos_ptr, sin_ptr, pos, stride_cos, stride_sin, HALF, BLOCK_HALF, dt)
         k1, k2, kh, kj, kmask = _norm_rope_heads(qkv_ptr, tok, stride_t, NUM_HEADS, kw_ptr, eps, c1, c2, s1, s2,
                                                  NUM_KV_HEADS, HALF, BLOCK_KH, BLOCK_HALF, HAS_NORM, dt)
         kmask = kmask & (kh[:, None] == kvh)  # this program's KV head only

@@ -300,6 +300,20 @@ def _to_cache(x, scale, cdt: tl.constexpr, KV_FP8: tl.constexpr):
 
 
 @triton.jit
+def _rope_halves(cos_ptr, sin_ptr, pos, stride_cos, stride_sin, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                 dt: tl.constexpr):
+    """The cos / sin rows of position pos as (c1, c2, s1, s2) [1, BLOCK_HALF]: first and second halves, cast to
+    the activations' dtype first (the rounding the torch reference makes), then fp32."""
+    j = tl.arange(0, BLOCK_HALF)
+    jm = j < HALF
+    c1 = tl.load(cos_ptr + pos * stride_cos + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + pos * stride_cos + HALF + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + pos * stride_sin + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + pos * stride_sin + HALF + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
+    return c1, c2, s1, s2
+
+
+@triton.jit
 def _qkv_rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_out_ptr, cache_ptr, slot_ptr,
                            eps, k_scale, v_scale, stride_t, stride_qo_t, stride_cos, stride_sin,
                            stride_ckv, stride_cb, stride_cs, stride_ch,
@@ -311,12 +325,7 @@ def _qkv_rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q
     gdc_wait(USE_GDC)  # qkv is the projection's output; positions and slots may be written in the graph too
     pos = tl.load(pos_ptr + t).to(tl.int64)
     dt = q_out_ptr.dtype.element_ty
-    j = tl.arange(0, BLOCK_HALF)
-    jm = j < HALF
-    c1 = tl.load(cos_ptr + pos * stride_cos + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
-    c2 = tl.load(cos_ptr + pos * stride_cos + HALF + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
-    s1 = tl.load(sin_ptr + pos * stride_sin + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
-    s2 = tl.load(sin_ptr + pos * stride_sin + HALF + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
+    c1, c2, s1, s2 = _rope_halves(cos_ptr, sin_ptr, pos, stride_cos, stride_sin, HALF, BLOCK_HALF, dt)
 
     q1, q2, h, jj, mask = _norm_rope_heads(qkv_ptr, t, stride_t, 0, qw_ptr, eps, c1, c2, s1, s2,
                                            NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF, HAS_NORM, dt)

@@ -75,15 +75,16 @@ def split_windows(rows: list[dict], gap_s: float) -> list[list[dict]]:
 
 
 def window(rows: list[dict], cost: StepCost, eager_cost: StepCost | None = None) -> Window:
-    def col(key: str) -> np.ndarray:
-        return np.array([r[key] for r in rows])
+    def col(key: str, default: float | None = None) -> np.ndarray:
+        # predicted_s and waiting: traces older than the policy's fields lack them (nan / 0 there)
+        return np.array([r[key] if default is None else r.get(key, default) for r in rows])
 
     def price(c: StepCost) -> np.ndarray:
         return np.array([c(StepShape(r["tokens"], r["seqs"], r["context"])) for r in rows])
 
     fitted = price(cost)
     return Window(rows[0]["t"], rows[-1]["t"], col("actual_s"), fitted, col("tokens"), col("seqs"), col("context"),
-                  col("running"), col("wait_s"), col("t"), col("predicted_s"), col("waiting"),
+                  col("running"), col("wait_s"), col("t"), col("predicted_s", float("nan")), col("waiting", 0),
                   fitted if eager_cost is None else price(eager_cost))
 
 

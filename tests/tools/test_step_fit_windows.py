@@ -52,6 +52,16 @@ def test_windows_split_at_idle_gaps_and_price_steps_against_the_fit(cost):
     assert "did not wait for the GPU in 0.0%" in sfw.describe(fast)
 
 
+def test_eager_steps_are_described_with_the_engine_prediction_and_the_queue(cost):
+    rows = _rows(cost, 100.0, 1.0, 0.0)
+    for i, r in enumerate(rows):
+        r.update(tokens=6000, seqs=200, predicted_s=0.03, waiting=5 if i % 2 else 0)
+    w = sfw.window(rows, cost)
+    text = sfw.describe_eager(w)
+    assert text is not None and "the engine's own prediction 30.0" in text
+    assert sfw.describe_eager(sfw.window(_rows(cost, 100.0, 1.0, 0.0), cost)) is None  # none past the graphs
+
+
 def test_a_short_pause_does_not_split_a_window(cost):
     rows = _rows(cost, 100.0, 1.0, 0.0) + _rows(cost, 101.5, 1.0, 0.0)
     assert len(sfw.split_windows(rows, gap_s=2.0)) == 1

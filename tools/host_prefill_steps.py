@@ -2,7 +2,8 @@
 state with short outputs, so every step admits many prompts under the static 8,192-token budget (no targets:
 the policy `--slo-prefill-chunk 0` leaves when the prompt cap is off). Reports, per step, the core's thread CPU
 time by part (the core's add_request for the step's arrivals, schedule, prepare, the rest of launch, process,
-stats), the prompt tokens the step computes, and us per prompt token; --profile FILE dumps a cProfile of the
+stats), the prompt tokens the step computes, and us per prompt token (with a line fitted over the steps when
+their prompt loads differ: e.g. --max-tokens 128, whose admissions come in bursts); --profile FILE dumps a cProfile of the
 core's work (add_request + step) over the measured steps.
 
     PYTHONPATH=$PWD python tools/host_prefill_steps.py [--steps 40] [--waiting 64] [--max-tokens 16] [--profile F]
@@ -15,6 +16,8 @@ import cProfile
 import statistics
 import sys
 from collections import defaultdict
+
+import numpy as np
 
 from meshserve.bench import host_overhead
 from meshserve.engine.heap import freeze_startup_heap
@@ -91,10 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     tok = sum(rows["prompt_tokens"])
     print(f"steps {n}  prompt tokens/step mean {tok / n:.0f} (min {min(rows['prompt_tokens'])}, "
           f"max {max(rows['prompt_tokens'])})")
-    print(f"{'part':10s} {'mean ms':>9s} {'median ms':>10s} {'us/prompt tok':>14s}")
+    # with steps of different prompt loads (bursty admissions), a least-squares line per part: its slope is the
+    # part's cost per prompt token, its intercept the cost of a step without prompt tokens
+    x = np.array(rows["prompt_tokens"], dtype=float)
+    fit = x.std() > 0
+    print(f"{'part':10s} {'mean ms':>9s} {'median ms':>10s} {'us/prompt tok':>14s}"
+          + (f" {'fit us/tok':>11s} {'fit ms at 0':>12s}" if fit else ""))
     for name in (*PARTS, "other", "total"):
         v = rows[name]
-        print(f"{name:10s} {1e3 * sum(v) / n:9.3f} {1e3 * statistics.median(v):10.3f} {1e6 * sum(v) / tok:14.3f}")
+        line = f"{name:10s} {1e3 * sum(v) / n:9.3f} {1e3 * statistics.median(v):10.3f} {1e6 * sum(v) / tok:14.3f}"
+        if fit:
+            slope, intercept = np.polyfit(x, np.array(v), 1)
+            line += f" {1e6 * slope:11.4f} {1e3 * intercept:12.3f}"
+        print(line)
     if prof:
         prof.dump_stats(cli.profile)
     return 0

@@ -47,12 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--async-scheduling", action="store_true")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="targets, as the serving W3 runs had them")
+    p.add_argument("--slo-tpot-ms", type=float, default=None)
+    p.add_argument("--slo-prefill-chunk", type=int, default=None, help="with targets: 0 lifts the prompt cap")
     p.add_argument("--profile", default=None)
     cli = p.parse_args(argv)
     ns = argparse.Namespace(batch=cli.batch, prompt_len=cli.prompt_len, steps=cli.steps, warmup=3,
-                            async_scheduling=cli.async_scheduling, slo_ttft_ms=None, slo_tpot_ms=None,
-                            kv_offload_gib=None, spec_ngram=None, waiting=cli.waiting, max_tokens=cli.max_tokens,
-                            slo_prefill_chunk=None)
+                            async_scheduling=cli.async_scheduling, slo_ttft_ms=cli.slo_ttft_ms,
+                            slo_tpot_ms=cli.slo_tpot_ms, kv_offload_gib=None, spec_ngram=None, waiting=cli.waiting, max_tokens=cli.max_tokens,
+                            slo_prefill_chunk=cli.slo_prefill_chunk)
     engine = host_overhead.build_steady_engine(ns)
     steady = host_overhead.SteadyArrivals(engine, ns)
     freeze_startup_heap()

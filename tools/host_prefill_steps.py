@@ -1,10 +1,10 @@
 """Host time of steps carrying thousands of prompt tokens (CPU, model removed): `bench host --waiting`'s steady
-state with short outputs, so every step admits many prompts under the static 8,192-token budget (no targets:
-the policy `--slo-prefill-chunk 0` leaves when the prompt cap is off). Reports, per step, the core's thread CPU
+state with short outputs, so every step admits many prompts under the static 8,192-token budget (by default no
+targets; --slo-ttft-ms / --slo-tpot-ms / --slo-prefill-chunk 0 set the serving W3 runs' policy). Reports, per step, the core's thread CPU
 time by part (the core's add_request for the step's arrivals, schedule, prepare, the rest of launch, process,
 stats), the prompt tokens the step computes, and us per prompt token (with a line fitted over the steps when
-their prompt loads differ: e.g. --max-tokens 128, whose admissions come in bursts); --profile FILE dumps a cProfile of the
-core's work (add_request + step) over the measured steps.
+their prompt loads differ: e.g. --max-tokens 128, whose admissions come in bursts); --profile FILE dumps a
+cProfile of the core's work (add_request + step) over the measured steps.
 
     PYTHONPATH=$PWD python tools/host_prefill_steps.py [--steps 40] [--waiting 64] [--max-tokens 16] [--profile F]
 """
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     cli = p.parse_args(argv)
     ns = argparse.Namespace(batch=cli.batch, prompt_len=cli.prompt_len, steps=cli.steps, warmup=3,
                             async_scheduling=cli.async_scheduling, slo_ttft_ms=cli.slo_ttft_ms,
-                            slo_tpot_ms=cli.slo_tpot_ms, kv_offload_gib=None, spec_ngram=None, waiting=cli.waiting, max_tokens=cli.max_tokens,
+                            slo_tpot_ms=cli.slo_tpot_ms, kv_offload_gib=None, spec_ngram=None, waiting=cli.waiting,
+                            max_tokens=cli.max_tokens,
                             slo_prefill_chunk=cli.slo_prefill_chunk)
     engine = host_overhead.build_steady_engine(ns)
     steady = host_overhead.SteadyArrivals(engine, ns)

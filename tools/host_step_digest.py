@@ -28,6 +28,8 @@ VARIANTS = [
     {"shared_prefix": True},
     {"shared_prefix": True, "async_scheduling": False},
     {"shared_prefix": True, "kv_offload_gib": 0.01, "batch": 16, "waiting": 10},
+    # the prompt cap off and short outputs: many admissions a step, each asking may_admit (the running tally)
+    {"slo_prefill_chunk": 0, "max_tokens": 8, "waiting": 60},
 ]
 
 

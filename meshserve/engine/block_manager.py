@@ -33,6 +33,21 @@ def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
     return h.digest()
 
 
+def hash_blocks(parent_hash: bytes | None, token_ids: list[int], block_size: int) -> list[bytes]:
+    """hash_block over each full block of token_ids in turn, each block's parent the one before (the first's:
+    parent_hash): the same hashes, from one int64 buffer of all the tokens rather than one conversion per block
+    (a 512-token prompt's 32 blocks: ~24 us instead of ~43 here). Fewer than block_size tokens left at the end
+    are not hashed."""
+    data = memoryview(np.asarray(token_ids, dtype=np.int64).tobytes())
+    step = 8 * block_size
+    h = parent_hash or b""  # hashing b"" first is hashing nothing: hash_block's None
+    out = []
+    for start in range(0, len(data) - step + 1, step):
+        h = hashlib.blake2b(h + data[start : start + step], digest_size=16).digest()
+        out.append(h)
+    return out
+
+
 @dataclass(eq=False)
 class Block:
     """One KV block's bookkeeping: its id in the pool, how many sequences hold it, and its hash once full
@@ -251,10 +266,10 @@ class BlockManager:
     def _update_hashes(self, seq: Sequence) -> None:
         """Extend seq.block_hashes to cover every full block of its known tokens (not pending ones)."""
         bs = self.block_size
-        n_full = seq.num_known_tokens // bs
-        for i in range(len(seq.block_hashes), n_full):
-            parent = seq.block_hashes[i - 1] if i else None
-            seq.block_hashes.append(hash_block(parent, seq.token_ids_slice(i * bs, (i + 1) * bs)))
+        n_full, have = seq.num_known_tokens // bs, len(seq.block_hashes)
+        if n_full > have:  # a whole prompt's blocks in one call (hash_blocks), not one hash_block each
+            parent = seq.block_hashes[-1] if have else None
+            seq.block_hashes += hash_blocks(parent, seq.token_ids_slice(have * bs, n_full * bs), bs)
 
     # -- prefix cache ----------------------------------------------------------------------------
     def find_cached_prefix(self, seq: Sequence) -> list[Block] | None:

@@ -240,13 +240,18 @@ class Scheduler:
             if stalled:
                 break
 
-        # 2. waiting sequences in order, unless this step already had to preempt (or wait for blocks)
+        # 2. waiting sequences in order, unless this step already had to preempt (or wait for blocks). What the
+        # policy reads of the running batch is tallied at the first candidate, then extended by each admission
+        # (many a step when prompts are short beside the token budget): running only grows by them from here
+        tally = None
         while (self.waiting and not preempted and not stalled and min(budget, prefill_left) > 0
                and len(self.running) < self.max_running and len(scheduled) < self.config.max_num_seqs):
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted while its last step ran: recompute once that token is known
-            if not self.policy.may_admit(seq, self.running):
+            if tally is None:  # (stays None without a step model: may_admit reads nothing then)
+                tally = self.policy.running_tally(self.running)
+            if not self.policy.may_admit(seq, self.running, tally):
                 break  # one more in the batch would break the time-per-output-token target
             cached = self.block_manager.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
             if cached is None:
@@ -267,6 +272,7 @@ class Scheduler:
             seq.num_computed_tokens += num_hit
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self.policy.admitted(tally, seq)
             scheduled.append((seq, num_new))
             budget -= num_new
             prefill_left -= num_new

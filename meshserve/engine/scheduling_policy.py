@@ -53,6 +53,17 @@ class StepBudget:
     prefill_tokens: int | None = None
 
 
+@dataclass
+class RunningTally:
+    """What may_admit reads of the running batch: its tightest TPOT target, its context tokens (num_tokens
+    summed) and its size. Summed once a step and extended by each admission (SchedulingPolicy.admitted), so a
+    step admitting many prompts does not walk the whole batch once per admission."""
+
+    target: float | None
+    context: int
+    num_seqs: int
+
+
 class SchedulingPolicy:
     """Per-step budgets and admission decisions for the Scheduler (see the module docstring)."""
 
@@ -137,21 +148,40 @@ class SchedulingPolicy:
         share = min(-(-num_seqs // depth), self.config.max_num_seqs)
         return share, context * share // num_seqs
 
-    def may_admit(self, seq: Sequence, running: list[Sequence]) -> bool:
-        """Whether seq may join the running batch: with it, a decode step still meets the TPOT target."""
+    def may_admit(self, seq: Sequence, running: list[Sequence], tally: RunningTally | None = None) -> bool:
+        """Whether seq may join the running batch: with it, a decode step still meets the TPOT target. tally:
+        running_tally(running), kept up to date by admitted (the scheduler's admissions in one step); without
+        it the batch is walked here."""
         if self.step_model is None:
             return True
-        target, own = self.tpot_target(running), self.tpot_target((seq,))  # the tightest of both (no list copy)
+        if tally is None:
+            tally = self.running_tally(running)
+        target, own = tally.target, self.tpot_target((seq,))  # the tightest of both (no list copy)
         if own is not None and (target is None or own < target):
             target = own
         if target is None:
             return True
-        # the batch's context: seq.num_tokens summed without the property (a pass over the batch per admission)
-        context = seq.num_tokens
-        for s in running:
-            context += len(s.prompt_token_ids) + len(s.output_token_ids) + s.num_pending_tokens
-        num, context = self.one_step_share(len(running) + 1, context)
+        num, context = self.one_step_share(tally.num_seqs + 1, tally.context + seq.num_tokens)
         return self.step_model.predict(StepShape(num, num, context)) <= target * TARGET_MARGIN
+
+    def running_tally(self, running: list[Sequence]) -> RunningTally | None:
+        """may_admit's pass over the running batch (None without a step model: may_admit reads nothing)."""
+        if self.step_model is None:
+            return None
+        context = 0
+        for s in running:  # seq.num_tokens summed without the property
+            context += len(s.prompt_token_ids) + len(s.output_token_ids) + s.num_pending_tokens
+        return RunningTally(self.tpot_target(running), context, len(running))
+
+    def admitted(self, tally: RunningTally | None, seq: Sequence) -> None:
+        """seq joined the running batch tally describes (nothing else changed it): the tally now includes it."""
+        if tally is None:
+            return
+        own = self.tpot_target((seq,))
+        if own is not None and (tally.target is None or own < tally.target):
+            tally.target = own
+        tally.context += seq.num_tokens
+        tally.num_seqs += 1
 
     # -- the queue -------------------------------------------------------------------------------
     def prefill_time_s(self, num_tokens: int) -> float:

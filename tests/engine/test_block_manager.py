@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from meshserve.engine.block_manager import BlockManager, hash_block
+from meshserve.engine.block_manager import BlockManager, hash_block, hash_blocks
 from meshserve.engine.sequence import Sequence
 from meshserve.sampling import SamplingParams
 
@@ -102,6 +103,36 @@ def test_hash_bytes_deterministic():
     assert h == ref.digest()
     assert h.hex() == "087a24230771ee662be37e5493b333d7"
     assert hash_block(h, [5, 6, 7, 8]).hex() == "8222aab65152a8711ac413a3333a672c"
+
+
+def test_hash_blocks_is_the_chain_of_hash_block():
+    """The one-buffer path gives hash_block's chain on random prompts: any block size, a parent or none, a
+    partial block at the end left out, ids past 2**31."""
+    rng = random.Random(0)
+    for _ in range(200):
+        bs = rng.choice([1, 2, 4, 16, 32])
+        tokens = [rng.randrange(2**40 if rng.random() < 0.2 else 200_000) for _ in range(rng.randrange(0, 300))]
+        parent = rng.choice([None, hash_block(None, [rng.randrange(100) for _ in range(bs)])])
+        chain, h = [], parent
+        for i in range(len(tokens) // bs):
+            h = hash_block(h, tokens[i * bs : (i + 1) * bs])
+            chain.append(h)
+        assert hash_blocks(parent, tokens, bs) == chain
+
+
+def test_hash_chain_extended_in_pieces_equals_at_once():
+    """_update_hashes called as tokens arrive (prompt, then outputs one by one) gives the same chain as once."""
+    rng = random.Random(1)
+    bm = BlockManager(16, BS)
+    prompt = [rng.randrange(1000) for _ in range(21)]
+    outputs = [rng.randrange(1000) for _ in range(19)]
+    a, b = make_seq("a", prompt), make_seq("b", prompt + outputs)
+    bm._update_hashes(a)
+    for t in outputs:
+        a.output_token_ids.append(t)
+        bm._update_hashes(a)
+    bm._update_hashes(b)
+    assert a.block_hashes == b.block_hashes and len(a.block_hashes) == 40 // BS
 
 
 def test_hash_stable_across_processes():

@@ -233,3 +233,39 @@ def test_with_pipeline_steps_in_flight_the_tpot_policy_predicts_one_steps_share(
     extra = MODEL.max_prefill_tokens(0.022 * TARGET_MARGIN, 32, 32_000, limit=1024)
     assert (two.tokens, two.prefill_tokens) == (32 + extra, extra) and extra >= MIN_PREFILL_CHUNK
 
+
+
+def test_may_admit_with_a_running_tally_decides_as_the_pass_over_the_batch():
+    """The scheduler tallies the running batch once a step and extends the tally with each admission
+    (running_tally, admitted); may_admit then decides as walking the batch would, over random batches: own
+    and default targets or none, outputs and pending tokens, pipeline shares, admissions one after another."""
+    import random
+
+    rng = random.Random(7)
+    decided = set()
+    for trial in range(150):
+        default = rng.choice([None, 0.004, 0.010, 0.030])
+        s = _with_model(slo_tpot_s=default, max_num_seqs=rng.choice([16, 256]),
+                        pipeline_depth=rng.choice([0, 0, 2]))
+        if trial % 10 == 0:
+            s.policy.step_model = None  # no model: everyone admitted, no tally
+        running = []
+        for i in range(rng.randrange(0, 80)):
+            seq = make_seq(f"r{i}", range(rng.randrange(1, 900)))
+            seq.output_token_ids = [5] * rng.randrange(0, 40)
+            seq.num_pending_tokens = rng.randrange(0, 2)
+            seq.slo_tpot_s = rng.choice([None, None, 0.005, 0.020])
+            running.append(seq)
+        tally = s.policy.running_tally(running)
+        for j in range(rng.randrange(1, 20)):
+            seq = make_seq(f"w{j}", range(rng.randrange(1, 900)))
+            seq.output_token_ids = [6] * rng.choice([0, 0, rng.randrange(1, 30)])  # a preempted one's recompute
+            seq.slo_tpot_s = rng.choice([None, None, 0.003, 0.008, 0.050])
+            walked = s.policy.may_admit(seq, running)
+            assert s.policy.may_admit(seq, running, tally) is walked
+            decided.add(walked)
+            running.append(seq)  # admitted either way: the tally must follow any batch
+            s.policy.admitted(tally, seq)
+        if tally is not None:
+            assert tally == s.policy.running_tally(running)
+    assert decided == {True, False}  # both outcomes were exercised

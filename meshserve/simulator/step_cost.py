@@ -228,7 +228,7 @@ class StepCost:
 
     def host_s(self, shape: StepShape) -> float:
         """Host time before this step that the engine's step model does not see (eager_steps.py; 0.0 without)."""
-        return 0.0 if self.eager is None else self.eager.host_s(shape.num_tokens, shape.num_seqs)
+        return self.host_time_s(shape.num_tokens, shape.num_seqs)
 
     def host_time_s(self, num_tokens: int, num_seqs: int) -> float:
         """host_s without a StepShape (the fast replica)."""

@@ -76,3 +76,29 @@ def test_bf16_vocab_152k_batch_256_on_gpu():
     # sampled ids sit in the top of their rows (T = 0.6 over N(0, 4) logits: the mass is in the top few %)
     ranks = (logits[8:].float() > logits[8:].float().gather(1, ids[8:, None])).sum(-1)
     assert ranks.float().median().item() < 0.05 * 151936
+
+
+def test_chunk_plan_covers_the_row_and_fills_the_gpu():
+    from meshserve.kernels.triton_sampling import BLOCK, MAX_CHUNKS, chunk_plan
+
+    for rows in (1, 3, 16, 100, 256, 1024):
+        for vocab in (8, 5000, 151936, 262144 * 2):
+            width, chunks = chunk_plan(rows, vocab, 132)
+            assert width % BLOCK == 0 and 1 <= chunks <= MAX_CHUNKS
+            assert (chunks - 1) * width < vocab <= chunks * width  # every id in one chunk, no empty chunk
+            blocks = -(-vocab // BLOCK)
+            # at least half the programs the GPU wants (4 per SM; chunks are whole blocks), unless the row has
+            # fewer blocks or the cap binds
+            assert 2 * rows * chunks >= min(4 * 132, rows * blocks, rows * MAX_CHUNKS)
+
+
+def test_ties_across_chunks_go_to_the_lowest_id():
+    # 5,000 ids in three chunks at 4 rows (chunk_plan): greedy rows, so scores are the logits themselves
+    logits = torch.zeros(4, 5000, device=DEVICE)
+    logits[0, [100, 4100]] = 1.0  # equal maxima in chunks 0 and 2
+    logits[1, :] = float("-inf")
+    logits[1, 4999] = -3.0  # the only allowed id, the row's last
+    logits[2, :] = float("-inf")  # nothing allowed: id 0, as the argmax of a single pass gives
+    logits[3, [2048, 4095]] = 2.0  # both in chunk 1
+    ids = sample_gumbel(logits, torch.zeros(4, device=DEVICE), seed=2).tolist()
+    assert ids == [100, 4999, 0, 2048]

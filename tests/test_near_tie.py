@@ -44,3 +44,19 @@ def test_first_divergence():
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert first_divergence([1, 2, 3], [1, 4, 3]) == 1
     assert first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_a_three_way_near_tie_needs_enough_logprobs():
+    """Three tokens within a hair (flat random-weight logits): plain picks 7 over 8, the other run 8 over 4 with 7
+    third. Top 2 cannot show that 7 is still close in the other run (the GPU test's step 29 of Llama-3.1-8B,
+    bf16); top 3 can, and the gap bounds still reject the same flip where the third token is far behind."""
+    plain_top = {7: -1.090, 8: -1.095, 4: -1.100}
+    other_top = {8: -1.088, 4: -1.092, 7: -1.096}
+    plain = _run([7], [plain_top])
+    top2 = _run([8], [{t: other_top[t] for t in (8, 4)}])
+    with pytest.raises(AssertionError, match="not a near-tie"):
+        assert_agree_until_near_tie(_run([7], [{t: plain_top[t] for t in (7, 8)}]), top2)
+    assert assert_agree_until_near_tie(plain, _run([8], [other_top])) == 0
+    far = _run([8], [{8: -0.5, 4: -1.0, 7: -1.8}])  # 7 fell by 0.7: the distribution moved, not a flip
+    with pytest.raises(AssertionError, match="logprob"):
+        assert_agree_until_near_tie(plain, far)

@@ -9,7 +9,9 @@
 # with each job's median, min and max: W1 on Qwen3-0.6B varied 680-1,073 tok/s from one process to the next with
 # the same settings on one H200 (2026-12-02, BENCHMARKS.md "Twenty-first session"), so a one-run A/B of a small
 # model says nothing. Each run also prints the batch-1 decode graph's device time (replayed back to back) beside
-# the wall time of a decode token (which side moved) and the SM clock's median during the timed runs. Logs and JSON: $OUT/w1_ab.tgz.
+# the wall time of a decode token (which side moved) and the SM clock's median during the timed runs; steps_ms is
+# the graph time averaged over W1's steps, each at the graph it replays (a small model's W1 replays the 256- and
+# 1,024-token bounds' graphs; graph_ms times only the last step's). Logs and JSON: $OUT/w1_ab.tgz.
 # BENCH=throughput runs W2 (`bench throughput`) instead: the columns are output tok/s and W2's seconds (W2 Qwen3-0.6B
 # moved 6% between two processes of one build on 2026-12-02: REPEAT >= 2 there too).
 set -u -o pipefail
@@ -20,9 +22,10 @@ t_start=$SECONDS
 bench=${BENCH:-latency}
 case $bench in latency|throughput) ;; *) echo "BENCH must be latency or throughput, got $bench"; exit 1 ;; esac
 if [ "$bench" = throughput ]; then
-  printf "%-8s %-44s %9s %9s %8s %8s %6s %5s\n" model settings "out tok/s" w2_s - - - secs
+  printf "%-8s %-44s %9s %9s %8s %8s %8s %6s %5s\n" model settings "out tok/s" w2_s - - - - secs
 else
-  printf "%-8s %-44s %9s %9s %8s %8s %6s %5s\n" model settings "tok/s" decode graph_ms token_ms sm_mhz secs
+  printf "%-8s %-44s %9s %9s %8s %8s %8s %6s %5s\n" model settings "tok/s" decode graph_ms steps_ms token_ms sm_mhz \
+    secs
 fi
 for round in $(seq 1 ${REPEAT:-3}); do
   for job in ${JOBS:?JOBS is required}; do
@@ -39,14 +42,14 @@ for round in $(seq 1 ${REPEAT:-3}); do
       --no-baseline --output-json $R/$name.json > $R/$name.log 2>&1
     rc=$?
     if [ "$bench" = throughput ]; then
-      tok=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['output_tok_s']:.1f} {r['seconds']:.3f} - - -\")" \
-            $R/$name.json 2> /dev/null || echo "rc=$rc - - - -")
+      tok=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['output_tok_s']:.1f} {r['seconds']:.3f} - - - -\")" \
+            $R/$name.json 2> /dev/null || echo "rc=$rc - - - - -")
     else
       tok=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['tok_s']:.1f} {r['decode_tok_s']:.1f} \"
-            f\"{r.get('decode_graph_ms', 0):.3f} {r.get('decode_token_ms', 0):.3f} \"
-            f\"{r.get('sm_clock_mhz_min_median', [0, 0])[1]:.0f}\")" $R/$name.json 2> /dev/null || echo "rc=$rc - - - -")
+            f\"{r.get('decode_graph_ms', 0):.3f} {r.get('decode_graph_ms_steps', 0):.3f} {r.get('decode_token_ms', 0):.3f} \"
+            f\"{r.get('sm_clock_mhz_min_median', [0, 0])[1]:.0f}\")" $R/$name.json 2> /dev/null || echo "rc=$rc - - - - -")
     fi
-    printf "%-8s %-44s %9s %9s %8s %8s %6s %5s\n" ${job%%:*} "$settings" $tok $((SECONDS - t0))
+    printf "%-8s %-44s %9s %9s %8s %8s %8s %6s %5s\n" ${job%%:*} "$settings" $tok $((SECONDS - t0))
     [ $rc -ne 0 ] && grep -E "Error|error" $R/$name.log | tail -3
   done
 done

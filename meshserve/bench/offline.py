@@ -136,6 +136,43 @@ def _decode_graph_ms(llm, context: int, replays: int = 200) -> float | None:
     return replay_ms(graph, replays)
 
 
+def _decode_graph_ms_by_bound(llm, contexts: list[int], replays: int = 200) -> dict[int, float]:
+    """Context bound -> milliseconds of one replay of each batch-1 graph that a step at one of `contexts` (W1's:
+    129..383) replays, timed at the longest of its steps' contexts; {} without decode graphs. _decode_graph_ms
+    times only the last step's graph, but on a small dense model W1's first half replays the 256-token bound's
+    graph (one KV split) and its second half the 1,024 one (four splits): a change that moves only one of them
+    (the fused decode prologue, 2026-12) shows in the wall time per token and not in that one number. The
+    static buffers' context length is set for each graph and restored (run after the timed generations, as
+    _decode_graph_ms: the replays rewrite the last step's KV slot)."""
+    holder = getattr(getattr(llm.engine, "runner", None), "graphs", None)
+    if holder is None or not holder.graphs:
+        return {}
+    from meshserve.engine.cuda_graph import replay_ms
+
+    longest: dict[tuple[int, int], int] = {}
+    for c in contexts:
+        key = holder.variant(1, c)
+        longest[key] = max(longest.get(key, 0), c)
+    saved = holder.seq_lens[:1].clone()
+    out = {}
+    try:
+        for (_, bound), context in sorted(longest.items()):
+            graph = holder.greedy_step_graph(1, context)
+            if graph is not None:
+                holder.seq_lens[:1].fill_(context)
+                out[bound] = replay_ms(graph, replays)
+    finally:
+        holder.seq_lens[:1].copy_(saved)
+    return out
+
+
+def _steps_mean_ms(by_bound: dict[int, float], contexts: list[int], variant) -> float | None:
+    """The graph time per step averaged over the steps (each its variant's time): comparable with the wall time
+    of a token, unlike one graph's."""
+    times = [by_bound.get(variant(1, c)[1]) for c in contexts]
+    return None if not times or None in times else sum(times) / len(times)
+
+
 def _decode_curve(llm, batch_sizes: list[int]) -> dict[int, float]:
     import random
 
@@ -205,6 +242,13 @@ def run_latency(ns) -> dict:
     if graph_ms is not None:  # the best run's wall per decode token against the graph's device time
         res["decode_graph_ms"] = graph_ms
         res["decode_token_ms"] = 1e3 * (tn - t1) / (W1_NEW_TOKENS - 1)
+        # every graph W1's decode steps replay (contexts prompt + 1 .. prompt + new - 1), and their step mean
+        contexts = list(range(len(w1_prompt()) + 1, len(w1_prompt()) + W1_NEW_TOKENS))
+        by_bound = _decode_graph_ms_by_bound(llm, contexts)
+        res["decode_graph_ms_by_bound"] = by_bound
+        mean = _steps_mean_ms(by_bound, contexts, llm.engine.runner.graphs.variant)
+        if mean is not None:
+            res["decode_graph_ms_steps"] = mean
     if clocks:
         res["sm_clock_mhz_min_median"] = [min(clocks), statistics.median(clocks)]
     if ns.curve:
@@ -298,7 +342,7 @@ def _finish(ns, res: dict) -> int:
     print_table({k: v for k, v in res.items() if not isinstance(v, dict)})
     for k, v in res.items():
         if isinstance(v, dict):
-            print(k, {b: round(x, 1) for b, x in v.items()})
+            print(k, {b: round(x, 1 if abs(x) >= 10 else 4) for b, x in v.items()})  # tok/s, or ms
     res["max_num_seqs"] = ns.max_num_seqs
     write_json(ns.output_json, {"results": calibration_rows(res), **res})
     if getattr(ns, "plot", None) and "decode_tok_s_by_batch" in res:

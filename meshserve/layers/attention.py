@@ -83,6 +83,9 @@ class Attention(nn.Module):
         self.fused_prologue = False  # the backend's write_qkv serves forward_qkv
         # decode-only steps: the backend's attend_qkv (the prologue inside the decode attention launch)
         self.decode_fused_prologue = False
+        # ... only where that launch has at least this many KV splits per (sequence, KV head) (1: always; 2:
+        # MESHSERVE_DECODE_FUSED_PROLOGUE=split, _fuses_decode_prologue says why)
+        self.decode_fused_min_splits = 1
         # an fp8 cache holds K / k_scale and V / v_scale (1.0, or the checkpoint's: quantization/kv_scales.py)
         self.k_scale, self.v_scale = 1.0, 1.0
         # called once this step's K/V are in the cache (disaggregation sends the layer's blocks from there)
@@ -115,7 +118,7 @@ class Attention(nn.Module):
         instead: the same work inside the decode attention launch (kernels/triton_decode_fused.py)."""
         norm_w = (None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight)
         eps = q_norm.eps if q_norm is not None else 0.0
-        if self._fuses_decode_prologue(meta):
+        if self._fuses_decode_prologue(meta, qkv.dtype):
             out = self.backend.attend_qkv(qkv, positions, rotary_emb.cos_cache, rotary_emb.sin_cache, *norm_w, eps,
                                           self.kv_cache, meta, self.scale, self.sliding_window, self.num_heads,
                                           self.num_kv_heads, self.k_scale, self.v_scale)
@@ -129,11 +132,23 @@ class Attention(nn.Module):
             self.after_kv_write()
         return self.forward_cached(q, meta)
 
-    def _fuses_decode_prologue(self, meta: AttentionMetadata) -> bool:
+    def _fuses_decode_prologue(self, meta: AttentionMetadata, dtype: torch.dtype) -> bool:
         """A decode-only step (one token per sequence; not a captured mixed step, whose trailing tokens belong
-        to no sequence) with the switch on and a backend that has attend_qkv."""
-        return (self.decode_fused_prologue and meta.max_query_len == 1 and not meta.graph_bound
-                and hasattr(self.backend, "attend_qkv"))
+        to no sequence) with the switch on and a backend that has attend_qkv, whose decode launch (for
+        activations of `dtype`) has at least decode_fused_min_splits KV splits. Why a split rule: with one
+        split every program of the fused launch is its KV head's writer and runs the whole prologue (q and all
+        KV heads' norm + rotary, the write, a CTA barrier) before its first KV tile, in a kernel of two CTAs per
+        SM, so that latency is paid once per program (per wave at large batch) instead of once per layer by the
+        prologue kernel; with splits only the last (shortest) split writes, behind the others' tiles. The count
+        comes from host numbers only (the batch, meta.max_seq_len: a graph's bound), so a graph bakes it in."""
+        if not (self.decode_fused_prologue and meta.max_query_len == 1 and not meta.graph_bound
+                and hasattr(self.backend, "attend_qkv")):
+            return False
+        if self.decode_fused_min_splits <= 1:
+            return True
+        splits = self.backend.decode_splits(meta.seq_lens.shape[0], self.num_kv_heads, self.head_dim, dtype,
+                                            meta.max_seq_len, self.kv_cache.device)
+        return splits >= self.decode_fused_min_splits
 
     def forward_cached(self, q: torch.Tensor, meta: AttentionMetadata):
         """Attend when this step's K/V are already in the cache."""

@@ -57,10 +57,12 @@ Overrides (environment, read only here, for debugging and references):
                                             (kernel, the default) or by each group's last split (inline:
                                             kernels/triton_attention.py, one launch fewer a layer; opt-in until
                                             measured on the H200: issue 29)
-  MESHSERVE_DECODE_FUSED_PROLOGUE=1         decode-only steps: the fused prologue (q/k norm, rotary, K/V write)
+  MESHSERVE_DECODE_FUSED_PROLOGUE=1|split   decode-only steps: the fused prologue (q/k norm, rotary, K/V write)
                                             inside the decode attention launch (kernels/triton_decode_fused.py,
-                                            one launch fewer a layer; with the fused prologue only); opt-in until
-                                            measured on the H200 (issue 29)
+                                            one launch fewer a layer; with the fused prologue only); split: only
+                                            launches with more than one KV split (small batch, long context;
+                                            its first H200 run: W1 graphs with splits -1.0/-1.6%, but W1 Qwen's
+                                            wall +1.8% and W2 -4.7% with one-split launches fused too); opt-in
   MESHSERVE_PREFILL_TILE_LEGACY=1           prompt rows' attention (prefill and unified kernels) with the launch
                                             before 2026-12-01 (grid, every tile masked, 64 keys) instead of the
                                             timed default (kernels/attention_tile_config.py: persistent, diagonal
@@ -224,6 +226,9 @@ class KernelSelection:
     decode_inline_reduce: bool = False
     # decode-only steps: fused_prologue's work inside the decode attention launch (kernels/triton_decode_fused.py)
     decode_fused_prologue: bool = False
+    # ... only in launches with at least this many KV splits (2: MESHSERVE_DECODE_FUSED_PROLOGUE=split;
+    # Attention._fuses_decode_prologue says why)
+    decode_fused_min_splits: int = 1
     kv_cache_dtype: torch.dtype | None = None  # the KV pool's element type (None only in PLAIN)
     # MLA prefill chunks through the per-sequence reference even on the Triton path (layers/mla_attention.py)
     mla_prefill_ref: bool = False
@@ -462,6 +467,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         # opt-in until the H200 measures it (issue 29): W1 A/B in tools/w1_ab_device.sh
         decode_fused_prologue=(fused_ops and attention == "triton"
                                and os.environ.get(DECODE_FUSED_PROLOGUE_ENV, "").strip() not in ("", "0")),
+        decode_fused_min_splits=2 if os.environ.get(DECODE_FUSED_PROLOGUE_ENV, "").strip() == "split" else 1,
         kv_cache_dtype=kv_cache_dtype,
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
         mla_legacy=os.environ.get(MLA_LEGACY_ENV, "") not in ("", "0"),
@@ -500,5 +506,6 @@ def bind_kernels(model: nn.Module, selection: KernelSelection) -> None:
             module.backend = backend
             module.fused_prologue = selection.fused_prologue
             module.decode_fused_prologue = selection.decode_fused_prologue
+            module.decode_fused_min_splits = selection.decode_fused_min_splits
         elif isinstance(getattr(module, "kernels", None), KernelSelection):
             module.kernels = selection

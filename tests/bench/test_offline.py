@@ -73,6 +73,33 @@ def test_the_graph_timed_is_the_one_a_w1_step_replays(monkeypatch):
     assert offline._decode_graph_ms(llm, 384) == "plain"
 
 
+def test_every_graph_a_w1_step_replays_is_timed(monkeypatch):
+    """W1's steps at contexts 129..383 replay the 256-bound graph, then the 1,024 one (not the 4,096 one): each is
+    timed with the static context length at its longest step (restored after), and the step mean weighs each
+    by its steps; no graphs: {}."""
+    import torch
+
+    from meshserve.engine import cuda_graph
+
+    holder = cuda_graph.DecodeGraphs(None, 4, 4096, 16, torch.device("cpu"), context_bounds=(256, 1024),
+                                     splits_of=lambda bs, bound: bound)
+    for bound in (256, 1024, 4096):
+        holder.graphs[1, bound] = bound
+    holder.sampled_graphs[1, 1024] = "sampled 1024"
+    holder.seq_lens[0] = 383
+    seen = []
+    monkeypatch.setattr(cuda_graph, "replay_ms", lambda graph, replays: seen.append(
+        (graph, int(holder.seq_lens[0]))) or (1.0 if graph == 256 else 0.5))
+    llm = type("Llm", (), {"engine": type("Engine", (), {"runner": type("Runner", (), {"graphs": holder})})})
+    contexts = list(range(129, 384))
+    by_bound = offline._decode_graph_ms_by_bound(llm, contexts)
+    assert seen == [(256, 256), ("sampled 1024", 383)] and by_bound == {256: 1.0, 1024: 0.5}
+    assert int(holder.seq_lens[0]) == 383
+    assert offline._steps_mean_ms(by_bound, contexts, holder.variant) == (128 * 1.0 + 127 * 0.5) / 255
+    holder.graphs.clear()
+    assert offline._decode_graph_ms_by_bound(llm, contexts) == {}
+
+
 def test_sm_clock_samples_parse_what_nvidia_smi_prints(tmp_path, monkeypatch):
     """_sm_clock_samples reads nvidia-smi's one number per line (a fake nvidia-smi on PATH here), and yields
     an empty list where there is no nvidia-smi at all."""

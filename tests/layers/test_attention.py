@@ -96,7 +96,7 @@ def test_decode_fused_prologue_gives_the_two_step_output_and_cache(dtype):
         layer.decode_fused_prologue = fused
         calls = []
         layer.after_kv_write = lambda calls=calls: calls.append(layer.kv_cache.clone())
-        assert layer._fuses_decode_prologue(meta) == fused
+        assert layer._fuses_decode_prologue(meta, qkv.dtype) == fused
         outs.append(layer.forward_qkv(qkv, positions, rope, q_norm, k_norm, meta))
         caches.append(layer.kv_cache)
         assert len(calls) == 1 and torch.equal(calls[0], layer.kv_cache)
@@ -115,11 +115,41 @@ def test_decode_fused_prologue_only_in_decode_only_steps():
 
     layer, _, _, _, _, _, meta = _decode_layer_case()
     layer.decode_fused_prologue = True
-    assert layer._fuses_decode_prologue(meta)
-    assert not layer._fuses_decode_prologue(dataclasses.replace(meta, max_query_len=3))
-    assert not layer._fuses_decode_prologue(dataclasses.replace(meta, graph_bound=True))
+    assert layer._fuses_decode_prologue(meta, torch.float32)
+    assert not layer._fuses_decode_prologue(dataclasses.replace(meta, max_query_len=3), torch.float32)
+    assert not layer._fuses_decode_prologue(dataclasses.replace(meta, graph_bound=True), torch.float32)
     layer.backend = TorchAttentionBackend()
-    assert not layer._fuses_decode_prologue(meta)
+    assert not layer._fuses_decode_prologue(meta, torch.float32)
+
+
+def test_decode_fused_prologue_split_rule():
+    """MESHSERVE_DECODE_FUSED_PROLOGUE=split (decode_fused_min_splits 2): only launches with more than one KV
+    split fuse, by the backend's own split count for the step's batch and max_seq_len (what a graph bakes in);
+    the default (1) fuses every decode-only step."""
+    import dataclasses
+
+    layer, qkv, positions, rope, q_norm, k_norm, meta = _decode_layer_case()
+    layer.decode_fused_prologue = True
+    backend = layer.backend
+    backend.decode_num_splits = 1
+    assert layer._fuses_decode_prologue(meta, qkv.dtype)  # min 1: always
+    layer.decode_fused_min_splits = 2
+    assert not layer._fuses_decode_prologue(meta, qkv.dtype)
+    calls = []
+    backend.attend_qkv = lambda *a, **k: calls.append(1)
+    layer.forward_qkv(qkv, positions, rope, q_norm, k_norm, meta)  # the two-step path
+    assert not calls
+    del backend.attend_qkv
+    backend.decode_num_splits = 2
+    assert layer._fuses_decode_prologue(meta, qkv.dtype)
+    # the rule by context: the split heuristic gives one batch row and a KV head at most 2 * SMs programs
+    backend.decode_num_splits = None
+    one = dataclasses.replace(meta, seq_lens=meta.seq_lens[:1], max_seq_len=256)
+    long = dataclasses.replace(one, max_seq_len=4096)
+    assert backend.decode_splits(1, 2, 16, qkv.dtype, 256, qkv.device) == 1
+    assert backend.decode_splits(1, 2, 16, qkv.dtype, 4096, qkv.device) > 1
+    assert not layer._fuses_decode_prologue(one, qkv.dtype)
+    assert layer._fuses_decode_prologue(long, qkv.dtype)
 
 
 def test_decode_fused_prologue_keeps_a_real_engines_greedy_tokens(tiny_model_dir, monkeypatch):

@@ -357,6 +357,11 @@ def test_decode_fused_prologue_switch_reaches_every_attention_layer(monkeypatch)
     monkeypatch.setenv("MESHSERVE_DECODE_FUSED_PROLOGUE", "1")
     on = select_kernels(gpu)
     assert on.decode_fused_prologue == on.fused_prologue == fused_ops_importable()
+    assert on.decode_fused_min_splits == 1
+    monkeypatch.setenv("MESHSERVE_DECODE_FUSED_PROLOGUE", "split")  # only launches with KV splits
+    split = select_kernels(gpu)
+    assert split.decode_fused_prologue == fused_ops_importable() and split.decode_fused_min_splits == 2
+    monkeypatch.setenv("MESHSERVE_DECODE_FUSED_PROLOGUE", "1")
     assert not select_kernels(_config(dtype="bfloat16")).decode_fused_prologue  # CPU: the torch path
     monkeypatch.setenv("MESHSERVE_ATTENTION_BACKEND", "torch")
     assert not select_kernels(gpu).decode_fused_prologue
@@ -367,9 +372,11 @@ def test_decode_fused_prologue_switch_reaches_every_attention_layer(monkeypatch)
     monkeypatch.setenv("MESHSERVE_DECODE_FUSED_PROLOGUE", "0")
     assert not select_kernels(gpu).decode_fused_prologue
     layers = [Attention(num_heads=4, head_dim=16, num_kv_heads=2, scale=0.25) for _ in range(2)]
-    for selection in (KernelSelection(fused_prologue=True, decode_fused_prologue=True), off):
+    for selection in (KernelSelection(fused_prologue=True, decode_fused_prologue=True, decode_fused_min_splits=2),
+                      off):
         bind_kernels(torch.nn.Sequential(*layers), selection)
         assert all(a.decode_fused_prologue == selection.decode_fused_prologue for a in layers)
+        assert all(a.decode_fused_min_splits == selection.decode_fused_min_splits for a in layers)
 
 
 def test_cache_dtype():

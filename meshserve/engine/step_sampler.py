@@ -139,11 +139,14 @@ class StepSampler:
         if not sample_idx:
             self._remember([], None, spec)
             return self._pending(result, [], None, parity, spec=spec)
-        if len(sample_idx) == len(scheduled):  # the usual case: no host-to-device copy needed
-            last_rows = meta.query_start_loc[1:] - 1
+        if len(sample_idx) == len(scheduled) and hidden.shape[0] == len(scheduled):
+            last_hidden = hidden  # one token a row (decode): every row is its sequence's last, no gather
+        elif len(sample_idx) == len(scheduled):  # the usual case: no host-to-device copy needed
+            last_hidden = hidden.index_select(0, meta.query_start_loc[1:] - 1)
         else:
             last_rows = torch.tensor([qsl[i + 1] - 1 for i in sample_idx], device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, last_rows))
+            last_hidden = hidden.index_select(0, last_rows)
+        logits = self.model.compute_logits(last_hidden)
         rows = [scheduled[i] for i in sample_idx]
         if not samples:
             if self.share_sampled:

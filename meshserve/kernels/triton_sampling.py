@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (the Sampler's threshold)
 
@@ -40,7 +41,7 @@ def sample_gumbel_ref(logits: torch.Tensor, temperature: torch.Tensor, seed: int
 # multiple of 16 compiles its own copy (a cold Triton cache then pays ~0.5 s inside serving)
 @triton.jit(do_not_specialize=["seed", "chunk_cols", "num_chunks"])
 def _sample_gumbel_kernel(logits_ptr, temp_ptr, best_ptr, idx_ptr, seed, vocab, stride_row, chunk_cols, num_chunks,
-                          GREEDY_EPS_C: tl.constexpr, BLOCK: tl.constexpr):
+                          GREEDY_EPS_C: tl.constexpr, BLOCK: tl.constexpr, FAST_LOG: tl.constexpr):
     """One (row, chunk of chunk_cols ids) per program: the chunk's best score and its id into best / idx
     [rows, num_chunks]."""
     row = tl.program_id(0)
@@ -64,12 +65,13 @@ def _sample_gumbel_kernel(logits_ptr, temp_ptr, best_ptr, idx_ptr, seed, vocab, 
     for start in range(lo, hi, BLOCK):
         u0, u1, u2, u3 = tl.rand4x(seed, row_offset + start // 4 + lanes)
         # quarters in id order, compared strictly: of equal scores in a lane the lowest id stays
-        best, best_idx = _fold_quarter(base, start + lanes, hi, u0, inv_t, noise_scale, best, best_idx)
-        best, best_idx = _fold_quarter(base, start + QUARTER + lanes, hi, u1, inv_t, noise_scale, best, best_idx)
-        best, best_idx = _fold_quarter(base, start + 2 * QUARTER + lanes, hi, u2, inv_t, noise_scale, best,
-                                       best_idx)
-        best, best_idx = _fold_quarter(base, start + 3 * QUARTER + lanes, hi, u3, inv_t, noise_scale, best,
-                                       best_idx)
+        cols = start + lanes
+        best, best_idx = _fold_quarter(base, cols, hi, u0, inv_t, noise_scale, best, best_idx, FAST_LOG)
+        best, best_idx = _fold_quarter(base, cols + QUARTER, hi, u1, inv_t, noise_scale, best, best_idx, FAST_LOG)
+        best, best_idx = _fold_quarter(base, cols + 2 * QUARTER, hi, u2, inv_t, noise_scale, best, best_idx,
+                                       FAST_LOG)
+        best, best_idx = _fold_quarter(base, cols + 3 * QUARTER, hi, u3, inv_t, noise_scale, best, best_idx,
+                                       FAST_LOG)
     top = tl.max(best, 0)
     # lowest id among the lanes holding the maximum (a chunk of -inf scores gives id 0: see the reduce)
     tl.store(best_ptr + row * num_chunks + chunk, top)
@@ -77,11 +79,16 @@ def _sample_gumbel_kernel(logits_ptr, temp_ptr, best_ptr, idx_ptr, seed, vocab, 
 
 
 @triton.jit
-def _fold_quarter(base, cols, hi, u, inv_t, noise_scale, best, best_idx):
+def _fold_quarter(base, cols, hi, u, inv_t, noise_scale, best, best_idx, FAST_LOG: tl.constexpr):
     """Scores of ids cols (below hi) folded into the lanes' running best."""
     x = tl.load(base + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
     # base 2: log2(e) * (x / T - ln(-ln u)) less a constant, so the same argmax without the ln(2) scalings
-    score = x * inv_t - noise_scale * tl.log2(-tl.log2(tl.maximum(u, 1e-20)))
+    u = tl.maximum(u, 1e-20)
+    if FAST_LOG:  # the GPU's lg2.approx (tl.log2 is libdevice's exact log2f, ~20 instructions, twice an id)
+        noise = libdevice.fast_log2f(-libdevice.fast_log2f(u))
+    else:  # the interpreter
+        noise = tl.log2(-tl.log2(u))
+    score = x * inv_t - noise_scale * noise
     better = score > best
     return tl.where(better, score, best), tl.where(better, cols, best_idx)
 
@@ -133,6 +140,7 @@ def sample_gumbel(logits: torch.Tensor, temperature: torch.Tensor, seed: int) ->
         idx = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
         _sample_gumbel_kernel[(num_rows, num_chunks)](logits, temperature, best, idx, int(seed), vocab,
                                                       logits.stride(0), chunk_cols, num_chunks,
-                                                      GREEDY_EPS_C=GREEDY_EPS, BLOCK=BLOCK, num_warps=8)
+                                                      GREEDY_EPS_C=GREEDY_EPS, BLOCK=BLOCK,
+                                                      FAST_LOG=logits.device.type == "cuda", num_warps=8)
         _gumbel_reduce_kernel[(num_rows,)](best, idx, out, vocab, num_chunks, MAX_CHUNKS=MAX_CHUNKS, num_warps=1)
     return out

@@ -57,12 +57,13 @@ Overrides (environment, read only here, for debugging and references):
                                             (kernel, the default) or by each group's last split (inline:
                                             kernels/triton_attention.py, one launch fewer a layer; opt-in until
                                             measured on the H200: issue 29)
-  MESHSERVE_DECODE_FUSED_PROLOGUE=1|split   decode-only steps: the fused prologue (q/k norm, rotary, K/V write)
+  MESHSERVE_DECODE_FUSED_PROLOGUE=0|1|split decode-only steps: the fused prologue (q/k norm, rotary, K/V write)
                                             inside the decode attention launch (kernels/triton_decode_fused.py,
-                                            one launch fewer a layer; with the fused prologue only); split: only
-                                            launches with more than one KV split (small batch, long context;
-                                            its first H200 run: W1 graphs with splits -1.0/-1.6%, but W1 Qwen's
-                                            wall +1.8% and W2 -4.7% with one-split launches fused too); opt-in
+                                            one launch fewer a layer; with the fused prologue only); split (the
+                                            default): only launches with more than one KV split (small batch,
+                                            long context; H200: W1 +0.9% Qwen3-0.6B, +1.5% Llama-3.1-8B, W2
+                                            unchanged); 1: every decode launch (W1 Qwen's wall +1.8% and W2
+                                            -4.7%: one-split launches pay the prologue per program); 0: off
   MESHSERVE_PREFILL_TILE_LEGACY=1           prompt rows' attention (prefill and unified kernels) with the launch
                                             before 2026-12-01 (grid, every tile masked, 64 keys) instead of the
                                             timed default (kernels/attention_tile_config.py: persistent, diagonal
@@ -228,7 +229,7 @@ class KernelSelection:
     decode_fused_prologue: bool = False
     # ... only in launches with at least this many KV splits (2: MESHSERVE_DECODE_FUSED_PROLOGUE=split;
     # Attention._fuses_decode_prologue says why)
-    decode_fused_min_splits: int = 1
+    decode_fused_min_splits: int = 2
     kv_cache_dtype: torch.dtype | None = None  # the KV pool's element type (None only in PLAIN)
     # MLA prefill chunks through the per-sequence reference even on the Triton path (layers/mla_attention.py)
     mla_prefill_ref: bool = False
@@ -464,10 +465,11 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         decode_sample_graph_max_bs=_decode_sample_graph_max_bs() if cuda_graphs else 0,
         sample_head_pdl=os.environ.get(PDL_HEAD_ENV, "").strip() != "0",
         decode_inline_reduce=_variant(DECODE_REDUCE_ENV, DECODE_REDUCE_CHOICES, "kernel") == "inline",
-        # opt-in until the H200 measures it (issue 29): W1 A/B in tools/w1_ab_device.sh
+        # "split" by default (H200, 2026-12-02: W1 +0.9% Qwen3-0.6B, +1.5% Llama-3.1-8B; W2 unchanged, where
+        # "1" lost 4.7%): tools/w1_ab_device.sh
         decode_fused_prologue=(fused_ops and attention == "triton"
-                               and os.environ.get(DECODE_FUSED_PROLOGUE_ENV, "").strip() not in ("", "0")),
-        decode_fused_min_splits=2 if os.environ.get(DECODE_FUSED_PROLOGUE_ENV, "").strip() == "split" else 1,
+                               and os.environ.get(DECODE_FUSED_PROLOGUE_ENV, "split").strip() != "0"),
+        decode_fused_min_splits=1 if os.environ.get(DECODE_FUSED_PROLOGUE_ENV, "split").strip() == "1" else 2,
         kv_cache_dtype=kv_cache_dtype,
         mla_prefill_ref=os.environ.get(MLA_PREFILL_REF_ENV, "") not in ("", "0"),
         mla_legacy=os.environ.get(MLA_LEGACY_ENV, "") not in ("", "0"),

@@ -14,6 +14,8 @@
 # 1,024-token bounds' graphs; graph_ms times only the last step's). Logs and JSON: $OUT/w1_ab.tgz.
 # BENCH=throughput runs W2 (`bench throughput`) instead: the columns are output tok/s and W2's seconds (W2 Qwen3-0.6B
 # moved 6% between two processes of one build on 2026-12-02: REPEAT >= 2 there too).
+# BENCH_ARGS are added to every bench command, e.g. BENCH_ARGS="--repeat 3" (W2: three timed runs in each process,
+# from a cold prefix cache; the median is the w2_s column, every run in runs_s).
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 R=/tmp/w1_ab; rm -rf $R; mkdir -p $R $OUT  # this call's runs only (a warm machine keeps /tmp)
@@ -22,7 +24,7 @@ t_start=$SECONDS
 bench=${BENCH:-latency}
 case $bench in latency|throughput) ;; *) echo "BENCH must be latency or throughput, got $bench"; exit 1 ;; esac
 if [ "$bench" = throughput ]; then
-  printf "%-8s %-44s %9s %9s %8s %8s %8s %6s %5s\n" model settings "out tok/s" w2_s - - - - secs
+  printf "%-8s %-44s %9s %9s %8s %8s %8s %6s %5s\n" model settings "out tok/s" w2_s runs_s - - - secs
 else
   printf "%-8s %-44s %9s %9s %8s %8s %8s %6s %5s\n" model settings "tok/s" decode graph_ms steps_ms token_ms sm_mhz \
     secs
@@ -39,10 +41,10 @@ for round in $(seq 1 ${REPEAT:-3}); do
     name="${round}_${job//[:=+,]/_}"
     t0=$SECONDS
     env "${envs[@]}" timeout ${LIMIT:-120} python3 -m meshserve.cli --log-level INFO bench $bench --model $model \
-      --no-baseline --output-json $R/$name.json > $R/$name.log 2>&1
+      --no-baseline ${BENCH_ARGS:-} --output-json $R/$name.json > $R/$name.log 2>&1
     rc=$?
     if [ "$bench" = throughput ]; then
-      tok=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['output_tok_s']:.1f} {r['seconds']:.3f} - - - -\")" \
+      tok=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['output_tok_s']:.1f} {r['seconds']:.3f} {'/'.join(f'{x:.2f}' for x in r.get('seconds_runs', [])) or '-'} - - -\")" \
             $R/$name.json 2> /dev/null || echo "rc=$rc - - - - -")
     else
       tok=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['tok_s']:.1f} {r['decode_tok_s']:.1f} \"

@@ -121,3 +121,36 @@ def test_sm_clock_samples_parse_what_nvidia_smi_prints(tmp_path, monkeypatch):
     with offline._sm_clock_samples() as clocks:
         pass
     assert clocks == []
+
+
+def test_w2_repeat_times_each_run_from_a_cold_prefix_cache(monkeypatch):
+    import types
+
+    import torch
+
+    events = []
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            manager = types.SimpleNamespace(reset_prefix_cache=lambda: events.append("reset") or True)
+            self.engine = types.SimpleNamespace(
+                scheduler=types.SimpleNamespace(block_manager=manager),
+                stats=lambda: {"num_preemptions": 0, "num_blocks": 10},
+                config=types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=None)))
+
+        def generate(self, prompts, params, use_tqdm=False):
+            events.append(len(prompts))
+            tokens = [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=[1, 2])]) for _ in prompts]
+            return tokens
+
+    monkeypatch.setattr("meshserve.LLM", FakeLLM)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    res = offline.run_throughput(_parse(["throughput", "--repeat", "3", "--no-baseline"]))
+    # the warm-up (4 prompts), then three timed runs of all 256 W2 prompts, each after a prefix-cache reset
+    assert events == [4, "reset", 256, "reset", 256, "reset", 256]
+    assert len(res["seconds_runs"]) == 3 and res["output_tokens"] == 512
+    assert res["seconds"] == pytest.approx(sorted(res["seconds_runs"])[1], abs=1e-4)
+    assert "seconds_runs" not in offline.run_throughput(_parse(["throughput", "--no-baseline"]))

@@ -24,7 +24,7 @@ t_start=$SECONDS
 bench=${BENCH:-latency}
 case $bench in latency|throughput) ;; *) echo "BENCH must be latency or throughput, got $bench"; exit 1 ;; esac
 if [ "$bench" = throughput ]; then
-  printf "%-8s %-44s %9s %9s %8s %8s %8s %6s %5s\n" model settings "out tok/s" w2_s runs_s - - - secs
+  printf "%-8s %-44s %9s %9s %8s %8s %8s %6s %5s\n" model settings "out tok/s" w2_s runs_s sm_mhz power_w - secs
 else
   printf "%-8s %-44s %9s %9s %8s %8s %8s %6s %5s\n" model settings "tok/s" decode graph_ms steps_ms token_ms sm_mhz \
     secs
@@ -43,14 +43,7 @@ for round in $(seq 1 ${REPEAT:-3}); do
     env "${envs[@]}" timeout ${LIMIT:-120} python3 -m meshserve.cli --log-level INFO bench $bench --model $model \
       --no-baseline ${BENCH_ARGS:-} --output-json $R/$name.json > $R/$name.log 2>&1
     rc=$?
-    if [ "$bench" = throughput ]; then
-      tok=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['output_tok_s']:.1f} {r['seconds']:.3f} {'/'.join(f'{x:.2f}' for x in r.get('seconds_runs', [])) or '-'} - - -\")" \
-            $R/$name.json 2> /dev/null || echo "rc=$rc - - - - -")
-    else
-      tok=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['tok_s']:.1f} {r['decode_tok_s']:.1f} \"
-            f\"{r.get('decode_graph_ms', 0):.3f} {r.get('decode_graph_ms_steps', 0):.3f} {r.get('decode_token_ms', 0):.3f} \"
-            f\"{r.get('sm_clock_mhz_min_median', [0, 0])[1]:.0f}\")" $R/$name.json 2> /dev/null || echo "rc=$rc - - - - -")
-    fi
+    tok=$(python3 tools/w1_ab_row.py $R/$name.json 2> /dev/null || echo "rc=$rc - - - - -")
     printf "%-8s %-44s %9s %9s %8s %8s %8s %6s %5s\n" ${job%%:*} "$settings" $tok $((SECONDS - t0))
     [ $rc -ne 0 ] && grep -E "Error|error" $R/$name.log | tail -3
   done

@@ -96,16 +96,18 @@ def _timed(fn, repeats: int = 3) -> float:
 
 
 @contextlib.contextmanager
-def _sm_clock_samples(period_ms: int = 50):
+def _sm_clock_samples(period_ms: int = 50, power: list[float] | None = None):
     """The GPU's SM clock (MHz) sampled by nvidia-smi every period_ms while the block runs, into the list it
-    yields; empty where there is no nvidia-smi. A batch-1 step of a small model barely loads the GPU, and a
-    clock below its maximum there would read as a slower kernel."""
+    yields (and its power draw, W, into `power` when given); empty where there is no nvidia-smi. A batch-1 step
+    of a small model barely loads the GPU, and a clock below its maximum there would read as a slower kernel;
+    W2 loads it fully, where a power cap would lower the clock."""
     samples: list[float] = []
     # the GPU this process calls cuda:0: the first of CUDA_VISIBLE_DEVICES (an index or a UUID, as nvidia-smi
     # --id takes them), else nvidia-smi's 0
     gpu = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip() or "0"
+    query = "clocks.sm,power.draw" if power is not None else "clocks.sm"
     try:
-        proc = subprocess.Popen(["nvidia-smi", f"--id={gpu}", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits",
+        proc = subprocess.Popen(["nvidia-smi", f"--id={gpu}", f"--query-gpu={query}", "--format=csv,noheader,nounits",
                                  f"-lms={period_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     except OSError:
         yield samples
@@ -115,7 +117,17 @@ def _sm_clock_samples(period_ms: int = 50):
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
-        samples.extend(float(v) for v in out.split() if v.replace(".", "", 1).isdigit())
+        for line in out.splitlines():
+            values = [v.strip() for v in line.split(",")]
+            if not values or not _is_number(values[0]):
+                continue
+            samples.append(float(values[0]))
+            if power is not None and len(values) > 1 and _is_number(values[1]):
+                power.append(float(values[1]))
+
+
+def _is_number(text: str) -> bool:
+    return text.replace(".", "", 1).isdigit()
 
 
 def _decode_graph_ms(llm, context: int, replays: int = 200) -> float | None:
@@ -280,16 +292,21 @@ def run_throughput(ns) -> dict:
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     params = [SamplingParams(temperature=W2_TEMPERATURE, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
     llm.generate(prompts[:4], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
-    runs = []
+    runs, gpu_runs = [], []
     for _ in range(ns.repeat):
         # each run from a cold prefix cache: a repeat would otherwise skip its prompts' prefill
         if not llm.engine.scheduler.block_manager.reset_prefix_cache():
             raise RuntimeError("W2 repeat: sequences still hold KV blocks after the previous run")
         torch.cuda.synchronize()
-        t = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        torch.cuda.synchronize()
-        runs.append(time.perf_counter() - t)
+        power: list[float] = []
+        with _sm_clock_samples(power=power) as clocks:
+            t = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            torch.cuda.synchronize()
+            runs.append(time.perf_counter() - t)
+        if clocks:  # was a slower run a lower clock (a power cap)? W2 moved 3-6% between processes
+            gpu_runs.append({"sm_mhz_min_median": [min(clocks), statistics.median(clocks)],
+                             "power_w_median_max": [statistics.median(power), max(power)] if power else None})
     dt = statistics.median(runs)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = sum(len(r.prompt_token_ids) for r in reqs)
@@ -300,6 +317,8 @@ def run_throughput(ns) -> dict:
            "preemptions": stats["num_preemptions"], "kv_blocks": stats["num_blocks"]}
     if ns.repeat > 1:  # "seconds" is then the median run's
         res["seconds_runs"] = [round(x, 4) for x in runs]
+    if gpu_runs:  # one entry a timed run
+        res["gpu_clock_runs"] = gpu_runs
     if ns.pipeline_parallel_size > 1:
         # the engine keeps one step per stage in flight, so stages fill and drain once per run, not per step:
         # the ideal bubble is ~0 and what is measured is the stages' imbalance and host time

@@ -123,6 +123,24 @@ def test_sm_clock_samples_parse_what_nvidia_smi_prints(tmp_path, monkeypatch):
     assert clocks == []
 
 
+def test_sm_clock_samples_read_the_power_beside_the_clock(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"
+    printed = tmp_path / "printed"
+    fake.write_text(f"#!/bin/sh\necho \"$2\" > {tmp_path / 'query'}\nprintf '1980, 650.50\\n1410, [N/A]\\n1755, 700\\n'\n"
+                    f"touch {printed}\nexec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    power: list[float] = []
+    with offline._sm_clock_samples(power=power) as clocks:
+        import time
+
+        deadline = time.monotonic() + 30
+        while not printed.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert clocks == [1980.0, 1410.0, 1755.0] and power == [650.5, 700.0]  # an unreadable power is skipped
+    assert (tmp_path / "query").read_text().strip() == "--query-gpu=clocks.sm,power.draw"
+
+
 def test_w2_repeat_times_each_run_from_a_cold_prefix_cache(monkeypatch):
     import types
 

@@ -1,9 +1,13 @@
 """Sweep the Triton decode-attention kernel's tile and launch settings on the GPU; report effective bandwidth.
 
-usage: python tools/sweep_decode_attention.py [--quick]
+usage: python tools/sweep_decode_attention.py [--quick | --splits]
 
 Shapes are the ones that matter for W1/W2 (Llama-3.1-8B: 8 KV heads, group 4; Qwen3-0.6B: group 2; head_dim
 128). Bandwidth = K and V bytes read / kernel time; compare with the measured copy bandwidth printed first.
+
+--splits: the default tile at 1, 2, 4 and 8 KV splits over W2's batches and contexts (Qwen3-0.6B's group 2 and
+the 8B's 4), beside the split count decode_num_splits picks: the data for its rule (at batch 16 and context
+~1,500 its one split read KV at 3.0 TB/s, 70% of copy, in a W2 step on an H200, 2026-12-02).
 """
 
 import argparse
@@ -38,12 +42,40 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / (ms * 1e-3)
 
 
+def sweep_splits(bw: float) -> list[dict]:
+    """The default tile at each split count for W2's shapes: one line per (group, batch, context)."""
+    results = []
+    print(f"{'group':>5} {'batch':>5} {'ctx':>5} {'rule':>4} " + " ".join(f"{f'{s} split us (TB/s)':>20}"
+                                                                      for s in (1, 2, 4, 8)) + "  best")
+    for group, batch, ctx in itertools.product((2, 4), (8, 16, 24, 32, 48, 64, 96, 128, 192, 256), (600, 1500)):
+        q, cache, tables, seq_lens, qsl, out, kv_bytes = make_case(batch, ctx, 8, group)
+        rule = decode_num_splits(batch, 8, ctx, 64, _num_sms(0))
+        cells, times = [], {}
+        for splits in (1, 2, 4, 8):
+            fn = functools.partial(decode_attention, q, cache, tables, seq_lens, qsl, 128**-0.5, None, out, splits)
+            fn()
+            times[splits] = triton.testing.do_bench(fn, warmup=10, rep=40) * 1e3
+            cells.append(f"{times[splits]:8.1f} ({kv_bytes / times[splits] / 1e6:4.2f})")
+            results.append({"group": group, "batch": batch, "ctx": ctx, "splits": splits, "rule": rule,
+                            "us": times[splits], "tb_s": kv_bytes / times[splits] / 1e6})
+        best = min(times, key=times.get)
+        print(f"{group:>5} {batch:>5} {ctx:>5} {rule:>4} " + " ".join(f"{c:>20}" for c in cells)
+              + f"  {best} ({times[rule] / times[best]:.2f}x the rule's time)")
+        del q, cache
+    print(f"(copy bandwidth {bw / 1e12:.2f} TB/s)")
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--splits", action="store_true", help="split counts over W2's shapes, the default tile")
     ns = ap.parse_args()
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    if ns.splits:
+        print("JSON " + json.dumps(sweep_splits(bw)))
+        return
     cases = [(256, 1024, 8, 4, 16), (256, 1024, 8, 2, 16), (64, 2048, 8, 4, 16), (16, 2048, 8, 4, 16),
              (1, 256, 8, 4, 16), (1, 256, 8, 2, 16), (256, 1024, 8, 4, 64)]
     block_ns = [32, 64] if ns.quick else [32, 64, 128]

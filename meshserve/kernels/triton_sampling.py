@@ -9,7 +9,8 @@ and an argmax: about six passes over [B, V] fp32) costs ~1.4 ms per step at batc
 A row is split into chunks (chunk_plan) so that a small batch still fills the GPU, and a second small kernel
 takes each row's best chunk. One program per row took 110 us at batch 16 and 193 us at batch 256 on an H200
 (Qwen3-0.6B, 152k ids; tools/profile_kernels.py, 2026-12-02): the noise, not the bytes, was the cost (tl.rand
-runs a Philox round for each number; tl.rand4x keeps all four).
+runs a Philox round for each number, tl.rand4x keeps all four; tl.log2 is libdevice's exact log2f, the GPU path
+takes lg2.approx). Now 4.2 us at 1 row, 9.6 at 16, 75 at 256 (tools/bench_sampling.py; BENCHMARKS.md).
 
 sample_gumbel_ref is the torch reference with the same signature: the same distribution, other noise.
 Ties (equal scores) go to the lowest token id in both.

@@ -15,6 +15,7 @@ import importlib.util
 
 import torch
 
+from meshserve.engine.cuda_graph import replay_ms
 from meshserve.kernels.triton_sampling import sample_gumbel
 
 
@@ -26,15 +27,7 @@ def _time_us(fn, reps: int = 50) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps * 1e3
+    return replay_ms(graph, reps) * 1e3
 
 
 def _median_rank(logits: torch.Tensor, ids: torch.Tensor) -> float:

@@ -34,19 +34,19 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.kernels.pdl_jit import gdc_wait
+from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.triton_attention import (
     _LOG2E,
     DecodeLaunch,
     _dot_precision,
     _is_fp8,
-    _next_pow2,
     _upcast_dot,
-    decode_split_attend,
+    decode_split_finish,
     decode_split_tiles,
+    decode_split_walk,
 )
 from meshserve.kernels.triton_attention_tile import dot_query
-from meshserve.kernels.triton_ops import _norm_rope_heads, _rope_halves, _to_cache
+from meshserve.kernels.triton_ops import _to_cache
 
 
 @triton.jit
@@ -74,6 +74,28 @@ def _norm_rope_group(qkv_ptr, tok, stride_t, heads, row_valid, d, d_mask, w_ptr,
     return o.to(dt)
 
 
+@triton.jit
+def _norm_rope_row(qkv_ptr, tok, stride_t, head, d, mask, w_ptr, eps, c, s,
+                   HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr, dt: tl.constexpr):
+    """_norm_rope_group for one head as a [BLOCK_D] row (the current token's k): the same math per element."""
+    lo = d < HALF
+    partner = tl.where(lo, d + HALF, d - HALF)
+    row = qkv_ptr + tok * stride_t + head * HEAD_DIM
+    x = tl.load(row + d, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(row + partner, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        sq = x * x
+        var = (tl.sum(tl.where(lo, sq, 0.0), 0) + tl.sum(tl.where(lo, 0.0, sq), 0)) / HEAD_DIM
+        inv = 1.0 / tl.sqrt(var + eps)
+        w = tl.load(w_ptr + d, mask=mask, other=0.0).to(tl.float32)
+        wp = tl.load(w_ptr + partner, mask=mask, other=0.0).to(tl.float32)
+        x = (w * (x * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        xp = (wp * (xp * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    rot = tl.where(lo, -xp, xp)
+    o = (x * c).to(dt).to(tl.float32) + (rot * s).to(dt).to(tl.float32)
+    return o.to(dt)
+
+
 @triton.jit(do_not_specialize=["num_splits", "stride_btb"])  # see triton_attention._decode_split_kernel
 def _decode_fused_split_kernel(
     qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr,
@@ -84,8 +106,8 @@ def _decode_fused_split_kernel(
     stride_btb,
     stride_ot, stride_oh, stride_od,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KH: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     HAS_NORM: tl.constexpr, USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, USE_GDC: tl.constexpr = False,
     LAST_REDUCES: tl.constexpr = False,
@@ -102,9 +124,17 @@ def _decode_fused_split_kernel(
     seq_len = tl.load(seq_lens_ptr + b)
     tok = q_start.to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
     dt = qkv_ptr.dtype.element_ty
+    cdt = cache_ptr.dtype.element_ty
 
-    # q: this group's rows, normed and rotated, in the tiles' layout (cos / sin cast to q's dtype first)
+    # the split whose tiles hold the current token (position seq_len - 1; split 0 when seq_len is 0) owns it
+    kv_lo, t0, t1, tile_lo, tile_hi, per_split = decode_split_tiles(seq_len, window, num_splits, split, USE_WINDOW,
+                                                                    BLOCK_N)
+    own = split == tl.maximum(tile_hi - 1 - tile_lo, 0) // tl.maximum(per_split, 1)
+
+    # q: this group's rows, normed and rotated, in the tiles' layout (cos / sin cast to q's dtype first); k / v:
+    # this KV head's row of the current token, loaded by the owner only (its loads in flight beside q's)
     rows = tl.arange(0, ROWS)
     row_valid = rows < GROUP
     heads = kvh * GROUP + rows
@@ -114,38 +144,49 @@ def _decode_fused_split_kernel(
     s = tl.load(sin_ptr + pos * stride_sin + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
     q = _norm_rope_group(qkv_ptr, tok, stride_t, heads, row_valid, d, d_mask, qw_ptr, eps, c, s,
                          HEAD_DIM, HALF, HAS_NORM, dt)
+    own_d = d < tl.where(own, HEAD_DIM, 0)  # (a comparison: the interpreter rejects a mask `&` a scalar)
+    k = _norm_rope_row(qkv_ptr, tok, stride_t, NUM_HEADS + kvh, d, own_d, kw_ptr, eps, c, s, HEAD_DIM, HALF,
+                       HAS_NORM, dt)
+    v = tl.load(qkv_ptr + tok * stride_t + (NUM_HEADS + NUM_KV_HEADS + kvh) * HEAD_DIM + d, mask=own_d, other=0.0)
+    # the cache write of the current token, for the next steps: nothing in this launch reads that slot (the
+    # tiles below stop before it), so no barrier; a slot < 0 (CUDA-graph padding) writes nothing
+    k = _to_cache(k, k_scale, cdt, KV_FP8)
+    v = _to_cache(v, v_scale, cdt, KV_FP8)
+    dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kvh * stride_ch \
+        + d * stride_cd
+    write = d < tl.where(own & (slot >= 0), HEAD_DIM, 0)
+    tl.store(dst, k, mask=write)
+    tl.store(dst + stride_ckv, v, mask=write)
+
+    # the current token's scores from registers, from the values as stored (an fp8 cache: quantized, then
+    # dequantized through the tiles' own conversion and scales)
     q = dot_query(q, UPCAST_DOT, KV_FP8)
+    k = k.to(q.dtype).to(tl.float32)
+    if KV_FP8:
+        s_new = tl.sum(q.to(tl.float32) * k[None, :], 1) * (scale_log2 * k_scale)
+    else:
+        s_new = tl.sum(q.to(tl.float32) * k[None, :], 1) * scale_log2
+    s_new = tl.where(rows < tl.where(own & (seq_len > 0), GROUP, 0), s_new, float("-inf"))
 
-    # the current token's K/V: written by the split whose tiles hold position seq_len - 1 (split 0 when
-    # seq_len is 0), before its tiles are read
-    _, _, _, tile_lo, tile_hi, per_split = decode_split_tiles(seq_len, window, num_splits, split, USE_WINDOW,
-                                                              BLOCK_N)
-    writer = tl.maximum(tile_hi - 1 - tile_lo, 0) // tl.maximum(per_split, 1)
-    slot = tl.load(slot_ptr + tok).to(tl.int64)
-    if (slot >= 0) & (split == writer):  # CUDA-graph padding (slot -1) writes nothing
-        c1, c2, s1, s2 = _rope_halves(cos_ptr, sin_ptr, pos, stride_cos, stride_sin, HALF, BLOCK_HALF, dt)
-        k1, k2, kh, kj, kmask = _norm_rope_heads(qkv_ptr, tok, stride_t, NUM_HEADS, kw_ptr, eps, c1, c2, s1, s2,
-                                                 NUM_KV_HEADS, HALF, BLOCK_KH, BLOCK_HALF, HAS_NORM, dt)
-        kmask = kmask & (kh[:, None] == kvh)  # this program's KV head only
-        cdt = cache_ptr.dtype.element_ty
-        dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs \
-            + kh[:, None] * stride_ch + kj[None, :] * stride_cd
-        tl.store(dst, _to_cache(k1, k_scale, cdt, KV_FP8), mask=kmask)
-        tl.store(dst + HALF * stride_cd, _to_cache(k2, k_scale, cdt, KV_FP8), mask=kmask)
-        v_src = qkv_ptr + tok * stride_t + (NUM_HEADS + NUM_KV_HEADS + kh[:, None]) * HEAD_DIM + kj[None, :]
-        v1 = tl.load(v_src, mask=kmask)
-        v2 = tl.load(v_src + HALF, mask=kmask)
-        tl.store(dst + stride_ckv, _to_cache(v1, v_scale, cdt, KV_FP8), mask=kmask)
-        tl.store(dst + stride_ckv + HALF * stride_cd, _to_cache(v2, v_scale, cdt, KV_FP8), mask=kmask)
-    tl.debug_barrier()  # the CTA's K/V stores ordered before its tile loads read them back
+    # the split's tiles before the current token, then the token folded into the online softmax
+    t1 = tl.minimum(t1, tl.cdiv(seq_len - 1, BLOCK_N))
+    acc, m_i, l_i = decode_split_walk(q, b, kvh, t0, t1, kv_lo, seq_len - 1, d, d_mask, cache_ptr, bt_ptr,
+                                      scale_log2, window, k_scale, v_scale, stride_ckv, stride_cb, stride_cs,
+                                      stride_ch, stride_cd, stride_btb, ROWS, BLOCK_D, BLOCK_SIZE, BLOCK_N,
+                                      USE_WINDOW, DOT_PRECISION, KV_FP8)
+    m_new = tl.maximum(m_i, s_new)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s_new - m_new)  # 0 where s_new is -inf: other splits, padding rows, seq_len 0
+    l_i = l_i * alpha + p
+    pv = p.to(q.dtype).to(tl.float32)[:, None] * v.to(q.dtype).to(tl.float32)[None, :]
+    if KV_FP8:  # V / v_scale in the cache, as the tiles scale their P.V product
+        pv = pv * v_scale
+    acc = acc * alpha[:, None] + pv
+    gdc_trigger_late(USE_GDC)
 
-    decode_split_attend(
-        q, b, kvh, split, tok, seq_len, heads, row_valid, d, d_mask, cache_ptr, bt_ptr, out_ptr, ws_acc_ptr,
-        ws_ml_ptr, ticket_ptr, scale_log2, window, num_splits, k_scale, v_scale,
-        stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb, stride_ot, stride_oh, stride_od,
-        NUM_HEADS, ROWS, BLOCK_D, BLOCK_SIZE, BLOCK_N, USE_WINDOW, DIRECT_OUT, DOT_PRECISION, KV_FP8, USE_GDC,
-        LAST_REDUCES,
-    )
+    decode_split_finish(acc, m_new, l_i, b, kvh, split, tok, heads, row_valid, d, d_mask, out_ptr, ws_acc_ptr,
+                        ws_ml_ptr, ticket_ptr, num_splits, stride_ot, stride_oh, stride_od, NUM_HEADS, ROWS, BLOCK_D,
+                        DIRECT_OUT, LAST_REDUCES)
 
 
 def decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
@@ -183,8 +224,7 @@ def decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos_cache
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=plan.group, ROWS=plan.rows,
-        HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_D=plan.block_d, BLOCK_KH=_next_pow2(num_kv_heads),
-        BLOCK_HALF=_next_pow2(head_dim // 2), BLOCK_SIZE=block_size, BLOCK_N=plan.block_n,
+        HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_D=plan.block_d, BLOCK_SIZE=block_size, BLOCK_N=plan.block_n,
         HAS_NORM=has_norm, USE_WINDOW=plan.use_window, DIRECT_OUT=plan.direct, UPCAST_DOT=_upcast_dot(qkv),
         DOT_PRECISION=_dot_precision(qkv), KV_FP8=_is_fp8(kv_cache), LAST_REDUCES=plan.inline,
         num_warps=num_warps, **plan.gdc,

@@ -75,22 +75,18 @@ def _norm_rope_group(qkv_ptr, tok, stride_t, heads, row_valid, d, d_mask, w_ptr,
 
 
 @triton.jit
-def _norm_rope_row(qkv_ptr, tok, stride_t, head, d, mask, w_ptr, eps, c, s,
-                   HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr, dt: tl.constexpr):
-    """_norm_rope_group for one head as a [BLOCK_D] row (the current token's k): the same math per element."""
-    lo = d < HALF
-    partner = tl.where(lo, d + HALF, d - HALF)
-    row = qkv_ptr + tok * stride_t + head * HEAD_DIM
-    x = tl.load(row + d, mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(row + partner, mask=mask, other=0.0).to(tl.float32)
+def _norm_rope_row(x, xp, w, wp, lo, eps, c, s, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr, dt: tl.constexpr):
+    """_norm_rope_group's math for one head as a [BLOCK_D] row (the current token's k), from its loaded values:
+    x (the head), xp (its rotate-half partners at d -+ HALF), the norm weights w / wp at d and at the partners,
+    lo = d < HALF, the cos / sin rows c / s."""
+    x = x.to(tl.float32)
+    xp = xp.to(tl.float32)
     if HAS_NORM:
         sq = x * x
         var = (tl.sum(tl.where(lo, sq, 0.0), 0) + tl.sum(tl.where(lo, 0.0, sq), 0)) / HEAD_DIM
         inv = 1.0 / tl.sqrt(var + eps)
-        w = tl.load(w_ptr + d, mask=mask, other=0.0).to(tl.float32)
-        wp = tl.load(w_ptr + partner, mask=mask, other=0.0).to(tl.float32)
-        x = (w * (x * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        xp = (wp * (xp * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        x = (w.to(tl.float32) * (x * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        xp = (wp.to(tl.float32) * (xp * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
     rot = tl.where(lo, -xp, xp)
     o = (x * c).to(dt).to(tl.float32) + (rot * s).to(dt).to(tl.float32)
     return o.to(dt)
@@ -133,39 +129,49 @@ def _decode_fused_split_kernel(
                                                                     BLOCK_N)
     own = split == tl.maximum(tile_hi - 1 - tile_lo, 0) // tl.maximum(per_split, 1)
 
-    # q: this group's rows, normed and rotated, in the tiles' layout (cos / sin cast to q's dtype first); k / v:
-    # this KV head's row of the current token, loaded by the owner only (its loads in flight beside q's)
     rows = tl.arange(0, ROWS)
     row_valid = rows < GROUP
     heads = kvh * GROUP + rows
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
+    # the current token's k / v row of this KV head, loaded by its owner only (the others' masked off): issued
+    # with q's loads
+    own_d = d < tl.where(own, HEAD_DIM, 0)  # (a comparison: the interpreter rejects a mask `&` a scalar)
+    lo = d < HALF
+    partner = tl.where(lo, d + HALF, d - HALF)
+    k_row = qkv_ptr + tok * stride_t + (NUM_HEADS + kvh) * HEAD_DIM
+    kx = tl.load(k_row + d, mask=own_d, other=0.0)
+    kxp = tl.load(k_row + partner, mask=own_d, other=0.0)
+    kw = kx
+    kwp = kxp
+    if HAS_NORM:
+        kw = tl.load(kw_ptr + d, mask=own_d, other=0.0)
+        kwp = tl.load(kw_ptr + partner, mask=own_d, other=0.0)
+    v = tl.load(k_row + NUM_KV_HEADS * HEAD_DIM + d, mask=own_d, other=0.0)
+    # q: this group's rows, normed and rotated, in the tiles' layout (cos / sin cast to q's dtype first)
     c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
     s = tl.load(sin_ptr + pos * stride_sin + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
     q = _norm_rope_group(qkv_ptr, tok, stride_t, heads, row_valid, d, d_mask, qw_ptr, eps, c, s,
                          HEAD_DIM, HALF, HAS_NORM, dt)
-    own_d = d < tl.where(own, HEAD_DIM, 0)  # (a comparison: the interpreter rejects a mask `&` a scalar)
-    k = _norm_rope_row(qkv_ptr, tok, stride_t, NUM_HEADS + kvh, d, own_d, kw_ptr, eps, c, s, HEAD_DIM, HALF,
-                       HAS_NORM, dt)
-    v = tl.load(qkv_ptr + tok * stride_t + (NUM_HEADS + NUM_KV_HEADS + kvh) * HEAD_DIM + d, mask=own_d, other=0.0)
-    # the cache write of the current token, for the next steps: nothing in this launch reads that slot (the
-    # tiles below stop before it), so no barrier; a slot < 0 (CUDA-graph padding) writes nothing
-    k = _to_cache(k, k_scale, cdt, KV_FP8)
+    q = dot_query(q, UPCAST_DOT, KV_FP8)
+
+    # the current token (its owner only): this KV head's k normed and rotated as the prologue kernel does, k / v
+    # written to the cache for the next steps (a slot < 0, CUDA-graph padding, writes nothing; nothing in this
+    # launch reads that slot, so no barrier) and used as stored (an fp8 cache: quantized, then through the
+    # tiles' own conversion and scales). Its score now, while q is in a plain layout: across the tiles only a
+    # [ROWS] vector and v stay live, not q or k (three CTAs per SM need <= 168 registers)
     v = _to_cache(v, v_scale, cdt, KV_FP8)
+    k = _to_cache(_norm_rope_row(kx, kxp, kw, kwp, lo, eps, c, s, HEAD_DIM, HAS_NORM, dt), k_scale, cdt, KV_FP8)
+    write = d < tl.where(own & (slot >= 0), HEAD_DIM, 0)
     dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kvh * stride_ch \
         + d * stride_cd
-    write = d < tl.where(own & (slot >= 0), HEAD_DIM, 0)
     tl.store(dst, k, mask=write)
     tl.store(dst + stride_ckv, v, mask=write)
-
-    # the current token's scores from registers, from the values as stored (an fp8 cache: quantized, then
-    # dequantized through the tiles' own conversion and scales)
-    q = dot_query(q, UPCAST_DOT, KV_FP8)
-    k = k.to(q.dtype).to(tl.float32)
+    s_new = tl.sum(q.to(tl.float32) * k.to(q.dtype).to(tl.float32)[None, :], 1)
     if KV_FP8:
-        s_new = tl.sum(q.to(tl.float32) * k[None, :], 1) * (scale_log2 * k_scale)
+        s_new = s_new * (scale_log2 * k_scale)
     else:
-        s_new = tl.sum(q.to(tl.float32) * k[None, :], 1) * scale_log2
+        s_new = s_new * scale_log2
     s_new = tl.where(rows < tl.where(own & (seq_len > 0), GROUP, 0), s_new, float("-inf"))
 
     # the split's tiles before the current token, then the token folded into the online softmax

@@ -70,8 +70,8 @@ TILE = {
 }  # unit strides: specialised to 1 at a real launch
 FUSED_ONLY = {"HALF": 64}
 MODELS = {
-    "qwen": {"NUM_HEADS": 16, "NUM_KV_HEADS": 8, "GROUP": 2, "ROWS": 16, "HAS_NORM": True},
-    "llama": {"NUM_HEADS": 32, "NUM_KV_HEADS": 8, "GROUP": 4, "ROWS": 16, "HAS_NORM": False},
+    "qwen": {"NUM_HEADS": 16, "NUM_KV_HEADS": 8, "GROUP": 2, "GROUP_PAD": 2, "ROWS": 16, "HAS_NORM": True},
+    "llama": {"NUM_HEADS": 32, "NUM_KV_HEADS": 8, "GROUP": 4, "GROUP_PAD": 4, "ROWS": 16, "HAS_NORM": False},
 }
 
 

@@ -40,6 +40,7 @@ from meshserve.kernels.triton_attention import (
     DecodeLaunch,
     _dot_precision,
     _is_fp8,
+    _next_pow2,
     _upcast_dot,
     decode_split_finish,
     decode_split_tiles,
@@ -101,8 +102,8 @@ def _decode_fused_split_kernel(
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
     stride_btb,
     stride_ot, stride_oh, stride_od,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_NORM: tl.constexpr, USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, USE_GDC: tl.constexpr = False,
@@ -132,6 +133,7 @@ def _decode_fused_split_kernel(
     rows = tl.arange(0, ROWS)
     row_valid = rows < GROUP
     heads = kvh * GROUP + rows
+    grp = tl.arange(0, GROUP_PAD)  # q's rows while it is built: the group alone, not the dot's ROWS
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
     # the current token's k / v row of this KV head, loaded by its owner only (the others' masked off): issued
@@ -151,9 +153,9 @@ def _decode_fused_split_kernel(
     # q: this group's rows, normed and rotated, in the tiles' layout (cos / sin cast to q's dtype first)
     c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
     s = tl.load(sin_ptr + pos * stride_sin + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
-    q = _norm_rope_group(qkv_ptr, tok, stride_t, heads, row_valid, d, d_mask, qw_ptr, eps, c, s,
+    q = _norm_rope_group(qkv_ptr, tok, stride_t, kvh * GROUP + grp, grp < GROUP, d, d_mask, qw_ptr, eps, c, s,
                          HEAD_DIM, HALF, HAS_NORM, dt)
-    q = dot_query(q, UPCAST_DOT, KV_FP8)
+    q = dot_query(q, UPCAST_DOT, KV_FP8)  # [GROUP_PAD, BLOCK_D]
 
     # the current token (its owner only): this KV head's k normed and rotated as the prologue kernel does, k / v
     # written to the cache for the next steps (a slot < 0, CUDA-graph padding, writes nothing; nothing in this
@@ -172,6 +174,10 @@ def _decode_fused_split_kernel(
         s_new = s_new * (scale_log2 * k_scale)
     else:
         s_new = s_new * scale_log2
+    # q and its scores to the dot's ROWS (the group's rows repeated, then the copies zeroed / masked)
+    q = tl.reshape(tl.broadcast_to(q[None, :, :], (ROWS // GROUP_PAD, GROUP_PAD, BLOCK_D)), (ROWS, BLOCK_D))
+    q = tl.where(row_valid[:, None], q, 0.0).to(q.dtype)
+    s_new = tl.reshape(tl.broadcast_to(s_new[None, :], (ROWS // GROUP_PAD, GROUP_PAD)), (ROWS,))
     s_new = tl.where(rows < tl.where(own & (seq_len > 0), GROUP, 0), s_new, float("-inf"))
 
     # the split's tiles before the current token, then the token folded into the online softmax
@@ -229,7 +235,8 @@ def decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos_cache
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=plan.group, ROWS=plan.rows,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=plan.group, GROUP_PAD=_next_pow2(plan.group),
+        ROWS=plan.rows,
         HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_D=plan.block_d, BLOCK_SIZE=block_size, BLOCK_N=plan.block_n,
         HAS_NORM=has_norm, USE_WINDOW=plan.use_window, DIRECT_OUT=plan.direct, UPCAST_DOT=_upcast_dot(qkv),
         DOT_PRECISION=_dot_precision(qkv), KV_FP8=_is_fp8(kv_cache), LAST_REDUCES=plan.inline,

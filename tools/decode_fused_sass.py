@@ -68,7 +68,7 @@ TILE = {
     "stride_od": 1,
     "stride_qd": 1,
 }  # unit strides: specialised to 1 at a real launch
-FUSED_ONLY = {"HALF": 64}
+FUSED_ONLY = {"HALF": 64, "PREFETCH_TILES": 2, "PREFETCH_LINE": 64}
 MODELS = {
     "qwen": {"NUM_HEADS": 16, "NUM_KV_HEADS": 8, "GROUP": 2, "GROUP_PAD": 2, "ROWS": 16, "HAS_NORM": True},
     "llama": {"NUM_HEADS": 32, "NUM_KV_HEADS": 8, "GROUP": 4, "GROUP_PAD": 4, "ROWS": 16, "HAS_NORM": False},

@@ -30,12 +30,15 @@ path), which tests/kernels/test_triton_decode_fused.py compares it with, outputs
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.triton_attention import (
+    _INTERPRET,
     _LOG2E,
     DecodeLaunch,
     _dot_precision,
@@ -48,6 +51,11 @@ from meshserve.kernels.triton_attention import (
 )
 from meshserve.kernels.triton_attention_tile import dot_query
 from meshserve.kernels.triton_ops import _to_cache
+
+# tiles of each program's range prefetched into L2 before its q prologue (the loop's software pipeline keeps two
+# in flight, num_stages 3); MESHSERVE_DECODE_FUSED_PREFETCH=0 turns it off for A/Bs (tools/w1_ab_device.sh). No
+# inline PTX in the interpreter.
+PREFETCH_TILES = int(os.environ.get("MESHSERVE_DECODE_FUSED_PREFETCH", "2"))
 
 
 @triton.jit
@@ -93,6 +101,31 @@ def _norm_rope_row(x, xp, w, wp, lo, eps, c, s, HEAD_DIM: tl.constexpr, HAS_NORM
     return o.to(dt)
 
 
+@triton.jit
+def _prefetch_first_tiles(cache_ptr, bt_row, kvh, t0, t1, kv_lo, kv_end, stride_ckv, stride_cb, stride_cs, stride_ch,
+                          stride_cd, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                          TILES: tl.constexpr, LINE: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """prefetch.global.L2 of the K and V rows (every 128-byte line: LINE elements) of tiles t0 .. t0 + TILES - 1
+    (those before t1): issued before q's prologue, so that the tiles' loads, which wait for q, find them in L2
+    rather than in HBM."""
+    n = tl.arange(0, BLOCK_N)
+    NUM_LINES: tl.constexpr = (HEAD_DIM + LINE - 1) // LINE
+    lines = tl.arange(0, NUM_LINES) * LINE
+    for i in tl.static_range(TILES):
+        kv_pos = (t0 + i) * BLOCK_N + n
+        valid = (kv_pos < kv_end) & (t0 + i < t1)
+        if USE_WINDOW:
+            valid = valid & (kv_pos >= kv_lo)
+        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        k = cache_ptr + kvh * stride_ch + (blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs)[:, None] \
+            + lines[None, :] * stride_cd
+        on = tl.broadcast_to(valid[:, None], k.shape).to(tl.int32)
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p prefetch.global.L2 [$1]; @p prefetch.global.L2 [$2]; "
+            "mov.u32 $0, 0; }",
+            "=r,l,l,r", [k, k + stride_ckv, on], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit(do_not_specialize=["num_splits", "stride_btb"])  # see triton_attention._decode_split_kernel
 def _decode_fused_split_kernel(
     qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr,
@@ -107,7 +140,7 @@ def _decode_fused_split_kernel(
     BLOCK_N: tl.constexpr,
     HAS_NORM: tl.constexpr, USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, USE_GDC: tl.constexpr = False,
-    LAST_REDUCES: tl.constexpr = False,
+    LAST_REDUCES: tl.constexpr = False, PREFETCH_TILES: tl.constexpr = 0, PREFETCH_LINE: tl.constexpr = 64,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -150,6 +183,11 @@ def _decode_fused_split_kernel(
         kw = tl.load(kw_ptr + d, mask=own_d, other=0.0)
         kwp = tl.load(kw_ptr + partner, mask=own_d, other=0.0)
     v = tl.load(k_row + NUM_KV_HEADS * HEAD_DIM + d, mask=own_d, other=0.0)
+    t1 = tl.minimum(t1, tl.cdiv(seq_len - 1, BLOCK_N))  # the last tile only if it holds more than the token
+    if PREFETCH_TILES > 0:
+        _prefetch_first_tiles(cache_ptr, bt_ptr + b.to(tl.int64) * stride_btb, kvh, t0, t1, kv_lo, seq_len - 1,
+                              stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                              PREFETCH_TILES, PREFETCH_LINE, USE_WINDOW)
     # q: this group's rows, normed and rotated, in the tiles' layout (cos / sin cast to q's dtype first)
     c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
     s = tl.load(sin_ptr + pos * stride_sin + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
@@ -181,7 +219,6 @@ def _decode_fused_split_kernel(
     s_new = tl.where(rows < tl.where(own & (seq_len > 0), GROUP, 0), s_new, float("-inf"))
 
     # the split's tiles before the current token, then the token folded into the online softmax
-    t1 = tl.minimum(t1, tl.cdiv(seq_len - 1, BLOCK_N))
     acc, m_i, l_i = decode_split_walk(q, b, kvh, t0, t1, kv_lo, seq_len - 1, d, d_mask, cache_ptr, bt_ptr,
                                       scale_log2, window, k_scale, v_scale, stride_ckv, stride_cb, stride_cs,
                                       stride_ch, stride_cd, stride_btb, ROWS, BLOCK_D, BLOCK_SIZE, BLOCK_N,
@@ -240,6 +277,7 @@ def decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos_cache
         HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_D=plan.block_d, BLOCK_SIZE=block_size, BLOCK_N=plan.block_n,
         HAS_NORM=has_norm, USE_WINDOW=plan.use_window, DIRECT_OUT=plan.direct, UPCAST_DOT=_upcast_dot(qkv),
         DOT_PRECISION=_dot_precision(qkv), KV_FP8=_is_fp8(kv_cache), LAST_REDUCES=plan.inline,
+        PREFETCH_TILES=0 if _INTERPRET else PREFETCH_TILES, PREFETCH_LINE=128 // kv_cache.element_size(),
         num_warps=num_warps, **plan.gdc,
     )
     plan.reduce(query_start_loc, out)

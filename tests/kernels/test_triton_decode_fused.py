@@ -181,13 +181,13 @@ sig = dict(qkv_ptr="*bf16", pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", qw
 tile = dict(HEAD_DIM=128, HALF=64, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128, UPCAST_DOT=False, DOT_PRECISION="tf32")
 # Qwen3-0.6B at W1: q/k norms, one split writing the output, PDL's late trigger
 qwen = dict(tile, NUM_HEADS=16, NUM_KV_HEADS=8, GROUP=2, GROUP_PAD=2, ROWS=16, HAS_NORM=True, USE_WINDOW=False,
-            DIRECT_OUT=True, KV_FP8=False, USE_GDC=2, LAST_REDUCES=False)
+            DIRECT_OUT=True, KV_FP8=False, USE_GDC=2, LAST_REDUCES=False, PREFETCH_TILES=2, PREFETCH_LINE=64)
 ptx = compile_sm90(_decode_fused_split_kernel, sig, qwen, 4, 3).asm["ptx"]
-assert "mma" in ptx and "griddepcontrol.wait" in ptx
+assert "mma" in ptx and "griddepcontrol.wait" in ptx and "prefetch.global.L2" in ptx
 # Llama-3.1-8B over an fp8 cache: no norms, splits reduced inline, a window
 sig.update(cache_ptr="*fp8e4nv")
 llama = dict(tile, NUM_HEADS=32, NUM_KV_HEADS=8, GROUP=4, GROUP_PAD=4, ROWS=16, HAS_NORM=False, USE_WINDOW=True,
-             DIRECT_OUT=False, KV_FP8=True, USE_GDC=0, LAST_REDUCES=True)
+             DIRECT_OUT=False, KV_FP8=True, USE_GDC=0, LAST_REDUCES=True, PREFETCH_TILES=2, PREFETCH_LINE=128)
 ptx = compile_sm90(_decode_fused_split_kernel, sig, llama, 4, 3).asm["ptx"]
 # the K/V write saturates to e4m3 as the prologue does; the tiles read e4m3 pairs straight into fp16
 assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "cvt.rn.f16x2.e4m3x2" in ptx and "atom" in ptx

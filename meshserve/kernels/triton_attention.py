@@ -35,9 +35,11 @@ Kernels
   reduce") there is no reduce launch either: each split takes a ticket on its (sequence, KV head) after writing
   its partial (a barrier, then an acq_rel atomic, as kernels/triton_moe_route_align.py), and the split that
   draws the last one combines the partials of its GQA group and leaves the ticket at zero for the next launch.
-  The split kernel's body after its q load is ``decode_split_attend``, which triton_decode_fused.py's kernel
-  shares: there each program builds q from the QKV projection and the split holding the current token writes
-  its K/V first (``TritonAttentionBackend.attend_qkv``, MESHSERVE_DECODE_FUSED_PROLOGUE=1, opt-in).
+  The split kernel's body after its q load is ``decode_split_attend`` (``decode_split_walk``, the tiles, then
+  ``decode_split_finish``, the output or partial), whose two parts triton_decode_fused.py's kernel shares: there
+  each program builds q from the QKV projection, and the split holding the current token writes its K/V and
+  folds it into the softmax from registers between the two (``TritonAttentionBackend.attend_qkv``,
+  MESHSERVE_DECODE_FUSED_PROLOGUE).
 
 CUDA graphs
 -----------

@@ -5,19 +5,20 @@ and k per head when the model has q_norm / k_norm, rotate both, write K/V to the
 triton_attention.decode_attention. ``_decode_fused_split_kernel`` does both in the decode split kernel's grid
 (num_seqs, num_kv_heads, num_splits):
 
-* every program builds its GQA group's q rows straight from qkv: the same per-element math and roundings as
-  triton_ops._norm_rope_heads, with the variance summed over the two halves as there;
-* the program of the split that holds the sequence's last position (seq_len - 1, the current token) writes
-  its KV head's K/V of the current token to slot_mapping[token] with the prologue kernel's own code
-  (_norm_rope_heads over all KV heads, the store masked to its head: the prologue's tile, so the same bytes
-  wherever the compiled kernels sum a head's variance in the same order, which the GPU tests check), so each
-  (sequence, KV head) is written exactly once;
-* a CTA barrier (bar.sync orders the CTA's global stores before its later loads), then the split's KV tiles
-  as triton_attention.decode_split_attend walks them: the current token is read back from the cache, so the
-  softmax sees the value as stored (an fp8 cache: quantized, then dequantized) in the same tile as the
-  two-step path. Only the writer's own CTA reads that slot's head in this launch, given what the engine's
-  decode steps build (engine/step_inputs.py): a row's slot is the cache slot of its position seq_len - 1, in
-  its own last block. A slot another program reads (another sequence's or another split's) would be raced.
+* every program builds its GQA group's q rows straight from qkv (over the group's rows, GROUP_PAD, then
+  repeated to the dot's 16): the same per-element math and roundings as triton_ops._norm_rope_heads, with the
+  variance summed over the two halves as there;
+* the program of the split that holds the sequence's last position (seq_len - 1, the current token; split 0
+  when seq_len is 0) owns the token: it builds only its own KV head's k (norm + rotary, the same math) and v,
+  rounds them as the cache stores them (_to_cache: bf16, or fp8 with k_scale / v_scale) and writes them to
+  slot_mapping[token] for the next steps, so each (sequence, KV head) is written exactly once. It never reads
+  them back: the split's KV tiles (triton_attention.decode_split_walk) stop before position seq_len - 1, and the
+  token's score q . k and value v are folded into the online softmax from registers after the tiles (scaled
+  and rounded as a tile's dot sees the stored bytes). No program of the launch reads the slot being written
+  (a row's slot is its position seq_len - 1, engine/step_inputs.py), so no barrier orders anything, and the
+  tiles start right after q's prologue: the k/v loads are issued with q's, and each program's first tiles
+  are prefetched into L2 (PREFETCH_TILES) before that prologue. The output equals the two-step path's up to
+  the summation order (the token is summed last, not inside its tile); the cache bytes are the prologue's.
 
 Padding rows (q_len != 1) exit at once as in the split kernel; a slot < 0 writes nothing; seq_len 0 (CUDA-graph
 padding) attends to nothing (zeros), and a slot >= 0 there is still written, by split 0. No host decision
@@ -25,7 +26,8 @@ from device values; the splits, the reduce (kernel or inline) and PDL are the sp
 
 Selected by MESHSERVE_DECODE_FUSED_PROLOGUE=1 (layers/backend_selection.py), used by Attention.forward_qkv in
 decode-only steps through TritonAttentionBackend.attend_qkv. Reference: write_qkv then attend (the two-step
-path), which tests/kernels/test_triton_decode_fused.py compares it with, outputs and cache bytes.
+path), which tests/kernels/test_triton_decode_fused.py compares it with: cache bytes exact, outputs to a
+summation-order tolerance. tools/decode_fused_sass.py: its sm_90 registers and SASS beside the plain kernel's.
 """
 
 from __future__ import annotations

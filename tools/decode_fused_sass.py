@@ -1,11 +1,12 @@
 """Static sm_90 numbers of the fused decode launch (kernels/triton_decode_fused.py) beside the plain decode split
 kernel, without a GPU: each compiled with Triton's bundled ptxas (as tools/int4_gemv_sass.py), then registers /
-stack (cuobjdump -res-usage), shared memory, and from the SASS (nvdisasm) the instructions before the KV loop
-(the prologue a program runs before its first tile), the KV loop's opcode counts, and the total.
+stack (cuobjdump -res-usage), shared memory, and from the SASS (nvdisasm) the instructions before the first KV
+tile's load (first_tile: what a program runs before its KV stream starts) and before the KV loop (pre_loop, the
+software pipeline's prologue included), the KV loop's opcode counts, and the total.
 
 usage: python tools/decode_fused_sass.py [--dump DIR]
-Configs: Qwen3-0.6B (16 / 8 heads, q/k norms) and Llama-3.1-8B (32 / 8 heads), head_dim 128, bf16 cache,
-block 16, one split (the direct output: W1's and W2's common launch) and 4 splits (workspace).
+Configs: Qwen3-0.6B (16 / 8 heads, q/k norms) and Llama-3.1-8B (32 / 8 heads; bf16 and fp8 cache), head_dim
+128, block 16, one split (the direct output: W1's and W2's common launch) and splits (workspace).
 """
 
 from __future__ import annotations
@@ -72,15 +73,20 @@ FUSED_ONLY = {"HALF": 64, "PREFETCH_TILES": 2, "PREFETCH_LINE": 64}
 MODELS = {
     "qwen": {"NUM_HEADS": 16, "NUM_KV_HEADS": 8, "GROUP": 2, "GROUP_PAD": 2, "ROWS": 16, "HAS_NORM": True},
     "llama": {"NUM_HEADS": 32, "NUM_KV_HEADS": 8, "GROUP": 4, "GROUP_PAD": 4, "ROWS": 16, "HAS_NORM": False},
+    # Llama-3.1-8B over an fp8 cache (the fp8 tile conversion; 128-byte K rows: one line each)
+    "llama-fp8": {"NUM_HEADS": 32, "NUM_KV_HEADS": 8, "GROUP": 4, "GROUP_PAD": 4, "ROWS": 16, "HAS_NORM": False,
+                  "KV_FP8": True, "PREFETCH_LINE": 128},
 }
 
 
 def compile_sm90(kernel, const: dict):
     names = list(kernel.arg_names)
+    fp8 = const.get("KV_FP8", False)
     const = {k: v for k, v in const.items() if k in names}
     sig = {
         **{n: "i32" for n in names},
         **{k: v for k, v in SIG.items() if k in names},
+        **({"cache_ptr": "*fp8e4nv"} if fp8 else {}),
         **{n: "constexpr" for n in const},
     }
     attrs = {
@@ -107,6 +113,8 @@ def stats(compiled) -> dict:
     loops = backward_loops(sass)
     loop = max(loops, key=len, default=[])
     pre = lines.index(loop[0]) if loop else len(lines)
+    # the first tile load (cp.async) a program issues: the instructions it runs before its KV stream starts
+    first_tile = next((i for i, x in enumerate(lines) if "LDGSTS" in x), len(lines))
     ops = opcodes(loop)
     return {
         "regs": int(regs),
@@ -114,6 +122,7 @@ def stats(compiled) -> dict:
         "smem": compiled.metadata.shared,
         "total": len(lines),
         "pre_loop": pre,
+        "first_tile": first_tile,
         "loop": len(loop),
         "loop_ops": dict(ops.most_common(12)),
         "bar": sum("BAR" in x for x in lines),
@@ -134,8 +143,9 @@ def main():
                 s = stats(compile_sm90(kernel, {**TILE, **heads, **extra, "DIRECT_OUT": direct}))
                 tag = f"{model}-{'1split' if direct else 'splits'}-{name}"
                 print(
-                    f"{tag:24s} regs {s['regs']} stack {s['stack']} smem {s['smem']} total {s['total']} "
-                    f"pre_loop {s['pre_loop']} loop {s['loop']} BAR {s['bar']} loop_ops {s['loop_ops']}"
+                    f"{tag:26s} regs {s['regs']} stack {s['stack']} smem {s['smem']} total {s['total']} "
+                    f"first_tile {s['first_tile']} pre_loop {s['pre_loop']} loop {s['loop']} BAR {s['bar']} "
+                    f"loop_ops {s['loop_ops']}"
                 )
                 if args.dump:
                     os.makedirs(args.dump, exist_ok=True)

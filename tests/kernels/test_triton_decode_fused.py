@@ -35,6 +35,7 @@ FUSED_CASES = [
     ([129, 257, 2], 4, 2, 16, 16, None),  # the current token alone in its tile (the last tile is not walked)
     ([129, 300, 1], 4, 2, 16, 16, 1),  # a window of 1: the current token alone, from registers
     ([260, 257, 130], 4, 2, 16, 16, 129),  # a window starting in an earlier split than the current token's
+    ([9, 130], 2, 2, 16, 16, None),  # no GQA: q built over one row
 ]
 
 

@@ -213,8 +213,10 @@ def test_fused_kernel_compiles_for_sm90_without_gpu():
 def test_fused_matches_two_step_gpu(heads, qk_norm, dtype, fp8, splits, inline, window):
     """Contexts 1 to 5,000 and a padding row at head_dim 128: the outputs to the decode tests' GPU tolerance, V
     bytes identical, K bytes identical without q/k norms (rope alone: elementwise) and with them all but the
-    rare last-bit difference of the per-head variance's summation order (at most one step of the cache's
-    format)."""
+    rare last-bit difference of the per-head variance's summation order (the fused launch sums a [BLOCK_D] row,
+    the prologue kernel a [heads, half] tile: within two steps of the cache's format at the head's largest
+    magnitude; the first GPU run, 2026-12-03, had differences up to 0.0068, and up to 60% of a value the
+    rotation had cancelled down to near zero)."""
     from meshserve.kernels.triton_attention import _ticket_workspace
 
     spec = ([1, 0, 300, 1000, 37, 5000], *heads, 128, 16, window)
@@ -229,7 +231,11 @@ def test_fused_matches_two_step_gpu(heads, qk_norm, dtype, fp8, splits, inline, 
         assert same_k.all()
     else:
         assert same_k.float().mean() > 0.999, f"{int((~same_k).sum())} K bytes differ"
+        # a last-bit difference in the normed x or its partner is a step at x's magnitude, which the rotation
+        # (x cos + partner sin, each rounded) may cancel down to a small output: bound it by the head's largest
         step = 2**-3 if fp8 else 2**-7 if dtype == torch.bfloat16 else 2**-22
-        torch.testing.assert_close(fused[0].float(), two_step[0].float(), atol=1e-6, rtol=step)
+        k, k_ref = fused[0].float(), two_step[0].float()
+        bound = 2 * step * k_ref.abs().amax(dim=-1, keepdim=True)
+        assert ((k - k_ref).abs() <= bound).all(), float(((k - k_ref).abs() / bound.clamp_min(1e-30)).max())
     assert not torch.equal(_bytes(fused), _bytes(before))
     assert not _ticket_workspace(out.device).any()

@@ -1,6 +1,6 @@
 """Sweep the Triton decode-attention kernel's tile and launch settings on the GPU; report effective bandwidth.
 
-usage: python tools/sweep_decode_attention.py [--quick | --splits]
+usage: python tools/sweep_decode_attention.py [--quick | --splits] [--kv-dtype fp8]
 
 Shapes are the ones that matter for W1/W2 (Llama-3.1-8B: 8 KV heads, group 4; Qwen3-0.6B: group 2; head_dim
 128). Bandwidth = K and V bytes read / kernel time; compare with the measured copy bandwidth printed first.
@@ -8,6 +8,9 @@ Shapes are the ones that matter for W1/W2 (Llama-3.1-8B: 8 KV heads, group 4; Qw
 --splits: the default tile at 1, 2, 4 and 8 KV splits over W2's batches and contexts (Qwen3-0.6B's group 2 and
 the 8B's 4), beside the split count decode_num_splits picks: the data for its rule (at batch 16 and context
 ~1,500 its one split read KV at 3.0 TB/s, 70% of copy, in a W2 step on an H200, 2026-12-02).
+
+--kv-dtype fp8: the cache in e4m3 (scales 1.0), bandwidth over its bytes (half of bf16's): W2 Qwen3-0.6B with
+an fp8 cache ran 6.28 s against ~5.8-6.0 s in bf16 (BENCHMARKS.md), as if the halved KV bytes bought nothing.
 """
 
 import argparse
@@ -21,10 +24,12 @@ import triton.testing
 from meshserve.kernels.triton_attention import _num_sms, decode_attention, decode_num_splits
 
 
-def make_case(batch, ctx, kv_heads, group, head_dim=128, block_size=16, dtype=torch.bfloat16):
+def make_case(batch, ctx, kv_heads, group, head_dim=128, block_size=16, dtype=torch.bfloat16, kv_dtype=None):
     blocks_per_seq = -(-ctx // block_size)
     num_blocks = batch * blocks_per_seq + 1
     cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device="cuda")
+    if kv_dtype is not None:
+        cache = cache.to(kv_dtype)
     perm = torch.randperm(num_blocks - 1, device="cuda") + 1  # scattered blocks, like a busy pool
     tables = perm[: batch * blocks_per_seq].view(batch, blocks_per_seq).to(torch.int64)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int64, device="cuda")
@@ -42,13 +47,13 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / (ms * 1e-3)
 
 
-def sweep_splits(bw: float) -> list[dict]:
+def sweep_splits(bw: float, kv_dtype=None) -> list[dict]:
     """The default tile at each split count for W2's shapes: one line per (group, batch, context)."""
     results = []
     print(f"{'group':>5} {'batch':>5} {'ctx':>5} {'rule':>4} " + " ".join(f"{f'{s} split us (TB/s)':>20}"
                                                                       for s in (1, 2, 4, 8)) + "  best")
     for group, batch, ctx in itertools.product((2, 4), (8, 16, 24, 32, 48, 64, 96, 128, 192, 256), (600, 1500)):
-        q, cache, tables, seq_lens, qsl, out, kv_bytes = make_case(batch, ctx, 8, group)
+        q, cache, tables, seq_lens, qsl, out, kv_bytes = make_case(batch, ctx, 8, group, kv_dtype=kv_dtype)
         rule = decode_num_splits(batch, 8, ctx, 64, _num_sms(0))
         cells, times = [], {}
         for splits in (1, 2, 4, 8):
@@ -70,11 +75,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--splits", action="store_true", help="split counts over W2's shapes, the default tile")
+    ap.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16", help="the cache's dtype (fp8: e4m3)")
     ns = ap.parse_args()
+    kv_dtype = torch.float8_e4m3fn if ns.kv_dtype == "fp8" else None
     bw = copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; cache {ns.kv_dtype}")
     if ns.splits:
-        print("JSON " + json.dumps(sweep_splits(bw)))
+        print("JSON " + json.dumps(sweep_splits(bw, kv_dtype)))
         return
     cases = [(256, 1024, 8, 4, 16), (256, 1024, 8, 2, 16), (64, 2048, 8, 4, 16), (16, 2048, 8, 4, 16),
              (1, 256, 8, 4, 16), (1, 256, 8, 2, 16), (256, 1024, 8, 4, 64)]
@@ -83,7 +90,8 @@ def main():
     stages = [1, 2, 3] if ns.quick else [1, 2, 3, 4]
     results = []
     for batch, ctx, kvh, group, bsz in cases:
-        q, cache, tables, seq_lens, qsl, out, kv_bytes = make_case(batch, ctx, kvh, group, block_size=bsz)
+        q, cache, tables, seq_lens, qsl, out, kv_bytes = make_case(batch, ctx, kvh, group, block_size=bsz,
+                                                                    kv_dtype=kv_dtype)
         base_splits = decode_num_splits(batch, kvh, ctx, 64, _num_sms(0))
         rows = []
         for bn, nw, st, sp_mult in itertools.product(block_ns, warps, stages, (0.5, 1, 2)):

@@ -35,11 +35,9 @@ Kernels
   reduce") there is no reduce launch either: each split takes a ticket on its (sequence, KV head) after writing
   its partial (a barrier, then an acq_rel atomic, as kernels/triton_moe_route_align.py), and the split that
   draws the last one combines the partials of its GQA group and leaves the ticket at zero for the next launch.
-  The split kernel's body after its q load is ``decode_split_attend`` (``decode_split_walk``, the tiles, then
-  ``decode_split_finish``, the output or partial), whose two parts triton_decode_fused.py's kernel shares: there
-  each program builds q from the QKV projection, and the split holding the current token writes its K/V and
-  folds it into the softmax from registers between the two (``TritonAttentionBackend.attend_qkv``,
-  MESHSERVE_DECODE_FUSED_PROLOGUE).
+  The split kernel's body after its q load is ``decode_split_attend``, which triton_decode_fused.py's kernel
+  shares: there each program builds q from the QKV projection and the split holding the current token writes
+  its K/V first (``TritonAttentionBackend.attend_qkv``, MESHSERVE_DECODE_FUSED_PROLOGUE=1, opt-in).
 
 CUDA graphs
 -----------
@@ -337,31 +335,12 @@ def decode_split_attend(
     KV_FP8: tl.constexpr, USE_GDC: tl.constexpr, LAST_REDUCES: tl.constexpr,
 ):
     """One decode program's work once its query rows q [ROWS, BLOCK_D] (dot_query'd; GQA group of KV head kvh,
-    rows `heads`, flat token row tok) are in registers: its split's KV tiles (decode_split_walk), then the
-    output (one split) or its partial in the workspace (and, LAST_REDUCES, the group's reduce by the last split:
-    decode_split_finish). The body of _decode_split_kernel; triton_decode_fused's kernel calls the two parts
-    with the current token folded in between."""
+    rows `heads`, flat token row tok) are in registers: its split's KV tiles, then the output (one split) or
+    its partial in the workspace (and, LAST_REDUCES, the group's reduce by the last split). The body of
+    _decode_split_kernel and of triton_decode_fused's kernel, which builds q from the QKV projection."""
     # this split's contiguous range of KV tiles, from the device-side sequence length
     kv_lo, t0, t1, _, _, _ = decode_split_tiles(seq_len, window, num_splits, split, USE_WINDOW, BLOCK_N)
-    acc, m_i, l_i = decode_split_walk(q, b, kvh, t0, t1, kv_lo, seq_len, d, d_mask, cache_ptr, bt_ptr, scale_log2,
-                                      window, k_scale, v_scale, stride_ckv, stride_cb, stride_cs, stride_ch,
-                                      stride_cd, stride_btb, ROWS, BLOCK_D, BLOCK_SIZE, BLOCK_N, USE_WINDOW,
-                                      DOT_PRECISION, KV_FP8)
-    gdc_trigger_late(USE_GDC)
-    decode_split_finish(acc, m_i, l_i, b, kvh, split, tok, heads, row_valid, d, d_mask, out_ptr, ws_acc_ptr,
-                        ws_ml_ptr, ticket_ptr, num_splits, stride_ot, stride_oh, stride_od, NUM_HEADS, ROWS, BLOCK_D,
-                        DIRECT_OUT, LAST_REDUCES)
 
-
-@triton.jit
-def decode_split_walk(
-    q, b, kvh, t0, t1, kv_lo, kv_end, d, d_mask, cache_ptr, bt_ptr, scale_log2, window, k_scale, v_scale,
-    stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-):
-    """(acc, m_i, l_i): the online softmax of q over KV tiles [t0, t1) of sequence b's block table row, keys at
-    positions [kv_lo, kv_end) (kv_lo only with USE_WINDOW)."""
     m_i = tl.full([ROWS], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
@@ -372,7 +351,7 @@ def decode_split_walk(
     n_off = tl.arange(0, BLOCK_N)
     for t in range(t0, t1):
         kv_pos = t * BLOCK_N + n_off
-        kv_valid = kv_pos < kv_end
+        kv_valid = kv_pos < seq_len
         if USE_WINDOW:
             kv_valid = kv_valid & (kv_pos >= kv_lo)
         acc, m_i, l_i = attend_paged_kv_tile(
@@ -380,18 +359,8 @@ def decode_split_walk(
             scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
             BLOCK_SIZE, False, USE_WINDOW, KV_FP8, DOT_PRECISION,
         )
-    return acc, m_i, l_i
+    gdc_trigger_late(USE_GDC)
 
-
-@triton.jit
-def decode_split_finish(
-    acc, m_i, l_i, b, kvh, split, tok, heads, row_valid, d, d_mask, out_ptr, ws_acc_ptr, ws_ml_ptr, ticket_ptr,
-    num_splits, stride_ot, stride_oh, stride_od,
-    NUM_HEADS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT_OUT: tl.constexpr,
-    LAST_REDUCES: tl.constexpr,
-):
-    """A split's softmax state to the output (DIRECT_OUT: one split) or to its partial in the workspace (and,
-    LAST_REDUCES, the group's reduce by the split that draws the last ticket)."""
     if DIRECT_OUT:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]

@@ -136,12 +136,11 @@ class Attention(nn.Module):
         """A decode-only step (one token per sequence; not a captured mixed step, whose trailing tokens belong
         to no sequence) with the switch on and a backend that has attend_qkv, whose decode launch (for
         activations of `dtype`) has at least decode_fused_min_splits KV splits. Why a split rule: with one
-        split every program of the fused launch owns its KV head's current token, and the launch measured slower
-        than the prologue kernel + attention (2026-12-02) when each ran the whole prologue (q and all KV heads'
-        norm + rotary, the write, a CTA barrier, the read-back) before its first KV tile; since then a program
-        builds only its own head's k/v, folds the token in from registers (no barrier) and prefetches its first
-        tiles (kernels/triton_decode_fused.py), not yet measured on a GPU. The count comes from host numbers
-        only (the batch, meta.max_seq_len: a graph's bound), so a graph bakes it in."""
+        split every program of the fused launch is its KV head's writer and runs the whole prologue (q and all
+        KV heads' norm + rotary, the write, a CTA barrier) before its first KV tile, in a kernel of two CTAs per
+        SM, so that latency is paid once per program (per wave at large batch) instead of once per layer by the
+        prologue kernel; with splits only the last (shortest) split writes, behind the others' tiles. The count
+        comes from host numbers only (the batch, meta.max_seq_len: a graph's bound), so a graph bakes it in."""
         if not (self.decode_fused_prologue and meta.max_query_len == 1 and not meta.graph_bound
                 and hasattr(self.backend, "attend_qkv")):
             return False

@@ -2,12 +2,11 @@
 norm, rotary and K/V write inside the decode attention launch.
 
 Greedy tokens with the switch equal those without (fp32; bf16 and an fp8 cache up to a near-tie,
-tests/near_tie.py: the interpreter gives the two paths' cache bytes bit for bit and outputs equal up to the
-summation order, the current token being folded in after the tiles, so a divergence on the GPU is a near-tie),
-in CUDA graphs and eager, at batch 1 over contexts crossing the short graphs' bounds (256: one KV split -> four
-at batch 1, so the current token is in a later split than the first; 1,024: the max_model_len graphs) and in a
-batch with a CUDA-graph padding row. A wrong owner split, a token dropped or counted twice, or a race with the
-previous kernel (PDL) shows here as changed tokens.
+tests/near_tie.py: the interpreter gives the two paths' outputs and cache bytes bit for bit, so a bf16 divergence
+on the GPU is the compiled code's rounding choices at a near-tie), in CUDA graphs and eager, at batch 1 over contexts crossing the short graphs' bounds (256:
+one KV split -> four at batch 1, so the current token is in a later split than the first; 1,024: the
+max_model_len graphs) and in a batch with a CUDA-graph padding row. A wrong writer split, a missing barrier
+between the K/V write and its read-back, or a race with the previous kernel (PDL) shows here as changed tokens.
 The kernel's interpreter tests: tests/kernels/test_triton_decode_fused.py.
 """
 

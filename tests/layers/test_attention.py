@@ -152,12 +152,10 @@ def test_decode_fused_prologue_split_rule():
     assert layer._fuses_decode_prologue(long, qkv.dtype)
 
 
-@pytest.mark.parametrize("splits", [1, 2])
-def test_decode_fused_prologue_keeps_a_real_engines_greedy_tokens(tiny_model_dir, monkeypatch, splits):
+def test_decode_fused_prologue_keeps_a_real_engines_greedy_tokens(tiny_model_dir, monkeypatch):
     """A tiny Qwen3 (q/k norms, GQA 2, head_dim 24) served on the Triton backend in the interpreter, the fused
-    prologue on (the selection turns it on on a GPU only), one KV split (every program folds its current token
-    in) or two: greedy tokens with decode steps through attend_qkv equal those through write_qkv + attend, for a
-    batch and for each prompt alone."""
+    prologue on (the selection turns it on on a GPU only), two KV splits: greedy tokens with decode steps
+    through attend_qkv equal those through write_qkv + attend, for a batch and for each prompt alone."""
     from meshserve import LLM, SamplingParams
 
     monkeypatch.setenv("MESHSERVE_ATTENTION_BACKEND", "triton")
@@ -166,7 +164,7 @@ def test_decode_fused_prologue_keeps_a_real_engines_greedy_tokens(tiny_model_dir
     try:
         layers = llm.engine.runner.model.attention_layers()
         backend = layers[0].backend
-        backend.decode_num_splits = splits
+        backend.decode_num_splits = 2
         calls = []
         real = backend.attend_qkv
         monkeypatch.setattr(backend, "attend_qkv", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -176,7 +174,6 @@ def test_decode_fused_prologue_keeps_a_real_engines_greedy_tokens(tiny_model_dir
         for fused in (False, True):
             for layer in layers:
                 layer.fused_prologue, layer.decode_fused_prologue = True, fused
-                layer.decode_fused_min_splits = 1  # MESHSERVE_DECODE_FUSED_PROLOGUE=1: one split too
             batch = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
             alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
             runs[fused] = (batch, alone, len(calls))

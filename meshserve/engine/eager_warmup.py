@@ -191,6 +191,27 @@ def mixed_step(block_size: int, num_blocks: int) -> list[ScheduledSequence] | No
     return [prefill, decode]
 
 
+def grid_tile_steps(layers, block_size: int, num_blocks: int, max_num_seqs: int,
+                    device: torch.device) -> list[list[ScheduledSequence]]:
+    """A decode-only step and a mixed step (a prefill chunk beside them) with as many decode rows as the
+    smallest batch whose decode attention takes the Triton backend's grid tile (kernels/triton_attention
+    .decode_tile: its own compiled variants, with and without PDL), where max_num_seqs and the pool allow: built
+    at start, not in a user's step."""
+    found = []
+    for layer in layers:
+        min_seqs = getattr(getattr(layer, "backend", None), "grid_tile_min_seqs", None)
+        if min_seqs is not None and hasattr(layer, "num_kv_heads"):
+            found.append(min_seqs(layer.num_kv_heads, layer.head_dim, device))
+    rows = min((r for r in found if r), default=None)
+    if rows is None or rows > max_num_seqs or 2 * rows > num_blocks:
+        return []
+    decode = [_seq(f"warmup-grid-{i}", 1, block_size, 2 * i, block_size) for i in range(rows)]
+    prefill = _seq("warmup-grid-prefill", MIXED_PREFILL_TOKENS, 0, 2 * rows, block_size)
+    if rows + 1 > max_num_seqs or 2 * rows + len(prefill.block_table) > num_blocks:
+        return [decode]
+    return [decode, [prefill, *decode]]
+
+
 def split_counts(max_splits: int) -> list[int]:
     """Every KV split count the decode heuristic can choose: the powers of two up to max_splits."""
     counts, s = [], 1
@@ -254,7 +275,7 @@ def warm_up_eager_steps(
     token_counts: Sequence[int] = (),
 ) -> int:
     """Run (fresh: the fresh prefill steps first) the context-prefill and decode-only steps, then the mixed
-    step once per split count, then (with bounds; last, so a failure there leaves the rest warmed) a step of
+    step once per split count, then (with bounds) the grid tile's steps, then (with bounds; last, so a failure there leaves the rest warmed) a step of
     each of token_counts (the MoE's variants: moe_token_counts) and the chunked-context steps of the layers'
     MLA prefill workspace, through prepare (the runner's _prepare) and its plain forward. Returns the number
     of steps run."""
@@ -272,6 +293,10 @@ def warm_up_eager_steps(
         for splits in mixed_split_counts(layers):
             with forced_decode_splits(layers, splits) if splits else contextlib.nullcontext():
                 forward(*prepare(mixed))
+            steps += 1
+    if bounds is not None:
+        for step in grid_tile_steps(layers, block_size, num_blocks, bounds.max_num_seqs, device):
+            forward(*prepare(step))
             steps += 1
     larger = _larger_steps(layers, block_size, num_blocks, bounds, token_counts) if bounds is not None else []
     for step in larger:

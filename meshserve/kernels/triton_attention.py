@@ -508,10 +508,11 @@ class TritonAttentionBackend:
     name = "triton"
 
     def __init__(self, decode_num_splits: int | None = None, max_decode_splits: int = 64,
-                 inline_reduce: bool = False):
+                 inline_reduce: bool = False, grid_tile: bool = True):
         self.decode_num_splits = decode_num_splits
         self.max_decode_splits = max_decode_splits
         self.inline_reduce = inline_reduce  # decode: the last split reduces (no reduce launch)
+        self.grid_tile = grid_tile  # decode: large grids take decode_tile's smaller CTAs (MESHSERVE_DECODE_TILE)
 
     # -- cache write ---------------------------------------------------------------------------------
     def write_kv(self, key, value, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
@@ -577,6 +578,13 @@ class TritonAttentionBackend:
                                       meta.query_start_loc, scale, sliding_window, num_heads, num_kv_heads, splits,
                                       k_scale, v_scale, inline_reduce=self.inline_reduce)
 
+    def grid_tile_min_seqs(self, num_kv_heads: int, head_dim: int, device: torch.device) -> int | None:
+        """The smallest batch whose decode launch takes decode_tile's GRID_TILE (another compiled variant, which
+        engine/eager_warmup.grid_tile_steps builds at start), or None where none does."""
+        if not (self.grid_tile and device.type == "cuda") or head_dim > 128:
+            return None
+        return -(-GRID_TILE_MIN_WAVES * _num_sms(device.index) // num_kv_heads)
+
     def decode_splits(self, num_seqs: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                       max_seq_len: int, device: torch.device) -> int:
         """The KV splits _decode uses for this batch shape (engine/cuda_graph.py keys graph variants by it)."""
@@ -589,11 +597,16 @@ class TritonAttentionBackend:
 
     def _decode(self, query, kv_cache, meta, scale, sliding_window, out, k_scale, v_scale):
         """The one-token rows of the batch through the split-K decode kernel."""
-        splits = self.decode_splits(meta.seq_lens.shape[0], kv_cache.shape[3], query.shape[2], query.dtype,
-                                    meta.max_seq_len, query.device)
+        num_seqs, num_kv_heads = meta.seq_lens.shape[0], kv_cache.shape[3]
+        splits = self.decode_splits(num_seqs, num_kv_heads, query.shape[2], query.dtype, meta.max_seq_len,
+                                    query.device)
+        block_n, num_warps, num_stages = None, 4, None
+        if self.grid_tile and query.is_cuda:  # (the interpreter: tiles only change the summation order there)
+            block_n, num_warps, num_stages = decode_tile(num_seqs, num_kv_heads, query.shape[2],
+                                                         _num_sms(query.device.index))
         decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                         scale, sliding_window, out, splits, k_scale=k_scale, v_scale=v_scale,
-                         inline_reduce=self.inline_reduce)
+                         scale, sliding_window, out, splits, block_n=block_n, num_warps=num_warps,
+                         num_stages=num_stages, k_scale=k_scale, v_scale=v_scale, inline_reduce=self.inline_reduce)
 
 
 def _decode_block_n(head_dim_pad: int, elem_size: int = 2) -> int:
@@ -601,6 +614,24 @@ def _decode_block_n(head_dim_pad: int, elem_size: int = 2) -> int:
     (96% of copy bandwidth at batch 256, context 1024); wider rows get fewer so 3 stages fit in smem."""
     row_bytes = head_dim_pad * elem_size
     return 128 if row_bytes <= 256 else 64 if row_bytes <= 512 else 32
+
+
+# (block_n, num_warps, num_stages) of the decode kernel for grids of at least GRID_TILE_MIN_WAVES programs per SM
+# (before splits, which only small grids get): smaller CTAs, more of them resident per SM. H200, one split, 8 KV
+# heads, head_dim 128 (tools/probe_decode_tiles.py, 2026-12-03): batch 256 ctx 1024 bf16 271 -> 261 us, fp8 cache
+# 258 -> 208 us; batch 64 ctx 2048 bf16 142 -> 138, fp8 133 -> 107; at batch 16 (128 programs) the default
+# (128 tokens, 4 warps, 3 stages) stays best, bf16 53 us against 55-89 for the others.
+GRID_TILE = (64, 2, 2)
+GRID_TILE_MIN_WAVES = 2
+
+
+def decode_tile(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int) -> tuple[int | None, int, int | None]:
+    """(block_n, num_warps, num_stages) for decode_attention: GRID_TILE where the (sequence, KV head) programs
+    fill the GPU at least GRID_TILE_MIN_WAVES times and the head is at most 128 wide (the measured shapes), else
+    the defaults (None: decode_attention's own)."""
+    if num_seqs * num_kv_heads >= GRID_TILE_MIN_WAVES * num_sms and head_dim <= 128:
+        return GRID_TILE
+    return None, 4, None
 
 
 def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale,

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from meshserve.engine.eager_warmup import (
+    StepBounds,
     context_prefill_steps,
     decode_steps,
     forced_decode_splits,
     fresh_prefill_steps,
+    grid_tile_steps,
     max_decode_splits,
     mixed_step,
     split_counts,
@@ -82,6 +84,47 @@ def test_warm_up_runs_the_mixed_step_at_every_split_count():
     seen.clear()
     warm_up_eager_steps(prepare, forward, layers, 16, 100, 4, torch.device("cpu"), fresh=True)
     assert seen[:4] == [([2], None), ([4], None), ([2], None), ([4], None)]  # fresh prompts first
+
+
+class _GridBackend:
+    """A backend whose decode launch takes another tile from `rows` sequences (TritonAttentionBackend's
+    grid_tile_min_seqs on a GPU)."""
+
+    decode_num_splits = 1  # no heuristic splits: only the grid steps are new
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def grid_tile_min_seqs(self, num_kv_heads, head_dim, device):
+        return self.rows
+
+
+class _AttnLayer(_Layer):
+    num_kv_heads, head_dim = 8, 128
+
+
+def test_grid_tile_steps_reach_the_smallest_batch_that_takes_the_grid_tile():
+    layers = [_AttnLayer(_GridBackend(5)), _AttnLayer(_GridBackend(9)), _Layer(None)]
+    decode, mixed = grid_tile_steps(layers, 16, 100, 256, torch.device("cpu"))
+    assert [s.num_new_tokens for s in decode] == [1] * 5
+    assert [s.num_new_tokens for s in mixed] == [16] + [1] * 5  # a prefill chunk beside the same rows
+    blocks = [b for s in mixed for b in s.block_table]
+    assert len(blocks) == len(set(blocks)) and max(blocks) < 100  # disjoint blocks inside the pool
+    assert grid_tile_steps(layers, 16, 100, 5, torch.device("cpu")) == [decode]  # no room for the prefill
+    assert grid_tile_steps(layers, 16, 100, 4, torch.device("cpu")) == []  # max_num_seqs never reaches it
+    assert grid_tile_steps(layers, 16, 8, 256, torch.device("cpu")) == []  # nor does the pool
+    assert grid_tile_steps([_AttnLayer(_GridBackend(None))], 16, 100, 256, torch.device("cpu")) == []
+    # the Triton backend on the CPU: the interpreter keeps its tiles, no steps
+    assert grid_tile_steps([_AttnLayer(TritonAttentionBackend())], 16, 100, 256, torch.device("cpu")) == []
+
+
+def test_warm_up_runs_the_grid_tile_steps_with_bounds():
+    seen = []
+    layers = [_AttnLayer(_GridBackend(3))]
+    bounds = StepBounds(max_model_len=256, max_num_seqs=64, max_num_batched_tokens=256)
+    warm_up_eager_steps(lambda step: (step,), lambda step: seen.append([s.num_new_tokens for s in step]), layers,
+                        16, 100, 8, torch.device("cpu"), bounds=bounds)
+    assert [1, 1, 1] in seen and [16, 1, 1, 1] in seen
 
 
 def test_fresh_prefill_and_decode_steps():

@@ -276,6 +276,25 @@ def test_decode_num_splits_heuristic():
         assert n & (n - 1) == 0
 
 
+def test_decode_tile_takes_small_ctas_on_grids_of_two_waves():
+    from meshserve.kernels.triton_attention import GRID_TILE, decode_tile
+
+    default = (None, 4, None)
+    assert decode_tile(33, 8, 128, 132) == GRID_TILE  # 264 programs: two per SM of an H200
+    assert decode_tile(32, 8, 128, 132) == default  # 256: the measured batch-16/32 side stays
+    assert decode_tile(256, 8, 128, 132) == GRID_TILE and decode_tile(17, 16, 64, 132) == GRID_TILE
+    assert decode_tile(256, 8, 256, 132) == default  # wider heads: not measured
+    backend = TritonAttentionBackend()
+    assert backend.grid_tile_min_seqs(8, 128, torch.device("cpu")) is None  # the interpreter keeps its tiles
+    assert TritonAttentionBackend(grid_tile=False).grid_tile_min_seqs(8, 128, torch.device("cuda")) is None
+    assert backend.grid_tile_min_seqs(8, 256, torch.device("cuda")) is None
+    rows = backend.grid_tile_min_seqs(8, 128, torch.device("cuda"))
+    from meshserve.kernels.triton_attention import _num_sms
+
+    sms = _num_sms(0)
+    assert decode_tile(rows, 8, 128, sms) == GRID_TILE and decode_tile(rows - 1, 8, 128, sms) == default
+
+
 # The prefill and split-K decode kernels share their KV-tile step with the unified kernel
 # (kernels/triton_attention_tile.py): compiled to sm_90 cubins with Triton's own ptxas (no GPU needed), as
 # test_triton_unified_attention does for the unified kernel, causal with a window and not causal with fp8 KV.
@@ -302,6 +321,11 @@ compile_sm90(_decode_split_kernel, sig,
              dict(NUM_HEADS=32, GROUP=4, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128,
                   USE_WINDOW=True, DIRECT_OUT=False, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=True,
                   USE_GDC=False, LAST_REDUCES=False), 4, 3)
+# the grid tile (decode_tile) over an fp8 cache: 64 tokens, 2 warps, 2 stages, one split writing the output
+compile_sm90(_decode_split_kernel, sig,
+             dict(NUM_HEADS=16, GROUP=2, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64,
+                  USE_WINDOW=False, DIRECT_OUT=True, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=True,
+                  USE_GDC=False, LAST_REDUCES=False), 2, 2)
 sig.update(ticket_ptr="*i32")  # the inline reduce: the ticket atomics and the last split's combine
 compile_sm90(_decode_split_kernel, sig,
              dict(NUM_HEADS=32, GROUP=4, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128,
@@ -363,6 +387,9 @@ def test_decode_gpu(head_dim, heads, block_size, batch, max_len):
             backend = TritonAttentionBackend(decode_num_splits=splits, inline_reduce=inline)
             out = backend.attend(query, cache, meta, scale, None)
             check(out, ref, torch.bfloat16, on_gpu=True)
+    # batch 64 takes the grid tile (decode_tile) by default; the legacy tile too (MESHSERVE_DECODE_TILE=legacy)
+    check(TritonAttentionBackend(grid_tile=False).attend(query, cache, meta, scale, None), ref, torch.bfloat16,
+          on_gpu=True)
     from meshserve.kernels.triton_attention import _ticket_workspace
 
     assert not _ticket_workspace(query.device).any()  # every ticket back at zero

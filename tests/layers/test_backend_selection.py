@@ -221,6 +221,23 @@ def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
         select_kernels(_model_config(1024))
 
 
+def test_decode_tile_switch_reaches_the_attention_backend(monkeypatch):
+    # the grid tile by default; legacy keeps the one tile for every batch
+    from meshserve.layers.attention import Attention
+
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert select_kernels(gpu).decode_grid_tile
+    monkeypatch.setenv("MESHSERVE_DECODE_TILE", "legacy")
+    selection = select_kernels(gpu)
+    assert not selection.decode_grid_tile
+    layer = Attention(num_heads=4, head_dim=16, num_kv_heads=2, scale=0.25)
+    bind_kernels(torch.nn.Sequential(layer), dataclasses.replace(selection, attention_backend="triton"))
+    assert not layer.backend.grid_tile
+    monkeypatch.setenv("MESHSERVE_DECODE_TILE", "small")
+    with pytest.raises(ValueError, match="MESHSERVE_DECODE_TILE"):
+        select_kernels(gpu)
+
+
 def test_decode_reduce_switch_reaches_the_attention_backend(monkeypatch):
     # the reduce launch by default; inline (each group's last split reduces) on request, bound to every layer
     from meshserve.layers.attention import Attention

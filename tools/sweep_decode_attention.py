@@ -5,9 +5,10 @@ usage: python tools/sweep_decode_attention.py [--quick | --splits] [--kv-dtype f
 Shapes are the ones that matter for W1/W2 (Llama-3.1-8B: 8 KV heads, group 4; Qwen3-0.6B: group 2; head_dim
 128). Bandwidth = K and V bytes read / kernel time; compare with the measured copy bandwidth printed first.
 
---splits: the default tile at 1, 2, 4 and 8 KV splits over W2's batches and contexts (Qwen3-0.6B's group 2 and
-the 8B's 4), beside the split count decode_num_splits picks: the data for its rule (at batch 16 and context
-~1,500 its one split read KV at 3.0 TB/s, 70% of copy, in a W2 step on an H200, 2026-12-02).
+--splits: the default tile at 1, 2, 4 and 8 KV splits (each launch replayed from a CUDA graph, as the engine
+runs it) over W2's batches and contexts (Qwen3-0.6B's group 2 and the 8B's 4), beside the split count
+decode_num_splits picks: the data for its rule (at batch 16 and context ~1,500 its one split read KV at 3.0
+TB/s, 70% of copy, in a W2 step on an H200, 2026-12-02).
 
 --kv-dtype fp8: the cache in e4m3 (scales 1.0), bandwidth over its bytes (half of bf16's): W2 Qwen3-0.6B with
 an fp8 cache ran 6.28 s against ~5.8-6.0 s in bf16 (BENCHMARKS.md), as if the halved KV bytes bought nothing.
@@ -21,6 +22,7 @@ import json
 import torch
 import triton.testing
 
+from meshserve.engine.cuda_graph import replay_ms
 from meshserve.kernels.triton_attention import _num_sms, decode_attention, decode_num_splits
 
 
@@ -47,6 +49,18 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / (ms * 1e-3)
 
 
+def graph_us(fn, reps: int = 50) -> float:
+    """Device microseconds per call of fn captured in a CUDA graph, replayed back to back: the engine's view
+    (its decode steps replay graphs). Timed eagerly, a split launch's workspace allocations and reduce launch
+    from Python took 70-107 us at batch 8 against 21-48 us for one split (H200, 2026-12-03): the host's time."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return replay_ms(graph, reps) * 1e3
+
+
 def sweep_splits(bw: float, kv_dtype=None) -> list[dict]:
     """The default tile at each split count for W2's shapes: one line per (group, batch, context)."""
     results = []
@@ -58,8 +72,7 @@ def sweep_splits(bw: float, kv_dtype=None) -> list[dict]:
         cells, times = [], {}
         for splits in (1, 2, 4, 8):
             fn = functools.partial(decode_attention, q, cache, tables, seq_lens, qsl, 128**-0.5, None, out, splits)
-            fn()
-            times[splits] = triton.testing.do_bench(fn, warmup=10, rep=40) * 1e3
+            times[splits] = graph_us(fn)
             cells.append(f"{times[splits]:8.1f} ({kv_bytes / times[splits] / 1e6:4.2f})")
             results.append({"group": group, "batch": batch, "ctx": ctx, "splits": splits, "rule": rule,
                             "us": times[splits], "tb_s": kv_bytes / times[splits] / 1e6})

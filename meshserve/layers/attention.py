@@ -52,15 +52,16 @@ class TorchAttentionBackend:
         return paged_attention_ref(query, kv_cache, meta, scale, sliding_window, k_scale, v_scale)
 
 
-def make_attention_backend(name: str, decode_inline_reduce: bool = False) -> AttentionBackend:
+def make_attention_backend(name: str, decode_inline_reduce: bool = False,
+                           decode_fp8_path: str = "convert") -> AttentionBackend:
     """The backend called `name` (torch or triton); layers/backend_selection.py decides which (and whether the
-    Triton decode reduces its splits inline)."""
+    Triton decode reduces its splits inline, and how it reads an fp8 cache)."""
     if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
         from meshserve.kernels.triton_attention import TritonAttentionBackend
 
-        return TritonAttentionBackend(inline_reduce=decode_inline_reduce)
+        return TritonAttentionBackend(inline_reduce=decode_inline_reduce, fp8_path=decode_fp8_path)
     raise ValueError(f"unknown attention backend {name!r} (torch, triton)")
 
 

@@ -57,6 +57,11 @@ Overrides (environment, read only here, for debugging and references):
                                             (kernel, the default) or by each group's last split (inline:
                                             kernels/triton_attention.py, one launch fewer a layer; opt-in until
                                             measured on the H200: issue 29)
+  MESHSERVE_DECODE_FP8_PATH=convert|words   how the decode attention kernel reads an fp8 (e4m3) KV cache: convert
+                                            (the default: Triton converts after its shared-memory load, V byte
+                                            by byte) or words (32-bit words widened to fp16 before the dot's
+                                            shared-memory trip: kernels/triton_e4m3_words.py; opt-in until
+                                            measured on the H200)
   MESHSERVE_DECODE_FUSED_PROLOGUE=0|1|split decode-only steps: the fused prologue (q/k norm, rotary, K/V write)
                                             inside the decode attention launch (kernels/triton_decode_fused.py,
                                             one launch fewer a layer; with the fused prologue only); split (the
@@ -171,6 +176,8 @@ DECODE_SAMPLE_GRAPHS_DEFAULT = 8  # batch sizes 1, 2, 4, 8: four more small grap
 PDL_HEAD_ENV = "MESHSERVE_PDL_HEAD"
 DECODE_REDUCE_ENV = "MESHSERVE_DECODE_REDUCE"
 DECODE_REDUCE_CHOICES = ("kernel", "inline")
+DECODE_FP8_PATH_ENV = "MESHSERVE_DECODE_FP8_PATH"
+DECODE_FP8_PATH_CHOICES = ("convert", "words")  # kernels/triton_e4m3_words.FP8_PATHS
 DECODE_FUSED_PROLOGUE_ENV = "MESHSERVE_DECODE_FUSED_PROLOGUE"
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
@@ -225,6 +232,8 @@ class KernelSelection:
     sample_head_pdl: bool = True  # False: the sampled graphs' greedy head launches its kernels without PDL
     # decode attention's split partials combined by the last split of each group (no reduce launch)
     decode_inline_reduce: bool = False
+    # how decode attention reads an fp8 KV cache (DECODE_FP8_PATH_CHOICES)
+    decode_fp8_path: str = "convert"
     # decode-only steps: fused_prologue's work inside the decode attention launch (kernels/triton_decode_fused.py)
     decode_fused_prologue: bool = False
     # ... only in launches with at least this many KV splits (2: MESHSERVE_DECODE_FUSED_PROLOGUE=split;
@@ -465,6 +474,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         decode_sample_graph_max_bs=_decode_sample_graph_max_bs() if cuda_graphs else 0,
         sample_head_pdl=os.environ.get(PDL_HEAD_ENV, "").strip() != "0",
         decode_inline_reduce=_variant(DECODE_REDUCE_ENV, DECODE_REDUCE_CHOICES, "kernel") == "inline",
+        decode_fp8_path=_variant(DECODE_FP8_PATH_ENV, DECODE_FP8_PATH_CHOICES, KernelSelection.decode_fp8_path),
         # "split" by default (H200, 2026-12-02: W1 +0.9% Qwen3-0.6B, +1.5% Llama-3.1-8B; W2 unchanged, where
         # "1" lost 4.7%): tools/w1_ab_device.sh
         decode_fused_prologue=(fused_ops and attention == "triton"
@@ -502,7 +512,8 @@ def bind_kernels(model: nn.Module, selection: KernelSelection) -> None:
     and the prologue switches; every other layer with a `kernels` attribute gets the selection itself. PDL is
     a launch mode of the kernel wrappers, set for the process (kernels/pdl.py)."""
     pdl.set_policy(selection.pdl_policy)
-    backend = make_attention_backend(selection.attention_backend, selection.decode_inline_reduce)
+    backend = make_attention_backend(selection.attention_backend, selection.decode_inline_reduce,
+                                     selection.decode_fp8_path)
     for module in model.modules():
         if isinstance(module, Attention):
             module.backend = backend

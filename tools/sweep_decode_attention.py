@@ -11,7 +11,7 @@ the 8B's 4), beside the split count decode_num_splits picks: the data for its ru
 
 --fp8-ab: the fp8 cache's decode tile paths side by side (MESHSERVE_DECODE_FP8_PATH: convert, today's, and
 words, kernels/triton_e4m3_words.py) at one split over the three shapes measured on 2026-12-03 (batch 256 ctx
-1,024 group 2; 64 / 2,048 / 4; 16 / 2,048 / 4) and a few tiles, beside the bf16 cache's default tile; each
+1,024 group 2; 64 / 2,048 / 4; 16 / 2,048 / 4) and seven tiles, beside the bf16 cache's default tile; each
 words row also gives its largest difference from convert's output at the same tile (the same values and
 products: expected 0 or a last-bit difference from the dot's operand order).
 
@@ -78,7 +78,7 @@ def sweep_splits(bw: float, kv_dtype=None) -> list[dict]:
 
 
 FP8_AB_SHAPES = ((256, 1024, 2), (64, 2048, 4), (16, 2048, 4))  # batch, context, group (8 KV heads, head_dim 128)
-FP8_AB_TILES = ((128, 4, 3), (64, 2, 2), (128, 4, 2), (64, 4, 2), (128, 8, 3), (32, 2, 2))  # block_n, warps, stages
+FP8_AB_TILES = ((128, 4, 3), (64, 2, 2), (128, 4, 2), (64, 4, 2), (128, 8, 3), (32, 2, 2), (128, 4, 1))  # block_n, warps, stages
 
 
 def sweep_fp8_paths(bw: float) -> list[dict]:

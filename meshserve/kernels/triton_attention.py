@@ -591,7 +591,7 @@ class TritonAttentionBackend:
         return decode_attention_fused(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
                                       kv_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens,
                                       meta.query_start_loc, scale, sliding_window, num_heads, num_kv_heads, splits,
-                                      k_scale, v_scale, inline_reduce=self.inline_reduce)
+                                      k_scale, v_scale, inline_reduce=self.inline_reduce, fp8_path=self.fp8_path)
 
     def decode_splits(self, num_seqs: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                       max_seq_len: int, device: torch.device) -> int:

@@ -60,8 +60,8 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_DECODE_FP8_PATH=convert|words   how the decode attention kernel reads an fp8 (e4m3) KV cache: convert
                                             (the default: Triton converts after its shared-memory load, V byte
                                             by byte) or words (32-bit words widened to fp16 before the dot's
-                                            shared-memory trip: kernels/triton_e4m3_words.py; opt-in until
-                                            measured on the H200)
+                                            shared-memory trip: kernels/triton_e4m3_words.py; the plain and the
+                                            fused-prologue decode launches; opt-in until measured on the H200)
   MESHSERVE_DECODE_FUSED_PROLOGUE=0|1|split decode-only steps: the fused prologue (q/k norm, rotary, K/V write)
                                             inside the decode attention launch (kernels/triton_decode_fused.py,
                                             one launch fewer a layer; with the fused prologue only); split (the

@@ -1,7 +1,8 @@
 """MESHSERVE_DECODE_FP8_PATH=words on the GPU (kernels/triton_e4m3_words.py): the compiled words tile (inline
 cvt.rn.f16x2.e4m3x2) gives every e4m3 byte's .to(fp16) bits, NaNs included, and the decode kernel with it
 equals today's fp8 path ("convert") over production-like shapes (group 2 and 4, head_dim 64 and 128, one and
-several splits, the inline reduce, a window, a padding row) and stays within the reference's tolerance.
+several splits, the inline reduce, a window, a padding row) and stays within the reference's tolerance; the
+fused prologue's launch with it equals its two-step path and today's fp8 path.
 The interpreter tests: tests/kernels/test_decode_fp8_words.py.
 """
 
@@ -65,3 +66,20 @@ def test_decode_words_equals_convert_gpu(head_dim, heads, window):
               f"{same:.4%} of outputs bit-equal to convert, max |diff| {diff:.3g}")
         torch.testing.assert_close(words.float(), convert.float(), atol=1e-2, rtol=1e-2)
         torch.testing.assert_close(words.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("heads", [(16, 8), (32, 8)])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_fused_decode_words_equals_convert_gpu(heads, splits):
+    """The fused prologue's launch (MESHSERVE_DECODE_FUSED_PROLOGUE) with the words path: its output equals the
+    two-step path's with the same switch and the fused launch's with today's fp8 path, its cache the same bytes."""
+    from tests.kernels.test_triton_decode_fused import run_both
+
+    spec = ([1, 0, 300, 1000, 37, 5000], *heads, 128, 16, None)
+    expect, two_step, out, fused, _, _ = run_both(spec, torch.bfloat16, True, False, splits, seed=7, device="cuda",
+                                                  fp8_path="words")
+    convert = run_both(spec, torch.bfloat16, True, False, splits, seed=7, device="cuda")[2]
+    torch.testing.assert_close(out.float(), expect.float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out.float(), convert.float(), atol=1e-2, rtol=1e-2)
+    assert torch.equal(fused.view(torch.uint8), two_step.view(torch.uint8))  # rope alone: K bytes equal too
+    assert (out[1] == 0).all()  # the padding row

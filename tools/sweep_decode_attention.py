@@ -1,6 +1,6 @@
 """Sweep the Triton decode-attention kernel's tile and launch settings on the GPU; report effective bandwidth.
 
-usage: python tools/sweep_decode_attention.py [--quick | --splits] [--kv-dtype fp8]
+usage: python tools/sweep_decode_attention.py [--quick | --splits | --fp8-ab] [--kv-dtype fp8]
 
 Shapes are the ones that matter for W1/W2 (Llama-3.1-8B: 8 KV heads, group 4; Qwen3-0.6B: group 2; head_dim
 128). Bandwidth = K and V bytes read / kernel time; compare with the measured copy bandwidth printed first.
@@ -9,6 +9,12 @@ Shapes are the ones that matter for W1/W2 (Llama-3.1-8B: 8 KV heads, group 4; Qw
 runs it) over W2's batches and contexts (Qwen3-0.6B's group 2 and the 8B's 4), beside the split count
 decode_num_splits picks: the data for its rule (at batch 16 and context ~1,500 its one split read KV at 3.0
 TB/s, 70% of copy, in a W2 step on an H200, 2026-12-02).
+
+--fp8-ab: the fp8 cache's decode tile paths side by side (MESHSERVE_DECODE_FP8_PATH: convert, today's, and
+words, kernels/triton_e4m3_words.py) at one split over the three shapes measured on 2026-12-03 (batch 256 ctx
+1,024 group 2; 64 / 2,048 / 4; 16 / 2,048 / 4) and seven tiles, beside the bf16 cache's default tile; each
+words row also gives its largest difference from convert's output at the same tile (the same values and
+products: expected 0 or a last-bit difference from the dot's operand order).
 
 --kv-dtype fp8: the cache in e4m3 (scales 1.0), bandwidth over its bytes (half of bf16's): W2 Qwen3-0.6B with
 an fp8 cache ran 6.28 s against ~5.8-6.0 s in bf16 (BENCHMARKS.md), as if the halved KV bytes bought nothing.
@@ -84,15 +90,57 @@ def sweep_splits(bw: float, kv_dtype=None) -> list[dict]:
     return results
 
 
+FP8_AB_SHAPES = ((256, 1024, 2), (64, 2048, 4), (16, 2048, 4))  # batch, context, group (8 KV heads, head_dim 128)
+FP8_AB_TILES = ((128, 4, 3), (64, 2, 2), (128, 4, 2), (64, 4, 2), (128, 8, 3), (32, 2, 2), (128, 4, 1))  # block_n, warps, stages
+
+
+def sweep_fp8_paths(bw: float) -> list[dict]:
+    """convert vs words over an fp8 cache at one split, every tile of FP8_AB_TILES, beside bf16's default."""
+    results = []
+    for batch, ctx, group in FP8_AB_SHAPES:
+        print(f"\nbatch {batch} ctx {ctx} group {group}, one split (copy bandwidth {bw / 1e12:.2f} TB/s)")
+        q, cache, tables, seq_lens, qsl, out, kv_bytes = make_case(batch, ctx, 8, group)
+        fn = functools.partial(decode_attention, q, cache, tables, seq_lens, qsl, 128**-0.5, None, out, 1)
+        fn()
+        us = triton.testing.do_bench(fn, warmup=10, rep=50) * 1e3
+        print(f"  bf16 cache, default tile          {us:8.1f} us  {kv_bytes / us / 1e6:4.2f} TB/s")
+        results.append({"batch": batch, "ctx": ctx, "group": group, "cache": "bf16", "us": us,
+                        "tb_s": kv_bytes / us / 1e6})
+        cache8 = cache.to(torch.float8_e4m3fn)
+        del cache
+        kv_bytes //= 2
+        for bn, nw, st in FP8_AB_TILES:
+            outs = {}
+            for path in ("convert", "words"):
+                o = torch.empty_like(out)
+                fn = functools.partial(decode_attention, q, cache8, tables, seq_lens, qsl, 128**-0.5, None, o, 1,
+                                       block_n=bn, num_warps=nw, num_stages=st, fp8_path=path)
+                fn()
+                us = triton.testing.do_bench(fn, warmup=10, rep=50) * 1e3
+                outs[path] = o
+                diff = (o.float() - outs["convert"].float()).abs().max().item()
+                print(f"  fp8 {path:8s} bn={bn:3d} w={nw} s={st}  {us:8.1f} us  {kv_bytes / us / 1e6:4.2f} TB/s"
+                      + (f"  max |words - convert| {diff:.3g}" if path == "words" else ""))
+                results.append({"batch": batch, "ctx": ctx, "group": group, "cache": "fp8", "path": path,
+                                "block_n": bn, "warps": nw, "stages": st, "us": us, "tb_s": kv_bytes / us / 1e6,
+                                "max_diff_vs_convert": diff})
+        del q, cache8
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--splits", action="store_true", help="split counts over W2's shapes, the default tile")
     ap.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16", help="the cache's dtype (fp8: e4m3)")
+    ap.add_argument("--fp8-ab", action="store_true", help="fp8 tile paths convert vs words (and bf16) at 1 split")
     ns = ap.parse_args()
     kv_dtype = torch.float8_e4m3fn if ns.kv_dtype == "fp8" else None
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; cache {ns.kv_dtype}")
+    if ns.fp8_ab:
+        print("JSON " + json.dumps(sweep_fp8_paths(bw)))
+        return
     if ns.splits:
         print("JSON " + json.dumps(sweep_splits(bw, kv_dtype)))
         return

@@ -71,6 +71,7 @@ from meshserve.kernels.attention_tile_config import (
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.triton_attention_tile import attend_full_kv_tile, attend_paged_kv_tile, dot_query
+from meshserve.kernels.triton_e4m3_words import FP8_PATHS, words_fit
 from meshserve.kernels.triton_ops import qkv_rope_cache
 
 _LOG2E = 1.4426950408889634
@@ -277,7 +278,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, USE_GDC: tl.constexpr = False,
-    LAST_REDUCES: tl.constexpr = False,
+    LAST_REDUCES: tl.constexpr = False, FP8_TILE: tl.constexpr = "convert",
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -305,7 +306,7 @@ def _decode_split_kernel(
         ws_ml_ptr, ticket_ptr, scale_log2, window, num_splits, k_scale, v_scale,
         stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb, stride_ot, stride_oh, stride_od,
         NUM_HEADS, ROWS, BLOCK_D, BLOCK_SIZE, BLOCK_N, USE_WINDOW, DIRECT_OUT, DOT_PRECISION, KV_FP8, USE_GDC,
-        LAST_REDUCES,
+        LAST_REDUCES, FP8_TILE,
     )
 
 
@@ -332,7 +333,7 @@ def decode_split_attend(
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb, stride_ot, stride_oh, stride_od,
     NUM_HEADS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, USE_GDC: tl.constexpr, LAST_REDUCES: tl.constexpr,
+    KV_FP8: tl.constexpr, USE_GDC: tl.constexpr, LAST_REDUCES: tl.constexpr, FP8_TILE: tl.constexpr = "convert",
 ):
     """One decode program's work once its query rows q [ROWS, BLOCK_D] (dot_query'd; GQA group of KV head kvh,
     rows `heads`, flat token row tok) are in registers: its split's KV tiles, then the output (one split) or
@@ -357,7 +358,7 @@ def decode_split_attend(
         acc, m_i, l_i = attend_paged_kv_tile(
             q, 0, acc, m_i, l_i, kv_pos, kv_valid, window, bt_row, k_base, v_base, d, d_mask,
             scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
-            BLOCK_SIZE, False, USE_WINDOW, KV_FP8, DOT_PRECISION,
+            BLOCK_SIZE, False, USE_WINDOW, KV_FP8, DOT_PRECISION, FP8_TILE,
         )
     gdc_trigger_late(USE_GDC)
 
@@ -471,6 +472,16 @@ def _upcast_dot(query: torch.Tensor) -> bool:
     return _INTERPRET and query.dtype == torch.bfloat16
 
 
+def _fp8_tile(fp8_path: str, query: torch.Tensor, kv_cache: torch.Tensor) -> str:
+    """The decode kernel's FP8_TILE for MESHSERVE_DECODE_FP8_PATH's value: "convert" for a 16-bit cache, the
+    default path or a cache the words tile cannot read; "words_bytes" (no inline PTX) under the interpreter."""
+    if fp8_path not in FP8_PATHS:
+        raise ValueError(f"fp8_path takes one of {FP8_PATHS}, got {fp8_path!r}")
+    if fp8_path == "convert" or not _is_fp8(kv_cache) or not words_fit(kv_cache):
+        return "convert"
+    return "words" if query.is_cuda and not _INTERPRET else "words_bytes"
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -503,16 +514,21 @@ class TritonAttentionBackend:
     num_seqs, num_kv_heads, meta.max_seq_len and the SM count). Any value is correct for any seq_lens.
     inline_reduce: decode's last split per (sequence, KV head) combines the partials instead of a reduce
     launch (MESHSERVE_DECODE_REDUCE=inline).
+    fp8_path: how the decode kernel reads an fp8 cache (MESHSERVE_DECODE_FP8_PATH: "convert", the default,
+    or "words": triton_e4m3_words.py).
     """
 
     name = "triton"
 
     def __init__(self, decode_num_splits: int | None = None, max_decode_splits: int = 64,
-                 inline_reduce: bool = False, grid_tile: bool = True):
+                 inline_reduce: bool = False, grid_tile: bool = True, fp8_path: str = "convert"):
+        if fp8_path not in FP8_PATHS:
+            raise ValueError(f"fp8_path takes one of {FP8_PATHS}, got {fp8_path!r}")
         self.decode_num_splits = decode_num_splits
         self.max_decode_splits = max_decode_splits
         self.inline_reduce = inline_reduce  # decode: the last split reduces (no reduce launch)
         self.grid_tile = grid_tile  # decode: large grids take decode_tile's smaller CTAs (MESHSERVE_DECODE_TILE)
+        self.fp8_path = fp8_path  # decode over an fp8 cache: "convert" or "words"
 
     # -- cache write ---------------------------------------------------------------------------------
     def write_kv(self, key, value, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
@@ -576,7 +592,7 @@ class TritonAttentionBackend:
         return decode_attention_fused(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
                                       kv_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens,
                                       meta.query_start_loc, scale, sliding_window, num_heads, num_kv_heads, splits,
-                                      k_scale, v_scale, inline_reduce=self.inline_reduce)
+                                      k_scale, v_scale, inline_reduce=self.inline_reduce, fp8_path=self.fp8_path)
 
     def grid_tile_min_seqs(self, num_kv_heads: int, head_dim: int, device: torch.device) -> int | None:
         """The smallest batch whose decode launch takes decode_tile's GRID_TILE (another compiled variant, which
@@ -606,7 +622,8 @@ class TritonAttentionBackend:
                                                          _num_sms(query.device.index))
         decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                          scale, sliding_window, out, splits, block_n=block_n, num_warps=num_warps,
-                         num_stages=num_stages, k_scale=k_scale, v_scale=v_scale, inline_reduce=self.inline_reduce)
+                         num_stages=num_stages, k_scale=k_scale, v_scale=v_scale, inline_reduce=self.inline_reduce,
+                         fp8_path=self.fp8_path)
 
 
 def _decode_block_n(head_dim_pad: int, elem_size: int = 2) -> int:
@@ -688,12 +705,13 @@ def _ticket_workspace(device: torch.device) -> torch.Tensor:
 def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, out,
                      num_splits: int, block_n: int | None = None, num_warps: int = 4,
                      num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-                     inline_reduce: bool = False):
+                     inline_reduce: bool = False, fp8_path: str = "convert"):
     """One query token per sequence (query_start_loc[i] is its row); sequences with q_len != 1 (padding,
     or a mixed batch's prefill chunks, which prefill_attention(skip_single=True) serves) write nothing.
     No host syncs: safe to capture in a CUDA graph. block_n / num_warps / num_stages are tuning knobs
     (tools/sweep_decode_attention.py); the defaults are the measured best. inline_reduce: with splits, the
-    last split of each group combines the partials (no reduce launch; the module docstring)."""
+    last split of each group combines the partials (no reduce launch; the module docstring). fp8_path: how an
+    fp8 cache's tiles are read ("convert" or "words", _fp8_tile; a 16-bit cache ignores it)."""
     num_heads = query.shape[1]
     plan = DecodeLaunch.make(query, num_heads, kv_cache, seq_lens.shape[0], sliding_window, out, num_splits,
                              block_n, num_warps, inline_reduce)
@@ -708,6 +726,7 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
         HEAD_DIM=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=plan.block_n,
         USE_WINDOW=plan.use_window, DIRECT_OUT=plan.direct, UPCAST_DOT=_upcast_dot(query),
         DOT_PRECISION=_dot_precision(query), KV_FP8=_is_fp8(kv_cache), LAST_REDUCES=plan.inline,
+        FP8_TILE=_fp8_tile(fp8_path, query, kv_cache),
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **plan.gdc,
     )
     plan.reduce(query_start_loc, out)

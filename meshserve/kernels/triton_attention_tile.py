@@ -10,6 +10,10 @@
   diagonal (AttentionTileConfig.diag_mask_only).
 * ``dot_query``: q in the dtype of the tile's dots, converted once per program before the KV loop.
 
+FP8_TILE "words" (the decode kernel's MESHSERVE_DECODE_FP8_PATH=words): K and V read as 32-bit words in the
+cache's layout and widened to fp16 before the shared-memory trip to the dots (triton_e4m3_words.py says why);
+the same converted values, scales and products as the default ("convert").
+
 An fp8 (e4m3) cache: the tiles go straight to the dot dtype, fp16 for 16-bit models: every e4m3 value is exact
 in fp16 and the conversion is one instruction per two elements, where e4m3 -> fp32 -> * scale -> bf16 took
 several per element: at 1 byte per element that work likely bounds the decode kernel by the ALUs, not the
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from meshserve.kernels.triton_e4m3_words import load_e4m3_tile
 
 
 @triton.jit
@@ -76,20 +82,27 @@ def attend_paged_kv_tile(
     USE_WINDOW: tl.constexpr,
     KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_TILE: tl.constexpr = "convert",
 ):
     """(acc, m_i, l_i) after the KV tokens kv_pos [BLOCK_N] (those with kv_valid; block table row bt_row, K/V
     of one KV head at k_base / v_base) for the queries q [ROWS, BLOCK_D] (from dot_query) at positions q_pos.
     CAUSAL: a query sees keys up to its position (and with USE_WINDOW only the last `window`); else every
-    valid key (the decode kernel folds its window into kv_valid)."""
+    valid key (the decode kernel folds its window into kv_valid). FP8_TILE: how an fp8 tile is read
+    (triton_e4m3_words.FP8_TILES; not "convert": only where triton_e4m3_words.words_fit)."""
     blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
     off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
-    k = tl.load(
-        k_base + off[None, :] + d[:, None] * stride_cd, mask=kv_valid[None, :] & d_mask[:, None], other=0.0
-    )  # [BLOCK_D, BLOCK_N]
-    if KV_FP8:  # the cache holds K / k_scale: e4m3 -> q's dtype (exact), k_scale on the scores
-        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * (scale_log2 * k_scale)
+    WORDS: tl.constexpr = KV_FP8 and FP8_TILE != "convert"
+    if WORDS:  # [BLOCK_N, BLOCK_D] fp16 (K / k_scale), converted before its trip through shared memory
+        k = load_e4m3_tile(k_base, off, kv_valid, d.shape[0], FP8_TILE == "words")
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * (scale_log2 * k_scale)
     else:
-        qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
+        k = tl.load(
+            k_base + off[None, :] + d[:, None] * stride_cd, mask=kv_valid[None, :] & d_mask[:, None], other=0.0
+        )  # [BLOCK_D, BLOCK_N]
+        if KV_FP8:  # the cache holds K / k_scale: e4m3 -> q's dtype (exact), k_scale on the scores
+            qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * (scale_log2 * k_scale)
+        else:
+            qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
     if CAUSAL:
         mask = kv_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
@@ -98,9 +111,12 @@ def attend_paged_kv_tile(
         mask = kv_valid[None, :]
     qk = tl.where(mask, qk, float("-inf"))
     p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
-    v = tl.load(
-        v_base + off[:, None] + d[None, :] * stride_cd, mask=kv_valid[:, None] & d_mask[None, :], other=0.0
-    )  # [BLOCK_N, BLOCK_D]
+    if WORDS:
+        v = load_e4m3_tile(v_base, off, kv_valid, d.shape[0], FP8_TILE == "words")
+    else:
+        v = tl.load(
+            v_base + off[:, None] + d[None, :] * stride_cd, mask=kv_valid[:, None] & d_mask[None, :], other=0.0
+        )  # [BLOCK_N, BLOCK_D]
     pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     if KV_FP8:  # V / v_scale in the cache: scale the [ROWS, D] product, not the [BLOCK_N, D] tile
         pv = pv * v_scale

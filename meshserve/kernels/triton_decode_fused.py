@@ -39,6 +39,7 @@ from meshserve.kernels.triton_attention import (
     _LOG2E,
     DecodeLaunch,
     _dot_precision,
+    _fp8_tile,
     _is_fp8,
     _next_pow2,
     _upcast_dot,
@@ -88,7 +89,7 @@ def _decode_fused_split_kernel(
     BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_NORM: tl.constexpr, USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, USE_GDC: tl.constexpr = False,
-    LAST_REDUCES: tl.constexpr = False,
+    LAST_REDUCES: tl.constexpr = False, FP8_TILE: tl.constexpr = "convert",
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -144,7 +145,7 @@ def _decode_fused_split_kernel(
         ws_ml_ptr, ticket_ptr, scale_log2, window, num_splits, k_scale, v_scale,
         stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb, stride_ot, stride_oh, stride_od,
         NUM_HEADS, ROWS, BLOCK_D, BLOCK_SIZE, BLOCK_N, USE_WINDOW, DIRECT_OUT, DOT_PRECISION, KV_FP8, USE_GDC,
-        LAST_REDUCES,
+        LAST_REDUCES, FP8_TILE,
     )
 
 
@@ -154,10 +155,12 @@ def decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos_cache
                            slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            query_start_loc: torch.Tensor, scale: float, sliding_window: int | None,
                            num_heads: int, num_kv_heads: int, num_splits: int, k_scale: float = 1.0,
-                           v_scale: float = 1.0, inline_reduce: bool = False, num_warps: int = 4) -> torch.Tensor:
+                           v_scale: float = 1.0, inline_reduce: bool = False, num_warps: int = 4,
+                           fp8_path: str = "convert") -> torch.Tensor:
     """triton_ops.qkv_rope_cache then triton_attention.decode_attention in one split kernel (+ the reduce
     kernel with splits, unless inline_reduce): qkv [T, (H + 2 Hkv) D] of one-token rows -> out [T, H, D].
-    No host syncs: safe to capture in a CUDA graph."""
+    fp8_path: how an fp8 cache's tiles are read (as decode_attention's). No host syncs: safe to capture in a
+    CUDA graph."""
     num_tokens = qkv.shape[0]
     head_dim, block_size = kv_cache.shape[-1], kv_cache.shape[2]
     if head_dim % 2 or cos_cache.shape[-1] != head_dim:
@@ -187,7 +190,7 @@ def decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos_cache
         BLOCK_HALF=_next_pow2(head_dim // 2), BLOCK_SIZE=block_size, BLOCK_N=plan.block_n,
         HAS_NORM=has_norm, USE_WINDOW=plan.use_window, DIRECT_OUT=plan.direct, UPCAST_DOT=_upcast_dot(qkv),
         DOT_PRECISION=_dot_precision(qkv), KV_FP8=_is_fp8(kv_cache), LAST_REDUCES=plan.inline,
-        num_warps=num_warps, **plan.gdc,
+        FP8_TILE=_fp8_tile(fp8_path, qkv, kv_cache), num_warps=num_warps, **plan.gdc,
     )
     plan.reduce(query_start_loc, out)
     return out

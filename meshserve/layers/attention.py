@@ -53,15 +53,17 @@ class TorchAttentionBackend:
 
 
 def make_attention_backend(name: str, decode_inline_reduce: bool = False,
-                           decode_grid_tile: bool = True) -> AttentionBackend:
+                           decode_grid_tile: bool = True, decode_fp8_path: str = "convert") -> AttentionBackend:
     """The backend called `name` (torch or triton); layers/backend_selection.py decides which (and whether the
-    Triton decode reduces its splits inline, and whether large decode grids take smaller CTAs)."""
+    Triton decode reduces its splits inline, whether large decode grids take smaller CTAs and how it reads an
+    fp8 cache)."""
     if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
         from meshserve.kernels.triton_attention import TritonAttentionBackend
 
-        return TritonAttentionBackend(inline_reduce=decode_inline_reduce, grid_tile=decode_grid_tile)
+        return TritonAttentionBackend(inline_reduce=decode_inline_reduce, grid_tile=decode_grid_tile,
+                                      fp8_path=decode_fp8_path)
     raise ValueError(f"unknown attention backend {name!r} (torch, triton)")
 
 

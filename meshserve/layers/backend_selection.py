@@ -61,6 +61,11 @@ Overrides (environment, read only here, for debugging and references):
                                             two (sequence, KV head) programs per SM 64-token tiles, 2 warps, 2
                                             stages (kernels/triton_attention.decode_tile; H200 batch 256: bf16
                                             -3.7%, fp8 cache -19%); legacy: 128 tokens, 4 warps, 3 stages always
+  MESHSERVE_DECODE_FP8_PATH=convert|words   how the decode attention kernel reads an fp8 (e4m3) KV cache: convert
+                                            (the default: Triton converts after its shared-memory load, V byte
+                                            by byte) or words (32-bit words widened to fp16 before the dot's
+                                            shared-memory trip: kernels/triton_e4m3_words.py; the plain and the
+                                            fused-prologue decode launches; opt-in until measured on the H200)
   MESHSERVE_DECODE_FUSED_PROLOGUE=0|1|split decode-only steps: the fused prologue (q/k norm, rotary, K/V write)
                                             inside the decode attention launch (kernels/triton_decode_fused.py,
                                             one launch fewer a layer; with the fused prologue only); split (the
@@ -175,6 +180,8 @@ DECODE_SAMPLE_GRAPHS_DEFAULT = 8  # batch sizes 1, 2, 4, 8: four more small grap
 PDL_HEAD_ENV = "MESHSERVE_PDL_HEAD"
 DECODE_REDUCE_ENV = "MESHSERVE_DECODE_REDUCE"
 DECODE_REDUCE_CHOICES = ("kernel", "inline")
+DECODE_FP8_PATH_ENV = "MESHSERVE_DECODE_FP8_PATH"
+DECODE_FP8_PATH_CHOICES = ("convert", "words")  # kernels/triton_e4m3_words.FP8_PATHS
 DECODE_FUSED_PROLOGUE_ENV = "MESHSERVE_DECODE_FUSED_PROLOGUE"
 DECODE_TILE_ENV = "MESHSERVE_DECODE_TILE"
 DECODE_TILE_CHOICES = ("grid", "legacy")
@@ -233,6 +240,8 @@ class KernelSelection:
     decode_inline_reduce: bool = False
     # decode attention: large grids take smaller CTAs (kernels/triton_attention.decode_tile)
     decode_grid_tile: bool = True
+    # how decode attention reads an fp8 KV cache (DECODE_FP8_PATH_CHOICES)
+    decode_fp8_path: str = "convert"
     # decode-only steps: fused_prologue's work inside the decode attention launch (kernels/triton_decode_fused.py)
     decode_fused_prologue: bool = False
     # ... only in launches with at least this many KV splits (2: MESHSERVE_DECODE_FUSED_PROLOGUE=split;
@@ -474,6 +483,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         sample_head_pdl=os.environ.get(PDL_HEAD_ENV, "").strip() != "0",
         decode_inline_reduce=_variant(DECODE_REDUCE_ENV, DECODE_REDUCE_CHOICES, "kernel") == "inline",
         decode_grid_tile=_variant(DECODE_TILE_ENV, DECODE_TILE_CHOICES, "grid") == "grid",
+        decode_fp8_path=_variant(DECODE_FP8_PATH_ENV, DECODE_FP8_PATH_CHOICES, KernelSelection.decode_fp8_path),
         # "split" by default (H200, 2026-12-02: W1 +0.9% Qwen3-0.6B, +1.5% Llama-3.1-8B; W2 unchanged, where
         # "1" lost 4.7%): tools/w1_ab_device.sh
         decode_fused_prologue=(fused_ops and attention == "triton"
@@ -512,7 +522,7 @@ def bind_kernels(model: nn.Module, selection: KernelSelection) -> None:
     a launch mode of the kernel wrappers, set for the process (kernels/pdl.py)."""
     pdl.set_policy(selection.pdl_policy)
     backend = make_attention_backend(selection.attention_backend, selection.decode_inline_reduce,
-                                     selection.decode_grid_tile)
+                                     selection.decode_grid_tile, selection.decode_fp8_path)
     for module in model.modules():
         if isinstance(module, Attention):
             module.backend = backend

@@ -130,7 +130,7 @@ ptrs = dict(q_ptr="*bf16", cache_ptr="*fp8e4nv", bt_ptr="*i32", seq_lens_ptr="*i
             out_ptr="*bf16", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32")
 const = dict(NUM_HEADS=32, GROUP=4, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128,
              USE_WINDOW=False, DIRECT_OUT=True, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=True, USE_GDC=False,
-             LAST_REDUCES=False)
+             LAST_REDUCES=False, FP8_TILE="convert")
 ptx = compile90(_decode_split_kernel, ptrs, ("scale_log2", "k_scale", "v_scale"), const,
                 ("stride_qd", "stride_cd", "stride_od")).asm["ptx"]
 # e4m3 pairs straight to fp16 for the dots; no per-element e4m3 -> fp32 -> * scale -> bf16 round trip

@@ -221,14 +221,14 @@ KERNELS = [
           ws_ml_ptr=F), ("scale_log2", "k_scale", "v_scale"),
      dict(NUM_HEADS=16, GROUP=2, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128,
           USE_WINDOW=False, DIRECT_OUT=False, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=False,
-          LAST_REDUCES=False)),
+          LAST_REDUCES=False, FP8_TILE="convert")),
     # the inline reduce (the last split combines the group's partials): still one wait and one trigger
     ("triton_attention", "_decode_split_kernel",
      dict(q_ptr=B, cache_ptr=B, bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32", out_ptr=B, ws_acc_ptr=F,
           ws_ml_ptr=F, ticket_ptr="*i32"), ("scale_log2", "k_scale", "v_scale"),
      dict(NUM_HEADS=16, GROUP=2, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128,
           USE_WINDOW=False, DIRECT_OUT=False, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=False,
-          LAST_REDUCES=True)),
+          LAST_REDUCES=True, FP8_TILE="convert")),
     ("triton_attention", "_decode_reduce_kernel", dict(ws_acc_ptr=F, ws_ml_ptr=F, qsl_ptr="*i32", out_ptr=B), (),
      dict(NUM_HEADS=16, HEAD_DIM=128, BLOCK_D=128, SPLITS_PAD=4)),
 ]

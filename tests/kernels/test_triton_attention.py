@@ -320,17 +320,17 @@ sig.update(cache_ptr="*fp8e4nv", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32")
 compile_sm90(_decode_split_kernel, sig,
              dict(NUM_HEADS=32, GROUP=4, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128,
                   USE_WINDOW=True, DIRECT_OUT=False, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=True,
-                  USE_GDC=False, LAST_REDUCES=False), 4, 3)
+                  USE_GDC=False, LAST_REDUCES=False, FP8_TILE="convert"), 4, 3)
 # the grid tile (decode_tile) over an fp8 cache: 64 tokens, 2 warps, 2 stages, one split writing the output
 compile_sm90(_decode_split_kernel, sig,
              dict(NUM_HEADS=16, GROUP=2, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64,
                   USE_WINDOW=False, DIRECT_OUT=True, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=True,
-                  USE_GDC=False, LAST_REDUCES=False), 2, 2)
+                  USE_GDC=False, LAST_REDUCES=False, FP8_TILE="convert"), 2, 2)
 sig.update(ticket_ptr="*i32")  # the inline reduce: the ticket atomics and the last split's combine
 compile_sm90(_decode_split_kernel, sig,
              dict(NUM_HEADS=32, GROUP=4, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128,
                   USE_WINDOW=False, DIRECT_OUT=False, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=False,
-                  USE_GDC=False, LAST_REDUCES=True), 4, 3)
+                  USE_GDC=False, LAST_REDUCES=True, FP8_TILE="convert"), 4, 3)
 print("compiled")
 """
 

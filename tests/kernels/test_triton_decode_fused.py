@@ -71,12 +71,13 @@ def fused_case(case, dtype: torch.dtype, fp8: bool, qk_norm: bool, seed: int = 0
     return qkv, positions, cos, sin, *norms, cache, meta, h, hkv, window, k_scale, v_scale
 
 
-def run_both(case, dtype, fp8, qk_norm, splits, inline=False, seed=0, pad_slot=False, device="cpu"):
+def run_both(case, dtype, fp8, qk_norm, splits, inline=False, seed=0, pad_slot=False, device="cpu",
+             fp8_path="convert"):
     """(two-step out, two-step cache, fused out, fused cache, cache before, meta) from the same inputs."""
     qkv, pos, cos, sin, qw, kw, cache, meta, h, hkv, window, ks, vs = fused_case(case, dtype, fp8, qk_norm, seed,
                                                                                  pad_slot, device)
     d = cache.shape[-1]
-    backend = TritonAttentionBackend(decode_num_splits=splits, inline_reduce=inline)
+    backend = TritonAttentionBackend(decode_num_splits=splits, inline_reduce=inline, fp8_path=fp8_path)
     two_step = cache.clone()
     q = backend.write_qkv(qkv, pos, cos, sin, qw, kw, 1e-6, two_step, meta.slot_mapping, h, hkv, ks, vs)
     expect = backend.attend(q, two_step, meta, d**-0.5, window, ks, vs)
@@ -156,6 +157,18 @@ def test_a_slot_without_context_is_still_written_interp(splits):
 
 
 @interp
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("case", [0, 1])
+def test_fused_words_fp8_path_interp(case, splits):
+    """MESHSERVE_DECODE_FP8_PATH=words reaches the fused launch too: its outputs and cache equal the two-step
+    path's with the same switch, and its outputs equal today's fp8 path's (kernels/triton_e4m3_words.py)."""
+    words = run_both(case, torch.bfloat16, True, False, splits, seed=case, fp8_path="words")
+    _assert_same(*words)
+    convert = run_both(case, torch.bfloat16, True, False, splits, seed=case)
+    torch.testing.assert_close(words[2].float(), convert[2].float(), atol=1e-5, rtol=1e-5)
+
+
+@interp
 def test_fused_rejects_prompt_steps_interp():
     qkv, pos, cos, sin, qw, kw, cache, meta, h, hkv, *_ = fused_case(0, torch.float32, False, True)
     meta.max_query_len = 2  # a step with a prompt chunk: the two-step path's
@@ -173,16 +186,17 @@ tile = dict(HEAD_DIM=128, HALF=64, BLOCK_D=128, BLOCK_HALF=64, BLOCK_SIZE=16, BL
             DOT_PRECISION="tf32")
 # Qwen3-0.6B at W1: q/k norms, one split writing the output, PDL's late trigger
 qwen = dict(tile, NUM_HEADS=16, NUM_KV_HEADS=8, GROUP=2, ROWS=16, BLOCK_KH=8, HAS_NORM=True, USE_WINDOW=False,
-            DIRECT_OUT=True, KV_FP8=False, USE_GDC=2, LAST_REDUCES=False)
+            DIRECT_OUT=True, KV_FP8=False, USE_GDC=2, LAST_REDUCES=False, FP8_TILE="convert")
 ptx = compile_sm90(_decode_fused_split_kernel, sig, qwen, 4, 3).asm["ptx"]
 assert "bar.sync" in ptx and "mma" in ptx and "griddepcontrol.wait" in ptx
 # Llama-3.1-8B over an fp8 cache: no norms, splits reduced inline, a window
 sig.update(cache_ptr="*fp8e4nv")
 llama = dict(tile, NUM_HEADS=32, NUM_KV_HEADS=8, GROUP=4, ROWS=16, BLOCK_KH=8, HAS_NORM=False, USE_WINDOW=True,
              DIRECT_OUT=False, KV_FP8=True, USE_GDC=0, LAST_REDUCES=True)
-ptx = compile_sm90(_decode_fused_split_kernel, sig, llama, 4, 3).asm["ptx"]
-# the K/V write saturates to e4m3 as the prologue does; the tiles read e4m3 pairs straight into fp16
-assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "cvt.rn.f16x2.e4m3x2" in ptx and "atom" in ptx
+for fp8_tile in ("convert", "words"):  # today's fp8 tile and MESHSERVE_DECODE_FP8_PATH=words
+    ptx = compile_sm90(_decode_fused_split_kernel, sig, dict(llama, FP8_TILE=fp8_tile), 4, 3).asm["ptx"]
+    # the K/V write saturates to e4m3 as the prologue does; the tiles read e4m3 pairs straight into fp16
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "cvt.rn.f16x2.e4m3x2" in ptx and "atom" in ptx
 print("compiled")
 """
 

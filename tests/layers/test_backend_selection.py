@@ -31,6 +31,7 @@ def _no_overrides(monkeypatch):
     for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED", "MESHSERVE_MLA_PREFETCH",
                  "MESHSERVE_MLA_TRANSPOSED"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("MESHSERVE_DECODE_FP8_PATH", raising=False)
     for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS",
                  "MESHSERVE_MOE_ROUTE_ALIGN", "MESHSERVE_MOE_FUSE_SHARED"):
         monkeypatch.delenv(name, raising=False)
@@ -223,8 +224,6 @@ def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
 
 def test_decode_tile_switch_reaches_the_attention_backend(monkeypatch):
     # the grid tile by default; legacy keeps the one tile for every batch
-    from meshserve.layers.attention import Attention
-
     gpu = _config(device="cuda", dtype="bfloat16")
     assert select_kernels(gpu).decode_grid_tile
     monkeypatch.setenv("MESHSERVE_DECODE_TILE", "legacy")
@@ -235,6 +234,23 @@ def test_decode_tile_switch_reaches_the_attention_backend(monkeypatch):
     assert not layer.backend.grid_tile
     monkeypatch.setenv("MESHSERVE_DECODE_TILE", "small")
     with pytest.raises(ValueError, match="MESHSERVE_DECODE_TILE"):
+        select_kernels(gpu)
+
+
+def test_decode_fp8_path_switch_reaches_the_attention_backend(monkeypatch):
+    # today's fp8 tile ("convert") by default; "words" on request, bound to every layer's Triton backend
+    gpu = _config(device="cuda", dtype="bfloat16", cache_dtype="fp8")
+    assert select_kernels(gpu).decode_fp8_path == "convert"
+    layer = Attention(num_heads=4, head_dim=16, num_kv_heads=2, scale=0.25)
+    bind_kernels(torch.nn.Sequential(layer), dataclasses.replace(select_kernels(gpu), attention_backend="triton"))
+    assert layer.backend.fp8_path == "convert"
+    monkeypatch.setenv("MESHSERVE_DECODE_FP8_PATH", "words")
+    selection = select_kernels(gpu)
+    assert selection.decode_fp8_path == "words"
+    bind_kernels(torch.nn.Sequential(layer), dataclasses.replace(selection, attention_backend="triton"))
+    assert layer.backend.fp8_path == "words"
+    monkeypatch.setenv("MESHSERVE_DECODE_FP8_PATH", "bits")
+    with pytest.raises(ValueError, match="MESHSERVE_DECODE_FP8_PATH"):
         select_kernels(gpu)
 
 

@@ -15,19 +15,8 @@ import importlib.util
 
 import torch
 
-from meshserve.engine.cuda_graph import replay_ms
+from meshserve.engine.cuda_graph import captured_us
 from meshserve.kernels.triton_sampling import sample_gumbel
-
-
-def _time_us(fn, reps: int = 50) -> float:
-    """Device microseconds per call: fn captured in a CUDA graph (its Python and launch cost out of the
-    figure, as in serving, where the host runs ahead of the GPU), replayed back to back."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return replay_ms(graph, reps) * 1e3
 
 
 def _median_rank(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -55,11 +44,11 @@ def main() -> None:
         g = torch.Generator(device="cuda").manual_seed(rows)
         logits = (2 * torch.randn(rows, args.vocab, generator=g, device="cuda")).bfloat16()
         temps = torch.full((rows,), 0.6, device="cuda")
-        new_us = _time_us(lambda x=logits, t=temps: sample_gumbel(x, t, 7))
+        new_us = captured_us(lambda x=logits, t=temps: sample_gumbel(x, t, 7))
         rank_new = _median_rank(logits, sample_gumbel(logits, temps, 7))
         old_us = rank_old = float("nan")
         if old is not None:
-            old_us = _time_us(lambda x=logits, t=temps: old.sample_gumbel(x, t, 7))
+            old_us = captured_us(lambda x=logits, t=temps: old.sample_gumbel(x, t, 7))
             rank_old = _median_rank(logits, old.sample_gumbel(logits, temps, 7))
             greedy = torch.zeros_like(temps)
             assert torch.equal(sample_gumbel(logits, greedy, 1), old.sample_gumbel(logits, greedy, 1))
@@ -71,7 +60,7 @@ def _copy_bandwidth() -> float:
     """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    us = _time_us(lambda: b.copy_(a), reps=10)
+    us = captured_us(lambda: b.copy_(a), 10)
     return 2 * a.numel() / (us * 1e-6)
 
 

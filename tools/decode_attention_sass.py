@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ["TRITON_INTERPRET"] = "0"
@@ -31,9 +28,8 @@ from triton.compiler import ASTSource
 
 from meshserve.kernels.triton_attention import _decode_split_kernel
 from meshserve.kernels.triton_e4m3_words import FP8_TILES
-from tools.sass_loops import backward_loops, opcodes
+from tools.sass_loops import backward_loops, cubin_facts, opcodes
 
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SIG = {
     "q_ptr": "*bf16",
     "cache_ptr": "*bf16",
@@ -116,16 +112,10 @@ def classify(ops: collections.Counter) -> dict:
 
 
 def stats(compiled) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        use = subprocess.run([f"{BIN}/cuobjdump", "-res-usage", f.name], check=True, capture_output=True,
-                             text=True).stdout
-        sass = subprocess.run([f"{BIN}/nvdisasm", "-c", f.name], check=True, capture_output=True, text=True).stdout
-    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", use).groups()
+    regs, stack, sass = cubin_facts(compiled)
     loop = max(backward_loops(sass), key=len, default=[])
     ops = opcodes(loop)
-    return {"regs": int(regs), "stack": int(stack), "smem": compiled.metadata.shared, "loop": len(loop),
+    return {"regs": regs, "stack": stack, "smem": compiled.metadata.shared, "loop": len(loop),
             "classes": classify(ops), "ops": ops, "sass": sass}
 
 

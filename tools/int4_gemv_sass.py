@@ -14,9 +14,7 @@ import argparse
 import collections
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ["TRITON_INTERPRET"] = "0"
@@ -27,9 +25,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from meshserve.kernels import triton_int4_gemv as i4
-from tools.sass_loops import backward_loops, opcodes
+from tools.sass_loops import backward_loops, cubin_facts, opcodes
 
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 POINTERS = {
     "x_ptr": "*bf16",
     "qw_ptr": "*i32",
@@ -58,18 +55,9 @@ def compile_sm90(kernel, const: dict, warps: int):
 
 def stats(compiled) -> tuple[str, str, collections.Counter, str]:
     """(registers, stack bytes, opcode counts of the largest loop) of a compiled kernel, and its SASS."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        use = subprocess.run(
-            [f"{BIN}/cuobjdump", "-res-usage", f.name], check=True, capture_output=True, text=True
-        ).stdout
-        sass = subprocess.run(
-            [f"{BIN}/nvdisasm", "-c", f.name], check=True, capture_output=True, text=True
-        ).stdout
-    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", use).groups()
+    regs, stack, sass = cubin_facts(compiled)
     ops = opcodes(max(backward_loops(sass), key=len, default=[]))
-    return regs, stack, ops, sass
+    return str(regs), str(stack), ops, sass
 
 
 def main():

@@ -19,9 +19,7 @@ import argparse
 import collections
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ["TRITON_INTERPRET"] = "0"
@@ -32,9 +30,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from meshserve.kernels.triton_mla_balanced import _mla_balanced_kernel
-from tools.sass_loops import backward_loops, opcodes
+from tools.sass_loops import backward_loops, cubin_facts, opcodes
 
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SIG = {n: "*bf16" for n in ("ql_ptr", "qp_ptr", "cache_ptr", "out_ptr")}
 SIG.update(bt_ptr="*i64", seq_lens_ptr="*i64", qsl_ptr="*i64", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32",
            pieces_ptr="*i32", scale_log2="fp32")
@@ -66,13 +63,7 @@ def tile_loop(sass: str) -> collections.Counter:
 
 
 def facts(compiled) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        use = subprocess.run([f"{BIN}/cuobjdump", "-res-usage", f.name], check=True, capture_output=True,
-                             text=True).stdout
-        sass = subprocess.run([f"{BIN}/nvdisasm", "-c", f.name], check=True, capture_output=True, text=True).stdout
-    regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", use).groups())
+    regs, stack, sass = cubin_facts(compiled)
     ops = tile_loop(sass)
     kinds = {k: sum(v for o, v in ops.items() if o.split(".")[0] == k) for k in KINDS}
     bufs = sorted({int(n) for n in re.findall(r"memdesc<(\d+)x\d+x512xbf16", compiled.asm["ttgir"])})

@@ -1,10 +1,31 @@
-"""The loops of a kernel's SASS (nvdisasm -c output), for the static sm_90 readings of tools/int4_gemv_sass.py
-and tools/mla_decode_sass.py: each backward branch's body, and the opcode counts of one."""
+"""The loops of a kernel's SASS (nvdisasm -c output), for the static sm_90 readings of tools/int4_gemv_sass.py,
+tools/mla_decode_sass.py and tools/decode_attention_sass.py: a compiled kernel's registers, stack and SASS
+(cubin_facts), each backward branch's body, and the opcode counts of one."""
 
 from __future__ import annotations
 
 import collections
+import os
 import re
+import subprocess
+import tempfile
+
+
+def cubin_facts(compiled) -> tuple[int, int, str]:
+    """(registers, stack bytes, SASS) of a kernel compiled by triton.compile, read from its cubin with the
+    cuobjdump and nvdisasm bundled with Triton."""
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        use = subprocess.run([f"{bin_dir}/cuobjdump", "-res-usage", f.name], check=True, capture_output=True,
+                             text=True).stdout
+        sass = subprocess.run([f"{bin_dir}/nvdisasm", "-c", f.name], check=True, capture_output=True,
+                              text=True).stdout
+    regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", use).groups())
+    return regs, stack, sass
 
 _INSTRUCTION = re.compile(r"\s+/\*[0-9a-f]{4}\*/")
 

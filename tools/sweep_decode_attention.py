@@ -28,7 +28,7 @@ import json
 import torch
 import triton.testing
 
-from meshserve.engine.cuda_graph import replay_ms
+from meshserve.engine.cuda_graph import captured_us
 from meshserve.kernels.triton_attention import _num_sms, decode_attention, decode_num_splits
 
 
@@ -55,18 +55,6 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / (ms * 1e-3)
 
 
-def graph_us(fn, reps: int = 50) -> float:
-    """Device microseconds per call of fn captured in a CUDA graph, replayed back to back: the engine's view
-    (its decode steps replay graphs). Timed eagerly, a split launch's workspace allocations and reduce launch
-    from Python took 70-107 us at batch 8 against 21-48 us for one split (H200, 2026-12-03): the host's time."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return replay_ms(graph, reps) * 1e3
-
-
 def sweep_splits(bw: float, kv_dtype=None) -> list[dict]:
     """The default tile at each split count for W2's shapes: one line per (group, batch, context)."""
     results = []
@@ -78,7 +66,10 @@ def sweep_splits(bw: float, kv_dtype=None) -> list[dict]:
         cells, times = [], {}
         for splits in (1, 2, 4, 8):
             fn = functools.partial(decode_attention, q, cache, tables, seq_lens, qsl, 128**-0.5, None, out, splits)
-            times[splits] = graph_us(fn)
+            # from a CUDA graph, as the engine runs it: timed eagerly, a split launch's workspace allocations and
+            # reduce launch from Python took 70-107 us at batch 8 against 21-48 us for one split (H200,
+            # 2026-12-03): the host's time
+            times[splits] = captured_us(fn)
             cells.append(f"{times[splits]:8.1f} ({kv_bytes / times[splits] / 1e6:4.2f})")
             results.append({"group": group, "batch": batch, "ctx": ctx, "splits": splits, "rule": rule,
                             "us": times[splits], "tb_s": kv_bytes / times[splits] / 1e6})

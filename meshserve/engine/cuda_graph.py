@@ -113,6 +113,17 @@ def replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
     return start.elapsed_time(end) / replays
 
 
+def captured_us(fn, replays: int = 50) -> float:
+    """Device microseconds per call of fn (no arguments) captured in a CUDA graph and replayed back to back:
+    its Python and launch cost out of the figure, as in the engine's graph steps (tools' kernel timings)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return replay_ms(graph, replays) * 1e3
+
+
 def release_graphs(holder) -> None:
     """Free the CUDA graphs of a holder (DecodeGraphs, MixedStepGraphs: its graphs, outputs, pool, forward and
     device) before the process group goes: graphs holding captured NCCL collectives kept the communicators'

@@ -57,10 +57,11 @@ Overrides (environment, read only here, for debugging and references):
                                             (kernel, the default) or by each group's last split (inline:
                                             kernels/triton_attention.py, one launch fewer a layer; opt-in until
                                             measured on the H200: issue 29)
-  MESHSERVE_DECODE_TILE=grid|legacy         decode attention's tile: grid (the default) gives grids of at least
-                                            two (sequence, KV head) programs per SM 64-token tiles, 2 warps, 2
-                                            stages (kernels/triton_attention.decode_tile; H200 batch 256: bf16
-                                            -3.7%, fp8 cache -19%); legacy: 128 tokens, 4 warps, 3 stages always
+  MESHSERVE_DECODE_TILE=grid|legacy         decode attention's tile: grid (the default): launches of at least
+                                            two (sequence, KV head) programs per SM use 64-token tiles, 2 warps
+                                            and 2 stages (kernels/triton_attention.decode_tile; H200 kernel time
+                                            at batch 256: bf16 -3.7%, fp8 cache -19%; W2 not yet measured);
+                                            legacy: 128 tokens, 4 warps, 3 stages for every launch
   MESHSERVE_DECODE_FP8_PATH=convert|words   how the decode attention kernel reads an fp8 (e4m3) KV cache: convert
                                             (the default: Triton converts after its shared-memory load, V byte
                                             by byte) or words (32-bit words widened to fp16 before the dot's

@@ -275,10 +275,10 @@ def warm_up_eager_steps(
     token_counts: Sequence[int] = (),
 ) -> int:
     """Run (fresh: the fresh prefill steps first) the context-prefill and decode-only steps, then the mixed
-    step once per split count, then (with bounds) the grid tile's steps, then (with bounds; last, so a failure there leaves the rest warmed) a step of
-    each of token_counts (the MoE's variants: moe_token_counts) and the chunked-context steps of the layers'
-    MLA prefill workspace, through prepare (the runner's _prepare) and its plain forward. Returns the number
-    of steps run."""
+    step once per split count, then (with bounds) the grid tile's steps, then (with bounds; last, so a failure
+    there leaves the rest warmed) a step of each of token_counts (the MoE's variants: moe_token_counts) and the
+    chunked-context steps of the layers' MLA prefill workspace, through prepare (the runner's _prepare) and its
+    plain forward. Returns the number of steps run."""
     t0 = time.perf_counter()
     steps = 0
     max_len = bounds.max_model_len if bounds is not None else None

@@ -115,8 +115,14 @@ def replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
 
 def captured_us(fn, replays: int = 50) -> float:
     """Device microseconds per call of fn (no arguments) captured in a CUDA graph and replayed back to back:
-    its Python and launch cost out of the figure, as in the engine's graph steps (tools' kernel timings)."""
-    fn()
+    its Python and launch cost out of the figure, as in the engine's graph steps (tools' kernel timings). fn is
+    run twice on a side stream first (compiles, allocator warm-up), as capture wants."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

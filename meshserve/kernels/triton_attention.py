@@ -198,7 +198,7 @@ def attend_causal_q_tile(
                 acc, m_i, l_i = attend_paged_kv_tile(
                     q, q_pos, acc, m_i, l_i, kv_pos, kv_pos < kv_hi, window, bt_row, k_base, v_base, d, d_mask,
                     scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
-                    BLOCK_SIZE, True, USE_WINDOW, KV_FP8, DOT_PRECISION,
+                    BLOCK_SIZE, True, USE_WINDOW, KV_FP8, DOT_PRECISION, "convert",
                 )
         for start in range(full_lo, full_hi, BLOCK_N):
             acc, m_i, l_i = attend_full_kv_tile(
@@ -211,7 +211,7 @@ def attend_causal_q_tile(
         acc, m_i, l_i = attend_paged_kv_tile(
             q, q_pos, acc, m_i, l_i, kv_pos, kv_pos < kv_hi, window, bt_row, k_base, v_base, d, d_mask,
             scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
-            BLOCK_SIZE, True, USE_WINDOW, KV_FP8, DOT_PRECISION,
+            BLOCK_SIZE, True, USE_WINDOW, KV_FP8, DOT_PRECISION, "convert",
         )
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -333,7 +333,7 @@ def decode_split_attend(
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb, stride_ot, stride_oh, stride_od,
     NUM_HEADS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, USE_GDC: tl.constexpr, LAST_REDUCES: tl.constexpr, FP8_TILE: tl.constexpr = "convert",
+    KV_FP8: tl.constexpr, USE_GDC: tl.constexpr, LAST_REDUCES: tl.constexpr, FP8_TILE: tl.constexpr,
 ):
     """One decode program's work once its query rows q [ROWS, BLOCK_D] (dot_query'd; GQA group of KV head kvh,
     rows `heads`, flat token row tok) are in registers: its split's KV tiles, then the output (one split) or

@@ -82,13 +82,14 @@ def attend_paged_kv_tile(
     USE_WINDOW: tl.constexpr,
     KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FP8_TILE: tl.constexpr = "convert",
+    FP8_TILE: tl.constexpr,
 ):
     """(acc, m_i, l_i) after the KV tokens kv_pos [BLOCK_N] (those with kv_valid; block table row bt_row, K/V
     of one KV head at k_base / v_base) for the queries q [ROWS, BLOCK_D] (from dot_query) at positions q_pos.
     CAUSAL: a query sees keys up to its position (and with USE_WINDOW only the last `window`); else every
     valid key (the decode kernel folds its window into kv_valid). FP8_TILE: how an fp8 tile is read
-    (triton_e4m3_words.FP8_TILES; not "convert": only where triton_e4m3_words.words_fit)."""
+    (triton_e4m3_words.FP8_TILES; not "convert": only where triton_e4m3_words.words_fit). No default: Triton
+    3.6 (the device's) passes a called function's default constexpr through unwrapped and fails to compile."""
     blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
     off = blk * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs
     WORDS: tl.constexpr = KV_FP8 and FP8_TILE != "convert"

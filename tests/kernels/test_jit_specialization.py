@@ -88,6 +88,18 @@ def test_do_not_specialize_names_are_runtime_parameters():
             assert name in runtime, f"{key}: do_not_specialize names {name!r}, not a runtime parameter"
 
 
+def test_jit_helpers_have_no_string_defaults():
+    """A @triton.jit helper (called from a kernel, not launched; kernels end in _kernel) takes no str default:
+    Triton 3.6 (the device image's) passes a called function's default str through unwrapped and the calling
+    kernel fails to compile ("'str' object has no attribute 'type'"); 3.9 (CI's) compiles it, so only this
+    check catches it here. A launched kernel's defaults are bound by its launcher and are fine."""
+    helpers = {key: k for key, k in _kernels().items() if not key.endswith("_kernel")}
+    assert "triton_attention_tile.attend_paged_kv_tile" in helpers  # the scan sees the helpers at all
+    for key, helper in helpers.items():
+        for p in inspect.signature(helper.fn).parameters.values():
+            assert not isinstance(p.default, str), f"{key}: {p.name} defaults to {p.default!r}; pass it explicitly"
+
+
 @pytest.mark.parametrize("key", sorted(PER_STEP))
 def test_per_step_arguments_are_unspecialized(key):
     kernel = _kernels()[key]

@@ -201,7 +201,9 @@ def grid_tile_steps(layers, block_size: int, num_blocks: int, max_num_seqs: int,
     for layer in layers:
         min_seqs = getattr(getattr(layer, "backend", None), "grid_tile_min_seqs", None)
         if min_seqs is not None and hasattr(layer, "num_kv_heads"):
-            found.append(min_seqs(layer.num_kv_heads, layer.head_dim, device))
+            cache = getattr(layer, "kv_cache", None)
+            kv_fp8 = cache is not None and cache.dtype == torch.float8_e4m3fn
+            found.append(min_seqs(layer.num_kv_heads, layer.head_dim, device, kv_fp8))
     rows = min((r for r in found if r), default=None)
     if rows is None or rows > max_num_seqs or 2 * rows > num_blocks:
         return []

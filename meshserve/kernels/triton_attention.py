@@ -521,13 +521,15 @@ class TritonAttentionBackend:
     name = "triton"
 
     def __init__(self, decode_num_splits: int | None = None, max_decode_splits: int = 64,
-                 inline_reduce: bool = False, grid_tile: bool = True, fp8_path: str = "convert"):
+                 inline_reduce: bool = False, grid_tile: str = "auto", fp8_path: str = "convert"):
         if fp8_path not in FP8_PATHS:
             raise ValueError(f"fp8_path takes one of {FP8_PATHS}, got {fp8_path!r}")
+        if grid_tile not in GRID_TILE_MODES:
+            raise ValueError(f"grid_tile takes one of {GRID_TILE_MODES}, got {grid_tile!r}")
         self.decode_num_splits = decode_num_splits
         self.max_decode_splits = max_decode_splits
         self.inline_reduce = inline_reduce  # decode: the last split reduces (no reduce launch)
-        self.grid_tile = grid_tile  # decode: large grids take decode_tile's smaller CTAs (MESHSERVE_DECODE_TILE)
+        self.grid_tile = grid_tile  # decode: which caches' large grids take decode_tile's smaller CTAs
         self.fp8_path = fp8_path  # decode over an fp8 cache: "convert" or "words"
 
     # -- cache write ---------------------------------------------------------------------------------
@@ -594,10 +596,18 @@ class TritonAttentionBackend:
                                       meta.query_start_loc, scale, sliding_window, num_heads, num_kv_heads, splits,
                                       k_scale, v_scale, inline_reduce=self.inline_reduce, fp8_path=self.fp8_path)
 
-    def grid_tile_min_seqs(self, num_kv_heads: int, head_dim: int, device: torch.device) -> int | None:
+    def takes_grid_tile(self, kv_fp8: bool) -> bool:
+        """Whether large decode grids over this cache take decode_tile's GRID_TILE: "auto" for fp8 caches only
+        (H200 W2 Qwen3-0.6B, 2026-12-03, two processes each: fp8 cache 5.45 / 5.70 s against 5.87 / 6.03 s with
+        the one tile; bf16 cache 6.06 / 5.78 s against 5.90 / 5.67 s: the bf16 kernel's -3.7% at batch 256 did
+        not carry to W2), "grid" for every cache, "legacy" for none."""
+        return self.grid_tile == "grid" or (self.grid_tile == "auto" and kv_fp8)
+
+    def grid_tile_min_seqs(self, num_kv_heads: int, head_dim: int, device: torch.device,
+                           kv_fp8: bool = False) -> int | None:
         """The smallest batch whose decode launch takes decode_tile's GRID_TILE (another compiled variant, which
         engine/eager_warmup.grid_tile_steps builds at start), or None where none does."""
-        if not (self.grid_tile and device.type == "cuda") or head_dim > 128:
+        if not (self.takes_grid_tile(kv_fp8) and device.type == "cuda") or head_dim > 128:
             return None
         return -(-GRID_TILE_MIN_WAVES * _num_sms(device.index) // num_kv_heads)
 
@@ -617,7 +627,7 @@ class TritonAttentionBackend:
         splits = self.decode_splits(num_seqs, num_kv_heads, query.shape[2], query.dtype, meta.max_seq_len,
                                     query.device)
         block_n, num_warps, num_stages = None, 4, None
-        if self.grid_tile and query.is_cuda:  # (the interpreter: tiles only change the summation order there)
+        if self.takes_grid_tile(_is_fp8(kv_cache)) and query.is_cuda:  # (the interpreter: only the sum order)
             block_n, num_warps, num_stages = decode_tile(num_seqs, num_kv_heads, query.shape[2],
                                                          _num_sms(query.device.index))
         decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
@@ -640,6 +650,7 @@ def _decode_block_n(head_dim_pad: int, elem_size: int = 2) -> int:
 # (128 tokens, 4 warps, 3 stages) holds: bf16 53.1 us, the best tile 52.7 (the same shape, 3 stages).
 GRID_TILE = (64, 2, 2)
 GRID_TILE_MIN_WAVES = 2
+GRID_TILE_MODES = ("auto", "grid", "legacy")  # TritonAttentionBackend.takes_grid_tile
 
 
 def decode_tile(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int) -> tuple[int | None, int, int | None]:

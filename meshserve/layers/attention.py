@@ -53,9 +53,9 @@ class TorchAttentionBackend:
 
 
 def make_attention_backend(name: str, decode_inline_reduce: bool = False,
-                           decode_grid_tile: bool = True, decode_fp8_path: str = "convert") -> AttentionBackend:
+                           decode_grid_tile: str = "auto", decode_fp8_path: str = "convert") -> AttentionBackend:
     """The backend called `name` (torch or triton); layers/backend_selection.py decides which (and whether the
-    Triton decode reduces its splits inline, whether large decode grids take smaller CTAs and how it reads an
+    Triton decode reduces its splits inline, which caches' large decode grids take smaller CTAs and how it reads an
     fp8 cache)."""
     if name == "torch":
         return TorchAttentionBackend()

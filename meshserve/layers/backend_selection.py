@@ -57,11 +57,13 @@ Overrides (environment, read only here, for debugging and references):
                                             (kernel, the default) or by each group's last split (inline:
                                             kernels/triton_attention.py, one launch fewer a layer; opt-in until
                                             measured on the H200: issue 29)
-  MESHSERVE_DECODE_TILE=grid|legacy         decode attention's tile: grid (the default): launches of at least
-                                            two (sequence, KV head) programs per SM use 64-token tiles, 2 warps
-                                            and 2 stages (kernels/triton_attention.decode_tile; H200 kernel time
-                                            at batch 256: bf16 -3.7%, fp8 cache -19%; W2 not yet measured);
-                                            legacy: 128 tokens, 4 warps, 3 stages for every launch
+  MESHSERVE_DECODE_TILE=auto|grid|legacy    decode attention's tile: grid: launches of at least two (sequence,
+                                            KV head) programs per SM use 64-token tiles, 2 warps and 2 stages
+                                            (kernels/triton_attention.decode_tile; H200 kernel time at batch
+                                            256: bf16 -3.7%, fp8 cache -19%); legacy: 128 tokens, 4 warps, 3
+                                            stages for every launch; auto (the default): grid over an fp8 cache,
+                                            legacy over a 16-bit one (H200 W2 Qwen3-0.6B, 2026-12-03: fp8 cache
+                                            -5% with grid, bf16 +2%)
   MESHSERVE_DECODE_FP8_PATH=convert|words   how the decode attention kernel reads an fp8 (e4m3) KV cache: convert
                                             (the default: Triton converts after its shared-memory load, V byte
                                             by byte) or words (32-bit words widened to fp16 before the dot's
@@ -185,7 +187,7 @@ DECODE_FP8_PATH_ENV = "MESHSERVE_DECODE_FP8_PATH"
 DECODE_FP8_PATH_CHOICES = ("convert", "words")  # kernels/triton_e4m3_words.FP8_PATHS
 DECODE_FUSED_PROLOGUE_ENV = "MESHSERVE_DECODE_FUSED_PROLOGUE"
 DECODE_TILE_ENV = "MESHSERVE_DECODE_TILE"
-DECODE_TILE_CHOICES = ("grid", "legacy")
+DECODE_TILE_CHOICES = ("auto", "grid", "legacy")
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
 MLA_DECODE_TILE_ENV = "MESHSERVE_MLA_DECODE_TILE"
@@ -239,8 +241,8 @@ class KernelSelection:
     sample_head_pdl: bool = True  # False: the sampled graphs' greedy head launches its kernels without PDL
     # decode attention's split partials combined by the last split of each group (no reduce launch)
     decode_inline_reduce: bool = False
-    # decode attention: large grids take smaller CTAs (kernels/triton_attention.decode_tile)
-    decode_grid_tile: bool = True
+    # decode attention: which caches' large grids take smaller CTAs (TritonAttentionBackend.takes_grid_tile)
+    decode_grid_tile: str = "auto"
     # how decode attention reads an fp8 KV cache (DECODE_FP8_PATH_CHOICES)
     decode_fp8_path: str = "convert"
     # decode-only steps: fused_prologue's work inside the decode attention launch (kernels/triton_decode_fused.py)
@@ -483,7 +485,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         decode_sample_graph_max_bs=_decode_sample_graph_max_bs() if cuda_graphs else 0,
         sample_head_pdl=os.environ.get(PDL_HEAD_ENV, "").strip() != "0",
         decode_inline_reduce=_variant(DECODE_REDUCE_ENV, DECODE_REDUCE_CHOICES, "kernel") == "inline",
-        decode_grid_tile=_variant(DECODE_TILE_ENV, DECODE_TILE_CHOICES, "grid") == "grid",
+        decode_grid_tile=_variant(DECODE_TILE_ENV, DECODE_TILE_CHOICES, KernelSelection.decode_grid_tile),
         decode_fp8_path=_variant(DECODE_FP8_PATH_ENV, DECODE_FP8_PATH_CHOICES, KernelSelection.decode_fp8_path),
         # "split" by default (H200, 2026-12-02: W1 +0.9% Qwen3-0.6B, +1.5% Llama-3.1-8B; W2 unchanged, where
         # "1" lost 4.7%): tools/w1_ab_device.sh

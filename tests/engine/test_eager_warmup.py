@@ -95,7 +95,8 @@ class _GridBackend:
     def __init__(self, rows):
         self.rows = rows
 
-    def grid_tile_min_seqs(self, num_kv_heads, head_dim, device):
+    def grid_tile_min_seqs(self, num_kv_heads, head_dim, device, kv_fp8=False):
+        self.kv_fp8 = kv_fp8
         return self.rows
 
 
@@ -114,6 +115,11 @@ def test_grid_tile_steps_reach_the_smallest_batch_that_takes_the_grid_tile():
     assert grid_tile_steps(layers, 16, 100, 4, torch.device("cpu")) == []  # max_num_seqs never reaches it
     assert grid_tile_steps(layers, 16, 8, 256, torch.device("cpu")) == []  # nor does the pool
     assert grid_tile_steps([_AttnLayer(_GridBackend(None))], 16, 100, 256, torch.device("cpu")) == []
+    # the rule sees the layer's cache dtype (the grid tile is fp8-only by default)
+    layer = _AttnLayer(_GridBackend(5))
+    layer.kv_cache = torch.zeros(2, dtype=torch.float8_e4m3fn)
+    grid_tile_steps([layer], 16, 100, 256, torch.device("cpu"))
+    assert layer.backend.kv_fp8
     # the Triton backend on the CPU: the interpreter keeps its tiles, no steps
     assert grid_tile_steps([_AttnLayer(TritonAttentionBackend())], 16, 100, 256, torch.device("cpu")) == []
 

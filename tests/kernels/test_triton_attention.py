@@ -284,11 +284,17 @@ def test_decode_tile_takes_small_ctas_on_grids_of_two_waves():
     assert decode_tile(32, 8, 128, 132) == default  # 256: the measured batch-16/32 side stays
     assert decode_tile(256, 8, 128, 132) == GRID_TILE and decode_tile(17, 16, 64, 132) == GRID_TILE
     assert decode_tile(256, 8, 256, 132) == default  # wider heads: not measured
-    backend = TritonAttentionBackend()
-    assert backend.grid_tile_min_seqs(8, 128, torch.device("cpu")) is None  # the interpreter keeps its tiles
-    assert TritonAttentionBackend(grid_tile=False).grid_tile_min_seqs(8, 128, torch.device("cuda")) is None
-    assert backend.grid_tile_min_seqs(8, 256, torch.device("cuda")) is None
-    rows = backend.grid_tile_min_seqs(8, 128, torch.device("cuda"))
+    backend = TritonAttentionBackend()  # "auto": the grid tile over an fp8 cache, not over a 16-bit one
+    assert backend.takes_grid_tile(True) and not backend.takes_grid_tile(False)
+    assert TritonAttentionBackend(grid_tile="grid").takes_grid_tile(False)
+    assert backend.grid_tile_min_seqs(8, 128, torch.device("cpu"), True) is None  # the interpreter keeps its tiles
+    assert backend.grid_tile_min_seqs(8, 128, torch.device("cuda"), False) is None  # bf16 keeps the one tile
+    assert TritonAttentionBackend(grid_tile="legacy").grid_tile_min_seqs(8, 128, torch.device("cuda"), True) is None
+    assert backend.grid_tile_min_seqs(8, 256, torch.device("cuda"), True) is None
+    with pytest.raises(ValueError, match="grid_tile"):
+        TritonAttentionBackend(grid_tile="small")
+    rows = backend.grid_tile_min_seqs(8, 128, torch.device("cuda"), True)
+    assert rows == TritonAttentionBackend(grid_tile="grid").grid_tile_min_seqs(8, 128, torch.device("cuda"))
     from meshserve.kernels.triton_attention import _num_sms
 
     sms = _num_sms(0)
@@ -387,8 +393,8 @@ def test_decode_gpu(head_dim, heads, block_size, batch, max_len):
             backend = TritonAttentionBackend(decode_num_splits=splits, inline_reduce=inline)
             out = backend.attend(query, cache, meta, scale, None)
             check(out, ref, torch.bfloat16, on_gpu=True)
-    # batch 64 takes the grid tile (decode_tile) by default; the legacy tile too (MESHSERVE_DECODE_TILE=legacy)
-    check(TritonAttentionBackend(grid_tile=False).attend(query, cache, meta, scale, None), ref, torch.bfloat16,
+    # a bf16 cache keeps the one tile by default ("auto"); batch 64 takes the grid tile where asked for
+    check(TritonAttentionBackend(grid_tile="grid").attend(query, cache, meta, scale, None), ref, torch.bfloat16,
           on_gpu=True)
     from meshserve.kernels.triton_attention import _ticket_workspace
 

@@ -223,15 +223,15 @@ def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
 
 
 def test_decode_tile_switch_reaches_the_attention_backend(monkeypatch):
-    # the grid tile by default; legacy keeps the one tile for every batch
+    # auto by default (the grid tile over fp8 caches); legacy keeps the one tile for every batch
     gpu = _config(device="cuda", dtype="bfloat16")
-    assert select_kernels(gpu).decode_grid_tile
+    assert select_kernels(gpu).decode_grid_tile == "auto"
     monkeypatch.setenv("MESHSERVE_DECODE_TILE", "legacy")
     selection = select_kernels(gpu)
-    assert not selection.decode_grid_tile
+    assert selection.decode_grid_tile == "legacy"
     layer = Attention(num_heads=4, head_dim=16, num_kv_heads=2, scale=0.25)
     bind_kernels(torch.nn.Sequential(layer), dataclasses.replace(selection, attention_backend="triton"))
-    assert not layer.backend.grid_tile
+    assert layer.backend.grid_tile == "legacy" and not layer.backend.takes_grid_tile(True)
     monkeypatch.setenv("MESHSERVE_DECODE_TILE", "small")
     with pytest.raises(ValueError, match="MESHSERVE_DECODE_TILE"):
         select_kernels(gpu)

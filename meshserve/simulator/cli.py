@@ -14,6 +14,7 @@ from meshserve.simulator.frontend import FRONTEND_BEFORE_GATE, FRONTEND_H200, Fr
 
 def register(subparsers) -> None:
     """Add the `simulate` subcommand to meshserve's argument parser."""
+    from meshserve.planner.memory import KV_DTYPE_BYTES, WEIGHT_DTYPE_BYTES
     from meshserve.simulator.config import REPLICA_MODELS, ROUTER_POLICIES, SimConfig
     from meshserve.simulator.fast_fleet import FAST_MODEL_COVERS
 
@@ -76,6 +77,11 @@ def register(subparsers) -> None:
     g.add_argument("--kv-transfer-latency-us", type=float, default=None,
                    help="fixed latency per KV transfer (default: the catalog's link latency)")
     g = p.add_argument_group("engine (per replica, as `meshserve serve`)")
+    g.add_argument("--dtype", choices=sorted(WEIGHT_DTYPE_BYTES), default=None,
+                   help="weight dtype, as `meshserve plan --dtype` (the engine's --quantization fp8 / awq / gptq: "
+                        "fp8, int4; default: the checkpoint's)")
+    g.add_argument("--kv-dtype", choices=sorted(KV_DTYPE_BYTES), default=d.kv_dtype,
+                   help="KV cache dtype, as `meshserve plan --kv-dtype` (the engine's --kv-cache-dtype)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     g.add_argument("--max-model-len", type=int, default=d.max_model_len)
@@ -259,7 +265,7 @@ def config_from_args(ns: argparse.Namespace):
     router = router_costs_from_args(ns)
     frontend = frontend_costs_from_args(ns)
     config = SimConfig(model=ns.model, gpu=ns.gpu, num_gpus=ns.num_gpus, tp=ns.tp, pp=ns.pp,
-                       pipeline_depth=ns.pipeline_depth,
+                       pipeline_depth=ns.pipeline_depth, weight_dtype=ns.dtype, kv_dtype=ns.kv_dtype,
                        pp_host_step_s=None if ns.pp_host_step_ms is None else ns.pp_host_step_ms / 1e3,
                        pp_round_trip_s=None if ns.pp_round_trip_ms is None else ns.pp_round_trip_ms / 1e3,
                        pp_token_handoff=ns.pp_token_handoff, pp_layer_partition=ns.pp_layer_partition,
@@ -346,8 +352,9 @@ def run_simulate(ns: argparse.Namespace) -> int:
             f"({config.frontend_refusal_s * 1e3:g} ms each: the measured mean over every 429) when its input "
             "delay and loop lag plus the core's queue wait break the target, as `meshserve serve` does")
          + "; the network and replica failures are not modelled; every request runs to its output length"),
+        *_dtype_assumptions(report["weight_dtype"], report["kv_dtype"]),
         *([] if config.disaggregation is None else [
-            f"disaggregation {config.disaggregation[0]}:{config.disaggregation[1]}: each prompt's KV (bf16, the "
+            f"disaggregation {config.disaggregation[0]}:{config.disaggregation[1]}: each prompt's KV ({report['kv_dtype']}, the "
             f"planner's bytes per token) moves after its prefill over {report['disaggregation']['kv_link_gb_s']:g} "
             "GB/s per prefill replica, one transfer at a time, plus a fixed latency (no layer-wise overlap); a "
             "decode replica without KV room queues the hand-off (the server answers 503 and the router retries "
@@ -365,6 +372,27 @@ def run_simulate(ns: argparse.Namespace) -> int:
         report["plot"] = plot_timeline(report, ns.plot)
     _emit(report, ns.output_json)
     return 0
+
+
+def _dtype_assumptions(weight_dtype: str, kv_dtype: str) -> list[str]:
+    """The report's line on how narrower weights and caches are priced (step_cost.DtypeTime)."""
+    from meshserve.simulator.step_cost import load_dtype_time
+
+    table, lines = load_dtype_time(), []
+    for what, dtype, ratios, measured in (
+            ("weights", weight_dtype, table.weights, "batch-1 decode of Llama-3.1-8B on one H200"
+             + (f"; the FLOP term at {table.flops[weight_dtype]:g}x bf16's data-sheet rate, fitted to one W2 run "
+                "of Llama-3.1-8B" if weight_dtype in table.flops else "; the FLOP term at the data sheet's rate")),
+            ("KV cache", kv_dtype, table.kv, "the decode attention kernel at batch 64-256 on one H200; slower "
+             "than bf16 at batch 16, not modelled")):
+        if dtype in ("bf16", "fp16"):
+            continue
+        if dtype in ratios:
+            lines.append(f"{dtype} {what}: the step's {what} term at {ratios[dtype]:.3f} of bf16's at the same "
+                         f"tokens ({measured})")
+        else:
+            lines.append(f"{dtype} {what}: priced by their bytes at the data sheet's bandwidth (not measured)")
+    return lines
 
 
 def _fit_of(name: str) -> str:

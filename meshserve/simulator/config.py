@@ -9,7 +9,7 @@ from meshserve.config import CacheConfig, ParallelConfig, SchedulerConfig
 from meshserve.errors import InvalidArgumentError
 from meshserve.models.presets import find_preset
 from meshserve.planner.hardware import GpuSpec, get_gpu, load_catalog
-from meshserve.planner.memory import memory_per_gpu
+from meshserve.planner.memory import KV_DTYPE_BYTES, WEIGHT_DTYPE_BYTES, memory_per_gpu
 from meshserve.planner.model import ModelSpec, load_model
 from meshserve.planner.parallel import Layout
 from meshserve.simulator.frontend import FrontEndCosts
@@ -90,6 +90,11 @@ class SimConfig:
     hardware_file: str | None = None
     # how each replica is simulated (REPLICA_MODELS); "fast" takes the reference where it does not apply
     replica_model: str = "scheduler"
+    # the weights' and the KV cache's dtypes, as `meshserve plan --dtype / --kv-dtype` and the engine's
+    # --quantization / --kv-cache-dtype: the planner's bytes for memory (KV blocks), the steps' weight and KV
+    # terms (step_cost.StepCost) and the KV a disaggregated prompt sends. None: the checkpoint's weights
+    weight_dtype: str | None = None
+    kv_dtype: str = "bf16"
     # the step-time weights: a section of calibration.toml ("default": the model's own fit where it has one,
     # calibration_section)
     calibration: str = "default"
@@ -107,6 +112,12 @@ class SimConfig:
 
     def validate(self) -> None:
         self._validate_numbers()
+        if self.weight_dtype is not None and self.weight_dtype not in WEIGHT_DTYPE_BYTES:
+            raise InvalidArgumentError(f"--dtype must be one of {', '.join(sorted(WEIGHT_DTYPE_BYTES))}, got "
+                                       f"{self.weight_dtype!r}", param="dtype")
+        if self.kv_dtype not in KV_DTYPE_BYTES:
+            raise InvalidArgumentError(f"--kv-dtype must be one of {', '.join(sorted(KV_DTYPE_BYTES))}, got "
+                                       f"{self.kv_dtype!r}", param="kv_dtype")
         if self.tp < 1 or self.pp < 1:
             raise InvalidArgumentError("--tp and --pp must be >= 1", param="tp")
         if self.num_gpus < 1 or self.num_gpus % self.gpus_per_replica:
@@ -239,11 +250,16 @@ class SimConfig:
     def model_spec(self) -> ModelSpec:
         return load_model(self.model)
 
+    def weights_dtype(self, model: ModelSpec) -> str:
+        """The weights' dtype: weight_dtype, else what the checkpoint stores (as `meshserve plan`)."""
+        return self.weight_dtype or model.checkpoint_dtype
+
     def kv_blocks(self, model: ModelSpec, gpu: GpuSpec) -> int:
         """KV blocks per replica: the planner's room for KV beside weights, activations and overhead."""
         if self.num_blocks is not None:
             return self.num_blocks
-        mem = memory_per_gpu(model, self.layout, gpu, 0, max_batched_tokens=self.max_num_batched_tokens,
+        mem = memory_per_gpu(model, self.layout, gpu, 0, weight_dtype=self.weights_dtype(model),
+                             kv_dtype=self.kv_dtype, max_batched_tokens=self.max_num_batched_tokens,
                              max_num_seqs=self.max_num_seqs, gpu_memory_utilization=self.gpu_memory_utilization)
         blocks = mem.max_kv_tokens // self.block_size
         if blocks * self.block_size < self.max_model_len:

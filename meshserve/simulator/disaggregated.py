@@ -141,7 +141,7 @@ def run_disaggregated(config: SimConfig, trace: Trace, make: Callable[[type, int
     returns the replicas (prefill first), the fleet's timeline and the report's disaggregation section."""
     num_p, num_d = config.disaggregation
     model, gpu = config.model_spec(), config.gpu_spec()
-    bytes_per_token = kv_bytes_per_token(model)  # the cache's dtype: bf16, as the planner's memory model
+    bytes_per_token = kv_bytes_per_token(model, config.kv_dtype)
     bandwidth, latency = transfer_link(config, gpu)
     prefills = [make(PrefillReplica, i, cache_cfg) for i in range(num_p)]
     # the consumer's blocks stay out of the prefix cache: decode replicas count blocks (light) when they can

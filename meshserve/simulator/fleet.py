@@ -74,8 +74,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     trace = Trace.of(trace)
     model, gpu = config.model_spec(), config.gpu_spec()
     fit = config.calibration_section
-    cost = StepCost(model, gpu, config.tp, weights or load_calibration(fit),
-                    tp_costs=tp_costs or load_tp_costs(fit), fused_norm=config.tp_fused_norm,
+    cost = StepCost(model, gpu, config.tp, weights or load_calibration(fit), weight_dtype=config.weights_dtype(model),
+                    kv_dtype=config.kv_dtype, tp_costs=tp_costs or load_tp_costs(fit), fused_norm=config.tp_fused_norm,
                     eager=None if config.pp > 1 else load_eager_costs(fit) if eager == "calibration" else eager)
     noise = load_step_noise(fit) if config.step_noise else None
     stalls = config.frontend_stall_table
@@ -302,7 +302,8 @@ def stage_pipeline(config: SimConfig, model, gpu, step_cost: Callable | list | N
         if len(costs) != config.pp:
             raise ValueError(f"{len(costs)} stage costs for {config.pp} stages")
         return StagePipeline(costs, lambda _tokens: 0.0)
-    stages = [StepCost(model, gpu, config.tp, cost.weights, pp=config.pp, stage=s, tp_costs=cost.tp_costs,
+    stages = [StepCost(model, gpu, config.tp, cost.weights, weight_dtype=config.weights_dtype(model),
+                       kv_dtype=config.kv_dtype, pp=config.pp, stage=s, tp_costs=cost.tp_costs,
                        layer_partition=config.pp_layer_partition, fused_norm=config.tp_fused_norm)
               for s in range(config.pp)]
     same_node = config.gpus_per_replica <= gpu.gpus_per_node
@@ -340,6 +341,7 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
                                     if replica_seconds else 0.0 for s in range(config.pp)],
             "bubble": sum(r.stages.bubble for r in replicas) / len(replicas)},
         "replicas": config.num_replicas, "router": config.router, "frontend_latency_s": delay, "kv_blocks_per_replica": num_blocks,
+        "weight_dtype": config.weights_dtype(config.model_spec()), "kv_dtype": config.kv_dtype,
         "prefix_caching": prefix_caching, "prefix_cache_hit_rate": hits / queries if queries else 0.0,
         # each replica's admission margin at the end and the p99 of its last update's prediction errors, as the
         # server exports them (meshserve:admission_margin, meshserve:admission_margin_ttft_error)

@@ -18,6 +18,7 @@ and KV factors, so that dividing those terms by tp wrongly divides them too. At 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import sys
@@ -114,6 +115,38 @@ def load_tp_costs(name: str = "default") -> TpCosts:
 
 
 @dataclass(frozen=True)
+class DtypeTime:
+    """A narrower dtype's step terms as a fraction of the same term in bf16 at the same tokens, measured
+    (calibration.toml's top-level [dtype_time]): the engine's kernels do not turn half the bytes into half the
+    time (an fp8 cache's decode attention takes 0.76 of bf16's). weights: the weight/FLOP term by weight dtype;
+    kv: the KV term by cache dtype. A dtype missing from a table is priced by its bytes (the data sheet)."""
+
+    weights: dict
+    kv: dict
+    flops: dict = dataclasses.field(default_factory=dict)
+
+    def flops_per_s(self, dtype: str, gpu: GpuSpec) -> float:
+        """The FLOP term's rate: bf16's data-sheet rate times the measured speed-up of the dtype's GEMMs where
+        the table has one, else the data sheet's rate for the dtype."""
+        if dtype in self.flops:
+            return gpu.flops_per_s("bf16") * self.flops[dtype]
+        return gpu.flops_per_s(dtype)
+
+    def weight_bytes(self, dtype: str, bf16_bytes: float, dtype_bytes: float) -> float:
+        """The bytes the weight term reads at the data sheet's bandwidth for the measured time."""
+        return bf16_bytes * self.weights[dtype] if dtype in self.weights else dtype_bytes
+
+    def kv_bytes_per_token(self, dtype: str, bf16_bytes: float, dtype_bytes: float) -> float:
+        return bf16_bytes * self.kv[dtype] if dtype in self.kv else dtype_bytes
+
+
+def load_dtype_time() -> DtypeTime:
+    """calibration.toml's [dtype_time] (none: every dtype priced by its bytes)."""
+    table = calibration_sections().get("dtype_time", {})
+    return DtypeTime(dict(table.get("weights", {})), dict(table.get("kv", {})), dict(table.get("flops", {})))
+
+
+@dataclass(frozen=True)
 class FusedNormSaving:
     """What one TP all-reduce saves when the residual add and the next RMSNorm run inside it (the fused kernel,
     MESHSERVE_TP_FUSED_NORM=pull|push): measured microseconds of (one-shot all-reduce, then the Triton norm)
@@ -175,21 +208,28 @@ class StepCost:
                  tp_costs: TpCosts | None = None, layer_partition: Sequence[int] | None = None,
                  fused_norm: str = "", eager: EagerStepCosts | None = None):
         shard = stage_shard(model, Layout(tp=tp, pp=pp), stage, weight_dtype, kv_dtype, layer_partition)
+        wide = stage_shard(model, Layout(tp=tp, pp=pp), stage, "bf16", "bf16", layer_partition)
         self.weights = weights or load_calibration()
-        weight_bytes = shard.weight_bytes
+        weight_bytes, bf16_bytes = shard.weight_bytes, wide.weight_bytes
         if pp > 1:
             share = shard.num_layers / model.num_layers
             self.weights = StepWeights(self.weights.constant_ms, self.weights.dense_factor, self.weights.kv_factor,
                                        self.weights.mixed_ms * share)
             weight_bytes = stage_read_bytes(model, tp, pp, weight_dtype, kv_dtype, layer_partition)[stage]
+            bf16_bytes = stage_read_bytes(model, tp, pp, "bf16", "bf16", layer_partition)[stage]
+        # a narrower dtype: its measured time (DtypeTime), as the bytes the fit's bandwidth term would read
+        dtype_time = load_dtype_time()
+        params = bf16_bytes / 2  # the FLOPs follow the parameters, not the bytes they are stored in
+        weight_bytes = dtype_time.weight_bytes(weight_dtype, bf16_bytes, weight_bytes)
+        kv_bytes = dtype_time.kv_bytes_per_token(kv_dtype, wide.kv_bytes_per_token, shard.kv_bytes_per_token)
         self.eager = eager if pp == 1 else None
-        rates = DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s(weight_dtype))
+        rates = DeviceRates(gpu.hbm_bytes_per_s, dtype_time.flops_per_s(weight_dtype, gpu))
         if self.eager is None:
-            self.model = StepTimeModel(weight_bytes=weight_bytes, kv_bytes_per_token=shard.kv_bytes_per_token,
-                                       rates=rates)
+            self.model = StepTimeModel(weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes, rates=rates,
+                                       params=params)
         else:
-            self.model = EagerStepModel(weight_bytes=weight_bytes, kv_bytes_per_token=shard.kv_bytes_per_token,
-                                        rates=rates, eager=self.eager)
+            self.model = EagerStepModel(weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes, rates=rates,
+                                        eager=self.eager, params=params)
         # fixed weights: the simulator replays a converged engine, it does not learn
         self.model.theta = np.array(self.weights.as_tuple())
         self.model._theta = self.weights.as_tuple()

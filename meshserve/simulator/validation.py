@@ -321,7 +321,7 @@ def replay_offline(model: str, tp: int, requests: list[tuple[int, int]], gpu: st
                    calibration: str = "default", pp: int = 1, pipeline_depth: int = 0,
                    pp_host_step_s: float | None = None, pp_round_trip_s: float | None = None,
                    pp_token_handoff: bool = False, pp_layer_partition: tuple[int, ...] | None = None,
-                   tp_fused_norm: str = "") -> dict:
+                   tp_fused_norm: str = "", weight_dtype: str | None = None, kv_dtype: str = "bf16") -> dict:
     """requests: (prompt tokens, output tokens) all at t = 0, the engine's offline settings (bench latency and
     throughput: max_model_len 4096, max_num_seqs 256); pp stages with pipeline_depth steps in flight, the
     pipeline's host cost per step and the rest of its round trip (None: the calibration's), the token hand-off and the layer
@@ -330,8 +330,75 @@ def replay_offline(model: str, tp: int, requests: list[tuple[int, int]], gpu: st
                        max_model_len=4096, max_num_seqs=256, calibration=calibration,
                        pp_host_step_s=pp_host_step_s,
                        pp_round_trip_s=pp_round_trip_s, pp_token_handoff=pp_token_handoff,
-                       pp_layer_partition=pp_layer_partition, tp_fused_norm=tp_fused_norm)
+                       pp_layer_partition=pp_layer_partition, tp_fused_norm=tp_fused_norm,
+                       weight_dtype=weight_dtype, kv_dtype=kv_dtype)
     return simulate(config, [SimRequest(0.0, p, o) for p, o in requests])
+
+
+# W2 on one H200 beside the dtypes (`meshserve bench throughput --model M --no-baseline --repeat N
+# [--quantization fp8] [--kv-cache-dtype fp8]`, the build's default kernels): (run, model, weight dtype, KV
+# dtype, the runs' JSON: "ARCHIVE.tgz:MEMBER" or a file under benchmarks/results). Each JSON's `seconds` is its
+# process's median run; a row's measurement is the median over its processes. The bf16 fits are W3 step traces,
+# [dtype_time]'s weights and kv a batch-1 W1 and the attention kernel's own timing; its flops is fitted to the
+# last run (FITTED_W2).
+ONE_GPU_W2 = (
+    ("twenty-fifth session", "qwen3-0.6b", None, "bf16", ("h200_1203_s25/call3_qwen_vs_vllm/ms_w2_qwen3-0.6b.json",)),
+    ("twenty-fifth session", "llama-3.1-8b", None, "bf16",
+     ("h200_1203_s25/call4_8b_vs_vllm/ms_w2_llama-3.1-8b.json",)),
+    ("twenty-sixth session, one tile", "qwen3-0.6b", None, "bf16",
+     tuple(f"h200_1203_s26/call3_w2_bf16_tile/w1_ab.tgz:w1_ab/{i}_qwen_DECODE_TILE_legacy.json" for i in (1, 2))),
+    ("twenty-sixth session", "qwen3-0.6b", None, "fp8",
+     tuple(f"h200_1203_s26/call4_w2_fp8/w1_ab_qwen.tgz:w1_ab/{i}_qwen_default.json" for i in (1, 2))),
+    ("twenty-sixth session", "llama-3.1-8b", "fp8", "fp8",
+     ("h200_1203_s26/call4_w2_fp8/w1_ab_8b.tgz:w1_ab/1_8b_default.json",)),
+)
+
+
+FITTED_W2 = {"h200_1203_s26/call4_w2_fp8/w1_ab_8b.tgz:w1_ab/1_8b_default.json"}  # calibration.toml [dtype_time.flops]
+
+
+def _result_json(name: str) -> dict:
+    """A results JSON: a file under benchmarks/results, or ARCHIVE.tgz:MEMBER inside one of its archives."""
+    import tarfile
+
+    archive, _, member = name.partition(".tgz:")
+    if not member:
+        return json.loads((RESULTS / name).read_text())
+    with tarfile.open(RESULTS / (archive + ".tgz")) as tar:
+        return json.load(tar.extractfile(member))
+
+
+def one_gpu_w2_rows() -> list[dict]:
+    """ONE_GPU_W2 replayed (W2's requests at t = 0, each model's default fit) against the measured seconds and
+    KV blocks."""
+    import statistics
+
+    from meshserve.bench.workloads import w2_requests
+
+    reqs = [(len(r.prompt_token_ids), r.max_tokens) for r in w2_requests()]
+    rows = []
+    for run, model, weight_dtype, kv_dtype, files in ONE_GPU_W2:
+        meas = [_result_json(f) for f in files]
+        pred = replay_offline(model, 1, reqs, weight_dtype=weight_dtype, kv_dtype=kv_dtype)
+        dtypes = f"{weight_dtype or 'bf16'} weights, {kv_dtype} KV"
+        rows.append({"run": f"W2 {model}, {dtypes} ({run})", "pred": pred["duration_s"],
+                     "meas": statistics.median(m["seconds"] for m in meas), "processes": [m["seconds"] for m in meas],
+                     "pred_blocks": pred["kv_blocks_per_replica"], "meas_blocks": meas[0]["kv_blocks"],
+                     "goal": "w2_seconds", "file": files[0], "fitted": files[0] in FITTED_W2})
+    return rows
+
+
+def one_gpu_w2_table() -> str:
+    lines = ["| run (one H200) | simulated s | measured s (each process) | error | goal (within 10%) | how | KV "
+             "blocks sim / measured | measured in |", "|---|---|---|---|---|---|---|---|"]
+    for r in one_gpu_w2_rows():
+        err = r["pred"] / r["meas"] - 1
+        runs = " / ".join(f"{s:.2f}" for s in r["processes"])
+        lines.append(f"| {r['run']} | {r['pred']:.2f} | {r['meas']:.2f} ({runs}) | {err:+.1%} | "
+                     f"{'met' if _met(r['pred'], r['meas'], r['goal']) else 'missed'} | "
+                     f"{'fitted' if r['fitted'] else 'check'} | {r['pred_blocks']:,} / {r['meas_blocks']:,} | "
+                     f"`{r['file']}` |")
+    return "\n".join(lines)
 
 
 # The seventh session's W2 runs on one 2 x H200 host (BENCHMARKS.md "Seventh session"). That engine shared
@@ -629,7 +696,8 @@ def extrapolations() -> str:
     return "\n\n".join(out)
 
 
-# python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | tenth | extrapolate | fit-tp | fit-pp-host]
+# python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | tenth | w2-one-gpu | extrapolate |
+#                                          fit-tp | fit-pp-host]
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     if what == "fit-tp":
@@ -657,6 +725,9 @@ if __name__ == "__main__":
         print()
     if what in ("tenth", "all"):
         print(tenth_table())
+        print()
+    if what in ("w2-one-gpu", "all"):
+        print(one_gpu_w2_table())
         print()
     if what in ("extrapolate", "all"):
         print(extrapolations())

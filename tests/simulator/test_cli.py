@@ -7,6 +7,7 @@ import json
 import pytest
 
 from meshserve.cli import main
+from meshserve.errors import InvalidArgumentError
 
 
 def test_simulate_prints_the_report(capsys, tmp_path):
@@ -188,3 +189,35 @@ def test_progress_bar_counts_simulated_seconds(capsys):
     last = captured.err.replace("\r", "\n").strip().splitlines()[-1]
     span = max(float(x) for x in last.split("|")[2].split()[0].split("/"))
     assert 4.0 < span <= 5.0
+
+
+def test_dtype_flags_reach_memory_steps_and_the_report(capsys):
+    """--dtype / --kv-dtype (`meshserve plan`'s names): fp8 KV holds about twice the blocks, fp8 weights and KV
+    finish a saturated run sooner, the report names both and how they were priced."""
+    base = ["simulate", "--model", "llama-3.1-8b", "--gpu", "H200", "--qps", "40", "--duration", "5",
+            "--no-progress"]
+    reports = {}
+    for flags in ((), ("--kv-dtype", "fp8"), ("--dtype", "fp8", "--kv-dtype", "fp8")):
+        assert main([*base, *flags]) == 0
+        reports[flags] = json.loads(capsys.readouterr().out)
+    bf16, kv8, both = reports.values()
+    assert (bf16["weight_dtype"], bf16["kv_dtype"], both["weight_dtype"], both["kv_dtype"]) == (
+        "bf16", "bf16", "fp8", "fp8")
+    assert 1.9 < kv8["kv_blocks_per_replica"] / bf16["kv_blocks_per_replica"] < 2.1
+    assert both["tpot_p50"] < kv8["tpot_p50"] < bf16["tpot_p50"]
+    assert not any("fp8" in a for a in bf16["assumptions"])
+    assert any(a.startswith("fp8 KV cache: the step's KV cache term at 0.761") for a in both["assumptions"])
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        main([*base, "--dtype", "fp4"])
+    assert exit_info.value.code == 2 and "--dtype: invalid choice: 'fp4'" in capsys.readouterr().err
+
+
+def test_a_checkpoints_own_dtype_is_the_default(capsys):
+    # DeepSeek-V3's checkpoint stores fp8 weights: simulated so unless --dtype says otherwise (the planner's rule)
+    from meshserve.simulator.config import SimConfig
+
+    config = SimConfig(model="deepseek-v3", gpu="H200", num_gpus=8, tp=8)
+    assert config.weights_dtype(config.model_spec()) == "fp8"
+    assert SimConfig(model="deepseek-v3", weight_dtype="bf16").weights_dtype(config.model_spec()) == "bf16"
+    with pytest.raises(InvalidArgumentError, match="--kv-dtype must be one of"):
+        SimConfig(kv_dtype="fp4").validate()

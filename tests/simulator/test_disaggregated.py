@@ -73,6 +73,9 @@ def test_transfer_adds_bytes_over_bandwidth_plus_latency():
     assert linked["ttft_p50"] == pytest.approx(instant["ttft_p50"] + size / (gb_s * 1e9) + latency, abs=1e-12)
     assert linked["tpot_p50"] == pytest.approx(instant["tpot_p50"], abs=1e-12)
     assert linked["disaggregation"]["transfer_s"]["p50"] == pytest.approx(size / (gb_s * 1e9) + latency)
+    fp8 = simulate(_config(disaggregation=(1, 1), kv_link_gb_s=gb_s, kv_transfer_latency_s=latency, kv_dtype="fp8"),
+                   one, step_cost=_cost)  # an fp8 cache sends half the bytes
+    assert fp8["disaggregation"]["transfer_bytes"] == size // 2
 
 
 def test_decode_without_room_queues_the_hand_off():

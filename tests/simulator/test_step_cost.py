@@ -210,3 +210,28 @@ def test_fused_norm_saves_its_measured_microseconds_per_all_reduce():
     assert load_fused_norm("pull").max_kib == 2048
     with pytest.raises(InvalidArgumentError, match="fused_norm_sideways"):
         load_fused_norm("sideways")
+
+
+def test_narrower_dtypes_take_their_measured_fraction_of_the_bf16_terms():
+    """--dtype / --kv-dtype: a dtype in calibration.toml's [dtype_time] costs its measured fraction of the bf16
+    term at the same tokens, not its bytes' (the fp8 cache's decode attention takes 0.76 of bf16's time for
+    half the bytes); the FLOPs follow the parameters, whatever the bytes; an unlisted dtype is priced by bytes."""
+    from meshserve.simulator.step_cost import load_dtype_time
+
+    model, gpu = load_model("llama-3.1-8b"), get_gpu("H200")
+    table = load_dtype_time()
+    assert table.kv["fp8"] == pytest.approx(0.761) and table.weights["fp8"] == pytest.approx(0.621)
+    bf16, fp8kv = StepCost(model, gpu), StepCost(model, gpu, kv_dtype="fp8")
+    decode, empty = StepShape(256, 256, 256 * 1000), StepShape(256, 256, 0)
+    kv_term = bf16(decode) - bf16(empty)
+    assert fp8kv(decode) - fp8kv(empty) == pytest.approx(0.761 * kv_term, rel=1e-9)
+    assert fp8kv(empty) == bf16(empty)  # the weight term is the weights' alone
+    fp8w = StepCost(model, gpu, weight_dtype="fp8")
+    assert fp8w.model.params == bf16.model.params  # FLOPs of the same parameters, at the fp8 rate
+    wide = stage_shard(model, Layout(), 0).weight_bytes
+    assert fp8w.model.weight_bytes == pytest.approx(0.621 * wide)
+    batch1 = StepShape(1, 1, 0)  # bandwidth-bound: the measured fraction of bf16's weight term
+    c = bf16.weights.constant_ms * 1e-3
+    assert fp8w(batch1) - c == pytest.approx(0.621 * (bf16(batch1) - c), rel=1e-9)
+    int8 = StepCost(model, gpu, weight_dtype="int8")  # not measured: its bytes
+    assert int8.model.weight_bytes == stage_shard(model, Layout(), 0, "int8").weight_bytes

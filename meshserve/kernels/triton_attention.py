@@ -515,22 +515,22 @@ class TritonAttentionBackend:
     inline_reduce: decode's last split per (sequence, KV head) combines the partials instead of a reduce
     launch (MESHSERVE_DECODE_REDUCE=inline).
     fp8_path: how the decode kernel reads an fp8 cache (MESHSERVE_DECODE_FP8_PATH: "convert", the default,
-    or "words": triton_e4m3_words.py).
+    "words": triton_e4m3_words.py, or "auto": words with the one tile, convert with the grid tile).
     """
 
     name = "triton"
 
     def __init__(self, decode_num_splits: int | None = None, max_decode_splits: int = 64,
                  inline_reduce: bool = False, grid_tile: str = "auto", fp8_path: str = "convert"):
-        if fp8_path not in FP8_PATHS:
-            raise ValueError(f"fp8_path takes one of {FP8_PATHS}, got {fp8_path!r}")
+        if fp8_path not in (*FP8_PATHS, "auto"):
+            raise ValueError(f"fp8_path takes one of {(*FP8_PATHS, 'auto')}, got {fp8_path!r}")
         if grid_tile not in GRID_TILE_MODES:
             raise ValueError(f"grid_tile takes one of {GRID_TILE_MODES}, got {grid_tile!r}")
         self.decode_num_splits = decode_num_splits
         self.max_decode_splits = max_decode_splits
         self.inline_reduce = inline_reduce  # decode: the last split reduces (no reduce launch)
         self.grid_tile = grid_tile  # decode: which caches' large grids take decode_tile's smaller CTAs
-        self.fp8_path = fp8_path  # decode over an fp8 cache: "convert" or "words"
+        self.fp8_path = fp8_path  # decode over an fp8 cache: "convert", "words" or "auto" (_fp8_path_for)
 
     # -- cache write ---------------------------------------------------------------------------------
     def write_kv(self, key, value, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
@@ -594,7 +594,8 @@ class TritonAttentionBackend:
         return decode_attention_fused(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
                                       kv_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens,
                                       meta.query_start_loc, scale, sliding_window, num_heads, num_kv_heads, splits,
-                                      k_scale, v_scale, inline_reduce=self.inline_reduce, fp8_path=self.fp8_path)
+                                      k_scale, v_scale, inline_reduce=self.inline_reduce,
+                                      fp8_path=self._fp8_path_for(grid_tile=False))
 
     def takes_grid_tile(self, kv_fp8: bool) -> bool:
         """Whether large decode grids over this cache take decode_tile's GRID_TILE: "auto" for fp8 caches only
@@ -633,7 +634,16 @@ class TritonAttentionBackend:
         decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                          scale, sliding_window, out, splits, block_n=block_n, num_warps=num_warps,
                          num_stages=num_stages, k_scale=k_scale, v_scale=v_scale, inline_reduce=self.inline_reduce,
-                         fp8_path=self.fp8_path)
+                         fp8_path=self._fp8_path_for(grid_tile=block_n is not None))
+
+    def _fp8_path_for(self, grid_tile: bool) -> str:
+        """The decode launch's fp8 path: "auto" reads words with the one (128-token, 4-warp) tile and converts
+        with the grid tile, as each measured fastest (H200, 2026-12-03, sweep_decode_attention.py --fp8-ab:
+        batch 16 words 55.2 vs convert 64.1 us; grid tile at batch 256 / 64 convert 207.8 / 106.5 vs words
+        228.3 / 116.8); not measured end to end yet (opt-in)."""
+        if self.fp8_path != "auto":
+            return self.fp8_path
+        return "convert" if grid_tile else "words"
 
 
 def _decode_block_n(head_dim_pad: int, elem_size: int = 2) -> int:

@@ -84,6 +84,8 @@ def test_decode_words_path_matches_convert_and_reference_interp(case, splits):
     convert = TritonAttentionBackend(decode_num_splits=splits).attend(*args)
     words = TritonAttentionBackend(decode_num_splits=splits, fp8_path="words").attend(*args)
     torch.testing.assert_close(words.float(), convert.float(), atol=1e-5, rtol=1e-5)
+    auto = TritonAttentionBackend(decode_num_splits=splits, fp8_path="auto").attend(*args)  # the one tile: words
+    torch.testing.assert_close(auto.float(), words.float(), atol=0, rtol=0)
     ref = paged_attention_ref(query.float(), cache, meta, d**-0.5, window, 0.5, 0.25)
     torch.testing.assert_close(words.float(), ref, atol=2e-2, rtol=2e-2)
 
@@ -124,6 +126,27 @@ def test_words_path_only_where_it_fits():
         _fp8_tile("bits", q, fp8)
     with pytest.raises(ValueError, match="fp8_path"):
         TritonAttentionBackend(fp8_path="bits")
+
+
+def test_auto_reads_words_with_the_one_tile_and_converts_with_the_grid_tile(monkeypatch):
+    """fp8_path "auto": the plain decode launch takes words where decode_tile keeps the one tile and convert where
+    it takes the grid tile; the fused-prologue launch (the one tile) takes words (its interpreter run:
+    test_decode_words_path_matches_convert_and_reference_interp)."""
+    import meshserve.kernels.triton_attention as ta
+
+    backend = TritonAttentionBackend(fp8_path="auto")
+    assert backend._fp8_path_for(grid_tile=True) == "convert" and backend._fp8_path_for(grid_tile=False) == "words"
+    assert TritonAttentionBackend(fp8_path="words")._fp8_path_for(grid_tile=True) == "words"
+    seen = []
+    monkeypatch.setattr(ta, "decode_attention", lambda *a, **kw: seen.append((kw["block_n"], kw["fp8_path"])))
+    query, cache, meta = _fp8_case([40, 70], 8, 2, 32, 16, seed=3)
+    backend._decode(query, cache, meta, 0.2, None, torch.empty_like(query), 0.5, 0.25)
+    assert seen == [(None, "words")]  # on the CPU: the one tile
+    monkeypatch.setattr(ta, "decode_tile", lambda *a: ta.GRID_TILE)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(ta, "_num_sms", lambda index=None: 132)
+    backend._decode(query, cache, meta, 0.2, None, torch.empty_like(query), 0.5, 0.25)
+    assert seen[-1] == (ta.GRID_TILE[0], "convert")
 
 
 _COMPILE_SM90 = """

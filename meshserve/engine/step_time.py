@@ -103,10 +103,14 @@ class StepTimeModel:
         self.last_actual_s = 0.0
         self.abs_error_ewma = 0.0  # mean |predicted - actual| / actual over recent steps
 
+    def dense_s(self, num_tokens: int) -> float:
+        """Seconds of a step's dense term at the data sheet's rates: its weight bytes or its FLOPs."""
+        return max(self.weight_bytes / self.rates.bandwidth, 2.0 * self.params * num_tokens / self.rates.flops)
+
     def _terms(self, shape: StepShape) -> tuple[float, float, float]:
         """The terms besides the constant: dense (weights or FLOPs) and KV reads in milliseconds at the data
         sheet's rates, and 1 for a step that carries prefill and runs eagerly (past the mixed graphs)."""
-        dense = max(self.weight_bytes / self.rates.bandwidth, 2.0 * self.params * shape.num_tokens / self.rates.flops)
+        dense = self.dense_s(shape.num_tokens)
         return (1e3 * dense, 1e3 * shape.context_tokens * self.kv_bytes_per_token / self.rates.bandwidth,
                 1.0 if shape.num_seqs < shape.num_tokens > self.graphed_mixed_tokens else 0.0)
 

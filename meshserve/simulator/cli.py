@@ -353,6 +353,7 @@ def run_simulate(ns: argparse.Namespace) -> int:
             "delay and loop lag plus the core's queue wait break the target, as `meshserve serve` does")
          + "; the network and replica failures are not modelled; every request runs to its output length"),
         *_dtype_assumptions(report["weight_dtype"], report["kv_dtype"]),
+        *_architecture_assumptions(config),
         *([] if config.disaggregation is None else [
             f"disaggregation {config.disaggregation[0]}:{config.disaggregation[1]}: each prompt's KV ({report['kv_dtype']}, the "
             f"planner's bytes per token) moves after its prefill over {report['disaggregation']['kv_link_gb_s']:g} "
@@ -392,6 +393,25 @@ def _dtype_assumptions(weight_dtype: str, kv_dtype: str) -> list[str]:
                          f"tokens ({measured})")
         else:
             lines.append(f"{dtype} {what}: priced by their bytes at the data sheet's bandwidth (not measured)")
+    return lines
+
+
+def _architecture_assumptions(config) -> list[str]:
+    """The report's lines on how MoE and MLA layers are priced (moe_steps.py, step_cost.MoeCosts / MlaCosts)."""
+    from meshserve.simulator.step_cost import load_mla_costs, load_moe_costs
+
+    model, lines = config.model_spec(), []
+    if model.is_moe:
+        moe = load_moe_costs()
+        lines.append(f"MoE: a step reads the experts its tokens route to under uniform routing (a skewed router "
+                     f"touches fewer and loads some more: not modelled), plus {moe.route_us:g} us of routing per "
+                     f"MoE layer (measured) and at least {moe.floor_us:g} us per layer's expert read (fitted to W1 "
+                     "Qwen3-30B-A3B on one H200); expert parallelism is not simulated")
+    if model.is_mla:
+        mla = load_mla_costs()
+        lines.append(f"MLA: the latent cache's KV term at {mla.kv_time:g}x GQA's time per byte (our MLA decode "
+                     f"kernel against the GQA one on one H200) and {mla.layer_us:g} us per layer per step (fitted to "
+                     "W1 DeepSeek-V2-Lite)")
     return lines
 
 

@@ -38,6 +38,7 @@ from meshserve.planner.model import ModelSpec
 from meshserve.planner.parallel import Layout
 from meshserve.planner.perf import ACT_BYTES, allreduce_s
 from meshserve.simulator.eager_steps import EagerStepCosts, EagerStepModel, eager_costs_of
+from meshserve.simulator.moe_steps import MoeEagerStepModel, MoeStepModel
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.toml")
 
@@ -147,6 +148,34 @@ def load_dtype_time() -> DtypeTime:
 
 
 @dataclass(frozen=True)
+class MoeCosts:
+    """What a MoE layer costs beyond its expert bytes (calibration.toml [moe]): route_us, its routing and
+    alignment launch per step; floor_us, the least time its expert read takes (moe_steps.MoeDense)."""
+
+    route_us: float = 0.0
+    floor_us: float = 0.0
+
+
+@dataclass(frozen=True)
+class MlaCosts:
+    """What multi-head latent attention costs beyond the fit's terms (calibration.toml [mla]): kv_time, its KV
+    term's time per byte over GQA's; layer_us, each layer's own launches per step."""
+
+    kv_time: float = 1.0
+    layer_us: float = 0.0
+
+
+def load_mla_costs() -> MlaCosts:
+    table = calibration_sections().get("mla", {})
+    return MlaCosts(float(table.get("kv_time", 1.0)), float(table.get("layer_us", 0.0)))
+
+
+def load_moe_costs() -> MoeCosts:
+    table = calibration_sections().get("moe", {})
+    return MoeCosts(float(table.get("route_us", 0.0)), float(table.get("floor_us", 0.0)))
+
+
+@dataclass(frozen=True)
 class FusedNormSaving:
     """What one TP all-reduce saves when the residual add and the next RMSNorm run inside it (the fused kernel,
     MESHSERVE_TP_FUSED_NORM=pull|push): measured microseconds of (one-shot all-reduce, then the Triton norm)
@@ -222,14 +251,25 @@ class StepCost:
         params = bf16_bytes / 2  # the FLOPs follow the parameters, not the bytes they are stored in
         weight_bytes = dtype_time.weight_bytes(weight_dtype, bf16_bytes, weight_bytes)
         kv_bytes = dtype_time.kv_bytes_per_token(kv_dtype, wide.kv_bytes_per_token, shard.kv_bytes_per_token)
+        mla = load_mla_costs() if model.is_mla else MlaCosts(kv_time=1.0)
+        kv_bytes *= mla.kv_time  # the latent cache's decode kernel reads slower than GQA's (calibration.toml [mla])
+        moe = {}
+        if model.is_moe:  # a step reads the experts its tokens route to; a token multiplies by its top-k
+            share = shard.num_moe_layers * shard.experts_per_gpu * shard.expert_slice_bytes / shard.weight_bytes
+            wide_share = wide.num_moe_layers * wide.experts_per_gpu * wide.expert_slice_bytes / wide.weight_bytes
+            params *= 1.0 - wide_share * (1.0 - model.experts_per_token / model.num_experts)
+            moe = {"expert_share": share, "num_moe_layers": shard.num_moe_layers, "num_experts": model.num_experts,
+                   "top_k": model.experts_per_token, "floor_s": load_moe_costs().floor_us * 1e-6}
         self.eager = eager if pp == 1 else None
         rates = DeviceRates(gpu.hbm_bytes_per_s, dtype_time.flops_per_s(weight_dtype, gpu))
         if self.eager is None:
-            self.model = StepTimeModel(weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes, rates=rates,
-                                       params=params)
+            cls = MoeStepModel if moe else StepTimeModel
+            self.model = cls(weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes, rates=rates, params=params,
+                             **moe)
         else:
-            self.model = EagerStepModel(weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes, rates=rates,
-                                        eager=self.eager, params=params)
+            cls = MoeEagerStepModel if moe else EagerStepModel
+            self.model = cls(weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes, rates=rates,
+                             eager=self.eager, params=params, **moe)
         # fixed weights: the simulator replays a converged engine, it does not learn
         self.model.theta = np.array(self.weights.as_tuple())
         self.model._theta = self.weights.as_tuple()
@@ -244,6 +284,10 @@ class StepCost:
         # the fused all-reduce + residual add + RMSNorm (MESHSERVE_TP_FUSED_NORM): what each all-reduce saves
         self._fused = None if tp == 1 or not fused_norm else load_fused_norm(fused_norm)
         self._lines: dict[int, tuple[float, float]] = {}  # decode_line's per-batch-size terms
+        # per step: each MoE layer's routing and alignment launch (calibration.toml [moe] route_us), each MLA
+        # layer's own launches (latent projections, absorbed q and output: [mla] layer_us)
+        self._fixed_s = (shard.num_moe_layers * load_moe_costs().route_us if model.is_moe else 0.0) * 1e-6
+        self._fixed_s += shard.num_layers * mla.layer_us * 1e-6
 
     def comm_s(self, num_tokens: int) -> float:
         """Two all-reduces per layer of the step's hidden states (0 without TP)."""
@@ -263,8 +307,13 @@ class StepCost:
         fixed, per_seq = self._tp_fixed
         return self.comm_s(num_tokens) + (fixed + per_seq * num_seqs)
 
+    def extra_s(self, num_tokens: int, num_seqs: int) -> float:
+        """What the step model's terms leave out: TP's (tp_s), the MoE layers' routing (MoeCosts) and the MLA
+        layers' own launches (MlaCosts)."""
+        return self.tp_s(num_tokens, num_seqs) + self._fixed_s
+
     def __call__(self, shape: StepShape) -> float:
-        return self.model.predict(shape) + self.tp_s(shape.num_tokens, shape.num_seqs)
+        return self.model.predict(shape) + self.extra_s(shape.num_tokens, shape.num_seqs)
 
     def host_s(self, shape: StepShape) -> float:
         """Host time before this step that the engine's step model does not see (eager_steps.py; 0.0 without)."""
@@ -281,14 +330,14 @@ class StepCost:
             return 0.0
         m = self.model
         rates = m.rates
-        dense = max(m.weight_bytes / rates.bandwidth, 2.0 * m.params * num_tokens / rates.flops)
+        dense = m.dense_s(num_tokens)
         t0, t1, t2, t3 = m._theta
         predicted = max(t0 + t1 * (1e3 * dense) + t2 * (1e3 * context_tokens * m.kv_bytes_per_token
                                                          / rates.bandwidth)
                         + t3 * (1.0 if num_seqs < num_tokens > m.graphed_mixed_tokens else 0.0), 0.0) * 1e-3
         if self.eager is not None and predicted > 0:  # EagerStepModel.predict's sum
             predicted = predicted + self.eager.device_s(num_tokens, num_seqs)
-        return predicted + self.tp_s(num_tokens, num_seqs)
+        return predicted + self.extra_s(num_tokens, num_seqs)
 
     def decode_durations(self, n: int, context: int, steps: int) -> list[float]:
         """self(StepShape(n, n, context + n * j)) for j = 1..steps: the same floating-point operations as
@@ -297,7 +346,7 @@ class StepCost:
         t0, t1, t2, t3 = m._theta
         dense, _, mixed = m._terms(StepShape(n, n, context + n))
         base = t0 + t1 * dense  # predict's sum, left to right
-        kvb, bw, comm = m.kv_bytes_per_token, m.rates.bandwidth, self.tp_s(n, n)
+        kvb, bw, comm = m.kv_bytes_per_token, m.rates.bandwidth, self.extra_s(n, n)
         return [max(base + t2 * (1e3 * (context + n * j) * kvb / bw) + t3 * mixed, 0.0) * 1e-3 + comm
                 for j in range(1, steps + 1)]
 
@@ -311,7 +360,7 @@ class StepCost:
             t0, t1, t2, _ = m._theta
             dense, _, _ = m._terms(StepShape(n, n, n))
             per_token = t2 * m.kv_bytes_per_token / m.rates.bandwidth
-            line = self._lines[n] = ((t0 + t1 * dense) * 1e-3 + self.tp_s(n, n), per_token)
+            line = self._lines[n] = ((t0 + t1 * dense) * 1e-3 + self.extra_s(n, n), per_token)
         fixed, per_token = line
         return fixed + per_token * context, per_token * n
 

@@ -358,12 +358,15 @@ FITTED_W2 = {"h200_1203_s26/call4_w2_fp8/w1_ab_8b.tgz:w1_ab/1_8b_default.json"} 
 
 
 def _result_json(name: str) -> dict:
-    """A results JSON: a file under benchmarks/results, or ARCHIVE.tgz:MEMBER inside one of its archives."""
+    """A results JSON: a file under benchmarks/results, ARCHIVE.tgz:MEMBER inside one of its archives, or
+    FILE.json#KEY, one entry of a JSON of several runs (meshserve_runs.json)."""
     import tarfile
 
+    name, _, key = name.partition("#")
     archive, _, member = name.partition(".tgz:")
     if not member:
-        return json.loads((RESULTS / name).read_text())
+        data = json.loads((RESULTS / name).read_text())
+        return data[key] if key else data
     with tarfile.open(RESULTS / (archive + ".tgz")) as tar:
         return json.load(tar.extractfile(member))
 
@@ -386,6 +389,56 @@ def one_gpu_w2_rows() -> list[dict]:
                      "pred_blocks": pred["kv_blocks_per_replica"], "meas_blocks": meas[0]["kv_blocks"],
                      "goal": "w2_seconds", "file": files[0], "fitted": files[0] in FITTED_W2})
     return rows
+
+
+# MoE and MLA models on one H200, bf16 (issues 23, 24): (run, model, metric, the runs' JSON, fitted). W1 is
+# `bench latency` (decode tok/s), W2 `bench throughput` (seconds). The two W1 rows are what calibration.toml's
+# [moe] floor_us and [mla] layer_us are fitted to; the W2 rows and the batch-256 step saw nothing of their run.
+MOE_ONE_GPU = (
+    ("W1 qwen3-30b-a3b (eleventh session)", "qwen3-30b-a3b", "w1", "h200_1201_s11/moe_mla/latency_model_qwen330ba3b.json",
+     True),
+    ("W1 deepseek-v2-lite (eleventh session)", "deepseek-v2-lite", "w1",
+     "h200_1201_s11/moe_mla/latency_model_deepseekv2lite.json", True),
+    ("W2 qwen3-30b-a3b (fourteenth session)", "qwen3-30b-a3b", "w2", "h200_1201_s14/call6/ms_w2_qwen3moe.json", False),
+    ("W2 qwen3-30b-a3b (sixteenth session)", "qwen3-30b-a3b", "w2", "h200_1202_s16/moe_mla/w2_qwen3moe_fused.json",
+     False),
+    ("W2 qwen3-30b-a3b (eighteenth session)", "qwen3-30b-a3b", "w2",
+     "h200_1202_s18/meshserve_runs.json#3/w2moe_pdl_0.json", False),
+    ("W2 deepseek-v2-lite (sixteenth session)", "deepseek-v2-lite", "w2", "h200_1202_s16/moe_mla/w2_dsv2lite_on.json",
+     False),
+    ("W2 deepseek-v2-lite (seventeenth session)", "deepseek-v2-lite", "w2", "h200_1202_s17/mla/w2_dsv2lite_on.json",
+     False),
+    ("W2 deepseek-v2-lite (eighteenth session)", "deepseek-v2-lite", "w2",
+     "h200_1202_s18/meshserve_runs.json#4/w2_dsv2.json", False),
+)
+
+
+def moe_rows() -> list[dict]:
+    """MOE_ONE_GPU replayed: W1 as decode tok/s of one 128-token prompt, W2 its seconds."""
+    from meshserve.bench.workloads import W1_NEW_TOKENS, w2_requests
+
+    reqs = [(len(r.prompt_token_ids), r.max_tokens) for r in w2_requests()]
+    rows = []
+    for run, model, metric, file, fitted in MOE_ONE_GPU:
+        meas = _result_json(file)
+        if metric == "w1":
+            w1 = replay_offline(model, 1, [(128, W1_NEW_TOKENS)])
+            pred, got, goal = _decode_tok_s(w1, 1, W1_NEW_TOKENS), meas["decode_tok_s"], "w1"
+        else:
+            pred, got, goal = replay_offline(model, 1, reqs)["duration_s"], meas["seconds"], "w2_seconds"
+        rows.append({"run": run, "metric": "decode tok/s" if metric == "w1" else "seconds", "pred": pred,
+                     "meas": got, "goal": goal, "fitted": fitted, "file": file})
+    return rows
+
+
+def moe_table() -> str:
+    lines = ["| run (one H200, bf16) | metric | simulated | measured | error | goal (within 10%) | how | measured in |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in moe_rows():
+        lines.append(f"| {r['run']} | {r['metric']} | {r['pred']:.2f} | {r['meas']:.2f} | {r['pred'] / r['meas'] - 1:+.1%} | "
+                     f"{'met' if _met(r['pred'], r['meas'], r['goal']) else 'missed'} | "
+                     f"{'fitted' if r['fitted'] else 'check'} | `{r['file']}` |")
+    return "\n".join(lines)
 
 
 def one_gpu_w2_table() -> str:
@@ -696,7 +749,7 @@ def extrapolations() -> str:
     return "\n\n".join(out)
 
 
-# python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | tenth | w2-one-gpu | extrapolate |
+# python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | tenth | w2-one-gpu | moe | extrapolate |
 #                                          fit-tp | fit-pp-host]
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
@@ -728,6 +781,9 @@ if __name__ == "__main__":
         print()
     if what in ("w2-one-gpu", "all"):
         print(one_gpu_w2_table())
+        print()
+    if what in ("moe", "all"):
+        print(moe_table())
         print()
     if what in ("extrapolate", "all"):
         print(extrapolations())

@@ -235,3 +235,44 @@ def test_narrower_dtypes_take_their_measured_fraction_of_the_bf16_terms():
     assert fp8w(batch1) - c == pytest.approx(0.621 * (bf16(batch1) - c), rel=1e-9)
     int8 = StepCost(model, gpu, weight_dtype="int8")  # not measured: its bytes
     assert int8.model.weight_bytes == stage_shard(model, Layout(), 0, "int8").weight_bytes
+
+
+def test_moe_steps_read_the_experts_their_tokens_route_to():
+    """A MoE step reads the dense weights plus, per MoE layer, the expected share of its experts the step's
+    tokens touch (uniform routing), at least the layer's floor; its FLOPs are the active parameters'; each MoE
+    layer adds its routing launch. Dense models are untouched."""
+    from meshserve.planner.perf import expected_experts_touched
+    from meshserve.simulator.moe_steps import MoeStepModel
+    from meshserve.simulator.step_cost import load_moe_costs
+
+    model, gpu = load_model("qwen3-30b-a3b"), get_gpu("H200")
+    cost = StepCost(model, gpu)
+    m = cost.model
+    assert isinstance(m, MoeStepModel) and not isinstance(StepCost(load_model("llama-3.1-8b"), gpu).model, MoeStepModel)
+    shard = stage_shard(model, Layout(), 0)
+    experts = shard.num_moe_layers * shard.experts_per_gpu * shard.expert_slice_bytes
+    layer = experts / shard.num_moe_layers
+    floor = load_moe_costs().floor_us * 1e-6 * gpu.hbm_bytes_per_s
+    for tokens in (1, 8, 256, 4096):
+        touched = expected_experts_touched(128, 8, tokens) / 128
+        want = shard.weight_bytes - experts + shard.num_moe_layers * max(layer * touched, floor)
+        assert m.step_weight_bytes(tokens) == pytest.approx(want, rel=1e-12)
+    assert m.step_weight_bytes(4096) == pytest.approx(shard.weight_bytes, rel=1e-6)  # every expert
+    assert m.step_weight_bytes(1) < 0.35 * shard.weight_bytes  # 8 of 128 experts a layer (or the floor)
+    # FLOPs: the active parameters (top-8 of 128 experts), not every expert's
+    assert m.params == pytest.approx(model.active_params, rel=0.02)
+    # the routing launch per MoE layer per step, in every path the replicas price steps by
+    assert cost.extra_s(1, 1) == pytest.approx(48 * load_moe_costs().route_us * 1e-6)
+    assert cost.time_s(256, 256, 256 * 600) == cost(StepShape(256, 256, 256 * 600))
+    a, b = cost.decode_line(32, 5000)
+    assert a + 2 * b == pytest.approx(cost(StepShape(32, 32, 5000 + 64)), rel=1e-12)
+    assert cost(StepShape(256, 256, 0)) > 3 * cost(StepShape(1, 1, 0))  # a big batch reads every expert
+
+
+def test_mla_prices_its_kv_term_and_layers_from_the_calibration():
+    from meshserve.simulator.step_cost import load_mla_costs
+
+    model, gpu = load_model("deepseek-v2-lite"), get_gpu("H200")
+    cost, mla = StepCost(model, gpu), load_mla_costs()
+    assert cost.model.kv_bytes_per_token == pytest.approx(mla.kv_time * stage_shard(model, Layout(), 0).kv_bytes_per_token)
+    assert cost.extra_s(1, 1) > model.num_layers * mla.layer_us * 1e-6  # plus the MoE layers' routing

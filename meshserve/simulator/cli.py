@@ -49,6 +49,9 @@ def register(subparsers) -> None:
                         "on the device, off the host's round trip")
     g.add_argument("--pp-layer-partition", type=_layer_partition, default=None,
                    help="layers per pipeline stage, comma-separated (the engine's --pp-layer-partition)")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE experts spread whole over each replica's --tp ranks (the engine's flag; no effect on a "
+                        "dense model)")
     g.add_argument("--tp-fused-norm", choices=("off", "pull", "push"), default="off",
                    help="MESHSERVE_TP_FUSED_NORM: TP all-reduces fused with the residual add and RMSNorm")
     g.add_argument("--router", default=d.router, choices=ROUTER_POLICIES)
@@ -266,6 +269,7 @@ def config_from_args(ns: argparse.Namespace):
     frontend = frontend_costs_from_args(ns)
     config = SimConfig(model=ns.model, gpu=ns.gpu, num_gpus=ns.num_gpus, tp=ns.tp, pp=ns.pp,
                        pipeline_depth=ns.pipeline_depth, weight_dtype=ns.dtype, kv_dtype=ns.kv_dtype,
+                       enable_expert_parallel=ns.enable_expert_parallel,
                        pp_host_step_s=None if ns.pp_host_step_ms is None else ns.pp_host_step_ms / 1e3,
                        pp_round_trip_s=None if ns.pp_round_trip_ms is None else ns.pp_round_trip_ms / 1e3,
                        pp_token_handoff=ns.pp_token_handoff, pp_layer_partition=ns.pp_layer_partition,
@@ -406,7 +410,9 @@ def _architecture_assumptions(config) -> list[str]:
         lines.append(f"MoE: a step reads the experts its tokens route to under uniform routing (a skewed router "
                      f"touches fewer and loads some more: not modelled), plus {moe.route_us:g} us of routing per "
                      f"MoE layer (measured) and at least {moe.floor_us:g} us per layer's expert read (fitted to W1 "
-                     "Qwen3-30B-A3B on one H200); expert parallelism is not simulated")
+                     "Qwen3-30B-A3B on one H200)" + ("; expert parallel: each rank reads its own experts, the "
+                                                     "exchange priced as TP's all-reduces" if config.layout.ep > 1
+                                                     else ""))
     if model.is_mla:
         mla = load_mla_costs()
         lines.append(f"MLA: the latent cache's KV term at {mla.kv_time:g}x GQA's time per byte (our MLA decode "

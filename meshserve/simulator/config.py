@@ -90,6 +90,11 @@ class SimConfig:
     hardware_file: str | None = None
     # how each replica is simulated (REPLICA_MODELS); "fast" takes the reference where it does not apply
     replica_model: str = "scheduler"
+    # the engine's --enable-expert-parallel: a MoE model's experts spread whole over the replica's TP ranks (each
+    # holds num_experts / tp of them) instead of each expert sliced tp ways; no effect on a dense model (as the
+    # engine). The exchange is priced as TP's all-reduces (the engine's captured decode steps sum the ranks' parts
+    # with one; its eager steps dispatch and combine by all-to-all of the same order of bytes)
+    enable_expert_parallel: bool = False
     # the weights' and the KV cache's dtypes, as `meshserve plan --dtype / --kv-dtype` and the engine's
     # --quantization / --kv-cache-dtype: the planner's bytes for memory (KV blocks), the steps' weight and KV
     # terms (step_cost.StepCost) and the KV a disaggregated prompt sends. None: the checkpoint's weights
@@ -115,6 +120,11 @@ class SimConfig:
         if self.weight_dtype is not None and self.weight_dtype not in WEIGHT_DTYPE_BYTES:
             raise InvalidArgumentError(f"--dtype must be one of {', '.join(sorted(WEIGHT_DTYPE_BYTES))}, got "
                                        f"{self.weight_dtype!r}", param="dtype")
+        if self.enable_expert_parallel and self.tp > 1:  # as the engine refuses it (models/moe_config.py)
+            experts = self.model_spec().num_experts
+            if experts and experts % self.tp:
+                raise InvalidArgumentError(f"--enable-expert-parallel: {experts} experts do not divide evenly over "
+                                           f"--tp {self.tp}", param="enable_expert_parallel")
         if self.kv_dtype not in KV_DTYPE_BYTES:
             raise InvalidArgumentError(f"--kv-dtype must be one of {', '.join(sorted(KV_DTYPE_BYTES))}, got "
                                        f"{self.kv_dtype!r}", param="kv_dtype")
@@ -242,7 +252,8 @@ class SimConfig:
 
     @property
     def layout(self) -> Layout:
-        return Layout(tp=self.tp, pp=self.pp)
+        ep = self.tp if self.enable_expert_parallel and self.tp > 1 and self.model_spec().is_moe else 1
+        return Layout(tp=self.tp, pp=self.pp, ep=ep)
 
     def gpu_spec(self) -> GpuSpec:
         return get_gpu(self.gpu, load_catalog(self.hardware_file))

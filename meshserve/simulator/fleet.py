@@ -76,6 +76,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     fit = config.calibration_section
     cost = StepCost(model, gpu, config.tp, weights or load_calibration(fit), weight_dtype=config.weights_dtype(model),
                     kv_dtype=config.kv_dtype, tp_costs=tp_costs or load_tp_costs(fit), fused_norm=config.tp_fused_norm,
+                    ep=config.layout.ep,
                     eager=None if config.pp > 1 else load_eager_costs(fit) if eager == "calibration" else eager)
     noise = load_step_noise(fit) if config.step_noise else None
     stalls = config.frontend_stall_table
@@ -303,7 +304,7 @@ def stage_pipeline(config: SimConfig, model, gpu, step_cost: Callable | list | N
             raise ValueError(f"{len(costs)} stage costs for {config.pp} stages")
         return StagePipeline(costs, lambda _tokens: 0.0)
     stages = [StepCost(model, gpu, config.tp, cost.weights, weight_dtype=config.weights_dtype(model),
-                       kv_dtype=config.kv_dtype, pp=config.pp, stage=s, tp_costs=cost.tp_costs,
+                       kv_dtype=config.kv_dtype, pp=config.pp, stage=s, tp_costs=cost.tp_costs, ep=config.layout.ep,
                        layer_partition=config.pp_layer_partition, fused_norm=config.tp_fused_norm)
               for s in range(config.pp)]
     same_node = config.gpus_per_replica <= gpu.gpus_per_node
@@ -342,6 +343,7 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
             "bubble": sum(r.stages.bubble for r in replicas) / len(replicas)},
         "replicas": config.num_replicas, "router": config.router, "frontend_latency_s": delay, "kv_blocks_per_replica": num_blocks,
         "weight_dtype": config.weights_dtype(config.model_spec()), "kv_dtype": config.kv_dtype,
+        "expert_parallel": config.layout.ep,
         "prefix_caching": prefix_caching, "prefix_cache_hit_rate": hits / queries if queries else 0.0,
         # each replica's admission margin at the end and the p99 of its last update's prediction errors, as the
         # server exports them (meshserve:admission_margin, meshserve:admission_margin_ttft_error)

@@ -2,8 +2,8 @@
 
 Candidates are the planner's layouts (meshserve/planner/layout.py) for each GPU count asked, restricted to what
 the simulator models (tensor parallel inside a node, pipeline stages as the planner places them, times
-data-parallel replicas; no expert parallelism yet), and kept when a replica holds the weights plus one
-max_model_len sequence.
+data-parallel replicas; expert parallelism over one replica's TP ranks, as the engine's --enable-expert-parallel,
+not across replicas), and kept when a replica holds the weights plus one max_model_len sequence.
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ def candidate_configs(config: SimConfig, gpu_counts: list[int]) -> tuple[list[Si
         layouts, rejected = enumerate_layouts(model, n, gpu.gpus_per_node)
         skipped += [str(r) for r in rejected]
         for layout in layouts:
-            if layout.ep > 1:
-                skipped.append(f"{layout.label}: expert parallelism is not simulated yet")
+            if layout.ep > 1 and layout.ep != layout.tp:  # the planner's EP may span DP replicas too
+                skipped.append(f"{layout.label}: experts over several replicas (DP attention) are not simulated: "
+                               "the engine's expert parallelism spans one replica's TP ranks")
                 continue
             if layout.pp > 1 and config.step_noise:
                 skipped.append(f"{layout.label}: step noise is not modelled with pipeline stages")
                 continue
-            candidate = dataclasses.replace(config, num_gpus=n, tp=layout.tp, pp=layout.pp)
+            candidate = dataclasses.replace(config, num_gpus=n, tp=layout.tp, pp=layout.pp,
+                                            enable_expert_parallel=layout.ep > 1)
             try:  # a layout the other flags cannot run (--disaggregation P:D over its replicas, ...) is left out
                 candidate.validate()
                 candidate.kv_blocks(model, gpu)

@@ -202,17 +202,17 @@ def load_fused_norm(variant: str, name: str = "default") -> FusedNormSaving:
 
 
 def stage_read_bytes(model: ModelSpec, tp: int, pp: int, weight_dtype: str = "bf16", kv_dtype: str = "bf16",
-                     layer_partition: Sequence[int] | None = None) -> list[float]:
+                     layer_partition: Sequence[int] | None = None, ep: int = 1) -> list[float]:
     """Weight bytes each pipeline stage's step reads, priced on the TP=1 fit's scale: the first stage's embedding
     is a gather of the step's rows, not a read of the table, but the fit (one GPU, every weight counted) priced
     the whole model's bytes, so the stages' reads are scaled to sum to it. Without this the first stage carried
     the whole embedding's read and an even split looked balanced where the last stage (the head) is heavier,
     which --pp-layer-partition 17,15 corrects on the 8B."""
-    layout = Layout(tp=tp, pp=pp)
+    layout = Layout(tp=tp, pp=pp, ep=ep)
     shards = [stage_shard(model, layout, s, weight_dtype, kv_dtype, layer_partition) for s in range(pp)]
     reads = [sh.weight_bytes for sh in shards]
     reads[0] -= model.embedding_params / tp * UNQUANTIZED_BYTES
-    whole = stage_shard(model, Layout(tp=tp), 0, weight_dtype, kv_dtype).weight_bytes
+    whole = stage_shard(model, Layout(tp=tp, ep=ep), 0, weight_dtype, kv_dtype).weight_bytes
     scale = whole / sum(reads)
     return [r * scale for r in reads]
 
@@ -235,17 +235,18 @@ class StepCost:
     def __init__(self, model: ModelSpec, gpu: GpuSpec, tp: int = 1, weights: StepWeights | None = None,
                  weight_dtype: str = "bf16", kv_dtype: str = "bf16", pp: int = 1, stage: int = 0,
                  tp_costs: TpCosts | None = None, layer_partition: Sequence[int] | None = None,
-                 fused_norm: str = "", eager: EagerStepCosts | None = None):
-        shard = stage_shard(model, Layout(tp=tp, pp=pp), stage, weight_dtype, kv_dtype, layer_partition)
-        wide = stage_shard(model, Layout(tp=tp, pp=pp), stage, "bf16", "bf16", layer_partition)
+                 fused_norm: str = "", eager: EagerStepCosts | None = None, ep: int = 1):
+        layout = Layout(tp=tp, pp=pp, ep=ep)  # ep = tp: whole experts over the TP ranks (SimConfig.layout)
+        shard = stage_shard(model, layout, stage, weight_dtype, kv_dtype, layer_partition)
+        wide = stage_shard(model, layout, stage, "bf16", "bf16", layer_partition)
         self.weights = weights or load_calibration()
         weight_bytes, bf16_bytes = shard.weight_bytes, wide.weight_bytes
         if pp > 1:
             share = shard.num_layers / model.num_layers
             self.weights = StepWeights(self.weights.constant_ms, self.weights.dense_factor, self.weights.kv_factor,
                                        self.weights.mixed_ms * share)
-            weight_bytes = stage_read_bytes(model, tp, pp, weight_dtype, kv_dtype, layer_partition)[stage]
-            bf16_bytes = stage_read_bytes(model, tp, pp, "bf16", "bf16", layer_partition)[stage]
+            weight_bytes = stage_read_bytes(model, tp, pp, weight_dtype, kv_dtype, layer_partition, ep)[stage]
+            bf16_bytes = stage_read_bytes(model, tp, pp, "bf16", "bf16", layer_partition, ep)[stage]
         # a narrower dtype: its measured time (DtypeTime), as the bytes the fit's bandwidth term would read
         dtype_time = load_dtype_time()
         params = bf16_bytes / 2  # the FLOPs follow the parameters, not the bytes they are stored in

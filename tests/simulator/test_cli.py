@@ -221,3 +221,25 @@ def test_a_checkpoints_own_dtype_is_the_default(capsys):
     assert SimConfig(model="deepseek-v3", weight_dtype="bf16").weights_dtype(config.model_spec()) == "bf16"
     with pytest.raises(InvalidArgumentError, match="--kv-dtype must be one of"):
         SimConfig(kv_dtype="fp4").validate()
+
+
+def test_expert_parallel_flag_spreads_whole_experts(capsys):
+    """--enable-expert-parallel: the layout's EP is the replica's TP for a MoE model (none for a dense one, as the
+    engine); under uniform routing each rank reads as many expert bytes as TP's slices, so the steps match and
+    the KV pool moves only by the weights' layout; experts that do not divide over --tp are one line, exit 2."""
+    from meshserve.simulator.config import SimConfig
+
+    assert SimConfig(model="qwen3-30b-a3b", tp=2, enable_expert_parallel=True).layout.ep == 2
+    assert SimConfig(model="llama-3.1-8b", tp=2, enable_expert_parallel=True).layout.ep == 1
+    base = ["simulate", "--model", "qwen3-30b-a3b", "--gpu", "H200", "--num-gpus", "2", "--tp", "2", "--qps", "10",
+            "--duration", "5", "--no-progress"]
+    assert main(base) == 0
+    tp = json.loads(capsys.readouterr().out)
+    assert main([*base, "--enable-expert-parallel"]) == 0
+    ep = json.loads(capsys.readouterr().out)
+    assert (tp["expert_parallel"], ep["expert_parallel"]) == (1, 2)
+    assert ep["tpot_p50"] == pytest.approx(tp["tpot_p50"], rel=1e-6)
+    assert any("expert parallel" in a for a in ep["assumptions"])
+    assert main(["simulate", "--model", "qwen3-30b-a3b", "--num-gpus", "3", "--tp", "3", "--enable-expert-parallel",
+                 "--no-progress"]) == 2
+    assert "128 experts do not divide evenly over --tp 3" in capsys.readouterr().err

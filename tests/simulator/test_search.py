@@ -41,3 +41,13 @@ def test_layouts_the_other_flags_cannot_run_are_left_out():
     configs, skipped = candidate_configs(SimConfig(gpu="H100-SXM", num_gpus=2, disaggregation=(1, 1)), [2])
     assert [(c.num_gpus, c.tp) for c in configs] == [(2, 1)]
     assert any("TP=2" in s and "--disaggregation 1:1" in s for s in skipped)
+
+
+def test_moe_layouts_take_expert_parallel_within_a_replica():
+    """A MoE model's EP layouts run where EP spans one replica's TP ranks (the engine's flag), and are left out
+    where the planner spreads experts over DP replicas too."""
+    configs, skipped = candidate_configs(SimConfig(model="qwen3-30b-a3b", gpu="H200"), [2])
+    got = {(c.tp, c.num_replicas, c.enable_expert_parallel) for c in configs}
+    assert (2, 1, True) in got and (2, 1, False) in got and (1, 2, False) in got
+    assert all(c.layout.ep == (c.tp if c.enable_expert_parallel else 1) for c in configs)
+    assert any("DP=2" in s and "EP=2" in s and "one replica's TP ranks" in s for s in skipped)

@@ -14,6 +14,12 @@ and KV heads) and adds what the TP=1 fit cannot know about (TpCosts, the calibra
 ring all-reduces (two per layer, latency + bytes over the catalog's NVLink) and the per-layer costs that do not
 shrink with tp -- small kernels (norms, rotary, attention launch, SiLU) that the TP=1 fit folded into its weight
 and KV factors, so that dividing those terms by tp wrongly divides them too. At tp = 1 the term is 0.0.
+
+Beyond the fit (calibration.toml's tables for every fit, measured or fitted on our H200 runs): a narrower weight
+or cache dtype takes a measured fraction of bf16's term (DtypeTime), not its bytes' share; a MoE step reads the
+experts its tokens route to (moe_steps.py) plus each MoE layer's routing launch (MoeCosts); MLA prices its KV term
+at its kernel's time per byte and adds each layer's own launches (MlaCosts). Dense bf16 models are priced as
+before, to the bit.
 """
 
 from __future__ import annotations
@@ -127,8 +133,8 @@ class DtypeTime:
     flops: dict = dataclasses.field(default_factory=dict)
 
     def flops_per_s(self, dtype: str, gpu: GpuSpec) -> float:
-        """The FLOP term's rate: bf16's data-sheet rate times the measured speed-up of the dtype's GEMMs where
-        the table has one, else the data sheet's rate for the dtype."""
+        """The FLOP term's rate: bf16's data-sheet rate times the table's factor for the dtype where it has one
+        (fp8's is fitted to one W2 run: calibration.toml), else the data sheet's rate for the dtype."""
         if dtype in self.flops:
             return gpu.flops_per_s("bf16") * self.flops[dtype]
         return gpu.flops_per_s(dtype)
@@ -156,6 +162,11 @@ class MoeCosts:
     floor_us: float = 0.0
 
 
+def load_moe_costs() -> MoeCosts:
+    table = calibration_sections().get("moe", {})
+    return MoeCosts(float(table.get("route_us", 0.0)), float(table.get("floor_us", 0.0)))
+
+
 @dataclass(frozen=True)
 class MlaCosts:
     """What multi-head latent attention costs beyond the fit's terms (calibration.toml [mla]): kv_time, its KV
@@ -168,11 +179,6 @@ class MlaCosts:
 def load_mla_costs() -> MlaCosts:
     table = calibration_sections().get("mla", {})
     return MlaCosts(float(table.get("kv_time", 1.0)), float(table.get("layer_us", 0.0)))
-
-
-def load_moe_costs() -> MoeCosts:
-    table = calibration_sections().get("moe", {})
-    return MoeCosts(float(table.get("route_us", 0.0)), float(table.get("floor_us", 0.0)))
 
 
 @dataclass(frozen=True)
@@ -227,7 +233,8 @@ class StepCost:
     pipeline stage's pass (`stage`: its slice of the layers, the embedding on the first, the head on the last).
 
     A stage keeps the whole constant (each stage launches and syncs its own step) and the share of the
-    mixed-step cost its layers carry (the prompt rows' work outside the weights and KV terms).
+    mixed-step cost its layers carry (the prompt rows' work outside the weights and KV terms). ep = tp spreads a
+    MoE model's experts whole over the TP ranks (the engine's --enable-expert-parallel).
     tp_costs: the per-layer costs at tp > 1 (default: the default calibration's). eager: what a mixed step past
     the mixed-step graphs costs beyond the fit (eager_steps.py; measured on one GPU, so not split into stages:
     none with pp > 1); its device term is in the model the policy predicts with, its host term in host_s only."""

@@ -83,3 +83,24 @@ def test_fused_decode_words_equals_convert_gpu(heads, splits):
     torch.testing.assert_close(out.float(), convert.float(), atol=1e-2, rtol=1e-2)
     assert torch.equal(fused.view(torch.uint8), two_step.view(torch.uint8))  # rope alone: K bytes equal too
     assert (out[1] == 0).all()  # the padding row
+
+
+@pytest.mark.parametrize("batch", [8, 64])  # the one tile (words under auto) and the grid tile (convert)
+def test_decode_auto_path_takes_each_tile_its_path_gpu(batch, monkeypatch):
+    """MESHSERVE_DECODE_FP8_PATH=auto on the device: a batch below two programs per SM runs the one tile with
+    words, batch 64 x 8 KV heads the grid tile with convert; each equals the fixed path it chose, bit for bit."""
+    import meshserve.kernels.triton_attention as ta
+    from tests.kernels.test_triton_attention import make_case
+
+    query, cache, meta = make_case([1] * batch, [1500] * batch, 16, 8, 128, 16, torch.bfloat16, device="cuda",
+                                   seed=batch)
+    cache8 = (cache.float() * 2.0).to(torch.float8_e4m3fn)
+    args = (query, cache8, meta, 128**-0.5, None, 0.5, 0.25)
+    seen = []
+    launch = ta.decode_attention
+    monkeypatch.setattr(ta, "decode_attention", lambda *a, **kw: (seen.append(kw["fp8_path"]), launch(*a, **kw))[1])
+    auto = ta.TritonAttentionBackend(fp8_path="auto").attend(*args)
+    grid = batch * 8 >= ta.GRID_TILE_MIN_WAVES * ta._num_sms(0)
+    assert seen == ["convert" if grid else "words"]
+    fixed = ta.TritonAttentionBackend(fp8_path=seen[0]).attend(*args)
+    assert torch.equal(auto, fixed)

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Issue 20's next device call on one H200 (~8 min): where the fp8 weights' large-batch time goes and whether the fp8
+# Issue 20's next device call on one H200 (~9 min): where the fp8 weights' large-batch time goes and whether the fp8
 # cache's "auto" decode path pays end to end. The twenty-sixth session's simulator fit says the engine's fp8 path
 # runs at ~0.95x bf16's FLOP rate at W2's batches (PLANNER.md); this measures it:
 #   1. tools/bench_fp8_gemm.py: bf16 vs the engine's fp8 projections at Llama-3.1-8B's shapes, rows 16-8192;
 #   2. W2 Llama-3.1-8B: bf16, then fp8 weights with a bf16 cache (the weights' share of the fp8 W2 alone);
 #   3. W2 Qwen3-0.6B with an fp8 cache: convert (the default) against MESHSERVE_DECODE_FP8_PATH=auto, two rounds;
-#   4. W1 Qwen3-0.6B with an fp8 cache, the same two (auto's small-batch side: words with the one tile).
+#   4. W1 Qwen3-0.6B with an fp8 cache, the same two (auto's small-batch side: words with the one tile);
+# first (step 0) the fp8 decode paths' GPU tests, auto's among them.
 # SKIP=1,3 skips steps by number. Results under $OUT (fp8_gemm.json, w2_8b/, w2_qwen_fp8kv/, w1_qwen_fp8kv/).
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 mkdir -p $OUT
 skip() { [[ ",${SKIP:-}," == *",$1,"* ]]; }
+if ! skip 0; then
+  echo "== 0. the fp8 decode paths' GPU tests (auto's included)"
+  timeout ${TEST_LIMIT:-150} python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_gpu_decode_fp8_path.py \
+    2>&1 | tail -3
+fi
 if ! skip 1; then
   echo "== 1. fp8 projections vs bf16"
   timeout ${GEMM_LIMIT:-150} python3 tools/bench_fp8_gemm.py --out $OUT/fp8_gemm.json 2>&1 | grep -v -i warn

@@ -54,12 +54,14 @@ def search_layouts(config: SimConfig, trace: list[SimRequest], gpu_counts: list[
         raise InvalidArgumentError("no layout fits: " + "; ".join(skipped), param="num_gpus")
     rows = []
     for c in candidates:
-        label = f"{c.num_gpus} GPUs, TP={c.tp}" + (f" x PP={c.pp}" if c.pp > 1 else "") + f" x DP={c.num_replicas}"
+        label = (f"{c.num_gpus} GPUs, TP={c.tp}" + (f" x PP={c.pp}" if c.pp > 1 else "") + f" x DP={c.num_replicas}"
+                 + (f", EP={c.layout.ep}" if c.layout.ep > 1 else ""))
         if progress is not None:
             progress(label)
         r = simulate(c, trace)
         usd_per_hour = r["cost"]["usd_per_gpu_hour"] * c.num_gpus
-        rows.append({"layout": label, "num_gpus": c.num_gpus, "tp": c.tp, "pp": c.pp, "replicas": c.num_replicas,
+        rows.append({"layout": label, "num_gpus": c.num_gpus, "tp": c.tp, "pp": c.pp, "ep": c.layout.ep,
+                     "replicas": c.num_replicas,
                      "goodput": r["goodput"], "goodput_per_usd_hour": r["goodput"] / usd_per_hour,
                      "usd_per_hour": usd_per_hour,
                      "usd_per_million_output_tokens": r["cost"]["usd_per_million_output_tokens"],

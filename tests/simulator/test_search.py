@@ -51,3 +51,6 @@ def test_moe_layouts_take_expert_parallel_within_a_replica():
     assert (2, 1, True) in got and (2, 1, False) in got and (1, 2, False) in got
     assert all(c.layout.ep == (c.tp if c.enable_expert_parallel else 1) for c in configs)
     assert any("DP=2" in s and "EP=2" in s and "one replica's TP ranks" in s for s in skipped)
+    ranked = search_layouts(SimConfig(model="qwen3-30b-a3b", gpu="H200"), poisson_trace(2.0, 5.0, 0), [2])["ranked"]
+    assert sorted((r["tp"], r["ep"]) for r in ranked) == [(1, 1), (2, 1), (2, 2)]
+    assert any(r["layout"].endswith("EP=2") for r in ranked)

@@ -1,44 +1,18 @@
 #!/usr/bin/env bash
-# Issue 20's next device call on one H200 (~9 min): where the fp8 weights' large-batch time goes and whether the fp8
-# cache's "auto" decode path pays end to end. The twenty-sixth session's simulator fit says the engine's fp8 path
-# runs at ~0.95x bf16's FLOP rate at W2's batches (PLANNER.md); this measures it:
-#   1. tools/bench_fp8_gemm.py: bf16 vs the engine's fp8 projections at Llama-3.1-8B's shapes, rows 16-8192;
-#   2. W2 Llama-3.1-8B: bf16, then fp8 weights with a bf16 cache (the weights' share of the fp8 W2 alone);
-#   3. W2 Qwen3-0.6B with an fp8 cache: convert (the default) against MESHSERVE_DECODE_FP8_PATH=auto, two rounds;
-#   4. W1 Qwen3-0.6B with an fp8 cache, the same two (auto's small-batch side: words with the one tile);
-# first (step 0) the fp8 decode paths' GPU tests, auto's among them.
-# SKIP=1,3 skips steps by number. Results under $OUT (fp8_gemm.json, w2_8b/, w2_qwen_fp8kv/, w1_qwen_fp8kv/).
+# Issue 20 on one H200 (branch fp8-w2): the GPU tests of the fp8 kernels this branch changed, then
+# tools/bench_fp8_step.py (decode step per kernel class, bf16 / fp8 weights / fp8 KV / both, old paths beside).
+# SKIP_TESTS=1 runs only the harness. Logs and JSON go into $OUT/fp8_w2.tgz, summary lines to stdout (~5 min).
+# W2 itself: JOBS="w2_8b_bf16 w2_8b_fp8_fp8kv w2_qwen_bf16 w2_qwen_fp8kv" bash tools/quant_moe_device.sh
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
-mkdir -p $OUT
-skip() { [[ ",${SKIP:-}," == *",$1,"* ]]; }
-if ! skip 0; then
-  echo "== 0. the fp8 decode paths' GPU tests (auto's included)"
-  timeout ${TEST_LIMIT:-150} python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_gpu_decode_fp8_path.py \
-    2>&1 | tail -3
+R=/tmp/fp8_w2; mkdir -p $R $OUT
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout ${TEST_LIMIT:-300} python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_triton_fp8_quant.py \
+    tests/kernels/test_triton_fp8_fused.py tests/kernels/test_fp8_kv_cache.py "tests/kernels/test_triton_ops.py::test_qkv_rope_cache_fp8_gpu" \
+    tests/kernels/test_quant_kernels.py tests/gpu/test_gpu_engine.py -k "fp8 or scaled_mm or per_token or fused or decode" \
+    > $R/tests.log 2>&1
+  echo "== tests: rc $? ($(tail -1 $R/tests.log))"; grep -E "^FAILED|Error" $R/tests.log | head -8
 fi
-if ! skip 1; then
-  echo "== 1. fp8 projections vs bf16"
-  timeout ${GEMM_LIMIT:-150} python3 tools/bench_fp8_gemm.py --out $OUT/fp8_gemm.json 2>&1 | grep -v -i warn
-fi
-run_ab() {  # name, then w1_ab_device.sh's environment
-  local name=$1; shift
-  env "$@" bash tools/w1_ab_device.sh 2>&1 | grep -v -i warn
-  mkdir -p $OUT/$name && mv $OUT/w1_ab.tgz $OUT/$name/ 2> /dev/null
-}
-if ! skip 2; then
-  echo "== 2. W2 Llama-3.1-8B: bf16, then fp8 weights + bf16 cache"
-  run_ab w2_8b_bf16 BENCH=throughput BENCH_ARGS="--repeat 2" JOBS="8b:default" REPEAT=1 BUDGET=150 LIMIT=170
-  run_ab w2_8b_fp8w BENCH=throughput BENCH_ARGS="--repeat 2 --quantization fp8" JOBS="8b:default" REPEAT=1 \
-    BUDGET=150 LIMIT=170
-fi
-if ! skip 3; then
-  echo "== 3. W2 Qwen3-0.6B, fp8 cache: convert vs auto"
-  run_ab w2_qwen_fp8kv BENCH=throughput BENCH_ARGS="--repeat 2 --kv-cache-dtype fp8" \
-    JOBS="qwen:default qwen:DECODE_FP8_PATH=auto" REPEAT=2 BUDGET=200
-fi
-if ! skip 4; then
-  echo "== 4. W1 Qwen3-0.6B, fp8 cache: convert vs auto"
-  run_ab w1_qwen_fp8kv BENCH=latency BENCH_ARGS="--kv-cache-dtype fp8" JOBS="qwen:default qwen:DECODE_FP8_PATH=auto" \
-    REPEAT=2 BUDGET=150
-fi
+timeout ${BENCH_LIMIT:-240} python3 tools/bench_fp8_step.py --json $R/fp8_step.json > $R/bench.log 2>&1
+echo "== bench_fp8_step: rc $?"; grep -vE "Warning|warn" $R/bench.log | tail -70
+tar czf $OUT/fp8_w2.tgz -C /tmp fp8_w2

@@ -130,7 +130,7 @@ class DtypeTime:
 
     weights: dict
     kv: dict
-    flops: dict = dataclasses.field(default_factory=dict)
+    flops: dict  # the FLOP rate's factor over bf16's data sheet, by weight dtype
 
     def flops_per_s(self, dtype: str, gpu: GpuSpec) -> float:
         """The FLOP term's rate: bf16's data-sheet rate times the table's factor for the dtype where it has one
@@ -162,9 +162,15 @@ class MoeCosts:
     floor_us: float = 0.0
 
 
+def _costs_table(cls, section: str):
+    """A top-level table of calibration.toml as `cls` (a dataclass of floats): its fields the table has, the
+    defaults for the rest (an absent table: all defaults)."""
+    table = calibration_sections().get(section, {})
+    return cls(**{f.name: float(table[f.name]) for f in dataclasses.fields(cls) if f.name in table})
+
+
 def load_moe_costs() -> MoeCosts:
-    table = calibration_sections().get("moe", {})
-    return MoeCosts(float(table.get("route_us", 0.0)), float(table.get("floor_us", 0.0)))
+    return _costs_table(MoeCosts, "moe")
 
 
 @dataclass(frozen=True)
@@ -177,8 +183,7 @@ class MlaCosts:
 
 
 def load_mla_costs() -> MlaCosts:
-    table = calibration_sections().get("mla", {})
-    return MlaCosts(float(table.get("kv_time", 1.0)), float(table.get("layer_us", 0.0)))
+    return _costs_table(MlaCosts, "mla")
 
 
 @dataclass(frozen=True)
@@ -259,7 +264,8 @@ class StepCost:
         params = bf16_bytes / 2  # the FLOPs follow the parameters, not the bytes they are stored in
         weight_bytes = dtype_time.weight_bytes(weight_dtype, bf16_bytes, weight_bytes)
         kv_bytes = dtype_time.kv_bytes_per_token(kv_dtype, wide.kv_bytes_per_token, shard.kv_bytes_per_token)
-        mla = load_mla_costs() if model.is_mla else MlaCosts(kv_time=1.0)
+        mla = load_mla_costs() if model.is_mla else MlaCosts()
+        moe_costs = load_moe_costs() if model.is_moe else MoeCosts()
         kv_bytes *= mla.kv_time  # the latent cache's decode kernel reads slower than GQA's (calibration.toml [mla])
         moe = {}
         if model.is_moe:  # a step reads the experts its tokens route to; a token multiplies by its top-k
@@ -267,7 +273,7 @@ class StepCost:
             wide_share = wide.num_moe_layers * wide.experts_per_gpu * wide.expert_slice_bytes / wide.weight_bytes
             params *= 1.0 - wide_share * (1.0 - model.experts_per_token / model.num_experts)
             moe = {"expert_share": share, "num_moe_layers": shard.num_moe_layers, "num_experts": model.num_experts,
-                   "top_k": model.experts_per_token, "floor_s": load_moe_costs().floor_us * 1e-6}
+                   "top_k": model.experts_per_token, "floor_s": moe_costs.floor_us * 1e-6}
         self.eager = eager if pp == 1 else None
         rates = DeviceRates(gpu.hbm_bytes_per_s, dtype_time.flops_per_s(weight_dtype, gpu))
         if self.eager is None:
@@ -294,8 +300,7 @@ class StepCost:
         self._lines: dict[int, tuple[float, float]] = {}  # decode_line's per-batch-size terms
         # per step: each MoE layer's routing and alignment launch (calibration.toml [moe] route_us), each MLA
         # layer's own launches (latent projections, absorbed q and output: [mla] layer_us)
-        self._fixed_s = (shard.num_moe_layers * load_moe_costs().route_us if model.is_moe else 0.0) * 1e-6
-        self._fixed_s += shard.num_layers * mla.layer_us * 1e-6
+        self._fixed_s = (shard.num_moe_layers * moe_costs.route_us + shard.num_layers * mla.layer_us) * 1e-6
 
     def comm_s(self, num_tokens: int) -> float:
         """Two all-reduces per layer of the step's hidden states (0 without TP)."""

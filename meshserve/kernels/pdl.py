@@ -181,15 +181,19 @@ def one_wave_programs(num_sms: int, num_warps: int) -> int:
 AUTO_MAX_HIDDEN = 2048
 
 
-def auto_enables(hidden_size: int | None, moe: bool = False) -> bool:
-    """MESHSERVE_PDL=auto's rule (the default): PDL (early trigger, preload "all") for dense models whose hidden
-    size is at most AUTO_MAX_HIDDEN, none for larger ones, MoE models or an unknown size. Why the hidden size:
+def auto_enables(hidden_size: int | None) -> bool:
+    """MESHSERVE_PDL=auto's rule (the default): PDL (early trigger, preload "all") for models whose hidden size
+    is at most AUTO_MAX_HIDDEN, dense or MoE, none for larger ones or an unknown size (the norm fold and the
+    short-context graphs take the same rule for dense models only: layers/backend_selection.py). Why the hidden size:
     it is the K of the QKV and gate_up rows, and with it every layer's weight bytes. At 1,024 (Qwen3-0.6B) a
     layer's kernels run a few us each, so the launch gaps PDL hides are a large part of the step, and the GEMV
     preload (2,048 columns) holds those rows whole; at 4,096 (Llama-3.1-8B, -9% on 2026-11-30) a layer streams
     ~200 MB, the gaps are small beside it, and the preload's registers halve the programs per SM for the rows'
-    remaining columns. 2,048 is the largest row the preload still holds whole. MoE models (Qwen3-30B-A3B and
-    DeepSeek-V2-Lite have 2,048) were never measured with it: off. H200 W1 Qwen3-0.6B: +26% on 2026-11-30,
+    remaining columns. 2,048 is the largest row the preload still holds whole. MoE models of 2,048 (Qwen3-30B-A3B,
+    DeepSeek-V2-Lite) since 2026-12-03: W1 on an H200, two processes each, Qwen3-30B-A3B 255.0 -> 282.3 tok/s
+    (+10.7%; 250.3 -> 278.9 on 2026-12-02), DeepSeek-V2-Lite 327.8 -> 338.0 (+3.1%; decode graph 2.89 -> 2.78
+    ms), W2 Qwen3-30B-A3B the same within noise (22.12 / 22.30 s); tests/gpu/test_pdl_decode.py's mixed-step test
+    keeps their tokens. H200 W1 Qwen3-0.6B: +26% on 2026-11-30,
     -28% on 2026-12-01 (852.6 -> 615.9, not reproduced since), +25% twice on 2026-12-02 (862.3 -> 1,080.0 and
     1,072.1, in two calls; the GPU tests passed), so it is on by default for such models. Those were single
     runs: later that day the same build spread over 712-1,073 tok/s from one process to the next with PDL on
@@ -198,7 +202,7 @@ def auto_enables(hidden_size: int | None, moe: bool = False) -> bool:
     found the spread was the host (a W1 step's host work as long as the GPU's in some processes): the decode
     graph's own device time, replayed back to back, is the same in every process, 0.789 ms with PDL and 1.043
     without (-24%; BENCHMARKS.md "Twenty-second session")."""
-    return hidden_size is not None and hidden_size <= AUTO_MAX_HIDDEN and not moe
+    return hidden_size is not None and hidden_size <= AUTO_MAX_HIDDEN
 
 
 def gdc_kwargs(x: torch.Tensor, pdl: bool | None = None, programs: int | None = None,

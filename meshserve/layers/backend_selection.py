@@ -31,10 +31,11 @@ Overrides (environment, read only here, for debugging and references):
                                             cost the 8B 3.2%), 0 off, 1 on for any model
   MESHSERVE_PDL=1|auto                      programmatic dependent launch of the decode-path Triton kernels on
                                             sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
-                                            kernels/pdl.py); auto (the default): only for dense models whose
-                                            hidden size is at most 2,048 (pdl.auto_enables; H200 Qwen3-0.6B W1
-                                            +26% on 2026-11-30, -28% on 2026-12-01, +25% twice on 2026-12-02);
-                                            0 off, 1 on for any model (issue 29)
+                                            kernels/pdl.py); auto (the default): only for models whose hidden
+                                            size is at most 2,048 (pdl.auto_enables; H200 Qwen3-0.6B W1 +26% on
+                                            2026-11-30, -28% on 2026-12-01, +25% twice on 2026-12-02; MoE models
+                                            since 2026-12-03: Qwen3-30B-A3B W1 +10.7%, DeepSeek-V2-Lite +3.1%);
+                                            0 off, 1 on for any model (issues 29, 23)
   MESHSERVE_PDL_TRIGGER=early|late          PDL variants under A/B (kernels/pdl.py, tools/pdl_device.sh): where
   MESHSERVE_PDL_ONE_WAVE=1                  the next kernel may launch; PDL only for one-wave grids; when the
   MESHSERVE_PDL_PRELOAD=all|none|row        GEMV preloads weights before the wait
@@ -320,12 +321,20 @@ def resolve_cache_dtype(cache_dtype: str, model_dtype: str) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
-def _small_dense(config: EngineConfig) -> bool:
-    """pdl.auto_enables' rule for this model: dense, hidden size <= 2,048 (a batch-1 step launch-bound)."""
+def _text_config(config: EngineConfig):
     hf_config = config.model_config.hf_config
     # a multimodal config keeps the language model's sizes in text_config
-    hf_config = getattr(hf_config, "text_config", None) or hf_config
-    return pdl.auto_enables(getattr(hf_config, "hidden_size", None), num_experts(hf_config) > 0)
+    return getattr(hf_config, "text_config", None) or hf_config
+
+
+def _small(config: EngineConfig) -> bool:
+    """pdl.auto_enables' rule for this model: hidden size <= 2,048 (a batch-1 step launch-bound), dense or MoE."""
+    return pdl.auto_enables(getattr(_text_config(config), "hidden_size", None))
+
+
+def _small_dense(config: EngineConfig) -> bool:
+    """_small and dense: the norm fold's and the short-context graphs' rule (neither measured on MoE models)."""
+    return _small(config) and num_experts(_text_config(config)) == 0
 
 
 def _norm_fold(config: EngineConfig) -> bool:
@@ -385,11 +394,11 @@ def _forced_switch(env: str) -> bool | None:
 
 
 def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
-    """MESHSERVE_PDL (0 / 1 / auto, the default: by the model's hidden size, dense models only) and the
-    variants' switches."""
+    """MESHSERVE_PDL (0 / 1 / auto, the default: by the model's hidden size, dense or MoE) and the variants'
+    switches."""
     mode = os.environ.get(PDL_ENV, "").strip().lower() or "auto"
     if mode == "auto":
-        enabled = _small_dense(config)
+        enabled = _small(config)
     else:
         enabled = mode != "0"
     return PdlPolicy(

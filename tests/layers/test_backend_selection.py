@@ -191,14 +191,18 @@ def _model_config(hidden_size: int | None, device="cuda", **hf_fields) -> Engine
 def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
     from meshserve.kernels.pdl import PdlPolicy
 
-    # auto, the default: on for Qwen3-0.6B's 1,024 (+25% W1 on an H200), off for Llama-3.1-8B's 4,096 (-9%), MoE
-    # models of 2,048 (not measured), an unknown size, and CPU
+    # auto, the default: on for Qwen3-0.6B's 1,024 (+25% W1 on an H200) and MoE models of 2,048 (Qwen3-30B-A3B
+    # +10.7%), off for Llama-3.1-8B's 4,096 (-9%), larger MoE models, an unknown size, and CPU
     for mode in ("", "auto"):
         monkeypatch.setenv("MESHSERVE_PDL", mode)
         assert select_kernels(_model_config(1024)).pdl and select_kernels(_model_config(2048)).pdl
         assert not select_kernels(_model_config(4096)).pdl and not select_kernels(_model_config(None)).pdl
-        assert not select_kernels(_model_config(2048, num_experts=128)).pdl
-        assert not select_kernels(_model_config(2048, num_local_experts=8)).pdl
+        assert select_kernels(_model_config(2048, num_experts=128)).pdl
+        assert select_kernels(_model_config(2048, num_local_experts=8)).pdl
+        assert not select_kernels(_model_config(4096, num_local_experts=8)).pdl
+        # the norm fold and the short-context graphs stay dense-only
+        moe = select_kernels(_model_config(2048, num_experts=128))
+        assert not moe.norm_fold and moe.decode_context_bounds == ()
         assert not select_kernels(_model_config(1024, device="cpu")).pdl
     # 1 and 0 keep their meaning whatever the model; the variants ride along
     monkeypatch.setenv("MESHSERVE_PDL", "1")

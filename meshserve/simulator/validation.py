@@ -749,8 +749,8 @@ def extrapolations() -> str:
     return "\n\n".join(out)
 
 
-# python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | tenth | w2-one-gpu | moe | extrapolate |
-#                                          fit-tp | fit-pp-host]
+# python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | tenth | w2-one-gpu | moe | faults |
+#                                          extrapolate | fit-tp | fit-pp-host]
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     if what == "fit-tp":
@@ -784,6 +784,11 @@ if __name__ == "__main__":
         print()
     if what in ("moe", "all"):
         print(moe_table())
+        print()
+    if what in ("faults", "all"):  # the router fault suite's kill+restart load (validation_faults.py)
+        from meshserve.simulator.validation_faults import main as faults_main
+
+        faults_main([])
         print()
     if what in ("extrapolate", "all"):
         print(extrapolations())

@@ -38,6 +38,7 @@ class Result:
     fallback: str | None = None
     detail: str = ""
     seconds: float = 0.0
+    sent_s: float = 0.0  # time.monotonic() at sending (the simulator's fault replay aligns runs on it)
 
 
 @dataclass
@@ -89,7 +90,7 @@ class Load:
             self.sent += 1
             stream = self.stream_every > 0 and i % self.stream_every == self.stream_every - 1
             result = Result(i, self.phase, stream)
-            t0 = time.monotonic()
+            t0 = result.sent_s = time.monotonic()
             try:
                 if stream:
                     await self._stream(client, i, result)

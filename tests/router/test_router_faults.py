@@ -117,14 +117,19 @@ async def _kill_restart_under_load(c: Cluster, victim: int, total: int, after: i
     while load.fresh_streams(name, max_events=1) < 1 and time.monotonic() < deadline:
         await asyncio.sleep(0.005)
     notes["streams_live_on_victim_at_kill"] = load.fresh_streams(name, max_events=1)
+    # the events' monotonic times (the simulator's replay: tools/fault_load_trace.py)
+    notes["t0"], notes["kill_s"], notes["kill_sent"] = t0, time.monotonic(), load.sent
     c.primaries[victim].kill()  # SIGKILL: no drain, connections reset
     load.phase = "dead"
     await load.wait_sent(total // 2)
+    notes["restart_s"] = time.monotonic()
     c.primaries[victim].start()
     load.phase = "restarting"
     await asyncio.to_thread(c.primaries[victim].wait_ready, READY_S)  # it serves again (or says why not)
+    notes["ready_s"] = time.monotonic()
     readmitted = _not_yet_when_busy(lambda: c.healthy(name))
     notes["readmitted"] = await asyncio.to_thread(wait_until, readmitted, ADMIT_S, 0.1)
+    notes["readmitted_s"] = time.monotonic()
     load.phase = "readmitted"
     start_after = load.sent
     deadline = time.monotonic() + 60

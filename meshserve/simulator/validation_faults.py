@@ -1,0 +1,146 @@
+"""Replay of the router fault suite's kill+restart load (faults.py) against its measured rounds.
+
+Measured by tools/fault_load_trace.py (benchmarks/results/router_faults_cpu_1203/round*.json.gz: every request's
+sending, seconds and outcome, the kill / restart / ready / re-admission times, the primaries' step traces). Per
+round, two things are fitted on the round itself, as tests/simulator/test_against_engine.py fits its step costs:
+- the step cadence (a step's trace time to the next one's, while the replica is busy) as a + b x tokens + c x
+  sequences, over the three primaries' steps of the round;
+- the per-request latency the steps do not see (router, HTTP, tokenizing): the measured median of the
+  non-streamed requests sent before the kill, less the simulated one without it.
+Inputs taken from the round: the restart's start-up time (ready - restart) and the suite's scenario. Predicted
+and compared: the suite's figures (sent, succeeded, retried, failed cleanly, seconds), and per phase the requests
+sent, the requests per second and the median / p99 seconds of non-streamed and streamed requests.
+
+    python -m meshserve.simulator.validation_faults [ROUND.json[.gz] ...]
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from meshserve.engine.step_time import StepShape
+from meshserve.simulator.config import SimConfig
+from meshserve.simulator.faults import ClosedLoopLoad, FaultRun, KillRestart, RouterHealth, run_kill_restart
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "router_faults_cpu_1203"
+PHASES = ("start", "dead", "restarting", "readmitted")
+BUSY_GAP_S = 0.05  # a longer gap between two steps' trace times is an idle replica, not a step
+
+
+def fit_cadence(steps: dict[str, list[dict]]) -> tuple[tuple[float, float, float], float]:
+    """(a, b, c) of a step's cadence a + b x tokens + c x sequences, least squares over every primary's busy
+    steps, and the mean |error| / measured it leaves."""
+    x, y = [], []
+    for rows in steps.values():
+        for prev, row in itertools.pairwise(rows):
+            gap = row["t"] - prev["t"]
+            if 0 < gap < BUSY_GAP_S:
+                x.append((1.0, row["tokens"], row["seqs"]))
+                y.append(gap)
+    xa, ya = np.array(x), np.array(y)
+    theta, *_ = np.linalg.lstsq(xa, ya, rcond=None)
+    return tuple(float(v) for v in theta), float(np.mean(np.abs(xa @ theta - ya) / ya))
+
+
+def phase_table(requests: list[dict]) -> dict[str, dict]:
+    """Per phase: requests sent, sending rate, and seconds (p50 / p99) of the non-streamed and streamed ones that
+    succeeded."""
+    out = {}
+    for phase in PHASES:
+        rs = [r for r in requests if r["phase"] == phase]
+        sent = [r["sent_s"] for r in rs]
+        span = max(sent) - min(sent) if len(sent) > 1 else 0.0
+        row = {"sent": len(rs), "req_per_s": (len(rs) - 1) / span if span else 0.0}
+        for kind, stream in (("plain", False), ("stream", True)):
+            secs = [r["seconds"] for r in rs if r["stream"] == stream and r["outcome"] == "ok"]
+            row[f"{kind}_p50"] = float(np.percentile(secs, 50)) if secs else float("nan")
+            row[f"{kind}_p99"] = float(np.percentile(secs, 99)) if secs else float("nan")
+        out[phase] = row
+    return out
+
+
+def _as_rows(run: FaultRun) -> list[dict]:
+    return [{"phase": r.phase, "sent_s": r.sent_s, "seconds": r.seconds, "stream": r.stream, "outcome": r.outcome}
+            for r in run.requests]
+
+
+def simulate_round(measured: dict, latency_s: float | None = None) -> tuple[FaultRun, dict]:
+    """The round's scenario simulated with its fitted cadence (and latency: fitted when None); returns the run
+    and the fit."""
+    sc = measured["scenario"]
+    ev = measured["events"]
+    (a, b, c), err = fit_cadence(measured["steps"])
+
+    def cadence(shape: StepShape) -> float:
+        return a + b * shape.num_tokens + c * shape.num_seqs
+
+    config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=3, max_num_seqs=8, max_queue_len=8,
+                       max_model_len=256, num_blocks=4096, max_num_batched_tokens=2048)
+    load = ClosedLoopLoad(concurrency=sc["concurrency"], stream_every=sc["stream_every"], output_len=sc["max_tokens"],
+                          stream_output_len=sc["stream_max_tokens"])
+    scenario = KillRestart(victim=sc["victim"], kill_after_sent=sc["total"] // 4, restart_after_sent=sc["total"] // 2,
+                           start_s=ev["ready_s"] - ev["restart_s"], stop_after_sent=sc["total"],
+                           stop_after_served=sc["after"])
+    flags = sc["router_flags"]
+    health = RouterHealth(health_interval_s=float(flags[flags.index("--health-interval") + 1]),
+                          recover_threshold=int(flags[flags.index("--recover-threshold") + 1]),
+                          max_attempts=int(flags[flags.index("--max-attempts") + 1]))
+    if latency_s is None:
+        bare = run_kill_restart(config, cadence, load, scenario, health, 0.0)
+        simulated = phase_table(_as_rows(bare))["start"]["plain_p50"]
+        latency_s = max(0.0, phase_table(measured["requests"])["start"]["plain_p50"] - simulated)
+    run = run_kill_restart(config, cadence, load, scenario, health, latency_s)
+    return run, {"cadence_s": (a, b, c), "cadence_error": err, "latency_s": latency_s,
+                 "start_s": scenario.start_s}
+
+
+def compare(measured: dict) -> dict:
+    """Predicted vs measured for one round: figures and the phase table, each (simulated, measured)."""
+    run, fit = simulate_round(measured)
+    sim_fig, real_fig = run.figures(), measured["figures"]
+    figures = {k: (sim_fig[k], real_fig[k]) for k in ("sent", "succeeded", "retried", "failed_cleanly", "seconds")}
+    sim_phases, real_phases = phase_table(_as_rows(run)), phase_table(measured["requests"])
+    phases = {p: {k: (sim_phases[p][k], real_phases[p][k]) for k in real_phases[p]} for p in PHASES}
+    events = {k: (run.events.get(k), measured["events"].get(k)) for k in ("kill_s", "restart_s", "readmitted_s")}
+    return {"fit": fit, "figures": figures, "events": events, "phases": phases}
+
+
+def _print(name: str, result: dict) -> None:
+    fit = result["fit"]
+    a, b, c = fit["cadence_s"]
+    print(f"## {name}: cadence {a * 1e3:.2f} ms + {b * 1e3:.3f} ms/token + {c * 1e3:.3f} ms/seq "
+          f"(mean error {fit['cadence_error']:.0%}), latency {fit['latency_s'] * 1e3:.1f} ms, start-up "
+          f"{fit['start_s']:.2f} s")
+    print("| figure | simulated | measured |\n|---|---|---|")
+    for k, (s, m) in result["figures"].items():
+        print(f"| {k} | {s} | {m} |")
+    for k, (s, m) in result["events"].items():
+        print(f"| {k} | {s:.2f} | {m:.2f} |")
+    print("| phase | sent | req/s | plain p50 / p99 s | stream p50 / p99 s |\n|---|---|---|---|---|")
+    for p, row in result["phases"].items():
+        def pair(k: str, fmt: str = ".3f", row: dict = row) -> str:
+            s, m = row[k]
+            return f"{s:{fmt}} / {m:{fmt}}"
+        print(f"| {p} | {pair('sent', 'd')} | {pair('req_per_s', '.1f')} | {pair('plain_p50')}, {pair('plain_p99')} "
+              f"| {pair('stream_p50')}, {pair('stream_p99')} |")
+
+
+def load_round(path: str | Path) -> dict:
+    path = Path(path)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt") as f:
+        return json.load(f)
+
+
+def main(argv: list[str]) -> None:
+    for path in [Path(p) for p in argv] or sorted(RESULTS.glob("round*.json.gz")):
+        _print(path.name, compare(load_round(path)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -166,9 +166,10 @@ def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
 
 class BlockCopy:
     """dst[:, dst_ids] = src[:, src_ids] for every layer of one read, planned once: slices when the ids run
-    together (one pass each), else a gather then a scatter with the two index tensors made once for all layers
-    (a tensor built from a list per layer is a pageable host-to-device copy that waits: two per layer cost a
-    32-layer read ~3 ms on the H200, 2026-12-02)."""
+    together (one pass each), else with the two index tensors made once for all layers (a tensor built from a
+    list per layer is a pageable host-to-device copy that waits: two per layer cost a 32-layer read ~3 ms on the
+    H200, 2026-12-02): on one GPU the block-copy kernel (kernels/triton_block_copy.py: each byte moved once),
+    else a gather then a scatter (the reference, and the path across devices or on CPU)."""
 
     def __init__(self, dst_ids: list[int], src_ids: list[int], dst_device: torch.device, src_device: torch.device):
         runs = _runs(src_ids, dst_ids)
@@ -184,6 +185,12 @@ class BlockCopy:
             for s, d, n in self.runs:
                 dst[:, d : d + n].copy_(src[:, s : s + n], non_blocking=True)
             return
+        if dst.is_cuda and os.environ.get("MESHSERVE_IPC_BLOCK_COPY", "1") != "0":  # (0: the gather, for A/Bs)
+            from meshserve.kernels import triton_block_copy  # (Triton only where a GPU reads)
+
+            if triton_block_copy.fits(dst, src):
+                triton_block_copy.copy_blocks(dst, src, self.dst_index, self.src_index)
+                return
         gathered = src.index_select(1, self.src_index)
         dst.index_copy_(1, self.dst_index, gathered.to(dst.device, non_blocking=True))
 

@@ -104,3 +104,153 @@ def test_decode_auto_path_takes_each_tile_its_path_gpu(batch, monkeypatch):
     assert seen == ["convert" if grid else "words"]
     fixed = ta.TritonAttentionBackend(fp8_path=seen[0]).attend(*args)
     assert torch.equal(auto, fixed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MESHSERVE_DECODE_FP8_PATH=fp8dot (kernels/triton_e4m3_dot.py): q and P rounded to e4m3, e4m3 wgmmas on the tiles
+# ----------------------------------------------------------------------------------------------------------
+FP8DOT_TOL = 5e-2  # against the fp32 reference and today's path: q and P's e4m3 rounding (test_decode_fp8dot.py)
+
+
+def _fp8dot_case(heads, head_dim, seed, batch=24):
+    from tests.kernels.test_triton_attention import make_case
+
+    h, hkv = heads
+    g = torch.Generator().manual_seed(seed)
+    seq_lens = torch.randint(1, 3000, (batch,), generator=g).tolist()
+    seq_lens[:4] = [1, 127, 128, 2048]  # one token, tile edges, a long one
+    q_lens = [1] * batch
+    q_lens[5] = 0  # a CUDA-graph padding row: no output
+    query, cache, meta = make_case(q_lens, seq_lens, h, hkv, head_dim, 16, torch.bfloat16, device="cuda", seed=seed)
+    return query, (cache.float() * 2.0).to(torch.float8_e4m3fn), meta
+
+
+def _report(name, got, want):
+    same = (got == want).float().mean().item()
+    diff = (got.float() - want.float()).abs().max().item()
+    print(f"{name}: {same:.4%} of outputs bit-equal, max |diff| {diff:.3g}")
+
+
+@pytest.mark.parametrize("heads", [(16, 8), (32, 8)])  # Qwen3-0.6B (group 2), Llama-3.1-8B (group 4)
+@pytest.mark.parametrize("window", [None, 700])
+def test_decode_fp8dot_ptx_equals_its_byte_spelling_and_torch_reference_gpu(heads, window, monkeypatch):
+    """The PTX transpose of V (and the hardware's e4m3 cast) against "fp8dot_bytes" (shifts, the cast rounded in
+    fp32: what the interpreter tests check against the torch reference) on the same wgmmas: one bf16 step apart
+    at most (a wrong byte order moves outputs by tenths); both at one split near decode_fp8dot_ref (the torch
+    spelling of the same roundings; the wgmma's sum order may flip an e4m3 rounding of P)."""
+    import meshserve.kernels.triton_attention as ta
+    from meshserve.kernels.attention_ref import decode_fp8dot_ref
+
+    query, cache8, meta = _fp8dot_case(heads, 128, seed=11)
+    assert ta._fp8_tile("fp8dot", query, cache8) == "fp8dot"
+    args = (query, cache8, meta, 128**-0.5, window, 0.5, 0.25)
+    ptx = ta.TritonAttentionBackend(decode_num_splits=1, fp8_path="fp8dot").attend(*args)
+    monkeypatch.setattr(ta, "_fp8_tile", lambda *a: "fp8dot_bytes")
+    shifts = ta.TritonAttentionBackend(decode_num_splits=1, fp8_path="fp8dot").attend(*args)
+    _report(f"heads {heads} window {window} ptx vs bytes", ptx, shifts)
+    torch.testing.assert_close(ptx.float(), shifts.float(), atol=1e-6, rtol=2.0**-7)
+    emu = decode_fp8dot_ref(*args)
+    _report(f"heads {heads} window {window} ptx vs torch reference", ptx, emu)
+    torch.testing.assert_close(ptx.float(), emu.float(), atol=1e-2, rtol=1e-2)
+
+
+# Qwen3-0.6B (group 2), Llama-3.1-8B (group 4), and head_dim 64 (the out^T wgmma's M at its smallest)
+@pytest.mark.parametrize(("head_dim", "heads"), [(128, (16, 8)), (128, (32, 8)), (64, (16, 8))])
+@pytest.mark.parametrize("window", [None, 700])
+def test_decode_fp8dot_near_convert_gpu(head_dim, heads, window):
+    """fp8dot over production-like shapes (contexts 1 to 3,000, a padding row) at one split, four splits (the
+    reduce kernel and the inline reduce) and the split rule: within FP8DOT_TOL of today's path and of the fp32
+    reference of the fp8 cache; the padding row untouched."""
+    from meshserve.kernels.attention_ref import paged_attention_ref
+    from meshserve.kernels.triton_attention import TritonAttentionBackend
+
+    query, cache8, meta = _fp8dot_case(heads, head_dim, seed=head_dim + heads[0])
+    args = (query, cache8, meta, head_dim**-0.5, window, 0.5, 0.25)
+    ref = paged_attention_ref(query.float(), cache8, meta, head_dim**-0.5, window, 0.5, 0.25)
+    for splits, inline in ((1, False), (4, False), (4, True), (None, False)):
+        convert = TritonAttentionBackend(decode_num_splits=splits, inline_reduce=inline).attend(*args)
+        fp8dot = TritonAttentionBackend(decode_num_splits=splits, inline_reduce=inline,
+                                        fp8_path="fp8dot").attend(*args)
+        _report(f"head_dim {head_dim} heads {heads} window {window} splits {splits} inline {inline}: fp8dot vs "
+                f"convert", fp8dot, convert)
+        print(f"  |fp8dot - ref| max {(fp8dot.float() - ref).abs().max().item():.3g}, |convert - ref| max "
+              f"{(convert.float() - ref).abs().max().item():.3g}")
+        torch.testing.assert_close(fp8dot.float(), convert.float(), atol=FP8DOT_TOL, rtol=FP8DOT_TOL)
+        torch.testing.assert_close(fp8dot.float(), ref, atol=FP8DOT_TOL, rtol=FP8DOT_TOL)
+
+
+@pytest.mark.parametrize("heads", [(16, 8), (32, 8)])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_fused_decode_fp8dot_gpu(heads, splits):
+    """The fused prologue's launch with fp8dot: its output near the two-step path's with the same switch (the
+    words test's tolerance) and today's fp8 path's (FP8DOT_TOL), its cache the same bytes."""
+    from tests.kernels.test_triton_decode_fused import run_both
+
+    spec = ([1, 0, 300, 1000, 37, 5000], *heads, 128, 16, None)
+    expect, two_step, out, fused, _, _ = run_both(spec, torch.bfloat16, True, False, splits, seed=7, device="cuda",
+                                                  fp8_path="fp8dot")
+    convert = run_both(spec, torch.bfloat16, True, False, splits, seed=7, device="cuda")[2]
+    torch.testing.assert_close(out.float(), expect.float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out.float(), convert.float(), atol=FP8DOT_TOL, rtol=FP8DOT_TOL)
+    assert torch.equal(fused.view(torch.uint8), two_step.view(torch.uint8))
+    assert (out[1] == 0).all()  # the padding row
+
+
+def test_decode_fp8dot_grid_tile_gpu(monkeypatch):
+    """Batch 64 x 8 KV heads (past two programs per SM): the plain launch takes FP8DOT_GRID_TILE (64 tokens, 4
+    warps: wgmma), equal to decode_attention called with it, and within FP8DOT_TOL of the reference."""
+    import meshserve.kernels.triton_attention as ta
+    from meshserve.kernels.attention_ref import paged_attention_ref
+
+    query, cache8, meta = _fp8dot_case((16, 8), 128, seed=5, batch=64)
+    args = (query, cache8, meta, 128**-0.5, None, 0.5, 0.25)
+    seen = []
+    launch = ta.decode_attention
+    monkeypatch.setattr(ta, "decode_attention", lambda *a, **kw: (seen.append(kw), launch(*a, **kw))[1])
+    out = ta.TritonAttentionBackend(decode_num_splits=1, fp8_path="fp8dot").attend(*args)
+    assert (seen[0]["block_n"], seen[0]["num_warps"], seen[0]["num_stages"]) == ta.FP8DOT_GRID_TILE
+    fixed = torch.empty_like(query)
+    block_n, warps, stages = ta.FP8DOT_GRID_TILE
+    launch(query, cache8, meta.block_tables, meta.seq_lens, meta.query_start_loc, 128**-0.5, None, fixed, 1,
+           block_n=block_n, num_warps=warps, num_stages=stages, k_scale=0.5, v_scale=0.25, fp8_path="fp8dot")
+    assert torch.equal(out, fixed)
+    ref = paged_attention_ref(query.float(), cache8, meta, 128**-0.5, None, 0.5, 0.25)
+    torch.testing.assert_close(out.float(), ref, atol=FP8DOT_TOL, rtol=FP8DOT_TOL)
+
+
+@pytest.mark.parametrize("model", ["qwen3-0.6b", "llama-3.1-8b"])
+def test_fp8dot_keeps_greedy_tokens_until_a_near_tie(model, monkeypatch):
+    """An engine over an fp8 cache (3 dummy layers, bf16, CUDA graphs) with MESHSERVE_DECODE_FP8_PATH=fp8dot:
+    greedy tokens of three prompts (contexts 40 to 1,064, batched) equal convert's up to a near-tie, logprobs
+    within 0.3 before it (the fp8 weights test's bound: e4m3 roundings of q and P move them more than convert's
+    fp16 ones); the decode launches took fp8dot."""
+    import random
+
+    import meshserve.kernels.triton_attention as ta
+    from meshserve import LLM, SamplingParams
+    from meshserve.kernels import triton_decode_fused
+    from tests.near_tie import assert_agree_until_near_tie
+
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randint(0, 10000) for _ in range(n)]} for n in (40, 220, 1000)]
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=5)
+    paths = []  # the fp8 path of every decode launch captured (the plain one and the fused prologue's)
+    for module, name in ((ta, "decode_attention"), (triton_decode_fused, "decode_attention_fused")):
+        launch = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, launch=launch, **kw: (paths.append(kw["fp8_path"]),
+                                                                             launch(*a, **kw))[1])
+    monkeypatch.delenv("MESHSERVE_ATTENTION_BACKEND", raising=False)
+    outs = {}
+    for path in ("convert", "fp8dot"):
+        monkeypatch.setenv("MESHSERVE_DECODE_FP8_PATH", path)
+        llm = LLM(model=model, load_format="dummy", dtype="bfloat16", kv_cache_dtype="fp8", max_model_len=2048,
+                  hf_overrides={"num_hidden_layers": 3}, gpu_memory_utilization=0.5, max_num_seqs=8, seed=0,
+                  enable_prefix_caching=False)
+        try:
+            outs[path] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.shutdown()
+    assert "fp8dot" in paths
+    for a, b in zip(outs["convert"], outs["fp8dot"]):
+        d = assert_agree_until_near_tie(a, b, tie=0.3, close=0.3)
+        print(f"{model}: first divergence at step {d} of {len(a.token_ids)}")

@@ -1,7 +1,7 @@
 """Where an fp8 decode step's time goes (issue 20): per kernel class, bf16 vs fp8 weights vs fp8 KV vs both (GPU).
 
 usage: python tools/bench_fp8_step.py [--models llama-3.1-8b,qwen3-0.6b] [--variants bf16,fp8w,fp8kv,both]
-       [--batch 256] [--ctx 800] [--json PATH] [--no-legacy] [--no-micro | --attention-only]
+       [--batch 256] [--ctx 800] [--json PATH] [--no-legacy] [--no-micro]
 
 For each model and variant: a ModelRunner on dummy weights (no profile run, no engine graphs), a W2-like decode
 step (batch rows at context ctx) captured in one CUDA graph, then
@@ -16,9 +16,8 @@ step (batch rows at context ctx) captured in one CUDA graph, then
 Then (--no-micro skips) the activation quantization alone, torch reference vs Triton, at [batch, K] for the
 projections' input widths (graph-replayed, device time), each projection as bf16 F.linear vs fp8 _scaled_mm
 (is the fp8 GEMM itself faster at batch 256?), and a decode-attention tile sweep (BLOCK_N, warps, stages) for
-the bf16 cache and the fp8 cache (its default path, convert, and MESHSERVE_DECODE_FP8_PATH=fp8dot's e4m3 dots) at
-the models' head shapes. Prints a table per model; --json writes everything. About 100-140 s on an H200 for both
-models and all variants; --attention-only runs the attention sweep alone (~1 min, most of it JIT).
+the bf16 and fp8 caches at the models' head shapes. Prints a table per model; --json writes everything.
+About 100-140 s on an H200 for both models and all variants.
 """
 
 from __future__ import annotations
@@ -240,24 +239,21 @@ def attention_sweep(batch: int, ctx: int, heads: list[tuple[int, int, bool]]) ->
         q = torch.randn(batch, h, d, device="cuda", dtype=torch.bfloat16)
         out = torch.empty_like(q)
         cache16 = torch.randn(2, batch * per, block_size, hkv, d, device="cuda", dtype=torch.bfloat16)
-        cache8 = cache16.to(torch.float8_e4m3fn)
-        # the fp8 cache through the default tile path (convert) and MESHSERVE_DECODE_FP8_PATH=fp8dot's e4m3 dots
-        for name, cache, path in (("bf16", cache16, "convert"), ("fp8", cache8, "convert"), ("fp8", cache8, "fp8dot")):
+        for name, cache in (("bf16", cache16), ("fp8", cache16.to(torch.float8_e4m3fn))):
             kv_bytes = cache.numel() * cache.element_size() * ctx / (per * block_size)
             configs = ((128, 4, None), (64, 4, 3), (128, 8, 3), (256, 4, 2), (256, 8, 2), (128, 4, 2))
             for block_n, warps, stages in configs if sweep else configs[:1]:  # None: the default stages
-                row = {"heads": [h, hkv], "cache": name, "path": path, "block_n": block_n, "warps": warps,
-                       "stages": stages}
                 try:
-                    ms = replay_ms(graph_of(lambda q=q, c=cache, o=out, bn=block_n, w=warps, s=stages, p=path:
-                                            decode_attention(q, c, tables, seq_lens, qsl, d**-0.5, None, o, 1,
-                                                             block_n=bn, num_warps=w, num_stages=s, fp8_path=p),
-                                            reps=5)) / 5
+                    ms = replay_ms(graph_of(lambda q=q, c=cache, o=out, bn=block_n, w=warps, s=stages: decode_attention(
+                        q, c, tables, seq_lens, qsl, d**-0.5, None, o, 1, block_n=bn, num_warps=w,
+                        num_stages=s), reps=5)) / 5
                 except (OutOfResources, RuntimeError) as e:  # a config past shared memory: recorded, not fatal
-                    rows.append({**row, "error": str(e)[:120]})
+                    rows.append({"heads": [h, hkv], "cache": name, "block_n": block_n, "warps": warps,
+                                 "stages": stages, "error": str(e)[:120]})
                     continue
-                rows.append({**row, "us": round(ms * 1e3, 1), "tb_per_s": round(kv_bytes / (ms * 1e-3) / 1e12, 2)})
-        del cache8
+                rows.append({"heads": [h, hkv], "cache": name, "block_n": block_n, "warps": warps,
+                             "stages": stages, "us": round(ms * 1e3, 1),
+                             "tb_per_s": round(kv_bytes / (ms * 1e-3) / 1e12, 2)})
         del cache16
         torch.cuda.empty_cache()
     return rows
@@ -289,12 +285,11 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-legacy", action="store_true", help="skip the replaced paths' A/B")
     ap.add_argument("--no-micro", action="store_true", help="skip the quantization and attention micro-benches")
-    ap.add_argument("--attention-only", action="store_true", help="only the decode attention sweep")
     ns = ap.parse_args()
     t0 = time.perf_counter()
     report: dict = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "batch": ns.batch,
                     "ctx": ns.ctx, "models": {}}
-    for model in [] if ns.attention_only else ns.models.split(","):
+    for model in ns.models.split(","):
         rows = {}
         for variant in ns.variants.split(","):
             rows[variant] = bench_variant(model, variant, ns.batch, ns.ctx, not ns.no_legacy)
@@ -302,7 +297,7 @@ def main() -> None:
                   f"(built in {rows[variant]['build_s']} s, {time.perf_counter() - t0:.0f} s so far)", flush=True)
         report["models"][model] = rows
         print_model(model, rows)
-    if not ns.no_micro and not ns.attention_only:
+    if not ns.no_micro:
         report["act_quant"] = act_quant_micro(ns.batch, [1024, 2048, 3072, 4096, 14336])
         print("\nactivation quantization [batch, K], us per call: torch reference vs Triton")
         for r in report["act_quant"]:
@@ -312,13 +307,12 @@ def main() -> None:
         for r in report["gemm"]:
             print(f"  {r['shape']:<13} {r['bf16_us']:>8.1f} | {r['fp8_scaled_mm_us']:>8.1f} | "
                   f"{r['fp8_linear_us']:>8.1f}   ({r['bf16_tflops']} vs {r['fp8_tflops']} TFLOPS)")
-    if not ns.no_micro:
         # Qwen3-0.6B's W2 step is mostly attention: its shape gets the sweep, the 8B's the default tile
         report["attention_sweep"] = attention_sweep(ns.batch, ns.ctx, [(32, 8, False), (16, 8, True)])
         print("\ndecode attention (batch x ctx, 1 split): us, TB/s of KV read")
         for r in report["attention_sweep"]:
             tail = r.get("error") or f"{r['us']:>8.1f} us {r['tb_per_s']:>5.2f} TB/s"
-            print(f"  heads {r['heads']} {r['cache']:>4} {r['path']:>7} BLOCK_N {r['block_n']:>3} warps {r['warps']} "
+            print(f"  heads {r['heads']} {r['cache']:>4} BLOCK_N {r['block_n']:>3} warps {r['warps']} "
                   f"stages {r['stages']}: {tail}")
     report["total_s"] = round(time.perf_counter() - t0, 1)
     print(f"\ntotal {report['total_s']} s")

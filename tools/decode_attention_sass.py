@@ -4,7 +4,7 @@ cache, without a GPU: compiled with Triton's bundled ptxas (as tools/int4_gemv_s
 KV tile per iteration) by instruction class, per thread and per warp-instruction per KiB of cache read, so the
 fp8 path's conversion cost shows beside bf16's.
 
-usage: python tools/decode_attention_sass.py [--dump DIR] [--ops] [--fp8-tile convert words fp8dot ...]
+usage: python tools/decode_attention_sass.py [--dump DIR] [--ops] [--fp8-tile convert words ...]
        [--launch N,W,S ...] [--model qwen llama] [--no-bf16]
 
 Configs: Qwen3-0.6B (16 / 8 heads, group 2) and Llama-3.1-8B (32 / 8, group 4), head_dim 128, block 16, one
@@ -64,7 +64,7 @@ MODELS = {
 LAUNCHES = ((128, 4, 3), (64, 2, 2))  # (block_n, warps, stages)
 # instruction classes of the loop body (the first matching prefix wins)
 CLASSES = (
-    ("mma", ("HMMA", "HGMMA", "QGMMA")),  # QGMMA: fp8dot's e4m3 wgmmas
+    ("HMMA", ("HMMA",)),
     ("cvt", ("F2FP", "F2F", "I2F", "F2I", "I2FP", "F2IP", "HADD2.F32")),
     ("prmt", ("PRMT",)),
     ("lds", ("LDS", "LDSM")),
@@ -122,15 +122,15 @@ def stats(compiled) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dump", help="write each kernel's SASS into this folder")
-    ap.add_argument("--fp8-tile", nargs="*", default=["convert", "words", "fp8dot"], choices=FP8_TILES,
-                    help="the kernel's FP8_TILE values to compile (words_bytes, fp8dot_bytes: without their PTX)")
+    ap.add_argument("--fp8-tile", nargs="*", default=["convert", "words"], choices=FP8_TILES,
+                    help="the kernel's FP8_TILE values to compile (words_bytes: words without its PTX)")
     ap.add_argument("--ops", action="store_true", help="also print the loop's full opcode counts")
     ap.add_argument("--launch", nargs="*", default=None, metavar="N,W,S",
                     help="block_n,warps,stages launches (default: 128,4,3 and 64,2,2)")
     ap.add_argument("--model", nargs="*", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--no-bf16", action="store_true", help="only the fp8 paths")
     args = ap.parse_args()
-    order = ("mma", "cvt", "prmt", "lds", "sts", "glob", "bar", "shfl", "fp", "int", "other")
+    order = ("HMMA", "cvt", "prmt", "lds", "sts", "glob", "bar", "shfl", "fp", "int", "other")
     print(f"{'config':34s} {'regs':>4} {'stk':>3} {'smem':>6} {'loop':>5} {'/KiB':>5}  "
           + " ".join(f"{c:>5}" for c in order))
     launches = [tuple(int(x) for x in a.split(",")) for a in args.launch] if args.launch else LAUNCHES

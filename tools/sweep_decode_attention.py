@@ -10,13 +10,11 @@ runs it) over W2's batches and contexts (Qwen3-0.6B's group 2 and the 8B's 4), b
 decode_num_splits picks: the data for its rule (at batch 16 and context ~1,500 its one split read KV at 3.0
 TB/s, 70% of copy, in a W2 step on an H200, 2026-12-02).
 
---fp8-ab: the fp8 cache's decode tile paths side by side (MESHSERVE_DECODE_FP8_PATH: convert, today's, words,
-kernels/triton_e4m3_words.py, and fp8dot, kernels/triton_e4m3_dot.py) at one split over the three shapes measured
-on 2026-12-03 (batch 256 ctx 1,024 group 2; 64 / 2,048 / 4; 16 / 2,048 / 4) and seven tiles, beside the bf16
-cache's default tile; each words and fp8dot row also gives its largest difference from convert's output at the
-same tile (words: the same values and products, expected 0 or a last-bit difference from the dot's operand
-order; fp8dot: q and P rounded to e4m3, ~1e-2). fp8dot skips the 2-warp tiles: its dots need a warpgroup
-(wgmma), with 2 warps Triton converts the operands to fp16.
+--fp8-ab: the fp8 cache's decode tile paths side by side (MESHSERVE_DECODE_FP8_PATH: convert, today's, and
+words, kernels/triton_e4m3_words.py) at one split over the three shapes measured on 2026-12-03 (batch 256 ctx
+1,024 group 2; 64 / 2,048 / 4; 16 / 2,048 / 4) and seven tiles, beside the bf16 cache's default tile; each
+words row also gives its largest difference from convert's output at the same tile (the same values and
+products: expected 0 or a last-bit difference from the dot's operand order).
 
 --kv-dtype fp8: the cache in e4m3 (scales 1.0), bandwidth over its bytes (half of bf16's): W2 Qwen3-0.6B with
 an fp8 cache ran 6.28 s against ~5.8-6.0 s in bf16 (BENCHMARKS.md), as if the halved KV bytes bought nothing.
@@ -88,8 +86,7 @@ FP8_AB_TILES = ((128, 4, 3), (64, 2, 2), (128, 4, 2), (64, 4, 2), (128, 8, 3), (
 
 
 def sweep_fp8_paths(bw: float) -> list[dict]:
-    """convert vs words vs fp8dot over an fp8 cache at one split, every tile of FP8_AB_TILES, beside bf16's
-    default."""
+    """convert vs words over an fp8 cache at one split, every tile of FP8_AB_TILES, beside bf16's default."""
     results = []
     for batch, ctx, group in FP8_AB_SHAPES:
         print(f"\nbatch {batch} ctx {ctx} group {group}, one split (copy bandwidth {bw / 1e12:.2f} TB/s)")
@@ -105,9 +102,7 @@ def sweep_fp8_paths(bw: float) -> list[dict]:
         kv_bytes //= 2
         for bn, nw, st in FP8_AB_TILES:
             outs = {}
-            for path in ("convert", "words", "fp8dot"):
-                if path == "fp8dot" and nw < 4:
-                    continue
+            for path in ("convert", "words"):
                 o = torch.empty_like(out)
                 fn = functools.partial(decode_attention, q, cache8, tables, seq_lens, qsl, 128**-0.5, None, o, 1,
                                        block_n=bn, num_warps=nw, num_stages=st, fp8_path=path)
@@ -116,7 +111,7 @@ def sweep_fp8_paths(bw: float) -> list[dict]:
                 outs[path] = o
                 diff = (o.float() - outs["convert"].float()).abs().max().item()
                 print(f"  fp8 {path:8s} bn={bn:3d} w={nw} s={st}  {us:8.1f} us  {kv_bytes / us / 1e6:4.2f} TB/s"
-                      + (f"  max |{path} - convert| {diff:.3g}" if path != "convert" else ""))
+                      + (f"  max |words - convert| {diff:.3g}" if path == "words" else ""))
                 results.append({"batch": batch, "ctx": ctx, "group": group, "cache": "fp8", "path": path,
                                 "block_n": bn, "warps": nw, "stages": st, "us": us, "tb_s": kv_bytes / us / 1e6,
                                 "max_diff_vs_convert": diff})
@@ -129,8 +124,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--splits", action="store_true", help="split counts over W2's shapes, the default tile")
     ap.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16", help="the cache's dtype (fp8: e4m3)")
-    ap.add_argument("--fp8-ab", action="store_true",
-                    help="fp8 tile paths convert vs words vs fp8dot (and bf16) at 1 split")
+    ap.add_argument("--fp8-ab", action="store_true", help="fp8 tile paths convert vs words (and bf16) at 1 split")
     ns = ap.parse_args()
     kv_dtype = torch.float8_e4m3fn if ns.kv_dtype == "fp8" else None
     bw = copy_bandwidth()

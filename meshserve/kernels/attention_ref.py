@@ -6,8 +6,6 @@ An fp8 (float8_e4m3fn) cache holds K / k_scale and V / v_scale (saturated at +-4
 a 16-bit cache the scales are 1.0 and unused.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -89,50 +87,4 @@ def paged_attention_ref(
             enable_gqa=num_heads != num_kv_heads,
         )
         out[starts[i] : starts[i + 1]] = o.squeeze(0).transpose(0, 1)
-    return out
-
-
-def decode_fp8dot_ref(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-    sliding_window: int | None = None,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
-    block_n: int = 128,
-) -> torch.Tensor:
-    """The decode kernel's fp8dot path (kernels/triton_e4m3_dot.py, one split) over an fp8 cache, with its
-    roundings: each q row to e4m3 at scale amax / 448, the scores from the e4m3 products, then per tile of
-    block_n tokens the online softmax (log2 units) with P * 448 rounded to e4m3 for the P.V product and summed
-    unrounded. The kernel equals it up to fp32 summation order (an e4m3 rounding of P may flip with it)."""
-    out = torch.zeros_like(query)
-    num_kv_heads = kv_cache.shape[3]
-    group = query.shape[1] // num_kv_heads
-    log2_e4m3_max = math.log2(448.0)
-    starts = meta.query_start_loc_cpu
-    for i, seq_len in enumerate(meta.seq_lens_cpu):
-        if starts[i + 1] - starts[i] != 1:  # the decode kernel's rows only
-            continue
-        k, v = gather_kv_ref(kv_cache, meta.block_tables[i], seq_len)  # the e4m3 values, unscaled
-        kv_lo = max(seq_len - sliding_window, 0) if sliding_window else 0
-        for h in range(num_kv_heads):
-            q = query[starts[i], h * group : (h + 1) * group].float()
-            amax = q.abs().amax(1, keepdim=True)
-            q_scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
-            raw = (q / q_scale).to(FP8_DTYPE).float() @ k[:, h].T  # [G, seq_len]
-            s = q_scale * (scale * 1.4426950408889634 * k_scale)
-            m = q.new_full((group,), -1.0e30)
-            l_sum = q.new_zeros(group)
-            acc = q.new_zeros(group, query.shape[2])
-            for t0 in range(kv_lo // block_n * block_n, seq_len, block_n):
-                lo, hi = max(t0, kv_lo), min(t0 + block_n, seq_len)
-                m_new = torch.maximum(m, raw[:, lo:hi].max(1).values * s[:, 0])
-                alpha = torch.exp2(m - m_new)
-                p = torch.exp2(raw[:, lo:hi] * s - (m_new - log2_e4m3_max)[:, None])  # P * 448
-                l_sum = l_sum * alpha + p.sum(1)
-                acc = acc * alpha[:, None] + p.to(FP8_DTYPE).float() @ v[lo:hi, h]
-                m = m_new
-            l_sum = torch.where(l_sum > 0, l_sum, 1.0)  # seq_len 0: zeros, as the kernel gives
-            out[starts[i], h * group : (h + 1) * group] = (acc * v_scale / l_sum[:, None]).to(out.dtype)
     return out

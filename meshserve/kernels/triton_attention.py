@@ -37,9 +37,7 @@ Kernels
   draws the last one combines the partials of its GQA group and leaves the ticket at zero for the next launch.
   The split kernel's body after its q load is ``decode_split_attend``, which triton_decode_fused.py's kernel
   shares: there each program builds q from the QKV projection and the split holding the current token writes
-  its K/V first (``TritonAttentionBackend.attend_qkv``, MESHSERVE_DECODE_FUSED_PROLOGUE=1, opt-in). Over an fp8
-  cache its tiles are read as MESHSERVE_DECODE_FP8_PATH says (_fp8_tile): convert and words through the shared
-  tile step, fp8dot through triton_e4m3_dot.attend_e4m3_dot_tiles (e4m3 dots, the tile transposed).
+  its K/V first (``TritonAttentionBackend.attend_qkv``, MESHSERVE_DECODE_FUSED_PROLOGUE=1, opt-in).
 
 CUDA graphs
 -----------
@@ -73,7 +71,6 @@ from meshserve.kernels.attention_tile_config import (
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.triton_attention_tile import attend_full_kv_tile, attend_paged_kv_tile, dot_query
-from meshserve.kernels.triton_e4m3_dot import attend_e4m3_dot_tiles, e4m3_dot_fit
 from meshserve.kernels.triton_e4m3_words import FP8_PATHS, words_fit
 from meshserve.kernels.triton_ops import qkv_rope_cache
 
@@ -344,30 +341,25 @@ def decode_split_attend(
     _decode_split_kernel and of triton_decode_fused's kernel, which builds q from the QKV projection."""
     # this split's contiguous range of KV tiles, from the device-side sequence length
     kv_lo, t0, t1, _, _, _ = decode_split_tiles(seq_len, window, num_splits, split, USE_WINDOW, BLOCK_N)
+
+    m_i = tl.full([ROWS], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     k_base = cache_ptr + kvh * stride_ch
     v_base = k_base + stride_ckv
-    FP8DOT: tl.constexpr = KV_FP8 and (FP8_TILE == "fp8dot" or FP8_TILE == "fp8dot_bytes")
-    if FP8DOT:  # e4m3 tensor-core dots over the cache's tiles (triton_e4m3_dot.py)
-        acc, m_i, l_i = attend_e4m3_dot_tiles(
-            q, t0, t1, kv_lo, seq_len, bt_row, k_base, v_base, scale_log2, k_scale, v_scale, stride_cb, stride_cs,
-            BLOCK_SIZE, BLOCK_N, USE_WINDOW, FP8_TILE == "fp8dot",
+    n_off = tl.arange(0, BLOCK_N)
+    for t in range(t0, t1):
+        kv_pos = t * BLOCK_N + n_off
+        kv_valid = kv_pos < seq_len
+        if USE_WINDOW:
+            kv_valid = kv_valid & (kv_pos >= kv_lo)
+        acc, m_i, l_i = attend_paged_kv_tile(
+            q, 0, acc, m_i, l_i, kv_pos, kv_valid, window, bt_row, k_base, v_base, d, d_mask,
+            scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
+            BLOCK_SIZE, False, USE_WINDOW, KV_FP8, DOT_PRECISION, FP8_TILE,
         )
-    else:
-        m_i = tl.full([ROWS], _NEG_BIG, dtype=tl.float32)
-        l_i = tl.zeros([ROWS], dtype=tl.float32)
-        acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-        n_off = tl.arange(0, BLOCK_N)
-        for t in range(t0, t1):
-            kv_pos = t * BLOCK_N + n_off
-            kv_valid = kv_pos < seq_len
-            if USE_WINDOW:
-                kv_valid = kv_valid & (kv_pos >= kv_lo)
-            acc, m_i, l_i = attend_paged_kv_tile(
-                q, 0, acc, m_i, l_i, kv_pos, kv_valid, window, bt_row, k_base, v_base, d, d_mask,
-                scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
-                BLOCK_SIZE, False, USE_WINDOW, KV_FP8, DOT_PRECISION, FP8_TILE,
-            )
     gdc_trigger_late(USE_GDC)
 
     if DIRECT_OUT:
@@ -482,14 +474,12 @@ def _upcast_dot(query: torch.Tensor) -> bool:
 
 def _fp8_tile(fp8_path: str, query: torch.Tensor, kv_cache: torch.Tensor) -> str:
     """The decode kernel's FP8_TILE for MESHSERVE_DECODE_FP8_PATH's value: "convert" for a 16-bit cache, the
-    default path or a cache the path's tile cannot read (words_fit, e4m3_dot_fit); "words_bytes" / "fp8dot_bytes"
-    (no inline PTX) under the interpreter."""
+    default path or a cache the words tile cannot read; "words_bytes" (no inline PTX) under the interpreter."""
     if fp8_path not in FP8_PATHS:
         raise ValueError(f"fp8_path takes one of {FP8_PATHS}, got {fp8_path!r}")
-    fits = e4m3_dot_fit if fp8_path == "fp8dot" else words_fit
-    if fp8_path == "convert" or not _is_fp8(kv_cache) or not fits(kv_cache):
+    if fp8_path == "convert" or not _is_fp8(kv_cache) or not words_fit(kv_cache):
         return "convert"
-    return fp8_path if query.is_cuda and not _INTERPRET else f"{fp8_path}_bytes"
+    return "words" if query.is_cuda and not _INTERPRET else "words_bytes"
 
 
 def _next_pow2(n: int) -> int:
@@ -525,8 +515,7 @@ class TritonAttentionBackend:
     inline_reduce: decode's last split per (sequence, KV head) combines the partials instead of a reduce
     launch (MESHSERVE_DECODE_REDUCE=inline).
     fp8_path: how the decode kernel reads an fp8 cache (MESHSERVE_DECODE_FP8_PATH: "convert", the default,
-    "words": triton_e4m3_words.py, "fp8dot": e4m3 tensor-core dots, triton_e4m3_dot.py, or "auto": words with the
-    one tile, convert with the grid tile).
+    "words": triton_e4m3_words.py, or "auto": words with the one tile, convert with the grid tile).
     """
 
     name = "triton"
@@ -541,7 +530,7 @@ class TritonAttentionBackend:
         self.max_decode_splits = max_decode_splits
         self.inline_reduce = inline_reduce  # decode: the last split reduces (no reduce launch)
         self.grid_tile = grid_tile  # decode: which caches' large grids take decode_tile's smaller CTAs
-        self.fp8_path = fp8_path  # decode over an fp8 cache: "convert", "words", "fp8dot" or "auto" (_fp8_path_for)
+        self.fp8_path = fp8_path  # decode over an fp8 cache: "convert", "words" or "auto" (_fp8_path_for)
 
     # -- cache write ---------------------------------------------------------------------------------
     def write_kv(self, key, value, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
@@ -642,13 +631,10 @@ class TritonAttentionBackend:
         if self.takes_grid_tile(_is_fp8(kv_cache)) and query.is_cuda:  # (the interpreter: only the sum order)
             block_n, num_warps, num_stages = decode_tile(num_seqs, num_kv_heads, query.shape[2],
                                                          _num_sms(query.device.index))
-        fp8_path = self._fp8_path_for(grid_tile=block_n is not None)
-        if block_n is not None and fp8_path == "fp8dot":
-            block_n, num_warps, num_stages = FP8DOT_GRID_TILE
         decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                          scale, sliding_window, out, splits, block_n=block_n, num_warps=num_warps,
                          num_stages=num_stages, k_scale=k_scale, v_scale=v_scale, inline_reduce=self.inline_reduce,
-                         fp8_path=fp8_path)
+                         fp8_path=self._fp8_path_for(grid_tile=block_n is not None))
 
     def _fp8_path_for(self, grid_tile: bool) -> str:
         """The decode launch's fp8 path: "auto" reads words with the one (128-token, 4-warp) tile and converts
@@ -675,9 +661,6 @@ def _decode_block_n(head_dim_pad: int, elem_size: int = 2) -> int:
 GRID_TILE = (64, 2, 2)
 GRID_TILE_MIN_WAVES = 2
 GRID_TILE_MODES = ("auto", "grid", "legacy")  # TritonAttentionBackend.takes_grid_tile
-# the grid tile of MESHSERVE_DECODE_FP8_PATH=fp8dot: its e4m3 dots are wgmmas, which take a warpgroup (4 warps; with
-# 2 Triton converts the operands to fp16: triton_e4m3_dot.py); not measured yet (tools/bench_fp8_step.py's sweep)
-FP8DOT_GRID_TILE = (64, 4, 2)
 
 
 def decode_tile(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int) -> tuple[int | None, int, int | None]:
@@ -749,8 +732,7 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
     No host syncs: safe to capture in a CUDA graph. block_n / num_warps / num_stages are tuning knobs
     (tools/sweep_decode_attention.py); the defaults are the measured best. inline_reduce: with splits, the
     last split of each group combines the partials (no reduce launch; the module docstring). fp8_path: how an
-    fp8 cache's tiles are read ("convert", "words" or "fp8dot", _fp8_tile; a 16-bit cache ignores it; fp8dot's
-    dots are e4m3 wgmmas only with num_warps >= 4 and block_n a multiple of 64, triton_e4m3_dot.py)."""
+    fp8 cache's tiles are read ("convert" or "words", _fp8_tile; a 16-bit cache ignores it)."""
     num_heads = query.shape[1]
     plan = DecodeLaunch.make(query, num_heads, kv_cache, seq_lens.shape[0], sliding_window, out, num_splits,
                              block_n, num_warps, inline_reduce)

@@ -25,10 +25,9 @@ import triton
 import triton.language as tl
 
 # the decode kernel's fp8 tile paths (its FP8_TILE constexpr): "words_bytes" is "words" with the conversion
-# spelled per byte through .to() (the CPU interpreter runs no inline PTX; compiled, it costs PRMTs per byte);
-# "fp8dot" (e4m3 tensor-core dots, triton_e4m3_dot.py) has its "fp8dot_bytes" likewise
-FP8_PATHS = ("convert", "words", "fp8dot")
-FP8_TILES = ("convert", "words", "words_bytes", "fp8dot", "fp8dot_bytes")
+# spelled per byte through .to() (the CPU interpreter runs no inline PTX; compiled, it costs PRMTs per byte)
+FP8_PATHS = ("convert", "words")
+FP8_TILES = ("convert", "words", "words_bytes")
 
 
 def words_fit(kv_cache) -> bool:

@@ -65,13 +65,11 @@ Overrides (environment, read only here, for debugging and references):
                                             stages for every launch; auto (the default): grid over an fp8 cache,
                                             legacy over a 16-bit one (H200 W2 Qwen3-0.6B, 2026-12-03: fp8 cache
                                             -5% with grid, bf16 +2%)
-  MESHSERVE_DECODE_FP8_PATH=convert|words|fp8dot|auto  how the decode attention kernel reads an fp8 (e4m3) KV
-                                            cache: convert (the default: Triton converts after its shared-memory
-                                            load, V byte by byte), words (32-bit words widened to fp16 before the
+  MESHSERVE_DECODE_FP8_PATH=convert|words|auto  how the decode attention kernel reads an fp8 (e4m3) KV cache:
+                                            convert (the default: Triton converts after its shared-memory load,
+                                            V byte by byte), words (32-bit words widened to fp16 before the
                                             dot's shared-memory trip: kernels/triton_e4m3_words.py; the plain and
-                                            fused-prologue decode launches; H200 W2 level with convert), fp8dot
-                                            (no conversion: q and P rounded to e4m3, e4m3 tensor-core dots on the
-                                            cache's tiles: kernels/triton_e4m3_dot.py; not yet measured) or auto
+                                            fused-prologue decode launches; H200 W2 level with convert) or auto
                                             (words with the one tile, convert with the grid tile: each the
                                             faster in the kernel sweep; not yet measured end to end)
   MESHSERVE_DECODE_FUSED_PROLOGUE=0|1|split decode-only steps: the fused prologue (q/k norm, rotary, K/V write)
@@ -189,7 +187,7 @@ PDL_HEAD_ENV = "MESHSERVE_PDL_HEAD"
 DECODE_REDUCE_ENV = "MESHSERVE_DECODE_REDUCE"
 DECODE_REDUCE_CHOICES = ("kernel", "inline")
 DECODE_FP8_PATH_ENV = "MESHSERVE_DECODE_FP8_PATH"
-DECODE_FP8_PATH_CHOICES = ("convert", "words", "fp8dot", "auto")  # kernels/triton_e4m3_words.FP8_PATHS + "auto"
+DECODE_FP8_PATH_CHOICES = ("convert", "words", "auto")  # kernels/triton_e4m3_words.FP8_PATHS + "auto"
 DECODE_FUSED_PROLOGUE_ENV = "MESHSERVE_DECODE_FUSED_PROLOGUE"
 DECODE_TILE_ENV = "MESHSERVE_DECODE_TILE"
 DECODE_TILE_CHOICES = ("auto", "grid", "legacy")

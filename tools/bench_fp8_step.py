@@ -1,7 +1,8 @@
 """Where an fp8 decode step's time goes (issue 20): per kernel class, bf16 vs fp8 weights vs fp8 KV vs both (GPU).
 
 usage: python tools/bench_fp8_step.py [--models llama-3.1-8b,qwen3-0.6b] [--variants bf16,fp8w,fp8kv,both]
-       [--batch 256] [--ctx 800] [--json PATH] [--no-legacy] [--no-micro]
+       [--batch 256] [--ctx 800] [--json PATH] [--no-legacy] [--no-micro | --attention-only]
+       [--attention-configs BLOCK_N,WARPS,STAGES;...]
 
 For each model and variant: a ModelRunner on dummy weights (no profile run, no engine graphs), a W2-like decode
 step (batch rows at context ctx) captured in one CUDA graph, then
@@ -16,7 +17,8 @@ step (batch rows at context ctx) captured in one CUDA graph, then
 Then (--no-micro skips) the activation quantization alone, torch reference vs Triton, at [batch, K] for the
 projections' input widths (graph-replayed, device time), each projection as bf16 F.linear vs fp8 _scaled_mm
 (is the fp8 GEMM itself faster at batch 256?), and a decode-attention tile sweep (BLOCK_N, warps, stages) for
-the bf16 and fp8 caches at the models' head shapes. Prints a table per model; --json writes everything.
+the bf16 and fp8 caches at the models' head shapes (--attention-only: that sweep alone; --attention-configs: its
+tiles). Prints a table per model; --json writes everything.
 About 100-140 s on an H200 for both models and all variants.
 """
 
@@ -224,8 +226,12 @@ def gemm_micro(batch: int) -> list[dict]:
     return rows
 
 
+ATTENTION_CONFIGS = ((128, 4, None), (64, 4, 3), (128, 8, 3), (256, 4, 2), (256, 8, 2), (128, 4, 2))
+
+
 @torch.inference_mode()
-def attention_sweep(batch: int, ctx: int, heads: list[tuple[int, int, bool]]) -> list[dict]:
+def attention_sweep(batch: int, ctx: int, heads: list[tuple[int, int, bool]],
+                    configs: tuple = ATTENTION_CONFIGS) -> list[dict]:
     """decode_attention device time for the bf16 and fp8 caches at W2's shape: the default tile, and for heads
     marked True the sweep over (BLOCK_N, warps, stages) (each config is a JIT compile: ~1-2 s)."""
     from meshserve.kernels.triton_attention import decode_attention
@@ -241,7 +247,6 @@ def attention_sweep(batch: int, ctx: int, heads: list[tuple[int, int, bool]]) ->
         cache16 = torch.randn(2, batch * per, block_size, hkv, d, device="cuda", dtype=torch.bfloat16)
         for name, cache in (("bf16", cache16), ("fp8", cache16.to(torch.float8_e4m3fn))):
             kv_bytes = cache.numel() * cache.element_size() * ctx / (per * block_size)
-            configs = ((128, 4, None), (64, 4, 3), (128, 8, 3), (256, 4, 2), (256, 8, 2), (128, 4, 2))
             for block_n, warps, stages in configs if sweep else configs[:1]:  # None: the default stages
                 try:
                     ms = replay_ms(graph_of(lambda q=q, c=cache, o=out, bn=block_n, w=warps, s=stages: decode_attention(
@@ -285,11 +290,15 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-legacy", action="store_true", help="skip the replaced paths' A/B")
     ap.add_argument("--no-micro", action="store_true", help="skip the quantization and attention micro-benches")
+    ap.add_argument("--attention-only", action="store_true", help="only the decode attention sweep")
+    ap.add_argument("--attention-configs", default="",
+                    help="the sweep's tiles instead of the default list: BLOCK_N,warps,stages;... (stages 0: the "
+                         "kernel's default), e.g. 128,4,4;128,4,6;64,4,8 (deeper pipelines: bytes in flight)")
     ns = ap.parse_args()
     t0 = time.perf_counter()
     report: dict = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "batch": ns.batch,
                     "ctx": ns.ctx, "models": {}}
-    for model in ns.models.split(","):
+    for model in [] if ns.attention_only else ns.models.split(","):
         rows = {}
         for variant in ns.variants.split(","):
             rows[variant] = bench_variant(model, variant, ns.batch, ns.ctx, not ns.no_legacy)
@@ -297,7 +306,7 @@ def main() -> None:
                   f"(built in {rows[variant]['build_s']} s, {time.perf_counter() - t0:.0f} s so far)", flush=True)
         report["models"][model] = rows
         print_model(model, rows)
-    if not ns.no_micro:
+    if not ns.no_micro and not ns.attention_only:
         report["act_quant"] = act_quant_micro(ns.batch, [1024, 2048, 3072, 4096, 14336])
         print("\nactivation quantization [batch, K], us per call: torch reference vs Triton")
         for r in report["act_quant"]:
@@ -307,8 +316,11 @@ def main() -> None:
         for r in report["gemm"]:
             print(f"  {r['shape']:<13} {r['bf16_us']:>8.1f} | {r['fp8_scaled_mm_us']:>8.1f} | "
                   f"{r['fp8_linear_us']:>8.1f}   ({r['bf16_tflops']} vs {r['fp8_tflops']} TFLOPS)")
+    if not ns.no_micro:
         # Qwen3-0.6B's W2 step is mostly attention: its shape gets the sweep, the 8B's the default tile
-        report["attention_sweep"] = attention_sweep(ns.batch, ns.ctx, [(32, 8, False), (16, 8, True)])
+        configs = tuple(tuple(int(v) for v in c.split(",")) for c in ns.attention_configs.split(";") if c)
+        configs = tuple((b, w, s or None) for b, w, s in configs) or ATTENTION_CONFIGS
+        report["attention_sweep"] = attention_sweep(ns.batch, ns.ctx, [(32, 8, False), (16, 8, True)], configs)
         print("\ndecode attention (batch x ctx, 1 split): us, TB/s of KV read")
         for r in report["attention_sweep"]:
             tail = r.get("error") or f"{r['us']:>8.1f} us {r['tb_per_s']:>5.2f} TB/s"

@@ -168,8 +168,9 @@ class BlockCopy:
     """dst[:, dst_ids] = src[:, src_ids] for every layer of one read, planned once: slices when the ids run
     together (one pass each), else with the two index tensors made once for all layers (a tensor built from a
     list per layer is a pageable host-to-device copy that waits: two per layer cost a 32-layer read ~3 ms on the
-    H200, 2026-12-02): on one GPU the block-copy kernel (kernels/triton_block_copy.py: each byte moved once),
-    else a gather then a scatter (the reference, and the path across devices or on CPU)."""
+    H200, 2026-12-02): a gather then a scatter per layer here (the reference, and the path across devices or on
+    CPU); on one GPU the connector launches the block-copy kernel over all the read's layers instead
+    (IpcConnector._read, kernels/triton_block_copy.py: each byte moved once, one launch)."""
 
     def __init__(self, dst_ids: list[int], src_ids: list[int], dst_device: torch.device, src_device: torch.device):
         runs = _runs(src_ids, dst_ids)
@@ -185,12 +186,6 @@ class BlockCopy:
             for s, d, n in self.runs:
                 dst[:, d : d + n].copy_(src[:, s : s + n], non_blocking=True)
             return
-        if dst.is_cuda and os.environ.get("MESHSERVE_IPC_BLOCK_COPY", "1") != "0":  # (0: the gather, for A/Bs)
-            from meshserve.kernels import triton_block_copy  # (Triton only where a GPU reads)
-
-            if triton_block_copy.fits(dst, src):
-                triton_block_copy.copy_blocks(dst, src, self.dst_index, self.src_index)
-                return
         gathered = src.index_select(1, self.src_index)
         dst.index_copy_(1, self.dst_index, gathered.to(dst.device, non_blocking=True))
 
@@ -216,6 +211,7 @@ class IpcConnector(StoreRendezvous, KVConnector):
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._peers: dict[int, tuple[int, list[torch.Tensor]]] = {}  # kv rank -> (its pid, its mapped pool)
         self._last_copy: tuple[tuple, BlockCopy] | None = None  # (read key, plan): see _block_copy
+        self._pointers: dict[int, tuple] = {}  # kv rank -> (its mapped pool, PoolPointers or None): see _kernel
 
     @property
     def transport(self) -> str:
@@ -280,7 +276,7 @@ class IpcConnector(StoreRendezvous, KVConnector):
     ) -> int:
         if not 0 <= layer < len(self.kv_tensors):
             raise KVTransferError(f"layer {layer} out of range ({len(self.kv_tensors)} layers)")
-        return self._read(src, remote_ids, block_ids, [layer])
+        return self._read(src, remote_ids, block_ids, range(layer, layer + 1))
 
     def _read(self, src: int, remote_ids: list[int], block_ids: list[int], layers) -> int:
         if len(remote_ids) != len(block_ids):
@@ -292,12 +288,17 @@ class IpcConnector(StoreRendezvous, KVConnector):
                 f"block id out of range (kv rank {src}'s pool of {num_blocks} blocks): {remote_ids}"
             )
         t0 = time.perf_counter()
-        nbytes = 0
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             copy = self._block_copy(src, block_ids, remote_ids, remote[0].device)
-            for layer in layers:
-                copy(self.kv_tensors[layer], remote[layer])
-                nbytes += self.kv_tensors[layer][:, 0].nbytes * len(block_ids)
+            pointers = self._kernel(src, remote) if copy.runs is None else None
+            if pointers is not None:  # every layer of the read in one launch
+                from meshserve.kernels.triton_block_copy import copy_blocks
+
+                copy_blocks(pointers, copy.dst_index, copy.src_index, layers)
+            else:
+                for layer in layers:
+                    copy(self.kv_tensors[layer], remote[layer])
+        nbytes = self.kv_tensors[0][:, 0].nbytes * len(block_ids) * len(layers)
         if self._stream is not None:
             if remote[0].device != self.device:  # (a gather on the peer GPU runs on that device's stream)
                 torch.cuda.current_stream(remote[0].device).synchronize()
@@ -305,6 +306,22 @@ class IpcConnector(StoreRendezvous, KVConnector):
         seconds = time.perf_counter() - t0
         logger.debug("KV transfer: %d bytes read from kv rank %d in %.4f s", nbytes, src, seconds)
         return nbytes
+
+    def _kernel(self, src: int, remote: list[torch.Tensor]):
+        """The block-copy kernel's pointer tables from kv rank src's pool into ours (made once per mapping), or None
+        where the kernel does not apply: not on a GPU, pools it cannot take (another device: the gather path
+        runs the copy across), or MESHSERVE_IPC_BLOCK_COPY=0 (the gather, for A/Bs)."""
+        if self.device.type != "cuda" or os.environ.get("MESHSERVE_IPC_BLOCK_COPY", "1") == "0":
+            return None
+        from meshserve.kernels import triton_block_copy  # (Triton only where a GPU reads)
+
+        peer = self._pointers.get(src)
+        if peer is None or peer[0] is not remote:
+            mine = self.kv_tensors
+            ok = all(triton_block_copy.fits(m, r) for m, r in zip(mine, remote))
+            peer = (remote, triton_block_copy.PoolPointers.of(mine, remote) if ok else None)
+            self._pointers[src] = peer
+        return peer[1]
 
     def _block_copy(self, src: int, block_ids: list[int], remote_ids: list[int], remote_device) -> BlockCopy:
         """The read's copy plan, kept for the next read of the same blocks (a layer-by-layer transfer reads the

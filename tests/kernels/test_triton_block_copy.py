@@ -1,26 +1,43 @@
-"""kernels/triton_block_copy.py against the indexing it replaces (Triton's interpreter on CPU; sm_90 compile)."""
+"""kernels/triton_block_copy.py against the indexing it replaces (Triton's interpreter on CPU; sm_90 compile; GPU)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from meshserve.kernels.triton_block_copy import copy_blocks, fits
+from meshserve.kernels.triton_block_copy import PoolPointers, copy_blocks, fits
 from tests.kernels.sm90 import COMPILE_SM90_PRELUDE, assert_compiles_for_sm90
 
 
+def _expected(dst: list[torch.Tensor], src: list[torch.Tensor], dst_ids, src_ids, layers) -> list[torch.Tensor]:
+    out = [t.view(torch.uint8).clone() for t in dst]
+    for layer in layers:
+        out[layer][:, dst_ids] = src[layer].view(torch.uint8)[:, src_ids]
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.uint8])
-def test_copies_scattered_blocks_like_index_copy(dtype):
+@pytest.mark.parametrize("layers", [None, range(1, 3), range(3, 4)])
+def test_copies_scattered_blocks_of_the_layers_asked(dtype, layers):
+    """Four layers' pools; 3 x 2 x 2 elements a block (bf16: 24 bytes, words; uint8: 12 bytes, words; an odd
+    block below takes the byte path)."""
     torch.manual_seed(0)
-    shape = (2, 24, 4, 2, 6)  # [K/V, blocks, block size, kv heads, head dim]: 96 bytes a bf16 block
-    src = (torch.randn(shape) * 50).to(dtype)
-    dst = torch.zeros(2, 17, 4, 2, 6, dtype=dtype)
+    src = [(torch.randn(2, 24, 3, 2, 2) * 50).to(dtype) for _ in range(4)]
+    dst = [torch.zeros(2, 17, 3, 2, 2, dtype=dtype) for _ in range(4)]
     src_ids, dst_ids = torch.tensor([5, 0, 23, 7, 8]), torch.tensor([16, 3, 0, 9, 4])
-    expected = dst.clone()
-    expected[:, dst_ids] = src[:, src_ids]
-    assert fits(dst, src)
-    copy_blocks(dst, src, dst_ids, src_ids)
-    assert torch.equal(dst, expected)
+    expected = _expected(dst, src, dst_ids, src_ids, range(4) if layers is None else layers)
+    assert all(fits(d, s) for d, s in zip(dst, src))
+    copy_blocks(PoolPointers.of(dst, src), dst_ids, src_ids, layers)
+    assert all(torch.equal(d.view(torch.uint8), e) for d, e in zip(dst, expected))
+
+
+def test_blocks_of_an_odd_byte_count_go_by_bytes():
+    src = [torch.randint(0, 255, (2, 9, 3, 1, 1), dtype=torch.uint8) for _ in range(2)]
+    dst = [torch.zeros(2, 5, 3, 1, 1, dtype=torch.uint8) for _ in range(2)]
+    pointers = PoolPointers.of(dst, src)
+    assert not pointers.words and pointers.block_words == 3
+    copy_blocks(pointers, torch.tensor([4, 0]), torch.tensor([8, 2]))
+    assert all(torch.equal(d[:, [4, 0]], s[:, [8, 2]]) for d, s in zip(dst, src))
 
 
 def test_pools_it_cannot_take():
@@ -34,22 +51,25 @@ def test_pools_it_cannot_take():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
 def test_gpu_copies_llama_blocks_like_index_copy(dtype):
-    """Llama-3.1-8B's block (16 tokens x 8 KV heads x 128) in pools of 1,024 and 800 blocks, 300 scattered ids."""
+    """Llama-3.1-8B's block (16 tokens x 8 KV heads x 128) in 4 layers' pools of 1,024 and 800 blocks, 300
+    scattered ids, all layers and one."""
     g = torch.Generator().manual_seed(1)
-    src = torch.randn(2, 1024, 16, 8, 128, generator=g).to("cuda", dtype)
-    dst = torch.zeros(2, 800, 16, 8, 128, device="cuda", dtype=dtype)
+    src = [torch.randn(2, 1024, 16, 8, 128, generator=g).to("cuda", dtype) for _ in range(4)]
+    dst = [torch.zeros(2, 800, 16, 8, 128, device="cuda", dtype=dtype) for _ in range(4)]
     src_ids = torch.randperm(1024, generator=g)[:300].cuda()
     dst_ids = torch.randperm(800, generator=g)[:300].cuda()
-    expected = dst.view(torch.uint8).clone()
-    expected[:, dst_ids] = src.view(torch.uint8)[:, src_ids]
-    copy_blocks(dst, src, dst_ids, src_ids)
-    assert torch.equal(dst.view(torch.uint8), expected)
+    pointers = PoolPointers.of(dst, src)
+    for layers in (range(2, 3), None):
+        expected = _expected(dst, src, dst_ids, src_ids, range(4) if layers is None else layers)
+        copy_blocks(pointers, dst_ids, src_ids, layers)
+        assert all(torch.equal(d.view(torch.uint8), e) for d, e in zip(dst, expected))
 
 
 _SCRIPT = COMPILE_SM90_PRELUDE + """
 from meshserve.kernels.triton_block_copy import _copy_blocks_kernel
-sig = {"dst_ptr": "*i32", "src_ptr": "*i32", "dst_ids_ptr": "*i64", "src_ids_ptr": "*i64"}
-compile_sm90(_copy_blocks_kernel, sig, {"CHUNK": 4096}, 4, 1)
+sig = {"dst_bases_ptr": "*i64", "src_bases_ptr": "*i64", "dst_ids_ptr": "*i64", "src_ids_ptr": "*i64"}
+for words in (True, False):
+    compile_sm90(_copy_blocks_kernel, sig, {"WORDS": words, "CHUNK": 4096}, 4, 1)
 print("compiled")
 """
 

@@ -521,7 +521,8 @@ class TritonAttentionBackend:
     name = "triton"
 
     def __init__(self, decode_num_splits: int | None = None, max_decode_splits: int = 64,
-                 inline_reduce: bool = False, grid_tile: str = "auto", fp8_path: str = "convert"):
+                 inline_reduce: bool = False, grid_tile: str = "auto", fp8_path: str = "convert",
+                 grid_tile_shape: tuple[int, int, int] | None = None):
         if fp8_path not in (*FP8_PATHS, "auto"):
             raise ValueError(f"fp8_path takes one of {(*FP8_PATHS, 'auto')}, got {fp8_path!r}")
         if grid_tile not in GRID_TILE_MODES:
@@ -530,6 +531,7 @@ class TritonAttentionBackend:
         self.max_decode_splits = max_decode_splits
         self.inline_reduce = inline_reduce  # decode: the last split reduces (no reduce launch)
         self.grid_tile = grid_tile  # decode: which caches' large grids take decode_tile's smaller CTAs
+        self.grid_tile_shape = grid_tile_shape or GRID_TILE  # (block_n, num_warps, num_stages) of those grids
         self.fp8_path = fp8_path  # decode over an fp8 cache: "convert", "words" or "auto" (_fp8_path_for)
 
     # -- cache write ---------------------------------------------------------------------------------
@@ -630,7 +632,7 @@ class TritonAttentionBackend:
         block_n, num_warps, num_stages = None, 4, None
         if self.takes_grid_tile(_is_fp8(kv_cache)) and query.is_cuda:  # (the interpreter: only the sum order)
             block_n, num_warps, num_stages = decode_tile(num_seqs, num_kv_heads, query.shape[2],
-                                                         _num_sms(query.device.index))
+                                                         _num_sms(query.device.index), self.grid_tile_shape)
         decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                          scale, sliding_window, out, splits, block_n=block_n, num_warps=num_warps,
                          num_stages=num_stages, k_scale=k_scale, v_scale=v_scale, inline_reduce=self.inline_reduce,
@@ -663,12 +665,13 @@ GRID_TILE_MIN_WAVES = 2
 GRID_TILE_MODES = ("auto", "grid", "legacy")  # TritonAttentionBackend.takes_grid_tile
 
 
-def decode_tile(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int) -> tuple[int | None, int, int | None]:
-    """(block_n, num_warps, num_stages) for decode_attention: GRID_TILE where the (sequence, KV head) programs
-    fill the GPU at least GRID_TILE_MIN_WAVES times and the head is at most 128 wide (the measured shapes), else
-    the defaults (None: decode_attention's own)."""
+def decode_tile(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int,
+                grid_tile: tuple[int, int, int] = GRID_TILE) -> tuple[int | None, int, int | None]:
+    """(block_n, num_warps, num_stages) for decode_attention: grid_tile (GRID_TILE unless the selection says
+    otherwise) where the (sequence, KV head) programs fill the GPU at least GRID_TILE_MIN_WAVES times and the
+    head is at most 128 wide (the measured shapes), else the defaults (None: decode_attention's own)."""
     if num_seqs * num_kv_heads >= GRID_TILE_MIN_WAVES * num_sms and head_dim <= 128:
-        return GRID_TILE
+        return grid_tile
     return None, 4, None
 
 

@@ -65,6 +65,9 @@ Overrides (environment, read only here, for debugging and references):
                                             stages for every launch; auto (the default): grid over an fp8 cache,
                                             legacy over a 16-bit one (H200 W2 Qwen3-0.6B, 2026-12-03: fp8 cache
                                             -5% with grid, bf16 +2%)
+  MESHSERVE_DECODE_GRID_TILE=128,4,5        the grid launches' tile (BLOCK_N,num_warps,num_stages) instead of
+                                            64,2,2, for A/Bs (H200, batch 256 x 800, one split, fp8 cache:
+                                            128,4,5 180.8 us against 64,2,2 ~207; not measured end to end yet)
   MESHSERVE_DECODE_FP8_PATH=convert|words|auto  how the decode attention kernel reads an fp8 (e4m3) KV cache:
                                             convert (the default: Triton converts after its shared-memory load,
                                             V byte by byte), words (32-bit words widened to fp16 before the
@@ -194,6 +197,7 @@ DECODE_TILE_CHOICES = ("auto", "grid", "legacy")
 MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
 MLA_DECODE_TILE_ENV = "MESHSERVE_MLA_DECODE_TILE"
+DECODE_GRID_TILE_ENV = "MESHSERVE_DECODE_GRID_TILE"
 MLA_BALANCED_ENV = "MESHSERVE_MLA_BALANCED"
 MLA_PREFETCH_ENV = "MESHSERVE_MLA_PREFETCH"
 MLA_TRANSPOSED_ENV = "MESHSERVE_MLA_TRANSPOSED"
@@ -246,6 +250,7 @@ class KernelSelection:
     decode_inline_reduce: bool = False
     # decode attention: which caches' large grids take smaller CTAs (TritonAttentionBackend.takes_grid_tile)
     decode_grid_tile: str = "auto"
+    decode_grid_tile_shape: tuple[int, int, int] | None = None  # those grids' tile; None: kernels' GRID_TILE
     # how decode attention reads an fp8 KV cache (DECODE_FP8_PATH_CHOICES)
     decode_fp8_path: str = "convert"
     # decode-only steps: fused_prologue's work inside the decode attention launch (kernels/triton_decode_fused.py)
@@ -375,15 +380,20 @@ def _decode_sample_graph_max_bs() -> int:
 
 
 def _mla_decode_tile() -> tuple[int, int, int] | None:
-    raw = os.environ.get(MLA_DECODE_TILE_ENV, "").strip()
+    return _tile_env(MLA_DECODE_TILE_ENV)
+
+
+def _tile_env(env: str) -> tuple[int, int, int] | None:
+    """A kernel tile from the environment: BLOCK_N,num_warps,num_stages (e.g. 32,8,2); None when unset."""
+    raw = os.environ.get(env, "").strip()
     if not raw:
         return None
     try:
         block_n, warps, stages = (int(v) for v in raw.split(","))
     except ValueError:
-        raise ValueError(f"{MLA_DECODE_TILE_ENV} takes BLOCK_N,num_warps,num_stages (32,8,2), got {raw!r}") from None
+        raise ValueError(f"{env} takes BLOCK_N,num_warps,num_stages (32,8,2), got {raw!r}") from None
     if block_n < 16 or block_n & (block_n - 1) or warps not in (1, 2, 4, 8, 16) or stages < 1:
-        raise ValueError(f"{MLA_DECODE_TILE_ENV}: BLOCK_N a power of two >= 16, num_warps 1-16, stages >= 1: {raw!r}")
+        raise ValueError(f"{env}: BLOCK_N a power of two >= 16, num_warps 1-16, stages >= 1: {raw!r}")
     return block_n, warps, stages
 
 
@@ -497,6 +507,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         sample_head_pdl=os.environ.get(PDL_HEAD_ENV, "").strip() != "0",
         decode_inline_reduce=_variant(DECODE_REDUCE_ENV, DECODE_REDUCE_CHOICES, "kernel") == "inline",
         decode_grid_tile=_variant(DECODE_TILE_ENV, DECODE_TILE_CHOICES, KernelSelection.decode_grid_tile),
+        decode_grid_tile_shape=_tile_env(DECODE_GRID_TILE_ENV),
         decode_fp8_path=_variant(DECODE_FP8_PATH_ENV, DECODE_FP8_PATH_CHOICES, KernelSelection.decode_fp8_path),
         # "split" by default (H200, 2026-12-02: W1 +0.9% Qwen3-0.6B, +1.5% Llama-3.1-8B; W2 unchanged, where
         # "1" lost 4.7%): tools/w1_ab_device.sh
@@ -536,7 +547,8 @@ def bind_kernels(model: nn.Module, selection: KernelSelection) -> None:
     a launch mode of the kernel wrappers, set for the process (kernels/pdl.py)."""
     pdl.set_policy(selection.pdl_policy)
     backend = make_attention_backend(selection.attention_backend, selection.decode_inline_reduce,
-                                     selection.decode_grid_tile, selection.decode_fp8_path)
+                                     selection.decode_grid_tile, selection.decode_fp8_path,
+                                     selection.decode_grid_tile_shape)
     for module in model.modules():
         if isinstance(module, Attention):
             module.backend = backend

@@ -32,6 +32,7 @@ def _no_overrides(monkeypatch):
                  "MESHSERVE_MLA_TRANSPOSED"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_FP8_PATH", raising=False)
+    monkeypatch.delenv("MESHSERVE_DECODE_GRID_TILE", raising=False)
     for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS",
                  "MESHSERVE_MOE_ROUTE_ALIGN", "MESHSERVE_MOE_FUSE_SHARED"):
         monkeypatch.delenv(name, raising=False)
@@ -376,6 +377,26 @@ def test_mla_legacy_and_decode_tile_switches(monkeypatch):
         monkeypatch.setenv("MESHSERVE_MLA_DECODE_TILE", bad)
         with pytest.raises(ValueError, match="MESHSERVE_MLA_DECODE_TILE"):
             select_kernels(gpu)
+
+
+def test_decode_grid_tile_shape_from_the_environment_reaches_the_backend(monkeypatch):
+    from meshserve.kernels.triton_attention import GRID_TILE, decode_tile
+    from meshserve.layers.attention import make_attention_backend
+
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert select_kernels(gpu).decode_grid_tile_shape is None
+    monkeypatch.setenv("MESHSERVE_DECODE_GRID_TILE", "128,4,5")
+    sel = select_kernels(gpu)
+    assert sel.decode_grid_tile_shape == (128, 4, 5)
+    backend = make_attention_backend("triton", decode_grid_tile_shape=sel.decode_grid_tile_shape)
+    assert backend.grid_tile_shape == (128, 4, 5)
+    assert make_attention_backend("triton").grid_tile_shape == GRID_TILE
+    # the grid launches take it (256 sequences x 8 KV heads on 132 SMs); small grids keep the kernel's default
+    assert decode_tile(256, 8, 128, 132, backend.grid_tile_shape) == (128, 4, 5)
+    assert decode_tile(8, 8, 128, 132, backend.grid_tile_shape) == (None, 4, None)
+    monkeypatch.setenv("MESHSERVE_DECODE_GRID_TILE", "128,4")
+    with pytest.raises(ValueError, match="MESHSERVE_DECODE_GRID_TILE"):
+        select_kernels(gpu)
 
 
 def test_environment_overrides(monkeypatch):

@@ -79,6 +79,12 @@ def register(subparsers) -> None:
                         "NVLink within a node, times TP)")
     g.add_argument("--kv-transfer-latency-us", type=float, default=None,
                    help="fixed latency per KV transfer (default: the catalog's link latency)")
+    g = p.add_argument_group("replica failures")
+    g.add_argument("--fail-replica", type=_failure, action="append", default=[], metavar="R@T+D",
+                   help="replica R (0-based) dies at T seconds and its restart answers /ready D seconds later; the "
+                        "router ejects it at once, its streams with a token out end with an error, its other "
+                        "requests go to other replicas, and it is re-admitted after the router's health probes "
+                        "(meshserve/simulator/failures.py); repeatable, e.g. --fail-replica 3@60+90")
     g = p.add_argument_group("engine (per replica, as `meshserve serve`)")
     g.add_argument("--dtype", choices=sorted(WEIGHT_DTYPE_BYTES), default=None,
                    help="weight dtype, as `meshserve plan --dtype` (the engine's --quantization fp8 / awq / gptq: "
@@ -176,6 +182,17 @@ def _layer_partition(value: str) -> tuple[int, ...]:
         return tuple(int(x) for x in value.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer counts, e.g. 40,40, got {value!r}") from None
+
+
+def _failure(value: str) -> tuple[int, float, float]:
+    """--fail-replica R@T+D, e.g. 3@60+90."""
+    try:
+        replica, rest = value.split("@")
+        at_s, down_s = rest.split("+")
+        return int(replica), float(at_s), float(down_s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected R@T+D (replica, seconds at which it dies, seconds until its "
+                                         f"restart is ready, e.g. 3@60+90), got {value!r}") from None
 
 
 def _p_to_d(value: str) -> tuple[int, int]:
@@ -289,6 +306,7 @@ def config_from_args(ns: argparse.Namespace):
                        replica_model=ns.replica_model,
                        calibration=ns.calibration, step_noise=ns.step_noise == "on", seed=ns.seed,
                        disaggregation=ns.disaggregation, kv_link_gb_s=ns.kv_link_gb_s,
+                       replica_failures=tuple(ns.fail_replica),
                        kv_transfer_latency_s=None if ns.kv_transfer_latency_us is None
                        else ns.kv_transfer_latency_us / 1e6)
     config.validate()
@@ -355,7 +373,12 @@ def run_simulate(ns: argparse.Namespace) -> int:
             "; with --slo-ttft-ms each process's gate answers 429 before parsing "
             f"({config.frontend_refusal_s * 1e3:g} ms each: the measured mean over every 429) when its input "
             "delay and loop lag plus the core's queue wait break the target, as `meshserve serve` does")
-         + "; the network and replica failures are not modelled; every request runs to its output length"),
+         + "; the network is not modelled; every request runs to its output length"),
+        *([] if not config.replica_failures else [
+            f"replica failures {', '.join(f'{r}@{t:g}+{d:g}' for r, t, d in config.replica_failures)}: ejected at "
+            "once (connections reset), streams with a token out cut, the rest retried on other replicas; the "
+            "restart comes back empty and is re-admitted after the router's default health probes (2 good, every "
+            "2 s): no SIGSTOP-like hang, no slow death"]),
         *_dtype_assumptions(report["weight_dtype"], report["kv_dtype"]),
         *_architecture_assumptions(config),
         *([] if config.disaggregation is None else [

@@ -114,9 +114,17 @@ class SimConfig:
     disaggregation: tuple[int, int] | None = None
     kv_link_gb_s: float | None = None
     kv_transfer_latency_s: float | None = None
+    # replicas that die and come back (failures.py): (replica index, seconds at which it is killed, seconds until
+    # its restart answers /ready); the router ejects it at once and re-admits it after its health probes
+    replica_failures: tuple[tuple[int, float, float], ...] = ()
 
     def validate(self) -> None:
         self._validate_numbers()
+        for replica, at_s, down_s in self.replica_failures:
+            if not 0 <= replica < self.num_replicas or at_s < 0 or down_s <= 0:
+                raise InvalidArgumentError(
+                    f"--fail-replica {replica}@{at_s:g}+{down_s:g}: the replica must be one of 0-{self.num_replicas - 1}, "
+                    "the time >= 0 and the downtime > 0", param="fail_replica")
         if self.weight_dtype is not None and self.weight_dtype not in WEIGHT_DTYPE_BYTES:
             raise InvalidArgumentError(f"--dtype must be one of {', '.join(sorted(WEIGHT_DTYPE_BYTES))}, got "
                                        f"{self.weight_dtype!r}", param="dtype")

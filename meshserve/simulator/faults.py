@@ -119,9 +119,6 @@ class _Replica(SimReplica):
         super()._finish(seq, last_token_s)
         self.on_finish(int(seq.seq_id), last_token_s)
 
-    def has_first_token(self, index: int) -> bool:
-        return str(index) in self._first_token_s
-
     def num_tokens_out(self, index: int) -> int:
         """Tokens of request `index` out so far (0: not running or none yet)."""
         for seq in self.scheduler.running:
@@ -229,7 +226,7 @@ def run_kill_restart(config: SimConfig, step_cost: Callable[[StepShape], float],
         for j, (s, inc) in sorted(where.items()):
             if s != slot or inc != incarnation[slot]:
                 continue
-            if reqs[j].stream and rep.has_first_token(j):  # committed: the stream ends with its error event
+            if reqs[j].stream and rep.has_first_token(str(j)):  # committed: the stream ends with its error event
                 end(j, t, "clean_error", slot)
             else:  # not committed: the router tries another replica
                 reqs[j].attempts += 1

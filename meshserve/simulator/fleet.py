@@ -28,6 +28,7 @@ from meshserve.simulator.autoscale import Autoscaler, AutoscaleRule
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.disaggregated import run_disaggregated
 from meshserve.simulator.eager_steps import EagerStepCosts
+from meshserve.simulator.failures import FailureLog
 from meshserve.simulator.fast_fleet import fast_model_gap, run_fast
 from meshserve.simulator.fast_replica import FastReplica
 from meshserve.simulator.metrics import RunRecorder
@@ -48,6 +49,7 @@ from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 # a request reaches a replica's core through its API process; a replica's step ends; an idle replica got work;
 # sequences finish inside a decode run (SimReplica.finish_mark); the router node sends a request on (index -1)
 _ROUTE, _ADMIT, _STEP_END, _WAKE, _FINISH = -2, -1, 0, 1, 2
+_KILL, _READY, _READMIT = 3, 4, 5  # a replica dies, its restart answers /ready, the router re-admits it (failures.py)
 _ROUTER_INDEX = -1
 
 logger = logging.getLogger(__name__)
@@ -103,6 +105,14 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         return _report(config, trace, recorder, replicas, None, None, timeline, cost, step_cost, num_blocks,
                        prefix_caching, (0, 0), wall0, replica_model, fallback)
 
+    failures = FailureLog() if config.replica_failures else None
+    if failures is not None:
+        clash = [why for hit, why in ((autoscale is not None, "--autoscale"), (config.pp > 1, "--pp > 1"),
+                                       (config.disaggregation is not None, "--disaggregation"),
+                                       (config.router_costs.enabled, "--router-node on")) if hit]
+        if clash:
+            raise InvalidArgumentError(f"--fail-replica is not modelled with {', '.join(clash)}", param="fail_replica")
+        fast_forward = False  # a kill lands between any two steps: every step through the scheduler
     if config.disaggregation is not None:
         if autoscale is not None:
             raise InvalidArgumentError("--disaggregation is not modelled with --autoscale", param="disaggregation")
@@ -118,6 +128,9 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
 
     def make_replica(index: int) -> SimReplica:
         version.append(0)
+        return build_replica(index)
+
+    def build_replica(index: int) -> SimReplica:
         if config.pp > 1:  # stages in series, steps in flight (pipeline.py); the policy predicts whole steps
             return PipelinedReplica(index, sched_cfg, cache_cfg, cost, recorder, config.max_queue_len,
                                     step_model=cost.model, light=fast_forward, frontend=config.frontend_costs,
@@ -141,9 +154,13 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         replicas, serving = scaler.all_replicas, scaler.serving
     else:
         replicas = [make_replica(i) for i in range(config.num_replicas)]
-        serving = replicas
+        serving = replicas if failures is None else list(replicas)  # (a failed replica leaves it a while)
     policy = make_policy(config.router)
     keyed = config.router == "prefix-affinity"
+    pending: dict[int, int] = {}  # with failures: request -> the replica whose core it is on its way to (_ADMIT)
+
+    def key_of(index: int):
+        return prefix_key({"prompt": prompt_token_ids(index, trace[index])[:64]}) if keyed else None
 
     def admit(rep: SimReplica, index: int, req: SimRequest, now: float) -> bool:
         """The core of `rep` gets request `index` at now: queued (True), or refused with a 429."""
@@ -195,6 +212,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                 continue
             if reached > now:
                 heapq.heappush(steps, (reached, rep.index, _ADMIT, (index, (*tried, rep.index), key)))
+                if failures is not None:
+                    pending[index] = rep.index
                 return
             if admit(rep, index, req, now):
                 return
@@ -206,6 +225,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     # (time, replica index, kind, payload): a version for _STEP_END and _WAKE (only the latest is live),
     # (request, replicas tried, prefix key) for _ADMIT, (run serial, step) for _FINISH
     steps: list[tuple] = []
+    for replica, at_s, down_s in config.replica_failures:
+        heapq.heappush(steps, (at_s, replica, _KILL, down_s))
     n, i = len(trace), 0
     delay = config.frontend_latency_s
     arrivals = trace.arrival_s
@@ -228,7 +249,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         if next_arrival <= t_step:  # arrivals first at equal times
             req = trace[i]
             now = next_arrival
-            key = prefix_key({"prompt": prompt_token_ids(i, req)[:64]}) if keyed else None
+            key = key_of(i)
             if router_node is None:
                 send(i, req, now, (), key)
             else:  # the policy chooses once the router process has taken the request in
@@ -247,9 +268,36 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                 continue
             if kind == _ADMIT:  # through its API process: the core gets it now
                 j, tried, key = ver
+                if failures is not None:
+                    if pending.get(j) != idx:
+                        continue  # its replica died on the way: the kill sent it elsewhere
+                    del pending[j]
                 req = trace[j]
                 if not admit(rep, j, req, now) and not refused(j, req, now, tried, key):
                     send(j, req, now, tried, key)
+                continue
+            if kind == _KILL:  # connections reset: ejected, its requests cut or sent elsewhere (failures.py)
+                if rep in serving:
+                    serving.remove(rep)
+                version[idx] += 1  # its step in flight never ends
+                on_way = [j for j, r in pending.items() if r == idx]
+                for j in on_way:
+                    del pending[j]
+                retry = failures.split(rep, on_way, now)
+                replicas[idx] = restarted = build_replica(idx)  # empty, out of the router's set until re-admitted
+                _carry_counters(rep, restarted)
+                heapq.heappush(steps, (now + ver, idx, _READY, None))
+                for j in retry:
+                    send(j, trace[j], now, (idx,), key_of(j))
+                continue
+            if kind == _READY:  # answers /ready: re-admitted at its recover_threshold-th good probe
+                failures.mark(idx, "ready_s", now)
+                heapq.heappush(steps, (failures.readmit_s(now), idx, _READMIT, None))
+                continue
+            if kind == _READMIT:
+                failures.mark(idx, "readmitted_s", now)
+                serving.append(rep)
+                serving.sort(key=lambda r: r.index)
                 continue
             if ver != version[idx]:
                 continue  # a decode run that an arrival cut short
@@ -261,9 +309,22 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
 
     queries = sum(r.scheduler.block_manager.stats.queries for r in replicas)
     hits = sum(r.scheduler.block_manager.stats.hits for r in replicas)
-    return _report(config, trace, recorder, replicas, scaler, autoscale, timeline, cost, step_cost, num_blocks,
-                   prefix_caching, (queries, hits), wall0, replica_model, fallback, router_node,
-                   host if config.pp > 1 else None)
+    report = _report(config, trace, recorder, replicas, scaler, autoscale, timeline, cost, step_cost, num_blocks,
+                     prefix_caching, (queries, hits), wall0, replica_model, fallback, router_node,
+                     host if config.pp > 1 else None)
+    if failures is not None:
+        report["replica_failures"] = failures.summary()
+    return report
+
+
+def _carry_counters(dead: SimReplica, restarted: SimReplica) -> None:
+    """A restarted replica's counters go on from its dead self's (the report sums them per replica slot)."""
+    restarted.steps, restarted.busy_s = dead.steps, dead.busy_s
+    old, new = dead.scheduler.block_manager.stats, restarted.scheduler.block_manager.stats
+    new.queries, new.hits = old.queries, old.hits
+    if dead.frontend is not None:
+        for name in ("busy_s", "num_gate_refusals", "stalled_s", "num_stalls"):
+            setattr(restarted.frontend, name, getattr(dead.frontend, name))
 
 
 def _run_disaggregated(config: SimConfig, trace: Trace, sched_cfg, cache_cfg, step_cost, cost: StepCost, noise,

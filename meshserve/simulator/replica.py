@@ -190,6 +190,11 @@ class SimReplica:
             self._predicted[rid] = (predicted, since)
         return True
 
+    def has_first_token(self, seq_id: str, now: float | None = None) -> bool:
+        """Whether sequence seq_id's first token has reached the client (by now, when given)."""
+        t = self._first_token_s.get(seq_id)
+        return t is not None and (now is None or t <= now)
+
     def _finish(self, seq: Sequence, last_token_s: float) -> None:
         """Record a finished request (its times the client's) and stop counting it."""
         sid = seq.seq_id

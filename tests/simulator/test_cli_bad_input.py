@@ -33,6 +33,8 @@ BASE = ["simulate", "--model", "smollm2-135m", "--qps", "2", "--duration", "2", 
     (["--autoscale", "--cooldown-s", "-5"], "autoscaling: need"),
     (["--output-json", "/nonexistent/dir/sim.json"], "--output-json /nonexistent/dir/sim.json: the folder"),
     (["--plot", "/nonexistent/dir/sim.svg"], "--plot /nonexistent/dir/sim.svg: the folder"),
+    (["--fail-replica", "3@5+10"], "--fail-replica 3@5+10: the replica must be one of 0-0"),
+    (["--fail-replica", "0@5+10", "--autoscale"], "--fail-replica is not modelled with --autoscale"),
 ])
 def test_bad_flags_are_one_line_before_the_run(flags, message, capsys):
     assert main([*BASE, *flags]) == 2
@@ -79,3 +81,10 @@ def test_a_model_config_with_zero_heads_is_one_line(tmp_path, capsys):
     assert "config.json's num_attention_heads must be >= 1, got 0" in capsys.readouterr().err
     assert main(["plan", str(tmp_path)]) == 2
     assert "config.json's num_attention_heads must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_bad_fail_replica_names_the_format(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*BASE, "--fail-replica", "1@5"])
+    assert exit_.value.code == 2
+    assert "--fail-replica: expected R@T+D" in capsys.readouterr().err

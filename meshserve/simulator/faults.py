@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from meshserve.engine.step_time import StepShape
 from meshserve.router.policy import make_policy
 from meshserve.simulator.config import SimConfig
+from meshserve.simulator.failures import FailureLog
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.replica import SimReplica
 from meshserve.simulator.trace import SimRequest
@@ -293,9 +294,7 @@ def run_kill_restart(config: SimConfig, step_cost: Callable[[StepShape], float],
             slot = payload
             replicas[slot] = make(slot)
             events["ready_s"] = now
-            interval = health.health_interval_s
-            first_probe = math.ceil(now / interval) * interval
-            push(first_probe + (health.recover_threshold - 1) * interval, _READMIT, slot)
+            push(FailureLog(health.health_interval_s, health.recover_threshold).readmit_s(now), _READMIT, slot)
         elif kind == _READMIT:
             serving.append(replicas[payload])
             serving.sort(key=lambda r: r.index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -125,6 +126,11 @@ class SimConfig:
                 raise InvalidArgumentError(
                     f"--fail-replica {replica}@{at_s:g}+{down_s:g}: the replica must be one of 0-{self.num_replicas - 1}, "
                     "the time >= 0 and the downtime > 0", param="fail_replica")
+        by_replica = sorted(self.replica_failures)
+        for (r0, t0, d0), (r1, t1, _) in itertools.pairwise(by_replica):
+            if r0 == r1 and t1 <= t0 + d0:
+                raise InvalidArgumentError(f"--fail-replica {r1}@{t1:g}: replica {r1} is still down then (from "
+                                           f"{r0}@{t0:g}+{d0:g})", param="fail_replica")
         if self.weight_dtype is not None and self.weight_dtype not in WEIGHT_DTYPE_BYTES:
             raise InvalidArgumentError(f"--dtype must be one of {', '.join(sorted(WEIGHT_DTYPE_BYTES))}, got "
                                        f"{self.weight_dtype!r}", param="dtype")

@@ -52,9 +52,9 @@ class FailureLog:
         self.events.append({"replica": replica.index, "killed_s": now, "cut": cut, "retried": len(retry)})
         return sorted(retry)
 
-    def mark(self, replica: int, name: str, t: float) -> None:
-        """Stamp the replica's latest failure with event `name` at t."""
-        next(e for e in reversed(self.events) if e["replica"] == replica)[name] = t
+    def latest(self, replica: int) -> dict:
+        """The replica's latest failure's record (killed_s, cut, retried; ready_s, readmitted_s once they come)."""
+        return next(e for e in reversed(self.events) if e["replica"] == replica)
 
     def summary(self) -> dict:
         return {"health_interval_s": self.health_interval_s, "recover_threshold": self.recover_threshold,

@@ -286,16 +286,18 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                 retry = failures.split(rep, on_way, now)
                 replicas[idx] = restarted = build_replica(idx)  # empty, out of the router's set until re-admitted
                 _carry_counters(rep, restarted)
-                heapq.heappush(steps, (now + ver, idx, _READY, None))
+                heapq.heappush(steps, (now + ver, idx, _READY, now))
                 for j in retry:
                     send(j, trace[j], now, (idx,), key_of(j))
                 continue
+            if kind in (_READY, _READMIT) and failures.latest(idx)["killed_s"] != ver:
+                continue  # (of an earlier failure: it died again before the router took it back)
             if kind == _READY:  # answers /ready: re-admitted at its recover_threshold-th good probe
-                failures.mark(idx, "ready_s", now)
-                heapq.heappush(steps, (failures.readmit_s(now), idx, _READMIT, None))
+                failures.latest(idx)["ready_s"] = now
+                heapq.heappush(steps, (failures.readmit_s(now), idx, _READMIT, ver))
                 continue
             if kind == _READMIT:
-                failures.mark(idx, "readmitted_s", now)
+                failures.latest(idx)["readmitted_s"] = now
                 serving.append(rep)
                 serving.sort(key=lambda r: r.index)
                 continue

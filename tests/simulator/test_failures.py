@@ -62,8 +62,17 @@ def test_a_request_on_its_way_to_a_dying_replica_is_retried():
     assert report["ttft_p50"] == pytest.approx(0.001 + 0.002 + STEP_S)
 
 
+def test_a_second_failure_before_readmission_keeps_the_replica_out():
+    """Ready at 1.5 s, killed again at 1.7 s (before the 4.0 s re-admission): back 0.5 s later, re-admitted at the
+    second good probe after that (4.0, 6.0)."""
+    report = simulate(_config(((0, 0.5, 1.0), (0, 1.7, 0.5))), TRACE, step_cost=_fixed)
+    first, second = report["replica_failures"]["events"]
+    assert first["ready_s"] == pytest.approx(1.5) and "readmitted_s" not in first
+    assert second["ready_s"] == pytest.approx(2.2) and second["readmitted_s"] == pytest.approx(6.0)
+
+
 def test_bad_failures_and_unmodelled_combinations_are_one_line_errors():
-    for bad in (((2, 1.0, 1.0),), ((0, -1.0, 1.0),), ((0, 1.0, 0.0),)):
+    for bad in (((2, 1.0, 1.0),), ((0, -1.0, 1.0),), ((0, 1.0, 0.0),), ((0, 1.0, 2.0), (0, 2.5, 1.0))):
         with pytest.raises(InvalidArgumentError, match="--fail-replica"):
             simulate(_config(bad), TRACE, step_cost=_fixed)
     with pytest.raises(InvalidArgumentError, match="not modelled with --autoscale"):

@@ -36,6 +36,9 @@ def _value(action: argparse.Action, key: str, raw: Any, parser: argparse.Argumen
         if not isinstance(raw, bool):
             raise InvalidArgumentError(f"--config: {key} takes true or false, got {raw!r}", param="config")
         return raw if isinstance(action, argparse._StoreTrueAction) else not raw
+    if isinstance(action, argparse._AppendAction):  # a repeatable flag (--fail-replica): a list, or one value
+        return [_value(argparse.Action(action.option_strings, action.dest, type=action.type), key, x, parser)
+                for x in (raw if isinstance(raw, list) else [raw])]
     if isinstance(raw, list):  # a list for a comma-separated flag (--pp-layer-partition, --search-gpus)
         raw = ",".join(str(x) for x in raw)
     if raw is None or isinstance(raw, (dict, bool)):

@@ -180,6 +180,19 @@ def test_config_file_sets_flags_and_later_flags_win(capsys, tmp_path):
         assert e.value.code == 2 and error in capsys.readouterr().err
 
 
+def test_config_file_takes_repeatable_flags_as_lists(capsys, tmp_path):
+    cfg = tmp_path / "fleet.toml"
+    cfg.write_text('gpu = "H200"\nnum-gpus = 2\nqps = 4\nduration = 3\nno_progress = true\n'
+                   'fail-replica = ["0@1+1", "1@2.5+0.5"]\n')
+    assert main(["simulate", "--config", str(cfg)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(e["replica"], e["killed_s"]) for e in report["replica_failures"]["events"]] == [(0, 1.0), (1, 2.5)]
+    cfg.write_text('fail-replica = "0@x"\n')
+    with pytest.raises(SystemExit) as e:
+        main(["simulate", "--config", str(cfg), "--no-progress"])
+    assert e.value.code == 2 and "expected R@T+D" in capsys.readouterr().err
+
+
 def test_progress_bar_counts_simulated_seconds(capsys):
     """Without --no-progress a tqdm bar on stderr follows simulated time to the last arrival; stdout stays JSON."""
     assert main(["simulate", "--gpu", "H200", "--num-gpus", "2", "--qps", "8", "--duration", "5", "--seed", "1"]) == 0

@@ -37,6 +37,7 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 from meshserve.disagg.connector import KVConnector
 from meshserve.disagg.rendezvous import StoreRendezvous
 from meshserve.errors import KVTransferError
+from meshserve.host_lists import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class BlockCopy:
         self.runs = runs if len(runs) <= MAX_SLICE_COPIES else None
         self.src_index = self.dst_index = None
         if self.runs is None:
-            self.src_index, self.dst_index = _index(src_ids, src_device), _index(dst_ids, dst_device)
+            self.src_index, self.dst_index = to_device(src_ids, src_device), to_device(dst_ids, dst_device)
 
     def __call__(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         if dst.dtype == torch.float8_e4m3fn:  # (CPU torch has no fp8 index ops: move the bytes)
@@ -188,13 +189,6 @@ class BlockCopy:
             return
         gathered = src.index_select(1, self.src_index)
         dst.index_copy_(1, self.dst_index, gathered.to(dst.device, non_blocking=True))
-
-
-def _index(ids: list[int], device: torch.device) -> torch.Tensor:
-    index = torch.tensor(ids, dtype=torch.int64)
-    if device.type != "cuda":
-        return index
-    return index.pin_memory().to(device, non_blocking=True)  # (ordered before the gathers on this stream)
 
 
 class IpcConnector(StoreRendezvous, KVConnector):

@@ -10,9 +10,10 @@ from meshserve.distributed.parallel_state import get_parallel_state
 from meshserve.engine.bad_words import banned_by_bad_words
 from meshserve.engine.runner_output import ModelRunnerOutput, PendingOutput, to_token_logprobs
 from meshserve.engine.scheduler_output import ScheduledSequence, sampling_indices
+from meshserve.host_lists import to_device
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs
-from meshserve.spec_decode.rejection_sampler import to_device, verify_host_rows, verify_on_device
+from meshserve.spec_decode.rejection_sampler import verify_host_rows, verify_on_device
 from meshserve.structured.bitmask import apply_bitmask
 
 

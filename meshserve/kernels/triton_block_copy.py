@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.host_lists import to_device
+
 CHUNK_BYTES = 16384  # per program: a 32 KiB K block (Llama-3.1-8B, 16 tokens, bf16) in two programs
 
 
@@ -64,8 +66,7 @@ class PoolPointers:
         device = dst[0].device
 
         def bases(layers: list[torch.Tensor]) -> torch.Tensor:
-            table = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64)
-            return table.to(device) if device.type != "cuda" else table.pin_memory().to(device, non_blocking=True)
+            return to_device([t.data_ptr() for t in layers], device)
 
         return cls(bases(dst), bases(src), dst[0].stride(0) * size // unit, src[0].stride(0) * size // unit,
                    dst[0][0, 0].numel() * size // unit, words)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from meshserve.host_lists import to_device
 from meshserve.layers.sampler import apply_min_p, apply_top_k_top_p, random_sample
 from meshserve.sampling import SamplingParams
 
@@ -26,15 +27,6 @@ class VerifyResult:
 
     token_ids: list[list[int]]
     num_accepted: list[int]
-
-
-def to_device(data: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """A small host list on the device without waiting for the queued work: a plain torch.tensor(...,
-    device="cuda") copy synchronizes the stream (the verify would wait for the forward it follows)."""
-    t = torch.tensor(data, dtype=dtype)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

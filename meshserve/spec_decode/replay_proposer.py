@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from meshserve.spec_decode.rejection_sampler import to_device
+from meshserve.host_lists import to_device
 
 
 class ReplayProposer:

@@ -25,15 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from meshserve.distributed.launch import free_port
 from tests.conftest import make_tiny_checkpoint
-from tests.router.conftest import ServerProcess, replica_args
+from tests.router.conftest import ServerProcess
 from tests.router.loadgen import figures
 from tests.router.test_router_faults import (
     ADMIT_S,
     NUM_PRIMARIES,
-    READY_S,
     ROUTER_FLAGS,
-    Cluster,
     _kill_restart_under_load,
+    start_cluster,
     wait_until,
 )
 
@@ -59,26 +58,14 @@ def main() -> None:
     llama = make_tiny_checkpoint(os.path.join(work, "llama"), "llama")
     qwen = make_tiny_checkpoint(os.path.join(work, "qwen2"), "qwen2")
     traces = [os.path.join(work, f"steps-{i}.jsonl") for i in range(NUM_PRIMARIES)]
-    primaries = []
-    for i in range(NUM_PRIMARIES):
-        port = free_port()
-        primaries.append(ServerProcess(f"primary-{i}", replica_args(
-            llama, port, ["tiny"], ["--max-num-seqs", "8", "--max-queue-len", "8", "--step-trace", traces[i]]),
-            port, work))
-    port = free_port()
-    fallback = ServerProcess("fallback-0", replica_args(qwen, port, ["tiny-small"], ["--max-num-seqs", "4"]),
-                             port, work)
-    port = free_port()
-    router = ServerProcess("router", ["router", "--host", "127.0.0.1", "--port", str(port),
-                                      *[a for p in primaries for a in ("--backend", p.url)], "--fallback",
-                                      fallback.url, *ROUTER_FLAGS, "--disable-access-log"], port, work)
-    everything = [*primaries, fallback, router]
+    started: list[ServerProcess] = []
+
+    def make(name: str, process_args: list[str]) -> ServerProcess:
+        started.append(ServerProcess(name, process_args, free_port(), work))
+        return started[-1]
+
     try:
-        for p in everything:
-            p.start()
-        for p in everything:
-            p.wait_ready(READY_S)
-        c = Cluster(primaries, fallback, router)
+        c = start_cluster(make, llama, qwen, lambda i: ["--step-trace", traces[i]])
         for r in range(args.rounds):
             assert wait_until(c.all_healthy, ADMIT_S), "a replica is not healthy before the round"
             results, seconds, notes = asyncio.run(_kill_restart_under_load(c, VICTIM, TOTAL, AFTER, CONCURRENCY))
@@ -101,7 +88,7 @@ def main() -> None:
                 json.dump(record, f)
             print(f"round {r}: {record['figures']} events {record['events']} -> {path}", flush=True)
     finally:
-        for p in everything:
+        for p in started:
             p.kill()
 
 

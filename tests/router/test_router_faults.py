@@ -60,11 +60,17 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(processes, tiny_model_dir) -> Cluster:
-    llama, qwen = tiny_model_dir("llama"), tiny_model_dir("qwen2")
+    return start_cluster(processes, tiny_model_dir("llama"), tiny_model_dir("qwen2"))
+
+
+def start_cluster(processes, llama: str, qwen: str, primary_args=lambda i: []) -> Cluster:
+    """The suite's cluster, started and healthy: processes(name, args) makes a ServerProcess; primary_args(i)
+    adds flags to primary i (tools/fault_load_trace.py: a step trace each)."""
     primaries = []
     for i in range(NUM_PRIMARIES):
         p = processes(f"primary-{i}", [])
-        p.args = replica_args(llama, p.port, ["tiny"], ["--max-num-seqs", "8", "--max-queue-len", "8"])
+        p.args = replica_args(llama, p.port, ["tiny"], ["--max-num-seqs", "8", "--max-queue-len", "8",
+                                                         *primary_args(i)])
         primaries.append(p)
     fallback = processes("fallback-0", [])
     fallback.args = replica_args(qwen, fallback.port, ["tiny-small"], ["--max-num-seqs", "4"])

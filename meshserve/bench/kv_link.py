@@ -8,7 +8,9 @@ layer by default: block 16 tokens x 8 KV heads x 128 dims, bf16 (32 KiB per K or
 On a CPU machine this is the host-memory path: gloo over loopback TCP vs NIXL's UCX (shared memory / CMA) vs
 ipc (the consumer copies from the producer's mapped pool). `copy_GBps` is the best plain copy of the same bytes on
 the consumer's device (one contiguous tensor into another: the bound a link on one device can reach), and
-`fraction_of_copy` the median pull rate over it.
+`fraction_of_copy` the median pull rate over it. `read_median_s` is the connector's read of the blocks alone (a
+one-sided read's copy and wait: the rest of a pull is the side channel's handshake and acknowledgement); for ipc,
+`plan_median_s` (the copy plan: index uploads) and `launch_median_s` (the copy's launch) are parts of it.
 """
 
 from __future__ import annotations
@@ -108,6 +110,45 @@ def copy_rate(nbytes: int, device: str, repeat: int = 10) -> float:
     return max(rates[1:])
 
 
+def _wait_exit(proc, timeout_s: float) -> None:
+    """Waits for the producer's exit by polling, not join(): join waits for its sentinel pipe to close, and a
+    torch_shm_manager the producer started (CPU pools shared through the file system: the ipc connector) holds
+    that pipe for about a minute after the producer is gone."""
+    deadline = time.monotonic() + timeout_s
+    while proc.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+class _ReadTimer:
+    """Wraps the connector's read methods with timers (the split of a pull the bench reports beside its total)."""
+
+    def __init__(self, conn) -> None:
+        self.parts: dict[str, list[float]] = {"read": [], "plan": [], "launch": []}
+        self._wrap(conn, "_read_blocks", "read")
+        if hasattr(conn, "_block_copy"):  # ipc: the plan, and the kernel's launch where it runs
+            self._wrap(conn, "_block_copy", "plan")
+            if conn.device.type == "cuda":
+                from meshserve.kernels import triton_block_copy
+
+                self._wrap(triton_block_copy, "copy_blocks", "launch")
+
+    def _wrap(self, owner, name: str, part: str) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.parts[part].append(time.perf_counter() - t0)
+
+        setattr(owner, name, timed)
+
+    def medians(self, skip: int) -> dict[str, float]:
+        """Each part's median over the timed pulls (the first `skip` calls were the set-up pull's)."""
+        return {f"{k}_median_s": statistics.median(v[skip:]) for k, v in self.parts.items() if v[skip:]}
+
+
 def run(ns: argparse.Namespace) -> dict:
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -116,6 +157,7 @@ def run(ns: argparse.Namespace) -> dict:
     proc.start()
     conn = _connector(ns, "kv_consumer", 1, port, ns.device)
     rates, seconds = [], []
+    timer = _ReadTimer(conn)
     try:
         conn.start()
         assert ready.wait(300), "the producer did not start"
@@ -132,7 +174,7 @@ def run(ns: argparse.Namespace) -> dict:
         nbytes = ev.num_bytes
     finally:
         done.set()
-        proc.join(60)
+        _wait_exit(proc, 60)
         conn.close()
     return {
         "connector": ns.connector,
@@ -146,6 +188,7 @@ def run(ns: argparse.Namespace) -> dict:
         "best_GBps": max(rates),
         "copy_GBps": (copy := copy_rate(nbytes, ns.device)),
         "fraction_of_copy": statistics.median(rates) / copy,
+        **timer.medians(skip=len(timer.parts["read"]) - ns.repeat),
     }
 
 

@@ -178,7 +178,11 @@ class BlockCopy:
         self.runs = runs if len(runs) <= MAX_SLICE_COPIES else None
         self.src_index = self.dst_index = None
         if self.runs is None:
-            self.src_index, self.dst_index = to_device(src_ids, src_device), to_device(dst_ids, dst_device)
+            if src_device == dst_device:  # one upload for both (each is a pinned buffer and a copy: ~70 us)
+                both = to_device([*src_ids, *dst_ids], dst_device)
+                self.src_index, self.dst_index = both[: len(src_ids)], both[len(src_ids) :]
+            else:
+                self.src_index, self.dst_index = to_device(src_ids, src_device), to_device(dst_ids, dst_device)
 
     def __call__(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         if dst.dtype == torch.float8_e4m3fn:  # (CPU torch has no fp8 index ops: move the bytes)

@@ -82,6 +82,9 @@ def copy_blocks(pointers: PoolPointers, dst_ids: torch.Tensor, src_ids: torch.Te
         return
     chunk = CHUNK_BYTES // (4 if pointers.words else 1)
     grid = (n, 2 * count, triton.cdiv(pointers.block_words, chunk))
-    _copy_blocks_kernel[grid](pointers.dst_bases[first:], pointers.src_bases[first:], dst_ids, src_ids,
+    dst_bases, src_bases = pointers.dst_bases, pointers.src_bases
+    if first:  # (a view per launch costs host time: only for a layer range past the first)
+        dst_bases, src_bases = dst_bases[first:], src_bases[first:]
+    _copy_blocks_kernel[grid](dst_bases, src_bases, dst_ids, src_ids,
                               pointers.dst_kv_stride, pointers.src_kv_stride, pointers.block_words,
                               WORDS=pointers.words, CHUNK=chunk, num_warps=4)

@@ -228,15 +228,25 @@ def with_checkpoint_shapes(source: ModelSource) -> ModelSource:
 def _dummy_checkpoint(model: nn.Module, shapes: dict[str, tuple[int, ...]], seed: int):
     """The checkpoint tensors named in `shapes` (at their full shapes), each drawn on the model's device from
     a seed of its own name: N(0, 0.02) matrices, unit norms, zero biases. Only tensors this stage places
-    are drawn."""
+    are drawn.
+
+    MESHSERVE_DUMMY_WEIGHTS=vllm draws as vLLM 0.26's dummy loader does instead, for A/Bs against it: every
+    tensor, norms included, uniform in [-1e-3, 1e-3] from one seed (1234) for all, so every layer's MoE router
+    is the same draw (vLLM's fused tensors hold several of ours, so the values differ; the distribution and
+    the shared seed do not). A MoE step's cost depends on how many experts its tokens pick, which this
+    changes: BENCHMARKS.md, twenty-eighth session."""
     place = getattr(model, "checkpoint_name", lambda n: n)
     first = next(model.parameters())
     gen = torch.Generator(device=first.device)
+    like_vllm = os.environ.get("MESHSERVE_DUMMY_WEIGHTS", "") == "vllm"
     for name, shape in shapes.items():
         if place(name) is None:
             continue
         tensor = torch.empty(shape, dtype=first.dtype, device=first.device)
-        if tensor.dim() == 1:
+        if like_vllm:
+            gen.manual_seed(1234)
+            tensor.uniform_(-1e-3, 1e-3, generator=gen)
+        elif tensor.dim() == 1:
             tensor.fill_(0.0 if name.endswith("bias") else 1.0)
         else:
             gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))

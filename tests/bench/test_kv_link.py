@@ -25,6 +25,7 @@ def test_the_torch_connector_uses_nccl_only_between_two_gpus():
 
 @pytest.mark.parametrize("connector", [
     "torch",
+    "ipc",
     pytest.param("nixl", marks=pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")),
 ])
 def test_pulls_report_bytes_and_rates(connector, tmp_path):
@@ -34,3 +35,5 @@ def test_pulls_report_bytes_and_rates(connector, tmp_path):
     out = json.loads((tmp_path / "link.json").read_text())
     assert out["bytes"] == 3 * 2 * 2 * 4 * 2 * 8 * 2  # blocks x layers x K/V x tokens x heads x dims x bf16
     assert out["median_GBps"] > 0 and out["devices"] == ["cpu", "cpu"]
+    if connector == "ipc":  # a one-sided read's split: the read alone, and its plan, inside the whole pull
+        assert 0 < out["plan_median_s"] <= out["read_median_s"] <= out["median_s"]

@@ -31,6 +31,16 @@ def test_dummy_weights_follow_the_seed_and_the_tensor_name(tiny_model_dir):
     assert torch.all(a["model.norm.weight"] == 1.0)
 
 
+def test_dummy_weights_like_vllms_share_one_tiny_uniform_draw(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("MESHSERVE_DUMMY_WEIGHTS", "vllm")
+    source = resolve_model_source(tiny_model_dir("llama"), load_format="dummy")
+    p = dict(build_model(source, torch.float32, torch.device("cpu"), 64, seed=1).named_parameters())
+    a, b = p["model.layers.0.mlp.down_proj.weight"], p["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(a, b)  # one seed for every tensor, as vLLM's dummy loader
+    norm = p["model.layers.0.input_layernorm.weight"]
+    assert a.abs().max() <= 1e-3 and norm.abs().max() <= 1e-3 and a.std() > 1e-4
+
+
 def test_dummy_weights_from_shapes_the_driver_gave_build_no_transformers_model(tiny_model_dir, monkeypatch):
     """A rank handed the checkpoint's names and shapes (with_checkpoint_shapes, on the driver) draws the same
     weights without building the HF model: importing transformers' modeling code for that cost each rank

@@ -154,12 +154,15 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
-    """(src start, dst start, length) of the stretches where both id lists go up by one together."""
+def _runs(src: list[int], dst: list[int], limit: int | None = None) -> list[tuple[int, int, int]] | None:
+    """(src start, dst start, length) of the stretches where both id lists go up by one together; None once
+    there are more than `limit` (scattered ids: the loop stops there rather than walk a long read's ids)."""
     runs: list[list[int]] = []
     for s, d in zip(src, dst):
         if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
             runs[-1][2] += 1
+        elif limit is not None and len(runs) == limit:
+            return None
         else:
             runs.append([s, d, 1])
     return [tuple(r) for r in runs]
@@ -174,8 +177,7 @@ class BlockCopy:
     (IpcConnector._read, kernels/triton_block_copy.py: each byte moved once, one launch)."""
 
     def __init__(self, dst_ids: list[int], src_ids: list[int], dst_device: torch.device, src_device: torch.device):
-        runs = _runs(src_ids, dst_ids)
-        self.runs = runs if len(runs) <= MAX_SLICE_COPIES else None
+        self.runs = _runs(src_ids, dst_ids, MAX_SLICE_COPIES)
         self.src_index = self.dst_index = None
         if self.runs is None:
             if src_device == dst_device:  # one upload for both (each is a pinned buffer and a copy: ~70 us)

@@ -48,6 +48,8 @@ def test_copy_blocks_slices_and_gathers_alike():
         copy_blocks(dst, dst_ids, src, src_ids)
         assert torch.equal(dst[:, dst_ids], src[:, src_ids])
     assert ic._runs([3, 4, 5, 9], [0, 1, 7, 8]) == [(3, 0, 2), (5, 7, 1), (9, 8, 1)]
+    assert ic._runs([3, 4, 5, 9], [0, 1, 7, 8], limit=3) == [(3, 0, 2), (5, 7, 1), (9, 8, 1)]
+    assert ic._runs([3, 4, 5, 9], [0, 1, 7, 8], limit=2) is None  # (a third run: more than the limit)
     fp8 = torch.randn(2, BLOCKS, *SHAPE).to(torch.float8_e4m3fn)
     out = torch.zeros_like(fp8)
     copy_blocks(out, [1, 5, 2, 8, 0, 3, 4, 6, 7], fp8, list(range(9)))  # (the gather path, as bytes)

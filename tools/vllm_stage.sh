@@ -10,6 +10,9 @@
 # calls; the script's last line lists the folders):
 #   carry [".vp1"]: mkdir -p /root/vstage && cp .vp1/* /root/vstage/     (likewise .vp2, .vp3, .vp5, ...)
 #   carry [".vp4"]: [QUANT=fp8 KV_DTYPE=fp8] bash .vp4/run.sh .vp4 MODEL:w1,w2 ...   (installs, then runs)
+# MoE models: vLLM's dummy weights route differently from meshserve's (BENCHMARKS.md, twenty-eighth session); for
+# a like-for-like run, after `bash .vp4/run.sh .vp4` (install only):
+#   . .vp4/env.sh; VLLM_ALLOW_INSECURE_SERIALIZATION=1 python3 tools/vllm_reinit_bench.py .vp4/bench.py .vp4/MODEL w2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 peer=../shared/tools/vllm-peer

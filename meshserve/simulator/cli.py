@@ -85,6 +85,11 @@ def register(subparsers) -> None:
                         "router ejects it at once, its streams with a token out end with an error, its other "
                         "requests go to other replicas, and it is re-admitted after the router's health probes "
                         "(meshserve/simulator/failures.py); repeatable, e.g. --fail-replica 3@60+90")
+    g.add_argument("--hang-replica", type=_hang, action="append", default=[], metavar="R@T+D",
+                   help="replica R stops answering at T seconds for D seconds, then goes on where it was (a "
+                        "SIGSTOP, then a SIGCONT): its requests wait, the router sends it work until its health "
+                        "probes eject it and re-admits it once it answers (meshserve/simulator/failures.py); D "
+                        "under the router's read timeout (120 s); repeatable, e.g. --hang-replica 0@30+10")
     g = p.add_argument_group("engine (per replica, as `meshserve serve`)")
     g.add_argument("--dtype", choices=sorted(WEIGHT_DTYPE_BYTES), default=None,
                    help="weight dtype, as `meshserve plan --dtype` (the engine's --quantization fp8 / awq / gptq: "
@@ -193,6 +198,15 @@ def _failure(value: str) -> tuple[int, float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected R@T+D (replica, seconds at which it dies, seconds until its "
                                          f"restart is ready, e.g. 3@60+90), got {value!r}") from None
+
+
+def _hang(value: str) -> tuple[int, float, float]:
+    """--hang-replica R@T+D, e.g. 0@30+10."""
+    try:
+        return _failure(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected R@T+D (replica, seconds at which it stops answering, seconds "
+                                         f"until it goes on, e.g. 0@30+10), got {value!r}") from None
 
 
 def _p_to_d(value: str) -> tuple[int, int]:
@@ -306,7 +320,7 @@ def config_from_args(ns: argparse.Namespace):
                        replica_model=ns.replica_model,
                        calibration=ns.calibration, step_noise=ns.step_noise == "on", seed=ns.seed,
                        disaggregation=ns.disaggregation, kv_link_gb_s=ns.kv_link_gb_s,
-                       replica_failures=tuple(ns.fail_replica),
+                       replica_failures=tuple(ns.fail_replica), replica_hangs=tuple(ns.hang_replica),
                        kv_transfer_latency_s=None if ns.kv_transfer_latency_us is None
                        else ns.kv_transfer_latency_us / 1e6)
     config.validate()
@@ -378,7 +392,12 @@ def run_simulate(ns: argparse.Namespace) -> int:
             f"replica failures {', '.join(f'{r}@{t:g}+{d:g}' for r, t, d in config.replica_failures)}: ejected at "
             "once (connections reset), streams with a token out cut, the rest retried on other replicas; the "
             "restart comes back empty and is re-admitted after the router's default health probes (2 good, every "
-            "2 s): no SIGSTOP-like hang, no slow death"]),
+            "2 s); no slow death"]),
+        *([] if not config.replica_hangs else [
+            f"replica hangs {', '.join(f'{r}@{t:g}+{d:g}' for r, t, d in config.replica_hangs)}: the replica keeps "
+            "its requests and goes on where it was; the router keeps sending it work (least outstanding) until "
+            "its default health probes eject it (2 probes in a row unanswered within 1 s, every 2 s) and re-admits "
+            "it after 2 good ones; hangs past the router's read timeout (requests timed out) are not modelled"]),
         *_dtype_assumptions(report["weight_dtype"], report["kv_dtype"]),
         *_architecture_assumptions(config),
         *([] if config.disaggregation is None else [

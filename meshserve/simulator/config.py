@@ -13,6 +13,7 @@ from meshserve.planner.hardware import GpuSpec, get_gpu, load_catalog
 from meshserve.planner.memory import KV_DTYPE_BYTES, WEIGHT_DTYPE_BYTES, memory_per_gpu
 from meshserve.planner.model import ModelSpec, load_model
 from meshserve.planner.parallel import Layout
+from meshserve.router.config import RouterConfig
 from meshserve.simulator.frontend import FrontEndCosts
 from meshserve.simulator.frontend_stalls import STALLS_H200, FrontEndStalls
 from meshserve.simulator.router_node import RouterCosts
@@ -118,19 +119,34 @@ class SimConfig:
     # replicas that die and come back (failures.py): (replica index, seconds at which it is killed, seconds until
     # its restart answers /ready); the router ejects it at once and re-admits it after its health probes
     replica_failures: tuple[tuple[int, float, float], ...] = ()
+    # replicas that stop answering a while and go on where they were (failures.py, `--hang-replica R@T+D`, as a
+    # SIGSTOP then SIGCONT): (replica index, seconds at which it stops, seconds it stays stopped)
+    replica_hangs: tuple[tuple[int, float, float], ...] = ()
 
     def validate(self) -> None:
         self._validate_numbers()
+        for replica, at_s, hung_s in self.replica_hangs:
+            if not 0 <= replica < self.num_replicas or at_s < 0 or hung_s <= 0:
+                raise InvalidArgumentError(
+                    f"--hang-replica {replica}@{at_s:g}+{hung_s:g}: the replica must be one of "
+                    f"0-{self.num_replicas - 1}, the time >= 0 and the hang > 0", param="hang_replica")
+            if hung_s >= RouterConfig.read_timeout_s:
+                raise InvalidArgumentError(
+                    f"--hang-replica {replica}@{at_s:g}+{hung_s:g}: a hang of the router's read timeout "
+                    f"({RouterConfig.read_timeout_s:g} s) or longer times its requests out, which is not modelled "
+                    "(--fail-replica models a replica that is gone)", param="hang_replica")
+        outages = sorted((*((r, t, d, "--fail-replica") for r, t, d in self.replica_failures),
+                          *((r, t, d, "--hang-replica") for r, t, d in self.replica_hangs)))
+        for (r0, t0, d0, f0), (r1, t1, d1, f1) in itertools.pairwise(outages):
+            if r0 == r1 and t1 <= t0 + d0:
+                raise InvalidArgumentError(f"{f1} {r1}@{t1:g}+{d1:g}: replica {r1} is still down then (from "
+                                           f"{f0} {r0}@{t0:g}+{d0:g})",
+                                           param="fail_replica" if f1 == "--fail-replica" else "hang_replica")
         for replica, at_s, down_s in self.replica_failures:
             if not 0 <= replica < self.num_replicas or at_s < 0 or down_s <= 0:
                 raise InvalidArgumentError(
                     f"--fail-replica {replica}@{at_s:g}+{down_s:g}: the replica must be one of 0-{self.num_replicas - 1}, "
                     "the time >= 0 and the downtime > 0", param="fail_replica")
-        by_replica = sorted(self.replica_failures)
-        for (r0, t0, d0), (r1, t1, _) in itertools.pairwise(by_replica):
-            if r0 == r1 and t1 <= t0 + d0:
-                raise InvalidArgumentError(f"--fail-replica {r1}@{t1:g}: replica {r1} is still down then (from "
-                                           f"{r0}@{t0:g}+{d0:g})", param="fail_replica")
         if self.weight_dtype is not None and self.weight_dtype not in WEIGHT_DTYPE_BYTES:
             raise InvalidArgumentError(f"--dtype must be one of {', '.join(sorted(WEIGHT_DTYPE_BYTES))}, got "
                                        f"{self.weight_dtype!r}", param="dtype")

@@ -9,8 +9,16 @@ D seconds after the kill (its process start and model load), and the router re-a
 The replica comes back empty (a new process: no KV, no prefix cache). Every request of the W3-style traces
 streams, as `meshserve bench serve` sends them.
 
-The fleet loop (fleet.py) owns the events; this module decides what a kill does to each request and when a restart
-serves again, and keeps the counts for the report.
+A hung replica (`--hang-replica R@T+D`, a SIGSTOP then a SIGCONT: alive, its port open, answering nothing) keeps
+its requests: they wait, and so does every event of its own (a step's end, an arrival at its core) until it goes
+on where it was at T + D. The router goes on sending it requests (least outstanding: fewer as its count grows)
+until its health probes eject it: a probe that gets no answer within `health_timeout_s` fails, `fail_threshold`
+failures in a row eject (health.py); it is re-admitted after `recover_threshold` good probes once it answers. A
+hang as long as the router's read timeout would time its requests out (cut streams, retried requests): refused
+(config.py), not modelled.
+
+The fleet loop (fleet.py) owns the events; this module decides what a kill does to each request, when a probe
+ejects a hung replica and when a replica serves again, and keeps the counts for the report.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ class FailureLog:
     """What the replica failures did in a run (the report's replica_failures section)."""
 
     health_interval_s: float = RouterConfig.health_interval_s
+    health_timeout_s: float = RouterConfig.health_timeout_s
+    fail_threshold: int = RouterConfig.fail_threshold
     recover_threshold: int = RouterConfig.recover_threshold
     num_cut: int = 0  # streams ended with the error event (had sent a token)
     num_retried: int = 0  # requests sent again to another replica
@@ -36,6 +46,23 @@ class FailureLog:
         probe."""
         first = math.ceil(ready_s / self.health_interval_s) * self.health_interval_s
         return first + (self.recover_threshold - 1) * self.health_interval_s
+
+    def probe_ejection_s(self, hung_s: float, resumed_s: float) -> float | None:
+        """When the probes eject a replica hung from hung_s to resumed_s: the fail_threshold-th probe in a row
+        that got no answer in time, once its timeout passed; None when it answers again first. A probe sent
+        before the hang was answered at once; one sent during it fails unless the replica resumes within its
+        timeout."""
+        first = math.ceil(hung_s / self.health_interval_s) * self.health_interval_s
+        last = first + (self.fail_threshold - 1) * self.health_interval_s
+        fails_at = last + self.health_timeout_s
+        return fails_at if fails_at < resumed_s else None
+
+    def hang(self, replica: int, hung_s: float, resumed_s: float) -> float | None:
+        """Record a hang of replica from hung_s to resumed_s; returns when the probes eject it (or None)."""
+        ejected = self.probe_ejection_s(hung_s, resumed_s)
+        self.events.append({"replica": replica, "hung_s": hung_s, "resumed_s": resumed_s,
+                            **({} if ejected is None else {"ejected_s": ejected})})
+        return ejected
 
     def split(self, replica, pending: list[int], now: float) -> list[int]:
         """At a kill of `replica` (a SimReplica) at now: the requests to send again (those on their way to its core
@@ -53,9 +80,11 @@ class FailureLog:
         return sorted(retry)
 
     def latest(self, replica: int) -> dict:
-        """The replica's latest failure's record (killed_s, cut, retried; ready_s, readmitted_s once they come)."""
+        """The replica's latest failure's record (killed_s, cut, retried; ready_s, readmitted_s once they come; or
+        a hang's hung_s, resumed_s, ejected_s, readmitted_s)."""
         return next(e for e in reversed(self.events) if e["replica"] == replica)
 
     def summary(self) -> dict:
-        return {"health_interval_s": self.health_interval_s, "recover_threshold": self.recover_threshold,
+        return {"health_interval_s": self.health_interval_s, "health_timeout_s": self.health_timeout_s,
+                "fail_threshold": self.fail_threshold, "recover_threshold": self.recover_threshold,
                 "cut": self.num_cut, "retried": self.num_retried, "events": self.events}

@@ -49,6 +49,7 @@ def fast_model_gap(
         (config.pp > 1, "pipeline parallelism (pipeline.py)"),
         (config.disaggregation is not None, "prefill/decode disaggregation (disaggregated.py)"),
         (bool(config.replica_failures), "replica failures (failures.py)"),
+        (bool(config.replica_hangs), "replica hangs (failures.py)"),
     ]
     gaps = [why for hit, why in reasons if hit]
     return ", ".join(gaps) if gaps else None

@@ -50,6 +50,7 @@ from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 # sequences finish inside a decode run (SimReplica.finish_mark); the router node sends a request on (index -1)
 _ROUTE, _ADMIT, _STEP_END, _WAKE, _FINISH = -2, -1, 0, 1, 2
 _KILL, _READY, _READMIT = 3, 4, 5  # a replica dies, its restart answers /ready, the router re-admits it (failures.py)
+_HANG, _EJECT, _RESUME = 6, 7, 8  # a replica stops answering, the probes eject it, it goes on (failures.py)
 _ROUTER_INDEX = -1
 
 logger = logging.getLogger(__name__)
@@ -105,14 +106,16 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         return _report(config, trace, recorder, replicas, None, None, timeline, cost, step_cost, num_blocks,
                        prefix_caching, (0, 0), wall0, replica_model, fallback)
 
-    failures = FailureLog() if config.replica_failures else None
+    failures = FailureLog() if config.replica_failures or config.replica_hangs else None
     if failures is not None:
         clash = [why for hit, why in ((autoscale is not None, "--autoscale"), (config.pp > 1, "--pp > 1"),
                                        (config.disaggregation is not None, "--disaggregation"),
                                        (config.router_costs.enabled, "--router-node on")) if hit]
         if clash:
-            raise InvalidArgumentError(f"--fail-replica is not modelled with {', '.join(clash)}", param="fail_replica")
-        fast_forward = False  # a kill lands between any two steps: every step through the scheduler
+            flag, param = (("--fail-replica", "fail_replica") if config.replica_failures else
+                           ("--hang-replica", "hang_replica"))
+            raise InvalidArgumentError(f"{flag} is not modelled with {', '.join(clash)}", param=param)
+        fast_forward = False  # a kill or hang lands between any two steps: every step through the scheduler
     if config.disaggregation is not None:
         if autoscale is not None:
             raise InvalidArgumentError("--disaggregation is not modelled with --autoscale", param="disaggregation")
@@ -227,6 +230,9 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     steps: list[tuple] = []
     for replica, at_s, down_s in config.replica_failures:
         heapq.heappush(steps, (at_s, replica, _KILL, down_s))
+    for replica, at_s, hung_s in config.replica_hangs:
+        heapq.heappush(steps, (at_s, replica, _HANG, hung_s))
+    frozen: dict[int, float] = {}  # hung replica -> when it goes on: its own events wait until then
     n, i = len(trace), 0
     delay = config.frontend_latency_s
     arrivals = trace.arrival_s
@@ -263,6 +269,10 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                 send(j, trace[j], now, tried, key)
                 continue
             rep = replicas[idx]
+            if idx in frozen and kind in (_ADMIT, _STEP_END, _WAKE, _FINISH):
+                if now < frozen[idx]:  # stopped: its step's end, its intake, its wake-up are seen when it goes on
+                    heapq.heappush(steps, (frozen[idx], idx, kind, ver))
+                    continue
             if kind == _FINISH:
                 rep.finish_mark(*ver)
                 continue
@@ -290,8 +300,25 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                 for j in retry:
                     send(j, trace[j], now, (idx,), key_of(j))
                 continue
-            if kind in (_READY, _READMIT) and failures.latest(idx)["killed_s"] != ver:
-                continue  # (of an earlier failure: it died again before the router took it back)
+            if kind == _HANG:  # alive, answering nothing: its requests wait; the probes may eject it
+                frozen[idx] = resumed = now + ver
+                ejected = failures.hang(idx, now, resumed)
+                if ejected is not None:
+                    heapq.heappush(steps, (ejected, idx, _EJECT, now))
+                heapq.heappush(steps, (resumed, idx, _RESUME, now))
+                continue
+            if kind == _EJECT:
+                if rep in serving:
+                    serving.remove(rep)
+                continue
+            if kind == _RESUME:  # goes on where it was; re-admitted after good probes if it was ejected
+                del frozen[idx]
+                if "ejected_s" in failures.latest(idx):
+                    heapq.heappush(steps, (failures.readmit_s(now), idx, _READMIT, ver))
+                continue
+            latest = failures.latest(idx) if kind in (_READY, _READMIT) else None
+            if latest is not None and latest.get("killed_s", latest.get("hung_s")) != ver:
+                continue  # (of an earlier outage: it failed again before the router took it back)
             if kind == _READY:  # answers /ready: re-admitted at its recover_threshold-th good probe
                 failures.latest(idx)["ready_s"] = now
                 heapq.heappush(steps, (failures.readmit_s(now), idx, _READMIT, ver))

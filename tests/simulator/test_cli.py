@@ -187,6 +187,12 @@ def test_config_file_takes_repeatable_flags_as_lists(capsys, tmp_path):
     assert main(["simulate", "--config", str(cfg)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [(e["replica"], e["killed_s"]) for e in report["replica_failures"]["events"]] == [(0, 1.0), (1, 2.5)]
+    cfg.write_text('gpu = "H200"\nnum-gpus = 2\nqps = 4\nduration = 3\nno_progress = true\n'
+                   'hang-replica = "1@0.5+1"\n')
+    assert main(["simulate", "--config", str(cfg)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["replica_failures"]["events"] == [{"replica": 1, "hung_s": 0.5, "resumed_s": 1.5}]
+    assert any("replica hangs 1@0.5+1" in line for line in report["assumptions"])
     cfg.write_text('fail-replica = "0@x"\n')
     with pytest.raises(SystemExit) as e:
         main(["simulate", "--config", str(cfg), "--no-progress"])

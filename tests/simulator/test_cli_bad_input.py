@@ -88,3 +88,9 @@ def test_a_bad_fail_replica_names_the_format(capsys):
         main([*BASE, "--fail-replica", "1@5"])
     assert exit_.value.code == 2
     assert "--fail-replica: expected R@T+D" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([*BASE, "--hang-replica", "0@5"])
+    assert exit_.value.code == 2
+    assert "--hang-replica: expected R@T+D (replica, seconds at which it stops answering" in capsys.readouterr().err
+    assert main([*BASE, "--hang-replica", "0@5+200"]) == 2  # past the router's read timeout: one line, exit 2
+    assert "a hang of the router's read timeout (120 s) or longer" in capsys.readouterr().err

@@ -78,3 +78,60 @@ def test_bad_failures_and_unmodelled_combinations_are_one_line_errors():
     with pytest.raises(InvalidArgumentError, match="not modelled with --autoscale"):
         simulate(_config(((0, 1.0, 1.0),)), TRACE, step_cost=_fixed,
                  autoscale=AutoscaleRule(min_replicas=1, max_replicas=2))
+
+
+def _hang_config(hangs, **kw) -> SimConfig:
+    return SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=2, num_blocks=512, replica_hangs=hangs,
+                     **{"max_num_seqs": 1, **kw})
+
+
+def test_a_short_hang_delays_its_requests_and_ejects_nothing():
+    """Replica 0 stops at 0.5 s for 1 s: r0 (running) and r2 (waiting behind it) finish 1 s late; the probes at 2.0 s
+    find it answering again, so nothing is ejected, cut or retried."""
+    report = simulate(_hang_config(((0, 0.5, 1.0),)), TRACE, step_cost=_fixed)
+    hang = report["replica_failures"]
+    assert (hang["cut"], hang["retried"], report["completed"], report["failed"]) == (0, 0, 3, 0)
+    [event] = hang["events"]
+    assert event == {"replica": 0, "hung_s": 0.5, "resumed_s": 1.5}
+    # replica 0 ran r0 (1 s of steps) then r2 (1 s), 1 s later than without the hang
+    assert report["duration_s"] == pytest.approx(3.0, abs=0.05)
+    plain = simulate(_hang_config(()), TRACE, step_cost=_fixed)
+    assert plain["duration_s"] == pytest.approx(2.0, abs=0.05)
+
+
+def test_a_long_hang_is_ejected_by_the_probes_and_readmitted_once_it_answers():
+    """Replica 0 stops at 0.5 s for 10 s: the probes at 2.0 and 4.0 s get no answer, so it is ejected at 5.0 s
+    (the second one's 1 s timeout), and re-admitted at the second good probe after 10.5 s (12.0, 14.0). r3 (1.0 s)
+    goes to replica 1 (replica 0 holds two), r4 (6.0 s) too (replica 0 is out)."""
+    trace = [*TRACE, SimRequest(1.0, 8, 10), SimRequest(6.0, 8, 10)]
+    report = simulate(_hang_config(((0, 0.5, 10.0),)), trace, step_cost=_fixed)
+    [event] = report["replica_failures"]["events"]
+    assert event["ejected_s"] == pytest.approx(5.0) and event["readmitted_s"] == pytest.approx(14.0)
+    assert report["completed"] == 5 and report["failed"] == 0
+    # replica 0 goes on at 10.5 s: r0's last 50 steps, then r2's 100: done at ~12.0 s
+    assert report["duration_s"] == pytest.approx(12.0, abs=0.05)
+
+
+def test_the_router_sends_a_hung_replica_work_until_the_probes_eject_it():
+    """Both replicas hold one long request when replica 0 stops (0.05 s for 5 s): the next request ties at one
+    outstanding each and goes to replica 0, where it waits for the hang's end; from then on least outstanding
+    sends the short requests to replica 1 (they start at once), and after the ejection at 5.0 s nothing else
+    goes to replica 0."""
+    trace = [SimRequest(0.0, 8, 1000), SimRequest(0.001, 8, 1000), *(SimRequest(0.1 + 0.5 * k, 8, 10) for k in range(12))]
+    report = simulate(_hang_config(((0, 0.05, 5.0),), max_num_seqs=4), trace, step_cost=_fixed)
+    assert report["completed"] == 14
+    # the one request held by the hung replica: its first token at 5.05 s + a step, sent at 0.1 s
+    held = 5.05 + STEP_S - 0.1
+    assert report["ttft_mean"] == pytest.approx((held + 13 * (STEP_S + 0.001)) / 14, abs=1e-3)
+    assert report["ttft_p90"] < 2 * STEP_S
+
+
+def test_bad_hangs_are_one_line_errors():
+    for bad in (((2, 1.0, 1.0),), ((0, -1.0, 1.0),), ((0, 1.0, 0.0),), ((0, 1.0, 120.0),)):
+        with pytest.raises(InvalidArgumentError, match="--hang-replica"):
+            simulate(_hang_config(bad), TRACE, step_cost=_fixed)
+    with pytest.raises(InvalidArgumentError, match="--hang-replica 0@1.5.*still down"):
+        simulate(_hang_config(((0, 1.5, 1.0),), replica_failures=((0, 1.0, 2.0),)), TRACE, step_cost=_fixed)
+    with pytest.raises(InvalidArgumentError, match="--hang-replica is not modelled with --autoscale"):
+        simulate(_hang_config(((0, 1.0, 1.0),)), TRACE, step_cost=_fixed,
+                 autoscale=AutoscaleRule(min_replicas=1, max_replicas=2))

@@ -29,6 +29,14 @@ from dataclasses import dataclass, field
 from meshserve.router.config import RouterConfig
 
 
+def committed(replica, seq_id: str, stream: bool = True, now: float | None = None) -> bool:
+    """Whether the router has committed request seq_id on replica (a SimReplica): something reached the client.
+    A stream commits with its first event (its first token out by now), a non-streamed answer only whole, so
+    never while it runs (meshserve/router/proxy.py). A committed request ends with the stream's error event when
+    its replica fails; any other is sent to another replica."""
+    return stream and replica.has_first_token(seq_id, now)
+
+
 @dataclass
 class FailureLog:
     """What the replica failures did in a run (the report's replica_failures section)."""
@@ -70,7 +78,7 @@ class FailureLog:
         sched = replica.scheduler
         retry, cut = list(pending), 0
         for seq in (*sched.waiting, *sched.running):
-            if replica.has_first_token(seq.seq_id, now):
+            if committed(replica, seq.seq_id, now=now):
                 cut += 1
             else:
                 retry.append(int(seq.seq_id))

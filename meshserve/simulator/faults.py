@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from meshserve.engine.step_time import StepShape
 from meshserve.router.policy import make_policy
 from meshserve.simulator.config import SimConfig
-from meshserve.simulator.failures import FailureLog
+from meshserve.simulator.failures import FailureLog, committed
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.replica import SimReplica
 from meshserve.simulator.trace import SimRequest
@@ -227,7 +227,7 @@ def run_kill_restart(config: SimConfig, step_cost: Callable[[StepShape], float],
         for j, (s, inc) in sorted(where.items()):
             if s != slot or inc != incarnation[slot]:
                 continue
-            if reqs[j].stream and rep.has_first_token(str(j)):  # committed: the stream ends with its error event
+            if committed(rep, str(j), reqs[j].stream):  # the stream ends with its error event
                 end(j, t, "clean_error", slot)
             else:  # not committed: the router tries another replica
                 reqs[j].attempts += 1
@@ -294,7 +294,8 @@ def run_kill_restart(config: SimConfig, step_cost: Callable[[StepShape], float],
             slot = payload
             replicas[slot] = make(slot)
             events["ready_s"] = now
-            push(FailureLog(health.health_interval_s, health.recover_threshold).readmit_s(now), _READMIT, slot)
+            push(FailureLog(health_interval_s=health.health_interval_s, recover_threshold=health.recover_threshold)
+                 .readmit_s(now), _READMIT, slot)
         elif kind == _READMIT:
             serving.append(replicas[payload])
             serving.sort(key=lambda r: r.index)

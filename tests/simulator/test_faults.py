@@ -61,6 +61,10 @@ def test_kill_cuts_committed_streams_and_retries_the_rest_elsewhere():
     assert len(reqs) >= 60 and sum(r.replica == 1 and r.phase == "readmitted" for r in reqs) >= 3
     assert all(r.outcome in ("ok", "clean_error") for r in reqs)  # nothing left in flight
     assert {r.phase for r in reqs} == {"start", "dead", "restarting", "readmitted"}
+    # three good probes: one interval later
+    three = run_kill_restart(_config(), _fixed, load, scenario,
+                             RouterHealth(health_interval_s=0.25, recover_threshold=3, max_attempts=3)).events
+    assert three["readmitted_s"] == pytest.approx(math.ceil(three["ready_s"] / 0.25) * 0.25 + 0.5)
 
 
 def test_deterministic():

@@ -88,8 +88,9 @@ def register(subparsers) -> None:
     g.add_argument("--hang-replica", type=_hang, action="append", default=[], metavar="R@T+D",
                    help="replica R stops answering at T seconds for D seconds, then goes on where it was (a "
                         "SIGSTOP, then a SIGCONT): its requests wait, the router sends it work until its health "
-                        "probes eject it and re-admits it once it answers (meshserve/simulator/failures.py); D "
-                        "under the router's read timeout (120 s); repeatable, e.g. --hang-replica 0@30+10")
+                        "probes eject it and re-admits it once it answers; a hang past the router's read timeout "
+                        "(120 s) ends its requests as a kill does (meshserve/simulator/failures.py); repeatable, "
+                        "e.g. --hang-replica 0@30+10")
     g = p.add_argument_group("engine (per replica, as `meshserve serve`)")
     g.add_argument("--dtype", choices=sorted(WEIGHT_DTYPE_BYTES), default=None,
                    help="weight dtype, as `meshserve plan --dtype` (the engine's --quantization fp8 / awq / gptq: "
@@ -397,7 +398,8 @@ def run_simulate(ns: argparse.Namespace) -> int:
             f"replica hangs {', '.join(f'{r}@{t:g}+{d:g}' for r, t, d in config.replica_hangs)}: the replica keeps "
             "its requests and goes on where it was; the router keeps sending it work (least outstanding) until "
             "its default health probes eject it (2 probes in a row unanswered within 1 s, every 2 s) and re-admits "
-            "it after 2 good ones; hangs past the router's read timeout (requests timed out) are not modelled"]),
+            "it after 2 good ones; past the router's 120 s read timeout its requests end as at a kill (streams "
+            "with a token out cut, the rest retried elsewhere) and it goes on empty"]),
         *_dtype_assumptions(report["weight_dtype"], report["kv_dtype"]),
         *_architecture_assumptions(config),
         *([] if config.disaggregation is None else [

@@ -13,7 +13,6 @@ from meshserve.planner.hardware import GpuSpec, get_gpu, load_catalog
 from meshserve.planner.memory import KV_DTYPE_BYTES, WEIGHT_DTYPE_BYTES, memory_per_gpu
 from meshserve.planner.model import ModelSpec, load_model
 from meshserve.planner.parallel import Layout
-from meshserve.router.config import RouterConfig
 from meshserve.simulator.frontend import FrontEndCosts
 from meshserve.simulator.frontend_stalls import STALLS_H200, FrontEndStalls
 from meshserve.simulator.router_node import RouterCosts
@@ -130,11 +129,6 @@ class SimConfig:
                 raise InvalidArgumentError(
                     f"--hang-replica {replica}@{at_s:g}+{hung_s:g}: the replica must be one of "
                     f"0-{self.num_replicas - 1}, the time >= 0 and the hang > 0", param="hang_replica")
-            if hung_s >= RouterConfig.read_timeout_s:
-                raise InvalidArgumentError(
-                    f"--hang-replica {replica}@{at_s:g}+{hung_s:g}: a hang of the router's read timeout "
-                    f"({RouterConfig.read_timeout_s:g} s) or longer times its requests out, which is not modelled "
-                    "(--fail-replica models a replica that is gone)", param="hang_replica")
         outages = sorted((*((r, t, d, "--fail-replica") for r, t, d in self.replica_failures),
                           *((r, t, d, "--hang-replica") for r, t, d in self.replica_hangs)))
         for (r0, t0, d0, f0), (r1, t1, d1, f1) in itertools.pairwise(outages):

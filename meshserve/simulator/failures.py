@@ -14,8 +14,11 @@ its requests: they wait, and so does every event of its own (a step's end, an ar
 on where it was at T + D. The router goes on sending it requests (least outstanding: fewer as its count grows)
 until its health probes eject it: a probe that gets no answer within `health_timeout_s` fails, `fail_threshold`
 failures in a row eject (health.py); it is re-admitted after `recover_threshold` good probes once it answers. A
-hang as long as the router's read timeout would time its requests out (cut streams, retried requests): refused
-(config.py), not modelled.
+hang as long as the router's read timeout (`read_timeout_s`) times its requests out: at the hang's start plus that
+timeout every request on it ends as at a kill (streams with a token out cut, the rest sent to other replicas), the
+router ejects it (if its probes had not) and the server drops them all, so it goes on empty (as modelled, its
+prefix cache goes too). A request the router sent it after the hang began times out up to the probes' ejection
+later than that (seconds, against a two-minute timeout): taken at the same instant.
 
 The fleet loop (fleet.py) owns the events; this module decides what a kill does to each request, when a probe
 ejects a hung replica and when a replica serves again, and keeps the counts for the report.
@@ -43,6 +46,7 @@ class FailureLog:
 
     health_interval_s: float = RouterConfig.health_interval_s
     health_timeout_s: float = RouterConfig.health_timeout_s
+    read_timeout_s: float = RouterConfig.read_timeout_s
     fail_threshold: int = RouterConfig.fail_threshold
     recover_threshold: int = RouterConfig.recover_threshold
     num_cut: int = 0  # streams ended with the error event (had sent a token)
@@ -72,9 +76,10 @@ class FailureLog:
                             **({} if ejected is None else {"ejected_s": ejected})})
         return ejected
 
-    def split(self, replica, pending: list[int], now: float) -> list[int]:
-        """At a kill of `replica` (a SimReplica) at now: the requests to send again (those on their way to its core
-        in `pending`, and those in its core that have no token out yet); the streams with a token out are cut."""
+    def split(self, replica, pending: list[int], now: float, hang: dict | None = None) -> list[int]:
+        """At a kill of `replica` (a SimReplica) at now, or at the read timeout of its `hang` (that hang's record):
+        the requests to send again (those on their way to its core in `pending`, and those in its core that have
+        no token out yet); the streams with a token out are cut."""
         sched = replica.scheduler
         retry, cut = list(pending), 0
         for seq in (*sched.waiting, *sched.running):
@@ -84,7 +89,10 @@ class FailureLog:
                 retry.append(int(seq.seq_id))
         self.num_cut += cut
         self.num_retried += len(retry)
-        self.events.append({"replica": replica.index, "killed_s": now, "cut": cut, "retried": len(retry)})
+        if hang is None:
+            self.events.append({"replica": replica.index, "killed_s": now, "cut": cut, "retried": len(retry)})
+        else:
+            hang.update(timed_out_s=now, cut=cut, retried=len(retry))
         return sorted(retry)
 
     def latest(self, replica: int) -> dict:
@@ -94,5 +102,6 @@ class FailureLog:
 
     def summary(self) -> dict:
         return {"health_interval_s": self.health_interval_s, "health_timeout_s": self.health_timeout_s,
+                "read_timeout_s": self.read_timeout_s,
                 "fail_threshold": self.fail_threshold, "recover_threshold": self.recover_threshold,
                 "cut": self.num_cut, "retried": self.num_retried, "events": self.events}

@@ -50,7 +50,8 @@ from meshserve.simulator.trace import SimRequest, Trace, prompt_token_ids
 # sequences finish inside a decode run (SimReplica.finish_mark); the router node sends a request on (index -1)
 _ROUTE, _ADMIT, _STEP_END, _WAKE, _FINISH = -2, -1, 0, 1, 2
 _KILL, _READY, _READMIT = 3, 4, 5  # a replica dies, its restart answers /ready, the router re-admits it (failures.py)
-_HANG, _EJECT, _RESUME = 6, 7, 8  # a replica stops answering, the probes eject it, it goes on (failures.py)
+# a replica stops answering, the probes eject it, the router's read timeout ends its requests, it goes on
+_HANG, _EJECT, _TIMEOUT, _RESUME = 6, 7, 8, 9  # (failures.py)
 _ROUTER_INDEX = -1
 
 logger = logging.getLogger(__name__)
@@ -286,17 +287,23 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                 if not admit(rep, j, req, now) and not refused(j, req, now, tried, key):
                     send(j, req, now, tried, key)
                 continue
-            if kind == _KILL:  # connections reset: ejected, its requests cut or sent elsewhere (failures.py)
-                if rep in serving:
+            if kind in (_KILL, _TIMEOUT):  # connections reset, or timed out: ejected, its requests cut or sent
+                if rep in serving:            # elsewhere (failures.py)
                     serving.remove(rep)
                 version[idx] += 1  # its step in flight never ends
                 on_way = [j for j, r in pending.items() if r == idx]
                 for j in on_way:
                     del pending[j]
-                retry = failures.split(rep, on_way, now)
-                replicas[idx] = restarted = build_replica(idx)  # empty, out of the router's set until re-admitted
-                _carry_counters(rep, restarted)
-                heapq.heappush(steps, (now + ver, idx, _READY, now))
+                hang = failures.latest(idx) if kind == _TIMEOUT else None
+                if hang is not None:
+                    hang.setdefault("ejected_s", now)
+                retry = failures.split(rep, on_way, now, hang)
+                # a kill's restart, or a hung server that dropped its requests: empty, out of the router's set until
+                # re-admitted (a hung one stays stopped until it goes on)
+                replicas[idx] = fresh = build_replica(idx)
+                _carry_counters(rep, fresh)
+                if kind == _KILL:
+                    heapq.heappush(steps, (now + ver, idx, _READY, now))
                 for j in retry:
                     send(j, trace[j], now, (idx,), key_of(j))
                 continue
@@ -305,6 +312,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                 ejected = failures.hang(idx, now, resumed)
                 if ejected is not None:
                     heapq.heappush(steps, (ejected, idx, _EJECT, now))
+                if ver >= failures.read_timeout_s:
+                    heapq.heappush(steps, (now + failures.read_timeout_s, idx, _TIMEOUT, now))
                 heapq.heappush(steps, (resumed, idx, _RESUME, now))
                 continue
             if kind == _EJECT:

@@ -126,8 +126,23 @@ def test_the_router_sends_a_hung_replica_work_until_the_probes_eject_it():
     assert report["ttft_p90"] < 2 * STEP_S
 
 
+def test_a_hang_past_the_read_timeout_ends_its_requests_as_a_kill_does():
+    """Replica 0 stops at 0.5 s for 200 s: ejected by the probes at 5.0 s; at 120.5 s the router's read timeout
+    (120 s) cuts r0 (a token out) and sends r2 (waiting, nothing out) to replica 1; replica 0 goes on empty at 200.5
+    s and is re-admitted at the second good probe (202.0, 204.0)."""
+    report = simulate(_hang_config(((0, 0.5, 200.0),)), TRACE, step_cost=_fixed)
+    hang = report["replica_failures"]
+    [event] = hang["events"]
+    assert event["ejected_s"] == pytest.approx(5.0) and event["timed_out_s"] == pytest.approx(120.5)
+    assert (event["cut"], event["retried"], hang["cut"], hang["retried"]) == (1, 1, 1, 1)
+    assert event["readmitted_s"] == pytest.approx(204.0)
+    assert report["completed"] == 2 and report["failed"] == 1
+    # r2 runs on replica 1 from 120.5 s: 100 steps
+    assert report["duration_s"] == pytest.approx(120.5 + 100 * STEP_S, abs=0.05)
+
+
 def test_bad_hangs_are_one_line_errors():
-    for bad in (((2, 1.0, 1.0),), ((0, -1.0, 1.0),), ((0, 1.0, 0.0),), ((0, 1.0, 120.0),)):
+    for bad in (((2, 1.0, 1.0),), ((0, -1.0, 1.0),), ((0, 1.0, 0.0),)):
         with pytest.raises(InvalidArgumentError, match="--hang-replica"):
             simulate(_hang_config(bad), TRACE, step_cost=_fixed)
     with pytest.raises(InvalidArgumentError, match="--hang-replica 0@1.5.*still down"):

@@ -89,8 +89,21 @@ def register(subparsers) -> None:
                    help="replica R stops answering at T seconds for D seconds, then goes on where it was (a "
                         "SIGSTOP, then a SIGCONT): its requests wait, the router sends it work until its health "
                         "probes eject it and re-admits it once it answers; a hang past the router's read timeout "
-                        "(120 s) ends its requests as a kill does (meshserve/simulator/failures.py); repeatable, "
+                        "(--read-timeout) ends its requests as a kill does (meshserve/simulator/failures.py); "
+                        "repeatable, "
                         "e.g. --hang-replica 0@30+10")
+    # the router's health checks, as `meshserve router` takes them (meshserve/router/config.py)
+    g.add_argument("--health-interval", type=float, default=d.health_interval_s, metavar="S",
+                   help="seconds between the router's health probes of each replica")
+    g.add_argument("--health-timeout", type=float, default=d.health_timeout_s, metavar="S",
+                   help="a probe without an answer in this long fails")
+    g.add_argument("--fail-threshold", type=int, default=d.fail_threshold, metavar="N",
+                   help="failed probes in a row that eject a replica")
+    g.add_argument("--recover-threshold", type=int, default=d.recover_threshold, metavar="N",
+                   help="good probes in a row that re-admit an ejected replica")
+    g.add_argument("--read-timeout", type=float, default=d.read_timeout_s, metavar="S",
+                   help="the longest silence from a replica before the router gives a request up (a hung "
+                        "replica's requests: cut if streaming with a token out, else retried)")
     g = p.add_argument_group("engine (per replica, as `meshserve serve`)")
     g.add_argument("--dtype", choices=sorted(WEIGHT_DTYPE_BYTES), default=None,
                    help="weight dtype, as `meshserve plan --dtype` (the engine's --quantization fp8 / awq / gptq: "
@@ -322,6 +335,9 @@ def config_from_args(ns: argparse.Namespace):
                        calibration=ns.calibration, step_noise=ns.step_noise == "on", seed=ns.seed,
                        disaggregation=ns.disaggregation, kv_link_gb_s=ns.kv_link_gb_s,
                        replica_failures=tuple(ns.fail_replica), replica_hangs=tuple(ns.hang_replica),
+                       health_interval_s=ns.health_interval, health_timeout_s=ns.health_timeout,
+                       fail_threshold=ns.fail_threshold, recover_threshold=ns.recover_threshold,
+                       read_timeout_s=ns.read_timeout,
                        kv_transfer_latency_s=None if ns.kv_transfer_latency_us is None
                        else ns.kv_transfer_latency_us / 1e6)
     config.validate()
@@ -392,14 +408,16 @@ def run_simulate(ns: argparse.Namespace) -> int:
         *([] if not config.replica_failures else [
             f"replica failures {', '.join(f'{r}@{t:g}+{d:g}' for r, t, d in config.replica_failures)}: ejected at "
             "once (connections reset), streams with a token out cut, the rest retried on other replicas; the "
-            "restart comes back empty and is re-admitted after the router's default health probes (2 good, every "
-            "2 s); no slow death"]),
+            f"restart comes back empty and is re-admitted after the router's health probes "
+            f"({config.recover_threshold} good, every {config.health_interval_s:g} s); no slow death"]),
         *([] if not config.replica_hangs else [
             f"replica hangs {', '.join(f'{r}@{t:g}+{d:g}' for r, t, d in config.replica_hangs)}: the replica keeps "
             "its requests and goes on where it was; the router keeps sending it work (least outstanding) until "
-            "its default health probes eject it (2 probes in a row unanswered within 1 s, every 2 s) and re-admits "
-            "it after 2 good ones; past the router's 120 s read timeout its requests end as at a kill (streams "
-            "with a token out cut, the rest retried elsewhere) and it goes on empty"]),
+            f"its health probes eject it ({config.fail_threshold} probes in a row unanswered within "
+            f"{config.health_timeout_s:g} s, every {config.health_interval_s:g} s) and re-admits it after "
+            f"{config.recover_threshold} good ones; past the router's {config.read_timeout_s:g} s read timeout its "
+            "requests end as at a kill (streams with a token out cut, the rest retried elsewhere) and it goes on "
+            "empty"]),
         *_dtype_assumptions(report["weight_dtype"], report["kv_dtype"]),
         *_architecture_assumptions(config),
         *([] if config.disaggregation is None else [

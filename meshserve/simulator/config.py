@@ -13,6 +13,7 @@ from meshserve.planner.hardware import GpuSpec, get_gpu, load_catalog
 from meshserve.planner.memory import KV_DTYPE_BYTES, WEIGHT_DTYPE_BYTES, memory_per_gpu
 from meshserve.planner.model import ModelSpec, load_model
 from meshserve.planner.parallel import Layout
+from meshserve.router.config import RouterConfig
 from meshserve.simulator.frontend import FrontEndCosts
 from meshserve.simulator.frontend_stalls import STALLS_H200, FrontEndStalls
 from meshserve.simulator.router_node import RouterCosts
@@ -121,6 +122,13 @@ class SimConfig:
     # replicas that stop answering a while and go on where they were (failures.py, `--hang-replica R@T+D`, as a
     # SIGSTOP then SIGCONT): (replica index, seconds at which it stops, seconds it stays stopped)
     replica_hangs: tuple[tuple[int, float, float], ...] = ()
+    # the router's health checks and read timeout as `meshserve router` takes them (--health-interval, ...): when
+    # a failed or hung replica is ejected and re-admitted, and when a hung one's requests time out
+    health_interval_s: float = RouterConfig.health_interval_s
+    health_timeout_s: float = RouterConfig.health_timeout_s
+    fail_threshold: int = RouterConfig.fail_threshold
+    recover_threshold: int = RouterConfig.recover_threshold
+    read_timeout_s: float = RouterConfig.read_timeout_s
 
     def validate(self) -> None:
         self._validate_numbers()
@@ -197,7 +205,8 @@ class SimConfig:
     def _validate_numbers(self) -> None:
         """Counts and times the scheduler would otherwise take (an assertion deep in the run, a NaN report)."""
         at_least_one = {"--max-num-seqs": self.max_num_seqs, "--max-num-batched-tokens": self.max_num_batched_tokens,
-                        "--max-model-len": self.max_model_len,
+                        "--max-model-len": self.max_model_len, "--fail-threshold": self.fail_threshold,
+                        "--recover-threshold": self.recover_threshold,
                         "--num-blocks": 1 if self.num_blocks is None else self.num_blocks}
         for flag, value in at_least_one.items():
             if value < 1:
@@ -211,7 +220,8 @@ class SimConfig:
             raise InvalidArgumentError(f"--seed must be >= 0, got {self.seed}", param="seed")
         positive = {"--slo-ttft-ms": self.slo_ttft_s, "--slo-tpot-ms": self.slo_tpot_s,
                     "--ttft-slo": self.goodput_ttft_s, "--tpot-slo": self.goodput_tpot_s,
-                    "--kv-link-gb-s": self.kv_link_gb_s}
+                    "--kv-link-gb-s": self.kv_link_gb_s, "--health-interval": self.health_interval_s,
+                    "--health-timeout": self.health_timeout_s, "--read-timeout": self.read_timeout_s}
         for flag, value in positive.items():
             if value is not None and not value > 0:  # NaN too
                 raise InvalidArgumentError(f"{flag} must be > 0, got {value}", param=flag[2:])

@@ -107,7 +107,11 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         return _report(config, trace, recorder, replicas, None, None, timeline, cost, step_cost, num_blocks,
                        prefix_caching, (0, 0), wall0, replica_model, fallback)
 
-    failures = FailureLog() if config.replica_failures or config.replica_hangs else None
+    failures = None
+    if config.replica_failures or config.replica_hangs:
+        failures = FailureLog(health_interval_s=config.health_interval_s, health_timeout_s=config.health_timeout_s,
+                              read_timeout_s=config.read_timeout_s, fail_threshold=config.fail_threshold,
+                              recover_threshold=config.recover_threshold)
     if failures is not None:
         clash = [why for hit, why in ((autoscale is not None, "--autoscale"), (config.pp > 1, "--pp > 1"),
                                        (config.disaggregation is not None, "--disaggregation"),

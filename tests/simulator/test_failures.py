@@ -141,6 +141,23 @@ def test_a_hang_past_the_read_timeout_ends_its_requests_as_a_kill_does():
     assert report["duration_s"] == pytest.approx(120.5 + 100 * STEP_S, abs=0.05)
 
 
+def test_the_routers_health_settings_set_ejection_timeout_and_readmission():
+    """As `meshserve router --health-interval 0.5 --health-timeout 0.2 --fail-threshold 3 --recover-threshold 1
+    --read-timeout 10`: hung at 0.6 s, probes at 1.0, 1.5, 2.0 fail, ejected at 2.2 s; timed out at 10.6 s;
+    going on at 20.6 s, re-admitted at the first good probe (21.0)."""
+    config = _hang_config(((0, 0.6, 20.0),), health_interval_s=0.5, health_timeout_s=0.2, fail_threshold=3,
+                          recover_threshold=1, read_timeout_s=10.0)
+    report = simulate(config, TRACE, step_cost=_fixed)
+    [event] = report["replica_failures"]["events"]
+    assert event["ejected_s"] == pytest.approx(2.2) and event["timed_out_s"] == pytest.approx(10.6)
+    assert event["readmitted_s"] == pytest.approx(21.0)
+    assert report["replica_failures"]["read_timeout_s"] == 10.0
+    for bad, flag in ((dict(fail_threshold=0), "--fail-threshold"), (dict(health_interval_s=0.0), "--health-interval"),
+                      (dict(read_timeout_s=-1.0), "--read-timeout")):
+        with pytest.raises(InvalidArgumentError, match=flag):
+            simulate(_hang_config(((0, 0.6, 1.0),), **bad), TRACE, step_cost=_fixed)
+
+
 def test_bad_hangs_are_one_line_errors():
     for bad in (((2, 1.0, 1.0),), ((0, -1.0, 1.0),), ((0, 1.0, 0.0),)):
         with pytest.raises(InvalidArgumentError, match="--hang-replica"):

@@ -233,8 +233,9 @@ def _dummy_checkpoint(model: nn.Module, shapes: dict[str, tuple[int, ...]], seed
     MESHSERVE_DUMMY_WEIGHTS=vllm draws as vLLM 0.26's dummy loader does instead, for A/Bs against it: every
     tensor, norms included, uniform in [-1e-3, 1e-3] from one seed (1234) for all, so every layer's MoE router
     is the same draw (vLLM's fused tensors hold several of ours, so the values differ; the distribution and
-    the shared seed do not). A MoE step's cost depends on how many experts its tokens pick, which this
-    changes: BENCHMARKS.md, twenty-eighth session."""
+    the shared seed do not). Under that draw vLLM's DeepSeek routing (a bf16 softmax and top-k) gives every
+    token the same experts, where ours (float32, as HF's) still spreads them: BENCHMARKS.md, twenty-eighth
+    session."""
     place = getattr(model, "checkpoint_name", lambda n: n)
     first = next(model.parameters())
     gen = torch.Generator(device=first.device)

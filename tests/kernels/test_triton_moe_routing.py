@@ -51,6 +51,24 @@ def test_softmax_topk_matches_reference(experts, top_k, renormalize, scaling):
 
 
 @interp
+def test_tiny_router_logits_still_route_each_token_by_its_own_logits():
+    """vLLM's dummy weights give router logits of ~1e-5; a bf16 softmax makes every score 1/64 exactly and a top-k
+    of those ties picks the same experts for every token (BENCHMARKS.md, twenty-eighth session). The softmax here
+    is float32 (as HF's), so each token's top-6 follows its own logits, in the kernel and in V2's GroupedTopK."""
+    from meshserve.kernels.triton_moe_routing import softmax_topk
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (_distinct_logits(32, 64, gen).float() * 1e-5).to(torch.bfloat16)  # distinct, ~1e-5
+    assert torch.softmax(logits, dim=-1).unique().numel() == 1  # the bf16 softmax: all ties
+    want = logits.float().topk(6, dim=-1).indices.sort(dim=1).values
+    _, ids = softmax_topk(logits, 6, False, 1.0, None)
+    _, v2_ids = GroupedTopK(6, 1, 1, "softmax", "max", renormalize=False, scaling_factor=1.0)(logits)
+    for got in (ids, v2_ids):
+        assert torch.equal(got.long().sort(dim=1).values, want)
+    assert ids.unique().numel() > 48  # 32 tokens x 6 picks spread over most of the 64 experts
+
+
+@interp
 def test_layer_routings_that_are_a_softmax_topk_say_so():
     """as_softmax_topk: the kernel's arguments reproduce SoftmaxTopK and V2's greedy GroupedTopK (as sets of
     experts: GroupedTopK's top-k is unsorted); V3's sigmoid with a correction bias is no softmax top-k."""

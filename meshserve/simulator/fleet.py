@@ -291,8 +291,10 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                 if not admit(rep, j, req, now) and not refused(j, req, now, tried, key):
                     send(j, req, now, tried, key)
                 continue
-            if kind in (_KILL, _TIMEOUT):  # connections reset, or timed out: ejected, its requests cut or sent
-                if rep in serving:            # elsewhere (failures.py)
+            # connections reset (a kill) or timed out (a hang past the read timeout): ejected, its requests cut or
+            # sent elsewhere (failures.py)
+            if kind in (_KILL, _TIMEOUT):
+                if rep in serving:
                     serving.remove(rep)
                 version[idx] += 1  # its step in flight never ends
                 on_way = [j for j, r in pending.items() if r == idx]

@@ -132,23 +132,18 @@ class SimConfig:
 
     def validate(self) -> None:
         self._validate_numbers()
-        for replica, at_s, hung_s in self.replica_hangs:
-            if not 0 <= replica < self.num_replicas or at_s < 0 or hung_s <= 0:
+        # kills and hangs alike: (replica, start, duration, flag, what the duration is)
+        outages = sorted((*((r, t, d, "--fail-replica", "downtime") for r, t, d in self.replica_failures),
+                          *((r, t, d, "--hang-replica", "hang") for r, t, d in self.replica_hangs)))
+        for replica, at_s, span_s, flag, what in outages:
+            if not 0 <= replica < self.num_replicas or at_s < 0 or span_s <= 0:
                 raise InvalidArgumentError(
-                    f"--hang-replica {replica}@{at_s:g}+{hung_s:g}: the replica must be one of "
-                    f"0-{self.num_replicas - 1}, the time >= 0 and the hang > 0", param="hang_replica")
-        outages = sorted((*((r, t, d, "--fail-replica") for r, t, d in self.replica_failures),
-                          *((r, t, d, "--hang-replica") for r, t, d in self.replica_hangs)))
-        for (r0, t0, d0, f0), (r1, t1, d1, f1) in itertools.pairwise(outages):
+                    f"{flag} {replica}@{at_s:g}+{span_s:g}: the replica must be one of 0-{self.num_replicas - 1}, "
+                    f"the time >= 0 and the {what} > 0", param=flag[2:].replace("-", "_"))
+        for (r0, t0, d0, f0, _), (r1, t1, d1, f1, _) in itertools.pairwise(outages):
             if r0 == r1 and t1 <= t0 + d0:
                 raise InvalidArgumentError(f"{f1} {r1}@{t1:g}+{d1:g}: replica {r1} is still down then (from "
-                                           f"{f0} {r0}@{t0:g}+{d0:g})",
-                                           param="fail_replica" if f1 == "--fail-replica" else "hang_replica")
-        for replica, at_s, down_s in self.replica_failures:
-            if not 0 <= replica < self.num_replicas or at_s < 0 or down_s <= 0:
-                raise InvalidArgumentError(
-                    f"--fail-replica {replica}@{at_s:g}+{down_s:g}: the replica must be one of 0-{self.num_replicas - 1}, "
-                    "the time >= 0 and the downtime > 0", param="fail_replica")
+                                           f"{f0} {r0}@{t0:g}+{d0:g})", param=f1[2:].replace("-", "_"))
         if self.weight_dtype is not None and self.weight_dtype not in WEIGHT_DTYPE_BYTES:
             raise InvalidArgumentError(f"--dtype must be one of {', '.join(sorted(WEIGHT_DTYPE_BYTES))}, got "
                                        f"{self.weight_dtype!r}", param="dtype")

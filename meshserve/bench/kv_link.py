@@ -9,8 +9,9 @@ On a CPU machine this is the host-memory path: gloo over loopback TCP vs NIXL's 
 ipc (the consumer copies from the producer's mapped pool). `copy_GBps` is the best plain copy of the same bytes on
 the consumer's device (one contiguous tensor into another: the bound a link on one device can reach), and
 `fraction_of_copy` the median pull rate over it. `read_median_s` is the connector's read of the blocks alone (a
-one-sided read's copy and wait: the rest of a pull is the side channel's handshake and acknowledgement); for ipc,
-`plan_median_s` (the copy plan: index uploads) and `launch_median_s` (the copy's launch) are parts of it.
+one-sided read's copy and wait), `ask_median_s` the side channel's round trip before it (the pull asked, the
+producer's block ids back) and `ack_median_s` the acknowledgement's send after it; for ipc, `plan_median_s` (the
+copy plan: index uploads) and `launch_median_s` (the copy's launch) are parts of the read.
 """
 
 from __future__ import annotations
@@ -123,8 +124,10 @@ class _ReadTimer:
     """Wraps the connector's read methods with timers (the split of a pull the bench reports beside its total)."""
 
     def __init__(self, conn) -> None:
-        self.parts: dict[str, list[float]] = {"read": [], "plan": [], "launch": []}
+        self.parts: dict[str, list[float]] = {"ask": [], "read": [], "ack": [], "plan": [], "launch": []}
+        self._wrap(conn, "_ask", "ask")
         self._wrap(conn, "_read_blocks", "read")
+        self._wrap(conn, "_send_ack", "ack")
         if hasattr(conn, "_block_copy"):  # ipc: the plan, and the kernel's launch where it runs
             self._wrap(conn, "_block_copy", "plan")
             if conn.device.type == "cuda":

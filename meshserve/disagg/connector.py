@@ -355,14 +355,20 @@ class KVConnector(ABC):
             if job is None:
                 break
             t0 = time.perf_counter()
+            ack = None
             try:
-                event = self._run_pull(job, sockets)
+                event, ack = self._run_pull(job, sockets)
             except Exception as e:  # noqa: BLE001
                 logger.warning("KV transfer %s failed: %s", job.transfer_id, e)
                 event = TransferEvent("failed", job.transfer_id, job.request_id, reason=str(e),
                                       retire_blocks=getattr(e, "blocks_unsafe", False))
             event.seconds = time.perf_counter() - t0
             self.events.put(event)
+            if ack is not None:  # (after the event: the blocks are whole here, freeing them there can wait)
+                try:
+                    self._send_ack(ack, job.transfer_id, True)
+                except zmq.ZMQError as e:  # (the producer frees them at its deadline instead)
+                    logger.warning("KV transfer %s: acknowledgement not sent: %s", job.transfer_id, e)
         for s in sockets.values():
             s.close(linger=0)
 
@@ -385,7 +391,9 @@ class KVConnector(ABC):
         sockets.pop(rank).close(linger=0)
         return sc.PullReply(pull.transfer_id, False, f"rank {rank} did not answer in time")
 
-    def _run_pull(self, job: PullJob, sockets: dict[int, zmq.Socket]) -> TransferEvent:
+    def _run_pull(self, job: PullJob, sockets: dict[int, zmq.Socket]) -> tuple[TransferEvent, zmq.Socket]:
+        """The pull's "received" event and the socket its positive acknowledgement goes to (sent once the event
+        is queued); a failure raises, negative acknowledgements sent."""
         timeout = self.config.transfer_timeout_s
         deadline = time.monotonic() + timeout
         pull = sc.Pull(job.transfer_id, self.rank, job.num_tokens)
@@ -413,8 +421,8 @@ class KVConnector(ABC):
                     if rank in sockets:  # the producer (if alive) frees its blocks now rather than at expiry
                         self._send_ack(sockets[rank], job.transfer_id, False)
                     raise
-            self._send_ack(sockets[rank], job.transfer_id, True)
-            return TransferEvent("received", job.transfer_id, job.request_id, reply.first_token, nbytes)
+            event = TransferEvent("received", job.transfer_id, job.request_id, reply.first_token, nbytes)
+            return event, sockets[rank]
         raise KVTransferError(f"no producer holds transfer {job.transfer_id}: " + "; ".join(reasons))
 
     def _send_ack(self, sock: zmq.Socket, transfer_id: str, ok: bool) -> None:

@@ -12,6 +12,7 @@ the same shape and dtype, [2, blocks, ...] with each block's elements dense (fit
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,23 +21,48 @@ import triton.language as tl
 
 from meshserve.host_lists import to_device
 
-CHUNK_BYTES = 16384  # per program: a 32 KiB K block (Llama-3.1-8B, 16 tokens, bf16) in two programs
+CHUNK_BYTES = 16384  # per program and block: a 32 KiB K block (Llama-3.1-8B, 16 tokens, bf16) in two programs
+PAIRS = 1  # blocks per program (a [PAIRS, CHUNK] tile: more bytes in flight per program, fewer programs)
+NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class CopyTile:
+    """The kernel's tiling: bytes of a block per program, blocks per program, warps; MESHSERVE_BLOCK_COPY_TILE=
+    "chunk_bytes,pairs,warps" overrides the default for A/Bs (tools/sweep_block_copy.py sweeps them)."""
+
+    chunk_bytes: int = CHUNK_BYTES
+    pairs: int = PAIRS
+    num_warps: int = NUM_WARPS
+
+    @classmethod
+    def from_env(cls) -> CopyTile:
+        spec = os.environ.get("MESHSERVE_BLOCK_COPY_TILE", "")
+        if not spec:
+            return cls()
+        try:
+            chunk_bytes, pairs, warps = (int(v) for v in spec.split(","))
+        except ValueError:
+            raise ValueError(f"MESHSERVE_BLOCK_COPY_TILE={spec!r}: expected chunk_bytes,pairs,warps") from None
+        return cls(chunk_bytes, pairs, warps)
 
 
 @triton.jit
-def _copy_blocks_kernel(dst_bases_ptr, src_bases_ptr, dst_ids_ptr, src_ids_ptr, dst_kv_stride, src_kv_stride,
-                        block_words, WORDS: tl.constexpr, CHUNK: tl.constexpr):
-    pair, layer_kv, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _copy_blocks_kernel(dst_bases_ptr, src_bases_ptr, dst_ids_ptr, src_ids_ptr, num_pairs, dst_kv_stride,
+                        src_kv_stride, block_words, WORDS: tl.constexpr, CHUNK: tl.constexpr, PAIRS: tl.constexpr):
+    first, layer_kv, chunk = tl.program_id(0) * PAIRS, tl.program_id(1), tl.program_id(2)
     layer, kv = layer_kv // 2, layer_kv % 2
     elem = tl.int32 if WORDS else tl.uint8
     dst = tl.load(dst_bases_ptr + layer).to(tl.pointer_type(elem))
     src = tl.load(src_bases_ptr + layer).to(tl.pointer_type(elem))
-    d = tl.load(dst_ids_ptr + pair).to(tl.int64)
-    s = tl.load(src_ids_ptr + pair).to(tl.int64)
+    pairs = first + tl.arange(0, PAIRS)
+    ok = pairs < num_pairs
+    d = tl.load(dst_ids_ptr + pairs, mask=ok, other=0).to(tl.int64)
+    s = tl.load(src_ids_ptr + pairs, mask=ok, other=0).to(tl.int64)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
-    mask = offs < block_words
-    x = tl.load(src + kv * src_kv_stride + s * block_words + offs, mask=mask)
-    tl.store(dst + kv * dst_kv_stride + d * block_words + offs, x, mask=mask)
+    mask = ok[:, None] & (offs < block_words)[None, :]
+    x = tl.load(src + kv * src_kv_stride + s[:, None] * block_words + offs[None, :], mask=mask)
+    tl.store(dst + kv * dst_kv_stride + d[:, None] * block_words + offs[None, :], x, mask=mask)
 
 
 def fits(dst: torch.Tensor, src: torch.Tensor) -> bool:
@@ -73,18 +99,22 @@ class PoolPointers:
 
 
 def copy_blocks(pointers: PoolPointers, dst_ids: torch.Tensor, src_ids: torch.Tensor,
-                layers: range | None = None) -> None:
+                layers: range | None = None, tile: CopyTile | None = None) -> None:
     """dst[l][:, dst_ids] = src[l][:, src_ids] for l in layers (a contiguous range; None: all of them); the ids
     int64 tensors on the pools' device."""
     n = dst_ids.numel()
     first, count = (0, pointers.dst_bases.numel()) if layers is None else (layers.start, len(layers))
     if n == 0 or count == 0:
         return
-    chunk = CHUNK_BYTES // (4 if pointers.words else 1)
-    grid = (n, 2 * count, triton.cdiv(pointers.block_words, chunk))
+    tile = tile or _TILE
+    chunk = min(tile.chunk_bytes // (4 if pointers.words else 1), triton.next_power_of_2(pointers.block_words))
+    grid = (triton.cdiv(n, tile.pairs), 2 * count, triton.cdiv(pointers.block_words, chunk))
     dst_bases, src_bases = pointers.dst_bases, pointers.src_bases
     if first:  # (a view per launch costs host time: only for a layer range past the first)
         dst_bases, src_bases = dst_bases[first:], src_bases[first:]
-    _copy_blocks_kernel[grid](dst_bases, src_bases, dst_ids, src_ids,
+    _copy_blocks_kernel[grid](dst_bases, src_bases, dst_ids, src_ids, n,
                               pointers.dst_kv_stride, pointers.src_kv_stride, pointers.block_words,
-                              WORDS=pointers.words, CHUNK=chunk, num_warps=4)
+                              WORDS=pointers.words, CHUNK=chunk, PAIRS=tile.pairs, num_warps=tile.num_warps)
+
+
+_TILE = CopyTile.from_env()

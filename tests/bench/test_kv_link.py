@@ -37,3 +37,4 @@ def test_pulls_report_bytes_and_rates(connector, tmp_path):
     assert out["median_GBps"] > 0 and out["devices"] == ["cpu", "cpu"]
     if connector == "ipc":  # a one-sided read's split: the read alone, and its plan, inside the whole pull
         assert 0 < out["plan_median_s"] <= out["read_median_s"] <= out["median_s"]
+    assert 0 < out["ask_median_s"] < out["median_s"]  # every connector asks the producer first

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meshserve.kernels.triton_block_copy import PoolPointers, copy_blocks, fits
+from meshserve.kernels.triton_block_copy import CopyTile, PoolPointers, copy_blocks, fits
 from tests.kernels.sm90 import COMPILE_SM90_PRELUDE, assert_compiles_for_sm90
 
 
@@ -18,17 +18,29 @@ def _expected(dst: list[torch.Tensor], src: list[torch.Tensor], dst_ids, src_ids
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.uint8])
 @pytest.mark.parametrize("layers", [None, range(1, 3), range(3, 4)])
-def test_copies_scattered_blocks_of_the_layers_asked(dtype, layers):
+@pytest.mark.parametrize("tile", [None, CopyTile(8, 2, 4), CopyTile(16, 4, 8)], ids=["default", "8B_2", "16B_4"])
+def test_copies_scattered_blocks_of_the_layers_asked(dtype, layers, tile):
     """Four layers' pools; 3 x 2 x 2 elements a block (bf16: 24 bytes, words; uint8: 12 bytes, words; an odd
-    block below takes the byte path)."""
+    block below takes the byte path); tiles of a block split over programs and of several blocks a program (5
+    pairs: the last program's tile part empty)."""
     torch.manual_seed(0)
     src = [(torch.randn(2, 24, 3, 2, 2) * 50).to(dtype) for _ in range(4)]
     dst = [torch.zeros(2, 17, 3, 2, 2, dtype=dtype) for _ in range(4)]
     src_ids, dst_ids = torch.tensor([5, 0, 23, 7, 8]), torch.tensor([16, 3, 0, 9, 4])
     expected = _expected(dst, src, dst_ids, src_ids, range(4) if layers is None else layers)
     assert all(fits(d, s) for d, s in zip(dst, src))
-    copy_blocks(PoolPointers.of(dst, src), dst_ids, src_ids, layers)
+    copy_blocks(PoolPointers.of(dst, src), dst_ids, src_ids, layers, tile)
     assert all(torch.equal(d.view(torch.uint8), e) for d, e in zip(dst, expected))
+
+
+def test_tile_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MESHSERVE_BLOCK_COPY_TILE", "32768,2,8")
+    assert CopyTile.from_env() == CopyTile(32768, 2, 8)
+    monkeypatch.setenv("MESHSERVE_BLOCK_COPY_TILE", "32768,2")
+    with pytest.raises(ValueError, match="chunk_bytes,pairs,warps"):
+        CopyTile.from_env()
+    monkeypatch.delenv("MESHSERVE_BLOCK_COPY_TILE")
+    assert CopyTile.from_env() == CopyTile()
 
 
 def test_blocks_of_an_odd_byte_count_go_by_bytes():
@@ -59,17 +71,17 @@ def test_gpu_copies_llama_blocks_like_index_copy(dtype):
     src_ids = torch.randperm(1024, generator=g)[:300].cuda()
     dst_ids = torch.randperm(800, generator=g)[:300].cuda()
     pointers = PoolPointers.of(dst, src)
-    for layers in (range(2, 3), None):
+    for layers, tile in ((range(2, 3), None), (None, None), (None, CopyTile(32768, 4, 8))):
         expected = _expected(dst, src, dst_ids, src_ids, range(4) if layers is None else layers)
-        copy_blocks(pointers, dst_ids, src_ids, layers)
+        copy_blocks(pointers, dst_ids, src_ids, layers, tile)
         assert all(torch.equal(d.view(torch.uint8), e) for d, e in zip(dst, expected))
 
 
 _SCRIPT = COMPILE_SM90_PRELUDE + """
 from meshserve.kernels.triton_block_copy import _copy_blocks_kernel
 sig = {"dst_bases_ptr": "*i64", "src_bases_ptr": "*i64", "dst_ids_ptr": "*i64", "src_ids_ptr": "*i64"}
-for words in (True, False):
-    compile_sm90(_copy_blocks_kernel, sig, {"WORDS": words, "CHUNK": 4096}, 4, 1)
+for words, chunk, pairs in ((True, 4096, 1), (False, 4096, 1), (True, 2048, 4)):
+    compile_sm90(_copy_blocks_kernel, sig, {"WORDS": words, "CHUNK": chunk, "PAIRS": pairs}, 4, 1)
 print("compiled")
 """
 

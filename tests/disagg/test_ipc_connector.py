@@ -56,6 +56,22 @@ def test_copy_blocks_slices_and_gathers_alike():
     assert torch.equal(out[:, [1, 5, 2]].view(torch.uint8), fp8[:, :3].view(torch.uint8))
 
 
+def test_id_stage_reuses_its_buffers_and_grows():
+    stage = ic.IdStage(torch.device("cpu"))
+    src, dst = stage.upload([5, 1, 9], [2, 3, 0])
+    assert src.tolist() == [5, 1, 9] and dst.tolist() == [2, 3, 0]
+    buffer = stage.dev.data_ptr()
+    src, dst = stage.upload([4], [7])  # (the next read overwrites the same buffer)
+    assert (src.tolist(), dst.tolist(), stage.dev.data_ptr()) == ([4], [7], buffer)
+    many = list(range(1500))
+    src, dst = stage.upload(many, many[::-1])  # past the first 1,024: a larger buffer
+    assert src.tolist() == many and dst.tolist() == many[::-1] and stage.dev.numel() >= 3000
+    pool, out = _pool(0)[0], torch.zeros(2, BLOCKS, *SHAPE)
+    ids = [9, 0, 4, 7, 1, 2, 3, 5, 6], [0, 9, 8, 7, 6, 5, 4, 3, 2]
+    ic.BlockCopy(ids[1], ids[0], out.device, pool.device, stage)(out, pool)  # (a gather through the stage)
+    assert torch.equal(out[:, ids[1]], pool[:, ids[0]])
+
+
 def test_a_cpu_pool_is_shared_in_place():
     pool = _pool(3)
     before = [t.clone() for t in pool]

@@ -152,14 +152,17 @@ def test_decode_fused_prologue_split_rule():
     assert layer._fuses_decode_prologue(long, qkv.dtype)
 
 
-def test_decode_fused_prologue_keeps_a_real_engines_greedy_tokens(tiny_model_dir, monkeypatch):
+def test_decode_fused_prologue_keeps_a_real_engines_greedy_tokens(tmp_path, monkeypatch):
     """A tiny Qwen3 (q/k norms, GQA 2, head_dim 24) served on the Triton backend in the interpreter, the fused
     prologue on (the selection turns it on on a GPU only), two KV splits: greedy tokens with decode steps
     through attend_qkv equal those through write_qkv + attend, for a batch and for each prompt alone."""
     from meshserve import LLM, SamplingParams
+    from tests.conftest import make_tiny_checkpoint
 
     monkeypatch.setenv("MESHSERVE_ATTENTION_BACKEND", "triton")
-    llm = LLM(model=tiny_model_dir("qwen3"), block_size=4, max_model_len=64, max_num_seqs=4,
+    # one layer: every attention kernel runs in the interpreter, so the suite's two-layer model took twice as long
+    model = make_tiny_checkpoint(str(tmp_path / "qwen3"), "qwen3", num_hidden_layers=1)
+    llm = LLM(model=model, block_size=4, max_model_len=64, max_num_seqs=4,
               max_num_batched_tokens=32, enable_prefix_caching=False, num_gpu_blocks_override=64, seed=0)
     try:
         layers = llm.engine.runner.model.attention_layers()

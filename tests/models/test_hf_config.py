@@ -263,18 +263,27 @@ from meshserve.engine.core import EngineCore
 from meshserve.engine.messages import EngineCoreRequest
 from meshserve.sampling import SamplingParams
 
-core = EngineCore.from_engine_args(EngineArgs(model=sys.argv[1], load_format=sys.argv[2], max_model_len=128))
-core.add_request(EngineCoreRequest("r", [1, 2, 3, 4, 5], SamplingParams(temperature=0.0, max_tokens=6), 6))
-tokens = []
-while len(tokens) < 6:
-    tokens += [t for o in core.step().outputs for t in o.new_token_ids]
-print(json.dumps({"tokens": tokens, "transformers": sorted(m for m in sys.modules if m.startswith("transformers")),
-                  "eos": core.info.eos_token_ids}))
+runs = []
+for model, load_format in zip(sys.argv[1::2], sys.argv[2::2]):  # one core after the other, in this order
+    core = EngineCore.from_engine_args(EngineArgs(model=model, load_format=load_format, max_model_len=128))
+    core.add_request(EngineCoreRequest("r", [1, 2, 3, 4, 5], SamplingParams(temperature=0.0, max_tokens=6), 6))
+    tokens = []
+    while len(tokens) < 6:
+        tokens += [t for o in core.step().outputs for t in o.new_token_ids]
+    runs.append({"tokens": tokens, "eos": core.info.eos_token_ids,
+                 "config_module": type(core.config.model_config.hf_config).__module__,
+                 "transformers": sorted(m for m in sys.modules if m.startswith("transformers"))})
+    core.shutdown()
+print(json.dumps(runs))
 """
 
 
-def _core_run(model: str, load_format: str, env: dict) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CORE_RUN, model, load_format], capture_output=True, text=True,
+def _core_runs(models: list[tuple[str, str]], env: dict) -> list[dict]:
+    """Each (model, load format) built and run by an engine core, one after the other in one process (a
+    process per model cost a second or more of imports each); a run's `transformers` lists what that process
+    had imported of transformers once that model's core ran, `config_module` where its config's class is from."""
+    args = [a for pair in models for a in pair]
+    out = subprocess.run([sys.executable, "-c", _CORE_RUN, *args], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": os.getcwd(), **env}, timeout=300, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -303,8 +312,12 @@ def test_engine_core_starts_and_generates_without_transformers(family, tiny_mode
     folder.mkdir()
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         shutil.copy(os.path.join(tiny_model_dir(family), name), folder / name)
-    for model, load_format in ((str(folder), "auto"), (str(config_json), "dummy")):
-        plain = _core_run(model, load_format, env)
+    models = [(str(folder), "auto"), (str(config_json), "dummy")]
+    plain_runs = _core_runs(models, env)
+    hf_runs = _core_runs(models, {**env, "MESHSERVE_HF_CONFIG": "transformers"})
+    for (model, _), plain, hf in zip(models, plain_runs, hf_runs, strict=True):
         assert plain["transformers"] == [], (model, plain["transformers"][:5])
-        hf = _core_run(model, load_format, {**env, "MESHSERVE_HF_CONFIG": "transformers"})
+        # each model's config came from transformers on that path (the second run finds it imported already)
+        assert hf["config_module"].startswith("transformers."), (model, hf["config_module"])
+        assert not plain["config_module"].startswith("transformers"), (model, plain["config_module"])
         assert hf["transformers"] and (plain["tokens"], plain["eos"]) == (hf["tokens"], hf["eos"])

@@ -87,8 +87,11 @@ class RunRecorder:
             b1 = ((first + slope * (steps - 1)) / ITL_BIN_S).astype(np.int64)
             one = b0 == b1  # gaps grow with the step: a run that starts and ends in one bin stays in it
             self._add_bins(b0[one], steps[one] * count[one])
-            for i in np.flatnonzero(~one).tolist():
-                self._bin_linear(float(first[i]), float(slope[i]), int(steps[i]), int(count[i]))
+            if not one.all():  # the others step by step: gap first + slope * i of step i, as one by one
+                first, slope, steps, count = first[~one], slope[~one], steps[~one], count[~one]
+                run = np.repeat(np.arange(steps.size), steps)  # each step's run
+                i = np.arange(run.size) - np.repeat(np.cumsum(steps) - steps, steps)
+                self._add_bins(((first[run] + slope[run] * i) / ITL_BIN_S).astype(np.int64), count[run])
             self._run_s, self._run_slope_s, self._run_steps, self._run_n = array("d"), array("d"), array("q"), array("q")
 
     def _add_bins(self, bins: np.ndarray, counts: np.ndarray) -> None:
@@ -97,19 +100,6 @@ class RunRecorder:
             lo = int(bins.min())
             summed = np.bincount(bins - lo, weights=counts)
             self.itl_counts[lo:lo + summed.size] += np.rint(summed).astype(np.int64)
-
-    def _bin_linear(self, first_s: float, slope_s: float, steps: int, count: int) -> None:
-        """A linear run over more than one bin, bin by bin: the steps in each bin found from the line."""
-        pending, i = self._itl_pending, 0
-        while i < steps:
-            b = int((first_s + slope_s * i) / ITL_BIN_S)
-            j = steps if slope_s <= 0 else min(steps, max(i + 1, int(((b + 1) * ITL_BIN_S - first_s) / slope_s)))
-            while j > i + 1 and int((first_s + slope_s * (j - 1)) / ITL_BIN_S) != b:  # rounding at the bin edge
-                j -= 1
-            while j < steps and int((first_s + slope_s * j) / ITL_BIN_S) == b:
-                j += 1
-            pending[b] = pending.get(b, 0) + (j - i) * count
-            i = j
 
     def _flush_itl(self) -> None:
         self.flush_itl()
@@ -124,28 +114,35 @@ class RunRecorder:
         self.e2e_s.append(now - arrival)
         self.output_tokens.append(num_output)
         self.prompt_tokens.append(num_prompt)
-        self.last_completion_s = max(self.last_completion_s, now)
+        if now > self.last_completion_s:  # noqa: PLR1730 - max() is a slow call in CPython 3.11
+            self.last_completion_s = now
 
     # -- the report ------------------------------------------------------------------------------
     def itl_percentile(self, q: float) -> float:
+        return self.itl_percentiles([q])[0]
+
+    def itl_percentiles(self, qs: list[float]) -> list[float]:
         self._flush_itl()
-        total = int(self.itl_counts.sum())
+        cumulative = np.cumsum(self.itl_counts)
+        total = int(cumulative[-1])
         if total == 0:
-            return float("nan")
-        idx = int(np.searchsorted(np.cumsum(self.itl_counts), q / 100 * total, side="left"))
-        return (idx + 0.5) * ITL_BIN_S
+            return [float("nan")] * len(qs)
+        return [(int(np.searchsorted(cumulative, q / 100 * total, side="left")) + 0.5) * ITL_BIN_S for q in qs]
 
     def summarize(self, num_requests: int, duration_s: float, gpu: GpuSpec, num_gpus: int,
                   ttft_slo_s: float = 1.0, tpot_slo_s: float = 0.05, gpu_hours: float | None = None) -> dict:
         """The report; gpu_hours defaults to num_gpus for the whole run (an autoscaled fleet passes its own)."""
         # in arrival order, whatever order requests finished in (decode runs record theirs at the run's end):
         # sums and means then do not depend on it
-        order = np.lexsort((np.asarray(self.output_tokens, dtype=np.int64), np.frombuffer(self.ttft_s, dtype=float),
-                            np.frombuffer(self.e2e_s, dtype=float), np.frombuffer(self.arrival_s, dtype=float)))
+        arrival = np.frombuffer(self.arrival_s, dtype=float)
+        order = np.argsort(arrival, kind="stable")
+        if np.any(arrival[order[1:]] == arrival[order[:-1]]):  # equal arrivals: the other fields order them
+            order = np.lexsort((np.asarray(self.output_tokens, dtype=np.int64), np.frombuffer(self.ttft_s, dtype=float),
+                                np.frombuffer(self.e2e_s, dtype=float), arrival))
         ttft = np.frombuffer(self.ttft_s, dtype=float)[order]
         e2e = np.frombuffer(self.e2e_s, dtype=float)[order]
         out = np.asarray(self.output_tokens, dtype=np.int64)[order].astype(float)
-        prompt = int(sum(self.prompt_tokens))
+        prompt = int(np.asarray(self.prompt_tokens, dtype=np.int64).sum())
         multi = out > 1
         tpot = np.where(multi, (e2e - ttft) / np.maximum(out - 1, 1), 0.0)
         good = int(np.count_nonzero((ttft <= ttft_slo_s) & (tpot <= tpot_slo_s)))
@@ -167,8 +164,8 @@ class RunRecorder:
              "output_tokens": out_tokens, "prompt_tokens": prompt, "goodput": rate(good),
              "ttft_slo_s": ttft_slo_s, "tpot_slo_s": tpot_slo_s}
         s.update(pct(ttft, "ttft"))
-        s.update({f"itl_{k}": self.itl_percentile(q) for k, q in (("p50", 50), ("p90", 90), ("p99", 99))})
-        s["itl_gaps"] = int(self.itl_counts.sum())  # itl_percentile flushed the pending ones
+        s.update(zip(("itl_p50", "itl_p90", "itl_p99"), self.itl_percentiles([50, 90, 99])))
+        s["itl_gaps"] = int(self.itl_counts.sum())  # itl_percentiles flushed the pending ones
         s.update(pct(tpot[multi], "tpot"))
         s.update(pct(e2e, "e2e"))
         if self.reject_latency_s:  # as `bench serve`'s "refused in": only when something was refused

@@ -9,8 +9,8 @@ count up to date as counts move by one, so a choice reads one bucket. Same choic
 
 from __future__ import annotations
 
-import bisect
 import itertools
+from bisect import bisect_left, insort
 
 
 class LeastOutstandingIndex:
@@ -24,22 +24,23 @@ class LeastOutstandingIndex:
 
     def add(self, i: int, delta: int) -> None:
         """Replica i's count moves by delta (+1: sent to it; -1: it finished, shed or refused one)."""
-        old = self.counts[i]
-        new = old + delta
-        self.counts[i] = new
-        bucket = self._buckets[old]
-        bucket.remove(i)
+        counts, buckets = self.counts, self._buckets
+        old = counts[i]
+        new = counts[i] = old + delta
+        bucket = buckets[old]
+        del bucket[bisect_left(bucket, i)]  # bucket.remove(i) by bisection: buckets are sorted
         if not bucket:
-            del self._buckets[old]
-        target = self._buckets.get(new)
+            del buckets[old]
+        target = buckets.get(new)
         if target is None:
-            self._buckets[new] = [i]
+            buckets[new] = [i]
         else:
-            bisect.insort(target, i)
-        if new < self._least:
+            insort(target, i)
+        least = self._least
+        if new < least:
             self._least = new
-        elif old == self._least and not bucket:
-            self._least = min(self._buckets) if delta != 1 else new
+        elif old == least and not bucket:
+            self._least = min(buckets) if delta != 1 else new
 
     def take(self) -> int:
         """choose() with nothing tried, and count the request on the replica chosen (the common case, in one

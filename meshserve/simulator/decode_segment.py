@@ -77,12 +77,13 @@ class DecodeSegment:
     def steps_ended_before(self, t: float) -> int:
         """How many of the segment's steps end before t (strictly), at most total."""
         x = t - self.origin_s
-        if x <= 0:
+        if x <= 0.0:
             return 0
         a, b, total = self.a, self.b, self.total
         c = a + 0.5 * b
-        k = int(2 * x / (c + math.sqrt(c * c + 2 * b * x)))  # the root of b/2 k^2 + c k = x, rounded down
-        k = min(k, total)
+        k = int(2.0 * x / (c + math.sqrt(c * c + 2.0 * b * x)))  # the root of b/2 k^2 + c k = x, rounded down
+        if k > total:  # noqa: PLR1730 - min() is a slow call in CPython 3.11
+            k = total
         # the root's rounding, fixed on the step end times themselves (end_s, inlined: this runs per arrival)
         o = self.origin_s
         while k < total and o + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) < t:
@@ -97,13 +98,15 @@ class DecodeSegment:
         k = self.delivered
         if upto <= k:
             return last_seen
+        a, b, start = self.a, self.b, self.origin_s
         if k == 0 and self.first_tokens is not None:  # the head: decoders' tokens and first tokens
             t = self.end_s(1)
-            seen = t if frontend is None else frontend.deliver(t, self.head_tokens)
+            # frontend.deliver(t, head_tokens) for the fast replica's one API process (no gate, no folding)
+            seen = t if frontend is None else frontend.submit(t, self.head_tokens * frontend.costs.per_token_s)
             if self.head_gaps:
                 recorder.add_itl_count(seen - last_seen, self.head_gaps)
             for r in self.first_tokens:
-                if r.first_seen < 0:
+                if r.first_seen < 0.0:
                     r.first_seen = seen
                 else:  # recomputed after a preemption: the gap since its last token
                     recorder.add_itl(seen - r.last_seen)
@@ -111,7 +114,7 @@ class DecodeSegment:
             self.delivered = 1
             if upto == 1:
                 return seen
-        n, a, b, start = self.n, self.a, self.b, self.origin_s
+        n = self.n
         self.delivered = upto
         end = start + upto * a + b * (upto * (upto + 1) // 2)
         if frontend is None:  # the client sees each step when it ends

@@ -80,18 +80,18 @@ def run_fast(
         k = rep.index
         end = rep.interrupt(now)
         if end is not None:  # its decode segment is cut at now: a step ending at `end` is in flight
-            version[k] += 1
+            v = version[k] = version[k] + 1
             next_event[k] = end
-            heappush(steps, (end, k, _STEP_END, version[k]))
+            heappush(steps, (end, k, _STEP_END, v))
         if not rep.try_add(arrivals[j], prompts[j], outputs[j]):
             index.add(k, -1)  # a 429 back at the router
             recorder.reject_latency_s.append(now - arrivals[j])
             return False
         if not rep.busy:  # wake it after every arrival of this instant is queued
             rep.busy = True
-            version[k] += 1
+            v = version[k] = version[k] + 1
             next_event[k] = now
-            heappush(steps, (now, k, _WAKE, version[k]))
+            heappush(steps, (now, k, _WAKE, v))
         return True
 
     def send(j: int, now: float, tried: tuple[int, ...]) -> None:
@@ -127,14 +127,13 @@ def run_fast(
             tried = (*tried, rep.index)
         recorder.num_rejected += 1
 
-    tick = arrivals[-1] / 100 if n and arrivals[-1] > 0 else math.inf
-    next_tick = tick
+    inf = math.inf
+    tick = arrivals[-1] / 100 if n and arrivals[-1] > 0 else inf
     timeline: list[dict] = []
-    next_arrival = arrivals[0] + delay if n else math.inf
-    while i < n or steps:
-        t_step = steps[0][0] if steps else math.inf
-        t_next = min(t_step, next_arrival)
-        while t_next >= next_tick:
+
+    def sample(t: float, next_tick: float) -> float:
+        """The timeline's ticks up to t; returns the next one after t."""
+        while t >= next_tick:
             timeline.append(
                 {
                     "t": next_tick,
@@ -146,11 +145,21 @@ def run_fast(
             if progress is not None:
                 progress(next_tick)
             next_tick += tick
+        return next_tick
+
+    next_tick = tick
+    next_arrival = arrivals[0] + delay if n else inf
+    while i < n or steps:
+        t_step = steps[0][0] if steps else inf
         if next_arrival <= t_step:  # arrivals first at equal times
+            if next_arrival >= next_tick:
+                next_tick = sample(next_arrival, next_tick)
             send(i, next_arrival, ())
             i += 1
-            next_arrival = arrivals[i] + delay if i < n else math.inf
+            next_arrival = arrivals[i] + delay if i < n else inf
             continue
+        if t_step >= next_tick:
+            next_tick = sample(t_step, next_tick)
         now, idx, kind, ver = heappop(steps)
         rep = replicas[idx]
         if kind == _ADMIT:  # through its API process: the core gets it now
@@ -161,14 +170,12 @@ def run_fast(
             continue
         if ver != version[idx]:
             continue  # a decode segment that an arrival cut short
-        if kind == _STEP_END:
-            rep.end_step(now)
-        end = rep.start_step(now)
+        end = rep.next_step(now) if kind == _STEP_END else rep.start_step(now)
         if end is None:
-            next_event[idx] = math.inf
+            next_event[idx] = inf
         else:
-            version[idx] += 1
+            v = version[idx] = ver + 1
             next_event[idx] = end
-            heappush(steps, (end, idx, _STEP_END, version[idx]))
+            heappush(steps, (end, idx, _STEP_END, v))
     assert sum(counts) == 0, "every request sent was finished or refused"
     return replicas, timeline

@@ -63,7 +63,7 @@ class Req:
 
 class FastReplica:
     """The replica as the fleet sees it (fast_fleet.py): try_add / intake / interrupt for arrivals, start_step
-    and end_step for its steps, num_waiting / num_running for the timeline, busy_s / steps / frontend for the
+    and next_step for its steps, num_waiting / num_running for the timeline, busy_s / steps / frontend for the
     report. `outstanding` lives in the router's index (counts[index])."""
 
     def __init__(
@@ -199,17 +199,19 @@ class FastReplica:
         """One step as Scheduler.schedule decides it: every running sequence first (a decode token each, the
         prefilling one the rest of its prompt within the budget), preempting the newest when blocks run out;
         then waiting ones in order while budget, sequence slots and blocks last."""
-        s1 = self.step + 1
-        budget = self.budget - len(self.decoders)
-        bs = self.block_size
-        queued = len(self.waiting)  # requests waiting when the step is decided: the host gap's table
-        held_bound = self.sum_offset + len(self.decoders) * s1 + self.budget + self.max_running * bs
+        decoders, waiting = self.decoders, self.waiting
+        s1, bs, max_running, budget = self.step + 1, self.block_size, self.max_running, self.budget
+        queued = len(waiting)  # requests waiting when the step is decided: the host gap's table
+        held_bound = self.sum_offset + len(decoders) * s1 + budget + max_running * bs
+        budget -= len(decoders)
         if self.partial is not None:
             held_bound += self.partial.computed
         free = None if held_bound // bs <= self.num_blocks else self._free_blocks_after_decodes()
         preempted = False
         if free is not None and free < 0:
             free, preempted = self._preempt_for_decodes(free)
+        n = len(decoders)
+        tokens, context = n, self.sum_offset + n * s1  # the step's tokens and the KV tokens it reads
         scheduled: list[tuple[Req, int]] = []
         p = self.partial
         if p is not None and budget > 0:
@@ -223,38 +225,38 @@ class FastReplica:
                     free -= need
                 scheduled.append((p, num_new))
                 budget -= num_new
+                tokens += num_new
+                context += p.computed + num_new
                 self.partial = None
-        running = len(self.decoders) + len(scheduled)
-        waiting = self.waiting
-        while waiting and not preempted and budget > 0 and running < self.max_running:
+        running = n + len(scheduled)
+        while waiting and not preempted and budget > 0 and running < max_running:
             r = waiting[0]
-            num_new = min(r.prompt + r.out, budget)
+            num_new = r.prompt + r.out
+            if num_new > budget:  # noqa: PLR1730 - min() is a slow call in CPython 3.11
+                num_new = budget
             if free is not None:
                 need = -(-num_new // bs)
                 if need > free:
                     break
                 free -= need
             waiting.popleft()
-            self._orders += 1  # running order (a recompute joins at the end again)
-            r.order = self._orders
+            self._orders = r.order = self._orders + 1  # running order (a recompute joins at the end again)
             scheduled.append((r, num_new))
             budget -= num_new
-            running += 1
-        n = len(self.decoders)
-        if not scheduled and not n:
-            self.busy = False
-            return None
-        tokens, context = n, self.sum_offset + n * s1
-        for r, num_new in scheduled:
             tokens += num_new
             context += r.computed + num_new
+            running += 1
+        if not running:
+            self.busy = False
+            return None
         self.busy = True
-        duration = device = self.step_cost.time_s(tokens, n + len(scheduled), context)
+        # the device time and eager_steps.py's host time before the step
+        duration, host = self.step_cost.step_s(tokens, running, context)
+        device = duration
         if self.noise is not None:
-            duration, device = self.noise.apply(self.steps, device, tokens > n + len(scheduled), queued)
-        host = self.step_cost.host_time_s(tokens, n + len(scheduled))  # eager_steps.py's host time
+            duration, device = self.noise.apply(self.steps, device, tokens > running, queued)
         duration += host
-        if free is None and not self.waiting:
+        if free is None and not waiting:
             end = self._fold(now, duration, scheduled, n, device, host)
             if end is not None:
                 return end
@@ -271,7 +273,8 @@ class FastReplica:
         steps after it are fixed at once: apply it now and start a segment headed by it (one event for both).
         None (nothing changed) otherwise."""
         heap, decoders = self.finishing, self.decoders
-        s1 = self.step + 1
+        s = self.step
+        s1 = s + 1
         while heap:  # entries of decoders preempted since are stale
             end, order = heap[0]
             r = decoders.get(order)
@@ -283,38 +286,42 @@ class FastReplica:
         max_len = self.max_model_len
         for r, num_new in scheduled:
             known = r.prompt + r.out
-            if r.computed + num_new < known or min(r.max_out - r.out, max_len - known) <= 1:
+            if r.computed + num_new < known or r.max_out - r.out <= 1 or max_len - known <= 1:
                 return None  # part-way through its prompt, or done with its first token
         first_tokens = []
+        sum_offset = self.sum_offset
         for r, num_new in scheduled:
             r.computed += num_new
-            r.out += 1
-            known = r.prompt + r.out
-            r.offset = known - 1 - s1
-            r.end_step = s1 + min(r.max_out - r.out, max_len - known)
+            out = r.out = r.out + 1
+            known = r.prompt + out
+            r.offset = offset = known - 1 - s1
+            left = r.max_out - out
+            if max_len - known < left:  # noqa: PLR1730 - min() is a slow call in CPython 3.11
+                left = max_len - known
+            r.end_step = end = s1 + left
             decoders[r.order] = r
-            self.sum_offset += r.offset
-            heappush(heap, (r.end_step, r.order))
+            sum_offset += offset
+            heappush(heap, (end, r.order))
             first_tokens.append(r)
-        n2, s, bs = len(decoders), self.step, self.block_size
+        n2, bs = len(decoders), self.block_size
         k = heap[0][0] - s
-        base = self.sum_offset + n2 * s
+        base = sum_offset + n2 * s
         if (base + n2 * (k + bs - 1)) // bs > self.num_blocks:
             # the exact test near capacity: undo, and take the step alone
             for r, num_new in scheduled:
                 del decoders[r.order]
-                self.sum_offset -= r.offset
                 r.out -= 1
                 r.computed -= num_new
             return None
+        self.sum_offset = sum_offset
         a, b = self.step_cost.decode_line(n2, base)
         self._segment_host_s = host
         if self.noise is None:
             self.segment = seg = DecodeSegment(now, a, b, n2, k, duration, n, first_tokens)
-        else:
-            self.segment = seg = NoisyDecodeSegment(
-                now, a, b, n2, k, self.noise, self.steps, duration, device, n, first_tokens
-            )
+            return seg.origin_s + k * a + b * (k * (k + 1) // 2)  # seg.end_s(k), inlined
+        self.segment = seg = NoisyDecodeSegment(
+            now, a, b, n2, k, self.noise, self.steps, duration, device, n, first_tokens
+        )
         return seg.end_s(k)
 
     def _free_blocks_after_decodes(self) -> int:
@@ -357,19 +364,25 @@ class FastReplica:
         self.recorder.num_preemptions += 1
         return free, victim
 
-    def end_step(self, now: float) -> None:
-        """The step or decode segment in flight ends at now: its tokens, its finishes."""
+    def next_step(self, now: float) -> float | None:
+        """The step or decode segment in flight ends at now (its tokens, its finishes), and the next starts:
+        returns when it ends (start_step)."""
         seg = self.segment
-        if seg is not None:
-            self.segment = None
-            self.last_seen = seg.deliver(seg.total, self.frontend, self.recorder, self.last_seen)
-            self.step += seg.total
-            self.steps += seg.total
-            self.busy_s += (now - seg.start_s - self._segment_host_s if self.noise is None
-                            else seg.device_s(seg.total))
-            if self.finishing[0][0] <= self.step:
-                self._finish_decoders(self.last_seen)
-            return
+        if seg is None:
+            self._end_step(now)
+            return self.start_step(now)
+        self.segment = None
+        total = seg.total
+        self.last_seen = seen = seg.deliver(total, self.frontend, self.recorder, self.last_seen)
+        self.step = s = self.step + total
+        self.steps += total
+        self.busy_s += now - seg.start_s - self._segment_host_s if self.noise is None else seg.device_s(total)
+        if self.finishing[0][0] <= s:
+            self._finish_decoders(seen)
+        return self.start_step(now)
+
+    def _end_step(self, now: float) -> None:
+        """The explicit step in flight (not a segment) ends at now: its tokens, its finishes."""
         self.step += 1
         scheduled, n = self._scheduled, self._scheduled_decoders
         self._scheduled = []
@@ -379,7 +392,8 @@ class FastReplica:
             if r.computed >= r.prompt + r.out:
                 sampled += 1
         fe, rec = self.frontend, self.recorder
-        seen = now if fe is None or not sampled else fe.deliver(now, sampled)
+        # fe.deliver(now, sampled) of the fast replica's one API process (no gate, no folding)
+        seen = now if fe is None or not sampled else fe.submit(now, sampled * fe.costs.per_token_s)
         if n:
             rec.add_itl_count(seen - self.last_seen, n)
         if sampled:
@@ -392,7 +406,7 @@ class FastReplica:
                 continue
             r.out += 1
             known += 1
-            if r.first_seen < 0:
+            if r.first_seen < 0.0:
                 r.first_seen = seen
             else:  # recomputed after a preemption: the gap since its last token
                 rec.add_itl(seen - r.last_seen)
@@ -410,7 +424,7 @@ class FastReplica:
     def _finish_decoders(self, seen: float) -> None:
         """Decoders whose last token came with step S leave (their client time: seen)."""
         heap, decoders, s = self.finishing, self.decoders, self.step
-        finish, index = self.recorder.finish, self.index
+        finish, outstanding, index = self.recorder.finish, self._outstanding, self.index
         while heap and heap[0][0] <= s:
             end, order = heappop(heap)
             r = decoders.get(order)
@@ -419,7 +433,7 @@ class FastReplica:
             del decoders[order]
             self.sum_offset -= r.offset
             finish(r.sent, r.first_seen, seen, r.offset + s + 1 - r.prompt, r.prompt)
-            self._outstanding(index, -1)
+            outstanding(index, -1)
 
     def _finish(self, r: Req, seen: float, out: int) -> None:
         self.recorder.finish(r.sent, r.first_seen, seen, out, r.prompt)

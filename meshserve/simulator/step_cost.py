@@ -298,6 +298,7 @@ class StepCost:
         # the fused all-reduce + residual add + RMSNorm (MESHSERVE_TP_FUSED_NORM): what each all-reduce saves
         self._fused = None if tp == 1 or not fused_norm else load_fused_norm(fused_norm)
         self._lines: dict[int, tuple[float, float]] = {}  # decode_line's per-batch-size terms
+        self._shapes: dict[tuple[int, int], tuple[float, ...]] = {}  # step_s's per-shape terms
         # per step: each MoE layer's routing and alignment launch (calibration.toml [moe] route_us), each MLA
         # layer's own launches (latent projections, absorbed q and output: [mla] layer_us)
         self._fixed_s = (shard.num_moe_layers * moe_costs.route_us + shard.num_layers * mla.layer_us) * 1e-6
@@ -338,19 +339,34 @@ class StepCost:
 
     def time_s(self, num_tokens: int, num_seqs: int, context_tokens: int) -> float:
         """self(StepShape(num_tokens, num_seqs, context_tokens)), the same floating-point operations, without
-        building a StepShape (the fast replica prices one step per request)."""
+        building a StepShape."""
+        return self.step_s(num_tokens, num_seqs, context_tokens)[0]
+
+    def step_s(self, num_tokens: int, num_seqs: int, context_tokens: int) -> tuple[float, float]:
+        """(time_s, host_time_s) of one step (the fast replica prices one step per request): predict's sum with
+        the terms that depend on the step's shape alone computed once per shape, so the same floating-point
+        operations."""
         if num_tokens == 0:
-            return 0.0
+            return 0.0, 0.0
+        terms = self._shapes.get((num_tokens, num_seqs))
+        if terms is None:
+            terms = self._shapes[(num_tokens, num_seqs)] = self._shape_terms(num_tokens, num_seqs)
+        dense, t2, kv_bytes, bandwidth, mixed, eager, extra, host = terms
+        predicted = dense + t2 * (1e3 * context_tokens * kv_bytes / bandwidth) + mixed
+        predicted = (0.0 if predicted < 0.0 else predicted) * 1e-3  # noqa: FURB136 - max() is a slow call (3.11)
+        if predicted > 0.0:  # EagerStepModel.predict's sum (x + 0.0 is x: no eager term)
+            predicted = predicted + eager
+        return predicted + extra, host
+
+    def _shape_terms(self, num_tokens: int, num_seqs: int) -> tuple[float, ...]:
+        """step_s's terms of one shape: predict's sum up to its KV term (t0 + t1 dense), t2 and the KV term's
+        factors, the mixed term (t3 or 0), the eager device time, what TP and the fixed costs add, host time."""
         m = self.model
-        rates = m.rates
-        dense = m.dense_s(num_tokens)
         t0, t1, t2, t3 = m._theta
-        predicted = max(t0 + t1 * (1e3 * dense) + t2 * (1e3 * context_tokens * m.kv_bytes_per_token
-                                                         / rates.bandwidth)
-                        + t3 * (1.0 if num_seqs < num_tokens > m.graphed_mixed_tokens else 0.0), 0.0) * 1e-3
-        if self.eager is not None and predicted > 0:  # EagerStepModel.predict's sum
-            predicted = predicted + self.eager.device_s(num_tokens, num_seqs)
-        return predicted + self.extra_s(num_tokens, num_seqs)
+        eager = 0.0 if self.eager is None else self.eager.device_s(num_tokens, num_seqs)
+        return (t0 + t1 * (1e3 * m.dense_s(num_tokens)), t2, m.kv_bytes_per_token, m.rates.bandwidth,
+                t3 * (1.0 if num_seqs < num_tokens > m.graphed_mixed_tokens else 0.0), eager,
+                self.extra_s(num_tokens, num_seqs), self.host_time_s(num_tokens, num_seqs))
 
     def decode_durations(self, n: int, context: int, steps: int) -> list[float]:
         """self(StepShape(n, n, context + n * j)) for j = 1..steps: the same floating-point operations as

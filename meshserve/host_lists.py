@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import array
+import struct
 
 import torch
 
@@ -20,11 +20,17 @@ def to_device(data: list, device: torch.device, dtype: torch.dtype = torch.int64
 
 
 def int64_ids(data: list) -> torch.Tensor | None:
-    """A flat list of ints as an int64 tensor (CPU) through array('q'): 4x faster than torch.tensor on a list (21
-    vs 82 us for 1,024 ids on the CPU machine; a KV read's block ids, twice per read); None for anything else."""
+    """A flat list of ints as an int64 tensor (CPU) through struct.pack: 4-8x faster than torch.tensor on a list (9
+    vs 73 us for 1,024 ids on the CPU machine, 2x array('q'); a KV read's block ids); None for anything else."""
     if not data or type(data[0]) is not int:
         return None
     try:
-        return torch.frombuffer(array.array("q", data), dtype=torch.int64)
-    except TypeError:  # (not all ints)
+        return torch.frombuffer(bytearray(struct.pack(f"{len(data)}q", *data)), dtype=torch.int64)
+    except struct.error:  # (not all ints, or out of range)
         return None
+
+
+def pack_int64_ids(data: list, out: torch.Tensor) -> None:
+    """A flat list of ints written into the front of out (a contiguous int64 CPU tensor, e.g. a pinned buffer) in one
+    struct.pack_into: no tensor in between."""
+    struct.pack_into(f"{len(data)}q", out.numpy(), 0, *data)

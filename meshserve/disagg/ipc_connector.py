@@ -37,7 +37,7 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 from meshserve.disagg.connector import KVConnector
 from meshserve.disagg.rendezvous import StoreRendezvous
 from meshserve.errors import KVTransferError
-from meshserve.host_lists import int64_ids, to_device
+from meshserve.host_lists import pack_int64_ids, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +184,7 @@ class IdStage:
             size = max(n, 2 * self.host.numel(), 1024)
             self.host = torch.empty(size, dtype=torch.int64, pin_memory=self.device.type == "cuda")
             self.dev = torch.empty(size, dtype=torch.int64, device=self.device)
-        ids = int64_ids([*src_ids, *dst_ids])
-        self.host[:n].copy_(ids if ids is not None else torch.tensor([*src_ids, *dst_ids], dtype=torch.int64))
+        pack_int64_ids([*src_ids, *dst_ids], self.host)
         self.dev[:n].copy_(self.host[:n], non_blocking=True)
         return self.dev[:n_src], self.dev[n_src:n]
 

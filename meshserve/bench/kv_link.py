@@ -9,8 +9,9 @@ On a CPU machine this is the host-memory path: gloo over loopback TCP vs NIXL's 
 ipc (the consumer copies from the producer's mapped pool). `copy_GBps` is the best plain copy of the same bytes on
 the consumer's device (one contiguous tensor into another: the bound a link on one device can reach), and
 `fraction_of_copy` the median pull rate over it. `read_median_s` is the connector's read of the blocks alone (a
-one-sided read's copy and wait), `ask_median_s` the side channel's round trip before it (the pull asked, the
-producer's block ids back) and `ack_median_s` the acknowledgement's send after it; for ipc, `plan_median_s` (the
+one-sided read's copy and wait), `reply_median_s` the wait for the producer's answer on the side channel (its grant and
+block ids: a round trip before the read; with `--ids-ahead` the pull names the blocks and the read runs first, so
+what is left of the wait comes after it) and `ack_median_s` the acknowledgement's send after it; for ipc, `plan_median_s` (the
 copy plan: index uploads) and `launch_median_s` (the copy's launch) are parts of the read.
 """
 
@@ -124,8 +125,8 @@ class _ReadTimer:
     """Wraps the connector's read methods with timers (the split of a pull the bench reports beside its total)."""
 
     def __init__(self, conn) -> None:
-        self.parts: dict[str, list[float]] = {"ask": [], "read": [], "ack": [], "plan": [], "launch": []}
-        self._wrap(conn, "_ask", "ask")
+        self.parts: dict[str, list[float]] = {"reply": [], "read": [], "ack": [], "plan": [], "launch": []}
+        self._wrap(conn, "_reply", "reply")
         self._wrap(conn, "_read_blocks", "read")
         self._wrap(conn, "_send_ack", "ack")
         if hasattr(conn, "_block_copy"):  # ipc: the plan, and the kernel's launch where it runs
@@ -164,10 +165,12 @@ def run(ns: argparse.Namespace) -> dict:
     try:
         conn.start()
         assert ready.wait(300), "the producer did not start"
-        rng = random.Random(1)
+        rng, held = random.Random(1), random.Random(0)  # (held: the producer's draw, see _producer)
         for i in range(ns.repeat + 1):
             ids = rng.sample(range(ns.pool_blocks), ns.blocks)
-            conn.pull(PullJob(f"r{i}", f"t{i}", ids, ns.blocks * ns.block_size))
+            remote = held.sample(range(ns.pool_blocks), ns.blocks)
+            ahead = {"remote_rank": 0, "remote_block_ids": remote} if ns.ids_ahead else {}
+            conn.pull(PullJob(f"r{i}", f"t{i}", ids, ns.blocks * ns.block_size, **ahead))
             ev = conn.events.get(timeout=300)
             if ev.kind != "received":
                 raise RuntimeError(f"pull {i}: {ev.kind} {ev.reason}")
@@ -182,6 +185,7 @@ def run(ns: argparse.Namespace) -> dict:
     return {
         "connector": ns.connector,
         "transport": conn.transport,
+        "ids_ahead": ns.ids_ahead,
         "devices": [ns.producer_device or ns.device, ns.device],
         "blocks": ns.blocks,
         "layers": ns.layers,
@@ -209,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--producer-device", default="", help="the producer's pool (default: --device), e.g. cuda:1")
     p.add_argument("--backend", choices=("", "nccl", "gloo"), default="",
                    help="the torch connector's (default: nccl between two GPUs, else gloo)")
+    p.add_argument("--ids-ahead", action="store_true",
+                   help="one-sided connectors: the pull names the producer's blocks (as a prefill's answer does), so "
+                        "the read starts beside the grant's round trip")
     p.add_argument("--output", default="", help="write the result's JSON here (NIXL logs to stdout too)")
     ns = p.parse_args(argv)
     result = json.dumps(run(ns))

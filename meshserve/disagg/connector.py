@@ -52,6 +52,9 @@ class PullJob:
     block_ids: list[int]
     num_tokens: int
     remote_rank: int | None = None  # the producer, when the handle names it (else every producer is asked)
+    # the producer's blocks, when the handle names them too (its prefill's answer does): a one-sided read then
+    # starts at once, beside the grant's round trip, instead of after it (_pull_ids_ahead)
+    remote_block_ids: list[int] | None = None
 
 
 @dataclass
@@ -372,13 +375,21 @@ class KVConnector(ABC):
         for s in sockets.values():
             s.close(linger=0)
 
-    def _ask(self, rank: int, pull: sc.Pull, sockets: dict[int, zmq.Socket], deadline: float) -> sc.PullReply:
+    def _socket(self, rank: int, sockets: dict[int, zmq.Socket]) -> zmq.Socket:
         sock = sockets.get(rank)
         if sock is None:
             sock = sockets[rank] = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(self._peer_address(rank))
-        sock.send(sc.encoder.encode(pull))
+        return sock
+
+    def _ask(self, rank: int, pull: sc.Pull, sockets: dict[int, zmq.Socket], deadline: float) -> sc.PullReply:
+        self._socket(rank, sockets).send(sc.encoder.encode(pull))
+        return self._reply(rank, pull, sockets, deadline)
+
+    def _reply(self, rank: int, pull: sc.Pull, sockets: dict[int, zmq.Socket], deadline: float) -> sc.PullReply:
+        """The producer's answer to pull (sent on rank's socket), or a refusal once the deadline passes."""
+        sock = sockets[rank]
         while (left := deadline - time.monotonic()) > 0:
             if not sock.poll(int(1000 * min(left, 0.1))):
                 if self._stop.is_set():
@@ -391,11 +402,49 @@ class KVConnector(ABC):
         sockets.pop(rank).close(linger=0)
         return sc.PullReply(pull.transfer_id, False, f"rank {rank} did not answer in time")
 
+    def _pull_ids_ahead(
+        self, job: PullJob, sockets: dict[int, zmq.Socket], deadline: float
+    ) -> tuple[int, sc.PullReply, int]:
+        """A one-sided pull whose handle names the producer's blocks: the grant is asked and the blocks read at once,
+        the read kept only if the grant comes back for those blocks (a held transfer's blocks are never written
+        while held, and a transfer once released is never held again: a grant after the read means the blocks
+        were held all through it). (rank, its grant, bytes read); raises KVTransferError when refused (the consumer's
+        blocks hold garbage then, and are freed with the failed pull)."""
+        rank, remote_ids = job.remote_rank, job.remote_block_ids
+        pull = sc.Pull(job.transfer_id, self.rank, job.num_tokens)
+        self._socket(rank, sockets).send(sc.encoder.encode(pull))
+        try:
+            nbytes = self._read_blocks(rank, remote_ids, job.block_ids, max(0.1, deadline - time.monotonic()))
+        except Exception:
+            reply = self._reply(rank, pull, sockets, deadline)
+            if reply.ok:  # (granted meanwhile: the producer frees them now rather than at expiry)
+                self._send_ack(sockets[rank], job.transfer_id, False)
+            raise
+        reply = self._reply(rank, pull, sockets, deadline)
+        if not reply.ok:
+            raise KVTransferError(f"no producer holds transfer {job.transfer_id}: rank {rank}: {reply.reason}")
+        if reply.num_blocks != len(job.block_ids):
+            self._send_ack(sockets[rank], job.transfer_id, False)
+            raise KVTransferError(f"rank {rank} sends {reply.num_blocks} blocks, {len(job.block_ids)} expected")
+        if reply.block_ids != remote_ids:  # (the handle named other blocks: read the ones granted)
+            logger.warning("KV transfer %s: the handle's block ids are not the producer's; read again",
+                           job.transfer_id)
+            try:
+                nbytes = self._read_blocks(rank, reply.block_ids, job.block_ids, max(0.1, deadline - time.monotonic()))
+            except Exception:
+                self._send_ack(sockets[rank], job.transfer_id, False)
+                raise
+        return rank, reply, nbytes
+
     def _run_pull(self, job: PullJob, sockets: dict[int, zmq.Socket]) -> tuple[TransferEvent, zmq.Socket]:
         """The pull's "received" event and the socket its positive acknowledgement goes to (sent once the event
         is queued); a failure raises, negative acknowledgements sent."""
         timeout = self.config.transfer_timeout_s
         deadline = time.monotonic() + timeout
+        if self.one_sided_read and job.remote_rank is not None and job.remote_block_ids is not None:
+            rank, reply, nbytes = self._pull_ids_ahead(job, sockets, deadline)
+            event = TransferEvent("received", job.transfer_id, job.request_id, reply.first_token, nbytes)
+            return event, sockets[rank]
         pull = sc.Pull(job.transfer_id, self.rank, job.num_tokens)
         ranks = [job.remote_rank] if job.remote_rank is not None else self._producer_ranks()
         reasons = []

@@ -28,8 +28,11 @@ def test_the_torch_connector_uses_nccl_only_between_two_gpus():
     "ipc",
     pytest.param("nixl", marks=pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")),
 ])
-def test_pulls_report_bytes_and_rates(connector, tmp_path):
-    args = ["--output", str(tmp_path / "link.json"), "--connector", connector, "--blocks", "3", "--layers", "2", "--pool-blocks", "8", "--repeat", "2",
+@pytest.mark.parametrize("ahead", [False, True], ids=["asked", "ids_ahead"])
+def test_pulls_report_bytes_and_rates(connector, ahead, tmp_path):
+    if ahead and connector == "torch":
+        pytest.skip("ids ahead: the one-sided connectors' (ipc, nixl)")
+    args = ["--ids-ahead"] * ahead + ["--output", str(tmp_path / "link.json"), "--connector", connector, "--blocks", "3", "--layers", "2", "--pool-blocks", "8", "--repeat", "2",
             "--kv-heads", "2", "--head-dim", "8", "--block-size", "4"]
     assert kv_link.main(args) == 0
     out = json.loads((tmp_path / "link.json").read_text())
@@ -37,4 +40,4 @@ def test_pulls_report_bytes_and_rates(connector, tmp_path):
     assert out["median_GBps"] > 0 and out["devices"] == ["cpu", "cpu"]
     if connector == "ipc":  # a one-sided read's split: the read alone, and its plan, inside the whole pull
         assert 0 < out["plan_median_s"] <= out["read_median_s"] <= out["median_s"]
-    assert 0 < out["ask_median_s"] < out["median_s"]  # every connector asks the producer first
+    assert 0 < out["reply_median_s"] < out["median_s"]  # every connector waits for the producer's answer

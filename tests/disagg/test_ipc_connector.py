@@ -84,13 +84,14 @@ def test_a_cpu_pool_is_shared_in_place():
     assert (pool[0][1, 2] == 7.0).all()
 
 
-def _producer_process(port: int, device: str, ready, hold) -> None:
-    """A producer connector alone in its own process (kv rank 1), holding transfer "t" (blocks 5, 1, 8)
-    and "c" (blocks 2, 3, 4: contiguous), then what `hold` brings, until killed."""
+def _producer_process(port: int, device: str, ready, hold, held=(("t", [5, 1, 8]), ("c", [2, 3, 4]))) -> None:
+    """A producer connector alone in its own process (kv rank 1), holding `held` (by default transfer "t", blocks
+    5, 1, 8, and "c", blocks 2, 3, 4: contiguous; first tokens 42, 43, ...), then what `hold` brings, until
+    killed."""
     prod = _connector("kv_producer", 1, port, device)
     prod.start()
-    prod.hold(HeldTransfer("t", [5, 1, 8], 12, 42, time.monotonic() + 60))
-    prod.hold(HeldTransfer("c", [2, 3, 4], 12, 43, time.monotonic() + 60))
+    for i, (tid, ids) in enumerate(held):
+        prod.hold(HeldTransfer(tid, ids, 12, 42 + i, time.monotonic() + 60))
     ready.put(("ready", [ev.kind for ev in _drain(prod)]))
     while True:
         msg = hold.get()
@@ -109,11 +110,11 @@ def _drain(conn):
     return out
 
 
-def _consumer_with_producer(device: str, producer_device: str):
+def _consumer_with_producer(device: str, producer_device: str, *held):
     ctx = mp.get_context("spawn")
     port = free_port()
     ready, hold = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_producer_process, args=(port, producer_device, ready, hold), daemon=True)
+    proc = ctx.Process(target=_producer_process, args=(port, producer_device, ready, hold, *held), daemon=True)
     proc.start()
     # the consumer is kv rank 0, the rendezvous store's host: the store outlives the producer
     cons = _connector("kv_consumer", 0, port, device)
@@ -151,6 +152,37 @@ def test_reads_from_a_producer_process_are_byte_identical_and_acked(devices):
             assert torch.equal(c[:, others].cpu(), b[:, others])  # nothing else written
         hold.put("released?")
         assert ready.get(timeout=30) == ("released", ["c", "t"], [])  # both freed by the Acks, none held
+    finally:
+        proc.kill()
+        join(proc, 10)
+        cons.close()
+
+
+def test_a_handle_naming_the_producers_blocks_reads_beside_the_grant():
+    """Ids ahead (PullJob.remote_block_ids, as the prefill's answer names them): the read starts before the grant
+    comes back and is kept once it does; a handle with other ids than the producer's is read again with the
+    granted ones; a refused grant fails the pull."""
+    proc, cons, ready, hold = _consumer_with_producer("cpu", "cpu", (("a", [7, 0, 6]), ("b", [3, 8, 5])))
+    try:
+        cons.start()
+        assert ready.get(timeout=120)[0] == "ready"
+        want = _pool(1)
+        reads = []
+        orig = cons._read_blocks
+        cons._read_blocks = lambda src, remote, local, t: reads.append(list(remote)) or orig(src, remote, local, t)
+        for tid, handle, remote, local, token in (("a", [7, 0, 6], [7, 0, 6], [1, 2, 4], 42),
+                                                  ("b", [1, 2, 9], [3, 8, 5], [0, 9, 3], 43)):
+            cons.pull(PullJob(tid, tid, local, 12, remote_rank=1, remote_block_ids=handle))
+            ev = cons.events.get(timeout=30)
+            assert (ev.kind, ev.first_token, ev.num_bytes) == ("received", token, LAYERS * 3 * BLOCK_BYTES), ev
+            for w, c in zip(want, cons.kv_tensors):
+                assert torch.equal(c[:, local], w[:, remote])
+        assert reads == [[7, 0, 6], [1, 2, 9], [3, 8, 5]]  # (b: the handle's, then the granted blocks)
+        cons.pull(PullJob("x", "x", [5, 6, 7], 12, remote_rank=1, remote_block_ids=[7, 0, 6]))
+        ev = cons.events.get(timeout=30)
+        assert ev.kind == "failed" and "unknown transfer" in ev.reason, ev
+        hold.put("released?")
+        assert ready.get(timeout=30) == ("released", ["a", "b"], [])  # both acknowledged, none held
     finally:
         proc.kill()
         join(proc, 10)

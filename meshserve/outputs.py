@@ -55,3 +55,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     extra: dict = field(default_factory=dict)
+    kv_transfer_params: dict | None = None  # a producer's held KV: the decode leg's handle (vLLM's field)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PARAM_KEYS = ("do_remote_decode", "do_remote_prefill", "transfer_id", "remote_rank")
+PARAM_KEYS = ("do_remote_decode", "do_remote_prefill", "transfer_id", "remote_rank", "remote_block_ids")
 
 
 @dataclass
@@ -46,6 +46,7 @@ class TransferParams:
     do_remote_prefill: bool = False  # consumer: pull the KV instead of computing the prompt
     transfer_id: str = ""
     remote_rank: int | None = None
+    remote_block_ids: list[int] | None = None  # the producer's held blocks (its prefill's answer names them)
 
 
 def parse_transfer_params(value: Any, request_id: str) -> TransferParams | None:
@@ -66,6 +67,7 @@ def parse_transfer_params(value: Any, request_id: str) -> TransferParams | None:
         bool(value.get("do_remote_prefill")),
         value.get("transfer_id") or request_id,
         value.get("remote_rank"),
+        value.get("remote_block_ids"),
     )
     if p.do_remote_decode and p.do_remote_prefill:
         raise bad("do_remote_decode and do_remote_prefill exclude each other")
@@ -73,6 +75,12 @@ def parse_transfer_params(value: Any, request_id: str) -> TransferParams | None:
         raise bad(f"transfer_id must be a string, got {p.transfer_id!r}")
     if p.remote_rank is not None and (not isinstance(p.remote_rank, int) or p.remote_rank < 0):
         raise bad(f"remote_rank must be a kv rank (an integer >= 0), got {p.remote_rank!r}")
+    ids = p.remote_block_ids
+    if ids is not None:
+        if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
+            raise bad("remote_block_ids must be a list of block ids (integers >= 0)")
+        if p.remote_rank is None:
+            raise bad("remote_block_ids needs remote_rank (the kv rank holding those blocks)")
     return p if (p.do_remote_decode or p.do_remote_prefill) else None
 
 
@@ -94,6 +102,7 @@ class KVTransferCoordinator:
         self._pulling: set[str] = set()
         self._cancelled: set[str] = set()  # aborted while receiving: freed when the pull ends
         self._errors: list[RequestError] = []
+        self._handles: dict[str, dict] = {}  # request id -> its held transfer's handle, until its output takes it
         self.num_events = (
             0  # connector reports applied since start (the core republishes its counters on news)
         )
@@ -163,6 +172,7 @@ class KVTransferCoordinator:
                 list(self.block_manager.block_table(seq)),
                 seq.num_prompt_tokens,
                 params.remote_rank,
+                params.remote_block_ids,
             )
         )
         return True
@@ -189,6 +199,11 @@ class KVTransferCoordinator:
             blocks = blocks[:n]
         self._held[transfer_id] = blocks
         self.stats.held_blocks += len(blocks)
+        self._handles[seq.request_id] = {
+            "transfer_id": transfer_id,
+            "remote_rank": self.config.kv_rank,
+            "remote_block_ids": [b.block_id for b in blocks],
+        }
         self.connector.hold(
             HeldTransfer(
                 transfer_id,
@@ -206,6 +221,11 @@ class KVTransferCoordinator:
                 self._set_busy(transfer_id, True, st.consumer)
                 self._queue_ready(st)
         return True
+
+    def take_handle(self, request_id: str) -> dict | None:
+        """A finished producer request's handle for its decode leg (the prefill's answer carries it: a consumer
+        given the block ids reads them beside the grant's round trip), once; None for any other request."""
+        return self._handles.pop(request_id, None)
 
     # -- layer-wise (producer) ---------------------------------------------------------------------
     def _preempted(self, seq: Sequence) -> None:

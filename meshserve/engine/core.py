@@ -513,6 +513,8 @@ class EngineCore:
                 out.new_logprobs = [_logprobs_message(info)]
             if seq.status.finished:
                 out.finish_reason = seq.status.finish_reason
+                if self.disagg is not None:
+                    out.kv_transfer_params = self.disagg.take_handle(rid)
                 out.stop_reason = seq.stop_reason if isinstance(seq.stop_reason, int) else None
                 self.requests.pop(rid, None)
                 self._prompt_logprobs_sent.pop(rid, None)

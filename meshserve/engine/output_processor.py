@@ -83,6 +83,7 @@ class RequestState:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     prompt_logprobs_sent: bool = False  # DELTA outputs carry the prompt's logprobs once
+    kv_transfer_params: dict | None = None  # from the core's final output of a producer's request
     queue: Any = None  # the async front end's delivery target for this request
 
     @property
@@ -108,7 +109,7 @@ class RequestState:
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,
                              prompt_token_ids=self.prompt_token_ids, outputs=outputs, finished=finished,
                              prompt_logprobs=prompt_logprobs, num_cached_tokens=self.num_cached_tokens,
-                             metrics=self.metrics)
+                             metrics=self.metrics, kv_transfer_params=self.kv_transfer_params)
 
 
 @dataclass
@@ -193,6 +194,8 @@ class OutputProcessor:
             state, comp = entry
             if out.new_prompt_logprobs and state.prompt_logprobs is not None:
                 state.prompt_logprobs.extend(self._position_logprobs(info) for info in out.new_prompt_logprobs)
+            if out.kv_transfer_params is not None:
+                state.kv_transfer_params = out.kv_transfer_params
             if out.new_token_ids or out.finish_reason:
                 self._update_completion(state, comp, out, now, result)
                 changed = touched.setdefault(state.request_id, (state, []))[1]

@@ -3,8 +3,10 @@
 As vLLM's disaggregated proxy does: the request goes first to a prefill instance (a kv_producer) with
 max_tokens 1, not streamed, and kv_transfer_params {"do_remote_decode": true, "transfer_id": T}; that instance
 runs the prompt and its first token and holds the KV blocks. Then the original request goes to a decode
-instance (a kv_consumer) with {"do_remote_prefill": true, "transfer_id": T}: it pulls the blocks, sends the
-first token and decodes, streamed or not, as an ordinary OpenAI response. A prefill pool that cannot take
+instance (a kv_consumer) with {"do_remote_prefill": true, "transfer_id": T}, plus the producer's kv rank and
+held block ids when the prefill's answer names them (its kv_transfer_params: a one-sided read then starts
+beside the grant's round trip): it pulls the blocks, sends the first token and decodes, streamed or not, as an
+ordinary OpenAI response. A prefill pool that cannot take
 the request (every instance down or refusing) means colocated serving on the decode pool; a refused decode
 attempt is retried there colocated (the held blocks expire on the producer).
 """
@@ -58,11 +60,22 @@ def new_transfer_id() -> str:
     return f"xfer-{uuid.uuid4().hex}"
 
 
-def decode_body(body: dict, transfer_id: str) -> bytes:
-    """The decode leg: the client's request, with the handle of the KV to pull."""
-    return json.dumps(
-        {**body, "kv_transfer_params": {"do_remote_prefill": True, "transfer_id": transfer_id}}
-    ).encode()
+def decode_params(transfer_id: str, prefill_answer: bytes = b"") -> dict:
+    """The decode leg's kv_transfer_params: the transfer id, and where the prefill's answer names them (its
+    kv_transfer_params for the same transfer) the producer's kv rank and held block ids."""
+    params: dict = {"do_remote_prefill": True, "transfer_id": transfer_id}
+    try:
+        handle = json.loads(prefill_answer).get("kv_transfer_params") if prefill_answer else None
+    except (ValueError, AttributeError):  # (not JSON, or not an object: the pull asks the producers)
+        handle = None
+    if isinstance(handle, dict) and handle.get("transfer_id") == transfer_id and "remote_block_ids" in handle:
+        params.update(remote_rank=handle.get("remote_rank"), remote_block_ids=handle["remote_block_ids"])
+    return params
+
+
+def decode_body(body: dict, params: dict) -> bytes:
+    """The decode leg: the client's request, with the handle of the KV to pull (decode_params)."""
+    return json.dumps({**body, "kv_transfer_params": params}).encode()
 
 
 async def run_prefill(
@@ -75,8 +88,9 @@ async def run_prefill(
     timeout: httpx.Timeout,
     max_attempts: int,
     transfer_id: str | None = None,
-) -> str | Response | None:
-    """Run the prefill leg on the prefill pool: the transfer id once an instance holds the KV; the instance's
+) -> dict | Response | None:
+    """Run the prefill leg on the prefill pool: the decode leg's kv_transfer_params once an instance holds the KV
+    (decode_params); the instance's
     own 4xx answer (the client's mistake: no other instance would do better); None when no prefill instance
     could (every one down, refusing or failing): the caller serves the request colocated; raises Aborted when
     the upstream's abort_all ends it (the router's drain timeout). transfer_id: the
@@ -107,7 +121,7 @@ async def run_prefill(
             replica.outstanding -= 1
         if resp.status_code == 200:
             replica.num_succeeded += 1
-            return handle
+            return decode_params(handle, content)
         if resp.status_code in _CLIENT_ERRORS and resp.status_code != 429:
             return Response(content, resp.status_code, media_type="application/json")
         replica.num_failed += 1

@@ -29,6 +29,7 @@ from meshserve.errors import NoReplicaAvailableError, RouterDrainingError, Upstr
 from meshserve.router.config import RouterConfig
 from meshserve.router.disagg import (
     decode_body,
+    decode_params,
     is_transfer_failure,
     new_transfer_id,
     run_prefill,
@@ -189,7 +190,7 @@ class Proxy:
                                                    self._timeout(), c.max_attempts, transfer_id))
             self._prefill_legs.add(task)
             task.add_done_callback(self._prefill_leg_done)
-            decode_raw = decode_body(body, transfer_id)
+            decode_raw = decode_body(body, decode_params(transfer_id))
         elif self.pool.prefills and wants_disaggregation(path, body):
             try:
                 leg = await run_prefill(self.upstream, self.pool, path, body, key, fwd_headers, self._timeout(),

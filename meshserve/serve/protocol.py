@@ -347,6 +347,8 @@ class CompletionResponse(OpenAIModel):
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    # a prefill leg (kv_transfer_params do_remote_decode): its held KV's handle for the decode leg, as vLLM answers
+    kv_transfer_params: dict[str, Any] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class TopLogprob(OpenAIModel):
@@ -401,6 +403,8 @@ class ChatCompletionResponse(OpenAIModel):
     system_fingerprint: str | None = None
     # with prompt_logprobs only (vLLM puts them beside the choices: the prompt is shared)
     prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda v: v is None)
+    # a prefill leg (kv_transfer_params do_remote_decode): its held KV's handle for the decode leg, as vLLM answers
+    kv_transfer_params: dict[str, Any] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatDelta(OpenAIModel):

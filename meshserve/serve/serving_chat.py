@@ -145,7 +145,7 @@ class ChatService:
                                   req.return_tokens_as_token_ids) if req.prompt_logprobs is not None else None)
         return ChatCompletionResponse(id=started.request_id, model=started.model, choices=choices,
                                       usage=usage_of([final]),
-                                      prompt_logprobs=scored)
+                                      prompt_logprobs=scored, kv_transfer_params=final.kv_transfer_params)
 
     def _choice(self, req: ChatCompletionRequest, c: CompletionOutput, started: ChatStart) -> ChatChoice:
         thought, content, calls = started.read(c)

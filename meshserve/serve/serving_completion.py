@@ -99,7 +99,9 @@ class CompletionService:
         for i, out in enumerate(outputs):
             for c in out.outputs:
                 choices.append(self._choice(req, i, out, c, echoes[i] if echoes else None))
-        return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of(outputs))
+        handle = outputs[0].kv_transfer_params if len(outputs) == 1 else None
+        return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of(outputs),
+                                  kv_transfer_params=handle)
 
     def _choice(self, req: CompletionRequest, i: int, out: RequestOutput, c: CompletionOutput,
                 echo: _Echo | None) -> CompletionChoice:

@@ -57,7 +57,8 @@ def _fault(kind: str | None):
 
 
 def producer_main(engine_kwargs: dict, commands, results) -> None:
-    """Serve ("add", EngineCoreRequest) commands; report each finished request's tokens, and on ("blocks",)
+    """Serve ("add", EngineCoreRequest) commands; report each finished request's tokens (with its cached prompt
+    tokens and its kv_transfer_params handle), and on ("blocks",)
     the free-block count once nothing is held (or after 10 s); ("fault", kind) sets a layer-wise sender
     fault (_fault); stop on ("stop",)."""
     from meshserve.config import EngineArgs
@@ -94,7 +95,8 @@ def producer_main(engine_kwargs: dict, commands, results) -> None:
                 for o in outs.outputs:
                     tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
                     if o.finished:
-                        results.put(("done", o.request_id, tokens.pop(o.request_id), o.num_cached_tokens))
+                        results.put(("done", o.request_id, tokens.pop(o.request_id), o.num_cached_tokens,
+                                     o.kv_transfer_params))
                 for e in outs.errors:
                     results.put(("error", e.request_id, e.message))
     finally:

@@ -124,14 +124,21 @@ def test_tokens_match_a_single_engine_and_blocks_are_freed(pair, tiny_model_dir)
     assert rest["p3"][3] >= 36  # a prefix-cache hit on the producer (blocks of the shared 37 tokens)
     done = {**first, **rest}
 
-    # the consumer pulls every transfer concurrently and decodes
+    # each producer's final output names its held blocks, the decode leg's handle (vLLM's kv_transfer_params)
+    for i, prompt in enumerate(prompts):
+        handle = done[f"p{i}"][4]
+        assert handle["transfer_id"] == f"t{i}" and handle["remote_rank"] == 0
+        assert len(handle["remote_block_ids"]) == -(-len(prompt) // BLOCK)
+    # the consumer pulls every transfer concurrently and decodes; the odd ones with the handle (a one-sided
+    # connector reads the named blocks beside the grant; a two-sided one is sent them as before)
     reqs = []
     for i, prompt in enumerate(prompts):
+        ahead = done[f"p{i}"][4] if i % 2 else {"transfer_id": f"t{i}"}
         p = SamplingParams(
             temperature=0,
             max_tokens=12,
             ignore_eos=True,
-            kv_transfer_params={"do_remote_prefill": True, "transfer_id": f"t{i}"},
+            kv_transfer_params={"do_remote_prefill": True, **ahead},
         )
         reqs.append(EngineCoreRequest(f"d{i}", prompt, p, 12))
     got = _run(consumer, reqs)

@@ -78,11 +78,17 @@ def test_request_params_are_checked():
     assert parse_transfer_params(None, "r") is None
     p = parse_transfer_params({"do_remote_decode": True}, "r")
     assert p.transfer_id == "r" and p.do_remote_decode
+    p = parse_transfer_params({"do_remote_prefill": True, "transfer_id": "t", "remote_rank": 2,
+                               "remote_block_ids": [7, 0]}, "r")
+    assert (p.transfer_id, p.remote_rank, p.remote_block_ids) == ("t", 2, [7, 0])
     for bad, words in (
         ([1], "must be an object"),
         ({"do_remote_decode": True, "do_remote_prefill": True}, "exclude each other"),
         ({"remote_engine_id": "x"}, "unknown key(s) remote_engine_id"),
         ({"do_remote_prefill": True, "remote_rank": -1}, "remote_rank"),
+        ({"do_remote_prefill": True, "remote_rank": 0, "remote_block_ids": [1, -2]}, "remote_block_ids must be"),
+        ({"do_remote_prefill": True, "remote_rank": 0, "remote_block_ids": "1,2"}, "remote_block_ids must be"),
+        ({"do_remote_prefill": True, "remote_block_ids": [1, 2]}, "needs remote_rank"),
     ):
         with pytest.raises(InvalidArgumentError, match="kv_transfer_params") as e:
             parse_transfer_params(bad, "r")

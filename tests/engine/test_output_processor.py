@@ -138,3 +138,23 @@ def test_a_stop_string_in_the_last_step_is_the_finish_reason(last, include, tiny
     assert completion.token_ids == [5, final]
     assert completion.text == tokenizer.decode([5]) + (stop if include else "")
     assert (completion.finish_reason, completion.stop_reason) == ("stop", stop)
+
+
+def test_a_producers_handle_reaches_the_request_output():
+    """A prefill leg's final core output names its held KV (kv_transfer_params): the RequestOutput carries it, as
+    vLLM's does, for the server's answer; the msgpack line between core and front end keeps it."""
+    import msgspec
+
+    from meshserve.engine.input_processor import ProcessedRequest
+    from meshserve.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+    from meshserve.engine.output_processor import OutputProcessor
+
+    processor = OutputProcessor(None)
+    params = SamplingParams(temperature=0, max_tokens=1)
+    core = EngineCoreRequest("r", [50, 51], params, max_tokens=1)
+    processor.add_request(ProcessedRequest("r", None, [50, 51], params, 0.0, [core]))
+    handle = {"transfer_id": "t", "remote_rank": 0, "remote_block_ids": [4, 9]}
+    sent = EngineCoreOutputs([EngineCoreOutput("r", [7], "length", kv_transfer_params=handle)])
+    received = msgspec.msgpack.decode(msgspec.msgpack.encode(sent), type=EngineCoreOutputs)
+    (out,) = processor.process_outputs(received).request_outputs
+    assert out.finished and out.kv_transfer_params == handle

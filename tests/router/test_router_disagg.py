@@ -1,5 +1,5 @@
 """The router over a prefill instance and a decode instance (real servers; the torch connector's gloo on loopback,
-and the nixl connector's UCX where NIXL is installed): the tokens are colocated serving's, streamed or not; a dead prefill instance means colocated serving, not an error; the
+the ipc connector's shared memory, and the nixl connector's UCX where NIXL is installed): the tokens are colocated serving's, streamed or not; a dead prefill instance means colocated serving, not an error; the
 blocks on both sides are freed; the transfer shows in /metrics."""
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def start_prefill_and_decode(tiny_model_dir, processes, prefill_args=(), connect
 # the connectors a deployment fixture runs over (nixl where the library is installed)
 CONNECTORS = [
     "torch",
+    "ipc",  # (one-sided: the decode leg reads the blocks the prefill's answer names, beside the grant)
     pytest.param(
         "nixl",
         marks=pytest.mark.skipif(

@@ -33,6 +33,7 @@ class DecodeSegment:
         "b",
         "delivered",
         "first_tokens",
+        "head_end_s",
         "head_gaps",
         "head_tokens",
         "n",
@@ -59,7 +60,11 @@ class DecodeSegment:
         self.total = total
         self.delivered = 0
         # step k >= 1 ends at origin_s + k a + b k (k + 1) / 2 (a head shifts where the line starts)
-        self.origin_s = start_s if head_s is None else start_s + head_s - a - b
+        if head_s is None:
+            self.origin_s = start_s
+        else:
+            self.origin_s = origin = start_s + head_s - a - b
+            self.head_end_s = origin + a + b  # end_s(1)
         self.head_gaps = head_gaps
         self.first_tokens = first_tokens
         self.head_tokens = 0 if first_tokens is None else head_gaps + len(first_tokens)
@@ -81,7 +86,7 @@ class DecodeSegment:
             return 0
         a, b, total = self.a, self.b, self.total
         c = a + 0.5 * b
-        k = int(2.0 * x / (c + math.sqrt(c * c + 2.0 * b * x)))  # the root of b/2 k^2 + c k = x, rounded down
+        k = math.floor(2.0 * x / (c + math.sqrt(c * c + 2.0 * b * x)))  # the root of b/2 k^2 + c k = x
         if k > total:  # noqa: PLR1730 - min() is a slow call in CPython 3.11
             k = total
         # the root's rounding, fixed on the step end times themselves (end_s, inlined: this runs per arrival)
@@ -100,7 +105,7 @@ class DecodeSegment:
             return last_seen
         a, b, start = self.a, self.b, self.origin_s
         if k == 0 and self.first_tokens is not None:  # the head: decoders' tokens and first tokens
-            t = self.end_s(1)
+            t = self.head_end_s
             # frontend.deliver(t, head_tokens) for the fast replica's one API process (no gate, no folding)
             seen = t if frontend is None else frontend.submit(t, self.head_tokens * frontend.costs.per_token_s)
             if self.head_gaps:
@@ -165,6 +170,8 @@ class NoisyDecodeSegment(DecodeSegment):
         first_tokens: list | None = None,
     ):
         super().__init__(start_s, a, b, n, total, head_s, head_gaps, first_tokens)
+        if head_s is not None:
+            self.head_end_s = start_s + head_s  # end_s(1)
         self.noise = noise
         self.first_step = first_step
         self.ends: list[float] = [] if head_s is None else [start_s + head_s]  # ends[j - 1]: step j's end

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from heapq import heappop, heappush
+from heapq import heappop, heappush, heapreplace
 
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fast_replica import FastReplica
@@ -160,22 +160,25 @@ def run_fast(
             continue
         if t_step >= next_tick:
             next_tick = sample(t_step, next_tick)
-        now, idx, kind, ver = heappop(steps)
-        rep = replicas[idx]
+        now, idx, kind, ver = steps[0]
         if kind == _ADMIT:  # through its API process: the core gets it now
+            heappop(steps)
             j, tried = ver
             pending[idx] -= 1
-            if not admit(rep, j, now):
+            if not admit(replicas[idx], j, now):
                 send(j, now, tried)
             continue
         if ver != version[idx]:
+            heappop(steps)
             continue  # a decode segment that an arrival cut short
+        rep = replicas[idx]
         end = rep.next_step(now) if kind == _STEP_END else rep.start_step(now)
         if end is None:
+            heappop(steps)
             next_event[idx] = inf
-        else:
+        else:  # its next step or segment takes this event's place (the replica touched no other event)
             v = version[idx] = ver + 1
             next_event[idx] = end
-            heappush(steps, (end, idx, _STEP_END, v))
+            heapreplace(steps, (end, idx, _STEP_END, v))
     assert sum(counts) == 0, "every request sent was finished or refused"
     return replicas, timeline

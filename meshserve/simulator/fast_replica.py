@@ -99,10 +99,9 @@ class FastReplica:
         self.sum_offset = 0  # sum of the decoders' offsets: their KV tokens are sum_offset + n * S
         self.finishing: list[tuple[int, int]] = []  # heap of (end step, order) of decoders
         self.partial: Req | None = None  # part-way through its prefill (the newest running sequence)
-        self.step = 0  # steps done (S)
+        self.step = 0  # steps done (S), the step index of the noise's draws
         self.last_seen = 0.0  # the client's time of the last step's tokens
         self.busy = False
-        self.steps = 0
         self.busy_s = 0.0
         self.num_preemptions = 0
         self.segment: DecodeSegment | None = None
@@ -110,6 +109,11 @@ class FastReplica:
         self._orders = 0
         self._scheduled: list[tuple[Req, int]] = []  # the explicit step in flight: prefill chunks
         self._scheduled_decoders = 0  # and how many decoders it carries
+
+    @property
+    def steps(self) -> int:
+        """Steps done (the report's count; no step is in flight when it is read)."""
+        return self.step
 
     @property
     def num_waiting(self) -> int:
@@ -188,7 +192,7 @@ class FastReplica:
                     self._segment_host_s = 0.0
                     self.segment = DecodeSegment(now, a, b, n, k)
                 else:
-                    self.segment = NoisyDecodeSegment(now, a, b, n, k, self.noise, self.steps)
+                    self.segment = NoisyDecodeSegment(now, a, b, n, k, self.noise, self.step)
                     self.busy = True
                     return self.segment.end_s(k)
                 self.busy = True
@@ -254,14 +258,13 @@ class FastReplica:
         duration, host = self.step_cost.step_s(tokens, running, context)
         device = duration
         if self.noise is not None:
-            duration, device = self.noise.apply(self.steps, device, tokens > running, queued)
+            duration, device = self.noise.apply(self.step, device, tokens > running, queued)
         duration += host
         if free is None and not waiting:
             end = self._fold(now, duration, scheduled, n, device, host)
             if end is not None:
                 return end
         self._scheduled, self._scheduled_decoders = scheduled, n
-        self.steps += 1
         self.busy_s += device
         return now + duration
 
@@ -320,7 +323,7 @@ class FastReplica:
             self.segment = seg = DecodeSegment(now, a, b, n2, k, duration, n, first_tokens)
             return seg.origin_s + k * a + b * (k * (k + 1) // 2)  # seg.end_s(k), inlined
         self.segment = seg = NoisyDecodeSegment(
-            now, a, b, n2, k, self.noise, self.steps, duration, device, n, first_tokens
+            now, a, b, n2, k, self.noise, self.step, duration, device, n, first_tokens
         )
         return seg.end_s(k)
 
@@ -375,7 +378,6 @@ class FastReplica:
         total = seg.total
         self.last_seen = seen = seg.deliver(total, self.frontend, self.recorder, self.last_seen)
         self.step = s = self.step + total
-        self.steps += total
         self.busy_s += now - seg.start_s - self._segment_host_s if self.noise is None else seg.device_s(total)
         if self.finishing[0][0] <= s:
             self._finish_decoders(seen)

@@ -44,10 +44,21 @@ class LeastOutstandingIndex:
 
     def take(self) -> int:
         """choose() with nothing tried, and count the request on the replica chosen (the common case, in one
-        call)."""
-        tied = self._buckets[self._least]
-        i = tied[next(self._tie) % len(tied)]
-        self.add(i, 1)
+        call: add(i, 1) with i's place in the least bucket known)."""
+        buckets, least = self._buckets, self._least
+        tied = buckets[least]
+        pos = next(self._tie) % len(tied)
+        i = tied[pos]
+        del tied[pos]
+        self.counts[i] = least + 1
+        target = buckets.get(least + 1)
+        if target is None:
+            buckets[least + 1] = [i]
+        else:
+            insort(target, i)
+        if not tied:
+            del buckets[least]
+            self._least = least + 1
         return i
 
     def choose(self, tried: tuple[int, ...] = ()) -> int | None:

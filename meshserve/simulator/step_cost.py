@@ -297,7 +297,7 @@ class StepCost:
         self._tp_fixed = (share * self.tp_costs.layer_us, share * self.tp_costs.layer_seq_us)
         # the fused all-reduce + residual add + RMSNorm (MESHSERVE_TP_FUSED_NORM): what each all-reduce saves
         self._fused = None if tp == 1 or not fused_norm else load_fused_norm(fused_norm)
-        self._lines: dict[int, tuple[float, float]] = {}  # decode_line's per-batch-size terms
+        self._lines: dict[int, tuple[float, float, float]] = {}  # decode_line's per-batch-size terms
         self._shapes: dict[tuple[int, int], tuple[float, ...]] = {}  # step_s's per-shape terms
         # per step: each MoE layer's routing and alignment launch (calibration.toml [moe] route_us), each MLA
         # layer's own launches (latent projections, absorbed q and output: [mla] layer_us)
@@ -389,9 +389,9 @@ class StepCost:
             t0, t1, t2, _ = m._theta
             dense, _, _ = m._terms(StepShape(n, n, n))
             per_token = t2 * m.kv_bytes_per_token / m.rates.bandwidth
-            line = self._lines[n] = ((t0 + t1 * dense) * 1e-3 + self.extra_s(n, n), per_token)
-        fixed, per_token = line
-        return fixed + per_token * context, per_token * n
+            line = self._lines[n] = ((t0 + t1 * dense) * 1e-3 + self.extra_s(n, n), per_token, per_token * n)
+        fixed, per_token, b = line
+        return fixed + per_token * context, b
 
 
 def read_step_trace(path: str | Path) -> list[dict]:

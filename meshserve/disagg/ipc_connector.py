@@ -236,6 +236,7 @@ class IpcConnector(StoreRendezvous, KVConnector):
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._peers: dict[int, tuple[int, list[torch.Tensor]]] = {}  # kv rank -> (its pid, its mapped pool)
         self._reader = threading.local()  # per reader thread: its last plan and its IdStage (_block_copy)
+        self._block_bytes = kv_tensors[0][:, 0].nbytes  # a block's K and V of one layer
         self._pointers: dict[int, tuple] = {}  # kv rank -> (its mapped pool, PoolPointers or None): see _kernel
 
     @property
@@ -314,7 +315,8 @@ class IpcConnector(StoreRendezvous, KVConnector):
             )
         t0 = time.perf_counter()
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-            copy = self._block_copy(src, block_ids, remote_ids, remote[0].device)
+            keep = len(layers) < len(self.kv_tensors)  # (a layer's read: the next layers read the same ids)
+            copy = self._block_copy(src, block_ids, remote_ids, remote[0].device, keep)
             pointers = self._kernel(src, remote) if copy.runs is None else None
             if pointers is not None:  # every layer of the read in one launch
                 from meshserve.kernels.triton_block_copy import copy_blocks
@@ -323,7 +325,7 @@ class IpcConnector(StoreRendezvous, KVConnector):
             else:
                 for layer in layers:
                     copy(self.kv_tensors[layer], remote[layer])
-        nbytes = self.kv_tensors[0][:, 0].nbytes * len(block_ids) * len(layers)
+        nbytes = self._block_bytes * len(block_ids) * len(layers)
         if self._stream is not None:
             if remote[0].device != self.device:  # (a gather on the peer GPU runs on that device's stream)
                 torch.cuda.current_stream(remote[0].device).synchronize()
@@ -348,14 +350,19 @@ class IpcConnector(StoreRendezvous, KVConnector):
             self._pointers[src] = peer
         return peer[1]
 
-    def _block_copy(self, src: int, block_ids: list[int], remote_ids: list[int], remote_device) -> BlockCopy:
-        """The read's copy plan, kept for the thread's next read of the same blocks (a layer-by-layer transfer
-        reads the same ids once per layer); per thread, as the plan's index tensors are views of the thread's
-        IdStage, which its next plan overwrites."""
+    def _block_copy(self, src: int, block_ids: list[int], remote_ids: list[int], remote_device,
+                    keep: bool = True) -> BlockCopy:
+        """The read's copy plan; with keep, kept for the thread's next read of the same blocks (a layer-by-layer
+        transfer reads the same ids once per layer; a whole request's read is not repeated, so it builds no key
+        of its ids); per thread, as the plan's index tensors are views of the thread's IdStage, which its next
+        plan overwrites."""
         reader = self._reader
         if not hasattr(reader, "stage"):
             reader.last = None
             reader.stage = IdStage(self.device) if self.device.type == "cuda" else None
+        if not keep:
+            reader.last = None  # (its indices are overwritten with the stage)
+            return BlockCopy(block_ids, remote_ids, self.device, remote_device, reader.stage)
         key = (src, tuple(block_ids), tuple(remote_ids))
         if reader.last is None or reader.last[0] != key:
             reader.last = (key, BlockCopy(block_ids, remote_ids, self.device, remote_device, reader.stage))

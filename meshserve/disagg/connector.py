@@ -441,7 +441,8 @@ class KVConnector(ABC):
         is queued); a failure raises, negative acknowledgements sent."""
         timeout = self.config.transfer_timeout_s
         deadline = time.monotonic() + timeout
-        if self.one_sided_read and job.remote_rank is not None and job.remote_block_ids is not None:
+        if (self.one_sided_read and job.remote_block_ids is not None and job.remote_rank is not None
+                and job.remote_rank != self.rank):
             rank, reply, nbytes = self._pull_ids_ahead(job, sockets, deadline)
             event = TransferEvent("received", job.transfer_id, job.request_id, reply.first_token, nbytes)
             return event, sockets[rank]

@@ -199,7 +199,7 @@ class KVTransferCoordinator:
             blocks = blocks[:n]
         self._held[transfer_id] = blocks
         self.stats.held_blocks += len(blocks)
-        self._handles[seq.request_id] = {
+        self._handles[seq.request_id] = {  # (a held request ends in a step's update, whose output takes it)
             "transfer_id": transfer_id,
             "remote_rank": self.config.kv_rank,
             "remote_block_ids": [b.block_id for b in blocks],

@@ -68,8 +68,9 @@ def decode_params(transfer_id: str, prefill_answer: bytes = b"") -> dict:
         handle = json.loads(prefill_answer).get("kv_transfer_params") if prefill_answer else None
     except (ValueError, AttributeError):  # (not JSON, or not an object: the pull asks the producers)
         handle = None
-    if isinstance(handle, dict) and handle.get("transfer_id") == transfer_id and "remote_block_ids" in handle:
-        params.update(remote_rank=handle.get("remote_rank"), remote_block_ids=handle["remote_block_ids"])
+    if (isinstance(handle, dict) and handle.get("transfer_id") == transfer_id
+            and isinstance(handle.get("remote_rank"), int) and isinstance(handle.get("remote_block_ids"), list)):
+        params.update(remote_rank=handle["remote_rank"], remote_block_ids=handle["remote_block_ids"])
     return params
 
 

@@ -23,7 +23,9 @@ def test_the_prefills_handle_goes_to_the_decode_leg():
 def test_answers_without_a_handle_for_this_transfer_leave_the_pull_to_ask():
     for answer in (b"", b"not json", b"[1, 2]", json.dumps({"id": "x"}).encode(), _answer(None),
                    _answer({"transfer_id": "other", "remote_rank": 0, "remote_block_ids": [1]}),
-                   _answer({"transfer_id": "t", "remote_rank": 0})):
+                   _answer({"transfer_id": "t", "remote_rank": 0}),
+                   _answer({"transfer_id": "t", "remote_block_ids": [1]}),  # (no rank: the decode leg would refuse)
+                   _answer({"transfer_id": "t", "remote_rank": "0", "remote_block_ids": [1]})):
         assert decode_params("t", answer) == PLAIN, answer
 
 

@@ -26,7 +26,10 @@ class DecodeSegment:
 
     A segment may start with a head: the mixed step that admitted the last waiting request(s) (head_s long, its
     tokens sampled by head_gaps decoders and the newly prefilled `first_tokens`, which decode from step 2 on),
-    so that step and the decode steps after it are one event; step j >= 2 still lasts a + b j."""
+    so that step and the decode steps after it are one event; step j >= 2 still lasts a + b j.
+
+    The fast replica restarts one object for each of its segments (restart): making one costs several times
+    as much in CPython 3.11."""
 
     __slots__ = (
         "a",
@@ -53,21 +56,35 @@ class DecodeSegment:
         head_gaps: int = 0,
         first_tokens: list | None = None,
     ):
+        self.restart(start_s, a, b, n, total, head_s, head_gaps, first_tokens)
+
+    def restart(
+        self,
+        start_s: float,
+        a: float,
+        b: float,
+        n: int,
+        total: int,
+        head_s: float | None = None,
+        head_gaps: int = 0,
+        first_tokens: list | None = None,
+    ) -> None:
+        """Make this the segment of these arguments (the constructor's), nothing delivered."""
         self.start_s = start_s
         self.a = a
         self.b = b
         self.n = n
         self.total = total
         self.delivered = 0
+        self.first_tokens = first_tokens
         # step k >= 1 ends at origin_s + k a + b k (k + 1) / 2 (a head shifts where the line starts)
         if head_s is None:
             self.origin_s = start_s
-        else:
+        else:  # (the head's fields are read only with a head)
             self.origin_s = origin = start_s + head_s - a - b
             self.head_end_s = origin + a + b  # end_s(1)
-        self.head_gaps = head_gaps
-        self.first_tokens = first_tokens
-        self.head_tokens = 0 if first_tokens is None else head_gaps + len(first_tokens)
+            self.head_gaps = head_gaps
+            self.head_tokens = 0 if first_tokens is None else head_gaps + len(first_tokens)
 
     def end_s(self, k: int) -> float:
         """When step k ends (k = 0: the start)."""

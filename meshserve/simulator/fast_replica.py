@@ -105,6 +105,7 @@ class FastReplica:
         self.busy_s = 0.0
         self.num_preemptions = 0
         self.segment: DecodeSegment | None = None
+        self._plain_segment = DecodeSegment(0.0, 0.0, 0.0, 0, 0)  # restarted for each noise-free segment
         self._segment_host_s = 0.0  # host time before the segment's head step (eager_steps.py): not the GPU's
         self._orders = 0
         self._scheduled: list[tuple[Req, int]] = []  # the explicit step in flight: prefill chunks
@@ -190,7 +191,8 @@ class FastReplica:
                 a, b = self.step_cost.decode_line(n, base)
                 if self.noise is None:
                     self._segment_host_s = 0.0
-                    self.segment = DecodeSegment(now, a, b, n, k)
+                    self.segment = seg = self._plain_segment
+                    seg.restart(now, a, b, n, k)
                 else:
                     self.segment = NoisyDecodeSegment(now, a, b, n, k, self.noise, self.step)
                     self.busy = True
@@ -320,7 +322,8 @@ class FastReplica:
         a, b = self.step_cost.decode_line(n2, base)
         self._segment_host_s = host
         if self.noise is None:
-            self.segment = seg = DecodeSegment(now, a, b, n2, k, duration, n, first_tokens)
+            self.segment = seg = self._plain_segment
+            seg.restart(now, a, b, n2, k, duration, n, first_tokens)
             return seg.origin_s + k * a + b * (k * (k + 1) // 2)  # seg.end_s(k), inlined
         self.segment = seg = NoisyDecodeSegment(
             now, a, b, n2, k, self.noise, self.step, duration, device, n, first_tokens

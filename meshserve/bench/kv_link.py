@@ -9,10 +9,11 @@ On a CPU machine this is the host-memory path: gloo over loopback TCP vs NIXL's 
 ipc (the consumer copies from the producer's mapped pool). `copy_GBps` is the best plain copy of the same bytes on
 the consumer's device (one contiguous tensor into another: the bound a link on one device can reach), and
 `fraction_of_copy` the median pull rate over it. `read_median_s` is the connector's read of the blocks alone (a
-one-sided read's copy and wait), `reply_median_s` the wait for the producer's answer on the side channel (its grant and
-block ids: a round trip before the read; with `--ids-ahead` the pull names the blocks and the read runs first, so
-what is left of the wait comes after it) and `ack_median_s` the acknowledgement's send after it; for ipc, `plan_median_s` (the
-copy plan: index uploads) and `launch_median_s` (the copy's launch) are parts of the read.
+one-sided read's copy and wait), `reply_median_s` the wait for the producer's answer on the side channel (its
+grant and block ids: a round trip before the read; with `--ids-ahead` the pull names the blocks and the read runs
+first, so what is left of the wait comes after it) and `ack_median_s` the acknowledgement's send (after the
+pull's event, outside its time); for ipc, `plan_median_s` (the copy plan: index uploads) and `launch_median_s`
+(the copy's launch) are parts of the read.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ runs the prompt and its first token and holds the KV blocks. Then the original r
 instance (a kv_consumer) with {"do_remote_prefill": true, "transfer_id": T}, plus the producer's kv rank and
 held block ids when the prefill's answer names them (its kv_transfer_params: a one-sided read then starts
 beside the grant's round trip): it pulls the blocks, sends the first token and decodes, streamed or not, as an
-ordinary OpenAI response. A prefill pool that cannot take
-the request (every instance down or refusing) means colocated serving on the decode pool; a refused decode
-attempt is retried there colocated (the held blocks expire on the producer).
+ordinary OpenAI response. A prefill pool that cannot take the request (every instance down or refusing) means
+colocated serving on the decode pool; a refused decode attempt is retried there colocated (the held blocks
+expire on the producer).
 """
 
 from __future__ import annotations

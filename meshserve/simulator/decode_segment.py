@@ -114,9 +114,12 @@ class DecodeSegment:
             k -= 1
         return k
 
-    def deliver(self, upto: int, frontend: FrontEnd | None, recorder: RunRecorder, last_seen: float) -> float:
+    def deliver(
+        self, upto: int, frontend: FrontEnd | None, recorder: RunRecorder, last_seen: float, end: float | None = None
+    ) -> float:
         """Hand the client the tokens of steps delivered+1..upto (each of the n sequences gets one per step, so
-        n inter-token gaps a step); returns the client time of step upto's tokens (last_seen: the step before)."""
+        n inter-token gaps a step); returns the client time of step upto's tokens (last_seen: the step before).
+        end: when step upto ends (end_s(upto)), where the caller has it: the segment's end is its event's time."""
         k = self.delivered
         if upto <= k:
             return last_seen
@@ -138,7 +141,8 @@ class DecodeSegment:
                 return seen
         n = self.n
         self.delivered = upto
-        end = start + upto * a + b * (upto * (upto + 1) // 2)
+        if end is None:
+            end = start + upto * a + b * (upto * (upto + 1) // 2)
         if frontend is None:  # the client sees each step when it ends
             recorder.add_itl_count(start + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) - last_seen, n)
             if upto > k + 1:
@@ -224,7 +228,9 @@ class NoisyDecodeSegment(DecodeSegment):
         """Device time of steps 1..k (laid out)."""
         return sum(self.device[:k])
 
-    def deliver(self, upto: int, frontend: FrontEnd | None, recorder: RunRecorder, last_seen: float) -> float:
+    def deliver(
+        self, upto: int, frontend: FrontEnd | None, recorder: RunRecorder, last_seen: float, end: float | None = None
+    ) -> float:
         k = self.delivered
         if upto <= k:
             return last_seen

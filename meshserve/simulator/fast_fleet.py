@@ -69,7 +69,7 @@ def run_fast(
     version = [0] * len(replicas)
     next_event = [math.inf] * len(replicas)  # when each replica's next step or segment ends (inf: idle)
     pending = [0] * len(replicas)  # requests in each replica's API process whose admission is an event
-    steps: list[tuple] = []
+    steps: list[tuple] = [(math.inf, -1, _WAKE, 0)]  # a sentinel under every event: never empty
     prompts, outputs = trace.prompt_len.tolist(), trace.output_len.tolist()
     arrivals = trace.arrival_s.tolist()
     n, i = len(arrivals), 0
@@ -149,9 +149,11 @@ def run_fast(
 
     next_tick = tick
     next_arrival = arrivals[0] + delay if n else inf
-    while i < n or steps:
-        t_step = steps[0][0] if steps else inf
+    while True:
+        t_step = steps[0][0]
         if next_arrival <= t_step:  # arrivals first at equal times
+            if i == n:
+                break  # no arrival left and no event but the sentinel
             if next_arrival >= next_tick:
                 next_tick = sample(next_arrival, next_tick)
             send(i, next_arrival, ())

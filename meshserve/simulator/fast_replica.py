@@ -101,7 +101,7 @@ class FastReplica:
         self.partial: Req | None = None  # part-way through its prefill (the newest running sequence)
         self.step = 0  # steps done (S), the step index of the noise's draws
         self.last_seen = 0.0  # the client's time of the last step's tokens
-        self.busy = False
+        self.busy = False  # a step in flight or a wake-up due (the fleet sets it to wake the replica)
         self.busy_s = 0.0
         self.num_preemptions = 0
         self.segment: DecodeSegment | None = None
@@ -195,9 +195,7 @@ class FastReplica:
                     seg.restart(now, a, b, n, k)
                 else:
                     self.segment = NoisyDecodeSegment(now, a, b, n, k, self.noise, self.step)
-                    self.busy = True
                     return self.segment.end_s(k)
-                self.busy = True
                 return now + k * a + b * (k * (k + 1) // 2)
         return self._schedule(now)
 
@@ -255,7 +253,6 @@ class FastReplica:
         if not running:
             self.busy = False
             return None
-        self.busy = True
         # the device time and eager_steps.py's host time before the step
         duration, host = self.step_cost.step_s(tokens, running, context)
         device = duration
@@ -379,7 +376,7 @@ class FastReplica:
             return self.start_step(now)
         self.segment = None
         total = seg.total
-        self.last_seen = seen = seg.deliver(total, self.frontend, self.recorder, self.last_seen)
+        self.last_seen = seen = seg.deliver(total, self.frontend, self.recorder, self.last_seen, now)
         self.step = s = self.step + total
         self.busy_s += now - seg.start_s - self._segment_host_s if self.noise is None else seg.device_s(total)
         if self.finishing[0][0] <= s:

@@ -36,13 +36,15 @@ class RunRecorder:
     reject_latency_s: array = field(default_factory=lambda: array("d"))
     itl_counts: np.ndarray = field(default_factory=lambda: np.zeros(_ITL_BINS, dtype=np.int64))
     _itl_pending: dict[int, int] = field(default_factory=dict)  # bin -> gaps, not yet in itl_counts
-    # gaps not yet binned: single (gap, count) and linear runs (first gap, slope, steps, count)
+    # gaps not yet binned: single (gap, count) and linear runs (first gap, slope, steps, count); the counts in
+    # lists (an array's append parses its argument, several times a list's: the ints are mostly the small
+    # cached ones, read back at little cost), the new floats in arrays (a list would keep each one alive)
     _gap_s: array = field(default_factory=lambda: array("d"))
-    _gap_n: array = field(default_factory=lambda: array("q"))
+    _gap_n: list[int] = field(default_factory=list)
     _run_s: array = field(default_factory=lambda: array("d"))
     _run_slope_s: array = field(default_factory=lambda: array("d"))
-    _run_steps: array = field(default_factory=lambda: array("q"))
-    _run_n: array = field(default_factory=lambda: array("q"))
+    _run_steps: list[int] = field(default_factory=list)
+    _run_n: list[int] = field(default_factory=list)
     last_completion_s: float = 0.0
 
     def add_itl(self, gap_s: float) -> None:
@@ -78,11 +80,12 @@ class RunRecorder:
         """Bin the gaps kept raw (the same bins as int(gap / ITL_BIN_S) one by one)."""
         if self._gap_s:
             bins = (np.frombuffer(self._gap_s, dtype=float) / ITL_BIN_S).astype(np.int64)
-            self._add_bins(bins, np.frombuffer(self._gap_n, dtype=np.int64))
-            self._gap_s, self._gap_n = array("d"), array("q")  # (numpy's views keep the old ones)
+            self._add_bins(bins, np.fromiter(self._gap_n, dtype=np.int64, count=len(self._gap_n)))
+            self._gap_s, self._gap_n = array("d"), []  # (numpy's views keep the old ones)
         if self._run_s:
             first, slope = np.frombuffer(self._run_s, dtype=float), np.frombuffer(self._run_slope_s, dtype=float)
-            steps, count = np.frombuffer(self._run_steps, dtype=np.int64), np.frombuffer(self._run_n, dtype=np.int64)
+            steps = np.fromiter(self._run_steps, dtype=np.int64, count=len(self._run_steps))
+            count = np.fromiter(self._run_n, dtype=np.int64, count=len(self._run_n))
             b0 = (first / ITL_BIN_S).astype(np.int64)
             b1 = ((first + slope * (steps - 1)) / ITL_BIN_S).astype(np.int64)
             one = b0 == b1  # gaps grow with the step: a run that starts and ends in one bin stays in it
@@ -92,7 +95,7 @@ class RunRecorder:
                 run = np.repeat(np.arange(steps.size), steps)  # each step's run
                 i = np.arange(run.size) - np.repeat(np.cumsum(steps) - steps, steps)
                 self._add_bins(((first[run] + slope[run] * i) / ITL_BIN_S).astype(np.int64), count[run])
-            self._run_s, self._run_slope_s, self._run_steps, self._run_n = array("d"), array("d"), array("q"), array("q")
+            self._run_s, self._run_slope_s, self._run_steps, self._run_n = array("d"), array("d"), [], []
 
     def _add_bins(self, bins: np.ndarray, counts: np.ndarray) -> None:
         if bins.size:  # bincount over the bins' own range (np.add.at is ~10x slower per gap)

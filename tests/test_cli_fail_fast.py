@@ -18,7 +18,44 @@ def _run(*argv: str) -> tuple[dict, str]:
     return json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
 
 
-@pytest.mark.parametrize("argv,message", [
+# PROBE for many command lines from one interpreter start: meshserve.cli is imported once, then each line runs in a
+# child forked right there (the state PROBE's process has when it calls main), its stdout and stderr its own
+_PROBE_EACH = """
+import json, os, sys, tempfile, traceback
+from meshserve.cli import main
+runs = []
+for argv in json.loads(sys.argv[1]):
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+        try:
+            rc = main(argv)
+            print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(0)
+    os.waitpid(pid, 0)
+    out.seek(0); err.seek(0)
+    runs.append([out.read(), err.read()])
+print(json.dumps(runs))
+"""
+
+
+def _run_each(argvs: list[list[str]]) -> dict[tuple, tuple[dict, str]]:
+    """_run for each command line: argv -> (PROBE's result, its stderr)."""
+    p = subprocess.run([sys.executable, "-c", _PROBE_EACH, json.dumps(argvs)], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert p.returncode == 0, p.stderr
+    runs = json.loads(p.stdout.strip().splitlines()[-1])
+    return {tuple(argv): (json.loads(out.strip().splitlines()[-1]) if out.strip() else None, err)
+            for argv, (out, err) in zip(argvs, runs, strict=True)}
+
+
+REFUSED = [
     (["generate", "--no-chat", ""], "a prompt is empty"),
     (["generate", ""], "a prompt is empty"),  # chat mode too: the model would invent a reply to nothing
     (["generate", "--max-tokens", "-1", "Hi"], "max_tokens"),
@@ -45,9 +82,17 @@ def _run(*argv: str) -> tuple[dict, str]:
     (["serve", "--seed", str(1 << 64)], "seed: must fit in 64 bits"),
     (["serve", "--nnodes", "2", "--node-rank", "1", "--master-port", "-1"], "master_port: must be in [1, 65535]"),
     (["serve", "/nonexistent/model", "-dp", "2", "--data-parallel-backend", "router"], "model not found"),
-])
-def test_refused_before_anything_loads(argv, message):
-    result, err = _run(*argv)
+]
+
+
+@pytest.fixture(scope="module")
+def refused_runs() -> dict[tuple, tuple[dict, str]]:
+    return _run_each([argv for argv, _ in REFUSED])
+
+
+@pytest.mark.parametrize("argv,message", REFUSED)
+def test_refused_before_anything_loads(argv, message, refused_runs):
+    result, err = refused_runs[tuple(argv)]
     assert result == {"rc": 2, "torch": False}, err
     assert err.startswith("meshserve: error:") and message in err and len(err.strip().splitlines()) == 1
 

@@ -124,12 +124,14 @@ class DecodeSegment:
         if upto <= k:
             return last_seen
         a, b, start = self.a, self.b, self.origin_s
+        gap_s, gap_counts = recorder.gap_s, recorder.gap_counts  # add_itl_count's lists, without its call
         if k == 0 and self.first_tokens is not None:  # the head: decoders' tokens and first tokens
             t = self.head_end_s
             # frontend.deliver(t, head_tokens) for the fast replica's one API process (no gate, no folding)
             seen = t if frontend is None else frontend.submit(t, self.head_tokens * frontend.costs.per_token_s)
             if self.head_gaps:
-                recorder.add_itl_count(seen - last_seen, self.head_gaps)
+                gap_s.append(seen - last_seen)
+                gap_counts.append(self.head_gaps)
             for r in self.first_tokens:
                 if r.first_seen < 0.0:
                     r.first_seen = seen
@@ -144,7 +146,8 @@ class DecodeSegment:
         if end is None:
             end = start + upto * a + b * (upto * (upto + 1) // 2)
         if frontend is None:  # the client sees each step when it ends
-            recorder.add_itl_count(start + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) - last_seen, n)
+            gap_s.append(start + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) - last_seen)
+            gap_counts.append(n)
             if upto > k + 1:
                 recorder.add_itl_linear(a + b * (k + 2), b, upto - k - 1, n)
             return end
@@ -154,9 +157,14 @@ class DecodeSegment:
         while k < upto:
             k += 1
             t = start + k * a + b * (k * (k + 1) // 2)
-            idle = done <= t
-            seen = (t if idle else done) + work
-            recorder.add_itl_count(seen - last_seen, n)
+            if done <= t:  # the queue idle when the step ends: its tokens wait for nothing
+                done = t
+                idle = True
+            else:
+                idle = False
+            seen = done + work
+            gap_s.append(seen - last_seen)
+            gap_counts.append(n)
             last_seen = done = seen
             if idle and k < upto and a + b * (k + 1) >= work:  # idle from here on: seen = end + work
                 recorder.add_itl_linear(a + b * (k + 1), b, upto - k, n)

@@ -64,7 +64,42 @@ class Req:
 class FastReplica:
     """The replica as the fleet sees it (fast_fleet.py): try_add / intake / interrupt for arrivals, start_step
     and next_step for its steps, num_waiting / num_running for the timeline, busy_s / steps / frontend for the
-    report. `outstanding` lives in the router's index (counts[index])."""
+    report. `outstanding` lives in the router's index (counts[index]). Slotted: CPython 3.11 shares an object's
+    key table with its class's other objects up to 30 attributes, and past that specializes none of its
+    attribute and method loads."""
+
+    __slots__ = (
+        "_orders",
+        "_outstanding",
+        "_plain_segment",
+        "_scheduled",
+        "_scheduled_decoders",
+        "_segment_host_s",
+        "block_size",
+        "budget",
+        "busy",
+        "busy_s",
+        "decoders",
+        "finishing",
+        "frontend",
+        "held_slack",
+        "index",
+        "last_seen",
+        "max_model_len",
+        "max_queue_len",
+        "max_request_tokens",
+        "max_running",
+        "noise",
+        "num_blocks",
+        "num_preemptions",
+        "partial",
+        "recorder",
+        "segment",
+        "step",
+        "step_cost",
+        "sum_offset",
+        "waiting",
+    )
 
     def __init__(
         self,
@@ -86,7 +121,11 @@ class FastReplica:
         self.max_model_len = scheduler_config.max_model_len
         self.block_size = cache_config.block_size
         self.num_blocks = cache_config.num_blocks
-        self.capacity_tokens = self.num_blocks * self.block_size
+        # the longest request it queues (prompt + output): within the model's length and the whole KV pool
+        self.max_request_tokens = min(self.max_model_len, self.num_blocks * self.block_size)
+        # what a step adds to the blocks held at most beyond its decoders' tokens: its budget, and a block
+        # partly filled per sequence
+        self.held_slack = self.budget + self.max_running * self.block_size
         self.step_cost = step_cost
         # step-time noise by step index (step_noise.py): the same draws as the reference replica's
         self.noise = noise
@@ -139,19 +178,13 @@ class FastReplica:
 
     def will_take(self, prompt: int, max_out: int) -> bool:
         """Whether try_add would queue this request now."""
-        total = prompt + max_out
-        return (
-            len(self.waiting) < self.max_queue_len
-            and total <= self.max_model_len
-            and total <= self.capacity_tokens
-        )
+        return len(self.waiting) < self.max_queue_len and prompt + max_out <= self.max_request_tokens
 
     def try_add(self, sent: float, prompt: int, max_out: int) -> bool:
         """Queue a request (sent at `sent`), or refuse it as the server would (429 queue full, 400 too long)."""
         if len(self.waiting) >= self.max_queue_len:
             return False
-        total = prompt + max_out
-        if total > self.max_model_len or total > self.capacity_tokens:
+        if prompt + max_out > self.max_request_tokens:
             return False
         self.waiting.append(Req(sent, prompt, max_out))
         return True
@@ -204,17 +237,17 @@ class FastReplica:
         prefilling one the rest of its prompt within the budget), preempting the newest when blocks run out;
         then waiting ones in order while budget, sequence slots and blocks last."""
         decoders, waiting = self.decoders, self.waiting
-        s1, bs, max_running, budget = self.step + 1, self.block_size, self.max_running, self.budget
+        s1, bs, n = self.step + 1, self.block_size, len(decoders)
         queued = len(waiting)  # requests waiting when the step is decided: the host gap's table
-        held_bound = self.sum_offset + len(decoders) * s1 + budget + max_running * bs
-        budget -= len(decoders)
+        held_bound = self.sum_offset + n * s1 + self.held_slack
+        budget = self.budget - n
         if self.partial is not None:
             held_bound += self.partial.computed
         free = None if held_bound // bs <= self.num_blocks else self._free_blocks_after_decodes()
         preempted = False
         if free is not None and free < 0:
             free, preempted = self._preempt_for_decodes(free)
-        n = len(decoders)
+            n = len(decoders)
         tokens, context = n, self.sum_offset + n * s1  # the step's tokens and the KV tokens it reads
         scheduled: list[tuple[Req, int]] = []
         p = self.partial
@@ -232,7 +265,7 @@ class FastReplica:
                 tokens += num_new
                 context += p.computed + num_new
                 self.partial = None
-        running = n + len(scheduled)
+        running, max_running = n + len(scheduled), self.max_running
         while waiting and not preempted and budget > 0 and running < max_running:
             r = waiting[0]
             num_new = r.prompt + r.out

@@ -38,9 +38,11 @@ class RunRecorder:
     _itl_pending: dict[int, int] = field(default_factory=dict)  # bin -> gaps, not yet in itl_counts
     # gaps not yet binned: single (gap, count) and linear runs (first gap, slope, steps, count); the counts in
     # lists (an array's append parses its argument, several times a list's: the ints are mostly the small
-    # cached ones, read back at little cost), the new floats in arrays (a list would keep each one alive)
-    _gap_s: array = field(default_factory=lambda: array("d"))
-    _gap_n: list[int] = field(default_factory=list)
+    # cached ones, read back at little cost), the new floats in arrays (a list would keep each one alive).
+    # The fast model's DecodeSegment.deliver appends its (gap, count) pairs to gap_s / gap_counts itself (a
+    # call per gap was a large share of its cost): add_itl_count's
+    gap_s: array = field(default_factory=lambda: array("d"))
+    gap_counts: list[int] = field(default_factory=list)
     _run_s: array = field(default_factory=lambda: array("d"))
     _run_slope_s: array = field(default_factory=lambda: array("d"))
     _run_steps: list[int] = field(default_factory=list)
@@ -53,13 +55,13 @@ class RunRecorder:
 
     def add_itl_count(self, gap_s: float, count: int) -> None:
         """count gaps of gap_s (every sequence of one step). Kept raw and binned in bulk (flush_itl)."""
-        self._gap_s.append(gap_s)
-        self._gap_n.append(count)
+        self.gap_s.append(gap_s)
+        self.gap_counts.append(count)
 
     def add_itl_count_many(self, gaps_s: list[float], count: int) -> None:
         """count gaps of each of gaps_s (every sequence of a step, for each step), kept raw as add_itl_count's."""
-        self._gap_s.extend(gaps_s)
-        self._gap_n.extend([count] * len(gaps_s))
+        self.gap_s.extend(gaps_s)
+        self.gap_counts.extend([count] * len(gaps_s))
 
     def add_itl_linear(self, first_s: float, slope_s: float, steps: int, count: int) -> None:
         """count gaps of each of first_s + slope_s * i, i = 0..steps-1 (a decode segment's step durations,
@@ -78,10 +80,10 @@ class RunRecorder:
 
     def flush_itl(self) -> None:
         """Bin the gaps kept raw (the same bins as int(gap / ITL_BIN_S) one by one)."""
-        if self._gap_s:
-            bins = (np.frombuffer(self._gap_s, dtype=float) / ITL_BIN_S).astype(np.int64)
-            self._add_bins(bins, np.fromiter(self._gap_n, dtype=np.int64, count=len(self._gap_n)))
-            self._gap_s, self._gap_n = array("d"), []  # (numpy's views keep the old ones)
+        if self.gap_s:
+            bins = (np.frombuffer(self.gap_s, dtype=float) / ITL_BIN_S).astype(np.int64)
+            self._add_bins(bins, np.fromiter(self.gap_counts, dtype=np.int64, count=len(self.gap_counts)))
+            self.gap_s, self.gap_counts = array("d"), []  # (numpy's views keep the old ones)
         if self._run_s:
             first, slope = np.frombuffer(self._run_s, dtype=float), np.frombuffer(self._run_slope_s, dtype=float)
             steps = np.fromiter(self._run_steps, dtype=np.int64, count=len(self._run_steps))

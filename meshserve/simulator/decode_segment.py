@@ -114,6 +114,16 @@ class DecodeSegment:
             k -= 1
         return k
 
+    def steps_ended_since(self, t: float, k: int) -> int:
+        """steps_ended_before(t), given that k steps ended before t: counted on from k when t is within two
+        steps of it (an arrival's admission, just after its intake delivered those k), else solved anew."""
+        o, a, b, total = self.origin_s, self.a, self.b, self.total
+        if k < total and o + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) < t:
+            k += 1
+            if k < total and o + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) < t:
+                return self.steps_ended_before(t)
+        return k
+
     def deliver(
         self, upto: int, frontend: FrontEnd | None, recorder: RunRecorder, last_seen: float, end: float | None = None
     ) -> float:
@@ -231,6 +241,9 @@ class NoisyDecodeSegment(DecodeSegment):
         while len(ends) < total and (not ends or ends[-1] < t):  # lay out in doubling chunks up to t
             self._lay_out(min(total, max(16, 2 * len(ends))))
         return min(bisect_left(ends, t), total)
+
+    def steps_ended_since(self, t: float, k: int) -> int:
+        return self.steps_ended_before(t)
 
     def device_s(self, k: int) -> float:
         """Device time of steps 1..k (laid out)."""

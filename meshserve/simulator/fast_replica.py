@@ -195,7 +195,7 @@ class FastReplica:
         seg = self.segment
         if seg is None:
             return None
-        keep = seg.steps_ended_before(now) + 1
+        keep = seg.steps_ended_since(now, seg.delivered) + 1  # (delivered: ended before an earlier intake)
         if keep >= seg.total:
             return None
         seg.total = keep

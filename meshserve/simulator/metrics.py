@@ -24,11 +24,14 @@ _ITL_BINS = 600_000
 class RunRecorder:
     """Filled by the replicas as tokens come out; summarize() turns it into the report."""
 
-    arrival_s: array = field(default_factory=lambda: array("d"))
+    # per finished request: the arrival (the trace's own float) and the token counts (mostly small cached ints)
+    # in lists, the new floats in arrays (a list would keep each one alive); an array's append parses its
+    # argument, several times a list's
+    arrival_s: list[float] = field(default_factory=list)
     ttft_s: array = field(default_factory=lambda: array("d"))
     e2e_s: array = field(default_factory=lambda: array("d"))
-    output_tokens: array = field(default_factory=lambda: array("l"))
-    prompt_tokens: array = field(default_factory=lambda: array("l"))
+    output_tokens: list[int] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
     num_rejected: int = 0  # 429 at the door: queue full or predicted TTFT past its target
     num_shed: int = 0  # dropped from the queue once too late for the TTFT target
     num_preemptions: int = 0
@@ -139,7 +142,7 @@ class RunRecorder:
         """The report; gpu_hours defaults to num_gpus for the whole run (an autoscaled fleet passes its own)."""
         # in arrival order, whatever order requests finished in (decode runs record theirs at the run's end):
         # sums and means then do not depend on it
-        arrival = np.frombuffer(self.arrival_s, dtype=float)
+        arrival = np.array(self.arrival_s, dtype=float)
         order = np.argsort(arrival, kind="stable")
         if np.any(arrival[order[1:]] == arrival[order[:-1]]):  # equal arrivals: the other fields order them
             order = np.lexsort((np.asarray(self.output_tokens, dtype=np.int64), np.frombuffer(self.ttft_s, dtype=float),

@@ -158,10 +158,14 @@ def test_one_and_two_procs_agree_on_a_light_load(stub):
     for s in (one, two):  # every request is good: goodput is 30 over the whole run
         assert s["num_requests"] == s["completed"] == 30
         assert s["goodput"] == pytest.approx(30 / s["duration_s"])
-    # the same load, the same server: the runs' lengths agree, once the late start of the worker processes
-    # on a busy host (their send lag) is taken off
+    # both runs keep the schedule: neither ends before the last arrival (a split that compressed or dropped the
+    # send times would), and the two-process run, once its workers' late start (their send lag) is taken off,
+    # is not much longer than the one-process run. Bounds in seconds, not ratios: a busy host adds
+    # seconds to both runs, which a ratio on ~1 s runs cannot absorb
+    span = reqs[-1].send_at
+    assert one["duration_s"] >= span and two["duration_s"] >= span
     late_start = max(r.send_lag for r in two_results)
-    assert two["duration_s"] - late_start == pytest.approx(one["duration_s"], rel=0.35)
+    assert two["duration_s"] - late_start < one["duration_s"] + 2.0
 
 
 def test_closed_loop_over_procs_completes_every_request(stub):

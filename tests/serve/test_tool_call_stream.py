@@ -85,7 +85,10 @@ def test_streamed_tool_calls_match_the_whole_response(parser_client, mode):
         content, calls, finish = _raw_stream(client, kw)
         assert content == (whole.message.content or "")
         assert [c[:2] for c in calls] == [[c.function.name, c.function.arguments] for c in whole.message.tool_calls]
-        assert calls[0][2] > 3, "the arguments should arrive in several pieces"
+        # how many pieces depends on how many engine steps the server coalesces into one chunk, which a busy
+        # host changes; that arguments stream in pieces is asserted on the parser itself
+        # (test_tool_parsers.test_json_arguments_stream_in_pieces)
+        assert calls[0][2] >= 1
         assert finish == whole.finish_reason == ("stop" if mode == "named" else "tool_calls")
 
 

@@ -3,8 +3,9 @@
 # (tools/sweep_block_copy.py: device time per tile), then kv_link's ipc pulls (two processes on the GPU, Llama-3.1-8B
 # blocks, 32 layers) at 16 / 256 / 512 blocks with the default tile and at 256 / 512 with the sweep's fastest tile
 # of the largest read, and with the pull naming the producer's blocks (--ids-ahead: the read beside the grant's
-# round trip). Each pull's split: reply (the wait for the producer's answer), read = plan + launch + the copy's
-# wait, ack. Results under $OUT/link/.
+# round trip), each with whole reads replayed from a CUDA graph (the default) and launched (MESHSERVE_IPC_READ_GRAPH=0).
+# Each pull's split: reply (the wait for the producer's answer), read = plan + launch (or replay) + the copy's wait,
+# gpu (the launch's or replay's device time), ack. Results under $OUT/link/.
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 mkdir -p $OUT/link
@@ -26,6 +27,8 @@ PY
 }
 for b in 16 256 512; do pull ipc_$b $b; done
 for b in 16 256 512; do IDS_AHEAD=1 pull ipc_${b}_ahead $b; done
+# whole reads replay a CUDA graph by default (kernels/block_copy_graph.py); launched as before, for the A/B
+for b in 16 256 512; do IDS_AHEAD=1 pull ipc_${b}_ahead_launched $b MESHSERVE_IPC_READ_GRAPH=0; done
 [ -f $OUT/link/sweep.json ] || exit 0
 best=$(python3 -c "import json; r = json.load(open('$OUT/link/sweep.json'))['results'][-1]['fastest'][0]['tile']; print(','.join(map(str, r)))")
 for b in 256 512; do pull ipc_${b}_best $b MESHSERVE_BLOCK_COPY_TILE=$best; done

@@ -13,7 +13,9 @@ one-sided read's copy and wait), `reply_median_s` the wait for the producer's an
 grant and block ids: a round trip before the read; with `--ids-ahead` the pull names the blocks and the read runs
 first, so what is left of the wait comes after it) and `ack_median_s` the acknowledgement's send (after the
 pull's event, outside its time); for ipc, `plan_median_s` (the copy plan: index uploads) and `launch_median_s`
-(the copy's launch) are parts of the read.
+(the copy's launch) are parts of the read, or `replay_median_s` where a whole read replays a CUDA graph (the ids'
+packing and the replay's launch: kernels/block_copy_graph.py), and `gpu_median_s` the device time of the launch or
+replay (CUDA events on the read's stream: what is left of the read is host time).
 """
 
 from __future__ import annotations
@@ -126,16 +128,21 @@ class _ReadTimer:
     """Wraps the connector's read methods with timers (the split of a pull the bench reports beside its total)."""
 
     def __init__(self, conn) -> None:
-        self.parts: dict[str, list[float]] = {"reply": [], "read": [], "ack": [], "plan": [], "launch": []}
+        self.parts: dict[str, list[float]] = {"reply": [], "read": [], "ack": [], "plan": [], "launch": [],
+                                              "replay": []}
+        self._events: list[tuple] = []  # (start, end) CUDA events of each launch or replay
         self._wrap(conn, "_reply", "reply")
         self._wrap(conn, "_read_blocks", "read")
         self._wrap(conn, "_send_ack", "ack")
-        if hasattr(conn, "_block_copy"):  # ipc: the plan, and the kernel's launch where it runs
+        if hasattr(conn, "_block_copy"):  # ipc: the plan, and the kernel's launch (or graph's replay) where it runs
             self._wrap(conn, "_block_copy", "plan")
             if conn.device.type == "cuda":
-                from meshserve.kernels import triton_block_copy
+                from meshserve.kernels import block_copy_graph, triton_block_copy
 
+                triton_block_copy.copy_blocks = self._gpu_timed(triton_block_copy.copy_blocks)
                 self._wrap(triton_block_copy, "copy_blocks", "launch")
+                block_copy_graph.BlockCopyGraphs.__call__ = self._gpu_timed(block_copy_graph.BlockCopyGraphs.__call__)
+                self._wrap(block_copy_graph.BlockCopyGraphs, "__call__", "replay")
 
     def _wrap(self, owner, name: str, part: str) -> None:
         inner = getattr(owner, name)
@@ -149,9 +156,25 @@ class _ReadTimer:
 
         setattr(owner, name, timed)
 
+    def _gpu_timed(self, inner):
+        def timed(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                end.record()
+                self._events.append((start, end))
+
+        return timed
+
     def medians(self, skip: int) -> dict[str, float]:
         """Each part's median over the timed pulls (the first `skip` calls were the set-up pull's)."""
-        return {f"{k}_median_s": statistics.median(v[skip:]) for k, v in self.parts.items() if v[skip:]}
+        out = {f"{k}_median_s": statistics.median(v[skip:]) for k, v in self.parts.items() if v[skip:]}
+        if self._events[skip:]:
+            torch.cuda.synchronize()
+            out["gpu_median_s"] = statistics.median(s.elapsed_time(e) / 1e3 for s, e in self._events[skip:])
+        return out
 
 
 def run(ns: argparse.Namespace) -> dict:

@@ -317,6 +317,10 @@ class IpcConnector(StoreRendezvous, KVConnector):
         t0 = time.perf_counter()
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             keep = len(layers) < len(self.kv_tensors)  # (a layer's read: the next layers read the same ids)
+            graphs = None if keep else self._graphs(src, remote)
+            if graphs is not None:  # a whole read: the ids' upload and the copy replayed from a graph
+                graphs(block_ids, remote_ids)
+                return self._wait(src, remote, len(block_ids) * len(layers), t0)
             copy = self._block_copy(src, block_ids, remote_ids, remote[0].device, keep)
             pointers = self._kernel(src, remote) if copy.runs is None else None
             if pointers is not None:  # every layer of the read in one launch
@@ -326,7 +330,11 @@ class IpcConnector(StoreRendezvous, KVConnector):
             else:
                 for layer in layers:
                     copy(self.kv_tensors[layer], remote[layer])
-        nbytes = self._block_bytes * len(block_ids) * len(layers)
+        return self._wait(src, remote, len(block_ids) * len(layers), t0)
+
+    def _wait(self, src: int, remote: list[torch.Tensor], block_layers: int, t0: float) -> int:
+        """Waits for a read's copy; its bytes."""
+        nbytes = self._block_bytes * block_layers
         if self._stream is not None:
             if remote[0].device != self.device:  # (a gather on the peer GPU runs on that device's stream)
                 torch.cuda.current_stream(remote[0].device).synchronize()
@@ -350,6 +358,24 @@ class IpcConnector(StoreRendezvous, KVConnector):
             peer = (remote, triton_block_copy.PoolPointers.of(mine, remote) if ok else None)
             self._pointers[src] = peer
         return peer[1]
+
+    def _graphs(self, src: int, remote: list[torch.Tensor]):
+        """The reader thread's BlockCopyGraphs from kv rank src's pool (kernels/block_copy_graph.py), or None where
+        the kernel does not apply (_kernel) or MESHSERVE_IPC_READ_GRAPH=0 (launched reads, for A/Bs)."""
+        if self.device.type != "cuda" or os.environ.get("MESHSERVE_IPC_READ_GRAPH", "1") == "0":
+            return None
+        pointers = self._kernel(src, remote)
+        if pointers is None:
+            return None
+        reader = self._reader
+        if not hasattr(reader, "graphs"):
+            reader.graphs = {}
+        graphs = reader.graphs.get(src)
+        if graphs is None or graphs.pointers is not pointers:  # (a remapped producer: new pointer tables)
+            from meshserve.kernels.block_copy_graph import BlockCopyGraphs
+
+            graphs = reader.graphs[src] = BlockCopyGraphs(pointers, self.device)
+        return graphs
 
     def _block_copy(self, src: int, block_ids: list[int], remote_ids: list[int], remote_device,
                     keep: bool = True) -> BlockCopy:

@@ -51,9 +51,12 @@ class CopyTile:
 
 
 @triton.jit
-def _copy_blocks_kernel(dst_bases_ptr, src_bases_ptr, dst_ids_ptr, src_ids_ptr, num_pairs, dst_kv_stride,
-                        src_kv_stride, block_words, WORDS: tl.constexpr, CHUNK: tl.constexpr, PAIRS: tl.constexpr):
+def _copy_blocks_kernel(dst_bases_ptr, src_bases_ptr, dst_ids_ptr, src_ids_ptr, num_pairs, count_ptr, dst_kv_stride,
+                        src_kv_stride, block_words, WORDS: tl.constexpr, CHUNK: tl.constexpr, PAIRS: tl.constexpr,
+                        COUNTED: tl.constexpr):
     first, layer_kv, chunk = tl.program_id(0) * PAIRS, tl.program_id(1), tl.program_id(2)
+    if COUNTED:  # (a graph's replay: the grid covers its bucket, the read's pair count is on the device)
+        num_pairs = tl.load(count_ptr)
     layer, kv = layer_kv // 2, layer_kv % 2
     elem = tl.int32 if WORDS else tl.uint8
     dst = tl.load(dst_bases_ptr + layer).to(tl.pointer_type(elem))
@@ -102,9 +105,10 @@ class PoolPointers:
 
 
 def copy_blocks(pointers: PoolPointers, dst_ids: torch.Tensor, src_ids: torch.Tensor,
-                layers: range | None = None, tile: CopyTile | None = None) -> None:
+                layers: range | None = None, tile: CopyTile | None = None, pair_count: torch.Tensor | None = None) -> None:
     """dst[l][:, dst_ids] = src[l][:, src_ids] for l in layers (a contiguous range; None: all of them); the ids
-    int64 tensors on the pools' device."""
+    int64 tensors on the pools' device. pair_count: a one-element int64 device tensor, the pairs to copy of the ids'
+    (the rest are not read): the launch then depends on no host value but the ids' capacity (a CUDA graph's)."""
     n = dst_ids.numel()
     first, count = (0, pointers.dst_bases.numel()) if layers is None else (layers.start, len(layers))
     if n == 0 or count == 0:
@@ -115,9 +119,10 @@ def copy_blocks(pointers: PoolPointers, dst_ids: torch.Tensor, src_ids: torch.Te
     dst_bases, src_bases = pointers.dst_bases, pointers.src_bases
     if first:  # (a view per launch costs host time: only for a layer range past the first)
         dst_bases, src_bases = dst_bases[first:], src_bases[first:]
-    _copy_blocks_kernel[grid](dst_bases, src_bases, dst_ids, src_ids, n,
+    _copy_blocks_kernel[grid](dst_bases, src_bases, dst_ids, src_ids, n, dst_ids if pair_count is None else pair_count,
                               pointers.dst_kv_stride, pointers.src_kv_stride, pointers.block_words,
-                              WORDS=pointers.words, CHUNK=chunk, PAIRS=tile.pairs, num_warps=tile.num_warps)
+                              WORDS=pointers.words, CHUNK=chunk, PAIRS=tile.pairs, COUNTED=pair_count is not None,
+                              num_warps=tile.num_warps)
 
 
 _TILE = CopyTile.from_env()

@@ -33,6 +33,21 @@ def test_copies_scattered_blocks_of_the_layers_asked(dtype, layers, tile):
     assert all(torch.equal(d.view(torch.uint8), e) for d, e in zip(dst, expected))
 
 
+@pytest.mark.parametrize("tile", [None, CopyTile(8, 2, 4)], ids=["default", "8B_2"])
+def test_a_pair_count_on_the_device_copies_only_the_first_pairs(tile):
+    """A CUDA graph's launch: ids of a fixed capacity (8), the pairs to copy (5) read from a device tensor; the
+    stale ids past them (pointing at blocks that must stay untouched) are not read."""
+    torch.manual_seed(0)
+    src = [torch.randn(2, 24, 3, 2, 2) for _ in range(2)]
+    dst = [torch.zeros(2, 17, 3, 2, 2) for _ in range(2)]
+    src_ids, dst_ids = torch.tensor([5, 0, 23, 7, 8, 1, 2, 3]), torch.tensor([16, 3, 0, 9, 4, 10, 11, 12])
+    expected = _expected(dst, src, dst_ids[:5], src_ids[:5], range(2))
+    copy_blocks(PoolPointers.of(dst, src), dst_ids, src_ids, None, tile, pair_count=torch.tensor([5]))
+    assert all(torch.equal(d.view(torch.uint8), e) for d, e in zip(dst, expected))
+    copy_blocks(PoolPointers.of(dst, src), dst_ids, src_ids, None, tile, pair_count=torch.tensor([0]))
+    assert all(torch.equal(d.view(torch.uint8), e) for d, e in zip(dst, expected))
+
+
 def test_tile_from_the_environment(monkeypatch):
     monkeypatch.setenv("MESHSERVE_BLOCK_COPY_TILE", "32768,2,8")
     assert CopyTile.from_env() == CopyTile(32768, 2, 8)
@@ -77,11 +92,33 @@ def test_gpu_copies_llama_blocks_like_index_copy(dtype):
         assert all(torch.equal(d.view(torch.uint8), e) for d, e in zip(dst, expected))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_graph_replays_copy_each_reads_blocks():
+    """BlockCopyGraphs: reads of 3, 16 (the first bucket), 17 and 300 blocks replay three graphs, each read's own
+    blocks copied and nothing else (a bucket replayed again with fewer pairs than its last read)."""
+    from meshserve.kernels.block_copy_graph import BlockCopyGraphs, bucket
+
+    g = torch.Generator().manual_seed(2)
+    src = [torch.randn(2, 1024, 16, 8, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(3)]
+    dst = [torch.zeros(2, 800, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    graphs = BlockCopyGraphs(PoolPointers.of(dst, src), torch.device("cuda"))
+    for n in (3, 16, 17, 300, 9, 290):
+        src_ids = torch.randperm(1024, generator=g)[:n].tolist()
+        dst_ids = torch.randperm(800, generator=g)[:n].tolist()
+        expected = _expected(dst, src, dst_ids, src_ids, range(3))
+        graphs(dst_ids, src_ids)
+        torch.cuda.synchronize()
+        assert all(torch.equal(d.view(torch.uint8), e) for d, e in zip(dst, expected)), n
+    assert sorted(graphs._graphs) == [16, 32, 512] == sorted({bucket(n) for n in (3, 16, 17, 300)})
+
+
 _SCRIPT = COMPILE_SM90_PRELUDE + """
 from meshserve.kernels.triton_block_copy import _copy_blocks_kernel
-sig = {"dst_bases_ptr": "*i64", "src_bases_ptr": "*i64", "dst_ids_ptr": "*i64", "src_ids_ptr": "*i64"}
-for words, chunk, pairs in ((True, 4096, 1), (False, 4096, 1), (True, 2048, 4)):
-    compile_sm90(_copy_blocks_kernel, sig, {"WORDS": words, "CHUNK": chunk, "PAIRS": pairs}, 4, 1)
+sig = {"dst_bases_ptr": "*i64", "src_bases_ptr": "*i64", "dst_ids_ptr": "*i64", "src_ids_ptr": "*i64",
+       "count_ptr": "*i64"}
+for words, chunk, pairs, counted in ((True, 4096, 1, False), (False, 4096, 1, False), (True, 2048, 4, True)):
+    compile_sm90(_copy_blocks_kernel, sig, {"WORDS": words, "CHUNK": chunk, "PAIRS": pairs, "COUNTED": counted}, 4, 1)
 print("compiled")
 """
 

@@ -49,9 +49,12 @@ class _Captured:
                 self.graph.capture_end()
         torch.cuda.current_stream(device).wait_stream(stream)
 
-    def replay(self, dst_ids: list[int], src_ids: list[int]) -> None:
+    def replay(self, dst_ids: list[int], src_ids: list[int], src_blocks: int) -> None:
         n, buf = len(dst_ids), self.host.numpy()
         struct.pack_into(f"q{n}q", buf, 0, n, *src_ids)
+        src = buf[1 : 1 + n]  # (checked as packed: numpy's min and max, ~8x faster than Python's on the list)
+        if src.min() < 0 or src.max() >= src_blocks:
+            raise IndexError(f"block id out of range (a pool of {src_blocks} blocks): {src_ids}")
         struct.pack_into(f"{n}q", buf, 8 * (1 + self.capacity), *dst_ids)
         self.graph.replay()
 
@@ -60,15 +63,16 @@ class BlockCopyGraphs:
     """dst[l][:, dst_ids] = src[l][:, src_ids] for every layer of two pools (PoolPointers), on the current stream,
     from a graph per size bucket captured at a bucket's first read (a few ms: its compile and capture)."""
 
-    def __init__(self, pointers: PoolPointers, device: torch.device):
-        self.pointers, self.device = pointers, device
+    def __init__(self, pointers: PoolPointers, device: torch.device, src_blocks: int):
+        self.pointers, self.device, self._src_blocks = pointers, device, src_blocks
         self._graphs: dict[int, _Captured] = {}
 
     def __call__(self, dst_ids: list[int], src_ids: list[int]) -> None:
+        """Raises IndexError, copying nothing, where a src id is outside the src pool."""
         if not dst_ids:
             return
         capacity = bucket(len(dst_ids))
         graph = self._graphs.get(capacity)
         if graph is None:
             graph = self._graphs[capacity] = _Captured(self.pointers, capacity, self.device)
-        graph.replay(dst_ids, src_ids)
+        graph.replay(dst_ids, src_ids, self._src_blocks)

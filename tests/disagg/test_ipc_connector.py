@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import queue
+import subprocess
+import sys
 import threading
 import time
 
@@ -70,6 +72,19 @@ def test_id_stage_reuses_its_buffers_and_grows():
     ids = [9, 0, 4, 7, 1, 2, 3, 5, 6], [0, 9, 8, 7, 6, 5, 4, 3, 2]
     ic.BlockCopy(ids[1], ids[0], out.device, pool.device, stage)(out, pool)  # (a gather through the stage)
     assert torch.equal(out[:, ids[1]], pool[:, ids[0]])
+
+
+def test_process_watch_sees_an_exit_a_zombie_included():
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    watch = ic.ProcessWatch(proc.pid)
+    assert watch.alive() and ic._alive(proc.pid)
+    proc.stdin.close()  # it exits; unreaped, it stays a zombie
+    deadline = time.monotonic() + 10
+    while watch.alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not watch.alive() and not ic._alive(proc.pid) and proc.poll() is not None
+    watch.close()
+    assert not ic.ProcessWatch(proc.pid).alive()  # reaped: no such process
 
 
 def test_a_cpu_pool_is_shared_in_place():
@@ -137,8 +152,8 @@ def test_reads_from_a_producer_process_are_byte_identical_and_acked(devices):
     try:
         cons.start()  # maps the producer's pool (eagerly: it started first or waits in the store)
         assert ready.get(timeout=120)[0] == "ready"
-        [(pid, mapped)] = cons._peers.values()
-        assert pid == proc.pid and mapped[0].device == torch.device(producer_device)
+        [(watch, mapped)] = cons._peers.values()
+        assert watch.pid == proc.pid and watch.alive() and mapped[0].device == torch.device(producer_device)
         want = _pool(1)  # the producer's pool, drawn from its seed here
         before = [t.cpu().clone() for t in cons.kv_tensors]
         for tid, remote, local in (("t", [5, 1, 8], [0, 9, 3]), ("c", [2, 3, 4], [6, 7, 8])):

@@ -32,5 +32,5 @@ def test_the_pair_moves_kv_over_ipc(pair):
     connector = pair[3].disagg.connector
     assert connector.name == "ipc" and connector.one_sided_read
     assert all(t.is_shared() for t in connector.kv_tensors)  # its own pool too (kv_both reads)
-    [(pid, mapped)] = connector._peers.values()  # the producer's pool, mapped from its process
-    assert pid != __import__("os").getpid() and all(t.is_shared() for t in mapped)
+    [(watch, mapped)] = connector._peers.values()  # the producer's pool, mapped from its process
+    assert watch.pid != __import__("os").getpid() and watch.alive() and all(t.is_shared() for t in mapped)

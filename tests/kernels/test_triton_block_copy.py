@@ -102,7 +102,7 @@ def test_gpu_graph_replays_copy_each_reads_blocks():
     g = torch.Generator().manual_seed(2)
     src = [torch.randn(2, 1024, 16, 8, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(3)]
     dst = [torch.zeros(2, 800, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-    graphs = BlockCopyGraphs(PoolPointers.of(dst, src), torch.device("cuda"))
+    graphs = BlockCopyGraphs(PoolPointers.of(dst, src), torch.device("cuda"), 1024)
     for n in (3, 16, 17, 300, 9, 290):
         src_ids = torch.randperm(1024, generator=g)[:n].tolist()
         dst_ids = torch.randperm(800, generator=g)[:n].tolist()
@@ -111,6 +111,12 @@ def test_gpu_graph_replays_copy_each_reads_blocks():
         torch.cuda.synchronize()
         assert all(torch.equal(d.view(torch.uint8), e) for d, e in zip(dst, expected)), n
     assert sorted(graphs._graphs) == [16, 32, 512] == sorted({bucket(n) for n in (3, 16, 17, 300)})
+    before = [d.clone() for d in dst]
+    for bad in ([4, 1024], [-1, 4]):
+        with pytest.raises(IndexError, match="out of range"):
+            graphs([0, 1], bad)
+    torch.cuda.synchronize()
+    assert all(torch.equal(d, b) for d, b in zip(dst, before))  # nothing copied
 
 
 _SCRIPT = COMPILE_SM90_PRELUDE + """

@@ -38,7 +38,7 @@ What one layer launches (Qwen3-30B-A3B, TP 1; the router's F.linear, 512 KB, is 
   1 a gate_up and a down GEMV and an add beside the experts on the legacy path, folded into the MoE GEMV's
   two launches on the new one; the router is fp32: a cast and an F.linear on both.)
 
-usage: python tools/bench_moe.py [--json bench_moe.json] [--no-sweep] [--route-align-only] [--no-route-align]
+usage: python tools/bench_moe.py [--json bench_moe.json] [--no-sweep | --gemv-sweep-only] [--route-align-only] [--no-route-align]
                                  [--models qwen3-30b-a3b,deepseek-v2-lite]
                                  [--paths legacy,new,stream,fused,fold] [--batches 1,8,64,256,2048]
   the shared-experts fold alone (issue 24; speedups are over the first path listed):
@@ -326,6 +326,15 @@ def gemv_candidates(shape: MoeShape) -> dict[str, MoeGemvConfig]:
         "n8": MoeGemvConfig(8, base.gate_up_block_k, 8, base.down_block_k, base.num_warps),
         "k256-w4": MoeGemvConfig(4, 256, 4, min(base.down_block_k, 512), 4),
         "k1024": MoeGemvConfig(4, 1024, 4, wide_down, base.num_warps),
+        # around k256-w4 (the fastest on Qwen3-30B-A3B's experts at 1 token, 2026-11-30)
+        "k256-w4-d1024": MoeGemvConfig(4, 256, 4, base.down_block_k, 4),
+        "k256-w2": MoeGemvConfig(4, 256, 4, min(base.down_block_k, 512), 2),
+        "k128-w4": MoeGemvConfig(4, 128, 4, min(base.down_block_k, 512), 4),
+        "n2-k256-w4": MoeGemvConfig(2, 256, 2, min(base.down_block_k, 512), 4),
+        "n8-k256-w4": MoeGemvConfig(8, 256, 8, min(base.down_block_k, 512), 4),
+        "k512-w4": MoeGemvConfig(4, 512, 4, min(base.down_block_k, 512), 4),
+        "n2-k512-w4": MoeGemvConfig(2, 512, 2, min(base.down_block_k, 512), 4),
+        "k256-w4-d256": MoeGemvConfig(4, 256, 4, 256, 4),
     }
 
 
@@ -366,6 +375,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default="bench_moe.json")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--gemv-sweep-only", action="store_true",
+                        help="sweep the MoE GEMV's candidates at 1 token only (no grouped-GEMM tiles)")
     parser.add_argument("--route-align-only", action="store_true", help="only the routing + align comparison")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--no-route-align", action="store_true", help="skip the routing + align comparison")
@@ -429,7 +440,7 @@ def main() -> None:
         sweeps = []
         if not args.no_sweep:
             print("  sweep (experts alone, routing fixed):")
-            for tokens in SWEEP_GEMV_TOKENS:
+            for tokens in (1,) if args.gemv_sweep_only else SWEEP_GEMV_TOKENS:
                 for label, cfg in gemv_candidates(shape).items():
                     sweeps.append(
                         bench_experts(
@@ -441,7 +452,7 @@ def main() -> None:
                             copy_bw,
                         )
                     )
-            for tokens in SWEEP_GROUPED_TOKENS:
+            for tokens in () if args.gemv_sweep_only else SWEEP_GROUPED_TOKENS:
                 for label, cfg in grouped_candidates(tokens * shape.top_k, shape.experts).items():
                     sweeps.append(
                         bench_experts(

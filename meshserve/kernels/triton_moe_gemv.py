@@ -26,6 +26,7 @@ launches capture in CUDA graphs. 16-bit and fp32 weights; fp8 experts stay on tr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,16 @@ class MoeGemvConfig:
 def default_config(hidden: int, width: int) -> MoeGemvConfig:
     """gate_up: 512-wide K tiles over a 2,048 hidden (as the dense GEMV); down: one K tile per slot up to a
     width of 1,024 (Qwen3-30B-A3B's 768), 512-wide tiles past it (DeepSeek-V2-Lite's 1,408: 3 of them, 8% of
-    lanes masked instead of 31% at 2,048)."""
+    lanes masked instead of 31% at 2,048). MESHSERVE_MOE_GEMV_TILE="gate_up_n,gate_up_k,down_n,down_k,warps"
+    overrides it for A/Bs (tools/bench_moe.py sweeps candidates)."""
+    spec = os.environ.get("MESHSERVE_MOE_GEMV_TILE", "")
+    if spec:
+        try:
+            return MoeGemvConfig(*(int(v) for v in spec.split(",")))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"MESHSERVE_MOE_GEMV_TILE={spec!r}: expected gate_up_n,gate_up_k,down_n,down_k,warps"
+            ) from None
     block_k = min(512, triton.next_power_of_2(hidden))
     down_k = triton.next_power_of_2(width) if width <= 1024 else 512
     return MoeGemvConfig(gate_up_block_k=block_k, down_block_k=down_k, num_warps=8 if hidden >= 2048 else 4)

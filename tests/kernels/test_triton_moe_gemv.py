@@ -207,3 +207,13 @@ def test_moe_gemv_with_deepseek_shared_experts_gpu(tokens):
     got = moe_gemv(x, w13, w2, weights, ids, shared_w13=shared_w13, shared_w2=shared_w2)
     ref = fused_experts_ref(x, w13, w2, weights, ids, shared_w13=shared_w13, shared_w2=shared_w2)
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_tile_from_the_environment(monkeypatch):
+    from meshserve.kernels.triton_moe_gemv import MoeGemvConfig, default_config
+
+    monkeypatch.setenv("MESHSERVE_MOE_GEMV_TILE", "4,256,4,512,4")
+    assert default_config(2048, 768) == MoeGemvConfig(4, 256, 4, 512, 4)
+    monkeypatch.setenv("MESHSERVE_MOE_GEMV_TILE", "4,256")
+    with pytest.raises(ValueError, match="gate_up_n,gate_up_k,down_n,down_k,warps"):
+        default_config(2048, 768)

@@ -53,8 +53,9 @@ def default_config(hidden: int, width: int) -> MoeGemvConfig:
     spec = os.environ.get("MESHSERVE_MOE_GEMV_TILE", "")
     if spec:
         try:
-            return MoeGemvConfig(*(int(v) for v in spec.split(",")))
-        except (TypeError, ValueError):
+            gate_up_n, gate_up_k, down_n, down_k, warps = (int(v) for v in spec.split(","))
+            return MoeGemvConfig(gate_up_n, gate_up_k, down_n, down_k, warps)
+        except ValueError:
             raise ValueError(
                 f"MESHSERVE_MOE_GEMV_TILE={spec!r}: expected gate_up_n,gate_up_k,down_n,down_k,warps"
             ) from None

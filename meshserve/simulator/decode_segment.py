@@ -117,11 +117,15 @@ class DecodeSegment:
     def steps_ended_since(self, t: float, k: int) -> int:
         """steps_ended_before(t), given that k steps ended before t: counted on from k when t is within two
         steps of it (an arrival's admission, just after its intake delivered those k), else solved anew."""
-        o, a, b, total = self.origin_s, self.a, self.b, self.total
-        if k < total and o + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) < t:
-            k += 1
-            if k < total and o + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) < t:
-                return self.steps_ended_before(t)
+        total = self.total
+        if k < total:
+            j = k + 1  # end_s(j) < t, inlined (this runs twice per arrival)
+            if self.origin_s + j * self.a + self.b * (j * (j + 1) // 2) < t:
+                if j < total:
+                    j += 1
+                    if self.origin_s + j * self.a + self.b * (j * (j + 1) // 2) < t:
+                        return self.steps_ended_before(t)
+                return k + 1
         return k
 
     def deliver(
@@ -133,56 +137,69 @@ class DecodeSegment:
         k = self.delivered
         if upto <= k:
             return last_seen
+        self.delivered = upto
         a, b, start = self.a, self.b, self.origin_s
         gap_s, gap_counts = recorder.gap_s, recorder.gap_counts  # add_itl_count's lists, without its call
-        if k == 0 and self.first_tokens is not None:  # the head: decoders' tokens and first tokens
-            t = self.head_end_s
-            # frontend.deliver(t, head_tokens) for the fast replica's one API process (no gate, no folding)
-            seen = t if frontend is None else frontend.submit(t, self.head_tokens * frontend.costs.per_token_s)
-            if self.head_gaps:
-                gap_s.append(seen - last_seen)
-                gap_counts.append(self.head_gaps)
-            for r in self.first_tokens:
-                if r.first_seen < 0.0:
-                    r.first_seen = seen
-                else:  # recomputed after a preemption: the gap since its last token
-                    recorder.add_itl(seen - r.last_seen)
-            last_seen, k = seen, 1
-            self.delivered = 1
-            if upto == 1:
-                return seen
-        n = self.n
-        self.delivered = upto
         if end is None:
             end = start + upto * a + b * (upto * (upto + 1) // 2)
         if frontend is None:  # the client sees each step when it ends
+            if k == 0 and self.first_tokens is not None:
+                last_seen, k = self._deliver_head(self.head_end_s, recorder, last_seen), 1
+                if upto == 1:
+                    return last_seen
             gap_s.append(start + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) - last_seen)
-            gap_counts.append(n)
+            gap_counts.append(self.n)
             if upto > k + 1:
-                recorder.add_itl_linear(a + b * (k + 2), b, upto - k - 1, n)
+                recorder.add_itl_linear(a + b * (k + 2), b, upto - k - 1, self.n)
             return end
-        work = n * frontend.costs.per_token_s
         done = frontend.t + frontend.backlog_s  # when the API process's queue empties
+        if k == 0 and self.first_tokens is not None:
+            # the head's tokens through the API process: frontend.submit(t, work), inlined (the same operations)
+            t, work = self.head_end_s, self.head_tokens * frontend.costs.per_token_s
+            backlog = frontend.backlog_s - (t - frontend.t)
+            if backlog < 0.0:  # noqa: PLR1730 - max() is a slow call in CPython 3.11
+                backlog = 0.0
+            backlog += work
+            frontend.busy_s += work
+            last_seen = done = self._deliver_head(t + backlog, recorder, last_seen)
+            k = 1
+            if upto == 1:
+                frontend.t, frontend.backlog_s = t, backlog
+                return last_seen
+        n = self.n
+        work = n * frontend.costs.per_token_s
         frontend.busy_s += work * (upto - k)
         while k < upto:
             k += 1
             t = start + k * a + b * (k * (k + 1) // 2)
             if done <= t:  # the queue idle when the step ends: its tokens wait for nothing
-                done = t
-                idle = True
+                seen = t + work
+                gap_s.append(seen - last_seen)
+                gap_counts.append(n)
+                if k < upto and a + b * (k + 1) >= work:  # idle from here on: seen = end + work
+                    recorder.add_itl_linear(a + b * (k + 1), b, upto - k, n)
+                    last_seen = done = end + work
+                    break
             else:
-                idle = False
-            seen = done + work
-            gap_s.append(seen - last_seen)
-            gap_counts.append(n)
+                seen = done + work
+                gap_s.append(seen - last_seen)
+                gap_counts.append(n)
             last_seen = done = seen
-            if idle and k < upto and a + b * (k + 1) >= work:  # idle from here on: seen = end + work
-                recorder.add_itl_linear(a + b * (k + 1), b, upto - k, n)
-                last_seen = done = end + work
-                break
         frontend.t = end
         frontend.backlog_s = done - end
         return last_seen
+
+    def _deliver_head(self, seen: float, recorder: RunRecorder, last_seen: float) -> float:
+        """The head's tokens reach the client at seen: the decoders' gaps, the new sequences' first tokens."""
+        if self.head_gaps:
+            recorder.gap_s.append(seen - last_seen)
+            recorder.gap_counts.append(self.head_gaps)
+        for r in self.first_tokens:
+            if r.first_seen < 0.0:
+                r.first_seen = seen
+            else:  # recomputed after a preemption: the gap since its last token
+                recorder.add_itl(seen - r.last_seen)
+        return seen
 
 
 class NoisyDecodeSegment(DecodeSegment):

@@ -150,8 +150,9 @@ def run_fast(
     next_tick = tick
     next_arrival = arrivals[0] + delay if n else inf
     while True:
-        t_step = steps[0][0]
-        if next_arrival <= t_step:  # arrivals first at equal times
+        event = steps[0]
+        now = event[0]
+        if next_arrival <= now:  # arrivals first at equal times
             if i == n:
                 break  # no arrival left and no event but the sentinel
             if next_arrival >= next_tick:
@@ -160,19 +161,17 @@ def run_fast(
             i += 1
             next_arrival = arrivals[i] + delay if i < n else inf
             continue
-        if t_step >= next_tick:
-            next_tick = sample(t_step, next_tick)
-        now, idx, kind, ver = steps[0]
-        if kind == _ADMIT:  # through its API process: the core gets it now
+        if now >= next_tick:
+            next_tick = sample(now, next_tick)
+        _, idx, kind, ver = event
+        if ver != version[idx]:  # (an admission's ver is a tuple: never a version)
             heappop(steps)
-            j, tried = ver
-            pending[idx] -= 1
-            if not admit(replicas[idx], j, now):
-                send(j, now, tried)
-            continue
-        if ver != version[idx]:
-            heappop(steps)
-            continue  # a decode segment that an arrival cut short
+            if kind == _ADMIT:  # through its API process: the core gets it now
+                j, tried = ver
+                pending[idx] -= 1
+                if not admit(replicas[idx], j, now):
+                    send(j, now, tried)
+            continue  # else a decode segment that an arrival cut short
         rep = replicas[idx]
         end = rep.next_step(now) if kind == _STEP_END else rep.start_step(now)
         if end is None:

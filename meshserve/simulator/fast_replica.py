@@ -33,7 +33,9 @@ from meshserve.simulator.step_noise import NoiseStream
 
 class Req:
     """One request on a replica. While it decodes (in `decoders`) its KV tokens are offset + S and `end_step`
-    is the step whose token ends it; waiting or prefilling, `computed` and `out` hold its progress."""
+    is the step whose token ends it; waiting or prefilling, `computed` and `out` hold its progress. `order`,
+    `offset`, `end_step` and `last_seen` are set when scheduled, decoding and preempted, before they are read
+    (a store less each: one Req per request)."""
 
     __slots__ = (
         "computed",
@@ -54,11 +56,7 @@ class Req:
         self.max_out = max_out
         self.out = 0
         self.computed = 0
-        self.offset = 0
-        self.end_step = 0
-        self.order = 0
         self.first_seen = -1.0  # the client's time of its first token (-1: none yet)
-        self.last_seen = 0.0
 
 
 class FastReplica:
@@ -75,6 +73,7 @@ class FastReplica:
         "_scheduled",
         "_scheduled_decoders",
         "_segment_host_s",
+        "_stale_free",
         "block_size",
         "budget",
         "busy",
@@ -137,6 +136,7 @@ class FastReplica:
         self.decoders: dict[int, Req] = {}  # by admission order (the newest last: preemption's victim)
         self.sum_offset = 0  # sum of the decoders' offsets: their KV tokens are sum_offset + n * S
         self.finishing: list[tuple[int, int]] = []  # heap of (end step, order) of decoders
+        self._stale_free = True  # no entry in finishing is stale (no decoder was preempted or taken back yet)
         self.partial: Req | None = None  # part-way through its prefill (the newest running sequence)
         self.step = 0  # steps done (S), the step index of the noise's draws
         self.last_seen = 0.0  # the client's time of the last step's tokens
@@ -171,7 +171,7 @@ class FastReplica:
             return t
         seg = self.segment
         if seg is not None:  # tokens of steps that ended before t are ahead of it in the queue
-            k = seg.steps_ended_before(t)
+            k = seg.steps_ended_since(t, seg.delivered)  # (delivered: ended before an earlier intake)
             if k > seg.delivered:
                 self.last_seen = seg.deliver(k, fe, self.recorder, self.last_seen)
         return fe.submit(t, fe.costs.per_request_s)  # one API process (FrontEnd.intake's own case)
@@ -199,7 +199,9 @@ class FastReplica:
         if keep >= seg.total:
             return None
         seg.total = keep
-        return seg.end_s(keep)
+        if self.noise is not None:
+            return seg.end_s(keep)
+        return seg.origin_s + keep * seg.a + seg.b * (keep * (keep + 1) // 2)  # seg.end_s(keep), inlined
 
     # -- steps -----------------------------------------------------------------------------------
     def start_step(self, now: float) -> float | None:
@@ -208,13 +210,7 @@ class FastReplica:
         (one test of an upper bound, or of the exact sum near capacity); else one step as the scheduler does."""
         decoders = self.decoders
         if decoders and not self.waiting and self.partial is None:
-            heap = self.finishing
-            while True:  # entries of decoders preempted since are stale
-                end, order = heap[0]
-                r = decoders.get(order)
-                if r is not None and r.end_step == end:
-                    break
-                heappop(heap)
+            end = self.finishing[0][0] if self._stale_free else self._first_finish()
             n, s, bs = len(decoders), self.step, self.block_size
             k = end - s
             base = self.sum_offset + n * s
@@ -310,14 +306,9 @@ class FastReplica:
         heap, decoders = self.finishing, self.decoders
         s = self.step
         s1 = s + 1
-        while heap:  # entries of decoders preempted since are stale
-            end, order = heap[0]
-            r = decoders.get(order)
-            if r is not None and r.end_step == end:
-                if end <= s1:
-                    return None  # a decoder finishes with this step: its end is an event
-                break
-            heappop(heap)
+        first = heap[0][0] if heap and self._stale_free else self._first_finish()
+        if first <= s1 and first >= 0:
+            return None  # a decoder finishes with this step: its end is an event
         max_len = self.max_model_len
         for r, num_new in scheduled:
             known = r.prompt + r.out
@@ -342,7 +333,8 @@ class FastReplica:
         k = heap[0][0] - s
         base = sum_offset + n2 * s
         if (base + n2 * (k + bs - 1)) // bs > self.num_blocks:
-            # the exact test near capacity: undo, and take the step alone
+            # the exact test near capacity: undo, and take the step alone (their heap entries stay: stale)
+            self._stale_free = False
             for r, num_new in scheduled:
                 del decoders[r.order]
                 r.out -= 1
@@ -359,6 +351,18 @@ class FastReplica:
             now, a, b, n2, k, self.noise, self.step, duration, device, n, first_tokens
         )
         return seg.end_s(k)
+
+    def _first_finish(self) -> int:
+        """The step whose token ends the first decoder to finish (the finishing heap's top once the entries of
+        decoders preempted since are dropped); -1 when no decoder is left."""
+        heap, decoders = self.finishing, self.decoders
+        while heap:
+            end, order = heap[0]
+            r = decoders.get(order)
+            if r is not None and r.end_step == end:
+                return end
+            heappop(heap)
+        return -1
 
     def _free_blocks_after_decodes(self) -> int:
         """Free blocks once every decoder holds room for this step's token (negative: they do not fit)."""
@@ -388,6 +392,7 @@ class FastReplica:
         else:
             order = next(reversed(self.decoders))
             victim = self.decoders.pop(order)
+            self._stale_free = False  # its entry in finishing stays
             self.sum_offset -= victim.offset
             free += -(
                 -(victim.offset + s1) // bs
@@ -457,18 +462,28 @@ class FastReplica:
         self._finish_decoders(seen)
 
     def _finish_decoders(self, seen: float) -> None:
-        """Decoders whose last token came with step S leave (their client time: seen)."""
+        """Decoders whose last token came with step S leave (their client time: seen). RunRecorder.finish's
+        appends, without its call (one per request)."""
         heap, decoders, s = self.finishing, self.decoders, self.step
-        finish, outstanding, index = self.recorder.finish, self._outstanding, self.index
+        rec, outstanding, index = self.recorder, self._outstanding, self.index
+        finished = False
         while heap and heap[0][0] <= s:
             end, order = heappop(heap)
             r = decoders.get(order)
             if r is None or r.end_step != end:
                 continue  # preempted since
             del decoders[order]
-            self.sum_offset -= r.offset
-            finish(r.sent, r.first_seen, seen, r.offset + s + 1 - r.prompt, r.prompt)
+            offset, sent, prompt = r.offset, r.sent, r.prompt
+            self.sum_offset -= offset
+            rec.arrival_s.append(sent)
+            rec.ttft_s.append(r.first_seen - sent)
+            rec.e2e_s.append(seen - sent)
+            rec.output_tokens.append(offset + s + 1 - prompt)
+            rec.prompt_tokens.append(prompt)
             outstanding(index, -1)
+            finished = True
+        if finished and seen > rec.last_completion_s:  # (max() is a slow call in CPython 3.11)
+            rec.last_completion_s = seen
 
     def _finish(self, r: Req, seen: float, out: int) -> None:
         self.recorder.finish(r.sent, r.first_seen, seen, out, r.prompt)

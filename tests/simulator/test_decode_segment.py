@@ -121,3 +121,21 @@ def test_a_noisy_segment_lays_out_the_noisy_steps(cost, head):
     assert rec.itl_counts.sum() == ref.itl_counts.sum() == total * n
     assert abs(rec.itl_counts - ref.itl_counts).sum() <= 2 * n
     assert fe_fast.t + fe_fast.backlog_s == pytest.approx(fe_ref.t + fe_ref.backlog_s, rel=1e-12)
+
+
+@pytest.mark.parametrize("head", [None, 0.031])
+def test_counting_on_from_steps_known_ended_gives_the_solved_count(cost, head):
+    """steps_ended_since(t, k), k steps known to end before t (an earlier intake delivered them), counts on from
+    k (one or two step ends) or solves anew: the same count as steps_ended_before(t) wherever k is below it."""
+    a, b = cost.decode_line(12, 7000)
+    seg = DecodeSegment(100.0, a, b, 12, 40, head)
+    ends = [seg.end_s(k) for k in range(1, 41)]
+    rng = random.Random(2)
+    probes = [rng.uniform(99.9, ends[-1] + 0.1) for _ in range(300)] + ends + [ends[-1] + 1.0]
+    counted_on = 0
+    for t in probes:
+        solved = seg.steps_ended_before(t)
+        for k in range(solved + 1):
+            assert seg.steps_ended_since(t, k) == solved
+        counted_on += solved > 0 and seg.steps_ended_since(t, solved - 1) == solved
+    assert counted_on > 100

@@ -46,10 +46,13 @@ class MoeGemvConfig:
 
 
 def default_config(hidden: int, width: int) -> MoeGemvConfig:
-    """gate_up: 512-wide K tiles over a 2,048 hidden (as the dense GEMV); down: one K tile per slot up to a
-    width of 1,024 (Qwen3-30B-A3B's 768), 512-wide tiles past it (DeepSeek-V2-Lite's 1,408: 3 of them, 8% of
-    lanes masked instead of 31% at 2,048). MESHSERVE_MOE_GEMV_TILE="gate_up_n,gate_up_k,down_n,down_k,warps"
-    overrides it for A/Bs (tools/bench_moe.py sweeps candidates)."""
+    """Experts up to 1,024 wide (Qwen3-30B-A3B's 768): 256-wide K tiles on 4 warps for gate_up, one K tile per
+    slot for down (tools/bench_moe.py --gemv-sweep-only on the H200, 2026-12-03: the experts at 1 token 29.8 us
+    against 38.6 with the tiles below; W1 Qwen3-30B-A3B 317.8 against 280.8 tok/s). Wider experts (DeepSeek-V2-
+    Lite's 1,408, with its shared MLP folded in): gate_up 512-wide K tiles over a 2,048 hidden (as the dense GEMV)
+    on 8 warps, down 512-wide tiles (3 of them over 1,408: 8% of lanes masked instead of 31% at 2,048); the
+    sweep's best there (256-wide on 2 warps, experts alone 5% faster) ran W1 8% slower with the shared MLP.
+    MESHSERVE_MOE_GEMV_TILE="gate_up_n,gate_up_k,down_n,down_k,warps" overrides it for A/Bs."""
     spec = os.environ.get("MESHSERVE_MOE_GEMV_TILE", "")
     if spec:
         try:
@@ -59,9 +62,10 @@ def default_config(hidden: int, width: int) -> MoeGemvConfig:
             raise ValueError(
                 f"MESHSERVE_MOE_GEMV_TILE={spec!r}: expected gate_up_n,gate_up_k,down_n,down_k,warps"
             ) from None
+    if width <= 1024:
+        return MoeGemvConfig(4, min(256, triton.next_power_of_2(hidden)), 4, triton.next_power_of_2(width), 4)
     block_k = min(512, triton.next_power_of_2(hidden))
-    down_k = triton.next_power_of_2(width) if width <= 1024 else 512
-    return MoeGemvConfig(gate_up_block_k=block_k, down_block_k=down_k, num_warps=8 if hidden >= 2048 else 4)
+    return MoeGemvConfig(gate_up_block_k=block_k, down_block_k=512, num_warps=8 if hidden >= 2048 else 4)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # per-step counts (triton_unified_attention)

@@ -31,6 +31,8 @@ the PDL policy may keep it to rows it holds whole (PdlPolicy.preload).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -122,9 +124,27 @@ def _gemv_kernel(x_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
 MAX_PRE_K = 2048
 
 
+def wide_tile() -> tuple[int, int]:
+    """(block_k, num_warps) of GEMVs over rows of 2,048 and more (narrower rows: 256 on 4 warps); the default 512
+    on 8 warps, MESHSERVE_GEMV_WIDE_TILE="block_k,num_warps" for A/Bs (read at each launch: graphs capture
+    launches once)."""
+    spec = os.environ.get("MESHSERVE_GEMV_WIDE_TILE", "")
+    if not spec:
+        return 512, 8
+    try:
+        block_k, num_warps = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"MESHSERVE_GEMV_WIDE_TILE={spec!r}: expected block_k,num_warps") from None
+    return block_k, num_warps
+
+
+def _tile(k: int) -> tuple[int, int]:
+    return wide_tile() if k >= 2048 else (256, 4)
+
+
 def _launch(x: torch.Tensor, n: int, k: int, block_n: int, pdl: bool | None) -> tuple[int, int, dict, int]:
     """(programs, num_warps, PDL launch keywords, preloaded columns) of a GEMV launch over N rows of K."""
-    programs, num_warps = triton.cdiv(n, block_n), 8 if k >= 2048 else 4
+    programs, num_warps = triton.cdiv(n, block_n), _tile(k)[1]
     gdc = pdl_mod.gdc_kwargs(x, pdl, programs=programs, num_warps=num_warps)
     pre_k = pdl_mod.preload_columns(x, k, pdl, gdc, MAX_PRE_K) if block_n == 4 else 0
     return programs, num_warps, gdc, pre_k
@@ -182,7 +202,7 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
         x, residual.contiguous() if residual is not None else x, new_residual, inv_rms, k, float(eps),
         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
         **pdl_mod.gdc_kwargs(x, pdl))
-    block_k = 512 if k >= 2048 else 256
+    block_k = _tile(k)[0]
     programs, num_warps, gdc, pre_k = _launch(x, n, k, block_n, pdl)
     _gemv_kernel[(programs,)](
         new_residual, inv_rms, norm_weight, weight, bias if bias is not None else weight, y, n, k,
@@ -202,7 +222,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    block_k = 512 if k >= 2048 else 256
+    block_k = _tile(k)[0]
     programs, num_warps, gdc, pre_k = _launch(x, n, k, 4, pdl)
     _gemv_kernel[(programs,)](
         x, weight, weight, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),

@@ -22,7 +22,7 @@ import triton.language as tl
 from meshserve.kernels import pdl as pdl_mod
 from meshserve.kernels.norm_fold_ref import FRAC_SCALE, SUM_SCALE, part_limit
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
-from meshserve.kernels.triton_gemv import MAX_PRE_K, _row_x
+from meshserve.kernels.triton_gemv import MAX_PRE_K, _row_x, _tile
 
 
 @triton.jit
@@ -145,8 +145,8 @@ def fold_gemv(
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    block_k = 512 if k >= 2048 else 256
-    programs, num_warps = triton.cdiv(n, block_n), 8 if k >= 2048 else 4
+    block_k, num_warps = _tile(k)
+    programs = triton.cdiv(n, block_n)
     gdc = pdl_mod.gdc_kwargs(x, pdl, programs=programs, num_warps=num_warps)
     pre_k = pdl_mod.preload_columns(x, k, pdl, gdc, MAX_PRE_K) if block_n == 4 else 0
     _fold_gemv_kernel[(programs,)](

@@ -135,3 +135,14 @@ def test_kernel_compiles_for_sm90_without_gpu():
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_rms_norm_gemv_gpu(dtype, n, k, with_residual):
     _check("cuda", dtype, n, k, with_residual, with_bias=n == 1027)
+
+
+def test_wide_tile_from_the_environment(monkeypatch):
+    from meshserve.kernels.triton_gemv import wide_tile
+
+    assert wide_tile() == (512, 8)
+    monkeypatch.setenv("MESHSERVE_GEMV_WIDE_TILE", "256,4")
+    assert wide_tile() == (256, 4)
+    monkeypatch.setenv("MESHSERVE_GEMV_WIDE_TILE", "256")
+    with pytest.raises(ValueError, match="block_k,num_warps"):
+        wide_tile()

@@ -335,6 +335,12 @@ def gemv_candidates(shape: MoeShape) -> dict[str, MoeGemvConfig]:
         "k512-w4": MoeGemvConfig(4, 512, 4, min(base.down_block_k, 512), 4),
         "n2-k512-w4": MoeGemvConfig(2, 512, 2, min(base.down_block_k, 512), 4),
         "k256-w4-d256": MoeGemvConfig(4, 256, 4, 256, 4),
+        # the down kernel's rows per program, and its slots' tiles in a loop (down_one_tile off: as before)
+        "k256-w4-d1024-loop": MoeGemvConfig(4, 256, 4, base.down_block_k, 4, False),
+        "k256-w4-d1024-dn1": MoeGemvConfig(4, 256, 1, base.down_block_k, 4),
+        "k256-w4-d1024-dn2": MoeGemvConfig(4, 256, 2, base.down_block_k, 4),
+        "k256-w4-d1024-dn8": MoeGemvConfig(4, 256, 8, base.down_block_k, 4),
+        "k256-w8-d1024": MoeGemvConfig(4, 256, 4, base.down_block_k, 8),
     }
 
 
@@ -452,6 +458,7 @@ def main() -> None:
                             copy_bw,
                         )
                     )
+                    sweeps[-1]["tile"] = ",".join(str(v) for v in asdict(cfg).values())  # (MESHSERVE_MOE_GEMV_TILE)
             for tokens in () if args.gemv_sweep_only else SWEEP_GROUPED_TOKENS:
                 for label, cfg in grouped_candidates(tokens * shape.top_k, shape.experts).items():
                     sweeps.append(

@@ -43,6 +43,7 @@ class MoeGemvConfig:
     down_block_n: int = 4
     down_block_k: int = 1024  # >= width: one load per slot, so the unrolled slots' loads overlap
     num_warps: int = 8
+    down_one_tile: bool = True  # where down_block_k >= width: each slot's tile loaded outside any loop
 
 
 def default_config(hidden: int, width: int) -> MoeGemvConfig:
@@ -52,15 +53,17 @@ def default_config(hidden: int, width: int) -> MoeGemvConfig:
     Lite's 1,408, with its shared MLP folded in): gate_up 512-wide K tiles over a 2,048 hidden (as the dense GEMV)
     on 8 warps, down 512-wide tiles (3 of them over 1,408: 8% of lanes masked instead of 31% at 2,048); the
     sweep's best there (256-wide on 2 warps, experts alone 5% faster) ran W1 8% slower with the shared MLP.
-    MESHSERVE_MOE_GEMV_TILE="gate_up_n,gate_up_k,down_n,down_k,warps" overrides it for A/Bs."""
+    MESHSERVE_MOE_GEMV_TILE="gate_up_n,gate_up_k,down_n,down_k,warps[,down_one_tile 0|1]" overrides it for A/Bs."""
     spec = os.environ.get("MESHSERVE_MOE_GEMV_TILE", "")
     if spec:
+        values = spec.split(",")
         try:
-            gate_up_n, gate_up_k, down_n, down_k, warps = (int(v) for v in spec.split(","))
-            return MoeGemvConfig(gate_up_n, gate_up_k, down_n, down_k, warps)
+            if len(values) not in (5, 6):
+                raise ValueError
+            return MoeGemvConfig(*(int(v) for v in values[:5]), *(bool(int(v)) for v in values[5:]))
         except ValueError:
             raise ValueError(
-                f"MESHSERVE_MOE_GEMV_TILE={spec!r}: expected gate_up_n,gate_up_k,down_n,down_k,warps"
+                f"MESHSERVE_MOE_GEMV_TILE={spec!r}: expected gate_up_n,gate_up_k,down_n,down_k,warps[,down_one_tile]"
             ) from None
     if width <= 1024:
         return MoeGemvConfig(4, min(256, triton.next_power_of_2(hidden)), 4, triton.next_power_of_2(width), 4)
@@ -130,16 +133,26 @@ def _gate_up_gemv_kernel(
 
 
 @triton.jit
-def _down_rows(inter_row, w_rows, limit, rmask, width, dt, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One slot's down output for BLOCK_N rows (columns past `limit` masked off), rounded as F.linear's."""
+def _down_rows(inter_row, w_rows, limit, rmask, width, dt, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               ONE_TILE: tl.constexpr):
+    """One slot's down output for BLOCK_N rows (columns past `limit` masked off), rounded as F.linear's.
+    ONE_TILE (BLOCK_K >= width): the row in one load with no loop around it, so the caller's unrolled slots
+    are straight-line code whose loads need not wait for the slot before (a loop of one trip over a runtime
+    width is still a loop the scheduler does not move loads across)."""
     ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, width, BLOCK_K):
-        kk = k0 + ks
-        kmask = kk < limit
-        h = tl.load(inter_row + kk, mask=kmask, other=0.0).to(tl.float32)
-        w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc += w.to(tl.float32) * h[None, :]
+    if ONE_TILE:
+        kmask = ks < limit
+        h = tl.load(inter_row + ks, mask=kmask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc = w.to(tl.float32) * h[None, :]
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, width, BLOCK_K):
+            kk = k0 + ks
+            kmask = kk < limit
+            h = tl.load(inter_row + kk, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            acc += w.to(tl.float32) * h[None, :]
     return tl.sum(acc, 1).to(dt).to(tl.float32)
 
 
@@ -163,6 +176,7 @@ def _down_sum_gemv_kernel(
     NUM_SHARED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ONE_TILE: tl.constexpr = False,
 ):
     token = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -175,12 +189,13 @@ def _down_sum_gemv_kernel(
         # a -1 slot (another rank's expert): no column in range, its masked loads fetch nothing, add zero
         limit = tl.where(expert >= 0, width, 0)
         w_rows = w2_ptr + tl.maximum(expert, 0) * stride_we + rows[:, None].to(tl.int64) * stride_wn
-        part = _down_rows(inter_ptr + pair * stride_im, w_rows, limit, rmask, width, dt, BLOCK_N, BLOCK_K)
+        part = _down_rows(inter_ptr + pair * stride_im, w_rows, limit, rmask, width, dt, BLOCK_N, BLOCK_K,
+                          ONE_TILE)
         y += part * tl.load(weights_ptr + pair)
     for j in tl.static_range(NUM_SHARED):  # the shared MLP's slices, weight one
         w_rows = shared_w2_ptr + j * width + rows[:, None].to(tl.int64) * stride_swn
         inter_row = inter_ptr + (num_pairs + token * NUM_SHARED + j) * stride_im
-        y += _down_rows(inter_row, w_rows, width, rmask, width, dt, BLOCK_N, BLOCK_K)
+        y += _down_rows(inter_row, w_rows, width, rmask, width, dt, BLOCK_N, BLOCK_K, ONE_TILE)
     tl.store(out_ptr + token * stride_om + rows, y.to(dt), mask=rmask)
 
 
@@ -258,6 +273,7 @@ def moe_gemv(
         NUM_SHARED=num_shared,
         BLOCK_N=cfg.down_block_n,
         BLOCK_K=cfg.down_block_k,
+        ONE_TILE=cfg.down_one_tile and cfg.down_block_k >= width,
         num_warps=cfg.num_warps,
         num_stages=3,
     )

@@ -123,8 +123,8 @@ for experts, top_k, hidden, width in ((128, 8, 2048, 768), (64, 6, 2048, 1408)):
             cfg.num_warps)
     compile(_down_sum_gemv_kernel, {"inter_ptr": "*bf16", "w2_ptr": "*bf16", "shared_w2_ptr": "*bf16",
                                     "ids_ptr": "*i32", "weights_ptr": "*fp32", "out_ptr": "*bf16"},
-            {"TOP_K": top_k, "NUM_SHARED": shared, "BLOCK_N": cfg.down_block_n, "BLOCK_K": cfg.down_block_k},
-            cfg.num_warps)
+            {"TOP_K": top_k, "NUM_SHARED": shared, "BLOCK_N": cfg.down_block_n, "BLOCK_K": cfg.down_block_k,
+             "ONE_TILE": cfg.down_block_k >= width}, cfg.num_warps)
     # the routing launch before them (kernels/triton_moe_routing.py)
     compile(_softmax_topk_kernel, {"logits_ptr": "*bf16", "weights_ptr": "*fp32", "ids_ptr": "*i32",
                                    "load_ptr": "*i64"},
@@ -216,6 +216,8 @@ def test_tile_from_the_environment(monkeypatch):
     assert default_config(2048, 1408) == MoeGemvConfig(4, 512, 4, 512, 8)  # DeepSeek-V2-Lite's
     monkeypatch.setenv("MESHSERVE_MOE_GEMV_TILE", "4,256,4,512,4")
     assert default_config(2048, 768) == MoeGemvConfig(4, 256, 4, 512, 4)
+    monkeypatch.setenv("MESHSERVE_MOE_GEMV_TILE", "4,256,4,1024,4,0")
+    assert default_config(2048, 768) == MoeGemvConfig(4, 256, 4, 1024, 4, False)
     monkeypatch.setenv("MESHSERVE_MOE_GEMV_TILE", "4,256")
     with pytest.raises(ValueError, match="gate_up_n,gate_up_k,down_n,down_k,warps"):
         default_config(2048, 768)

@@ -47,9 +47,11 @@ class MoeGemvConfig:
 
 
 def default_config(hidden: int, width: int) -> MoeGemvConfig:
-    """Experts up to 1,024 wide (Qwen3-30B-A3B's 768): 256-wide K tiles on 4 warps for gate_up, one K tile per
-    slot for down (tools/bench_moe.py --gemv-sweep-only on the H200, 2026-12-03: the experts at 1 token 29.8 us
-    against 38.6 with the tiles below; W1 Qwen3-30B-A3B 317.8 against 280.8 tok/s). Wider experts (DeepSeek-V2-
+    """Experts up to 1,024 wide (Qwen3-30B-A3B's 768): 256-wide K tiles on 4 warps for gate_up, one output row
+    per down program with one K tile per slot (tools/bench_moe.py --gemv-sweep-only on the H200, 2026-12-03: the
+    experts at 1 token 27.4 us against 38.6 with the tiles below; W1 Qwen3-30B-A3B 330.9 against 280.8 tok/s, of
+    which the gate_up tile 280.8 -> 317.8-320.8 and the down kernel's one row 320.8 -> 330.9: 2,048 programs
+    instead of 512 keep more of the slots' loads in flight). Wider experts (DeepSeek-V2-
     Lite's 1,408, with its shared MLP folded in): gate_up 512-wide K tiles over a 2,048 hidden (as the dense GEMV)
     on 8 warps, down 512-wide tiles (3 of them over 1,408: 8% of lanes masked instead of 31% at 2,048); the
     sweep's best there (256-wide on 2 warps, experts alone 5% faster) ran W1 8% slower with the shared MLP.
@@ -66,7 +68,7 @@ def default_config(hidden: int, width: int) -> MoeGemvConfig:
                 f"MESHSERVE_MOE_GEMV_TILE={spec!r}: expected gate_up_n,gate_up_k,down_n,down_k,warps[,down_one_tile]"
             ) from None
     if width <= 1024:
-        return MoeGemvConfig(4, min(256, triton.next_power_of_2(hidden)), 4, triton.next_power_of_2(width), 4)
+        return MoeGemvConfig(4, min(256, triton.next_power_of_2(hidden)), 1, triton.next_power_of_2(width), 4)
     block_k = min(512, triton.next_power_of_2(hidden))
     return MoeGemvConfig(gate_up_block_k=block_k, down_block_k=512, num_warps=8 if hidden >= 2048 else 4)
 

@@ -212,7 +212,7 @@ def test_moe_gemv_with_deepseek_shared_experts_gpu(tokens):
 def test_tile_from_the_environment(monkeypatch):
     from meshserve.kernels.triton_moe_gemv import MoeGemvConfig, default_config
 
-    assert default_config(2048, 768) == MoeGemvConfig(4, 256, 4, 1024, 4)  # Qwen3-30B-A3B's experts
+    assert default_config(2048, 768) == MoeGemvConfig(4, 256, 1, 1024, 4)  # Qwen3-30B-A3B's experts
     assert default_config(2048, 1408) == MoeGemvConfig(4, 512, 4, 512, 8)  # DeepSeek-V2-Lite's
     monkeypatch.setenv("MESHSERVE_MOE_GEMV_TILE", "4,256,4,512,4")
     assert default_config(2048, 768) == MoeGemvConfig(4, 256, 4, 512, 4)

@@ -273,6 +273,7 @@ class IpcConnector(StoreRendezvous, KVConnector):
         self._reader = threading.local()  # per reader thread: its last plan and its IdStage (_block_copy)
         self._block_bytes = kv_tensors[0][:, 0].nbytes  # a block's K and V of one layer
         self._pointers: dict[int, tuple] = {}  # kv rank -> (its mapped pool, PoolPointers or None): see _kernel
+        self._graph_reads = self.device.type == "cuda" and os.environ.get("MESHSERVE_IPC_READ_GRAPH", "1") != "0"
 
     @property
     def transport(self) -> str:
@@ -357,7 +358,11 @@ class IpcConnector(StoreRendezvous, KVConnector):
                     graphs(block_ids, remote_ids)
                 except IndexError as e:  # (the ids checked as packed)
                     raise KVTransferError(f"kv rank {src}: {e}") from None
-                return self._wait(src, remote, len(block_ids) * len(layers), t0)
+                except RuntimeError as e:  # a capture this platform refuses: launched reads from now on
+                    logger.warning("KV transfer: ipc reads cannot replay CUDA graphs here (%s); launching them", e)
+                    self._graph_reads = False
+                else:
+                    return self._wait(src, remote, len(block_ids) * len(layers), t0)
             num_blocks = remote[0].shape[1]
             if remote_ids and (min(remote_ids) < 0 or max(remote_ids) >= num_blocks):
                 raise KVTransferError(
@@ -403,8 +408,9 @@ class IpcConnector(StoreRendezvous, KVConnector):
 
     def _graphs(self, src: int, remote: list[torch.Tensor]):
         """The reader thread's BlockCopyGraphs from kv rank src's pool (kernels/block_copy_graph.py), or None where
-        the kernel does not apply (_kernel) or MESHSERVE_IPC_READ_GRAPH=0 (launched reads, for A/Bs)."""
-        if self.device.type != "cuda" or os.environ.get("MESHSERVE_IPC_READ_GRAPH", "1") == "0":
+        the kernel does not apply (_kernel), a capture failed, or MESHSERVE_IPC_READ_GRAPH=0 (launched reads,
+        for A/Bs)."""
+        if not self._graph_reads:
             return None
         pointers = self._kernel(src, remote)
         if pointers is None:

@@ -204,6 +204,38 @@ def test_a_handle_naming_the_producers_blocks_reads_beside_the_grant():
         cons.close()
 
 
+def test_a_graph_capture_the_platform_refuses_falls_back_to_launched_reads():
+    """(CPU stands in for the GPU here: the graphs are GPU-only, the fallback is the connector's.)"""
+    proc, cons, ready, _ = _consumer_with_producer("cpu", "cpu")
+    try:
+        cons.start()
+        assert ready.get(timeout=120)[0] == "ready"
+        tried = []
+
+        def refusing_graphs(src, remote):
+            if not cons._graph_reads:
+                return None
+
+            def replay(dst_ids, src_ids):
+                tried.append(len(dst_ids))
+                raise RuntimeError("operation not permitted when stream is capturing")
+
+            return replay
+
+        cons._graph_reads, cons._graphs = True, refusing_graphs
+        for tid, remote, local in (("t", [5, 1, 8], [0, 9, 3]), ("c", [2, 3, 4], [6, 7, 8])):
+            cons.pull(PullJob(tid, tid, local, 12))
+            ev = cons.events.get(timeout=30)
+            assert ev.kind == "received", ev
+            for w, c in zip(_pool(1), cons.kv_tensors):
+                assert torch.equal(c[:, local], w[:, remote])
+        assert tried == [3] and not cons._graph_reads  # tried once, then launched reads only
+    finally:
+        proc.kill()
+        join(proc, 10)
+        cons.close()
+
+
 def test_a_producer_gone_after_the_grant_fails_the_read_cleanly():
     proc, cons, ready, _ = _consumer_with_producer("cpu", "cpu")
     try:

@@ -137,6 +137,8 @@ class _ReadTimer:
         if hasattr(conn, "_block_copy"):  # ipc: the plan, and the kernel's launch (or graph's replay) where it runs
             self._wrap(conn, "_block_copy", "plan")
             if conn.device.type == "cuda":
+                # (block_copy_graph is imported first: it keeps the unwrapped copy_blocks, so no timing event is
+                # recorded inside a graph's capture; the replay as a whole is timed instead)
                 from meshserve.kernels import block_copy_graph, triton_block_copy
 
                 triton_block_copy.copy_blocks = self._gpu_timed(triton_block_copy.copy_blocks)

@@ -257,6 +257,25 @@ def run_setup(name: str, ns: argparse.Namespace, qps_points: list[float]) -> lis
         _stop(procs)
 
 
+def plot_points(points: list[dict], path: str) -> str:
+    """Goodput, decoding requests' ITL p99 and TTFT p50 against QPS, one series per setup; returns the path
+    written (.svg where matplotlib is missing: plots.write_line_plots)."""
+    from meshserve.bench.plots import write_line_plots
+
+    setups = list(dict.fromkeys(pt["setup"] for pt in points))
+
+    def series(key: str, scale: float = 1.0) -> dict[str, tuple[list[float], list[float]]]:
+        out = {}
+        for setup in setups:
+            pts = sorted((pt for pt in points if pt["setup"] == setup), key=lambda pt: pt["qps"])
+            out[setup] = ([pt["qps"] for pt in pts], [pt[key] * scale for pt in pts])
+        return out
+
+    panels = [("goodput (req/s)", series("goodput")), ("ITL p99 (ms)", series("itl_p99", 1e3)),
+              ("TTFT p50 (ms)", series("ttft_p50", 1e3))]
+    return write_line_plots(path, panels, "offered load (QPS)", log_y=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-3.1-8b")
@@ -302,7 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--log-dir", default=".")
     p.add_argument("--output", default="disagg_bench.json")
+    p.add_argument("--plot", default="", help="goodput, ITL p99 and TTFT p50 vs QPS per setup (.png needs "
+                   "matplotlib; else .svg)")
+    p.add_argument("--replot", default="", metavar="JSON", help="only draw --plot from an earlier run's --output")
     ns = p.parse_args(argv)
+    if ns.replot:
+        if not ns.plot:
+            p.error("--replot needs --plot FILE")
+        with open(ns.replot) as f:
+            print(f"wrote {plot_points(json.load(f), ns.plot)}")
+        return 0
     if ns.sm_share is not None and not mps_running():
         p.error("--sm-share needs an MPS control daemon (nvidia-cuda-mps-control -d; tools/disagg_device.sh MPS=1): "
                 "without one CUDA ignores the shares and the two processes time-slice the GPU")
@@ -316,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         points += run_setup(setup, ns, qps)
     with open(ns.output, "w") as f:
         json.dump(points, f, indent=1)
+    if ns.plot:
+        print(f"wrote {plot_points(points, ns.plot)}")
     by = {(s["setup"], s["qps"]): s for s in points}
     for q in qps:
         c = by.get(("colocated", q))

@@ -147,3 +147,15 @@ def test_shares_without_an_mps_daemon_are_refused_in_one_line(monkeypatch, tmp_p
     (tmp_path / "control").touch()  # the daemon's pipe: accepted
     monkeypatch.setattr(disagg, "run_setup", lambda name, ns, qps: [])
     assert disagg.main(["--second-gpu", "0", "--sm-share", "60,40", "--output", str(tmp_path / "d.json")]) == 0
+
+
+def test_plot_draws_each_setups_goodput_itl_and_ttft(tmp_path):
+    from meshserve.bench.disagg import plot_points
+
+    points = [{"setup": s, "qps": q, "goodput": g, "itl_p99": i, "ttft_p50": t}
+              for s, q, g, i, t in (("colocated", 3.0, 2.2, 0.24, 0.33), ("colocated", 2.0, 1.8, 0.085, 0.27),
+                                    ("layerwise", 2.0, 1.8, 0.017, 0.54), ("layerwise", 3.0, 2.2, 0.022, 0.75))]
+    path = plot_points(points, str(tmp_path / "d.svg"))
+    svg = open(path).read()
+    assert path.endswith(".svg") and svg.count("<polyline") == 6  # 3 panels x 2 setups
+    assert all(label in svg for label in ("colocated", "layerwise", "goodput (req/s)", "ITL p99 (ms)", "TTFT p50"))

@@ -58,7 +58,7 @@ fi
 timeout -k 20 ${LIMIT:-540} python3 -m meshserve.bench.disagg --second-gpu "$second" --connector "$connector" --qps "${QPS:-2,4}" \
   --num-prompts "${N:-48}" --setups "${SETUPS:-colocated,layerwise}" ${GPU_BLOCKS:+--gpu-blocks $GPU_BLOCKS} \
   ${SM_SHARE:+--sm-share $SM_SHARE} \
-  --log-dir $R --output "$OUT/disagg.json" \
+  --log-dir $R --output "$OUT/disagg.json" --plot "$OUT/disagg.svg" \
   > "$OUT/disagg.log" 2>&1
 echo "== disagg rc $?"; grep -vE "^\s*$" "$OUT/disagg.log" | grep -v -i warn | tail -16
 tar czf "$OUT/disagg_logs.tgz" -C /tmp disagg_dev

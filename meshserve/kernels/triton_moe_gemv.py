@@ -49,7 +49,7 @@ class MoeGemvConfig:
 def default_config(hidden: int, width: int) -> MoeGemvConfig:
     """Experts up to 1,024 wide (Qwen3-30B-A3B's 768): 256-wide K tiles on 4 warps for gate_up, one output row
     per down program with one K tile per slot (tools/bench_moe.py --gemv-sweep-only on the H200, 2026-12-03: the
-    experts at 1 token 27.4 us against 38.6 with the tiles below; W1 Qwen3-30B-A3B 330.9 against 280.8 tok/s, of
+    experts at 1 token 27.4 us against 38.6 with the wider experts' tiles below, the default for all before; W1 Qwen3-30B-A3B 330.9 against 280.8 tok/s, of
     which the gate_up tile 280.8 -> 317.8-320.8 and the down kernel's one row 320.8 -> 330.9: 2,048 programs
     instead of 512 keep more of the slots' loads in flight). Wider experts (DeepSeek-V2-
     Lite's 1,408, with its shared MLP folded in): gate_up 512-wide K tiles over a 2,048 hidden (as the dense GEMV)

@@ -19,6 +19,10 @@ Replicas are meshserve/simulator/replica.py's SimReplica (the engine's Scheduler
 no front-end queue: the step cost is meant to be the replica's measured step cadence, which carries its API
 work (the suite's replicas run the engine in the server's thread). Not modelled: CPU shared between processes
 (the suite's replicas and the restarting one share two cores), the router's own CPU, the fallback replica.
+
+ClosedLoop is the client, router and replicas; the scenarios hook into it: KillRestartRun here, the hung replica
+(faults_hang.py: a replica that answers nothing, the router's read timeout and probes) and the overload bursts
+(faults_overload.py: the router's --max-outstanding, router_admission.py, and the replicas' queue limits).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from meshserve.simulator.config import SimConfig
 from meshserve.simulator.failures import FailureLog, committed
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.replica import SimReplica
+from meshserve.simulator.router_admission import RouterAdmission
 from meshserve.simulator.trace import SimRequest
 
 
@@ -66,11 +71,18 @@ class KillRestart:
 
 @dataclass(frozen=True)
 class RouterHealth:
-    """The suite's router flags that matter here (--health-interval, --recover-threshold, --max-attempts)."""
+    """The suite's router flags that matter here (--health-interval, --recover-threshold, --max-attempts,
+    --health-timeout, --fail-threshold, --read-timeout)."""
 
     health_interval_s: float = 0.5
     recover_threshold: int = 2
     max_attempts: int = 3
+    health_timeout_s: float = 1.0
+    fail_threshold: int = 2
+    read_timeout_s: float = 4.0
+
+
+SUITE_HEALTH = RouterHealth()
 
 
 @dataclass
@@ -86,6 +98,7 @@ class RequestResult:
     outcome: str = ""
     replica: int | None = None
     end_s: float = math.nan
+    status: int = 200  # a clean error's: 503 (the router: past --max-outstanding, or no replica), 429 (the replicas')
 
     @property
     def seconds(self) -> float:
@@ -120,6 +133,10 @@ class _Replica(SimReplica):
         super()._finish(seq, last_token_s)
         self.on_finish(int(seq.seq_id), last_token_s)
 
+    def last_token_s(self, index: int) -> float:
+        """When request `index`'s latest token reached the client (it has one out)."""
+        return self._last_token_s[str(index)]
+
     def num_tokens_out(self, index: int) -> int:
         """Tokens of request `index` out so far (0: not running or none yet)."""
         for seq in self.scheduler.running:
@@ -128,176 +145,340 @@ class _Replica(SimReplica):
         return 0
 
 
-# event kinds, in the order they go at equal times
-_SEND, _ADMIT, _STEP_END, _WAKE, _READY, _READMIT = range(6)
+# event kinds, in the order they go at equal times (the scenarios' own after the engine's)
+_SEND, _ADMIT, _STEP_END, _WAKE, _READY, _READMIT, _TIMEOUT, _EJECT, _REFUSED, _ARRIVE, _RETURN = range(11)
+
+
+class ClosedLoop:
+    """One run of the closed-loop client against the router and config's replicas (num_gpus // gpus per replica
+    of them), step_cost per step, latency_s added to every attempt once (between the router sending it and its
+    replica's core). The scenarios (KillRestartRun here; faults_hang.py, faults_overload.py) subclass it and
+    hook in: phase(), on_sent(), on_end(), on_step_end(), handle() for their own events. With `admission`
+    (router_admission.py) the router refuses past --max-outstanding: the client gets its 503 refusal_s later.
+    Deterministic: no randomness (ties go by event kind, then order of pushing)."""
+
+    def __init__(self, config: SimConfig, step_cost: Callable[[StepShape], float], load: ClosedLoopLoad,
+                 health: RouterHealth = RouterHealth(), latency_s: float = 0.0,
+                 admission: RouterAdmission | None = None, refusal_s: float = 0.0, front_s: float = 0.0,
+                 back_s: float = 0.0):
+        config.validate()
+        num_blocks = config.kv_blocks(config.model_spec(), config.gpu_spec())
+        self.config, self.step_cost, self.load, self.health = config, step_cost, load, health
+        self.latency_s, self.admission, self.refusal_s = latency_s, admission, refusal_s
+        self.front_s, self.back_s = front_s, back_s
+        self.sched_cfg, self.cache_cfg = config.engine_configs(num_blocks, False)
+        self.recorder = RunRecorder()
+        self.reqs: list[RequestResult] = []
+        self.where: dict[int, tuple[int, int]] = {}  # request in flight -> (replica slot, incarnation)
+        self.tried: dict[int, set[int]] = {}
+        self.attempt_s: dict[int, float] = {}  # request in flight -> when the router sent its current attempt
+        self.worker: dict[int, int] = {}  # request in flight -> the router worker counting it (admission)
+        self.events: dict[str, float] = {}
+        self.heap: list[tuple] = []
+        self.counter = 0
+        self.incarnation = [0] * config.num_replicas
+        self.version = [0] * config.num_replicas
+        self.steps = [0] * config.num_replicas
+        self.frozen: dict[int, float] = {}  # a hung replica -> since when (SIGSTOP: it answers nothing)
+        self.policy = make_policy("least-outstanding")
+        self.stopped = False
+        self.load_id = 0  # the current load (a burst): a client of an earlier one sends no more
+        self.load_start = 0  # the current load's first request (its requests' indices start again at 0)
+        self.replicas: list[_Replica | None] = [self.make(slot) for slot in range(config.num_replicas)]
+        self.serving = list(self.replicas)
+
+    # -- the scenario's hooks --------------------------------------------------------------------
+    def phase(self) -> str:
+        return "start"
+
+    def on_sent(self, t: float) -> None:
+        """After each request the client sent."""
+
+    def on_end(self, j: int, t: float) -> None:
+        """After request j ended (before its client sends its next)."""
+
+    def on_step_end(self, slot: int, t: float) -> None:
+        """After a step of replica slot ended (and its next began)."""
+
+    def handle(self, kind: int, payload, t: float) -> None:
+        """An event of the scenario's own kinds."""
+
+    def may_send(self) -> bool:
+        """Whether a client sends its next request now."""
+        return not self.stopped
+
+    # -- the engine ------------------------------------------------------------------------------
+    def push(self, t: float, kind: int, payload) -> None:
+        self.counter += 1
+        heapq.heappush(self.heap, (t, kind, self.counter, payload))
+
+    def make(self, slot: int) -> _Replica:
+        self.incarnation[slot] += 1
+        return _Replica(slot, self.sched_cfg, self.cache_cfg, self.step_cost, self.recorder,
+                        self.config.max_queue_len, fast_forward=False, light=True, frontend=None,
+                        on_finish=self.finished)
+
+    def start_load(self, t: float) -> None:
+        """A new load (a burst) from t: its clients send at once."""
+        self.load_id += 1
+        self.load_start = len(self.reqs)
+        for _ in range(self.load.concurrency):
+            self.push(t, _SEND, self.load_id)
+
+    def end(self, j: int, t: float, outcome: str, replica: int | None) -> None:
+        """Request j's answer ends at the router at t: an answer reaches its client back_s later."""
+        r = self.reqs[j]
+        r.outcome, r.replica = outcome, replica
+        self.where.pop(j, None)
+        worker = self.worker.pop(j, None)
+        if worker is not None:
+            self.admission.release(worker)
+        if outcome == "ok" and self.back_s:
+            self.push(t + self.back_s, _RETURN, j)
+        else:
+            self.deliver(j, t)
+
+    def deliver(self, j: int, t: float) -> None:
+        """Request j's end reaches its client at t, who sends its next request."""
+        self.reqs[j].end_s = t
+        load_id = self.load_id  # (on_end may start the next load: this client is of the last one)
+        self.on_end(j, t)
+        if not self.stopped:
+            self.push(t, _SEND, load_id)  # the worker's next request
+
+    def finished(self, j: int, t: float) -> None:
+        self.end(j, t, "ok", self.where[j][0])
+
+    def route(self, j: int, t: float) -> None:
+        """Send request j to an admitted replica it has not tried; none left: the client gets a clean 503 (or
+        the last replica's 429 passed on)."""
+        candidates = [rep for rep in self.serving if rep.index not in self.tried[j]]
+        if not candidates or self.reqs[j].attempts > self.health.max_attempts:
+            if self.reqs[j].status == 429:
+                self.reqs[j].attempts = len(self.tried[j])
+            else:
+                self.reqs[j].status = 503
+            self.end(j, t, "clean_error", None)
+            return
+        rep = self.policy.choose(candidates, None)
+        rep.outstanding += 1
+        self.tried[j].add(rep.index)
+        self.where[j] = (rep.index, self.incarnation[rep.index])
+        self.attempt_s[j] = t
+        if rep.index in self.frozen:  # it will never answer: the router's read timeout ends the attempt
+            self.push(t + self.health.read_timeout_s, _TIMEOUT, (j, rep.index, self.incarnation[rep.index]))
+        self.push(t + self.latency_s, _ADMIT, (j, rep.index, self.incarnation[rep.index]))
+
+    def send(self, t: float, load_id: int) -> None:
+        j = len(self.reqs)
+        if load_id != self.load_id or not self.may_send():
+            return
+        stream = self.load.is_stream(j - self.load_start)
+        self.reqs.append(RequestResult(j, stream, t, self.phase()))
+        self.tried[j] = set()
+        if self.front_s:
+            self.push(t + self.front_s, _ARRIVE, j)
+        else:
+            self.arrive(j, t)
+        self.on_sent(t)
+
+    def arrive(self, j: int, t: float) -> None:
+        """Request j reaches the router at t: past --max-outstanding it is refused (its 503 reaches the client
+        refusal_s later), else routed."""
+        if self.admission is not None:
+            worker = self.admission.admit()
+            if worker is None:  # a 503 at once, no replica tried
+                self.reqs[j].status = 503
+                self.push(t + self.refusal_s, _REFUSED, j)
+                return
+            self.worker[j] = worker
+        self.route(j, t)
+
+    def hang(self, slot: int, t: float) -> None:
+        """Replica slot stops answering at t for the rest of the run: its own events are never seen, each request
+        on it ends at the router's read timeout (a committed stream's from its last token, any other's from its
+        attempt), and the probes eject it (probe_ejection_s)."""
+        self.frozen[slot] = t
+        rep = self.replicas[slot]
+        for j, (s, inc) in sorted(self.where.items()):
+            if s != slot:
+                continue
+            since = (rep.last_token_s(j) if committed(rep, str(j), self.reqs[j].stream) else self.attempt_s[j])
+            self.push(since + self.health.read_timeout_s, _TIMEOUT, (j, slot, inc))
+        self.push(probe_ejection_s(t, self.health), _EJECT, slot)
+
+    def eject(self, slot: int, t: float) -> None:
+        rep = self.replicas[slot]
+        if rep in self.serving:
+            self.serving.remove(rep)
+            self.events.setdefault("ejected_s", t)
+
+    def timed_out(self, j: int, slot: int, t: float) -> None:
+        """The router's read timeout on request j's attempt at slot: it ejects the replica; a committed stream
+        ends with its error event, anything else goes to another replica."""
+        rep = self.replicas[slot]
+        self.eject(slot, t)
+        rep.outstanding -= 1
+        if committed(rep, str(j), self.reqs[j].stream):
+            self.end(j, t, "clean_error", slot)
+        else:
+            self.reqs[j].attempts += 1
+            self.route(j, t)
+
+    def run(self, limit_s: float = 3600.0) -> FaultRun:
+        self.start_load(0.0)
+        while self.heap:
+            now, kind, _, payload = heapq.heappop(self.heap)
+            if now > limit_s:
+                break
+            if kind == _SEND:
+                self.send(now, payload)
+            elif kind == _ADMIT:
+                j, slot, inc = payload
+                rep = self.replicas[slot]
+                if self.where.get(j) != (slot, inc) or rep is None or slot in self.frozen:
+                    continue  # sent before a kill that already moved it, or to a replica that answers nothing
+                if not rep.try_add(j, SimRequest(self.reqs[j].sent_s, self.load.prompt_len,
+                                                 self.load.stream_output_len if self.reqs[j].stream
+                                                 else self.load.output_len), now):
+                    rep.outstanding -= 1  # a 429: the router tries another replica (an attempt spent)
+                    self.reqs[j].status = 429
+                    self.reqs[j].attempts += 1
+                    self.route(j, now)
+                    continue
+                if not rep.busy:
+                    rep.busy = True
+                    self.version[slot] += 1
+                    self.push(now, _WAKE, (slot, self.version[slot]))
+            elif kind in (_STEP_END, _WAKE):
+                slot, ver = payload
+                rep = self.replicas[slot]
+                if rep is None or ver != self.version[slot] or slot in self.frozen:
+                    continue
+                if kind == _STEP_END:
+                    rep.end_step(now)
+                t_end = rep.start_step(now)
+                if t_end is not None:
+                    self.steps[slot] += 1
+                    self.version[slot] += 1
+                    self.push(t_end, _STEP_END, (slot, self.version[slot]))
+                if kind == _STEP_END:
+                    self.on_step_end(slot, now)
+            elif kind == _TIMEOUT:
+                j, slot, inc = payload
+                if self.where.get(j) == (slot, inc):
+                    self.timed_out(j, slot, now)
+            elif kind == _EJECT:
+                self.eject(payload, now)
+                self.handle(kind, payload, now)
+            elif kind == _REFUSED:
+                self.end(payload, now, "clean_error", None)
+            elif kind == _ARRIVE:
+                self.arrive(payload, now)
+            elif kind == _RETURN:
+                self.deliver(payload, now)
+            else:
+                self.handle(kind, payload, now)
+        return FaultRun(self.reqs, self.events, self.steps)
+
+
+def probe_ejection_s(hung_s: float, health: RouterHealth) -> float:
+    """When the router's probes eject a replica that stops answering at hung_s for good. health.py's loop probes
+    every replica, waits for all the answers, then sleeps the interval: the first round after the hang (on the
+    interval's grid from the router's start, t = 0: healthy rounds take no time) waits out the probe's timeout, so
+    each failing round starts timeout + interval after the last; the fail_threshold-th failure ejects."""
+    first = math.ceil(hung_s / health.health_interval_s) * health.health_interval_s
+    return first + (health.fail_threshold - 1) * (health.health_timeout_s + health.health_interval_s) \
+        + health.health_timeout_s
+
+
+class KillRestartRun(ClosedLoop):
+    """The suite's kill+restart (KillRestart) on the closed loop."""
+
+    def __init__(self, *args, scenario: KillRestart, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scenario = scenario
+        self.served_since_readmit = 0
+        self.killed = self.restarted = False
+        self.kill_armed = False  # sent enough: kill at the victim's next fresh stream
+
+    def phase(self) -> str:
+        if not self.killed:
+            return "start"
+        if not self.restarted:
+            return "dead"
+        return "readmitted" if "readmitted_s" in self.events else "restarting"
+
+    def on_end(self, j: int, t: float) -> None:
+        r = self.reqs[j]
+        if r.replica == self.scenario.victim and r.phase == "readmitted":
+            self.served_since_readmit += 1
+        self.check_stop()
+
+    def check_stop(self) -> None:
+        """The suite stops the load once `total` were sent, 20 more since the re-admission, and the victim
+        served `after` of those."""
+        sc, ev = self.scenario, self.events
+        if "readmitted_s" in ev and len(self.reqs) >= max(sc.stop_after_sent, ev["readmitted_sent"] + 20) \
+                and self.served_since_readmit >= sc.stop_after_served:
+            self.stopped = True
+
+    def on_sent(self, t: float) -> None:
+        if len(self.reqs) >= self.scenario.restart_after_sent and self.killed and not self.restarted:
+            self.restart(t)
+        self.check_stop()
+        if not self.killed and not self.kill_armed and len(self.reqs) >= self.scenario.kill_after_sent:
+            self.kill_armed = True
+            self.fresh_stream_on(self.scenario.victim, t)
+
+    def on_step_end(self, slot: int, t: float) -> None:
+        if self.kill_armed and not self.killed and slot == self.scenario.victim:
+            self.fresh_stream_on(slot, t)
+
+    def kill(self, t: float) -> None:
+        self.killed = True
+        self.events["kill_s"], self.events["kill_sent"] = t, len(self.reqs)
+        slot = self.scenario.victim
+        rep = self.replicas[slot]
+        self.serving.remove(rep)
+        self.replicas[slot] = None
+        self.version[slot] += 1
+        for j, (s, inc) in sorted(self.where.items()):
+            if s != slot or inc != self.incarnation[slot]:
+                continue
+            if committed(rep, str(j), self.reqs[j].stream):  # the stream ends with its error event
+                self.end(j, t, "clean_error", slot)
+            else:  # not committed: the router tries another replica
+                self.reqs[j].attempts += 1
+                self.route(j, t)
+
+    def restart(self, t: float) -> None:
+        self.restarted = True
+        self.events["restart_s"] = t
+        self.push(t + self.scenario.start_s, _READY, self.scenario.victim)
+
+    def fresh_stream_on(self, slot: int, t: float) -> None:
+        """Kill the victim now if one of its streams has its first token out and not yet its second."""
+        rep = self.replicas[slot]
+        if any(s == slot and self.reqs[j].stream and rep.num_tokens_out(j) == 1
+               for j, (s, _inc) in self.where.items()):
+            self.kill(t)
+
+    def handle(self, kind: int, payload, t: float) -> None:
+        if kind == _READY:
+            slot = payload
+            self.replicas[slot] = self.make(slot)
+            self.events["ready_s"] = t
+            self.push(FailureLog(health_interval_s=self.health.health_interval_s,
+                                 recover_threshold=self.health.recover_threshold).readmit_s(t), _READMIT, slot)
+        elif kind == _READMIT:
+            self.serving.append(self.replicas[payload])
+            self.serving.sort(key=lambda r: r.index)
+            self.events["readmitted_s"], self.events["readmitted_sent"] = t, len(self.reqs)
 
 
 def run_kill_restart(config: SimConfig, step_cost: Callable[[StepShape], float], load: ClosedLoopLoad,
                      scenario: KillRestart, health: RouterHealth = RouterHealth(), latency_s: float = 0.0,
                      limit_s: float = 3600.0) -> FaultRun:
-    """Simulate the scenario on config's replicas (num_gpus // gpus per replica of them) with step_cost per
-    step; latency_s is added to every request once (between its sending and its replica's core). Deterministic:
-    no randomness (ties go by event kind, then order of pushing)."""
-    config.validate()
-    num_blocks = config.kv_blocks(config.model_spec(), config.gpu_spec())
-    sched_cfg, cache_cfg = config.engine_configs(num_blocks, False)
-    recorder = RunRecorder()
-    reqs: list[RequestResult] = []
-    where: dict[int, tuple[int, int]] = {}  # request in flight -> (replica slot, incarnation)
-    tried: dict[int, set[int]] = {}
-    events: dict[str, float] = {}
-    heap: list[tuple] = []
-    counter = 0
-    incarnation = [0] * config.num_replicas
-    version = [0] * config.num_replicas
-    steps = [0] * config.num_replicas
-    served_since_readmit = [0]
-    policy = make_policy("least-outstanding")
-    state = {"killed": False, "restarted": False, "stopped": False}
-
-    def push(t: float, kind: int, payload) -> None:
-        nonlocal counter
-        counter += 1
-        heapq.heappush(heap, (t, kind, counter, payload))
-
-    def make(slot: int) -> _Replica:
-        incarnation[slot] += 1
-        return _Replica(slot, sched_cfg, cache_cfg, step_cost, recorder, config.max_queue_len, fast_forward=False,
-                        light=True, frontend=None, on_finish=finished)
-
-    def phase() -> str:
-        if not state["killed"]:
-            return "start"
-        if not state["restarted"]:
-            return "dead"
-        return "readmitted" if "readmitted_s" in events else "restarting"
-
-    def end(j: int, t: float, outcome: str, replica: int | None) -> None:
-        r = reqs[j]
-        r.outcome, r.end_s, r.replica = outcome, t, replica
-        where.pop(j, None)
-        if replica == scenario.victim and r.phase == "readmitted":
-            served_since_readmit[0] += 1
-        check_stop()
-        if not state["stopped"]:
-            push(t, _SEND, None)  # the worker's next request
-
-    def check_stop() -> None:
-        """The suite stops the load once `total` were sent, 20 more since the re-admission, and the victim
-        served `after` of those."""
-        if "readmitted_s" in events and len(reqs) >= max(scenario.stop_after_sent, events["readmitted_sent"] + 20) \
-                and served_since_readmit[0] >= scenario.stop_after_served:
-            state["stopped"] = True
-
-    def finished(j: int, t: float) -> None:
-        end(j, t, "ok", where[j][0])
-
-    def route(j: int, t: float) -> None:
-        """Send request j to an admitted replica it has not tried; none left: the client gets a clean 503."""
-        candidates = [rep for rep in serving if rep.index not in tried[j]]
-        if not candidates or reqs[j].attempts > health.max_attempts:
-            end(j, t, "clean_error", None)
-            return
-        rep = policy.choose(candidates, None)
-        rep.outstanding += 1
-        tried[j].add(rep.index)
-        where[j] = (rep.index, incarnation[rep.index])
-        push(t + latency_s, _ADMIT, (j, rep.index, incarnation[rep.index]))
-
-    def send(t: float) -> None:
-        j = len(reqs)
-        if state["stopped"]:
-            return
-        stream = load.is_stream(j)
-        reqs.append(RequestResult(j, stream, t, phase()))
-        tried[j] = set()
-        route(j, t)
-        if len(reqs) >= scenario.restart_after_sent and state["killed"] and not state["restarted"]:
-            restart(t)
-        check_stop()
-
-    def kill(t: float) -> None:
-        state["killed"] = True
-        events["kill_s"], events["kill_sent"] = t, len(reqs)
-        slot = scenario.victim
-        rep = replicas[slot]
-        serving.remove(rep)
-        replicas[slot] = None
-        version[slot] += 1
-        for j, (s, inc) in sorted(where.items()):
-            if s != slot or inc != incarnation[slot]:
-                continue
-            if committed(rep, str(j), reqs[j].stream):  # the stream ends with its error event
-                end(j, t, "clean_error", slot)
-            else:  # not committed: the router tries another replica
-                reqs[j].attempts += 1
-                route(j, t)
-
-    def restart(t: float) -> None:
-        state["restarted"] = True
-        events["restart_s"] = t
-        push(t + scenario.start_s, _READY, scenario.victim)
-
-    def fresh_stream_on(slot: int, t: float) -> None:
-        """Kill the victim now if one of its streams has its first token out and not yet its second."""
-        rep = replicas[slot]
-        if any(s == slot and reqs[j].stream and rep.num_tokens_out(j) == 1 for j, (s, _inc) in where.items()):
-            kill(t)
-
-    replicas: list[_Replica | None] = []
-    for slot in range(config.num_replicas):
-        replicas.append(make(slot))
-    serving = list(replicas)
-    for _ in range(load.concurrency):
-        push(0.0, _SEND, None)
-    kill_armed = False  # sent enough: kill at the victim's next fresh stream
-    now = 0.0
-    while heap:
-        now, kind, _, payload = heapq.heappop(heap)
-        if now > limit_s:
-            break
-        if kind == _SEND:
-            send(now)
-            if not state["killed"] and not kill_armed and len(reqs) >= scenario.kill_after_sent:
-                kill_armed = True
-                fresh_stream_on(scenario.victim, now)
-        elif kind == _ADMIT:
-            j, slot, inc = payload
-            rep = replicas[slot]
-            if where.get(j) != (slot, inc) or rep is None:
-                continue  # sent before a kill that already moved it
-            if not rep.try_add(j, SimRequest(reqs[j].sent_s, load.prompt_len,
-                                             load.stream_output_len if reqs[j].stream else load.output_len), now):
-                rep.outstanding -= 1  # a 429: the router tries another replica (an attempt spent)
-                reqs[j].attempts += 1
-                route(j, now)
-                continue
-            if not rep.busy:
-                rep.busy = True
-                version[slot] += 1
-                push(now, _WAKE, (slot, version[slot]))
-        elif kind in (_STEP_END, _WAKE):
-            slot, ver = payload
-            rep = replicas[slot]
-            if rep is None or ver != version[slot]:
-                continue
-            if kind == _STEP_END:
-                rep.end_step(now)
-            t_end = rep.start_step(now)
-            if t_end is not None:
-                steps[slot] += 1
-                version[slot] += 1
-                push(t_end, _STEP_END, (slot, version[slot]))
-            if kill_armed and not state["killed"] and slot == scenario.victim and kind == _STEP_END:
-                fresh_stream_on(slot, now)
-        elif kind == _READY:
-            slot = payload
-            replicas[slot] = make(slot)
-            events["ready_s"] = now
-            push(FailureLog(health_interval_s=health.health_interval_s, recover_threshold=health.recover_threshold)
-                 .readmit_s(now), _READMIT, slot)
-        elif kind == _READMIT:
-            serving.append(replicas[payload])
-            serving.sort(key=lambda r: r.index)
-            events["readmitted_s"], events["readmitted_sent"] = now, len(reqs)
-    return FaultRun(reqs, events, steps)
+    """Simulate the kill+restart scenario (ClosedLoop's arguments)."""
+    return KillRestartRun(config, step_cost, load, health, latency_s, scenario=scenario).run(limit_s)

@@ -785,10 +785,12 @@ if __name__ == "__main__":
     if what in ("moe", "all"):
         print(moe_table())
         print()
-    if what in ("faults", "all"):  # the router fault suite's kill+restart load (validation_faults.py)
+    if what in ("faults", "all"):  # the router fault suite's kill+restart, hung replica and overload loads
         from meshserve.simulator.validation_faults import main as faults_main
+        from meshserve.simulator.validation_hang_overload import main as hang_overload_main
 
         faults_main([])
+        hang_overload_main([])
         print()
     if what in ("extrapolate", "all"):
         print(extrapolations())

@@ -48,11 +48,11 @@ def fit_cadence(steps: dict[str, list[dict]]) -> tuple[tuple[float, float, float
     return tuple(float(v) for v in theta), float(np.mean(np.abs(xa @ theta - ya) / ya))
 
 
-def phase_table(requests: list[dict]) -> dict[str, dict]:
+def phase_table(requests: list[dict], phases: tuple[str, ...] = PHASES) -> dict[str, dict]:
     """Per phase: requests sent, sending rate, and seconds (p50 / p99) of the non-streamed and streamed ones that
     succeeded."""
     out = {}
-    for phase in PHASES:
+    for phase in phases:
         rs = [r for r in requests if r["phase"] == phase]
         sent = [r["sent_s"] for r in rs]
         span = max(sent) - min(sent) if len(sent) > 1 else 0.0
@@ -66,8 +66,34 @@ def phase_table(requests: list[dict]) -> dict[str, dict]:
 
 
 def _as_rows(run: FaultRun) -> list[dict]:
-    return [{"phase": r.phase, "sent_s": r.sent_s, "seconds": r.seconds, "stream": r.stream, "outcome": r.outcome}
-            for r in run.requests]
+    return [{"phase": r.phase, "sent_s": r.sent_s, "seconds": r.seconds, "stream": r.stream, "outcome": r.outcome,
+             "status": r.status} for r in run.requests]
+
+
+def _config() -> SimConfig:
+    """The suite's primaries (--max-num-seqs 8 --max-queue-len 8); the model's size does not matter (custom step
+    cost), the KV pool is ample."""
+    return SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=3, max_num_seqs=8, max_queue_len=8,
+                     max_model_len=256, num_blocks=4096, max_num_batched_tokens=2048)
+
+
+def _cadence(steps: dict[str, list[dict]]):
+    (a, b, c), err = fit_cadence(steps)
+
+    def cadence(shape: StepShape) -> float:
+        return a + b * shape.num_tokens + c * shape.num_seqs
+
+    return cadence, (a, b, c), err
+
+
+def _health(flags: list[str]) -> RouterHealth:
+    def flag(name: str) -> str:
+        return flags[flags.index(name) + 1]
+
+    return RouterHealth(health_interval_s=float(flag("--health-interval")),
+                        recover_threshold=int(flag("--recover-threshold")), max_attempts=int(flag("--max-attempts")),
+                        health_timeout_s=float(flag("--health-timeout")), fail_threshold=int(flag("--fail-threshold")),
+                        read_timeout_s=float(flag("--read-timeout")))
 
 
 def simulate_round(measured: dict, latency_s: float | None = None) -> tuple[FaultRun, dict]:
@@ -75,29 +101,20 @@ def simulate_round(measured: dict, latency_s: float | None = None) -> tuple[Faul
     and the fit."""
     sc = measured["scenario"]
     ev = measured["events"]
-    (a, b, c), err = fit_cadence(measured["steps"])
-
-    def cadence(shape: StepShape) -> float:
-        return a + b * shape.num_tokens + c * shape.num_seqs
-
-    config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=3, max_num_seqs=8, max_queue_len=8,
-                       max_model_len=256, num_blocks=4096, max_num_batched_tokens=2048)
+    cadence, abc, err = _cadence(measured["steps"])
+    config = _config()
     load = ClosedLoopLoad(concurrency=sc["concurrency"], stream_every=sc["stream_every"], output_len=sc["max_tokens"],
                           stream_output_len=sc["stream_max_tokens"])
     scenario = KillRestart(victim=sc["victim"], kill_after_sent=sc["total"] // 4, restart_after_sent=sc["total"] // 2,
                            start_s=ev["ready_s"] - ev["restart_s"], stop_after_sent=sc["total"],
                            stop_after_served=sc["after"])
-    flags = sc["router_flags"]
-    health = RouterHealth(health_interval_s=float(flags[flags.index("--health-interval") + 1]),
-                          recover_threshold=int(flags[flags.index("--recover-threshold") + 1]),
-                          max_attempts=int(flags[flags.index("--max-attempts") + 1]))
+    health = _health(sc["router_flags"])
     if latency_s is None:
         bare = run_kill_restart(config, cadence, load, scenario, health, 0.0)
         simulated = phase_table(_as_rows(bare))["start"]["plain_p50"]
         latency_s = max(0.0, phase_table(measured["requests"])["start"]["plain_p50"] - simulated)
     run = run_kill_restart(config, cadence, load, scenario, health, latency_s)
-    return run, {"cadence_s": (a, b, c), "cadence_error": err, "latency_s": latency_s,
-                 "start_s": scenario.start_s}
+    return run, {"cadence_s": abc, "cadence_error": err, "latency_s": latency_s, "start_s": scenario.start_s}
 
 
 def compare(measured: dict) -> dict:

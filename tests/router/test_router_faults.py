@@ -192,24 +192,32 @@ def test_replica_kill_restart_cycles_long(cluster):
     _assert_no_loss(all_results, fig)
 
 
+async def _hung_under_load(c: Cluster, victim: int = 2) -> tuple[list, float, dict]:
+    """9 clients (every 4th request a 64-token stream); SIGSTOP the victim once 30 were sent; load until the router
+    says it is ejected and 60 more were sent. The victim stays stopped (the caller sends SIGCONT). Returns the
+    results, the seconds, and event notes (monotonic times: tools/fault_load_trace.py)."""
+    load = Load(c.url, concurrency=9, limit=None, stream_max_tokens=64)
+    notes: dict = {}
+    t0 = notes["t0"] = time.monotonic()
+    runner = asyncio.ensure_future(load.run())
+    await load.wait_sent(30)
+    notes["hang_s"], notes["hang_sent"] = time.monotonic(), load.sent
+    c.primaries[victim].signal(signal.SIGSTOP)  # alive, port open, answers nothing
+    load.phase = "hung"
+    notes["ejected"] = await asyncio.to_thread(wait_until, lambda: not c.healthy(f"primary-{victim}"), 15, 0.05)
+    notes["ejected_s"], notes["ejected_sent"] = time.monotonic(), load.sent
+    load.phase = "ejected"
+    await load.wait_sent(load.sent + 60)
+    load.stop()
+    results = await runner
+    return results, time.monotonic() - t0, notes
+
+
 def test_hung_replica_is_ejected_by_timeout_and_readmitted(cluster):
     victim = cluster.primaries[2]
-
-    async def scenario():
-        load = Load(cluster.url, concurrency=9, limit=None, stream_max_tokens=64)
-        t0 = time.monotonic()
-        runner = asyncio.ensure_future(load.run())
-        await load.wait_sent(30)
-        victim.signal(signal.SIGSTOP)  # alive, port open, answers nothing
-        load.phase = "hung"
-        ejected = await asyncio.to_thread(wait_until, lambda: not cluster.healthy("primary-2"), 15, 0.05)
-        await load.wait_sent(load.sent + 60)
-        load.stop()
-        results = await runner
-        return results, time.monotonic() - t0, ejected
-
     try:
-        results, seconds, ejected = asyncio.run(scenario())
+        results, seconds, notes = asyncio.run(_hung_under_load(cluster))
+        ejected = notes["ejected"]
         state = cluster.replicas()["primary-2"]
     finally:
         victim.signal(signal.SIGCONT)
@@ -242,21 +250,24 @@ def _rss_kib(pid: int) -> int:
 OVERLOAD_BURST, OVERLOAD_TOKENS = 240, 8
 
 
+async def _overload_burst(c: Cluster) -> tuple[list, float]:
+    """One burst: 120 clients send OVERLOAD_BURST requests of OVERLOAD_TOKENS tokens (every 5th streams), each its
+    next as soon as its last ends. Returns the results and the seconds."""
+    load = Load(c.url, concurrency=120, limit=OVERLOAD_BURST, stream_every=5, max_tokens=OVERLOAD_TOKENS,
+                stream_max_tokens=OVERLOAD_TOKENS, timeout_s=30)
+    t0 = time.monotonic()
+    results = await load.run()
+    return results, time.monotonic() - t0
+
+
 @pytest.mark.slow
 def test_overload_gets_fast_refusals_with_retry_after_and_no_memory_growth(cluster):
-    async def burst() -> tuple[list, float]:
-        load = Load(cluster.url, concurrency=120, limit=OVERLOAD_BURST, stream_every=5, max_tokens=OVERLOAD_TOKENS,
-                    stream_max_tokens=OVERLOAD_TOKENS, timeout_s=30)
-        t0 = time.monotonic()
-        results = await load.run()
-        return results, time.monotonic() - t0
-
     assert wait_until(_not_yet_when_busy(cluster.all_healthy), ADMIT_S)
-    results, seconds = asyncio.run(burst())  # warm-up: connection pools, allocator arenas
+    results, seconds = asyncio.run(_overload_burst(cluster))  # warm-up: connection pools, allocator arenas
     rss = [_rss_kib(cluster.router.proc.pid)]
     all_results, total_s = list(results), seconds
     for _ in range(2):
-        results, seconds = asyncio.run(burst())
+        results, seconds = asyncio.run(_overload_burst(cluster))
         all_results += results
         total_s += seconds
         rss.append(_rss_kib(cluster.router.proc.pid))

@@ -55,6 +55,10 @@ def register(subparsers) -> None:
     g.add_argument("--tp-fused-norm", choices=("off", "pull", "push"), default="off",
                    help="MESHSERVE_TP_FUSED_NORM: TP all-reduces fused with the residual add and RMSNorm")
     g.add_argument("--router", default=d.router, choices=ROUTER_POLICIES)
+    g.add_argument("--max-outstanding", type=int, default=None, metavar="N",
+                   help="the router's --max-outstanding: a request that finds N in flight (on replicas or between "
+                        "them) gets 503 at once, counted as rejected (meshserve/simulator/router_admission.py; one "
+                        "router process; default: no limit)")
     g.add_argument("--replica-model", default="fast", choices=REPLICA_MODELS,
                    help="fast (default): the scheduler's policy on aggregate state with decode steps in closed form "
                         "(the scheduler's reports on the tested configurations, ~5x faster on 100 replicas, ~13x compiled with `python -m meshserve.simulator.native build`); it covers "
@@ -319,7 +323,7 @@ def config_from_args(ns: argparse.Namespace):
                        pp_round_trip_s=None if ns.pp_round_trip_ms is None else ns.pp_round_trip_ms / 1e3,
                        pp_token_handoff=ns.pp_token_handoff, pp_layer_partition=ns.pp_layer_partition,
                        tp_fused_norm="" if ns.tp_fused_norm == "off" else ns.tp_fused_norm,
-                       router=ns.router,
+                       router=ns.router, max_outstanding=ns.max_outstanding,
                        slo_ttft_s=None if ns.slo_ttft_ms is None else ns.slo_ttft_ms / 1e3,
                        slo_tpot_s=None if ns.slo_tpot_ms is None else ns.slo_tpot_ms / 1e3,
                        slo_prefill_chunk=ns.slo_prefill_chunk, goodput_ttft_s=ns.ttft_slo, goodput_tpot_s=ns.tpot_slo, max_num_seqs=ns.max_num_seqs,
@@ -405,6 +409,10 @@ def run_simulate(ns: argparse.Namespace) -> int:
             f"({config.frontend_refusal_s * 1e3:g} ms each: the measured mean over every 429) when its input "
             "delay and loop lag plus the core's queue wait break the target, as `meshserve serve` does")
          + "; the network is not modelled; every request runs to its output length"),
+        *([] if config.max_outstanding is None else [
+            f"the router refuses a request that finds --max-outstanding {config.max_outstanding} in flight (on the "
+            "replicas or queued in the router) with a 503 at once, counted as rejected; one router process (each "
+            "worker of `meshserve router --workers N` has its own limit)"]),
         *([] if not config.replica_failures else [
             f"replica failures {', '.join(f'{r}@{t:g}+{d:g}' for r, t, d in config.replica_failures)}: ejected at "
             "once (connections reset), streams with a token out cut, the rest retried on other replicas; the "

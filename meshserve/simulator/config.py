@@ -67,6 +67,9 @@ class SimConfig:
     enable_prefix_caching: bool | None = None  # None: on when the trace shares prefixes (else it cannot hit)
     max_queue_len: int = 1024  # the server's --max-queue-len
     max_attempts: int = 3  # the router's tries per request (a 429 goes to another replica)
+    # the router's --max-outstanding: past that many requests in flight a new one gets 503 at once
+    # (router_admission.py); None: no limit (off, as before)
+    max_outstanding: int | None = None
     # HTTP, tokenization and the hop to the engine core: a request reaches its replica this long after it was
     # sent, and the client's TTFT includes it (0: the engine's own view)
     frontend_latency_s: float = 0.0
@@ -206,6 +209,9 @@ class SimConfig:
         for flag, value in at_least_one.items():
             if value < 1:
                 raise InvalidArgumentError(f"{flag} must be >= 1, got {value}", param=flag[2:])
+        if self.max_outstanding is not None and self.max_outstanding < 1:
+            raise InvalidArgumentError(f"--max-outstanding must be >= 1, got {self.max_outstanding}",
+                                       param="max_outstanding")
         if self.max_queue_len < 0:  # 0: every request refused (a model of a full server)
             raise InvalidArgumentError(f"--max-queue-len must be >= 0, got {self.max_queue_len}", param="max_queue_len")
         if self.slo_prefill_chunk < 0:

@@ -50,6 +50,7 @@ def fast_model_gap(
         (config.disaggregation is not None, "prefill/decode disaggregation (disaggregated.py)"),
         (bool(config.replica_failures), "replica failures (failures.py)"),
         (bool(config.replica_hangs), "replica hangs (failures.py)"),
+        (config.max_outstanding is not None, "the router's --max-outstanding (router_admission.py)"),
     ]
     gaps = [why for hit, why in reasons if hit]
     return ", ".join(gaps) if gaps else None

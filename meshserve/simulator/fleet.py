@@ -34,6 +34,7 @@ from meshserve.simulator.fast_replica import FastReplica
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.pipeline import HostCosts, PipelinedReplica, StagePipeline, hop_s, load_host_costs
 from meshserve.simulator.replica import SimReplica, push_step_end
+from meshserve.simulator.router_admission import RouterAdmission
 from meshserve.simulator.router_node import RouterNode
 from meshserve.simulator.step_cost import (
     StepCost,
@@ -124,6 +125,9 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     if config.disaggregation is not None:
         if autoscale is not None:
             raise InvalidArgumentError("--disaggregation is not modelled with --autoscale", param="disaggregation")
+        if config.max_outstanding is not None:
+            raise InvalidArgumentError("--max-outstanding is not modelled with --disaggregation",
+                                       param="max_outstanding")
         return _run_disaggregated(config, trace, sched_cfg, cache_cfg, step_cost, cost, noise, recorder,
                                   fast_forward, progress, num_blocks, prefix_caching, wall0, replica_model, fallback)
 
@@ -164,6 +168,10 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         replicas = [make_replica(i) for i in range(config.num_replicas)]
         serving = replicas if failures is None else list(replicas)  # (a failed replica leaves it a while)
     policy = make_policy(config.router)
+    # --max-outstanding (router_admission.py): in flight = on a replica (its `outstanding`, hung or not) or waiting
+    # for the router node to send it on (`routing`)
+    admission = None if config.max_outstanding is None else RouterAdmission(config.max_outstanding)
+    routing = 0
     keyed = config.router == "prefix-affinity"
     pending: dict[int, int] = {}  # with failures: request -> the replica whose core it is on its way to (_ADMIT)
 
@@ -195,6 +203,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
             return False
         done = router_node.refused(at)
         if len(tried) < config.max_attempts and len(tried) < len(serving):
+            nonlocal routing
+            routing += 1
             heapq.heappush(steps, (done, _ROUTER_INDEX, _ROUTE, (index, tried, key)))
             return True
         recorder.reject_latency_s.append(done - req.arrival_s)
@@ -261,9 +271,13 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
             req = trace[i]
             now = next_arrival
             key = key_of(i)
-            if router_node is None:
+            if admission is not None and not admission.admits(sum(r.outstanding for r in replicas) + routing):
+                recorder.reject_latency_s.append(now - req.arrival_s)
+                recorder.num_rejected += 1
+            elif router_node is None:
                 send(i, req, now, (), key)
             else:  # the policy chooses once the router process has taken the request in
+                routing += 1
                 heapq.heappush(steps, (router_node.intake(now), _ROUTER_INDEX, _ROUTE, (i, (), key)))
             i += 1
             next_arrival = arrivals.item(i) + delay if i < n else math.inf
@@ -271,6 +285,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
             now, idx, kind, ver = heapq.heappop(steps)
             if kind == _ROUTE:  # the router node sends a request on (or again, after a 429)
                 j, tried, key = ver
+                routing -= 1
                 send(j, trace[j], now, tried, key)
                 continue
             rep = replicas[idx]
@@ -358,7 +373,10 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                      host if config.pp > 1 else None)
     if failures is not None:
         report["replica_failures"] = failures.summary()
+    if admission is not None:
+        report["router_admission"] = {"max_outstanding": admission.max_outstanding, "refused": admission.num_refused}
     return report
+
 
 
 def _carry_counters(dead: SimReplica, restarted: SimReplica) -> None:

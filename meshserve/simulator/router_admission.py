@@ -47,6 +47,14 @@ class RouterAdmission:
         self.in_flight[w] += 1
         return w
 
+    def admits(self, in_flight: int) -> bool:
+        """admit() for a caller that counts the requests in flight itself (one worker: the fleet counts them on
+        its replicas, where every way a request ends is already seen)."""
+        if self.max_outstanding is not None and in_flight >= self.max_outstanding:
+            self.num_refused += 1
+            return False
+        return True
+
     def release(self, worker: int) -> None:
         """An admitted request's answer ended (whatever its outcome)."""
         self.in_flight[worker] -= 1

@@ -67,3 +67,34 @@ def test_closed_loop_refusals_at_the_limit():
     # without the limit nothing is refused
     free = run_bursts(config, lambda _shape: STEP_S, RouterAdmission(), load, Bursts(bursts=1, limit=10))
     assert all(r.outcome == "ok" for r in free.requests) and len(free.requests) == 10
+
+
+def test_fleet_refuses_past_max_outstanding_and_admits_again_once_one_ends():
+    """`meshserve simulate --max-outstanding 3`: 5 requests at once onto 2 replicas (100 steps of 10 ms each, 1 s):
+    3 in flight, the 4th and 5th refused at once; one sent at 1.5 s, after all three ended, is served."""
+    from meshserve.simulator.fleet import simulate
+    from meshserve.simulator.trace import SimRequest
+
+    config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=2, max_num_seqs=8, num_blocks=512,
+                       replica_model="scheduler", max_outstanding=3)
+    trace = [SimRequest(i * 1e-4, 8, 100) for i in range(5)] + [SimRequest(1.5, 8, 100)]
+    report = simulate(config, trace, step_cost=lambda _shape: STEP_S)
+    assert report["completed"] == 4 and report["rejected"] == 2
+    assert report["router_admission"] == {"max_outstanding": 3, "refused": 2}
+    # off (the default): all six served, and the report has no such section
+    free = simulate(SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=2, max_num_seqs=8, num_blocks=512,
+                              replica_model="scheduler"), trace, step_cost=lambda _shape: STEP_S)
+    assert free["completed"] == 6 and free["rejected"] == 0 and "router_admission" not in free
+
+
+def test_the_fast_model_leaves_max_outstanding_to_the_scheduler():
+    from meshserve.simulator.fleet import simulate
+    from meshserve.simulator.trace import SimRequest
+
+    config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=1, max_num_seqs=8, num_blocks=512,
+                       replica_model="fast", max_outstanding=1)
+    report = simulate(config, [SimRequest(0.0, 8, 10), SimRequest(0.001, 8, 10)])
+    assert report["replica_model"] == "scheduler" and "max-outstanding" in report["replica_model_fallback"]
+    assert report["rejected"] == 1
+    with pytest.raises(InvalidArgumentError):
+        SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=1, max_outstanding=0).validate()

@@ -422,7 +422,8 @@ def run_simulate(ns: argparse.Namespace) -> int:
             f"replica hangs {', '.join(f'{r}@{t:g}+{d:g}' for r, t, d in config.replica_hangs)}: the replica keeps "
             "its requests and goes on where it was; the router keeps sending it work (least outstanding) until "
             f"its health probes eject it ({config.fail_threshold} probes in a row unanswered within "
-            f"{config.health_timeout_s:g} s, every {config.health_interval_s:g} s) and re-admits it after "
+            f"{config.health_timeout_s:g} s, a round every {config.health_interval_s:g} s after the last one's "
+            "answers or timeouts) and re-admits it after "
             f"{config.recover_threshold} good ones; past the router's {config.read_timeout_s:g} s read timeout its "
             "requests end as at a kill (streams with a token out cut, the rest retried elsewhere) and it goes on "
             "empty"]),

@@ -383,13 +383,10 @@ class ClosedLoop:
 
 
 def probe_ejection_s(hung_s: float, health: RouterHealth) -> float:
-    """When the router's probes eject a replica that stops answering at hung_s for good. health.py's loop probes
-    every replica, waits for all the answers, then sleeps the interval: the first round after the hang (on the
-    interval's grid from the router's start, t = 0: healthy rounds take no time) waits out the probe's timeout, so
-    each failing round starts timeout + interval after the last; the fail_threshold-th failure ejects."""
-    first = math.ceil(hung_s / health.health_interval_s) * health.health_interval_s
-    return first + (health.fail_threshold - 1) * (health.health_timeout_s + health.health_interval_s) \
-        + health.health_timeout_s
+    """When the router's probes eject a replica that stops answering at hung_s for good (failures.py's
+    FailureLog.hang_probes: health.py's loop, each failing round waiting out the probe's timeout)."""
+    return FailureLog(health_interval_s=health.health_interval_s, health_timeout_s=health.health_timeout_s,
+                      fail_threshold=health.fail_threshold).probe_ejection_s(hung_s)
 
 
 class KillRestartRun(ClosedLoop):

@@ -344,7 +344,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
             if kind == _RESUME:  # goes on where it was; re-admitted after good probes if it was ejected
                 del frozen[idx]
                 if "ejected_s" in failures.latest(idx):
-                    heapq.heappush(steps, (failures.readmit_s(now), idx, _READMIT, ver))
+                    heapq.heappush(steps, (failures.hang_readmit_s(idx, now), idx, _READMIT, ver))
                 continue
             latest = failures.latest(idx) if kind in (_READY, _READMIT) else None
             if latest is not None and latest.get("killed_s", latest.get("hung_s")) != ver:

@@ -100,42 +100,46 @@ def test_a_short_hang_delays_its_requests_and_ejects_nothing():
 
 
 def test_a_long_hang_is_ejected_by_the_probes_and_readmitted_once_it_answers():
-    """Replica 0 stops at 0.5 s for 10 s: the probes at 2.0 and 4.0 s get no answer, so it is ejected at 5.0 s
-    (the second one's 1 s timeout), and re-admitted at the second good probe after 10.5 s (12.0, 14.0). r3 (1.0 s)
-    goes to replica 1 (replica 0 holds two), r4 (6.0 s) too (replica 0 is out)."""
+    """Replica 0 stops at 0.5 s for 10 s: the probe at 2.0 s gets no answer by 3.0 s, the router's next round starts
+    2 s after that one ended and fails at 6.0 s: ejected (router/health.py waits out each probe's 1 s timeout
+    before its 2 s sleep). The round at 8.0 fails at 9.0, the ones at 11.0 and 13.0 are answered: re-admitted at
+    13.0 (one interval sooner than on a grid the failures do not shift). r3 (1.0 s) goes to replica 1 (replica 0
+    holds two), r4 (6.0 s) too."""
     trace = [*TRACE, SimRequest(1.0, 8, 10), SimRequest(6.0, 8, 10)]
     report = simulate(_hang_config(((0, 0.5, 10.0),)), trace, step_cost=_fixed)
     [event] = report["replica_failures"]["events"]
-    assert event["ejected_s"] == pytest.approx(5.0) and event["readmitted_s"] == pytest.approx(14.0)
+    assert event["ejected_s"] == pytest.approx(6.0) and event["readmitted_s"] == pytest.approx(13.0)
     assert report["completed"] == 5 and report["failed"] == 0
     # replica 0 goes on at 10.5 s: r0's last 50 steps, then r2's 100: done at ~12.0 s
     assert report["duration_s"] == pytest.approx(12.0, abs=0.05)
 
 
 def test_the_router_sends_a_hung_replica_work_until_the_probes_eject_it():
-    """Both replicas hold one long request when replica 0 stops (0.05 s for 5 s): the next request ties at one
+    """Both replicas hold one long request when replica 0 stops (0.05 s for 6 s): the next request ties at one
     outstanding each and goes to replica 0, where it waits for the hang's end; from then on least outstanding
-    sends the short requests to replica 1 (they start at once), and after the ejection at 5.0 s nothing else
-    goes to replica 0."""
+    sends the short requests to replica 1 (they start at once), and after the ejection at 6.0 s (probes failing
+    at 3.0 and 6.0) nothing else goes to replica 0."""
     trace = [SimRequest(0.0, 8, 1000), SimRequest(0.001, 8, 1000), *(SimRequest(0.1 + 0.5 * k, 8, 10) for k in range(12))]
-    report = simulate(_hang_config(((0, 0.05, 5.0),), max_num_seqs=4), trace, step_cost=_fixed)
+    report = simulate(_hang_config(((0, 0.05, 6.0),), max_num_seqs=4), trace, step_cost=_fixed)
     assert report["completed"] == 14
-    # the one request held by the hung replica: its first token at 5.05 s + a step, sent at 0.1 s
-    held = 5.05 + STEP_S - 0.1
+    assert report["replica_failures"]["events"][0]["ejected_s"] == pytest.approx(6.0)
+    # the one request held by the hung replica: its first token at 6.05 s + a step, sent at 0.1 s
+    held = 6.05 + STEP_S - 0.1
     assert report["ttft_mean"] == pytest.approx((held + 13 * (STEP_S + 0.001)) / 14, abs=1e-3)
     assert report["ttft_p90"] < 2 * STEP_S
 
 
 def test_a_hang_past_the_read_timeout_ends_its_requests_as_a_kill_does():
-    """Replica 0 stops at 0.5 s for 200 s: ejected by the probes at 5.0 s; at 120.5 s the router's read timeout
+    """Replica 0 stops at 0.5 s for 200 s: ejected by the probes at 6.0 s; at 120.5 s the router's read timeout
     (120 s) cuts r0 (a token out) and sends r2 (waiting, nothing out) to replica 1; replica 0 goes on empty at 200.5
-    s and is re-admitted at the second good probe (202.0, 204.0)."""
+    s: the probe sent at 200.0 (failing rounds 3 s apart from 2.0) is answered then, the next at 202.5 re-admits
+    it."""
     report = simulate(_hang_config(((0, 0.5, 200.0),)), TRACE, step_cost=_fixed)
     hang = report["replica_failures"]
     [event] = hang["events"]
-    assert event["ejected_s"] == pytest.approx(5.0) and event["timed_out_s"] == pytest.approx(120.5)
+    assert event["ejected_s"] == pytest.approx(6.0) and event["timed_out_s"] == pytest.approx(120.5)
     assert (event["cut"], event["retried"], hang["cut"], hang["retried"]) == (1, 1, 1, 1)
-    assert event["readmitted_s"] == pytest.approx(204.0)
+    assert event["readmitted_s"] == pytest.approx(202.5)
     assert report["completed"] == 2 and report["failed"] == 1
     # r2 runs on replica 1 from 120.5 s: 100 steps
     assert report["duration_s"] == pytest.approx(120.5 + 100 * STEP_S, abs=0.05)
@@ -143,14 +147,15 @@ def test_a_hang_past_the_read_timeout_ends_its_requests_as_a_kill_does():
 
 def test_the_routers_health_settings_set_ejection_timeout_and_readmission():
     """As `meshserve router --health-interval 0.5 --health-timeout 0.2 --fail-threshold 3 --recover-threshold 1
-    --read-timeout 10`: hung at 0.6 s, probes at 1.0, 1.5, 2.0 fail, ejected at 2.2 s; timed out at 10.6 s;
-    going on at 20.6 s, re-admitted at the first good probe (21.0)."""
+    --read-timeout 10`: hung at 0.6 s, the rounds at 1.0, 1.7, 2.4 fail (each 0.2 s of timeout, then 0.5 s of
+    sleep), ejected at 2.6 s; timed out at 10.6 s; the round at 20.6 s (1.0 + 28 x 0.7) is answered as it goes
+    on: re-admitted then (one good probe)."""
     config = _hang_config(((0, 0.6, 20.0),), health_interval_s=0.5, health_timeout_s=0.2, fail_threshold=3,
                           recover_threshold=1, read_timeout_s=10.0)
     report = simulate(config, TRACE, step_cost=_fixed)
     [event] = report["replica_failures"]["events"]
-    assert event["ejected_s"] == pytest.approx(2.2) and event["timed_out_s"] == pytest.approx(10.6)
-    assert event["readmitted_s"] == pytest.approx(21.0)
+    assert event["ejected_s"] == pytest.approx(2.6) and event["timed_out_s"] == pytest.approx(10.6)
+    assert event["readmitted_s"] == pytest.approx(20.6)
     assert report["replica_failures"]["read_timeout_s"] == 10.0
     for bad, flag in ((dict(fail_threshold=0), "--fail-threshold"), (dict(health_interval_s=0.0), "--health-interval"),
                       (dict(read_timeout_s=-1.0), "--read-timeout")):

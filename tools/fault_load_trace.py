@@ -1,5 +1,6 @@
-"""The router fault suite's kill+restart load, measured with every request's and step's time, for the simulator's
-replay (python -m meshserve.simulator.validation faults; PLANNER.md "Issue 28: the router fault tests' load").
+"""The router fault suite's loads, measured with every request's and step's time for the simulator's replays.
+
+(python -m meshserve.simulator.validation faults; PLANNER.md "Issue 28: the router fault tests' load".)
 
 Starts the cluster of tests/router/test_router_faults.py (three tiny-llama primaries, a tiny-qwen2 fallback, the
 router with the suite's flags), each primary writing a step trace, and runs the suite's default scenario
@@ -31,6 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from meshserve.distributed.launch import free_port
+from meshserve.router.workers import default_workers
 from tests.conftest import make_tiny_checkpoint
 from tests.router.conftest import ServerProcess
 from tests.router.loadgen import figures
@@ -108,7 +110,7 @@ def _overload_round(c) -> tuple[dict, float, float]:
     seconds = time.monotonic() - t0
     record = {"scenario": {"bursts": 3, "limit": OVERLOAD_BURST, "concurrency": 120, "stream_every": 5,
                            "max_tokens": OVERLOAD_TOKENS, "stream_max_tokens": OVERLOAD_TOKENS,
-                           "router_flags": ROUTER_FLAGS},
+                           "router_flags": ROUTER_FLAGS, "router_workers": default_workers()},
               "figures": {**{k: sum(b["figures"][k] for b in bursts) for k in
                              ("sent", "succeeded", "retried", "fallback", "failed_cleanly", "lost")},
                           "seconds": round(sum(b["seconds"] for b in bursts), 1)},

@@ -42,7 +42,9 @@ from meshserve.simulator.validation_faults import (
 
 HUNG_PHASES = ("start", "hung", "ejected")
 FIGURES = ("sent", "succeeded", "retried", "failed_cleanly", "seconds")
-ROUTER_WORKERS = 2  # the suite's router: --workers' default, min(4, cores), on the 2-core machine of these rounds
+# the suite's router: --workers' default, min(4, cores): 2 on the 2-core machine of the 2026-12-03 rounds (later
+# rounds record it)
+ROUTER_WORKERS = 2
 
 
 def _hung_inputs(measured: dict):
@@ -114,7 +116,7 @@ def compare_overload(measured: dict, latency_s: float) -> dict:
     refusal_s = statistics.median(r["seconds"] for r in reqs if r["status"] == 503)
 
     def simulate(back_s: float):
-        admission = RouterAdmission(max_outstanding, ROUTER_WORKERS)
+        admission = RouterAdmission(max_outstanding, sc.get("router_workers", ROUTER_WORKERS))
         return run_bursts(_config(), cadence, admission, load, scenario, health, latency_s, refusal_s,
                           back_s=back_s), admission
 

@@ -124,29 +124,34 @@ def _gemv_kernel(x_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
 MAX_PRE_K = 2048
 
 
-def wide_tile() -> tuple[int, int]:
-    """(block_k, num_warps) of GEMVs over rows of 2,048 and more (narrower rows: 256 on 4 warps); the default 512
-    on 8 warps, MESHSERVE_GEMV_WIDE_TILE="block_k,num_warps" for A/Bs (read at each launch: graphs capture
-    launches once)."""
+def wide_tile() -> tuple[int, int, int]:
+    """(block_k, num_warps, block_n) of GEMVs over rows of 2,048 and more (narrower rows: 256 on 4 warps, 4 rows a
+    program); the default 512 on 8 warps, 4 rows. MESHSERVE_GEMV_WIDE_TILE="block_k,num_warps[,block_n]" for A/Bs
+    (read at each launch: graphs capture launches once; block_n applies to gemv's launches: the MoE GEMV's down
+    kernel ran 7% faster with one row a program than four, 2026-12-03). The 2026-12-03 A/B on the H200 (W1
+    Qwen3-30B-A3B and Llama-3.1-8B): 256 on 4 warps 2.5% and 7% slower, 512 on 4 the same as the default."""
     spec = os.environ.get("MESHSERVE_GEMV_WIDE_TILE", "")
     if not spec:
-        return 512, 8
+        return 512, 8, 4
+    values = spec.split(",")
     try:
-        block_k, num_warps = (int(v) for v in spec.split(","))
+        if len(values) not in (2, 3):
+            raise ValueError
+        block_k, num_warps, block_n = (*(int(v) for v in values), 4)[:3]
     except ValueError:
-        raise ValueError(f"MESHSERVE_GEMV_WIDE_TILE={spec!r}: expected block_k,num_warps") from None
-    return block_k, num_warps
+        raise ValueError(f"MESHSERVE_GEMV_WIDE_TILE={spec!r}: expected block_k,num_warps[,block_n]") from None
+    return block_k, num_warps, block_n
 
 
-def _tile(k: int) -> tuple[int, int]:
-    return wide_tile() if k >= 2048 else (256, 4)
+def _tile(k: int) -> tuple[int, int, int]:
+    return wide_tile() if k >= 2048 else (256, 4, 4)
 
 
 def _launch(x: torch.Tensor, n: int, k: int, block_n: int, pdl: bool | None) -> tuple[int, int, dict, int]:
     """(programs, num_warps, PDL launch keywords, preloaded columns) of a GEMV launch over N rows of K."""
     programs, num_warps = triton.cdiv(n, block_n), _tile(k)[1]
     gdc = pdl_mod.gdc_kwargs(x, pdl, programs=programs, num_warps=num_warps)
-    pre_k = pdl_mod.preload_columns(x, k, pdl, gdc, MAX_PRE_K) if block_n == 4 else 0
+    pre_k = pdl_mod.preload_columns(x, k, pdl, gdc, MAX_PRE_K) if block_n <= 4 else 0  # (registers: see MAX_PRE_K)
     return programs, num_warps, gdc, pre_k
 
 
@@ -222,10 +227,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    block_k = _tile(k)[0]
-    programs, num_warps, gdc, pre_k = _launch(x, n, k, 4, pdl)
+    block_k, _, block_n = _tile(k)
+    programs, num_warps, gdc, pre_k = _launch(x, n, k, block_n, pdl)
     _gemv_kernel[(programs,)](
         x, weight, weight, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, GATED=gated, NORMED=False, BLOCK_N=4, BLOCK_K=block_k, PRE_K=pre_k,
+        HAS_BIAS=bias is not None, GATED=gated, NORMED=False, BLOCK_N=block_n, BLOCK_K=block_k, PRE_K=pre_k,
         num_warps=num_warps, num_stages=3, **gdc)
     return y

@@ -145,7 +145,7 @@ def fold_gemv(
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    block_k, num_warps = _tile(k)
+    block_k, num_warps, _ = _tile(k)  # (the fold's rows a program stay its own: part_limit splits by them)
     programs = triton.cdiv(n, block_n)
     gdc = pdl_mod.gdc_kwargs(x, pdl, programs=programs, num_warps=num_warps)
     pre_k = pdl_mod.preload_columns(x, k, pdl, gdc, MAX_PRE_K) if block_n == 4 else 0

@@ -140,9 +140,22 @@ def test_rms_norm_gemv_gpu(dtype, n, k, with_residual):
 def test_wide_tile_from_the_environment(monkeypatch):
     from meshserve.kernels.triton_gemv import wide_tile
 
-    assert wide_tile() == (512, 8)
+    assert wide_tile() == (512, 8, 4)
     monkeypatch.setenv("MESHSERVE_GEMV_WIDE_TILE", "256,4")
-    assert wide_tile() == (256, 4)
+    assert wide_tile() == (256, 4, 4)
+    monkeypatch.setenv("MESHSERVE_GEMV_WIDE_TILE", "512,8,2")
+    assert wide_tile() == (512, 8, 2)
     monkeypatch.setenv("MESHSERVE_GEMV_WIDE_TILE", "256")
-    with pytest.raises(ValueError, match="block_k,num_warps"):
+    with pytest.raises(ValueError, match=r"block_k,num_warps\[,block_n\]"):
         wide_tile()
+
+
+@interp
+@pytest.mark.parametrize("block_n", [1, 2])
+def test_gemv_of_a_wide_row_with_fewer_rows_a_program(monkeypatch, block_n):
+    """MESHSERVE_GEMV_WIDE_TILE's block_n (an A/B knob): every output row still computed, as gemv_ref does."""
+    from meshserve.kernels.triton_gemv import gemv, gemv_ref
+
+    monkeypatch.setenv("MESHSERVE_GEMV_WIDE_TILE", f"512,4,{block_n}")
+    x, _, _, weight, bias = _inputs("cpu", torch.float32, 7, 2048, False, True)
+    torch.testing.assert_close(gemv(x, weight, bias), gemv_ref(x, weight, bias), atol=1e-4, rtol=1e-4)

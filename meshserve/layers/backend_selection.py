@@ -129,6 +129,9 @@ Overrides (environment, read only here, for debugging and references):
                                             kernels/triton_moe_route_align.py; H200 2026-12-02: 17.0 -> 8.4 us a
                                             layer at 256 tokens, W2 Qwen3-30B-A3B 1.019x); default fused (its GPU
                                             tests passed on the H200, 2026-12-02)
+  MESHSERVE_MOE_ROUTER_FUSED=1              a softmax top-k MoE layer's router GEMV and routing in one launch at
+                                            batch 1 (kernels/triton_moe_router_topk.py; the GEMV's last program
+                                            routes); off until measured on the H200
   MESHSERVE_FP8_GEMV=cvt|half|scaled_mm     the batch-1 fp8-weight projection
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
                                             step; scaled_mm: torch._scaled_mm, the activation quantized per
@@ -212,6 +215,7 @@ MOE_CONFIGS_ENV = "MESHSERVE_MOE_CONFIGS"
 MOE_FUSE_SHARED_ENV = "MESHSERVE_MOE_FUSE_SHARED"
 MOE_ROUTE_ALIGN_ENV = "MESHSERVE_MOE_ROUTE_ALIGN"
 MOE_ROUTE_ALIGN_CHOICES = ("chain", "fused")
+MOE_ROUTER_FUSED_ENV = "MESHSERVE_MOE_ROUTER_FUSED"
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
 PARALLEL_COMPILE_ENV = "MESHSERVE_PARALLEL_COMPILE"
@@ -290,6 +294,8 @@ class KernelSelection:
     moe_fuse_shared_max_tokens: int | None = None
     # decode routing + align: "chain" (five launches) or "fused" (one: kernels/triton_moe_route_align.py)
     moe_route_align: str = "fused"
+    # batch 1: the router's GEMV and the softmax top-k in one launch (kernels/triton_moe_router_topk.py)
+    moe_router_fused: bool = False
     # threads compiling the warm-ups' Triton kernels ahead of them (engine/parallel_warmup.py); 0: off
     parallel_compile_workers: int = 0
     # those compiles each in one of parallel_compile_workers processes (kernels/process_compile_pool.py)
@@ -528,6 +534,8 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         moe_legacy=on_cuda and os.environ.get(MOE_LEGACY_ENV, "") not in ("", "0"),
         moe_configs=_variant(MOE_CONFIGS_ENV, MOE_CONFIG_TABLES, KernelSelection.moe_configs),
         moe_route_align=_variant(MOE_ROUTE_ALIGN_ENV, MOE_ROUTE_ALIGN_CHOICES, KernelSelection.moe_route_align),
+        # off until measured; when asked for, the reference path takes the same wiring (the CPU tests' check)
+        moe_router_fused=os.environ.get(MOE_ROUTER_FUSED_ENV, "") not in ("", "0"),
         # off unless asked for until tools/bench_moe.py measures it on the H200 (issue 24); when asked for it
         # folds on the reference path too (the CPU tests' check of the wiring)
         **_fuse_shared(),

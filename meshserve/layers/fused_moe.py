@@ -61,6 +61,7 @@ class FusedMoE(nn.Module):
         # experts of a shared MLP that forward may be handed (shared_mlp), set by the model that has one
         # (DeepseekMoE): the warm-up's launch variants count them
         self.foldable_shared_experts = 0
+        self._router_topk = None  # forward_with_router's launch state (its logits buffer and ticket), made at first use
         if self.expert_parallel:
             if num_experts % st.tp_size:
                 raise ValueError(f"{num_experts} experts do not divide evenly over {st.tp_size} expert-parallel ranks")
@@ -134,6 +135,27 @@ class FusedMoE(nn.Module):
             return self._forward_expert_parallel(hidden, router_logits)
         weights, ids, aligned = self._route_aligned(router_logits, hidden, shared_mlp is None)
         return tensor_parallel_all_reduce(self._experts(hidden, weights, ids, shared_mlp, aligned))
+
+    def routes_with_router(self, hidden: torch.Tensor) -> bool:
+        """Whether forward_with_router serves this call: MESHSERVE_MOE_ROUTER_FUSED, one token, a softmax top-k
+        routing over all experts (not expert parallel), off the legacy path."""
+        return (self.kernels.moe_router_fused and hidden.shape[0] == 1 and self.softmax_topk_args is not None
+                and not self.expert_parallel and not self.kernels.moe_legacy)
+
+    def forward_with_router(self, hidden: torch.Tensor, router: nn.Module) -> torch.Tensor:
+        """forward(hidden, router(hidden)) for one token (routes_with_router), the router's GEMV and the routing
+        in one launch on the Triton path (kernels/triton_moe_router_topk.py) where the router is a plain 16-bit
+        weight of the hidden's dtype; else exactly forward's path."""
+        weight = router.weight
+        if not (self.kernels.fused_ops and hidden.is_cuda and weight.dtype == hidden.dtype
+                and getattr(router, "bias", None) is None and weight.stride(1) == 1):
+            return self.forward(hidden, router(hidden))
+        if self._router_topk is None:  # (Triton imported only where a GPU routes)
+            from meshserve.kernels.triton_moe_router_topk import RouterTopK
+
+            self._router_topk = RouterTopK(weight.shape[0], hidden.device, hidden.dtype)
+        weights, ids = self._router_topk(hidden, weight, *self.softmax_topk_args, expert_load=self.expert_load)
+        return tensor_parallel_all_reduce(self._experts(hidden, weights, ids))
 
     def folds_shared_mlp(self, num_tokens: int) -> bool:
         """Whether forward may take a shared MLP for this many tokens: the MoE GEMV's batches on the Triton

@@ -38,7 +38,10 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert_gate = shared_expert_gate
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.experts(hidden, self.gate(hidden))
+        if self.experts.routes_with_router(hidden):  # (one token: the router's GEMV and the routing in one launch)
+            out = self.experts.forward_with_router(hidden, self.gate)
+        else:
+            out = self.experts(hidden, self.gate(hidden))
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden)
             if self.shared_expert_gate is not None:

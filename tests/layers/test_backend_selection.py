@@ -34,7 +34,7 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_DECODE_FP8_PATH", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_GRID_TILE", raising=False)
     for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS",
-                 "MESHSERVE_MOE_ROUTE_ALIGN", "MESHSERVE_MOE_FUSE_SHARED"):
+                 "MESHSERVE_MOE_ROUTE_ALIGN", "MESHSERVE_MOE_FUSE_SHARED", "MESHSERVE_MOE_ROUTER_FUSED"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -349,6 +349,16 @@ def test_moe_fuse_shared_switch(monkeypatch):
     monkeypatch.setenv("MESHSERVE_MOE_FUSE_SHARED", "on")
     with pytest.raises(ValueError, match="MESHSERVE_MOE_FUSE_SHARED takes 0, 1 or a largest token count"):
         select_kernels(gpu)
+
+
+def test_moe_router_fused_switch(monkeypatch):
+    """Off until measured; when asked for, on the CPU too (the reference path takes the same wiring)."""
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert not select_kernels(gpu).moe_router_fused
+    monkeypatch.setenv("MESHSERVE_MOE_ROUTER_FUSED", "1")
+    assert select_kernels(gpu).moe_router_fused and select_kernels(_config()).moe_router_fused
+    monkeypatch.setenv("MESHSERVE_MOE_ROUTER_FUSED", "0")
+    assert not select_kernels(gpu).moe_router_fused
 
 
 def test_mla_legacy_and_decode_tile_switches(monkeypatch):

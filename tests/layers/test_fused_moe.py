@@ -180,3 +180,59 @@ def test_warmup_token_counts_cover_the_folded_shared_experts():
     assert set(bounded) - set(folded) and max(bounded) == max(plain)  # unfolded past 64 tokens
     layer.kernels = KernelSelection(fused_ops=True)
     assert layer.warmup_token_counts(512, 2) == plain
+
+
+def test_the_fused_router_serves_one_token_of_a_softmax_top_k_only():
+    """MESHSERVE_MOE_ROUTER_FUSED's wiring: which calls forward_with_router takes, and off the Triton path it is
+    forward(hidden, router(hidden)) exactly (the router's linear, then the routing)."""
+    from meshserve.layers.backend_selection import KernelSelection
+    from meshserve.layers.linear import ReplicatedLinear
+    from meshserve.layers.moe_routing import GroupedTopK
+
+    w13, w2 = _weights()
+    layer, router = _layer(w13, w2), ReplicatedLinear(HIDDEN, EXPERTS, bias=False)
+    router.weight.data.normal_(generator=torch.Generator().manual_seed(3))
+    x = _inputs(1)[0]
+    assert not layer.routes_with_router(x)  # off by default
+    layer.kernels = KernelSelection(moe_router_fused=True)
+    assert layer.routes_with_router(x) and not layer.routes_with_router(_inputs(2)[0])
+    assert not KernelSelection().moe_router_fused
+    expected, load = layer(x, router(x)), layer.expert_load.clone()
+    layer.expert_load.zero_()
+    assert torch.equal(layer.forward_with_router(x, router), expected) and torch.equal(layer.expert_load, load)
+    grouped = _layer(w13, w2, GroupedTopK(TOP_K, num_groups=2, topk_groups=1, scoring="sigmoid", group_score="top2_sum",
+                                          renormalize=True, scaling_factor=1.0))
+    grouped.kernels = KernelSelection(moe_router_fused=True)
+    assert not grouped.routes_with_router(x)  # (not a plain softmax top-k: the routing function serves)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_router_matches_the_router_then_the_layer_in_a_cuda_graph():
+    """Qwen3-30B-A3B's routing at small widths, bf16: forward_with_router with the fused launch, captured and
+    replayed on a new row, gives the layer's output and counts on the router's logits."""
+    from meshserve.layers.backend_selection import KernelSelection
+    from meshserve.layers.linear import ReplicatedLinear
+
+    torch.manual_seed(0)
+    experts, top_k, hidden, width = 128, 8, 256, 192
+    layer = FusedMoE(experts, hidden, width, SoftmaxTopK(top_k, renormalize=True)).to("cuda", torch.bfloat16)
+    layer.w13_weight.data.normal_(std=hidden**-0.5)
+    layer.w2_weight.data.normal_(std=width**-0.5)
+    router = ReplicatedLinear(hidden, experts, bias=False).to("cuda", torch.bfloat16)
+    router.weight.data.normal_(std=hidden**-0.5)
+    layer.kernels = KernelSelection(fused_ops=True, moe_router_fused=True)
+    x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
+    layer.forward_with_router(x, router)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer.forward_with_router(x, router)
+    x.normal_()
+    layer.expert_load.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    got, got_load = out.float().clone(), layer.expert_load.clone()
+    layer.kernels = KernelSelection(fused_ops=True)
+    layer.expert_load.zero_()
+    expected = layer(x, layer._router_topk.logits[None])  # the fused launch's logits, routed the plain way
+    torch.testing.assert_close(got, expected.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(got_load, layer.expert_load) and got_load.sum() == top_k

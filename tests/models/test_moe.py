@@ -129,3 +129,29 @@ def test_uneven_experts_are_a_one_line_error(tmp_path):
                                      enable_expert_parallel=True))
     check_engine_args(EngineArgs(model=str(path), load_format="dummy", tensor_parallel_size=2,
                                  enable_expert_parallel=True))
+
+
+def test_fused_router_switch_keeps_greedy_tokens(tiny_model_dir, monkeypatch):
+    """MESHSERVE_MOE_ROUTER_FUSED=1 routes each one-token step through SparseMoeBlock -> forward_with_router (on
+    the CPU its reference path: the router's linear, then the routing); tokens equal to the switch off."""
+    path = tiny_model_dir("qwen3_moe")
+    prompts = [{"prompt_token_ids": [5, 9, 11, 4, 20]}, {"prompt_token_ids": [7, 3]}]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    from meshserve.layers.fused_moe import FusedMoE
+
+    calls = []
+    inner = FusedMoE.forward_with_router
+
+    def counted(self, hidden, router):
+        calls.append(hidden.shape[0])
+        return inner(self, hidden, router)
+
+    monkeypatch.setattr(FusedMoE, "forward_with_router", counted)
+    outs = []
+    for raw in ("0", "1"):
+        monkeypatch.setenv("MESHSERVE_MOE_ROUTER_FUSED", raw)
+        llm = LLM(model=path, max_num_seqs=1)  # one sequence a step: every decode step is one token
+        assert llm.engine.runner.kernels.moe_router_fused == (raw == "1")
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        assert bool(calls) == (raw == "1") and set(calls) <= {1}
+    assert outs[0] == outs[1] and all(len(t) == 6 for t in outs[0])

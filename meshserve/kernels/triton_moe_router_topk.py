@@ -51,16 +51,20 @@ def _router_topk_kernel(
         w = tl.load(w_rows + hh[None, :], mask=rmask[:, None] & hmask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     tl.store(logits_ptr + rows, tl.sum(acc, 1).to(logits_ptr.dtype.element_ty), mask=rmask)
-    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    # (the pattern of triton_attention's inline reduce: every lane's store before the release, the acquire
+    # before the last program's loads, which bypass L1: the logits were stored from other SMs)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == tl.num_programs(0) - 1:  # every program's logits are stored
+        tl.debug_barrier()
         top_w, top_i, slots, kmask = _route_row(
-            logits_ptr, 0, num_experts, 0, scaling, TOP_K, RENORMALIZE, BLOCK_E, BLOCK_K, VOLATILE=True
+            logits_ptr, 0, num_experts, 0, scaling, TOP_K, RENORMALIZE, BLOCK_E, BLOCK_K, CG=True
         )
         tl.store(weights_ptr + slots, top_w, mask=kmask)
         tl.store(ids_ptr + slots, top_i, mask=kmask)
         if COUNT:
             tl.atomic_add(load_ptr + top_i, tl.full([BLOCK_K], 1, tl.int64), mask=kmask)
-        tl.atomic_xchg(ticket_ptr, 0)  # (the next launch, or replay, starts from zero)
+        tl.store(ticket_ptr, 0)  # (the next launch, or replay, starts from zero)
 
 
 class RouterTopK:

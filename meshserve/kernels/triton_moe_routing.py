@@ -20,15 +20,18 @@ import triton.language as tl
 def _route_row(
     logits_ptr, token, num_experts, stride_lm, scaling,
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    VOLATILE: tl.constexpr = False,
+    CG: tl.constexpr = False,
 ):
     """One token's (weights [BLOCK_K] fp32, ids [BLOCK_K] int32, slots, valid slots): shared with
-    triton_moe_route_align's and triton_moe_router_topk's kernels, so the launches give the same bits. VOLATILE:
-    logits other programs of the same launch stored (not through this SM's L1)."""
+    triton_moe_route_align's and triton_moe_router_topk's kernels, so the launches give the same bits. CG: the
+    logits were stored by other programs of the same launch (loaded past this SM's L1)."""
     offs = tl.arange(0, BLOCK_E)
     emask = offs < num_experts
-    logits = tl.load(logits_ptr + token * stride_lm + offs, mask=emask, other=float("-inf"),
-                     volatile=VOLATILE).to(tl.float32)
+    ptrs = logits_ptr + token * stride_lm + offs
+    if CG:
+        logits = tl.load(ptrs, mask=emask, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
+    else:
+        logits = tl.load(ptrs, mask=emask, other=float("-inf")).to(tl.float32)
     e = tl.exp(logits - tl.max(logits, 0))
     probs = e / tl.sum(e, 0)
     probs = tl.where(emask, probs, -1.0)  # padding lanes below every probability: never picked

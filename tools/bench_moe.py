@@ -12,6 +12,8 @@ block as the model builds it (router, routing + load count, routed experts, and 
   fold     new with MESHSERVE_MOE_FUSE_SHARED=1: DeepSeek's shared MLP as S more experts of the routed ones'
            launches at every batch (no gate_up GEMM, SiLU, down GEMM and add beside them; models with shared
            experts only)
+  router   new with MESHSERVE_MOE_ROUTER_FUSED=1: at 1 token the router's GEMV and the softmax top-k in one
+           launch (Qwen3-MoE's blocks; DeepSeek's router is its own module, unchanged)
 inside a CUDA graph over LAYERS blocks of distinct weights (so a layer's experts are not in L2 from the
 replay before: one decode step reads 48 different layers), and reports per block: kernel launches (one eager
 call, profiler), microseconds, the bytes of the weights read (the experts actually routed to, once each, plus
@@ -75,7 +77,7 @@ DEVICE = "cuda"  # (a CPU smoke run of this script sets "cpu": Triton interprete
 BATCHES = (1, 8, 64, 256, 2048)
 # the layer's paths: MESHSERVE_MOE_LEGACY=1, the default, MESHSERVE_MOE_CONFIGS=stream,
 # MESHSERVE_MOE_ROUTE_ALIGN=fused, MESHSERVE_MOE_FUSE_SHARED=1
-LAYER_PATHS = ("legacy", "new", "stream", "fused", "fold")
+LAYER_PATHS = ("legacy", "new", "stream", "fused", "fold", "router")
 # decode batches (the fused launch's range), and past it (1,024-2,048: where its serial plan would stand)
 ROUTE_ALIGN_TOKENS = (8, 64, 128, 256, 512, 1024, 2048)
 # 8 both ways: where the GEMV stops; 16-256: DeepSeek-V2-Lite's decode batches (1.5-24 rows per expert)
@@ -202,7 +204,7 @@ def bench_layer(
         bind(block, KernelSelection(fused_ops=True, gemv=True, moe_legacy=path == "legacy",
                                     moe_configs="stream" if path == "stream" else "tuned",
                                     moe_route_align="fused" if path == "fused" else "chain",
-                                    moe_fuse_shared=path == "fold"))
+                                    moe_fuse_shared=path == "fold", moe_router_fused=path == "router"))
     outs = [None] * LAYERS
 
     def run():
@@ -386,7 +388,7 @@ def main() -> None:
     parser.add_argument("--route-align-only", action="store_true", help="only the routing + align comparison")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--no-route-align", action="store_true", help="skip the routing + align comparison")
-    parser.add_argument("--paths", default=",".join(p for p in LAYER_PATHS if p != "fold"),
+    parser.add_argument("--paths", default=",".join(p for p in LAYER_PATHS if p not in ("fold", "router")),
                         help=f"layer paths, the first the speedups' baseline ({', '.join(LAYER_PATHS)})")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="token counts")
     args = parser.parse_args()

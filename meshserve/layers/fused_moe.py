@@ -151,6 +151,8 @@ class FusedMoE(nn.Module):
                 and getattr(router, "bias", None) is None and weight.stride(1) == 1):
             return self.forward(hidden, router(hidden))
         if self._router_topk is None:  # (Triton imported only where a GPU routes)
+            if torch.cuda.is_current_stream_capturing():  # its buffers must not come from a graph's private pool
+                return self.forward(hidden, router(hidden))  # (the eager warm-ups make them first: 1 token each)
             from meshserve.kernels.triton_moe_router_topk import RouterTopK
 
             self._router_topk = RouterTopK(weight.shape[0], hidden.device, hidden.dtype)

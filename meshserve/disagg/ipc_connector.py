@@ -273,7 +273,9 @@ class IpcConnector(StoreRendezvous, KVConnector):
         self._reader = threading.local()  # per reader thread: its last plan and its IdStage (_block_copy)
         self._block_bytes = kv_tensors[0][:, 0].nbytes  # a block's K and V of one layer
         self._pointers: dict[int, tuple] = {}  # kv rank -> (its mapped pool, PoolPointers or None): see _kernel
-        self._graph_reads = self.device.type == "cuda" and os.environ.get("MESHSERVE_IPC_READ_GRAPH", "1") != "0"
+        # the switches, read once (a read asks them every time)
+        self._block_copy_kernel = self.device.type == "cuda" and os.environ.get("MESHSERVE_IPC_BLOCK_COPY", "1") != "0"
+        self._graph_reads = self._block_copy_kernel and os.environ.get("MESHSERVE_IPC_READ_GRAPH", "1") != "0"
 
     @property
     def transport(self) -> str:
@@ -394,7 +396,7 @@ class IpcConnector(StoreRendezvous, KVConnector):
         """The block-copy kernel's pointer tables from kv rank src's pool into ours (made once per mapping), or None
         where the kernel does not apply: not on a GPU, pools it cannot take (another device: the gather path
         runs the copy across), or MESHSERVE_IPC_BLOCK_COPY=0 (the gather, for A/Bs)."""
-        if self.device.type != "cuda" or os.environ.get("MESHSERVE_IPC_BLOCK_COPY", "1") == "0":
+        if not self._block_copy_kernel:
             return None
         from meshserve.kernels import triton_block_copy  # (Triton only where a GPU reads)
 

@@ -135,9 +135,10 @@ def _gate_up_gemv_kernel(
 
 
 @triton.jit
-def _down_rows(inter_row, w_rows, limit, rmask, width, dt, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               ONE_TILE: tl.constexpr):
-    """One slot's down output for BLOCK_N rows (columns past `limit` masked off), rounded as F.linear's.
+def _rows_times_vector(inter_row, w_rows, limit, rmask, width, dt, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       ONE_TILE: tl.constexpr):
+    """BLOCK_N rows (w_rows) times the vector at inter_row over `width` columns (those past `limit` masked off),
+    rounded as F.linear's (to dt): one slot's down output here, the router's logits in triton_moe_router_topk.
     ONE_TILE (BLOCK_K >= width): the row in one load with no loop around it, so the caller's unrolled slots
     are straight-line code whose loads need not wait for the slot before (a loop of one trip over a runtime
     width is still a loop the scheduler does not move loads across)."""
@@ -191,13 +192,13 @@ def _down_sum_gemv_kernel(
         # a -1 slot (another rank's expert): no column in range, its masked loads fetch nothing, add zero
         limit = tl.where(expert >= 0, width, 0)
         w_rows = w2_ptr + tl.maximum(expert, 0) * stride_we + rows[:, None].to(tl.int64) * stride_wn
-        part = _down_rows(inter_ptr + pair * stride_im, w_rows, limit, rmask, width, dt, BLOCK_N, BLOCK_K,
-                          ONE_TILE)
+        part = _rows_times_vector(inter_ptr + pair * stride_im, w_rows, limit, rmask, width, dt, BLOCK_N,
+                                  BLOCK_K, ONE_TILE)
         y += part * tl.load(weights_ptr + pair)
     for j in tl.static_range(NUM_SHARED):  # the shared MLP's slices, weight one
         w_rows = shared_w2_ptr + j * width + rows[:, None].to(tl.int64) * stride_swn
         inter_row = inter_ptr + (num_pairs + token * NUM_SHARED + j) * stride_im
-        y += _down_rows(inter_row, w_rows, width, rmask, width, dt, BLOCK_N, BLOCK_K, ONE_TILE)
+        y += _rows_times_vector(inter_row, w_rows, width, rmask, width, dt, BLOCK_N, BLOCK_K, ONE_TILE)
     tl.store(out_ptr + token * stride_om + rows, y.to(dt), mask=rmask)
 
 

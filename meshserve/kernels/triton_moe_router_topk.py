@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.kernels.triton_moe_routing import _route_row
+from meshserve.kernels.triton_moe_gemv import _rows_times_vector
+from meshserve.kernels.triton_moe_routing import _route_row, routing_outputs
 
 
 @triton.jit
@@ -36,21 +37,16 @@ def _router_topk_kernel(
     COUNT: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    ONE_TILE: tl.constexpr,  # BLOCK_H >= hidden
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     rmask = rows < num_experts
-    hs = tl.arange(0, BLOCK_H)
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
-    acc = tl.zeros([BLOCK_ROWS, BLOCK_H], dtype=tl.float32)
-    for h0 in range(0, hidden, BLOCK_H):
-        hh = h0 + hs
-        hmask = hh < hidden
-        x = tl.load(x_ptr + hh, mask=hmask, other=0.0).to(tl.float32)
-        w = tl.load(w_rows + hh[None, :], mask=rmask[:, None] & hmask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
-    tl.store(logits_ptr + rows, tl.sum(acc, 1).to(logits_ptr.dtype.element_ty), mask=rmask)
+    dt = logits_ptr.dtype.element_ty
+    logits = _rows_times_vector(x_ptr, w_rows, hidden, rmask, hidden, dt, BLOCK_ROWS, BLOCK_H, ONE_TILE)
+    tl.store(logits_ptr + rows, logits.to(dt), mask=rmask)
     # (the pattern of triton_attention's inline reduce: every lane's store before the release, the acquire
     # before the last program's loads, which bypass L1: the logits were stored from other SMs)
     tl.debug_barrier()
@@ -85,10 +81,7 @@ class RouterTopK:
         if x.shape != (1, hidden) or router_weight.stride(1) != 1:
             raise ValueError(f"the fused router takes one row of {hidden} features and contiguous router rows, "
                              f"got {tuple(x.shape)}")
-        if top_k > num_experts:
-            raise ValueError(f"top_k {top_k} > {num_experts} experts")
-        weights = torch.empty(1, top_k, dtype=torch.float32, device=x.device)
-        ids = torch.empty(1, top_k, dtype=torch.int32, device=x.device)
+        weights, ids = routing_outputs(1, top_k, num_experts, x.device)
         count = expert_load is not None
         _router_topk_kernel[(triton.cdiv(num_experts, self.BLOCK_ROWS),)](
             x.contiguous(),
@@ -106,7 +99,8 @@ class RouterTopK:
             RENORMALIZE=renormalize,
             COUNT=count,
             BLOCK_ROWS=self.BLOCK_ROWS,
-            BLOCK_H=min(512, triton.next_power_of_2(hidden)),
+            BLOCK_H=(block_h := min(512, triton.next_power_of_2(hidden))),
+            ONE_TILE=block_h >= hidden,  # (up to 512 features: one load, no loop around it)
             BLOCK_E=triton.next_power_of_2(num_experts),
             BLOCK_K=triton.next_power_of_2(top_k),
             num_warps=4,

@@ -75,6 +75,14 @@ def _softmax_topk_kernel(
         tl.atomic_add(load_ptr + top_i, tl.full([BLOCK_K], 1, tl.int64), mask=kmask)
 
 
+def routing_outputs(num_tokens: int, top_k: int, num_experts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing's (weights [T, K] float32, ids [T, K] int32) to fill; a top_k past the experts refused."""
+    if top_k > num_experts:
+        raise ValueError(f"top_k {top_k} > {num_experts} experts")
+    return (torch.empty(num_tokens, top_k, dtype=torch.float32, device=device),
+            torch.empty(num_tokens, top_k, dtype=torch.int32, device=device))
+
+
 def softmax_topk(
     router_logits: torch.Tensor,
     top_k: int,
@@ -85,11 +93,8 @@ def softmax_topk(
     """router_logits [T, E] -> (weights [T, K] float32, ids [T, K] int32), as softmax_topk_ref; with
     expert_load (int64 [E]) each chosen expert's count goes up by one."""
     num_tokens, num_experts = router_logits.shape
-    if top_k > num_experts:
-        raise ValueError(f"top_k {top_k} > {num_experts} experts")
+    weights, ids = routing_outputs(num_tokens, top_k, num_experts, router_logits.device)
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
-    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
     if num_tokens == 0:
         return weights, ids
     count = expert_load is not None

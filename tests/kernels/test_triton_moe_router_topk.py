@@ -99,8 +99,9 @@ _SCRIPT = COMPILE_SM90_PRELUDE + """
 from meshserve.kernels.triton_moe_router_topk import _router_topk_kernel
 sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*bf16", "ticket_ptr": "*i32", "weights_ptr": "*fp32",
        "ids_ptr": "*i32", "load_ptr": "*i64", "scaling": "fp32"}
-compile_sm90(_router_topk_kernel, sig, {"TOP_K": 8, "RENORMALIZE": True, "COUNT": True, "BLOCK_ROWS": 4,
-                                        "BLOCK_H": 512, "BLOCK_E": 128, "BLOCK_K": 8}, 4, 1)
+for one_tile in (False, True):  # (Qwen3-30B-A3B's 2,048 features in a loop; rows of up to 512 in one load)
+    compile_sm90(_router_topk_kernel, sig, {"TOP_K": 8, "RENORMALIZE": True, "COUNT": True, "BLOCK_ROWS": 4,
+                                            "BLOCK_H": 512, "ONE_TILE": one_tile, "BLOCK_E": 128, "BLOCK_K": 8}, 4, 1)
 print("compiled")
 """
 

@@ -14,12 +14,10 @@ from collections.abc import Callable
 from heapq import heappop, heappush, heapreplace
 
 from meshserve.simulator.config import SimConfig
-from meshserve.simulator.fast_replica import FastReplica
+from meshserve.simulator.fast_replica import ADMIT, STEP_END, WAKE, FastReplica
 from meshserve.simulator.least_outstanding import LeastOutstandingIndex
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.trace import Trace
-
-_ADMIT, _STEP_END, _WAKE = -1, 0, 1
 
 # What the fast replica does not model; simulate() takes the reference (the engine's scheduler) for these.
 FAST_MODEL_COVERS = (
@@ -67,39 +65,41 @@ def run_fast(
     index = LeastOutstandingIndex(config.num_replicas)
     replicas = [make_replica(i, index.add) for i in range(config.num_replicas)]
     round_robin = itertools.count() if config.router == "round-robin" else None
-    version = [0] * len(replicas)
-    next_event = [math.inf] * len(replicas)  # when each replica's next step or segment ends (inf: idle)
-    pending = [0] * len(replicas)  # requests in each replica's API process whose admission is an event
-    steps: list[tuple] = [(math.inf, -1, _WAKE, 0)]  # a sentinel under every event: never empty
+    steps: list[tuple] = [(math.inf, -1, WAKE, 0)]  # a sentinel under every event: never empty
+    for rep in replicas:  # each replica's step events: (time, its index, kind, its version then)
+        rep.events = steps
     prompts, outputs = trace.prompt_len.tolist(), trace.output_len.tolist()
     arrivals = trace.arrival_s.tolist()
     n, i = len(arrivals), 0
     delay = config.frontend_latency_s
     counts, max_attempts = index.counts, config.max_attempts
+    take = index.take
+    # the common case in one call (FastReplica.arrive): least-outstanding, the API process's queue, a first try
+    arrive_first = round_robin is None and max_attempts > 0 and config.frontend_costs.enabled
 
     def admit(rep: FastReplica, j: int, now: float) -> bool:
         k = rep.index
         end = rep.interrupt(now)
         if end is not None:  # its decode segment is cut at now: a step ending at `end` is in flight
-            v = version[k] = version[k] + 1
-            next_event[k] = end
-            heappush(steps, (end, k, _STEP_END, v))
+            v = rep.version = rep.version + 1
+            rep.next_end = end
+            heappush(steps, (end, k, STEP_END, v))
         if not rep.try_add(arrivals[j], prompts[j], outputs[j]):
             index.add(k, -1)  # a 429 back at the router
             recorder.reject_latency_s.append(now - arrivals[j])
             return False
         if not rep.busy:  # wake it after every arrival of this instant is queued
             rep.busy = True
-            v = version[k] = version[k] + 1
-            next_event[k] = now
-            heappush(steps, (now, k, _WAKE, v))
+            v = rep.version = rep.version + 1
+            rep.next_end = now
+            heappush(steps, (now, k, WAKE, v))
         return True
 
     def send(j: int, now: float, tried: tuple[int, ...]) -> None:
         while len(tried) < max_attempts:
             if round_robin is None:
                 if not tried:
-                    rep = replicas[index.take()]
+                    rep = replicas[take()]
                 else:
                     k = index.choose(tried)
                     if k is None:
@@ -114,14 +114,14 @@ def run_fast(
                 index.add(rep.index, 1)
             reached = rep.intake(now)
             if reached > now:
-                k = rep.index
-                if not pending[k] and next_event[k] >= reached and rep.will_take(prompts[j], outputs[j]):
+                if not rep.pending and rep.next_end >= reached and rep.will_take(prompts[j], outputs[j]):
                     # nothing happens on this replica before its core gets the request, and it will queue it:
                     # admit it now (as of `reached`) rather than through an event
                     admit(rep, j, reached)
                     return
-                pending[k] += 1
-                heappush(steps, (reached, k, _ADMIT, (j, (*tried, k))))
+                rep.pending += 1
+                k = rep.index
+                heappush(steps, (reached, k, ADMIT, (j, (*tried, k))))
                 return
             if admit(rep, j, now):
                 return
@@ -158,29 +158,40 @@ def run_fast(
                 break  # no arrival left and no event but the sentinel
             if next_arrival >= next_tick:
                 next_tick = sample(next_arrival, next_tick)
-            send(i, next_arrival, ())
+            if arrive_first:
+                k = take()
+                rep = replicas[k]
+                reached = rep.arrive(next_arrival, arrivals[i], prompts[i], outputs[i])
+                if reached >= 0.0:  # not admitted at once: send's other cases
+                    if reached > next_arrival:
+                        rep.pending += 1
+                        heappush(steps, (reached, k, ADMIT, (i, (k,))))
+                    elif not admit(rep, i, next_arrival):
+                        send(i, next_arrival, (k,))
+            else:
+                send(i, next_arrival, ())
             i += 1
             next_arrival = arrivals[i] + delay if i < n else inf
             continue
         if now >= next_tick:
             next_tick = sample(now, next_tick)
         _, idx, kind, ver = event
-        if ver != version[idx]:  # (an admission's ver is a tuple: never a version)
+        rep = replicas[idx]
+        if ver != rep.version:  # (an admission's ver is a tuple: never a version)
             heappop(steps)
-            if kind == _ADMIT:  # through its API process: the core gets it now
+            if kind == ADMIT:  # through its API process: the core gets it now
                 j, tried = ver
-                pending[idx] -= 1
-                if not admit(replicas[idx], j, now):
+                rep.pending -= 1
+                if not admit(rep, j, now):
                     send(j, now, tried)
             continue  # else a decode segment that an arrival cut short
-        rep = replicas[idx]
-        end = rep.next_step(now) if kind == _STEP_END else rep.start_step(now)
+        end = rep.next_step(now) if kind == STEP_END else rep.start_step(now)
         if end is None:
             heappop(steps)
-            next_event[idx] = inf
+            rep.next_end = inf
         else:  # its next step or segment takes this event's place (the replica touched no other event)
-            v = version[idx] = ver + 1
-            next_event[idx] = end
-            heapreplace(steps, (end, idx, _STEP_END, v))
+            v = rep.version = ver + 1
+            rep.next_end = end
+            heapreplace(steps, (end, idx, STEP_END, v))
     assert sum(counts) == 0, "every request sent was finished or refused"
     return replicas, timeline

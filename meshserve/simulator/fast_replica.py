@@ -20,6 +20,7 @@ Inter-token gaps are counted per step (every running decoder gets a token every 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from heapq import heappop, heappush
@@ -29,6 +30,10 @@ from meshserve.simulator.decode_segment import DecodeSegment, NoisyDecodeSegment
 from meshserve.simulator.frontend import FrontEnd, FrontEndCosts
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.step_noise import NoiseStream
+
+# the kinds of the fleet's events (fast_fleet.py), in their order at equal times and replica: a request reaching
+# the core through its API process, a step or decode segment ending, an idle replica waking
+ADMIT, STEP_END, WAKE = -1, 0, 1
 
 
 class Req:
@@ -79,6 +84,7 @@ class FastReplica:
         "busy",
         "busy_s",
         "decoders",
+        "events",
         "finishing",
         "frontend",
         "held_slack",
@@ -88,15 +94,18 @@ class FastReplica:
         "max_queue_len",
         "max_request_tokens",
         "max_running",
+        "next_end",
         "noise",
         "num_blocks",
         "num_preemptions",
         "partial",
+        "pending",
         "recorder",
         "segment",
         "step",
         "step_cost",
         "sum_offset",
+        "version",
         "waiting",
     )
 
@@ -149,6 +158,13 @@ class FastReplica:
         self._orders = 0
         self._scheduled: list[tuple[Req, int]] = []  # the explicit step in flight: prefill chunks
         self._scheduled_decoders = 0  # and how many decoders it carries
+        # the fleet's side (fast_fleet.py): its event heap (set by the fleet), the version of this replica's one
+        # live step event (older entries are stale), when that event is due (inf: idle), and the admissions
+        # through its API process that are events of their own
+        self.events: list[tuple] = []
+        self.version = 0
+        self.next_end = math.inf
+        self.pending = 0
 
     @property
     def steps(self) -> int:
@@ -175,6 +191,58 @@ class FastReplica:
             if k > seg.delivered:
                 self.last_seen = seg.deliver(k, fe, self.recorder, self.last_seen)
         return fe.submit(t, fe.costs.per_request_s)  # one API process (FrontEnd.intake's own case)
+
+    def arrive(self, t: float, sent: float, prompt: int, max_out: int) -> float:
+        """The fleet's common case of a request reaching the API process at t (a front end, the router's first
+        try): its intake, then, when nothing happens on this replica before the core gets it (no admission
+        pending, no step or segment ending first) and the core will queue it, its admission as of then (the
+        segment in flight cut, its events pushed on the fleet's heap). Returns -1.0 when admitted so, else when
+        the core gets it (the fleet admits it then, or now when that is t). intake, will_take and the fleet's
+        admit in one call: a request's arrival is a large share of a simulated request."""
+        fe = self.frontend
+        if fe is None:
+            return t
+        seg = self.segment
+        if seg is not None:  # tokens of steps that ended before t are ahead of it in the queue
+            k = seg.steps_ended_since(t, seg.delivered)  # (delivered: ended before an earlier intake)
+            if k > seg.delivered:
+                self.last_seen = seg.deliver(k, fe, self.recorder, self.last_seen)
+        # fe.submit(t, per_request_s), inlined (the same operations)
+        work = fe.costs.per_request_s
+        backlog = fe.backlog_s - (t - fe.t)
+        if backlog < 0.0:  # noqa: PLR1730 - max() is a slow call in CPython 3.11
+            backlog = 0.0
+        backlog += work
+        fe.t, fe.backlog_s = t, backlog
+        fe.busy_s += work
+        reached = t + backlog
+        waiting = self.waiting
+        if (
+            reached <= t
+            or self.pending
+            or self.next_end < reached
+            or len(waiting) >= self.max_queue_len
+            or prompt + max_out > self.max_request_tokens
+        ):
+            return reached
+        if seg is not None:  # interrupt(reached): the segment ends after the step running then
+            keep = seg.steps_ended_since(reached, seg.delivered) + 1
+            if keep < seg.total:
+                seg.total = keep
+                if self.noise is None:  # seg.end_s(keep), inlined
+                    end = seg.origin_s + keep * seg.a + seg.b * (keep * (keep + 1) // 2)
+                else:
+                    end = seg.end_s(keep)
+                v = self.version = self.version + 1
+                self.next_end = end
+                heappush(self.events, (end, self.index, STEP_END, v))
+        waiting.append(Req(sent, prompt, max_out))
+        if not self.busy:  # wake it after every arrival of this instant is queued
+            self.busy = True
+            v = self.version = self.version + 1
+            self.next_end = reached
+            heappush(self.events, (reached, self.index, WAKE, v))
+        return -1.0
 
     def will_take(self, prompt: int, max_out: int) -> bool:
         """Whether try_add would queue this request now."""

@@ -72,6 +72,7 @@ class FastReplica:
     attribute and method loads."""
 
     __slots__ = (
+        "_decode_lines",
         "_orders",
         "_outstanding",
         "_plain_segment",
@@ -135,6 +136,7 @@ class FastReplica:
         # partly filled per sequence
         self.held_slack = self.budget + self.max_running * self.block_size
         self.step_cost = step_cost
+        self._decode_lines = step_cost.decode_lines  # decode_line's terms by batch size (read inline)
         # step-time noise by step index (step_noise.py): the same draws as the reference replica's
         self.noise = noise
         self.recorder = recorder
@@ -409,12 +411,27 @@ class FastReplica:
                 r.computed -= num_new
             return None
         self.sum_offset = sum_offset
-        a, b = self.step_cost.decode_line(n2, base)
+        line = self._decode_lines.get(n2)  # step_cost.decode_line(n2, base), inlined
+        if line is None:
+            a, b = self.step_cost.decode_line(n2, base)
+        else:
+            a, b = line[0] + line[1] * base, line[2]
         self._segment_host_s = host
         if self.noise is None:
+            # seg.restart(now, a, b, n2, k, duration, n, first_tokens), inlined
             self.segment = seg = self._plain_segment
-            seg.restart(now, a, b, n2, k, duration, n, first_tokens)
-            return seg.origin_s + k * a + b * (k * (k + 1) // 2)  # seg.end_s(k), inlined
+            seg.start_s = now
+            seg.a = a
+            seg.b = b
+            seg.n = n2
+            seg.total = k
+            seg.delivered = 0
+            seg.first_tokens = first_tokens
+            seg.origin_s = origin = now + duration - a - b
+            seg.head_end_s = origin + a + b  # end_s(1)
+            seg.head_gaps = n
+            seg.head_tokens = n + len(first_tokens)
+            return origin + k * a + b * (k * (k + 1) // 2)  # seg.end_s(k), inlined
         self.segment = seg = NoisyDecodeSegment(
             now, a, b, n2, k, self.noise, self.step, duration, device, n, first_tokens
         )
@@ -480,14 +497,46 @@ class FastReplica:
         if seg is None:
             self._end_step(now)
             return self.start_step(now)
-        self.segment = None
         total = seg.total
         self.last_seen = seen = seg.deliver(total, self.frontend, self.recorder, self.last_seen, now)
         self.step = s = self.step + total
-        self.busy_s += now - seg.start_s - self._segment_host_s if self.noise is None else seg.device_s(total)
-        if self.finishing[0][0] <= s:
+        heap = self.finishing
+        if self.noise is not None:
+            self.segment = None
+            self.busy_s += seg.device_s(total)
+            if heap[0][0] <= s:
+                self._finish_decoders(seen)
+            return self.start_step(now)
+        self.busy_s += now - seg.start_s - self._segment_host_s
+        if heap[0][0] <= s:
             self._finish_decoders(seen)
-        return self.start_step(now)
+        decoders = self.decoders
+        if decoders and not self.waiting and self.partial is None:
+            # start_step's segment up to the next finish, inlined (one starts after every finish): the same
+            # segment object restarted (seg.restart(now, a, b, n, k), inlined)
+            end = heap[0][0] if self._stale_free else self._first_finish()
+            n, bs = len(decoders), self.block_size
+            k = end - s
+            base = self.sum_offset + n * s
+            if (base + n * (k + bs - 1)) // bs <= self.num_blocks or sum(
+                -(-(r.offset + end) // bs) for r in decoders.values()
+            ) <= self.num_blocks:
+                line = self._decode_lines.get(n)  # step_cost.decode_line(n, base), inlined
+                if line is None:
+                    a, b = self.step_cost.decode_line(n, base)
+                else:
+                    a, b = line[0] + line[1] * base, line[2]
+                self._segment_host_s = 0.0
+                seg.start_s = seg.origin_s = now
+                seg.a = a
+                seg.b = b
+                seg.n = n
+                seg.total = k
+                seg.delivered = 0
+                seg.first_tokens = None
+                return now + k * a + b * (k * (k + 1) // 2)
+        self.segment = None
+        return self._schedule(now)
 
     def _end_step(self, now: float) -> None:
         """The explicit step in flight (not a segment) ends at now: its tokens, its finishes."""

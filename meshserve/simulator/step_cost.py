@@ -297,7 +297,9 @@ class StepCost:
         self._tp_fixed = (share * self.tp_costs.layer_us, share * self.tp_costs.layer_seq_us)
         # the fused all-reduce + residual add + RMSNorm (MESHSERVE_TP_FUSED_NORM): what each all-reduce saves
         self._fused = None if tp == 1 or not fused_norm else load_fused_norm(fused_norm)
-        self._lines: dict[int, tuple[float, float, float]] = {}  # decode_line's per-batch-size terms
+        # decode_line's terms by batch size n, (fixed, per_token, b): a = fixed + per_token * context (the fast
+        # replica reads them inline, a call less per decode segment)
+        self.decode_lines: dict[int, tuple[float, float, float]] = {}
         self._shapes: dict[tuple[int, int], tuple[float, ...]] = {}  # step_s's per-shape terms
         # per step: each MoE layer's routing and alignment launch (calibration.toml [moe] route_us), each MLA
         # layer's own launches (latent projections, absorbed q and output: [mla] layer_us)
@@ -383,13 +385,13 @@ class StepCost:
         """(a, b) with self(StepShape(n, n, context + n * j)) = a + b * j for decode steps (j >= 1) of n
         sequences holding `context` KV tokens before the first (the fast replica's closed form; equal to
         decode_durations up to rounding while the model's time is positive, which calibrated weights keep)."""
-        line = self._lines.get(n)
+        line = self.decode_lines.get(n)
         if line is None:  # the batch's own terms: weights or FLOPs, what TP adds
             m = self.model
             t0, t1, t2, _ = m._theta
             dense, _, _ = m._terms(StepShape(n, n, n))
             per_token = t2 * m.kv_bytes_per_token / m.rates.bandwidth
-            line = self._lines[n] = ((t0 + t1 * dense) * 1e-3 + self.extra_s(n, n), per_token, per_token * n)
+            line = self.decode_lines[n] = ((t0 + t1 * dense) * 1e-3 + self.extra_s(n, n), per_token, per_token * n)
         fixed, per_token, b = line
         return fixed + per_token * context, b
 

@@ -161,7 +161,16 @@ class DecodeSegment:
                 backlog = 0.0
             backlog += work
             frontend.busy_s += work
-            last_seen = done = self._deliver_head(t + backlog, recorder, last_seen)
+            seen = t + backlog  # _deliver_head(seen, recorder, last_seen), inlined
+            if self.head_gaps:
+                gap_s.append(seen - last_seen)
+                gap_counts.append(self.head_gaps)
+            for r in self.first_tokens:
+                if r.first_seen < 0.0:
+                    r.first_seen = seen
+                else:  # recomputed after a preemption: the gap since its last token
+                    recorder.add_itl(seen - r.last_seen)
+            last_seen = done = seen
             k = 1
             if upto == 1:
                 frontend.t, frontend.backlog_s = t, backlog
@@ -177,7 +186,11 @@ class DecodeSegment:
                 gap_s.append(seen - last_seen)
                 gap_counts.append(n)
                 if k < upto and a + b * (k + 1) >= work:  # idle from here on: seen = end + work
-                    recorder.add_itl_linear(a + b * (k + 1), b, upto - k, n)
+                    # recorder.add_itl_linear(a + b * (k + 1), b, upto - k, n), inlined
+                    recorder.run_s.append(a + b * (k + 1))
+                    recorder.run_slope_s.append(b)
+                    recorder.run_steps.append(upto - k)
+                    recorder.run_n.append(n)
                     last_seen = done = end + work
                     break
             else:

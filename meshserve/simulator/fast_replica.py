@@ -80,6 +80,7 @@ class FastReplica:
         "_scheduled_decoders",
         "_segment_host_s",
         "_stale_free",
+        "_step_shapes",
         "block_size",
         "budget",
         "busy",
@@ -137,6 +138,7 @@ class FastReplica:
         self.held_slack = self.budget + self.max_running * self.block_size
         self.step_cost = step_cost
         self._decode_lines = step_cost.decode_lines  # decode_line's terms by batch size (read inline)
+        self._step_shapes = step_cost.step_shapes  # step_s's terms by step shape (read inline)
         # step-time noise by step index (step_noise.py): the same draws as the reference replica's
         self.noise = noise
         self.recorder = recorder
@@ -205,9 +207,18 @@ class FastReplica:
         if fe is None:
             return t
         seg = self.segment
+        plain = self.noise is None
         if seg is not None:  # tokens of steps that ended before t are ahead of it in the queue
-            k = seg.steps_ended_since(t, seg.delivered)  # (delivered: ended before an earlier intake)
-            if k > seg.delivered:
+            k = delivered = seg.delivered  # (ended before an earlier intake)
+            if plain:  # seg.steps_ended_since(t, k), inlined: counted on from k by up to two steps, else solved
+                total, o, a, b = seg.total, seg.origin_s, seg.a, seg.b
+                if k < total and o + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) < t:
+                    k += 1
+                    if k < total and o + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) < t:
+                        k = seg.steps_ended_before(t)
+            else:
+                k = seg.steps_ended_since(t, k)
+            if k > delivered:
                 self.last_seen = seg.deliver(k, fe, self.recorder, self.last_seen)
         # fe.submit(t, per_request_s), inlined (the same operations)
         work = fe.costs.per_request_s
@@ -228,16 +239,24 @@ class FastReplica:
         ):
             return reached
         if seg is not None:  # interrupt(reached): the segment ends after the step running then
-            keep = seg.steps_ended_since(reached, seg.delivered) + 1
-            if keep < seg.total:
-                seg.total = keep
-                if self.noise is None:  # seg.end_s(keep), inlined
-                    end = seg.origin_s + keep * seg.a + seg.b * (keep * (keep + 1) // 2)
-                else:
-                    end = seg.end_s(keep)
-                v = self.version = self.version + 1
-                self.next_end = end
-                heappush(self.events, (end, self.index, STEP_END, v))
+            if plain:  # steps_ended_since(reached, k) + 1, inlined as above
+                keep = k + 1
+                if keep < total and o + keep * a + b * (keep * (keep + 1) // 2) < reached:
+                    keep += 1
+                    if keep < total and o + keep * a + b * (keep * (keep + 1) // 2) < reached:
+                        keep = seg.steps_ended_before(reached) + 1
+                if keep < total:
+                    seg.total = keep
+                    end = o + keep * a + b * (keep * (keep + 1) // 2)  # seg.end_s(keep), inlined
+                    v = self.version = self.version + 1
+                    self.next_end = end
+                    heappush(self.events, (end, self.index, STEP_END, v))
+            else:
+                cut = self.interrupt(reached)
+                if cut is not None:
+                    v = self.version = self.version + 1
+                    self.next_end = cut
+                    heappush(self.events, (cut, self.index, STEP_END, v))
         waiting.append(Req(sent, prompt, max_out))
         if not self.busy:  # wake it after every arrival of this instant is queued
             self.busy = True
@@ -296,7 +315,115 @@ class FastReplica:
                     self.segment = NoisyDecodeSegment(now, a, b, n, k, self.noise, self.step)
                     return self.segment.end_s(k)
                 return now + k * a + b * (k * (k + 1) // 2)
+        if self.partial is None and self.noise is None and self.waiting:
+            return self._admit(now)
         return self._schedule(now)
+
+    def _admit(self, now: float) -> float | None:
+        """_schedule's step where nobody is part-way through a prompt and the KV pool's upper bound clears it
+        (no block counted, nobody preempted), without step noise, and _fold's segment headed by it when it
+        leaves nobody waiting: in one pass (the step after an arrival's cut, once per request). The same
+        decisions and floating-point operations as _schedule and _fold; _schedule where the bound does not clear."""
+        decoders, waiting = self.decoders, self.waiting
+        s = self.step
+        s1, bs, n = s + 1, self.block_size, len(decoders)
+        sum_offset = self.sum_offset
+        context = sum_offset + n * s1  # the KV tokens the step reads
+        if (context + self.held_slack) // bs > self.num_blocks:
+            return self._schedule(now)
+        budget = self.budget - n
+        tokens = running = n
+        max_running, max_len = self.max_running, self.max_model_len
+        scheduled: list[tuple[Req, int]] = []
+        whole = True  # every one admitted gets its whole prompt and its first token, and goes on decoding
+        orders = self._orders
+        while waiting and budget > 0 and running < max_running:
+            r = waiting.popleft()
+            known = r.prompt + r.out  # (a waiting request has nothing computed: new, or preempted to recompute)
+            if known <= budget:
+                num_new = known
+                if r.max_out - r.out <= 1 or max_len - known <= 1:
+                    whole = False
+            else:
+                num_new = budget
+                whole = False
+            orders += 1
+            r.order = orders  # running order (a recompute joins at the end again)
+            scheduled.append((r, num_new))
+            budget -= num_new
+            tokens += num_new
+            context += num_new
+            running += 1
+        self._orders = orders
+        if not running:
+            self.busy = False
+            return None
+        # the device time and eager_steps.py's host time before the step: StepCost.step_s, inlined (the same
+        # floating-point operations)
+        terms = self._step_shapes.get((tokens, running))
+        if terms is None:
+            duration, host = self.step_cost.step_s(tokens, running, context)
+        else:
+            dense, t2, kv_bytes, bandwidth, mixed, eager, extra, host = terms
+            predicted = dense + t2 * (1e3 * context * kv_bytes / bandwidth) + mixed
+            predicted = (0.0 if predicted < 0.0 else predicted) * 1e-3  # noqa: FURB136 - max() is a slow call
+            if predicted > 0.0:  # EagerStepModel.predict's sum (x + 0.0 is x: no eager term)
+                predicted = predicted + eager
+            duration = predicted + extra
+        device = duration
+        duration += host
+        heap = self.finishing
+        if whole and not waiting:  # _fold: unless a decoder finishes with this step
+            first = heap[0][0] if heap and self._stale_free else self._first_finish()
+            if first > s1 or first < 0:
+                first_tokens = []
+                for r, num_new in scheduled:
+                    r.computed += num_new
+                    out = r.out = r.out + 1
+                    known = r.prompt + out
+                    r.offset = offset = known - 1 - s1
+                    left = r.max_out - out
+                    if max_len - known < left:  # noqa: PLR1730 - min() is a slow call in CPython 3.11
+                        left = max_len - known
+                    r.end_step = end = s1 + left
+                    decoders[r.order] = r
+                    sum_offset += offset
+                    heappush(heap, (end, r.order))
+                    first_tokens.append(r)
+                n2 = len(decoders)
+                k = heap[0][0] - s
+                base = sum_offset + n2 * s
+                if (base + n2 * (k + bs - 1)) // bs <= self.num_blocks:
+                    self.sum_offset = sum_offset
+                    line = self._decode_lines.get(n2)  # step_cost.decode_line(n2, base), inlined
+                    if line is None:
+                        a, b = self.step_cost.decode_line(n2, base)
+                    else:
+                        a, b = line[0] + line[1] * base, line[2]
+                    self._segment_host_s = host
+                    # _plain_segment.restart(now, a, b, n2, k, duration, n, first_tokens), inlined
+                    self.segment = seg = self._plain_segment
+                    seg.start_s = now
+                    seg.a = a
+                    seg.b = b
+                    seg.n = n2
+                    seg.total = k
+                    seg.delivered = 0
+                    seg.first_tokens = first_tokens
+                    seg.origin_s = origin = now + duration - a - b
+                    seg.head_end_s = origin + a + b  # end_s(1)
+                    seg.head_gaps = n
+                    seg.head_tokens = n + len(first_tokens)
+                    return origin + k * a + b * (k * (k + 1) // 2)  # seg.end_s(k), inlined
+                # the exact test near capacity: undo, and take the step alone (their heap entries stay: stale)
+                self._stale_free = False
+                for r, num_new in scheduled:
+                    del decoders[r.order]
+                    r.out -= 1
+                    r.computed -= num_new
+        self._scheduled, self._scheduled_decoders = scheduled, n
+        self.busy_s += device
+        return now + duration
 
     def _schedule(self, now: float) -> float | None:
         """One step as Scheduler.schedule decides it: every running sequence first (a decode token each, the
@@ -536,6 +663,8 @@ class FastReplica:
                 seg.first_tokens = None
                 return now + k * a + b * (k * (k + 1) // 2)
         self.segment = None
+        if self.partial is None and self.waiting:
+            return self._admit(now)
         return self._schedule(now)
 
     def _end_step(self, now: float) -> None:

@@ -39,17 +39,16 @@ class RunRecorder:
     reject_latency_s: array = field(default_factory=lambda: array("d"))
     itl_counts: np.ndarray = field(default_factory=lambda: np.zeros(_ITL_BINS, dtype=np.int64))
     _itl_pending: dict[int, int] = field(default_factory=dict)  # bin -> gaps, not yet in itl_counts
-    # gaps not yet binned: single (gap, count) and linear runs (first gap, slope, steps, count); the counts in
-    # lists (an array's append parses its argument, several times a list's: the ints are mostly the small
-    # cached ones, read back at little cost), the new floats in arrays (a list would keep each one alive).
-    # The fast model's DecodeSegment.deliver appends its (gap, count) pairs to gap_s / gap_counts itself (a
-    # call per gap was a large share of its cost): add_itl_count's
-    gap_s: array = field(default_factory=lambda: array("d"))
+    # gaps not yet binned: single (gap, count) and linear runs (first gap, slope, steps, count), in lists (an
+    # array's append parses its argument, several times a list's; flush_itl bins them at every tick of the
+    # timeline, so the floats they keep alive are a hundredth of a run's). The fast model's DecodeSegment.deliver
+    # appends to them itself (a call per gap was a large share of its cost): add_itl_count's, add_itl_linear's
+    gap_s: list[float] = field(default_factory=list)
     gap_counts: list[int] = field(default_factory=list)
-    _run_s: array = field(default_factory=lambda: array("d"))
-    _run_slope_s: array = field(default_factory=lambda: array("d"))
-    _run_steps: list[int] = field(default_factory=list)
-    _run_n: list[int] = field(default_factory=list)
+    run_s: list[float] = field(default_factory=list)
+    run_slope_s: list[float] = field(default_factory=list)
+    run_steps: list[int] = field(default_factory=list)
+    run_n: list[int] = field(default_factory=list)
     last_completion_s: float = 0.0
 
     def add_itl(self, gap_s: float) -> None:
@@ -69,10 +68,10 @@ class RunRecorder:
     def add_itl_linear(self, first_s: float, slope_s: float, steps: int, count: int) -> None:
         """count gaps of each of first_s + slope_s * i, i = 0..steps-1 (a decode segment's step durations,
         fast_replica.py; slope_s >= 0: a gap grows by microseconds a step). Kept raw and binned in bulk."""
-        self._run_s.append(first_s)
-        self._run_slope_s.append(slope_s)
-        self._run_steps.append(steps)
-        self._run_n.append(count)
+        self.run_s.append(first_s)
+        self.run_slope_s.append(slope_s)
+        self.run_steps.append(steps)
+        self.run_n.append(count)
 
     def add_itl_counts(self, gaps_s: list[float], count: int) -> None:
         """count gaps of each of gaps_s (every sequence of a decode step, for each step)."""
@@ -84,13 +83,13 @@ class RunRecorder:
     def flush_itl(self) -> None:
         """Bin the gaps kept raw (the same bins as int(gap / ITL_BIN_S) one by one)."""
         if self.gap_s:
-            bins = (np.frombuffer(self.gap_s, dtype=float) / ITL_BIN_S).astype(np.int64)
+            bins = (np.array(self.gap_s, dtype=float) / ITL_BIN_S).astype(np.int64)
             self._add_bins(bins, np.fromiter(self.gap_counts, dtype=np.int64, count=len(self.gap_counts)))
-            self.gap_s, self.gap_counts = array("d"), []  # (numpy's views keep the old ones)
-        if self._run_s:
-            first, slope = np.frombuffer(self._run_s, dtype=float), np.frombuffer(self._run_slope_s, dtype=float)
-            steps = np.fromiter(self._run_steps, dtype=np.int64, count=len(self._run_steps))
-            count = np.fromiter(self._run_n, dtype=np.int64, count=len(self._run_n))
+            self.gap_s, self.gap_counts = [], []
+        if self.run_s:
+            first, slope = np.array(self.run_s, dtype=float), np.array(self.run_slope_s, dtype=float)
+            steps = np.fromiter(self.run_steps, dtype=np.int64, count=len(self.run_steps))
+            count = np.fromiter(self.run_n, dtype=np.int64, count=len(self.run_n))
             b0 = (first / ITL_BIN_S).astype(np.int64)
             b1 = ((first + slope * (steps - 1)) / ITL_BIN_S).astype(np.int64)
             one = b0 == b1  # gaps grow with the step: a run that starts and ends in one bin stays in it
@@ -100,7 +99,7 @@ class RunRecorder:
                 run = np.repeat(np.arange(steps.size), steps)  # each step's run
                 i = np.arange(run.size) - np.repeat(np.cumsum(steps) - steps, steps)
                 self._add_bins(((first[run] + slope[run] * i) / ITL_BIN_S).astype(np.int64), count[run])
-            self._run_s, self._run_slope_s, self._run_steps, self._run_n = array("d"), array("d"), [], []
+            self.run_s, self.run_slope_s, self.run_steps, self.run_n = [], [], [], []
 
     def _add_bins(self, bins: np.ndarray, counts: np.ndarray) -> None:
         if bins.size:  # bincount over the bins' own range (np.add.at is ~10x slower per gap)

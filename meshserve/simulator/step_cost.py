@@ -300,7 +300,8 @@ class StepCost:
         # decode_line's terms by batch size n, (fixed, per_token, b): a = fixed + per_token * context (the fast
         # replica reads them inline, a call less per decode segment)
         self.decode_lines: dict[int, tuple[float, float, float]] = {}
-        self._shapes: dict[tuple[int, int], tuple[float, ...]] = {}  # step_s's per-shape terms
+        # step_s's terms by step shape (num_tokens, num_seqs) (the fast replica reads them inline)
+        self.step_shapes: dict[tuple[int, int], tuple[float, ...]] = {}
         # per step: each MoE layer's routing and alignment launch (calibration.toml [moe] route_us), each MLA
         # layer's own launches (latent projections, absorbed q and output: [mla] layer_us)
         self._fixed_s = (shard.num_moe_layers * moe_costs.route_us + shard.num_layers * mla.layer_us) * 1e-6
@@ -350,9 +351,9 @@ class StepCost:
         operations."""
         if num_tokens == 0:
             return 0.0, 0.0
-        terms = self._shapes.get((num_tokens, num_seqs))
+        terms = self.step_shapes.get((num_tokens, num_seqs))
         if terms is None:
-            terms = self._shapes[(num_tokens, num_seqs)] = self._shape_terms(num_tokens, num_seqs)
+            terms = self.step_shapes[(num_tokens, num_seqs)] = self._shape_terms(num_tokens, num_seqs)
         dense, t2, kv_bytes, bandwidth, mixed, eager, extra, host = terms
         predicted = dense + t2 * (1e3 * context_tokens * kv_bytes / bandwidth) + mixed
         predicted = (0.0 if predicted < 0.0 else predicted) * 1e-3  # noqa: FURB136 - max() is a slow call (3.11)

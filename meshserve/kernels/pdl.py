@@ -32,7 +32,13 @@ The variants below (selected by the environment in layers/backend_selection.py) 
                       per SM, estimated on the host from num_warps): multi-wave grids (the 8B's GEMVs) launch
                       plain (stream order, which keeps the chain safe) and keep the plain GEMV layout
   preload "all" | "none" | "row"   the GEMV's weight preload always (as measured), never (PDL launch and wait
-                      only, the plain layout's occupancy), or only when it holds the whole row (K <= MAX_PRE_K)
+                      only, the plain layout's occupancy), or only when it holds the whole row (K <= MAX_PRE_K);
+                      the MoE down GEMV's preload of its experts' tiles follows it ("none": no preload)
+  moe "preload" | "launch" | "off"   the MoE layer's softmax top-k and MoE GEMV launches with PDL, the down
+                      GEMV preloading its experts' tiles before its wait (148 registers a thread against 46:
+                      3 programs an SM instead of 10) or not ("launch"), or all three plain ("off": the chain
+                      as before 2026-12-03, when only the dense kernels had PDL). H200 W1 Qwen3-30B-A3B:
+                      off 330.6, launch 345.3, preload 349.3 tok/s (2026-12-03)
 
 Steps that carry prompt tokens run without PDL by default (`steps="decode"`; MESHSERVE_PDL_STEPS=all keeps it on
 in every step): W3 on Qwen3-0.6B, one H200, 2026-12-02, mixed steps of ~254 decode rows + ~1,024 prompt tokens
@@ -65,6 +71,7 @@ GDC_OFF, GDC_EARLY, GDC_LATE = False, 1, 2
 TRIGGERS = ("early", "late")
 PRELOADS = ("all", "none", "row")
 STEPS = ("decode", "all")  # which forwards PDL applies to: decode-only steps, or every step
+MOES = ("preload", "launch", "off")  # the MoE layer's launches: PDL with the down GEMV's preload, PDL, plain
 # the host's occupancy model for one_wave_only: Hopper's per-SM limits, and a register budget a thread of these
 # kernels stays under (the PDL GEMV: 61 at 8 warps, 56 at 4; the norm and SiLU kernels fewer)
 MAX_THREADS_PER_SM, MAX_PROGRAMS_PER_SM, REGS_PER_SM, REGS_PER_THREAD = 2048, 32, 65536, 64
@@ -79,10 +86,13 @@ class PdlPolicy:
     one_wave_only: bool = False  # PDL only for grids that fit in one wave
     preload: str = "all"  # "all" | "none" | "row": when the GEMV preloads weights before the wait
     steps: str = "decode"  # "decode" | "all": PDL in decode-only forwards, or in prompt-carrying ones too
+    moe: str = "preload"  # "preload" | "launch" | "off": the MoE layer's routing and MoE GEMV launches
 
     def __post_init__(self):
-        if self.trigger not in TRIGGERS or self.preload not in PRELOADS or self.steps not in STEPS:
+        if (self.trigger not in TRIGGERS or self.preload not in PRELOADS or self.steps not in STEPS
+                or self.moe not in MOES):
             raise ValueError(f"PdlPolicy: trigger in {TRIGGERS}, preload in {PRELOADS}, steps in {STEPS}, "
+                             f"moe in {MOES}, "
                              f"got {self}")
 
 

@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.kernels import pdl as pdl_mod
+from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
+
 
 @triton.jit
 def _route_row(
@@ -64,11 +67,14 @@ def _softmax_topk_kernel(
     COUNT: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
     token = tl.program_id(0).to(tl.int64)
+    gdc_wait(USE_GDC)  # the logits are the router GEMV's output
     top_w, top_i, slots, kmask = _route_row(
         logits_ptr, token, num_experts, stride_lm, scaling, TOP_K, RENORMALIZE, BLOCK_E, BLOCK_K
     )
+    gdc_trigger_late(USE_GDC)
     tl.store(weights_ptr + token * TOP_K + slots, top_w, mask=kmask)
     tl.store(ids_ptr + token * TOP_K + slots, top_i, mask=kmask)
     if COUNT:
@@ -91,7 +97,8 @@ def softmax_topk(
     expert_load: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (weights [T, K] float32, ids [T, K] int32), as softmax_topk_ref; with
-    expert_load (int64 [E]) each chosen expert's count goes up by one."""
+    expert_load (int64 [E]) each chosen expert's count goes up by one. Launched with PDL where the process
+    switch says so (kernels/pdl.py; PdlPolicy.moe)."""
     num_tokens, num_experts = router_logits.shape
     weights, ids = routing_outputs(num_tokens, top_k, num_experts, router_logits.device)
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
@@ -113,5 +120,6 @@ def softmax_topk(
         BLOCK_E=block_e,
         BLOCK_K=triton.next_power_of_2(top_k),
         num_warps=1 if block_e <= 256 else 4,
+        **pdl_mod.gdc_kwargs(logits, None if pdl_mod.policy().moe != "off" else False),
     )
     return weights, ids

@@ -41,6 +41,9 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_PDL_PRELOAD=all|none|row        GEMV preloads weights before the wait
   MESHSERVE_PDL_STEPS=decode|all            PDL in decode-only steps (default: steps carrying prompt tokens ran
                                             ~15% slower with it, W3 Qwen3-0.6B 2026-12-02) or in every step
+  MESHSERVE_PDL_MOE=preload|launch|0       under PDL, the MoE layer's routing and MoE GEMV launches with PDL,
+                                            the down GEMV preloading its experts' tiles (preload, the default),
+                                            without the preload (launch) or plain (0; kernels/pdl.py, issue 23)
   MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024  small batches' decode graphs also for these context bounds, with
                                             fewer attention splits; default 256,1024 for dense models of hidden
                                             size <= 2,048 (pdl.auto_enables' rule; H200 W1 Qwen3-0.6B decode graph
@@ -210,6 +213,7 @@ PDL_TRIGGER_ENV = "MESHSERVE_PDL_TRIGGER"
 PDL_ONE_WAVE_ENV = "MESHSERVE_PDL_ONE_WAVE"
 PDL_PRELOAD_ENV = "MESHSERVE_PDL_PRELOAD"
 PDL_STEPS_ENV = "MESHSERVE_PDL_STEPS"
+PDL_MOE_ENV = "MESHSERVE_PDL_MOE"
 MOE_LEGACY_ENV = "MESHSERVE_MOE_LEGACY"
 MOE_CONFIGS_ENV = "MESHSERVE_MOE_CONFIGS"
 MOE_FUSE_SHARED_ENV = "MESHSERVE_MOE_FUSE_SHARED"
@@ -417,13 +421,18 @@ def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
         enabled = _small(config)
     else:
         enabled = mode != "0"
+    moe = os.environ.get(PDL_MOE_ENV, "").strip().lower() or "preload"
+    moe = "off" if moe == "0" else moe
     return PdlPolicy(
         enabled=on_cuda and enabled,
         trigger=os.environ.get(PDL_TRIGGER_ENV, "").strip().lower() or "early",
         one_wave_only=os.environ.get(PDL_ONE_WAVE_ENV, "") not in ("", "0"),
         preload=os.environ.get(PDL_PRELOAD_ENV, "").strip().lower() or "all",
         steps=os.environ.get(PDL_STEPS_ENV, "").strip().lower() or "decode",
+        moe=moe,
     )
+
+
 def _tp_fused_norm() -> str:
     value = os.environ.get(TP_FUSED_NORM_ENV, "").strip().lower()
     value = {"0": "", "1": "pull"}.get(value, value)

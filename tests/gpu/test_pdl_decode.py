@@ -124,3 +124,28 @@ def test_pdl_keeps_batched_decode_with_mixed_steps(model, monkeypatch):
         llm.shutdown()
     for plain, overlapped in zip(runs[False], runs[True]):
         assert_agree_until_near_tie(plain, overlapped, tie=0.2, close=0.15)
+
+
+# the MoE layer's own launches under PDL (routing, MoE GEMV; PdlPolicy.moe): batch-1 decodes replay graphs
+# where the down GEMV reads the routing's ids before its wait ("preload") against the same launches plain
+@pytest.mark.parametrize("moe", ["preload", "launch"])
+def test_pdl_moe_launches_keep_batch1_decode(moe, monkeypatch):
+    from meshserve import LLM, SamplingParams
+    from meshserve.kernels import pdl as pdl_mod
+
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=3)
+    runs = {}
+    for setting in ("0", moe):
+        monkeypatch.setenv("MESHSERVE_PDL", "1")
+        monkeypatch.setenv("MESHSERVE_PDL_MOE", setting)
+        llm = LLM(model="qwen3-30b-a3b", load_format="dummy", dtype="bfloat16", max_model_len=4096,
+                  hf_overrides={"num_hidden_layers": 3}, gpu_memory_utilization=0.5, max_num_seqs=8, seed=0)
+        assert pdl_mod.policy().moe == ("off" if setting == "0" else moe)
+        if torch.cuda.get_device_capability()[0] < 9:
+            llm.shutdown()
+            pytest.skip("PDL needs sm_90 or newer")
+        runs[setting] = [llm.generate([_prompt(n, s)], params, use_tqdm=False)[0].outputs[0] for n, s in PROMPTS]
+        llm.shutdown()
+    for plain, overlapped in zip(runs["0"], runs[moe]):
+        # "launch" changes no arithmetic; "preload" sums the down slots in another fp32 order
+        assert_agree_until_near_tie(plain, overlapped, tie=0.2, close=0.15)

@@ -64,6 +64,24 @@ def test_moe_gemv_skips_every_pair_of_other_ranks():
 
 
 @interp
+@pytest.mark.parametrize("moe", ["preload", "launch"])
+def test_moe_gemv_under_the_pdl_switch_matches_reference_fp32(moe):
+    """With the PDL switch on, the down launch preloads its experts' tiles (all slots in one [S, N, K] tile; the
+    interpreter runs that layout, with no griddepcontrol): the reference's sums, ids of -1 adding nothing, a
+    top-k that is no power of two (3 slots padded to 4)."""
+    from meshserve.kernels import pdl
+    from meshserve.kernels.triton_moe_gemv import MoeGemvConfig, moe_gemv
+
+    x, w13, w2, weights, ids = _case(3, 16, 3, 64, 48, torch.float32, "cpu", drop=True)
+    ids[2] = -1
+    cfg = MoeGemvConfig(4, 32, 2, 64, 4)  # one 64-wide down tile over the 48 features: the preload's case
+    with pdl.enabled(True, moe=moe):
+        got = moe_gemv(x, w13, w2, weights, ids, cfg)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    torch.testing.assert_close(got, fused_experts_ref(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
+
+
+@interp
 # the shared slices are one code path under any tiles (the tiles themselves: test_moe_gemv_matches_reference_fp32);
 # several K steps by default, the default tiles too with -m slow (~4 s of interpreter each)
 @pytest.mark.parametrize("tiles", ["multi-k", pytest.param("default", marks=pytest.mark.slow)])
@@ -117,19 +135,22 @@ def compile(kernel, sig, const, warps):
 for experts, top_k, hidden, width in ((128, 8, 2048, 768), (64, 6, 2048, 1408)):
     cfg = default_config(hidden, width)
     shared = 2 if top_k == 6 else 0  # DeepSeek-V2-Lite's two shared experts ride along
-    compile(_gate_up_gemv_kernel, {"x_ptr": "*bf16", "w13_ptr": "*bf16", "shared_w13_ptr": "*bf16",
-                                   "ids_ptr": "*i32", "inter_ptr": "*bf16"},
-            {"TOP_K": top_k, "NUM_SHARED": shared, "BLOCK_N": cfg.gate_up_block_n, "BLOCK_K": cfg.gate_up_block_k},
-            cfg.num_warps)
-    compile(_down_sum_gemv_kernel, {"inter_ptr": "*bf16", "w2_ptr": "*bf16", "shared_w2_ptr": "*bf16",
-                                    "ids_ptr": "*i32", "weights_ptr": "*fp32", "out_ptr": "*bf16"},
-            {"TOP_K": top_k, "NUM_SHARED": shared, "BLOCK_N": cfg.down_block_n, "BLOCK_K": cfg.down_block_k,
-             "ONE_TILE": cfg.down_block_k >= width}, cfg.num_warps)
-    # the routing launch before them (kernels/triton_moe_routing.py)
-    compile(_softmax_topk_kernel, {"logits_ptr": "*bf16", "weights_ptr": "*fp32", "ids_ptr": "*i32",
-                                   "load_ptr": "*i64"},
-            {"TOP_K": top_k, "RENORMALIZE": top_k == 8, "COUNT": True, "BLOCK_E": experts,
-             "BLOCK_K": triton.next_power_of_2(top_k)}, 1)
+    one_tile = cfg.down_block_k >= width
+    for gdc in (False, 1):  # plain, and PDL (the down launch's preloaded tiles where moe_gemv takes them)
+        compile(_gate_up_gemv_kernel, {"x_ptr": "*bf16", "w13_ptr": "*bf16", "shared_w13_ptr": "*bf16",
+                                       "ids_ptr": "*i32", "inter_ptr": "*bf16"},
+                {"TOP_K": top_k, "NUM_SHARED": shared, "BLOCK_N": cfg.gate_up_block_n,
+                 "BLOCK_K": cfg.gate_up_block_k, "USE_GDC": gdc}, cfg.num_warps)
+        compile(_down_sum_gemv_kernel, {"inter_ptr": "*bf16", "w2_ptr": "*bf16", "shared_w2_ptr": "*bf16",
+                                        "ids_ptr": "*i32", "weights_ptr": "*fp32", "out_ptr": "*bf16"},
+                {"TOP_K": top_k, "NUM_SHARED": shared, "BLOCK_N": cfg.down_block_n, "BLOCK_K": cfg.down_block_k,
+                 "ONE_TILE": one_tile, "PRELOAD": bool(gdc) and one_tile and not shared,
+                 "SLOTS": triton.next_power_of_2(top_k), "USE_GDC": gdc}, cfg.num_warps)
+        # the routing launch before them (kernels/triton_moe_routing.py)
+        compile(_softmax_topk_kernel, {"logits_ptr": "*bf16", "weights_ptr": "*fp32", "ids_ptr": "*i32",
+                                       "load_ptr": "*i64"},
+                {"TOP_K": top_k, "RENORMALIZE": top_k == 8, "COUNT": True, "BLOCK_E": experts,
+                 "BLOCK_K": triton.next_power_of_2(top_k), "USE_GDC": gdc}, 1)
 # the grouped path's align (triton_moe_align) and combine (triton_moe) launches
 ptrs = {n: "*i32" for n in ("ids_ptr", "counts_ptr", "cursor_ptr", "sorted_rows_ptr", "block_expert_ptr",
                             "num_padded_ptr")}
@@ -207,6 +228,50 @@ def test_moe_gemv_with_deepseek_shared_experts_gpu(tokens):
     got = moe_gemv(x, w13, w2, weights, ids, shared_w13=shared_w13, shared_w2=shared_w2)
     ref = fused_experts_ref(x, w13, w2, weights, ids, shared_w13=shared_w13, shared_w2=shared_w2)
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("moe", ["preload", "launch"])
+def test_moe_chain_under_pdl_matches_its_routing_eager_and_in_a_cuda_graph(moe):
+    """router GEMV -> softmax top-k -> gate_up -> down at Qwen3-30B-A3B's shapes, one token, every launch with
+    PDL (each one's input the one before's output: what a PDL race would corrupt, the down launch reading the
+    routing's ids before its wait under "preload"), eagerly and replayed in a CUDA graph with new tokens in
+    place: the output is the reference's for the routing the chain itself picked, and that routing is the
+    plain launches' wherever the logits are."""
+    from meshserve.kernels import pdl
+    from meshserve.kernels.triton_gemv import gemv
+    from meshserve.kernels.triton_moe_gemv import moe_gemv
+    from meshserve.kernels.triton_moe_routing import softmax_topk
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs sm_90 or newer")
+    w13, w2 = model_experts("qwen3-30b-a3b")
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    router = (4 * torch.randn(128, 2048, device="cuda", generator=gen) / 2048**0.5).bfloat16()
+    x = torch.randn(1, 2048, device="cuda", generator=gen).bfloat16()
+
+    def chain(on: bool):
+        with pdl.enabled(on, moe=moe):
+            logits = gemv(x, router)
+            weights, ids = softmax_topk(logits, 8, True)
+            return logits, weights, ids, moe_gemv(x, w13, w2, weights, ids)
+
+    def check(logits, weights, ids, out):
+        ref_logits, ref_weights, ref_ids, _ = chain(False)
+        if torch.equal(logits, ref_logits):
+            assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights)
+        ref = fused_experts_ref(x, w13, w2, weights, ids)
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+    check(*chain(True))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain(True)
+    for seed in (1, 2):
+        x.copy_(torch.randn(1, 2048, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(*captured)
 
 
 def test_tile_from_the_environment(monkeypatch):

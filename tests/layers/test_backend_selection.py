@@ -26,7 +26,7 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_PDL_HEAD", raising=False)
     monkeypatch.delenv("MESHSERVE_MLA_PREFILL_REF", raising=False)
     for name in ("MESHSERVE_PDL", "MESHSERVE_PDL_TRIGGER", "MESHSERVE_PDL_ONE_WAVE", "MESHSERVE_PDL_PRELOAD",
-                 "MESHSERVE_MOE_LEGACY"):
+                 "MESHSERVE_PDL_MOE", "MESHSERVE_MOE_LEGACY"):
         monkeypatch.delenv(name, raising=False)
     for name in ("MESHSERVE_MLA_LEGACY", "MESHSERVE_MLA_DECODE_TILE", "MESHSERVE_MLA_BALANCED", "MESHSERVE_MLA_PREFETCH",
                  "MESHSERVE_MLA_TRANSPOSED"):
@@ -222,6 +222,15 @@ def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
     with pytest.raises(ValueError, match="steps"):
         select_kernels(_model_config(1024))
     monkeypatch.delenv("MESHSERVE_PDL_STEPS")
+    # the MoE layer's launches: PDL with the down GEMV's preload by default, without it, or plain (0)
+    assert select_kernels(_model_config(2048, num_experts=128)).pdl_policy.moe == "preload"
+    for value, moe in (("launch", "launch"), ("0", "off"), ("off", "off")):
+        monkeypatch.setenv("MESHSERVE_PDL_MOE", value)
+        assert select_kernels(_model_config(2048, num_experts=128)).pdl_policy.moe == moe
+    monkeypatch.setenv("MESHSERVE_PDL_MOE", "always")
+    with pytest.raises(ValueError, match="moe"):
+        select_kernels(_model_config(2048, num_experts=128))
+    monkeypatch.delenv("MESHSERVE_PDL_MOE")
     monkeypatch.setenv("MESHSERVE_PDL_PRELOAD", "half")
     with pytest.raises(ValueError, match="preload"):
         select_kernels(_model_config(1024))

@@ -19,6 +19,8 @@ from meshserve.simulator.least_outstanding import LeastOutstandingIndex
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.trace import Trace
 
+TICK = 2  # the timeline's ticks (fast_replica.py has the replicas' kinds)
+
 # What the fast replica does not model; simulate() takes the reference (the engine's scheduler) for these.
 FAST_MODEL_COVERS = (
     "FCFS scheduling with chunked prefill, max_num_seqs <= max_num_batched_tokens, recompute "
@@ -63,7 +65,7 @@ def run_fast(
 ) -> tuple[list, list[dict]]:
     """Run the trace through config.num_replicas fast replicas; returns them and the fleet's timeline."""
     index = LeastOutstandingIndex(config.num_replicas)
-    replicas = [make_replica(i, index.add) for i in range(config.num_replicas)]
+    replicas = [make_replica(i, index.drop) for i in range(config.num_replicas)]
     round_robin = itertools.count() if config.router == "round-robin" else None
     steps: list[tuple] = [(math.inf, -1, WAKE, 0)]  # a sentinel under every event: never empty
     for rep in replicas:  # each replica's step events: (time, its index, kind, its version then)
@@ -131,24 +133,28 @@ def run_fast(
     inf = math.inf
     tick = arrivals[-1] / 100 if n and arrivals[-1] > 0 else inf
     timeline: list[dict] = []
+    # The timeline's ticks are events too, at the float just below each tick time and an index past the
+    # replicas': each is taken after every arrival and event before the tick and before any at or after it
+    # (a test per event less). by_index reads a replica for it that it never uses (its version is never None).
+    num = len(replicas)
+    by_index = [*replicas, replicas[-1]]
 
-    def sample(t: float, next_tick: float) -> float:
-        """The timeline's ticks up to t; returns the next one after t."""
-        while t >= next_tick:
-            timeline.append(
-                {
-                    "t": next_tick,
-                    "waiting": sum(r.num_waiting for r in replicas),
-                    "running": sum(r.num_running for r in replicas),
-                }
-            )
-            recorder.flush_itl()  # raw gaps binned as the run goes (an hour holds ~50 M steps)
-            if progress is not None:
-                progress(next_tick)
-            next_tick += tick
-        return next_tick
+    def sample(t: float) -> None:
+        """The timeline's point at tick t."""
+        timeline.append(
+            {
+                "t": t,
+                "waiting": sum(r.num_waiting for r in replicas),
+                "running": sum(r.num_running for r in replicas),
+            }
+        )
+        recorder.flush_itl()  # raw gaps binned as the run goes (an hour holds ~50 M steps)
+        if progress is not None:
+            progress(t)
 
     next_tick = tick
+    if tick < inf:
+        heappush(steps, (math.nextafter(next_tick, -inf), num, TICK, None))
     next_arrival = arrivals[0] + delay if n else inf
     while True:
         event = steps[0]
@@ -156,8 +162,6 @@ def run_fast(
         if next_arrival <= now:  # arrivals first at equal times
             if i == n:
                 break  # no arrival left and no event but the sentinel
-            if next_arrival >= next_tick:
-                next_tick = sample(next_arrival, next_tick)
             if arrive_first:
                 k = take()
                 rep = replicas[k]
@@ -173,18 +177,25 @@ def run_fast(
             i += 1
             next_arrival = arrivals[i] + delay if i < n else inf
             continue
-        if now >= next_tick:
-            next_tick = sample(now, next_tick)
         _, idx, kind, ver = event
-        rep = replicas[idx]
-        if ver != rep.version:  # (an admission's ver is a tuple: never a version)
-            heappop(steps)
+        rep = by_index[idx]
+        if ver != rep.version:  # (an admission's ver is a tuple, a tick's None: never a version)
             if kind == ADMIT:  # through its API process: the core gets it now
+                heappop(steps)
                 j, tried = ver
                 rep.pending -= 1
                 if not admit(rep, j, now):
                     send(j, now, tried)
-            continue  # else a decode segment that an arrival cut short
+            elif kind == TICK:  # sampled if an arrival or event (a stale one too) comes at or after it
+                if i < n or len(steps) > 2:
+                    sample(next_tick)
+                    next_tick += tick
+                    heapreplace(steps, (math.nextafter(next_tick, -inf), num, TICK, None))
+                else:
+                    heappop(steps)
+            else:  # a decode segment that an arrival cut short
+                heappop(steps)
+            continue
         end = rep.next_step(now) if kind == STEP_END else rep.start_step(now)
         if end is None:
             heappop(steps)

@@ -73,8 +73,8 @@ class FastReplica:
 
     __slots__ = (
         "_decode_lines",
+        "_on_finish",
         "_orders",
-        "_outstanding",
         "_plain_segment",
         "_scheduled",
         "_scheduled_decoders",
@@ -120,7 +120,7 @@ class FastReplica:
         recorder: RunRecorder,
         max_queue_len: int,
         frontend: FrontEndCosts | None,
-        on_outstanding: Callable[[int, int], None],
+        on_finish: Callable[[int], None],
         noise: NoiseStream | None = None,
     ):
         self.index = index
@@ -144,7 +144,7 @@ class FastReplica:
         self.recorder = recorder
         self.max_queue_len = max_queue_len
         self.frontend = FrontEnd(frontend) if frontend is not None and frontend.enabled else None
-        self._outstanding = on_outstanding  # (replica index, delta): the router's count
+        self._on_finish = on_finish  # (replica index): a request finished, the router's count falls by one
         self.waiting: deque[Req] = deque()
         self.decoders: dict[int, Req] = {}  # by admission order (the newest last: preemption's victim)
         self.sum_offset = 0  # sum of the decoders' offsets: their KV tokens are sum_offset + n * S
@@ -212,10 +212,18 @@ class FastReplica:
             k = delivered = seg.delivered  # (ended before an earlier intake)
             if plain:  # seg.steps_ended_since(t, k), inlined: counted on from k by up to two steps, else solved
                 total, o, a, b = seg.total, seg.origin_s, seg.a, seg.b
-                if k < total and o + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) < t:
-                    k += 1
-                    if k < total and o + (k + 1) * a + b * ((k + 1) * (k + 2) // 2) < t:
-                        k = seg.steps_ended_before(t)
+                if k < total:
+                    j = k + 1
+                    e = o + j * a + b * (j * (j + 1) // 2)  # when step k + 1 ends (seg.end_s): kept while k < total
+                    if e < t:
+                        k = j
+                        if j < total:
+                            j += 1
+                            e = o + j * a + b * (j * (j + 1) // 2)
+                            if e < t:
+                                k = seg.steps_ended_before(t)
+                                if k < total:
+                                    e = o + (k + 1) * a + b * ((k + 1) * (k + 2) // 2)
             else:
                 k = seg.steps_ended_since(t, k)
             if k > delivered:
@@ -239,18 +247,21 @@ class FastReplica:
         ):
             return reached
         if seg is not None:  # interrupt(reached): the segment ends after the step running then
-            if plain:  # steps_ended_since(reached, k) + 1, inlined as above
+            if plain:  # steps_ended_since(reached, k) + 1, inlined as above; e is end_s(keep) while keep < total
                 keep = k + 1
-                if keep < total and o + keep * a + b * (keep * (keep + 1) // 2) < reached:
+                if keep < total and e < reached:
                     keep += 1
-                    if keep < total and o + keep * a + b * (keep * (keep + 1) // 2) < reached:
-                        keep = seg.steps_ended_before(reached) + 1
+                    if keep < total:
+                        e = o + keep * a + b * (keep * (keep + 1) // 2)
+                        if e < reached:
+                            keep = seg.steps_ended_before(reached) + 1
+                            if keep < total:
+                                e = o + keep * a + b * (keep * (keep + 1) // 2)
                 if keep < total:
                     seg.total = keep
-                    end = o + keep * a + b * (keep * (keep + 1) // 2)  # seg.end_s(keep), inlined
                     v = self.version = self.version + 1
-                    self.next_end = end
-                    heappush(self.events, (end, self.index, STEP_END, v))
+                    self.next_end = e
+                    heappush(self.events, (e, self.index, STEP_END, v))
             else:
                 cut = self.interrupt(reached)
                 if cut is not None:
@@ -711,14 +722,19 @@ class FastReplica:
         """Decoders whose last token came with step S leave (their client time: seen). RunRecorder.finish's
         appends, without its call (one per request)."""
         heap, decoders, s = self.finishing, self.decoders, self.step
-        rec, outstanding, index = self.recorder, self._outstanding, self.index
+        rec, on_finish, index = self.recorder, self._on_finish, self.index
+        stale_free = self._stale_free
         finished = False
         while heap and heap[0][0] <= s:
             end, order = heappop(heap)
-            r = decoders.get(order)
-            if r is None or r.end_step != end:
-                continue  # preempted since
-            del decoders[order]
+            if stale_free:
+                r = decoders.pop(order)
+            else:
+                got = decoders.get(order)
+                if got is None or got.end_step != end:
+                    continue  # preempted since
+                r = got
+                del decoders[order]
             offset, sent, prompt = r.offset, r.sent, r.prompt
             self.sum_offset -= offset
             rec.arrival_s.append(sent)
@@ -726,11 +742,11 @@ class FastReplica:
             rec.e2e_s.append(seen - sent)
             rec.output_tokens.append(offset + s + 1 - prompt)
             rec.prompt_tokens.append(prompt)
-            outstanding(index, -1)
+            on_finish(index)
             finished = True
         if finished and seen > rec.last_completion_s:  # (max() is a slow call in CPython 3.11)
             rec.last_completion_s = seen
 
     def _finish(self, r: Req, seen: float, out: int) -> None:
         self.recorder.finish(r.sent, r.first_seen, seen, out, r.prompt)
-        self._outstanding(self.index, -1)
+        self._on_finish(self.index)

@@ -99,9 +99,9 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
             logger.info("the fast replica model does not cover %s: simulating with the scheduler", fallback)
             replica_model = "scheduler"
     if replica_model == "fast":
-        def make_fast(index: int, on_outstanding) -> FastReplica:
+        def make_fast(index: int, on_finish) -> FastReplica:
             return FastReplica(index, sched_cfg, cache_cfg, cost, recorder, config.max_queue_len,
-                               config.frontend_costs, on_outstanding,
+                               config.frontend_costs, on_finish,
                                None if noise is None else NoiseStream(noise, config.seed, index))
 
         replicas, timeline = run_fast(config, trace, make_fast, recorder, progress)

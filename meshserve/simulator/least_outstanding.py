@@ -42,6 +42,23 @@ class LeastOutstandingIndex:
         elif old == least and not bucket:
             self._least = min(buckets) if delta != 1 else new
 
+    def drop(self, i: int) -> None:
+        """add(i, -1) (replica i finished a request: once per request), without add's cases for a rise."""
+        counts, buckets = self.counts, self._buckets
+        old = counts[i]
+        new = counts[i] = old - 1
+        bucket = buckets[old]
+        del bucket[bisect_left(bucket, i)]
+        if not bucket:
+            del buckets[old]
+        target = buckets.get(new)
+        if target is None:
+            buckets[new] = [i]
+        else:
+            insort(target, i)
+        if new < self._least:
+            self._least = new
+
     def take(self) -> int:
         """choose() with nothing tried, and count the request on the replica chosen (the common case, in one
         call: add(i, 1) with i's place in the least bucket known)."""

@@ -83,11 +83,12 @@ class RunRecorder:
     def flush_itl(self) -> None:
         """Bin the gaps kept raw (the same bins as int(gap / ITL_BIN_S) one by one)."""
         if self.gap_s:
-            bins = (np.array(self.gap_s, dtype=float) / ITL_BIN_S).astype(np.int64)
+            bins = (np.fromiter(self.gap_s, dtype=float, count=len(self.gap_s)) / ITL_BIN_S).astype(np.int64)
             self._add_bins(bins, np.fromiter(self.gap_counts, dtype=np.int64, count=len(self.gap_counts)))
             self.gap_s, self.gap_counts = [], []
         if self.run_s:
-            first, slope = np.array(self.run_s, dtype=float), np.array(self.run_slope_s, dtype=float)
+            first = np.fromiter(self.run_s, dtype=float, count=len(self.run_s))
+            slope = np.fromiter(self.run_slope_s, dtype=float, count=len(self.run_slope_s))
             steps = np.fromiter(self.run_steps, dtype=np.int64, count=len(self.run_steps))
             count = np.fromiter(self.run_n, dtype=np.int64, count=len(self.run_n))
             b0 = (first / ITL_BIN_S).astype(np.int64)

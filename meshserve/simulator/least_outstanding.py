@@ -56,7 +56,7 @@ class LeastOutstandingIndex:
             buckets[new] = [i]
         else:
             insort(target, i)
-        if new < self._least:
+        if new < self._least:  # noqa: PLR1730 - min() is a slow call in CPython 3.11
             self._least = new
 
     def take(self) -> int:

@@ -27,6 +27,10 @@ previous kernel, so the weight stream starts under that kernel's tail; the fp32 
 parts (a few output ulps from the plain layout, which PRE_K = 0 keeps bit for bit). The preload costs
 registers (29 -> 61 a thread at 8 warps, ptxas sm_90: half the programs per SM for the rest of the row), so
 the PDL policy may keep it to rows it holds whole (PdlPolicy.preload).
+
+MESHSERVE_GEMV_PREFETCH=dense|moe|all (opt-in until measured: issues 29, 23) loads each trip's next K tile of
+weights before the trip's math, doubling the bytes a program has in flight (29 -> 40 registers at 8 warps: 6
+programs an SM instead of 8); the sums and their order are unchanged, so the output is the same bit for bit.
 """
 
 from __future__ import annotations
@@ -86,9 +90,12 @@ def _row_x(x_ptr, nw_ptr, inv_rms, kk, kmask, K, GATED: tl.constexpr, NORMED: tl
 @triton.jit
 def _gemv_kernel(x_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
                  HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORMED: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, USE_GDC: tl.constexpr = False):
+                 BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr = False,
+                 USE_GDC: tl.constexpr = False):
     """gemv's kernel, and rms_norm_gemv's second one with NORMED: x_ptr then holds h, inv_ptr and nw_ptr the
-    1 / rms(h) of _residual_rms_kernel and the norm weight (unused without NORMED)."""
+    1 / rms(h) of _residual_rms_kernel and the norm weight (unused without NORMED). PREFETCH (gemv_prefetch):
+    each trip loads the next K tile's weights before its own math, two tiles in flight per program (Triton's
+    pipeliner stages only loads that feed tl.dot)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     ks = tl.arange(0, BLOCK_K)
@@ -106,12 +113,23 @@ def _gemv_kernel(x_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
     if PRE_K > 0:
         y += tl.sum(w_pre.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kp, pmask, K, GATED, NORMED)[None, :], 1)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(PRE_K, K, BLOCK_K):
-        kk = k0 + ks
-        kmask = kk < K
-        x = _row_x(x_ptr, nw_ptr, inv_rms, kk, kmask, K, GATED, NORMED)
-        w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
+    if PREFETCH:  # the next tile's weights load before this tile's math (the same sums in the same order)
+        w_next = tl.load(w_rows + (PRE_K + ks)[None, :], mask=rmask[:, None] & (PRE_K + ks < K)[None, :], other=0.0)
+        for k0 in range(PRE_K, K, BLOCK_K):
+            kk = k0 + ks
+            kmask = kk < K
+            w = w_next
+            kn = kk + BLOCK_K  # past K on the last trip: masked off, nothing read
+            w_next = tl.load(w_rows + kn[None, :], mask=rmask[:, None] & (kn < K)[None, :], other=0.0)
+            x = _row_x(x_ptr, nw_ptr, inv_rms, kk, kmask, K, GATED, NORMED)
+            acc += w.to(tl.float32) * x[None, :]
+    else:
+        for k0 in range(PRE_K, K, BLOCK_K):
+            kk = k0 + ks
+            kmask = kk < K
+            x = _row_x(x_ptr, nw_ptr, inv_rms, kk, kmask, K, GATED, NORMED)
+            w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
     gdc_trigger_late(USE_GDC)
     y += tl.sum(acc, 1)
     if HAS_BIAS:
@@ -141,6 +159,20 @@ def wide_tile() -> tuple[int, int, int]:
     except ValueError:
         raise ValueError(f"MESHSERVE_GEMV_WIDE_TILE={spec!r}: expected block_k,num_warps[,block_n]") from None
     return block_k, num_warps, block_n
+
+
+PREFETCH_ENV = "MESHSERVE_GEMV_PREFETCH"
+PREFETCH_CHOICES = ("", "0", "dense", "moe", "all", "1")
+
+
+def gemv_prefetch(kind: str) -> bool:
+    """Whether the `kind` ("dense": this module's GEMV, "moe": the MoE GEMV's gate_up) loop loads a K tile
+    ahead: MESHSERVE_GEMV_PREFETCH=dense|moe|all (1 = all), off by default until measured on the H200 (issues
+    29, 23). Read at each launch, as wide_tile (graphs capture launches once)."""
+    value = os.environ.get(PREFETCH_ENV, "").strip().lower()
+    if value not in PREFETCH_CHOICES:
+        raise ValueError(f"{PREFETCH_ENV}={value!r}: expected one of dense, moe, all, 0")
+    return value in ("all", "1", kind)
 
 
 def _tile(k: int) -> tuple[int, int, int]:
@@ -212,7 +244,7 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
     _gemv_kernel[(programs,)](
         new_residual, inv_rms, norm_weight, weight, bias if bias is not None else weight, y, n, k,
         weight.stride(0), HAS_BIAS=bias is not None, GATED=False, NORMED=True, BLOCK_N=block_n,
-        BLOCK_K=block_k, PRE_K=pre_k, num_warps=num_warps, num_stages=3, **gdc)
+        BLOCK_K=block_k, PRE_K=pre_k, PREFETCH=gemv_prefetch("dense"), num_warps=num_warps, num_stages=3, **gdc)
     return y, new_residual
 
 
@@ -232,5 +264,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(programs,)](
         x, weight, weight, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, GATED=gated, NORMED=False, BLOCK_N=block_n, BLOCK_K=block_k, PRE_K=pre_k,
-        num_warps=num_warps, num_stages=3, **gdc)
+        PREFETCH=gemv_prefetch("dense"), num_warps=num_warps, num_stages=3, **gdc)
     return y

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from meshserve.kernels import pdl as pdl_mod
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
+from meshserve.kernels.triton_gemv import gemv_prefetch
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ def _gate_up_gemv_kernel(
     NUM_SHARED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
     USE_GDC: tl.constexpr = False,
 ):
     pair = tl.program_id(0).to(tl.int64)  # a routed pair, or past num_pairs a token's shared expert
@@ -137,13 +139,29 @@ def _gate_up_gemv_kernel(
     up_rows = gate_rows + up_offset
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        kk = k0 + ks
-        kmask = kk < hidden
-        wmask = rmask[:, None] & kmask[None, :]
-        x = tl.load(x_row + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
-        acc_gate += tl.load(gate_rows + kk[None, :], mask=wmask, other=0.0).to(tl.float32) * x
-        acc_up += tl.load(up_rows + kk[None, :], mask=wmask, other=0.0).to(tl.float32) * x
+    if PREFETCH:  # the next K tile's gate and up rows load before this tile's math (same sums, same order)
+        wmask = rmask[:, None] & (ks < hidden)[None, :]
+        gate_next = tl.load(gate_rows + ks[None, :], mask=wmask, other=0.0)
+        up_next = tl.load(up_rows + ks[None, :], mask=wmask, other=0.0)
+        for k0 in range(0, hidden, BLOCK_K):
+            kk = k0 + ks
+            kmask = kk < hidden
+            gate_w, up_w = gate_next, up_next
+            kn = kk + BLOCK_K  # past hidden on the last trip: masked off, nothing read
+            nmask = rmask[:, None] & (kn < hidden)[None, :]
+            gate_next = tl.load(gate_rows + kn[None, :], mask=nmask, other=0.0)
+            up_next = tl.load(up_rows + kn[None, :], mask=nmask, other=0.0)
+            x = tl.load(x_row + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
+            acc_gate += gate_w.to(tl.float32) * x
+            acc_up += up_w.to(tl.float32) * x
+    else:
+        for k0 in range(0, hidden, BLOCK_K):
+            kk = k0 + ks
+            kmask = kk < hidden
+            wmask = rmask[:, None] & kmask[None, :]
+            x = tl.load(x_row + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
+            acc_gate += tl.load(gate_rows + kk[None, :], mask=wmask, other=0.0).to(tl.float32) * x
+            acc_up += tl.load(up_rows + kk[None, :], mask=wmask, other=0.0).to(tl.float32) * x
     gdc_trigger_late(USE_GDC)
     dt = inter_ptr.dtype.element_ty
     # rounded as the reference rounds F.linear's outputs, F.silu and the product
@@ -324,6 +342,7 @@ def moe_gemv(
         NUM_SHARED=num_shared,
         BLOCK_N=cfg.gate_up_block_n,
         BLOCK_K=cfg.gate_up_block_k,
+        PREFETCH=gemv_prefetch("moe"),
         num_warps=cfg.num_warps,
         num_stages=3,
         **gdc,

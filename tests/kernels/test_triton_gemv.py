@@ -117,6 +117,11 @@ compile(_residual_rms_kernel, dict(x_ptr=p, res_ptr=p, res_out_ptr=p, inv_ptr="*
         dict(HAS_RESIDUAL=False, BLOCK=1024, USE_GDC=False), 4, floats=("eps",))
 compile(_gemv_kernel, dict(x_ptr=p, inv_ptr="*fp32", nw_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p),
         dict(HAS_BIAS=False, GATED=False, NORMED=True, BLOCK_N=4, BLOCK_K=256, PRE_K=0, USE_GDC=False), 4)
+# the prefetched loop (MESHSERVE_GEMV_PREFETCH), plain and gated
+for gated in (False, True):
+    compile(_gemv_kernel, dict(x_ptr=p, inv_ptr="*fp32", nw_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p),
+            dict(HAS_BIAS=False, GATED=gated, NORMED=False, BLOCK_N=4, BLOCK_K=512, PRE_K=0, PREFETCH=True,
+                 USE_GDC=False), 8)
 print("compiled")
 """
 
@@ -159,3 +164,36 @@ def test_gemv_of_a_wide_row_with_fewer_rows_a_program(monkeypatch, block_n):
     monkeypatch.setenv("MESHSERVE_GEMV_WIDE_TILE", f"512,4,{block_n}")
     x, _, _, weight, bias = _inputs("cpu", torch.float32, 7, 2048, False, True)
     torch.testing.assert_close(gemv(x, weight, bias), gemv_ref(x, weight, bias), atol=1e-4, rtol=1e-4)
+
+
+def test_prefetch_switch_from_the_environment(monkeypatch):
+    from meshserve.kernels.triton_gemv import gemv_prefetch
+
+    monkeypatch.delenv("MESHSERVE_GEMV_PREFETCH", raising=False)
+    assert not gemv_prefetch("dense") and not gemv_prefetch("moe")  # off until measured
+    for value, dense, moe in (("dense", True, False), ("moe", False, True), ("all", True, True), ("1", True, True),
+                              ("0", False, False)):
+        monkeypatch.setenv("MESHSERVE_GEMV_PREFETCH", value)
+        assert (gemv_prefetch("dense"), gemv_prefetch("moe")) == (dense, moe), value
+    monkeypatch.setenv("MESHSERVE_GEMV_PREFETCH", "yes")
+    with pytest.raises(ValueError, match="MESHSERVE_GEMV_PREFETCH"):
+        gemv_prefetch("dense")
+
+
+@interp
+@pytest.mark.parametrize("n,k,gated", [(7, 300, False), (5, 2048 + 100, False), (6, 600, True)])
+def test_prefetched_loop_gives_the_same_bits(monkeypatch, n, k, gated):
+    """MESHSERVE_GEMV_PREFETCH only moves the weight loads a trip earlier: the same sums in the same order, so the
+    plain, gated and normed GEMVs' outputs are bit for bit the loop's without it (several K tiles, a masked tail,
+    the wide tile past 2,048)."""
+    from meshserve.kernels.triton_gemv import gemv, rms_norm_gemv
+
+    x, residual, norm_weight, weight, bias = _inputs("cpu", torch.float32, n, k, True, True)
+    row = torch.cat([x, residual], dim=-1) if gated else x
+    runs = {}
+    for value in ("0", "dense"):
+        monkeypatch.setenv("MESHSERVE_GEMV_PREFETCH", value)
+        runs[value] = (gemv(row, weight, bias, gated=gated),
+                       rms_norm_gemv(x, residual, norm_weight, 1e-5, weight, bias)[0])
+    for plain, prefetched in zip(runs["0"], runs["dense"]):
+        assert torch.equal(plain, prefetched)

@@ -64,6 +64,21 @@ def test_moe_gemv_skips_every_pair_of_other_ranks():
 
 
 @interp
+def test_prefetched_gate_up_gives_the_same_bits(monkeypatch):
+    """MESHSERVE_GEMV_PREFETCH=moe loads gate_up's next K tile a trip earlier: the same sums in the same order
+    (several K tiles, a masked tail over 48 features)."""
+    from meshserve.kernels.triton_moe_gemv import MoeGemvConfig, moe_gemv
+
+    x, w13, w2, weights, ids = _case(2, 8, 2, 80, 48, torch.float32, "cpu", drop=True)
+    cfg = MoeGemvConfig(4, 32, 8, 32, 4)
+    runs = {}
+    for value in ("0", "moe"):
+        monkeypatch.setenv("MESHSERVE_GEMV_PREFETCH", value)
+        runs[value] = moe_gemv(x, w13, w2, weights, ids, cfg)
+    assert torch.equal(runs["0"], runs["moe"])
+
+
+@interp
 @pytest.mark.parametrize("moe", ["preload", "launch"])
 def test_moe_gemv_under_the_pdl_switch_matches_reference_fp32(moe):
     """With the PDL switch on, the down launch preloads its experts' tiles (all slots in one [S, N, K] tile; the
@@ -140,7 +155,7 @@ for experts, top_k, hidden, width in ((128, 8, 2048, 768), (64, 6, 2048, 1408)):
         compile(_gate_up_gemv_kernel, {"x_ptr": "*bf16", "w13_ptr": "*bf16", "shared_w13_ptr": "*bf16",
                                        "ids_ptr": "*i32", "inter_ptr": "*bf16"},
                 {"TOP_K": top_k, "NUM_SHARED": shared, "BLOCK_N": cfg.gate_up_block_n,
-                 "BLOCK_K": cfg.gate_up_block_k, "USE_GDC": gdc}, cfg.num_warps)
+                 "BLOCK_K": cfg.gate_up_block_k, "PREFETCH": bool(gdc), "USE_GDC": gdc}, cfg.num_warps)
         compile(_down_sum_gemv_kernel, {"inter_ptr": "*bf16", "w2_ptr": "*bf16", "shared_w2_ptr": "*bf16",
                                         "ids_ptr": "*i32", "weights_ptr": "*fp32", "out_ptr": "*bf16"},
                 {"TOP_K": top_k, "NUM_SHARED": shared, "BLOCK_N": cfg.down_block_n, "BLOCK_K": cfg.down_block_k,

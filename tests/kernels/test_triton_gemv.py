@@ -197,3 +197,21 @@ def test_prefetched_loop_gives_the_same_bits(monkeypatch, n, k, gated):
                        rms_norm_gemv(x, residual, norm_weight, 1e-5, weight, bias)[0])
     for plain, prefetched in zip(runs["0"], runs["dense"]):
         assert torch.equal(plain, prefetched)
+
+
+@gpu
+@pytest.mark.parametrize("n,k,gated", [(6144, 4096, False), (4096, 14336, True), (5120, 2048, False)])
+def test_prefetched_loop_gives_the_same_bits_gpu(monkeypatch, n, k, gated):
+    """Llama-3.1-8B's QKV and down (gated) and Qwen3-30B-A3B's QKV shapes in bf16, with and without PDL."""
+    from meshserve.kernels import pdl
+    from meshserve.kernels.triton_gemv import gemv
+
+    x, residual, _, weight, _ = _inputs("cuda", torch.bfloat16, n, k, True, False)
+    row = torch.cat([x, residual], dim=-1) if gated else x
+    for on in (False, True):
+        with pdl.enabled(on):
+            runs = []
+            for value in ("0", "dense"):
+                monkeypatch.setenv("MESHSERVE_GEMV_PREFETCH", value)
+                runs.append(gemv(row, weight, gated=gated))
+            assert torch.equal(*runs), on

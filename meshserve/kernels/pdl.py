@@ -15,6 +15,9 @@ Rules every kernel here keeps (what makes the chain safe):
     predecessor, and the kernel after it would read stale data (the wait is transitive only through waits);
   * gdc_launch_dependents right after the wait (the "early" trigger): the next kernel can start only once all
     programs of this one have triggered, i.e. are resident, so its programs take free slots at the tail.
+  One exception, argued where it is made: the MoE down GEMV (triton_moe_gemv._down_preloaded) reads the
+  routing's ids before its wait, as the routing launch is two back and the gate_up launch between waits on it
+  in every program before it can trigger or exit.
 Kernels without the attribute (torch's, cuBLAS) simply serialize as before, in either direction.
 
 The measured split (one H200, W1, 2026-11-30): Qwen3-0.6B 864.6 -> 1,093.0 tok/s, Llama-3.1-8B 211.7 -> 191.9.

@@ -10,12 +10,15 @@ replica served 10 again) ROUNDS times on the same cluster. Writes one JSON per r
 times and every request (sent, seconds, outcome, status, replica, attempts, stream, phase) relative to the round's
 start, and the primaries' steps of the round. Run from the repository root with the test environment (~1-2 min):
 
-    python tools/fault_load_trace.py OUT_DIR [--rounds 3] [--scenario kill-restart|hung|overload ...]
+    python tools/fault_load_trace.py OUT_DIR [--rounds 3] [--scenario kill-restart|hung|overload|kill-restart-x3 ...]
 
 `--scenario hung` runs the suite's hung replica instead (_hung_under_load: 9 clients, 64-token streams, SIGSTOP of
 primary-2 once 30 were sent, load until the router ejected it and 60 more were sent; then SIGCONT and its
 re-admission), files hung_round*.json; `--scenario overload` the overload test's three bursts (_overload_burst: 120
-clients, 240 requests of 8 tokens each, every 5th streamed), files overload_round*.json, each request with its burst.
+clients, 240 requests of 8 tokens each, every 5th streamed), files overload_round*.json, each request with its burst;
+`--scenario kill-restart-x3` the slow test's three kill+restart cycles (each primary in turn: 16 clients, kill at 125
+of 500 sent, restart at 250, load until the restarted replica served 30 again), files x3_round*.json, each request
+and event with its cycle.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from tests.router.test_router_faults import (
     OVERLOAD_BURST,
     OVERLOAD_TOKENS,
     ROUTER_FLAGS,
+    _check_kill_restart,
     _hung_under_load,
     _kill_restart_under_load,
     _overload_burst,
@@ -51,6 +55,7 @@ from tests.router.test_router_faults import (
 
 VICTIM, TOTAL, AFTER, CONCURRENCY = 1, 300, 10, 12  # test_replica_killed_and_restarted_under_steady_load's
 HUNG_VICTIM = 2  # test_hung_replica_is_ejected_by_timeout_and_readmitted's
+X3_TOTAL, X3_AFTER, X3_CONCURRENCY = 500, 30, 16  # test_replica_kill_restart_cycles_long's
 
 
 def _steps(path: str, t0: float, t1: float) -> list[dict]:
@@ -62,8 +67,8 @@ def _steps(path: str, t0: float, t1: float) -> list[dict]:
     return [{**r, "t": round(r["t"] - t0, 6)} for r in rows if t0 <= r["t"] <= t1]
 
 
-def _requests(results, t0: float, burst: int | None = None) -> list[dict]:
-    extra = {} if burst is None else {"burst": burst}
+def _requests(results, t0: float, burst: int | None = None, cycle: int | None = None) -> list[dict]:
+    extra = {k: v for k, v in (("burst", burst), ("cycle", cycle)) if v is not None}
     return [{"index": x.index, "stream": x.stream, "sent_s": round(x.sent_s - t0, 6), "seconds": round(x.seconds, 6),
              "outcome": x.outcome, "status": x.status, "replica": x.replica, "attempts": x.attempts,
              "phase": x.phase, **extra} for x in sorted(results, key=lambda x: x.index)]
@@ -119,8 +124,38 @@ def _overload_round(c) -> tuple[dict, float, float]:
     return record, t0, t0 + seconds
 
 
+def _x3_round(c) -> tuple[dict, float, float]:
+    """test_replica_kill_restart_cycles_long's three cycles (victim 0, 1, 2), back to back with the test's checks
+    between them; its figures are the cycles' together, its seconds their sum. A failed check is recorded, not
+    raised (the round's requests are still the measurement)."""
+    t0 = time.monotonic()
+    requests, cycles = [], []
+    for victim in range(NUM_PRIMARIES):
+        results, seconds, notes = asyncio.run(_kill_restart_under_load(c, victim, X3_TOTAL, X3_AFTER,
+                                                                       X3_CONCURRENCY))
+        start = notes.pop("t0")
+        fig = figures(results, seconds)
+        try:
+            _check_kill_restart(c, results, fig, notes, victim)
+            check = "passed"
+        except AssertionError as e:
+            check = f"failed: {e}"
+        cycles.append({"victim": victim, "start_s": round(start - t0, 6), "seconds": round(seconds, 6),
+                       "figures": fig, "check": check,
+                       "events": {k: (round(v - t0, 6) if k.endswith("_s") else v) for k, v in notes.items()}})
+        requests += _requests(results, t0, cycle=victim)
+    record = {"scenario": {"victims": list(range(NUM_PRIMARIES)), "total": X3_TOTAL, "after": X3_AFTER,
+                           "concurrency": X3_CONCURRENCY, "stream_every": 4, "max_tokens": 8,
+                           "stream_max_tokens": 200, "router_flags": ROUTER_FLAGS},
+              "figures": {**{k: sum(cy["figures"][k] for cy in cycles) for k in
+                             ("sent", "succeeded", "retried", "fallback", "failed_cleanly", "lost")},
+                          "seconds": round(sum(cy["seconds"] for cy in cycles), 1)},
+              "cycles": cycles, "requests": requests}
+    return record, t0, time.monotonic()
+
+
 SCENARIOS = {"kill-restart": ("round", _kill_restart_round), "hung": ("hung_round", _hung_round),
-             "overload": ("overload_round", _overload_round)}
+             "overload": ("overload_round", _overload_round), "kill-restart-x3": ("x3_round", _x3_round)}
 
 
 def main() -> None:

@@ -185,9 +185,9 @@ class DecodeSegment:
                 seen = t + work
                 gap_s.append(seen - last_seen)
                 gap_counts.append(n)
-                if k < upto and a + b * (k + 1) >= work:  # idle from here on: seen = end + work
-                    # recorder.add_itl_linear(a + b * (k + 1), b, upto - k, n), inlined
-                    recorder.run_s.append(a + b * (k + 1))
+                if k < upto and (d := a + b * (k + 1)) >= work:  # idle from here on: seen = end + work
+                    # recorder.add_itl_linear(d, b, upto - k, n), inlined
+                    recorder.run_s.append(d)
                     recorder.run_slope_s.append(b)
                     recorder.run_steps.append(upto - k)
                     recorder.run_n.append(n)

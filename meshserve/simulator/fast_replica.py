@@ -345,12 +345,16 @@ class FastReplica:
         budget = self.budget - n
         tokens = running = n
         max_running, max_len = self.max_running, self.max_model_len
-        scheduled: list[tuple[Req, int]] = []
+        # the requests it admits, in order: a waiting request has nothing computed (new, or preempted to be
+        # recomputed), so each gets its whole prompt and output so far (prompt + out tokens) but the last, which
+        # may get the budget's rest (num_new)
+        admitted: list[Req] = []
         whole = True  # every one admitted gets its whole prompt and its first token, and goes on decoding
         orders = self._orders
+        num_new = 0
         while waiting and budget > 0 and running < max_running:
             r = waiting.popleft()
-            known = r.prompt + r.out  # (a waiting request has nothing computed: new, or preempted to recompute)
+            known = r.prompt + r.out
             if known <= budget:
                 num_new = known
                 if r.max_out - r.out <= 1 or max_len - known <= 1:
@@ -360,7 +364,7 @@ class FastReplica:
                 whole = False
             orders += 1
             r.order = orders  # running order (a recompute joins at the end again)
-            scheduled.append((r, num_new))
+            admitted.append(r)
             budget -= num_new
             tokens += num_new
             context += num_new
@@ -387,11 +391,10 @@ class FastReplica:
         if whole and not waiting:  # _fold: unless a decoder finishes with this step
             first = heap[0][0] if heap and self._stale_free else self._first_finish()
             if first > s1 or first < 0:
-                first_tokens = []
-                for r, num_new in scheduled:
-                    r.computed += num_new
+                for r in admitted:  # each one's whole prompt and output so far, and its first token
+                    known = r.computed = r.prompt + r.out
                     out = r.out = r.out + 1
-                    known = r.prompt + out
+                    known += 1
                     r.offset = offset = known - 1 - s1
                     left = r.max_out - out
                     if max_len - known < left:  # noqa: PLR1730 - min() is a slow call in CPython 3.11
@@ -400,7 +403,6 @@ class FastReplica:
                     decoders[r.order] = r
                     sum_offset += offset
                     heappush(heap, (end, r.order))
-                    first_tokens.append(r)
                 n2 = len(decoders)
                 k = heap[0][0] - s
                 base = sum_offset + n2 * s
@@ -420,18 +422,22 @@ class FastReplica:
                     seg.n = n2
                     seg.total = k
                     seg.delivered = 0
-                    seg.first_tokens = first_tokens
+                    seg.first_tokens = admitted
                     seg.origin_s = origin = now + duration - a - b
                     seg.head_end_s = origin + a + b  # end_s(1)
                     seg.head_gaps = n
-                    seg.head_tokens = n + len(first_tokens)
+                    seg.head_tokens = n + len(admitted)
                     return origin + k * a + b * (k * (k + 1) // 2)  # seg.end_s(k), inlined
                 # the exact test near capacity: undo, and take the step alone (their heap entries stay: stale)
                 self._stale_free = False
-                for r, num_new in scheduled:
+                for r in admitted:
                     del decoders[r.order]
                     r.out -= 1
-                    r.computed -= num_new
+                    r.computed = 0
+        # the step alone, as _schedule leaves it: its chunks (the last one's num_new)
+        scheduled = [(r, r.prompt + r.out) for r in admitted]
+        if scheduled:
+            scheduled[-1] = (admitted[-1], num_new)
         self._scheduled, self._scheduled_decoders = scheduled, n
         self.busy_s += device
         return now + duration

@@ -22,7 +22,8 @@ work (the suite's replicas run the engine in the server's thread). Not modelled:
 
 ClosedLoop is the client, router and replicas; the scenarios hook into it: KillRestartRun here, the hung replica
 (faults_hang.py: a replica that answers nothing, the router's read timeout and probes) and the overload bursts
-(faults_overload.py: the router's --max-outstanding, router_admission.py, and the replicas' queue limits).
+(faults_overload.py: the router's --max-outstanding, router_admission.py, and the replicas' queue limits), and the
+slow test's three kill+restart cycles (faults_cycles.py: KillRestartRun once per replica, a load per cycle).
 """
 
 from __future__ import annotations
@@ -399,6 +400,10 @@ class KillRestartRun(ClosedLoop):
         self.killed = self.restarted = False
         self.kill_armed = False  # sent enough: kill at the victim's next fresh stream
 
+    def sent(self) -> int:
+        """Requests the current load sent (its counts start at 0: faults_cycles.py runs a load per cycle)."""
+        return len(self.reqs) - self.load_start
+
     def phase(self) -> str:
         if not self.killed:
             return "start"
@@ -416,15 +421,15 @@ class KillRestartRun(ClosedLoop):
         """The suite stops the load once `total` were sent, 20 more since the re-admission, and the victim
         served `after` of those."""
         sc, ev = self.scenario, self.events
-        if "readmitted_s" in ev and len(self.reqs) >= max(sc.stop_after_sent, ev["readmitted_sent"] + 20) \
+        if "readmitted_s" in ev and self.sent() >= max(sc.stop_after_sent, ev["readmitted_sent"] + 20) \
                 and self.served_since_readmit >= sc.stop_after_served:
             self.stopped = True
 
     def on_sent(self, t: float) -> None:
-        if len(self.reqs) >= self.scenario.restart_after_sent and self.killed and not self.restarted:
+        if self.sent() >= self.scenario.restart_after_sent and self.killed and not self.restarted:
             self.restart(t)
         self.check_stop()
-        if not self.killed and not self.kill_armed and len(self.reqs) >= self.scenario.kill_after_sent:
+        if not self.killed and not self.kill_armed and self.sent() >= self.scenario.kill_after_sent:
             self.kill_armed = True
             self.fresh_stream_on(self.scenario.victim, t)
 
@@ -434,7 +439,7 @@ class KillRestartRun(ClosedLoop):
 
     def kill(self, t: float) -> None:
         self.killed = True
-        self.events["kill_s"], self.events["kill_sent"] = t, len(self.reqs)
+        self.events["kill_s"], self.events["kill_sent"] = t, self.sent()
         slot = self.scenario.victim
         rep = self.replicas[slot]
         self.serving.remove(rep)
@@ -471,7 +476,7 @@ class KillRestartRun(ClosedLoop):
         elif kind == _READMIT:
             self.serving.append(self.replicas[payload])
             self.serving.sort(key=lambda r: r.index)
-            self.events["readmitted_s"], self.events["readmitted_sent"] = t, len(self.reqs)
+            self.events["readmitted_s"], self.events["readmitted_sent"] = t, self.sent()
 
 
 def run_kill_restart(config: SimConfig, step_cost: Callable[[StepShape], float], load: ClosedLoopLoad,

@@ -785,11 +785,13 @@ if __name__ == "__main__":
     if what in ("moe", "all"):
         print(moe_table())
         print()
-    if what in ("faults", "all"):  # the router fault suite's kill+restart, hung replica and overload loads
+    if what in ("faults", "all"):  # the router fault suite's kill+restart (and its x3), hung replica and overload loads
+        from meshserve.simulator.validation_cycles import main as cycles_main
         from meshserve.simulator.validation_faults import main as faults_main
         from meshserve.simulator.validation_hang_overload import main as hang_overload_main
 
         faults_main([])
+        cycles_main([])
         hang_overload_main([])
         print()
     if what in ("extrapolate", "all"):

@@ -652,9 +652,24 @@ class FastReplica:
                 self._finish_decoders(seen)
             return self.start_step(now)
         self.busy_s += now - seg.start_s - self._segment_host_s
-        if heap[0][0] <= s:
-            self._finish_decoders(seen)
         decoders = self.decoders
+        if heap[0][0] <= s:  # the decoders whose last token came with step s leave
+            if self._stale_free:  # _finish_decoders(seen), inlined (a segment ends at every finish)
+                rec = self.recorder
+                while heap and heap[0][0] <= s:
+                    r = decoders.pop(heappop(heap)[1])
+                    offset, sent, prompt = r.offset, r.sent, r.prompt
+                    self.sum_offset -= offset
+                    rec.arrival_s.append(sent)
+                    rec.ttft_s.append(r.first_seen - sent)
+                    rec.e2e_s.append(seen - sent)
+                    rec.output_tokens.append(offset + s + 1 - prompt)
+                    rec.prompt_tokens.append(prompt)
+                    self._on_finish(self.index)
+                if seen > rec.last_completion_s:  # (max() is a slow call in CPython 3.11)
+                    rec.last_completion_s = seen
+            else:
+                self._finish_decoders(seen)
         if decoders and not self.waiting and self.partial is None:
             # start_step's segment up to the next finish, inlined (one starts after every finish): the same
             # segment object restarted (seg.restart(now, a, b, n, k), inlined)

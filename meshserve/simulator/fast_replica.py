@@ -666,7 +666,7 @@ class FastReplica:
                     rec.output_tokens.append(offset + s + 1 - prompt)
                     rec.prompt_tokens.append(prompt)
                     self._on_finish(self.index)
-                if seen > rec.last_completion_s:  # (max() is a slow call in CPython 3.11)
+                if seen > rec.last_completion_s:  # noqa: PLR1730 - max() is a slow call in CPython 3.11
                     rec.last_completion_s = seen
             else:
                 self._finish_decoders(seen)

@@ -9,7 +9,7 @@ import pytest
 
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.faults import ClosedLoopLoad, KillRestart, RouterHealth
-from meshserve.simulator.faults_cycles import KillRestartCyclesRun
+from meshserve.simulator.faults_cycles import CyclesRun, KillRestartCyclesRun
 from meshserve.simulator.validation_cycles import RESULTS, compare, load_round
 
 STEP_S = 0.01
@@ -24,7 +24,7 @@ def _config() -> SimConfig:
                      max_model_len=256, num_blocks=1024, max_num_batched_tokens=2048)
 
 
-def _run() -> tuple[KillRestartCyclesRun, object]:
+def _run() -> tuple[KillRestartCyclesRun, CyclesRun]:
     sim = KillRestartCyclesRun(_config(), lambda _shape: STEP_S, LOAD, HEALTH, 0.005, cycles=CYCLES)
     return sim, sim.run()
 

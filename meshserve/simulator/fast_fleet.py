@@ -74,6 +74,8 @@ def run_fast(
     arrivals = trace.arrival_s.tolist()
     n, i = len(arrivals), 0
     delay = config.frontend_latency_s
+    # when each request reaches its replica's API process (numpy's sums are Python's), inf past the last
+    reach = [*(trace.arrival_s + delay).tolist(), math.inf]
     counts, max_attempts = index.counts, config.max_attempts
     take = index.take
     # the common case in one call (FastReplica.arrive): least-outstanding, the API process's queue, a first try
@@ -155,7 +157,7 @@ def run_fast(
     next_tick = tick
     if tick < inf:
         heappush(steps, (math.nextafter(next_tick, -inf), num, TICK, None))
-    next_arrival = arrivals[0] + delay if n else inf
+    next_arrival = reach[0]
     while True:
         event = steps[0]
         now = event[0]
@@ -175,12 +177,14 @@ def run_fast(
             else:
                 send(i, next_arrival, ())
             i += 1
-            next_arrival = arrivals[i] + delay if i < n else inf
+            next_arrival = reach[i]
             continue
         _, idx, kind, ver = event
         rep = by_index[idx]
         if ver != rep.version:  # (an admission's ver is a tuple, a tick's None: never a version)
-            if kind == ADMIT:  # through its API process: the core gets it now
+            if kind == STEP_END:  # a decode segment that an arrival cut short
+                heappop(steps)
+            elif kind == ADMIT:  # through its API process: the core gets it now
                 heappop(steps)
                 j, tried = ver
                 rep.pending -= 1
@@ -193,7 +197,7 @@ def run_fast(
                     heapreplace(steps, (math.nextafter(next_tick, -inf), num, TICK, None))
                 else:
                     heappop(steps)
-            else:  # a decode segment that an arrival cut short
+            else:  # (a stale wake-up)
                 heappop(steps)
             continue
         end = rep.next_step(now) if kind == STEP_END else rep.start_step(now)

@@ -74,8 +74,6 @@ def run_fast(
     arrivals = trace.arrival_s.tolist()
     n, i = len(arrivals), 0
     delay = config.frontend_latency_s
-    # when each request reaches its replica's API process (numpy's sums are Python's), inf past the last
-    reach = [*(trace.arrival_s + delay).tolist(), math.inf]
     counts, max_attempts = index.counts, config.max_attempts
     take = index.take
     # the common case in one call (FastReplica.arrive): least-outstanding, the API process's queue, a first try
@@ -157,7 +155,8 @@ def run_fast(
     next_tick = tick
     if tick < inf:
         heappush(steps, (math.nextafter(next_tick, -inf), num, TICK, None))
-    next_arrival = reach[0]
+    arrivals.append(inf)  # past the last request: no arrival left (n is the trace's length)
+    next_arrival = arrivals[0] + delay
     while True:
         event = steps[0]
         now = event[0]
@@ -177,7 +176,7 @@ def run_fast(
             else:
                 send(i, next_arrival, ())
             i += 1
-            next_arrival = reach[i]
+            next_arrival = arrivals[i] + delay
             continue
         _, idx, kind, ver = event
         rep = by_index[idx]

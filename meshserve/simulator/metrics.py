@@ -39,14 +39,15 @@ class RunRecorder:
     reject_latency_s: array = field(default_factory=lambda: array("d"))
     itl_counts: np.ndarray = field(default_factory=lambda: np.zeros(_ITL_BINS, dtype=np.int64))
     _itl_pending: dict[int, int] = field(default_factory=dict)  # bin -> gaps, not yet in itl_counts
-    # gaps not yet binned: single (gap, count) and linear runs (first gap, slope, steps, count), in lists (an
-    # array's append parses its argument, several times a list's; flush_itl bins them at every tick of the
-    # timeline, so the floats they keep alive are a hundredth of a run's). The fast model's DecodeSegment.deliver
-    # appends to them itself (a call per gap was a large share of its cost): add_itl_count's, add_itl_linear's
-    gap_s: list[float] = field(default_factory=list)
+    # gaps not yet binned: single (gap, count) and linear runs (first gap, slope, steps, count); the counts in
+    # lists (an array's append parses its argument, several times a list's: the ints are mostly the small
+    # cached ones, read back at little cost), the new floats in arrays (a list would keep each one alive).
+    # The fast model's DecodeSegment.deliver appends to them itself (a call per gap was a large share of its
+    # cost): add_itl_count's, add_itl_linear's
+    gap_s: array = field(default_factory=lambda: array("d"))
     gap_counts: list[int] = field(default_factory=list)
-    run_s: list[float] = field(default_factory=list)
-    run_slope_s: list[float] = field(default_factory=list)
+    run_s: array = field(default_factory=lambda: array("d"))
+    run_slope_s: array = field(default_factory=lambda: array("d"))
     run_steps: list[int] = field(default_factory=list)
     run_n: list[int] = field(default_factory=list)
     last_completion_s: float = 0.0
@@ -83,12 +84,11 @@ class RunRecorder:
     def flush_itl(self) -> None:
         """Bin the gaps kept raw (the same bins as int(gap / ITL_BIN_S) one by one)."""
         if self.gap_s:
-            bins = (np.fromiter(self.gap_s, dtype=float, count=len(self.gap_s)) / ITL_BIN_S).astype(np.int64)
+            bins = (np.frombuffer(self.gap_s, dtype=float) / ITL_BIN_S).astype(np.int64)
             self._add_bins(bins, np.fromiter(self.gap_counts, dtype=np.int64, count=len(self.gap_counts)))
-            self.gap_s, self.gap_counts = [], []
+            self.gap_s, self.gap_counts = array("d"), []  # (numpy's views keep the old ones)
         if self.run_s:
-            first = np.fromiter(self.run_s, dtype=float, count=len(self.run_s))
-            slope = np.fromiter(self.run_slope_s, dtype=float, count=len(self.run_slope_s))
+            first, slope = np.frombuffer(self.run_s, dtype=float), np.frombuffer(self.run_slope_s, dtype=float)
             steps = np.fromiter(self.run_steps, dtype=np.int64, count=len(self.run_steps))
             count = np.fromiter(self.run_n, dtype=np.int64, count=len(self.run_n))
             b0 = (first / ITL_BIN_S).astype(np.int64)
@@ -100,7 +100,7 @@ class RunRecorder:
                 run = np.repeat(np.arange(steps.size), steps)  # each step's run
                 i = np.arange(run.size) - np.repeat(np.cumsum(steps) - steps, steps)
                 self._add_bins(((first[run] + slope[run] * i) / ITL_BIN_S).astype(np.int64), count[run])
-            self.run_s, self.run_slope_s, self.run_steps, self.run_n = [], [], [], []
+            self.run_s, self.run_slope_s, self.run_steps, self.run_n = array("d"), array("d"), [], []
 
     def _add_bins(self, bins: np.ndarray, counts: np.ndarray) -> None:
         if bins.size:  # bincount over the bins' own range (np.add.at is ~10x slower per gap)

@@ -88,17 +88,43 @@ def _row_x(x_ptr, nw_ptr, inv_rms, kk, kmask, K, GATED: tl.constexpr, NORMED: tl
 
 
 @triton.jit
+def _stream_rows(x_ptr, nw_ptr, inv_rms, w_rows, rmask, K, GATED: tl.constexpr, NORMED: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """The GEMV's main loop from column PRE_K on: [BLOCK_N, BLOCK_K] fp32 partial products of the program's rows
+    (w_rows) and the input row, summed over the K tiles (reduced by the caller). PREFETCH: each trip loads the
+    next tile's weights before its own math, two tiles in flight (Triton's pipeliner stages only loads that
+    feed tl.dot); the same sums in the same order, so the same bits."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if PREFETCH:
+        w_next = tl.load(w_rows + (PRE_K + ks)[None, :], mask=rmask[:, None] & (PRE_K + ks < K)[None, :], other=0.0)
+        for k0 in range(PRE_K, K, BLOCK_K):
+            kk = k0 + ks
+            w = w_next
+            kn = kk + BLOCK_K  # past K on the last trip: masked off, nothing read
+            w_next = tl.load(w_rows + kn[None, :], mask=rmask[:, None] & (kn < K)[None, :], other=0.0)
+            x = _row_x(x_ptr, nw_ptr, inv_rms, kk, kk < K, K, GATED, NORMED)
+            acc += w.to(tl.float32) * x[None, :]
+    else:
+        for k0 in range(PRE_K, K, BLOCK_K):
+            kk = k0 + ks
+            kmask = kk < K
+            x = _row_x(x_ptr, nw_ptr, inv_rms, kk, kmask, K, GATED, NORMED)
+            w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
                  HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORMED: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr = False,
                  USE_GDC: tl.constexpr = False):
     """gemv's kernel, and rms_norm_gemv's second one with NORMED: x_ptr then holds h, inv_ptr and nw_ptr the
-    1 / rms(h) of _residual_rms_kernel and the norm weight (unused without NORMED). PREFETCH (gemv_prefetch):
-    each trip loads the next K tile's weights before its own math, two tiles in flight per program (Triton's
-    pipeliner stages only loads that feed tl.dot)."""
+    1 / rms(h) of _residual_rms_kernel and the norm weight (unused without NORMED). PREFETCH: gemv_prefetch
+    ("dense"), _stream_rows'."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
     y = tl.zeros([BLOCK_N], dtype=tl.float32)
     if PRE_K > 0:  # PDL: the first PRE_K columns of this program's weights load before the wait (no kernel
@@ -112,24 +138,7 @@ def _gemv_kernel(x_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
         inv_rms = 1.0
     if PRE_K > 0:
         y += tl.sum(w_pre.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kp, pmask, K, GATED, NORMED)[None, :], 1)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if PREFETCH:  # the next tile's weights load before this tile's math (the same sums in the same order)
-        w_next = tl.load(w_rows + (PRE_K + ks)[None, :], mask=rmask[:, None] & (PRE_K + ks < K)[None, :], other=0.0)
-        for k0 in range(PRE_K, K, BLOCK_K):
-            kk = k0 + ks
-            kmask = kk < K
-            w = w_next
-            kn = kk + BLOCK_K  # past K on the last trip: masked off, nothing read
-            w_next = tl.load(w_rows + kn[None, :], mask=rmask[:, None] & (kn < K)[None, :], other=0.0)
-            x = _row_x(x_ptr, nw_ptr, inv_rms, kk, kmask, K, GATED, NORMED)
-            acc += w.to(tl.float32) * x[None, :]
-    else:
-        for k0 in range(PRE_K, K, BLOCK_K):
-            kk = k0 + ks
-            kmask = kk < K
-            x = _row_x(x_ptr, nw_ptr, inv_rms, kk, kmask, K, GATED, NORMED)
-            w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
+    acc = _stream_rows(x_ptr, nw_ptr, inv_rms, w_rows, rmask, K, GATED, NORMED, BLOCK_N, BLOCK_K, PRE_K, PREFETCH)
     gdc_trigger_late(USE_GDC)
     y += tl.sum(acc, 1)
     if HAS_BIAS:

@@ -22,7 +22,7 @@ import triton.language as tl
 from meshserve.kernels import pdl as pdl_mod
 from meshserve.kernels.norm_fold_ref import FRAC_SCALE, SUM_SCALE, part_limit
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
-from meshserve.kernels.triton_gemv import MAX_PRE_K, _row_x, _tile
+from meshserve.kernels.triton_gemv import MAX_PRE_K, _row_x, _stream_rows, _tile, gemv_prefetch
 
 
 @triton.jit
@@ -49,6 +49,7 @@ def _fold_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRE_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
     USE_GDC: tl.constexpr = False,
 ):
     """triton_gemv._gemv_kernel, with NORMED taking 1 / rms from the int64 pair at sum_in_ptr and RESIDUAL_OUT
@@ -56,7 +57,6 @@ def _fold_gemv_kernel(
     sum_out_ptr)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
     y = tl.zeros([BLOCK_N], dtype=tl.float32)
     if PRE_K > 0:  # PDL: weights only before the wait (triton_gemv)
@@ -75,13 +75,7 @@ def _fold_gemv_kernel(
         y += tl.sum(
             w_pre.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kp, pmask, K, GATED, NORMED)[None, :], 1
         )
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(PRE_K, K, BLOCK_K):
-        kk = k0 + ks
-        kmask = kk < K
-        x = _row_x(x_ptr, nw_ptr, inv_rms, kk, kmask, K, GATED, NORMED)
-        w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
+    acc = _stream_rows(x_ptr, nw_ptr, inv_rms, w_rows, rmask, K, GATED, NORMED, BLOCK_N, BLOCK_K, PRE_K, PREFETCH)
     if RESIDUAL_OUT:
         r = tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     gdc_trigger_late(USE_GDC)
@@ -172,6 +166,7 @@ def fold_gemv(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         PRE_K=pre_k,
+        PREFETCH=gemv_prefetch("dense"),
         num_warps=num_warps,
         num_stages=3,
         **gdc,

@@ -138,6 +138,24 @@ def test_consumer_equals_rms_norm_then_gemv_exactly(dtype):
 
 
 @interp
+def test_prefetched_loop_keeps_the_fold_chain_bits(monkeypatch):
+    """MESHSERVE_GEMV_PREFETCH=dense moves the weight loads a trip earlier in the fold's GEMVs too (the shared
+    loop, triton_gemv._stream_rows): producer and consumer give the same bits and sums."""
+    from meshserve.kernels.triton_norm_fold import fold_gemv
+
+    x, residual, nw, w, b = _rows("cpu", torch.float32, 38, 600)
+    runs = {}
+    for value in ("0", "dense"):
+        monkeypatch.setenv("MESHSERVE_GEMV_PREFETCH", value)
+        sums = _zero("cpu")
+        h = fold_gemv(x, w, b, residual=residual, sum_out=sums[0])
+        runs[value] = (h, sums[0].clone(), fold_gemv(h, w.t()[:38].contiguous(), norm_weight=nw[:38], eps=1e-5,
+                                                      sum_in=sums[0]))
+    for plain, prefetched in zip(runs["0"], runs["dense"]):
+        assert torch.equal(plain, prefetched)
+
+
+@interp
 def test_chain_matches_reference_with_a_gated_producer():
     from meshserve.kernels.triton_norm_fold import fold_gemv
 

@@ -2,8 +2,10 @@
 
 The same events, in the same order, as fleet.py's loop over the reference replicas (arrivals first at equal
 times; then by time, replica index, kind): a request reaching a replica's core through its API process, a
-replica's step or decode segment ending, an idle replica waking. The least-outstanding router chooses through
-a bucketed index (least_outstanding.py: the scan's choices without the scan); round robin as the router does.
+replica's step or decode segment ending, an idle replica waking (and the timeline's ticks). A replica pushes
+the events its arrivals cause on the heap itself (FastReplica.arrive). The least-outstanding router chooses
+through a bucketed index (least_outstanding.py: the scan's choices without the scan); round robin as the
+router does.
 """
 
 from __future__ import annotations

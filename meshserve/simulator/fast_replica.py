@@ -27,6 +27,7 @@ from heapq import heappop, heappush
 
 from meshserve.config import CacheConfig, SchedulerConfig
 from meshserve.simulator.decode_segment import DecodeSegment, NoisyDecodeSegment
+from meshserve.simulator.fast_steps import end_step, finish_decoders, first_finish, schedule
 from meshserve.simulator.frontend import FrontEnd, FrontEndCosts
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.step_noise import NoiseStream
@@ -65,8 +66,9 @@ class Req:
 
 
 class FastReplica:
-    """The replica as the fleet sees it (fast_fleet.py): try_add / intake / interrupt for arrivals, start_step
-    and next_step for its steps, num_waiting / num_running for the timeline, busy_s / steps / frontend for the
+    """The replica as the fleet sees it (fast_fleet.py): arrive (the common case in one call) or try_add /
+    intake / interrupt for arrivals, start_step and next_step for its steps (fast_steps.py: one at a time where
+    the closed forms do not apply), num_waiting / num_running for the timeline, busy_s / steps / frontend for the
     report. `outstanding` lives in the router's index (counts[index]). Slotted: CPython 3.11 shares an object's
     key table with its class's other objects up to 30 attributes, and past that specializes none of its
     attribute and method loads."""
@@ -310,7 +312,7 @@ class FastReplica:
         (one test of an upper bound, or of the exact sum near capacity); else one step as the scheduler does."""
         decoders = self.decoders
         if decoders and not self.waiting and self.partial is None:
-            end = self.finishing[0][0] if self._stale_free else self._first_finish()
+            end = self.finishing[0][0] if self._stale_free else first_finish(self)
             n, s, bs = len(decoders), self.step, self.block_size
             k = end - s
             base = self.sum_offset + n * s
@@ -328,20 +330,21 @@ class FastReplica:
                 return now + k * a + b * (k * (k + 1) // 2)
         if self.partial is None and self.noise is None and self.waiting:
             return self._admit(now)
-        return self._schedule(now)
+        return schedule(self, now)
 
     def _admit(self, now: float) -> float | None:
-        """_schedule's step where nobody is part-way through a prompt and the KV pool's upper bound clears it
-        (no block counted, nobody preempted), without step noise, and _fold's segment headed by it when it
-        leaves nobody waiting: in one pass (the step after an arrival's cut, once per request). The same
-        decisions and floating-point operations as _schedule and _fold; _schedule where the bound does not clear."""
+        """fast_steps.schedule's step where nobody is part-way through a prompt and the KV pool's upper bound
+        clears it (no block counted, nobody preempted), without step noise, and fast_steps.fold's segment
+        headed by it when it leaves nobody waiting: in one pass (the step after an arrival's cut, once per
+        request). The same decisions and floating-point operations as schedule and fold; schedule where the
+        bound does not clear."""
         decoders, waiting = self.decoders, self.waiting
         s = self.step
         s1, bs, n = s + 1, self.block_size, len(decoders)
         sum_offset = self.sum_offset
         context = sum_offset + n * s1  # the KV tokens the step reads
         if (context + self.held_slack) // bs > self.num_blocks:
-            return self._schedule(now)
+            return schedule(self, now)
         budget = self.budget - n
         tokens = running = n
         max_running, max_len = self.max_running, self.max_model_len
@@ -388,8 +391,8 @@ class FastReplica:
         device = duration
         duration += host
         heap = self.finishing
-        if whole and not waiting:  # _fold: unless a decoder finishes with this step
-            first = heap[0][0] if heap and self._stale_free else self._first_finish()
+        if whole and not waiting:  # fold's segment: unless a decoder finishes with this step
+            first = heap[0][0] if heap and self._stale_free else first_finish(self)
             if first > s1 or first < 0:
                 for r in admitted:  # each one's whole prompt and output so far, and its first token
                     known = r.computed = r.prompt + r.out
@@ -434,7 +437,7 @@ class FastReplica:
                     del decoders[r.order]
                     r.out -= 1
                     r.computed = 0
-        # the step alone, as _schedule leaves it: its chunks (the last one's num_new)
+        # the step alone, as schedule leaves it: its chunks (the last one's num_new)
         scheduled = [(r, r.prompt + r.out) for r in admitted]
         if scheduled:
             scheduled[-1] = (admitted[-1], num_new)
@@ -442,204 +445,12 @@ class FastReplica:
         self.busy_s += device
         return now + duration
 
-    def _schedule(self, now: float) -> float | None:
-        """One step as Scheduler.schedule decides it: every running sequence first (a decode token each, the
-        prefilling one the rest of its prompt within the budget), preempting the newest when blocks run out;
-        then waiting ones in order while budget, sequence slots and blocks last."""
-        decoders, waiting = self.decoders, self.waiting
-        s1, bs, n = self.step + 1, self.block_size, len(decoders)
-        queued = len(waiting)  # requests waiting when the step is decided: the host gap's table
-        held_bound = self.sum_offset + n * s1 + self.held_slack
-        budget = self.budget - n
-        if self.partial is not None:
-            held_bound += self.partial.computed
-        free = None if held_bound // bs <= self.num_blocks else self._free_blocks_after_decodes()
-        preempted = False
-        if free is not None and free < 0:
-            free, preempted = self._preempt_for_decodes(free)
-            n = len(decoders)
-        tokens, context = n, self.sum_offset + n * s1  # the step's tokens and the KV tokens it reads
-        scheduled: list[tuple[Req, int]] = []
-        p = self.partial
-        if p is not None and budget > 0:
-            num_new = min(p.prompt + p.out - p.computed, budget)
-            need = -(-(p.computed + num_new) // bs) - -(-p.computed // bs)
-            if free is not None and need > free:  # the newest running sequence: it is its own victim
-                free, _ = self._preempt_newest(free)
-                preempted = True
-            else:
-                if free is not None:
-                    free -= need
-                scheduled.append((p, num_new))
-                budget -= num_new
-                tokens += num_new
-                context += p.computed + num_new
-                self.partial = None
-        running, max_running = n + len(scheduled), self.max_running
-        while waiting and not preempted and budget > 0 and running < max_running:
-            r = waiting[0]
-            num_new = r.prompt + r.out
-            if num_new > budget:  # noqa: PLR1730 - min() is a slow call in CPython 3.11
-                num_new = budget
-            if free is not None:
-                need = -(-num_new // bs)
-                if need > free:
-                    break
-                free -= need
-            waiting.popleft()
-            self._orders = r.order = self._orders + 1  # running order (a recompute joins at the end again)
-            scheduled.append((r, num_new))
-            budget -= num_new
-            tokens += num_new
-            context += r.computed + num_new
-            running += 1
-        if not running:
-            self.busy = False
-            return None
-        # the device time and eager_steps.py's host time before the step
-        duration, host = self.step_cost.step_s(tokens, running, context)
-        device = duration
-        if self.noise is not None:
-            duration, device = self.noise.apply(self.step, device, tokens > running, queued)
-        duration += host
-        if free is None and not waiting:
-            end = self._fold(now, duration, scheduled, n, device, host)
-            if end is not None:
-                return end
-        self._scheduled, self._scheduled_decoders = scheduled, n
-        self.busy_s += device
-        return now + duration
-
-    def _fold(
-        self, now: float, duration: float, scheduled: list[tuple[Req, int]], n: int, device: float,
-        host: float = 0.0,
-    ) -> float | None:
-        """When the step just scheduled leaves nobody waiting or part-way and nobody finishing with it, the decode
-        steps after it are fixed at once: apply it now and start a segment headed by it (one event for both).
-        None (nothing changed) otherwise."""
-        heap, decoders = self.finishing, self.decoders
-        s = self.step
-        s1 = s + 1
-        first = heap[0][0] if heap and self._stale_free else self._first_finish()
-        if first <= s1 and first >= 0:
-            return None  # a decoder finishes with this step: its end is an event
-        max_len = self.max_model_len
-        for r, num_new in scheduled:
-            known = r.prompt + r.out
-            if r.computed + num_new < known or r.max_out - r.out <= 1 or max_len - known <= 1:
-                return None  # part-way through its prompt, or done with its first token
-        first_tokens = []
-        sum_offset = self.sum_offset
-        for r, num_new in scheduled:
-            r.computed += num_new
-            out = r.out = r.out + 1
-            known = r.prompt + out
-            r.offset = offset = known - 1 - s1
-            left = r.max_out - out
-            if max_len - known < left:  # noqa: PLR1730 - min() is a slow call in CPython 3.11
-                left = max_len - known
-            r.end_step = end = s1 + left
-            decoders[r.order] = r
-            sum_offset += offset
-            heappush(heap, (end, r.order))
-            first_tokens.append(r)
-        n2, bs = len(decoders), self.block_size
-        k = heap[0][0] - s
-        base = sum_offset + n2 * s
-        if (base + n2 * (k + bs - 1)) // bs > self.num_blocks:
-            # the exact test near capacity: undo, and take the step alone (their heap entries stay: stale)
-            self._stale_free = False
-            for r, num_new in scheduled:
-                del decoders[r.order]
-                r.out -= 1
-                r.computed -= num_new
-            return None
-        self.sum_offset = sum_offset
-        line = self._decode_lines.get(n2)  # step_cost.decode_line(n2, base), inlined
-        if line is None:
-            a, b = self.step_cost.decode_line(n2, base)
-        else:
-            a, b = line[0] + line[1] * base, line[2]
-        self._segment_host_s = host
-        if self.noise is None:
-            # seg.restart(now, a, b, n2, k, duration, n, first_tokens), inlined
-            self.segment = seg = self._plain_segment
-            seg.start_s = now
-            seg.a = a
-            seg.b = b
-            seg.n = n2
-            seg.total = k
-            seg.delivered = 0
-            seg.first_tokens = first_tokens
-            seg.origin_s = origin = now + duration - a - b
-            seg.head_end_s = origin + a + b  # end_s(1)
-            seg.head_gaps = n
-            seg.head_tokens = n + len(first_tokens)
-            return origin + k * a + b * (k * (k + 1) // 2)  # seg.end_s(k), inlined
-        self.segment = seg = NoisyDecodeSegment(
-            now, a, b, n2, k, self.noise, self.step, duration, device, n, first_tokens
-        )
-        return seg.end_s(k)
-
-    def _first_finish(self) -> int:
-        """The step whose token ends the first decoder to finish (the finishing heap's top once the entries of
-        decoders preempted since are dropped); -1 when no decoder is left."""
-        heap, decoders = self.finishing, self.decoders
-        while heap:
-            end, order = heap[0]
-            r = decoders.get(order)
-            if r is not None and r.end_step == end:
-                return end
-            heappop(heap)
-        return -1
-
-    def _free_blocks_after_decodes(self) -> int:
-        """Free blocks once every decoder holds room for this step's token (negative: they do not fit)."""
-        s1, bs = self.step + 1, self.block_size
-        held = sum(-(-(r.offset + s1) // bs) for r in self.decoders.values())
-        if self.partial is not None:
-            held += -(-self.partial.computed // bs)
-        return self.num_blocks - held
-
-    def _preempt_for_decodes(self, free: int) -> tuple[int, bool]:
-        """Blocks ran out for this step's decode tokens: preempt from the newest running sequence (the partial
-        first) until the rest fit. The scheduler does it sequence by sequence in batch order; as every decoder
-        needs at most one block and victims come off the end, the survivors are the same."""
-        while free < 0 and (self.partial is not None or self.decoders):
-            free, _ = self._preempt_newest(free)
-        return free, True
-
-    def _preempt_newest(self, free: int) -> tuple[int, Req]:
-        """Preempt the newest running sequence (recompute: its blocks go back, its tokens stay); returns the free
-        blocks after it, counting that it no longer needs this step's block."""
-        bs, s1 = self.block_size, self.step + 1
-        p = self.partial
-        if p is not None:
-            self.partial = None
-            free += -(-p.computed // bs)
-            victim = p
-        else:
-            order = next(reversed(self.decoders))
-            victim = self.decoders.pop(order)
-            self._stale_free = False  # its entry in finishing stays
-            self.sum_offset -= victim.offset
-            free += -(
-                -(victim.offset + s1) // bs
-            )  # what it held plus the block this step would have given it
-            victim.out = victim.offset + self.step + 1 - victim.prompt
-            victim.last_seen = self.last_seen
-        victim.computed = 0
-        self.waiting.appendleft(victim)
-        self.num_preemptions += 1
-        self.recorder.num_preemptions += 1
-        return free, victim
-
     def next_step(self, now: float) -> float | None:
         """The step or decode segment in flight ends at now (its tokens, its finishes), and the next starts:
         returns when it ends (start_step)."""
         seg = self.segment
         if seg is None:
-            self._end_step(now)
+            end_step(self, now)
             return self.start_step(now)
         total = seg.total
         self.last_seen = seen = seg.deliver(total, self.frontend, self.recorder, self.last_seen, now)
@@ -649,12 +460,12 @@ class FastReplica:
             self.segment = None
             self.busy_s += seg.device_s(total)
             if heap[0][0] <= s:
-                self._finish_decoders(seen)
+                finish_decoders(self, seen)
             return self.start_step(now)
         self.busy_s += now - seg.start_s - self._segment_host_s
         decoders = self.decoders
         if heap[0][0] <= s:  # the decoders whose last token came with step s leave
-            if self._stale_free:  # _finish_decoders(seen), inlined (a segment ends at every finish)
+            if self._stale_free:  # finish_decoders(self, seen), inlined (a segment ends at every finish)
                 rec = self.recorder
                 while heap and heap[0][0] <= s:
                     r = decoders.pop(heappop(heap)[1])
@@ -669,11 +480,11 @@ class FastReplica:
                 if seen > rec.last_completion_s:  # noqa: PLR1730 - max() is a slow call in CPython 3.11
                     rec.last_completion_s = seen
             else:
-                self._finish_decoders(seen)
+                finish_decoders(self, seen)
         if decoders and not self.waiting and self.partial is None:
             # start_step's segment up to the next finish, inlined (one starts after every finish): the same
             # segment object restarted (seg.restart(now, a, b, n, k), inlined)
-            end = heap[0][0] if self._stale_free else self._first_finish()
+            end = heap[0][0] if self._stale_free else first_finish(self)
             n, bs = len(decoders), self.block_size
             k = end - s
             base = self.sum_offset + n * s
@@ -697,77 +508,4 @@ class FastReplica:
         self.segment = None
         if self.partial is None and self.waiting:
             return self._admit(now)
-        return self._schedule(now)
-
-    def _end_step(self, now: float) -> None:
-        """The explicit step in flight (not a segment) ends at now: its tokens, its finishes."""
-        self.step += 1
-        scheduled, n = self._scheduled, self._scheduled_decoders
-        self._scheduled = []
-        sampled = n
-        for r, num_new in scheduled:
-            r.computed += num_new
-            if r.computed >= r.prompt + r.out:
-                sampled += 1
-        fe, rec = self.frontend, self.recorder
-        # fe.deliver(now, sampled) of the fast replica's one API process (no gate, no folding)
-        seen = now if fe is None or not sampled else fe.submit(now, sampled * fe.costs.per_token_s)
-        if n:
-            rec.add_itl_count(seen - self.last_seen, n)
-        if sampled:
-            self.last_seen = seen
-        s, max_len = self.step, self.max_model_len
-        for r, _ in scheduled:
-            known = r.prompt + r.out
-            if r.computed < known:
-                self.partial = r  # its prefill goes on next step
-                continue
-            r.out += 1
-            known += 1
-            if r.first_seen < 0.0:
-                r.first_seen = seen
-            else:  # recomputed after a preemption: the gap since its last token
-                rec.add_itl(seen - r.last_seen)
-            left = min(r.max_out - r.out, max_len - known)
-            if left <= 0:
-                self._finish(r, seen, r.out)
-                continue
-            r.offset = known - 1 - s
-            r.end_step = s + left
-            self.decoders[r.order] = r
-            self.sum_offset += r.offset
-            heappush(self.finishing, (r.end_step, r.order))
-        self._finish_decoders(seen)
-
-    def _finish_decoders(self, seen: float) -> None:
-        """Decoders whose last token came with step S leave (their client time: seen). RunRecorder.finish's
-        appends, without its call (one per request)."""
-        heap, decoders, s = self.finishing, self.decoders, self.step
-        rec, on_finish, index = self.recorder, self._on_finish, self.index
-        stale_free = self._stale_free
-        finished = False
-        while heap and heap[0][0] <= s:
-            end, order = heappop(heap)
-            if stale_free:
-                r = decoders.pop(order)
-            else:
-                got = decoders.get(order)
-                if got is None or got.end_step != end:
-                    continue  # preempted since
-                r = got
-                del decoders[order]
-            offset, sent, prompt = r.offset, r.sent, r.prompt
-            self.sum_offset -= offset
-            rec.arrival_s.append(sent)
-            rec.ttft_s.append(r.first_seen - sent)
-            rec.e2e_s.append(seen - sent)
-            rec.output_tokens.append(offset + s + 1 - prompt)
-            rec.prompt_tokens.append(prompt)
-            on_finish(index)
-            finished = True
-        if finished and seen > rec.last_completion_s:  # (max() is a slow call in CPython 3.11)
-            rec.last_completion_s = seen
-
-    def _finish(self, r: Req, seen: float, out: int) -> None:
-        self.recorder.finish(r.sent, r.first_seen, seen, out, r.prompt)
-        self._on_finish(self.index)
+        return schedule(self, now)

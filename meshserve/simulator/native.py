@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ("decode_segment", "fast_replica", "least_outstanding", "fast_fleet")
+MODULES = ("decode_segment", "fast_steps", "fast_replica", "least_outstanding", "fast_fleet")
 _HERE = Path(__file__).resolve().parent
 
 

@@ -34,6 +34,8 @@ class GpuSpec:
     efficiency: float = 0.8
     # fixed time per layer per decode step (kernel launches and latencies inside a step); fitted by calibration
     layer_overhead_us: float = 0.0
+    # the same at batch 1 for models the engine chains with PDL (perf.layer_overhead_s); None: layer_overhead_us
+    layer_overhead_pdl_us: float | None = None
     aliases: tuple[str, ...] = ()
 
     @property
@@ -99,14 +101,14 @@ def _read(path: Path, base: dict[str, GpuSpec] | None = None) -> dict[str, GpuSp
 
 _NUMBERS = ("memory_gib", "hbm_gb_s", "bf16_tflops", "link_gb_s", "link_latency_us", "gpus_per_node",
             "price_per_hour_usd", "fp8_tflops", "inter_node_gb_s", "inter_node_latency_us", "efficiency",
-            "layer_overhead_us")
+            "layer_overhead_us", "layer_overhead_pdl_us")
 
 
 def _check_numbers(spec: GpuSpec, path: Path) -> None:
     """Every numeric field a number >= 0 (a string would fail later as a TypeError deep in the prediction)."""
     for key in _NUMBERS:
         value = getattr(spec, key)
-        if value is None and key == "fp8_tflops":
+        if value is None and key in ("fp8_tflops", "layer_overhead_pdl_us"):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise InvalidArgumentError(f"hardware file {path}: gpus.{spec.name}.{key} must be a number >= 0, got "

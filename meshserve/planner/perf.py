@@ -140,6 +140,23 @@ def layer_comm(model: ModelSpec, layout: Layout, gpu: GpuSpec, tokens: int, laye
     return comm_s, ep_bytes
 
 
+# the engine's PDL rule (kernels/pdl.auto_enables: batch-1 decode kernels chained with programmatic dependent
+# launch for models of hidden size <= 2,048, dense or MoE), kept here as a number: the planner imports no engine
+# code (tests/planner/test_perf.py checks the two agree)
+PDL_MAX_HIDDEN = 2048
+
+
+def layer_overhead_s(model: ModelSpec, gpu: GpuSpec, batch: int) -> float:
+    """The fixed time per layer of a decode step: the GPU's layer_overhead_us, or at batch 1 for a model the
+    engine chains with PDL (the GEMV path, every launch's start under the one before) its layer_overhead_pdl_us
+    where the catalog has one. H200, W1, 2026-12-03: Qwen3-0.6B 22.6 and Qwen3-30B-A3B 28.5 us a layer above the
+    bytes at the fitted efficiency, against Llama-3.1-8B's 34.7 (no PDL; the catalog's 40 is the 2 x H200 fit
+    of 2026-11-30)."""
+    if batch == 1 and gpu.layer_overhead_pdl_us is not None and model.hidden_size <= PDL_MAX_HIDDEN:
+        return gpu.layer_overhead_pdl_us * 1e-6
+    return gpu.layer_overhead_us * 1e-6
+
+
 def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int, batch: int, context: int, *,
                       weight_dtype: str, kv_dtype: str, gpus_per_node: int, efficiency: float,
                       cuda_graphs: bool = True) -> StepTime:
@@ -159,7 +176,7 @@ def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int
 
     comm_s, ep_bytes = layer_comm(model, layout, gpu, batch, shard.num_layers, shard.num_moe_layers,
                                   gpus_per_node, in_graph=cuda_graphs)
-    return StepTime(memory_s, compute_s, comm_s, shard.num_layers * gpu.layer_overhead_us * 1e-6, ep_bytes, batch,
+    return StepTime(memory_s, compute_s, comm_s, shard.num_layers * layer_overhead_s(model, gpu, batch), ep_bytes, batch,
                     shard.num_moe_layers, cuda_graphs and layout.ep > 1 and layout.dp == 1)
 
 

@@ -215,3 +215,26 @@ def test_prefill_pays_the_expert_exchange_of_its_tokens():
     ep_s = 48 * 3 * 8e-6 + t.total / 450e9
     reduce_s = 48 * allreduce_s(tokens * 2048 * 2, 2, 450, 8)
     assert spread - sliced == pytest.approx(ep_s - reduce_s)
+
+
+def test_pdl_overhead_applies_at_batch_one_to_the_models_the_engine_chains_with_pdl():
+    import dataclasses
+
+    from meshserve.kernels import pdl
+    from meshserve.planner.perf import PDL_MAX_HIDDEN, layer_overhead_s
+
+    assert PDL_MAX_HIDDEN == pdl.AUTO_MAX_HIDDEN  # the planner's copy of the engine's rule
+    gpu = dataclasses.replace(get_gpu("H200"), layer_overhead_us=40.0, layer_overhead_pdl_us=24.0)
+    small, moe, large = load_model("qwen3-0.6b"), load_model("qwen3-30b-a3b"), load_model("llama-3.1-8b")
+    assert layer_overhead_s(small, gpu, 1) == layer_overhead_s(moe, gpu, 1) == pytest.approx(24e-6)
+    assert layer_overhead_s(large, gpu, 1) == layer_overhead_s(small, gpu, 8) == pytest.approx(40e-6)
+    # no PDL figure in the catalog: the one overhead everywhere
+    plain = dataclasses.replace(gpu, layer_overhead_pdl_us=None)
+    assert layer_overhead_s(small, plain, 1) == pytest.approx(40e-6)
+    # and a step's overhead is the layers' sum of it: a smaller one, a faster batch-1 decode
+    w1 = Workload(128, 256)
+    fast = predict(small, Layout(1, 1, 1), gpu, 1, w1).decode_tok_per_s
+    slow = predict(small, Layout(1, 1, 1), plain, 1, w1).decode_tok_per_s
+    assert fast > slow
+    assert predict(large, Layout(1, 1, 1), gpu, 1, w1).decode_tok_per_s == pytest.approx(
+        predict(large, Layout(1, 1, 1), plain, 1, w1).decode_tok_per_s)

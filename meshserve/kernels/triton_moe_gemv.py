@@ -57,10 +57,6 @@ class MoeGemvConfig:
     down_one_tile: bool = True  # where down_block_k >= width: each slot's tile loaded outside any loop
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def default_config(hidden: int, width: int) -> MoeGemvConfig:
     """Experts up to 1,024 wide (Qwen3-30B-A3B's 768): 256-wide K tiles on 4 warps for gate_up, one output row
     per down program with one K tile per slot (tools/bench_moe.py --gemv-sweep-only on the H200, 2026-12-03: the
@@ -323,7 +319,7 @@ def moe_gemv(
     gdc = pdl_mod.gdc_kwargs(x, want)
     # the preloaded layout where PDL launches it (in the interpreter: where the switch is on, so CPU tests run it)
     preload = (one_tile and num_shared == 0 and policy.moe == "preload" and policy.preload != "none"
-               and (bool(gdc["USE_GDC"]) if x.is_cuda and not _interpreting() else pdl_mod.resolve(want)))
+               and (bool(gdc["USE_GDC"]) if x.is_cuda and not pdl_mod._interpreting() else pdl_mod.resolve(want)))
     _gate_up_gemv_kernel[(inter.shape[0], triton.cdiv(width, cfg.gate_up_block_n))](
         x,
         w13,

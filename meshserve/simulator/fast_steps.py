@@ -137,21 +137,10 @@ def fold(rep: FastReplica, now: float, duration: float, scheduled: list[tuple[Re
     else:
         a, b = line[0] + line[1] * base, line[2]
     rep._segment_host_s = host
-    if rep.noise is None:
-        # seg.restart(now, a, b, n2, k, duration, n, first_tokens), inlined
+    if rep.noise is None:  # (the rare path: FastReplica._admit inlines the same restart on the common one)
         rep.segment = seg = rep._plain_segment
-        seg.start_s = now
-        seg.a = a
-        seg.b = b
-        seg.n = n2
-        seg.total = k
-        seg.delivered = 0
-        seg.first_tokens = first_tokens
-        seg.origin_s = origin = now + duration - a - b
-        seg.head_end_s = origin + a + b  # end_s(1)
-        seg.head_gaps = n
-        seg.head_tokens = n + len(first_tokens)
-        return origin + k * a + b * (k * (k + 1) // 2)  # seg.end_s(k), inlined
+        seg.restart(now, a, b, n2, k, duration, n, first_tokens)
+        return seg.end_s(k)  # k >= 2: the closed form
     rep.segment = seg = NoisyDecodeSegment(
         now, a, b, n2, k, rep.noise, rep.step, duration, device, n, first_tokens
     )

@@ -44,10 +44,16 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_PDL_MOE=preload|launch|0       under PDL, the MoE layer's routing and MoE GEMV launches with PDL,
                                             the down GEMV preloading its experts' tiles (preload, the default),
                                             without the preload (launch) or plain (0; kernels/pdl.py, issue 23)
+  MESHSERVE_GEMV_PREFETCH=dense,moe        which batch-1 GEMV loops load the next K tile of weights before a
+                                            trip's math (kernels/triton_gemv.gemv_prefetch; same bits): default
+                                            dense (H200 W1 Llama-3.1-8B 214.3 -> 222.7 tok/s, 2026-12-03); moe
+                                            (the MoE GEMV's gate_up: Qwen3-30B-A3B -0.8%) opt-in; all; 0 or
+                                            none: off
   MESHSERVE_DECODE_CONTEXT_BOUNDS=256,1024  small batches' decode graphs also for these context bounds, with
-                                            fewer attention splits; default 256,1024 for dense models of hidden
-                                            size <= 2,048 (pdl.auto_enables' rule; H200 W1 Qwen3-0.6B decode graph
-                                            0.904 -> 0.877 ms, 2026-12-02), none for larger ones; 0 or none: off
+                                            fewer attention splits; default 256,1024 for models of hidden size
+                                            <= 2,048 (pdl.auto_enables' rule) without MLA (H200 W1 Qwen3-0.6B
+                                            decode graph 0.904 -> 0.877 ms, 2026-12-02; Qwen3-30B-A3B W1 348.7 ->
+                                            351.0 tok/s, 2026-12-03), none for larger ones; 0 or none: off
   MESHSERVE_DECODE_SAMPLE_GRAPHS=N|0       decode graphs of batch sizes up to N (default 8) also captured with the
                                             LM head and the argmax after the forward: an all-greedy decode step
                                             of exactly such a size replays one graph for its tokens instead of
@@ -348,8 +354,14 @@ def _small(config: EngineConfig) -> bool:
 
 
 def _small_dense(config: EngineConfig) -> bool:
-    """_small and dense: the norm fold's and the short-context graphs' rule (neither measured on MoE models)."""
+    """_small and dense: the norm fold's rule (not measured on MoE models)."""
     return _small(config) and num_experts(_text_config(config)) == 0
+
+
+def _small_gqa(config: EngineConfig) -> bool:
+    """_small, dense or MoE, attention without MLA's latent cache: the short-context graphs' rule (H200 W1
+    Qwen3-30B-A3B 348.7 -> 351.0 tok/s with them, 2026-12-03; not measured on MLA, whose decode splits differ)."""
+    return _small(config) and not getattr(_text_config(config), "kv_lora_rank", None)
 
 
 def _norm_fold(config: EngineConfig) -> bool:
@@ -361,10 +373,10 @@ def _norm_fold(config: EngineConfig) -> bool:
 
 def _decode_context_bounds(config: EngineConfig) -> tuple[int, ...]:
     """MESHSERVE_DECODE_CONTEXT_BOUNDS, else the default: DECODE_CONTEXT_BOUNDS_DEFAULT for the models whose
-    batch-1 step is launch-bound (_small_dense), none for larger ones."""
+    batch-1 step is launch-bound (_small_gqa), none for larger ones."""
     raw = os.environ.get(DECODE_CONTEXT_BOUNDS_ENV)
     if raw is None:
-        return DECODE_CONTEXT_BOUNDS_DEFAULT if _small_dense(config) else ()
+        return DECODE_CONTEXT_BOUNDS_DEFAULT if _small_gqa(config) else ()
     if raw.strip().lower() in ("", "0", "none"):
         return ()
     try:

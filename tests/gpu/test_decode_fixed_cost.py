@@ -63,7 +63,7 @@ def _greedy(llm, max_tokens: int = 80) -> list[list[int]]:
     return [llm.generate([_prompt(n, s)], params, use_tqdm=False)[0].outputs[0].token_ids for n, s in PROMPTS]
 
 
-# the MoE preset too: its default has no short-context graphs (backend_selection._small_dense), the A/B sets them
+# the MoE preset too: short-context graphs by default since 2026-12-03 (backend_selection._small_gqa)
 @pytest.mark.parametrize("model", [*MODELS, "qwen3-30b-a3b"])
 def test_short_context_graphs_keep_greedy_tokens_fp32(model, monkeypatch):
     # fp32: no GEMV or fold runs, so only the attention split counts differ between the three

@@ -169,15 +169,20 @@ def test_gemv_of_a_wide_row_with_fewer_rows_a_program(monkeypatch, block_n):
 def test_prefetch_switch_from_the_environment(monkeypatch):
     from meshserve.kernels.triton_gemv import gemv_prefetch
 
+    def kinds():
+        return tuple(gemv_prefetch(kind) for kind in ("dense", "moe"))
+
     monkeypatch.delenv("MESHSERVE_GEMV_PREFETCH", raising=False)
-    assert not gemv_prefetch("dense") and not gemv_prefetch("moe")  # off until measured
-    for value, dense, moe in (("dense", True, False), ("moe", False, True), ("all", True, True), ("1", True, True),
-                              ("0", False, False)):
+    assert kinds() == (True, False)  # the dense GEMV's, measured faster on the H200
+    for value, expected in (("dense", (True, False)), ("moe", (False, True)), (" MOE , dense", (True, True)),
+                            ("all", (True, True)), ("1", (True, True)), ("0", (False, False)),
+                            ("none", (False, False)), ("", (True, False))):
         monkeypatch.setenv("MESHSERVE_GEMV_PREFETCH", value)
-        assert (gemv_prefetch("dense"), gemv_prefetch("moe")) == (dense, moe), value
-    monkeypatch.setenv("MESHSERVE_GEMV_PREFETCH", "yes")
-    with pytest.raises(ValueError, match="MESHSERVE_GEMV_PREFETCH"):
-        gemv_prefetch("dense")
+        assert kinds() == expected, value
+    for bad in ("yes", "dense,fp8"):
+        monkeypatch.setenv("MESHSERVE_GEMV_PREFETCH", bad)
+        with pytest.raises(ValueError, match="MESHSERVE_GEMV_PREFETCH"):
+            gemv_prefetch("dense")
 
 
 @interp

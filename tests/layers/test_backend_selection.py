@@ -81,20 +81,22 @@ def test_fixed_cost_switches(monkeypatch):
             select_kernels(gpu)
 
 
-def test_short_context_graphs_by_default_for_small_dense_models(monkeypatch):
-    """Short-context decode-graph variants are on by default where a batch-1 step is launch-bound (dense, hidden
-    size <= 2,048: pdl.auto_enables' rule), off for larger or MoE models and off the GPU; the switch overrides."""
+def test_short_context_graphs_by_default_for_small_models(monkeypatch):
+    """Short-context decode-graph variants are on by default where a batch-1 step is launch-bound (hidden size <=
+    2,048: pdl.auto_enables' rule; dense or MoE), off for larger models, MLA models and off the GPU; the switch
+    overrides."""
     import dataclasses
     import types
 
-    def gpu(hidden, experts=0):
-        hf = types.SimpleNamespace(hidden_size=hidden, num_local_experts=experts)
+    def gpu(hidden, experts=0, kv_lora_rank=None):
+        hf = types.SimpleNamespace(hidden_size=hidden, num_local_experts=experts, kv_lora_rank=kv_lora_rank)
         config = _config(device="cuda", dtype="bfloat16")
         return dataclasses.replace(config, model_config=dataclasses.replace(config.model_config, hf_config=hf))
 
     assert select_kernels(gpu(1024)).decode_context_bounds == (256, 1024)
     assert select_kernels(gpu(4096)).decode_context_bounds == ()
-    assert select_kernels(gpu(2048, experts=128)).decode_context_bounds == ()
+    assert select_kernels(gpu(2048, experts=128)).decode_context_bounds == (256, 1024)
+    assert select_kernels(gpu(2048, experts=64, kv_lora_rank=512)).decode_context_bounds == ()
     assert select_kernels(dataclasses.replace(gpu(1024), enforce_eager=True)).decode_context_bounds == ()
     monkeypatch.setenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", "0")
     assert select_kernels(gpu(1024)).decode_context_bounds == ()
@@ -201,9 +203,9 @@ def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
         assert select_kernels(_model_config(2048, num_experts=128)).pdl
         assert select_kernels(_model_config(2048, num_local_experts=8)).pdl
         assert not select_kernels(_model_config(4096, num_local_experts=8)).pdl
-        # the norm fold and the short-context graphs stay dense-only
+        # the norm fold stays dense-only; the short-context graphs take MoE models too (measured 2026-12-03)
         moe = select_kernels(_model_config(2048, num_experts=128))
-        assert not moe.norm_fold and moe.decode_context_bounds == ()
+        assert not moe.norm_fold and moe.decode_context_bounds == (256, 1024)
         assert not select_kernels(_model_config(1024, device="cpu")).pdl
     # 1 and 0 keep their meaning whatever the model; the variants ride along
     monkeypatch.setenv("MESHSERVE_PDL", "1")

@@ -37,6 +37,7 @@ order are unchanged, so the output is the same bit for bit. H200 W1, 2026-12-03,
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -183,17 +184,23 @@ def gemv_prefetch(kind: str) -> bool:
     default "dense", the one measured faster on the H200 (module docstring). Read at each launch, as wide_tile
     (graphs capture launches once). The same loop in the fp8-weight GEMV (4 x 2,048 tiles on 4 warps, ~106
     registers before it) cost W1 Llama-3.1-8B fp8 24% (332.8 -> 253.9 tok/s, H200 2026-12-03) and was removed."""
-    value = os.environ.get(PREFETCH_ENV, PREFETCH_DEFAULT).strip().lower() or PREFETCH_DEFAULT
+    return kind in _prefetch_kinds(os.environ.get(PREFETCH_ENV, PREFETCH_DEFAULT))
+
+
+@functools.cache
+def _prefetch_kinds(raw: str) -> frozenset[str]:
+    """MESHSERVE_GEMV_PREFETCH's value as its set of kinds, parsed once per value (gemv_prefetch runs at every
+    eager launch)."""
+    value = raw.strip().lower() or PREFETCH_DEFAULT
     if value in ("all", "1"):
-        kinds = set(PREFETCH_KINDS)
-    elif value in ("0", "none"):
-        kinds = set()
-    else:
-        kinds = {k.strip() for k in value.split(",")}
-        if not kinds <= set(PREFETCH_KINDS):
-            raise ValueError(f"{PREFETCH_ENV}={value!r}: expected a comma-separated set of "
-                             f"{', '.join(PREFETCH_KINDS)}, or all, or 0")
-    return kind in kinds
+        return frozenset(PREFETCH_KINDS)
+    if value in ("0", "none"):
+        return frozenset()
+    kinds = frozenset(k.strip() for k in value.split(","))
+    if not kinds <= set(PREFETCH_KINDS):
+        raise ValueError(f"{PREFETCH_ENV}={value!r}: expected a comma-separated set of "
+                         f"{', '.join(PREFETCH_KINDS)}, or all, or 0")
+    return kinds
 
 
 def _tile(k: int) -> tuple[int, int, int]:

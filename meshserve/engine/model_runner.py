@@ -332,7 +332,8 @@ class ModelRunner:
     def _greedy_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """A decode batch's greedy token ids from its hidden states, as sample() computes them for plain greedy
         rows (every row is a sampling row: its logits, then sample_rows' argmax)."""
-        with contextlib.nullcontext() if self.kernels.sample_head_pdl else pdl.plain():
+        # a decode step's head: PDL as the step's forward takes it (one-row steps only under steps="one")
+        with pdl.step_scope(True, hidden.shape[0]) if self.kernels.sample_head_pdl else pdl.plain():
             return self.model.compute_logits(hidden).argmax(dim=-1)
 
     def _stage_input(self) -> tuple[int, torch.dtype] | None:
@@ -396,7 +397,8 @@ class ModelRunner:
     def forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):
         """The model's forward inside the TP all-reduce's per-forward scope (every call site, graphs too)."""
         # PDL (kernels/pdl.py) only where the step is decode-only (by default); captures and warm-ups too
-        with tensor_parallel_forward(), pdl.step_scope(meta.is_decode_only):
+        rows = next((t.shape[0] for t in (positions, input_ids) if t is not None), None)  # (a PP stage: no ids)
+        with tensor_parallel_forward(), pdl.step_scope(meta.is_decode_only, rows):
             return self.model(input_ids, positions, meta, intermediate)
 
     def _graphs_for(self, input_ids, meta) -> DecodeGraphs | MixedStepGraphs | None:

@@ -32,6 +32,15 @@ def _triton_gemv():
 
 
 @functools.cache
+def _triton_norm_row_gemv():
+    try:
+        from meshserve.kernels import triton_norm_row_gemv
+    except ImportError:
+        return None
+    return triton_norm_row_gemv
+
+
+@functools.cache
 def _triton_skinny_gemv():
     try:
         from meshserve.kernels import triton_skinny_gemv
@@ -83,6 +92,15 @@ def gemv_for(x: torch.Tensor, weight: torch.Tensor, enabled: bool):
             and weight.dtype == x.dtype):
         return _triton_gemv()
     return None
+
+
+def norm_row_gemv_for(x: torch.Tensor, weight: torch.Tensor, enabled: bool):
+    """The one-launch norm + GEMV module (kernels/triton_norm_row_gemv.py) where gemv_for serves x and the
+    weight's rows are short enough for it to hold whole, else None."""
+    if gemv_for(x, weight, enabled) is None:
+        return None
+    mod = _triton_norm_row_gemv()
+    return mod if mod is not None and mod.fits(weight.shape[1]) else None
 
 
 def skinny_gemv_for(x: torch.Tensor, weight: torch.Tensor, enabled: bool):

@@ -43,6 +43,10 @@ The variants below (selected by the environment in layers/backend_selection.py) 
                       as before 2026-12-03, when only the dense kernels had PDL). H200 W1 Qwen3-30B-A3B:
                       off 330.6, launch 345.3, preload 349.3 tok/s (2026-12-03)
 
+Llama-3.1-8B-sized dense models (hidden size above 2,048, 16-bit weights) take PDL in one-row decode steps only,
+without the GEMV's preload of a partial row (auto_policy; H200 2026-12-04, two processes each: W1 221.1 -> 229.3
+tok/s, where W2 lost 0.8% and fp8 weights' W1 3% with it on in every decode step).
+
 Steps that carry prompt tokens run without PDL by default (`steps="decode"`; MESHSERVE_PDL_STEPS=all keeps it on
 in every step): W3 on Qwen3-0.6B, one H200, 2026-12-02, mixed steps of ~254 decode rows + ~1,024 prompt tokens
 took 9.6-10.2 ms with PDL against 8.46 ms without (same SM clock), while decode-only steps were faster with it
@@ -73,7 +77,7 @@ import torch
 GDC_OFF, GDC_EARLY, GDC_LATE = False, 1, 2
 TRIGGERS = ("early", "late")
 PRELOADS = ("all", "none", "row")
-STEPS = ("decode", "all")  # which forwards PDL applies to: decode-only steps, or every step
+STEPS = ("decode", "all", "one")  # which forwards PDL applies to: decode-only steps, every step, one-row decodes
 MOES = ("preload", "launch", "off")  # the MoE layer's launches: PDL with the down GEMV's preload, PDL, plain
 # the host's occupancy model for one_wave_only: Hopper's per-SM limits, and a register budget a thread of these
 # kernels stays under (the PDL GEMV: 61 at 8 warps, 56 at 4; the norm and SiLU kernels fewer)
@@ -88,7 +92,7 @@ class PdlPolicy:
     trigger: str = "early"  # "early" | "late": where gdc_launch_dependents goes
     one_wave_only: bool = False  # PDL only for grids that fit in one wave
     preload: str = "all"  # "all" | "none" | "row": when the GEMV preloads weights before the wait
-    steps: str = "decode"  # "decode" | "all": PDL in decode-only forwards, or in prompt-carrying ones too
+    steps: str = "decode"  # "decode" | "all" | "one": PDL in decode-only forwards, every forward, one-row decodes
     moe: str = "preload"  # "preload" | "launch" | "off": the MoE layer's routing and MoE GEMV launches
 
     def __post_init__(self):
@@ -136,12 +140,16 @@ _step = threading.local()  # .plain: this thread's current forward carries promp
 
 
 @contextlib.contextmanager
-def step_scope(decode_only: bool):
+def step_scope(decode_only: bool, rows: int | None = None):
     """Mark the forward run inside the block (this thread): a step carrying prompt tokens launches its kernels
     plain under the policy's steps="decode" (the default), whatever the switch; a decode-only step as the
-    switch says. Nested scopes restore the outer mark."""
+    switch says; under steps="one" only a decode-only step of one row (rows; None: not known, plain). Nested
+    scopes restore the outer mark."""
     before = getattr(_step, "plain", False)
-    _step.plain = not decode_only and _policy.steps == "decode"
+    if _policy.steps == "one":
+        _step.plain = not (decode_only and rows == 1)
+    else:
+        _step.plain = not decode_only and _policy.steps == "decode"
     try:
         yield
     finally:
@@ -216,6 +224,21 @@ def auto_enables(hidden_size: int | None) -> bool:
     graph's own device time, replayed back to back, is the same in every process, 0.789 ms with PDL and 1.043
     without (-24%; BENCHMARKS.md "Twenty-second session")."""
     return hidden_size is not None and hidden_size <= AUTO_MAX_HIDDEN
+
+
+def auto_policy(hidden_size: int | None, moe: bool, quantized: bool) -> dict | None:
+    """MESHSERVE_PDL=auto's PdlPolicy fields for a model, or None (PDL off). Hidden size <= AUTO_MAX_HIDDEN
+    (auto_enables): on in every decode-only step, the GEMV preloading up to 2,048 columns. Larger dense models of
+    16-bit weights: on in one-row decode steps only, the GEMV preloading only rows it holds whole (none of an
+    8B's): H200 W1 Llama-3.1-8B, two processes each, 2026-12-04: 221.1 tok/s without PDL, 229.3 with (+3.7%;
+    decode graph 4.49 -> 4.33 ms), 214.9 with the partial-row preload (its registers halve the programs an SM),
+    217.4 one_wave_only; in every decode step W2 lost 0.8% (9,619 -> 9,542 output tok/s) and with fp8 weights
+    W1 lost 3% (333.0 -> 322.9), so those stay plain. Larger MoE models (Mixtral): not measured, off."""
+    if auto_enables(hidden_size):
+        return {}
+    if hidden_size is None or moe or quantized:
+        return None
+    return {"preload": "row", "steps": "one"}
 
 
 def gdc_kwargs(x: torch.Tensor, pdl: bool | None = None, programs: int | None = None,

@@ -18,6 +18,10 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_DISABLE_FUSED_OPS=1             no fused Triton op: norm, rotary, SiLU, prologue, GEMV, sampler
   MESHSERVE_NORM_GEMV=1                     fold the residual add + RMSNorm into the QKV and gate/up GEMVs
                                             (opt-in until measured on the H200: issue 29)
+  MESHSERVE_NORM_ROW_GEMV=0                 batch 1, rows of <= 2,048 features: the residual add + RMSNorm and
+                                            the next GEMV in one launch (kernels/triton_norm_row_gemv.py), the
+                                            QKV's and an MoE block's router's (models/moe.py); on by default
+                                            (H200 W1 Qwen3-30B-A3B 353.5 -> 362.2 tok/s, 2026-12-04), 0 off
   MESHSERVE_TP_FUSED_NORM=1|pull|push       tensor parallel: each row-parallel projection's all-reduce, the
                                             residual add and the next RMSNorm in one kernel over symmetric
                                             memory (layers/all_reduce_norm.py); 1 = pull (read the peers'
@@ -35,7 +39,9 @@ Overrides (environment, read only here, for debugging and references):
                                             size is at most 2,048 (pdl.auto_enables; H200 Qwen3-0.6B W1 +26% on
                                             2026-11-30, -28% on 2026-12-01, +25% twice on 2026-12-02; MoE models
                                             since 2026-12-03: Qwen3-30B-A3B W1 +10.7%, DeepSeek-V2-Lite +3.1%);
-                                            0 off, 1 on for any model (issues 29, 23)
+                                            larger dense 16-bit models in one-row decode steps, without the
+                                            partial-row preload (pdl.auto_policy: Llama-3.1-8B W1 +3.7%,
+                                            2026-12-04); 0 off, 1 on for any model (issues 29, 23)
   MESHSERVE_PDL_TRIGGER=early|late          PDL variants under A/B (kernels/pdl.py, tools/pdl_device.sh): where
   MESHSERVE_PDL_ONE_WAVE=1                  the next kernel may launch; PDL only for one-wave grids; when the
   MESHSERVE_PDL_PRELOAD=all|none|row        GEMV preloads weights before the wait
@@ -188,6 +194,7 @@ logger = logging.getLogger(__name__)
 ATTENTION_BACKEND_ENV = "MESHSERVE_ATTENTION_BACKEND"
 DISABLE_FUSED_OPS_ENV = "MESHSERVE_DISABLE_FUSED_OPS"
 NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
+NORM_ROW_GEMV_ENV = "MESHSERVE_NORM_ROW_GEMV"
 TP_FUSED_NORM_ENV = "MESHSERVE_TP_FUSED_NORM"
 TP_FUSED_NORM_CHOICES = ("", "pull", "push")
 NORM_FOLD_ENV = "MESHSERVE_NORM_FOLD"
@@ -249,6 +256,9 @@ class KernelSelection:
     gemv: bool = False  # Triton GEMV for single 16-bit rows (batch-1 decode), SiLU fused into down_proj
     skinny_gemv: bool = False  # Triton GEMV for 2-16 16-bit rows (speculative verify at small batch)
     norm_gemv: bool = False  # residual add + RMSNorm inside the QKV / gate_up GEMV (layers/norm_linear.py)
+    # ... in one launch where the GEMV holds whole rows (<= 2,048 features), the MoE router's GEMV too
+    # (kernels/triton_norm_row_gemv.py; whether or not norm_gemv is on)
+    norm_row_gemv: bool = False
     # TP all-reduce + residual add + RMSNorm in one kernel after o_proj / down_proj (layers/all_reduce_norm.py):
     # "" off, "pull" or "push" (TP_FUSED_NORM_CHOICES)
     tp_fused_norm: str = ""
@@ -429,18 +439,24 @@ def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
     """MESHSERVE_PDL (0 / 1 / auto, the default: by the model's hidden size, dense or MoE) and the variants'
     switches."""
     mode = os.environ.get(PDL_ENV, "").strip().lower() or "auto"
+    auto = {}
     if mode == "auto":
-        enabled = _small(config)
+        text = _text_config(config)
+        quantized = bool(config.model_config.quantization or getattr(text, "quantization_config", None)
+                         or getattr(config.model_config.hf_config, "quantization_config", None))
+        auto = pdl.auto_policy(getattr(text, "hidden_size", None), num_experts(text) > 0, quantized)
+        enabled = auto is not None
     else:
         enabled = mode != "0"
+    auto = auto or {}
     moe = os.environ.get(PDL_MOE_ENV, "").strip().lower() or "preload"
     moe = "off" if moe == "0" else moe
     return PdlPolicy(
         enabled=on_cuda and enabled,
         trigger=os.environ.get(PDL_TRIGGER_ENV, "").strip().lower() or "early",
         one_wave_only=os.environ.get(PDL_ONE_WAVE_ENV, "") not in ("", "0"),
-        preload=os.environ.get(PDL_PRELOAD_ENV, "").strip().lower() or "all",
-        steps=os.environ.get(PDL_STEPS_ENV, "").strip().lower() or "decode",
+        preload=os.environ.get(PDL_PRELOAD_ENV, "").strip().lower() or auto.get("preload", "all"),
+        steps=os.environ.get(PDL_STEPS_ENV, "").strip().lower() or auto.get("steps", "decode"),
         moe=moe,
     )
 
@@ -524,6 +540,8 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         gemv=gemv,
         skinny_gemv=gemv and os.environ.get(SKINNY_GEMV_ENV, "") not in ("", "0"),
         norm_gemv=gemv and fused_ops and os.environ.get(NORM_GEMV_ENV, "") not in ("", "0"),
+        # on unless "0" (H200 W1 Qwen3-30B-A3B 353.5 -> 362.2 tok/s, 2026-12-04): rows of <= 2,048 only
+        norm_row_gemv=gemv and fused_ops and os.environ.get(NORM_ROW_GEMV_ENV, "").strip() != "0",
         # off a GPU the layers take the same order with the all-reduce and the norm apart (tests the wiring)
         tp_fused_norm=_tp_fused_norm(),
         norm_fold=gemv and fused_ops and _norm_fold(config),

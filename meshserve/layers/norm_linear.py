@@ -7,14 +7,17 @@ one-program kernel for h = x + residual and 1 / rms(h), then the GEMV scaling h 
 With fp8 weights (dynamic per-token activation scales) and more than one row on a GPU, norm_linear runs the
 norm as triton_fp8_fused.rms_norm_quant_fp8 instead: the normed rows come out quantized, with their scales,
 straight into _scaled_mm (no 16-bit normed rows in memory, no separate quantization kernel).
-Where neither path applies it returns None and the caller keeps the two-module path beside it.
+With the norm_row_gemv switch and rows of <= 2,048 features both run in ONE launch instead
+(kernels/triton_norm_row_gemv.py: each GEMV program normalizes the whole row itself), whether or not norm_gemv
+is on.
+Where no path applies it returns None and the caller keeps the two-module path beside it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from meshserve.kernels.fused import fp8_fused_for, gemv_for
+from meshserve.kernels.fused import fp8_fused_for, gemv_for, norm_row_gemv_for
 from meshserve.layers.linear import LinearBase
 from meshserve.layers.norm import RMSNorm
 
@@ -29,12 +32,32 @@ def norm_linear(
     fp8 weights: the norm + per-token fp8 quantization kernel, then the projection on the fp8 rows."""
     if linear.quantized:
         return _norm_fp8_linear(norm, linear, x, residual)
-    if not linear.kernels.norm_gemv or linear.input_is_parallel:
+    kernels = linear.kernels
+    if not (kernels.norm_gemv or kernels.norm_row_gemv) or linear.input_is_parallel:
         return None
-    mod = gemv_for(x, linear.weight, True)
-    if mod is None or norm.weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
+    if norm.weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
+        return None
+    row = norm_row_gemv_for(x, linear.weight, kernels.norm_row_gemv)
+    if row is not None:
+        return row.norm_row_gemv(x, residual, norm.weight, norm.eps, linear.weight, linear.bias)[:2]
+    mod = gemv_for(x, linear.weight, kernels.norm_gemv)
+    if mod is None:
         return None
     return mod.rms_norm_gemv(x, residual, norm.weight, norm.eps, linear.weight, linear.bias)
+
+
+def norm_route(norm: RMSNorm, router: LinearBase, x: torch.Tensor, residual: torch.Tensor | None):
+    """(router(norm(x + residual)), x + residual, norm(x + residual)) in one launch (the norm_row_gemv switch,
+    one 16-bit row on a GPU, rows of <= 2,048 features): an MoE block's router logits, the new residual, and the
+    normed row its experts read; else None."""
+    if router.quantized or router.input_is_parallel or not router.kernels.norm_row_gemv:
+        return None
+    if norm.weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
+        return None
+    row = norm_row_gemv_for(x, router.weight, True)
+    if row is None:
+        return None
+    return row.norm_row_gemv(x, residual, norm.weight, norm.eps, router.weight, router.bias, normed_out=True)
 
 
 def _norm_fp8_linear(norm: RMSNorm, linear: LinearBase, x: torch.Tensor, residual: torch.Tensor | None):

@@ -146,6 +146,10 @@ class LlamaDecoderLayer(nn.Module):
         if fused is not None:
             gate_up, residual = fused
             return self.mlp.from_gate_up(gate_up), residual
+        elif hasattr(self.mlp, "norm_forward"):  # an MoE block: its router's GEMV may take the norm
+            fused = self.mlp.norm_forward(self.post_attention_layernorm, hidden, residual)
+            if fused is not None:
+                return fused
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 

@@ -12,6 +12,8 @@ from torch import nn
 
 from meshserve.layers.fused_moe import EXPERT_PROJECTIONS, FusedMoE
 from meshserve.layers.linear import ReplicatedLinear
+from meshserve.layers.norm import RMSNorm
+from meshserve.layers.norm_linear import norm_route
 from meshserve.layers.moe_routing import RoutingFunction, SoftmaxTopK
 from meshserve.models.llama import LlamaForCausalLM, LlamaMLP
 from meshserve.models.moe_config import expert_intermediate_size, is_sparse_layer, num_experts
@@ -48,6 +50,20 @@ class SparseMoeBlock(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(hidden)) * shared
             out = out + shared
         return out
+
+    def norm_forward(self, norm: RMSNorm, hidden: torch.Tensor,
+                     residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(forward(norm(hidden + residual)), hidden + residual) with the residual add, the norm and the router's
+        GEMV in one launch that also writes the normed row for the experts (layers/norm_linear.norm_route: batch
+        1, the norm_row_gemv switch), where no shared expert reads the normed row too and the router GEMV does not
+        route itself (routes_with_router); else None (the decoder layer's norm, then forward)."""
+        if self.shared_expert is not None or self.experts.routes_with_router(hidden):
+            return None
+        routed = norm_route(norm, self.gate, hidden, residual)
+        if routed is None:
+            return None
+        logits, residual, normed = routed
+        return self.experts(normed, logits), residual
 
 
 class MoeForCausalLM(LlamaForCausalLM):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import torch
+
 from meshserve.engine.model_runner import ModelRunner
 from meshserve.kernels import pdl
 
@@ -20,3 +22,10 @@ def test_forward_runs_pdl_only_in_decode_only_steps():
     with pdl.enabled(steps="all"):
         ModelRunner.forward(runner, None, None, SimpleNamespace(is_decode_only=False))
     assert seen == [True, False, True, True]
+    # steps="one" (a large dense model's auto policy): one-row decode steps only, rows from the positions
+    seen.clear()
+    with pdl.enabled(steps="one"):
+        for rows, decode_only in ((1, True), (2, True), (1, False), (None, True)):
+            positions = None if rows is None else torch.zeros(rows, dtype=torch.long)
+            ModelRunner.forward(runner, None, positions, SimpleNamespace(is_decode_only=decode_only))
+    assert seen == [True, False, False, False]

@@ -68,7 +68,9 @@ def test_pdl_keeps_bf16_decode(model, fold, monkeypatch):
 # the A/B variants of kernels/pdl.py (tools/pdl_device.sh): a late trigger or a launch gone plain must keep the
 # chain as safe as the measured layout
 VARIANTS = [{"MESHSERVE_PDL_TRIGGER": "late"}, {"MESHSERVE_PDL_ONE_WAVE": "1"},
-            {"MESHSERVE_PDL_PRELOAD": "none", "MESHSERVE_PDL_TRIGGER": "late"}, {"MESHSERVE_PDL_PRELOAD": "row"}]
+            {"MESHSERVE_PDL_PRELOAD": "none", "MESHSERVE_PDL_TRIGGER": "late"}, {"MESHSERVE_PDL_PRELOAD": "row"},
+            # a large dense model's auto policy (pdl.auto_policy): one-row decode steps, whole rows preloaded only
+            {"MESHSERVE_PDL_PRELOAD": "row", "MESHSERVE_PDL_STEPS": "one"}]
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -195,11 +195,21 @@ def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
     from meshserve.kernels.pdl import PdlPolicy
 
     # auto, the default: on for Qwen3-0.6B's 1,024 (+25% W1 on an H200) and MoE models of 2,048 (Qwen3-30B-A3B
-    # +10.7%), off for Llama-3.1-8B's 4,096 (-9%), larger MoE models, an unknown size, and CPU
+    # +10.7%) in every decode step; for Llama-3.1-8B's 4,096 in one-row decode steps without the partial-row
+    # preload (+3.7%; -9% in every decode step with it), not with quantized weights (fp8 -3%); off for larger MoE
+    # models, an unknown size, and CPU
     for mode in ("", "auto"):
         monkeypatch.setenv("MESHSERVE_PDL", mode)
-        assert select_kernels(_model_config(1024)).pdl and select_kernels(_model_config(2048)).pdl
-        assert not select_kernels(_model_config(4096)).pdl and not select_kernels(_model_config(None)).pdl
+        for hidden in (1024, 2048):
+            policy = select_kernels(_model_config(hidden)).pdl_policy
+            assert policy == PdlPolicy(enabled=True, preload="all", steps="decode")
+        assert select_kernels(_model_config(4096)).pdl_policy == PdlPolicy(enabled=True, preload="row", steps="one")
+        quantized = _model_config(4096, quantization_config={"quant_method": "fp8"})
+        assert not select_kernels(quantized).pdl
+        fp8 = _model_config(4096)
+        fp8 = dataclasses.replace(fp8, model_config=dataclasses.replace(fp8.model_config, quantization="fp8"))
+        assert not select_kernels(fp8).pdl and select_kernels(_model_config(1024)).pdl
+        assert not select_kernels(_model_config(None)).pdl
         assert select_kernels(_model_config(2048, num_experts=128)).pdl
         assert select_kernels(_model_config(2048, num_local_experts=8)).pdl
         assert not select_kernels(_model_config(4096, num_local_experts=8)).pdl

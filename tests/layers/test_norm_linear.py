@@ -168,3 +168,87 @@ def test_greedy_tokens_unchanged_with_the_fold(monkeypatch, family, tiny_model_d
     # 5 decode steps at batch 1 (the prefill gives the first token): 2 layers x (QKV + gate_up) each
     assert fake.calls == 5 * 2 * 2
     assert PLAIN.norm_gemv is False
+
+
+class CountingRowGemv(CountingGemv):
+    """A norm_row_gemv_for for CPU tests: the one-launch kernel (interpreter, 128-row programs) for single rows,
+    counting the calls and how many asked for the normed row (an MoE router's)."""
+
+    def __init__(self):
+        from meshserve.kernels import triton_norm_row_gemv
+
+        self.calls = self.routed = 0
+        run = functools.partial(triton_norm_row_gemv.norm_row_gemv, block_n=128)
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            self.routed += bool(kwargs.get("normed_out"))
+            return run(*args, **kwargs)
+
+        self.module = SimpleNamespace(norm_row_gemv=call)
+
+    def __call__(self, x, weight, enabled):
+        return self.module if enabled and x.numel() == x.shape[-1] and weight.shape[1] <= 2048 else None
+
+
+ROW = KernelSelection(gemv=True, fused_ops=True, norm_row_gemv=True)
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_one_launch_matches_norm_then_linear(monkeypatch, with_residual):
+    fake = CountingRowGemv()
+    monkeypatch.setattr(norm_linear_module, "norm_row_gemv_for", fake)
+    norm, linear = _norm_and_linear()
+    linear.kernels = ROW  # norm_gemv off: the one-launch switch alone serves
+    x, residual = 3 * torch.randn(1, 64), (torch.randn(1, 64) if with_residual else None)
+    y, new_residual = norm_linear(norm, linear, x, residual)
+    assert fake.calls == 1 and fake.routed == 0
+    normed, expected_residual = norm(x, residual) if with_residual else (norm(x), x)
+    assert torch.equal(new_residual, expected_residual)
+    torch.testing.assert_close(y, linear(normed), rtol=1e-5, atol=1e-5)
+    # the router form: the normed row comes back too
+    from meshserve.layers.linear import ReplicatedLinear
+
+    router = ReplicatedLinear(64, 8, bias=False)
+    with torch.no_grad():
+        router.weight.normal_(0.0, 0.1)
+    router.kernels = ROW
+    logits, h, normed_row = norm_linear_module.norm_route(norm, router, x, residual)
+    assert fake.routed == 1 and torch.equal(h, expected_residual)
+    torch.testing.assert_close(normed_row, normed, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits, router(normed), rtol=1e-5, atol=1e-5)
+    router.kernels = dataclasses.replace(ROW, norm_row_gemv=False)
+    assert norm_linear_module.norm_route(norm, router, x, residual) is None
+
+
+def test_moe_tokens_unchanged_with_one_launch_norms(monkeypatch, tiny_model_dir):
+    """A tiny Qwen3-MoE with MESHSERVE_NORM_ROW_GEMV's wiring: the QKV's norm and the router's (which hands its
+    normed row to the experts) each one launch at batch 1, the greedy tokens those of the plain path."""
+    path = tiny_model_dir("qwen3_moe")
+    prompt = [(5 * i + 2) % VOCAB for i in range(11)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def tokens():
+        out = LLM(model=path).generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+        return out[0].outputs[0].token_ids
+
+    plain = tokens()
+    fake = CountingRowGemv()
+    monkeypatch.setattr(norm_linear_module, "norm_row_gemv_for", fake)
+    from meshserve.engine import model_runner
+
+    select = model_runner.select_kernels
+    monkeypatch.setattr(
+        model_runner, "select_kernels", lambda config: dataclasses.replace(select(config), norm_row_gemv=True)
+    )
+    assert tokens() == plain
+    # 5 decode steps at batch 1: per layer the QKV's norm and the router's (a sparse layer) or the gate_up's (the
+    # tiny model's dense layer 1)
+    from meshserve.models.moe_config import is_sparse_layer
+
+    config = AutoConfig.from_pretrained(path)
+    sparse = sum(is_sparse_layer(config, i) for i in range(config.num_hidden_layers))
+    assert 0 < sparse < config.num_hidden_layers
+    assert fake.calls == 5 * 2 * config.num_hidden_layers
+    assert fake.routed == 5 * sparse
+    assert PLAIN.norm_row_gemv is False

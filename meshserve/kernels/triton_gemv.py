@@ -154,15 +154,24 @@ def _gemv_kernel(x_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
 MAX_PRE_K = 2048
 
 
-def wide_tile() -> tuple[int, int, int]:
-    """(block_k, num_warps, block_n) of GEMVs over rows of 2,048 and more (narrower rows: 256 on 4 warps, 4 rows a
-    program); the default 512 on 8 warps, 4 rows. MESHSERVE_GEMV_WIDE_TILE="block_k,num_warps[,block_n]" for A/Bs
-    (read at each launch: graphs capture launches once; block_n applies to gemv's launches: the MoE GEMV's down
-    kernel ran 7% faster with one row a program than four, 2026-12-03). The 2026-12-03 A/B on the H200 (W1
-    Qwen3-30B-A3B and Llama-3.1-8B): 256 on 4 warps 2.5% and 7% slower, 512 on 4 the same as the default."""
+# rows of at least this many features take the wide tile on 4 warps instead of 8 (wide_tile)
+WIDE_FOUR_WARPS_K = 4096
+
+
+def wide_tile(k: int = WIDE_FOUR_WARPS_K) -> tuple[int, int, int]:
+    """(block_k, num_warps, block_n) of GEMVs over rows of k >= 2,048 features (narrower rows: 256 on 4 warps, 4
+    rows a program): 512 columns a trip, 4 rows, on 4 warps from WIDE_FOUR_WARPS_K up and on 8 below.
+    MESHSERVE_GEMV_WIDE_TILE="block_k,num_warps[,block_n]" for A/Bs (every wide row; read at each launch: graphs
+    capture launches once; block_n applies to gemv's launches: the MoE GEMV's down kernel ran 7% faster with one
+    row a program than four, 2026-12-03). H200 W1, two processes each: on 2026-12-03 (8 warps everywhere, PDL off
+    on the 8B) 256 on 4 warps was 2.5% (Qwen3-30B-A3B) and 7% (Llama-3.1-8B) slower and 512 on 4 the same; on
+    2026-12-04 (the prefetched loop, PDL on the 8B's one-row steps) 512 on 4 for every wide row: Llama-3.1-8B
+    229.6 -> 230.9 tok/s (decode graph 4.328 -> 4.304 ms), Qwen3-30B-A3B 362.0 -> 362.9 (its o_proj, K 4,096),
+    Qwen3-0.6B 1,103.1 -> 1,096.5 (its down_proj, K 3,072, where the PDL preload holds 2,048 columns): hence
+    by K. 1,024 on 8 warps: 224.8 on the 8B."""
     spec = os.environ.get("MESHSERVE_GEMV_WIDE_TILE", "")
     if not spec:
-        return 512, 8, 4
+        return 512, (4 if k >= WIDE_FOUR_WARPS_K else 8), 4
     values = spec.split(",")
     try:
         if len(values) not in (2, 3):
@@ -204,7 +213,7 @@ def _prefetch_kinds(raw: str) -> frozenset[str]:
 
 
 def _tile(k: int) -> tuple[int, int, int]:
-    return wide_tile() if k >= 2048 else (256, 4, 4)
+    return wide_tile(k) if k >= 2048 else (256, 4, 4)
 
 
 def _launch(x: torch.Tensor, n: int, k: int, block_n: int, pdl: bool | None) -> tuple[int, int, dict, int]:

@@ -117,11 +117,12 @@ compile(_residual_rms_kernel, dict(x_ptr=p, res_ptr=p, res_out_ptr=p, inv_ptr="*
         dict(HAS_RESIDUAL=False, BLOCK=1024, USE_GDC=False), 4, floats=("eps",))
 compile(_gemv_kernel, dict(x_ptr=p, inv_ptr="*fp32", nw_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p),
         dict(HAS_BIAS=False, GATED=False, NORMED=True, BLOCK_N=4, BLOCK_K=256, PRE_K=0, USE_GDC=False), 4)
-# the prefetched loop (MESHSERVE_GEMV_PREFETCH), plain and gated
+# the prefetched loop (MESHSERVE_GEMV_PREFETCH), plain and gated, on the wide tile's 8 and 4 warps
 for gated in (False, True):
-    compile(_gemv_kernel, dict(x_ptr=p, inv_ptr="*fp32", nw_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p),
-            dict(HAS_BIAS=False, GATED=gated, NORMED=False, BLOCK_N=4, BLOCK_K=512, PRE_K=0, PREFETCH=True,
-                 USE_GDC=False), 8)
+    for warps in (8, 4):
+        compile(_gemv_kernel, dict(x_ptr=p, inv_ptr="*fp32", nw_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p),
+                dict(HAS_BIAS=False, GATED=gated, NORMED=False, BLOCK_N=4, BLOCK_K=512, PRE_K=0, PREFETCH=True,
+                     USE_GDC=False), warps)
 print("compiled")
 """
 
@@ -145,11 +146,12 @@ def test_rms_norm_gemv_gpu(dtype, n, k, with_residual):
 def test_wide_tile_from_the_environment(monkeypatch):
     from meshserve.kernels.triton_gemv import wide_tile
 
-    assert wide_tile() == (512, 8, 4)
+    assert wide_tile() == wide_tile(4096) == wide_tile(14336) == (512, 4, 4)  # Llama-3.1-8B's rows
+    assert wide_tile(2048) == wide_tile(3072) == (512, 8, 4)  # Qwen3-30B-A3B's, Qwen3-0.6B's down_proj
     monkeypatch.setenv("MESHSERVE_GEMV_WIDE_TILE", "256,4")
     assert wide_tile() == (256, 4, 4)
     monkeypatch.setenv("MESHSERVE_GEMV_WIDE_TILE", "512,8,2")
-    assert wide_tile() == (512, 8, 2)
+    assert wide_tile() == wide_tile(2048) == (512, 8, 2)
     monkeypatch.setenv("MESHSERVE_GEMV_WIDE_TILE", "256")
     with pytest.raises(ValueError, match=r"block_k,num_warps\[,block_n\]"):
         wide_tile()

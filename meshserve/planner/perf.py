@@ -140,19 +140,31 @@ def layer_comm(model: ModelSpec, layout: Layout, gpu: GpuSpec, tokens: int, laye
     return comm_s, ep_bytes
 
 
-# the engine's PDL rule (kernels/pdl.auto_enables: batch-1 decode kernels chained with programmatic dependent
-# launch for models of hidden size <= 2,048, dense or MoE), kept here as a number: the planner imports no engine
-# code (tests/planner/test_perf.py checks the two agree)
+# the engine's PDL rule (kernels/pdl.auto_policy: batch-1 decode kernels chained with programmatic dependent
+# launch for models of hidden size <= 2,048, dense or MoE, and since 2026-12-04 for larger dense models of 16-bit
+# weights in one-row decode steps), kept here as numbers: the planner imports no engine code
+# (tests/planner/test_perf.py checks the two agree)
 PDL_MAX_HIDDEN = 2048
+PDL_WEIGHT_DTYPES = ("bf16", "fp16")
 
 
-def layer_overhead_s(model: ModelSpec, gpu: GpuSpec, batch: int) -> float:
+def chains_with_pdl(model: ModelSpec, weight_dtype: str, tp: int) -> bool:
+    """Whether the engine's batch-1 decode steps of this model run under PDL: hidden size <= PDL_MAX_HIDDEN, or a
+    dense model of 16-bit weights (kernels/pdl.auto_policy). The large dense models' case is measured at TP=1 only
+    (H200 W1 Llama-3.1-8B, 2026-12-04), so a TP layout of one keeps the plain per-layer cost (its fit holds the
+    all-reduces too)."""
+    if model.hidden_size <= PDL_MAX_HIDDEN:
+        return True
+    return model.num_experts == 0 and weight_dtype in PDL_WEIGHT_DTYPES and tp == 1
+
+
+def layer_overhead_s(model: ModelSpec, gpu: GpuSpec, batch: int, weight_dtype: str = "bf16", tp: int = 1) -> float:
     """The fixed time per layer of a decode step: the GPU's layer_overhead_us, or at batch 1 for a model the
-    engine chains with PDL (the GEMV path, every launch's start under the one before) its layer_overhead_pdl_us
-    where the catalog has one. H200, W1, 2026-12-03: Qwen3-0.6B 22.6 and Qwen3-30B-A3B 28.5 us a layer above the
-    bytes at the fitted efficiency, against Llama-3.1-8B's 34.7 (no PDL; the catalog's 40 is the 2 x H200 fit
-    of 2026-11-30)."""
-    if batch == 1 and gpu.layer_overhead_pdl_us is not None and model.hidden_size <= PDL_MAX_HIDDEN:
+    engine chains with PDL (chains_with_pdl: the GEMV path, every launch's start under the one before) its
+    layer_overhead_pdl_us where the catalog has one. H200, W1: Qwen3-0.6B 22.6 and Qwen3-30B-A3B 28.5 us a layer
+    above the bytes at the fitted efficiency (2026-12-03); Llama-3.1-8B 34.7 without PDL (2026-12-03; the
+    catalog's 40 is the 2 x H200 fit of 2026-11-30) and 23.7 with it (230.9 tok/s, 2026-12-04)."""
+    if batch == 1 and gpu.layer_overhead_pdl_us is not None and chains_with_pdl(model, weight_dtype, tp):
         return gpu.layer_overhead_pdl_us * 1e-6
     return gpu.layer_overhead_us * 1e-6
 
@@ -176,8 +188,9 @@ def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int
 
     comm_s, ep_bytes = layer_comm(model, layout, gpu, batch, shard.num_layers, shard.num_moe_layers,
                                   gpus_per_node, in_graph=cuda_graphs)
-    return StepTime(memory_s, compute_s, comm_s, shard.num_layers * layer_overhead_s(model, gpu, batch), ep_bytes, batch,
-                    shard.num_moe_layers, cuda_graphs and layout.ep > 1 and layout.dp == 1)
+    overhead_s = shard.num_layers * layer_overhead_s(model, gpu, batch, weight_dtype, layout.tp)
+    return StepTime(memory_s, compute_s, comm_s, overhead_s, ep_bytes, batch, shard.num_moe_layers,
+                    cuda_graphs and layout.ep > 1 and layout.dp == 1)
 
 
 def pp_hop_s(model: ModelSpec, gpu: GpuSpec, tokens: int) -> float:

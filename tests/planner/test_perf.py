@@ -227,7 +227,15 @@ def test_pdl_overhead_applies_at_batch_one_to_the_models_the_engine_chains_with_
     gpu = dataclasses.replace(get_gpu("H200"), layer_overhead_us=40.0, layer_overhead_pdl_us=24.0)
     small, moe, large = load_model("qwen3-0.6b"), load_model("qwen3-30b-a3b"), load_model("llama-3.1-8b")
     assert layer_overhead_s(small, gpu, 1) == layer_overhead_s(moe, gpu, 1) == pytest.approx(24e-6)
-    assert layer_overhead_s(large, gpu, 1) == layer_overhead_s(small, gpu, 8) == pytest.approx(40e-6)
+    # the 8B: PDL in its one-row steps with 16-bit weights at TP=1 (pdl.auto_policy), not fp8, not at TP=2
+    assert layer_overhead_s(large, gpu, 1) == pytest.approx(24e-6)
+    assert pdl.auto_policy(large.hidden_size, moe=False, quantized=False) is not None
+    assert pdl.auto_policy(large.hidden_size, moe=False, quantized=True) is None
+    assert pdl.auto_policy(large.hidden_size, moe=True, quantized=False) is None
+    assert layer_overhead_s(large, gpu, 1, "fp8") == layer_overhead_s(large, gpu, 1, "bf16", tp=2) == pytest.approx(40e-6)
+    assert layer_overhead_s(large, gpu, 8) == layer_overhead_s(small, gpu, 8) == pytest.approx(40e-6)
+    mixtral = dataclasses.replace(large, num_experts=8)  # a large MoE model: not chained
+    assert layer_overhead_s(mixtral, gpu, 1) == pytest.approx(40e-6)
     # no PDL figure in the catalog: the one overhead everywhere
     plain = dataclasses.replace(gpu, layer_overhead_pdl_us=None)
     assert layer_overhead_s(small, plain, 1) == pytest.approx(40e-6)
@@ -236,5 +244,7 @@ def test_pdl_overhead_applies_at_batch_one_to_the_models_the_engine_chains_with_
     fast = predict(small, Layout(1, 1, 1), gpu, 1, w1).decode_tok_per_s
     slow = predict(small, Layout(1, 1, 1), plain, 1, w1).decode_tok_per_s
     assert fast > slow
-    assert predict(large, Layout(1, 1, 1), gpu, 1, w1).decode_tok_per_s == pytest.approx(
-        predict(large, Layout(1, 1, 1), plain, 1, w1).decode_tok_per_s)
+    assert predict(large, Layout(1, 1, 1), gpu, 1, w1).decode_tok_per_s > predict(
+        large, Layout(1, 1, 1), plain, 1, w1).decode_tok_per_s
+    assert predict(large, Layout(2, 1, 1), gpu, 1, w1).decode_tok_per_s == pytest.approx(
+        predict(large, Layout(2, 1, 1), plain, 1, w1).decode_tok_per_s)

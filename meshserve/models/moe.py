@@ -12,9 +12,9 @@ from torch import nn
 
 from meshserve.layers.fused_moe import EXPERT_PROJECTIONS, FusedMoE
 from meshserve.layers.linear import ReplicatedLinear
+from meshserve.layers.moe_routing import RoutingFunction, SoftmaxTopK
 from meshserve.layers.norm import RMSNorm
 from meshserve.layers.norm_linear import norm_route
-from meshserve.layers.moe_routing import RoutingFunction, SoftmaxTopK
 from meshserve.models.llama import LlamaForCausalLM, LlamaMLP
 from meshserve.models.moe_config import expert_intermediate_size, is_sparse_layer, num_experts
 

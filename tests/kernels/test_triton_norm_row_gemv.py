@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.kernels.sm90 import assert_compiles_for_sm90
+from tests.kernels.test_triton_gemv import _inputs  # the same rows, norm weights and projections
 
 _HAS_CUDA = torch.cuda.is_available()
 
@@ -20,16 +21,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
 gpu = pytest.mark.gpu
-
-
-def _inputs(device, dtype, n, k, with_residual, with_bias, seed=0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    x = (3 * torch.randn(1, k, generator=g, device=device)).to(dtype)
-    residual = torch.randn(1, k, generator=g, device=device).to(dtype) if with_residual else None
-    norm_weight = (1 + 0.2 * torch.randn(k, generator=g, device=device)).to(dtype)
-    weight = (0.05 * torch.randn(n, k, generator=g, device=device)).to(dtype)
-    bias = torch.randn(n, generator=g, device=device).to(dtype) if with_bias else None
-    return x, residual, norm_weight, weight, bias
 
 
 def _check(device, dtype, n, k, with_residual, with_bias, normed_out=True, block_n=4, pdl=None):
@@ -60,6 +51,7 @@ def _check(device, dtype, n, k, with_residual, with_bias, normed_out=True, block
         ulp = torch.finfo(dtype).eps * expected_normed.abs().float() * 2
         assert ((normed.float() - expected_normed.float()).abs() <= ulp).all()
         differ = int((normed != expected_normed).sum())
+        torch.testing.assert_close(normed.float(), ref_normed.float(), atol=0, rtol=2 * torch.finfo(dtype).eps)
     else:
         assert normed is None
     tol = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps

@@ -145,9 +145,9 @@ def test_layers_fold_only_their_own_projections():
     assert names.count("self_attn.qkv_proj") == 1 and not any("fold" in n for n in names)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_greedy_tokens_unchanged_with_the_fold(monkeypatch, family, tiny_model_dir):
-    path = tiny_model_dir(family)
+def _tokens_plain_and_switched(monkeypatch, path, module_attr, fake, **switches):
+    """Greedy tokens of a tiny checkpoint (9 prompt tokens, 6 new: 5 batch-1 decode steps) with the plain kernel
+    selection, then with `switches` on and norm_linear's `module_attr` (a *_for lookup) replaced by `fake`."""
     prompt = [(7 * i + 3) % VOCAB for i in range(9)]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
@@ -156,15 +156,20 @@ def test_greedy_tokens_unchanged_with_the_fold(monkeypatch, family, tiny_model_d
         return out[0].outputs[0].token_ids
 
     plain = tokens()
-    fake = CountingGemv()
-    monkeypatch.setattr(norm_linear_module, "gemv_for", fake)
+    monkeypatch.setattr(norm_linear_module, module_attr, fake)
     from meshserve.engine import model_runner
 
     select = model_runner.select_kernels
-    monkeypatch.setattr(
-        model_runner, "select_kernels", lambda config: dataclasses.replace(select(config), norm_gemv=True)
-    )
-    assert tokens() == plain
+    monkeypatch.setattr(model_runner, "select_kernels", lambda config: dataclasses.replace(select(config), **switches))
+    return plain, tokens()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_tokens_unchanged_with_the_fold(monkeypatch, family, tiny_model_dir):
+    fake = CountingGemv()
+    plain, switched = _tokens_plain_and_switched(monkeypatch, tiny_model_dir(family), "gemv_for", fake,
+                                                 norm_gemv=True)
+    assert switched == plain
     # 5 decode steps at batch 1 (the prefill gives the first token): 2 layers x (QKV + gate_up) each
     assert fake.calls == 5 * 2 * 2
     assert PLAIN.norm_gemv is False
@@ -225,23 +230,9 @@ def test_moe_tokens_unchanged_with_one_launch_norms(monkeypatch, tiny_model_dir)
     """A tiny Qwen3-MoE with MESHSERVE_NORM_ROW_GEMV's wiring: the QKV's norm and the router's (which hands its
     normed row to the experts) each one launch at batch 1, the greedy tokens those of the plain path."""
     path = tiny_model_dir("qwen3_moe")
-    prompt = [(5 * i + 2) % VOCAB for i in range(11)]
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-
-    def tokens():
-        out = LLM(model=path).generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
-        return out[0].outputs[0].token_ids
-
-    plain = tokens()
     fake = CountingRowGemv()
-    monkeypatch.setattr(norm_linear_module, "norm_row_gemv_for", fake)
-    from meshserve.engine import model_runner
-
-    select = model_runner.select_kernels
-    monkeypatch.setattr(
-        model_runner, "select_kernels", lambda config: dataclasses.replace(select(config), norm_row_gemv=True)
-    )
-    assert tokens() == plain
+    plain, switched = _tokens_plain_and_switched(monkeypatch, path, "norm_row_gemv_for", fake, norm_row_gemv=True)
+    assert switched == plain
     # 5 decode steps at batch 1: per layer the QKV's norm and the router's (a sparse layer) or the gate_up's (the
     # tiny model's dense layer 1)
     from meshserve.models.moe_config import is_sparse_layer

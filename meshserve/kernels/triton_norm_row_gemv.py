@@ -19,6 +19,8 @@ decode 9% slower (triton_gemv's docstring); here the row and the statistics ride
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -34,6 +36,22 @@ MAX_ROW_K = 2048
 
 def fits(k: int) -> bool:
     return k <= MAX_ROW_K
+
+
+def row_tile(block_k: int) -> tuple[int, int]:
+    """(rows a program, warps) for rows padded to block_k: 4 rows on 8 warps from 2,048 (rms_norm's warps for the
+    row, the dense GEMV's tile), 4 on 4 below; MESHSERVE_NORM_ROW_TILE="block_n,num_warps" for A/Bs (read at each
+    launch: graphs capture launches once). Measured only at the default (H200 W1, 2026-12-04)."""
+    spec = os.environ.get("MESHSERVE_NORM_ROW_TILE", "")
+    if not spec:
+        return 4, (8 if block_k >= 2048 else 4)
+    try:
+        block_n, num_warps = (int(v) for v in spec.split(","))
+        if block_n < 1 or num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"MESHSERVE_NORM_ROW_TILE={spec!r}: expected block_n,num_warps") from None
+    return block_n, num_warps
 
 
 def norm_row_gemv_ref(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
@@ -85,10 +103,10 @@ def _norm_row_gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_out_ptr
 
 def norm_row_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                   weight: torch.Tensor, bias: torch.Tensor | None = None, *, normed_out: bool = False,
-                  block_n: int = 4, pdl: bool | None = None):
+                  block_n: int | None = None, pdl: bool | None = None):
     """norm_row_gemv_ref for one row x [..., K] with K <= MAX_ROW_K (residual alike, or None), norm_weight [K],
     weight [N, K] all of x's dtype: returns (y [..., N], the new residual (x + residual, or x itself), the normed
-    row or None unless normed_out). pdl: as triton_gemv.gemv."""
+    row or None unless normed_out). block_n: rows a program (None: row_tile's). pdl: as triton_gemv.gemv."""
     n, k = weight.shape
     if not fits(k):
         raise ValueError(f"norm_row_gemv holds rows of at most {MAX_ROW_K} features, got {k}")
@@ -104,7 +122,8 @@ def norm_row_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
     h = torch.empty_like(x) if residual is not None else x
     normed = torch.empty_like(x) if normed_out else None
     block_k = triton.next_power_of_2(k)
-    num_warps = 8 if block_k >= 2048 else 4  # rms_norm's warps for the row (BLOCK // 256), the GEMV's tile
+    tile_n, num_warps = row_tile(block_k)
+    block_n = block_n or tile_n
     programs = triton.cdiv(n, block_n)
     _norm_row_gemv_kernel[(programs,)](
         x, residual.contiguous() if residual is not None else x, norm_weight, weight,

@@ -89,6 +89,25 @@ def test_rejects_what_it_cannot_serve():
         norm_row_gemv(long_row, None, torch.ones(MAX_ROW_K + 1), 1e-6, torch.zeros(4, MAX_ROW_K + 1))
 
 
+def test_row_tile_from_the_environment(monkeypatch):
+    from meshserve.kernels.triton_norm_row_gemv import row_tile
+
+    monkeypatch.delenv("MESHSERVE_NORM_ROW_TILE", raising=False)
+    assert row_tile(2048) == (4, 8) and row_tile(1024) == (4, 4)
+    monkeypatch.setenv("MESHSERVE_NORM_ROW_TILE", "2,4")
+    assert row_tile(2048) == row_tile(1024) == (2, 4)
+    for bad in ("2", "2,3", "0,4", "a,b"):
+        monkeypatch.setenv("MESHSERVE_NORM_ROW_TILE", bad)
+        with pytest.raises(ValueError, match="MESHSERVE_NORM_ROW_TILE"):
+            row_tile(2048)
+
+
+@interp
+def test_environment_tile_covers_every_output(monkeypatch):
+    monkeypatch.setenv("MESHSERVE_NORM_ROW_TILE", "8,4")
+    _check("cpu", torch.float32, 37, 300, with_residual=True, with_bias=True, block_n=None)
+
+
 _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget

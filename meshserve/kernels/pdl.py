@@ -226,17 +226,18 @@ def auto_enables(hidden_size: int | None) -> bool:
     return hidden_size is not None and hidden_size <= AUTO_MAX_HIDDEN
 
 
-def auto_policy(hidden_size: int | None, moe: bool, quantized: bool) -> dict | None:
+def auto_policy(hidden_size: int | None, moe: bool, quantized: bool, world_size: int = 1) -> dict | None:
     """MESHSERVE_PDL=auto's PdlPolicy fields for a model, or None (PDL off). Hidden size <= AUTO_MAX_HIDDEN
     (auto_enables): on in every decode-only step, the GEMV preloading up to 2,048 columns. Larger dense models of
-    16-bit weights: on in one-row decode steps only, the GEMV preloading only rows it holds whole (none of an
-    8B's): H200 W1 Llama-3.1-8B, two processes each, 2026-12-04: 221.1 tok/s without PDL, 229.3 with (+3.7%;
-    decode graph 4.49 -> 4.33 ms), 214.9 with the partial-row preload (its registers halve the programs an SM),
-    217.4 one_wave_only; in every decode step W2 lost 0.8% (9,619 -> 9,542 output tok/s) and with fp8 weights
-    W1 lost 3% (333.0 -> 322.9), so those stay plain. Larger MoE models (Mixtral): not measured, off."""
+    16-bit weights on one GPU (world_size: TP x PP ranks): on in one-row decode steps only, the GEMV preloading
+    only rows it holds whole (none of an 8B's): H200 W1 Llama-3.1-8B, two processes each, 2026-12-04: 221.1 tok/s
+    without PDL, 229.3 with (+3.7%; decode graph 4.49 -> 4.33 ms), 214.9 with the partial-row preload (its
+    registers halve the programs an SM), 217.4 one_wave_only; in every decode step W2 lost 0.8% (9,619 -> 9,542
+    output tok/s) and with fp8 weights W1 lost 3% (333.0 -> 322.9), so those stay plain. Not measured, so off:
+    larger MoE models (Mixtral), larger models over several GPUs (their per-layer all-reduces)."""
     if auto_enables(hidden_size):
         return {}
-    if hidden_size is None or moe or quantized:
+    if hidden_size is None or moe or quantized or world_size > 1:
         return None
     return {"preload": "row", "steps": "one"}
 

@@ -39,7 +39,7 @@ Overrides (environment, read only here, for debugging and references):
                                             size is at most 2,048 (pdl.auto_enables; H200 Qwen3-0.6B W1 +26% on
                                             2026-11-30, -28% on 2026-12-01, +25% twice on 2026-12-02; MoE models
                                             since 2026-12-03: Qwen3-30B-A3B W1 +10.7%, DeepSeek-V2-Lite +3.1%);
-                                            larger dense 16-bit models in one-row decode steps, without the
+                                            larger dense 16-bit models on one GPU in one-row decode steps, without the
                                             partial-row preload (pdl.auto_policy: Llama-3.1-8B W1 +3.7%,
                                             2026-12-04); 0 off, 1 on for any model (issues 29, 23)
   MESHSERVE_PDL_TRIGGER=early|late          PDL variants under A/B (kernels/pdl.py, tools/pdl_device.sh): where
@@ -444,7 +444,8 @@ def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
         text = _text_config(config)
         quantized = bool(config.model_config.quantization or getattr(text, "quantization_config", None)
                          or getattr(config.model_config.hf_config, "quantization_config", None))
-        auto = pdl.auto_policy(getattr(text, "hidden_size", None), num_experts(text) > 0, quantized)
+        auto = pdl.auto_policy(getattr(text, "hidden_size", None), num_experts(text) > 0, quantized,
+                               config.parallel_config.world_size)
         enabled = auto is not None
     else:
         enabled = mode != "0"

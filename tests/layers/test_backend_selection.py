@@ -203,12 +203,17 @@ def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
         for hidden in (1024, 2048):
             policy = select_kernels(_model_config(hidden)).pdl_policy
             assert policy == PdlPolicy(enabled=True, preload="all", steps="decode")
-        assert select_kernels(_model_config(4096)).pdl_policy == PdlPolicy(enabled=True, preload="row", steps="one")
+        large = select_kernels(_model_config(4096)).pdl_policy
+        assert large == PdlPolicy(enabled=True, preload="row", steps="one")
         quantized = _model_config(4096, quantization_config={"quant_method": "fp8"})
         assert not select_kernels(quantized).pdl
         fp8 = _model_config(4096)
         fp8 = dataclasses.replace(fp8, model_config=dataclasses.replace(fp8.model_config, quantization="fp8"))
         assert not select_kernels(fp8).pdl and select_kernels(_model_config(1024)).pdl
+        tp2 = _model_config(4096)
+        two_ranks = dataclasses.replace(tp2.parallel_config, tensor_parallel_size=2)
+        tp2 = dataclasses.replace(tp2, parallel_config=two_ranks)
+        assert not select_kernels(tp2).pdl  # not measured over several GPUs
         assert not select_kernels(_model_config(None)).pdl
         assert select_kernels(_model_config(2048, num_experts=128)).pdl
         assert select_kernels(_model_config(2048, num_local_experts=8)).pdl

@@ -233,8 +233,8 @@ def test_moe_tokens_unchanged_with_one_launch_norms(monkeypatch, tiny_model_dir)
     fake = CountingRowGemv()
     plain, switched = _tokens_plain_and_switched(monkeypatch, path, "norm_row_gemv_for", fake, norm_row_gemv=True)
     assert switched == plain
-    # 5 decode steps at batch 1: per layer the QKV's norm and the router's (a sparse layer) or the gate_up's (the
-    # tiny model's dense layer 1)
+    # 5 decode steps at batch 1: per layer the QKV's norm and the router's (a sparse layer) or the gate_up's
+    # (the tiny model's dense layer 1)
     from meshserve.models.moe_config import is_sparse_layer
 
     config = AutoConfig.from_pretrained(path)

@@ -232,7 +232,9 @@ def test_pdl_overhead_applies_at_batch_one_to_the_models_the_engine_chains_with_
     assert pdl.auto_policy(large.hidden_size, moe=False, quantized=False) is not None
     assert pdl.auto_policy(large.hidden_size, moe=False, quantized=True) is None
     assert pdl.auto_policy(large.hidden_size, moe=True, quantized=False) is None
-    assert layer_overhead_s(large, gpu, 1, "fp8") == layer_overhead_s(large, gpu, 1, "bf16", tp=2) == pytest.approx(40e-6)
+    assert pdl.auto_policy(large.hidden_size, moe=False, quantized=False, world_size=2) is None
+    plain_overhead = pytest.approx(40e-6)
+    assert layer_overhead_s(large, gpu, 1, "fp8") == layer_overhead_s(large, gpu, 1, "bf16", tp=2) == plain_overhead
     assert layer_overhead_s(large, gpu, 8) == layer_overhead_s(small, gpu, 8) == pytest.approx(40e-6)
     mixtral = dataclasses.replace(large, num_experts=8)  # a large MoE model: not chained
     assert layer_overhead_s(mixtral, gpu, 1) == pytest.approx(40e-6)

@@ -436,20 +436,19 @@ def _forced_switch(env: str) -> bool | None:
 
 
 def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
-    """MESHSERVE_PDL (0 / 1 / auto, the default: by the model's hidden size, dense or MoE) and the variants'
-    switches."""
+    """MESHSERVE_PDL (0 / 1 / auto, the default: pdl.auto_policy, by the model's hidden size, MoE or dense, weight
+    format and GPU count) and the variants' switches (each overrides what auto chose)."""
     mode = os.environ.get(PDL_ENV, "").strip().lower() or "auto"
-    auto = {}
+    auto: dict = {}
     if mode == "auto":
         text = _text_config(config)
         quantized = bool(config.model_config.quantization or getattr(text, "quantization_config", None)
                          or getattr(config.model_config.hf_config, "quantization_config", None))
-        auto = pdl.auto_policy(getattr(text, "hidden_size", None), num_experts(text) > 0, quantized,
-                               config.parallel_config.world_size)
-        enabled = auto is not None
+        chosen = pdl.auto_policy(getattr(text, "hidden_size", None), num_experts(text) > 0, quantized,
+                                 config.parallel_config.world_size)
+        enabled, auto = chosen is not None, chosen or {}
     else:
         enabled = mode != "0"
-    auto = auto or {}
     moe = os.environ.get(PDL_MOE_ENV, "").strip().lower() or "preload"
     moe = "off" if moe == "0" else moe
     return PdlPolicy(

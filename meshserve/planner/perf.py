@@ -148,23 +148,24 @@ PDL_MAX_HIDDEN = 2048
 PDL_WEIGHT_DTYPES = ("bf16", "fp16")
 
 
-def chains_with_pdl(model: ModelSpec, weight_dtype: str, tp: int) -> bool:
+def chains_with_pdl(model: ModelSpec, weight_dtype: str, ranks: int) -> bool:
     """Whether the engine's batch-1 decode steps of this model run under PDL: hidden size <= PDL_MAX_HIDDEN, or a
-    dense model of 16-bit weights (kernels/pdl.auto_policy). The large dense models' case is measured at TP=1 only
-    (H200 W1 Llama-3.1-8B, 2026-12-04), so a TP layout of one keeps the plain per-layer cost (its fit holds the
-    all-reduces too)."""
+    dense model of 16-bit weights on one GPU (ranks: TP x PP of a replica; kernels/pdl.auto_policy, measured on one
+    GPU only: H200 W1 Llama-3.1-8B, 2026-12-04). Layouts over several GPUs keep the plain per-layer cost (the
+    engine keeps PDL off there; their fit holds the all-reduces too)."""
     if model.hidden_size <= PDL_MAX_HIDDEN:
         return True
-    return model.num_experts == 0 and weight_dtype in PDL_WEIGHT_DTYPES and tp == 1
+    return model.num_experts == 0 and weight_dtype in PDL_WEIGHT_DTYPES and ranks == 1
 
 
-def layer_overhead_s(model: ModelSpec, gpu: GpuSpec, batch: int, weight_dtype: str = "bf16", tp: int = 1) -> float:
+def layer_overhead_s(model: ModelSpec, gpu: GpuSpec, batch: int, weight_dtype: str = "bf16",
+                     ranks: int = 1) -> float:
     """The fixed time per layer of a decode step: the GPU's layer_overhead_us, or at batch 1 for a model the
     engine chains with PDL (chains_with_pdl: the GEMV path, every launch's start under the one before) its
     layer_overhead_pdl_us where the catalog has one. H200, W1: Qwen3-0.6B 22.6 and Qwen3-30B-A3B 28.5 us a layer
     above the bytes at the fitted efficiency (2026-12-03); Llama-3.1-8B 34.7 without PDL (2026-12-03; the
     catalog's 40 is the 2 x H200 fit of 2026-11-30) and 23.7 with it (230.9 tok/s, 2026-12-04)."""
-    if batch == 1 and gpu.layer_overhead_pdl_us is not None and chains_with_pdl(model, weight_dtype, tp):
+    if batch == 1 and gpu.layer_overhead_pdl_us is not None and chains_with_pdl(model, weight_dtype, ranks):
         return gpu.layer_overhead_pdl_us * 1e-6
     return gpu.layer_overhead_us * 1e-6
 
@@ -188,7 +189,7 @@ def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int
 
     comm_s, ep_bytes = layer_comm(model, layout, gpu, batch, shard.num_layers, shard.num_moe_layers,
                                   gpus_per_node, in_graph=cuda_graphs)
-    overhead_s = shard.num_layers * layer_overhead_s(model, gpu, batch, weight_dtype, layout.tp)
+    overhead_s = shard.num_layers * layer_overhead_s(model, gpu, batch, weight_dtype, layout.tp * layout.pp)
     return StepTime(memory_s, compute_s, comm_s, overhead_s, ep_bytes, batch, shard.num_moe_layers,
                     cuda_graphs and layout.ep > 1 and layout.dp == 1)
 

@@ -35,7 +35,7 @@ def norm_linear(
     kernels = linear.kernels
     if not (kernels.norm_gemv or kernels.norm_row_gemv) or linear.input_is_parallel:
         return None
-    if norm.weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
+    if not _row_fits(norm, linear, x, residual):
         return None
     row = norm_row_gemv_for(x, linear.weight, kernels.norm_row_gemv)
     if row is not None:
@@ -52,12 +52,20 @@ def norm_route(norm: RMSNorm, router: LinearBase, x: torch.Tensor, residual: tor
     normed row its experts read; else None."""
     if router.quantized or router.input_is_parallel or not router.kernels.norm_row_gemv:
         return None
-    if norm.weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
+    if not _row_fits(norm, router, x, residual):
         return None
     row = norm_row_gemv_for(x, router.weight, True)
     if row is None:
         return None
     return row.norm_row_gemv(x, residual, norm.weight, norm.eps, router.weight, router.bias, normed_out=True)
+
+
+def _row_fits(norm: RMSNorm, linear: LinearBase, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether the norm's output is exactly the projection's input row: one dtype (rms_norm would promote a mixed
+    pair) and the norm's width the weight's K (a layer that feeds the projection more than the normed row, as
+    EAGLE-3's concatenation does, keeps its own path)."""
+    return (norm.weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)
+            and norm.weight.shape[-1] == linear.weight.shape[-1])
 
 
 def _norm_fp8_linear(norm: RMSNorm, linear: LinearBase, x: torch.Tensor, residual: torch.Tensor | None):

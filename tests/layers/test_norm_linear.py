@@ -224,6 +224,11 @@ def test_one_launch_matches_norm_then_linear(monkeypatch, with_residual):
     torch.testing.assert_close(logits, router(normed), rtol=1e-5, atol=1e-5)
     router.kernels = dataclasses.replace(ROW, norm_row_gemv=False)
     assert norm_linear_module.norm_route(norm, router, x, residual) is None
+    # a projection whose input is wider than the norm's row (EAGLE-3's concatenation): the plain path
+    wide = ColumnParallelLinear(128, 40)
+    wide.kernels = ROW
+    assert norm_linear(norm, wide, torch.randn(1, 128), None) is None
+    assert fake.calls == 2
 
 
 def test_moe_tokens_unchanged_with_one_launch_norms(monkeypatch, tiny_model_dir):

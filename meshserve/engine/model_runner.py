@@ -397,7 +397,7 @@ class ModelRunner:
     def forward(self, input_ids, positions, meta, intermediate: IntermediateTensors | None = None):
         """The model's forward inside the TP all-reduce's per-forward scope (every call site, graphs too)."""
         # PDL (kernels/pdl.py) only where the step is decode-only (by default); captures and warm-ups too
-        rows = next((t.shape[0] for t in (positions, input_ids) if t is not None), None)  # (a PP stage: no ids)
+        rows = positions.shape[0] if positions is not None else None  # (every stage has positions, not ids)
         with tensor_parallel_forward(), pdl.step_scope(meta.is_decode_only, rows):
             return self.model(input_ids, positions, meta, intermediate)
 

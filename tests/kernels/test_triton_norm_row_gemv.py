@@ -12,7 +12,7 @@ import importlib.util
 import pytest
 import torch
 
-from tests.kernels.sm90 import assert_compiles_for_sm90
+from tests.kernels.sm90 import COMPILE_SM90_PRELUDE, assert_compiles_for_sm90
 from tests.kernels.test_triton_gemv import _inputs  # the same rows, norm weights and projections
 
 _HAS_CUDA = torch.cuda.is_available()
@@ -108,25 +108,16 @@ def test_environment_tile_covers_every_output(monkeypatch):
     _check("cpu", torch.float32, 37, 300, with_residual=True, with_bias=True, block_n=None)
 
 
-_COMPILE_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_COMPILE_SM90 = COMPILE_SM90_PRELUDE + """
 from meshserve.kernels.triton_norm_row_gemv import _norm_row_gemv_kernel
 
-kernel = _norm_row_gemv_kernel
-names = list(kernel.arg_names)
 p = "*bf16"
+sig = {n: p for n in ("x_ptr", "res_ptr", "nw_ptr", "w_ptr", "b_ptr", "y_ptr", "h_out_ptr", "xn_out_ptr")}
+sig["eps"] = "fp32"
 for gdc, residual, normed, warps, block_k in ((False, True, True, 8, 2048), (1, False, False, 4, 1024),
                                                (2, True, False, 8, 2048)):
-    sig = {n: "i32" for n in names}
-    sig.update({n: p for n in ("x_ptr", "res_ptr", "nw_ptr", "w_ptr", "b_ptr", "y_ptr", "h_out_ptr", "xn_out_ptr")})
-    sig["eps"] = "fp32"
-    const = dict(HAS_RESIDUAL=residual, HAS_BIAS=False, STORE_NORMED=normed, BLOCK_N=4, BLOCK_K=block_k,
-                 USE_GDC=gdc)
-    sig.update({n: "constexpr" for n in const})
-    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+    compile_sm90(_norm_row_gemv_kernel, sig, dict(HAS_RESIDUAL=residual, HAS_BIAS=False, STORE_NORMED=normed,
+                                                  BLOCK_N=4, BLOCK_K=block_k, USE_GDC=gdc), warps, 3)
 print("compiled")
 """
 

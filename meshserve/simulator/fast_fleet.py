@@ -53,6 +53,7 @@ def fast_model_gap(
         (bool(config.replica_failures), "replica failures (failures.py)"),
         (bool(config.replica_hangs), "replica hangs (failures.py)"),
         (config.max_outstanding is not None, "the router's --max-outstanding (router_admission.py)"),
+        (config.core_latency_s > 0, "a latency inside the server (SimConfig.core_latency_s)"),
     ]
     gaps = [why for hit, why in reasons if hit]
     return ", ".join(gaps) if gaps else None

@@ -151,13 +151,14 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
                                     stages=stage_pipeline(config, model, gpu, step_cost, cost),
                                     depth=config.steps_in_flight, host=host,
                                     handoff_lag=config.pp if config.pp_token_handoff else 0,
-                                    token_hop_s=0.0 if step_cost is not None else gpu.link_latency_us * 1e-6)
+                                    token_hop_s=0.0 if step_cost is not None else gpu.link_latency_us * 1e-6,
+                                    core_latency_s=config.core_latency_s)
         return SimReplica(index, sched_cfg, cache_cfg, step_cost or cost, recorder, config.max_queue_len,
                           step_model=cost.model, fast_forward=fast_forward, light=fast_forward,
                           frontend=config.frontend_costs, api_server_count=config.api_server_count,
                           noise=None if noise is None else NoiseStream(noise, config.seed, index),
                           frontend_gate=config.frontend_gate, router=router_node, frontend_stalls=stalls,
-                          seed=config.seed)
+                          seed=config.seed, core_latency_s=config.core_latency_s)
 
     scaler = None
     if autoscale is not None:
@@ -187,7 +188,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
         if not rep.try_add(index, req, now):
             rep.outstanding -= 1  # a 429 back at the router
             if router_node is None:
-                recorder.reject_latency_s.append(now - req.arrival_s)
+                recorder.reject_latency_s.append(now - rep.core_latency_s - req.arrival_s)  # checked before the hop
             return False
         if not rep.busy:  # wake it after every arrival of this instant is queued
             rep.busy = True
@@ -221,6 +222,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
             rep = policy.choose(candidates, key)
             rep.outstanding += 1  # in flight from the router's view until it finishes or is refused
             reached = rep.intake(now, index)
+            if reached is not None:  # the hop to the core (SimConfig.core_latency_s)
+                reached += config.core_latency_s
             if reached is None:  # the API process's gate answered 429 (frontend.py): the router tries another
                 rep.outstanding -= 1
                 tried = (*tried, rep.index)

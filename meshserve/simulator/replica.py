@@ -60,7 +60,7 @@ class SimReplica:
                  step_model=None, fast_forward: bool = True, light: bool = True,
                  frontend: FrontEndCosts | None = None, api_server_count: int = 1,
                  noise: NoiseStream | None = None, frontend_gate: bool = True, router: RouterNode | None = None,
-                 frontend_stalls: FrontEndStalls | None = None, seed: int = 0):
+                 frontend_stalls: FrontEndStalls | None = None, seed: int = 0, core_latency_s: float = 0.0):
         self.index = index
         self.url = f"sim://replica-{index}"
         self.outstanding = 0
@@ -118,6 +118,9 @@ class SimReplica:
         # the core's predicted queue wait as of its last step: what the API processes predict from (the server's
         # SchedulerStats come with each step's outputs), blind to the requests sent since
         self._published_wait_s = 0.0
+        # the fleet hands the core each request this long after the API process's intake (SimConfig.core_latency_s);
+        # the server checks its TTFT before that hop, so the check's clock is read that much earlier
+        self.core_latency_s = core_latency_s
 
     # -- arrivals --------------------------------------------------------------------------------
     def intake(self, t: float, index: int = -1) -> float | None:
@@ -161,15 +164,15 @@ class SimReplica:
         if self.frontend is None:
             since = req.arrival_s
         elif self.gate:  # the server's clock starts at its arrival in the API process (frontend.py)
-            since, i = self._at_api.pop(index, (now - self.frontend.costs.per_request_s, 0))
+            since, i = self._at_api.pop(index, (now - self.core_latency_s - self.frontend.costs.per_request_s, 0))
             loop_lag = self.frontend.delay_s(i, now)[1]
         else:  # the server before the gate: its clock started at the handler, after the API process's queue
-            since = now - self.frontend.costs.per_request_s
+            since = now - self.core_latency_s - self.frontend.costs.per_request_s
         if self.scheduler.num_waiting >= self.max_queue_len:
             return False
         predicted = None
         if self.ttft_target_s is not None and self.scheduler.policy.step_model is not None:
-            predicted = self.predicted_ttft_s(req, since, loop_lag)
+            predicted = self.predicted_ttft_s(req, since + self.core_latency_s, loop_lag)
             if not self.admission.admits(predicted, self.ttft_target_s):
                 return False
         rid = str(index)

@@ -37,7 +37,7 @@ def _fp8_tiles(quick: bool):
 
     default = [("default", None)]
     if quick:
-        return {v: default for v in ("cvt", "half")}
+        return {v: default for v in ("cvt", "half", "local", "words")}
     rows = [
         ("4x1024 w8 (first kernel)", lambda n, k: GemvTiles(4, 1024, num_warps=8)),
         ("8x1024 w2", lambda n, k: GemvTiles(8, 1024, num_warps=2)),
@@ -46,9 +46,16 @@ def _fp8_tiles(quick: bool):
         ("32x256 w4", lambda n, k: GemvTiles(32, 256, num_warps=4)),
         ("16x512 w4 split2<8192", lambda n, k: GemvTiles(16, 512, split_k=2 if n < 8192 else 1)),
     ]
+    words = [
+        ("4x1024 w2", lambda n, k: GemvTiles(4, 1024, num_warps=2)),
+        ("8x2048 w8", lambda n, k: GemvTiles(8, 2048, num_warps=8)),
+        ("4x4096 w8", lambda n, k: GemvTiles(4, 4096, num_warps=8)),
+    ]
     return {
         "cvt": default + rows,
         "half": default + rows[1:3],
+        "local": default + rows[1:2],
+        "words": default + rows[1:2] + words,
     }
 
 

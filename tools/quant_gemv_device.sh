@@ -11,7 +11,7 @@ R=/tmp/quant_gemv; mkdir -p $R
 job_env() {  # NAME -> "ENV=... --quantization X" (the bench latency arguments after the model)
   case $1 in
   bf16) echo "" ;;
-  fp8_cvt | fp8_half | fp8_scaled_mm) echo "MESHSERVE_FP8_GEMV=${1#fp8_} --quantization fp8" ;;
+  fp8_cvt | fp8_half | fp8_local | fp8_words | fp8_scaled_mm) echo "MESHSERVE_FP8_GEMV=${1#fp8_} --quantization fp8" ;;
   awq_half | awq_matmul) echo "MESHSERVE_INT4_GEMV=${1#awq_} --quantization awq" ;;
   *) echo "unknown job $1" >&2; return 1 ;;
   esac

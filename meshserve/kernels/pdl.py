@@ -176,7 +176,8 @@ def resolve(pdl: bool | None) -> bool:
     return _policy.enabled and not getattr(_step, "plain", False)
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (no griddepcontrol, no inline PTX there)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -248,7 +249,7 @@ def gdc_kwargs(x: torch.Tensor, pdl: bool | None = None, programs: int | None = 
     trigger), "launch_pdl": True} when PDL is on (explicitly or by the switch) and x lives on an sm_90+ GPU outside
     the interpreter, else {"USE_GDC": False} (the kernel compiles without griddepcontrol and launches as before).
     programs / num_warps: the launch's grid size and warps, for the one_wave_only variant (None: one wave)."""
-    if not (resolve(pdl) and x.is_cuda and not _interpreting()):
+    if not (resolve(pdl) and x.is_cuda and not interpreting()):
         return {"USE_GDC": GDC_OFF}
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if not _device_supports(index):
@@ -263,7 +264,7 @@ def preload_columns(x: torch.Tensor, k: int, pdl: bool | None, gdc: dict, max_pr
     none with PDL off (the plain layout, bit for bit), under preload "none", or where the launch itself went
     plain (one_wave_only); under "row" only when the whole row fits in max_pre_k. In the interpreter the layout
     follows the switch alone (no launch there uses PDL), so CPU tests exercise it."""
-    if not resolve(pdl) or _policy.preload == "none" or (x.is_cuda and not _interpreting() and not gdc["USE_GDC"]):
+    if not resolve(pdl) or _policy.preload == "none" or (x.is_cuda and not interpreting() and not gdc["USE_GDC"]):
         return 0
     pre = min(1 << max(0, k - 1).bit_length(), max_pre_k)  # next power of two, capped
     return 0 if _policy.preload == "row" and pre < k else pre

@@ -319,7 +319,7 @@ def moe_gemv(
     gdc = pdl_mod.gdc_kwargs(x, want)
     # the preloaded layout where PDL launches it (in the interpreter: where the switch is on, so CPU tests run it)
     preload = (one_tile and num_shared == 0 and policy.moe == "preload" and policy.preload != "none"
-               and (bool(gdc["USE_GDC"]) if x.is_cuda and not pdl_mod._interpreting() else pdl_mod.resolve(want)))
+               and (bool(gdc["USE_GDC"]) if x.is_cuda and not pdl_mod.interpreting() else pdl_mod.resolve(want)))
     _gate_up_gemv_kernel[(inter.shape[0], triton.cdiv(width, cfg.gate_up_block_n))](
         x,
         w13,

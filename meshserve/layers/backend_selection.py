@@ -147,9 +147,10 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_MOE_ROUTER_FUSED=1              a softmax top-k MoE layer's router GEMV and routing in one launch at
                                             batch 1 (kernels/triton_moe_router_topk.py; the GEMV's last program
                                             routes); off until measured on the H200
-  MESHSERVE_FP8_GEMV=cvt|half|scaled_mm     the batch-1 fp8-weight projection
+  MESHSERVE_FP8_GEMV=cvt|half|local|words|scaled_mm  the batch-1 fp8-weight projection
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
-                                            step; scaled_mm: torch._scaled_mm, the activation quantized per
+                                            step; local: per 8 features; words: per weight word, the loop
+                                            rotated, PDL-ready; scaled_mm: torch._scaled_mm, the activation quantized per
                                             token); default half (H200, 2026-11-30: W1 8B 332 tok/s, cvt 294)
   MESHSERVE_PARALLEL_COMPILE=1|N|0          start-up: the warm-ups' Triton kernels compiled first, in parallel on N
                                             threads (1: one per core; kernels/parallel_compile.py,
@@ -236,7 +237,7 @@ MOE_ROUTER_FUSED_ENV = "MESHSERVE_MOE_ROUTER_FUSED"
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
 PARALLEL_COMPILE_ENV = "MESHSERVE_PARALLEL_COMPILE"
-FP8_GEMV_CHOICES = ("cvt", "half", "scaled_mm")  # triton_fp8_gemv.FP8_GEMV_VARIANTS + cuBLASLt
+FP8_GEMV_CHOICES = ("cvt", "half", "local", "words", "scaled_mm")  # triton_fp8_gemv.FP8_GEMV_VARIANTS + cuBLASLt
 INT4_GEMV_CHOICES = ("half", "matmul")  # triton_int4_gemv.int4_gemv + the dequant-GEMM
 # decode graphs for these context lengths beside the max_model_len ones: at W1's 128-384 tokens a graph
 # sized for 4,096 runs 16 KV splits (most of them empty) and a reduce; <= 256 tokens needs one split at small

@@ -83,7 +83,7 @@ def _fake_cuda(monkeypatch, sms=132):
 
     from meshserve.kernels import pdl
 
-    monkeypatch.setattr(pdl, "_interpreting", lambda: False)
+    monkeypatch.setattr(pdl, "interpreting", lambda: False)
     monkeypatch.setattr(pdl, "_device_supports", lambda index: True)
     monkeypatch.setattr(pdl, "_num_sms", lambda index: sms)
     return SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))

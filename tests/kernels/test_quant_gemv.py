@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
 gpu = pytest.mark.gpu
 
-FP8_VARIANTS = ("cvt", "half")
+FP8_VARIANTS = ("cvt", "half", "local", "words")
 LLAMA_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (N, K): qkv, o, gate_up, down
 
 
@@ -77,19 +77,37 @@ def test_fp8_gemv_variants_interp(variant, n, k, tiles):
 
 
 @interp
-def test_fp8_gemv_half_survives_outlier_activations():
-    # massive activations (thousands at a few features of a projection input) must not overflow the half
-    # variant's fp16 products: its per-step scale keeps max |x| at 32 (a fixed x / 64 gave inf past ~2,300)
+@pytest.mark.parametrize("variant", ["half", "local", "words"])
+def test_fp8_gemv_half_survives_outlier_activations(variant):
+    # massive activations (thousands at a few features of a projection input) must not overflow the fp16
+    # products: the scale of each step (half), group of 8 (local) or word (words) keeps their max |x| at 32 (a
+    # fixed x / 64 gave inf past ~2,300); the features beside an outlier keep their precision where the scale
+    # is local
     from meshserve.kernels.gemv_tiles import GemvTiles
     from meshserve.kernels.triton_fp8_gemv import fp8_gemv
 
     wq, ws, x, _ = _fp8_case(32, 512, seed=7)
     x = x.bfloat16()
     x[0, 5], x[0, 300] = 30000.0, -4096.0
-    y = fp8_gemv(x, wq, ws, None, variant="half", tiles=GemvTiles(16, 128, split_k=2))
+    y = fp8_gemv(x, wq, ws, None, variant=variant, tiles=GemvTiles(16, 128, split_k=2))
     ref = fp8_weight_only_ref(x, wq, ws, None)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=2e-3 * ref.abs().max().item())
+
+
+@interp
+def test_fp8_gemv_words_falls_back_where_it_cannot_view_words():
+    # K not a multiple of 4 (or an x not 8-byte aligned): the words variant runs the local one, same numbers
+    from meshserve.kernels.triton_fp8_gemv import fp8_gemv, words_fit
+
+    wq, ws, x, bias = _fp8_case(8, 602, seed=3)
+    x, bias = x.half(), bias.half()
+    assert not words_fit(x, wq)
+    assert torch.equal(fp8_gemv(x, wq, ws, bias, variant="words"), fp8_gemv(x, wq, ws, bias, variant="local"))
+    x2 = torch.zeros(1, 605, dtype=torch.float16)[:, 1:601]  # 2-byte offset: no uint64 view
+    wq2, ws2 = wq[:, :600].contiguous(), ws
+    assert not words_fit(x2, wq2) and words_fit(x2.contiguous().clone(), wq2)
+    torch.testing.assert_close(fp8_gemv(x2, wq2, ws2, variant="words"), fp8_gemv(x2, wq2, ws2, variant="local"))
 
 
 _INT4_CASES = [
@@ -287,10 +305,15 @@ def compile(kernel, pointers, const, warps):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
 
 p = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", s_ptr="*fp32", b_ptr="*bf16", out_ptr="*bf16")
-for name, even, split in zip(f8.FP8_GEMV_VARIANTS, (True, False), (True, False)):
+for name, even, split, gdc in zip(("cvt", "half", "local"), (True, False, True), (True, False, False), (0, 1, 2)):
     t = f8.default_fp8_tiles(name, 4096, 4096)
-    compile(f8._fp8_gemv_kernel, p, dict(HAS_BIAS=True, SPLIT=split, EVEN=even, HALF=name == "half",
-            BLOCK_N=t.block_n, BLOCK_K=t.block_k), t.num_warps)
+    compile(f8._fp8_gemv_kernel, p, dict(HAS_BIAS=True, SPLIT=split, EVEN=even, HALF=name != "cvt",
+            LOCAL=name == "local", BLOCK_N=t.block_n, BLOCK_K=t.block_k, USE_GDC=gdc), t.num_warps)
+p = dict(x_ptr="*i64", w_ptr="*i32", s_ptr="*fp32", b_ptr="*bf16", out_ptr="*bf16")
+t = f8.default_fp8_tiles("words", 4096, 4096)
+for even, split, gdc, bf16 in ((True, False, 1, True), (False, True, 0, False)):
+    k = compile(f8._fp8_gemv_words_kernel, p, dict(HAS_BIAS=True, SPLIT=split, EVEN=even, ASM=True, X_BF16=bf16,
+                BLOCK_N=t.block_n, BLOCK_K=t.block_k, USE_GDC=gdc), t.num_warps)
 def spills(k):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -353,9 +376,11 @@ def test_fp8_gemv_gpu(variant, n, k):
     wq, ws = _gpu_fp8_case(n, k)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if n == 1027 else None
-    y = fp8_gemv(x, wq, ws, bias, variant=variant)
+    y = fp8_gemv(x, wq, ws, bias, variant=variant, pdl=False)
     ref = fp8_weight_only_ref(x.float(), wq, ws, bias)
     torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
+    if variant != "cvt":  # launched with PDL (griddepcontrol): the same sums, the same bits
+        assert torch.equal(fp8_gemv(x, wq, ws, bias, variant=variant, pdl=True), y)
 
 
 @gpu

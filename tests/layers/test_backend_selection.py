@@ -342,7 +342,7 @@ def test_quantized_gemv_variant_switches(monkeypatch):
         select_kernels(gpu)
     monkeypatch.setenv("MESHSERVE_INT4_GEMV", "half")
     monkeypatch.setenv("MESHSERVE_FP8_GEMV", "fast")
-    with pytest.raises(ValueError, match="MESHSERVE_FP8_GEMV takes one of cvt, half, scaled_mm"):
+    with pytest.raises(ValueError, match="MESHSERVE_FP8_GEMV takes one of cvt, half, local, words, scaled_mm"):
         select_kernels(gpu)
 
 

@@ -94,8 +94,7 @@ def replay_w3(qps: float, slo: bool, frontend_latency_s: float = 0.0,
                        max_num_seqs=max_num_seqs,
                        slo_ttft_s=1.0 if slo else None, slo_tpot_s=0.05 if slo else None,
                        slo_prefill_chunk=slo_prefill_chunk,
-                       **fixed_latency_at(frontend_latency_s, frontend, frontend_gate),
-                       frontend_request_s=frontend.per_request_s,
+                       frontend_latency_s=frontend_latency_s, frontend_request_s=frontend.per_request_s,
                        frontend_token_s=frontend.per_token_s, frontend_refusal_s=frontend.per_refusal_s,
                        api_server_count=api_server_count, frontend_gate=frontend_gate,
                        frontend_stalls=frontend_stalls and frontend_gate, step_noise=step_noise,
@@ -103,15 +102,17 @@ def replay_w3(qps: float, slo: bool, frontend_latency_s: float = 0.0,
     return simulate(config, w3_trace(qps), eager=eager)
 
 
-def fixed_latency_at(latency_s: float, frontend: FrontEndCosts, gate: bool) -> dict:
-    """Where a replay puts its fixed latency (SimConfig fields): with the API process modelled and its gate (every
-    build since 1aa067c), between the API process and the core (core_latency_s), inside the server's own TTFT
-    clock, where its admission margin's feedback sees it, and not before the gate: the measured 429s came back in
-    4.3-7.4 ms p50, the client's connect (1.0-1.4 ms p50) included (the tenth session's W3), what the gate's own
-    path gives with no fixed latency, where 17 ms before the API process made them 21-23 ms. What it is: mostly
-    the step a request waits with async scheduling (the core takes requests in between steps, after it decided
-    the next one), ~10 ms at the light load it is fitted at. Else before the replica (frontend_latency_s)."""
-    if frontend.enabled and gate:
+def fixed_latency_at(latency_s: float, frontend: FrontEndCosts, inside: bool) -> dict:
+    """Where a replay puts its fixed latency (SimConfig fields). inside (the tenth session's replays: builds with
+    the gate and a frozen start-up heap, no stalls) and the API process modelled: between the API process and the
+    core (core_latency_s), inside the server's own TTFT clock, where its admission margin's feedback sees it, and
+    not before the gate: that run's 429s came back in 4.3-7.4 ms p50, the client's connect (1.0-1.4 ms p50)
+    included, what the gate's own path gives with no fixed latency, where 17 ms before the API process made them
+    21-23 ms. What it is: mostly the step a request waits with async scheduling (the core takes requests in
+    between steps, after it decided the next one), ~10 ms at the light load it is fitted at. Else before the
+    replica (frontend_latency_s): the runs with stalls (seventh session and before), whose stall table was
+    fitted with it there (PLANNER.md: moved inside, their TTFT p50 at QPS 64 fell from -5% to -27%)."""
+    if frontend.enabled and inside:
         return {"frontend_latency_s": 0.0, "core_latency_s": latency_s}
     return {"frontend_latency_s": latency_s, "core_latency_s": 0.0}
 
@@ -250,7 +251,7 @@ def replay_w3_dp(qps: float, router: RouterCosts = ROUTER_OFF, num_replicas: int
     router node (router_node.py; ROUTER_OFF: none), with a fixed latency (network, HTTP) before each request
     reaches its replica."""
     config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=num_replicas, max_model_len=4096,
-                       **fixed_latency_at(frontend_latency_s, frontend, True),
+                       **fixed_latency_at(frontend_latency_s, frontend, not frontend_stalls),
                        slo_ttft_s=1.0, slo_tpot_s=0.05, frontend_request_s=frontend.per_request_s,
                        frontend_token_s=frontend.per_token_s, frontend_refusal_s=frontend.per_refusal_s,
                        router_request_s=router.per_request_s, router_event_s=router.per_event_s,

@@ -37,7 +37,7 @@ def test_refusals_do_not_wait_for_the_hop():
     assert before > bare + 0.015
 
 
-def test_replays_put_the_fixed_latency_inside_the_server_with_the_gate():
+def test_replays_without_stalls_put_the_fixed_latency_inside_the_server():
     assert fixed_latency_at(0.017, FRONTEND_H200, True) == {"frontend_latency_s": 0.0, "core_latency_s": 0.017}
     assert fixed_latency_at(0.017, FRONTEND_H200, False) == {"frontend_latency_s": 0.017, "core_latency_s": 0.0}
 

@@ -47,15 +47,18 @@ def _fp8_tiles(quick: bool):
         ("16x512 w4 split2<8192", lambda n, k: GemvTiles(16, 512, split_k=2 if n < 8192 else 1)),
     ]
     words = [
+        ("4x2048 w4", lambda n, k: GemvTiles(4, 2048, num_warps=4)),
         ("4x1024 w2", lambda n, k: GemvTiles(4, 1024, num_warps=2)),
-        ("8x2048 w8", lambda n, k: GemvTiles(8, 2048, num_warps=8)),
-        ("4x4096 w8", lambda n, k: GemvTiles(4, 4096, num_warps=8)),
+        ("8x512 w1", lambda n, k: GemvTiles(8, 512, num_warps=1)),
+        ("16x512 w2", lambda n, k: GemvTiles(16, 512, num_warps=2)),
+        ("16x1024 w4", lambda n, k: GemvTiles(16, 1024, num_warps=4)),
+        ("8x2048 w4", lambda n, k: GemvTiles(8, 2048, num_warps=4)),
     ]
     return {
         "cvt": default + rows,
         "half": default + rows[1:3],
         "local": default + rows[1:2],
-        "words": default + rows[1:2] + words,
+        "words": default + words,
     }
 
 

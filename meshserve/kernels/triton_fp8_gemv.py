@@ -292,7 +292,22 @@ def default_fp8_tiles(variant: str, n: int, k: int) -> GemvTiles:
     a thread, went through shared memory (and a barrier) every step to reach the weight tile's layout of 16 a
     thread replicated over the warps. 4 x 2,048 on 4 warps puts the warps along K, so x's own load layout is
     already the weight tile's: ~3.4 per weight, 64 weights a thread a step, 106 registers."""
+    if variant == "words":
+        return words_tiles(n, k)
     return GemvTiles(4, 2048, num_warps=4, num_stages=3)
+
+
+def words_tiles(n: int, k: int) -> GemvTiles:
+    """The words variant's tile by shape, from the H200 sweep of 2026-12-04 (tools/bench_quant_gemv.py, Llama-3.1-8B's
+    projections; us, % of copy bandwidth): long rows (down, K 14,336) 4 x 1,024 on 2 warps (17.4, 80%); many rows
+    (gate_up, N 28,672) 8 x 512 on one warp (31.9, 87%); the others (qkv, o) 16 x 1,024 on 4 warps (6.1, 97% and
+    4.8, 83%). 8 x 1,024 on 2 warps for every shape: 61.3 us a layer, these 60.2; the first tile (4 x 2,048 on 4
+    warps, the half variant's) 68.0, as its registers (56) left the rotated loop too few bytes in flight."""
+    if k >= 8192:
+        return GemvTiles(4, 1024, num_warps=2, num_stages=3)
+    if n >= 16384:
+        return GemvTiles(8, 512, num_warps=1, num_stages=3)
+    return GemvTiles(16, 1024, num_warps=4, num_stages=3)
 
 
 def words_fit(x: torch.Tensor, weight: torch.Tensor) -> bool:

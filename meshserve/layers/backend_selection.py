@@ -150,8 +150,9 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_FP8_GEMV=cvt|half|local|words|scaled_mm  the batch-1 fp8-weight projection
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
                                             step; local: per 8 features; words: per weight word, the loop
-                                            rotated, PDL-ready; scaled_mm: torch._scaled_mm, the activation quantized per
-                                            token); default half (H200, 2026-11-30: W1 8B 332 tok/s, cvt 294)
+                                            rotated, the first weights before the PDL wait; scaled_mm: torch._scaled_mm, the activation quantized per
+                                            token); default words (H200, 2026-12-04, W1 8B: 361.7 tok/s with
+                                            PDL in one-row steps, half 356.9; without PDL 337.8 / 338.3)
   MESHSERVE_PARALLEL_COMPILE=1|N|0          start-up: the warm-ups' Triton kernels compiled first, in parallel on N
                                             threads (1: one per core; kernels/parallel_compile.py,
                                             engine/parallel_warmup.py); a CUDA device and one rank only; on by
@@ -302,7 +303,7 @@ class KernelSelection:
     mla_decode_kernel: str = "auto"
     # (BLOCK_N, num_warps, num_stages) of the MLA decode kernel; None: its default
     mla_decode_tile: tuple[int, int, int] | None = None
-    fp8_gemv: str = "half"  # the batch-1 fp8-weight projection when gemv is on (FP8_GEMV_CHOICES)
+    fp8_gemv: str = "words"  # the batch-1 fp8-weight projection when gemv is on (FP8_GEMV_CHOICES)
     int4_gemv: str = "half"  # the int4 projection of <= 4 rows when gemv is on (INT4_GEMV_CHOICES)
     # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide policy, bound below)
     pdl_policy: PdlPolicy = PdlPolicy()  # noqa: RUF009 (frozen: one shared default is safe)
@@ -446,7 +447,7 @@ def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
         quantized = bool(config.model_config.quantization or getattr(text, "quantization_config", None)
                          or getattr(config.model_config.hf_config, "quantization_config", None))
         chosen = pdl.auto_policy(getattr(text, "hidden_size", None), num_experts(text) > 0, quantized,
-                                 config.parallel_config.world_size)
+                                 config.parallel_config.world_size, fp8_weights=quantized and _fp8_weights(config))
         enabled, auto = chosen is not None, chosen or {}
     else:
         enabled = mode != "0"
@@ -460,6 +461,21 @@ def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
         steps=os.environ.get(PDL_STEPS_ENV, "").strip().lower() or auto.get("steps", "decode"),
         moe=moe,
     )
+
+
+def _fp8_weights(config) -> bool:
+    """Whether the model's linear layers hold per-channel fp8 weights (the Fp8Config formats, whose batch-1
+    projection is triton_fp8_gemv's); False where the format is another or does not resolve (the loader reports
+    that one)."""
+    from meshserve.layers.quantization import resolve_quant_config
+    from meshserve.layers.quantization.fp8 import Fp8Config
+
+    mc = config.model_config
+    try:
+        qc = resolve_quant_config(mc.hf_config, mc.quantization, mc.load_format)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False
+    return isinstance(qc, Fp8Config)
 
 
 def _tp_fused_norm() -> str:

@@ -310,10 +310,11 @@ for name, even, split, gdc in zip(("cvt", "half", "local"), (True, False, True),
     compile(f8._fp8_gemv_kernel, p, dict(HAS_BIAS=True, SPLIT=split, EVEN=even, HALF=name != "cvt",
             LOCAL=name == "local", BLOCK_N=t.block_n, BLOCK_K=t.block_k, USE_GDC=gdc), t.num_warps)
 p = dict(x_ptr="*i64", w_ptr="*i32", s_ptr="*fp32", b_ptr="*bf16", out_ptr="*bf16")
-t = f8.default_fp8_tiles("words", 4096, 4096)
-for even, split, gdc, bf16 in ((True, False, 1, True), (False, True, 0, False)):
-    k = compile(f8._fp8_gemv_words_kernel, p, dict(HAS_BIAS=True, SPLIT=split, EVEN=even, ASM=True, X_BF16=bf16,
-                BLOCK_N=t.block_n, BLOCK_K=t.block_k, USE_GDC=gdc), t.num_warps)
+for (n, k), even, split, gdc, bf16 in (((6144, 4096), True, False, 1, True), ((28672, 4096), False, True, 0, False),
+                                      ((4096, 14336), True, False, 2, True)):  # every tile words_tiles picks
+    t = f8.words_tiles(n, k)
+    kern = compile(f8._fp8_gemv_words_kernel, p, dict(HAS_BIAS=True, SPLIT=split, EVEN=even, ASM=True,
+                   X_BF16=bf16, BLOCK_N=t.block_n, BLOCK_K=t.block_k, USE_GDC=gdc), t.num_warps)
 def spills(k):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])

@@ -133,7 +133,8 @@ def _assert_fp8_close(got: torch.Tensor, ref: torch.Tensor) -> None:
     differ = got.view(torch.uint8) != ref.view(torch.uint8)
     one_step = (g - r).abs() <= r.abs() / 8
     binade_low = (torch.log2(r.abs()).frac() == 0) & (g == r / 2) & (not got.is_cuda)
-    assert differ.float().mean() < 0.02 and not (differ & ~one_step & ~binade_low).any()
+    bad = differ & ~one_step & ~binade_low
+    assert differ.float().mean() < 0.02 and not bad.any(), f"got {g[bad][:8].tolist()} ref {r[bad][:8].tolist()}"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -196,7 +196,7 @@ def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
 
     # auto, the default: on for Qwen3-0.6B's 1,024 (+25% W1 on an H200) and MoE models of 2,048 (Qwen3-30B-A3B
     # +10.7%) in every decode step; for Llama-3.1-8B's 4,096 in one-row decode steps without the partial-row
-    # preload (+3.7%; -9% in every decode step with it), not with quantized weights (fp8 -3%); off for larger MoE
+    # preload (+3.7%; -9% in every decode step with it), with fp8 weights too; off for larger MoE
     # models, an unknown size, and CPU
     for mode in ("", "auto"):
         monkeypatch.setenv("MESHSERVE_PDL", mode)
@@ -205,11 +205,18 @@ def test_pdl_auto_by_hidden_size_and_variants(monkeypatch):
             assert policy == PdlPolicy(enabled=True, preload="all", steps="decode")
         large = select_kernels(_model_config(4096)).pdl_policy
         assert large == PdlPolicy(enabled=True, preload="row", steps="one")
-        quantized = _model_config(4096, quantization_config={"quant_method": "fp8"})
-        assert not select_kernels(quantized).pdl
+        # per-channel fp8 weights, online or from the checkpoint: the same one-row rule (the words GEMV waits on
+        # PDL; W1 fp8 +6.9%); other quantized formats stay plain (int4's GEMV has no PDL wait; not measured)
+        fp8_checkpoint = _model_config(4096, quantization_config={"quant_method": "fp8"})
+        assert select_kernels(fp8_checkpoint).pdl_policy == PdlPolicy(enabled=True, preload="row", steps="one")
         fp8 = _model_config(4096)
         fp8 = dataclasses.replace(fp8, model_config=dataclasses.replace(fp8.model_config, quantization="fp8"))
-        assert not select_kernels(fp8).pdl and select_kernels(_model_config(1024)).pdl
+        assert select_kernels(fp8).pdl_policy == PdlPolicy(enabled=True, preload="row", steps="one")
+        awq = _model_config(4096, quantization_config={"quant_method": "awq", "bits": 4, "group_size": 128,
+                                                        "zero_point": True, "version": "gemm"})
+        assert not select_kernels(awq).pdl and select_kernels(_model_config(1024)).pdl
+        unknown = _model_config(4096, quantization_config={"quant_method": "bitsandbytes"})
+        assert not select_kernels(unknown).pdl  # the loader reports the format; the selection stays plain
         tp2 = _model_config(4096)
         two_ranks = dataclasses.replace(tp2.parallel_config, tensor_parallel_size=2)
         tp2 = dataclasses.replace(tp2, parallel_config=two_ranks)
@@ -330,7 +337,7 @@ def test_quantized_gemv_variant_switches(monkeypatch):
     # the batch-1 fp8 / int4 projections: a default each, every variant selectable for the H200 A/B, typos refused
     gpu = _config(device="cuda", dtype="bfloat16")
     sel = select_kernels(gpu)
-    assert (sel.fp8_gemv, sel.int4_gemv) == ("half", "half")
+    assert (sel.fp8_gemv, sel.int4_gemv) == ("words", "half")
     monkeypatch.setenv("MESHSERVE_FP8_GEMV", "scaled_mm")
     monkeypatch.setenv("MESHSERVE_INT4_GEMV", "Matmul")
     sel = select_kernels(gpu)

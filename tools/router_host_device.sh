@@ -17,7 +17,7 @@
 # Usage (device, repo root, carry .whl and .whl-tf): bash tools/router_host_device.sh
 # Env: QPS (32,64,128), QPS_DIRECT (QPS), ROUTER_WORKERS (1), ROWS ("c128_t128 c16_t128 c16_t16 refuse_c32"),
 #   ROW_S (15: each row's --duration), BUDGET (500: no phase starts that would end past it, in s since start),
-#   MODEL (llama-3.1-8b), CLIENT_PROCS (4).
+#   MODEL (llama-3.1-8b), CLIENT_PROCS (4), W3 (1; 0: the router rows only).
 # DRY=1 (the CPU box, no GPU): the same shell logic with the replica replaced by bench/frontend_server.py (the
 #   real API server around the fake core), short rows (ROW_S 3) and W3 points of 40 prompts at QPS 4,8; no
 #   device_env.sh (its carried wheels are the device's Python's).
@@ -146,10 +146,14 @@ w3() {
 }
 
 # -- (1) the router's CPU costs, while the first replica loads -----------------------------------------------
+FE_MODEL=""
 if [ "${DRY:-0}" != 1 ]; then
   $MS bench tokenizer /tmp/tok --model "$MODEL" > /dev/null || exit 1
+  # the rows' server: the preset's config and generated tokenizer (the embedded model's 98 MB GGUF is not on
+  # the device; the router relays bytes, its CPU per event does not depend on the tokenizer)
+  FE_MODEL="--model $MODEL --tokenizer /tmp/tok"
 fi
-start_replica "$W/w3_router"
+[ "${W3:-1}" = 1 ] && start_replica "$W/w3_router"
 say "replica starting (pid $SERVE_PID); the router rows meanwhile"
 for row in $ROWS; do
   case $row in
@@ -161,7 +165,7 @@ for row in $ROWS; do
   esac
   if (( $(left) < ROW_S + 200 )); then say "row $row: skipped ($(left) s of the budget left)"; continue; fi
   load=$(cut -d' ' -f1 /proc/loadavg)
-  timeout $(( ROW_S + 60 )) $MS bench frontend --through-router --duration "$ROW_S" $flags \
+  timeout $(( ROW_S + 60 )) $MS bench frontend --through-router --duration "$ROW_S" $flags $FE_MODEL \
     --output-json "$W/router_rows/$row.json" > "$W/router_rows/$row.log" 2>&1
   rc=$?
   python3 - "$W/router_rows/$row.json" "$row" "$rc" "$(( SECONDS - T0 ))" "$load" << 'PY'
@@ -179,7 +183,7 @@ PY
 done
 
 # -- (2) W3 through the router in front of the replica -------------------------------------------------------
-if replica_ready "$W/w3_router"; then
+if [ "${W3:-1}" = 1 ] && replica_ready "$W/w3_router"; then
   setsid $MS router --host 127.0.0.1 --port $ROUTER_PORT --backend http://127.0.0.1:$REPLICA_PORT \
     --workers "$ROUTER_WORKERS" --disable-access-log --health-interval 1 --health-timeout 5 --retry-after 1 \
     > "$W/w3_router/router.log" 2>&1 &
@@ -194,7 +198,9 @@ fi
 cleanup
 
 # -- (2') the same W3 straight to a fresh replica --------------------------------------------------------------
-if (( $(left) < 90 )); then
+if [ "${W3:-1}" != 1 ]; then
+  say "W3: not run (W3=0)"
+elif (( $(left) < 90 )); then
   say "W3 direct: skipped ($(left) s of the budget left)"
 else
   start_replica "$W/w3_direct"

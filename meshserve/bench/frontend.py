@@ -145,6 +145,8 @@ def run_frontend(ns, api_server_count: int) -> dict:
     cmd = [sys.executable, "-m", "meshserve.bench.frontend_server", "--port", str(port), "--step-ms",
            str(ns.step_ms), "--api-server-count", str(api_server_count), "--max-num-seqs", str(ns.max_num_seqs),
            "--max-queue-len", str(ns.max_queue_len), "--pid-file", pid_file]
+    if getattr(ns, "model", None):
+        cmd += ["--model", ns.model] + (["--tokenizer", ns.tokenizer] if ns.tokenizer else [])
     server = subprocess.Popen(cmd)
     router, client_port = None, port
     try:
@@ -263,5 +265,10 @@ def add_frontend_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--router-pythonpath", default=None, metavar="DIR",
                    help="with --through-router: run the router from this source tree (e.g. `git archive` of an "
                         "older commit) for a before/after")
+    p.add_argument("--model", default=None, metavar="PRESET",
+                   help="the served model's config and --tokenizer (default: the embedded model and its tokenizer); "
+                        "no weights are loaded")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="with --model: its tokenizer (e.g. `meshserve bench tokenizer DIR --model PRESET`)")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=lambda ns: print_rows(run_frontend_bench(ns)) or 0)

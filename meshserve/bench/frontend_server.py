@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-ms", type=float, default=20.0, help="the fake core's step time")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--model", default=None, help="the served model (config only: the core is fake; default: the "
+                                                "embedded model), e.g. a preset with --tokenizer where the "
+                                                "embedded model is not installed")
+    p.add_argument("--tokenizer", default=None)
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--max-queue-len", type=int, default=1 << 20)
     p.add_argument("--no-gc-freeze", action="store_true", help="leave the start-up heap to the collector (A/B)")
@@ -84,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.real_core:
         args, factory = _real_core(ns)
     else:
+        model = {"model": ns.model, "tokenizer": ns.tokenizer, "load_format": "dummy"} if ns.model else {}
         args = EngineArgs(device="cpu", max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
-                          slo_ttft_ms=ns.slo_ttft_ms)
+                          slo_ttft_ms=ns.slo_ttft_ms, **model)
         factory = fake_core_factory(ns.step_ms / 1e3, ns.max_num_seqs)
     config = ServeConfig(served_model_names=["fake"], max_queue_len=ns.max_queue_len, drain_timeout_s=5.0,
                          gc_freeze=not ns.no_gc_freeze)

@@ -22,6 +22,8 @@ Reference: quant_ref.fp8_weight_only_ref.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -303,6 +305,13 @@ def words_tiles(n: int, k: int) -> GemvTiles:
     (gate_up, N 28,672) 8 x 512 on one warp (31.9, 87%); the others (qkv, o) 16 x 1,024 on 4 warps (6.1, 97% and
     4.8, 83%). 8 x 1,024 on 2 warps for every shape: 61.3 us a layer, these 60.2; the first tile (4 x 2,048 on 4
     warps, the half variant's) 68.0, as its registers (56) left the rotated loop too few bytes in flight."""
+    spec = os.environ.get("MESHSERVE_FP8_WORDS_TILE", "")  # "block_n,block_k,num_warps" for every shape (A/Bs;
+    if spec:  # read at each launch: graphs capture launches once)
+        try:
+            block_n, block_k, num_warps = (int(v) for v in spec.split(","))
+        except ValueError:
+            raise ValueError(f"MESHSERVE_FP8_WORDS_TILE={spec!r}: expected block_n,block_k,num_warps") from None
+        return GemvTiles(block_n, block_k, num_warps=num_warps, num_stages=3)
     if k >= 8192:
         return GemvTiles(4, 1024, num_warps=2, num_stages=3)
     if n >= 16384:

@@ -39,12 +39,15 @@ def fits(k: int) -> bool:
 
 
 def row_tile(block_k: int) -> tuple[int, int]:
-    """(rows a program, warps) for rows padded to block_k: 4 rows on 8 warps from 2,048 (rms_norm's warps for the
-    row, the dense GEMV's tile), 4 on 4 below; MESHSERVE_NORM_ROW_TILE="block_n,num_warps" for A/Bs (read at each
-    launch: graphs capture launches once). Measured only at the default (H200 W1, 2026-12-04)."""
+    """(rows a program, warps) for rows padded to block_k: 8 rows on 8 warps from 2,048, 4 on 4 below;
+    MESHSERVE_NORM_ROW_TILE="block_n,num_warps" for A/Bs (read at each launch: graphs capture launches once).
+    Every program normalizes the whole row, so more rows a program is less of that work: H200 W1 Qwen3-30B-A3B
+    (its QKV and router rows, 2,048), 2026-12-04, two processes each: 4 x 8 warps (the first tile) 360.9 tok/s,
+    8 x 8 365.0, 16 x 8 358.0 (one each the call before: 4 x 8 362.0, 2 x 4 365.4, 4 x 4 363.9, 8 x 8 366.1).
+    The 1,024 rows (Qwen3-0.6B) keep 4 x 4: not measured."""
     spec = os.environ.get("MESHSERVE_NORM_ROW_TILE", "")
     if not spec:
-        return 4, (8 if block_k >= 2048 else 4)
+        return (8, 8) if block_k >= 2048 else (4, 4)
     try:
         block_n, num_warps = (int(v) for v in spec.split(","))
         if block_n < 1 or num_warps not in (1, 2, 4, 8, 16):

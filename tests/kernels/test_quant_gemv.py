@@ -110,6 +110,22 @@ def test_fp8_gemv_words_falls_back_where_it_cannot_view_words():
     torch.testing.assert_close(fp8_gemv(x2, wq2, ws2, variant="words"), fp8_gemv(x2, wq2, ws2, variant="local"))
 
 
+def test_fp8_words_tiles_by_shape_and_from_the_environment(monkeypatch):
+    from meshserve.kernels.gemv_tiles import GemvTiles
+    from meshserve.kernels.triton_fp8_gemv import default_fp8_tiles, words_tiles
+
+    monkeypatch.delenv("MESHSERVE_FP8_WORDS_TILE", raising=False)
+    assert words_tiles(4096, 14336) == GemvTiles(4, 1024, num_warps=2, num_stages=3)  # down: long rows
+    assert words_tiles(28672, 4096) == GemvTiles(8, 512, num_warps=1, num_stages=3)  # gate_up: many rows
+    assert words_tiles(6144, 4096) == default_fp8_tiles("words", 6144, 4096) == GemvTiles(16, 1024, num_warps=4,
+                                                                                          num_stages=3)
+    monkeypatch.setenv("MESHSERVE_FP8_WORDS_TILE", "8,1024,2")
+    assert words_tiles(28672, 4096) == words_tiles(4096, 14336) == GemvTiles(8, 1024, num_warps=2, num_stages=3)
+    monkeypatch.setenv("MESHSERVE_FP8_WORDS_TILE", "8x1024")
+    with pytest.raises(ValueError, match="MESHSERVE_FP8_WORDS_TILE"):
+        words_tiles(6144, 4096)
+
+
 _INT4_CASES = [
     (64, False, (32, 64, 3)),  # a K step inside one group: z and s per column, split-K summed in the GEMV
     (64, False, (32, 64, 3, False)),  # the same, the partials summed by the reduce kernel

@@ -93,7 +93,7 @@ def test_row_tile_from_the_environment(monkeypatch):
     from meshserve.kernels.triton_norm_row_gemv import row_tile
 
     monkeypatch.delenv("MESHSERVE_NORM_ROW_TILE", raising=False)
-    assert row_tile(2048) == (4, 8) and row_tile(1024) == (4, 4)
+    assert row_tile(2048) == (8, 8) and row_tile(1024) == (4, 4)
     monkeypatch.setenv("MESHSERVE_NORM_ROW_TILE", "2,4")
     assert row_tile(2048) == row_tile(1024) == (2, 4)
     for bad in ("2", "2,3", "0,4", "a,b"):

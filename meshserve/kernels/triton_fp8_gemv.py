@@ -1,6 +1,6 @@
 """Batch-1 FP8-weight GEMV in Triton: y[1, N] = x[1, K] @ (W_fp8[N, K] * scale[N])^T (+ bias), weight-only (the
-16-bit row is not quantized), fp32 sums, the per-channel scale applied once per output. Two variants of the
-weight decode and product, selectable for A/B on the device (tools/bench_quant_gemv.py, MESHSERVE_FP8_GEMV):
+16-bit row is not quantized), fp32 sums, the per-channel scale applied once per output. Variants of the weight
+decode and product, selectable for A/B on the device (tools/bench_quant_gemv.py, MESHSERVE_FP8_GEMV):
 
   cvt   w.to(fp32) per weight (the first kernel): on sm_90 a packed F2FP e4m3x2 -> f16x2 and one HADD2.F32
         f16 -> f32 per weight. If conversions issue at 16 / clock / SM (about the rate the weight bytes arrive
@@ -13,11 +13,22 @@ weight decode and product, selectable for A/B on the device (tools/bench_quant_g
         4 * 448 * 32 = 57,344 < 65,504 whatever the activations (an earlier fixed x / 64 overflowed for
         |x| > ~2,300, which outlier features reach), and the scale goes back in fp32. Values below ~2e-6 of
         the step's largest |x| fall into fp16 subnormals: their share of the sum is below fp16's rounding.
+        Its sm_90 loop requests a step's weights only after x arrived and its cross-warp max was taken: every
+        step pays x's L2 round trip and three barriers before its weight loads (71-86% of copy bandwidth).
+  local half with x scaled per LOCAL_GROUP (8) features, each group in one thread: no cross-warp max (A/B only:
+        level with half on the H200, the same load order).
+  words (the default) the weight as uint32 words and x as uint64 quads in one register layout, the loop rotated
+        so that a trip's words and x are requested at the top of the trip before (the first trip's before the PDL
+        wait): the weight stream never waits on x. Per word, two cvt.rn.f16x2.e4m3x2, one HMUL2 and one HFMA2
+        against x scaled per word (largest |x| 32: four products < 65,504), the two fp16 lanes summed in fp32
+        (_WORD_DOT_ASM; the interpreter runs the same fp16 lanes as tensors). Tiles by shape (words_tiles): H200
+        2026-12-04, an 8B layer's four projections 60.2 us against half's 63.7 (78-97% of copy), and W1 8B fp8 with
+        PDL in one-row steps 354-362 tok/s against 338-339 (half, no PDL).
 
 Two more (bits: the e4m3 bits moved into an fp32 with integer ops; dot: tensor cores on a 16-row tile) lost on
-the H200 and were removed (QUANTIZATION.md). Both variants take GemvTiles (block_n rows, block_k features per
-step, split_k K ranges: gemv_tiles.py); one kernel serves both (its HALF constexpr).
-Reference: quant_ref.fp8_weight_only_ref.
+the H200 and were removed (QUANTIZATION.md). Every variant takes GemvTiles (block_n rows, block_k features per
+step, split_k K ranges: gemv_tiles.py); _fp8_gemv_kernel serves cvt / half / local (HALF, LOCAL constexprs),
+_fp8_gemv_words_kernel the words variant. Reference: quant_ref.fp8_weight_only_ref.
 """
 
 from __future__ import annotations

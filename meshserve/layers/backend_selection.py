@@ -152,7 +152,9 @@ Overrides (environment, read only here, for debugging and references):
                                             step; local: per 8 features; words: per weight word, the loop
                                             rotated, the first weights before the PDL wait; scaled_mm: torch._scaled_mm, the activation quantized per
                                             token); default words (H200, 2026-12-04, W1 8B: 361.7 tok/s with
-                                            PDL in one-row steps, half 356.9; without PDL 337.8 / 338.3)
+                                            PDL in one-row steps, half 356.9; without PDL 337.8 / 338.3);
+                                            MESHSERVE_FP8_WORDS_TILE=block_n,block_k,warps: the words tile
+                                            for every shape (A/B; default by shape)
   MESHSERVE_PARALLEL_COMPILE=1|N|0          start-up: the warm-ups' Triton kernels compiled first, in parallel on N
                                             threads (1: one per core; kernels/parallel_compile.py,
                                             engine/parallel_warmup.py); a CUDA device and one rank only; on by

@@ -53,6 +53,10 @@ def _fp8_tiles(quick: bool):
         ("16x512 w2", lambda n, k: GemvTiles(16, 512, num_warps=2)),
         ("16x1024 w4", lambda n, k: GemvTiles(16, 1024, num_warps=4)),
         ("8x2048 w4", lambda n, k: GemvTiles(8, 2048, num_warps=4)),
+        # o_proj and down streamed at 80-83% in one wave of programs (2026-12-04): two K ranges a row block, the
+        # partials summed by split_k_reduce's launch
+        ("16x1024 w4 split2", lambda n, k: GemvTiles(16, 1024, split_k=2, num_warps=4)),
+        ("4x1024 w2 split2", lambda n, k: GemvTiles(4, 1024, split_k=2, num_warps=2)),
     ]
     return {
         "cvt": default + rows,

@@ -230,10 +230,13 @@ def w3_router_cpu_predicted(costs: RouterCosts, point: dict) -> float:
 def replay(point: dict, router: RouterCosts = ROUTER_OFF, frontend_latency_s: float = 0.0) -> dict:
     """One measured W3 point replayed: its QPS and request count (W3's arrivals, seed 1000 + QPS), one replica with
     one API process, targets on, the router node at `router` (ROUTER_OFF: none) with the router's
-    --max-outstanding."""
+    --max-outstanding. The fixed latency sits where validation.replay_w3_dp puts it for replays without stalls
+    (validation.fixed_latency_at: between the API process and the core, inside the server's TTFT clock)."""
+    from meshserve.simulator.validation import fixed_latency_at
+
     qps = float(point["qps"])
     config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=1, max_model_len=4096,
-                       frontend_latency_s=frontend_latency_s, slo_ttft_s=1.0, slo_tpot_s=0.05,
+                       **fixed_latency_at(frontend_latency_s, FRONTEND_H200, True), slo_ttft_s=1.0, slo_tpot_s=0.05,
                        frontend_request_s=FRONTEND_H200.per_request_s, frontend_token_s=FRONTEND_H200.per_token_s,
                        frontend_refusal_s=FRONTEND_H200.per_refusal_s, router_request_s=router.per_request_s,
                        router_event_s=router.per_event_s, router_refusal_s=router.per_refusal_s,
@@ -305,7 +308,7 @@ def table(results: Results) -> str:
         sim_busy = f"{node['busy_fraction']:.0%}" if node else "-"
         busy = f"{sim_busy} / {cpu['router_busy']:.0%}" if "router_busy" in cpu else f"{sim_busy} / -"
         api = f"{p['frontend']['busy_fraction']:.0%} / " + (f"{cpu['api_busy']:.0%}" if "api_busy" in cpu else "-")
-        met = [k for k in ("goodput", "ttft_p50", "ttft_p99") if _met(p[k], m[k], k)]
+        met = [k for k in ("goodput", "ttft_p50", "ttft_p99", "tpot_p50") if _met(p[k], m[k], k)]
         mark = " (fixed latency fitted here)" if r["fitted"] else ""
         lines.append(f"| {r['run']}{mark} | {r['qps']:g} | {r['setting']} | {_cell(p['goodput'], m['goodput'])} | "
                      f"{_cell(p['ttft_p50'], m['ttft_p50'], 1e3, '.0f')} | "

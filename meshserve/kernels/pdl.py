@@ -235,11 +235,12 @@ def auto_policy(hidden_size: int | None, moe: bool, quantized: bool, world_size:
     only rows it holds whole (none of an 8B's): H200 W1 Llama-3.1-8B, two processes each, 2026-12-04: 221.1 tok/s
     without PDL, 229.3 with (+3.7%; decode graph 4.49 -> 4.33 ms), 214.9 with the partial-row preload (its
     registers halve the programs an SM), 217.4 one_wave_only; in every decode step W2 lost 0.8% (9,619 -> 9,542
-    output tok/s) and with fp8 weights W1 lost 3% (333.0 -> 322.9), so those stay plain. Not measured, so off:
-    larger MoE models (Mixtral), larger models over several GPUs (their per-layer all-reduces). Quantized models
-    of that size stay plain unless their weights are per-channel fp8 (fp8_weights), whose batch-1 GEMV (the words
-    variant) requests its first weights before the wait: H200 W1 Llama-3.1-8B fp8, 2026-12-04: 338.3 tok/s
-    without PDL, 361.7 with it in one-row steps (the fp8 GEMV had no PDL wait before, and PDL then cost 3%)."""
+    output tok/s), so those stay plain. Not measured, so off: larger MoE models (Mixtral), larger models over
+    several GPUs (their per-layer all-reduces). Quantized models of that size stay plain unless their weights are
+    per-channel fp8 (fp8_weights), whose batch-1 GEMV (the words variant) requests its first weights before the
+    wait: H200 W1 Llama-3.1-8B fp8, 2026-12-04, two processes each: 339.1 tok/s plain (half GEMV), 354.0 so
+    (361.7 / 362.2 in single runs); before it the fp8 GEMV had no wait of its own and PDL cost 3% (333.0 ->
+    322.9)."""
     if auto_enables(hidden_size):
         return {}
     if hidden_size is None or moe or world_size > 1 or (quantized and not fp8_weights):

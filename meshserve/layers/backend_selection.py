@@ -150,8 +150,8 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_FP8_GEMV=cvt|half|local|words|scaled_mm  the batch-1 fp8-weight projection
                                             (kernels/triton_fp8_gemv.py; half: fp16 products of x scaled per
                                             step; local: per 8 features; words: per weight word, the loop
-                                            rotated, the first weights before the PDL wait; scaled_mm: torch._scaled_mm, the activation quantized per
-                                            token); default words (H200, 2026-12-04, W1 8B: 361.7 tok/s with
+                                            rotated, the first weights before the PDL wait; scaled_mm:
+                                            torch._scaled_mm, the activation quantized per token); default words (H200, 2026-12-04, W1 8B: 361.7 tok/s with
                                             PDL in one-row steps, half 356.9; without PDL 337.8 / 338.3);
                                             MESHSERVE_FP8_WORDS_TILE=block_n,block_k,warps: the words tile
                                             for every shape (A/B; default by shape)

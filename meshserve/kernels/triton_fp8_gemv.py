@@ -43,6 +43,7 @@ from meshserve.kernels import pdl as pdl_mod
 from meshserve.kernels.gemv_tiles import GemvTiles, split_k_range, split_k_reduce
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.triton_e4m3_words import e4m3x4_to_f16
+from meshserve.kernels.triton_half2 import pack_half2
 
 FP8_GEMV_VARIANTS = ("cvt", "half", "local", "words")
 HALF_CHUNK = tl.constexpr(4)  # fp16 products summed in fp16 before an fp32 add (the half variant)
@@ -157,10 +158,6 @@ def _fp8_gemv_kernel(
     _finish(tl.sum(acc, 1), rows, rmask, s_ptr, b_ptr, out_ptr, pid_k, N, HAS_BIAS, SPLIT)
 
 
-# features of x per weight word; two words a thread per row and trip (8-byte loads of both: the x pairs and
-# the weight words then share one register layout, so no trip converts a layout through shared memory)
-_WORD_PAIR = tl.constexpr(2)
-
 # one weight word (four e4m3: bytes 0-3 are features 4j..4j+3) times the word's x as two fp16 pairs, (x0, x1) and
 # (x2, x3): cvt.rn.f16x2.e4m3x2 widens each 16-bit half of the word, one HMUL2 and one HFMA2 sum the four
 # products in two fp16 lanes, whose sum is taken in fp32
@@ -179,19 +176,6 @@ cvt.f32.f16 fl, pl;
 cvt.f32.f16 fh, ph;
 add.f32 $0, fl, fh;
 }""")
-
-
-@triton.jit
-def _pack_half2(lo, hi, ASM: tl.constexpr):
-    """fp32 lo, hi -> the uint32 of the fp16 pair (lo in bits 0-15), one cvt.rn.f16x2.f32."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            "cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.uint32, is_pure=True, pack=1
-        )
-    else:
-        lo16 = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-        hi16 = hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-        return lo16 | (hi16 << 16)
 
 
 @triton.jit
@@ -241,8 +225,8 @@ def _words_products(w, f0, f1, f2, f3, ASM: tl.constexpr):
     amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(f0), tl.abs(f1)), tl.maximum(tl.abs(f2), tl.abs(f3))), 1e-30)
     inv = (1.0 / amax) * HALF_X_MAX
     if ASM:  # x 1-D, broadcast into the weight words' layout (the small tensor moves, not the weights)
-        xa = _pack_half2(f0 * inv, f1 * inv, ASM)[None, :] + w * 0
-        xb = _pack_half2(f2 * inv, f3 * inv, ASM)[None, :] + w * 0
+        xa = pack_half2(f0 * inv, f1 * inv, ASM)[None, :] + w * 0
+        xb = pack_half2(f2 * inv, f3 * inv, ASM)[None, :] + w * 0
         dot = tl.inline_asm_elementwise(_WORD_DOT_ASM, "=f,r,r,r", [w, xa, xb], dtype=tl.float32, is_pure=True, pack=1)
     else:  # the same fp16 lanes with tensors (the interpreter runs no inline PTX): (h0 x0 + h2 x2), (h1 x1 + h3 x3)
         h0, h1, h2, h3 = e4m3x4_to_f16(w, ASM)

@@ -30,19 +30,13 @@ CUDA graph). Reference: quant_ref.int4_linear_ref (bit-exact weights; fp32 sums 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from meshserve.kernels.gemv_tiles import GemvTiles, split_k_range, split_k_reduce
-
-
-def _interpreting() -> bool:
-    """The Triton CPU interpreter runs no inline PTX: the PTX spellings are for compiled code only."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
+from meshserve.kernels.pdl import interpreting
+from meshserve.kernels.triton_half2 import pack_half2
 
 MAX_GEMV_ROWS = 4  # larger batches go to the dequant-GEMM, whose MMA then does useful work
 
@@ -227,19 +221,6 @@ def _step_loads(
 HALF_X_MAX = tl.constexpr(32.0)  # the half variant scales each step's x to this largest |x| (see _half_step)
 
 
-@triton.jit
-def _pack_half2(lo, hi, ASM: tl.constexpr):
-    """fp32 lo, hi -> the uint32 of the fp16 pair (lo in bits 0-15), one cvt.rn.f16x2.f32 (F2FP)."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            "cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.uint32, is_pure=True, pack=1
-        )
-    else:
-        lo16 = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-        hi16 = hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-        return lo16 | (hi16 << 16)
-
-
 # two packed words (16 weights: K rows 2r and 2r + 1 of a column) against 8 fp16 pairs of x: nibbles (j, j + 4)
 # of a word decode into one f16x2 with one LOP3 each (mask 0x000F000F: 1024 + q; mask 0x00F000F0: 1024 + 16q,
 # whose x is pre-divided by 16), one HSUB2 of (1024 + z) or (1024 + 16z) makes them the exact (q - z) or
@@ -304,10 +285,10 @@ def _half_step(packed, s, z, x, acc, ASM: tl.constexpr):
     wa, wb = _pairs(packed)
     if ASM:
         inv16 = inv * 0.0625  # the odd pairs' weights decode as 16 (q - z)
-        pa0, pb0 = _pairs(_pack_half2(xs[0] * inv, xs[4] * inv, ASM))
-        pa1, pb1 = _pairs(_pack_half2(xs[1] * inv16, xs[5] * inv16, ASM))
-        pa2, pb2 = _pairs(_pack_half2(xs[2] * inv, xs[6] * inv, ASM))
-        pa3, pb3 = _pairs(_pack_half2(xs[3] * inv16, xs[7] * inv16, ASM))
+        pa0, pb0 = _pairs(pack_half2(xs[0] * inv, xs[4] * inv, ASM))
+        pa1, pb1 = _pairs(pack_half2(xs[1] * inv16, xs[5] * inv16, ASM))
+        pa2, pb2 = _pairs(pack_half2(xs[2] * inv, xs[6] * inv, ASM))
+        pa3, pb3 = _pairs(pack_half2(xs[3] * inv16, xs[7] * inv16, ASM))
         zl = z + 1024.0
         zh = z * 16.0 + 1024.0
         part = tl.inline_asm_elementwise(
@@ -316,8 +297,8 @@ def _half_step(packed, s, z, x, acc, ASM: tl.constexpr):
             [
                 wa,
                 wb,
-                _pack_half2(zl, zl, ASM),
-                _pack_half2(zh, zh, ASM),
+                pack_half2(zl, zl, ASM),
+                pack_half2(zh, zh, ASM),
                 pa0[:, None],
                 pa1[:, None],
                 pa2[:, None],
@@ -568,7 +549,7 @@ def int4_gemv(
             *strides,
             EVEN=n % tiles.block_n == 0 and k % per_split == 0,
             GROUP=group_size,
-            ASM=x.is_cuda and not _interpreting(),
+            ASM=x.is_cuda and not interpreting(),
             REDUCE_CHUNK=reduce_chunk,
             num_stages=1,
             **common,
@@ -587,7 +568,7 @@ def int4_gemv(
             group_size,
             *strides,
             HAS_G_IDX=g_idx is not None,
-            PRMT=x.is_cuda and not _interpreting(),
+            PRMT=x.is_cuda and not interpreting(),
             num_stages=tiles.num_stages,
             **common,
         )

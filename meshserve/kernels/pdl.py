@@ -228,7 +228,7 @@ def auto_enables(hidden_size: int | None) -> bool:
 
 
 def auto_policy(hidden_size: int | None, moe: bool, quantized: bool, world_size: int = 1,
-                fp8_weights: bool = False) -> dict | None:
+                waiting_weights: bool = False) -> dict | None:
     """MESHSERVE_PDL=auto's PdlPolicy fields for a model, or None (PDL off). Hidden size <= AUTO_MAX_HIDDEN
     (auto_enables): on in every decode-only step, the GEMV preloading up to 2,048 columns. Larger dense models of
     16-bit weights on one GPU (world_size: TP x PP ranks): on in one-row decode steps only, the GEMV preloading
@@ -236,14 +236,14 @@ def auto_policy(hidden_size: int | None, moe: bool, quantized: bool, world_size:
     without PDL, 229.3 with (+3.7%; decode graph 4.49 -> 4.33 ms), 214.9 with the partial-row preload (its
     registers halve the programs an SM), 217.4 one_wave_only; in every decode step W2 lost 0.8% (9,619 -> 9,542
     output tok/s), so those stay plain. Not measured, so off: larger MoE models (Mixtral), larger models over
-    several GPUs (their per-layer all-reduces). Quantized models of that size stay plain unless their weights are
-    per-channel fp8 (fp8_weights), whose batch-1 GEMV (the words variant) requests its first weights before the
-    wait: H200 W1 Llama-3.1-8B fp8, 2026-12-04, two processes each: 339.1 tok/s plain (half GEMV), 354.0 so
-    (361.7 / 362.2 in single runs); before it the fp8 GEMV had no wait of its own and PDL cost 3% (333.0 ->
-    322.9)."""
+    several GPUs (their per-layer all-reduces). Quantized models of that size stay plain unless their format's
+    batch-1 GEMV requests its first weights before the PDL wait (waiting_weights: per-channel fp8, the words
+    GEMV; AWQ / GPTQ int4, the half GEMV): H200 W1 Llama-3.1-8B fp8, 2026-12-04, two processes each: 339.1 tok/s
+    plain (half GEMV), 354.0 so (361.7 / 362.2 in single runs; before it the fp8 GEMV had no wait of its own and
+    PDL cost 3%, 333.0 -> 322.9); AWQ int4 (thirty-fifth session, same two-process A/B): 391.9 plain, 424.4 so."""
     if auto_enables(hidden_size):
         return {}
-    if hidden_size is None or moe or world_size > 1 or (quantized and not fp8_weights):
+    if hidden_size is None or moe or world_size > 1 or (quantized and not waiting_weights):
         return None
     return {"preload": "row", "steps": "one"}
 

@@ -34,8 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.kernels import pdl as pdl_mod
 from meshserve.kernels.gemv_tiles import GemvTiles, split_k_range, split_k_reduce
-from meshserve.kernels.pdl import interpreting
+from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.triton_half2 import pack_half2
 
 MAX_GEMV_ROWS = 4  # larger batches go to the dequant-GEMM, whose MMA then does useful work
@@ -355,8 +356,11 @@ def _int4_gemv_half_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_KP: tl.constexpr,
     REDUCE_CHUNK: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
-    """Steps inside one group (no g_idx, GROUP a multiple of the step): z and s per column and step."""
+    """Steps inside one group (no g_idx, GROUP a multiple of the step): z and s per column and step. Under PDL
+    (USE_GDC) the first step's words, scales and zeros are requested before the wait (no kernel writes them),
+    x and every store after it (the split-K counters and partials of the launch before are then settled)."""
     pid_k = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
@@ -374,6 +378,7 @@ def _int4_gemv_half_kernel(
     packed, s, z = _step_loads(
         qw_ptr, s_ptr, z_ptr, kp_lo, kp_hi, rp, rn, nmask, stride_qk, stride_sg, GROUP, EVEN
     )
+    gdc_wait(USE_GDC)  # x is the previous kernel's output
     r8 = tl.arange(0, 8)[None, :]
     x0 = tl.load(
         x_ptr + (kp_lo + rp)[:, None] * 8 + r8, mask=(kp_lo + rp)[:, None] * 8 + r8 < kp_hi * 8, other=0.0
@@ -398,6 +403,7 @@ def _int4_gemv_half_kernel(
             x = tl.load(x_ptr + 3 * stride_xm + xk, mask=xmask & (xk * 0 + 3 < M), other=0.0)
             acc3 = _half_step(packed, s, z, x, acc3, ASM)
         packed, s, z, x0 = nxt_packed, nxt_s, nxt_z, nxt_x0
+    gdc_trigger_late(USE_GDC)
     rows = (
         tl.reshape(acc0, [BLOCK_N]),
         tl.reshape(acc1, [BLOCK_N]),
@@ -466,14 +472,20 @@ def _split_counters(device: torch.device, blocks: int) -> torch.Tensor | None:
 
 def default_int4_tiles(n: int, k: int, rows: int = 1, num_sms: int = 132) -> GemvTiles:
     """The half kernel: 128 columns on one warp (4 per lane: 128-bit loads along N), 64 features (8 packed rows) a
-    step; split-K for ~12 programs per SM (168 registers at one row: 12 one-warp programs fit an SM's register
-    file), each at least 4 steps long. The H200 sweep's best tiles for every Llama-3.1-8B projection at one row
-    (2026-11-30, 'half 128x64 w1 12/SM': 53.9 us a layer; 128 x 32 at 16 per SM, the first default, 56.7).
-    3-4 rows (untimed): 64-feature steps spill (sm_90: 368 bytes of stack at 4 rows), so 32-feature steps
-    (174 registers: 11 programs per SM)."""
-    block_n, block_k, per_sm = (128, 64, 12) if rows <= 2 else (128, 32, 11)
-    split = max(1, min(triton.cdiv(per_sm * num_sms, triton.cdiv(n, block_n)), k // (4 * block_k)))
-    return GemvTiles(block_n, block_k, split_k=split, num_warps=1, num_stages=1)
+    step; split-K for at most 12 programs per SM (168 registers at one row: 12 one-warp programs fit an SM's
+    register file: one wave), each at least 2 steps long. The H200 sweep of 2026-12-04 (tools/bench_quant_gemv.py,
+    'half 128x64 w1 12/SM >=2 one wave chunk32', Llama-3.1-8B's projections at one row): 48.3 us a layer against
+    53.6 with the rule before it (splits rounded up to >= 12 per SM, >= 4 steps each, reduce chunk 8): gate_up's 8
+    splits made 1,792 programs for 1,584 slots (two waves: 24.0 -> 21.5 us at 7), and qkv / o, capped at 16 splits
+    by the 4 steps, reach 3-6 programs per SM (8.6 / 6.9 -> 7.5 / 6.4 us at 32). 3-4 rows (untimed): 64-feature
+    steps spill (sm_90: 368 bytes of stack at 4 rows), so 32-feature steps (174 registers: 11 programs per SM),
+    the rule before."""
+    if rows > 2:
+        block_k, per_sm = 32, 11
+        split = triton.cdiv(per_sm * num_sms, triton.cdiv(n, 128))
+        return GemvTiles(128, block_k, split_k=max(1, min(split, k // (4 * block_k))), num_warps=1, num_stages=1)
+    split = max(1, min(12 * num_sms // triton.cdiv(n, 128), k // (2 * 64)))
+    return GemvTiles(128, 64, split_k=split, num_warps=1, num_stages=1)
 
 
 def default_int4_grouped_tiles(n: int, k: int, num_sms: int = 132) -> GemvTiles:
@@ -496,12 +508,15 @@ def int4_gemv(
     bias: torch.Tensor | None = None,
     tiles: GemvTiles | None = None,
     fused_reduce: bool = True,
-    reduce_chunk: int = 8,
+    reduce_chunk: int = 32,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """Same as quant_ref.int4_linear_ref for x [..., K] of at most MAX_GEMV_ROWS rows -> [..., N] in x.dtype.
     fused_reduce=False sums split-K partials in a second kernel (the same bits: tests compare the two).
     reduce_chunk: partials the fused reduce of the half kernel loads at once (one L2 round trip each chunk; the
-    same sums whatever the chunk: bench_quant_gemv.py times 32, which makes down's 45 partials 2 trips, not 6)."""
+    same sums whatever the chunk; 32, the default since the H200 sweep of 2026-12-04: qkv / o / down 0.2-1.0 us
+    faster each than 8). pdl: the PDL launch of the half kernel (None: the process switch, kernels/pdl.py); the
+    grouped kernel launches plain."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -549,10 +564,11 @@ def int4_gemv(
             *strides,
             EVEN=n % tiles.block_n == 0 and k % per_split == 0,
             GROUP=group_size,
-            ASM=x.is_cuda and not interpreting(),
+            ASM=x.is_cuda and not pdl_mod.interpreting(),
             REDUCE_CHUNK=reduce_chunk,
             num_stages=1,
             **common,
+            **pdl_mod.gdc_kwargs(x, pdl, programs=grid[0] * grid[1], num_warps=tiles.num_warps),
         )
     elif m:
         _int4_gemv_grouped_kernel[grid](
@@ -568,7 +584,7 @@ def int4_gemv(
             group_size,
             *strides,
             HAS_G_IDX=g_idx is not None,
-            PRMT=x.is_cuda and not interpreting(),
+            PRMT=x.is_cuda and not pdl_mod.interpreting(),
             num_stages=tiles.num_stages,
             **common,
         )

@@ -449,7 +449,8 @@ def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
         quantized = bool(config.model_config.quantization or getattr(text, "quantization_config", None)
                          or getattr(config.model_config.hf_config, "quantization_config", None))
         chosen = pdl.auto_policy(getattr(text, "hidden_size", None), num_experts(text) > 0, quantized,
-                                 config.parallel_config.world_size, fp8_weights=quantized and _fp8_weights(config))
+                                 config.parallel_config.world_size,
+                                 waiting_weights=quantized and _gemv_waits_under_pdl(config))
         enabled, auto = chosen is not None, chosen or {}
     else:
         enabled = mode != "0"
@@ -465,19 +466,22 @@ def _pdl_policy(config: EngineConfig, on_cuda: bool) -> PdlPolicy:
     )
 
 
-def _fp8_weights(config) -> bool:
-    """Whether the model's linear layers hold per-channel fp8 weights (the Fp8Config formats, whose batch-1
-    projection is triton_fp8_gemv's); False where the format is another or does not resolve (the loader reports
-    that one)."""
+def _gemv_waits_under_pdl(config) -> bool:
+    """Whether the model's linear layers hold a weight format whose batch-1 GEMV waits under PDL after requesting
+    its first weights: per-channel fp8 (Fp8Config: triton_fp8_gemv's words variant) or AWQ / GPTQ int4
+    (Int4Config: triton_int4_gemv's half kernel; act-order weights take the grouped kernel, a plain launch, which
+    a PDL chain waits on whole); False for fp8 blocks (not measured) and where the format does not resolve (the
+    loader reports that one)."""
     from meshserve.layers.quantization import resolve_quant_config
     from meshserve.layers.quantization.fp8 import Fp8Config
+    from meshserve.layers.quantization.int4 import Int4Config
 
     mc = config.model_config
     try:
         qc = resolve_quant_config(mc.hf_config, mc.quantization, mc.load_format)
     except (ValueError, TypeError, KeyError, AttributeError):
         return False
-    return isinstance(qc, Fp8Config)
+    return isinstance(qc, Fp8Config | Int4Config)
 
 
 def _tp_fused_norm() -> str:

@@ -348,9 +348,10 @@ for prmt, g_idx, m, fused in ((True, True, 1, True), (False, False, 4, False), (
     assert m > 1 or not spills(k), (m, spills(k))
 p.pop("g_ptr")
 # the half kernel (rows, EVEN, packed rows a step): the defaults, 64-feature steps at 1-2 rows, 32 at 3-4 rows
-for m, even, kp in [(1, True, 8), (2, False, 8), (4, True, 4), (4, False, 4), (1, True, 4)]:  # no spills
+# (the default reduce chunk of 32 and the PDL launch at one row among them)
+for m, even, kp, gdc in [(1, True, 8, 1), (2, False, 8, 0), (4, True, 4, 0), (4, False, 4, 0), (1, True, 4, 0)]:
     k = compile(i4._int4_gemv_half_kernel, p, dict(HAS_BIAS=True, SPLIT=True, FUSED_REDUCE=even, EVEN=even,
-                GROUP=128, ASM=True, BLOCK_M=m, BLOCK_N=128, BLOCK_KP=kp, REDUCE_CHUNK=8), 1)
+                GROUP=128, ASM=True, BLOCK_M=m, BLOCK_N=128, BLOCK_KP=kp, REDUCE_CHUNK=32, USE_GDC=gdc), 1)
     assert not spills(k), (m, kp, spills(k))
 compile(gemv_tiles._split_k_reduce_kernel, dict(part_ptr="*fp32", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16"),
         dict(HAS_SCALE=True, HAS_BIAS=True, BLOCK=1024), 4)
@@ -416,6 +417,8 @@ def test_int4_gemv_gpu(m, n, k, act_order):
     # split-K summed by the last program in split order: the reduce kernel's bits, and the same bits every call
     assert torch.equal(y, int4_gemv(x, qweight, scales, zeros, 128, g_idx, fused_reduce=False))
     assert torch.equal(y, int4_gemv(x, qweight, scales, zeros, 128, g_idx))
+    # launched with PDL (the half kernel waits before x; the grouped one launches plain): the same bits
+    assert torch.equal(y, int4_gemv(x, qweight, scales, zeros, 128, g_idx, pdl=True))
     assert not _counters_in_use()
 
 

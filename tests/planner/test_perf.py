@@ -227,16 +227,17 @@ def test_pdl_overhead_applies_at_batch_one_to_the_models_the_engine_chains_with_
     gpu = dataclasses.replace(get_gpu("H200"), layer_overhead_us=40.0, layer_overhead_pdl_us=24.0)
     small, moe, large = load_model("qwen3-0.6b"), load_model("qwen3-30b-a3b"), load_model("llama-3.1-8b")
     assert layer_overhead_s(small, gpu, 1) == layer_overhead_s(moe, gpu, 1) == pytest.approx(24e-6)
-    # the 8B: PDL in its one-row steps with 16-bit or fp8 weights on one GPU (pdl.auto_policy), not int4, not
-    # over two
+    # the 8B: PDL in its one-row steps with 16-bit, fp8 or int4 weights on one GPU (pdl.auto_policy: formats
+    # whose GEMV waits under PDL), not over two
     assert layer_overhead_s(large, gpu, 1) == layer_overhead_s(large, gpu, 1, "fp8") == pytest.approx(24e-6)
+    assert layer_overhead_s(large, gpu, 1, "int4") == pytest.approx(24e-6)
     assert pdl.auto_policy(large.hidden_size, moe=False, quantized=False) is not None
-    assert pdl.auto_policy(large.hidden_size, moe=False, quantized=True, fp8_weights=True) is not None
+    assert pdl.auto_policy(large.hidden_size, moe=False, quantized=True, waiting_weights=True) is not None
     assert pdl.auto_policy(large.hidden_size, moe=False, quantized=True) is None
     assert pdl.auto_policy(large.hidden_size, moe=True, quantized=False) is None
     assert pdl.auto_policy(large.hidden_size, moe=False, quantized=False, world_size=2) is None
     plain_overhead = pytest.approx(40e-6)
-    assert layer_overhead_s(large, gpu, 1, "int4") == layer_overhead_s(large, gpu, 1, "bf16", ranks=2) == plain_overhead
+    assert layer_overhead_s(large, gpu, 1, "bf16", ranks=2) == plain_overhead
     assert layer_overhead_s(large, gpu, 8) == layer_overhead_s(small, gpu, 8) == pytest.approx(40e-6)
     mixtral = dataclasses.replace(large, num_experts=8)  # a large MoE model: not chained
     assert layer_overhead_s(mixtral, gpu, 1) == pytest.approx(40e-6)

@@ -17,3 +17,7 @@ OUT=${OUT:-/tmp/out}
 # the engine imports msgspec (and the server fastapi etc.): the GPU image lacks them, so a call that did not
 # carry .whl fails at import (the sixteenth session lost a call's GPU tests to it): say so at once
 python3 -c "import msgspec" 2> /dev/null || echo "device_env.sh: msgspec is missing: carry .whl (meshserve will not import)" >&2
+# the image has no httptools / uvloop either: without them the router relays through httpx and uvicorn runs h11 on
+# asyncio (the thirty-fourth session's router rows: 2.3x the CPU an event, a collapse at W3 QPS 64 that a user's
+# install, which has both, does not show): `fetch-device-wheels.sh ... httptools uvloop` into .whl
+python3 -c "import httptools, uvloop" 2> /dev/null || echo "device_env.sh: httptools / uvloop missing: carry them in .whl (the router and API server would run their pure-Python paths)" >&2

@@ -60,8 +60,13 @@ def test_a_late_submission_waits_behind_the_latest_and_keeps_its_work():
 
 
 def test_calibration_file():
-    light = load_router_costs()
-    assert light == load_router_costs("cpu_light")
+    # the default: the current router with httptools / uvloop on the GPU host; without them (httpx, h11) it costs
+    # ~2.3x an event there
+    host = load_router_costs()
+    assert host == load_router_costs("h200_host")
+    assert host.per_request_s == pytest.approx(1.13e-3) and host.per_event_s == pytest.approx(61e-6)
+    assert load_router_costs("h200_host_httpx").per_event_s > 2 * host.per_event_s
+    light = load_router_costs("cpu_light")
     assert light.per_request_s == pytest.approx(1.6e-3) and light.per_event_s == pytest.approx(102e-6)
     assert load_router_costs("cpu_loaded").per_event_s > light.per_event_s
     with pytest.raises(InvalidArgumentError, match="router_calibration.toml has"):

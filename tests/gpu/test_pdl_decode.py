@@ -151,3 +151,26 @@ def test_pdl_moe_launches_keep_batch1_decode(moe, monkeypatch):
     for plain, overlapped in zip(runs["0"], runs[moe]):
         # "launch" changes no arithmetic; "preload" sums the down slots in another fp32 order
         assert_agree_until_near_tie(plain, overlapped, tie=0.2, close=0.15)
+
+
+# quantized 8B-sized layers: MESHSERVE_PDL=auto (the default) chains the one-row decode steps of per-channel fp8
+# and AWQ int4 models (their batch-1 GEMVs wait under PDL after requesting their first weights; pdl.auto_policy)
+@pytest.mark.parametrize("quantization", ["fp8", "awq"])
+def test_pdl_auto_keeps_quantized_batch1_decode(quantization, monkeypatch):
+    from meshserve import LLM, SamplingParams
+    from meshserve.kernels import pdl as pdl_mod
+
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=3)
+    runs = {}
+    for setting in ("0", "auto"):
+        monkeypatch.setenv("MESHSERVE_PDL", setting)
+        llm = LLM(model="llama-3.1-8b", load_format="dummy", dtype="bfloat16", max_model_len=4096,
+                  quantization=quantization, hf_overrides={"num_hidden_layers": 4}, gpu_memory_utilization=0.5,
+                  max_num_seqs=8, seed=0)
+        on = torch.cuda.get_device_capability()[0] >= 9 and setting == "auto"
+        assert pdl_mod.is_enabled() == on
+        assert not on or (pdl_mod.policy().preload, pdl_mod.policy().steps) == ("row", "one")
+        runs[setting] = [llm.generate([_prompt(n, s)], params, use_tqdm=False)[0].outputs[0] for n, s in PROMPTS]
+        llm.shutdown()
+    for plain, overlapped in zip(runs["0"], runs["auto"]):
+        assert_agree_until_near_tie(plain, overlapped, tie=0.2, close=0.15)

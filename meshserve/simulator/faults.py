@@ -17,8 +17,10 @@ one every `health_interval_s` from the router's start. Per request the client's 
 
 Replicas are meshserve/simulator/replica.py's SimReplica (the engine's Scheduler, every step through it), with
 no front-end queue: the step cost is meant to be the replica's measured step cadence, which carries its API
-work (the suite's replicas run the engine in the server's thread). Not modelled: CPU shared between processes
-(the suite's replicas and the restarting one share two cores), the router's own CPU, the fallback replica.
+work (the suite's replicas run the engine in the server's thread). The CPU the processes share (the suite's
+replicas, router workers, client and the restarting replica on two cores) is host_share.py's SharedHost, off unless
+given (`host`): each step's time scaled by the processor-sharing factor of the processes busy at its start over
+the fit's. Not modelled: the router's own CPU in the per-request latency, the fallback replica.
 
 ClosedLoop is the client, router and replicas; the scenarios hook into it: KillRestartRun here, the hung replica
 (faults_hang.py: a replica that answers nothing, the router's read timeout and probes) and the overload bursts
@@ -37,6 +39,7 @@ from meshserve.engine.step_time import StepShape
 from meshserve.router.policy import make_policy
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.failures import FailureLog, committed
+from meshserve.simulator.host_share import SharedHost
 from meshserve.simulator.metrics import RunRecorder
 from meshserve.simulator.replica import SimReplica
 from meshserve.simulator.router_admission import RouterAdmission
@@ -156,17 +159,20 @@ class ClosedLoop:
     replica's core). The scenarios (KillRestartRun here; faults_hang.py, faults_overload.py) subclass it and
     hook in: phase(), on_sent(), on_end(), on_step_end(), handle() for their own events. With `admission`
     (router_admission.py) the router refuses past --max-outstanding: the client gets its 503 refusal_s later.
-    Deterministic: no randomness (ties go by event kind, then order of pushing)."""
+    With `host` (host_share.py) every step's time is scaled by the host's CPU share at its start (replicas with
+    work, processes starting, the host's others) over the fit's; None: the step cost as given. Deterministic: no randomness (ties go by event kind, then order of pushing)."""
 
     def __init__(self, config: SimConfig, step_cost: Callable[[StepShape], float], load: ClosedLoopLoad,
                  health: RouterHealth = RouterHealth(), latency_s: float = 0.0,
                  admission: RouterAdmission | None = None, refusal_s: float = 0.0, front_s: float = 0.0,
-                 back_s: float = 0.0):
+                 back_s: float = 0.0, host: SharedHost | None = None):
         config.validate()
         num_blocks = config.kv_blocks(config.model_spec(), config.gpu_spec())
         self.config, self.step_cost, self.load, self.health = config, step_cost, load, health
         self.latency_s, self.admission, self.refusal_s = latency_s, admission, refusal_s
         self.front_s, self.back_s = front_s, back_s
+        self.host = host
+        self.starting: set[int] = set()  # replica slots whose process is starting (restart to /ready)
         self.sched_cfg, self.cache_cfg = config.engine_configs(num_blocks, False)
         self.recorder = RunRecorder()
         self.reqs: list[RequestResult] = []
@@ -215,9 +221,20 @@ class ClosedLoop:
 
     def make(self, slot: int) -> _Replica:
         self.incarnation[slot] += 1
-        return _Replica(slot, self.sched_cfg, self.cache_cfg, self.step_cost, self.recorder,
+        step_cost = self.step_cost
+        if self.host is not None:
+            def step_cost(shape: StepShape, slot: int = slot) -> float:
+                return self.step_cost(shape) * self.host_slowdown(slot)
+        return _Replica(slot, self.sched_cfg, self.cache_cfg, step_cost, self.recorder,
                         self.config.max_queue_len, fast_forward=False, light=True, frontend=None,
                         on_finish=self.finished)
+
+    def host_slowdown(self, slot: int) -> float:
+        """The host's step-time factor for a step replica slot starts now: the replicas with work (slot's, about to
+        step, among them; a dead or stopped one not), the processes starting, over the fit's (SharedHost)."""
+        busy = sum(1 for s, rep in enumerate(self.replicas)
+                   if rep is not None and s not in self.frozen and (rep.busy or s == slot))
+        return self.host.slowdown(busy, len(self.starting), len(self.replicas))
 
     def start_load(self, t: float) -> None:
         """A new load (a burst) from t: its clients send at once."""
@@ -457,6 +474,7 @@ class KillRestartRun(ClosedLoop):
     def restart(self, t: float) -> None:
         self.restarted = True
         self.events["restart_s"] = t
+        self.starting.add(self.scenario.victim)
         self.push(t + self.scenario.start_s, _READY, self.scenario.victim)
 
     def fresh_stream_on(self, slot: int, t: float) -> None:
@@ -470,6 +488,7 @@ class KillRestartRun(ClosedLoop):
         if kind == _READY:
             slot = payload
             self.replicas[slot] = self.make(slot)
+            self.starting.discard(slot)
             self.events["ready_s"] = t
             self.push(FailureLog(health_interval_s=self.health.health_interval_s,
                                  recover_threshold=self.health.recover_threshold).readmit_s(t), _READMIT, slot)
@@ -481,6 +500,6 @@ class KillRestartRun(ClosedLoop):
 
 def run_kill_restart(config: SimConfig, step_cost: Callable[[StepShape], float], load: ClosedLoopLoad,
                      scenario: KillRestart, health: RouterHealth = RouterHealth(), latency_s: float = 0.0,
-                     limit_s: float = 3600.0) -> FaultRun:
+                     limit_s: float = 3600.0, host: SharedHost | None = None) -> FaultRun:
     """Simulate the kill+restart scenario (ClosedLoop's arguments)."""
-    return KillRestartRun(config, step_cost, load, health, latency_s, scenario=scenario).run(limit_s)
+    return KillRestartRun(config, step_cost, load, health, latency_s, scenario=scenario, host=host).run(limit_s)

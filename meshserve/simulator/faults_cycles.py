@@ -26,6 +26,7 @@ from meshserve.simulator.faults import (
     KillRestartRun,
     RouterHealth,
 )
+from meshserve.simulator.host_share import SharedHost
 
 CYCLES_LOAD = ClosedLoopLoad(concurrency=16, stream_every=4, output_len=8, stream_output_len=200)
 
@@ -90,6 +91,6 @@ class KillRestartCyclesRun(KillRestartRun):
 def run_kill_restart_cycles(config: SimConfig, step_cost: Callable[[StepShape], float],
                             load: ClosedLoopLoad = CYCLES_LOAD, cycles: tuple[KillRestart, ...] = suite_cycles(),
                             health: RouterHealth = SUITE_HEALTH, latency_s: float = 0.0,
-                            limit_s: float = 3600.0) -> CyclesRun:
+                            limit_s: float = 3600.0, host: SharedHost | None = None) -> CyclesRun:
     """Simulate the kill+restart cycles (faults.ClosedLoop's arguments)."""
-    return KillRestartCyclesRun(config, step_cost, load, health, latency_s, cycles=cycles).run(limit_s)
+    return KillRestartCyclesRun(config, step_cost, load, health, latency_s, cycles=cycles, host=host).run(limit_s)

@@ -7,18 +7,23 @@ on the round itself, as validation_faults.py fits a kill+restart round: the step
 steps of all three cycles, and the per-request latency from the non-streamed median of the cycles' parts before
 their kills. Taken from the round: each restart's start-up (ready - restart). Predicted and compared: the suite's
 figures of the round and of each cycle, each cycle's events from its start, and per cycle and phase the requests
-sent, the requests per second and the medians.
+sent, the requests per second and the medians. `--host` replays them on the shared host (host_share.py, as the
+kill+restart rounds: validation_faults.HOST, the cadence fitted on the gaps over each cycle's sharing factor); off
+by default (PLANNER.md's x3 table is without it).
 
-    python -m meshserve.simulator.validation_cycles [ROUND.json[.gz] ...]
+    python -m meshserve.simulator.validation_cycles [--host] [ROUND.json[.gz] ...]
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from meshserve.simulator.faults_cycles import CyclesRun, run_kill_restart_cycles, suite_cycles
+from meshserve.simulator.host_share import SharedHost
 from meshserve.simulator.validation_faults import (
+    HOST,
     PHASES,
     RESULTS,
     ClosedLoopLoad,
@@ -27,6 +32,7 @@ from meshserve.simulator.validation_faults import (
     _config,
     _health,
     load_round,
+    measured_slowdown,
     phase_table,
 )
 
@@ -44,10 +50,22 @@ def _start_p50(rows: list[dict]) -> float:
     return phase_table(rows, ("start",))["start"]["plain_p50"]
 
 
-def simulate_round(measured: dict, latency_s: float | None = None) -> tuple[CyclesRun, dict]:
-    """The round's three cycles simulated with its fitted cadence (and latency: fitted when None)."""
+def cycles_slowdown(cycles: list[dict], host: SharedHost) -> Callable[[float], float]:
+    """The host's factor at time t of a measured round: its cycle's (validation_faults.measured_slowdown)."""
+    each = [measured_slowdown(cy["events"], host) for cy in cycles]
+
+    def at(t: float) -> float:
+        return each[max((c for c, cy in enumerate(cycles) if cy["start_s"] <= t), default=0)](t)
+
+    return at
+
+
+def simulate_round(measured: dict, latency_s: float | None = None, host: SharedHost | None = None
+                   ) -> tuple[CyclesRun, dict]:
+    """The round's three cycles simulated with its fitted cadence (and latency: fitted when None), on the shared
+    host when given."""
     sc = measured["scenario"]
-    cadence, abc, err = _cadence(measured["steps"])
+    cadence, abc, err = _cadence(measured["steps"], cycles_slowdown(measured["cycles"], host) if host else None)
     load = ClosedLoopLoad(concurrency=sc["concurrency"], stream_every=sc["stream_every"], output_len=sc["max_tokens"],
                           stream_output_len=sc["stream_max_tokens"])
     start_s = tuple(cy["events"]["ready_s"] - cy["events"]["restart_s"] for cy in measured["cycles"])
@@ -55,9 +73,9 @@ def simulate_round(measured: dict, latency_s: float | None = None) -> tuple[Cycl
     cycles = suite_cycles(start_s, sc["total"], sc["after"])
     health = _health(sc["router_flags"])
     if latency_s is None:
-        bare = run_kill_restart_cycles(_config(), cadence, load, cycles, health, 0.0)
+        bare = run_kill_restart_cycles(_config(), cadence, load, cycles, health, 0.0, host=host)
         latency_s = max(0.0, _start_p50(measured["requests"]) - _start_p50(_rows(bare)))
-    run = run_kill_restart_cycles(_config(), cadence, load, cycles, health, latency_s)
+    run = run_kill_restart_cycles(_config(), cadence, load, cycles, health, latency_s, host=host)
     return run, {"cadence_s": abc, "cadence_error": err, "latency_s": latency_s, "start_s": start_s}
 
 
@@ -65,10 +83,10 @@ def _cycle_events(events: dict, start_s: float) -> dict:
     return {k: events[k] - start_s for k in EVENTS if k in events}
 
 
-def compare(measured: dict) -> dict:
+def compare(measured: dict, host: SharedHost | None = None) -> dict:
     """Predicted vs measured for one round: the figures of the round and per cycle, each cycle's events from its
     start, and per cycle the phase table, each (simulated, measured)."""
-    run, fit = simulate_round(measured)
+    run, fit = simulate_round(measured, host=host)
     sim_fig, real_fig = run.figures(), measured["figures"]
     sim_rows, real_rows = _rows(run), measured["requests"]
     cycles = []
@@ -110,8 +128,9 @@ def _print(name: str, result: dict) -> None:
 
 
 def main(argv: list[str]) -> None:
-    for path in [Path(p) for p in argv] or sorted(RESULTS.glob("x3_round*.json.gz")):
-        _print(path.name, compare(load_round(path)))
+    host = HOST if "--host" in argv else None
+    for path in [Path(p) for p in argv if p != "--host"] or sorted(RESULTS.glob("x3_round*.json.gz")):
+        _print(path.name, compare(load_round(path), host))
 
 
 if __name__ == "__main__":

@@ -82,7 +82,8 @@ def test_deterministic():
 
 def test_replay_of_the_measured_rounds_within_bounds():
     """The stored rounds of tools/fault_load_trace.py (PLANNER.md has the tables): the suite's figures and the
-    medians of the phases the fits do not see, within the bounds the replay met when it was written."""
+    rates and medians of the phases the fits do not see, within the bounds the replay met when it was written
+    (the medians' 25% tightened to 20% and the rates held to 15% once the shared host was modelled, 2026-12-04)."""
     paths = sorted(RESULTS.glob("round*.json.gz"))
     assert len(paths) == 3
     for path in paths:
@@ -95,6 +96,6 @@ def test_replay_of_the_measured_rounds_within_bounds():
             sim, real = fig[key]
             assert abs(sim - real) <= 2, (path.name, key, fig)
         for phase in ("dead", "restarting"):
-            for key in ("plain_p50", "stream_p50"):
+            for key, bound in (("plain_p50", 0.20), ("stream_p50", 0.20), ("req_per_s", 0.15)):
                 sim, real = result["phases"][phase][key]
-                assert abs(sim - real) / real < 0.25, (path.name, phase, key, sim, real)
+                assert abs(sim - real) / real < bound, (path.name, phase, key, sim, real)

@@ -180,7 +180,6 @@ def run_host_overhead(ns) -> dict:
     steady_mode = getattr(ns, "waiting", None) is not None
     engine = build_steady_engine(ns) if steady_mode else build_engine(ns)
     steady = SteadyArrivals(engine, ns) if steady_mode else None
-    core = engine.core
     if steady is not None:
         # as the serving core process does once its model is loaded (core_process.py): the start-up objects are
         # frozen, so the full collections that serving's allocations trigger do not walk them (~70 ms a time here)

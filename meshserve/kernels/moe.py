@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from meshserve.kernels.moe_configs import StageConfigs, stage_configs, use_pair_gemv
+from meshserve.kernels.moe_configs import stage_configs, use_pair_gemv
 from meshserve.kernels.moe_ref import fused_experts_ref, softmax_topk_ref
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from meshserve import SamplingParams
 from meshserve.config import EngineArgs
 from meshserve.engine.async_engine import AsyncLLM

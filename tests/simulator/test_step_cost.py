@@ -21,7 +21,6 @@ from meshserve.simulator.step_cost import (
     fit_step_weights,
     load_calibration,
     load_tp_costs,
-    read_step_trace,
     read_step_traces,
 )
 

@@ -68,7 +68,8 @@ def _fp8_tiles(quick: bool):
 
 def _int4_tiles(quick: bool):
     """(label, tiles(n, k) or None for the default) of the int4 GEMV ('half', the kernel of group-uniform
-    weights) and of its act-order path ('grouped': the same weights with a permuted g_idx)."""
+    weights) and of its act-order paths ('grouped': the same weights with a permuted g_idx; 'perm': those
+    act-order weights sorted by group as the layer loads them, the half kernel gathering x through perm)."""
     import triton
 
     from meshserve.kernels.gemv_tiles import GemvTiles
@@ -86,7 +87,7 @@ def _int4_tiles(quick: bool):
 
     default = [("default", None)]
     if quick:
-        return {"half": default, "grouped": default}
+        return {"half": default, "grouped": default, "perm": default}
     return {
         "half": default
         + [
@@ -106,6 +107,7 @@ def _int4_tiles(quick: bool):
             ("grouped 128x32 w1 16/SM", per_sm(128, 32, 1, 16)),
             ("grouped 256x32 w2 4/SM", per_sm(256, 32, 2, 4)),  # 217 registers
         ],
+        "perm": default,  # the half kernel's tiles (168 registers at one row, like the plain kernel)
     }
 
 
@@ -146,7 +148,9 @@ def run(args) -> dict:
     from meshserve.kernels.quant_ref import (
         fp8_weight_only_ref,
         int4_dequant_ref,
+        int4_group_order,
         pack_int4_rows,
+        permute_int4_rows,
         quantize_fp8_per_channel,
         quantize_int4_groups,
     )
@@ -213,6 +217,10 @@ def run(args) -> dict:
         perm = torch.randperm(k, generator=torch.Generator().manual_seed(k)).to(device)
         d["g_idx"] = (torch.arange(k, device=device) // group)[perm].int()
         d["ref4g"] = x.float() @ int4_dequant_ref(*d["i4"], group, d["g_idx"], dtype=torch.float32)
+        # the same act-order weights sorted by group at load (layers/quantization/int4.py): K rows reordered by
+        # perm, no g_idx; the half kernel gathers x through perm (reference: ref4g, the unsorted weights')
+        d["perm"] = int4_group_order(d["g_idx"], group, k // group)
+        d["i4p"] = (permute_int4_rows(d["i4"][0], d["perm"]), *d["i4"][1:])
         data[name] = d
         del w, q
 
@@ -275,14 +283,15 @@ def run(args) -> dict:
                     make,
                     lambda d, t, v=variant, lab=label: int4_gemv(
                         d["x"],
-                        *d["i4"],
+                        *(d["i4p"] if v == "perm" else d["i4"]),
                         group,
                         d["g_idx"] if v == "grouped" else None,
                         tiles=t,
                         reduce_chunk=8 if lab.endswith("chunk8") else 32,
+                        perm=d["perm"] if v == "perm" else None,
                     ),
-                    "ref4g" if variant == "grouped" else "ref4",
-                    b4,
+                    "ref4" if variant == "half" else "ref4g",
+                    (lambda n, k: b4(n, k) + 4 * k) if variant == "perm" else b4,  # + the perm
                 )
         if not extra:
             yield (
@@ -353,10 +362,10 @@ def summarize(rows: list[dict], shapes: list[str]) -> dict:
         out[f"{kind}/{variant}"] = entry
     bf16 = out.get("bf16/triton", {}).get("layer_us_best")
     for kind in ("fp8", "int4"):
-        timed = {  # the act-order rows time other weights (a g_idx): not a candidate
+        timed = {  # the act-order rows time other weights (a g_idx, or sorted with a perm): not candidates
             k: v["layer_us_best"]
             for k, v in out.items()
-            if k.startswith(kind) and "layer_us_best" in v and k != "int4/grouped"
+            if k.startswith(kind) and "layer_us_best" in v and k not in ("int4/grouped", "int4/perm")
         }
         if timed:
             win = min(timed, key=timed.get)

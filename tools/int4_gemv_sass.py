@@ -32,6 +32,7 @@ POINTERS = {
     "qw_ptr": "*i32",
     "s_ptr": "*fp16",
     "z_ptr": "*fp16",
+    "perm_ptr": "*i32",
     "g_ptr": "*i32",
     "b_ptr": "*bf16",
     "y_ptr": "*bf16",
@@ -70,12 +71,18 @@ def main():
     kernels = {  # name: (kernel, constexprs, warps, packed rows a step)
         f"half 128x{8 * kp} w1 (default, {'1-2' if kp == 8 else '3-4'} rows)": (
             i4._int4_gemv_half_kernel,
-            dict(common, EVEN=True, GROUP=128, ASM=True, BLOCK_N=128, BLOCK_KP=kp, REDUCE_CHUNK=8),
+            dict(common, EVEN=True, GROUP=128, ASM=True, BLOCK_N=128, BLOCK_KP=kp, REDUCE_CHUNK=8, HAS_PERM=False),
             1,
             kp,
         )
         for kp in (8, 4)
     }
+    kernels["half 128x64 w1 perm (act-order sorted)"] = (
+        i4._int4_gemv_half_kernel,
+        dict(common, EVEN=True, GROUP=128, ASM=True, BLOCK_N=128, BLOCK_KP=8, REDUCE_CHUNK=8, HAS_PERM=True),
+        1,
+        8,
+    )
     kernels["grouped 128x32 w1 (act-order)"] = (
         i4._int4_gemv_grouped_kernel,
         dict(common, HAS_G_IDX=True, PRMT=True, BLOCK_N=128, BLOCK_KP=4),

@@ -17,6 +17,7 @@ INT4 weights
                                             the dequant-GEMM below for these rows too)
   more rows on a GPU                        Triton dequant-GEMM (kernels/triton_quant.py)
   otherwise                                 dequantize, then F.linear
+  act-order weights sorted by group at load (a perm): the GEMV gathers x through it, the others permute x first
 `fast` / `gemv` is the backend selection's switch (the GEMV switch; off under MESHSERVE_DISABLE_FUSED_OPS): it
 also picks the Triton activation quantization over the torch reference; the GEMV variants are its
 MESHSERVE_FP8_GEMV / MESHSERVE_INT4_GEMV (layers/backend_selection.py).
@@ -191,8 +192,11 @@ def int4_linear(
     bias: torch.Tensor | None,
     fast: bool = False,
     gemv_variant: str = "half",
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ the INT4 weight in the internal layout (kernels/quant_ref.py) -> [..., N]."""
+    """x [..., K] @ the INT4 weight in the internal layout (kernels/quant_ref.py) -> [..., N]. perm: act-order
+    weights sorted by group at load (quant_ref.int4_group_order): x's features permuted by it, in the GEMV's
+    loads, else by one index_select."""
     if fast and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
         triton_int4_gemv = _triton_int4_gemv()
         rows = x.numel() // x.shape[-1]
@@ -201,11 +205,12 @@ def int4_linear(
             and triton_int4_gemv is not None
             and rows <= triton_int4_gemv.MAX_GEMV_ROWS
         ):
-            return triton_int4_gemv.int4_gemv(x, qweight, scales, zeros, group_size, g_idx, bias)
+            return triton_int4_gemv.int4_gemv(x, qweight, scales, zeros, group_size, g_idx, bias, perm=perm)
         triton_quant = _triton_quant()
         if triton_quant is not None:
-            return triton_quant.int4_matmul(x, qweight, scales, zeros, group_size, g_idx, bias)
-    return int4_linear_ref(x, qweight, scales, zeros, group_size, g_idx, bias)
+            xp = x if perm is None else x.index_select(-1, perm)
+            return triton_quant.int4_matmul(xp, qweight, scales, zeros, group_size, g_idx, bias)
+    return int4_linear_ref(x, qweight, scales, zeros, group_size, g_idx, bias, perm=perm)
 
 
 __all__ = ["FP8_DTYPE", "fp8_block_linear", "fp8_linear", "fp8_rows_fit", "fp8_rows_linear", "int4_linear"]

@@ -11,6 +11,8 @@ INT4 weights live in one internal layout whatever the checkpoint's (AWQ and GPTQ
   scales  [G, N] and zeros [G, N] (zero points as floats), w[k, n] = (q[k, n] - zeros[g, n]) * scales[g, n]
   g_idx   [K] int32, the group g of input feature k; None means k // group_size. GPTQ's act-order (desc_act)
           checkpoints need it, and so does a row-parallel slice of one (its features' groups are scattered)
+  perm    [K] int32 instead of g_idx where act-order groups were sorted at load (int4_group_order): K row k
+          holds input feature perm[k], the groups are plain (k // group_size), and y = x[..., perm] @ W
 """
 
 from __future__ import annotations
@@ -121,10 +123,35 @@ def int4_linear_ref(
     group_size: int,
     g_idx: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ dequantized weight [K, N] (+ bias)."""
+    """x [..., K] @ dequantized weight [K, N] (+ bias); perm: x's features permuted first (see above)."""
     w = int4_dequant_ref(qweight, scales, zeros, group_size, g_idx, dtype=x.dtype)
-    return F.linear(x, w.t(), bias)
+    return F.linear(x if perm is None else x.index_select(-1, perm), w.t(), bias)
+
+
+def int4_group_order(g_idx: torch.Tensor, group_size: int, groups: int) -> torch.Tensor | None:
+    """Where act-order weights (g_idx [K]) can become plain group-wise ones exactly: perm [K] int32, a stable
+    argsort of g_idx, when g_idx[perm] is arange(K) // group_size with K // group_size == groups (every group a
+    contiguous run of exactly group_size rows at a multiple of it once sorted); else None (a group of another
+    size, or a row-parallel slice holding parts of groups). With qweight's K rows reordered by perm
+    (permute_int4_rows), int4_linear_ref(x, qweight, ..., g_idx) == int4_linear_ref(x, sorted, ..., perm=perm)
+    up to the order of the sum: the same products of the same dequantized weights."""
+    k = g_idx.shape[0]
+    if group_size <= 0 or k % group_size or k // group_size != groups:
+        return None
+    perm = torch.argsort(g_idx.long(), stable=True)
+    if not torch.equal(g_idx.long()[perm], torch.arange(k, device=g_idx.device) // group_size):
+        return None
+    return perm.to(torch.int32)
+
+
+def permute_int4_rows(qweight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """qweight [K / 8, N] with its K rows (unpacked) reordered: row k of the result is row perm[k]."""
+    out = torch.empty_like(qweight)
+    for c in range(0, qweight.shape[1], 2048):  # column chunks: the unpacked copy (int64 when packed) stays small
+        out[:, c : c + 2048] = pack_int4_rows(unpack_int4_rows(qweight[:, c : c + 2048])[perm.long()])
+    return out
 
 
 @dataclass

@@ -17,7 +17,9 @@ rows 128 x 32, which do not spill), split-K for ~12 programs per SM, the partial
 (2026-11-30, per Llama-3.1-8B layer at batch 1) 53.9 us against the bf16 GEMV's 121.1; ~5e-4 relative error.
 Measured and removed the same day: magic (PRMT into the mantissa of 2^23, fp32: 73.2 us fused / 80.7), lop3
 (LOP3 + FFMA, fp32: 60.1 / 79.7), the same kernel with a reduce kernel (79.0) and cvt (102.0, earlier).
-Act-order g_idx and groups smaller than a step run the grouped kernel: every weight dequantized in fp32 as
+Act-order weights sorted by group at load (layers/quantization/int4.py: K rows reordered by perm, no g_idx) run
+the half kernel with HAS_PERM, x gathered through perm. Act-order g_idx (weights not sorted: row-parallel
+slices, small groups) and groups smaller than a step run the grouped kernel: every weight dequantized in fp32 as
 (q - z) * s with its own group's scale and zero (the former magic kernel's per-weight path: one PRMT per weight
 puts the nibble's byte under the exponent of 2^23, one subtraction of 2^23 + z gives the exact q - z).
 
@@ -334,6 +336,7 @@ def _int4_gemv_half_kernel(
     qw_ptr,
     s_ptr,
     z_ptr,
+    perm_ptr,
     b_ptr,
     y_ptr,
     part_ptr,
@@ -357,10 +360,15 @@ def _int4_gemv_half_kernel(
     BLOCK_KP: tl.constexpr,
     REDUCE_CHUNK: tl.constexpr,
     USE_GDC: tl.constexpr = False,
+    HAS_PERM: tl.constexpr = False,
 ):
     """Steps inside one group (no g_idx, GROUP a multiple of the step): z and s per column and step. Under PDL
     (USE_GDC) the first step's words, scales and zeros are requested before the wait (no kernel writes them),
-    x and every store after it (the split-K counters and partials of the launch before are then settled)."""
+    x and every store after it (the split-K counters and partials of the launch before are then settled).
+    HAS_PERM: act-order weights sorted by group at load (K row k of the weight is input feature perm[k]): x is
+    gathered through perm, feature k of a step read at x[perm[k]]. The indices run two steps ahead of the
+    decode (those of step i + 2 requested with step i + 1's x), so the gather's x load waits on no index load
+    of its own iteration; the weights' loads and the prefetch are the plain path's."""
     pid_k = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
@@ -378,29 +386,43 @@ def _int4_gemv_half_kernel(
     packed, s, z = _step_loads(
         qw_ptr, s_ptr, z_ptr, kp_lo, kp_hi, rp, rn, nmask, stride_qk, stride_sg, GROUP, EVEN
     )
-    gdc_wait(USE_GDC)  # x is the previous kernel's output
     r8 = tl.arange(0, 8)[None, :]
-    x0 = tl.load(
-        x_ptr + (kp_lo + rp)[:, None] * 8 + r8, mask=(kp_lo + rp)[:, None] * 8 + r8 < kp_hi * 8, other=0.0
-    )
+    xk0 = (kp_lo + rp)[:, None] * 8 + r8
+    if HAS_PERM:  # the first two steps' indices (perm is a weight: no kernel writes it, so before the wait)
+        idx = tl.load(perm_ptr + xk0, mask=xk0 < kp_hi * 8, other=0)
+        nxt_idx = tl.load(perm_ptr + xk0 + BLOCK_KP * 8, mask=xk0 + BLOCK_KP * 8 < kp_hi * 8, other=0)
+    gdc_wait(USE_GDC)  # x is the previous kernel's output
+    if HAS_PERM:
+        x0 = tl.load(x_ptr + idx, mask=xk0 < kp_hi * 8, other=0.0)
+    else:
+        x0 = tl.load(x_ptr + xk0, mask=xk0 < kp_hi * 8, other=0.0)
     for p0 in range(kp_lo, kp_hi, BLOCK_KP):
         nxt_packed, nxt_s, nxt_z = _step_loads(
             qw_ptr, s_ptr, z_ptr, p0 + BLOCK_KP, kp_hi, rp, rn, nmask, stride_qk, stride_sg, GROUP, False
         )
         xk = (p0 + rp)[:, None] * 8 + r8  # the step's features 8p + i, [KP, 8]
         xmask = xk < kp_hi * 8
-        nxt_x0 = tl.load(
-            x_ptr + xk + BLOCK_KP * 8, mask=xk + BLOCK_KP * 8 < kp_hi * 8, other=0.0
-        )  # row 0 too
+        if HAS_PERM:  # the next step's x by the indices already here, the indices of the step after it
+            nxt_x0 = tl.load(x_ptr + nxt_idx, mask=xk + BLOCK_KP * 8 < kp_hi * 8, other=0.0)
+            nxt_idx = tl.load(
+                perm_ptr + xk + 2 * BLOCK_KP * 8, mask=xk + 2 * BLOCK_KP * 8 < kp_hi * 8, other=0
+            )
+            if BLOCK_M > 1:  # the other rows' x of this step: its indices loaded again (L1), not carried
+                xr = tl.load(perm_ptr + xk, mask=xmask, other=0)
+        else:
+            nxt_x0 = tl.load(
+                x_ptr + xk + BLOCK_KP * 8, mask=xk + BLOCK_KP * 8 < kp_hi * 8, other=0.0
+            )  # row 0 too
+            xr = xk
         acc0 = _half_step(packed, s, z, x0, acc0, ASM)
         if BLOCK_M > 1:  # the weights decoded once per row: M <= 4 (the decode is the cost, not the loads)
-            x = tl.load(x_ptr + stride_xm + xk, mask=xmask & (xk * 0 + 1 < M), other=0.0)
+            x = tl.load(x_ptr + stride_xm + xr, mask=xmask & (xk * 0 + 1 < M), other=0.0)
             acc1 = _half_step(packed, s, z, x, acc1, ASM)
         if BLOCK_M > 2:
-            x = tl.load(x_ptr + 2 * stride_xm + xk, mask=xmask & (xk * 0 + 2 < M), other=0.0)
+            x = tl.load(x_ptr + 2 * stride_xm + xr, mask=xmask & (xk * 0 + 2 < M), other=0.0)
             acc2 = _half_step(packed, s, z, x, acc2, ASM)
         if BLOCK_M > 3:
-            x = tl.load(x_ptr + 3 * stride_xm + xk, mask=xmask & (xk * 0 + 3 < M), other=0.0)
+            x = tl.load(x_ptr + 3 * stride_xm + xr, mask=xmask & (xk * 0 + 3 < M), other=0.0)
             acc3 = _half_step(packed, s, z, x, acc3, ASM)
         packed, s, z, x0 = nxt_packed, nxt_s, nxt_z, nxt_x0
     gdc_trigger_late(USE_GDC)
@@ -510,13 +532,16 @@ def int4_gemv(
     fused_reduce: bool = True,
     reduce_chunk: int = 32,
     pdl: bool | None = None,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same as quant_ref.int4_linear_ref for x [..., K] of at most MAX_GEMV_ROWS rows -> [..., N] in x.dtype.
     fused_reduce=False sums split-K partials in a second kernel (the same bits: tests compare the two).
     reduce_chunk: partials the fused reduce of the half kernel loads at once (one L2 round trip each chunk; the
     same sums whatever the chunk; 32, the default since the H200 sweep of 2026-12-04: qkv / o / down 0.2-1.0 us
     faster each than 8). pdl: the PDL launch of the half kernel (None: the process switch, kernels/pdl.py); the
-    grouped kernel launches plain."""
+    grouped kernel launches plain. perm [K] (act-order weights sorted by group at load, no g_idx): the weight's
+    K row k is input feature perm[k], i.e. the result is int4_linear_ref(x[..., perm], ...); the half kernel
+    gathers x through it, the grouped kernel (groups smaller than the step) gets x permuted here."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -531,6 +556,13 @@ def int4_gemv(
         if g_idx is not None or group_size % tiles.block_k:  # groups of 32: half on the grouped tiles' 32
             tiles = default_int4_grouped_tiles(n, k)
     half = g_idx is None and group_size % tiles.block_k == 0  # else every weight with its own group's numbers
+    if perm is not None:
+        if g_idx is not None:
+            raise ValueError("int4_gemv: perm sorts act-order weights by group; it takes no g_idx")
+        if half:
+            perm = perm.contiguous()
+        else:  # the grouped kernel has no gather
+            x2, perm = x2.index_select(1, perm), None
     if tiles.block_k % (16 if half else 8):  # half: packed rows in pairs
         raise ValueError(f"int4_gemv: block_k {tiles.block_k} is not whole packed rows (pairs for half)")
     per_split, splits = split_k_range(k, tiles)
@@ -557,6 +589,7 @@ def int4_gemv(
             qweight,
             scales,
             zeros,
+            perm if perm is not None else qweight,
             *ptrs,
             m,
             n,
@@ -566,6 +599,7 @@ def int4_gemv(
             GROUP=group_size,
             ASM=x.is_cuda and not pdl_mod.interpreting(),
             REDUCE_CHUNK=reduce_chunk,
+            HAS_PERM=perm is not None,
             num_stages=1,
             **common,
             **pdl_mod.gdc_kwargs(x, pdl, programs=grid[0] * grid[1], num_warps=tiles.num_warps),

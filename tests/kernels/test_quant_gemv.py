@@ -17,8 +17,10 @@ from meshserve.kernels.quant_ref import (
     FP8_DTYPE,
     fp8_weight_only_ref,
     int4_dequant_ref,
+    int4_group_order,
     int4_linear_ref,
     pack_int4_rows,
+    permute_int4_rows,
     quantize_fp8_per_channel,
     quantize_int4_groups,
 )
@@ -267,6 +269,57 @@ def test_int4_gemv_half_survives_outlier_activations(act_order):
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=2e-3 * ref.abs().max().item())
 
 
+def _sorted_act_order_case(m, n, k, group, seed):
+    """Act-order weights (a random g_idx) and the same weights sorted by group as the layer loads them."""
+    g = torch.Generator().manual_seed(seed)
+    q, scales, zeros = quantize_int4_groups(torch.randn(n, k, generator=g), group)
+    g_idx = (torch.arange(k) // group)[torch.randperm(k, generator=g)].to(torch.int32)
+    qweight, scales, zeros = pack_int4_rows(q), scales.half(), zeros.half()
+    perm = int4_group_order(g_idx, group, k // group)
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    return x, bias, qweight, scales, zeros, g_idx, permute_int4_rows(qweight, perm), perm
+
+
+@interp
+@pytest.mark.parametrize(
+    "m,tiles",
+    [
+        (1, None),  # the default tiles: 64-feature steps, one per group of 64
+        (1, (32, 64, 3)),  # split-K: each split's indices start at its own step, masked columns
+        (1, (64, 64, 1, False)),  # one split: the gather's next-step and step-after loads run past the range
+        (1, (32, 32, 2)),  # 32-feature steps inside groups of 64
+        (3, (32, 32, 2)),  # three rows: rows 1-2 gather x by the step's indices again
+        pytest.param(2, (32, 64, 3, False), marks=pytest.mark.slow),
+        (1, (32, 128, 2)),  # a step of two groups: the grouped kernel, x permuted before the launch
+    ],
+)
+def test_int4_gemv_sorted_act_order_interp(m, tiles):
+    # act-order weights sorted by group at load (K rows reordered by perm, no g_idx): the half kernel gathers x
+    # through perm and must give the reference of the ORIGINAL (unsorted, g_idx) weights
+    from meshserve.kernels.gemv_tiles import GemvTiles
+    from meshserve.kernels.triton_int4_gemv import int4_gemv
+
+    k, n, group = 512, 80, 64
+    x, bias, qweight, scales, zeros, g_idx, sorted_q, perm = _sorted_act_order_case(m, n, k, group, seed=m + 7)
+    ref = int4_linear_ref(x, qweight, scales, zeros, group, g_idx, bias)
+    # the reference path of the sorted weights: the same products, another fp32 order
+    torch.testing.assert_close(int4_linear_ref(x, sorted_q, scales, zeros, group, None, bias, perm=perm), ref,
+                               atol=1e-4, rtol=1e-5)
+    t = GemvTiles(*tiles[:2], split_k=tiles[2]) if tiles else None
+    fused = not (tiles and len(tiles) > 3)
+    half = t is None or group % t.block_k == 0
+    tol = {"atol": 2e-3 * ref.abs().max().item(), "rtol": 2e-3} if half else {"atol": 1e-4, "rtol": 1e-4}
+    y = int4_gemv(x, sorted_q, scales, zeros, group, None, bias, tiles=t, fused_reduce=fused, perm=perm)
+    assert y.shape == (m, n)
+    torch.testing.assert_close(y, ref, **tol)
+    # the perm matters: without it the sorted weights meet the unsorted features
+    wrong = int4_gemv(x, sorted_q, scales, zeros, group, None, bias, tiles=t, fused_reduce=fused)
+    assert (wrong - ref).abs().max() > 0.1 * ref.abs().max()
+    with pytest.raises(ValueError, match="no g_idx"):
+        int4_gemv(x, sorted_q, scales, zeros, group, g_idx, bias, tiles=t, perm=perm)
+    assert not _counters_in_use()
+
+
 @interp
 def test_int4_half_decodes_every_nibble_exactly():
     # x = e_k and scale 1: y[n] is q[n, k] - z[n] itself (the fp16 products of (q - z) or 16 (q - z) with x
@@ -347,12 +400,17 @@ for prmt, g_idx, m, fused in ((True, True, 1, True), (False, False, 4, False), (
                 FUSED_REDUCE=fused, PRMT=prmt, BLOCK_M=m, BLOCK_N=128, BLOCK_KP=4), 1)
     assert m > 1 or not spills(k), (m, spills(k))
 p.pop("g_ptr")
+p["perm_ptr"] = "*i32"
 # the half kernel (rows, EVEN, packed rows a step): the defaults, 64-feature steps at 1-2 rows, 32 at 3-4 rows
-# (the default reduce chunk of 32 and the PDL launch at one row among them)
-for m, even, kp, gdc in [(1, True, 8, 1), (2, False, 8, 0), (4, True, 4, 0), (4, False, 4, 0), (1, True, 4, 0)]:
+# (the default reduce chunk of 32 and the PDL launch at one row among them); perm: act-order weights sorted by
+# group at load, x gathered through perm (one row with PDL: 168 registers like the plain kernel; 2 rows: 254)
+for m, even, kp, gdc, perm in [(1, True, 8, 1, False), (2, False, 8, 0, False), (4, True, 4, 0, False),
+                               (4, False, 4, 0, False), (1, True, 4, 0, False), (1, True, 8, 1, True),
+                               (2, False, 8, 0, True), (4, True, 4, 0, True)]:
     k = compile(i4._int4_gemv_half_kernel, p, dict(HAS_BIAS=True, SPLIT=True, FUSED_REDUCE=even, EVEN=even,
-                GROUP=128, ASM=True, BLOCK_M=m, BLOCK_N=128, BLOCK_KP=kp, REDUCE_CHUNK=32, USE_GDC=gdc), 1)
-    assert not spills(k), (m, kp, spills(k))
+                GROUP=128, ASM=True, BLOCK_M=m, BLOCK_N=128, BLOCK_KP=kp, REDUCE_CHUNK=32, USE_GDC=gdc,
+                HAS_PERM=perm), 1)
+    assert not spills(k), (m, kp, perm, spills(k))
 compile(gemv_tiles._split_k_reduce_kernel, dict(part_ptr="*fp32", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16"),
         dict(HAS_SCALE=True, HAS_BIAS=True, BLOCK=1024), 4)
 print("compiled")
@@ -385,6 +443,14 @@ def _gpu_int4_case(n, k, act_order):
     return pack_int4_rows(q), scales.half(), zeros.half(), g_idx
 
 
+@functools.cache
+def _gpu_sorted_int4_case(n, k):
+    """The act-order case sorted by group as the layer loads it: (sorted qweight, perm)."""
+    qweight, _, _, g_idx = _gpu_int4_case(n, k, True)
+    perm = int4_group_order(g_idx, 128, k // 128)
+    return permute_int4_rows(qweight, perm), perm
+
+
 @gpu
 @pytest.mark.parametrize("variant", FP8_VARIANTS)
 @pytest.mark.parametrize("n,k", LLAMA_8B_SHAPES + [(1027, 4000)])
@@ -402,23 +468,30 @@ def test_fp8_gemv_gpu(variant, n, k):
 
 
 @gpu
-@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("m", [1, 2, 4])
 @pytest.mark.parametrize("n,k", LLAMA_8B_SHAPES)
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("act_order", [False, True, "sorted"])
 def test_int4_gemv_gpu(m, n, k, act_order):
+    # act_order "sorted": the act-order weights sorted by group as the layer loads them (the half kernel
+    # gathering x through perm), against the oracle of the original unsorted weights
     from meshserve.kernels.triton_int4_gemv import int4_gemv
 
-    qweight, scales, zeros, g_idx = _gpu_int4_case(n, k, act_order)
+    qweight, scales, zeros, g_idx = _gpu_int4_case(n, k, bool(act_order))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    y = int4_gemv(x, qweight, scales, zeros, 128, g_idx)
     # the GEMV dequantizes exactly in fp32 (no bf16 rounding of the weight): an fp32 oracle
     ref = x.float() @ int4_dequant_ref(qweight, scales, zeros, 128, g_idx, dtype=torch.float32)
+    kw = {}
+    if act_order == "sorted":
+        (qweight, kw["perm"]), g_idx = _gpu_sorted_int4_case(n, k), None
+    y = int4_gemv(x, qweight, scales, zeros, 128, g_idx, **kw)
     torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=1e-2)
     # split-K summed by the last program in split order: the reduce kernel's bits, and the same bits every call
-    assert torch.equal(y, int4_gemv(x, qweight, scales, zeros, 128, g_idx, fused_reduce=False))
-    assert torch.equal(y, int4_gemv(x, qweight, scales, zeros, 128, g_idx))
+    assert torch.equal(y, int4_gemv(x, qweight, scales, zeros, 128, g_idx, fused_reduce=False, **kw))
+    assert torch.equal(y, int4_gemv(x, qweight, scales, zeros, 128, g_idx, **kw))
     # launched with PDL (the half kernel waits before x; the grouped one launches plain): the same bits
-    assert torch.equal(y, int4_gemv(x, qweight, scales, zeros, 128, g_idx, pdl=True))
+    assert torch.equal(y, int4_gemv(x, qweight, scales, zeros, 128, g_idx, pdl=True, **kw))
+    if act_order == "sorted":  # the gather is the half kernel on x[:, perm]: the same bits
+        assert torch.equal(y, int4_gemv(x[:, kw["perm"].long()].contiguous(), qweight, scales, zeros, 128))
     assert not _counters_in_use()
 
 
@@ -471,6 +544,16 @@ def test_quant_ops_dispatch_gpu():
     )  # more rows than a GEMV takes: the dequant-GEMM
     y = quant_ops.int4_linear(x, qweight, scales, zeros, 128, None, None, fast=True)
     assert torch.equal(y, triton_quant.int4_matmul(x, qweight, scales, zeros, 128))
+    # act-order weights sorted by group: the GEMV gathers x through perm, the dequant-GEMM takes x[:, perm]
+    sq, perm = _gpu_sorted_int4_case(n, k)
+    for m in (1, 8):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        y = quant_ops.int4_linear(x, sq, scales, zeros, 128, None, None, fast=True, perm=perm)
+        if m == 1:
+            expected = triton_int4_gemv.int4_gemv(x, sq, scales, zeros, 128, perm=perm)
+        else:
+            expected = triton_quant.int4_matmul(x[:, perm.long()], sq, scales, zeros, 128)
+        assert torch.equal(y, expected), m
     wq, ws = quantize_fp8_per_channel(torch.randn(n, k, device="cuda") * 0.02)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     for variant in FP8_VARIANTS:

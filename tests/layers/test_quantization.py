@@ -90,6 +90,8 @@ def _checkpoint(fmt: str, weight: torch.Tensor, perm: torch.Tensor) -> dict[str,
         return {"weight": weight}
     if fmt in ("awq", "gptq", "gptq-act-order"):
         return int4_tensors(weight, fmt[:4], GROUP, desc_act=fmt == "gptq-act-order", perm=perm)
+    if fmt == "gptq-act-order-64":  # groups of the half GEMV's step: sorted by group at load
+        return int4_tensors(weight, "gptq", 64, desc_act=True, perm=perm)
     strategy, static = {"fp8-channel": ("channel", None), "fp8-tensor-static": ("tensor", 0.05)}[fmt]
     return fp8_tensors(weight, "compressed-tensors", strategy, static)
 
@@ -100,6 +102,7 @@ def _config(fmt: str):
         "awq": Int4Config("awq", GROUP),
         "gptq": Int4Config("gptq", GROUP),
         "gptq-act-order": Int4Config("gptq", GROUP, desc_act=True),
+        "gptq-act-order-64": Int4Config("gptq", 64, desc_act=True),
         "fp8-channel": Fp8Config("compressed-tensors"),
         "fp8-tensor-static": Fp8Config("compressed-tensors", static_input_scale=True),
     }[fmt]
@@ -126,7 +129,9 @@ def _build(kind: str, fmt: str, tp: int, rank: int, monkeypatch, weights):
     return layer
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8-channel", "fp8-tensor-static", "awq", "gptq", "gptq-act-order"])
+@pytest.mark.parametrize(
+    "fmt", ["bf16", "fp8-channel", "fp8-tensor-static", "awq", "gptq", "gptq-act-order", "gptq-act-order-64"]
+)
 @pytest.mark.parametrize("kind", ["qkv", "merged", "row"])
 def test_tensor_parallel_slices_every_format(fmt, kind, monkeypatch):
     g = torch.Generator().manual_seed(0)
@@ -145,12 +150,19 @@ def test_tensor_parallel_slices_every_format(fmt, kind, monkeypatch):
     else:
         weights = {None: (rand(HIDDEN, INTER), rand(HIDDEN))}
     x = torch.randn(3, INTER if kind == "row" else HIDDEN, generator=g)
-    full = _build(kind, fmt, 1, 0, monkeypatch, weights)(x)
+    full_layer = _build(kind, fmt, 1, 0, monkeypatch, weights)
+    full = full_layer(x)
     # the one-device layer computes the (dequantized) projection of the checkpoint
     ref = torch.cat([x @ w.t() + (b if b is not None else 0) for w, b in weights.values()], dim=-1)
     tol = {"bf16": 1e-5, "fp8-channel": 0.05, "fp8-tensor-static": 0.05}.get(fmt, 0.12)  # int4: ~8%
     assert (full - ref).norm() / ref.norm() < tol
     ranks = [_build(kind, fmt, 2, r, monkeypatch, weights) for r in range(2)]
+    if fmt.startswith("gptq-act-order"):  # groups of 64 sorted at load where each layer holds whole groups:
+        # at TP = 1 and on column-parallel ranks; a row-parallel rank's half of K holds parts of groups
+        sorted_ = [fmt.endswith("64") and not (layer is not full_layer and kind == "row")
+                   for layer in (full_layer, *ranks)]
+        assert [layer.perm is not None for layer in (full_layer, *ranks)] == sorted_
+        assert [layer.g_idx is None for layer in (full_layer, *ranks)] == sorted_
     if kind == "row":
         x_parts = x.chunk(2, dim=-1)
         combined = ranks[0](x_parts[0]) + ranks[1](x_parts[1])
@@ -162,3 +174,73 @@ def test_tensor_parallel_slices_every_format(fmt, kind, monkeypatch):
     outs = [layer(x) for layer in ranks]
     combined = one_device_columns(kind, outs, HEADS * HEAD_DIM // 2, KV_HEADS * HEAD_DIM // 2)
     torch.testing.assert_close(combined, full, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# act-order weights sorted by group at load
+# ----------------------------------------------------------------------------------------------------------
+def _unsorted(monkeypatch):
+    """Layers built from now on keep act-order weights as loaded (g_idx, the grouped kernel): the path before
+    the sort, as the oracle."""
+    from meshserve.layers.quantization.int4 import Int4LinearMethod
+
+    monkeypatch.setattr(Int4LinearMethod, "_sort_act_order", staticmethod(lambda layer, q, g, groups: (q, g, None)))
+
+
+@pytest.mark.parametrize("kind", ["merged", "row"])
+def test_act_order_weights_are_sorted_by_group_at_load(kind, monkeypatch):
+    from meshserve.kernels.quant_ref import int4_linear_ref, unpack_int4_rows
+
+    g = torch.Generator().manual_seed(5)
+    if kind == "merged":
+        weights = {0: (torch.randn(INTER, HIDDEN, generator=g) * 0.1, None),
+                   1: (torch.randn(INTER, HIDDEN, generator=g) * 0.1, None)}
+    else:
+        weights = {None: (torch.randn(HIDDEN, INTER, generator=g) * 0.1, torch.randn(HIDDEN, generator=g))}
+    layer = _build(kind, "gptq-act-order-64", 1, 0, monkeypatch, weights)
+    # the sorted path: no g_idx, a perm, group g in K rows [64 g, 64 (g + 1))
+    assert layer.g_idx is None and layer.perm is not None and layer.perm.dtype == torch.int32
+    _unsorted(monkeypatch)
+    plain = _build(kind, "gptq-act-order-64", 1, 0, monkeypatch, weights)
+    assert plain.perm is None and plain.g_idx is not None
+    perm = layer.perm.long()
+    assert not torch.equal(perm, torch.arange(perm.numel()))
+    assert torch.equal(plain.g_idx.long()[perm], torch.arange(perm.numel()) // 64)
+    assert torch.equal(unpack_int4_rows(layer.qweight), unpack_int4_rows(plain.qweight)[perm])
+    assert torch.equal(layer.scales, plain.scales) and torch.equal(layer.zeros, plain.zeros)
+    # the output: the dequantized reference of the original (unsorted) checkpoint, up to the fp32 order
+    k = INTER if kind == "row" else HIDDEN
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, k, generator=g).to(dtype)
+        bias = None if plain.bias is None else plain.bias.to(dtype)
+        ref = int4_linear_ref(x, plain.qweight, plain.scales, plain.zeros, 64, plain.g_idx, bias)
+        y = layer.quant_method.apply(layer, x, bias)  # (the layers are fp32: a bf16 x with a bf16 bias)
+        assert y.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(y, layer(x), atol=0, rtol=0)
+            torch.testing.assert_close(y, plain(x), atol=1e-5, rtol=1e-5)
+        else:  # one bf16 rounding of sums in another order
+            torch.testing.assert_close(y.float(), ref.float(), atol=2e-2 * ref.abs().max().item(), rtol=1e-2)
+
+
+def test_act_order_sorting_only_where_exact(monkeypatch):
+    from meshserve.layers.quantization.int4 import Int4LinearMethod
+
+    g = torch.Generator().manual_seed(6)
+    weights = {None: (torch.randn(HIDDEN, INTER, generator=g) * 0.1, None)}
+    # groups of 32 (below the half GEMV's step of 64): g_idx kept, the grouped kernel as before
+    small = _build("row", "gptq-act-order", 1, 0, monkeypatch, weights)
+    assert small.g_idx is not None and small.perm is None
+    # an act-order checkpoint whose g_idx is already plain: nothing to gather, g_idx dropped
+    plain_order = _build("row", "gptq-act-order", 1, 0, monkeypatch, weights)
+    q = plain_order.qweight
+    assert Int4LinearMethod._sort_act_order(plain_order, q, torch.arange(INTER, dtype=torch.int32) // 32,
+                                            INTER // 32) == (q, None, None)
+    # groups of another size than the layer's (sorted runs of 2 x 64 in a layer of groups of 32) and a rank's
+    # slice of groups 2 and 3 of 4 (whole, but not this layer's groups 0 and 1): kept
+    for g_idx, groups in ((torch.arange(INTER, dtype=torch.int32) // 64, INTER // 32),
+                          (torch.arange(INTER, dtype=torch.int32) // 32 + 2, 2 * INTER // 32)):
+        perm_g = g_idx[torch.randperm(INTER, generator=g)]
+        got = Int4LinearMethod._sort_act_order(plain_order, q, perm_g, groups)
+        assert got[0] is q and got[1] is perm_g and got[2] is None

@@ -115,6 +115,43 @@ def test_int4_checkpoint_matches_its_independent_dequantization(fmt, options, ti
     torch.testing.assert_close(quant, plain, atol=2e-4, rtol=1e-4)
 
 
+def test_gptq_act_order_sorted_at_load_keeps_the_greedy_tokens(tmp_path, monkeypatch):
+    """Act-order groups of 64 (the half GEMV's step; the tiny models' 96 features take none, so 128 / 256 here)
+    are sorted by group at load (layers/quantization/int4.py): every int4 layer drops g_idx for a perm, and the
+    greedy tokens and logprobs are those of the independently dequantized checkpoint and of the same checkpoint
+    loaded unsorted (g_idx kept, the path before the sort)."""
+    from meshserve.layers.quantization.int4 import Int4LinearMethod
+    from tests.conftest import make_tiny_checkpoint
+
+    src = make_tiny_checkpoint(str(tmp_path / "src"), "llama", hidden_size=128, intermediate_size=256)
+    qdir = quantize_checkpoint(src, str(tmp_path / "q"), "gptq", group_size=64, desc_act=True)
+    model = build_model(resolve_model_source(qdir), torch.float32, torch.device("cpu"), 64)
+    int4 = [m for m in model.modules() if isinstance(getattr(m, "quant_method", None), Int4LinearMethod)]
+    assert len(int4) == 8 and all(m.g_idx is None and m.perm is not None for m in int4)
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=2)
+
+    def run(folder, **kwargs):
+        llm = LLM(folder, **kwargs)
+        out = llm.generate({"prompt_token_ids": PROMPT[:10]}, params, use_tqdm=False)[0].outputs[0]
+        return out.token_ids, torch.tensor([lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)]), \
+            _prompt_logprobs(llm, PROMPT)
+
+    tokens, logprobs, prompt = run(qdir)
+    plain_tokens, plain_logprobs, plain_prompt = run(_dequantized_copy(qdir, str(tmp_path / "d"), "gptq"),
+                                                     tokenizer=src)
+    assert tokens == plain_tokens
+    torch.testing.assert_close(logprobs, plain_logprobs, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(prompt, plain_prompt, atol=2e-4, rtol=1e-4)
+    kept = []  # the layers the engine built unsorted
+    monkeypatch.setattr(Int4LinearMethod, "_sort_act_order",
+                        staticmethod(lambda layer, q, g, n: kept.append(layer) or (q, g, None)))
+    unsorted_tokens, unsorted_logprobs, unsorted_prompt = run(qdir)
+    assert len(kept) == 8 and all(m.g_idx is not None and m.perm is None for m in kept)
+    assert unsorted_tokens == tokens
+    torch.testing.assert_close(unsorted_logprobs, logprobs, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(unsorted_prompt, prompt, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "fmt,options",
     [

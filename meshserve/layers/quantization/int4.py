@@ -7,6 +7,11 @@ scattered over the input features: row-parallel ranks then keep every group's sc
 After loading, both formats are repacked into the one internal layout of kernels/quant_ref.py that the
 reference path and the Triton kernel read.
 
+Act-order weights are sorted by group at load where that is exact (as Marlin / ExLlama do): the K rows
+reordered by perm = a stable argsort of g_idx, so group g holds rows [g * G, (g + 1) * G) and the layer is a
+plain group-wise one (the half GEMV, the dequant-GEMM's group-wise path), x's features permuted by perm at run
+time (the GEMV gathers them in its loads). See Int4LinearMethod._sort_act_order for where it applies.
+
 With dummy weights (no checkpoint) the layer takes 16-bit weights and quantizes them round-to-nearest, so
 benchmarks at real architecture sizes run the same kernels.
 """
@@ -17,9 +22,17 @@ import torch
 from torch import nn
 
 from meshserve.kernels.quant_ops import int4_linear
-from meshserve.kernels.quant_ref import pack_int4_rows, quantize_int4_groups
+from meshserve.kernels.quant_ref import (
+    int4_group_order,
+    pack_int4_rows,
+    permute_int4_rows,
+    quantize_int4_groups,
+)
 from meshserve.layers.quantization.base import LinearMethod, QuantConfig, new_param, replace_param
 from meshserve.layers.quantization.int4_formats import awq_unpack, gptq_unpack_cols
+
+HALF_STEP = 64  # the half GEMV's K step at 1-2 rows (triton_int4_gemv.default_int4_tiles): it runs groups of
+# a multiple of it; smaller act-order groups keep g_idx (the grouped kernel either way)
 
 
 class Int4Config(QuantConfig):
@@ -123,7 +136,7 @@ class Int4LinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         c = self.config
-        g_idx = None
+        g_idx = perm = None
         if c.online:
             q, scales, zeros = quantize_int4_groups(layer.weight.data, layer.group_size)
             qweight, scales, zeros = pack_int4_rows(q), scales.half(), zeros.half()
@@ -136,13 +149,35 @@ class Int4LinearMethod(LinearMethod):
             qweight, scales = layer.qweight.data, layer.scales.data
             zeros = (gptq_unpack_cols(layer.qzeros.data) + c.zero_offset).half()
             g_idx = self._gptq_groups(layer)
+            if g_idx is not None:
+                qweight, g_idx, perm = self._sort_act_order(layer, qweight, g_idx, scales.shape[0])
             replace_param(layer, "g_idx", g_idx)
         replace_param(layer, "qweight", qweight)
         replace_param(layer, "scales", scales)
         replace_param(layer, "zeros", zeros)
         replace_param(layer, "qzeros", None)
+        replace_param(layer, "perm", perm)
         if g_idx is None:
             layer.g_idx = None
+        if perm is None:
+            layer.perm = None
+
+    @staticmethod
+    def _sort_act_order(layer, qweight, g_idx, groups):
+        """(qweight, g_idx, perm): act-order weights sorted by group (g_idx None, perm [K] int32) where the
+        sorted g_idx is exactly arange(K) // G over this layer's `groups` groups, else as loaded (perm None).
+        That holds for every valid act-order checkpoint at TP = 1 and for column-parallel ranks (all input
+        features); a row-parallel rank's K slice holds parts of groups, scattered, with every group's scales:
+        it keeps g_idx and the grouped kernel. So do groups that are not a multiple of the half GEMV's step (the
+        grouped kernel either way), unless the order is already plain (perm the identity: dropped)."""
+        perm = int4_group_order(g_idx, layer.group_size, groups)
+        if perm is None:
+            return qweight, g_idx, None
+        if torch.equal(perm, torch.arange(perm.numel(), dtype=perm.dtype, device=perm.device)):
+            return qweight, None, None
+        if layer.group_size % HALF_STEP:
+            return qweight, g_idx, None
+        return permute_int4_rows(qweight, perm), None, perm
 
     def _gptq_groups(self, layer) -> torch.Tensor | None:
         """g_idx when act-order scatters groups, None when feature k is in group k // G of this rank."""
@@ -172,4 +207,5 @@ class Int4LinearMethod(LinearMethod):
             bias,
             fast=layer.kernels.gemv,
             gemv_variant=layer.kernels.int4_gemv,
+            perm=layer.perm,
         )

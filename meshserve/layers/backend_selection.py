@@ -470,8 +470,8 @@ def _gemv_waits_under_pdl(config) -> bool:
     """Whether the model's linear layers hold a weight format whose batch-1 GEMV waits under PDL after requesting
     its first weights: per-channel fp8 (Fp8Config: triton_fp8_gemv's words variant) or AWQ / GPTQ int4
     (Int4Config: triton_int4_gemv's half kernel; act-order weights not sorted by group at load take the grouped
-    kernel, a plain launch, which a PDL chain waits on whole); False for fp8 blocks (not measured) and where the format does not resolve (the
-    loader reports that one)."""
+    kernel, a plain launch, which a PDL chain waits on whole); False for fp8 blocks (not measured) and where the
+    format does not resolve (the loader reports that one)."""
     from meshserve.layers.quantization import resolve_quant_config
     from meshserve.layers.quantization.fp8 import Fp8Config
     from meshserve.layers.quantization.int4 import Int4Config

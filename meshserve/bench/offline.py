@@ -25,6 +25,7 @@ from meshserve.bench.workloads import W1_NEW_TOKENS, W2_TEMPERATURE, w1_prompt, 
 from meshserve.cli_paths import check_output_file
 from meshserve.cli_types import positive_int, positive_int_list
 from meshserve.config import EngineArgs
+from meshserve.serve.vllm_compat_args import JsonDict, json_dict
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ def _llm(ns):
                pp_layer_partition=getattr(ns, "pp_layer_partition", None),
                disable_custom_all_reduce=ns.disable_custom_all_reduce,
                enable_expert_parallel=getattr(ns, "enable_expert_parallel", False),
-               quantization=getattr(ns, "quantization", None), kv_cache_dtype=getattr(ns, "kv_cache_dtype", "auto"))
+               quantization=getattr(ns, "quantization", None), kv_cache_dtype=getattr(ns, "kv_cache_dtype", "auto"),
+               hf_overrides=dict(getattr(ns, "hf_overrides", None) or {}))
 
 
 def _layers_per_stage(text: str) -> list[int]:
@@ -436,6 +438,10 @@ def add_offline_parsers(bench_sub: argparse._SubParsersAction) -> None:
         p.add_argument("--quantization", "-q", default=None, choices=("fp8", "awq", "gptq"),
                        help="weights quantized at load from the dummy bf16 ones (the roofline counts their bytes)")
         p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+        p.add_argument("--hf-overrides", type=json_dict, default=JsonDict(), metavar="JSON",
+                       help='fields set on the preset\'s HF config, e.g. {"num_hidden_layers": 4}; with -q gptq, '
+                            '{"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, '
+                            '"desc_act": true}} quantizes the dummy weights act-order (the sorted int4 path; with --no-baseline)')
         p.add_argument("--no-baseline", action="store_true", help="skip HF transformers")
         p.add_argument("--output-json", default=None)
         p.add_argument("--benchmarks-md", default=None, help="append a row to this BENCHMARKS.md")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -30,6 +31,21 @@ def test_pp_layer_partition_reaches_the_engine_and_the_layout(monkeypatch):
     assert offline._layout(ns)["pp_layer_partition"] == [17, 15] and offline._layout(ns)["pp_token_handoff"]
     assert "pp_token_handoff" not in offline._layout(_parse(["throughput"]))
     assert "pp_layer_partition" not in offline._layout(_parse(["throughput", "-pp", "2"]))
+
+
+def test_hf_overrides_reach_the_engine(monkeypatch, capsys):
+    # e.g. act-order int4 dummy weights: -q gptq with a desc_act quantization_config (the sorted int4 path)
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True}
+    ns = _parse(["latency", "-q", "gptq", "--hf-overrides", json.dumps({"quantization_config": qc})])
+    seen = {}
+    monkeypatch.setattr("meshserve.LLM", lambda **kw: seen.update(kw))
+    offline._llm(ns)
+    assert seen["hf_overrides"] == {"quantization_config": qc} and seen["quantization"] == "gptq"
+    offline._llm(_parse(["latency"]))
+    assert seen["hf_overrides"] == {}
+    with pytest.raises(SystemExit):
+        _parse(["latency", "--hf-overrides", "[1]"])
+    assert "expected a JSON object" in capsys.readouterr().err
 
 
 def test_a_bad_partition_is_a_one_line_usage_error(capsys):

@@ -244,3 +244,34 @@ def test_act_order_sorting_only_where_exact(monkeypatch):
         perm_g = g_idx[torch.randperm(INTER, generator=g)]
         got = Int4LinearMethod._sort_act_order(plain_order, q, perm_g, groups)
         assert got[0] is q and got[1] is perm_g and got[2] is None
+
+
+def test_dummy_act_order_weights_are_sorted_act_order_layers(monkeypatch):
+    # dummy weights with a desc_act GPTQ config (bench runs at real sizes): a seeded permutation of the input
+    # features kept as perm, the groups taken in its order; the layer still computes x @ W^T (a perm applied on
+    # one side only would give unrelated outputs, far outside int4's error)
+    as_rank(monkeypatch, 1, 0)
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True}
+    config = resolve_quant_config(_Cfg(qc), "gptq", "dummy")
+    assert config.online and config.desc_act
+    assert not resolve_quant_config(_Cfg({**qc, "quant_method": "awq"}), "awq", "dummy").desc_act
+    with quantization_scope(config):
+        layer = RowParallelLinear(256, 96)
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(5))
+    layer.weight.data.copy_(w)
+    layer.quant_method.process_weights_after_loading(layer)
+    perm = layer.perm
+    assert layer.g_idx is None and perm is not None
+    assert sorted(perm.tolist()) == list(range(256)) and perm.tolist() != list(range(256))
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(6))
+    ref = x @ w.T
+    err = (layer(x) - ref).norm() / ref.norm()
+    # the same weights quantized without act-order: the same error (int4 round-to-nearest of Gaussian weights,
+    # ~8%); a permutation missing on either side would make the outputs unrelated (~140%)
+    with quantization_scope(resolve_quant_config(_Cfg({**qc, "desc_act": False}), "gptq", "dummy")):
+        plain = RowParallelLinear(256, 96)
+    plain.weight.data.copy_(w)
+    plain.quant_method.process_weights_after_loading(plain)
+    assert plain.perm is None
+    plain_err = (plain(x) - ref).norm() / ref.norm()
+    assert err < 0.15 and plain_err < 0.15 and 0.7 < err / plain_err < 1.4, (err, plain_err)

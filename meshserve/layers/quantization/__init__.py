@@ -136,8 +136,9 @@ def resolve_quant_config(
     qc = checkpoint_quant_config(hf_config)
     if load_format == "dummy":  # random 16-bit weights, quantized online into the asked format
         method = quantization or (str(qc.get("quant_method", "")).lower() if qc else None)
-        if method in ("awq", "gptq"):
-            return Int4Config(method, int((qc or {}).get("group_size", 128)), online=True)
+        if method in ("awq", "gptq"):  # a desc_act (act-order) GPTQ config: the input features permuted, sorted
+            act_order = method == "gptq" and bool((qc or {}).get("desc_act"))
+            return Int4Config(method, int((qc or {}).get("group_size", 128)), desc_act=act_order, online=True)
         if method == "fp8" and qc and qc.get("weight_block_size") and quantization in (None, "fp8"):
             return Fp8BlockConfig(_fp8_block(qc).block, online=True)  # the checkpoint's own format
         return Fp8Config("online") if method is not None else None

@@ -138,7 +138,14 @@ class Int4LinearMethod(LinearMethod):
         c = self.config
         g_idx = perm = None
         if c.online:
-            q, scales, zeros = quantize_int4_groups(layer.weight.data, layer.group_size)
+            w = layer.weight.data
+            if c.desc_act:  # act-order dummy weights as a sorted act-order checkpoint loads: a seeded permutation
+                # of the input features, whose groups are taken in its order (the half GEMV's perm path at
+                # real sizes; `--hf-overrides` with a quantization_config of desc_act true)
+                gen = torch.Generator().manual_seed(w.shape[0] * 65537 + w.shape[1])
+                perm = torch.randperm(w.shape[1], generator=gen).to(device=w.device, dtype=torch.int32)
+                w = w[:, perm.long()]
+            q, scales, zeros = quantize_int4_groups(w, layer.group_size)
             qweight, scales, zeros = pack_int4_rows(q), scales.half(), zeros.half()
             replace_param(layer, "weight", None)
         elif c.name == "awq":

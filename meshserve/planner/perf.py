@@ -142,15 +142,15 @@ def layer_comm(model: ModelSpec, layout: Layout, gpu: GpuSpec, tokens: int, laye
 
 # the engine's PDL rule (kernels/pdl.auto_policy: batch-1 decode kernels chained with programmatic dependent
 # launch for models of hidden size <= 2,048, dense or MoE, and since 2026-12-04 for larger dense models of 16-bit
-# weights in one-row decode steps, of fp8 and int4 weights since the GEMVs of both wait under PDL), kept here as numbers: the planner imports no engine code
-# (tests/planner/test_perf.py checks the two agree)
+# weights in one-row decode steps, of fp8 and int4 weights since the GEMVs of both wait under PDL), kept here as
+# numbers: the planner imports no engine code (tests/planner/test_perf.py checks the two agree)
 PDL_MAX_HIDDEN = 2048
 PDL_WEIGHT_DTYPES = ("bf16", "fp16", "fp8", "int4")
 
 
 def chains_with_pdl(model: ModelSpec, weight_dtype: str, ranks: int) -> bool:
     """Whether the engine's batch-1 decode steps of this model run under PDL: hidden size <= PDL_MAX_HIDDEN, or a
-    dense model of 16-bit or fp8 weights on one GPU (ranks: TP x PP of a replica; kernels/pdl.auto_policy, measured
+    dense model of 16-bit, fp8 or int4 weights on one GPU (ranks: TP x PP of a replica; kernels/pdl.auto_policy, measured
     on one GPU only: H200 W1 Llama-3.1-8B, 2026-12-04: bf16 230.9 tok/s, predicted 230; fp8 354-362, predicted 358
     where the plain overhead said 302; AWQ int4 424.4 with PDL, 391.9 without, thirty-fifth session). Layouts over
     several GPUs keep the plain per-layer cost (the engine keeps PDL off there; their fit holds the all-reduces

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from meshserve.planner.hardware import GpuSpec
-from meshserve.planner.memory import StageShard, kv_tokens_held, stage_shard
+from meshserve.planner.memory import StageShard, kv_tokens_held, stage_shard, weight_dtype_bytes
 from meshserve.planner.model import ModelSpec
 from meshserve.planner.moe_comm import ep_traffic, tp_moe_all_reduce_bytes
 from meshserve.planner.parallel import Layout
@@ -172,6 +172,31 @@ def layer_overhead_s(model: ModelSpec, gpu: GpuSpec, batch: int, weight_dtype: s
     return gpu.layer_overhead_us * 1e-6
 
 
+# The batch-1 GEMVs' weight streams as fractions of the fitted rate (hbm x efficiency; H200 4.51 TB/s): the H200
+# sweep of 2026-12-04 (tools/bench_quant_gemv.py, one Llama-3.1-8B layer's four projections in CUDA graphs,
+# benchmarks/results/h200_1204_s35/quant_gemv/sweep.log): the bf16 Triton GEMV 108.7 us for 436 MB (4.01 TB/s:
+# 0.889), the fp8 words GEMV 59.4 us for 218 MB (3.67: 0.814), the AWQ int4 half GEMV 48.3-48.9 us for 113.5 MB with
+# scales and zeros (2.33: 0.517); other GPUs assumed alike. With the largest batch each GEMV serves (one row for
+# fp8; triton_int4_gemv.MAX_GEMV_ROWS for int4).
+GEMV_RATE_FRACTION = {"bf16": (0.889, 1), "fp8": (0.814, 1), "int4": (0.517, 4)}
+
+
+def quantized_gemv_extra_s(model: ModelSpec, shard: StageShard, gpu: GpuSpec, batch: int, weight_dtype: str,
+                           efficiency: float) -> float:
+    """What a dense model's quantized batch-1 GEMVs take beyond its bytes at the fitted rate, over what the
+    per-layer figure holds: layer_overhead_* was fitted on 16-bit weights, so it includes the 16-bit GEMV's
+    shortfall below the fitted rate, and a quantized format's GEMV falls short by its own (H200 W1 Llama-3.1-8B:
+    int4 +11.4 us a layer, 487 -> 413 tok/s predicted against 424.4 measured; fp8 -1.0 us, 358 -> 362 against
+    364.8). 0 for 16-bit weights, MoE models and batches past the format's GEMV."""
+    fraction, rows = GEMV_RATE_FRACTION.get(weight_dtype, (1.0, 0))
+    if model.num_experts or weight_dtype == "bf16" or batch > rows:
+        return 0.0
+    rate = gpu.hbm_bytes_per_s * efficiency
+    quantized = shard.linear_weight_bytes
+    as_16_bit = quantized / weight_dtype_bytes(weight_dtype) * 2
+    return (quantized * (1 / fraction - 1) - as_16_bit * (1 / GEMV_RATE_FRACTION["bf16"][0] - 1)) / rate
+
+
 def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int, batch: int, context: int, *,
                       weight_dtype: str, kv_dtype: str, gpus_per_node: int, efficiency: float,
                       cuda_graphs: bool = True) -> StepTime:
@@ -191,7 +216,8 @@ def decode_stage_time(model: ModelSpec, layout: Layout, gpu: GpuSpec, stage: int
 
     comm_s, ep_bytes = layer_comm(model, layout, gpu, batch, shard.num_layers, shard.num_moe_layers,
                                   gpus_per_node, in_graph=cuda_graphs)
-    overhead_s = shard.num_layers * layer_overhead_s(model, gpu, batch, weight_dtype, layout.tp * layout.pp)
+    overhead_s = (shard.num_layers * layer_overhead_s(model, gpu, batch, weight_dtype, layout.tp * layout.pp)
+                  + quantized_gemv_extra_s(model, shard, gpu, batch, weight_dtype, efficiency))
     return StepTime(memory_s, compute_s, comm_s, overhead_s, ep_bytes, batch, shard.num_moe_layers,
                     cuda_graphs and layout.ep > 1 and layout.dp == 1)
 

@@ -253,3 +253,25 @@ def test_pdl_overhead_applies_at_batch_one_to_the_models_the_engine_chains_with_
         large, Layout(1, 1, 1), plain, 1, w1).decode_tok_per_s
     assert predict(large, Layout(2, 1, 1), gpu, 1, w1).decode_tok_per_s == pytest.approx(
         predict(large, Layout(2, 1, 1), plain, 1, w1).decode_tok_per_s)
+
+
+def test_quantized_batch1_gemvs_cost_their_own_shortfall():
+    # the per-layer figure was fitted on 16-bit weights (it holds the bf16 GEMV's shortfall below the fitted rate);
+    # a quantized GEMV's own shortfall replaces it: int4's half GEMV streams at about half the fitted rate, fp8's
+    # words GEMV about as far below it as bf16's on half the bytes
+    from meshserve.planner.memory import stage_shard
+    from meshserve.planner.perf import quantized_gemv_extra_s
+
+    gpu, model = get_gpu("H200"), load_model("llama-3.1-8b")
+    layout = Layout(tp=1, pp=1, dp=1)
+
+    def extra(dtype, batch=1, m=model):
+        shard = stage_shard(m, layout, 0, dtype)
+        return quantized_gemv_extra_s(m, shard, gpu, batch, dtype, gpu.efficiency) / m.num_layers
+
+    assert extra("bf16") == 0.0
+    assert 8e-6 < extra("int4") < 15e-6  # ~11.4 us a layer on the 8B
+    assert abs(extra("fp8")) < 3e-6
+    assert extra("int4", batch=4) == extra("int4") and extra("int4", batch=5) == 0.0  # the GEMV's rows only
+    assert extra("fp8", batch=2) == 0.0
+    assert extra("int4", m=load_model("qwen3-30b-a3b")) == 0.0  # MoE layers run their own kernels

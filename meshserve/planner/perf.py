@@ -150,11 +150,11 @@ PDL_WEIGHT_DTYPES = ("bf16", "fp16", "fp8", "int4")
 
 def chains_with_pdl(model: ModelSpec, weight_dtype: str, ranks: int) -> bool:
     """Whether the engine's batch-1 decode steps of this model run under PDL: hidden size <= PDL_MAX_HIDDEN, or a
-    dense model of 16-bit, fp8 or int4 weights on one GPU (ranks: TP x PP of a replica; kernels/pdl.auto_policy, measured
-    on one GPU only: H200 W1 Llama-3.1-8B, 2026-12-04: bf16 230.9 tok/s, predicted 230; fp8 354-362, predicted 358
-    where the plain overhead said 302; AWQ int4 424.4 with PDL, 391.9 without, thirty-fifth session). Layouts over
-    several GPUs keep the plain per-layer cost (the engine keeps PDL off there; their fit holds the all-reduces
-    too)."""
+    dense model of 16-bit, fp8 or int4 weights on one GPU (ranks: TP x PP of a replica; kernels/pdl.auto_policy,
+    measured on one GPU only: H200 W1 Llama-3.1-8B, 2026-12-04: bf16 230.9 tok/s, predicted 230; fp8 354-365,
+    predicted 362 where the plain overhead said 302; AWQ int4 424.4 with PDL, 391.9 without, predicted 413 with
+    quantized_gemv_extra_s). Layouts over several GPUs keep the plain per-layer cost (the engine keeps PDL off
+    there; their fit holds the all-reduces too)."""
     if model.hidden_size <= PDL_MAX_HIDDEN:
         return True
     return model.num_experts == 0 and weight_dtype in PDL_WEIGHT_DTYPES and ranks == 1

@@ -492,7 +492,12 @@ def _split_counters(device: torch.device, blocks: int) -> torch.Tensor | None:
     return have if blocks <= have.numel() else None
 
 
-def default_int4_tiles(n: int, k: int, rows: int = 1, num_sms: int = 132) -> GemvTiles:
+# one-warp programs of the half kernel an SM holds at once (65,536 registers / (registers a thread x 32)), by rows
+# (and the perm gather at 2 rows): sm_90 code, 1 row 168 registers (with or without perm), 2 rows 196 (254 with perm)
+_PER_SM_BY_ROWS = {(1, False): 12, (1, True): 12, (2, False): 10, (2, True): 8}
+
+
+def default_int4_tiles(n: int, k: int, rows: int = 1, num_sms: int = 132, perm: bool = False) -> GemvTiles:
     """The half kernel: 128 columns on one warp (4 per lane: 128-bit loads along N), 64 features (8 packed rows) a
     step; split-K for at most 12 programs per SM (168 registers at one row: 12 one-warp programs fit an SM's
     register file: one wave), each at least 2 steps long. The H200 sweep of 2026-12-04 (tools/bench_quant_gemv.py,
@@ -501,12 +506,14 @@ def default_int4_tiles(n: int, k: int, rows: int = 1, num_sms: int = 132) -> Gem
     splits made 1,792 programs for 1,584 slots (two waves: 24.0 -> 21.5 us at 7), and qkv / o, capped at 16 splits
     by the 4 steps, reach 3-6 programs per SM (8.6 / 6.9 -> 7.5 / 6.4 us at 32). 3-4 rows (untimed): 64-feature
     steps spill (sm_90: 368 bytes of stack at 4 rows), so 32-feature steps (174 registers: 11 programs per SM),
-    the rule before."""
+    the rule before. 2 rows (untimed): the one-wave rule at the programs an SM holds there (_PER_SM_BY_ROWS: 10,
+    8 with the perm gather), not one row's 12."""
     if rows > 2:
         block_k, per_sm = 32, 11
         split = triton.cdiv(per_sm * num_sms, triton.cdiv(n, 128))
         return GemvTiles(128, block_k, split_k=max(1, min(split, k // (4 * block_k))), num_warps=1, num_stages=1)
-    split = max(1, min(12 * num_sms // triton.cdiv(n, 128), k // (2 * 64)))
+    per_sm = _PER_SM_BY_ROWS[(max(rows, 1), perm)]
+    split = max(1, min(per_sm * num_sms // triton.cdiv(n, 128), k // (2 * 64)))
     return GemvTiles(128, 64, split_k=split, num_warps=1, num_stages=1)
 
 
@@ -552,7 +559,7 @@ def int4_gemv(
         x2 = x2.contiguous()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     if tiles is None:
-        tiles = default_int4_tiles(n, k, m)
+        tiles = default_int4_tiles(n, k, m, perm=perm is not None)
         if g_idx is not None or group_size % tiles.block_k:  # groups of 32: half on the grouped tiles' 32
             tiles = default_int4_grouped_tiles(n, k)
     half = g_idx is None and group_size % tiles.block_k == 0  # else every weight with its own group's numbers

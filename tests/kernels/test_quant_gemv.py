@@ -112,6 +112,22 @@ def test_fp8_gemv_words_falls_back_where_it_cannot_view_words():
     torch.testing.assert_close(fp8_gemv(x2, wq2, ws2, variant="words"), fp8_gemv(x2, wq2, ws2, variant="local"))
 
 
+def test_int4_default_tiles_fill_one_wave_of_two_step_programs():
+    # the H200 sweep's rule (2026-12-04): at most as many one-warp programs as the SMs hold at once (one wave: 12 a
+    # SM at one row; at two rows the registers allow 10, 8 with the perm gather), each >= 2 steps of 64 features
+    from meshserve.kernels.triton_int4_gemv import default_int4_tiles
+
+    for n, k in LLAMA_8B_SHAPES:
+        for rows, perm, per_sm in ((1, False, 12), (1, True, 12), (2, False, 10), (2, True, 8)):
+            t = default_int4_tiles(n, k, rows, perm=perm)
+            programs = (n // t.block_n) * t.split_k
+            assert (t.block_n, t.block_k, t.num_warps) == (128, 64, 1)
+            assert programs <= per_sm * 132 and k // t.split_k >= 2 * 64, (n, k, rows, perm, t)
+    # gate_up (N 28,672): 7 K ranges at one row (1,568 programs on 1,584 slots), not 8 (1,792: two waves)
+    assert default_int4_tiles(28672, 4096).split_k == 7 and default_int4_tiles(28672, 4096, 2, perm=True).split_k == 4
+    assert default_int4_tiles(4096, 4096, 4).block_k == 32  # 3-4 rows: 32-feature steps (64 spill)
+
+
 def test_fp8_words_tiles_by_shape_and_from_the_environment(monkeypatch):
     from meshserve.kernels.gemv_tiles import GemvTiles
     from meshserve.kernels.triton_fp8_gemv import default_fp8_tiles, words_tiles

@@ -174,8 +174,8 @@ def layer_overhead_s(model: ModelSpec, gpu: GpuSpec, batch: int, weight_dtype: s
 
 # The batch-1 GEMVs' weight streams as fractions of the fitted rate (hbm x efficiency; H200 4.51 TB/s): the H200
 # sweep of 2026-12-04 (tools/bench_quant_gemv.py, one Llama-3.1-8B layer's four projections in CUDA graphs,
-# benchmarks/results/h200_1204_s35/quant_gemv/sweep.log): the bf16 Triton GEMV 108.7 us for 436 MB (4.01 TB/s:
-# 0.889), the fp8 words GEMV 59.4 us for 218 MB (3.67: 0.814), the AWQ int4 half GEMV 48.3-48.9 us for 113.5 MB with
+# benchmarks/results/h200_1204_s35/quant_gemv/sweep*.log): the bf16 Triton GEMV 108.7 us for 436 MB (4.01 TB/s:
+# 0.889), the fp8 words GEMV 59.4-59.6 us for 218 MB (3.67: 0.814), the AWQ int4 half GEMV 48.3-48.9 us for 113.5 MB with
 # scales and zeros (2.33: 0.517); other GPUs assumed alike. With the largest batch each GEMV serves (one row for
 # fp8; triton_int4_gemv.MAX_GEMV_ROWS for int4).
 GEMV_RATE_FRACTION = {"bf16": (0.889, 1), "fp8": (0.814, 1), "int4": (0.517, 4)}

@@ -290,6 +290,17 @@ def _strict(value):
     return value
 
 
+def _router_costs_said(ns: argparse.Namespace) -> str:
+    """Where the router node's costs come from, for the assumptions: the calibration's section and source, and
+    the flags that override it."""
+    from meshserve.simulator.router_node import router_costs_source
+
+    flags = [f for f, v in (("--router-request-ms", ns.router_request_ms), ("--router-event-us", ns.router_event_us),
+                            ("--router-refusal-ms", ns.router_refusal_ms)) if v is not None]
+    said = f"router_calibration.toml {router_costs_source(ns.router_calibration)}"
+    return said + (f"; overridden by {', '.join(flags)}" if flags else "")
+
+
 def router_costs_from_args(ns: argparse.Namespace):
     """The router node's costs: off, or the calibration's with any --router-* override."""
     from meshserve.simulator.router_node import ROUTER_OFF, load_router_costs
@@ -440,8 +451,7 @@ def run_simulate(ns: argparse.Namespace) -> int:
          if ns.router_node == "off" else
          f"the router process is one CPU queue: {config.router_request_s * 1e3:g} ms per request, "
          f"{config.router_refusal_s * 1e3:g} ms per 429 from a replica, {config.router_event_s * 1e6:g} us per "
-         "streamed event (router_calibration.toml: measured on a 2-core CPU machine, assumed the same on the GPU "
-         "host)"),
+         f"streamed event ({_router_costs_said(ns)})"),
     ]
     if ns.plot:
         from meshserve.simulator.plots import plot_timeline

@@ -52,16 +52,28 @@ class RouterCosts:
 ROUTER_OFF = RouterCosts(0.0, 0.0)
 
 
-def load_router_costs(name: str = "default") -> RouterCosts:
-    """A section of router_calibration.toml (or the section an alias such as "default" names)."""
+def _router_section(name: str) -> tuple[str, dict]:
+    """(the section's own name, its entry) for a section of router_calibration.toml or an alias ("default")."""
     sections = tomllib.loads(ROUTER_CALIBRATION_FILE.read_text())
     entry = sections.get(name)
     if isinstance(entry, str):
-        entry = sections.get(entry)
+        name, entry = entry, sections.get(entry)
     if not isinstance(entry, dict):
         raise InvalidArgumentError(f"no router calibration {name!r}; router_calibration.toml has "
                                    f"{', '.join(sections)}", param="router_calibration")
+    return name, entry
+
+
+def load_router_costs(name: str = "default") -> RouterCosts:
+    """A section of router_calibration.toml (or the section an alias such as "default" names)."""
+    entry = _router_section(name)[1]
     return RouterCosts(entry["per_request_ms"] / 1e3, entry["per_event_us"] / 1e6, entry["per_refusal_ms"] / 1e3)
+
+
+def router_costs_source(name: str = "default") -> str:
+    """Where a calibration's costs were measured, for the report's assumptions: "[section]: its source"."""
+    section, entry = _router_section(name)
+    return f"[{section}]: {entry.get('source', 'no source recorded')}"
 
 
 class RouterNode:

@@ -68,6 +68,12 @@ def test_calibration_file():
     assert load_router_costs("h200_host_httpx").per_event_s > 2 * host.per_event_s
     light = load_router_costs("cpu_light")
     assert light.per_request_s == pytest.approx(1.6e-3) and light.per_event_s == pytest.approx(102e-6)
+    # the report's assumptions name the section and where it was measured (the alias resolved)
+    from meshserve.simulator.router_node import router_costs_source
+
+    said = router_costs_source()
+    assert said.startswith("[h200_host]: ") and "httptools" in said and "uvloop" in said
+    assert router_costs_source("cpu_light").startswith("[cpu_light]: ") and "AMD EPYC" in router_costs_source("cpu_light")
     assert load_router_costs("cpu_loaded").per_event_s > light.per_event_s
     with pytest.raises(InvalidArgumentError, match="router_calibration.toml has"):
         load_router_costs("nope")

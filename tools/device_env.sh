@@ -20,4 +20,6 @@ python3 -c "import msgspec" 2> /dev/null || echo "device_env.sh: msgspec is miss
 # the image has no httptools / uvloop either: without them the router relays through httpx and uvicorn runs h11 on
 # asyncio (the thirty-fourth session's router rows: 2.3x the CPU an event, a collapse at W3 QPS 64 that a user's
 # install, which has both, does not show): `fetch-device-wheels.sh ... httptools uvloop` into .whl
+# fastapi >= 0.16x imports opentelemetry-api (a wheel easily pruned from .whl: the thirty-fifth session lost a call)
+python3 -c "import fastapi" 2> /dev/null || echo "device_env.sh: fastapi does not import (opentelemetry-api missing from .whl?): the server will not start" >&2
 python3 -c "import httptools, uvloop" 2> /dev/null || echo "device_env.sh: httptools / uvloop missing: carry them in .whl (the router and API server would run their pure-Python paths)" >&2

@@ -160,7 +160,8 @@ class ClosedLoop:
     hook in: phase(), on_sent(), on_end(), on_step_end(), handle() for their own events. With `admission`
     (router_admission.py) the router refuses past --max-outstanding: the client gets its 503 refusal_s later.
     With `host` (host_share.py) every step's time is scaled by the host's CPU share at its start (replicas with
-    work, processes starting, the host's others) over the fit's; None: the step cost as given. Deterministic: no randomness (ties go by event kind, then order of pushing)."""
+    work, processes starting, the host's others) over the fit's; None: the step cost as given. Deterministic: no
+    randomness (ties go by event kind, then order of pushing)."""
 
     def __init__(self, config: SimConfig, step_cost: Callable[[StepShape], float], load: ClosedLoopLoad,
                  health: RouterHealth = RouterHealth(), latency_s: float = 0.0,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from meshserve.simulator.config import SimConfig
 from meshserve.simulator.faults import ClosedLoopLoad, KillRestart, run_kill_restart
 from meshserve.simulator.host_share import SharedHost, fault_suite_host
 from meshserve.simulator.validation_faults import (
@@ -15,17 +14,7 @@ from meshserve.simulator.validation_faults import (
     measured_slowdown,
     phase_slowdowns,
 )
-
-STEP_S = 0.01
-
-
-def _config(replicas: int = 3) -> SimConfig:
-    return SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=replicas, max_num_seqs=8, max_queue_len=8,
-                     max_model_len=256, num_blocks=1024, max_num_batched_tokens=2048)
-
-
-def _fixed(_shape) -> float:
-    return STEP_S
+from tests.simulator.test_faults import _config, _fixed  # the fault tests' small cluster and fixed step
 
 
 def test_processor_sharing_arithmetic():

@@ -50,11 +50,17 @@ from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-             gated: bool = False) -> torch.Tensor:
+             gated: bool = False, act_out: bool = False) -> torch.Tensor:
+    """F.linear(x, weight, bias); gated: x is [gate | up] and the GEMV reads silu(gate) * up; act_out: the
+    output is [gate | up] and the GEMV returns silu(gate) * up (a gate/up projection with SiLU-and-mul)."""
     if gated:
         gate, up = x.chunk(2, dim=-1)
         x = F.silu(gate) * up
-    return F.linear(x, weight, bias)
+    y = F.linear(x, weight, bias)
+    if act_out:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y
 
 
 @triton.jit
@@ -122,12 +128,20 @@ def _stream_rows(x_ptr, nw_ptr, inv_rms, w_rows, rmask, K, GATED: tl.constexpr, 
 def _gemv_kernel(x_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
                  HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORMED: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr = False,
-                 USE_GDC: tl.constexpr = False):
+                 USE_GDC: tl.constexpr = False, ACT_OUT: tl.constexpr = False):
     """gemv's kernel, and rms_norm_gemv's second one with NORMED: x_ptr then holds h, inv_ptr and nw_ptr the
     1 / rms(h) of _residual_rms_kernel and the norm weight (unused without NORMED). PREFETCH: gemv_prefetch
-    ("dense"), _stream_rows'."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
+    ("dense"), _stream_rows'. ACT_OUT: the weight's rows are [gate | up] (N / 2 each); a program takes
+    BLOCK_N / 2 gate rows and their up rows (interleaved: row 2i gate i, row 2i + 1 up i) and writes
+    silu(gate) * up, with silu_and_mul's roundings on the GEMV's rounded outputs: the SiLU kernel's bits."""
+    if ACT_OUT:
+        r = tl.arange(0, BLOCK_N)
+        pairs = tl.program_id(0) * (BLOCK_N // 2) + r // 2
+        rows = pairs + (r % 2) * (N // 2)
+        rmask = pairs < N // 2
+    else:
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
     y = tl.zeros([BLOCK_N], dtype=tl.float32)
     if PRE_K > 0:  # PDL: the first PRE_K columns of this program's weights load before the wait (no kernel
@@ -146,7 +160,14 @@ def _gemv_kernel(x_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
     y += tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+    if ACT_OUT:
+        dt = y_ptr.dtype.element_ty
+        gate, up = tl.split(tl.reshape(y.to(dt).to(tl.float32), [BLOCK_N // 2, 2]))
+        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)  # silu rounds first, as silu_and_mul
+        outs = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(y_ptr + outs, (act * up).to(dt), mask=outs < N // 2)
+    else:
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
 # columns of weights a PDL GEMV program preloads: 4 rows x 2,048 16-bit values = 16 KB in registers (32 per
@@ -286,20 +307,25 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         gated: bool = False, pdl: bool | None = None) -> torch.Tensor:
-    """Same as gemv_ref for x [..., K] (gated: [..., 2K]) holding one row, weight [N, K] (rows contiguous).
+         gated: bool = False, pdl: bool | None = None, act_out: bool = False) -> torch.Tensor:
+    """Same as gemv_ref for x [..., K] (gated: [..., 2K]) holding one row, weight [N, K] (rows contiguous;
+    act_out: [gate | up], N even, y [..., N / 2] = silu(gate) * up: no gate/up row in memory, no SiLU launch).
     pdl: the PDL layout and launch (None: the process switch, kernels/pdl.py)."""
     n, k = weight.shape
     if x.numel() != (2 * k if gated else k):
         raise ValueError(f"gemv takes one row of {2 * k if gated else k} features, got shape {tuple(x.shape)}")
+    if act_out and (gated or n % 2):
+        raise ValueError(f"gemv's act_out takes an even number of [gate | up] rows and no gated input, got N {n}")
     x = x.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    y = torch.empty((*x.shape[:-1], n // 2 if act_out else n), dtype=x.dtype, device=x.device)
     block_k, _, block_n = _tile(k)
+    block_n = max(block_n, 2) if act_out else block_n  # (a gate row and its up row a pair at least)
     programs, num_warps, gdc, pre_k = _launch(x, n, k, block_n, pdl)
     _gemv_kernel[(programs,)](
         x, weight, weight, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, GATED=gated, NORMED=False, BLOCK_N=block_n, BLOCK_K=block_k, PRE_K=pre_k,
-        PREFETCH=gemv_prefetch("dense"), num_warps=num_warps, num_stages=3, **gdc)
+        PREFETCH=gemv_prefetch("dense"), num_warps=num_warps, num_stages=3, **gdc,
+        ACT_OUT=act_out)
     return y

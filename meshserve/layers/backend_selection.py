@@ -22,6 +22,10 @@ Overrides (environment, read only here, for debugging and references):
                                             the next GEMV in one launch (kernels/triton_norm_row_gemv.py), the
                                             QKV's and an MoE block's router's (models/moe.py); on by default
                                             (H200 W1 Qwen3-30B-A3B 353.5 -> 362.2 tok/s, 2026-12-04), 0 off
+  MESHSERVE_GEMV_ACT_OUT=0                  batch 1: the gate/up GEMV writes silu(gate) * up from its epilogue
+                                            (kernels/triton_gemv.gemv act_out: no SiLU launch, no gate/up row
+                                            in memory) wherever the separate SiLU kernel would run; on by
+                                            default, 0 off
   MESHSERVE_TP_FUSED_NORM=1|pull|push       tensor parallel: each row-parallel projection's all-reduce, the
                                             residual add and the next RMSNorm in one kernel over symmetric
                                             memory (layers/all_reduce_norm.py); 1 = pull (read the peers'
@@ -199,6 +203,7 @@ ATTENTION_BACKEND_ENV = "MESHSERVE_ATTENTION_BACKEND"
 DISABLE_FUSED_OPS_ENV = "MESHSERVE_DISABLE_FUSED_OPS"
 NORM_GEMV_ENV = "MESHSERVE_NORM_GEMV"
 NORM_ROW_GEMV_ENV = "MESHSERVE_NORM_ROW_GEMV"
+GEMV_ACT_OUT_ENV = "MESHSERVE_GEMV_ACT_OUT"
 TP_FUSED_NORM_ENV = "MESHSERVE_TP_FUSED_NORM"
 TP_FUSED_NORM_CHOICES = ("", "pull", "push")
 NORM_FOLD_ENV = "MESHSERVE_NORM_FOLD"
@@ -263,6 +268,8 @@ class KernelSelection:
     # ... in one launch where the GEMV holds whole rows (<= 2,048 features), the MoE router's GEMV too
     # (kernels/triton_norm_row_gemv.py; whether or not norm_gemv is on)
     norm_row_gemv: bool = False
+    # the gate/up GEMV with SiLU-and-mul in its epilogue (batch 1: layers/linear.MergedColumnParallelLinear.act_forward)
+    gemv_act_out: bool = False
     # TP all-reduce + residual add + RMSNorm in one kernel after o_proj / down_proj (layers/all_reduce_norm.py):
     # "" off, "pull" or "push" (TP_FUSED_NORM_CHOICES)
     tp_fused_norm: str = ""
@@ -565,6 +572,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         norm_gemv=gemv and fused_ops and os.environ.get(NORM_GEMV_ENV, "") not in ("", "0"),
         # on unless "0" (H200 W1 Qwen3-30B-A3B 353.5 -> 362.2 tok/s, 2026-12-04): rows of <= 2,048 only
         norm_row_gemv=gemv and fused_ops and os.environ.get(NORM_ROW_GEMV_ENV, "").strip() != "0",
+        gemv_act_out=gemv and os.environ.get(GEMV_ACT_OUT_ENV, "").strip() != "0",
         # off a GPU the layers take the same order with the all-reduce and the norm apart (tests the wiring)
         tp_fused_norm=_tp_fused_norm(),
         norm_fold=gemv and fused_ops and _norm_fold(config),

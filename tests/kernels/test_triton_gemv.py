@@ -123,6 +123,10 @@ for gated in (False, True):
         compile(_gemv_kernel, dict(x_ptr=p, inv_ptr="*fp32", nw_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p),
                 dict(HAS_BIAS=False, GATED=gated, NORMED=False, BLOCK_N=4, BLOCK_K=512, PRE_K=0, PREFETCH=True,
                      USE_GDC=False), warps)
+# the gate/up GEMV with SiLU-and-mul in its epilogue (ACT_OUT), the 8B's wide tile
+compile(_gemv_kernel, dict(x_ptr=p, inv_ptr="*fp32", nw_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p),
+        dict(HAS_BIAS=True, GATED=False, NORMED=False, BLOCK_N=4, BLOCK_K=512, PRE_K=0, PREFETCH=True,
+             USE_GDC=False, ACT_OUT=True), 4)
 print("compiled")
 """
 

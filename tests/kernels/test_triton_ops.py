@@ -261,3 +261,48 @@ def test_gemv_interp(n, k, with_bias, gated):
 @pytest.mark.parametrize("gated", [False, True])
 def test_gemv_gpu(dtype, n, k, with_bias, gated):
     _check_gemv("cuda", dtype, n, k, with_bias, gated)
+
+
+def _check_gemv_act_out(device, dtype, n, k, with_bias, pdl=None):
+    """The gate/up GEMV with SiLU-and-mul in its epilogue: the bits of the GEMV then the SiLU kernel (the same
+    row sums, silu_and_mul's roundings), and the reference within the GEMV's tolerance."""
+    from meshserve.kernels.triton_gemv import gemv, gemv_ref
+    from meshserve.kernels.triton_ops import silu_and_mul
+
+    g = torch.Generator(device=device).manual_seed(5)
+    w = (0.05 * torch.randn(n, k, generator=g, device=device)).to(dtype)
+    x = torch.randn(1, k, generator=g, device=device).to(dtype)
+    b = torch.randn(n, generator=g, device=device).to(dtype) if with_bias else None
+    y = gemv(x, w, b, act_out=True, pdl=pdl)
+    two_kernels = silu_and_mul(gemv(x, w, b, pdl=pdl))
+    assert y.shape == two_kernels.shape == (1, n // 2) and y.dtype == dtype
+    assert torch.equal(y, two_kernels)
+    ref = gemv_ref(x, w, b, act_out=True)
+    tol = 1e-4 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(y.float(), ref.float(), atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+@interp
+@pytest.mark.parametrize("n,k", [(38, 300), (8, 1024), (10, 2048 + 100)])  # pairs past the last program, K tails
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_act_out_interp(n, k, with_bias):
+    _check_gemv_act_out("cpu", torch.float32, n, k, with_bias)
+
+
+@interp
+def test_gemv_act_out_rejects_what_it_cannot_serve():
+    from meshserve.kernels.triton_gemv import gemv
+
+    with pytest.raises(ValueError, match="even number"):
+        gemv(torch.randn(1, 16), torch.randn(7, 16), act_out=True)
+    with pytest.raises(ValueError, match="even number"):
+        gemv(torch.randn(1, 32), torch.randn(8, 16), gated=True, act_out=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(28672, 4096), (6144, 1024), (2054, 4000)])  # Llama-3.1-8B, Qwen3-0.6B, odd
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gemv_act_out_gpu(dtype, n, k, with_bias, pdl):
+    _check_gemv_act_out("cuda", dtype, n, k, with_bias, pdl)

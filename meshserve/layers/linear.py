@@ -145,13 +145,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def act_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of this [gate | up] projection from one batch-1 GEMV (SiLU-and-mul in its epilogue:
         no gate/up row in memory, no SiLU launch; the bits of the GEMV then the SiLU kernel), or None where
-        that path does not apply: the switch is off, the weight is quantized, x is not one 16-bit row on a GPU,
-        or the projection is not two equal halves."""
-        if (self.quantized or not self.kernels.gemv_act_out or len(self.output_sizes) != 2
-                or self.output_sizes[0] != self.output_sizes[1]):
+        that path does not apply: the switch is off, the format has no such GEMV (LinearMethod.apply_act_out:
+        16-bit weights only), x is not one 16-bit row on a GPU, or the projection is not two equal halves."""
+        if not self.kernels.gemv_act_out or len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
             return None
-        mod = gemv_for(x, self.weight, self.kernels.gemv)
-        return None if mod is None else mod.gemv(x, self.weight, self.bias, act_out=True)
+        return self.quant_method.apply_act_out(self, x, self.bias)
 
     def weight_loader(self, param, loaded, shard_id: int):
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size

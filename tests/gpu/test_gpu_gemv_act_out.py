@@ -1,7 +1,7 @@
 """MESHSERVE_GEMV_ACT_OUT on the GPU (kernels/triton_gemv.gemv act_out): at batch 1 the gate/up GEMV writes
 silu(gate) * up from its epilogue, the separate SiLU launch gone. Its output is the GEMV-then-SiLU kernels' bit
-for bit (tests/kernels/test_triton_ops.py), so greedy bf16 decodes of Llama-3.1-8B's shape (K 14,336: the
-down GEMV does not take the gated input there) give the same tokens and logprobs with the switch on and off,
+for bit (tests/kernels/test_triton_ops.py), so greedy bf16 decodes of Llama-3.1-8B's shape (3 layers; K 14,336:
+the down GEMV does not take the gated input there) give the same tokens and logprobs with the switch on and off,
 and the epilogue is what ran.
 """
 
@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.gpu.test_decode_fixed_cost import PROMPTS, _llm, _prompt
+from tests.gpu.test_decode_fixed_cost import PROMPTS, _prompt
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def test_act_out_keeps_bf16_decode_bits(monkeypatch):
-    from meshserve import SamplingParams
+    from meshserve import LLM, SamplingParams
     from meshserve.kernels import triton_gemv
 
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=3)
@@ -27,7 +27,8 @@ def test_act_out_keeps_bf16_decode_bits(monkeypatch):
         monkeypatch.setenv("MESHSERVE_GEMV_ACT_OUT", "1" if on else "0")
         monkeypatch.setattr(triton_gemv, "gemv",
                             lambda *a, **k: calls.append(on and k.get("act_out", False)) or real(*a, **k))
-        llm = _llm("llama-3.1-8b", "bfloat16", monkeypatch, fold=False)
+        llm = LLM(model="llama-3.1-8b", load_format="dummy", dtype="bfloat16", max_model_len=4096,
+                  hf_overrides={"num_hidden_layers": 3}, gpu_memory_utilization=0.5, max_num_seqs=32, seed=0)
         try:
             runs[on] = [llm.generate([_prompt(n, s)], params, use_tqdm=False)[0].outputs[0] for n, s in PROMPTS]
         finally:

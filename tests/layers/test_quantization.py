@@ -275,3 +275,27 @@ def test_dummy_act_order_weights_are_sorted_act_order_layers(monkeypatch):
     assert plain.perm is None
     plain_err = (plain(x) - ref).norm() / ref.norm()
     assert err < 0.15 and plain_err < 0.15 and 0.7 < err / plain_err < 1.4, (err, plain_err)
+
+
+def test_gate_up_act_forward_only_where_its_gemv_serves(monkeypatch):
+    # MergedColumnParallelLinear.act_forward (silu(gate) * up from the batch-1 GEMV's epilogue; the GPU tests
+    # run it): None with the switch off, off a GPU, for unequal halves, and for formats without that GEMV
+    from dataclasses import replace
+
+    from meshserve.layers.backend_selection import PLAIN
+
+    as_rank(monkeypatch, 1, 0)
+    on = replace(PLAIN, gemv=True, gemv_act_out=True)
+    x = torch.randn(1, HIDDEN)
+    layer = MergedColumnParallelLinear(HIDDEN, [INTER, INTER])
+    layer.kernels = on
+    assert layer.act_forward(x) is None  # a CPU row: no Triton GEMV
+    layer.kernels = replace(on, gemv_act_out=False)
+    assert layer.act_forward(x) is None
+    uneven = MergedColumnParallelLinear(HIDDEN, [INTER, 2 * INTER])
+    uneven.kernels = on
+    assert uneven.act_forward(x) is None
+    with quantization_scope(Fp8Config()):
+        fp8 = MergedColumnParallelLinear(HIDDEN, [INTER, INTER])
+    fp8.kernels = on
+    assert fp8.quantized and fp8.act_forward(x) is None

@@ -79,7 +79,7 @@ def main() -> None:
         for name, (n, k) in SHAPES.items():
             try:
                 us = time_shape(n, k, act_out=name == "gate_up")
-            except Exception as e:  # a tile past the registers / shared memory: recorded, not fatal
+            except Exception as e:  # noqa: BLE001 - a tile past the registers / shared memory: recorded, not fatal
                 rows.append({"tile": spec, "shape": name, "error": str(e)[:100]})
                 cells.append(f"{name} error")
                 continue
@@ -89,7 +89,8 @@ def main() -> None:
         layer = sum(r["us"] for r in rows[-4:] if "us" in r)
         print(f"{spec:<12} " + " | ".join(cells) + f" | layer {layer:6.1f} us")
     if ns.json:
-        json.dump({"copy_gbps": bw, "rows": rows}, open(ns.json, "w"), indent=1)
+        with open(ns.json, "w") as f:
+            json.dump({"copy_gbps": bw, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

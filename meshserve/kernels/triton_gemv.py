@@ -246,14 +246,16 @@ def _launch(x: torch.Tensor, n: int, k: int, block_n: int, pdl: bool | None) -> 
 
 
 def rms_norm_gemv_ref(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                      weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """(F.linear(rms_norm(x + residual)), x + residual); without a residual (F.linear(rms_norm(x)), x)."""
+                      weight: torch.Tensor, bias: torch.Tensor | None = None, act_out: bool = False):
+    """(F.linear(rms_norm(x + residual)), x + residual); without a residual (F.linear(rms_norm(x)), x); act_out:
+    silu(gate) * up of that [gate | up] output (gemv_ref's)."""
     from meshserve.kernels.triton_ops import rms_norm_ref
 
     if residual is None:
-        return F.linear(rms_norm_ref(x, norm_weight, eps), weight, bias), x
-    normed, new_residual = rms_norm_ref(x, norm_weight, eps, residual)
-    return F.linear(normed, weight, bias), new_residual
+        normed, new_residual = rms_norm_ref(x, norm_weight, eps), x
+    else:
+        normed, new_residual = rms_norm_ref(x, norm_weight, eps, residual)
+    return gemv_ref(normed, weight, bias, act_out=act_out), new_residual
 
 
 @triton.jit
@@ -277,19 +279,23 @@ def _residual_rms_kernel(x_ptr, res_ptr, res_out_ptr, inv_ptr, K, eps,
 
 def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                   weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = 4,
-                  pdl: bool | None = None):
+                  pdl: bool | None = None, act_out: bool = False):
     """Same as rms_norm_gemv_ref for one row x [..., K] (residual alike, or None), norm_weight [K] and
-    weight [N, K] all of x's dtype; returns (y [..., N], the new residual: x + residual, or x itself).
-    pdl: the PDL layout and launch (None: the process switch, kernels/pdl.py)."""
+    weight [N, K] all of x's dtype; returns (y [..., N], the new residual: x + residual, or x itself); act_out:
+    y [..., N / 2] = silu(gate) * up, as gemv's. pdl: the PDL layout and launch (None: the process switch,
+    kernels/pdl.py)."""
     n, k = weight.shape
     if x.numel() != k or norm_weight.numel() != k or (residual is not None and residual.numel() != k):
         raise ValueError(f"rms_norm_gemv takes one row of {k} features, got shape {tuple(x.shape)}")
     if not (norm_weight.dtype == weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)):
         raise ValueError("rms_norm_gemv needs x, residual, norm weight and weight of one dtype")
+    if act_out and n % 2:
+        raise ValueError(f"rms_norm_gemv's act_out takes an even number of [gate | up] rows, got N {n}")
     x = x.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    y = torch.empty((*x.shape[:-1], n // 2 if act_out else n), dtype=x.dtype, device=x.device)
+    block_n = max(block_n, 2) if act_out else block_n
     new_residual = torch.empty_like(x) if residual is not None else x
     inv_rms = torch.empty(1, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(k)
@@ -302,7 +308,8 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
     _gemv_kernel[(programs,)](
         new_residual, inv_rms, norm_weight, weight, bias if bias is not None else weight, y, n, k,
         weight.stride(0), HAS_BIAS=bias is not None, GATED=False, NORMED=True, BLOCK_N=block_n,
-        BLOCK_K=block_k, PRE_K=pre_k, PREFETCH=gemv_prefetch("dense"), num_warps=num_warps, num_stages=3, **gdc)
+        BLOCK_K=block_k, PRE_K=pre_k, PREFETCH=gemv_prefetch("dense"), num_warps=num_warps, num_stages=3, **gdc,
+        ACT_OUT=act_out)
     return y, new_residual
 
 

@@ -147,9 +147,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         no gate/up row in memory, no SiLU launch; the bits of the GEMV then the SiLU kernel), or None where
         that path does not apply: the switch is off, the format has no such GEMV (LinearMethod.apply_act_out:
         16-bit weights only), x is not one 16-bit row on a GPU, or the projection is not two equal halves."""
-        if not self.kernels.gemv_act_out or len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
+        if not self.takes_act_out:
             return None
         return self.quant_method.apply_act_out(self, x, self.bias)
+
+    @property
+    def takes_act_out(self) -> bool:
+        """Whether batch-1 GEMVs of this layer may end in SiLU-and-mul: the switch on and two equal halves."""
+        return (self.kernels.gemv_act_out and len(self.output_sizes) == 2
+                and self.output_sizes[0] == self.output_sizes[1])
 
     def weight_loader(self, param, loaded, shard_id: int):
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size

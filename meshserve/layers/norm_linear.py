@@ -23,15 +23,18 @@ from meshserve.layers.norm import RMSNorm
 
 
 def norm_linear(
-    norm: RMSNorm, linear: LinearBase, x: torch.Tensor, residual: torch.Tensor | None
+    norm: RMSNorm, linear: LinearBase, x: torch.Tensor, residual: torch.Tensor | None, act_out: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(linear(norm(x + residual)), x + residual) — without a residual (linear(norm(x)), x) — in the fold, or
     None where that path does not apply: the switch is off, x is not one 16-bit row on a GPU (gemv_for), the
     weight is quantized, or the projection's input is split across ranks (row-parallel: its input is not the
     whole normed row). Column-parallel QKV / gate_up take the replicated row, so TP keeps the fused path.
-    fp8 weights: the norm + per-token fp8 quantization kernel, then the projection on the fp8 rows."""
+    fp8 weights: the norm + per-token fp8 quantization kernel, then the projection on the fp8 rows.
+    act_out (a 16-bit [gate | up] linear): silu(gate) * up in place of the projection, from the GEMV's epilogue
+    (triton_gemv.rms_norm_gemv); None where the two-kernel norm_gemv path is not the one taken (the one-launch
+    norm_row_gemv has no such epilogue: its gate_up keeps the down GEMV's gated input)."""
     if linear.quantized:
-        return _norm_fp8_linear(norm, linear, x, residual)
+        return None if act_out else _norm_fp8_linear(norm, linear, x, residual)
     kernels = linear.kernels
     if not (kernels.norm_gemv or kernels.norm_row_gemv) or linear.input_is_parallel:
         return None
@@ -39,11 +42,12 @@ def norm_linear(
         return None
     row = norm_row_gemv_for(x, linear.weight, kernels.norm_row_gemv)
     if row is not None:
-        return row.norm_row_gemv(x, residual, norm.weight, norm.eps, linear.weight, linear.bias)[:2]
+        return None if act_out else row.norm_row_gemv(x, residual, norm.weight, norm.eps, linear.weight,
+                                                      linear.bias)[:2]
     mod = gemv_for(x, linear.weight, kernels.norm_gemv)
     if mod is None:
         return None
-    return mod.rms_norm_gemv(x, residual, norm.weight, norm.eps, linear.weight, linear.bias)
+    return mod.rms_norm_gemv(x, residual, norm.weight, norm.eps, linear.weight, linear.bias, act_out=act_out)
 
 
 def norm_route(norm: RMSNorm, router: LinearBase, x: torch.Tensor, residual: torch.Tensor | None):

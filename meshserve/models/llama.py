@@ -105,6 +105,14 @@ class LlamaMLP(nn.Module):
             return self.down_proj(act)
         return self.from_gate_up(self.gate_up_proj(x))
 
+    def norm_forward_act(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None):
+        """(forward(norm(x + residual)), x + residual) with the norm in the gate/up GEMV and SiLU-and-mul in its
+        epilogue (batch 1, the norm_gemv switch: layers/norm_linear.py), or None where that path does not apply."""
+        if self.gate_up_proj.quantized or not self.gate_up_proj.takes_act_out:
+            return None
+        fused = norm_linear(norm, self.gate_up_proj, x, residual, act_out=True)
+        return None if fused is None else (self.down_proj(fused[0]), fused[1])
+
     def from_gate_up(self, gate_up: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """forward after the gate/up projection (which the decoder layer may have fused with its norm);
         reduce=False: down_proj's partial sums, left for the caller to all-reduce with the next norm."""
@@ -145,6 +153,9 @@ class LlamaDecoderLayer(nn.Module):
             hidden = self.self_attn(positions, hidden, meta)
         fused = None
         if self.folds_mlp_norm:
+            done = self.mlp.norm_forward_act(self.post_attention_layernorm, hidden, residual)
+            if done is not None:
+                return done
             fused = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual)
         if fused is not None:
             gate_up, residual = fused

@@ -78,6 +78,34 @@ def test_rms_norm_gemv_equals_two_kernels_exactly(dtype):
     assert torch.equal(y, two_kernels)
 
 
+def _check_act_out(device, dtype, n, k, with_residual, with_bias):
+    """rms_norm_gemv with SiLU-and-mul in the GEMV's epilogue: the residual and the bits of rms_norm_gemv then the
+    SiLU kernel, the reference within the GEMV's tolerance."""
+    from meshserve.kernels.triton_gemv import rms_norm_gemv, rms_norm_gemv_ref
+    from meshserve.kernels.triton_ops import silu_and_mul
+
+    x, residual, norm_weight, weight, bias = _inputs(device, dtype, n, k, with_residual, with_bias, seed=2)
+    y, new_residual = rms_norm_gemv(x, residual, norm_weight, 1e-5, weight, bias, act_out=True)
+    gate_up, plain_residual = rms_norm_gemv(x, residual, norm_weight, 1e-5, weight, bias)
+    assert y.shape == (1, n // 2) and torch.equal(new_residual, plain_residual)
+    assert torch.equal(y, silu_and_mul(gate_up))
+    ref, _ = rms_norm_gemv_ref(x, residual, norm_weight, 1e-5, weight, bias, act_out=True)
+    tol = 1e-4 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(y.float(), ref.float(), atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+@interp
+@pytest.mark.parametrize("n,k,with_residual", [(38, 300, True), (64, 512, False)])
+def test_rms_norm_gemv_act_out_interp(n, k, with_residual):
+    _check_act_out("cpu", torch.float32, n, k, with_residual, with_bias=n == 38)
+
+
+@gpu
+@pytest.mark.parametrize("n,k", [(28672, 4096), (2054, 4000)])
+def test_rms_norm_gemv_act_out_gpu(n, k):
+    _check_act_out("cuda", torch.bfloat16, n, k, with_residual=True, with_bias=n == 2054)
+
+
 @interp
 def test_rms_norm_gemv_row_blocks_cover_every_output():
     # programs of 8 rows over 37 outputs: the last block is partial; every row is written (empty rows would
@@ -123,10 +151,11 @@ for gated in (False, True):
         compile(_gemv_kernel, dict(x_ptr=p, inv_ptr="*fp32", nw_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p),
                 dict(HAS_BIAS=False, GATED=gated, NORMED=False, BLOCK_N=4, BLOCK_K=512, PRE_K=0, PREFETCH=True,
                      USE_GDC=False), warps)
-# the gate/up GEMV with SiLU-and-mul in its epilogue (ACT_OUT), the 8B's wide tile
-compile(_gemv_kernel, dict(x_ptr=p, inv_ptr="*fp32", nw_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p),
-        dict(HAS_BIAS=True, GATED=False, NORMED=False, BLOCK_N=4, BLOCK_K=512, PRE_K=0, PREFETCH=True,
-             USE_GDC=False, ACT_OUT=True), 4)
+# the gate/up GEMV with SiLU-and-mul in its epilogue (ACT_OUT), the 8B's wide tile, plain and normed
+for normed in (False, True):
+    compile(_gemv_kernel, dict(x_ptr=p, inv_ptr="*fp32", nw_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p),
+            dict(HAS_BIAS=True, GATED=False, NORMED=normed, BLOCK_N=4, BLOCK_K=512, PRE_K=0, PREFETCH=True,
+                 USE_GDC=False, ACT_OUT=True), 4)
 print("compiled")
 """
 

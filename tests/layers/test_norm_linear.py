@@ -175,6 +175,43 @@ def test_greedy_tokens_unchanged_with_the_fold(monkeypatch, family, tiny_model_d
     assert PLAIN.norm_gemv is False
 
 
+class CountingActGemv(CountingGemv):
+    """CountingGemv that also serves the plain GEMV (quantization.base's gemv_for: a gate/up projection's
+    act_out) and counts the calls that asked for SiLU-and-mul in the epilogue."""
+
+    def __init__(self):
+        from meshserve.kernels import triton_gemv
+
+        super().__init__()
+        self.act_outs = 0
+        norm_gemv = self.module.rms_norm_gemv
+
+        def counted(fn):
+            def call(*args, **kwargs):
+                self.act_outs += bool(kwargs.get("act_out"))
+                return fn(*args, **kwargs)
+
+            return call
+
+        self.module = SimpleNamespace(rms_norm_gemv=counted(norm_gemv), gemv=counted(self._count(triton_gemv.gemv)))
+
+
+@pytest.mark.parametrize("norm_gemv", [False, True])
+def test_greedy_tokens_unchanged_with_act_out(monkeypatch, norm_gemv, tiny_model_dir):
+    # the gate/up GEMV's SiLU-and-mul epilogue (MESHSERVE_GEMV_ACT_OUT) through the layers in fp32: alone
+    # (MergedColumnParallelLinear.act_forward) and with the norm inside the GEMV (norm_linear's act_out)
+    from meshserve.layers.quantization import base as quant_base
+
+    fake = CountingActGemv()
+    monkeypatch.setattr(quant_base, "gemv_for", fake)
+    plain, switched = _tokens_plain_and_switched(monkeypatch, tiny_model_dir("llama"), "gemv_for", fake,
+                                                 gemv=True, norm_gemv=norm_gemv, gemv_act_out=True)
+    assert switched == plain
+    # 5 batch-1 decode steps x 2 layers: each gate/up once with act_out (and the QKV's norm with norm_gemv)
+    assert fake.act_outs == 5 * 2
+    assert fake.calls == 5 * 2 * (2 if norm_gemv else 1)
+
+
 class CountingRowGemv(CountingGemv):
     """A norm_row_gemv_for for CPU tests: the one-launch kernel (interpreter, 128-row programs) for single rows,
     counting the calls and how many asked for the normed row (an MoE router's)."""

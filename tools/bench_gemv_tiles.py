@@ -16,25 +16,11 @@ import os
 
 import torch
 
+from meshserve.bench.roofline import measure_copy_bandwidth
 from meshserve.kernels.triton_gemv import gemv
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 DEFAULT_TILES = "512,4,4;512,4,2;512,4,8;512,4,1;1024,4,4;1024,8,8;256,4,4;256,2,2;512,8,4;512,8,8;1024,4,2"
-
-
-def copy_gbps() -> float:
-    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(20):
-        b.copy_(a)
-    e.record()
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 20 / (s.elapsed_time(e) * 1e-3) / 1e9
 
 
 def time_shape(n: int, k: int, act_out: bool = False) -> float:
@@ -70,7 +56,7 @@ def main() -> None:
     ap.add_argument("--tiles", default=DEFAULT_TILES)
     ap.add_argument("--json", default=None)
     ns = ap.parse_args()
-    bw = copy_gbps()
+    bw = measure_copy_bandwidth() / 1e9
     print(f"copy {bw:.0f} GB/s")
     rows = []
     for spec in ns.tiles.split(";"):

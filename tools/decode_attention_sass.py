@@ -139,8 +139,10 @@ def main():
         for block_n, warps, stages in launches:
             for cache in ([] if args.no_bf16 else ["bf16"]) + [f"fp8:{p}" for p in args.fp8_tile]:
                 fp8 = cache != "bf16"
+                # FP8_TILE always given: under ASTSource a kernel's default constexpr reaches the functions it
+                # calls as a bare str
                 const = {**TILE, **heads, "BLOCK_N": block_n, "KV_FP8": fp8,
-                         "FP8_TILE": cache.split(":")[1] if fp8 else "convert"}  # (always given: under ASTSource a default constexpr reaches the called functions as a bare str)
+                         "FP8_TILE": cache.split(":")[1] if fp8 else "convert"}
                 s = stats(compile_sm90(const, warps, stages))
                 kib = 2 * block_n * 128 * (1 if fp8 else 2) / 1024  # K and V bytes of one tile
                 tag = f"{model} n{block_n} w{warps} s{stages} {cache}"

@@ -232,8 +232,13 @@ ATTENTION_CONFIGS = ((128, 4, None), (64, 4, 3), (128, 8, 3), (256, 4, 2), (256,
 @torch.inference_mode()
 def attention_sweep(batch: int, ctx: int, heads: list[tuple[int, int, bool]],
                     configs: tuple = ATTENTION_CONFIGS) -> list[dict]:
-    """decode_attention device time for the bf16 and fp8 caches at W2's shape: the default tile, and for heads
-    marked True the sweep over (BLOCK_N, warps, stages) (each config is a JIT compile: ~1-2 s)."""
+    """decode_attention device time for the bf16 and fp8 caches at W2's shape (fp8vt: the fp8 cache with V
+    transposed in each block, MESHSERVE_FP8_V_LAYOUT=transposed, its output checked against fp8's): the default
+    tile, and for heads marked True the sweep over (BLOCK_N, warps, stages) (each config is a JIT compile:
+    ~1-2 s)."""
+    import os
+
+    from meshserve.kernels import kv_layout
     from meshserve.kernels.triton_attention import decode_attention
 
     rows, block_size, d = [], 16, 128
@@ -245,21 +250,30 @@ def attention_sweep(batch: int, ctx: int, heads: list[tuple[int, int, bool]],
         q = torch.randn(batch, h, d, device="cuda", dtype=torch.bfloat16)
         out = torch.empty_like(q)
         cache16 = torch.randn(2, batch * per, block_size, hkv, d, device="cuda", dtype=torch.bfloat16)
-        for name, cache in (("bf16", cache16), ("fp8", cache16.to(torch.float8_e4m3fn))):
+        c8 = cache16.to(torch.float8_e4m3fn)
+        vt = c8.clone()  # the same logical V, each block's bytes as [Hkv, D, block_size]
+        vt[1].view(torch.uint8).view(-1).copy_(c8[1].view(torch.uint8).permute(0, 2, 3, 1).reshape(-1))
+        outs = {}
+        for name, cache in (("bf16", cache16), ("fp8", c8), ("fp8vt", vt)):
+            os.environ[kv_layout.ENV] = "transposed" if name == "fp8vt" else "rows"  # read at each launch
             kv_bytes = cache.numel() * cache.element_size() * ctx / (per * block_size)
             for block_n, warps, stages in configs if sweep else configs[:1]:  # None: the default stages
                 try:
                     ms = replay_ms(graph_of(lambda q=q, c=cache, o=out, bn=block_n, w=warps, s=stages: decode_attention(
                         q, c, tables, seq_lens, qsl, d**-0.5, None, o, 1, block_n=bn, num_warps=w,
                         num_stages=s), reps=5)) / 5
+                    outs[name, block_n, warps, stages] = out.clone()
                 except (OutOfResources, RuntimeError) as e:  # a config past shared memory: recorded, not fatal
                     rows.append({"heads": [h, hkv], "cache": name, "block_n": block_n, "warps": warps,
                                  "stages": stages, "error": str(e)[:120]})
                     continue
+                ref = outs.get(("fp8", block_n, warps, stages)) if name == "fp8vt" else None
                 rows.append({"heads": [h, hkv], "cache": name, "block_n": block_n, "warps": warps,
                              "stages": stages, "us": round(ms * 1e3, 1),
-                             "tb_per_s": round(kv_bytes / (ms * 1e-3) / 1e12, 2)})
-        del cache16
+                             "tb_per_s": round(kv_bytes / (ms * 1e-3) / 1e12, 2),
+                             **({} if ref is None else {"max_diff_vs_fp8": (out - ref).abs().max().item()})})
+        del cache16, c8, vt
+        os.environ.pop(kv_layout.ENV, None)
         torch.cuda.empty_cache()
     return rows
 
@@ -324,6 +338,8 @@ def main() -> None:
         print("\ndecode attention (batch x ctx, 1 split): us, TB/s of KV read")
         for r in report["attention_sweep"]:
             tail = r.get("error") or f"{r['us']:>8.1f} us {r['tb_per_s']:>5.2f} TB/s"
+            if "max_diff_vs_fp8" in r:
+                tail += f" (max diff vs fp8 {r['max_diff_vs_fp8']:.1e})"
             print(f"  heads {r['heads']} {r['cache']:>4} BLOCK_N {r['block_n']:>3} warps {r['warps']} "
                   f"stages {r['stages']}: {tail}")
     report["total_s"] = round(time.perf_counter() - t0, 1)

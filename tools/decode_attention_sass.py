@@ -122,8 +122,10 @@ def stats(compiled) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dump", help="write each kernel's SASS into this folder")
-    ap.add_argument("--fp8-tile", nargs="*", default=["convert", "words"], choices=FP8_TILES,
-                    help="the kernel's FP8_TILE values to compile (words_bytes: words without its PTX)")
+    ap.add_argument("--fp8-tile", nargs="*", default=["convert", "words", "convert+vt"],
+                    choices=[*FP8_TILES, *(f"{t}+vt" for t in FP8_TILES)],
+                    help="the kernel's FP8_TILE values to compile (words_bytes: words without its PTX; +vt: V "
+                         "transposed in each block, kernels/kv_layout.py)")
     ap.add_argument("--ops", action="store_true", help="also print the loop's full opcode counts")
     ap.add_argument("--launch", nargs="*", default=None, metavar="N,W,S",
                     help="block_n,warps,stages launches (default: 128,4,3 and 64,2,2)")
@@ -139,10 +141,11 @@ def main():
         for block_n, warps, stages in launches:
             for cache in ([] if args.no_bf16 else ["bf16"]) + [f"fp8:{p}" for p in args.fp8_tile]:
                 fp8 = cache != "bf16"
-                # FP8_TILE always given: under ASTSource a kernel's default constexpr reaches the functions it
-                # calls as a bare str
-                const = {**TILE, **heads, "BLOCK_N": block_n, "KV_FP8": fp8,
-                         "FP8_TILE": cache.split(":")[1] if fp8 else "convert"}
+                # FP8_TILE and V_T always given: under ASTSource a kernel's default constexpr reaches the
+                # functions it calls as a bare value (a runtime branch: both arms compiled)
+                tile = cache.split(":")[1] if fp8 else "convert"
+                const = {**TILE, **heads, "BLOCK_N": block_n, "KV_FP8": fp8, "FP8_TILE": tile.split("+")[0],
+                         "V_T": tile.endswith("+vt")}
                 s = stats(compile_sm90(const, warps, stages))
                 kib = 2 * block_n * 128 * (1 if fp8 else 2) / 1024  # K and V bytes of one tile
                 tag = f"{model} n{block_n} w{warps} s{stages} {cache}"

@@ -1,6 +1,7 @@
 """Plain torch attention over the paged KV cache: the CPU path and the reference for the GPU kernels.
 
-KV cache layout (per layer): [2, num_blocks, block_size, num_kv_heads, head_dim]; index 0 is K, 1 is V.
+KV cache layout (per layer): [2, num_blocks, block_size, num_kv_heads, head_dim]; index 0 is K, 1 is V (an fp8
+cache may hold each block's V as [num_kv_heads, head_dim, block_size]: kernels/kv_layout.py, read through v_rows).
 
 An fp8 (float8_e4m3fn) cache holds K / k_scale and V / v_scale (saturated at +-448); reads multiply back. With
 a 16-bit cache the scales are 1.0 and unused.
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
+from meshserve.kernels.kv_layout import v_rows, v_transposed
 from meshserve.kernels.quant_ref import FP8_DTYPE, to_fp8
 
 
@@ -30,7 +32,11 @@ def write_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         flat = flat.view(torch.uint8)
         key, value = to_fp8(key, k_scale).view(torch.uint8), to_fp8(value, v_scale).view(torch.uint8)
     flat[0].index_copy_(0, slot_mapping, key.to(flat.dtype))
-    flat[1].index_copy_(0, slot_mapping, value.to(flat.dtype))
+    if v_transposed(kv_cache):  # a strided view of the blocks' [Hkv, D, block_size] V: index it per token
+        v = v_rows(kv_cache).view(flat.dtype)
+        v[slot_mapping // block_size, slot_mapping % block_size] = value.to(flat.dtype)
+    else:
+        flat[1].index_copy_(0, slot_mapping, value.to(flat.dtype))
 
 
 def gather_kv_ref(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, k_scale: float = 1.0,
@@ -41,7 +47,7 @@ def gather_kv_ref(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: in
     num_blocks = -(-seq_len // block_size)
     blocks = block_table[:num_blocks].long()
     k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
-    v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+    v = v_rows(kv_cache)[blocks].flatten(0, 1)[:seq_len]
     if is_fp8_cache(kv_cache):
         dtype = dtype or torch.float32
         k, v = (k.float() * k_scale).to(dtype), (v.float() * v_scale).to(dtype)

@@ -68,6 +68,7 @@ from meshserve.kernels.attention_tile_config import (
     clamp_block_q,
     default_tile_config,
 )
+from meshserve.kernels.kv_layout import v_transposed
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.triton_attention_tile import attend_full_kv_tile, attend_paged_kv_tile, dot_query
@@ -91,8 +92,9 @@ def _reshape_and_cache_kernel(
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr,
-    USE_GDC: tl.constexpr = False,
+    USE_GDC: tl.constexpr = False, V_T: tl.constexpr = False,
 ):
+    """V_T: V stored as [Hkv, D, block_size] in each block (kernels/kv_layout.py)."""
     t = tl.program_id(0).to(tl.int64)
     gdc_wait(USE_GDC)  # before the early exit: every program waits (kernels/pdl.py)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -111,6 +113,8 @@ def _reshape_and_cache_kernel(
         v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -448.0, 448.0)
     dst = cache_ptr + blk * stride_cb + off * stride_cs + h[:, None] * stride_ch + d[None, :] * stride_cd
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    if V_T:
+        dst = cache_ptr + blk * stride_cb + off + h[:, None] * (stride_ch * BLOCK_SIZE) + d[None, :] * BLOCK_SIZE
     tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
@@ -129,7 +133,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size, KV_FP8=_is_fp8(kv_cache),
+        BLOCK_SIZE=block_size, KV_FP8=_is_fp8(kv_cache), V_T=v_transposed(kv_cache),
         num_warps=4 if num_kv_heads * head_dim >= 512 else 1,
         **gdc_kwargs(key, programs=num_tokens, num_warps=4 if num_kv_heads * head_dim >= 512 else 1),
     )
@@ -147,7 +151,7 @@ def attend_causal_q_tile(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    DIAG_MASK_ONLY: tl.constexpr = False,
+    DIAG_MASK_ONLY: tl.constexpr, V_T: tl.constexpr,
 ):
     """One program's work in the prefill and unified kernels: the query tile starting at q_tile_start of a
     sequence (q_len new tokens from flat row q_start after prefix cached ones; block table row seq), its
@@ -183,7 +187,7 @@ def attend_causal_q_tile(
 
     bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
     k_base = cache_ptr + kvh * stride_ch
-    v_base = k_base + stride_ckv
+    v_base = _v_base(cache_ptr, kvh, stride_ckv, stride_ch, BLOCK_SIZE, V_T)
     n_off = tl.arange(0, BLOCK_N)
     full_lo = kv_lo  # [full_lo, full_hi): whole tiles no row masks; the masked ones lie before and after
     full_hi = kv_lo
@@ -198,20 +202,20 @@ def attend_causal_q_tile(
                 acc, m_i, l_i = attend_paged_kv_tile(
                     q, q_pos, acc, m_i, l_i, kv_pos, kv_pos < kv_hi, window, bt_row, k_base, v_base, d, d_mask,
                     scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
-                    BLOCK_SIZE, True, USE_WINDOW, KV_FP8, DOT_PRECISION, "convert",
+                    BLOCK_SIZE, True, USE_WINDOW, KV_FP8, DOT_PRECISION, "convert", V_T,
                 )
         for start in range(full_lo, full_hi, BLOCK_N):
             acc, m_i, l_i = attend_full_kv_tile(
                 q, acc, m_i, l_i, start + n_off, bt_row, k_base, v_base, d, d_mask,
                 scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
-                BLOCK_SIZE, BLOCK_D == HEAD_DIM, KV_FP8, DOT_PRECISION,
+                BLOCK_SIZE, BLOCK_D == HEAD_DIM, KV_FP8, DOT_PRECISION, V_T,
             )
     for start in range(full_hi, kv_hi, BLOCK_N):
         kv_pos = start + n_off
         acc, m_i, l_i = attend_paged_kv_tile(
             q, q_pos, acc, m_i, l_i, kv_pos, kv_pos < kv_hi, window, bt_row, k_base, v_base, d, d_mask,
             scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
-            BLOCK_SIZE, True, USE_WINDOW, KV_FP8, DOT_PRECISION, "convert",
+            BLOCK_SIZE, True, USE_WINDOW, KV_FP8, DOT_PRECISION, "convert", V_T,
         )
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -231,7 +235,7 @@ def _prefill_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    SKIP_SINGLE: tl.constexpr, DIAG_MASK_ONLY: tl.constexpr = False,
+    SKIP_SINGLE: tl.constexpr, DIAG_MASK_ONLY: tl.constexpr = False, V_T: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     # the last q-tiles (the longest causal walks) first, so the short ones fill the tail of the launch
@@ -255,8 +259,18 @@ def _prefill_attention_kernel(
         stride_qt, stride_qh, stride_qd, stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb,
         stride_ot, stride_oh, stride_od,
         GROUP, GROUP_PAD, BLOCK_Q, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N,
-        USE_WINDOW, UPCAST_DOT, DOT_PRECISION, KV_FP8, DIAG_MASK_ONLY,
+        USE_WINDOW, UPCAST_DOT, DOT_PRECISION, KV_FP8, DIAG_MASK_ONLY, V_T,
     )
+
+
+@triton.jit
+def _v_base(cache_ptr, kvh, stride_ckv, stride_ch, BLOCK_SIZE: tl.constexpr, V_T: tl.constexpr):
+    """Where KV head kvh's V starts in block 0: beside its K, or (V_T: [Hkv, D, block_size] blocks of a
+    contiguous cache, head_dim = stride_ch) kvh heads of D x block_size bytes in."""
+    if V_T:
+        return cache_ptr + stride_ckv + kvh * (stride_ch * BLOCK_SIZE)
+    else:
+        return cache_ptr + kvh * stride_ch + stride_ckv
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,7 +292,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, USE_GDC: tl.constexpr = False,
-    LAST_REDUCES: tl.constexpr = False, FP8_TILE: tl.constexpr = "convert",
+    LAST_REDUCES: tl.constexpr = False, FP8_TILE: tl.constexpr = "convert", V_T: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -306,7 +320,7 @@ def _decode_split_kernel(
         ws_ml_ptr, ticket_ptr, scale_log2, window, num_splits, k_scale, v_scale,
         stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb, stride_ot, stride_oh, stride_od,
         NUM_HEADS, ROWS, BLOCK_D, BLOCK_SIZE, BLOCK_N, USE_WINDOW, DIRECT_OUT, DOT_PRECISION, KV_FP8, USE_GDC,
-        LAST_REDUCES, FP8_TILE,
+        LAST_REDUCES, FP8_TILE, V_T,
     )
 
 
@@ -334,6 +348,7 @@ def decode_split_attend(
     NUM_HEADS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, USE_GDC: tl.constexpr, LAST_REDUCES: tl.constexpr, FP8_TILE: tl.constexpr,
+    V_T: tl.constexpr,
 ):
     """One decode program's work once its query rows q [ROWS, BLOCK_D] (dot_query'd; GQA group of KV head kvh,
     rows `heads`, flat token row tok) are in registers: its split's KV tiles, then the output (one split) or
@@ -348,7 +363,7 @@ def decode_split_attend(
 
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     k_base = cache_ptr + kvh * stride_ch
-    v_base = k_base + stride_ckv
+    v_base = _v_base(cache_ptr, kvh, stride_ckv, stride_ch, BLOCK_SIZE, V_T)
     n_off = tl.arange(0, BLOCK_N)
     for t in range(t0, t1):
         kv_pos = t * BLOCK_N + n_off
@@ -358,7 +373,7 @@ def decode_split_attend(
         acc, m_i, l_i = attend_paged_kv_tile(
             q, 0, acc, m_i, l_i, kv_pos, kv_valid, window, bt_row, k_base, v_base, d, d_mask,
             scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
-            BLOCK_SIZE, False, USE_WINDOW, KV_FP8, DOT_PRECISION, FP8_TILE,
+            BLOCK_SIZE, False, USE_WINDOW, KV_FP8, DOT_PRECISION, FP8_TILE, V_T,
         )
     gdc_trigger_late(USE_GDC)
 
@@ -706,6 +721,7 @@ def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, 
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         USE_WINDOW=use_window, UPCAST_DOT=_upcast_dot(query), DOT_PRECISION=_dot_precision(query),
         KV_FP8=_is_fp8(kv_cache), SKIP_SINGLE=skip_single, DIAG_MASK_ONLY=config.diag_mask_only,
+        V_T=v_transposed(kv_cache),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
@@ -750,7 +766,7 @@ def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, s
         HEAD_DIM=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=plan.block_n,
         USE_WINDOW=plan.use_window, DIRECT_OUT=plan.direct, UPCAST_DOT=_upcast_dot(query),
         DOT_PRECISION=_dot_precision(query), KV_FP8=_is_fp8(kv_cache), LAST_REDUCES=plan.inline,
-        FP8_TILE=_fp8_tile(fp8_path, query, kv_cache),
+        FP8_TILE=_fp8_tile(fp8_path, query, kv_cache), V_T=v_transposed(kv_cache),
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **plan.gdc,
     )
     plan.reduce(query_start_loc, out)

@@ -9,6 +9,8 @@
 * ``attend_full_kv_tile``: the same without masks, for the causal kernels' tiles that lie wholly below the
   diagonal (AttentionTileConfig.diag_mask_only).
 * ``dot_query``: q in the dtype of the tile's dots, converted once per program before the KV loop.
+* ``load_v_transposed``: a V tile of an fp8 cache whose blocks hold V as [Hkv, D, block_size]
+  (kernels/kv_layout.py; the V_T constexpr of the functions above).
 
 FP8_TILE "words" (the decode kernel's MESHSERVE_DECODE_FP8_PATH=words): K and V read as 32-bit words in the
 cache's layout and widened to fp16 before the shared-memory trip to the dots (triton_e4m3_words.py says why);
@@ -57,6 +59,17 @@ def dot_query(q, UPCAST_DOT: tl.constexpr, KV_FP8: tl.constexpr):
 
 
 @triton.jit
+def load_v_transposed(v_base, blk, kv_pos, d, d_mask, stride_cb, BLOCK_SIZE: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] V of the tokens kv_pos (block ids blk) from blocks holding V as [Hkv, D, block_size]
+    (v_base: this KV head's V in block 0). Tokens contiguous in runs of BLOCK_SIZE, so the copy is 16-byte
+    vectors (cp.async under the pipeliner) and the dot reads its operand by ldmatrix; no token mask, which would
+    break the vectors: every token read is a finite cache byte (the pool is zeroed and every writer saturates at
+    +-448), and the tokens past the end have p = 0."""
+    voff = tl.max_contiguous(tl.multiple_of(blk * stride_cb + kv_pos % BLOCK_SIZE, BLOCK_SIZE), BLOCK_SIZE)
+    return tl.load(v_base + voff[:, None] + d[None, :] * BLOCK_SIZE, mask=d_mask[None, :], other=0.0)
+
+
+@triton.jit
 def attend_paged_kv_tile(
     q,
     q_pos,
@@ -83,9 +96,11 @@ def attend_paged_kv_tile(
     KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP8_TILE: tl.constexpr,
+    V_T: tl.constexpr,
 ):
     """(acc, m_i, l_i) after the KV tokens kv_pos [BLOCK_N] (those with kv_valid; block table row bt_row, K/V
     of one KV head at k_base / v_base) for the queries q [ROWS, BLOCK_D] (from dot_query) at positions q_pos.
+    V_T: V stored as [Hkv, D, block_size] in each block (load_v_transposed; K keeps FP8_TILE's read).
     CAUSAL: a query sees keys up to its position (and with USE_WINDOW only the last `window`); else every
     valid key (the decode kernel folds its window into kv_valid). FP8_TILE: how an fp8 tile is read
     (triton_e4m3_words.FP8_TILES; not "convert": only where triton_e4m3_words.words_fit). No default: Triton
@@ -112,7 +127,9 @@ def attend_paged_kv_tile(
         mask = kv_valid[None, :]
     qk = tl.where(mask, qk, float("-inf"))
     p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
-    if WORDS:
+    if V_T:
+        v = load_v_transposed(v_base, blk, kv_pos, d, d_mask, stride_cb, BLOCK_SIZE)
+    elif WORDS:
         v = load_e4m3_tile(v_base, off, kv_valid, d.shape[0], FP8_TILE == "words")
     else:
         v = tl.load(
@@ -147,6 +164,7 @@ def attend_full_kv_tile(
     EVEN_D: tl.constexpr,
     KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    V_T: tl.constexpr,
 ):
     """attend_paged_kv_tile for a tile every query row sees whole (below the causal diagonal, inside the
     window): no score mask and, with EVEN_D (BLOCK_D == head_dim), no load predicates."""
@@ -165,7 +183,9 @@ def attend_full_kv_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk * scale_log2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if EVEN_D:
+    if V_T:
+        v = load_v_transposed(v_base, blk, kv_pos, d, d_mask, stride_cb, BLOCK_SIZE)
+    elif EVEN_D:
         v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd)  # [BLOCK_N, BLOCK_D]
     else:
         v = tl.load(v_base + off[:, None] + d[None, :] * stride_cd, mask=d_mask[None, :], other=0.0)

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.kernels.kv_layout import v_transposed
 from meshserve.kernels.pdl_jit import gdc_wait
 from meshserve.kernels.triton_attention import (
     _LOG2E,
@@ -89,7 +90,7 @@ def _decode_fused_split_kernel(
     BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_NORM: tl.constexpr, USE_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, USE_GDC: tl.constexpr = False,
-    LAST_REDUCES: tl.constexpr = False, FP8_TILE: tl.constexpr = "convert",
+    LAST_REDUCES: tl.constexpr = False, FP8_TILE: tl.constexpr = "convert", V_T: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -136,8 +137,13 @@ def _decode_fused_split_kernel(
         v_src = qkv_ptr + tok * stride_t + (NUM_HEADS + NUM_KV_HEADS + kh[:, None]) * HEAD_DIM + kj[None, :]
         v1 = tl.load(v_src, mask=kmask)
         v2 = tl.load(v_src + HALF, mask=kmask)
+        v_step = stride_cd
+        if V_T:  # V as [Hkv, D, block_size] in each block (kernels/kv_layout.py)
+            dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + slot % BLOCK_SIZE \
+                + kh[:, None] * (stride_ch * BLOCK_SIZE) + kj[None, :] * BLOCK_SIZE
+            v_step = BLOCK_SIZE
         tl.store(dst + stride_ckv, _to_cache(v1, v_scale, cdt, KV_FP8), mask=kmask)
-        tl.store(dst + stride_ckv + HALF * stride_cd, _to_cache(v2, v_scale, cdt, KV_FP8), mask=kmask)
+        tl.store(dst + stride_ckv + HALF * v_step, _to_cache(v2, v_scale, cdt, KV_FP8), mask=kmask)
     tl.debug_barrier()  # the CTA's K/V stores ordered before its tile loads read them back
 
     decode_split_attend(
@@ -145,7 +151,7 @@ def _decode_fused_split_kernel(
         ws_ml_ptr, ticket_ptr, scale_log2, window, num_splits, k_scale, v_scale,
         stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb, stride_ot, stride_oh, stride_od,
         NUM_HEADS, ROWS, BLOCK_D, BLOCK_SIZE, BLOCK_N, USE_WINDOW, DIRECT_OUT, DOT_PRECISION, KV_FP8, USE_GDC,
-        LAST_REDUCES, FP8_TILE,
+        LAST_REDUCES, FP8_TILE, V_T,
     )
 
 
@@ -190,6 +196,7 @@ def decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos_cache
         BLOCK_HALF=_next_pow2(head_dim // 2), BLOCK_SIZE=block_size, BLOCK_N=plan.block_n,
         HAS_NORM=has_norm, USE_WINDOW=plan.use_window, DIRECT_OUT=plan.direct, UPCAST_DOT=_upcast_dot(qkv),
         DOT_PRECISION=_dot_precision(qkv), KV_FP8=_is_fp8(kv_cache), LAST_REDUCES=plan.inline,
+        V_T=v_transposed(kv_cache),
         FP8_TILE=_fp8_tile(fp8_path, qkv, kv_cache), num_warps=num_warps, **plan.gdc,
     )
     plan.reduce(query_start_loc, out)

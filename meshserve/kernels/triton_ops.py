@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from meshserve.kernels.kv_layout import v_transposed
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 
@@ -320,7 +321,7 @@ def _qkv_rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q
                            NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
                            BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
                            BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr, KV_FP8: tl.constexpr = False,
-                           USE_GDC: tl.constexpr = False):
+                           USE_GDC: tl.constexpr = False, V_T: tl.constexpr = False):
     t = tl.program_id(0).to(tl.int64)
     gdc_wait(USE_GDC)  # qkv is the projection's output; positions and slots may be written in the graph too
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -343,9 +344,14 @@ def _qkv_rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q
         tl.store(dst, _to_cache(k1, k_scale, cdt, KV_FP8), mask=kmask)
         tl.store(dst + HALF, _to_cache(k2, k_scale, cdt, KV_FP8), mask=kmask)
         v_src = qkv_ptr + t * stride_t + (NUM_Q_HEADS + NUM_KV_HEADS + kh[:, None]) * (2 * HALF) + kj[None, :]
+        v_step = 1
+        if V_T:  # V as [Hkv, D, block_size] in each block (kernels/kv_layout.py; a contiguous cache)
+            dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + slot % BLOCK_SIZE \
+                + kh[:, None] * (stride_ch * BLOCK_SIZE) + kj[None, :] * BLOCK_SIZE
+            v_step = BLOCK_SIZE
         tl.store(dst + stride_ckv, _to_cache(tl.load(v_src, mask=kmask), v_scale, cdt, KV_FP8), mask=kmask)
-        tl.store(dst + stride_ckv + HALF, _to_cache(tl.load(v_src + HALF, mask=kmask), v_scale, cdt, KV_FP8),
-                 mask=kmask)
+        tl.store(dst + stride_ckv + HALF * v_step,
+                 _to_cache(tl.load(v_src + HALF, mask=kmask), v_scale, cdt, KV_FP8), mask=kmask)
     gdc_trigger_late(USE_GDC)  # the loads run to the end here: the exit's trigger, made explicit
 
 
@@ -372,6 +378,7 @@ def qkv_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.
             NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
             BLOCK_QH=_np2(num_heads), BLOCK_KH=_np2(num_kv_heads), BLOCK_HALF=_np2(half),
             BLOCK_SIZE=kv_cache.shape[2], HAS_NORM=has_norm, KV_FP8=kv_cache.dtype == torch.float8_e4m3fn,
+            V_T=v_transposed(kv_cache),
             num_warps=4 if num_heads * head_dim >= 2048 else 2,
             **gdc_kwargs(qkv, programs=num_tokens, num_warps=4 if num_heads * head_dim >= 2048 else 2),
         )

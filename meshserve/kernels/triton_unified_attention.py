@@ -47,6 +47,7 @@ from meshserve.kernels.attention_tile_config import (
     default_tile_config,
     env_tile_config,
 )
+from meshserve.kernels.kv_layout import v_transposed
 from meshserve.kernels.triton_attention import (
     _LOG2E,
     _dot_precision,
@@ -121,6 +122,7 @@ def _unified_attention_kernel(
     KV_FP8: tl.constexpr,
     SKIP_SINGLE: tl.constexpr,
     DIAG_MASK_ONLY: tl.constexpr = False,
+    V_T: tl.constexpr = False,
 ):
     ROWS: tl.constexpr = BLOCK_Q * GROUP_PAD
     b = tl.program_id(0)
@@ -165,7 +167,7 @@ def _unified_attention_kernel(
         stride_qt, stride_qh, stride_qd, stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, stride_btb,
         stride_ot, stride_oh, stride_od,
         GROUP, GROUP_PAD, BLOCK_Q, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N,
-        USE_WINDOW, UPCAST_DOT, DOT_PRECISION, KV_FP8, DIAG_MASK_ONLY,
+        USE_WINDOW, UPCAST_DOT, DOT_PRECISION, KV_FP8, DIAG_MASK_ONLY, V_T,
     )  # fmt: skip
 
 
@@ -268,6 +270,7 @@ def unified_attention(
         "UPCAST_DOT": _upcast_dot(query),
         "DOT_PRECISION": _dot_precision(query),
         "KV_FP8": _is_fp8(kv_cache),
+        "V_T": v_transposed(kv_cache),
     }
     window = int(sliding_window) if use_window else 0
     if config.persistent:

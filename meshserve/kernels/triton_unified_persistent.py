@@ -109,6 +109,7 @@ def _unified_persistent_kernel(
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
     DIAG_MASK_ONLY: tl.constexpr,
+    V_T: tl.constexpr = False,
 ):
     ROWS: tl.constexpr = BLOCK_Q * GROUP_PAD
     pid = tl.program_id(0)
@@ -184,6 +185,7 @@ def _unified_persistent_kernel(
                 DOT_PRECISION,
                 KV_FP8,
                 DIAG_MASK_ONLY,
+                V_T,
             )
 
 

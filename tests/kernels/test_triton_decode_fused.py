@@ -169,6 +169,16 @@ def test_fused_words_fp8_path_interp(case, splits):
 
 
 @interp
+@pytest.mark.parametrize("case", [0, 2])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_fused_fp8_transposed_v_interp(case, splits, monkeypatch):
+    """MESHSERVE_FP8_V_LAYOUT=transposed (kernels/kv_layout.py): the fused launch writes the token's V into its
+    block's [Hkv, D, block_size] layout and reads it back as the two-step path does, bit for bit."""
+    monkeypatch.setenv("MESHSERVE_FP8_V_LAYOUT", "transposed")
+    _assert_same(*run_both(case, torch.bfloat16, True, False, splits, seed=case))
+
+
+@interp
 def test_fused_rejects_prompt_steps_interp():
     qkv, pos, cos, sin, qw, kw, cache, meta, h, hkv, *_ = fused_case(0, torch.float32, False, True)
     meta.max_query_len = 2  # a step with a prompt chunk: the two-step path's
@@ -182,8 +192,10 @@ sig = dict(qkv_ptr="*bf16", pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", qw
            slot_ptr="*i64", cache_ptr="*bf16", bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32", out_ptr="*bf16",
            ws_acc_ptr="*fp32", ws_ml_ptr="*fp32", ticket_ptr="*i32", eps="fp32", scale_log2="fp32", k_scale="fp32",
            v_scale="fp32", stride_ckv="i64", stride_cb="i64")
+# V_T (V transposed in each block: kernels/kv_layout.py) always given: a default reaches the called functions as
+# a bare value under ASTSource (a runtime branch, both arms compiled)
 tile = dict(HEAD_DIM=128, HALF=64, BLOCK_D=128, BLOCK_HALF=64, BLOCK_SIZE=16, BLOCK_N=128, UPCAST_DOT=False,
-            DOT_PRECISION="tf32")
+            DOT_PRECISION="tf32", V_T=False)
 # Qwen3-0.6B at W1: q/k norms, one split writing the output, PDL's late trigger
 qwen = dict(tile, NUM_HEADS=16, NUM_KV_HEADS=8, GROUP=2, ROWS=16, BLOCK_KH=8, HAS_NORM=True, USE_WINDOW=False,
             DIRECT_OUT=True, KV_FP8=False, USE_GDC=2, LAST_REDUCES=False, FP8_TILE="convert")
@@ -193,8 +205,8 @@ assert "bar.sync" in ptx and "mma" in ptx and "griddepcontrol.wait" in ptx
 sig.update(cache_ptr="*fp8e4nv")
 llama = dict(tile, NUM_HEADS=32, NUM_KV_HEADS=8, GROUP=4, ROWS=16, BLOCK_KH=8, HAS_NORM=False, USE_WINDOW=True,
              DIRECT_OUT=False, KV_FP8=True, USE_GDC=0, LAST_REDUCES=True)
-for fp8_tile in ("convert", "words"):  # today's fp8 tile and MESHSERVE_DECODE_FP8_PATH=words
-    ptx = compile_sm90(_decode_fused_split_kernel, sig, dict(llama, FP8_TILE=fp8_tile), 4, 3).asm["ptx"]
+for fp8_tile, v_t in (("convert", False), ("words", False), ("convert", True)):  # + MESHSERVE_FP8_V_LAYOUT
+    ptx = compile_sm90(_decode_fused_split_kernel, sig, dict(llama, FP8_TILE=fp8_tile, V_T=v_t), 4, 3).asm["ptx"]
     # the K/V write saturates to e4m3 as the prologue does; the tiles read e4m3 pairs straight into fp16
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "cvt.rn.f16x2.e4m3x2" in ptx and "atom" in ptx
 print("compiled")

@@ -129,8 +129,11 @@ def _check_qkv_rope_cache(device, dtype, t, h, hkv, d, with_norm, block_size=4, 
     untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=device)
     untouched[slots[slots >= 0]] = False
     assert untouched.any()
-    for cache in caches:
-        assert (cache.view(2, num_blocks * block_size, hkv, d)[:, untouched].float() == 7.0).all()
+    from meshserve.kernels.kv_layout import v_rows
+
+    for cache in caches:  # K, and V in whichever block layout the process keeps (kernels/kv_layout.py)
+        for part in (cache[0], v_rows(cache)):
+            assert (part.reshape(num_blocks * block_size, hkv, d)[untouched].float() == 7.0).all()
 
 
 def _assert_fp8_close(got: torch.Tensor, ref: torch.Tensor, atol: tuple[float, float] = (0.0, 0.0)) -> None:
@@ -162,7 +165,9 @@ def test_qkv_rope_cache_interp(dtype, h, hkv, d, with_norm):
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("with_norm", [False, True])
-def test_qkv_rope_cache_fp8_interp(dtype, with_norm):
+@pytest.mark.parametrize("v_layout", ["rows", "transposed"])  # MESHSERVE_FP8_V_LAYOUT (kernels/kv_layout.py)
+def test_qkv_rope_cache_fp8_interp(dtype, with_norm, v_layout, monkeypatch):
+    monkeypatch.setenv("MESHSERVE_FP8_V_LAYOUT", v_layout)
     # v_scale 1/512: V's |v| ~ 1 lands past 448 and saturates
     _check_qkv_rope_cache("cpu", dtype, 7, 4, 2, 24, with_norm, kv_scales=(0.5, 1 / 512))
 

@@ -97,11 +97,30 @@ def share_pool(kv_tensors: list[torch.Tensor]) -> None:
             )
     with _file_system_sharing():
         for t in kv_tensors:
-            t.share_memory_()
+            _share_memory(t)
     if not all(t.is_shared() for t in kv_tensors):
         raise KVTransferError(
             "kv_transfer_config: the ipc connector could not move the CPU KV pool into shared memory"
         )
+
+
+SHM_MANAGER_ATTEMPTS = 3
+
+
+def _share_memory(t: torch.Tensor, attempts: int = SHM_MANAGER_ATTEMPTS, wait_s: float = 1.0) -> None:
+    """t.share_memory_() under the file_system strategy, which goes through torch's shared-memory manager, a
+    daemon the first call starts: on a loaded machine its first answer can miss libshm's timeout ("Shared memory
+    manager connection has timed out": CI, 2026-12-04, five ipc tests at once), so that error is retried."""
+    for attempt in range(1, attempts + 1):
+        try:
+            t.share_memory_()
+            return
+        except RuntimeError as e:
+            if "Shared memory manager" not in str(e) or attempt == attempts:
+                raise
+            logger.warning("ipc: torch's shared-memory manager did not answer (attempt %d of %d); retrying",
+                           attempt, attempts)
+            time.sleep(wait_s)
 
 
 def export_pool(kv_tensors: list[torch.Tensor]) -> PoolExport:

@@ -312,3 +312,30 @@ def test_layer_by_layer_reads_follow_the_announcements():
         assert kinds == ["released", "streamed"] and not prod._held
         with pytest.raises(KVTransferError, match="out of range"):
             cons._read_layer(0, 0, [BLOCKS], [0], 1.0)
+
+
+class _SlowManagerTensor:
+    """A stand-in for a CPU tensor whose share_memory_() fails like torch's shared-memory manager answering late."""
+
+    def __init__(self, failures: int, message: str = "Shared memory manager connection has timed out"):
+        self.failures, self.message, self.calls = failures, message, 0
+
+    def share_memory_(self):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError(self.message)
+
+
+def test_share_memory_retries_a_late_shared_memory_manager():
+    from meshserve.disagg.ipc_connector import SHM_MANAGER_ATTEMPTS, _share_memory
+
+    late = _SlowManagerTensor(failures=SHM_MANAGER_ATTEMPTS - 1)
+    _share_memory(late, wait_s=0.0)
+    assert late.calls == SHM_MANAGER_ATTEMPTS
+    gone = _SlowManagerTensor(failures=SHM_MANAGER_ATTEMPTS)
+    with pytest.raises(RuntimeError, match="timed out"):
+        _share_memory(gone, wait_s=0.0)
+    other = _SlowManagerTensor(failures=1, message="unable to open shared memory object")  # not retried
+    with pytest.raises(RuntimeError, match="unable to open"):
+        _share_memory(other, wait_s=0.0)
+    assert other.calls == 1

@@ -114,7 +114,8 @@ def _reshape_and_cache_kernel(
     dst = cache_ptr + blk * stride_cb + off * stride_cs + h[:, None] * stride_ch + d[None, :] * stride_cd
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     if V_T:
-        dst = cache_ptr + blk * stride_cb + off + h[:, None] * (stride_ch * BLOCK_SIZE) + d[None, :] * BLOCK_SIZE
+        dst = (cache_ptr + blk * stride_cb + off + h[:, None] * (stride_ch * BLOCK_SIZE)
+               + d[None, :] * BLOCK_SIZE)
     tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 

@@ -322,7 +322,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if x.numel() != (2 * k if gated else k):
         raise ValueError(f"gemv takes one row of {2 * k if gated else k} features, got shape {tuple(x.shape)}")
     if act_out and (gated or n % 2):
-        raise ValueError(f"gemv's act_out takes an even number of [gate | up] rows and no gated input, got N {n}")
+        raise ValueError(f"gemv's act_out takes an even number of [gate | up] rows and no gated input, "
+                         f"got N {n}")
     x = x.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()

@@ -271,7 +271,8 @@ class KernelSelection:
     # ... in one launch where the GEMV holds whole rows (<= 2,048 features), the MoE router's GEMV too
     # (kernels/triton_norm_row_gemv.py; whether or not norm_gemv is on)
     norm_row_gemv: bool = False
-    # the gate/up GEMV with SiLU-and-mul in its epilogue (batch 1: layers/linear.MergedColumnParallelLinear.act_forward)
+    # the gate/up GEMV with SiLU-and-mul in its epilogue (batch 1:
+    # layers/linear.MergedColumnParallelLinear.act_forward)
     gemv_act_out: bool = False
     # TP all-reduce + residual add + RMSNorm in one kernel after o_proj / down_proj (layers/all_reduce_norm.py):
     # "" off, "pull" or "push" (TP_FUSED_NORM_CHOICES)

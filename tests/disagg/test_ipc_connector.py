@@ -315,7 +315,8 @@ def test_layer_by_layer_reads_follow_the_announcements():
 
 
 class _SlowManagerTensor:
-    """A stand-in for a CPU tensor whose share_memory_() fails like torch's shared-memory manager answering late."""
+    """A stand-in for a CPU tensor whose share_memory_() fails as when torch's shared-memory manager answers
+    late."""
 
     def __init__(self, failures: int, message: str = "Shared memory manager connection has timed out"):
         self.failures, self.message, self.calls = failures, message, 0

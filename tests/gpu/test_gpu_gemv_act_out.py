@@ -29,8 +29,11 @@ def test_act_out_keeps_bf16_decode_bits(norm_gemv, monkeypatch):
     monkeypatch.setenv("MESHSERVE_NORM_GEMV", norm_gemv)
     for on in (False, True):
         monkeypatch.setenv("MESHSERVE_GEMV_ACT_OUT", "1" if on else "0")
-        monkeypatch.setattr(triton_gemv, name,
-                            lambda *a, _on=on, **k: calls.append(_on and k.get("act_out", False)) or real(*a, **k))
+        def counted(*a, _on=on, **k):
+            calls.append(_on and k.get("act_out", False))
+            return real(*a, **k)
+
+        monkeypatch.setattr(triton_gemv, name, counted)
         llm = LLM(model="llama-3.1-8b", load_format="dummy", dtype="bfloat16", max_model_len=4096,
                   hf_overrides={"num_hidden_layers": 3}, gpu_memory_utilization=0.5, max_num_seqs=32, seed=0)
         try:

@@ -175,7 +175,8 @@ for kernel in (_prefill_attention_kernel, _unified_attention_kernel):
     for diag in (False, True):  # True: the unmasked whole tiles (attend_full_kv_tile) too
         for v_t in (False, True):
             ptx = compile90(kernel, ptrs, ("scale_log2", "k_scale", "v_scale"),
-                            dict(const, DIAG_MASK_ONLY=diag, V_T=v_t), ("stride_qd", "stride_cd", "stride_od")).asm["ptx"]
+                            dict(const, DIAG_MASK_ONLY=diag, V_T=v_t),
+                            ("stride_qd", "stride_cd", "stride_od")).asm["ptx"]
             assert "cvt.rn.f16x2.e4m3x2" in ptx and "cvt.f32.f16" not in ptx, (kernel, diag, v_t)
 
 ptrs = dict(qkv_ptr="*bf16", pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", qw_ptr="*bf16", kw_ptr="*bf16",

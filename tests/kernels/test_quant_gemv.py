@@ -510,7 +510,8 @@ def test_int4_gemv_gpu(m, n, k, act_order):
         # (the defaults differ at 2 rows: the gather's registers fit 8 programs an SM, the plain kernel's 10)
         tiles = default_int4_tiles(n, k, m, perm=True)
         y = int4_gemv(x, qweight, scales, zeros, 128, tiles=tiles, **kw)
-        assert torch.equal(y, int4_gemv(x[:, kw["perm"].long()].contiguous(), qweight, scales, zeros, 128, tiles=tiles))
+        gathered = x[:, kw["perm"].long()].contiguous()
+        assert torch.equal(y, int4_gemv(gathered, qweight, scales, zeros, 128, tiles=tiles))
     assert not _counters_in_use()
 
 

@@ -193,7 +193,8 @@ class CountingActGemv(CountingGemv):
 
             return call
 
-        self.module = SimpleNamespace(rms_norm_gemv=counted(norm_gemv), gemv=counted(self._count(triton_gemv.gemv)))
+        gemv = counted(self._count(triton_gemv.gemv))
+        self.module = SimpleNamespace(rms_norm_gemv=counted(norm_gemv), gemv=gemv)
 
 
 @pytest.mark.parametrize("norm_gemv", [False, True])

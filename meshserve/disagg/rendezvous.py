@@ -2,6 +2,8 @@
 
 It holds each rank's role and the addresses it publishes (its side channel, its layer-wise stream socket, a
 NIXL agent's description, the ipc connector's pool export). A connector mixes StoreRendezvous in to supply the KVConnector's address methods.
+Each rank also publishes where its fp8 blocks keep V (kernels/kv_layout.py): blocks move as bytes, so a group
+whose engines disagree fails at start with one error instead of reading V in the wrong order.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import datetime
 
 import torch.distributed as dist
 
-from meshserve.errors import InvalidArgumentError
+from meshserve.errors import InvalidArgumentError, KVTransferError
+from meshserve.kernels import kv_layout
 
 
 class StoreRendezvous:
@@ -34,8 +37,15 @@ class StoreRendezvous:
             raise InvalidArgumentError(f"kv_transfer_config.kv_port: rank 0 cannot host the group's store on "
                                        f"{c.kv_ip}:{c.kv_port} (address already in use); pick a free kv_port",
                                        param="kv_transfer_config") from None
+        self.store.set(f"v_layout/{c.kv_rank}", self._v_layout())  # before the role, which peers wait for
         self.store.set(f"role/{c.kv_rank}", c.kv_role)
         self.roles: dict[int, str] = {}
+
+    def _v_layout(self) -> str:
+        """This engine's V order in its pool's blocks: "transposed" for an fp8 pool under MESHSERVE_FP8_V_LAYOUT,
+        else "rows"."""
+        tensors = getattr(self, "kv_tensors", None)
+        return "transposed" if tensors and kv_layout.v_transposed(tensors[0]) else "rows"
 
     def _wait_for_roles(self) -> None:
         """Block until every rank of the group has joined (init_timeout_s)."""
@@ -44,6 +54,14 @@ class StoreRendezvous:
             [f"role/{r}" for r in range(c.kv_parallel_size)], datetime.timedelta(seconds=c.init_timeout_s)
         )
         self.roles = {r: self.store.get(f"role/{r}").decode() for r in range(c.kv_parallel_size)}
+        mine = self._v_layout()
+        for r in range(c.kv_parallel_size):
+            theirs = self.store.get(f"v_layout/{r}").decode()  # (set before its role: present by now)
+            if theirs != mine:
+                raise KVTransferError(
+                    f"kv_transfer_config: kv rank {r} keeps V in its fp8 blocks {theirs}, this engine {mine} "
+                    f"({kv_layout.ENV} must be the same on every engine of the group)"
+                )
 
     def _publish_address(self, address: str | bytes, kind: str = "side_channel") -> None:
         self.store.set(f"{kind}/{self.rank}", address)

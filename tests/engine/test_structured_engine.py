@@ -158,8 +158,8 @@ def test_tensor_parallel_late_masks_beside_speculation(path):
         core.speculator.gate.step_model = None  # speculate every step, whatever the acceptance
         fill = core._fill_grammar_bitmasks
 
-        def fill_and_count(sched_out):  # steps that verify proposals and sample under masks together
-            fill(sched_out)
+        def fill_and_count(sched_out, ahead=False):  # steps that verify proposals and sample under masks together
+            fill(sched_out, ahead)
             verifies = any(e.num_spec_tokens for e in sched_out.scheduled)
             mixed[0] += sched_out.grammar_bitmask is not None and verifies
         core._fill_grammar_bitmasks = fill_and_count

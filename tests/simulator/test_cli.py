@@ -139,19 +139,22 @@ def test_front_end_costs_default_to_the_build_modelled(capsys):
 def test_two_replicas_behind_the_router_collapse_at_qps_128(capsys):
     """`serve --data-parallel-size 2` through `meshserve router` (seventh session, 2 x H200, W3 with targets)
     measured 5.1 req/s of goodput at QPS 128 (TTFT p50 14.5 s): the router process saturated. With
-    --router-node on (router_calibration.toml: CPU-measured costs, nothing fitted to that run) the simulator
-    collapses there too; without the router hop (the internal back end) it holds two replicas' worth."""
+    --router-node on and the router of that time (router_calibration.toml [cpu_light]: CPU-measured costs,
+    nothing fitted to that run; the default since 2026-12-04 is the router with httptools / uvloop, which holds)
+    the simulator collapses there too; without the router hop (the internal back end) it holds two replicas'
+    worth."""
     dp2 = ("--num-gpus", "2", "--slo-ttft-ms", "1000", "--slo-tpot-ms", "50", "--duration", "20",
            "--qps", "128")
     internal = _simulate(capsys, *dp2)
-    routed = _simulate(capsys, *dp2, "--router-node", "on")
+    routed = _simulate(capsys, *dp2, "--router-node", "on", "--router-calibration", "cpu_light")
     assert internal["router_node"] is None and internal["goodput"] > 90
     assert routed["router_node"]["busy_fraction"] > 0.95
     assert routed["goodput"] < 0.15 * internal["goodput"] and routed["ttft_p50"] > 5.0
     assert any("router process is one CPU queue" in a for a in routed["assumptions"])
     # an override and the calibration's name reach the config
     # (a short run: only the config is read back)
-    slower = _simulate(capsys, *dp2, "--duration", "2", "--router-node", "on", "--router-event-us", "150")
+    slower = _simulate(capsys, *dp2, "--duration", "2", "--router-node", "on", "--router-calibration", "cpu_light",
+                       "--router-event-us", "150")
     assert slower["router_node"]["event_s"] == pytest.approx(150e-6)
     assert slower["router_node"]["request_s"] == pytest.approx(1.6e-3)
 

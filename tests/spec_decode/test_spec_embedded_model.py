@@ -15,8 +15,10 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_ngram_greedy_equal_and_accepted_on_code_editing():
+    # 160 tokens: SmolLM2 rewrites the dataclass as an __init__ first (the first 64 tokens accepted 20% of the
+    # drafts, 2026-12-04), then copies the functions that follow verbatim, where prompt lookup pays
     messages = [{"role": "user", "content": WORKLOADS["code-edit"]}]
-    params = SamplingParams(temperature=0, max_tokens=64)
+    params = SamplingParams(temperature=0, max_tokens=160)
     base = LLM(max_model_len=1024)
     expected = base.chat(messages, params, use_tqdm=False)[0].outputs[0].token_ids
     base.shutdown()

@@ -251,8 +251,7 @@ def attention_sweep(batch: int, ctx: int, heads: list[tuple[int, int, bool]],
         out = torch.empty_like(q)
         cache16 = torch.randn(2, batch * per, block_size, hkv, d, device="cuda", dtype=torch.bfloat16)
         c8 = cache16.to(torch.float8_e4m3fn)
-        vt = c8.clone()  # the same logical V, each block's bytes as [Hkv, D, block_size]
-        vt[1].view(torch.uint8).view(-1).copy_(c8[1].view(torch.uint8).permute(0, 2, 3, 1).reshape(-1))
+        vt = kv_layout.to_transposed(c8)  # the same logical V, each block's bytes as [Hkv, D, block_size]
         outs = {}
         for name, cache in (("bf16", cache16), ("fp8", c8), ("fp8vt", vt)):
             os.environ[kv_layout.ENV] = "transposed" if name == "fp8vt" else "rows"  # read at each launch

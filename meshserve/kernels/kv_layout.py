@@ -49,6 +49,14 @@ def v_transposed(kv_cache: torch.Tensor) -> bool:
     return True
 
 
+def to_transposed(kv_cache: torch.Tensor) -> torch.Tensor:
+    """A copy of a rows-order cache with each block's V bytes rearranged into [Hkv, D, block_size] (the same
+    logical K and V): how tests and benchmarks build a transposed cache from values laid out in rows order."""
+    out = kv_cache.clone()
+    out[1].view(torch.uint8).view(-1).copy_(kv_cache[1].view(torch.uint8).permute(0, 2, 3, 1).reshape(-1))
+    return out
+
+
 def v_rows(kv_cache: torch.Tensor) -> torch.Tensor:
     """V of the cache as [blocks, block_size, Hkv, D] in either layout: a view (reads and writes go through)."""
     if not v_transposed(kv_cache):

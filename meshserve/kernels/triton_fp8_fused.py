@@ -24,7 +24,7 @@ import triton.language as tl
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.quant_ref import _MIN_SCALE, FP8_DTYPE, FP8_MAX, quantize_fp8_per_token
-from meshserve.kernels.triton_ops import rms_norm_ref, rms_norm_row, silu_and_mul_ref
+from meshserve.kernels.triton_ops import rms_norm_ref, rms_norm_row, silu_and_mul_ref, silu_mul
 
 MAX_COLS = 16384  # a row in registers (Llama-3.1-8B: hidden 4096, MLP 14336)
 
@@ -81,8 +81,7 @@ def _silu_and_mul_quant_kernel(x_ptr, q_ptr, s_ptr, d, min_scale, stride_x, stri
     up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
     gdc_trigger_late(USE_GDC)
     dt = x_ptr.dtype.element_ty
-    act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)  # silu rounds first, as silu_and_mul
-    y = (act * up).to(dt).to(tl.float32)
+    y = silu_mul(gate, up, dt).to(tl.float32)
     _quantize_row(y, cols, mask, q_ptr + row * stride_q, s_ptr, row, min_scale, FP8_MAX)
 
 

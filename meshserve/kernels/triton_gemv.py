@@ -47,6 +47,7 @@ import triton.language as tl
 
 from meshserve.kernels import pdl as pdl_mod
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
+from meshserve.kernels.triton_ops import silu_mul
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -70,8 +71,7 @@ def _gemv_x(x_ptr, kk, kmask, K, GATED: tl.constexpr):
         dt = x_ptr.dtype.element_ty
         gate = tl.load(x_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + K + kk, mask=kmask, other=0.0).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-        x = (act * up).to(dt).to(tl.float32)
+        x = silu_mul(gate, up, dt).to(tl.float32)
     else:
         x = tl.load(x_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
     return x
@@ -163,9 +163,8 @@ def _gemv_kernel(x_ptr, inv_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
     if ACT_OUT:
         dt = y_ptr.dtype.element_ty
         gate, up = tl.split(tl.reshape(y.to(dt).to(tl.float32), [BLOCK_N // 2, 2]))
-        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)  # silu rounds first, as silu_and_mul
         outs = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(y_ptr + outs, (act * up).to(dt), mask=outs < N // 2)
+        tl.store(y_ptr + outs, silu_mul(gate, up, dt), mask=outs < N // 2)
     else:
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
@@ -245,6 +244,16 @@ def _launch(x: torch.Tensor, n: int, k: int, block_n: int, pdl: bool | None) -> 
     return programs, num_warps, gdc, pre_k
 
 
+def _output(x: torch.Tensor, n: int, block_n: int, act_out: bool, name: str) -> tuple[torch.Tensor, int]:
+    """(y, rows a program) of a GEMV over n weight rows: y [..., n], or with act_out [..., n / 2] (n even) and at
+    least one gate row and its up row a program."""
+    if not act_out:
+        return torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device), block_n
+    if n % 2:
+        raise ValueError(f"{name}'s act_out takes an even number of [gate | up] rows, got N {n}")
+    return torch.empty((*x.shape[:-1], n // 2), dtype=x.dtype, device=x.device), max(block_n, 2)
+
+
 def rms_norm_gemv_ref(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                       weight: torch.Tensor, bias: torch.Tensor | None = None, act_out: bool = False):
     """(F.linear(rms_norm(x + residual)), x + residual); without a residual (F.linear(rms_norm(x)), x); act_out:
@@ -289,13 +298,10 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
         raise ValueError(f"rms_norm_gemv takes one row of {k} features, got shape {tuple(x.shape)}")
     if not (norm_weight.dtype == weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)):
         raise ValueError("rms_norm_gemv needs x, residual, norm weight and weight of one dtype")
-    if act_out and n % 2:
-        raise ValueError(f"rms_norm_gemv's act_out takes an even number of [gate | up] rows, got N {n}")
     x = x.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    y = torch.empty((*x.shape[:-1], n // 2 if act_out else n), dtype=x.dtype, device=x.device)
-    block_n = max(block_n, 2) if act_out else block_n
+    y, block_n = _output(x, n, block_n, act_out, "rms_norm_gemv")
     new_residual = torch.empty_like(x) if residual is not None else x
     inv_rms = torch.empty(1, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(k)
@@ -321,15 +327,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     n, k = weight.shape
     if x.numel() != (2 * k if gated else k):
         raise ValueError(f"gemv takes one row of {2 * k if gated else k} features, got shape {tuple(x.shape)}")
-    if act_out and (gated or n % 2):
-        raise ValueError(f"gemv's act_out takes an even number of [gate | up] rows and no gated input, "
-                         f"got N {n}")
+    if act_out and gated:
+        raise ValueError("gemv's act_out takes no gated input")
     x = x.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    y = torch.empty((*x.shape[:-1], n // 2 if act_out else n), dtype=x.dtype, device=x.device)
     block_k, _, block_n = _tile(k)
-    block_n = max(block_n, 2) if act_out else block_n  # (a gate row and its up row a pair at least)
+    y, block_n = _output(x, n, block_n, act_out, "gemv")
     programs, num_warps, gdc, pre_k = _launch(x, n, k, block_n, pdl)
     _gemv_kernel[(programs,)](
         x, weight, weight, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),

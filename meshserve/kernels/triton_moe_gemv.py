@@ -43,6 +43,7 @@ import triton.language as tl
 from meshserve.kernels import pdl as pdl_mod
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.triton_gemv import gemv_prefetch
+from meshserve.kernels.triton_ops import silu_mul
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,7 @@ def _gate_up_gemv_kernel(
     # rounded as the reference rounds F.linear's outputs, F.silu and the product
     gate = tl.sum(acc_gate, 1).to(dt).to(tl.float32)
     up = tl.sum(acc_up, 1).to(dt).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-    tl.store(inter_ptr + pair * stride_im + rows, (act * up).to(dt), mask=rmask)
+    tl.store(inter_ptr + pair * stride_im + rows, silu_mul(gate, up, dt), mask=rmask)
 
 
 @triton.jit

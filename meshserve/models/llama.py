@@ -108,9 +108,11 @@ class LlamaMLP(nn.Module):
     def norm_forward_act(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None):
         """(forward(norm(x + residual)), x + residual) with the norm in the gate/up GEMV and SiLU-and-mul in its
         epilogue (batch 1, the norm_gemv switch: layers/norm_linear.py), or None where that path does not apply."""
-        if self.gate_up_proj.quantized or not self.gate_up_proj.takes_act_out:
+        gate_up = self.gate_up_proj
+        # (only the two-kernel norm_gemv path has the epilogue: without its switch, nothing to ask norm_linear)
+        if gate_up.quantized or not (gate_up.takes_act_out and gate_up.kernels.norm_gemv):
             return None
-        fused = norm_linear(norm, self.gate_up_proj, x, residual, act_out=True)
+        fused = norm_linear(norm, gate_up, x, residual, act_out=True)
         return None if fused is None else (self.down_proj(fused[0]), fused[1])
 
     def from_gate_up(self, gate_up: torch.Tensor, reduce: bool = True) -> torch.Tensor:

@@ -50,3 +50,14 @@ def test_engine_tokens_do_not_depend_on_the_layout(monkeypatch, tiny_model_dir):
         llm.shutdown()
     for rows, transposed in zip(runs["rows"], runs["transposed"]):
         assert rows.token_ids == transposed.token_ids and rows.logprobs == transposed.logprobs
+
+
+def test_to_transposed_keeps_the_logical_cache(monkeypatch):
+    # a rows-order cache rearranged: read through v_rows under the switch it is the same V, K untouched
+    monkeypatch.setenv(kv_layout.ENV, "transposed")
+    g = torch.Generator().manual_seed(0)
+    rows = (torch.randn(2, 3, 4, 2, 8, generator=g) * 4).to(torch.float8_e4m3fn)
+    moved = kv_layout.to_transposed(rows)
+    assert torch.equal(moved[0].view(torch.uint8), rows[0].view(torch.uint8))
+    assert torch.equal(kv_layout.v_rows(moved).view(torch.uint8), rows[1].view(torch.uint8))
+    assert not torch.equal(moved[1].view(torch.uint8), rows[1].view(torch.uint8))

@@ -300,7 +300,7 @@ def test_gemv_act_out_rejects_what_it_cannot_serve():
 
     with pytest.raises(ValueError, match="even number"):
         gemv(torch.randn(1, 16), torch.randn(7, 16), act_out=True)
-    with pytest.raises(ValueError, match="even number"):
+    with pytest.raises(ValueError, match="no gated input"):
         gemv(torch.randn(1, 32), torch.randn(8, 16), gated=True, act_out=True)
 
 

@@ -222,7 +222,9 @@ def test_unified_fp8_kv_interp(v_layout, monkeypatch):
     query, cache, meta = make_case([9, 1, 5], [9, 33, 21], 8, 2, 32, 8, torch.float32, seed=50)
     cache8 = fp8_kv_cache(cache, 0.5)
     if v_layout == "transposed":  # the same logical V, each block's bytes as [Hkv, D, block_size]
-        cache8[1].view(torch.uint8).view(-1).copy_(cache8[1].view(torch.uint8).permute(0, 2, 3, 1).reshape(-1))
+        from meshserve.kernels.kv_layout import to_transposed
+
+        cache8 = to_transposed(cache8)
     pq, pmeta = pad_case(query, cache, meta, 20, 5)
     out = run_unified(pq, cache8, pmeta, 0.2, None, block_q=4, k_scale=0.5, v_scale=0.5)
     ref = paged_attention_ref(pq, cache8, pmeta, 0.2, None, 0.5, 0.5)

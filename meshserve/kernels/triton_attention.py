@@ -356,7 +356,7 @@ def decode_split_attend(
     its partial in the workspace (and, LAST_REDUCES, the group's reduce by the last split). The body of
     _decode_split_kernel and of triton_decode_fused's kernel, which builds q from the QKV projection."""
     # this split's contiguous range of KV tiles, from the device-side sequence length
-    kv_lo, t0, t1, _, _, _ = decode_split_tiles(seq_len, window, num_splits, split, USE_WINDOW, BLOCK_N)
+    _, t0, t1, _, _, _ = decode_split_tiles(seq_len, window, num_splits, split, USE_WINDOW, BLOCK_N)
 
     m_i = tl.full([ROWS], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
@@ -366,15 +366,16 @@ def decode_split_attend(
     k_base = cache_ptr + kvh * stride_ch
     v_base = _v_base(cache_ptr, kvh, stride_ckv, stride_ch, BLOCK_SIZE, V_T)
     n_off = tl.arange(0, BLOCK_N)
+    # a window masks scores as a causal query at the last position would (keys >= seq_len - window, the tiles
+    # from kv_lo's), not through kv_valid: kv_valid also masks the block-table load, and a transposed V tile
+    # (load_v_transposed) wants every token of a cache block that holds a visible one to read that block
+    q_last = tl.zeros([ROWS], dtype=tl.int32) + (seq_len - 1)
     for t in range(t0, t1):
         kv_pos = t * BLOCK_N + n_off
-        kv_valid = kv_pos < seq_len
-        if USE_WINDOW:
-            kv_valid = kv_valid & (kv_pos >= kv_lo)
         acc, m_i, l_i = attend_paged_kv_tile(
-            q, 0, acc, m_i, l_i, kv_pos, kv_valid, window, bt_row, k_base, v_base, d, d_mask,
+            q, q_last, acc, m_i, l_i, kv_pos, kv_pos < seq_len, window, bt_row, k_base, v_base, d, d_mask,
             scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
-            BLOCK_SIZE, False, USE_WINDOW, KV_FP8, DOT_PRECISION, FP8_TILE, V_T,
+            BLOCK_SIZE, USE_WINDOW, USE_WINDOW, KV_FP8, DOT_PRECISION, FP8_TILE, V_T,
         )
     gdc_trigger_late(USE_GDC)
 

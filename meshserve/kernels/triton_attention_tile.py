@@ -64,7 +64,9 @@ def load_v_transposed(v_base, blk, kv_pos, d, d_mask, stride_cb, BLOCK_SIZE: tl.
     (v_base: this KV head's V in block 0). Tokens contiguous in runs of BLOCK_SIZE, so the copy is 16-byte
     vectors (cp.async under the pipeliner) and the dot reads its operand by ldmatrix; no token mask, which would
     break the vectors: every token read is a finite cache byte (the pool is zeroed and every writer saturates at
-    +-448), and the tokens past the end have p = 0."""
+    +-448), and the tokens past the end have p = 0. The hint says each run of BLOCK_SIZE tokens is one block's:
+    a vector's address is its first token's, so a run's visible tokens must not follow masked ones (whose blk
+    is 0): callers mask only past the end (kv_valid = kv_pos < seq_len; a window masks scores, not kv_valid)."""
     voff = tl.max_contiguous(tl.multiple_of(blk * stride_cb + kv_pos % BLOCK_SIZE, BLOCK_SIZE), BLOCK_SIZE)
     return tl.load(v_base + voff[:, None] + d[None, :] * BLOCK_SIZE, mask=d_mask[None, :], other=0.0)
 

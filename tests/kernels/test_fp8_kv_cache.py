@@ -68,7 +68,7 @@ def test_reference_write_quantizes_and_read_dequantizes(v_layout):
     assert (v_back[slots][(v / 2.0).abs() > 448].abs() == 896).all()
 
 
-def test_reference_attention_matches_the_dequantized_cache():
+def test_reference_attention_matches_the_dequantized_cache(v_layout):
     g = torch.Generator().manual_seed(1)
     from meshserve.kernels.attention_metadata import AttentionMetadata
 
@@ -85,8 +85,8 @@ def test_reference_attention_matches_the_dequantized_cache():
         [0, 2, 3],
         [7, 9],
     )
-    out = paged_attention_ref(q, cache8, meta, 0.25, None, 0.25, 0.25)
-    ref = paged_attention_ref(q, cache8.float() * 0.25, meta, 0.25, None)
+    out = paged_attention_ref(q, _in_layout(cache8), meta, 0.25, None, 0.25, 0.25)
+    ref = paged_attention_ref(q, cache8.float() * 0.25, meta, 0.25, None)  # rows order: the float cache's
     torch.testing.assert_close(out, ref)
 
 
@@ -216,11 +216,12 @@ def test_triton_write_gpu(v_layout):
 @pytest.mark.parametrize(
     "q_lens,seq_lens", [([1] * 64, [2048] * 64), ([1], [32768]), ([300, 1, 77], [900, 3000, 77])]
 )
-def test_triton_attention_gpu(head_dim, q_lens, seq_lens, v_layout):
+@pytest.mark.parametrize("window", [None, 700])  # 700: the window starts inside a cache block (decode and prefill)
+def test_triton_attention_gpu(head_dim, q_lens, seq_lens, window, v_layout):
     query, cache, meta = make_case(q_lens, seq_lens, 32, 8, head_dim, 16, torch.bfloat16, device="cuda")
     cache8 = _in_layout(_fp8_kv(cache, 0.02, 0.05))
-    out = TritonAttentionBackend().attend(query, cache8, meta, head_dim**-0.5, None, 0.02, 0.05)
-    ref = paged_attention_ref(query.float(), cache8, meta, head_dim**-0.5, None, 0.02, 0.05)
+    out = TritonAttentionBackend().attend(query, cache8, meta, head_dim**-0.5, window, 0.02, 0.05)
+    ref = paged_attention_ref(query.float(), cache8, meta, head_dim**-0.5, window, 0.02, 0.05)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 

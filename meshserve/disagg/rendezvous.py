@@ -42,8 +42,8 @@ class StoreRendezvous:
         self.roles: dict[int, str] = {}
 
     def _v_layout(self) -> str:
-        """This engine's V order in its pool's blocks: "transposed" for an fp8 pool under MESHSERVE_FP8_V_LAYOUT,
-        else "rows"."""
+        """This engine's V order in its pool's blocks: "transposed" for an fp8 pool (unless
+        MESHSERVE_FP8_V_LAYOUT=rows), else "rows"."""
         tensors = getattr(self, "kv_tensors", None)
         return "transposed" if tensors and kv_layout.v_transposed(tensors[0]) else "rows"
 

@@ -11,12 +11,13 @@ from meshserve.kernels import kv_layout
 from tests.conftest import VOCAB
 
 
-def test_rows_by_default_and_for_16_bit_caches(monkeypatch):
+def test_transposed_by_default_rows_on_request_and_for_16_bit_caches(monkeypatch):
     monkeypatch.delenv(kv_layout.ENV, raising=False)
     fp8 = torch.zeros(2, 3, 4, 2, 8, dtype=torch.float8_e4m3fn)
+    assert kv_layout.v_transposed(fp8)
+    monkeypatch.setenv(kv_layout.ENV, "rows")
     assert not kv_layout.v_transposed(fp8)
     monkeypatch.setenv(kv_layout.ENV, "transposed")
-    assert kv_layout.v_transposed(fp8)
     assert not kv_layout.v_transposed(fp8.float())  # 16/32-bit caches keep rows order
     monkeypatch.setenv(kv_layout.ENV, "sideways")
     with pytest.raises(ValueError, match="MESHSERVE_FP8_V_LAYOUT='sideways'"):

@@ -23,3 +23,7 @@ python3 -c "import msgspec" 2> /dev/null || echo "device_env.sh: msgspec is miss
 # fastapi >= 0.16x imports opentelemetry-api (a wheel easily pruned from .whl: the thirty-fifth session lost a call)
 python3 -c "import fastapi" 2> /dev/null || echo "device_env.sh: fastapi does not import (opentelemetry-api missing from .whl?): the server will not start" >&2
 python3 -c "import httptools, uvloop" 2> /dev/null || echo "device_env.sh: httptools / uvloop missing: carry them in .whl (the router and API server would run their pure-Python paths)" >&2
+# xgrammar (structured outputs; test_no_late_jit's json_object request) imports apache-tvm-ffi at import: a .whl
+# pruned of apache_tvm_ffi*.whl fails every structured request on the device (suspected in the thirty-seventh
+# session's test_no_late_jit failures)
+python3 -c "import xgrammar" 2> /dev/null || echo "device_env.sh: xgrammar does not import (apache-tvm-ffi missing from .whl?): structured outputs will fail" >&2

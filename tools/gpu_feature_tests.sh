@@ -18,7 +18,7 @@ mkdir -p "$LOGS"
 
 run_group() {  # NAME LIMIT_S TEST_PATHS...
   local name=$1 limit=$2; shift 2
-  timeout "$limit" python3 -m pytest -m gpu -q -p no:cacheprovider "$@" > "$LOGS/$name.log" 2>&1
+  timeout -s INT -k 20 "$limit" python3 -m pytest -m gpu -q -rfE -p no:cacheprovider "$@" > "$LOGS/$name.log" 2>&1
   echo "== $name: rc $? ($(tail -1 "$LOGS/$name.log"))"
 }
 

@@ -130,11 +130,15 @@ def warm_up_sampling(
     """Run every warm-up case once on `device` (after the graph captures); returns the names of the cases run.
     Every rank that computes logits must call it (the LM head gathers over the TP ranks)."""
     t0 = time.perf_counter()
-    done = []
+    done, seconds = [], []
     for case in warmup_cases():
+        t = time.perf_counter()
         run_case(case, compute_logits, sampler, hidden_size, dtype, vocab_size, device)
+        if device.type == "cuda":  # each case's own time: which first launches (lazy CUDA modules) cost the start
+            torch.cuda.synchronize(device)
         done.append(case.name)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    logger.info("sampling paths warmed up in %.2f s (%d cases)", time.perf_counter() - t0, len(done))
+        seconds.append(time.perf_counter() - t)
+    slowest = sorted(zip(seconds, done), reverse=True)[:4]
+    logger.info("sampling paths warmed up in %.2f s (%d cases; slowest %s)", time.perf_counter() - t0, len(done),
+                ", ".join(f"{name} {s:.2f}" for s, name in slowest))
     return done

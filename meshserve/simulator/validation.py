@@ -366,6 +366,13 @@ ONE_GPU_W2 = (
      tuple(f"h200_1203_s26/call4_w2_fp8/w1_ab_qwen.tgz:w1_ab/{i}_qwen_default.json" for i in (1, 2))),
     ("twenty-sixth session", "llama-3.1-8b", "fp8", "fp8",
      ("h200_1203_s26/call4_w2_fp8/w1_ab_8b.tgz:w1_ab/1_8b_default.json",)),
+    # V transposed in the fp8 cache's blocks (kernels/kv_layout.py): call 1's opt-in runs, call 2's default ones
+    ("thirty-seventh session, V transposed", "qwen3-0.6b", None, "fp8",
+     tuple(f"h200_1204_s37/w2_v_layout_qwen/w1_ab.tgz:w1_ab/{i}_qwen_FP8_V_LAYOUT_transposed.json" for i in (1, 2))
+     + tuple(f"h200_1204_s37/w2_grid_tile_32_qwen/w1_ab.tgz:w1_ab/{i}_qwen_default.json" for i in (1, 2))),
+    ("thirty-seventh session, V transposed", "llama-3.1-8b", "fp8", "fp8",
+     tuple(f"h200_1204_s37/w2_v_layout_8b/w1_ab.tgz:w1_ab/{i}_8b_FP8_V_LAYOUT_transposed.json" for i in (1, 2))
+     + tuple(f"h200_1204_s37/w2_grid_tile_32_8b/w1_ab.tgz:w1_ab/{i}_8b_default.json" for i in (1, 2))),
 )
 
 

@@ -298,12 +298,13 @@ def test_qwen_chunk_0_replays_below_chunk_1024_as_measured_with_the_eager_steps_
 @pytest.mark.skipif(not (RESULTS / "h200_1203_s26").is_dir(), reason="measured results not in this checkout")
 def test_one_gpu_w2_by_dtype_stays_where_planner_md_says():
     """W2 on one H200 with bf16 and fp8 caches and fp8 weights (validation.ONE_GPU_W2): the checked rows within
-    the goal's 10% (the fp8 cache's at -9.3%, optimistic), the fitted one on its measurement, and the KV pool the
-    planner's memory model gives within 0.5% of the engine's for every dtype."""
+    the goal's 10% (the fp8 cache's at -9.3%, optimistic; -6.4% with V transposed, the faster tile), the fitted
+    one on its measurement, and the KV pool the planner's memory model gives within 0.5% of the engine's for
+    every dtype."""
     from meshserve.simulator.validation import one_gpu_w2_rows
 
     rows = one_gpu_w2_rows()
-    assert len(rows) == 5 and sum(r["fitted"] for r in rows) == 1
+    assert len(rows) == 7 and sum(r["fitted"] for r in rows) == 1
     for r in rows:
         assert r["pred"] == pytest.approx(r["meas"], rel=0.005 if r["fitted"] else 0.10), r["run"]
         assert r["pred_blocks"] == pytest.approx(r["meas_blocks"], rel=0.005), r["run"]

@@ -1,7 +1,9 @@
 """KV-cache scales stored in checkpoints: `model.layers.N.self_attn.k_scale` / `v_scale` (compressed-tensors'
 kv_cache_scheme, vLLM's FP8 checkpoints). They belong to the layer's Attention module, which divides K/V by
 them when writing an fp8 cache and multiplies when reading. One scale per tensor: a per-head checkpoint scale
-is reduced to its largest value (never clips; a little coarser for the other heads)."""
+is reduced to its largest value (never clips; e4m3's relative precision does not depend on the scale within its
+normal range, so the other heads lose nothing measurable: QUANTIZATION.md "fp8 KV scales: one per layer or one
+per KV head", tools/kv_scale_granularity.py)."""
 
 from __future__ import annotations
 

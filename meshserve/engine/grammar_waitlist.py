@@ -62,6 +62,8 @@ class GrammarWaitlist:
                 seq.grammar_stop_ids = frozenset(compiled.tokenizer_info.stop_token_ids)
                 seq.grammar_after_token = seq.params.structured_outputs.reasoning_end_token_id
                 ready.append(seq)
+            except InvalidArgumentError as e:  # already the request's answer (no xgrammar: structured/grammar.py)
+                failed.append((seq, e))
             except Exception as e:  # noqa: BLE001 - the front end checked the spec; report, never crash
                 logger.warning("grammar of %s failed to compile: %s", seq_id, e)
                 failed.append((seq, InvalidArgumentError(

@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Any
 
-from meshserve.structured.grammar import compile_structured_outputs
+from meshserve.structured.grammar import compile_structured_outputs, grammar_backend
 from meshserve.structured.params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class GrammarCompiler:
     def _xgr_compiler(self):
         with self._lock:
             if self._compiler is None:
-                import xgrammar as xgr
+                xgr = grammar_backend()
 
                 from meshserve.models import direct_tokenizer  # AutoTokenizer's tokenizer, without its imports
 

@@ -92,10 +92,22 @@ def structural_tag_json(spec: str) -> str:
                                                            "tags": tags}})
 
 
+def grammar_backend(param: str = "structured_outputs"):
+    """The xgrammar module, or an InvalidArgumentError saying structured outputs are unavailable here (an install
+    whose xgrammar does not import, e.g. without its apache-tvm-ffi: a request gets that one line, not the
+    import's traceback)."""
+    try:
+        import xgrammar
+    except ImportError as e:
+        raise InvalidArgumentError(
+            f"structured outputs are unavailable on this server: xgrammar does not import ({e}); "
+            "install it with `pip install xgrammar`", param=param) from None
+    return xgrammar
+
+
 @functools.lru_cache(maxsize=256)
 def _check(kind: str, spec: str, param: str) -> None:
-    import xgrammar as xgr
-
+    xgr = grammar_backend(param)
     try:
         if kind == "json":
             try:

@@ -52,3 +52,21 @@ def test_sampling_params_take_a_dict_and_keep_schema_key_order():
     p = SamplingParams(structured_outputs={"json": {"properties": {"b": {}, "a": {}}}})
     assert p.uses_grammar and p.structured_outputs.json == '{"properties":{"b":{},"a":{}}}'
     assert not SamplingParams().uses_grammar
+
+
+def test_a_backend_that_does_not_import_is_one_clear_error(monkeypatch):
+    # an install whose xgrammar cannot import (the device once lacked its apache-tvm-ffi): the check answers the
+    # request with one line naming the package, not the import's traceback; so does the core's compile
+    from meshserve.structured.compiler import GrammarCompiler
+
+    monkeypatch.setitem(__import__("sys").modules, "xgrammar", None)
+    params = StructuredOutputsParams(regex="[0-9]{3} no-backend")  # a spec no other test has cached
+    with pytest.raises(InvalidArgumentError, match="xgrammar does not import") as e:
+        check_structured_outputs(params, param="response_format")
+    assert e.value.param == "response_format" and "\n" not in str(e.value)
+    compiler = GrammarCompiler("unused", vocab_size=100, eos_token_ids=[0])
+    try:
+        with pytest.raises(InvalidArgumentError, match="pip install xgrammar"):
+            compiler.submit(params).result(timeout=30)
+    finally:
+        compiler.shutdown()

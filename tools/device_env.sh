@@ -26,4 +26,5 @@ python3 -c "import httptools, uvloop" 2> /dev/null || echo "device_env.sh: httpt
 # xgrammar (structured outputs; test_no_late_jit's json_object request) imports apache-tvm-ffi at import: a .whl
 # pruned of apache_tvm_ffi*.whl fails every structured request on the device (suspected in the thirty-seventh
 # session's test_no_late_jit failures)
-python3 -c "import xgrammar" 2> /dev/null || echo "device_env.sh: xgrammar does not import (apache-tvm-ffi missing from .whl?): structured outputs will fail" >&2
+python3 -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('xgrammar') and u.find_spec('tvm_ffi')))" \
+  || echo "device_env.sh: xgrammar or its apache-tvm-ffi is missing (carry both in .whl): structured outputs will fail" >&2

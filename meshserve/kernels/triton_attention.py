@@ -72,6 +72,7 @@ from meshserve.kernels.kv_layout import v_transposed
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.triton_attention_tile import attend_full_kv_tile, attend_paged_kv_tile, dot_query
+from meshserve.kernels.triton_kv_layout import v_head_base, v_offset
 from meshserve.kernels.triton_e4m3_words import FP8_PATHS, words_fit
 from meshserve.kernels.triton_ops import qkv_rope_cache
 
@@ -113,10 +114,9 @@ def _reshape_and_cache_kernel(
         v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -448.0, 448.0)
     dst = cache_ptr + blk * stride_cb + off * stride_cs + h[:, None] * stride_ch + d[None, :] * stride_cd
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
-    if V_T:
-        dst = (cache_ptr + blk * stride_cb + off + h[:, None] * (stride_ch * BLOCK_SIZE)
-               + d[None, :] * BLOCK_SIZE)
-    tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+    v_dst = cache_ptr + v_offset(blk, off, h[:, None], d[None, :], stride_ckv, stride_cb, stride_cs, stride_ch,
+                                 stride_cd, BLOCK_SIZE, V_T)
+    tl.store(v_dst, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -188,7 +188,7 @@ def attend_causal_q_tile(
 
     bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
     k_base = cache_ptr + kvh * stride_ch
-    v_base = _v_base(cache_ptr, kvh, stride_ckv, stride_ch, BLOCK_SIZE, V_T)
+    v_base = v_head_base(cache_ptr, kvh, stride_ckv, stride_ch, BLOCK_SIZE, V_T)
     n_off = tl.arange(0, BLOCK_N)
     full_lo = kv_lo  # [full_lo, full_hi): whole tiles no row masks; the masked ones lie before and after
     full_hi = kv_lo
@@ -262,16 +262,6 @@ def _prefill_attention_kernel(
         GROUP, GROUP_PAD, BLOCK_Q, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N,
         USE_WINDOW, UPCAST_DOT, DOT_PRECISION, KV_FP8, DIAG_MASK_ONLY, V_T,
     )
-
-
-@triton.jit
-def _v_base(cache_ptr, kvh, stride_ckv, stride_ch, BLOCK_SIZE: tl.constexpr, V_T: tl.constexpr):
-    """Where KV head kvh's V starts in block 0: beside its K, or (V_T: [Hkv, D, block_size] blocks of a
-    contiguous cache, head_dim = stride_ch) kvh heads of D x block_size bytes in."""
-    if V_T:
-        return cache_ptr + stride_ckv + kvh * (stride_ch * BLOCK_SIZE)
-    else:
-        return cache_ptr + kvh * stride_ch + stride_ckv
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,7 +354,7 @@ def decode_split_attend(
 
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     k_base = cache_ptr + kvh * stride_ch
-    v_base = _v_base(cache_ptr, kvh, stride_ckv, stride_ch, BLOCK_SIZE, V_T)
+    v_base = v_head_base(cache_ptr, kvh, stride_ckv, stride_ch, BLOCK_SIZE, V_T)
     n_off = tl.arange(0, BLOCK_N)
     # a window masks scores as a causal query at the last position would (keys >= seq_len - window, the tiles
     # from kv_lo's), not through kv_valid: kv_valid also masks the block-table load, and a transposed V tile

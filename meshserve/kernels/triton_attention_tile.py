@@ -104,7 +104,8 @@ def attend_paged_kv_tile(
     of one KV head at k_base / v_base) for the queries q [ROWS, BLOCK_D] (from dot_query) at positions q_pos.
     V_T: V stored as [Hkv, D, block_size] in each block (load_v_transposed; K keeps FP8_TILE's read).
     CAUSAL: a query sees keys up to its position (and with USE_WINDOW only the last `window`); else every
-    valid key (the decode kernel folds its window into kv_valid). FP8_TILE: how an fp8 tile is read
+    valid key (the decode kernel takes CAUSAL with q_pos at the sequence's last position where it has a window:
+    kv_valid must not carry the window, load_v_transposed says why). FP8_TILE: how an fp8 tile is read
     (triton_e4m3_words.FP8_TILES; not "convert": only where triton_e4m3_words.words_fit). No default: Triton
     3.6 (the device's) passes a called function's default constexpr through unwrapped and fails to compile."""
     blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)

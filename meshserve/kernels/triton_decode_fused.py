@@ -48,6 +48,7 @@ from meshserve.kernels.triton_attention import (
     decode_split_tiles,
 )
 from meshserve.kernels.triton_attention_tile import dot_query
+from meshserve.kernels.triton_kv_layout import v_offset
 from meshserve.kernels.triton_ops import _norm_rope_heads, _rope_halves, _to_cache
 
 
@@ -135,15 +136,11 @@ def _decode_fused_split_kernel(
         tl.store(dst, _to_cache(k1, k_scale, cdt, KV_FP8), mask=kmask)
         tl.store(dst + HALF * stride_cd, _to_cache(k2, k_scale, cdt, KV_FP8), mask=kmask)
         v_src = qkv_ptr + tok * stride_t + (NUM_HEADS + NUM_KV_HEADS + kh[:, None]) * HEAD_DIM + kj[None, :]
-        v1 = tl.load(v_src, mask=kmask)
-        v2 = tl.load(v_src + HALF, mask=kmask)
-        v_step = stride_cd
-        if V_T:  # V as [Hkv, D, block_size] in each block (kernels/kv_layout.py)
-            dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + slot % BLOCK_SIZE \
-                + kh[:, None] * (stride_ch * BLOCK_SIZE) + kj[None, :] * BLOCK_SIZE
-            v_step = BLOCK_SIZE
-        tl.store(dst + stride_ckv, _to_cache(v1, v_scale, cdt, KV_FP8), mask=kmask)
-        tl.store(dst + stride_ckv + HALF * v_step, _to_cache(v2, v_scale, cdt, KV_FP8), mask=kmask)
+        blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        for j in tl.static_range(2):  # the two rotary halves' features
+            v_dst = cache_ptr + v_offset(blk, off, kh[:, None], kj[None, :] + j * HALF, stride_ckv, stride_cb,
+                                         stride_cs, stride_ch, stride_cd, BLOCK_SIZE, V_T)
+            tl.store(v_dst, _to_cache(tl.load(v_src + j * HALF, mask=kmask), v_scale, cdt, KV_FP8), mask=kmask)
     tl.debug_barrier()  # the CTA's K/V stores ordered before its tile loads read them back
 
     decode_split_attend(

@@ -29,6 +29,7 @@ import triton.language as tl
 from meshserve.kernels.kv_layout import v_transposed
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
+from meshserve.kernels.triton_kv_layout import v_offset
 
 
 def _np2(n: int) -> int:
@@ -351,14 +352,11 @@ def _qkv_rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q
         tl.store(dst, _to_cache(k1, k_scale, cdt, KV_FP8), mask=kmask)
         tl.store(dst + HALF, _to_cache(k2, k_scale, cdt, KV_FP8), mask=kmask)
         v_src = qkv_ptr + t * stride_t + (NUM_Q_HEADS + NUM_KV_HEADS + kh[:, None]) * (2 * HALF) + kj[None, :]
-        v_step = 1
-        if V_T:  # V as [Hkv, D, block_size] in each block (kernels/kv_layout.py; a contiguous cache)
-            dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + slot % BLOCK_SIZE \
-                + kh[:, None] * (stride_ch * BLOCK_SIZE) + kj[None, :] * BLOCK_SIZE
-            v_step = BLOCK_SIZE
-        tl.store(dst + stride_ckv, _to_cache(tl.load(v_src, mask=kmask), v_scale, cdt, KV_FP8), mask=kmask)
-        tl.store(dst + stride_ckv + HALF * v_step,
-                 _to_cache(tl.load(v_src + HALF, mask=kmask), v_scale, cdt, KV_FP8), mask=kmask)
+        blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        for j in tl.static_range(2):  # the two rotary halves' features (the cache's feature stride is 1)
+            v_dst = cache_ptr + v_offset(blk, off, kh[:, None], kj[None, :] + j * HALF, stride_ckv, stride_cb,
+                                         stride_cs, stride_ch, 1, BLOCK_SIZE, V_T)
+            tl.store(v_dst, _to_cache(tl.load(v_src + j * HALF, mask=kmask), v_scale, cdt, KV_FP8), mask=kmask)
     gdc_trigger_late(USE_GDC)  # the loads run to the end here: the exit's trigger, made explicit
 
 

@@ -71,7 +71,6 @@ class LinearMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-
     def apply_act_out(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """silu(gate) * up of a [gate | up] layer's output for x from one kernel (batch-1 GEMVs with SiLU-and-mul
         in their epilogue), or None where this format has no such path for x. 16-bit weights only: the same

@@ -35,6 +35,15 @@ def test_bad_sampling_flag_is_one_line_error(tiny_model_dir, capsys):
     assert rc == 2 and "top_p" in err and "\n" not in err
 
 
+@pytest.mark.parametrize("env,value", [("MESHSERVE_FP8_V_LAYOUT", "sideways"), ("MESHSERVE_ATTENTION_BACKEND", "foo")])
+def test_a_bad_kernel_switch_is_one_line_error(env, value, tiny_model_dir, monkeypatch, capsys):
+    # the environment's kernel switches are checked when the engine selects its kernels, at start
+    monkeypatch.setenv(env, value)
+    rc = main(["generate", "--model", tiny_model_dir("llama"), "--max-tokens", "2", "x"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("meshserve: error: ") and value in err and "\n" not in err
+
+
 def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "meshserve.cli", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "meshserve" in proc.stdout

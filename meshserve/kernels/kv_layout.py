@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from meshserve.errors import InvalidArgumentError
+
 ENV = "MESHSERVE_FP8_V_LAYOUT"
 LAYOUTS = ("rows", "transposed")
 
@@ -37,7 +39,7 @@ def fp8_v_transposed() -> bool:
 def _parse(raw: str) -> bool:
     value = raw.strip().lower() or "transposed"
     if value not in LAYOUTS:
-        raise ValueError(f"{ENV}={raw!r}: expected one of {', '.join(LAYOUTS)}")
+        raise InvalidArgumentError(f"{ENV}={raw!r}: expected one of {', '.join(LAYOUTS)}")
     return value == "transposed"
 
 

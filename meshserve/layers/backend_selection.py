@@ -193,7 +193,7 @@ from torch import nn
 
 from meshserve.config import EngineConfig
 from meshserve.errors import InvalidArgumentError
-from meshserve.kernels import parallel_compile, pdl
+from meshserve.kernels import kv_layout, parallel_compile, pdl
 from meshserve.kernels.fused import fused_ops_importable, gemv_importable
 from meshserve.kernels.mla_decode_choice import DECODE_KERNELS as MLA_DECODE_KERNELS
 from meshserve.kernels.moe_configs import TABLES as MOE_CONFIG_TABLES
@@ -408,9 +408,9 @@ def _decode_context_bounds(config: EngineConfig) -> tuple[int, ...]:
     try:
         bounds = tuple(sorted({int(b) for b in raw.split(",")}))
     except ValueError:
-        raise ValueError(f"{DECODE_CONTEXT_BOUNDS_ENV} takes token counts (256,1024), got {raw!r}") from None
+        raise InvalidArgumentError(f"{DECODE_CONTEXT_BOUNDS_ENV} takes token counts (256,1024), got {raw!r}") from None
     if bounds[0] <= 0:
-        raise ValueError(f"{DECODE_CONTEXT_BOUNDS_ENV}: bounds must be positive, got {raw!r}")
+        raise InvalidArgumentError(f"{DECODE_CONTEXT_BOUNDS_ENV}: bounds must be positive, got {raw!r}")
     return bounds
 
 
@@ -421,9 +421,9 @@ def _decode_sample_graph_max_bs() -> int:
     try:
         max_bs = int(raw)
     except ValueError:
-        raise ValueError(f"{DECODE_SAMPLE_GRAPHS_ENV} takes the largest batch size (8) or 0, got {raw!r}") from None
+        raise InvalidArgumentError(f"{DECODE_SAMPLE_GRAPHS_ENV} takes the largest batch size (8) or 0, got {raw!r}") from None
     if max_bs < 0:
-        raise ValueError(f"{DECODE_SAMPLE_GRAPHS_ENV} must be >= 0, got {raw!r}")
+        raise InvalidArgumentError(f"{DECODE_SAMPLE_GRAPHS_ENV} must be >= 0, got {raw!r}")
     return max_bs
 
 
@@ -439,9 +439,9 @@ def _tile_env(env: str) -> tuple[int, int, int] | None:
     try:
         block_n, warps, stages = (int(v) for v in raw.split(","))
     except ValueError:
-        raise ValueError(f"{env} takes BLOCK_N,num_warps,num_stages (32,8,2), got {raw!r}") from None
+        raise InvalidArgumentError(f"{env} takes BLOCK_N,num_warps,num_stages (32,8,2), got {raw!r}") from None
     if block_n < 16 or block_n & (block_n - 1) or warps not in (1, 2, 4, 8, 16) or stages < 1:
-        raise ValueError(f"{env}: BLOCK_N a power of two >= 16, num_warps 1-16, stages >= 1: {raw!r}")
+        raise InvalidArgumentError(f"{env}: BLOCK_N a power of two >= 16, num_warps 1-16, stages >= 1: {raw!r}")
     return block_n, warps, stages
 
 
@@ -500,7 +500,7 @@ def _tp_fused_norm() -> str:
     value = os.environ.get(TP_FUSED_NORM_ENV, "").strip().lower()
     value = {"0": "", "1": "pull"}.get(value, value)
     if value not in TP_FUSED_NORM_CHOICES:
-        raise ValueError(f"{TP_FUSED_NORM_ENV} takes 0, 1 (pull) or push, got {value!r}")
+        raise InvalidArgumentError(f"{TP_FUSED_NORM_ENV} takes 0, 1 (pull) or push, got {value!r}")
     return value
 
 
@@ -510,14 +510,14 @@ def _fuse_shared() -> dict:
     if raw in ("", "0"):
         return {"moe_fuse_shared": False}
     if not raw.isdigit():
-        raise ValueError(f"{MOE_FUSE_SHARED_ENV} takes 0, 1 or a largest token count, got {raw!r}")
+        raise InvalidArgumentError(f"{MOE_FUSE_SHARED_ENV} takes 0, 1 or a largest token count, got {raw!r}")
     return {"moe_fuse_shared": True, "moe_fuse_shared_max_tokens": None if raw == "1" else int(raw)}
 
 
 def _variant(env: str, choices: tuple[str, ...], default: str) -> str:
     value = os.environ.get(env, "").strip().lower() or default
     if value not in choices:
-        raise ValueError(f"{env} takes one of {', '.join(choices)}, got {value!r}")
+        raise InvalidArgumentError(f"{env} takes one of {', '.join(choices)}, got {value!r}")
     return value
 
 
@@ -546,7 +546,7 @@ def _parallel_compile_workers(on_cuda: bool) -> int:
     elif value.isdigit():
         workers = int(value)
     else:
-        raise ValueError(f"{PARALLEL_COMPILE_ENV} takes 0, 1, a thread count or procs[:N], got {value!r}")
+        raise InvalidArgumentError(f"{PARALLEL_COMPILE_ENV} takes 0, 1, a thread count or procs[:N], got {value!r}")
     return workers if on_cuda and parallel_compile.async_compile_available() else 0
 
 
@@ -555,12 +555,13 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
     on_cuda = torch.device(config.device).type == "cuda"
     attention = os.environ.get(ATTENTION_BACKEND_ENV) or ("triton" if on_cuda else "torch")
     if attention not in ("torch", "triton"):
-        raise ValueError(f"unknown attention backend {attention!r} (torch, triton)")
+        raise InvalidArgumentError(f"unknown attention backend {attention!r} (torch, triton)")
     fused_allowed = on_cuda and not os.environ.get(DISABLE_FUSED_OPS_ENV)
     fused_ops = fused_allowed and fused_ops_importable()
     model_dtype = TORCH_DTYPES[config.model_config.dtype]
     kv_cache_dtype = resolve_cache_dtype(config.cache_config.cache_dtype, config.model_config.dtype)
     fp8_cache = kv_cache_dtype == torch.float8_e4m3fn
+    kv_layout.fp8_v_transposed()  # a bad MESHSERVE_FP8_V_LAYOUT is an error now, not in the first cache write
     if kv_cache_dtype != model_dtype and attention == "triton" and not fp8_cache:
         raise InvalidArgumentError(
             f"cache_dtype {config.cache_config.cache_dtype!r}: the Triton kernels keep the KV cache in the "

@@ -513,3 +513,13 @@ def test_bind_hands_the_selection_to_every_layer():
     assert len(attns) == 2 and all(a.fused_prologue for a in attns)
     assert isinstance(attns[0].backend, TorchAttentionBackend) and attns[0].backend is attns[1].backend
     assert not attns[0].can_fuse_prologue  # no cache bound yet
+
+
+def test_a_bad_fp8_v_layout_fails_at_selection(monkeypatch):
+    # the switch is read at every cache write and attention launch (kernels/kv_layout.py); a typo must stop the
+    # start, one line naming it, not the first step
+    monkeypatch.setenv("MESHSERVE_FP8_V_LAYOUT", "sideways")
+    with pytest.raises(ValueError, match="MESHSERVE_FP8_V_LAYOUT='sideways': expected one of rows, transposed"):
+        select_kernels(_model_config(1024))
+    monkeypatch.setenv("MESHSERVE_FP8_V_LAYOUT", "rows")
+    select_kernels(_model_config(1024))

@@ -521,14 +521,14 @@ class TritonAttentionBackend:
     num_seqs, num_kv_heads, meta.max_seq_len and the SM count). Any value is correct for any seq_lens.
     inline_reduce: decode's last split per (sequence, KV head) combines the partials instead of a reduce
     launch (MESHSERVE_DECODE_REDUCE=inline).
-    fp8_path: how the decode kernel reads an fp8 cache (MESHSERVE_DECODE_FP8_PATH: "convert", the default,
-    "words": triton_e4m3_words.py, or "auto": words with the one tile, convert with the grid tile).
+    fp8_path: how the decode kernel reads an fp8 cache (MESHSERVE_DECODE_FP8_PATH: "words", the default,
+    triton_e4m3_words.py; "convert"; or "auto": words with the one tile, convert with the grid tile).
     """
 
     name = "triton"
 
     def __init__(self, decode_num_splits: int | None = None, max_decode_splits: int = 64,
-                 inline_reduce: bool = False, grid_tile: str = "auto", fp8_path: str = "convert",
+                 inline_reduce: bool = False, grid_tile: str = "auto", fp8_path: str = "words",
                  grid_tile_shape: tuple[int, int, int] | None = None):
         if fp8_path not in (*FP8_PATHS, "auto"):
             raise ValueError(f"fp8_path takes one of {(*FP8_PATHS, 'auto')}, got {fp8_path!r}")
@@ -649,7 +649,7 @@ class TritonAttentionBackend:
         """The decode launch's fp8 path: "auto" reads words with the one (128-token, 4-warp) tile and converts
         with the grid tile, as each measured fastest (H200, 2026-12-03, sweep_decode_attention.py --fp8-ab:
         batch 16 words 55.2 vs convert 64.1 us; grid tile at batch 256 / 64 convert 207.8 / 106.5 vs words
-        228.3 / 116.8); not measured end to end yet (opt-in)."""
+        228.3 / 116.8, both with V in rows; opt-in: with V transposed words won W2 on the grid tile too)."""
         if self.fp8_path != "auto":
             return self.fp8_path
         return "convert" if grid_tile else "words"

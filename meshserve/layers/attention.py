@@ -53,7 +53,7 @@ class TorchAttentionBackend:
 
 
 def make_attention_backend(name: str, decode_inline_reduce: bool = False,
-                           decode_grid_tile: str = "auto", decode_fp8_path: str = "convert",
+                           decode_grid_tile: str = "auto", decode_fp8_path: str = "words",
                            decode_grid_tile_shape: tuple[int, int, int] | None = None) -> AttentionBackend:
     """The backend called `name` (torch or triton); layers/backend_selection.py decides which (and whether the
     Triton decode reduces its splits inline, which caches' large decode grids take smaller CTAs and how it reads an

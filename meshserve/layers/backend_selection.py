@@ -91,13 +91,14 @@ Overrides (environment, read only here, for debugging and references):
   MESHSERVE_DECODE_GRID_TILE=128,4,5        the grid launches' tile (BLOCK_N,num_warps,num_stages) instead of
                                             64,2,2, for A/Bs (H200, batch 256 x 800, one split, fp8 cache:
                                             128,4,5 180.8 us against 64,2,2 ~207; not measured end to end yet)
-  MESHSERVE_DECODE_FP8_PATH=convert|words|auto  how the decode attention kernel reads an fp8 (e4m3) KV cache:
-                                            convert (the default: Triton converts after its shared-memory load,
-                                            V byte by byte), words (32-bit words widened to fp16 before the
-                                            dot's shared-memory trip: kernels/triton_e4m3_words.py; the plain and
-                                            fused-prologue decode launches; H200 W2 level with convert) or auto
-                                            (words with the one tile, convert with the grid tile: each the
-                                            faster in the kernel sweep; not yet measured end to end)
+  MESHSERVE_DECODE_FP8_PATH=words|convert|auto  how the decode attention kernel reads an fp8 (e4m3) KV cache:
+                                            words (the default: 32-bit words widened to fp16 before the dot's
+                                            shared-memory trip, kernels/triton_e4m3_words.py; the plain and
+                                            fused-prologue decode launches; H200 W2 with V transposed, 2026-12-04,
+                                            two processes each: Llama-3.1-8B fp8 + fp8 KV 11.23 / 11.35 s against
+                                            11.52 / 11.48 with convert, Qwen3-0.6B fp8 KV 5.15 / 5.38 against
+                                            6.04 / 5.86), convert (Triton converts after its shared-memory load)
+                                            or auto (words with the one tile, convert with the grid tile)
   MESHSERVE_DECODE_FUSED_PROLOGUE=0|1|split decode-only steps: the fused prologue (q/k norm, rotary, K/V write)
                                             inside the decode attention launch (kernels/triton_decode_fused.py,
                                             one launch fewer a layer; with the fused prologue only); split (the
@@ -292,7 +293,7 @@ class KernelSelection:
     decode_grid_tile: str = "auto"
     decode_grid_tile_shape: tuple[int, int, int] | None = None  # those grids' tile; None: kernels' GRID_TILE
     # how decode attention reads an fp8 KV cache (DECODE_FP8_PATH_CHOICES)
-    decode_fp8_path: str = "convert"
+    decode_fp8_path: str = "words"
     # decode-only steps: fused_prologue's work inside the decode attention launch (kernels/triton_decode_fused.py)
     decode_fused_prologue: bool = False
     # ... only in launches with at least this many KV splits (2: MESHSERVE_DECODE_FUSED_PROLOGUE=split;

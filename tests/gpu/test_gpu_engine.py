@@ -50,20 +50,31 @@ def test_fast_path_greedy_tokens_equal_reference_fp32(model, monkeypatch):
 @pytest.mark.parametrize("model", MODELS)
 def test_fast_path_bf16_logprobs_within_tolerance(model, monkeypatch):
     # bf16 activations through 3 random layers: the fused kernels round differently from the torch path,
-    # moving logprobs near -13 by up to ~0.1 (seen 0.05); a wrong kernel moves them by whole units
-    _assert_fast_logprobs_near_reference(model, monkeypatch, 0.15)
+    # moving logprobs near -13 (H200, 2026-12-04, 624 positions: Llama-3.1-8B mean 0.016, max 0.063; Qwen3-0.6B
+    # 0.005, 0.021); a wrong kernel moves them by whole units
+    _assert_fast_logprobs_near_reference(model, monkeypatch, 0.15, mean_tol=0.04)
+
+
+# (engine kwargs, max, mean): the fp8 formats carry the bf16 rounding differences above into e4m3 roundings one
+# step (6%) apart. Measured on an H200 (2026-12-04, 624 positions): fp8 KV mean 0.027 / max 0.11 on Llama-3.1-8B,
+# 0.008 / 0.04 on Qwen3-0.6B; fp8 weights + KV (dynamic per-token activation scales) 0.128 / 0.54 and 0.042 /
+# 0.17, both 7.9x the model's bf16 mean: the same amplification on both, not one model's kernel going wrong. The
+# bounds are about twice the larger model's; a missing or wrong scale moves the mean by units.
+FP8_CASES = [({"kv_cache_dtype": "fp8"}, 0.3, 0.08),
+             ({"quantization": "fp8", "kv_cache_dtype": "fp8"}, 1.0, 0.3)]
 
 
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("quant", [{"kv_cache_dtype": "fp8"}, {"quantization": "fp8", "kv_cache_dtype": "fp8"}])
-def test_fast_path_fp8_logprobs_within_tolerance(model, quant, monkeypatch):
+@pytest.mark.parametrize("quant, tol, mean_tol", FP8_CASES, ids=["fp8kv", "fp8w-fp8kv"])
+def test_fast_path_fp8_logprobs_within_tolerance(model, quant, tol, mean_tol, monkeypatch):
     """fp8 KV (fused prologue writing e4m3, fp16-dot decode tiles) and fp8 weights (Triton activation
-    quantization + _scaled_mm) against the torch reference of the same formats (not measured yet: the
-    tolerance is the bf16 one doubled for the fp8 roundings that may land one e4m3 step apart)."""
-    _assert_fast_logprobs_near_reference(model, monkeypatch, 0.3, **quant)
+    quantization + _scaled_mm) against the torch reference of the same formats."""
+    _assert_fast_logprobs_near_reference(model, monkeypatch, tol, mean_tol=mean_tol, **quant)
 
 
-def _assert_fast_logprobs_near_reference(model, monkeypatch, tol, **engine_kwargs):
+def _assert_fast_logprobs_near_reference(model, monkeypatch, tol, mean_tol, **engine_kwargs):
+    """The fast path's prompt logprobs and first sampled best logprob within `tol` of the torch reference's
+    everywhere, and within `mean_tol` on average (a kernel off by a little everywhere fails the mean)."""
     from meshserve import SamplingParams
 
     # prompt logprobs exercise prefill; sample logprobs of forced continuations exercise graph decode
@@ -75,14 +86,21 @@ def _assert_fast_logprobs_near_reference(model, monkeypatch, tol, **engine_kwarg
     assert fast.engine.runner.kernels.fused_prologue  # fp8 caches too
     fast_out = fast.generate(_prompts(3), params, use_tqdm=False)
     fast.shutdown()
+    prompt_diffs, best_diffs = [], []
     for a, b in zip(ref_out, fast_out):
         for pa, pb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
             tok = next(iter(pa))
-            assert pb[tok].logprob == pytest.approx(pa[tok].logprob, abs=tol)
+            prompt_diffs.append(abs(pb[tok].logprob - pa[tok].logprob))
         # random weights leave near-ties at the top, so compare the best logprob, not which token won
         best_a = max(lp.logprob for lp in a.outputs[0].logprobs[0].values())
         best_b = max(lp.logprob for lp in b.outputs[0].logprobs[0].values())
-        assert best_b == pytest.approx(best_a, abs=tol)
+        best_diffs.append(abs(best_b - best_a))
+    diffs = torch.tensor(prompt_diffs + best_diffs)
+    stats = (f"{model} {engine_kwargs}: |d logprob| over {len(diffs)} positions: mean {diffs.mean():.4f}, "
+             f"p99 {diffs.quantile(0.99):.4f}, max {diffs.max():.4f}")
+    print(stats)
+    assert diffs.max() <= tol, stats
+    assert diffs.mean() <= mean_tol, stats
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -278,17 +278,17 @@ def test_decode_tile_switch_reaches_the_attention_backend(monkeypatch):
 
 
 def test_decode_fp8_path_switch_reaches_the_attention_backend(monkeypatch):
-    # today's fp8 tile ("convert") by default; "words" on request, bound to every layer's Triton backend
+    # the words tile by default; "convert" on request, bound to every layer's Triton backend
     gpu = _config(device="cuda", dtype="bfloat16", cache_dtype="fp8")
-    assert select_kernels(gpu).decode_fp8_path == "convert"
+    assert select_kernels(gpu).decode_fp8_path == "words"
     layer = Attention(num_heads=4, head_dim=16, num_kv_heads=2, scale=0.25)
     bind_kernels(torch.nn.Sequential(layer), dataclasses.replace(select_kernels(gpu), attention_backend="triton"))
-    assert layer.backend.fp8_path == "convert"
-    monkeypatch.setenv("MESHSERVE_DECODE_FP8_PATH", "words")
-    selection = select_kernels(gpu)
-    assert selection.decode_fp8_path == "words"
-    bind_kernels(torch.nn.Sequential(layer), dataclasses.replace(selection, attention_backend="triton"))
     assert layer.backend.fp8_path == "words"
+    monkeypatch.setenv("MESHSERVE_DECODE_FP8_PATH", "convert")
+    selection = select_kernels(gpu)
+    assert selection.decode_fp8_path == "convert"
+    bind_kernels(torch.nn.Sequential(layer), dataclasses.replace(selection, attention_backend="triton"))
+    assert layer.backend.fp8_path == "convert"
     monkeypatch.setenv("MESHSERVE_DECODE_FP8_PATH", "auto")
     bind_kernels(torch.nn.Sequential(layer), dataclasses.replace(select_kernels(gpu), attention_backend="triton"))
     assert layer.backend.fp8_path == "auto"

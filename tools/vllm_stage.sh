@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # Stage vLLM 0.26 (the same-machine peer, ../shared/tools/vllm-peer) for a device session, in uploads that fit
-# the 64 MiB carry limit beside this tree (~14 MB): the peer's prepare.sh makes 58 MiB parts, too big for that,
-# so this re-splits the wheel into 46 MiB parts (.vp1-.vp3, then .vp5, one each), puts the other wheels into the
-# room left there and into .vp4 (and .vp6, ... if needed; 46 MiB each at most), and gives .vp4 the peer's scripts plus what meshserve's issues need beside them:
-# configs for qwen3-30b-a3b and deepseek-v2-lite written from meshserve's presets, and a bench.py that takes
-# QUANT (e.g. fp8) and KV_DTYPE (e.g. fp8) from the environment for vLLM's quantization / kv_cache_dtype.
+# the 64 MiB carry limit beside this tree: the peer's prepare.sh makes 58 MiB parts, too big for that, so this
+# re-splits the wheel into parts of CAP bytes (64 MiB less this tree's files less 4 MiB; .vp1, .vp2, .vp3, then
+# .vp5, .vp6, ... one upload each) and puts the other wheels into the room left there. .vp4 holds no wheels: the
+# peer's scripts plus what meshserve's issues need beside them (configs for qwen3-30b-a3b and deepseek-v2-lite
+# written from meshserve's presets, and a bench.py that takes QUANT (e.g. fp8) and KV_DTYPE (e.g. fp8) from the
+# environment for vLLM's quantization / kv_cache_dtype), so it rides beside .whl in one call: meshserve and vLLM
+# back to back (the thirty-eighth session's .vp4 with wheels, 47 MiB, did not fit beside .whl, nor 46 MiB parts
+# beside an 18 MB tree).
 # Usage (here, repo root, ~2 min; downloads ~380 MB from the package registry):  bash tools/vllm_stage.sh
 # Then on the device, one call per folder back to back (the machine keeps /root/vstage while warm, ~30 s between
 # calls; the script's last line lists the folders):
 #   carry [".vp1"]: mkdir -p /root/vstage && cp .vp1/* /root/vstage/     (likewise .vp2, .vp3, .vp5, ...)
-#   carry [".vp4"]: [QUANT=fp8 KV_DTYPE=fp8] bash .vp4/run.sh .vp4 MODEL:w1,w2 ...   (installs, then runs)
+#   carry [".vp4", ".whl", ...]: [QUANT=fp8 KV_DTYPE=fp8] bash .vp4/run.sh .vp4 MODEL:w1,w2 ...   (installs, runs)
 # MoE models: vLLM's dummy weights route differently from meshserve's (BENCHMARKS.md, twenty-eighth session); for
 # a like-for-like run, after `bash .vp4/run.sh .vp4` (install only):
 #   . .vp4/env.sh; VLLM_ALLOW_INSECURE_SERIALIZATION=1 python3 tools/vllm_reinit_bench.py .vp4/bench.py .vp4/MODEL w2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 peer=../shared/tools/vllm-peer
-for p in /.vllm-peer/ /.vp1/ /.vp2/ /.vp3/ /.vp4/ /.vp5/ /.vp6/ /.vp7/; do
+for p in /.vllm-peer/ /.vp1/ /.vp2/ /.vp3/ /.vp4/ /.vp5/ /.vp6/ /.vp7/ /.vp8/ /.vp9/; do
   grep -qxF "$p" .git/info/exclude 2> /dev/null || echo "$p" >> .git/info/exclude
 done
 [ -f .vllm-peer/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl ] || bash $peer/prepare.sh > /dev/null
@@ -24,9 +27,13 @@ python3 - "$peer" << 'PY'
 import json, os, shutil, subprocess, sys
 peer, src = sys.argv[1], ".vllm-peer"
 wheel = f"{src}/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl"
-# every upload is at most CAP: the device tool refuses a call whose tree + carry passes 64 MiB, and this
-# tree is ~14 MB (50 MiB parts were refused on 2026-12-03)
-CAP = 46 * 2**20
+# every upload is at most CAP: the device tool refuses a call whose tree + carry passes 64 MiB
+tree = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], check=True,
+                      capture_output=True).stdout.split(b"\0")
+tree_bytes = sum(os.path.getsize(f) for f in tree if f and os.path.isfile(f))
+CAP = 60 * 2**20 - tree_bytes
+if CAP < 16 * 2**20:
+    raise SystemExit(f"this tree's files take {tree_bytes / 2**20:.1f} MiB: too little room left for vLLM's parts")
 for d in os.listdir("."):
     if d.startswith(".vp") and d[3:].isdigit():
         shutil.rmtree(d)
@@ -35,27 +42,26 @@ for f in os.listdir(src):
         os.remove(f"{src}/{f}")
 subprocess.run(["split", "-b", str(CAP), "-d", "-a", "1", wheel, f"{src}/vllmpart."], check=True)
 parts = sorted(f for f in os.listdir(src) if f.startswith("vllmpart."))
-# .vp4 is the last upload (scripts; run.sh installs after it): the wheel's parts and the other wheels fill
-# .vp1, .vp2, .vp3, .vp5, .vp6, ... in order, .vp4 taking other wheels too
+# .vp4 is the last upload (scripts only; run.sh installs after it): the wheel's parts and the other wheels fill
+# .vp1, .vp2, .vp3, .vp5, .vp6, ... in order
 names = [".vp1", ".vp2", ".vp3"] + [f".vp{i}" for i in range(5, 10)]
-used = {".vp4": 0}
+used = {}
 for part in parts:
-    home = names[len(used) - 1]
-    used[home] = os.path.getsize(f"{src}/{part}")
+    used[names[len(used)]] = os.path.getsize(f"{src}/{part}")
 others = [f for f in os.listdir(src) if f.endswith(".whl") and not f.startswith("vllm-")]
 placed = []
 for size, f in sorted(((os.path.getsize(f"{src}/{f}"), f) for f in others), reverse=True):
     home = next((d for d in used if used[d] + size <= CAP), None)
     if home is None:
-        if len(used) > len(names):
+        if len(used) == len(names):
             raise SystemExit(f"no room for {f}")
-        home = names[len(used) - 1]
+        home = names[len(used)]
         used[home] = 0
     used[home] += size
     placed.append((f, home))
-for d in used:
+for d in [*used, ".vp4"]:
     os.makedirs(d, exist_ok=True)
-for part, d in zip(parts, [d for d in used if d != ".vp4"]):
+for part, d in zip(parts, used):
     shutil.copy(f"{src}/{part}", d)
 for f, d in placed:
     shutil.copy(f"{src}/{f}", d)

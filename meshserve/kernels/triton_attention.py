@@ -523,13 +523,15 @@ class TritonAttentionBackend:
     launch (MESHSERVE_DECODE_REDUCE=inline).
     fp8_path: how the decode kernel reads an fp8 cache (MESHSERVE_DECODE_FP8_PATH: "words", the default,
     triton_e4m3_words.py; "convert"; or "auto": words with the one tile, convert with the grid tile).
+    balanced: programs an SM for the launches that take the grid tile (no window): the balanced kernel
+    (kernels/triton_decode_balanced.py, MESHSERVE_DECODE_BALANCED); 0: the split kernel.
     """
 
     name = "triton"
 
     def __init__(self, decode_num_splits: int | None = None, max_decode_splits: int = 64,
                  inline_reduce: bool = False, grid_tile: str = "auto", fp8_path: str = "words",
-                 grid_tile_shape: tuple[int, int, int] | None = None):
+                 grid_tile_shape: tuple[int, int, int] | None = None, balanced: int = 0):
         if fp8_path not in (*FP8_PATHS, "auto"):
             raise ValueError(f"fp8_path takes one of {(*FP8_PATHS, 'auto')}, got {fp8_path!r}")
         if grid_tile not in GRID_TILE_MODES:
@@ -540,6 +542,7 @@ class TritonAttentionBackend:
         self.grid_tile = grid_tile  # decode: which caches' large grids take decode_tile's smaller CTAs
         self.grid_tile_shape = grid_tile_shape or GRID_TILE  # (block_n, num_warps, num_stages) of those grids
         self.fp8_path = fp8_path  # decode over an fp8 cache: "convert", "words" or "auto" (_fp8_path_for)
+        self.balanced = balanced  # programs an SM of the balanced kernel for grid-tile launches; 0: off
 
     # -- cache write ---------------------------------------------------------------------------------
     def write_kv(self, key, value, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
@@ -615,9 +618,10 @@ class TritonAttentionBackend:
 
     def grid_tile_min_seqs(self, num_kv_heads: int, head_dim: int, device: torch.device,
                            kv_fp8: bool = False) -> int | None:
-        """The smallest batch whose decode launch takes decode_tile's GRID_TILE (another compiled variant, which
-        engine/eager_warmup.grid_tile_steps builds at start), or None where none does."""
-        if not (self.takes_grid_tile(kv_fp8) and device.type == "cuda") or head_dim > 128:
+        """The smallest batch whose decode launch takes decode_tile's GRID_TILE or the balanced kernel (other
+        compiled variants, which engine/eager_warmup.grid_tile_steps builds at start), or None where none does."""
+        grid = self.takes_grid_tile(kv_fp8) and head_dim <= 128
+        if device.type != "cuda" or not (grid or self.balanced):
             return None
         return -(-GRID_TILE_MIN_WAVES * _num_sms(device.index) // num_kv_heads)
 
@@ -640,10 +644,28 @@ class TritonAttentionBackend:
         if self.takes_grid_tile(_is_fp8(kv_cache)) and query.is_cuda:  # (the interpreter: only the sum order)
             block_n, num_warps, num_stages = decode_tile(num_seqs, num_kv_heads, query.shape[2],
                                                          _num_sms(query.device.index), self.grid_tile_shape)
+        if self._takes_balanced(num_seqs, num_kv_heads, sliding_window, query.device):
+            from meshserve.kernels.triton_decode_balanced import decode_attention_balanced  # it imports this module
+
+            tile = (block_n, num_warps, num_stages) if block_n is not None else \
+                (_decode_block_n(_next_pow2(query.shape[2]), query.element_size()), 4, 3)
+            decode_attention_balanced(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                      scale, out, tile, self.balanced, k_scale, v_scale,
+                                      self._fp8_path_for(grid_tile=block_n is not None))
+            return
         decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                          scale, sliding_window, out, splits, block_n=block_n, num_warps=num_warps,
                          num_stages=num_stages, k_scale=k_scale, v_scale=v_scale, inline_reduce=self.inline_reduce,
                          fp8_path=self._fp8_path_for(grid_tile=block_n is not None))
+
+    def _takes_balanced(self, num_seqs: int, num_kv_heads: int, sliding_window, device: torch.device) -> bool:
+        """Whether a decode launch goes to the balanced kernel: switched on, no window, and a grid of at least
+        GRID_TILE_MIN_WAVES (sequence, KV head) programs an SM (the grids decode_tile gives smaller CTAs; the
+        interpreter's SM count is 8, so CPU tests reach it at 16 programs)."""
+        if not self.balanced or (sliding_window is not None and sliding_window > 0):
+            return False
+        return num_seqs * num_kv_heads >= GRID_TILE_MIN_WAVES * _num_sms(device.index if device.type == "cuda"
+                                                                          else None)
 
     def _fp8_path_for(self, grid_tile: bool) -> str:
         """The decode launch's fp8 path: "auto" reads words with the one (128-token, 4-warp) tile and converts

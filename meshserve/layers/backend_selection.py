@@ -99,6 +99,11 @@ Overrides (environment, read only here, for debugging and references):
                                             11.52 / 11.48 with convert, Qwen3-0.6B fp8 KV 5.15 / 5.38 against
                                             6.04 / 5.86), convert (Triton converts after its shared-memory load)
                                             or auto (words with the one tile, convert with the grid tile)
+  MESHSERVE_DECODE_BALANCED=N               large decode grids (those taking the grid tile, no sliding window)
+                                            through the balanced kernel: N programs an SM over all KV heads,
+                                            one wave, each streaming an equal share of the batch's KV tiles
+                                            (kernels/triton_decode_balanced.py; W2's contexts left the split
+                                            kernel's 2.6 waves uneven); 0 or unset: off (not measured yet)
   MESHSERVE_DECODE_FUSED_PROLOGUE=0|1|split decode-only steps: the fused prologue (q/k norm, rotary, K/V write)
                                             inside the decode attention launch (kernels/triton_decode_fused.py,
                                             one launch fewer a layer; with the fused prologue only); split (the
@@ -231,6 +236,7 @@ MLA_PREFILL_REF_ENV = "MESHSERVE_MLA_PREFILL_REF"
 MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
 MLA_DECODE_TILE_ENV = "MESHSERVE_MLA_DECODE_TILE"
 DECODE_GRID_TILE_ENV = "MESHSERVE_DECODE_GRID_TILE"
+DECODE_BALANCED_ENV = "MESHSERVE_DECODE_BALANCED"
 MLA_BALANCED_ENV = "MESHSERVE_MLA_BALANCED"
 MLA_PREFETCH_ENV = "MESHSERVE_MLA_PREFETCH"
 MLA_TRANSPOSED_ENV = "MESHSERVE_MLA_TRANSPOSED"
@@ -292,6 +298,8 @@ class KernelSelection:
     # decode attention: which caches' large grids take smaller CTAs (TritonAttentionBackend.takes_grid_tile)
     decode_grid_tile: str = "auto"
     decode_grid_tile_shape: tuple[int, int, int] | None = None  # those grids' tile; None: kernels' GRID_TILE
+    # those grids through the balanced kernel at this many programs an SM (kernels/triton_decode_balanced.py); 0 off
+    decode_balanced: int = 0
     # how decode attention reads an fp8 KV cache (DECODE_FP8_PATH_CHOICES)
     decode_fp8_path: str = "words"
     # decode-only steps: fused_prologue's work inside the decode attention launch (kernels/triton_decode_fused.py)
@@ -446,6 +454,20 @@ def _tile_env(env: str) -> tuple[int, int, int] | None:
     return block_n, warps, stages
 
 
+def _programs_per_sm(env: str) -> int:
+    """Programs an SM from the environment: unset, empty or 0 is 0 (off); else an integer 1-32."""
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidArgumentError(f"{env} takes programs an SM (0 off, 1-32), got {raw!r}") from None
+    if not 0 <= value <= 32:
+        raise InvalidArgumentError(f"{env} takes programs an SM (0 off, 1-32), got {raw!r}")
+    return value
+
+
 def _forced_switch(env: str) -> bool | None:
     """An A/B override: unset (or empty) None (the default rule decides), 0 False, anything else True."""
     raw = os.environ.get(env, "").strip()
@@ -591,6 +613,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         decode_inline_reduce=_variant(DECODE_REDUCE_ENV, DECODE_REDUCE_CHOICES, "kernel") == "inline",
         decode_grid_tile=_variant(DECODE_TILE_ENV, DECODE_TILE_CHOICES, KernelSelection.decode_grid_tile),
         decode_grid_tile_shape=_tile_env(DECODE_GRID_TILE_ENV),
+        decode_balanced=_programs_per_sm(DECODE_BALANCED_ENV),
         decode_fp8_path=_variant(DECODE_FP8_PATH_ENV, DECODE_FP8_PATH_CHOICES, KernelSelection.decode_fp8_path),
         # "split" by default (H200, 2026-12-02: W1 +0.9% Qwen3-0.6B, +1.5% Llama-3.1-8B; W2 unchanged, where
         # "1" lost 4.7%): tools/w1_ab_device.sh
@@ -633,7 +656,7 @@ def bind_kernels(model: nn.Module, selection: KernelSelection) -> None:
     pdl.set_policy(selection.pdl_policy)
     backend = make_attention_backend(selection.attention_backend, selection.decode_inline_reduce,
                                      selection.decode_grid_tile, selection.decode_fp8_path,
-                                     selection.decode_grid_tile_shape)
+                                     selection.decode_grid_tile_shape, selection.decode_balanced)
     for module in model.modules():
         if isinstance(module, Attention):
             module.backend = backend

@@ -291,6 +291,11 @@ def test_decode_tile_takes_small_ctas_on_grids_of_two_waves():
     assert backend.grid_tile_min_seqs(8, 128, torch.device("cuda"), False) is None  # bf16 keeps the one tile
     assert TritonAttentionBackend(grid_tile="legacy").grid_tile_min_seqs(8, 128, torch.device("cuda"), True) is None
     assert backend.grid_tile_min_seqs(8, 256, torch.device("cuda"), True) is None
+    # the balanced kernel (MESHSERVE_DECODE_BALANCED) is a variant of its own at the same batches, any cache
+    balanced = TritonAttentionBackend(balanced=4)
+    assert balanced.grid_tile_min_seqs(8, 128, torch.device("cuda"), False) == \
+        backend.grid_tile_min_seqs(8, 128, torch.device("cuda"), True)
+    assert balanced.grid_tile_min_seqs(8, 128, torch.device("cpu"), False) is None
     with pytest.raises(ValueError, match="grid_tile"):
         TritonAttentionBackend(grid_tile="small")
     rows = backend.grid_tile_min_seqs(8, 128, torch.device("cuda"), True)

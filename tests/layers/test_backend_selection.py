@@ -33,6 +33,7 @@ def _no_overrides(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_FP8_PATH", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_GRID_TILE", raising=False)
+    monkeypatch.delenv("MESHSERVE_DECODE_BALANCED", raising=False)
     for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS",
                  "MESHSERVE_MOE_ROUTE_ALIGN", "MESHSERVE_MOE_FUSE_SHARED", "MESHSERVE_MOE_ROUTER_FUSED"):
         monkeypatch.delenv(name, raising=False)
@@ -295,6 +296,24 @@ def test_decode_fp8_path_switch_reaches_the_attention_backend(monkeypatch):
     monkeypatch.setenv("MESHSERVE_DECODE_FP8_PATH", "bits")
     with pytest.raises(ValueError, match="MESHSERVE_DECODE_FP8_PATH"):
         select_kernels(gpu)
+
+
+def test_decode_balanced_switch_reaches_the_attention_backend(monkeypatch):
+    # off by default; programs an SM on request, bound to every layer's Triton backend; a bad value is one line
+    gpu = _config(device="cuda", dtype="bfloat16", cache_dtype="fp8")
+    assert select_kernels(gpu).decode_balanced == 0
+    layer = Attention(num_heads=4, head_dim=16, num_kv_heads=2, scale=0.25)
+    monkeypatch.setenv("MESHSERVE_DECODE_BALANCED", "6")
+    selection = select_kernels(gpu)
+    assert selection.decode_balanced == 6
+    bind_kernels(torch.nn.Sequential(layer), dataclasses.replace(selection, attention_backend="triton"))
+    assert layer.backend.balanced == 6
+    monkeypatch.setenv("MESHSERVE_DECODE_BALANCED", "0")
+    assert select_kernels(gpu).decode_balanced == 0
+    for bad in ("yes", "-1", "33"):
+        monkeypatch.setenv("MESHSERVE_DECODE_BALANCED", bad)
+        with pytest.raises(InvalidArgumentError, match="MESHSERVE_DECODE_BALANCED takes programs an SM"):
+            select_kernels(gpu)
 
 
 def test_decode_reduce_switch_reaches_the_attention_backend(monkeypatch):

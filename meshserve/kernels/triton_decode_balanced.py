@@ -1,0 +1,233 @@
+"""GQA decode attention with the batch's KV work balanced over a fixed number of programs per KV head
+(triton_mla_balanced's scheduling for the paged GQA cache): decode_attention's contract for the one-token rows.
+
+Why: decode_attention launches one program per (sequence, KV head) at W2's batches (one split), 2,048 programs
+for 256 sequences x 8 KV heads. With ~6 resident an SM that is 2.6 waves on an H200, the last one 60% full, and
+W2's contexts (100 to 2,048 tokens) leave the SMs that drew long ones streaming while the rest idle: the fp8
+tile ran at 2.66 TB/s at a uniform batch 256 x 800 where a copy runs at 4.2 (BENCHMARKS.md, thirty-seventh
+session). Here each KV head's work is one line of cost units (a sequence: its KV tiles plus OVERHEAD units for
+its q load, block-table walk and output), cut into num_programs equal ranges; program p walks the sequences its
+range overlaps, so every program streams about the same bytes whatever the lengths, in one wave.
+
+* ``_decode_balanced_kernel``: grid (num_programs, KV heads). Each program rebuilds the cost line from seq_lens
+  and query_start_loc (rows with one query token; padding and a mixed batch's prompt rows cost nothing), finds
+  its first sequence and walks on through the decode tile (attend_paged_kv_tile, every cache dtype and V
+  layout). A sequence whole in one program is written straight to the output; the pieces of a sequence cut by
+  range boundaries go to workspace slots (at most 2 x num_programs: each boundary cuts one sequence once), and
+  program (0, 0) writes each sequence's first slot and piece count for the merge.
+* ``_decode_balanced_merge_kernel``: grid (sequences, heads): merges a cut sequence's pieces (the split reduce's
+  arithmetic); rows written directly, padding and prompt rows untouched.
+
+No sliding window (TritonAttentionBackend keeps the split kernel there). No host sync: CUDA-graph safe (the grid
+depends on the GPU, not on the batch's lengths). Opt-in: MESHSERVE_DECODE_BALANCED (layers/backend_selection.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from meshserve.kernels.kv_layout import v_transposed
+from meshserve.kernels.pdl import gdc_kwargs
+from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
+from meshserve.kernels.triton_attention import (
+    _LOG2E,
+    _NEG_BIG,
+    _dot_precision,
+    _fp8_tile,
+    _is_fp8,
+    _next_pow2,
+    _num_sms,
+    _upcast_dot,
+)
+from meshserve.kernels.triton_attention_tile import attend_paged_kv_tile, dot_query
+from meshserve.kernels.triton_kv_layout import v_head_base
+
+OVERHEAD = 1  # cost units of a sequence beyond its tiles (a 64-token fp8 tile is 16 KB; q, table, output ~2 KB)
+
+
+@triton.jit
+def _decode_cost_line(seq_lens_ptr, qsl_ptr, num_seqs, num_programs, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                      OVERHEAD_UNITS: tl.constexpr):
+    """Per sequence (vectors over the batch): KV tiles, cost, inclusive cumulative cost; and the range width.
+    Only one-token rows cost anything (a mixed batch's prompt rows are the prefill kernel's)."""
+    bi = tl.arange(0, BLOCK_B)
+    b_mask = bi < num_seqs
+    lens = tl.load(seq_lens_ptr + bi, mask=b_mask, other=0).to(tl.int32)
+    q_lo = tl.load(qsl_ptr + bi, mask=b_mask, other=0)
+    q_hi = tl.load(qsl_ptr + bi + 1, mask=b_mask, other=0)
+    tiles = tl.where((q_hi - q_lo) == 1, (lens + BLOCK_N - 1) // BLOCK_N, 0)
+    cost = tl.where(tiles > 0, tiles + OVERHEAD_UNITS, 0)
+    cum = tl.cumsum(cost, 0)
+    width = tl.maximum((tl.sum(cost, 0) + num_programs - 1) // num_programs, 1)
+    return bi, tiles, cost, cum, width
+
+
+@triton.jit(do_not_specialize=["num_seqs", "stride_btb"])  # see triton_attention._decode_split_kernel
+def _decode_balanced_kernel(
+    q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr, pieces_ptr,
+    scale_log2, num_seqs, num_programs, k_scale, v_scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_btb,
+    stride_ot, stride_oh, stride_od,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr, OVERHEAD_UNITS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr, V_T: tl.constexpr, USE_GDC: tl.constexpr = False,
+):
+    p = tl.program_id(0)
+    kvh = tl.program_id(1)
+    gdc_wait(USE_GDC)  # q comes from the prologue kernel, the metadata from the step's inputs
+    bi, tiles, cost, cum, width = _decode_cost_line(seq_lens_ptr, qsl_ptr, num_seqs, num_programs, BLOCK_B,
+                                                    BLOCK_N, OVERHEAD_UNITS)
+    # pieces: the programs whose ranges a sequence overlaps; cut sequences get consecutive workspace slots
+    first_prog = (cum - cost) // width
+    n_pieces = tl.where(cost > 0, (cum - 1) // width - first_prog + 1, 0)
+    cut = tl.where(n_pieces > 1, n_pieces, 0)
+    slot0 = tl.cumsum(cut, 0) - cut
+    if (p == 0) & (kvh == 0):
+        tl.store(pieces_ptr + bi, slot0, mask=bi < num_seqs)
+        tl.store(pieces_ptr + BLOCK_B + bi, n_pieces, mask=bi < num_seqs)
+
+    rows = tl.arange(0, ROWS)
+    row_valid = rows < GROUP
+    heads = kvh * GROUP + rows
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    n_off = tl.arange(0, BLOCK_N)
+    k_base = cache_ptr + kvh * stride_ch
+    v_base = v_head_base(cache_ptr, kvh, stride_ckv, stride_ch, BLOCK_SIZE, V_T)
+
+    start = p * width
+    end = tl.minimum(start + width, tl.sum(cost, 0))
+    b = tl.sum((cum <= start).to(tl.int32), 0)  # the first sequence whose cost range reaches past start
+    pos = start
+    while pos < end:
+        sel = bi == b
+        c_hi = tl.sum(tl.where(sel, cum, 0), 0)
+        c_lo = c_hi - tl.sum(tl.where(sel, cost, 0), 0)
+        if c_hi > c_lo:  # zero-cost rows (padding, prompt rows, seq_len 0) own no piece: skip them
+            n_tiles = tl.sum(tl.where(sel, tiles, 0), 0)
+            # this program's units of the sequence -> its tiles (the first OVERHEAD units carry none)
+            t0 = tl.minimum(tl.maximum(pos - c_lo - OVERHEAD_UNITS, 0), n_tiles)
+            t1 = tl.minimum(tl.maximum(tl.minimum(end, c_hi) - c_lo - OVERHEAD_UNITS, 0), n_tiles)
+            seq_len = tl.load(seq_lens_ptr + b)
+            tok = tl.load(qsl_ptr + b).to(tl.int64)
+            q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                        mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+            q = dot_query(q, UPCAST_DOT, KV_FP8)
+            m_i = tl.full([ROWS], _NEG_BIG, dtype=tl.float32)
+            l_i = tl.zeros([ROWS], dtype=tl.float32)
+            acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+            q_last = tl.zeros([ROWS], dtype=tl.int32) + (seq_len - 1)
+            bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+            for t in range(t0, t1):
+                kv_pos = t * BLOCK_N + n_off
+                acc, m_i, l_i = attend_paged_kv_tile(
+                    q, q_last, acc, m_i, l_i, kv_pos, kv_pos < seq_len, 0, bt_row, k_base, v_base, d, d_mask,
+                    scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
+                    BLOCK_SIZE, False, False, KV_FP8, DOT_PRECISION, FP8_TILE, V_T,
+                )
+            pieces = tl.sum(tl.where(sel, n_pieces, 0), 0)
+            if pieces == 1:
+                o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+                tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :] * stride_od,
+                         o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
+            else:
+                k = tl.sum(tl.where(sel, slot0, 0), 0) + p - tl.sum(tl.where(sel, first_prog, 0), 0)
+                ws_row = k.to(tl.int64) * NUM_HEADS + heads  # acc [slots, H, BLOCK_D], ml [slots, H, 2], fp32
+                tl.store(ws_acc_ptr + ws_row[:, None] * BLOCK_D + d[None, :], acc, mask=row_valid[:, None])
+                tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_valid)
+                tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_valid)
+        pos = c_hi
+        b += 1
+    gdc_trigger_late(USE_GDC)
+
+
+@triton.jit
+def _decode_balanced_merge_kernel(
+    ws_acc_ptr, ws_ml_ptr, pieces_ptr, qsl_ptr, out_ptr,
+    stride_ot, stride_oh, stride_od,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    gdc_wait(USE_GDC)
+    q_start = tl.load(qsl_ptr + b)
+    if tl.load(qsl_ptr + b + 1) - q_start != 1:
+        return  # padding or a prompt row: not decode's
+    n = tl.load(pieces_ptr + BLOCK_B + b)
+    if n == 1:
+        return  # written directly
+    slot0 = tl.load(pieces_ptr + b)
+    d = tl.arange(0, BLOCK_D)
+    m_run = tl.zeros([], dtype=tl.float32) + _NEG_BIG
+    l_run = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k in range(n):  # n is 0 for seq_len 0: zeros, as the split kernel writes
+        row = (slot0 + k).to(tl.int64) * NUM_HEADS + h
+        m = tl.load(ws_ml_ptr + row * 2)
+        l = tl.load(ws_ml_ptr + row * 2 + 1)
+        m_new = tl.maximum(m_run, m)
+        a_old = tl.exp2(m_run - m_new)
+        a_new = tl.exp2(m - m_new)
+        acc = acc * a_old + tl.load(ws_acc_ptr + row * BLOCK_D + d) * a_new
+        l_run = l_run * a_old + l * a_new
+        m_run = m_new
+    o = acc / tl.where(l_run > 0, l_run, 1.0)
+    tl.store(out_ptr + q_start.to(tl.int64) * stride_ot + h * stride_oh + d * stride_od,
+             o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def balanced_programs(num_kv_heads: int, programs_per_sm: int, device: torch.device) -> int:
+    """Programs per KV head: programs_per_sm on every SM over all KV heads together, one wave (at least 1)."""
+    sms = _num_sms(device.index if device.type == "cuda" else None)
+    return max(1, programs_per_sm * sms // num_kv_heads)
+
+
+def decode_attention_balanced(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, out,
+                              tile: tuple[int, int, int], programs_per_sm: int, k_scale: float = 1.0,
+                              v_scale: float = 1.0, fp8_path: str = "words",
+                              num_programs: int | None = None) -> torch.Tensor:
+    """triton_attention.decode_attention's contract without a window (one query per sequence; rows with
+    q_len != 1 untouched, seq_len-0 rows zeros) with the work balanced over num_programs programs per KV head
+    (None: balanced_programs). tile: (BLOCK_N, num_warps, num_stages)."""
+    num_seqs = seq_lens.shape[0]
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    if query.shape[0] == 0 or num_seqs == 0:
+        return out
+    block_n, num_warps, num_stages = tile
+    if num_programs is None:
+        num_programs = balanced_programs(num_kv_heads, programs_per_sm, query.device)
+    group = num_heads // num_kv_heads
+    block_d = max(16, _next_pow2(head_dim))
+    block_b = max(16, _next_pow2(num_seqs))
+    slots = 2 * num_programs
+    dev = query.device
+    ws_acc = torch.empty((slots, num_heads, block_d), dtype=torch.float32, device=dev)
+    ws_ml = torch.empty((slots, num_heads, 2), dtype=torch.float32, device=dev)
+    pieces = torch.empty((2, block_b), dtype=torch.int32, device=dev)
+    gdc = gdc_kwargs(query, programs=num_programs * num_kv_heads, num_warps=num_warps)
+    _decode_balanced_kernel[(num_programs, num_kv_heads)](
+        query, kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml, pieces,
+        scale * _LOG2E, num_seqs, num_programs, float(k_scale), float(v_scale),
+        query.stride(0), query.stride(1), query.stride(2),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        NUM_HEADS=num_heads, GROUP=group, ROWS=max(16, _next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=block_n, BLOCK_B=block_b, OVERHEAD_UNITS=OVERHEAD,
+        UPCAST_DOT=_upcast_dot(query), DOT_PRECISION=_dot_precision(query), KV_FP8=_is_fp8(kv_cache),
+        FP8_TILE=_fp8_tile(fp8_path, query, kv_cache), V_T=v_transposed(kv_cache),
+        num_warps=num_warps, num_stages=num_stages, **gdc,
+    )
+    _decode_balanced_merge_kernel[(num_seqs, num_heads)](
+        ws_acc, ws_ml, pieces, query_start_loc, out, out.stride(0), out.stride(1), out.stride(2),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_B=block_b,
+        num_warps=4 if block_d >= 128 else 2, **gdc_kwargs(query, programs=num_seqs * num_heads),
+    )
+    return out

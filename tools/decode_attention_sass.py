@@ -1,11 +1,11 @@
-"""Static sm_90 numbers of the plain decode split kernel (_decode_split_kernel) over a bf16 and an fp8 (e4m3)
-cache, without a GPU: compiled with Triton's bundled ptxas (as tools/int4_gemv_sass.py), then registers / stack
+"""Static sm_90 numbers of the plain decode split kernel (_decode_split_kernel; --kernel balanced: the balanced
+kernel, kernels/triton_decode_balanced.py) over a bf16 and an fp8 (e4m3) cache, without a GPU: compiled with Triton's bundled ptxas (as tools/int4_gemv_sass.py), then registers / stack
 (cuobjdump -res-usage), shared memory, and the KV loop's SASS (nvdisasm: the largest backward-branch loop, one
 KV tile per iteration) by instruction class, per thread and per warp-instruction per KiB of cache read, so the
 fp8 path's conversion cost shows beside bf16's.
 
 usage: python tools/decode_attention_sass.py [--dump DIR] [--ops] [--fp8-tile convert words ...]
-       [--launch N,W,S ...] [--model qwen llama] [--no-bf16]
+       [--launch N,W,S ...] [--model qwen llama] [--no-bf16] [--kernel split|balanced]
 
 Configs: Qwen3-0.6B (16 / 8 heads, group 2) and Llama-3.1-8B (32 / 8, group 4), head_dim 128, block 16, one
 split (direct output), ROWS 16, at block_n 128 / 4 warps / 3 stages (the default: _decode_block_n keys on the
@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from meshserve.kernels.triton_attention import _decode_split_kernel
+from meshserve.kernels.triton_decode_balanced import _decode_balanced_kernel
 from meshserve.kernels.triton_e4m3_words import FP8_TILES
 from tools.sass_loops import backward_loops, cubin_facts, opcodes
 
@@ -40,6 +41,7 @@ SIG = {
     "ws_acc_ptr": "*fp32",
     "ws_ml_ptr": "*fp32",
     "ticket_ptr": "*i32",
+    "pieces_ptr": "*i32",
     "scale_log2": "fp32",
     "k_scale": "fp32",
     "v_scale": "fp32",
@@ -56,7 +58,9 @@ TILE = {
     "stride_cd": 1,
     "stride_od": 1,
     "stride_qd": 1,
-}  # unit strides: specialised to 1 at a real launch
+    "BLOCK_B": 256,  # the balanced kernel's batch vector (W2: 256 sequences)
+    "OVERHEAD_UNITS": 1,
+}  # unit strides: specialised to 1 at a real launch; each kernel takes the names it has
 MODELS = {
     "qwen": {"NUM_HEADS": 16, "GROUP": 2, "ROWS": 16},
     "llama": {"NUM_HEADS": 32, "GROUP": 4, "ROWS": 16},
@@ -79,8 +83,10 @@ CLASSES = (
 )
 
 
-def compile_sm90(const: dict, warps: int, stages: int):
-    kernel = _decode_split_kernel
+KERNELS = {"split": _decode_split_kernel, "balanced": _decode_balanced_kernel}
+
+
+def compile_sm90(const: dict, warps: int, stages: int, kernel=_decode_split_kernel):
     names = list(kernel.arg_names)
     fp8 = const.get("KV_FP8", False)
     const = {k: v for k, v in const.items() if k in names}
@@ -131,6 +137,7 @@ def main():
                     help="block_n,warps,stages launches (default: 128,4,3 and 64,2,2)")
     ap.add_argument("--model", nargs="*", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--no-bf16", action="store_true", help="only the fp8 paths")
+    ap.add_argument("--kernel", choices=list(KERNELS), default="split")
     args = ap.parse_args()
     order = ("HMMA", "cvt", "prmt", "lds", "sts", "glob", "bar", "shfl", "fp", "int", "other")
     print(f"{'config':34s} {'regs':>4} {'stk':>3} {'smem':>6} {'loop':>5} {'/KiB':>5}  "
@@ -146,7 +153,7 @@ def main():
                 tile = cache.split(":")[1] if fp8 else "convert"
                 const = {**TILE, **heads, "BLOCK_N": block_n, "KV_FP8": fp8, "FP8_TILE": tile.split("+")[0],
                          "V_T": tile.endswith("+vt")}
-                s = stats(compile_sm90(const, warps, stages))
+                s = stats(compile_sm90(const, warps, stages, KERNELS[args.kernel]))
                 kib = 2 * block_n * 128 * (1 if fp8 else 2) / 1024  # K and V bytes of one tile
                 tag = f"{model} n{block_n} w{warps} s{stages} {cache}"
                 print(f"{tag:34s} {s['regs']:4d} {s['stack']:3d} {s['smem']:6d} {s['loop']:5d} "

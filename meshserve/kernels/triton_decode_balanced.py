@@ -12,9 +12,10 @@ range overlaps, so every program streams about the same bytes whatever the lengt
 * ``_decode_balanced_kernel``: grid (num_programs, KV heads). Each program rebuilds the cost line from seq_lens
   and query_start_loc (rows with one query token; padding and a mixed batch's prompt rows cost nothing), finds
   its first sequence and walks on through the decode tile (attend_paged_kv_tile, every cache dtype and V
-  layout). A sequence whole in one program is written straight to the output; the pieces of a sequence cut by
-  range boundaries go to workspace slots (at most 2 x num_programs: each boundary cuts one sequence once), and
-  program (0, 0) writes each sequence's first slot and piece count for the merge.
+  layout). A sequence whole in one program is written straight to the output; a sequence cut by range
+  boundaries leaves a piece in each program it spans, in that program's slot 2p (the piece its range starts
+  in) or 2p + 1 (the piece it ends in), and program (0, 0) writes each sequence's first program and number of
+  pieces for the merge. The walk holds scalars only (a sequence's cost from its own length).
 * ``_decode_balanced_merge_kernel``: grid (sequences, heads): merges a cut sequence's pieces (the split reduce's
   arithmetic); rows written directly, padding and prompt rows untouched.
 
@@ -80,16 +81,20 @@ def _decode_balanced_kernel(
     p = tl.program_id(0)
     kvh = tl.program_id(1)
     gdc_wait(USE_GDC)  # q comes from the prologue kernel, the metadata from the step's inputs
+    # the batch's vectors only up to the walk's first sequence: the walk itself keeps scalars (the vectors
+    # over 256+ sequences held across the tile loop cost 50 registers a thread at 2 warps, and occupancy)
     bi, tiles, cost, cum, width = _decode_cost_line(seq_lens_ptr, qsl_ptr, num_seqs, num_programs, BLOCK_B,
                                                     BLOCK_N, OVERHEAD_UNITS)
-    # pieces: the programs whose ranges a sequence overlaps; cut sequences get consecutive workspace slots
-    first_prog = (cum - cost) // width
-    n_pieces = tl.where(cost > 0, (cum - 1) // width - first_prog + 1, 0)
-    cut = tl.where(n_pieces > 1, n_pieces, 0)
-    slot0 = tl.cumsum(cut, 0) - cut
-    if (p == 0) & (kvh == 0):
-        tl.store(pieces_ptr + bi, slot0, mask=bi < num_seqs)
+    total = tl.sum(cost, 0)
+    if (p == 0) & (kvh == 0):  # for the merge: each sequence's first program and its number of pieces
+        first_prog = (cum - cost) // width
+        n_pieces = tl.where(cost > 0, (cum - 1) // width - first_prog + 1, 0)
+        tl.store(pieces_ptr + bi, first_prog, mask=bi < num_seqs)
         tl.store(pieces_ptr + BLOCK_B + bi, n_pieces, mask=bi < num_seqs)
+    start = p * width
+    end = tl.minimum(start + width, total)
+    b = tl.sum((cum <= start).to(tl.int32), 0)  # the first sequence whose cost range reaches past start
+    c_lo = tl.sum(tl.where(bi == b, cum - cost, 0), 0)
 
     rows = tl.arange(0, ROWS)
     row_valid = rows < GROUP
@@ -100,21 +105,17 @@ def _decode_balanced_kernel(
     k_base = cache_ptr + kvh * stride_ch
     v_base = v_head_base(cache_ptr, kvh, stride_ckv, stride_ch, BLOCK_SIZE, V_T)
 
-    start = p * width
-    end = tl.minimum(start + width, tl.sum(cost, 0))
-    b = tl.sum((cum <= start).to(tl.int32), 0)  # the first sequence whose cost range reaches past start
-    pos = start
-    while pos < end:
-        sel = bi == b
-        c_hi = tl.sum(tl.where(sel, cum, 0), 0)
-        c_lo = c_hi - tl.sum(tl.where(sel, cost, 0), 0)
+    while c_lo < end:
+        seq_len = tl.load(seq_lens_ptr + b)
+        q_start = tl.load(qsl_ptr + b)
+        q_len = tl.load(qsl_ptr + b + 1) - q_start
+        n_tiles = tl.where(q_len == 1, tl.cdiv(seq_len, BLOCK_N), 0)
+        c_hi = c_lo + tl.where(n_tiles > 0, n_tiles + OVERHEAD_UNITS, 0)
         if c_hi > c_lo:  # zero-cost rows (padding, prompt rows, seq_len 0) own no piece: skip them
-            n_tiles = tl.sum(tl.where(sel, tiles, 0), 0)
             # this program's units of the sequence -> its tiles (the first OVERHEAD units carry none)
-            t0 = tl.minimum(tl.maximum(pos - c_lo - OVERHEAD_UNITS, 0), n_tiles)
+            t0 = tl.minimum(tl.maximum(start - c_lo - OVERHEAD_UNITS, 0), n_tiles)
             t1 = tl.minimum(tl.maximum(tl.minimum(end, c_hi) - c_lo - OVERHEAD_UNITS, 0), n_tiles)
-            seq_len = tl.load(seq_lens_ptr + b)
-            tok = tl.load(qsl_ptr + b).to(tl.int64)
+            tok = q_start.to(tl.int64)
             q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd,
                         mask=row_valid[:, None] & d_mask[None, :], other=0.0)
             q = dot_query(q, UPCAST_DOT, KV_FP8)
@@ -130,18 +131,19 @@ def _decode_balanced_kernel(
                     scale_log2, k_scale, v_scale, stride_cb, stride_cs, stride_cd,
                     BLOCK_SIZE, False, False, KV_FP8, DOT_PRECISION, FP8_TILE, V_T,
                 )
-            pieces = tl.sum(tl.where(sel, n_pieces, 0), 0)
-            if pieces == 1:
+            if (c_lo >= start) & (c_hi <= end):  # the whole sequence is this program's
                 o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
                 tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :] * stride_od,
                          o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
             else:
-                k = tl.sum(tl.where(sel, slot0, 0), 0) + p - tl.sum(tl.where(sel, first_prog, 0), 0)
-                ws_row = k.to(tl.int64) * NUM_HEADS + heads  # acc [slots, H, BLOCK_D], ml [slots, H, 2], fp32
+                # a piece: program p holds at most two, the sequence it starts in (slot 2p) and the one it
+                # ends in (2p + 1); _decode_balanced_merge_kernel finds them from the first program alone
+                slot = 2 * p + tl.where(c_lo < start, 0, 1)
+                ws_row = slot.to(tl.int64) * NUM_HEADS + heads  # acc [slots, H, BLOCK_D], ml [slots, H, 2], fp32
                 tl.store(ws_acc_ptr + ws_row[:, None] * BLOCK_D + d[None, :], acc, mask=row_valid[:, None])
                 tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_valid)
                 tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_valid)
-        pos = c_hi
+        c_lo = c_hi
         b += 1
     gdc_trigger_late(USE_GDC)
 
@@ -162,13 +164,15 @@ def _decode_balanced_merge_kernel(
     n = tl.load(pieces_ptr + BLOCK_B + b)
     if n == 1:
         return  # written directly
-    slot0 = tl.load(pieces_ptr + b)
+    first = tl.load(pieces_ptr + b)
     d = tl.arange(0, BLOCK_D)
     m_run = tl.zeros([], dtype=tl.float32) + _NEG_BIG
     l_run = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for k in range(n):  # n is 0 for seq_len 0: zeros, as the split kernel writes
-        row = (slot0 + k).to(tl.int64) * NUM_HEADS + h
+        # the first program's piece ends its range (slot 2 first + 1); every later one starts its range (2 q)
+        slot = tl.where(k == 0, 2 * first + 1, 2 * (first + k))
+        row = slot.to(tl.int64) * NUM_HEADS + h
         m = tl.load(ws_ml_ptr + row * 2)
         l = tl.load(ws_ml_ptr + row * 2 + 1)
         m_new = tl.maximum(m_run, m)
@@ -180,6 +184,18 @@ def _decode_balanced_merge_kernel(
     o = acc / tl.where(l_run > 0, l_run, 1.0)
     tl.store(out_ptr + q_start.to(tl.int64) * stride_ot + h * stride_oh + d * stride_od,
              o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+REGISTERS_PER_SM = 65536  # 32-bit registers of an SM (sm_80 - sm_90)
+
+
+def max_registers(programs_per_sm: int, num_warps: int) -> int | None:
+    """The per-thread register cap that lets programs_per_sm programs of num_warps warps share an SM, so the
+    launch is the one wave the balancing assumes (None: no cap needed). Unbounded, the kernel takes ~210 registers
+    a thread at 2 warps (sm_90, the 8B's fp8 tile): 4 programs an SM, where the split kernel's 166 fit 6; at a cap
+    of 168 it spills 24 bytes (tools/decode_attention_sass.py --kernel balanced)."""
+    cap = REGISTERS_PER_SM // (programs_per_sm * num_warps * 32) // 8 * 8
+    return cap if cap < 255 else None
 
 
 def balanced_programs(num_kv_heads: int, programs_per_sm: int, device: torch.device) -> int:
@@ -212,6 +228,7 @@ def decode_attention_balanced(query, kv_cache, block_tables, seq_lens, query_sta
     ws_ml = torch.empty((slots, num_heads, 2), dtype=torch.float32, device=dev)
     pieces = torch.empty((2, block_b), dtype=torch.int32, device=dev)
     gdc = gdc_kwargs(query, programs=num_programs * num_kv_heads, num_warps=num_warps)
+    cap = max_registers(programs_per_sm, num_warps) if query.is_cuda else None
     _decode_balanced_kernel[(num_programs, num_kv_heads)](
         query, kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml, pieces,
         scale * _LOG2E, num_seqs, num_programs, float(k_scale), float(v_scale),
@@ -223,7 +240,7 @@ def decode_attention_balanced(query, kv_cache, block_tables, seq_lens, query_sta
         BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=block_n, BLOCK_B=block_b, OVERHEAD_UNITS=OVERHEAD,
         UPCAST_DOT=_upcast_dot(query), DOT_PRECISION=_dot_precision(query), KV_FP8=_is_fp8(kv_cache),
         FP8_TILE=_fp8_tile(fp8_path, query, kv_cache), V_T=v_transposed(kv_cache),
-        num_warps=num_warps, num_stages=num_stages, **gdc,
+        num_warps=num_warps, num_stages=num_stages, **gdc, **({} if cap is None else {"maxnreg": cap}),
     )
     _decode_balanced_merge_kernel[(num_seqs, num_heads)](
         ws_acc, ws_ml, pieces, query_start_loc, out, out.stride(0), out.stride(1), out.stride(2),

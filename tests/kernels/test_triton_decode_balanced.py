@@ -122,6 +122,15 @@ def test_backend_routes_large_decode_grids_to_it_interp(monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@needs_triton
+def test_register_cap_keeps_the_programs_of_an_sm_resident():
+    from meshserve.kernels.triton_decode_balanced import max_registers
+
+    assert max_registers(6, 2) == 168  # 6 x 64 threads x 168 <= 65,536
+    assert max_registers(8, 2) == 128 and max_registers(3, 4) == 168
+    assert max_registers(4, 2) is None and max_registers(1, 4) is None  # 256 a thread: no cap needed
+
+
 _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget

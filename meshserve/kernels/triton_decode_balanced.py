@@ -94,7 +94,8 @@ def _decode_balanced_kernel(
     start = p * width
     end = tl.minimum(start + width, total)
     b = tl.sum((cum <= start).to(tl.int32), 0)  # the first sequence whose cost range reaches past start
-    c_lo = tl.sum(tl.where(bi == b, cum - cost, 0), 0)
+    # a program past the batch's work (start >= total: every cum <= start, b = BLOCK_B) walks nothing
+    c_lo = tl.where(b < num_seqs, tl.sum(tl.where(bi == b, cum - cost, 0), 0), end)
 
     rows = tl.arange(0, ROWS)
     row_valid = rows < GROUP

@@ -23,8 +23,8 @@ def _llm(model: str, dtype: str, backend: str, eager: bool, monkeypatch, **engin
     else:
         monkeypatch.delenv("MESHSERVE_DISABLE_FUSED_OPS", raising=False)
     return LLM(model=model, load_format="dummy", dtype=dtype, max_model_len=1024, enforce_eager=eager,
-               hf_overrides={"num_hidden_layers": 3}, gpu_memory_utilization=0.5, max_num_seqs=32, seed=0,
-               **engine_kwargs)
+               hf_overrides={"num_hidden_layers": 3}, gpu_memory_utilization=0.5, seed=0,
+               **{"max_num_seqs": 32, **engine_kwargs})
 
 
 def _prompts(n: int = 6) -> list[dict]:
@@ -43,6 +43,25 @@ def test_fast_path_greedy_tokens_equal_reference_fp32(model, monkeypatch):
     fast = _llm(model, "float32", "triton", False, monkeypatch)
     assert fast.engine.runner.graphs is not None
     got = [o.outputs[0].token_ids for o in fast.generate(_prompts(), params, use_tqdm=False)]
+    fast.shutdown()
+    assert got == expected
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_balanced_decode_greedy_tokens_equal_reference_fp32(model, monkeypatch):
+    """MESHSERVE_DECODE_BALANCED (kernels/triton_decode_balanced.py) in the engine, CUDA graphs and all: 40
+    sequences x 8 KV heads pass the grid-size rule (2 programs an SM of an H200: 33), so decode steps of the
+    full batch take it, and the later ones (sequences finishing) the split kernel."""
+    from meshserve import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    ref = _llm(model, "float32", "torch", True, monkeypatch, max_num_seqs=64)
+    expected = [o.outputs[0].token_ids for o in ref.generate(_prompts(40), params, use_tqdm=False)]
+    ref.shutdown()
+    monkeypatch.setenv("MESHSERVE_DECODE_BALANCED", "4")
+    fast = _llm(model, "float32", "triton", False, monkeypatch, max_num_seqs=64)
+    assert fast.engine.runner.kernels.decode_balanced == 4
+    got = [o.outputs[0].token_ids for o in fast.generate(_prompts(40), params, use_tqdm=False)]
     fast.shutdown()
     assert got == expected
 

@@ -175,7 +175,11 @@ def test_balanced_kernels_compile_for_sm90_without_gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads", [(32, 8), (16, 8)])  # Llama-3.1-8B, Qwen3-0.6B (head_dim 128)
 @pytest.mark.parametrize("cache_dtype", ["bf16", "fp8"])
-def test_balanced_w2_batch_gpu(heads, cache_dtype, v_layout):
+def test_balanced_w2_batch_gpu(heads, cache_dtype, v_layout, monkeypatch):
+    calls = []
+    real = triton_decode_balanced.decode_attention_balanced
+    monkeypatch.setattr(triton_decode_balanced, "decode_attention_balanced",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
     g = torch.Generator().manual_seed(0)
     seq_lens = torch.randint(100, 2048, (256,), generator=g).tolist()
     seq_lens[3] = 1  # one tile
@@ -188,3 +192,4 @@ def test_balanced_w2_batch_gpu(heads, cache_dtype, v_layout):
         got = TritonAttentionBackend(balanced=per_sm).attend(query, cache, meta, 128**-0.5, None, *scales)
         ref = paged_attention_ref(query.float(), cache, meta, 128**-0.5, None, *scales)
         torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+    assert len(calls) == 3

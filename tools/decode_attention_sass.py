@@ -59,6 +59,7 @@ TILE = {
     "stride_od": 1,
     "stride_qd": 1,
     "BLOCK_B": 256,  # the balanced kernel's batch vector (W2: 256 sequences)
+    "INLINE_MERGE": True,  # its default merge
     "OVERHEAD_UNITS": 1,
 }  # unit strides: specialised to 1 at a real launch; each kernel takes the names it has
 MODELS = {

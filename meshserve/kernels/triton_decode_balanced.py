@@ -14,9 +14,11 @@ range overlaps, so every program streams about the same bytes whatever the lengt
   its first sequence and walks on through the decode tile (attend_paged_kv_tile, every cache dtype and V
   layout). A sequence whole in one program is written straight to the output; a sequence cut by range
   boundaries leaves a piece in each program it spans, in that program's slot 2p (the piece its range starts
-  in) or 2p + 1 (the piece it ends in), and program (0, 0) writes each sequence's first program and number of
-  pieces for the merge. The walk holds scalars only (a sequence's cost from its own length).
-* ``_decode_balanced_merge_kernel``: grid (sequences, heads): merges a cut sequence's pieces (the split reduce's
+  in) or 2p + 1 (the piece it ends in). The walk holds scalars only (a sequence's cost from its own length).
+  By default the program that stores a sequence's last piece (a ticket per sequence and KV head, as the split
+  kernel's inline reduce) merges the pieces of its GQA group (_merge_group): no second launch.
+* ``_decode_balanced_merge_kernel`` (inline_merge=False): grid (sequences, heads), after program (0, 0) wrote
+  each sequence's first program and number of pieces: merges a cut sequence's pieces (the split reduce's
   arithmetic); rows written directly, padding and prompt rows untouched.
 
 No sliding window (TritonAttentionBackend keeps the split kernel there). No host sync: CUDA-graph safe (the grid
@@ -35,6 +37,8 @@ from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.triton_attention import (
     _LOG2E,
     _NEG_BIG,
+    MAX_TICKETS,
+    _ticket_workspace,
     _dot_precision,
     _fp8_tile,
     _is_fp8,
@@ -45,29 +49,32 @@ from meshserve.kernels.triton_attention import (
 from meshserve.kernels.triton_attention_tile import attend_paged_kv_tile, dot_query
 from meshserve.kernels.triton_kv_layout import v_head_base
 
-OVERHEAD = 1  # cost units of a sequence beyond its tiles (a 64-token fp8 tile is 16 KB; q, table, output ~2 KB)
+OVERHEAD = 1  # cost units of a sequence beyond its tiles (a 64-token fp8 tile is 16 KB; q, table, output ~2 KB);
+# at least 1: a decode row's cost is never 0, so every one has a program (a seq_len-0 row writes zeros)
 
 
 @triton.jit
 def _decode_cost_line(seq_lens_ptr, qsl_ptr, num_seqs, num_programs, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                       OVERHEAD_UNITS: tl.constexpr):
-    """Per sequence (vectors over the batch): KV tiles, cost, inclusive cumulative cost; and the range width.
-    Only one-token rows cost anything (a mixed batch's prompt rows are the prefill kernel's)."""
+    """Per sequence (vectors over the batch): cost, inclusive cumulative cost; and the range width.
+    Only one-token rows cost anything (a mixed batch's prompt rows are the prefill kernel's), each at least its
+    OVERHEAD: a row over no keys (seq_len 0) is still some program's to write (zeros)."""
     bi = tl.arange(0, BLOCK_B)
     b_mask = bi < num_seqs
     lens = tl.load(seq_lens_ptr + bi, mask=b_mask, other=0).to(tl.int32)
     q_lo = tl.load(qsl_ptr + bi, mask=b_mask, other=0)
     q_hi = tl.load(qsl_ptr + bi + 1, mask=b_mask, other=0)
-    tiles = tl.where((q_hi - q_lo) == 1, (lens + BLOCK_N - 1) // BLOCK_N, 0)
-    cost = tl.where(tiles > 0, tiles + OVERHEAD_UNITS, 0)
+    decode = (q_hi - q_lo) == 1
+    tiles = tl.where(decode, (lens + BLOCK_N - 1) // BLOCK_N, 0)
+    cost = tl.where(decode, tiles + OVERHEAD_UNITS, 0)
     cum = tl.cumsum(cost, 0)
     width = tl.maximum((tl.sum(cost, 0) + num_programs - 1) // num_programs, 1)
-    return bi, tiles, cost, cum, width
+    return bi, cost, cum, width
 
 
 @triton.jit(do_not_specialize=["num_seqs", "stride_btb"])  # see triton_attention._decode_split_kernel
 def _decode_balanced_kernel(
-    q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr, pieces_ptr,
+    q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr, pieces_ptr, ticket_ptr,
     scale_log2, num_seqs, num_programs, k_scale, v_scale,
     stride_qt, stride_qh, stride_qd,
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
@@ -76,19 +83,21 @@ def _decode_balanced_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr, OVERHEAD_UNITS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr, V_T: tl.constexpr, USE_GDC: tl.constexpr = False,
+    KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr, V_T: tl.constexpr, INLINE_MERGE: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
     p = tl.program_id(0)
     kvh = tl.program_id(1)
     gdc_wait(USE_GDC)  # q comes from the prologue kernel, the metadata from the step's inputs
     # the batch's vectors only up to the walk's first sequence: the walk itself keeps scalars (the vectors
     # over 256+ sequences held across the tile loop cost 50 registers a thread at 2 warps, and occupancy)
-    bi, tiles, cost, cum, width = _decode_cost_line(seq_lens_ptr, qsl_ptr, num_seqs, num_programs, BLOCK_B,
-                                                    BLOCK_N, OVERHEAD_UNITS)
+    bi, cost, cum, width = _decode_cost_line(seq_lens_ptr, qsl_ptr, num_seqs, num_programs, BLOCK_B, BLOCK_N,
+                                             OVERHEAD_UNITS)
     total = tl.sum(cost, 0)
-    if (p == 0) & (kvh == 0):  # for the merge: each sequence's first program and its number of pieces
+    if (p == 0) & (kvh == 0) & (not INLINE_MERGE):  # for the merge launch: each sequence's first program and
+        # its number of pieces
         first_prog = (cum - cost) // width
-        n_pieces = tl.where(cost > 0, (cum - 1) // width - first_prog + 1, 0)
+        n_pieces = tl.where(cost > 0, (cum - 1) // width - first_prog + 1, 0)  # 0: not a decode row
         tl.store(pieces_ptr + bi, first_prog, mask=bi < num_seqs)
         tl.store(pieces_ptr + BLOCK_B + bi, n_pieces, mask=bi < num_seqs)
     start = p * width
@@ -111,8 +120,8 @@ def _decode_balanced_kernel(
         q_start = tl.load(qsl_ptr + b)
         q_len = tl.load(qsl_ptr + b + 1) - q_start
         n_tiles = tl.where(q_len == 1, tl.cdiv(seq_len, BLOCK_N), 0)
-        c_hi = c_lo + tl.where(n_tiles > 0, n_tiles + OVERHEAD_UNITS, 0)
-        if c_hi > c_lo:  # zero-cost rows (padding, prompt rows, seq_len 0) own no piece: skip them
+        c_hi = c_lo + tl.where(q_len == 1, n_tiles + OVERHEAD_UNITS, 0)
+        if c_hi > c_lo:  # zero-cost rows (padding, a mixed batch's prompt rows) own no piece: skip them
             # this program's units of the sequence -> its tiles (the first OVERHEAD units carry none)
             t0 = tl.minimum(tl.maximum(start - c_lo - OVERHEAD_UNITS, 0), n_tiles)
             t1 = tl.minimum(tl.maximum(tl.minimum(end, c_hi) - c_lo - OVERHEAD_UNITS, 0), n_tiles)
@@ -144,9 +153,55 @@ def _decode_balanced_kernel(
                 tl.store(ws_acc_ptr + ws_row[:, None] * BLOCK_D + d[None, :], acc, mask=row_valid[:, None])
                 tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_valid)
                 tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_valid)
+                if INLINE_MERGE:
+                    # the last piece's program merges the group (ticket_ptr: int32 [sequences x KV heads], zero
+                    # on entry and on exit), as the split kernel's LAST_REDUCES does
+                    ticket_slot = ticket_ptr + b.to(tl.int64) * tl.num_programs(1) + kvh
+                    tl.debug_barrier()  # every lane's piece stored before the release below
+                    ticket = tl.atomic_add(ticket_slot, 1, sem="acq_rel", scope="gpu")
+                    first = c_lo // width
+                    n_pieces = (c_hi - 1) // width - first + 1
+                    if ticket == n_pieces - 1:  # every piece is visible (acquire)
+                        tl.debug_barrier()
+                        _merge_group(ws_acc_ptr, ws_ml_ptr, out_ptr, first, n_pieces, heads, row_valid, d, d_mask,
+                                     tok, stride_ot, stride_oh, stride_od, NUM_HEADS, ROWS, BLOCK_D)
+                        tl.store(ticket_slot, 0)
         c_lo = c_hi
         b += 1
     gdc_trigger_late(USE_GDC)
+
+
+@triton.jit
+def _piece_slot(first, k):
+    """The workspace slot of a cut sequence's k-th piece: its first program's piece ends that program's range
+    (slot 2 first + 1); every later one starts its program's range (2 q)."""
+    return tl.where(k == 0, 2 * first + 1, 2 * (first + k))
+
+
+@triton.jit
+def _merge_group(ws_acc_ptr, ws_ml_ptr, out_ptr, first, n_pieces, heads, row_valid, d, d_mask, tok,
+                 stride_ot, stride_oh, stride_od, NUM_HEADS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The inline merge: a cut sequence's pieces for one GQA group's rows combined (the largest max first, then
+    the weighted sums), as triton_attention._reduce_group_partials; loads bypass L1 (.cg): other SMs wrote
+    them."""
+    m_max = tl.full([ROWS], _NEG_BIG, dtype=tl.float32)
+    for k in range(n_pieces):
+        row = _piece_slot(first, k).to(tl.int64) * NUM_HEADS + heads
+        m_max = tl.maximum(m_max, tl.load(ws_ml_ptr + row * 2, mask=row_valid, other=_NEG_BIG, cache_modifier=".cg"))
+    l_tot = tl.zeros([ROWS], dtype=tl.float32)
+    o = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for k in range(n_pieces):
+        row = _piece_slot(first, k).to(tl.int64) * NUM_HEADS + heads
+        m_k = tl.load(ws_ml_ptr + row * 2, mask=row_valid, other=_NEG_BIG, cache_modifier=".cg")
+        l_k = tl.load(ws_ml_ptr + row * 2 + 1, mask=row_valid, other=0.0, cache_modifier=".cg")
+        w = tl.where(row_valid, tl.exp2(m_k - m_max), 0.0)
+        acc_k = tl.load(ws_acc_ptr + row[:, None] * BLOCK_D + d[None, :], mask=row_valid[:, None], other=0.0,
+                        cache_modifier=".cg")
+        l_tot += w * l_k
+        o += acc_k * w[:, None]
+    o = o / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
+    tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :] * stride_od,
+             o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -170,10 +225,8 @@ def _decode_balanced_merge_kernel(
     m_run = tl.zeros([], dtype=tl.float32) + _NEG_BIG
     l_run = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for k in range(n):  # n is 0 for seq_len 0: zeros, as the split kernel writes
-        # the first program's piece ends its range (slot 2 first + 1); every later one starts its range (2 q)
-        slot = tl.where(k == 0, 2 * first + 1, 2 * (first + k))
-        row = slot.to(tl.int64) * NUM_HEADS + h
+    for k in range(n):
+        row = _piece_slot(first, k).to(tl.int64) * NUM_HEADS + h
         m = tl.load(ws_ml_ptr + row * 2)
         l = tl.load(ws_ml_ptr + row * 2 + 1)
         m_new = tl.maximum(m_run, m)
@@ -207,11 +260,12 @@ def balanced_programs(num_kv_heads: int, programs_per_sm: int, device: torch.dev
 
 def decode_attention_balanced(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, out,
                               tile: tuple[int, int, int], programs_per_sm: int, k_scale: float = 1.0,
-                              v_scale: float = 1.0, fp8_path: str = "words",
+                              v_scale: float = 1.0, fp8_path: str = "words", inline_merge: bool = True,
                               num_programs: int | None = None) -> torch.Tensor:
     """triton_attention.decode_attention's contract without a window (one query per sequence; rows with
     q_len != 1 untouched, seq_len-0 rows zeros) with the work balanced over num_programs programs per KV head
-    (None: balanced_programs). tile: (BLOCK_N, num_warps, num_stages)."""
+    (None: balanced_programs). tile: (BLOCK_N, num_warps, num_stages). inline_merge: a cut sequence's last
+    piece merges its group (a ticket per sequence and KV head, no second launch); False: the merge launch."""
     num_seqs = seq_lens.shape[0]
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[3]
@@ -228,10 +282,12 @@ def decode_attention_balanced(query, kv_cache, block_tables, seq_lens, query_sta
     ws_acc = torch.empty((slots, num_heads, block_d), dtype=torch.float32, device=dev)
     ws_ml = torch.empty((slots, num_heads, 2), dtype=torch.float32, device=dev)
     pieces = torch.empty((2, block_b), dtype=torch.int32, device=dev)
+    inline = inline_merge and num_seqs * num_kv_heads <= MAX_TICKETS
+    tickets = _ticket_workspace(dev) if inline else pieces  # (unused unless inline)
     gdc = gdc_kwargs(query, programs=num_programs * num_kv_heads, num_warps=num_warps)
     cap = max_registers(programs_per_sm, num_warps) if query.is_cuda else None
     _decode_balanced_kernel[(num_programs, num_kv_heads)](
-        query, kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml, pieces,
+        query, kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml, pieces, tickets,
         scale * _LOG2E, num_seqs, num_programs, float(k_scale), float(v_scale),
         query.stride(0), query.stride(1), query.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
@@ -240,9 +296,11 @@ def decode_attention_balanced(query, kv_cache, block_tables, seq_lens, query_sta
         NUM_HEADS=num_heads, GROUP=group, ROWS=max(16, _next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=block_n, BLOCK_B=block_b, OVERHEAD_UNITS=OVERHEAD,
         UPCAST_DOT=_upcast_dot(query), DOT_PRECISION=_dot_precision(query), KV_FP8=_is_fp8(kv_cache),
-        FP8_TILE=_fp8_tile(fp8_path, query, kv_cache), V_T=v_transposed(kv_cache),
+        FP8_TILE=_fp8_tile(fp8_path, query, kv_cache), V_T=v_transposed(kv_cache), INLINE_MERGE=inline,
         num_warps=num_warps, num_stages=num_stages, **gdc, **({} if cap is None else {"maxnreg": cap}),
     )
+    if inline:
+        return out
     _decode_balanced_merge_kernel[(num_seqs, num_heads)](
         ws_acc, ws_ml, pieces, query_start_loc, out, out.stride(0), out.stride(1), out.stride(2),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_B=block_b,

@@ -6,7 +6,8 @@ FP8 weights
                                             scaled_mm: the cuBLASLt path below for that row too)
   16-bit rows on a GPU, aligned shapes      one Triton pass quantizes the activation (kernels/triton_fp8_quant.py:
                                             per-token absmax, or the static scale), then torch._scaled_mm
-                                            (cuBLASLt FP8 on Hopper) with per-token and per-channel scales
+                                            (cuBLASLt FP8 on Hopper) with per-token and per-channel scales, or
+                                            (gemm "triton") the Triton rowwise GEMM (kernels/triton_fp8_rowwise.py)
   otherwise (CPU, fp32 models)              fp8_linear_ref: the same quantization, upcast matmul
 Block-wise FP8 weights (128 x 128 scales, activations per 1 x 128 group)
   on a GPU                                  Triton block-scaled FP8 GEMM (kernels/triton_fp8_block.py), every
@@ -46,6 +47,15 @@ def _triton_quant():
     except ImportError:  # no Triton: the reference serves
         return None
     return triton_quant
+
+
+@functools.cache
+def _triton_fp8_rowwise():
+    try:
+        from meshserve.kernels import triton_fp8_rowwise
+    except ImportError:
+        return None
+    return triton_fp8_rowwise
 
 
 @functools.cache
@@ -107,6 +117,7 @@ def fp8_linear(
     bias: torch.Tensor | None,
     gemv: bool = False,
     gemv_variant: str = "half",
+    gemm: str = "scaled_mm",
 ) -> torch.Tensor:
     """x [..., K] @ fp8 weight [N, K]^T with per-channel weight_scale [N] (see the module docstring)."""
     if x.is_cuda:
@@ -123,15 +134,7 @@ def fp8_linear(
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
             xq, xs = _quantize_activation(x2, input_scale, fast=gemv)
-            y = torch._scaled_mm(
-                xq,
-                weight.t(),
-                scale_a=xs.contiguous(),
-                scale_b=weight_scale.float()[None, :],
-                out_dtype=x.dtype,
-            )
-            if bias is not None:
-                y = y + bias
+            y = fp8_rows_linear(xq, xs.contiguous(), weight, weight_scale, bias, x.dtype, gemm)
             return y.reshape(*shape[:-1], weight.shape[0])
     return fp8_linear_ref(x, weight, weight_scale, input_scale, bias)
 
@@ -160,9 +163,15 @@ def fp8_rows_linear(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    gemm: str = "scaled_mm",
 ) -> torch.Tensor:
     """Rows already quantized per token (fp8 xq [M, K], fp32 xs [M, 1]: kernels/triton_fp8_fused.py) @ the fp8
-    weight [N, K]^T with per-channel weight_scale [N]: fp8_linear after its quantization step."""
+    weight [N, K]^T with per-channel weight_scale [N]: fp8_linear after its quantization step. gemm: "scaled_mm"
+    (torch._scaled_mm, bias added after) or "triton" (kernels/triton_fp8_rowwise.py, bias in its epilogue)."""
+    if gemm == "triton":
+        triton_fp8_rowwise = _triton_fp8_rowwise()
+        if triton_fp8_rowwise is not None:
+            return triton_fp8_rowwise.fp8_rowwise_gemm(xq, xs, weight, weight_scale, bias, out_dtype)
     y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.float()[None, :], out_dtype=out_dtype)
     return y if bias is None else y + bias
 

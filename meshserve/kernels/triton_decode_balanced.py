@@ -38,6 +38,7 @@ from meshserve.kernels.triton_attention import (
     _LOG2E,
     _NEG_BIG,
     MAX_TICKETS,
+    _tickets,
     _ticket_workspace,
     _dot_precision,
     _fp8_tile,
@@ -282,7 +283,10 @@ def decode_attention_balanced(query, kv_cache, block_tables, seq_lens, query_sta
     ws_acc = torch.empty((slots, num_heads, block_d), dtype=torch.float32, device=dev)
     ws_ml = torch.empty((slots, num_heads, 2), dtype=torch.float32, device=dev)
     pieces = torch.empty((2, block_b), dtype=torch.int32, device=dev)
-    inline = inline_merge and num_seqs * num_kv_heads <= MAX_TICKETS
+    # the tickets are made outside any CUDA-graph capture (the engine's eager warm-ups decode first); a launch
+    # that would make them while capturing takes the merge launch
+    inline = inline_merge and num_seqs * num_kv_heads <= MAX_TICKETS and not (
+        dev.type == "cuda" and dev not in _tickets and torch.cuda.is_current_stream_capturing())
     tickets = _ticket_workspace(dev) if inline else pieces  # (unused unless inline)
     gdc = gdc_kwargs(query, programs=num_programs * num_kv_heads, num_warps=num_warps)
     cap = max_registers(programs_per_sm, num_warps) if query.is_cuda else None

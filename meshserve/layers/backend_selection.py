@@ -169,6 +169,10 @@ Overrides (environment, read only here, for debugging and references):
                                             PDL in one-row steps, half 356.9; without PDL 337.8 / 338.3);
                                             MESHSERVE_FP8_WORDS_TILE=block_n,block_k,warps: the words tile
                                             for every shape (A/B; default by shape)
+  MESHSERVE_FP8_GEMM=scaled_mm|triton        fp8-weight projections of more than one row (per-token activation
+                                            scales): torch._scaled_mm (the default) or the Triton rowwise GEMM
+                                            (kernels/triton_fp8_rowwise.py: tiles by M, K split while the tiles
+                                            fill less than a wave; not measured yet)
   MESHSERVE_PARALLEL_COMPILE=1|N|0          start-up: the warm-ups' Triton kernels compiled first, in parallel on N
                                             threads (1: one per core; kernels/parallel_compile.py,
                                             engine/parallel_warmup.py); a CUDA device and one rank only; on by
@@ -254,6 +258,8 @@ MOE_ROUTE_ALIGN_ENV = "MESHSERVE_MOE_ROUTE_ALIGN"
 MOE_ROUTE_ALIGN_CHOICES = ("chain", "fused")
 MOE_ROUTER_FUSED_ENV = "MESHSERVE_MOE_ROUTER_FUSED"
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
+FP8_GEMM_ENV = "MESHSERVE_FP8_GEMM"
+FP8_GEMM_CHOICES = ("scaled_mm", "triton")  # torch._scaled_mm + kernels/triton_fp8_rowwise.py
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
 PARALLEL_COMPILE_ENV = "MESHSERVE_PARALLEL_COMPILE"
 FP8_GEMV_CHOICES = ("cvt", "half", "local", "words", "scaled_mm")  # triton_fp8_gemv.FP8_GEMV_VARIANTS + cuBLASLt
@@ -327,6 +333,7 @@ class KernelSelection:
     # (BLOCK_N, num_warps, num_stages) of the MLA decode kernel; None: its default
     mla_decode_tile: tuple[int, int, int] | None = None
     fp8_gemv: str = "words"  # the batch-1 fp8-weight projection when gemv is on (FP8_GEMV_CHOICES)
+    fp8_gemm: str = "scaled_mm"  # fp8-weight projections of more rows, per-token scales (FP8_GEMM_CHOICES)
     int4_gemv: str = "half"  # the int4 projection of <= 4 rows when gemv is on (INT4_GEMV_CHOICES)
     # programmatic dependent launch of the Triton kernels (kernels/pdl.py; a process-wide policy, bound below)
     pdl_policy: PdlPolicy = PdlPolicy()  # noqa: RUF009 (frozen: one shared default is safe)
@@ -640,6 +647,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         # folds on the reference path too (the CPU tests' check of the wiring)
         **_fuse_shared(),
         fp8_gemv=_variant(FP8_GEMV_ENV, FP8_GEMV_CHOICES, KernelSelection.fp8_gemv),
+        fp8_gemm=_variant(FP8_GEMM_ENV, FP8_GEMM_CHOICES, KernelSelection.fp8_gemm),
         int4_gemv=_variant(INT4_GEMV_ENV, INT4_GEMV_CHOICES, KernelSelection.int4_gemv),
         # nothing to pre-compile where no Triton kernel serves
         parallel_compile_workers=_parallel_compile_workers(on_cuda and (fused_ops or attention == "triton")),

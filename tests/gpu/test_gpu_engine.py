@@ -91,9 +91,18 @@ def test_fast_path_fp8_logprobs_within_tolerance(model, quant, tol, mean_tol, mo
     _assert_fast_logprobs_near_reference(model, monkeypatch, tol, mean_tol=mean_tol, **quant)
 
 
-def _assert_fast_logprobs_near_reference(model, monkeypatch, tol, mean_tol, **engine_kwargs):
+@pytest.mark.parametrize("model", MODELS)
+def test_triton_fp8_gemm_logprobs_within_tolerance(model, monkeypatch):
+    """MESHSERVE_FP8_GEMM=triton (kernels/triton_fp8_rowwise.py) for the fast engine's multi-row fp8 projections,
+    against the reference on _scaled_mm: the fp8 weights' bounds (the GEMMs differ only in summation order)."""
+    _assert_fast_logprobs_near_reference(model, monkeypatch, 1.0, 0.3, fast_env={"MESHSERVE_FP8_GEMM": "triton"},
+                                         quantization="fp8")
+
+
+def _assert_fast_logprobs_near_reference(model, monkeypatch, tol, mean_tol, fast_env=None, **engine_kwargs):
     """The fast path's prompt logprobs and first sampled best logprob within `tol` of the torch reference's
-    everywhere, and within `mean_tol` on average (a kernel off by a little everywhere fails the mean)."""
+    everywhere, and within `mean_tol` on average (a kernel off by a little everywhere fails the mean). fast_env:
+    switches set for the fast engine only."""
     from meshserve import SamplingParams
 
     # prompt logprobs exercise prefill; sample logprobs of forced continuations exercise graph decode
@@ -101,6 +110,8 @@ def _assert_fast_logprobs_near_reference(model, monkeypatch, tol, mean_tol, **en
     ref = _llm(model, "bfloat16", "torch", True, monkeypatch, **engine_kwargs)
     ref_out = ref.generate(_prompts(3), params, use_tqdm=False)
     ref.shutdown()
+    for name, value in (fast_env or {}).items():
+        monkeypatch.setenv(name, value)
     fast = _llm(model, "bfloat16", "triton", False, monkeypatch, **engine_kwargs)
     assert fast.engine.runner.kernels.fused_prologue  # fp8 caches too
     fast_out = fast.generate(_prompts(3), params, use_tqdm=False)

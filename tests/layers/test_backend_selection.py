@@ -34,7 +34,7 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_DECODE_FP8_PATH", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_GRID_TILE", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_BALANCED", raising=False)
-    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS",
+    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_FP8_GEMM", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS",
                  "MESHSERVE_MOE_ROUTE_ALIGN", "MESHSERVE_MOE_FUSE_SHARED", "MESHSERVE_MOE_ROUTER_FUSED"):
         monkeypatch.delenv(name, raising=False)
 
@@ -314,6 +314,17 @@ def test_decode_balanced_switch_reaches_the_attention_backend(monkeypatch):
         monkeypatch.setenv("MESHSERVE_DECODE_BALANCED", bad)
         with pytest.raises(InvalidArgumentError, match="MESHSERVE_DECODE_BALANCED takes programs an SM"):
             select_kernels(gpu)
+
+
+def test_fp8_gemm_switch(monkeypatch):
+    # torch._scaled_mm by default; the Triton rowwise GEMM on request, read by every fp8 layer from its selection
+    gpu = _config(device="cuda", dtype="bfloat16")
+    assert select_kernels(gpu).fp8_gemm == "scaled_mm"
+    monkeypatch.setenv("MESHSERVE_FP8_GEMM", "triton")
+    assert select_kernels(gpu).fp8_gemm == "triton"
+    monkeypatch.setenv("MESHSERVE_FP8_GEMM", "cutlass")
+    with pytest.raises(InvalidArgumentError, match="MESHSERVE_FP8_GEMM takes one of scaled_mm, triton"):
+        select_kernels(gpu)
 
 
 def test_decode_reduce_switch_reaches_the_attention_backend(monkeypatch):

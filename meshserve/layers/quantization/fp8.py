@@ -87,6 +87,7 @@ class Fp8LinearMethod(LinearMethod):
             bias,
             gemv=kernels.gemv,
             gemv_variant=kernels.fp8_gemv,
+            gemm=kernels.fp8_gemm,
         )
 
     def takes_fp8_rows(self, layer, x):
@@ -94,4 +95,4 @@ class Fp8LinearMethod(LinearMethod):
         return layer.input_scale is None and layer.kernels.fused_ops and fp8_rows_fit(x, layer.weight)
 
     def apply_fp8_rows(self, layer, xq, xs, out_dtype, bias):
-        return fp8_rows_linear(xq, xs, layer.weight, layer.weight_scale, bias, out_dtype)
+        return fp8_rows_linear(xq, xs, layer.weight, layer.weight_scale, bias, out_dtype, layer.kernels.fp8_gemm)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 20's two open W2 levers on the device (the balanced GQA decode kernel, MESHSERVE_DECODE_BALANCED,
+# kernels/triton_decode_balanced.py; the Triton rowwise fp8 GEMM, MESHSERVE_FP8_GEMM=triton,
+# kernels/triton_fp8_rowwise.py), in parts that fit one call each (carry .whl):
+#   PARTS="tests kernels" bash tools/w2_levers_device.sh      (~300 s: their GPU tests, then each kernel timed
+#                                                             against what it would replace at W2's shapes)
+#   PARTS=w2 bash tools/w2_levers_device.sh                   (~450 s: W2 A/Bs, two processes a setting)
+# W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
+# W2_8B (default "DECODE_BALANCED=6 FP8_GEMM=triton") or W2_QWEN ("DECODE_BALANCED=6"); PER_SM: the kernel
+# timing's programs an SM (default 4,6); *_LIMIT: each part's seconds.
+set -u -o pipefail
+. "$(dirname "$0")/device_env.sh"
+mkdir -p "$OUT"
+for part in ${PARTS:-tests kernels}; do
+  case $part in
+    tests)
+      (OUT=$OUT/tests LIMIT=${TEST_LIMIT:-170} bash tools/gpu_tests_device.sh tests/kernels/test_triton_decode_balanced.py \
+        tests/kernels/test_triton_fp8_rowwise.py tests/gpu/test_gpu_engine.py -k "balanced or rowwise or triton_fp8_gemm") ;;
+    kernels)
+      timeout -k 10 "${KERNEL_LIMIT:-100}" python3 tools/bench_decode_balanced.py --per-sm "${PER_SM:-4,6}" \
+        --json "$OUT/balanced.json" 2>&1 | grep -v -i warn
+      timeout -k 10 "${GEMM_LIMIT:-60}" python3 tools/bench_fp8_rowwise.py --m 128,256,512 --json "$OUT/rowwise.json" \
+        2>&1 | grep -v -i warn ;;
+    w2)
+      for pair in ${W2:-8b-fp8 qwen-fp8kv}; do
+        case $pair in
+          8b-fp8) m=8b args="--quantization fp8 --kv-cache-dtype fp8" sets=${W2_8B:-DECODE_BALANCED=6 FP8_GEMM=triton} ;;
+          qwen-fp8kv) m=qwen args="--kv-cache-dtype fp8" sets=${W2_QWEN:-DECODE_BALANCED=6} ;;
+          8b|qwen) m=$pair args="" sets=${W2_BF16:-DECODE_BALANCED=6} ;;
+          *) echo "W2 pair $pair: one of 8b-fp8, qwen-fp8kv, 8b, qwen"; exit 1 ;;
+        esac
+        jobs="$m:default"
+        for s in $sets; do jobs="$jobs $m:$s"; done
+        (OUT=$OUT/w2_$pair JOBS="$jobs" REPEAT=2 BUDGET=${W2_BUDGET:-200} BENCH=throughput BENCH_ARGS="$args" \
+          bash tools/w1_ab_device.sh 2>&1 | tail -5)
+      done ;;
+    *) echo "PARTS: tests, kernels, w2; got $part"; exit 1 ;;
+  esac
+done

@@ -78,10 +78,12 @@ def _fp8_rowwise_kernel(
         ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT_K - 1:  # the tile's last split: every partial is visible (acquire)
             tl.debug_barrier()
-            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(SPLIT_K):
-                total += tl.load(ws_tile + s * (BLOCK_M * BLOCK_N) + r, cache_modifier=".cg")
-            _epilogue(total, as_ptr, bs_ptr, bias_ptr, c_ptr, rm, rn, m_mask, n_mask, stride_cm, HAS_BIAS)
+            # summed in split order whichever split is last (the same bits every run), into the one
+            # accumulator: its own partial is in the workspace already
+            acc = tl.load(ws_tile + r, cache_modifier=".cg")
+            for s in range(1, SPLIT_K):
+                acc += tl.load(ws_tile + s * (BLOCK_M * BLOCK_N) + r, cache_modifier=".cg")
+            _epilogue(acc, as_ptr, bs_ptr, bias_ptr, c_ptr, rm, rn, m_mask, n_mask, stride_cm, HAS_BIAS)
             tl.store(ticket_ptr + tile, 0)
 
 

@@ -19,7 +19,7 @@ for part in ${PARTS:-tests kernels}; do
     kernels)
       timeout -k 10 "${KERNEL_LIMIT:-100}" python3 tools/bench_decode_balanced.py --per-sm "${PER_SM:-4,6}" \
         --json "$OUT/balanced.json" 2>&1 | grep -v -i warn
-      timeout -k 10 "${GEMM_LIMIT:-60}" python3 tools/bench_fp8_rowwise.py --m 128,256,512 --json "$OUT/rowwise.json" \
+      timeout -k 10 "${GEMM_LIMIT:-60}" python3 tools/bench_fp8_rowwise.py --m 128,256,512,2048 --json "$OUT/rowwise.json" \
         2>&1 | grep -v -i warn ;;
     w2)
       for pair in ${W2:-8b-fp8 qwen-fp8kv}; do

@@ -4,7 +4,8 @@ ones (a prompt of 100-1,024 tokens plus part of a 100-1,024-token answer, DESIGN
 cache and the fp8 cache with V transposed, at Llama-3.1-8B's and Qwen3-0.6B's heads. Each launch is replayed from
 a CUDA graph; the balanced outputs are checked against the split kernel's.
 
-usage (on the device): python tools/bench_decode_balanced.py [--batch 256] [--per-sm 2,4,6,8,12] [--json PATH]
+usage (on the device): python tools/bench_decode_balanced.py [--batch 256] [--per-sm 2,4,6,8,12]
+       [--tiles "64,2,2;128,4,3"] [--json PATH]   (tiles: the balanced kernel's; default the engine's per cache)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def w2_lengths(batch: int, seed: int = 0) -> list[int]:
 
 
 @torch.inference_mode()
-def run(batch: int, per_sm: list[int], reps: int = 5) -> list[dict]:
+def run(batch: int, per_sm: list[int], tiles: list[tuple[int, int, int]] | None = None, reps: int = 5) -> list[dict]:
     rows, block_size, d = [], 16, 128
     sms = _num_sms(0)
     for lengths_name, lengths in (("uniform 800", [800] * batch), ("w2", w2_lengths(batch))):
@@ -56,14 +57,14 @@ def run(batch: int, per_sm: list[int], reps: int = 5) -> list[dict]:
                 base = {"lengths": lengths_name, "heads": [h, hkv], "cache": cache_name}
                 rows.append({**base, "kernel": f"split {tile}", "us": round(ms * 1e3, 1),
                              "tb_per_s": round(kv_bytes / (ms * 1e-3) / 1e12, 2)})
-                btile = GRID_TILE if cache_name == "fp8vt" else (128, 4, 3)
-                for n in per_sm:
-                    out = torch.empty_like(q)
-                    ms = replay_ms(graph_of(lambda n=n, out=out: decode_attention_balanced(
-                        q, cache, tables, seq_lens, qsl, d**-0.5, out, btile, n), reps=reps)) / reps
-                    rows.append({**base, "kernel": f"balanced {n}/SM {btile}", "us": round(ms * 1e3, 1),
-                                 "tb_per_s": round(kv_bytes / (ms * 1e-3) / 1e12, 2),
-                                 "max_diff_vs_split": (out.float() - split_out.float()).abs().max().item()})
+                for btile in tiles or [GRID_TILE if cache_name == "fp8vt" else (128, 4, 3)]:
+                    for n in per_sm:
+                        out = torch.empty_like(q)
+                        ms = replay_ms(graph_of(lambda n=n, out=out, t=btile: decode_attention_balanced(
+                            q, cache, tables, seq_lens, qsl, d**-0.5, out, t, n), reps=reps)) / reps
+                        rows.append({**base, "kernel": f"balanced {n}/SM {btile}", "us": round(ms * 1e3, 1),
+                                     "tb_per_s": round(kv_bytes / (ms * 1e-3) / 1e12, 2),
+                                     "max_diff_vs_split": (out.float() - split_out.float()).abs().max().item()})
                 print("\n".join(f"{r['lengths']:<12} {str(r['heads']):<9} {r['cache']:<6} {r['kernel']:<34} "
                                 f"{r['us']:>8.1f} us {r['tb_per_s']:>5.2f} TB/s"
                                 + (f"  max diff {r['max_diff_vs_split']:.2e}" if "max_diff_vs_split" in r else "")
@@ -79,9 +80,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--per-sm", default="2,4,6,8,12")
+    ap.add_argument("--tiles", default="", help="the balanced kernel's BLOCK_N,warps,stages;... (default: per cache)")
     ap.add_argument("--json", default="")
     ns = ap.parse_args()
-    rows = run(ns.batch, [int(v) for v in ns.per_sm.split(",")])
+    tiles = [tuple(int(v) for v in t.split(",")) for t in ns.tiles.split(";") if t] or None
+    rows = run(ns.batch, [int(v) for v in ns.per_sm.split(",")], tiles)
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -41,7 +41,6 @@ SIG = {
     "ws_acc_ptr": "*fp32",
     "ws_ml_ptr": "*fp32",
     "ticket_ptr": "*i32",
-    "pieces_ptr": "*i32",
     "scale_log2": "fp32",
     "k_scale": "fp32",
     "v_scale": "fp32",
@@ -59,7 +58,6 @@ TILE = {
     "stride_od": 1,
     "stride_qd": 1,
     "BLOCK_B": 256,  # the balanced kernel's batch vector (W2: 256 sequences)
-    "INLINE_MERGE": True,  # its default merge
     "OVERHEAD_UNITS": 1,
 }  # unit strides: specialised to 1 at a real launch; each kernel takes the names it has
 MODELS = {

@@ -14,12 +14,9 @@ range overlaps, so every program streams about the same bytes whatever the lengt
   its first sequence and walks on through the decode tile (attend_paged_kv_tile, every cache dtype and V
   layout). A sequence whole in one program is written straight to the output; a sequence cut by range
   boundaries leaves a piece in each program it spans, in that program's slot 2p (the piece its range starts
-  in) or 2p + 1 (the piece it ends in). The walk holds scalars only (a sequence's cost from its own length).
-  By default the program that stores a sequence's last piece (a ticket per sequence and KV head, as the split
-  kernel's inline reduce) merges the pieces of its GQA group (_merge_group): no second launch.
-* ``_decode_balanced_merge_kernel`` (inline_merge=False): grid (sequences, heads), after program (0, 0) wrote
-  each sequence's first program and number of pieces: merges a cut sequence's pieces (the split reduce's
-  arithmetic); rows written directly, padding and prompt rows untouched.
+  in) or 2p + 1 (the piece it ends in), and the program that stores its last piece (a ticket per sequence and
+  KV head, as the split kernel's inline reduce) merges the pieces of its GQA group (_merge_group): one launch.
+  The walk holds scalars only (a sequence's cost from its own length).
 
 No sliding window (TritonAttentionBackend keeps the split kernel there). No host sync: CUDA-graph safe (the grid
 depends on the GPU, not on the batch's lengths). Opt-in: MESHSERVE_DECODE_BALANCED (layers/backend_selection.py).
@@ -46,6 +43,7 @@ from meshserve.kernels.triton_attention import (
     _next_pow2,
     _num_sms,
     _upcast_dot,
+    decode_attention,
 )
 from meshserve.kernels.triton_attention_tile import attend_paged_kv_tile, dot_query
 from meshserve.kernels.triton_kv_layout import v_head_base
@@ -75,7 +73,7 @@ def _decode_cost_line(seq_lens_ptr, qsl_ptr, num_seqs, num_programs, BLOCK_B: tl
 
 @triton.jit(do_not_specialize=["num_seqs", "stride_btb"])  # see triton_attention._decode_split_kernel
 def _decode_balanced_kernel(
-    q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr, pieces_ptr, ticket_ptr,
+    q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_acc_ptr, ws_ml_ptr, ticket_ptr,
     scale_log2, num_seqs, num_programs, k_scale, v_scale,
     stride_qt, stride_qh, stride_qd,
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
@@ -84,8 +82,7 @@ def _decode_balanced_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr, OVERHEAD_UNITS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr, V_T: tl.constexpr, INLINE_MERGE: tl.constexpr,
-    USE_GDC: tl.constexpr = False,
+    KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr, V_T: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     p = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -94,15 +91,8 @@ def _decode_balanced_kernel(
     # over 256+ sequences held across the tile loop cost 50 registers a thread at 2 warps, and occupancy)
     bi, cost, cum, width = _decode_cost_line(seq_lens_ptr, qsl_ptr, num_seqs, num_programs, BLOCK_B, BLOCK_N,
                                              OVERHEAD_UNITS)
-    total = tl.sum(cost, 0)
-    if (p == 0) & (kvh == 0) & (not INLINE_MERGE):  # for the merge launch: each sequence's first program and
-        # its number of pieces
-        first_prog = (cum - cost) // width
-        n_pieces = tl.where(cost > 0, (cum - 1) // width - first_prog + 1, 0)  # 0: not a decode row
-        tl.store(pieces_ptr + bi, first_prog, mask=bi < num_seqs)
-        tl.store(pieces_ptr + BLOCK_B + bi, n_pieces, mask=bi < num_seqs)
     start = p * width
-    end = tl.minimum(start + width, total)
+    end = tl.minimum(start + width, tl.sum(cost, 0))
     b = tl.sum((cum <= start).to(tl.int32), 0)  # the first sequence whose cost range reaches past start
     # a program past the batch's work (start >= total: every cum <= start, b = BLOCK_B) walks nothing
     c_lo = tl.where(b < num_seqs, tl.sum(tl.where(bi == b, cum - cost, 0), 0), end)
@@ -148,25 +138,24 @@ def _decode_balanced_kernel(
                          o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
             else:
                 # a piece: program p holds at most two, the sequence it starts in (slot 2p) and the one it
-                # ends in (2p + 1); _decode_balanced_merge_kernel finds them from the first program alone
+                # ends in (2p + 1); _merge_group finds them from the first program alone (_piece_slot)
                 slot = 2 * p + tl.where(c_lo < start, 0, 1)
                 ws_row = slot.to(tl.int64) * NUM_HEADS + heads  # acc [slots, H, BLOCK_D], ml [slots, H, 2], fp32
                 tl.store(ws_acc_ptr + ws_row[:, None] * BLOCK_D + d[None, :], acc, mask=row_valid[:, None])
                 tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_valid)
                 tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_valid)
-                if INLINE_MERGE:
-                    # the last piece's program merges the group (ticket_ptr: int32 [sequences x KV heads], zero
-                    # on entry and on exit), as the split kernel's LAST_REDUCES does
-                    ticket_slot = ticket_ptr + b.to(tl.int64) * tl.num_programs(1) + kvh
-                    tl.debug_barrier()  # every lane's piece stored before the release below
-                    ticket = tl.atomic_add(ticket_slot, 1, sem="acq_rel", scope="gpu")
-                    first = c_lo // width
-                    n_pieces = (c_hi - 1) // width - first + 1
-                    if ticket == n_pieces - 1:  # every piece is visible (acquire)
-                        tl.debug_barrier()
-                        _merge_group(ws_acc_ptr, ws_ml_ptr, out_ptr, first, n_pieces, heads, row_valid, d, d_mask,
-                                     tok, stride_ot, stride_oh, stride_od, NUM_HEADS, ROWS, BLOCK_D)
-                        tl.store(ticket_slot, 0)
+                # the last piece's program merges the group (ticket_ptr: int32 [sequences x KV heads], zero on
+                # entry and on exit), as the split kernel's LAST_REDUCES does
+                ticket_slot = ticket_ptr + b.to(tl.int64) * tl.num_programs(1) + kvh
+                tl.debug_barrier()  # every lane's piece stored before the release below
+                ticket = tl.atomic_add(ticket_slot, 1, sem="acq_rel", scope="gpu")
+                first = c_lo // width
+                n_pieces = (c_hi - 1) // width - first + 1
+                if ticket == n_pieces - 1:  # every piece is visible (acquire)
+                    tl.debug_barrier()
+                    _merge_group(ws_acc_ptr, ws_ml_ptr, out_ptr, first, n_pieces, heads, row_valid, d, d_mask,
+                                 tok, stride_ot, stride_oh, stride_od, NUM_HEADS, ROWS, BLOCK_D)
+                    tl.store(ticket_slot, 0)
         c_lo = c_hi
         b += 1
     gdc_trigger_late(USE_GDC)
@@ -205,42 +194,6 @@ def _merge_group(ws_acc_ptr, ws_ml_ptr, out_ptr, first, n_pieces, heads, row_val
              o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
 
 
-@triton.jit
-def _decode_balanced_merge_kernel(
-    ws_acc_ptr, ws_ml_ptr, pieces_ptr, qsl_ptr, out_ptr,
-    stride_ot, stride_oh, stride_od,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
-    USE_GDC: tl.constexpr = False,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    gdc_wait(USE_GDC)
-    q_start = tl.load(qsl_ptr + b)
-    if tl.load(qsl_ptr + b + 1) - q_start != 1:
-        return  # padding or a prompt row: not decode's
-    n = tl.load(pieces_ptr + BLOCK_B + b)
-    if n == 1:
-        return  # written directly
-    first = tl.load(pieces_ptr + b)
-    d = tl.arange(0, BLOCK_D)
-    m_run = tl.zeros([], dtype=tl.float32) + _NEG_BIG
-    l_run = tl.zeros([], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for k in range(n):
-        row = _piece_slot(first, k).to(tl.int64) * NUM_HEADS + h
-        m = tl.load(ws_ml_ptr + row * 2)
-        l = tl.load(ws_ml_ptr + row * 2 + 1)
-        m_new = tl.maximum(m_run, m)
-        a_old = tl.exp2(m_run - m_new)
-        a_new = tl.exp2(m - m_new)
-        acc = acc * a_old + tl.load(ws_acc_ptr + row * BLOCK_D + d) * a_new
-        l_run = l_run * a_old + l * a_new
-        m_run = m_new
-    o = acc / tl.where(l_run > 0, l_run, 1.0)
-    tl.store(out_ptr + q_start.to(tl.int64) * stride_ot + h * stride_oh + d * stride_od,
-             o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
-
-
 REGISTERS_PER_SM = 65536  # 32-bit registers of an SM (sm_80 - sm_90)
 
 
@@ -261,53 +214,46 @@ def balanced_programs(num_kv_heads: int, programs_per_sm: int, device: torch.dev
 
 def decode_attention_balanced(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, out,
                               tile: tuple[int, int, int], programs_per_sm: int, k_scale: float = 1.0,
-                              v_scale: float = 1.0, fp8_path: str = "words", inline_merge: bool = True,
+                              v_scale: float = 1.0, fp8_path: str = "words",
                               num_programs: int | None = None) -> torch.Tensor:
     """triton_attention.decode_attention's contract without a window (one query per sequence; rows with
     q_len != 1 untouched, seq_len-0 rows zeros) with the work balanced over num_programs programs per KV head
-    (None: balanced_programs). tile: (BLOCK_N, num_warps, num_stages). inline_merge: a cut sequence's last
-    piece merges its group (a ticket per sequence and KV head, no second launch); False: the merge launch."""
+    (None: balanced_programs). tile: (BLOCK_N, num_warps, num_stages). The split kernel (one split, the same
+    tile) serves a batch past the ticket buffer, and a launch met first inside a CUDA-graph capture: the tickets
+    are made outside any (a capture's allocation belongs to its graph's pool; the engine's eager warm-ups decode
+    at these batches first, engine/eager_warmup.grid_tile_steps)."""
     num_seqs = seq_lens.shape[0]
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[3]
     if query.shape[0] == 0 or num_seqs == 0:
         return out
     block_n, num_warps, num_stages = tile
+    dev = query.device
+    if num_seqs * num_kv_heads > MAX_TICKETS or (
+            dev.type == "cuda" and dev not in _tickets and torch.cuda.is_current_stream_capturing()):
+        return decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, None, out, 1,
+                                block_n=block_n, num_warps=num_warps, num_stages=num_stages, k_scale=k_scale,
+                                v_scale=v_scale, fp8_path=fp8_path)
     if num_programs is None:
-        num_programs = balanced_programs(num_kv_heads, programs_per_sm, query.device)
+        num_programs = balanced_programs(num_kv_heads, programs_per_sm, dev)
     group = num_heads // num_kv_heads
     block_d = max(16, _next_pow2(head_dim))
-    block_b = max(16, _next_pow2(num_seqs))
     slots = 2 * num_programs
-    dev = query.device
     ws_acc = torch.empty((slots, num_heads, block_d), dtype=torch.float32, device=dev)
     ws_ml = torch.empty((slots, num_heads, 2), dtype=torch.float32, device=dev)
-    pieces = torch.empty((2, block_b), dtype=torch.int32, device=dev)
-    # the tickets are made outside any CUDA-graph capture (the engine's eager warm-ups decode first); a launch
-    # that would make them while capturing takes the merge launch
-    inline = inline_merge and num_seqs * num_kv_heads <= MAX_TICKETS and not (
-        dev.type == "cuda" and dev not in _tickets and torch.cuda.is_current_stream_capturing())
-    tickets = _ticket_workspace(dev) if inline else pieces  # (unused unless inline)
     gdc = gdc_kwargs(query, programs=num_programs * num_kv_heads, num_warps=num_warps)
     cap = max_registers(programs_per_sm, num_warps) if query.is_cuda else None
     _decode_balanced_kernel[(num_programs, num_kv_heads)](
-        query, kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml, pieces, tickets,
+        query, kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml, _ticket_workspace(dev),
         scale * _LOG2E, num_seqs, num_programs, float(k_scale), float(v_scale),
         query.stride(0), query.stride(1), query.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         NUM_HEADS=num_heads, GROUP=group, ROWS=max(16, _next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=block_n, BLOCK_B=block_b, OVERHEAD_UNITS=OVERHEAD,
-        UPCAST_DOT=_upcast_dot(query), DOT_PRECISION=_dot_precision(query), KV_FP8=_is_fp8(kv_cache),
-        FP8_TILE=_fp8_tile(fp8_path, query, kv_cache), V_T=v_transposed(kv_cache), INLINE_MERGE=inline,
+        BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=block_n, BLOCK_B=max(16, _next_pow2(num_seqs)),
+        OVERHEAD_UNITS=OVERHEAD, UPCAST_DOT=_upcast_dot(query), DOT_PRECISION=_dot_precision(query),
+        KV_FP8=_is_fp8(kv_cache), FP8_TILE=_fp8_tile(fp8_path, query, kv_cache), V_T=v_transposed(kv_cache),
         num_warps=num_warps, num_stages=num_stages, **gdc, **({} if cap is None else {"maxnreg": cap}),
-    )
-    if inline:
-        return out
-    _decode_balanced_merge_kernel[(num_seqs, num_heads)](
-        ws_acc, ws_ml, pieces, query_start_loc, out, out.stride(0), out.stride(1), out.stride(2),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_B=block_b,
-        num_warps=4 if block_d >= 128 else 2, **gdc_kwargs(query, programs=num_seqs * num_heads),
     )
     return out

@@ -36,10 +36,10 @@ def _fp8(cache: torch.Tensor, k_scale: float, v_scale: float) -> torch.Tensor:
 SENTINEL = 7.0  # rows the kernel must not write keep it
 
 
-def _run(query, cache, meta, num_programs, tile, k_scale=1.0, v_scale=1.0, fp8_path="words", inline=True):
+def _run(query, cache, meta, num_programs, tile, k_scale=1.0, v_scale=1.0, fp8_path="words"):
     out = torch.full_like(query, SENTINEL)
     return decode_attention_balanced(query, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3,
-                                     out, tile, 1, k_scale, v_scale, fp8_path, inline, num_programs=num_programs)
+                                     out, tile, 1, k_scale, v_scale, fp8_path, num_programs=num_programs)
 
 
 def _decode_rows(meta) -> torch.Tensor:
@@ -60,11 +60,10 @@ CASES = [
 @interp
 @pytest.mark.parametrize("num_programs", [1, 2, 3, 7, 40])
 @pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.parametrize("inline", [True, False], ids=["inline-merge", "merge-launch"])
-def test_balanced_equals_reference_interp(case, num_programs, inline):
+def test_balanced_equals_reference_interp(case, num_programs):
     q_lens, seq_lens, qsl = CASES[case]
     query, cache, meta = make_case(q_lens, seq_lens, 4, 2, 32, 8, torch.float32, seed=case, qsl=qsl)
-    out = _run(query, cache, meta, num_programs, (16, 4, 2), inline=inline)
+    out = _run(query, cache, meta, num_programs, (16, 4, 2))
     ref = paged_attention_ref(query, cache, meta, 0.3, None)
     rows = _decode_rows(meta)
     torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=1e-5)
@@ -76,19 +75,17 @@ def test_balanced_equals_reference_interp(case, num_programs, inline):
 
 @needs_triton
 @interp
-@pytest.mark.parametrize("inline", [True, False], ids=["inline-merge", "merge-launch"])
-def test_prompt_rows_of_a_mixed_batch_are_left_alone_interp(inline):
+def test_prompt_rows_of_a_mixed_batch_are_left_alone_interp():
     # a prompt chunk (q_len 3) between decodes: its rows are the prefill kernel's, so the sentinel stays
     query, cache, meta = make_case([1, 3, 1, 1], [50, 20, 9, 100], 4, 2, 32, 8, torch.float32, seed=3)
-    out = _run(query, cache, meta, 3, (16, 4, 2), inline=inline)
+    out = _run(query, cache, meta, 3, (16, 4, 2))
     ref = paged_attention_ref(query, cache, meta, 0.3, None)
     rows = _decode_rows(meta)
     torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=1e-5)
     assert (out[1:4] == SENTINEL).all()
-    if inline:  # every ticket back at zero for the next launch
-        from meshserve.kernels.triton_attention import _ticket_workspace
+    from meshserve.kernels.triton_attention import _ticket_workspace
 
-        assert not _ticket_workspace(query.device).any()
+    assert not _ticket_workspace(query.device).any()  # every ticket back at zero for the next launch
 
 
 @pytest.fixture(params=kv_layout.LAYOUTS)
@@ -141,7 +138,7 @@ _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from meshserve.kernels.triton_decode_balanced import _decode_balanced_kernel, _decode_balanced_merge_kernel
+from meshserve.kernels.triton_decode_balanced import _decode_balanced_kernel
 
 def compile90(kernel, ptrs, floats, const, ones, warps, stages):
     names = list(kernel.arg_names)
@@ -155,18 +152,13 @@ def compile90(kernel, ptrs, floats, const, ones, warps, stages):
 for cache, fp8_tile, v_t, tile in (("*bf16", "convert", False, (128, 4, 3)), ("*fp8e4nv", "words", True, (64, 2, 2)),
                                    ("*fp8e4nv", "convert", False, (64, 2, 2))):
     ptrs = dict(q_ptr="*bf16", cache_ptr=cache, bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32",
-                out_ptr="*bf16", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32", pieces_ptr="*i32", ticket_ptr="*i32")
+                out_ptr="*bf16", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32", ticket_ptr="*i32")
     const = dict(NUM_HEADS=32, GROUP=4, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=tile[0],
                  BLOCK_B=256, OVERHEAD_UNITS=1, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=cache != "*bf16",
                  FP8_TILE=fp8_tile, V_T=v_t, USE_GDC=False)
-    for inline in (True, False):
-        ptx = compile90(_decode_balanced_kernel, ptrs, ("scale_log2", "k_scale", "v_scale"),
-                        dict(const, INLINE_MERGE=inline), ("stride_qd", "stride_cd", "stride_od"), tile[1],
-                        tile[2]).asm["ptx"]
-        assert "mma" in ptx and ("atom" in ptx) == inline
-ptrs = dict(ws_acc_ptr="*fp32", ws_ml_ptr="*fp32", pieces_ptr="*i32", qsl_ptr="*i32", out_ptr="*bf16")
-compile90(_decode_balanced_merge_kernel, ptrs, (), dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_B=256,
-          USE_GDC=False), ("stride_od",), 4, 1)
+    ptx = compile90(_decode_balanced_kernel, ptrs, ("scale_log2", "k_scale", "v_scale"), const,
+                    ("stride_qd", "stride_cd", "stride_od"), tile[1], tile[2]).asm["ptx"]
+    assert "mma" in ptx and "atom" in ptx
 print("compiled")
 """
 

@@ -4,8 +4,8 @@ ones (a prompt of 100-1,024 tokens plus part of a 100-1,024-token answer, DESIGN
 cache and the fp8 cache with V transposed, at Llama-3.1-8B's and Qwen3-0.6B's heads. Each launch is replayed from
 a CUDA graph; the balanced outputs are checked against the split kernel's.
 
-usage (on the device): python tools/bench_decode_balanced.py [--batch 256] [--per-sm 2,4,6,8,12]
-       [--tiles "64,2,2;128,4,3"] [--json PATH]   (tiles: the balanced kernel's; default the engine's per cache)
+usage (on the device): python tools/bench_decode_balanced.py [--batch 256] [--per-sm 4,5,6]
+       [--tiles "64,2,2;128,4,3"] [--json PATH]   (tiles: the balanced kernel's; default the engine's, GRID_TILE)
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def run(batch: int, per_sm: list[int], tiles: list[tuple[int, int, int]] | None 
                 base = {"lengths": lengths_name, "heads": [h, hkv], "cache": cache_name}
                 rows.append({**base, "kernel": f"split {tile}", "us": round(ms * 1e3, 1),
                              "tb_per_s": round(kv_bytes / (ms * 1e-3) / 1e12, 2)})
-                for btile in tiles or [GRID_TILE if cache_name == "fp8vt" else (128, 4, 3)]:
+                for btile in tiles or [GRID_TILE]:
                     for n in per_sm:
                         out = torch.empty_like(q)
                         ms = replay_ms(graph_of(lambda n=n, out=out, t=btile: decode_attention_balanced(
@@ -79,7 +79,7 @@ def run(batch: int, per_sm: list[int], tiles: list[tuple[int, int, int]] | None 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--per-sm", default="2,4,6,8,12")
+    ap.add_argument("--per-sm", default="4,5,6")
     ap.add_argument("--tiles", default="", help="the balanced kernel's BLOCK_N,warps,stages;... (default: per cache)")
     ap.add_argument("--json", default="")
     ns = ap.parse_args()

@@ -6,8 +6,9 @@
 #                                                             against what it would replace at W2's shapes)
 #   PARTS=w2 bash tools/w2_levers_device.sh                   (~450 s: W2 A/Bs, two processes a setting)
 # W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
-# W2_8B (default "DECODE_BALANCED=6 FP8_GEMM=triton") or W2_QWEN ("DECODE_BALANCED=6"); PER_SM: the kernel
-# timing's programs an SM (default 4,6); *_LIMIT: each part's seconds.
+# W2_8B (default "DECODE_BALANCED=5 FP8_GEMM=triton"), W2_QWEN ("DECODE_BALANCED=5") or W2_BF16 ("DECODE_BALANCED=5");
+# PER_SM: the kernel timing's programs an SM (default 4,5,6: at 2 warps 5 fit without spilling, sm_90); *_LIMIT:
+# each part's seconds.
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 mkdir -p "$OUT"
@@ -17,16 +18,16 @@ for part in ${PARTS:-tests kernels}; do
       (OUT=$OUT/tests LIMIT=${TEST_LIMIT:-170} bash tools/gpu_tests_device.sh tests/kernels/test_triton_decode_balanced.py \
         tests/kernels/test_triton_fp8_rowwise.py tests/gpu/test_gpu_engine.py -k "balanced or rowwise or triton_fp8_gemm") ;;
     kernels)
-      timeout -k 10 "${KERNEL_LIMIT:-100}" python3 tools/bench_decode_balanced.py --per-sm "${PER_SM:-4,6}" \
+      timeout -k 10 "${KERNEL_LIMIT:-100}" python3 tools/bench_decode_balanced.py --per-sm "${PER_SM:-4,5,6}" \
         --json "$OUT/balanced.json" 2>&1 | grep -v -i warn
       timeout -k 10 "${GEMM_LIMIT:-60}" python3 tools/bench_fp8_rowwise.py --m 128,256,512,2048 --json "$OUT/rowwise.json" \
         2>&1 | grep -v -i warn ;;
     w2)
       for pair in ${W2:-8b-fp8 qwen-fp8kv}; do
         case $pair in
-          8b-fp8) m=8b args="--quantization fp8 --kv-cache-dtype fp8" sets=${W2_8B:-DECODE_BALANCED=6 FP8_GEMM=triton} ;;
-          qwen-fp8kv) m=qwen args="--kv-cache-dtype fp8" sets=${W2_QWEN:-DECODE_BALANCED=6} ;;
-          8b|qwen) m=$pair args="" sets=${W2_BF16:-DECODE_BALANCED=6} ;;
+          8b-fp8) m=8b args="--quantization fp8 --kv-cache-dtype fp8" sets=${W2_8B:-DECODE_BALANCED=5 FP8_GEMM=triton} ;;
+          qwen-fp8kv) m=qwen args="--kv-cache-dtype fp8" sets=${W2_QWEN:-DECODE_BALANCED=5} ;;
+          8b|qwen) m=$pair args="" sets=${W2_BF16:-DECODE_BALANCED=5} ;;
           *) echo "W2 pair $pair: one of 8b-fp8, qwen-fp8kv, 8b, qwen"; exit 1 ;;
         esac
         jobs="$m:default"

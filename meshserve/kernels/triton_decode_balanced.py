@@ -199,9 +199,10 @@ REGISTERS_PER_SM = 65536  # 32-bit registers of an SM (sm_80 - sm_90)
 
 def max_registers(programs_per_sm: int, num_warps: int) -> int | None:
     """The per-thread register cap that lets programs_per_sm programs of num_warps warps share an SM, so the
-    launch is the one wave the balancing assumes (None: no cap needed). Unbounded, the kernel takes ~214 registers
-    a thread at 2 warps (sm_90, the 8B's fp8 tile): 4 programs an SM, where the split kernel's 166 fit 6; at a cap
-    of 168 it spills 24 bytes (tools/decode_attention_sass.py --kernel balanced)."""
+    launch is the one wave the balancing assumes (None: no cap needed). At the grid tile (64 tokens, 2 warps)
+    the kernel takes ~214 registers a thread unbounded (the split kernel 166): 4 programs an SM; capped for 5
+    (200) the fp8 tile spills nothing, the bf16 one ~100 B; for 6 (168) 64 and ~90-110 B (sm_90,
+    tools/decode_attention_sass.py --kernel balanced)."""
     cap = REGISTERS_PER_SM // (programs_per_sm * num_warps * 32) // 8 * 8
     return cap if cap < 255 else None
 

@@ -523,8 +523,9 @@ class TritonAttentionBackend:
     launch (MESHSERVE_DECODE_REDUCE=inline).
     fp8_path: how the decode kernel reads an fp8 cache (MESHSERVE_DECODE_FP8_PATH: "words", the default,
     triton_e4m3_words.py; "convert"; or "auto": words with the one tile, convert with the grid tile).
-    balanced: programs an SM for the launches that take the grid tile (no window): the balanced kernel
-    (kernels/triton_decode_balanced.py, MESHSERVE_DECODE_BALANCED); 0: the split kernel.
+    balanced: programs an SM of the balanced kernel (kernels/triton_decode_balanced.py, MESHSERVE_DECODE_BALANCED)
+    for decode grids of >= GRID_TILE_MIN_WAVES (sequence, KV head) programs an SM without a window; 0: the split
+    kernel everywhere.
     """
 
     name = "triton"
@@ -542,7 +543,7 @@ class TritonAttentionBackend:
         self.grid_tile = grid_tile  # decode: which caches' large grids take decode_tile's smaller CTAs
         self.grid_tile_shape = grid_tile_shape or GRID_TILE  # (block_n, num_warps, num_stages) of those grids
         self.fp8_path = fp8_path  # decode over an fp8 cache: "convert", "words" or "auto" (_fp8_path_for)
-        self.balanced = balanced  # programs an SM of the balanced kernel for grid-tile launches; 0: off
+        self.balanced = balanced  # programs an SM of the balanced kernel for large decode grids; 0: off
 
     # -- cache write ---------------------------------------------------------------------------------
     def write_kv(self, key, value, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):

@@ -99,11 +99,12 @@ Overrides (environment, read only here, for debugging and references):
                                             11.52 / 11.48 with convert, Qwen3-0.6B fp8 KV 5.15 / 5.38 against
                                             6.04 / 5.86), convert (Triton converts after its shared-memory load)
                                             or auto (words with the one tile, convert with the grid tile)
-  MESHSERVE_DECODE_BALANCED=N               large decode grids (those taking the grid tile, no sliding window)
-                                            through the balanced kernel: N programs an SM over all KV heads,
-                                            one wave, each streaming an equal share of the batch's KV tiles
-                                            (kernels/triton_decode_balanced.py; W2's contexts left the split
-                                            kernel's 2.6 waves uneven); 0 or unset: off (not measured yet)
+  MESHSERVE_DECODE_BALANCED=N               decode grids of >= 2 (sequence, KV head) programs an SM (any cache,
+                                            no sliding window) through the balanced kernel at the grid tile: N
+                                            programs an SM over all KV heads, one wave, each streaming an equal
+                                            share of the batch's KV tiles (kernels/triton_decode_balanced.py;
+                                            W2's contexts left the split kernel's 2.6 waves uneven; 5 fit
+                                            without spilling); 0 or unset: off (not measured yet)
   MESHSERVE_DECODE_FUSED_PROLOGUE=0|1|split decode-only steps: the fused prologue (q/k norm, rotary, K/V write)
                                             inside the decode attention launch (kernels/triton_decode_fused.py,
                                             one launch fewer a layer; with the fused prologue only); split (the
@@ -304,7 +305,7 @@ class KernelSelection:
     # decode attention: which caches' large grids take smaller CTAs (TritonAttentionBackend.takes_grid_tile)
     decode_grid_tile: str = "auto"
     decode_grid_tile_shape: tuple[int, int, int] | None = None  # those grids' tile; None: kernels' GRID_TILE
-    # those grids through the balanced kernel at this many programs an SM (kernels/triton_decode_balanced.py); 0 off
+    # large decode grids through the balanced kernel, this many programs an SM (kernels/triton_decode_balanced.py)
     decode_balanced: int = 0
     # how decode attention reads an fp8 KV cache (DECODE_FP8_PATH_CHOICES)
     decode_fp8_path: str = "words"

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Issue 20's two open W2 levers on the device (the balanced GQA decode kernel, MESHSERVE_DECODE_BALANCED,
-# kernels/triton_decode_balanced.py; the Triton rowwise fp8 GEMM, MESHSERVE_FP8_GEMM=triton,
-# kernels/triton_fp8_rowwise.py), in parts that fit one call each (carry .whl):
+# The open W2 levers of issues 20 and 29 on the device (the balanced GQA decode kernel, MESHSERVE_DECODE_BALANCED,
+# kernels/triton_decode_balanced.py; the Triton decode GEMMs, kernels/triton_decode_gemm.py: fp8 with rowwise
+# scales, MESHSERVE_FP8_GEMM=triton, and 16-bit with PDL, MESHSERVE_DECODE_GEMM=1), in parts that fit one call
+# each (carry .whl):
 #   PARTS="tests kernels" bash tools/w2_levers_device.sh      (~300 s: their GPU tests, then each kernel timed
 #                                                             against what it would replace at W2's shapes)
 #   PARTS=w2 bash tools/w2_levers_device.sh                   (~450 s: W2 A/Bs, two processes a setting)
 # W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
-# W2_8B (default "DECODE_BALANCED=5 FP8_GEMM=triton"), W2_QWEN ("DECODE_BALANCED=5") or W2_BF16 ("DECODE_BALANCED=5");
+# W2_8B (default "DECODE_BALANCED=5 FP8_GEMM=triton"), W2_QWEN or W2_BF16 ("DECODE_BALANCED=5 DECODE_GEMM=1");
 # PER_SM: the kernel timing's programs an SM (default 4,5,6: at 2 warps 5 fit without spilling, sm_90); *_LIMIT:
 # each part's seconds.
 set -u -o pipefail
@@ -15,19 +16,19 @@ mkdir -p "$OUT"
 for part in ${PARTS:-tests kernels}; do
   case $part in
     tests)
-      (OUT=$OUT/tests LIMIT=${TEST_LIMIT:-170} bash tools/gpu_tests_device.sh tests/kernels/test_triton_decode_balanced.py \
-        tests/kernels/test_triton_fp8_rowwise.py tests/gpu/test_gpu_engine.py -k "balanced or rowwise or triton_fp8_gemm") ;;
+      (OUT=$OUT/tests LIMIT=${TEST_LIMIT:-200} bash tools/gpu_tests_device.sh tests/kernels/test_triton_decode_balanced.py \
+        tests/kernels/test_triton_decode_gemm.py tests/gpu/test_gpu_engine.py -k "balanced or gemm") ;;
     kernels)
       timeout -k 10 "${KERNEL_LIMIT:-100}" python3 tools/bench_decode_balanced.py --per-sm "${PER_SM:-4,5,6}" \
         --json "$OUT/balanced.json" 2>&1 | grep -v -i warn
-      timeout -k 10 "${GEMM_LIMIT:-60}" python3 tools/bench_fp8_rowwise.py --m 128,256,512,2048 --json "$OUT/rowwise.json" \
+      timeout -k 10 "${GEMM_LIMIT:-90}" python3 tools/bench_decode_gemm.py --m 16,128,256,512 --json "$OUT/gemm.json" \
         2>&1 | grep -v -i warn ;;
     w2)
       for pair in ${W2:-8b-fp8 qwen-fp8kv}; do
         case $pair in
           8b-fp8) m=8b args="--quantization fp8 --kv-cache-dtype fp8" sets=${W2_8B:-DECODE_BALANCED=5 FP8_GEMM=triton} ;;
-          qwen-fp8kv) m=qwen args="--kv-cache-dtype fp8" sets=${W2_QWEN:-DECODE_BALANCED=5} ;;
-          8b|qwen) m=$pair args="" sets=${W2_BF16:-DECODE_BALANCED=5} ;;
+          qwen-fp8kv) m=qwen args="--kv-cache-dtype fp8" sets=${W2_QWEN:-DECODE_BALANCED=5 DECODE_GEMM=1} ;;
+          8b|qwen) m=$pair args="" sets=${W2_BF16:-DECODE_BALANCED=5 DECODE_GEMM=1} ;;
           *) echo "W2 pair $pair: one of 8b-fp8, qwen-fp8kv, 8b, qwen"; exit 1 ;;
         esac
         jobs="$m:default"

@@ -50,6 +50,15 @@ def _triton_skinny_gemv():
 
 
 @functools.cache
+def _triton_decode_gemm():
+    try:
+        from meshserve.kernels import triton_decode_gemm
+    except ImportError:
+        return None
+    return triton_decode_gemm
+
+
+@functools.cache
 def _triton_fp8_fused():
     try:
         from meshserve.kernels import triton_fp8_fused
@@ -113,14 +122,27 @@ def skinny_gemv_for(x: torch.Tensor, weight: torch.Tensor, enabled: bool):
     return mod if mod is not None and 2 <= rows <= mod.MAX_ROWS else None
 
 
+def decode_gemm_for(x: torch.Tensor, weight: torch.Tensor, enabled: bool):
+    """The Triton decode GEMM module (kernels/triton_decode_gemm.py) when enabled and x holds a decode step's
+    2 to MAX_ROWS_16BIT rows of 16-bit activations on a GPU, else None."""
+    if not (enabled and x.is_cuda):
+        return None
+    mod = _triton_decode_gemm()
+    return mod if mod is not None and mod.fits_16bit(x, weight) else None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           gemv: bool = False, skinny: bool = False) -> torch.Tensor:
+           gemv: bool = False, skinny: bool = False, decode_gemm: bool = False) -> torch.Tensor:
     """F.linear, or the Triton GEMV where `gemv` is enabled and gemv_for allows it (one row), or the skinny
-    GEMV where `skinny` is enabled and skinny_gemv_for allows it (a few rows)."""
+    GEMV where `skinny` is enabled and skinny_gemv_for allows it (a few rows), or the decode GEMM where
+    `decode_gemm` is enabled and decode_gemm_for allows it (a decode step's rows)."""
     mod = gemv_for(x, weight, gemv)
     if mod is not None:
         return mod.gemv(x, weight, bias)
     skinny_mod = skinny_gemv_for(x, weight, skinny)
     if skinny_mod is not None:
         return skinny_mod.skinny_gemv(x, weight, bias)
+    gemm_mod = decode_gemm_for(x, weight, decode_gemm)
+    if gemm_mod is not None:
+        return gemm_mod.gemm_16bit(x, weight, bias)
     return F.linear(x, weight, bias)

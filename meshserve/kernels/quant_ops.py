@@ -7,7 +7,7 @@ FP8 weights
   16-bit rows on a GPU, aligned shapes      one Triton pass quantizes the activation (kernels/triton_fp8_quant.py:
                                             per-token absmax, or the static scale), then torch._scaled_mm
                                             (cuBLASLt FP8 on Hopper) with per-token and per-channel scales, or
-                                            (gemm "triton") the Triton rowwise GEMM (kernels/triton_fp8_rowwise.py)
+                                            (gemm "triton") the Triton rowwise GEMM (kernels/triton_decode_gemm.py)
   otherwise (CPU, fp32 models)              fp8_linear_ref: the same quantization, upcast matmul
 Block-wise FP8 weights (128 x 128 scales, activations per 1 x 128 group)
   on a GPU                                  Triton block-scaled FP8 GEMM (kernels/triton_fp8_block.py), every
@@ -50,12 +50,12 @@ def _triton_quant():
 
 
 @functools.cache
-def _triton_fp8_rowwise():
+def _triton_decode_gemm():
     try:
-        from meshserve.kernels import triton_fp8_rowwise
+        from meshserve.kernels import triton_decode_gemm
     except ImportError:
         return None
-    return triton_fp8_rowwise
+    return triton_decode_gemm
 
 
 @functools.cache
@@ -167,11 +167,11 @@ def fp8_rows_linear(
 ) -> torch.Tensor:
     """Rows already quantized per token (fp8 xq [M, K], fp32 xs [M, 1]: kernels/triton_fp8_fused.py) @ the fp8
     weight [N, K]^T with per-channel weight_scale [N]: fp8_linear after its quantization step. gemm: "scaled_mm"
-    (torch._scaled_mm, bias added after) or "triton" (kernels/triton_fp8_rowwise.py, bias in its epilogue)."""
+    (torch._scaled_mm, bias added after) or "triton" (kernels/triton_decode_gemm.py, bias in its epilogue)."""
     if gemm == "triton":
-        triton_fp8_rowwise = _triton_fp8_rowwise()
-        if triton_fp8_rowwise is not None:
-            return triton_fp8_rowwise.fp8_rowwise_gemm(xq, xs, weight, weight_scale, bias, out_dtype)
+        triton_decode_gemm = _triton_decode_gemm()
+        if triton_decode_gemm is not None:
+            return triton_decode_gemm.fp8_rowwise_gemm(xq, xs, weight, weight_scale, bias, out_dtype)
     y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.float()[None, :], out_dtype=out_dtype)
     return y if bias is None else y + bias
 

@@ -172,8 +172,12 @@ Overrides (environment, read only here, for debugging and references):
                                             for every shape (A/B; default by shape)
   MESHSERVE_FP8_GEMM=scaled_mm|triton        fp8-weight projections of more than one row (per-token activation
                                             scales): torch._scaled_mm (the default) or the Triton rowwise GEMM
-                                            (kernels/triton_fp8_rowwise.py: tiles by M, K split while the tiles
+                                            (kernels/triton_decode_gemm.py: tiles by M, K split while the tiles
                                             fill less than a wave; not measured yet)
+  MESHSERVE_DECODE_GEMM=1                   16-bit projections and LM head of 2-512 rows (decode steps) through
+                                            the Triton GEMM of kernels/triton_decode_gemm.py instead of cuBLAS:
+                                            tiles by M, split K, PDL with the decode kernels around it (W2
+                                            Qwen3-0.6B's ~0.8 ms of cuBLAS launches a step; not measured yet)
   MESHSERVE_PARALLEL_COMPILE=1|N|0          start-up: the warm-ups' Triton kernels compiled first, in parallel on N
                                             threads (1: one per core; kernels/parallel_compile.py,
                                             engine/parallel_warmup.py); a CUDA device and one rank only; on by
@@ -260,7 +264,8 @@ MOE_ROUTE_ALIGN_CHOICES = ("chain", "fused")
 MOE_ROUTER_FUSED_ENV = "MESHSERVE_MOE_ROUTER_FUSED"
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
 FP8_GEMM_ENV = "MESHSERVE_FP8_GEMM"
-FP8_GEMM_CHOICES = ("scaled_mm", "triton")  # torch._scaled_mm + kernels/triton_fp8_rowwise.py
+FP8_GEMM_CHOICES = ("scaled_mm", "triton")  # torch._scaled_mm + kernels/triton_decode_gemm.py
+DECODE_GEMM_ENV = "MESHSERVE_DECODE_GEMM"
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
 PARALLEL_COMPILE_ENV = "MESHSERVE_PARALLEL_COMPILE"
 FP8_GEMV_CHOICES = ("cvt", "half", "local", "words", "scaled_mm")  # triton_fp8_gemv.FP8_GEMV_VARIANTS + cuBLASLt
@@ -282,6 +287,7 @@ class KernelSelection:
     fused_prologue: bool = False  # q/k norm + rotary + KV write in one kernel, through the Triton backend
     gemv: bool = False  # Triton GEMV for single 16-bit rows (batch-1 decode), SiLU fused into down_proj
     skinny_gemv: bool = False  # Triton GEMV for 2-16 16-bit rows (speculative verify at small batch)
+    decode_gemm: bool = False  # Triton GEMM for 2-512 16-bit rows (kernels/triton_decode_gemm.py)
     norm_gemv: bool = False  # residual add + RMSNorm inside the QKV / gate_up GEMV (layers/norm_linear.py)
     # ... in one launch where the GEMV holds whole rows (<= 2,048 features), the MoE router's GEMV too
     # (kernels/triton_norm_row_gemv.py; whether or not norm_gemv is on)
@@ -606,6 +612,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         fused_prologue=fused_ops and attention == "triton",
         gemv=gemv,
         skinny_gemv=gemv and os.environ.get(SKINNY_GEMV_ENV, "") not in ("", "0"),
+        decode_gemm=gemv and os.environ.get(DECODE_GEMM_ENV, "").strip() not in ("", "0"),
         norm_gemv=gemv and fused_ops and os.environ.get(NORM_GEMV_ENV, "") not in ("", "0"),
         # on unless "0" (H200 W1 Qwen3-30B-A3B 353.5 -> 362.2 tok/s, 2026-12-04): rows of <= 2,048 only
         norm_row_gemv=gemv and fused_ops and os.environ.get(NORM_ROW_GEMV_ENV, "").strip() != "0",

@@ -54,7 +54,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.kernels = PLAIN  # bound by the model runner: the GEMV serves batch-1 decode
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight, gemv=self.kernels.gemv, skinny=self.kernels.skinny_gemv)
+        logits = linear(hidden, self.weight, gemv=self.kernels.gemv, skinny=self.kernels.skinny_gemv,
+                        decode_gemm=self.kernels.decode_gemm)
         if self.tp_size > 1:
             logits = tensor_parallel_all_gather(logits, dim=-1)
         return logits[..., : self.vocab_size]

@@ -93,10 +93,17 @@ def test_fast_path_fp8_logprobs_within_tolerance(model, quant, tol, mean_tol, mo
 
 @pytest.mark.parametrize("model", MODELS)
 def test_triton_fp8_gemm_logprobs_within_tolerance(model, monkeypatch):
-    """MESHSERVE_FP8_GEMM=triton (kernels/triton_fp8_rowwise.py) for the fast engine's multi-row fp8 projections,
+    """MESHSERVE_FP8_GEMM=triton (kernels/triton_decode_gemm.py) for the fast engine's multi-row fp8 projections,
     against the reference on _scaled_mm: the fp8 weights' bounds (the GEMMs differ only in summation order)."""
     _assert_fast_logprobs_near_reference(model, monkeypatch, 1.0, 0.3, fast_env={"MESHSERVE_FP8_GEMM": "triton"},
                                          quantization="fp8")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_triton_decode_gemm_logprobs_within_tolerance(model, monkeypatch):
+    """MESHSERVE_DECODE_GEMM=1 (kernels/triton_decode_gemm.py, under PDL on Qwen3-0.6B) for the fast engine's
+    16-bit projections and LM head of 2-512 rows: the bf16 bounds."""
+    _assert_fast_logprobs_near_reference(model, monkeypatch, 0.15, 0.04, fast_env={"MESHSERVE_DECODE_GEMM": "1"})
 
 
 def _assert_fast_logprobs_near_reference(model, monkeypatch, tol, mean_tol, fast_env=None, **engine_kwargs):

@@ -34,7 +34,7 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_DECODE_FP8_PATH", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_GRID_TILE", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_BALANCED", raising=False)
-    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_FP8_GEMM", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS",
+    for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_FP8_GEMM", "MESHSERVE_DECODE_GEMM", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS",
                  "MESHSERVE_MOE_ROUTE_ALIGN", "MESHSERVE_MOE_FUSE_SHARED", "MESHSERVE_MOE_ROUTER_FUSED"):
         monkeypatch.delenv(name, raising=False)
 
@@ -325,6 +325,16 @@ def test_fp8_gemm_switch(monkeypatch):
     monkeypatch.setenv("MESHSERVE_FP8_GEMM", "cutlass")
     with pytest.raises(InvalidArgumentError, match="MESHSERVE_FP8_GEMM takes one of scaled_mm, triton"):
         select_kernels(gpu)
+
+
+def test_decode_gemm_switch(monkeypatch):
+    # cuBLAS for 16-bit rows by default; the Triton decode GEMM on request, with the GEMV's conditions (a GPU,
+    # the fused ops not disabled)
+    gpu, cpu = _config(device="cuda", dtype="bfloat16"), _config(device="cpu", dtype="bfloat16")
+    assert not select_kernels(gpu).decode_gemm
+    monkeypatch.setenv("MESHSERVE_DECODE_GEMM", "1")
+    assert select_kernels(gpu).decode_gemm == select_kernels(gpu).gemv
+    assert not select_kernels(cpu).decode_gemm
 
 
 def test_decode_reduce_switch_reaches_the_attention_backend(monkeypatch):

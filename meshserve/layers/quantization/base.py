@@ -95,7 +95,8 @@ class UnquantizedLinearMethod(LinearMethod):
         new_param(layer, "weight", (out_features, in_features), dtype, output_dim=0, input_dim=1)
 
     def apply(self, layer, x, bias):
-        return linear(x, layer.weight, bias, gemv=layer.kernels.gemv, skinny=layer.kernels.skinny_gemv)
+        return linear(x, layer.weight, bias, gemv=layer.kernels.gemv, skinny=layer.kernels.skinny_gemv,
+                      decode_gemm=layer.kernels.decode_gemm)
 
     def apply_act_out(self, layer, x, bias):
         mod = gemv_for(x, layer.weight, layer.kernels.gemv)

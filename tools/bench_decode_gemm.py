@@ -23,11 +23,13 @@ import triton.testing
 from triton.runtime.errors import OutOfResources
 
 from meshserve.kernels.triton_decode_gemm import _num_sms, decode_tile, fp8_rowwise_gemm, gemm_16bit
+from meshserve.kernels.triton_ops import silu_and_mul
 
 SHAPES = {  # (N, K)
     "fp8": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},  # 8B
-    "bf16": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072),
-             "lm_head": (151936, 1024)},  # Qwen3-0.6B
+    "bf16": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "gate_up+silu": (6144, 1024),
+             "down": (1024, 3072), "lm_head": (151936, 1024)},  # Qwen3-0.6B (+silu: the gated epilogue against
+    # F.linear then the SiLU-and-mul kernel)
 }
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); SPLIT_K from the rule, then 1 and 2x it
 SWEEP = ((64, 64, 128, 4, 5), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3), (128, 64, 128, 4, 4),
@@ -57,14 +59,17 @@ def bench_shape(fmt: str, m: int, name: str, n: int, k: int, sms: int, sweep: bo
         print(f"{fmt:<4} m {m:>4} {name:<8} {kind:<13} {str(tile):<32} {r['us']:>8.2f} us {r['tflops']:>7.1f} TFLOP/s "
               f"{r['weight_tb_s']:>5.2f} TB/s" + ("" if diff is None else f"  rel {diff:.1e}"), flush=True)
 
+    gated = name.endswith("+silu")
+
     def cublas():
         if fmt == "fp8":
             return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws[None, :], out_dtype=torch.bfloat16)
-        return torch.nn.functional.linear(xq, wq)
+        y = torch.nn.functional.linear(xq, wq)
+        return silu_and_mul(y) if gated else y
 
     want = cublas()
     record("scaled_mm" if fmt == "fp8" else "F.linear", triton.testing.do_bench_cudagraph(cublas) * 1e3)
-    default = decode_tile(m, n, k, sms, elem)
+    default = decode_tile(m, n // 2 if gated else n, k, sms, elem, gated)
     tiles = [default]
     if sweep:
         for bm, bn, bk, warps, stages in SWEEP:
@@ -77,7 +82,7 @@ def bench_shape(fmt: str, m: int, name: str, n: int, k: int, sms: int, sweep: bo
         def triton_gemm(t=tile):
             if fmt == "fp8":
                 return fp8_rowwise_gemm(xq, xs, wq, ws, None, torch.bfloat16, tile=t)
-            return gemm_16bit(xq, wq, tile=t)
+            return gemm_16bit(xq, wq, tile=t, act_gated=gated)
 
         try:
             got = triton_gemm()

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
+from meshserve.kernels.triton_ops import silu_mul
 
 MAX_TILES = 1 << 14  # output tiles of one split-K launch (the ticket buffer)
 MAX_ROWS_16BIT = 512  # gemm_16bit's rows: decode steps; a prefill's larger GEMMs stay cuBLAS's (decode_gemm_for)
@@ -46,7 +47,7 @@ def _decode_gemm_kernel(
     stride_am, stride_bn, stride_cm,
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_GDC: tl.constexpr = False,
+    ACT_GATED: tl.constexpr = False, USE_GDC: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -71,18 +72,33 @@ def _decode_gemm_kernel(
     kt1 = tl.minimum(kt0 + per_split, k_tiles)
     gdc_wait(USE_GDC)  # x comes from the previous kernel
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # ACT_GATED: the up half's columns (rows N + rn of w)
+    up_cols = b_cols + N.to(tl.int64) * stride_bn
     for kt in range(kt0, kt1):
         kk = kt * BLOCK_K + rk
         if EVEN_K:
             a = tl.load(a_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
             b = tl.load(b_cols + kk[:, None], mask=n_mask[None, :], other=0.0)
+            if ACT_GATED:
+                b_up = tl.load(up_cols + kk[:, None], mask=n_mask[None, :], other=0.0)
         else:
             k_mask = kk < K
             a = tl.load(a_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(b_cols + kk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if ACT_GATED:
+                b_up = tl.load(up_cols + kk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, out_dtype=tl.float32)
+        if ACT_GATED:
+            acc_up = tl.dot(a, b_up, acc_up, out_dtype=tl.float32)
     gdc_trigger_late(USE_GDC)
-    if SPLIT_K == 1:
+    if ACT_GATED:  # (SPLIT_K 1: the host's rule) silu(gate) * up, rounded as the unfused pair rounds
+        dt = c_ptr.dtype.element_ty
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            acc_up += tl.load(bias_ptr + N + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y = silu_mul(acc.to(dt).to(tl.float32), acc_up.to(dt).to(tl.float32), dt)
+        tl.store(c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :], y, mask=m_mask[:, None] & n_mask[None, :])
+    elif SPLIT_K == 1:
         _epilogue(acc, as_ptr, bs_ptr, bias_ptr, c_ptr, rm, rn, m_mask, n_mask, stride_cm, SCALED, HAS_BIAS)
     else:
         tile = pid_m * num_n + pid_n
@@ -135,16 +151,17 @@ def _ticket_workspace(device: torch.device) -> torch.Tensor:
     return tickets
 
 
-def decode_tile(m: int, n: int, k: int, num_sms: int, elem_bytes: int = 1) -> tuple[int, int, int, int, int, int]:
+def decode_tile(m: int, n: int, k: int, num_sms: int, elem_bytes: int = 1,
+                act_gated: bool = False) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an [m, k] x [k, n] launch of elem_bytes
     operands (1: fp8, 2: 16-bit): a first guess by M bucket (not measured yet: tools/bench_decode_gemm.py), K
     steps of 128 bytes, then K split while the output tiles fill less than one wave, each split keeping at least
-    8 K steps."""
+    8 K steps. act_gated (two accumulators, no split): at most 128 columns a tile."""
     if m <= 64:
         bm, bn, warps, stages = 64, 64, 4, 5
     elif m <= 128:
         bm, bn, warps, stages = 64, 128, 4, 4
-    elif m <= 256:
+    elif m <= 256 or act_gated:
         bm, bn, warps, stages = 128, 128, 8, 4
     else:
         bm, bn, warps, stages = 128, 256, 8, 3
@@ -156,9 +173,9 @@ def decode_tile(m: int, n: int, k: int, num_sms: int, elem_bytes: int = 1) -> tu
     return bm, bn, bk, split, warps, stages
 
 
-def _launch(x, x_scale, weight, weight_scale, bias, out_dtype, tile) -> torch.Tensor:
+def _launch(x, x_scale, weight, weight_scale, bias, out_dtype, tile, act_gated: bool = False) -> torch.Tensor:
     m, k = x.shape
-    n = weight.shape[0]
+    n = weight.shape[0] // 2 if act_gated else weight.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if not m:
         return y
@@ -166,12 +183,12 @@ def _launch(x, x_scale, weight, weight_scale, bias, out_dtype, tile) -> torch.Te
         x = x.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     bm, bn, bk, split, warps, stages = tile or decode_tile(
-        m, n, k, _num_sms(x.device.index if x.is_cuda else None), x.element_size())
+        m, n, k, _num_sms(x.device.index if x.is_cuda else None), x.element_size(), act_gated)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     # the tickets are made outside any CUDA-graph capture (a capture's allocation belongs to its graph's pool):
-    # a split launch first met while capturing takes no split
-    if split > 1 and (tiles > MAX_TILES or (x.device not in _tickets and x.is_cuda
-                                            and torch.cuda.is_current_stream_capturing())):
+    # a split launch first met while capturing takes no split; the gated epilogue takes none (two accumulators)
+    if split > 1 and (act_gated or tiles > MAX_TILES or (x.device not in _tickets and x.is_cuda
+                                                         and torch.cuda.is_current_stream_capturing())):
         split = 1
     ws = torch.empty((tiles, split, bm, bn) if split > 1 else (1,), dtype=torch.float32, device=x.device)
     tickets = _ticket_workspace(x.device) if split > 1 else ws
@@ -183,7 +200,7 @@ def _launch(x, x_scale, weight, weight_scale, bias, out_dtype, tile) -> torch.Te
         m, n, k,
         x.stride(0), weight.stride(0), y.stride(0),
         SCALED=scaled, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GROUP_M=8,
-        EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages,
+        EVEN_K=k % bk == 0, ACT_GATED=act_gated, num_warps=warps, num_stages=stages,
         **gdc_kwargs(x, programs=tiles * split, num_warps=warps),
     )
     return y
@@ -199,11 +216,13 @@ def fp8_rowwise_gemm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, w
 
 
 def gemm_16bit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               tile: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for 16-bit x [..., K] and weight [N, K] -> [..., N] in x's dtype."""
+               tile: tuple[int, int, int, int, int, int] | None = None, act_gated: bool = False) -> torch.Tensor:
+    """F.linear(x, weight, bias) for 16-bit x [..., K] and weight [N, K] -> [..., N] in x's dtype; act_gated (a
+    [gate | up] weight of two equal halves): silu(gate) * up -> [..., N / 2], the bits of F.linear then
+    triton_ops' SiLU-and-mul up to the GEMM's sum order (no gate/up rows in memory, no SiLU launch)."""
     shape = x.shape
-    y = _launch(x.reshape(-1, shape[-1]), None, weight, None, bias, x.dtype, tile)
-    return y.reshape(*shape[:-1], weight.shape[0])
+    y = _launch(x.reshape(-1, shape[-1]), None, weight, None, bias, x.dtype, tile, act_gated)
+    return y.reshape(*shape[:-1], y.shape[-1])
 
 
 def fits_16bit(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -143,10 +143,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(output_sizes), bias)
 
     def act_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(gate) * up of this [gate | up] projection from one batch-1 GEMV (SiLU-and-mul in its epilogue:
-        no gate/up row in memory, no SiLU launch; the bits of the GEMV then the SiLU kernel), or None where
-        that path does not apply: the switch is off, the format has no such GEMV (LinearMethod.apply_act_out:
-        16-bit weights only), x is not one 16-bit row on a GPU, or the projection is not two equal halves."""
+        """silu(gate) * up of this [gate | up] projection from one kernel with SiLU-and-mul in its epilogue (no
+        gate/up rows in memory, no SiLU launch; the bits of the projection then the SiLU kernel): the batch-1
+        GEMV, or a decode step's rows through the decode GEMM (MESHSERVE_DECODE_GEMM); None where no such path
+        applies: the switch is off, the format has none (LinearMethod.apply_act_out: 16-bit weights only), x is
+        not one row / a decode step's rows of 16-bit activations on a GPU, or the halves are not equal."""
         if not self.takes_act_out:
             return None
         return self.quant_method.apply_act_out(self, x, self.bias)

@@ -100,7 +100,7 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = self.gate_up_proj.act_forward(x)  # batch 1 on a GPU: SiLU-and-mul in the gate/up GEMV's epilogue
+        act = self.gate_up_proj.act_forward(x)  # on a GPU: SiLU-and-mul in the gate/up GEMV's (GEMM's) epilogue
         if act is not None:
             return self.down_proj(act)
         return self.from_gate_up(self.gate_up_proj(x))

@@ -104,6 +104,24 @@ def test_16_bit_gemm_equals_reference_interp(m, n, k, split):
 
 
 @needs_triton
+@interp
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gated_epilogue_equals_the_unfused_pair_interp(with_bias):
+    """act_gated on a [gate | up] weight: silu(gate) * up rounded as F.linear then SiLU-and-mul round (each
+    half to 16 bits, SiLU to 16 bits, the product to 16 bits); a split asked for is not taken."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(37, 96, generator=g).half(), torch.randn(2 * 40, 96, generator=g).half()
+    bias = torch.randn(2 * 40, generator=g).half() if with_bias else None
+    got = gemm_16bit(x, w, bias, tile=(16, 16, 32, 2, 4, 1), act_gated=True)
+    gate_up = (x.double() @ w.double().t() + (0 if bias is None else bias.double())).half()
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    want = (torch.nn.functional.silu(gate).half().float() * up).half()
+    assert got.shape == (37, 40)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    assert not triton_decode_gemm._ticket_workspace(x.device).any()
+
+
+@needs_triton
 def test_16_bit_gemm_takes_decode_rows_only():
     from meshserve.kernels.fused import decode_gemm_for, linear
     from meshserve.kernels.triton_decode_gemm import MAX_ROWS_16BIT, fits_16bit
@@ -125,14 +143,17 @@ from triton.compiler import ASTSource
 from meshserve.kernels.triton_decode_gemm import _decode_gemm_kernel
 
 names = list(_decode_gemm_kernel.arg_names)
-for fp8, gdc in ((True, 0), (False, 0), (False, 1)):  # USE_GDC 1: PDL's wait and early trigger
+for fp8, gdc, gated in ((True, 0, False), (False, 0, False), (False, 1, False), (False, 1, True)):
+    # USE_GDC 1: PDL's wait and early trigger; gated: SiLU-and-mul in the epilogue (split 1 only)
     op = "*fp8e4nv" if fp8 else "*bf16"
     ptrs = dict(a_ptr=op, as_ptr="*fp32", b_ptr=op, bs_ptr="*fp32", bias_ptr="*bf16", c_ptr="*bf16", ws_ptr="*fp32",
                 ticket_ptr="*i32")
     bk = 128 if fp8 else 64
     for split, (bm, bn, warps, stages) in ((1, (128, 128, 8, 4)), (2, (128, 128, 8, 4)), (1, (64, 64, 4, 5))):
+        if gated and split > 1:
+            continue
         const = dict(SCALED=fp8, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GROUP_M=8,
-                     EVEN_K=True, USE_GDC=gdc)
+                     EVEN_K=True, ACT_GATED=gated, USE_GDC=gdc)
         sig = {n: "constexpr" if n in const else ptrs.get(n, "i32") for n in names}
         div16 = [n for n in names if n not in const and (n.endswith("_ptr") or n.startswith("stride"))]
         src = ASTSource(_decode_gemm_kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()},
@@ -161,6 +182,20 @@ def test_16_bit_gemm_equals_f_linear_gpu(m, n, k):
     w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
     got, want = gemm_16bit(x, w), torch.nn.functional.linear(x, w)
     torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1e-2)  # the sum order, one rounding
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [2, 64, 256, 512])
+@pytest.mark.parametrize("inter, hidden", [(3072, 1024), (14336, 4096)])  # Qwen3-0.6B's, Llama-3.1-8B's MLP
+def test_gated_epilogue_equals_the_unfused_pair_gpu(m, inter, hidden):
+    from meshserve.kernels.triton_ops import silu_and_mul
+
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.randn(2 * inter, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
+    got = gemm_16bit(x, w, act_gated=True)
+    want = silu_and_mul(torch.nn.functional.linear(x, w))
+    torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1e-2)  # the sum order, then as one
 
 
 @pytest.mark.gpu

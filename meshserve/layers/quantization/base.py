@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from meshserve.kernels.fused import gemv_for, linear
+from meshserve.kernels.fused import decode_gemm_for, gemv_for, linear
 
 
 def new_param(
@@ -100,7 +100,10 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def apply_act_out(self, layer, x, bias):
         mod = gemv_for(x, layer.weight, layer.kernels.gemv)
-        return None if mod is None else mod.gemv(x, layer.weight, bias, act_out=True)
+        if mod is not None:
+            return mod.gemv(x, layer.weight, bias, act_out=True)
+        gemm = decode_gemm_for(x, layer.weight, layer.kernels.decode_gemm)  # a decode step's rows: its epilogue
+        return None if gemm is None else gemm.gemm_16bit(x, layer.weight, bias, act_gated=True)
 
 
 class QuantConfig:

@@ -43,7 +43,7 @@ MAX_ROWS_16BIT = 512  # gemm_16bit's rows: decode steps; a prefill's larger GEMM
 @triton.jit(do_not_specialize=["M"])  # per-step row counts (triton_unified_attention)
 def _decode_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, ws_ptr, ticket_ptr,
-    M, N, K,
+    M, N, K, up_offset,
     stride_am, stride_bn, stride_cm,
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
@@ -73,7 +73,7 @@ def _decode_gemm_kernel(
     gdc_wait(USE_GDC)  # x comes from the previous kernel
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # ACT_GATED: the up half's columns (rows N + rn of w)
-    up_cols = b_cols + N.to(tl.int64) * stride_bn
+    up_cols = b_cols + up_offset  # (elements: N rows of w, from the host)
     for kt in range(kt0, kt1):
         kk = kt * BLOCK_K + rk
         if EVEN_K:
@@ -197,7 +197,7 @@ def _launch(x, x_scale, weight, weight_scale, bias, out_dtype, tile, act_gated: 
         x, x_scale.reshape(-1).float().contiguous() if scaled else y, weight,
         weight_scale.reshape(-1).float().contiguous() if scaled else y,
         bias if bias is not None else y, y, ws, tickets,
-        m, n, k,
+        m, n, k, n * weight.stride(0) if act_gated else 0,
         x.stride(0), weight.stride(0), y.stride(0),
         SCALED=scaled, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GROUP_M=8,
         EVEN_K=k % bk == 0, ACT_GATED=act_gated, num_warps=warps, num_stages=stages,

@@ -3,7 +3,7 @@
 # kernels/triton_decode_balanced.py; the Triton decode GEMMs, kernels/triton_decode_gemm.py: fp8 with rowwise
 # scales, MESHSERVE_FP8_GEMM=triton, and 16-bit with PDL, MESHSERVE_DECODE_GEMM=1), in parts that fit one call
 # each (carry .whl):
-#   PARTS="tests kernels" bash tools/w2_levers_device.sh      (~300 s: their GPU tests, then each kernel timed
+#   PARTS="tests kernels" bash tools/w2_levers_device.sh      (~480 s: their GPU tests, then each kernel timed
 #                                                             against what it would replace at W2's shapes)
 #   PARTS=w2 bash tools/w2_levers_device.sh                   (~450 s: W2 A/Bs, two processes a setting)
 # W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 for part in ${PARTS:-tests kernels}; do
   case $part in
     tests)
-      (OUT=$OUT/tests LIMIT=${TEST_LIMIT:-200} bash tools/gpu_tests_device.sh tests/kernels/test_triton_decode_balanced.py \
+      (OUT=$OUT/tests LIMIT=${TEST_LIMIT:-260} bash tools/gpu_tests_device.sh tests/kernels/test_triton_decode_balanced.py \
         tests/kernels/test_triton_decode_gemm.py tests/gpu/test_gpu_engine.py -k "balanced or gemm") ;;
     kernels)
       timeout -k 10 "${KERNEL_LIMIT:-100}" python3 tools/bench_decode_balanced.py --per-sm "${PER_SM:-4,5,6}" \

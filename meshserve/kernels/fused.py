@@ -8,63 +8,29 @@ stays here is what only the call can know: the tensor's device, shape and dtype,
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 import torch.nn.functional as F
 
 
 @functools.cache
-def _triton_ops():
+def triton_module(name: str):
+    """meshserve.kernels.<name>, a module of Triton kernels, or None where Triton does not import (CPU wheels:
+    the torch path serves). Imported on first use, once."""
     try:
-        from meshserve.kernels import triton_ops
-    except ImportError:  # no Triton (CPU wheels): the torch path serves
-        return None
-    return triton_ops
-
-
-@functools.cache
-def _triton_gemv():
-    try:
-        from meshserve.kernels import triton_gemv
+        return importlib.import_module(f"meshserve.kernels.{name}")
     except ImportError:
         return None
-    return triton_gemv
 
 
-@functools.cache
-def _triton_norm_row_gemv():
-    try:
-        from meshserve.kernels import triton_norm_row_gemv
-    except ImportError:
-        return None
-    return triton_norm_row_gemv
-
-
-@functools.cache
-def _triton_skinny_gemv():
-    try:
-        from meshserve.kernels import triton_skinny_gemv
-    except ImportError:
-        return None
-    return triton_skinny_gemv
-
-
-@functools.cache
-def _triton_decode_gemm():
-    try:
-        from meshserve.kernels import triton_decode_gemm
-    except ImportError:
-        return None
-    return triton_decode_gemm
-
-
-@functools.cache
-def _triton_fp8_fused():
-    try:
-        from meshserve.kernels import triton_fp8_fused
-    except ImportError:
-        return None
-    return triton_fp8_fused
+# module globals, so a tool or test can swap one out (tools/bench_fp8_step.py turns the fused fp8 kernels off)
+_triton_ops = functools.partial(triton_module, "triton_ops")
+_triton_gemv = functools.partial(triton_module, "triton_gemv")
+_triton_norm_row_gemv = functools.partial(triton_module, "triton_norm_row_gemv")
+_triton_skinny_gemv = functools.partial(triton_module, "triton_skinny_gemv")
+_triton_decode_gemm = functools.partial(triton_module, "triton_decode_gemm")
+_triton_fp8_fused = functools.partial(triton_module, "triton_fp8_fused")
 
 
 def fp8_fused_for(x: torch.Tensor, cols: int):

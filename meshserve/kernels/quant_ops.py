@@ -31,6 +31,7 @@ import functools
 import torch
 
 from meshserve.kernels.fp8_block_ref import fp8_block_linear_ref
+from meshserve.kernels.fused import triton_module
 from meshserve.kernels.quant_ref import (
     FP8_DTYPE,
     fp8_linear_ref,
@@ -39,59 +40,13 @@ from meshserve.kernels.quant_ref import (
     to_fp8,
 )
 
-
-@functools.cache
-def _triton_quant():
-    try:
-        from meshserve.kernels import triton_quant
-    except ImportError:  # no Triton: the reference serves
-        return None
-    return triton_quant
-
-
-@functools.cache
-def _triton_decode_gemm():
-    try:
-        from meshserve.kernels import triton_decode_gemm
-    except ImportError:
-        return None
-    return triton_decode_gemm
-
-
-@functools.cache
-def _triton_fp8_gemv():
-    try:
-        from meshserve.kernels import triton_fp8_gemv
-    except ImportError:
-        return None
-    return triton_fp8_gemv
-
-
-@functools.cache
-def _triton_int4_gemv():
-    try:
-        from meshserve.kernels import triton_int4_gemv
-    except ImportError:
-        return None
-    return triton_int4_gemv
-
-
-@functools.cache
-def _triton_fp8_quant():
-    try:
-        from meshserve.kernels import triton_fp8_quant
-    except ImportError:
-        return None
-    return triton_fp8_quant
-
-
-@functools.cache
-def _triton_fp8_block():
-    try:
-        from meshserve.kernels import triton_fp8_block
-    except ImportError:
-        return None
-    return triton_fp8_block
+# module globals, so a tool can swap one out (tools/bench_fp8_step.py turns the Triton quantization off)
+_triton_quant = functools.partial(triton_module, "triton_quant")
+_triton_decode_gemm = functools.partial(triton_module, "triton_decode_gemm")
+_triton_fp8_gemv = functools.partial(triton_module, "triton_fp8_gemv")
+_triton_int4_gemv = functools.partial(triton_module, "triton_int4_gemv")
+_triton_fp8_quant = functools.partial(triton_module, "triton_fp8_quant")
+_triton_fp8_block = functools.partial(triton_module, "triton_fp8_block")
 
 
 @functools.cache

@@ -71,9 +71,11 @@ from meshserve.kernels.attention_tile_config import (
 from meshserve.kernels.kv_layout import v_transposed
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
+from meshserve.kernels.tickets import MAX_TICKETS
+from meshserve.kernels.tickets import ticket_workspace as _ticket_workspace
 from meshserve.kernels.triton_attention_tile import attend_full_kv_tile, attend_paged_kv_tile, dot_query
-from meshserve.kernels.triton_kv_layout import v_head_base, v_offset
 from meshserve.kernels.triton_e4m3_words import FP8_PATHS, words_fit
+from meshserve.kernels.triton_kv_layout import v_head_base, v_offset
 from meshserve.kernels.triton_ops import qkv_rope_cache
 
 _LOG2E = 1.4426950408889634
@@ -646,7 +648,9 @@ class TritonAttentionBackend:
             block_n, num_warps, num_stages = decode_tile(num_seqs, num_kv_heads, query.shape[2],
                                                          _num_sms(query.device.index), self.grid_tile_shape)
         if self._takes_balanced(num_seqs, num_kv_heads, sliding_window, query.device):
-            from meshserve.kernels.triton_decode_balanced import decode_attention_balanced  # it imports this module
+            from meshserve.kernels.triton_decode_balanced import (
+                decode_attention_balanced,  # it imports this module
+            )
 
             # the grid tile for any cache: 2 warps, ~200 registers, 5 programs an SM without spilling (the one
             # 128-token tile on 4 warps fits 3)
@@ -741,21 +745,6 @@ def prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, 
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
-
-
-# the inline reduce's tickets: one int32 per (sequence, KV head) of a launch, zero between launches
-MAX_TICKETS = 1 << 16
-_tickets: dict[torch.device, torch.Tensor] = {}
-
-
-def _ticket_workspace(device: torch.device) -> torch.Tensor:
-    """int32 [MAX_TICKETS], zero between launches (each group's last split resets its ticket). Made once per
-    device, by the first decode (the engine's warm-ups run eagerly before any graph capture); launches on one
-    device must not overlap (one stream, as the engine runs; graphs replay in order)."""
-    tickets = _tickets.get(device)
-    if tickets is None:
-        tickets = _tickets[device] = torch.zeros(MAX_TICKETS, dtype=torch.int32, device=device)
-    return tickets
 
 
 def decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, out,

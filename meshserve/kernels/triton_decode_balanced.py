@@ -31,12 +31,10 @@ import triton.language as tl
 from meshserve.kernels.kv_layout import v_transposed
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
+from meshserve.kernels.tickets import MAX_TICKETS, ticket_workspace, tickets_usable
 from meshserve.kernels.triton_attention import (
     _LOG2E,
     _NEG_BIG,
-    MAX_TICKETS,
-    _tickets,
-    _ticket_workspace,
     _dot_precision,
     _fp8_tile,
     _is_fp8,
@@ -230,8 +228,7 @@ def decode_attention_balanced(query, kv_cache, block_tables, seq_lens, query_sta
         return out
     block_n, num_warps, num_stages = tile
     dev = query.device
-    if num_seqs * num_kv_heads > MAX_TICKETS or (
-            dev.type == "cuda" and dev not in _tickets and torch.cuda.is_current_stream_capturing()):
+    if num_seqs * num_kv_heads > MAX_TICKETS or not tickets_usable(dev):
         return decode_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, None, out, 1,
                                 block_n=block_n, num_warps=num_warps, num_stages=num_stages, k_scale=k_scale,
                                 v_scale=v_scale, fp8_path=fp8_path)
@@ -245,7 +242,7 @@ def decode_attention_balanced(query, kv_cache, block_tables, seq_lens, query_sta
     gdc = gdc_kwargs(query, programs=num_programs * num_kv_heads, num_warps=num_warps)
     cap = max_registers(programs_per_sm, num_warps) if query.is_cuda else None
     _decode_balanced_kernel[(num_programs, num_kv_heads)](
-        query, kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml, _ticket_workspace(dev),
+        query, kv_cache, block_tables, seq_lens, query_start_loc, out, ws_acc, ws_ml, ticket_workspace(dev),
         scale * _LOG2E, num_seqs, num_programs, float(k_scale), float(v_scale),
         query.stride(0), query.stride(1), query.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),

@@ -14,8 +14,7 @@ Here:
 * tiles come from decode_tile(m, n, k, format) or are given (tools/bench_decode_gemm.py times them on the device);
 * SPLIT_K > 1 cuts K so a small-N projection fills the GPU: each split stores its fp32 partial tile, and the
   split that draws the tile's last ticket sums them in split order (.cg loads: other SMs wrote them; the same
-  bits whichever split is last), finishes and resets the ticket (tickets: int32, zero between launches; launches
-  on one stream, as the engine runs);
+  bits whichever split is last), finishes and resets the ticket (kernels/tickets.py);
 * programs walk output tiles GROUP_M row-tiles at a time per weight column tile (the weight stays in L2 while
   the row-tiles that need it run);
 * under PDL (kernels/pdl.py) a launch waits for its producer only before its first load and lets its consumer
@@ -34,9 +33,9 @@ import triton.language as tl
 
 from meshserve.kernels.pdl import gdc_kwargs
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
+from meshserve.kernels.tickets import MAX_TICKETS, ticket_workspace, tickets_usable
 from meshserve.kernels.triton_ops import silu_mul
 
-MAX_TILES = 1 << 14  # output tiles of one split-K launch (the ticket buffer)
 MAX_ROWS_16BIT = 512  # gemm_16bit's rows: decode steps; a prefill's larger GEMMs stay cuBLAS's (decode_gemm_for)
 
 
@@ -139,18 +138,6 @@ def _num_sms(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
 
 
-_tickets: dict[torch.device, torch.Tensor] = {}
-
-
-def _ticket_workspace(device: torch.device) -> torch.Tensor:
-    """int32 [MAX_TILES], zero between launches (each tile's last split resets its ticket); made once per device
-    by the first split-K launch (the engine's warm-ups run eagerly before any graph capture)."""
-    tickets = _tickets.get(device)
-    if tickets is None:
-        tickets = _tickets[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
-    return tickets
-
-
 def decode_tile(m: int, n: int, k: int, num_sms: int, elem_bytes: int = 1,
                 act_gated: bool = False) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an [m, k] x [k, n] launch of elem_bytes
@@ -185,13 +172,11 @@ def _launch(x, x_scale, weight, weight_scale, bias, out_dtype, tile, act_gated: 
     bm, bn, bk, split, warps, stages = tile or decode_tile(
         m, n, k, _num_sms(x.device.index if x.is_cuda else None), x.element_size(), act_gated)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    # the tickets are made outside any CUDA-graph capture (a capture's allocation belongs to its graph's pool):
-    # a split launch first met while capturing takes no split; the gated epilogue takes none (two accumulators)
-    if split > 1 and (act_gated or tiles > MAX_TILES or (x.device not in _tickets and x.is_cuda
-                                                         and torch.cuda.is_current_stream_capturing())):
+    # no split where no tickets can be had (kernels/tickets.py) or with the gated epilogue (two accumulators)
+    if split > 1 and (act_gated or tiles > MAX_TICKETS or not tickets_usable(x.device)):
         split = 1
     ws = torch.empty((tiles, split, bm, bn) if split > 1 else (1,), dtype=torch.float32, device=x.device)
-    tickets = _ticket_workspace(x.device) if split > 1 else ws
+    tickets = ticket_workspace(x.device) if split > 1 else ws
     scaled = x_scale is not None
     _decode_gemm_kernel[(tiles, split)](
         x, x_scale.reshape(-1).float().contiguous() if scaled else y, weight,

@@ -19,7 +19,7 @@ needs_triton = pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed"
 interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
 
 if _HAS_TRITON:
-    from meshserve.kernels import triton_decode_gemm
+    from meshserve.kernels.tickets import ticket_workspace
     from meshserve.kernels.triton_decode_gemm import decode_tile, fp8_rowwise_gemm, gemm_16bit
 
 
@@ -50,7 +50,7 @@ def test_rowwise_gemm_equals_reference_interp(m, n, k, split, with_bias):
     got = fp8_rowwise_gemm(xq, xs, wq, ws, bias, torch.float32, tile=(16, 16, 32, split, 4, 1))
     torch.testing.assert_close(got.double(), _reference(xq, wq, xs, ws, bias), rtol=1e-5, atol=1e-5)
     if split > 1:  # every tile's ticket back at zero for the next launch
-        assert not triton_decode_gemm._ticket_workspace(xq.device).any()
+        assert not ticket_workspace(xq.device).any()
 
 
 @needs_triton
@@ -118,7 +118,7 @@ def test_gated_epilogue_equals_the_unfused_pair_interp(with_bias):
     want = (torch.nn.functional.silu(gate).half().float() * up).half()
     assert got.shape == (37, 40)
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
-    assert not triton_decode_gemm._ticket_workspace(x.device).any()
+    assert not ticket_workspace(x.device).any()
 
 
 @needs_triton

@@ -641,16 +641,12 @@ class TritonAttentionBackend:
     def _decode(self, query, kv_cache, meta, scale, sliding_window, out, k_scale, v_scale):
         """The one-token rows of the batch through the split-K decode kernel."""
         num_seqs, num_kv_heads = meta.seq_lens.shape[0], kv_cache.shape[3]
-        splits = self.decode_splits(num_seqs, num_kv_heads, query.shape[2], query.dtype, meta.max_seq_len,
-                                    query.device)
         block_n, num_warps, num_stages = None, 4, None
         if self.takes_grid_tile(_is_fp8(kv_cache)) and query.is_cuda:  # (the interpreter: only the sum order)
             block_n, num_warps, num_stages = decode_tile(num_seqs, num_kv_heads, query.shape[2],
                                                          _num_sms(query.device.index), self.grid_tile_shape)
         if self._takes_balanced(num_seqs, num_kv_heads, sliding_window, query.device):
-            from meshserve.kernels.triton_decode_balanced import (
-                decode_attention_balanced,  # it imports this module
-            )
+            from meshserve.kernels.triton_decode_balanced import decode_attention_balanced  # it imports this module
 
             # the grid tile for any cache: 2 warps, ~200 registers, 5 programs an SM without spilling (the one
             # 128-token tile on 4 warps fits 3)
@@ -659,6 +655,8 @@ class TritonAttentionBackend:
                                       scale, out, tile, self.balanced, k_scale, v_scale,
                                       self._fp8_path_for(grid_tile=block_n is not None))
             return
+        splits = self.decode_splits(num_seqs, num_kv_heads, query.shape[2], query.dtype, meta.max_seq_len,
+                                    query.device)
         decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                          scale, sliding_window, out, splits, block_n=block_n, num_warps=num_warps,
                          num_stages=num_stages, k_scale=k_scale, v_scale=v_scale, inline_reduce=self.inline_reduce,

@@ -59,8 +59,8 @@ def _decode_cost_line(seq_lens_ptr, qsl_ptr, num_seqs, num_programs, BLOCK_B: tl
     bi = tl.arange(0, BLOCK_B)
     b_mask = bi < num_seqs
     lens = tl.load(seq_lens_ptr + bi, mask=b_mask, other=0).to(tl.int32)
-    q_lo = tl.load(qsl_ptr + bi, mask=b_mask, other=0)
-    q_hi = tl.load(qsl_ptr + bi + 1, mask=b_mask, other=0)
+    q_lo = tl.load(qsl_ptr + bi, mask=b_mask, other=0).to(tl.int32)
+    q_hi = tl.load(qsl_ptr + bi + 1, mask=b_mask, other=0).to(tl.int32)
     decode = (q_hi - q_lo) == 1
     tiles = tl.where(decode, (lens + BLOCK_N - 1) // BLOCK_N, 0)
     cost = tl.where(decode, tiles + OVERHEAD_UNITS, 0)
@@ -105,9 +105,11 @@ def _decode_balanced_kernel(
     v_base = v_head_base(cache_ptr, kvh, stride_ckv, stride_ch, BLOCK_SIZE, V_T)
 
     while c_lo < end:
-        seq_len = tl.load(seq_lens_ptr + b)
-        q_start = tl.load(qsl_ptr + b)
-        q_len = tl.load(qsl_ptr + b + 1) - q_start
+        # int32 whatever the metadata's width: the walk's cursors are loop-carried and must keep one type (the
+        # engine's graph inputs are int64, the cost line's sums int32)
+        seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+        q_start = tl.load(qsl_ptr + b).to(tl.int32)
+        q_len = tl.load(qsl_ptr + b + 1).to(tl.int32) - q_start
         n_tiles = tl.where(q_len == 1, tl.cdiv(seq_len, BLOCK_N), 0)
         c_hi = c_lo + tl.where(q_len == 1, n_tiles + OVERHEAD_UNITS, 0)
         if c_hi > c_lo:  # zero-cost rows (padding, a mixed batch's prompt rows) own no piece: skip them

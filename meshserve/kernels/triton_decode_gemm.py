@@ -86,9 +86,12 @@ def _decode_gemm_kernel(
             b = tl.load(b_cols + kk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if ACT_GATED:
                 b_up = tl.load(up_cols + kk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.float32)
+        # fp8 (SCALED): the tensor cores' fp8 accumulator keeps ~14 bits (sm_90), and Triton leaves it there for the
+        # whole K by default; promoting to fp32 once a K tile (BLOCK_K, as cuBLAS every 4 wgmmas of 32) keeps the
+        # sums within bf16's rounding of _scaled_mm's (the GPU test caught 3-ulp differences without it)
+        acc = tl.dot(a, b, acc, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K if SCALED else None)
         if ACT_GATED:
-            acc_up = tl.dot(a, b_up, acc_up, out_dtype=tl.float32)
+            acc_up = tl.dot(a, b_up, acc_up, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K if SCALED else None)
     gdc_trigger_late(USE_GDC)
     if ACT_GATED:  # (SPLIT_K 1: the host's rule) silu(gate) * up, rounded as the unfused pair rounds
         dt = c_ptr.dtype.element_ty

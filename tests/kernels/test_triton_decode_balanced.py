@@ -149,9 +149,12 @@ def compile90(kernel, ptrs, floats, const, ones, warps, stages):
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
-for cache, fp8_tile, v_t, tile in (("*bf16", "convert", False, (128, 4, 3)), ("*fp8e4nv", "words", True, (64, 2, 2)),
-                                   ("*fp8e4nv", "convert", False, (64, 2, 2))):
-    ptrs = dict(q_ptr="*bf16", cache_ptr=cache, bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32",
+# int64 metadata as the engine's graph inputs (cuda_graph.py) and int32 as the eager path's: the walk's
+# loop-carried cursors must keep one type either way (the interpreter does not check it)
+for cache, fp8_tile, v_t, tile, meta in (("*bf16", "convert", False, (128, 4, 3), "*i64"),
+                                         ("*fp8e4nv", "words", True, (64, 2, 2), "*i32"),
+                                         ("*fp8e4nv", "convert", False, (64, 2, 2), "*i64")):
+    ptrs = dict(q_ptr="*bf16", cache_ptr=cache, bt_ptr="*i32", seq_lens_ptr=meta, qsl_ptr=meta,
                 out_ptr="*bf16", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32", ticket_ptr="*i32")
     const = dict(NUM_HEADS=32, GROUP=4, ROWS=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=tile[0],
                  BLOCK_B=256, OVERHEAD_UNITS=1, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=cache != "*bf16",

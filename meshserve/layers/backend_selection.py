@@ -103,8 +103,11 @@ Overrides (environment, read only here, for debugging and references):
                                             no sliding window) through the balanced kernel at the grid tile: N
                                             programs an SM over all KV heads, one wave, each streaming an equal
                                             share of the batch's KV tiles (kernels/triton_decode_balanced.py;
-                                            W2's contexts left the split kernel's 2.6 waves uneven; 5 fit
-                                            without spilling); 0 or unset: off (not measured yet)
+                                            W2's contexts left the split kernel's 2.6 waves uneven); 0: the split
+                                            kernel; unset: 6 over an fp8 cache, 4 over a 16-bit one (H200 W2,
+                                            two processes each: Llama-3.1-8B fp8 + fp8 KV 11.46 -> 11.00 s, bf16
+                                            13.99 -> 13.59 s; Qwen3-0.6B bf16 5.67 -> 5.44 s, fp8 KV within its
+                                            process-to-process noise, +1%)
   MESHSERVE_DECODE_FUSED_PROLOGUE=0|1|split decode-only steps: the fused prologue (q/k norm, rotary, K/V write)
                                             inside the decode attention launch (kernels/triton_decode_fused.py,
                                             one launch fewer a layer; with the fused prologue only); split (the
@@ -482,6 +485,21 @@ def _programs_per_sm(env: str) -> int:
     return value
 
 
+# the balanced decode kernel's programs an SM by default (H200, 2026-12-04, W2 two processes each: fp8 KV at 6,
+# Llama-3.1-8B fp8 + fp8 KV +4.1%, Qwen3-0.6B +1.0%; 16-bit at 4, Llama-3.1-8B +2.9%, Qwen3-0.6B +4.2%;
+# tools/bench_decode_balanced.py at W2's contexts: fp8 at 6 2.83 TB/s against the split kernel's 2.39, bf16 at 4
+# 4.10 against 3.97; at 5 an SM both ran ~1.5x slower than at 4 or 6, bf16 at 6 too)
+DECODE_BALANCED_DEFAULT = {"fp8": 6, "16-bit": 4}
+
+
+def _decode_balanced(fp8_cache: bool, triton_on_cuda: bool) -> int:
+    """MESHSERVE_DECODE_BALANCED when set (0: the split kernel everywhere), else the measured default on a GPU
+    (off it the interpreter keeps the split kernel, as it keeps its decode tiles)."""
+    if os.environ.get(DECODE_BALANCED_ENV, "").strip():
+        return _programs_per_sm(DECODE_BALANCED_ENV)
+    return DECODE_BALANCED_DEFAULT["fp8" if fp8_cache else "16-bit"] if triton_on_cuda else 0
+
+
 def _forced_switch(env: str) -> bool | None:
     """An A/B override: unset (or empty) None (the default rule decides), 0 False, anything else True."""
     raw = os.environ.get(env, "").strip()
@@ -628,7 +646,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         decode_inline_reduce=_variant(DECODE_REDUCE_ENV, DECODE_REDUCE_CHOICES, "kernel") == "inline",
         decode_grid_tile=_variant(DECODE_TILE_ENV, DECODE_TILE_CHOICES, KernelSelection.decode_grid_tile),
         decode_grid_tile_shape=_tile_env(DECODE_GRID_TILE_ENV),
-        decode_balanced=_programs_per_sm(DECODE_BALANCED_ENV),
+        decode_balanced=_decode_balanced(fp8_cache, on_cuda and attention == "triton"),
         decode_fp8_path=_variant(DECODE_FP8_PATH_ENV, DECODE_FP8_PATH_CHOICES, KernelSelection.decode_fp8_path),
         # "split" by default (H200, 2026-12-02: W1 +0.9% Qwen3-0.6B, +1.5% Llama-3.1-8B; W2 unchanged, where
         # "1" lost 4.7%): tools/w1_ab_device.sh

@@ -299,9 +299,12 @@ def test_decode_fp8_path_switch_reaches_the_attention_backend(monkeypatch):
 
 
 def test_decode_balanced_switch_reaches_the_attention_backend(monkeypatch):
-    # off by default; programs an SM on request, bound to every layer's Triton backend; a bad value is one line
+    # on a GPU by default at the measured programs an SM (6 over an fp8 cache, 4 over a 16-bit one), off the
+    # GPU off; programs an SM on request, bound to every layer's Triton backend; a bad value is one line
     gpu = _config(device="cuda", dtype="bfloat16", cache_dtype="fp8")
-    assert select_kernels(gpu).decode_balanced == 0
+    assert select_kernels(gpu).decode_balanced == 6
+    assert select_kernels(_config(device="cuda", dtype="bfloat16")).decode_balanced == 4
+    assert select_kernels(_config(device="cpu", dtype="float32")).decode_balanced == 0
     layer = Attention(num_heads=4, head_dim=16, num_kv_heads=2, scale=0.25)
     monkeypatch.setenv("MESHSERVE_DECODE_BALANCED", "6")
     selection = select_kernels(gpu)

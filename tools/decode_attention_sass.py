@@ -85,7 +85,7 @@ CLASSES = (
 KERNELS = {"split": _decode_split_kernel, "balanced": _decode_balanced_kernel}
 
 
-def compile_sm90(const: dict, warps: int, stages: int, kernel=_decode_split_kernel):
+def compile_sm90(const: dict, warps: int, stages: int, kernel=_decode_split_kernel, maxnreg: int | None = None):
     names = list(kernel.arg_names)
     fp8 = const.get("KV_FP8", False)
     const = {k: v for k, v in const.items() if k in names}
@@ -101,7 +101,8 @@ def compile_sm90(const: dict, warps: int, stages: int, kernel=_decode_split_kern
         if (n.endswith("_ptr") or "stride" in n) and n not in const
     }
     src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def classify(ops: collections.Counter) -> dict:
@@ -137,6 +138,9 @@ def main():
     ap.add_argument("--model", nargs="*", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--no-bf16", action="store_true", help="only the fp8 paths")
     ap.add_argument("--kernel", choices=list(KERNELS), default="split")
+    ap.add_argument("--maxnreg", type=int, nargs="*", default=[0],
+                    help="per-thread register caps to compile at (0: none; the balanced launch's: 200 for 5 "
+                         "programs an SM at 2 warps, 168 for 6)")
     args = ap.parse_args()
     order = ("HMMA", "cvt", "prmt", "lds", "sts", "glob", "bar", "shfl", "fp", "int", "other")
     print(f"{'config':34s} {'regs':>4} {'stk':>3} {'smem':>6} {'loop':>5} {'/KiB':>5}  "
@@ -152,17 +156,20 @@ def main():
                 tile = cache.split(":")[1] if fp8 else "convert"
                 const = {**TILE, **heads, "BLOCK_N": block_n, "KV_FP8": fp8, "FP8_TILE": tile.split("+")[0],
                          "V_T": tile.endswith("+vt")}
-                s = stats(compile_sm90(const, warps, stages, KERNELS[args.kernel]))
-                kib = 2 * block_n * 128 * (1 if fp8 else 2) / 1024  # K and V bytes of one tile
-                tag = f"{model} n{block_n} w{warps} s{stages} {cache}"
-                print(f"{tag:34s} {s['regs']:4d} {s['stack']:3d} {s['smem']:6d} {s['loop']:5d} "
-                      f"{s['loop'] * warps / kib:5.0f}  " + " ".join(f"{s['classes'].get(c, 0):5d}" for c in order))
-                if args.ops:
-                    print("   ", dict(s["ops"].most_common()))
-                if args.dump:
-                    os.makedirs(args.dump, exist_ok=True)
-                    with open(os.path.join(args.dump, tag.replace(" ", "_").replace(":", "-") + ".sass"), "w") as f:
-                        f.write(s["sass"])
+                for cap in args.maxnreg:
+                    s = stats(compile_sm90(const, warps, stages, KERNELS[args.kernel], cap or None))
+                    kib = 2 * block_n * 128 * (1 if fp8 else 2) / 1024  # K and V bytes of one tile
+                    tag = f"{model} n{block_n} w{warps} s{stages} {cache}" + (f" r{cap}" if cap else "")
+                    print(f"{tag:34s} {s['regs']:4d} {s['stack']:3d} {s['smem']:6d} {s['loop']:5d} "
+                          f"{s['loop'] * warps / kib:5.0f}  "
+                          + " ".join(f"{s['classes'].get(c, 0):5d}" for c in order))
+                    if args.ops:
+                        print("   ", dict(s["ops"].most_common()))
+                    if args.dump:
+                        os.makedirs(args.dump, exist_ok=True)
+                        name = tag.replace(" ", "_").replace(":", "-") + ".sass"
+                        with open(os.path.join(args.dump, name), "w") as f:
+                            f.write(s["sass"])
     print("loop: SASS instructions per thread per KV tile; /KiB: warp-instructions per KiB of K+V read")
 
 

@@ -7,9 +7,10 @@
 #                                                             against what it would replace at W2's shapes)
 #   PARTS=w2 bash tools/w2_levers_device.sh                   (~450 s: W2 A/Bs, two processes a setting)
 # W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
-# W2_8B (default "DECODE_BALANCED=5 FP8_GEMM=triton"), W2_QWEN or W2_BF16 ("DECODE_BALANCED=5 DECODE_GEMM=1");
-# PER_SM: the kernel timing's programs an SM (default 4,5,6: at 2 warps 5 fit without spilling, sm_90); *_LIMIT:
-# each part's seconds.
+# W2_8B, W2_QWEN or W2_BF16 (default each "DECODE_BALANCED=0": the split kernel, the default before the thirty-ninth
+# session; e.g. W2_8B="FP8_GEMM=triton DECODE_BALANCED=5"); PER_SM: the kernel timing's programs an SM (default
+# 4,5,6), CAPS its register caps (default "rule": tools/bench_decode_balanced.py --caps); *_LIMIT: each part's
+# seconds.
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 mkdir -p "$OUT"
@@ -20,15 +21,15 @@ for part in ${PARTS:-tests kernels}; do
         tests/kernels/test_triton_decode_gemm.py tests/gpu/test_gpu_engine.py -k "balanced or gemm") ;;
     kernels)
       timeout -k 10 "${KERNEL_LIMIT:-100}" python3 tools/bench_decode_balanced.py --per-sm "${PER_SM:-4,5,6}" \
-        --json "$OUT/balanced.json" 2>&1 | grep -v -i warn
+        --caps "${CAPS:-rule}" --json "$OUT/balanced.json" 2>&1 | grep -v -i warn
       timeout -k 10 "${GEMM_LIMIT:-90}" python3 tools/bench_decode_gemm.py --m 16,128,256,512 --json "$OUT/gemm.json" \
         2>&1 | grep -v -i warn ;;
     w2)
       for pair in ${W2:-8b-fp8 qwen-fp8kv}; do
         case $pair in
-          8b-fp8) m=8b args="--quantization fp8 --kv-cache-dtype fp8" sets=${W2_8B:-DECODE_BALANCED=5 FP8_GEMM=triton} ;;
-          qwen-fp8kv) m=qwen args="--kv-cache-dtype fp8" sets=${W2_QWEN:-DECODE_BALANCED=5 DECODE_GEMM=1} ;;
-          8b|qwen) m=$pair args="" sets=${W2_BF16:-DECODE_BALANCED=5 DECODE_GEMM=1} ;;
+          8b-fp8) m=8b args="--quantization fp8 --kv-cache-dtype fp8" sets=${W2_8B:-DECODE_BALANCED=0} ;;
+          qwen-fp8kv) m=qwen args="--kv-cache-dtype fp8" sets=${W2_QWEN:-DECODE_BALANCED=0} ;;
+          8b|qwen) m=$pair args="" sets=${W2_BF16:-DECODE_BALANCED=0} ;;
           *) echo "W2 pair $pair: one of 8b-fp8, qwen-fp8kv, 8b, qwen"; exit 1 ;;
         esac
         jobs="$m:default"

@@ -648,8 +648,8 @@ class TritonAttentionBackend:
         if self._takes_balanced(num_seqs, num_kv_heads, sliding_window, query.device):
             from meshserve.kernels.triton_decode_balanced import decode_attention_balanced  # it imports this module
 
-            # the grid tile for any cache: 2 warps, ~180-200 registers and 38 KB of shared memory a program, so
-            # 4-5 resident an SM (the one 128-token tile on 4 warps fits 3)
+            # the grid tile for any cache: 2 warps, 37-39 KB of shared memory a program, 203-214 registers a
+            # thread unbounded (4 an SM), capped at 168 for 5 or 6 (max_registers; the 128-token tile fits 3)
             tile = (block_n, num_warps, num_stages) if block_n is not None else self.grid_tile_shape
             decode_attention_balanced(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                       scale, out, tile, self.balanced, k_scale, v_scale,

@@ -196,16 +196,22 @@ def _merge_group(ws_acc_ptr, ws_ml_ptr, out_ptr, first, n_pieces, heads, row_val
              o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
 
 
-REGISTERS_PER_SM = 65536  # 32-bit registers of an SM (sm_80 - sm_90)
+# An SM's 65,536 registers are four sub-partitions' 16,384, and a warp takes all of its registers from the one it
+# runs on (sm_80 - sm_90): N programs of W warps fit when ceil(N * W / 4) warps fit one sub-partition
+SUBPARTITIONS, REGISTERS_PER_SUBPARTITION = 4, 16384
 
 
 def max_registers(programs_per_sm: int, num_warps: int) -> int | None:
-    """The per-thread register cap that lets programs_per_sm programs of num_warps warps share an SM, so the
-    launch is the one wave the balancing assumes (None: no cap needed). At the grid tile (64 tokens, 2 warps)
-    the kernel takes ~214 registers a thread unbounded (the split kernel 166): 4 programs an SM; capped for 5
-    (200) the fp8 tile spills nothing, the bf16 one ~100 B; for 6 (168) 64 and ~90-110 B (sm_90,
-    tools/decode_attention_sass.py --kernel balanced)."""
-    cap = REGISTERS_PER_SM // (programs_per_sm * num_warps * 32) // 8 * 8
+    """The per-thread register cap that lets programs_per_sm programs of num_warps warps share an SM's register
+    file, so the launch is the one wave the balancing assumes (None: no cap needed). At the grid tile (64 tokens,
+    2 warps) the kernel takes 203 (bf16) to 214 (fp8, V transposed) registers a thread unbounded: 2 warps a
+    sub-partition, 4 programs an SM; 5 or 6 need 3 warps a sub-partition, so 168 (the fp8 tile spills 64 B, the
+    bf16 one 88 B; sm_90, tools/decode_attention_sass.py --kernel balanced --maxnreg 168). The whole SM's file
+    alone said 200 for 5, which left 4 resident: the thirty-ninth session's 5-an-SM launches ran ~1.5x slower
+    than 4 or 6. Shared memory is the launch's other limit, not checked here: ~38 KB a program at the grid tile,
+    so 5 fit an SM with a 16-bit cache, 6 with fp8."""
+    warps_per_subpartition = -(-programs_per_sm * num_warps // SUBPARTITIONS)
+    cap = REGISTERS_PER_SUBPARTITION // (warps_per_subpartition * 32) // 8 * 8
     return cap if cap < 255 else None
 
 

@@ -129,7 +129,9 @@ def test_backend_routes_large_decode_grids_to_it_interp(monkeypatch):
 def test_register_cap_keeps_the_programs_of_an_sm_resident():
     from meshserve.kernels.triton_decode_balanced import max_registers
 
-    assert max_registers(6, 2) == 168  # 6 x 64 threads x 168 <= 65,536
+    # per sub-partition (16,384 registers, a quarter of the SM's warps): 6 x 2 warps = 3 a sub-partition at 168
+    assert max_registers(6, 2) == 168
+    assert max_registers(5, 2) == 168  # 10 warps: still 3 on some sub-partition (the SM-wide count said 200)
     assert max_registers(8, 2) == 128 and max_registers(3, 4) == 168
     assert max_registers(4, 2) is None and max_registers(1, 4) is None  # 256 a thread: no cap needed
 

@@ -7,7 +7,8 @@ FP8 weights
   16-bit rows on a GPU, aligned shapes      one Triton pass quantizes the activation (kernels/triton_fp8_quant.py:
                                             per-token absmax, or the static scale), then torch._scaled_mm
                                             (cuBLASLt FP8 on Hopper) with per-token and per-channel scales, or
-                                            (gemm "triton") the Triton rowwise GEMM (kernels/triton_decode_gemm.py)
+                                            (gemm "triton") the Triton rowwise GEMM (kernels/triton_decode_gemm.py),
+                                            or (gemm "auto") that GEMM up to FP8_TRITON_MAX_ROWS rows, cuBLASLt above
   otherwise (CPU, fp32 models)              fp8_linear_ref: the same quantization, upcast matmul
 Block-wise FP8 weights (128 x 128 scales, activations per 1 x 128 group)
   on a GPU                                  Triton block-scaled FP8 GEMM (kernels/triton_fp8_block.py), every
@@ -111,6 +112,17 @@ def fp8_rows_fit(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.is_cuda and x.dim() == 2 and x.shape[0] > 1 and _scaled_mm_fits(x, weight)
 
 
+# gemm "auto": the Triton rowwise GEMM up to this many rows. Measured alone on an H200 (BENCHMARKS.md, thirty-ninth
+# session): 1.4-1.9x faster than _scaled_mm at 16 rows on each of Llama-3.1-8B's projections, mixed at 128, behind at
+# 256; a step below 16 rows reads the same weights (memory-bound), so the kernel's lead should hold there
+FP8_TRITON_MAX_ROWS = 16
+
+
+def fp8_gemm_takes_triton(gemm: str, rows: int, on_gpu: bool) -> bool:
+    """Whether fp8_rows_linear's gemm setting sends these rows to the Triton rowwise GEMM."""
+    return gemm == "triton" or (gemm == "auto" and on_gpu and rows <= FP8_TRITON_MAX_ROWS)
+
+
 def fp8_rows_linear(
     xq: torch.Tensor,
     xs: torch.Tensor,
@@ -122,8 +134,9 @@ def fp8_rows_linear(
 ) -> torch.Tensor:
     """Rows already quantized per token (fp8 xq [M, K], fp32 xs [M, 1]: kernels/triton_fp8_fused.py) @ the fp8
     weight [N, K]^T with per-channel weight_scale [N]: fp8_linear after its quantization step. gemm: "scaled_mm"
-    (torch._scaled_mm, bias added after) or "triton" (kernels/triton_decode_gemm.py, bias in its epilogue)."""
-    if gemm == "triton":
+    (torch._scaled_mm, bias added after), "triton" (kernels/triton_decode_gemm.py, bias in its epilogue) or "auto"
+    (triton up to FP8_TRITON_MAX_ROWS rows on a GPU, scaled_mm above)."""
+    if fp8_gemm_takes_triton(gemm, xq.shape[0], xq.is_cuda):
         triton_decode_gemm = _triton_decode_gemm()
         if triton_decode_gemm is not None:
             return triton_decode_gemm.fp8_rowwise_gemm(xq, xs, weight, weight_scale, bias, out_dtype)

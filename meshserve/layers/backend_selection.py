@@ -173,10 +173,12 @@ Overrides (environment, read only here, for debugging and references):
                                             PDL in one-row steps, half 356.9; without PDL 337.8 / 338.3);
                                             MESHSERVE_FP8_WORDS_TILE=block_n,block_k,warps: the words tile
                                             for every shape (A/B; default by shape)
-  MESHSERVE_FP8_GEMM=scaled_mm|triton        fp8-weight projections of more than one row (per-token activation
-                                            scales): torch._scaled_mm (the default) or the Triton rowwise GEMM
+  MESHSERVE_FP8_GEMM=scaled_mm|triton|auto   fp8-weight projections of more than one row (per-token activation
+                                            scales): torch._scaled_mm (the default), the Triton rowwise GEMM
                                             (kernels/triton_decode_gemm.py: tiles by M, K split while the tiles
-                                            fill less than a wave; not measured yet)
+                                            fill less than a wave) or auto: Triton up to 16 rows, _scaled_mm
+                                            above (H200, the 8B's projections alone: 1.4-1.9x at 16 rows, mixed
+                                            at 128, behind at 256; not measured end to end yet)
   MESHSERVE_DECODE_GEMM=1                   16-bit projections and LM head of 2-512 rows (decode steps) through
                                             the Triton GEMM of kernels/triton_decode_gemm.py instead of cuBLAS:
                                             tiles by M, split K, PDL with the decode kernels around it (W2
@@ -267,7 +269,7 @@ MOE_ROUTE_ALIGN_CHOICES = ("chain", "fused")
 MOE_ROUTER_FUSED_ENV = "MESHSERVE_MOE_ROUTER_FUSED"
 FP8_GEMV_ENV = "MESHSERVE_FP8_GEMV"
 FP8_GEMM_ENV = "MESHSERVE_FP8_GEMM"
-FP8_GEMM_CHOICES = ("scaled_mm", "triton")  # torch._scaled_mm + kernels/triton_decode_gemm.py
+FP8_GEMM_CHOICES = ("scaled_mm", "triton", "auto")  # torch._scaled_mm, kernels/triton_decode_gemm.py, by rows
 DECODE_GEMM_ENV = "MESHSERVE_DECODE_GEMM"
 INT4_GEMV_ENV = "MESHSERVE_INT4_GEMV"
 PARALLEL_COMPILE_ENV = "MESHSERVE_PARALLEL_COMPILE"

@@ -62,6 +62,15 @@ def test_rowwise_gemm_default_tile_and_16_bit_output_interp():
     torch.testing.assert_close(got.double(), _reference(xq, wq, xs, ws, None), rtol=1e-2, atol=1e-2)
 
 
+def test_auto_takes_the_triton_gemm_for_few_rows_on_a_gpu():
+    from meshserve.kernels.quant_ops import FP8_TRITON_MAX_ROWS, fp8_gemm_takes_triton
+
+    assert fp8_gemm_takes_triton("auto", 2, True) and fp8_gemm_takes_triton("auto", FP8_TRITON_MAX_ROWS, True)
+    assert not fp8_gemm_takes_triton("auto", FP8_TRITON_MAX_ROWS + 1, True)  # _scaled_mm led from 128 rows
+    assert not fp8_gemm_takes_triton("auto", 2, False)  # off the GPU: the plain path
+    assert fp8_gemm_takes_triton("triton", 512, True) and not fp8_gemm_takes_triton("scaled_mm", 2, True)
+
+
 @needs_triton
 @interp
 def test_fp8_rows_linear_takes_it_on_request_interp():

@@ -325,8 +325,10 @@ def test_fp8_gemm_switch(monkeypatch):
     assert select_kernels(gpu).fp8_gemm == "scaled_mm"
     monkeypatch.setenv("MESHSERVE_FP8_GEMM", "triton")
     assert select_kernels(gpu).fp8_gemm == "triton"
+    monkeypatch.setenv("MESHSERVE_FP8_GEMM", "auto")
+    assert select_kernels(gpu).fp8_gemm == "auto"
     monkeypatch.setenv("MESHSERVE_FP8_GEMM", "cutlass")
-    with pytest.raises(InvalidArgumentError, match="MESHSERVE_FP8_GEMM takes one of scaled_mm, triton"):
+    with pytest.raises(InvalidArgumentError, match="MESHSERVE_FP8_GEMM takes one of scaled_mm, triton, auto"):
         select_kernels(gpu)
 
 

@@ -19,7 +19,7 @@ range overlaps, so every program streams about the same bytes whatever the lengt
   The walk holds scalars only (a sequence's cost from its own length).
 
 No sliding window (TritonAttentionBackend keeps the split kernel there). No host sync: CUDA-graph safe (the grid
-depends on the GPU, not on the batch's lengths). On by default on a GPU (6 programs an SM over an fp8 cache, 4
+depends on the GPU, not on the batch's lengths). On by default on Hopper (6 programs an SM over an fp8 cache, 4
 over a 16-bit one; MESHSERVE_DECODE_BALANCED, layers/backend_selection.py): H200 W2 Llama-3.1-8B fp8 + fp8 KV
 -4.0%, bf16 -2.9%, Qwen3-0.6B bf16 -4.2% (BENCHMARKS.md, thirty-ninth session).
 """

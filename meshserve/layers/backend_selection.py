@@ -104,10 +104,10 @@ Overrides (environment, read only here, for debugging and references):
                                             programs an SM over all KV heads, one wave, each streaming an equal
                                             share of the batch's KV tiles (kernels/triton_decode_balanced.py;
                                             W2's contexts left the split kernel's 2.6 waves uneven); 0: the split
-                                            kernel; unset: 6 over an fp8 cache, 4 over a 16-bit one (H200 W2,
-                                            two processes each: Llama-3.1-8B fp8 + fp8 KV 11.46 -> 11.00 s, bf16
-                                            13.99 -> 13.59 s; Qwen3-0.6B bf16 5.67 -> 5.44 s, fp8 KV within its
-                                            process-to-process noise, +1%)
+                                            kernel; unset, on Hopper: 6 over an fp8 cache, 4 over a 16-bit one
+                                            (elsewhere 0 until measured; H200 W2, two processes each:
+                                            Llama-3.1-8B fp8 + fp8 KV 11.46 -> 11.00 s, bf16 13.99 -> 13.59 s;
+                                            Qwen3-0.6B bf16 5.67 -> 5.44 s, fp8 KV within its noise, +1%)
   MESHSERVE_DECODE_FUSED_PROLOGUE=0|1|split decode-only steps: the fused prologue (q/k norm, rotary, K/V write)
                                             inside the decode attention launch (kernels/triton_decode_fused.py,
                                             one launch fewer a layer; with the fused prologue only); split (the
@@ -487,19 +487,26 @@ def _programs_per_sm(env: str) -> int:
     return value
 
 
-# the balanced decode kernel's programs an SM by default (H200, 2026-12-04, W2 two processes each: fp8 KV at 6,
-# Llama-3.1-8B fp8 + fp8 KV +4.1%, Qwen3-0.6B +1.0%; 16-bit at 4, Llama-3.1-8B +2.9%, Qwen3-0.6B +4.2%;
+# the balanced decode kernel's programs an SM by default on Hopper (H200, 2026-12-04, W2 two processes each: fp8
+# KV at 6, Llama-3.1-8B fp8 + fp8 KV +4.1%, Qwen3-0.6B +1.0%; 16-bit at 4, Llama-3.1-8B +2.9%, Qwen3-0.6B +4.2%;
 # tools/bench_decode_balanced.py at W2's contexts: fp8 at 6 2.83 TB/s against the split kernel's 2.39, bf16 at 4
-# 4.10 against 3.97; at 5 an SM both ran ~1.5x slower than at 4 or 6, bf16 at 6 too)
+# 4.10 against 3.97). Each is what fits an H200 SM in one wave: ~38 KB of shared memory a program (228 KB an SM:
+# 6 with fp8, 5 with bf16) and the register cap of max_registers (5 an SM ran ~1.5x slower under a cap that
+# left 4 resident, since fixed; bf16 at 6 lost as 5 fit). Other GPUs have other shared memory (an A100 164 KB,
+# Ada 100 KB): the split kernel there until measured
 DECODE_BALANCED_DEFAULT = {"fp8": 6, "16-bit": 4}
 
 
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
 def _decode_balanced(fp8_cache: bool, triton_on_cuda: bool) -> int:
-    """MESHSERVE_DECODE_BALANCED when set (0: the split kernel everywhere), else the measured default on a GPU
-    (off it the interpreter keeps the split kernel, as it keeps its decode tiles)."""
+    """MESHSERVE_DECODE_BALANCED when set (0: the split kernel everywhere), else the measured default on a Hopper
+    GPU (elsewhere, and off the GPU where the interpreter keeps its decode tiles, the split kernel)."""
     if os.environ.get(DECODE_BALANCED_ENV, "").strip():
         return _programs_per_sm(DECODE_BALANCED_ENV)
-    return DECODE_BALANCED_DEFAULT["fp8" if fp8_cache else "16-bit"] if triton_on_cuda else 0
+    return DECODE_BALANCED_DEFAULT["fp8" if fp8_cache else "16-bit"] if triton_on_cuda and _hopper() else 0
 
 
 def _forced_switch(env: str) -> bool | None:

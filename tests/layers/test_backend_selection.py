@@ -11,6 +11,7 @@ from transformers import AutoConfig
 from meshserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from meshserve.errors import InvalidArgumentError
 from meshserve.kernels.fused import fused_ops_importable, gemv_importable
+from meshserve.layers import backend_selection
 from meshserve.layers.attention import Attention, TorchAttentionBackend
 from meshserve.layers.backend_selection import PLAIN, KernelSelection, bind_kernels, select_kernels
 from meshserve.models.llama import LlamaForCausalLM
@@ -299,9 +300,13 @@ def test_decode_fp8_path_switch_reaches_the_attention_backend(monkeypatch):
 
 
 def test_decode_balanced_switch_reaches_the_attention_backend(monkeypatch):
-    # on a GPU by default at the measured programs an SM (6 over an fp8 cache, 4 over a 16-bit one), off the
-    # GPU off; programs an SM on request, bound to every layer's Triton backend; a bad value is one line
+    # on a Hopper GPU by default at the measured programs an SM (6 over an fp8 cache, 4 over a 16-bit one), on
+    # other GPUs and off the GPU off; programs an SM on request, bound to every layer's Triton backend; a bad
+    # value is one line
     gpu = _config(device="cuda", dtype="bfloat16", cache_dtype="fp8")
+    monkeypatch.setattr(backend_selection, "_hopper", lambda: False)
+    assert select_kernels(gpu).decode_balanced == 0
+    monkeypatch.setattr(backend_selection, "_hopper", lambda: True)
     assert select_kernels(gpu).decode_balanced == 6
     assert select_kernels(_config(device="cuda", dtype="bfloat16")).decode_balanced == 4
     assert select_kernels(_config(device="cpu", dtype="float32")).decode_balanced == 0

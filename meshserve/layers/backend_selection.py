@@ -497,16 +497,16 @@ def _programs_per_sm(env: str) -> int:
 DECODE_BALANCED_DEFAULT = {"fp8": 6, "16-bit": 4}
 
 
-def _hopper() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+def _hopper(device: str) -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device))[0] == 9
 
 
-def _decode_balanced(fp8_cache: bool, triton_on_cuda: bool) -> int:
+def _decode_balanced(fp8_cache: bool, triton_on_cuda: bool, device: str) -> int:
     """MESHSERVE_DECODE_BALANCED when set (0: the split kernel everywhere), else the measured default on a Hopper
     GPU (elsewhere, and off the GPU where the interpreter keeps its decode tiles, the split kernel)."""
     if os.environ.get(DECODE_BALANCED_ENV, "").strip():
         return _programs_per_sm(DECODE_BALANCED_ENV)
-    return DECODE_BALANCED_DEFAULT["fp8" if fp8_cache else "16-bit"] if triton_on_cuda and _hopper() else 0
+    return DECODE_BALANCED_DEFAULT["fp8" if fp8_cache else "16-bit"] if triton_on_cuda and _hopper(device) else 0
 
 
 def _forced_switch(env: str) -> bool | None:
@@ -655,7 +655,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         decode_inline_reduce=_variant(DECODE_REDUCE_ENV, DECODE_REDUCE_CHOICES, "kernel") == "inline",
         decode_grid_tile=_variant(DECODE_TILE_ENV, DECODE_TILE_CHOICES, KernelSelection.decode_grid_tile),
         decode_grid_tile_shape=_tile_env(DECODE_GRID_TILE_ENV),
-        decode_balanced=_decode_balanced(fp8_cache, on_cuda and attention == "triton"),
+        decode_balanced=_decode_balanced(fp8_cache, on_cuda and attention == "triton", config.device),
         decode_fp8_path=_variant(DECODE_FP8_PATH_ENV, DECODE_FP8_PATH_CHOICES, KernelSelection.decode_fp8_path),
         # "split" by default (H200, 2026-12-02: W1 +0.9% Qwen3-0.6B, +1.5% Llama-3.1-8B; W2 unchanged, where
         # "1" lost 4.7%): tools/w1_ab_device.sh

@@ -304,9 +304,9 @@ def test_decode_balanced_switch_reaches_the_attention_backend(monkeypatch):
     # other GPUs and off the GPU off; programs an SM on request, bound to every layer's Triton backend; a bad
     # value is one line
     gpu = _config(device="cuda", dtype="bfloat16", cache_dtype="fp8")
-    monkeypatch.setattr(backend_selection, "_hopper", lambda: False)
+    monkeypatch.setattr(backend_selection, "_hopper", lambda device: False)
     assert select_kernels(gpu).decode_balanced == 0
-    monkeypatch.setattr(backend_selection, "_hopper", lambda: True)
+    monkeypatch.setattr(backend_selection, "_hopper", lambda device: True)
     assert select_kernels(gpu).decode_balanced == 6
     assert select_kernels(_config(device="cuda", dtype="bfloat16")).decode_balanced == 4
     assert select_kernels(_config(device="cpu", dtype="float32")).decode_balanced == 0

@@ -494,7 +494,7 @@ def _programs_per_sm(env: str) -> int:
 # 6 with fp8, 5 with bf16) and the register cap of max_registers (5 an SM ran ~1.5x slower under a cap that
 # left 4 resident, since fixed; bf16 at 6 lost as 5 fit). Other GPUs have other shared memory (an A100 164 KB,
 # Ada 100 KB): the split kernel there until measured
-DECODE_BALANCED_DEFAULT = {"fp8": 6, "16-bit": 4}
+DECODE_BALANCED_DEFAULT = {"fp8": 6, "16-bit": 4}  # (an fp32 cache, for tests, as 16-bit)
 
 
 def _hopper(device: str) -> bool:

@@ -373,6 +373,20 @@ ONE_GPU_W2 = (
     ("thirty-seventh session, V transposed", "llama-3.1-8b", "fp8", "fp8",
      tuple(f"h200_1204_s37/w2_v_layout_8b/w1_ab.tgz:w1_ab/{i}_8b_FP8_V_LAYOUT_transposed.json" for i in (1, 2))
      + tuple(f"h200_1204_s37/w2_grid_tile_32_8b/w1_ab.tgz:w1_ab/{i}_8b_default.json" for i in (1, 2))),
+    # the balanced GQA decode kernel (kernels/triton_decode_balanced.py): the A/B's balanced processes and the
+    # default build's (it is the default since), all of the thirty-ninth session's lease; no fit saw them
+    ("thirty-ninth session, balanced decode", "qwen3-0.6b", None, "bf16",
+     tuple(f"h200_1204_s39/call3_w2_qwen_bf16_balanced4_ab.tgz:w1_ab/{i}_qwen_DECODE_BALANCED_4.json" for i in (1, 2))
+     + ("h200_1204_s39/call12_w2_qwen_bf16_new_default.tgz:w1_ab/1_qwen_default.json",
+        "h200_1204_s39/call13_w2_8b_qwen_bf16_new_default.tgz:w1_ab/1_qwen_default.json")),
+    ("thirty-ninth session, balanced decode", "llama-3.1-8b", None, "bf16",
+     tuple(f"h200_1204_s39/call3_w2_8b_bf16_balanced4_ab.tgz:w1_ab/{i}_8b_DECODE_BALANCED_4.json" for i in (1, 2))
+     + ("h200_1204_s39/call13_w2_8b_qwen_bf16_new_default.tgz:w1_ab/1_8b_default.json",)),
+    ("thirty-ninth session, balanced decode", "qwen3-0.6b", None, "fp8",
+     tuple(f"h200_1204_s39/call2_w2_qwen_fp8kv_balanced6_ab.tgz:w1_ab/{i}_qwen_DECODE_BALANCED_6.json" for i in (1, 2))),
+    ("thirty-ninth session, balanced decode", "llama-3.1-8b", "fp8", "fp8",
+     tuple(f"h200_1204_s39/call2_w2_8b_fp8_balanced6_ab.tgz:w1_ab/{i}_8b_DECODE_BALANCED_6.json" for i in (1, 2))
+     + ("h200_1204_s39/call12_w2_8b_fp8_new_default.tgz:w1_ab/1_8b_default.json",)),
 )
 
 

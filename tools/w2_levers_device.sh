@@ -6,6 +6,9 @@
 #   PARTS="tests kernels" bash tools/w2_levers_device.sh      (~480 s: their GPU tests, then each kernel timed
 #                                                             against what it would replace at W2's shapes)
 #   PARTS=w2 bash tools/w2_levers_device.sh                   (~450 s: W2 A/Bs, two processes a setting)
+#   PARTS="jit curve moe" ...                                  (test_no_late_jit with the balanced default; the
+#                                                             8B fp8 latency curve with MESHSERVE_FP8_GEMM=auto;
+#                                                             W2 Qwen3-30B-A3B with and without the balanced kernel)
 # W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
 # W2_8B, W2_QWEN or W2_BF16 (default each "DECODE_BALANCED=0": the split kernel, the default before the thirty-ninth
 # session; e.g. W2_8B="FP8_GEMM=triton DECODE_BALANCED=5"); PER_SM: the kernel timing's programs an SM (default
@@ -37,6 +40,15 @@ for part in ${PARTS:-tests kernels}; do
         (OUT=$OUT/w2_$pair JOBS="$jobs" REPEAT=2 BUDGET=${W2_BUDGET:-200} BENCH=throughput BENCH_ARGS="$args" \
           bash tools/w1_ab_device.sh 2>&1 | tail -5)
       done ;;
-    *) echo "PARTS: tests, kernels, w2; got $part"; exit 1 ;;
+    jit)  # the balanced kernel by default (thirty-ninth session): no Triton compile after the engine is ready
+      (OUT=$OUT/jit LIMIT=${JIT_LIMIT:-280} bash tools/gpu_tests_device.sh tests/gpu/test_no_late_jit.py \
+        -k "llama or qwen3_moe") ;;
+    curve)  # MESHSERVE_FP8_GEMM=auto (the Triton GEMM up to 16 rows) on the 8B's small-batch decode steps
+      (OUT=$OUT/curve JOBS="8b:default 8b:FP8_GEMM=auto" REPEAT=2 BUDGET=${CURVE_BUDGET:-300} BENCH=latency \
+        BENCH_ARGS="--quantization fp8 --curve 1,2,4,8,16,32" bash tools/w1_ab_device.sh 2>&1 | tail -8) ;;
+    moe)  # issue 23's W2 on Qwen3-30B-A3B with the balanced kernel (the default) against the split kernel
+      (OUT=$OUT/moe JOBS="qwen3-30b-a3b:default qwen3-30b-a3b:DECODE_BALANCED=0" REPEAT=2 BUDGET=${MOE_BUDGET:-300} \
+        BENCH=throughput bash tools/w1_ab_device.sh 2>&1 | tail -6) ;;
+    *) echo "PARTS: tests, kernels, w2, jit, curve, moe; got $part"; exit 1 ;;
   esac
 done

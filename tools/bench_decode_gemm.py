@@ -1,10 +1,10 @@
 """Projections at decode batches: cuBLAS against the Triton decode GEMMs (kernels/triton_decode_gemm.py) with
 their rule's tile and, with --sweep, a list of tiles. fp8 (rowwise scales): torch._scaled_mm against
 fp8_rowwise_gemm at Llama-3.1-8B's projections (qkv, o, gate_up, down); bf16: F.linear against gemm_16bit at
-Qwen3-0.6B's (and its LM head). M = 64, 128, 256, 512 by default (W2's decode batches). CUDA-graph timing
+Qwen3-0.6B's (and its LM head); bf16-8b: the same at Llama-3.1-8B's. M = 64, 128, 256, 512 by default (W2's decode batches). CUDA-graph timing
 (triton.testing.do_bench_cudagraph); each Triton result is checked against cuBLAS's.
 
-usage (on the device): python tools/bench_decode_gemm.py [--m 64,128,256,512] [--formats fp8,bf16] [--sweep]
+usage (on the device): python tools/bench_decode_gemm.py [--m 64,128,256,512] [--formats fp8,bf16,bf16-8b] [--sweep]
        [--json PATH]
 """
 
@@ -30,6 +30,9 @@ SHAPES = {  # (N, K)
     "bf16": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "gate_up+silu": (6144, 1024),
              "down": (1024, 3072), "lm_head": (151936, 1024)},  # Qwen3-0.6B (+silu: the gated epilogue against
     # F.linear then the SiLU-and-mul kernel)
+    # Llama-3.1-8B in bf16: how far cuBLAS runs from the FLOP roof at W2's compute-bound batches (129-256 rows)
+    "bf16-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+                "lm_head": (128256, 4096)},
 }
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); SPLIT_K from the rule, then 1 and 2x it
 SWEEP = ((64, 64, 128, 4, 5), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3), (128, 64, 128, 4, 4),

@@ -624,7 +624,7 @@ class TritonAttentionBackend:
         """The smallest batch whose decode launch takes decode_tile's GRID_TILE or the balanced kernel (other
         compiled variants, which engine/eager_warmup.grid_tile_steps builds at start), or None where none does."""
         grid = self.takes_grid_tile(kv_fp8) and head_dim <= 128
-        if device.type != "cuda" or not (grid or self.balanced):
+        if device.type != "cuda" or not (grid or (self.balanced and head_dim <= BALANCED_MAX_HEAD_DIM)):
             return None
         return -(-GRID_TILE_MIN_WAVES * _num_sms(device.index) // num_kv_heads)
 
@@ -645,7 +645,7 @@ class TritonAttentionBackend:
         if self.takes_grid_tile(_is_fp8(kv_cache)) and query.is_cuda:  # (the interpreter: only the sum order)
             block_n, num_warps, num_stages = decode_tile(num_seqs, num_kv_heads, query.shape[2],
                                                          _num_sms(query.device.index), self.grid_tile_shape)
-        if self._takes_balanced(num_seqs, num_kv_heads, sliding_window, query.device):
+        if self._takes_balanced(num_seqs, num_kv_heads, query.shape[2], sliding_window, query.device):
             from meshserve.kernels.triton_decode_balanced import decode_attention_balanced  # it imports this module
 
             # the grid tile for any cache: 2 warps, 37-39 KB of shared memory a program, 203-214 registers a
@@ -662,11 +662,13 @@ class TritonAttentionBackend:
                          num_stages=num_stages, k_scale=k_scale, v_scale=v_scale, inline_reduce=self.inline_reduce,
                          fp8_path=self._fp8_path_for(grid_tile=block_n is not None))
 
-    def _takes_balanced(self, num_seqs: int, num_kv_heads: int, sliding_window, device: torch.device) -> bool:
-        """Whether a decode launch goes to the balanced kernel: switched on, no window, and a grid of at least
-        GRID_TILE_MIN_WAVES (sequence, KV head) programs an SM (the grids decode_tile gives smaller CTAs; the
-        interpreter's SM count is 8, so CPU tests reach it at 16 programs)."""
-        if not self.balanced or (sliding_window is not None and sliding_window > 0):
+    def _takes_balanced(self, num_seqs: int, num_kv_heads: int, head_dim: int, sliding_window,
+                        device: torch.device) -> bool:
+        """Whether a decode launch goes to the balanced kernel: switched on, no window, heads of at most
+        BALANCED_MAX_HEAD_DIM, and a grid of at least GRID_TILE_MIN_WAVES (sequence, KV head) programs an SM (the
+        grids decode_tile gives smaller CTAs; the interpreter's SM count is 8, so CPU tests reach it at 16
+        programs)."""
+        if not self.balanced or (sliding_window is not None and sliding_window > 0) or head_dim > BALANCED_MAX_HEAD_DIM:
             return False
         return num_seqs * num_kv_heads >= GRID_TILE_MIN_WAVES * _num_sms(device.index if device.type == "cuda"
                                                                           else None)
@@ -695,6 +697,9 @@ def _decode_block_n(head_dim_pad: int, elem_size: int = 2) -> int:
 # (128 tokens, 4 warps, 3 stages) holds: bf16 53.1 us, the best tile 52.7 (the same shape, 3 stages).
 GRID_TILE = (64, 2, 2)
 GRID_TILE_MIN_WAVES = 2
+# the balanced kernel's heads: its tile (2 warps) and register cap were measured at head_dim 128 (Llama, Qwen); a
+# 256-wide head holds twice the accumulator under the same cap, so wider heads keep the split kernel
+BALANCED_MAX_HEAD_DIM = 128
 GRID_TILE_MODES = ("auto", "grid", "legacy")  # TritonAttentionBackend.takes_grid_tile
 
 

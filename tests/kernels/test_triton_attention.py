@@ -296,6 +296,7 @@ def test_decode_tile_takes_small_ctas_on_grids_of_two_waves():
     assert balanced.grid_tile_min_seqs(8, 128, torch.device("cuda"), False) == \
         backend.grid_tile_min_seqs(8, 128, torch.device("cuda"), True)
     assert balanced.grid_tile_min_seqs(8, 128, torch.device("cpu"), False) is None
+    assert balanced.grid_tile_min_seqs(8, 256, torch.device("cuda"), False) is None  # wider heads keep the split
     with pytest.raises(ValueError, match="grid_tile"):
         TritonAttentionBackend(grid_tile="small")
     rows = backend.grid_tile_min_seqs(8, 128, torch.device("cuda"), True)

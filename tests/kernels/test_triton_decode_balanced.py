@@ -109,15 +109,17 @@ def test_balanced_over_an_fp8_cache_interp(fp8_path, v_layout):
 @interp
 def test_backend_routes_large_decode_grids_to_it_interp(monkeypatch):
     """TritonAttentionBackend(balanced=N): grids of >= 2 (sequence, KV head) programs an SM (the interpreter
-    counts 8 SMs: 16) go to the balanced kernel, smaller ones and windowed ones to the split kernel; the outputs
-    equal the split kernel's."""
+    counts 8 SMs: 16) go to the balanced kernel, smaller ones, windowed ones and heads wider than 128 (not
+    measured) to the split kernel; the outputs equal the split kernel's."""
     calls = []
     real = triton_decode_balanced.decode_attention_balanced
     monkeypatch.setattr(triton_decode_balanced, "decode_attention_balanced",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
     big = make_case([1] * 8, [5 + 19 * i for i in range(8)], 4, 2, 32, 8, torch.float32, seed=8)  # 16 programs
     small = make_case([1] * 7, [5 + 19 * i for i in range(7)], 4, 2, 32, 8, torch.float32, seed=7)  # 14
-    for (query, cache, meta), window, routed in ((big, None, True), (small, None, False), (big, 50, False)):
+    wide = make_case([1] * 8, [5 + 19 * i for i in range(8)], 4, 2, 256, 8, torch.float32, seed=9)  # 16, head 256
+    for (query, cache, meta), window, routed in ((big, None, True), (small, None, False), (big, 50, False),
+                                                 (wide, None, False)):
         calls.clear()
         got = TritonAttentionBackend(balanced=2).attend(query, cache, meta, 0.3, window)
         want = TritonAttentionBackend().attend(query, cache, meta, 0.3, window)

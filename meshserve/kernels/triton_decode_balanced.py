@@ -201,6 +201,13 @@ def _merge_group(ws_acc_ptr, ws_ml_ptr, out_ptr, first, n_pieces, heads, row_val
 SUBPARTITIONS, REGISTERS_PER_SUBPARTITION = 4, 16384
 
 
+# the cost line's width (the batch vector of _decode_cost_line): one compiled variant for every batch up to 256
+# (the engine's default max_num_seqs), so the eager warm-up's one step (engine/eager_warmup.grid_tile_steps, at the
+# smallest routed batch) builds what every such batch runs; the vectors are read before the walk, which keeps
+# scalars (W2's batch 256 ran this width)
+MIN_BLOCK_B = 256
+
+
 def max_registers(programs_per_sm: int, num_warps: int) -> int | None:
     """The per-thread register cap that lets programs_per_sm programs of num_warps warps share an SM's register
     file, so the launch is the one wave the balancing assumes (None: no cap needed). At the grid tile (64 tokens,
@@ -259,7 +266,7 @@ def decode_attention_balanced(query, kv_cache, block_tables, seq_lens, query_sta
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         NUM_HEADS=num_heads, GROUP=group, ROWS=max(16, _next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=block_n, BLOCK_B=max(16, _next_pow2(num_seqs)),
+        BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=block_n, BLOCK_B=max(MIN_BLOCK_B, _next_pow2(num_seqs)),
         OVERHEAD_UNITS=OVERHEAD, UPCAST_DOT=_upcast_dot(query), DOT_PRECISION=_dot_precision(query),
         KV_FP8=_is_fp8(kv_cache), FP8_TILE=_fp8_tile(fp8_path, query, kv_cache), V_T=v_transposed(kv_cache),
         num_warps=num_warps, num_stages=num_stages, **gdc, **({} if cap is None else {"maxnreg": cap}),

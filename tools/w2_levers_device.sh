@@ -42,7 +42,7 @@ for part in ${PARTS:-tests kernels}; do
       done ;;
     jit)  # the balanced kernel by default (thirty-ninth session): no Triton compile after the engine is ready
       (OUT=$OUT/jit LIMIT=${JIT_LIMIT:-280} bash tools/gpu_tests_device.sh tests/gpu/test_no_late_jit.py \
-        -k "llama or qwen3_moe") ;;
+        -k "llama or qwen3_moe or large_decode") ;;
     curve)  # MESHSERVE_FP8_GEMM=auto (the Triton GEMM up to 16 rows) on the 8B's small-batch decode steps
       (OUT=$OUT/curve JOBS="8b:default 8b:FP8_GEMM=auto" REPEAT=2 BUDGET=${CURVE_BUDGET:-300} BENCH=latency \
         BENCH_ARGS="--quantization fp8 --curve 1,2,4,8,16,32" bash tools/w1_ab_device.sh 2>&1 | tail -8) ;;

@@ -183,3 +183,35 @@ def test_no_triton_compile_for_prompts_past_the_long_prefill_tile(tmp_path_facto
         assert not builds.entries, f"{len(builds.entries)} Triton builds after start-up:\n{builds.report()}"
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("extra", [{}, {"kv_cache_dtype": "fp8"}], ids=["bf16", "fp8kv"])
+def test_no_triton_compile_in_large_decode_batches(extra, tiny_model_dir, monkeypatch):
+    """Decode batches past two waves of (sequence, KV head) programs take the balanced decode kernel
+    (kernels/triton_decode_balanced.py, the default on Hopper) beside mixed steps whose decode rows grow with the
+    batch: the eager warm-up's one step at the smallest routed batch and the graph captures build all of it."""
+    from meshserve import LLM, SamplingParams
+    from meshserve.kernels.triton_attention import GRID_TILE_MIN_WAVES, _num_sms
+    from tests.conftest import VOCAB
+    from tests.gpu.jit_builds import TritonBuilds
+
+    monkeypatch.delenv("MESHSERVE_ATTENTION_BACKEND", raising=False)
+    monkeypatch.delenv("MESHSERVE_DISABLE_FUSED_OPS", raising=False)
+    monkeypatch.delenv("MESHSERVE_DECODE_BALANCED", raising=False)
+    llm = LLM(model=tiny_model_dir("llama"), dtype="bfloat16", device="cuda", max_model_len=256, max_num_seqs=256,
+              max_num_batched_tokens=512, enable_prefix_caching=False, seed=0, **extra)
+    try:
+        layer = llm.engine.runner.model.model.layers[0].self_attn.attn
+        routed = -(-GRID_TILE_MIN_WAVES * _num_sms(0) // layer.num_kv_heads)  # the smallest balanced batch
+        assert llm.engine.runner.kernels.decode_balanced and routed < 256
+        rng = random.Random(1)
+        # staggered lengths: the batch grows through mixed steps and shrinks through decode-only ones
+        prompts = [{"prompt_token_ids": [rng.randrange(3, VOCAB) for _ in range(rng.randint(4, 60))]}
+                   for _ in range(250)]
+        params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(4, 40), ignore_eos=True) for _ in prompts]
+        with TritonBuilds() as builds:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        assert len(outs) == 250
+        assert not builds.entries, f"{len(builds.entries)} Triton builds after start-up:\n{builds.report()}"
+    finally:
+        llm.shutdown()

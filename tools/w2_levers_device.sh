@@ -6,9 +6,10 @@
 #   PARTS="tests kernels" bash tools/w2_levers_device.sh      (~480 s: their GPU tests, then each kernel timed
 #                                                             against what it would replace at W2's shapes)
 #   PARTS=w2 bash tools/w2_levers_device.sh                   (~450 s: W2 A/Bs, two processes a setting)
-#   PARTS="jit curve moe" ...                                  (test_no_late_jit with the balanced default; the
-#                                                             8B fp8 latency curve with MESHSERVE_FP8_GEMM=auto;
-#                                                             W2 Qwen3-30B-A3B with and without the balanced kernel)
+#   PARTS=jit | PARTS=curve | PARTS=moe ...                    (a call each, ~300-400 s: test_no_late_jit with the
+#                                                             balanced default; the 8B fp8 latency curve with
+#                                                             MESHSERVE_FP8_GEMM=auto; W2 Qwen3-30B-A3B with and
+#                                                             without the balanced kernel)
 # W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
 # W2_8B, W2_QWEN or W2_BF16 (default each "DECODE_BALANCED=0": the split kernel, the default before the thirty-ninth
 # session; e.g. W2_8B="FP8_GEMM=triton DECODE_BALANCED=5"); PER_SM: the kernel timing's programs an SM (default
@@ -41,7 +42,7 @@ for part in ${PARTS:-tests kernels}; do
           bash tools/w1_ab_device.sh 2>&1 | tail -5)
       done ;;
     jit)  # the balanced kernel by default (thirty-ninth session): no Triton compile after the engine is ready
-      (OUT=$OUT/jit LIMIT=${JIT_LIMIT:-280} bash tools/gpu_tests_device.sh tests/gpu/test_no_late_jit.py \
+      (OUT=$OUT/jit LIMIT=${JIT_LIMIT:-400} bash tools/gpu_tests_device.sh tests/gpu/test_no_late_jit.py \
         -k "llama or qwen3_moe or large_decode") ;;
     curve)  # MESHSERVE_FP8_GEMM=auto (the Triton GEMM up to 16 rows) on the 8B's small-batch decode steps
       (OUT=$OUT/curve JOBS="8b:default 8b:FP8_GEMM=auto" REPEAT=2 BUDGET=${CURVE_BUDGET:-300} BENCH=latency \

@@ -25,9 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from meshserve.kernels import kv_layout
+from meshserve.kernels import kv_layout, triton_decode_balanced
 from meshserve.kernels.triton_attention import GRID_TILE, _num_sms, decode_attention, decode_tile
-from meshserve.kernels import triton_decode_balanced
 from meshserve.kernels.triton_decode_balanced import decode_attention_balanced
 from tools.bench_fp8_step import graph_of, replay_ms
 

@@ -1,11 +1,12 @@
 """Projections at decode batches: cuBLAS against the Triton decode GEMMs (kernels/triton_decode_gemm.py) with
 their rule's tile and, with --sweep, a list of tiles. fp8 (rowwise scales): torch._scaled_mm against
 fp8_rowwise_gemm at Llama-3.1-8B's projections (qkv, o, gate_up, down); bf16: F.linear against gemm_16bit at
-Qwen3-0.6B's (and its LM head); bf16-8b: the same at Llama-3.1-8B's. M = 64, 128, 256, 512 by default (W2's decode batches). CUDA-graph timing
-(triton.testing.do_bench_cudagraph); each Triton result is checked against cuBLAS's.
+Qwen3-0.6B's (and its LM head); bf16-8b: the same at Llama-3.1-8B's. M = 64, 128, 256, 512 by default (W2's
+decode batches). CUDA-graph timing (triton.testing.do_bench_cudagraph); each Triton result is checked against
+cuBLAS's.
 
-usage (on the device): python tools/bench_decode_gemm.py [--m 64,128,256,512] [--formats fp8,bf16,bf16-8b] [--sweep]
-       [--json PATH]
+usage (on the device): python tools/bench_decode_gemm.py [--m 64,128,256,512] [--formats fp8,bf16,bf16-8b]
+       [--sweep] [--json PATH]
 """
 
 from __future__ import annotations

@@ -139,8 +139,8 @@ def main():
     ap.add_argument("--no-bf16", action="store_true", help="only the fp8 paths")
     ap.add_argument("--kernel", choices=list(KERNELS), default="split")
     ap.add_argument("--maxnreg", type=int, nargs="*", default=[0],
-                    help="per-thread register caps to compile at (0: none; the balanced launch's: 200 for 5 "
-                         "programs an SM at 2 warps, 168 for 6)")
+                    help="per-thread register caps to compile at (0: none; the balanced launch's at 2 warps: 168 "
+                         "for 5 or 6 programs an SM, triton_decode_balanced.max_registers)")
     args = ap.parse_args()
     order = ("HMMA", "cvt", "prmt", "lds", "sts", "glob", "bar", "shfl", "fp", "int", "other")
     print(f"{'config':34s} {'regs':>4} {'stk':>3} {'smem':>6} {'loop':>5} {'/KiB':>5}  "

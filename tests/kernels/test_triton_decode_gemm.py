@@ -216,11 +216,10 @@ def test_rowwise_gemm_equals_scaled_mm_gpu(m, n, k):
     want = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws[None, :], out_dtype=torch.bfloat16)
     # against the exact sum: one bf16 rounding (half an ulp, 2^-9 of the value) plus the fp32 sums' order, where
     # the outputs near zero are cancellations of terms the size of the largest output (so an absolute part).
-    # _scaled_mm (its accumulator promoted every 4 wgmmas) meets the same bound; without the kernel's promotion
-    # once a K tile 0.04% of the outputs missed it by 2-3 ulps
+    # _scaled_mm (its accumulator promoted every 4 wgmmas) meets the same bound; before the kernel promoted its
+    # fp8 accumulator once a K tile, 0.04% of its outputs stood 2-3 bf16 steps from _scaled_mm's
     ref = _reference(xq, wq, xs, ws, None)
     bound = ref.abs() * 2**-8 + ref.abs().max() * 2**-12
     for name, y in (("triton", got), ("_scaled_mm", want)):
         over = ((y.double() - ref).abs() > bound).sum().item()
         assert over == 0, f"{name}: {over} of {y.numel()} outputs past one bf16 rounding of the exact sum"
-

@@ -10,6 +10,8 @@
 #                                                             balanced default; the 8B fp8 latency curve with
 #                                                             MESHSERVE_FP8_GEMM=auto; W2 Qwen3-30B-A3B with and
 #                                                             without the balanced kernel)
+#   PARTS=trace ...                                           (~150 s: W2 step traces, Qwen3-0.6B and the 8B, bf16,
+#                                                             for the simulator's refit)
 # W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
 # W2_8B, W2_QWEN or W2_BF16 (default each "DECODE_BALANCED=0": the split kernel, the default before the thirty-ninth
 # session; e.g. W2_8B="FP8_GEMM=triton DECODE_BALANCED=5"); PER_SM: the kernel timing's programs an SM (default
@@ -50,6 +52,12 @@ for part in ${PARTS:-tests kernels}; do
     moe)  # issue 23's W2 on Qwen3-30B-A3B with the balanced kernel (the default) against the split kernel
       (OUT=$OUT/moe JOBS="qwen3-30b-a3b:default qwen3-30b-a3b:DECODE_BALANCED=0" REPEAT=2 BUDGET=${MOE_BUDGET:-300} \
         BENCH=throughput bash tools/w1_ab_device.sh 2>&1 | tail -6) ;;
-    *) echo "PARTS: tests, kernels, w2, jit, curve, moe; got $part"; exit 1 ;;
+    trace)  # W2 step traces of the default build (bf16), for the simulator's refit (validation.ONE_GPU_W2)
+      for m in ${TRACE_MODELS:-qwen3-0.6b llama-3.1-8b}; do
+        timeout -k 10 "${TRACE_LIMIT:-150}" python3 -m meshserve.cli bench throughput --model $m --no-baseline \
+          --step-trace $OUT/w2_${m}_steps.jsonl --output-json $OUT/w2_${m}_traced.json 2>&1 | grep -E "tok/s|Error" | tail -2
+        gzip -f $OUT/w2_${m}_steps.jsonl
+      done ;;
+    *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace; got $part"; exit 1 ;;
   esac
 done

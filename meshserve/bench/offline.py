@@ -44,7 +44,8 @@ def _llm(ns):
                disable_custom_all_reduce=ns.disable_custom_all_reduce,
                enable_expert_parallel=getattr(ns, "enable_expert_parallel", False),
                quantization=getattr(ns, "quantization", None), kv_cache_dtype=getattr(ns, "kv_cache_dtype", "auto"),
-               hf_overrides=dict(getattr(ns, "hf_overrides", None) or {}))
+               hf_overrides=dict(getattr(ns, "hf_overrides", None) or {}),
+               step_trace=getattr(ns, "step_trace", None))
 
 
 def _layers_per_stage(text: str) -> list[int]:
@@ -444,6 +445,9 @@ def add_offline_parsers(bench_sub: argparse._SubParsersAction) -> None:
                             '"desc_act": true}} quantizes the dummy weights act-order (the sorted int4 path; with --no-baseline)')
         p.add_argument("--no-baseline", action="store_true", help="skip HF transformers")
         p.add_argument("--output-json", default=None)
+        p.add_argument("--step-trace", default=None, metavar="FILE",
+                       help="a JSON line per engine step (shape, predicted and measured time), as `serve "
+                            "--step-trace`: what the simulator's step-time fits read (meshserve/simulator)")
         p.add_argument("--benchmarks-md", default=None, help="append a row to this BENCHMARKS.md")
         if name == "latency":
             p.add_argument("--curve", default=None, type=_batch_sizes_text,

@@ -33,6 +33,16 @@ def test_pp_layer_partition_reaches_the_engine_and_the_layout(monkeypatch):
     assert "pp_layer_partition" not in offline._layout(_parse(["throughput", "-pp", "2"]))
 
 
+def test_step_trace_reaches_the_engine(monkeypatch, tmp_path):
+    # a W2 run's step trace, for the simulator's fits (meshserve/simulator/step_cost.py reads serve's format)
+    seen = {}
+    monkeypatch.setattr("meshserve.LLM", lambda **kw: seen.update(kw))
+    offline._llm(_parse(["throughput", "--step-trace", str(tmp_path / "w2.jsonl")]))
+    assert seen["step_trace"] == str(tmp_path / "w2.jsonl")
+    offline._llm(_parse(["latency"]))
+    assert seen["step_trace"] is None
+
+
 def test_hf_overrides_reach_the_engine(monkeypatch, capsys):
     # e.g. act-order int4 dummy weights: -q gptq with a desc_act quantization_config (the sorted int4 path)
     qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True}

@@ -48,7 +48,14 @@ for part in ${PARTS:-tests kernels}; do
         -k "llama or qwen3_moe or large_decode") ;;
     curve)  # MESHSERVE_FP8_GEMM=auto (the Triton GEMM up to 16 rows) on the 8B's small-batch decode steps
       (OUT=$OUT/curve JOBS="8b:default 8b:FP8_GEMM=auto" REPEAT=2 BUDGET=${CURVE_BUDGET:-300} BENCH=latency \
-        BENCH_ARGS="--quantization fp8 --curve 1,2,4,8,16,32" bash tools/w1_ab_device.sh 2>&1 | tail -8) ;;
+        BENCH_ARGS="--quantization fp8 --curve 1,2,4,8,16,32" bash tools/w1_ab_device.sh 2>&1 | tail -8)
+      python3 - /tmp/w1_ab <<'PY'  # decode tok/s by batch, each run (w1_ab_device.sh keeps them there)
+import glob, json, os, sys
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+    curve = json.load(open(path)).get("decode_tok_s_by_batch", {})
+    print(f"{os.path.basename(path)[:-5]:<32}", " ".join(f"{b}:{v:.0f}" for b, v in curve.items()))
+PY
+      ;;
     moe)  # issue 23's W2 on Qwen3-30B-A3B with the balanced kernel (the default) against the split kernel
       (OUT=$OUT/moe JOBS="qwen3-30b-a3b:default qwen3-30b-a3b:DECODE_BALANCED=0" REPEAT=2 BUDGET=${MOE_BUDGET:-300} \
         BENCH=throughput bash tools/w1_ab_device.sh 2>&1 | tail -6) ;;

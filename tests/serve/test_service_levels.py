@@ -125,11 +125,14 @@ def test_bad_service_level_fields_are_400(slo_server):
 
 def test_a_burst_gets_answers_or_429s_and_nothing_hangs(slo_server):
     # the TTFT target scales with this host's speed: at least the engine's 4 slots start at once, and each
-    # first token comes well within one whole request's time alone (a loaded test host slows every step)
+    # first token comes well within one whole request's time alone. The prediction counts the front end's
+    # own delay (time since arrival, the event loop's worst lag of the last second): on a loaded 2-core CI
+    # host a stall near the burst put every request of a 0.5 s target past it (all 40 refused), so the floor
+    # is 2 s (the 429 paths have their own tests above; this one is about the burst ending cleanly)
     t = time.monotonic()
     assert httpx.post(slo_server.v1 + "/completions", json=_body(prompt=[3] * 40, max_tokens=24),
                       timeout=60).status_code == 200
-    ttft_ms = max(500.0, 2e3 * (time.monotonic() - t))
+    ttft_ms = max(2000.0, 4e3 * (time.monotonic() - t))
 
     async def one(client: httpx.AsyncClient, i: int) -> tuple[int, int]:
         body = _body(prompt=[3 + i % 50] * 40, max_tokens=24, stream=True, priority=i % 3,

@@ -12,6 +12,11 @@
 #                                                             without the balanced kernel)
 #   PARTS=trace ...                                           (~150 s: W2 step traces, Qwen3-0.6B and the 8B, bf16,
 #                                                             for the simulator's refit)
+#   PARTS=layer                                               (~450 s, issue 29's W1: the one-launch decoder layer,
+#                                                             MESHSERVE_DECODE_LAYER, kernels/triton_decode_layer.py:
+#                                                             its GPU tests under a short limit (a barrier that never
+#                                                             opens hangs), then W1 Qwen3-0.6B default / one launch a
+#                                                             layer / one launch a phase, two processes each)
 # W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
 # W2_8B, W2_QWEN or W2_BF16 (default each "DECODE_BALANCED=0": the split kernel, the default before the thirty-ninth
 # session; e.g. W2_8B="FP8_GEMM=triton DECODE_BALANCED=5"); PER_SM: the kernel timing's programs an SM (default
@@ -65,6 +70,13 @@ PY
           --step-trace $OUT/w2_${m}_steps.jsonl --output-json $OUT/w2_${m}_traced.json 2>&1 | grep -E "tok/s|Error" | tail -2
         gzip -f $OUT/w2_${m}_steps.jsonl
       done ;;
-    *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace; got $part"; exit 1 ;;
+    layer)  # the kernel's tests first, each file under its own limit; the A/B only if they passed
+      (OUT=$OUT/layer_kernel LIMIT=${LAYER_TEST_LIMIT:-90} bash tools/gpu_tests_device.sh \
+        tests/kernels/test_triton_decode_layer.py) && \
+      (OUT=$OUT/layer_engine LIMIT=${LAYER_ENGINE_LIMIT:-150} bash tools/gpu_tests_device.sh \
+        tests/gpu/test_gpu_decode_layer.py) && \
+      (OUT=$OUT/layer_w1 JOBS="qwen:default qwen:DECODE_LAYER=1 qwen:DECODE_LAYER=phases" REPEAT=2 \
+        BUDGET=${LAYER_BUDGET:-200} bash tools/w1_ab_device.sh 2>&1 | tail -5) ;;
+    *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace, layer; got $part"; exit 1 ;;
   esac
 done

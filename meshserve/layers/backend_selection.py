@@ -41,6 +41,11 @@ Overrides (environment, read only here, for debugging and references):
                                             by default on where the batch-1 step is launch-bound (the PDL auto
                                             rule: H200 Qwen3-0.6B decode graph -1.3% and -1.5% on 2026-12-02; it
                                             cost the 8B 3.2%), 0 off, 1 on for any model
+  MESHSERVE_DECODE_LAYER=1|phases[:P,W]     batch 1: each decoder layer of a 16-bit dense model in one persistent
+                                            launch, grid barriers between its phases (layers/decode_layer.py,
+                                            kernels/triton_decode_layer.py); phases: one launch a phase (the A/B
+                                            of the barriers); P programs of W warps an SM (default 1,8); opt-in
+                                            until measured (issue 29)
   MESHSERVE_PDL=1|auto                      programmatic dependent launch of the decode-path Triton kernels on
                                             sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
                                             kernels/pdl.py); auto (the default): only for models whose hidden
@@ -231,6 +236,7 @@ GEMV_ACT_OUT_ENV = "MESHSERVE_GEMV_ACT_OUT"
 TP_FUSED_NORM_ENV = "MESHSERVE_TP_FUSED_NORM"
 TP_FUSED_NORM_CHOICES = ("", "pull", "push")
 NORM_FOLD_ENV = "MESHSERVE_NORM_FOLD"
+DECODE_LAYER_ENV = "MESHSERVE_DECODE_LAYER"
 SKINNY_GEMV_ENV = "MESHSERVE_SKINNY_GEMV"
 DECODE_CONTEXT_BOUNDS_ENV = "MESHSERVE_DECODE_CONTEXT_BOUNDS"
 # small dense models' batch-1 decode graph on the H200, 2026-12-02: 0.904 -> 0.877 ms (Qwen3-0.6B, W1 1,072 ->
@@ -304,6 +310,9 @@ class KernelSelection:
     # "" off, "pull" or "push" (TP_FUSED_NORM_CHOICES)
     tp_fused_norm: str = ""
     norm_fold: bool = False  # both residual norms folded into the GEMVs around them (layers/norm_fold.py)
+    # batch 1: a decoder layer a launch (layers/decode_layer.py): None off, else (one launch, programs an SM,
+    # warps)
+    decode_layer: tuple[bool, int, int] | None = None
     fused_sampler: bool = False  # one Gumbel-max pass for batches that only ask for temperatures
     cuda_graphs: bool = False  # capture decode steps in CUDA graphs
     # small batches' decode graphs also captured for contexts up to each bound (fewer attention splits)
@@ -423,6 +432,22 @@ def _norm_fold(config: EngineConfig) -> bool:
     (_small_dense)."""
     raw = os.environ.get(NORM_FOLD_ENV, "").strip()
     return _small_dense(config) if raw == "" else raw != "0"
+
+
+def _decode_layer() -> tuple[bool, int, int] | None:
+    """MESHSERVE_DECODE_LAYER: "1" or "phases", optionally ":P,W" (programs an SM, warps); unset or 0: None."""
+    raw = os.environ.get(DECODE_LAYER_ENV, "").strip().lower()
+    if raw in ("", "0"):
+        return None
+    mode, _, tile = raw.partition(":")
+    try:
+        programs, warps = (int(v) for v in tile.split(",")) if tile else (1, 8)
+    except ValueError:
+        programs = warps = 0
+    if mode not in ("1", "phases") or programs < 1 or warps not in (1, 2, 4, 8, 16, 32):
+        raise InvalidArgumentError(f"{DECODE_LAYER_ENV} takes 1 or phases, optionally :P,W (programs an SM, "
+                                   f"warps: 1,8), got {raw!r}")
+    return mode == "1", programs, warps
 
 
 def _decode_context_bounds(config: EngineConfig) -> tuple[int, ...]:
@@ -647,6 +672,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         # off a GPU the layers take the same order with the all-reduce and the norm apart (tests the wiring)
         tp_fused_norm=_tp_fused_norm(),
         norm_fold=gemv and fused_ops and _norm_fold(config),
+        decode_layer=_decode_layer() if gemv and fused_ops and attention == "triton" else None,
         fused_sampler=fused_ops,
         cuda_graphs=cuda_graphs,
         decode_context_bounds=_decode_context_bounds(config) if cuda_graphs else (),

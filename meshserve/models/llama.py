@@ -14,6 +14,7 @@ from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.activation import SiluAndMul
 from meshserve.layers.all_reduce_norm import all_reduce_rms_norm
 from meshserve.layers.attention import Attention
+from meshserve.layers.decode_layer import DecodeLayerRun
 from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from meshserve.layers.norm import RMSNorm
@@ -222,8 +223,15 @@ class LlamaModel(nn.Module):
         else:
             hidden, residual = intermediate.hidden, intermediate.residual
         layers = self.layers[self.start_layer : self.end_layer]
+        whole = intermediate is None and self.is_last_stage  # one stage: the step's layers all here
+        # batch-1 decode with each layer in one launch (opt-in): hidden is the whole residual stream
+        run = DecodeLayerRun.begin(hidden, layers, meta) if whole else None
+        if run is not None:
+            for layer in layers:
+                hidden = run.forward(layer, positions, hidden, meta)
+            return self.norm(hidden)
         # batch-1 decode with the norms folded into the GEMVs; one stage only (the sums stay on this device)
-        fold = NormFold.begin(hidden, layers) if intermediate is None and self.is_last_stage else None
+        fold = NormFold.begin(hidden, layers) if whole else None
         for layer in layers:
             hidden, residual = layer(positions, hidden, residual, meta, fold)
         if not self.is_last_stage:

@@ -573,3 +573,15 @@ def test_a_bad_fp8_v_layout_fails_at_selection(monkeypatch):
         select_kernels(_model_config(1024))
     monkeypatch.setenv("MESHSERVE_FP8_V_LAYOUT", "rows")
     select_kernels(_model_config(1024))
+
+
+def test_decode_layer_switch_parses_its_mode_and_tile(monkeypatch):
+    monkeypatch.delenv("MESHSERVE_DECODE_LAYER", raising=False)
+    assert backend_selection._decode_layer() is None
+    for raw, expect in (("0", None), ("1", (True, 1, 8)), ("phases", (False, 1, 8)), ("1:2,4", (True, 2, 4))):
+        monkeypatch.setenv("MESHSERVE_DECODE_LAYER", raw)
+        assert backend_selection._decode_layer() == expect, raw
+    for bad in ("on", "1:2", "1:0,8", "1:1,6", "phases:a,b"):
+        monkeypatch.setenv("MESHSERVE_DECODE_LAYER", bad)
+        with pytest.raises(InvalidArgumentError, match="MESHSERVE_DECODE_LAYER"):
+            backend_selection._decode_layer()

@@ -1,0 +1,392 @@
+"""A whole decoder layer of a small dense model in one launch at batch 1: its steps as phases of one
+persistent grid, a grid barrier between phases where the plain path has a kernel boundary (opt-in).
+
+Why: W1 Qwen3-0.6B runs ~31 us a layer against 7.4 us of weight bytes (BENCHMARKS.md, twenty-second session),
+in six launches (four fold GEMVs, the prologue, attention): what is left is the boundaries. A barrier inside
+one launch costs an atomic and a spin on L2 where a boundary costs the grid's drain and the next one's start.
+The phases, every intermediate rounded where the plain path rounds it:
+  0  qkv = W_qkv rms_norm(h)                  every program norms the whole row itself (1-2 K values)
+  1  per KV head: q / k RMSNorm + rotary, the token's K / V to the cache, attention over the cache
+     (triton_decode_fused's prologue and the split kernel's walk; one program a KV head, one split)
+  2  h2 = h + W_o attn
+  3  gate_up = W_gu rms_norm(h2)
+  4  out = h2 + W_down silu(gate) * up
+Each GEMV phase is a grid-stride loop over row blocks through triton_gemv._stream_rows (its K order, so its
+sums), and each program's first block's first columns load before the barrier the phase waits on (before PDL's
+wait for the QKV phase): weights stream while the previous phase and the barrier finish (gemv_phase_tile). The input h is the whole residual stream and so is the output (the norm fold's convention,
+layers/norm_fold.py): the residual add happens in phases 2 and 4.
+
+The barrier (``_grid_barrier``): each program's threads meet (bar.sync), one thread adds 1 to the phase's int32
+counter with release semantics and spins on it with acquire until every program has arrived. The counters are
+zero when the launch starts (the caller zeroes a step's counters once, inside the decode graph) and one counter
+serves one boundary of one layer, so nothing is reused within a step. Data another program wrote in an earlier
+phase is read after the acquire and for the first time in the launch (each buffer is written once per launch),
+so no stale L1 line can be read.
+
+It needs every program resident at once: the grid is programs_per_sm x SMs at a register cap that fits them
+(triton_decode_balanced.max_registers), and the launch checks the compiled kernel's shared memory against the
+SM's before it runs; a grid that cannot be one wave raises instead of hanging.
+
+The interpreter runs programs one after another, where a barrier would wait forever: there (and with
+one_launch=False) each phase is its own launch of the same kernel (PHASE_LO == PHASE_HI), the CPU tests' path;
+a single launch of every phase is the GPU's. Reference: decode_layer_ref (the plain path's ops composed).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from meshserve.kernels.kv_layout import v_transposed
+from meshserve.kernels.pdl import gdc_kwargs, interpreting
+from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
+from meshserve.kernels.triton_attention import (
+    _LOG2E,
+    _dot_precision,
+    _fp8_tile,
+    _is_fp8,
+    _next_pow2,
+    _num_sms,
+    _upcast_dot,
+    decode_split_attend,
+)
+from meshserve.kernels.triton_attention_tile import dot_query
+from meshserve.kernels.triton_decode_balanced import max_registers
+from meshserve.kernels.triton_decode_fused import _norm_rope_group
+from meshserve.kernels.triton_gemv import _row_x, _stream_rows
+from meshserve.kernels.triton_kv_layout import v_offset
+from meshserve.kernels.triton_ops import _to_cache
+
+NUM_PHASES = 5
+BARRIERS_PER_LAYER = NUM_PHASES - 1
+SMEM_PER_SM = 228 * 1024  # sm_90: what its programs' shared memory may add up to (the L1 carve-out's maximum)
+MAX_WARPS_PER_SM = 64
+# KV tokens a tile in the attention phase: 128 (the split kernel's) took 255 registers a thread and spilled 280 B
+# at 8 warps (one stage, q and K built in the same program); 64 takes 228 and none (sm_90, static)
+ATTENTION_BLOCK_N = 64
+
+
+@triton.jit
+def _grid_barrier(bar_ptr, num_programs):
+    """Wait until all num_programs programs reached this counter (zero before the launch)."""
+    tl.debug_barrier()  # every thread's stores of the phase issued before the release below
+    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")  # scalar atomics: one thread issues them
+    while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < num_programs:
+        pass
+    tl.debug_barrier()  # the acquire ordered before every thread's loads of the next phase
+
+
+@triton.jit
+def _inv_rms(h_ptr, K, eps, BLOCK_H: tl.constexpr):
+    """1 / rms of the row h [K] in fp32: _residual_rms_kernel's statistics (rms_norm's)."""
+    cols = tl.arange(0, BLOCK_H)
+    hf = tl.load(h_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(hf * hf, 0) / K + eps)
+
+
+@triton.jit
+def _preload(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, PRE_K: tl.constexpr):
+    """The first PRE_K columns of this program's first row block: weights no phase writes, so they load before
+    the barrier (or PDL's wait) that the phase's input waits on."""
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    kp = tl.arange(0, PRE_K)
+    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + kp[None, :], mask=(rows < N)[:, None] & (kp < K)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, b_ptr, res_ptr, y_ptr, N, K, blk, w_pre,
+               GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """One row block: y = W x (+ bias), its first PRE_K columns from w_pre (already loaded) when PRE_K > 0 (the
+    fold GEMV's order: the preloaded columns' sum, then the streamed tiles'); RESIDUAL: y rounded, plus the
+    residual's rows, rounded again (the plain path's projection output, then rms_norm's residual add)."""
+    dt = y_ptr.dtype.element_ty
+    rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * K
+    y = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if PRE_K > 0:
+        kp = tl.arange(0, PRE_K)
+        pmask = kp < K
+        y += tl.sum(w_pre.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kp, pmask, K, GATED, NORMED)[None, :], 1)
+    acc = _stream_rows(x_ptr, nw_ptr, inv_rms, w_rows, rmask, K, GATED, NORMED, BLOCK_R, BLOCK_K, PRE_K, PREFETCH)
+    y += tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        y = y.to(dt).to(tl.float32) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(dt), mask=rmask)
+
+
+@triton.jit
+def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, b_ptr, res_ptr, y_ptr, N, K, pid, num_programs, w_pre,
+                GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """This program's row blocks pid, pid + num_programs, ...: the first with its preloaded columns."""
+    if pid < tl.cdiv(N, BLOCK_R):
+        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, b_ptr, res_ptr, y_ptr, N, K, pid, w_pre, GATED, NORMED, HAS_BIAS,
+                   RESIDUAL, BLOCK_R, BLOCK_K, PRE_K, PREFETCH)
+    for blk in range(pid + num_programs, tl.cdiv(N, BLOCK_R), num_programs):
+        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, b_ptr, res_ptr, y_ptr, N, K, blk, w_pre, GATED, NORMED, HAS_BIAS,
+                   RESIDUAL, BLOCK_R, BLOCK_K, 0, PREFETCH)
+
+
+@triton.jit
+def _attention_phase(
+    qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr, attn_ptr,
+    eps, scale_log2, k_scale, v_scale, stride_cos, stride_sin,
+    stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, kvh,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_NORM: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr, V_T: tl.constexpr,
+):
+    """KV head kvh of the one token: its GQA group's q rows and its K row normed and rotated
+    (_norm_rope_group: the prologue kernel's roundings), K / V written to the token's slot, then attention over
+    the cache as the split kernel's one split walks it, the output straight to attn [NUM_HEADS * HEAD_DIM]."""
+    zero = kvh * 0
+    tok = zero.to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr)
+    pos = tl.load(pos_ptr).to(tl.int64)
+    dt = qkv_ptr.dtype.element_ty
+    rows = tl.arange(0, ROWS)
+    row_valid = rows < GROUP
+    heads = kvh * GROUP + rows
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
+    s = tl.load(sin_ptr + pos * stride_sin + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
+    q = _norm_rope_group(qkv_ptr, tok, 0, heads, row_valid, d, d_mask, qw_ptr, eps, c, s, HEAD_DIM, HALF, HAS_NORM,
+                         dt)
+    q = dot_query(q, UPCAST_DOT, KV_FP8)
+    slot = tl.load(slot_ptr).to(tl.int64)
+    if slot >= 0:  # (a graph's padding slot -1 writes nothing)
+        k_row = rows == 0  # the KV head's one row, in the group's [ROWS, BLOCK_D] layout
+        k = _norm_rope_group(qkv_ptr, tok, 0, NUM_HEADS + kvh + rows * 0, k_row, d, d_mask, kw_ptr, eps, c, s,
+                             HEAD_DIM, HALF, HAS_NORM, dt)
+        cdt = cache_ptr.dtype.element_ty
+        blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        k_dst = cache_ptr + blk * stride_cb + off * stride_cs + kvh * stride_ch + rows[:, None] * 0 \
+            + d[None, :] * stride_cd
+        tl.store(k_dst, _to_cache(k, k_scale, cdt, KV_FP8), mask=k_row[:, None] & d_mask[None, :])
+        v = tl.load(qkv_ptr + (NUM_HEADS + NUM_KV_HEADS + kvh) * HEAD_DIM + d, mask=d_mask, other=0.0)
+        v_dst = cache_ptr + v_offset(blk, off, kvh, d, stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
+                                     BLOCK_SIZE, V_T)
+        tl.store(v_dst, _to_cache(v, v_scale, cdt, KV_FP8), mask=d_mask)
+    tl.debug_barrier()  # the CTA's K / V stores ordered before its tile loads read them back
+    decode_split_attend(
+        q, zero, kvh, zero, tok, seq_len, heads, row_valid, d, d_mask, cache_ptr, bt_ptr, attn_ptr, attn_ptr,
+        attn_ptr, slot_ptr, scale_log2, 0, 1, k_scale, v_scale,
+        stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, 0, NUM_HEADS * HEAD_DIM, HEAD_DIM, 1,
+        NUM_HEADS, ROWS, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, True, DOT_PRECISION, KV_FP8, False, False, FP8_TILE,
+        V_T,
+    )
+
+
+@triton.jit(do_not_specialize=["num_programs"])
+def _decode_layer_kernel(
+    h_ptr, ln1_ptr, wqkv_ptr, bqkv_ptr, qw_ptr, kw_ptr, wo_ptr, bo_ptr, ln2_ptr, wgu_ptr, bgu_ptr, wd_ptr, bd_ptr,
+    pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr,
+    qkv_ptr, attn_ptr, h2_ptr, gu_ptr, out_ptr, bar_ptr,
+    num_programs, eps, qk_eps, scale_log2, k_scale, v_scale, stride_cos, stride_sin,
+    stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
+    HIDDEN: tl.constexpr, INTER: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    R_QKV: tl.constexpr, K_QKV: tl.constexpr, P_QKV: tl.constexpr, R_O: tl.constexpr, K_O: tl.constexpr,
+    P_O: tl.constexpr, R_GU: tl.constexpr, K_GU: tl.constexpr, P_GU: tl.constexpr, R_D: tl.constexpr,
+    K_D: tl.constexpr, P_D: tl.constexpr,
+    HAS_QKV_BIAS: tl.constexpr, HAS_O_BIAS: tl.constexpr, HAS_MLP_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr,
+    V_T: tl.constexpr, PREFETCH: tl.constexpr, PHASE_LO: tl.constexpr, PHASE_HI: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
+):
+    """The layer's phases PHASE_LO..PHASE_HI (module docstring), a barrier between consecutive ones. R_* / K_* /
+    P_*: each GEMV phase's rows a block, columns a streamed tile and columns preloaded before its barrier."""
+    pid = tl.program_id(0)
+    QKV_N: tl.constexpr = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
+    Q_DIM: tl.constexpr = NUM_HEADS * HEAD_DIM
+    w_pre = 0.0
+    if PHASE_LO <= 0 and PHASE_HI >= 0:
+        w_pre = _preload(wqkv_ptr, QKV_N, HIDDEN, pid, R_QKV, P_QKV)
+    gdc_wait(USE_GDC)  # h is the previous layer's output (and the metadata the step's inputs)
+    if PHASE_LO <= 0 and PHASE_HI >= 0:
+        inv = _inv_rms(h_ptr, HIDDEN, eps, BLOCK_H)
+        _gemv_phase(h_ptr, ln1_ptr, inv, wqkv_ptr, bqkv_ptr, h_ptr, qkv_ptr, QKV_N, HIDDEN, pid, num_programs,
+                    w_pre, False, True, HAS_QKV_BIAS, False, R_QKV, K_QKV, P_QKV, PREFETCH)
+    if PHASE_LO <= 0 and PHASE_HI >= 1:
+        _grid_barrier(bar_ptr, num_programs)
+    if PHASE_LO <= 1 and PHASE_HI >= 1:
+        for kvh in range(pid, NUM_KV_HEADS, num_programs):
+            _attention_phase(
+                qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr,
+                attn_ptr, qk_eps, scale_log2, k_scale, v_scale, stride_cos, stride_sin,
+                stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, kvh,
+                NUM_HEADS, NUM_KV_HEADS, GROUP, ROWS, HEAD_DIM, HEAD_DIM // 2, BLOCK_D, BLOCK_SIZE, BLOCK_N,
+                HAS_NORM, UPCAST_DOT, DOT_PRECISION, KV_FP8, FP8_TILE, V_T,
+            )
+    if PHASE_LO <= 2 and PHASE_HI >= 2:  # o_proj's first columns: the programs without a KV head at once
+        w_pre = _preload(wo_ptr, HIDDEN, Q_DIM, pid, R_O, P_O)
+    if PHASE_LO <= 1 and PHASE_HI >= 2:
+        _grid_barrier(bar_ptr + 1, num_programs)
+    if PHASE_LO <= 2 and PHASE_HI >= 2:
+        _gemv_phase(attn_ptr, attn_ptr, 1.0, wo_ptr, bo_ptr, h_ptr, h2_ptr, HIDDEN, Q_DIM, pid, num_programs,
+                    w_pre, False, False, HAS_O_BIAS, True, R_O, K_O, P_O, PREFETCH)
+    if PHASE_LO <= 3 and PHASE_HI >= 3:
+        w_pre = _preload(wgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, P_GU)
+    if PHASE_LO <= 2 and PHASE_HI >= 3:
+        _grid_barrier(bar_ptr + 2, num_programs)
+    if PHASE_LO <= 3 and PHASE_HI >= 3:
+        inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
+        _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, bgu_ptr, h2_ptr, gu_ptr, 2 * INTER, HIDDEN, pid, num_programs,
+                    w_pre, False, True, HAS_MLP_BIAS, False, R_GU, K_GU, P_GU, PREFETCH)
+    if PHASE_LO <= 4 and PHASE_HI >= 4:
+        w_pre = _preload(wd_ptr, HIDDEN, INTER, pid, R_D, P_D)
+    if PHASE_LO <= 3 and PHASE_HI >= 4:
+        _grid_barrier(bar_ptr + 3, num_programs)
+    if PHASE_LO <= 4 and PHASE_HI >= 4:
+        _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, bd_ptr, h2_ptr, out_ptr, HIDDEN, INTER, pid, num_programs,
+                    w_pre, True, False, HAS_MLP_BIAS, True, R_D, K_D, P_D, PREFETCH)
+    gdc_trigger_late(USE_GDC)
+
+
+def gemv_phase_tile(n: int, k: int, programs: int, threads: int) -> tuple[int, int, int]:
+    """(rows a block, columns a streamed tile, columns preloaded) of a GEMV phase over n rows of k: the most rows
+    a block (at most 16) that leave the busiest program within 10% of the fewest rows any block size gives (the
+    o / down phases' 1,024 rows over 132 programs: 8, one block each; gate_up's 6,144: 16, three blocks each);
+    ~32 values a thread a streamed tile and ~64 preloaded (the first block's whole row where it fits: 16 B x 8
+    in flight a thread before the barrier opens)."""
+    def busiest(r: int) -> int:
+        return -(-(-(-n // r)) // programs) * r
+
+    fewest = min(busiest(r) for r in (16, 8, 4, 2, 1))
+    rows = next(r for r in (16, 8, 4, 2, 1) if busiest(r) <= 1.1 * fewest)
+    block_k = min(_next_pow2(k), max(64, 32 * threads // rows))
+    pre_k = min(1 << (k.bit_length() - 1), max(64, 64 * threads // rows))  # a power of two <= k
+    return rows, block_k, pre_k
+
+
+class DecodeLayerWeights:
+    """One decoder layer's tensors as the kernel reads them (contiguous rows; biases and q/k norms optional)."""
+
+    __slots__ = ("ln1", "wqkv", "bqkv", "q_norm", "k_norm", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd", "eps",
+                 "qk_eps")
+
+    def __init__(self, ln1, wqkv, wo, ln2, wgu, wd, eps, *, bqkv=None, q_norm=None, k_norm=None, bo=None,
+                 bgu=None, bd=None, qk_eps=None):
+        self.ln1, self.wqkv, self.bqkv, self.wo, self.bo = ln1, wqkv, bqkv, wo, bo
+        self.q_norm, self.k_norm, self.ln2, self.wgu, self.bgu, self.wd, self.bd = q_norm, k_norm, ln2, wgu, bgu, wd, bd
+        self.eps = float(eps)
+        self.qk_eps = float(eps if qk_eps is None else qk_eps)
+
+
+# (device, the launch's constants, programs an SM) whose one-wave check passed: the check compiles (or finds) the
+# kernel once per configuration, not per launch
+_one_wave_checked: set[tuple] = set()
+
+
+def _check_one_wave(key: tuple, kernel, programs_per_sm: int, num_warps: int) -> None:
+    """Raise unless programs_per_sm programs of the compiled kernel fit an SM together (shared memory, warps;
+    registers are capped at launch), so that the grid barrier opens."""
+    shared = kernel.metadata.shared
+    if programs_per_sm * shared > SMEM_PER_SM or programs_per_sm * num_warps > MAX_WARPS_PER_SM:
+        raise ValueError(f"decode_layer: {programs_per_sm} programs an SM of {num_warps} warps and {shared} B of "
+                         "shared memory cannot all be resident; the grid barrier would never open")
+    _one_wave_checked.add(key)
+
+
+def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor, cos_cache: torch.Tensor,
+                 sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_heads: int,
+                 num_kv_heads: int, barriers: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0,
+                 programs_per_sm: int = 1, num_warps: int = 8, one_launch: bool | None = None,
+                 num_programs: int | None = None, pdl: bool | None = None, fp8_path: str = "convert") -> torch.Tensor:
+    """The decoder layer for one token: h [1, HIDDEN] (the whole residual stream) -> the next one [1, HIDDEN];
+    K / V of the token go to the cache at slot_mapping[0]. barriers: BARRIERS_PER_LAYER int32 counters, zero
+    (one_launch). one_launch (None: on a GPU outside the interpreter) runs every phase in one launch of
+    num_programs programs (None: programs_per_sm x SMs); else one launch a phase. No host syncs: CUDA-graph
+    safe once compiled."""
+    hidden = h.shape[-1]
+    if h.numel() != hidden:
+        raise ValueError(f"decode_layer takes one row, got {tuple(h.shape)}")
+    head_dim = kv_cache.shape[-1]
+    inter = w.wd.shape[1]
+    if w.wqkv.shape != ((num_heads + 2 * num_kv_heads) * head_dim, hidden) or w.wo.shape != (hidden,
+                                                                                                num_heads * head_dim):
+        raise ValueError("decode_layer: the QKV / o weights do not match the heads and the hidden size")
+    if w.wgu.shape != (2 * inter, hidden) or w.wd.shape != (hidden, inter):
+        raise ValueError("decode_layer: the gate/up and down weights do not match")
+    if barriers.dtype != torch.int32 or barriers.numel() < BARRIERS_PER_LAYER:
+        raise ValueError(f"decode_layer needs {BARRIERS_PER_LAYER} int32 barrier counters")
+    dev, dt = h.device, h.dtype
+    if one_launch is None:
+        one_launch = h.is_cuda and not interpreting()
+    sms = _num_sms(dev.index) if h.is_cuda else 4
+    num_programs = num_programs or programs_per_sm * sms
+    if one_launch and num_programs > programs_per_sm * sms:
+        raise ValueError(f"decode_layer: {num_programs} programs are more than one wave of {programs_per_sm} an SM")
+    qkv = torch.empty(w.wqkv.shape[0], dtype=dt, device=dev)
+    attn = torch.empty(num_heads * head_dim, dtype=dt, device=dev)
+    h2 = torch.empty(hidden, dtype=dt, device=dev)
+    gu = torch.empty(2 * inter, dtype=dt, device=dev)
+    out = torch.empty_like(h)
+    group = num_heads // num_kv_heads
+    has_norm = w.q_norm is not None
+    cap = max_registers(programs_per_sm, num_warps) if h.is_cuda else None
+    gdc = gdc_kwargs(h, pdl, programs=num_programs, num_warps=num_warps) if one_launch else {"USE_GDC": False}
+    args = (
+        h, w.ln1, w.wqkv, w.bqkv if w.bqkv is not None else w.wqkv, w.q_norm if has_norm else h,
+        w.k_norm if has_norm else h, w.wo, w.bo if w.bo is not None else w.wo, w.ln2, w.wgu,
+        w.bgu if w.bgu is not None else w.wgu, w.wd, w.bd if w.bd is not None else w.wd,
+        positions, cos_cache, sin_cache, slot_mapping, kv_cache, block_tables, seq_lens,
+        qkv, attn, h2, gu, out, barriers,
+        num_programs, w.eps, w.qk_eps, scale * _LOG2E, float(k_scale), float(v_scale),
+        cos_cache.stride(0), sin_cache.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
+    )
+    consts = dict(
+        HIDDEN=hidden, INTER=inter, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
+        ROWS=max(16, _next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)),
+        BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=ATTENTION_BLOCK_N,
+        BLOCK_H=_next_pow2(hidden),
+        HAS_QKV_BIAS=w.bqkv is not None, HAS_O_BIAS=w.bo is not None, HAS_MLP_BIAS=w.bd is not None,
+        HAS_NORM=has_norm, UPCAST_DOT=_upcast_dot(h), DOT_PRECISION=_dot_precision(h), KV_FP8=_is_fp8(kv_cache),
+        FP8_TILE=_fp8_tile(fp8_path, h, kv_cache), V_T=v_transposed(kv_cache), PREFETCH=True,
+        num_warps=num_warps, num_stages=1, **({} if cap is None else {"maxnreg": cap}),
+    )
+    threads = 32 * num_warps
+    for name, n, k in (("QKV", w.wqkv.shape[0], hidden), ("O", hidden, num_heads * head_dim),
+                       ("GU", 2 * inter, hidden), ("D", hidden, inter)):
+        consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = gemv_phase_tile(n, k, num_programs, threads)
+    if one_launch:
+        key = (dev.index, programs_per_sm, dt, kv_cache.dtype, *sorted(consts.items()), *sorted(gdc.items()))
+        if key not in _one_wave_checked:
+            kernel = _decode_layer_kernel.warmup(*args, PHASE_LO=0, PHASE_HI=NUM_PHASES - 1, grid=(num_programs,),
+                                                 **consts, **gdc)
+            _check_one_wave(key, kernel, programs_per_sm, num_warps)
+        _decode_layer_kernel[(num_programs,)](*args, PHASE_LO=0, PHASE_HI=NUM_PHASES - 1, **consts, **gdc)
+    else:
+        for phase in range(NUM_PHASES):
+            _decode_layer_kernel[(num_programs,)](*args, PHASE_LO=phase, PHASE_HI=phase, **consts)
+    return out
+
+
+def decode_layer_ref(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor, cos_cache: torch.Tensor,
+                     sin_cache: torch.Tensor, kv_cache: torch.Tensor, meta, scale: float, num_heads: int,
+                     num_kv_heads: int, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """The plain path's ops composed (rms_norm, the projections, qkv_rope_cache's split / norm / rotary / write,
+    paged attention, SiLU-and-mul): h [1, HIDDEN] -> the next residual stream; writes the cache as it goes."""
+    from meshserve.kernels.attention_ref import paged_attention_ref
+    from meshserve.kernels.triton_ops import qkv_rope_cache_ref, rms_norm_ref, silu_and_mul_ref
+
+    dt = h.dtype
+    qkv = F.linear(rms_norm_ref(h, w.ln1, w.eps), w.wqkv, w.bqkv)
+    q = qkv_rope_cache_ref(qkv, positions, cos_cache, sin_cache, w.q_norm, w.k_norm, w.qk_eps, kv_cache,
+                           meta.slot_mapping, num_heads, num_kv_heads, k_scale, v_scale)
+    attn = paged_attention_ref(q, kv_cache, meta, scale, None, k_scale, v_scale).flatten(1)
+    h2 = (F.linear(attn, w.wo, w.bo).float() + h.float()).to(dt)
+    gu = F.linear(rms_norm_ref(h2, w.ln2, w.eps), w.wgu, w.bgu)
+    return (F.linear(silu_and_mul_ref(gu), w.wd, w.bd).float() + h2.float()).to(dt)

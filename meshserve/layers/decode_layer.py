@@ -1,0 +1,106 @@
+"""Batch-1 decode with each decoder layer in one persistent launch (MESHSERVE_DECODE_LAYER, opt-in).
+
+kernels/triton_decode_layer.py runs a Llama-family layer (RMSNorm, QKV, q/k norm + rotary + KV write, attention,
+o_proj + residual, RMSNorm, gate/up, SiLU-and-mul, down + residual) as five phases of one grid with barriers
+between them. The hidden state between layers is then the whole residual stream, as with the norm fold
+(layers/norm_fold.py): the residual is None coming in and going out, and the model's final norm runs alone.
+
+Where it does not apply, begin returns None and the layers run their usual path: more than one row or more
+than one sequence, a step with prompt tokens, not on a GPU, tensor parallelism or pipeline stages (the model's
+check), quantized projections, layers whose attention or MLP is not Llama's own, a sliding window, an attention
+backend other than Triton's, or weights that are not contiguous rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from meshserve.distributed.parallel_state import get_tp_size
+from meshserve.kernels.attention_metadata import AttentionMetadata
+
+
+@functools.cache
+def _kernels():
+    from meshserve.kernels import triton_decode_layer
+
+    return triton_decode_layer
+
+
+def _rows(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) == t.shape[1]
+
+
+def _layer_fits(layer: nn.Module, dtype: torch.dtype) -> bool:
+    from meshserve.kernels.triton_attention import TritonAttentionBackend
+
+    if not (getattr(layer, "folds_attn_norm", False) and getattr(layer, "folds_mlp_norm", False)):
+        return False
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    cache_layer = attn.attn
+    return (
+        all(not lin.quantized and lin.weight.dtype == dtype and _rows(lin.weight) for lin in linears)
+        and cache_layer.kv_cache is not None
+        and cache_layer.sliding_window is None
+        and isinstance(cache_layer.backend, TritonAttentionBackend)
+        and attn.head_dim & (attn.head_dim - 1) == 0
+    )
+
+
+def layer_weights(layer: nn.Module):
+    """The kernel's view of one LlamaDecoderLayer's tensors."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return _kernels().DecodeLayerWeights(
+        layer.input_layernorm.weight, attn.qkv_proj.weight, attn.o_proj.weight, layer.post_attention_layernorm.weight,
+        mlp.gate_up_proj.weight, mlp.down_proj.weight, layer.input_layernorm.eps,
+        bqkv=attn.qkv_proj.bias, q_norm=None if attn.q_norm is None else attn.q_norm.weight,
+        k_norm=None if attn.k_norm is None else attn.k_norm.weight, bo=attn.o_proj.bias, bgu=mlp.gate_up_proj.bias,
+        bd=mlp.down_proj.bias, qk_eps=None if attn.q_norm is None else attn.q_norm.eps,
+    )
+
+
+class DecodeLayerRun:
+    """One batch-1 decode step through the layer kernel: its barrier counters (zeroed once a step, inside the
+    decode graph when captured) and the launch shape."""
+
+    def __init__(self, num_layers: int, device: torch.device, one_launch: bool, programs_per_sm: int,
+                 num_warps: int):
+        self.barriers = torch.zeros(num_layers, _kernels().BARRIERS_PER_LAYER, dtype=torch.int32, device=device)
+        self.one_launch, self.programs_per_sm, self.num_warps = one_launch, programs_per_sm, num_warps
+        self.index = 0
+
+    @classmethod
+    def begin(cls, hidden: torch.Tensor, layers, meta: AttentionMetadata) -> DecodeLayerRun | None:
+        """The run for this step's layers, or None where the kernel does not apply (see the module docstring)."""
+        if len(layers) == 0 or not getattr(layers[0], "folds_attn_norm", False):
+            return None
+        choice = layers[0].self_attn.qkv_proj.kernels.decode_layer  # the switch first: cheap
+        if choice is None or not hidden.is_cuda or hidden.numel() != hidden.shape[-1] or get_tp_size() > 1:
+            return None
+        if meta.max_query_len != 1 or meta.seq_lens.shape[0] != 1 or meta.graph_bound:
+            return None
+        if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return None
+        if not all(_layer_fits(layer, hidden.dtype) for layer in layers):
+            return None
+        return cls(len(layers), hidden.device, *choice)
+
+    def forward(self, layer: nn.Module, positions: torch.Tensor, hidden: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """The layer's output residual stream from its input one (both [1, hidden])."""
+        attn = layer.self_attn
+        cache_layer = attn.attn
+        out = _kernels().decode_layer(
+            hidden, layer_weights(layer), positions, attn.rotary_emb.cos_cache, attn.rotary_emb.sin_cache,
+            cache_layer.kv_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, cache_layer.scale,
+            attn.num_heads, attn.num_kv_heads, self.barriers[self.index], cache_layer.k_scale, cache_layer.v_scale,
+            programs_per_sm=self.programs_per_sm, num_warps=self.num_warps, one_launch=self.one_launch,
+            fp8_path=cache_layer.backend._fp8_path_for(grid_tile=False),
+        )
+        self.index += 1
+        if cache_layer.after_kv_write is not None:  # K/V were written inside the launch
+            cache_layer.after_kv_write()
+        return out

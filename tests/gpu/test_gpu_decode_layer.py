@@ -1,0 +1,63 @@
+"""MESHSERVE_DECODE_LAYER on the GPU (layers/decode_layer.py): each decoder layer of a batch-1 decode step in one
+persistent launch with grid barriers between its phases.
+
+Greedy tokens with the switch equal those without (fp32: exactly; bf16: up to a near-tie, tests/near_tie.py),
+eager and in CUDA graphs, in one launch a layer and in one launch a phase (the same programs: the same bits);
+the kernel runs (counted) and nothing hangs. The kernel's own GPU tests: tests/kernels/test_triton_decode_layer.py.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tests.near_tie import assert_agree_until_near_tie
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _run(model: str, dtype: str, monkeypatch, switch: str, eager: bool = False):
+    """(outputs, decode_layer calls) of one engine over two prompts; the engine is shut down after."""
+    from meshserve import LLM, SamplingParams
+    from meshserve.kernels import triton_decode_layer
+
+    monkeypatch.delenv("MESHSERVE_ATTENTION_BACKEND", raising=False)
+    monkeypatch.delenv("MESHSERVE_DISABLE_FUSED_OPS", raising=False)
+    monkeypatch.setenv("MESHSERVE_DECODE_LAYER", switch)
+    calls = []
+    real = triton_decode_layer.decode_layer
+    monkeypatch.setattr(triton_decode_layer, "decode_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    llm = LLM(model=model, load_format="dummy", dtype=dtype, max_model_len=4096, enforce_eager=eager,
+              hf_overrides={"num_hidden_layers": 3}, gpu_memory_utilization=0.5, max_num_seqs=8, seed=0)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=2)
+        outs = []
+        for n, seed in ((40, 1), (1500, 2)):  # one attention tile, then twelve
+            rng = random.Random(seed)
+            prompt = {"prompt_token_ids": [rng.randint(0, 10000) for _ in range(n)]}
+            outs.append(llm.generate([prompt], params, use_tqdm=False)[0].outputs[0])
+    finally:
+        llm.shutdown()
+        monkeypatch.setattr(triton_decode_layer, "decode_layer", real)
+    return outs, len(calls)
+
+
+@pytest.mark.parametrize("switch", ["1", "phases", "1:2,8"])
+def test_decode_layer_keeps_fp32_greedy_tokens(switch, monkeypatch):
+    plain, plain_calls = _run("qwen3-0.6b", "float32", monkeypatch, "0")
+    fused, calls = _run("qwen3-0.6b", "float32", monkeypatch, switch)
+    assert plain_calls == 0 and calls > 0
+    for a, b in zip(plain, fused):
+        assert b.token_ids == a.token_ids
+
+
+@pytest.mark.parametrize("eager", [False, True])
+@pytest.mark.parametrize("model", ["qwen3-0.6b", "llama-3.1-8b"])
+def test_decode_layer_keeps_bf16_greedy_tokens_until_a_near_tie(model, eager, monkeypatch):
+    plain, _ = _run(model, "bfloat16", monkeypatch, "0", eager)
+    fused, calls = _run(model, "bfloat16", monkeypatch, "1", eager)
+    assert calls > 0
+    for a, b in zip(plain, fused):
+        assert_agree_until_near_tie(a, b)

@@ -1,0 +1,201 @@
+"""triton_decode_layer.decode_layer (a decoder layer in one launch at batch 1) against decode_layer_ref (the plain
+path's ops composed): the next residual stream and the cache after the step.
+
+Without CUDA the kernel runs in the Triton interpreter, one launch a phase (a grid barrier cannot open there:
+programs run one after another), in fp32 and fp16 on tiny shapes; a subprocess compiles the one-launch kernel,
+barriers included, for sm_90 (tests/kernels/sm90.py). With `-m gpu`: Qwen3-0.6B's layer in bf16, one launch
+against the per-phase launches and the reference, and replayed in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from tests.kernels.sm90 import COMPILE_SM90_PRELUDE, assert_compiles_for_sm90
+
+_HAS_CUDA = torch.cuda.is_available()
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
+
+if importlib.util.find_spec("triton") is not None:
+    from meshserve.kernels.triton_decode_layer import (
+        BARRIERS_PER_LAYER,
+        DecodeLayerWeights,
+        decode_layer,
+        decode_layer_ref,
+    )
+    from tests.kernels.test_triton_decode_fused import fused_case
+
+
+def layer_case(seq_len: int, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int, dtype,
+               qk_norm: bool = True, bias: bool = False, seed: int = 0, device: str = "cpu"):
+    """(h, weights, positions, cos, sin, cache, meta, scale): one decode step of one sequence whose token sits at
+    position seq_len - 1, over a cache of random earlier keys and values."""
+    _, positions, cos, sin, qw, kw, cache, meta, *_ = fused_case(([seq_len], heads, kv_heads, head_dim, 16, None),
+                                                                 dtype, False, qk_norm, seed, device=device)
+    g = torch.Generator().manual_seed(seed + 2)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(dtype).to(device)
+
+    qkv_n = (heads + 2 * kv_heads) * head_dim
+    w = DecodeLayerWeights(
+        1 + rnd(hidden, scale=0.2), rnd(qkv_n, hidden, scale=hidden**-0.5), rnd(hidden, heads * head_dim,
+                                                                                scale=(heads * head_dim) ** -0.5),
+        1 + rnd(hidden, scale=0.2), rnd(2 * inter, hidden, scale=hidden**-0.5), rnd(hidden, inter, scale=inter**-0.5),
+        1e-6, q_norm=qw, k_norm=kw, bqkv=rnd(qkv_n, scale=0.1) if bias else None,
+        bo=rnd(hidden, scale=0.1) if bias else None, bgu=rnd(2 * inter, scale=0.1) if bias else None,
+        bd=rnd(hidden, scale=0.1) if bias else None,
+    )
+    h = rnd(1, hidden, scale=2.0)
+    return h, w, positions, cos, sin, cache, meta, head_dim**-0.5
+
+
+def run_both(case: tuple, dtype, device="cpu", **launch):
+    """(reference out, reference cache, kernel out, kernel cache, cache before, meta)."""
+    seq_len, hidden, heads, kv_heads, head_dim, inter, qk_norm, bias = case
+    h, w, pos, cos, sin, cache, meta, scale = layer_case(seq_len, hidden, heads, kv_heads, head_dim, inter, dtype,
+                                                         qk_norm, bias, seed=seq_len, device=device)
+    ref_cache, got_cache = cache.clone(), cache.clone()
+    expect = decode_layer_ref(h, w, pos, cos, sin, ref_cache, meta, scale, heads, kv_heads)
+    barriers = torch.zeros(BARRIERS_PER_LAYER, dtype=torch.int32, device=device)
+    out = decode_layer(h, w, pos, cos, sin, got_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale,
+                       heads, kv_heads, barriers, **launch)
+    return expect, ref_cache, out, got_cache, cache, meta
+
+
+CASES = [
+    # seq_len, hidden, heads, kv heads, head_dim, intermediate, q/k norm, biases
+    (1, 64, 4, 2, 16, 96, True, False),  # the first token: attention over itself alone
+    (37, 64, 4, 2, 16, 96, True, True),  # Qwen2-style biases, a context inside one 128-token tile
+    (300, 48, 6, 2, 16, 80, False, False),  # GQA 3, no q/k norm (Llama), three tiles; odd row counts
+]
+
+
+@interp
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_layer_matches_reference_interp(case, dtype):
+    expect, ref_cache, out, got_cache, before, meta = run_both(case, dtype, num_programs=3)
+    atol, rtol = (2e-5, 2e-5) if dtype == torch.float32 else (2e-2, 2e-2)
+    torch.testing.assert_close(out, expect, atol=atol, rtol=rtol)
+    torch.testing.assert_close(got_cache, ref_cache, atol=atol, rtol=rtol)
+    slot = int(meta.slot_mapping[0])
+    blk, off = divmod(slot, got_cache.shape[2])
+    assert not torch.equal(got_cache[:, blk, off], before[:, blk, off])  # the token's K / V went in
+    untouched = torch.ones(got_cache.shape[1:3], dtype=torch.bool)
+    untouched[blk, off] = False
+    assert torch.equal(got_cache[:, untouched], before[:, untouched])  # and nothing else
+
+
+@interp
+def test_layer_grid_of_one_program_and_of_more_programs_than_rows_interp():
+    case = CASES[1]
+    a = run_both(case, torch.float32, num_programs=1)[2]
+    b = run_both(case, torch.float32, num_programs=200)[2]  # most programs own no row and no KV head
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+@interp
+def test_layer_rejects_what_it_cannot_run_interp():
+    h, w, pos, cos, sin, cache, meta, scale = layer_case(5, 64, 4, 2, 16, 96, torch.float32)
+    bars = torch.zeros(BARRIERS_PER_LAYER, dtype=torch.int32)
+    args = (pos, cos, sin, cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale)
+    with pytest.raises(ValueError, match="one row"):
+        decode_layer(h.expand(2, -1), w, *args, 4, 2, bars)
+    with pytest.raises(ValueError, match="heads"):
+        decode_layer(h, w, *args, 2, 2, bars)
+    with pytest.raises(ValueError, match="barrier"):
+        decode_layer(h, w, *args, 4, 2, bars[:2])
+    with pytest.raises(ValueError, match="one wave"):
+        decode_layer(h, w, *args, 4, 2, bars, one_launch=True, num_programs=10_000)
+
+
+_COMPILE_SM90 = COMPILE_SM90_PRELUDE + """
+from meshserve.kernels.triton_decode_layer import _decode_layer_kernel, gemv_phase_tile
+sig = {n: "*bf16" for n in _decode_layer_kernel.arg_names if n.endswith("_ptr")}
+sig.update(pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", slot_ptr="*i64", bt_ptr="*i64", seq_lens_ptr="*i64",
+           bar_ptr="*i32", eps="fp32", qk_eps="fp32", scale_log2="fp32", k_scale="fp32", v_scale="fp32",
+           stride_ckv="i64", stride_cb="i64")
+# Qwen3-0.6B's layer, every phase in one launch under PDL's late trigger
+qwen = dict(HIDDEN=1024, INTER=3072, NUM_HEADS=16, NUM_KV_HEADS=8, GROUP=2, ROWS=16, HEAD_DIM=128, BLOCK_D=128,
+            BLOCK_SIZE=16, BLOCK_N=64, BLOCK_H=1024, HAS_QKV_BIAS=False, HAS_O_BIAS=False, HAS_MLP_BIAS=False, HAS_NORM=True, UPCAST_DOT=False,
+            DOT_PRECISION="tf32", KV_FP8=False, FP8_TILE="convert", V_T=False, PREFETCH=False, PHASE_LO=0,
+            PHASE_HI=4, USE_GDC=2)
+for name, n, k in (("QKV", 4096, 1024), ("O", 1024, 2048), ("GU", 6144, 1024), ("D", 1024, 3072)):
+    qwen[f"R_{name}"], qwen[f"K_{name}"], qwen[f"P_{name}"] = gemv_phase_tile(n, k, 132, 256)  # an H200, 8 warps
+k = compile_sm90(_decode_layer_kernel, sig, qwen, 8, 1)
+ptx = k.asm["ptx"]
+# four barriers: a release add each (its result unused: red) and a spin on an acquire load (Triton lowers the
+# add of 0 to one); attention's tensor-core tile; PDL's wait and trigger
+assert ptx.count("red.global.gpu.release.add") == 4 and ptx.count("ld.global.gpu.acquire") == 4
+assert "mma" in ptx and "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+assert k.metadata.shared <= 228 * 1024 // 4  # 22 KB at this writing
+# one program of 8 warps an SM: no register spills (the attention phase at 128-token tiles spilled 280 B)
+import os, subprocess, tempfile
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+if os.path.exists(tool):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        use = subprocess.run([tool, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
+    assert "STACK:0" in use.split(), use
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(_HAS_CUDA, reason="the GPU tests compile the kernels for the real device")
+def test_layer_kernel_compiles_for_sm90_without_gpu():
+    assert_compiles_for_sm90(_COMPILE_SM90)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU (-m gpu): Qwen3-0.6B's layer in bf16
+# ----------------------------------------------------------------------------------------------------------
+QWEN = (None, 1024, 16, 8, 128, 3072, True, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("seq_len", [1, 200, 2000])
+@pytest.mark.parametrize(("programs_per_sm", "num_warps"), [(1, 8), (2, 8), (1, 16)])
+def test_layer_one_launch_matches_phases_and_reference_gpu(seq_len, programs_per_sm, num_warps):
+    case = (seq_len, *QWEN[1:])
+    expect, ref_cache, out, got_cache, _, _ = run_both(case, torch.bfloat16, "cuda", one_launch=True,
+                                                       programs_per_sm=programs_per_sm, num_warps=num_warps)
+    phases = run_both(case, torch.bfloat16, "cuda", one_launch=False, programs_per_sm=programs_per_sm,
+                      num_warps=num_warps)
+    torch.testing.assert_close(out, phases[2], atol=0, rtol=0)  # the same programs' sums: the same bits
+    assert torch.equal(got_cache, phases[3])
+    torch.testing.assert_close(out.float(), expect.float(), atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(got_cache.float(), ref_cache.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
+def test_layer_replays_in_a_cuda_graph_gpu():
+    """Four layers a step, each with its own counters zeroed once a step inside the graph: replays give the
+    eager launch's bits for new inputs."""
+    case = (300, *QWEN[1:])
+    h, w, pos, cos, sin, cache, meta, scale = layer_case(*case[:6], torch.bfloat16, device="cuda")
+    args = (pos, cos, sin, cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale, 16, 8)
+
+    def step(x):
+        bars = torch.zeros(4, BARRIERS_PER_LAYER, dtype=torch.int32, device="cuda")
+        for i in range(4):
+            x = decode_layer(x, w, *args, bars[i])
+        return x
+
+    static_h = h.clone()
+    step(static_h)  # compiles and checks the one wave outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(static_h)
+    for seed in range(3):
+        static_h.copy_(torch.randn(h.shape, generator=torch.Generator().manual_seed(seed)).to(h))
+        graph.replay()
+        torch.testing.assert_close(static_out, step(static_h.clone()), atol=0, rtol=0)

@@ -1,0 +1,93 @@
+"""layers/decode_layer.py: a decoder layer through the one-launch layer kernel equals the plain layer.
+
+On CPU DecodeLayerRun.begin never serves (the kernel is a GPU path), so the tests drive DecodeLayerRun.forward
+with the kernel in the Triton interpreter (one launch a phase) against real LlamaDecoderLayers (Qwen3's q/k
+norms, Qwen2's biases, Llama's plain attention) on the plain path over the Triton attention backend: the
+residual stream after every layer and the caches after the step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from meshserve.kernels.attention_metadata import AttentionMetadata
+from meshserve.layers.backend_selection import KernelSelection
+from meshserve.layers.decode_layer import DecodeLayerRun, _layer_fits
+from meshserve.layers.rotary import RotaryEmbedding
+from meshserve.models.llama import LlamaDecoderLayer
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.cuda.is_available(),
+                                reason="the Triton interpreter runs here only without CUDA")
+
+BLOCK = 16
+
+
+def _config(model_type: str):
+    extra = {"attention_bias": True} if model_type == "qwen2" else {}
+    return AutoConfig.for_model(model_type, vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                max_position_embeddings=512, rms_norm_eps=1e-5, **extra)
+
+
+def _layers(model_type: str, seq_len: int, seed: int = 0):
+    """Two layers with random weights over random caches, and one sequence's decode metadata at seq_len."""
+    from meshserve.kernels.triton_attention import TritonAttentionBackend
+
+    torch.manual_seed(seed)
+    cfg = _config(model_type)
+    rotary = RotaryEmbedding(cfg, 16, 512)
+    layers = [LlamaDecoderLayer(cfg, rotary) for _ in range(2)]
+    blocks = -(-seq_len // BLOCK) + 1
+    backend = TritonAttentionBackend()
+    for layer in layers:
+        for name, p in layer.named_parameters():
+            with torch.no_grad():
+                p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+        layer.self_attn.attn.backend = backend
+        layer.self_attn.attn.kv_cache = torch.randn(2, blocks, BLOCK, 2, 16)
+    table = torch.arange(1, blocks, dtype=torch.int64)[None]  # block 0 belongs to no one
+    last = seq_len - 1
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([int(table[0, last // BLOCK]) * BLOCK + last % BLOCK]),
+        query_start_loc=torch.tensor([0, 1]), seq_lens=torch.tensor([seq_len]), block_tables=table,
+        max_query_len=1, max_seq_len=seq_len, query_start_loc_cpu=[0, 1], seq_lens_cpu=[seq_len],
+    )
+    return layers, meta, torch.tensor([last])
+
+
+@pytest.mark.parametrize(("model_type", "seq_len"), [("qwen3", 1), ("qwen3", 140), ("qwen2", 37), ("llama", 70)])
+def test_layer_kernel_equals_the_plain_layers_interp(model_type, seq_len):
+    layers, meta, positions = _layers(model_type, seq_len)
+    x = torch.randn(1, 64)
+    caches = [layer.self_attn.attn.kv_cache.clone() for layer in layers]
+    assert all(_layer_fits(layer, torch.float32) for layer in layers)
+
+    hidden, residual, plain = x, None, []
+    for layer in layers:
+        hidden, residual = layer(positions, hidden, residual, meta)
+        plain.append(hidden + residual)  # the whole residual stream after the layer
+    plain_caches = [layer.self_attn.attn.kv_cache for layer in layers]
+
+    for layer, cache in zip(layers, caches):
+        layer.self_attn.attn.kv_cache = cache
+    run = DecodeLayerRun(len(layers), x.device, one_launch=False, programs_per_sm=1, num_warps=4)
+    hidden = x
+    for layer, expect in zip(layers, plain):
+        hidden = run.forward(layer, positions, hidden, meta)
+        torch.testing.assert_close(hidden, expect, atol=3e-5, rtol=3e-5)
+    for got, expect in zip(caches, plain_caches):
+        torch.testing.assert_close(got, expect, atol=3e-5, rtol=3e-5)
+
+
+def test_begin_serves_only_one_row_decode_on_a_gpu_interp():
+    layers, meta, _ = _layers("qwen3", 20)
+    for layer in layers:
+        layer.self_attn.qkv_proj.kernels = KernelSelection(decode_layer=(True, 1, 8))
+    assert DecodeLayerRun.begin(torch.randn(1, 64), layers, meta) is None  # a CPU row: the plain path
+    layers[1].self_attn.attn.sliding_window = 8
+    assert not _layer_fits(layers[1], torch.float32) and _layer_fits(layers[0], torch.float32)
+    assert not _layer_fits(layers[0], torch.bfloat16)  # the weights' dtype is the row's

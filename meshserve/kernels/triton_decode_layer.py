@@ -51,12 +51,14 @@ from meshserve.kernels.triton_attention import (
     _num_sms,
     _upcast_dot,
     decode_split_attend,
+    decode_split_tiles,
 )
 from meshserve.kernels.triton_attention_tile import dot_query
 from meshserve.kernels.triton_decode_balanced import max_registers
 from meshserve.kernels.triton_decode_fused import _norm_rope_group
 from meshserve.kernels.triton_gemv import _row_x, _stream_rows
 from meshserve.kernels.triton_kv_layout import v_offset
+from meshserve.kernels.tickets import ticket_workspace, tickets_usable
 from meshserve.kernels.triton_ops import _to_cache
 
 NUM_PHASES = 5
@@ -66,6 +68,7 @@ MAX_WARPS_PER_SM = 64
 # KV tokens a tile in the attention phase: 128 (the split kernel's) took 255 registers a thread and spilled 280 B
 # at 8 warps (one stage, q and K built in the same program); 64 takes 228 and none (sm_90, static)
 ATTENTION_BLOCK_N = 64
+MAX_ATTN_SPLITS = 8
 
 
 @triton.jit
@@ -137,19 +140,23 @@ def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, b_ptr, res_ptr, y_ptr, N, K, pid,
 @triton.jit
 def _attention_phase(
     qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr, attn_ptr,
-    eps, scale_log2, k_scale, v_scale, stride_cos, stride_sin,
-    stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, kvh,
+    ws_acc_ptr, ws_ml_ptr, ticket_ptr, eps, scale_log2, k_scale, v_scale, stride_cos, stride_sin,
+    stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, kvh, split,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_NORM: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr, V_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, HAS_NORM: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr, V_T: tl.constexpr,
 ):
-    """KV head kvh of the one token: its GQA group's q rows and its K row normed and rotated
-    (_norm_rope_group: the prologue kernel's roundings), K / V written to the token's slot, then attention over
-    the cache as the split kernel's one split walks it, the output straight to attn [NUM_HEADS * HEAD_DIM]."""
+    """Split `split` of KV head kvh for the one token: its GQA group's q rows normed and rotated
+    (_norm_rope_group: the prologue kernel's roundings); the split whose tiles hold the token's position writes
+    its K / V to the slot (triton_decode_fused's rule: no other split reads that slot); then the split's KV tiles
+    as the split kernel walks them, one split straight to attn [NUM_HEADS * HEAD_DIM], more merged by the last
+    to finish (decode_split_attend's inline reduce, a ticket a KV head)."""
     zero = kvh * 0
     tok = zero.to(tl.int64)
     seq_len = tl.load(seq_lens_ptr)
+    _, _, _, tile_lo, tile_hi, per_split = decode_split_tiles(seq_len, 0, SPLITS, split, False, BLOCK_N)
+    writer = tl.maximum(tile_hi - 1 - tile_lo, 0) // tl.maximum(per_split, 1)
     pos = tl.load(pos_ptr).to(tl.int64)
     dt = qkv_ptr.dtype.element_ty
     rows = tl.arange(0, ROWS)
@@ -163,7 +170,7 @@ def _attention_phase(
                          dt)
     q = dot_query(q, UPCAST_DOT, KV_FP8)
     slot = tl.load(slot_ptr).to(tl.int64)
-    if slot >= 0:  # (a graph's padding slot -1 writes nothing)
+    if (slot >= 0) & (split == writer):  # (a graph's padding slot -1 writes nothing)
         k_row = rows == 0  # the KV head's one row, in the group's [ROWS, BLOCK_D] layout
         k = _norm_rope_group(qkv_ptr, tok, 0, NUM_HEADS + kvh + rows * 0, k_row, d, d_mask, kw_ptr, eps, c, s,
                              HEAD_DIM, HALF, HAS_NORM, dt)
@@ -178,11 +185,11 @@ def _attention_phase(
         tl.store(v_dst, _to_cache(v, v_scale, cdt, KV_FP8), mask=d_mask)
     tl.debug_barrier()  # the CTA's K / V stores ordered before its tile loads read them back
     decode_split_attend(
-        q, zero, kvh, zero, tok, seq_len, heads, row_valid, d, d_mask, cache_ptr, bt_ptr, attn_ptr, attn_ptr,
-        attn_ptr, slot_ptr, scale_log2, 0, 1, k_scale, v_scale,
+        q, zero, kvh, split, tok, seq_len, heads, row_valid, d, d_mask, cache_ptr, bt_ptr, attn_ptr, ws_acc_ptr,
+        ws_ml_ptr, ticket_ptr, scale_log2, 0, SPLITS, k_scale, v_scale,
         stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, 0, NUM_HEADS * HEAD_DIM, HEAD_DIM, 1,
-        NUM_HEADS, ROWS, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, True, DOT_PRECISION, KV_FP8, False, False, FP8_TILE,
-        V_T,
+        NUM_HEADS, ROWS, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, SPLITS == 1, DOT_PRECISION, KV_FP8, False, SPLITS > 1,
+        FP8_TILE, V_T,
     )
 
 
@@ -190,12 +197,12 @@ def _attention_phase(
 def _decode_layer_kernel(
     h_ptr, ln1_ptr, wqkv_ptr, bqkv_ptr, qw_ptr, kw_ptr, wo_ptr, bo_ptr, ln2_ptr, wgu_ptr, bgu_ptr, wd_ptr, bd_ptr,
     pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr,
-    qkv_ptr, attn_ptr, h2_ptr, gu_ptr, out_ptr, bar_ptr,
+    qkv_ptr, attn_ptr, h2_ptr, gu_ptr, out_ptr, bar_ptr, ws_acc_ptr, ws_ml_ptr, ticket_ptr,
     num_programs, eps, qk_eps, scale_log2, k_scale, v_scale, stride_cos, stride_sin,
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
     HIDDEN: tl.constexpr, INTER: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, ATTN_SPLITS: tl.constexpr,
     R_QKV: tl.constexpr, K_QKV: tl.constexpr, P_QKV: tl.constexpr, R_O: tl.constexpr, K_O: tl.constexpr,
     P_O: tl.constexpr, R_GU: tl.constexpr, K_GU: tl.constexpr, P_GU: tl.constexpr, R_D: tl.constexpr,
     K_D: tl.constexpr, P_D: tl.constexpr,
@@ -220,13 +227,13 @@ def _decode_layer_kernel(
     if PHASE_LO <= 0 and PHASE_HI >= 1:
         _grid_barrier(bar_ptr, num_programs)
     if PHASE_LO <= 1 and PHASE_HI >= 1:
-        for kvh in range(pid, NUM_KV_HEADS, num_programs):
+        for job in range(pid, NUM_KV_HEADS * ATTN_SPLITS, num_programs):
             _attention_phase(
                 qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr,
-                attn_ptr, qk_eps, scale_log2, k_scale, v_scale, stride_cos, stride_sin,
-                stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, kvh,
-                NUM_HEADS, NUM_KV_HEADS, GROUP, ROWS, HEAD_DIM, HEAD_DIM // 2, BLOCK_D, BLOCK_SIZE, BLOCK_N,
-                HAS_NORM, UPCAST_DOT, DOT_PRECISION, KV_FP8, FP8_TILE, V_T,
+                attn_ptr, ws_acc_ptr, ws_ml_ptr, ticket_ptr, qk_eps, scale_log2, k_scale, v_scale, stride_cos,
+                stride_sin, stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd, job // ATTN_SPLITS,
+                job % ATTN_SPLITS, NUM_HEADS, NUM_KV_HEADS, GROUP, ROWS, HEAD_DIM, HEAD_DIM // 2, BLOCK_D,
+                BLOCK_SIZE, BLOCK_N, ATTN_SPLITS, HAS_NORM, UPCAST_DOT, DOT_PRECISION, KV_FP8, FP8_TILE, V_T,
             )
     if PHASE_LO <= 2 and PHASE_HI >= 2:  # o_proj's first columns: the programs without a KV head at once
         w_pre = _preload(wo_ptr, HIDDEN, Q_DIM, pid, R_O, P_O)
@@ -251,6 +258,12 @@ def _decode_layer_kernel(
         _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, bd_ptr, h2_ptr, out_ptr, HIDDEN, INTER, pid, num_programs,
                     w_pre, True, False, HAS_MLP_BIAS, True, R_D, K_D, P_D, PREFETCH)
     gdc_trigger_late(USE_GDC)
+
+
+def attention_splits(num_programs: int, num_kv_heads: int) -> int:
+    """KV splits a KV head in the attention phase: the grid's programs over the KV heads, at most
+    MAX_ATTN_SPLITS (the last split merges every split's partial; W1's contexts, <= 384 tokens, are 6 tiles)."""
+    return max(1, min(MAX_ATTN_SPLITS, num_programs // num_kv_heads))
 
 
 def gemv_phase_tile(n: int, k: int, programs: int, threads: int) -> tuple[int, int, int]:
@@ -303,12 +316,14 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_heads: int,
                  num_kv_heads: int, barriers: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0,
                  programs_per_sm: int = 1, num_warps: int = 8, one_launch: bool | None = None,
-                 num_programs: int | None = None, pdl: bool | None = None, fp8_path: str = "convert") -> torch.Tensor:
+                 num_programs: int | None = None, attn_splits: int | None = None, pdl: bool | None = None,
+                 fp8_path: str = "convert") -> torch.Tensor:
     """The decoder layer for one token: h [1, HIDDEN] (the whole residual stream) -> the next one [1, HIDDEN];
     K / V of the token go to the cache at slot_mapping[0]. barriers: BARRIERS_PER_LAYER int32 counters, zero
     (one_launch). one_launch (None: on a GPU outside the interpreter) runs every phase in one launch of
-    num_programs programs (None: programs_per_sm x SMs); else one launch a phase. No host syncs: CUDA-graph
-    safe once compiled."""
+    num_programs programs (None: programs_per_sm x SMs); else one launch a phase. attn_splits: KV splits a KV
+    head in the attention phase (None: attention_splits). No host syncs: CUDA-graph safe once compiled (the
+    tickets of the splits' merge are made outside any capture: tickets_usable)."""
     hidden = h.shape[-1]
     if h.numel() != hidden:
         raise ValueError(f"decode_layer takes one row, got {tuple(h.shape)}")
@@ -334,6 +349,13 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
     gu = torch.empty(2 * inter, dtype=dt, device=dev)
     out = torch.empty_like(h)
     group = num_heads // num_kv_heads
+    splits = attn_splits or attention_splits(num_programs, num_kv_heads)
+    block_d = max(16, _next_pow2(head_dim))
+    if splits > 1 and not tickets_usable(dev):
+        splits = 1  # first met inside a capture: the engine's eager warm-up runs before it, with the tickets
+    ws_acc = torch.empty((num_heads * splits, block_d) if splits > 1 else (1,), dtype=torch.float32, device=dev)
+    ws_ml = torch.empty((num_heads * splits, 2) if splits > 1 else (1,), dtype=torch.float32, device=dev)
+    tickets = ticket_workspace(dev) if splits > 1 else barriers
     has_norm = w.q_norm is not None
     cap = max_registers(programs_per_sm, num_warps) if h.is_cuda else None
     gdc = gdc_kwargs(h, pdl, programs=num_programs, num_warps=num_warps) if one_launch else {"USE_GDC": False}
@@ -342,14 +364,14 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         w.k_norm if has_norm else h, w.wo, w.bo if w.bo is not None else w.wo, w.ln2, w.wgu,
         w.bgu if w.bgu is not None else w.wgu, w.wd, w.bd if w.bd is not None else w.wd,
         positions, cos_cache, sin_cache, slot_mapping, kv_cache, block_tables, seq_lens,
-        qkv, attn, h2, gu, out, barriers,
+        qkv, attn, h2, gu, out, barriers, ws_acc, ws_ml, tickets,
         num_programs, w.eps, w.qk_eps, scale * _LOG2E, float(k_scale), float(v_scale),
         cos_cache.stride(0), sin_cache.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
     )
     consts = dict(
         HIDDEN=hidden, INTER=inter, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
-        ROWS=max(16, _next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)),
+        ROWS=max(16, _next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d, ATTN_SPLITS=splits,
         BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=ATTENTION_BLOCK_N,
         BLOCK_H=_next_pow2(hidden),
         HAS_QKV_BIAS=w.bqkv is not None, HAS_O_BIAS=w.bo is not None, HAS_MLP_BIAS=w.bd is not None,

@@ -79,8 +79,9 @@ CASES = [
 @interp
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_layer_matches_reference_interp(case, dtype):
-    expect, ref_cache, out, got_cache, before, meta = run_both(case, dtype, num_programs=3)
+@pytest.mark.parametrize("attn_splits", [1, 3])  # 3: the KV split holding the token writes it, the last merges
+def test_layer_matches_reference_interp(case, dtype, attn_splits):
+    expect, ref_cache, out, got_cache, before, meta = run_both(case, dtype, num_programs=3, attn_splits=attn_splits)
     atol, rtol = (2e-5, 2e-5) if dtype == torch.float32 else (2e-2, 2e-2)
     torch.testing.assert_close(out, expect, atol=atol, rtol=rtol)
     torch.testing.assert_close(got_cache, ref_cache, atol=atol, rtol=rtol)
@@ -119,17 +120,18 @@ _COMPILE_SM90 = COMPILE_SM90_PRELUDE + """
 from meshserve.kernels.triton_decode_layer import _decode_layer_kernel, gemv_phase_tile
 sig = {n: "*bf16" for n in _decode_layer_kernel.arg_names if n.endswith("_ptr")}
 sig.update(pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", slot_ptr="*i64", bt_ptr="*i64", seq_lens_ptr="*i64",
-           bar_ptr="*i32", eps="fp32", qk_eps="fp32", scale_log2="fp32", k_scale="fp32", v_scale="fp32",
+           bar_ptr="*i32", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32", ticket_ptr="*i32", eps="fp32", qk_eps="fp32", scale_log2="fp32", k_scale="fp32", v_scale="fp32",
            stride_ckv="i64", stride_cb="i64")
 # Qwen3-0.6B's layer, every phase in one launch under PDL's late trigger
 qwen = dict(HIDDEN=1024, INTER=3072, NUM_HEADS=16, NUM_KV_HEADS=8, GROUP=2, ROWS=16, HEAD_DIM=128, BLOCK_D=128,
-            BLOCK_SIZE=16, BLOCK_N=64, BLOCK_H=1024, HAS_QKV_BIAS=False, HAS_O_BIAS=False, HAS_MLP_BIAS=False, HAS_NORM=True, UPCAST_DOT=False,
+            BLOCK_SIZE=16, BLOCK_N=64, BLOCK_H=1024, ATTN_SPLITS=8, HAS_QKV_BIAS=False, HAS_O_BIAS=False, HAS_MLP_BIAS=False, HAS_NORM=True, UPCAST_DOT=False,
             DOT_PRECISION="tf32", KV_FP8=False, FP8_TILE="convert", V_T=False, PREFETCH=False, PHASE_LO=0,
             PHASE_HI=4, USE_GDC=2)
 for name, n, k in (("QKV", 4096, 1024), ("O", 1024, 2048), ("GU", 6144, 1024), ("D", 1024, 3072)):
     qwen[f"R_{name}"], qwen[f"K_{name}"], qwen[f"P_{name}"] = gemv_phase_tile(n, k, 132, 256)  # an H200, 8 warps
 k = compile_sm90(_decode_layer_kernel, sig, qwen, 8, 1)
 ptx = k.asm["ptx"]
+# (the attention phase's eight KV splits a KV head merge inline: the tickets' acq_rel atomics besides)
 # four barriers: a release add each (its result unused: red) and a spin on an acquire load (Triton lowers the
 # add of 0 to one); attention's tensor-core tile; PDL's wait and trigger
 assert ptx.count("red.global.gpu.release.add") == 4 and ptx.count("ld.global.gpu.acquire") == 4

@@ -16,7 +16,9 @@
 #                                                             MESHSERVE_DECODE_LAYER, kernels/triton_decode_layer.py:
 #                                                             its GPU tests under a short limit (a barrier that never
 #                                                             opens hangs), then W1 Qwen3-0.6B default / one launch a
-#                                                             layer / one launch a phase, two processes each)
+#                                                             layer (8 warps; 4: 2 programs' registers fit an SM, so
+#                                                             PDL can start the next layer early) / one launch a
+#                                                             phase, two processes each)
 # W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
 # W2_8B, W2_QWEN or W2_BF16 (default each "DECODE_BALANCED=0": the split kernel, the default before the thirty-ninth
 # session; e.g. W2_8B="FP8_GEMM=triton DECODE_BALANCED=5"); PER_SM: the kernel timing's programs an SM (default
@@ -75,8 +77,8 @@ PY
         tests/kernels/test_triton_decode_layer.py) && \
       (OUT=$OUT/layer_engine LIMIT=${LAYER_ENGINE_LIMIT:-150} bash tools/gpu_tests_device.sh \
         tests/gpu/test_gpu_decode_layer.py) && \
-      (OUT=$OUT/layer_w1 JOBS="qwen:default qwen:DECODE_LAYER=1 qwen:DECODE_LAYER=phases" REPEAT=2 \
-        BUDGET=${LAYER_BUDGET:-200} bash tools/w1_ab_device.sh 2>&1 | tail -5) ;;
+      (OUT=$OUT/layer_w1 JOBS="qwen:default qwen:DECODE_LAYER=1 qwen:DECODE_LAYER=1:1,4 qwen:DECODE_LAYER=phases" \
+        REPEAT=2 BUDGET=${LAYER_BUDGET:-240} bash tools/w1_ab_device.sh 2>&1 | tail -6) ;;
     *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace, layer; got $part"; exit 1 ;;
   esac
 done

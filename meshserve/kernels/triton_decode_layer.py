@@ -1,27 +1,29 @@
 """A whole decoder layer of a small dense model in one launch at batch 1: its steps as phases of one
 persistent grid, a grid barrier between phases where the plain path has a kernel boundary (opt-in).
 
-Why: W1 Qwen3-0.6B runs ~31 us a layer against 7.4 us of weight bytes (BENCHMARKS.md, twenty-second session),
+Why: W1 Qwen3-0.6B runs ~31 us a layer against 7.4 us of weight bytes (BENCHMARKS.md, twenty-third session),
 in six launches (four fold GEMVs, the prologue, attention): what is left is the boundaries. A barrier inside
 one launch costs an atomic and a spin on L2 where a boundary costs the grid's drain and the next one's start.
 The phases, every intermediate rounded where the plain path rounds it:
   0  qkv = W_qkv rms_norm(h)                  every program norms the whole row itself (1-2 K values)
-  1  per KV head: q / k RMSNorm + rotary, the token's K / V to the cache, attention over the cache
-     (triton_decode_fused's prologue and the split kernel's walk; one program a KV head, one split)
+  1  per KV head and KV split: q / k RMSNorm + rotary, the token's K / V to the cache, attention over the
+     split's tiles, the last split to finish merging (triton_decode_fused's prologue, the split kernel's walk
+     and inline reduce; up to MAX_ATTN_SPLITS a KV head)
   2  h2 = h + W_o attn
   3  gate_up = W_gu rms_norm(h2)
   4  out = h2 + W_down silu(gate) * up
 Each GEMV phase is a grid-stride loop over row blocks through triton_gemv._stream_rows (its K order, so its
 sums), and each program's first block's first columns load before the barrier the phase waits on (before PDL's
-wait for the QKV phase): weights stream while the previous phase and the barrier finish (gemv_phase_tile). The input h is the whole residual stream and so is the output (the norm fold's convention,
-layers/norm_fold.py): the residual add happens in phases 2 and 4.
+wait for the QKV phase; o_proj's after the program's attention work): weights stream while the previous phase
+and the barrier finish (gemv_phase_tile). The input h is the whole residual stream and so is the output (the
+norm fold's convention, layers/norm_fold.py): the residual add happens in phases 2 and 4.
 
 The barrier (``_grid_barrier``): each program's threads meet (bar.sync), one thread adds 1 to the phase's int32
 counter with release semantics and spins on it with acquire until every program has arrived. The counters are
 zero when the launch starts (the caller zeroes a step's counters once, inside the decode graph) and one counter
 serves one boundary of one layer, so nothing is reused within a step. Data another program wrote in an earlier
-phase is read after the acquire and for the first time in the launch (each buffer is written once per launch),
-so no stale L1 line can be read.
+phase is read after the acquire (the PTX model's release / acquire pattern, bar.sync carrying it to the CTA's
+other threads, as cooperative groups' grid sync) and each buffer is written once a launch.
 
 It needs every program resident at once: the grid is programs_per_sm x SMs at a register cap that fits them
 (triton_decode_balanced.max_registers), and the launch checks the compiled kernel's shared memory against the
@@ -66,7 +68,7 @@ BARRIERS_PER_LAYER = NUM_PHASES - 1
 SMEM_PER_SM = 228 * 1024  # sm_90: what its programs' shared memory may add up to (the L1 carve-out's maximum)
 MAX_WARPS_PER_SM = 64
 # KV tokens a tile in the attention phase: 128 (the split kernel's) took 255 registers a thread and spilled 280 B
-# at 8 warps (one stage, q and K built in the same program); 64 takes 228 and none (sm_90, static)
+# at 8 warps (one stage, q and K built in the same program); 64 takes 211-228 and none (sm_90, static)
 ATTENTION_BLOCK_N = 64
 MAX_ATTN_SPLITS = 8
 
@@ -206,7 +208,8 @@ def _decode_layer_kernel(
     R_QKV: tl.constexpr, K_QKV: tl.constexpr, P_QKV: tl.constexpr, R_O: tl.constexpr, K_O: tl.constexpr,
     P_O: tl.constexpr, R_GU: tl.constexpr, K_GU: tl.constexpr, P_GU: tl.constexpr, R_D: tl.constexpr,
     K_D: tl.constexpr, P_D: tl.constexpr,
-    HAS_QKV_BIAS: tl.constexpr, HAS_O_BIAS: tl.constexpr, HAS_MLP_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
+    HAS_QKV_BIAS: tl.constexpr, HAS_O_BIAS: tl.constexpr, HAS_GU_BIAS: tl.constexpr, HAS_D_BIAS: tl.constexpr,
+    HAS_NORM: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr,
     V_T: tl.constexpr, PREFETCH: tl.constexpr, PHASE_LO: tl.constexpr, PHASE_HI: tl.constexpr,
     USE_GDC: tl.constexpr = False,
@@ -249,14 +252,14 @@ def _decode_layer_kernel(
     if PHASE_LO <= 3 and PHASE_HI >= 3:
         inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
         _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, bgu_ptr, h2_ptr, gu_ptr, 2 * INTER, HIDDEN, pid, num_programs,
-                    w_pre, False, True, HAS_MLP_BIAS, False, R_GU, K_GU, P_GU, PREFETCH)
+                    w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU, PREFETCH)
     if PHASE_LO <= 4 and PHASE_HI >= 4:
         w_pre = _preload(wd_ptr, HIDDEN, INTER, pid, R_D, P_D)
     if PHASE_LO <= 3 and PHASE_HI >= 4:
         _grid_barrier(bar_ptr + 3, num_programs)
     if PHASE_LO <= 4 and PHASE_HI >= 4:
         _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, bd_ptr, h2_ptr, out_ptr, HIDDEN, INTER, pid, num_programs,
-                    w_pre, True, False, HAS_MLP_BIAS, True, R_D, K_D, P_D, PREFETCH)
+                    w_pre, True, False, HAS_D_BIAS, True, R_D, K_D, P_D, PREFETCH)
     gdc_trigger_late(USE_GDC)
 
 
@@ -374,7 +377,8 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         ROWS=max(16, _next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d, ATTN_SPLITS=splits,
         BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=ATTENTION_BLOCK_N,
         BLOCK_H=_next_pow2(hidden),
-        HAS_QKV_BIAS=w.bqkv is not None, HAS_O_BIAS=w.bo is not None, HAS_MLP_BIAS=w.bd is not None,
+        HAS_QKV_BIAS=w.bqkv is not None, HAS_O_BIAS=w.bo is not None, HAS_GU_BIAS=w.bgu is not None,
+        HAS_D_BIAS=w.bd is not None,
         HAS_NORM=has_norm, UPCAST_DOT=_upcast_dot(h), DOT_PRECISION=_dot_precision(h), KV_FP8=_is_fp8(kv_cache),
         FP8_TILE=_fp8_tile(fp8_path, h, kv_cache), V_T=v_transposed(kv_cache), PREFETCH=True,
         num_warps=num_warps, num_stages=1, **({} if cap is None else {"maxnreg": cap}),

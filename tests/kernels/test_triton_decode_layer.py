@@ -147,7 +147,7 @@ sig.update(pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", slot_ptr="*i64", bt
            stride_ckv="i64", stride_cb="i64")
 # Qwen3-0.6B's layer, every phase in one launch under PDL's late trigger
 qwen = dict(HIDDEN=1024, INTER=3072, NUM_HEADS=16, NUM_KV_HEADS=8, GROUP=2, ROWS=16, HEAD_DIM=128, BLOCK_D=128,
-            BLOCK_SIZE=16, BLOCK_N=64, BLOCK_H=1024, ATTN_SPLITS=8, HAS_QKV_BIAS=False, HAS_O_BIAS=False, HAS_MLP_BIAS=False, HAS_NORM=True, UPCAST_DOT=False,
+            BLOCK_SIZE=16, BLOCK_N=64, BLOCK_H=1024, ATTN_SPLITS=8, HAS_QKV_BIAS=False, HAS_O_BIAS=False, HAS_GU_BIAS=False, HAS_D_BIAS=False, HAS_NORM=True, UPCAST_DOT=False,
             DOT_PRECISION="tf32", KV_FP8=False, FP8_TILE="convert", V_T=False, PREFETCH=False, PHASE_LO=0,
             PHASE_HI=4, USE_GDC=2)
 for name, n, k in (("QKV", 4096, 1024), ("O", 1024, 2048), ("GU", 6144, 1024), ("D", 1024, 3072)):

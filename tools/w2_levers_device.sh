@@ -18,7 +18,8 @@
 #                                                             opens hangs), then W1 Qwen3-0.6B default / one launch a
 #                                                             layer (8 warps; 4: 2 programs' registers fit an SM, so
 #                                                             PDL can start the next layer early) / one launch a
-#                                                             phase, two processes each)
+#                                                             phase, two processes each); PARTS=layer_moe: W1
+#                                                             Qwen3-30B-A3B default / one launch a layer (~300 s)
 # W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
 # W2_8B, W2_QWEN or W2_BF16 (default each "DECODE_BALANCED=0": the split kernel, the default before the thirty-ninth
 # session; e.g. W2_8B="FP8_GEMM=triton DECODE_BALANCED=5"); PER_SM: the kernel timing's programs an SM (default
@@ -79,6 +80,9 @@ PY
         tests/gpu/test_gpu_decode_layer.py) && \
       (OUT=$OUT/layer_w1 JOBS="qwen:default qwen:DECODE_LAYER=1 qwen:DECODE_LAYER=1:1,4 qwen:DECODE_LAYER=phases" \
         REPEAT=2 BUDGET=${LAYER_BUDGET:-240} bash tools/w1_ab_device.sh 2>&1 | tail -6) ;;
-    *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace, layer; got $part"; exit 1 ;;
+    layer_moe)  # the same for Qwen3-30B-A3B's sparse layers (issue 23's W1), once PARTS=layer passed
+      (OUT=$OUT/layer_moe_w1 JOBS="qwen3-30b-a3b:default qwen3-30b-a3b:DECODE_LAYER=1" REPEAT=2 \
+        BUDGET=${LAYER_MOE_BUDGET:-300} bash tools/w1_ab_device.sh 2>&1 | tail -4) ;;
+    *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace, layer, layer_moe; got $part"; exit 1 ;;
   esac
 done

@@ -60,10 +60,11 @@ from meshserve.kernels.triton_decode_balanced import max_registers
 from meshserve.kernels.triton_decode_fused import _norm_rope_group
 from meshserve.kernels.triton_gemv import _row_x, _stream_rows
 from meshserve.kernels.triton_kv_layout import v_offset
+from meshserve.kernels.triton_moe_routing import _route_row
 from meshserve.kernels.tickets import ticket_workspace, tickets_usable
 from meshserve.kernels.triton_ops import _to_cache
 
-NUM_PHASES = 5
+NUM_PHASES = 6  # 3 (the router) only in MoE layers
 BARRIERS_PER_LAYER = NUM_PHASES - 1
 SMEM_PER_SM = 228 * 1024  # sm_90: what its programs' shared memory may add up to (the L1 carve-out's maximum)
 MAX_WARPS_PER_SM = 64
@@ -140,6 +141,52 @@ def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, b_ptr, res_ptr, y_ptr, N, K, pid,
 
 
 @triton.jit
+def _expert_of(ids, slots, slot):
+    """ids[slot] of the routing's [BLOCK_TOPK] vector, as a scalar."""
+    return tl.sum(tl.where(slots == slot, ids, 0), 0)
+
+
+@triton.jit
+def _moe_gate_up_phase(h2_ptr, ln2_ptr, inv_rms, w13_ptr, gu_ptr, ids, slots, pid, num_programs,
+                       HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """gate_up [TOP_K, 2 INTER] = each chosen expert's w13 rms_norm(h2): row blocks over the TOP_K experts' rows
+    (BLOCK_R divides 2 INTER: a block is one expert's), each rounded as the plain path's per-expert GEMM."""
+    BLOCKS_PER_EXPERT: tl.constexpr = 2 * INTER // BLOCK_R
+    dt = gu_ptr.dtype.element_ty
+    for blk in range(pid, TOP_K * BLOCKS_PER_EXPERT, num_programs):
+        slot = blk // BLOCKS_PER_EXPERT
+        rows = (blk % BLOCKS_PER_EXPERT) * BLOCK_R + tl.arange(0, BLOCK_R)
+        expert = _expert_of(ids, slots, slot).to(tl.int64)
+        w_rows = w13_ptr + expert * (2 * INTER * HIDDEN) + rows[:, None].to(tl.int64) * HIDDEN
+        acc = _stream_rows(h2_ptr, ln2_ptr, inv_rms, w_rows, rows < 2 * INTER, HIDDEN, False, True, BLOCK_R, BLOCK_K,
+                           0, PREFETCH)
+        tl.store(gu_ptr + slot * (2 * INTER) + rows, tl.sum(acc, 1).to(dt))
+
+
+@triton.jit
+def _moe_down_phase(gu_ptr, w2_ptr, res_ptr, out_ptr, ids, weights, slots, pid, num_programs,
+                    HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """out = h2 + sum over the chosen experts of weight x w2 silu(gate) * up, as kernels/moe_ref sums them: each
+    expert's output rounded, scaled and added in fp32, the sum rounded, then the residual add rounded."""
+    dt = out_ptr.dtype.element_ty
+    for blk in range(pid, tl.cdiv(HIDDEN, BLOCK_R), num_programs):
+        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < HIDDEN
+        y = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            expert = _expert_of(ids, slots, j).to(tl.int64)
+            w_rows = w2_ptr + expert * (HIDDEN * INTER) + rows[:, None].to(tl.int64) * INTER
+            acc = _stream_rows(gu_ptr + j * (2 * INTER), gu_ptr, 1.0, w_rows, rmask, INTER, True, False, BLOCK_R,
+                               BLOCK_K, 0, PREFETCH)
+            weight = tl.sum(tl.where(slots == j, weights, 0.0), 0)
+            y += tl.sum(acc, 1).to(dt).to(tl.float32) * weight
+        y = y.to(dt).to(tl.float32) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, y.to(dt), mask=rmask)
+
+
+@triton.jit
 def _attention_phase(
     qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr, attn_ptr,
     ws_acc_ptr, ws_ml_ptr, ticket_ptr, eps, scale_log2, k_scale, v_scale, stride_cos, stride_sin,
@@ -200,22 +247,26 @@ def _decode_layer_kernel(
     h_ptr, ln1_ptr, wqkv_ptr, bqkv_ptr, qw_ptr, kw_ptr, wo_ptr, bo_ptr, ln2_ptr, wgu_ptr, bgu_ptr, wd_ptr, bd_ptr,
     pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr,
     qkv_ptr, attn_ptr, h2_ptr, gu_ptr, out_ptr, bar_ptr, ws_acc_ptr, ws_ml_ptr, ticket_ptr,
-    num_programs, eps, qk_eps, scale_log2, k_scale, v_scale, stride_cos, stride_sin,
+    wr_ptr, logits_ptr, load_ptr,
+    num_programs, eps, qk_eps, scale_log2, k_scale, v_scale, route_scale, stride_cos, stride_sin,
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
     HIDDEN: tl.constexpr, INTER: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, ATTN_SPLITS: tl.constexpr,
     R_QKV: tl.constexpr, K_QKV: tl.constexpr, P_QKV: tl.constexpr, R_O: tl.constexpr, K_O: tl.constexpr,
     P_O: tl.constexpr, R_GU: tl.constexpr, K_GU: tl.constexpr, P_GU: tl.constexpr, R_D: tl.constexpr,
-    K_D: tl.constexpr, P_D: tl.constexpr,
+    K_D: tl.constexpr, P_D: tl.constexpr, R_RT: tl.constexpr, K_RT: tl.constexpr, P_RT: tl.constexpr,
+    MOE: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr, COUNT_LOAD: tl.constexpr,
     HAS_QKV_BIAS: tl.constexpr, HAS_O_BIAS: tl.constexpr, HAS_GU_BIAS: tl.constexpr, HAS_D_BIAS: tl.constexpr,
     HAS_NORM: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr,
     V_T: tl.constexpr, PREFETCH: tl.constexpr, PHASE_LO: tl.constexpr, PHASE_HI: tl.constexpr,
     USE_GDC: tl.constexpr = False,
 ):
-    """The layer's phases PHASE_LO..PHASE_HI (module docstring), a barrier between consecutive ones. R_* / K_* /
-    P_*: each GEMV phase's rows a block, columns a streamed tile and columns preloaded before its barrier."""
+    """The layer's phases PHASE_LO..PHASE_HI (module docstring), a barrier between consecutive ones (phase 3 only
+    in a MoE layer). R_* / K_* / P_*: each GEMV phase's rows a block, columns a streamed tile and columns
+    preloaded before its barrier (P 0: none; a MoE layer's experts are known only after the routing)."""
     pid = tl.program_id(0)
     QKV_N: tl.constexpr = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
     Q_DIM: tl.constexpr = NUM_HEADS * HEAD_DIM
@@ -245,21 +296,48 @@ def _decode_layer_kernel(
     if PHASE_LO <= 2 and PHASE_HI >= 2:
         _gemv_phase(attn_ptr, attn_ptr, 1.0, wo_ptr, bo_ptr, h_ptr, h2_ptr, HIDDEN, Q_DIM, pid, num_programs,
                     w_pre, False, False, HAS_O_BIAS, True, R_O, K_O, P_O, PREFETCH)
-    if PHASE_LO <= 3 and PHASE_HI >= 3:
-        w_pre = _preload(wgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, P_GU)
-    if PHASE_LO <= 2 and PHASE_HI >= 3:
-        _grid_barrier(bar_ptr + 2, num_programs)
-    if PHASE_LO <= 3 and PHASE_HI >= 3:
-        inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
-        _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, bgu_ptr, h2_ptr, gu_ptr, 2 * INTER, HIDDEN, pid, num_programs,
-                    w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU, PREFETCH)
-    if PHASE_LO <= 4 and PHASE_HI >= 4:
-        w_pre = _preload(wd_ptr, HIDDEN, INTER, pid, R_D, P_D)
-    if PHASE_LO <= 3 and PHASE_HI >= 4:
-        _grid_barrier(bar_ptr + 3, num_programs)
-    if PHASE_LO <= 4 and PHASE_HI >= 4:
-        _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, bd_ptr, h2_ptr, out_ptr, HIDDEN, INTER, pid, num_programs,
-                    w_pre, True, False, HAS_D_BIAS, True, R_D, K_D, P_D, PREFETCH)
+    if MOE:
+        if PHASE_LO <= 3 and PHASE_HI >= 3:  # the router's first columns (its rows: one or two a program)
+            w_pre = _preload(wr_ptr, NUM_EXPERTS, HIDDEN, pid, R_RT, P_RT)
+        if PHASE_LO <= 2 and PHASE_HI >= 3:
+            _grid_barrier(bar_ptr + 2, num_programs)
+        if PHASE_LO <= 3 and PHASE_HI >= 3:  # router logits = W_r rms_norm(h2)
+            inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
+            _gemv_phase(h2_ptr, ln2_ptr, inv2, wr_ptr, wr_ptr, h2_ptr, logits_ptr, NUM_EXPERTS, HIDDEN, pid,
+                        num_programs, w_pre, False, True, False, False, R_RT, K_RT, P_RT, PREFETCH)
+        if PHASE_LO <= 3 and PHASE_HI >= 4:
+            _grid_barrier(bar_ptr + 3, num_programs)
+        if PHASE_LO <= 5 and PHASE_HI >= 4:  # every program routes the token itself: the same bits everywhere
+            weights, ids, slots, kmask = _route_row(logits_ptr, 0, NUM_EXPERTS, 0, route_scale, TOP_K, RENORMALIZE,
+                                                    BLOCK_E, BLOCK_TOPK)
+        if PHASE_LO <= 4 and PHASE_HI >= 4:
+            if COUNT_LOAD:
+                if pid == 0:
+                    tl.atomic_add(load_ptr + ids, tl.full([BLOCK_TOPK], 1, tl.int64), mask=kmask)
+            inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
+            _moe_gate_up_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, gu_ptr, ids, slots, pid, num_programs, HIDDEN, INTER,
+                               TOP_K, R_GU, K_GU, PREFETCH)
+        if PHASE_LO <= 4 and PHASE_HI >= 5:
+            _grid_barrier(bar_ptr + 4, num_programs)
+        if PHASE_LO <= 5 and PHASE_HI >= 5:
+            _moe_down_phase(gu_ptr, wd_ptr, h2_ptr, out_ptr, ids, weights, slots, pid, num_programs, HIDDEN, INTER,
+                            TOP_K, R_D, K_D, PREFETCH)
+    else:
+        if PHASE_LO <= 4 and PHASE_HI >= 4:
+            w_pre = _preload(wgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, P_GU)
+        if PHASE_LO <= 2 and PHASE_HI >= 4:
+            _grid_barrier(bar_ptr + 2, num_programs)
+        if PHASE_LO <= 4 and PHASE_HI >= 4:
+            inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
+            _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, bgu_ptr, h2_ptr, gu_ptr, 2 * INTER, HIDDEN, pid,
+                        num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU, PREFETCH)
+        if PHASE_LO <= 5 and PHASE_HI >= 5:
+            w_pre = _preload(wd_ptr, HIDDEN, INTER, pid, R_D, P_D)
+        if PHASE_LO <= 4 and PHASE_HI >= 5:
+            _grid_barrier(bar_ptr + 4, num_programs)
+        if PHASE_LO <= 5 and PHASE_HI >= 5:
+            _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, bd_ptr, h2_ptr, out_ptr, HIDDEN, INTER, pid, num_programs,
+                        w_pre, True, False, HAS_D_BIAS, True, R_D, K_D, P_D, PREFETCH)
     gdc_trigger_late(USE_GDC)
 
 
@@ -286,17 +364,27 @@ def gemv_phase_tile(n: int, k: int, programs: int, threads: int) -> tuple[int, i
 
 
 class DecodeLayerWeights:
-    """One decoder layer's tensors as the kernel reads them (contiguous rows; biases and q/k norms optional)."""
+    """One decoder layer's tensors as the kernel reads them (contiguous rows; biases and q/k norms optional).
+    A MoE layer (router given): wgu / wd are the experts' w13 [E, 2I, H] (gate rows, then up rows) and w2
+    [E, H, I], wr the router [E, H], routing (top k, renormalize, scaling) a softmax top-k's
+    (layers/moe_routing.SoftmaxTopK.as_softmax_topk), expert_load the per-expert counter (int64 [E]) or None."""
 
     __slots__ = ("ln1", "wqkv", "bqkv", "q_norm", "k_norm", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd", "eps",
-                 "qk_eps")
+                 "qk_eps", "wr", "routing", "expert_load")
 
     def __init__(self, ln1, wqkv, wo, ln2, wgu, wd, eps, *, bqkv=None, q_norm=None, k_norm=None, bo=None,
-                 bgu=None, bd=None, qk_eps=None):
+                 bgu=None, bd=None, qk_eps=None, wr=None, routing=None, expert_load=None):
         self.ln1, self.wqkv, self.bqkv, self.wo, self.bo = ln1, wqkv, bqkv, wo, bo
         self.q_norm, self.k_norm, self.ln2, self.wgu, self.bgu, self.wd, self.bd = q_norm, k_norm, ln2, wgu, bgu, wd, bd
         self.eps = float(eps)
         self.qk_eps = float(eps if qk_eps is None else qk_eps)
+        self.wr, self.routing, self.expert_load = wr, routing, expert_load
+        if (wr is None) != (routing is None):
+            raise ValueError("DecodeLayerWeights: a MoE layer takes both the router and its routing")
+
+    @property
+    def moe(self) -> bool:
+        return self.wr is not None
 
 
 # (device, the launch's constants, programs an SM) whose one-wave check passed: the check compiles (or finds) the
@@ -331,12 +419,15 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
     if h.numel() != hidden:
         raise ValueError(f"decode_layer takes one row, got {tuple(h.shape)}")
     head_dim = kv_cache.shape[-1]
-    inter = w.wd.shape[1]
+    inter = w.wd.shape[-1]
     if w.wqkv.shape != ((num_heads + 2 * num_kv_heads) * head_dim, hidden) or w.wo.shape != (hidden,
                                                                                                 num_heads * head_dim):
         raise ValueError("decode_layer: the QKV / o weights do not match the heads and the hidden size")
-    if w.wgu.shape != (2 * inter, hidden) or w.wd.shape != (hidden, inter):
+    experts = (w.wr.shape[0],) if w.moe else ()
+    if w.wgu.shape != (*experts, 2 * inter, hidden) or w.wd.shape != (*experts, hidden, inter):
         raise ValueError("decode_layer: the gate/up and down weights do not match")
+    if w.moe and (w.wr.shape != (experts[0], hidden) or w.bgu is not None or w.bd is not None):
+        raise ValueError("decode_layer: a MoE layer takes a router of [experts, hidden] and no expert biases")
     if barriers.dtype != torch.int32 or barriers.numel() < BARRIERS_PER_LAYER:
         raise ValueError(f"decode_layer needs {BARRIERS_PER_LAYER} int32 barrier counters")
     dev, dt = h.device, h.dtype
@@ -349,7 +440,9 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
     qkv = torch.empty(w.wqkv.shape[0], dtype=dt, device=dev)
     attn = torch.empty(num_heads * head_dim, dtype=dt, device=dev)
     h2 = torch.empty(hidden, dtype=dt, device=dev)
-    gu = torch.empty(2 * inter, dtype=dt, device=dev)
+    top_k = w.routing[0] if w.moe else 1
+    gu = torch.empty(top_k * 2 * inter, dtype=dt, device=dev)
+    logits = torch.empty(experts[0] if w.moe else 1, dtype=dt, device=dev)
     out = torch.empty_like(h)
     group = num_heads // num_kv_heads
     splits = attn_splits or attention_splits(num_programs, num_kv_heads)
@@ -368,7 +461,9 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         w.bgu if w.bgu is not None else w.wgu, w.wd, w.bd if w.bd is not None else w.wd,
         positions, cos_cache, sin_cache, slot_mapping, kv_cache, block_tables, seq_lens,
         qkv, attn, h2, gu, out, barriers, ws_acc, ws_ml, tickets,
+        w.wr if w.moe else h, logits, w.expert_load if w.expert_load is not None else barriers,
         num_programs, w.eps, w.qk_eps, scale * _LOG2E, float(k_scale), float(v_scale),
+        float(w.routing[2]) if w.moe else 1.0,
         cos_cache.stride(0), sin_cache.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
     )
@@ -381,12 +476,19 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         HAS_D_BIAS=w.bd is not None,
         HAS_NORM=has_norm, UPCAST_DOT=_upcast_dot(h), DOT_PRECISION=_dot_precision(h), KV_FP8=_is_fp8(kv_cache),
         FP8_TILE=_fp8_tile(fp8_path, h, kv_cache), V_T=v_transposed(kv_cache), PREFETCH=True,
+        MOE=w.moe, NUM_EXPERTS=experts[0] if w.moe else 1, TOP_K=top_k, RENORMALIZE=bool(w.moe and w.routing[1]),
+        BLOCK_E=_next_pow2(experts[0]) if w.moe else 1, BLOCK_TOPK=_next_pow2(top_k),
+        COUNT_LOAD=w.expert_load is not None,
         num_warps=num_warps, num_stages=1, **({} if cap is None else {"maxnreg": cap}),
     )
     threads = 32 * num_warps
     for name, n, k in (("QKV", w.wqkv.shape[0], hidden), ("O", hidden, num_heads * head_dim),
-                       ("GU", 2 * inter, hidden), ("D", hidden, inter)):
+                       ("GU", top_k * 2 * inter, hidden), ("D", hidden, inter), ("RT", logits.numel(), hidden)):
         consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = gemv_phase_tile(n, k, num_programs, threads)
+    if w.moe:  # an expert's rows a gate/up block; the experts' weights are known only after the routing
+        while (2 * inter) % consts["R_GU"]:
+            consts["R_GU"] //= 2
+        consts["P_GU"] = consts["P_D"] = 0
     if one_launch:
         key = (dev.index, programs_per_sm, dt, kv_cache.dtype, *sorted(consts.items()), *sorted(gdc.items()))
         if key not in _one_wave_checked:
@@ -396,7 +498,8 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         _decode_layer_kernel[(num_programs,)](*args, PHASE_LO=0, PHASE_HI=NUM_PHASES - 1, **consts, **gdc)
     else:
         for phase in range(NUM_PHASES):
-            _decode_layer_kernel[(num_programs,)](*args, PHASE_LO=phase, PHASE_HI=phase, **consts)
+            if phase != 3 or w.moe:
+                _decode_layer_kernel[(num_programs,)](*args, PHASE_LO=phase, PHASE_HI=phase, **consts)
     return out
 
 
@@ -408,11 +511,17 @@ def decode_layer_ref(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Te
     from meshserve.kernels.attention_ref import paged_attention_ref
     from meshserve.kernels.triton_ops import qkv_rope_cache_ref, rms_norm_ref, silu_and_mul_ref
 
+    from meshserve.kernels.moe_ref import fused_experts_ref, softmax_topk_ref
+
     dt = h.dtype
     qkv = F.linear(rms_norm_ref(h, w.ln1, w.eps), w.wqkv, w.bqkv)
     q = qkv_rope_cache_ref(qkv, positions, cos_cache, sin_cache, w.q_norm, w.k_norm, w.qk_eps, kv_cache,
                            meta.slot_mapping, num_heads, num_kv_heads, k_scale, v_scale)
     attn = paged_attention_ref(q, kv_cache, meta, scale, None, k_scale, v_scale).flatten(1)
     h2 = (F.linear(attn, w.wo, w.bo).float() + h.float()).to(dt)
-    gu = F.linear(rms_norm_ref(h2, w.ln2, w.eps), w.wgu, w.bgu)
-    return (F.linear(silu_and_mul_ref(gu), w.wd, w.bd).float() + h2.float()).to(dt)
+    x = rms_norm_ref(h2, w.ln2, w.eps)
+    if w.moe:
+        top_k, renormalize, scaling = w.routing
+        weights, ids = softmax_topk_ref(F.linear(x, w.wr), top_k, renormalize, scaling, w.expert_load)
+        return (fused_experts_ref(x, w.wgu, w.wd, weights, ids).float() + h2.float()).to(dt)
+    return (F.linear(silu_and_mul_ref(F.linear(x, w.wgu, w.bgu)), w.wd, w.bd).float() + h2.float()).to(dt)

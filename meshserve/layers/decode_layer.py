@@ -1,14 +1,16 @@
 """Batch-1 decode with each decoder layer in one persistent launch (MESHSERVE_DECODE_LAYER, opt-in).
 
 kernels/triton_decode_layer.py runs a Llama-family layer (RMSNorm, QKV, q/k norm + rotary + KV write, attention,
-o_proj + residual, RMSNorm, gate/up, SiLU-and-mul, down + residual) as five phases of one grid with barriers
-between them. The hidden state between layers is then the whole residual stream, as with the norm fold
+o_proj + residual, RMSNorm, gate/up, SiLU-and-mul, down + residual) as phases of one grid with barriers
+between them; a sparse layer of Mixtral or Qwen2/3-MoE (softmax top-k routing, no shared expert) with its
+router's phase and the chosen experts' rows in place of the MLP's. The hidden state between layers is then the whole residual stream, as with the norm fold
 (layers/norm_fold.py): the residual is None coming in and going out, and the model's final norm runs alone.
 
 Where it does not apply, begin returns None and the layers run their usual path: more than one row or more
 than one sequence, a step with prompt tokens, not on a GPU, tensor parallelism or pipeline stages (the model's
 check), quantized projections, layers whose attention or MLP is not Llama's own, a sliding window, an attention
-backend other than Triton's, or weights that are not contiguous rows.
+backend other than Triton's, weights that are not contiguous rows, or MoE layers the kernel does not route
+(expert parallel, quantized experts, a shared expert, grouped or sigmoid routing).
 """
 
 from __future__ import annotations
@@ -33,13 +35,33 @@ def _rows(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) == t.shape[1]
 
 
+def _moe_fits(mlp: nn.Module, dtype: torch.dtype) -> bool:
+    """A sparse MoE block the kernel routes: softmax top-k over all experts, 16-bit experts of the row's dtype,
+    no shared expert, not expert parallel, a plain router."""
+    from meshserve.models.moe import SparseMoeBlock
+
+    if not isinstance(mlp, SparseMoeBlock) or mlp.shared_expert is not None:
+        return False
+    experts, router = mlp.experts, mlp.gate
+    return (experts.softmax_topk_args is not None and not experts.expert_parallel
+            and not experts.weight_format.scales(experts) and experts.w13_weight.dtype == dtype
+            and experts.w2_weight.dtype == dtype and experts.w13_weight.is_contiguous()
+            and experts.w2_weight.is_contiguous() and not router.quantized and router.bias is None
+            and router.weight.dtype == dtype and _rows(router.weight))
+
+
 def _layer_fits(layer: nn.Module, dtype: torch.dtype) -> bool:
     from meshserve.kernels.triton_attention import TritonAttentionBackend
 
-    if not (getattr(layer, "folds_attn_norm", False) and getattr(layer, "folds_mlp_norm", False)):
+    if not getattr(layer, "folds_attn_norm", False):
         return False
     attn, mlp = layer.self_attn, layer.mlp
-    linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    if getattr(layer, "folds_mlp_norm", False):
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    elif _moe_fits(mlp, dtype):
+        linears = (attn.qkv_proj, attn.o_proj)
+    else:
+        return False
     cache_layer = attn.attn
     return (
         all(not lin.quantized and lin.weight.dtype == dtype and _rows(lin.weight) for lin in linears)
@@ -51,14 +73,22 @@ def _layer_fits(layer: nn.Module, dtype: torch.dtype) -> bool:
 
 
 def layer_weights(layer: nn.Module):
-    """The kernel's view of one LlamaDecoderLayer's tensors."""
+    """The kernel's view of one LlamaDecoderLayer's tensors (a sparse one's experts, router and load counter)."""
     attn, mlp = layer.self_attn, layer.mlp
+    common = dict(bqkv=attn.qkv_proj.bias, q_norm=None if attn.q_norm is None else attn.q_norm.weight,
+                  k_norm=None if attn.k_norm is None else attn.k_norm.weight, bo=attn.o_proj.bias,
+                  qk_eps=None if attn.q_norm is None else attn.q_norm.eps)
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if not getattr(layer, "folds_mlp_norm", False):  # a sparse MoE block (_moe_fits)
+        experts = mlp.experts
+        return _kernels().DecodeLayerWeights(
+            norms[0].weight, attn.qkv_proj.weight, attn.o_proj.weight, norms[1].weight, experts.w13_weight,
+            experts.w2_weight, norms[0].eps, wr=mlp.gate.weight, routing=experts.softmax_topk_args,
+            expert_load=experts.expert_load, **common,
+        )
     return _kernels().DecodeLayerWeights(
-        layer.input_layernorm.weight, attn.qkv_proj.weight, attn.o_proj.weight, layer.post_attention_layernorm.weight,
-        mlp.gate_up_proj.weight, mlp.down_proj.weight, layer.input_layernorm.eps,
-        bqkv=attn.qkv_proj.bias, q_norm=None if attn.q_norm is None else attn.q_norm.weight,
-        k_norm=None if attn.k_norm is None else attn.k_norm.weight, bo=attn.o_proj.bias, bgu=mlp.gate_up_proj.bias,
-        bd=mlp.down_proj.bias, qk_eps=None if attn.q_norm is None else attn.q_norm.eps,
+        norms[0].weight, attn.qkv_proj.weight, attn.o_proj.weight, norms[1].weight, mlp.gate_up_proj.weight,
+        mlp.down_proj.weight, norms[0].eps, bgu=mlp.gate_up_proj.bias, bd=mlp.down_proj.bias, **common,
     )
 
 

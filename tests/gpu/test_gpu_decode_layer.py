@@ -1,5 +1,5 @@
 """MESHSERVE_DECODE_LAYER on the GPU (layers/decode_layer.py): each decoder layer of a batch-1 decode step in one
-persistent launch with grid barriers between its phases.
+persistent launch with grid barriers between its phases (dense layers, and MoE layers with softmax top-k routing).
 
 Greedy tokens with the switch equal those without (fp32: exactly; bf16: up to a near-tie, tests/near_tie.py),
 eager and in CUDA graphs, in one launch a layer and in one launch a phase (the same programs: the same bits);
@@ -67,6 +67,16 @@ def test_decode_layer_keeps_bf16_greedy_tokens_until_a_near_tie(model, eager, mo
 def test_decode_layer_over_an_fp8_cache_keeps_greedy_tokens_until_a_near_tie(monkeypatch):
     plain, _ = _run("qwen3-0.6b", "bfloat16", monkeypatch, "0", kv_cache_dtype="fp8")
     fused, calls = _run("qwen3-0.6b", "bfloat16", monkeypatch, "1", kv_cache_dtype="fp8")
+    assert calls > 0
+    for a, b in zip(plain, fused):
+        assert_agree_until_near_tie(a, b)
+
+
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "mixtral-8x7b"])
+def test_decode_layer_moe_keeps_bf16_greedy_tokens_until_a_near_tie(model, monkeypatch):
+    """Sparse layers: the router's phase, the routing in every program, the chosen experts' rows."""
+    plain, _ = _run(model, "bfloat16", monkeypatch, "0")
+    fused, calls = _run(model, "bfloat16", monkeypatch, "1")
     assert calls > 0
     for a, b in zip(plain, fused):
         assert_agree_until_near_tie(a, b)

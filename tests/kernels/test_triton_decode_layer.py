@@ -9,6 +9,7 @@ against the per-phase launches and the reference, and replayed in a CUDA graph.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -116,6 +117,44 @@ def test_layer_over_an_fp8_cache_interp(case):
     torch.testing.assert_close(out, expect, atol=atol, rtol=atol)
 
 
+def moe_weights(w, experts: int, top_k: int, renormalize: bool, seed: int = 0):
+    """w (a dense layer's) with MoE experts in place of its MLP: a router and E experts of w's widths, and a
+    load counter."""
+    g = torch.Generator().manual_seed(seed + 3)
+    inter, hidden = w.wd.shape[-1], w.wd.shape[0]
+    dt, dev = w.wd.dtype, w.wd.device
+
+    def rnd(*shape, scale):
+        return (scale * torch.randn(*shape, generator=g)).to(dt).to(dev)
+
+    return DecodeLayerWeights(
+        w.ln1, w.wqkv, w.wo, w.ln2, rnd(experts, 2 * inter, hidden, scale=hidden**-0.5),
+        rnd(experts, hidden, inter, scale=inter**-0.5), w.eps, bqkv=w.bqkv, q_norm=w.q_norm, k_norm=w.k_norm, bo=w.bo,
+        qk_eps=w.qk_eps, wr=rnd(experts, hidden, scale=2.0 * hidden**-0.5), routing=(top_k, renormalize, 1.0),
+        expert_load=torch.zeros(experts, dtype=torch.int64, device=dev),
+    )
+
+
+@interp
+@pytest.mark.parametrize(("experts", "top_k", "renormalize"), [(8, 2, True), (16, 4, False)])  # Mixtral; Qwen-ish
+@pytest.mark.parametrize("attn_splits", [1, 2])
+def test_moe_layer_matches_reference_interp(experts, top_k, renormalize, attn_splits):
+    """A MoE layer: the router's phase, every program routing the token itself (softmax top-k, kernels'
+    _route_row), the chosen experts' gate/up rows, their down rows summed with the routing weights in fp32."""
+    h, w, pos, cos, sin, cache, meta, scale, *_ = layer_case(37, 64, 4, 2, 16, 48, torch.float32)
+    w = moe_weights(w, experts, top_k, renormalize)
+    ref_w = copy.copy(w)
+    ref_w.expert_load = torch.zeros_like(w.expert_load)  # the same tensors, a counter of its own
+    ref_cache, got_cache = cache.clone(), cache.clone()
+    expect = decode_layer_ref(h, ref_w, pos, cos, sin, ref_cache, meta, scale, 4, 2)
+    bars = torch.zeros(BARRIERS_PER_LAYER, dtype=torch.int32)
+    out = decode_layer(h, w, pos, cos, sin, got_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale,
+                       4, 2, bars, num_programs=3, attn_splits=attn_splits)
+    torch.testing.assert_close(out, expect, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got_cache, ref_cache, atol=2e-5, rtol=2e-5)
+    assert torch.equal(w.expert_load, ref_w.expert_load) and int(w.expert_load.sum()) == top_k
+
+
 @interp
 def test_layer_grid_of_one_program_and_of_more_programs_than_rows_interp():
     case = CASES[1]
@@ -140,35 +179,50 @@ def test_layer_rejects_what_it_cannot_run_interp():
 
 
 _COMPILE_SM90 = COMPILE_SM90_PRELUDE + """
+import os, subprocess, tempfile
 from meshserve.kernels.triton_decode_layer import _decode_layer_kernel, gemv_phase_tile
 sig = {n: "*bf16" for n in _decode_layer_kernel.arg_names if n.endswith("_ptr")}
 sig.update(pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", slot_ptr="*i64", bt_ptr="*i64", seq_lens_ptr="*i64",
-           bar_ptr="*i32", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32", ticket_ptr="*i32", eps="fp32", qk_eps="fp32", scale_log2="fp32", k_scale="fp32", v_scale="fp32",
-           stride_ckv="i64", stride_cb="i64")
-# Qwen3-0.6B's layer, every phase in one launch under PDL's late trigger
-qwen = dict(HIDDEN=1024, INTER=3072, NUM_HEADS=16, NUM_KV_HEADS=8, GROUP=2, ROWS=16, HEAD_DIM=128, BLOCK_D=128,
-            BLOCK_SIZE=16, BLOCK_N=64, BLOCK_H=1024, ATTN_SPLITS=8, HAS_QKV_BIAS=False, HAS_O_BIAS=False, HAS_GU_BIAS=False, HAS_D_BIAS=False, HAS_NORM=True, UPCAST_DOT=False,
-            DOT_PRECISION="tf32", KV_FP8=False, FP8_TILE="convert", V_T=False, PREFETCH=False, PHASE_LO=0,
-            PHASE_HI=4, USE_GDC=2)
-for name, n, k in (("QKV", 4096, 1024), ("O", 1024, 2048), ("GU", 6144, 1024), ("D", 1024, 3072)):
-    qwen[f"R_{name}"], qwen[f"K_{name}"], qwen[f"P_{name}"] = gemv_phase_tile(n, k, 132, 256)  # an H200, 8 warps
-k = compile_sm90(_decode_layer_kernel, sig, qwen, 8, 1)
-ptx = k.asm["ptx"]
-# (the attention phase's eight KV splits a KV head merge inline: the tickets' acq_rel atomics besides)
-# four barriers: a release add each (its result unused: red) and a spin on an acquire load (Triton lowers the
-# add of 0 to one); attention's tensor-core tile; PDL's wait and trigger
-assert ptx.count("red.global.gpu.release.add") == 4 and ptx.count("ld.global.gpu.acquire") == 4
-assert "mma" in ptx and "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
-assert k.metadata.shared <= 228 * 1024 // 4  # 22 KB at this writing
-# one program of 8 warps an SM: no register spills (the attention phase at 128-token tiles spilled 280 B)
-import os, subprocess, tempfile
+           bar_ptr="*i32", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32", ticket_ptr="*i32", load_ptr="*i64", eps="fp32",
+           qk_eps="fp32", scale_log2="fp32", k_scale="fp32", v_scale="fp32", route_scale="fp32", stride_ckv="i64",
+           stride_cb="i64")
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-if os.path.exists(tool):
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        use = subprocess.run([tool, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
-    assert "STACK:0" in use.split(), use
+
+
+def check(consts, shapes, barriers):
+    for name, n, k in shapes:
+        consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = gemv_phase_tile(n, k, 132, 256)  # an H200
+    if consts["MOE"]:
+        consts["P_GU"] = consts["P_D"] = 0
+    k = compile_sm90(_decode_layer_kernel, sig, consts, 8, 1)
+    ptx = k.asm["ptx"]
+    # a barrier: a release add (its result unused: red) and a spin on an acquire load (Triton lowers the add of 0
+    # to one); attention's tensor-core tile (its KV splits merged inline: the tickets' acq_rel atomics besides);
+    # PDL's wait and trigger
+    assert ptx.count("red.global.gpu.release.add") == barriers and ptx.count("ld.global.gpu.acquire") == barriers
+    assert "mma" in ptx and "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+    assert k.metadata.shared <= 228 * 1024 // 4  # 22 KB at this writing
+    # one program of 8 warps an SM: no register spills (the attention phase at 128-token tiles spilled 280 B)
+    if os.path.exists(tool):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            use = subprocess.run([tool, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
+        assert "STACK:0" in use.split(), use
+
+
+base = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64, ATTN_SPLITS=8, HAS_QKV_BIAS=False,
+            HAS_O_BIAS=False, HAS_GU_BIAS=False, HAS_D_BIAS=False, HAS_NORM=True, UPCAST_DOT=False,
+            DOT_PRECISION="tf32", KV_FP8=False, FP8_TILE="convert", V_T=False, PREFETCH=True, PHASE_LO=0, PHASE_HI=5,
+            USE_GDC=2)
+# Qwen3-0.6B's layer, every phase in one launch under PDL's late trigger: four barriers
+dense = dict(base, HIDDEN=1024, INTER=3072, NUM_HEADS=16, NUM_KV_HEADS=8, GROUP=2, ROWS=16, BLOCK_H=1024, MOE=False,
+             NUM_EXPERTS=1, TOP_K=1, RENORMALIZE=False, BLOCK_E=1, BLOCK_TOPK=1, COUNT_LOAD=False)
+check(dense, (("QKV", 4096, 1024), ("O", 1024, 2048), ("GU", 6144, 1024), ("D", 1024, 3072), ("RT", 1, 1024)), 4)
+# Qwen3-30B-A3B's: the router's phase and its barrier besides, 8 of 128 experts, the load counted
+moe = dict(base, HIDDEN=2048, INTER=768, NUM_HEADS=32, NUM_KV_HEADS=4, GROUP=8, ROWS=16, BLOCK_H=2048, MOE=True,
+           NUM_EXPERTS=128, TOP_K=8, RENORMALIZE=True, BLOCK_E=128, BLOCK_TOPK=8, COUNT_LOAD=True)
+check(moe, (("QKV", 5120, 2048), ("O", 2048, 4096), ("GU", 8 * 1536, 2048), ("D", 2048, 768), ("RT", 128, 2048)), 5)
 print("compiled")
 """
 

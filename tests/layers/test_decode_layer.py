@@ -18,7 +18,9 @@ from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.backend_selection import KernelSelection
 from meshserve.layers.decode_layer import DecodeLayerRun, _layer_fits
 from meshserve.layers.rotary import RotaryEmbedding
+from meshserve.layers.moe_routing import SoftmaxTopK
 from meshserve.models.llama import LlamaDecoderLayer
+from meshserve.models.moe import SparseMoeBlock
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.cuda.is_available(),
                                 reason="the Triton interpreter runs here only without CUDA")
@@ -33,20 +35,30 @@ def _config(model_type: str):
                                 max_position_embeddings=512, rms_norm_eps=1e-5, **extra)
 
 
-def _layers(model_type: str, seq_len: int, seed: int = 0):
-    """Two layers with random weights over random caches, and one sequence's decode metadata at seq_len."""
+def _moe_block(top_k: int = 2, renormalize: bool = True):
+    """A sparse block of 8 experts of the config's widths (Mixtral's routing by default)."""
+    return SparseMoeBlock(64, 8, 48, SoftmaxTopK(top_k, renormalize))
+
+
+def _layers(model_type: str, seq_len: int, seed: int = 0, moe: tuple[int, bool] | None = None):
+    """Two layers with random weights over random caches, and one sequence's decode metadata at seq_len; moe:
+    (top k, renormalize) of the second layer's sparse block (the first stays dense: a mixed model)."""
     from meshserve.kernels.triton_attention import TritonAttentionBackend
 
     torch.manual_seed(seed)
     cfg = _config(model_type)
     rotary = RotaryEmbedding(cfg, 16, 512)
-    layers = [LlamaDecoderLayer(cfg, rotary) for _ in range(2)]
+    layers = [LlamaDecoderLayer(cfg, rotary, mlp=_moe_block(*moe) if moe and i else None) for i in range(2)]
     blocks = -(-seq_len // BLOCK) + 1
     backend = TritonAttentionBackend()
     for layer in layers:
         for name, p in layer.named_parameters():
             with torch.no_grad():
                 p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+        if moe and isinstance(layer.mlp, SparseMoeBlock):  # experts' weights are parameters of their own
+            with torch.no_grad():
+                for p in (layer.mlp.experts.w13_weight, layer.mlp.experts.w2_weight):
+                    p.copy_(0.15 * torch.randn_like(p))
         layer.self_attn.attn.backend = backend
         layer.self_attn.attn.kv_cache = torch.randn(2, blocks, BLOCK, 2, 16)
     table = torch.arange(1, blocks, dtype=torch.int64)[None]  # block 0 belongs to no one
@@ -59,9 +71,13 @@ def _layers(model_type: str, seq_len: int, seed: int = 0):
     return layers, meta, torch.tensor([last])
 
 
-@pytest.mark.parametrize(("model_type", "seq_len"), [("qwen3", 1), ("qwen3", 140), ("qwen2", 37), ("llama", 70)])
-def test_layer_kernel_equals_the_plain_layers_interp(model_type, seq_len):
-    layers, meta, positions = _layers(model_type, seq_len)
+@pytest.mark.parametrize(("model_type", "seq_len", "moe"), [
+    ("qwen3", 1, None), ("qwen3", 140, None), ("qwen2", 37, None), ("llama", 70, None),
+    ("llama", 37, (2, True)),  # Mixtral's routing in the second layer
+    ("qwen3", 90, (4, False)),  # Qwen3-MoE's with norm_topk_prob off
+])
+def test_layer_kernel_equals_the_plain_layers_interp(model_type, seq_len, moe):
+    layers, meta, positions = _layers(model_type, seq_len, moe=moe)
     x = torch.randn(1, 64)
     caches = [layer.self_attn.attn.kv_cache.clone() for layer in layers]
     assert all(_layer_fits(layer, torch.float32) for layer in layers)
@@ -81,6 +97,19 @@ def test_layer_kernel_equals_the_plain_layers_interp(model_type, seq_len):
         torch.testing.assert_close(hidden, expect, atol=3e-5, rtol=3e-5)
     for got, expect in zip(caches, plain_caches):
         torch.testing.assert_close(got, expect, atol=3e-5, rtol=3e-5)
+    if moe:  # the chosen experts counted as the plain path counts them (/metrics' per-expert load): twice each
+        load = layers[1].mlp.experts.expert_load
+        assert int(load.sum()) == 2 * moe[0] and bool((load % 2 == 0).all())
+
+
+def test_moe_blocks_the_kernel_does_not_route_take_the_plain_path_interp():
+    layers, _, _ = _layers("qwen3", 20, moe=(2, True))
+    assert _layer_fits(layers[1], torch.float32)
+    layers[1].mlp.shared_expert = torch.nn.Identity()  # Qwen2-MoE's shared expert
+    assert not _layer_fits(layers[1], torch.float32)
+    layers[1].mlp.shared_expert = None
+    layers[1].mlp.experts.softmax_topk_args = None  # grouped / sigmoid routing (DeepSeek-V3's)
+    assert not _layer_fits(layers[1], torch.float32)
 
 
 def test_begin_serves_only_one_row_decode_on_a_gpu_interp():

@@ -10,8 +10,11 @@ The phases, every intermediate rounded where the plain path rounds it:
      split's tiles, the last split to finish merging (triton_decode_fused's prologue, the split kernel's walk
      and inline reduce; up to MAX_ATTN_SPLITS a KV head)
   2  h2 = h + W_o attn
-  3  gate_up = W_gu rms_norm(h2)
-  4  out = h2 + W_down silu(gate) * up
+  3  (MoE layers) router logits = W_r rms_norm(h2)
+  4  gate_up = W_gu rms_norm(h2); MoE: every program routes the token itself from the logits (softmax top-k,
+     triton_moe_routing._route_row: the same bits in each) and the rows are the chosen experts' w13 rows
+  5  out = h2 + W_down silu(gate) * up; MoE: each chosen expert's w2 rows, its output rounded, scaled by its
+     routing weight and summed in fp32 (kernels/moe_ref's order), the load counter counting the choices
 Each GEMV phase is a grid-stride loop over row blocks through triton_gemv._stream_rows (its K order, so its
 sums), and each program's first block's first columns load before the barrier the phase waits on (before PDL's
 wait for the QKV phase; o_proj's after the program's attention work): weights stream while the previous phase
@@ -309,7 +312,7 @@ def _decode_layer_kernel(
             _grid_barrier(bar_ptr + 3, num_programs)
         if PHASE_LO <= 5 and PHASE_HI >= 4:  # every program routes the token itself: the same bits everywhere
             weights, ids, slots, kmask = _route_row(logits_ptr, 0, NUM_EXPERTS, 0, route_scale, TOP_K, RENORMALIZE,
-                                                    BLOCK_E, BLOCK_TOPK)
+                                                    BLOCK_E, BLOCK_TOPK, True)
         if PHASE_LO <= 4 and PHASE_HI >= 4:
             if COUNT_LOAD:
                 if pid == 0:

@@ -68,7 +68,6 @@ def _layer_fits(layer: nn.Module, dtype: torch.dtype) -> bool:
         and cache_layer.kv_cache is not None
         and cache_layer.sliding_window is None
         and isinstance(cache_layer.backend, TritonAttentionBackend)
-        and attn.head_dim & (attn.head_dim - 1) == 0
     )
 
 

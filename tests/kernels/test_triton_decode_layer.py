@@ -75,6 +75,7 @@ CASES = [
     (1, 64, 4, 2, 16, 96, True, False),  # the first token: attention over itself alone
     (37, 64, 4, 2, 16, 96, True, True),  # Qwen2-style biases, a context inside one 128-token tile
     (300, 48, 6, 2, 16, 80, False, False),  # GQA 3, no q/k norm (Llama), three tiles; odd row counts
+    (130, 72, 6, 2, 24, 80, True, False),  # head_dim 24 (halves of 12 in 32-wide rows), a hidden size of 72
 ]
 
 

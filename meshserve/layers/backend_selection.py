@@ -41,11 +41,12 @@ Overrides (environment, read only here, for debugging and references):
                                             by default on where the batch-1 step is launch-bound (the PDL auto
                                             rule: H200 Qwen3-0.6B decode graph -1.3% and -1.5% on 2026-12-02; it
                                             cost the 8B 3.2%), 0 off, 1 on for any model
-  MESHSERVE_DECODE_LAYER=1|phases[:P,W]     batch 1: each decoder layer of a 16-bit dense model in one persistent
+  MESHSERVE_DECODE_LAYER=1|phases[:P,W]     batch 1: each decoder layer of an unquantized Llama-family model
+                                            (dense, or sparse with softmax top-k routing) in one persistent
                                             launch, grid barriers between its phases (layers/decode_layer.py,
                                             kernels/triton_decode_layer.py); phases: one launch a phase (the A/B
                                             of the barriers); P programs of W warps an SM (default 1,8); opt-in
-                                            until measured (issue 29)
+                                            until measured (issues 29, 23)
   MESHSERVE_PDL=1|auto                      programmatic dependent launch of the decode-path Triton kernels on
                                             sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
                                             kernels/pdl.py); auto (the default): only for models whose hidden
@@ -445,8 +446,8 @@ def _decode_layer() -> tuple[bool, int, int] | None:
     except ValueError:
         programs = warps = 0
     if mode not in ("1", "phases") or programs < 1 or warps not in (1, 2, 4, 8, 16, 32):
-        raise InvalidArgumentError(f"{DECODE_LAYER_ENV} takes 1 or phases, optionally :P,W (programs an SM, "
-                                   f"warps: 1,8), got {raw!r}")
+        raise InvalidArgumentError(f"{DECODE_LAYER_ENV} takes 1 or phases, optionally :P,W (programs an SM and "
+                                   f"warps a program, e.g. 1:1,8), got {raw!r}")
     return mode == "1", programs, warps
 
 

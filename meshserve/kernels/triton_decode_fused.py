@@ -77,6 +77,26 @@ def _norm_rope_group(qkv_ptr, tok, stride_t, heads, row_valid, d, d_mask, w_ptr,
     return o.to(dt)
 
 
+@triton.jit
+def group_query(qkv_ptr, tok, stride_t, pos, cos_ptr, sin_ptr, stride_cos, stride_sin, qw_ptr, eps, kvh,
+                GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr, UPCAST_DOT: tl.constexpr, KV_FP8: tl.constexpr):
+    """KV head kvh's GQA group of q rows of token tok, normed and rotated in the tiles' layout (cos / sin cast to
+    q's dtype first), ready for the tile's dot -> (q, heads, row_valid, d, d_mask, c, s): c / s the cos / sin
+    row at d, for the caller's K."""
+    dt = qkv_ptr.dtype.element_ty
+    rows = tl.arange(0, ROWS)
+    row_valid = rows < GROUP
+    heads = kvh * GROUP + rows
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
+    s = tl.load(sin_ptr + pos * stride_sin + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
+    q = _norm_rope_group(qkv_ptr, tok, stride_t, heads, row_valid, d, d_mask, qw_ptr, eps, c, s,
+                         HEAD_DIM, HALF, HAS_NORM, dt)
+    return dot_query(q, UPCAST_DOT, KV_FP8), heads, row_valid, d, d_mask, c, s
+
+
 @triton.jit(do_not_specialize=["num_splits", "stride_btb"])  # see triton_attention._decode_split_kernel
 def _decode_fused_split_kernel(
     qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr,
@@ -106,18 +126,9 @@ def _decode_fused_split_kernel(
     tok = q_start.to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     dt = qkv_ptr.dtype.element_ty
-
-    # q: this group's rows, normed and rotated, in the tiles' layout (cos / sin cast to q's dtype first)
-    rows = tl.arange(0, ROWS)
-    row_valid = rows < GROUP
-    heads = kvh * GROUP + rows
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
-    c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
-    s = tl.load(sin_ptr + pos * stride_sin + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
-    q = _norm_rope_group(qkv_ptr, tok, stride_t, heads, row_valid, d, d_mask, qw_ptr, eps, c, s,
-                         HEAD_DIM, HALF, HAS_NORM, dt)
-    q = dot_query(q, UPCAST_DOT, KV_FP8)
+    q, heads, row_valid, d, d_mask, c, s = group_query(
+        qkv_ptr, tok, stride_t, pos, cos_ptr, sin_ptr, stride_cos, stride_sin, qw_ptr, eps, kvh, GROUP, ROWS,
+        HEAD_DIM, HALF, BLOCK_D, HAS_NORM, UPCAST_DOT, KV_FP8)
 
     # the current token's K/V: written by the split whose tiles hold position seq_len - 1 (split 0 when
     # seq_len is 0), before its tiles are read

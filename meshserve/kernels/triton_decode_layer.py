@@ -60,9 +60,8 @@ from meshserve.kernels.triton_attention import (
     decode_split_attend,
     decode_split_tiles,
 )
-from meshserve.kernels.triton_attention_tile import dot_query
 from meshserve.kernels.triton_decode_balanced import max_registers
-from meshserve.kernels.triton_decode_fused import _norm_rope_group
+from meshserve.kernels.triton_decode_fused import _norm_rope_group, group_query
 from meshserve.kernels.triton_gemv import _row_x, _stream_rows
 from meshserve.kernels.triton_kv_layout import v_offset
 from meshserve.kernels.triton_moe_routing import _route_row
@@ -213,16 +212,10 @@ def _attention_phase(
     writer = tl.maximum(tile_hi - 1 - tile_lo, 0) // tl.maximum(per_split, 1)
     pos = tl.load(pos_ptr).to(tl.int64)
     dt = qkv_ptr.dtype.element_ty
+    q, heads, row_valid, d, d_mask, c, s = group_query(
+        qkv_ptr, tok, 0, pos, cos_ptr, sin_ptr, stride_cos, stride_sin, qw_ptr, eps, kvh, GROUP, ROWS, HEAD_DIM,
+        HALF, BLOCK_D, HAS_NORM, UPCAST_DOT, KV_FP8)
     rows = tl.arange(0, ROWS)
-    row_valid = rows < GROUP
-    heads = kvh * GROUP + rows
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
-    c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
-    s = tl.load(sin_ptr + pos * stride_sin + d, mask=d_mask, other=0.0).to(dt).to(tl.float32)
-    q = _norm_rope_group(qkv_ptr, tok, 0, heads, row_valid, d, d_mask, qw_ptr, eps, c, s, HEAD_DIM, HALF, HAS_NORM,
-                         dt)
-    q = dot_query(q, UPCAST_DOT, KV_FP8)
     slot = tl.load(slot_ptr).to(tl.int64)
     if (slot >= 0) & (split == writer):  # (a graph's padding slot -1 writes nothing)
         k_row = rows == 0  # the KV head's one row, in the group's [ROWS, BLOCK_D] layout
@@ -306,8 +299,9 @@ def _decode_layer_kernel(
             w_pre = _preload(wr_ptr, NUM_EXPERTS, HIDDEN, pid, R_RT, P_RT)
         if PHASE_LO <= 2 and PHASE_HI >= 3:
             _grid_barrier(bar_ptr + 2, num_programs)
-        if PHASE_LO <= 3 and PHASE_HI >= 3:  # router logits = W_r rms_norm(h2)
+        if PHASE_LO <= 4 and PHASE_HI >= 3:  # h2 is complete: both phases norm it
             inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
+        if PHASE_LO <= 3 and PHASE_HI >= 3:  # router logits = W_r rms_norm(h2)
             _gemv_phase(h2_ptr, ln2_ptr, inv2, wr_ptr, wr_ptr, h2_ptr, logits_ptr, NUM_EXPERTS, HIDDEN, pid,
                         num_programs, w_pre, False, True, False, False, R_RT, K_RT, P_RT, PREFETCH)
         if PHASE_LO <= 3 and PHASE_HI >= 4:
@@ -319,7 +313,6 @@ def _decode_layer_kernel(
             if COUNT_LOAD:
                 if pid == 0:
                     tl.atomic_add(load_ptr + ids, tl.full([BLOCK_TOPK], 1, tl.int64), mask=kmask)
-            inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
             _moe_gate_up_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, gu_ptr, ids, slots, pid, num_programs, HIDDEN, INTER,
                                TOP_K, R_GU, K_GU, PREFETCH)
         if PHASE_LO <= 4 and PHASE_HI >= 5:

@@ -19,7 +19,10 @@
 #                                                             layer (8 warps; 4: 2 programs' registers fit an SM, so
 #                                                             PDL can start the next layer early) / one launch a
 #                                                             phase, two processes each); PARTS=layer_moe: W1
-#                                                             Qwen3-30B-A3B default / one launch a layer (~300 s)
+#                                                             Qwen3-30B-A3B default / one launch a layer (~300 s);
+#                                                             PARTS=layer_8b: W1 Llama-3.1-8B bf16, then fp8 weights
+#                                                             (`--quantization fp8`: the kernel's words path, issue
+#                                                             20), default / one launch a layer (~400 s)
 # W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
 # W2_8B, W2_QWEN or W2_BF16 (default each "DECODE_BALANCED=0": the split kernel, the default before the thirty-ninth
 # session; e.g. W2_8B="FP8_GEMM=triton DECODE_BALANCED=5"); PER_SM: the kernel timing's programs an SM (default
@@ -83,6 +86,11 @@ PY
     layer_moe)  # the same for Qwen3-30B-A3B's sparse layers (issue 23's W1), once PARTS=layer passed
       (OUT=$OUT/layer_moe_w1 JOBS="qwen3-30b-a3b:default qwen3-30b-a3b:DECODE_LAYER=1" REPEAT=2 \
         BUDGET=${LAYER_MOE_BUDGET:-300} bash tools/w1_ab_device.sh 2>&1 | tail -4) ;;
-    *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace, layer, layer_moe; got $part"; exit 1 ;;
+    layer_8b)  # W1 Llama-3.1-8B, bf16 then fp8 weights, once PARTS=layer passed (its tests include the fp8 path)
+      (OUT=$OUT/layer_8b_w1 JOBS="8b:default 8b:DECODE_LAYER=1" REPEAT=2 BUDGET=${LAYER_8B_BUDGET:-180} \
+        bash tools/w1_ab_device.sh 2>&1 | tail -4)
+      (OUT=$OUT/layer_8b_fp8_w1 JOBS="8b:default 8b:DECODE_LAYER=1" REPEAT=2 BENCH_ARGS="--quantization fp8" \
+        BUDGET=${LAYER_8B_BUDGET:-180} bash tools/w1_ab_device.sh 2>&1 | tail -4) ;;
+    *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace, layer, layer_moe, layer_8b; got $part"; exit 1 ;;
   esac
 done

@@ -1,6 +1,6 @@
 """A whole decoder layer in one launch at batch 1: its steps as phases of one persistent grid, a grid barrier
-between phases where the plain path has a kernel boundary (opt-in; dense Llama-family layers and sparse ones with
-softmax top-k routing).
+between phases where the plain path has a kernel boundary (opt-in; dense Llama-family layers, their projections
+16-bit or fp8 with a scale a row, and sparse 16-bit ones with softmax top-k routing).
 
 Why: W1 Qwen3-0.6B runs ~31 us a layer against 7.4 us of weight bytes (BENCHMARKS.md, twenty-third session),
 in six launches (four fold GEMVs, the prologue, attention): what is left is the boundaries; Qwen3-30B-A3B ~57 us
@@ -18,7 +18,7 @@ The phases, every intermediate rounded where the plain path rounds it:
   5  out = h2 + W_down silu(gate) * up; MoE: each chosen expert's w2 rows, its output rounded, scaled by its
      routing weight and summed in fp32 (kernels/moe_ref's order), the load counter counting the choices
 Each GEMV phase is a grid-stride loop over row blocks through triton_gemv._stream_rows (its K order, so its
-sums), and each program's first block's first columns load before the barrier the phase waits on (before PDL's
+sums; fp8 weights: the words GEMV's products, triton_decode_layer_fp8), and each program's first block's first columns load before the barrier the phase waits on (before PDL's
 wait for the QKV phase; o_proj's after the program's attention work): weights stream while the previous phase
 and the barrier finish (gemv_phase_tile). The input h is the whole residual stream and so is the output (the
 norm fold's convention, layers/norm_fold.py): the residual add happens in phases 2 and 4.
@@ -48,6 +48,7 @@ import triton.language as tl
 
 from meshserve.kernels.kv_layout import v_transposed
 from meshserve.kernels.pdl import gdc_kwargs, interpreting
+from meshserve.kernels.quant_ref import FP8_DTYPE
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
 from meshserve.kernels.triton_attention import (
     _LOG2E,
@@ -62,6 +63,7 @@ from meshserve.kernels.triton_attention import (
 )
 from meshserve.kernels.triton_decode_balanced import max_registers
 from meshserve.kernels.triton_decode_fused import _norm_rope_group, group_query
+from meshserve.kernels.triton_decode_layer_fp8 import fp8_rows, words_phase_tile
 from meshserve.kernels.triton_gemv import _row_x, _stream_rows
 from meshserve.kernels.triton_kv_layout import v_offset
 from meshserve.kernels.triton_moe_routing import _route_row
@@ -107,23 +109,31 @@ def _preload(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, PRE_K: tl.constexpr):
 
 
 @triton.jit
-def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, b_ptr, res_ptr, y_ptr, N, K, blk, w_pre,
+def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, b_ptr, res_ptr, y_ptr, N, K, blk, w_pre,
                GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr):
+               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr,
+               W_FP8: tl.constexpr, ASM: tl.constexpr):
     """One row block: y = W x (+ bias), its first PRE_K columns from w_pre (already loaded) when PRE_K > 0 (the
     fold GEMV's order: the preloaded columns' sum, then the streamed tiles'); RESIDUAL: y rounded, plus the
-    residual's rows, rounded again (the plain path's projection output, then rms_norm's residual add)."""
+    residual's rows, rounded again (the plain path's projection output, then rms_norm's residual add). W_FP8:
+    w_ptr the fp8 weight as words and s_ptr its row scales, BLOCK_K / PRE_K in words (triton_decode_layer_fp8)."""
     dt = y_ptr.dtype.element_ty
     rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
-    w_rows = w_ptr + rows[:, None].to(tl.int64) * K
-    y = tl.zeros([BLOCK_R], dtype=tl.float32)
-    if PRE_K > 0:
-        kp = tl.arange(0, PRE_K)
-        pmask = kp < K
-        y += tl.sum(w_pre.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kp, pmask, K, GATED, NORMED)[None, :], 1)
-    acc = _stream_rows(x_ptr, nw_ptr, inv_rms, w_rows, rmask, K, GATED, NORMED, BLOCK_R, BLOCK_K, PRE_K, PREFETCH)
-    y += tl.sum(acc, 1)
+    if W_FP8:
+        y = fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, K, w_pre, GATED, NORMED, BLOCK_R, BLOCK_K,
+                     PRE_K, ASM)
+    else:
+        w_rows = w_ptr + rows[:, None].to(tl.int64) * K
+        y = tl.zeros([BLOCK_R], dtype=tl.float32)
+        if PRE_K > 0:
+            kp = tl.arange(0, PRE_K)
+            pmask = kp < K
+            y += tl.sum(w_pre.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kp, pmask, K, GATED, NORMED)[None, :],
+                        1)
+        acc = _stream_rows(x_ptr, nw_ptr, inv_rms, w_rows, rmask, K, GATED, NORMED, BLOCK_R, BLOCK_K, PRE_K,
+                           PREFETCH)
+        y += tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     if RESIDUAL:
@@ -132,16 +142,17 @@ def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, b_ptr, res_ptr, y_ptr, N, K, blk, 
 
 
 @triton.jit
-def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, b_ptr, res_ptr, y_ptr, N, K, pid, num_programs, w_pre,
+def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, b_ptr, res_ptr, y_ptr, N, K, pid, num_programs, w_pre,
                 GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr):
+                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr,
+                W_FP8: tl.constexpr = False, ASM: tl.constexpr = False):
     """This program's row blocks pid, pid + num_programs, ...: the first with its preloaded columns."""
     if pid < tl.cdiv(N, BLOCK_R):
-        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, b_ptr, res_ptr, y_ptr, N, K, pid, w_pre, GATED, NORMED, HAS_BIAS,
-                   RESIDUAL, BLOCK_R, BLOCK_K, PRE_K, PREFETCH)
+        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, b_ptr, res_ptr, y_ptr, N, K, pid, w_pre, GATED, NORMED,
+                   HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, PRE_K, PREFETCH, W_FP8, ASM)
     for blk in range(pid + num_programs, tl.cdiv(N, BLOCK_R), num_programs):
-        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, b_ptr, res_ptr, y_ptr, N, K, blk, w_pre, GATED, NORMED, HAS_BIAS,
-                   RESIDUAL, BLOCK_R, BLOCK_K, 0, PREFETCH)
+        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, b_ptr, res_ptr, y_ptr, N, K, blk, w_pre, GATED, NORMED,
+                   HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, 0, PREFETCH, W_FP8, ASM)
 
 
 @triton.jit
@@ -243,7 +254,7 @@ def _attention_phase(
 @triton.jit(do_not_specialize=["num_programs"])
 def _decode_layer_kernel(
     h_ptr, ln1_ptr, wqkv_ptr, bqkv_ptr, qw_ptr, kw_ptr, wo_ptr, bo_ptr, ln2_ptr, wgu_ptr, bgu_ptr, wd_ptr, bd_ptr,
-    pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr,
+    sqkv_ptr, so_ptr, sgu_ptr, sd_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr,
     qkv_ptr, attn_ptr, h2_ptr, gu_ptr, out_ptr, bar_ptr, ws_acc_ptr, ws_ml_ptr, ticket_ptr,
     wr_ptr, logits_ptr, load_ptr,
     num_programs, eps, qk_eps, scale_log2, k_scale, v_scale, route_scale, stride_cos, stride_sin,
@@ -260,22 +271,25 @@ def _decode_layer_kernel(
     HAS_NORM: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr,
     V_T: tl.constexpr, PREFETCH: tl.constexpr, PHASE_LO: tl.constexpr, PHASE_HI: tl.constexpr,
-    USE_GDC: tl.constexpr = False,
+    W_FP8: tl.constexpr = False, ASM: tl.constexpr = False, USE_GDC: tl.constexpr = False,
 ):
     """The layer's phases PHASE_LO..PHASE_HI (module docstring), a barrier between consecutive ones (phase 3 only
     in a MoE layer). R_* / K_* / P_*: each GEMV phase's rows a block, columns a streamed tile and columns
-    preloaded before its barrier (P 0: none; a MoE layer's experts are known only after the routing)."""
+    preloaded before its barrier (P 0: none; a MoE layer's experts are known only after the routing). W_FP8: the
+    four projections' weights are fp8 as uint32 words with row scales s*_ptr, their K / P in words (ASM: the
+    words' inline PTX, compiled code only)."""
+    W_PACK: tl.constexpr = 4 if W_FP8 else 1  # features a weight element holds
     pid = tl.program_id(0)
     QKV_N: tl.constexpr = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
     Q_DIM: tl.constexpr = NUM_HEADS * HEAD_DIM
     w_pre = 0.0
     if PHASE_LO <= 0 and PHASE_HI >= 0:
-        w_pre = _preload(wqkv_ptr, QKV_N, HIDDEN, pid, R_QKV, P_QKV)
+        w_pre = _preload(wqkv_ptr, QKV_N, HIDDEN // W_PACK, pid, R_QKV, P_QKV)
     gdc_wait(USE_GDC)  # h is the previous layer's output (and the metadata the step's inputs)
     if PHASE_LO <= 0 and PHASE_HI >= 0:
         inv = _inv_rms(h_ptr, HIDDEN, eps, BLOCK_H)
-        _gemv_phase(h_ptr, ln1_ptr, inv, wqkv_ptr, bqkv_ptr, h_ptr, qkv_ptr, QKV_N, HIDDEN, pid, num_programs,
-                    w_pre, False, True, HAS_QKV_BIAS, False, R_QKV, K_QKV, P_QKV, PREFETCH)
+        _gemv_phase(h_ptr, ln1_ptr, inv, wqkv_ptr, sqkv_ptr, bqkv_ptr, h_ptr, qkv_ptr, QKV_N, HIDDEN, pid,
+                    num_programs, w_pre, False, True, HAS_QKV_BIAS, False, R_QKV, K_QKV, P_QKV, PREFETCH, W_FP8, ASM)
     if PHASE_LO <= 0 and PHASE_HI >= 1:
         _grid_barrier(bar_ptr, num_programs)
     if PHASE_LO <= 1 and PHASE_HI >= 1:
@@ -288,12 +302,12 @@ def _decode_layer_kernel(
                 BLOCK_SIZE, BLOCK_N, ATTN_SPLITS, HAS_NORM, UPCAST_DOT, DOT_PRECISION, KV_FP8, FP8_TILE, V_T,
             )
     if PHASE_LO <= 2 and PHASE_HI >= 2:  # o_proj's first columns: the programs without a KV head at once
-        w_pre = _preload(wo_ptr, HIDDEN, Q_DIM, pid, R_O, P_O)
+        w_pre = _preload(wo_ptr, HIDDEN, Q_DIM // W_PACK, pid, R_O, P_O)
     if PHASE_LO <= 1 and PHASE_HI >= 2:
         _grid_barrier(bar_ptr + 1, num_programs)
     if PHASE_LO <= 2 and PHASE_HI >= 2:
-        _gemv_phase(attn_ptr, attn_ptr, 1.0, wo_ptr, bo_ptr, h_ptr, h2_ptr, HIDDEN, Q_DIM, pid, num_programs,
-                    w_pre, False, False, HAS_O_BIAS, True, R_O, K_O, P_O, PREFETCH)
+        _gemv_phase(attn_ptr, attn_ptr, 1.0, wo_ptr, so_ptr, bo_ptr, h_ptr, h2_ptr, HIDDEN, Q_DIM, pid,
+                    num_programs, w_pre, False, False, HAS_O_BIAS, True, R_O, K_O, P_O, PREFETCH, W_FP8, ASM)
     if MOE:
         if PHASE_LO <= 3 and PHASE_HI >= 3:  # the router's first columns (its rows: one or two a program)
             w_pre = _preload(wr_ptr, NUM_EXPERTS, HIDDEN, pid, R_RT, P_RT)
@@ -302,7 +316,7 @@ def _decode_layer_kernel(
         if PHASE_LO <= 4 and PHASE_HI >= 3:  # h2 is complete: both phases norm it
             inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
         if PHASE_LO <= 3 and PHASE_HI >= 3:  # router logits = W_r rms_norm(h2)
-            _gemv_phase(h2_ptr, ln2_ptr, inv2, wr_ptr, wr_ptr, h2_ptr, logits_ptr, NUM_EXPERTS, HIDDEN, pid,
+            _gemv_phase(h2_ptr, ln2_ptr, inv2, wr_ptr, wr_ptr, wr_ptr, h2_ptr, logits_ptr, NUM_EXPERTS, HIDDEN, pid,
                         num_programs, w_pre, False, True, False, False, R_RT, K_RT, P_RT, PREFETCH)
         if PHASE_LO <= 3 and PHASE_HI >= 4:
             _grid_barrier(bar_ptr + 3, num_programs)
@@ -322,20 +336,21 @@ def _decode_layer_kernel(
                             TOP_K, R_D, K_D, PREFETCH)
     else:
         if PHASE_LO <= 4 and PHASE_HI >= 4:
-            w_pre = _preload(wgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, P_GU)
+            w_pre = _preload(wgu_ptr, 2 * INTER, HIDDEN // W_PACK, pid, R_GU, P_GU)
         if PHASE_LO <= 2 and PHASE_HI >= 4:
             _grid_barrier(bar_ptr + 2, num_programs)
         if PHASE_LO <= 4 and PHASE_HI >= 4:
             inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
-            _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, bgu_ptr, h2_ptr, gu_ptr, 2 * INTER, HIDDEN, pid,
-                        num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU, PREFETCH)
+            _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, sgu_ptr, bgu_ptr, h2_ptr, gu_ptr, 2 * INTER, HIDDEN, pid,
+                        num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU, PREFETCH, W_FP8,
+                        ASM)
         if PHASE_LO <= 5 and PHASE_HI >= 5:
-            w_pre = _preload(wd_ptr, HIDDEN, INTER, pid, R_D, P_D)
+            w_pre = _preload(wd_ptr, HIDDEN, INTER // W_PACK, pid, R_D, P_D)
         if PHASE_LO <= 4 and PHASE_HI >= 5:
             _grid_barrier(bar_ptr + 4, num_programs)
         if PHASE_LO <= 5 and PHASE_HI >= 5:
-            _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, bd_ptr, h2_ptr, out_ptr, HIDDEN, INTER, pid, num_programs,
-                        w_pre, True, False, HAS_D_BIAS, True, R_D, K_D, P_D, PREFETCH)
+            _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, sd_ptr, bd_ptr, h2_ptr, out_ptr, HIDDEN, INTER, pid,
+                        num_programs, w_pre, True, False, HAS_D_BIAS, True, R_D, K_D, P_D, PREFETCH, W_FP8, ASM)
     gdc_trigger_late(USE_GDC)
 
 
@@ -365,24 +380,37 @@ class DecodeLayerWeights:
     """One decoder layer's tensors as the kernel reads them (contiguous rows; biases and q/k norms optional).
     A MoE layer (router given): wgu / wd are the experts' w13 [E, 2I, H] (gate rows, then up rows) and w2
     [E, H, I], wr the router [E, H], routing (top k, renormalize, scaling) a softmax top-k's
-    (layers/moe_routing.SoftmaxTopK.as_softmax_topk), expert_load the per-expert counter (int64 [E]) or None."""
+    (layers/moe_routing.SoftmaxTopK.as_softmax_topk), expert_load the per-expert counter (int64 [E]) or None.
+    scales: fp8 projections' (e4m3 wqkv, wo, wgu, wd), their fp32 row scales (sqkv, so, sgu, sd); a dense layer's
+    four together or none."""
 
     __slots__ = ("ln1", "wqkv", "bqkv", "q_norm", "k_norm", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd", "eps",
-                 "qk_eps", "wr", "routing", "expert_load")
+                 "qk_eps", "wr", "routing", "expert_load", "scales")
 
     def __init__(self, ln1, wqkv, wo, ln2, wgu, wd, eps, *, bqkv=None, q_norm=None, k_norm=None, bo=None,
-                 bgu=None, bd=None, qk_eps=None, wr=None, routing=None, expert_load=None):
+                 bgu=None, bd=None, qk_eps=None, wr=None, routing=None, expert_load=None, scales=None):
         self.ln1, self.wqkv, self.bqkv, self.wo, self.bo = ln1, wqkv, bqkv, wo, bo
         self.q_norm, self.k_norm, self.ln2, self.wgu, self.bgu, self.wd, self.bd = q_norm, k_norm, ln2, wgu, bgu, wd, bd
         self.eps = float(eps)
         self.qk_eps = float(eps if qk_eps is None else qk_eps)
         self.wr, self.routing, self.expert_load = wr, routing, expert_load
+        self.scales = None if scales is None else tuple(scales)
         if (wr is None) != (routing is None):
             raise ValueError("DecodeLayerWeights: a MoE layer takes both the router and its routing")
+        fp8 = [t.dtype == FP8_DTYPE for t in (wqkv, wo, wgu, wd)]
+        if any(fp8) and (not all(fp8) or self.scales is None or len(self.scales) != 4 or self.moe):
+            raise ValueError("DecodeLayerWeights: fp8 weights are a dense layer's four projections, with their "
+                             "four row scales")
+        if self.scales is not None and not all(fp8):
+            raise ValueError("DecodeLayerWeights: row scales belong to fp8 weights")
 
     @property
     def moe(self) -> bool:
         return self.wr is not None
+
+    @property
+    def fp8(self) -> bool:
+        return self.scales is not None
 
 
 # (device, the launch's constants, programs an SM) whose one-wave check passed: the check compiles (or finds) the
@@ -398,6 +426,17 @@ def _check_one_wave(key: tuple, kernel, programs_per_sm: int, num_warps: int) ->
         raise ValueError(f"decode_layer: {programs_per_sm} programs an SM of {num_warps} warps and {shared} B of "
                          "shared memory cannot all be resident; the grid barrier would never open")
     _one_wave_checked.add(key)
+
+
+def _check_fp8(h: torch.Tensor, w: DecodeLayerWeights) -> None:
+    """fp8 weights as the kernel reads them: a 16-bit row (the batch-1 GEMV's weight-only semantics), rows of
+    whole words (K a multiple of 4), fp32 row scales [N]."""
+    if h.element_size() != 2:
+        raise ValueError(f"decode_layer: fp8 weights take a 16-bit row, got {h.dtype}")
+    for name, t, s in zip(("qkv", "o", "gate_up", "down"), (w.wqkv, w.wo, w.wgu, w.wd), w.scales):
+        if t.shape[1] % 4 or s.dtype != torch.float32 or s.shape != (t.shape[0],) or not s.is_contiguous():
+            raise ValueError(f"decode_layer: the fp8 {name} weight {tuple(t.shape)} needs K a multiple of 4 and "
+                             f"fp32 row scales [{t.shape[0]}], got {s.dtype} {tuple(s.shape)}")
 
 
 def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor, cos_cache: torch.Tensor,
@@ -426,6 +465,8 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         raise ValueError("decode_layer: the gate/up and down weights do not match")
     if w.moe and (w.wr.shape != (experts[0], hidden) or w.bgu is not None or w.bd is not None):
         raise ValueError("decode_layer: a MoE layer takes a router of [experts, hidden] and no expert biases")
+    if w.fp8:
+        _check_fp8(h, w)
     if barriers.dtype != torch.int32 or barriers.numel() < BARRIERS_PER_LAYER:
         raise ValueError(f"decode_layer needs {BARRIERS_PER_LAYER} int32 barrier counters")
     dev, dt = h.device, h.dtype
@@ -453,10 +494,13 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
     has_norm = w.q_norm is not None
     cap = max_registers(programs_per_sm, num_warps) if h.is_cuda else None
     gdc = gdc_kwargs(h, pdl, programs=num_programs, num_warps=num_warps) if one_launch else {"USE_GDC": False}
+    # fp8 weights as uint32 words (four features each), their row scales beside them
+    wqkv, wo, wgu, wd = (t.view(torch.int32) if w.fp8 else t for t in (w.wqkv, w.wo, w.wgu, w.wd))
+    scales = w.scales if w.fp8 else (h, h, h, h)
     args = (
-        h, w.ln1, w.wqkv, w.bqkv if w.bqkv is not None else w.wqkv, w.q_norm if has_norm else h,
-        w.k_norm if has_norm else h, w.wo, w.bo if w.bo is not None else w.wo, w.ln2, w.wgu,
-        w.bgu if w.bgu is not None else w.wgu, w.wd, w.bd if w.bd is not None else w.wd,
+        h, w.ln1, wqkv, w.bqkv if w.bqkv is not None else h, w.q_norm if has_norm else h,
+        w.k_norm if has_norm else h, wo, w.bo if w.bo is not None else h, w.ln2, wgu,
+        w.bgu if w.bgu is not None else h, wd, w.bd if w.bd is not None else h, *scales,
         positions, cos_cache, sin_cache, slot_mapping, kv_cache, block_tables, seq_lens,
         qkv, attn, h2, gu, out, barriers, ws_acc, ws_ml, tickets,
         w.wr if w.moe else h, logits, w.expert_load if w.expert_load is not None else barriers,
@@ -476,13 +520,16 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         FP8_TILE=_fp8_tile(fp8_path, h, kv_cache), V_T=v_transposed(kv_cache), PREFETCH=True,
         MOE=w.moe, NUM_EXPERTS=experts[0] if w.moe else 1, TOP_K=top_k, RENORMALIZE=bool(w.moe and w.routing[1]),
         BLOCK_E=_next_pow2(experts[0]) if w.moe else 1, BLOCK_TOPK=_next_pow2(top_k),
-        COUNT_LOAD=w.expert_load is not None,
+        COUNT_LOAD=w.expert_load is not None, W_FP8=w.fp8, ASM=w.fp8 and h.is_cuda and not interpreting(),
         num_warps=num_warps, num_stages=1, **({} if cap is None else {"maxnreg": cap}),
     )
     threads = 32 * num_warps
     for name, n, k in (("QKV", w.wqkv.shape[0], hidden), ("O", hidden, num_heads * head_dim),
                        ("GU", top_k * 2 * inter, hidden), ("D", hidden, inter), ("RT", logits.numel(), hidden)):
-        consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = gemv_phase_tile(n, k, num_programs, threads)
+        tile = gemv_phase_tile(n, k, num_programs, threads)
+        if w.fp8 and name != "RT":  # (the router is never quantized)
+            tile = words_phase_tile(*tile, k)
+        consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = tile
     if w.moe:  # an expert's rows a gate/up block; the experts' weights are known only after the routing
         while (2 * inter) % consts["R_GU"]:
             consts["R_GU"] //= 2
@@ -507,19 +554,23 @@ def decode_layer_ref(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Te
     """The plain path's ops composed (rms_norm, the projections, qkv_rope_cache's split / norm / rotary / write,
     paged attention, SiLU-and-mul): h [1, HIDDEN] -> the next residual stream; writes the cache as it goes."""
     from meshserve.kernels.attention_ref import paged_attention_ref
+    from meshserve.kernels.moe_ref import fused_experts_ref, softmax_topk_ref
+    from meshserve.kernels.quant_ref import fp8_weight_only_ref
     from meshserve.kernels.triton_ops import qkv_rope_cache_ref, rms_norm_ref, silu_and_mul_ref
 
-    from meshserve.kernels.moe_ref import fused_experts_ref, softmax_topk_ref
+    def linear(x, i, weight, bias):  # the i-th projection: fp8 weights as the batch-1 GEMV reads them
+        return F.linear(x, weight, bias) if not w.fp8 else fp8_weight_only_ref(x, weight, w.scales[i], bias)
 
     dt = h.dtype
-    qkv = F.linear(rms_norm_ref(h, w.ln1, w.eps), w.wqkv, w.bqkv)
+    qkv = linear(rms_norm_ref(h, w.ln1, w.eps), 0, w.wqkv, w.bqkv)
     q = qkv_rope_cache_ref(qkv, positions, cos_cache, sin_cache, w.q_norm, w.k_norm, w.qk_eps, kv_cache,
                            meta.slot_mapping, num_heads, num_kv_heads, k_scale, v_scale)
     attn = paged_attention_ref(q, kv_cache, meta, scale, None, k_scale, v_scale).flatten(1)
-    h2 = (F.linear(attn, w.wo, w.bo).float() + h.float()).to(dt)
+    h2 = (linear(attn, 1, w.wo, w.bo).float() + h.float()).to(dt)
     x = rms_norm_ref(h2, w.ln2, w.eps)
     if w.moe:
         top_k, renormalize, scaling = w.routing
         weights, ids = softmax_topk_ref(F.linear(x, w.wr), top_k, renormalize, scaling, w.expert_load)
         return (fused_experts_ref(x, w.wgu, w.wd, weights, ids).float() + h2.float()).to(dt)
-    return (F.linear(silu_and_mul_ref(F.linear(x, w.wgu, w.bgu)), w.wd, w.bd).float() + h2.float()).to(dt)
+    gu = silu_and_mul_ref(linear(x, 2, w.wgu, w.bgu))
+    return (linear(gu, 3, w.wd, w.bd).float() + h2.float()).to(dt)

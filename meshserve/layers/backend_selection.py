@@ -41,8 +41,9 @@ Overrides (environment, read only here, for debugging and references):
                                             by default on where the batch-1 step is launch-bound (the PDL auto
                                             rule: H200 Qwen3-0.6B decode graph -1.3% and -1.5% on 2026-12-02; it
                                             cost the 8B 3.2%), 0 off, 1 on for any model
-  MESHSERVE_DECODE_LAYER=1|phases[:P,W]     batch 1: each decoder layer of an unquantized Llama-family model
-                                            (dense, or sparse with softmax top-k routing) in one persistent
+  MESHSERVE_DECODE_LAYER=1|phases[:P,W]     batch 1: each decoder layer of a Llama-family model (dense, 16-bit
+                                            or fp8 weights with a scale a row; or sparse, 16-bit, with softmax
+                                            top-k routing) in one persistent
                                             launch, grid barriers between its phases (layers/decode_layer.py,
                                             kernels/triton_decode_layer.py); phases: one launch a phase (the A/B
                                             of the barriers); P programs of W warps an SM (default 1,8); opt-in

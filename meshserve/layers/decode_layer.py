@@ -2,15 +2,18 @@
 
 kernels/triton_decode_layer.py runs a Llama-family layer (RMSNorm, QKV, q/k norm + rotary + KV write, attention,
 o_proj + residual, RMSNorm, gate/up, SiLU-and-mul, down + residual) as phases of one grid with barriers
-between them; a sparse layer of Mixtral or Qwen2/3-MoE (softmax top-k routing, no shared expert) with its
-router's phase and the chosen experts' rows in place of the MLP's. The hidden state between layers is then the whole residual stream, as with the norm fold
-(layers/norm_fold.py): the residual is None coming in and going out, and the model's final norm runs alone.
+between them, its projections 16-bit or fp8 with a scale a row (`--quantization fp8` and per-channel fp8
+checkpoints, bf16 / fp16 models: the words GEMV's products); a sparse layer of Mixtral or Qwen2/3-MoE (softmax
+top-k routing, no shared expert) with its router's phase and the chosen experts' rows in place of the MLP's.
+The hidden state between layers is then the whole residual stream, as with the norm fold (layers/norm_fold.py):
+the residual is None coming in and going out, and the model's final norm runs alone.
 
 Where it does not apply, begin returns None and the layers run their usual path: more than one row or more
 than one sequence, a step with prompt tokens, not on a GPU, tensor parallelism or pipeline stages (the model's
-check), quantized projections, layers whose attention or MLP is not Llama's own, a sliding window, an attention
-backend other than Triton's, weights that are not contiguous rows, or MoE layers the kernel does not route
-(expert parallel, quantized experts, a shared expert, grouped or sigmoid routing).
+check), other quantized projections (int4, block-wise fp8, or a mix of formats in a layer), layers whose
+attention or MLP is not Llama's own, a sliding window, an attention backend other than Triton's, weights that
+are not contiguous rows, or MoE layers the kernel does not route (expert parallel, quantized experts or
+attention projections, a shared expert, grouped or sigmoid routing).
 """
 
 from __future__ import annotations
@@ -50,6 +53,23 @@ def _moe_fits(mlp: nn.Module, dtype: torch.dtype) -> bool:
             and router.weight.dtype == dtype and _rows(router.weight))
 
 
+def _plain(lin: nn.Module, dtype: torch.dtype) -> bool:
+    return not lin.quantized and lin.weight.dtype == dtype and _rows(lin.weight)
+
+
+def _fp8_rows(lin: nn.Module, dtype: torch.dtype) -> bool:
+    """fp8 weights with a scale a row (layers/quantization/fp8.py), as the kernel's words read them, under a 16-bit
+    row (the batch-1 GEMV's weight-only semantics)."""
+    from meshserve.kernels.quant_ref import FP8_DTYPE
+    from meshserve.layers.quantization.fp8 import Fp8LinearMethod
+
+    if not isinstance(lin.quant_method, Fp8LinearMethod) or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    w, s = lin.weight, lin.weight_scale
+    return (w.dtype == FP8_DTYPE and _rows(w) and w.shape[1] % 4 == 0 and s.dtype == torch.float32
+            and s.shape == (w.shape[0],) and s.is_contiguous())
+
+
 def _layer_fits(layer: nn.Module, dtype: torch.dtype) -> bool:
     from meshserve.kernels.triton_attention import TritonAttentionBackend
 
@@ -58,13 +78,14 @@ def _layer_fits(layer: nn.Module, dtype: torch.dtype) -> bool:
     attn, mlp = layer.self_attn, layer.mlp
     if getattr(layer, "folds_mlp_norm", False):
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        fits = all(_plain(lin, dtype) for lin in linears) or all(_fp8_rows(lin, dtype) for lin in linears)
     elif _moe_fits(mlp, dtype):
-        linears = (attn.qkv_proj, attn.o_proj)
+        fits = all(_plain(lin, dtype) for lin in (attn.qkv_proj, attn.o_proj))
     else:
         return False
     cache_layer = attn.attn
     return (
-        all(not lin.quantized and lin.weight.dtype == dtype and _rows(lin.weight) for lin in linears)
+        fits
         and cache_layer.kv_cache is not None
         and cache_layer.sliding_window is None
         and isinstance(cache_layer.backend, TritonAttentionBackend)
@@ -85,9 +106,11 @@ def layer_weights(layer: nn.Module):
             experts.w2_weight, norms[0].eps, wr=mlp.gate.weight, routing=experts.softmax_topk_args,
             expert_load=experts.expert_load, **common,
         )
+    linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    scales = tuple(lin.weight_scale for lin in linears) if attn.qkv_proj.quantized else None  # fp8 (_fp8_rows)
     return _kernels().DecodeLayerWeights(
         norms[0].weight, attn.qkv_proj.weight, attn.o_proj.weight, norms[1].weight, mlp.gate_up_proj.weight,
-        mlp.down_proj.weight, norms[0].eps, bgu=mlp.gate_up_proj.bias, bd=mlp.down_proj.bias, **common,
+        mlp.down_proj.weight, norms[0].eps, bgu=mlp.gate_up_proj.bias, bd=mlp.down_proj.bias, scales=scales, **common,
     )
 
 

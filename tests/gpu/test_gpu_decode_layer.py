@@ -18,7 +18,8 @@ from tests.near_tie import assert_agree_until_near_tie
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _run(model: str, dtype: str, monkeypatch, switch: str, eager: bool = False, kv_cache_dtype: str = "auto"):
+def _run(model: str, dtype: str, monkeypatch, switch: str, eager: bool = False, kv_cache_dtype: str = "auto",
+         quantization: str | None = None):
     """(outputs, decode_layer calls) of one engine over two prompts; the engine is shut down after."""
     from meshserve import LLM, SamplingParams
     from meshserve.kernels import triton_decode_layer
@@ -31,7 +32,7 @@ def _run(model: str, dtype: str, monkeypatch, switch: str, eager: bool = False, 
     monkeypatch.setattr(triton_decode_layer, "decode_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
     llm = LLM(model=model, load_format="dummy", dtype=dtype, max_model_len=4096, enforce_eager=eager,
               hf_overrides={"num_hidden_layers": 3}, gpu_memory_utilization=0.5, max_num_seqs=8, seed=0,
-              kv_cache_dtype=kv_cache_dtype)
+              kv_cache_dtype=kv_cache_dtype, quantization=quantization)
     try:
         params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=2)
         outs = []
@@ -67,6 +68,17 @@ def test_decode_layer_keeps_bf16_greedy_tokens_until_a_near_tie(model, eager, mo
 def test_decode_layer_over_an_fp8_cache_keeps_greedy_tokens_until_a_near_tie(monkeypatch):
     plain, _ = _run("qwen3-0.6b", "bfloat16", monkeypatch, "0", kv_cache_dtype="fp8")
     fused, calls = _run("qwen3-0.6b", "bfloat16", monkeypatch, "1", kv_cache_dtype="fp8")
+    assert calls > 0
+    for a, b in zip(plain, fused):
+        assert_agree_until_near_tie(a, b)
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen3-0.6b"])
+def test_decode_layer_with_fp8_weights_keeps_greedy_tokens_until_a_near_tie(model, monkeypatch):
+    """`--quantization fp8` (e4m3 weights, a scale a row): the kernel's words path against the plain path's fp8
+    words GEMV, both weight-only at batch 1."""
+    plain, _ = _run(model, "bfloat16", monkeypatch, "0", quantization="fp8")
+    fused, calls = _run(model, "bfloat16", monkeypatch, "1", quantization="fp8")
     assert calls > 0
     for a, b in zip(plain, fused):
         assert_agree_until_near_tie(a, b)

@@ -29,6 +29,7 @@ if importlib.util.find_spec("triton") is not None:
         decode_layer,
         decode_layer_ref,
     )
+    from meshserve.kernels.quant_ref import quantize_fp8_per_channel
     from tests.kernels.test_triton_decode_fused import fused_case
 
 
@@ -118,6 +119,63 @@ def test_layer_over_an_fp8_cache_interp(case):
     torch.testing.assert_close(out, expect, atol=atol, rtol=atol)
 
 
+def fp8_weights(w):
+    """w with its four projections quantized to e4m3 per output row (layers/quantization/fp8.py's online
+    quantizer), their scales beside them."""
+    quantized = [quantize_fp8_per_channel(t) for t in (w.wqkv, w.wo, w.wgu, w.wd)]
+    (wqkv, sqkv), (wo, so), (wgu, sgu), (wd, sd) = quantized
+    return DecodeLayerWeights(w.ln1, wqkv, wo, w.ln2, wgu, wd, w.eps, bqkv=w.bqkv, q_norm=w.q_norm, k_norm=w.k_norm,
+                              bo=w.bo, bgu=w.bgu, bd=w.bd, qk_eps=w.qk_eps, scales=(sqkv, so, sgu, sd))
+
+
+@interp
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_programs", [1, 3])
+def test_layer_with_fp8_weights_matches_reference_interp(case, dtype, num_programs):
+    """fp8 projections (e4m3 words, a scale a row): each word's four products in fp16 against its x scaled to
+    32 at most, as the words GEMV takes them, against the dequantized weights' fp32 products."""
+    seq_len, hidden, heads, kv_heads, head_dim, inter, qk_norm, bias = case
+    h, w, pos, cos, sin, cache, meta, scale, *_ = layer_case(seq_len, hidden, heads, kv_heads, head_dim, inter, dtype,
+                                                             qk_norm, bias, seq_len)
+    w = fp8_weights(w)
+    assert w.fp8 and w.wqkv.dtype == torch.float8_e4m3fn
+    ref_cache, got_cache = cache.clone(), cache.clone()
+    expect = decode_layer_ref(h, w, pos, cos, sin, ref_cache, meta, scale, heads, kv_heads)
+    bars = torch.zeros(BARRIERS_PER_LAYER, dtype=torch.int32)
+    out = decode_layer(h, w, pos, cos, sin, got_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale,
+                       heads, kv_heads, bars, num_programs=num_programs, attn_splits=2)
+    tol = 2e-2 if dtype == torch.float16 else 5e-2
+    torch.testing.assert_close(out, expect, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_cache, ref_cache, atol=tol, rtol=tol)
+    if dtype == torch.bfloat16:
+        return  # (bf16's roundings of the intermediates, ~1% apart, hide the weights' error)
+    # the fp8 weights are what it read: the layer's 16-bit weights give outputs further off on average
+    dequant = layer_case(seq_len, hidden, heads, kv_heads, head_dim, inter, dtype, qk_norm, bias, seq_len)[1]
+    plain = decode_layer_ref(h, dequant, pos, cos, sin, cache.clone(), meta, scale, heads, kv_heads)
+    assert (plain.float() - expect.float()).abs().mean() > 2 * (out.float() - expect.float()).abs().mean()
+
+
+@interp
+def test_layer_rejects_mixed_or_unscaled_fp8_weights_interp():
+    h, w, pos, cos, sin, cache, meta, scale, *_ = layer_case(37, 64, 4, 2, 16, 96, torch.float16)
+    q = fp8_weights(w)
+    with pytest.raises(ValueError, match="four projections"):
+        DecodeLayerWeights(w.ln1, q.wqkv, w.wo, w.ln2, w.wgu, w.wd, w.eps, scales=q.scales)
+    with pytest.raises(ValueError, match="four projections"):
+        DecodeLayerWeights(w.ln1, q.wqkv, q.wo, w.ln2, q.wgu, q.wd, w.eps)
+    with pytest.raises(ValueError, match="row scales belong"):
+        DecodeLayerWeights(w.ln1, w.wqkv, w.wo, w.ln2, w.wgu, w.wd, w.eps, scales=q.scales)
+    bars = torch.zeros(BARRIERS_PER_LAYER, dtype=torch.int32)
+    args = (pos, cos, sin, cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale, 4, 2, bars)
+    with pytest.raises(ValueError, match="16-bit row"):
+        decode_layer(h.float(), q, *args)
+    bad = copy.copy(q)
+    bad.scales = (q.scales[0].half(), *q.scales[1:])
+    with pytest.raises(ValueError, match="fp32 row scales"):
+        decode_layer(h, bad, *args)
+
+
 def moe_weights(w, experts: int, top_k: int, renormalize: bool, seed: int = 0):
     """w (a dense layer's) with MoE experts in place of its MLP: a router and E experts of w's widths, and a
     load counter."""
@@ -182,6 +240,7 @@ def test_layer_rejects_what_it_cannot_run_interp():
 _COMPILE_SM90 = COMPILE_SM90_PRELUDE + """
 import os, subprocess, tempfile
 from meshserve.kernels.triton_decode_layer import _decode_layer_kernel, gemv_phase_tile
+from meshserve.kernels.triton_decode_layer_fp8 import words_phase_tile
 sig = {n: "*bf16" for n in _decode_layer_kernel.arg_names if n.endswith("_ptr")}
 sig.update(pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", slot_ptr="*i64", bt_ptr="*i64", seq_lens_ptr="*i64",
            bar_ptr="*i32", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32", ticket_ptr="*i32", load_ptr="*i64", eps="fp32",
@@ -192,10 +251,14 @@ tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 def check(consts, shapes, barriers):
     for name, n, k in shapes:
-        consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = gemv_phase_tile(n, k, 132, 256)  # an H200
+        tile = gemv_phase_tile(n, k, 132, 256)  # an H200
+        consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = (
+            words_phase_tile(*tile, k) if consts["W_FP8"] and name != "RT" else tile)
     if consts["MOE"]:
         consts["P_GU"] = consts["P_D"] = 0
-    k = compile_sm90(_decode_layer_kernel, sig, consts, 8, 1)
+    fp8 = {n: "*i32" for n in ("wqkv_ptr", "wo_ptr", "wgu_ptr", "wd_ptr")} if consts["W_FP8"] else {}
+    fp8.update({n: "*fp32" for n in ("sqkv_ptr", "so_ptr", "sgu_ptr", "sd_ptr")})
+    k = compile_sm90(_decode_layer_kernel, {**sig, **fp8}, consts, 8, 1)
     ptx = k.asm["ptx"]
     # a barrier: a release add (its result unused: red) and a spin on an acquire load (Triton lowers the add of 0
     # to one); attention's tensor-core tile (its KV splits merged inline: the tickets' acq_rel atomics besides);
@@ -215,7 +278,7 @@ def check(consts, shapes, barriers):
 base = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64, ATTN_SPLITS=8, HAS_QKV_BIAS=False,
             HAS_O_BIAS=False, HAS_GU_BIAS=False, HAS_D_BIAS=False, HAS_NORM=True, UPCAST_DOT=False,
             DOT_PRECISION="tf32", KV_FP8=False, FP8_TILE="convert", V_T=False, PREFETCH=True, PHASE_LO=0, PHASE_HI=5,
-            USE_GDC=2)
+            USE_GDC=2, W_FP8=False, ASM=False)
 # Qwen3-0.6B's layer, every phase in one launch under PDL's late trigger: four barriers
 dense = dict(base, HIDDEN=1024, INTER=3072, NUM_HEADS=16, NUM_KV_HEADS=8, GROUP=2, ROWS=16, BLOCK_H=1024, MOE=False,
              NUM_EXPERTS=1, TOP_K=1, RENORMALIZE=False, BLOCK_E=1, BLOCK_TOPK=1, COUNT_LOAD=False)
@@ -224,6 +287,11 @@ check(dense, (("QKV", 4096, 1024), ("O", 1024, 2048), ("GU", 6144, 1024), ("D", 
 moe = dict(base, HIDDEN=2048, INTER=768, NUM_HEADS=32, NUM_KV_HEADS=4, GROUP=8, ROWS=16, BLOCK_H=2048, MOE=True,
            NUM_EXPERTS=128, TOP_K=8, RENORMALIZE=True, BLOCK_E=128, BLOCK_TOPK=8, COUNT_LOAD=True)
 check(moe, (("QKV", 5120, 2048), ("O", 2048, 4096), ("GU", 8 * 1536, 2048), ("D", 2048, 768), ("RT", 128, 2048)), 5)
+# Llama-3.1-8B's layer with fp8 weights (the words' inline PTX) over an fp8 cache
+llama = dict(base, HIDDEN=4096, INTER=14336, NUM_HEADS=32, NUM_KV_HEADS=8, GROUP=4, ROWS=16, BLOCK_H=4096, MOE=False,
+             NUM_EXPERTS=1, TOP_K=1, RENORMALIZE=False, BLOCK_E=1, BLOCK_TOPK=1, COUNT_LOAD=False, W_FP8=True,
+             ASM=True, KV_FP8=True, HAS_NORM=False)
+check(llama, (("QKV", 6144, 4096), ("O", 4096, 4096), ("GU", 28672, 4096), ("D", 4096, 14336), ("RT", 1, 4096)), 4)
 print("compiled")
 """
 
@@ -255,6 +323,31 @@ def test_layer_one_launch_matches_phases_and_reference_gpu(seq_len, programs_per
     # the token's K / V: within a step of the cache's format of the reference's (the projections' sums differ)
     step = 0.13 if fp8 else 2e-2
     torch.testing.assert_close(got_cache.float(), ref_cache.float(), atol=step, rtol=step)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", [(300, *QWEN[1:]), (300, 4096, 32, 8, 128, 14336, False, False)])  # Qwen; 8B
+def test_layer_with_fp8_weights_one_launch_matches_phases_and_reference_gpu(case):
+    """fp8 projections through the words' inline PTX: one launch gives the per-phase launches' bits and stays
+    within bf16's roundings of the dequantized reference."""
+    seq_len, hidden, heads, kv_heads, head_dim, inter, qk_norm, bias = case
+    h, w, pos, cos, sin, cache, meta, scale, *_ = layer_case(seq_len, hidden, heads, kv_heads, head_dim, inter,
+                                                             torch.bfloat16, qk_norm, bias, 5, "cuda")
+    w = fp8_weights(w)
+    ref_cache = cache.clone()
+    expect = decode_layer_ref(h, w, pos, cos, sin, ref_cache, meta, scale, heads, kv_heads)
+    outs, caches = [], []
+    for one_launch in (True, False):
+        c = cache.clone()
+        bars = torch.zeros(BARRIERS_PER_LAYER, dtype=torch.int32, device="cuda")
+        outs.append(decode_layer(h, w, pos, cos, sin, c, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale,
+                                 heads, kv_heads, bars, one_launch=one_launch))
+        caches.append(c)
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    assert torch.equal(caches[0], caches[1])
+    torch.testing.assert_close(outs[0].float(), expect.float(), atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(caches[0].float(), ref_cache.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

@@ -16,7 +16,10 @@ from transformers import AutoConfig
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.backend_selection import KernelSelection
-from meshserve.layers.decode_layer import DecodeLayerRun, _layer_fits
+from meshserve.layers.decode_layer import DecodeLayerRun, _layer_fits, layer_weights
+from meshserve.layers.linear import LinearBase
+from meshserve.layers.quantization import quantization_scope
+from meshserve.layers.quantization.fp8 import Fp8Config
 from meshserve.layers.rotary import RotaryEmbedding
 from meshserve.layers.moe_routing import SoftmaxTopK
 from meshserve.models.llama import LlamaDecoderLayer
@@ -40,15 +43,23 @@ def _moe_block(top_k: int = 2, renormalize: bool = True):
     return SparseMoeBlock(64, 8, 48, SoftmaxTopK(top_k, renormalize))
 
 
-def _layers(model_type: str, seq_len: int, seed: int = 0, moe: tuple[int, bool] | None = None):
+def _layers(model_type: str, seq_len: int, seed: int = 0, moe: tuple[int, bool] | None = None,
+            dtype: torch.dtype = torch.float32, quant=None):
     """Two layers with random weights over random caches, and one sequence's decode metadata at seq_len; moe:
-    (top k, renormalize) of the second layer's sparse block (the first stays dense: a mixed model)."""
+    (top k, renormalize) of the second layer's sparse block (the first stays dense: a mixed model); quant: the
+    layers' QuantConfig (weights quantized once set, as after loading)."""
     from meshserve.kernels.triton_attention import TritonAttentionBackend
 
     torch.manual_seed(seed)
     cfg = _config(model_type)
-    rotary = RotaryEmbedding(cfg, 16, 512)
-    layers = [LlamaDecoderLayer(cfg, rotary, mlp=_moe_block(*moe) if moe and i else None) for i in range(2)]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with quantization_scope(quant):
+            rotary = RotaryEmbedding(cfg, 16, 512)
+            layers = [LlamaDecoderLayer(cfg, rotary, mlp=_moe_block(*moe) if moe and i else None) for i in range(2)]
+    finally:
+        torch.set_default_dtype(default)
     blocks = -(-seq_len // BLOCK) + 1
     backend = TritonAttentionBackend()
     for layer in layers:
@@ -59,8 +70,11 @@ def _layers(model_type: str, seq_len: int, seed: int = 0, moe: tuple[int, bool] 
             with torch.no_grad():
                 for p in (layer.mlp.experts.w13_weight, layer.mlp.experts.w2_weight):
                     p.copy_(0.15 * torch.randn_like(p))
+        for module in layer.modules():
+            if isinstance(module, LinearBase):
+                module.process_weights_after_loading()
         layer.self_attn.attn.backend = backend
-        layer.self_attn.attn.kv_cache = torch.randn(2, blocks, BLOCK, 2, 16)
+        layer.self_attn.attn.kv_cache = torch.randn(2, blocks, BLOCK, 2, 16, dtype=dtype)
     table = torch.arange(1, blocks, dtype=torch.int64)[None]  # block 0 belongs to no one
     last = seq_len - 1
     meta = AttentionMetadata(
@@ -100,6 +114,52 @@ def test_layer_kernel_equals_the_plain_layers_interp(model_type, seq_len, moe):
     if moe:  # the chosen experts counted as the plain path counts them (/metrics' per-expert load): twice each
         load = layers[1].mlp.experts.expert_load
         assert int(load.sum()) == 2 * moe[0] and bool((load % 2 == 0).all())
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen2"])
+def test_fp8_layers_run_the_kernel_with_their_row_scales_interp(model_type):
+    """`--quantization fp8` layers (e4m3 weights, a scale a row) in fp16: the kernel's words path equals the
+    plain ops composed with the batch-1 GEMV's weight-only semantics (decode_layer_ref over layer_weights: the
+    scales belong to their projections), and stays near the plain layers (whose CPU path also quantizes the
+    activations per token)."""
+    from meshserve.kernels.triton_decode_layer import decode_layer_ref
+
+    layers, meta, positions = _layers(model_type, 37, dtype=torch.float16, quant=Fp8Config())
+    assert all(layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn for layer in layers)
+    assert all(_layer_fits(layer, torch.float16) for layer in layers)
+    assert not _layer_fits(layers[0], torch.float32)  # fp8 weights take a 16-bit row
+    x = torch.randn(1, 64, dtype=torch.float16)
+    caches = [layer.self_attn.attn.kv_cache.clone() for layer in layers]
+
+    hidden, residual, plain = x, None, []
+    for layer in layers:
+        hidden, residual = layer(positions, hidden, residual, meta)
+        plain.append((hidden.float() + residual.float()).detach())
+
+    ref_caches = [c.clone() for c in caches]
+    run = DecodeLayerRun(len(layers), x.device, one_launch=False, programs_per_sm=1, num_warps=4)
+    hidden, expect = x, x
+    for layer, cache, ref_cache, near in zip(layers, caches, ref_caches, plain):
+        attn = layer.self_attn
+        expect = decode_layer_ref(expect, layer_weights(layer), positions, attn.rotary_emb.cos_cache,
+                                  attn.rotary_emb.sin_cache, ref_cache, meta, attn.attn.scale, 4, 2)
+        attn.attn.kv_cache = cache
+        hidden = run.forward(layer, positions, hidden, meta)
+        torch.testing.assert_close(hidden, expect, atol=2e-2, rtol=2e-2)
+        assert float((hidden.float() - near).norm() / near.norm()) < 0.08  # (fp8 activations: ~4% off)
+    for got, ref in zip(caches, ref_caches):
+        torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_a_layer_of_mixed_weight_formats_takes_the_plain_path_interp():
+    layers, _, _ = _layers("qwen3", 20, dtype=torch.float16, quant=Fp8Config())
+    assert _layer_fits(layers[0], torch.float16)
+    layers[0].self_attn.o_proj.weight_scale = torch.nn.Parameter(layers[0].self_attn.o_proj.weight_scale[:, None],
+                                                                 requires_grad=False)  # a [N, 1] scale
+    assert not _layer_fits(layers[0], torch.float16)
+    plain, _, _ = _layers("qwen3", 20, dtype=torch.float16)
+    layers[1].mlp = plain[1].mlp  # 16-bit MLP under fp8 attention projections
+    assert not _layer_fits(layers[1], torch.float16) and _layer_fits(plain[1], torch.float16)
 
 
 def test_moe_blocks_the_kernel_does_not_route_take_the_plain_path_interp():

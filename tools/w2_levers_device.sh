@@ -12,17 +12,18 @@
 #                                                             without the balanced kernel)
 #   PARTS=trace ...                                           (~150 s: W2 step traces, Qwen3-0.6B and the 8B, bf16,
 #                                                             for the simulator's refit)
-#   PARTS=layer                                               (~450 s, issue 29's W1: the one-launch decoder layer,
+#   PARTS=layer                                               (~350 s, issue 29's W1: the one-launch decoder layer,
 #                                                             MESHSERVE_DECODE_LAYER, kernels/triton_decode_layer.py:
-#                                                             its GPU tests under a short limit (a barrier that never
-#                                                             opens hangs), then W1 Qwen3-0.6B default / one launch a
-#                                                             layer (8 warps; 4: 2 programs' registers fit an SM, so
-#                                                             PDL can start the next layer early) / one launch a
-#                                                             phase, two processes each); PARTS=layer_moe: W1
+#                                                             its GPU tests under short limits (a barrier that never
+#                                                             opens hangs)); then PARTS=layer_w1 (~330 s: W1 Qwen3-0.6B
+#                                                             default / one launch a layer at 8 or 4 warps, 32 or 64
+#                                                             values a thread a trip / one launch a phase, two
+#                                                             processes each); PARTS=layer_moe: W1
 #                                                             Qwen3-30B-A3B default / one launch a layer (~300 s);
 #                                                             PARTS=layer_8b: W1 Llama-3.1-8B bf16, then fp8 weights
 #                                                             (`--quantization fp8`: the kernel's words path, issue
-#                                                             20), default / one launch a layer (~400 s)
+#                                                             20), default / one launch a layer streaming 32 / 64
+#                                                             values a thread a trip (~350 s)
 # W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
 # W2_8B, W2_QWEN or W2_BF16 (default each "DECODE_BALANCED=0": the split kernel, the default before the thirty-ninth
 # session; e.g. W2_8B="FP8_GEMM=triton DECODE_BALANCED=5"); PER_SM: the kernel timing's programs an SM (default
@@ -76,21 +77,26 @@ PY
           --step-trace $OUT/w2_${m}_steps.jsonl --output-json $OUT/w2_${m}_traced.json 2>&1 | grep -E "tok/s|Error" | tail -2
         gzip -f $OUT/w2_${m}_steps.jsonl
       done ;;
-    layer)  # the kernel's tests first, each file under its own limit; the A/B only if they passed
+    layer)  # the kernel's tests, each file under its own limit (a barrier that never opens hangs)
       (OUT=$OUT/layer_kernel LIMIT=${LAYER_TEST_LIMIT:-90} bash tools/gpu_tests_device.sh \
         tests/kernels/test_triton_decode_layer.py) && \
-      (OUT=$OUT/layer_engine LIMIT=${LAYER_ENGINE_LIMIT:-150} bash tools/gpu_tests_device.sh \
-        tests/gpu/test_gpu_decode_layer.py) && \
-      (OUT=$OUT/layer_w1 JOBS="qwen:default qwen:DECODE_LAYER=1 qwen:DECODE_LAYER=1:1,4 qwen:DECODE_LAYER=phases" \
-        REPEAT=2 BUDGET=${LAYER_BUDGET:-240} bash tools/w1_ab_device.sh 2>&1 | tail -6) ;;
+      (OUT=$OUT/layer_engine LIMIT=${LAYER_ENGINE_LIMIT:-300} bash tools/gpu_tests_device.sh \
+        tests/gpu/test_gpu_decode_layer.py) ;;
+    layer_w1)  # W1 Qwen3-0.6B, once PARTS=layer passed: default / one launch a layer (8 warps; 4: two programs'
+      # registers fit an SM, so PDL can start the next layer early; 64 values a thread a trip) / one launch a phase
+      (OUT=$OUT/layer_w1 JOBS="qwen:default qwen:DECODE_LAYER=1 qwen:DECODE_LAYER=1:1,4 qwen:DECODE_LAYER=phases
+        qwen:DECODE_LAYER=1:1,8,64" REPEAT=2 BUDGET=${LAYER_BUDGET:-330} bash tools/w1_ab_device.sh 2>&1 | tail -8) ;;
     layer_moe)  # the same for Qwen3-30B-A3B's sparse layers (issue 23's W1), once PARTS=layer passed
       (OUT=$OUT/layer_moe_w1 JOBS="qwen3-30b-a3b:default qwen3-30b-a3b:DECODE_LAYER=1" REPEAT=2 \
         BUDGET=${LAYER_MOE_BUDGET:-300} bash tools/w1_ab_device.sh 2>&1 | tail -4) ;;
-    layer_8b)  # W1 Llama-3.1-8B, bf16 then fp8 weights, once PARTS=layer passed (its tests include the fp8 path)
-      (OUT=$OUT/layer_8b_w1 JOBS="8b:default 8b:DECODE_LAYER=1" REPEAT=2 BUDGET=${LAYER_8B_BUDGET:-180} \
-        bash tools/w1_ab_device.sh 2>&1 | tail -4)
-      (OUT=$OUT/layer_8b_fp8_w1 JOBS="8b:default 8b:DECODE_LAYER=1" REPEAT=2 BENCH_ARGS="--quantization fp8" \
-        BUDGET=${LAYER_8B_BUDGET:-180} bash tools/w1_ab_device.sh 2>&1 | tail -4) ;;
-    *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace, layer, layer_moe, layer_8b; got $part"; exit 1 ;;
+    layer_8b)  # W1 Llama-3.1-8B, bf16 then fp8 weights, once PARTS=layer passed (its tests include the fp8 path):
+      # default / one launch a layer streaming 32 or 64 values a thread a trip (W1 8B moves < 1% between processes)
+      for quant in bf16 fp8; do
+        (OUT=$OUT/layer_8b_${quant}_w1 JOBS="8b:default 8b:DECODE_LAYER=1 8b:DECODE_LAYER=1:1,8,64" \
+          REPEAT=${LAYER_8B_REPEAT:-1} BUDGET=${LAYER_8B_BUDGET:-200} \
+          BENCH_ARGS="$([ $quant = fp8 ] && echo --quantization fp8)" bash tools/w1_ab_device.sh 2>&1 | tail -5)
+      done ;;
+    *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace, layer, layer_w1, layer_moe, layer_8b; got $part"
+       exit 1 ;;
   esac
 done

@@ -360,18 +360,19 @@ def attention_splits(num_programs: int, num_kv_heads: int) -> int:
     return max(1, min(MAX_ATTN_SPLITS, num_programs // num_kv_heads))
 
 
-def gemv_phase_tile(n: int, k: int, programs: int, threads: int) -> tuple[int, int, int]:
+def gemv_phase_tile(n: int, k: int, programs: int, threads: int, values: int = 32) -> tuple[int, int, int]:
     """(rows a block, columns a streamed tile, columns preloaded) of a GEMV phase over n rows of k: the most rows
     a block (at most 16) that leave the busiest program within 10% of the fewest rows any block size gives (the
     o / down phases' 1,024 rows over 132 programs: 8, one block each; gate_up's 6,144: 16, three blocks each);
-    ~32 values a thread a streamed tile and ~64 preloaded (the first block's whole row where it fits: 16 B x 8
-    in flight a thread before the barrier opens)."""
+    ~`values` a thread a streamed tile (two tiles in flight: the bytes one program an SM keeps requested) and
+    ~64 preloaded (the first block's whole row where it fits: 16 B x 8 in flight a thread before the barrier
+    opens)."""
     def busiest(r: int) -> int:
         return -(-(-(-n // r)) // programs) * r
 
     fewest = min(busiest(r) for r in (16, 8, 4, 2, 1))
     rows = next(r for r in (16, 8, 4, 2, 1) if busiest(r) <= 1.1 * fewest)
-    block_k = min(_next_pow2(k), max(64, 32 * threads // rows))
+    block_k = min(_next_pow2(k), max(64, values * threads // rows))
     pre_k = min(1 << (k.bit_length() - 1), max(64, 64 * threads // rows))  # a power of two <= k
     return rows, block_k, pre_k
 
@@ -445,12 +446,13 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
                  num_kv_heads: int, barriers: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0,
                  programs_per_sm: int = 1, num_warps: int = 8, one_launch: bool | None = None,
                  num_programs: int | None = None, attn_splits: int | None = None, pdl: bool | None = None,
-                 fp8_path: str = "convert") -> torch.Tensor:
+                 fp8_path: str = "convert", stream_values: int = 32) -> torch.Tensor:
     """The decoder layer for one token: h [1, HIDDEN] (the whole residual stream) -> the next one [1, HIDDEN];
     K / V of the token go to the cache at slot_mapping[0]. barriers: BARRIERS_PER_LAYER int32 counters, zero
     (one_launch). one_launch (None: on a GPU outside the interpreter) runs every phase in one launch of
     num_programs programs (None: programs_per_sm x SMs); else one launch a phase. attn_splits: KV splits a KV
-    head in the attention phase (None: attention_splits). No host syncs: CUDA-graph safe once compiled (the
+    head in the attention phase (None: attention_splits). stream_values: 16-bit weight values a thread streams a
+    trip in the GEMV phases (gemv_phase_tile; fp8 weights half as many words). No host syncs: CUDA-graph safe once compiled (the
     tickets of the splits' merge are made outside any capture: tickets_usable)."""
     hidden = h.shape[-1]
     if h.numel() != hidden:
@@ -526,7 +528,7 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
     threads = 32 * num_warps
     for name, n, k in (("QKV", w.wqkv.shape[0], hidden), ("O", hidden, num_heads * head_dim),
                        ("GU", top_k * 2 * inter, hidden), ("D", hidden, inter), ("RT", logits.numel(), hidden)):
-        tile = gemv_phase_tile(n, k, num_programs, threads)
+        tile = gemv_phase_tile(n, k, num_programs, threads, stream_values)
         if w.fp8 and name != "RT":  # (the router is never quantized)
             tile = words_phase_tile(*tile, k)
         consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = tile

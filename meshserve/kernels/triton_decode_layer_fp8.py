@@ -15,18 +15,37 @@ import triton
 import triton.language as tl
 
 from meshserve.kernels.triton_attention import _next_pow2
-from meshserve.kernels.triton_fp8_gemv import _words_products
-from meshserve.kernels.triton_gemv import _row_x
+from meshserve.kernels.triton_fp8_gemv import _words_products, _x_quads
+from meshserve.kernels.triton_ops import silu_mul
 
 
 @triton.jit
-def _x_of_words(x_ptr, nw_ptr, inv_rms, jj, jmask, K, GATED: tl.constexpr, NORMED: tl.constexpr):
-    """The input row at the features of the weight words jj [W]: four fp32 [W], features 4j..4j+3."""
-    c = jj * 4
-    return (_row_x(x_ptr, nw_ptr, inv_rms, c, jmask, K, GATED, NORMED),
-            _row_x(x_ptr, nw_ptr, inv_rms, c + 1, jmask, K, GATED, NORMED),
-            _row_x(x_ptr, nw_ptr, inv_rms, c + 2, jmask, K, GATED, NORMED),
-            _row_x(x_ptr, nw_ptr, inv_rms, c + 3, jmask, K, GATED, NORMED))
+def _quads(ptr, jj, KW):
+    """The 16-bit row at ptr at the features of the words jj [W] below KW (four a word, one 8-byte load each) as
+    four fp32 [W], features 4j..4j+3."""
+    return _x_quads(ptr.to(tl.pointer_type(tl.uint64)), jj, KW, False, ptr.dtype.element_ty == tl.bfloat16)
+
+
+@triton.jit
+def _x_of_words(x_ptr, nw_ptr, inv_rms, jj, K, GATED: tl.constexpr, NORMED: tl.constexpr):
+    """_row_x at the features of the weight words jj [W] (the same values: rms_norm's output, silu(gate) * up,
+    or the row) as four fp32 [W], features 4j..4j+3: 8-byte loads in the words' own layout, as the words GEMV's
+    x (a 1-D row computed apart and broadcast went through shared memory, barriers and all, on every trip)."""
+    dt = x_ptr.dtype.element_ty
+    x0, x1, x2, x3 = _quads(x_ptr, jj, K // 4)
+    if NORMED:
+        n0, n1, n2, n3 = _quads(nw_ptr, jj, K // 4)
+        x0 = (n0 * (x0 * inv_rms).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        x1 = (n1 * (x1 * inv_rms).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        x2 = (n2 * (x2 * inv_rms).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        x3 = (n3 * (x3 * inv_rms).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    elif GATED:  # x_ptr holds [gate | up] of K each
+        u0, u1, u2, u3 = _quads(x_ptr + K, jj, K // 4)
+        x0 = silu_mul(x0, u0, dt).to(tl.float32)
+        x1 = silu_mul(x1, u1, dt).to(tl.float32)
+        x2 = silu_mul(x2, u2, dt).to(tl.float32)
+        x3 = silu_mul(x3, u3, dt).to(tl.float32)
+    return x0, x1, x2, x3
 
 
 @triton.jit
@@ -35,24 +54,26 @@ def fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, K, w_pre, GATED:
              ASM: tl.constexpr):
     """fp32 [BLOCK_R]: scale[rows] * (W[rows] x) for the fp8 weight w_ptr as uint32 words [N, K / 4]; its first
     PRE_W words a row from w_pre (loaded before the phase's barrier) when PRE_W > 0, the rest streamed
-    BLOCK_W words a trip with the next trip's words requested before this trip's products."""
+    BLOCK_W words a trip, the next trip's words and x requested before this trip's products (the words GEMV's
+    rotated loop: x carried in the words' layout)."""
     KW = K // 4
     w_rows = w_ptr + rows[:, None].to(tl.int64) * KW
     y = tl.zeros([BLOCK_R], dtype=tl.float32)
     if PRE_W > 0:
         jp = tl.arange(0, PRE_W)
-        p0, p1, p2, p3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jp, jp < KW, K, GATED, NORMED)
+        p0, p1, p2, p3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jp, K, GATED, NORMED)
         y += tl.sum(_words_products(w_pre, p0, p1, p2, p3, ASM), 1)
     js = tl.arange(0, BLOCK_W)
     acc = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
-    w_next = tl.load(w_rows + (PRE_W + js)[None, :], mask=rmask[:, None] & (PRE_W + js < KW)[None, :], other=0)
+    jn = PRE_W + js
+    w = tl.load(w_rows + jn[None, :], mask=rmask[:, None] & (jn < KW)[None, :], other=0)
+    f0, f1, f2, f3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jn, K, GATED, NORMED)
     for j0 in range(PRE_W, KW, BLOCK_W):
-        jj = j0 + js
-        w = w_next
-        jn = jj + BLOCK_W  # past the row on the last trip: masked off, nothing read
-        w_next = tl.load(w_rows + jn[None, :], mask=rmask[:, None] & (jn < KW)[None, :], other=0)
-        f0, f1, f2, f3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jj, jj < KW, K, GATED, NORMED)
-        acc += _words_products(w, f0, f1, f2, f3, ASM)
+        w_step, g0, g1, g2, g3 = w, f0, f1, f2, f3
+        jn = j0 + BLOCK_W + js  # past the row on the last trip: masked off, nothing read
+        w = tl.load(w_rows + jn[None, :], mask=rmask[:, None] & (jn < KW)[None, :], other=0)
+        f0, f1, f2, f3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jn, K, GATED, NORMED)
+        acc += _words_products(w_step, g0, g1, g2, g3, ASM)
     y += tl.sum(acc, 1)
     return y * tl.load(s_ptr + rows, mask=rmask, other=0.0)
 

@@ -41,12 +41,14 @@ Overrides (environment, read only here, for debugging and references):
                                             by default on where the batch-1 step is launch-bound (the PDL auto
                                             rule: H200 Qwen3-0.6B decode graph -1.3% and -1.5% on 2026-12-02; it
                                             cost the 8B 3.2%), 0 off, 1 on for any model
-  MESHSERVE_DECODE_LAYER=1|phases[:P,W]     batch 1: each decoder layer of a Llama-family model (dense, 16-bit
+  MESHSERVE_DECODE_LAYER=1|phases[:P,W[,V]] batch 1: each decoder layer of a Llama-family model (dense, 16-bit
                                             or fp8 weights with a scale a row; or sparse, 16-bit, with softmax
                                             top-k routing) in one persistent
                                             launch, grid barriers between its phases (layers/decode_layer.py,
                                             kernels/triton_decode_layer.py); phases: one launch a phase (the A/B
-                                            of the barriers); P programs of W warps an SM (default 1,8); opt-in
+                                            of the barriers); P programs of W warps an SM (default 1,8), V 16-bit
+                                            weight values a thread streams a trip (default 32: the bytes in
+                                            flight, one program an SM); opt-in
                                             until measured (issues 29, 23)
   MESHSERVE_PDL=1|auto                      programmatic dependent launch of the decode-path Triton kernels on
                                             sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
@@ -313,8 +315,8 @@ class KernelSelection:
     tp_fused_norm: str = ""
     norm_fold: bool = False  # both residual norms folded into the GEMVs around them (layers/norm_fold.py)
     # batch 1: a decoder layer a launch (layers/decode_layer.py): None off, else (one launch, programs an SM,
-    # warps)
-    decode_layer: tuple[bool, int, int] | None = None
+    # warps, weight values a thread streams a trip)
+    decode_layer: tuple[bool, int, int, int] | None = None
     fused_sampler: bool = False  # one Gumbel-max pass for batches that only ask for temperatures
     cuda_graphs: bool = False  # capture decode steps in CUDA graphs
     # small batches' decode graphs also captured for contexts up to each bound (fewer attention splits)
@@ -436,20 +438,24 @@ def _norm_fold(config: EngineConfig) -> bool:
     return _small_dense(config) if raw == "" else raw != "0"
 
 
-def _decode_layer() -> tuple[bool, int, int] | None:
-    """MESHSERVE_DECODE_LAYER: "1" or "phases", optionally ":P,W" (programs an SM, warps); unset or 0: None."""
+def _decode_layer() -> tuple[bool, int, int, int] | None:
+    """MESHSERVE_DECODE_LAYER: "1" or "phases", optionally ":P,W[,V]" (programs an SM, warps, 16-bit weight values
+    a thread streams a trip: 32 by default); unset or 0: None."""
     raw = os.environ.get(DECODE_LAYER_ENV, "").strip().lower()
     if raw in ("", "0"):
         return None
     mode, _, tile = raw.partition(":")
     try:
-        programs, warps = (int(v) for v in tile.split(",")) if tile else (1, 8)
+        values = [int(v) for v in tile.split(",")] if tile else [1, 8]
+        programs, warps, stream = (*values, 32) if len(values) == 2 else values
     except ValueError:
-        programs = warps = 0
-    if mode not in ("1", "phases") or programs < 1 or warps not in (1, 2, 4, 8, 16, 32):
-        raise InvalidArgumentError(f"{DECODE_LAYER_ENV} takes 1 or phases, optionally :P,W (programs an SM and "
-                                   f"warps a program, e.g. 1:1,8), got {raw!r}")
-    return mode == "1", programs, warps
+        programs = warps = stream = 0
+    if (mode not in ("1", "phases") or programs < 1 or warps not in (1, 2, 4, 8, 16, 32)
+            or stream not in (8, 16, 32, 64, 128)):
+        raise InvalidArgumentError(f"{DECODE_LAYER_ENV} takes 1 or phases, optionally :P,W[,V] (programs an SM, "
+                                   f"warps a program and weight values a thread streams a trip, 8-128, e.g. "
+                                   f"1:1,8 or 1:1,8,64), got {raw!r}")
+    return mode == "1", programs, warps, stream
 
 
 def _decode_context_bounds(config: EngineConfig) -> tuple[int, ...]:

@@ -119,9 +119,10 @@ class DecodeLayerRun:
     decode graph when captured) and the launch shape."""
 
     def __init__(self, num_layers: int, device: torch.device, one_launch: bool, programs_per_sm: int,
-                 num_warps: int):
+                 num_warps: int, stream_values: int = 32):
         self.barriers = torch.zeros(num_layers, _kernels().BARRIERS_PER_LAYER, dtype=torch.int32, device=device)
         self.one_launch, self.programs_per_sm, self.num_warps = one_launch, programs_per_sm, num_warps
+        self.stream_values = stream_values
         self.index = 0
 
     @classmethod
@@ -150,7 +151,7 @@ class DecodeLayerRun:
             cache_layer.kv_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, cache_layer.scale,
             attn.num_heads, attn.num_kv_heads, self.barriers[self.index], cache_layer.k_scale, cache_layer.v_scale,
             programs_per_sm=self.programs_per_sm, num_warps=self.num_warps, one_launch=self.one_launch,
-            fp8_path=cache_layer.backend._fp8_path_for(grid_tile=False),
+            stream_values=self.stream_values, fp8_path=cache_layer.backend._fp8_path_for(grid_tile=False),
         )
         self.index += 1
         if cache_layer.after_kv_write is not None:  # K/V were written inside the launch

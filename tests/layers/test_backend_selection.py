@@ -578,10 +578,11 @@ def test_a_bad_fp8_v_layout_fails_at_selection(monkeypatch):
 def test_decode_layer_switch_parses_its_mode_and_tile(monkeypatch):
     monkeypatch.delenv("MESHSERVE_DECODE_LAYER", raising=False)
     assert backend_selection._decode_layer() is None
-    for raw, expect in (("0", None), ("1", (True, 1, 8)), ("phases", (False, 1, 8)), ("1:2,4", (True, 2, 4))):
+    for raw, expect in (("0", None), ("1", (True, 1, 8, 32)), ("phases", (False, 1, 8, 32)),
+                        ("1:2,4", (True, 2, 4, 32)), ("1:1,8,64", (True, 1, 8, 64))):
         monkeypatch.setenv("MESHSERVE_DECODE_LAYER", raw)
         assert backend_selection._decode_layer() == expect, raw
-    for bad in ("on", "1:2", "1:0,8", "1:1,6", "phases:a,b"):
+    for bad in ("on", "1:2", "1:0,8", "1:1,6", "phases:a,b", "1:1,8,48", "1:1,8,32,1"):
         monkeypatch.setenv("MESHSERVE_DECODE_LAYER", bad)
         with pytest.raises(InvalidArgumentError, match="MESHSERVE_DECODE_LAYER"):
             backend_selection._decode_layer()

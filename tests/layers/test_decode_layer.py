@@ -175,7 +175,7 @@ def test_moe_blocks_the_kernel_does_not_route_take_the_plain_path_interp():
 def test_begin_serves_only_one_row_decode_on_a_gpu_interp():
     layers, meta, _ = _layers("qwen3", 20)
     for layer in layers:
-        layer.self_attn.qkv_proj.kernels = KernelSelection(decode_layer=(True, 1, 8))
+        layer.self_attn.qkv_proj.kernels = KernelSelection(decode_layer=(True, 1, 8, 32))
     assert DecodeLayerRun.begin(torch.randn(1, 64), layers, meta) is None  # a CPU row: the plain path
     layers[1].self_attn.attn.sliding_window = 8
     assert not _layer_fits(layers[1], torch.float32) and _layer_fits(layers[0], torch.float32)

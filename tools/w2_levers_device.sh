@@ -20,10 +20,10 @@
 #                                                             values a thread a trip / one launch a phase, two
 #                                                             processes each); PARTS=layer_moe: W1
 #                                                             Qwen3-30B-A3B default / one launch a layer (~300 s);
-#                                                             PARTS=layer_8b: W1 Llama-3.1-8B bf16, then fp8 weights
-#                                                             (`--quantization fp8`: the kernel's words path, issue
-#                                                             20), default / one launch a layer streaming 32 / 64
-#                                                             values a thread a trip (~350 s)
+#                                                             PARTS=layer_8b: W1 Llama-3.1-8B bf16, fp8 and AWQ INT4
+#                                                             weights (`--quantization fp8|awq`: the kernel's words and
+#                                                             INT4 paths, issue 20), default / one launch a layer
+#                                                             streaming 32 (/ 64) values a thread a trip (~400 s)
 # W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
 # W2_8B, W2_QWEN or W2_BF16 (default each "DECODE_BALANCED=0": the split kernel, the default before the thirty-ninth
 # session; e.g. W2_8B="FP8_GEMM=triton DECODE_BALANCED=5"); PER_SM: the kernel timing's programs an SM (default
@@ -91,10 +91,10 @@ PY
         BUDGET=${LAYER_MOE_BUDGET:-300} bash tools/w1_ab_device.sh 2>&1 | tail -4) ;;
     layer_8b)  # W1 Llama-3.1-8B, bf16 then fp8 weights, once PARTS=layer passed (its tests include the fp8 path):
       # default / one launch a layer streaming 32 or 64 values a thread a trip (W1 8B moves < 1% between processes)
-      for quant in bf16 fp8; do
-        (OUT=$OUT/layer_8b_${quant}_w1 JOBS="8b:default 8b:DECODE_LAYER=1 8b:DECODE_LAYER=1:1,8,64" \
-          REPEAT=${LAYER_8B_REPEAT:-1} BUDGET=${LAYER_8B_BUDGET:-200} \
-          BENCH_ARGS="$([ $quant = fp8 ] && echo --quantization fp8)" bash tools/w1_ab_device.sh 2>&1 | tail -5)
+      for quant in ${LAYER_8B_QUANT:-bf16 fp8 awq}; do
+        jobs="8b:default 8b:DECODE_LAYER=1"; [ $quant != awq ] && jobs="$jobs 8b:DECODE_LAYER=1:1,8,64"
+        (OUT=$OUT/layer_8b_${quant}_w1 JOBS="$jobs" REPEAT=${LAYER_8B_REPEAT:-1} BUDGET=${LAYER_8B_BUDGET:-160} \
+          BENCH_ARGS="$([ $quant != bf16 ] && echo --quantization $quant)" bash tools/w1_ab_device.sh 2>&1 | tail -5)
       done ;;
     *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace, layer, layer_w1, layer_moe, layer_8b; got $part"
        exit 1 ;;

@@ -64,6 +64,7 @@ from meshserve.kernels.triton_attention import (
 from meshserve.kernels.triton_decode_balanced import max_registers
 from meshserve.kernels.triton_decode_fused import _norm_rope_group, group_query
 from meshserve.kernels.triton_decode_layer_fp8 import fp8_rows, words_phase_tile
+from meshserve.kernels.triton_decode_layer_int4 import int4_cols, int4_first_tile, int4_phase_tile
 from meshserve.kernels.triton_gemv import _row_x, _stream_rows
 from meshserve.kernels.triton_kv_layout import v_offset
 from meshserve.kernels.triton_moe_routing import _route_row
@@ -109,18 +110,36 @@ def _preload(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, PRE_K: tl.constexpr):
 
 
 @triton.jit
-def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, b_ptr, res_ptr, y_ptr, N, K, blk, w_pre,
+def _preload_w(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
+               W_FP8: tl.constexpr, W_INT4: tl.constexpr):
+    """What a GEMV phase over the weight w_ptr ([N, K] 16-bit, fp8 words [N, K / 4], or INT4 words [K / 8, N])
+    loads before its barrier: the first block's first PRE_K columns (words), or for INT4 its first trip."""
+    if W_INT4:
+        return int4_first_tile(w_ptr, N, K, pid, BLOCK_R, BLOCK_K)
+    elif W_FP8:
+        return _preload(w_ptr, N, K // 4, pid, BLOCK_R, PRE_K)
+    else:
+        return _preload(w_ptr, N, K, pid, BLOCK_R, PRE_K)
+
+
+@triton.jit
+def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, N, K, blk, w_pre,
                GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr,
-               W_FP8: tl.constexpr, ASM: tl.constexpr):
+               W_FP8: tl.constexpr, W_INT4: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr):
     """One row block: y = W x (+ bias), its first PRE_K columns from w_pre (already loaded) when PRE_K > 0 (the
     fold GEMV's order: the preloaded columns' sum, then the streamed tiles'); RESIDUAL: y rounded, plus the
     residual's rows, rounded again (the plain path's projection output, then rms_norm's residual add). W_FP8:
-    w_ptr the fp8 weight as words and s_ptr its row scales, BLOCK_K / PRE_K in words (triton_decode_layer_fp8)."""
+    w_ptr the fp8 weight as words and s_ptr its row scales, BLOCK_K / PRE_K in words (triton_decode_layer_fp8).
+    W_INT4: w_ptr INT4 words [K / 8, N], s_ptr / z_ptr its groups' scales and zeros, the rows output columns,
+    BLOCK_K word rows a trip, PRE_K > 0: w_pre is the first trip's words (triton_decode_layer_int4)."""
     dt = y_ptr.dtype.element_ty
     rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
-    if W_FP8:
+    if W_INT4:
+        y = int4_cols(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, rmask, N, K, w_pre, GROUP, GATED, NORMED,
+                      BLOCK_R, BLOCK_K, PRE_K > 0, ASM)
+    elif W_FP8:
         y = fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, K, w_pre, GATED, NORMED, BLOCK_R, BLOCK_K,
                      PRE_K, ASM)
     else:
@@ -142,17 +161,18 @@ def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, b_ptr, res_ptr, y_ptr, N, K
 
 
 @triton.jit
-def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, b_ptr, res_ptr, y_ptr, N, K, pid, num_programs, w_pre,
+def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, N, K, pid, num_programs, w_pre,
                 GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr,
-                W_FP8: tl.constexpr = False, ASM: tl.constexpr = False):
+                W_FP8: tl.constexpr = False, W_INT4: tl.constexpr = False, GROUP: tl.constexpr = 1,
+                ASM: tl.constexpr = False):
     """This program's row blocks pid, pid + num_programs, ...: the first with its preloaded columns."""
     if pid < tl.cdiv(N, BLOCK_R):
-        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, b_ptr, res_ptr, y_ptr, N, K, pid, w_pre, GATED, NORMED,
-                   HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, PRE_K, PREFETCH, W_FP8, ASM)
+        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, N, K, pid, w_pre, GATED,
+                   NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, PRE_K, PREFETCH, W_FP8, W_INT4, GROUP, ASM)
     for blk in range(pid + num_programs, tl.cdiv(N, BLOCK_R), num_programs):
-        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, b_ptr, res_ptr, y_ptr, N, K, blk, w_pre, GATED, NORMED,
-                   HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, 0, PREFETCH, W_FP8, ASM)
+        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, N, K, blk, w_pre, GATED,
+                   NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, 0, PREFETCH, W_FP8, W_INT4, GROUP, ASM)
 
 
 @triton.jit
@@ -254,7 +274,7 @@ def _attention_phase(
 @triton.jit(do_not_specialize=["num_programs"])
 def _decode_layer_kernel(
     h_ptr, ln1_ptr, wqkv_ptr, bqkv_ptr, qw_ptr, kw_ptr, wo_ptr, bo_ptr, ln2_ptr, wgu_ptr, bgu_ptr, wd_ptr, bd_ptr,
-    sqkv_ptr, so_ptr, sgu_ptr, sd_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr,
+    sqkv_ptr, so_ptr, sgu_ptr, sd_ptr, zqkv_ptr, zo_ptr, zgu_ptr, zd_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr,
     qkv_ptr, attn_ptr, h2_ptr, gu_ptr, out_ptr, bar_ptr, ws_acc_ptr, ws_ml_ptr, ticket_ptr,
     wr_ptr, logits_ptr, load_ptr,
     num_programs, eps, qk_eps, scale_log2, k_scale, v_scale, route_scale, stride_cos, stride_sin,
@@ -271,25 +291,27 @@ def _decode_layer_kernel(
     HAS_NORM: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr,
     V_T: tl.constexpr, PREFETCH: tl.constexpr, PHASE_LO: tl.constexpr, PHASE_HI: tl.constexpr,
-    W_FP8: tl.constexpr = False, ASM: tl.constexpr = False, USE_GDC: tl.constexpr = False,
+    W_FP8: tl.constexpr = False, W_INT4: tl.constexpr = False, INT4_GROUP: tl.constexpr = 1,
+    ASM: tl.constexpr = False, USE_GDC: tl.constexpr = False,
 ):
     """The layer's phases PHASE_LO..PHASE_HI (module docstring), a barrier between consecutive ones (phase 3 only
     in a MoE layer). R_* / K_* / P_*: each GEMV phase's rows a block, columns a streamed tile and columns
     preloaded before its barrier (P 0: none; a MoE layer's experts are known only after the routing). W_FP8: the
-    four projections' weights are fp8 as uint32 words with row scales s*_ptr, their K / P in words (ASM: the
-    words' inline PTX, compiled code only)."""
-    W_PACK: tl.constexpr = 4 if W_FP8 else 1  # features a weight element holds
+    four projections' weights are fp8 as uint32 words with row scales s*_ptr, their K / P in words; W_INT4: INT4
+    words [K / 8, N] with INT4_GROUP-wise scales s*_ptr and zeros z*_ptr, R the output columns a block, K the word
+    rows a trip, P > 0 the first trip preloaded (ASM: the formats' inline PTX, compiled code only)."""
     pid = tl.program_id(0)
     QKV_N: tl.constexpr = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
     Q_DIM: tl.constexpr = NUM_HEADS * HEAD_DIM
     w_pre = 0.0
     if PHASE_LO <= 0 and PHASE_HI >= 0:
-        w_pre = _preload(wqkv_ptr, QKV_N, HIDDEN // W_PACK, pid, R_QKV, P_QKV)
+        w_pre = _preload_w(wqkv_ptr, QKV_N, HIDDEN, pid, R_QKV, K_QKV, P_QKV, W_FP8, W_INT4)
     gdc_wait(USE_GDC)  # h is the previous layer's output (and the metadata the step's inputs)
     if PHASE_LO <= 0 and PHASE_HI >= 0:
         inv = _inv_rms(h_ptr, HIDDEN, eps, BLOCK_H)
-        _gemv_phase(h_ptr, ln1_ptr, inv, wqkv_ptr, sqkv_ptr, bqkv_ptr, h_ptr, qkv_ptr, QKV_N, HIDDEN, pid,
-                    num_programs, w_pre, False, True, HAS_QKV_BIAS, False, R_QKV, K_QKV, P_QKV, PREFETCH, W_FP8, ASM)
+        _gemv_phase(h_ptr, ln1_ptr, inv, wqkv_ptr, sqkv_ptr, zqkv_ptr, bqkv_ptr, h_ptr, qkv_ptr, QKV_N, HIDDEN, pid,
+                    num_programs, w_pre, False, True, HAS_QKV_BIAS, False, R_QKV, K_QKV, P_QKV, PREFETCH, W_FP8,
+                    W_INT4, INT4_GROUP, ASM)
     if PHASE_LO <= 0 and PHASE_HI >= 1:
         _grid_barrier(bar_ptr, num_programs)
     if PHASE_LO <= 1 and PHASE_HI >= 1:
@@ -302,12 +324,13 @@ def _decode_layer_kernel(
                 BLOCK_SIZE, BLOCK_N, ATTN_SPLITS, HAS_NORM, UPCAST_DOT, DOT_PRECISION, KV_FP8, FP8_TILE, V_T,
             )
     if PHASE_LO <= 2 and PHASE_HI >= 2:  # o_proj's first columns: the programs without a KV head at once
-        w_pre = _preload(wo_ptr, HIDDEN, Q_DIM // W_PACK, pid, R_O, P_O)
+        w_pre = _preload_w(wo_ptr, HIDDEN, Q_DIM, pid, R_O, K_O, P_O, W_FP8, W_INT4)
     if PHASE_LO <= 1 and PHASE_HI >= 2:
         _grid_barrier(bar_ptr + 1, num_programs)
     if PHASE_LO <= 2 and PHASE_HI >= 2:
-        _gemv_phase(attn_ptr, attn_ptr, 1.0, wo_ptr, so_ptr, bo_ptr, h_ptr, h2_ptr, HIDDEN, Q_DIM, pid,
-                    num_programs, w_pre, False, False, HAS_O_BIAS, True, R_O, K_O, P_O, PREFETCH, W_FP8, ASM)
+        _gemv_phase(attn_ptr, attn_ptr, 1.0, wo_ptr, so_ptr, zo_ptr, bo_ptr, h_ptr, h2_ptr, HIDDEN, Q_DIM, pid,
+                    num_programs, w_pre, False, False, HAS_O_BIAS, True, R_O, K_O, P_O, PREFETCH, W_FP8, W_INT4,
+                    INT4_GROUP, ASM)
     if MOE:
         if PHASE_LO <= 3 and PHASE_HI >= 3:  # the router's first columns (its rows: one or two a program)
             w_pre = _preload(wr_ptr, NUM_EXPERTS, HIDDEN, pid, R_RT, P_RT)
@@ -316,7 +339,8 @@ def _decode_layer_kernel(
         if PHASE_LO <= 4 and PHASE_HI >= 3:  # h2 is complete: both phases norm it
             inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
         if PHASE_LO <= 3 and PHASE_HI >= 3:  # router logits = W_r rms_norm(h2)
-            _gemv_phase(h2_ptr, ln2_ptr, inv2, wr_ptr, wr_ptr, wr_ptr, h2_ptr, logits_ptr, NUM_EXPERTS, HIDDEN, pid,
+            _gemv_phase(h2_ptr, ln2_ptr, inv2, wr_ptr, wr_ptr, wr_ptr, wr_ptr, h2_ptr, logits_ptr, NUM_EXPERTS, HIDDEN,
+                        pid,
                         num_programs, w_pre, False, True, False, False, R_RT, K_RT, P_RT, PREFETCH)
         if PHASE_LO <= 3 and PHASE_HI >= 4:
             _grid_barrier(bar_ptr + 3, num_programs)
@@ -336,21 +360,22 @@ def _decode_layer_kernel(
                             TOP_K, R_D, K_D, PREFETCH)
     else:
         if PHASE_LO <= 4 and PHASE_HI >= 4:
-            w_pre = _preload(wgu_ptr, 2 * INTER, HIDDEN // W_PACK, pid, R_GU, P_GU)
+            w_pre = _preload_w(wgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, K_GU, P_GU, W_FP8, W_INT4)
         if PHASE_LO <= 2 and PHASE_HI >= 4:
             _grid_barrier(bar_ptr + 2, num_programs)
         if PHASE_LO <= 4 and PHASE_HI >= 4:
             inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
-            _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, sgu_ptr, bgu_ptr, h2_ptr, gu_ptr, 2 * INTER, HIDDEN, pid,
-                        num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU, PREFETCH, W_FP8,
-                        ASM)
+            _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, sgu_ptr, zgu_ptr, bgu_ptr, h2_ptr, gu_ptr, 2 * INTER, HIDDEN,
+                        pid, num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU, PREFETCH, W_FP8,
+                        W_INT4, INT4_GROUP, ASM)
         if PHASE_LO <= 5 and PHASE_HI >= 5:
-            w_pre = _preload(wd_ptr, HIDDEN, INTER // W_PACK, pid, R_D, P_D)
+            w_pre = _preload_w(wd_ptr, HIDDEN, INTER, pid, R_D, K_D, P_D, W_FP8, W_INT4)
         if PHASE_LO <= 4 and PHASE_HI >= 5:
             _grid_barrier(bar_ptr + 4, num_programs)
         if PHASE_LO <= 5 and PHASE_HI >= 5:
-            _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, sd_ptr, bd_ptr, h2_ptr, out_ptr, HIDDEN, INTER, pid,
-                        num_programs, w_pre, True, False, HAS_D_BIAS, True, R_D, K_D, P_D, PREFETCH, W_FP8, ASM)
+            _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, sd_ptr, zd_ptr, bd_ptr, h2_ptr, out_ptr, HIDDEN, INTER, pid,
+                        num_programs, w_pre, True, False, HAS_D_BIAS, True, R_D, K_D, P_D, PREFETCH, W_FP8, W_INT4,
+                        INT4_GROUP, ASM)
     gdc_trigger_late(USE_GDC)
 
 
@@ -382,28 +407,37 @@ class DecodeLayerWeights:
     A MoE layer (router given): wgu / wd are the experts' w13 [E, 2I, H] (gate rows, then up rows) and w2
     [E, H, I], wr the router [E, H], routing (top k, renormalize, scaling) a softmax top-k's
     (layers/moe_routing.SoftmaxTopK.as_softmax_topk), expert_load the per-expert counter (int64 [E]) or None.
-    scales: fp8 projections' (e4m3 wqkv, wo, wgu, wd), their fp32 row scales (sqkv, so, sgu, sd); a dense layer's
-    four together or none."""
+    A dense layer's four projections (wqkv, wo, wgu, wd) may instead be quantized, all four alike: fp8 (e4m3
+    [N, K]) with scales their fp32 row scales [N]; or INT4 (quant_ref's internal layout: qweight int32 [K / 8, N])
+    with scales and zeros their [K / group_size, N] and group_size a multiple of 8."""
 
     __slots__ = ("ln1", "wqkv", "bqkv", "q_norm", "k_norm", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd", "eps",
-                 "qk_eps", "wr", "routing", "expert_load", "scales")
+                 "qk_eps", "wr", "routing", "expert_load", "scales", "zeros", "group_size")
 
     def __init__(self, ln1, wqkv, wo, ln2, wgu, wd, eps, *, bqkv=None, q_norm=None, k_norm=None, bo=None,
-                 bgu=None, bd=None, qk_eps=None, wr=None, routing=None, expert_load=None, scales=None):
+                 bgu=None, bd=None, qk_eps=None, wr=None, routing=None, expert_load=None, scales=None, zeros=None,
+                 group_size=None):
         self.ln1, self.wqkv, self.bqkv, self.wo, self.bo = ln1, wqkv, bqkv, wo, bo
         self.q_norm, self.k_norm, self.ln2, self.wgu, self.bgu, self.wd, self.bd = q_norm, k_norm, ln2, wgu, bgu, wd, bd
         self.eps = float(eps)
         self.qk_eps = float(eps if qk_eps is None else qk_eps)
         self.wr, self.routing, self.expert_load = wr, routing, expert_load
         self.scales = None if scales is None else tuple(scales)
+        self.zeros = None if zeros is None else tuple(zeros)
+        self.group_size = group_size
         if (wr is None) != (routing is None):
             raise ValueError("DecodeLayerWeights: a MoE layer takes both the router and its routing")
-        fp8 = [t.dtype == FP8_DTYPE for t in (wqkv, wo, wgu, wd)]
-        if any(fp8) and (not all(fp8) or self.scales is None or len(self.scales) != 4 or self.moe):
-            raise ValueError("DecodeLayerWeights: fp8 weights are a dense layer's four projections, with their "
-                             "four row scales")
-        if self.scales is not None and not all(fp8):
-            raise ValueError("DecodeLayerWeights: row scales belong to fp8 weights")
+        dtypes = {t.dtype for t in (wqkv, wo, wgu, wd)}
+        quantized = dtypes & {FP8_DTYPE, torch.int32}
+        if quantized and (len(dtypes) != 1 or self.moe or self.scales is None or len(self.scales) != 4):
+            raise ValueError("DecodeLayerWeights: quantized weights are a dense layer's four projections in one "
+                             "format, with their four scales")
+        if torch.int32 in quantized and (self.zeros is None or len(self.zeros) != 4 or not group_size
+                                         or group_size % 8):
+            raise ValueError("DecodeLayerWeights: INT4 weights take their four zeros and a group size that is a "
+                             "multiple of 8")
+        if not quantized and (self.scales is not None or self.zeros is not None):
+            raise ValueError("DecodeLayerWeights: scales and zeros belong to quantized weights")
 
     @property
     def moe(self) -> bool:
@@ -411,7 +445,15 @@ class DecodeLayerWeights:
 
     @property
     def fp8(self) -> bool:
-        return self.scales is not None
+        return self.wqkv.dtype == FP8_DTYPE
+
+    @property
+    def int4(self) -> bool:
+        return self.wqkv.dtype == torch.int32
+
+    def out_in(self, t: torch.Tensor) -> tuple[int, ...]:
+        """(output, input) features of one of the dense projections (INT4 words run [K / 8, N])."""
+        return (t.shape[1], t.shape[0] * 8) if self.int4 else tuple(t.shape)
 
 
 # (device, the launch's constants, programs an SM) whose one-wave check passed: the check compiles (or finds) the
@@ -429,15 +471,25 @@ def _check_one_wave(key: tuple, kernel, programs_per_sm: int, num_warps: int) ->
     _one_wave_checked.add(key)
 
 
-def _check_fp8(h: torch.Tensor, w: DecodeLayerWeights) -> None:
-    """fp8 weights as the kernel reads them: a 16-bit row (the batch-1 GEMV's weight-only semantics), rows of
-    whole words (K a multiple of 4), fp32 row scales [N]."""
+def _check_quantized(h: torch.Tensor, w: DecodeLayerWeights) -> None:
+    """Quantized weights as the kernel reads them: a 16-bit row (the batch-1 GEMVs' weight-only semantics); fp8:
+    rows of whole words (K a multiple of 4) and fp32 row scales [N]; INT4: scales and zeros [K / group, N] of the
+    row's dtype or fp32, contiguous."""
     if h.element_size() != 2:
-        raise ValueError(f"decode_layer: fp8 weights take a 16-bit row, got {h.dtype}")
-    for name, t, s in zip(("qkv", "o", "gate_up", "down"), (w.wqkv, w.wo, w.wgu, w.wd), w.scales):
-        if t.shape[1] % 4 or s.dtype != torch.float32 or s.shape != (t.shape[0],) or not s.is_contiguous():
+        raise ValueError(f"decode_layer: quantized weights take a 16-bit row, got {h.dtype}")
+    for i, (name, t) in enumerate(zip(("qkv", "o", "gate_up", "down"), (w.wqkv, w.wo, w.wgu, w.wd))):
+        n, k = w.out_in(t)
+        s = w.scales[i]
+        if w.fp8 and (k % 4 or s.dtype != torch.float32 or s.shape != (n,) or not s.is_contiguous()):
             raise ValueError(f"decode_layer: the fp8 {name} weight {tuple(t.shape)} needs K a multiple of 4 and "
-                             f"fp32 row scales [{t.shape[0]}], got {s.dtype} {tuple(s.shape)}")
+                             f"fp32 row scales [{n}], got {s.dtype} {tuple(s.shape)}")
+        if w.int4:
+            groups = (k // w.group_size, n)
+            for what, v in (("scales", s), ("zeros", w.zeros[i])):
+                if k % w.group_size or v.shape != groups or not v.is_contiguous() or v.dtype not in (
+                        torch.float16, torch.bfloat16, torch.float32):
+                    raise ValueError(f"decode_layer: the INT4 {name} weight ({n} x {k}, groups of {w.group_size}) "
+                                     f"needs {what} {list(groups)}, got {v.dtype} {tuple(v.shape)}")
 
 
 def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor, cos_cache: torch.Tensor,
@@ -452,23 +504,25 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
     (one_launch). one_launch (None: on a GPU outside the interpreter) runs every phase in one launch of
     num_programs programs (None: programs_per_sm x SMs); else one launch a phase. attn_splits: KV splits a KV
     head in the attention phase (None: attention_splits). stream_values: 16-bit weight values a thread streams a
-    trip in the GEMV phases (gemv_phase_tile; fp8 weights half as many words). No host syncs: CUDA-graph safe once compiled (the
-    tickets of the splits' merge are made outside any capture: tickets_usable)."""
+    trip in the GEMV phases (gemv_phase_tile; fp8 and INT4 weights the same bytes). No host syncs: CUDA-graph safe
+    once compiled (the tickets of the splits' merge are made outside any capture: tickets_usable)."""
     hidden = h.shape[-1]
     if h.numel() != hidden:
         raise ValueError(f"decode_layer takes one row, got {tuple(h.shape)}")
     head_dim = kv_cache.shape[-1]
-    inter = w.wd.shape[-1]
-    if w.wqkv.shape != ((num_heads + 2 * num_kv_heads) * head_dim, hidden) or w.wo.shape != (hidden,
-                                                                                                num_heads * head_dim):
+    inter = w.wd.shape[-1] if w.moe else w.out_in(w.wd)[1]
+    qkv_n = (num_heads + 2 * num_kv_heads) * head_dim
+    if w.out_in(w.wqkv) != (qkv_n, hidden) or w.out_in(w.wo) != (hidden, num_heads * head_dim):
         raise ValueError("decode_layer: the QKV / o weights do not match the heads and the hidden size")
     experts = (w.wr.shape[0],) if w.moe else ()
-    if w.wgu.shape != (*experts, 2 * inter, hidden) or w.wd.shape != (*experts, hidden, inter):
+    if w.moe and (w.wgu.shape != (*experts, 2 * inter, hidden) or w.wd.shape != (*experts, hidden, inter)):
+        raise ValueError("decode_layer: the experts' gate/up and down weights do not match")
+    if not w.moe and (w.out_in(w.wgu) != (2 * inter, hidden) or w.out_in(w.wd) != (hidden, inter)):
         raise ValueError("decode_layer: the gate/up and down weights do not match")
     if w.moe and (w.wr.shape != (experts[0], hidden) or w.bgu is not None or w.bd is not None):
         raise ValueError("decode_layer: a MoE layer takes a router of [experts, hidden] and no expert biases")
-    if w.fp8:
-        _check_fp8(h, w)
+    if w.fp8 or w.int4:
+        _check_quantized(h, w)
     if barriers.dtype != torch.int32 or barriers.numel() < BARRIERS_PER_LAYER:
         raise ValueError(f"decode_layer needs {BARRIERS_PER_LAYER} int32 barrier counters")
     dev, dt = h.device, h.dtype
@@ -478,7 +532,7 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
     num_programs = num_programs or programs_per_sm * sms
     if one_launch and num_programs > programs_per_sm * sms:
         raise ValueError(f"decode_layer: {num_programs} programs are more than one wave of {programs_per_sm} an SM")
-    qkv = torch.empty(w.wqkv.shape[0], dtype=dt, device=dev)
+    qkv = torch.empty(qkv_n, dtype=dt, device=dev)
     attn = torch.empty(num_heads * head_dim, dtype=dt, device=dev)
     h2 = torch.empty(hidden, dtype=dt, device=dev)
     top_k = w.routing[0] if w.moe else 1
@@ -496,13 +550,14 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
     has_norm = w.q_norm is not None
     cap = max_registers(programs_per_sm, num_warps) if h.is_cuda else None
     gdc = gdc_kwargs(h, pdl, programs=num_programs, num_warps=num_warps) if one_launch else {"USE_GDC": False}
-    # fp8 weights as uint32 words (four features each), their row scales beside them
+    # fp8 weights as uint32 words (four features each); quantized weights' scales (and INT4's zeros) beside them
     wqkv, wo, wgu, wd = (t.view(torch.int32) if w.fp8 else t for t in (w.wqkv, w.wo, w.wgu, w.wd))
-    scales = w.scales if w.fp8 else (h, h, h, h)
+    scales = w.scales or (h, h, h, h)
+    zeros = w.zeros or (h, h, h, h)
     args = (
         h, w.ln1, wqkv, w.bqkv if w.bqkv is not None else h, w.q_norm if has_norm else h,
         w.k_norm if has_norm else h, wo, w.bo if w.bo is not None else h, w.ln2, wgu,
-        w.bgu if w.bgu is not None else h, wd, w.bd if w.bd is not None else h, *scales,
+        w.bgu if w.bgu is not None else h, wd, w.bd if w.bd is not None else h, *scales, *zeros,
         positions, cos_cache, sin_cache, slot_mapping, kv_cache, block_tables, seq_lens,
         qkv, attn, h2, gu, out, barriers, ws_acc, ws_ml, tickets,
         w.wr if w.moe else h, logits, w.expert_load if w.expert_load is not None else barriers,
@@ -522,7 +577,8 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         FP8_TILE=_fp8_tile(fp8_path, h, kv_cache), V_T=v_transposed(kv_cache), PREFETCH=True,
         MOE=w.moe, NUM_EXPERTS=experts[0] if w.moe else 1, TOP_K=top_k, RENORMALIZE=bool(w.moe and w.routing[1]),
         BLOCK_E=_next_pow2(experts[0]) if w.moe else 1, BLOCK_TOPK=_next_pow2(top_k),
-        COUNT_LOAD=w.expert_load is not None, W_FP8=w.fp8, ASM=w.fp8 and h.is_cuda and not interpreting(),
+        COUNT_LOAD=w.expert_load is not None, W_FP8=w.fp8, W_INT4=w.int4, INT4_GROUP=w.group_size or 1,
+        ASM=(w.fp8 or w.int4) and h.is_cuda and not interpreting(),
         num_warps=num_warps, num_stages=1, **({} if cap is None else {"maxnreg": cap}),
     )
     threads = 32 * num_warps
@@ -531,6 +587,8 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         tile = gemv_phase_tile(n, k, num_programs, threads, stream_values)
         if w.fp8 and name != "RT":  # (the router is never quantized)
             tile = words_phase_tile(*tile, k)
+        elif w.int4 and name != "RT":
+            tile = int4_phase_tile(n, k, num_programs, threads, stream_values)
         consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = tile
     if w.moe:  # an expert's rows a gate/up block; the experts' weights are known only after the routing
         while (2 * inter) % consts["R_GU"]:
@@ -557,11 +615,15 @@ def decode_layer_ref(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Te
     paged attention, SiLU-and-mul): h [1, HIDDEN] -> the next residual stream; writes the cache as it goes."""
     from meshserve.kernels.attention_ref import paged_attention_ref
     from meshserve.kernels.moe_ref import fused_experts_ref, softmax_topk_ref
-    from meshserve.kernels.quant_ref import fp8_weight_only_ref
+    from meshserve.kernels.quant_ref import fp8_weight_only_ref, int4_linear_ref
     from meshserve.kernels.triton_ops import qkv_rope_cache_ref, rms_norm_ref, silu_and_mul_ref
 
-    def linear(x, i, weight, bias):  # the i-th projection: fp8 weights as the batch-1 GEMV reads them
-        return F.linear(x, weight, bias) if not w.fp8 else fp8_weight_only_ref(x, weight, w.scales[i], bias)
+    def linear(x, i, weight, bias):  # the i-th projection: quantized weights as the batch-1 GEMVs read them
+        if w.fp8:
+            return fp8_weight_only_ref(x, weight, w.scales[i], bias)
+        if w.int4:
+            return int4_linear_ref(x, weight, w.scales[i], w.zeros[i], w.group_size, None, bias)
+        return F.linear(x, weight, bias)
 
     dt = h.dtype
     qkv = linear(rms_norm_ref(h, w.ln1, w.eps), 0, w.wqkv, w.bqkv)

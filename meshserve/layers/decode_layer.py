@@ -2,17 +2,18 @@
 
 kernels/triton_decode_layer.py runs a Llama-family layer (RMSNorm, QKV, q/k norm + rotary + KV write, attention,
 o_proj + residual, RMSNorm, gate/up, SiLU-and-mul, down + residual) as phases of one grid with barriers
-between them, its projections 16-bit or fp8 with a scale a row (`--quantization fp8` and per-channel fp8
-checkpoints, bf16 / fp16 models: the words GEMV's products); a sparse layer of Mixtral or Qwen2/3-MoE (softmax
-top-k routing, no shared expert) with its router's phase and the chosen experts' rows in place of the MLP's.
-The hidden state between layers is then the whole residual stream, as with the norm fold (layers/norm_fold.py):
-the residual is None coming in and going out, and the model's final norm runs alone.
+between them. Its projections are 16-bit, fp8 with a scale a row (`--quantization fp8` and per-channel fp8
+checkpoints: the words GEMV's products) or group-wise INT4 (AWQ, GPTQ without act-order, `--quantization awq`
+dummy weights: the half INT4 GEMV's products), the quantized ones in bf16 / fp16 models. A sparse layer of
+Mixtral or Qwen2/3-MoE (softmax top-k routing, no shared expert) runs its router's phase and the chosen experts'
+rows in place of the MLP's. The hidden state between layers is then the whole residual stream, as with the norm
+fold (layers/norm_fold.py): the residual is None coming in and going out, and the model's final norm runs alone.
 
 Where it does not apply, begin returns None and the layers run their usual path: more than one row or more
 than one sequence, a step with prompt tokens, not on a GPU, tensor parallelism or pipeline stages (the model's
-check), other quantized projections (int4, block-wise fp8, or a mix of formats in a layer), layers whose
-attention or MLP is not Llama's own, a sliding window, an attention backend other than Triton's, weights that
-are not contiguous rows, or MoE layers the kernel does not route (expert parallel, quantized experts or
+check), other quantized projections (block-wise fp8, act-order INT4, or a mix of formats in a layer), layers
+whose attention or MLP is not Llama's own, a sliding window, an attention backend other than Triton's, weights
+that are not contiguous rows, or MoE layers the kernel does not route (expert parallel, quantized experts or
 attention projections, a shared expert, grouped or sigmoid routing).
 """
 
@@ -70,6 +71,20 @@ def _fp8_rows(lin: nn.Module, dtype: torch.dtype) -> bool:
             and s.shape == (w.shape[0],) and s.is_contiguous())
 
 
+def _int4_groups(lin: nn.Module, dtype: torch.dtype) -> int | None:
+    """The group size of group-wise INT4 weights without act-order (layers/quantization/int4.py's internal
+    layout: qweight [K / 8, N], scales / zeros [K / G, N]) under a 16-bit row, else None."""
+    from meshserve.layers.quantization.int4 import Int4LinearMethod
+
+    if not isinstance(lin.quant_method, Int4LinearMethod) or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    q, s, z, g = lin.qweight, lin.scales, lin.zeros, lin.group_size
+    if lin.g_idx is not None or lin.perm is not None or g % 8 or q.dtype != torch.int32 or not q.is_contiguous():
+        return None
+    groups = (q.shape[0] * 8 // g, q.shape[1])
+    return g if s.shape == groups and z.shape == groups and s.is_contiguous() and z.is_contiguous() else None
+
+
 def _layer_fits(layer: nn.Module, dtype: torch.dtype) -> bool:
     from meshserve.kernels.triton_attention import TritonAttentionBackend
 
@@ -78,7 +93,9 @@ def _layer_fits(layer: nn.Module, dtype: torch.dtype) -> bool:
     attn, mlp = layer.self_attn, layer.mlp
     if getattr(layer, "folds_mlp_norm", False):
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        fits = all(_plain(lin, dtype) for lin in linears) or all(_fp8_rows(lin, dtype) for lin in linears)
+        groups = {_int4_groups(lin, dtype) for lin in linears}
+        fits = (all(_plain(lin, dtype) for lin in linears) or all(_fp8_rows(lin, dtype) for lin in linears)
+                or (len(groups) == 1 and None not in groups))
     elif _moe_fits(mlp, dtype):
         fits = all(_plain(lin, dtype) for lin in (attn.qkv_proj, attn.o_proj))
     else:
@@ -107,10 +124,16 @@ def layer_weights(layer: nn.Module):
             expert_load=experts.expert_load, **common,
         )
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    scales = tuple(lin.weight_scale for lin in linears) if attn.qkv_proj.quantized else None  # fp8 (_fp8_rows)
+    if hasattr(attn.qkv_proj, "qweight"):  # INT4 (_int4_groups)
+        weights = [lin.qweight for lin in linears]
+        quant = dict(scales=[lin.scales for lin in linears], zeros=[lin.zeros for lin in linears],
+                     group_size=attn.qkv_proj.group_size)
+    else:  # 16-bit, or fp8 with row scales (_fp8_rows)
+        weights = [lin.weight for lin in linears]
+        quant = dict(scales=[lin.weight_scale for lin in linears]) if attn.qkv_proj.quantized else {}
     return _kernels().DecodeLayerWeights(
-        norms[0].weight, attn.qkv_proj.weight, attn.o_proj.weight, norms[1].weight, mlp.gate_up_proj.weight,
-        mlp.down_proj.weight, norms[0].eps, bgu=mlp.gate_up_proj.bias, bd=mlp.down_proj.bias, scales=scales, **common,
+        norms[0].weight, weights[0], weights[1], norms[1].weight, weights[2], weights[3], norms[0].eps,
+        bgu=mlp.gate_up_proj.bias, bd=mlp.down_proj.bias, **quant, **common,
     )
 
 

@@ -74,11 +74,12 @@ def test_decode_layer_over_an_fp8_cache_keeps_greedy_tokens_until_a_near_tie(mon
 
 
 @pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen3-0.6b"])
-def test_decode_layer_with_fp8_weights_keeps_greedy_tokens_until_a_near_tie(model, monkeypatch):
-    """`--quantization fp8` (e4m3 weights, a scale a row): the kernel's words path against the plain path's fp8
-    words GEMV, both weight-only at batch 1."""
-    plain, _ = _run(model, "bfloat16", monkeypatch, "0", quantization="fp8")
-    fused, calls = _run(model, "bfloat16", monkeypatch, "1", quantization="fp8")
+@pytest.mark.parametrize("quantization", ["fp8", "awq"])
+def test_decode_layer_with_quantized_weights_keeps_greedy_tokens_until_a_near_tie(model, quantization, monkeypatch):
+    """`--quantization fp8` (e4m3 weights, a scale a row) and `awq` (dummy weights quantized to INT4 in groups of
+    128): the kernel's words / INT4 paths against the plain path's GEMVs, all weight-only at batch 1."""
+    plain, _ = _run(model, "bfloat16", monkeypatch, "0", quantization=quantization)
+    fused, calls = _run(model, "bfloat16", monkeypatch, "1", quantization=quantization)
     assert calls > 0
     for a, b in zip(plain, fused):
         assert_agree_until_near_tie(a, b)

@@ -29,7 +29,7 @@ if importlib.util.find_spec("triton") is not None:
         decode_layer,
         decode_layer_ref,
     )
-    from meshserve.kernels.quant_ref import quantize_fp8_per_channel
+    from meshserve.kernels.quant_ref import pack_int4_rows, quantize_fp8_per_channel, quantize_int4_groups
     from tests.kernels.test_triton_decode_fused import fused_case
 
 
@@ -156,16 +156,64 @@ def test_layer_with_fp8_weights_matches_reference_interp(case, dtype, num_progra
     assert (plain.float() - expect.float()).abs().mean() > 2 * (out.float() - expect.float()).abs().mean()
 
 
+def int4_weights(w, group_size: int):
+    """w with its four projections quantized to INT4 round-to-nearest in groups of group_size (the dummy-weight
+    quantizer of layers/quantization/int4.py), in the internal layout: qweight [K / 8, N], scales / zeros [G, N]."""
+    packed = []
+    for t in (w.wqkv, w.wo, w.wgu, w.wd):
+        q, scales, zeros = quantize_int4_groups(t, group_size)
+        packed.append((pack_int4_rows(q), scales, zeros))
+    (qkv, o, gu, d) = packed
+    return DecodeLayerWeights(w.ln1, qkv[0], o[0], w.ln2, gu[0], d[0], w.eps, bqkv=w.bqkv, q_norm=w.q_norm,
+                              k_norm=w.k_norm, bo=w.bo, bgu=w.bgu, bd=w.bd, qk_eps=w.qk_eps,
+                              scales=[p[1] for p in packed], zeros=[p[2] for p in packed], group_size=group_size)
+
+
 @interp
-def test_layer_rejects_mixed_or_unscaled_fp8_weights_interp():
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("num_programs", "stream_values"), [(1, 32), (3, 8)])  # 8: several trips a block
+def test_layer_with_int4_weights_matches_reference_interp(case, dtype, num_programs, stream_values):
+    """INT4 projections (nibbles in [K / 8, N] words, a scale and zero a group): each word's eight products in
+    fp16 lanes against its x row scaled to 32 at most, column blocks over the whole K, against the dequantized
+    weights' products."""
+    seq_len, hidden, heads, kv_heads, head_dim, inter, qk_norm, bias = case
+    h, w, pos, cos, sin, cache, meta, scale, *_ = layer_case(seq_len, hidden, heads, kv_heads, head_dim, inter, dtype,
+                                                             qk_norm, bias, seq_len)
+    group = 16 if all(k % 16 == 0 for k in (hidden, heads * head_dim, inter)) else 8
+    w = int4_weights(w, group)
+    assert w.int4 and w.out_in(w.wd) == (hidden, inter)
+    ref_cache, got_cache = cache.clone(), cache.clone()
+    expect = decode_layer_ref(h, w, pos, cos, sin, ref_cache, meta, scale, heads, kv_heads)
+    bars = torch.zeros(BARRIERS_PER_LAYER, dtype=torch.int32)
+    out = decode_layer(h, w, pos, cos, sin, got_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale,
+                       heads, kv_heads, bars, num_programs=num_programs, attn_splits=2, stream_values=stream_values)
+    tol = 2e-2 if dtype == torch.float16 else 5e-2
+    torch.testing.assert_close(out, expect, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_cache, ref_cache, atol=tol, rtol=tol)
+    if dtype == torch.bfloat16:
+        return  # (bf16's roundings of the intermediates, ~1% apart, hide the weights' error)
+    # the INT4 weights are what it read: the layer's 16-bit weights give outputs further off on average
+    dequant = layer_case(seq_len, hidden, heads, kv_heads, head_dim, inter, dtype, qk_norm, bias, seq_len)[1]
+    plain = decode_layer_ref(h, dequant, pos, cos, sin, cache.clone(), meta, scale, heads, kv_heads)
+    assert (plain.float() - expect.float()).abs().mean() > 2 * (out.float() - expect.float()).abs().mean()
+
+
+@interp
+def test_layer_rejects_mixed_unscaled_or_misshapen_quantized_weights_interp():
     h, w, pos, cos, sin, cache, meta, scale, *_ = layer_case(37, 64, 4, 2, 16, 96, torch.float16)
-    q = fp8_weights(w)
-    with pytest.raises(ValueError, match="four projections"):
+    q, i4 = fp8_weights(w), int4_weights(w, 16)
+    with pytest.raises(ValueError, match="four projections in one format"):
         DecodeLayerWeights(w.ln1, q.wqkv, w.wo, w.ln2, w.wgu, w.wd, w.eps, scales=q.scales)
-    with pytest.raises(ValueError, match="four projections"):
+    with pytest.raises(ValueError, match="four projections in one format"):
         DecodeLayerWeights(w.ln1, q.wqkv, q.wo, w.ln2, q.wgu, q.wd, w.eps)
-    with pytest.raises(ValueError, match="row scales belong"):
+    with pytest.raises(ValueError, match="four projections in one format"):  # fp8 and INT4 in one layer
+        DecodeLayerWeights(w.ln1, q.wqkv, q.wo, w.ln2, i4.wgu, i4.wd, w.eps, scales=q.scales)
+    with pytest.raises(ValueError, match="scales and zeros belong"):
         DecodeLayerWeights(w.ln1, w.wqkv, w.wo, w.ln2, w.wgu, w.wd, w.eps, scales=q.scales)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        DecodeLayerWeights(w.ln1, i4.wqkv, i4.wo, w.ln2, i4.wgu, i4.wd, w.eps, scales=i4.scales, zeros=i4.zeros,
+                           group_size=12)
     bars = torch.zeros(BARRIERS_PER_LAYER, dtype=torch.int32)
     args = (pos, cos, sin, cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale, 4, 2, bars)
     with pytest.raises(ValueError, match="16-bit row"):
@@ -173,6 +221,10 @@ def test_layer_rejects_mixed_or_unscaled_fp8_weights_interp():
     bad = copy.copy(q)
     bad.scales = (q.scales[0].half(), *q.scales[1:])
     with pytest.raises(ValueError, match="fp32 row scales"):
+        decode_layer(h, bad, *args)
+    bad = copy.copy(i4)
+    bad.zeros = (i4.zeros[0][:-1], *i4.zeros[1:])  # a group short
+    with pytest.raises(ValueError, match="INT4 qkv weight .* needs zeros"):
         decode_layer(h, bad, *args)
 
 
@@ -241,6 +293,7 @@ _COMPILE_SM90 = COMPILE_SM90_PRELUDE + """
 import os, subprocess, tempfile
 from meshserve.kernels.triton_decode_layer import _decode_layer_kernel, gemv_phase_tile
 from meshserve.kernels.triton_decode_layer_fp8 import words_phase_tile
+from meshserve.kernels.triton_decode_layer_int4 import int4_phase_tile
 sig = {n: "*bf16" for n in _decode_layer_kernel.arg_names if n.endswith("_ptr")}
 sig.update(pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", slot_ptr="*i64", bt_ptr="*i64", seq_lens_ptr="*i64",
            bar_ptr="*i32", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32", ticket_ptr="*i32", load_ptr="*i64", eps="fp32",
@@ -250,15 +303,20 @@ tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 
 def check(consts, shapes, barriers):
+    int4 = consts.get("W_INT4", False)
     for name, n, k in shapes:
         tile = gemv_phase_tile(n, k, 132, 256)  # an H200
-        consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = (
-            words_phase_tile(*tile, k) if consts["W_FP8"] and name != "RT" else tile)
+        if name != "RT" and consts["W_FP8"]:
+            tile = words_phase_tile(*tile, k)
+        elif name != "RT" and int4:
+            tile = int4_phase_tile(n, k, 132, 256)
+        consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = tile
     if consts["MOE"]:
         consts["P_GU"] = consts["P_D"] = 0
-    fp8 = {n: "*i32" for n in ("wqkv_ptr", "wo_ptr", "wgu_ptr", "wd_ptr")} if consts["W_FP8"] else {}
-    fp8.update({n: "*fp32" for n in ("sqkv_ptr", "so_ptr", "sgu_ptr", "sd_ptr")})
-    k = compile_sm90(_decode_layer_kernel, {**sig, **fp8}, consts, 8, 1)
+    quant = {n: "*i32" for n in ("wqkv_ptr", "wo_ptr", "wgu_ptr", "wd_ptr")} if consts["W_FP8"] or int4 else {}
+    quant.update({n: "*fp16" if int4 else "*fp32" for n in ("sqkv_ptr", "so_ptr", "sgu_ptr", "sd_ptr")})
+    quant.update({n: "*fp16" for n in ("zqkv_ptr", "zo_ptr", "zgu_ptr", "zd_ptr")})
+    k = compile_sm90(_decode_layer_kernel, {**sig, **quant}, consts, 8, 1)
     ptx = k.asm["ptx"]
     # a barrier: a release add (its result unused: red) and a spin on an acquire load (Triton lowers the add of 0
     # to one); attention's tensor-core tile (its KV splits merged inline: the tickets' acq_rel atomics besides);
@@ -278,7 +336,7 @@ def check(consts, shapes, barriers):
 base = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64, ATTN_SPLITS=8, HAS_QKV_BIAS=False,
             HAS_O_BIAS=False, HAS_GU_BIAS=False, HAS_D_BIAS=False, HAS_NORM=True, UPCAST_DOT=False,
             DOT_PRECISION="tf32", KV_FP8=False, FP8_TILE="convert", V_T=False, PREFETCH=True, PHASE_LO=0, PHASE_HI=5,
-            USE_GDC=2, W_FP8=False, ASM=False)
+            USE_GDC=2, W_FP8=False, W_INT4=False, INT4_GROUP=1, ASM=False)
 # Qwen3-0.6B's layer, every phase in one launch under PDL's late trigger: four barriers
 dense = dict(base, HIDDEN=1024, INTER=3072, NUM_HEADS=16, NUM_KV_HEADS=8, GROUP=2, ROWS=16, BLOCK_H=1024, MOE=False,
              NUM_EXPERTS=1, TOP_K=1, RENORMALIZE=False, BLOCK_E=1, BLOCK_TOPK=1, COUNT_LOAD=False)
@@ -292,6 +350,9 @@ llama = dict(base, HIDDEN=4096, INTER=14336, NUM_HEADS=32, NUM_KV_HEADS=8, GROUP
              NUM_EXPERTS=1, TOP_K=1, RENORMALIZE=False, BLOCK_E=1, BLOCK_TOPK=1, COUNT_LOAD=False, W_FP8=True,
              ASM=True, KV_FP8=True, HAS_NORM=False)
 check(llama, (("QKV", 6144, 4096), ("O", 4096, 4096), ("GU", 28672, 4096), ("D", 4096, 14336), ("RT", 1, 4096)), 4)
+# and with AWQ-style INT4 weights (groups of 128: the words' inline PTX)
+check(dict(llama, W_FP8=False, W_INT4=True, INT4_GROUP=128),
+      (("QKV", 6144, 4096), ("O", 4096, 4096), ("GU", 28672, 4096), ("D", 4096, 14336), ("RT", 1, 4096)), 4)
 print("compiled")
 """
 
@@ -328,13 +389,14 @@ def test_layer_one_launch_matches_phases_and_reference_gpu(seq_len, programs_per
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", [(300, *QWEN[1:]), (300, 4096, 32, 8, 128, 14336, False, False)])  # Qwen; 8B
-def test_layer_with_fp8_weights_one_launch_matches_phases_and_reference_gpu(case):
-    """fp8 projections through the words' inline PTX: one launch gives the per-phase launches' bits and stays
-    within bf16's roundings of the dequantized reference."""
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_layer_with_quantized_weights_one_launch_matches_phases_and_reference_gpu(case, fmt):
+    """fp8 / INT4 (groups of 128) projections through their inline PTX: one launch gives the per-phase launches'
+    bits and stays within bf16's roundings of the dequantized reference."""
     seq_len, hidden, heads, kv_heads, head_dim, inter, qk_norm, bias = case
     h, w, pos, cos, sin, cache, meta, scale, *_ = layer_case(seq_len, hidden, heads, kv_heads, head_dim, inter,
                                                              torch.bfloat16, qk_norm, bias, 5, "cuda")
-    w = fp8_weights(w)
+    w = fp8_weights(w) if fmt == "fp8" else int4_weights(w, 128)
     ref_cache = cache.clone()
     expect = decode_layer_ref(h, w, pos, cos, sin, ref_cache, meta, scale, heads, kv_heads)
     outs, caches = [], []

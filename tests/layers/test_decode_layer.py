@@ -20,6 +20,7 @@ from meshserve.layers.decode_layer import DecodeLayerRun, _layer_fits, layer_wei
 from meshserve.layers.linear import LinearBase
 from meshserve.layers.quantization import quantization_scope
 from meshserve.layers.quantization.fp8 import Fp8Config
+from meshserve.layers.quantization.int4 import Int4Config
 from meshserve.layers.rotary import RotaryEmbedding
 from meshserve.layers.moe_routing import SoftmaxTopK
 from meshserve.models.llama import LlamaDecoderLayer
@@ -149,6 +150,36 @@ def test_fp8_layers_run_the_kernel_with_their_row_scales_interp(model_type):
         assert float((hidden.float() - near).norm() / near.norm()) < 0.08  # (fp8 activations: ~4% off)
     for got, ref in zip(caches, ref_caches):
         torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_int4_layers_run_the_kernel_with_their_groups_interp():
+    """`--quantization awq` layers (dummy weights quantized round-to-nearest at load, groups of 16 here) in fp16:
+    the kernel's INT4 path equals the plain layers (whose CPU path is the same weight-only dequantized product)
+    and the plain ops composed over layer_weights."""
+    from meshserve.kernels.triton_decode_layer import decode_layer_ref
+
+    layers, meta, positions = _layers("qwen3", 37, dtype=torch.float16, quant=Int4Config("awq", 16, online=True))
+    assert all(layer.mlp.down_proj.qweight.dtype == torch.int32 for layer in layers)
+    assert all(_layer_fits(layer, torch.float16) for layer in layers)
+    x = torch.randn(1, 64, dtype=torch.float16)
+    caches = [layer.self_attn.attn.kv_cache.clone() for layer in layers]
+    hidden, residual, plain = x, None, []
+    for layer in layers:
+        hidden, residual = layer(positions, hidden, residual, meta)
+        plain.append((hidden.float() + residual.float()).detach())
+    ref_caches = [c.clone() for c in caches]
+    run = DecodeLayerRun(len(layers), x.device, one_launch=False, programs_per_sm=1, num_warps=4)
+    hidden, expect = x, x
+    for layer, cache, ref_cache, near in zip(layers, caches, ref_caches, plain):
+        attn = layer.self_attn
+        expect = decode_layer_ref(expect, layer_weights(layer), positions, attn.rotary_emb.cos_cache,
+                                  attn.rotary_emb.sin_cache, ref_cache, meta, attn.attn.scale, 4, 2)
+        attn.attn.kv_cache = cache
+        hidden = run.forward(layer, positions, hidden, meta)
+        torch.testing.assert_close(hidden, expect, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(hidden.float(), near, atol=3e-2, rtol=3e-2)
+    layers[1].mlp.down_proj.perm = torch.arange(96, dtype=torch.int32)  # act-order: the plain path's
+    assert not _layer_fits(layers[1], torch.float16)
 
 
 def test_a_layer_of_mixed_weight_formats_takes_the_plain_path_interp():

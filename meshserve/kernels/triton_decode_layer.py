@@ -111,11 +111,11 @@ def _preload(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, PRE_K: tl.constexpr):
 
 @triton.jit
 def _preload_w(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
-               W_FP8: tl.constexpr, W_INT4: tl.constexpr):
+               W_FP8: tl.constexpr, W_INT4: tl.constexpr, GROUP: tl.constexpr):
     """What a GEMV phase over the weight w_ptr ([N, K] 16-bit, fp8 words [N, K / 4], or INT4 words [K / 8, N])
     loads before its barrier: the first block's first PRE_K columns (words), or for INT4 its first trip."""
     if W_INT4:
-        return int4_first_tile(w_ptr, N, K, pid, BLOCK_R, BLOCK_K)
+        return int4_first_tile(w_ptr, N, K, pid, BLOCK_R, BLOCK_K, GROUP)
     elif W_FP8:
         return _preload(w_ptr, N, K // 4, pid, BLOCK_R, PRE_K)
     else:
@@ -131,8 +131,8 @@ def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_pt
     fold GEMV's order: the preloaded columns' sum, then the streamed tiles'); RESIDUAL: y rounded, plus the
     residual's rows, rounded again (the plain path's projection output, then rms_norm's residual add). W_FP8:
     w_ptr the fp8 weight as words and s_ptr its row scales, BLOCK_K / PRE_K in words (triton_decode_layer_fp8).
-    W_INT4: w_ptr INT4 words [K / 8, N], s_ptr / z_ptr its groups' scales and zeros, the rows output columns,
-    BLOCK_K word rows a trip, PRE_K > 0: w_pre is the first trip's words (triton_decode_layer_int4)."""
+    W_INT4: w_ptr INT4 words [K / 8, N], s_ptr / z_ptr its GROUP-wise scales and zeros, the rows output columns,
+    BLOCK_K groups a trip, PRE_K > 0: w_pre is the first trip's words (triton_decode_layer_int4)."""
     dt = y_ptr.dtype.element_ty
     rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
@@ -298,14 +298,14 @@ def _decode_layer_kernel(
     in a MoE layer). R_* / K_* / P_*: each GEMV phase's rows a block, columns a streamed tile and columns
     preloaded before its barrier (P 0: none; a MoE layer's experts are known only after the routing). W_FP8: the
     four projections' weights are fp8 as uint32 words with row scales s*_ptr, their K / P in words; W_INT4: INT4
-    words [K / 8, N] with INT4_GROUP-wise scales s*_ptr and zeros z*_ptr, R the output columns a block, K the word
-    rows a trip, P > 0 the first trip preloaded (ASM: the formats' inline PTX, compiled code only)."""
+    words [K / 8, N] with INT4_GROUP-wise scales s*_ptr and zeros z*_ptr, R the output columns a block, K the
+    groups a trip, P > 0 the first trip preloaded (ASM: the formats' inline PTX, compiled code only)."""
     pid = tl.program_id(0)
     QKV_N: tl.constexpr = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
     Q_DIM: tl.constexpr = NUM_HEADS * HEAD_DIM
     w_pre = 0.0
     if PHASE_LO <= 0 and PHASE_HI >= 0:
-        w_pre = _preload_w(wqkv_ptr, QKV_N, HIDDEN, pid, R_QKV, K_QKV, P_QKV, W_FP8, W_INT4)
+        w_pre = _preload_w(wqkv_ptr, QKV_N, HIDDEN, pid, R_QKV, K_QKV, P_QKV, W_FP8, W_INT4, INT4_GROUP)
     gdc_wait(USE_GDC)  # h is the previous layer's output (and the metadata the step's inputs)
     if PHASE_LO <= 0 and PHASE_HI >= 0:
         inv = _inv_rms(h_ptr, HIDDEN, eps, BLOCK_H)
@@ -324,7 +324,7 @@ def _decode_layer_kernel(
                 BLOCK_SIZE, BLOCK_N, ATTN_SPLITS, HAS_NORM, UPCAST_DOT, DOT_PRECISION, KV_FP8, FP8_TILE, V_T,
             )
     if PHASE_LO <= 2 and PHASE_HI >= 2:  # o_proj's first columns: the programs without a KV head at once
-        w_pre = _preload_w(wo_ptr, HIDDEN, Q_DIM, pid, R_O, K_O, P_O, W_FP8, W_INT4)
+        w_pre = _preload_w(wo_ptr, HIDDEN, Q_DIM, pid, R_O, K_O, P_O, W_FP8, W_INT4, INT4_GROUP)
     if PHASE_LO <= 1 and PHASE_HI >= 2:
         _grid_barrier(bar_ptr + 1, num_programs)
     if PHASE_LO <= 2 and PHASE_HI >= 2:
@@ -360,7 +360,7 @@ def _decode_layer_kernel(
                             TOP_K, R_D, K_D, PREFETCH)
     else:
         if PHASE_LO <= 4 and PHASE_HI >= 4:
-            w_pre = _preload_w(wgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, K_GU, P_GU, W_FP8, W_INT4)
+            w_pre = _preload_w(wgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, K_GU, P_GU, W_FP8, W_INT4, INT4_GROUP)
         if PHASE_LO <= 2 and PHASE_HI >= 4:
             _grid_barrier(bar_ptr + 2, num_programs)
         if PHASE_LO <= 4 and PHASE_HI >= 4:
@@ -369,7 +369,7 @@ def _decode_layer_kernel(
                         pid, num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU, PREFETCH, W_FP8,
                         W_INT4, INT4_GROUP, ASM)
         if PHASE_LO <= 5 and PHASE_HI >= 5:
-            w_pre = _preload_w(wd_ptr, HIDDEN, INTER, pid, R_D, K_D, P_D, W_FP8, W_INT4)
+            w_pre = _preload_w(wd_ptr, HIDDEN, INTER, pid, R_D, K_D, P_D, W_FP8, W_INT4, INT4_GROUP)
         if PHASE_LO <= 4 and PHASE_HI >= 5:
             _grid_barrier(bar_ptr + 4, num_programs)
         if PHASE_LO <= 5 and PHASE_HI >= 5:
@@ -588,7 +588,7 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         if w.fp8 and name != "RT":  # (the router is never quantized)
             tile = words_phase_tile(*tile, k)
         elif w.int4 and name != "RT":
-            tile = int4_phase_tile(n, k, num_programs, threads, stream_values)
+            tile = int4_phase_tile(n, k, w.group_size, num_programs, threads, stream_values)
         consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = tile
     if w.moe:  # an expert's rows a gate/up block; the experts' weights are known only after the routing
         while (2 * inter) % consts["R_GU"]:

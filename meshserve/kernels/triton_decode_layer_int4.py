@@ -2,16 +2,17 @@
 weights quantized at load: layers/quantization/int4.py), in the internal layout of kernels/quant_ref.py:
 qweight [K / 8, N] int32 (nibble i of word row p is input feature 8p + i), scales and zeros [K / G, N].
 
-The layout runs along the output features, so a program owns a block of output columns and sweeps all of K,
-BLOCK_P word rows a trip ([BLOCK_P, BLOCK_C] words: 16 B of weights a thread, as the 16-bit phases stream), no
+The layout runs along the output features, so a program owns a block of output columns and sweeps all of K, whole
+groups a trip ([groups, GROUP / 8, columns] words: 16 B of weights a thread, as the 16-bit phases stream), no
 split-K and no partial sums: the block's sum over K is one reduction at its end. Each word's eight products are
 taken as the half INT4 GEMV takes them (triton_int4_gemv._HALF_WORDS_ASM, one word here): nibbles (j, j + 4)
 decode into one f16x2 with a LOP3 (1024 + q, or 1024 + 16q against x / 16), one HSUB2 of the packed zero gives
-the exact q - z, HFMA2s against x scaled so that the word row's largest |x| is 32 (8 products of |q - z| <= 15:
-< 4,000 in fp16 whatever x holds), the two fp16 lanes summed in fp32, times the group's scale and the row's x
-scale. Scales and zeros are read per word (each word row's group: any group size that is a multiple of 8).
-x is the layer kernel's input row as triton_decode_layer_fp8._x_of_words gives it (the norm on load, or
-silu(gate) * up), 16 bytes a word row. The interpreter runs the same fp16 lanes spelled with tensors.
+the exact q - z, HFMA2s against x, the two fp16 lanes summed in fp32. A group's scale and zero load once for its
+word rows, x is scaled per group (its largest |x| 32: 8 products of |q - z| <= 15 stay < 4,000 in fp16), and
+each word's lane sum goes into the accumulator with one FFMA by its group's scale times the x scale. Any group
+size that is a multiple of 8 (a word never straddles two groups) and divides K. x is the layer kernel's input row
+as triton_decode_layer_fp8._x_of_words gives it (the norm on load, or silu(gate) * up), 16 bytes a word row.
+The interpreter runs the same fp16 lanes spelled with tensors.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from meshserve.kernels.triton_attention import _next_pow2
 from meshserve.kernels.triton_decode_layer_fp8 import _x_of_words
 from meshserve.kernels.triton_half2 import pack_half2
 
-X_MAX = tl.constexpr(32.0)  # a word row's x is scaled so that its largest |x| is this
+X_MAX = tl.constexpr(32.0)  # a group's x is scaled so that its largest |x| is this
 
 # one word (8 weights of one output column: input features 8p..8p+7) against x's fp16 pairs (x0, x4), (x1, x5) / 16,
 # (x2, x6), (x3, x7) / 16 and the packed zero (1024 + z, 1024 + z), (1024 + 16z, 1024 + 16z): 13 instructions
@@ -58,21 +59,21 @@ def _f16(v):
 
 
 @triton.jit
-def _word_dots(w, z, xs, inv, ASM: tl.constexpr):
-    """[BLOCK_P, BLOCK_C] fp32: each word's sum of (q_i - z) * x_i * inv in fp16 lanes (the module docstring);
-    xs the word rows' eight x values (fp32 [BLOCK_P] each), inv [BLOCK_P] their scale, z the words' zeros."""
+def _word_dots(w, z, xs, ASM: tl.constexpr):
+    """[BLOCK_G, GP, BLOCK_C] fp32: each word's sum of (q_i - z) * x_i in fp16 lanes (the module docstring); xs
+    the word rows' eight x values, already scaled (fp32 [BLOCK_G, GP] each), z the groups' zeros [BLOCK_G, 1,
+    BLOCK_C]."""
     x0, x1, x2, x3, x4, x5, x6, x7 = xs
     if ASM:  # x broadcast into the words' layout (the small tensor moves, not the weights)
-        inv16 = inv * 0.0625  # the odd nibble pairs decode as 16 (q - z)
-        xa = pack_half2(x0 * inv, x4 * inv, ASM)[:, None] + w * 0
-        xb = pack_half2(x1 * inv16, x5 * inv16, ASM)[:, None] + w * 0
-        xc = pack_half2(x2 * inv, x6 * inv, ASM)[:, None] + w * 0
-        xd = pack_half2(x3 * inv16, x7 * inv16, ASM)[:, None] + w * 0
+        xa = pack_half2(x0, x4, ASM)[:, :, None] + w * 0
+        xb = pack_half2(x1 * 0.0625, x5 * 0.0625, ASM)[:, :, None] + w * 0  # odd pairs decode as 16 (q - z)
+        xc = pack_half2(x2, x6, ASM)[:, :, None] + w * 0
+        xd = pack_half2(x3 * 0.0625, x7 * 0.0625, ASM)[:, :, None] + w * 0
         zl = z + 1024.0
         zh = z * 16.0 + 1024.0
         return tl.inline_asm_elementwise(
             _WORD_ASM, "=f,r,r,r,r,r,r,r",
-            [w, pack_half2(zl, zl, ASM), pack_half2(zh, zh, ASM), xa, xb, xc, xd],
+            [w, pack_half2(zl, zl, ASM) + w * 0, pack_half2(zh, zh, ASM) + w * 0, xa, xb, xc, xd],
             dtype=tl.float32, is_pure=True, pack=1,
         )
     else:  # the same fp16 lanes: the low one nibbles 0..3 against x0..x3, the high one 4..7 against x4..x7
@@ -84,67 +85,84 @@ def _word_dots(w, z, xs, inv, ASM: tl.constexpr):
             q_hi = ((w >> (4 * j + 16)) & 15).to(tl.float32)
             x_lo = (x0, x1, x2, x3)[j]
             x_hi = (x4, x5, x6, x7)[j]
-            lo = _f16(lo + _f16((q_lo - z) * f) * _f16(x_lo * inv / f)[:, None])
-            hi = _f16(hi + _f16((q_hi - z) * f) * _f16(x_hi * inv / f)[:, None])
+            lo = _f16(lo + _f16((q_lo - z) * f) * _f16(x_lo / f)[:, :, None])
+            hi = _f16(hi + _f16((q_hi - z) * f) * _f16(x_hi / f)[:, :, None])
         return lo + hi
 
 
 @triton.jit
-def int4_first_tile(qw_ptr, N, K, blk, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The first trip's words [BLOCK_P, BLOCK_C] of column block blk (weights: no phase writes them, so they load
-    before the phase's barrier)."""
-    ps = tl.arange(0, BLOCK_P)
+def _words_tile(qw_ptr, g, cols, cmask, N, G, GP: tl.constexpr):
+    """The words [BLOCK_G, GP, BLOCK_C] of the groups g (their GP word rows each) and the columns cols."""
+    rows = g[:, None] * GP + tl.arange(0, GP)[None, :]
+    return tl.load(qw_ptr + rows[:, :, None] * N + cols[None, None, :],
+                   mask=(g < G)[:, None, None] & cmask[None, None, :], other=0)
+
+
+@triton.jit
+def _group_x(x_ptr, nw_ptr, inv_rms, g, K, GP: tl.constexpr, GATED: tl.constexpr, NORMED: tl.constexpr):
+    """x at the groups g's word rows: eight fp32 [BLOCK_G, GP], features 8p + i of word row p."""
+    p = g[:, None] * GP + tl.arange(0, GP)[None, :]
+    x0, x1, x2, x3 = _x_of_words(x_ptr, nw_ptr, inv_rms, 2 * p, K, GATED, NORMED)
+    x4, x5, x6, x7 = _x_of_words(x_ptr, nw_ptr, inv_rms, 2 * p + 1, K, GATED, NORMED)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def int4_first_tile(qw_ptr, N, K, blk, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, GROUP: tl.constexpr):
+    """The first trip's words of column block blk (weights: no phase writes them, so they load before the
+    phase's barrier)."""
     cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
-    return tl.load(qw_ptr + ps[:, None] * N + cols[None, :], mask=(ps < K // 8)[:, None] & (cols < N)[None, :],
-                   other=0)
+    return _words_tile(qw_ptr, tl.arange(0, BLOCK_G), cols, cols < N, N, K // GROUP, GROUP // 8)
 
 
 @triton.jit
 def int4_cols(x_ptr, nw_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, cols, cmask, N, K, w_first, GROUP: tl.constexpr,
-              GATED: tl.constexpr, NORMED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+              GATED: tl.constexpr, NORMED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
               HAS_FIRST: tl.constexpr, ASM: tl.constexpr):
     """fp32 [BLOCK_C]: (W x)[cols] for the INT4 weight (qweight, scales, zeros as the module docstring says), x
-    the layer kernel's input row of K features; w_first the first trip's words when HAS_FIRST (int4_first_tile),
-    the next trip's words and x requested before this trip's products."""
-    KP = K // 8
-    ps = tl.arange(0, BLOCK_P)
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    the layer kernel's input row of K features, BLOCK_G whole groups a trip ([BLOCK_G, GROUP / 8, BLOCK_C] words:
+    a group's scale and zero loaded once for its word rows, x scaled per group); w_first the first trip's words
+    when HAS_FIRST (int4_first_tile); the next trip's words and x requested before this trip's products."""
+    GP: tl.constexpr = GROUP // 8  # word rows a group
+    G = K // GROUP
+    gs = tl.arange(0, BLOCK_G)
+    acc = tl.zeros([BLOCK_G, GP, BLOCK_C], dtype=tl.float32)
     if HAS_FIRST:
         w = w_first
     else:
-        w = tl.load(qw_ptr + ps[:, None] * N + cols[None, :], mask=(ps < KP)[:, None] & cmask[None, :], other=0)
-    x0, x1, x2, x3 = _x_of_words(x_ptr, nw_ptr, inv_rms, 2 * ps, K, GATED, NORMED)
-    x4, x5, x6, x7 = _x_of_words(x_ptr, nw_ptr, inv_rms, 2 * ps + 1, K, GATED, NORMED)
-    for p0 in range(0, KP, BLOCK_P):
+        w = _words_tile(qw_ptr, gs, cols, cmask, N, G, GP)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _group_x(x_ptr, nw_ptr, inv_rms, gs, K, GP, GATED, NORMED)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + gs
         w_step, xs = w, (x0, x1, x2, x3, x4, x5, x6, x7)
-        p = p0 + ps
-        mask = (p < KP)[:, None] & cmask[None, :]
-        g_off = ((p * 8) // GROUP)[:, None] * N + cols[None, :]  # each word row's group
-        s = tl.load(s_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
-        pn = p + BLOCK_P  # past K on the last trip: masked off, nothing read
-        w = tl.load(qw_ptr + pn[:, None] * N + cols[None, :], mask=(pn < KP)[:, None] & cmask[None, :], other=0)
-        x0, x1, x2, x3 = _x_of_words(x_ptr, nw_ptr, inv_rms, 2 * pn, K, GATED, NORMED)
-        x4, x5, x6, x7 = _x_of_words(x_ptr, nw_ptr, inv_rms, 2 * pn + 1, K, GATED, NORMED)
+        offs = g[:, None, None] * N + cols[None, None, :]  # [BLOCK_G, 1, BLOCK_C]: a group's scale and zero
+        mask = (g < G)[:, None, None] & cmask[None, None, :]
+        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gn = g + BLOCK_G  # past K on the last trip: masked off, nothing read
+        w = _words_tile(qw_ptr, gn, cols, cmask, N, G, GP)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _group_x(x_ptr, nw_ptr, inv_rms, gn, K, GP, GATED, NORMED)
         amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(xs[0]), tl.abs(xs[1])), tl.maximum(tl.abs(xs[2]), tl.abs(xs[3]))),
                           tl.maximum(tl.maximum(tl.abs(xs[4]), tl.abs(xs[5])), tl.maximum(tl.abs(xs[6]), tl.abs(xs[7]))))
-        amax = tl.maximum(amax, 1e-30)
-        dots = _word_dots(w_step, z, xs, X_MAX / amax, ASM)
-        acc += dots * s * (amax * (1.0 / X_MAX))[:, None]
-    return tl.sum(acc, 0)
+        amax = tl.maximum(tl.max(amax, 1), 1e-30)  # the group's largest |x|: [BLOCK_G]
+        inv = X_MAX / amax[:, None]
+        scaled = (xs[0] * inv, xs[1] * inv, xs[2] * inv, xs[3] * inv, xs[4] * inv, xs[5] * inv, xs[6] * inv,
+                  xs[7] * inv)
+        acc += _word_dots(w_step, z, scaled, ASM) * (s * (amax * (1.0 / X_MAX))[:, None, None])
+    return tl.sum(tl.sum(acc, 1), 0)
 
 
-def int4_phase_tile(n: int, k: int, programs: int, threads: int, values: int = 32) -> tuple[int, int, int]:
-    """(output columns a block, word rows a trip, 1 if the first trip preloads) of an INT4 GEMV phase over n
-    output columns of k input features: the widest block (at most 64 columns) that leaves the busiest program
-    within 10% of the fewest columns any width gives (Llama-3.1-8B's qkv 6,144 over 132 programs: 16, three
-    blocks each; o / down 4,096: 32, one each), and `values` 16-bit values' bytes a thread a trip (a word a
-    thread holds 8 weights: values / 2 words)."""
+def int4_phase_tile(n: int, k: int, group: int, programs: int, threads: int, values: int = 32) -> tuple[int, int, int]:
+    """(output columns a block, groups a trip, 1: the first trip preloads) of an INT4 GEMV phase over n output
+    columns of k input features in groups of `group`: the widest block (at most 64 columns) that leaves the
+    busiest program within 10% of the fewest columns any width gives (Llama-3.1-8B's qkv 6,144 over 132
+    programs: 16, three blocks each; o / down 4,096: 32, one each), and `values` 16-bit values' bytes a thread a
+    trip (values / 2 words: 8 weights each), in whole groups."""
     def busiest(c: int) -> int:
         return -(-(-(-n // c)) // programs) * c
 
     widths = (64, 32, 16, 8)
     fewest = min(busiest(c) for c in widths)
     cols = next(c for c in widths if busiest(c) <= 1.1 * fewest)
-    rows = min(_next_pow2(k // 8), max(1, (values // 2) * threads // cols))
-    return cols, rows, 1
+    groups = min(_next_pow2(k // group), max(1, (values // 2) * threads // (cols * (group // 8))))
+    return cols, groups, 1

@@ -1,6 +1,6 @@
 """A whole decoder layer in one launch at batch 1: its steps as phases of one persistent grid, a grid barrier
 between phases where the plain path has a kernel boundary (opt-in; dense Llama-family layers, their projections
-16-bit or fp8 with a scale a row, and sparse 16-bit ones with softmax top-k routing).
+16-bit, fp8 with a scale a row or group-wise INT4, and sparse 16-bit ones with softmax top-k routing).
 
 Why: W1 Qwen3-0.6B runs ~31 us a layer against 7.4 us of weight bytes (BENCHMARKS.md, twenty-third session),
 in six launches (four fold GEMVs, the prologue, attention): what is left is the boundaries; Qwen3-30B-A3B ~57 us
@@ -18,10 +18,11 @@ The phases, every intermediate rounded where the plain path rounds it:
   5  out = h2 + W_down silu(gate) * up; MoE: each chosen expert's w2 rows, its output rounded, scaled by its
      routing weight and summed in fp32 (kernels/moe_ref's order), the load counter counting the choices
 Each GEMV phase is a grid-stride loop over row blocks through triton_gemv._stream_rows (its K order, so its
-sums; fp8 weights: the words GEMV's products, triton_decode_layer_fp8), and each program's first block's first columns load before the barrier the phase waits on (before PDL's
-wait for the QKV phase; o_proj's after the program's attention work): weights stream while the previous phase
-and the barrier finish (gemv_phase_tile). The input h is the whole residual stream and so is the output (the
-norm fold's convention, layers/norm_fold.py): the residual add happens in phases 2 and 4.
+sums; fp8 weights: the words GEMV's products, triton_decode_layer_fp8; INT4: column blocks over the whole K,
+triton_decode_layer_int4), and each program's first block's first columns load before the barrier the phase
+waits on (before PDL's wait for the QKV phase; o_proj's after the program's attention work): weights stream
+while the previous phase and the barrier finish (gemv_phase_tile). The input h is the whole residual stream and
+so is the output (the norm fold's convention, layers/norm_fold.py): the residual add happens in phases 2 and 4.
 
 The barrier (``_grid_barrier``): each program's threads meet (bar.sync), one thread adds 1 to the phase's int32
 counter with release semantics and spins on it with acquire until every program has arrived. The counters are
@@ -48,8 +49,8 @@ import triton.language as tl
 
 from meshserve.kernels.kv_layout import v_transposed
 from meshserve.kernels.pdl import gdc_kwargs, interpreting
-from meshserve.kernels.quant_ref import FP8_DTYPE
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
+from meshserve.kernels.quant_ref import FP8_DTYPE
 from meshserve.kernels.triton_attention import (
     _LOG2E,
     _dot_precision,
@@ -274,7 +275,8 @@ def _attention_phase(
 @triton.jit(do_not_specialize=["num_programs"])
 def _decode_layer_kernel(
     h_ptr, ln1_ptr, wqkv_ptr, bqkv_ptr, qw_ptr, kw_ptr, wo_ptr, bo_ptr, ln2_ptr, wgu_ptr, bgu_ptr, wd_ptr, bd_ptr,
-    sqkv_ptr, so_ptr, sgu_ptr, sd_ptr, zqkv_ptr, zo_ptr, zgu_ptr, zd_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr,
+    sqkv_ptr, so_ptr, sgu_ptr, sd_ptr, zqkv_ptr, zo_ptr, zgu_ptr, zd_ptr,
+    pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr,
     qkv_ptr, attn_ptr, h2_ptr, gu_ptr, out_ptr, bar_ptr, ws_acc_ptr, ws_ml_ptr, ticket_ptr,
     wr_ptr, logits_ptr, load_ptr,
     num_programs, eps, qk_eps, scale_log2, k_scale, v_scale, route_scale, stride_cos, stride_sin,
@@ -339,9 +341,8 @@ def _decode_layer_kernel(
         if PHASE_LO <= 4 and PHASE_HI >= 3:  # h2 is complete: both phases norm it
             inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
         if PHASE_LO <= 3 and PHASE_HI >= 3:  # router logits = W_r rms_norm(h2)
-            _gemv_phase(h2_ptr, ln2_ptr, inv2, wr_ptr, wr_ptr, wr_ptr, wr_ptr, h2_ptr, logits_ptr, NUM_EXPERTS, HIDDEN,
-                        pid,
-                        num_programs, w_pre, False, True, False, False, R_RT, K_RT, P_RT, PREFETCH)
+            _gemv_phase(h2_ptr, ln2_ptr, inv2, wr_ptr, wr_ptr, wr_ptr, wr_ptr, h2_ptr, logits_ptr, NUM_EXPERTS,
+                        HIDDEN, pid, num_programs, w_pre, False, True, False, False, R_RT, K_RT, P_RT, PREFETCH)
         if PHASE_LO <= 3 and PHASE_HI >= 4:
             _grid_barrier(bar_ptr + 3, num_programs)
         if PHASE_LO <= 5 and PHASE_HI >= 4:  # every program routes the token itself: the same bits everywhere
@@ -472,11 +473,15 @@ def _check_one_wave(key: tuple, kernel, programs_per_sm: int, num_warps: int) ->
 
 
 def _check_quantized(h: torch.Tensor, w: DecodeLayerWeights) -> None:
-    """Quantized weights as the kernel reads them: a 16-bit row (the batch-1 GEMVs' weight-only semantics); fp8:
+    """Quantized weights as the kernel reads them: a 16-bit row, 8-byte aligned as the norm weights (the batch-1
+    GEMVs' weight-only semantics, x read as 8-byte quads); fp8:
     rows of whole words (K a multiple of 4) and fp32 row scales [N]; INT4: scales and zeros [K / group, N] of the
     row's dtype or fp32, contiguous."""
     if h.element_size() != 2:
         raise ValueError(f"decode_layer: quantized weights take a 16-bit row, got {h.dtype}")
+    if any(t.data_ptr() % 8 for t in (h, w.ln1, w.ln2)):  # their phases read x four features at a time
+        raise ValueError("decode_layer: quantized weights read the row and the norm weights 8 bytes at a time; "
+                         "one of them is not 8-byte aligned")
     for i, (name, t) in enumerate(zip(("qkv", "o", "gate_up", "down"), (w.wqkv, w.wo, w.wgu, w.wd))):
         n, k = w.out_in(t)
         s = w.scales[i]

@@ -142,8 +142,9 @@ def int4_cols(x_ptr, nw_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, cols, cmask, N, K, w
         gn = g + BLOCK_G  # past K on the last trip: masked off, nothing read
         w = _words_tile(qw_ptr, gn, cols, cmask, N, G, GP)
         x0, x1, x2, x3, x4, x5, x6, x7 = _group_x(x_ptr, nw_ptr, inv_rms, gn, K, GP, GATED, NORMED)
-        amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(xs[0]), tl.abs(xs[1])), tl.maximum(tl.abs(xs[2]), tl.abs(xs[3]))),
-                          tl.maximum(tl.maximum(tl.abs(xs[4]), tl.abs(xs[5])), tl.maximum(tl.abs(xs[6]), tl.abs(xs[7]))))
+        amax = tl.abs(xs[0])
+        for i in tl.static_range(1, 8):
+            amax = tl.maximum(amax, tl.abs(xs[i]))
         amax = tl.maximum(tl.max(amax, 1), 1e-30)  # the group's largest |x|: [BLOCK_G]
         inv = X_MAX / amax[:, None]
         scaled = (xs[0] * inv, xs[1] * inv, xs[2] * inv, xs[3] * inv, xs[4] * inv, xs[5] * inv, xs[6] * inv,

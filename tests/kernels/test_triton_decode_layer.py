@@ -225,6 +225,10 @@ def test_layer_rejects_mixed_unscaled_or_misshapen_quantized_weights_interp():
     bad.scales = (q.scales[0].half(), *q.scales[1:])
     with pytest.raises(ValueError, match="fp32 row scales"):
         decode_layer(h, bad, *args)
+    shifted = torch.empty(1, 65, dtype=h.dtype)[:, 1:]  # 2 bytes past an 8-byte boundary
+    shifted.copy_(h)
+    with pytest.raises(ValueError, match="8-byte aligned"):
+        decode_layer(shifted, i4, *args)
     bad = copy.copy(i4)
     bad.zeros = (i4.zeros[0][:-1], *i4.zeros[1:])  # a group short
     with pytest.raises(ValueError, match="INT4 qkv weight .* needs zeros"):

@@ -5,7 +5,7 @@ qweight [K / 8, N] int32 (nibble i of word row p is input feature 8p + i), scale
 The layout runs along the output features, so a program owns a block of output columns and sweeps all of K, whole
 groups a trip ([groups, GROUP / 8, columns] words: 16 B of weights a thread, as the 16-bit phases stream), no
 split-K and no partial sums: the block's sum over K is one reduction at its end. Each word's eight products are
-taken as the half INT4 GEMV takes them (triton_int4_gemv._HALF_WORDS_ASM, one word here): nibbles (j, j + 4)
+taken as the half INT4 GEMV takes them (triton_int4_gemv.half_words_ptx, one word): nibbles (j, j + 4)
 decode into one f16x2 with a LOP3 (1024 + q, or 1024 + 16q against x / 16), one HSUB2 of the packed zero gives
 the exact q - z, HFMA2s against x, the two fp16 lanes summed in fp32. A group's scale and zero load once for its
 word rows, x is scaled per group (its largest |x| 32: 8 products of |q - z| <= 15 stay < 4,000 in fp16), and
@@ -23,34 +23,13 @@ import triton.language as tl
 from meshserve.kernels.triton_attention import _next_pow2
 from meshserve.kernels.triton_decode_layer_fp8 import _x_of_words
 from meshserve.kernels.triton_half2 import pack_half2
+from meshserve.kernels.triton_int4_gemv import half_words_ptx
 
 X_MAX = tl.constexpr(32.0)  # a group's x is scaled so that its largest |x| is this
 
-# one word (8 weights of one output column: input features 8p..8p+7) against x's fp16 pairs (x0, x4), (x1, x5) / 16,
-# (x2, x6), (x3, x7) / 16 and the packed zero (1024 + z, 1024 + z), (1024 + 16z, 1024 + 16z): 13 instructions
-# for 8 weights, then the two fp16 lanes added in fp32
-_WORD_ASM = tl.constexpr("""{
-.reg .b32 t, u, a;
-.reg .f16 l, h;
-.reg .f32 fl, fh;
-lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, $2;
-mul.rn.f16x2 a, t, $4;
-lop3.b32 t, $1, 0x00F000F0, 0x64006400, 0xEA;
-sub.f16x2 t, t, $3;
-fma.rn.f16x2 a, t, $5, a;
-shr.b32 u, $1, 8;
-lop3.b32 t, u, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, $2;
-fma.rn.f16x2 a, t, $6, a;
-lop3.b32 t, u, 0x00F000F0, 0x64006400, 0xEA;
-sub.f16x2 t, t, $3;
-fma.rn.f16x2 a, t, $7, a;
-mov.b32 {l, h}, a;
-cvt.f32.f16 fl, l;
-cvt.f32.f16 fh, h;
-add.f32 $0, fl, fh;
-}""")
+# one word (8 weights of one output column: input features 8p..8p+7) against x's fp16 pairs and the packed zeros
+# (1024 + z, 1024 + z), (1024 + 16z, 1024 + 16z): the half GEMV's PTX for one word
+_WORD_ASM = tl.constexpr(half_words_ptx(("$1",), "$2", "$3", ("$4", "$5", "$6", "$7")))
 
 
 @triton.jit

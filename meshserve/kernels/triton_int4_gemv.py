@@ -224,45 +224,29 @@ def _step_loads(
 HALF_X_MAX = tl.constexpr(32.0)  # the half variant scales each step's x to this largest |x| (see _half_step)
 
 
-# two packed words (16 weights: K rows 2r and 2r + 1 of a column) against 8 fp16 pairs of x: nibbles (j, j + 4)
-# of a word decode into one f16x2 with one LOP3 each (mask 0x000F000F: 1024 + q; mask 0x00F000F0: 1024 + 16q,
-# whose x is pre-divided by 16), one HSUB2 of (1024 + z) or (1024 + 16z) makes them the exact (q - z) or
-# 16 (q - z), one HFMA2 sums: 26 instructions for 16 weights, then the two fp16 halves added in fp32 (3 more).
-_HALF_WORDS_ASM = tl.constexpr("""{
-.reg .b32 t, u, a;
-.reg .f16 l, h;
-.reg .f32 fl, fh;
-lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, $3;
-mul.rn.f16x2 a, t, $5;
-lop3.b32 t, $1, 0x00F000F0, 0x64006400, 0xEA;
-sub.f16x2 t, t, $4;
-fma.rn.f16x2 a, t, $6, a;
-shr.b32 u, $1, 8;
-lop3.b32 t, u, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, $3;
-fma.rn.f16x2 a, t, $7, a;
-lop3.b32 t, u, 0x00F000F0, 0x64006400, 0xEA;
-sub.f16x2 t, t, $4;
-fma.rn.f16x2 a, t, $8, a;
-lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, $3;
-fma.rn.f16x2 a, t, $9, a;
-lop3.b32 t, $2, 0x00F000F0, 0x64006400, 0xEA;
-sub.f16x2 t, t, $4;
-fma.rn.f16x2 a, t, $10, a;
-shr.b32 u, $2, 8;
-lop3.b32 t, u, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, $3;
-fma.rn.f16x2 a, t, $11, a;
-lop3.b32 t, u, 0x00F000F0, 0x64006400, 0xEA;
-sub.f16x2 t, t, $4;
-fma.rn.f16x2 a, t, $12, a;
-mov.b32 {l, h}, a;
-cvt.f32.f16 fl, l;
-cvt.f32.f16 fh, h;
-add.f32 $0, fl, fh;
-}""")
+def half_words_ptx(words: tuple[str, ...], zl: str, zh: str, xs: tuple[str, ...], out: str = "$0") -> str:
+    """Inline PTX of packed int4 words against fp16 pairs of x, summed in one f16x2 and then in fp32 into out:
+    nibbles (j, j + 4) of a word decode into one f16x2 with one LOP3 each (mask 0x000F000F: 1024 + q; mask
+    0x00F000F0: 1024 + 16q, whose x is pre-divided by 16), one HSUB2 of zl = (1024 + z) or zh = (1024 + 16z)
+    makes them the exact (q - z) or 16 (q - z), one HFMA2 sums: 13 instructions a word (8 weights), then the two
+    fp16 halves added in fp32 (3 more). xs: four pair operands a word, (x0, x4), (x1, x5) / 16, (x2, x6),
+    (x3, x7) / 16."""
+    lines = [".reg .b32 t, u, a;", ".reg .f16 l, h;", ".reg .f32 fl, fh;"]
+    for i, word in enumerate(words):
+        xa, xb, xc, xd = xs[4 * i : 4 * i + 4]
+        first = "mul.rn.f16x2 a, t, " + xa + ";" if i == 0 else "fma.rn.f16x2 a, t, " + xa + ", a;"
+        lines += [f"lop3.b32 t, {word}, 0x000F000F, 0x64006400, 0xEA;", f"sub.f16x2 t, t, {zl};", first,
+                  f"lop3.b32 t, {word}, 0x00F000F0, 0x64006400, 0xEA;", f"sub.f16x2 t, t, {zh};",
+                  f"fma.rn.f16x2 a, t, {xb}, a;", f"shr.b32 u, {word}, 8;",
+                  "lop3.b32 t, u, 0x000F000F, 0x64006400, 0xEA;", f"sub.f16x2 t, t, {zl};",
+                  f"fma.rn.f16x2 a, t, {xc}, a;", "lop3.b32 t, u, 0x00F000F0, 0x64006400, 0xEA;",
+                  f"sub.f16x2 t, t, {zh};", f"fma.rn.f16x2 a, t, {xd}, a;"]
+    lines += ["mov.b32 {l, h}, a;", "cvt.f32.f16 fl, l;", "cvt.f32.f16 fh, h;", f"add.f32 {out}, fl, fh;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+# two packed words (16 weights: K rows 2r and 2r + 1 of a column) against 8 fp16 pairs of x: 29 instructions
+_HALF_WORDS_ASM = tl.constexpr(half_words_ptx(("$1", "$2"), "$3", "$4", tuple(f"${i}" for i in range(5, 13))))
 
 
 @triton.jit

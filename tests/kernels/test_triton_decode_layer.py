@@ -129,34 +129,6 @@ def fp8_weights(w):
                               bo=w.bo, bgu=w.bgu, bd=w.bd, qk_eps=w.qk_eps, scales=(sqkv, so, sgu, sd))
 
 
-@interp
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("num_programs", [1, 3])
-def test_layer_with_fp8_weights_matches_reference_interp(case, dtype, num_programs):
-    """fp8 projections (e4m3 words, a scale a row): each word's four products in fp16 against its x scaled to
-    32 at most, as the words GEMV takes them, against the dequantized weights' fp32 products."""
-    seq_len, hidden, heads, kv_heads, head_dim, inter, qk_norm, bias = case
-    h, w, pos, cos, sin, cache, meta, scale, *_ = layer_case(seq_len, hidden, heads, kv_heads, head_dim, inter, dtype,
-                                                             qk_norm, bias, seq_len)
-    w = fp8_weights(w)
-    assert w.fp8 and w.wqkv.dtype == torch.float8_e4m3fn
-    ref_cache, got_cache = cache.clone(), cache.clone()
-    expect = decode_layer_ref(h, w, pos, cos, sin, ref_cache, meta, scale, heads, kv_heads)
-    bars = torch.zeros(BARRIERS_PER_LAYER, dtype=torch.int32)
-    out = decode_layer(h, w, pos, cos, sin, got_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale,
-                       heads, kv_heads, bars, num_programs=num_programs, attn_splits=2)
-    tol = 2e-2 if dtype == torch.float16 else 5e-2
-    torch.testing.assert_close(out, expect, atol=tol, rtol=tol)
-    torch.testing.assert_close(got_cache, ref_cache, atol=tol, rtol=tol)
-    if dtype == torch.bfloat16:
-        return  # (bf16's roundings of the intermediates, ~1% apart, hide the weights' error)
-    # the fp8 weights are what it read: the layer's 16-bit weights give outputs further off on average
-    dequant = layer_case(seq_len, hidden, heads, kv_heads, head_dim, inter, dtype, qk_norm, bias, seq_len)[1]
-    plain = decode_layer_ref(h, dequant, pos, cos, sin, cache.clone(), meta, scale, heads, kv_heads)
-    assert (plain.float() - expect.float()).abs().mean() > 2 * (out.float() - expect.float()).abs().mean()
-
-
 def int4_weights(w, group_size: int):
     """w with its four projections quantized to INT4 round-to-nearest in groups of group_size (the dummy-weight
     quantizer of layers/quantization/int4.py), in the internal layout: qweight [K / 8, N], scales / zeros [G, N]."""
@@ -170,6 +142,39 @@ def int4_weights(w, group_size: int):
                               scales=[p[1] for p in packed], zeros=[p[2] for p in packed], group_size=group_size)
 
 
+def check_quantized_layer(case: tuple, dtype, quantize, **launch):
+    """The kernel over the case's layer with its projections quantize(w)'d against decode_layer_ref over the same
+    quantized weights (their dequantized products), and, in fp16, closer to it than the layer's 16-bit weights
+    are: the quantized weights are what it read."""
+    seq_len, hidden, heads, kv_heads, head_dim, inter, qk_norm, bias = case
+    h, w16, pos, cos, sin, cache, meta, scale, *_ = layer_case(seq_len, hidden, heads, kv_heads, head_dim, inter,
+                                                               dtype, qk_norm, bias, seq_len)
+    w = quantize(w16)
+    ref_cache, got_cache = cache.clone(), cache.clone()
+    expect = decode_layer_ref(h, w, pos, cos, sin, ref_cache, meta, scale, heads, kv_heads)
+    bars = torch.zeros(BARRIERS_PER_LAYER, dtype=torch.int32)
+    out = decode_layer(h, w, pos, cos, sin, got_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale,
+                       heads, kv_heads, bars, attn_splits=2, **launch)
+    tol = 2e-2 if dtype == torch.float16 else 5e-2
+    torch.testing.assert_close(out, expect, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_cache, ref_cache, atol=tol, rtol=tol)
+    if dtype == torch.float16:  # (bf16's roundings of the intermediates, ~1% apart, hide the weights' error)
+        plain = decode_layer_ref(h, w16, pos, cos, sin, cache.clone(), meta, scale, heads, kv_heads)
+        assert (plain.float() - expect.float()).abs().mean() > 2 * (out.float() - expect.float()).abs().mean()
+    return w
+
+
+@interp
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_programs", [1, 3])
+def test_layer_with_fp8_weights_matches_reference_interp(case, dtype, num_programs):
+    """fp8 projections (e4m3 words, a scale a row): each word's four products in fp16 against its x scaled to
+    32 at most, as the words GEMV takes them, against the dequantized weights' fp32 products."""
+    w = check_quantized_layer(case, dtype, fp8_weights, num_programs=num_programs)
+    assert w.fp8 and w.wqkv.dtype == torch.float8_e4m3fn
+
+
 @interp
 @pytest.mark.parametrize("case", [*CASES, (37, 256, 4, 2, 64, 512, True, False)])  # the last: 16-32 groups a row
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -179,27 +184,11 @@ def test_layer_with_int4_weights_matches_reference_interp(case, dtype, num_progr
     fp16 lanes against its group's x scaled to 32 at most, column blocks over the whole K, against the dequantized
     weights' products. (3, 8, 1): one warp streaming 8 values a thread, so the last case's blocks take 8-16 trips
     of 2 groups."""
-    seq_len, hidden, heads, kv_heads, head_dim, inter, qk_norm, bias = case
-    h, w, pos, cos, sin, cache, meta, scale, *_ = layer_case(seq_len, hidden, heads, kv_heads, head_dim, inter, dtype,
-                                                             qk_norm, bias, seq_len)
+    hidden, heads, head_dim, inter = case[1], case[2], case[4], case[5]
     group = 16 if all(k % 16 == 0 for k in (hidden, heads * head_dim, inter)) else 8
-    w = int4_weights(w, group)
+    w = check_quantized_layer(case, dtype, lambda w16: int4_weights(w16, group), num_programs=num_programs,
+                              stream_values=stream_values, num_warps=num_warps)
     assert w.int4 and w.out_in(w.wd) == (hidden, inter)
-    ref_cache, got_cache = cache.clone(), cache.clone()
-    expect = decode_layer_ref(h, w, pos, cos, sin, ref_cache, meta, scale, heads, kv_heads)
-    bars = torch.zeros(BARRIERS_PER_LAYER, dtype=torch.int32)
-    out = decode_layer(h, w, pos, cos, sin, got_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale,
-                       heads, kv_heads, bars, num_programs=num_programs, attn_splits=2, stream_values=stream_values,
-                       num_warps=num_warps)
-    tol = 2e-2 if dtype == torch.float16 else 5e-2
-    torch.testing.assert_close(out, expect, atol=tol, rtol=tol)
-    torch.testing.assert_close(got_cache, ref_cache, atol=tol, rtol=tol)
-    if dtype == torch.bfloat16:
-        return  # (bf16's roundings of the intermediates, ~1% apart, hide the weights' error)
-    # the INT4 weights are what it read: the layer's 16-bit weights give outputs further off on average
-    dequant = layer_case(seq_len, hidden, heads, kv_heads, head_dim, inter, dtype, qk_norm, bias, seq_len)[1]
-    plain = decode_layer_ref(h, dequant, pos, cos, sin, cache.clone(), meta, scale, heads, kv_heads)
-    assert (plain.float() - expect.float()).abs().mean() > 2 * (out.float() - expect.float()).abs().mean()
 
 
 @interp

@@ -315,17 +315,19 @@ def check(consts, shapes, barriers):
     quant.update({n: "*fp16" for n in ("zqkv_ptr", "zo_ptr", "zgu_ptr", "zd_ptr")})
     k = compile_sm90(_decode_layer_kernel, {**sig, **quant}, consts, 8, 1)
     ptx = k.asm["ptx"]
-    # a barrier: a release add (its result unused: red) and a spin on an acquire load (Triton lowers the add of 0
-    # to one); attention's tensor-core tile (its KV splits merged inline: the tickets' acq_rel atomics besides);
-    # PDL's wait and trigger
-    assert ptx.count("red.global.gpu.release.add") == barriers and ptx.count("ld.global.gpu.acquire") == barriers
+    # a barrier: a release add (its result unused: red under Triton 3.9, atom under the device image's 3.6) and a
+    # spin on an acquire load (Triton lowers the add of 0 to one); attention's tensor-core tile (its KV splits
+    # merged inline: the tickets' acq_rel atomics besides); PDL's wait and trigger
+    releases = ptx.count("red.global.gpu.release.add") + ptx.count("atom.global.gpu.release.add")
+    assert releases == barriers and ptx.count("ld.global.gpu.acquire") == barriers, (releases, barriers)
     assert "mma" in ptx and "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
     assert k.metadata.shared <= 228 * 1024 // 4  # 22 KB at this writing
     # one program of 8 warps an SM: no register spills (the attention phase at 128-token tiles spilled 280 B); the
-    # INT4 layer at 255 registers keeps 32 B of stack outside its loops (none in any loop: tools/sass_loops.py)
+    # INT4 layer at 255 registers keeps some stack outside its loops (32 B under Triton 3.9, 80 under the device
+    # image's 3.6), none in any loop (tools/sass_loops.py)
     if os.path.exists(tool):
         regs, stack, sass = cubin_facts(k)
-        assert stack <= (32 if int4 else 0), (regs, stack)
+        assert stack <= (96 if int4 else 0), (regs, stack)
         for body in backward_loops(sass):
             assert not any(op.startswith(("LDL", "STL")) for op in opcodes(body)), "a spill inside a loop"
 

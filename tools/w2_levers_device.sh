@@ -23,7 +23,10 @@
 #                                                             PARTS=layer_8b: W1 Llama-3.1-8B bf16, fp8 and AWQ INT4
 #                                                             weights (`--quantization fp8|awq`: the kernel's words and
 #                                                             INT4 paths, issue 20), default / one launch a layer
-#                                                             streaming 32 (/ 64) values a thread a trip (~400 s)
+#                                                             streaming 32 (/ 64) values a thread a trip (~400 s);
+#                                                             PARTS=layer_phases: tools/decode_layer_phases.py (each
+#                                                             phase's and barrier's time from the kernel's clocks,
+#                                                             Qwen / 8B bf16, fp8, INT4 / 30B-A3B; ~300 s)
 # W2 pairs: W2="8b-fp8 qwen-fp8kv" (default; also 8b, qwen: bf16), each model's default against the settings in
 # W2_8B, W2_QWEN or W2_BF16 (default each "DECODE_BALANCED=0": the split kernel, the default before the thirty-ninth
 # session; e.g. W2_8B="FP8_GEMM=triton DECODE_BALANCED=5"); PER_SM: the kernel timing's programs an SM (default
@@ -96,7 +99,16 @@ PY
         (OUT=$OUT/layer_8b_${quant}_w1 JOBS="$jobs" REPEAT=${LAYER_8B_REPEAT:-1} BUDGET=${LAYER_8B_BUDGET:-160} \
           BENCH_ARGS="$([ $quant != bf16 ] && echo --quantization $quant)" bash tools/w1_ab_device.sh 2>&1 | tail -5)
       done ;;
-    *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace, layer, layer_w1, layer_moe, layer_8b; got $part"
+    layer_phases)  # where the layer kernel's time goes, phase by phase and barrier by barrier (its clocks)
+      mkdir -p $OUT/layer_phases
+      for job in ${LAYER_PHASE_JOBS:-qwen3-0.6b:bf16 llama-3.1-8b:bf16 llama-3.1-8b:fp8 llama-3.1-8b:int4 \
+                 qwen3-30b-a3b:bf16 qwen3-0.6b:bf16:1,8,64 llama-3.1-8b:int4:1,8,64}; do
+        IFS=: read -r m f tile <<< "$job"
+        timeout -k 10 ${LAYER_PHASE_LIMIT:-90} python3 tools/decode_layer_phases.py --model $m --format $f \
+          --tile ${tile:-1,8,32} --json $OUT/layer_phases/${m}_${f}_${tile:-1,8,32}.json 2>&1 | grep -v Warning
+      done ;;
+    *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace, layer, layer_w1, layer_moe, layer_8b, layer_phases;" \
+         "got $part"
        exit 1 ;;
   esac
 done

@@ -74,6 +74,9 @@ from meshserve.kernels.triton_ops import _to_cache
 
 NUM_PHASES = 6  # 3 (the router) only in MoE layers
 BARRIERS_PER_LAYER = NUM_PHASES - 1
+# a program's timing record (decode_layer(timing=...)): clock64 at its start [0], after PDL's wait [1], on arriving at
+# and leaving barrier k [2 + 2k, 3 + 2k], at its end [12]; globaltimer (ns) at its start [13] and end [14]
+TIMING_SLOTS = 16
 SMEM_PER_SM = 228 * 1024  # sm_90: what its programs' shared memory may add up to (the L1 carve-out's maximum)
 MAX_WARPS_PER_SM = 64
 # KV tokens a tile in the attention phase: 128 (the split kernel's) took 255 registers a thread and spilled 280 B
@@ -83,13 +86,30 @@ MAX_ATTN_SPLITS = 8
 
 
 @triton.jit
-def _grid_barrier(bar_ptr, num_programs):
-    """Wait until all num_programs programs reached this counter (zero before the launch)."""
+def _clock():
+    """The SM's cycle counter (%clock64: durations within one program)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _globaltimer():
+    """The GPU's nanosecond timer (%globaltimer: one clock for every SM)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _grid_barrier(bar_ptr, num_programs, t_ptr, SLOT: tl.constexpr, TIMING: tl.constexpr):
+    """Wait until all num_programs programs reached this counter (zero before the launch). TIMING: the program's
+    cycle counter on arriving and on leaving, to t_ptr[2 + 2 SLOT] and t_ptr[3 + 2 SLOT] (TIMING_SLOTS)."""
     tl.debug_barrier()  # every thread's stores of the phase issued before the release below
+    if TIMING:
+        tl.store(t_ptr + 2 + 2 * SLOT, _clock())
     tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")  # scalar atomics: one thread issues them
     while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < num_programs:
         pass
     tl.debug_barrier()  # the acquire ordered before every thread's loads of the next phase
+    if TIMING:
+        tl.store(t_ptr + 3 + 2 * SLOT, _clock())
 
 
 @triton.jit
@@ -278,7 +298,7 @@ def _decode_layer_kernel(
     sqkv_ptr, so_ptr, sgu_ptr, sd_ptr, zqkv_ptr, zo_ptr, zgu_ptr, zd_ptr,
     pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr,
     qkv_ptr, attn_ptr, h2_ptr, gu_ptr, out_ptr, bar_ptr, ws_acc_ptr, ws_ml_ptr, ticket_ptr,
-    wr_ptr, logits_ptr, load_ptr,
+    wr_ptr, logits_ptr, load_ptr, time_ptr,
     num_programs, eps, qk_eps, scale_log2, k_scale, v_scale, route_scale, stride_cos, stride_sin,
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
     HIDDEN: tl.constexpr, INTER: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
@@ -294,28 +314,35 @@ def _decode_layer_kernel(
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr,
     V_T: tl.constexpr, PREFETCH: tl.constexpr, PHASE_LO: tl.constexpr, PHASE_HI: tl.constexpr,
     W_FP8: tl.constexpr = False, W_INT4: tl.constexpr = False, INT4_GROUP: tl.constexpr = 1,
-    ASM: tl.constexpr = False, USE_GDC: tl.constexpr = False,
+    ASM: tl.constexpr = False, TIMING: tl.constexpr = False, USE_GDC: tl.constexpr = False,
 ):
     """The layer's phases PHASE_LO..PHASE_HI (module docstring), a barrier between consecutive ones (phase 3 only
     in a MoE layer). R_* / K_* / P_*: each GEMV phase's rows a block, columns a streamed tile and columns
     preloaded before its barrier (P 0: none; a MoE layer's experts are known only after the routing). W_FP8: the
     four projections' weights are fp8 as uint32 words with row scales s*_ptr, their K / P in words; W_INT4: INT4
     words [K / 8, N] with INT4_GROUP-wise scales s*_ptr and zeros z*_ptr, R the output columns a block, K the
-    groups a trip, P > 0 the first trip preloaded (ASM: the formats' inline PTX, compiled code only)."""
+    groups a trip, P > 0 the first trip preloaded (ASM: the formats' inline PTX, compiled code only). TIMING: each
+    program's clocks to time_ptr[pid] (TIMING_SLOTS)."""
     pid = tl.program_id(0)
+    t_ptr = time_ptr + pid * 16  # TIMING_SLOTS
+    if TIMING:
+        tl.store(t_ptr, _clock())
+        tl.store(t_ptr + 13, _globaltimer())
     QKV_N: tl.constexpr = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
     Q_DIM: tl.constexpr = NUM_HEADS * HEAD_DIM
     w_pre = 0.0
     if PHASE_LO <= 0 and PHASE_HI >= 0:
         w_pre = _preload_w(wqkv_ptr, QKV_N, HIDDEN, pid, R_QKV, K_QKV, P_QKV, W_FP8, W_INT4, INT4_GROUP)
     gdc_wait(USE_GDC)  # h is the previous layer's output (and the metadata the step's inputs)
+    if TIMING:
+        tl.store(t_ptr + 1, _clock())
     if PHASE_LO <= 0 and PHASE_HI >= 0:
         inv = _inv_rms(h_ptr, HIDDEN, eps, BLOCK_H)
         _gemv_phase(h_ptr, ln1_ptr, inv, wqkv_ptr, sqkv_ptr, zqkv_ptr, bqkv_ptr, h_ptr, qkv_ptr, QKV_N, HIDDEN, pid,
                     num_programs, w_pre, False, True, HAS_QKV_BIAS, False, R_QKV, K_QKV, P_QKV, PREFETCH, W_FP8,
                     W_INT4, INT4_GROUP, ASM)
     if PHASE_LO <= 0 and PHASE_HI >= 1:
-        _grid_barrier(bar_ptr, num_programs)
+        _grid_barrier(bar_ptr, num_programs, t_ptr, 0, TIMING)
     if PHASE_LO <= 1 and PHASE_HI >= 1:
         for job in range(pid, NUM_KV_HEADS * ATTN_SPLITS, num_programs):
             _attention_phase(
@@ -328,7 +355,7 @@ def _decode_layer_kernel(
     if PHASE_LO <= 2 and PHASE_HI >= 2:  # o_proj's first columns: the programs without a KV head at once
         w_pre = _preload_w(wo_ptr, HIDDEN, Q_DIM, pid, R_O, K_O, P_O, W_FP8, W_INT4, INT4_GROUP)
     if PHASE_LO <= 1 and PHASE_HI >= 2:
-        _grid_barrier(bar_ptr + 1, num_programs)
+        _grid_barrier(bar_ptr + 1, num_programs, t_ptr, 1, TIMING)
     if PHASE_LO <= 2 and PHASE_HI >= 2:
         _gemv_phase(attn_ptr, attn_ptr, 1.0, wo_ptr, so_ptr, zo_ptr, bo_ptr, h_ptr, h2_ptr, HIDDEN, Q_DIM, pid,
                     num_programs, w_pre, False, False, HAS_O_BIAS, True, R_O, K_O, P_O, PREFETCH, W_FP8, W_INT4,
@@ -337,14 +364,14 @@ def _decode_layer_kernel(
         if PHASE_LO <= 3 and PHASE_HI >= 3:  # the router's first columns (its rows: one or two a program)
             w_pre = _preload(wr_ptr, NUM_EXPERTS, HIDDEN, pid, R_RT, P_RT)
         if PHASE_LO <= 2 and PHASE_HI >= 3:
-            _grid_barrier(bar_ptr + 2, num_programs)
+            _grid_barrier(bar_ptr + 2, num_programs, t_ptr, 2, TIMING)
         if PHASE_LO <= 4 and PHASE_HI >= 3:  # h2 is complete: both phases norm it
             inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
         if PHASE_LO <= 3 and PHASE_HI >= 3:  # router logits = W_r rms_norm(h2)
             _gemv_phase(h2_ptr, ln2_ptr, inv2, wr_ptr, wr_ptr, wr_ptr, wr_ptr, h2_ptr, logits_ptr, NUM_EXPERTS,
                         HIDDEN, pid, num_programs, w_pre, False, True, False, False, R_RT, K_RT, P_RT, PREFETCH)
         if PHASE_LO <= 3 and PHASE_HI >= 4:
-            _grid_barrier(bar_ptr + 3, num_programs)
+            _grid_barrier(bar_ptr + 3, num_programs, t_ptr, 3, TIMING)
         if PHASE_LO <= 5 and PHASE_HI >= 4:  # every program routes the token itself: the same bits everywhere
             weights, ids, slots, kmask = _route_row(logits_ptr, 0, NUM_EXPERTS, 0, route_scale, TOP_K, RENORMALIZE,
                                                     BLOCK_E, BLOCK_TOPK, True)
@@ -355,7 +382,7 @@ def _decode_layer_kernel(
             _moe_gate_up_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, gu_ptr, ids, slots, pid, num_programs, HIDDEN, INTER,
                                TOP_K, R_GU, K_GU, PREFETCH)
         if PHASE_LO <= 4 and PHASE_HI >= 5:
-            _grid_barrier(bar_ptr + 4, num_programs)
+            _grid_barrier(bar_ptr + 4, num_programs, t_ptr, 4, TIMING)
         if PHASE_LO <= 5 and PHASE_HI >= 5:
             _moe_down_phase(gu_ptr, wd_ptr, h2_ptr, out_ptr, ids, weights, slots, pid, num_programs, HIDDEN, INTER,
                             TOP_K, R_D, K_D, PREFETCH)
@@ -363,7 +390,7 @@ def _decode_layer_kernel(
         if PHASE_LO <= 4 and PHASE_HI >= 4:
             w_pre = _preload_w(wgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, K_GU, P_GU, W_FP8, W_INT4, INT4_GROUP)
         if PHASE_LO <= 2 and PHASE_HI >= 4:
-            _grid_barrier(bar_ptr + 2, num_programs)
+            _grid_barrier(bar_ptr + 2, num_programs, t_ptr, 2, TIMING)
         if PHASE_LO <= 4 and PHASE_HI >= 4:
             inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
             _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, sgu_ptr, zgu_ptr, bgu_ptr, h2_ptr, gu_ptr, 2 * INTER, HIDDEN,
@@ -372,11 +399,14 @@ def _decode_layer_kernel(
         if PHASE_LO <= 5 and PHASE_HI >= 5:
             w_pre = _preload_w(wd_ptr, HIDDEN, INTER, pid, R_D, K_D, P_D, W_FP8, W_INT4, INT4_GROUP)
         if PHASE_LO <= 4 and PHASE_HI >= 5:
-            _grid_barrier(bar_ptr + 4, num_programs)
+            _grid_barrier(bar_ptr + 4, num_programs, t_ptr, 4, TIMING)
         if PHASE_LO <= 5 and PHASE_HI >= 5:
             _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, sd_ptr, zd_ptr, bd_ptr, h2_ptr, out_ptr, HIDDEN, INTER, pid,
                         num_programs, w_pre, True, False, HAS_D_BIAS, True, R_D, K_D, P_D, PREFETCH, W_FP8, W_INT4,
                         INT4_GROUP, ASM)
+    if TIMING:
+        tl.store(t_ptr + 12, _clock())
+        tl.store(t_ptr + 14, _globaltimer())
     gdc_trigger_late(USE_GDC)
 
 
@@ -503,14 +533,17 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
                  num_kv_heads: int, barriers: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0,
                  programs_per_sm: int = 1, num_warps: int = 8, one_launch: bool | None = None,
                  num_programs: int | None = None, attn_splits: int | None = None, pdl: bool | None = None,
-                 fp8_path: str = "convert", stream_values: int = 32) -> torch.Tensor:
+                 fp8_path: str = "convert", stream_values: int = 32,
+                 timing: torch.Tensor | None = None) -> torch.Tensor:
     """The decoder layer for one token: h [1, HIDDEN] (the whole residual stream) -> the next one [1, HIDDEN];
     K / V of the token go to the cache at slot_mapping[0]. barriers: BARRIERS_PER_LAYER int32 counters, zero
     (one_launch). one_launch (None: on a GPU outside the interpreter) runs every phase in one launch of
     num_programs programs (None: programs_per_sm x SMs); else one launch a phase. attn_splits: KV splits a KV
     head in the attention phase (None: attention_splits). stream_values: 16-bit weight values a thread streams a
-    trip in the GEMV phases (gemv_phase_tile; fp8 and INT4 weights the same bytes). No host syncs: CUDA-graph safe
-    once compiled (the tickets of the splits' merge are made outside any capture: tickets_usable)."""
+    trip in the GEMV phases (gemv_phase_tile; fp8 and INT4 weights the same bytes). timing: int64 [programs,
+    TIMING_SLOTS], each program's clocks (one launch on a GPU only; tools/decode_layer_phases.py reads them). No host
+    syncs: CUDA-graph safe once compiled (the tickets of the splits' merge are made outside any capture:
+    tickets_usable)."""
     hidden = h.shape[-1]
     if h.numel() != hidden:
         raise ValueError(f"decode_layer takes one row, got {tuple(h.shape)}")
@@ -537,6 +570,10 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
     num_programs = num_programs or programs_per_sm * sms
     if one_launch and num_programs > programs_per_sm * sms:
         raise ValueError(f"decode_layer: {num_programs} programs are more than one wave of {programs_per_sm} an SM")
+    if timing is not None and (not one_launch or interpreting() or timing.dtype != torch.int64
+                               or timing.shape != (num_programs, TIMING_SLOTS)):
+        raise ValueError(f"decode_layer: timing takes one launch on a GPU and int64 [{num_programs}, "
+                         f"{TIMING_SLOTS}] clocks")
     qkv = torch.empty(qkv_n, dtype=dt, device=dev)
     attn = torch.empty(num_heads * head_dim, dtype=dt, device=dev)
     h2 = torch.empty(hidden, dtype=dt, device=dev)
@@ -566,6 +603,7 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         positions, cos_cache, sin_cache, slot_mapping, kv_cache, block_tables, seq_lens,
         qkv, attn, h2, gu, out, barriers, ws_acc, ws_ml, tickets,
         w.wr if w.moe else h, logits, w.expert_load if w.expert_load is not None else barriers,
+        timing if timing is not None else barriers,
         num_programs, w.eps, w.qk_eps, scale * _LOG2E, float(k_scale), float(v_scale),
         float(w.routing[2]) if w.moe else 1.0,
         cos_cache.stride(0), sin_cache.stride(0),
@@ -583,7 +621,7 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         MOE=w.moe, NUM_EXPERTS=experts[0] if w.moe else 1, TOP_K=top_k, RENORMALIZE=bool(w.moe and w.routing[1]),
         BLOCK_E=_next_pow2(experts[0]) if w.moe else 1, BLOCK_TOPK=_next_pow2(top_k),
         COUNT_LOAD=w.expert_load is not None, W_FP8=w.fp8, W_INT4=w.int4, INT4_GROUP=w.group_size or 1,
-        ASM=(w.fp8 or w.int4) and h.is_cuda and not interpreting(),
+        ASM=(w.fp8 or w.int4) and h.is_cuda and not interpreting(), TIMING=timing is not None,
         num_warps=num_warps, num_stages=1, **({} if cap is None else {"maxnreg": cap}),
     )
     threads = 32 * num_warps

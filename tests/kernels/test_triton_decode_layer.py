@@ -293,9 +293,9 @@ from meshserve.kernels.triton_decode_layer_fp8 import words_phase_tile
 from meshserve.kernels.triton_decode_layer_int4 import int4_phase_tile
 sig = {n: "*bf16" for n in _decode_layer_kernel.arg_names if n.endswith("_ptr")}
 sig.update(pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", slot_ptr="*i64", bt_ptr="*i64", seq_lens_ptr="*i64",
-           bar_ptr="*i32", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32", ticket_ptr="*i32", load_ptr="*i64", eps="fp32",
-           qk_eps="fp32", scale_log2="fp32", k_scale="fp32", v_scale="fp32", route_scale="fp32", stride_ckv="i64",
-           stride_cb="i64")
+           bar_ptr="*i32", time_ptr="*i64", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32", ticket_ptr="*i32", load_ptr="*i64",
+           eps="fp32", qk_eps="fp32", scale_log2="fp32", k_scale="fp32", v_scale="fp32", route_scale="fp32",
+           stride_ckv="i64", stride_cb="i64")
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -335,7 +335,7 @@ def check(consts, shapes, barriers):
 base = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64, ATTN_SPLITS=8, HAS_QKV_BIAS=False,
             HAS_O_BIAS=False, HAS_GU_BIAS=False, HAS_D_BIAS=False, HAS_NORM=True, UPCAST_DOT=False,
             DOT_PRECISION="tf32", KV_FP8=False, FP8_TILE="convert", V_T=False, PREFETCH=True, PHASE_LO=0, PHASE_HI=5,
-            USE_GDC=2, W_FP8=False, W_INT4=False, INT4_GROUP=1, ASM=False)
+            USE_GDC=2, W_FP8=False, W_INT4=False, INT4_GROUP=1, ASM=False, TIMING=False)
 # Qwen3-0.6B's layer, every phase in one launch under PDL's late trigger: four barriers
 dense = dict(base, HIDDEN=1024, INTER=3072, NUM_HEADS=16, NUM_KV_HEADS=8, GROUP=2, ROWS=16, BLOCK_H=1024, MOE=False,
              NUM_EXPERTS=1, TOP_K=1, RENORMALIZE=False, BLOCK_E=1, BLOCK_TOPK=1, COUNT_LOAD=False)
@@ -352,6 +352,10 @@ check(llama, (("QKV", 6144, 4096), ("O", 4096, 4096), ("GU", 28672, 4096), ("D",
 # and with AWQ-style INT4 weights (groups of 128: the words' inline PTX)
 check(dict(llama, W_FP8=False, W_INT4=True, INT4_GROUP=128),
       (("QKV", 6144, 4096), ("O", 4096, 4096), ("GU", 28672, 4096), ("D", 4096, 14336), ("RT", 1, 4096)), 4)
+# the dense layer with its clocks recorded (tools/decode_layer_phases.py): %clock64 at start, after the wait, at
+# each barrier's arrival and departure and at the end, %globaltimer at start and end
+timed = compile_sm90(_decode_layer_kernel, sig, dict(dense, TIMING=True), 8, 1).asm["ptx"]
+assert timed.count("%clock64") == 2 + 2 * 4 + 1 and timed.count("%globaltimer") == 2
 print("compiled")
 """
 

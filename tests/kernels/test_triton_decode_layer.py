@@ -214,6 +214,8 @@ def test_layer_rejects_mixed_unscaled_or_misshapen_quantized_weights_interp():
     bad.scales = (q.scales[0].half(), *q.scales[1:])
     with pytest.raises(ValueError, match="fp32 row scales"):
         decode_layer(h, bad, *args)
+    with pytest.raises(ValueError, match="timing takes one launch on a GPU"):  # (clocks are inline PTX)
+        decode_layer(h, i4, *args, timing=torch.zeros(4, 16, dtype=torch.int64))
     shifted = torch.empty(1, 65, dtype=h.dtype)[:, 1:]  # 2 bytes past an 8-byte boundary
     shifted.copy_(h)
     with pytest.raises(ValueError, match="8-byte aligned"):
@@ -413,6 +415,27 @@ def test_layer_with_quantized_weights_one_launch_matches_phases_and_reference_gp
     assert torch.equal(caches[0], caches[1])
     torch.testing.assert_close(outs[0].float(), expect.float(), atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(caches[0].float(), ref_cache.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
+def test_layer_clocks_are_ordered_and_leave_the_output_alone_gpu():
+    """timing=: every program's clocks run forward through its phases and barriers (dense: barrier 3 unused), and
+    the timed launch's output is the untimed one's, bit for bit."""
+    from meshserve.kernels.triton_decode_layer import TIMING_SLOTS
+
+    case = (300, *QWEN[1:])
+    h, w, pos, cos, sin, cache, meta, scale, *_ = layer_case(*case[:6], torch.bfloat16, device="cuda")
+    args = (pos, cos, sin, cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale, 16, 8)
+    programs = torch.cuda.get_device_properties(0).multi_processor_count
+    clocks = torch.zeros(programs, TIMING_SLOTS, dtype=torch.int64, device="cuda")
+    plain = decode_layer(h, w, *args, torch.zeros(BARRIERS_PER_LAYER, dtype=torch.int32, device="cuda"))
+    timed = decode_layer(h, w, *args, torch.zeros(BARRIERS_PER_LAYER, dtype=torch.int32, device="cuda"),
+                         timing=clocks)
+    torch.testing.assert_close(timed, plain, atol=0, rtol=0)
+    order = [0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12]  # start, wait, barriers 0, 1, 2 and 4 (arrive, leave), end
+    recs = clocks.cpu()
+    assert bool((recs[:, order].diff(dim=1) >= 0).all()) and bool((recs[:, 14] > recs[:, 13]).all())
 
 
 @pytest.mark.gpu

@@ -65,7 +65,7 @@ from meshserve.kernels.triton_attention import (
 from meshserve.kernels.triton_decode_balanced import max_registers
 from meshserve.kernels.triton_decode_fused import _norm_rope_group, group_query
 from meshserve.kernels.triton_decode_layer_fp8 import fp8_rows, words_phase_tile
-from meshserve.kernels.triton_decode_layer_int4 import int4_cols, int4_first_tile, int4_phase_tile
+from meshserve.kernels.triton_decode_layer_int4 import int4_cols, int4_first_tile, int4_group_fits, int4_phase_tile
 from meshserve.kernels.triton_gemv import _row_x, _stream_rows
 from meshserve.kernels.triton_kv_layout import v_offset
 from meshserve.kernels.triton_moe_routing import _route_row
@@ -440,7 +440,7 @@ class DecodeLayerWeights:
     (layers/moe_routing.SoftmaxTopK.as_softmax_topk), expert_load the per-expert counter (int64 [E]) or None.
     A dense layer's four projections (wqkv, wo, wgu, wd) may instead be quantized, all four alike: fp8 (e4m3
     [N, K]) with scales their fp32 row scales [N]; or INT4 (quant_ref's internal layout: qweight int32 [K / 8, N])
-    with scales and zeros their [K / group_size, N] and group_size a multiple of 8."""
+    with scales and zeros their [K / group_size, N] and group_size 8 times a power of two (int4_group_fits)."""
 
     __slots__ = ("ln1", "wqkv", "bqkv", "q_norm", "k_norm", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd", "eps",
                  "qk_eps", "wr", "routing", "expert_load", "scales", "zeros", "group_size")
@@ -463,10 +463,9 @@ class DecodeLayerWeights:
         if quantized and (len(dtypes) != 1 or self.moe or self.scales is None or len(self.scales) != 4):
             raise ValueError("DecodeLayerWeights: quantized weights are a dense layer's four projections in one "
                              "format, with their four scales")
-        if torch.int32 in quantized and (self.zeros is None or len(self.zeros) != 4 or not group_size
-                                         or group_size % 8):
-            raise ValueError("DecodeLayerWeights: INT4 weights take their four zeros and a group size that is a "
-                             "multiple of 8")
+        if torch.int32 in quantized and (self.zeros is None or len(self.zeros) != 4 or not int4_group_fits(group_size)):
+            raise ValueError("DecodeLayerWeights: INT4 weights take their four zeros and a group size of 8 times a "
+                             f"power of two, got {group_size}")
         if not quantized and (self.scales is not None or self.zeros is not None):
             raise ValueError("DecodeLayerWeights: scales and zeros belong to quantized weights")
 

@@ -4,9 +4,9 @@ weight-only semantics: layers/quantization/fp8.py): one row block as the words G
 The weight is read as uint32 words (four e4m3 features each), each word's four products taken in fp16 against x
 scaled so that the word's largest |x| is 32 (triton_fp8_gemv._words_products: inline PTX on the GPU, the same
 fp16 lanes spelled with tensors in the interpreter), the partial sums in fp32 and the row's scale applied once.
-x is the layer kernel's input row as _row_x gives it (rms_norm's output on load, or silu(gate) * up), fetched
-at features 4j..4j+3 of the words j: the normed row never goes through memory. Tiles keep the bf16 phase's
-bytes a thread (half as many words as 16-bit values): words_phase_tile.
+x is the layer kernel's input row as triton_gemv._row_x gives it (rms_norm's output on load, or silu(gate) *
+up), read four features (8 bytes) a load at the words' features 4j..4j+3: the normed row never goes through
+memory. Tiles keep the bf16 phase's bytes a thread (half as many words as 16-bit values): words_phase_tile.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def _quads(ptr, jj, KW):
 @triton.jit
 def _x_of_words(x_ptr, nw_ptr, inv_rms, jj, K, GATED: tl.constexpr, NORMED: tl.constexpr):
     """_row_x at the features of the weight words jj [W] (the same values: rms_norm's output, silu(gate) * up,
-    or the row) as four fp32 [W], features 4j..4j+3: 8-byte loads in the words' own layout, as the words GEMV's
-    x (a 1-D row computed apart and broadcast went through shared memory, barriers and all, on every trip)."""
+    or the row) as four fp32 [W], features 4j..4j+3, from 8-byte loads as the words GEMV reads x (two loads a word
+    where per-feature loads took eight; x still reaches the words' register layout through shared memory on each
+    trip, sm_90: 6 barriers a trip at 16 rows on 8 warps, as the plain GEMVs' x does)."""
     dt = x_ptr.dtype.element_ty
     x0, x1, x2, x3 = _quads(x_ptr, jj, K // 4)
     if NORMED:

@@ -3,15 +3,15 @@ weights quantized at load: layers/quantization/int4.py), in the internal layout 
 qweight [K / 8, N] int32 (nibble i of word row p is input feature 8p + i), scales and zeros [K / G, N].
 
 The layout runs along the output features, so a program owns a block of output columns and sweeps all of K, whole
-groups a trip ([groups, GROUP / 8, columns] words: 16 B of weights a thread, as the 16-bit phases stream), no
+groups a trip ([groups, GROUP / 8, columns] words: the bytes a thread the 16-bit phases stream a trip), no
 split-K and no partial sums: the block's sum over K is one reduction at its end. Each word's eight products are
 taken as the half INT4 GEMV takes them (triton_int4_gemv.half_words_ptx, one word): nibbles (j, j + 4)
 decode into one f16x2 with a LOP3 (1024 + q, or 1024 + 16q against x / 16), one HSUB2 of the packed zero gives
 the exact q - z, HFMA2s against x, the two fp16 lanes summed in fp32. A group's scale and zero load once for its
 word rows, x is scaled per group (its largest |x| 32: 8 products of |q - z| <= 15 stay < 4,000 in fp16), and
-each word's lane sum goes into the accumulator with one FFMA by its group's scale times the x scale. Any group
-size that is a multiple of 8 (a word never straddles two groups) and divides K. x is the layer kernel's input row
-as triton_decode_layer_fp8._x_of_words gives it (the norm on load, or silu(gate) * up), 16 bytes a word row.
+each word's lane sum goes into the accumulator times its group's scale and x scale (one factor a group). Group
+sizes of 8 times a power of two that divide K (int4_group_fits). x is the layer kernel's input row as
+triton_decode_layer_fp8._x_of_words gives it (the norm on load, or silu(gate) * up), 16 bytes a word row.
 The interpreter runs the same fp16 lanes spelled with tensors.
 """
 
@@ -130,6 +130,13 @@ def int4_cols(x_ptr, nw_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, cols, cmask, N, K, w
                   xs[7] * inv)
         acc += _word_dots(w_step, z, scaled, ASM) * (s * (amax * (1.0 / X_MAX))[:, None, None])
     return tl.sum(tl.sum(acc, 1), 0)
+
+
+def int4_group_fits(group: int | None) -> bool:
+    """Whether the phase takes INT4 groups of this size: 8 times a power of two (a group's word rows are one
+    tensor dimension; a word never straddles two groups). Channel-wise INT4 (one group over all of K) fits only
+    where K does."""
+    return bool(group) and group % 8 == 0 and (group // 8) & (group // 8 - 1) == 0
 
 
 def int4_phase_tile(n: int, k: int, group: int, programs: int, threads: int, values: int = 32) -> tuple[int, int, int]:

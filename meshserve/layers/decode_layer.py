@@ -73,13 +73,15 @@ def _fp8_rows(lin: nn.Module, dtype: torch.dtype) -> bool:
 
 def _int4_groups(lin: nn.Module, dtype: torch.dtype) -> int | None:
     """The group size of group-wise INT4 weights without act-order (layers/quantization/int4.py's internal
-    layout: qweight [K / 8, N], scales / zeros [K / G, N]) under a 16-bit row, else None."""
+    layout: qweight [K / 8, N], scales / zeros [K / G, N]) under a 16-bit row, in groups the kernel takes
+    (int4_group_fits), else None."""
     from meshserve.layers.quantization.int4 import Int4LinearMethod
 
     if not isinstance(lin.quant_method, Int4LinearMethod) or dtype not in (torch.bfloat16, torch.float16):
         return None
     q, s, z, g = lin.qweight, lin.scales, lin.zeros, lin.group_size
-    if lin.g_idx is not None or lin.perm is not None or g % 8 or q.dtype != torch.int32 or not q.is_contiguous():
+    if (lin.g_idx is not None or lin.perm is not None or not _kernels().int4_group_fits(g) or q.dtype != torch.int32
+            or not q.is_contiguous()):
         return None
     groups = (q.shape[0] * 8 // g, q.shape[1])
     return g if s.shape == groups and z.shape == groups and s.is_contiguous() and z.is_contiguous() else None

@@ -203,9 +203,12 @@ def test_layer_rejects_mixed_unscaled_or_misshapen_quantized_weights_interp():
         DecodeLayerWeights(w.ln1, q.wqkv, q.wo, w.ln2, i4.wgu, i4.wd, w.eps, scales=q.scales)
     with pytest.raises(ValueError, match="scales and zeros belong"):
         DecodeLayerWeights(w.ln1, w.wqkv, w.wo, w.ln2, w.wgu, w.wd, w.eps, scales=q.scales)
-    with pytest.raises(ValueError, match="multiple of 8"):
+    with pytest.raises(ValueError, match="8 times a power of two, got 12"):
         DecodeLayerWeights(w.ln1, i4.wqkv, i4.wo, w.ln2, i4.wgu, i4.wd, w.eps, scales=i4.scales, zeros=i4.zeros,
                            group_size=12)
+    with pytest.raises(ValueError, match="8 times a power of two, got 24"):  # 3 word rows a group
+        DecodeLayerWeights(w.ln1, i4.wqkv, i4.wo, w.ln2, i4.wgu, i4.wd, w.eps, scales=i4.scales, zeros=i4.zeros,
+                           group_size=24)
     bars = torch.zeros(BARRIERS_PER_LAYER, dtype=torch.int32)
     args = (pos, cos, sin, cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale, 4, 2, bars)
     with pytest.raises(ValueError, match="16-bit row"):

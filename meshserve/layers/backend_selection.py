@@ -41,15 +41,15 @@ Overrides (environment, read only here, for debugging and references):
                                             by default on where the batch-1 step is launch-bound (the PDL auto
                                             rule: H200 Qwen3-0.6B decode graph -1.3% and -1.5% on 2026-12-02; it
                                             cost the 8B 3.2%), 0 off, 1 on for any model
-  MESHSERVE_DECODE_LAYER=1|phases[:P,W[,V]] batch 1: each decoder layer of a Llama-family model (dense, 16-bit
-                                            or fp8 weights with a scale a row; or sparse, 16-bit, with softmax
-                                            top-k routing) in one persistent
-                                            launch, grid barriers between its phases (layers/decode_layer.py,
+  MESHSERVE_DECODE_LAYER=1|phases[:P,W[,V]] batch 1: each decoder layer of a Llama-family model (dense: 16-bit,
+                                            fp8 with a scale a row or group-wise INT4 weights; sparse: 16-bit,
+                                            softmax top-k routing) in one persistent launch, grid barriers
+                                            between its phases (layers/decode_layer.py,
                                             kernels/triton_decode_layer.py); phases: one launch a phase (the A/B
                                             of the barriers); P programs of W warps an SM (default 1,8), V 16-bit
                                             weight values a thread streams a trip (default 32: the bytes in
-                                            flight, one program an SM); opt-in
-                                            until measured (issues 29, 23)
+                                            flight, one program an SM); opt-in until measured (issues 29, 23,
+                                            20)
   MESHSERVE_PDL=1|auto                      programmatic dependent launch of the decode-path Triton kernels on
                                             sm_90+ (GEMV, norm, SiLU, prologue, KV write, decode attention:
                                             kernels/pdl.py); auto (the default): only for models whose hidden

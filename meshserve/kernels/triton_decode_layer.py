@@ -360,13 +360,17 @@ def _decode_layer_kernel(
         _gemv_phase(attn_ptr, attn_ptr, 1.0, wo_ptr, so_ptr, zo_ptr, bo_ptr, h_ptr, h2_ptr, HIDDEN, Q_DIM, pid,
                     num_programs, w_pre, False, False, HAS_O_BIAS, True, R_O, K_O, P_O, PREFETCH, W_FP8, W_INT4,
                     INT4_GROUP, ASM)
+    # the next phase's first weights before barrier 2: the router's (MoE: its rows, one or two a program) or gate/up's
     if MOE:
-        if PHASE_LO <= 3 and PHASE_HI >= 3:  # the router's first columns (its rows: one or two a program)
+        if PHASE_LO <= 3 and PHASE_HI >= 3:
             w_pre = _preload(wr_ptr, NUM_EXPERTS, HIDDEN, pid, R_RT, P_RT)
-        if PHASE_LO <= 2 and PHASE_HI >= 3:
-            _grid_barrier(bar_ptr + 2, num_programs, t_ptr, 2, TIMING)
-        if PHASE_LO <= 4 and PHASE_HI >= 3:  # h2 is complete: both phases norm it
-            inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
+    elif PHASE_LO <= 4 and PHASE_HI >= 4:
+        w_pre = _preload_w(wgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, K_GU, P_GU, W_FP8, W_INT4, INT4_GROUP)
+    if PHASE_LO <= 2 and PHASE_HI >= 3:  # (a dense layer has no phase 3: its launches are one or 0..5)
+        _grid_barrier(bar_ptr + 2, num_programs, t_ptr, 2, TIMING)
+    if PHASE_LO <= 4 and PHASE_HI >= 3:  # h2 is complete: the router and gate/up norm it
+        inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
+    if MOE:
         if PHASE_LO <= 3 and PHASE_HI >= 3:  # router logits = W_r rms_norm(h2)
             _gemv_phase(h2_ptr, ln2_ptr, inv2, wr_ptr, wr_ptr, wr_ptr, wr_ptr, h2_ptr, logits_ptr, NUM_EXPERTS,
                         HIDDEN, pid, num_programs, w_pre, False, True, False, False, R_RT, K_RT, P_RT, PREFETCH)
@@ -381,26 +385,20 @@ def _decode_layer_kernel(
                     tl.atomic_add(load_ptr + ids, tl.full([BLOCK_TOPK], 1, tl.int64), mask=kmask)
             _moe_gate_up_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, gu_ptr, ids, slots, pid, num_programs, HIDDEN, INTER,
                                TOP_K, R_GU, K_GU, PREFETCH)
-        if PHASE_LO <= 4 and PHASE_HI >= 5:
-            _grid_barrier(bar_ptr + 4, num_programs, t_ptr, 4, TIMING)
-        if PHASE_LO <= 5 and PHASE_HI >= 5:
-            _moe_down_phase(gu_ptr, wd_ptr, h2_ptr, out_ptr, ids, weights, slots, pid, num_programs, HIDDEN, INTER,
-                            TOP_K, R_D, K_D, PREFETCH)
     else:
         if PHASE_LO <= 4 and PHASE_HI >= 4:
-            w_pre = _preload_w(wgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, K_GU, P_GU, W_FP8, W_INT4, INT4_GROUP)
-        if PHASE_LO <= 2 and PHASE_HI >= 4:
-            _grid_barrier(bar_ptr + 2, num_programs, t_ptr, 2, TIMING)
-        if PHASE_LO <= 4 and PHASE_HI >= 4:
-            inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
             _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, sgu_ptr, zgu_ptr, bgu_ptr, h2_ptr, gu_ptr, 2 * INTER, HIDDEN,
                         pid, num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU, PREFETCH, W_FP8,
                         W_INT4, INT4_GROUP, ASM)
-        if PHASE_LO <= 5 and PHASE_HI >= 5:
+        if PHASE_LO <= 5 and PHASE_HI >= 5:  # (a MoE layer's experts are known only after the routing)
             w_pre = _preload_w(wd_ptr, HIDDEN, INTER, pid, R_D, K_D, P_D, W_FP8, W_INT4, INT4_GROUP)
-        if PHASE_LO <= 4 and PHASE_HI >= 5:
-            _grid_barrier(bar_ptr + 4, num_programs, t_ptr, 4, TIMING)
-        if PHASE_LO <= 5 and PHASE_HI >= 5:
+    if PHASE_LO <= 4 and PHASE_HI >= 5:
+        _grid_barrier(bar_ptr + 4, num_programs, t_ptr, 4, TIMING)
+    if PHASE_LO <= 5 and PHASE_HI >= 5:
+        if MOE:
+            _moe_down_phase(gu_ptr, wd_ptr, h2_ptr, out_ptr, ids, weights, slots, pid, num_programs, HIDDEN, INTER,
+                            TOP_K, R_D, K_D, PREFETCH)
+        else:
             _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, sd_ptr, zd_ptr, bd_ptr, h2_ptr, out_ptr, HIDDEN, INTER, pid,
                         num_programs, w_pre, True, False, HAS_D_BIAS, True, R_D, K_D, P_D, PREFETCH, W_FP8, W_INT4,
                         INT4_GROUP, ASM)

@@ -65,7 +65,14 @@ from meshserve.kernels.triton_attention import (
 from meshserve.kernels.triton_decode_balanced import max_registers
 from meshserve.kernels.triton_decode_fused import _norm_rope_group, group_query
 from meshserve.kernels.triton_decode_layer_fp8 import fp8_rows, words_phase_tile
-from meshserve.kernels.triton_decode_layer_int4 import int4_cols, int4_first_tile, int4_group_fits, int4_phase_tile
+from meshserve.kernels.triton_decode_layer_int4 import (
+    int4_cols,
+    int4_first_tile,
+    int4_group_fits,
+    int4_phase_tile,
+    int4_scratch_words,
+    int4_stage_x,
+)
 from meshserve.kernels.triton_gemv import _row_x, _stream_rows
 from meshserve.kernels.triton_kv_layout import v_offset
 from meshserve.kernels.triton_moe_routing import _route_row
@@ -144,7 +151,7 @@ def _preload_w(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, P
 
 
 @triton.jit
-def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, N, K, blk, w_pre,
+def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, blk, w_pre,
                GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr,
                W_FP8: tl.constexpr, W_INT4: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr):
@@ -153,13 +160,13 @@ def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_pt
     residual's rows, rounded again (the plain path's projection output, then rms_norm's residual add). W_FP8:
     w_ptr the fp8 weight as words and s_ptr its row scales, BLOCK_K / PRE_K in words (triton_decode_layer_fp8).
     W_INT4: w_ptr INT4 words [K / 8, N], s_ptr / z_ptr its GROUP-wise scales and zeros, the rows output columns,
-    BLOCK_K groups a trip, PRE_K > 0: w_pre is the first trip's words (triton_decode_layer_int4)."""
+    BLOCK_K groups a trip, PRE_K > 0: w_pre is the first trip's words, x staged at xs_ptr
+    (triton_decode_layer_int4)."""
     dt = y_ptr.dtype.element_ty
     rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     if W_INT4:
-        y = int4_cols(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, rows, rmask, N, K, w_pre, GROUP, GATED, NORMED,
-                      BLOCK_R, BLOCK_K, PRE_K > 0, ASM)
+        y = int4_cols(xs_ptr, w_ptr, s_ptr, z_ptr, rows, rmask, N, K, w_pre, GROUP, BLOCK_R, BLOCK_K, PRE_K > 0, ASM)
     elif W_FP8:
         y = fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, K, w_pre, GATED, NORMED, BLOCK_R, BLOCK_K,
                      PRE_K, ASM)
@@ -182,18 +189,21 @@ def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_pt
 
 
 @triton.jit
-def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, N, K, pid, num_programs, w_pre,
-                GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, pid, num_programs,
+                w_pre, GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr,
                 W_FP8: tl.constexpr = False, W_INT4: tl.constexpr = False, GROUP: tl.constexpr = 1,
                 ASM: tl.constexpr = False):
-    """This program's row blocks pid, pid + num_programs, ...: the first with its preloaded columns."""
+    """This program's row blocks pid, pid + num_programs, ...: the first with its preloaded columns. INT4: x
+    staged once to the program's scratch xs_ptr first (int4_stage_x)."""
     if pid < tl.cdiv(N, BLOCK_R):
-        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, N, K, pid, w_pre, GATED,
-                   NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, PRE_K, PREFETCH, W_FP8, W_INT4, GROUP, ASM)
+        if W_INT4:
+            int4_stage_x(x_ptr, nw_ptr, inv_rms, xs_ptr, K, GROUP, GATED, NORMED, BLOCK_K * BLOCK_R // 16, ASM)
+        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, pid, w_pre,
+                   GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, PRE_K, PREFETCH, W_FP8, W_INT4, GROUP, ASM)
     for blk in range(pid + num_programs, tl.cdiv(N, BLOCK_R), num_programs):
-        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, N, K, blk, w_pre, GATED,
-                   NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, 0, PREFETCH, W_FP8, W_INT4, GROUP, ASM)
+        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, blk, w_pre,
+                   GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, 0, PREFETCH, W_FP8, W_INT4, GROUP, ASM)
 
 
 @triton.jit
@@ -298,8 +308,8 @@ def _decode_layer_kernel(
     sqkv_ptr, so_ptr, sgu_ptr, sd_ptr, zqkv_ptr, zo_ptr, zgu_ptr, zd_ptr,
     pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, bt_ptr, seq_lens_ptr,
     qkv_ptr, attn_ptr, h2_ptr, gu_ptr, out_ptr, bar_ptr, ws_acc_ptr, ws_ml_ptr, ticket_ptr,
-    wr_ptr, logits_ptr, load_ptr, time_ptr,
-    num_programs, eps, qk_eps, scale_log2, k_scale, v_scale, route_scale, stride_cos, stride_sin,
+    wr_ptr, logits_ptr, load_ptr, time_ptr, xs_ptr,
+    num_programs, xs_stride, eps, qk_eps, scale_log2, k_scale, v_scale, route_scale, stride_cos, stride_sin,
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_cd,
     HIDDEN: tl.constexpr, INTER: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -321,9 +331,11 @@ def _decode_layer_kernel(
     preloaded before its barrier (P 0: none; a MoE layer's experts are known only after the routing). W_FP8: the
     four projections' weights are fp8 as uint32 words with row scales s*_ptr, their K / P in words; W_INT4: INT4
     words [K / 8, N] with INT4_GROUP-wise scales s*_ptr and zeros z*_ptr, R the output columns a block, K the
-    groups a trip, P > 0 the first trip preloaded (ASM: the formats' inline PTX, compiled code only). TIMING: each
-    program's clocks to time_ptr[pid] (TIMING_SLOTS)."""
+    groups a trip, P > 0 the first trip preloaded, the input row staged in the program's scratch xs_ptr[pid *
+    xs_stride:] (ASM: the formats' inline PTX, compiled code only). TIMING: each program's clocks to time_ptr[pid]
+    (TIMING_SLOTS)."""
     pid = tl.program_id(0)
+    xs_ptr += pid.to(tl.int64) * xs_stride
     t_ptr = time_ptr + pid * 16  # TIMING_SLOTS
     if TIMING:
         tl.store(t_ptr, _clock())
@@ -338,8 +350,8 @@ def _decode_layer_kernel(
         tl.store(t_ptr + 1, _clock())
     if PHASE_LO <= 0 and PHASE_HI >= 0:
         inv = _inv_rms(h_ptr, HIDDEN, eps, BLOCK_H)
-        _gemv_phase(h_ptr, ln1_ptr, inv, wqkv_ptr, sqkv_ptr, zqkv_ptr, bqkv_ptr, h_ptr, qkv_ptr, QKV_N, HIDDEN, pid,
-                    num_programs, w_pre, False, True, HAS_QKV_BIAS, False, R_QKV, K_QKV, P_QKV, PREFETCH, W_FP8,
+        _gemv_phase(h_ptr, ln1_ptr, inv, wqkv_ptr, sqkv_ptr, zqkv_ptr, bqkv_ptr, h_ptr, qkv_ptr, xs_ptr, QKV_N, HIDDEN,
+                    pid, num_programs, w_pre, False, True, HAS_QKV_BIAS, False, R_QKV, K_QKV, P_QKV, PREFETCH, W_FP8,
                     W_INT4, INT4_GROUP, ASM)
     if PHASE_LO <= 0 and PHASE_HI >= 1:
         _grid_barrier(bar_ptr, num_programs, t_ptr, 0, TIMING)
@@ -357,8 +369,8 @@ def _decode_layer_kernel(
     if PHASE_LO <= 1 and PHASE_HI >= 2:
         _grid_barrier(bar_ptr + 1, num_programs, t_ptr, 1, TIMING)
     if PHASE_LO <= 2 and PHASE_HI >= 2:
-        _gemv_phase(attn_ptr, attn_ptr, 1.0, wo_ptr, so_ptr, zo_ptr, bo_ptr, h_ptr, h2_ptr, HIDDEN, Q_DIM, pid,
-                    num_programs, w_pre, False, False, HAS_O_BIAS, True, R_O, K_O, P_O, PREFETCH, W_FP8, W_INT4,
+        _gemv_phase(attn_ptr, attn_ptr, 1.0, wo_ptr, so_ptr, zo_ptr, bo_ptr, h_ptr, h2_ptr, xs_ptr, HIDDEN, Q_DIM,
+                    pid, num_programs, w_pre, False, False, HAS_O_BIAS, True, R_O, K_O, P_O, PREFETCH, W_FP8, W_INT4,
                     INT4_GROUP, ASM)
     # the next phase's first weights before barrier 2: the router's (MoE: its rows, one or two a program) or gate/up's
     if MOE:
@@ -372,7 +384,7 @@ def _decode_layer_kernel(
         inv2 = _inv_rms(h2_ptr, HIDDEN, eps, BLOCK_H)
     if MOE:
         if PHASE_LO <= 3 and PHASE_HI >= 3:  # router logits = W_r rms_norm(h2)
-            _gemv_phase(h2_ptr, ln2_ptr, inv2, wr_ptr, wr_ptr, wr_ptr, wr_ptr, h2_ptr, logits_ptr, NUM_EXPERTS,
+            _gemv_phase(h2_ptr, ln2_ptr, inv2, wr_ptr, wr_ptr, wr_ptr, wr_ptr, h2_ptr, logits_ptr, xs_ptr, NUM_EXPERTS,
                         HIDDEN, pid, num_programs, w_pre, False, True, False, False, R_RT, K_RT, P_RT, PREFETCH)
         if PHASE_LO <= 3 and PHASE_HI >= 4:
             _grid_barrier(bar_ptr + 3, num_programs, t_ptr, 3, TIMING)
@@ -387,9 +399,9 @@ def _decode_layer_kernel(
                                TOP_K, R_GU, K_GU, PREFETCH)
     else:
         if PHASE_LO <= 4 and PHASE_HI >= 4:
-            _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, sgu_ptr, zgu_ptr, bgu_ptr, h2_ptr, gu_ptr, 2 * INTER, HIDDEN,
-                        pid, num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU, PREFETCH, W_FP8,
-                        W_INT4, INT4_GROUP, ASM)
+            _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, sgu_ptr, zgu_ptr, bgu_ptr, h2_ptr, gu_ptr, xs_ptr, 2 * INTER,
+                        HIDDEN, pid, num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU, PREFETCH,
+                        W_FP8, W_INT4, INT4_GROUP, ASM)
         if PHASE_LO <= 5 and PHASE_HI >= 5:  # (a MoE layer's experts are known only after the routing)
             w_pre = _preload_w(wd_ptr, HIDDEN, INTER, pid, R_D, K_D, P_D, W_FP8, W_INT4, INT4_GROUP)
     if PHASE_LO <= 4 and PHASE_HI >= 5:
@@ -399,7 +411,7 @@ def _decode_layer_kernel(
             _moe_down_phase(gu_ptr, wd_ptr, h2_ptr, out_ptr, ids, weights, slots, pid, num_programs, HIDDEN, INTER,
                             TOP_K, R_D, K_D, PREFETCH)
         else:
-            _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, sd_ptr, zd_ptr, bd_ptr, h2_ptr, out_ptr, HIDDEN, INTER, pid,
+            _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, sd_ptr, zd_ptr, bd_ptr, h2_ptr, out_ptr, xs_ptr, HIDDEN, INTER, pid,
                         num_programs, w_pre, True, False, HAS_D_BIAS, True, R_D, K_D, P_D, PREFETCH, W_FP8, W_INT4,
                         INT4_GROUP, ASM)
     if TIMING:
@@ -438,7 +450,7 @@ class DecodeLayerWeights:
     (layers/moe_routing.SoftmaxTopK.as_softmax_topk), expert_load the per-expert counter (int64 [E]) or None.
     A dense layer's four projections (wqkv, wo, wgu, wd) may instead be quantized, all four alike: fp8 (e4m3
     [N, K]) with scales their fp32 row scales [N]; or INT4 (quant_ref's internal layout: qweight int32 [K / 8, N])
-    with scales and zeros their [K / group_size, N] and group_size 8 times a power of two (int4_group_fits)."""
+    with scales and zeros their [K / group_size, N] and group_size 16 times a power of two (int4_group_fits)."""
 
     __slots__ = ("ln1", "wqkv", "bqkv", "q_norm", "k_norm", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd", "eps",
                  "qk_eps", "wr", "routing", "expert_load", "scales", "zeros", "group_size")
@@ -462,7 +474,7 @@ class DecodeLayerWeights:
             raise ValueError("DecodeLayerWeights: quantized weights are a dense layer's four projections in one "
                              "format, with their four scales")
         if torch.int32 in quantized and (self.zeros is None or len(self.zeros) != 4 or not int4_group_fits(group_size)):
-            raise ValueError("DecodeLayerWeights: INT4 weights take their four zeros and a group size of 8 times a "
+            raise ValueError("DecodeLayerWeights: INT4 weights take their four zeros and a group size of 16 times a "
                              f"power of two, got {group_size}")
         if not quantized and (self.scales is not None or self.zeros is not None):
             raise ValueError("DecodeLayerWeights: scales and zeros belong to quantized weights")
@@ -586,6 +598,9 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
     ws_acc = torch.empty((num_heads * splits, block_d) if splits > 1 else (1,), dtype=torch.float32, device=dev)
     ws_ml = torch.empty((num_heads * splits, 2) if splits > 1 else (1,), dtype=torch.float32, device=dev)
     tickets = ticket_workspace(dev) if splits > 1 else barriers
+    # INT4: each program's staged input row (int4_stage_x), for the widest K of the four projections
+    xs_stride = int4_scratch_words(max(hidden, num_heads * head_dim, inter)) if w.int4 else 0
+    scratch = torch.empty(num_programs * xs_stride, dtype=torch.int32, device=dev) if w.int4 else barriers
     has_norm = w.q_norm is not None
     cap = max_registers(programs_per_sm, num_warps) if h.is_cuda else None
     gdc = gdc_kwargs(h, pdl, programs=num_programs, num_warps=num_warps) if one_launch else {"USE_GDC": False}
@@ -600,8 +615,8 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         positions, cos_cache, sin_cache, slot_mapping, kv_cache, block_tables, seq_lens,
         qkv, attn, h2, gu, out, barriers, ws_acc, ws_ml, tickets,
         w.wr if w.moe else h, logits, w.expert_load if w.expert_load is not None else barriers,
-        timing if timing is not None else barriers,
-        num_programs, w.eps, w.qk_eps, scale * _LOG2E, float(k_scale), float(v_scale),
+        timing if timing is not None else barriers, scratch,
+        num_programs, xs_stride, w.eps, w.qk_eps, scale * _LOG2E, float(k_scale), float(v_scale),
         float(w.routing[2]) if w.moe else 1.0,
         cos_cache.stride(0), sin_cache.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),

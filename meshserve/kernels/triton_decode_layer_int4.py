@@ -2,17 +2,22 @@
 weights quantized at load: layers/quantization/int4.py), in the internal layout of kernels/quant_ref.py:
 qweight [K / 8, N] int32 (nibble i of word row p is input feature 8p + i), scales and zeros [K / G, N].
 
-The layout runs along the output features, so a program owns a block of output columns and sweeps all of K, whole
-groups a trip ([groups, GROUP / 8, columns] words: the bytes a thread the 16-bit phases stream a trip), no
-split-K and no partial sums: the block's sum over K is one reduction at its end. Each word's eight products are
-taken as the half INT4 GEMV takes them (triton_int4_gemv.half_words_ptx, one word): nibbles (j, j + 4)
-decode into one f16x2 with a LOP3 (1024 + q, or 1024 + 16q against x / 16), one HSUB2 of the packed zero gives
-the exact q - z, HFMA2s against x, the two fp16 lanes summed in fp32. A group's scale and zero load once for its
-word rows, x is scaled per group (its largest |x| 32: 8 products of |q - z| <= 15 stay < 4,000 in fp16), and
-each word's lane sum goes into the accumulator times its group's scale and x scale (one factor a group). Group
-sizes of 8 times a power of two that divide K (int4_group_fits). x is the layer kernel's input row as
-triton_decode_layer_fp8._x_of_words gives it (the norm on load, or silu(gate) * up), 16 bytes a word row.
-The interpreter runs the same fp16 lanes spelled with tensors.
+The layout runs along the output features, so a program owns a block of output columns and sweeps all of K,
+whole groups a trip (the bytes a thread the 16-bit phases stream a trip), no split-K and no partial sums: the
+block's sum over K is one reduction at its end. A trip's words are two tiles [groups, GROUP / 16, columns], the
+first and the second half of each group's word rows, so that a thread holds two words of one group and column
+and takes their sixteen products as the half INT4 GEMV takes a pair (triton_int4_gemv.half_words_ptx): nibbles
+(j, j + 4) decode into one f16x2 with a LOP3 (1024 + q, or 1024 + 16q against x / 16), one HSUB2 of the packed
+zero gives the exact q - z, HFMA2s against x, the two fp16 lanes summed in fp32; the zero packed from its fp16
+in the same PTX, the scale applied once a pair. x is staged once a phase (int4_stage_x): scaled per group (its
+largest |x| 32: 16 products of |q - z| <= 15 stay < 8,000 in fp16) and packed into the pairs the PTX takes, in
+a program's scratch the trips read in the words' own layout. Group sizes of 16 times a power of two that divide
+K (int4_group_fits). The interpreter runs the same fp16 lanes spelled with tensors.
+
+Static sm_90 (Llama-3.1-8B's layer, one program of 8 warps an SM, 32 values' bytes a thread a trip): every
+phase's trip issues ~2.7 instructions a weight with no barrier and no shared memory; before the staging and the
+pairs each trip redid x's norm, the group's amax and three to seven layout conversions through shared memory
+(6-14 barriers): ~4 instructions a weight in qkv's trip, ~7 in gate_up's (tools/decode_layer_sass.py).
 """
 
 from __future__ import annotations
@@ -27,9 +32,13 @@ from meshserve.kernels.triton_int4_gemv import half_words_ptx
 
 X_MAX = tl.constexpr(32.0)  # a group's x is scaled so that its largest |x| is this
 
-# one word (8 weights of one output column: input features 8p..8p+7) against x's fp16 pairs and the packed zeros
-# (1024 + z, 1024 + z), (1024 + 16z, 1024 + 16z): the half GEMV's PTX for one word
-_WORD_ASM = tl.constexpr(half_words_ptx(("$1",), "$2", "$3", ("$4", "$5", "$6", "$7")))
+# two words of one column and group ($1, $2: 16 weights) against their word rows' x pairs ($4-$7, $8-$11), the
+# group's zero $3 (fp16) packed into (1024 + z, 1024 + z) and (1024 + 16z, 1024 + 16z) first: the half GEMV's
+# PTX for a pair
+_PAIR_ASM = tl.constexpr(
+    "{\n.reg .b32 zz, zl, zh, k0, k1;\nmov.b32 zz, {$3, $3};\nmov.b32 k0, 0x64006400;\nmov.b32 k1, 0x4C004C00;\n"
+    "add.rn.f16x2 zl, zz, k0;\nfma.rn.f16x2 zh, zz, k1, k0;\n"
+    + half_words_ptx(("$1", "$2"), "zl", "zh", tuple(f"${i}" for i in range(4, 12))) + "\n}")
 
 
 @triton.jit
@@ -38,43 +47,69 @@ def _f16(v):
 
 
 @triton.jit
-def _word_dots(w, z, xs, ASM: tl.constexpr):
-    """[BLOCK_G, GP, BLOCK_C] fp32: each word's sum of (q_i - z) * x_i in fp16 lanes (the module docstring); xs
-    the word rows' eight x values, already scaled (fp32 [BLOCK_G, GP] each), z the groups' zeros [BLOCK_G, 1,
-    BLOCK_C]."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = xs
+def _half(v, HIGH: tl.constexpr):
+    """One fp16 lane of packed pairs v (uint32) as fp32: the low (bits 0-15) or the high one."""
+    bits = (v >> 16) if HIGH else (v & 0xFFFF)
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _pair_dots(wa, wb, z, xs_a, xs_b, ASM: tl.constexpr):
+    """[BLOCK_G, GP / 2, BLOCK_C] fp32: each pair of words' sum of (q_i - z) * x_i over their 16 weights in one
+    pair of fp16 lanes (the module docstring); xs_a / xs_b the word rows' x as the PTX takes them (four uint32
+    [BLOCK_G, GP / 2] each: fp16 pairs (x0, x4), (x1, x5) / 16, (x2, x6), (x3, x7) / 16, scaled), z the groups'
+    zeros (fp16, the words' shape)."""
     if ASM:  # x broadcast into the words' layout (the small tensor moves, not the weights)
-        xa = pack_half2(x0, x4, ASM)[:, :, None] + w * 0
-        xb = pack_half2(x1 * 0.0625, x5 * 0.0625, ASM)[:, :, None] + w * 0  # odd pairs decode as 16 (q - z)
-        xc = pack_half2(x2, x6, ASM)[:, :, None] + w * 0
-        xd = pack_half2(x3 * 0.0625, x7 * 0.0625, ASM)[:, :, None] + w * 0
-        zl = z + 1024.0
-        zh = z * 16.0 + 1024.0
         return tl.inline_asm_elementwise(
-            _WORD_ASM, "=f,r,r,r,r,r,r,r",
-            [w, pack_half2(zl, zl, ASM) + w * 0, pack_half2(zh, zh, ASM) + w * 0, xa, xb, xc, xd],
+            _PAIR_ASM, "=f,r,r,h,r,r,r,r,r,r,r,r",
+            [wa, wb, z, xs_a[0][:, :, None] + wa * 0, xs_a[1][:, :, None] + wa * 0, xs_a[2][:, :, None] + wa * 0,
+             xs_a[3][:, :, None] + wa * 0, xs_b[0][:, :, None] + wa * 0, xs_b[1][:, :, None] + wa * 0,
+             xs_b[2][:, :, None] + wa * 0, xs_b[3][:, :, None] + wa * 0],
             dtype=tl.float32, is_pure=True, pack=1,
         )
-    else:  # the same fp16 lanes: the low one nibbles 0..3 against x0..x3, the high one 4..7 against x4..x7
-        lo = tl.zeros(w.shape, dtype=tl.float32)
-        hi = tl.zeros(w.shape, dtype=tl.float32)
-        for j in tl.static_range(4):
-            f: tl.constexpr = 16.0 if j % 2 else 1.0
-            q_lo = ((w >> (4 * j)) & 15).to(tl.float32)
-            q_hi = ((w >> (4 * j + 16)) & 15).to(tl.float32)
-            x_lo = (x0, x1, x2, x3)[j]
-            x_hi = (x4, x5, x6, x7)[j]
-            lo = _f16(lo + _f16((q_lo - z) * f) * _f16(x_lo / f)[:, :, None])
-            hi = _f16(hi + _f16((q_hi - z) * f) * _f16(x_hi / f)[:, :, None])
+    else:  # the same fp16 lanes, in the PTX's order: the low one nibbles 0..3, the high one 4..7, word a then b
+        zf = z.to(tl.float32)
+        lo = tl.zeros(wa.shape, dtype=tl.float32)
+        hi = tl.zeros(wa.shape, dtype=tl.float32)
+        for i in tl.static_range(2):
+            w = (wa, wb)[i]
+            for j in tl.static_range(4):
+                f: tl.constexpr = 16.0 if j % 2 else 1.0
+                q_lo = ((w >> (4 * j)) & 15).to(tl.float32)
+                q_hi = ((w >> (4 * j + 16)) & 15).to(tl.float32)
+                pair = (xs_a, xs_b)[i][j]  # (x_j, x_j+4), already over f in fp16
+                lo = _f16(lo + _f16((q_lo - zf) * f) * _half(pair, False)[:, :, None])
+                hi = _f16(hi + _f16((q_hi - zf) * f) * _half(pair, True)[:, :, None])
         return lo + hi
 
 
 @triton.jit
-def _words_tile(qw_ptr, g, cols, cmask, N, G, GP: tl.constexpr):
-    """The words [BLOCK_G, GP, BLOCK_C] of the groups g (their GP word rows each) and the columns cols."""
-    rows = g[:, None] * GP + tl.arange(0, GP)[None, :]
+def _words_tile(qw_ptr, g, half, cols, cmask, N, G, HP: tl.constexpr):
+    """The words [BLOCK_G, HP, BLOCK_C] of the groups g (their HP = GROUP / 16 word rows of half 0 or 1 each) and
+    the columns cols."""
+    rows = g[:, None] * (2 * HP) + half * HP + tl.arange(0, HP)[None, :]
     return tl.load(qw_ptr + rows[:, :, None] * N + cols[None, None, :],
                    mask=(g < G)[:, None, None] & cmask[None, None, :], other=0)
+
+
+@triton.jit
+def _words_pair(qw_ptr, g, cols, cmask, N, G, HP: tl.constexpr):
+    """A trip's words: the groups g's first and second halves of word rows (_words_tile)."""
+    return _words_tile(qw_ptr, g, 0, cols, cmask, N, G, HP), _words_tile(qw_ptr, g, 1, cols, cmask, N, G, HP)
+
+
+@triton.jit
+def _group_scales(s_ptr, z_ptr, g, cols, cmask, N, G, HP: tl.constexpr):
+    """The scales (fp32) and zeros (fp16) of the groups g at the columns cols, loaded in the words' own layout:
+    tiles of the words' shape [BLOCK_G, HP, BLOCK_C] whose word rows all point at their group's row, four columns
+    a thread (as the words' 16 bytes). Loaded as [BLOCK_G, 1, BLOCK_C] they took a layout of their own and reached
+    the words' through shared memory on every trip (sm_90: three conversions, 6 barriers)."""
+    c4 = tl.max_contiguous(cols, 4)
+    offs = g[:, None, None] * N + (tl.arange(0, HP) * 0)[None, :, None] + c4[None, None, :]
+    mask = (g < G)[:, None, None] & (tl.arange(0, HP) >= 0)[None, :, None] & cmask[None, None, :]
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float16)
+    return s, z
 
 
 @triton.jit
@@ -87,56 +122,98 @@ def _group_x(x_ptr, nw_ptr, inv_rms, g, K, GP: tl.constexpr, GATED: tl.constexpr
 
 
 @triton.jit
-def int4_first_tile(qw_ptr, N, K, blk, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, GROUP: tl.constexpr):
-    """The first trip's words of column block blk (weights: no phase writes them, so they load before the
-    phase's barrier)."""
-    cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
-    return _words_tile(qw_ptr, tl.arange(0, BLOCK_G), cols, cols < N, N, K // GROUP, GROUP // 8)
+def int4_stage_x(x_ptr, nw_ptr, inv_rms, xs_ptr, K, GROUP: tl.constexpr, GATED: tl.constexpr,
+                 NORMED: tl.constexpr, BLOCK_G: tl.constexpr, ASM: tl.constexpr):
+    """Once a phase, before its column blocks: the input row x (the norm on load, or silu(gate) * up) as the
+    pair PTX takes it, to this program's scratch xs_ptr (uint32, int4_scratch_words): word row p's four fp16
+    pairs at [p], [K/8 + p], [K/4 + p], [3K/8 + p], scaled per group so that its largest |x| is X_MAX, and each
+    group's factor back (fp32 amax / X_MAX) at [K/2 + g]; the trips then load them in the words' layout. BLOCK_G
+    groups an iteration: the phase's trip tile has a thread for every 16 of its words, so BLOCK_C x its groups a
+    trip / 16 gives each thread a word row (the trip's BLOCK_G left half of them idle: twice the iterations)."""
+    GP: tl.constexpr = GROUP // 8
+    G = K // GROUP
+    KW = K // 8
+    gs = tl.arange(0, BLOCK_G)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + gs
+        x0, x1, x2, x3, x4, x5, x6, x7 = _group_x(x_ptr, nw_ptr, inv_rms, g, K, GP, GATED, NORMED)
+        amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
+                          tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
+        amax = tl.maximum(tl.max(amax, 1), 1e-30)  # the group's largest |x|: [BLOCK_G]
+        inv = X_MAX / amax[:, None]
+        odd = inv * 0.0625  # the odd pairs' nibbles decode as 16 (q - z)
+        p = g[:, None] * GP + tl.arange(0, GP)[None, :]
+        m = (g < G)[:, None]
+        tl.store(xs_ptr + p, pack_half2(x0 * inv, x4 * inv, ASM), mask=m)
+        tl.store(xs_ptr + KW + p, pack_half2(x1 * odd, x5 * odd, ASM), mask=m)
+        tl.store(xs_ptr + 2 * KW + p, pack_half2(x2 * inv, x6 * inv, ASM), mask=m)
+        tl.store(xs_ptr + 3 * KW + p, pack_half2(x3 * odd, x7 * odd, ASM), mask=m)
+        tl.store(xs_ptr.to(tl.pointer_type(tl.float32)) + 4 * KW + g, amax * (1.0 / X_MAX), mask=g < G)
+    tl.debug_barrier()  # the program's stores before any of its threads loads them
 
 
 @triton.jit
-def int4_cols(x_ptr, nw_ptr, inv_rms, qw_ptr, s_ptr, z_ptr, cols, cmask, N, K, w_first, GROUP: tl.constexpr,
-              GATED: tl.constexpr, NORMED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
-              HAS_FIRST: tl.constexpr, ASM: tl.constexpr):
+def _staged_x(xs_ptr, g, half, K, G, HP: tl.constexpr):
+    """The staged x (int4_stage_x) of the groups g's half 0 or 1 of word rows: four uint32 [BLOCK_G, HP]."""
+    KW = K // 8
+    p = g[:, None] * (2 * HP) + half * HP + tl.arange(0, HP)[None, :]
+    m = (g < G)[:, None]
+    return (tl.load(xs_ptr + p, mask=m, other=0), tl.load(xs_ptr + KW + p, mask=m, other=0),
+            tl.load(xs_ptr + 2 * KW + p, mask=m, other=0), tl.load(xs_ptr + 3 * KW + p, mask=m, other=0))
+
+
+@triton.jit
+def _factors(xs_ptr, g, K, G):
+    """The staged groups' x factors (fp32 [BLOCK_G]: amax / X_MAX)."""
+    return tl.load(xs_ptr.to(tl.pointer_type(tl.float32)) + K // 2 + g, mask=g < G, other=0.0)
+
+
+@triton.jit
+def int4_first_tile(qw_ptr, N, K, blk, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, GROUP: tl.constexpr):
+    """The first trip's words (_words_pair) of column block blk (weights: no phase writes them, so they load
+    before the phase's barrier)."""
+    cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
+    return _words_pair(qw_ptr, tl.arange(0, BLOCK_G), cols, cols < N, N, K // GROUP, GROUP // 16)
+
+
+@triton.jit
+def int4_cols(xs_ptr, qw_ptr, s_ptr, z_ptr, cols, cmask, N, K, w_first, GROUP: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_G: tl.constexpr, HAS_FIRST: tl.constexpr, ASM: tl.constexpr):
     """fp32 [BLOCK_C]: (W x)[cols] for the INT4 weight (qweight, scales, zeros as the module docstring says), x
-    the layer kernel's input row of K features, BLOCK_G whole groups a trip ([BLOCK_G, GROUP / 8, BLOCK_C] words:
-    a group's scale and zero loaded once for its word rows, x scaled per group); w_first the first trip's words
-    when HAS_FIRST (int4_first_tile); the next trip's words and x requested before this trip's products."""
-    GP: tl.constexpr = GROUP // 8  # word rows a group
+    staged by int4_stage_x at xs_ptr, BLOCK_G whole groups a trip (_words_pair: a group's scale and zero loaded
+    once for its two words a thread); w_first the first trip's words when HAS_FIRST (int4_first_tile); the next
+    trip's words and x requested before this trip's products."""
+    HP: tl.constexpr = GROUP // 16  # word rows a group's half
     G = K // GROUP
     gs = tl.arange(0, BLOCK_G)
-    acc = tl.zeros([BLOCK_G, GP, BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HP, BLOCK_C], dtype=tl.float32)
     if HAS_FIRST:
-        w = w_first
+        wa, wb = w_first
     else:
-        w = _words_tile(qw_ptr, gs, cols, cmask, N, G, GP)
-    x0, x1, x2, x3, x4, x5, x6, x7 = _group_x(x_ptr, nw_ptr, inv_rms, gs, K, GP, GATED, NORMED)
+        wa, wb = _words_pair(qw_ptr, gs, cols, cmask, N, G, HP)
+    xs_a, xs_b, f = _staged_x(xs_ptr, gs, 0, K, G, HP), _staged_x(xs_ptr, gs, 1, K, G, HP), _factors(xs_ptr, gs, K, G)
     for g0 in range(0, G, BLOCK_G):
         g = g0 + gs
-        w_step, xs = w, (x0, x1, x2, x3, x4, x5, x6, x7)
-        offs = g[:, None, None] * N + cols[None, None, :]  # [BLOCK_G, 1, BLOCK_C]: a group's scale and zero
-        mask = (g < G)[:, None, None] & cmask[None, None, :]
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        wa_step, wb_step, ya, yb, f_step = wa, wb, xs_a, xs_b, f
+        s, z = _group_scales(s_ptr, z_ptr, g, cols, cmask, N, G, HP)
         gn = g + BLOCK_G  # past K on the last trip: masked off, nothing read
-        w = _words_tile(qw_ptr, gn, cols, cmask, N, G, GP)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _group_x(x_ptr, nw_ptr, inv_rms, gn, K, GP, GATED, NORMED)
-        amax = tl.abs(xs[0])
-        for i in tl.static_range(1, 8):
-            amax = tl.maximum(amax, tl.abs(xs[i]))
-        amax = tl.maximum(tl.max(amax, 1), 1e-30)  # the group's largest |x|: [BLOCK_G]
-        inv = X_MAX / amax[:, None]
-        scaled = (xs[0] * inv, xs[1] * inv, xs[2] * inv, xs[3] * inv, xs[4] * inv, xs[5] * inv, xs[6] * inv,
-                  xs[7] * inv)
-        acc += _word_dots(w_step, z, scaled, ASM) * (s * (amax * (1.0 / X_MAX))[:, None, None])
+        wa, wb = _words_pair(qw_ptr, gn, cols, cmask, N, G, HP)
+        xs_a, xs_b, f = _staged_x(xs_ptr, gn, 0, K, G, HP), _staged_x(xs_ptr, gn, 1, K, G, HP), _factors(xs_ptr, gn, K, G)
+        acc += _pair_dots(wa_step, wb_step, z, ya, yb, ASM) * (s * f_step[:, None, None])
     return tl.sum(tl.sum(acc, 1), 0)
 
 
+def int4_scratch_words(k: int) -> int:
+    """uint32 words of a program's INT4 scratch (int4_stage_x) for inputs of up to k features: the pairs (k / 2)
+    and the groups' factors (at most k / 8)."""
+    return k // 2 + k // 8
+
+
 def int4_group_fits(group: int | None) -> bool:
-    """Whether the phase takes INT4 groups of this size: 8 times a power of two (a group's word rows are one
-    tensor dimension; a word never straddles two groups). Channel-wise INT4 (one group over all of K) fits only
-    where K does."""
-    return bool(group) and group % 8 == 0 and (group // 8) & (group // 8 - 1) == 0
+    """Whether the phase takes INT4 groups of this size: 16 times a power of two (half a group's word rows are
+    one tensor dimension; a word never straddles two groups). Channel-wise INT4 (one group over all of K) fits
+    only where K does."""
+    return bool(group) and group % 16 == 0 and (group // 16) & (group // 16 - 1) == 0
 
 
 def int4_phase_tile(n: int, k: int, group: int, programs: int, threads: int, values: int = 32) -> tuple[int, int, int]:

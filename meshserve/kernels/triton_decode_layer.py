@@ -13,10 +13,13 @@ The phases, every intermediate rounded where the plain path rounds it:
      and inline reduce; up to MAX_ATTN_SPLITS a KV head)
   2  h2 = h + W_o attn
   3  (MoE layers) router logits = W_r rms_norm(h2)
-  4  gate_up = W_gu rms_norm(h2); MoE: every program routes the token itself from the logits (softmax top-k,
-     triton_moe_routing._route_row: the same bits in each) and the rows are the chosen experts' w13 rows
-  5  out = h2 + W_down silu(gate) * up; MoE: each chosen expert's w2 rows, its output rounded, scaled by its
-     routing weight and summed in fp32 (kernels/moe_ref's order), the load counter counting the choices
+  4  act = silu(gate) * up of gate_up = W_gu rms_norm(h2): a block takes gate rows and their up rows and ends
+     in the activation (the plain path's ACT_OUT GEMV); MoE: every program routes the token itself from the
+     logits (softmax top-k, triton_moe_routing._route_row: the same bits in each) and the rows are the chosen
+     experts' w13 rows, gate_up kept
+  5  out = h2 + W_down act; MoE: each chosen expert's w2 rows against silu(gate) * up of its gate_up, its output
+     rounded, scaled by its routing weight and summed in fp32 (kernels/moe_ref's order), the load counter
+     counting the choices
 Each GEMV phase is a grid-stride loop over row blocks through triton_gemv._stream_rows (its K order, so its
 sums; fp8 weights: the words GEMV's products, triton_decode_layer_fp8; INT4: column blocks over the whole K,
 triton_decode_layer_int4), and each program's first block's first columns load before the barrier the phase
@@ -77,7 +80,7 @@ from meshserve.kernels.triton_gemv import _row_x, _stream_rows
 from meshserve.kernels.triton_kv_layout import v_offset
 from meshserve.kernels.triton_moe_routing import _route_row
 from meshserve.kernels.tickets import ticket_workspace, tickets_usable
-from meshserve.kernels.triton_ops import _to_cache
+from meshserve.kernels.triton_ops import _to_cache, silu_mul
 
 NUM_PHASES = 6  # 3 (the router) only in MoE layers
 BARRIERS_PER_LAYER = NUM_PHASES - 1
@@ -128,43 +131,78 @@ def _inv_rms(h_ptr, K, eps, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def _preload(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, PRE_K: tl.constexpr):
+def _block_rows(blk, N, BLOCK_R: tl.constexpr, ACT_OUT: tl.constexpr, HALVES: tl.constexpr):
+    """The rows (INT4: output columns) of block blk of a GEMV phase over N, and their mask. ACT_OUT (gate_up,
+    rows [gate | up]): BLOCK_R / 2 gate rows and their up rows, N / 2 further, so that the block ends in
+    silu(gate) * up (_store_act); interleaved (gate i, up i), or for INT4's columns, whose loads want runs of
+    contiguous columns, as two halves (gates, then ups)."""
+    r = tl.arange(0, BLOCK_R)
+    if ACT_OUT:
+        HALF: tl.constexpr = BLOCK_R // 2
+        if HALVES:
+            pair, which = blk * HALF + r % HALF, r // HALF
+        else:
+            pair, which = blk * HALF + r // 2, r % 2
+        return pair + which * (N // 2), pair < N // 2
+    else:
+        rows = blk * BLOCK_R + r
+        return rows, rows < N
+
+
+@triton.jit
+def _store_act(y, y_ptr, blk, N, BLOCK_R: tl.constexpr, HALVES: tl.constexpr):
+    """An ACT_OUT block's output (_block_rows): silu(gate) * up of its rounded gate and up rows, as
+    silu_and_mul rounds them (the plain path's GEMV output, then its SiLU-and-mul), to y_ptr[pair]."""
+    dt = y_ptr.dtype.element_ty
+    y = y.to(dt).to(tl.float32)
+    if HALVES:
+        gate, up = tl.split(tl.permute(tl.reshape(y, [2, BLOCK_R // 2]), [1, 0]))
+    else:
+        gate, up = tl.split(tl.reshape(y, [BLOCK_R // 2, 2]))
+    outs = blk * (BLOCK_R // 2) + tl.arange(0, BLOCK_R // 2)
+    tl.store(y_ptr + outs, silu_mul(gate, up, dt), mask=outs < N // 2)
+
+
+@triton.jit
+def _preload(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, PRE_K: tl.constexpr, ACT_OUT: tl.constexpr = False):
     """The first PRE_K columns of this program's first row block: weights no phase writes, so they load before
     the barrier (or PDL's wait) that the phase's input waits on."""
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows, rmask = _block_rows(pid, N, BLOCK_R, ACT_OUT, False)
     kp = tl.arange(0, PRE_K)
-    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + kp[None, :], mask=(rows < N)[:, None] & (kp < K)[None, :],
+    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + kp[None, :], mask=rmask[:, None] & (kp < K)[None, :],
                    other=0.0)
 
 
 @triton.jit
 def _preload_w(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
-               W_FP8: tl.constexpr, W_INT4: tl.constexpr, GROUP: tl.constexpr):
+               W_FP8: tl.constexpr, W_INT4: tl.constexpr, GROUP: tl.constexpr, ACT_OUT: tl.constexpr = False):
     """What a GEMV phase over the weight w_ptr ([N, K] 16-bit, fp8 words [N, K / 4], or INT4 words [K / 8, N])
     loads before its barrier: the first block's first PRE_K columns (words), or for INT4 its first trip."""
     if W_INT4:
-        return int4_first_tile(w_ptr, N, K, pid, BLOCK_R, BLOCK_K, GROUP)
+        cols, cmask = _block_rows(pid, N, BLOCK_R, ACT_OUT, True)
+        return int4_first_tile(w_ptr, N, K, cols, cmask, BLOCK_K, GROUP)
     elif W_FP8:
-        return _preload(w_ptr, N, K // 4, pid, BLOCK_R, PRE_K)
+        return _preload(w_ptr, N, K // 4, pid, BLOCK_R, PRE_K, ACT_OUT)
     else:
-        return _preload(w_ptr, N, K, pid, BLOCK_R, PRE_K)
+        return _preload(w_ptr, N, K, pid, BLOCK_R, PRE_K, ACT_OUT)
 
 
 @triton.jit
 def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, blk, w_pre,
                GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr,
-               W_FP8: tl.constexpr, W_INT4: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr):
+               W_FP8: tl.constexpr, W_INT4: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
+               ACT_OUT: tl.constexpr):
     """One row block: y = W x (+ bias), its first PRE_K columns from w_pre (already loaded) when PRE_K > 0 (the
     fold GEMV's order: the preloaded columns' sum, then the streamed tiles'); RESIDUAL: y rounded, plus the
     residual's rows, rounded again (the plain path's projection output, then rms_norm's residual add). W_FP8:
     w_ptr the fp8 weight as words and s_ptr its row scales, BLOCK_K / PRE_K in words (triton_decode_layer_fp8).
     W_INT4: w_ptr INT4 words [K / 8, N], s_ptr / z_ptr its GROUP-wise scales and zeros, the rows output columns,
     BLOCK_K groups a trip, PRE_K > 0: w_pre is the first trip's words, x staged at xs_ptr
-    (triton_decode_layer_int4)."""
+    (triton_decode_layer_int4). ACT_OUT: the block's gate and up rows, its output silu(gate) * up (_block_rows).
+    """
     dt = y_ptr.dtype.element_ty
-    rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < N
+    rows, rmask = _block_rows(blk, N, BLOCK_R, ACT_OUT, W_INT4)
     if W_INT4:
         y = int4_cols(xs_ptr, w_ptr, s_ptr, z_ptr, rows, rmask, N, K, w_pre, GROUP, BLOCK_R, BLOCK_K, PRE_K > 0, ASM)
     elif W_FP8:
@@ -183,9 +221,12 @@ def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_pt
         y += tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    if RESIDUAL:
-        y = y.to(dt).to(tl.float32) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(dt), mask=rmask)
+    if ACT_OUT:
+        _store_act(y, y_ptr, blk, N, BLOCK_R, W_INT4)
+    else:
+        if RESIDUAL:
+            y = y.to(dt).to(tl.float32) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(dt), mask=rmask)
 
 
 @triton.jit
@@ -193,17 +234,19 @@ def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_p
                 w_pre, GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr,
                 W_FP8: tl.constexpr = False, W_INT4: tl.constexpr = False, GROUP: tl.constexpr = 1,
-                ASM: tl.constexpr = False):
+                ASM: tl.constexpr = False, ACT_OUT: tl.constexpr = False):
     """This program's row blocks pid, pid + num_programs, ...: the first with its preloaded columns. INT4: x
     staged once to the program's scratch xs_ptr first (int4_stage_x)."""
     if pid < tl.cdiv(N, BLOCK_R):
         if W_INT4:
             int4_stage_x(x_ptr, nw_ptr, inv_rms, xs_ptr, K, GROUP, GATED, NORMED, BLOCK_K * BLOCK_R // 16, ASM)
         _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, pid, w_pre,
-                   GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, PRE_K, PREFETCH, W_FP8, W_INT4, GROUP, ASM)
+                   GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, PRE_K, PREFETCH, W_FP8, W_INT4, GROUP, ASM,
+                   ACT_OUT)
     for blk in range(pid + num_programs, tl.cdiv(N, BLOCK_R), num_programs):
         _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, blk, w_pre,
-                   GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, 0, PREFETCH, W_FP8, W_INT4, GROUP, ASM)
+                   GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, 0, PREFETCH, W_FP8, W_INT4, GROUP, ASM,
+                   ACT_OUT)
 
 
 @triton.jit
@@ -377,7 +420,7 @@ def _decode_layer_kernel(
         if PHASE_LO <= 3 and PHASE_HI >= 3:
             w_pre = _preload(wr_ptr, NUM_EXPERTS, HIDDEN, pid, R_RT, P_RT)
     elif PHASE_LO <= 4 and PHASE_HI >= 4:
-        w_pre = _preload_w(wgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, K_GU, P_GU, W_FP8, W_INT4, INT4_GROUP)
+        w_pre = _preload_w(wgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, K_GU, P_GU, W_FP8, W_INT4, INT4_GROUP, True)
     if PHASE_LO <= 2 and PHASE_HI >= 3:  # (a dense layer has no phase 3: its launches are one or 0..5)
         _grid_barrier(bar_ptr + 2, num_programs, t_ptr, 2, TIMING)
     if PHASE_LO <= 4 and PHASE_HI >= 3:  # h2 is complete: the router and gate/up norm it
@@ -401,7 +444,7 @@ def _decode_layer_kernel(
         if PHASE_LO <= 4 and PHASE_HI >= 4:
             _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, sgu_ptr, zgu_ptr, bgu_ptr, h2_ptr, gu_ptr, xs_ptr, 2 * INTER,
                         HIDDEN, pid, num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU, PREFETCH,
-                        W_FP8, W_INT4, INT4_GROUP, ASM)
+                        W_FP8, W_INT4, INT4_GROUP, ASM, True)
         if PHASE_LO <= 5 and PHASE_HI >= 5:  # (a MoE layer's experts are known only after the routing)
             w_pre = _preload_w(wd_ptr, HIDDEN, INTER, pid, R_D, K_D, P_D, W_FP8, W_INT4, INT4_GROUP)
     if PHASE_LO <= 4 and PHASE_HI >= 5:
@@ -412,7 +455,7 @@ def _decode_layer_kernel(
                             TOP_K, R_D, K_D, PREFETCH)
         else:
             _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, sd_ptr, zd_ptr, bd_ptr, h2_ptr, out_ptr, xs_ptr, HIDDEN, INTER, pid,
-                        num_programs, w_pre, True, False, HAS_D_BIAS, True, R_D, K_D, P_D, PREFETCH, W_FP8, W_INT4,
+                        num_programs, w_pre, False, False, HAS_D_BIAS, True, R_D, K_D, P_D, PREFETCH, W_FP8, W_INT4,
                         INT4_GROUP, ASM)
     if TIMING:
         tl.store(t_ptr + 12, _clock())
@@ -598,7 +641,10 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
     ws_acc = torch.empty((num_heads * splits, block_d) if splits > 1 else (1,), dtype=torch.float32, device=dev)
     ws_ml = torch.empty((num_heads * splits, 2) if splits > 1 else (1,), dtype=torch.float32, device=dev)
     tickets = ticket_workspace(dev) if splits > 1 else barriers
-    # INT4: each program's staged input row (int4_stage_x), for the widest K of the four projections
+    # INT4: each program's staged input row (int4_stage_x), for the widest K of the four projections. (The 16-bit
+    # phases keep computing x on each trip: staged, their trips read x in the weights' layout without barriers but
+    # convert every value again, 6.2 instructions a weight against 4.7, and a small model's phases would wait one
+    # more round trip to L2 for the staged row.)
     xs_stride = int4_scratch_words(max(hidden, num_heads * head_dim, inter)) if w.int4 else 0
     scratch = torch.empty(num_programs * xs_stride, dtype=torch.int32, device=dev) if w.int4 else barriers
     has_norm = w.q_norm is not None
@@ -645,6 +691,7 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         elif w.int4 and name != "RT":
             tile = int4_phase_tile(n, k, w.group_size, num_programs, threads, stream_values)
         consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = tile
+    consts["R_GU"] = max(consts["R_GU"], 2)  # a dense gate_up block: its gate rows and their up rows (ACT_OUT)
     if w.moe:  # an expert's rows a gate/up block; the experts' weights are known only after the routing
         while (2 * inter) % consts["R_GU"]:
             consts["R_GU"] //= 2

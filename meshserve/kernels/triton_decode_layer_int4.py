@@ -169,11 +169,10 @@ def _factors(xs_ptr, g, K, G):
 
 
 @triton.jit
-def int4_first_tile(qw_ptr, N, K, blk, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, GROUP: tl.constexpr):
-    """The first trip's words (_words_pair) of column block blk (weights: no phase writes them, so they load
+def int4_first_tile(qw_ptr, N, K, cols, cmask, BLOCK_G: tl.constexpr, GROUP: tl.constexpr):
+    """The first trip's words (_words_pair) of the columns cols (weights: no phase writes them, so they load
     before the phase's barrier)."""
-    cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
-    return _words_pair(qw_ptr, tl.arange(0, BLOCK_G), cols, cols < N, N, K // GROUP, GROUP // 16)
+    return _words_pair(qw_ptr, tl.arange(0, BLOCK_G), cols, cmask, N, K // GROUP, GROUP // 16)
 
 
 @triton.jit

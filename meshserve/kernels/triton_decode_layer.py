@@ -16,10 +16,9 @@ The phases, every intermediate rounded where the plain path rounds it:
   4  act = silu(gate) * up of gate_up = W_gu rms_norm(h2): a block takes gate rows and their up rows and ends
      in the activation (the plain path's ACT_OUT GEMV); MoE: every program routes the token itself from the
      logits (softmax top-k, triton_moe_routing._route_row: the same bits in each) and the rows are the chosen
-     experts' w13 rows, gate_up kept
-  5  out = h2 + W_down act; MoE: each chosen expert's w2 rows against silu(gate) * up of its gate_up, its output
-     rounded, scaled by its routing weight and summed in fp32 (kernels/moe_ref's order), the load counter
-     counting the choices
+     experts' w13 rows, each expert's act
+  5  out = h2 + W_down act; MoE: each chosen expert's w2 rows against its act, its output rounded, scaled by
+     its routing weight and summed in fp32 (kernels/moe_ref's order), the load counter counting the choices
 Each GEMV phase is a grid-stride loop over row blocks through triton_gemv._stream_rows (its K order, so its
 sums; fp8 weights: the words GEMV's products, triton_decode_layer_fp8; INT4: column blocks over the whole K,
 triton_decode_layer_int4), and each program's first block's first columns load before the barrier the phase
@@ -259,26 +258,26 @@ def _expert_of(ids, slots, slot):
 def _moe_gate_up_phase(h2_ptr, ln2_ptr, inv_rms, w13_ptr, gu_ptr, ids, slots, pid, num_programs,
                        HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
-    """gate_up [TOP_K, 2 INTER] = each chosen expert's w13 rms_norm(h2): row blocks over the TOP_K experts' rows
-    (BLOCK_R divides 2 INTER: a block is one expert's), each rounded as the plain path's per-expert GEMM."""
+    """act [TOP_K, INTER] = silu(gate) * up of each chosen expert's w13 rms_norm(h2): row blocks over the TOP_K
+    experts' rows (BLOCK_R divides 2 INTER: a block is one expert's), each block its gate rows and their up rows
+    (_block_rows' ACT_OUT), rounded as the plain path's per-expert GEMM and then its SiLU-and-mul."""
     BLOCKS_PER_EXPERT: tl.constexpr = 2 * INTER // BLOCK_R
-    dt = gu_ptr.dtype.element_ty
     for blk in range(pid, TOP_K * BLOCKS_PER_EXPERT, num_programs):
         slot = blk // BLOCKS_PER_EXPERT
-        rows = (blk % BLOCKS_PER_EXPERT) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows, rmask = _block_rows(blk % BLOCKS_PER_EXPERT, 2 * INTER, BLOCK_R, True, False)
         expert = _expert_of(ids, slots, slot).to(tl.int64)
         w_rows = w13_ptr + expert * (2 * INTER * HIDDEN) + rows[:, None].to(tl.int64) * HIDDEN
-        acc = _stream_rows(h2_ptr, ln2_ptr, inv_rms, w_rows, rows < 2 * INTER, HIDDEN, False, True, BLOCK_R, BLOCK_K,
-                           0, PREFETCH)
-        tl.store(gu_ptr + slot * (2 * INTER) + rows, tl.sum(acc, 1).to(dt))
+        acc = _stream_rows(h2_ptr, ln2_ptr, inv_rms, w_rows, rmask, HIDDEN, False, True, BLOCK_R, BLOCK_K, 0, PREFETCH)
+        _store_act(tl.sum(acc, 1), gu_ptr + slot * INTER, blk % BLOCKS_PER_EXPERT, 2 * INTER, BLOCK_R, False)
 
 
 @triton.jit
 def _moe_down_phase(gu_ptr, w2_ptr, res_ptr, out_ptr, ids, weights, slots, pid, num_programs,
                     HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
-    """out = h2 + sum over the chosen experts of weight x w2 silu(gate) * up, as kernels/moe_ref sums them: each
-    expert's output rounded, scaled and added in fp32, the sum rounded, then the residual add rounded."""
+    """out = h2 + sum over the chosen experts of weight x w2 act (silu(gate) * up, _moe_gate_up_phase's), as
+    kernels/moe_ref sums them: each expert's output rounded, scaled and added in fp32, the sum rounded, then the
+    residual add rounded."""
     dt = out_ptr.dtype.element_ty
     for blk in range(pid, tl.cdiv(HIDDEN, BLOCK_R), num_programs):
         rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -287,8 +286,8 @@ def _moe_down_phase(gu_ptr, w2_ptr, res_ptr, out_ptr, ids, weights, slots, pid, 
         for j in tl.static_range(TOP_K):
             expert = _expert_of(ids, slots, j).to(tl.int64)
             w_rows = w2_ptr + expert * (HIDDEN * INTER) + rows[:, None].to(tl.int64) * INTER
-            acc = _stream_rows(gu_ptr + j * (2 * INTER), gu_ptr, 1.0, w_rows, rmask, INTER, True, False, BLOCK_R,
-                               BLOCK_K, 0, PREFETCH)
+            acc = _stream_rows(gu_ptr + j * INTER, gu_ptr, 1.0, w_rows, rmask, INTER, False, False, BLOCK_R, BLOCK_K,
+                               0, PREFETCH)
             weight = tl.sum(tl.where(slots == j, weights, 0.0), 0)
             y += tl.sum(acc, 1).to(dt).to(tl.float32) * weight
         y = y.to(dt).to(tl.float32) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)

@@ -3,11 +3,12 @@
 launches it on an H200 (132 programs of 8 warps, one an SM), and each phase's streamed trip read from its SASS:
 instructions, instructions a weight, barriers, loads and shared-memory traffic.
 
-usage: python tools/decode_layer_sass.py [--model llama-3.1-8b|qwen3-0.6b] [--formats bf16,fp8,int4]
+usage: python tools/decode_layer_sass.py [--model llama-3.1-8b|qwen3-0.6b|qwen3-30b-a3b] [--formats bf16,fp8,int4]
                                          [--values 32] [--dump DIR]
 
 A trip is an innermost loop doing a tile's products (HFMA2 or FFMA) without the block's closing reduction
-(SHFL); weights a trip = the tile's weights / 256 threads. What to read: instructions a weight against the
+(SHFL); weights a trip = the tile's weights / 256 threads. A phase of a few trips over a constant K (Qwen3-0.6B's,
+most of Qwen3-30B-A3B's) is unrolled: no loop to read. What to read: instructions a weight against the
 bytes (a thread of an H200's 16,896 issuing per clock at ~1.98 GHz: ~33.5 G weights a second at 1 instruction a
 weight) and barriers, which stop a program's every warp (one program an SM: nothing else to issue meanwhile).
 """
@@ -31,9 +32,10 @@ from meshserve.kernels.triton_decode_layer_fp8 import words_phase_tile
 from meshserve.kernels.triton_decode_layer_int4 import int4_phase_tile
 from tools.sass_loops import backward_loops, cubin_facts, opcodes
 
-# (hidden, intermediate, heads, KV heads, head dim, q/k norm)
-MODELS = {"llama-3.1-8b": (4096, 14336, 32, 8, 128, False), "qwen3-0.6b": (1024, 3072, 16, 8, 128, True)}
-PHASES = {0: "QKV", 2: "O", 4: "GU", 5: "D"}
+# (hidden, intermediate, heads, KV heads, head dim, q/k norm, experts, top k): experts 0 a dense layer
+MODELS = {"llama-3.1-8b": (4096, 14336, 32, 8, 128, False, 0, 0), "qwen3-0.6b": (1024, 3072, 16, 8, 128, True, 0, 0),
+          "qwen3-30b-a3b": (2048, 768, 32, 4, 128, True, 128, 8)}
+PHASES = {0: "QKV", 2: "O", 3: "RT", 4: "GU", 5: "D"}
 INT4_GROUP = 128
 PROGRAMS, WARPS = 132, 8
 
@@ -55,16 +57,19 @@ def signature(fmt: str) -> dict:
 def layer_consts(model: str, fmt: str, values: int = 32) -> dict:
     """decode_layer's constexprs for a dense layer of `model` (bf16 row, bf16 cache) in `fmt`, every phase's tile
     as decode_layer picks it on 132 SMs."""
-    hidden, inter, heads, kv_heads, head_dim, qk_norm = MODELS[model]
+    hidden, inter, heads, kv_heads, head_dim, qk_norm, experts, top_k = MODELS[model]
+    if experts and fmt != "bf16":
+        raise SystemExit(f"{model}: the kernel's MoE layers are 16-bit only")
     consts = dict(HIDDEN=hidden, INTER=inter, NUM_HEADS=heads, NUM_KV_HEADS=kv_heads, GROUP=heads // kv_heads,
                   ROWS=16, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, BLOCK_N=64, BLOCK_H=hidden,
                   ATTN_SPLITS=8, HAS_QKV_BIAS=False, HAS_O_BIAS=False, HAS_GU_BIAS=False, HAS_D_BIAS=False,
                   HAS_NORM=qk_norm, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=False, FP8_TILE="convert",
-                  V_T=False, PREFETCH=True, USE_GDC=0, MOE=False, NUM_EXPERTS=1, TOP_K=1, RENORMALIZE=False,
-                  BLOCK_E=1, BLOCK_TOPK=1, COUNT_LOAD=False, W_FP8=fmt == "fp8", W_INT4=fmt == "int4",
+                  V_T=False, PREFETCH=True, USE_GDC=0, MOE=bool(experts), NUM_EXPERTS=max(experts, 1),
+                  TOP_K=max(top_k, 1), RENORMALIZE=bool(experts), BLOCK_E=max(experts, 1), BLOCK_TOPK=max(top_k, 1),
+                  COUNT_LOAD=False, W_FP8=fmt == "fp8", W_INT4=fmt == "int4",
                   INT4_GROUP=INT4_GROUP if fmt == "int4" else 1, ASM=fmt != "bf16", TIMING=False)
     shapes = (("QKV", (heads + 2 * kv_heads) * head_dim, hidden), ("O", hidden, heads * head_dim),
-              ("GU", 2 * inter, hidden), ("D", hidden, inter), ("RT", 1, hidden))
+              ("GU", max(top_k, 1) * 2 * inter, hidden), ("D", hidden, inter), ("RT", max(experts, 1), hidden))
     for name, n, k in shapes:
         tile = gemv_phase_tile(n, k, PROGRAMS, 32 * WARPS, values)
         if fmt == "fp8" and name != "RT":
@@ -72,6 +77,11 @@ def layer_consts(model: str, fmt: str, values: int = 32) -> dict:
         elif fmt == "int4" and name != "RT":
             tile = int4_phase_tile(n, k, INT4_GROUP, PROGRAMS, 32 * WARPS, values)
         consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = tile
+    consts["R_GU"] = max(consts["R_GU"], 2)
+    if experts:  # decode_layer's: an expert's rows a gate/up block, nothing preloaded past the routing
+        while (2 * inter) % consts["R_GU"]:
+            consts["R_GU"] //= 2
+        consts["P_GU"] = consts["P_D"] = 0
     return consts
 
 
@@ -119,13 +129,19 @@ def main() -> None:
     for fmt in args.formats.split(","):
         consts = layer_consts(args.model, fmt, args.values)
         for phase, name in PHASES.items():
+            if phase == 3 and not consts["MOE"]:
+                continue
             regs, _, sass = cubin_facts(compile_phase(consts, fmt, phase))
             if args.dump:
                 os.makedirs(args.dump, exist_ok=True)
                 with open(os.path.join(args.dump, f"{args.model}_{fmt}_{name}.sass"), "w") as f:
                     f.write(sass)
             weights = trip_weights(consts, fmt, phase)
-            for ops in trip_loops(sass)[:1]:  # (the loop's copies read alike)
+            trips = trip_loops(sass)
+            if not trips:  # a few trips of a constant K: ptxas unrolled them, no loop to read
+                print(f"| {fmt} | {name} | {consts[f'R_{name}']}, {consts[f'K_{name}']} | {regs} | unrolled | "
+                      f"{weights} | | | | |")
+            for ops in trips[:1]:  # (the loop's copies read alike)
                 n = sum(ops.values())
                 print(f"| {fmt} | {name} | {consts[f'R_{name}']}, {consts[f'K_{name}']} | {regs} | {n} | {weights} | "
                       f"{n / weights:.2f} | {_count(ops, 'BAR')} | {_count(ops, 'LDG')} | "

@@ -202,6 +202,12 @@ def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_pt
     """
     dt = y_ptr.dtype.element_ty
     rows, rmask = _block_rows(blk, N, BLOCK_R, ACT_OUT, W_INT4)
+    # the block's other inputs requested before its stream: read after it, each was a round trip to memory at
+    # the block's end with nothing else in flight (one program an SM)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        res = tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     if W_INT4:
         y = int4_cols(xs_ptr, w_ptr, s_ptr, z_ptr, rows, rmask, N, K, w_pre, GROUP, BLOCK_R, BLOCK_K, PRE_K > 0, ASM)
     elif W_FP8:
@@ -219,12 +225,12 @@ def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_pt
                            PREFETCH)
         y += tl.sum(acc, 1)
     if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        y += bias
     if ACT_OUT:
         _store_act(y, y_ptr, blk, N, BLOCK_R, W_INT4)
     else:
         if RESIDUAL:
-            y = y.to(dt).to(tl.float32) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+            y = y.to(dt).to(tl.float32) + res
         tl.store(y_ptr + rows, y.to(dt), mask=rmask)
 
 

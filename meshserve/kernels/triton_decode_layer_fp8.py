@@ -59,6 +59,7 @@ def fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, K, w_pre, GATED:
     rotated loop: x carried in the words' layout)."""
     KW = K // 4
     w_rows = w_ptr + rows[:, None].to(tl.int64) * KW
+    scale = tl.load(s_ptr + rows, mask=rmask, other=0.0)  # requested before the stream, used after it
     y = tl.zeros([BLOCK_R], dtype=tl.float32)
     if PRE_W > 0:
         jp = tl.arange(0, PRE_W)
@@ -76,7 +77,7 @@ def fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, K, w_pre, GATED:
         f0, f1, f2, f3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jn, K, GATED, NORMED)
         acc += _words_products(w_step, g0, g1, g2, g3, ASM)
     y += tl.sum(acc, 1)
-    return y * tl.load(s_ptr + rows, mask=rmask, other=0.0)
+    return y * scale
 
 
 def words_phase_tile(rows: int, block_k: int, pre_k: int, k: int) -> tuple[int, int, int]:

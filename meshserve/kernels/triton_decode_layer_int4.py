@@ -181,7 +181,8 @@ def int4_cols(xs_ptr, qw_ptr, s_ptr, z_ptr, cols, cmask, N, K, w_first, GROUP: t
     """fp32 [BLOCK_C]: (W x)[cols] for the INT4 weight (qweight, scales, zeros as the module docstring says), x
     staged by int4_stage_x at xs_ptr, BLOCK_G whole groups a trip (_words_pair: a group's scale and zero loaded
     once for its two words a thread); w_first the first trip's words when HAS_FIRST (int4_first_tile); the next
-    trip's words and x requested before this trip's products."""
+    trip's words, x, scales and zeros requested before this trip's products (the scales loaded in their own trip
+    were a round trip to memory on every trip's path)."""
     HP: tl.constexpr = GROUP // 16  # word rows a group's half
     G = K // GROUP
     gs = tl.arange(0, BLOCK_G)
@@ -191,14 +192,14 @@ def int4_cols(xs_ptr, qw_ptr, s_ptr, z_ptr, cols, cmask, N, K, w_first, GROUP: t
     else:
         wa, wb = _words_pair(qw_ptr, gs, cols, cmask, N, G, HP)
     xs_a, xs_b, f = _staged_x(xs_ptr, gs, 0, K, G, HP), _staged_x(xs_ptr, gs, 1, K, G, HP), _factors(xs_ptr, gs, K, G)
+    s, z = _group_scales(s_ptr, z_ptr, gs, cols, cmask, N, G, HP)
     for g0 in range(0, G, BLOCK_G):
-        g = g0 + gs
-        wa_step, wb_step, ya, yb, f_step = wa, wb, xs_a, xs_b, f
-        s, z = _group_scales(s_ptr, z_ptr, g, cols, cmask, N, G, HP)
-        gn = g + BLOCK_G  # past K on the last trip: masked off, nothing read
+        wa_step, wb_step, ya, yb, f_step, s_step, z_step = wa, wb, xs_a, xs_b, f, s, z
+        gn = g0 + BLOCK_G + gs  # past K on the last trip: masked off, nothing read
         wa, wb = _words_pair(qw_ptr, gn, cols, cmask, N, G, HP)
         xs_a, xs_b, f = _staged_x(xs_ptr, gn, 0, K, G, HP), _staged_x(xs_ptr, gn, 1, K, G, HP), _factors(xs_ptr, gn, K, G)
-        acc += _pair_dots(wa_step, wb_step, z, ya, yb, ASM) * (s * f_step[:, None, None])
+        s, z = _group_scales(s_ptr, z_ptr, gn, cols, cmask, N, G, HP)
+        acc += _pair_dots(wa_step, wb_step, z_step, ya, yb, ASM) * (s_step * f_step[:, None, None])
     return tl.sum(tl.sum(acc, 1), 0)
 
 

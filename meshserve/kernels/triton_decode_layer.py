@@ -19,12 +19,15 @@ The phases, every intermediate rounded where the plain path rounds it:
      experts' w13 rows, each expert's act
   5  out = h2 + W_down act; MoE: each chosen expert's w2 rows against its act, its output rounded, scaled by
      its routing weight and summed in fp32 (kernels/moe_ref's order), the load counter counting the choices
-Each GEMV phase is a grid-stride loop over row blocks through triton_gemv._stream_rows (its K order, so its
-sums; fp8 weights: the words GEMV's products, triton_decode_layer_fp8; INT4: column blocks over the whole K,
-triton_decode_layer_int4), and each program's first block's first columns load before the barrier the phase
-waits on (before PDL's wait for the QKV phase; o_proj's after the program's attention work): weights stream
-while the previous phase and the barrier finish (gemv_phase_tile). The input h is the whole residual stream and
-so is the output (the norm fold's convention, layers/norm_fold.py): the residual add happens in phases 2 and 4.
+Each GEMV phase is a grid-stride loop over row blocks in triton_gemv._stream_rows' K order (so its sums; fp8
+weights: the words GEMV's products, triton_decode_layer_fp8; INT4: column blocks over the whole K,
+triton_decode_layer_int4), one stream of tiles a program: each trip requests the next tile before its products
+and a block's last trip the program's next block's first (_stream_carry), and each block's bias, residual and
+scales are requested before its stream; with one program an SM nothing else would be in flight while a block
+waited for its first tile. Each program's first block's first columns load before the barrier the phase waits
+on (before PDL's wait for the QKV phase; o_proj's after the program's attention work): weights stream while the
+previous phase and the barrier finish (gemv_phase_tile). The input h is the whole residual stream and so is the
+output (the norm fold's convention, layers/norm_fold.py): the residual add happens in phases 2 and 4.
 
 The barrier (``_grid_barrier``): each program's threads meet (bar.sync), one thread adds 1 to the phase's int32
 counter with release semantics and spins on it with acquire until every program has arrived. The counters are
@@ -173,13 +176,14 @@ def _preload(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, PRE_K: tl.constexpr, ACT_O
 
 
 @triton.jit
-def _preload_w(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
+def _preload_w(w_ptr, s_ptr, z_ptr, N, K, pid, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
                W_FP8: tl.constexpr, W_INT4: tl.constexpr, GROUP: tl.constexpr, ACT_OUT: tl.constexpr = False):
     """What a GEMV phase over the weight w_ptr ([N, K] 16-bit, fp8 words [N, K / 4], or INT4 words [K / 8, N])
-    loads before its barrier: the first block's first PRE_K columns (words), or for INT4 its first trip."""
+    loads before its barrier: the first block's first PRE_K columns (words), or for INT4 its first trip (words,
+    scales s_ptr and zeros z_ptr)."""
     if W_INT4:
         cols, cmask = _block_rows(pid, N, BLOCK_R, ACT_OUT, True)
-        return int4_first_tile(w_ptr, N, K, cols, cmask, BLOCK_K, GROUP)
+        return int4_first_tile(w_ptr, s_ptr, z_ptr, N, K, cols, cmask, BLOCK_K, GROUP)
     elif W_FP8:
         return _preload(w_ptr, N, K // 4, pid, BLOCK_R, PRE_K, ACT_OUT)
     else:
@@ -187,8 +191,55 @@ def _preload_w(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, P
 
 
 @triton.jit
-def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, blk, w_pre,
-               GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+def _stream_carry(x_ptr, nw_ptr, inv_rms, w_ptr, rows, rmask, next_rows, next_rmask, K: tl.constexpr, w_first,
+                  GATED: tl.constexpr, NORMED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                  FIRST: tl.constexpr):
+    """(the [BLOCK_R, BLOCK_K] fp32 partial products of the rows against the input row from column FIRST on, the
+    program's next block's first tile): triton_gemv._stream_rows' trips and sums (so its bits), from w_first (the
+    tile at FIRST, already requested), each trip requesting the next tile before its products and the last one
+    the first tile of the next block (next_rows, columns 0..BLOCK_K): without it each block's first tile was a
+    round trip to memory with nothing in flight (one program an SM). A row of FIRST columns or fewer streams
+    nothing and hands w_first on."""
+    TRIPS: tl.constexpr = (K - FIRST + BLOCK_K - 1) // BLOCK_K
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    w = w_first
+    if TRIPS > 0:
+        w_rows = w_ptr + rows[:, None].to(tl.int64) * K
+        for t in range(0, TRIPS - 1):
+            kk = FIRST + t * BLOCK_K + ks
+            kn = kk + BLOCK_K
+            w_step = w
+            w = tl.load(w_rows + kn[None, :], mask=rmask[:, None] & (kn < K)[None, :], other=0.0)
+            acc += w_step.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kk, kk < K, K, GATED, NORMED)[None, :]
+        kk = FIRST + (TRIPS - 1) * BLOCK_K + ks
+        w_step = w
+        w = tl.load(w_ptr + next_rows[:, None].to(tl.int64) * K + ks[None, :],
+                    mask=next_rmask[:, None] & (ks < K)[None, :], other=0.0)
+        acc += w_step.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kk, kk < K, K, GATED, NORMED)[None, :]
+    return acc, w
+
+
+@triton.jit
+def _first_stream_tile(w_ptr, N, K: tl.constexpr, pid, num_programs, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PRE_K: tl.constexpr, W_FP8: tl.constexpr, ACT_OUT: tl.constexpr):
+    """The tile a 16-bit or fp8 phase's stream starts from (_stream_carry, fp8_rows: BLOCK_K columns or words):
+    the program's first block's at PRE_K, or, when PRE_K covers its rows, its next block's first."""
+    KK: tl.constexpr = K // 4 if W_FP8 else K
+    ks = tl.arange(0, BLOCK_K)
+    if PRE_K < KK:
+        rows, rmask = _block_rows(pid, N, BLOCK_R, ACT_OUT, False)
+        kk = PRE_K + ks
+    else:
+        rows, rmask = _block_rows(pid + num_programs, N, BLOCK_R, ACT_OUT, False)
+        kk = ks
+    return tl.load(w_ptr + rows[:, None].to(tl.int64) * KK + kk[None, :], mask=rmask[:, None] & (kk < KK)[None, :],
+                   other=0)
+
+
+@triton.jit
+def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K: tl.constexpr, blk,
+               next_blk, w_pre, carry, GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr,
                W_FP8: tl.constexpr, W_INT4: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
                ACT_OUT: tl.constexpr):
@@ -199,9 +250,12 @@ def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_pt
     W_INT4: w_ptr INT4 words [K / 8, N], s_ptr / z_ptr its GROUP-wise scales and zeros, the rows output columns,
     BLOCK_K groups a trip, PRE_K > 0: w_pre is the first trip's words, x staged at xs_ptr
     (triton_decode_layer_int4). ACT_OUT: the block's gate and up rows, its output silu(gate) * up (_block_rows).
+    carry: the block's first streamed tile (INT4: trip), already requested; returns the program's next block's
+    (next_blk), requested during this block's last trip.
     """
     dt = y_ptr.dtype.element_ty
     rows, rmask = _block_rows(blk, N, BLOCK_R, ACT_OUT, W_INT4)
+    next_rows, next_rmask = _block_rows(next_blk, N, BLOCK_R, ACT_OUT, W_INT4)
     # the block's other inputs requested before its stream: read after it, each was a round trip to memory at
     # the block's end with nothing else in flight (one program an SM)
     if HAS_BIAS:
@@ -209,20 +263,20 @@ def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_pt
     if RESIDUAL:
         res = tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     if W_INT4:
-        y = int4_cols(xs_ptr, w_ptr, s_ptr, z_ptr, rows, rmask, N, K, w_pre, GROUP, BLOCK_R, BLOCK_K, PRE_K > 0, ASM)
+        y, carry = int4_cols(xs_ptr, w_ptr, s_ptr, z_ptr, rows, rmask, next_rows, next_rmask, N, K, carry, GROUP,
+                             BLOCK_R, BLOCK_K, ASM)
     elif W_FP8:
-        y = fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, K, w_pre, GATED, NORMED, BLOCK_R, BLOCK_K,
-                     PRE_K, ASM)
+        y, carry = fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, next_rows, next_rmask, K, w_pre,
+                            carry, GATED, NORMED, BLOCK_R, BLOCK_K, PRE_K, ASM)
     else:
-        w_rows = w_ptr + rows[:, None].to(tl.int64) * K
         y = tl.zeros([BLOCK_R], dtype=tl.float32)
         if PRE_K > 0:
             kp = tl.arange(0, PRE_K)
             pmask = kp < K
             y += tl.sum(w_pre.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kp, pmask, K, GATED, NORMED)[None, :],
                         1)
-        acc = _stream_rows(x_ptr, nw_ptr, inv_rms, w_rows, rmask, K, GATED, NORMED, BLOCK_R, BLOCK_K, PRE_K,
-                           PREFETCH)
+        acc, carry = _stream_carry(x_ptr, nw_ptr, inv_rms, w_ptr, rows, rmask, next_rows, next_rmask, K, carry, GATED,
+                                   NORMED, BLOCK_R, BLOCK_K, PRE_K)
         y += tl.sum(acc, 1)
     if HAS_BIAS:
         y += bias
@@ -232,26 +286,32 @@ def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_pt
         if RESIDUAL:
             y = y.to(dt).to(tl.float32) + res
         tl.store(y_ptr + rows, y.to(dt), mask=rmask)
+    return carry
 
 
 @triton.jit
-def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, pid, num_programs,
+def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K: tl.constexpr, pid,
+                num_programs,
                 w_pre, GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr,
                 W_FP8: tl.constexpr = False, W_INT4: tl.constexpr = False, GROUP: tl.constexpr = 1,
                 ASM: tl.constexpr = False, ACT_OUT: tl.constexpr = False):
-    """This program's row blocks pid, pid + num_programs, ...: the first with its preloaded columns. INT4: x
-    staged once to the program's scratch xs_ptr first (int4_stage_x)."""
+    """This program's row blocks pid, pid + num_programs, ...: the first with its preloaded columns (w_pre), one
+    stream of tiles across them (each block's last trip requests the next block's first tile). INT4: x staged
+    once to the program's scratch xs_ptr first (int4_stage_x), w_pre the first block's first trip."""
     if pid < tl.cdiv(N, BLOCK_R):
         if W_INT4:
             int4_stage_x(x_ptr, nw_ptr, inv_rms, xs_ptr, K, GROUP, GATED, NORMED, BLOCK_K * BLOCK_R // 16, ASM)
-        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, pid, w_pre,
-                   GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, PRE_K, PREFETCH, W_FP8, W_INT4, GROUP, ASM,
-                   ACT_OUT)
-    for blk in range(pid + num_programs, tl.cdiv(N, BLOCK_R), num_programs):
-        _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, blk, w_pre,
-                   GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, 0, PREFETCH, W_FP8, W_INT4, GROUP, ASM,
-                   ACT_OUT)
+            carry = w_pre
+        else:
+            carry = _first_stream_tile(w_ptr, N, K, pid, num_programs, BLOCK_R, BLOCK_K, PRE_K, W_FP8, ACT_OUT)
+        carry = _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, pid,
+                           pid + num_programs, w_pre, carry, GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, PRE_K,
+                           PREFETCH, W_FP8, W_INT4, GROUP, ASM, ACT_OUT)
+        for blk in range(pid + num_programs, tl.cdiv(N, BLOCK_R), num_programs):
+            carry = _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, blk,
+                               blk + num_programs, w_pre, carry, GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, 0,
+                               PREFETCH, W_FP8, W_INT4, GROUP, ASM, ACT_OUT)
 
 
 @triton.jit
@@ -392,7 +452,7 @@ def _decode_layer_kernel(
     Q_DIM: tl.constexpr = NUM_HEADS * HEAD_DIM
     w_pre = 0.0
     if PHASE_LO <= 0 and PHASE_HI >= 0:
-        w_pre = _preload_w(wqkv_ptr, QKV_N, HIDDEN, pid, R_QKV, K_QKV, P_QKV, W_FP8, W_INT4, INT4_GROUP)
+        w_pre = _preload_w(wqkv_ptr, sqkv_ptr, zqkv_ptr, QKV_N, HIDDEN, pid, R_QKV, K_QKV, P_QKV, W_FP8, W_INT4, INT4_GROUP)
     gdc_wait(USE_GDC)  # h is the previous layer's output (and the metadata the step's inputs)
     if TIMING:
         tl.store(t_ptr + 1, _clock())
@@ -413,7 +473,7 @@ def _decode_layer_kernel(
                 BLOCK_SIZE, BLOCK_N, ATTN_SPLITS, HAS_NORM, UPCAST_DOT, DOT_PRECISION, KV_FP8, FP8_TILE, V_T,
             )
     if PHASE_LO <= 2 and PHASE_HI >= 2:  # o_proj's first columns: the programs without a KV head at once
-        w_pre = _preload_w(wo_ptr, HIDDEN, Q_DIM, pid, R_O, K_O, P_O, W_FP8, W_INT4, INT4_GROUP)
+        w_pre = _preload_w(wo_ptr, so_ptr, zo_ptr, HIDDEN, Q_DIM, pid, R_O, K_O, P_O, W_FP8, W_INT4, INT4_GROUP)
     if PHASE_LO <= 1 and PHASE_HI >= 2:
         _grid_barrier(bar_ptr + 1, num_programs, t_ptr, 1, TIMING)
     if PHASE_LO <= 2 and PHASE_HI >= 2:
@@ -425,7 +485,7 @@ def _decode_layer_kernel(
         if PHASE_LO <= 3 and PHASE_HI >= 3:
             w_pre = _preload(wr_ptr, NUM_EXPERTS, HIDDEN, pid, R_RT, P_RT)
     elif PHASE_LO <= 4 and PHASE_HI >= 4:
-        w_pre = _preload_w(wgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, K_GU, P_GU, W_FP8, W_INT4, INT4_GROUP, True)
+        w_pre = _preload_w(wgu_ptr, sgu_ptr, zgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, K_GU, P_GU, W_FP8, W_INT4, INT4_GROUP, True)
     if PHASE_LO <= 2 and PHASE_HI >= 3:  # (a dense layer has no phase 3: its launches are one or 0..5)
         _grid_barrier(bar_ptr + 2, num_programs, t_ptr, 2, TIMING)
     if PHASE_LO <= 4 and PHASE_HI >= 3:  # h2 is complete: the router and gate/up norm it
@@ -451,7 +511,7 @@ def _decode_layer_kernel(
                         HIDDEN, pid, num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU, PREFETCH,
                         W_FP8, W_INT4, INT4_GROUP, ASM, True)
         if PHASE_LO <= 5 and PHASE_HI >= 5:  # (a MoE layer's experts are known only after the routing)
-            w_pre = _preload_w(wd_ptr, HIDDEN, INTER, pid, R_D, K_D, P_D, W_FP8, W_INT4, INT4_GROUP)
+            w_pre = _preload_w(wd_ptr, sd_ptr, zd_ptr, HIDDEN, INTER, pid, R_D, K_D, P_D, W_FP8, W_INT4, INT4_GROUP)
     if PHASE_LO <= 4 and PHASE_HI >= 5:
         _grid_barrier(bar_ptr + 4, num_programs, t_ptr, 4, TIMING)
     if PHASE_LO <= 5 and PHASE_HI >= 5:

@@ -50,14 +50,18 @@ def _x_of_words(x_ptr, nw_ptr, inv_rms, jj, K, GATED: tl.constexpr, NORMED: tl.c
 
 
 @triton.jit
-def fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, K, w_pre, GATED: tl.constexpr,
-             NORMED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, PRE_W: tl.constexpr,
-             ASM: tl.constexpr):
-    """fp32 [BLOCK_R]: scale[rows] * (W[rows] x) for the fp8 weight w_ptr as uint32 words [N, K / 4]; its first
-    PRE_W words a row from w_pre (loaded before the phase's barrier) when PRE_W > 0, the rest streamed
-    BLOCK_W words a trip, the next trip's words and x requested before this trip's products (the words GEMV's
-    rotated loop: x carried in the words' layout)."""
-    KW = K // 4
+def fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, next_rows, next_rmask, K: tl.constexpr, w_pre, w_first,
+             GATED: tl.constexpr, NORMED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+             PRE_W: tl.constexpr, ASM: tl.constexpr):
+    """(fp32 [BLOCK_R] scale[rows] * (W[rows] x), the next block's first tile) for the fp8 weight w_ptr as uint32
+    words [N, K / 4]; its first PRE_W words a row from w_pre (loaded before the phase's barrier) when PRE_W > 0,
+    the rest streamed BLOCK_W words a trip from w_first (the tile at word PRE_W, already requested), each trip
+    requesting the next one's words and x before its products (the words GEMV's rotated loop: x carried in the
+    words' layout) and the last the program's next block's first tile (next_rows, words 0..BLOCK_W), which is
+    returned: without it each block's first tile was a round trip to memory with nothing in flight. A row of
+    PRE_W words or fewer streams nothing and hands w_first on."""
+    KW: tl.constexpr = K // 4
+    TRIPS: tl.constexpr = (KW - PRE_W + BLOCK_W - 1) // BLOCK_W
     w_rows = w_ptr + rows[:, None].to(tl.int64) * KW
     scale = tl.load(s_ptr + rows, mask=rmask, other=0.0)  # requested before the stream, used after it
     y = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -65,19 +69,23 @@ def fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, K, w_pre, GATED:
         jp = tl.arange(0, PRE_W)
         p0, p1, p2, p3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jp, K, GATED, NORMED)
         y += tl.sum(_words_products(w_pre, p0, p1, p2, p3, ASM), 1)
-    js = tl.arange(0, BLOCK_W)
-    acc = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
-    jn = PRE_W + js
-    w = tl.load(w_rows + jn[None, :], mask=rmask[:, None] & (jn < KW)[None, :], other=0)
-    f0, f1, f2, f3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jn, K, GATED, NORMED)
-    for j0 in range(PRE_W, KW, BLOCK_W):
-        w_step, g0, g1, g2, g3 = w, f0, f1, f2, f3
-        jn = j0 + BLOCK_W + js  # past the row on the last trip: masked off, nothing read
-        w = tl.load(w_rows + jn[None, :], mask=rmask[:, None] & (jn < KW)[None, :], other=0)
-        f0, f1, f2, f3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jn, K, GATED, NORMED)
-        acc += _words_products(w_step, g0, g1, g2, g3, ASM)
-    y += tl.sum(acc, 1)
-    return y * scale
+    w = w_first
+    if TRIPS > 0:
+        js = tl.arange(0, BLOCK_W)
+        acc = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
+        f0, f1, f2, f3 = _x_of_words(x_ptr, nw_ptr, inv_rms, PRE_W + js, K, GATED, NORMED)
+        for t in range(0, TRIPS - 1):
+            w_step, g0, g1, g2, g3 = w, f0, f1, f2, f3
+            jn = PRE_W + (t + 1) * BLOCK_W + js
+            w = tl.load(w_rows + jn[None, :], mask=rmask[:, None] & (jn < KW)[None, :], other=0)
+            f0, f1, f2, f3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jn, K, GATED, NORMED)
+            acc += _words_products(w_step, g0, g1, g2, g3, ASM)
+        w_step = w
+        w = tl.load(w_ptr + next_rows[:, None].to(tl.int64) * KW + js[None, :],
+                    mask=next_rmask[:, None] & (js < KW)[None, :], other=0)
+        acc += _words_products(w_step, f0, f1, f2, f3, ASM)
+        y += tl.sum(acc, 1)
+    return y * scale, w
 
 
 def words_phase_tile(rows: int, block_k: int, pre_k: int, k: int) -> tuple[int, int, int]:

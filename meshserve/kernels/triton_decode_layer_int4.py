@@ -169,38 +169,44 @@ def _factors(xs_ptr, g, K, G):
 
 
 @triton.jit
-def int4_first_tile(qw_ptr, N, K, cols, cmask, BLOCK_G: tl.constexpr, GROUP: tl.constexpr):
-    """The first trip's words (_words_pair) of the columns cols (weights: no phase writes them, so they load
-    before the phase's barrier)."""
-    return _words_pair(qw_ptr, tl.arange(0, BLOCK_G), cols, cmask, N, K // GROUP, GROUP // 16)
+def int4_first_tile(qw_ptr, s_ptr, z_ptr, N, K, cols, cmask, BLOCK_G: tl.constexpr, GROUP: tl.constexpr):
+    """The first trip of the columns cols: its words (_words_pair), scales and zeros (_group_scales), the carry
+    int4_cols starts a block from (weights and scales: no phase writes them, so the phase's first block's load
+    before its barrier)."""
+    gs = tl.arange(0, BLOCK_G)
+    G = K // GROUP
+    wa, wb = _words_pair(qw_ptr, gs, cols, cmask, N, G, GROUP // 16)
+    s, z = _group_scales(s_ptr, z_ptr, gs, cols, cmask, N, G, GROUP // 16)
+    return wa, wb, s, z
 
 
 @triton.jit
-def int4_cols(xs_ptr, qw_ptr, s_ptr, z_ptr, cols, cmask, N, K, w_first, GROUP: tl.constexpr, BLOCK_C: tl.constexpr,
-              BLOCK_G: tl.constexpr, HAS_FIRST: tl.constexpr, ASM: tl.constexpr):
-    """fp32 [BLOCK_C]: (W x)[cols] for the INT4 weight (qweight, scales, zeros as the module docstring says), x
-    staged by int4_stage_x at xs_ptr, BLOCK_G whole groups a trip (_words_pair: a group's scale and zero loaded
-    once for its two words a thread); w_first the first trip's words when HAS_FIRST (int4_first_tile); the next
-    trip's words, x, scales and zeros requested before this trip's products (the scales loaded in their own trip
-    were a round trip to memory on every trip's path)."""
+def int4_cols(xs_ptr, qw_ptr, s_ptr, z_ptr, cols, cmask, next_cols, next_cmask, N, K: tl.constexpr, carry,
+              GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, ASM: tl.constexpr):
+    """(fp32 [BLOCK_C] (W x)[cols], the next block's carry) for the INT4 weight (qweight, scales, zeros as the
+    module docstring says), x staged by int4_stage_x at xs_ptr, BLOCK_G whole groups a trip (_words_pair: a
+    group's scale and zero loaded once for its two words a thread). carry: this block's first trip
+    (int4_first_tile), already requested; each trip requests the next one's words, x, scales and zeros before its
+    products, and the last trip requests the first trip of the program's next block (next_cols): at one program
+    an SM a block that loaded its own first trip, or a trip its own scales, waited a round trip to memory with
+    nothing else in flight."""
     HP: tl.constexpr = GROUP // 16  # word rows a group's half
-    G = K // GROUP
+    G: tl.constexpr = K // GROUP
+    TRIPS: tl.constexpr = (G + BLOCK_G - 1) // BLOCK_G
     gs = tl.arange(0, BLOCK_G)
     acc = tl.zeros([BLOCK_G, HP, BLOCK_C], dtype=tl.float32)
-    if HAS_FIRST:
-        wa, wb = w_first
-    else:
-        wa, wb = _words_pair(qw_ptr, gs, cols, cmask, N, G, HP)
+    wa, wb, s, z = carry
     xs_a, xs_b, f = _staged_x(xs_ptr, gs, 0, K, G, HP), _staged_x(xs_ptr, gs, 1, K, G, HP), _factors(xs_ptr, gs, K, G)
-    s, z = _group_scales(s_ptr, z_ptr, gs, cols, cmask, N, G, HP)
-    for g0 in range(0, G, BLOCK_G):
+    for t in range(0, TRIPS - 1):
         wa_step, wb_step, ya, yb, f_step, s_step, z_step = wa, wb, xs_a, xs_b, f, s, z
-        gn = g0 + BLOCK_G + gs  # past K on the last trip: masked off, nothing read
+        gn = (t + 1) * BLOCK_G + gs
         wa, wb = _words_pair(qw_ptr, gn, cols, cmask, N, G, HP)
         xs_a, xs_b, f = _staged_x(xs_ptr, gn, 0, K, G, HP), _staged_x(xs_ptr, gn, 1, K, G, HP), _factors(xs_ptr, gn, K, G)
         s, z = _group_scales(s_ptr, z_ptr, gn, cols, cmask, N, G, HP)
         acc += _pair_dots(wa_step, wb_step, z_step, ya, yb, ASM) * (s_step * f_step[:, None, None])
-    return tl.sum(tl.sum(acc, 1), 0)
+    nxt = int4_first_tile(qw_ptr, s_ptr, z_ptr, N, K, next_cols, next_cmask, BLOCK_G, GROUP)
+    acc += _pair_dots(wa, wb, z, xs_a, xs_b, ASM) * (s * f[:, None, None])
+    return tl.sum(tl.sum(acc, 1), 0), nxt
 
 
 def int4_scratch_words(k: int) -> int:

@@ -363,7 +363,7 @@ check(dict(llama, W_FP8=False, W_INT4=True, INT4_GROUP=128),
 if os.path.exists(tool):
     from tools.decode_layer_sass import compile_phase, layer_consts, trip_loops
     int4 = layer_consts("llama-3.1-8b", "int4")
-    for phase in (0, 5):  # qkv's 16-column blocks, down's 14 trips
+    for phase in (4, 5):  # gate_up's 7 blocks a program of 4 trips, down's 14 trips (qkv's 2 are unrolled)
         trips = trip_loops(cubin_facts(compile_phase(int4, "int4", phase))[2])
         assert trips and not any(op.startswith(("BAR", "LDS", "STS")) for t in trips for op in t), trips
 # the dense layer with its clocks recorded (tools/decode_layer_phases.py): %clock64 at start, after the wait, at

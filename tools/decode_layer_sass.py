@@ -64,7 +64,7 @@ def layer_consts(model: str, fmt: str, values: int = 32) -> dict:
                   ROWS=16, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, BLOCK_N=64, BLOCK_H=hidden,
                   ATTN_SPLITS=8, HAS_QKV_BIAS=False, HAS_O_BIAS=False, HAS_GU_BIAS=False, HAS_D_BIAS=False,
                   HAS_NORM=qk_norm, UPCAST_DOT=False, DOT_PRECISION="tf32", KV_FP8=False, FP8_TILE="convert",
-                  V_T=False, PREFETCH=True, USE_GDC=0, MOE=bool(experts), NUM_EXPERTS=max(experts, 1),
+                  V_T=False, USE_GDC=0, MOE=bool(experts), NUM_EXPERTS=max(experts, 1),
                   TOP_K=max(top_k, 1), RENORMALIZE=bool(experts), BLOCK_E=max(experts, 1), BLOCK_TOPK=max(top_k, 1),
                   COUNT_LOAD=False, W_FP8=fmt == "fp8", W_INT4=fmt == "int4",
                   INT4_GROUP=INT4_GROUP if fmt == "int4" else 1, ASM=fmt != "bf16", TIMING=False)

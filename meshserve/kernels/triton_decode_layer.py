@@ -78,7 +78,7 @@ from meshserve.kernels.triton_decode_layer_int4 import (
     int4_scratch_words,
     int4_stage_x,
 )
-from meshserve.kernels.triton_gemv import _row_x, _stream_rows
+from meshserve.kernels.triton_gemv import _row_x
 from meshserve.kernels.triton_kv_layout import v_offset
 from meshserve.kernels.triton_moe_routing import _route_row
 from meshserve.kernels.tickets import ticket_workspace, tickets_usable
@@ -191,21 +191,20 @@ def _preload_w(w_ptr, s_ptr, z_ptr, N, K, pid, BLOCK_R: tl.constexpr, BLOCK_K: t
 
 
 @triton.jit
-def _stream_carry(x_ptr, nw_ptr, inv_rms, w_ptr, rows, rmask, next_rows, next_rmask, K: tl.constexpr, w_first,
+def _stream_carry(x_ptr, nw_ptr, inv_rms, w_rows, rmask, next_w_rows, next_rmask, K: tl.constexpr, w_first,
                   GATED: tl.constexpr, NORMED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                   FIRST: tl.constexpr):
-    """(the [BLOCK_R, BLOCK_K] fp32 partial products of the rows against the input row from column FIRST on, the
-    program's next block's first tile): triton_gemv._stream_rows' trips and sums (so its bits), from w_first (the
-    tile at FIRST, already requested), each trip requesting the next tile before its products and the last one
-    the first tile of the next block (next_rows, columns 0..BLOCK_K): without it each block's first tile was a
-    round trip to memory with nothing in flight (one program an SM). A row of FIRST columns or fewer streams
-    nothing and hands w_first on."""
+    """(the [BLOCK_R, BLOCK_K] fp32 partial products of the rows (w_rows: their starts, [BLOCK_R, 1]) against the
+    input row from column FIRST on, the next stream's first tile): triton_gemv._stream_rows' trips and sums (so
+    its bits), from w_first (the tile at FIRST, already requested), each trip requesting the next tile before its
+    products and the last one the first tile (columns 0..BLOCK_K) of the program's next rows (next_w_rows: the
+    next block's, or the next expert's): without it each block's first tile was a round trip to memory with
+    nothing in flight (one program an SM). A row of FIRST columns or fewer streams nothing and hands w_first on."""
     TRIPS: tl.constexpr = (K - FIRST + BLOCK_K - 1) // BLOCK_K
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     w = w_first
     if TRIPS > 0:
-        w_rows = w_ptr + rows[:, None].to(tl.int64) * K
         for t in range(0, TRIPS - 1):
             kk = FIRST + t * BLOCK_K + ks
             kn = kk + BLOCK_K
@@ -214,10 +213,16 @@ def _stream_carry(x_ptr, nw_ptr, inv_rms, w_ptr, rows, rmask, next_rows, next_rm
             acc += w_step.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kk, kk < K, K, GATED, NORMED)[None, :]
         kk = FIRST + (TRIPS - 1) * BLOCK_K + ks
         w_step = w
-        w = tl.load(w_ptr + next_rows[:, None].to(tl.int64) * K + ks[None, :],
-                    mask=next_rmask[:, None] & (ks < K)[None, :], other=0.0)
+        w = _first_tile(next_w_rows, next_rmask, K, BLOCK_K)
         acc += w_step.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kk, kk < K, K, GATED, NORMED)[None, :]
     return acc, w
+
+
+@triton.jit
+def _first_tile(w_rows, rmask, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns 0..BLOCK_K of the rows starting at w_rows ([BLOCK_R, 1] pointers)."""
+    ks = tl.arange(0, BLOCK_K)
+    return tl.load(w_rows + ks[None, :], mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
 
 
 @triton.jit
@@ -240,7 +245,7 @@ def _first_stream_tile(w_ptr, N, K: tl.constexpr, pid, num_programs, BLOCK_R: tl
 @triton.jit
 def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K: tl.constexpr, blk,
                next_blk, w_pre, carry, GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
                W_FP8: tl.constexpr, W_INT4: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
                ACT_OUT: tl.constexpr):
     """One row block: y = W x (+ bias), its first PRE_K columns from w_pre (already loaded) when PRE_K > 0 (the
@@ -275,8 +280,9 @@ def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_pt
             pmask = kp < K
             y += tl.sum(w_pre.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kp, pmask, K, GATED, NORMED)[None, :],
                         1)
-        acc, carry = _stream_carry(x_ptr, nw_ptr, inv_rms, w_ptr, rows, rmask, next_rows, next_rmask, K, carry, GATED,
-                                   NORMED, BLOCK_R, BLOCK_K, PRE_K)
+        acc, carry = _stream_carry(x_ptr, nw_ptr, inv_rms, w_ptr + rows[:, None].to(tl.int64) * K, rmask,
+                                   w_ptr + next_rows[:, None].to(tl.int64) * K, next_rmask, K, carry, GATED, NORMED,
+                                   BLOCK_R, BLOCK_K, PRE_K)
         y += tl.sum(acc, 1)
     if HAS_BIAS:
         y += bias
@@ -293,7 +299,7 @@ def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_pt
 def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K: tl.constexpr, pid,
                 num_programs,
                 w_pre, GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, PREFETCH: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
                 W_FP8: tl.constexpr = False, W_INT4: tl.constexpr = False, GROUP: tl.constexpr = 1,
                 ASM: tl.constexpr = False, ACT_OUT: tl.constexpr = False):
     """This program's row blocks pid, pid + num_programs, ...: the first with its preloaded columns (w_pre), one
@@ -307,11 +313,11 @@ def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_p
             carry = _first_stream_tile(w_ptr, N, K, pid, num_programs, BLOCK_R, BLOCK_K, PRE_K, W_FP8, ACT_OUT)
         carry = _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, pid,
                            pid + num_programs, w_pre, carry, GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, PRE_K,
-                           PREFETCH, W_FP8, W_INT4, GROUP, ASM, ACT_OUT)
+                           W_FP8, W_INT4, GROUP, ASM, ACT_OUT)
         for blk in range(pid + num_programs, tl.cdiv(N, BLOCK_R), num_programs):
             carry = _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, blk,
                                blk + num_programs, w_pre, carry, GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, 0,
-                               PREFETCH, W_FP8, W_INT4, GROUP, ASM, ACT_OUT)
+                               W_FP8, W_INT4, GROUP, ASM, ACT_OUT)
 
 
 @triton.jit
@@ -321,43 +327,71 @@ def _expert_of(ids, slots, slot):
 
 
 @triton.jit
+def _expert_rows(w_ptr, ids, slots, slot, rows, ROW_ELEMS: tl.constexpr, K: tl.constexpr):
+    """[BLOCK_R, 1] starts of the rows of the expert in routing slot `slot` (a slot past TOP_K: expert 0's, for a
+    stream that is masked off) in the experts' weights w_ptr [E, ROW_ELEMS / K, K]."""
+    expert = _expert_of(ids, slots, slot).to(tl.int64)
+    return w_ptr + expert * ROW_ELEMS + rows[:, None].to(tl.int64) * K
+
+
+@triton.jit
 def _moe_gate_up_phase(h2_ptr, ln2_ptr, inv_rms, w13_ptr, gu_ptr, ids, slots, pid, num_programs,
                        HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+                       BLOCK_K: tl.constexpr):
     """act [TOP_K, INTER] = silu(gate) * up of each chosen expert's w13 rms_norm(h2): row blocks over the TOP_K
     experts' rows (BLOCK_R divides 2 INTER: a block is one expert's), each block its gate rows and their up rows
-    (_block_rows' ACT_OUT), rounded as the plain path's per-expert GEMM and then its SiLU-and-mul."""
-    BLOCKS_PER_EXPERT: tl.constexpr = 2 * INTER // BLOCK_R
-    for blk in range(pid, TOP_K * BLOCKS_PER_EXPERT, num_programs):
-        slot = blk // BLOCKS_PER_EXPERT
-        rows, rmask = _block_rows(blk % BLOCKS_PER_EXPERT, 2 * INTER, BLOCK_R, True, False)
-        expert = _expert_of(ids, slots, slot).to(tl.int64)
-        w_rows = w13_ptr + expert * (2 * INTER * HIDDEN) + rows[:, None].to(tl.int64) * HIDDEN
-        acc = _stream_rows(h2_ptr, ln2_ptr, inv_rms, w_rows, rmask, HIDDEN, False, True, BLOCK_R, BLOCK_K, 0, PREFETCH)
-        _store_act(tl.sum(acc, 1), gu_ptr + slot * INTER, blk % BLOCKS_PER_EXPERT, 2 * INTER, BLOCK_R, False)
+    (_block_rows' ACT_OUT), rounded as the plain path's per-expert GEMM and then its SiLU-and-mul; one stream of
+    tiles a program across its blocks (_stream_carry)."""
+    BPE: tl.constexpr = 2 * INTER // BLOCK_R  # blocks an expert
+    NB: tl.constexpr = TOP_K * BPE
+    if pid < NB:
+        rows, rmask = _block_rows(pid % BPE, 2 * INTER, BLOCK_R, True, False)
+        carry = _first_tile(_expert_rows(w13_ptr, ids, slots, pid // BPE, rows, 2 * INTER * HIDDEN, HIDDEN), rmask,
+                            HIDDEN, BLOCK_K)
+        for blk in range(pid, NB, num_programs):
+            rows, rmask = _block_rows(blk % BPE, 2 * INTER, BLOCK_R, True, False)
+            w_rows = _expert_rows(w13_ptr, ids, slots, blk // BPE, rows, 2 * INTER * HIDDEN, HIDDEN)
+            nxt = blk + num_programs
+            next_rows, next_rmask = _block_rows(nxt % BPE, 2 * INTER, BLOCK_R, True, False)
+            next_w_rows = _expert_rows(w13_ptr, ids, slots, nxt // BPE, next_rows, 2 * INTER * HIDDEN, HIDDEN)
+            acc, carry = _stream_carry(h2_ptr, ln2_ptr, inv_rms, w_rows, rmask, next_w_rows, next_rmask & (next_rows * 0 + nxt < NB),
+                                       HIDDEN, carry, False, True, BLOCK_R, BLOCK_K, 0)
+            _store_act(tl.sum(acc, 1), gu_ptr + (blk // BPE) * INTER, blk % BPE, 2 * INTER, BLOCK_R, False)
 
 
 @triton.jit
 def _moe_down_phase(gu_ptr, w2_ptr, res_ptr, out_ptr, ids, weights, slots, pid, num_programs,
                     HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+                    BLOCK_K: tl.constexpr):
     """out = h2 + sum over the chosen experts of weight x w2 act (silu(gate) * up, _moe_gate_up_phase's), as
     kernels/moe_ref sums them: each expert's output rounded, scaled and added in fp32, the sum rounded, then the
-    residual add rounded."""
+    residual add rounded; one stream of tiles a program across its blocks' experts (each expert's last trip
+    requests the next expert's first tile, the last expert's the next block's first expert's)."""
     dt = out_ptr.dtype.element_ty
-    for blk in range(pid, tl.cdiv(HIDDEN, BLOCK_R), num_programs):
-        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rows < HIDDEN
-        y = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for j in tl.static_range(TOP_K):
-            expert = _expert_of(ids, slots, j).to(tl.int64)
-            w_rows = w2_ptr + expert * (HIDDEN * INTER) + rows[:, None].to(tl.int64) * INTER
-            acc = _stream_rows(gu_ptr + j * INTER, gu_ptr, 1.0, w_rows, rmask, INTER, False, False, BLOCK_R, BLOCK_K,
-                               0, PREFETCH)
-            weight = tl.sum(tl.where(slots == j, weights, 0.0), 0)
-            y += tl.sum(acc, 1).to(dt).to(tl.float32) * weight
-        y = y.to(dt).to(tl.float32) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, y.to(dt), mask=rmask)
+    NB: tl.constexpr = (HIDDEN + BLOCK_R - 1) // BLOCK_R
+    if pid < NB:
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        carry = _first_tile(_expert_rows(w2_ptr, ids, slots, 0, rows, HIDDEN * INTER, INTER), rows < HIDDEN, INTER,
+                            BLOCK_K)
+        for blk in range(pid, NB, num_programs):
+            rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+            rmask = rows < HIDDEN
+            res = tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)  # requested before the stream
+            next_rows = rows + num_programs * BLOCK_R
+            y = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for j in tl.static_range(TOP_K):
+                w_rows = _expert_rows(w2_ptr, ids, slots, j, rows, HIDDEN * INTER, INTER)
+                if j + 1 < TOP_K:
+                    next_w_rows, next_rmask = _expert_rows(w2_ptr, ids, slots, j + 1, rows, HIDDEN * INTER, INTER), rmask
+                else:
+                    next_w_rows = _expert_rows(w2_ptr, ids, slots, 0, next_rows, HIDDEN * INTER, INTER)
+                    next_rmask = next_rows < HIDDEN
+                acc, carry = _stream_carry(gu_ptr + j * INTER, gu_ptr, 1.0, w_rows, rmask, next_w_rows, next_rmask,
+                                           INTER, carry, False, False, BLOCK_R, BLOCK_K, 0)
+                weight = tl.sum(tl.where(slots == j, weights, 0.0), 0)
+                y += tl.sum(acc, 1).to(dt).to(tl.float32) * weight
+            y = y.to(dt).to(tl.float32) + res
+            tl.store(out_ptr + rows, y.to(dt), mask=rmask)
 
 
 @triton.jit
@@ -430,7 +464,7 @@ def _decode_layer_kernel(
     HAS_QKV_BIAS: tl.constexpr, HAS_O_BIAS: tl.constexpr, HAS_GU_BIAS: tl.constexpr, HAS_D_BIAS: tl.constexpr,
     HAS_NORM: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, FP8_TILE: tl.constexpr,
-    V_T: tl.constexpr, PREFETCH: tl.constexpr, PHASE_LO: tl.constexpr, PHASE_HI: tl.constexpr,
+    V_T: tl.constexpr, PHASE_LO: tl.constexpr, PHASE_HI: tl.constexpr,
     W_FP8: tl.constexpr = False, W_INT4: tl.constexpr = False, INT4_GROUP: tl.constexpr = 1,
     ASM: tl.constexpr = False, TIMING: tl.constexpr = False, USE_GDC: tl.constexpr = False,
 ):
@@ -459,7 +493,7 @@ def _decode_layer_kernel(
     if PHASE_LO <= 0 and PHASE_HI >= 0:
         inv = _inv_rms(h_ptr, HIDDEN, eps, BLOCK_H)
         _gemv_phase(h_ptr, ln1_ptr, inv, wqkv_ptr, sqkv_ptr, zqkv_ptr, bqkv_ptr, h_ptr, qkv_ptr, xs_ptr, QKV_N, HIDDEN,
-                    pid, num_programs, w_pre, False, True, HAS_QKV_BIAS, False, R_QKV, K_QKV, P_QKV, PREFETCH, W_FP8,
+                    pid, num_programs, w_pre, False, True, HAS_QKV_BIAS, False, R_QKV, K_QKV, P_QKV, W_FP8,
                     W_INT4, INT4_GROUP, ASM)
     if PHASE_LO <= 0 and PHASE_HI >= 1:
         _grid_barrier(bar_ptr, num_programs, t_ptr, 0, TIMING)
@@ -478,7 +512,7 @@ def _decode_layer_kernel(
         _grid_barrier(bar_ptr + 1, num_programs, t_ptr, 1, TIMING)
     if PHASE_LO <= 2 and PHASE_HI >= 2:
         _gemv_phase(attn_ptr, attn_ptr, 1.0, wo_ptr, so_ptr, zo_ptr, bo_ptr, h_ptr, h2_ptr, xs_ptr, HIDDEN, Q_DIM,
-                    pid, num_programs, w_pre, False, False, HAS_O_BIAS, True, R_O, K_O, P_O, PREFETCH, W_FP8, W_INT4,
+                    pid, num_programs, w_pre, False, False, HAS_O_BIAS, True, R_O, K_O, P_O, W_FP8, W_INT4,
                     INT4_GROUP, ASM)
     # the next phase's first weights before barrier 2: the router's (MoE: its rows, one or two a program) or gate/up's
     if MOE:
@@ -493,7 +527,7 @@ def _decode_layer_kernel(
     if MOE:
         if PHASE_LO <= 3 and PHASE_HI >= 3:  # router logits = W_r rms_norm(h2)
             _gemv_phase(h2_ptr, ln2_ptr, inv2, wr_ptr, wr_ptr, wr_ptr, wr_ptr, h2_ptr, logits_ptr, xs_ptr, NUM_EXPERTS,
-                        HIDDEN, pid, num_programs, w_pre, False, True, False, False, R_RT, K_RT, P_RT, PREFETCH)
+                        HIDDEN, pid, num_programs, w_pre, False, True, False, False, R_RT, K_RT, P_RT)
         if PHASE_LO <= 3 and PHASE_HI >= 4:
             _grid_barrier(bar_ptr + 3, num_programs, t_ptr, 3, TIMING)
         if PHASE_LO <= 5 and PHASE_HI >= 4:  # every program routes the token itself: the same bits everywhere
@@ -504,11 +538,11 @@ def _decode_layer_kernel(
                 if pid == 0:
                     tl.atomic_add(load_ptr + ids, tl.full([BLOCK_TOPK], 1, tl.int64), mask=kmask)
             _moe_gate_up_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, gu_ptr, ids, slots, pid, num_programs, HIDDEN, INTER,
-                               TOP_K, R_GU, K_GU, PREFETCH)
+                               TOP_K, R_GU, K_GU)
     else:
         if PHASE_LO <= 4 and PHASE_HI >= 4:
             _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, sgu_ptr, zgu_ptr, bgu_ptr, h2_ptr, gu_ptr, xs_ptr, 2 * INTER,
-                        HIDDEN, pid, num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU, PREFETCH,
+                        HIDDEN, pid, num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU,
                         W_FP8, W_INT4, INT4_GROUP, ASM, True)
         if PHASE_LO <= 5 and PHASE_HI >= 5:  # (a MoE layer's experts are known only after the routing)
             w_pre = _preload_w(wd_ptr, sd_ptr, zd_ptr, HIDDEN, INTER, pid, R_D, K_D, P_D, W_FP8, W_INT4, INT4_GROUP)
@@ -517,10 +551,10 @@ def _decode_layer_kernel(
     if PHASE_LO <= 5 and PHASE_HI >= 5:
         if MOE:
             _moe_down_phase(gu_ptr, wd_ptr, h2_ptr, out_ptr, ids, weights, slots, pid, num_programs, HIDDEN, INTER,
-                            TOP_K, R_D, K_D, PREFETCH)
+                            TOP_K, R_D, K_D)
         else:
             _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, sd_ptr, zd_ptr, bd_ptr, h2_ptr, out_ptr, xs_ptr, HIDDEN, INTER, pid,
-                        num_programs, w_pre, False, False, HAS_D_BIAS, True, R_D, K_D, P_D, PREFETCH, W_FP8, W_INT4,
+                        num_programs, w_pre, False, False, HAS_D_BIAS, True, R_D, K_D, P_D, W_FP8, W_INT4,
                         INT4_GROUP, ASM)
     if TIMING:
         tl.store(t_ptr + 12, _clock())
@@ -740,7 +774,7 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         HAS_QKV_BIAS=w.bqkv is not None, HAS_O_BIAS=w.bo is not None, HAS_GU_BIAS=w.bgu is not None,
         HAS_D_BIAS=w.bd is not None,
         HAS_NORM=has_norm, UPCAST_DOT=_upcast_dot(h), DOT_PRECISION=_dot_precision(h), KV_FP8=_is_fp8(kv_cache),
-        FP8_TILE=_fp8_tile(fp8_path, h, kv_cache), V_T=v_transposed(kv_cache), PREFETCH=True,
+        FP8_TILE=_fp8_tile(fp8_path, h, kv_cache), V_T=v_transposed(kv_cache),
         MOE=w.moe, NUM_EXPERTS=experts[0] if w.moe else 1, TOP_K=top_k, RENORMALIZE=bool(w.moe and w.routing[1]),
         BLOCK_E=_next_pow2(experts[0]) if w.moe else 1, BLOCK_TOPK=_next_pow2(top_k),
         COUNT_LOAD=w.expert_load is not None, W_FP8=w.fp8, W_INT4=w.int4, INT4_GROUP=w.group_size or 1,

@@ -340,7 +340,7 @@ def check(consts, shapes, barriers):
 
 base = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64, ATTN_SPLITS=8, HAS_QKV_BIAS=False,
             HAS_O_BIAS=False, HAS_GU_BIAS=False, HAS_D_BIAS=False, HAS_NORM=True, UPCAST_DOT=False,
-            DOT_PRECISION="tf32", KV_FP8=False, FP8_TILE="convert", V_T=False, PREFETCH=True, PHASE_LO=0, PHASE_HI=5,
+            DOT_PRECISION="tf32", KV_FP8=False, FP8_TILE="convert", V_T=False, PHASE_LO=0, PHASE_HI=5,
             USE_GDC=2, W_FP8=False, W_INT4=False, INT4_GROUP=1, ASM=False, TIMING=False)
 # Qwen3-0.6B's layer, every phase in one launch under PDL's late trigger: four barriers
 dense = dict(base, HIDDEN=1024, INTER=3072, NUM_HEADS=16, NUM_KV_HEADS=8, GROUP=2, ROWS=16, BLOCK_H=1024, MOE=False,

@@ -69,7 +69,7 @@ from meshserve.kernels.triton_attention import (
 )
 from meshserve.kernels.triton_decode_balanced import max_registers
 from meshserve.kernels.triton_decode_fused import _norm_rope_group, group_query
-from meshserve.kernels.triton_decode_layer_fp8 import fp8_rows, words_phase_tile
+from meshserve.kernels.triton_decode_layer_fp8 import fp8_first_carry, fp8_rows, words_phase_tile
 from meshserve.kernels.triton_decode_layer_int4 import (
     int4_cols,
     int4_first_tile,
@@ -226,20 +226,25 @@ def _first_tile(w_rows, rmask, K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _first_stream_tile(w_ptr, N, K: tl.constexpr, pid, num_programs, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PRE_K: tl.constexpr, W_FP8: tl.constexpr, ACT_OUT: tl.constexpr):
-    """The tile a 16-bit or fp8 phase's stream starts from (_stream_carry, fp8_rows: BLOCK_K columns or words):
-    the program's first block's at PRE_K, or, when PRE_K covers its rows, its next block's first."""
+def _first_carry(x_ptr, nw_ptr, inv_rms, w_ptr, N, K: tl.constexpr, pid, num_programs, GATED: tl.constexpr,
+                 NORMED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
+                 W_FP8: tl.constexpr, ACT_OUT: tl.constexpr):
+    """What a 16-bit or fp8 phase's stream starts from (_stream_carry's tile of BLOCK_K columns; fp8_rows' tile of
+    words and its x): the program's first block's at PRE_K, or, when PRE_K covers the row, its next block's
+    first."""
     KK: tl.constexpr = K // 4 if W_FP8 else K
-    ks = tl.arange(0, BLOCK_K)
     if PRE_K < KK:
         rows, rmask = _block_rows(pid, N, BLOCK_R, ACT_OUT, False)
-        kk = PRE_K + ks
+        first = PRE_K
     else:
         rows, rmask = _block_rows(pid + num_programs, N, BLOCK_R, ACT_OUT, False)
-        kk = ks
-    return tl.load(w_ptr + rows[:, None].to(tl.int64) * KK + kk[None, :], mask=rmask[:, None] & (kk < KK)[None, :],
-                   other=0)
+        first = 0
+    if W_FP8:
+        return fp8_first_carry(x_ptr, nw_ptr, inv_rms, w_ptr, rows, rmask, K, first, GATED, NORMED, BLOCK_K)
+    else:
+        kk = first + tl.arange(0, BLOCK_K)
+        return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + kk[None, :],
+                       mask=rmask[:, None] & (kk < K)[None, :], other=0.0)
 
 
 @triton.jit
@@ -310,7 +315,8 @@ def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_p
             int4_stage_x(x_ptr, nw_ptr, inv_rms, xs_ptr, K, GROUP, GATED, NORMED, BLOCK_K * BLOCK_R // 16, ASM)
             carry = w_pre
         else:
-            carry = _first_stream_tile(w_ptr, N, K, pid, num_programs, BLOCK_R, BLOCK_K, PRE_K, W_FP8, ACT_OUT)
+            carry = _first_carry(x_ptr, nw_ptr, inv_rms, w_ptr, N, K, pid, num_programs, GATED, NORMED, BLOCK_R,
+                                 BLOCK_K, PRE_K, W_FP8, ACT_OUT)
         carry = _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, pid,
                            pid + num_programs, w_pre, carry, GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, PRE_K,
                            W_FP8, W_INT4, GROUP, ASM, ACT_OUT)

@@ -50,16 +50,29 @@ def _x_of_words(x_ptr, nw_ptr, inv_rms, jj, K, GATED: tl.constexpr, NORMED: tl.c
 
 
 @triton.jit
-def fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, next_rows, next_rmask, K: tl.constexpr, w_pre, w_first,
+def fp8_first_carry(x_ptr, nw_ptr, inv_rms, w_ptr, rows, rmask, K: tl.constexpr, FIRST: tl.constexpr,
+                    GATED: tl.constexpr, NORMED: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The carry fp8_rows starts a block from: the rows' tile of words FIRST..FIRST + BLOCK_W and x at those
+    words (four fp32 [BLOCK_W])."""
+    KW: tl.constexpr = K // 4
+    jn = FIRST + tl.arange(0, BLOCK_W)
+    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * KW + jn[None, :], mask=rmask[:, None] & (jn < KW)[None, :],
+                other=0)
+    f0, f1, f2, f3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jn, K, GATED, NORMED)
+    return w, f0, f1, f2, f3
+
+
+@triton.jit
+def fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, next_rows, next_rmask, K: tl.constexpr, w_pre, carry,
              GATED: tl.constexpr, NORMED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
              PRE_W: tl.constexpr, ASM: tl.constexpr):
-    """(fp32 [BLOCK_R] scale[rows] * (W[rows] x), the next block's first tile) for the fp8 weight w_ptr as uint32
+    """(fp32 [BLOCK_R] scale[rows] * (W[rows] x), the next block's carry) for the fp8 weight w_ptr as uint32
     words [N, K / 4]; its first PRE_W words a row from w_pre (loaded before the phase's barrier) when PRE_W > 0,
-    the rest streamed BLOCK_W words a trip from w_first (the tile at word PRE_W, already requested), each trip
-    requesting the next one's words and x before its products (the words GEMV's rotated loop: x carried in the
-    words' layout) and the last the program's next block's first tile (next_rows, words 0..BLOCK_W), which is
-    returned: without it each block's first tile was a round trip to memory with nothing in flight. A row of
-    PRE_W words or fewer streams nothing and hands w_first on."""
+    the rest streamed BLOCK_W words a trip from carry (fp8_first_carry: the tile at word PRE_W, already
+    requested, and x there), each trip requesting the next one's words and x before its products (the words
+    GEMV's rotated loop: x carried in the words' layout) and the last the program's next block's carry
+    (next_rows, words 0..BLOCK_W): each block's first tile, and its x, were a round trip to memory with nothing in
+    flight. A row of PRE_W words or fewer streams nothing and hands the carry on."""
     KW: tl.constexpr = K // 4
     TRIPS: tl.constexpr = (KW - PRE_W + BLOCK_W - 1) // BLOCK_W
     w_rows = w_ptr + rows[:, None].to(tl.int64) * KW
@@ -69,23 +82,22 @@ def fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, next_rows, next_
         jp = tl.arange(0, PRE_W)
         p0, p1, p2, p3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jp, K, GATED, NORMED)
         y += tl.sum(_words_products(w_pre, p0, p1, p2, p3, ASM), 1)
-    w = w_first
     if TRIPS > 0:
+        w, f0, f1, f2, f3 = carry
         js = tl.arange(0, BLOCK_W)
         acc = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
-        f0, f1, f2, f3 = _x_of_words(x_ptr, nw_ptr, inv_rms, PRE_W + js, K, GATED, NORMED)
         for t in range(0, TRIPS - 1):
             w_step, g0, g1, g2, g3 = w, f0, f1, f2, f3
             jn = PRE_W + (t + 1) * BLOCK_W + js
             w = tl.load(w_rows + jn[None, :], mask=rmask[:, None] & (jn < KW)[None, :], other=0)
             f0, f1, f2, f3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jn, K, GATED, NORMED)
             acc += _words_products(w_step, g0, g1, g2, g3, ASM)
-        w_step = w
-        w = tl.load(w_ptr + next_rows[:, None].to(tl.int64) * KW + js[None, :],
-                    mask=next_rmask[:, None] & (js < KW)[None, :], other=0)
-        acc += _words_products(w_step, f0, f1, f2, f3, ASM)
+        nxt = fp8_first_carry(x_ptr, nw_ptr, inv_rms, w_ptr, next_rows, next_rmask, K, 0, GATED, NORMED, BLOCK_W)
+        acc += _words_products(w, f0, f1, f2, f3, ASM)
         y += tl.sum(acc, 1)
-    return y * scale, w
+    else:
+        nxt = carry
+    return y * scale, nxt
 
 
 def words_phase_tile(rows: int, block_k: int, pre_k: int, k: int) -> tuple[int, int, int]:

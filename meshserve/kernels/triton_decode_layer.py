@@ -24,9 +24,9 @@ weights: the words GEMV's products, triton_decode_layer_fp8; INT4: column blocks
 triton_decode_layer_int4), one stream of tiles a program: each trip requests the next tile before its products
 and a block's last trip the program's next block's first (_stream_carry), and each block's bias, residual and
 scales are requested before its stream; with one program an SM nothing else would be in flight while a block
-waited for its first tile. Each program's first block's first columns load before the barrier the phase waits
-on (before PDL's wait for the QKV phase; o_proj's after the program's attention work): weights stream while the
-previous phase and the barrier finish (gemv_phase_tile). The input h is the whole residual stream and so is the
+waited for its first tile. Each program's first block's first columns, and the tile its stream starts from, load
+before the barrier the phase waits on (before PDL's wait for the QKV phase; o_proj's after the program's attention
+work): weights stream while the previous phase and the barrier finish (gemv_phase_tile). The input h is the whole residual stream and so is the
 output (the norm fold's convention, layers/norm_fold.py): the residual add happens in phases 2 and 4.
 
 The barrier (``_grid_barrier``): each program's threads meet (bar.sync), one thread adds 1 to the phase's int32
@@ -69,7 +69,7 @@ from meshserve.kernels.triton_attention import (
 )
 from meshserve.kernels.triton_decode_balanced import max_registers
 from meshserve.kernels.triton_decode_fused import _norm_rope_group, group_query
-from meshserve.kernels.triton_decode_layer_fp8 import fp8_first_carry, fp8_rows, words_phase_tile
+from meshserve.kernels.triton_decode_layer_fp8 import fp8_carry, fp8_rows, words_phase_tile
 from meshserve.kernels.triton_decode_layer_int4 import (
     int4_cols,
     int4_first_tile,
@@ -176,18 +176,19 @@ def _preload(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, PRE_K: tl.constexpr, ACT_O
 
 
 @triton.jit
-def _preload_w(w_ptr, s_ptr, z_ptr, N, K, pid, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
-               W_FP8: tl.constexpr, W_INT4: tl.constexpr, GROUP: tl.constexpr, ACT_OUT: tl.constexpr = False):
+def _preload_w(w_ptr, s_ptr, z_ptr, N, K: tl.constexpr, pid, num_programs, BLOCK_R: tl.constexpr,
+               BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, W_FP8: tl.constexpr = False, W_INT4: tl.constexpr = False,
+               GROUP: tl.constexpr = 1, ACT_OUT: tl.constexpr = False):
     """What a GEMV phase over the weight w_ptr ([N, K] 16-bit, fp8 words [N, K / 4], or INT4 words [K / 8, N])
-    loads before its barrier: the first block's first PRE_K columns (words), or for INT4 its first trip (words,
-    scales s_ptr and zeros z_ptr)."""
+    loads before its barrier: (the first block's first PRE_K columns (words), the tile its stream starts from:
+    _first_stream_tile), or for INT4 its first trip (words, scales s_ptr and zeros z_ptr)."""
     if W_INT4:
         cols, cmask = _block_rows(pid, N, BLOCK_R, ACT_OUT, True)
         return int4_first_tile(w_ptr, s_ptr, z_ptr, N, K, cols, cmask, BLOCK_K, GROUP)
-    elif W_FP8:
-        return _preload(w_ptr, N, K // 4, pid, BLOCK_R, PRE_K, ACT_OUT)
     else:
-        return _preload(w_ptr, N, K, pid, BLOCK_R, PRE_K, ACT_OUT)
+        KK: tl.constexpr = K // 4 if W_FP8 else K
+        return (_preload(w_ptr, N, KK, pid, BLOCK_R, PRE_K, ACT_OUT),
+                _first_stream_tile(w_ptr, N, KK, pid, num_programs, BLOCK_R, BLOCK_K, PRE_K, ACT_OUT))
 
 
 @triton.jit
@@ -226,30 +227,24 @@ def _first_tile(w_rows, rmask, K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _first_carry(x_ptr, nw_ptr, inv_rms, w_ptr, N, K: tl.constexpr, pid, num_programs, GATED: tl.constexpr,
-                 NORMED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
-                 W_FP8: tl.constexpr, ACT_OUT: tl.constexpr):
-    """What a 16-bit or fp8 phase's stream starts from (_stream_carry's tile of BLOCK_K columns; fp8_rows' tile of
-    words and its x): the program's first block's at PRE_K, or, when PRE_K covers the row, its next block's
-    first."""
-    KK: tl.constexpr = K // 4 if W_FP8 else K
-    if PRE_K < KK:
+def _first_stream_tile(w_ptr, N, K: tl.constexpr, pid, num_programs, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PRE_K: tl.constexpr, ACT_OUT: tl.constexpr):
+    """The tile of K-wide rows (16-bit columns, or fp8 words) a 16-bit or fp8 phase's stream starts from: the
+    program's first block's at PRE_K, or, when PRE_K covers the row, its next block's first."""
+    if PRE_K < K:
         rows, rmask = _block_rows(pid, N, BLOCK_R, ACT_OUT, False)
-        first = PRE_K
+        kk = PRE_K + tl.arange(0, BLOCK_K)
     else:
         rows, rmask = _block_rows(pid + num_programs, N, BLOCK_R, ACT_OUT, False)
-        first = 0
-    if W_FP8:
-        return fp8_first_carry(x_ptr, nw_ptr, inv_rms, w_ptr, rows, rmask, K, first, GATED, NORMED, BLOCK_K)
-    else:
-        kk = first + tl.arange(0, BLOCK_K)
-        return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + kk[None, :],
-                       mask=rmask[:, None] & (kk < K)[None, :], other=0.0)
+        kk = tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :],
+                   other=0)
 
 
 @triton.jit
 def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K: tl.constexpr, blk,
-               next_blk, w_pre, carry, GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+               next_blk, w_pre, carry, GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr,
+               RESIDUAL: tl.constexpr,
                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
                W_FP8: tl.constexpr, W_INT4: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
                ACT_OUT: tl.constexpr):
@@ -313,16 +308,18 @@ def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_p
     if pid < tl.cdiv(N, BLOCK_R):
         if W_INT4:
             int4_stage_x(x_ptr, nw_ptr, inv_rms, xs_ptr, K, GROUP, GATED, NORMED, BLOCK_K * BLOCK_R // 16, ASM)
-            carry = w_pre
-        else:
-            carry = _first_carry(x_ptr, nw_ptr, inv_rms, w_ptr, N, K, pid, num_programs, GATED, NORMED, BLOCK_R,
-                                 BLOCK_K, PRE_K, W_FP8, ACT_OUT)
+            pre, carry = w_pre, w_pre
+        else:  # (_preload_w's)
+            pre, carry = w_pre
+            if W_FP8:
+                carry = fp8_carry(x_ptr, nw_ptr, inv_rms, carry, K, PRE_K if PRE_K < K // 4 else 0, GATED, NORMED,
+                                  BLOCK_K)
         carry = _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, pid,
-                           pid + num_programs, w_pre, carry, GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, PRE_K,
+                           pid + num_programs, pre, carry, GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, PRE_K,
                            W_FP8, W_INT4, GROUP, ASM, ACT_OUT)
         for blk in range(pid + num_programs, tl.cdiv(N, BLOCK_R), num_programs):
             carry = _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, blk,
-                               blk + num_programs, w_pre, carry, GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, 0,
+                               blk + num_programs, pre, carry, GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, 0,
                                W_FP8, W_INT4, GROUP, ASM, ACT_OUT)
 
 
@@ -360,8 +357,9 @@ def _moe_gate_up_phase(h2_ptr, ln2_ptr, inv_rms, w13_ptr, gu_ptr, ids, slots, pi
             nxt = blk + num_programs
             next_rows, next_rmask = _block_rows(nxt % BPE, 2 * INTER, BLOCK_R, True, False)
             next_w_rows = _expert_rows(w13_ptr, ids, slots, nxt // BPE, next_rows, 2 * INTER * HIDDEN, HIDDEN)
-            acc, carry = _stream_carry(h2_ptr, ln2_ptr, inv_rms, w_rows, rmask, next_w_rows, next_rmask & (next_rows * 0 + nxt < NB),
-                                       HIDDEN, carry, False, True, BLOCK_R, BLOCK_K, 0)
+            next_rmask = next_rmask & (next_rows * 0 + nxt < NB)
+            acc, carry = _stream_carry(h2_ptr, ln2_ptr, inv_rms, w_rows, rmask, next_w_rows, next_rmask, HIDDEN, carry,
+                                       False, True, BLOCK_R, BLOCK_K, 0)
             _store_act(tl.sum(acc, 1), gu_ptr + (blk // BPE) * INTER, blk % BPE, 2 * INTER, BLOCK_R, False)
 
 
@@ -388,7 +386,8 @@ def _moe_down_phase(gu_ptr, w2_ptr, res_ptr, out_ptr, ids, weights, slots, pid, 
             for j in tl.static_range(TOP_K):
                 w_rows = _expert_rows(w2_ptr, ids, slots, j, rows, HIDDEN * INTER, INTER)
                 if j + 1 < TOP_K:
-                    next_w_rows, next_rmask = _expert_rows(w2_ptr, ids, slots, j + 1, rows, HIDDEN * INTER, INTER), rmask
+                    next_w_rows = _expert_rows(w2_ptr, ids, slots, j + 1, rows, HIDDEN * INTER, INTER)
+                    next_rmask = rmask
                 else:
                     next_w_rows = _expert_rows(w2_ptr, ids, slots, 0, next_rows, HIDDEN * INTER, INTER)
                     next_rmask = next_rows < HIDDEN
@@ -492,7 +491,8 @@ def _decode_layer_kernel(
     Q_DIM: tl.constexpr = NUM_HEADS * HEAD_DIM
     w_pre = 0.0
     if PHASE_LO <= 0 and PHASE_HI >= 0:
-        w_pre = _preload_w(wqkv_ptr, sqkv_ptr, zqkv_ptr, QKV_N, HIDDEN, pid, R_QKV, K_QKV, P_QKV, W_FP8, W_INT4, INT4_GROUP)
+        w_pre = _preload_w(wqkv_ptr, sqkv_ptr, zqkv_ptr, QKV_N, HIDDEN, pid, num_programs, R_QKV, K_QKV, P_QKV,
+                           W_FP8, W_INT4, INT4_GROUP)
     gdc_wait(USE_GDC)  # h is the previous layer's output (and the metadata the step's inputs)
     if TIMING:
         tl.store(t_ptr + 1, _clock())
@@ -513,7 +513,8 @@ def _decode_layer_kernel(
                 BLOCK_SIZE, BLOCK_N, ATTN_SPLITS, HAS_NORM, UPCAST_DOT, DOT_PRECISION, KV_FP8, FP8_TILE, V_T,
             )
     if PHASE_LO <= 2 and PHASE_HI >= 2:  # o_proj's first columns: the programs without a KV head at once
-        w_pre = _preload_w(wo_ptr, so_ptr, zo_ptr, HIDDEN, Q_DIM, pid, R_O, K_O, P_O, W_FP8, W_INT4, INT4_GROUP)
+        w_pre = _preload_w(wo_ptr, so_ptr, zo_ptr, HIDDEN, Q_DIM, pid, num_programs, R_O, K_O, P_O, W_FP8, W_INT4,
+                           INT4_GROUP)
     if PHASE_LO <= 1 and PHASE_HI >= 2:
         _grid_barrier(bar_ptr + 1, num_programs, t_ptr, 1, TIMING)
     if PHASE_LO <= 2 and PHASE_HI >= 2:
@@ -523,9 +524,10 @@ def _decode_layer_kernel(
     # the next phase's first weights before barrier 2: the router's (MoE: its rows, one or two a program) or gate/up's
     if MOE:
         if PHASE_LO <= 3 and PHASE_HI >= 3:
-            w_pre = _preload(wr_ptr, NUM_EXPERTS, HIDDEN, pid, R_RT, P_RT)
+            w_pre = _preload_w(wr_ptr, wr_ptr, wr_ptr, NUM_EXPERTS, HIDDEN, pid, num_programs, R_RT, K_RT, P_RT)
     elif PHASE_LO <= 4 and PHASE_HI >= 4:
-        w_pre = _preload_w(wgu_ptr, sgu_ptr, zgu_ptr, 2 * INTER, HIDDEN, pid, R_GU, K_GU, P_GU, W_FP8, W_INT4, INT4_GROUP, True)
+        w_pre = _preload_w(wgu_ptr, sgu_ptr, zgu_ptr, 2 * INTER, HIDDEN, pid, num_programs, R_GU, K_GU, P_GU, W_FP8,
+                           W_INT4, INT4_GROUP, True)
     if PHASE_LO <= 2 and PHASE_HI >= 3:  # (a dense layer has no phase 3: its launches are one or 0..5)
         _grid_barrier(bar_ptr + 2, num_programs, t_ptr, 2, TIMING)
     if PHASE_LO <= 4 and PHASE_HI >= 3:  # h2 is complete: the router and gate/up norm it
@@ -551,7 +553,8 @@ def _decode_layer_kernel(
                         HIDDEN, pid, num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU,
                         W_FP8, W_INT4, INT4_GROUP, ASM, True)
         if PHASE_LO <= 5 and PHASE_HI >= 5:  # (a MoE layer's experts are known only after the routing)
-            w_pre = _preload_w(wd_ptr, sd_ptr, zd_ptr, HIDDEN, INTER, pid, R_D, K_D, P_D, W_FP8, W_INT4, INT4_GROUP)
+            w_pre = _preload_w(wd_ptr, sd_ptr, zd_ptr, HIDDEN, INTER, pid, num_programs, R_D, K_D, P_D, W_FP8,
+                               W_INT4, INT4_GROUP)
     if PHASE_LO <= 4 and PHASE_HI >= 5:
         _grid_barrier(bar_ptr + 4, num_programs, t_ptr, 4, TIMING)
     if PHASE_LO <= 5 and PHASE_HI >= 5:
@@ -559,8 +562,8 @@ def _decode_layer_kernel(
             _moe_down_phase(gu_ptr, wd_ptr, h2_ptr, out_ptr, ids, weights, slots, pid, num_programs, HIDDEN, INTER,
                             TOP_K, R_D, K_D)
         else:
-            _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, sd_ptr, zd_ptr, bd_ptr, h2_ptr, out_ptr, xs_ptr, HIDDEN, INTER, pid,
-                        num_programs, w_pre, False, False, HAS_D_BIAS, True, R_D, K_D, P_D, W_FP8, W_INT4,
+            _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, sd_ptr, zd_ptr, bd_ptr, h2_ptr, out_ptr, xs_ptr, HIDDEN, INTER,
+                        pid, num_programs, w_pre, False, False, HAS_D_BIAS, True, R_D, K_D, P_D, W_FP8, W_INT4,
                         INT4_GROUP, ASM)
     if TIMING:
         tl.store(t_ptr + 12, _clock())

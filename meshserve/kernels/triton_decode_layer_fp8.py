@@ -50,16 +50,23 @@ def _x_of_words(x_ptr, nw_ptr, inv_rms, jj, K, GATED: tl.constexpr, NORMED: tl.c
 
 
 @triton.jit
-def fp8_first_carry(x_ptr, nw_ptr, inv_rms, w_ptr, rows, rmask, K: tl.constexpr, FIRST: tl.constexpr,
-                    GATED: tl.constexpr, NORMED: tl.constexpr, BLOCK_W: tl.constexpr):
-    """The carry fp8_rows starts a block from: the rows' tile of words FIRST..FIRST + BLOCK_W and x at those
-    words (four fp32 [BLOCK_W])."""
-    KW: tl.constexpr = K // 4
-    jn = FIRST + tl.arange(0, BLOCK_W)
-    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * KW + jn[None, :], mask=rmask[:, None] & (jn < KW)[None, :],
-                other=0)
-    f0, f1, f2, f3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jn, K, GATED, NORMED)
+def fp8_carry(x_ptr, nw_ptr, inv_rms, w, K: tl.constexpr, FIRST: tl.constexpr, GATED: tl.constexpr,
+              NORMED: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The carry fp8_rows starts a block from: w, the rows' tile of words FIRST..FIRST + BLOCK_W (requested), and
+    x at those words (four fp32 [BLOCK_W])."""
+    f0, f1, f2, f3 = _x_of_words(x_ptr, nw_ptr, inv_rms, FIRST + tl.arange(0, BLOCK_W), K, GATED, NORMED)
     return w, f0, f1, f2, f3
+
+
+@triton.jit
+def fp8_first_carry(x_ptr, nw_ptr, inv_rms, w_ptr, rows, rmask, K: tl.constexpr, GATED: tl.constexpr,
+                    NORMED: tl.constexpr, BLOCK_W: tl.constexpr):
+    """fp8_carry of the rows' first tile (words 0..BLOCK_W), requested here."""
+    KW: tl.constexpr = K // 4
+    js = tl.arange(0, BLOCK_W)
+    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * KW + js[None, :], mask=rmask[:, None] & (js < KW)[None, :],
+                other=0)
+    return fp8_carry(x_ptr, nw_ptr, inv_rms, w, K, 0, GATED, NORMED, BLOCK_W)
 
 
 @triton.jit
@@ -68,8 +75,8 @@ def fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, next_rows, next_
              PRE_W: tl.constexpr, ASM: tl.constexpr):
     """(fp32 [BLOCK_R] scale[rows] * (W[rows] x), the next block's carry) for the fp8 weight w_ptr as uint32
     words [N, K / 4]; its first PRE_W words a row from w_pre (loaded before the phase's barrier) when PRE_W > 0,
-    the rest streamed BLOCK_W words a trip from carry (fp8_first_carry: the tile at word PRE_W, already
-    requested, and x there), each trip requesting the next one's words and x before its products (the words
+    the rest streamed BLOCK_W words a trip from carry (fp8_carry: the tile at word PRE_W, already requested, and
+    x there), each trip requesting the next one's words and x before its products (the words
     GEMV's rotated loop: x carried in the words' layout) and the last the program's next block's carry
     (next_rows, words 0..BLOCK_W): each block's first tile, and its x, were a round trip to memory with nothing in
     flight. A row of PRE_W words or fewer streams nothing and hands the carry on."""
@@ -92,7 +99,7 @@ def fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, next_rows, next_
             w = tl.load(w_rows + jn[None, :], mask=rmask[:, None] & (jn < KW)[None, :], other=0)
             f0, f1, f2, f3 = _x_of_words(x_ptr, nw_ptr, inv_rms, jn, K, GATED, NORMED)
             acc += _words_products(w_step, g0, g1, g2, g3, ASM)
-        nxt = fp8_first_carry(x_ptr, nw_ptr, inv_rms, w_ptr, next_rows, next_rmask, K, 0, GATED, NORMED, BLOCK_W)
+        nxt = fp8_first_carry(x_ptr, nw_ptr, inv_rms, w_ptr, next_rows, next_rmask, K, GATED, NORMED, BLOCK_W)
         acc += _words_products(w, f0, f1, f2, f3, ASM)
         y += tl.sum(acc, 1)
     else:

@@ -201,7 +201,8 @@ def int4_cols(xs_ptr, qw_ptr, s_ptr, z_ptr, cols, cmask, next_cols, next_cmask, 
         wa_step, wb_step, ya, yb, f_step, s_step, z_step = wa, wb, xs_a, xs_b, f, s, z
         gn = (t + 1) * BLOCK_G + gs
         wa, wb = _words_pair(qw_ptr, gn, cols, cmask, N, G, HP)
-        xs_a, xs_b, f = _staged_x(xs_ptr, gn, 0, K, G, HP), _staged_x(xs_ptr, gn, 1, K, G, HP), _factors(xs_ptr, gn, K, G)
+        xs_a, xs_b = _staged_x(xs_ptr, gn, 0, K, G, HP), _staged_x(xs_ptr, gn, 1, K, G, HP)
+        f = _factors(xs_ptr, gn, K, G)
         s, z = _group_scales(s_ptr, z_ptr, gn, cols, cmask, N, G, HP)
         acc += _pair_dots(wa_step, wb_step, z_step, ya, yb, ASM) * (s_step * f_step[:, None, None])
     nxt = int4_first_tile(qw_ptr, s_ptr, z_ptr, N, K, next_cols, next_cmask, BLOCK_G, GROUP)

@@ -25,9 +25,10 @@ triton_decode_layer_int4), one stream of tiles a program: each trip requests the
 and a block's last trip the program's next block's first (_stream_carry), and each block's bias, residual and
 scales are requested before its stream; with one program an SM nothing else would be in flight while a block
 waited for its first tile. Each program's first block's first columns, and the tile its stream starts from, load
-before the barrier the phase waits on (before PDL's wait for the QKV phase; o_proj's after the program's attention
-work): weights stream while the previous phase and the barrier finish (gemv_phase_tile). The input h is the whole residual stream and so is the
-output (the norm fold's convention, layers/norm_fold.py): the residual add happens in phases 2 and 4.
+before the barrier the phase waits on (before PDL's wait for the QKV phase; o_proj's after the program's
+attention work): weights stream while the previous phase and the barrier finish (gemv_phase_tile). The input h
+is the whole residual stream and so is the output (the norm fold's convention, layers/norm_fold.py): the
+residual add happens in phases 2 and 4.
 
 The barrier (``_grid_barrier``): each program's threads meet (bar.sync), one thread adds 1 to the phase's int32
 counter with release semantics and spins on it with acquire until every program has arrived. The counters are
@@ -244,8 +245,7 @@ def _first_stream_tile(w_ptr, N, K: tl.constexpr, pid, num_programs, BLOCK_R: tl
 @triton.jit
 def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K: tl.constexpr, blk,
                next_blk, w_pre, carry, GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr,
-               RESIDUAL: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
+               RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
                W_FP8: tl.constexpr, W_INT4: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
                ACT_OUT: tl.constexpr):
     """One row block: y = W x (+ bias), its first PRE_K columns from w_pre (already loaded) when PRE_K > 0 (the
@@ -364,19 +364,26 @@ def _moe_gate_up_phase(h2_ptr, ln2_ptr, inv_rms, w13_ptr, gu_ptr, ids, slots, pi
 
 
 @triton.jit
-def _moe_down_phase(gu_ptr, w2_ptr, res_ptr, out_ptr, ids, weights, slots, pid, num_programs,
+def _moe_down_first(w2_ptr, ids, slots, pid, HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """The down phase's first tile (its first block's first expert's): the experts are known from the routing on,
+    so it loads before the phase's barrier."""
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    return _first_tile(_expert_rows(w2_ptr, ids, slots, 0, rows, HIDDEN * INTER, INTER), rows < HIDDEN, INTER, BLOCK_K)
+
+
+@triton.jit
+def _moe_down_phase(gu_ptr, w2_ptr, res_ptr, out_ptr, ids, weights, slots, pid, num_programs, carry,
                     HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_K: tl.constexpr):
     """out = h2 + sum over the chosen experts of weight x w2 act (silu(gate) * up, _moe_gate_up_phase's), as
     kernels/moe_ref sums them: each expert's output rounded, scaled and added in fp32, the sum rounded, then the
-    residual add rounded; one stream of tiles a program across its blocks' experts (each expert's last trip
-    requests the next expert's first tile, the last expert's the next block's first expert's)."""
+    residual add rounded; one stream of tiles a program across its blocks' experts from carry (_moe_down_first;
+    each expert's last trip requests the next expert's first tile, the last expert's the next block's first
+    expert's)."""
     dt = out_ptr.dtype.element_ty
     NB: tl.constexpr = (HIDDEN + BLOCK_R - 1) // BLOCK_R
     if pid < NB:
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        carry = _first_tile(_expert_rows(w2_ptr, ids, slots, 0, rows, HIDDEN * INTER, INTER), rows < HIDDEN, INTER,
-                            BLOCK_K)
         for blk in range(pid, NB, num_programs):
             rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
             rmask = rows < HIDDEN
@@ -547,20 +554,22 @@ def _decode_layer_kernel(
                     tl.atomic_add(load_ptr + ids, tl.full([BLOCK_TOPK], 1, tl.int64), mask=kmask)
             _moe_gate_up_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, gu_ptr, ids, slots, pid, num_programs, HIDDEN, INTER,
                                TOP_K, R_GU, K_GU)
+        if PHASE_LO <= 5 and PHASE_HI >= 5:  # the experts are known: the down phase's first tile before barrier 4
+            w_pre = _moe_down_first(wd_ptr, ids, slots, pid, HIDDEN, INTER, R_D, K_D)
     else:
         if PHASE_LO <= 4 and PHASE_HI >= 4:
             _gemv_phase(h2_ptr, ln2_ptr, inv2, wgu_ptr, sgu_ptr, zgu_ptr, bgu_ptr, h2_ptr, gu_ptr, xs_ptr, 2 * INTER,
                         HIDDEN, pid, num_programs, w_pre, False, True, HAS_GU_BIAS, False, R_GU, K_GU, P_GU,
                         W_FP8, W_INT4, INT4_GROUP, ASM, True)
-        if PHASE_LO <= 5 and PHASE_HI >= 5:  # (a MoE layer's experts are known only after the routing)
+        if PHASE_LO <= 5 and PHASE_HI >= 5:
             w_pre = _preload_w(wd_ptr, sd_ptr, zd_ptr, HIDDEN, INTER, pid, num_programs, R_D, K_D, P_D, W_FP8,
                                W_INT4, INT4_GROUP)
     if PHASE_LO <= 4 and PHASE_HI >= 5:
         _grid_barrier(bar_ptr + 4, num_programs, t_ptr, 4, TIMING)
     if PHASE_LO <= 5 and PHASE_HI >= 5:
         if MOE:
-            _moe_down_phase(gu_ptr, wd_ptr, h2_ptr, out_ptr, ids, weights, slots, pid, num_programs, HIDDEN, INTER,
-                            TOP_K, R_D, K_D)
+            _moe_down_phase(gu_ptr, wd_ptr, h2_ptr, out_ptr, ids, weights, slots, pid, num_programs, w_pre, HIDDEN,
+                            INTER, TOP_K, R_D, K_D)
         else:
             _gemv_phase(gu_ptr, gu_ptr, 1.0, wd_ptr, sd_ptr, zd_ptr, bd_ptr, h2_ptr, out_ptr, xs_ptr, HIDDEN, INTER,
                         pid, num_programs, w_pre, False, False, HAS_D_BIAS, True, R_D, K_D, P_D, W_FP8, W_INT4,

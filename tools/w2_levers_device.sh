@@ -95,7 +95,7 @@ PY
     layer_8b)  # W1 Llama-3.1-8B, bf16 then fp8 weights, once PARTS=layer passed (its tests include the fp8 path):
       # default / one launch a layer streaming 32 or 64 values a thread a trip (W1 8B moves < 1% between processes)
       for quant in ${LAYER_8B_QUANT:-bf16 fp8 awq}; do
-        jobs="8b:default 8b:DECODE_LAYER=1"; [ $quant != awq ] && jobs="$jobs 8b:DECODE_LAYER=1:1,8,64"
+        jobs="8b:default 8b:DECODE_LAYER=1 8b:DECODE_LAYER=1:1,8,64"  # (INT4 at 64: no spill since 2026-12-05)
         (OUT=$OUT/layer_8b_${quant}_w1 JOBS="$jobs" REPEAT=${LAYER_8B_REPEAT:-1} BUDGET=${LAYER_8B_BUDGET:-160} \
           BENCH_ARGS="$([ $quant != bf16 ] && echo --quantization $quant)" bash tools/w1_ab_device.sh 2>&1 | tail -5)
       done ;;

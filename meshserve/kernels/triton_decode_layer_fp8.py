@@ -76,10 +76,10 @@ def fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, next_rows, next_
     """(fp32 [BLOCK_R] scale[rows] * (W[rows] x), the next block's carry) for the fp8 weight w_ptr as uint32
     words [N, K / 4]; its first PRE_W words a row from w_pre (loaded before the phase's barrier) when PRE_W > 0,
     the rest streamed BLOCK_W words a trip from carry (fp8_carry: the tile at word PRE_W, already requested, and
-    x there), each trip requesting the next one's words and x before its products (the words
-    GEMV's rotated loop: x carried in the words' layout) and the last the program's next block's carry
-    (next_rows, words 0..BLOCK_W): each block's first tile, and its x, were a round trip to memory with nothing in
-    flight. A row of PRE_W words or fewer streams nothing and hands the carry on."""
+    x there), each trip requesting the next one's words and x before its products (the words GEMV's rotated
+    loop: x carried in the words' layout) and the last the program's next block's carry (next_rows, words
+    0..BLOCK_W): each block's first tile, and its x, were a round trip to memory with nothing in flight. A row of
+    PRE_W words or fewer streams nothing and hands the carry on."""
     KW: tl.constexpr = K // 4
     TRIPS: tl.constexpr = (KW - PRE_W + BLOCK_W - 1) // BLOCK_W
     w_rows = w_ptr + rows[:, None].to(tl.int64) * KW

@@ -298,8 +298,9 @@ from meshserve.kernels.triton_decode_layer import _decode_layer_kernel, gemv_pha
 from meshserve.kernels.triton_decode_layer_fp8 import words_phase_tile
 from meshserve.kernels.triton_decode_layer_int4 import int4_phase_tile
 sig = {n: "*bf16" for n in _decode_layer_kernel.arg_names if n.endswith("_ptr")}
-sig.update(xs_ptr="*i32", pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", slot_ptr="*i64", bt_ptr="*i64", seq_lens_ptr="*i64",
-           bar_ptr="*i32", time_ptr="*i64", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32", ticket_ptr="*i32", load_ptr="*i64",
+sig.update(xs_ptr="*i32", pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", slot_ptr="*i64", bt_ptr="*i64",
+           seq_lens_ptr="*i64", bar_ptr="*i32", time_ptr="*i64", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32",
+           ticket_ptr="*i32", load_ptr="*i64",
            eps="fp32", qk_eps="fp32", scale_log2="fp32", k_scale="fp32", v_scale="fp32", route_scale="fp32",
            stride_ckv="i64", stride_cb="i64")
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

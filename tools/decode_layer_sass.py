@@ -27,9 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from meshserve.kernels.triton_decode_layer import _decode_layer_kernel, gemv_phase_tile
-from meshserve.kernels.triton_decode_layer_fp8 import words_phase_tile
-from meshserve.kernels.triton_decode_layer_int4 import int4_phase_tile
+from meshserve.kernels.triton_decode_layer import _decode_layer_kernel, phase_tiles
 from tools.sass_loops import backward_loops, cubin_facts, opcodes
 
 # (hidden, intermediate, heads, KV heads, head dim, q/k norm, experts, top k): experts 0 a dense layer
@@ -68,20 +66,8 @@ def layer_consts(model: str, fmt: str, values: int = 32) -> dict:
                   TOP_K=max(top_k, 1), RENORMALIZE=bool(experts), BLOCK_E=max(experts, 1), BLOCK_TOPK=max(top_k, 1),
                   COUNT_LOAD=False, W_FP8=fmt == "fp8", W_INT4=fmt == "int4",
                   INT4_GROUP=INT4_GROUP if fmt == "int4" else 1, ASM=fmt != "bf16", TIMING=False)
-    shapes = (("QKV", (heads + 2 * kv_heads) * head_dim, hidden), ("O", hidden, heads * head_dim),
-              ("GU", max(top_k, 1) * 2 * inter, hidden), ("D", hidden, inter), ("RT", max(experts, 1), hidden))
-    for name, n, k in shapes:
-        tile = gemv_phase_tile(n, k, PROGRAMS, 32 * WARPS, values)
-        if fmt == "fp8" and name != "RT":
-            tile = words_phase_tile(*tile, k)
-        elif fmt == "int4" and name != "RT":
-            tile = int4_phase_tile(n, k, INT4_GROUP, PROGRAMS, 32 * WARPS, values)
-        consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = tile
-    consts["R_GU"] = max(consts["R_GU"], 2)
-    if experts:  # decode_layer's: an expert's rows a gate/up block, nothing preloaded past the routing
-        while (2 * inter) % consts["R_GU"]:
-            consts["R_GU"] //= 2
-        consts["P_GU"] = consts["P_D"] = 0
+    consts.update(phase_tiles((heads + 2 * kv_heads) * head_dim, heads * head_dim, hidden, inter, max(top_k, 1),
+                              max(experts, 1), bool(experts), fmt, INT4_GROUP, PROGRAMS, 32 * WARPS, values))
     return consts
 
 

@@ -167,13 +167,19 @@ def _store_act(y, y_ptr, blk, N, BLOCK_R: tl.constexpr, HALVES: tl.constexpr):
 
 
 @triton.jit
-def _preload(w_ptr, N, K, pid, BLOCK_R: tl.constexpr, PRE_K: tl.constexpr, ACT_OUT: tl.constexpr = False):
+def _tile_at(w_rows, rmask, K: tl.constexpr, K0: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns K0..K0 + BLOCK_K (masked at K) of the rows starting at w_rows ([BLOCK_R, 1] pointers)."""
+    kk = K0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_rows + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :], other=0)
+
+
+@triton.jit
+def _preload(w_ptr, N, K: tl.constexpr, pid, BLOCK_R: tl.constexpr, PRE_K: tl.constexpr,
+             ACT_OUT: tl.constexpr = False):
     """The first PRE_K columns of this program's first row block: weights no phase writes, so they load before
     the barrier (or PDL's wait) that the phase's input waits on."""
     rows, rmask = _block_rows(pid, N, BLOCK_R, ACT_OUT, False)
-    kp = tl.arange(0, PRE_K)
-    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + kp[None, :], mask=rmask[:, None] & (kp < K)[None, :],
-                   other=0.0)
+    return _tile_at(w_ptr + rows[:, None].to(tl.int64) * K, rmask, K, 0, PRE_K)
 
 
 @triton.jit
@@ -215,16 +221,9 @@ def _stream_carry(x_ptr, nw_ptr, inv_rms, w_rows, rmask, next_w_rows, next_rmask
             acc += w_step.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kk, kk < K, K, GATED, NORMED)[None, :]
         kk = FIRST + (TRIPS - 1) * BLOCK_K + ks
         w_step = w
-        w = _first_tile(next_w_rows, next_rmask, K, BLOCK_K)
+        w = _tile_at(next_w_rows, next_rmask, K, 0, BLOCK_K)
         acc += w_step.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kk, kk < K, K, GATED, NORMED)[None, :]
     return acc, w
-
-
-@triton.jit
-def _first_tile(w_rows, rmask, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Columns 0..BLOCK_K of the rows starting at w_rows ([BLOCK_R, 1] pointers)."""
-    ks = tl.arange(0, BLOCK_K)
-    return tl.load(w_rows + ks[None, :], mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
 
 
 @triton.jit
@@ -234,12 +233,10 @@ def _first_stream_tile(w_ptr, N, K: tl.constexpr, pid, num_programs, BLOCK_R: tl
     program's first block's at PRE_K, or, when PRE_K covers the row, its next block's first."""
     if PRE_K < K:
         rows, rmask = _block_rows(pid, N, BLOCK_R, ACT_OUT, False)
-        kk = PRE_K + tl.arange(0, BLOCK_K)
+        return _tile_at(w_ptr + rows[:, None].to(tl.int64) * K, rmask, K, PRE_K, BLOCK_K)
     else:
         rows, rmask = _block_rows(pid + num_programs, N, BLOCK_R, ACT_OUT, False)
-        kk = tl.arange(0, BLOCK_K)
-    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :],
-                   other=0)
+        return _tile_at(w_ptr + rows[:, None].to(tl.int64) * K, rmask, K, 0, BLOCK_K)
 
 
 @triton.jit
@@ -349,8 +346,8 @@ def _moe_gate_up_phase(h2_ptr, ln2_ptr, inv_rms, w13_ptr, gu_ptr, ids, slots, pi
     NB: tl.constexpr = TOP_K * BPE
     if pid < NB:
         rows, rmask = _block_rows(pid % BPE, 2 * INTER, BLOCK_R, True, False)
-        carry = _first_tile(_expert_rows(w13_ptr, ids, slots, pid // BPE, rows, 2 * INTER * HIDDEN, HIDDEN), rmask,
-                            HIDDEN, BLOCK_K)
+        carry = _tile_at(_expert_rows(w13_ptr, ids, slots, pid // BPE, rows, 2 * INTER * HIDDEN, HIDDEN), rmask,
+                         HIDDEN, 0, BLOCK_K)
         for blk in range(pid, NB, num_programs):
             rows, rmask = _block_rows(blk % BPE, 2 * INTER, BLOCK_R, True, False)
             w_rows = _expert_rows(w13_ptr, ids, slots, blk // BPE, rows, 2 * INTER * HIDDEN, HIDDEN)
@@ -369,7 +366,8 @@ def _moe_down_first(w2_ptr, ids, slots, pid, HIDDEN: tl.constexpr, INTER: tl.con
     """The down phase's first tile (its first block's first expert's): the experts are known from the routing on,
     so it loads before the phase's barrier."""
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    return _first_tile(_expert_rows(w2_ptr, ids, slots, 0, rows, HIDDEN * INTER, INTER), rows < HIDDEN, INTER, BLOCK_K)
+    return _tile_at(_expert_rows(w2_ptr, ids, slots, 0, rows, HIDDEN * INTER, INTER), rows < HIDDEN, INTER, 0,
+                    BLOCK_K)
 
 
 @triton.jit
@@ -603,6 +601,28 @@ def gemv_phase_tile(n: int, k: int, programs: int, threads: int, values: int = 3
     return rows, block_k, pre_k
 
 
+def phase_tiles(qkv_n: int, q_dim: int, hidden: int, inter: int, top_k: int, router_n: int, moe: bool, fmt: str,
+                group: int | None, programs: int, threads: int, values: int = 32) -> dict:
+    """The kernel's R_* / K_* / P_* constexprs: each GEMV phase's tile (gemv_phase_tile; fp8: words_phase_tile;
+    INT4: int4_phase_tile; the router is never quantized), gate_up's rows even (a block's gate rows and their up
+    rows), and in a MoE layer one expert's rows a gate_up block and nothing preloaded past the routing."""
+    tiles = {}
+    for name, n, k in (("QKV", qkv_n, hidden), ("O", hidden, q_dim), ("GU", top_k * 2 * inter, hidden),
+                       ("D", hidden, inter), ("RT", router_n, hidden)):
+        tile = gemv_phase_tile(n, k, programs, threads, values)
+        if fmt == "fp8" and name != "RT":
+            tile = words_phase_tile(*tile, k)
+        elif fmt == "int4" and name != "RT":
+            tile = int4_phase_tile(n, k, group, programs, threads, values)
+        tiles[f"R_{name}"], tiles[f"K_{name}"], tiles[f"P_{name}"] = tile
+    tiles["R_GU"] = max(tiles["R_GU"], 2)
+    if moe:
+        while (2 * inter) % tiles["R_GU"]:
+            tiles["R_GU"] //= 2
+        tiles["P_GU"] = tiles["P_D"] = 0
+    return tiles
+
+
 class DecodeLayerWeights:
     """One decoder layer's tensors as the kernel reads them (contiguous rows; biases and q/k norms optional).
     A MoE layer (router given): wgu / wd are the experts' w13 [E, 2I, H] (gate rows, then up rows) and w2
@@ -799,20 +819,10 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
         ASM=(w.fp8 or w.int4) and h.is_cuda and not interpreting(), TIMING=timing is not None,
         num_warps=num_warps, num_stages=1, **({} if cap is None else {"maxnreg": cap}),
     )
-    threads = 32 * num_warps
-    for name, n, k in (("QKV", w.wqkv.shape[0], hidden), ("O", hidden, num_heads * head_dim),
-                       ("GU", top_k * 2 * inter, hidden), ("D", hidden, inter), ("RT", logits.numel(), hidden)):
-        tile = gemv_phase_tile(n, k, num_programs, threads, stream_values)
-        if w.fp8 and name != "RT":  # (the router is never quantized)
-            tile = words_phase_tile(*tile, k)
-        elif w.int4 and name != "RT":
-            tile = int4_phase_tile(n, k, w.group_size, num_programs, threads, stream_values)
-        consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = tile
-    consts["R_GU"] = max(consts["R_GU"], 2)  # a dense gate_up block: its gate rows and their up rows (ACT_OUT)
-    if w.moe:  # an expert's rows a gate/up block; the experts' weights are known only after the routing
-        while (2 * inter) % consts["R_GU"]:
-            consts["R_GU"] //= 2
-        consts["P_GU"] = consts["P_D"] = 0
+    fmt = "fp8" if w.fp8 else "int4" if w.int4 else "16-bit"
+    # (INT4's qkv tile was chosen for its K / 8 word rows as if they were its output columns until 2026-12-05)
+    consts.update(phase_tiles(qkv_n, num_heads * head_dim, hidden, inter, top_k, logits.numel(), w.moe, fmt,
+                              w.group_size, num_programs, 32 * num_warps, stream_values))
     if one_launch:
         key = (dev.index, programs_per_sm, dt, kv_cache.dtype, *sorted(consts.items()), *sorted(gdc.items()))
         if key not in _one_wave_checked:

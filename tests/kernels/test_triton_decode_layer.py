@@ -29,6 +29,7 @@ if importlib.util.find_spec("triton") is not None:
         DecodeLayerWeights,
         decode_layer,
         decode_layer_ref,
+        phase_tiles,
     )
     from meshserve.kernels.quant_ref import pack_int4_rows, quantize_fp8_per_channel, quantize_int4_groups
     from tests.kernels.test_triton_decode_fused import fused_case
@@ -194,6 +195,22 @@ def test_layer_with_int4_weights_matches_reference_interp(case, dtype, num_progr
     assert w.int4 and w.out_in(w.wd) == (hidden, inter)
 
 
+def test_phase_tiles_take_each_phase_by_its_output_features():
+    """Llama-3.1-8B on an H200 (132 programs of 256 threads): INT4's qkv tile by its 6,144 output columns (16 a
+    block, three blocks a program; it was once picked from its 512 word rows, 8 columns), o / down 32; the 16-bit
+    phases 16 rows; gate_up even in every format (a block's gate rows and their up rows); a MoE layer's gate_up
+    rows an expert's and nothing preloaded past the routing."""
+    llama = (6144, 4096, 4096, 14336, 1, 1, False)
+    int4 = phase_tiles(*llama, "int4", 128, 132, 256)
+    assert (int4["R_QKV"], int4["R_O"], int4["R_GU"], int4["R_D"]) == (16, 32, 32, 32)
+    bf16 = phase_tiles(*llama, "16-bit", None, 132, 256)
+    assert (bf16["R_QKV"], bf16["K_QKV"], bf16["R_GU"]) == (16, 512, 16)
+    assert phase_tiles(6144, 4096, 4096, 14336, 1, 1, False, "fp8", None, 132, 256)["K_QKV"] == 256  # words
+    moe = phase_tiles(5120, 4096, 2048, 768, 8, 128, True, "16-bit", None, 132, 256)
+    assert (2 * 768) % moe["R_GU"] == 0 and moe["R_GU"] >= 2 and moe["P_GU"] == moe["P_D"] == 0
+    assert phase_tiles(8, 8, 8, 8, 1, 1, False, "16-bit", None, 132, 256)["R_GU"] >= 2
+
+
 @interp
 def test_layer_rejects_mixed_unscaled_or_misshapen_quantized_weights_interp():
     h, w, pos, cos, sin, cache, meta, scale, *_ = layer_case(37, 64, 4, 2, 16, 96, torch.float16)
@@ -294,33 +311,19 @@ def test_layer_rejects_what_it_cannot_run_interp():
 _COMPILE_SM90 = COMPILE_SM90_PRELUDE + f"import sys\nsys.path.insert(0, {str(Path(__file__).parents[2])!r})\n" + """
 import os
 from tools.sass_loops import backward_loops, cubin_facts, opcodes
-from meshserve.kernels.triton_decode_layer import _decode_layer_kernel, gemv_phase_tile
-from meshserve.kernels.triton_decode_layer_fp8 import words_phase_tile
-from meshserve.kernels.triton_decode_layer_int4 import int4_phase_tile
-sig = {n: "*bf16" for n in _decode_layer_kernel.arg_names if n.endswith("_ptr")}
-sig.update(xs_ptr="*i32", pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", slot_ptr="*i64", bt_ptr="*i64",
-           seq_lens_ptr="*i64", bar_ptr="*i32", time_ptr="*i64", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32",
-           ticket_ptr="*i32", load_ptr="*i64",
-           eps="fp32", qk_eps="fp32", scale_log2="fp32", k_scale="fp32", v_scale="fp32", route_scale="fp32",
-           stride_ckv="i64", stride_cb="i64")
+from meshserve.kernels.triton_decode_layer import _decode_layer_kernel, phase_tiles
+from tools.decode_layer_sass import signature
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def check(consts, shapes, barriers):
+def check(consts, barriers):
     int4 = consts.get("W_INT4", False)
-    for name, n, k in shapes:
-        tile = gemv_phase_tile(n, k, 132, 256)  # an H200
-        if name != "RT" and consts["W_FP8"]:
-            tile = words_phase_tile(*tile, k)
-        elif name != "RT" and int4:
-            tile = int4_phase_tile(n, k, consts["INT4_GROUP"], 132, 256)
-        consts[f"R_{name}"], consts[f"K_{name}"], consts[f"P_{name}"] = tile
-    if consts["MOE"]:
-        consts["P_GU"] = consts["P_D"] = 0
-    quant = {n: "*i32" for n in ("wqkv_ptr", "wo_ptr", "wgu_ptr", "wd_ptr")} if consts["W_FP8"] or int4 else {}
-    quant.update({n: "*fp16" if int4 else "*fp32" for n in ("sqkv_ptr", "so_ptr", "sgu_ptr", "sd_ptr")})
-    quant.update({n: "*fp16" for n in ("zqkv_ptr", "zo_ptr", "zgu_ptr", "zd_ptr")})
-    k = compile_sm90(_decode_layer_kernel, {**sig, **quant}, consts, 8, 1)
+    fmt = "int4" if int4 else "fp8" if consts["W_FP8"] else "bf16"
+    heads, kv_heads, head_dim = consts["NUM_HEADS"], consts["NUM_KV_HEADS"], consts["HEAD_DIM"]
+    consts.update(phase_tiles((heads + 2 * kv_heads) * head_dim, heads * head_dim, consts["HIDDEN"], consts["INTER"],
+                              consts["TOP_K"], consts["NUM_EXPERTS"], consts["MOE"], fmt, consts["INT4_GROUP"], 132,
+                              256))  # an H200
+    k = compile_sm90(_decode_layer_kernel, signature(fmt), consts, 8, 1)
     ptx = k.asm["ptx"]
     # a barrier: a release add (its result unused: red under Triton 3.9, atom under the device image's 3.6) and a
     # spin on an acquire load (Triton lowers the add of 0 to one); attention's tensor-core tile (its KV splits
@@ -346,19 +349,18 @@ base = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64, ATTN_SPLITS=8,
 # Qwen3-0.6B's layer, every phase in one launch under PDL's late trigger: four barriers
 dense = dict(base, HIDDEN=1024, INTER=3072, NUM_HEADS=16, NUM_KV_HEADS=8, GROUP=2, ROWS=16, BLOCK_H=1024, MOE=False,
              NUM_EXPERTS=1, TOP_K=1, RENORMALIZE=False, BLOCK_E=1, BLOCK_TOPK=1, COUNT_LOAD=False)
-check(dense, (("QKV", 4096, 1024), ("O", 1024, 2048), ("GU", 6144, 1024), ("D", 1024, 3072), ("RT", 1, 1024)), 4)
+check(dense, 4)
 # Qwen3-30B-A3B's: the router's phase and its barrier besides, 8 of 128 experts, the load counted
 moe = dict(base, HIDDEN=2048, INTER=768, NUM_HEADS=32, NUM_KV_HEADS=4, GROUP=8, ROWS=16, BLOCK_H=2048, MOE=True,
            NUM_EXPERTS=128, TOP_K=8, RENORMALIZE=True, BLOCK_E=128, BLOCK_TOPK=8, COUNT_LOAD=True)
-check(moe, (("QKV", 5120, 2048), ("O", 2048, 4096), ("GU", 8 * 1536, 2048), ("D", 2048, 768), ("RT", 128, 2048)), 5)
+check(moe, 5)
 # Llama-3.1-8B's layer with fp8 weights (the words' inline PTX) over an fp8 cache
 llama = dict(base, HIDDEN=4096, INTER=14336, NUM_HEADS=32, NUM_KV_HEADS=8, GROUP=4, ROWS=16, BLOCK_H=4096, MOE=False,
              NUM_EXPERTS=1, TOP_K=1, RENORMALIZE=False, BLOCK_E=1, BLOCK_TOPK=1, COUNT_LOAD=False, W_FP8=True,
              ASM=True, KV_FP8=True, HAS_NORM=False)
-check(llama, (("QKV", 6144, 4096), ("O", 4096, 4096), ("GU", 28672, 4096), ("D", 4096, 14336), ("RT", 1, 4096)), 4)
+check(llama, 4)
 # and with AWQ-style INT4 weights (groups of 128: the words' inline PTX)
-check(dict(llama, W_FP8=False, W_INT4=True, INT4_GROUP=128),
-      (("QKV", 6144, 4096), ("O", 4096, 4096), ("GU", 28672, 4096), ("D", 4096, 14336), ("RT", 1, 4096)), 4)
+check(dict(llama, W_FP8=False, W_INT4=True, INT4_GROUP=128), 4)
 # its GEMV trips read x staged once a phase and the scales and zeros in the words' own layout: no barrier and no
 # shared memory in a trip (they took 6-14 barriers a trip before; tools/decode_layer_sass.py)
 if os.path.exists(tool):
@@ -369,7 +371,7 @@ if os.path.exists(tool):
         assert trips and not any(op.startswith(("BAR", "LDS", "STS")) for t in trips for op in t), trips
 # the dense layer with its clocks recorded (tools/decode_layer_phases.py): %clock64 at start, after the wait, at
 # each barrier's arrival and departure and at the end, %globaltimer at start and end
-timed = compile_sm90(_decode_layer_kernel, sig, dict(dense, TIMING=True), 8, 1).asm["ptx"]
+timed = compile_sm90(_decode_layer_kernel, signature("bf16"), dict(dense, TIMING=True), 8, 1).asm["ptx"]
 assert timed.count("%clock64") == 2 + 2 * 4 + 1 and timed.count("%globaltimer") == 2
 print("compiled")
 """

@@ -498,6 +498,8 @@ def _report(config: SimConfig, trace: Trace, recorder: RunRecorder, replicas: li
             "busy_fraction": router_node.busy_s / duration if duration else 0.0,
             "max_backlog_s": router_node.max_backlog_s},
         "gpu_busy_fraction": gpu_busy / replica_seconds if replica_seconds else 0.0,
+        # per replica held (an autoscaled fleet's mean count, starting ones included): the KEDA rule's threshold at this load
+        "in_flight_per_replica": report["in_flight_mean"] * duration / replica_seconds if replica_seconds else 0.0,
         "calibration": config.calibration_section,  # the calibration.toml fit the weights came from
         "step_weights": vars(cost.weights) if step_cost is None else "custom",
         # what a step pays at tp > 1 beyond the divided TP=1 terms (calibration.toml's tp table; unused at tp 1)

@@ -176,6 +176,9 @@ class RunRecorder:
         s["itl_gaps"] = int(self.itl_counts.sum())  # itl_percentiles flushed the pending ones
         s.update(pct(tpot[multi], "tpot"))
         s.update(pct(e2e, "e2e"))
+        # Little's law over the run: the mean number of requests in flight (arrival to last token), the figure an
+        # in-flight autoscaling threshold compares with (deploy/k8s/autoscaling-keda.yaml)
+        s["in_flight_mean"] = float(e2e.sum()) / duration_s if duration_s > 0 else 0.0
         if self.reject_latency_s:  # as `bench serve`'s "refused in": only when something was refused
             s.update(pct(np.frombuffer(self.reject_latency_s, dtype=float), "reject_latency"))
         s["gpu_hours"] = gpu_hours

@@ -64,3 +64,7 @@ def test_gpu_hours_by_hand():
     assert report["gpu_hours"] == pytest.approx(gpu_hours)
     assert report["cost"]["usd"] == pytest.approx(gpu_hours * report["cost"]["usd_per_gpu_hour"])
     assert report["cost"]["usd_per_million_output_tokens"] == pytest.approx(report["cost"]["usd"] / (3 * 18) * 1e6)
+    # all three stay on the first replica (the only one at t=0): done at 2.25, 4.5 and 6.75 s; in flight per
+    # replica held divides their 13.5 request-seconds by the 14.75 replica-seconds
+    assert report["in_flight_mean"] == pytest.approx(13.5 / 6.75)
+    assert report["in_flight_per_replica"] == pytest.approx(13.5 / 14.75)

@@ -29,6 +29,8 @@ def test_md1_queue_mean_wait():
     # TTFT = wait + service; the sample mean over 24k correlated waits is within a few percent of theory
     assert report["ttft_mean"] - d == pytest.approx(expected_wait, rel=0.06)
     assert report["gpu_busy_fraction"] == pytest.approx(rho, rel=0.03)
+    # Little's law: in flight = arrival rate x time in the system (here the TTFT: one token)
+    assert report["in_flight_mean"] == pytest.approx(qps * report["ttft_mean"], rel=0.02)
 
 
 def test_md1_is_stable_only_below_capacity():
@@ -52,6 +54,8 @@ def test_fixed_batch_constant_steps():
     assert report["tpot_p50"] == pytest.approx(d)
     assert report["e2e_p99"] == pytest.approx(out * d)
     assert report["goodput"] == pytest.approx(n / (out * d))
+    # every request in flight from t = 0 to the end: Little's law gives n
+    assert report["in_flight_mean"] == pytest.approx(n) and report["in_flight_per_replica"] == pytest.approx(n)
 
 
 def test_fixed_batch_calibrated_steps_sum_by_hand():

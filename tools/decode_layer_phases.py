@@ -25,7 +25,8 @@ import torch
 
 from meshserve.bench.roofline import measure_copy_bandwidth
 from meshserve.kernels.quant_ref import pack_int4_rows, quantize_fp8_per_channel, quantize_int4_groups
-from meshserve.kernels.triton_decode_layer import BARRIERS_PER_LAYER, TIMING_SLOTS, DecodeLayerWeights, decode_layer
+from meshserve.kernels.decode_layer_weights import DecodeLayerWeights
+from meshserve.kernels.triton_decode_layer import BARRIERS_PER_LAYER, TIMING_SLOTS, decode_layer
 
 # hidden, heads, KV heads, head dim, intermediate (an expert's for MoE), q/k norms, (experts, top k) or None
 SHAPES = {

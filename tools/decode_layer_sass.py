@@ -27,7 +27,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from meshserve.kernels.triton_decode_layer import _decode_layer_kernel, phase_tiles
+from meshserve.kernels.triton_decode_layer import _decode_layer_kernel
+from meshserve.kernels.triton_decode_layer_gemv import phase_tiles
 from tools.sass_loops import backward_loops, cubin_facts, opcodes
 
 # (hidden, intermediate, heads, KV heads, head dim, q/k norm, experts, top k): experts 0 a dense layer

@@ -43,20 +43,24 @@ SM's before it runs; a grid that cannot be one wave raises instead of hanging.
 
 The interpreter runs programs one after another, where a barrier would wait forever: there (and with
 one_launch=False) each phase is its own launch of the same kernel (PHASE_LO == PHASE_HI), the CPU tests' path;
-a single launch of every phase is the GPU's. Reference: decode_layer_ref (the plain path's ops composed).
+a single launch of every phase is the GPU's. Reference: decode_layer_ref.py (the plain path's ops composed).
+
+Files: this one holds the barrier, the attention phase, the kernel and its launch; triton_decode_layer_gemv the
+dense GEMV phases and every phase's tiles (16-bit here, fp8 and INT4 in triton_decode_layer_fp8 / _int4),
+triton_decode_layer_moe the experts' phases, decode_layer_weights the layer's tensors as the kernel reads them.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from meshserve.kernels.decode_layer_weights import DecodeLayerWeights
 from meshserve.kernels.kv_layout import v_transposed
 from meshserve.kernels.pdl import gdc_kwargs, interpreting
 from meshserve.kernels.pdl_jit import gdc_trigger_late, gdc_wait
-from meshserve.kernels.quant_ref import FP8_DTYPE
+from meshserve.kernels.tickets import ticket_workspace, tickets_usable
 from meshserve.kernels.triton_attention import (
     _LOG2E,
     _dot_precision,
@@ -70,20 +74,12 @@ from meshserve.kernels.triton_attention import (
 )
 from meshserve.kernels.triton_decode_balanced import max_registers
 from meshserve.kernels.triton_decode_fused import _norm_rope_group, group_query
-from meshserve.kernels.triton_decode_layer_fp8 import fp8_carry, fp8_rows, words_phase_tile
-from meshserve.kernels.triton_decode_layer_int4 import (
-    int4_cols,
-    int4_first_tile,
-    int4_group_fits,
-    int4_phase_tile,
-    int4_scratch_words,
-    int4_stage_x,
-)
-from meshserve.kernels.triton_gemv import _row_x
+from meshserve.kernels.triton_decode_layer_gemv import _gemv_phase, _preload_w, phase_tiles
+from meshserve.kernels.triton_decode_layer_int4 import int4_scratch_words
+from meshserve.kernels.triton_decode_layer_moe import _moe_down_first, _moe_down_phase, _moe_gate_up_phase
 from meshserve.kernels.triton_kv_layout import v_offset
 from meshserve.kernels.triton_moe_routing import _route_row
-from meshserve.kernels.tickets import ticket_workspace, tickets_usable
-from meshserve.kernels.triton_ops import _to_cache, silu_mul
+from meshserve.kernels.triton_ops import _to_cache
 
 NUM_PHASES = 6  # 3 (the router) only in MoE layers
 BARRIERS_PER_LAYER = NUM_PHASES - 1
@@ -131,277 +127,6 @@ def _inv_rms(h_ptr, K, eps, BLOCK_H: tl.constexpr):
     cols = tl.arange(0, BLOCK_H)
     hf = tl.load(h_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
     return 1.0 / tl.sqrt(tl.sum(hf * hf, 0) / K + eps)
-
-
-@triton.jit
-def _block_rows(blk, N, BLOCK_R: tl.constexpr, ACT_OUT: tl.constexpr, HALVES: tl.constexpr):
-    """The rows (INT4: output columns) of block blk of a GEMV phase over N, and their mask. ACT_OUT (gate_up,
-    rows [gate | up]): BLOCK_R / 2 gate rows and their up rows, N / 2 further, so that the block ends in
-    silu(gate) * up (_store_act); interleaved (gate i, up i), or for INT4's columns, whose loads want runs of
-    contiguous columns, as two halves (gates, then ups)."""
-    r = tl.arange(0, BLOCK_R)
-    if ACT_OUT:
-        HALF: tl.constexpr = BLOCK_R // 2
-        if HALVES:
-            pair, which = blk * HALF + r % HALF, r // HALF
-        else:
-            pair, which = blk * HALF + r // 2, r % 2
-        return pair + which * (N // 2), pair < N // 2
-    else:
-        rows = blk * BLOCK_R + r
-        return rows, rows < N
-
-
-@triton.jit
-def _store_act(y, y_ptr, blk, N, BLOCK_R: tl.constexpr, HALVES: tl.constexpr):
-    """An ACT_OUT block's output (_block_rows): silu(gate) * up of its rounded gate and up rows, as
-    silu_and_mul rounds them (the plain path's GEMV output, then its SiLU-and-mul), to y_ptr[pair]."""
-    dt = y_ptr.dtype.element_ty
-    y = y.to(dt).to(tl.float32)
-    if HALVES:
-        gate, up = tl.split(tl.permute(tl.reshape(y, [2, BLOCK_R // 2]), [1, 0]))
-    else:
-        gate, up = tl.split(tl.reshape(y, [BLOCK_R // 2, 2]))
-    outs = blk * (BLOCK_R // 2) + tl.arange(0, BLOCK_R // 2)
-    tl.store(y_ptr + outs, silu_mul(gate, up, dt), mask=outs < N // 2)
-
-
-@triton.jit
-def _tile_at(w_rows, rmask, K: tl.constexpr, K0: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Columns K0..K0 + BLOCK_K (masked at K) of the rows starting at w_rows ([BLOCK_R, 1] pointers)."""
-    kk = K0 + tl.arange(0, BLOCK_K)
-    return tl.load(w_rows + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :], other=0)
-
-
-@triton.jit
-def _preload(w_ptr, N, K: tl.constexpr, pid, BLOCK_R: tl.constexpr, PRE_K: tl.constexpr,
-             ACT_OUT: tl.constexpr = False):
-    """The first PRE_K columns of this program's first row block: weights no phase writes, so they load before
-    the barrier (or PDL's wait) that the phase's input waits on."""
-    rows, rmask = _block_rows(pid, N, BLOCK_R, ACT_OUT, False)
-    return _tile_at(w_ptr + rows[:, None].to(tl.int64) * K, rmask, K, 0, PRE_K)
-
-
-@triton.jit
-def _preload_w(w_ptr, s_ptr, z_ptr, N, K: tl.constexpr, pid, num_programs, BLOCK_R: tl.constexpr,
-               BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, W_FP8: tl.constexpr = False, W_INT4: tl.constexpr = False,
-               GROUP: tl.constexpr = 1, ACT_OUT: tl.constexpr = False):
-    """What a GEMV phase over the weight w_ptr ([N, K] 16-bit, fp8 words [N, K / 4], or INT4 words [K / 8, N])
-    loads before its barrier: (the first block's first PRE_K columns (words), the tile its stream starts from:
-    _first_stream_tile), or for INT4 its first trip (words, scales s_ptr and zeros z_ptr)."""
-    if W_INT4:
-        cols, cmask = _block_rows(pid, N, BLOCK_R, ACT_OUT, True)
-        return int4_first_tile(w_ptr, s_ptr, z_ptr, N, K, cols, cmask, BLOCK_K, GROUP)
-    else:
-        KK: tl.constexpr = K // 4 if W_FP8 else K
-        return (_preload(w_ptr, N, KK, pid, BLOCK_R, PRE_K, ACT_OUT),
-                _first_stream_tile(w_ptr, N, KK, pid, num_programs, BLOCK_R, BLOCK_K, PRE_K, ACT_OUT))
-
-
-@triton.jit
-def _stream_carry(x_ptr, nw_ptr, inv_rms, w_rows, rmask, next_w_rows, next_rmask, K: tl.constexpr, w_first,
-                  GATED: tl.constexpr, NORMED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                  FIRST: tl.constexpr):
-    """(the [BLOCK_R, BLOCK_K] fp32 partial products of the rows (w_rows: their starts, [BLOCK_R, 1]) against the
-    input row from column FIRST on, the next stream's first tile): triton_gemv._stream_rows' trips and sums (so
-    its bits), from w_first (the tile at FIRST, already requested), each trip requesting the next tile before its
-    products and the last one the first tile (columns 0..BLOCK_K) of the program's next rows (next_w_rows: the
-    next block's, or the next expert's): without it each block's first tile was a round trip to memory with
-    nothing in flight (one program an SM). A row of FIRST columns or fewer streams nothing and hands w_first on."""
-    TRIPS: tl.constexpr = (K - FIRST + BLOCK_K - 1) // BLOCK_K
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    w = w_first
-    if TRIPS > 0:
-        for t in range(0, TRIPS - 1):
-            kk = FIRST + t * BLOCK_K + ks
-            kn = kk + BLOCK_K
-            w_step = w
-            w = tl.load(w_rows + kn[None, :], mask=rmask[:, None] & (kn < K)[None, :], other=0.0)
-            acc += w_step.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kk, kk < K, K, GATED, NORMED)[None, :]
-        kk = FIRST + (TRIPS - 1) * BLOCK_K + ks
-        w_step = w
-        w = _tile_at(next_w_rows, next_rmask, K, 0, BLOCK_K)
-        acc += w_step.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kk, kk < K, K, GATED, NORMED)[None, :]
-    return acc, w
-
-
-@triton.jit
-def _first_stream_tile(w_ptr, N, K: tl.constexpr, pid, num_programs, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PRE_K: tl.constexpr, ACT_OUT: tl.constexpr):
-    """The tile of K-wide rows (16-bit columns, or fp8 words) a 16-bit or fp8 phase's stream starts from: the
-    program's first block's at PRE_K, or, when PRE_K covers the row, its next block's first."""
-    if PRE_K < K:
-        rows, rmask = _block_rows(pid, N, BLOCK_R, ACT_OUT, False)
-        return _tile_at(w_ptr + rows[:, None].to(tl.int64) * K, rmask, K, PRE_K, BLOCK_K)
-    else:
-        rows, rmask = _block_rows(pid + num_programs, N, BLOCK_R, ACT_OUT, False)
-        return _tile_at(w_ptr + rows[:, None].to(tl.int64) * K, rmask, K, 0, BLOCK_K)
-
-
-@triton.jit
-def _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K: tl.constexpr, blk,
-               next_blk, w_pre, carry, GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr,
-               RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
-               W_FP8: tl.constexpr, W_INT4: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
-               ACT_OUT: tl.constexpr):
-    """One row block: y = W x (+ bias), its first PRE_K columns from w_pre (already loaded) when PRE_K > 0 (the
-    fold GEMV's order: the preloaded columns' sum, then the streamed tiles'); RESIDUAL: y rounded, plus the
-    residual's rows, rounded again (the plain path's projection output, then rms_norm's residual add). W_FP8:
-    w_ptr the fp8 weight as words and s_ptr its row scales, BLOCK_K / PRE_K in words (triton_decode_layer_fp8).
-    W_INT4: w_ptr INT4 words [K / 8, N], s_ptr / z_ptr its GROUP-wise scales and zeros, the rows output columns,
-    BLOCK_K groups a trip, PRE_K > 0: w_pre is the first trip's words, x staged at xs_ptr
-    (triton_decode_layer_int4). ACT_OUT: the block's gate and up rows, its output silu(gate) * up (_block_rows).
-    carry: the block's first streamed tile (INT4: trip), already requested; returns the program's next block's
-    (next_blk), requested during this block's last trip.
-    """
-    dt = y_ptr.dtype.element_ty
-    rows, rmask = _block_rows(blk, N, BLOCK_R, ACT_OUT, W_INT4)
-    next_rows, next_rmask = _block_rows(next_blk, N, BLOCK_R, ACT_OUT, W_INT4)
-    # the block's other inputs requested before its stream: read after it, each was a round trip to memory at
-    # the block's end with nothing else in flight (one program an SM)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    if RESIDUAL:
-        res = tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    if W_INT4:
-        y, carry = int4_cols(xs_ptr, w_ptr, s_ptr, z_ptr, rows, rmask, next_rows, next_rmask, N, K, carry, GROUP,
-                             BLOCK_R, BLOCK_K, ASM)
-    elif W_FP8:
-        y, carry = fp8_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, rows, rmask, next_rows, next_rmask, K, w_pre,
-                            carry, GATED, NORMED, BLOCK_R, BLOCK_K, PRE_K, ASM)
-    else:
-        y = tl.zeros([BLOCK_R], dtype=tl.float32)
-        if PRE_K > 0:
-            kp = tl.arange(0, PRE_K)
-            pmask = kp < K
-            y += tl.sum(w_pre.to(tl.float32) * _row_x(x_ptr, nw_ptr, inv_rms, kp, pmask, K, GATED, NORMED)[None, :],
-                        1)
-        acc, carry = _stream_carry(x_ptr, nw_ptr, inv_rms, w_ptr + rows[:, None].to(tl.int64) * K, rmask,
-                                   w_ptr + next_rows[:, None].to(tl.int64) * K, next_rmask, K, carry, GATED, NORMED,
-                                   BLOCK_R, BLOCK_K, PRE_K)
-        y += tl.sum(acc, 1)
-    if HAS_BIAS:
-        y += bias
-    if ACT_OUT:
-        _store_act(y, y_ptr, blk, N, BLOCK_R, W_INT4)
-    else:
-        if RESIDUAL:
-            y = y.to(dt).to(tl.float32) + res
-        tl.store(y_ptr + rows, y.to(dt), mask=rmask)
-    return carry
-
-
-@triton.jit
-def _gemv_phase(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K: tl.constexpr, pid,
-                num_programs,
-                w_pre, GATED: tl.constexpr, NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
-                W_FP8: tl.constexpr = False, W_INT4: tl.constexpr = False, GROUP: tl.constexpr = 1,
-                ASM: tl.constexpr = False, ACT_OUT: tl.constexpr = False):
-    """This program's row blocks pid, pid + num_programs, ...: the first with its preloaded columns (w_pre), one
-    stream of tiles across them (each block's last trip requests the next block's first tile). INT4: x staged
-    once to the program's scratch xs_ptr first (int4_stage_x), w_pre the first block's first trip."""
-    if pid < tl.cdiv(N, BLOCK_R):
-        if W_INT4:
-            int4_stage_x(x_ptr, nw_ptr, inv_rms, xs_ptr, K, GROUP, GATED, NORMED, BLOCK_K * BLOCK_R // 16, ASM)
-            pre, carry = w_pre, w_pre
-        else:  # (_preload_w's)
-            pre, carry = w_pre
-            if W_FP8:
-                carry = fp8_carry(x_ptr, nw_ptr, inv_rms, carry, K, PRE_K if PRE_K < K // 4 else 0, GATED, NORMED,
-                                  BLOCK_K)
-        carry = _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, pid,
-                           pid + num_programs, pre, carry, GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, PRE_K,
-                           W_FP8, W_INT4, GROUP, ASM, ACT_OUT)
-        for blk in range(pid + num_programs, tl.cdiv(N, BLOCK_R), num_programs):
-            carry = _gemv_rows(x_ptr, nw_ptr, inv_rms, w_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, xs_ptr, N, K, blk,
-                               blk + num_programs, pre, carry, GATED, NORMED, HAS_BIAS, RESIDUAL, BLOCK_R, BLOCK_K, 0,
-                               W_FP8, W_INT4, GROUP, ASM, ACT_OUT)
-
-
-@triton.jit
-def _expert_of(ids, slots, slot):
-    """ids[slot] of the routing's [BLOCK_TOPK] vector, as a scalar."""
-    return tl.sum(tl.where(slots == slot, ids, 0), 0)
-
-
-@triton.jit
-def _expert_rows(w_ptr, ids, slots, slot, rows, ROW_ELEMS: tl.constexpr, K: tl.constexpr):
-    """[BLOCK_R, 1] starts of the rows of the expert in routing slot `slot` (a slot past TOP_K: expert 0's, for a
-    stream that is masked off) in the experts' weights w_ptr [E, ROW_ELEMS / K, K]."""
-    expert = _expert_of(ids, slots, slot).to(tl.int64)
-    return w_ptr + expert * ROW_ELEMS + rows[:, None].to(tl.int64) * K
-
-
-@triton.jit
-def _moe_gate_up_phase(h2_ptr, ln2_ptr, inv_rms, w13_ptr, gu_ptr, ids, slots, pid, num_programs,
-                       HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """act [TOP_K, INTER] = silu(gate) * up of each chosen expert's w13 rms_norm(h2): row blocks over the TOP_K
-    experts' rows (BLOCK_R divides 2 INTER: a block is one expert's), each block its gate rows and their up rows
-    (_block_rows' ACT_OUT), rounded as the plain path's per-expert GEMM and then its SiLU-and-mul; one stream of
-    tiles a program across its blocks (_stream_carry)."""
-    BPE: tl.constexpr = 2 * INTER // BLOCK_R  # blocks an expert
-    NB: tl.constexpr = TOP_K * BPE
-    if pid < NB:
-        rows, rmask = _block_rows(pid % BPE, 2 * INTER, BLOCK_R, True, False)
-        carry = _tile_at(_expert_rows(w13_ptr, ids, slots, pid // BPE, rows, 2 * INTER * HIDDEN, HIDDEN), rmask,
-                         HIDDEN, 0, BLOCK_K)
-        for blk in range(pid, NB, num_programs):
-            rows, rmask = _block_rows(blk % BPE, 2 * INTER, BLOCK_R, True, False)
-            w_rows = _expert_rows(w13_ptr, ids, slots, blk // BPE, rows, 2 * INTER * HIDDEN, HIDDEN)
-            nxt = blk + num_programs
-            next_rows, next_rmask = _block_rows(nxt % BPE, 2 * INTER, BLOCK_R, True, False)
-            next_w_rows = _expert_rows(w13_ptr, ids, slots, nxt // BPE, next_rows, 2 * INTER * HIDDEN, HIDDEN)
-            next_rmask = next_rmask & (next_rows * 0 + nxt < NB)
-            acc, carry = _stream_carry(h2_ptr, ln2_ptr, inv_rms, w_rows, rmask, next_w_rows, next_rmask, HIDDEN, carry,
-                                       False, True, BLOCK_R, BLOCK_K, 0)
-            _store_act(tl.sum(acc, 1), gu_ptr + (blk // BPE) * INTER, blk % BPE, 2 * INTER, BLOCK_R, False)
-
-
-@triton.jit
-def _moe_down_first(w2_ptr, ids, slots, pid, HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """The down phase's first tile (its first block's first expert's): the experts are known from the routing on,
-    so it loads before the phase's barrier."""
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    return _tile_at(_expert_rows(w2_ptr, ids, slots, 0, rows, HIDDEN * INTER, INTER), rows < HIDDEN, INTER, 0,
-                    BLOCK_K)
-
-
-@triton.jit
-def _moe_down_phase(gu_ptr, w2_ptr, res_ptr, out_ptr, ids, weights, slots, pid, num_programs, carry,
-                    HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """out = h2 + sum over the chosen experts of weight x w2 act (silu(gate) * up, _moe_gate_up_phase's), as
-    kernels/moe_ref sums them: each expert's output rounded, scaled and added in fp32, the sum rounded, then the
-    residual add rounded; one stream of tiles a program across its blocks' experts from carry (_moe_down_first;
-    each expert's last trip requests the next expert's first tile, the last expert's the next block's first
-    expert's)."""
-    dt = out_ptr.dtype.element_ty
-    NB: tl.constexpr = (HIDDEN + BLOCK_R - 1) // BLOCK_R
-    if pid < NB:
-        for blk in range(pid, NB, num_programs):
-            rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-            rmask = rows < HIDDEN
-            res = tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)  # requested before the stream
-            next_rows = rows + num_programs * BLOCK_R
-            y = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for j in tl.static_range(TOP_K):
-                w_rows = _expert_rows(w2_ptr, ids, slots, j, rows, HIDDEN * INTER, INTER)
-                if j + 1 < TOP_K:
-                    next_w_rows = _expert_rows(w2_ptr, ids, slots, j + 1, rows, HIDDEN * INTER, INTER)
-                    next_rmask = rmask
-                else:
-                    next_w_rows = _expert_rows(w2_ptr, ids, slots, 0, next_rows, HIDDEN * INTER, INTER)
-                    next_rmask = next_rows < HIDDEN
-                acc, carry = _stream_carry(gu_ptr + j * INTER, gu_ptr, 1.0, w_rows, rmask, next_w_rows, next_rmask,
-                                           INTER, carry, False, False, BLOCK_R, BLOCK_K, 0)
-                weight = tl.sum(tl.where(slots == j, weights, 0.0), 0)
-                y += tl.sum(acc, 1).to(dt).to(tl.float32) * weight
-            y = y.to(dt).to(tl.float32) + res
-            tl.store(out_ptr + rows, y.to(dt), mask=rmask)
 
 
 @triton.jit
@@ -584,98 +309,6 @@ def attention_splits(num_programs: int, num_kv_heads: int) -> int:
     return max(1, min(MAX_ATTN_SPLITS, num_programs // num_kv_heads))
 
 
-def gemv_phase_tile(n: int, k: int, programs: int, threads: int, values: int = 32) -> tuple[int, int, int]:
-    """(rows a block, columns a streamed tile, columns preloaded) of a GEMV phase over n rows of k: the most rows
-    a block (at most 16) that leave the busiest program within 10% of the fewest rows any block size gives (the
-    o / down phases' 1,024 rows over 132 programs: 8, one block each; gate_up's 6,144: 16, three blocks each);
-    ~`values` a thread a streamed tile (two tiles in flight: the bytes one program an SM keeps requested) and
-    ~64 preloaded (the first block's whole row where it fits: 16 B x 8 in flight a thread before the barrier
-    opens)."""
-    def busiest(r: int) -> int:
-        return -(-(-(-n // r)) // programs) * r
-
-    fewest = min(busiest(r) for r in (16, 8, 4, 2, 1))
-    rows = next(r for r in (16, 8, 4, 2, 1) if busiest(r) <= 1.1 * fewest)
-    block_k = min(_next_pow2(k), max(64, values * threads // rows))
-    pre_k = min(1 << (k.bit_length() - 1), max(64, 64 * threads // rows))  # a power of two <= k
-    return rows, block_k, pre_k
-
-
-def phase_tiles(qkv_n: int, q_dim: int, hidden: int, inter: int, top_k: int, router_n: int, moe: bool, fmt: str,
-                group: int | None, programs: int, threads: int, values: int = 32) -> dict:
-    """The kernel's R_* / K_* / P_* constexprs: each GEMV phase's tile (gemv_phase_tile; fp8: words_phase_tile;
-    INT4: int4_phase_tile; the router is never quantized), gate_up's rows even (a block's gate rows and their up
-    rows), and in a MoE layer one expert's rows a gate_up block and nothing preloaded past the routing."""
-    tiles = {}
-    for name, n, k in (("QKV", qkv_n, hidden), ("O", hidden, q_dim), ("GU", top_k * 2 * inter, hidden),
-                       ("D", hidden, inter), ("RT", router_n, hidden)):
-        tile = gemv_phase_tile(n, k, programs, threads, values)
-        if fmt == "fp8" and name != "RT":
-            tile = words_phase_tile(*tile, k)
-        elif fmt == "int4" and name != "RT":
-            tile = int4_phase_tile(n, k, group, programs, threads, values)
-        tiles[f"R_{name}"], tiles[f"K_{name}"], tiles[f"P_{name}"] = tile
-    tiles["R_GU"] = max(tiles["R_GU"], 2)
-    if moe:
-        while (2 * inter) % tiles["R_GU"]:
-            tiles["R_GU"] //= 2
-        tiles["P_GU"] = tiles["P_D"] = 0
-    return tiles
-
-
-class DecodeLayerWeights:
-    """One decoder layer's tensors as the kernel reads them (contiguous rows; biases and q/k norms optional).
-    A MoE layer (router given): wgu / wd are the experts' w13 [E, 2I, H] (gate rows, then up rows) and w2
-    [E, H, I], wr the router [E, H], routing (top k, renormalize, scaling) a softmax top-k's
-    (layers/moe_routing.SoftmaxTopK.as_softmax_topk), expert_load the per-expert counter (int64 [E]) or None.
-    A dense layer's four projections (wqkv, wo, wgu, wd) may instead be quantized, all four alike: fp8 (e4m3
-    [N, K]) with scales their fp32 row scales [N]; or INT4 (quant_ref's internal layout: qweight int32 [K / 8, N])
-    with scales and zeros their [K / group_size, N] and group_size 16 times a power of two (int4_group_fits)."""
-
-    __slots__ = ("ln1", "wqkv", "bqkv", "q_norm", "k_norm", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd", "eps",
-                 "qk_eps", "wr", "routing", "expert_load", "scales", "zeros", "group_size")
-
-    def __init__(self, ln1, wqkv, wo, ln2, wgu, wd, eps, *, bqkv=None, q_norm=None, k_norm=None, bo=None,
-                 bgu=None, bd=None, qk_eps=None, wr=None, routing=None, expert_load=None, scales=None, zeros=None,
-                 group_size=None):
-        self.ln1, self.wqkv, self.bqkv, self.wo, self.bo = ln1, wqkv, bqkv, wo, bo
-        self.q_norm, self.k_norm, self.ln2, self.wgu, self.bgu, self.wd, self.bd = q_norm, k_norm, ln2, wgu, bgu, wd, bd
-        self.eps = float(eps)
-        self.qk_eps = float(eps if qk_eps is None else qk_eps)
-        self.wr, self.routing, self.expert_load = wr, routing, expert_load
-        self.scales = None if scales is None else tuple(scales)
-        self.zeros = None if zeros is None else tuple(zeros)
-        self.group_size = group_size
-        if (wr is None) != (routing is None):
-            raise ValueError("DecodeLayerWeights: a MoE layer takes both the router and its routing")
-        dtypes = {t.dtype for t in (wqkv, wo, wgu, wd)}
-        quantized = dtypes & {FP8_DTYPE, torch.int32}
-        if quantized and (len(dtypes) != 1 or self.moe or self.scales is None or len(self.scales) != 4):
-            raise ValueError("DecodeLayerWeights: quantized weights are a dense layer's four projections in one "
-                             "format, with their four scales")
-        if torch.int32 in quantized and (self.zeros is None or len(self.zeros) != 4 or not int4_group_fits(group_size)):
-            raise ValueError("DecodeLayerWeights: INT4 weights take their four zeros and a group size of 16 times a "
-                             f"power of two, got {group_size}")
-        if not quantized and (self.scales is not None or self.zeros is not None):
-            raise ValueError("DecodeLayerWeights: scales and zeros belong to quantized weights")
-
-    @property
-    def moe(self) -> bool:
-        return self.wr is not None
-
-    @property
-    def fp8(self) -> bool:
-        return self.wqkv.dtype == FP8_DTYPE
-
-    @property
-    def int4(self) -> bool:
-        return self.wqkv.dtype == torch.int32
-
-    def out_in(self, t: torch.Tensor) -> tuple[int, ...]:
-        """(output, input) features of one of the dense projections (INT4 words run [K / 8, N])."""
-        return (t.shape[1], t.shape[0] * 8) if self.int4 else tuple(t.shape)
-
-
 # (device, the launch's constants, programs an SM) whose one-wave check passed: the check compiles (or finds) the
 # kernel once per configuration, not per launch
 _one_wave_checked: set[tuple] = set()
@@ -836,34 +469,3 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor
                 _decode_layer_kernel[(num_programs,)](*args, PHASE_LO=phase, PHASE_HI=phase, **consts)
     return out
 
-
-def decode_layer_ref(h: torch.Tensor, w: DecodeLayerWeights, positions: torch.Tensor, cos_cache: torch.Tensor,
-                     sin_cache: torch.Tensor, kv_cache: torch.Tensor, meta, scale: float, num_heads: int,
-                     num_kv_heads: int, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-    """The plain path's ops composed (rms_norm, the projections, qkv_rope_cache's split / norm / rotary / write,
-    paged attention, SiLU-and-mul): h [1, HIDDEN] -> the next residual stream; writes the cache as it goes."""
-    from meshserve.kernels.attention_ref import paged_attention_ref
-    from meshserve.kernels.moe_ref import fused_experts_ref, softmax_topk_ref
-    from meshserve.kernels.quant_ref import fp8_weight_only_ref, int4_linear_ref
-    from meshserve.kernels.triton_ops import qkv_rope_cache_ref, rms_norm_ref, silu_and_mul_ref
-
-    def linear(x, i, weight, bias):  # the i-th projection: quantized weights as the batch-1 GEMVs read them
-        if w.fp8:
-            return fp8_weight_only_ref(x, weight, w.scales[i], bias)
-        if w.int4:
-            return int4_linear_ref(x, weight, w.scales[i], w.zeros[i], w.group_size, None, bias)
-        return F.linear(x, weight, bias)
-
-    dt = h.dtype
-    qkv = linear(rms_norm_ref(h, w.ln1, w.eps), 0, w.wqkv, w.bqkv)
-    q = qkv_rope_cache_ref(qkv, positions, cos_cache, sin_cache, w.q_norm, w.k_norm, w.qk_eps, kv_cache,
-                           meta.slot_mapping, num_heads, num_kv_heads, k_scale, v_scale)
-    attn = paged_attention_ref(q, kv_cache, meta, scale, None, k_scale, v_scale).flatten(1)
-    h2 = (linear(attn, 1, w.wo, w.bo).float() + h.float()).to(dt)
-    x = rms_norm_ref(h2, w.ln2, w.eps)
-    if w.moe:
-        top_k, renormalize, scaling = w.routing
-        weights, ids = softmax_topk_ref(F.linear(x, w.wr), top_k, renormalize, scaling, w.expert_load)
-        return (fused_experts_ref(x, w.wgu, w.wd, weights, ids).float() + h2.float()).to(dt)
-    gu = silu_and_mul_ref(linear(x, 2, w.wgu, w.bgu))
-    return (linear(gu, 3, w.wd, w.bd).float() + h2.float()).to(dt)

@@ -75,12 +75,13 @@ def _int4_groups(lin: nn.Module, dtype: torch.dtype) -> int | None:
     """The group size of group-wise INT4 weights without act-order (layers/quantization/int4.py's internal
     layout: qweight [K / 8, N], scales / zeros [K / G, N]) under a 16-bit row, in groups the kernel takes
     (int4_group_fits), else None."""
+    from meshserve.kernels.triton_decode_layer_int4 import int4_group_fits
     from meshserve.layers.quantization.int4 import Int4LinearMethod
 
     if not isinstance(lin.quant_method, Int4LinearMethod) or dtype not in (torch.bfloat16, torch.float16):
         return None
     q, s, z, g = lin.qweight, lin.scales, lin.zeros, lin.group_size
-    if (lin.g_idx is not None or lin.perm is not None or not _kernels().int4_group_fits(g) or q.dtype != torch.int32
+    if (lin.g_idx is not None or lin.perm is not None or not int4_group_fits(g) or q.dtype != torch.int32
             or not q.is_contiguous()):
         return None
     groups = (q.shape[0] * 8 // g, q.shape[1])
@@ -113,6 +114,8 @@ def _layer_fits(layer: nn.Module, dtype: torch.dtype) -> bool:
 
 def layer_weights(layer: nn.Module):
     """The kernel's view of one LlamaDecoderLayer's tensors (a sparse one's experts, router and load counter)."""
+    from meshserve.kernels.decode_layer_weights import DecodeLayerWeights
+
     attn, mlp = layer.self_attn, layer.mlp
     common = dict(bqkv=attn.qkv_proj.bias, q_norm=None if attn.q_norm is None else attn.q_norm.weight,
                   k_norm=None if attn.k_norm is None else attn.k_norm.weight, bo=attn.o_proj.bias,
@@ -120,7 +123,7 @@ def layer_weights(layer: nn.Module):
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     if not getattr(layer, "folds_mlp_norm", False):  # a sparse MoE block (_moe_fits)
         experts = mlp.experts
-        return _kernels().DecodeLayerWeights(
+        return DecodeLayerWeights(
             norms[0].weight, attn.qkv_proj.weight, attn.o_proj.weight, norms[1].weight, experts.w13_weight,
             experts.w2_weight, norms[0].eps, wr=mlp.gate.weight, routing=experts.softmax_topk_args,
             expert_load=experts.expert_load, **common,
@@ -133,7 +136,7 @@ def layer_weights(layer: nn.Module):
     else:  # 16-bit, or fp8 with row scales (_fp8_rows)
         weights = [lin.weight for lin in linears]
         quant = dict(scales=[lin.weight_scale for lin in linears]) if attn.qkv_proj.quantized else {}
-    return _kernels().DecodeLayerWeights(
+    return DecodeLayerWeights(
         norms[0].weight, weights[0], weights[1], norms[1].weight, weights[2], weights[3], norms[0].eps,
         bgu=mlp.gate_up_proj.bias, bd=mlp.down_proj.bias, **quant, **common,
     )

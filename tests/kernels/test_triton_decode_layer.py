@@ -24,13 +24,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 interp = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run only without CUDA")
 
 if importlib.util.find_spec("triton") is not None:
-    from meshserve.kernels.triton_decode_layer import (
-        BARRIERS_PER_LAYER,
-        DecodeLayerWeights,
-        decode_layer,
-        decode_layer_ref,
-        phase_tiles,
-    )
+    from meshserve.kernels.decode_layer_ref import decode_layer_ref
+    from meshserve.kernels.decode_layer_weights import DecodeLayerWeights
+    from meshserve.kernels.triton_decode_layer import BARRIERS_PER_LAYER, decode_layer
+    from meshserve.kernels.triton_decode_layer_gemv import phase_tiles
     from meshserve.kernels.quant_ref import pack_int4_rows, quantize_fp8_per_channel, quantize_int4_groups
     from tests.kernels.test_triton_decode_fused import fused_case
 
@@ -311,7 +308,8 @@ def test_layer_rejects_what_it_cannot_run_interp():
 _COMPILE_SM90 = COMPILE_SM90_PRELUDE + f"import sys\nsys.path.insert(0, {str(Path(__file__).parents[2])!r})\n" + """
 import os
 from tools.sass_loops import backward_loops, cubin_facts, opcodes
-from meshserve.kernels.triton_decode_layer import _decode_layer_kernel, phase_tiles
+from meshserve.kernels.triton_decode_layer import _decode_layer_kernel
+from meshserve.kernels.triton_decode_layer_gemv import phase_tiles
 from tools.decode_layer_sass import signature
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 

@@ -121,7 +121,7 @@ def _quantized_layers_run_the_kernel(layers, meta, positions, near_ok):
     """Two quantized fp16 layers through DecodeLayerRun against the plain ops composed with the batch-1 GEMVs'
     weight-only semantics over layer_weights (each projection's scales and zeros its own) and near the plain
     layers (near_ok(kernel's stream, plain layer's stream)); the caches after the step too."""
-    from meshserve.kernels.triton_decode_layer import decode_layer_ref
+    from meshserve.kernels.decode_layer_ref import decode_layer_ref
 
     assert all(_layer_fits(layer, torch.float16) for layer in layers)
     assert not _layer_fits(layers[0], torch.float32)  # quantized weights take a 16-bit row

@@ -65,7 +65,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
              eager: EagerStepCosts | None | str = "calibration") -> dict:
     """Run the trace through the fleet; returns the report (metrics.RunRecorder.summarize, plus the setup).
 
-    weights and tp_costs replace the calibration's step weights and TP costs (validation.fit_tp refits the
+    weights and tp_costs replace the calibration's step weights and TP costs (validation_offline.fit_tp refits the
     latter), eager its eager steps' costs (eager_steps.py; None: priced by the weights alone); step_cost replaces the calibrated StepCost (tests use fixed durations; with pipeline stages, one callable
     for every stage or a list of one per stage, and no hop between them); progress(sim_time) is called as
     simulated time advances (about every 1% of the trace). fast_forward lays out runs of identical decode

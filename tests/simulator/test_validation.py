@@ -55,7 +55,7 @@ def test_the_default_fit_replays_the_mixed_graphs_run_below_the_knee():
 
 @pytest.mark.skipif(not (RESULTS / "w1_70b_tp2_h200x2.json").is_file(), reason="measured results not in this checkout")
 def test_offline_rows_stay_where_planner_md_says():
-    from meshserve.simulator.validation import offline_rows
+    from meshserve.simulator.validation_offline import offline_rows
 
     rows = {r["run"]: r for r in offline_rows()}
     for run in ("W1 llama-3.1-8b TP=1 batch 1", "W2 llama-3.1-8b TP=1"):
@@ -77,7 +77,7 @@ def replay_offline_w1_8b_tp2(tp_costs, new_tokens: int) -> float:
     from meshserve.simulator.config import SimConfig
     from meshserve.simulator.fleet import simulate
     from meshserve.simulator.trace import SimRequest
-    from meshserve.simulator.validation import _decode_tok_s
+    from meshserve.simulator.validation_offline import _decode_tok_s
 
     config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=2, tp=2, max_model_len=4096, max_num_seqs=256)
     return _decode_tok_s(simulate(config, [SimRequest(0.0, 128, new_tokens)], tp_costs=tp_costs), 1, new_tokens)
@@ -89,7 +89,7 @@ def test_without_the_tp_costs_8b_at_tp2_misses_as_it_did():
     had them before (+14% at batch 1, -20% for the seventh session's W2)."""
     from meshserve.bench.workloads import W1_NEW_TOKENS
     from meshserve.simulator.step_cost import TpCosts
-    from meshserve.simulator.validation import SEVENTH_W2, w2_tp2_seconds
+    from meshserve.simulator.validation_offline import SEVENTH_W2, w2_tp2_seconds
 
     bare = replay_offline_w1_8b_tp2(TpCosts(), W1_NEW_TOKENS)
     assert bare == pytest.approx(333.94, abs=0.01)
@@ -103,7 +103,7 @@ def test_without_the_tp_costs_8b_at_tp2_misses_as_it_did():
 def test_calibration_holds_the_fit_of_w2_tp2():
     """layer_seq_us in calibration.toml is what `validation fit-tp` finds (one number, one measurement)."""
     from meshserve.simulator.step_cost import load_tp_costs
-    from meshserve.simulator.validation import fit_tp
+    from meshserve.simulator.validation_offline import fit_tp
 
     stored = load_tp_costs()
     fitted = fit_tp()
@@ -121,7 +121,7 @@ def test_pp_rows_stay_where_planner_md_says_and_in_the_measured_order():
     (10%), and the order measured -- depth 2 slowest, then depth 3, the token hand-off, the hand-off with the
     layers 17,15 -- the order predicted (the simulator before 2026-12-01 had depth 2 faster than depth 3). Without
     the host costs the stages alone are far too fast and put depth 2 first."""
-    from meshserve.simulator.validation import pp_rows
+    from meshserve.simulator.validation_offline import pp_rows
 
     s7, s10 = "x2_pp_dp_int4_moe_h200_1130_s7/", "x2_h200_1201_s10/"
     rows = {r["file"]: r for r in pp_rows()}
@@ -149,7 +149,7 @@ def test_pp_rows_stay_where_planner_md_says_and_in_the_measured_order():
 def test_w1_tp2_with_the_fused_norm_kernel_within_the_goal_and_in_order():
     """W1 8B of the tenth session: TP=1, TP=2, TP=2 with the fused all-reduce + norm (pull, push) within 10%, each
     faster than the last in both columns; the fused kernels' gain over one-shot within 2 points of measured."""
-    from meshserve.simulator.validation import tenth_w1_rows
+    from meshserve.simulator.validation_offline import tenth_w1_rows
 
     rows = tenth_w1_rows()
     for r in rows:
@@ -226,7 +226,7 @@ def test_every_tenth_session_row_states_its_goal():
     bound for its metric; the W3 rows with the fixed latency of the same server setting (not fitted to them)."""
     import re
 
-    from meshserve.simulator.validation import tenth_table
+    from meshserve.simulator.validation_offline import tenth_table
 
     rows = [line.split(" | ") for line in tenth_table().splitlines()[2:]]
     assert len(rows) > 20
@@ -297,12 +297,12 @@ def test_qwen_chunk_0_replays_below_chunk_1024_as_measured_with_the_eager_steps_
 
 @pytest.mark.skipif(not (RESULTS / "h200_1203_s26").is_dir(), reason="measured results not in this checkout")
 def test_one_gpu_w2_by_dtype_stays_where_planner_md_says():
-    """W2 on one H200 with bf16 and fp8 caches and fp8 weights (validation.ONE_GPU_W2): the checked rows within
+    """W2 on one H200 with bf16 and fp8 caches and fp8 weights (validation_offline.ONE_GPU_W2): the checked rows within
     the goal's 10% (the fp8 cache's at -9.3%, optimistic; -6.4% with V transposed, the faster tile), the fitted
     one on its measurement, and the KV pool the planner's memory model gives within 0.5% of the engine's for
     every dtype. The thirty-ninth session's bf16 Qwen3-0.6B row (the balanced decode kernel, which no fit has
     seen) is the one miss, +10.3%: it stays within 12% until a step trace of that build refits the model."""
-    from meshserve.simulator.validation import one_gpu_w2_rows
+    from meshserve.simulator.validation_offline import one_gpu_w2_rows
 
     rows = one_gpu_w2_rows()
     assert len(rows) == 11 and sum(r["fitted"] for r in rows) == 1
@@ -317,9 +317,9 @@ def test_one_gpu_w2_by_dtype_stays_where_planner_md_says():
 
 @pytest.mark.skipif(not (RESULTS / "h200_1202_s18").is_dir(), reason="measured results not in this checkout")
 def test_moe_and_mla_rows_stay_where_planner_md_says():
-    """Qwen3-30B-A3B and DeepSeek-V2-Lite on one H200 (validation.MOE_ONE_GPU): the two fitted W1 rows on their
+    """Qwen3-30B-A3B and DeepSeek-V2-Lite on one H200 (validation_offline.MOE_ONE_GPU): the two fitted W1 rows on their
     measurement, every W2 row within the goal's 10% (V2-Lite's optimistic: -4.6..-9.2%)."""
-    from meshserve.simulator.validation import moe_rows
+    from meshserve.simulator.validation_offline import moe_rows
 
     rows = moe_rows()
     assert sum(r["fitted"] for r in rows) == 2 and len(rows) == 8

@@ -6,6 +6,7 @@ Argument names follow vLLM's EngineArgs so a vLLM user's flags and keyword argum
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from meshserve.disagg.config import KVTransferConfig, parse_kv_transfer_config
 from meshserve.errors import InvalidArgumentError
 from meshserve.spec_decode.config import SpeculativeConfig, parse_speculative_config
+from meshserve.vllm_values import dtype_name
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -167,6 +169,13 @@ class EngineConfig:
     kv_transfer_config: KVTransferConfig | None = None  # prefill/decode disaggregation (disagg/)
 
 
+# EngineArgs' scalar field types (as annotated: this module's annotations are strings) -> the Python types
+# they accept; an int is a float here too, as in vLLM
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,),
+                                              "str": (str,)}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string"}
+
+
 @dataclass
 class EngineArgs:
     """User-facing engine arguments (vLLM names). `create_engine_config` resolves them."""
@@ -223,15 +232,44 @@ class EngineArgs:
     # vLLM's keys, as a dict or JSON string (disagg/config.py)
     kv_transfer_config: dict[str, Any] | str | KVTransferConfig | None = None
 
+    def __post_init__(self) -> None:
+        # vLLM's spellings: dtype="half" / "float" (its aliases) or a torch dtype; None for a field meshserve
+        # types as a plain value means its default, as vLLM's optional arguments do (seed=None is seed 0 in
+        # vLLM's V1 engine, block_size / max_num_seqs / enable_prefix_caching=None the defaults)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.type in _SCALAR_TYPES:
+                setattr(self, f.name, f.default)
+            elif f.type in ("int", "int | None") and isinstance(value, float) and value.is_integer():
+                setattr(self, f.name, int(value))  # cpu_kv_cache_bytes=2e9; 1.5 is refused by validate()
+        if type(self.dtype).__name__ == "dtype" and str(self.dtype).startswith("torch."):  # torch.float16
+            self.dtype = str(self.dtype).removeprefix("torch.")
+        if isinstance(self.dtype, str):
+            self.dtype = dtype_name(self.dtype)
+
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+    def _check_types(self, check) -> None:
+        """Each scalar field of the type it is declared with: the range checks compare, and "64" >= 1 would raise
+        a bare TypeError (1.5 sequences would run as if it were an integer)."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), _SCALAR_TYPES.get(f.type.removesuffix(" | None"))
+            if kinds is None or (value is None and f.type.endswith(" | None")):
+                continue
+            if bool in kinds:  # 0 and 1 pass for False and True, as they do in vLLM
+                ok = isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
+            else:
+                ok = isinstance(value, kinds) and not isinstance(value, bool)
+            check(ok, f.name, f"must be {_TYPE_WORDS[f.type.removesuffix(' | None')]}, got {value!r}")
 
     def validate(self) -> None:
         def check(cond: bool, param: str, msg: str) -> None:
             if not cond:
                 raise InvalidArgumentError(f"{param}: {msg}", param=param)
 
+        self._check_types(check)
         check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check(self.kv_cache_dtype in CACHE_DTYPES, "kv_cache_dtype",
               f"must be one of {', '.join(CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import copy
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from meshserve.errors import InvalidArgumentError
 from meshserve.structured.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_list(value):
+    """A list of value's items when it is a collection (list, tuple, set, range, ...); anything else (stop=5, a
+    dict) as it is, for validate() to refuse by name instead of list() raising "'int' object is not iterable"."""
+    if isinstance(value, (list, str, bytes, dict)) or not hasattr(value, "__iter__"):
+        return value
+    return list(value)
 
 
 class RequestOutputKind(enum.Enum):
@@ -81,14 +94,18 @@ class SamplingParams:
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
         else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
+            self.stop = _as_list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else _as_list(self.stop_token_ids)
         if self.allowed_token_ids is not None:
-            self.allowed_token_ids = list(self.allowed_token_ids)
+            self.allowed_token_ids = _as_list(self.allowed_token_ids)
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
-        self.bad_words = list(self.bad_words) if self.bad_words else None  # [] asks for nothing, as in vLLM
+        self.bad_words = _as_list(self.bad_words) if self.bad_words else None  # [] asks for nothing, as in vLLM
         if isinstance(self.structured_outputs, dict):  # offline callers may pass vLLM's fields as a dict
+            unknown = sorted(set(self.structured_outputs) - {f.name for f in fields(StructuredOutputsParams)})
+            if unknown:  # by name, not as __init__'s "unexpected keyword argument"
+                raise InvalidArgumentError(f"structured_outputs: unknown field(s) {', '.join(map(str, unknown))}",
+                                           param="structured_outputs")
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.top_k is None or (isinstance(self.top_k, int) and self.top_k == -1):  # vLLM's older "off"
             self.top_k = 0
@@ -107,7 +124,12 @@ class SamplingParams:
             if not cond:
                 raise InvalidArgumentError(f"{param} {msg}", param=param)
 
-        check(isinstance(self.n, int) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n}")
+        # types first: the range checks below compare, and "0.5" >= 0.0 would raise a bare TypeError
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and not isinstance(value, bool), name,
+                  f"must be a number, got {value!r}")
+        check(_is_int(self.n) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n}")
         check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
               "max_tokens", f"must be an integer >= 1, got {self.max_tokens}")
         check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
@@ -128,25 +150,31 @@ class SamplingParams:
         # torch.Generator.manual_seed overflows past 64 bits, inside the engine step: reject it here
         check(self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63), "seed",
               f"must be an integer in [-2**63, 2**63), got {self.seed}")
-        check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
-        check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-              "must be non-negative integers")
+        check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
+              f"must be a string or a list of non-empty strings, got {self.stop!r}")
+        check(isinstance(self.stop_token_ids, list) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+              "stop_token_ids", f"must be a list of non-negative integers, got {self.stop_token_ids!r}")
         check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
               "logprobs", f"must be an integer in [0, 20], got {self.logprobs}")
         check(self.prompt_logprobs is None
               or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
               "prompt_logprobs", f"must be an integer in [0, 20], got {self.prompt_logprobs}")
+        check(self.logit_bias is None or isinstance(self.logit_bias, dict), "logit_bias",
+              f"must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
         check(self.logit_bias is None or all(
             isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100.0 <= b <= 100.0
             for t, b in self.logit_bias.items()), "logit_bias",
               "must map token ids (non-negative integers) to biases in [-100, 100]")
+        check(self.allowed_token_ids is None or isinstance(self.allowed_token_ids, list), "allowed_token_ids",
+              f"must be a list of token ids, got {self.allowed_token_ids!r}")
         check(self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids",
               "must not be empty (leave it unset to allow every token)")
         check(self.allowed_token_ids is None or all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                                     for t in self.allowed_token_ids),
               "allowed_token_ids", "must be non-negative integers")
-        check(self.bad_words is None or all(isinstance(w, str) and w.strip() for w in self.bad_words),
-              "bad_words", "must be non-empty strings")
+        check(self.bad_words is None or (isinstance(self.bad_words, list)
+                                         and all(isinstance(w, str) and w.strip() for w in self.bad_words)),
+              "bad_words", "must be a string or a list of non-empty strings")
         n = self.truncate_prompt_tokens
         check(n is None or (isinstance(n, int) and not isinstance(n, bool) and (n >= 1 or n == -1)),
               "truncate_prompt_tokens", f"must be an integer >= 1, or -1 (max_model_len), got {n}")

@@ -38,6 +38,28 @@ def test_invalid_values_name_the_parameter(kwargs, param):
     assert e.value.param == param and param in str(e.value)
 
 
+@pytest.mark.parametrize("kwargs,param", [
+    # wrong types: each was a bare TypeError from a comparison or list() ('0.5' >= 0.0, 'int' is not iterable)
+    (dict(temperature="0.5"), "temperature"), (dict(temperature=None), "temperature"), (dict(top_p="1"), "top_p"),
+    (dict(min_p=None), "min_p"), (dict(repetition_penalty=None), "repetition_penalty"),
+    (dict(presence_penalty="0"), "presence_penalty"), (dict(frequency_penalty=[0]), "frequency_penalty"),
+    (dict(n=True), "n"), (dict(stop=5), "stop"), (dict(stop_token_ids=5), "stop_token_ids"),
+    (dict(stop_token_ids=[True]), "stop_token_ids"), (dict(bad_words=5), "bad_words"),
+    (dict(logit_bias=[1, 2]), "logit_bias"), (dict(allowed_token_ids="abc"), "allowed_token_ids"),
+    (dict(structured_outputs={"jsn": {}}), "structured_outputs"),
+])
+def test_values_of_the_wrong_type_name_the_parameter(kwargs, param):
+    with pytest.raises(InvalidArgumentError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param and param in str(e.value)
+
+
+def test_collections_of_any_kind_are_taken_as_lists():
+    p = SamplingParams(stop=("a", "b"), stop_token_ids=(1, 2), allowed_token_ids=range(3), bad_words=("x",))
+    assert (p.stop, p.stop_token_ids, p.allowed_token_ids, p.bad_words) == (["a", "b"], [1, 2], [0, 1, 2], ["x"])
+    assert SamplingParams(temperature=1, top_p=1).temperature == 1  # integers are numbers
+
+
 def test_from_defaults_given_fields_win_then_the_models_then_our_own():
     model = {"temperature": 0.6, "top_p": 0.9, "max_tokens": 64}
     p = SamplingParams.from_defaults(model, temperature=None, top_p=0.5, top_k=None, seed=3)

@@ -72,8 +72,16 @@ class InputProcessor:
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
+            other = sorted(map(str, set(prompt) - {"prompt", "prompt_token_ids"}))
+            if other:  # vLLM's multi_modal_data, prompt_embeds, cache_salt, ...: refused, never silently dropped
+                raise InvalidArgumentError(f"prompt dict key(s) not supported: {', '.join(other)} (meshserve takes "
+                                           "'prompt' or 'prompt_token_ids'; text models only)", param="prompt")
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                ids = prompt["prompt_token_ids"]
+                if isinstance(ids, (str, bytes, dict)) or not hasattr(ids, "__iter__"):  # list(None) would raise
+                    raise InvalidArgumentError(f"prompt_token_ids must be a list of token ids, got {ids!r}",
+                                               param="prompt")
+                return prompt.get("prompt"), list(ids)
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:

@@ -10,6 +10,7 @@ import torch
 
 from meshserve.config import EngineConfig, SchedulerConfig
 from meshserve.engine.scheduler_output import ScheduledSequence
+from meshserve.errors import InvalidArgumentError
 from meshserve.layers.attention import Attention
 
 logger = logging.getLogger(__name__)
@@ -64,9 +65,10 @@ class KVCachePool:
             needed = sc.max_running * (-(-sc.max_model_len // self.block_size)) * per_block
             budget = min(budget, needed)
         num_blocks = budget // per_block
-        if num_blocks < 1:
-            raise RuntimeError(f"no memory left for the KV cache (budget {budget} bytes, "
-                               f"{per_block} bytes per block)")
+        if num_blocks < 1:  # a setting's fault, so the CLI's one-line error rather than a traceback
+            knob = "gpu_memory_utilization" if self.device.type == "cuda" else "cpu_kv_cache_bytes"
+            raise InvalidArgumentError(f"no memory left for the KV cache (budget {budget} bytes, {per_block} bytes "
+                                       f"per block): raise {knob}", param=knob)
         return int(num_blocks)
 
     def allocate(self, num_blocks: int) -> None:

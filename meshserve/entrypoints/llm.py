@@ -8,16 +8,22 @@ from collections.abc import Sequence as SequenceABC
 
 from meshserve.config import EngineArgs
 from meshserve.engine import startup_timeline
-from meshserve.engine.chat_template import render_chat
+from meshserve.engine.args_check import check_engine_args
+from meshserve.engine.chat_template import render_chat, render_chat_text, text_content
 from meshserve.engine.input_processor import PromptType
 from meshserve.engine.llm_engine import LLMEngine
-from meshserve.errors import InvalidArgumentError
+from meshserve.errors import EngineDeadError, InvalidArgumentError
 from meshserve.outputs import RequestOutput
 from meshserve.sampling import RequestOutputKind, SamplingParams
+from meshserve.engine.chat_content_format import resolve_content_format, with_content_format
 
 logger = logging.getLogger(__name__)
 
 Conversation = list[dict]
+
+# vLLM's LLM(...) arguments that ask for what meshserve does anyway (`meshserve serve` takes them as no-op flags)
+_VLLM_NO_OPS = {"trust_remote_code": "meshserve never runs a model's own code (it implements the architectures)",
+                "disable_log_stats": "meshserve logs no periodic statistics"}
 
 
 class LLM:
@@ -29,10 +35,16 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs):
+        for name in _VLLM_NO_OPS.keys() & kwargs.keys():  # as `meshserve serve` takes these flags
+            logger.info("LLM(%s=...) has no effect: %s", name, _VLLM_NO_OPS[name])
+            del kwargs[name]
         unknown = set(kwargs) - EngineArgs.field_names()
         if unknown:
             raise InvalidArgumentError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
         self.engine_args = EngineArgs(model=model, **kwargs)
+        # the CLI's checks, before anything loads: a missing tokenizer folder or --step-trace folder is named
+        # at once, not a FileNotFoundError after the model has loaded
+        check_engine_args(self.engine_args)
         startup_timeline.begin("LLM")
         startup_timeline.mark("before LLM()")
         self.engine = LLMEngine.from_engine_args(self.engine_args)
@@ -40,8 +52,15 @@ class LLM:
         segments = startup_timeline.merge(startup_timeline.current(), self.engine.core_client.info.startup)
         logger.info("%s", startup_timeline.summary(segments))
 
+    @property
+    def _engine(self) -> LLMEngine:
+        """The engine, or a clear error after shutdown() (not "'NoneType' object has no attribute ...")."""
+        if self.engine is None:
+            raise EngineDeadError("this LLM has been shut down")
+        return self.engine
+
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        return self._engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams carrying the model's generation_config.json defaults (what generate uses when
@@ -50,7 +69,7 @@ class LLM:
 
     @property
     def generation_defaults(self) -> dict:
-        return dict(self.engine.core_client.info.generation_defaults)
+        return dict(self._engine.core_client.info.generation_defaults)
 
     def generate(self, prompts: PromptType | SequenceABC[PromptType],
                  sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
@@ -60,13 +79,19 @@ class LLM:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not hasattr(prompts, "__iter__"):  # None, a number: not "'NoneType' object is not iterable"
+            raise InvalidArgumentError(f"prompts must be a string, a prompt dict, token ids or a list of them, got "
+                                       f"{type(prompts).__name__}", param="prompts")
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:
-            params_list = list(sampling_params)
+            params_list = list(sampling_params) if isinstance(sampling_params, SequenceABC) else [sampling_params]
+            if not all(isinstance(p, SamplingParams) for p in params_list):  # a dict would fail deep in _run
+                raise InvalidArgumentError("sampling_params must be a SamplingParams or a list of them, got "
+                                           f"{type(sampling_params).__name__}", param="sampling_params")
             if len(params_list) != len(prompts):
                 raise InvalidArgumentError("sampling_params must be one object or one per prompt")
         if priority is not None and len(priority) != len(prompts):
@@ -76,18 +101,33 @@ class LLM:
     def chat(self, messages: Conversation | list[Conversation],
              sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
-        """Render each conversation with the tokenizer's chat template, then generate."""
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+             tools: list[dict] | None = None, chat_template_content_format: str = "auto") -> list[RequestOutput]:
+        """Render each conversation with the tokenizer's chat template (tools, OpenAI's function tools, reach
+        it as in vLLM), then generate; each output's prompt is the rendered text, as vLLM's. Content given as
+        OpenAI's text parts reaches the template as one string, or as parts where it loops over them
+        (chat_template_content_format: auto, string or openai, vLLM's and `meshserve serve`'s rule)."""
+        if chat_template_content_format not in ("auto", "string", "openai"):
+            raise InvalidArgumentError("chat_template_content_format must be auto, string or openai, got "
+                                       f"{chat_template_content_format!r}", param="chat_template_content_format")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [{"prompt_token_ids": render_chat(self.engine.tokenizer, conv, chat_template=chat_template,
-                                                    add_generation_prompt=add_generation_prompt,
-                                                    continue_final_message=continue_final_message,
-                                                    template_kwargs=chat_template_kwargs)}
+        render = {"chat_template": chat_template, "add_generation_prompt": add_generation_prompt,
+                  "continue_final_message": continue_final_message, "tools": tools,
+                  "template_kwargs": chat_template_kwargs}
+        tokenizer = self._engine.tokenizer
+        # text parts joined for a template that reads a string (the list itself reached it before: its Python repr
+        # ended up in the prompt), a string made one part for a template that loops over parts
+        content_format = resolve_content_format(chat_template_content_format,
+                                                chat_template or getattr(tokenizer, "chat_template", None))
+        conversations = [with_content_format(text_content(conv, join=content_format == "string"), content_format)
+                         if isinstance(conv, list) else conv for conv in conversations]
+        prompts = [{"prompt_token_ids": render_chat(tokenizer, conv, **render),
+                    "prompt": render_chat_text(tokenizer, conv, **render)}
                    for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, prompts, params_list, use_tqdm: bool, priorities: list[int] | None = None) -> list[RequestOutput]:
-        engine = self.engine
+        engine = self._engine
         ids = []
         try:
             for prompt, params, priority in zip(prompts, params_list, priorities or [0] * len(prompts)):

@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from meshserve.errors import ModelLoadError
 from meshserve.models import gguf_convert
 from meshserve.models.file_digest import cached_sha256
 
@@ -46,17 +47,21 @@ def cached_hf_dir_for_gguf(gguf_path: str | Path, progress: bool = True) -> Path
         logger.debug("Using cached conversion %s of %s", target, path)
         return target
 
-    root.mkdir(parents=True, exist_ok=True)
-    # Two processes starting together must not both convert (or swap folders under each other); the
-    # conversion itself is written to a temporary folder and renamed, so no reader sees half of it.
-    with _file_lock(target.with_name(target.name + ".lock")):
-        if (target / gguf_convert.MARKER_FILE).is_file():
-            return target
-        # Holding the lock, any temporary sibling is debris from a conversion that was killed.
-        for stale in root.glob(f".{target.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        logger.info("Converting %s to a Hugging Face folder in %s (done once per file content)", path, target)
-        return gguf_convert.convert_gguf_to_hf(path, target, progress=progress)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        # Two processes starting together must not both convert (or swap folders under each other); the
+        # conversion itself is written to a temporary folder and renamed, so no reader sees half of it.
+        with _file_lock(target.with_name(target.name + ".lock")):
+            if (target / gguf_convert.MARKER_FILE).is_file():
+                return target
+            # Holding the lock, any temporary sibling is debris from a conversion that was killed.
+            for stale in root.glob(f".{target.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            logger.info("Converting %s to a Hugging Face folder in %s (done once per file content)", path, target)
+            return gguf_convert.convert_gguf_to_hf(path, target, progress=progress)
+    except OSError as e:  # MESHSERVE_CACHE_DIR naming a file, a read-only home, a full disk: one line, no traceback
+        raise ModelLoadError(f"cannot write the converted model under {root} ({e.strerror or e}): set "
+                             "MESHSERVE_CACHE_DIR to a writable folder") from e
 
 
 @contextlib.contextmanager

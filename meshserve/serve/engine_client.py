@@ -20,7 +20,7 @@ from meshserve.engine.chat_template import render_chat
 from meshserve.errors import InvalidArgumentError, ServerOverloadedError, ServiceLevelError
 from meshserve.outputs import RequestOutput
 from meshserve.sampling import SamplingParams
-from meshserve.serve.chat_content_format import resolve_content_format, with_content_format
+from meshserve.engine.chat_content_format import resolve_content_format, with_content_format
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.frontend_load import FrontendLoad
 from meshserve.serve.log_requests import OutputLog, log_request

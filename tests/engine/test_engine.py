@@ -95,6 +95,32 @@ def test_chat_uses_template(llm):
     tok = llm.get_tokenizer()
     expected = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert tok.decode(out.prompt_token_ids) == expected
+    assert out.prompt == expected  # the rendered text, as vLLM's LLM.chat reports it (it was None)
+
+
+def test_chat_passes_tools_to_the_template(llm):
+    # vLLM's LLM.chat(..., tools=...): the template sees them (it was a TypeError: no such argument)
+    template = ("{% for t in tools or [] %}[tool {{ t['function']['name'] }}]{% endfor %}"
+                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=1),
+                   use_tqdm=False, chat_template=template, tools=tools)[0]
+    assert out.prompt == "[tool get_weather]hi"
+    assert out.prompt_token_ids == llm.get_tokenizer()("[tool get_weather]hi", add_special_tokens=False).input_ids
+
+
+def test_chat_takes_openai_text_parts(llm):
+    # the list of parts reached the template as it was: its Python repr was the prompt
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}]
+    params = SamplingParams(temperature=0, max_tokens=1)
+    out = llm.chat(parts, params, use_tqdm=False)[0]
+    assert out.prompt == llm.chat([{"role": "user", "content": "hi\nthere"}], params, use_tqdm=False)[0].prompt
+    # a template that loops over the parts gets them (auto, as vLLM and `meshserve serve` decide)
+    loops = "{% for m in messages %}{% for p in m['content'] %}<{{ p.text }}>{% endfor %}{% endfor %}"
+    assert llm.chat(parts, params, use_tqdm=False, chat_template=loops)[0].prompt == "<hi><there>"
+    assert llm.chat([{"role": "user", "content": "hi"}], params, use_tqdm=False, chat_template=loops)[0].prompt == "<hi>"
+    with pytest.raises(InvalidArgumentError, match="image_url are not supported"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], params)
 
 
 def test_length_limits_and_rejection(llm):
@@ -119,6 +145,23 @@ def test_bad_inputs_raise_clear_errors(llm, tiny_model_dir):
         llm.generate({"prompt_token_ids": []}, use_tqdm=False)
     with pytest.raises(InvalidArgumentError, match="unknown engine argument"):
         LLM(model=tiny_model_dir("llama"), not_an_arg=1)
+    # the CLI's up-front checks: a missing folder named, not a hub-id error or a FileNotFoundError after loading
+    with pytest.raises(ModelLoadError, match="tokenizer folder not found"):
+        LLM(model=tiny_model_dir("llama"), tokenizer="/no/such/tokenizer")
+    with pytest.raises(InvalidArgumentError, match="does not exist"):
+        LLM(model=tiny_model_dir("llama"), step_trace="/no/such/folder/trace.jsonl")
+    # wrong types are named, not an AttributeError / TypeError from inside the engine
+    with pytest.raises(InvalidArgumentError, match="sampling_params must be a SamplingParams"):
+        llm.generate(["hi"], {"temperature": 0}, use_tqdm=False)
+    with pytest.raises(InvalidArgumentError, match="sampling_params must be a SamplingParams"):
+        llm.generate(["hi", "ho"], [SamplingParams(), None], use_tqdm=False)
+    with pytest.raises(InvalidArgumentError, match="prompts must be"):
+        llm.generate(None, use_tqdm=False)
+    with pytest.raises(InvalidArgumentError, match="prompt_token_ids must be a list"):
+        llm.generate({"prompt_token_ids": None}, use_tqdm=False)
+    # vLLM's other prompt keys would be dropped without a word (an image of multi_modal_data ignored)
+    with pytest.raises(InvalidArgumentError, match="not supported: multi_modal_data"):
+        llm.generate({"prompt": "hi", "multi_modal_data": {"image": None}}, use_tqdm=False)
     with pytest.raises(InvalidArgumentError, match="4 attention heads are not divisible"):
         LLM(model=tiny_model_dir("llama"), tensor_parallel_size=3)
     with pytest.raises(InvalidArgumentError, match="pipeline_parallel_size 3 exceeds"):
@@ -126,6 +169,22 @@ def test_bad_inputs_raise_clear_errors(llm, tiny_model_dir):
     # the engine is still usable after rejected requests
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.scheduler.block_manager.usage == 0.0
+
+
+def test_vllm_spellings_of_engine_arguments(tiny_model_dir):
+    # as a vLLM script writes them: the CLI's no-op trust_remote_code, dtype "half" (the CLI's alias), seed=None
+    # (vLLM's V1 engine: seed 0); each was refused or a bare TypeError
+    llm = LLM(model=tiny_model_dir("llama"), block_size=4, max_model_len=64, trust_remote_code=True,
+              dtype="half", seed=None)
+    assert llm.engine_args.dtype == "float16" and llm.engine_args.seed == 0
+    assert llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+    llm.shutdown()
+
+
+def test_kv_budget_too_small_for_one_block_is_a_clear_error(tiny_model_dir):
+    # it was a RuntimeError, so `meshserve generate --cpu-kv-cache-bytes 10` ended in a traceback
+    with pytest.raises(InvalidArgumentError, match="raise cpu_kv_cache_bytes"):
+        LLM(model=tiny_model_dir("llama"), cpu_kv_cache_bytes=10)
 
 
 def test_cache_too_small_for_request_is_rejected(tiny_model_dir):

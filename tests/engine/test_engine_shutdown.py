@@ -71,3 +71,17 @@ def test_shutdown_frees_the_kv_cache_while_a_caller_holds_the_runner(tiny_model_
     assert [ref() for ref in caches] == [None] * len(caches)
     assert runner.kv_pool.tensors == [] and all(layer.kv_cache is None for layer in runner.kv_pool.layers)
     assert runner.graphs is None and runner.mixed_graphs is None
+
+
+def test_calls_after_shutdown_are_a_clear_error(tiny_model_dir):
+    # they were "'NoneType' object has no attribute 'core_client'" from inside LLM
+    from meshserve.errors import EngineDeadError
+
+    llm = LLM(model=tiny_model_dir("llama"), block_size=4, max_model_len=64)
+    llm.shutdown()
+    llm.shutdown()  # twice is fine
+    for call in (lambda: llm.generate("hi", SamplingParams(max_tokens=1), use_tqdm=False),
+                 lambda: llm.generate("hi", use_tqdm=False), lambda: llm.chat([{"role": "user", "content": "hi"}]),
+                 llm.get_tokenizer):
+        with pytest.raises(EngineDeadError, match="shut down"):
+            call()

@@ -285,6 +285,16 @@ def test_cache_converts_once(
     assert (first / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+def test_an_unwritable_cache_is_a_one_line_error(
+    tiny_gguf: tuple[PreTrainedModel, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MESHSERVE_CACHE_DIR naming a file: it was a NotADirectoryError traceback out of `meshserve generate`
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MESHSERVE_CACHE_DIR", str(tmp_path / "a-file"))
+    with pytest.raises(ModelLoadError, match="MESHSERVE_CACHE_DIR to a writable folder"):
+        cached_hf_dir_for_gguf(tiny_gguf[1], progress=False)
+
+
 def test_copies_share_one_entry_and_a_changed_file_gets_its_own(
     tiny_gguf: tuple[PreTrainedModel, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

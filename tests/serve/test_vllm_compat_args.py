@@ -15,7 +15,7 @@ import pytest
 
 from meshserve.cli import build_parser, main
 from meshserve.engine.chat_template import render_chat
-from meshserve.serve.chat_content_format import resolve_content_format, with_content_format
+from meshserve.engine.chat_content_format import resolve_content_format, with_content_format
 from meshserve.serve.cli import serve_config_from
 from meshserve.serve.vllm_compat_args import _REFUSED, apply_vllm_compat
 from tests.serve.conftest import MODEL, make_engine, serve_in_thread, start_server

@@ -7,6 +7,7 @@ unauthenticated body is never read past the limit.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,12 @@ from dataclasses import dataclass
 from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from meshserve.errors import AuthenticationError, RequestTooLargeError, ServerDrainingError
+from meshserve.errors import (
+    AuthenticationError,
+    InvalidArgumentError,
+    RequestTooLargeError,
+    ServerDrainingError,
+)
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.errors import error_payload
 from meshserve.serve.frontend_load import ARRIVAL
@@ -24,6 +30,39 @@ from meshserve.serve.frontend_load import ARRIVAL
 # Paths that stay open without an API key and while draining (probes and scrapers must see the state).
 _OPEN_PATHS = ("/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs", "/redoc")
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+
+
+# A \uD800-\uDFFF escape: JSON allows it alone, but a lone surrogate is not Unicode text (it cannot be encoded as
+# UTF-8), so every tokenizer, regex compiler and JSON response that meets it fails. Only bodies with one are parsed.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+def lone_surrogate_error(body: bytes) -> InvalidArgumentError | None:
+    """A 400 for a JSON body holding a string with a lone UTF-16 surrogate (a pair, e.g. an escaped emoji, is
+    fine); None otherwise, and for a body that is not JSON (the app reports that)."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return None
+    try:
+        if not _has_lone_surrogate(json.loads(body)):
+            return None
+    except (ValueError, RecursionError):
+        return None
+    return InvalidArgumentError("the request body holds a string with a lone UTF-16 surrogate escape "
+                                "(\\ud800-\\udfff not part of a pair): not valid Unicode text")
 
 
 @dataclass
@@ -100,6 +139,9 @@ class GateMiddleware:
             return
         receive, body = await self._limited_body(scope, receive, send)
         if receive is None:
+            return
+        if (bad_text := lone_surrogate_error(body)) is not None:
+            await send_error(send, bad_text)
             return
         # the server's target, unless the request names its own (then its handler decides, after parsing)
         if guarded and self.admission is not None and path in _GENERATION_PATHS and b'"slo"' not in body:

@@ -39,6 +39,8 @@ class ErrorResponse(OpenAIModel):
 # -- requests ---------------------------------------------------------------------------------------
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk also carries the usage so far (its prompt, its choice's tokens)
+    continuous_usage_stats: bool = False
 
 
 class ServiceLevel(OpenAIModel):
@@ -271,6 +273,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the last (assistant) message stays open: generation continues it
+    # vLLM's: the answer starts with the last message's text when that message has the answer's role (a
+    # continued assistant turn comes back whole)
+    echo: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = Field(None, description="this request's Jinja chat template (vLLM's; the server "
                                                         "must trust them: --trust-request-chat-template)")

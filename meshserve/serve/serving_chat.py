@@ -33,10 +33,12 @@ from meshserve.serve.serving_common import (
     StreamState,
     accumulate,
     check_model,
+    choice_usage,
     collect_outputs,
     random_id,
     request_chat_template,
     server_defaults,
+    stream_usage_flags,
     usage_of,
 )
 from meshserve.serve.streaming import SSE_DONE, SSEResponse, sse_error, sse_event
@@ -126,6 +128,11 @@ class ChatService:
         """vLLM's rule: --response-role for a new turn, else the role of the message being continued."""
         return self.config.response_role if req.add_generation_prompt else req.messages[-1].role
 
+    def _echo(self, req: ChatCompletionRequest) -> str:
+        """vLLM's echo: the last message's text, when the answer continues that message's role (else "")."""
+        last = req.messages[-1]
+        return last.text() if req.echo and last.role == self._role(req) else ""
+
     def _logprobs(self, req: ChatCompletionRequest, token_ids: list[int], positions) -> ChatChoiceLogprobs | None:
         if not req.logprobs:
             return None
@@ -141,6 +148,9 @@ class ChatService:
             await request.aclose()
         tracker.finish(outcome_of([final]))
         choices = [self._choice(req, c, started) for c in final.outputs]
+        if echo := self._echo(req):
+            for choice in choices:
+                choice.message.content = echo + (choice.message.content or "")
         scored = (prompt_logprobs(final.prompt_token_ids, final.prompt_logprobs, req.prompt_logprobs,
                                   req.return_tokens_as_token_ids) if req.prompt_logprobs is not None else None)
         return ChatCompletionResponse(id=started.request_id, model=started.model, choices=choices,
@@ -163,17 +173,23 @@ class ChatService:
         state = StreamState(every_token=not self.client.has_tokenizer)
         tool_streams = {i: ToolCallStream(plan) for i in range(req.n)} if plan.mode != "none" else {}
         thinking = {i: reasoning.stream() for i in range(req.n)} if reasoning else {}
-        include_usage = self.config.enable_force_include_usage or bool(req.stream_options and
-                                                                       req.stream_options.include_usage)
+        include_usage, continuous_usage = stream_usage_flags(req, self.config)
+        num_prompt = len(request.first.prompt_token_ids)
         final: RequestOutput | None = None
-        # content-only chunks (no logprobs, no tools) skip pydantic
+        # content-only chunks (no logprobs, no tools, no usage in each) skip pydantic
         fast = ChunkEncoder(request_id, model, "chat.completion.chunk") \
-            if not req.logprobs and plan.mode == "none" and not reasoning else None
+            if not req.logprobs and plan.mode == "none" and not reasoning and not continuous_usage else None
         outcome = "abort"
         try:
             for i in range(req.n):  # the role comes first, in a chunk of its own, as OpenAI sends it
                 yield _chunk_event(ChatCompletionChunk(id=request_id, model=model, choices=[
-                    ChatChunkChoice(index=i, delta=ChatDelta(role=self._role(req), content=""))]))
+                    ChatChunkChoice(index=i, delta=ChatDelta(role=self._role(req), content=""))],
+                    usage=choice_usage(num_prompt, None, i) if continuous_usage else None))
+            if echo := self._echo(req):  # the echoed message, before what is generated (as vLLM sends it)
+                for i in range(req.n):
+                    yield _chunk_event(ChatCompletionChunk(id=request_id, model=model, choices=[
+                        ChatChunkChoice(index=i, delta=ChatDelta(content=echo))],
+                        usage=choice_usage(num_prompt, None, i) if continuous_usage else None))
             async for out in request:
                 tracker.observe(0, out)
                 final = accumulate(final, out)
@@ -196,7 +212,9 @@ class ChatService:
                                                                choice.delta.tool_calls or choice.finish_reason
                                                                or choice.logprobs):
                             continue  # text held back (a possible tool call or tag): nothing to send yet
-                        yield _chunk_event(ChatCompletionChunk(id=request_id, model=model, choices=[choice]))
+                        yield _chunk_event(ChatCompletionChunk(
+                            id=request_id, model=model, choices=[choice],
+                            usage=choice_usage(num_prompt, final, c.index) if continuous_usage else None))
             assert final is not None
             outcome = outcome_of([final])
             if include_usage:

@@ -50,6 +50,22 @@ def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
+def stream_usage_flags(req, config: ServeConfig) -> tuple[bool, bool]:
+    """(a usage chunk at the end, usage in every chunk): vLLM's rule, continuous_usage_stats needs include_usage
+    (--enable-force-include-usage stands for it)."""
+    opts = req.stream_options
+    include = config.enable_force_include_usage or bool(opts and opts.include_usage)
+    return include, include and bool(opts and opts.continuous_usage_stats)
+
+
+def choice_usage(prompt_tokens: int, out: RequestOutput | None, index: int) -> UsageInfo:
+    """vLLM's continuous usage of one streamed choice: its prompt, and the tokens it generated so far (out is the
+    request's output accumulated up to this chunk; None before the first step)."""
+    completion = next((len(c.token_ids) for c in out.outputs if c.index == index), 0) if out is not None else 0
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                     total_tokens=prompt_tokens + completion)
+
+
 def accumulate(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
     """Fold a DELTA output into the request's output so far (texts, tokens and logprobs appended)."""
     if acc is None:

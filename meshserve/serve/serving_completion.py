@@ -27,9 +27,11 @@ from meshserve.serve.serving_common import (
     StreamState,
     accumulate,
     check_model,
+    choice_usage,
     collect_outputs,
     random_id,
     server_defaults,
+    stream_usage_flags,
     usage_of,
 )
 from meshserve.serve.streaming import SSE_DONE, SSEResponse, sse_error, sse_event
@@ -127,9 +129,11 @@ class CompletionService:
         finals: dict[int, RequestOutput] = {}
         want_lp = req.logprobs is not None
         want_tokens = want_lp or req.return_token_ids  # a chunk for every new token, none held back
-        include_usage = self.config.enable_force_include_usage or bool(req.stream_options and
-                                                                       req.stream_options.include_usage)
+        include_usage, continuous_usage = stream_usage_flags(req, self.config)
         fast = ChunkEncoder(request_id, model, "text_completion")  # chunks without logprobs skip pydantic
+        # per choice, the length of the logprob token texts sent so far: a chunk's text_offset continues from it
+        # (as vLLM's do, and as the whole answer's count from the choice's start)
+        offsets: dict[int, int] = {}
         outcome = "abort"
         try:
             async for i, out in merge_requests(requests):
@@ -139,11 +143,17 @@ class CompletionService:
                     d = state.delta(i, c, need_tokens=want_tokens)
                     if d is None:
                         continue
-                    if not want_tokens and (echoes is None or not d.first):
-                        yield fast.completion(i * req.n + c.index, d.text, d.finish_reason, d.stop_reason)
+                    index = i * req.n + c.index
+                    if not want_tokens and not continuous_usage and (echoes is None or not d.first):
+                        yield fast.completion(index, d.text, d.finish_reason, d.stop_reason)
                         continue
-                    choice = self._chunk_choice(req, i, finals[i], c, d, echoes[i] if echoes else None)
-                    yield sse_event(CompletionChunk(id=request_id, model=model, choices=[choice]))
+                    choice = self._chunk_choice(req, i, finals[i], c, d, echoes[i] if echoes else None,
+                                                offsets.get(index, 0))
+                    if choice.logprobs is not None:
+                        offsets[index] = offsets.get(index, 0) + sum(map(len, choice.logprobs.tokens))
+                    usage = (choice_usage(len(finals[i].prompt_token_ids), finals[i], c.index)
+                             if continuous_usage else None)
+                    yield sse_event(CompletionChunk(id=request_id, model=model, choices=[choice], usage=usage))
             outputs = [finals[i] for i in range(len(requests))]
             outcome = outcome_of(outputs)
             if include_usage:
@@ -161,13 +171,15 @@ class CompletionService:
             await _close(requests)
 
     def _chunk_choice(self, req: CompletionRequest, i: int, out: RequestOutput, c: CompletionOutput,
-                      d: ChoiceDelta, echo: _Echo | None) -> CompletionChoice:
-        """out: the request's output so far (for the echoed prompt); c: this step's delta of one choice."""
+                      d: ChoiceDelta, echo: _Echo | None, text_offset: int = 0) -> CompletionChoice:
+        """out: the request's output so far (for the echoed prompt); c: this step's delta of one choice;
+        text_offset: where this chunk's logprob tokens start in the choice's text."""
         text = d.text
         logprobs = None
         if req.logprobs is not None:
             positions = list(c.logprobs or [])
-            logprobs = completion_logprobs(d.token_ids, positions, as_ids=req.return_tokens_as_token_ids)
+            logprobs = completion_logprobs(d.token_ids, positions, text_offset=text_offset,
+                                           as_ids=req.return_tokens_as_token_ids)
         if d.first and echo is not None:
             text = echo.text + text
             if logprobs is not None:

@@ -50,6 +50,16 @@ CASES = [
     ("NaN temperature", COMPL, b'{"model": "tiny", "prompt": "x", "temperature": NaN}', 400, None),
     ("not JSON at all", CHAT, b"\xff\xfe garbage", 400, None),
     ("oversize body", COMPL, {"model": MODEL, "prompt": "x" * (300 * 1024)}, 413, None),
+    # a lone UTF-16 surrogate escape is valid JSON but not text: these were 500s (or a reset connection, when the
+    # 404 echoed the model name), from the tokenizer, the stop strings and the error response itself
+    ("lone surrogate in stop", COMPL, b'{"model": "tiny", "prompt": "x", "stop": ["\\ud800"]}', 400, None),
+    ("lone surrogate in bad_words", COMPL, b'{"model": "tiny", "prompt": "x", "bad_words": ["a\\udc00"]}', 400, None),
+    ("lone surrogate in model", COMPL, b'{"model": "\\ud800", "prompt": "x"}', 400, None),
+    ("lone surrogate in logit_bias", COMPL, b'{"model": "tiny", "prompt": "x", "logit_bias": {"\\uDBFF": 1}}', 400,
+     None),
+    ("lone surrogate in a message", CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',
+     400, None),
+    ("lone surrogate to /tokenize", "/tokenize", b'{"prompt": "\\ud83d"}', 400, None),
 ]
 
 
@@ -141,3 +151,10 @@ def test_internal_error_is_a_500_without_details(tiny_engine):
 def test_bad_shapes_get_one_sentence(http, body, message):
     err = assert_error_shape(_post(http, COMPL, body), 400)
     assert err["message"].startswith(message) and "more error" not in err["message"], err
+
+
+def test_escaped_surrogate_pairs_and_backslashes_are_text(http):
+    """An emoji as an escaped surrogate pair, and an escaped backslash before "ud800", are fine."""
+    for body in (b'{"model": "tiny", "prompt": "hi \\ud83d\\ude00", "max_tokens": 2}',
+                 b'{"model": "tiny", "prompt": "path \\\\ud800", "max_tokens": 2}'):
+        assert _post(http, COMPL, body).status_code == 200

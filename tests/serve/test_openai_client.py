@@ -144,6 +144,35 @@ def test_completion_logprobs_and_echo(client):
     assert [t for lp in chunks for t in lp.tokens] == elp.tokens
     assert [x for lp in chunks for x in lp.token_logprobs] == elp.token_logprobs
 
+    # ... and each chunk's text_offset continues where the previous chunk's tokens ended (it restarted at 0)
+    assert [o for lp in chunks for o in lp.text_offset] == elp.text_offset
+    plain = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=1,
+                                           stream=True, extra_body={"ignore_eos": True}))
+    offsets = [o for c in plain if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == lp.text_offset
+
+
+def test_continuous_usage_stats(client):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far (it was ignored)."""
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, stream=True,
+                                            stream_options=opts, extra_body={"ignore_eos": True}))
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks[:-1]]
+    assert counts == sorted(counts) and counts[-1] == 6 and chunks[-1].usage.completion_tokens == 6
+    assert len({c.usage.prompt_tokens for c in chunks}) == 1
+    messages = [{"role": "user", "content": "hi"}]
+    chat = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0, n=2,
+                                               stream=True, stream_options=opts, extra_body={"ignore_eos": True}))
+    assert all(c.usage is not None for c in chat)
+    assert [c.usage.completion_tokens for c in chat[:2]] == [0, 0]  # the role chunks
+    per_choice = {c.choices[0].index: c.usage.completion_tokens for c in chat if c.choices}
+    assert per_choice == {0: 5, 1: 5} and chat[-1].choices == [] and chat[-1].usage.completion_tokens == 10
+    # without include_usage it stays off, as in vLLM
+    plain = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, stream=True,
+                                                stream_options={"continuous_usage_stats": True}))
+    assert all(c.usage is None for c in plain)
+
 
 def test_chat_logprobs(client):
     resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],

@@ -4,6 +4,8 @@ answer first); beam search is refused by name."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from meshserve.engine.bad_words import tokenize_bad_words
@@ -184,3 +186,21 @@ def test_harmless_values_are_accepted(http):
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "use_beam_search": False, "length_penalty": 1.0,
             "bad_words": []}
     assert http.post(COMPL, json=body).status_code == 200
+
+
+# -- echo (chat) ------------------------------------------------------------------------------------
+def test_chat_echo_returns_the_continued_message_whole(http):
+    """vLLM's chat echo: a continued assistant turn comes back with its prefill first (echo was ignored)."""
+    prefill = "Sure, the answer is"
+    body = {"model": MODEL, "messages": USER + [{"role": "assistant", "content": prefill}], "max_tokens": 5,
+            "temperature": 0, "ignore_eos": True, "continue_final_message": True, "add_generation_prompt": False}
+    plain = http.post(CHAT, json=body).json()["choices"][0]["message"]["content"]
+    echoed = http.post(CHAT, json={**body, "echo": True}).json()["choices"][0]["message"]["content"]
+    assert echoed == prefill + plain
+    with http.stream("POST", CHAT, json={**body, "echo": True, "stream": True}) as resp:
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == echoed
+    # a new turn has another role than the last message: nothing to echo, as in vLLM
+    new_turn = {"model": MODEL, "messages": USER, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    assert http.post(CHAT, json={**new_turn, "echo": True}).json()["choices"][0]["message"]["content"] == \
+        http.post(CHAT, json=new_turn).json()["choices"][0]["message"]["content"]

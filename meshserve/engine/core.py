@@ -166,6 +166,7 @@ class EngineCore:
             generation_defaults=config.model_config.generation_defaults,
             slo_ttft_s=config.scheduler_config.slo_ttft_s,
             slo_tpot_s=config.scheduler_config.slo_tpot_s,
+            scheduling_policy=config.scheduler_config.scheduling_policy,
         )
         # structured outputs: grammars compile on threads; their requests wait here, outside the scheduler
         self.grammar_waitlist = GrammarWaitlist(GrammarCompiler(

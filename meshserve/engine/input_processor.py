@@ -104,6 +104,9 @@ class InputProcessor:
         are this request's service-level targets (None: the server's)."""
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidArgumentError(f"priority must be an integer, got {priority!r}", param="priority")
+        if priority != 0 and self.info.scheduling_policy != "priority":  # vLLM refuses it too, not ignoring it
+            raise InvalidArgumentError(f"priority {priority} needs --scheduling-policy priority (this engine serves "
+                                       "first come first served)", param="priority")
         for name, value in (("slo.ttft_ms", slo_ttft_s), ("slo.tpot_ms", slo_tpot_s)):
             if value is not None and not value > 0:
                 raise InvalidArgumentError(f"{name} must be > 0", param=name)

@@ -157,6 +157,7 @@ class CoreInfo(msgspec.Struct, omit_defaults=True):
     generation_defaults: dict[str, int | float] = {}
     slo_ttft_s: float | None = None  # the server's service-level targets (requests may set their own)
     slo_tpot_s: float | None = None
+    scheduling_policy: str = "fcfs"  # the waiting queue's order: a request's priority counts under "priority" only
     # start-up timeline segments of the core's process and its worker ranks (engine/startup_timeline.py)
     startup: list[Segment] = []
 

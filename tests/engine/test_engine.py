@@ -162,6 +162,10 @@ def test_bad_inputs_raise_clear_errors(llm, tiny_model_dir):
     # vLLM's other prompt keys would be dropped without a word (an image of multi_modal_data ignored)
     with pytest.raises(InvalidArgumentError, match="not supported: multi_modal_data"):
         llm.generate({"prompt": "hi", "multi_modal_data": {"image": None}}, use_tqdm=False)
+    # a priority this first-come-first-served engine would ignore (vLLM refuses it as well)
+    with pytest.raises(InvalidArgumentError, match="needs --scheduling-policy priority"):
+        llm.generate(["hi"], SamplingParams(max_tokens=2), use_tqdm=False, priority=[5])
+    assert llm.generate(["hi"], SamplingParams(max_tokens=2), use_tqdm=False, priority=[0])[0].finished
     with pytest.raises(InvalidArgumentError, match="4 attention heads are not divisible"):
         LLM(model=tiny_model_dir("llama"), tensor_parallel_size=3)
     with pytest.raises(InvalidArgumentError, match="pipeline_parallel_size 3 exceeds"):

@@ -24,6 +24,8 @@ CASES = [
     ("huge max_tokens", COMPL, {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
     ("enormous max_tokens", CHAT, {"model": MODEL, "messages": USER, "max_completion_tokens": 10**30}, 400,
      "max_tokens"),
+    # vLLM's answer too: a priority the first-come-first-served queue would ignore without a word
+    ("priority under fcfs", COMPL, {"model": MODEL, "prompt": "x", "priority": 1}, 400, "priority"),
     ("temperature < 0", COMPL, {"model": MODEL, "prompt": "x", "temperature": -0.5}, 400, "temperature"),
     ("top_p > 1", CHAT, {"model": MODEL, "messages": USER, "top_p": 1.5}, 400, "top_p"),
     ("n too large", COMPL, {"model": MODEL, "prompt": "x", "n": 100000}, 400, "n"),

@@ -18,7 +18,8 @@ from tests.serve.conftest import make_engine, start_server
 
 @pytest.fixture(scope="module")
 def slo_server(tiny_model_dir):
-    allm = make_engine(tiny_model_dir("llama"), slo_ttft_ms=500, max_num_seqs=4)
+    # the priority queue: the burst below sends priorities (refused under fcfs)
+    allm = make_engine(tiny_model_dir("llama"), slo_ttft_ms=500, max_num_seqs=4, scheduling_policy="priority")
     live = start_server(allm, ServeConfig(served_model_names=["tiny"]))
     yield live
     live.stop()

@@ -168,6 +168,12 @@ class EngineCore:
             slo_tpot_s=config.scheduler_config.slo_tpot_s,
             scheduling_policy=config.scheduler_config.scheduling_policy,
         )
+        capacity = self.info.num_blocks * self.info.block_size
+        if capacity < self.info.max_model_len:  # vLLM refuses to start here; these pools serve shorter requests
+            logger.warning("the KV cache holds %d tokens, fewer than max_model_len (%d): a request asking for more "
+                           "is refused, and max_tokens left unset stops there; raise gpu_memory_utilization (or "
+                           "cpu_kv_cache_bytes) or lower max_model_len to serve whole contexts", capacity,
+                           self.info.max_model_len)
         # structured outputs: grammars compile on threads; their requests wait here, outside the scheduler
         self.grammar_waitlist = GrammarWaitlist(GrammarCompiler(
             config.model_config.tokenizer or None, config.model_config.vocab_size, self.info.eos_token_ids))

@@ -136,14 +136,19 @@ class InputProcessor:
                 raise InvalidArgumentError("structured outputs need the model's tokenizer, and it has none",
                                            param="structured_outputs")
             check_structured_outputs(params.structured_outputs)
-        max_len = info.max_model_len
+        max_len, capacity = info.max_model_len, info.num_blocks * info.block_size
         if len(token_ids) >= max_len:
             raise PromptTooLongError(
                 f"prompt has {len(token_ids)} tokens; max_model_len is {max_len} (room for at least one "
                 "new token is needed)", param="prompt")
-        max_tokens = params.max_tokens if params.max_tokens is not None else max_len - len(token_ids)
-        check_request_fits(len(token_ids), max_tokens, max_model_len=max_len,
-                           capacity_tokens=info.num_blocks * info.block_size,
+        if len(token_ids) >= capacity:
+            raise PromptTooLongError(
+                f"prompt has {len(token_ids)} tokens; the KV cache holds {capacity} (room for at least one new "
+                "token is needed)", param="prompt")
+        # max_tokens unset: up to the context's end, or the KV pool's where it holds less (a pool smaller than
+        # max_model_len refused every request that left it unset, blaming a max_tokens the client never sent)
+        max_tokens = params.max_tokens if params.max_tokens is not None else min(max_len, capacity) - len(token_ids)
+        check_request_fits(len(token_ids), max_tokens, max_model_len=max_len, capacity_tokens=capacity,
                            enable_chunked_prefill=info.enable_chunked_prefill,
                            max_num_batched_tokens=info.max_num_batched_tokens)
         params._all_stop_token_ids = set(params.stop_token_ids)

@@ -195,6 +195,14 @@ def test_cache_too_small_for_request_is_rejected(tiny_model_dir):
     llm = LLM(model=tiny_model_dir("llama"), block_size=4, num_gpu_blocks_override=4)
     with pytest.raises(PromptTooLongError, match="never fit"):
         llm.generate({"prompt_token_ids": _ids(2, 14)}, SamplingParams(max_tokens=4), use_tqdm=False)
+    # a pool of 16 tokens under a longer max_model_len: max_tokens left unset runs to the pool's end (every such
+    # request was refused, blaming a max_tokens it never set); a prompt the pool cannot hold is named as such
+    assert llm.engine.core_client.info.max_model_len > 16
+    out = llm.generate({"prompt_token_ids": _ids(2, 10)}, SamplingParams(max_tokens=None, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 6 and out.outputs[0].finish_reason == "length"
+    with pytest.raises(PromptTooLongError, match="the KV cache holds 16"):
+        llm.generate({"prompt_token_ids": _ids(2, 16)}, SamplingParams(max_tokens=None), use_tqdm=False)
 
 
 def test_model_loading_errors(tmp_path, tiny_model_dir):

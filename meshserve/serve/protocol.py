@@ -164,6 +164,12 @@ class SamplingRequest(OpenAIModel):
             raise ValueError(f"truncate_prompt_tokens must be >= 1, or -1 (max_model_len), got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:  # OpenAI's and vLLM's answer: not ignored
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
 
 TokenIds = Annotated[list[int], Field(min_length=1)]
 PromptText = Annotated[str, Field(min_length=1)]

@@ -25,6 +25,8 @@ CASES = [
     ("enormous max_tokens", CHAT, {"model": MODEL, "messages": USER, "max_completion_tokens": 10**30}, 400,
      "max_tokens"),
     # vLLM's answer too: a priority the first-come-first-served queue would ignore without a word
+    ("stream_options without stream", CHAT, {"model": MODEL, "messages": USER,
+                                             "stream_options": {"include_usage": True}}, 400, None),
     ("priority under fcfs", COMPL, {"model": MODEL, "prompt": "x", "priority": 1}, 400, "priority"),
     ("temperature < 0", COMPL, {"model": MODEL, "prompt": "x", "temperature": -0.5}, 400, "temperature"),
     ("top_p > 1", CHAT, {"model": MODEL, "messages": USER, "top_p": 1.5}, 400, "top_p"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 
 from meshserve.config import EngineArgs
@@ -73,7 +74,7 @@ class LLM:
 
     def generate(self, prompts: PromptType | SequenceABC[PromptType],
                  sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool | Callable = True, priority: list[int] | None = None) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the prompts' order. priority (one per prompt)
         orders the queue when the engine runs with scheduling_policy="priority" (lower first)."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
@@ -100,7 +101,8 @@ class LLM:
 
     def chat(self, messages: Conversation | list[Conversation],
              sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
-             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool | Callable = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
              tools: list[dict] | None = None, chat_template_content_format: str = "auto") -> list[RequestOutput]:
         """Render each conversation with the tokenizer's chat template (tools, OpenAI's function tools, reach
@@ -126,7 +128,8 @@ class LLM:
                    for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, prompts, params_list, use_tqdm: bool, priorities: list[int] | None = None) -> list[RequestOutput]:
+    def _run(self, prompts, params_list, use_tqdm: bool | Callable,
+             priorities: list[int] | None = None) -> list[RequestOutput]:
         engine = self._engine
         ids = []
         try:
@@ -141,7 +144,9 @@ class LLM:
         if use_tqdm and len(ids) > 1:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+            # vLLM's use_tqdm may also be the progress bar's class (or a factory of it): used as given
+            make_bar = use_tqdm if callable(use_tqdm) else tqdm
+            bar = make_bar(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
         try:
             while len(results) < len(ids):
                 for out in engine.step(finished_only=True):

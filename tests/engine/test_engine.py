@@ -185,6 +185,25 @@ def test_vllm_spellings_of_engine_arguments(tiny_model_dir):
     llm.shutdown()
 
 
+def test_use_tqdm_may_be_the_progress_bar_class(llm):
+    # vLLM's use_tqdm takes a tqdm class (or factory) too; it was taken as True and the default bar drawn
+    made = []
+
+    class Bar:
+        def __init__(self, **kwargs):
+            made.append(kwargs["total"])
+            self.n = 0
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            made.append(self.n)
+
+    outs = llm.generate(["hi", "ho", "ha"], SamplingParams(max_tokens=2), use_tqdm=Bar)
+    assert len(outs) == 3 and made == [3, 3]
+
+
 def test_kv_budget_too_small_for_one_block_is_a_clear_error(tiny_model_dir):
     # it was a RuntimeError, so `meshserve generate --cpu-kv-cache-bytes 10` ended in a traceback
     with pytest.raises(InvalidArgumentError, match="raise cpu_kv_cache_bytes"):

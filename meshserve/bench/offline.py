@@ -298,7 +298,7 @@ def run_throughput(ns) -> dict:
     runs, gpu_runs = [], []
     for _ in range(ns.repeat):
         # each run from a cold prefix cache: a repeat would otherwise skip its prompts' prefill
-        if not llm.engine.scheduler.block_manager.reset_prefix_cache():
+        if not llm.reset_prefix_cache():
             raise RuntimeError("W2 repeat: sequences still hold KV blocks after the previous run")
         torch.cuda.synchronize()
         power: list[float] = []

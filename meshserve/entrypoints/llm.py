@@ -63,6 +63,11 @@ class LLM:
     def get_tokenizer(self):
         return self._engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix (vLLM's name; benchmarks call it between runs so a repeat prefills
+        again); False while requests hold KV blocks."""
+        return self._engine.scheduler.block_manager.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams carrying the model's generation_config.json defaults (what generate uses when
         given none); build your own with SamplingParams.from_defaults(llm.generation_defaults, ...)."""

@@ -185,6 +185,14 @@ def test_vllm_spellings_of_engine_arguments(tiny_model_dir):
     llm.shutdown()
 
 
+def test_reset_prefix_cache(llm):
+    prompt = {"prompt_token_ids": _ids(7, 40)}
+    llm.generate(prompt, SamplingParams(max_tokens=1), use_tqdm=False)
+    assert llm.generate(prompt, SamplingParams(max_tokens=1), use_tqdm=False)[0].num_cached_tokens > 0
+    assert llm.reset_prefix_cache()
+    assert llm.generate(prompt, SamplingParams(max_tokens=1), use_tqdm=False)[0].num_cached_tokens == 0
+
+
 def test_use_tqdm_may_be_the_progress_bar_class(llm):
     # vLLM's use_tqdm takes a tqdm class (or factory) too; it was taken as True and the default bar drawn
     made = []

@@ -141,12 +141,15 @@ def plan_tools(req: ChatCompletionRequest, config: ServeConfig) -> ToolPlan:
         return ToolPlan("auto", dicts, parser=get_tool_parser(config.tool_call_parser, dicts),
                         parallel=req.parallel_tool_calls)
     if choice == "required":
+        defs: dict[str, Any] = {}
         schema = {"type": "array", "minItems": 1, "items": {"anyOf": [
             {"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
-                                              "parameters": _parameters(t)},
-             "required": ["name", "parameters"]} for t in tools]}}
+                                              "parameters": _nested_parameters(t, i, defs)},
+             "required": ["name", "parameters"]} for i, t in enumerate(tools)]}}
         if not req.parallel_tool_calls:
             schema["maxItems"] = 1
+        if defs:
+            schema["$defs"] = defs
         return ToolPlan("required", dicts, StructuredOutputsParams(json=schema), _RequiredToolParser())
     name = choice.function.name
     if name not in names:
@@ -154,6 +157,41 @@ def plan_tools(req: ChatCompletionRequest, config: ServeConfig) -> ToolPlan:
                                    param="tool_choice")
     tool = tools[names.index(name)]
     return ToolPlan("named", dicts, StructuredOutputsParams(json=_parameters(tool)), _NamedToolParser(name))
+
+
+def _nested_parameters(tool, i: int, defs: dict[str, Any]) -> dict[str, Any]:
+    """A tool's parameters as one branch of the "required" array schema. Their local references ("#/$defs/X",
+    as pydantic writes nested models, or "#" itself) point into the parameters, not into the array around
+    them: such parameters move to the array's $defs whole, under a name of their own, and their references
+    are rewritten to point there."""
+    params = _parameters(tool)
+    name = f"tool_{i}_parameters"
+    rebased = _rebase_refs(params, f"#/$defs/{name}")
+    if rebased == params:  # no local reference: inline, as before
+        return params
+    defs[name] = rebased
+    return {"$ref": f"#/$defs/{name}"}
+
+
+_DATA_KEYWORDS = ("enum", "const", "default", "examples")  # their values are JSON data, not schemas
+_NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions")  # names (data) -> schemas
+
+
+def _rebase_refs(schema: Any, base: str) -> Any:
+    """The schema with each local $ref ("#...") made relative to base instead of to its root."""
+    if isinstance(schema, list):
+        return [_rebase_refs(v, base) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k == "$ref" and isinstance(v, str) and v.startswith("#"):
+            out[k] = base + v[1:]
+        elif k in _NAMED_SCHEMAS and isinstance(v, dict):
+            out[k] = {name: _rebase_refs(sub, base) for name, sub in v.items()}
+        else:
+            out[k] = v if k in _DATA_KEYWORDS else _rebase_refs(v, base)
+    return out
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:

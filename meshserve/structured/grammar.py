@@ -31,11 +31,45 @@ def native_message(e: BaseException) -> str:
     return _NATIVE_PREFIX.sub("", str(e).strip()).strip()
 
 
-def _find_unsupported(schema: Any, path: str = "#") -> str | None:
+# string formats xgrammar 0.2.9 enforces; with one of them (or a pattern) it ignores minLength/maxLength
+XGRAMMAR_STRING_FORMATS = frozenset({
+    "email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri",
+    "uri-reference", "uri-template", "json-pointer", "relative-json-pointer",
+})
+
+
+def _ignored_combination(schema: dict) -> tuple[str, str] | None:
+    """(keyword, what to call it) of a keyword that xgrammar ignores in this schema's company (it only logs
+    a warning), or None."""
+    types = schema.get("type")
+    types = types if isinstance(types, list) else [types]
+    if "multipleOf" in schema and "number" in types:
+        return "multipleOf", "'multipleOf' (of a number)"  # enforced for integers only
+    lower = "minimum" in schema or "exclusiveMinimum" in schema
+    upper = "maximum" in schema or "exclusiveMaximum" in schema
+    if "multipleOf" in schema and lower != upper:  # an integer's: with no bound or both, but not one
+        return "multipleOf", "'multipleOf' with a bound on one side only"
+    with_ = ("pattern" if "pattern" in schema
+             else "format" if str(schema.get("format")) in XGRAMMAR_STRING_FORMATS else None)
+    for key in ("minLength", "maxLength"):
+        if with_ and key in schema:
+            return key, f"{key!r} with {with_!r}"
+    return None
+
+
+def _unsupported_message(where: tuple[str, str], at: str) -> str:
+    return f"JSON schema keyword {where[1]} (at {at}) is not supported by structured outputs"
+
+
+def _find_unsupported(schema: Any, path: str = "#") -> tuple[str, str] | None:
+    """(path, what) of the first keyword in the schema that structured outputs would not enforce."""
     if isinstance(schema, dict):
+        ignored = _ignored_combination(schema)
+        if ignored:
+            return f"{path}/{ignored[0]}", ignored[1]
         for key, value in schema.items():
             if key in UNSUPPORTED_SCHEMA_KEYWORDS and key not in ("properties", "$defs", "definitions"):
-                return f"{path}/{key}"
+                return f"{path}/{key}", repr(key)
             if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
                 for name, sub in value.items():  # property names are data, not keywords
                     found = _find_unsupported(sub, f"{path}/{key}/{name}")
@@ -82,8 +116,7 @@ def structural_tag_json(spec: str) -> str:
             raise TypeError(f"structures[{i}] needs begin and end strings and a schema object")
         where = _find_unsupported(s["schema"])
         if where:
-            raise ValueError(f"JSON schema keyword {where.rsplit('/', 1)[-1]!r} (at structures[{i}].schema"
-                             f"{where[1:]}) is not supported by structured outputs")
+            raise ValueError(_unsupported_message(where, f"structures[{i}].schema{where[0][1:]}"))
         if not any(s["begin"].startswith(t) for t in triggers):
             raise ValueError(f"structures[{i}].begin {s['begin']!r} starts with none of the triggers")
         tags.append({"begin": s["begin"], "end": s["end"],
@@ -118,9 +151,7 @@ def _check(kind: str, spec: str, param: str) -> None:
                 raise InvalidArgumentError("the JSON schema must be an object", param=param)
             where = _find_unsupported(schema)
             if where:
-                raise InvalidArgumentError(
-                    f"JSON schema keyword {where.rsplit('/', 1)[-1]!r} (at {where}) is not supported by "
-                    "structured outputs", param=param)
+                raise InvalidArgumentError(_unsupported_message(where, where[0]), param=param)
             xgr.Grammar.from_json_schema(spec)
         elif kind == "regex":
             xgr.Grammar.from_regex(spec)

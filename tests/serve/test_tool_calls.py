@@ -79,3 +79,29 @@ def test_required_output_cut_short_is_the_calls_begun_as_streamed(text, calls):
             sent[d.index][1] += d.function.arguments or ""
     assert [tuple(v) for _, v in sorted(sent.items())] == calls
     assert plan.extract('[{"name": "f') == ('[{"name": "f', [])  # no name complete: no call, the text
+
+
+def test_required_keeps_each_tools_local_references():
+    """A tool whose parameters reference their own $defs (openai.pydantic_function_tool of a nested model) or
+    themselves ("#"): under "required" those references still resolve to the tool's parameters, not to the
+    array schema around them (was a 400: "Cannot find field '$defs' in #/$defs/Loc")."""
+    loc = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+           "additionalProperties": False}
+    nested = {"type": "function", "function": {"name": "weather", "parameters": {
+        "$defs": {"Loc": loc}, "type": "object", "properties": {"loc": {"$ref": "#/$defs/Loc"}},
+        "required": ["loc"], "additionalProperties": False}}}
+    tree = {"type": "function", "function": {"name": "tree", "parameters": {
+        "type": "object", "properties": {"v": {"type": "integer"}, "next": {"$ref": "#"},
+                                         "$ref": {"enum": ["#/x"]}},  # a property named $ref; data
+        "required": ["v"], "additionalProperties": False}}}
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                "tools": [TOOLS[1], nested, tree], "tool_choice": "required"})
+    plan = plan_tools(req, ServeConfig())
+    grammar = xgr.Grammar.from_json_schema(plan.constraint.key[1], any_whitespace=False)
+    assert accepts(grammar, json.dumps([{"name": "weather", "parameters": {"loc": {"city": "Paris"}}},
+                                        {"name": "g", "parameters": {}}]))
+    assert not accepts(grammar, json.dumps([{"name": "weather", "parameters": {"loc": {"town": "Paris"}}}]))
+    assert accepts(grammar, json.dumps([{"name": "tree",
+                                         "parameters": {"v": 1, "next": {"v": 2}, "$ref": "#/x"}}]))
+    assert not accepts(grammar, json.dumps([{"name": "tree", "parameters": {"v": 1, "next": {"w": 2}}}]))
+    assert '"g"' in plan.constraint.key[1]  # parameters without references stay inline

@@ -70,3 +70,25 @@ def test_a_backend_that_does_not_import_is_one_clear_error(monkeypatch):
             compiler.submit(params).result(timeout=30)
     finally:
         compiler.shutdown()
+
+
+@pytest.mark.parametrize("schema, words", [
+    # xgrammar 0.2.9 drops these with a warning only; the output would break them
+    ({"type": "string", "format": "email", "maxLength": 20}, "'maxLength' with 'format' (at #/properties/v/maxLength)"),
+    ({"type": "string", "pattern": "^a+$", "minLength": 2}, "'minLength' with 'pattern'"),
+    ({"type": ["number", "null"], "multipleOf": 0.5}, "'multipleOf' (of a number)"),
+    ({"type": "integer", "multipleOf": 3, "minimum": 1}, "'multipleOf' with a bound on one side only"),
+])
+def test_keywords_xgrammar_ignores_in_company_are_refused(schema, words):
+    with pytest.raises(InvalidArgumentError) as e:
+        check_structured_outputs(StructuredOutputsParams(json={"type": "object", "properties": {"v": schema}}),
+                                 param="response_format")
+    assert words in str(e.value) and "not supported" in str(e.value)
+
+
+def test_keywords_xgrammar_enforces_alone_pass():
+    for schema in ({"type": "string", "maxLength": 5}, {"type": "string", "format": "email"},
+                   {"type": "string", "format": "not-a-known-format", "maxLength": 5},  # no format regex: enforced
+                   {"type": "integer", "multipleOf": 3}, {"type": "integer", "multipleOf": 3, "minimum": 1,
+                                                          "maximum": 99}, {"type": "string", "pattern": "^a+$"}):
+        check_structured_outputs(StructuredOutputsParams(json={"type": "object", "properties": {"v": schema}}))

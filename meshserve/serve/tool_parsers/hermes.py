@@ -64,8 +64,12 @@ class HermesToolParser(ToolParser):
             return PartialToolCalls(len(text) - held_back(text, START))
         found = PartialToolCalls(start)
         for spans, _ in _blocks(text, start):
-            call = partial_json_call(text, spans) if spans is not None and not spans.broken else None
+            call = partial_json_call(text, spans) if spans is not None else None
             if call is None:
                 break
+            # a block that turns out malformed after its name still counts as begun (its name and arguments
+            # were streamed while it looked right), as in the other parsers; ToolPlan.extract keeps it whole
             found.calls.append(call)
+            if spans.broken:
+                break
         return found

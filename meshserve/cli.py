@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     ns = parser.parse_args(argv)
+    ns.argv = argv  # `serve --config FILE` parses the command line again, over the file's flags
     logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.WARNING),
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # SIGTERM unwinds like Ctrl-C, so executors shut their worker processes down (no orphans)

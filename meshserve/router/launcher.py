@@ -25,8 +25,10 @@ from meshserve.router.config import RouterConfig
 logger = logging.getLogger(__name__)
 
 # Flags the launcher sets itself for each replica, or that only mean something to the launcher.
+# config_file: the namespace already holds what the file set, under the command line's flags; a replica reading
+# the file again would let it override a flag given its default value.
 _LAUNCHER_DESTS = frozenset({"host", "port", "data_parallel_size", "data_parallel_backend", "model_tag", "func",
-                             "command", "auto", "router_workers"})
+                             "command", "auto", "router_workers", "config_file"})
 
 
 def _long_option(action: argparse.Action) -> str:

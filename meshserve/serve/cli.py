@@ -99,6 +99,10 @@ def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:
         raise InvalidArgumentError("--served-model-name: a name is empty", param="served_model_name")
     keys = [ns.api_key] if isinstance(ns.api_key, str) else ns.api_key or []
     if not all(key.strip() for key in keys):  # "" used to mean no authentication at all
+        if isinstance(ns.api_key, str):  # the environment's default (the flag gives a list): name the variable
+            var = "MESHSERVE_API_KEY" if ns.api_key == os.environ.get("MESHSERVE_API_KEY") else "VLLM_API_KEY"
+            raise InvalidArgumentError(f"${var} is set but empty: give it a key, or unset it to serve without "
+                                       "one", param="api_key")
         raise InvalidArgumentError('--api-key: a key is empty (an unset variable in --api-key "$KEY"?)',
                                    param="api_key")
     check_output_file(ns.request_log, "--request-log")

@@ -65,10 +65,16 @@ def config_file_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
     return argv
 
 
-def merge_config_file(ns: argparse.Namespace, parser: argparse.ArgumentParser, path: str) -> None:
-    """Set on ns what the file sets, except where the command line gave a flag (its value is not the
-    default: a flag given its default value on the command line is the file's to set)."""
+def merge_config_file(ns: argparse.Namespace, parser: argparse.ArgumentParser, path: str,
+                      argv: list[str] | None = None) -> None:
+    """Set on ns what the file sets, except where the command line gave a flag. argv (the whole command line,
+    `serve` and the flags after it, as main() records it): the file's flags are parsed first and the command
+    line's over them, as vLLM does, so a flag given its default value (`--port 8000`) still wins. Without
+    argv, a flag counts as given when its value is not the default."""
     from_file = parser.parse_args(config_file_argv(parser, path))
+    given = argv[argv.index("serve") + 1:] if argv and "serve" in argv else None
+    if given is not None:  # argparse sets no default where the namespace holds a value: the rest is the file's
+        parser.parse_args(given, namespace=from_file)
     for action in parser._actions:
         dest = action.dest
         if dest in ("help", "config_file") or not hasattr(from_file, dest):
@@ -76,5 +82,5 @@ def merge_config_file(ns: argparse.Namespace, parser: argparse.ArgumentParser, p
         if dest == "model" and getattr(ns, "model_tag", None):  # `serve MODEL` on the command line wins
             continue
         value = getattr(from_file, dest)
-        if value != action.default and getattr(ns, dest, action.default) == action.default:
+        if given is not None or value != action.default and getattr(ns, dest, action.default) == action.default:
             setattr(ns, dest, value)

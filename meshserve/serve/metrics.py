@@ -237,7 +237,8 @@ class ServerMetrics:
                                          registry=r)
         self.ttft = Histogram("meshserve:time_to_first_token_seconds", "Time to the first token.",
                               buckets=_TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("meshserve:inter_token_latency_seconds", "Time between output steps.",
+        self.itl = Histogram("meshserve:inter_token_latency_seconds",
+                             "Time between successive tokens of a sequence (a choice of a prompt).",
                              buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("meshserve:e2e_request_latency_seconds", "Request arrival to last token.",
                              buckets=_E2E_BUCKETS, registry=r)
@@ -310,6 +311,7 @@ class RequestTracker:
         self._last: float | None = None
         self._prompt_seen: dict[int, int] = {}  # prompt index -> its prompt tokens
         self._num_tokens: dict[tuple[int, int], int] = {}  # (prompt index, choice index) -> tokens so far
+        self._last_token: dict[tuple[int, int], float] = {}  # (prompt index, choice index) -> its last output
         self._done = False
         self.ttft_target_s: float | None = None
         self.tpot_target_s: float | None = None
@@ -320,25 +322,32 @@ class RequestTracker:
         new = 0
         for c in out.outputs:
             key = (prompt_index, c.index)
-            self._num_tokens[key] = self._num_tokens.get(key, 0) + len(c.token_ids)
-            new += len(c.token_ids)
+            n = len(c.token_ids)
+            self._num_tokens[key] = self._num_tokens.get(key, 0) + n
+            new += n
+            if n:
+                self._observe_gaps(key, n, now)
         if prompt_index not in self._prompt_seen:
             self._prompt_seen[prompt_index] = len(out.prompt_token_ids)
             self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
         if new <= 0:
             return
         self.metrics.generation_tokens.inc(new)
-        # one inter-token observation per token after the first; an output that folded several steps (a
-        # lagging stream) spreads its gap over its tokens
         if self._last is None:
             self._first = now
             self.metrics.ttft.observe(now - self.arrival)
-            gap, count = 0.0, new - 1
-        else:
-            gap, count = (now - self._last) / new, new
+        self._last = now
+
+    def _observe_gaps(self, key: tuple[int, int], n: int, now: float) -> None:
+        """One inter-token observation per token of a sequence (one choice of one prompt) after its first, timed
+        from that sequence's own previous output: the n choices and the prompts of a batch decode side by side,
+        so one step's tokens of several sequences are no gaps between each other. An output that folded several
+        steps of one sequence (a lagging stream) spreads its gap over its tokens."""
+        last = self._last_token.get(key)
+        gap, count = (0.0, n - 1) if last is None else ((now - last) / n, n)
         for _ in range(count):
             self.metrics.itl.observe(gap)
-        self._last = now
+        self._last_token[key] = now
 
     def fail(self, exc: BaseException) -> None:
         """The request ended before or while producing a response."""

@@ -191,7 +191,7 @@ def apply_vllm_compat(ns: argparse.Namespace) -> None:
     if ns.config_file:  # first: what the file sets is checked like the rest
         from meshserve.serve.config_file import merge_config_file
 
-        merge_config_file(ns, ns.serve_parser, ns.config_file)
+        merge_config_file(ns, ns.serve_parser, ns.config_file, getattr(ns, "argv", None))
     for flag, (_kind, why) in _REFUSED.items():
         if _given(ns, flag):
             raise InvalidArgumentError(f"{flag}: {why}", param=flag.lstrip("-").replace("-", "_"))
@@ -216,6 +216,8 @@ def apply_vllm_compat(ns: argparse.Namespace) -> None:
             raise InvalidArgumentError(f"--{name.replace('_', '-')}: no file {path!r}", param=name)
     if ns.ssl_cert_reqs not in (ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED):
         raise InvalidArgumentError("--ssl-cert-reqs must be 0, 1 or 2", param="ssl_cert_reqs")
+    if ns.ssl_certfile:
+        check_tls_files(ns)
     if ns.ssl_certfile and ns.data_parallel_size > 1 and ns.data_parallel_backend == "router":
         raise InvalidArgumentError("TLS with --data-parallel-backend router is not supported (the replicas behind "
                                    "the router speak plain HTTP): use the internal back end", param="ssl_certfile")
@@ -234,6 +236,28 @@ def apply_vllm_compat(ns: argparse.Namespace) -> None:
 
     generation_overrides(ns.override_generation_config)  # bad keys fail now, not after loading
     ns.chat_template_text = load_chat_template(ns.chat_template)
+
+
+def check_tls_files(ns: argparse.Namespace) -> None:
+    """Load the key, certificate, CA certificates and cipher list as uvicorn will: what OpenSSL rejects (a key
+    and certificate swapped or mismatched, a file that is no PEM) is one line now, not ssl.SSLError's traceback
+    once the model has loaded."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    steps = [("ssl_certfile", lambda: ctx.load_cert_chain(ns.ssl_certfile, ns.ssl_keyfile))]
+    if ns.ssl_ca_certs:
+        steps.append(("ssl_ca_certs", lambda: ctx.load_verify_locations(ns.ssl_ca_certs)))
+    if ns.ssl_ciphers:
+        steps.append(("ssl_ciphers", lambda: ctx.set_ciphers(ns.ssl_ciphers)))
+    for name, step in steps:
+        try:
+            step()
+        except OSError as e:  # ssl.SSLError too
+            what = {"ssl_certfile": f"cannot load the key {ns.ssl_keyfile!r} and certificate {ns.ssl_certfile!r} "
+                                    "as a matching PEM pair",
+                    "ssl_ca_certs": f"cannot load the CA certificates {ns.ssl_ca_certs!r}",
+                    "ssl_ciphers": f"OpenSSL takes none of the ciphers {ns.ssl_ciphers!r}"}[name]
+            why = getattr(e, "reason", None) or e.strerror or (e.args[-1] if e.args else e)
+            raise InvalidArgumentError(f"--{name.replace('_', '-')}: {what} ({why})", param=name) from None
 
 
 def load_chat_template(value: str | None) -> str | None:

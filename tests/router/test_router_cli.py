@@ -57,6 +57,24 @@ def test_data_parallel_replica_argv_reproduces_the_engine_flags():
     assert again.data_parallel_size == 1
 
 
+def test_data_parallel_replica_argv_carries_the_config_file_s_flags_not_the_file(tmp_path):
+    """The replicas get the flags the file and the command line came to (the command line's over the file's),
+    not --config again: a replica reading the file would let it override a flag given its default value."""
+    from meshserve.serve.vllm_compat_args import apply_vllm_compat
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("enable-prefix-caching: false\nmax-num-seqs: 4\n")
+    argv = ["serve", "/m", "--config", str(path), "-dp", "2", "--data-parallel-backend", "router",
+            "--enable-prefix-caching"]
+    ns = build_parser(argv).parse_args(argv)
+    ns.argv = argv  # as main() records it
+    apply_vllm_compat(ns)
+    child = argv_from_namespace(ns.serve_parser, ns)
+    assert "--config" not in child
+    again = build_parser().parse_args(["serve", *child])
+    assert (again.enable_prefix_caching, again.max_num_seqs) == (True, 4)
+
+
 def test_gpus_are_split_in_slices_of_tp_times_pp():
     assert partition_devices(2, 2, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
     assert partition_devices(3, 1, ["4", "5", "6"]) == ["4", "5", "6"]

@@ -197,3 +197,15 @@ def test_api_key_from_environment(monkeypatch):
 
     monkeypatch.setenv("MESHSERVE_API_KEY", "from-env")
     assert build_parser().parse_args(["serve"]).api_key == "from-env"
+
+
+def test_an_empty_api_key_variable_is_named_in_the_error(monkeypatch, capsys):
+    """VLLM_API_KEY= (set, empty) refuses to start, as an empty --api-key does, but the one-line error names the
+    variable: it used to blame --api-key, a flag the command line never gave."""
+    from meshserve.cli import main
+
+    monkeypatch.delenv("MESHSERVE_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "")
+    assert main(["serve", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "$VLLM_API_KEY" in err and "--api-key:" not in err and len(err.strip().splitlines()) == 1

@@ -54,3 +54,62 @@ def test_each_api_process_exports_its_own_margin_and_the_updates_are_summed(tmp_
     errors = sorted(v for _, v in _samples(text, "meshserve:admission_margin_ttft_error"))
     assert errors == pytest.approx([0.0, 0.3])
     assert _samples(text, "meshserve:admission_margin_updates_total") == [("", 3.0)]
+
+
+# -- inter-token latency ---------------------------------------------------------------------------
+def _output(prompt_tokens: int, choices: dict[int, int]):
+    """One DELTA output: choice index -> its new tokens."""
+    from meshserve.outputs import CompletionOutput, RequestOutput
+
+    return RequestOutput("r", None, [1] * prompt_tokens,
+                         [CompletionOutput(i, "", [7] * n) for i, n in choices.items()], finished=False)
+
+
+def _itl_observations(metrics) -> tuple[float, float]:
+    text = metrics.render(None).decode()
+    count = _samples(text, "meshserve:inter_token_latency_seconds_count")[0][1]
+    total = _samples(text, "meshserve:inter_token_latency_seconds_sum")[0][1]
+    return count, total
+
+
+@pytest.mark.parametrize("n,prompts", [(1, 1), (4, 1), (1, 2)])
+def test_inter_token_latency_is_each_sequence_s_own_gap(monkeypatch, n, prompts):
+    """Steps 0.1 s apart, each giving every sequence (n choices of each prompt) one token: every inter-token
+    observation is 0.1 s, as vLLM measures it per sequence. (The choices' and prompts' tokens of one step were
+    spread over the gap as if they came one after another: n=4 reported 0.025 s.)"""
+    from meshserve.serve import metrics as metrics_module
+    from meshserve.serve.metrics import ServerMetrics
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: clock[0])
+    metrics = ServerMetrics()
+    tracker = metrics.track()
+    steps = 5
+    for _ in range(steps):
+        clock[0] += 0.1
+        for p in range(prompts):
+            tracker.observe(p, _output(3, dict.fromkeys(range(n), 1)))
+    tracker.finish("length")
+    sequences = n * prompts
+    count, total = _itl_observations(metrics)
+    assert count == sequences * (steps - 1)  # every token after its sequence's first
+    assert total / count == pytest.approx(0.1)
+    text = metrics.render(None).decode()
+    assert _samples(text, "meshserve:generation_tokens_total") == [("", sequences * steps)]
+    assert _samples(text, "meshserve:prompt_tokens_total") == [("", 3 * prompts)]
+
+
+def test_a_lagging_stream_s_folded_tokens_share_their_gap(monkeypatch):
+    """One output carrying 3 tokens of one sequence 0.3 s after its last: 3 observations of 0.1 s."""
+    from meshserve.serve import metrics as metrics_module
+    from meshserve.serve.metrics import ServerMetrics
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: clock[0])
+    metrics = ServerMetrics()
+    tracker = metrics.track()
+    tracker.observe(0, _output(3, {0: 1}))
+    clock[0] += 0.3
+    tracker.observe(0, _output(3, {0: 3}))
+    count, total = _itl_observations(metrics)
+    assert count == 3 and total == pytest.approx(0.3)

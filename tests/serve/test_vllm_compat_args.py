@@ -307,6 +307,23 @@ def test_tls_serves_https_with_the_given_certificate(tiny_engine, tmp_path):
         thread.join(10)
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+@pytest.mark.parametrize("case", ["swapped", "garbage", "ciphers"])
+def test_an_unusable_certificate_is_a_one_line_error_before_loading(tmp_path, capsys, case):
+    """A key and certificate uvicorn cannot load (swapped, not PEM, a cipher list OpenSSL rejects) stop serve
+    with one line before the model loads (it was ssl.SSLError's traceback from uvicorn, after the load)."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    flags = {"swapped": ["--ssl-keyfile", str(cert), "--ssl-certfile", str(key)],
+             "garbage": ["--ssl-keyfile", str(key), "--ssl-certfile", str(tmp_path / "x.pem")],
+             "ciphers": ["--ssl-keyfile", str(key), "--ssl-certfile", str(cert), "--ssl-ciphers", "NO-SUCH"]}[case]
+    (tmp_path / "x.pem").write_text("not a certificate\n")
+    assert main(["serve", "--device", "cpu", "--host", "127.0.0.1", "--port", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meshserve: error: --ssl-") and len(err.strip().splitlines()) == 1, err
+
+
 def test_refused_before_torch_is_imported():
     import sys
 
@@ -333,6 +350,28 @@ def test_config_file_sets_flags_the_command_line_does_not(tmp_path):
     ns = build_parser(["serve"]).parse_args(["serve", "--config", str(path)])
     apply_vllm_compat(ns)
     assert ns.model_tag is None and ns.model == "/models/a"
+
+
+def test_a_command_line_flag_wins_over_the_file_even_given_its_default(tmp_path, monkeypatch):
+    """vLLM parses the file's flags first and the command line over them: `--port 8000` (the default) beats the
+    file's `port: 9000`, `--enable-prefix-caching` its `false` (they used to lose: a flag counted as given only
+    when its value differed from the default)."""
+    import meshserve.serve.cli as serve_cli
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("port: 9000\nenable-prefix-caching: false\ndtype: bfloat16\nmax-num-seqs: 4\n")
+    seen = {}
+
+    def fake_serve(ns):  # main() up to the point where the server would start
+        apply_vllm_compat(ns)
+        seen.update(vars(ns))
+        return 0
+
+    monkeypatch.setattr(serve_cli, "_cmd_serve", fake_serve)
+    assert main(["--log-level", "INFO", "serve", "--config", str(path), "--port", "8000",
+                 "--enable-prefix-caching", "--dtype", "auto"]) == 0
+    assert (seen["port"], seen["enable_prefix_caching"], seen["dtype"]) == (8000, True, "auto")
+    assert seen["max_num_seqs"] == 4  # what the command line leaves alone is the file's
 
 
 @pytest.mark.parametrize("text,message", [

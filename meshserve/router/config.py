@@ -106,3 +106,6 @@ def check_replica_url(url: str) -> None:
         port_ok = False
     if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
         raise InvalidArgumentError(f"backend {url!r} must be an http(s)://HOST[:PORT] URL", param="backend")
+    if parts.path.rstrip("/").endswith("/v1"):  # an OpenAI base_url habit: its probes of .../v1/ready never answer
+        raise InvalidArgumentError(f"backend {url!r}: give the server's root URL, without /v1 (the router adds the "
+                                   "API paths and probes /ready there)", param="backend")

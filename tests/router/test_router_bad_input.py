@@ -17,6 +17,7 @@ OK = ["router", "--backend", "http://127.0.0.1:1", "--workers", "1"]
 @pytest.mark.parametrize("flags,message", [
     (["--backend", "http://"], "backend 'http://' must be an http(s)://HOST[:PORT] URL"),
     (["--backend", "http://a:99999"], "backend 'http://a:99999'"),
+    (["--backend", "http://a:8000/v1"], "give the server's root URL, without /v1"),
     (["--fallback", "ftp://f:1"], "backend 'ftp://f:1'"),
     (["--discover", "nohostport"], "--discover wants HOST:PORT, got 'nohostport'"),
     (["--discover", "svc:abc"], "--discover wants HOST:PORT, got 'svc:abc'"),

@@ -109,8 +109,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-cudagraph-tokens", type=int, default=d.max_cudagraph_tokens, metavar="N",
                    help="largest mixed prefill + decode step replayed from a CUDA graph, in tokens (capped at "
                         "--max-num-batched-tokens); 0: mixed steps run eagerly")
-    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
-                   help="schedule each step only after the previous one finished (no CPU/GPU overlap)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
+                   help="schedule step n+1 while the GPU runs step n (the default; vLLM's flag); --no-async-"
+                        "scheduling: each step only after the previous one finished (no CPU/GPU overlap)")
     s = parser.add_argument_group("scheduling and service levels")
     s.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"],
                    help="priority: the queue by each request's priority (lower first), then arrival")

@@ -462,3 +462,11 @@ def test_several_api_keys_and_vllm_s_environment_variable(tiny_engine, monkeypat
     monkeypatch.delenv("MESHSERVE_API_KEY", raising=False)
     monkeypatch.setenv("VLLM_API_KEY", "from-vllm-env")  # a vLLM deployment's key keeps guarding the server
     assert build_parser(["serve"]).parse_args(["serve"]).api_key == "from-vllm-env"
+
+
+def test_async_scheduling_takes_vllm_s_flag_and_its_negation():
+    # vLLM's --async-scheduling was refused as unrecognized (async scheduling is meshserve's default)
+    def parsed(*flags: str) -> bool:
+        return build_parser(["serve", *flags]).parse_args(["serve", *flags]).async_scheduling
+
+    assert parsed() and parsed("--async-scheduling") and not parsed("--no-async-scheduling")

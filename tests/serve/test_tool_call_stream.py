@@ -145,7 +145,6 @@ _ROME = '<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>
     ("<tool_call>{not json", "<tool_call>{not json", []),  # no call's name complete: text, as vLLM has it
 ])
 def test_begun_calls_are_kept_whole_and_streamed(text, content, calls):
-    from meshserve.serve.tool_call_stream import ToolCallStream
     from meshserve.serve.tool_calls import ToolPlan
     from meshserve.serve.tool_parsers import get_tool_parser
 
@@ -153,15 +152,7 @@ def test_begun_calls_are_kept_whole_and_streamed(text, content, calls):
     whole, whole_calls = plan.extract(text)
     assert (whole, [(c.function.name, c.function.arguments) for c in whole_calls]) == (content, calls)
     for step in (1, 4):
-        stream, sent, sent_calls = ToolCallStream(plan), "", {}
-        for end in [*range(step, len(text), step), len(text)]:
-            piece, deltas = stream.step(text[:end]) if end < len(text) else stream.finish(text)[:2]
-            sent += piece or ""
-            for d in deltas:
-                name_args = sent_calls.setdefault(d.index, ["", ""])
-                name_args[0] += d.function.name or ""
-                name_args[1] += d.function.arguments or ""
-        assert (sent or None, [tuple(v) for _, v in sorted(sent_calls.items())]) == (content, calls), step
+        assert _streamed(plan, text, step) == (content, calls), step
 
 
 @pytest.mark.parametrize("text, calls", [
@@ -173,19 +164,25 @@ def test_a_hermes_block_malformed_after_its_name_is_kept_as_streamed(text, calls
     """The stream sends a call's name and arguments while its block still looks right; when the block then
     breaks, the whole answer must carry that call too (it carried the raw text, while the stream had sent
     the call and then that same text as content)."""
-    from meshserve.serve.tool_call_stream import ToolCallStream
     from meshserve.serve.tool_calls import ToolPlan
     from meshserve.serve.tool_parsers import get_tool_parser
 
     plan = ToolPlan("auto", [TIME_TOOL], parser=get_tool_parser("hermes", [TIME_TOOL]))
     whole, whole_calls = plan.extract(text)
     assert (whole, [(c.function.name, c.function.arguments) for c in whole_calls]) == (None, calls)
+    assert _streamed(plan, text, 1) == (None, calls)
+
+
+def _streamed(plan, text: str, step: int) -> tuple[str | None, list[tuple[str, str]]]:
+    """(content, [(name, arguments)]) as a client reassembles them from the stream of text growing by `step`."""
+    from meshserve.serve.tool_call_stream import ToolCallStream
+
     stream, sent, sent_calls = ToolCallStream(plan), "", {}
-    for end in range(1, len(text) + 1):
+    for end in [*range(step, len(text), step), len(text)]:
         piece, deltas = stream.step(text[:end]) if end < len(text) else stream.finish(text)[:2]
         sent += piece or ""
         for d in deltas:
             name_args = sent_calls.setdefault(d.index, ["", ""])
             name_args[0] += d.function.name or ""
             name_args[1] += d.function.arguments or ""
-    assert (sent or None, [tuple(v) for _, v in sorted(sent_calls.items())]) == (None, calls)
+    return sent or None, [tuple(v) for _, v in sorted(sent_calls.items())]

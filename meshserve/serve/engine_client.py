@@ -23,7 +23,7 @@ from meshserve.sampling import SamplingParams
 from meshserve.engine.chat_content_format import resolve_content_format, with_content_format
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.frontend_load import FrontendLoad
-from meshserve.serve.log_requests import OutputLog, log_request
+from meshserve.serve.log_requests import OutputLog, log_request, prompt_parts
 from meshserve.serve.protocol import ServiceLevel
 
 logger = logging.getLogger(__name__)
@@ -155,6 +155,23 @@ class EngineClient:
             tok, messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
             tools=tools, chat_template=template, template_kwargs=template_kwargs))
 
+    async def _log_parts(self, prompts: list[Any]) -> list[tuple[str | None, list[int] | None]]:
+        """Each prompt's text and token ids for --enable-log-requests, the one a prompt lacks (a chat's rendered
+        ids have no text, a text prompt no ids yet) filled in by the tokenizer, as vLLM logs both."""
+        parts = [prompt_parts(p) for p in prompts]
+        tok = self.allm.tokenizer
+        if tok is None or all(text is not None and ids is not None for text, ids in parts):
+            return parts
+
+        def fill(text: str | None, ids: list[int] | None) -> tuple[str | None, list[int] | None]:
+            if text is None and ids is not None:
+                return tok.decode(ids), ids
+            if ids is None and text is not None:
+                return text, list(tok(text).input_ids)
+            return text, ids
+
+        return await self.allm.run_tokenizer(lambda: [fill(*part) for part in parts])
+
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         tok = self._require_tokenizer("prompt")
         return await self.allm.run_tokenizer(lambda: list(tok(text, add_special_tokens=add_special_tokens).input_ids))
@@ -196,7 +213,7 @@ class EngineClient:
         self.check_admission()
         self._check_logprobs(params)
         if self.config.enable_log_requests:
-            log_request(request_id, prompts, params, self.config.max_log_len)
+            log_request(request_id, await self._log_parts(prompts), params, self.config.max_log_len)
         if arrival_time is not None:
             self.load.request_reached_handler(arrival_time)
         ttft = slo.ttft_ms / 1e3 if slo is not None and slo.ttft_ms else None

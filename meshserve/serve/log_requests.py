@@ -17,16 +17,22 @@ def _cut(value, max_len: int | None):
     return value if max_len is None else value[:max_len]
 
 
-def log_request(request_id: str, prompts: list[Any], params: SamplingParams, max_len: int | None) -> None:
+def prompt_parts(prompt: Any) -> tuple[str | None, list[int] | None]:
+    """(text, token ids) of an engine prompt, None for the one it does not carry."""
+    text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
+    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+    if isinstance(prompt, list):
+        ids = prompt
+    return text, None if ids is None else list(ids)
+
+
+def log_request(request_id: str, parts: list[tuple[str | None, list[int] | None]], params: SamplingParams,
+                max_len: int | None) -> None:
     """Each prompt (text and token ids, each cut to max_len characters / ids) with the sampling parameters."""
-    for i, prompt in enumerate(prompts):
-        text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
-        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
-        if isinstance(prompt, list):
-            ids = prompt
+    for i, (text, ids) in enumerate(parts):
         logger.info("Received request %s-%d: prompt: %r, params: %s, prompt_token_ids: %s", request_id, i,
                     _cut(text, max_len) if text is not None else None, params,
-                    _cut(list(ids), max_len) if ids is not None else None)
+                    _cut(ids, max_len) if ids is not None else None)
 
 
 class OutputLog:

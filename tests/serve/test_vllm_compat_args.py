@@ -193,6 +193,10 @@ def test_log_requests_and_outputs_cut_to_max_log_len(compat, caplog):
     assert len(json.loads(re.search(r"output_token_ids: (\[[^]]*\])", output).group(1))) == 3
     assert repr(answer["choices"][0]["message"]["content"][:4]) in output
     assert stream_request.startswith(f"Received request {streamed[0]['id']}-0: prompt: 'a b ', ")
+    # each line carries both: the chat's text from its rendered ids, the text prompt's ids from its text (as vLLM
+    # logs them; they were None)
+    assert "prompt: None" not in request and "prompt_token_ids: None" not in stream_request
+    assert len(json.loads(stream_request.split("prompt_token_ids: ")[1])) == 4
     assert "finish_reason: length" in stream_output  # a stream: logged once, whole, at its end
 
 

@@ -167,8 +167,9 @@ class EngineCore:
             slo_ttft_s=config.scheduler_config.slo_ttft_s,
             slo_tpot_s=config.scheduler_config.slo_tpot_s,
             scheduling_policy=config.scheduler_config.scheduling_policy,
+            num_lookahead_tokens=self.scheduler.num_lookahead_tokens,
         )
-        capacity = self.info.num_blocks * self.info.block_size
+        capacity = self.info.capacity_tokens
         if capacity < self.info.max_model_len:  # vLLM refuses to start here; these pools serve shorter requests
             logger.warning("the KV cache holds %d tokens, fewer than max_model_len (%d): a request asking for more "
                            "is refused, and max_tokens left unset stops there; raise gpu_memory_utilization (or "

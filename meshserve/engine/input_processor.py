@@ -136,7 +136,7 @@ class InputProcessor:
                 raise InvalidArgumentError("structured outputs need the model's tokenizer, and it has none",
                                            param="structured_outputs")
             check_structured_outputs(params.structured_outputs)
-        max_len, capacity = info.max_model_len, info.num_blocks * info.block_size
+        max_len, capacity = info.max_model_len, info.capacity_tokens
         if len(token_ids) >= max_len:
             raise PromptTooLongError(
                 f"prompt has {len(token_ids)} tokens; max_model_len is {max_len} (room for at least one "

@@ -41,15 +41,17 @@ class KVCachePool:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return sum(math.prod(layer.kv_cache_shape(1, self.block_size)) for layer in self.layers) * elem
 
-    def determine_num_blocks(self, profile_peak_memory: Callable[[], int]) -> int:
+    def determine_num_blocks(self, profile_peak_memory: Callable[[], int],
+                             per_block: int | None = None) -> int:
         """How many KV blocks the memory budget allows (or the override). On a GPU the budget is what
         gpu_memory_utilization leaves after the peak of a largest step (profile_peak_memory, weights
         included) and memory held outside torch; on a CPU it is cpu_kv_cache_bytes, capped at what
-        every sequence at full length could use."""
+        every sequence at full length could use. per_block: the bytes one block id costs (default this pool's;
+        more where a draft model's pool shares the ids and the budget)."""
         cc, sc = self.config.cache_config, self.config.scheduler_config
         if cc.num_gpu_blocks_override is not None:
             return cc.num_gpu_blocks_override
-        per_block = self.bytes_per_block()
+        per_block = per_block or self.bytes_per_block()
         if self.device.type == "cuda":
             peak = profile_peak_memory()
             free, total = torch.cuda.mem_get_info(self.device)
@@ -61,8 +63,11 @@ class KVCachePool:
                         peak / 2**30, non_torch / 2**30, budget / 2**30)
         else:
             budget = cc.cpu_kv_cache_bytes
-            # a CPU pool never needs more than every sequence at full length (max_num_seqs per step in flight)
-            needed = sc.max_running * (-(-sc.max_model_len // self.block_size)) * per_block
+            # a CPU pool never needs more than every sequence at full length (max_num_seqs per step in
+            # flight), with a draft model's lookahead slots past it (without them the longest requests hung)
+            spec = self.config.speculative_config
+            full_len = sc.max_model_len + (spec.num_lookahead_tokens if spec is not None else 0)
+            needed = sc.max_running * (-(-full_len // self.block_size)) * per_block
             budget = min(budget, needed)
         num_blocks = budget // per_block
         if num_blocks < 1:  # a setting's fault, so the CLI's one-line error rather than a traceback

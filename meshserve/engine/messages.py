@@ -158,8 +158,15 @@ class CoreInfo(msgspec.Struct, omit_defaults=True):
     slo_ttft_s: float | None = None  # the server's service-level targets (requests may set their own)
     slo_tpot_s: float | None = None
     scheduling_policy: str = "fcfs"  # the waiting queue's order: a request's priority counts under "priority" only
+    # KV slots a draft model writes past a sequence's tokens a step (SpeculativeConfig.num_lookahead_tokens)
+    num_lookahead_tokens: int = 0
     # start-up timeline segments of the core's process and its worker ranks (engine/startup_timeline.py)
     startup: list[Segment] = []
+
+    @property
+    def capacity_tokens(self) -> int:
+        """The most tokens one request may reach: the pool, less the lookahead slots its last step needs."""
+        return self.num_blocks * self.block_size - self.num_lookahead_tokens
 
 
 def error_to_message(request_id: str, error: BaseException) -> RequestError:

@@ -221,10 +221,10 @@ class ModelRunner:
 
     def determine_num_blocks(self) -> int:
         """How many KV blocks the memory budget allows (or the override); a draft model's pool shares it."""
-        n = self.kv_pool.determine_num_blocks(self._peak_memory_with_graphs)
-        if self.drafter is not None and self.config.cache_config.num_gpu_blocks_override is None:
-            n = max(1, n * self.kv_pool.bytes_per_block() // self._bytes_per_block())
-        return n
+        # the budget is divided by what a block id costs in both pools; scaling the target's count down after
+        # it shrank the CPU pool's cap (every sequence at full length, counted in blocks) too: with a draft
+        # model and max_num_seqs 1 a 183-token prompt was refused by a 1 GiB budget (168 tokens of room)
+        return self.kv_pool.determine_num_blocks(self._peak_memory_with_graphs, self._bytes_per_block())
 
     def _peak_memory_with_graphs(self) -> int:
         """The eager peak plus room for the mixed graphs' private pool (mixed_graph.graph_pool_reserve_bytes)."""

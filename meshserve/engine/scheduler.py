@@ -86,9 +86,12 @@ class Scheduler:
 
     # -- admission -------------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        """Reject a request that could never run: too long for the model or for the whole KV pool."""
+        """Reject a request that could never run: too long for the model or for the whole KV pool. A draft
+        model's lookahead slots count against the pool: a request that fills it without them would preempt
+        itself at its last steps, and recompute, forever."""
+        capacity = self.block_manager.num_blocks * self.block_size - self.num_lookahead_tokens
         check_request_fits(num_prompt_tokens, max_tokens, max_model_len=self.config.max_model_len,
-                           capacity_tokens=self.block_manager.num_blocks * self.block_size,
+                           capacity_tokens=capacity,
                            enable_chunked_prefill=self.config.enable_chunked_prefill,
                            max_num_batched_tokens=self.config.max_num_batched_tokens)
 

@@ -395,6 +395,16 @@ def test_check_fits_pool_capacity():
     assert not s.has_unfinished()
 
 
+def test_check_fits_counts_a_draft_models_lookahead_slots():
+    """A draft model writes num_lookahead_tokens slots past a sequence's tokens every step: a request that
+    filled the pool without them preempted itself at its last steps and recomputed, forever (the engine hung)."""
+    s = make_sched(num_blocks=4, max_model_len=256)  # 16 tokens of KV
+    s.num_lookahead_tokens = 3
+    s.check_fits(10, 3)
+    with pytest.raises(PromptTooLongError, match="KV cache"):
+        s.check_fits(10, 4)
+
+
 # -- finishing --------------------------------------------------------------------------------------
 
 def test_finish_frees_blocks_and_reports_next_step():

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from meshserve import LLM, SamplingParams
-from meshserve.errors import InvalidArgumentError, ModelLoadError
+from meshserve.errors import InvalidArgumentError, ModelLoadError, PromptTooLongError
 from tests.conftest import VOCAB
 
 
@@ -63,6 +63,31 @@ def test_other_draft_keeps_greedy_output_with_preemption_and_prefix_hits(tiny_mo
     assert (
         stats["spec_num_draft_tokens"] > 0 and stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
     )
+
+
+def test_cpu_pool_of_one_sequence_holds_a_whole_context_beside_the_draft(tiny_model_dir, expected):
+    """On CPU the pool is capped at every sequence at full length. The draft's share of the budget was taken
+    from that cap too, so with max_num_seqs=1 a 183-token prompt was refused (168 tokens of room for a context
+    of 256); a pool of exactly max_model_len then hung the longest requests, which also need the draft's
+    lookahead slots at their last step (they preempted themselves and recomputed forever)."""
+    target = tiny_model_dir("llama")
+    llm = LLM(model=target, block_size=4, max_model_len=64, max_num_seqs=1, speculative_config=_draft(target))
+    prompts = [{"prompt_token_ids": list(range(3, 3 + 50))}]
+    params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    out = llm.generate(prompts, params, use_tqdm=False)  # 64 tokens: the whole context
+    assert [[c.token_ids for c in o.outputs] for o in out] == expected(prompts, params)
+    assert llm.engine.core.config.cache_config.num_blocks == 17  # 64 tokens + 3 lookahead slots, blocks of 4
+
+
+def test_a_request_the_pool_holds_only_without_the_lookahead_is_refused(tiny_model_dir):
+    target = tiny_model_dir("llama")
+    llm = LLM(model=target, block_size=4, max_model_len=32, num_gpu_blocks_override=8,
+              speculative_config=_draft(target))
+    prompt = [{"prompt_token_ids": list(range(3, 23))}]  # 20 tokens; the pool holds 32, less 3 lookahead slots
+    with pytest.raises(PromptTooLongError, match="can never fit the KV cache"):
+        llm.generate(prompt, SamplingParams(max_tokens=12), use_tqdm=False)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=9, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 9
 
 
 def test_draft_sampling_runs_and_is_seeded(tiny_model_dir):

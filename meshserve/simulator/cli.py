@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 from meshserve.cli_paths import check_output_file
@@ -253,6 +254,13 @@ def check_traffic(ns: argparse.Namespace) -> None:
         for flag, value in (("--input-len", ns.input_len), ("--output-len", ns.output_len)):
             if value < 1:
                 raise InvalidArgumentError(f"{flag} must be >= 1, got {value}", param=flag[2:])
+        # every generated request is the same length: past --max-model-len each one was refused (the engine's
+        # prompt + max_tokens check) and the run reported 0 completed with exit 0
+        prompt = max(ns.input_len, ns.prefix_len + 1) if ns.prefix_groups > 0 else ns.input_len
+        if prompt + ns.output_len > ns.max_model_len:
+            said = f"--input-len {prompt}" if prompt == ns.input_len else f"a prompt of --prefix-len {ns.prefix_len} + 1"
+            raise InvalidArgumentError(f"{said} + --output-len {ns.output_len} exceeds --max-model-len "
+                                       f"{ns.max_model_len}: every request would be refused", param="max_model_len")
         if ns.arrivals == "bursty" and not (ns.burst_period > 0 and math.isfinite(ns.burst_period)):
             raise InvalidArgumentError(f"--burst-period must be > 0 and finite, got {ns.burst_period}",
                                        param="burst_period")
@@ -365,6 +373,9 @@ def run_simulate(ns: argparse.Namespace) -> int:
 
     check_output_file(ns.output_json, "--output-json")  # before the run: its report must not be lost
     check_output_file(ns.plot, "--plot")
+    plot_path = _plot_path(ns.plot)
+    if plot_path != ns.plot:  # the SVG written in its place is checked too: a folder of that name was a traceback
+        check_output_file(plot_path, "--plot")  # after the whole run, its report lost
     config = config_from_args(ns)
     trace = build_trace(ns)
     if ns.search:
@@ -457,8 +468,22 @@ def run_simulate(ns: argparse.Namespace) -> int:
         from meshserve.simulator.plots import plot_timeline
 
         report["plot"] = plot_timeline(report, ns.plot)
+        if report["plot"] != ns.plot:  # it wrote another file than the one asked for without a word
+            print(f"note: matplotlib is not installed: --plot wrote {report['plot']} (SVG) instead of {ns.plot}",
+                  file=sys.stderr)
     _emit(report, ns.output_json)
     return 0
+
+
+def _plot_path(path: str | None) -> str | None:
+    """The file --plot will write: bench.plots.write_line_plots writes NAME.svg when matplotlib is missing."""
+    if path is None or path.endswith(".svg"):
+        return path
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return os.path.splitext(path)[0] + ".svg"
+    return path
 
 
 def _dtype_assumptions(weight_dtype: str, kv_dtype: str) -> list[str]:
@@ -520,6 +545,7 @@ def _emit(report: dict, path: str | None) -> None:
 
 
 def _run_search(ns: argparse.Namespace, config, trace) -> int:
+    from meshserve.simulator.config import MAX_REPLICAS
     from meshserve.simulator.search import search_layouts
 
     try:
@@ -528,6 +554,8 @@ def _run_search(ns: argparse.Namespace, config, trace) -> int:
         raise InvalidArgumentError(f"--search-gpus: expected N,N,... ({e})", param="search_gpus") from e
     if any(n < 1 for n in counts):
         raise InvalidArgumentError("--search-gpus: counts must be >= 1", param="search_gpus")
+    if max(counts) > MAX_REPLICAS:  # 100,000,000 enumerated every divisor layout into a 200 KB error line
+        raise InvalidArgumentError(f"--search-gpus: counts must be <= {MAX_REPLICAS:,}", param="search_gpus")
 
     def progress(label: str) -> None:
         if not ns.no_progress:

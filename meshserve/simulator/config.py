@@ -10,6 +10,7 @@ from meshserve.config import CacheConfig, ParallelConfig, SchedulerConfig
 from meshserve.errors import InvalidArgumentError
 from meshserve.models.presets import find_preset
 from meshserve.planner.hardware import GpuSpec, get_gpu, load_catalog
+from meshserve.planner.layout import structural_problem
 from meshserve.planner.memory import KV_DTYPE_BYTES, WEIGHT_DTYPE_BYTES, memory_per_gpu
 from meshserve.planner.model import ModelSpec, load_model
 from meshserve.planner.parallel import Layout
@@ -19,6 +20,10 @@ from meshserve.simulator.frontend_stalls import STALLS_H200, FrontEndStalls
 from meshserve.simulator.router_node import RouterCosts
 from meshserve.simulator.step_cost import calibration_for
 
+# replicas past which a fleet is refused: each is ~4 KB and ~65 us to build before the first request (100,000:
+# 7 s and 0.4 GB on one core), so a mistyped --num-gpus ran for hours
+MAX_REPLICAS = 100_000
+MAX_API_SERVERS = 1024  # API processes per replica
 ROUTER_POLICIES = ("least-outstanding", "round-robin", "prefix-affinity")
 # scheduler: the engine's own Scheduler per replica (the reference); fast: fast_replica.py's aggregate model
 REPLICA_MODELS = ("scheduler", "fast")
@@ -170,6 +175,20 @@ class SimConfig:
             what = "--tp" if self.pp == 1 else "--tp x --pp"
             raise InvalidArgumentError(f"--num-gpus ({self.num_gpus}) must be a positive multiple of {what} "
                                        f"({self.gpus_per_replica})", param="num_gpus")
+        if self.num_replicas > MAX_REPLICAS:  # --num-gpus 100000000 ran for hours building replicas
+            raise InvalidArgumentError(f"--num-gpus {self.num_gpus:,} is {self.num_replicas:,} replicas; at most "
+                                       f"{MAX_REPLICAS:,}", param="num_gpus")
+        model = self.model_spec()
+        # the planner's rules for a layout the engine can shard (heads, KV heads, MLP and expert widths divisible
+        # by TP, PP <= layers): --tp 3 of a 64-head model was simulated as if it ran. Nodes are not checked: the
+        # simulator prices TP on the catalog's link whatever the GPUs per node
+        problem = structural_problem(model, self.layout, gpus_per_node=self.tp, nodes=self.pp, pp_in_node=True)
+        if problem:
+            flags = f"--tp {self.tp}" + (f" --pp {self.pp}" if self.pp > 1 else "")
+            raise InvalidArgumentError(f"{flags}: {problem}", param="tp")
+        if self.max_model_len > model.max_position_embeddings:  # as serve and `meshserve plan` refuse it
+            raise InvalidArgumentError(f"--max-model-len {self.max_model_len:,} exceeds {model.name}'s context of "
+                                       f"{model.max_position_embeddings:,} tokens", param="max_model_len")
         if self.pipeline_depth and self.pipeline_depth < self.pp:  # as the engine refuses it (EngineArgs)
             raise InvalidArgumentError(f"--pipeline-depth must be 0 (one step per stage) or >= --pp ({self.pp}), "
                                        f"got {self.pipeline_depth}", param="pipeline_depth")
@@ -196,8 +215,11 @@ class SimConfig:
             raise InvalidArgumentError("the router node relays what the replicas' API processes stream: it needs "
                                        "the front-end queue (--frontend-request-ms / --frontend-token-us > 0)",
                                        param="router_node")
-        if self.api_server_count < 1:
-            raise InvalidArgumentError("--api-server-count must be >= 1", param="api_server_count")
+        # each API process is a queue built up front: --api-server-count 100000000 ran for hours (a host has a few
+        # hundred cores at most)
+        if not 1 <= self.api_server_count <= MAX_API_SERVERS:
+            raise InvalidArgumentError(f"--api-server-count must be 1 to {MAX_API_SERVERS:,}, got "
+                                       f"{self.api_server_count}", param="api_server_count")
         if self.replica_model not in REPLICA_MODELS:
             raise InvalidArgumentError(f"--replica-model must be one of {', '.join(REPLICA_MODELS)}",
                                        param="replica_model")

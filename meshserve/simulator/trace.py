@@ -150,17 +150,30 @@ def file_trace(path: str | Path) -> Trace:
             continue
         try:
             d = json.loads(line)
+            # a row that is valid JSON but not an object (a list, a string, null) was an AttributeError
+            # traceback; a prefix_group that is not a whole number one from numpy after the whole file
+            if not isinstance(d, dict):
+                raise TypeError(f"expected a JSON object, got {type(d).__name__}")
+            missing = [k for k, alt in (("arrival_s", "timestamp"), ("prompt_len", "prompt_tokens"),
+                                        ("output_len", "output_tokens")) if d.get(k, d.get(alt)) is None]
+            if missing:  # was "int() argument must be ... not 'NoneType'", naming no field
+                raise ValueError(f"missing {', '.join(missing)}")
+            group = d.get("prefix_group")
             rows.append(SimRequest(float(d.get("arrival_s", d.get("timestamp"))),
                                    int(d.get("prompt_len", d.get("prompt_tokens"))),
                                    int(d.get("output_len", d.get("output_tokens"))),
-                                   d.get("prefix_group"), int(d.get("prefix_len", 0))))
+                                   None if group is None else int(group), int(d.get("prefix_len", 0))))
         except (ValueError, TypeError) as e:
             raise InvalidArgumentError(f"{p}:{n}: not a trace row ({e})", param="trace") from e
         r = rows[-1]
-        # output 0 stays: a served request's log row may hold it (simulator handles it); a prompt never does
-        if not (math.isfinite(r.arrival_s) and r.prompt_len >= 1 and r.output_len >= 0 and r.prefix_len >= 0):
+        # output 0 stays: a served request's log row may hold it (simulator handles it); a prompt never does.
+        # A prefix longer than its prompt gave token ids longer than prompt_len (prompt_token_ids), so the
+        # replica ran a prompt the trace did not describe.
+        if not (math.isfinite(r.arrival_s) and r.prompt_len >= 1 and r.output_len >= 0
+                and 0 <= r.prefix_len <= r.prompt_len):
             raise InvalidArgumentError(f"{p}:{n}: a trace row needs a finite arrival time, a prompt length >= 1 "
-                                       f"and an output length >= 0, got {line.strip()}", param="trace")
+                                       f"(and >= its prefix_len) and an output length >= 0, got {line.strip()}",
+                                       param="trace")
     if not rows:
         raise InvalidArgumentError(f"{p}: no requests", param="trace")
     rows.sort(key=lambda r: r.arrival_s)

@@ -32,6 +32,18 @@ def test_claim_above_roofline_is_impossible():
     assert not fine.impossible
 
 
+def test_a_claim_just_above_the_roofline_shows_the_difference():
+    """8B at batch 1 on one H100: 3,350 / 16.06 GB = 208.6 tok/s; a claim of 209 read "209 tok/s exceeds the
+    roofline 209 tok/s"."""
+    result = make_plan(PlanRequest(model=load_model("llama-3.1-8b"), gpu=get_gpu("H100-SXM"), num_gpus=1,
+                                   concurrency=1))
+    bad = check_claim(result.best, 209, 3350)
+    assert bad.impossible and "209.0 tok/s exceeds the roofline 208.6 tok/s" in bad.message, bad.message
+    assert "3,039 tok/s" in check_claim(make_plan(PlanRequest(
+        model=load_model("llama-3.1-70b"), gpu=get_gpu("H100-SXM"), num_gpus=4, concurrency=32)).best,
+        5_000, 3350).message  # whole numbers when they differ already
+
+
 def test_efficiency_scales_predictions():
     m, gpu = load_model("llama-3.1-8b"), get_gpu("H100-SXM")
     full = predict(m, Layout(), gpu, 1, Workload(128, 256), efficiency=1.0)

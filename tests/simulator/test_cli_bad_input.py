@@ -38,6 +38,17 @@ BASE = ["simulate", "--model", "smollm2-135m", "--qps", "2", "--duration", "2", 
     (["--plot", "/nonexistent/dir/sim.svg"], "--plot /nonexistent/dir/sim.svg: the folder"),
     (["--fail-replica", "3@5+10"], "--fail-replica 3@5+10: the replica must be one of 0-0"),
     (["--fail-replica", "0@5+10", "--autoscale"], "--fail-replica is not modelled with --autoscale"),
+    # simulated as if they ran (plan refuses them): smollm2-135m has 9 heads and 30 layers
+    (["--num-gpus", "2", "--tp", "2"], "--tp 2: 9 heads not divisible by 2"),
+    (["--num-gpus", "64", "--pp", "64"], "--tp 1 --pp 64: PP=64 exceeds 30 layers"),
+    (["--max-model-len", "100000"], "--max-model-len 100,000 exceeds smollm2-135m's context of 8,192 tokens"),
+    # every request refused, 0 completed, exit 0
+    (["--input-len", "5000"], "--input-len 5000 + --output-len 128 exceeds --max-model-len 4096"),
+    (["--prefix-groups", "2", "--prefix-len", "4096"], "a prompt of --prefix-len 4096 + 1 + --output-len 128"),
+    # ran for hours building replicas / API processes, or printed a 200 KB error line
+    (["--num-gpus", "100000000"], "--num-gpus 100,000,000 is 100,000,000 replicas; at most 100,000"),
+    (["--api-server-count", "100000000"], "--api-server-count must be 1 to 1,024, got 100000000"),
+    (["--search", "--search-gpus", "100000000"], "--search-gpus: counts must be <= 100,000"),
 ])
 def test_bad_flags_are_one_line_before_the_run(flags, message, capsys):
     assert main([*BASE, *flags]) == 2
@@ -95,3 +106,38 @@ def test_a_bad_fail_replica_names_the_format(capsys):
         main([*BASE, "--hang-replica", "0@5"])
     assert exit_.value.code == 2
     assert "--hang-replica: expected R@T+D (replica, seconds at which it stops answering" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("row,message", [
+    ("[0, 10, 5]", ":1: not a trace row (expected a JSON object, got list)"),
+    ("null", ":1: not a trace row (expected a JSON object, got NoneType)"),
+    ('{"arrival_s": 0, "prompt_len": 10}', ":1: not a trace row (missing output_len)"),
+    ('{"arrival_s": 0, "prompt_len": 10, "output_len": 5, "prefix_group": "a", "prefix_len": 4}',
+     ":1: not a trace row (invalid literal"),
+    ('{"arrival_s": 0, "prompt_len": 10, "output_len": 5, "prefix_group": 1, "prefix_len": 40}',
+     ":1: a trace row needs a finite arrival time, a prompt length >= 1 (and >= its prefix_len)"),
+])
+def test_a_trace_row_of_the_wrong_shape_is_one_line(row, message, tmp_path, capsys):
+    """A JSON list/null row was an AttributeError traceback, a non-numeric prefix_group a numpy ValueError one
+    after the whole file was read, and a prefix longer than its prompt ran a longer prompt than the trace's."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(row + "\n")
+    assert main(["simulate", "--model", "smollm2-135m", "--trace", str(trace), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meshserve: error: ") and f"{trace}{message}" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_plot_written_as_svg_is_checked_before_the_run(tmp_path, monkeypatch, capsys):
+    """Without matplotlib --plot x.png writes x.svg: a folder x.svg was an IsADirectoryError traceback after the
+    run (its report lost), and the swap of files was silent."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    (tmp_path / "t.svg").mkdir()
+    assert main([*BASE, "--plot", str(tmp_path / "t.png")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"--plot {tmp_path / 't.svg'}: is a folder" in captured.err
+    assert main([*BASE, "--plot", str(tmp_path / "u.png")]) == 0
+    assert (tmp_path / "u.svg").is_file() and not (tmp_path / "u.png").exists()
+    assert f"--plot wrote {tmp_path / 'u.svg'} (SVG) instead of {tmp_path / 'u.png'}" in capsys.readouterr().err

@@ -72,9 +72,9 @@ class CompletionService:
             raise
         try:
             echoes = await self._echoes(req, requests) if req.echo else None
-        except BaseException:
+        except BaseException as e:
             await _close(requests)
-            tracker.finish("error")
+            tracker.fail(e)  # a client gone meanwhile (cancelled) is an abort, not an error
             raise
         if req.stream:
             return SSEResponse(self._stream(req, model, request_id, requests, echoes, tracker))

@@ -209,3 +209,29 @@ def test_an_empty_api_key_variable_is_named_in_the_error(monkeypatch, capsys):
     assert main(["serve", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "$VLLM_API_KEY" in err and "--api-key:" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_disconnect_while_echoing_counts_an_abort(tiny_engine, monkeypatch):
+    """A client gone while its echoed prompt is decoded (after its requests started) is an abort, not an error."""
+    srv = start_server(tiny_engine, ServeConfig(served_model_names=[MODEL]))  # a fresh registry
+    client = srv.app.state.engine_client
+
+    async def slow_decode(token_ids):
+        await asyncio.sleep(30)
+        return ""
+
+    monkeypatch.setattr(client, "decode", slow_decode)
+    try:
+        body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 480, "ignore_eos": True, "echo": True}
+        with httpx.Client(base_url=srv.base_url, timeout=1.0) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                http.post("/v1/completions", json=body)
+        wait_idle(tiny_engine, timeout=5.0)
+        with httpx.Client(base_url=srv.base_url, timeout=30) as http:
+            deadline = time.monotonic() + 5
+            while (m := _scrape(http))["meshserve:requests_total{outcome=abort}"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert m["meshserve:requests_total{outcome=abort}"] == 1
+        assert m["meshserve:requests_total{outcome=error}"] == 0
+    finally:
+        srv.stop()

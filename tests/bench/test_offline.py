@@ -176,11 +176,13 @@ def test_w2_repeat_times_each_run_from_a_cold_prefix_cache(monkeypatch):
 
     class FakeLLM:
         def __init__(self, **kwargs):
-            manager = types.SimpleNamespace(reset_prefix_cache=lambda: events.append("reset") or True)
             self.engine = types.SimpleNamespace(
-                scheduler=types.SimpleNamespace(block_manager=manager),
                 stats=lambda: {"num_preemptions": 0, "num_blocks": 10},
                 config=types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=None)))
+
+        def reset_prefix_cache(self):
+            events.append("reset")
+            return True
 
         def generate(self, prompts, params, use_tqdm=False):
             events.append(len(prompts))

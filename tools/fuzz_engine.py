@@ -10,8 +10,8 @@ reason and stop reason must equal the plain run's (seeded sampled ones too, exce
 README.md says may differ). One JSON line a run on stdout and in --log; a run past --hang seconds dumps its stack
 and exits. tests/engine/test_feature_combinations.py is CI's fixed-seed slice of the same idea (its own workloads,
 with logprobs and penalties); this is the long run, with priorities, repeated prompts, draft models, disk
-tiers and parallel layouts. Found with it (2026-12-05, 1,126 runs): a draft model's lookahead slots missing from the KV fit checks
-(a hang) and its pool's CPU cap counted twice.
+tiers and parallel layouts. Found with it (2026-12-05, 1,126 runs): a draft model's lookahead slots missing
+from the KV fit checks (a hang) and its pool's CPU cap counted twice.
 
 usage: python tools/fuzz_engine.py --family llama|qwen3|llama_tied --seeds 0-9 --combos 3 [--hard] [--parallel]
        [--only JSON] [--shared-disk DIR] [--workdir DIR]

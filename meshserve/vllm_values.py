@@ -10,6 +10,10 @@ import re
 _DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _DTYPE_ALIASES = {"half": "float16", "float": "float32"}
+# vLLM's engine arguments that ask for what meshserve does anyway: taken and logged as no-ops (`serve` flags and
+# LLM(...) keywords alike), with why
+NO_OP_ARGS = {"trust_remote_code": "meshserve never runs a model's own code (it implements the architectures)",
+              "disable_log_stats": "meshserve logs no periodic statistics (see /metrics)"}
 
 
 def human_int(text: str) -> int:

@@ -16,15 +16,12 @@ from meshserve.engine.llm_engine import LLMEngine
 from meshserve.errors import EngineDeadError, InvalidArgumentError
 from meshserve.outputs import RequestOutput
 from meshserve.sampling import RequestOutputKind, SamplingParams
+from meshserve.vllm_values import NO_OP_ARGS
 from meshserve.engine.chat_content_format import resolve_content_format, with_content_format
 
 logger = logging.getLogger(__name__)
 
 Conversation = list[dict]
-
-# vLLM's LLM(...) arguments that ask for what meshserve does anyway (`meshserve serve` takes them as no-op flags)
-_VLLM_NO_OPS = {"trust_remote_code": "meshserve never runs a model's own code (it implements the architectures)",
-                "disable_log_stats": "meshserve logs no periodic statistics"}
 
 
 class LLM:
@@ -36,8 +33,8 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs):
-        for name in _VLLM_NO_OPS.keys() & kwargs.keys():  # as `meshserve serve` takes these flags
-            logger.info("LLM(%s=...) has no effect: %s", name, _VLLM_NO_OPS[name])
+        for name in NO_OP_ARGS.keys() & kwargs.keys():  # as `meshserve serve` takes these flags
+            logger.info("LLM(%s=...) has no effect: %s", name, NO_OP_ARGS[name])
             del kwargs[name]
         unknown = set(kwargs) - EngineArgs.field_names()
         if unknown:

@@ -22,6 +22,7 @@ import stat
 from typing import Any
 
 from meshserve.errors import InvalidArgumentError
+from meshserve.vllm_values import NO_OP_ARGS
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-frontend-multiprocessing", dest=_dest("--disable-frontend-multiprocessing"),
                    action="store_true", help="same as --engine-in-thread")
     g.add_argument("--disable-log-stats", action="store_true",
-                   help="no-op: meshserve logs no periodic statistics (see /metrics)")
+                   help=f"no-op: {NO_OP_ARGS['disable_log_stats']}")
     for flag, (kind, _why) in _REFUSED.items():
         nargs = {"switch": 0, "value": None, "values": "+"}[kind]
         if nargs == 0:
@@ -231,7 +232,7 @@ def apply_vllm_compat(ns: argparse.Namespace) -> None:
     if getattr(ns, _dest("--disable-frontend-multiprocessing")):
         ns.engine_in_thread = True
     if ns.trust_remote_code:
-        logger.info("--trust-remote-code has no effect: meshserve never runs a model's own code")
+        logger.info("--trust-remote-code has no effect: %s", NO_OP_ARGS["trust_remote_code"])
     from meshserve.models.generation_defaults import generation_overrides
 
     generation_overrides(ns.override_generation_config)  # bad keys fail now, not after loading

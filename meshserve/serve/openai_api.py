@@ -38,6 +38,7 @@ from meshserve.serve.protocol import (
 )
 from meshserve.serve.request_log import RequestLog
 from meshserve.serve.responses_protocol import ResponseObject, ResponsesRequest
+from meshserve.serve.responses_routes import add_response_routes
 from meshserve.serve.responses_store import ResponseStore
 from meshserve.serve.serving_chat import ChatService
 from meshserve.serve.serving_completion import CompletionService
@@ -159,6 +160,8 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
             return responses.retrieve(response_id)
         except ResponseNotFoundError as e:
             return _json_error(*error_payload(e)[:2])
+
+    add_response_routes(app, responses, _ERRORS)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
     async def tokenize(body: TokenizeRequest, request: Request):

@@ -40,6 +40,9 @@ def reject_unsupported(req: ResponsesRequest) -> None:
     if req.top_logprobs:
         raise InvalidArgumentError("top_logprobs is not supported by /v1/responses yet; /v1/chat/completions "
                                    "returns logprobs", param="top_logprobs")
+    if req.include and "message.output_text.logprobs" in req.include:  # ignored, it would answer `logprobs: []`
+        raise InvalidArgumentError("include message.output_text.logprobs is not supported by /v1/responses yet; "
+                                   "/v1/chat/completions returns logprobs", param="include")
 
 
 def input_items(req: ResponsesRequest) -> list[InputItem]:

@@ -2,10 +2,10 @@
 and the response object with its output items. Shapes follow `openai.types.responses`, as vLLM serves them.
 
 As in protocol.py, unknown fields are ignored and parameters that would change the answer but are not
-implemented (conversation, prompt templates, background, top_logprobs, tools other than functions, input
-other than text; previous_response_id without a store) are refused with a 400 naming them. Input items and
-tools are checked before their union is parsed, so a bad one gets one sentence naming its index and type
-rather than pydantic's error per union branch.
+implemented (conversation, prompt templates, background, top_logprobs and include of logprobs, tools other
+than functions, input other than text; previous_response_id without a store) are refused with a 400 naming
+them. Input items and tools are checked before their union is parsed, so a bad one gets one sentence naming its
+index and type rather than pydantic's error per union branch.
 """
 
 from __future__ import annotations
@@ -140,6 +140,12 @@ class TextConfig(OpenAIModel):
 
 
 # -- request ----------------------------------------------------------------------------------------
+# OpenAI's `include` values: an unknown one is a 400, as OpenAI's. Those of tools and inputs this server refuses,
+# and encrypted reasoning (it has none), add nothing; output logprobs are refused (responses_input.py).
+Includable = Literal["file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+                     "message.input_image.image_url", "computer_call_output.output.image_url",
+                     "code_interpreter_call.outputs", "reasoning.encrypted_content", "message.output_text.logprobs"]
+
 class ResponsesRequest(OpenAIModel):
     """POST /v1/responses."""
 
@@ -159,6 +165,7 @@ class ResponsesRequest(OpenAIModel):
     tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
     text: TextConfig | None = None
     truncation: Literal["auto", "disabled"] | None = None  # "auto" is accepted: a too-long input is a 400
+    include: list[Includable] | None = None
     # OpenAI parameters not implemented: a request that uses them is refused (400), never answered differently
     previous_response_id: str | None = Field(None, description="needs --responses-store-size (else a 400)")
     conversation: str | dict[str, Any] | None = Field(None, description="not supported: no conversation state")
@@ -304,3 +311,21 @@ class ResponseObject(OpenAIModel):
     truncation: Literal["auto", "disabled"] = "disabled"
     previous_response_id: str | None = None
     background: bool = False
+
+
+class ResponseDeleted(OpenAIModel):
+    """DELETE /v1/responses/{id}: OpenAI's confirmation."""
+
+    id: str
+    object: Literal["response"] = "response"
+    deleted: bool = True
+
+
+class InputItemList(OpenAIModel):
+    """GET /v1/responses/{id}/input_items: a page of a kept response's input items (responses_items.py)."""
+
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False

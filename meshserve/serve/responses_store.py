@@ -1,6 +1,7 @@
 """`--responses-store-size N`: the last N responses answered with `store` (OpenAI's default), kept in this API
-process's memory, so that a request may continue one by `previous_response_id` and GET /v1/responses/{id}
-returns it. Off by default (as vLLM's store): nothing is kept and previous_response_id is a 400.
+process's memory, so that a request may continue one by `previous_response_id`, GET /v1/responses/{id}
+returns it and .../input_items its input, and DELETE forgets it. Off by default (as vLLM's store): nothing is
+kept and previous_response_id is a 400.
 
 What is kept of a response is its conversation as input items (the previous conversation, this request's
 input, its output as assistant messages and function calls) without its instructions, which OpenAI does not
@@ -26,10 +27,21 @@ from meshserve.serve.responses_protocol import (
 )
 
 
+class PreviousResponseNotFoundError(InvalidArgumentError):
+    """previous_response_id names no kept response: OpenAI's 400 with its code, which clients such as Codex
+    read to resend the whole conversation instead."""
+
+    code = "previous_response_not_found"
+
+    def __init__(self, message: str):
+        super().__init__(message, param="previous_response_id")
+
+
 @dataclass
 class StoredResponse:
     response: ResponseObject
     conversation: list[InputItem]  # its input (after the previous conversation) and its output, as input items
+    num_input_items: int = 0  # how many of them came before its output (GET .../input_items lists those)
 
 
 def output_as_input(response: ResponseObject) -> list[InputItem]:
@@ -69,16 +81,20 @@ class ResponseStore:
     def put(self, response: ResponseObject, input_items: list[InputItem]) -> None:
         """Keep a finished response with its conversation: input_items (the previous conversation and this
         request's input) followed by its output."""
-        self._responses[response.id] = StoredResponse(response, [*input_items, *output_as_input(response)])
+        self._responses[response.id] = StoredResponse(response, [*input_items, *output_as_input(response)],
+                                                      len(input_items))
         self._responses.move_to_end(response.id)
         while len(self._responses) > self.max_size:
             self._responses.popitem(last=False)
+
+    def delete(self, response_id: str) -> bool:
+        """Forget a response; False when it is not kept."""
+        return self._responses.pop(response_id, None) is not None
 
     def conversation_before(self, previous_response_id: str) -> list[InputItem]:
         """The conversation a request continues; a 400 naming previous_response_id when it is not kept."""
         stored = self.get(previous_response_id)
         if stored is None:
-            raise InvalidArgumentError(f"previous response {previous_response_id!r} is not found: this server "
-                                       f"keeps the last {self.max_size} stored responses, in memory",
-                                       param="previous_response_id")
+            raise PreviousResponseNotFoundError(f"previous response {previous_response_id!r} is not found: this "
+                                                f"server keeps the last {self.max_size} stored responses, in memory")
         return stored.conversation

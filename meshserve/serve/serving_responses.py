@@ -1,13 +1,14 @@
 """POST /v1/responses: OpenAI's Responses API over the chat endpoint's path (responses_input.py turns the
 request into its chat request; ChatService.start checks, renders and starts it), answered as one response
 object or as its event stream (responses_stream.py). With a store (--responses-store-size, responses_store.py)
-finished responses are kept for previous_response_id and GET /v1/responses/{id}; without one nothing is kept
-and previous_response_id is a 400."""
+finished responses are kept for previous_response_id, GET and DELETE /v1/responses/{id} and its input_items;
+without one nothing is kept and previous_response_id is a 400."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Literal, NoReturn
 
 from starlette.responses import Response
 
@@ -15,6 +16,7 @@ from meshserve.errors import InvalidArgumentError, ResponseNotFoundError
 from meshserve.outputs import RequestOutput
 from meshserve.serve.metrics import RequestTracker, outcome_of
 from meshserve.serve.responses_input import chat_request_of, in_responses_terms, input_items
+from meshserve.serve.responses_items import input_item_list
 from meshserve.serve.responses_output import (
     finished,
     function_call_item,
@@ -25,8 +27,15 @@ from meshserve.serve.responses_output import (
     reasoning_item,
     response_usage,
 )
-from meshserve.serve.responses_protocol import InputItem, OutputItem, ResponseObject, ResponsesRequest
-from meshserve.serve.responses_store import ResponseStore
+from meshserve.serve.responses_protocol import (
+    InputItem,
+    InputItemList,
+    OutputItem,
+    ResponseDeleted,
+    ResponseObject,
+    ResponsesRequest,
+)
+from meshserve.serve.responses_store import PreviousResponseNotFoundError, ResponseStore, StoredResponse
 from meshserve.serve.responses_stream import ResponseEvents
 from meshserve.serve.serving_chat import ChatService, ChatStart
 from meshserve.serve.serving_common import StreamState, accumulate, collect_outputs
@@ -39,21 +48,41 @@ class ResponsesService:
         self.chat = chat
         self.store = store
 
-    def retrieve(self, response_id: str) -> ResponseObject:
+    def _stored(self, response_id: str) -> StoredResponse:
         stored = self.store.get(response_id) if self.store is not None else None
         if stored is None:
             raise ResponseNotFoundError(response_id)
-        return stored.response
+        return stored
+
+    def retrieve(self, response_id: str) -> ResponseObject:
+        return self._stored(response_id).response
+
+    def input_items(self, response_id: str, after: str | None, limit: int,
+                    order: Literal["asc", "desc"]) -> InputItemList:
+        return input_item_list(self._stored(response_id), after, limit, order)
+
+    def delete(self, response_id: str) -> ResponseDeleted:
+        if self.store is None or not self.store.delete(response_id):
+            raise ResponseNotFoundError(response_id)
+        return ResponseDeleted(id=response_id)
+
+    def cancel(self, response_id: str) -> NoReturn:
+        """OpenAI cancels background responses only; this server runs none (background is a 400), so a kept
+        response has finished: a 400 that says so, rather than the 404 of a route that is not there."""
+        self.retrieve(response_id)
+        raise InvalidArgumentError(f"response {response_id!r} cannot be cancelled: only background responses can, "
+                                   "and this server runs none (every response is answered before it is kept)",
+                                   param="response_id")
 
     def _earlier(self, req: ResponsesRequest) -> list[InputItem]:
         """The conversation that previous_response_id continues (none without it)."""
         if req.previous_response_id is None:
             return []
         if self.store is None:
-            raise InvalidArgumentError("previous_response_id is not supported: this server does not store "
-                                       "responses (store is accepted and ignored; `meshserve serve "
-                                       "--responses-store-size N` keeps the last N); send the whole conversation "
-                                       "as input items", param="previous_response_id")
+            raise PreviousResponseNotFoundError(
+                "previous_response_id is not supported: this server does not store responses (store is accepted "
+                "and ignored; `meshserve serve --responses-store-size N` keeps the last N); send the whole "
+                "conversation as input items")
         return self.store.conversation_before(req.previous_response_id)
 
     async def create(self, req: ResponsesRequest) -> Response | ResponseObject:

@@ -181,6 +181,9 @@ def test_text_format_json_schema_validates(client):
     ({"stop": [""]}, "stop", "non-empty"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input", "at least 1 item"),
     ({"input": "Hello world, " * 200}, "input", "max_model_len"),
+    # ignored, include's logprobs answered `logprobs: []`; an unknown value (OpenAI's 400) was accepted
+    ({"include": ["message.output_text.logprobs"]}, "include", "logprobs is not supported"),
+    ({"include": ["message.output_text.bogus"]}, "include.0", "Input should be"),
 ])
 def test_bad_input_is_a_400_in_openais_shape(http, body, param, words):
     r = http.post("/v1/responses", json={"model": MODEL, "input": "hi", **body})
@@ -191,8 +194,24 @@ def test_bad_input_is_a_400_in_openais_shape(http, body, param, words):
 
 
 def test_bad_input_raises_in_the_client(client):
-    with pytest.raises(openai.BadRequestError, match="does not store responses"):
+    with pytest.raises(openai.BadRequestError, match="does not store responses") as e:
         client.responses.create(model=MODEL, input="hi", previous_response_id="resp_1")
+    # OpenAI's code, which clients (Codex) read to resend the whole conversation: it was "invalid_value"
+    assert e.value.code == "previous_response_not_found"
+
+
+def test_include_of_what_adds_nothing_is_accepted(client):
+    resp = client.responses.create(model=MODEL, input="hi", max_output_tokens=2, temperature=0,
+                                   include=["reasoning.encrypted_content", "file_search_call.results"])
+    assert resp.output[0].type == "message"
+
+
+def test_without_a_store_delete_and_cancel_are_404s_in_openais_shape(client, http):
+    for method, path in (("DELETE", "/v1/responses/resp_1"), ("POST", "/v1/responses/resp_1/cancel")):
+        r = http.request(method, path)
+        assert r.status_code == 404 and r.json()["error"]["param"] == "response_id", r.text  # was a 405 / bare 404
+    with pytest.raises(openai.NotFoundError, match="resp_1"):
+        client.responses.delete("resp_1")
 
 
 # -- streaming --------------------------------------------------------------------------------------

@@ -96,6 +96,60 @@ def test_streamed_responses_are_kept_and_store_false_is_not(client, server):
     assert e.value.body["param"] == "previous_response_id"
 
 
+def test_an_unknown_previous_response_id_has_openais_code(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        _create(client, input="x", previous_response_id="resp_unknown")
+    assert e.value.code == "previous_response_not_found" and e.value.param == "previous_response_id"
+
+
+def test_delete_forgets_a_response_and_cancel_says_why_not(client, server):
+    kept = _create(client, input="Hello")
+    r = httpx.post(f"{server.v1}/responses/{kept.id}/cancel")  # was a bare 404: no such route
+    assert r.status_code == 400 and "background" in r.json()["error"]["message"], r.text
+    r = httpx.delete(f"{server.v1}/responses/{kept.id}")  # was a 405
+    assert r.status_code == 200 and r.json() == {"id": kept.id, "object": "response", "deleted": True}
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(kept.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(kept.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel(kept.id)
+    with pytest.raises(openai.BadRequestError, match="is not found"):
+        _create(client, input="x", previous_response_id=kept.id)
+    again = _create(client, input="Hello")
+    assert client.responses.delete(again.id) is None  # through the SDK
+
+
+def test_input_items_list_the_conversation_before_the_output(client, server):
+    """GET .../input_items (a bare 404 before): the earlier conversation and this input, not the instructions,
+    in the SDK's ResponseItem shapes, newest first, with ids that page by `after`."""
+    from openai.types.responses import ResponseItem
+    from pydantic import TypeAdapter
+
+    first = _create(client, instructions="Be brief.", input="Hi")
+    second = _create(client, previous_response_id=first.id, input=[
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+        {"role": "user", "content": [{"type": "input_text", "text": "And then?"}]}])
+    items = list(client.responses.input_items.list(second.id, limit=2))  # the SDK pages through them
+    assert [(i.type, getattr(i, "role", None)) for i in items] == [
+        ("message", "user"), ("function_call_output", None), ("function_call", None), ("message", "assistant"),
+        ("message", "user")]
+    assert items[3].content[0].text == _text(first) and items[4].content[0].text == "Hi"
+    assert len({i.id for i in items}) == 5
+    raw = httpx.get(f"{server.v1}/responses/{second.id}/input_items", params={"order": "asc", "limit": 4}).json()
+    assert raw["object"] == "list" and raw["has_more"] is True and raw["last_id"] == items[1].id
+    for item in raw["data"]:
+        TypeAdapter(ResponseItem).validate_python(item)
+    rest = httpx.get(f"{server.v1}/responses/{second.id}/input_items",
+                     params={"order": "asc", "after": raw["last_id"]}).json()
+    assert [i["id"] for i in rest["data"]] == [items[0].id] and rest["has_more"] is False
+    r = httpx.get(f"{server.v1}/responses/{second.id}/input_items", params={"after": "msg_x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "after"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_unknown")
+
+
 def test_the_least_recently_used_response_goes_first(client):
     kept = [_create(client, input=f"n{i}") for i in range(SIZE)]
     client.responses.retrieve(kept[0].id)  # used: now the most recent
@@ -116,6 +170,7 @@ def test_store_unit():
     assert len(store) == 1 and store.get("resp_a") is None
     with pytest.raises(InvalidArgumentError, match="resp_a"):
         store.conversation_before("resp_a")
+    assert store.delete("resp_b") and not store.delete("resp_b") and len(store) == 0
 
 
 def _serve_args(*extra: str) -> argparse.Namespace:

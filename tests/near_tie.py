@@ -29,8 +29,9 @@ def assert_agree_until_near_tie(plain, other, tie: float = 0.2, close: float = 0
     assert d < min(len(plain.token_ids), len(other.token_ids)), f"lengths differ: {d}"
     a, b = plain.token_ids[d], other.token_ids[d]
     p, o = plain.logprobs[d], other.logprobs[d]
-    assert b in p and a in o, (f"step {d}: {b} (other's) not in plain's top {sorted(p)} or {a} (plain's) not in "
-                               f"the other's top {sorted(o)}: not a near-tie")
+    tops = lambda lp: {t: round(v.logprob, 3) for t, v in lp.items()}  # noqa: E731
+    assert b in p and a in o, (f"step {d}: {b} (other's) not in plain's top {tops(p)} or {a} (plain's) not in "
+                               f"the other's top {tops(o)}: not a near-tie")
     gap = p[a].logprob - p[b].logprob
     assert 0 <= gap <= tie, f"step {d}: plain prefers {a} over {b} by {gap:.4f} > {tie}: not a near-tie"
     for tok in (a, b):

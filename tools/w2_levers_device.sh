@@ -12,7 +12,7 @@
 #                                                             without the balanced kernel)
 #   PARTS=trace ...                                           (~150 s: W2 step traces, Qwen3-0.6B and the 8B, bf16,
 #                                                             for the simulator's refit)
-#   PARTS=layer                                               (<= 540 s, issue 29's W1: the one-launch decoder layer,
+#   PARTS=layer, then PARTS=layer_engine                     (<= 200 s, <= 560 s; issue 29's W1: the one-launch layer,
 #                                                             MESHSERVE_DECODE_LAYER, kernels/triton_decode_layer.py:
 #                                                             its GPU tests under short limits (a barrier that never
 #                                                             opens hangs)); then PARTS=layer_w1 (~330 s: W1 Qwen3-0.6B
@@ -80,11 +80,13 @@ PY
           --step-trace $OUT/w2_${m}_steps.jsonl --output-json $OUT/w2_${m}_traced.json 2>&1 | grep -E "tok/s|Error" | tail -2
         gzip -f $OUT/w2_${m}_steps.jsonl
       done ;;
-    layer)  # the kernel's tests, each file under its own limit (a barrier that never opens hangs)
-      (OUT=$OUT/layer_kernel LIMIT=${LAYER_TEST_LIMIT:-120} bash tools/gpu_tests_device.sh \
-        tests/kernels/test_triton_decode_layer.py) && \
-      (OUT=$OUT/layer_engine LIMIT=${LAYER_ENGINE_LIMIT:-420} bash tools/gpu_tests_device.sh \
-        tests/gpu/test_gpu_decode_layer.py) ;;
+    layer)  # the kernel's own tests (18, compile-bound: 15 took 115 s on 2026-12-05), a limit each file (a barrier
+      # that never opens hangs); then PARTS=layer_engine, the engine's (14 dense took 321 s; MoE ~200 s more)
+      (OUT=$OUT/layer_kernel LIMIT=${LAYER_TEST_LIMIT:-200} bash tools/gpu_tests_device.sh \
+        tests/kernels/test_triton_decode_layer.py) ;;
+    layer_engine)
+      (OUT=$OUT/layer_engine LIMIT=${LAYER_ENGINE_LIMIT:-560} bash tools/gpu_tests_device.sh \
+        tests/gpu/test_gpu_decode_layer.py ${LAYER_ENGINE_K:+-k "$LAYER_ENGINE_K"}) ;;
     layer_w1)  # W1 Qwen3-0.6B, once PARTS=layer passed: default / one launch a layer (8 warps; 4: two programs'
       # registers fit an SM, so PDL can start the next layer early; 64 values a thread a trip) / one launch a phase
       (OUT=$OUT/layer_w1 JOBS="qwen:default qwen:DECODE_LAYER=1 qwen:DECODE_LAYER=1:1,4 qwen:DECODE_LAYER=phases
@@ -107,7 +109,7 @@ PY
         timeout -k 10 ${LAYER_PHASE_LIMIT:-90} python3 tools/decode_layer_phases.py --model $m --format $f \
           --tile ${tile:-1,8,32} --json $OUT/layer_phases/${m}_${f}_${tile:-1,8,32}.json 2>&1 | grep -v Warning
       done ;;
-    *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace, layer, layer_w1, layer_moe, layer_8b, layer_phases;" \
+    *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace, layer, layer_engine, layer_w1, layer_moe, layer_8b, layer_phases;" \
          "got $part"
        exit 1 ;;
   esac

@@ -30,6 +30,10 @@ from meshserve.serve.streaming import cancel_on_disconnect
 logger = logging.getLogger(__name__)
 
 PROXIED_POST = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+# a stored response's routes: the proxy sends each to the replica that keeps it (response_affinity.py)
+PROXIED_RESPONSE_ROUTES = (("/v1/responses/{response_id}", ["GET", "DELETE"]),
+                           ("/v1/responses/{response_id}/input_items", ["GET"]),
+                           ("/v1/responses/{response_id}/cancel", ["POST"]))
 
 
 class AdmissionMiddleware:
@@ -110,12 +114,15 @@ def build_router_app(config: RouterConfig, state: ServerState | None = None,
 
     async def proxied(request: Request) -> Response:
         raw = await request.body()
-        work = request.app.state.proxy.forward(request.method, request.url.path, raw, request.scope["headers"])
+        work = request.app.state.proxy.forward(request.method, request.url.path, raw, request.scope["headers"],
+                                               request.url.query)
         # a client that leaves before the answer cancels the upstream call, so the replica aborts it too
         return await cancel_on_disconnect(request, work)
 
     for path in PROXIED_POST:
         app.add_api_route(path, proxied, methods=["POST"], include_in_schema=True)
+    for path, methods in PROXIED_RESPONSE_ROUTES:
+        app.add_api_route(path, proxied, methods=methods)
     app.add_api_route("/v1/models", proxied, methods=["GET"])
 
     @app.get("/health")

@@ -41,6 +41,11 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="rewrite the request's model to this name when the fallback pool serves it")
     g = p.add_argument_group("balancing")
     g.add_argument("--policy", default=d.policy, choices=POLICIES)
+    g.add_argument("--response-affinity-size", type=int, default=d.response_affinity_size,
+                   help="Responses API: how many response ids the router remembers with the replica that "
+                        "keeps each (replicas' --responses-store-size), for previous_response_id and "
+                        "GET/DELETE /v1/responses/{id}; an id it does not remember is looked for on each "
+                        "replica in turn")
     g.add_argument("--affinity-slack", type=int, default=d.affinity_slack,
                    help="prefix affinity: go least-loaded when the hashed replica has more than this many "
                         "requests beyond the least-loaded one")
@@ -78,7 +83,7 @@ def router_config_from(ns: argparse.Namespace) -> RouterConfig:
         retry_budget_s=ns.retry_budget, max_outstanding=ns.max_outstanding,
         fallback_queue_threshold=ns.fallback_queue_threshold,
         target_queue_per_replica=ns.target_queue_per_replica, retry_after_s=ns.retry_after,
-        drain_timeout_s=ns.drain_timeout).validate()
+        drain_timeout_s=ns.drain_timeout, response_affinity_size=ns.response_affinity_size).validate()
 
 
 def register(subparsers) -> None:

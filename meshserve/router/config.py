@@ -49,6 +49,8 @@ class RouterConfig:
     prefix_max_blocks: int = 4
     target_queue_per_replica: int = 16  # autoscaling: desired replicas = ceil(queue depth / this)
     retry_after_s: int = 1
+    # response affinity: response ids remembered with their replica (response_affinity.py says why bounded)
+    response_affinity_size: int = 100_000
     drain_timeout_s: float = 30.0
 
     def validate(self) -> RouterConfig:
@@ -73,7 +75,8 @@ class RouterConfig:
                         "target_queue_per_replica": self.target_queue_per_replica,
                         "prefix_block_chars": self.prefix_block_chars,
                         "prefix_block_tokens": self.prefix_block_tokens,
-                        "prefix_max_blocks": self.prefix_max_blocks}
+                        "prefix_max_blocks": self.prefix_max_blocks,
+                        "response_affinity_size": self.response_affinity_size}
         for name, value in at_least_one.items():
             if value < 1:
                 raise InvalidArgumentError(f"{_flag(name)} must be >= 1, got {value}", param=name)

@@ -30,7 +30,9 @@ from meshserve.serve.metrics import labelled_counter
 
 # How a proxied request ended, as seen by the client.
 OUTCOMES = ("ok", "client_error", "rejected", "unavailable", "stream_broken", "cancelled", "error")
-FALLBACK_REASONS = ("primaries_unavailable", "queue_depth", "decode_unavailable", "prefill_unavailable")
+# holds_response: a fallback replica keeps the response that the request names (response_affinity.py)
+FALLBACK_REASONS = ("primaries_unavailable", "queue_depth", "decode_unavailable", "prefill_unavailable",
+                    "holds_response")
 POOLS = ("primary", "fallback", "prefill")
 PUBLISH_INTERVAL_S = 0.25
 

@@ -10,6 +10,10 @@ per request, so this stays bounded. After that, nothing is retried: a stream
 that breaks ends with one clean `data: {"error": ...}` event and `data: [DONE]`, so the client never sees
 duplicated or spliced output. Events are relayed whole, as they arrive (those of one upstream chunk in one
 send), never buffered past one event.
+
+A request that names a stored Responses-API response goes first to the replica that keeps it
+(response_affinity.py); a replica that answers that it keeps no such response costs no attempt, and the next
+replica is asked, each once; when none keeps it the client gets the last such answer.
 """
 
 from __future__ import annotations
@@ -38,7 +42,15 @@ from meshserve.router.disagg import (
 from meshserve.router.metrics import RouterMetrics
 from meshserve.router.pool import ReplicaPool, Route
 from meshserve.router.prefix import parse_body, prefix_key
-from meshserve.router.replica import Replica
+from meshserve.router.replica import FALLBACK, Replica
+from meshserve.router.response_affinity import (
+    ResponseOwners,
+    body_response_id,
+    creates_response,
+    event_response_id,
+    is_not_found,
+    named_response,
+)
 from meshserve.router.upstream import AbortableResponse, Aborted, FastResponse, FastUpstream, HttpxUpstream
 from meshserve.serve.errors import error_payload
 from meshserve.serve.responses_stream import TERMINAL_EVENTS
@@ -69,6 +81,7 @@ class _Rejected:
     reason: str
     response: Response | None = None
     refused: bool = False  # the connection was refused: nothing reached the replica
+    missing: bool = False  # the replica keeps no response by the id the request names: another may
 
 
 def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
@@ -147,6 +160,7 @@ class Proxy:
         self.upstream = upstream or HttpxUpstream(client)  # the proxied attempts
         self._prefill_legs: set[asyncio.Task] = set()  # concurrent prefill legs in flight (kept from the GC)
         self.ending = False  # end_in_flight was called: the router's drain ran out of time
+        self.owners = ResponseOwners(config.response_affinity_size)  # response id -> the replica keeping it
 
     def _timeout(self) -> httpx.Timeout:
         c = self.config
@@ -168,16 +182,29 @@ class Proxy:
             logger.warning("concurrent prefill leg failed (%s)", task.exception() if not task.cancelled() and
                            task.exception() is not None else getattr(result, "status_code", "no prefill instance"))
 
-    async def forward(self, method: str, path: str, raw: bytes, headers: list[tuple[bytes, bytes]]) -> Response:
+    def _route(self, named: str | None, key: int | None, tried: set[str]) -> Route | None:
+        """The next attempt's replica: the one keeping the response the request names while it is healthy and
+        not tried yet, else the pool's choice (which, attempt after attempt, asks each replica once)."""
+        url = self.owners.owner(named) if named is not None else None
+        owner = self.pool.find(url) if url is not None else None
+        if owner is not None and owner.healthy and owner.url not in tried:
+            return Route(owner, "holds_response" if owner.pool == FALLBACK else None)
+        return self.pool.route(key, tried)
+
+    async def forward(self, method: str, path: str, raw: bytes, headers: list[tuple[bytes, bytes]],
+                      query: str = "") -> Response:
         """Answer one client request through the pool (never raises for upstream trouble)."""
         arrival = time.monotonic()
         body = parse_body(raw) if raw else None
+        named = named_response(method, path, body)  # the stored response it needs, if any
+        target = f"{path}?{query}" if query else path
         stream = bool(body and body.get("stream") is True)
         c = self.config
         key = prefix_key(body, c.prefix_block_chars, c.prefix_block_tokens, c.prefix_max_blocks)
         fwd_headers = forward_headers(headers)
         tried: set[str] = set()
         refusal: Response | None = None
+        missing: Response | None = None  # the last answer that the named response is not kept there
         reasons: list[str] = []
         attempts = 0  # every try, as reported to the client
         spent = 0  # the tries max_attempts bounds: those that reached a replica
@@ -205,7 +232,7 @@ class Proxy:
             else:
                 decode_raw = decode_body(body, leg)
         while spent < c.max_attempts and (attempts == 0 or time.monotonic() - arrival < c.retry_budget_s):
-            route = self.pool.route(key, tried)
+            route = self._route(named, key, tried)
             if route is None:
                 break
             attempts += 1
@@ -216,17 +243,26 @@ class Proxy:
                 self.metrics.fallback.labels(route.fallback_reason).inc()
             kv_leg = decode_raw is not None and attempts == 1 and route.replica in self.pool.primaries
             payload = decode_raw if kv_leg else self._payload(raw, body, route)  # retries: colocated
-            result = await self._attempt(route, method, path, payload, fwd_headers, stream, attempts, kv_leg)
+            result = await self._attempt(route, method, target, payload, fwd_headers, stream, attempts,
+                                         kv_leg, named)
             if isinstance(result, Response):
+                if named is not None and result.status_code < 300:
+                    self.owners.answered(method, named, route.replica.url)
                 return result
             reasons.append(f"{route.replica.name}: {result.reason}")
             if kv_leg and result.reason == KV_FAILED:  # the same instance may still serve it colocated
                 tried.discard(route.replica.url)
-            spent += not result.refused
-            refusal = result.response or refusal
+            spent += not (result.refused or result.missing)
+            if result.missing:
+                missing = result.response
+            else:
+                refusal = result.response or refusal
         if refusal is not None:  # every replica tried refused (e.g. all queues full): pass the last refusal on
             self.metrics.count("rejected")
             return refusal
+        if missing is not None:  # no replica up keeps the response named: the last 404 (or 400) says so
+            self.metrics.count("client_error")
+            return missing
         self.metrics.count("unavailable")
         detail = f" after {attempts} attempt(s): " + "; ".join(reasons) if reasons else ""
         return _error_response(NoReplicaAvailableError(f"no replica can serve the request{detail}",
@@ -234,9 +270,10 @@ class Proxy:
 
     async def _attempt(self, route: Route, method: str, path: str, payload: bytes,
                        headers: list[tuple[str, str]], stream: bool, attempts: int,
-                       kv_leg: bool = False) -> Response | _Rejected:
+                       kv_leg: bool = False, named: str | None = None) -> Response | _Rejected:
         """One attempt. kv_leg: a decode attempt pulling a prefill's KV; its failure to get the KV (a 503, or an
-        error as the stream's first event) is retried colocated without holding it against the replica."""
+        error as the stream's first event) is retried colocated without holding it against the replica. named:
+        the stored response the request needs; a replica's answer that it keeps none such is `missing`."""
         replica = route.replica
         replica.outstanding += 1
         replica.num_requests += 1
@@ -256,7 +293,13 @@ class Proxy:
                 return _Rejected(f"answered {resp.status_code}", refusal)
             if not stream or resp.status_code != 200:
                 content = await resp.aread()
+                if named is not None and is_not_found(resp.status_code, content):
+                    return _Rejected(f"keeps no response {named!r}", missing=True,
+                                     response=Response(content, resp.status_code,
+                                                       _response_headers(resp, route, attempts)))
                 replica.num_succeeded += 1
+                if creates_response(method, path) and resp.status_code == 200:
+                    self.owners.learn(body_response_id(content), replica.url)
                 self.metrics.count("ok" if resp.status_code < 400 else
                                    "client_error" if resp.status_code < 500 else "error")
                 return Response(content, resp.status_code, _response_headers(resp, route, attempts))
@@ -272,6 +315,8 @@ class Proxy:
                 raise httpx.RemoteProtocolError("stream ended before its first event")
             if kv_leg and first[0].startswith(b"data: {\"error\"") and is_transfer_failure(first[0]):
                 return _Rejected(KV_FAILED, refused=True)
+            if creates_response(method, path):  # its first event (response.created) names it: already here
+                self.owners.learn(event_response_id(first[0]), replica.url)
             replica.num_succeeded += 1
             handed_off = True
             release = self._release(replica, resp)

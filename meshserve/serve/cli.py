@@ -125,13 +125,13 @@ def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:
 
 
 def check_responses_store(ns: argparse.Namespace) -> None:
-    """The store is one API process's memory: a follow-up (previous_response_id) must reach that process."""
+    """The store is one API process's memory: a follow-up (previous_response_id) must reach that process. The
+    router back end's replicas each have their own (one API process each), and the router sends a follow-up to
+    the replica that keeps its response (router/response_affinity.py)."""
     if not ns.responses_store_size:
         return
-    if ns.data_parallel_size > 1 and ns.data_parallel_backend == "router":
-        raise InvalidArgumentError("--responses-store-size keeps responses in one replica's memory: behind the "
-                                   "router a follow-up may reach another", param="responses_store_size")
-    if (ns.api_server_count or ns.data_parallel_size) > 1:  # unset: one API process per engine core
+    replicas = ns.data_parallel_size if ns.data_parallel_backend == "router" else 1
+    if (ns.api_server_count or ns.data_parallel_size // replicas) > 1:  # unset: one API process per engine core
         raise InvalidArgumentError("--responses-store-size keeps responses in one API process's memory: it needs "
                                    "--api-server-count 1", param="responses_store_size")
 

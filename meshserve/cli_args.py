@@ -85,9 +85,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--kv-offloading-size", type=float, default=None, metavar="GiB",
                    help="CPU tier: GiB of (pinned) host memory for evicted KV blocks (default: off)")
     o.add_argument("--kv-offloading-disk-path", default=None, metavar="DIR",
-                   help="disk tier: a folder of KV block files, kept across restarts (needs the CPU tier)")
+                   help="disk tier: a folder of KV block files, kept across restarts (needs --kv-offloading-size "
+                        "and --kv-offloading-disk-size)")
     o.add_argument("--kv-offloading-disk-size", type=float, default=None, metavar="GiB",
-                   help="disk tier: the most GiB of block files kept (least recently used deleted)")
+                   help="disk tier: the most GiB of block files kept (least recently used deleted; required with "
+                        "--kv-offloading-disk-path)")
+    o.add_argument("--kv-offloading-backend", default=d.kv_offloading_backend, metavar="native",
+                   help="vLLM's flag: native, meshserve's own tiers above (the only one; lmcache is refused)")
     o.add_argument("--kv-offloading-verify", action="store_true",
                    help="debug: check a crc32 of every block restored from a lower tier")
     o.add_argument("--preemption-mode", default=d.preemption_mode, choices=("recompute", "swap", "auto"),
@@ -158,9 +162,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         '"num_speculative_tokens": 4} or {"method": "eagle3", "model": EAGLE3_HEAD_DIR, '
                         '"num_speculative_tokens": 3}')
     g.add_argument("--kv-transfer-config", default=None, metavar="JSON",
-                   help='prefill/decode disaggregation, vLLM\'s keys: {"kv_connector": "torch", "kv_role": '
-                        '"kv_producer" | "kv_consumer" | "kv_both", "kv_rank": 0, "kv_parallel_size": 2, '
-                        '"kv_ip": "127.0.0.1", "kv_port": 14579}')
+                   help='prefill/decode disaggregation, vLLM\'s keys: {"kv_connector": "torch" | "nixl" | "ipc", '
+                        '"kv_role": "kv_producer" | "kv_consumer" | "kv_both", "kv_rank": 0, "kv_parallel_size": 2, '
+                        '"kv_ip": "127.0.0.1", "kv_port": 14579, "kv_connector_extra_config": {...}}; extra keys: '
+                        'transfer_timeout_s (30), hold_timeout_s (120), init_timeout_s (300) in seconds, '
+                        'layerwise (false), backend (torch: nccl | gloo), side_channel_host')
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

@@ -6,6 +6,7 @@ Argument names follow vLLM's EngineArgs so a vLLM user's flags and keyword argum
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -194,6 +195,7 @@ class EngineArgs:
     kv_offloading_disk_path: str | None = None
     kv_offloading_disk_size: float | None = None  # GiB
     kv_offloading_verify: bool = False
+    kv_offloading_backend: str = "native"  # vLLM's: native (meshserve's tiers) | lmcache (refused)
     preemption_mode: str = "recompute"
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -330,8 +332,21 @@ class EngineArgs:
               "disaggregation runs on one device per instance for now (tensor and pipeline parallel 1)")
 
     def _validate_offload(self, check) -> None:
+        from meshserve.engine.kv_offload.host_memory import GiB, host_memory_bytes
+
         check(self.kv_offloading_size is None or self.kv_offloading_size > 0, "kv_offloading_size",
               f"must be > 0 GiB, got {self.kv_offloading_size}")
+        check(self.kv_offloading_backend == "native", "kv_offloading_backend",
+              f"{self.kv_offloading_backend!r} is not supported: meshserve's offload tiers are its own (native: "
+              "--kv-offloading-size GiB, --kv-offloading-disk-path DIR)" if self.kv_offloading_backend == "lmcache"
+              else f"must be native, got {self.kv_offloading_backend!r}")
+        for name in ("kv_offloading_size", "kv_offloading_disk_size"):  # inf passes "> 0", then int() fails
+            value = getattr(self, name)
+            check(value is None or math.isfinite(value), name, f"must be a finite number of GiB, got {value}")
+        # said now, before the model loads, rather than by the allocator (or the OOM killer) later
+        host = host_memory_bytes() if self.kv_offloading_size else None
+        check(host is None or self.kv_offloading_size * GiB <= host, "kv_offloading_size",
+              f"{self.kv_offloading_size} GiB is more than this host's memory ({(host or 0) / GiB:.1f} GiB)")
         check(self.kv_offloading_disk_path is None or bool(self.kv_offloading_size), "kv_offloading_disk_path",
               "needs kv_offloading_size too (the CPU tier stages every block to and from the disk)")
         check(self.kv_offloading_disk_path is None or (self.kv_offloading_disk_size or 0) > 0,

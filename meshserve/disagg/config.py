@@ -11,8 +11,9 @@ from meshserve.json_config import config_dict, config_error
 
 CONNECTORS = ("torch", "nixl", "ipc")
 ROLES = ("kv_producer", "kv_consumer", "kv_both")
-# vLLM connector names refused with "not supported" rather than "unknown"
-PLANNED_CONNECTORS = ("NixlConnector", "P2pNcclConnector", "LMCacheConnectorV1", "MooncakeConnector")
+# vLLM connector names refused with "not supported" rather than "unknown", with meshserve's nearest one
+PLANNED_CONNECTORS = {"NixlConnector": "nixl", "P2pNcclConnector": "torch", "LMCacheConnectorV1": None,
+                      "MooncakeConnector": None}
 EXTRA_KEYS = {
     "backend": "torch connector: nccl or gloo (default: nccl on GPUs, gloo on CPUs); the nixl connector uses UCX",
     "transfer_timeout_s": "seconds a consumer waits for a transfer before freeing its blocks (default 30)",
@@ -95,8 +96,10 @@ def parse_kv_transfer_config(value: Any) -> KVTransferConfig | None:
             choices = CONNECTORS if key == "kv_connector" else ROLES
             raise _bad(f"is required (one of {', '.join(choices)})", key)
     if d["kv_connector"] in PLANNED_CONNECTORS:
+        near = PLANNED_CONNECTORS[d["kv_connector"]]
         raise _bad(
-            f"{d['kv_connector']!r} is vLLM's; meshserve's connectors are {', '.join(CONNECTORS)}",
+            f"{d['kv_connector']!r} is vLLM's; meshserve's connectors are {', '.join(CONNECTORS)}"
+            + (f' (use "{near}", with kv_rank and kv_parallel_size on every engine)' if near else ""),
             "kv_connector",
         )
     if d["kv_connector"] not in CONNECTORS:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import time
 
 import torch
@@ -56,6 +57,8 @@ class TorchConnector(StoreRendezvous, KVConnector):
     def _connect(self) -> None:
         c = self.config
         self._join_store()
+        # first: a rank that never joins is then one error naming it, not the gloo constructor's store timeout
+        self._wait_for_roles()
         prefixed = dist.PrefixStore("meshserve-kv", self.store)
         op_timeout = datetime.timedelta(seconds=max(c.transfer_timeout_s, 1.0))
         if self.backend == "gloo":
@@ -68,7 +71,6 @@ class TorchConnector(StoreRendezvous, KVConnector):
             opts._timeout = op_timeout
             torch.cuda.set_device(self.device)
             self.group = dist.ProcessGroupNCCL(prefixed, c.kv_rank, c.kv_parallel_size, opts)
-        self._wait_for_roles()
 
     def _thread_init(self) -> None:
         if self.device.type == "cuda":
@@ -85,7 +87,7 @@ class TorchConnector(StoreRendezvous, KVConnector):
         try:
             ok = work.wait(datetime.timedelta(seconds=timeout_s))
         except Exception as e:
-            self._broken[peer] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self._broken[peer] = _reason(e)
             raise KVTransferError(f"transfer with kv rank {peer} failed: {self._broken[peer]}") from e
         if ok is False:
             self._broken[peer] = "timed out"
@@ -155,6 +157,14 @@ class TorchConnector(StoreRendezvous, KVConnector):
         if self._recv_stream is not None:
             self._recv_stream.synchronize()  # the blocks are whole before the core may schedule them
         return nbytes
+
+
+def _reason(e: Exception) -> str:
+    """gloo's error in words a request's error can carry: "Connection closed by peer [127.0.0.1]:33411", without
+    its source path ("[/__w/pytorch/.../pair.cc:553] ") and its advice to read the logs ("... GLHF!")."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\] ", "", text)
+    return text.split(". This is typically")[0]
 
 
 class _maybe_stream:

@@ -30,7 +30,10 @@ def test_vllm_keys_parse_into_a_typed_config():
         ({"kv_role": "kv_producer"}, "kv_connector: is required"),
         ({"kv_connector": "torch"}, "kv_role: is required"),
         ({"kv_connector": "mooncake", "kv_role": "kv_producer"}, "unknown connector 'mooncake'"),
-        ({"kv_connector": "NixlConnector", "kv_role": "kv_producer"}, "is vLLM's"),
+        ({"kv_connector": "NixlConnector", "kv_role": "kv_producer"}, 'is vLLM\'s; meshserve\'s connectors are torch, '
+         'nixl, ipc (use "nixl", with kv_rank and kv_parallel_size on every engine)'),
+        ({"kv_connector": "P2pNcclConnector", "kv_role": "kv_producer"}, '(use "torch"'),
+        ({"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}, "connectors are torch, nixl, ipc"),
         ({"kv_connector": "torch", "kv_role": "producer"}, "kv_role: must be one of"),
         (
             {"kv_connector": "torch", "kv_role": "kv_both", "kv_rank": 2},

@@ -11,11 +11,11 @@ import torch
 from meshserve.config import EngineConfig
 from meshserve.engine.kv_offload.cpu_tier import CPUTier
 from meshserve.engine.kv_offload.disk_tier import DiskTier
+from meshserve.engine.kv_offload.host_memory import GiB, available_memory_bytes
 from meshserve.engine.kv_offload.manager import KVOffloadManager
+from meshserve.errors import InvalidArgumentError
 
 logger = logging.getLogger(__name__)
-
-GiB = 1 << 30
 
 
 def kv_fingerprint(config: EngineConfig, block_shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
@@ -41,9 +41,22 @@ def build_kv_offload(config: EngineConfig, runner, block_manager) -> KVOffloadMa
     block_bytes = cpu_probe.element_size() * int(torch.Size(block_shape).numel())
     num_slots = int(cc.kv_offloading_size * GiB) // block_bytes
     if num_slots < 1:
-        raise ValueError(f"kv_offloading_size {cc.kv_offloading_size} GiB holds no block of {block_bytes} bytes")
+        raise InvalidArgumentError(f"--kv-offloading-size {cc.kv_offloading_size} GiB holds no KV block of "
+                                   f"{block_bytes} bytes; raise it", param="kv_offloading_size")
     cuda = torch.device(config.device).type == "cuda"
-    cpu = CPUTier(num_slots, block_shape, dtype, pin_memory=cuda)
+    # checked now that the weights are in: the tier is not zeroed, so an unpinned one past what is free would
+    # fail only as it fills (the OOM killer, mid-request)
+    need, free = num_slots * block_bytes, available_memory_bytes()
+    if free is not None and need > free:
+        raise InvalidArgumentError(f"--kv-offloading-size {cc.kv_offloading_size} GiB: only {free / GiB:.1f} GiB "
+                                   "of host memory is free (after loading the model); lower it",
+                                   param="kv_offloading_size")
+    try:
+        cpu = CPUTier(num_slots, block_shape, dtype, pin_memory=cuda)
+    except RuntimeError as e:  # (pinning is refused below what is free, e.g. under a locked-memory limit)
+        raise InvalidArgumentError(f"--kv-offloading-size {cc.kv_offloading_size} GiB: cannot allocate "
+                                   f"{need / GiB:.2f} GiB of {'pinned ' if cuda else ''}host memory "
+                                   f"({str(e).splitlines()[0]}); lower it", param="kv_offloading_size") from None
     disk = None
     if cc.kv_offloading_disk_path:
         disk = DiskTier(cc.kv_offloading_disk_path, kv_fingerprint(config, block_shape, dtype),

@@ -158,13 +158,40 @@ def test_swap_preemption_matches_hf(mode, model, hf_model):
     ({"preemption_mode": "later"}, "preemption_mode"),
     ({"kv_offloading_size": -1.0}, "kv_offloading_size"),
     ({"kv_offloading_size": 1.0, "tensor_parallel_size": 2}, "kv_offloading_size"),
+    # these passed validation: inf failed after loading ("cannot convert float infinity to integer"), a size past
+    # the host's memory as the allocator's "[enforce fail at alloc_cpu.cpp:127] ... can't allocate memory"
+    ({"kv_offloading_size": float("inf")}, "kv_offloading_size"),
+    ({"kv_offloading_size": 1.0, "kv_offloading_disk_path": "/tmp/x", "kv_offloading_disk_size": float("inf")},
+     "kv_offloading_disk_size"),
+    ({"kv_offloading_size": 1 << 40}, "kv_offloading_size"),  # a TiB GiB
+    # vLLM's --kv-offloading-backend: native is meshserve's own tiers; lmcache is refused, saying what to use
+    ({"kv_offloading_size": 1.0, "kv_offloading_backend": "lmcache"}, "kv_offloading_backend"),
+    ({"kv_offloading_backend": "redis"}, "kv_offloading_backend"),
 ])
 def test_bad_offload_arguments_are_clear_errors(kwargs, param):
     from meshserve.config import EngineArgs
 
     with pytest.raises(InvalidArgumentError) as e:
         EngineArgs(**kwargs).validate()
-    assert e.value.param == param
+    assert e.value.param == param and "\n" not in str(e.value)
+    if "kv_offloading_backend" in kwargs:
+        assert "--kv-offloading-size" in str(e.value) or "must be native" in str(e.value)
+    if kwargs.get("kv_offloading_size") == 1 << 40:
+        assert "more than this host's memory" in str(e.value)
+
+
+def test_a_cpu_tier_larger_than_the_free_memory_is_refused_before_it_is_allocated(model, monkeypatch):
+    # checked once the weights are in: an unpinned tier is not zeroed, so past the free memory it would fail
+    # only as it fills (the OOM killer, mid-request)
+    import meshserve.engine.kv_offload.setup as setup
+
+    allocated = []
+    monkeypatch.setattr(setup, "available_memory_bytes", lambda: BLOCK_BYTES * 10)
+    monkeypatch.setattr(setup, "CPUTier", lambda *a, **k: allocated.append(a))
+    with pytest.raises(InvalidArgumentError, match=r"--kv-offloading-size .* GiB: only 0.0 GiB of host memory is "
+                                                   r"free \(after loading the model\); lower it"):
+        LLM(model=model, block_size=4, num_gpu_blocks_override=24, kv_offloading_size=gib(64))
+    assert not allocated
 
 
 def test_cli_flags_reach_engine_args():
@@ -175,10 +202,12 @@ def test_cli_flags_reach_engine_args():
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     ns = parser.parse_args(["--kv-offloading-size", "4", "--kv-offloading-disk-path", "/tmp/kv",
-                            "--kv-offloading-disk-size", "100", "--preemption-mode", "auto"])
+                            "--kv-offloading-disk-size", "100", "--preemption-mode", "auto",
+                            "--kv-offloading-backend", "native"])  # vLLM's flag (was "unrecognized arguments")
     args = engine_args_from(ns)
     assert (args.kv_offloading_size, args.kv_offloading_disk_path, args.kv_offloading_disk_size,
-            args.preemption_mode) == (4.0, "/tmp/kv", 100.0, "auto")
+            args.preemption_mode, args.kv_offloading_backend) == (4.0, "/tmp/kv", 100.0, "auto", "native")
+    args.validate()
 
 
 def test_offload_counters_reach_prometheus():

@@ -29,6 +29,10 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    # DELTA outputs of the serving front end: the core's clock (time.monotonic()) at each step that gave this
+    # delta's tokens, one per step (several tokens of one step, e.g. accepted proposals, share one), so that
+    # inter-token latency is timed between steps as vLLM times it, whatever folding or lag came after
+    step_times: list[float] | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -25,6 +25,8 @@ def fold_outputs(acc: RequestOutput, new: RequestOutput, kind: RequestOutputKind
             continue
         c.text += d.text
         c.token_ids = [*c.token_ids, *d.token_ids]
+        if d.step_times is not None:  # each step keeps its own time: inter-token latency is timed from them
+            c.step_times = [*(c.step_times or []), *d.step_times]
         if d.logprobs is not None:
             c.logprobs = [*(c.logprobs or []), *d.logprobs]
         c.cumulative_logprob = d.cumulative_logprob

@@ -31,6 +31,7 @@ class _Completion:
         "logprobs",
         "num_sent_chars",
         "num_sent_tokens",
+        "step_times",
         "stop_reason",
         "text",
         "token_ids",
@@ -47,6 +48,7 @@ class _Completion:
         self.stop_reason: int | str | None = None
         self.num_sent_tokens = 0  # for DELTA outputs: what earlier outputs already carried
         self.num_sent_chars = 0
+        self.step_times: list[float] = []  # the core's time of each step with tokens not yet in a DELTA output
 
     @property
     def finished(self) -> bool:
@@ -63,10 +65,12 @@ class _Completion:
         want_lp = self.logprobs is not None
         k, c = self.num_sent_tokens, self.num_sent_chars
         self.num_sent_tokens, self.num_sent_chars = len(self.token_ids), len(self.text)
+        times, self.step_times = self.step_times, []
         return CompletionOutput(index=self.index, text=self.text[c:], token_ids=self.token_ids[k:],
                                 cumulative_logprob=self.cumulative_logprob if want_lp else None,
                                 logprobs=self.logprobs[k:] if want_lp else None,
-                                finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+                                finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+                                step_times=times)
 
 
 @dataclass
@@ -197,7 +201,7 @@ class OutputProcessor:
             if out.kv_transfer_params is not None:
                 state.kv_transfer_params = out.kv_transfer_params
             if out.new_token_ids or out.finish_reason:
-                self._update_completion(state, comp, out, now, result)
+                self._update_completion(state, comp, out, now, result, core_outputs.timestamp or now)
                 changed = touched.setdefault(state.request_id, (state, []))[1]
                 changed.append(comp)
             if comp.finished:
@@ -216,9 +220,11 @@ class OutputProcessor:
         return result
 
     def _update_completion(self, state: RequestState, comp: _Completion, out, now: float,
-                           result: ProcessedOutputs) -> None:
+                           result: ProcessedOutputs, step_time: float) -> None:
         new_ids = out.new_token_ids
         if new_ids:
+            if state.params.output_kind is RequestOutputKind.DELTA:
+                comp.step_times.append(step_time)
             metrics = state.metrics
             if metrics.first_token_time is None:
                 metrics.first_token_time = now

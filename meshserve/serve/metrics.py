@@ -63,7 +63,7 @@ class _EngineStatsCollector(Collector):
             ("meshserve:num_requests_running", "Sequences in the running batch.", "num_running"),
             ("meshserve:num_requests_waiting", "Sequences waiting to be scheduled.", "num_waiting"),
             ("meshserve:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", "kv_cache_usage"),
-            ("meshserve:prefix_cache_hit_rate", "Prefix cache hits / queries since start (0-1).",
+            ("meshserve:prefix_cache_hit_rate", "Prefix cache hit tokens / queried tokens since start (0-1).",
              "prefix_cache_hit_rate"),
             ("meshserve:queue_wait_predicted_seconds", "Predicted wait of a request joining the queue now.",
              "queue_wait_s"),
@@ -79,8 +79,10 @@ class _EngineStatsCollector(Collector):
             yield g
         counters = [
             ("meshserve:num_preemptions", "Sequences preempted to free KV blocks.", "num_preemptions"),
-            ("meshserve:prefix_cache_queries", "Prefix cache lookups (blocks).", "prefix_cache_queries"),
-            ("meshserve:prefix_cache_hits", "Prefix cache hits (blocks).", "prefix_cache_hits"),
+            ("meshserve:prefix_cache_queries", ("Prefix cache queries: prompt tokens looked up by sequences at "
+             "their first admission (a preempted one's recompute not again)."), "prefix_cache_queries"),
+            ("meshserve:prefix_cache_hits", "Prefix cache hits: prompt tokens of those found cached.",
+             "prefix_cache_hits"),
             ("meshserve:requests_shed", ("Queued requests dropped by the engine because their time-to-first-token "
              "target could no longer be met."), "num_shed"),
             # speculative decoding, after vLLM's vllm:spec_decode_* counters
@@ -231,16 +233,21 @@ class ServerMetrics:
         r = self.registry
         self.requests = labelled_counter("meshserve:requests", "Generation requests by outcome.", "outcome",
                                          OUTCOMES, r)
-        self.prompt_tokens = Counter("meshserve:prompt_tokens", "Prompt tokens of served requests.",
+        self.prompt_tokens = Counter("meshserve:prompt_tokens", "Prompt tokens prefilled: each sequence's (a choice "
+                                     "of a prompt), cached ones included, once however often it was preempted.",
                                      registry=r)
         self.generation_tokens = Counter("meshserve:generation_tokens", "Tokens generated and sent.",
                                          registry=r)
-        self.ttft = Histogram("meshserve:time_to_first_token_seconds", "Time to the first token.",
+        self.ttft = Histogram("meshserve:time_to_first_token_seconds", "Time from the request's arrival at "
+                              "the server to each sequence's (a choice of a prompt) first token.",
                               buckets=_TTFT_BUCKETS, registry=r)
         self.itl = Histogram("meshserve:inter_token_latency_seconds",
-                             "Time between successive tokens of a sequence (a choice of a prompt).",
+                             "Time between successive engine steps that gave a sequence (a choice of a prompt) "
+                             "tokens, by the engine's clock (several tokens of one step: one observation).",
                              buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("meshserve:e2e_request_latency_seconds", "Request arrival to last token.",
+        self.e2e = Histogram("meshserve:e2e_request_latency_seconds", "Time from the request's arrival to "
+                             "each sequence's (a choice of a prompt) last token, of sequences that ended by stop "
+                             "or length.",
                              buckets=_E2E_BUCKETS, registry=r)
         self.rejected = labelled_counter(
             "meshserve:requests_rejected", "Requests refused with 429/503, by reason (the error code: "
@@ -299,7 +306,11 @@ class ServerMetrics:
 
 class RequestTracker:
     """Observes one HTTP request's engine outputs: TTFT, inter-token gaps, token counts, outcome, and
-    whether it met its service-level targets (when it has any)."""
+    whether it met its service-level targets (when it has any).
+
+    Like vLLM's, the per-request series count engine requests: each sequence (one choice of one prompt; vLLM
+    runs n choices and a batch's prompts as requests of their own) has its TTFT, its prompt tokens and, when
+    it ends by stop or length, its end-to-end latency. The outcome counter stays one per HTTP request."""
 
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
@@ -312,6 +323,7 @@ class RequestTracker:
         self._prompt_seen: dict[int, int] = {}  # prompt index -> its prompt tokens
         self._num_tokens: dict[tuple[int, int], int] = {}  # (prompt index, choice index) -> tokens so far
         self._last_token: dict[tuple[int, int], float] = {}  # (prompt index, choice index) -> its last output
+        self._last_step: dict[tuple[int, int], float] = {}  # and the core's time of its last step with tokens
         self._done = False
         self.ttft_target_s: float | None = None
         self.tpot_target_s: float | None = None
@@ -320,29 +332,46 @@ class RequestTracker:
         """Count one DELTA output of the request's prompt_index-th prompt."""
         now = time.perf_counter()
         new = 0
+        self._prompt_seen.setdefault(prompt_index, len(out.prompt_token_ids))
         for c in out.outputs:
             key = (prompt_index, c.index)
             n = len(c.token_ids)
-            self._num_tokens[key] = self._num_tokens.get(key, 0) + n
+            seen = self._num_tokens.get(key)
+            if seen is None:  # the sequence's first output: its prompt was prefilled (once, preempted or not)
+                self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
+            self._num_tokens[key] = (seen or 0) + n
             new += n
+            if n and not seen:
+                self.metrics.ttft.observe(now - self.arrival)
             if n:
-                self._observe_gaps(key, n, now)
-        if prompt_index not in self._prompt_seen:
-            self._prompt_seen[prompt_index] = len(out.prompt_token_ids)
-            self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
+                self._observe_gaps(key, c.token_ids, c.step_times, now)
+            if c.finish_reason in ("stop", "length"):
+                self.metrics.e2e.observe(now - self.arrival)
         if new <= 0:
             return
         self.metrics.generation_tokens.inc(new)
         if self._last is None:
             self._first = now
-            self.metrics.ttft.observe(now - self.arrival)
         self._last = now
 
-    def _observe_gaps(self, key: tuple[int, int], n: int, now: float) -> None:
-        """One inter-token observation per token of a sequence (one choice of one prompt) after its first, timed
-        from that sequence's own previous output: the n choices and the prompts of a batch decode side by side,
-        so one step's tokens of several sequences are no gaps between each other. An output that folded several
-        steps of one sequence (a lagging stream) spreads its gap over its tokens."""
+    def _observe_gaps(self, key: tuple[int, int], token_ids: list[int], step_times: list[float] | None,
+                      now: float) -> None:
+        """Inter-token latency of one sequence (one choice of one prompt), as vLLM measures it: one observation
+        per engine step that gave it tokens, after the step of its first, timed from its own previous such
+        step by the core's clock. So tokens of one step (accepted proposals) are one gap, not several, and
+        steps that reached a lagging stream folded together keep their own gaps."""
+        if step_times is not None:
+            last = self._last_step.get(key)
+            for t in step_times:
+                if last is not None:
+                    self.metrics.itl.observe(t - last)
+                last = t
+            if last is not None:
+                self._last_step[key] = last
+            return
+        # outputs without the core's times (built elsewhere): the gap since the sequence's last output, spread
+        # over its tokens
+        n = len(token_ids)
         last = self._last_token.get(key)
         gap, count = (0.0, n - 1) if last is None else ((now - last) / n, n)
         for _ in range(count):
@@ -365,7 +394,6 @@ class RequestTracker:
         self._done = True
         self.metrics.count(outcome)
         if outcome in ("stop", "length"):
-            self.metrics.e2e.observe(time.perf_counter() - self.arrival)
             self._count_service_level()
             if self.metrics.request_log is not None:
                 self._log(outcome)

@@ -54,3 +54,10 @@ def test_a_lagging_stream_gets_fewer_outputs_and_every_token():
         allm.shutdown()
     assert sum(map(len, prompt_steps)) == sum(map(len, lagging)) == 24
     assert len(lagging) < len(prompt_steps) and max(map(len, lagging)) > 1
+
+
+def test_folded_outputs_keep_each_step_s_time():
+    first, second = _delta([5], "a"), _delta([6, 7], "bc")
+    first.outputs[0].step_times, second.outputs[0].step_times = [1.0], [1.1]
+    (c,) = fold_outputs(first, second, RequestOutputKind.DELTA).outputs
+    assert c.step_times == [1.0, 1.1]

@@ -158,3 +158,25 @@ def test_a_producers_handle_reaches_the_request_output():
     received = msgspec.msgpack.decode(msgspec.msgpack.encode(sent), type=EngineCoreOutputs)
     (out,) = processor.process_outputs(received).request_outputs
     assert out.finished and out.kv_transfer_params == handle
+
+
+def test_delta_outputs_carry_the_core_s_step_times_once():
+    """Each DELTA output names the core's time of each step that gave its tokens (one a step, however many
+    tokens), and no step twice: the server times inter-token latency from them, as vLLM does."""
+    from meshserve.engine.input_processor import ProcessedRequest
+    from meshserve.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+    from meshserve.engine.output_processor import OutputProcessor
+
+    processor = OutputProcessor(None)
+    params = SamplingParams(temperature=0, max_tokens=4, output_kind=RequestOutputKind.DELTA)
+    processor.add_request(ProcessedRequest("r", None, [50, 51], params, 0.0,
+                                           [EngineCoreRequest("r", [50, 51], params, max_tokens=4)]))
+
+    def step(out: EngineCoreOutput, timestamp: float):
+        (request_output,) = processor.process_outputs(EngineCoreOutputs([out], timestamp=timestamp)).request_outputs
+        return request_output
+
+    first, second = step(EngineCoreOutput("r", [7]), 5.0), step(EngineCoreOutput("r", [8, 9]), 5.25)
+    done = step(EngineCoreOutput("r", [], "length"), 5.5)
+    assert [first.outputs[0].step_times, second.outputs[0].step_times, done.outputs[0].step_times] == [
+        [5.0], [5.25], []]

@@ -100,16 +100,21 @@ def test_metrics_parse_and_count(tiny_engine):
                 usage = [c for c in _stream_lines(resp) if c.get("usage")][-1]["usage"]
             prompt_total += usage["prompt_tokens"]
             completion_total += usage["completion_tokens"]
+            # 2 prompts x n=2: 4 sequences, each its TTFT, e2e and prompt tokens (vLLM's 4 engine requests)
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": ["Hi", "Hi there"], "n": 2,
+                                                   "max_tokens": 3, "ignore_eos": True}).json()
+            prompt_total += 2 * r["usage"]["prompt_tokens"]  # usage counts each prompt once
+            completion_total += r["usage"]["completion_tokens"]
             assert http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "top_p": 3}).status_code == 400
             assert http.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
             m = _scrape(http)
-        assert m["meshserve:requests_total{outcome=length}"] == 4
+        assert m["meshserve:requests_total{outcome=length}"] == 5
         assert m["meshserve:requests_total{outcome=invalid}"] == 2
         assert m["meshserve:prompt_tokens_total"] == prompt_total
-        assert m["meshserve:generation_tokens_total"] == completion_total == 4 + 5 + 6 + 5
-        assert m["meshserve:time_to_first_token_seconds_count"] == 4
-        assert m["meshserve:e2e_request_latency_seconds_count"] == 4
-        assert m["meshserve:inter_token_latency_seconds_count"] == completion_total - 4
+        assert m["meshserve:generation_tokens_total"] == completion_total == 4 + 5 + 6 + 5 + 4 * 3
+        assert m["meshserve:time_to_first_token_seconds_count"] == 8
+        assert m["meshserve:e2e_request_latency_seconds_count"] == 8
+        assert m["meshserve:inter_token_latency_seconds_count"] == completion_total - 8
         for name in ("meshserve:num_requests_running", "meshserve:num_requests_waiting",
                      "meshserve:kv_cache_usage_perc", "meshserve:prefix_cache_hit_rate",
                      "meshserve:num_preemptions_total"):

@@ -3,6 +3,7 @@ files), one series per process, written by each process's own controller."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -57,12 +58,15 @@ def test_each_api_process_exports_its_own_margin_and_the_updates_are_summed(tmp_
 
 
 # -- inter-token latency ---------------------------------------------------------------------------
-def _output(prompt_tokens: int, choices: dict[int, int]):
-    """One DELTA output: choice index -> its new tokens."""
+def _output(prompt_tokens: int, choices: dict[int, int], step_times: list[float] | None = None,
+            finish: dict[int, str] | None = None):
+    """One DELTA output: choice index -> its new tokens (and the core's step times, its finish reason)."""
     from meshserve.outputs import CompletionOutput, RequestOutput
 
+    finish = finish or {}
     return RequestOutput("r", None, [1] * prompt_tokens,
-                         [CompletionOutput(i, "", [7] * n) for i, n in choices.items()], finished=False)
+                         [CompletionOutput(i, "", [7] * n, finish_reason=finish.get(i), step_times=step_times)
+                          for i, n in choices.items()], finished=False)
 
 
 def _itl_observations(metrics) -> tuple[float, float]:
@@ -96,7 +100,9 @@ def test_inter_token_latency_is_each_sequence_s_own_gap(monkeypatch, n, prompts)
     assert total / count == pytest.approx(0.1)
     text = metrics.render(None).decode()
     assert _samples(text, "meshserve:generation_tokens_total") == [("", sequences * steps)]
-    assert _samples(text, "meshserve:prompt_tokens_total") == [("", 3 * prompts)]
+    # per sequence, as vLLM's requests (n choices run as n requests there): TTFT, prompt tokens, e2e
+    assert _samples(text, "meshserve:prompt_tokens_total") == [("", 3 * sequences)]
+    assert _samples(text, "meshserve:time_to_first_token_seconds_count") == [("", sequences)]
 
 
 def test_a_lagging_stream_s_folded_tokens_share_their_gap(monkeypatch):
@@ -113,3 +119,49 @@ def test_a_lagging_stream_s_folded_tokens_share_their_gap(monkeypatch):
     tracker.observe(0, _output(3, {0: 3}))
     count, total = _itl_observations(metrics)
     assert count == 3 and total == pytest.approx(0.3)
+
+
+def test_inter_token_latency_is_timed_between_the_core_s_steps(monkeypatch):
+    """With the core's step times, one observation per step after the first, whatever reached the front end
+    when: 2 tokens of one step (accepted proposals) are one 0.1 s gap, as vLLM counts them; steps folded into
+    one output (a lagging stream: 3 steps 0.1 s apart, read at once) keep their own gaps, and the first
+    output's folded steps are no zero gaps. (Spreading front-end gaps over tokens reported 0 s, then 0.05 s.)"""
+    from meshserve.serve import metrics as metrics_module
+    from meshserve.serve.metrics import ServerMetrics
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: clock[0])
+    metrics = ServerMetrics()
+    tracker = metrics.track()
+    clock[0] += 0.5  # the stream lagged: three steps arrive at once
+    tracker.observe(0, _output(3, {0: 3}, step_times=[10.0, 10.1, 10.2]))
+    count, total = _itl_observations(metrics)
+    assert count == 2 and total == pytest.approx(0.2)
+    clock[0] += 0.001
+    tracker.observe(0, _output(3, {0: 2}, step_times=[10.3]))  # one step, a proposal accepted beside its token
+    count, total = _itl_observations(metrics)
+    assert count == 3 and total == pytest.approx(0.3)
+
+
+def test_e2e_latency_per_sequence_that_ended_by_stop_or_length(monkeypatch):
+    """n=2: each choice's e2e from the request's arrival when it finished; an aborted request's do not count."""
+    from meshserve.serve import metrics as metrics_module
+    from meshserve.serve.metrics import ServerMetrics
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: clock[0])
+    metrics = ServerMetrics()
+    tracker = metrics.track()
+    clock[0] += 0.2
+    tracker.observe(0, _output(3, {0: 1, 1: 1}, finish={0: "stop"}))
+    clock[0] += 0.3
+    tracker.observe(0, _output(3, {1: 1}, finish={1: "length"}))
+    tracker.finish("length")
+    aborted = metrics.track()
+    aborted.observe(0, _output(3, {0: 1}))
+    aborted.fail(asyncio.CancelledError())
+    text = metrics.render(None).decode()
+    assert _samples(text, "meshserve:e2e_request_latency_seconds_count") == [("", 2.0)]
+    assert _samples(text, "meshserve:e2e_request_latency_seconds_sum")[0][1] == pytest.approx(0.2 + 0.5)
+    outcomes = {labels: v for labels, v in _samples(text, "meshserve:requests_total") if v}
+    assert outcomes == {'{outcome="length"}': 1.0, '{outcome="abort"}': 1.0}  # the outcome: per HTTP request

@@ -29,6 +29,12 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         raise InvalidArgumentError("a prompt is empty", param="prompt")
     engine_args = engine_args_from(ns)
     check_engine_args(engine_args)
+    from meshserve.engine.early_tokenizer import has_no_tokenizer
+
+    if has_no_tokenizer(engine_args):  # a preset or config.json on dummy weights: no text to encode prompts with
+        raise InvalidArgumentError(
+            f"--model {engine_args.model} with --load-format dummy has no tokenizer for text prompts: pass "
+            "--tokenizer DIR (e.g. one written by `meshserve bench tokenizer DIR --model PRESET`)", param="tokenizer")
 
     from meshserve.entrypoints.llm import LLM
     from meshserve.entrypoints.worker import is_rank_zero, run_worker_ranks

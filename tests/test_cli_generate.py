@@ -29,6 +29,16 @@ def test_bad_model_is_one_line_error(tmp_path, capsys):
     assert rc == 2 and err.startswith("meshserve: error: model not found") and "\n" not in err
 
 
+def test_a_dummy_preset_without_a_tokenizer_is_one_line_error_before_loading(capsys, monkeypatch, tmp_path):
+    # README's `meshserve generate --model PRESET --load-format dummy`: text prompts need --tokenizer, said at once
+    import meshserve.entrypoints.llm as llm_module
+
+    monkeypatch.setattr(llm_module, "LLM", None)  # nothing may load
+    rc = main(["generate", "--model", "smollm2-135m", "--load-format", "dummy", "--no-chat", "hi"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--tokenizer DIR" in err and "meshserve bench tokenizer" in err and "\n" not in err
+
+
 def test_bad_sampling_flag_is_one_line_error(tiny_model_dir, capsys):
     rc = main(["generate", "--model", tiny_model_dir("llama"), "--top-p", "2", "x"])
     err = capsys.readouterr().err.strip()

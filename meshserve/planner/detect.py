@@ -34,7 +34,7 @@ def local_gpu_name() -> str | None:
 def choose_gpu(name: str | None, catalog: dict[str, GpuSpec], device_name: str | None = None) -> GpuChoice:
     """`--gpu NAME` when given; else the local GPU (`device_name`, detected when None) if the catalog knows
     it; else DEFAULT_GPU, with a note saying it was assumed."""
-    if name:
+    if name is not None:  # `--gpu ""` (an unset shell variable) is an unknown GPU, not "detect one"
         return GpuChoice(get_gpu(name, catalog))
     device_name = device_name if device_name is not None else local_gpu_name()
     if device_name:

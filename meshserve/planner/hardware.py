@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -90,7 +91,18 @@ def _read(path: Path, base: dict[str, GpuSpec] | None = None) -> dict[str, GpuSp
         if unknown:
             raise InvalidArgumentError(f"hardware file {path}: unknown keys for {name}: {sorted(unknown)}",
                                        param="hardware_file")
-        merged["aliases"] = tuple(merged.get("aliases", ()))
+        aliases = merged.get("aliases", ())
+        if isinstance(aliases, str) or not isinstance(aliases, (list, tuple)) or not all(
+                isinstance(a, str) for a in aliases):
+            raise InvalidArgumentError(f"hardware file {path}: gpus.{name}.aliases must be a list of regexes "
+                                       f"(strings), got {aliases!r}", param="hardware_file")
+        for pattern in aliases:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise InvalidArgumentError(f"hardware file {path}: gpus.{name}.aliases: {pattern!r} is not a "
+                                           f"valid regex ({e})", param="hardware_file") from e
+        merged["aliases"] = tuple(aliases)
         try:
             out[name] = GpuSpec(**merged)
         except TypeError as e:
@@ -104,15 +116,30 @@ _NUMBERS = ("memory_gib", "hbm_gb_s", "bf16_tflops", "link_gb_s", "link_latency_
             "layer_overhead_us", "layer_overhead_pdl_us")
 
 
+# what the planner divides by (0 was a ZeroDivisionError traceback, inf an OverflowError one)
+_POSITIVE = ("memory_gib", "hbm_gb_s", "bf16_tflops", "link_gb_s", "inter_node_gb_s", "gpus_per_node")
+
+
 def _check_numbers(spec: GpuSpec, path: Path) -> None:
-    """Every numeric field a number >= 0 (a string would fail later as a TypeError deep in the prediction)."""
+    """Every numeric field a finite number >= 0 (a string would fail later as a TypeError deep in the
+    prediction), > 0 where the planner divides by it, gpus_per_node whole, efficiency a fraction of the peak in
+    (0, 1] as --efficiency (above 1 predicted faster than the roofline)."""
+    def bad(key: str, value: object, must: str) -> InvalidArgumentError:
+        return InvalidArgumentError(f"hardware file {path}: gpus.{spec.name}.{key} must be {must}, got {value!r}",
+                                    param="hardware_file")
+
     for key in _NUMBERS:
         value = getattr(spec, key)
         if value is None and key in ("fp8_tflops", "layer_overhead_pdl_us"):
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise InvalidArgumentError(f"hardware file {path}: gpus.{spec.name}.{key} must be a number >= 0, got "
-                                       f"{value!r}", param="hardware_file")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise bad(key, value, "a number >= 0")
+        if key in _POSITIVE and not value > 0:
+            raise bad(key, value, "a number > 0")
+    if spec.gpus_per_node != int(spec.gpus_per_node):
+        raise bad("gpus_per_node", spec.gpus_per_node, "a whole number")
+    if not 0 < spec.efficiency <= 1:
+        raise bad("efficiency", spec.efficiency, "a fraction of the GPU's peak in (0, 1]")
 
 
 def get_gpu(name: str, catalog: dict[str, GpuSpec] | None = None) -> GpuSpec:

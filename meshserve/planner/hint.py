@@ -55,6 +55,38 @@ def more_gpus_hint(r: PlanRequest, max_len: int) -> str:
     return ""
 
 
+def smaller_dtype_hint(r: PlanRequest, max_len: int) -> str:
+    """'--dtype D --num-gpus N ...': the widest weight dtype narrower than the plan's that fits on the fewest GPUs
+    (up to MAX_NODES nodes), or ''."""
+    from meshserve.planner.memory import WEIGHT_DTYPE_BYTES
+    from meshserve.planner.plan import make_plan  # (plan imports this module)
+
+    current = WEIGHT_DTYPE_BYTES[r.weight_dtype or r.model.checkpoint_dtype]
+    for dtype in sorted((d for d, b in WEIGHT_DTYPE_BYTES.items() if b < current and d != "int8"),
+                        key=lambda d: -WEIGHT_DTYPE_BYTES[d]):
+        quantized = dataclasses.replace(r, weight_dtype=dtype)
+        if make_plan(quantized, hint=False).best is not None:
+            return f"--dtype {dtype} fits on these {r.num_gpus} GPUs"
+        more = more_gpus_hint(quantized, max_len)
+        if more:
+            return f"--dtype {dtype} {more}"
+    return ""
+
+
 def no_fit_hint(r: PlanRequest, max_len: int, too_big: list[MemoryBreakdown]) -> str:
-    """What would fit, in one line: a shorter max_model_len, more GPUs, or both; '' when neither does."""
-    return "; or ".join(h for h in (shorter_len_hint(r, max_len, too_big), more_gpus_hint(r, max_len)) if h)
+    """What would fit, in one line: a shorter max_model_len, more GPUs, or both; failing those a narrower weight
+    dtype; failing that, a line saying so (it printed no hint at all: the user learnt nothing to do)."""
+    found = "; or ".join(h for h in (shorter_len_hint(r, max_len, too_big), more_gpus_hint(r, max_len)) if h)
+    if found or not too_big:  # nothing too big: a layout rule, not memory, refused (the no-fit line says which)
+        return found
+    dtype = smaller_dtype_hint(r, max_len)
+    if dtype:
+        return dtype
+    from meshserve.planner.memory import weight_bytes
+
+    most = int(r.gpu.gpus_per_node * MAX_NODES)
+    floor = weight_bytes(r.model, "int4") / most / 1e9  # a lower bound: int4, spread evenly, nothing else
+    usable = r.gpu.memory_bytes * r.gpu_memory_utilization / 1e9
+    return (f"nothing fits on up to {most:,} {r.gpu.name} GPUs ({MAX_NODES} nodes) at any --max-model-len or "
+            f"--dtype (int4 weights spread evenly over {most:,}: {floor:,.1f} GB per GPU, {usable:,.1f} GB usable): "
+            f"plan a GPU with more memory (--gpu, --list-gpus) or a smaller model")

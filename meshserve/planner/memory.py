@@ -147,7 +147,9 @@ def activation_bytes(model: ModelSpec, layout: Layout, max_batched_tokens: int =
         moe_width = model.moe_intermediate_size / (1 if layout.ep > 1 else tp)
         mlp = max(mlp, 3 * model.experts_per_token * moe_width)
     per_token = 2 * model.hidden_size + max(qkv, mlp)
-    logits = max_num_seqs * model.vocab_size / tp * 4
+    # one row per sequence sampled in a step, and a step schedules at most max_batched_tokens tokens
+    # (--max-num-seqs 100000 sized 51 TB of logits for the 8B: "no fit" on any number of GPUs)
+    logits = min(max_num_seqs, max_batched_tokens) * model.vocab_size / tp * 4
     return max_batched_tokens * per_token * 2 + logits
 
 

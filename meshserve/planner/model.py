@@ -11,6 +11,7 @@ and v); its KV cache holds one latent + rotary key per token and layer, whatever
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,46 +201,99 @@ def _checkpoint_dtype(cfg: dict) -> str:
     return _DTYPE_NAMES.get(str(cfg.get("torch_dtype", "bfloat16")), "bf16")
 
 
+_MAX_FIELD = 1 << 31  # past any real shape; 1e30 printed a 1e53-parameter "no fit"
+
+
+def _whole(cfg: dict, key: str, name: str, default: int = 0) -> int:
+    """cfg[key] as a whole number >= 0, `default` when absent, null or 0 (HF's "unset"); anything else (a string,
+    a fraction, NaN, a negative or absurd size) is one line naming the field, not a traceback or a plan of
+    negative bytes."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -math.inf < value < math.inf \
+            or value != int(value):
+        raise InvalidArgumentError(f"{name}: config.json's {key} must be a whole number, got {value!r}",
+                                   param="model")
+    if value < 0:
+        raise InvalidArgumentError(f"{name}: config.json's {key} must be >= 0, got {value!r}", param="model")
+    if value >= _MAX_FIELD:
+        raise InvalidArgumentError(f"{name}: config.json's {key} of {value:,} is past any model's (at most "
+                                   f"{_MAX_FIELD - 1:,})", param="model")
+    return int(value) or default
+
+
 def model_from_config(cfg: dict, name: str = "model") -> ModelSpec:
     """A ModelSpec from the fields of an HF config.json (Llama-style decoders, dense or MoE)."""
+    def bad(what: str) -> InvalidArgumentError:
+        return InvalidArgumentError(f"{name}: config.json's {what}", param="model")
+
+    if not isinstance(cfg, dict):
+        raise InvalidArgumentError(f"{name}: config.json must be a JSON object of fields, got "
+                                   f"{type(cfg).__name__}", param="model")
     if "text_config" in cfg and "hidden_size" not in cfg:
+        if not isinstance(cfg["text_config"], dict):
+            raise bad(f"text_config must be an object, got {type(cfg['text_config']).__name__}")
         cfg = {**cfg["text_config"], "quantization_config": cfg.get("quantization_config")}
-    try:
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
-        layers = int(cfg["num_hidden_layers"])
-        vocab = int(cfg["vocab_size"])
-    except KeyError as e:
-        raise InvalidArgumentError(f"{name}: config.json lacks a usable field {e}") from e
-    except (TypeError, ValueError) as e:
-        raise InvalidArgumentError(f"{name}: config.json has a field that is not a whole number ({e})") from e
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
+        if cfg.get(key) is None:
+            raise InvalidArgumentError(f"{name}: config.json lacks a usable field '{key}'", param="model")
+    hidden, heads, layers, vocab = (_whole(cfg, k, name) for k in ("hidden_size", "num_attention_heads",
+                                                                    "num_hidden_layers", "vocab_size"))
     for key, value in (("hidden_size", hidden), ("num_attention_heads", heads), ("num_hidden_layers", layers),
                        ("vocab_size", vocab)):
         if value < 1:  # 0 divides by zero in the head dimension and every per-layer figure
-            raise InvalidArgumentError(f"{name}: config.json's {key} must be >= 1, got {value}")
+            raise bad(f"{key} must be >= 1, got {value}")
+    for key in ("quantization_config", "rope_scaling"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise bad(f"{key} must be an object, got {cfg[key]!r}")
+    for key in ("tie_word_embeddings", "attention_bias", "use_sliding_window"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise bad(f"{key} must be true or false, got {cfg[key]!r}")
     model_type = str(cfg.get("model_type", ""))
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-    mla = int(cfg.get("kv_lora_rank") or 0)
-    nope, rope, v_dim = (int(cfg.get(k) or 0) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    kv_heads = _whole(cfg, "num_key_value_heads", name, heads)
+    head_dim = _whole(cfg, "head_dim", name, hidden // heads)
+    mla = _whole(cfg, "kv_lora_rank", name)
+    nope, rope, v_dim = (_whole(cfg, k, name) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
     if mla:
+        if nope + rope < 1 or v_dim < 1:
+            raise bad(f"MLA (kv_lora_rank {mla}) needs qk_nope_head_dim + qk_rope_head_dim >= 1 and v_head_dim >= 1, "
+                      f"got {nope} + {rope} and {v_dim}")
         head_dim = nope + rope  # the query/key width per head (what the attention FLOPs scale with)
         kv_heads = heads
-    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0)
+    elif heads % kv_heads:  # GQA: every KV head serves the same number of query heads (as the engine's layers)
+        raise bad(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if head_dim < 1:
+        raise bad(f"head_dim must be >= 1, got {head_dim} (hidden_size {hidden} / {heads} heads)")
+    experts = (_whole(cfg, "num_local_experts", name) or _whole(cfg, "num_experts", name)
+               or _whole(cfg, "n_routed_experts", name))
+    top_k = _whole(cfg, "num_experts_per_tok", name) if experts else 0
+    if experts and not 1 <= top_k <= experts:
+        raise bad(f"num_experts_per_tok must be 1 to its {experts} experts, got {top_k}")
     moe_ids: tuple[int, ...] = ()
     if experts:
-        step = int(cfg.get("decoder_sparse_step") or 1)
-        dense_only = set(cfg.get("mlp_only_layers") or [])
-        first_dense = int(cfg.get("first_k_dense_replace") or 0)
+        step = _whole(cfg, "decoder_sparse_step", name, 1)
+        dense_only = cfg.get("mlp_only_layers") or []
+        if not isinstance(dense_only, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                       for i in dense_only):
+            raise bad(f"mlp_only_layers must be a list of layer indices, got {dense_only!r}")
+        first_dense = _whole(cfg, "first_k_dense_replace", name)
         moe_ids = tuple(i for i in range(layers)
-                        if i not in dense_only and i >= first_dense and (i + 1) % step == 0)
+                        if i not in set(dense_only) and i >= first_dense and (i + 1) % step == 0)
+    max_pos = _whole(cfg, "max_position_embeddings", name, 4096)
+    intermediate = _whole(cfg, "intermediate_size", name, 4 * hidden)
+    moe_inter = _whole(cfg, "moe_intermediate_size", name) or _whole(cfg, "intermediate_size", name)
+    if experts and moe_inter < 1:
+        raise bad(f"moe_intermediate_size must be >= 1 for its {experts} experts, got {moe_inter}")
+    if cfg.get("sliding_window") is not None and not isinstance(cfg["sliding_window"], bool):
+        _whole(cfg, "sliding_window", name)  # a negative window held negative tokens: -178,753 concurrent
     window = cfg.get("sliding_window")
-    use_window = isinstance(window, int) and cfg.get("use_sliding_window", True) and window < int(
-        cfg.get("max_position_embeddings") or 1 << 30)
+    use_window = isinstance(window, int) and not isinstance(window, bool) and window >= 1 and cfg.get(
+        "use_sliding_window", True) and window < max_pos
     return ModelSpec(
         name=name,
         hidden_size=hidden,
-        intermediate_size=int(cfg.get("intermediate_size") or 4 * hidden),
+        intermediate_size=intermediate,
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
@@ -247,14 +301,13 @@ def model_from_config(cfg: dict, name: str = "model") -> ModelSpec:
         vocab_size=vocab,
         # HF's default for tie_word_embeddings is True; Llama-style configs state it when False.
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+        max_position_embeddings=max_pos,
         num_experts=experts,
-        experts_per_token=int(cfg.get("num_experts_per_tok") or 0) if experts else 0,
-        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or 0)
-        if experts else 0,
-        shared_expert_intermediate_size=(int(cfg.get("shared_expert_intermediate_size") or 0)  # Qwen2-MoE
-                                         or int(cfg.get("n_shared_experts") or 0)  # DeepSeek
-                                         * int(cfg.get("moe_intermediate_size") or 0)) if experts else 0,
+        experts_per_token=top_k,
+        moe_intermediate_size=moe_inter if experts else 0,
+        shared_expert_intermediate_size=(_whole(cfg, "shared_expert_intermediate_size", name)  # Qwen2-MoE
+                                         or _whole(cfg, "n_shared_experts", name)  # DeepSeek
+                                         * _whole(cfg, "moe_intermediate_size", name)) if experts else 0,
         num_moe_layers=len(moe_ids),
         moe_layer_ids=moe_ids,
         attention_bias=bool(cfg.get("attention_bias", model_type in ("qwen2", "qwen2_moe"))),
@@ -262,7 +315,7 @@ def model_from_config(cfg: dict, name: str = "model") -> ModelSpec:
         sliding_window=int(window) if use_window else None,
         checkpoint_dtype=_checkpoint_dtype(cfg),
         kv_lora_rank=mla,
-        q_lora_rank=int(cfg.get("q_lora_rank") or 0) if mla else 0,
+        q_lora_rank=_whole(cfg, "q_lora_rank", name) if mla else 0,
         qk_nope_head_dim=nope if mla else 0,
         qk_rope_head_dim=rope if mla else 0,
         v_head_dim=v_dim if mla else 0,

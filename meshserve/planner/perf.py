@@ -298,15 +298,17 @@ def roofline(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, *
     """(decode tok/s ceiling, weight bytes per GPU per step): every GPU streams its weights at full HBM
     bandwidth once per step (PP: once per step in flight, each over its share of the batch), and never beats
     its peak FLOP/s."""
-    batch = math.ceil(concurrency / layout.dp)
-    d = min(steps_in_flight(layout, pipeline_depth), max(1, batch))  # no empty steps in flight (itl_s)
+    batch = max(1, math.ceil(concurrency / layout.dp))
+    seqs = max(1, concurrency)  # the sequences there are: 1 on DP=8 is one replica's tokens, not dp x batch
+    d = min(steps_in_flight(layout, pipeline_depth), batch)  # no empty steps in flight (itl_s)
     micro = math.ceil(batch / d)
     per_gpu = max(weight_bytes_moved(model, layout, stage_shard(model, layout, s, weight_dtype), micro)
                   for s in range(layout.pp))
     step = d * per_gpu / gpu.hbm_bytes_per_s
-    bandwidth_bound = layout.dp * batch / step
+    bandwidth_bound = seqs / step
     flops_per_token = 2 * (model.body_matmul_params + model.head_matmul_params)
-    compute_bound = layout.num_gpus * gpu.flops_per_s(weight_dtype) / flops_per_token
+    busy_gpus = min(layout.dp, seqs) * layout.gpus_per_replica  # an idle replica adds no FLOP/s
+    compute_bound = busy_gpus * gpu.flops_per_s(weight_dtype) / flops_per_token
     return min(bandwidth_bound, compute_bound), per_gpu
 
 
@@ -330,10 +332,13 @@ def predict(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, wo
     cycle = workload.output_len * itl + prefill_s(model, layout, gpu, batch, workload.input_len,
                                                   weight_dtype=weight_dtype, efficiency=eff, pipelined=True,
                                                   gpus_per_node=per_node)
-    output = layout.dp * batch * workload.output_len / cycle
+    # the replicas hold `concurrency` sequences in all, the fullest `batch` of them (its ITL and cycle are the
+    # slowest): dp x batch tokens a step only when dp divides the concurrency
+    seqs = max(1, concurrency)
+    output = seqs * workload.output_len / cycle
     # the hand-off splits the batch over pp steps whatever the depth: pp passes of the weights per batch
     roof, roof_bytes = roofline(model, layout, gpu, concurrency, weight_dtype=weight_dtype,
                                 pipeline_depth=layout.pp if host.token_handoff else pipeline_depth)
     return Prediction(concurrency=concurrency, batch_per_replica=batch, ttft_s=ttft, itl_s=itl,
-                      decode_tok_per_s=layout.dp * batch / itl, output_tok_per_s=output,
+                      decode_tok_per_s=seqs / itl, output_tok_per_s=output,
                       roofline_tok_per_s=roof, roofline_bytes_per_gpu=roof_bytes, step=step)

@@ -34,6 +34,19 @@ def test_bad_plan_flags_are_one_line(flags, message, capsys):
     ("gpus = 3\n", "[gpus] and [defaults] must be tables"),
     ('[gpus.H200]\nhbm_gb_s = "fast"\n', "gpus.H200.hbm_gb_s must be a number >= 0, got 'fast'"),
     ("[gpus.H200]\nmemory_gib = -1\n", "gpus.H200.memory_gib must be a number >= 0, got -1"),
+    # what the planner divides by: 0 was a ZeroDivisionError traceback, inf an OverflowError one
+    ("[gpus.H200]\nhbm_gb_s = 0\n", "gpus.H200.hbm_gb_s must be a number > 0, got 0"),
+    ("[gpus.H200]\nbf16_tflops = 0\n", "gpus.H200.bf16_tflops must be a number > 0, got 0"),
+    ("[gpus.H200]\ngpus_per_node = 0\n", "gpus.H200.gpus_per_node must be a number > 0, got 0"),
+    ("[gpus.H200]\ninter_node_gb_s = 0\n", "gpus.H200.inter_node_gb_s must be a number > 0, got 0"),
+    ("[gpus.H200]\nmemory_gib = inf\n", "gpus.H200.memory_gib must be a number >= 0, got inf"),
+    ("[gpus.H200]\nhbm_gb_s = nan\n", "gpus.H200.hbm_gb_s must be a number >= 0, got nan"),
+    ("[gpus.H200]\ngpus_per_node = 2.5\n", "gpus.H200.gpus_per_node must be a whole number, got 2.5"),
+    # above 1 it predicted decode faster than the roofline (--efficiency refuses it)
+    ("[gpus.H200]\nefficiency = 3.0\n", "gpus.H200.efficiency must be a fraction of the GPU's peak in (0, 1]"),
+    ("[gpus.H200]\nefficiency = 0\n", "gpus.H200.efficiency must be a fraction of the GPU's peak in (0, 1]"),
+    ("[gpus.H200]\naliases = 5\n", "gpus.H200.aliases must be a list of regexes (strings), got 5"),
+    ('[gpus.H200]\naliases = ["H200("]\n', "gpus.H200.aliases: 'H200(' is not a valid regex"),
 ])
 def test_a_malformed_hardware_file_is_one_line(toml, message, tmp_path, capsys):
     path = tmp_path / "gpus.toml"
@@ -53,3 +66,16 @@ def test_a_max_model_len_beyond_the_model_s_context_is_refused(capsys):
     assert main(["plan", "smollm2-135m", "--max-model-len", "100000"]) == 2
     assert "--max-model-len 100,000 exceeds smollm2-135m's context of 8,192 tokens" in capsys.readouterr().err
     assert main(["plan", "smollm2-135m", "--max-model-len", "8192"]) == 0
+
+
+def test_an_empty_gpu_name_is_refused_not_detected(capsys):
+    """`--gpu ""` (an unset shell variable) planned silently for the detected or default GPU."""
+    assert main(["plan", "smollm2-135m", "--gpu", ""]) == 2
+    assert "unknown GPU ''; known: " in capsys.readouterr().err
+
+
+def test_a_huge_max_num_seqs_still_plans(capsys):
+    """Its logits were sized per sequence past the step's token budget: 51 TB for the 8B at 10^8, no fit and no
+    hint."""
+    assert main(["plan", "llama-3.1-8b", "--gpu", "H200", "--max-num-seqs", "100000000"]) == 0
+    assert "TP=1: the only layout that fits" in capsys.readouterr().out

@@ -45,3 +45,20 @@ def test_cli_and_auto_show_the_hint(capsys):
     with pytest.raises(InvalidArgumentError, match="--max-model-len 23552") as e:
         choose_layout_for_visible_gpus("llama-3.1-8b", ["NVIDIA L4"])
     assert "\n" not in str(e.value)
+
+
+def test_no_fit_at_any_length_or_gpu_count_still_says_what_to_do():
+    """Past what doubling the GPUs (16 nodes) or shortening the context can hold, the report had no hint at all:
+    now a narrower --dtype that fits (checked by planning it), else a line saying nothing fits and why."""
+    from meshserve.models.presets import PRESETS
+    from meshserve.planner.model import model_from_config
+
+    base = {**PRESETS["llama-3.1-405b"], "max_position_embeddings": 8192}
+    big = model_from_config({**base, "num_hidden_layers": 504}, name="big")  # 1.6 T parameters: 3.2 TB in bf16
+    r = make_plan(PlanRequest(model=big, gpu=get_gpu("L4"), num_gpus=8))
+    assert r.best is None and r.hint == "--dtype fp8 --num-gpus 128 --nodes 16 fits max_model_len 8,192 (TP=8×PP=16)"
+    giant = model_from_config({**base, "num_hidden_layers": 20000}, name="giant")  # 64 T: 32 TB even in int4
+    r = make_plan(PlanRequest(model=giant, gpu=get_gpu("H200"), num_gpus=8))
+    assert r.best is None and r.hint.startswith("nothing fits on up to 128 H200 GPUs (16 nodes) at any "
+                                                "--max-model-len or --dtype (int4 weights spread evenly over 128: ")
+    assert "GB per GPU, 135.7 GB usable): plan a GPU with more memory" in r.hint

@@ -99,3 +99,18 @@ def test_pipeline_stages_count_their_own_moe_layers():
     # and the most loaded stage is what a GPU of the layout must hold
     mem = memory_per_gpu(m, Layout(tp=8, pp=2), get_gpu("H200"), 4096, weight_dtype="fp8")
     assert mem.weights == shards[1].weight_bytes
+
+
+def test_logits_are_sized_for_the_sequences_a_step_can_sample():
+    """A step samples one row per scheduled sequence, at most max_batched_tokens of them: --max-num-seqs 100000
+    sized 100,000 x 128,256 x 4 B = 51 GB of logits for the 8B (on one H200: 393 concurrent where 673 fit), 10^8
+    51 TB, a "no fit" on any number of GPUs."""
+    from meshserve.planner.memory import activation_bytes
+
+    m = load_model("llama-3.1-8b")
+    capped = activation_bytes(m, Layout(), max_batched_tokens=8192, max_num_seqs=100_000)
+    assert capped == activation_bytes(m, Layout(), max_batched_tokens=8192, max_num_seqs=8192)
+    assert capped < 6e9
+    # below the token budget the sequences decide, as before
+    small = activation_bytes(m, Layout(), max_batched_tokens=8192, max_num_seqs=256)
+    assert capped - small == pytest.approx((8192 - 256) * 128256 * 4)

@@ -78,3 +78,37 @@ def test_moe_layer_positions_follow_the_config():
     m = model_from_config(cfg)
     assert m.moe_layer_ids == (1, 5, 7) and m.num_moe_layers == 3
     assert [m.moe_layers_in(0, 4), m.moe_layers_in(4, 8)] == [1, 2]
+
+
+@pytest.mark.parametrize("fields,message", [
+    # each was a traceback (ValueError, TypeError, AttributeError, ZeroDivisionError) or a plan of nonsense
+    ({"num_key_value_heads": "x"}, "num_key_value_heads must be a whole number, got 'x'"),
+    ({"intermediate_size": "x"}, "intermediate_size must be a whole number, got 'x'"),
+    ({"hidden_size": True}, "hidden_size must be a whole number, got True"),
+    ({"hidden_size": 4096.7}, "hidden_size must be a whole number, got 4096.7"),
+    ({"hidden_size": 10**30}, "hidden_size of 1,000,000,000,000,000,000,000,000,000,000 is past any model's"),
+    ({"num_key_value_heads": -8}, "num_key_value_heads must be >= 0, got -8"),  # -131,072 KV bytes/token
+    ({"head_dim": -128}, "head_dim must be >= 0, got -128"),  # -731 concurrent
+    ({"sliding_window": -5}, "sliding_window must be >= 0, got -5"),  # -178,753 concurrent
+    ({"num_key_value_heads": 5}, "num_attention_heads 32 is not a multiple of num_key_value_heads 5"),
+    ({"num_key_value_heads": 64}, "num_attention_heads 32 is not a multiple of num_key_value_heads 64"),
+    ({"num_local_experts": 8, "num_experts_per_tok": 16}, "num_experts_per_tok must be 1 to its 8 experts, got 16"),
+    ({"num_local_experts": 8, "num_experts_per_tok": 0}, "num_experts_per_tok must be 1 to its 8 experts, got 0"),
+    ({"num_local_experts": -8}, "num_local_experts must be >= 0, got -8"),  # -42.71 B parameters
+    ({"num_local_experts": 8, "num_experts_per_tok": 2, "mlp_only_layers": 3}, "mlp_only_layers must be a list"),
+    ({"quantization_config": "fp8"}, "quantization_config must be an object, got 'fp8'"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),  # read as tied
+    ({"kv_lora_rank": 512, "qk_rope_head_dim": 64}, "MLA (kv_lora_rank 512) needs qk_nope_head_dim"),
+])
+def test_a_malformed_config_field_is_one_line(fields, message):
+    cfg = {**PRESETS["llama-3.1-8b"], **fields}
+    with pytest.raises(InvalidArgumentError, match="config.json") as e:
+        model_from_config(cfg, name="my-model")
+    assert message in str(e.value) and str(e.value).startswith("my-model: ") and "\n" not in str(e.value)
+
+
+def test_a_config_that_is_not_an_object_is_one_line(tmp_path):
+    for text, what in (("[]", "list"), ('{"text_config": "x"}', "text_config must be an object")):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(InvalidArgumentError, match=what):
+            load_model(str(tmp_path))

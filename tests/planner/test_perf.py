@@ -287,3 +287,22 @@ def test_quantized_batch1_gemvs_cost_their_own_shortfall():
     assert extra("int4", batch=4) == extra("int4") and extra("int4", batch=5) == 0.0  # the GEMV's rows only
     assert extra("fp8", batch=2) == 0.0
     assert extra("int4", m=load_model("qwen3-30b-a3b")) == 0.0  # MoE layers run their own kernels
+
+
+def test_fewer_sequences_than_replicas_decode_as_fast_as_one_replica():
+    """One sequence on DP=8 decodes on one replica: 1 / ITL tok/s, never above one GPU's weight roofline (it was
+    8 / ITL, 1,833 tok/s for the 8B on 8 H200s at batch 1, and a roofline of 2,391 where one GPU streaming 16.06
+    GB at 4.8 TB/s caps it at 299); 3 sequences on DP=8 are three replicas' tokens, not eight."""
+    m, gpu = load_model("llama-3.1-8b"), get_gpu("H200")
+    one = predict(m, Layout(dp=8), gpu, 1, Workload())
+    single = predict(m, Layout(), gpu, 1, Workload())
+    assert one.decode_tok_per_s == pytest.approx(1 / one.itl_s) == pytest.approx(single.decode_tok_per_s)
+    assert one.output_tok_per_s == pytest.approx(single.output_tok_per_s)
+    assert one.roofline_tok_per_s == pytest.approx(4.8e12 / one.roofline_bytes_per_gpu)
+    assert one.roofline_tok_per_s < 300 and one.decode_tok_per_s <= one.roofline_tok_per_s
+    three = predict(m, Layout(dp=8), gpu, 3, Workload())
+    assert three.decode_tok_per_s == pytest.approx(3 / three.itl_s)
+    assert three.roofline_tok_per_s == pytest.approx(3 * 4.8e12 / three.roofline_bytes_per_gpu)
+    # dp dividing the concurrency is unchanged: dp x batch sequences
+    full = predict(m, Layout(dp=2), gpu, 64, Workload())
+    assert full.decode_tok_per_s == pytest.approx(64 / full.itl_s)

@@ -327,6 +327,11 @@ class EngineArgs:
         spec = parse_speculative_config(self.speculative_config)
         check(spec is None or self.pipeline_parallel_size == 1, "speculative_config",
               "speculative decoding does not run with pipeline parallelism yet")
+        # vLLM's rule; meshserve runs the draft on the target's ranks either way (the same proposals)
+        dtp = spec.draft_tensor_parallel_size if spec is not None else None
+        check(dtp in (None, 1, self.tensor_parallel_size), "speculative_config",
+              f"draft_tensor_parallel_size must be 1 or tensor_parallel_size ({self.tensor_parallel_size}), "
+              f"got {dtp}")
         check(parse_kv_transfer_config(self.kv_transfer_config) is None
               or self.tensor_parallel_size * self.pipeline_parallel_size == 1, "kv_transfer_config",
               "disaggregation runs on one device per instance for now (tensor and pipeline parallel 1)")

@@ -16,8 +16,8 @@ def config_error(flag: str, msg: str, key: str | None = None) -> InvalidArgument
     return InvalidArgumentError(f"{where}: {msg}", param=flag)
 
 
-def config_dict(value: Any, cls: type, flag: str) -> dict:
-    """value (a dict, or a JSON string of an object) as a new dict whose keys are all fields of cls."""
+def config_object(value: Any, flag: str) -> dict:
+    """value (a dict, or a JSON string of an object) as a dict."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -25,6 +25,12 @@ def config_dict(value: Any, cls: type, flag: str) -> dict:
             raise config_error(flag, f"not valid JSON ({e.msg} at character {e.pos})") from None
     if not isinstance(value, dict):
         raise config_error(flag, f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def config_dict(value: Any, cls: type, flag: str) -> dict:
+    """value (a dict, or a JSON string of an object) as a new dict whose keys are all fields of cls."""
+    value = config_object(value, flag)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(value) - known)
     if unknown:

@@ -126,5 +126,5 @@ def create_engine_config(args: EngineArgs) -> tuple[EngineConfig, ModelSource]:
         from meshserve.spec_decode.drafters import check_drafter
 
         check_drafter(config.speculative_config, source.hf_config, max_model_len, args.tensor_parallel_size,
-                      args.pipeline_parallel_size)
+                      args.pipeline_parallel_size, source.tokenizer_dir)
     return config, source

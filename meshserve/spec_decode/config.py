@@ -6,11 +6,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshserve.errors import InvalidArgumentError
-from meshserve.json_config import config_dict, config_error
+from meshserve.json_config import config_dict, config_error, config_object
 
 METHODS = ("ngram", "draft_model", "eagle3")
 PLANNED_METHODS = ("eagle", "medusa", "mtp")  # vLLM names refused with "not supported yet"
 MAX_SPECULATIVE_TOKENS = 32  # beyond this a verify step costs a prefill and acceptance never gets there
+# vLLM keys meshserve has no field for, and what to do instead (the generic "unknown key" line names none)
+VLLM_ONLY_KEYS = {
+    "quantization": "the draft's quantization is read from its checkpoint (quantization_config in config.json)",
+    "max_model_len": "the draft runs to the target's --max-model-len: lower that instead",
+    "revision": "give model as a local checkpoint folder",
+    "code_revision": "give model as a local checkpoint folder",
+    "enforce_eager": "use --enforce-eager (it applies to the draft too)",
+    "speculative_token_tree": "tree drafts are not supported; proposals are one chain",
+}
 
 
 @dataclass
@@ -52,15 +61,20 @@ def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
     """A SpeculativeConfig from a dict, a JSON string or a SpeculativeConfig (None stays None).
 
     Keys are vLLM's; defaults follow vLLM (prompt_lookup_min/max both 5 when neither is set, else the one
-    given); a model without a method means draft_model. Every mistake is one InvalidArgumentError line.
+    given); a model without a method is an EAGLE head when its name says so (as vLLM guesses), else a
+    draft model. Every mistake is one InvalidArgumentError line.
     """
     if value is None or isinstance(value, SpeculativeConfig):
         return value
+    value = config_object(value, "speculative_config")
+    for key, instead in VLLM_ONLY_KEYS.items():
+        if key in value:
+            raise _bad(f"not supported: {instead}", key)
     d = config_dict(value, SpeculativeConfig, "speculative_config")
     if d.get("method") is None:
         if d.get("model") is None:
             raise _bad(f"method is required (one of {', '.join(METHODS)})", "method")
-        d["method"] = "draft_model"
+        d["method"] = _method_from_model_name(d["model"])
     method = d["method"]
     if method in PLANNED_METHODS:
         raise _bad(f"method {method!r} is not supported yet (supported: {', '.join(METHODS)})", "method")
@@ -103,3 +117,11 @@ def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
     if dtp is not None and dtp < 1:
         raise _bad(f"must be >= 1, got {dtp}", "draft_tensor_parallel_size")
     return SpeculativeConfig(**d)
+
+
+def _method_from_model_name(model: Any) -> str:
+    """vLLM's guess for a model without a method: an EAGLE checkpoint by its name, else a draft model."""
+    name = str(model).lower()
+    if "eagle3" in name:
+        return "eagle3"
+    return "eagle" if "eagle-" in name else "draft_model"

@@ -10,6 +10,8 @@ are the draft's argmax (deterministic proposals: verification treats q as one-ho
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import torch
 
@@ -25,31 +27,70 @@ from meshserve.models.loader import ModelSource, build_model, resolve_model_sour
 from meshserve.spec_decode.config import SpeculativeConfig
 
 
+def _bad(msg: str) -> InvalidArgumentError:
+    return InvalidArgumentError(f"speculative_config.model: {msg}", param="speculative_config")
+
+
 def check_draft_model(
-    spec: SpeculativeConfig, target_hf_config, max_model_len: int, tp: int = 1
+    spec: SpeculativeConfig, target_hf_config, max_model_len: int, tp: int = 1,
+    target_tokenizer: str | None = None,
 ) -> ModelSource:
-    """Resolve the draft checkpoint and refuse one that cannot draft for the target (one-line errors)."""
+    """Resolve the draft checkpoint and refuse one that cannot draft for the target: one-line errors that
+    start with speculative_config.model (the loader's own words, e.g. "model not found", read as the target's)."""
     from meshserve.engine.args_check import check_parallel_split
     from meshserve.models.registry import resolve_model_class
 
-    source = resolve_model_source(spec.model)
+    try:
+        source = resolve_model_source(spec.model)
+    except ModelLoadError as e:  # its message names the folder, not which model of the two it is
+        raise ModelLoadError(f"speculative_config.model: {e}") from None
     cfg = source.hf_config
+    archs = getattr(cfg, "architectures", None) or []
+    if any("Eagle3" in a for a in archs):
+        raise _bad(f'{spec.model} is an EAGLE-3 head ({archs[0]}): set "method": "eagle3"')
     if cfg.vocab_size != target_hf_config.vocab_size:
-        raise InvalidArgumentError(
-            f"speculative_config.model: the draft's vocabulary ({cfg.vocab_size} ids) differs from the "
-            f"target's ({target_hf_config.vocab_size}); a draft must share the tokenizer",
-            param="speculative_config",
-        )
-    resolve_model_class(cfg)
+        raise _bad(f"the draft's vocabulary ({cfg.vocab_size} ids) differs from the target's "
+                   f"({target_hf_config.vocab_size}); a draft must share the tokenizer")
+    if not same_tokenizer(source.tokenizer_dir, target_tokenizer):
+        raise _bad(f"the draft's tokenizer ({source.tokenizer_dir}) maps tokens to other ids than the "
+                   f"target's ({target_tokenizer}); a draft must share the tokenizer")
+    try:
+        resolve_model_class(cfg)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"speculative_config.model: {e}") from None
     positions = getattr(cfg, "max_position_embeddings", None) or max_model_len
     if positions < max_model_len:
-        raise InvalidArgumentError(
-            f"speculative_config.model: the draft takes {positions} positions, fewer than max_model_len "
-            f"({max_model_len})",
-            param="speculative_config",
-        )
-    check_parallel_split(cfg, tp, 1, None)
+        raise _bad(f"the draft takes {positions} positions, fewer than max_model_len ({max_model_len}): "
+                   f"set --max-model-len {positions} or use a draft of a longer context")
+    try:
+        check_parallel_split(cfg, tp, 1, None)
+    except InvalidArgumentError as e:
+        raise _bad(f"the draft's {e}") from None
     return source
+
+
+def _token_ids(folder: str | None) -> dict | None:
+    """token -> id of a folder's tokenizer.json (its vocabulary and added tokens), None when unreadable."""
+    path = os.path.join(folder, "tokenizer.json") if folder else ""
+    try:
+        with open(path) as f:
+            tok = json.load(f)
+        vocab = tok["model"]["vocab"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(vocab, list):  # Unigram: [token, score] pairs in id order
+        vocab = {pair[0]: i for i, pair in enumerate(vocab)}
+    return {**vocab, **{t["content"]: t["id"] for t in tok.get("added_tokens") or []}}
+
+
+def same_tokenizer(draft: str | None, target: str | None) -> bool:
+    """Whether two tokenizers agree on every token both know (True when either cannot be read: the vocabulary
+    size check is then all there is). A draft of the same family may know fewer added tokens."""
+    a, b = _token_ids(draft), _token_ids(target)
+    if a is None or b is None:
+        return True
+    shared = a.keys() & b.keys()
+    return len(shared) >= 0.99 * min(len(a), len(b)) and all(a[t] == b[t] for t in shared)
 
 
 class DraftModelProposer:

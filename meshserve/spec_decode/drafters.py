@@ -11,7 +11,8 @@ from meshserve.spec_decode.config import SpeculativeConfig
 
 
 def check_drafter(
-    spec: SpeculativeConfig, target_hf_config, max_model_len: int, tp: int = 1, pp: int = 1
+    spec: SpeculativeConfig, target_hf_config, max_model_len: int, tp: int = 1, pp: int = 1,
+    target_tokenizer: str | None = None,
 ) -> None:
     """Refuse, in one line, a draft checkpoint that cannot draft for the target."""
     if spec.method == "eagle3":
@@ -21,7 +22,7 @@ def check_drafter(
     else:
         from meshserve.spec_decode.draft_model import check_draft_model
 
-        check_draft_model(spec, target_hf_config, max_model_len, tp)
+        check_draft_model(spec, target_hf_config, max_model_len, tp, target_tokenizer)
 
 
 def build_drafter(config: EngineConfig, device: torch.device, target: nn.Module):

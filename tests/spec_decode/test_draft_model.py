@@ -119,3 +119,43 @@ def test_a_draft_without_weights_names_the_draft(tiny_model_dir, tmp_path):
     shutil.copy(f"{tiny_model_dir('llama')}/config.json", folder / "config.json")
     with pytest.raises(ModelLoadError, match=f"^speculative_config.model: no \\*.safetensors weights in {folder}"):
         LLM(model=tiny_model_dir("llama"), speculative_config=_draft(str(folder)))
+
+
+def test_a_missing_draft_folder_names_the_draft(tiny_model_dir):
+    """It read "model not found: /nonexistent ...", as if the target were missing."""
+    with pytest.raises(ModelLoadError, match="^speculative_config.model: model not found: /nonexistent"):
+        LLM(model=tiny_model_dir("llama"), speculative_config=_draft("/nonexistent"))
+
+
+def test_a_draft_with_another_tokenizer_of_the_same_size_is_refused(tiny_model_dir, tmp_path):
+    """Same vocab_size, other ids: every proposal would be rejected (it ran, at the cost of a draft model)."""
+    folder = tmp_path / "draft"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    ids = sorted(vocab.values())
+    tok["model"]["vocab"] = {t: ids[(ids.index(i) + 7) % len(ids)] for t, i in vocab.items()}
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(InvalidArgumentError, match="^speculative_config.model: the draft's tokenizer") as e:
+        LLM(model=tiny_model_dir("llama"), speculative_config=_draft(str(folder)))
+    assert "\n" not in str(e.value)
+
+
+def test_an_eagle3_head_as_a_draft_model_says_which_method(tiny_model_dir, tmp_path):
+    from meshserve.models.loader import load_hf_config
+    from meshserve.spec_decode.eagle3_random_head import head_config, random_head_tensors, write_head
+
+    cfg = load_hf_config(tiny_model_dir("llama"))
+    head = write_head(str(tmp_path / "head"), head_config(cfg, VOCAB), random_head_tensors(cfg, VOCAB))
+    with pytest.raises(InvalidArgumentError, match='is an EAGLE-3 head .*: set "method": "eagle3"'):
+        LLM(model=tiny_model_dir("llama"), speculative_config=_draft(head))
+
+
+def test_a_draft_of_a_shorter_context_names_the_max_model_len_that_fits(tiny_model_dir, tmp_path):
+    folder = tmp_path / "draft"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["max_position_embeddings"] = 64
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidArgumentError, match="fewer than max_model_len .*set --max-model-len 64"):
+        LLM(model=tiny_model_dir("llama"), speculative_config=_draft(str(folder)))

@@ -16,6 +16,7 @@ usage: python tools/bench_mla_prefill.py [--sweep] [--json PATH] [--chunk-tokens
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import json
@@ -243,9 +244,15 @@ def sweep_kernel(kernel, q_lens, seq_lens) -> list[dict]:
 
 
 def main():
-    sweep = "--sweep" in sys.argv
-    out_path = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
-    chunk = int(sys.argv[sys.argv.index("--chunk-tokens") + 1]) if "--chunk-tokens" in sys.argv else None
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", action="store_true", help="also time the kernel's tile configs on each case")
+    p.add_argument("--json", dest="out_path", metavar="PATH", help="write the rows here")
+    p.add_argument("--chunk-tokens", type=int, metavar="N", help="the workspace's chunk (default 8192)")
+    ns = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_mla_prefill: needs a CUDA GPU (it times Triton kernels)")
+    sweep, out_path, chunk = ns.sweep, ns.out_path, ns.chunk_tokens
     shape = WorkspaceShape(chunk or workspace_chunk_tokens(STEP_TOKENS), STEP_TOKENS, HEADS, NOPE, ROPE, V_DIM,
                            RANK, DTYPE)  # fmt: skip
     workspace = MLAPrefillWorkspace(shape, DEV)

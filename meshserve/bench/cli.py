@@ -6,7 +6,8 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: the workloads W1-W3 (latency, throughput, serve) and the engine's parts (host, channel, ...)")
+    bench = sub.add_parser("bench", help="benchmarks: the workloads W1-W3 (latency, throughput, serve) and the "
+                                         "engine's parts (host, channel, ...)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     from meshserve.bench.offline import add_offline_parsers
 

@@ -1,4 +1,4 @@
-"""`meshserve` command line: generate, serve, plan, bench, router and simulate."""
+"""`meshserve` command line: generate, serve, run-batch, plan, bench, router and simulate."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def _raise_keyboard_interrupt(signum, frame):
 # the subcommands registered by other modules, and each one's module (its register(subparsers))
 _SUBCOMMAND_MODULES = {"serve": "meshserve.serve.cli", "plan": "meshserve.planner.cli",
                        "bench": "meshserve.bench.cli", "router": "meshserve.router.cli",
-                       "simulate": "meshserve.simulator.cli"}
+                       "simulate": "meshserve.simulator.cli", "run-batch": "meshserve.entrypoints.run_batch_cli"}
 
 
 def _command_named(argv: list[str]) -> str | None:

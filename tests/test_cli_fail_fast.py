@@ -130,6 +130,7 @@ _PARSE_ONLY = ("import json, sys; from meshserve.cli import build_parser; ns = b
     (["serve", "--port", "8001"], "serve", ["meshserve.serve.cli"]),
     (["--log-level", "INFO", "serve"], "serve", ["meshserve.serve.cli"]),
     (["--log-level=INFO", "router", "--backend", "http://a:1"], "router", ["meshserve.router.cli"]),
+    (["run-batch", "-i", "in.jsonl"], "run-batch", ["meshserve.serve.cli"]),  # it takes serve's flags
 ])
 def test_a_subcommand_s_line_imports_only_that_subcommand_s_module(argv, command, imported):
     """`meshserve serve` waits for its parser before the engine core starts: it builds serve's alone (the
@@ -143,7 +144,7 @@ def test_the_whole_parser_without_a_subcommand_of_another_module():
 
     for argv in ([], ["generate", "Hi"], ["--help"]):
         sub = next(a for a in build_parser(argv)._actions if a.dest == "command")
-        assert sorted(sub.choices) == ["bench", "generate", "plan", "router", "serve", "simulate"]
+        assert sorted(sub.choices) == ["bench", "generate", "plan", "router", "run-batch", "serve", "simulate"]
 
 
 def test_an_unreadable_generation_config_named_by_the_flag_is_refused(tmp_path):

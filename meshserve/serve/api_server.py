@@ -133,10 +133,7 @@ def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket
                       engine_in_thread: bool = False, core_factory: Callable | None = None,
                       on_started: Callable | None = None, data_parallel_size: int = 1) -> int:
     """on_started(core pids, API pids) is called once serving starts (benchmarks watch their CPU time)."""
-    if data_parallel_size > 1:
-        allm = _start_data_parallel(engine_args, data_parallel_size, core_factory)
-    else:
-        allm = _start_engine(engine_args, engine_in_thread, core_factory)
+    allm = start_async_llm(engine_args, engine_in_thread, core_factory, data_parallel_size)
     try:
         if on_started is not None:
             on_started(_core_pids(allm.core_client), [os.getpid()])
@@ -146,6 +143,14 @@ def serve_one_process(engine_args: EngineArgs, config: ServeConfig, sock: socket
         allm.shutdown()
         sock.close()
     return 0
+
+
+def start_async_llm(engine_args: EngineArgs, engine_in_thread: bool = False, core_factory: Callable | None = None,
+                    data_parallel_size: int = 1):
+    """The AsyncLLM one API process serves from, its core(s) started as `serve` starts them."""
+    if data_parallel_size > 1:
+        return _start_data_parallel(engine_args, data_parallel_size, core_factory)
+    return _start_engine(engine_args, engine_in_thread, core_factory)
 
 
 def _start_engine(engine_args: EngineArgs, engine_in_thread: bool, core_factory: Callable | None):

@@ -32,6 +32,13 @@ def register(subparsers) -> None:
                               description="Serve a model over an OpenAI-compatible HTTP API.")
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                    help="model to serve (same as --model); default: the embedded SmolLM2-135M-Instruct")
+    add_serve_args(p)
+    # the parser itself goes along: data parallel rebuilds each replica's flags from it
+    p.set_defaults(func=_cmd_serve, serve_parser=p)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Every flag of `serve` but its MODEL: the server's, the engine's and vLLM's (`run-batch` takes them too)."""
     g = p.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
     g.add_argument("--port", type=int, default=8000)
@@ -84,8 +91,6 @@ def register(subparsers) -> None:
                         "once serving: full collections otherwise stall the event loop 0.1-0.4 s under load)")
     add_engine_args(p)
     add_vllm_compat_args(p)
-    # the parser itself goes along: data parallel rebuilds each replica's flags from it
-    p.set_defaults(func=_cmd_serve, serve_parser=p)
 
 
 def serve_config_from(ns: argparse.Namespace, model: str) -> ServeConfig:

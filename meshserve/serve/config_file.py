@@ -68,11 +68,12 @@ def config_file_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
 def merge_config_file(ns: argparse.Namespace, parser: argparse.ArgumentParser, path: str,
                       argv: list[str] | None = None) -> None:
     """Set on ns what the file sets, except where the command line gave a flag. argv (the whole command line,
-    `serve` and the flags after it, as main() records it): the file's flags are parsed first and the command
-    line's over them, as vLLM does, so a flag given its default value (`--port 8000`) still wins. Without
-    argv, a flag counts as given when its value is not the default."""
+    `serve` (or `run-batch`) and the flags after it, as main() records it): the file's flags are parsed first
+    and the command line's over them, as vLLM does, so a flag given its default value (`--port 8000`) still
+    wins. Without argv, a flag counts as given when its value is not the default."""
     from_file = parser.parse_args(config_file_argv(parser, path))
-    given = argv[argv.index("serve") + 1:] if argv and "serve" in argv else None
+    command = getattr(ns, "command", None) or "serve"  # `run-batch --config FILE` too
+    given = argv[argv.index(command) + 1:] if argv and command in argv else None
     if given is not None:  # argparse sets no default where the namespace holds a value: the rest is the file's
         parser.parse_args(given, namespace=from_file)
     for action in parser._actions:

@@ -19,6 +19,20 @@ PositionLogprobs = dict[int, Logprob]
 
 
 @dataclass
+class SequenceStats:
+    """One sequence's (one choice of one prompt) way through the engine, as vLLM's RequestStateStats: all four
+    times by its core's clock (time.monotonic() there), so its phases are true however late the front end read
+    them, and whichever host the core ran on. max_tokens as resolved for it, n: its prompt's choices."""
+
+    max_tokens: int
+    n: int = 1
+    queued_time: float | None = None  # the core took it in (vLLM's QUEUED event)
+    first_scheduled_time: float | None = None  # a step first included it (vLLM's first SCHEDULED, preemptions not)
+    first_token_time: float | None = None  # the step that gave its first token
+    last_token_time: float | None = None  # the step that gave its last token
+
+
+@dataclass
 class CompletionOutput:
     """One of the n completions of a request. `text` and `token_ids` are cumulative."""
 
@@ -33,6 +47,7 @@ class CompletionOutput:
     # delta's tokens, one per step (several tokens of one step, e.g. accepted proposals, share one), so that
     # inter-token latency is timed between steps as vLLM times it, whatever folding or lag came after
     step_times: list[float] | None = None
+    stats: SequenceStats | None = None  # on the output that finished it: its phases, for the per-request series
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -94,7 +94,7 @@ class FakeEngineCore:
             r.num_out += 1
             out = EngineCoreOutput(rid, [self.rng.randrange(low, high)])
             if r.num_out == 1:
-                out.first_scheduled_time = r.first_scheduled
+                out.first_times = (None, r.first_scheduled)  # (a stand-in: queued at arrival, the front end's)
             if r.num_out >= r.request.max_tokens:
                 out.finish_reason = "length"
                 del self.running[rid]

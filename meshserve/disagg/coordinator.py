@@ -410,7 +410,7 @@ class KVTransferCoordinator:
             seq.request_id,
             new_token_ids=[first_token],
             num_cached_tokens=seq.num_prompt_tokens,
-            first_scheduled_time=seq.first_scheduled_time,
+            first_times=(seq.queued_time, seq.first_scheduled_time),
         )
         self.scheduler.seqs[seq.seq_id] = seq
         self.scheduler._check_token_stop(seq, first_token)  # EOS or max_tokens 1: done already

@@ -515,7 +515,7 @@ class EngineCore:
             num_generated += n
             if len(tokens) == n:
                 out.num_cached_tokens = seq.num_cached_tokens
-                out.first_scheduled_time = seq.first_scheduled_time
+                out.first_times = (seq.queued_time, seq.first_scheduled_time)
             info = logprobs.get(seq.seq_id) if logprobs else None
             if info is not None:
                 out.new_logprobs = [_logprobs_message(info)]

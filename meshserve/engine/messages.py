@@ -48,7 +48,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     new_logprobs: list[TokenLogprobs] | None = None  # one per new token, when logprobs were asked
     new_prompt_logprobs: list[TokenLogprobs] | None = None  # prompt positions scored in this step, in order
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (on the first token's output)
-    first_scheduled_time: float | None = None  # time.monotonic() of its first scheduling (first token only)
+    # (queued, first scheduled): time.monotonic() when the core took it in and when a step first included it, on
+    # the first token's output only (one field: an array_like struct sends every field, defaults as nil bytes)
+    first_times: tuple[float | None, float | None] | None = None
     # a producer's finished request whose KV is held for a consumer: the decode leg's handle (transfer id, this
     # kv rank, the held block ids), as vLLM's prefill answers carry kv_transfer_params
     kv_transfer_params: dict | None = None

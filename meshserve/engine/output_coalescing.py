@@ -31,6 +31,7 @@ def fold_outputs(acc: RequestOutput, new: RequestOutput, kind: RequestOutputKind
             c.logprobs = [*(c.logprobs or []), *d.logprobs]
         c.cumulative_logprob = d.cumulative_logprob
         c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+        c.stats = d.stats or c.stats  # the finishing output's
     if acc.prompt_logprobs is None:
         acc.prompt_logprobs = new.prompt_logprobs
     acc.finished = new.finished

@@ -16,7 +16,14 @@ from typing import Any
 from meshserve.engine.detokenizer import IncrementalDetokenizer
 from meshserve.engine.input_processor import ProcessedRequest
 from meshserve.engine.messages import EngineCoreOutputs, TokenLogprobs
-from meshserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from meshserve.outputs import (
+    CompletionOutput,
+    Logprob,
+    PositionLogprobs,
+    RequestMetrics,
+    RequestOutput,
+    SequenceStats,
+)
 from meshserve.sampling import RequestOutputKind, SamplingParams
 
 
@@ -31,13 +38,15 @@ class _Completion:
         "logprobs",
         "num_sent_chars",
         "num_sent_tokens",
+        "stats",
         "step_times",
         "stop_reason",
         "text",
         "token_ids",
     )
 
-    def __init__(self, index: int, detokenizer: IncrementalDetokenizer | None, want_logprobs: bool):
+    def __init__(self, index: int, detokenizer: IncrementalDetokenizer | None, want_logprobs: bool,
+                 stats: SequenceStats):
         self.index = index
         self.detokenizer = detokenizer
         self.token_ids: list[int] = []
@@ -49,6 +58,7 @@ class _Completion:
         self.num_sent_tokens = 0  # for DELTA outputs: what earlier outputs already carried
         self.num_sent_chars = 0
         self.step_times: list[float] = []  # the core's time of each step with tokens not yet in a DELTA output
+        self.stats = stats
 
     @property
     def finished(self) -> bool:
@@ -59,7 +69,8 @@ class _Completion:
         return CompletionOutput(index=self.index, text=self.text, token_ids=list(self.token_ids),
                                 cumulative_logprob=self.cumulative_logprob if want_lp else None,
                                 logprobs=list(self.logprobs) if want_lp else None,
-                                finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+                                finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+                                stats=self.stats if self.finished else None)
 
     def delta(self) -> CompletionOutput:
         want_lp = self.logprobs is not None
@@ -70,7 +81,7 @@ class _Completion:
                                 cumulative_logprob=self.cumulative_logprob if want_lp else None,
                                 logprobs=self.logprobs[k:] if want_lp else None,
                                 finish_reason=self.finish_reason, stop_reason=self.stop_reason,
-                                step_times=times)
+                                step_times=times, stats=self.stats if self.finished else None)
 
 
 @dataclass
@@ -157,8 +168,8 @@ class OutputProcessor:
         want_lp = params.logprobs is not None
         completions = [
             _Completion(i, IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
-                        if self.tokenizer is not None else None, want_lp)
-            for i in range(params.n)
+                        if self.tokenizer is not None else None, want_lp, SequenceStats(core.max_tokens, params.n))
+            for i, core in enumerate(request.core_requests)
         ]
         state = RequestState(request.request_id, request.prompt, request.prompt_token_ids, params, completions,
                              RequestMetrics(request.arrival_time),
@@ -228,7 +239,15 @@ class OutputProcessor:
             metrics = state.metrics
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
-                metrics.first_scheduled_time = out.first_scheduled_time
+                metrics.first_scheduled_time = out.first_times[1] if out.first_times else None
+            stats = comp.stats
+            if stats.first_token_time is None:  # the core sends its first times with its first token
+                # a core that sends none (a stand-in): queued at the request's arrival, scheduled for that step
+                queued, scheduled = out.first_times or (None, None)
+                stats.queued_time = queued if queued is not None else metrics.arrival_time
+                stats.first_scheduled_time = scheduled if scheduled is not None else step_time
+                stats.first_token_time = step_time
+            stats.last_token_time = step_time
             if comp.index == 0 and not comp.token_ids:
                 state.num_cached_tokens = out.num_cached_tokens
             comp.token_ids.extend(new_ids)

@@ -55,6 +55,7 @@ class Sequence:
     # read as -1 in token_ids_slice until update_after_step appends the real ids to output_token_ids
     num_pending_tokens: int = 0
     first_scheduled_time: float | None = None  # time.monotonic() when a step first included it
+    queued_time: float = field(default_factory=time.monotonic)  # when the core took it in: its queue time's start
     priority: int = 0  # lower runs first under the priority policy (vLLM's convention)
     slo_ttft_s: float | None = None  # this request's targets (None: the server's, if any)
     slo_tpot_s: float | None = None

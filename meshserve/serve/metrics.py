@@ -25,9 +25,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from meshserve.errors import MeshserveError, RetryableError
-from meshserve.outputs import RequestOutput
+from meshserve.outputs import RequestOutput, SequenceStats
 from meshserve.serve import multiprocess_metrics
 from meshserve.serve.frontend_load import ARRIVAL
+from meshserve.serve.request_histograms import RequestHistograms
 from meshserve.serve.request_log import RequestLog, unix_time_of
 
 if TYPE_CHECKING:
@@ -227,7 +228,8 @@ def labelled_counter(name: str, doc: str, label: str, values, registry: Collecto
 class ServerMetrics:
     """All series of one server; `track()` returns a per-request observer."""
 
-    def __init__(self, request_log: RequestLog | None = None) -> None:
+    def __init__(self, request_log: RequestLog | None = None, max_model_len: int | None = None) -> None:
+        """max_model_len: the top of the per-request token histograms' buckets."""
         self.request_log = request_log  # --request-log: a line per served prompt (request_log.py)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -249,6 +251,7 @@ class ServerMetrics:
                              "each sequence's (a choice of a prompt) last token, of sequences that ended by stop "
                              "or length.",
                              buckets=_E2E_BUCKETS, registry=r)
+        self.per_request = RequestHistograms(r, max_model_len)  # vLLM's phase and token histograms
         self.rejected = labelled_counter(
             "meshserve:requests_rejected", "Requests refused with 429/503, by reason (the error code: "
             "server_overloaded, slo_unattainable at arrival, slo_shed from the queue, ...).", "reason",
@@ -310,7 +313,8 @@ class RequestTracker:
 
     Like vLLM's, the per-request series count engine requests: each sequence (one choice of one prompt; vLLM
     runs n choices and a batch's prompts as requests of their own) has its TTFT, its prompt tokens and, when
-    it ends by stop or length, its end-to-end latency. The outcome counter stays one per HTTP request."""
+    it ends by stop or length, its end-to-end latency and per-request histograms (request_histograms.py). The
+    outcome counter stays one per HTTP request."""
 
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
@@ -324,6 +328,7 @@ class RequestTracker:
         self._num_tokens: dict[tuple[int, int], int] = {}  # (prompt index, choice index) -> tokens so far
         self._last_token: dict[tuple[int, int], float] = {}  # (prompt index, choice index) -> its last output
         self._last_step: dict[tuple[int, int], float] = {}  # and the core's time of its last step with tokens
+        self._num_finished: dict[int, int] = {}  # prompt index -> its choices ended by stop or length
         self._done = False
         self.ttft_target_s: float | None = None
         self.tpot_target_s: float | None = None
@@ -347,12 +352,21 @@ class RequestTracker:
                 self._observe_gaps(key, c.token_ids, c.step_times, now)
             if c.finish_reason in ("stop", "length"):
                 self.metrics.e2e.observe(now - self.arrival)
+                self._observe_finished(prompt_index, key, c.stats)
         if new <= 0:
             return
         self.metrics.generation_tokens.inc(new)
         if self._last is None:
             self._first = now
         self._last = now
+
+    def _observe_finished(self, prompt_index: int, key: tuple[int, int], stats: SequenceStats | None) -> None:
+        """A sequence ended by stop or length: its per-request histograms, and its prompt's once all its n ended."""
+        self.metrics.per_request.observe(self._prompt_seen[prompt_index], self._num_tokens[key], stats)
+        done = self._num_finished[prompt_index] = self._num_finished.get(prompt_index, 0) + 1
+        if stats is not None and done == stats.n:
+            most = max(n for (p, _c), n in self._num_tokens.items() if p == prompt_index)
+            self.metrics.per_request.observe_prompt(stats.n, most)
 
     def _observe_gaps(self, key: tuple[int, int], token_ids: list[int], step_times: list[float] | None,
                       now: float) -> None:

@@ -117,14 +117,14 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     """The OpenAI-compatible app around a running AsyncLLM."""
     state = state or ServerState()
     client = EngineClient(async_llm, config)
-    metrics = ServerMetrics(RequestLog(config.request_log) if config.request_log else None)
+    max_model_len = config.max_model_len or client.max_model_len
+    metrics = ServerMetrics(RequestLog(config.request_log) if config.request_log else None, max_model_len)
     metrics.watch_admission_margin(async_llm.admission_margin)
     completions = CompletionService(client, config, metrics)
     chat = ChatService(client, config, metrics)
     store = ResponseStore(config.responses_store_size) if config.responses_store_size else None
     responses = ResponsesService(chat, store)
     tokenizer = TokenizeService(client, config)
-    max_model_len = config.max_model_len or client.max_model_len
 
     docs = {"openapi_url": None, "docs_url": None, "redoc_url": None} if config.disable_fastapi_docs else {}
     app = FastAPI(title="meshserve", version=__version__, **docs,

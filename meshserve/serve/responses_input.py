@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from meshserve.errors import InvalidArgumentError
 from meshserve.serve.protocol import ChatCompletionRequest
+from meshserve.serve.responses_logprobs import wants_logprobs
 from meshserve.serve.responses_protocol import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -37,12 +38,6 @@ def reject_unsupported(req: ResponsesRequest) -> None:
     if req.background:
         raise InvalidArgumentError("background is not supported: responses are not stored to be polled",
                                    param="background")
-    if req.top_logprobs:
-        raise InvalidArgumentError("top_logprobs is not supported by /v1/responses yet; /v1/chat/completions "
-                                   "returns logprobs", param="top_logprobs")
-    if req.include and "message.output_text.logprobs" in req.include:  # ignored, it would answer `logprobs: []`
-        raise InvalidArgumentError("include message.output_text.logprobs is not supported by /v1/responses yet; "
-                                   "/v1/chat/completions returns logprobs", param="include")
 
 
 def input_items(req: ResponsesRequest) -> list[InputItem]:
@@ -102,6 +97,9 @@ def chat_request_of(req: ResponsesRequest, earlier: Sequence[InputItem] = ()) ->
         "parallel_tool_calls": req.parallel_tool_calls,
         "response_format": _response_format(req),
         "seed": req.seed,
+        # every output token's logprob: the message's own are picked out of them (responses_logprobs.py)
+        "logprobs": wants_logprobs(req) or None,
+        "top_logprobs": req.top_logprobs if wants_logprobs(req) else None,
         "top_k": req.top_k,
         "min_p": req.min_p,
         "repetition_penalty": req.repetition_penalty,

@@ -9,6 +9,7 @@ its last item: the one that was being written.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from meshserve.outputs import RequestOutput
 from meshserve.sampling import SamplingParams
@@ -35,10 +36,11 @@ def new_item_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def message_item(text: str | None, status: ItemStatus) -> OutputMessage:
+def message_item(text: str | None, status: ItemStatus,
+                 logprobs: list[dict[str, Any]] | None = None) -> OutputMessage:
     """An assistant message; text None: opened, nothing written yet (the stream's output_item.added)."""
     return OutputMessage(id=new_item_id("msg"), status=status,
-                         content=[] if text is None else [OutputText(text=text)])
+                         content=[] if text is None else [OutputText(text=text, logprobs=logprobs or [])])
 
 
 def reasoning_item(text: str | None, status: ItemStatus) -> OutputReasoning:
@@ -64,6 +66,7 @@ def in_progress(req: ResponsesRequest, response_id: str, model: str, params: Sam
     return ResponseObject(
         id=response_id, status="in_progress", model=model, instructions=req.instructions,
         max_output_tokens=req.max_output_tokens, temperature=params.temperature, top_p=params.top_p,
+        top_logprobs=req.top_logprobs,
         tools=req.tools or [], tool_choice=req.tool_choice if req.tool_choice is not None else "auto",
         parallel_tool_calls=req.parallel_tool_calls,
         text=req.text if req.text is not None and req.text.format is not None

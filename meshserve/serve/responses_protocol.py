@@ -2,10 +2,10 @@
 and the response object with its output items. Shapes follow `openai.types.responses`, as vLLM serves them.
 
 As in protocol.py, unknown fields are ignored and parameters that would change the answer but are not
-implemented (conversation, prompt templates, background, top_logprobs and include of logprobs, tools other
-than functions, input other than text; previous_response_id without a store) are refused with a 400 naming
-them. Input items and tools are checked before their union is parsed, so a bad one gets one sentence naming its
-index and type rather than pydantic's error per union branch.
+implemented (conversation, prompt templates, background, tools other than functions, input other than text;
+previous_response_id without a store) are refused with a 400 naming them. Input items and tools are checked
+before their union is parsed, so a bad one gets one sentence naming its index and type rather than pydantic's
+error per union branch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
-from meshserve.serve.protocol import _INT64_MAX, _INT64_MIN, OpenAIModel, ServiceLevel
+from meshserve.serve.protocol import _INT64_MAX, _INT64_MIN, MAX_LOGPROBS, OpenAIModel, ServiceLevel
 
 
 # -- input items ------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ class TextConfig(OpenAIModel):
 
 # -- request ----------------------------------------------------------------------------------------
 # OpenAI's `include` values: an unknown one is a 400, as OpenAI's. Those of tools and inputs this server refuses,
-# and encrypted reasoning (it has none), add nothing; output logprobs are refused (responses_input.py).
+# and encrypted reasoning (it has none), add nothing; output text logprobs are given (responses_logprobs.py).
 Includable = Literal["file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
                      "message.input_image.image_url", "computer_call_output.output.image_url",
                      "code_interpreter_call.outputs", "reasoning.encrypted_content", "message.output_text.logprobs"]
@@ -166,12 +166,13 @@ class ResponsesRequest(OpenAIModel):
     text: TextConfig | None = None
     truncation: Literal["auto", "disabled"] | None = None  # "auto" is accepted: a too-long input is a 400
     include: list[Includable] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description="alternatives of each output text token (responses_logprobs.py)")
     # OpenAI parameters not implemented: a request that uses them is refused (400), never answered differently
     previous_response_id: str | None = Field(None, description="needs --responses-store-size (else a 400)")
     conversation: str | dict[str, Any] | None = Field(None, description="not supported: no conversation state")
     prompt: dict[str, Any] | None = Field(None, description="not supported: no stored prompt templates")
     background: bool | None = Field(None, description="not supported beyond false")
-    top_logprobs: int | None = Field(None, description="not supported beyond 0")
     # vLLM's sampling extensions of this endpoint
     seed: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX - 128)
     top_k: int | None = Field(None, ge=-1)
@@ -301,6 +302,7 @@ class ResponseObject(OpenAIModel):
     max_output_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_logprobs: int | None = None
     tools: list[FunctionTool] = Field(default_factory=list)
     tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice = "auto"
     parallel_tool_calls: bool = True

@@ -7,7 +7,8 @@ whole response. Items come one after another: with --reasoning-parser the reason
 content_part.added, then output_text.delta events); a tool call closes it (output_text.done,
 content_part.done, output_item.done) and opens a function_call item whose arguments arrive as
 function_call_arguments.delta events. The items built here are the ones the final response carries, so
-their ids and texts agree with what was streamed.
+their ids and texts agree with what was streamed. With logprobs asked (responses_logprobs.py) each
+output_text.delta carries those of the tokens that wrote its text, output_text.done the whole part's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from meshserve.serve.errors import error_payload
 from meshserve.serve.protocol import DeltaToolCall
+from meshserve.serve.responses_logprobs import TextLogprobs
 from meshserve.serve.responses_output import (
     finished,
     function_call_item,
@@ -45,8 +47,9 @@ def _dump(model) -> dict[str, Any]:
 class ResponseEvents:
     """One response's events: the sequence numbers, and its output items as far as they are written."""
 
-    def __init__(self, base: ResponseObject):
+    def __init__(self, base: ResponseObject, logprobs: TextLogprobs | None = None):
         self.base = base
+        self.logprobs = logprobs  # the output's token logprobs, when asked for
         self.sequence_number = 0
         self.items: list[OutputMessage | OutputFunctionCall | OutputReasoning] = []
         self.thought: OutputReasoning | None = None  # the reasoning being written, if any
@@ -124,14 +127,19 @@ class ResponseEvents:
             delta, self.pending_space = self.pending_space + delta, ""
         events = self._open_message() if self.message is None else []
         assert self.message is not None
-        self.message.content[0].text += delta
+        part = self.message.content[0]
+        part.text += delta
+        logprobs = self.logprobs.take(len(part.text)) if self.logprobs is not None else []
+        part.logprobs += logprobs
         events.append(self._event("response.output_text.delta", item_id=self.message.id,
-                                  output_index=self._index(self.message), content_index=0, delta=delta, logprobs=[]))
+                                  output_index=self._index(self.message), content_index=0, delta=delta,
+                                  logprobs=logprobs))
         return events
 
     def _close_message(self, incomplete: bool) -> list[str]:
         m, self.message = self.message, None
-        return [] if m is None else self._close_text_item(m, incomplete, "response.output_text.done", logprobs=[])
+        return [] if m is None else self._close_text_item(m, incomplete, "response.output_text.done",
+                                                          logprobs=m.content[0].logprobs)
 
     # -- tool calls ------------------------------------------------------------------------------
     def call(self, delta: DeltaToolCall) -> list[str]:

@@ -17,6 +17,7 @@ from meshserve.outputs import RequestOutput
 from meshserve.serve.metrics import RequestTracker, outcome_of
 from meshserve.serve.responses_input import chat_request_of, in_responses_terms, input_items
 from meshserve.serve.responses_items import input_item_list
+from meshserve.serve.responses_logprobs import TextLogprobs, message_start
 from meshserve.serve.responses_output import (
     finished,
     function_call_item,
@@ -102,16 +103,18 @@ class ResponsesService:
         keep = self.store is not None and req.store is not False  # OpenAI's default is to store
         base = in_progress(req, response_id, started.model, started.params, stored=keep)
         conversation = [*earlier, *input_items(req)] if keep else None
+        logprobs = TextLogprobs(chat_req.top_logprobs or 0) if chat_req.logprobs else None
         if req.stream:
-            return SSEResponse(self._stream(base, started, tracker, conversation))
-        return self._kept(await self._whole(base, started, tracker), conversation)
+            return SSEResponse(self._stream(base, started, tracker, conversation, logprobs))
+        return self._kept(await self._whole(base, started, tracker, logprobs), conversation)
 
     def _kept(self, response: ResponseObject, conversation: list[InputItem] | None) -> ResponseObject:
         if conversation is not None and self.store is not None:
             self.store.put(response, conversation)
         return response
 
-    async def _whole(self, base: ResponseObject, started: ChatStart, tracker: RequestTracker) -> ResponseObject:
+    async def _whole(self, base: ResponseObject, started: ChatStart, tracker: RequestTracker,
+                     logprobs: TextLogprobs | None) -> ResponseObject:
         try:
             (final,) = await collect_outputs([started.request], tracker)
         finally:
@@ -124,16 +127,22 @@ class ResponsesService:
         if thought:
             output.append(reasoning_item(thought, item_status(incomplete, last=not (content or calls))))
         if content or not (calls or thought):  # the message; an empty one when nothing else was written
-            output.append(message_item(content or "", item_status(incomplete, last=not calls)))
+            entries = None
+            if logprobs is not None and content:  # the tokens of the message's text alone
+                logprobs.add(c.token_ids, c.logprobs)
+                after = (started.reasoning.split(c.text, c.token_ids)[1] or "") if started.reasoning else None
+                logprobs.start = message_start(c.text, after, content)
+                entries = logprobs.take(len(content))
+            output.append(message_item(content or "", item_status(incomplete, last=not calls), entries))
         for k, call in enumerate(calls):
             output.append(function_call_item(call.id, call.function.name, call.function.arguments,
                                              item_status(incomplete, last=k == len(calls) - 1)))
         return finished(base, output, response_usage(final), incomplete)
 
     async def _stream(self, base: ResponseObject, started: ChatStart, tracker: RequestTracker,
-                      conversation: list[InputItem] | None) -> AsyncIterator[str]:
+                      conversation: list[InputItem] | None, logprobs: TextLogprobs | None) -> AsyncIterator[str]:
         plan, request = started.plan, started.request
-        events = ResponseEvents(base)
+        events = ResponseEvents(base, logprobs)
         state = StreamState(every_token=not self.chat.client.has_tokenizer)
         calls = ToolCallStream(plan) if plan.mode != "none" else None
         thinking = started.reasoning.stream() if started.reasoning else None
@@ -146,6 +155,8 @@ class ResponsesService:
                 tracker.observe(0, out)
                 final = accumulate(final, out)
                 for c in out.outputs:
+                    if logprobs is not None:
+                        logprobs.add(c.token_ids, c.logprobs)  # c is this step's delta
                     d = state.delta(0, c, need_tokens=calls is not None or thinking is not None)
                     if d is None:
                         continue
@@ -161,6 +172,9 @@ class ResponsesService:
                         content, deltas, _ = calls.finish(so_far)
                     else:
                         content, deltas = calls.step(so_far)
+                    if logprobs is not None and logprobs.start is None and content:
+                        # the message's text is a prefix of so_far, which ends the output so far
+                        logprobs.start = len(final.outputs[0].text) - len(so_far)
                     for e in events.text(content):
                         yield e
                     for delta in deltas:

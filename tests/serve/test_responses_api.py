@@ -181,8 +181,7 @@ def test_text_format_json_schema_validates(client):
     ({"stop": [""]}, "stop", "non-empty"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input", "at least 1 item"),
     ({"input": "Hello world, " * 200}, "input", "max_model_len"),
-    # ignored, include's logprobs answered `logprobs: []`; an unknown value (OpenAI's 400) was accepted
-    ({"include": ["message.output_text.logprobs"]}, "include", "logprobs is not supported"),
+    # an unknown include value (OpenAI's 400) was accepted
     ({"include": ["message.output_text.bogus"]}, "include.0", "Input should be"),
 ])
 def test_bad_input_is_a_400_in_openais_shape(http, body, param, words):
@@ -332,3 +331,84 @@ def test_metrics_and_request_log_count_responses_as_chat_does(client, http, requ
     rows = [json.loads(line) for line in request_log.read_text().splitlines()[lines:]]
     assert [(r["prompt_tokens"], r["output_tokens"], r["outcome"]) for r in rows] == [
         (whole.usage.input_tokens, 5, "length"), (streamed.usage.input_tokens, 6, "length")]
+
+
+# -- logprobs (include message.output_text.logprobs, top_logprobs) -----------------------------------------------
+def test_logprobs_on_output_text_equal_chat_completions(client, http):
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello there"}],
+                                          max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    raw = http.post("/v1/responses", json={"model": MODEL, "input": "Hello there", "max_output_tokens": 8,
+                                           "temperature": 0, "top_logprobs": 3,
+                                           "include": ["message.output_text.logprobs"]})
+    assert raw.status_code == 200, raw.text
+    resp = Response.model_validate(raw.json())  # the SDK's own types: Logprob and LogprobTopLogprob
+    assert resp.top_logprobs == 3
+    (part,) = resp.output[0].content
+    assert part.logprobs and all(len(lp.top_logprobs) == 3 for lp in part.logprobs)
+    assert "".join(lp.token for lp in part.logprobs) == part.text == chat.choices[0].message.content
+    expected = chat.choices[0].logprobs.content
+    assert [(lp.token, lp.bytes) for lp in part.logprobs] == [(e.token, e.bytes) for e in expected]
+    # the same values (to float noise: a prefix-cache hit computes the prompt in other chunks)
+    assert [lp.logprob for lp in part.logprobs] == pytest.approx([e.logprob for e in expected], abs=1e-4)
+    assert [[t.token for t in lp.top_logprobs] for lp in part.logprobs] == [
+        [t.token for t in e.top_logprobs] for e in expected]
+    assert [t.logprob for lp in part.logprobs for t in lp.top_logprobs] == pytest.approx(
+        [t.logprob for e in expected for t in e.top_logprobs], abs=1e-4)
+    # include alone: logprobs without alternatives; top_logprobs alone asks for them too
+    only = client.responses.create(model=MODEL, input="Hello there", max_output_tokens=8, temperature=0,
+                                   include=["message.output_text.logprobs"])
+    assert [lp.token for lp in only.output[0].content[0].logprobs] == [e.token for e in expected]
+    assert all(lp.top_logprobs == [] for lp in only.output[0].content[0].logprobs)
+    top = client.responses.create(model=MODEL, input="Hello there", max_output_tokens=8, temperature=0,
+                                  top_logprobs=2)
+    assert all(len(lp.top_logprobs) == 2 for lp in top.output[0].content[0].logprobs)
+
+
+def test_streamed_logprobs_carry_each_deltas_tokens(client):
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello there"}],
+                                          max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    expected = [e.token for e in chat.choices[0].logprobs.content]
+    values = pytest.approx([e.logprob for e in chat.choices[0].logprobs.content], abs=1e-4)
+    events = list(client.responses.create(model=MODEL, input="Hello there", max_output_tokens=8, temperature=0,
+                                          top_logprobs=2, include=["message.output_text.logprobs"], stream=True))
+    for e in events:
+        STREAM_EVENT.validate_python(e.model_dump())
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert deltas and all(e.logprobs for e in deltas)
+    for e in deltas:  # each delta's tokens spell its text
+        assert "".join(lp.token for lp in e.logprobs) == e.delta
+        assert all(len(lp.top_logprobs) == 2 for lp in e.logprobs)
+    assert [lp.token for e in deltas for lp in e.logprobs] == expected
+    assert [lp.logprob for e in deltas for lp in e.logprobs] == values
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert [lp.token for lp in done.logprobs] == expected and [lp.logprob for lp in done.logprobs] == values
+    final = events[-1].response.output[0].content[0]
+    assert [lp.token for lp in final.logprobs] == expected and final.text == done.text
+
+
+def test_logprobs_only_when_asked(client, http):
+    """Without include's logprobs or top_logprobs > 0: `logprobs: []` on each part and text event, as OpenAI's."""
+    asked = client.responses.create(model=MODEL, input="Hello there", max_output_tokens=4, temperature=0,
+                                    include=["message.output_text.logprobs"])
+    assert asked.output[0].content[0].logprobs
+    resp = client.responses.create(model=MODEL, input="Hello there", max_output_tokens=4, temperature=0,
+                                   top_logprobs=0)
+    assert resp.output[0].content[0].text == asked.output[0].content[0].text
+    assert resp.output[0].content[0].logprobs == []
+    body = http.post("/v1/responses", json={"model": MODEL, "input": "Hello there", "max_output_tokens": 4,
+                                            "temperature": 0}).json()
+    assert body["output"][0]["content"][0]["logprobs"] == [] and body["top_logprobs"] is None
+    events = list(client.responses.create(model=MODEL, input="Hello there", max_output_tokens=4, temperature=0,
+                                          stream=True))
+    assert all(e.logprobs == [] for e in events if e.type in ("response.output_text.delta",
+                                                              "response.output_text.done"))
+
+
+def test_top_logprobs_range_is_0_to_20(client, http):
+    resp = client.responses.create(model=MODEL, input="hi", max_output_tokens=2, temperature=0, top_logprobs=20)
+    assert all(len(lp.top_logprobs) == 20 for lp in resp.output[0].content[0].logprobs)
+    for top, words in ((-1, "greater than or equal to 0"), (21, "less than or equal to 20")):
+        r = http.post("/v1/responses", json={"model": MODEL, "input": "hi", "top_logprobs": top})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "top_logprobs" and words in error["message"], error

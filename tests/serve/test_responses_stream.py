@@ -8,8 +8,10 @@ import json
 import pytest
 from pydantic import TypeAdapter
 
+from meshserve.outputs import Logprob
 from meshserve.sampling import SamplingParams
 from meshserve.serve.protocol import DeltaFunctionCall, DeltaToolCall
+from meshserve.serve.responses_logprobs import TextLogprobs, message_start
 from meshserve.serve.responses_output import in_progress
 from meshserve.serve.responses_protocol import InputTokensDetails, ResponsesRequest, ResponseUsage
 from meshserve.serve.responses_stream import ResponseEvents
@@ -101,3 +103,48 @@ def test_whitespace_only_answer_is_sent_once():
     events = _events(s.start() + s.text("\t") + s.text(" ") + s.finish(USAGE, incomplete=True))
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "\t "
     assert events[-1].response.output[0].content[0].text == "\t "
+
+
+# -- logprobs: the message's tokens only (responses_logprobs.py) ---------------------------------------------------
+def _scored(texts: list[str]) -> TextLogprobs:
+    """Logprobs of tokens 0.. spelling `texts`, each with one alternative (token 99)."""
+    lp = TextLogprobs(top_k=1)
+    lp.add(list(range(len(texts))), [{k: Logprob(-0.5 - k, 2, t), 99: Logprob(-0.1, 1, "alt")}
+                                     for k, t in enumerate(texts)])
+    return lp
+
+
+THOUGHT_THEN_CALL = ["<think>", "hm", "</think>", "\n\nHi", " there", "<tool_call>", '{"name": "f"}', "</tool_call>"]
+
+
+def test_whole_logprobs_keep_the_message_tokens_only():
+    """Reasoning and tool-call tokens are left out; a token across the think tag's end goes whole."""
+    text = "".join(THOUGHT_THEN_CALL)
+    after, content = text[text.index("\n\n"):], "\n\nHi there"
+    lp = _scored(THOUGHT_THEN_CALL)
+    lp.start = message_start(text, after, content)
+    taken = lp.take(len(content))
+    assert "".join(e["token"] for e in taken) == content and [e["logprob"] for e in taken] == [-3.5, -4.5]
+    assert [[t["token"] for t in e["top_logprobs"]] for e in taken] == [["alt"], ["alt"]]
+    across = _scored(["<think>", "hm</think>", "Hi", "<tool_call>"])  # "hm</think>" wrote no message text
+    across.start = message_start("<think>hm</think>Hi<tool_call>", "Hi<tool_call>", "Hi")
+    assert [e["token"] for e in across.take(2)] == ["Hi"]
+    across = _scored(["<think>", "hm", "</think>Hi", "<tool_call>"])
+    across.start = message_start("<think>hm</think>Hi<tool_call>", "Hi<tool_call>", "Hi")
+    assert [e["token"] for e in across.take(2)] == ["</think>Hi"]
+
+
+def test_streamed_logprobs_follow_the_text_deltas():
+    lp = _scored(THOUGHT_THEN_CALL)
+    s = ResponseEvents(_base(), lp)
+    raw = s.start() + s.reasoning("hm")
+    lp.start = len("<think>hm</think>")  # where the answer's text begins (serving_responses.py sets it)
+    raw += s.text("\n\nHi") + s.text(" the") + s.text("re") + s.call(_call(0, "{}", "f")) + s.finish(USAGE, False)
+    events = _events(raw)
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert [[x.token for x in e.logprobs] for e in deltas] == [["\n\nHi"], [" there"], []]  # a token once
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert [x.token for x in done.logprobs] == ["\n\nHi", " there"]
+    reasoning, message, _ = events[-1].response.output
+    assert [x.token for x in message.content[0].logprobs] == ["\n\nHi", " there"]
+    assert reasoning.type == "reasoning"  # its text carries no logprobs (OpenAI's shape has none)

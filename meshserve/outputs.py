@@ -22,7 +22,8 @@ PositionLogprobs = dict[int, Logprob]
 class SequenceStats:
     """One sequence's (one choice of one prompt) way through the engine, as vLLM's RequestStateStats: all four
     times by its core's clock (time.monotonic() there), so its phases are true however late the front end read
-    them, and whichever host the core ran on. max_tokens as resolved for it, n: its prompt's choices."""
+    them, and whichever host the core ran on. max_tokens as resolved for it, n: its prompt's choices,
+    num_cached_tokens: its prompt tokens the prefix cache served at its first admission (its core's figure)."""
 
     max_tokens: int
     n: int = 1
@@ -30,6 +31,7 @@ class SequenceStats:
     first_scheduled_time: float | None = None  # a step first included it (vLLM's first SCHEDULED, preemptions not)
     first_token_time: float | None = None  # the step that gave its first token
     last_token_time: float | None = None  # the step that gave its last token
+    num_cached_tokens: int = 0  # its prompt tokens served by the prefix cache (sent with its first token)
 
 
 @dataclass

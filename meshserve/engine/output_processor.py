@@ -247,6 +247,7 @@ class OutputProcessor:
                 stats.queued_time = queued if queued is not None else metrics.arrival_time
                 stats.first_scheduled_time = scheduled if scheduled is not None else step_time
                 stats.first_token_time = step_time
+                stats.num_cached_tokens = out.num_cached_tokens
             stats.last_token_time = step_time
             if comp.index == 0 and not comp.token_ids:
                 state.num_cached_tokens = out.num_cached_tokens

@@ -8,6 +8,8 @@ aborts leave the output processor without finished-request stats. The phases are
   queue = first scheduled - queued in the core     prefill = first token - first scheduled
   decode = last token - first token                inference = last token - first scheduled (= prefill + decode)
   time per output token = decode / (generated tokens - 1), 0 for a single token.
+Prefill KV computed tokens: its prompt tokens less those its first admission found in the prefix cache (vLLM's
+prompt tokens - num_cached_tokens, never below 0): the KV its prefill really computed.
 Preemptions fall inside the phase they happened in. Plain prometheus_client histograms: with several API processes
 (multiprocess_metrics.py) they are written to each process's files and summed on a scrape like the others.
 """
@@ -59,6 +61,9 @@ class RequestHistograms:
                                        buckets=tokens, registry=r)
         self.generation_tokens = Histogram("meshserve:request_generation_tokens", "Per sequence: the tokens it "
                                            "generated.", buckets=tokens, registry=r)
+        self.prefill_kv_computed = Histogram("meshserve:request_prefill_kv_computed_tokens", "Per sequence: its "
+                                             "prompt tokens less those served by the prefix cache (the KV its "
+                                             "prefill computed).", buckets=tokens, registry=r)
         self.max_tokens = Histogram("meshserve:request_params_max_tokens", "Per sequence: its max_tokens as "
                                     "resolved (unset: what fits in the context).", buckets=tokens, registry=r)
         # per prompt whose n choices all finished (vLLM's parent request)
@@ -82,6 +87,7 @@ class RequestHistograms:
         self.inference.observe(prefill + decode)  # vLLM's last - scheduled, so that the phases add up exactly
         self.tpot.observe(decode / (generation_tokens - 1) if generation_tokens > 1 else 0.0)
         self.max_tokens.observe(stats.max_tokens)
+        self.prefill_kv_computed.observe(max(prompt_tokens - stats.num_cached_tokens, 0))
 
     def observe_prompt(self, n: int, max_generation_tokens: int) -> None:
         """A prompt whose n choices all finished."""

@@ -85,11 +85,41 @@ def test_each_finished_sequence_is_observed_once_and_the_phases_add_up(tiny_engi
     assert les[-2:] == ['{le="500.0"}', '{le="+Inf"}']
 
 
+def test_prefill_kv_computed_tokens_leave_out_prefix_cache_hits(tiny_engine):
+    """vLLM's request_prefill_kv_computed_tokens: per finished sequence, its prompt tokens less those the prefix
+    cache served. One 40-token prompt twice: the second finds its first full blocks cached and computes fewer;
+    the histogram's sum is the prompt tokens less the cached ones the responses report."""
+    from meshserve.serve.config import ServeConfig
+
+    prompt = [(37 * i) % 200 + 40 for i in range(40)]  # unlike other tests' prompts: nothing cached at first
+    name = "meshserve:request_prefill_kv_computed_tokens"
+    srv = start_server(tiny_engine, ServeConfig(served_model_names=[MODEL]))
+    try:
+        with httpx.Client(base_url=srv.base_url, timeout=60) as http:
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "ignore_eos": True, "temperature": 0}
+            cached, sums = [], []
+            for _ in range(2):
+                r = http.post("/v1/completions", json=body)
+                assert r.status_code == 200
+                usage = r.json()["usage"]
+                assert usage["prompt_tokens"] == len(prompt)
+                cached.append(usage["prompt_tokens_details"]["cached_tokens"])
+                wait_idle(tiny_engine)
+                sums.append(_count_sum(http.get("/metrics").text, name))
+    finally:
+        srv.stop()
+    assert cached[0] == 0 and 0 < cached[1] < len(prompt)  # its full blocks, not the last token's
+    (count_1, first), (count_2, total) = sums
+    assert (count_1, count_2) == (1, 2)
+    assert first == len(prompt) and total - first == len(prompt) - cached[1] < first
+    assert total == 2 * len(prompt) - sum(cached)
+
+
 def _core_output(rid: str, ids: list[int], finish: str | None = None, queued: float | None = None,
-                 scheduled: float | None = None):
+                 scheduled: float | None = None, cached: int = 0):
     from meshserve.engine.messages import EngineCoreOutput
 
-    return EngineCoreOutput(rid, ids, finish, first_times=(queued, scheduled))
+    return EngineCoreOutput(rid, ids, finish, first_times=(queued, scheduled), num_cached_tokens=cached)
 
 
 def test_phases_come_from_the_core_s_clock_however_late_the_front_end_reads_them(monkeypatch):
@@ -114,7 +144,7 @@ def test_phases_come_from_the_core_s_clock_however_late_the_front_end_reads_them
     processor = OutputProcessor(None)
     processor.add_request(ProcessedRequest("r", None, [1, 2], params, 0.0, cores))
     steps = [
-        (10.7, [_core_output("r-0", [5], queued=10.0, scheduled=10.5)]),
+        (10.7, [_core_output("r-0", [5], queued=10.0, scheduled=10.5, cached=1)]),
         (10.8, [_core_output("r-0", [6]), _core_output("r-1", [7], queued=10.1, scheduled=10.6)]),
         (10.9, [_core_output("r-1", [8], "stop")]),
         (11.0, [_core_output("r-0", [9], "length")]),
@@ -134,6 +164,8 @@ def test_phases_come_from_the_core_s_clock_however_late_the_front_end_reads_them
     assert _count_sum(text, "meshserve:request_generation_tokens") == (2, 3 + 2)
     assert _count_sum(text, "meshserve:request_prompt_tokens") == (2, 2 + 2)
     assert _count_sum(text, "meshserve:request_params_max_tokens") == (2, 3 + 3)
+    # each choice its own cached count (the core's, with its first token): 1 of choice 0's 2, none of choice 1's
+    assert _count_sum(text, "meshserve:request_prefill_kv_computed_tokens") == (2, (2 - 1) + (2 - 0))
     assert _count_sum(text, "meshserve:request_params_n") == (1, 2)
     assert _count_sum(text, "meshserve:request_max_num_generation_tokens") == (1, 3)  # the longer choice's
 

@@ -49,6 +49,16 @@ def _stream_until_first_chunk(base: str, results: list) -> threading.Thread:
     return t
 
 
+def _ready_status(base: str) -> int | None:
+    """/ready's status; None when the probe's connection was reset (seen once in CI on a loaded 2-core box, at
+    the signal: 2026-12-05, not reproduced in five runs; the checks that follow still hold the server to a
+    quiet, prompt exit and an in-band end of the stream)."""
+    try:
+        return httpx.get(base + "/ready", timeout=5).status_code
+    except httpx.TransportError:
+        return None
+
+
 def test_sigterm_to_the_process_group_drains_and_leaks_nothing(tiny_model_dir):
     """The forkserver ignores SIGTERM: a SIGTERM to the whole group used to kill it and so (PR_SET_PDEATHSIG)
     the engine core mid-drain, whose semaphore (tqdm's lock) the resource tracker then reported as leaked."""
@@ -88,7 +98,7 @@ def test_second_signal_ends_the_drain_at_once_and_quietly(tiny_model_dir):
             t = _stream_until_first_chunk(base, lines)
             os.killpg(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while httpx.get(base + "/ready", timeout=5).status_code != 503:  # the drain has begun
+            while _ready_status(base) != 503:  # the drain has begun
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             # the stream (~450 steps) is still running, unless this machine was fast enough to end it already:

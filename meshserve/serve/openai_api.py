@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from meshserve import __version__
 from meshserve.engine.async_engine import AsyncLLM
-from meshserve.errors import ModelNotFoundError, ResponseNotFoundError
+from meshserve.errors import ModelNotFoundError
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient
 from meshserve.serve.errors import error_body, error_payload, validation_error_payload
@@ -153,13 +153,6 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     @app.post("/v1/responses", response_model=ResponseObject, responses=_RESPONSES_RESPONSES)
     async def create_response(body: ResponsesRequest, request: Request):
         return await _answer(request, responses.create(body))
-
-    @app.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=_ERRORS)
-    async def retrieve_response(response_id: str):
-        try:
-            return responses.retrieve(response_id)
-        except ResponseNotFoundError as e:
-            return _json_error(*error_payload(e)[:2])
 
     add_response_routes(app, responses, _ERRORS)
 

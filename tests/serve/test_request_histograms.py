@@ -13,18 +13,9 @@ import httpx
 import pytest
 
 from tests.serve.conftest import MODEL, start_server, wait_idle
+from tests.serve.test_metrics import _samples
 
 PHASES = ("queue", "prefill", "decode", "inference")
-
-
-def _samples(text: str, name: str) -> list[tuple[str, float]]:
-    """(labels, value) of each sample of exactly this series name."""
-    out = []
-    for line in text.splitlines():
-        series, _, value = line.rpartition(" ")
-        if series.split("{")[0] == name:
-            out.append((series[len(name):], float(value)))
-    return out
 
 
 def _value(text: str, name: str) -> float:

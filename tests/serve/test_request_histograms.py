@@ -58,7 +58,8 @@ def test_each_finished_sequence_is_observed_once_and_the_phases_add_up(tiny_engi
     e2e_count, e2e = _count_sum(text, "meshserve:e2e_request_latency_seconds")
     assert e2e_count == sequences
     in_core = sums["queue"] + sums["prefill"] + sums["decode"]
-    assert e2e - 1.0 < in_core <= e2e + 1e-3  # the rest: the front end's share (parsing, transport, streaming)
+    # the rest: the front end's share (parsing, transport, streaming), under 1 s a sequence on a busy 2-core box
+    assert e2e - sequences * 1.0 < in_core <= e2e + 1e-3
     _, ttft = _count_sum(text, "meshserve:time_to_first_token_seconds")
     assert sums["queue"] + sums["prefill"] <= ttft + 1e-3
     count, tpot = _count_sum(text, "meshserve:request_time_per_output_token_seconds")

@@ -1,7 +1,9 @@
 """`meshserve run-batch -i IN.jsonl -o OUT.jsonl [serve's flags]`: an OpenAI batch file, offline (vLLM's run-batch).
 
 The engine starts as `meshserve serve` starts it, and the requests go to the same app in process
-(run_batch.py), so each answer is the one the server would give for the same body.
+(run_batch.py), so each answer is the one the server would give for the same body. -i and -o may be http(s)
+URLs, as vLLM's: the input downloaded before the model loads, the output spooled locally and PUT at the end
+(run_batch_urls.py).
 """
 
 from __future__ import annotations
@@ -10,16 +12,18 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Iterator
 from typing import TextIO
 
 from meshserve.cli_args import engine_args_from
-from meshserve.cli_paths import check_input_file, check_output_file
+from meshserve.cli_paths import check_input_file, check_output_file, check_output_folder
 from meshserve.engine.args_check import check_engine_args
 from meshserve.entrypoints.batch_lines import BATCH_URLS, BatchLineError, BatchRequest, parse_batch_lines
 from meshserve.entrypoints.run_batch import BatchProgress, run_batch
+from meshserve.entrypoints.run_batch_urls import check_url, download, is_url, new_spool, shown, upload
 from meshserve.entrypoints.worker import is_rank_zero, run_worker_ranks
 from meshserve.errors import InvalidArgumentError
 from meshserve.serve.cli import add_serve_args, serve_config_from
@@ -40,9 +44,14 @@ def register(subparsers) -> None:
                     "`serve` flag; those of HTTP itself (--host, --port, --api-key, TLS, ...) have no effect.")
     g = p.add_argument_group("batch")
     g.add_argument("-i", "--input-file", default=None, metavar="FILE",
-                   help="the batch input, one request a line ('-': standard input)")
+                   help="the batch input, one request a line ('-': standard input; an http(s) URL: downloaded "
+                        "with GET before the model loads)")
     g.add_argument("-o", "--output-file", default=None, metavar="FILE",
-                   help="where the output lines go ('-': standard output)")
+                   help="where the output lines go ('-': standard output; an http(s) URL: uploaded with one PUT "
+                        "once the batch is done)")
+    g.add_argument("--output-tmp-dir", default=None, metavar="DIR",
+                   help="with -o URL: the folder of the local file the output lines are written to before the "
+                        "upload (default: the system's temporary folder)")
     g.add_argument("--max-concurrent-requests", type=int, default=DEFAULT_MAX_CONCURRENT_REQUESTS, metavar="N",
                    help="requests in flight at once; the engine batches up to --max-num-seqs of them")
     add_serve_args(p)
@@ -56,6 +65,10 @@ def _read_batch(path: str | None) -> list[BatchRequest | BatchLineError]:
     try:
         if path == "-":
             batch = parse_batch_lines(sys.stdin)
+        elif is_url(path):
+            data = download(path, "-i", "input_file")
+            path = shown(path)
+            batch = parse_batch_lines(data.decode("utf-8").split("\n"))  # at \n only, as a file's lines
         else:
             check_input_file(path, "-i")
             with open(path, encoding="utf-8") as f:  # lines split at \n only: JSON may hold a raw U+2028
@@ -68,11 +81,15 @@ def _read_batch(path: str | None) -> list[BatchRequest | BatchLineError]:
     return batch
 
 
-def _check_output(path: str | None) -> None:
+def _check_output(path: str | None, tmp_dir: str | None) -> None:
+    """-o before anything loads: a URL's form only (a test PUT would create the object: run_batch_urls.py)."""
     if not path:
-        raise InvalidArgumentError("-o/--output-file is required (a file, or '-' for standard output)",
-                                   param="output_file")
-    if path != "-":
+        raise InvalidArgumentError("-o/--output-file is required (a file, '-' for standard output, or an http(s) "
+                                   "URL)", param="output_file")
+    if is_url(path):
+        check_url(path, "-o", "output_file")
+        check_output_folder(tmp_dir, "--output-tmp-dir")
+    elif path != "-":
         check_output_file(path, "-o")
 
 
@@ -125,7 +142,7 @@ class _ProgressLine:
                   end="", file=sys.stderr, flush=True)
 
     def summary(self, progress: BatchProgress) -> None:
-        where = "standard output" if self.output == "-" else self.output
+        where = "standard output" if self.output == "-" else shown(self.output)
         requests = f"{progress.num_requests} request" + ("" if progress.num_requests == 1 else "s")
         print(("\r\033[K" if self.live else "") + f"meshserve run-batch: {requests}, {progress.num_ok} ok, "
               f"{progress.num_failed} failed, {progress.seconds:.1f} s -> {where}", file=sys.stderr, flush=True)
@@ -133,8 +150,8 @@ class _ProgressLine:
 
 def _cmd_run_batch(ns: argparse.Namespace) -> int:
     apply_vllm_compat(ns)  # vLLM's flags (and --config FILE) first, as serve
-    batch = _read_batch(ns.input_file)  # bad input and paths fail before anything loads
-    _check_output(ns.output_file)
+    _check_output(ns.output_file, ns.output_tmp_dir)  # bad paths and input fail before anything loads,
+    batch = _read_batch(ns.input_file)  # a bad -o before a large -i URL is downloaded
     config = _batch_config(ns)
     if ns.auto:
         from meshserve.serve.auto_layout import apply_auto_layout
@@ -149,13 +166,23 @@ def _cmd_run_batch(ns: argparse.Namespace) -> int:
     from meshserve.serve.api_server import start_async_llm
     from meshserve.serve.openai_api import build_app
 
-    allm = start_async_llm(engine_args, ns.engine_in_thread, data_parallel_size=ns.data_parallel_size)
+    # -o URL: the lines go to a local file, uploaded once the engine is down (its memory freed)
+    spool = new_spool(ns.output_tmp_dir) if is_url(ns.output_file) else None
     try:
-        app = build_app(allm, config)
-        line = _ProgressLine(ns.output_file)
-        with _output(ns.output_file) as out:
-            progress = asyncio.run(run_batch(app, batch, out, ns.max_concurrent_requests, line.update))
-    finally:
-        allm.shutdown()
+        allm = start_async_llm(engine_args, ns.engine_in_thread, data_parallel_size=ns.data_parallel_size)
+        try:
+            app = build_app(allm, config)
+            line = _ProgressLine(ns.output_file)
+            with _output(spool or ns.output_file) as out:
+                progress = asyncio.run(run_batch(app, batch, out, ns.max_concurrent_requests, line.update))
+        finally:
+            allm.shutdown()
+    except BaseException:
+        if spool is not None:  # no batch ran to the end: nothing to upload or keep
+            with contextlib.suppress(OSError):
+                os.remove(spool)
+        raise
+    if spool is not None:
+        upload(spool, ns.output_file, "-o")  # a failure keeps the file and names it
     line.summary(progress)
     return 0

@@ -1,7 +1,8 @@
 """GET /v1/responses/{id}/input_items: a kept response's input (the conversation before it, without its
 instructions, then its own input) as OpenAI lists it: items with ids and statuses, newest first unless
-order=asc, a page of `limit` after the item `after`. The ids are made from the response's id and the item's
-place, so they stay the same from one listing to the next (pagination by `after` needs that)."""
+order=asc, a page of `limit` after the item `after`. The ids are those the store gave the items once (the
+client's own where it sent one, as OpenAI keeps them: responses_store.py), so they stay the same from one listing
+to the next (pagination by `after` needs that)."""
 
 from __future__ import annotations
 
@@ -36,14 +37,10 @@ def _item(item: InputItem, item_id: str) -> dict[str, Any]:
     return {**item.model_dump(exclude_none=True), "id": item_id}  # a reasoning item, as it was sent
 
 
-_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
-
-
 def input_item_list(stored: StoredResponse, after: str | None, limit: int,
                     order: Literal["asc", "desc"]) -> InputItemList:
-    key = stored.response.id.removeprefix("resp_")
-    items = [_item(it, f"{_PREFIX[it.type]}_{key}_{i}")
-             for i, it in enumerate(stored.conversation[:stored.num_input_items])]
+    items = [_item(it, item_id) for it, item_id in zip(stored.conversation[:stored.num_input_items],
+                                                       stored.item_ids)]
     if order == "desc":
         items.reverse()
     if after is not None:

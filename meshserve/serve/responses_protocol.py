@@ -29,6 +29,7 @@ class InputTextPart(OpenAIModel):
 
 class InputMessage(OpenAIModel):
     type: Literal["message"] = "message"
+    id: str | None = None  # the client's; input_items lists the item under it
     role: Literal["user", "assistant", "system", "developer"]
     content: str | list[InputTextPart]
 
@@ -50,6 +51,7 @@ class FunctionCallOutputItem(OpenAIModel):
     """The caller's result of a function call."""
 
     type: Literal["function_call_output"]
+    id: str | None = None  # the client's; input_items lists the item under it
     call_id: str
     output: str | list[InputTextPart]
 

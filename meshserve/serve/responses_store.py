@@ -8,12 +8,16 @@ input, its output as assistant messages and function calls) without its instruct
 carry over to the next response either. The least recently used response goes first once N are kept; a
 restart forgets them all, and another API process or replica has its own (the CLI refuses the flag with
 several API processes).
+
+Each kept item has an id (GET .../input_items lists them, and pages by them): the one the client gave it, the
+output item's own for the response's output, else one made from the response's id and the item's place. An
+item of the conversation before keeps the id the previous response gave it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshserve.errors import InvalidArgumentError
 from meshserve.serve.responses_protocol import (
@@ -37,25 +41,29 @@ class PreviousResponseNotFoundError(InvalidArgumentError):
         super().__init__(message, param="previous_response_id")
 
 
+_ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
 @dataclass
 class StoredResponse:
     response: ResponseObject
     conversation: list[InputItem]  # its input (after the previous conversation) and its output, as input items
     num_input_items: int = 0  # how many of them came before its output (GET .../input_items lists those)
+    item_ids: list[str] = field(default_factory=list)  # each conversation item's id, in the same order
 
 
-def output_as_input(response: ResponseObject) -> list[InputItem]:
-    """A response's output items as the input items that send them back (assistant history)."""
-    items: list[InputItem] = []
+def _output_items(response: ResponseObject) -> list[tuple[str, InputItem]]:
+    """A response's output items as the input items that send them back (assistant history), with their ids."""
+    items: list[tuple[str, InputItem]] = []
     for item in response.output:
         if isinstance(item, OutputFunctionCall):
-            items.append(FunctionCallItem(type="function_call", call_id=item.call_id, name=item.name,
-                                          arguments=item.arguments))
+            items.append((item.id, FunctionCallItem(type="function_call", call_id=item.call_id, name=item.name,
+                                                    arguments=item.arguments, id=item.id)))
         elif isinstance(item, OutputReasoning):
             continue  # the next turn's prompt leaves earlier thinking out (responses_input.chat_messages)
         else:
-            items.append(InputMessage(role="assistant", content=[InputTextPart(type="output_text", text=part.text)
-                                                                 for part in item.content]))
+            items.append((item.id, InputMessage(role="assistant", content=[
+                InputTextPart(type="output_text", text=part.text) for part in item.content])))
     return items
 
 
@@ -81,11 +89,29 @@ class ResponseStore:
     def put(self, response: ResponseObject, input_items: list[InputItem]) -> None:
         """Keep a finished response with its conversation: input_items (the previous conversation and this
         request's input) followed by its output."""
-        self._responses[response.id] = StoredResponse(response, [*input_items, *output_as_input(response)],
-                                                      len(input_items))
+        ids = self._earlier_ids(response, input_items)
+        key = response.id.removeprefix("resp_")
+        for i in range(len(ids), len(input_items)):
+            item = input_items[i]
+            # the client's id when it gave one (a model without the field has none)
+            ids.append(getattr(item, "id", None) or f"{_ID_PREFIX[item.type]}_{key}_{i}")
+        output = _output_items(response)
+        self._responses[response.id] = StoredResponse(response, [*input_items, *(item for _, item in output)],
+                                                      len(input_items), [*ids, *(i for i, _ in output)])
         self._responses.move_to_end(response.id)
         while len(self._responses) > self.max_size:
             self._responses.popitem(last=False)
+
+    def _earlier_ids(self, response: ResponseObject, input_items: list[InputItem]) -> list[str]:
+        """The ids of the previous response's conversation when input_items starts with it (the same items:
+        conversation_before handed them out), so that an item keeps its id from one response to the next."""
+        previous = self._responses.get(response.previous_response_id or "")
+        if previous is None or len(previous.conversation) > len(input_items) or \
+                len(previous.item_ids) != len(previous.conversation):
+            return []
+        if all(a is b for a, b in zip(previous.conversation, input_items)):
+            return list(previous.item_ids)
+        return []
 
     def delete(self, response_id: str) -> bool:
         """Forget a response; False when it is not kept."""

@@ -150,6 +150,45 @@ def test_input_items_list_the_conversation_before_the_output(client, server):
         client.responses.input_items.list("resp_unknown")
 
 
+def _input_ids(server, response_id: str) -> list[str]:
+    r = httpx.get(f"{server.v1}/responses/{response_id}/input_items", params={"order": "asc"})
+    assert r.status_code == 200, r.text
+    return [item["id"] for item in r.json()["data"]]
+
+
+def test_input_items_keep_the_ids_the_client_gave(client, server):
+    """OpenAI lists an input item under the id it was sent with (vLLM has no input_items); the others get ids
+    that stay the same from one listing, and one response, to the next."""
+    first = _create(client, input="Hi")
+    [hi_id] = _input_ids(server, first.id)
+    second = _create(client, previous_response_id=first.id, input=[
+        {"type": "reasoning", "id": "rs_mine", "summary": []},
+        {"type": "function_call", "id": "fc_mine", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+        {"role": "user", "content": "And then?"}])
+    ids = _input_ids(server, second.id)
+    # the earlier input keeps its id, the earlier output its output item's id
+    assert ids[:4] == [hi_id, first.output[0].id, "rs_mine", "fc_mine"]
+    assert len(set(ids)) == 6 and ids == _input_ids(server, second.id)
+    listed = client.responses.input_items.list(second.id, order="asc", after="fc_mine")  # pages by a client id
+    assert [i.id for i in listed] == ids[4:]
+    third = _create(client, previous_response_id=second.id, input="More")
+    assert _input_ids(server, third.id)[:7] == [*ids, second.output[0].id]
+
+
+def test_a_message_keeps_its_id(client, server):
+    kept = _create(client, input=[
+        {"type": "message", "id": "msg_abc", "role": "user", "content": "Hi"},
+        {"type": "message", "id": "msg_out", "role": "assistant", "status": "completed",
+         "content": [{"type": "output_text", "text": "Hello", "annotations": []}]},
+        {"type": "function_call", "id": "fc_x", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "id": "fco_x", "call_id": "c1", "output": "ok"},
+        {"role": "user", "content": "And?"}])
+    ids = _input_ids(server, kept.id)
+    assert ids[:4] == ["msg_abc", "msg_out", "fc_x", "fco_x"] and ids[4].startswith("msg_")
+    assert ids == _input_ids(server, kept.id)
+
+
 def test_the_least_recently_used_response_goes_first(client):
     kept = [_create(client, input=f"n{i}") for i in range(SIZE)]
     client.responses.retrieve(kept[0].id)  # used: now the most recent

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 from meshserve.cli_paths import check_output_file, check_output_folder
 from meshserve.config import EngineArgs
+from meshserve.engine.kv_offload.disk_space import check_disk_tier_args
 from meshserve.errors import InvalidArgumentError, ModelLoadError
 from meshserve.models.moe_config import check_moe_split
 from meshserve.models.quant_config import check_weight_format
@@ -83,6 +84,7 @@ def check_engine_args(args: EngineArgs) -> None:
     check_output_file(args.step_trace, "--step-trace")
     _check_generation_config(args.generation_config)
     check_output_folder(args.kv_offloading_disk_path, "--kv-offloading-disk-path")
+    check_disk_tier_args(args.kv_offloading_disk_path, args.kv_offloading_disk_size)  # fits its free space
     if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
         raise ModelLoadError(f"tokenizer folder not found: {args.tokenizer}")
     if args.tokenizer is not None and not any(os.path.isfile(os.path.join(args.tokenizer, name))

@@ -12,10 +12,23 @@ run on a pool of reader threads, straight into the CPU tier's slots, one preadv 
 payload together): a reader holds the GIL only between system calls, so a busy engine thread slows it little.
 Each batch of reads is timed (read_rate.py): the manager restores from disk only when reading is predicted
 faster than recomputing.
+
+At start the folder is made if missing, a file is written in it to prove it can be (a read-only file system, or
+no permission, is one error line naming the flag), and the bound is checked against the file system's free space
+(disk_space.py: a tier that cannot fit is refused, a margin kept). A write that fails during the run (ENOSPC: the
+disk filled up under another program; EIO, EROFS) loses nothing: the block is simply not kept on disk (dropped from
+the index at the next `reap`, its loss told through on_evict, so a GPU copy is stored again), one warning is logged
+and the failures are counted (num_errors). After ENOSPC the bound shrinks to what the tier holds, so it goes on
+as an LRU of that size rather than failing every write.
+
+Files are never read across models: each model and KV layout (the fingerprint, setup.py) has its own folder, and
+every header carries the fingerprint. A graceful shutdown keeps the files for the next start; a killed process
+leaves at most `.tmp` files (writes are renamed into place), deleted at the next start.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -28,6 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from meshserve.engine.kv_offload.disk_space import block_folders_bytes, check_disk_room
 from meshserve.engine.kv_offload.read_rate import ReadRate
 from meshserve.errors import InvalidArgumentError
 
@@ -54,12 +68,17 @@ class DiskTier:
         except OSError as e:  # a read-only or special file system: one line naming the flag, in any process
             raise InvalidArgumentError(f"--kv-offloading-disk-path {root}: cannot create {self.dir}: "
                                        f"{e.strerror or e}", param="kv_offloading_disk_path") from None
+        _probe_write(root, self.dir)
+        self.root = root
         self.max_bytes = max_bytes
         self.block_bytes = block_bytes
         self.file_bytes = HEADER.size + block_bytes
         self.index: OrderedDict[bytes, int] = OrderedDict()  # hash -> file bytes, least recently used first
         self.used_bytes = 0
-        self.num_errors = 0  # files found truncated, corrupted or foreign (each read as a miss)
+        self.num_errors = 0  # files found truncated, corrupted or foreign (each read as a miss), or not written
+        self.num_write_errors = 0  # writes that failed (the block not kept; num_errors counts them once reaped)
+        self._failed: list[tuple[bytes, int | None]] = []  # (hash, errno) of failed writes, for `reap`
+        self._warned_write = self._warned_full = False
         self.on_evict: Callable[[bytes], None] | None = None  # told the hash of each block the size bound drops
         self._pending: dict[bytes, bytes] = {}  # being written: served from here meanwhile
         self._lock = threading.Lock()
@@ -109,6 +128,9 @@ class DiskTier:
         for _, block_hash in sorted(found):
             self.index[block_hash] = self.file_bytes
             self.used_bytes += self.file_bytes
+        # the room check, now that this tier's own files are known (they count as room: the bound covers them)
+        check_disk_room(self.root, self.max_bytes / 2**30, self.used_bytes,
+                        block_folders_bytes(self.root, skip=self.fingerprint.hex()))
         self._evict_to(self.max_bytes)
         if self.index:
             logger.info("KV disk tier: %d blocks (%.2f GiB) kept from a previous run in %s", len(self.index),
@@ -214,6 +236,9 @@ class DiskTier:
                 self.index.move_to_end(block_hash)
                 self._submit(block_hash, _touch, self.path(block_hash))  # its age orders the next start's LRU
             return
+        self.reap()
+        if block_hash not in self.index:  # its write failed (counted, and said once, then), or dropped meanwhile
+            return
         self.num_errors += 1
         logger.warning("KV disk tier: %s is missing or damaged; recomputing its block", self.path(block_hash))
         self.drop(block_hash)
@@ -240,6 +265,30 @@ class DiskTier:
             if self.on_evict is not None:
                 self.on_evict(block_hash)
 
+    def reap(self) -> None:
+        """On the engine thread (each step): forget the blocks whose write failed (on_evict is told, like an
+        eviction). After ENOSPC the bound becomes what the tier holds now: it stays an LRU of that size."""
+        if not self._failed:
+            return
+        with self._lock:
+            failed, self._failed = self._failed, []
+        full = False
+        for block_hash, err in failed:
+            self.num_errors += 1
+            full |= err in (errno.ENOSPC, errno.EDQUOT)
+            size = self.index.pop(block_hash, None)
+            if size is None:
+                continue
+            self.used_bytes -= size
+            if self.on_evict is not None:
+                self.on_evict(block_hash)
+        if full and self.used_bytes < self.max_bytes:
+            (logger.debug if self._warned_full else logger.warning)(
+                "KV disk tier: %s is full; the tier now keeps at most %.2f GiB there (was %.2f GiB)",
+                self.dir, self.used_bytes / 2**30, self.max_bytes / 2**30)
+            self._warned_full = True
+            self.max_bytes = self.used_bytes
+
     def _submit(self, block_hash: bytes, fn, *args) -> Future:
         return self._io[block_hash[0] % len(self._io)].submit(fn, *args)
 
@@ -258,14 +307,19 @@ class DiskTier:
         path = self.path(block_hash)
         tmp = f"{path}.{os.getpid()}.tmp"  # engines sharing the folder never write one temporary file
         try:
-            with open(tmp, "wb") as f:
-                f.write(HEADER.pack(MAGIC, VERSION, self.fingerprint, block_hash, len(payload),
-                                    zlib.crc32(payload)))
-                f.write(payload)
+            _write_file(tmp, HEADER.pack(MAGIC, VERSION, self.fingerprint, block_hash, len(payload),
+                                         zlib.crc32(payload)), payload)
             os.replace(tmp, path)
-        except OSError as e:  # a full or read-only disk: the block is simply not kept
-            logger.warning("KV disk tier: cannot write %s: %s", path, e)
+        except OSError as e:  # a full or read-only disk: the block is simply not kept (`reap` drops it)
             _remove(tmp)
+            with self._lock:
+                self._failed.append((block_hash, e.errno))
+                self.num_write_errors += 1
+                warn, self._warned_write = not self._warned_write, True
+            if warn:  # once: a full disk fails every write after it
+                logger.warning("KV disk tier: cannot write %s (%s); blocks that cannot be written are not kept "
+                               "on disk (further failures are counted in kv_offload_disk_errors, not logged)",
+                               path, e)
         finally:
             with self._lock:
                 self._pending.pop(block_hash, None)
@@ -289,6 +343,29 @@ class _BatchTiming:
             if self.left:
                 return
         self.rate.update(self.nbytes, self.end - self.start)
+
+
+def _write_file(path: str, header: bytes, payload) -> None:
+    with open(path, "wb") as f:
+        f.write(header)
+        f.write(payload)
+
+
+def _write_probe(path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(b"\0")
+
+
+def _probe_write(root: str, folder: str) -> None:
+    """Write (then delete) a file in folder: one error line naming the flag when that fails, at start, rather
+    than every block's write failing during the run (os.access says yes to root on a read-only file system)."""
+    path = os.path.join(folder, f".probe.{os.getpid()}.tmp")  # (.tmp: a crash's leftover is deleted at start)
+    try:
+        _write_probe(path)
+    except OSError as e:
+        raise InvalidArgumentError(f"--kv-offloading-disk-path {root}: cannot write in {folder}: "
+                                   f"{e.strerror or e}", param="kv_offloading_disk_path") from None
+    _remove(path)
 
 
 def _remove(path: str) -> None:

@@ -40,7 +40,7 @@ class KVOffloadStats:
     cpu_bytes_loaded: int = 0  # CPU -> GPU (restores and swap-ins)
     disk_bytes_written: int = 0
     disk_bytes_read: int = 0
-    disk_errors: int = 0  # files found truncated, corrupted or foreign (at start or when read): misses
+    disk_errors: int = 0  # files found truncated, corrupted or foreign (at start or when read), or not written
     restores: int = 0  # batches of CPU -> GPU copies timed
     restore_s: float = 0.0  # their device time in all
     swaps_out: int = 0
@@ -168,6 +168,8 @@ class KVOffloadManager:
             if seq_id is not None and seq_id in self.swapped:
                 self.drop_swap(seq_id)
                 lost.append(seq_id)
+        if self.disk is not None:
+            self.disk.reap()  # writes that failed (a full disk): those blocks are not on disk
         self._file_reads()
         self._measure_disk()
         for slot, future in list(self.writing.items()):  # disk writes done: their slots may be reused

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 
 import torch
 
 from meshserve.config import EngineConfig
 from meshserve.engine.kv_offload.cpu_tier import CPUTier
-from meshserve.engine.kv_offload.disk_tier import DiskTier
+from meshserve.engine.kv_offload.disk_tier import HEADER, DiskTier
 from meshserve.engine.kv_offload.host_memory import GiB, available_memory_bytes
 from meshserve.engine.kv_offload.manager import KVOffloadManager
 from meshserve.errors import InvalidArgumentError
@@ -18,15 +19,46 @@ from meshserve.errors import InvalidArgumentError
 logger = logging.getLogger(__name__)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weight_files_identity(model: str) -> list:
+    """(name, size, mtime_ns) of the model's weight files (a folder's, or the one GGUF file): weights rewritten in
+    place under the same path and config (a fine-tune saved over its folder) change it. [] for a preset name."""
+    try:
+        if os.path.isfile(model):
+            paths = [model]
+        elif os.path.isdir(model):
+            paths = sorted(os.path.join(model, n) for n in os.listdir(model) if n.endswith(WEIGHT_SUFFIXES))
+        else:
+            return []
+        out = []
+        for path in paths:
+            st = os.stat(path)
+            out.append([os.path.basename(path), st.st_size, st.st_mtime_ns])
+        return out
+    except OSError:
+        return []
+
+
 def kv_fingerprint(config: EngineConfig, block_shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
-    """16 bytes naming what a stored block's bytes mean: the model (its name, config, weight source and seed,
-    which random weights depend on), the dtype and the block layout. Another model never reads the files."""
+    """16 bytes naming what a stored block's bytes mean: the model (its name, where it is, its config, its
+    weight files' sizes and times, the weight source, quantization and seed, which random weights depend on),
+    the dtype, the block layout and the meshserve version. Another model, the same model quantized otherwise,
+    or weights rewritten in place never read the files (the disk tier keeps one folder per fingerprint)."""
+    from meshserve import __version__
+
     mc = config.model_config
     pc = config.parallel_config
     hf = mc.hf_config.to_json_string(use_diff=False) if hasattr(mc.hf_config, "to_json_string") else str(mc.hf_config)
     desc = json.dumps({"model": mc.model, "hf_config": hf, "load_format": mc.load_format, "seed": mc.seed,
                        "dtype": mc.dtype, "kv_dtype": str(dtype), "block_shape": list(block_shape),
-                       "tp": pc.tensor_parallel_size, "pp": pc.pipeline_parallel_size}, sort_keys=True)
+                       "tp": pc.tensor_parallel_size, "pp": pc.pipeline_parallel_size,
+                       "path": os.path.realpath(mc.model) if os.path.exists(mc.model) else None,
+                       "weights": weight_files_identity(mc.model), "quantization": getattr(mc, "quantization", None),
+                       # dummy weights are drawn one of two ways (models/loader.py)
+                       "dummy_weights": os.environ.get("MESHSERVE_DUMMY_WEIGHTS", ""),
+                       "version": __version__}, sort_keys=True)
     return hashlib.blake2b(desc.encode(), digest_size=16).digest()
 
 
@@ -43,6 +75,10 @@ def build_kv_offload(config: EngineConfig, runner, block_manager) -> KVOffloadMa
     if num_slots < 1:
         raise InvalidArgumentError(f"--kv-offloading-size {cc.kv_offloading_size} GiB holds no KV block of "
                                    f"{block_bytes} bytes; raise it", param="kv_offloading_size")
+    if cc.kv_offloading_disk_path and int(cc.kv_offloading_disk_size * GiB) < HEADER.size + block_bytes:
+        raise InvalidArgumentError(f"--kv-offloading-disk-size {cc.kv_offloading_disk_size} GiB holds no KV block "
+                                   f"file of {HEADER.size + block_bytes} bytes; raise it",
+                                   param="kv_offloading_disk_size")
     cuda = torch.device(config.device).type == "cuda"
     # checked now that the weights are in: the tier is not zeroed, so an unpinned one past what is free would
     # fail only as it fills (the OOM killer, mid-request)

@@ -26,6 +26,34 @@ from meshserve.outputs import (
 )
 from meshserve.sampling import RequestOutputKind, SamplingParams
 
+_REPLACEMENT_CHAR = "\ufffd"
+# A run of tokens that never completes a character (invalid bytes) is let go after this many, so that each
+# position's decode stays short; the text shows those bytes as U+FFFD either way.
+_MAX_HELD_TOKENS = 8
+
+
+def _held_back(text: str, held: list[int], last: bool) -> bool:
+    """Whether a token whose text (after the held ids) is `text` only adds bytes of an unfinished character."""
+    return text.endswith(_REPLACEMENT_CHAR) and not last and len(held) < _MAX_HELD_TOKENS
+
+
+def token_texts_in_context(tokenizer: Any, token_ids: list[int]) -> list[str]:
+    """Each token's text as the sequence's text shows it: a token that ends inside a multi-byte character
+    (byte-level BPE splits an emoji or a CJK character over tokens) reads "", and the token that completes the
+    character reads all of it, so the texts laid end to end are the decoded text. The last token flushes what
+    is still held (the text shows incomplete bytes at the end as U+FFFD)."""
+    held: list[int] = []
+    texts = []
+    for i, tid in enumerate(token_ids):
+        text = tokenizer.decode([*held, tid])
+        if _held_back(text, held, last=i == len(token_ids) - 1):
+            held.append(tid)
+            texts.append("")
+        else:
+            held.clear()
+            texts.append(text)
+    return texts
+
 
 class _Completion:
     """One of a request's n completions, as far as the front end has received it."""
@@ -34,6 +62,7 @@ class _Completion:
         "cumulative_logprob",
         "detokenizer",
         "finish_reason",
+        "held_ids",
         "index",
         "logprobs",
         "num_sent_chars",
@@ -52,6 +81,7 @@ class _Completion:
         self.token_ids: list[int] = []
         self.text = ""  # released text (stop-string hold-back applied)
         self.logprobs: list[PositionLogprobs] | None = [] if want_logprobs else None
+        self.held_ids: list[int] = []  # logprob texts: output ids of a character not complete yet
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -98,6 +128,7 @@ class RequestState:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     prompt_logprobs_sent: bool = False  # DELTA outputs carry the prompt's logprobs once
+    prompt_held_ids: list[int] = field(default_factory=list)  # as _Completion.held_ids, for prompt logprobs
     kv_transfer_params: dict | None = None  # from the core's final output of a producer's request
     queue: Any = None  # the async front end's delivery target for this request
 
@@ -176,6 +207,10 @@ class OutputProcessor:
                              [r.request_id for r in request.core_requests], queue=queue)
         if params.prompt_logprobs is not None:
             state.prompt_logprobs = [None]  # the first prompt token has no context to score it
+            first = request.prompt_token_ids[:1]
+            if first and self.tokenizer is not None and len(request.prompt_token_ids) > 1 \
+                    and self._decode_token(first[0]).endswith(_REPLACEMENT_CHAR):
+                state.prompt_held_ids.append(first[0])  # the next prompt token's text completes its character
         self.requests[request.request_id] = state
         for child_id, c in zip(state.child_ids, completions):
             self._children[child_id] = (state, c)
@@ -208,7 +243,10 @@ class OutputProcessor:
                 continue  # aborted, or finished by a stop string while this step ran
             state, comp = entry
             if out.new_prompt_logprobs and state.prompt_logprobs is not None:
-                state.prompt_logprobs.extend(self._position_logprobs(info) for info in out.new_prompt_logprobs)
+                num_prompt = len(state.prompt_token_ids)
+                for info in out.new_prompt_logprobs:  # in order; the prompt's last token flushes held bytes
+                    last = len(state.prompt_logprobs) == num_prompt - 1
+                    state.prompt_logprobs.append(self._position_logprobs(info, state.prompt_held_ids, last))
             if out.kv_transfer_params is not None:
                 state.kv_transfer_params = out.kv_transfer_params
             if out.new_token_ids or out.finish_reason:
@@ -253,8 +291,9 @@ class OutputProcessor:
                 state.num_cached_tokens = out.num_cached_tokens
             comp.token_ids.extend(new_ids)
             if out.new_logprobs and comp.logprobs is not None:
-                for info in out.new_logprobs:
-                    comp.logprobs.append(self._position_logprobs(info))
+                final = len(out.new_logprobs) - 1 if out.finish_reason else -1
+                for i, info in enumerate(out.new_logprobs):
+                    comp.logprobs.append(self._position_logprobs(info, comp.held_ids, last=i == final))
                     comp.cumulative_logprob += info.logprob
         if out.finish_reason:
             comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
@@ -275,13 +314,29 @@ class OutputProcessor:
         if detok.matched_stop is not None:
             comp.finish_reason, comp.stop_reason = "stop", detok.matched_stop
 
-    def _position_logprobs(self, info: TokenLogprobs) -> PositionLogprobs:
-        """Chosen token first, then the alternatives, as {token_id: Logprob}."""
-        decode = self._decode_token
-        out: PositionLogprobs = {info.token_id: Logprob(info.logprob, info.rank, decode(info.token_id))}
+    def _position_logprobs(self, info: TokenLogprobs, held: list[int], last: bool = False) -> PositionLogprobs:
+        """Chosen token first, then the alternatives, as {token_id: Logprob}.
+
+        Texts are in context, as token_texts_in_context's: held are the sequence's ids before this position
+        whose character is not complete yet (their bytes go to the text of the token that completes it; held
+        is then moved past the chosen token); last: the sequence ends here, so held bytes are flushed.
+        """
+        def text(tid: int) -> str | None:
+            alone = self._decode_token(tid)
+            if alone is None:
+                return None
+            in_context = self.tokenizer.decode([*held, tid]) if held else alone
+            return "" if _held_back(in_context, held, last) else in_context
+
+        chosen = text(info.token_id)
+        out: PositionLogprobs = {info.token_id: Logprob(info.logprob, info.rank, chosen)}
         for rank, (tid, lp) in enumerate(zip(info.top_ids, info.top_logprobs), start=1):
             if tid not in out:
-                out[tid] = Logprob(lp, rank, decode(tid))
+                out[tid] = Logprob(lp, rank, text(tid))
+        if chosen == "" and (held or self._decode_token(info.token_id)):  # held back (not a token reading "")
+            held.append(info.token_id)
+        else:
+            held.clear()
         return out
 
     def _decode_token(self, token_id: int) -> str | None:

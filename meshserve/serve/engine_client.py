@@ -17,6 +17,7 @@ from typing import Any
 
 from meshserve.engine.async_engine import AsyncLLM
 from meshserve.engine.chat_template import render_chat
+from meshserve.engine.output_processor import token_texts_in_context
 from meshserve.errors import InvalidArgumentError, ServerOverloadedError, ServiceLevelError
 from meshserve.outputs import RequestOutput
 from meshserve.sampling import SamplingParams
@@ -181,11 +182,12 @@ class EngineClient:
         return await self.allm.run_tokenizer(lambda: [str(t) for t in tok.convert_ids_to_tokens(token_ids)])
 
     async def decode_each(self, token_ids: list[int]) -> list[str]:
-        """Each token's own text (for echoed prompt logprobs)."""
+        """Each token's text in the sequence (for echoed prompt logprobs): as the engine's logprob texts, a
+        token that ends inside a multi-byte character reads "" and the one that completes it reads all of it."""
         tok = self.allm.tokenizer
         if tok is None:
             return ["" for _ in token_ids]
-        return await self.allm.run_tokenizer(lambda: [tok.decode([t]) for t in token_ids])
+        return await self.allm.run_tokenizer(lambda: token_texts_in_context(tok, token_ids))
 
     async def decode(self, token_ids: list[int]) -> str:
         tok = self.allm.tokenizer

@@ -1,8 +1,15 @@
 """Engine logprobs (PositionLogprobs per token) -> OpenAI's completions and chat logprobs objects, and vLLM's
 prompt_logprobs.
 
+Token texts are the engine's, in context (output_processor.token_texts_in_context): a token that ends inside
+a multi-byte character (byte-level BPE splits an emoji or a CJK character over 2-4 tokens) reads "" and the
+token that completes the character reads all of it, as vLLM's LogprobsProcessor._verify_tokens corrects them
+(where vLLM's correction succeeds; it gives "" to all of a 3-token character and to a prompt's). So the tokens
+laid end to end are the text, text_offset indexes the returned text, and chat's `bytes` (the token's text in
+UTF-8, as vLLM's _create_chat_logprobs) joined over the tokens are the text's bytes.
+
 as_ids (vLLM's return_tokens_as_token_ids): every token string is "token_id:N" instead of its text, so a
-client can tell apart tokens whose texts are not valid on their own (partial UTF-8 bytes all read "\\ufffd").
+client can tell apart tokens whose texts are empty or alike.
 """
 
 from __future__ import annotations
@@ -10,7 +17,13 @@ from __future__ import annotations
 import math
 
 from meshserve.outputs import Logprob, PositionLogprobs
-from meshserve.serve.protocol import CompletionLogprobs, PromptLogprob, PromptLogprobs, TokenLogprob, TopLogprob
+from meshserve.serve.protocol import (
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
+    TokenLogprob,
+    TopLogprob,
+)
 
 
 def _finite(x: float) -> float:
@@ -25,7 +38,8 @@ def _text(token_id: int, lp: Logprob, as_ids: bool = False) -> str:
 
 
 def _top_dict(pos: PositionLogprobs, as_ids: bool) -> dict[str, float]:
-    # distinct tokens can share a text (partial UTF-8 bytes all read "\ufffd"): keep the likeliest
+    # distinct tokens can share a text (those that only start a multi-byte character all read ""): keep the
+    # likeliest
     top: dict[str, float] = {}
     for tid, lp in pos.items():
         key, value = _text(tid, lp, as_ids), _finite(lp.logprob)
@@ -67,7 +81,9 @@ def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs |
 
 def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], top_k: int,
                   as_ids: bool = False) -> list[TokenLogprob]:
-    """The chat shape: per token its text, logprob, bytes, and the top_k alternatives by rank."""
+    """The chat shape: per token its text, logprob, bytes (its text's UTF-8: [] for a token that only holds
+    part of a character, all the character's bytes on the token that completes it), and the top_k alternatives
+    by rank."""
     content = []
     for tid, pos in zip(token_ids, positions):
         chosen = pos.get(tid)

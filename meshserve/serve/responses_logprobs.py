@@ -10,10 +10,11 @@ tool calls (and of a stop string or EOS after the text) are left out. Each token
 on its own) is laid end to end, which places it at a character span of the whole output; the message's text is
 a span of that output too (after the reasoning, before the first tool call), and a token belongs to the
 message when the two spans overlap. A token across a boundary (one holding both the end of a think tag and the
-answer's first word) goes with the message whole, so that every character of the text has its token. Where a
-token's text on its own differs from its text in context (a multi-byte character split over tokens, a special
-token the output skips) the spans drift by those characters; for plain text the tokens concatenated are the
-text.
+answer's first word) goes with the message whole, so that every character of the text has its token. Token
+texts are in context (logprobs.py): a token that only holds part of a multi-byte character is empty, at the
+start of the character its bytes end, and goes with the span that holds that character (a message that opens
+on a split character keeps its first tokens). Where a token's text differs from the output (a special token
+the output skips) the spans drift by those characters; for plain text the tokens concatenated are the text.
 """
 
 from __future__ import annotations
@@ -56,9 +57,12 @@ class TextLogprobs:
         out = []
         while self.given < len(self.entries):
             k = self.given
-            if (self.ends[k - 1] if k else 0) >= end:  # not reached yet (or after the message)
+            begin = self.ends[k - 1] if k else 0
+            if begin >= end:  # not reached yet (or after the message)
                 break
-            if self.ends[k] > start:  # overlaps the message (else wholly before it: passed over)
+            # overlaps the message (else wholly before it: passed over); an empty token (part of a character)
+            # at the message's start belongs to its first character
+            if self.ends[k] > start or begin == start:
                 out.append(self.entries[k])
             self.given += 1
         return out

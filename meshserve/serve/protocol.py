@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from meshserve.engine.chat_template import text_parts
+
 MAX_LOGPROBS = 20
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -250,16 +252,18 @@ class ChatMessage(OpenAIModel):
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    # an earlier assistant turn's reasoning, for templates that render it (Qwen3's reasoning_content); vLLM
+    # takes either name and hands the template both
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts_only(cls, content: Any) -> Any:
-        """Image, audio or file parts get one clear message rather than three union-branch errors."""
+        """vLLM's text parts (input_text, output_text, refusal, thinking, a bare string) as text parts; image,
+        audio or file parts get one clear message naming them rather than three union-branch errors."""
         if isinstance(content, list):
-            kinds = {p.get("type") for p in content if isinstance(p, dict)} - {"text"}
-            if kinds:
-                raise ValueError(f"content parts of type {', '.join(sorted(map(str, kinds)))} are not supported: "
-                                 "this server takes text parts only")
+            return text_parts(content)
         return content
 
     def text(self) -> str:
@@ -285,6 +289,8 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = Field(None, description="this request's Jinja chat template (vLLM's; the server "
                                                         "must trust them: --trust-request-chat-template)")
+    documents: list[dict[str, Any]] | None = Field(None, description="vLLM's: documents the chat template may "
+                                                                     "render (RAG templates: title and text)")
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True  # false: at most one call per turn (tool_choice "required" then yields one)

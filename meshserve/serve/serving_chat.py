@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.responses import Response
 
@@ -24,6 +25,7 @@ from meshserve.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatMessage,
     ChatResponseMessage,
 )
 from meshserve.serve.reasoning.chat import ReasoningPlan, plan_reasoning, server_reasoning_parser
@@ -84,6 +86,24 @@ class ChatStart:
         return thought, content, calls
 
 
+def conversation_of(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as the chat template reads them (template_messages), with an assistant turn's reasoning
+    under both names (vLLM: reasoning, and reasoning_content that Qwen3's template reads)."""
+    out = template_messages(messages)
+    for m, msg in zip(messages, out):
+        reasoning = m.reasoning if m.reasoning is not None else m.reasoning_content
+        if reasoning is not None and m.role == "assistant":
+            msg["reasoning"] = msg["reasoning_content"] = reasoning
+    return out
+
+
+def template_kwargs_of(req) -> dict[str, Any] | None:
+    """The request's chat_template_kwargs, with its documents (vLLM's field) for RAG templates."""
+    if getattr(req, "documents", None) is None:
+        return req.chat_template_kwargs
+    return {**(req.chat_template_kwargs or {}), "documents": req.documents}
+
+
 class ChatService:
     def __init__(self, client: EngineClient, config: ServeConfig, metrics: ServerMetrics):
         self.client = client
@@ -116,8 +136,8 @@ class ChatService:
         self.client.check_admission()  # before spending a template render on a request we refuse
         # --exclude-tools-when-tool-choice-none: the template does not see tools the model may not call
         tools = [] if plan.mode == "none" and self.config.exclude_tools_when_tool_choice_none else plan.tools
-        prompt_ids = await self.client.render_chat(template_messages(req.messages), req.add_generation_prompt,
-                                                   req.chat_template_kwargs, tools, req.continue_final_message,
+        prompt_ids = await self.client.render_chat(conversation_of(req.messages), req.add_generation_prompt,
+                                                   template_kwargs_of(req), tools, req.continue_final_message,
                                                    request_template=request_chat_template(req))
         reasoning = await plan_reasoning(self.reasoning_parser, req, prompt_ids, params, self.client)
         requests = await self.client.start([{"prompt_token_ids": prompt_ids}], params, request_id,

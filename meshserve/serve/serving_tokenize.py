@@ -7,7 +7,7 @@ from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient
 from meshserve.serve.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from meshserve.serve.serving_common import check_model, request_chat_template, server_defaults
-from meshserve.serve.tool_calls import template_messages
+from meshserve.serve.serving_chat import conversation_of
 
 
 class TokenizeService:
@@ -20,7 +20,7 @@ class TokenizeService:
         server_defaults(req, self.config)
         if req.messages is not None:
             tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
-            ids = await self.client.render_chat(template_messages(req.messages), req.add_generation_prompt,
+            ids = await self.client.render_chat(conversation_of(req.messages), req.add_generation_prompt,
                                                 req.chat_template_kwargs, tools, req.continue_final_message,
                                                 request_template=request_chat_template(req))
         else:

@@ -142,8 +142,9 @@ class EngineClient:
         template = self.config.chat_template
         if request_template is not None:  # vLLM's rule: a request's own Jinja only where the server trusts it
             if not self.config.trust_request_chat_template:
-                raise InvalidArgumentError("a chat template in the request needs the server's "
-                                           "--trust-request-chat-template", param="chat_template")
+                raise InvalidArgumentError("Chat template is passed with request, but --trust-request-chat-template "
+                                           "is not set. Refused request with untrusted chat template.",
+                                           param="chat_template")  # vLLM's words
             content_format = resolve_content_format(self.config.chat_template_content_format, request_template)
             template = request_template
         else:

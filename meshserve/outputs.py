@@ -54,6 +54,11 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def lora_request(self) -> None:
+        """vLLM's field: the LoRA adapter that produced it; always None (meshserve serves no adapters)."""
+        return None
+
 
 @dataclass
 class RequestMetrics:
@@ -77,3 +82,21 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     extra: dict = field(default_factory=dict)
     kv_transfer_params: dict | None = None  # a producer's held KV: the decode leg's handle (vLLM's field)
+
+    # vLLM's fields for what meshserve does not do (LoRA adapters, encoder-decoder and multimodal models): read
+    # as vLLM returns them for a plain decoder-only text request, so code written for vLLM reads them unchanged
+    @property
+    def lora_request(self) -> None:
+        return None
+
+    @property
+    def encoder_prompt(self) -> None:
+        return None
+
+    @property
+    def encoder_prompt_token_ids(self) -> None:
+        return None
+
+    @property
+    def multi_modal_placeholders(self) -> dict:
+        return {}

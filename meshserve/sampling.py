@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import copy
 import enum
+import logging
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from meshserve.errors import InvalidArgumentError
 from meshserve.structured.params import StructuredOutputsParams
 
+logger = logging.getLogger(__name__)
+
 _GREEDY_EPS = 1e-5
+_MIN_TEMPERATURE = 1e-2  # vLLM's _MAX_TEMP: a temperature in (0, 0.01) is raised to it, with a warning
+# from_optional: these take their default when given as None (vLLM's SamplingParams.from_optional)
+_OPTIONAL_DEFAULTS = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                      "temperature": 1.0, "top_p": 1.0}
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
@@ -53,6 +61,11 @@ class SamplingParams:
     (the last token of a word is banned once the output ends with the tokens before it, as in vLLM).
     truncate_prompt_tokens = N keeps the prompt's last N tokens (-1: max_model_len), applied before the
     length check.
+    detokenize=False: offline LLM returns token ids only (text ""), as vLLM; stop strings need the text.
+    extra_args: vLLM's free-form dict for custom sampling plugins; kept, and read by nothing (as in vLLM,
+    whose built-in sampling ignores it too).
+    vLLM's normalisations: seed -1 means None, logprobs / prompt_logprobs True mean 1, a temperature in
+    (0, 0.01) is raised to 0.01, and duplicate stop_token_ids are dropped.
     """
 
     n: int = 1
@@ -83,6 +96,8 @@ class SamplingParams:
     # prefill/decode disaggregation, vLLM's request field: {"do_remote_decode" | "do_remote_prefill": true,
     # "transfer_id": ...}; checked by the engine core (disagg/coordinator.py)
     kv_transfer_params: dict[str, Any] | None = None
+    detokenize: bool = True  # vLLM's: False returns no text (offline LLM), only token ids
+    extra_args: dict[str, Any] | None = None  # vLLM's, for custom sampling plugins: nothing here reads it
     # Filled by the engine: EOS ids of the model (unless ignore_eos), merged into the stop set.
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     # Filled by the front end (it holds the tokenizer): each bad word's token ids, in every spelling banned.
@@ -96,6 +111,20 @@ class SamplingParams:
         else:
             self.stop = _as_list(self.stop)
         self.stop_token_ids = [] if self.stop_token_ids is None else _as_list(self.stop_token_ids)
+        if isinstance(self.stop_token_ids, list) and all(map(_is_int, self.stop_token_ids)):
+            self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))  # duplicates dropped, as in vLLM
+        if isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed == -1:
+            self.seed = None  # vLLM's "no seed"
+        if self.logprobs is True:  # vLLM: True asks for the chosen token's logprob and one alternative
+            self.logprobs = 1
+        if self.prompt_logprobs is True:
+            self.prompt_logprobs = 1
+        t = self.temperature
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 < t < _MIN_TEMPERATURE:
+            # as vLLM: so tiny a temperature gives inf / nan logits in half precision
+            logger.warning("temperature %s is less than %s, which may cause numerical errors nan or inf in "
+                           "tensors; it is raised to %s (as vLLM does)", t, _MIN_TEMPERATURE, _MIN_TEMPERATURE)
+            self.temperature = _MIN_TEMPERATURE
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = _as_list(self.allowed_token_ids)
         if isinstance(self.bad_words, str):
@@ -110,6 +139,30 @@ class SamplingParams:
         if self.top_k is None or (isinstance(self.top_k, int) and self.top_k == -1):  # vLLM's older "off"
             self.top_k = 0
         self.validate()
+
+    @classmethod
+    def from_optional(cls, **fields) -> SamplingParams:
+        """vLLM's SamplingParams.from_optional: n, the penalties, temperature and top_p given as None take
+        their defaults; logit_bias keys may be strings of token ids, and biases are clipped to [-100, 100]."""
+        for name, default in _OPTIONAL_DEFAULTS.items():
+            if fields.get(name) is None:
+                fields[name] = default
+        bias = fields.get("logit_bias")
+        if isinstance(bias, dict):
+            bad = []
+            clipped = {}
+            for token, value in bias.items():
+                try:
+                    token_id = int(token)
+                except (TypeError, ValueError):
+                    bad.append(token)
+                    continue
+                clipped[token_id] = min(100.0, max(-100.0, value)) if isinstance(value, (int, float)) else value
+            if bad:
+                raise InvalidArgumentError(f"logit_bias contains key(s) that cannot be converted to integer token "
+                                           f"ids: {bad!r}", param="logit_bias")
+            fields["logit_bias"] = clipped
+        return cls(**fields)
 
     @classmethod
     def from_defaults(cls, defaults: dict | None = None, **fields) -> SamplingParams:
@@ -130,15 +183,18 @@ class SamplingParams:
             check(isinstance(value, (int, float)) and not isinstance(value, bool), name,
                   f"must be a number, got {value!r}")
         check(_is_int(self.n) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n}")
-        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+        check(math.isfinite(self.temperature), "temperature", f"must be a finite number, got {self.temperature}")
+        check(math.isfinite(self.repetition_penalty), "repetition_penalty",
+              f"must be a finite number, got {self.repetition_penalty}")
+        check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
               "max_tokens", f"must be an integer >= 1, got {self.max_tokens}")
-        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
+        check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
               f"must be an integer >= 0, got {self.min_tokens}")
         check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
               f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         check(self.temperature >= 0.0, "temperature", f"must be >= 0, got {self.temperature}")
         check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
-        check(isinstance(self.top_k, int), "top_k", f"must be an integer, got {self.top_k}")
+        check(_is_int(self.top_k), "top_k", f"must be an integer, got {self.top_k!r}")
         check(self.top_k >= 0, "top_k", f"must be -1 or 0 (disabled) or >= 1, got {self.top_k}")  # as vLLM
         check(0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")
         check(self.repetition_penalty > 0.0, "repetition_penalty",
@@ -148,7 +204,7 @@ class SamplingParams:
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
               f"must be in [-2, 2], got {self.frequency_penalty}")
         # torch.Generator.manual_seed overflows past 64 bits, inside the engine step: reject it here
-        check(self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63), "seed",
+        check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**63), "seed",
               f"must be an integer in [-2**63, 2**63), got {self.seed}")
         check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
               f"must be a string or a list of non-empty strings, got {self.stop!r}")
@@ -175,6 +231,11 @@ class SamplingParams:
         check(self.bad_words is None or (isinstance(self.bad_words, list)
                                          and all(isinstance(w, str) and w.strip() for w in self.bad_words)),
               "bad_words", "must be a string or a list of non-empty strings")
+        check(isinstance(self.detokenize, bool), "detokenize", f"must be true or false, got {self.detokenize!r}")
+        check(self.detokenize or not self.stop, "stop",
+              "strings are only supported when detokenize is True (set detokenize=True to use stop)")
+        check(self.extra_args is None or isinstance(self.extra_args, dict), "extra_args",
+              f"must be a dict, got {type(self.extra_args).__name__}")
         n = self.truncate_prompt_tokens
         check(n is None or (isinstance(n, int) and not isinstance(n, bool) and (n >= 1 or n == -1)),
               "truncate_prompt_tokens", f"must be an integer >= 1, or -1 (max_model_len), got {n}")

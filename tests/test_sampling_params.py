@@ -81,3 +81,54 @@ def test_token_masks_and_history_are_only_asked_for_when_used():
     # a one-token word is banned at every step; a longer one needs the output so far
     assert one.uses_token_masks and not one.reads_output_history and two.reads_output_history
     assert SamplingParams(truncate_prompt_tokens=-1).truncate_prompt_tokens == -1
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    # vLLM's _verify_args: temperature and repetition_penalty must be finite; integers are not booleans
+    (dict(temperature=float("inf")), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"), (dict(max_tokens=True), "max_tokens"),
+    (dict(min_tokens=1.5), "min_tokens"), (dict(top_k=True), "top_k"), (dict(seed=1.5), "seed"),
+    (dict(stop="x", detokenize=False), "stop"), (dict(detokenize="no"), "detokenize"),
+    (dict(extra_args=[1]), "extra_args"),
+])
+def test_vllm_refusals(kwargs, param):
+    with pytest.raises(ValueError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param and param in str(e.value)
+
+
+def test_vllm_normalisations(caplog):
+    assert SamplingParams(seed=-1).seed is None  # vLLM's "no seed"
+    assert (SamplingParams(logprobs=True).logprobs, SamplingParams(prompt_logprobs=True).prompt_logprobs) == (1, 1)
+    assert SamplingParams(stop_token_ids=[7, 3, 7]).stop_token_ids == [7, 3]
+    with caplog.at_level("WARNING", logger="meshserve.sampling"):
+        assert SamplingParams(temperature=1e-3).temperature == 0.01  # vLLM's floor against inf / nan
+    assert "raised to 0.01" in caplog.text
+    assert SamplingParams(temperature=0).temperature == 0 and SamplingParams(temperature=0.01).temperature == 0.01
+    p = SamplingParams(extra_args={"plugin": 1})
+    assert p.extra_args == {"plugin": 1} and p.detokenize and not SamplingParams(detokenize=False).detokenize
+
+
+def test_from_optional_as_vllm():
+    p = SamplingParams.from_optional(n=None, temperature=None, top_p=None, presence_penalty=None,
+                                     frequency_penalty=None, repetition_penalty=None, max_tokens=None,
+                                     logit_bias={"5": 150, 7: -3.0, "9": -200})
+    assert (p.n, p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == \
+        (1, 1.0, 1.0, 0.0, 0.0, 1.0)
+    assert p.max_tokens is None and p.logit_bias == {5: 100.0, 7: -3.0, 9: -100.0}
+    assert SamplingParams.from_optional(temperature=0.5, max_tokens=8) == SamplingParams(temperature=0.5, max_tokens=8)
+    with pytest.raises(ValueError, match="logit_bias.*'abc'"):
+        SamplingParams.from_optional(logit_bias={"abc": 1.0})
+    with pytest.raises(TypeError):  # a misspelled field is a TypeError, as vLLM's
+        SamplingParams.from_optional(temprature=0.5)
+
+
+def test_clone_is_independent():
+    p = SamplingParams(stop=["a"], stop_token_ids=[3], logit_bias={1: 2.0}, structured_outputs={"regex": "a+"})
+    q = p.clone()
+    assert q == p and q is not p
+    q.stop.append("b")
+    q.stop_token_ids.append(4)
+    q.logit_bias[2] = 1.0
+    assert (p.stop, p.stop_token_ids, p.logit_bias) == (["a"], [3], {1: 2.0})
+    assert q.structured_outputs is not p.structured_outputs

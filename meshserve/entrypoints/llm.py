@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
@@ -13,7 +14,7 @@ from meshserve.engine.args_check import check_engine_args
 from meshserve.engine.chat_template import render_chat, render_chat_text, text_content
 from meshserve.engine.input_processor import PromptType
 from meshserve.engine.llm_engine import LLMEngine
-from meshserve.errors import EngineDeadError, InvalidArgumentError
+from meshserve.errors import EngineDeadError, InvalidArgumentError, PromptTooLongError
 from meshserve.outputs import RequestOutput
 from meshserve.sampling import RequestOutputKind, SamplingParams
 from meshserve.vllm_values import NO_OP_ARGS
@@ -22,6 +23,79 @@ from meshserve.engine.chat_content_format import resolve_content_format, with_co
 logger = logging.getLogger(__name__)
 
 Conversation = list[dict]
+
+# vLLM's most logprobs per position (its --max-logprobs default) and meshserve's ceiling
+_MAX_LOGPROBS = 20
+_NO_LORA = "LoRA adapters are not supported yet (merge the adapter into the weights)"
+_NOT_GENERATIVE = ("meshserve serves generative models only: embeddings, classification, scores and rewards are "
+                   "not implemented (use generate() or chat())")
+
+
+class UnknownEngineArgumentError(InvalidArgumentError, TypeError):
+    """LLM(...) given a keyword no engine argument has: a TypeError, as vLLM's EngineArgs raises (and an
+    InvalidArgumentError, as meshserve's other configuration errors)."""
+
+
+def _asks_for_something(value) -> bool:
+    """Whether a vLLM keyword's value asks for anything (enable_lora=False, swap_space=0 or revision=None ask
+    for nothing, so they pass as a vLLM script writes them)."""
+    if value is None or value is False:
+        return False
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value != 0
+    if isinstance(value, (str, list, tuple, dict)):
+        return len(value) > 0
+    return True
+
+
+def _vllm_keywords(kwargs: dict) -> tuple[dict, int]:
+    """vLLM's LLM(...) keywords that are not meshserve engine arguments, treated as `meshserve serve` treats
+    the same flags (serve/vllm_compat_args.py): refused with what to use instead, or checked and dropped.
+    Returns the remaining keywords and max_logprobs."""
+    from meshserve.serve.vllm_compat_args import _REFUSED  # light: refusals come before torch loads
+
+    kwargs = dict(kwargs)
+    for flag, (_kind, why) in _REFUSED.items():
+        name = flag.lstrip("-").replace("-", "_")
+        if name in kwargs and name not in EngineArgs.field_names():
+            value = kwargs.pop(name)
+            if _asks_for_something(value):
+                raise InvalidArgumentError(f"LLM({name}=...): {why}", param=name)
+    mode = kwargs.pop("tokenizer_mode", "auto")
+    if mode not in ("auto", "hf"):
+        raise InvalidArgumentError(f"tokenizer_mode {mode!r} is not supported: meshserve loads the tokenizer "
+                                   "folder's fast tokenizer (auto)", param="tokenizer_mode")
+    runner = kwargs.pop("runner", "auto")
+    if runner not in ("auto", "generate"):
+        raise InvalidArgumentError(f"runner {runner!r} is not supported: meshserve serves generative models "
+                                   "(embeddings and scores are not implemented)", param="runner")
+    max_logprobs = kwargs.pop("max_logprobs", _MAX_LOGPROBS)
+    if max_logprobs is None:
+        max_logprobs = _MAX_LOGPROBS
+    if not (isinstance(max_logprobs, int) and not isinstance(max_logprobs, bool)
+            and 0 <= max_logprobs <= _MAX_LOGPROBS):
+        raise InvalidArgumentError(f"max_logprobs must be an integer in [0, {_MAX_LOGPROBS}]: meshserve returns "
+                                   f"at most {_MAX_LOGPROBS} logprobs per position, got {max_logprobs!r}",
+                                   param="max_logprobs")
+    return kwargs, max_logprobs
+
+
+def _unknown_arguments_error(unknown: set[str]) -> UnknownEngineArgumentError:
+    known = sorted(EngineArgs.field_names())
+    parts = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return UnknownEngineArgumentError(f"unknown engine argument(s): {', '.join(parts)}; LLM(...) takes the fields "
+                                      "of meshserve.EngineArgs", param=sorted(unknown)[0])
+
+
+def _out_of_vocab_id(prompt, vocab: int) -> int | None:
+    """The first token id of a token prompt outside [0, vocab), if any."""
+    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else prompt
+    if not isinstance(ids, (list, tuple)):
+        return None
+    return next((t for t in ids if isinstance(t, int) and not isinstance(t, bool) and not 0 <= t < vocab), None)
 
 
 class LLM:
@@ -36,9 +110,10 @@ class LLM:
         for name in NO_OP_ARGS.keys() & kwargs.keys():  # as `meshserve serve` takes these flags
             logger.info("LLM(%s=...) has no effect: %s", name, NO_OP_ARGS[name])
             del kwargs[name]
+        kwargs, self.max_logprobs = _vllm_keywords(kwargs)
         unknown = set(kwargs) - EngineArgs.field_names()
         if unknown:
-            raise InvalidArgumentError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
+            raise _unknown_arguments_error(unknown)
         self.engine_args = EngineArgs(model=model, **kwargs)
         # the CLI's checks, before anything loads: a missing tokenizer folder or --step-trace folder is named
         # at once, not a FileNotFoundError after the model has loaded
@@ -56,6 +131,11 @@ class LLM:
         if self.engine is None:
             raise EngineDeadError("this LLM has been shut down")
         return self.engine
+
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """vLLM's name for the engine behind this LLM (meshserve's LLMEngine: not vLLM's interface)."""
+        return self._engine
 
     def get_tokenizer(self):
         return self._engine.tokenizer
@@ -76,9 +156,17 @@ class LLM:
 
     def generate(self, prompts: PromptType | SequenceABC[PromptType],
                  sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
-                 use_tqdm: bool | Callable = True, priority: list[int] | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool | Callable = True, priority: list[int] | None = None, *,
+                 lora_request=None) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the prompts' order. priority (one per prompt)
-        orders the queue when the engine runs with scheduling_policy="priority" (lower first)."""
+        orders the queue when the engine runs with scheduling_policy="priority" (lower first).
+
+        As vLLM's: every prompt is checked before any runs, and one that is refused (too long, empty, a token
+        id outside the vocabulary) raises a ValueError with none of the batch left queued. A max_tokens past
+        the end of the context is cut to it (the output then ends with finish_reason "length"), as vLLM's
+        offline LLM caps it; `meshserve serve` refuses it instead, as vLLM's server does."""
+        if lora_request is not None:
+            raise InvalidArgumentError(f"lora_request: {_NO_LORA}", param="lora_request")
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -95,8 +183,10 @@ class LLM:
             if not all(isinstance(p, SamplingParams) for p in params_list):  # a dict would fail deep in _run
                 raise InvalidArgumentError("sampling_params must be a SamplingParams or a list of them, got "
                                            f"{type(sampling_params).__name__}", param="sampling_params")
-            if len(params_list) != len(prompts):
-                raise InvalidArgumentError("sampling_params must be one object or one per prompt")
+            if len(params_list) != len(prompts):  # vLLM's _validate_and_add_requests
+                raise InvalidArgumentError(f"The lengths of prompts ({len(prompts)}) and sampling_params "
+                                           f"({len(params_list)}) must be the same: give one SamplingParams, or "
+                                           "one per prompt", param="sampling_params")
         if priority is not None and len(priority) != len(prompts):
             raise InvalidArgumentError("priority must have one value per prompt", param="priority")
         return self._run(prompts, params_list, use_tqdm, priority or [0] * len(prompts))
@@ -106,11 +196,14 @@ class LLM:
              use_tqdm: bool | Callable = True, chat_template: str | None = None,
              add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
-             tools: list[dict] | None = None, chat_template_content_format: str = "auto") -> list[RequestOutput]:
+             tools: list[dict] | None = None, chat_template_content_format: str = "auto", *,
+             lora_request=None) -> list[RequestOutput]:
         """Render each conversation with the tokenizer's chat template (tools, OpenAI's function tools, reach
         it as in vLLM), then generate; each output's prompt is the rendered text, as vLLM's. Content given as
         OpenAI's text parts reaches the template as one string, or as parts where it loops over them
         (chat_template_content_format: auto, string or openai, vLLM's and `meshserve serve`'s rule)."""
+        if lora_request is not None:
+            raise InvalidArgumentError(f"lora_request: {_NO_LORA}", param="lora_request")
         if chat_template_content_format not in ("auto", "string", "openai"):
             raise InvalidArgumentError("chat_template_content_format must be auto, string or openai, got "
                                        f"{chat_template_content_format!r}", param="chat_template_content_format")
@@ -133,12 +226,19 @@ class LLM:
     def _run(self, prompts, params_list, use_tqdm: bool | Callable,
              priorities: list[int] | None = None) -> list[RequestOutput]:
         engine = self._engine
+        self._check_logprobs(params_list)
         ids = []
         try:
-            for prompt, params, priority in zip(prompts, params_list, priorities or [0] * len(prompts)):
-                ids.append(engine.add_request(None, prompt, _final_only(params), priority=priority))
+            for i, (prompt, params, priority) in enumerate(zip(prompts, params_list,
+                                                               priorities or [0] * len(prompts))):
+                try:
+                    ids.append(self._add_request(engine, prompt, _final_only(params), priority))
+                except Exception as e:
+                    if len(prompts) > 1:
+                        e.add_note(f"(prompt {i} of the {len(prompts)} given to generate)")
+                    raise
         except Exception:
-            for rid in ids:
+            for rid in ids:  # as vLLM: nothing of a refused batch stays queued
                 engine.abort_request(rid)
             raise
         results: dict[str, RequestOutput] = {}
@@ -163,7 +263,63 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [results[rid] for rid in ids]
+        outputs = [results[rid] for rid in ids]
+        for out, params in zip(outputs, params_list):
+            if not params.detokenize:
+                _drop_text(out)
+        return outputs
+
+    def _check_logprobs(self, params_list) -> None:
+        """max_logprobs (vLLM's engine argument): asking for more alternatives per position is a ValueError."""
+        if self.max_logprobs >= _MAX_LOGPROBS:  # SamplingParams refuses more than 20 itself
+            return
+        for params in {id(p): p for p in params_list}.values():
+            for name, asked in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+                if asked is not None and asked > self.max_logprobs:
+                    what = "sample" if name == "logprobs" else "prompt"
+                    raise InvalidArgumentError(f"Requested {what} logprobs of {asked}, which is greater than max "
+                                               f"allowed: {self.max_logprobs} (LLM(max_logprobs=...))", param=name)
+
+    @staticmethod
+    def _add_request(engine: LLMEngine, prompt, params: SamplingParams, priority: int) -> str:
+        """Queue one prompt. A max_tokens that runs past the context is cut to what fits (vLLM's offline LLM
+        stops such a request at max_model_len with finish_reason "length" rather than refusing it); a token id
+        outside the vocabulary is named."""
+        try:
+            return engine.add_request(None, prompt, params, priority=priority)
+        except PromptTooLongError as e:
+            room = _room_for_output(engine, prompt, params) if e.param == "max_tokens" else None
+            if room is None or params.max_tokens is None or not 1 <= room < params.max_tokens:
+                raise
+            capped = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+            return engine.add_request(None, prompt, capped, priority=priority)
+        except InvalidArgumentError as e:
+            vocab = engine.core_client.info.vocab_size
+            bad = _out_of_vocab_id(prompt, vocab) if e.param == "prompt" else None
+            if bad is None:
+                raise
+            raise InvalidArgumentError(f"Token id {bad} is out of vocabulary (the model's token ids are 0 to "
+                                       f"{vocab - 1})", param="prompt") from None
+
+    def encode(self, *args, **kwargs):
+        """vLLM's pooling entry point: not implemented (meshserve serves generative models)."""
+        raise NotImplementedError(f"LLM.encode(): {_NOT_GENERATIVE}")
+
+    def embed(self, *args, **kwargs):
+        raise NotImplementedError(f"LLM.embed(): {_NOT_GENERATIVE}")
+
+    def classify(self, *args, **kwargs):
+        raise NotImplementedError(f"LLM.classify(): {_NOT_GENERATIVE}")
+
+    def score(self, *args, **kwargs):
+        raise NotImplementedError(f"LLM.score(): {_NOT_GENERATIVE}")
+
+    def reward(self, *args, **kwargs):
+        raise NotImplementedError(f"LLM.reward(): {_NOT_GENERATIVE}")
+
+    def beam_search(self, *args, **kwargs):
+        raise NotImplementedError("LLM.beam_search(): beam search is not implemented (sample with n > 1, or "
+                                  "use temperature=0 for the greedy answer)")
 
     def shutdown(self) -> None:
         """Release the model and the KV cache."""
@@ -186,6 +342,30 @@ class LLM:
 
             gc.collect()
             torch.cuda.empty_cache()
+
+
+def _room_for_output(engine: LLMEngine, prompt, params: SamplingParams) -> int | None:
+    """How many tokens fit in max_model_len after this prompt (as truncate_prompt_tokens leaves it). Only the
+    context is cut to: a request the KV pool can never hold stays refused (vLLM has no such case: it will not
+    start with a pool smaller than max_model_len)."""
+    info = engine.core_client.info
+    try:
+        _, token_ids = engine.input_processor.tokenize_prompt(prompt)
+    except InvalidArgumentError:
+        return None
+    n, keep = len(token_ids), params.truncate_prompt_tokens
+    if keep is not None:
+        n = min(n, info.max_model_len if keep == -1 else keep)
+    return info.max_model_len - n
+
+
+def _drop_text(out: RequestOutput) -> None:
+    """detokenize=False (vLLM's): token ids only, no text, no decoded logprob tokens."""
+    for completion in out.outputs:
+        completion.text = ""
+        for position in completion.logprobs or ():
+            for logprob in position.values():
+                logprob.decoded_token = None
 
 
 def _final_only(params: SamplingParams) -> SamplingParams:

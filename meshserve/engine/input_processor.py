@@ -18,6 +18,7 @@ from meshserve.sampling import SamplingParams
 from meshserve.structured.grammar import check_structured_outputs
 
 PromptType = str | dict | list[int]
+_NONE = object()  # no bad token id found
 
 
 def load_tokenizer(path: str | None):
@@ -121,8 +122,10 @@ class InputProcessor:
             keep = self._truncation(params.truncate_prompt_tokens)
             if len(token_ids) > keep:  # the last N tokens: what the model reads next to the answer
                 text, token_ids = None, token_ids[-keep:]  # the text no longer matches: decode ids if needed
-        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in token_ids):
-            raise InvalidArgumentError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        bad = next((t for t in token_ids if not isinstance(t, int) or t < 0 or t >= vocab), _NONE)
+        if bad is not _NONE:  # named, in vLLM's words
+            raise InvalidArgumentError(f"Token id {bad!r} is out of vocabulary (prompt token ids must be integers in "
+                                       f"[0, {vocab}))", param="prompt")
         if any(t >= vocab for t in params.stop_token_ids):  # out of range, they crash the min_tokens ban
             raise InvalidArgumentError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         if params.logit_bias and any(t >= vocab for t in params.logit_bias):

@@ -90,14 +90,6 @@ def _unknown_arguments_error(unknown: set[str]) -> UnknownEngineArgumentError:
                                       "of meshserve.EngineArgs", param=sorted(unknown)[0])
 
 
-def _out_of_vocab_id(prompt, vocab: int) -> int | None:
-    """The first token id of a token prompt outside [0, vocab), if any."""
-    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else prompt
-    if not isinstance(ids, (list, tuple)):
-        return None
-    return next((t for t in ids if isinstance(t, int) and not isinstance(t, bool) and not 0 <= t < vocab), None)
-
-
 class LLM:
     """An engine run in-process for batch generation.
 
@@ -283,8 +275,7 @@ class LLM:
     @staticmethod
     def _add_request(engine: LLMEngine, prompt, params: SamplingParams, priority: int) -> str:
         """Queue one prompt. A max_tokens that runs past the context is cut to what fits (vLLM's offline LLM
-        stops such a request at max_model_len with finish_reason "length" rather than refusing it); a token id
-        outside the vocabulary is named."""
+        stops such a request at max_model_len with finish_reason "length" rather than refusing it)."""
         try:
             return engine.add_request(None, prompt, params, priority=priority)
         except PromptTooLongError as e:
@@ -293,13 +284,6 @@ class LLM:
                 raise
             capped = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
             return engine.add_request(None, prompt, capped, priority=priority)
-        except InvalidArgumentError as e:
-            vocab = engine.core_client.info.vocab_size
-            bad = _out_of_vocab_id(prompt, vocab) if e.param == "prompt" else None
-            if bad is None:
-                raise
-            raise InvalidArgumentError(f"Token id {bad} is out of vocabulary (the model's token ids are 0 to "
-                                       f"{vocab - 1})", param="prompt") from None
 
     def encode(self, *args, **kwargs):
         """vLLM's pooling entry point: not implemented (meshserve serves generative models)."""

@@ -82,6 +82,17 @@ REFUSED = [
     (["serve", "--seed", str(1 << 64)], "seed: must fit in 64 bits"),
     (["serve", "--nnodes", "2", "--node-rank", "1", "--master-port", "-1"], "master_port: must be in [1, 65535]"),
     (["serve", "/nonexistent/model", "-dp", "2", "--data-parallel-backend", "router"], "model not found"),
+    # served, then every chat request (or every one leaving temperature unset) was answered with a 400
+    (["serve", "--chat-template", "{% if %}"],
+     "--chat-template: not a valid Jinja template (line 1: Expected an expression"),
+    (["serve", "--override-generation-config", '{"temperature": -1}'],
+     "--override-generation-config: temperature must be >= 0, got -1"),
+    # named the router's own flag (--workers), which serve does not take
+    (["serve", "llama-3.1-8b", "--load-format", "dummy", "-dp", "2", "--data-parallel-backend", "router",
+      "--router-workers", "0"], "--router-workers must be >= 1, got 0"),
+    # one rank in all: the "worker" node served a whole server of its own
+    (["serve", "llama-3.1-8b", "--load-format", "dummy", "--nnodes", "2", "--node-rank", "1"],
+     "--nnodes 2: the 1 rank(s) of --tensor-parallel-size x --pipeline-parallel-size do not split evenly over 2"),
 ]
 
 
@@ -171,3 +182,23 @@ def test_a_tokenizer_folder_without_a_tokenizer_is_refused(tmp_path):
     assert result == {"rc": 2, "torch": False}, err
     assert err.strip() == (f"meshserve: error: --tokenizer {tmp_path}: no tokenizer in the folder (none of "
                            "tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json)")
+
+
+def test_files_of_the_wrong_kind_are_one_line(tmp_path):
+    """Each was a traceback: a config.json holding a list (AttributeError), a binary --config or --chat-template
+    file (UnicodeDecodeError)."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("[1, 2]")
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe\x00bin")
+    cases = {("generate", "--model", str(tmp_path / "model"), "Hi"):
+             f"the model config {tmp_path / 'model' / 'config.json'} must be a JSON object of fields, got list",
+             ("serve", str(tmp_path / "model")): "must be a JSON object of fields, got list",
+             ("serve", "--config", str(binary)): f"--config: '{binary}' is not UTF-8 text (invalid start byte)",
+             ("serve", "--chat-template", str(binary)):
+             f"--chat-template: '{binary}' is not UTF-8 text (invalid start byte)"}
+    runs = _run_each([list(argv) for argv in cases])
+    for argv, message in cases.items():
+        result, err = runs[argv]
+        assert result == {"rc": 2, "torch": False}, err
+        assert err.startswith("meshserve: error:") and message in err and len(err.strip().splitlines()) == 1, err

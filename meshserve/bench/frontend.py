@@ -239,6 +239,17 @@ def run_frontend_bench(ns) -> list[dict]:
     if ns.router_pythonpath is not None and not os.path.isdir(ns.router_pythonpath):
         raise InvalidArgumentError(f"--router-pythonpath {ns.router_pythonpath}: not a folder",
                                    param="router_pythonpath")
+    # flags that did nothing without the one they go with: the whole run measured something else
+    if ns.router_pythonpath is not None and not ns.through_router:
+        raise InvalidArgumentError("--router-pythonpath picks the router of --through-router: add it",
+                                   param="router_pythonpath")
+    if ns.tokenizer is not None and not ns.model:
+        raise InvalidArgumentError("--tokenizer goes with --model (the embedded model has its own)", param="tokenizer")
+    if ns.model:  # a bad name or folder was the server child's traceback, then "the server exited with code 1"
+        from meshserve.config import EngineArgs
+        from meshserve.engine.args_check import check_engine_args
+
+        check_engine_args(EngineArgs(model=ns.model, tokenizer=ns.tokenizer, load_format="dummy", device="cpu"))
     rows = [run_frontend(ns, n) for n in ns.api_server_count]
     if ns.output_json:
         with open(ns.output_json, "w") as f:

@@ -113,15 +113,18 @@ def file_requests(path: str, qps: float, num_prompts: int | None, output_len: in
     """Prompts from a .jsonl file ({"prompt": str | [ids], "max_tokens"?: int}) or one text per line."""
     random.seed(seed)
     reqs = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                reqs.append(_jsonl_request(path, number, line, output_len))
-            else:
-                reqs.append(BenchRequest(line, output_len))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                if path.endswith(".jsonl"):
+                    reqs.append(_jsonl_request(path, number, line, output_len))
+                else:
+                    reqs.append(BenchRequest(line, output_len))
+    except UnicodeDecodeError as e:  # a binary file was a traceback
+        raise InvalidArgumentError(f"{path}: not UTF-8 text ({e.reason})", param="dataset_path") from None
     if not reqs:
         raise InvalidArgumentError(f"no prompts in {path}", param="dataset_path")
     if num_prompts is not None:  # cycle the file to the asked count

@@ -56,9 +56,13 @@ def _config_fields(model: str) -> dict | None:
         return None
     try:
         with open(path) as f:
-            return json.load(f)
+            fields = json.load(f)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read the model config {path}: {e}") from e
+    if not isinstance(fields, dict):  # a list or a number was an AttributeError traceback
+        raise ModelLoadError(f"the model config {path} must be a JSON object of fields, got "
+                             f"{type(fields).__name__}")
+    return fields
 
 
 def _check_generation_config(mode: str) -> None:
@@ -81,6 +85,13 @@ def _check_generation_config(mode: str) -> None:
 def check_engine_args(args: EngineArgs) -> None:
     """Validate flags, the model's path and the TP/PP layout against its config; raises MeshserveError."""
     args.validate()
+    world = args.tensor_parallel_size * args.pipeline_parallel_size
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # its environment places the ranks
+    if args.nnodes > 1 and world % args.nnodes and not torchrun:  # as launch_info refuses it, but before loading;
+        # with one rank in all, --nnodes 2 --node-rank 1 served a whole server of its own on the "worker" node
+        raise InvalidArgumentError(f"--nnodes {args.nnodes}: the {world} rank(s) of --tensor-parallel-size x "
+                                   f"--pipeline-parallel-size do not split evenly over {args.nnodes} nodes",
+                                   param="nnodes")
     check_output_file(args.step_trace, "--step-trace")
     _check_generation_config(args.generation_config)
     check_output_folder(args.kv_offloading_disk_path, "--kv-offloading-disk-path")

@@ -103,6 +103,13 @@ def _read(path: Path, base: dict[str, GpuSpec] | None = None) -> dict[str, GpuSp
                 raise InvalidArgumentError(f"hardware file {path}: gpus.{name}.aliases: {pattern!r} is not a "
                                            f"valid regex ({e})", param="hardware_file") from e
         merged["aliases"] = tuple(aliases)
+        missing = [f.name for f in dataclasses.fields(GpuSpec)
+                   if f.name not in merged and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:  # it said "GpuSpec.__init__() missing 7 required positional arguments"
+            raise InvalidArgumentError(f"hardware file {path}: gpus.{name} is a new GPU: it needs "
+                                       f"{', '.join(missing)} (or a [defaults] table with them)",
+                                       param="hardware_file")
         try:
             out[name] = GpuSpec(**merged)
         except TypeError as e:

@@ -333,6 +333,8 @@ def load_model(name_or_path: str) -> ModelSpec:
             raise InvalidArgumentError(f"{config}: not valid JSON: {e}", param="model") from e
         return model_from_config(cfg, name=config.parent.name or str(config))
     preset = find_preset(name_or_path)
+    if preset is None and path.is_dir():  # said it was no preset: the folder was found, its config.json not
+        raise InvalidArgumentError(f"model {name_or_path!r}: the folder has no config.json", param="model")
     if preset is None:
         raise InvalidArgumentError(f"model {name_or_path!r} is neither a preset ({', '.join(preset_names())}), "
                                    "an HF id of one, nor a config.json path", param="model")

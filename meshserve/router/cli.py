@@ -106,11 +106,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=_cmd_router)
 
 
-def resolve_workers(workers: int | None) -> int:
+def resolve_workers(workers: int | None, flag: str = "--workers") -> int:
+    """flag: the command line's name for it (`serve --router-workers`)."""
     if workers is None:
         return default_workers()
     if workers < 1:
-        raise InvalidArgumentError("--workers must be >= 1", param="workers")
+        raise InvalidArgumentError(f"{flag} must be >= 1, got {workers}", param=flag[2:].replace("-", "_"))
     return workers
 
 

@@ -82,13 +82,21 @@ class RouterConfig:
                 raise InvalidArgumentError(f"{_flag(name)} must be >= 1, got {value}", param=name)
         if self.fallback_queue_threshold is not None and self.fallback_queue_threshold < 0:
             raise InvalidArgumentError("--fallback-queue-threshold must be >= 0", param="fallback_queue_threshold")
+        seen: set[str] = set()
         for url in self.backends + self.fallbacks + self.prefills:
             check_replica_url(url)
+            if url.rstrip("/") in seen:  # one server counted as two replicas: its load split, its health doubled
+                raise InvalidArgumentError(f"replica {url!r} is given twice (--backend, --decode, --fallback and "
+                                           "--prefill name each server once)", param="backend")
+            seen.add(url.rstrip("/"))
         for target in self.discover:
             try:
                 split_host_port(target)
             except ValueError as e:
                 raise InvalidArgumentError(str(e), param="discover") from None
+        if self.disagg_concurrent and not self.prefills:  # it was taken and did nothing
+            raise InvalidArgumentError("--disagg-concurrent sends the decode leg beside a prefill leg: add --prefill "
+                                       "URL", param="disagg_concurrent")
         if self.fallback_model and not self.fallbacks:
             raise InvalidArgumentError("--fallback-model renames requests for the fallback pool: add --fallback URL",
                                        param="fallback_model")
@@ -107,7 +115,8 @@ def check_replica_url(url: str) -> None:
         port_ok = parts.port is None or parts.port > 0
     except ValueError:  # out of range, or not a number
         port_ok = False
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+    # a space in the host ("http://a b:1") was taken, then every probe of it failed
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or any(c.isspace() for c in url):
         raise InvalidArgumentError(f"backend {url!r} must be an http(s)://HOST[:PORT] URL", param="backend")
     if parts.path.rstrip("/").endswith("/v1"):  # an OpenAI base_url habit: its probes of .../v1/ready never answer
         raise InvalidArgumentError(f"backend {url!r}: give the server's root URL, without /v1 (the router adds the "

@@ -13,6 +13,8 @@ def split_host_port(target: str) -> tuple[str, int]:
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise ValueError(f"--discover wants HOST:PORT, got {target!r}")
+    if not 1 <= int(port) <= 65535:  # port 0 was taken, then no replica ever answered
+        raise ValueError(f"--discover {target!r}: the port must be in 1-65535")
     return host.strip("[]"), int(port)
 
 

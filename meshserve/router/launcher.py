@@ -118,7 +118,7 @@ def serve_data_parallel(ns: argparse.Namespace, serve_parser: argparse.ArgumentP
     from meshserve.router.cli import resolve_workers, run_router
 
     n = ns.data_parallel_size
-    workers = resolve_workers(getattr(ns, "router_workers", None))
+    workers = resolve_workers(getattr(ns, "router_workers", None), "--router-workers")
     if getattr(ns, "nnodes", 1) > 1:
         raise InvalidArgumentError("--data-parallel-size runs replicas on this node only; across nodes, run "
                                    "one group per replica (deploy/k8s) and `meshserve router` in front",

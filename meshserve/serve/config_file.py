@@ -29,6 +29,8 @@ def _read_yaml(path: str) -> dict[str, Any]:
             data = yaml.safe_load(f)
     except OSError as e:
         raise InvalidArgumentError(f"--config: cannot read {path!r}: {e.strerror}", param="config") from None
+    except UnicodeDecodeError as e:  # a binary file: it was a traceback
+        raise InvalidArgumentError(f"--config: {path!r} is not UTF-8 text ({e.reason})", param="config") from None
     except yaml.YAMLError as e:
         raise InvalidArgumentError(f"--config: {path!r} is not valid YAML ({str(e).splitlines()[0]})",
                                    param="config") from None

@@ -235,7 +235,13 @@ def apply_vllm_compat(ns: argparse.Namespace) -> None:
         logger.info("--trust-remote-code has no effect: %s", NO_OP_ARGS["trust_remote_code"])
     from meshserve.models.generation_defaults import generation_overrides
 
-    generation_overrides(ns.override_generation_config)  # bad keys fail now, not after loading
+    overrides = generation_overrides(ns.override_generation_config)  # bad keys fail now, not after loading
+    from meshserve.sampling import SamplingParams
+
+    try:  # and bad values: temperature -1 served, then refused every request that left it unset with a 400
+        SamplingParams(**overrides).validate()
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"--override-generation-config: {e}", param="override_generation_config") from None
     ns.chat_template_text = load_chat_template(ns.chat_template)
 
 
@@ -268,14 +274,38 @@ def load_chat_template(value: str | None) -> str | None:
     if os.path.isfile(value):
         try:
             with open(value, encoding="utf-8") as f:
-                return f.read()
+                return _check_jinja_syntax(f.read(), f" {value!r}")
         except OSError as e:
             raise InvalidArgumentError(f"--chat-template: cannot read {value!r}: {e.strerror}",
                                        param="chat_template") from None
+        except UnicodeDecodeError as e:  # a binary file: it was a traceback
+            raise InvalidArgumentError(f"--chat-template: {value!r} is not UTF-8 text ({e.reason})",
+                                       param="chat_template") from None
     if any(c in value for c in _JINJA_CHARS):
-        return value
+        return _check_jinja_syntax(value, "")
     raise InvalidArgumentError(f"--chat-template: no file {value!r} (and it is no Jinja template either)",
                                param="chat_template")
+
+
+def _check_jinja_syntax(text: str, source: str) -> str:
+    """text, once it parses as Jinja with the tags chat templates use (transformers' environment: loop controls
+    and {% generation %}): a syntax error served, then answered every chat request with a 400."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+
+    class _Generation(Extension):  # transformers' {% generation %}...{% endgeneration %}: its body, for parsing
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    try:
+        jinja2.Environment(extensions=[loopcontrols, _Generation]).parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise InvalidArgumentError(f"--chat-template{source}: not a valid Jinja template (line {e.lineno}: "
+                                   f"{e.message})", param="chat_template") from None
+    return text
 
 
 def compat_serve_fields(ns: argparse.Namespace) -> dict[str, Any]:

@@ -264,6 +264,11 @@ def check_traffic(ns: argparse.Namespace) -> None:
         if ns.arrivals == "bursty" and not (ns.burst_period > 0 and math.isfinite(ns.burst_period)):
             raise InvalidArgumentError(f"--burst-period must be > 0 and finite, got {ns.burst_period}",
                                        param="burst_period")
+        if ns.arrivals == "bursty" and not 0 < ns.burst_duty < 1:  # named by flag (trace.py says "duty")
+            raise InvalidArgumentError(f"--burst-duty must be in (0, 1), got {ns.burst_duty}", param="burst_duty")
+        if ns.arrivals == "bursty" and not 1 <= ns.burst_factor < math.inf:  # NaN and inf passed trace.py's check
+            raise InvalidArgumentError(f"--burst-factor must be >= 1 and finite, got {ns.burst_factor}",
+                                       param="burst_factor")
     if ns.prefix_groups < 0 or (ns.prefix_groups > 0 and ns.prefix_len < 1):
         raise InvalidArgumentError("--prefix-groups must be >= 0, and --prefix-len >= 1 with prefix groups",
                                    param="prefix_groups")
@@ -275,6 +280,12 @@ def build_trace(ns: argparse.Namespace):
     check_traffic(ns)
     if ns.trace:
         reqs = tr.file_trace(ns.trace)
+        too_long = reqs.prompt_len + reqs.output_len > ns.max_model_len
+        if too_long.all():  # it ran, refused every request and reported 0 completed with exit 0
+            shortest = int((reqs.prompt_len + reqs.output_len).min())
+            raise InvalidArgumentError(f"--trace {ns.trace}: every request's prompt + output (at least {shortest} "
+                                       f"tokens) exceeds --max-model-len {ns.max_model_len}: every request would "
+                                       "be refused", param="max_model_len")
     elif ns.arrivals == "bursty":
         reqs = tr.bursty_trace(ns.qps, ns.duration, ns.seed, ns.burst_factor, ns.burst_period, ns.burst_duty,
                                input_len=ns.input_len, output_len=ns.output_len)
@@ -365,6 +376,11 @@ def config_from_args(ns: argparse.Namespace):
                        kv_transfer_latency_s=None if ns.kv_transfer_latency_us is None
                        else ns.kv_transfer_latency_us / 1e6)
     config.validate()
+    # a GPU or calibration name the run looks up only once started: checked now, before the progress bar
+    from meshserve.simulator.step_cost import calibration_entry
+
+    config.gpu_spec()
+    calibration_entry(config.calibration_section)
     return config
 
 
@@ -380,16 +396,6 @@ def run_simulate(ns: argparse.Namespace) -> int:
     trace = build_trace(ns)
     if ns.search:
         return _run_search(ns, config, trace)
-    bar, progress = None, None
-    if not ns.no_progress:
-        from tqdm.auto import tqdm
-
-        span = trace[-1].arrival_s
-        bar = tqdm(total=round(span, 1), desc="simulated s", unit="s", dynamic_ncols=True, file=sys.stderr)
-
-        def progress(t: float) -> None:
-            bar.update(round(min(t, span), 1) - bar.n)
-
     autoscale = None
     if ns.autoscale:
         from meshserve.simulator.autoscale import AutoscaleRule
@@ -402,6 +408,16 @@ def run_simulate(ns: argparse.Namespace) -> int:
                                        "--startup-s >= 0 (all finite)", param="autoscale")
         autoscale = AutoscaleRule(ns.target_queue_per_replica, ns.min_replicas, ns.max_replicas, ns.polling_s,
                                   ns.cooldown_s, ns.startup_s)
+    bar, progress = None, None  # after every check: an error line used to follow a started progress bar
+    if not ns.no_progress:
+        from tqdm.auto import tqdm
+
+        span = trace[-1].arrival_s
+        bar = tqdm(total=round(span, 1), desc="simulated s", unit="s", dynamic_ncols=True, file=sys.stderr)
+
+        def progress(t: float) -> None:
+            bar.update(round(min(t, span), 1) - bar.n)
+
     try:
         report = simulate(config, trace, progress=progress, autoscale=autoscale)
     finally:
@@ -548,10 +564,11 @@ def _run_search(ns: argparse.Namespace, config, trace) -> int:
     from meshserve.simulator.config import MAX_REPLICAS
     from meshserve.simulator.search import search_layouts
 
-    try:
-        counts = [int(x) for x in ns.search_gpus.split(",")] if ns.search_gpus else [ns.num_gpus]
-    except ValueError as e:
-        raise InvalidArgumentError(f"--search-gpus: expected N,N,... ({e})", param="search_gpus") from e
+    try:  # "" is no list either: it used to search --num-gpus alone
+        counts = [int(x) for x in ns.search_gpus.split(",")] if ns.search_gpus is not None else [ns.num_gpus]
+    except ValueError:
+        raise InvalidArgumentError(f"--search-gpus {ns.search_gpus!r}: expected comma-separated GPU counts, "
+                                   "e.g. 8,16", param="search_gpus") from None
     if any(n < 1 for n in counts):
         raise InvalidArgumentError("--search-gpus: counts must be >= 1", param="search_gpus")
     if max(counts) > MAX_REPLICAS:  # 100,000,000 enumerated every divisor layout into a 200 KB error line

@@ -150,10 +150,11 @@ class SimConfig:
         outages = sorted((*((r, t, d, "--fail-replica", "downtime") for r, t, d in self.replica_failures),
                           *((r, t, d, "--hang-replica", "hang") for r, t, d in self.replica_hangs)))
         for replica, at_s, span_s, flag, what in outages:
-            if not 0 <= replica < self.num_replicas or at_s < 0 or span_s <= 0:
+            # NaN or inf (float() takes them) hung the run or ended it in a numpy traceback
+            if not (0 <= replica < self.num_replicas and 0 <= at_s < math.inf and 0 < span_s < math.inf):
                 raise InvalidArgumentError(
                     f"{flag} {replica}@{at_s:g}+{span_s:g}: the replica must be one of 0-{self.num_replicas - 1}, "
-                    f"the time >= 0 and the {what} > 0", param=flag[2:].replace("-", "_"))
+                    f"the time >= 0 and the {what} > 0 (both finite)", param=flag[2:].replace("-", "_"))
         for (r0, t0, d0, f0, _), (r1, t1, d1, f1, _) in itertools.pairwise(outages):
             if r0 == r1 and t1 <= t0 + d0:
                 raise InvalidArgumentError(f"{f1} {r1}@{t1:g}+{d1:g}: replica {r1} is still down then (from "
@@ -253,7 +254,8 @@ class SimConfig:
                     "--health-timeout": self.health_timeout_s, "--read-timeout": self.read_timeout_s}
         for flag, value in positive.items():
             if value is not None and not value > 0:  # NaN too
-                raise InvalidArgumentError(f"{flag} must be > 0, got {value}", param=flag[2:])
+                given = value * 1e3 if flag.endswith("-ms") else value  # the flag's unit: -1 ms, not -0.001
+                raise InvalidArgumentError(f"{flag} must be > 0, got {given}", param=flag[2:])
         at_least_zero = {"--frontend-latency-ms": self.frontend_latency_s, "--core_latency_s": self.core_latency_s,
                          "--frontend-request-ms": self.frontend_request_s,
                          "--frontend-token-us": self.frontend_token_s,

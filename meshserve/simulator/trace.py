@@ -144,8 +144,14 @@ def file_trace(path: str | Path) -> Trace:
     p = Path(path)
     if not p.is_file():
         raise InvalidArgumentError(f"trace file not found: {p}", param="trace")
+    try:  # a binary or unreadable file was a UnicodeDecodeError (or PermissionError) traceback
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"trace file {p}: not UTF-8 text ({e.reason})", param="trace") from None
+    except OSError as e:
+        raise InvalidArgumentError(f"trace file {p}: cannot read it ({e.strerror or e})", param="trace") from None
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -36,6 +36,10 @@ def _exit_code_and_err(argv: list[str], capsys) -> tuple[int, str]:
     (["frontend", "--output-json", "/nonexistent/dir/f.json"], "--output-json /nonexistent/dir/f.json: the folder"),
     (["frontend", "--through-router", "--router-pythonpath", "/nonexistent/src"],
      "--router-pythonpath /nonexistent/src: not a folder"),
+    # the server child's ModelLoadError traceback; flags taken without the one they go with, then ignored
+    (["frontend", "--model", "nosuch"], "model not found: nosuch is not a model folder"),
+    (["frontend", "--tokenizer", "/tmp"], "--tokenizer goes with --model"),
+    (["frontend", "--router-pythonpath", "/tmp"], "--router-pythonpath picks the router of --through-router"),
     (["spec", "--speculative-config", "{bad"], "speculative_config: not valid JSON"),
     (["spec", "--k", "1,x"], "argument --k: expected comma-separated whole numbers, got '1,x'"),
     (["spec", "--replay", "0.5,2"], "argument --replay: expected comma-separated probabilities in [0, 1]"),

@@ -78,6 +78,16 @@ def test_a_malformed_prompts_file_names_its_line(tmp_path, capsys):
     assert f"{path}:3: not a prompt row (no 'prompt' key)" in _one_error_line(capsys)
 
 
+@pytest.mark.parametrize("name", ["prompts.jsonl", "prompts.txt"])
+def test_a_prompts_file_that_is_not_text_is_one_line(name, tmp_path, capsys):
+    """A binary file was a UnicodeDecodeError traceback."""
+    path = tmp_path / name
+    path.write_bytes(b"\xff\xfe\x00bin")
+    assert main(["bench", "serve", "--base-url", f"http://127.0.0.1:{_closed_port()}", "--no-progress",
+                 "--prompts-file", str(path)]) == 2
+    assert f"{path}: not UTF-8 text (invalid start byte)" in _one_error_line(capsys)
+
+
 class _Answer(http.server.BaseHTTPRequestHandler):
     status, body = 200, b"{}"
 

@@ -47,6 +47,8 @@ def test_bad_plan_flags_are_one_line(flags, message, capsys):
     ("[gpus.H200]\nefficiency = 0\n", "gpus.H200.efficiency must be a fraction of the GPU's peak in (0, 1]"),
     ("[gpus.H200]\naliases = 5\n", "gpus.H200.aliases must be a list of regexes (strings), got 5"),
     ('[gpus.H200]\naliases = ["H200("]\n', "gpus.H200.aliases: 'H200(' is not a valid regex"),
+    # "GpuSpec.__init__() missing 7 required positional arguments: ..."
+    ("[gpus.X]\nmemory_gib = 80\n", "gpus.X is a new GPU: it needs hbm_gb_s, bf16_tflops, link, link_gb_s"),
 ])
 def test_a_malformed_hardware_file_is_one_line(toml, message, tmp_path, capsys):
     path = tmp_path / "gpus.toml"
@@ -79,3 +81,9 @@ def test_a_huge_max_num_seqs_still_plans(capsys):
     hint."""
     assert main(["plan", "llama-3.1-8b", "--gpu", "H200", "--max-num-seqs", "100000000"]) == 0
     assert "TP=1: the only layout that fits" in capsys.readouterr().out
+
+
+def test_a_folder_without_config_json_says_so(tmp_path, capsys):
+    """It said the folder was neither a preset, an HF id nor a config.json path (plan and simulate alike)."""
+    assert main(["plan", str(tmp_path)]) == 2
+    assert f"model {str(tmp_path)!r}: the folder has no config.json" in capsys.readouterr().err

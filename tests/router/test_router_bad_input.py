@@ -29,6 +29,12 @@ OK = ["router", "--backend", "http://127.0.0.1:1", "--workers", "1"]
     (["--max-attempts", "0"], "--max-attempts must be >= 1, got 0"),
     (["--fallback-model", "small"], "--fallback-model renames requests for the fallback pool: add --fallback URL"),
     (["--port", "-3"], "--port must be in [0, 65535], got -3"),
+    # taken, then every probe failed, or one server counted as two replicas, or a flag that did nothing
+    (["--backend", "http://a b:1"], "backend 'http://a b:1' must be an http(s)://HOST[:PORT] URL"),
+    (["--discover", "svc:0"], "--discover 'svc:0': the port must be in 1-65535"),
+    (["--backend", "http://127.0.0.1:1/"], "replica 'http://127.0.0.1:1/' is given twice"),
+    (["--fallback", "http://127.0.0.1:1"], "replica 'http://127.0.0.1:1' is given twice"),
+    (["--disagg-concurrent"], "--disagg-concurrent sends the decode leg beside a prefill leg: add --prefill URL"),
 ])
 def test_bad_router_flags_are_one_line(flags, message, capsys):
     assert main([*OK, *flags]) == 2

@@ -49,6 +49,18 @@ BASE = ["simulate", "--model", "smollm2-135m", "--qps", "2", "--duration", "2", 
     (["--num-gpus", "100000000"], "--num-gpus 100,000,000 is 100,000,000 replicas; at most 100,000"),
     (["--api-server-count", "100000000"], "--api-server-count must be 1 to 1,024, got 100000000"),
     (["--search", "--search-gpus", "100000000"], "--search-gpus: counts must be <= 100,000"),
+    # NaN or inf from float(): a run that never ended, or a numpy traceback
+    (["--fail-replica", "0@1+inf"], "--fail-replica 0@1+inf: the replica must be one of 0-0, the time >= 0 and the "
+                                    "downtime > 0 (both finite)"),
+    (["--hang-replica", "0@1+nan"], "--hang-replica 0@1+nan: the replica must be one of 0-0"),
+    (["--hang-replica", "0@nan+1"], "--hang-replica 0@nan+1: the replica must be one of 0-0"),
+    (["--arrivals", "bursty", "--burst-factor", "nan"], "--burst-factor must be >= 1 and finite, got nan"),
+    (["--arrivals", "bursty", "--burst-duty", "1"], "--burst-duty must be in (0, 1), got 1.0"),
+    # said in seconds (-0.001) for a flag in milliseconds
+    (["--slo-ttft-ms", "-1"], "--slo-ttft-ms must be > 0, got -1.0"),
+    # "" searched --num-gpus alone; "a" said "invalid literal for int() with base 10"
+    (["--search", "--search-gpus", ""], "--search-gpus '': expected comma-separated GPU counts, e.g. 8,16"),
+    (["--search", "--search-gpus", "8,a"], "--search-gpus '8,a': expected comma-separated GPU counts"),
 ])
 def test_bad_flags_are_one_line_before_the_run(flags, message, capsys):
     assert main([*BASE, *flags]) == 2
@@ -141,3 +153,40 @@ def test_a_plot_written_as_svg_is_checked_before_the_run(tmp_path, monkeypatch, 
     assert main([*BASE, "--plot", str(tmp_path / "u.png")]) == 0
     assert (tmp_path / "u.svg").is_file() and not (tmp_path / "u.png").exists()
     assert f"--plot wrote {tmp_path / 'u.svg'} (SVG) instead of {tmp_path / 'u.png'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--gpu", "NOPE"], "unknown GPU 'NOPE'"),
+    (["--calibration", "nosuch"], "no calibration 'nosuch'"),
+    (["--autoscale", "--min-replicas", "0"], "autoscaling: need 1 <= --min-replicas"),
+])
+def test_names_looked_up_by_the_run_are_refused_before_the_progress_bar(flags, message, capsys):
+    """They were refused once the run had started: the error line came after a progress bar at 0%."""
+    assert main([*(f for f in BASE if f != "--no-progress"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meshserve: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_trace_or_config_file_that_is_not_text_is_one_line(tmp_path, capsys):
+    """A binary file was a UnicodeDecodeError traceback."""
+    binary = tmp_path / "t.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00bin")
+    assert main(["simulate", "--trace", str(binary), "--no-progress"]) == 2
+    assert f"trace file {binary}: not UTF-8 text (invalid start byte)" in capsys.readouterr().err
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"\xff\xfe\x00bin")
+    with pytest.raises(SystemExit) as exit_:
+        main(["simulate", "--config", str(config)])
+    assert exit_.value.code == 2
+    assert f"--config {config}: not UTF-8 text (invalid start byte)" in capsys.readouterr().err
+
+
+def test_a_trace_of_requests_all_longer_than_the_context_is_refused(tmp_path, capsys):
+    """Each one was refused by the engine's length check: 0 completed, exit 0 (a generated trace was refused)."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival_s": 0, "prompt_len": 5000, "output_len": 5}\n'
+                     '{"arrival_s": 1, "prompt_len": 4000, "output_len": 100}\n')
+    assert main(["simulate", "--trace", str(trace), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and (f"--trace {trace}: every request's prompt + output (at least 4100 tokens) exceeds "
+                                   "--max-model-len 4096") in captured.err

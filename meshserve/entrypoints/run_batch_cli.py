@@ -81,8 +81,9 @@ def _read_batch(path: str | None) -> list[BatchRequest | BatchLineError]:
     return batch
 
 
-def _check_output(path: str | None, tmp_dir: str | None) -> None:
-    """-o before anything loads: a URL's form only (a test PUT would create the object: run_batch_urls.py)."""
+def _check_output(path: str | None, tmp_dir: str | None, input_path: str | None) -> None:
+    """-o before anything loads: a URL's form only (a test PUT would create the object: run_batch_urls.py); a
+    local file must not be the input (opening it for writing would empty the input before it is read)."""
     if not path:
         raise InvalidArgumentError("-o/--output-file is required (a file, '-' for standard output, or an http(s) "
                                    "URL)", param="output_file")
@@ -91,6 +92,10 @@ def _check_output(path: str | None, tmp_dir: str | None) -> None:
         check_output_folder(tmp_dir, "--output-tmp-dir")
     elif path != "-":
         check_output_file(path, "-o")
+        if input_path and input_path != "-" and not is_url(input_path) and os.path.exists(path) \
+                and os.path.exists(input_path) and os.path.samefile(path, input_path):
+            raise InvalidArgumentError(f"-o {path} is the input file (-i {input_path}): the output would overwrite "
+                                       "it; write the output elsewhere", param="output_file")
 
 
 @contextlib.contextmanager
@@ -150,7 +155,7 @@ class _ProgressLine:
 
 def _cmd_run_batch(ns: argparse.Namespace) -> int:
     apply_vllm_compat(ns)  # vLLM's flags (and --config FILE) first, as serve
-    _check_output(ns.output_file, ns.output_tmp_dir)  # bad paths and input fail before anything loads,
+    _check_output(ns.output_file, ns.output_tmp_dir, ns.input_file)  # bad paths and input fail before anything loads,
     batch = _read_batch(ns.input_file)  # a bad -o before a large -i URL is downloaded
     config = _batch_config(ns)
     if ns.auto:

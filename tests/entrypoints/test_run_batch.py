@@ -153,7 +153,7 @@ def test_cli_stdin_to_stdout(tiny_model_dir, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("case", ["no_input_flag", "missing_input", "no_requests", "no_output_flag",
-                                  "output_folder_missing", "output_is_folder", "concurrency"])
+                                  "output_folder_missing", "output_is_folder", "output_is_input", "concurrency"])
 def test_cli_errors_are_one_line_before_loading(case, tmp_path, capsys, monkeypatch):
     from meshserve.serve import api_server
 
@@ -167,10 +167,12 @@ def test_cli_errors_are_one_line_before_loading(case, tmp_path, capsys, monkeypa
             "no_requests": ["-i", str(empty), "-o", out], "no_output_flag": ["-i", str(good)],
             "output_folder_missing": ["-i", str(good), "-o", str(tmp_path / "no" / "out.jsonl")],
             "output_is_folder": ["-i", str(good), "-o", str(tmp_path)],
+            "output_is_input": ["-i", str(good), "-o", str(tmp_path / "." / "in.jsonl")],
             "concurrency": ["-i", str(good), "-o", out, "--max-concurrent-requests", "0"]}[case]
     rc = main(["run-batch", *argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("meshserve: error: ") and "\n" not in err
+    assert good.read_text().startswith('{"custom_id": "a"')  # the input is never touched
 
 
 def test_cli_config_file_sets_serve_flags(tmp_path, monkeypatch, capsys):

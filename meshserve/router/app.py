@@ -29,7 +29,10 @@ from meshserve.serve.streaming import cancel_on_disconnect
 
 logger = logging.getLogger(__name__)
 
-PROXIED_POST = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+# SageMaker's /invocations (vLLM's: chat or completions, by its body) is a generation route like /v1's
+PROXIED_POST = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/invocations")
+# what the admission gate counts and refuses (drain, --max-outstanding): the proxied API, not the probes
+ADMITTED_PREFIXES = ("/v1", "/invocations")
 # a stored response's routes: the proxy sends each to the replica that keeps it (response_affinity.py)
 PROXIED_RESPONSE_ROUTES = (("/v1/responses/{response_id}", ["GET", "DELETE"]),
                            ("/v1/responses/{response_id}/input_items", ["GET"]),
@@ -37,8 +40,8 @@ PROXIED_RESPONSE_ROUTES = (("/v1/responses/{response_id}", ["GET", "DELETE"]),
 
 
 class AdmissionMiddleware:
-    """Refuses /v1 requests while draining or past --max-outstanding, and counts the rest in flight
-    (streams until their last byte), which is what the draining server waits on."""
+    """Refuses /v1 (and /invocations) requests while draining or past --max-outstanding, and counts the rest in
+    flight (streams until their last byte), which is what the draining server waits on."""
 
     def __init__(self, app: ASGIApp, config: RouterConfig, state: ServerState, metrics: RouterMetrics):
         self.app = app
@@ -47,7 +50,7 @@ class AdmissionMiddleware:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1"):
+        if scope["type"] != "http" or not scope.get("path", "").startswith(ADMITTED_PREFIXES):
             await self.app(scope, receive, send)
             return
         if self.state.draining:
@@ -128,6 +131,11 @@ def build_router_app(config: RouterConfig, state: ServerState | None = None,
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok"})
+
+    @app.get("/ping")  # SageMaker's health check (vLLM's): the router's own /health, as there
+    @app.post("/ping")
+    async def ping() -> JSONResponse:
+        return await health()
 
     @app.get("/ready")
     async def ready() -> JSONResponse:

@@ -25,7 +25,7 @@ from meshserve.router.upstream import Aborted, FastUpstream, HttpxUpstream
 
 logger = logging.getLogger(__name__)
 
-GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/invocations")  # SageMaker's: chat or completions
 _CLIENT_ERRORS = range(400, 500)
 
 
@@ -42,6 +42,8 @@ def wants_disaggregation(path: str, body: dict | None) -> bool:
     one_prompt = isinstance(prompt, str) or (
         isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
     )
+    if path == "/invocations" and "messages" not in body:  # served as a completion (the replica tries chat first)
+        path = "/v1/completions"
     return path != "/v1/completions" or one_prompt
 
 

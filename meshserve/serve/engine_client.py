@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from meshserve.engine.async_engine import AsyncLLM
-from meshserve.engine.chat_template import render_chat
+from meshserve.engine.chat_template import render_chat, render_chat_text
 from meshserve.engine.output_processor import token_texts_in_context
 from meshserve.errors import InvalidArgumentError, ServerOverloadedError, ServiceLevelError
 from meshserve.outputs import RequestOutput
@@ -135,9 +135,12 @@ class EngineClient:
 
     async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
                           template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None,
-                          continue_final_message: bool = False, request_template: str | None = None) -> list[int]:
+                          continue_final_message: bool = False, request_template: str | None = None,
+                          add_special_tokens: bool = False) -> list[int]:
         """Token ids of a conversation rendered with the chat template (--chat-template, else the model's, as
-        LLM.chat does); the template renders the tools, if given, its own way."""
+        LLM.chat does); the template renders the tools, if given, its own way. add_special_tokens (vLLM's chat
+        field): the rendered text is tokenized with the tokenizer's special tokens added, as vLLM does (a BOS
+        the template wrote itself is then doubled)."""
         tok = self._require_tokenizer("chat")
         template = self.config.chat_template
         if request_template is not None:  # vLLM's rule: a request's own Jinja only where the server trusts it
@@ -153,9 +156,12 @@ class EngineClient:
                                                               template or getattr(tok, "chat_template", None))
             content_format = self._content_format
         messages = with_content_format(messages, content_format)
-        return await self.allm.run_tokenizer(lambda: render_chat(
-            tok, messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-            tools=tools, chat_template=template, template_kwargs=template_kwargs))
+        render = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+                  "tools": tools, "chat_template": template, "template_kwargs": template_kwargs}
+        if add_special_tokens:  # vLLM renders the text, then tokenizes it with the request's add_special_tokens
+            return await self.allm.run_tokenizer(lambda: list(tok(render_chat_text(tok, messages, **render),
+                                                                  add_special_tokens=True).input_ids))
+        return await self.allm.run_tokenizer(lambda: render_chat(tok, messages, **render))
 
     async def _log_parts(self, prompts: list[Any]) -> list[tuple[str | None, list[int] | None]]:
         """Each prompt's text and token ids for --enable-log-requests, the one a prompt lacks (a chat's rendered

@@ -28,8 +28,10 @@ from meshserve.serve.errors import error_payload
 from meshserve.serve.frontend_load import ARRIVAL
 
 # Paths that stay open without an API key and while draining (probes and scrapers must see the state).
-_OPEN_PATHS = ("/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs", "/redoc")
-_GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+_OPEN_PATHS = ("/health", "/ping", "/ready", "/metrics", "/version", "/openapi.json", "/docs", "/redoc")
+# Paths gated like /v1 (API key, drain, in-flight count): SageMaker's /invocations serves /v1's chat and completions
+_GUARDED_PREFIXES = ("/v1", "/invocations")
+_GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/invocations")
 
 
 # A \uD800-\uDFFF escape: JSON allows it alone, but a lone surrogate is not Unicode text (it cannot be encoded as
@@ -127,7 +129,7 @@ class GateMiddleware:
             return
         ARRIVAL.set(time.monotonic())
         path = get_route_path(scope)  # under --root-path, the path the routes see (an unstripped prefix too)
-        guarded = path.startswith("/v1") and not path.startswith(_OPEN_PATHS)
+        guarded = path.startswith(_GUARDED_PREFIXES) and not path.startswith(_OPEN_PATHS)
         if self.on_request is not None:
             self.on_request()
         if guarded and not self._authorized(scope):

@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from meshserve import __version__
 from meshserve.engine.async_engine import AsyncLLM
-from meshserve.errors import ModelNotFoundError
+from meshserve.errors import InvalidArgumentError, ModelNotFoundError
 from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient
 from meshserve.serve.errors import error_body, error_payload, validation_error_payload
@@ -40,6 +40,7 @@ from meshserve.serve.request_log import RequestLog
 from meshserve.serve.responses_protocol import ResponseObject, ResponsesRequest
 from meshserve.serve.responses_routes import add_response_routes
 from meshserve.serve.responses_store import ResponseStore
+from meshserve.serve.sagemaker_routes import INVOCATION_BODY_SCHEMA, InvalidJSONBody, parse_invocation
 from meshserve.serve.serving_chat import ChatService
 from meshserve.serve.serving_completion import CompletionService
 from meshserve.serve.serving_responses import ResponsesService
@@ -128,7 +129,8 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
 
     docs = {"openapi_url": None, "docs_url": None, "redoc_url": None} if config.disable_fastapi_docs else {}
     app = FastAPI(title="meshserve", version=__version__, **docs,
-                  description="OpenAI-compatible LLM inference server. With --api-key, every /v1 route needs "
+                  description="OpenAI-compatible LLM inference server. With --api-key, every /v1 route (and "
+                              "SageMaker's /invocations) needs "
                               "`Authorization: Bearer KEY` or `x-api-key: KEY`.")
     app.state.serve_state = state
     app.state.metrics = metrics
@@ -180,6 +182,25 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
         if not client.is_running:
             return _json_error(503, {"status": "engine dead"})
         return StatusResponse(status="ok")
+
+    # SageMaker's routes (vLLM's, sagemaker_routes.py): /ping is /health, /invocations serves chat or completions
+    @app.get("/ping", response_model=StatusResponse, responses=_PROBE_RESPONSES)
+    @app.post("/ping", response_model=StatusResponse, responses=_PROBE_RESPONSES)
+    async def ping():
+        return await health()
+
+    @app.post("/invocations", responses=_GENERATION_RESPONSES, openapi_extra=INVOCATION_BODY_SCHEMA)
+    async def invocations(request: Request):
+        try:
+            body = parse_invocation(await request.body(), request.headers.get("content-type", ""))
+        except (InvalidJSONBody, InvalidArgumentError) as exc:  # as a /v1 route's body that fails validation
+            metrics.count("invalid")
+            if isinstance(exc, InvalidJSONBody):
+                return _json_error(400, validation_error_payload([{"type": "json_invalid"}]))
+            return _json_error(*error_payload(exc)[:2])
+        if isinstance(body, ChatCompletionRequest):
+            return await _answer(request, chat.create(body))
+        return await _answer(request, completions.create(body))
 
     @app.get("/ready", response_model=StatusResponse, responses=_PROBE_RESPONSES)
     async def ready():

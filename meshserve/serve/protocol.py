@@ -283,6 +283,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the last (assistant) message stays open: generation continues it
+    add_special_tokens: bool = Field(False, description="vLLM's: tokenize the rendered prompt with the tokenizer's "
+                                                        "special tokens (e.g. BOS) added on top of what the chat "
+                                                        "template wrote (most templates write their own)")
     # vLLM's: the answer starts with the last message's text when that message has the answer's role (a
     # continued assistant turn comes back whole)
     echo: bool = False

@@ -138,7 +138,8 @@ class ChatService:
         tools = [] if plan.mode == "none" and self.config.exclude_tools_when_tool_choice_none else plan.tools
         prompt_ids = await self.client.render_chat(conversation_of(req.messages), req.add_generation_prompt,
                                                    template_kwargs_of(req), tools, req.continue_final_message,
-                                                   request_template=request_chat_template(req))
+                                                   request_template=request_chat_template(req),
+                                                   add_special_tokens=req.add_special_tokens)
         reasoning = await plan_reasoning(self.reasoning_parser, req, prompt_ids, params, self.client)
         requests = await self.client.start([{"prompt_token_ids": prompt_ids}], params, request_id,
                                            req.priority, req.slo, tracker.arrival_monotonic)

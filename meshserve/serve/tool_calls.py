@@ -196,10 +196,14 @@ def _rebase_refs(schema: Any, base: str) -> Any:
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages as chat templates read them: tool calls with their arguments as objects (HF templates index
-    them), tool results with their call id, content always a string."""
+    them), tool results with their call id, content as given: a string, None, or its text parts apart (each
+    {"type": "text", "text": ...}), which with_content_format (chat_content_format.py) joins for a template that
+    reads a string or keeps apart for one that loops over them, as vLLM does."""
     out = []
     for m in messages:
-        msg: dict[str, Any] = {"role": m.role, "content": m.text()}
+        content = m.content if not isinstance(m.content, list) else [
+            {"type": "text", "text": part.text} for part in m.content]
+        msg: dict[str, Any] = {"role": m.role, "content": content}
         if m.name:
             msg["name"] = m.name
         if m.tool_call_id:

@@ -22,9 +22,10 @@ class TokenizeService:
             tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
             ids = await self.client.render_chat(conversation_of(req.messages), req.add_generation_prompt,
                                                 req.chat_template_kwargs, tools, req.continue_final_message,
-                                                request_template=request_chat_template(req))
+                                                request_template=request_chat_template(req),
+                                                add_special_tokens=bool(req.add_special_tokens))
         else:
-            ids = await self.client.tokenize(req.prompt or "", req.add_special_tokens)
+            ids = await self.client.tokenize(req.prompt or "", req.add_special_tokens is not False)
         strs = await self.client.token_strs(ids) if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=self.client.max_model_len, tokens=ids, token_strs=strs)
 

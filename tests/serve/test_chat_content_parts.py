@@ -127,3 +127,18 @@ def test_add_special_tokens_doubles_a_bos_the_template_wrote(tiny_engine, bos_to
         assert asyncio.run(client.render_chat(messages, False, None, add_special_tokens=True))[:2] == [0, 0]
     finally:
         srv.stop()
+
+
+def test_tokenize_defaults_add_special_tokens_by_kind(http, bos_tokenizer):
+    """vLLM's /tokenize: add_special_tokens defaults to true for a prompt and to false for messages, and is
+    honoured for both when given."""
+    def ids(**body):
+        r = http.post("/tokenize", json={"model": MODEL, **body})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    messages = [{"role": "user", "content": "hi"}]
+    chat = ids(messages=messages)
+    assert chat[0] != 0 and ids(messages=messages, add_special_tokens=True) == [0, *chat]
+    prompt = ids(prompt="hi")
+    assert prompt[0] == 0 and ids(prompt="hi", add_special_tokens=False) == prompt[1:]

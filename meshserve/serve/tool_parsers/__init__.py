@@ -6,6 +6,8 @@ Named as vLLM names them for --tool-call-parser.
 from __future__ import annotations
 
 from meshserve.serve.tool_parsers.base import ParsedToolCall, PartialToolCall, PartialToolCalls, ToolParser
+from meshserve.serve.tool_parsers.deepseek_v3 import DeepSeekV3ToolParser
+from meshserve.serve.tool_parsers.deepseek_v31 import DeepSeekV31ToolParser
 from meshserve.serve.tool_parsers.hermes import HermesToolParser
 from meshserve.serve.tool_parsers.llama3_json import Llama3JsonToolParser
 from meshserve.serve.tool_parsers.mistral import MistralToolParser
@@ -13,6 +15,8 @@ from meshserve.serve.tool_parsers.pythonic import PythonicToolParser
 from meshserve.serve.tool_parsers.qwen3_coder import Qwen3CoderToolParser
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
+    "deepseek_v3": DeepSeekV3ToolParser,
+    "deepseek_v31": DeepSeekV31ToolParser,
     "hermes": HermesToolParser,
     "llama3_json": Llama3JsonToolParser,
     "llama4_json": Llama3JsonToolParser,  # Llama 4 writes Llama 3's JSON calls too
